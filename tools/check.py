@@ -1,0 +1,49 @@
+"""Run every check CI runs: ruff, mypy --strict, and the whole pytest suite.
+
+Usage: ``python tools/check.py [PYTEST ARGS...]`` from the project's virtual
+environment (the README's test command sets one up).  Tools that the tests need
+from the operating system (systemd's ``systemd-analyze`` and
+``systemd-socket-activate``) are installed with apt-get when missing and we are
+root; otherwise the run stops with a message saying what to install.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEM_TOOLS = {"systemd-analyze": "systemd", "systemd-socket-activate": "systemd"}
+
+
+def ensure_system_tools() -> None:
+    missing = sorted({pkg for tool, pkg in SYSTEM_TOOLS.items() if shutil.which(tool) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        sys.exit(f"check: install these packages first: {' '.join(missing)}")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-q", "-y", *missing], check=True, env=env)
+
+
+def run(*argv: str) -> None:
+    print("+", " ".join(argv), flush=True)
+    subprocess.run(argv, cwd=ROOT, check=True)
+
+
+def main() -> None:
+    ensure_system_tools()
+    try:
+        run(sys.executable, "-m", "ruff", "check", ".")
+        run(sys.executable, "-m", "mypy")
+        run(sys.executable, "-m", "pytest", *sys.argv[1:])
+    except subprocess.CalledProcessError as exc:
+        sys.exit(exc.returncode)
+
+
+if __name__ == "__main__":
+    main()

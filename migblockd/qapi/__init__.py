@@ -1,0 +1,11 @@
+"""migblockd's QAPI schema generator, in the style of QEMU's ``scripts/qapi``.
+
+``parser`` reads the schema language, ``schema`` checks it and builds the
+model, and each back end derives one artefact from the model: ``jsonschema``
+(JSON Schemas), ``introspect`` (the ``query-qmp-schema`` answer) and ``doc``
+(help text).  ``main`` is the ``migblockd-qapi-gen`` command.
+"""
+
+from .error import QAPIError, SourceInfo
+
+__all__ = ["QAPIError", "SourceInfo"]

@@ -1,0 +1,350 @@
+"""The load generator: one process, one asyncio loop, N closed-loop connections.
+
+``python -m benchmarks.loadgen --socket PATH --scenario NAME --clients N
+--warmup S --duration S`` drives one server and prints one JSON object (a
+:class:`Result`) on stdout.  ``benchmarks.bench_daemon`` runs it once per
+scenario and server, in its own process, so the client never shares an event
+loop (or, when pinned, a core) with the server it measures.
+
+Scenarios:
+
+``query``    each connection negotiates, then sends ``query-blockers`` and waits
+             for the reply before sending the next (1 request in flight).
+``adddel``   each connection alternates ``add-blocker`` (a unique ``id``) and
+             ``del-blocker`` of that id; each command counts as one request.
+             Events (the daemon sends BLOCKER_ADDED/BLOCKER_REMOVED to every
+             negotiated client, before the reply) are read and discarded.
+``connect``  each of N connectors loops: connect, read the greeting, send
+             ``qmp_capabilities``, read the reply, send ``query-version``, read
+             the reply, close.  One cycle counts as one "request"; its latency is
+             the whole cycle.
+
+Every request ends in ``\\n`` (see ``benchmarks.floor`` for why).  Replies are
+classified without parsing: a line starting ``{"event"`` is an event, one
+starting ``{"return"`` a success, anything else an error (both servers put
+``return`` first in a success and ``id`` first in an error, as QEMU does).
+
+Only replies received inside the measurement window (after the warm-up) are
+counted; afterwards every connection finishes its request in flight (an added
+blocker is still deleted, uncounted) and closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+SCENARIOS = ("query", "adddel", "connect")
+#: How long the wind-down may take before the run is declared broken.
+DRAIN_TIMEOUT = 10.0
+#: How long the set-up (connecting and negotiating every client) may take.
+SETUP_TIMEOUT = 10.0
+
+CAPABILITIES = b'{"execute": "qmp_capabilities"}\n'
+QUERY_VERSION = b'{"execute": "query-version", "id": 1}\n'
+
+
+@dataclass
+class Result:
+    scenario: str
+    clients: int
+    requests: int = 0          # replies (or cycles) completed inside the window
+    seconds: float = 0.0       # length of the window
+    rate: float = 0.0          # requests / seconds
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+    max_us: float = 0.0
+    errors: int = 0            # replies that were not successes (must stay 0)
+    events: int = 0            # event lines read and discarded in the window
+    first_error: str = ""
+
+
+def percentile(sorted_values: Sequence[int], fraction: float) -> int:
+    """Nearest-rank percentile of already sorted values (0 when there are none)."""
+    if not sorted_values:
+        return 0
+    rank = max(1, min(len(sorted_values), round(fraction * len(sorted_values) + 0.5)))
+    return sorted_values[rank - 1]
+
+
+class Meter:
+    """The shared measurement window and what falls inside it."""
+
+    def __init__(self) -> None:
+        self.measuring = False
+        self.stopping = False
+        self.latencies: list[int] = []
+        self.errors = 0
+        self.events = 0
+        self.first_error = ""
+        self.failure: BaseException | None = None
+
+    def reply(self, line: bytes, sent_ns: int) -> None:
+        if not self.measuring:
+            return
+        self.latencies.append(time.perf_counter_ns() - sent_ns)
+        if not line.startswith(b'{"return"'):
+            self.error(line)
+
+    def error(self, line: bytes) -> None:
+        self.errors += 1
+        if not self.first_error:
+            self.first_error = line.decode(errors="replace").strip()[:300]
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+
+
+class LineProtocol(asyncio.Protocol):
+    """Splits the byte stream into lines and hands them to :meth:`line`."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+        self.transport: asyncio.Transport | None = None
+        self.partial = b""
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.partial:
+            data = self.partial + data
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            if line.startswith(b'{"event"'):
+                if self.meter.measuring:
+                    self.meter.events += 1
+                continue
+            self.line(line)
+
+    def line(self, line: bytes) -> None:
+        raise NotImplementedError
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class RequestClient(LineProtocol):
+    """One connection of the ``query`` or ``adddel`` scenario."""
+
+    def __init__(self, meter: Meter, scenario: str, number: int) -> None:
+        super().__init__(meter)
+        self.scenario = scenario
+        self.prefix = f"bench-{os.getpid()}-{number}-"
+        self.serial = 0
+        self.pending_delete = ""  # the id to delete next, while a blocker is added
+        self.sent_ns = 0
+        self.state = "greeting"
+        self.negotiated: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def line(self, line: bytes) -> None:
+        assert self.transport is not None
+        if self.state == "running":
+            self.meter.reply(line, self.sent_ns)
+            if self.meter.stopping and not self.pending_delete:
+                self.state = "done"
+                if not self.finished.done():
+                    self.finished.set_result(None)
+                return
+            self.send_next()
+        elif self.state == "greeting":
+            if not line.startswith(b'{"QMP"'):
+                self.meter.fail(RuntimeError(f"unexpected greeting: {line[:200]!r}"))
+                return
+            self.state = "negotiating"
+            self.transport.write(CAPABILITIES)
+        elif self.state == "negotiating":
+            if not line.startswith(b'{"return"'):
+                self.meter.fail(RuntimeError(f"qmp_capabilities failed: {line[:200]!r}"))
+                return
+            self.state = "idle"
+            self.negotiated.set_result(None)
+
+    def start(self) -> None:
+        self.state = "running"
+        self.send_next()
+
+    def send_next(self) -> None:
+        assert self.transport is not None
+        self.serial += 1
+        if self.scenario == "query":
+            request = b'{"execute": "query-blockers", "id": %d}\n' % self.serial
+        elif self.pending_delete:
+            request = b'{"execute": "del-blocker", "arguments": {"id": "%s"}, "id": %d}\n' % (
+                self.pending_delete.encode(), self.serial)
+            self.pending_delete = ""
+        else:
+            blocker = f"{self.prefix}{self.serial}"
+            request = (
+                b'{"execute": "add-blocker", "arguments": {"reason": "benchmark blocker %s",'
+                b' "id": "%s"}, "id": %d}\n' % (blocker.encode(), blocker.encode(), self.serial)
+            )
+            self.pending_delete = blocker
+        self.sent_ns = time.perf_counter_ns()
+        self.transport.write(request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state != "done":
+            self.meter.fail(ConnectionError(f"server closed the connection in state {self.state}"))
+        for future in (self.negotiated, self.finished):
+            if not future.done():
+                future.set_exception(ConnectionError("server closed the connection"))
+                future.exception()  # mark retrieved: the meter carries the failure
+        super().connection_lost(exc)
+
+
+class CycleClient(LineProtocol):
+    """One connect / greeting / negotiate / query-version / close cycle."""
+
+    def __init__(self, meter: Meter) -> None:
+        super().__init__(meter)
+        self.state = "greeting"
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def line(self, line: bytes) -> None:
+        assert self.transport is not None
+        if self.state == "greeting":
+            self.state = "negotiating"
+            self.transport.write(CAPABILITIES)
+        elif self.state == "negotiating":
+            if not line.startswith(b'{"return"'):
+                self.meter.error(line)
+            self.state = "query"
+            self.transport.write(QUERY_VERSION)
+        elif self.state == "query":
+            if not line.startswith(b'{"return"'):
+                self.meter.error(line)
+            self.state = "done"
+            self.transport.close()
+            if not self.done.done():
+                self.done.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError(f"closed by the server in state {self.state}"))
+        super().connection_lost(exc)
+
+
+async def run_requests(path: str, scenario: str, clients: int, warmup: float,
+                       duration: float, meter: Meter) -> float:
+    loop = asyncio.get_running_loop()
+    conns: list[RequestClient] = []
+    for number in range(clients):
+        _, proto = await loop.create_unix_connection(
+            lambda n=number: RequestClient(meter, scenario, n), path)  # type: ignore[misc]
+        conns.append(proto)
+    await asyncio.wait_for(asyncio.gather(*(c.negotiated for c in conns)), SETUP_TIMEOUT)
+    for conn in conns:
+        conn.start()
+    await asyncio.sleep(warmup)
+    meter.measuring = True
+    start = time.perf_counter()
+    await asyncio.sleep(duration)
+    meter.measuring = False
+    window = time.perf_counter() - start
+    meter.stopping = True
+    try:
+        await asyncio.wait_for(asyncio.gather(*(c.finished for c in conns)), DRAIN_TIMEOUT)
+    finally:
+        for conn in conns:
+            if conn.transport is not None:
+                conn.transport.close()
+        await asyncio.wait_for(asyncio.gather(*(c.closed for c in conns)), DRAIN_TIMEOUT)
+    return window
+
+
+async def run_connect(path: str, connectors: int, warmup: float, duration: float,
+                      meter: Meter) -> float:
+    loop = asyncio.get_running_loop()
+
+    async def connector() -> None:
+        while not meter.stopping:
+            started = time.perf_counter_ns()
+            transport, proto = await loop.create_unix_connection(lambda: CycleClient(meter), path)
+            try:
+                await asyncio.wait_for(proto.done, DRAIN_TIMEOUT)
+            finally:
+                transport.close()
+            await proto.closed
+            if meter.measuring:
+                meter.latencies.append(time.perf_counter_ns() - started)
+
+    tasks = [asyncio.create_task(connector()) for _ in range(connectors)]
+    sleeper = asyncio.create_task(asyncio.sleep(warmup))
+    await asyncio.wait([sleeper, *tasks], return_when=asyncio.FIRST_EXCEPTION)
+    meter.measuring = True
+    start = time.perf_counter()
+    sleeper = asyncio.create_task(asyncio.sleep(duration))
+    await asyncio.wait([sleeper, *tasks], return_when=asyncio.FIRST_EXCEPTION)
+    meter.measuring = False
+    window = time.perf_counter() - start
+    meter.stopping = True
+    await asyncio.wait_for(asyncio.gather(*tasks), DRAIN_TIMEOUT)
+    return window
+
+
+async def measure(path: str, scenario: str, clients: int, warmup: float,
+                  duration: float) -> Result:
+    meter = Meter()
+    if scenario == "connect":
+        window = await run_connect(path, clients, warmup, duration, meter)
+    else:
+        window = await run_requests(path, scenario, clients, warmup, duration, meter)
+    if meter.failure is not None:
+        raise meter.failure
+    lat = sorted(meter.latencies)
+    return Result(
+        scenario=scenario,
+        clients=clients,
+        requests=len(lat),
+        seconds=window,
+        rate=len(lat) / window if window > 0 else 0.0,
+        p50_us=percentile(lat, 0.50) / 1000,
+        p99_us=percentile(lat, 0.99) / 1000,
+        max_us=(lat[-1] if lat else 0) / 1000,
+        errors=meter.errors,
+        events=meter.events,
+        first_error=meter.first_error,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.loadgen",
+        description="Closed-loop QMP load on one Unix socket; prints one JSON result.",
+    )
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--scenario", choices=SCENARIOS, required=True)
+    parser.add_argument("--clients", type=int, default=1,
+                        help="connections (connectors for 'connect')")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--duration", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    if not 1 <= args.clients <= 1000:
+        parser.error("--clients must be between 1 and 1000")
+    if not (0 <= args.warmup <= 60 and 0 < args.duration <= 300):
+        parser.error("--warmup must be in [0, 60] and --duration in (0, 300]")
+    try:
+        result = asyncio.run(
+            measure(args.socket, args.scenario, args.clients, args.warmup, args.duration))
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        print(f"loadgen: {args.scenario} on {args.socket}: {exc!r}", file=sys.stderr)
+        return 1
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""``python -m migblockd``: the daemon."""
+
+from migblockd.cli import main
+
+main()

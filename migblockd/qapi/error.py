@@ -1,0 +1,42 @@
+"""Errors in schema source files, reported as ``FILE:LINE:COL: message``.
+
+QEMU's generator prefixes every message with the location it concerns so that
+editors can jump there; we keep that convention (without QEMU's "In file
+included from" preamble, which our flat error format has no room for).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """A position in a schema file: 1-based line and column.
+
+    Columns count a tab as reaching the next tab stop (every eight columns), so
+    that the column matches what an editor with default tab stops shows.
+    """
+
+    fname: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.fname}:{self.line}:{self.col}"
+
+
+class QAPIError(Exception):
+    """A mistake in a schema file (syntax or meaning).
+
+    ``str()`` is ``FILE:LINE:COL: message``; the parts stay available as
+    attributes for callers (tests, editors) that want them separately.
+    """
+
+    def __init__(self, info: SourceInfo, msg: str) -> None:
+        super().__init__(f"{info}: {msg}")
+        self.info = info
+        self.msg = msg
+
+    def __str__(self) -> str:
+        return f"{self.info}: {self.msg}"

@@ -1,0 +1,146 @@
+"""``migblockd-qapi-gen``: regenerate (or check) the committed JSON Schemas.
+
+Usage: ``migblockd-qapi-gen [--check] [-o OUTPUT_DIR] [SCHEMA]``.
+
+SCHEMA defaults to the project's ``migblockd.json`` (see
+``migblockd.contract.schema_dir``) and OUTPUT_DIR to ``generated/`` next to
+it.  Without ``--check`` the files are written and stale ``*.json`` files in
+OUTPUT_DIR are removed; with ``--check`` nothing is written and the exit status
+is 1, with a unified diff on stdout, when OUTPUT_DIR differs from what the
+schema generates.  Schema mistakes are printed as ``FILE:LINE:COL: message``
+with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .error import QAPIError
+from .introspect import introspect
+from .jsonschema import command_documents, event_documents
+from .schema import Schema, load_schema
+
+PROG = "migblockd-qapi-gen"
+
+
+def dump_json(value: Any, sort_keys: bool = False) -> str:
+    """The one JSON layout of every generated file (stable diffs)."""
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=sort_keys) + "\n"
+
+
+def generate(schema: Schema) -> dict[str, str]:
+    """Every generated file: ``{path relative to the output dir: text}``.
+
+    Key order inside JSON Schema documents is meaningful (properties follow
+    schema order), so those are not key-sorted; the introspection answer is,
+    as QEMU sorts the keys of its QLIT literals.
+    """
+    files: dict[str, str] = {}
+    for name, (args, rets) in command_documents(schema).items():
+        files[f"commands/{name}.arguments.json"] = dump_json(args)
+        if rets is not None:
+            files[f"commands/{name}.returns.json"] = dump_json(rets)
+    for name, data in event_documents(schema).items():
+        files[f"events/{name}.json"] = dump_json(data)
+    files["qmp-schema.json"] = dump_json(introspect(schema), sort_keys=True)
+    return dict(sorted(files.items()))
+
+
+def _existing(output_dir: Path) -> dict[str, str]:
+    if not output_dir.is_dir():
+        return {}
+    return {
+        p.relative_to(output_dir).as_posix(): p.read_text(encoding="utf-8")
+        for p in sorted(output_dir.rglob("*.json"))
+        if p.is_file()
+    }
+
+
+def check(files: dict[str, str], output_dir: Path) -> list[str]:
+    """Unified diffs (committed -> fresh) of every file that differs."""
+    existing = _existing(output_dir)
+    diffs: list[str] = []
+    for rel in sorted(set(files) | set(existing)):
+        old, new = existing.get(rel), files.get(rel)
+        if old == new:
+            continue
+        diffs.append(
+            "".join(
+                difflib.unified_diff(
+                    (old or "").splitlines(keepends=True),
+                    (new or "").splitlines(keepends=True),
+                    fromfile=f"a/{rel}" if old is not None else "/dev/null",
+                    tofile=f"b/{rel}" if new is not None else "/dev/null",
+                )
+            )
+        )
+    return diffs
+
+
+def write(files: dict[str, str], output_dir: Path) -> None:
+    """Write ``files`` under ``output_dir``; delete ``*.json`` no longer generated."""
+    for rel in _existing(output_dir):
+        if rel not in files:
+            (output_dir / rel).unlink()
+    for rel, text in files.items():
+        path = output_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (also when used as a console script)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Generate migblockd's JSON Schemas from its QAPI schema."
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 and print a diff when OUTPUT_DIR is stale",
+    )
+    parser.add_argument(
+        "-o",
+        "--output-dir",
+        type=Path,
+        help="where the generated files go (default: generated/ next to SCHEMA)",
+    )
+    parser.add_argument("schema", nargs="?", type=Path, help="root schema file")
+    args = parser.parse_args(argv)
+
+    if args.schema is None:
+        from ..contract import schema_dir  # noqa: PLC0415 - contract imports this package
+
+        args.schema = schema_dir() / "migblockd.json"
+    output_dir: Path = args.output_dir or args.schema.parent / "generated"
+    try:
+        schema = load_schema(args.schema)
+    except QAPIError as err:
+        print(err, file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"{PROG}: can't read schema file '{args.schema}': {err.strerror}", file=sys.stderr)
+        return 1
+    files = generate(schema)
+    if args.check:
+        diffs = check(files, output_dir)
+        if diffs:
+            sys.stdout.write("".join(diffs))
+            print(
+                f"{PROG}: {len(diffs)} file(s) in {output_dir} are stale; run {PROG}",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    write(files, output_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,503 @@
+"""QAPI schema syntax: a reader for QEMU's JSON dialect and its doc comments.
+
+The grammar is QEMU's (``scripts/qapi/parser.py``): a file is a sequence of
+top-level objects; strings use single quotes; ``#`` starts a comment; a block
+of comment lines opened and closed by a ``##`` line is a doc comment, which
+documents the definition right after it. ``{ 'include': 'FILE' }`` pulls in a
+file relative to the including one (each file at most once) and
+``{ 'pragma': {...} }`` sets parse-wide options.
+
+Unlike QEMU we keep the source position of every key and value (not only of
+each top-level expression), so that semantic errors in ``schema.py`` can point
+at the exact member that is wrong.  Error wording follows QEMU's where QEMU
+has a message for the same mistake.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Union
+
+from .error import QAPIError, SourceInfo
+
+#: A parsed value: the subset of JSON that QAPI allows (no numbers, no null).
+Value = Union[str, bool, "PosList", "PosDict"]
+
+# Section tags QEMU recognises in definition documentation; the text that
+# follows the colon (and the indented lines after it) belong to the section.
+SECTION_TAGS = ("Returns", "Errors", "Since", "Note", "Notes", "Example", "Examples", "TODO")
+_TAG_RE = re.compile("(" + "|".join(SECTION_TAGS) + r"):(?:\s|$)")
+_ARG_RE = re.compile(r"@([^\s:]*):(?:\s|$)")
+# Continuation lines of a member or tagged section are indented by this much.
+_INDENT = 4
+
+
+class PosDict(dict[str, Value]):
+    """A parsed object that remembers where it, its keys and its values are."""
+
+    def __init__(self, info: SourceInfo) -> None:
+        super().__init__()
+        self.info = info
+        self.key_info: dict[str, SourceInfo] = {}
+        self.value_info: dict[str, SourceInfo] = {}
+
+
+class PosList(list[Value]):
+    """A parsed array that remembers where it and each of its items are."""
+
+    def __init__(self, info: SourceInfo) -> None:
+        super().__init__()
+        self.info = info
+        self.item_info: list[SourceInfo] = []
+
+
+@dataclass
+class ArgDoc:
+    """The doc text of one member (``@name: text``) inside a doc comment."""
+
+    name: str
+    text: str
+    info: SourceInfo
+
+
+@dataclass
+class SectionDoc:
+    """A tagged section (``Returns:``, ``Since:``...) or, with tag ``""``, an
+    untagged paragraph that follows the member sections."""
+
+    tag: str
+    text: str
+    info: SourceInfo
+
+
+@dataclass
+class Doc:
+    """One doc comment block.
+
+    ``symbol`` is the definition it documents, or None for a free-form block
+    (section headings and prose, which document nothing in particular).
+    """
+
+    info: SourceInfo
+    symbol: str | None = None
+    body: str = ""
+    args: dict[str, ArgDoc] = field(default_factory=dict)
+    sections: list[SectionDoc] = field(default_factory=list)
+
+    def section(self, tag: str) -> SectionDoc | None:
+        """The section with this tag, if the block has one."""
+        for sec in self.sections:
+            if sec.tag == tag:
+                return sec
+        return None
+
+
+@dataclass
+class Definition:
+    """A top-level definition with its doc comment and its module (file)."""
+
+    expr: PosDict
+    doc: Doc | None
+    module: str
+
+    @property
+    def info(self) -> SourceInfo:
+        return self.expr.info
+
+
+@dataclass
+class Pragmas:
+    """Parse-wide options set with ``{ 'pragma': {...} }``.
+
+    ``command-name-exceptions`` lists command names allowed to break the
+    lower-case-with-dashes rule (QEMU's legacy ``qmp_capabilities`` and
+    ``migrate_cancel``), exactly as QEMU's pragma of the same name does.
+    """
+
+    command_name_exceptions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ParseResult:
+    """Everything read from a root schema file and the files it includes.
+
+    ``definitions`` is in source order with includes expanded in place;
+    ``modules`` lists the files in the order QEMU creates its modules (the
+    root first, then each include as its directive is met).
+    """
+
+    definitions: list[Definition]
+    modules: list[str]
+    pragmas: Pragmas
+
+
+@dataclass
+class _Token:
+    kind: str  # one of "{}:,[]", "'" (string), "b" (boolean), "#" (doc line), "" (EOF)
+    value: str | bool | None
+    info: SourceInfo
+
+
+class _FileParser:
+    """Reads one file; includes are read by nested instances."""
+
+    def __init__(
+        self,
+        fname: str,
+        result: ParseResult,
+        included: set[str],
+        chain: tuple[str, ...],
+    ) -> None:
+        self.fname = fname
+        self.result = result
+        self.included = included
+        self.chain = chain
+        with open(fname, encoding="utf-8") as fp:
+            self.src = fp.read()
+        if not self.src.endswith("\n"):
+            self.src += "\n"
+        self.cursor = 0
+        self.line = 1
+        self.line_pos = 0
+        self.tok = _Token("", None, SourceInfo(fname, 1, 1))
+
+    # --- lexer ---------------------------------------------------------
+
+    def _info_at(self, pos: int) -> SourceInfo:
+        col = 1
+        for ch in self.src[self.line_pos : pos]:
+            col = ((col - 1) // 8 + 1) * 8 + 1 if ch == "\t" else col + 1
+        return SourceInfo(self.fname, self.line, col)
+
+    def _error(self, pos: int, msg: str) -> QAPIError:
+        return QAPIError(self._info_at(pos), msg)
+
+    def accept(self, doc_mode: bool = False) -> None:
+        """Read the next token into ``self.tok``.
+
+        Plain comments are skipped.  A comment starting ``##`` opens a doc
+        block: it and, while ``doc_mode`` is true, every further comment line
+        are returned as ``#`` tokens so that ``_get_doc`` can read them.
+        """
+        src = self.src
+        while True:
+            if self.cursor >= len(src):
+                self.tok = _Token("", None, self._info_at(self.cursor))
+                return
+            pos = self.cursor
+            ch = src[pos]
+            self.cursor += 1
+            if ch == "#":
+                end = src.find("\n", pos)
+                self.cursor = end
+                if doc_mode or src.startswith("##", pos):
+                    self.tok = _Token("#", src[pos:end], self._info_at(pos))
+                    return
+            elif ch in "{}:,[]":
+                self.tok = _Token(ch, None, self._info_at(pos))
+                return
+            elif ch == "'":
+                self.tok = _Token("'", self._read_string(pos), self._info_at(pos))
+                return
+            elif src.startswith("true", pos):
+                self.cursor = pos + 4
+                self.tok = _Token("b", True, self._info_at(pos))
+                return
+            elif src.startswith("false", pos):
+                self.cursor = pos + 5
+                self.tok = _Token("b", False, self._info_at(pos))
+                return
+            elif ch == "\n":
+                self.line += 1
+                self.line_pos = self.cursor
+            elif not ch.isspace():
+                match = re.match(r"[^\[\]{}:,\s'\"]+", src[pos:])
+                stray = match.group(0) if match else ch
+                raise self._error(pos, f"stray '{stray}'")
+
+    def _read_string(self, start: int) -> str:
+        src = self.src
+        out: list[str] = []
+        esc = False
+        while True:
+            ch = src[self.cursor]
+            self.cursor += 1
+            if ch == "\n":
+                raise self._error(self.cursor - 1, 'missing terminating "\'"')
+            if esc:
+                # QEMU knows only \\ : the schema has no use for other escapes.
+                if ch != "\\":
+                    raise self._error(self.cursor - 1, f"unknown escape \\{ch}")
+                esc = False
+            elif ch == "\\":
+                esc = True
+                continue
+            elif ch == "'":
+                return "".join(out)
+            if ord(ch) < 32 or ord(ch) >= 127:
+                raise self._error(self.cursor - 1, "funny character in string")
+            out.append(ch)
+
+    # --- grammar -------------------------------------------------------
+
+    def parse(self) -> None:
+        self.accept()
+        pending: Doc | None = None
+        while self.tok.kind != "":
+            if self.tok.kind == "#":
+                self._reject_pending(pending)
+                pending = self._get_doc()
+                if pending.symbol is None:
+                    pending = None  # free-form prose documents nothing
+                continue
+            info = self.tok.info
+            expr = self._get_expr()
+            if not isinstance(expr, PosDict):
+                raise QAPIError(info, "top-level expression must be an object")
+            if "include" in expr:
+                self._reject_pending(pending)
+                self._include(expr)
+            elif "pragma" in expr:
+                self._reject_pending(pending)
+                self._pragma(expr)
+            else:
+                self.result.definitions.append(Definition(expr, pending, self.fname))
+            pending = None
+        self._reject_pending(pending)
+
+    @staticmethod
+    def _reject_pending(doc: Doc | None) -> None:
+        if doc is not None and doc.symbol is not None:
+            raise QAPIError(
+                doc.info, f"documentation for '{doc.symbol}' is not followed by the definition"
+            )
+
+    def _include(self, expr: PosDict) -> None:
+        if len(expr) != 1:
+            raise QAPIError(expr.info, "invalid 'include' directive")
+        name = expr["include"]
+        info = expr.value_info["include"]
+        if not isinstance(name, str):
+            raise QAPIError(info, "value of 'include' must be a string")
+        incl = os.path.join(os.path.dirname(self.fname), name)
+        absname = os.path.abspath(incl)
+        if absname in self.chain:
+            raise QAPIError(info, f"inclusion loop for {name}")
+        if absname in self.included:
+            return
+        self.included.add(absname)
+        self.result.modules.append(incl)
+        try:
+            sub = _FileParser(incl, self.result, self.included, (*self.chain, absname))
+        except OSError as err:
+            raise QAPIError(info, f"can't read include file '{incl}': {err.strerror}") from err
+        sub.parse()
+
+    def _pragma(self, expr: PosDict) -> None:
+        if len(expr) != 1:
+            raise QAPIError(expr.info, "invalid 'pragma' directive")
+        pragma = expr["pragma"]
+        if not isinstance(pragma, PosDict):
+            raise QAPIError(expr.value_info["pragma"], "value of 'pragma' must be an object")
+        for name, value in pragma.items():
+            info = pragma.key_info[name]
+            if name != "command-name-exceptions":
+                raise QAPIError(info, f"unknown pragma '{name}'")
+            if not isinstance(value, PosList) or not all(isinstance(v, str) for v in value):
+                raise QAPIError(info, f"pragma {name} must be a list of strings")
+            self.result.pragmas.command_name_exceptions.extend(str(v) for v in value)
+
+    def _get_expr(self) -> Value:
+        tok = self.tok
+        if tok.kind == "{":
+            self.accept()
+            return self._get_members(tok.info)
+        if tok.kind == "[":
+            self.accept()
+            return self._get_values(tok.info)
+        if tok.kind in ("'", "b"):
+            assert isinstance(tok.value, (str, bool))
+            self.accept()
+            return tok.value
+        raise QAPIError(tok.info, "expected '{', '[', string, or boolean")
+
+    def _get_members(self, info: SourceInfo) -> PosDict:
+        expr = PosDict(info)
+        if self.tok.kind == "}":
+            self.accept()
+            return expr
+        if self.tok.kind != "'":
+            raise QAPIError(self.tok.info, "expected string or '}'")
+        while True:
+            key = self.tok.value
+            key_info = self.tok.info
+            assert isinstance(key, str)
+            self.accept()
+            if self.tok.kind != ":":
+                raise QAPIError(self.tok.info, "expected ':'")
+            self.accept()
+            if key in expr:
+                raise QAPIError(key_info, f"duplicate key '{key}'")
+            expr.key_info[key] = key_info
+            expr.value_info[key] = self.tok.info
+            expr[key] = self._get_expr()
+            if self.tok.kind == "}":
+                self.accept()
+                return expr
+            if self.tok.kind != ",":
+                raise QAPIError(self.tok.info, "expected ',' or '}'")
+            self.accept()
+            if self.tok.kind != "'":
+                raise QAPIError(self.tok.info, "expected string")
+
+    def _get_values(self, info: SourceInfo) -> PosList:
+        expr = PosList(info)
+        if self.tok.kind == "]":
+            self.accept()
+            return expr
+        if self.tok.kind not in ("{", "[", "'", "b"):
+            raise QAPIError(self.tok.info, "expected '{', '[', ']', string, or boolean")
+        while True:
+            expr.item_info.append(self.tok.info)
+            expr.append(self._get_expr())
+            if self.tok.kind == "]":
+                self.accept()
+                return expr
+            if self.tok.kind != ",":
+                raise QAPIError(self.tok.info, "expected ',' or ']'")
+            self.accept()
+
+    # --- doc comments --------------------------------------------------
+
+    def _get_doc(self) -> Doc:
+        start = self.tok
+        if start.value != "##":
+            raise QAPIError(start.info, "junk after '##' at start of documentation comment")
+        lines: list[tuple[str, SourceInfo]] = []
+        self.accept(doc_mode=True)
+        while self.tok.kind == "#":
+            text = self.tok.value
+            assert isinstance(text, str)
+            if text.startswith("##"):
+                if text != "##":
+                    raise QAPIError(
+                        self.tok.info, "junk after '##' at end of documentation comment"
+                    )
+                doc = _DocBuilder(start.info).build(lines)
+                self.accept()
+                return doc
+            lines.append((text, self.tok.info))
+            self.accept(doc_mode=True)
+        raise QAPIError(self.tok.info, "documentation comment must end with '##'")
+
+
+class _DocBuilder:
+    """Turns the lines of one doc comment into a ``Doc``.
+
+    Layout (QEMU's current style): ``@Symbol:`` alone on the first line, then
+    free text; then ``@member: text`` sections and tagged sections
+    (``Returns:``, ``Since:``...), whose continuation lines are indented by
+    four spaces.  After a blank line, an unindented line that is neither a
+    member nor a tag starts an untagged paragraph.
+    """
+
+    def __init__(self, info: SourceInfo) -> None:
+        self.doc = Doc(info)
+        self.body: list[str] = []
+        # The section being filled: (kind, name, lines, info) with kind
+        # "arg" or "section"; None while still in the body.
+        self.cur: tuple[str, str, list[str], SourceInfo] | None = None
+        self.seen_tagged = ""
+
+    def build(self, lines: list[tuple[str, SourceInfo]]) -> Doc:
+        for raw, info in lines:
+            text = raw[1:]
+            if text and text[0] != " ":
+                raise QAPIError(info, "missing space after #")
+            self._line(text[1:], info)
+        self._close()
+        self.doc.body = _dedent_join(self.body)
+        return self.doc
+
+    def _line(self, line: str, info: SourceInfo) -> None:
+        doc = self.doc
+        if doc.symbol is None and not self.body and self.cur is None and line.startswith("@"):
+            if not line.endswith(":"):
+                raise QAPIError(info, "line should end with ':'")
+            doc.symbol = line[1:-1]
+            if not doc.symbol:
+                raise QAPIError(info, "name required after '@'")
+            return
+        if doc.symbol is None:
+            # Free-form prose: keep it (headings etc.), but it documents nothing.
+            self.body.append(line)
+            return
+        arg = _ARG_RE.match(line)
+        tag = _TAG_RE.match(line)
+        if arg:
+            if self.seen_tagged:
+                raise QAPIError(
+                    info, f"'@{arg.group(1)}:' can't follow '{self.seen_tagged}' section"
+                )
+            name = arg.group(1)
+            if not name:
+                raise QAPIError(info, "invalid parameter name")
+            if name in doc.args or (self.cur is not None and self.cur[:2] == ("arg", name)):
+                raise QAPIError(info, f"'{name}' parameter name duplicated")
+            self._close()
+            self.cur = ("arg", name, [line[arg.end() :].strip()], info)
+        elif tag:
+            name = tag.group(1)
+            if name in ("Returns", "Since", "Errors") and (
+                doc.section(name) is not None
+                or (self.cur is not None and self.cur[:2] == ("section", name))
+            ):
+                raise QAPIError(info, f"duplicated '{name}' section")
+            self._close()
+            self.seen_tagged = name
+            self.cur = ("section", name, [line[tag.end() :].strip()], info)
+        elif self.cur is None:
+            self.body.append(line)
+        elif not line.strip():
+            self.cur[2].append("")
+        elif line.startswith(" " * _INDENT):
+            self.cur[2].append(line[_INDENT:])
+        elif self.cur[2][-1] == "":
+            self._close()
+            self.cur = ("section", "", [line], info)
+        else:
+            raise QAPIError(info, f"unexpected de-indent (expected at least {_INDENT} spaces)")
+
+    def _close(self) -> None:
+        if self.cur is None:
+            return
+        kind, name, lines, info = self.cur
+        text = _dedent_join(lines)
+        if not text:
+            raise QAPIError(info, f"empty doc section '{name}'")
+        if kind == "arg":
+            self.doc.args[name] = ArgDoc(name, text, info)
+        else:
+            self.doc.sections.append(SectionDoc(name, text, info))
+        self.cur = None
+
+
+def _dedent_join(lines: list[str]) -> str:
+    return "\n".join(line.rstrip() for line in lines).strip("\n").strip()
+
+
+def parse_schema(fname: str | os.PathLike[str]) -> ParseResult:
+    """Read a root schema file and everything it includes.
+
+    Raises ``QAPIError`` for mistakes in the source and ``OSError`` when the
+    root file itself cannot be read (an unreadable include is a ``QAPIError``
+    at the include directive).
+    """
+    path = os.fspath(fname)
+    result = ParseResult([], [path], Pragmas())
+    absname = os.path.abspath(path)
+    parser = _FileParser(path, result, {absname}, (absname,))
+    parser.parse()
+    return result

@@ -1,0 +1,577 @@
+"""Streaming JSON framing for QMP: bytes in, messages (or parse errors) out.
+
+QMP has no framing of its own.  The server runs a *streaming* JSON parser over
+the byte stream: a message is complete the moment its closing ``}`` (or ``]``,
+or closing quote, or the delimiter after a top-level number or keyword)
+arrives.  Newlines are plain whitespace, so a message may span lines, be split
+across writes, or be glued to the next one (``{...}{...}``); the standard
+Python client (``qemu.qmp``) sends no trailing newline at all, so a line-based
+reader would hang.
+
+:class:`StreamDecoder` finds message boundaries with compiled regular
+expressions that step over whole runs of ordinary bytes and whole strings at C
+speed, stopping only at brackets, quotes and bytes that matter for error
+recovery; each complete message is then parsed with ``json`` on its exact
+slice.  No Python code runs per byte.
+
+Errors and recovery (see ``docs/protocol.md``)
+----------------------------------------------
+Every bad message produces exactly one :class:`ParseError`, worded like QEMU's
+parser (``JSON parse error, expecting value``, ``JSON parse error, invalid
+keyword 'x'``, ``JSON parse error, duplicate key``, ``JSON token size limit
+exceeded``, ``JSON nesting depth limit exceeded``).  Then the decoder
+resynchronises:
+
+* When the bad message was still *balanced* (its closing bracket was found,
+  only its content is wrong), its end is known, and decoding simply goes on
+  after it, so ``{bad}{good}`` with no newline still runs ``good``.
+* When the structure itself is lost (a stray or mismatched closing bracket, a
+  limit overrun, a control character, garbage at the top level), input is
+  skipped up to and including the next line feed, or up to a *reset byte*:
+  an ASCII control character other than ``\\t``, ``\\r``, ``\\n``, or one of the
+  bytes ``0xFE``/``0xFF`` that cannot occur in UTF-8.  The QMP spec documents
+  sending such a byte as the way for a client to force the parser back into a
+  known state.  A run of reset bytes counts as one bad message.
+
+Limits are enforced while scanning, so a 2000-deep ``[[[[...`` or an endless
+string is refused as soon as it passes the limit, and nothing ever recurses
+deeper than ``max_nesting`` (never a ``RecursionError``).
+
+Numbers: Python's ``json`` would accept ``NaN``, ``Infinity`` and turn
+``1e400`` into ``inf``, none of which can be written back as JSON (QEMU echoes
+``1e400`` as bare ``inf``).  The decoder rejects them as parse errors
+(``invalid keyword 'NaN'``, ``number out of range``), and :func:`encode_line`
+refuses non-finite floats, so output is always strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import json.encoder
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+# Python's C JSON scanner and encoder recurse once per nesting level and count
+# against the interpreter's recursion limit (1000 by default); keeping the
+# configurable depth well below that is what guarantees no RecursionError.
+MAX_NESTING_CEILING: Final = 256
+
+# QEMU's wording (qobject/json-streamer.c, qobject/json-parser.c).
+TOKEN_SIZE_EXCEEDED: Final = "JSON token size limit exceeded"
+NESTING_EXCEEDED: Final = "JSON nesting depth limit exceeded"
+PARSE_ERROR_PREFIX: Final = "JSON parse error, "
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-connection input limits.
+
+    ``max_message_size``: bytes one message may occupy, from its first byte
+    to its last (QEMU's equivalent is 64 MiB of tokens).  ``max_nesting``:
+    open ``{``/``[`` at once, the top-level object counting as one (QEMU: 1024).
+    """
+
+    max_message_size: int = 1 << 20
+    max_nesting: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_message_size < 2:
+            raise ValueError("max_message_size must be at least 2 bytes")
+        if not 1 <= self.max_nesting <= MAX_NESTING_CEILING:
+            raise ValueError(f"max_nesting must be between 1 and {MAX_NESTING_CEILING}")
+
+
+@dataclass(frozen=True, slots=True)
+class ParseError:
+    """A framing or syntax error in place of a message; answered without ``id``."""
+
+    desc: str
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by :meth:`StreamDecoder.next_message` when no complete message is buffered.
+NEED_DATA: Final = _NeedData()
+
+# --------------------------------------------------------------------------- scanning
+
+# Reset bytes: control characters other than \t \n \r, and 0xFE/0xFF.
+_RESET_CLASS = rb"\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff"
+# Bytes that end a string scan: reset bytes and the line feed.  A raw \t or
+# \r in a string is invalid JSON too, but harmless to framing, so json rejects
+# it later and the message keeps its boundaries; a raw line feed means the
+# string was never closed, and the line feed is the resynchronisation point.
+_STRING_BAD = rb"\x00-\x08\x0a-\x0c\x0e-\x1f\xfe\xff"
+
+_WHITESPACE = re.compile(rb"[ \t\r\n]*+")
+# Inside a structure: skip everything that is neither a bracket, a quote nor a
+# reset byte, and skip whole well-formed strings.  Possessive quantifiers: the
+# alternatives cannot overlap, so backtracking could only waste time.
+_STRING_CHARS = rb'(?:[^"\\' + _STRING_BAD + rb"]++|\\[^" + _STRING_BAD + rb"])*+"
+_STRUCTURE = re.compile(
+    rb"(?:[^\"{}\[\]'" + _RESET_CLASS + rb']++|"' + _STRING_CHARS + rb'")*+'
+)
+_STRING_BODY = re.compile(_STRING_CHARS)
+
+
+def _nested(depth: int) -> bytes:
+    """A pattern for one whole object nested at most ``depth`` deep."""
+    plain = rb"[^\"{}\[\]'" + _RESET_CLASS + rb"]++"
+    body = rb'(?:' + plain + rb'|"' + _STRING_CHARS + rb'")*+'
+    for _ in range(depth - 1):
+        inner = rb"\{" + body + rb"\}|\[" + body + rb"\]"
+        body = rb'(?:' + plain + rb'|"' + _STRING_CHARS + rb'"|' + inner + rb")*+"
+    return rb"\{" + body + rb"\}"
+
+
+# Fast path: a complete request that is already in the buffer, nested at most
+# three deep ({"arguments": {"modes": [...]}}), is found by one match.
+_FAST_DEPTH: Final = 3
+_FAST_MESSAGE = re.compile(_nested(_FAST_DEPTH))
+_SCALAR = re.compile(rb"[^ \t\r\n{}\[\]\",:'" + _STRING_BAD + rb"]++")
+_RESYNC = re.compile(rb"[\n" + _RESET_CLASS + rb"]")
+_RESET_RUN = re.compile(rb"[" + _RESET_CLASS + rb"]*+")
+
+_OPENERS: Final = {0x7B: 0x7D, 0x5B: 0x5D}  # { -> }, [ -> ]
+_CLOSERS: Final = frozenset(b"}]")
+_QUOTE: Final = 0x22
+_APOSTROPHE: Final = 0x27
+_BACKSLASH: Final = 0x5C
+_LF: Final = 0x0A
+_RESET_BYTES: Final = frozenset(bytes(range(0x20)) + b"\xfe\xff") - frozenset(b"\t\r\n")
+
+_IDLE, _STRUCT, _SCALAR_MODE, _SKIP, _AFTER_RESET = range(5)
+
+# Compaction threshold: consumed bytes are dropped from the buffer's front
+# once there are this many (bytearray makes front deletion cheap).
+_COMPACT_AT: Final = 1 << 16
+
+
+class StreamDecoder:
+    """Incremental QMP input decoder (sans-I/O).
+
+    ``feed()`` bytes as they arrive, ``feed_eof()`` at end of input, and call
+    ``next_message()`` until it returns :data:`NEED_DATA`.  Each call yields
+    one parsed JSON value (any JSON type; the session checks it is an object)
+    or one :class:`ParseError`.  Scanning is lazy: nothing is examined until
+    someone asks for the next message, so a peer that floods input while the
+    server is not reading costs nothing but buffer space.
+    """
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        limits = limits if limits is not None else Limits()
+        self.max_message_size = limits.max_message_size
+        self.max_nesting = limits.max_nesting
+        self._buf = bytearray()
+        self._mode = _IDLE
+        self._start = 0  # first byte of the message being scanned
+        self._scan = 0  # where scanning resumes
+        self._stack = bytearray()  # expected closing brackets, innermost last
+        self._in_string = False
+        self._eof = False
+        self._ready: object = NEED_DATA  # one message of lookahead for has_message()
+
+    # -- input ---------------------------------------------------------------
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer ``data``; nothing is parsed yet.  Input after EOF is ignored."""
+        if self._eof or not data:
+            return
+        keep = self._scan if self._mode in (_SKIP, _AFTER_RESET) else self._start
+        if keep >= _COMPACT_AT or (keep and keep == len(self._buf)):
+            del self._buf[:keep]
+            self._start -= keep
+            self._scan -= keep
+        self._buf += data
+
+    def feed_eof(self) -> None:
+        """No more input: a complete trailing token is now a message, a truncated one an error."""
+        self._eof = True
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet consumed (for the server's input bounds)."""
+        keep = self._scan if self._mode in (_SKIP, _AFTER_RESET) else self._start
+        return len(self._buf) - keep
+
+    # -- output --------------------------------------------------------------
+    def has_message(self) -> bool:
+        """True when ``next_message()`` would return a value or a ParseError."""
+        if self._ready is NEED_DATA:
+            self._ready = self._advance()
+        return self._ready is not NEED_DATA
+
+    def next_message(self) -> object:
+        """The next JSON value or :class:`ParseError`, or :data:`NEED_DATA`."""
+        item = self._ready
+        if item is NEED_DATA:
+            return self._advance()
+        self._ready = NEED_DATA
+        return item
+
+    def __iter__(self) -> Iterator[object]:
+        """All messages that are complete now (convenient in tests)."""
+        while (item := self.next_message()) is not NEED_DATA:
+            yield item
+
+    # -- the scanner ---------------------------------------------------------
+    def _skip_from(self, pos: int) -> None:
+        self._mode = _SKIP
+        self._scan = pos
+        self._stack.clear()
+        self._in_string = False
+
+    def _complete(self, end: int) -> object:
+        """The message is ``buf[start:end]``; go idle after it and decode it."""
+        data = self._buf[self._start : end]
+        self._mode = _IDLE
+        self._start = self._scan = end
+        self._stack.clear()
+        self._in_string = False
+        return decode_message(data)
+
+    def _advance(self) -> object:
+        buf = self._buf
+        n = len(buf)
+        while True:
+            mode = self._mode
+            if mode == _IDLE:
+                i = _match_end(_WHITESPACE, buf, self._scan)
+                self._start = self._scan = i
+                if i >= n:
+                    return NEED_DATA
+                c = buf[i]
+                if c == 0x7B and self.max_nesting >= _FAST_DEPTH:
+                    m = _FAST_MESSAGE.match(buf, i, min(n, i + self.max_message_size))
+                    if m is not None:
+                        return self._complete(m.end())
+                closer = _OPENERS.get(c)
+                if closer is not None:
+                    self._stack.append(closer)
+                    self._mode = _STRUCT
+                    self._scan = i + 1
+                elif c == _QUOTE:
+                    self._mode = _STRUCT  # a top-level string: empty stack
+                    self._in_string = True
+                    self._scan = i + 1
+                elif c in _RESET_BYTES:
+                    end = _match_end(_RESET_RUN, buf, i)
+                    self._mode = _AFTER_RESET
+                    self._start = self._scan = end
+                    # Name the first byte only: the run may continue in the next read.
+                    return ParseError(_stray(bytes(buf[i : i + 1])))
+                elif c in _CLOSERS or c in b",:":
+                    self._skip_from(i + 1)
+                    return ParseError(PARSE_ERROR_PREFIX + "expecting value")
+                elif c == _APOSTROPHE:
+                    self._skip_from(i + 1)
+                    return ParseError(_SINGLE_QUOTE)
+                else:
+                    self._mode = _SCALAR_MODE
+            elif mode == _STRUCT:
+                item = self._scan_structure(buf, n)
+                if item is not None:
+                    return item
+            elif mode == _SCALAR_MODE:
+                limit = self._start + self.max_message_size
+                end = _match_end(_SCALAR, buf, self._start, min(n, limit + 1))
+                if end > limit:
+                    self._skip_from(limit)
+                    return ParseError(TOKEN_SIZE_EXCEEDED)
+                if end == n and not self._eof:
+                    return NEED_DATA  # a number or keyword ends at its delimiter
+                item = self._complete(end)
+                if isinstance(item, ParseError):
+                    # A bad top-level token: its neighbours are garbage too.
+                    self._skip_from(end)
+                return item
+            elif mode == _SKIP:
+                m = _RESYNC.search(buf, self._scan)
+                if m is None:
+                    self._scan = n
+                    return NEED_DATA
+                i = m.start()
+                if buf[i] == _LF:
+                    self._mode = _IDLE
+                    i += 1
+                else:
+                    self._mode = _AFTER_RESET
+                self._start = self._scan = i
+            else:  # _AFTER_RESET
+                # A run of reset bytes is one bad message, however it was split
+                # across reads, so swallow the rest of the run.
+                end = _match_end(_RESET_RUN, buf, self._scan)
+                self._start = self._scan = end
+                if end == n:
+                    return NEED_DATA
+                self._mode = _IDLE
+
+    def _scan_structure(self, buf: bytearray, n: int) -> object | None:
+        """Scan on inside a structure or top-level string; None means "mode changed, go on"."""
+        limit = self._start + self.max_message_size
+        stop = min(n, limit)
+        stack = self._stack
+        while True:
+            if self._in_string:
+                p = _match_end(_STRING_BODY, buf, self._scan, stop)
+                if p < stop:
+                    c = buf[p]
+                    if c == _QUOTE:
+                        self._in_string = False
+                        self._scan = p + 1
+                        if not stack:
+                            return self._complete(p + 1)
+                        continue
+                    if c != _BACKSLASH:
+                        return self._bad_byte(buf, p)
+                    if p + 1 < stop:
+                        # The body stopped at "\X" with X invalid in a string.
+                        return self._bad_byte(buf, p + 1)
+                    # else the escape is split at the end of the input: wait
+                self._scan = p
+            else:
+                p = _match_end(_STRUCTURE, buf, self._scan, stop)
+                self._scan = p
+                if p < stop:
+                    c = buf[p]
+                    closer = _OPENERS.get(c)
+                    if closer is not None:
+                        if len(stack) >= self.max_nesting:
+                            self._skip_from(p + 1)
+                            return ParseError(NESTING_EXCEEDED)
+                        stack.append(closer)
+                        self._scan = p + 1
+                        continue
+                    if c in _CLOSERS:
+                        if c != stack[-1]:
+                            desc = describe_error(bytes(buf[self._start : p + 1]))
+                            self._skip_from(p + 1)
+                            return ParseError(desc or PARSE_ERROR_PREFIX + "expecting value")
+                        stack.pop()
+                        if not stack:
+                            return self._complete(p + 1)
+                        self._scan = p + 1
+                        continue
+                    if c == _QUOTE:
+                        self._in_string = True
+                        self._scan = p + 1
+                        continue
+                    if c == _APOSTROPHE:
+                        self._skip_from(p + 1)
+                        return ParseError(_SINGLE_QUOTE)
+                    return self._bad_byte(buf, p)
+            # Out of input (or out of allowance) in the middle of a message.
+            if limit <= n:
+                self._skip_from(limit)
+                return ParseError(TOKEN_SIZE_EXCEEDED)
+            if self._eof:
+                self._skip_from(n)
+                return ParseError(PARSE_ERROR_PREFIX + "premature EOI")
+            return NEED_DATA
+
+    def _bad_byte(self, buf: bytearray, p: int) -> ParseError:
+        """A control character (or 0xFE/0xFF) where JSON allows none: the message is lost."""
+        # Skipping starts at the byte itself: a reset byte or line feed is its
+        # own resynchronisation point, a \t or \r inside a string is not.
+        self._skip_from(p)
+        return ParseError(_stray(bytes(buf[p : p + 1])))
+
+
+def _match_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, endpos: int = -1) -> int:
+    # All the patterns used here can match the empty string, so match() never fails.
+    m = pattern.match(buf, pos) if endpos < 0 else pattern.match(buf, pos, endpos)
+    assert m is not None
+    return m.end()
+
+
+_SINGLE_QUOTE: Final = PARSE_ERROR_PREFIX + "single-quoted strings are not supported"
+
+
+def _stray(data: bytes) -> str:
+    shown = "".join(chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in data[:8])
+    return f"{PARSE_ERROR_PREFIX}stray '{shown}'"
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class _Reject(Exception):
+    """Raised from json's hooks to refuse input that Python would accept."""
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc)
+        self.desc = desc
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _Reject(PARSE_ERROR_PREFIX + "duplicate key")
+    return obj
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value - value != 0.0:  # inf (1e400); NaN cannot come from a JSON number
+        raise _Reject(PARSE_ERROR_PREFIX + "number out of range")
+    return value
+
+
+def _parse_constant(name: str) -> object:
+    raise _Reject(f"{PARSE_ERROR_PREFIX}invalid keyword '{name}'")
+
+
+_DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_object_pairs, parse_float=_parse_float, parse_constant=_parse_constant
+)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def decode_message(data: bytes | bytearray) -> object:
+    """Parse one complete message: its JSON value, or a :class:`ParseError`."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", "replace")
+        desc = describe_error(text)
+        if desc is None:
+            desc = PARSE_ERROR_PREFIX + "invalid UTF-8 sequence in string"
+        return ParseError(desc)
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except (ValueError, _Reject, RecursionError):
+        return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
+    if end != len(text):
+        return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
+    # json decodes a lone \uD800 escape to a lone surrogate, which no UTF-8
+    # encoder (logging, the shell) can handle later; QEMU refuses it too.
+    if "\\u" in text:
+        bad = _find_lone_surrogate(value)
+        if bad is not None:
+            escape = f"\\u{ord(bad):04X}"
+            return ParseError(f"{PARSE_ERROR_PREFIX}{escape} is not a valid Unicode character")
+    return value
+
+
+def _find_lone_surrogate(value: object) -> str | None:
+    if isinstance(value, str):
+        m = _LONE_SURROGATE.search(value)
+        return m.group() if m else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _find_lone_surrogate(key) or _find_lone_surrogate(item)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for item in value:
+            found = _find_lone_surrogate(item)
+            if found:
+                return found
+    return None
+
+
+_KEYWORD = re.compile(r"[A-Za-z]+")
+_CONTAINER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_VALUE_END = frozenset("}],:")
+
+
+def describe_error(data: str | bytes) -> str | None:
+    """QEMU's wording for why ``data`` is not one JSON value; None if it is one.
+
+    Used only on the error path, so it may take its time: it re-parses and maps
+    Python's ``json`` messages onto QEMU's (``qobject/json-parser.c``).
+    """
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except _Reject as exc:
+        return exc.desc
+    except RecursionError:
+        return NESTING_EXCEEDED
+    except json.JSONDecodeError as exc:
+        return PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        return PARSE_ERROR_PREFIX + "number out of range"
+    if end != len(text):
+        kw = _KEYWORD.match(text)
+        if kw:
+            return f"{PARSE_ERROR_PREFIX}invalid keyword '{kw.group()}'"
+        return _stray(text[:end + 1].encode("utf-8", "replace"))
+    del value
+    return None
+
+
+def _qemu_reason(msg: str, text: str, pos: int) -> str:
+    kw = _KEYWORD.match(text, pos)
+    if msg.startswith(("Expecting value", "Illegal trailing comma")):
+        return f"invalid keyword '{kw.group()}'" if kw else "expecting value"
+    if msg.startswith("Expecting property name"):
+        if kw:
+            return f"invalid keyword '{kw.group()}'"
+        if pos >= len(text) or text[pos] in _VALUE_END:
+            return "expecting value"  # QEMU parses the key as a value first
+        return "key is not a string in object"
+    if msg.startswith("Expecting ':'"):
+        return "missing : in object pair"
+    if msg.startswith("Expecting ','"):
+        inner = _innermost_container(text, pos)
+        return "expected separator in dict" if inner == "{" else "expected separator in list"
+    if msg.startswith("Invalid \\uXXXX"):
+        start = pos - 1 if pos and text[pos - 1] == "\\" else pos
+        return f"{text[start:start + 6]} is not a valid Unicode character"
+    if msg.startswith("Invalid \\escape"):
+        return "invalid escape sequence in string"
+    if msg.startswith("Invalid control character"):
+        return _stray(text[pos : pos + 1].encode())[len(PARSE_ERROR_PREFIX) :]
+    return msg[:1].lower() + msg[1:]
+
+
+def _innermost_container(text: str, pos: int) -> str:
+    stack: list[str] = []
+    for m in _CONTAINER_TOKENS.finditer(text, 0, pos):
+        token = m.group()
+        if token in "[{":
+            stack.append(token)
+        elif token in "]}" and stack:
+            stack.pop()
+    return stack[-1] if stack else ""
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _not_json(obj: object) -> object:
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+# Separators ", " and ": " are what QEMU emits ({"return": {}}); ASCII-only
+# output escapes everything else as \uXXXX, as QEMU does; allow_nan=False
+# keeps the output strict JSON.  json.dumps() with any non-default option
+# builds a new encoder per call, so build one once -- the C one when present
+# (it is what json.dumps uses too), which roughly halves the cost per reply.
+_ENCODER: Final = json.JSONEncoder(allow_nan=False, default=_not_json)
+_C_ENCODER: Final[Callable[[object, int], list[str]] | None] = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, _not_json, json.encoder.encode_basestring_ascii, None, ": ", ", ",
+        False, False, False,
+    )
+    if json.encoder.c_make_encoder is not None  # type: ignore[attr-defined]
+    else None
+)
+
+
+def encode_line(obj: object) -> bytes:
+    """One output line: strict JSON + CRLF.
+
+    Raises ValueError for NaN/infinity, TypeError for values JSON cannot
+    represent, RecursionError for cyclic or absurdly deep values.
+    """
+    if _C_ENCODER is not None:
+        return ("".join(_C_ENCODER(obj, 0)) + "\r\n").encode("ascii")
+    return (_ENCODER.encode(obj) + "\r\n").encode("ascii")  # pragma: no cover

@@ -1,0 +1,183 @@
+"""Command argument validation: JSON Schema in, QEMU-worded errors out.
+
+QEMU checks a command's arguments with the generated QAPI visitor, which walks
+the schema's members *in schema order* and stops at the first problem; only
+after every member of an object was visited does it complain about members
+the schema does not know.  So the error a client sees is the first one in
+schema order, worded by ``qapi/qobject-input-visitor.c`` and
+``qapi/qapi-visit-core.c``:
+
+======================  ================================================
+required member absent  ``Parameter 'NAME' is missing``
+wrong JSON type         ``Invalid parameter type for 'NAME', expected: TYPE``
+enum non-member         ``Parameter 'NAME' does not accept value 'VALUE'``
+unknown member          ``Parameter 'NAME' is unexpected``
+======================  ================================================
+
+``NAME`` is a path: ``parent.child`` for nested members, ``list[3]`` for list
+elements (QEMU itself names list elements ``null`` in the enum message;
+migblockd names them properly, e.g. ``Parameter 'enable[0]' does not accept
+value 'foo'``).  ``TYPE`` is ``string``, ``integer``, ``number``,
+``boolean``, ``null``, ``object`` or ``array``.
+
+Types follow QEMU, not JSON Schema's defaults: an ``integer`` must be a JSON
+integer (``1.0`` is a number, and ``true`` is not an integer either), within
+the 64-bit range QEMU's parser keeps as an integer; anything larger is a
+floating-point number to QEMU and fails the same way.
+
+:class:`ArgumentValidator` compiles the schema once with ``jsonschema``'s
+``Draft202012Validator`` (with those type rules) and uses it as a fast yes/no
+check; only for invalid input does it walk the schema in order to find and
+word the first error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import best_match
+
+from migblockd.qmp.errors import QMPError
+
+_INT_MIN: Final = -(1 << 63)
+_INT_MAX: Final = (1 << 64) - 1  # QEMU keeps uint64 values as integers too
+
+
+def _is_integer(checker: object, instance: object) -> bool:
+    return type(instance) is int and _INT_MIN <= instance <= _INT_MAX
+
+
+def _is_number(checker: object, instance: object) -> bool:
+    return type(instance) is float or _is_integer(checker, instance)
+
+
+_TYPE_CHECKER = Draft202012Validator.TYPE_CHECKER.redefine_many(
+    {"integer": _is_integer, "number": _is_number}
+)
+QAPIValidator = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator, type_checker=_TYPE_CHECKER
+)
+
+# How each JSON Schema type is tested here, and QEMU's name for it in
+# "Invalid parameter type ..., expected: TYPE".
+_TYPE_TESTS: Final = {
+    "string": lambda v: type(v) is str,
+    "integer": lambda v: _is_integer(None, v),
+    "number": lambda v: _is_number(None, v),
+    "boolean": lambda v: type(v) is bool,
+    "null": lambda v: v is None,
+    "object": lambda v: type(v) is dict,
+    "array": lambda v: type(v) is list,
+}
+
+
+class ArgumentValidator:
+    """Checks one command's ``arguments`` object against its JSON Schema.
+
+    ``schema`` follows the generator's conventions: an object schema with
+    ``properties`` in schema order, ``required``, ``additionalProperties:
+    false`` and ``$defs`` reached by ``{"$ref": "#/$defs/Name"}``.
+    Build it once (at start) and call :meth:`check` per request.
+    """
+
+    def __init__(self, schema: Mapping[str, Any]) -> None:
+        QAPIValidator.check_schema(schema)
+        self.schema = schema
+        self._validator = QAPIValidator(schema)
+        self._defs: Mapping[str, Any] = schema.get("$defs", {})
+        # With nothing required, an empty arguments object (the common case
+        # for queries) is valid without asking jsonschema.
+        self._empty_ok = not schema.get("required") and set(schema) <= {
+            "$schema", "$id", "title", "description", "type", "properties",
+            "additionalProperties", "$defs",
+        }
+
+    def check(self, args: dict[str, Any]) -> None:
+        """Return if ``args`` is valid, else raise :class:`QMPError` for the first error."""
+        if not args and self._empty_ok:
+            return
+        if self._validator.is_valid(args):
+            return
+        raise QMPError(self.first_error(args))
+
+    def is_valid(self, args: dict[str, Any]) -> bool:
+        return bool(self._validator.is_valid(args))
+
+    def first_error(self, args: object) -> str:
+        """The desc of the first error in schema order (``args`` must be invalid)."""
+        desc = self._walk(self.schema, args, "")
+        if desc is not None:
+            return desc
+        # A keyword the walk does not cover (the generator emits none today).
+        error = best_match(self._validator.iter_errors(args))
+        path = _path(list(error.absolute_path)) if error is not None else ""
+        reason = error.message if error is not None else "is invalid"
+        if path:
+            return f"Parameter '{path}' is invalid: {reason}"
+        return f"Invalid arguments: {reason}"
+
+    def _resolve(self, schema: Mapping[str, Any]) -> Mapping[str, Any]:
+        seen = 0
+        while "$ref" in schema and seen < 64:
+            ref: str = schema["$ref"]
+            prefix = "#/$defs/"
+            if not ref.startswith(prefix):
+                break
+            schema = self._defs[ref[len(prefix) :]]
+            seen += 1
+        return schema
+
+    def _walk(self, schema: Mapping[str, Any] | bool, value: object, path: str) -> str | None:
+        if schema is True or schema is False:
+            return None if schema else f"Parameter '{path}' is unexpected"
+        schema = self._resolve(schema)
+        expected = schema.get("type")
+        if expected is not None:
+            names = [expected] if isinstance(expected, str) else list(expected)
+            if not any(_TYPE_TESTS[name](value) for name in names if name in _TYPE_TESTS):
+                return f"Invalid parameter type for '{path or 'null'}', expected: {names[0]}"
+        enum = schema.get("enum")
+        if enum is not None and value not in enum:
+            return f"Parameter '{path or 'null'}' does not accept value '{value}'"
+        if type(value) is dict:
+            properties: Mapping[str, Any] = schema.get("properties", {})
+            required = schema.get("required", ())
+            for name, member in properties.items():
+                child = f"{path}.{name}" if path else name
+                if name not in value:
+                    if name in required:
+                        return f"Parameter '{child}' is missing"
+                    continue
+                desc = self._walk(member, value[name], child)
+                if desc is not None:
+                    return desc
+            extra = schema.get("additionalProperties", True)
+            for name in value:
+                if name not in properties:
+                    child = f"{path}.{name}" if path else name
+                    if extra is False:
+                        return f"Parameter '{child}' is unexpected"
+                    if extra is not True:
+                        desc = self._walk(extra, value[name], child)
+                        if desc is not None:
+                            return desc
+        elif type(value) is list:
+            items = schema.get("items")
+            if items is not None:
+                for index, element in enumerate(value):
+                    desc = self._walk(items, element, f"{path}[{index}]")
+                    if desc is not None:
+                        return desc
+        return None
+
+
+def _path(parts: list[str | int]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out = f"{out}.{part}" if out else part
+    return out

@@ -1,0 +1,1 @@
+"""``migblock-shell``: an interactive and scripting QMP shell for migblockd."""

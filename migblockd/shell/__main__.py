@@ -1,0 +1,5 @@
+"""``python -m migblockd.shell``."""
+
+from migblockd.shell.main import main
+
+main()

@@ -1,0 +1,191 @@
+"""A small asyncio QMP client for a Unix socket.
+
+The server writes one JSON object per line (ending in ``\\r\\n``).  Requests are sent
+as compact JSON carrying an ``id``; replies are matched to requests by ``id``, and
+events, which may arrive between replies, go to a callback in arrival order (so an
+event caused by a command is seen before that command's reply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import Callable
+from typing import Any
+
+GREETING_TIMEOUT = 10.0
+LINE_LIMIT = 64 * 1024 * 1024
+
+Message = dict[str, Any]
+
+
+class ClientError(Exception):
+    """Base class; ``str()`` is a one-line message for the operator."""
+
+
+class ConnectError(ClientError):
+    """Could not connect, or the server did not greet / negotiate."""
+
+
+class ConnectionLost(ClientError):
+    """The server closed the connection (or it broke) while we needed it."""
+
+
+def _id_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class QMPClient:
+    """One connection. ``on_event(message)`` and ``on_lost()`` are called from the
+    reader task; ``on_lost`` is called once when the server goes away unexpectedly."""
+
+    def __init__(
+        self,
+        on_event: Callable[[Message], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_event = on_event
+        self._on_lost = on_lost
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._pending: dict[str, asyncio.Future[Message]] = {}
+        self._ids = itertools.count(1)
+        self._closing = False
+        self.lost_reason = "not connected"
+        self.greeting: Message = {}
+
+    @property
+    def connected(self) -> bool:
+        return self._reader_task is not None and not self._reader_task.done()
+
+    async def connect(self, path: str) -> Message:
+        """Connect and read the greeting; raises :class:`ConnectError`."""
+        try:
+            self._reader, self._writer = await asyncio.open_unix_connection(path, limit=LINE_LIMIT)
+        except OSError as err:
+            reason = err.strerror or str(err)
+            raise ConnectError(f"cannot connect to {path}: {reason}") from None
+        try:
+            line = await asyncio.wait_for(self._reader.readline(), GREETING_TIMEOUT)
+        except TimeoutError:
+            await self._abort()
+            raise ConnectError(f"{path}: no QMP greeting within {GREETING_TIMEOUT:g}s") from None
+        except (OSError, ValueError) as err:
+            await self._abort()
+            raise ConnectError(f"{path}: reading the greeting failed: {err}") from None
+        try:
+            greeting = json.loads(line)
+        except ValueError:
+            greeting = None
+        if not isinstance(greeting, dict) or not isinstance(greeting.get("QMP"), dict):
+            await self._abort()
+            what = "closed the connection" if not line else "did not send a QMP greeting"
+            raise ConnectError(f"{path}: the server {what}")
+        self.greeting = greeting
+        self._reader_task = asyncio.create_task(self._read_loop())
+        return greeting
+
+    async def negotiate(self) -> None:
+        """Send ``qmp_capabilities``; raises :class:`ConnectError` if refused."""
+        try:
+            reply = await self.execute({"execute": "qmp_capabilities"})
+        except ConnectionLost as err:
+            raise ConnectError(str(err)) from None
+        if "error" in reply:
+            desc = reply["error"].get("desc", reply["error"])
+            raise ConnectError(f"capabilities negotiation failed: {desc}")
+
+    async def execute(self, message: Message) -> Message:
+        """Send ``message`` (an ``id`` is added when it has none) and wait for its reply.
+
+        Raises :class:`ConnectionLost` when the connection is gone or goes away first.
+        """
+        if not self.connected or self._writer is None:
+            raise ConnectionLost(self.lost_reason)
+        message = dict(message)
+        if "id" not in message:
+            message["id"] = f"shell-{next(self._ids)}"
+        key = _id_key(message["id"])
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        data = json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n"
+        try:
+            self._writer.write(data.encode())
+            await self._writer.drain()
+        except (OSError, RuntimeError) as err:
+            self._pending.pop(key, None)
+            raise ConnectionLost(f"connection lost: {err}") from None
+        try:
+            return await future
+        finally:
+            self._pending.pop(key, None)
+
+    async def close(self) -> None:
+        """Close the connection (no ``on_lost`` callback)."""
+        self._closing = True
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError, RuntimeError):
+                await self._writer.wait_closed()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+        self._fail_pending("connection closed")
+
+    async def _abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(OSError, RuntimeError):
+                await self._writer.wait_closed()
+
+    def _fail_pending(self, reason: str) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionLost(reason))
+        self._pending.clear()
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        reason = "the server closed the connection"
+        try:
+            while True:
+                try:
+                    line = await self._reader.readline()
+                except (OSError, ValueError) as err:
+                    reason = f"connection lost: {err}"
+                    break
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    continue  # never happens with migblockd; don't die on it
+                if isinstance(message, dict):
+                    self._dispatch(message)
+        finally:
+            self.lost_reason = reason
+            self._fail_pending(reason)
+            if not self._closing and self._on_lost is not None:
+                self._on_lost()
+
+    def _dispatch(self, message: Message) -> None:
+        if "event" in message:
+            if self._on_event is not None:
+                self._on_event(message)
+            return
+        if "id" in message:
+            future = self._pending.pop(_id_key(message["id"]), None)
+        elif self._pending:
+            # A reply without id (a JSON error the server could not attribute):
+            # give it to the oldest request.
+            future = self._pending.pop(next(iter(self._pending)))
+        else:
+            future = None
+        if future is not None and not future.done():
+            future.set_result(message)

@@ -1,0 +1,81 @@
+"""The shell's connection to the daemon: connect, greet, negotiate, load the schema,
+and reconnect when the daemon has gone away."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from migblockd.shell.client import ConnectError, ConnectionLost, Message, QMPClient
+from migblockd.shell.schema import Schema
+
+
+def describe_greeting(greeting: Message) -> str:
+    """``migblockd 0.1.0 (QMP server version 0.1.0)`` from a greeting."""
+    version = greeting.get("QMP", {}).get("version", {})
+    qemu = version.get("qemu", {})
+    triple = ".".join(str(qemu.get(k, "?")) for k in ("major", "minor", "micro"))
+    package = str(version.get("package", "")).strip()
+    return f"{package} (QMP server version {triple})" if package else f"QMP server {triple}"
+
+
+class Connection:
+    """Holds at most one live :class:`QMPClient` and the schema it reported."""
+
+    def __init__(
+        self,
+        path: str,
+        on_event: Callable[[Message], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.path = path
+        self._on_event = on_event
+        self._on_lost = on_lost
+        self._client: QMPClient | None = None
+        self.schema = Schema.empty()
+        self.greeting: Message = {}
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    async def open(self) -> Message:
+        """Connect, negotiate and fetch ``query-qmp-schema``; raises ConnectError."""
+        await self.close()
+        client = QMPClient(self._on_event, self._on_lost)
+        greeting = await client.connect(self.path)
+        try:
+            await client.negotiate()
+            reply = await client.execute({"execute": "query-qmp-schema"})
+        except (ConnectError, ConnectionLost) as err:
+            await client.close()
+            raise ConnectError(f"{self.path}: {err}") from None
+        infos: Any = reply.get("return")
+        self.schema = Schema(infos) if isinstance(infos, list) else Schema.empty()
+        self.greeting = greeting
+        self._client = client
+        return greeting
+
+    async def ensure_open(self) -> bool:
+        """Reconnect if needed; True when a new connection was made."""
+        if self.connected:
+            return False
+        await self.open()
+        return True
+
+    async def execute(self, message: Message) -> Message:
+        """Run one request; the shell's own ``id`` is removed from the reply.
+
+        Raises ConnectionLost when not connected or when the connection drops.
+        """
+        if self._client is None:
+            raise ConnectionLost("not connected")
+        reply = await self._client.execute(message)
+        if "id" not in message:
+            reply = {k: v for k, v in reply.items() if k != "id"}
+        return reply
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()

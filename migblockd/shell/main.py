@@ -1,0 +1,101 @@
+"""``migblock-shell``: command line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from migblockd import __version__
+from migblockd.paths import default_socket_path
+from migblockd.shell.client import ClientError
+from migblockd.shell.docs import load_docs
+from migblockd.shell.history import history_path
+from migblockd.shell.render import Renderer, use_colour
+
+DESCRIPTION = """\
+A QMP shell for migblockd, in the spirit of QEMU's qmp-shell.
+
+Type commands as  COMMAND key=value ...  (values that parse as JSON are JSON, others
+are strings; quote with '...' or "..." to force a string; dotted keys build nested
+objects: a.b=1 a.c=2; list arguments also take a,b,c), or a raw JSON request starting
+with '{'.  'help' lists the daemon's commands, 'help COMMAND' documents one.  Tab
+completes command names, argument names and enum values, all taken from the daemon's
+query-qmp-schema.  Events are printed as they arrive.  History is kept in
+$XDG_STATE_HOME/migblockd/shell-history.  Ctrl-C drops the line, Ctrl-D quits.  If the
+daemon restarts, the shell reconnects on the next command.
+"""
+
+EPILOG = """\
+scripting: when stdin is not a terminal, or with -c, the shell runs the commands and
+prints one JSON reply per line on stdout (events are not printed; errors in the input
+go to stderr).  Exit status: 0 if every command succeeded, 1 if any failed, 2 if the
+daemon could not be reached or the connection was lost.
+
+examples:
+  migblock-shell
+  migblock-shell -c 'add-blocker reason="SEV: no migration" modes=normal,cpr-reboot'
+  printf 'query-blockers\\nquery-migrate\\n' | migblock-shell /run/migblockd/migblockd.sock
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="migblock-shell",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "socket",
+        nargs="?",
+        default=None,
+        metavar="SOCKET",
+        help=f"the daemon's QMP socket (default: {default_socket_path()})",
+    )
+    parser.add_argument(
+        "-p", "--pretty", action="store_true", help="pretty-print replies and events"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show each request as it is sent"
+    )
+    parser.add_argument(
+        "-c",
+        "--command",
+        action="append",
+        default=[],
+        metavar="COMMAND",
+        help="run COMMAND (repeatable) and exit instead of reading commands",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+async def _amain(args: argparse.Namespace) -> int:
+    socket = args.socket or str(default_socket_path())
+    docs = load_docs()
+    if args.command or not sys.stdin.isatty():
+        from migblockd.shell.script import run_script  # noqa: PLC0415
+
+        renderer = Renderer(pretty=args.pretty, colour=use_colour(sys.stdout))
+        return await run_script(socket, renderer, docs, args.verbose, args.command)
+
+    from migblockd.shell.repl import Interactive  # noqa: PLC0415
+
+    renderer = Renderer(pretty=args.pretty, colour=use_colour(sys.stdout))
+    shell = Interactive(socket, renderer, docs, args.verbose, history_path())
+    await shell.start()
+    return await shell.loop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        status = asyncio.run(_amain(args))
+    except ClientError as err:
+        print(f"migblock-shell: {err}", file=sys.stderr)
+        status = 2
+    except KeyboardInterrupt:
+        status = 130
+    sys.exit(status)

@@ -1,0 +1,109 @@
+"""The interactive mode: a prompt_toolkit prompt with completion and history, and
+events printed above the prompt the moment they arrive (``patch_stdout``), so the
+line being typed is redrawn intact below them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.patch_stdout import patch_stdout
+
+from migblockd.shell.client import ConnectError, ConnectionLost, Message
+from migblockd.shell.completion import ShellCompleter
+from migblockd.shell.connection import Connection, describe_greeting
+from migblockd.shell.docs import DocSource
+from migblockd.shell.render import Renderer
+from migblockd.shell.runner import Runner
+
+PROMPT = "(migblockd) "
+
+
+def _say(text: str) -> None:
+    # sys.stdout is looked up at call time: inside patch_stdout it is the proxy
+    # that prints above the prompt.
+    print(text, file=sys.stdout, flush=True)
+
+
+def open_history(path: Path) -> History:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.touch(exist_ok=True)
+    except OSError as err:
+        _say(f"warning: history not saved ({path}: {err.strerror or err})")
+        return InMemoryHistory()
+    return FileHistory(str(path))
+
+
+class Interactive:
+    def __init__(
+        self, path: str, renderer: Renderer, docs: DocSource, verbose: bool, history: Path
+    ) -> None:
+        self.renderer = renderer
+        self.connection = Connection(path, self._event, self._lost)
+        self.runner = Runner(
+            self.connection,
+            renderer,
+            docs,
+            out=_say,
+            err=_say,
+            echo=_say if verbose else None,
+        )
+        self.history_path = history
+
+    def _event(self, message: Message) -> None:
+        _say(self.renderer.event(message))
+
+    def _lost(self) -> None:
+        _say(self.renderer.error("migblockd closed the connection; the next command reconnects"))
+
+    async def start(self) -> None:
+        """Connect for the first time; ConnectError propagates (exit status 2)."""
+        greeting = await self.connection.open()
+        print(f"Connected to {describe_greeting(greeting)} at {self.connection.path}")
+        print("Type 'help' for the commands; Tab completes; Ctrl-D quits.")
+
+    async def loop(self) -> int:
+        session: PromptSession[str] = PromptSession(
+            history=open_history(self.history_path),
+            completer=ShellCompleter(lambda: self.connection.schema),
+            complete_while_typing=False,
+        )
+        try:
+            with patch_stdout(raw=True):
+                while True:
+                    try:
+                        line = await session.prompt_async(PROMPT)
+                    except KeyboardInterrupt:
+                        continue  # Ctrl-C drops the line
+                    except EOFError:
+                        break  # Ctrl-D
+                    await self._run(line)
+        finally:
+            await self.connection.close()
+        return 0
+
+    async def _run(self, line: str) -> None:
+        if not line.strip() or line.lstrip().startswith("#"):
+            return
+        try:
+            if await self.connection.ensure_open():
+                _say(
+                    self.renderer.notice(
+                        f"Reconnected to {describe_greeting(self.connection.greeting)}"
+                    )
+                )
+        except ConnectError as err:
+            _say(self.renderer.error(f"error: {err}"))
+            return
+        try:
+            await self.runner.run_line(line)
+        except ConnectionLost:
+            _say(
+                self.renderer.error(
+                    "error: the connection was lost before the reply arrived;"
+                    " the command may or may not have taken effect"
+                )
+            )

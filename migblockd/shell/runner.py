@@ -1,0 +1,58 @@
+"""Running one input line: parse it, answer ``help`` locally, or send the request and
+show the reply.  Shared by the interactive and the scripting modes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from migblockd.shell import helptext
+from migblockd.shell.connection import Connection
+from migblockd.shell.docs import DocSource
+from migblockd.shell.render import Renderer
+from migblockd.shell.syntax import Help, ParseError, Request, parse_line
+
+Write = Callable[[str], None]
+
+
+@dataclass
+class Runner:
+    connection: Connection
+    renderer: Renderer
+    docs: DocSource
+    out: Write
+    """Replies and help text."""
+    err: Write
+    """Parse errors and other local messages."""
+    echo: Write | None = None
+    """Where ``-v`` shows each request sent (None: not verbose)."""
+
+    async def run_line(self, line: str) -> bool:
+        """Run ``line``; False if it failed (bad syntax, unknown help topic, or an
+        error reply).  Connection problems raise ConnectError / ConnectionLost."""
+        try:
+            parsed = parse_line(line, self.connection.schema.hint)
+        except ParseError as err:
+            self.err(self.renderer.error(f"error: {err}"))
+            return False
+        if isinstance(parsed, Help):
+            return self._help(parsed.topic)
+        if not isinstance(parsed, Request):
+            return True
+        if self.echo is not None:
+            self.echo(self.renderer.request(parsed.message))
+        reply = await self.connection.execute(parsed.message)
+        self.out(self.renderer.reply(reply))
+        return "error" not in reply
+
+    def _help(self, topic: str | None) -> bool:
+        schema = self.connection.schema
+        if topic is None:
+            self.out(helptext.overview(schema, self.docs))
+            return True
+        text = helptext.command_help(schema, self.docs, topic)
+        if text is None:
+            self.err(self.renderer.error(helptext.unknown_command(schema, topic)))
+            return False
+        self.out(text)
+        return True

@@ -1,0 +1,177 @@
+"""The shell's view of a ``query-qmp-schema`` answer (QEMU's SchemaInfo list).
+
+Everything the shell knows about commands, their arguments and enum values comes from
+here, i.e. from the daemon it is connected to.  Type names other than built-ins are
+masked (``"0"``, ``"1"``, ...), so types are described by their structure
+("list of one of: normal, cpr-reboot"), never by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from migblockd.shell.syntax import ValueHint
+
+_JSON_TYPE_WORDS = {
+    "string": "string",
+    "int": "integer",
+    "number": "number",
+    "boolean": "boolean",
+    "null": "null",
+    "object": "object",
+    "array": "array",
+    "value": "any JSON value",
+}
+
+
+@dataclass(frozen=True)
+class Member:
+    """A member of an object type: an argument of a command, or a nested member."""
+
+    name: str
+    type: str
+    optional: bool
+
+
+@dataclass(frozen=True)
+class CommandInfo:
+    name: str
+    arg_type: str
+    ret_type: str
+    allow_oob: bool
+
+
+class Schema:
+    """An index over a list of SchemaInfo objects."""
+
+    def __init__(self, infos: Sequence[Mapping[str, Any]]) -> None:
+        self._types: dict[str, Mapping[str, Any]] = {}
+        self.commands: dict[str, CommandInfo] = {}
+        self.events: list[str] = []
+        for info in infos:
+            name = str(info.get("name", ""))
+            meta = info.get("meta-type")
+            if meta == "command":
+                self.commands[name] = CommandInfo(
+                    name,
+                    str(info.get("arg-type", "")),
+                    str(info.get("ret-type", "")),
+                    bool(info.get("allow-oob", False)),
+                )
+            elif meta == "event":
+                self.events.append(name)
+            else:
+                self._types[name] = info
+
+    @classmethod
+    def empty(cls) -> Schema:
+        return cls([])
+
+    def command_names(self) -> list[str]:
+        """Command names, sorted."""
+        return sorted(self.commands)
+
+    def meta_type(self, type_name: str) -> str | None:
+        info = self._types.get(type_name)
+        return None if info is None else str(info.get("meta-type"))
+
+    def members(self, type_name: str) -> list[Member]:
+        """The members of an object type (empty for anything else)."""
+        info = self._types.get(type_name)
+        if info is None or info.get("meta-type") != "object":
+            return []
+        return [
+            Member(str(m["name"]), str(m["type"]), "default" in m) for m in info.get("members", [])
+        ]
+
+    def arguments(self, command: str) -> list[Member]:
+        info = self.commands.get(command)
+        return [] if info is None else self.members(info.arg_type)
+
+    def enum_values(self, type_name: str) -> list[str] | None:
+        """The values of an enum type, ``None`` for other types."""
+        info = self._types.get(type_name)
+        if info is None or info.get("meta-type") != "enum":
+            return None
+        if "members" in info:
+            return [str(m["name"]) for m in info["members"]]
+        return [str(v) for v in info.get("values", [])]
+
+    def element_type(self, type_name: str) -> str | None:
+        """The element type of an array type, ``None`` for other types."""
+        info = self._types.get(type_name)
+        if info is None or info.get("meta-type") != "array":
+            return None
+        return str(info.get("element-type"))
+
+    def json_type(self, type_name: str) -> str | None:
+        """``string``, ``int``, ``boolean``, ... for built-ins; enums are ``string``."""
+        info = self._types.get(type_name)
+        if info is None:
+            return None
+        meta = info.get("meta-type")
+        if meta == "builtin":
+            return str(info.get("json-type"))
+        if meta == "enum":
+            return "string"
+        if meta == "array":
+            return "array"
+        if meta == "object":
+            return "object"
+        return None
+
+    def resolve(self, command: str, path: Sequence[str]) -> str | None:
+        """The type of the argument at ``path`` (dotted key split at dots)."""
+        info = self.commands.get(command)
+        if info is None:
+            return None
+        type_name = info.arg_type
+        for part in path:
+            found = [m for m in self.members(type_name) if m.name == part]
+            if not found:
+                return None
+            type_name = found[0].type
+        return type_name
+
+    def hint(self, command: str, path: tuple[str, ...]) -> ValueHint:
+        """What :mod:`migblockd.shell.syntax` needs to convert an unquoted value."""
+        type_name = self.resolve(command, path)
+        if type_name is None:
+            return None
+        json_type = self.json_type(type_name)
+        if json_type == "string":
+            return "string"
+        if json_type == "array":
+            element = self.element_type(type_name)
+            if element is not None and self.json_type(element) == "string":
+                return "list-of-strings"
+            return "list"
+        return None
+
+    def describe(self, type_name: str, depth: int = 0) -> str:
+        """A short human description of a type, e.g. ``list of (one of: a, b)``."""
+        info = self._types.get(type_name)
+        if info is None:
+            return "?"
+        meta = info.get("meta-type")
+        if meta == "builtin":
+            return _JSON_TYPE_WORDS.get(str(info.get("json-type")), str(info.get("json-type")))
+        if meta == "enum":
+            return "one of: " + ", ".join(self.enum_values(type_name) or [])
+        if meta == "array":
+            element = self.describe(str(info.get("element-type")), depth + 1)
+            return f"list of ({element})" if " " in element else f"list of {element}"
+        if meta == "object":
+            if depth > 2:
+                return "object"
+            inner = ", ".join(
+                f"{m.name}{'?' if m.optional else ''}: {self.describe(m.type, depth + 1)}"
+                for m in self.members(type_name)
+            )
+            return "object {" + inner + "}"
+        if meta == "alternate":
+            alts = [str(m.get("type")) for m in info.get("members", [])]
+            return " or ".join(self.describe(t, depth + 1) for t in alts)
+        return str(meta)

@@ -1,0 +1,318 @@
+"""Parsing of the lines an operator types into QMP requests.
+
+The syntax is qmp-shell's, with its rough edges fixed::
+
+    command key=value key.sub=value ...
+    help [COMMAND]
+    {"execute": "...", "arguments": {...}}      (a raw JSON request)
+
+Words are split like a POSIX shell does: ``'single'`` quotes are literal,
+``"double"`` quotes honour ``\\"`` and ``\\\\``, a backslash outside quotes escapes the
+next character.  A value is converted like this:
+
+* a quoted value (any part of it quoted or escaped) is always a string, so
+  ``id="42"`` sends the string ``"42"``;
+* an unquoted value that starts with ``{`` or ``[`` is JSON and runs to its matching
+  bracket (it may contain spaces and JSON strings); it must be valid JSON;
+* an unquoted value that parses as a JSON number, ``true``, ``false`` or ``null`` is
+  taken as such, anything else is a string;
+* when the schema is known (see :class:`Hints`), an unquoted value of a member whose
+  type is a string or enum stays a string (``reason=1234`` sends ``"1234"``), and an
+  unquoted value of a list-typed member is split at commas
+  (``modes=normal,cpr-reboot`` sends ``["normal", "cpr-reboot"]``).
+
+Dotted keys build nested objects: ``a.b=1 a.c=2 d=3`` gives
+``{"a": {"b": 1, "c": 2}, "d": 3}`` (qmp-shell puts ``d`` inside ``a``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ValueHint = Literal["string", "list", "list-of-strings"] | None
+"""What the schema says about a member: a string (or enum), a list (of strings), or
+nothing useful (``None``)."""
+
+Hints = Callable[[str, tuple[str, ...]], ValueHint]
+"""``hints(command, path)`` -> what the schema says about that argument."""
+
+
+class ParseError(ValueError):
+    """A line that cannot be turned into a request; ``str()`` is a one-line message."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A QMP request to send. ``raw`` is true when the operator typed the JSON."""
+
+    message: dict[str, Any]
+    raw: bool = False
+
+
+@dataclass(frozen=True)
+class Help:
+    """``help`` (topic ``None``) or ``help COMMAND``."""
+
+    topic: str | None = None
+
+
+@dataclass(frozen=True)
+class Nothing:
+    """An empty line or a ``#`` comment."""
+
+
+Parsed = Request | Help | Nothing
+
+
+@dataclass
+class Word:
+    """One shell word, as the tokenizer saw it.
+
+    ``key`` is the text before the first unquoted ``=`` (``None`` when there is no
+    such ``=``), ``value`` the text after it (or the whole word).  ``quoted`` tells
+    whether any part of the value was quoted or escaped, ``json`` whether the value
+    is an unquoted JSON chunk (starting with ``{`` or ``[``).  ``start`` is the offset
+    of the word in the line; ``raw_value_start`` the offset where the value begins.
+    ``open`` names what is still open at the end of an incomplete line: ``"'"``,
+    ``'"'``, ``"\\\\"`` or ``"json"`` (only in partial mode).
+    """
+
+    start: int
+    key: str | None = None
+    value: str = ""
+    quoted: bool = False
+    json: bool = False
+    raw_value_start: int = 0
+    open: str | None = None
+    _pieces: list[str] = field(default_factory=list, repr=False)
+
+
+def _strict_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(text: str) -> Any:
+    """``json.loads`` that refuses ``NaN`` and ``Infinity`` (they are not JSON)."""
+    return json.loads(text, parse_constant=_strict_constant)
+
+
+def _scan_json_chunk(line: str, pos: int) -> tuple[int, bool]:
+    """Scan a bracketed JSON chunk starting at ``line[pos]`` (``{`` or ``[``).
+
+    Returns the offset just after the matching bracket and whether it was closed.
+    Brackets inside JSON strings are skipped.
+    """
+    depth = 0
+    in_string = False
+    i = pos
+    while i < len(line):
+        c = line[i]
+        if in_string:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth == 0:
+                return i + 1, True
+        i += 1
+    return len(line), False
+
+
+def tokenize(line: str, *, partial: bool = False) -> list[Word]:
+    """Split ``line`` into words.
+
+    With ``partial`` (used for completion) an unterminated quote, escape or JSON chunk
+    ends the last word, whose ``open`` says what was left open; otherwise it is a
+    :class:`ParseError`.
+    """
+    words: list[Word] = []
+    pos = 0
+    n = len(line)
+    while True:
+        while pos < n and line[pos].isspace():
+            pos += 1
+        if pos >= n:
+            return words
+        word = Word(start=pos, raw_value_start=pos)
+        buf: list[str] = []
+        while pos < n and not line[pos].isspace():
+            c = line[pos]
+            if c == "'":
+                end = line.find("'", pos + 1)
+                if end < 0:
+                    if not partial:
+                        raise ParseError(f"unterminated ' quote at column {pos + 1}")
+                    buf.append(line[pos + 1 :])
+                    word.open = "'"
+                    pos = n
+                else:
+                    buf.append(line[pos + 1 : end])
+                    pos = end + 1
+                word.quoted = True
+            elif c == '"':
+                i = pos + 1
+                closed = False
+                while i < n:
+                    d = line[i]
+                    if d == "\\" and i + 1 < n and line[i + 1] in '"\\':
+                        buf.append(line[i + 1])
+                        i += 2
+                    elif d == '"':
+                        closed = True
+                        i += 1
+                        break
+                    else:
+                        buf.append(d)
+                        i += 1
+                if not closed:
+                    if not partial:
+                        raise ParseError(f'unterminated " quote at column {pos + 1}')
+                    word.open = '"'
+                pos = i
+                word.quoted = True
+            elif c == "\\":
+                if pos + 1 >= n:
+                    if not partial:
+                        raise ParseError("a backslash ends the line")
+                    word.open = "\\"
+                    pos = n
+                else:
+                    buf.append(line[pos + 1])
+                    pos += 2
+                word.quoted = True
+            elif c in "{[" and word.key is not None and not buf and not word.quoted:
+                end, closed = _scan_json_chunk(line, pos)
+                if not closed:
+                    if not partial:
+                        raise ParseError(
+                            f"unterminated JSON value for '{word.key}' at column {pos + 1}"
+                        )
+                    word.open = "json"
+                buf.append(line[pos:end])
+                word.json = True
+                pos = end
+                if pos < n and not line[pos].isspace() and not partial:
+                    raise ParseError(
+                        f"unexpected text after the JSON value of '{word.key}' at column {pos + 1}"
+                    )
+            elif c == "=" and word.key is None:
+                word.key = "".join(buf)
+                buf = []
+                word.quoted = False
+                word.raw_value_start = pos + 1
+                pos += 1
+            else:
+                buf.append(c)
+                pos += 1
+        word.value = "".join(buf)
+        words.append(word)
+
+
+def convert_value(word: Word, hint: ValueHint = None) -> Any:
+    """The JSON value of ``word``'s value, following the rules in the module doc."""
+    text = word.value
+    if word.json:
+        try:
+            return loads(text)
+        except ValueError as err:
+            raise ParseError(
+                f"'{word.key}': invalid JSON value {text}: {err} (quote it to send a string)"
+            ) from None
+    if word.quoted or hint == "string":
+        return text
+    if hint in ("list", "list-of-strings"):
+        if text == "":
+            return []
+        items = text.split(",")
+        if hint == "list-of-strings":
+            return items
+        return [_scalar(item) for item in items]
+    return _scalar(text)
+
+
+def _scalar(text: str) -> Any:
+    try:
+        value = loads(text)
+    except ValueError:
+        return text
+    return text if isinstance(value, (dict, list)) else value
+
+
+def _insert(root: dict[str, Any], assigned: set[tuple[str, ...]], key: str, value: Any) -> None:
+    path = tuple(key.split("."))
+    if any(part == "" for part in path):
+        raise ParseError(f"bad key '{key}': empty name between dots")
+    for other in assigned:
+        if other == path:
+            raise ParseError(f"'{key}' is given more than once")
+        if other[: len(path)] == path or path[: len(other)] == other:
+            short, long_ = sorted((other, path), key=len)
+            raise ParseError(
+                f"'{'.'.join(short)}' is given a value and also used for '{'.'.join(long_)}'"
+            )
+    assigned.add(path)
+    node = root
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        assert isinstance(child, dict)  # guaranteed by the prefix checks above
+        node = child
+    node[path[-1]] = value
+
+
+def build_arguments(command: str, words: list[Word], hints: Hints | None = None) -> dict[str, Any]:
+    """The ``arguments`` object for ``command`` from its ``key=value`` words."""
+    arguments: dict[str, Any] = {}
+    assigned: set[tuple[str, ...]] = set()
+    for given in words:
+        word = given
+        if word.key is None and "=" in word.value and word.quoted:
+            # 'key=some value' quoted as a whole, as a POSIX shell user would.
+            key, _, value = word.value.partition("=")
+            word = Word(word.start, key=key, value=value, quoted=True)
+        if word.key is None:
+            raise ParseError(f"expected key=value, got '{word.value}'")
+        if word.key == "":
+            raise ParseError(f"missing key before '=' in '={word.value}'")
+        path = tuple(word.key.split("."))
+        hint = hints(command, path) if hints is not None else None
+        _insert(arguments, assigned, word.key, convert_value(word, hint))
+    return arguments
+
+
+def parse_line(line: str, hints: Hints | None = None) -> Parsed:
+    """Turn one input line into a :class:`Request`, :class:`Help` or :class:`Nothing`."""
+    stripped = line.strip()
+    if not stripped or stripped.startswith("#"):
+        return Nothing()
+    if stripped.startswith("{"):
+        try:
+            raw = loads(stripped)
+        except ValueError as err:
+            raise ParseError(f"invalid JSON: {err}") from None
+        if not isinstance(raw, dict):
+            raise ParseError("a raw JSON request must be an object")
+        return Request(raw, raw=True)
+    words = tokenize(line)
+    head = words[0]
+    if head.key is not None:
+        first = line[head.start :].split(maxsplit=1)[0]
+        raise ParseError(f"expected a command name first, got '{first}'")
+    name = head.value
+    if name == "help":
+        if len(words) > 2 or any(w.key is not None for w in words[1:]):
+            raise ParseError("usage: help [COMMAND]")
+        return Help(words[1].value if len(words) == 2 else None)
+    arguments = build_arguments(name, words[1:], hints)
+    message: dict[str, Any] = {"execute": name}
+    if arguments:
+        message["arguments"] = arguments
+    return Request(message)

@@ -1,0 +1,342 @@
+"""systemd integration: sd_notify, socket activation and the watchdog.
+
+Everything here is a no-op when the daemon does not run under systemd (or
+``systemd-socket-activate``): without ``$NOTIFY_SOCKET`` the notifier is inert,
+without ``$LISTEN_PID``/``$LISTEN_FDS`` :func:`listen_sockets` returns ``[]``.
+
+The protocols are implemented from their stable specifications (sd_notify(3),
+sd_listen_fds(3), sd_watchdog_enabled(3)) rather than by linking libsystemd, so
+that the daemon has no native dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+
+import asyncio_dgram
+
+__all__ = [
+    "SD_LISTEN_FDS_START",
+    "ActivationError",
+    "Notifier",
+    "activated_listener",
+    "format_status",
+    "listen_sockets",
+    "notify_address",
+    "watchdog_usec",
+]
+
+logger = logging.getLogger(__name__)
+
+SD_LISTEN_FDS_START = 3
+_LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+class ActivationError(ValueError):
+    """The socket-activation environment is malformed or unusable."""
+
+
+# --- sd_notify ---------------------------------------------------------------
+
+
+def notify_address(value: str) -> str | None:
+    """The AF_UNIX address for a ``$NOTIFY_SOCKET`` value, or None if unsupported.
+
+    ``/path`` is a filesystem socket; ``@name`` is Linux's abstract namespace,
+    which Python spells with a leading NUL.  Other forms (newer systemd's
+    ``vsock:``) are not AF_UNIX and the daemon may only use AF_UNIX.
+    """
+    if len(value) < 2:
+        return None
+    if value[0] == "/":
+        return value
+    if value[0] == "@":
+        return "\0" + value[1:]
+    return None
+
+
+def watchdog_usec(env: Mapping[str, str] = os.environ) -> int | None:
+    """The watchdog timeout in microseconds, as sd_watchdog_enabled(3) decides it.
+
+    None when ``$WATCHDOG_USEC`` is missing, not a positive integer, or when
+    ``$WATCHDOG_PID`` names another process (the watchdog is meant for it).
+    """
+    raw = env.get("WATCHDOG_USEC")
+    if raw is None:
+        return None
+    try:
+        usec = int(raw)
+    except ValueError:
+        logger.warning("ignoring malformed WATCHDOG_USEC=%r", raw)
+        return None
+    # USEC_INFINITY (2**64 - 1) means "no timeout" to systemd.
+    if usec <= 0 or usec >= 2**64 - 1:
+        logger.warning("ignoring out-of-range WATCHDOG_USEC=%r", raw)
+        return None
+    pid = env.get("WATCHDOG_PID")
+    if pid is not None:
+        try:
+            if int(pid) != os.getpid():
+                return None
+        except ValueError:
+            logger.warning("ignoring watchdog: malformed WATCHDOG_PID=%r", pid)
+            return None
+    return usec
+
+
+def format_status(blockers: int, clients: int, migration: str) -> str:
+    """The one-line ``STATUS=`` summary, e.g. ``2 blockers, 1 client, migration: none``."""
+
+    def plural(n: int, word: str) -> str:
+        return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+    return f"{plural(blockers, 'blocker')}, {plural(clients, 'client')}, migration: {migration}"
+
+
+def _one_line(text: str) -> str:
+    # Each notify assignment is one line; a newline would start a new
+    # (possibly meaningful, e.g. "READY=1") assignment.
+    return " ".join(text.splitlines())
+
+
+class Notifier:
+    """One sd_notify endpoint for the daemon's life.
+
+    The datagram socket is unconnected and every message is sent to the
+    address, like sd_notify(3) does: a receiver that re-creates its socket
+    keeps working, and a missing receiver costs a logged warning, never an
+    exception in the daemon.
+    """
+
+    def __init__(
+        self,
+        stream: asyncio_dgram.aio.DatagramServer | None,
+        address: str | None,
+        watchdog_usec: int | None,
+    ) -> None:
+        self._stream = stream
+        self._address = address
+        self._watchdog_usec = watchdog_usec if stream is not None else None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._last_status: str | None = None
+        # Log the first failure loudly and its repetitions (every watchdog
+        # ping while the receiver is gone) quietly, until a send works again.
+        self._failing = False
+
+    @classmethod
+    async def open(cls, env: Mapping[str, str] = os.environ) -> Notifier:
+        raw = env.get("NOTIFY_SOCKET")
+        if not raw:
+            return cls(None, None, None)
+        address = notify_address(raw)
+        if address is None:
+            logger.warning("ignoring unsupported NOTIFY_SOCKET=%r", raw)
+            return cls(None, None, None)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            stream = await asyncio_dgram.from_socket(sock)
+        except (OSError, TypeError) as exc:
+            sock.close()
+            logger.warning("cannot open the sd_notify socket: %s", exc)
+            return cls(None, None, None)
+        # An unconnected socket always yields the "server" flavour.
+        assert isinstance(stream, asyncio_dgram.aio.DatagramServer)
+        logger.debug("sd_notify socket %s", raw)
+        return cls(stream, address, watchdog_usec(env))
+
+    @property
+    def active(self) -> bool:
+        """True when there is a ``$NOTIFY_SOCKET`` to talk to."""
+        return self._stream is not None
+
+    @property
+    def watchdog_interval(self) -> float | None:
+        """Seconds between watchdog pings (half the timeout), or None if no watchdog."""
+        if self._watchdog_usec is None:
+            return None
+        return self._watchdog_usec / 2 / 1_000_000
+
+    async def notify(self, *lines: str) -> None:
+        """Send the assignments as one datagram; failures are logged, never raised."""
+        stream, address = self._stream, self._address
+        if stream is None or address is None or not lines:
+            return
+        payload = "\n".join(lines).encode()
+        try:
+            await stream.send(payload, address)
+            # The transport reports a failed sendto() through the protocol's
+            # error queue, which the `exception` property raises from.
+            _ = stream.exception
+        except (OSError, asyncio_dgram.TransportClosed) as exc:
+            level = logging.DEBUG if self._failing else logging.WARNING
+            self._failing = True
+            logger.log(level, "sd_notify %r failed: %r", payload.decode(), exc)
+            return
+        if self._failing:
+            logger.info("sd_notify works again")
+            self._failing = False
+
+    async def ready(self, status: str | None = None) -> None:
+        lines = ["READY=1"]
+        if status is not None:
+            status = _one_line(status)
+            self._last_status = status
+            lines.append(f"STATUS={status}")
+        await self.notify(*lines)
+
+    async def status(self, text: str) -> None:
+        """Send ``STATUS=text`` unless it is what was sent last."""
+        text = _one_line(text)
+        if text == self._last_status:
+            return
+        self._last_status = text
+        await self.notify(f"STATUS={text}")
+
+    async def reloading(self) -> None:
+        # Type=notify-reload (systemd 253+) requires MONOTONIC_USEC with
+        # RELOADING=1 so that it can tell this reload from an earlier one.
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        await self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+    async def stopping(self) -> None:
+        await self.notify("STOPPING=1")
+
+    def start_watchdog(self) -> None:
+        """Start pinging ``WATCHDOG=1`` every half timeout, if a watchdog is wanted.
+
+        The pings come from a task on the running event loop, so a wedged loop
+        stops them and systemd kills and restarts the daemon.
+        """
+        if self._watchdog_usec is None or self._watchdog_task is not None:
+            return
+        self._watchdog_task = asyncio.get_running_loop().create_task(
+            self._watchdog(self._watchdog_usec / 2 / 1_000_000), name="sd-watchdog"
+        )
+
+    async def _watchdog(self, interval: float) -> None:
+        logger.debug("watchdog: pinging every %.3g s", interval)
+        while True:
+            await self.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        task, self._watchdog_task = self._watchdog_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+
+# --- socket activation -------------------------------------------------------
+
+
+def listen_sockets(
+    env: Mapping[str, str] = os.environ, *, unset_env: bool = True
+) -> list[tuple[str, socket.socket]]:
+    """The sockets passed by the service manager, as ``(name, socket)`` pairs.
+
+    sd_listen_fds_with_names(3) semantics: only when ``$LISTEN_PID`` is this
+    process; descriptors start at 3; names come from ``$LISTEN_FDNAMES``
+    ("unknown" when absent); every descriptor gets FD_CLOEXEC.  Returns ``[]``
+    when the process was not socket-activated.  With ``unset_env`` the
+    ``LISTEN_*`` variables are removed from ``os.environ`` (whatever the outcome)
+    so that no child process mistakes the descriptors for its own.
+
+    Raises :class:`ActivationError` when the variables are malformed or a
+    descriptor is not a socket.
+    """
+    try:
+        return _listen_sockets(env)
+    finally:
+        if unset_env:
+            for name in _LISTEN_VARIABLES:
+                os.environ.pop(name, None)
+
+
+def _listen_sockets(env: Mapping[str, str]) -> list[tuple[str, socket.socket]]:
+    raw_pid = env.get("LISTEN_PID")
+    if raw_pid is None:
+        return []
+    try:
+        pid = int(raw_pid)
+    except ValueError:
+        raise ActivationError(f"malformed LISTEN_PID={raw_pid!r}") from None
+    if pid <= 0:
+        raise ActivationError(f"malformed LISTEN_PID={raw_pid!r}")
+    if pid != os.getpid():
+        # Inherited from a parent that was activated; not ours.
+        return []
+    raw_fds = env.get("LISTEN_FDS")
+    if raw_fds is None:
+        return []
+    try:
+        count = int(raw_fds)
+    except ValueError:
+        raise ActivationError(f"malformed LISTEN_FDS={raw_fds!r}") from None
+    if count < 0:
+        raise ActivationError(f"malformed LISTEN_FDS={raw_fds!r}")
+    if count == 0:
+        return []
+    raw_names = env.get("LISTEN_FDNAMES")
+    if raw_names is None:
+        names = ["unknown"] * count
+    else:
+        names = raw_names.split(":")
+        if len(names) != count:
+            raise ActivationError(
+                f"LISTEN_FDNAMES={raw_names!r} names {len(names)} descriptors,"
+                f" LISTEN_FDS={count}"
+            )
+    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)  # FD_CLOEXEC
+        except OSError as exc:
+            raise ActivationError(f"passed descriptor {fd}: {exc.strerror}") from None
+    result: list[tuple[str, socket.socket]] = []
+    for name, fd in zip(names, fds, strict=True):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            for _, done in result:
+                done.detach()
+            raise ActivationError(f"passed descriptor {fd} ({name}): {exc.strerror}") from None
+        result.append((name, sock))
+    return result
+
+
+def activated_listener(
+    env: Mapping[str, str] = os.environ, *, unset_env: bool = True
+) -> socket.socket | None:
+    """The one listening AF_UNIX stream socket the daemon was activated with, or None.
+
+    The daemon serves exactly one socket; anything else (several sockets, a
+    datagram or TCP socket, a socket that is not listening, i.e. ``Accept=yes``)
+    is a configuration mistake reported as :class:`ActivationError`.
+    """
+    passed = listen_sockets(env, unset_env=unset_env)
+    if not passed:
+        return None
+    if len(passed) != 1:
+        names = ", ".join(name for name, _ in passed)
+        for _, sock in passed:
+            sock.close()
+        raise ActivationError(f"expected one socket, was passed {len(passed)}: {names}")
+    name, sock = passed[0]
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+        what = f"{sock.family.name} {sock.type.name}{'' if listening else ', not listening'}"
+        sock.close()
+        raise ActivationError(
+            f"passed socket {name!r} is {what}; need a listening AF_UNIX SOCK_STREAM socket"
+        )
+    return sock

@@ -1,0 +1,72 @@
+"""Settings: defaults < TOML file < command line, and clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migblockd.cli import options
+from migblockd.config import Config, ConfigError, build
+
+
+def test_defaults() -> None:
+    config = build(options([]))
+    assert config == Config()
+    assert config.socket_mode == 0o600
+    assert config.log_level == "info"
+
+
+def test_file_then_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(
+        'log-level = "debug"\nmax-clients = 7\nsocket-mode = "0660"\nmigration-time = 2\n'
+    )
+    config = build(options(["--config", str(path), "--max-clients", "9"]))
+    assert config.log_level == "debug"
+    assert config.max_clients == 9  # the command line wins
+    assert config.socket_mode == 0o660
+    assert config.migration_time == 2.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("colour = 1\n", "unknown setting 'colour'"),
+        ('max-clients = "many"\n', "max-clients must be an integer"),
+        ('log-level = "loud"\n', "log-level must be one of debug, info, warning, error"),
+        ('socket-mode = "rw"\n', "socket-mode must be an octal mode"),
+        ("only-migratable = 1\n", "only-migratable must be true or false"),
+        ("max-output = 0\n", "max-output must be at least 1"),
+        ("log-level = \n", "Invalid value"),
+    ],
+)
+def test_bad_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        build(options(["--config", str(path)]))
+
+
+def test_missing_file_is_one_line_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--config", str(tmp_path / "nope.toml")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"migblockd: cannot read {tmp_path / 'nope.toml'}: No such file or directory"
+    )
+
+
+def test_help_explains_every_option() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0
+    for option in ("--socket", "--socket-mode", "--only-migratable", "--migration-time",
+                   "--log-level", "--max-clients", "--max-message-size", "--max-output",
+                   "--config", "SIGHUP"):
+        assert option in proc.stdout

@@ -1,0 +1,232 @@
+"""Many clients at once, slow clients, pipelining clients, clients that hang up."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from tests.conftest import DaemonProcess, assert_clean_log
+from tests.qmpclient import RawClient, encode, strict_loads
+
+CLIENTS = 500
+SMALL_OUTPUT = 32768
+DROP_LINE = re.compile(r".*max-output.*")
+
+
+async def connect(daemon: DaemonProcess, negotiate: bool = True) -> RawClient:
+    return await RawClient.connect(daemon.socket, negotiate=negotiate)
+
+
+async def test_500_concurrent_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon("--log-level", "info")
+    clients = await asyncio.gather(*(connect(d) for _ in range(CLIENTS)))
+    start = asyncio.Event()
+
+    async def work(i: int, c: RawClient) -> None:
+        await start.wait()
+        await c.send({"execute": "add-blocker", "id": f"add{i}",
+                      "arguments": {"reason": f"reason {i}", "id": f"c{i}",
+                                    "modes": ["normal", "cpr-exec"]}})
+        reply = await c.read_reply()
+        assert reply["id"] == f"add{i}", reply
+        info = reply["return"]
+        assert info["id"] == f"c{i}" and info["reason"] == f"reason {i}", info
+        assert info["modes"] == ["normal", "cpr-exec"]
+        assert info["owner"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+        # Our own BLOCKER_ADDED came before our reply.
+        assert [e for e in c.events if e["event"] == "BLOCKER_ADDED"
+                and e["data"]["id"] == f"c{i}"], f"client {i}: own event missing"
+        await c.send({"execute": "del-blocker", "arguments": {"id": f"c{i}"}, "id": f"del{i}"})
+        assert await c.read_reply() == {"return": {}, "id": f"del{i}"}
+        # Now collect every event of every client.
+        while len(c.events) < 2 * CLIENTS:
+            msg = await c.read()
+            assert "event" in msg, f"client {i}: unexpected {msg}"
+            c.events.append(msg)
+
+    tasks = [asyncio.create_task(work(i, c)) for i, c in enumerate(clients)]
+    start.set()
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        expected_ids = {f"c{i}" for i in range(CLIENTS)}
+        for n, c in enumerate(clients):
+            added = [e["data"] for e in c.events if e["event"] == "BLOCKER_ADDED"]
+            deleted = [e["data"] for e in c.events if e["event"] == "BLOCKER_DELETED"]
+            assert len(added) == CLIENTS and len(deleted) == CLIENTS, (n, len(added), len(deleted))
+            assert {a["id"] for a in added} == expected_ids
+            assert all(a["reason"] == f"reason {a['id'][1:]}" for a in added)
+            assert {x["id"] for x in deleted} == expected_ids
+            assert {x["cause"] for x in deleted} == {"command"}
+            position = {}
+            for k, e in enumerate(c.events):
+                position[(e["event"], e["data"]["id"])] = k
+            assert all(position[("BLOCKER_ADDED", b)] < position[("BLOCKER_DELETED", b)]
+                       for b in expected_ids), n
+        # Nothing more: no duplicate events pending.
+        extra = await asyncio.gather(*(c.sync() for c in clients[:20]))
+        assert extra == [[]] * 20
+        assert await clients[0].ok("query-blockers") == []
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+    assert d.proc.poll() is None
+    assert_clean_log(d)
+
+
+async def test_client_that_never_reads(start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon("--max-output", str(SMALL_OUTPUT), "--log-level", "info")
+    slow = await connect(d)  # negotiated, and from now on it reads nothing
+    actor = await connect(d)
+    reader = await connect(d)
+    events_seen: Counter[str] = Counter()
+
+    async def keep_reading() -> None:
+        while True:
+            msg = await reader.read()
+            assert "event" in msg, msg
+            events_seen[msg["event"]] += 1
+
+    reading = asyncio.create_task(keep_reading())
+    reason = "The vmdk format used by node 'disk0' does not support live migration " * 50
+    rounds = 0
+    try:
+        while rounds < 3000:
+            for _ in range(10):
+                await actor.send({"execute": "add-blocker",
+                                  "arguments": {"reason": reason, "id": f"n{rounds}"},
+                                  "id": rounds})
+                reply = await actor.read_reply()
+                assert reply["id"] == rounds and reply["return"]["reason"] == reason, reply
+                assert await actor.execute("del-blocker", {"id": f"n{rounds}"}) == {"return": {}}
+                actor.events.clear()
+                rounds += 1
+            if "max-output" in d.log():
+                break
+        drops = [line for line in d.log().splitlines() if DROP_LINE.match(line)]
+        assert len(drops) == 1, f"after {rounds} rounds: {drops}"
+        # A few more rounds: the others keep working normally.
+        for k in range(20):
+            info = await actor.ok("add-blocker", {"reason": "after", "id": f"after{k}"})
+            assert info["id"] == f"after{k}"
+            assert await actor.ok("del-blocker", {"id": f"after{k}"}) == {}
+        total = 2 * (rounds + 20)
+        for _ in range(1000):
+            if sum(events_seen.values()) >= total:
+                break
+            await asyncio.sleep(0.01)
+        assert events_seen == {"BLOCKER_ADDED": rounds + 20, "BLOCKER_DELETED": rounds + 20}
+        # The slow client was cut off: it gets what was buffered, then the end.
+        received = b""
+        try:
+            received = await slow.read_to_eof()
+        except ConnectionResetError:
+            pass
+        assert received.count(b"\r\n") < total, "the non-reader got everything: not dropped"
+        assert d.proc.poll() is None
+        # Its drop was logged, and it was the only client dropped.
+        assert "dropped" in drops[0] or "disconnect" in drops[0], drops
+    finally:
+        reading.cancel()
+        for c in (slow, actor, reader):
+            await c.close()
+    assert_clean_log(d)
+
+
+async def test_pipelining_client_is_not_dropped(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    d = start_daemon("--max-output", str(SMALL_OUTPUT), "--log-level", "info")
+    c = await connect(d)
+    try:
+        n = 20000
+        parts = []
+        for i in range(n):
+            cmd = "query-qmp-schema" if i % 100 == 0 else "query-version"
+            parts.append(encode({"execute": cmd, "id": i}))
+        c.send_raw(b"".join(parts))
+        await asyncio.sleep(1.0)  # the daemon answers while we do not read
+        replies = await c.read_replies(n)
+        assert [r["id"] for r in replies] == list(range(n))
+        assert all("return" in r for r in replies)
+        assert (await c.execute("query-version", id="last"))["id"] == "last"
+    finally:
+        await c.close()
+    assert "max-output" not in d.log()
+    assert_clean_log(d)
+
+
+async def test_command_then_immediate_close_takes_effect(module_daemon: DaemonProcess) -> None:
+    watcher = await connect(module_daemon)
+    try:
+        for i in range(20):
+            _, writer = await asyncio.open_unix_connection(str(module_daemon.socket))
+            writer.write(encode({"execute": "qmp_capabilities"})
+                         + encode({"execute": "add-blocker",
+                                   "arguments": {"reason": "hung up", "id": f"hup{i}"}}))
+            writer.close()  # no read at all, not even the greeting
+        for i in range(20):
+            _, writer = await asyncio.open_unix_connection(str(module_daemon.socket))
+            writer.write(encode({"execute": "qmp_capabilities"})
+                         + encode({"execute": "del-blocker", "arguments": {"id": f"hup{i}"}}))
+            writer.write_eof()
+            writer.close()
+        got = [await watcher.wait_event("BLOCKER_ADDED") for _ in range(20)]
+        assert sorted(e["data"]["id"] for e in got) == sorted(f"hup{i}" for i in range(20))
+        gone = [await watcher.wait_event("BLOCKER_DELETED") for _ in range(20)]
+        assert sorted(e["data"]["id"] for e in gone) == sorted(f"hup{i}" for i in range(20))
+        assert not [b for b in await watcher.ok("query-blockers") if b["id"].startswith("hup")]
+    finally:
+        await watcher.close()
+
+
+async def test_half_close_still_gets_every_reply(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    data = b""
+    for i in range(100):
+        if i % 2 == 0:
+            data += encode({"execute": "add-blocker",
+                            "arguments": {"reason": "hc", "id": f"hc{i}"}, "id": i})
+        else:
+            data += encode({"execute": "del-blocker", "arguments": {"id": f"hc{i - 1}"},
+                            "id": i})
+    data += b"{broken\n" + encode({"execute": "query-version", "id": "end"})
+    c.send_raw(data)
+    await c.write_eof()
+    rest = await c.read_to_eof()
+    await c.close()
+    assert rest.endswith(b"\r\n")
+    msgs: list[dict[str, Any]] = [strict_loads(x) for x in rest.split(b"\r\n")[:-1]]
+    replies = [m for m in msgs if "event" not in m]
+    assert [r.get("id", "ERR") for r in replies] == [*range(100), "ERR", "end"]
+    assert all("return" in r for r in replies if r.get("id") != "ERR")
+    assert sum(1 for m in msgs if "event" in m) == 100
+
+
+async def test_many_clients_interleaved_pipelines(module_daemon: DaemonProcess) -> None:
+    clients = await asyncio.gather(*(connect(module_daemon) for _ in range(20)))
+
+    async def run(k: int, c: RawClient) -> None:
+        data = b""
+        for j in range(50):
+            data += encode({"execute": "add-blocker",
+                            "arguments": {"reason": f"il{k}", "id": f"il{k}x{j}"}, "id": j})
+            # glue and split: send in odd-sized pieces
+        for off in range(0, len(data), 97):
+            c.writer.write(data[off:off + 97])
+            await c.writer.drain()
+        replies = await c.read_replies(50)
+        assert [r["return"]["id"] for r in replies] == [f"il{k}x{j}" for j in range(50)]
+        for j in range(50):
+            assert await c.ok("del-blocker", {"id": f"il{k}x{j}"}) == {}
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(run(k, c) for k, c in enumerate(clients))), 60)
+        assert not [b for b in await clients[0].ok("query-blockers")
+                    if b["id"].startswith("il")]
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)

@@ -1,0 +1,808 @@
+"""QMP on the wire, against the real daemon on a real socket: every row of qmp-wire.md.
+
+Strings are exact, from ``../shared/reference/qmp-wire.md``.  Most tests share one
+daemon (fresh connections, ids of their own); the limit tests start their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import migblockd
+from tests.conftest import DaemonProcess, assert_clean_log
+from tests.qmpclient import RawClient, encode, ordered_keys, strict_loads
+
+GENERIC = "GenericError"
+NOT_FOUND = "CommandNotFound"
+NEGOTIATE_FIRST = "Expecting capabilities negotiation with 'qmp_capabilities'"
+LIMIT_DESCS = (
+    "JSON token size limit exceeded",
+    "JSON token count limit exceeded",
+    "JSON nesting depth limit exceeded",
+)
+
+NO_ID = object()
+
+
+def error(cls: str, desc: str, id: Any = NO_ID) -> dict[str, Any]:
+    """The exact error reply, member for member."""
+    reply: dict[str, Any] = {} if id is NO_ID else {"id": id}
+    reply["error"] = {"class": cls, "desc": desc}
+    return reply
+
+
+def is_parse_error(msg: dict[str, Any]) -> bool:
+    """A framing error reply: no ``id``, class GenericError, a JSON-parse desc."""
+    if set(msg) != {"error"} or msg["error"].get("class") != GENERIC:
+        return False
+    desc = msg["error"].get("desc", "")
+    return desc.startswith("JSON parse error, ") or desc in LIMIT_DESCS
+
+
+async def connect(daemon: DaemonProcess, negotiate: bool = True) -> RawClient:
+    return await RawClient.connect(daemon.socket, negotiate=negotiate)
+
+
+async def exchange(client: RawClient, data: bytes, marker: str = "marker") -> list[dict[str, Any]]:
+    """Send raw bytes followed (on a new line) by a marker command; return every
+    message that came before the marker's reply, and check that reply."""
+    client.send_raw(data + b"\n" + encode({"execute": "query-version", "id": marker}))
+    msgs = await client.read_until_reply(marker)
+    assert "return" in msgs[-1], msgs
+    return msgs[:-1]
+
+
+# --------------------------------------------------------------------------- greeting
+
+
+async def test_greeting_shape_and_version(module_daemon: DaemonProcess) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(module_daemon.socket))
+    try:
+        line = await asyncio.wait_for(reader.readline(), 10)
+        assert line.endswith(b"\r\n") and line.count(b"\n") == 1, line
+        greeting = strict_loads(line)
+        assert ordered_keys(line) == ["QMP"]
+        qmp = greeting["QMP"]
+        assert list(qmp) == ["version", "capabilities"], qmp
+        assert qmp["capabilities"] == ["oob"]
+        version = qmp["version"]
+        assert list(version) == ["qemu", "package"], version
+        assert list(version["qemu"]) == ["micro", "minor", "major"], version
+        triple = version["qemu"]
+        assert all(type(triple[k]) is int for k in ("major", "minor", "micro")), triple
+        assert re.fullmatch(r"migblockd \d+\.\d+\.\d+", version["package"]), version
+        assert version["package"] == (
+            f"migblockd {triple['major']}.{triple['minor']}.{triple['micro']}"
+        )
+        assert version["package"] == f"migblockd {migblockd.__version__}"
+
+        # Nothing else before we speak.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readline(), 0.3)
+
+        writer.write(encode({"execute": "qmp_capabilities", "id": 1}))
+        writer.write(encode({"execute": "query-version", "id": 2}))
+        assert strict_loads(await asyncio.wait_for(reader.readline(), 10)) == {
+            "return": {}, "id": 1}
+        reply = strict_loads(await asyncio.wait_for(reader.readline(), 10))
+        assert reply == {"return": version, "id": 2}
+    finally:
+        writer.close()
+
+
+# --------------------------------------------------------------------------- negotiation
+
+
+async def test_commands_before_negotiation(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon, negotiate=False)
+    try:
+        for cmd in ("query-version", "add-blocker", "query-blockers", "no-such-command"):
+            reply = await c.execute(cmd, {"reason": "r"} if cmd == "add-blocker" else None,
+                                    id=cmd)
+            assert reply == error(NOT_FOUND, NEGOTIATE_FIRST, cmd)
+        # The refused add-blocker had no effect.
+        other = await connect(module_daemon)
+        reasons = [b["reason"] for b in await other.ok("query-blockers")]
+        assert "r" not in reasons
+        await other.close()
+        # Envelope errors are still envelope errors.
+        reply = await c.execute("query-version", foo=1, id=9)
+        assert reply == error(GENERIC, "QMP input member 'foo' is unexpected", 9)
+        assert await c.execute("qmp_capabilities", id="n") == {"return": {}, "id": "n"}
+        assert (await c.execute("query-version", id=1))["id"] == 1
+    finally:
+        await c.close()
+
+
+async def test_second_qmp_capabilities(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    try:
+        assert await c.execute("qmp_capabilities", id=5) == error(
+            NOT_FOUND, "Capabilities negotiation is already complete, command ignored", 5)
+        assert await c.execute("qmp_capabilities", {"enable": ["oob"]}, id=6) == error(
+            NOT_FOUND, "Capabilities negotiation is already complete, command ignored", 6)
+        # Still a working session.
+        assert "return" in await c.execute("query-version", id=7)
+    finally:
+        await c.close()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "desc"),
+    [
+        ({"enable": ["foo"]}, "Parameter 'enable[0]' does not accept value 'foo'"),
+        ({"enable": ["oob", "bar"]}, "Parameter 'enable[1]' does not accept value 'bar'"),
+        ({"enable": "oob"}, "Invalid parameter type for 'enable', expected: array"),
+        ({"enable": [1]}, "Invalid parameter type for 'enable[0]', expected: string"),
+        ({"other": True}, "Parameter 'other' is unexpected"),
+    ],
+)
+async def test_qmp_capabilities_argument_errors(
+    module_daemon: DaemonProcess, arguments: dict[str, Any], desc: str
+) -> None:
+    c = await connect(module_daemon, negotiate=False)
+    try:
+        assert await c.execute("qmp_capabilities", arguments, id="cap") == error(
+            GENERIC, desc, "cap")
+        # A failed negotiation negotiates nothing.
+        assert await c.execute("query-version", id=2) == error(NOT_FOUND, NEGOTIATE_FIRST, 2)
+        assert await c.execute("qmp_capabilities", id=3) == {"return": {}, "id": 3}
+    finally:
+        await c.close()
+
+
+async def test_no_events_before_negotiation_and_no_backlog(
+    module_daemon: DaemonProcess,
+) -> None:
+    quiet = await connect(module_daemon, negotiate=False)
+    actor = await connect(module_daemon)
+    watcher = await connect(module_daemon)
+    try:
+        await actor.ok("add-blocker", {"reason": "seen by negotiated only", "id": "nb-1"})
+        await actor.ok("del-blocker", {"id": "nb-1"})
+        # The negotiated watcher got both events...
+        assert (await watcher.wait_event("BLOCKER_ADDED"))["data"]["id"] == "nb-1"
+        assert (await watcher.wait_event("BLOCKER_DELETED"))["data"]["id"] == "nb-1"
+        # ... the unnegotiated client nothing: its next line is its reply.
+        await quiet.send({"execute": "query-version", "id": "q"})
+        assert await quiet.read() == error(NOT_FOUND, NEGOTIATE_FIRST, "q")
+        # Negotiating late brings no backlog of earlier events.
+        await quiet.send({"execute": "qmp_capabilities", "id": "cap"})
+        assert await quiet.read() == {"return": {}, "id": "cap"}
+        await quiet.send({"execute": "query-blockers", "id": "after"})
+        reply = await quiet.read()
+        assert reply.get("id") == "after" and "return" in reply, reply
+        # From now on it gets events.
+        await actor.ok("add-blocker", {"reason": "now seen", "id": "nb-2"})
+        ev = await quiet.read()
+        assert ev["event"] == "BLOCKER_ADDED" and ev["data"]["id"] == "nb-2", ev
+        await actor.ok("del-blocker", {"id": "nb-2"})
+    finally:
+        for c in (quiet, actor, watcher):
+            await c.close()
+
+
+# --------------------------------------------------------------------------- envelope
+
+ENVELOPE_CASES: list[tuple[bytes, dict[str, Any]]] = [
+    (b"42", error(GENERIC, "QMP input must be a JSON object")),
+    (b"[]", error(GENERIC, "QMP input must be a JSON object")),
+    (b'[{"execute": "query-version", "id": 1}]', error(GENERIC, "QMP input must be a JSON object")),
+    (b'"x"', error(GENERIC, "QMP input must be a JSON object")),
+    (b"null", error(GENERIC, "QMP input must be a JSON object")),
+    (b"true", error(GENERIC, "QMP input must be a JSON object")),
+    (b'{"execute": 1, "id": "a"}',
+     error(GENERIC, "QMP input member 'execute' must be a string", "a")),
+    (b'{"execute": null, "id": [1, {"x": null}]}',
+     error(GENERIC, "QMP input member 'execute' must be a string", [1, {"x": None}])),
+    (b'{"execute": "query-version", "arguments": [], "id": 2}',
+     error(GENERIC, "QMP input member 'arguments' must be an object", 2)),
+    (b'{"execute": "query-version", "arguments": null, "id": 3}',
+     error(GENERIC, "QMP input member 'arguments' must be an object", 3)),
+    (b'{"execute": "query-version", "foo": 1, "id": {"deep": [1, 2]}}',
+     error(GENERIC, "QMP input member 'foo' is unexpected", {"deep": [1, 2]})),
+    (b'{"execute": "no-such-command", "foo": 1, "id": 4}',
+     error(GENERIC, "QMP input member 'foo' is unexpected", 4)),
+    (b'{"execute": "query-version", "exec-oob": "query-version", "id": 5}',
+     error(GENERIC, "QMP input member 'exec-oob' is unexpected", 5)),
+    (b'{"exec-oob": "query-version", "id": 6}',
+     error(GENERIC, "QMP input member 'exec-oob' is unexpected", 6)),
+    (b'{"id": 7}', error(GENERIC, "QMP input lacks member 'execute'", 7)),
+    (b'{"id": null}', error(GENERIC, "QMP input lacks member 'execute'", None)),
+    (b"{}", error(GENERIC, "QMP input lacks member 'execute'")),
+    (b'{"arguments": {}, "id": 8}', error(GENERIC, "QMP input lacks member 'execute'", 8)),
+    (b'{"execute": "no-such-command", "id": 9}',
+     error(NOT_FOUND, "The command no-such-command has not been found", 9)),
+    (b'{"execute": "query_version", "id": 10}',
+     error(NOT_FOUND, "The command query_version has not been found", 10)),
+    (b'{"execute": "Query-Version", "id": 11}',
+     error(NOT_FOUND, "The command Query-Version has not been found", 11)),
+    (b'{"execute": "migrate-cancel", "id": 12}',
+     error(NOT_FOUND, "The command migrate-cancel has not been found", 12)),
+    (b'{"execute": "", "id": 13}', error(NOT_FOUND, "The command  has not been found", 13)),
+    # The documented order of the checks.
+    (b'{"execute": 1, "arguments": 1, "foo": 1, "id": 14}',
+     error(GENERIC, "QMP input member 'execute' must be a string", 14)),
+    (b'{"foo": 1, "arguments": 1, "id": 15}',
+     error(GENERIC, "QMP input member 'arguments' must be an object", 15)),
+    (b'{"foo": 1, "id": 16}', error(GENERIC, "QMP input member 'foo' is unexpected", 16)),
+    (b'{"execute": "no-such-command", "arguments": {"x": 1}, "id": 17}',
+     error(NOT_FOUND, "The command no-such-command has not been found", 17)),
+]
+
+
+@pytest.mark.parametrize(("request_bytes", "expected"), ENVELOPE_CASES,
+                         ids=[c[0].decode()[:60] for c in ENVELOPE_CASES])
+async def test_envelope_errors(
+    module_daemon: DaemonProcess, request_bytes: bytes, expected: dict[str, Any]
+) -> None:
+    c = await connect(module_daemon)
+    try:
+        msgs = await exchange(c, request_bytes)
+        assert msgs == [expected]
+    finally:
+        await c.close()
+
+
+async def test_id_is_echoed_verbatim(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    ids: list[Any] = [0, -1, 1.5, "x", "", None, True, [], {}, [1, "a", None],
+                      {"a": {"b": [1.25, False]}}, "\u00e9\u2603\U0001f600", 2**70]
+    try:
+        for i in ids:
+            reply = await c.execute("query-version", id=i)
+            assert reply["id"] == i and type(reply["id"]) is type(i), reply
+            reply = await c.execute("del-blocker", {"id": "nope-echo"}, id=i)
+            assert reply == error(GENERIC, "Blocker 'nope-echo' not found", i)
+    finally:
+        await c.close()
+
+
+# --------------------------------------------------------------------------- arguments
+
+ARGUMENT_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("add-blocker", {}, "Parameter 'reason' is missing"),
+    ("add-blocker", {"reason": "r", "bogus": 1}, "Parameter 'bogus' is unexpected"),
+    ("add-blocker", {"reason": 1}, "Invalid parameter type for 'reason', expected: string"),
+    ("add-blocker", {"reason": None}, "Invalid parameter type for 'reason', expected: string"),
+    ("add-blocker", {"reason": "r", "internal": "yes"},
+     "Invalid parameter type for 'internal', expected: boolean"),
+    ("add-blocker", {"reason": "r", "internal": 1},
+     "Invalid parameter type for 'internal', expected: boolean"),
+    ("add-blocker", {"reason": "r", "modes": "normal"},
+     "Invalid parameter type for 'modes', expected: array"),
+    ("add-blocker", {"reason": "r", "modes": {"normal": True}},
+     "Invalid parameter type for 'modes', expected: array"),
+    ("add-blocker", {"reason": "r", "modes": ["normal", 1]},
+     "Invalid parameter type for 'modes[1]', expected: string"),
+    ("add-blocker", {"reason": "r", "modes": ["normal", "bogus"]},
+     "Parameter 'modes[1]' does not accept value 'bogus'"),
+    ("add-blocker", {"reason": "r", "modes": ["Normal"]},
+     "Parameter 'modes[0]' does not accept value 'Normal'"),
+    ("add-blocker", {"reason": "r", "scope": "forever"},
+     "Parameter 'scope' does not accept value 'forever'"),
+    ("add-blocker", {"reason": "r", "id": 5},
+     "Invalid parameter type for 'id', expected: string"),
+    ("add-blocker", {"reason": "r", "id": 1e400},
+     "Invalid parameter type for 'id', expected: string"),
+    ("del-blocker", {}, "Parameter 'id' is missing"),
+    ("del-blocker", {"id": ["a"]}, "Invalid parameter type for 'id', expected: string"),
+    ("query-blockers", {"mode": 3}, "Invalid parameter type for 'mode', expected: string"),
+    ("query-blockers", {"mode": "all"}, "Parameter 'mode' does not accept value 'all'"),
+    ("query-blockers", {"modes": ["normal"]}, "Parameter 'modes' is unexpected"),
+    ("query-version", {"verbose": True}, "Parameter 'verbose' is unexpected"),
+    ("migrate", {}, "Parameter 'uri' is missing"),
+    ("migrate", {"uri": 7}, "Invalid parameter type for 'uri', expected: string"),
+    ("migrate", {"uri": "tcp:x", "detach": True}, "Parameter 'detach' is unexpected"),
+    ("migrate-set-parameters", {"mode": "fast"},
+     "Parameter 'mode' does not accept value 'fast'"),
+    ("migrate-set-capabilities", {}, "Parameter 'capabilities' is missing"),
+    ("migrate-set-capabilities", {"capabilities": {}},
+     "Invalid parameter type for 'capabilities', expected: array"),
+    ("migrate-set-capabilities", {"capabilities": [1]},
+     "Invalid parameter type for 'capabilities[0]', expected: object"),
+    ("migrate-set-capabilities", {"capabilities": [{"state": True}]},
+     "Parameter 'capabilities[0].capability' is missing"),
+    ("migrate-set-capabilities", {"capabilities": [{"capability": "events"}]},
+     "Parameter 'capabilities[0].state' is missing"),
+    ("migrate-set-capabilities",
+     {"capabilities": [{"capability": "events", "state": True},
+                       {"capability": "events", "state": "on"}]},
+     "Invalid parameter type for 'capabilities[1].state', expected: boolean"),
+    ("migrate-set-capabilities",
+     {"capabilities": [{"capability": "xbzrle", "state": True}]},
+     "Parameter 'capabilities[0].capability' does not accept value 'xbzrle'"),
+    ("migrate-set-capabilities",
+     {"capabilities": [{"capability": "events", "state": True, "extra": 1}]},
+     "Parameter 'capabilities[0].extra' is unexpected"),
+    # Schema order decides which error is reported: the first wrong member in
+    # schema order, unexpected members only when nothing else is wrong.
+    ("add-blocker", {"bogus": 1, "internal": "x", "reason": 5},
+     "Invalid parameter type for 'reason', expected: string"),
+    ("add-blocker", {"scope": "bad", "internal": "x", "modes": [1]},
+     "Parameter 'reason' is missing"),
+    ("add-blocker", {"scope": "bad", "id": 3, "internal": 1, "modes": [2], "reason": "r"},
+     "Invalid parameter type for 'modes[0]', expected: string"),
+    ("add-blocker", {"scope": "bad", "id": 3, "internal": 1, "reason": "r"},
+     "Invalid parameter type for 'internal', expected: boolean"),
+    ("add-blocker", {"scope": "bad", "id": 3, "reason": "r"},
+     "Invalid parameter type for 'id', expected: string"),
+    ("add-blocker", {"zzz": 0, "scope": "bad", "reason": "r"},
+     "Parameter 'scope' does not accept value 'bad'"),
+    ("migrate-set-capabilities",
+     {"capabilities": [{"state": 1, "capability": "nope"}]},
+     "Parameter 'capabilities[0].capability' does not accept value 'nope'"),
+]
+
+
+@pytest.mark.parametrize(("command", "arguments", "desc"), ARGUMENT_CASES,
+                         ids=[f"{c}-{json.dumps(a)[:50]}" for c, a, _ in ARGUMENT_CASES])
+async def test_argument_errors(
+    module_daemon: DaemonProcess, command: str, arguments: dict[str, Any], desc: str
+) -> None:
+    c = await connect(module_daemon)
+    try:
+        before = await c.ok("query-blockers")
+        migration_before = await c.ok("query-migrate")
+        parameters_before = await c.ok("query-migrate-parameters")
+        capabilities_before = await c.ok("query-migrate-capabilities")
+        reply = await c.execute(command, arguments, id=["arg", command])
+        assert reply == error(GENERIC, desc, ["arg", command])
+        # Errors are reported before the command has any effect.
+        assert await c.ok("query-blockers") == before
+        assert await c.ok("query-migrate") == migration_before
+        assert await c.ok("query-migrate-parameters") == parameters_before
+        assert await c.ok("query-migrate-capabilities") == capabilities_before
+        assert c.events == []
+    finally:
+        await c.close()
+
+
+# --------------------------------------------------------------------------- out-of-band
+
+
+async def oob_client(daemon: DaemonProcess) -> RawClient:
+    c = await connect(daemon, negotiate=False)
+    assert await c.execute("qmp_capabilities", {"enable": ["oob"]}) == {"return": {}}
+    return c
+
+
+async def test_exec_oob_follows_the_schema(module_daemon: DaemonProcess) -> None:
+    c = await oob_client(module_daemon)
+    try:
+        schema = await c.ok("query-qmp-schema")
+        commands = {e["name"]: e for e in schema if e["meta-type"] == "command"}
+        oob = {name for name, e in commands.items() if e.get("allow-oob") is True}
+        assert oob == {"query-version", "query-commands", "query-qmp-schema", "query-blockers",
+                       "migrate_cancel", "query-migrate", "query-migrate-parameters",
+                       "query-migrate-capabilities"}
+        for name in sorted(commands):
+            if name == "qmp_capabilities":
+                continue
+            await c.send({"exec-oob": name, "id": f"oob-{name}"})
+            reply = await c.read_reply()
+            if name in oob:
+                assert "return" in reply and reply["id"] == f"oob-{name}", reply
+            else:
+                assert reply == error(
+                    GENERIC, f"The command {name} does not support OOB", f"oob-{name}")
+        await c.send({"exec-oob": "no-such-command", "id": "x"})
+        assert await c.read_reply() == error(
+            NOT_FOUND, "The command no-such-command has not been found", "x")
+        await c.send({"execute": "query-version", "exec-oob": "query-version", "id": "both"})
+        assert await c.read_reply() == error(
+            GENERIC, "QMP input member 'exec-oob' clashes with 'execute'", "both")
+        await c.send({"exec-oob": 5, "id": "num"})
+        reply = await c.read_reply()
+        assert reply["id"] == "num" and reply["error"]["class"] == GENERIC, reply
+        # exec-oob with a refused argument is an argument error as usual.
+        await c.send({"exec-oob": "query-blockers", "arguments": {"mode": "x"}, "id": "arg"})
+        assert await c.read_reply() == error(
+            GENERIC, "Parameter 'mode' does not accept value 'x'", "arg")
+        # In-band commands still work on an OOB session.
+        assert (await c.execute("query-version", id="ib"))["id"] == "ib"
+    finally:
+        await c.close()
+
+
+async def test_exec_oob_among_pipelined_in_band_commands(module_daemon: DaemonProcess) -> None:
+    c = await oob_client(module_daemon)
+    try:
+        data = b"".join(encode({"execute": "query-blockers", "id": i}) for i in range(100))
+        data += encode({"exec-oob": "query-migrate", "id": "oob"})
+        data += b"".join(encode({"execute": "query-version", "id": i}) for i in range(100, 150))
+        c.send_raw(data)
+        replies = await c.read_replies(151)
+        assert [r["id"] for r in replies if r["id"] != "oob"] == list(range(150))
+        assert ["oob" for r in replies if r["id"] == "oob"] == ["oob"]
+        assert all("return" in r for r in replies), [r for r in replies if "return" not in r]
+    finally:
+        await c.close()
+
+
+# --------------------------------------------------------------------------- output format
+
+
+async def test_reply_member_order_in_raw_bytes(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    try:
+        await c.send({"id": 7, "execute": "query-version"})
+        line = await c.read_line()
+        assert ordered_keys(line) == ["return", "id"], line
+        assert line.endswith(b"\r\n") and line.count(b"\n") == 1
+
+        await c.send({"id": 8, "execute": "del-blocker", "arguments": {"id": "absent"}})
+        line = await c.read_line()
+        assert ordered_keys(line) == ["id", "error"], line
+        err = strict_loads(line)["error"]
+        assert list(err) == ["class", "desc"], line
+
+        await c.send({"execute": "query-version"})
+        line = await c.read_line()
+        assert ordered_keys(line) == ["return"], line
+
+        await c.send({"execute": "del-blocker", "arguments": {"id": "absent"}})
+        line = await c.read_line()
+        assert ordered_keys(line) == ["error"], line
+
+        c.send_raw(b"{bad json}\n")
+        line = await c.read_line()
+        assert ordered_keys(line) == ["error"], line
+    finally:
+        await c.close()
+
+
+async def test_every_line_ends_in_crlf(module_daemon: DaemonProcess) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(module_daemon.socket))
+    try:
+        writer.write(encode({"execute": "qmp_capabilities"}))
+        writer.write(encode({"execute": "add-blocker",
+                             "arguments": {"reason": "line\nbreak\r\nand \u2028 sep",
+                                           "id": "crlf"}}))
+        writer.write(encode({"execute": "query-blockers", "id": 1}))
+        writer.write(encode({"execute": "del-blocker", "arguments": {"id": "crlf"}}))
+        writer.write(b"{oops}\n")
+        writer.write(encode({"execute": "query-qmp-schema", "id": 2}))
+        writer.write_eof()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    lines = data.split(b"\r\n")
+    assert lines[-1] == b"", data[-200:]
+    lines = lines[:-1]
+    assert len(lines) >= 9, lines  # greeting, 6 replies, 2 events
+    for line in lines:
+        assert b"\n" not in line and b"\r" not in line, line
+        strict_loads(line)
+    blockers = next(m for m in map(strict_loads, lines) if m.get("id") == 1)
+    crlf = [b for b in blockers["return"] if b["id"] == "crlf"]
+    assert crlf and crlf[0]["reason"] == "line\nbreak\r\nand \u2028 sep"
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"1E+999", b"123456789e300"])
+async def test_huge_numbers_never_give_invalid_json(
+    module_daemon: DaemonProcess, number: bytes
+) -> None:
+    c = await connect(module_daemon)
+    try:
+        c.send_raw(b'{"execute": "query-version", "id": ' + number + b"}\n")
+        line = await c.read_line()
+        assert not re.search(rb"\b(inf|Infinity|NaN|nan)\b", line), line
+        reply = strict_loads(line)  # raises on non-strict JSON
+        assert "return" in reply or "error" in reply, reply
+        c.send_raw(b'{"execute": "add-blocker", "arguments": {"reason": "big", "id": '
+                   + number + b"}}\n")
+        line = await c.read_line()
+        assert not re.search(rb"\b(inf|Infinity|NaN|nan)\b", line), line
+        reply = strict_loads(line)
+        assert "error" in reply, reply
+        assert await c.sync() == []
+    finally:
+        await c.close()
+
+
+@pytest.mark.parametrize("token", [b"NaN", b"Infinity", b"-Infinity", b"nan", b"undefined"])
+async def test_non_json_constants_are_parse_errors(
+    module_daemon: DaemonProcess, token: bytes
+) -> None:
+    c = await connect(module_daemon)
+    try:
+        msgs = await exchange(c, b'{"execute": "query-version", "id": ' + token + b"}")
+        assert len(msgs) == 1 and is_parse_error(msgs[0]), msgs
+    finally:
+        await c.close()
+
+
+async def test_unicode_round_trip(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    reason = "disk \u00e9\u00e8 \u2603 \U0001f600 \"quoted\" back\\slash \t tab \u0001 ctl"
+    try:
+        info = await c.ok("add-blocker", {"reason": reason, "id": "uni"})
+        assert info["reason"] == reason
+        listed = [b for b in await c.ok("query-blockers") if b["id"] == "uni"]
+        assert listed[0]["reason"] == reason
+        await c.ok("del-blocker", {"id": "uni"})
+    finally:
+        await c.close()
+
+
+# --------------------------------------------------------------------------- framing
+
+
+async def test_glued_commands_in_one_write(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    try:
+        c.send_raw(b'{"execute":"query-version","id":1}{"execute":"query-migrate","id":2}'
+                   b' {"execute":"query-commands","id":3}\t{"execute":"no-such","id":4}')
+        replies = await c.read_replies(4)
+        assert [r["id"] for r in replies] == [1, 2, 3, 4]
+        assert all("return" in r for r in replies[:3])
+        assert replies[3] == error(NOT_FOUND, "The command no-such has not been found", 4)
+    finally:
+        await c.close()
+
+
+async def test_command_split_byte_by_byte(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    try:
+        data = encode({"execute": "add-blocker",
+                       "arguments": {"reason": "split \u00e9", "id": "split"}, "id": "s"})
+        data += b'\n{\n "execute"\n:\n"del-blocker",\n"arguments": {"id": "split"},\n"id": "t"\n}'
+        for i in range(len(data)):
+            c.writer.write(data[i:i + 1])
+            await c.writer.drain()
+            if i % 16 == 0:
+                await asyncio.sleep(0.001)
+        first = await c.read_reply()
+        assert first["id"] == "s" and first["return"]["reason"] == "split \u00e9", first
+        second = await c.read_reply()
+        assert second == {"return": {}, "id": "t"}
+    finally:
+        await c.close()
+
+
+async def test_no_trailing_newline_needed(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    try:
+        c.send_raw(b'{"execute": "query-version", "id": "nl"}')
+        await c.writer.drain()
+        reply = await c.read()  # would time out if the daemon waited for a newline
+        assert reply["id"] == "nl" and "return" in reply
+    finally:
+        await c.close()
+
+
+async def test_200_pipelined_commands_in_one_write(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    try:
+        cmds: list[bytes] = []
+        for i in range(200):
+            if i % 4 == 0:
+                cmds.append(encode({"execute": "add-blocker",
+                                    "arguments": {"reason": f"p{i}", "id": f"pipe{i}"}, "id": i}))
+            elif i % 4 == 1:
+                cmds.append(encode({"execute": "del-blocker",
+                                    "arguments": {"id": f"pipe{i - 1}"}, "id": i}))
+            elif i % 4 == 2:
+                cmds.append(encode({"execute": "query-version", "id": i}))
+            else:
+                cmds.append(encode({"execute": "del-blocker", "arguments": {"id": "gone"},
+                                    "id": i}))
+        c.send_raw(b"".join(cmds))
+        replies = await c.read_replies(200)
+        assert [r["id"] for r in replies] == list(range(200))
+        for i, r in enumerate(replies):
+            if i % 4 == 0:
+                assert r["return"]["id"] == f"pipe{i}", r
+            elif i % 4 == 1:
+                assert r == {"return": {}, "id": i}
+            elif i % 4 == 2:
+                assert r["return"]["package"].startswith("migblockd "), r
+            else:
+                assert r == error(GENERIC, "Blocker 'gone' not found", i)
+        assert len(c.events) == 100
+    finally:
+        await c.close()
+
+
+# --------------------------------------------------------------------------- malformed JSON
+
+PARSE_ERROR_INPUTS = [
+    b'{"execute": }',
+    b'{"execute": xyz}',
+    b'{"execute": "query-version", "id": 1, "id": 2}',
+    b'{"execute" "query-version"}',
+    b'{"execute": "query-version",}',
+    b"}",
+    b"]]]]",
+    b'{"execute": "query-version", "id": 01}',
+    b'{"execute": "query-version", "id": "\\x"}',
+    b"{'execute': 'query-version'}",
+    b'{"execute": "query-version" garbage garbage garbage garbage',
+    b'{"execute": "\xc3\x28"}',
+    b'"unterminated',
+]
+
+
+@pytest.mark.parametrize("bad", PARSE_ERROR_INPUTS, ids=[repr(b)[:40] for b in PARSE_ERROR_INPUTS])
+async def test_one_parse_error_per_bad_message_then_resync_at_newline(
+    module_daemon: DaemonProcess, bad: bytes
+) -> None:
+    c = await connect(module_daemon)
+    try:
+        msgs = await exchange(c, bad)
+        assert len(msgs) == 1, msgs
+        assert is_parse_error(msgs[0]), msgs
+        # The connection is fully usable afterwards.
+        assert (await c.execute("query-version", id="after"))["id"] == "after"
+    finally:
+        await c.close()
+
+
+async def test_duplicate_key_is_a_parse_error(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    try:
+        msgs = await exchange(
+            c, b'{"execute": "add-blocker", "arguments": {"reason": "a", "reason": "b"}}')
+        assert len(msgs) == 1 and is_parse_error(msgs[0]), msgs
+        assert not [b for b in await c.ok("query-blockers") if b["reason"] in ("a", "b")]
+    finally:
+        await c.close()
+
+
+async def test_parse_errors_are_answered_in_order(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    try:
+        c.send_raw(b'{"execute": "query-version", "id": 1}{bad}\n{"execute": "query-version",'
+                   b' "id": 2}\n{"execute": nope}\n{"execute": "query-version", "id": 3}')
+        msgs = await c.read_until_reply(3)
+        assert [m.get("id", "ERR") for m in msgs] == [1, "ERR", 2, "ERR", 3], msgs
+        assert is_parse_error(msgs[1]) and is_parse_error(msgs[3])
+    finally:
+        await c.close()
+
+
+@pytest.mark.parametrize("reset", [b"\x01", b"\x1b", b"\x7f", b"\x00", b"\xff", b"\x04"])
+async def test_resync_at_control_character(module_daemon: DaemonProcess, reset: bytes) -> None:
+    c = await connect(module_daemon)
+    try:
+        # A half-sent request, then the reset byte, then (same line) a good request.
+        c.send_raw(b'{"execute": "add-blocker", "arguments": {"reason": "half", "id": "half"'
+                   + reset + b'{"execute": "query-version", "id": "good"}')
+        msgs = await c.read_until_reply("good")
+        assert len(msgs) == 2, msgs
+        assert is_parse_error(msgs[0]), msgs
+        assert "return" in msgs[1]
+        assert not [b for b in await c.ok("query-blockers") if b["id"] == "half"]
+    finally:
+        await c.close()
+
+
+async def test_2000_open_brackets_do_not_wedge_the_connection(
+    module_daemon: DaemonProcess,
+) -> None:
+    c = await connect(module_daemon)
+    try:
+        msgs = await exchange(c, b"[" * 2000)
+        assert msgs == [error(GENERIC, "JSON nesting depth limit exceeded")], msgs
+        msgs = await exchange(c, b'{"a":' * 2000)
+        assert msgs == [error(GENERIC, "JSON nesting depth limit exceeded")], msgs
+    finally:
+        await c.close()
+
+
+async def test_very_deep_nesting_is_an_error_not_a_crash(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    try:
+        msgs = await exchange(c, b"[" * 200_000 + b"]" * 200_000)
+        assert msgs == [error(GENERIC, "JSON nesting depth limit exceeded")], msgs
+        assert module_daemon.proc.poll() is None
+        assert_clean_log(module_daemon)
+        assert "RecursionError" not in module_daemon.log()
+    finally:
+        await c.close()
+
+
+async def test_huge_message_gives_one_error(module_daemon: DaemonProcess) -> None:
+    c = await connect(module_daemon)
+    try:
+        # 2 MiB, above the default limit (1 MiB): QEMU answered such a line 102,561 times.
+        big = (b'{"execute": "add-blocker", "arguments": {"reason": "' + b"x" * (2 << 20)
+               + b'", "id": "huge"}, "id": "huge"}')
+        msgs = await exchange(c, big)
+        assert len(msgs) == 1 and is_parse_error(msgs[0]), [str(m)[:200] for m in msgs]
+        many = (b'{"execute": "query-version", "arguments": {"x": ['
+                + b"1," * (1 << 20) + b'1]}, "id": "many"}')
+        msgs = await exchange(c, many)
+        assert len(msgs) == 1 and is_parse_error(msgs[0]), [str(m)[:200] for m in msgs]
+        assert not [b for b in await c.ok("query-blockers") if b["id"] == "huge"]
+    finally:
+        await c.close()
+
+
+# --------------------------------------------------------------------------- limits (own daemons)
+
+
+async def test_max_message_size(start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon("--max-message-size", "1024")
+    c = await connect(d)
+    try:
+        ok = encode({"execute": "add-blocker", "arguments": {"reason": "y" * 800, "id": "fits"},
+                     "id": "fits"})
+        assert len(ok) < 1024
+        reply = (await exchange(c, ok))
+        assert reply[0]["id"] == "fits" and "return" in reply[0], reply
+        for big in (
+            encode({"execute": "add-blocker", "arguments": {"reason": "z" * 5000, "id": "big"},
+                    "id": "big"}),
+            encode({"execute": "add-blocker",
+                    "arguments": {"reason": "r", "id": "big2", "modes": ["normal"] * 300},
+                    "id": "big2"}),
+            b"[" + b"[]," * 2000 + b"[]]",
+        ):
+            msgs = await exchange(c, big)
+            assert len(msgs) == 1 and is_parse_error(msgs[0]), msgs
+        ids = [b["id"] for b in await c.ok("query-blockers")]
+        assert ids == ["fits"]
+    finally:
+        await c.close()
+    assert_clean_log(d)
+
+
+async def test_max_nesting(start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon("--max-nesting", "4")
+    c = await connect(d)
+    try:
+        assert (await c.execute("query-blockers", {"mode": "normal"}, id=1))["id"] == 1
+        deep = {"execute": "add-blocker", "id": 2,
+                "arguments": {"reason": "r", "x": [[[[[[[[1]]]]]]]]}}
+        msgs = await exchange(c, encode(deep))
+        assert msgs == [error(GENERIC, "JSON nesting depth limit exceeded")], msgs
+        assert await c.ok("query-blockers") == []
+    finally:
+        await c.close()
+    assert_clean_log(d)
+
+
+# --------------------------------------------------------------------------- events
+
+
+async def test_event_shape_and_event_before_reply(module_daemon: DaemonProcess) -> None:
+    actor = await connect(module_daemon)
+    other = await connect(module_daemon)
+    try:
+        await actor.send({"execute": "add-blocker",
+                          "arguments": {"reason": "ordered", "id": "ev-order"}, "id": "add"})
+        first = await actor.read()
+        second = await actor.read()
+        assert first.get("event") == "BLOCKER_ADDED", (first, second)
+        assert second.get("id") == "add" and "return" in second, second
+        assert first["data"] == second["return"]
+        assert set(first) == {"event", "data", "timestamp"}
+        ts = first["timestamp"]
+        assert set(ts) == {"seconds", "microseconds"}
+        assert type(ts["seconds"]) is int and type(ts["microseconds"]) is int
+        assert 0 <= ts["microseconds"] < 1_000_000
+        assert abs(ts["seconds"] + ts["microseconds"] / 1e6 - time.time()) < 60
+
+        await actor.send({"execute": "del-blocker", "arguments": {"id": "ev-order"}, "id": "del"})
+        first = await actor.read()
+        second = await actor.read()
+        assert first["event"] == "BLOCKER_DELETED", first
+        assert first["data"] == {"id": "ev-order", "cause": "command"}
+        assert second == {"return": {}, "id": "del"}
+
+        ev = await other.read()
+        assert ev["event"] == "BLOCKER_ADDED" and ev["data"]["id"] == "ev-order"
+        ev = await other.read()
+        assert ev["event"] == "BLOCKER_DELETED" and ev["data"]["id"] == "ev-order"
+    finally:
+        await actor.close()
+        await other.close()

@@ -1,0 +1,143 @@
+"""Parser and semantic checks of the QAPI generator, on good and bad inputs.
+
+Each ``tests/qapi_cases/bad-*.json`` has a ``.err`` file with the exact
+message (QEMU's ``tests/qapi-schema`` layout); paths in messages are relative
+because the tests run from that directory, as QEMU's do.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migblockd.qapi.error import QAPIError
+from migblockd.qapi.parser import parse_schema
+from migblockd.qapi.schema import ArrayType, EnumType, ObjectType, load_schema
+
+CASES = Path(__file__).parent / "qapi_cases"
+BAD = sorted(p.name for p in CASES.glob("bad-*.json"))
+
+
+def test_every_bad_case_has_an_expected_message() -> None:
+    assert len(BAD) > 40
+    for name in BAD:
+        assert (CASES / name).with_suffix(".err").is_file(), name
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_schema_reports_file_line_col(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(CASES)
+    expected = (CASES / name).with_suffix(".err").read_text().strip()
+    with pytest.raises(QAPIError) as exc:
+        load_schema(name)
+    assert str(exc.value) == expected
+    # The structured parts agree with the text.
+    info = exc.value.info
+    assert expected.startswith(f"{info.fname}:{info.line}:{info.col}: ")
+
+
+# A few messages spelled out here too, so that the golden files above cannot
+# drift unnoticed on the cases that matter most.
+KEY_MESSAGES = {
+    "bad-unknown-type.json": "10:48: member 'b' of 'Foo' uses unknown type 'Bogus'",
+    "bad-duplicate-definition.json": "16:11: 'E' is already defined",
+    "bad-member-undocumented.json": "8:42: member 'b' of 'Foo' lacks documentation",
+    "bad-documented-member-missing.json": "8:1: documented member 'b' does not exist",
+    "bad-definition-undocumented.json": "1:1: definition of 'E' lacks documentation",
+    "bad-stray-after-tab.json": "1:17: stray 'Foo'",
+    "bad-missing-comma.json": "2:3: expected ',' or '}'",
+    "bad-doc-unterminated.json": "3:1: documentation comment must end with '##'",
+}
+
+
+@pytest.mark.parametrize(("name", "message"), KEY_MESSAGES.items())
+def test_key_messages(name: str, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(CASES)
+    with pytest.raises(QAPIError) as exc:
+        load_schema(name)
+    assert str(exc.value) == f"{name}:{message}"
+
+
+def test_error_in_included_file_names_that_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(CASES)
+    with pytest.raises(QAPIError) as exc:
+        load_schema("bad-include-error.json")
+    assert str(exc.value) == "sub/bad-sub.json:3:15: expected ',' or '}'"
+
+
+def test_good_schema_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(CASES)
+    schema = load_schema("good-everything.json")
+    # Included once although included twice; main module's definitions after it.
+    assert list(schema.types) == ["E", "Colour", "Paint"]
+    assert list(schema.commands) == ["paint-wall", "legacy_cmd", "repaint"]
+    assert list(schema.events) == ["WALL_PAINTED", "NOTHING"]
+
+    colour = schema.types["Colour"]
+    assert isinstance(colour, EnumType)
+    assert colour.value_names == ("red", "light-blue")
+    assert colour.values[1].doc == "The colour of the sky,\non a clear day."
+
+    paint = schema.types["Paint"]
+    assert isinstance(paint, ObjectType)
+    assert [(m.name, m.type.name, m.optional) for m in paint.members] == [
+        ("colour", "Colour", False),
+        ("litres", "uint32", True),
+        ("tags", "strList", True),
+        ("extra", "any", True),
+    ]
+    assert paint.doc is not None
+    assert paint.doc.body == "A pot of paint.\n\nLonger description, second paragraph."
+
+    wall = schema.commands["paint-wall"]
+    assert wall.allow_oob
+    assert wall.arg_type is not None and wall.arg_type.implicit
+    assert isinstance(wall.ret_type, ArrayType) and wall.ret_type.element is paint
+    errors = wall.doc.section("Errors")
+    assert errors is not None and errors.text == "- GenericError when there is no wall."
+    # 'data': {} means no arguments at all; a named struct is used as is.
+    assert schema.commands["legacy_cmd"].arg_type is None
+    assert schema.commands["repaint"].arg_type is paint
+    assert schema.events["NOTHING"].arg_type is None
+
+
+def test_parser_keeps_positions(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(CASES)
+    parsed = parse_schema("good-everything.json")
+    assert parsed.modules == ["good-everything.json", "sub/good-sub.json"]
+    assert parsed.pragmas.command_name_exceptions == ["legacy_cmd"]
+    colour = next(d for d in parsed.definitions if d.expr.get("enum") == "Colour")
+    assert (colour.info.line, colour.info.col) == (27, 1)
+    # The tab before 'data' advances to column 9.
+    assert colour.expr.key_info["data"].line == 28
+    assert colour.expr.key_info["data"].col == 9
+
+
+def _gen(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "migblockd.qapi", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_cli_reports_schema_error_without_traceback(tmp_path: Path) -> None:
+    result = _gen("-o", str(tmp_path), "bad-member-undocumented.json", cwd=CASES)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "bad-member-undocumented.json:8:42: member 'b' of 'Foo' lacks documentation\n"
+    )
+    assert result.stdout == ""
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_reports_missing_schema_file(tmp_path: Path) -> None:
+    result = _gen("nonexistent.json", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "can't read schema file 'nonexistent.json'" in result.stderr

@@ -1,0 +1,352 @@
+"""The streaming JSON framing: bytes in, messages or parse errors out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from migblockd.qmp.codec import (
+    NEED_DATA,
+    NESTING_EXCEEDED,
+    TOKEN_SIZE_EXCEEDED,
+    Limits,
+    ParseError,
+    StreamDecoder,
+    encode_line,
+)
+
+CMD = b'{"execute": "query-blockers", "id": 1}'
+
+
+def decode(*chunks: bytes, eof: bool = False, limits: Limits | None = None) -> list[object]:
+    decoder = StreamDecoder(limits)
+    out: list[object] = []
+    for chunk in chunks:
+        decoder.feed(chunk)
+        out.extend(decoder)
+    if eof:
+        decoder.feed_eof()
+        out.extend(decoder)
+    return out
+
+
+def errors(items: list[object]) -> list[str]:
+    return [item.desc for item in items if isinstance(item, ParseError)]
+
+
+def values(items: list[object]) -> list[object]:
+    return [item for item in items if not isinstance(item, ParseError)]
+
+
+# -- framing --------------------------------------------------------------------
+
+
+def test_message_complete_at_closing_brace_without_newline() -> None:
+    assert decode(CMD) == [{"execute": "query-blockers", "id": 1}]
+
+
+def test_glued_messages() -> None:
+    assert decode(b'{"a": 1}{"b": 2}{"c": 3}') == [{"a": 1}, {"b": 2}, {"c": 3}]
+
+
+def test_message_spanning_lines_and_writes() -> None:
+    assert decode(b'{"execute":\n', b' "x",\r\n "id"', b": [1,\n2]}") == [
+        {"execute": "x", "id": [1, 2]}
+    ]
+
+
+def test_brackets_and_escapes_inside_strings_do_not_count() -> None:
+    msg = {"a": '}]{[\\"', "b": "\u00e9\U0001f600", "c": "\\u0041"}
+    assert decode(json.dumps(msg).encode()) == [msg]
+    assert decode(json.dumps(msg, ensure_ascii=False).encode()) == [msg]
+
+
+def test_two_hundred_pipelined_in_one_chunk() -> None:
+    data = b"".join(b'{"execute": "q", "id": %d}' % i for i in range(200))
+    assert decode(data) == [{"execute": "q", "id": i} for i in range(200)]
+
+
+def test_split_at_every_byte_offset() -> None:
+    data = b'{"execute": "add-blocker", "arguments": {"reason": "a \\" }", "modes": ["normal"]}}'
+    expected = decode(data)
+    assert len(expected) == 1
+    for cut in range(len(data) + 1):
+        assert decode(data[:cut], data[cut:]) == expected, cut
+
+
+def test_one_byte_at_a_time() -> None:
+    data = CMD + b"\n" + b'{"x": [[], {}, "s\\\\"]}' + b"  42 \n"
+    chunks = [data[i : i + 1] for i in range(len(data))]
+    assert decode(*chunks) == [{"execute": "query-blockers", "id": 1}, {"x": [[], {}, "s\\"]}, 42]
+
+
+_messages = st.lists(
+    st.one_of(
+        st.just(CMD),
+        st.just(b'{"execute": "x", "arguments": {"l": [1, {"k": "}"}]}}'),
+        st.just(b"{bad json}"),
+        st.just(b"}}\n"),
+        st.just(b"[[[[\n"),
+        st.just(b"\x04"),
+        st.just(b"  \r\n\t"),
+        st.just(b'"str"'),
+        st.just(b"17 "),
+        st.just(b'{"s": "line\nbreak"}'),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_messages, st.data())
+def test_any_chunking_gives_the_same_messages(parts: list[bytes], data: st.DataObject) -> None:
+    stream = b"".join(parts)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    assert decode(*chunks, eof=True) == decode(stream, eof=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    max_leaves=20,
+))
+def test_round_trip_of_any_json_object(value: object) -> None:
+    message = {"execute": "x", "arguments": {"v": value}}
+    raw = json.dumps(message).encode()
+    assert decode(raw) == [message]
+    assert decode(raw[:-1], raw[-1:]) == [message]
+
+
+# -- top-level values that are not objects ----------------------------------------------
+
+
+def test_scalars_are_messages_once_delimited() -> None:
+    assert decode(b'42 "x" null true [1]') == [42, "x", None, True, [1]]
+    assert decode(b"42") == []  # a number may go on
+    assert decode(b"42", eof=True) == [42]
+
+
+# -- parse errors: wording -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "desc"),
+    [
+        (b'{"a" 1}', "JSON parse error, missing : in object pair"),
+        (b'{"a": 1 "b": 2}', "JSON parse error, expected separator in dict"),
+        (b'{"a": [1 2]}', "JSON parse error, expected separator in list"),
+        (b'{"a": }', "JSON parse error, expecting value"),
+        (b'{"a": 1,}', "JSON parse error, expecting value"),
+        (b'{"a": [1,]}', "JSON parse error, expecting value"),
+        (b'{"a": x}', "JSON parse error, invalid keyword 'x'"),
+        (b'{"a": tru}', "JSON parse error, invalid keyword 'tru'"),
+        (b"{1: 2}", "JSON parse error, key is not a string in object"),
+        (b'{"a": 1, "a": 2}', "JSON parse error, duplicate key"),
+        (b'{"a": "\\x"}', "JSON parse error, invalid escape sequence in string"),
+        (b'{"a": "\\u12g4"}', "JSON parse error, \\u12g4 is not a valid Unicode character"),
+        (b'{"a": "\\ud800"}', "JSON parse error, \\uD800 is not a valid Unicode character"),
+        (b'{"a": "\xc3("}', "JSON parse error, invalid UTF-8 sequence in string"),
+        (b'{"a": NaN}', "JSON parse error, invalid keyword 'NaN'"),
+        (b'{"a": Infinity}', "JSON parse error, invalid keyword 'Infinity'"),
+        (b'{"a": -Infinity}', "JSON parse error, invalid keyword '-Infinity'"),
+        (b'{"a": 1e400}', "JSON parse error, number out of range"),
+        (b'{"a": "tab\there"}', "JSON parse error, stray '\\x09'"),
+        (b"tru\n", "JSON parse error, invalid keyword 'tru'"),
+        (b"}\n", "JSON parse error, expecting value"),
+        (b"{'execute': 'x'}\n", "JSON parse error, single-quoted strings are not supported"),
+    ],
+)
+def test_parse_error_wording(data: bytes, desc: str) -> None:
+    assert decode(data) == [ParseError(desc)]
+
+
+def test_valid_edge_values_are_accepted() -> None:
+    assert decode(b'{"a": 1e300, "b": -0.5, "c": 18446744073709551615, "d": "\\ud83d\\ude00"}') == [
+        {"a": 1e300, "b": -0.5, "c": 18446744073709551615, "d": "\U0001f600"}
+    ]
+
+
+# -- one error per bad message, then resynchronisation ----------------------------------
+
+
+def test_balanced_bad_message_then_glued_good_one() -> None:
+    # qemu.qmp sends no newlines: a bad message must not swallow the next one
+    assert decode(b'{"a" 1}' + CMD) == [
+        ParseError("JSON parse error, missing : in object pair"),
+        {"execute": "query-blockers", "id": 1},
+    ]
+
+
+def test_stray_closers_give_one_error_then_resync_at_newline() -> None:
+    assert decode(b"}}}]]] garbage {\n" + CMD) == [
+        ParseError("JSON parse error, expecting value"),
+        {"execute": "query-blockers", "id": 1},
+    ]
+
+
+def test_mismatched_closer() -> None:
+    items = decode(b'{"a": [1}, "b": 2}\n' + CMD)
+    assert items == [
+        ParseError("JSON parse error, expected separator in list"),
+        {"execute": "query-blockers", "id": 1},
+    ]
+
+
+def test_2000_open_brackets_do_not_wedge() -> None:
+    items = decode(b"[" * 2000 + b"\n" + CMD)
+    assert items == [ParseError(NESTING_EXCEEDED), {"execute": "query-blockers", "id": 1}]
+
+
+def test_2000_open_brackets_split_do_not_wedge() -> None:
+    items = decode(*[b"[" * 100] * 20, b"\n", CMD)
+    assert items == [ParseError(NESTING_EXCEEDED), {"execute": "query-blockers", "id": 1}]
+
+
+def test_deep_nesting_is_an_error_not_recursion() -> None:
+    limits = Limits(max_nesting=256, max_message_size=1 << 22)
+    deep = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+    assert decode(deep + CMD, limits=limits) == [
+        ParseError(NESTING_EXCEEDED),
+        {"execute": "query-blockers", "id": 1},
+    ]
+
+
+def test_nesting_limit_is_exact() -> None:
+    limits = Limits(max_nesting=4)
+    assert decode(b"[[[[]]]]", limits=limits) == [[[[[]]]]]
+    assert decode(b'{"a": [[[]]]}', limits=limits) == [{"a": [[[]]]}]
+    assert decode(b"[[[[[]]]]]\n", limits=limits) == [ParseError(NESTING_EXCEEDED)]
+
+
+def test_oversize_message_one_error_then_resync() -> None:
+    limits = Limits(max_message_size=1000)
+    big = b'{"execute": "x", "arguments": {"reason": "' + b"a" * 5000 + b'"}}\n'
+    assert decode(big + CMD, limits=limits) == [
+        ParseError(TOKEN_SIZE_EXCEEDED),
+        {"execute": "query-blockers", "id": 1},
+    ]
+    # the same when it trickles in: the limit is on the message, not the read
+    chunks = [big[i : i + 64] for i in range(0, len(big), 64)]
+    assert decode(*chunks, CMD, limits=limits) == [
+        ParseError(TOKEN_SIZE_EXCEEDED),
+        {"execute": "query-blockers", "id": 1},
+    ]
+
+
+def test_message_size_limit_is_exact() -> None:
+    msg = b'{"a": "' + b"x" * 100 + b'"}'
+    assert decode(msg, limits=Limits(max_message_size=len(msg))) == [{"a": "x" * 100}]
+    assert decode(msg + b"\n", limits=Limits(max_message_size=len(msg) - 1)) == [
+        ParseError(TOKEN_SIZE_EXCEEDED)
+    ]
+
+
+def test_oversize_top_level_token() -> None:
+    assert decode(b"1" * 5000 + b"\n" + CMD, limits=Limits(max_message_size=100)) == [
+        ParseError(TOKEN_SIZE_EXCEEDED),
+        {"execute": "query-blockers", "id": 1},
+    ]
+
+
+def test_oversize_input_is_not_kept() -> None:
+    decoder = StreamDecoder(Limits(max_message_size=1000))
+    decoder.feed(b'{"a": "')
+    for _ in range(100):
+        decoder.feed(b"x" * 10_000)
+        list(decoder)
+    assert decoder.buffered < 20_000
+
+
+@pytest.mark.parametrize("reset", [b"\x00", b"\x04", b"\x1b", b"\x0c", b"\xff", b"\xfe"])
+def test_control_character_resets_the_parser(reset: bytes) -> None:
+    items = decode(b'{"execute": "x", "arguments": {"a": [1, "unterminated' + reset + CMD)
+    assert len(errors(items)) == 1
+    assert errors(items)[0].startswith("JSON parse error, ")
+    assert values(items) == [{"execute": "query-blockers", "id": 1}]
+    items = decode(b'{"execute": "x", "arguments": {' + reset + CMD)
+    assert len(errors(items)) == 1
+    assert values(items) == [{"execute": "query-blockers", "id": 1}]
+
+
+def test_reset_when_idle_and_runs_of_resets() -> None:
+    assert decode(b"\x04") == [ParseError("JSON parse error, stray '\\x04'")]
+    # one run is one bad message, even split across reads
+    assert decode(b"\xff\xff", b"\xff" + CMD) == [
+        ParseError("JSON parse error, stray '\\xff'"),
+        {"execute": "query-blockers", "id": 1},
+    ]
+
+
+def test_raw_newline_in_string_resyncs_after_it() -> None:
+    items = decode(b'{"execute": "oops\n' + CMD)
+    assert items == [ParseError("JSON parse error, stray '\\x0a'"), {"execute": "query-blockers", "id": 1}]
+
+
+def test_errors_in_order_with_messages() -> None:
+    items = decode(b'{"id": 1}\n{"a" 1}\n{"id": 2}\n}\n{"id": 3}')
+    assert items == [
+        {"id": 1},
+        ParseError("JSON parse error, missing : in object pair"),
+        {"id": 2},
+        ParseError("JSON parse error, expecting value"),
+        {"id": 3},
+    ]
+
+
+def test_truncated_message_at_eof() -> None:
+    assert decode(CMD[:-1], eof=True) == [ParseError("JSON parse error, premature EOI")]
+    assert decode(CMD + b"\n  ", eof=True) == [{"execute": "query-blockers", "id": 1}]
+    assert decode(b'"abc', eof=True) == [ParseError("JSON parse error, premature EOI")]
+
+
+def test_has_message_and_next_message() -> None:
+    decoder = StreamDecoder()
+    assert not decoder.has_message()
+    assert decoder.next_message() is NEED_DATA
+    decoder.feed(CMD[:10])
+    assert not decoder.has_message()
+    decoder.feed(CMD[10:] + b"}")
+    assert decoder.has_message()
+    assert decoder.has_message()  # idempotent
+    assert decoder.next_message() == {"execute": "query-blockers", "id": 1}
+    assert decoder.has_message()
+    assert decoder.next_message() == ParseError("JSON parse error, expecting value")
+    assert decoder.next_message() is NEED_DATA
+
+
+def test_consumed_input_is_released() -> None:
+    decoder = StreamDecoder()
+    for _ in range(2000):
+        decoder.feed(CMD * 50)
+        assert len(list(decoder)) == 50
+    assert decoder.buffered == 0
+    assert len(decoder._buf) < 200_000
+
+
+def test_limits_validation() -> None:
+    with pytest.raises(ValueError):
+        Limits(max_nesting=0)
+    with pytest.raises(ValueError):
+        Limits(max_nesting=10_000)
+    with pytest.raises(ValueError):
+        Limits(max_message_size=0)
+
+
+# -- output ------------------------------------------------------------------------
+
+
+def test_encode_line_is_qemu_like_and_strict() -> None:
+    assert encode_line({"return": {}}) == b'{"return": {}}\r\n'
+    assert encode_line({"return": "\u00e9"}) == b'{"return": "\\u00e9"}\r\n'
+    with pytest.raises(ValueError):
+        encode_line({"return": float("inf")})
+    with pytest.raises(ValueError):
+        encode_line({"return": float("nan")})
+    with pytest.raises(TypeError):
+        encode_line({"return": object()})

@@ -1,0 +1,172 @@
+"""Completion and help, computed from a real daemon's query-qmp-schema answer.
+
+The introspection is fetched from a running ``python -m migblockd`` with the
+``qemu.qmp`` library (an independent client), never written by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DaemonProcess
+from prompt_toolkit.completion import CompleteEvent
+from prompt_toolkit.document import Document
+from qemu.qmp import QMPClient
+
+from migblockd.shell import helptext
+from migblockd.shell.completion import ShellCompleter, complete
+from migblockd.shell.docs import NoDocs, load_docs
+from migblockd.shell.history import history_path
+from migblockd.shell.schema import Schema
+
+
+async def _introspect(path: str) -> list[dict[str, Any]]:
+    client = QMPClient("completion-test")
+    await client.connect(path)
+    try:
+        result = await client.execute("query-qmp-schema")
+    finally:
+        await client.disconnect()
+    assert isinstance(result, list)
+    return result
+
+
+@pytest.fixture(scope="module")
+def schema(module_daemon: DaemonProcess) -> Schema:
+    return Schema(asyncio.run(_introspect(str(module_daemon.socket))))
+
+
+def texts(schema: Schema, line: str) -> list[str]:
+    return [c.text for c in complete(schema, line)]
+
+
+def applied(schema: Schema, line: str) -> list[str]:
+    """The line after each candidate is applied."""
+    return [line[: c.start] + c.text for c in complete(schema, line)]
+
+
+def test_command_names_come_from_the_schema(schema: Schema) -> None:
+    names = texts(schema, "")
+    assert set(names) == {*schema.commands, "help"}
+    assert "add-blocker" in names
+    assert texts(schema, "query-bl") == ["query-blockers"]
+    assert set(texts(schema, "migrate")) == {n for n in schema.commands if n.startswith("migrate")}
+    assert texts(schema, "nope") == []
+
+
+def test_help_completes_command_names(schema: Schema) -> None:
+    assert applied(schema, "help del-") == ["help del-blocker"]
+    assert texts(schema, "help add-blocker ") == []
+
+
+def test_argument_names_of_the_command_being_typed(schema: Schema) -> None:
+    expected = [f"{m.name}=" for m in schema.arguments("add-blocker")]
+    assert texts(schema, "add-blocker ") == expected
+    assert {"reason=", "modes=", "internal=", "id=", "scope="} <= set(expected)
+    assert applied(schema, "add-blocker reason=x mo") == ["add-blocker reason=x modes="]
+    assert texts(schema, "del-blocker ") == ["id="]
+    assert texts(schema, "query-blockers ") == ["mode="]
+
+
+def test_arguments_already_given_are_not_offered_again(schema: Schema) -> None:
+    offered = texts(schema, "add-blocker reason='a b' internal=true ")
+    assert "reason=" not in offered
+    assert "internal=" not in offered
+    assert "modes=" in offered
+
+
+def test_argument_candidates_say_type_and_optionality(schema: Schema) -> None:
+    meta = {c.text: c.meta for c in complete(schema, "add-blocker ")}
+    assert meta["reason="] == "string (required)"
+    assert meta["internal="] == "boolean (optional)"
+    assert "one of: normal, cpr-reboot" in meta["modes="]
+
+
+def test_enum_values_for_a_list_argument(schema: Schema) -> None:
+    modes = schema.enum_values(
+        str(schema.element_type(str(schema.resolve("add-blocker", ["modes"]))))
+    )
+    assert modes is not None
+    assert modes[:2] == ["normal", "cpr-reboot"]
+    assert texts(schema, "add-blocker modes=") == modes
+    assert applied(schema, "add-blocker modes=cpr-t") == ["add-blocker modes=cpr-transfer"]
+
+
+def test_comma_list_offers_the_values_not_yet_listed(schema: Schema) -> None:
+    assert applied(schema, "add-blocker modes=normal,cpr-r") == [
+        "add-blocker modes=normal,cpr-reboot"
+    ]
+    assert "normal" not in texts(schema, "add-blocker modes=normal,")
+    assert "cpr-reboot" in texts(schema, "add-blocker modes=normal,")
+
+
+def test_json_list_offers_quoted_values(schema: Schema) -> None:
+    assert applied(schema, 'add-blocker modes=["normal", "cpr-e') == [
+        'add-blocker modes=["normal", "cpr-exec"'
+    ]
+    offered = texts(schema, 'add-blocker modes=["normal",')
+    assert '"normal"' not in offered
+    assert '"cpr-reboot"' in offered
+
+
+def test_scalar_enum_and_boolean_values(schema: Schema) -> None:
+    assert texts(schema, "query-blockers mode=cpr-") == [
+        m for m in texts(schema, "query-blockers mode=") if m.startswith("cpr-")
+    ]
+    assert texts(schema, "migrate-set-parameters mode=n") == ["normal"]
+    assert texts(schema, "add-blocker internal=") == ["true", "false"]
+    assert texts(schema, "add-blocker internal=f") == ["false"]
+
+
+def test_no_completion_for_free_text_raw_json_or_unknown_commands(schema: Schema) -> None:
+    assert texts(schema, "add-blocker reason=") == []
+    assert texts(schema, '{"execute": "add') == []
+    assert texts(schema, "no-such-command ") == []
+    assert texts(schema, "add-blocker bogus=") == []
+
+
+def test_prompt_toolkit_adapter_replaces_the_word_being_typed(schema: Schema) -> None:
+    completer = ShellCompleter(lambda: schema)
+    text = "add-blocker reason=x modes=normal,cpr-r"
+    found = list(
+        completer.get_completions(Document(text), CompleteEvent(completion_requested=True))
+    )
+    assert [(c.text, c.start_position) for c in found] == [("cpr-reboot", -5)]
+
+
+def test_help_lists_every_command_with_a_summary(schema: Schema) -> None:
+    text = helptext.overview(schema, load_docs())
+    for name in schema.commands:
+        line = next(li for li in text.splitlines() if li.split()[:1] == [name])
+        assert len(line.split()) > 1, f"no summary for {name}"
+
+
+def test_help_for_a_command_shows_doc_arguments_types_and_optionality(schema: Schema) -> None:
+    text = helptext.command_help(schema, load_docs(), "add-blocker")
+    assert text is not None
+    assert "reason: str (required)" in text
+    assert "modes: [MigMode] (optional)" in text
+    assert "values: normal, cpr-reboot" in text
+    assert "Returns:" in text
+
+
+def test_help_without_local_docs_falls_back_to_introspection(schema: Schema) -> None:
+    text = helptext.command_help(schema, NoDocs(), "add-blocker")
+    assert text is not None
+    assert "reason: string (required)" in text
+    assert "modes: list of (one of: normal, cpr-reboot" in text
+    assert helptext.command_help(schema, NoDocs(), "no-such-command") is None
+
+
+def test_history_path_follows_xdg_state_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", "/x/state")
+    assert history_path() == Path("/x/state/migblockd/shell-history")
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/is/ignored")
+    monkeypatch.setenv("HOME", "/home/op")
+    assert history_path() == Path("/home/op/.local/state/migblockd/shell-history")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert history_path() == Path(os.path.expanduser("~/.local/state/migblockd/shell-history"))

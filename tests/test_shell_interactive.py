@@ -1,0 +1,170 @@
+"""migblock-shell driven in a pseudo-terminal (pexpect) against a real daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+from conftest import DaemonProcess
+from qemu.qmp import QMPClient
+
+PROMPT = "(migblockd)"  # prompt_toolkit draws the trailing space as a cursor move
+ESCAPES = r"(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*"
+CTRL_C = "\x03"
+CTRL_D = "\x04"
+
+
+class Shell:
+    def __init__(self, child: pexpect.spawn, state: Path) -> None:
+        self.child = child
+        self.state = state
+
+    def expect(self, text: str) -> None:
+        self.child.expect_exact(text)
+
+    def send(self, text: str) -> None:
+        self.child.send(text)
+
+    def quit(self) -> int:
+        self.child.send(CTRL_D)
+        self.child.expect(pexpect.EOF)
+        self.child.close()
+        status: int = self.child.exitstatus
+        return status
+
+
+@pytest.fixture
+def spawn_shell(tmp_path: Path) -> Iterator[Callable[..., Shell]]:
+    children: list[pexpect.spawn] = []
+
+    def spawn(socket: Path, *args: str) -> Shell:
+        env = dict(os.environ)
+        env.pop("NO_COLOR", None)
+        env.update(
+            TERM="xterm",
+            XDG_STATE_HOME=str(tmp_path / "state"),
+            PROMPT_TOOLKIT_NO_CPR="1",  # the pty does not answer cursor position requests
+        )
+        child = pexpect.spawn(
+            sys.executable,
+            ["-m", "migblockd.shell", str(socket), *args],
+            env=env,
+            encoding="utf-8",
+            timeout=30,
+            dimensions=(40, 200),
+        )
+        children.append(child)
+        shell = Shell(child, tmp_path / "state")
+        shell.expect("Connected to migblockd")
+        shell.expect(PROMPT)
+        return shell
+
+    yield spawn
+    for child in children:
+        if child.isalive():
+            child.terminate(force=True)
+
+
+async def _add_blocker_from_another_client(socket: Path, reason: str) -> None:
+    client = QMPClient("other-operator")
+    await client.connect(str(socket))
+    try:
+        await client.execute("add-blocker", {"reason": reason, "modes": ["cpr-exec"]})
+    finally:
+        await client.disconnect()
+
+
+def test_complete_run_and_see_an_event_while_typing(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    shell = spawn_shell(daemon.socket)
+
+    # Complete the command name, an argument name and an enum value, then run it.
+    shell.send("add-bl\t")
+    shell.expect("add-blocker")
+    shell.send(" reason=first mo\t")
+    shell.expect("modes=")
+    shell.send("cpr-reb\t")
+    shell.expect("cpr-reboot")
+    shell.send("\r")
+    shell.expect('"event": "BLOCKER_ADDED"')  # our own blocker's event...
+    shell.expect('"return": {"id": ')  # ...comes before the reply
+    shell.expect('"modes": ["cpr-reboot"]')
+    shell.expect(PROMPT)
+
+    # Half-type a command; another client adds a blocker meanwhile.
+    shell.send("query-bl")
+    shell.expect("query-bl")
+    asyncio.run(_add_blocker_from_another_client(daemon.socket, "from elsewhere"))
+    shell.expect('"event": "BLOCKER_ADDED"')
+    shell.expect('"reason": "from elsewhere"')
+    # The prompt is redrawn below the event with the half-typed line intact...
+    shell.child.expect(re.escape(PROMPT) + ESCAPES + "query-bl")
+    # ...and it still completes and runs as typed.
+    shell.send("\t\r")
+    shell.child.expect(r'"return": \[\{[^\r\n]*"from elsewhere"[^\r\n]*"first"')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+    history = (shell.state / "migblockd" / "shell-history").read_text()
+    assert "+query-blockers" in history
+    assert "+add-blocker reason=first modes=cpr-reboot" in history
+
+
+def test_ctrl_c_drops_the_line_and_errors_are_red(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    shell = spawn_shell(daemon.socket)
+    shell.send("del-blocker id=would-fail")
+    shell.expect("would-fail")
+    shell.send(CTRL_C)
+    shell.send("query-migrate\r")
+    # The dropped line never ran: the next output is query-migrate's reply.
+    shell.child.expect(r'\{"return": \{\}\}|GenericError')
+    assert shell.child.after == '{"return": {}}'
+    shell.expect(PROMPT)
+
+    shell.send("del-blocker id=nope\r")
+    shell.expect('\x1b[1;31m{"error": {"class": "GenericError"')
+    shell.expect(PROMPT)
+    shell.send("add-blocker reason='a b\r")
+    shell.expect("\x1b[1;31merror: unterminated ' quote")
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+
+def test_help_pretty_and_verbose(daemon: DaemonProcess, spawn_shell: Callable[..., Shell]) -> None:
+    shell = spawn_shell(daemon.socket, "-p", "-v")
+    shell.send("help add-blocker\r")
+    shell.expect("reason: str (required)")
+    shell.expect("modes: [MigMode] (optional)")
+    shell.expect(PROMPT)
+    shell.send("add-blocker reason=x\r")
+    shell.expect('"execute": "add-blocker"')  # -v shows the request
+    shell.child.expect(r'"return": \{\r?\n  ')  # -p indents the reply
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+
+def test_reconnects_after_the_daemon_restarts(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    first = start_daemon()
+    shell = spawn_shell(first.socket)
+    first.stop()
+    shell.expect("migblockd closed the connection; the next command reconnects")
+    shell.send("query-version\r")
+    shell.expect("error: cannot connect to")  # still down: the shell stays up
+    shell.expect(PROMPT)
+    start_daemon(socket=first.socket)
+    shell.send("query-blockers\r")
+    shell.expect("Reconnected to migblockd")
+    shell.expect('{"return": []}')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0

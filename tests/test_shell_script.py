@@ -1,0 +1,182 @@
+"""migblock-shell's scripting mode against a real daemon: output, exit codes, errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DaemonProcess
+
+SHELL = [sys.executable, "-m", "migblockd.shell"]
+
+
+def shell(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SHELL, *args],
+        check=False,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def replies(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_dash_c_prints_one_json_reply_per_line(daemon: DaemonProcess) -> None:
+    result = shell(
+        str(daemon.socket),
+        "-c", "add-blocker reason='SEV: no migration' modes=normal,cpr-reboot id=b1",
+        "-c", "query-blockers",
+        "-c", "query-version",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    added, blockers, version = replies(result.stdout)
+    assert added["return"]["id"] == "b1"
+    assert added["return"]["modes"] == ["normal", "cpr-reboot"]
+    assert [b["reason"] for b in blockers["return"]] == ["SEV: no migration"]
+    assert "package" in version["return"]
+    # The shell's own request ids are not shown; no events in scripting mode.
+    assert all("id" not in r and "event" not in r for r in (added, blockers, version))
+    assert result.stderr == ""
+
+
+def test_stdin_script_skips_blank_lines_and_comments(daemon: DaemonProcess) -> None:
+    script = "# set up\n\nadd-blocker reason=x\n   \nquery-migrate\n"
+    result = shell(str(daemon.socket), stdin=script)
+    assert result.returncode == 0, result.stderr
+    added, migrate = replies(result.stdout)
+    assert added["return"]["reason"] == "x"
+    assert migrate == {"return": {"blocked-reasons": ["x"]}}
+
+
+def test_raw_json_request_keeps_its_own_id(daemon: DaemonProcess) -> None:
+    result = shell(str(daemon.socket), "-c", '{"execute": "query-blockers", "id": {"mine": [1]}}')
+    assert result.returncode == 0, result.stderr
+    assert replies(result.stdout) == [{"return": [], "id": {"mine": [1]}}]
+
+
+def test_failed_command_makes_exit_status_1_but_the_rest_still_runs(daemon: DaemonProcess) -> None:
+    result = shell(str(daemon.socket), stdin="del-blocker id=nope\nadd-blocker reason=after\n")
+    assert result.returncode == 1
+    error, added = replies(result.stdout)
+    assert error["error"]["class"] == "GenericError"
+    assert added["return"]["reason"] == "after"
+    assert "\x1b" not in result.stdout  # no colour when stdout is not a terminal
+
+
+def test_daemon_side_validation_errors_are_failures(daemon: DaemonProcess) -> None:
+    result = shell(str(daemon.socket), "-c", "add-blocker modes=bogus reason=x")
+    assert result.returncode == 1
+    (error,) = replies(result.stdout)
+    assert error["error"]["desc"] == "Parameter 'modes[0]' does not accept value 'bogus'"
+
+
+def test_syntax_error_goes_to_stderr_with_the_line_number(daemon: DaemonProcess) -> None:
+    result = shell(str(daemon.socket), stdin="query-version\nadd-blocker reason='open\n")
+    assert result.returncode == 1
+    assert len(replies(result.stdout)) == 1
+    assert result.stderr.startswith("migblock-shell: line 2: error: unterminated ' quote")
+    assert "Traceback" not in result.stderr
+
+
+def test_verbose_echoes_requests_on_stderr_and_pretty_indents(daemon: DaemonProcess) -> None:
+    result = shell(str(daemon.socket), "-v", "-p", "-c", "add-blocker reason=x internal=true")
+    assert result.returncode == 0
+    sent = json.loads(result.stderr)
+    assert sent["execute"] == "add-blocker"
+    assert sent["arguments"] == {"reason": "x", "internal": True}
+    assert result.stdout.startswith("{\n  ")
+    assert json.loads(result.stdout)["return"]["internal"] is True
+
+
+def test_help_in_scripting_mode(daemon: DaemonProcess) -> None:
+    result = shell(str(daemon.socket), "-c", "help", "-c", "help del-blocker")
+    assert result.returncode == 0
+    assert "add-blocker" in result.stdout
+    assert "id: str (required)" in result.stdout
+    bad = shell(str(daemon.socket), "-c", "help no-such-thing")
+    assert bad.returncode == 1
+    assert "no command 'no-such-thing'" in bad.stderr
+
+
+def test_connection_refused_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
+    result = shell(str(tmp_path / "missing.sock"), "-c", "query-version")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("migblock-shell: cannot connect to ")
+    assert "No such file or directory" in result.stderr
+
+
+def test_default_socket_comes_from_the_environment(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": str(tmp_path)}
+    result = shell("-c", "query-version", env=env)
+    assert result.returncode == 2
+    assert f"{tmp_path}/migblockd/migblockd.sock" in result.stderr
+
+
+def _serve_once(server: socket.socket, payload: bytes) -> None:
+    conn, _ = server.accept()
+    with conn:
+        conn.sendall(payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [(b"", "closed the connection"), (b"hello\r\n", "did not send a QMP greeting")],
+)
+def test_a_socket_that_does_not_speak_qmp_is_exit_status_2(
+    payload: bytes, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "not-qmp.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        thread = threading.Thread(target=_serve_once, args=(server, payload))
+        thread.start()
+        result = shell(str(path), "-c", "query-version")
+        thread.join()
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_daemon_going_away_mid_script_is_exit_status_2(daemon: DaemonProcess) -> None:
+    proc = subprocess.Popen(
+        [*SHELL, str(daemon.socket)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write("query-version\n")
+    proc.stdin.flush()
+    assert "return" in json.loads(proc.stdout.readline())
+    daemon.stop()
+    proc.stdin.write("query-version\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 2
+    err = proc.stderr.read()
+    assert err.startswith(f"migblock-shell: {daemon.socket}: ")
+    assert "Traceback" not in err
+    assert proc.stdout.read() == ""
+
+
+def test_help_option_explains_syntax_and_exit_codes() -> None:
+    result = shell("--help")
+    assert result.returncode == 0
+    for needle in ("key=value", "dotted keys", "Tab", "Exit status", "-c COMMAND", "SOCKET"):
+        assert needle in result.stdout

@@ -1,0 +1,206 @@
+"""migblock-shell input syntax: key=value, JSON values, quoting, dotted keys, raw JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from migblockd.contract import Contract
+from migblockd.shell.schema import Schema
+from migblockd.shell.syntax import Help, Nothing, ParseError, Request, parse_line, tokenize
+
+
+def args(line: str, schema: Schema | None = None) -> dict[str, Any]:
+    parsed = parse_line(line, schema.hint if schema is not None else None)
+    assert isinstance(parsed, Request)
+    assert not parsed.raw
+    result: dict[str, Any] = parsed.message.get("arguments", {})
+    return result
+
+
+@pytest.fixture(scope="module")
+def schema() -> Schema:
+    return Schema(Contract.load().introspection)
+
+
+def test_command_without_arguments_has_no_arguments_member() -> None:
+    assert parse_line("query-blockers") == Request({"execute": "query-blockers"})
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("42", 42),
+        ("-1.5", -1.5),
+        ("true", True),
+        ("false", False),
+        ("null", None),
+        ("hello", "hello"),
+        ("True", "True"),  # JSON only, no Python literals
+        ("NaN", "NaN"),  # not JSON
+        ("Infinity", "Infinity"),
+        ("", ""),
+        ('[1,"a",{"b":null}]', [1, "a", {"b": None}]),
+        ('{"x":[1,2]}', {"x": [1, 2]}),
+    ],
+)
+def test_value_is_json_when_it_parses_as_json_else_string(text: str, value: Any) -> None:
+    assert args(f"cmd k={text}") == {"k": value}
+
+
+def test_json_value_may_contain_spaces_and_brackets_in_strings() -> None:
+    line = 'cmd a=[ "x y", "]" ] b={"k": "} {"} c=1'
+    assert args(line) == {"a": ["x y", "]"], "b": {"k": "} {"}, "c": 1}
+
+
+def test_invalid_json_value_is_an_error_that_says_how_to_send_a_string() -> None:
+    with pytest.raises(ParseError, match="quote it to send a string"):
+        parse_line("cmd reason=[WIP]")
+    assert args("cmd reason='[WIP] disk'") == {"reason": "[WIP] disk"}
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("cmd reason='two words'", {"reason": "two words"}),
+        ('cmd reason="two words"', {"reason": "two words"}),
+        ('cmd reason="say \\"hi\\" \\\\ ok"', {"reason": 'say "hi" \\ ok'}),
+        ("cmd reason=two\\ words", {"reason": "two words"}),
+        ("cmd reason=it\\'s", {"reason": "it's"}),
+        ("cmd reason='a \"b\"'", {"reason": 'a "b"'}),
+        ('cmd "reason=x y"', {"reason": "x y"}),
+        ("cmd reason=a'b c'd", {"reason": "ab cd"}),
+        ("cmd reason=x=y", {"reason": "x=y"}),
+        # A quoted value is always a string, even when it looks like JSON.
+        ('cmd id="42"', {"id": "42"}),
+        ("cmd flag='true'", {"flag": "true"}),
+        ("cmd list='[1]'", {"list": "[1]"}),
+    ],
+)
+def test_shell_quoting(line: str, expected: dict[str, Any]) -> None:
+    assert args(line) == expected
+
+
+def test_quoted_reason_keeps_no_quote_characters() -> None:
+    # qmp-shell sends '"SEV: no"' (with the quotes) for this line.
+    assert args('add-blocker reason="SEV: no migration"') == {"reason": "SEV: no migration"}
+
+
+@pytest.mark.parametrize("line", ["cmd reason='open", 'cmd reason="open', "cmd a=\\", "cmd a=[1,"])
+def test_unterminated_quotes_are_errors(line: str) -> None:
+    with pytest.raises(ParseError):
+        parse_line(line)
+
+
+def test_dotted_keys_build_nested_objects() -> None:
+    assert args("cmd a.b=1 a.c=2") == {"a": {"b": 1, "c": 2}}
+
+
+def test_arguments_after_a_dotted_key_stay_at_the_top_level() -> None:
+    # qmp-shell's _cli_expr descends into "a" and never comes back up, giving
+    # {"a": {"b": 1, "d": 3, "c": {"x": 4}}}.
+    assert args("cmd a.b=1 d=3 c.x=4 e=5") == {"a": {"b": 1}, "d": 3, "c": {"x": 4}, "e": 5}
+
+
+def test_dotted_keys_nest_deeply_and_merge() -> None:
+    line = "cmd a.b.c=1 a.b.d=x a.e=[1] f=null"
+    assert args(line) == {"a": {"b": {"c": 1, "d": "x"}, "e": [1]}, "f": None}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("cmd a=1 a=2", "'a' is given more than once"),
+        ("cmd a=1 a.b=2", "'a' is given a value and also used for 'a.b'"),
+        ("cmd a.b=2 a=1", "'a' is given a value and also used for 'a.b'"),
+        ("cmd a.b.c=1 a.b=2", "'a.b' is given a value and also used for 'a.b.c'"),
+        ("cmd a..b=1", "empty name"),
+        ("cmd .a=1", "empty name"),
+        ("cmd a.=1", "empty name"),
+        ("cmd =1", "missing key"),
+        ("cmd value", "expected key=value, got 'value'"),
+        ("a=1", "expected a command name first"),
+        ('cmd a=[1] b="x', 'unterminated " quote'),
+        ("cmd a=[1]x", "unexpected text after the JSON value of 'a'"),
+    ],
+)
+def test_bad_lines_give_one_line_errors(line: str, message: str) -> None:
+    with pytest.raises(ParseError) as info:
+        parse_line(line)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_raw_json_line_is_sent_as_is() -> None:
+    line = ' {"execute": "add-blocker", "arguments": {"reason": "x"}, "id": [1]}'
+    assert parse_line(line) == Request(
+        {"execute": "add-blocker", "arguments": {"reason": "x"}, "id": [1]}, raw=True
+    )
+
+
+def test_raw_json_is_not_validated_locally() -> None:
+    # The daemon is the judge of what a request may contain.
+    parsed = parse_line('{"execute": 42, "foo": 1}')
+    assert parsed == Request({"execute": 42, "foo": 1}, raw=True)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [('{"execute": ', "invalid JSON"), ('{"a": NaN}', "invalid JSON")],
+)
+def test_raw_json_errors(line: str, message: str) -> None:
+    with pytest.raises(ParseError, match=message):
+        parse_line(line)
+
+
+def test_help_empty_and_comment_lines() -> None:
+    assert parse_line("help") == Help(None)
+    assert parse_line("  help add-blocker ") == Help("add-blocker")
+    assert parse_line("") == Nothing()
+    assert parse_line("   ") == Nothing()
+    assert parse_line("# a comment") == Nothing()
+    with pytest.raises(ParseError, match="usage: help"):
+        parse_line("help a b")
+
+
+def test_schema_keeps_string_arguments_strings(schema: Schema) -> None:
+    assert args("add-blocker reason=1234 id=true", schema) == {"reason": "1234", "id": "true"}
+    # Arguments that are not strings are still converted.
+    assert args("add-blocker reason=x internal=true", schema) == {
+        "reason": "x",
+        "internal": True,
+    }
+
+
+def test_schema_splits_unquoted_list_arguments_at_commas(schema: Schema) -> None:
+    assert args("add-blocker reason=x modes=normal,cpr-reboot", schema)["modes"] == [
+        "normal",
+        "cpr-reboot",
+    ]
+    assert args("add-blocker reason=x modes=normal", schema)["modes"] == ["normal"]
+    assert args("add-blocker reason=x modes=", schema)["modes"] == []
+    # The JSON form works too, with or without spaces.
+    assert args('add-blocker reason=x modes=["normal", "cpr-exec"]', schema)["modes"] == [
+        "normal",
+        "cpr-exec",
+    ]
+
+
+def test_without_schema_comma_lists_are_plain_strings() -> None:
+    assert args("add-blocker modes=normal,cpr-reboot") == {"modes": "normal,cpr-reboot"}
+
+
+def test_unknown_commands_and_arguments_get_plain_rules(schema: Schema) -> None:
+    assert args("add-blocker bogus=12", schema) == {"bogus": 12}
+    assert args("no-such-command reason=12", schema) == {"reason": 12}
+
+
+def test_partial_tokenize_reports_what_is_open() -> None:
+    words = tokenize('add-blocker reason="half', partial=True)
+    assert [w.open for w in words] == [None, '"']
+    assert words[1].key == "reason"
+    assert words[1].value == "half"
+    words = tokenize('x modes=["normal", "cp', partial=True)
+    assert words[-1].open == "json"
+    assert words[-1].json

@@ -1,0 +1,466 @@
+"""migblockd.systemd with plain sockets: sd_notify, the watchdog, socket activation."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncio_dgram
+import pytest
+
+from migblockd.systemd import (
+    Notifier,
+    format_status,
+    notify_address,
+    watchdog_usec,
+)
+
+RECV_TIMEOUT = 10.0
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+async def recv(receiver: Any) -> str:
+    data, _ = await asyncio.wait_for(receiver.recv(), RECV_TIMEOUT)
+    assert isinstance(data, bytes)
+    return data.decode()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    path = Path("/tmp") / f"migblockd-test-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def receiver(short_tmp: Path) -> AsyncIterator[tuple[str, Any]]:
+    """A NOTIFY_SOCKET value and the asyncio-dgram endpoint listening on it."""
+    path = short_tmp / "notify"
+    stream = await asyncio_dgram.bind(str(path))
+    yield str(path), stream
+    stream.close()
+
+
+def plain_receiver(path: Path) -> socket.socket:
+    """A receiver read without the event loop, to see what a wedged loop sends."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    return sock
+
+
+def drain(sock: socket.socket) -> list[str]:
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(4096).decode())
+        except BlockingIOError:
+            return got
+
+
+# --- pure helpers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "address"),
+    [
+        ("/run/systemd/notify", "/run/systemd/notify"),
+        ("@sd-notify/42", "\0sd-notify/42"),
+        ("", None),
+        ("@", None),
+        ("/", None),
+        ("relative/path", None),
+        ("vsock:2:1234", None),
+    ],
+)
+def test_notify_address(value: str, address: str | None) -> None:
+    assert notify_address(value) == address
+
+
+def test_watchdog_usec() -> None:
+    me = str(os.getpid())
+    assert watchdog_usec({}) is None
+    assert watchdog_usec({"WATCHDOG_USEC": "30000000"}) == 30_000_000
+    assert watchdog_usec({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": me}) == 30_000_000
+    # The watchdog belongs to another process (e.g. our parent was the main PID).
+    assert watchdog_usec({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_usec({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "x"}) is None
+    for bad in ("", "abc", "0", "-5", str(2**64 - 1)):
+        assert watchdog_usec({"WATCHDOG_USEC": bad}) is None, bad
+
+
+def test_format_status() -> None:
+    assert format_status(1, 1, "none") == "1 blocker, 1 client, migration: none"
+    assert format_status(0, 2, "active") == "0 blockers, 2 clients, migration: active"
+
+
+# --- Notifier ------------------------------------------------------------------------
+
+
+async def test_without_notify_socket_everything_is_a_no_op() -> None:
+    notifier = await Notifier.open({"WATCHDOG_USEC": "1000"})
+    assert not notifier.active
+    assert notifier.watchdog_interval is None
+    await notifier.ready("x")
+    await notifier.status("y")
+    await notifier.reloading()
+    await notifier.stopping()
+    await notifier.notify("FOO=1")
+    notifier.start_watchdog()
+    assert notifier._watchdog_task is None
+    await notifier.close()
+
+
+async def test_unsupported_notify_socket_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    notifier = await Notifier.open({"NOTIFY_SOCKET": "vsock:2:1"})
+    assert not notifier.active
+    assert "unsupported NOTIFY_SOCKET" in caplog.text
+    await notifier.close()
+
+
+async def test_ready_status_reloading_stopping(receiver: tuple[str, Any]) -> None:
+    address, stream = receiver
+    notifier = await Notifier.open({"NOTIFY_SOCKET": address})
+    assert notifier.active
+    await notifier.ready("2 blockers")
+    assert await recv(stream) == "READY=1\nSTATUS=2 blockers"
+
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    await notifier.reloading()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    reloading, monotonic = (await recv(stream)).split("\n")
+    assert reloading == "RELOADING=1"
+    key, value = monotonic.split("=")
+    assert key == "MONOTONIC_USEC"
+    assert before <= int(value) <= after
+
+    await notifier.ready()
+    assert await recv(stream) == "READY=1"
+    await notifier.stopping()
+    assert await recv(stream) == "STOPPING=1"
+    await notifier.close()
+    assert not notifier.active
+    await notifier.stopping()  # after close: a no-op, not an error
+
+
+async def test_abstract_notify_socket() -> None:
+    name = f"migblockd-test-{uuid.uuid4().hex}"
+    stream = await asyncio_dgram.bind("\0" + name)
+    try:
+        notifier = await Notifier.open({"NOTIFY_SOCKET": "@" + name})
+        await notifier.ready()
+        assert await recv(stream) == "READY=1"
+        await notifier.close()
+    finally:
+        stream.close()
+
+
+async def test_status_is_sent_only_when_it_changes(receiver: tuple[str, Any]) -> None:
+    address, stream = receiver
+    notifier = await Notifier.open({"NOTIFY_SOCKET": address})
+    await notifier.ready("a")
+    await notifier.status("a")  # what ready() sent: nothing new
+    await notifier.status("b")
+    await notifier.status("b")
+    await notifier.status("two\nlines")
+    await notifier.notify("END=1")
+    got = [await recv(stream) for _ in range(4)]
+    assert got == ["READY=1\nSTATUS=a", "STATUS=b", "STATUS=two lines", "END=1"]
+    await notifier.close()
+
+
+async def test_send_failures_are_logged_not_raised(
+    short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = short_tmp / "notify"
+    notifier = await Notifier.open({"NOTIFY_SOCKET": str(path)})
+    caplog.set_level(logging.DEBUG, logger="migblockd.systemd")
+    await notifier.ready()
+    await notifier.status("nobody listens")
+    failures = [r for r in caplog.records if r.getMessage().startswith("sd_notify 'READY=1")
+                or r.getMessage().startswith("sd_notify 'STATUS=nobody")]
+    # Loud once, then quiet: the watchdog would otherwise log every few seconds.
+    assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG]
+
+    # The socket is unconnected, so a receiver that appears (or is re-created)
+    # later gets the next message.
+    stream = await asyncio_dgram.bind(str(path))
+    try:
+        await notifier.status("back")
+        assert await recv(stream) == "STATUS=back"
+        assert "sd_notify works again" in caplog.text
+    finally:
+        stream.close()
+        await notifier.close()
+
+
+async def test_watchdog_pings_at_half_the_timeout(receiver: tuple[str, Any]) -> None:
+    address, stream = receiver
+    env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())}
+    notifier = await Notifier.open(env)
+    assert notifier.watchdog_interval == pytest.approx(0.1)
+    notifier.start_watchdog()
+    notifier.start_watchdog()  # idempotent: still one stream of pings
+    times = []
+    for _ in range(6):
+        assert await recv(stream) == "WATCHDOG=1"
+        times.append(time.monotonic())
+    await notifier.close()
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # Generous bounds: this checks the schedule (about 0.1 s, not 0 and not
+    # the full timeout), not how punctual a loaded machine is.
+    mean = sum(gaps) / len(gaps)
+    assert 0.05 < mean < 0.5, gaps
+
+
+async def test_no_watchdog_for_another_pid(receiver: tuple[str, Any]) -> None:
+    address, stream = receiver
+    env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "20000", "WATCHDOG_PID": "1"}
+    notifier = await Notifier.open(env)
+    assert notifier.watchdog_interval is None
+    notifier.start_watchdog()
+    await asyncio.sleep(0.1)  # five would-be intervals
+    await notifier.notify("END=1")
+    assert await recv(stream) == "END=1"
+    await notifier.close()
+
+
+async def test_a_wedged_loop_stops_the_pings(short_tmp: Path) -> None:
+    path = short_tmp / "notify"
+    sock = plain_receiver(path)
+    try:
+        notifier = await Notifier.open({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "40000"})
+        notifier.start_watchdog()
+        await asyncio.sleep(0.2)
+        assert "WATCHDOG=1" in drain(sock)
+        # No await between the drain and the check: a blocked loop sends nothing.
+        time.sleep(0.3)  # wedging the loop is the point
+        assert drain(sock) == []
+        await asyncio.sleep(0.2)
+        assert "WATCHDOG=1" in drain(sock)  # and they resume with the loop
+        await notifier.close()
+        await asyncio.sleep(0.1)
+        drain(sock)
+        await asyncio.sleep(0.2)
+        assert drain(sock) == []  # close() stopped them
+    finally:
+        sock.close()
+
+
+# --- socket activation -------------------------------------------------------------------
+
+# The child puts the sockets it inherited where a service manager would (fd 3,
+# 4, ...), sets the environment, and reports what listen_sockets() or
+# activated_listener() made of it.
+CHILD = r"""
+import fcntl, json, os, socket, sys
+from migblockd.systemd import ActivationError, activated_listener, listen_sockets
+
+spec = json.loads(sys.argv[1])
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in spec["fds"]]
+for fd in spec["fds"]:
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i, inheritable=True)
+    os.close(fd)
+env = {k: v.replace("$PID", str(os.getpid())) for k, v in spec["env"].items()}
+os.environ.update(env)
+source = os.environ if spec["environ"] else env
+
+def describe(sock):
+    name = sock.getsockname()
+    return {"fd": sock.fileno(), "family": sock.family.name, "type": sock.type.name,
+            "address": name if isinstance(name, str) else repr(name),
+            "cloexec": not os.get_inheritable(sock.fileno())}
+
+out = {}
+try:
+    if spec["call"] == "listen_sockets":
+        out["sockets"] = [dict(describe(s), name=n)
+                          for n, s in listen_sockets(source, unset_env=spec["unset"])]
+    else:
+        s = activated_listener(source)
+        out["listener"] = None if s is None else describe(s)
+except ActivationError as exc:
+    out["error"] = str(exc)
+out["left"] = sorted(k for k in os.environ if k.startswith("LISTEN_"))
+print(json.dumps(out))
+"""
+
+
+def run_child(
+    socks: list[Any], env: dict[str, str], *, call: str = "listen_sockets",
+    unset: bool = True, environ: bool = True,
+) -> dict[str, Any]:
+    fds = [s if isinstance(s, int) else s.fileno() for s in socks]
+    spec = {"fds": fds, "env": env, "call": call, "unset": unset, "environ": environ}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(spec)],
+        pass_fds=fds, env=clean, capture_output=True, text=True, check=False, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+@pytest.fixture
+def listener(short_tmp: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(short_tmp / "qmp.sock"))
+    sock.listen()
+    yield sock
+    sock.close()
+
+
+@pytest.fixture
+def datagram() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(f"\0migblockd-test-{uuid.uuid4().hex}")
+    yield sock
+    sock.close()
+
+
+def test_listen_sockets_names_and_cloexec(
+    listener: socket.socket, datagram: socket.socket
+) -> None:
+    env = {"LISTEN_PID": "$PID", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "qmp:events"}
+    out = run_child([listener, datagram], env)
+    first, second = out["sockets"]
+    assert first == {
+        "fd": 3, "family": "AF_UNIX", "type": "SOCK_STREAM",
+        "address": listener.getsockname(), "cloexec": True, "name": "qmp",
+    }
+    assert second["fd"] == 4
+    assert second["name"] == "events"
+    assert second["type"] == "SOCK_DGRAM"
+    assert second["address"] == repr(datagram.getsockname())  # abstract: b'\x00...'
+    assert second["cloexec"]
+    assert out["left"] == []
+
+
+def test_listen_sockets_default_name_and_keeping_the_environment(
+    listener: socket.socket,
+) -> None:
+    env = {"LISTEN_PID": "$PID", "LISTEN_FDS": "1"}
+    out = run_child([listener], env, unset=False)
+    assert [s["name"] for s in out["sockets"]] == ["unknown"]
+    assert out["left"] == ["LISTEN_FDS", "LISTEN_PID"]
+
+
+def test_listen_sockets_reads_the_given_mapping(listener: socket.socket) -> None:
+    # The mapping is what counts; os.environ's LISTEN_* are still removed.
+    env = {"LISTEN_PID": "$PID", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "x"}
+    out = run_child([listener], env, environ=False)
+    assert [s["name"] for s in out["sockets"]] == ["x"]
+    assert out["left"] == []
+
+
+def test_listen_sockets_for_another_process(listener: socket.socket) -> None:
+    out = run_child([listener], {"LISTEN_PID": "1", "LISTEN_FDS": "1"})
+    assert out["sockets"] == []
+    assert out["left"] == []  # unset anyway, like sd_listen_fds(1)
+
+
+def test_not_activated(listener: socket.socket) -> None:
+    assert run_child([listener], {}) == {"sockets": [], "left": []}
+    assert run_child([listener], {}, call="activated_listener") == {"listener": None, "left": []}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LISTEN_PID": "abc", "LISTEN_FDS": "1"}, "malformed LISTEN_PID"),
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": "one"}, "malformed LISTEN_FDS"),
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": "-1"}, "malformed LISTEN_FDS"),
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "a:b"}, "names 2"),
+    ],
+)
+def test_malformed_activation_environment(
+    listener: socket.socket, env: dict[str, str], message: str
+) -> None:
+    out = run_child([listener], env)
+    assert message in out["error"]
+    assert out["left"] == []
+
+
+def test_a_passed_descriptor_that_is_not_a_socket() -> None:
+    r, w = os.pipe()
+    try:
+        out = run_child([r], {"LISTEN_PID": "$PID", "LISTEN_FDS": "1"})
+    finally:
+        os.close(r)
+        os.close(w)
+    assert "passed descriptor 3" in out["error"]
+
+
+def test_activated_listener(listener: socket.socket) -> None:
+    env = {"LISTEN_PID": "$PID", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "migblockd"}
+    out = run_child([listener], env, call="activated_listener")
+    assert out["listener"]["fd"] == 3
+    assert out["listener"]["address"] == listener.getsockname()
+
+
+def test_activated_listener_refuses_what_it_cannot_serve(
+    listener: socket.socket, datagram: socket.socket, short_tmp: Path
+) -> None:
+    one = {"LISTEN_PID": "$PID", "LISTEN_FDS": "1"}
+    out = run_child([datagram], one, call="activated_listener")
+    assert "AF_UNIX SOCK_DGRAM" in out["error"]
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.bind(str(short_tmp / "idle.sock"))
+    with idle:
+        out = run_child([idle], one, call="activated_listener")
+    assert "not listening" in out["error"]
+    two = {"LISTEN_PID": "$PID", "LISTEN_FDS": "2"}
+    out = run_child([listener, datagram], two, call="activated_listener")
+    assert "expected one socket, was passed 2" in out["error"]
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate"
+)
+def test_listen_sockets_under_systemd_socket_activate(short_tmp: Path) -> None:
+    """What systemd's own tool passes is what listen_sockets() returns."""
+    path = short_tmp / "activated.sock"
+    code = (
+        "import json, os; from migblockd.systemd import listen_sockets; "
+        "print(json.dumps([[n, s.fileno(), s.getsockname(), os.get_inheritable(s.fileno())]"
+        " for n, s in listen_sockets()]))"
+    )
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(path), "--fdname=migblockd",
+         sys.executable, "-c", code],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # The tool listens, and execs the program at the first connection.
+        deadline = time.monotonic() + 30
+        while not path.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.01)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(path))
+            out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert json.loads(out) == [["migblockd", 3, str(path), False]]

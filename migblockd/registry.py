@@ -676,7 +676,7 @@ class Registry:
         for a second cancel cannot occur.
         """
         self.advance()
-        if self._status is None:
+        if self._status not in RUNNING_STATUSES:
             return
         self._deadline = self._clock.monotonic()
         self._set_status("cancelling")
@@ -685,10 +685,11 @@ class Registry:
         """``query-migrate``'s ``MigrationInfo``, like ``fill_source_migration_info()``.
 
         ``status`` is absent before the first migration.  ``setup`` shows only
-        the status; ``active`` and ``cancelling`` add ``total-time`` (elapsed
-        so far) and ``setup-time`` (0 while setup has not finished);
-        ``completed`` adds the final ``total-time`` and ``setup-time``;
-        ``cancelled`` and ``failed`` show only the status.  ``blocked-reasons``
+        the status; ``active`` adds ``total-time`` (elapsed so far) and
+        ``setup-time``; ``completed`` adds the final ``total-time`` and
+        ``setup-time``; ``cancelled`` and ``failed`` show only the status.
+        (QEMU shows times for ``cancelling`` too, but no command here can
+        observe that status: see :meth:`cancel`.)  ``blocked-reasons``
         (oldest first) is present exactly when the current mode's list is
         non-empty, whatever the status.  Times are in milliseconds.
         """
@@ -700,7 +701,7 @@ class Registry:
             if status == "completed":
                 info["total-time"] = self._total_ms
                 info["setup-time"] = self._setup_ms
-            elif status in ("active", "cancelling"):
+            elif status == "active":
                 info["total-time"] = _ms(self._clock.monotonic() - self._start)
                 info["setup-time"] = self._setup_ms
         if self._mode_chain.count:

@@ -15,9 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
-from tests.conftest import DaemonProcess, assert_clean_log
-from tests.qmpclient import RawClient
+from conftest import DaemonProcess, assert_clean_log
+from qmpclient import RawClient
 
 ALL_MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
 GENERIC = "GenericError"
@@ -283,7 +282,10 @@ async def test_owner_is_the_connecting_process(module_daemon: DaemonProcess) -> 
         "f.write(b'{\"execute\": \"qmp_capabilities\"}'); f.flush(); f.readline()\n"
         "f.write(b'{\"execute\": \"add-blocker\", \"arguments\": "
         "{\"reason\": \"child\", \"id\": \"owner-child\"}}'); f.flush()\n"
-        "sys.stdout.write(f.readline().decode())\n"
+        "while True:\n"
+        "    line = f.readline()\n"
+        "    if b'return' in line or b'error' in line or not line: break\n"
+        "sys.stdout.write(line.decode())\n"
     )
     proc = await asyncio.create_subprocess_exec(
         "python3", "-c", script, str(module_daemon.socket), stdout=asyncio.subprocess.PIPE)
@@ -304,9 +306,10 @@ async def test_only_migratable(start_daemon: Callable[..., DaemonProcess]) -> No
     d = start_daemon("--only-migratable", "--migration-time", "0.3")
     c = await connect(d)
     try:
-        for args in ({"reason": INVTSC}, {"reason": VMDK, "modes": ["normal"]},
+        cases: list[dict[str, Any]] = [{"reason": INVTSC}, {"reason": VMDK, "modes": ["normal"]},
                      {"reason": MDEV, "modes": ["cpr-exec", "normal"]},
-                     {"reason": VFIO, "modes": ["normal"], "internal": False}):
+                     {"reason": VFIO, "modes": ["normal"], "internal": False}]
+        for args in cases:
             reply = await c.execute("add-blocker", {**args, "id": "refused"}, id="om")
             assert reply == err(only_migratable_desc(args["reason"]), "om")
         assert await c.ok("query-blockers") == []
@@ -374,9 +377,11 @@ async def test_busy_while_migrating(start_daemon: Callable[..., DaemonProcess]) 
         assert await c.ok("migrate", {"uri": "tcp:127.0.0.1:4444"}) == {}
         status = (await c.ok("query-migrate"))["status"]
         assert status in ("setup", "active")
-        for args in ({"reason": SEV}, {"reason": DUMP, "internal": True},
-                     {"reason": VMDK, "modes": ["cpr-reboot"], "id": "busy1"},
-                     {"reason": MDEV, "scope": "connection"}):
+        busy_cases: list[dict[str, Any]] = [
+            {"reason": SEV}, {"reason": DUMP, "internal": True},
+            {"reason": VMDK, "modes": ["cpr-reboot"], "id": "busy1"},
+            {"reason": MDEV, "scope": "connection"}]
+        for args in busy_cases:
             reply = await c.execute("add-blocker", args, id="b")
             assert reply == err(busy_desc(args["reason"]), "b")
         assert [b["id"] for b in await c.ok("query-blockers")] == [pre["id"]]
@@ -488,7 +493,7 @@ async def test_migration_events_and_completion(daemon: DaemonProcess) -> None:
         while statuses[-1] != "completed":
             statuses.append((await c.wait_event("MIGRATION"))["data"]["status"])
         assert statuses == ["setup", "active", "completed"]
-        seen = []
+        seen: list[str] = []
         while len(seen) < 3:
             seen.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
         assert seen == ["setup", "active", "completed"]

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import DaemonProcess, assert_clean_log
+from qmpclient import RawClient, encode, ordered_keys, strict_loads
 
 import migblockd
-from tests.conftest import DaemonProcess, assert_clean_log
-from tests.qmpclient import RawClient, encode, ordered_keys, strict_loads
 
 GENERIC = "GenericError"
 NOT_FOUND = "CommandNotFound"
@@ -289,8 +289,6 @@ ARGUMENT_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("add-blocker", {"reason": "r", "scope": "forever"},
      "Parameter 'scope' does not accept value 'forever'"),
     ("add-blocker", {"reason": "r", "id": 5},
-     "Invalid parameter type for 'id', expected: string"),
-    ("add-blocker", {"reason": "r", "id": 1e400},
      "Invalid parameter type for 'id', expected: string"),
     ("del-blocker", {}, "Parameter 'id' is missing"),
     ("del-blocker", {"id": ["a"]}, "Invalid parameter type for 'id', expected: string"),
@@ -626,6 +624,8 @@ PARSE_ERROR_INPUTS = [
     b'{"execute": "query-version", "id": "\\x"}',
     b"{'execute': 'query-version'}",
     b'{"execute": "query-version" garbage garbage garbage garbage',
+    b'{"execute": "query-version", "id": 1 garbage',
+    b'{"execute": "query-version" 1',
     b'{"execute": "\xc3\x28"}',
     b'"unterminated',
 ]
@@ -669,7 +669,7 @@ async def test_parse_errors_are_answered_in_order(module_daemon: DaemonProcess) 
         await c.close()
 
 
-@pytest.mark.parametrize("reset", [b"\x01", b"\x1b", b"\x7f", b"\x00", b"\xff", b"\x04"])
+@pytest.mark.parametrize("reset", [b"\x01", b"\x1b", b"\x00", b"\xff", b"\x04", b"\x1f"])
 async def test_resync_at_control_character(module_daemon: DaemonProcess, reset: bytes) -> None:
     c = await connect(module_daemon)
     try:
@@ -737,8 +737,8 @@ async def test_max_message_size(start_daemon: Callable[..., DaemonProcess]) -> N
         ok = encode({"execute": "add-blocker", "arguments": {"reason": "y" * 800, "id": "fits"},
                      "id": "fits"})
         assert len(ok) < 1024
-        reply = (await exchange(c, ok))
-        assert reply[0]["id"] == "fits" and "return" in reply[0], reply
+        reply = [m for m in await exchange(c, ok) if "event" not in m]
+        assert len(reply) == 1 and reply[0]["id"] == "fits" and "return" in reply[0], reply
         for big in (
             encode({"execute": "add-blocker", "arguments": {"reason": "z" * 5000, "id": "big"},
                     "id": "big"}),
@@ -749,6 +749,7 @@ async def test_max_message_size(start_daemon: Callable[..., DaemonProcess]) -> N
         ):
             msgs = await exchange(c, big)
             assert len(msgs) == 1 and is_parse_error(msgs[0]), msgs
+        c.events.clear()
         ids = [b["id"] for b in await c.ok("query-blockers")]
         assert ids == ["fits"]
     finally:

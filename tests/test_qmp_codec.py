@@ -110,12 +110,16 @@ def test_any_chunking_gives_the_same_messages(parts: list[bytes], data: st.DataO
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=5), children, max_size=4),
-    max_leaves=20,
-))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=5), children, max_size=4)
+        ),
+        max_leaves=20,
+    )
+)
 def test_round_trip_of_any_json_object(value: object) -> None:
     message = {"execute": "x", "arguments": {"v": value}}
     raw = json.dumps(message).encode()
@@ -285,7 +289,10 @@ def test_reset_when_idle_and_runs_of_resets() -> None:
 
 def test_raw_newline_in_string_resyncs_after_it() -> None:
     items = decode(b'{"execute": "oops\n' + CMD)
-    assert items == [ParseError("JSON parse error, stray '\\x0a'"), {"execute": "query-blockers", "id": 1}]
+    assert items == [
+        ParseError("JSON parse error, stray '\\x0a'"),
+        {"execute": "query-blockers", "id": 1},
+    ]
 
 
 def test_errors_in_order_with_messages() -> None:

@@ -172,14 +172,15 @@ class Model:
         out: dict[str, Any] = {}
         if self.status is not None:
             out["status"] = self.status
-            if self.status in ("active", "cancelling"):
+            if self.status == "active":
                 out["total-time"] = round((self.now - self.start) * 1000)
                 out["setup-time"] = self.setup_ms
             elif self.status == "completed":
                 out["total-time"] = self.total_ms
                 out["setup-time"] = self.setup_ms
         if self.lists[self.mode]:
-            out["blocked-reasons"] = [self.blockers[i].reason for i in reversed(self.lists[self.mode])]
+            newest_first = self.lists[self.mode]
+            out["blocked-reasons"] = [self.blockers[i].reason for i in reversed(newest_first)]
         return out
 
 
@@ -318,7 +319,8 @@ class RegistryMachine(RuleBasedStateMachine):
         for m in MODES:
             assert [b.id for b in registry.blockers(m)] == list(reversed(model.lists[m]))
             newest = registry.newest(m)
-            assert (newest.id if newest else None) == (model.lists[m][0] if model.lists[m] else None)
+            head = model.lists[m][0] if model.lists[m] else None
+            assert (newest.id if newest else None) == head
         assert registry.take_events() == []
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -122,9 +123,15 @@ def test_connection_refused_is_one_line_and_exit_status_2(tmp_path: Path) -> Non
 
 def test_default_socket_comes_from_the_environment(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": str(tmp_path)}
+    if os.geteuid() == 0:
+        expected = Path("/run/migblockd/migblockd.sock")
+        if expected.exists():
+            pytest.skip(f"a daemon may be listening on {expected}")
+    else:
+        expected = tmp_path / "migblockd" / "migblockd.sock"
     result = shell("-c", "query-version", env=env)
     assert result.returncode == 2
-    assert f"{tmp_path}/migblockd/migblockd.sock" in result.stderr
+    assert f"cannot connect to {expected}:" in result.stderr
 
 
 def _serve_once(server: socket.socket, payload: bytes) -> None:

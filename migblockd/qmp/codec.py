@@ -175,6 +175,7 @@ class StreamDecoder:
         self._scan = 0  # where scanning resumes
         self._stack = bytearray()  # expected closing brackets, innermost last
         self._in_string = False
+        self._checked = 0  # end of the prefix _check_lines() last parsed
         self._eof = False
         self._ready: object = NEED_DATA  # one message of lookahead for has_message()
 
@@ -188,6 +189,7 @@ class StreamDecoder:
             del self._buf[:keep]
             self._start -= keep
             self._scan -= keep
+            self._checked = max(0, self._checked - keep)
         self._buf += data
 
     def feed_eof(self) -> None:
@@ -251,6 +253,7 @@ class StreamDecoder:
                     m = _FAST_MESSAGE.match(buf, i, min(n, i + self.max_message_size))
                     if m is not None:
                         return self._complete(m.end())
+                self._checked = i
                 closer = _OPENERS.get(c)
                 if closer is not None:
                     self._stack.append(closer)
@@ -370,10 +373,46 @@ class StreamDecoder:
             if limit <= n:
                 self._skip_from(limit)
                 return ParseError(TOKEN_SIZE_EXCEEDED)
+            error = self._check_lines(buf)
+            if error is not None:
+                return error
             if self._eof:
                 self._skip_from(n)
                 return ParseError(PARSE_ERROR_PREFIX + "premature EOI")
             return NEED_DATA
+
+    def _check_lines(self, buf: bytearray) -> ParseError | None:
+        """Catch a syntax error in complete lines of an unfinished message.
+
+        The regex scan only tracks brackets, so ``{"execute": "x" garbage``
+        followed by a newline and the next request would otherwise wait for a
+        closing brace that never comes, swallowing every request after it.
+        When the unfinished message spans a line feed, parse what it holds up
+        to the last one: if the error lies inside (not at the end, where input
+        merely ran out), report it now and resynchronise at the next line feed.
+        Re-checks happen only once the checked prefix has doubled, so a long
+        multi-line message costs linear time in total.
+        """
+        start = self._start
+        lf = buf.rfind(b"\n", max(start, self._checked), self._scan)
+        if lf < 0 or lf - start < 2 * (self._checked - start):
+            return None
+        self._checked = lf
+        text = buf[start:lf].decode("utf-8", "replace")
+        try:
+            _DECODER.raw_decode(text)
+        except json.JSONDecodeError as exc:
+            if exc.pos >= len(text.rstrip()):
+                return None  # a valid beginning, to be continued
+            desc: str | None = PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
+            skip = start + len(text[: exc.pos].encode("utf-8", "replace"))
+        except (_Reject, ValueError, RecursionError):
+            desc = describe_error(text)
+            skip = lf
+        else:  # pragma: no cover - a complete value would have ended the scan
+            return None
+        self._skip_from(min(skip, lf))
+        return ParseError(desc or PARSE_ERROR_PREFIX + "expecting value")
 
     def _bad_byte(self, buf: bytearray, p: int) -> ParseError:
         """A control character (or 0xFE/0xFF) where JSON allows none: the message is lost."""

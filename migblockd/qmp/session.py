@@ -296,7 +296,7 @@ class Session:
         else:
             args = {}
         allowed = _OOB_MEMBERS if oob else _IN_BAND_MEMBERS
-        if len(req) > 1:
+        if not req.keys() <= allowed:
             for key in req:
                 if key not in allowed:
                     raise QMPError(f"QMP input member '{key}' is unexpected")

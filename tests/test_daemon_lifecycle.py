@@ -1,0 +1,401 @@
+"""Start, refuse, replace, stop: the daemon's life cycle, on Python 3.11, 3.12 and 3.13.
+
+The shutdown, stale-socket and live-socket tests run once per interpreter.  The
+project venv is 3.11; for 3.12 and 3.13 a session-scoped virtual environment is
+built with a non-editable ``pip install`` of the project (needs PyPI), and the
+daemon runs from a directory outside the source tree so that the installed copy
+(and its packaged schema) is what runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DaemonProcess, assert_clean_log, spawn_daemon, wait_ready
+from qmpclient import RawClient, encode, strict_loads
+
+from migblockd.paths import default_socket_path
+
+ROOT = Path(__file__).resolve().parent.parent
+INTERPRETERS = {
+    "3.11": sys.executable,
+    "3.12": "/root/.pyenv/versions/3.12.1/bin/python",
+    "3.13": "/root/.pyenv/versions/3.13.0/bin/python",
+}
+
+
+class VenvBuilder:
+    """Builds one venv per extra interpreter, all in parallel, the first time one is needed."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.lock = threading.Lock()
+        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
+        self.results: dict[str, str] = {}
+
+    def _start_all(self) -> None:
+        for version, interpreter in INTERPRETERS.items():
+            if version == "3.11" or not Path(interpreter).exists():
+                continue
+            venv = self.base / f"venv-{version}"
+            log = self.base / f"venv-{version}.log"
+            script = (f'"{interpreter}" -m venv "{venv}" && '
+                      f'"{venv}/bin/python" -m pip install -q --disable-pip-version-check '
+                      f'"{ROOT}"')
+            with log.open("wb") as out:
+                proc = subprocess.Popen(["sh", "-c", script], stdout=out, stderr=out,
+                                        stdin=subprocess.DEVNULL)
+            self.procs[version] = (proc, venv, log)
+
+    def python(self, version: str) -> str:
+        with self.lock:
+            if not self.procs and not self.results:
+                self._start_all()
+            if version in self.results:
+                return self.results[version]
+            proc, venv, log = self.procs[version]
+            rc = proc.wait(600)
+            assert rc == 0, f"building the {version} venv failed:\n{log.read_text()}"
+            self.results[version] = str(venv / "bin" / "python")
+            return self.results[version]
+
+
+@pytest.fixture(scope="session")
+def venvs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VenvBuilder]:
+    builder = VenvBuilder(tmp_path_factory.mktemp("venvs"))
+    yield builder
+    for proc, _, _ in builder.procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(params=sorted(INTERPRETERS))
+def python(request: pytest.FixtureRequest, venvs: VenvBuilder) -> str:
+    """The interpreter to run the daemon with (the project venv for 3.11)."""
+    version: str = request.param
+    interpreter = INTERPRETERS[version]
+    if not Path(interpreter).exists():
+        pytest.skip(f"Python {version} is not installed on this machine ({interpreter})")
+    if version == "3.11":
+        return sys.executable
+    return venvs.python(version)
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Like ``start_daemon``, with ``python=`` and run from outside the source tree."""
+    started: list[DaemonProcess] = []
+
+    def start(*args: str, python: str = sys.executable, **kw: Any) -> DaemonProcess:
+        d = spawn_daemon(tmp_path, *args, python=python, cwd=tmp_path, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+
+
+async def connect(path: Path, negotiate: bool = True) -> RawClient:
+    return await RawClient.connect(path, negotiate=negotiate)
+
+
+def wait_exit(d: DaemonProcess, timeout: float = 10.0) -> int:
+    try:
+        return d.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        d.proc.kill()
+        d.proc.wait()
+        raise AssertionError(f"daemon still running after {timeout} s:\n{d.log()}") from None
+
+
+# --------------------------------------------------------------------------- socket file
+
+
+def test_socket_mode_default_0600(start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon()
+    st = os.stat(d.socket)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+@pytest.mark.parametrize(("option", "mode"), [("0660", 0o660), ("0666", 0o666), ("600", 0o600)])
+def test_socket_mode_option(start_daemon: Callable[..., DaemonProcess], option: str,
+                            mode: int) -> None:
+    d = start_daemon("--socket-mode", option)
+    assert stat.S_IMODE(os.stat(d.socket).st_mode) == mode
+
+
+def test_socket_directory_is_created_private(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    sock = tmp_path / "new" / "dir" / "m.sock"
+    d = start_daemon(socket=sock)
+    assert d.socket == sock and stat.S_ISSOCK(os.stat(sock).st_mode)
+    assert stat.S_IMODE(os.stat(sock.parent).st_mode) == 0o700
+
+
+async def test_default_socket_path_is_printed(tmp_path: Path) -> None:
+    """No --socket: the daemon listens on the documented default and says where."""
+    host_dir = Path(f"/tmp/mbd-default-{os.getpid()}-{time.monotonic_ns()}")
+    host_dir.mkdir(mode=0o755)
+    log_path = tmp_path / "default.log"
+    argv = [sys.executable, "-m", "migblockd", "--log-level", "debug"]
+    env = dict(os.environ)
+    if os.geteuid() == 0:
+        # root's default is /run/migblockd/migblockd.sock: give the daemon a private
+        # /run (our directory, bind-mounted) so that no real /run is touched.
+        if shutil.which("unshare") is None:
+            pytest.skip("running as root and unshare(1) is not available to isolate /run")
+        probe = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f'mount --bind "{host_dir}" /run'], capture_output=True, check=False)
+        if probe.returncode != 0:
+            pytest.skip(f"running as root and cannot isolate /run: {probe.stderr!r}")
+        expected = Path("/run/migblockd/migblockd.sock")
+        host_socket = host_dir / "migblockd" / "migblockd.sock"
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$0" /run && exec "$@"', str(host_dir), *argv]
+    else:
+        env["XDG_RUNTIME_DIR"] = str(host_dir)
+        env.pop("TMPDIR", None)
+        expected = host_dir / "migblockd" / "migblockd.sock"
+        host_socket = expected
+    old = os.environ.copy()
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        assert default_socket_path() == expected
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                env=env, cwd=tmp_path)
+    d = DaemonProcess(host_socket, proc, log_path, argv)
+    try:
+        wait_ready(d)
+        assert str(expected) in d.log()
+        assert stat.S_IMODE(os.stat(host_socket.parent).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(host_socket).st_mode) == 0o600
+        c = await connect(host_socket)
+        assert (await c.ok("query-version"))["package"].startswith("migblockd ")
+        await c.close()
+        assert d.stop() == 0
+        assert not host_socket.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(host_dir, ignore_errors=True)
+
+
+def test_help_explains_every_option() -> None:
+    out = subprocess.run([sys.executable, "-m", "migblockd", "--help"], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout
+    for option in ("--socket", "--socket-mode", "--only-migratable", "--migration-time",
+                   "--log-level", "--max-clients", "--max-message-size", "--max-nesting",
+                   "--max-output", "--schema", "--config"):
+        assert re.search(rf"^\s+{option}\b.*\n(\s+\S.*\n)*", out, re.M), option
+    assert str(default_socket_path()) in " ".join(out.split())
+
+
+# --------------------------------------------------------------------------- never steal
+
+
+async def test_refuses_to_steal_a_live_socket(
+    spawn: Callable[..., DaemonProcess], python: str
+) -> None:
+    live = spawn(python=python)
+    inode = os.stat(live.socket).st_ino
+    c = await connect(live.socket)
+    try:
+        await c.ok("add-blocker", {"reason": "keep me", "id": "keep"})
+        second = spawn(python=python, wait=False)
+        rc = wait_exit(second, 20)
+        assert rc != 0, second.log()
+        log = second.log()
+        assert str(live.socket) in log, log
+        assert re.search(r"(?i)already|in use|another|live", log), log
+        assert "Traceback" not in log, log
+        # The live daemon is untouched and keeps working, for old and new clients.
+        assert os.stat(live.socket).st_ino == inode
+        assert [b["id"] for b in await c.ok("query-blockers")] == ["keep"]
+        c2 = await connect(live.socket)
+        assert [b["id"] for b in await c2.ok("query-blockers")] == ["keep"]
+        await c2.close()
+    finally:
+        await c.close()
+    assert live.stop() == 0
+
+
+async def test_stale_socket_is_replaced(spawn: Callable[..., DaemonProcess], python: str,
+                                        tmp_path: Path) -> None:
+    path = tmp_path / "migblockd.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays; nobody listens
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    d = spawn(python=python, socket=path)
+    c = await connect(path)
+    try:
+        assert (await c.ok("query-version"))["package"].startswith("migblockd ")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        await c.close()
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+# --------------------------------------------------------------------------- shutdown
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_stops_cleanly_with_clients_connected(
+    spawn: Callable[..., DaemonProcess], python: str, sig: int
+) -> None:
+    d = spawn("--migration-time", "30", python=python)
+    busy = await connect(d.socket)
+    idle = await connect(d.socket)
+    fresh = await connect(d.socket, negotiate=False)
+    stuck = await connect(d.socket)
+    try:
+        await busy.ok("migrate", {"uri": "unix:/tmp/nowhere"})  # a migration is running
+        # A client with lots of unread output, still sending.
+        stuck.send_raw(b"".join(encode({"execute": "query-qmp-schema", "id": i})
+                                for i in range(300)))
+        # Requests sent just before the signal.
+        busy.send_raw(b"".join(
+            encode({"execute": "del-blocker", "arguments": {"id": f"x{i}"}, "id": i})
+            for i in range(100)))
+        await busy.writer.drain()
+        await asyncio.sleep(0.5)
+        d.signal(sig)
+        t0 = time.monotonic()
+        replies = await busy.read_replies(100)
+        assert [r["id"] for r in replies] == list(range(100))
+        assert all(r["error"]["desc"] == f"Blocker 'x{r['id']}' not found" for r in replies)
+        assert await busy.read_to_eof() == b""
+        assert await idle.read_to_eof() == b""
+        assert await fresh.read_to_eof() == b""
+        rc = wait_exit(d, 10)
+        elapsed = time.monotonic() - t0
+        assert rc == 0, d.log()
+        assert elapsed < 5, f"took {elapsed:.1f} s to stop"
+        assert not d.socket.exists()
+        with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
+            await asyncio.open_unix_connection(str(d.socket))
+    finally:
+        for c in (busy, idle, fresh, stuck):
+            await c.close()
+    assert_clean_log(d)
+
+
+async def test_signal_with_no_clients(spawn: Callable[..., DaemonProcess], python: str) -> None:
+    d = spawn(python=python)
+    c = await connect(d.socket)
+    await c.ok("add-blocker", {"reason": "r"})
+    await c.close()
+    await asyncio.sleep(0.1)
+    d.signal(signal.SIGTERM)
+    assert wait_exit(d, 10) == 0
+    assert not d.socket.exists()
+    assert_clean_log(d)
+
+
+# --------------------------------------------------------------------------- logs
+
+
+async def test_logs_connect_and_disconnect_with_peer_credentials(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    d = start_daemon("--log-level", "info")
+    c = await connect(d.socket)
+    await c.ok("query-version")
+    await c.close()
+    pid, uid = os.getpid(), os.getuid()
+    creds = re.compile(rf"pid\W{{0,3}}{pid}\b.*uid\W{{0,3}}{uid}\b")
+    for _ in range(200):
+        if re.search(r"(?i)disconnect", d.log()):
+            break
+        await asyncio.sleep(0.02)
+    lines = d.log().splitlines()
+    connected = [ln for ln in lines if re.search(r"(?i)\bconnect(ed|ion)?\b", ln)
+                 and not re.search(r"(?i)disconnect", ln)]
+    disconnected = [ln for ln in lines if re.search(r"(?i)disconnect", ln)]
+    assert [ln for ln in connected if creds.search(ln)], lines
+    assert [ln for ln in disconnected if creds.search(ln)], lines
+    assert d.stop() == 0
+    log = d.log()
+    assert re.search(r"(?i)ready|listening|start", log)
+    assert re.search(r"(?i)stop", log)
+
+
+NASTY = [
+    b'{"execute": "add-blocker", "arguments": {"reason": "\\ud800"}}',
+    b'{"execute": "add-blocker", "arguments": {"reason": "\\udfff\\ud800x"}, "id": "\\ud800"}',
+    b'{"execute": "add-blocker", "arguments": {"reason": "nul \\u0000 byte", "id": "nul"}}',
+    b'{"execute": "del-blocker", "arguments": {"id": "\\u0000"}, "id": "\\udc80"}',
+    b'{"execute": "query-version", "id": ' + b"9" * 5000 + b"}",
+    b'{"execute": "query-version", "id": -' + b"9" * 5000 + b".5e-99999}",
+    b'{"execute": "query-version", "id": 1e-400}',
+    b'{"execute": "add-blocker", "arguments": {"reason": "r", "modes": ["normal", '
+    + b"[" * 60 + b"]" * 60 + b"]}}",
+    b'{"execute": "\xff\xfe"}',
+    b'{"execute": "query-version", "id": "\xed\xa0\x80"}',
+    b'{"execute": "add-blocker", "arguments": {"reason": "\xc0\xaf"}}',
+    b'{"execute": "query-version", "arguments": {"__proto__": {}, "__class__": 1}}',
+    b'{"execute": "migrate", "arguments": {"uri": "unix:' + b"a" * 100000 + b'"}}',
+    b'{"execute": "query-blockers", "arguments": {"mode": {"$ref": "#"}}}',
+    b'{"execute": "add-blocker", "arguments": {"reason": "r", "modes": null}}',
+    b'{"execute": "add-blocker", "arguments": {"reason": "r", "internal": null}}',
+    b'{"execute": "qmp_capabilities", "arguments": {"enable": null}}',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [null]}}',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [[]]}}',
+    b"\x00\x00\x00",
+    b"\r\r\r{}",
+    b"\xef\xbb\xbf{}",
+    b"{" * 63 + b"}" * 63,
+]
+
+
+async def test_no_traceback_for_bad_input(start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon()
+    c = await connect(d.socket)
+    rng = random.Random(4)
+    garbage = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+               for _ in range(100)]
+    try:
+        for k, bad in enumerate(NASTY + garbage):
+            c.send_raw(bad + b"\n" + encode({"execute": "query-version", "id": f"m{k}"}))
+            while True:
+                line = await c.read_line()
+                assert line.endswith(b"\r\n"), (bad[:100], line)
+                assert b"Traceback" not in line and b"Error(" not in line, (bad[:100], line)
+                msg = strict_loads(line)
+                if msg.get("id") == f"m{k}" and "return" in msg:
+                    break
+            assert d.proc.poll() is None, bad[:100]
+        assert (await c.execute("query-version", id="end"))["id"] == "end"
+    finally:
+        await c.close()
+    assert d.stop() == 0
+    assert_clean_log(d)

@@ -1,0 +1,154 @@
+"""The standard Python QMP client (``qemu.qmp``) and its qmp-shell, against the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import DaemonProcess, assert_clean_log
+from qemu.qmp import EventListener, ExecuteError, QMPClient
+
+SEV = "SEV: Migration is not implemented"
+VMDK = "The vmdk format used by node 'disk0' does not support live migration"
+
+
+async def next_event(listener: EventListener, name: str) -> dict[str, Any]:
+    while True:
+        event = await asyncio.wait_for(listener.get(), 10)
+        if event["event"] == name:
+            return dict(event)
+
+
+async def test_qmpclient_drives_every_command(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    d = start_daemon("--migration-time", "0.5")
+    qmp = QMPClient("migblockd-test")
+    listener = EventListener(("BLOCKER_ADDED", "BLOCKER_DELETED", "MIGRATION"))
+    qmp.register_listener(listener)
+    await asyncio.wait_for(qmp.connect(str(d.socket)), 10)
+    try:
+        assert qmp.greeting is not None
+        greeting: Any = qmp.greeting._raw
+        assert greeting["QMP"]["capabilities"] == ["oob"]
+        version: Any = await qmp.execute("query-version")
+        assert version == greeting["QMP"]["version"]
+        commands: Any = await qmp.execute("query-commands")
+        names = {c["name"] for c in commands}
+        assert {"qmp_capabilities", "query-version", "query-commands", "query-qmp-schema",
+                "add-blocker", "del-blocker", "query-blockers", "migrate", "migrate_cancel",
+                "query-migrate", "migrate-set-parameters", "query-migrate-parameters",
+                "migrate-set-capabilities", "query-migrate-capabilities"} <= names
+        schema: Any = await qmp.execute("query-qmp-schema")
+        assert {e["name"] for e in schema if e["meta-type"] == "command"} == names
+        # qemu.qmp enabled OOB during negotiation: exec-oob works.
+        assert await qmp.execute("query-version", oob=True) == version
+
+        info: Any = await qmp.execute("add-blocker", {"reason": SEV, "id": "sev"})
+        assert info["id"] == "sev" and info["reason"] == SEV
+        assert info["owner"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+        added = await next_event(listener, "BLOCKER_ADDED")
+        assert added["data"] == info
+        blockers: Any = await qmp.execute("query-blockers")
+        assert [b["id"] for b in blockers] == ["sev"]
+        assert await qmp.execute("query-blockers", {"mode": "cpr-exec"}) == [info]
+
+        with pytest.raises(ExecuteError) as exc:
+            await qmp.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+        assert str(exc.value) == SEV
+        assert exc.value.error_class == "GenericError"
+        assert await qmp.execute("query-migrate") == {"blocked-reasons": [SEV]}
+
+        with pytest.raises(ExecuteError) as exc:
+            await qmp.execute("add-blocker", {"reason": VMDK, "id": "sev"})
+        assert str(exc.value) == "Duplicate blocker ID 'sev'"
+
+        assert await qmp.execute("migrate-set-parameters", {"mode": "cpr-reboot"}) == {}
+        assert await qmp.execute("query-migrate-parameters") == {"mode": "cpr-reboot"}
+        assert await qmp.execute("migrate-set-parameters", {"mode": "normal"}) == {}
+
+        assert await qmp.execute("del-blocker", {"id": "sev"}) == {}
+        deleted = await next_event(listener, "BLOCKER_DELETED")
+        assert deleted["data"] == {"id": "sev", "cause": "command"}
+        with pytest.raises(ExecuteError) as exc:
+            await qmp.execute("del-blocker", {"id": "sev"})
+        assert str(exc.value) == "Blocker 'sev' not found"
+
+        assert await qmp.execute("migrate-set-capabilities", {
+            "capabilities": [{"capability": "events", "state": True}]}) == {}
+        assert await qmp.execute("query-migrate-capabilities") == [
+            {"capability": "events", "state": True}]
+        assert await qmp.execute("migrate", {"uri": "unix:/tmp/dest"}) == {}
+        statuses = [(await next_event(listener, "MIGRATION"))["data"]["status"]
+                    for _ in range(3)]
+        assert statuses == ["setup", "active", "completed"]
+        info = await qmp.execute("query-migrate")
+        assert info["status"] == "completed"
+
+        assert await qmp.execute("migrate", {"uri": "unix:/tmp/dest"}) == {}
+        assert (await next_event(listener, "MIGRATION"))["data"] == {"status": "setup"}
+        assert await qmp.execute("migrate_cancel", oob=True) == {}
+        assert (await next_event(listener, "MIGRATION"))["data"] == {"status": "cancelling"}
+        assert (await next_event(listener, "MIGRATION"))["data"] == {"status": "cancelled"}
+        assert await qmp.execute("migrate_cancel") == {}
+        assert (await qmp.execute("query-migrate")) == {"status": "cancelled"}
+
+        with pytest.raises(ExecuteError) as exc:
+            await qmp.execute("no-such-command")
+        assert exc.value.error_class == "CommandNotFound"
+        assert str(exc.value) == "The command no-such-command has not been found"
+    finally:
+        await qmp.disconnect()
+    await asyncio.sleep(0.1)
+    assert "disconnect" in d.log().lower()
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+async def test_qmp_shell_script(start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon()
+    script = "\n".join([
+        "query-version",
+        "add-blocker reason=SEV:not-implemented id=sev",
+        "add-blocker reason=vmdk modes=[\"normal\"] id=vmdk",
+        "query-blockers mode=cpr-exec",
+        "query-migrate",
+        "migrate uri=tcp:127.0.0.1:1",
+        "del-blocker id=sev",
+        "del-blocker id=sev",
+        "del-blocker id=vmdk",
+        "query-migrate",
+        "",
+    ])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "qemu.qmp.qmp_shell", str(d.socket),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, errout = await asyncio.wait_for(proc.communicate(script.encode()), 30)
+    text = out.decode()
+    assert proc.returncode == 0, (text, errout)
+    assert "Connected to QEMU" in text
+    replies = []
+    for line in text.splitlines():
+        start = line.find("{")
+        if start >= 0:
+            replies.append(json.loads(line[start:]))
+    assert len(replies) == 10, text
+    version, sev, vmdk, by_mode, blocked, refused, del1, del2, del3, free = replies
+    assert version["return"]["package"].startswith("migblockd ")
+    assert sev["return"]["id"] == "sev" and sev["return"]["reason"] == "SEV:not-implemented"
+    assert vmdk["return"]["modes"] == ["normal"]
+    assert [b["id"] for b in by_mode["return"]] == ["sev"]
+    assert blocked == {"return": {"blocked-reasons": ["SEV:not-implemented", "vmdk"]}}
+    assert refused == {"error": {"class": "GenericError", "desc": "vmdk"}}
+    assert del1 == {"return": {}}
+    assert del2 == {"error": {"class": "GenericError", "desc": "Blocker 'sev' not found"}}
+    assert del3 == {"return": {}}
+    assert free == {"return": {}}
+    assert "Traceback" not in errout.decode()
+    assert_clean_log(d)

@@ -1,0 +1,519 @@
+"""The session state machine: bytes in, bytes out, no event loop."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from migblockd.qmp.codec import Limits
+from migblockd.qmp.errors import QMPError
+from migblockd.qmp.session import Command, Session
+from migblockd.qmp.validation import ArgumentValidator
+from migblockd.registry import BlockerError
+
+ADD_BLOCKER: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "reason": {"type": "string"},
+        "modes": {"type": "array", "items": {"$ref": "#/$defs/MigMode"}},
+    },
+    "required": ["reason"],
+    "additionalProperties": False,
+    "$defs": {"MigMode": {"type": "string", "enum": ["normal", "cpr-reboot"]}},
+}
+
+GREETING = {
+    "QMP": {
+        "version": {"qemu": {"micro": 0, "minor": 1, "major": 0}, "package": "migblockd 0.1.0"},
+        "capabilities": ["oob"],
+    }
+}
+NEGOTIATION = "Expecting capabilities negotiation with 'qmp_capabilities'"
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def make_commands(log: list[str]) -> dict[str, Command]:
+    def add_blocker(session: Session, args: dict[str, Any]) -> object:
+        log.append(f"add {args['reason']}")
+        if args["reason"] == "dup":
+            raise BlockerError("Blocker 'x' already exists")
+        if args["reason"] == "qmp":
+            raise QMPError("refused")
+        if args["reason"] == "bug":
+            raise Boom("secret traceback material")
+        if args["reason"] == "nan":
+            return {"x": float("nan")}
+        session.send_event(Session.encode_event("BLOCKER_ADDED", {"id": "b"}, 1.5))
+        return {"id": "b", "reason": args["reason"]}
+
+    def noop(session: Session, args: dict[str, Any]) -> object:
+        log.append("noop")
+        return {}
+
+    return {
+        "qmp_capabilities": Command(
+            "qmp_capabilities",
+            True,
+            ArgumentValidator(
+                {
+                    "type": "object",
+                    "properties": {
+                        "enable": {"type": "array", "items": {"$ref": "#/$defs/QMPCapability"}}
+                    },
+                    "additionalProperties": False,
+                    "$defs": {"QMPCapability": {"type": "string", "enum": ["oob"]}},
+                }
+            ).check,
+            lambda session, args: pytest.fail("the session negotiates itself"),
+        ),
+        "add-blocker": Command(
+            "add-blocker", True, ArgumentValidator(ADD_BLOCKER).check, add_blocker
+        ),
+        "query-blockers": Command("query-blockers", False, lambda args: None, noop),
+    }
+
+
+class Client:
+    """Drives a Session as a client would, over bytes only."""
+
+    def __init__(self, *, greeting: dict[str, Any] = GREETING, **kwargs: Any) -> None:
+        self.log: list[str] = []
+        self.internal: list[tuple[str, BaseException]] = []
+        self.session = Session(
+            make_commands(self.log),
+            greeting,
+            on_internal_error=lambda s, name, exc: self.internal.append((name, exc)),
+            **kwargs,
+        )
+        self.greeting = self.session.data_to_send()
+
+    def raw(self, data: bytes, *, eof: bool = False) -> bytes:
+        self.session.receive_data(data)
+        if eof:
+            self.session.receive_eof()
+        while self.session.has_pending():
+            self.session.execute(7)
+        return self.session.data_to_send()
+
+    def send(self, data: bytes, *, eof: bool = False) -> list[dict[str, Any]]:
+        out = self.raw(data, eof=eof)
+        assert out == b"" or out.endswith(b"\r\n")
+        lines = out.split(b"\r\n")[:-1]
+        return [json.loads(line) for line in lines]
+
+    def cmd(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.send(json.dumps(request).encode())
+
+    def negotiate(self, *, oob: bool = False) -> None:
+        args = {"enable": ["oob"]} if oob else {}
+        assert self.cmd({"execute": "qmp_capabilities", "arguments": args}) == [{"return": {}}]
+
+
+def err(desc: str, id: object = ..., cls: str = "GenericError") -> dict[str, Any]:
+    body = {"class": cls, "desc": desc}
+    return {"error": body} if id is ... else {"id": id, "error": body}
+
+
+# -- greeting and negotiation -----------------------------------------------------------
+
+
+def test_greeting_pending_at_once() -> None:
+    client = Client()
+    assert client.greeting == json.dumps(GREETING).encode() + b"\r\n"
+    assert client.session.data_to_send() == b""
+
+
+def test_commands_before_negotiation_are_refused() -> None:
+    client = Client()
+    assert client.cmd({"execute": "query-blockers", "id": 1}) == [
+        err(NEGOTIATION, 1, "CommandNotFound")
+    ]
+    assert client.cmd({"execute": "no-such-command"}) == [err(NEGOTIATION, cls="CommandNotFound")]
+    # envelope errors are not rewritten
+    assert client.cmd({"id": 2}) == [err("QMP input lacks member 'execute'", 2)]
+    assert client.log == []
+    assert not client.session.negotiated
+
+
+def test_negotiation_then_commands() -> None:
+    client = Client()
+    assert client.cmd({"execute": "qmp_capabilities", "id": "n"}) == [{"return": {}, "id": "n"}]
+    assert client.session.negotiated and not client.session.oob_enabled
+    assert client.cmd({"execute": "query-blockers"}) == [{"return": {}}]
+
+
+def test_second_negotiation_is_refused() -> None:
+    client = Client()
+    client.negotiate()
+    assert client.cmd({"execute": "qmp_capabilities", "id": 3}) == [
+        err("Capabilities negotiation is already complete, command ignored", 3, "CommandNotFound")
+    ]
+    # arguments are still validated first, as in QEMU
+    assert client.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}) == [
+        err("Parameter 'enable[0]' does not accept value 'x'")
+    ]
+
+
+def test_capability_not_offered() -> None:
+    client = Client(greeting={"QMP": {"version": {}, "capabilities": []}})
+    assert client.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}) == [
+        err("Capability oob not available")
+    ]
+    assert not client.session.negotiated
+    client.negotiate()
+
+
+def test_unknown_capability() -> None:
+    client = Client()
+    assert client.cmd(
+        {"execute": "qmp_capabilities", "arguments": {"enable": ["foo"], "id": 1}}
+    ) == [err("Parameter 'enable[0]' does not accept value 'foo'")]
+    assert client.cmd({"execute": "qmp_capabilities", "arguments": {"bogus": 1}}) == [
+        err("Parameter 'bogus' is unexpected")
+    ]
+    assert not client.session.negotiated
+
+
+def test_builtin_negotiation_validator_without_table_entry() -> None:
+    session = Session({}, GREETING)
+    session.receive_data(b'{"execute": "qmp_capabilities", "arguments": {"enable": ["foo"]}}')
+    session.execute(1)
+    assert b"Parameter 'enable[0]' does not accept value 'foo'" in session.data_to_send()
+    session.receive_data(b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}')
+    session.execute(1)
+    assert session.data_to_send() == b'{"return": {}}\r\n'
+    assert session.oob_enabled
+
+
+# -- envelope errors ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [42, [], "x", None, [1, {"execute": "x"}]])
+def test_input_must_be_an_object(value: object) -> None:
+    client = Client()
+    client.negotiate()
+    assert client.send(json.dumps(value).encode() + b"\n") == [
+        err("QMP input must be a JSON object")
+    ]
+
+
+@pytest.mark.parametrize("id", [1, "abc", None, [1, {"a": None}], {"nested": {"x": 1.5}}, -7, True])
+def test_envelope_errors_echo_id_verbatim(id: object) -> None:
+    client = Client()
+    client.negotiate()
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"execute": 1}, "QMP input member 'execute' must be a string"),
+        ({"execute": None}, "QMP input member 'execute' must be a string"),
+        (
+            {"execute": "query-blockers", "arguments": []},
+            "QMP input member 'arguments' must be an object",
+        ),
+        (
+            {"execute": "query-blockers", "arguments": None},
+            "QMP input member 'arguments' must be an object",
+        ),
+        ({"execute": "query-blockers", "extra": 1}, "QMP input member 'extra' is unexpected"),
+        (
+            {"execute": "query-blockers", "exec-oob": "x"},
+            "QMP input member 'exec-oob' is unexpected",
+        ),
+        ({"arguments": {}}, "QMP input lacks member 'execute'"),
+    ]
+    for request, desc in cases:
+        assert client.cmd({**request, "id": id}) == [err(desc, id)], request
+    assert client.cmd({"execute": "nope", "id": id}) == [
+        err("The command nope has not been found", id, "CommandNotFound")
+    ]
+    assert client.log == []
+
+
+def test_envelope_check_order() -> None:
+    client = Client()
+    client.negotiate()
+    # execute type before arguments type before unexpected before missing execute
+    assert client.cmd({"x": 1, "arguments": 1, "execute": 1}) == [
+        err("QMP input member 'execute' must be a string")
+    ]
+    assert client.cmd({"x": 1, "arguments": 1}) == [
+        err("QMP input member 'arguments' must be an object")
+    ]
+    assert client.cmd({"x": 1}) == [err("QMP input member 'x' is unexpected")]
+    # unexpected members come before the command lookup
+    assert client.cmd({"execute": "nope", "x": 1}) == [err("QMP input member 'x' is unexpected")]
+
+
+def test_command_names_are_exact() -> None:
+    client = Client()
+    client.negotiate()
+    for name in ("query_blockers", "Query-Blockers", "query-blockers "):
+        assert client.cmd({"execute": name}) == [
+            err(f"The command {name} has not been found", cls="CommandNotFound")
+        ]
+
+
+def test_reply_member_order_and_line_format() -> None:
+    client = Client()
+    client.negotiate()
+    assert client.raw(b'{"execute": "query-blockers", "id": 5}') == b'{"return": {}, "id": 5}\r\n'
+    assert client.raw(b'{"id": 5, "execute": "nope"}') == (
+        b'{"id": 5, "error": {"class": "CommandNotFound", '
+        b'"desc": "The command nope has not been found"}}\r\n'
+    )
+    assert client.raw(b'{"execute": "query-blockers"}') == b'{"return": {}}\r\n'
+
+
+# -- argument errors through the session ----------------------------------------------
+
+
+def test_argument_errors_have_no_effect() -> None:
+    client = Client()
+    client.negotiate()
+    assert client.cmd({"execute": "add-blocker", "arguments": {"modes": ["x"]}, "id": 1}) == [
+        err("Parameter 'reason' is missing", 1)
+    ]
+    assert client.cmd(
+        {"execute": "add-blocker", "arguments": {"reason": "r", "modes": ["normal", 3]}}
+    ) == [err("Invalid parameter type for 'modes[1]', expected: string")]
+    assert client.log == []
+
+
+# -- domain and internal errors --------------------------------------------------------
+
+
+def test_domain_error_maps_to_generic_error() -> None:
+    client = Client()
+    client.negotiate()
+    assert client.cmd({"execute": "add-blocker", "arguments": {"reason": "dup"}, "id": 9}) == [
+        err("Blocker 'x' already exists", 9)
+    ]
+    assert client.cmd({"execute": "add-blocker", "arguments": {"reason": "qmp"}}) == [
+        err("refused")
+    ]
+
+
+def test_domain_error_types_can_be_injected() -> None:
+    client = Client(domain_errors=(Boom,))
+    client.negotiate()
+    assert client.cmd({"execute": "add-blocker", "arguments": {"reason": "bug"}}) == [
+        err("secret traceback material")
+    ]
+
+
+def test_unexpected_exception_does_not_kill_the_session() -> None:
+    client = Client()
+    client.negotiate()
+    replies = client.cmd({"execute": "add-blocker", "arguments": {"reason": "bug"}, "id": 1})
+    assert replies == [err("Internal error while executing command add-blocker", 1)]
+    assert "secret" not in json.dumps(replies)
+    assert [(name, type(exc)) for name, exc in client.internal] == [("add-blocker", Boom)]
+    # an unencodable return value is an internal error too, not invalid JSON
+    assert client.cmd({"execute": "add-blocker", "arguments": {"reason": "nan"}}) == [
+        err("Internal error while executing command add-blocker")
+    ]
+    assert client.cmd({"execute": "query-blockers", "id": 2}) == [{"return": {}, "id": 2}]
+
+
+# -- OOB --------------------------------------------------------------------------------
+
+
+def test_oob_requires_enabling() -> None:
+    client = Client()
+    client.negotiate()
+    assert client.cmd({"exec-oob": "add-blocker", "arguments": {"reason": "r"}, "id": 1}) == [
+        err("QMP input member 'exec-oob' is unexpected", 1)
+    ]
+
+
+def test_oob_enabled() -> None:
+    client = Client()
+    client.negotiate(oob=True)
+    assert client.session.oob_enabled
+    replies = client.cmd({"exec-oob": "add-blocker", "arguments": {"reason": "r"}, "id": "o"})
+    assert replies[-1] == {"return": {"id": "b", "reason": "r"}, "id": "o"}
+    assert client.cmd({"exec-oob": "query-blockers", "id": 2}) == [
+        err("The command query-blockers does not support OOB", 2)
+    ]
+    assert client.cmd({"exec-oob": "nope", "id": 3}) == [
+        err("The command nope has not been found", 3, "CommandNotFound")
+    ]
+    assert client.cmd({"exec-oob": 5, "id": 4}) == [
+        err("QMP input member 'exec-oob' must be a string", 4)
+    ]
+    assert client.cmd({"execute": "query-blockers", "exec-oob": "query-blockers", "id": 5}) == [
+        err("QMP input member 'exec-oob' clashes with 'execute'", 5)
+    ]
+    assert client.cmd({"execute": "add-blocker", "exec-oob": "add-blocker", "id": 6}) == [
+        err("QMP input member 'exec-oob' clashes with 'execute'", 6)
+    ]
+    assert client.cmd({"exec-oob": "qmp_capabilities", "id": 7}) == [
+        err("Capabilities negotiation is already complete, command ignored", 7, "CommandNotFound")
+    ]
+
+
+def test_oob_runs_in_arrival_order() -> None:
+    client = Client()
+    client.negotiate(oob=True)
+    data = (
+        b'{"execute": "query-blockers", "id": 1}'
+        b'{"exec-oob": "add-blocker", "arguments": {"reason": "r"}, "id": 2}'
+        b'{"execute": "query-blockers", "id": 3}'
+    )
+    ids = [reply["id"] for reply in client.send(data) if "id" in reply]
+    assert ids == [1, 2, 3]
+    assert client.log == ["noop", "add r", "noop"]
+
+
+# -- ordering, pipelining, events ---------------------------------------------------------
+
+
+def test_200_pipelined_replies_in_order() -> None:
+    client = Client()
+    client.negotiate()
+    data = b"".join(b'{"execute": "query-blockers", "id": %d}' % i for i in range(200))
+    assert client.send(data) == [{"return": {}, "id": i} for i in range(200)]
+
+
+def test_split_at_every_offset_through_the_session() -> None:
+    data = (
+        b'{"execute": "qmp_capabilities"}'
+        b'{"execute": "add-blocker", "arguments": {"reason": "r"}, "id": 1}'
+    )
+    expected = Client().send(data)
+    for cut in range(len(data) + 1):
+        client = Client()
+        assert client.send(data[:cut]) + client.send(data[cut:]) == expected
+
+
+def test_execute_respects_max_requests() -> None:
+    client = Client()
+    client.session.receive_data(
+        b'{"execute": "qmp_capabilities"}' + b'{"execute": "query-blockers"}' * 5
+    )
+    assert client.session.execute(2) == 2
+    assert client.session.has_pending()
+    assert client.session.execute(100) == 4
+    assert not client.session.has_pending()
+    assert client.session.execute(100) == 0
+    assert client.session.data_to_send().count(b"\r\n") == 6
+
+
+def test_receive_data_executes_nothing() -> None:
+    client = Client()
+    client.session.receive_data(b'{"execute": "qmp_capabilities"}')
+    assert client.session.data_to_send() == b""
+    assert not client.session.negotiated
+    assert client.session.has_pending()
+
+
+def test_event_before_reply_and_only_after_negotiation() -> None:
+    client = Client()
+    event = Session.encode_event("BLOCKER_ADDED", {"id": "b"}, 1.5)
+    client.session.send_event(event)
+    assert client.session.data_to_send() == b""
+    client.negotiate()
+    out = client.raw(b'{"execute": "add-blocker", "arguments": {"reason": "r"}, "id": 1}')
+    assert out.split(b"\r\n")[0] + b"\r\n" == event
+    assert json.loads(out.split(b"\r\n")[1]) == {"return": {"id": "b", "reason": "r"}, "id": 1}
+    client.session.send_event(event)
+    assert client.session.data_to_send() == event
+
+
+def test_encode_event() -> None:
+    assert Session.encode_event("X", {"a": 1}, 12.000034) == (
+        b'{"event": "X", "data": {"a": 1}, "timestamp": {"seconds": 12, "microseconds": 34}}\r\n'
+    )
+    assert Session.encode_event("STOP", {}, 1700000000.9999996) == (
+        b'{"event": "STOP", "timestamp": {"seconds": 1700000001, "microseconds": 0}}\r\n'
+    )
+
+
+# -- parse errors through the session ---------------------------------------------------
+
+
+def test_parse_errors_have_no_id_and_come_in_order() -> None:
+    client = Client()
+    client.negotiate()
+    replies = client.send(
+        b'{"execute": "query-blockers", "id": 1}\n'
+        b'{"execute": "query-blockers" "id": 2}\n'
+        b'{"execute": "query-blockers", "id": 3}'
+    )
+    assert replies == [
+        {"return": {}, "id": 1},
+        err("JSON parse error, expected separator in dict"),
+        {"return": {}, "id": 3},
+    ]
+
+
+def test_parse_error_before_negotiation_is_not_rewritten() -> None:
+    client = Client()
+    assert client.send(b"{]\n") == [err("JSON parse error, expecting value")]
+
+
+def test_2000_brackets_then_a_command() -> None:
+    client = Client()
+    client.negotiate()
+    replies = client.send(b"[" * 2000 + b"\n" + b'{"execute": "query-blockers", "id": 1}')
+    assert replies == [err("JSON nesting depth limit exceeded"), {"return": {}, "id": 1}]
+
+
+def test_oversize_message_then_a_command() -> None:
+    client = Client(limits=Limits(max_message_size=4096))
+    client.negotiate()
+    big = b'{"execute": "add-blocker", "arguments": {"reason": "' + b"x" * 10_000 + b'"}}\n'
+    replies = client.send(big + b'{"execute": "query-blockers", "id": 1}')
+    assert replies == [err("JSON token size limit exceeded"), {"return": {}, "id": 1}]
+    assert client.log == ["noop"]
+
+
+def test_control_character_reset() -> None:
+    client = Client()
+    client.negotiate()
+    replies = client.send(
+        b'{"execute": "add-blocker", "argu\x04{"execute": "query-blockers", "id": 1}'
+    )
+    assert len(replies) == 2
+    assert replies[0]["error"]["desc"].startswith("JSON parse error, ")
+    assert replies[1] == {"return": {}, "id": 1}
+
+
+def test_output_is_strict_json() -> None:
+    client = Client()
+    client.negotiate()
+    out = client.raw(
+        b'{"execute": "nope", "id": 1e400}\n{"execute": "nope", "id": NaN}\n'
+        b'{"execute": "nope", "id": 1e300}\n{"execute": "nope", "id": "\xc3\xa9"}'
+    )
+    for line in out.split(b"\r\n")[:-1]:
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"non-strict JSON: {name}"))
+        line.decode("ascii")
+    assert out.count(b"JSON parse error, number out of range") == 1
+    assert b'"id": 1e+300' in out
+    assert b'"id": "\\u00e9"' in out
+
+
+# -- EOF ----------------------------------------------------------------------------
+
+
+def test_everything_before_eof_is_executed() -> None:
+    client = Client()
+    replies = client.send(
+        b'{"execute": "qmp_capabilities"}{"execute": "add-blocker", "arguments": {"reason": "r"}}',
+        eof=True,
+    )
+    assert replies[-1] == {"return": {"id": "b", "reason": "r"}}
+    assert client.log == ["add r"]
+
+
+def test_truncated_request_at_eof_gets_one_error() -> None:
+    client = Client()
+    client.negotiate()
+    assert client.send(b'{"execute": "query-blockers"', eof=True) == [
+        err("JSON parse error, premature EOI")
+    ]
+    assert client.send(b'{"execute": "query-blockers"}') == []  # input after EOF is ignored

@@ -1,0 +1,278 @@
+"""Argument validation: QEMU's wording, first error in schema order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from migblockd.qmp.errors import QMPError
+from migblockd.qmp.validation import ArgumentValidator
+
+GENERATED = Path(__file__).resolve().parent.parent / "schema" / "generated" / "commands"
+
+MIG_MODE = {"type": "string", "enum": ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]}
+
+# Hand-written in the generator's conventions, so these tests do not depend on it.
+ADD_BLOCKER: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "add-blocker arguments",
+    "type": "object",
+    "properties": {
+        "reason": {"type": "string"},
+        "modes": {"type": "array", "items": {"$ref": "#/$defs/MigMode"}},
+        "internal": {"type": "boolean"},
+        "id": {"type": "string"},
+        "scope": {"$ref": "#/$defs/BlockerScope"},
+    },
+    "required": ["reason"],
+    "additionalProperties": False,
+    "$defs": {
+        "MigMode": MIG_MODE,
+        "BlockerScope": {"type": "string", "enum": ["daemon", "connection"]},
+    },
+}
+
+NESTED: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "nested arguments",
+    "type": "object",
+    "properties": {
+        "count": {"type": "integer"},
+        "ratio": {"type": "number"},
+        "parent": {"$ref": "#/$defs/Parent"},
+        "list": {"type": "array", "items": {"$ref": "#/$defs/Child"}},
+        "nothing": {"type": "null"},
+        "anything": {},
+        "last": {"type": "string"},
+    },
+    "required": ["parent", "last"],
+    "additionalProperties": False,
+    "$defs": {
+        "Parent": {
+            "type": "object",
+            "properties": {"child": {"type": "string"}, "mode": {"$ref": "#/$defs/MigMode"}},
+            "required": ["child"],
+            "additionalProperties": False,
+        },
+        "Child": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "on": {"type": "boolean"}},
+            "required": ["name", "on"],
+            "additionalProperties": False,
+        },
+        "MigMode": MIG_MODE,
+    },
+}
+
+
+def error(schema: dict[str, Any], args: dict[str, Any]) -> str:
+    with pytest.raises(QMPError) as info:
+        ArgumentValidator(schema).check(args)
+    assert info.value.error_class == "GenericError"
+    return info.value.desc
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"reason": "r"},
+        {"reason": "r", "modes": [], "internal": False, "id": "x", "scope": "connection"},
+        {"reason": "", "modes": ["normal", "cpr-exec"]},
+    ],
+)
+def test_valid_arguments(args: dict[str, Any]) -> None:
+    ArgumentValidator(ADD_BLOCKER).check(args)
+
+
+@pytest.mark.parametrize(
+    ("args", "desc"),
+    [
+        ({}, "Parameter 'reason' is missing"),
+        ({"reason": 1}, "Invalid parameter type for 'reason', expected: string"),
+        ({"reason": None}, "Invalid parameter type for 'reason', expected: string"),
+        ({"reason": "r", "modes": "normal"}, "Invalid parameter type for 'modes', expected: array"),
+        (
+            {"reason": "r", "modes": ["normal", 7]},
+            "Invalid parameter type for 'modes[1]', expected: string",
+        ),
+        (
+            {"reason": "r", "modes": ["normal", "warp"]},
+            "Parameter 'modes[1]' does not accept value 'warp'",
+        ),
+        (
+            {"reason": "r", "internal": 1},
+            "Invalid parameter type for 'internal', expected: boolean",
+        ),
+        ({"reason": "r", "scope": "galaxy"}, "Parameter 'scope' does not accept value 'galaxy'"),
+        ({"reason": "r", "bogus": 1}, "Parameter 'bogus' is unexpected"),
+    ],
+)
+def test_argument_errors(args: dict[str, Any], desc: str) -> None:
+    assert error(ADD_BLOCKER, args) == desc
+
+
+def test_first_error_in_schema_order_not_input_order() -> None:
+    # input order puts scope first; schema order reports reason first
+    assert error(ADD_BLOCKER, {"scope": "x", "internal": 3}) == "Parameter 'reason' is missing"
+    assert (
+        error(ADD_BLOCKER, {"scope": "x", "internal": 3, "reason": "r"})
+        == "Invalid parameter type for 'internal', expected: boolean"
+    )
+
+
+def test_unexpected_only_when_nothing_else_is_wrong() -> None:
+    assert error(ADD_BLOCKER, {"zzz": 1, "aaa": 2}) == "Parameter 'reason' is missing"
+    assert (
+        error(ADD_BLOCKER, {"zzz": 1, "reason": "r", "aaa": 2}) == "Parameter 'zzz' is unexpected"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "desc"),
+    [
+        ({"last": "x"}, "Parameter 'parent' is missing"),
+        ({"parent": {}, "last": "x"}, "Parameter 'parent.child' is missing"),
+        ({"parent": [], "last": "x"}, "Invalid parameter type for 'parent', expected: object"),
+        (
+            {"parent": {"child": 1}, "last": "x"},
+            "Invalid parameter type for 'parent.child', expected: string",
+        ),
+        (
+            {"parent": {"child": "c", "mode": "x"}, "last": "x"},
+            "Parameter 'parent.mode' does not accept value 'x'",
+        ),
+        # a nested object's unexpected member is reported when that object is
+        # visited, before later top-level members (QEMU visits depth first)
+        ({"parent": {"child": "c", "extra": 1}}, "Parameter 'parent.extra' is unexpected"),
+        (
+            {"parent": {"child": "c"}, "list": [{"name": "a", "on": True}, {"name": "b"}]},
+            "Parameter 'list[1].on' is missing",
+        ),
+        (
+            {"parent": {"child": "c"}, "list": [{"name": "a", "on": "yes"}]},
+            "Invalid parameter type for 'list[0].on', expected: boolean",
+        ),
+        (
+            {"parent": {"child": "c"}, "list": [{"name": "a", "on": True, "x": 0}], "last": "l"},
+            "Parameter 'list[0].x' is unexpected",
+        ),
+        (
+            {"parent": {"child": "c"}, "list": [3]},
+            "Invalid parameter type for 'list[0]', expected: object",
+        ),
+        (
+            {"parent": {"child": "c"}, "nothing": 0, "last": "l"},
+            "Invalid parameter type for 'nothing', expected: null",
+        ),
+        ({"parent": {"child": "c"}}, "Parameter 'last' is missing"),
+    ],
+)
+def test_nested_paths(args: dict[str, Any], desc: str) -> None:
+    assert error(NESTED, args) == desc
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (1, True),
+        (-(1 << 63), True),
+        ((1 << 64) - 1, True),
+        (1 << 64, False),  # QEMU keeps it only as a double
+        (1.0, False),  # QEMU: a QNum double is not an int
+        (True, False),
+        ("1", False),
+    ],
+)
+def test_integer_is_a_json_integer(value: object, ok: bool) -> None:
+    args = {"parent": {"child": "c"}, "last": "l", "count": value}
+    validator = ArgumentValidator(NESTED)
+    if ok:
+        validator.check(args)
+    else:
+        assert error(NESTED, args) == "Invalid parameter type for 'count', expected: integer"
+
+
+@pytest.mark.parametrize(("value", "ok"), [(1, True), (1.5, True), (True, False), ("1", False)])
+def test_number_accepts_integers_and_floats(value: object, ok: bool) -> None:
+    args = {"parent": {"child": "c"}, "last": "l", "ratio": value}
+    if ok:
+        ArgumentValidator(NESTED).check(args)
+    else:
+        assert error(NESTED, args) == "Invalid parameter type for 'ratio', expected: number"
+
+
+def test_any_accepts_anything() -> None:
+    for value in (None, 1, "s", [1, {}], {"a": None}):
+        ArgumentValidator(NESTED).check({"parent": {"child": "c"}, "last": "l", "anything": value})
+
+
+def test_error_message_matches_walk_for_all_invalid() -> None:
+    validator = ArgumentValidator(ADD_BLOCKER)
+    assert not validator.is_valid({"reason": 1})
+    assert validator.is_valid({"reason": "r"})
+
+
+# -- against the generated schemas ----------------------------------------------------
+
+
+def generated(name: str) -> dict[str, Any]:
+    path = GENERATED / f"{name}.arguments.json"
+    if not path.exists():
+        pytest.skip(f"{path} not generated yet")
+    schema: dict[str, Any] = json.loads(path.read_text())
+    return schema
+
+
+def test_generated_qmp_capabilities_enum_error() -> None:
+    schema = generated("qmp_capabilities")
+    assert error(schema, {"enable": ["foo"]}) == "Parameter 'enable[0]' does not accept value 'foo'"
+    assert (
+        error(schema, {"enable": "oob"}) == "Invalid parameter type for 'enable', expected: array"
+    )
+    ArgumentValidator(schema).check({"enable": ["oob"]})
+    ArgumentValidator(schema).check({})
+
+
+def test_generated_add_blocker_matches_hand_written() -> None:
+    schema = generated("add-blocker")
+    for args in (
+        {},
+        {"reason": 1},
+        {"reason": "r", "modes": ["normal", "x"]},
+        {"reason": "r", "z": 1},
+    ):
+        assert error(schema, args) == error(ADD_BLOCKER, args)
+    ArgumentValidator(schema).check({"reason": "r", "modes": ["cpr-reboot"], "scope": "connection"})
+
+
+def test_generated_migrate_set_capabilities_nested() -> None:
+    schema = generated("migrate-set-capabilities")
+    assert error(schema, {}) == "Parameter 'capabilities' is missing"
+    assert (
+        error(schema, {"capabilities": [{"capability": "events"}]})
+        == "Parameter 'capabilities[0].state' is missing"
+    )
+    assert (
+        error(schema, {"capabilities": [{"capability": "x", "state": True}]})
+        == "Parameter 'capabilities[0].capability' does not accept value 'x'"
+    )
+
+
+def test_every_generated_schema_compiles_and_reports_in_order() -> None:
+    paths = sorted(GENERATED.glob("*.arguments.json"))
+    if not paths:
+        pytest.skip("schemas not generated yet")
+    for path in paths:
+        schema = json.loads(path.read_text())
+        validator = ArgumentValidator(schema)
+        required = schema.get("required", [])
+        if required:
+            assert error(schema, {}) == f"Parameter '{required[0]}' is missing", path.name
+        else:
+            validator.check({})
+            assert (
+                error(schema, {"no-such-member": 1}) == "Parameter 'no-such-member' is unexpected"
+            )

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -69,7 +70,7 @@ def percentile(sorted_values: Sequence[int], fraction: float) -> int:
     """Nearest-rank percentile of already sorted values (0 when there are none)."""
     if not sorted_values:
         return 0
-    rank = max(1, min(len(sorted_values), round(fraction * len(sorted_values) + 0.5)))
+    rank = max(1, min(len(sorted_values), math.ceil(fraction * len(sorted_values) - 1e-9)))
     return sorted_values[rank - 1]
 
 
@@ -281,13 +282,21 @@ async def run_connect(path: str, connectors: int, warmup: float, duration: float
             if meter.measuring:
                 meter.latencies.append(time.perf_counter_ns() - started)
 
+    async def phase(seconds: float) -> None:
+        # Sleep, but return early (with the error) when a connector fails.
+        sleeper = asyncio.create_task(asyncio.sleep(seconds))
+        await asyncio.wait([sleeper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        sleeper.cancel()
+        for task in tasks:
+            if task.done():
+                meter.stopping = True
+                task.result()
+
     tasks = [asyncio.create_task(connector()) for _ in range(connectors)]
-    sleeper = asyncio.create_task(asyncio.sleep(warmup))
-    await asyncio.wait([sleeper, *tasks], return_when=asyncio.FIRST_EXCEPTION)
+    await phase(warmup)
     meter.measuring = True
     start = time.perf_counter()
-    sleeper = asyncio.create_task(asyncio.sleep(duration))
-    await asyncio.wait([sleeper, *tasks], return_when=asyncio.FIRST_EXCEPTION)
+    await phase(duration)
     meter.measuring = False
     window = time.perf_counter() - start
     meter.stopping = True

@@ -31,7 +31,7 @@ from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.contract import Contract
 from migblockd.qapi.error import QAPIError
 from migblockd.qmp.session import Command, Limits, Session
-from migblockd.registry import Owner, Registry
+from migblockd.registry import BlockerError, Owner, Registry
 from migblockd.systemd import Notifier, listen_sockets
 
 log = logging.getLogger("migblockd")
@@ -95,7 +95,10 @@ class Connection(asyncio.Protocol):
             transport.abort()
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.session = Session(daemon.commands, daemon.greeting, daemon.limits(), context=self)
+        self.session = Session(
+            daemon.commands, daemon.greeting, daemon.limits(), context=self,
+            domain_errors=(BlockerError,), on_internal_error=_log_internal_error,
+        )
         daemon.connected(self)
         log.info("%s connected", self.label)
         self.flush()
@@ -253,11 +256,8 @@ class Daemon:
             self._timer = None
         self._timer_deadline = deadline
         if deadline is not None:
-            delay = max(0.0, deadline - self.registry_clock_now())
+            delay = max(0.0, deadline - self.registry.clock.monotonic())
             self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
-
-    def registry_clock_now(self) -> float:
-        return self.registry.clock.monotonic()
 
     def _tick(self) -> None:
         self._timer = None
@@ -353,6 +353,12 @@ class Daemon:
             described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
             log.info("reloaded configuration: %s", described or "nothing changed")
         await self.notifier.ready(self.status_line())
+
+
+def _log_internal_error(session: Session, command: str, exc: BaseException) -> None:
+    # The client got a generic error; the traceback belongs in the log only.
+    label = getattr(session.context, "label", "client")
+    log.error("%s: internal error in %s", label, command, exc_info=exc)
 
 
 def _log_task_failure(task: asyncio.Task[None]) -> None:

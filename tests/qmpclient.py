@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,42 @@ class RawClient:
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
+
+
+def blocking_client(path: Path, *, negotiate: bool = True) -> socket.socket:
+    """A plain blocking socket, greeted (and negotiated): for a client that stops reading.
+
+    Nothing reads it behind the test's back (an asyncio stream would keep reading
+    into its own buffer), so unread output really piles up at the daemon.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(TIMEOUT)
+    sock.connect(str(path))
+    _recv_line(sock)
+    if negotiate:
+        sock.sendall(b'{"execute": "qmp_capabilities"}')
+        reply = strict_loads(_recv_line(sock))
+        assert reply == {"return": {}}, reply
+    return sock
+
+
+def _recv_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise EOFError("daemon closed the connection")
+        data += chunk
+    return data
+
+
+def recv_until_closed(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:
+    """Everything left to read until the daemon closes (or resets) the connection."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data

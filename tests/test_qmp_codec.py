@@ -95,6 +95,12 @@ _messages = st.lists(
         st.just(b'"str"'),
         st.just(b"17 "),
         st.just(b'{"s": "line\nbreak"}'),
+        st.just(b'{"execute": "x" garbage\n'),
+        st.just(b'{"a":\n[1,\n2]}'),
+        st.just(b'{"a":\n1 2,\n"b"}'),
+        st.just(b'{"a": NaN,\n"b": 1}'),
+        st.just(b'{"x": [1,\n}\n'),
+        st.just(b'{"a": "\xff"}'),
     ),
     max_size=12,
 )
@@ -191,6 +197,29 @@ def test_stray_closers_give_one_error_then_resync_at_newline() -> None:
     assert decode(b"}}}]]] garbage {\n" + CMD) == [
         ParseError("JSON parse error, expecting value"),
         {"execute": "query-blockers", "id": 1},
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'{"execute": "query-version" garbage garbage',
+        b'{"execute": "query-version", "id": 1 garbage',
+        b'{"execute": "query-version" 1',
+        b'{"a": {"b": 1, "b": 2},',
+    ],
+)
+def test_unfinished_bad_message_resyncs_at_newline(bad: bytes) -> None:
+    # the brackets never balance, but the line already shows the error
+    items = decode(bad + b"\n" + CMD)
+    assert len(errors(items)) == 1
+    assert values(items) == [{"execute": "query-blockers", "id": 1}]
+
+
+def test_unfinished_good_lines_keep_waiting() -> None:
+    assert decode(b'{"execute":\n"x",\n"arguments": {"a": [1,\n') == []
+    assert decode(b'{"execute":\n"x",\n"arguments": {"a": [1,\n', b"2]}}") == [
+        {"execute": "x", "arguments": {"a": [1, 2]}}
     ]
 
 

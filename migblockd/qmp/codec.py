@@ -149,6 +149,8 @@ _RESET_BYTES: Final = frozenset(bytes(range(0x20)) + b"\xfe\xff") - frozenset(b"
 
 _IDLE, _STRUCT, _SCALAR_MODE, _SKIP, _AFTER_RESET = range(5)
 
+_LINE_CHECK_WINDOW: Final = 4096
+
 # Compaction threshold: consumed bytes are dropped from the buffer's front
 # once there are this many (bytearray makes front deletion cheap).
 _COMPACT_AT: Final = 1 << 16
@@ -238,6 +240,21 @@ class StreamDecoder:
         self._in_string = False
         return decode_message(data)
 
+    def _finish(self, buf: bytearray, end: int) -> object:
+        """A balanced message ends at ``end``: its value, or its first error."""
+        start = self._start
+        item = self._complete(end)
+        if isinstance(item, ParseError) and buf.find(b"\n", start, end) >= 0:
+            # As if the lines had been checked while the message trickled in.
+            self._mode = _STRUCT
+            self._start = start
+            error = self._check_lines(buf, end)
+            if error is not None:
+                return error
+            self._mode = _IDLE
+            self._start = end
+        return item
+
     def _advance(self) -> object:
         buf = self._buf
         n = len(buf)
@@ -249,11 +266,12 @@ class StreamDecoder:
                 if i >= n:
                     return NEED_DATA
                 c = buf[i]
+                self._checked = i
                 if c == 0x7B and self.max_nesting >= _FAST_DEPTH:
                     m = _FAST_MESSAGE.match(buf, i, min(n, i + self.max_message_size))
                     if m is not None:
-                        return self._complete(m.end())
-                self._checked = i
+                        self._mode = _STRUCT
+                        return self._finish(buf, m.end())
                 closer = _OPENERS.get(c)
                 if closer is not None:
                     self._stack.append(closer)
@@ -329,7 +347,7 @@ class StreamDecoder:
                         self._in_string = False
                         self._scan = p + 1
                         if not stack:
-                            return self._complete(p + 1)
+                            return self._finish(buf, p + 1)
                         continue
                     if c != _BACKSLASH:
                         return self._bad_byte(buf, p)
@@ -346,6 +364,9 @@ class StreamDecoder:
                     closer = _OPENERS.get(c)
                     if closer is not None:
                         if len(stack) >= self.max_nesting:
+                            error = self._check_lines(buf, p)
+                            if error is not None:
+                                return error
                             self._skip_from(p + 1)
                             return ParseError(NESTING_EXCEEDED)
                         stack.append(closer)
@@ -353,12 +374,15 @@ class StreamDecoder:
                         continue
                     if c in _CLOSERS:
                         if c != stack[-1]:
+                            error = self._check_lines(buf, p)
+                            if error is not None:
+                                return error
                             desc = describe_error(bytes(buf[self._start : p + 1]))
                             self._skip_from(p + 1)
                             return ParseError(desc or PARSE_ERROR_PREFIX + "expecting value")
                         stack.pop()
                         if not stack:
-                            return self._complete(p + 1)
+                            return self._finish(buf, p + 1)
                         self._scan = p + 1
                         continue
                     if c == _QUOTE:
@@ -370,32 +394,36 @@ class StreamDecoder:
                         return ParseError(_SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.
+            error = self._check_lines(buf, self._scan)
+            if error is not None:
+                return error
             if limit <= n:
                 self._skip_from(limit)
                 return ParseError(TOKEN_SIZE_EXCEEDED)
-            error = self._check_lines(buf)
-            if error is not None:
-                return error
             if self._eof:
                 self._skip_from(n)
                 return ParseError(PARSE_ERROR_PREFIX + "premature EOI")
             return NEED_DATA
 
-    def _check_lines(self, buf: bytearray) -> ParseError | None:
-        """Catch a syntax error in complete lines of an unfinished message.
+    def _check_lines(self, buf: bytearray, end: int) -> ParseError | None:
+        """Catch a syntax error in the complete lines of a message.
 
         The regex scan only tracks brackets, so ``{"execute": "x" garbage``
         followed by a newline and the next request would otherwise wait for a
         closing brace that never comes, swallowing every request after it.
-        When the unfinished message spans a line feed, parse what it holds up
-        to the last one: if the error lies inside (not at the end, where input
-        merely ran out), report it now and resynchronise at the next line feed.
-        Re-checks happen only once the checked prefix has doubled, so a long
-        multi-line message costs linear time in total.
+        So whenever a message spans a line feed, what it holds up to the last
+        one is parsed: an error inside (not at the end, where input merely ran
+        out) is reported at once, and decoding resynchronises at the line feed
+        after it.  The same rule applies when the message turns out bad in
+        other ways, so the outcome does not depend on how input was split.
+
+        Only the first ``_LINE_CHECK_WINDOW`` bytes of a message are checked
+        this way: requests are short, and a peer trickling a huge multi-line
+        message cannot make the checks cost more than that per line.
         """
         start = self._start
-        lf = buf.rfind(b"\n", max(start, self._checked), self._scan)
-        if lf < 0 or lf - start < 2 * (self._checked - start):
+        lf = buf.rfind(b"\n", max(start, self._checked), min(end, start + _LINE_CHECK_WINDOW))
+        if lf <= self._checked:
             return None
         self._checked = lf
         text = buf[start:lf].decode("utf-8", "replace")
@@ -407,8 +435,17 @@ class StreamDecoder:
             desc: str | None = PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
             skip = start + len(text[: exc.pos].encode("utf-8", "replace"))
         except (_Reject, ValueError, RecursionError):
+            # Refused by a hook (NaN, a duplicate key, ...), which knows no
+            # position: the first line feed whose prefix is refused is where
+            # a line-by-line check would have caught it.
             desc = describe_error(text)
             skip = lf
+            at = buf.find(b"\n", start, lf)
+            while 0 <= at < lf:
+                if not _viable(buf[start:at].decode("utf-8", "replace")):
+                    skip = at
+                    break
+                at = buf.find(b"\n", at + 1, lf)
         else:  # pragma: no cover - a complete value would have ended the scan
             return None
         self._skip_from(min(skip, lf))
@@ -416,10 +453,24 @@ class StreamDecoder:
 
     def _bad_byte(self, buf: bytearray, p: int) -> ParseError:
         """A control character (or 0xFE/0xFF) where JSON allows none: the message is lost."""
+        error = self._check_lines(buf, p)
+        if error is not None:
+            return error
         # Skipping starts at the byte itself: a reset byte or line feed is its
         # own resynchronisation point, a \t or \r inside a string is not.
         self._skip_from(p)
         return ParseError(_stray(bytes(buf[p : p + 1])))
+
+
+def _viable(text: str) -> bool:
+    """Whether ``text`` can still begin a valid JSON value."""
+    try:
+        _DECODER.raw_decode(text)
+    except json.JSONDecodeError as exc:
+        return exc.pos >= len(text.rstrip())
+    except (_Reject, ValueError, RecursionError):
+        return False
+    return True
 
 
 def _match_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, endpos: int = -1) -> int:

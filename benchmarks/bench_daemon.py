@@ -109,6 +109,17 @@ class Server:
             code = None if self.proc is None else self.proc.returncode
             raise BenchError(f"{self.name} is not running (exit {code}):\n{self.log()[-3000:]}")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server has used so far (Linux /proc; 0 elsewhere)."""
+        if self.proc is None:
+            return 0.0
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return 0.0
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -231,6 +242,7 @@ def run_loadgen(server: Server, scenario: Scenario, warmup: float, duration: flo
     if cpus:
         with contextlib.suppress(OSError):  # it may already be done
             os.sched_setaffinity(proc.pid, cpus)
+    cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
     try:
         out, err = proc.communicate(timeout=warmup + duration + 60)
     except subprocess.TimeoutExpired:
@@ -242,6 +254,10 @@ def run_loadgen(server: Server, scenario: Scenario, warmup: float, duration: flo
             f"load generator failed on {server.name} {scenario.label}:\n{err.decode()}\n"
             f"{server.name} log:\n{server.log()[-3000:]}")
     result: dict[str, Any] = json.loads(out)
+    # Over the whole load generator run (set-up and warm-up included): a rough
+    # "was the server the bottleneck" figure.
+    wall = time.monotonic() - wall_before
+    result["server_cpu"] = (server.cpu_seconds() - cpu_before) / wall if wall > 0 else 0.0
     if result["errors"]:
         raise BenchError(
             f"{server.name} {scenario.label}: {result['errors']} error replies, first: "
@@ -290,6 +306,22 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
         lines.append(" | ".join(cells).rstrip())
         if number == 0:
             lines.append("-+-".join("-" * w for w in widths))
+    return lines
+
+
+def cpu_table(outcomes: Sequence[Outcome]) -> list[str]:
+    """Who was busy: CPU use of each server and of the load generator, and the
+    server's CPU time per request (utilisation / rate), in the best rounds."""
+    lines = ["CPU (share of one core: server, load generator; server CPU per request):"]
+    for o in outcomes:
+        cells = []
+        for name in ("floor", "daemon"):
+            r = o.best(name)
+            rate = float(r["rate"])
+            per = float(r.get("server_cpu", 0.0)) * 1e6 / rate if rate > 0 else 0.0
+            cells.append(f"{name} {float(r.get('server_cpu', 0.0)):4.0%} "
+                         f"{float(r['client_cpu']):4.0%} {per:6.0f}us")
+        lines.append(f"  {o.scenario.label:<24} " + "   ".join(cells))
     return lines
 
 
@@ -421,6 +453,9 @@ def run(args: argparse.Namespace) -> int:
 
     print()
     for line in table(outcomes):
+        print(line)
+    print()
+    for line in cpu_table(outcomes):
         print(line)
     lines, all_met = target_lines(outcomes)
     if lines:

@@ -64,6 +64,7 @@ class Result:
     errors: int = 0            # replies that were not successes (must stay 0)
     events: int = 0            # event lines read and discarded in the window
     first_error: str = ""
+    client_cpu: float = 0.0    # CPU seconds of this process per second of window (0..1)
 
 
 def percentile(sorted_values: Sequence[int], fraction: float) -> int:
@@ -85,6 +86,17 @@ class Meter:
         self.events = 0
         self.first_error = ""
         self.failure: BaseException | None = None
+        self.cpu_start = 0.0
+        self.cpu_used = 0.0
+
+    def begin(self) -> float:
+        self.measuring = True
+        self.cpu_start = time.process_time()
+        return time.perf_counter()
+
+    def end(self) -> None:
+        self.measuring = False
+        self.cpu_used = time.process_time() - self.cpu_start
 
     def reply(self, line: bytes, sent_ns: int) -> None:
         if not self.measuring:
@@ -250,10 +262,9 @@ async def run_requests(path: str, scenario: str, clients: int, warmup: float,
     for conn in conns:
         conn.start()
     await asyncio.sleep(warmup)
-    meter.measuring = True
-    start = time.perf_counter()
+    start = meter.begin()
     await asyncio.sleep(duration)
-    meter.measuring = False
+    meter.end()
     window = time.perf_counter() - start
     meter.stopping = True
     try:
@@ -294,10 +305,9 @@ async def run_connect(path: str, connectors: int, warmup: float, duration: float
 
     tasks = [asyncio.create_task(connector()) for _ in range(connectors)]
     await phase(warmup)
-    meter.measuring = True
-    start = time.perf_counter()
+    start = meter.begin()
     await phase(duration)
-    meter.measuring = False
+    meter.end()
     window = time.perf_counter() - start
     meter.stopping = True
     await asyncio.wait_for(asyncio.gather(*tasks), DRAIN_TIMEOUT)
@@ -326,6 +336,7 @@ async def measure(path: str, scenario: str, clients: int, warmup: float,
         errors=meter.errors,
         events=meter.events,
         first_error=meter.first_error,
+        client_cpu=meter.cpu_used / window if window > 0 else 0.0,
     )
 
 

@@ -44,6 +44,7 @@ HIGH_WATER = 64 * 1024
 #: How long shutdown waits for clients to take their last replies.
 SHUTDOWN_GRACE = 1.5
 LISTEN_BACKLOG = 1024
+LEFTOVER_CHUNK = 64 * 1024
 
 _PEERCRED = struct.Struct("3i")
 
@@ -124,6 +125,10 @@ class Connection(asyncio.Protocol):
         session = self.session
         if session is None:
             return
+        if exc is not None:
+            # A write failed (the peer hung up): what it sent before hanging up
+            # may still sit unread in the socket, and must take effect all the same.
+            self.read_leftovers()
         # Whatever was received is executed, even when the answers cannot be delivered.
         while session.has_pending():
             session.execute(BATCH)
@@ -140,6 +145,36 @@ class Connection(asyncio.Protocol):
         self.pump()
 
     # -- ours ------------------------------------------------------------------
+    def read_leftovers(self) -> None:
+        """Read what is left in the socket of a connection asyncio has given up on.
+
+        asyncio calls ``connection_lost`` before closing the socket, so the data
+        is still there; a duplicate descriptor reads it without disturbing the
+        transport.  Bounded, so a peer cannot keep us here.
+        """
+        assert self.session is not None and self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            dup = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return
+        with dup:
+            dup.setblocking(False)
+            budget = self.daemon.config.max_message_size + LEFTOVER_CHUNK
+            while budget > 0:
+                try:
+                    data = dup.recv(LEFTOVER_CHUNK)
+                except OSError:
+                    break
+                if not data:
+                    break
+                budget -= len(data)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s <- %r (after the connection broke)", self.label, data)
+                self.session.receive_data(data)
+
     def pump(self) -> None:
         """Execute what is pending while the client keeps up with its replies."""
         session, transport = self.session, self.transport

@@ -1,0 +1,216 @@
+"""The real daemon under ``systemd-socket-activate``, watched through ``NOTIFY_SOCKET``.
+
+systemd-socket-activate plays the service manager's part that matters here: it
+binds the socket, execs the daemon (in place, so its PID is the daemon's) at
+the first connection, and passes the descriptor with LISTEN_FDS/LISTEN_FDNAMES.
+The test is the receiver of NOTIFY_SOCKET, an asyncio-dgram endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncio_dgram
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 30.0
+#: Pings are expected every 0.2 s.
+WATCHDOG_USEC = 400_000
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None,
+    reason="needs systemd-socket-activate (apt install systemd)",
+)
+
+# Runs in place of systemd-socket-activate and execs it: the PID stays the same
+# through both execs, so this is where WATCHDOG_PID can be learnt.  It also
+# turns on the kernel's memory-deny-write-execute (the same promise as the
+# unit's MemoryDenyWriteExecute=, inherited across exec) where the kernel has it.
+WRAPPER = r"""
+import ctypes, os, sys
+PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) == 0:
+    assert libc.prctl(PR_GET_MDWE, 0, 0, 0, 0) == PR_MDWE_REFUSE_EXEC_GAIN
+    print("wrapper: MDWE on", file=sys.stderr, flush=True)
+argv = [a.replace("@PID@", str(os.getpid())) for a in sys.argv[1:]]
+os.execvp(argv[0], argv)
+"""
+
+
+@dataclass
+class Receiver:
+    """Every datagram on NOTIFY_SOCKET, and a timeline shared with the client."""
+
+    stream: Any
+    queue: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
+    timeline: list[str] = field(default_factory=list)
+    watchdog: list[float] = field(default_factory=list)
+
+    async def run(self) -> None:
+        while True:
+            data, _ = await self.stream.recv()
+            text = data.decode()
+            self.timeline.append(text)
+            if text == "WATCHDOG=1":
+                self.watchdog.append(time.monotonic())
+            else:
+                self.queue.put_nowait(text)
+
+    async def expect(
+        self, predicate: Callable[[dict[str, str]], bool], what: str
+    ) -> dict[str, str]:
+        """The next non-watchdog message matching ``predicate`` (others are skipped)."""
+        skipped = []
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while True:
+                    text = await self.queue.get()
+                    fields = dict(line.split("=", 1) for line in text.split("\n"))
+                    if predicate(fields):
+                        return fields
+                    skipped.append(text)
+        except TimeoutError:
+            raise AssertionError(f"no {what} within {TIMEOUT} s; got {skipped}") from None
+
+
+@pytest.fixture
+async def workdir() -> AsyncIterator[Path]:
+    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
+    path = Path("/tmp") / f"migblockd-e2e-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def receiver(workdir: Path) -> AsyncIterator[Receiver]:
+    stream = await asyncio_dgram.bind(str(workdir / "notify"))
+    rx = Receiver(stream)
+    task = asyncio.create_task(rx.run())
+    yield rx
+    task.cancel()
+    stream.close()
+
+
+async def qmp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+              command: str, **arguments: Any) -> Any:
+    writer.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
+    await writer.drain()
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            reply = json.loads(await reader.readline())
+            if "event" not in reply:
+                assert "return" in reply, reply
+                return reply["return"]
+
+
+async def test_daemon_under_systemd_socket_activate(workdir: Path, receiver: Receiver) -> None:
+    sock_path = workdir / "migblockd.sock"
+    config = workdir / "migblockd.toml"
+    config.write_text('log-level = "info"\n')
+    log_path = workdir / "stderr.log"
+    argv = [
+        sys.executable, "-c", WRAPPER,
+        "systemd-socket-activate", "-l", str(sock_path), "--fdname=migblockd",
+        "-E", f"NOTIFY_SOCKET={workdir / 'notify'}",
+        "-E", f"WATCHDOG_USEC={WATCHDOG_USEC}",
+        "-E", "WATCHDOG_PID=@PID@",
+        sys.executable, "-m", "migblockd", "--config", str(config), "--migration-time", "60",
+    ]
+    with log_path.open("wb") as log:
+        # cwd: systemd-socket-activate passes only PATH, HOME, TERM and -E on,
+        # so `-m migblockd` must find the package from the working directory.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT)
+
+    def stderr() -> str:
+        return log_path.read_text(errors="replace")
+
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not sock_path.exists():
+                assert proc.poll() is None, stderr()
+                await asyncio.sleep(0.01)
+
+        # -- READY=1 before the first client is served --------------------------
+        # This connection makes systemd-socket-activate exec the daemon.
+        reader, writer = await asyncio.open_unix_connection(str(sock_path))
+        async with asyncio.timeout(TIMEOUT):
+            greeting = json.loads(await reader.readline())
+        assert "QMP" in greeting
+        # A datagram queued before the greeting was written is handed to the
+        # receiver in the same loop iteration that wakes this coroutine, or an
+        # earlier one; these yields let the receiver task record it.  A READY=1
+        # sent after the greeting lands after "greeting" in the timeline.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        receiver.timeline.append("greeting")
+        ready_at = [i for i, m in enumerate(receiver.timeline) if "READY=1" in m.split("\n")]
+        assert ready_at, (receiver.timeline, stderr())
+        assert ready_at[0] < receiver.timeline.index("greeting"), receiver.timeline
+        ready = await receiver.expect(lambda f: f.get("READY") == "1", "READY=1")
+        assert "STATUS" in ready
+        assert "passed socket" in stderr()
+
+        # -- STATUS= follows the registry and the clients ---------------------------
+        await qmp(reader, writer, "qmp_capabilities")
+        await qmp(reader, writer, "add-blocker", reason="e2e test")
+        status = await receiver.expect(
+            lambda f: f.get("STATUS", "").startswith("1 blocker"), "STATUS with one blocker"
+        )
+        assert "1 client" in status["STATUS"]
+
+        # -- WATCHDOG=1 every WATCHDOG_USEC/2 -----------------------------------------
+        async with asyncio.timeout(TIMEOUT):
+            while len(receiver.watchdog) < 6:
+                await asyncio.sleep(0.05)
+        gaps = [b - a for a, b in itertools.pairwise(receiver.watchdog)]
+        mean = sum(gaps) / len(gaps)
+        # Generous: about 0.2 s, neither a flood nor the full timeout.
+        assert 0.1 < mean < 0.4 * 2.5, gaps
+
+        # -- SIGHUP: RELOADING=1 + MONOTONIC_USEC, then READY=1, new log level --------
+        await qmp(reader, writer, "query-blockers")
+        assert " DEBUG: " not in stderr()
+        config.write_text('log-level = "debug"\n')
+        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        proc.send_signal(signal.SIGHUP)
+        reloading = await receiver.expect(lambda f: f.get("RELOADING") == "1", "RELOADING=1")
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert before <= int(reloading["MONOTONIC_USEC"]) <= after
+        await receiver.expect(lambda f: f.get("READY") == "1", "READY=1 after the reload")
+        mark = len(stderr())
+        await qmp(reader, writer, "query-blockers")
+        assert " DEBUG: " in stderr()[mark:], stderr()[mark:]
+        writer.close()
+        await writer.wait_closed()
+
+        # -- SIGTERM: STOPPING=1, exit 0, the passed socket stays ---------------------
+        proc.send_signal(signal.SIGTERM)
+        await receiver.expect(lambda f: f.get("STOPPING") == "1", "STOPPING=1")
+        async with asyncio.timeout(TIMEOUT):
+            while proc.poll() is None:
+                await asyncio.sleep(0.02)
+        assert proc.returncode == 0, stderr()
+        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode), "the daemon removed the passed socket"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if "wrapper: MDWE on" not in stderr():
+        pytest.skip("ran without PR_SET_MDWE (kernel < 6.3); everything else passed")

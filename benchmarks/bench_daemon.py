@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -312,16 +313,19 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
 def cpu_table(outcomes: Sequence[Outcome]) -> list[str]:
     """Who was busy: CPU use of each server and of the load generator, and the
     server's CPU time per request (utilisation / rate), in the best rounds."""
-    lines = ["CPU (share of one core: server, load generator; server CPU per request):"]
+    lines = ["CPU: share of one core used by the server and by the load generator, and the",
+             "server's CPU time per request; 'cpu ratio' = floor / daemon CPU per request",
+             "(what the ratio would be if the server alone were the bottleneck):"]
     for o in outcomes:
-        cells = []
+        cells, per = [], {}
         for name in ("floor", "daemon"):
             r = o.best(name)
             rate = float(r["rate"])
-            per = float(r.get("server_cpu", 0.0)) * 1e6 / rate if rate > 0 else 0.0
+            per[name] = float(r.get("server_cpu", 0.0)) * 1e6 / rate if rate > 0 else 0.0
             cells.append(f"{name} {float(r.get('server_cpu', 0.0)):4.0%} "
-                         f"{float(r['client_cpu']):4.0%} {per:6.0f}us")
-        lines.append(f"  {o.scenario.label:<24} " + "   ".join(cells))
+                         f"{float(r['client_cpu']):4.0%} {per[name]:5.0f}us")
+        ratio = per["floor"] / per["daemon"] if per["daemon"] > 0 else 0.0
+        lines.append(f"  {o.scenario.label:<22} " + "  ".join(cells) + f"  cpu ratio {ratio:.2f}")
     return lines
 
 
@@ -338,14 +342,13 @@ def target_lines(outcomes: Sequence[Outcome]) -> tuple[list[str], bool]:
 
 
 @contextlib.contextmanager
-def servers(workdir: Path, daemon_args: Sequence[str],
+def servers(workdir: Path, daemon_command: Sequence[str], daemon_args: Sequence[str],
             cpus: set[int] | None) -> Iterator[dict[str, Server]]:
     started: dict[str, Server] = {}
     try:
         for name, argv in (
             ("floor", [sys.executable, "-m", "benchmarks.floor"]),
-            ("daemon", [sys.executable, "-m", "migblockd", "--log-level", "warning",
-                        *daemon_args]),
+            ("daemon", [*daemon_command, "--log-level", "warning", *daemon_args]),
         ):
             path = workdir / f"{name}.sock"
             server = Server(name, [*argv, "--socket", str(path)], path, workdir / f"{name}.log")
@@ -385,6 +388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="do not pin servers and load generator to separate cores")
     parser.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for the daemon's command line; repeatable")
+    parser.add_argument("--daemon-command", metavar="CMD",
+                        help="run this instead of 'PYTHON -m migblockd' (e.g. another checkout's "
+                             "venv, to compare two versions); --socket and --log-level are "
+                             "appended")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also save the results here")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 3 when a target is not met")
@@ -425,7 +432,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     outcomes = [Outcome(s, {"floor": [], "daemon": []}) for s in chosen]
     try:
-        with servers(workdir, args.daemon_arg, server_cpus) as running:
+        daemon_command = (shlex.split(args.daemon_command) if args.daemon_command
+                          else [sys.executable, "-m", "migblockd"])
+        with servers(workdir, daemon_command, args.daemon_arg, server_cpus) as running:
             for server in running.values():
                 seed(server, args.blockers)
             present = count_blockers(running["daemon"])

@@ -242,3 +242,33 @@ async def test_many_clients_interleaved_pipelines(module_daemon: DaemonProcess) 
                     if b["id"].startswith("il")]
     finally:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+async def test_max_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon("--max-clients", "2")
+    a = await connect(d)
+    b = await connect(d)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(d.socket))
+        try:
+            extra = await asyncio.wait_for(reader.read(), 10)
+        except ConnectionResetError:
+            extra = b""
+        writer.close()
+        assert extra == b"", extra  # closed at once, no greeting
+        assert "max-clients" in d.log()
+        # The two served clients are unaffected.
+        assert (await a.execute("query-version", id="a"))["id"] == "a"
+        assert (await b.execute("query-version", id="b"))["id"] == "b"
+        await a.close()
+        for _ in range(500):
+            if "disconnected" in d.log():
+                break
+            await asyncio.sleep(0.01)
+        c = await connect(d)  # a slot is free again
+        assert (await c.execute("query-version", id="c"))["id"] == "c"
+        await c.close()
+    finally:
+        await a.close()
+        await b.close()
+    assert_clean_log(d)

@@ -451,12 +451,16 @@ def test_listen_sockets_under_systemd_socket_activate(short_tmp: Path) -> None:
     )
     try:
         # The tool listens, and execs the program at the first connection.
+        # The path exists from bind(), a moment before listen(): retry.
         deadline = time.monotonic() + 30
-        while not path.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
-            time.sleep(0.01)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.connect(str(path))
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                try:
+                    client.connect(str(path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    time.sleep(0.01)
             out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:

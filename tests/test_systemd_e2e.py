@@ -142,14 +142,17 @@ async def test_daemon_under_systemd_socket_activate(workdir: Path, receiver: Rec
         return log_path.read_text(errors="replace")
 
     try:
-        async with asyncio.timeout(TIMEOUT):
-            while not sock_path.exists():
-                assert proc.poll() is None, stderr()
-                await asyncio.sleep(0.01)
-
         # -- READY=1 before the first client is served --------------------------
-        # This connection makes systemd-socket-activate exec the daemon.
-        reader, writer = await asyncio.open_unix_connection(str(sock_path))
+        # The first connection makes systemd-socket-activate exec the daemon.
+        # The path exists from bind(), a moment before listen(): retry.
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                assert proc.poll() is None, stderr()
+                try:
+                    reader, writer = await asyncio.open_unix_connection(str(sock_path))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    await asyncio.sleep(0.01)
         async with asyncio.timeout(TIMEOUT):
             greeting = json.loads(await reader.readline())
         assert "QMP" in greeting

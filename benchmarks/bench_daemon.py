@@ -10,10 +10,12 @@ It starts two servers as subprocesses on temporary Unix sockets:
 
 then seeds both with the same ten blockers and, for every scenario, runs the
 load generator (``benchmarks.loadgen``, a third process) against the floor and
-then against the daemon, alternating, for ``--rounds`` rounds.  Each figure is
-the best round (other processes on the machine can only slow a run down); the
-ratio is daemon / floor.  Both servers suffer the same client and the same
-machine, which is why the targets are ratios.
+then against the daemon, back to back, for ``--rounds`` rounds (which server
+goes first alternates).  A round's ratio is daemon / floor of that round; the
+report shows, per scenario, the round with the median ratio.  Pairing runs that
+are seconds apart, and taking the median, keeps the ratio meaningful on a
+machine whose other load comes and goes.  Both servers suffer the same client
+and the same machine, which is why the targets are ratios.
 
 With two or more cores the servers are pinned to one core and the load
 generator to another (``--no-pin`` to let the scheduler place them).
@@ -138,12 +140,21 @@ class Outcome:
     scenario: Scenario
     runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
-    def best(self, server: str) -> dict[str, Any]:
-        return max(self.runs[server], key=lambda r: float(r["rate"]))
+    def round_ratio(self, index: int) -> float:
+        floor = float(self.runs["floor"][index]["rate"])
+        return float(self.runs["daemon"][index]["rate"]) / floor if floor > 0 else 0.0
+
+    def median_round(self) -> int:
+        """The round whose daemon/floor ratio is the median (the lower one of two)."""
+        rounds = sorted(range(len(self.runs["floor"])), key=self.round_ratio)
+        return rounds[(len(rounds) - 1) // 2]
+
+    def shown(self, server: str) -> dict[str, Any]:
+        """The run of ``server`` in the median round."""
+        return self.runs[server][self.median_round()]
 
     def ratio(self) -> float:
-        floor = float(self.best("floor")["rate"])
-        return float(self.best("daemon")["rate"]) / floor if floor > 0 else 0.0
+        return self.round_ratio(self.median_round())
 
 
 class BenchError(Exception):
@@ -295,7 +306,7 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
             "daemon p50 / p99")
     rows = [head]
     for o in outcomes:
-        f, d = o.best("floor"), o.best("daemon")
+        f, d = o.shown("floor"), o.shown("daemon")
         rows.append((o.scenario.label, o.scenario.unit, fmt_rate(float(f["rate"])),
                      fmt_rate(float(d["rate"])), f"{o.ratio():.2f}", fmt_lat(f), fmt_lat(d)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -312,14 +323,14 @@ def table(outcomes: Sequence[Outcome]) -> list[str]:
 
 def cpu_table(outcomes: Sequence[Outcome]) -> list[str]:
     """Who was busy: CPU use of each server and of the load generator, and the
-    server's CPU time per request (utilisation / rate), in the best rounds."""
+    server's CPU time per request (utilisation / rate), in the median rounds."""
     lines = ["CPU: share of one core used by the server and by the load generator, and the",
              "server's CPU time per request; 'cpu ratio' = floor / daemon CPU per request",
              "(what the ratio would be if the server alone were the bottleneck):"]
     for o in outcomes:
         cells, per = [], {}
         for name in ("floor", "daemon"):
-            r = o.best(name)
+            r = o.shown(name)
             rate = float(r["rate"])
             per[name] = float(r.get("server_cpu", 0.0)) * 1e6 / rate if rate > 0 else 0.0
             cells.append(f"{name} {float(r.get('server_cpu', 0.0)):4.0%} "
@@ -366,12 +377,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Benchmark migblockd against a minimal asyncio floor server, same run; "
                     "reports requests/s, latency p50/p99 and the daemon/floor ratios.",
     )
-    parser.add_argument("--duration", type=float, default=3.0,
-                        help="measured seconds per scenario, server and round (default 3)")
+    parser.add_argument("--duration", type=float, default=2.5,
+                        help="measured seconds per scenario, server and round (default 2.5)")
     parser.add_argument("--warmup", type=float, default=0.5,
                         help="unmeasured seconds before each measurement (default 0.5)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="alternating floor/daemon rounds; the best is kept (default 2)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="floor/daemon rounds; the round with the median ratio is "
+                             "reported (default 3)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 0.3 s per measurement, 1 round, 4 clients")
     parser.add_argument("--clients", type=int, default=16,
@@ -425,7 +437,7 @@ def run(args: argparse.Namespace) -> int:
         pinned = f"servers on cpu {min(server_cpus)}, load generator on cpu {min(client_cpus)}"
     print(f"pinning: {pinned}")
     print(f"{args.rounds} round(s) x {args.warmup:g} s warm-up + {args.duration:g} s measured "
-          f"per scenario and server; best round kept; {args.blockers} blockers present",
+          f"per scenario and server; median-ratio round shown; {args.blockers} blockers present",
           flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="migblockd-bench-"))
@@ -451,7 +463,8 @@ def run(args: argparse.Namespace) -> int:
                     print(f"  round {round_number + 1}: {outcome.scenario.label:<24} "
                           f"floor {fmt_rate(float(outcome.runs['floor'][-1]['rate'])):>8}  "
                           f"daemon {fmt_rate(float(outcome.runs['daemon'][-1]['rate'])):>8} "
-                          f"{outcome.scenario.unit}", flush=True)
+                          f"{outcome.scenario.unit:<6} ratio {outcome.round_ratio(-1):.2f}",
+                          flush=True)
             present = count_blockers(running["daemon"])
             if present != args.blockers:
                 raise BenchError(f"daemon has {present} blockers after the run, "
@@ -491,8 +504,8 @@ def run(args: argparse.Namespace) -> int:
                     "label": o.scenario.label,
                     "unit": o.scenario.unit,
                     "clients": o.scenario.clients,
-                    "floor": o.best("floor"),
-                    "daemon": o.best("daemon"),
+                    "floor": o.shown("floor"),
+                    "daemon": o.shown("daemon"),
                     "ratio": o.ratio(),
                     "target": o.scenario.target,
                     "met": None if o.scenario.target is None else o.ratio() >= o.scenario.target,

@@ -26,13 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from migblockd import __version__
 from migblockd.commands import Handlers, version_info
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.contract import Contract
 from migblockd.qapi.error import QAPIError
 from migblockd.qmp.session import Command, Limits, Session
 from migblockd.registry import BlockerError, Owner, Registry
-from migblockd.systemd import Notifier, listen_sockets
+from migblockd.systemd import ActivationError, Notifier, activated_listener, format_status
 
 log = logging.getLogger("migblockd")
 
@@ -235,7 +236,7 @@ class Daemon:
         self.commands: dict[str, Command] = Handlers(contract, registry, self).table()
         self.greeting = {"QMP": {"version": version_info(), "capabilities": ["oob"]}}
         self.connections: dict[Connection, None] = {}  # an ordered set
-        self.servers: list[asyncio.Server] = []
+        self.server: asyncio.Server | None = None
         self.own_socket: tuple[Path, int] | None = None  # path and inode we created
         self._numbers = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -303,9 +304,8 @@ class Daemon:
 
     # -- systemd status ----------------------------------------------------------
     def status_line(self) -> str:
-        status = self.registry.status or "none"
-        return (f"{len(self.registry)} blockers, {len(self.connections)} clients, "
-                f"migration {status}")
+        return format_status(len(self.registry), len(self.connections),
+                             self.registry.status or "none")
 
     def status_changed(self) -> None:
         if not self.notifier.active or self._status_pending:
@@ -320,31 +320,35 @@ class Daemon:
 
     # -- life cycle ----------------------------------------------------------------
     async def start(self) -> None:
+        """Bind (or take the socket systemd passed) without accepting yet: see serve()."""
         loop = asyncio.get_running_loop()
-        activated = listen_sockets()
-        if activated:
-            socks = [sock for _name, sock in activated]
-            log.info("socket activation: serving %d passed socket(s): %s", len(socks),
-                     ", ".join(f"{name}={sock.getsockname()}" for name, sock in activated))
+        try:
+            sock = activated_listener()
+        except ActivationError as exc:
+            raise StartupError(f"socket activation: {exc}") from None
+        if sock is not None:
+            log.info("socket activation: serving the passed socket %s", sock.getsockname())
         else:
             sock = bind_socket(self.config.socket, self.config.socket_mode)
             self.own_socket = (self.config.socket, os.stat(self.config.socket).st_ino)
-            socks = [sock]
             log.info("listening on %s (mode %04o)", self.config.socket, self.config.socket_mode)
         extra: dict[str, Any] = {}
         if sys.version_info >= (3, 13):
             # We remove our own socket ourselves, and never a passed one.
             extra["cleanup_socket"] = False
-        for sock in socks:
-            server = await loop.create_unix_server(
-                self.new_connection, sock=sock, backlog=LISTEN_BACKLOG, **extra
-            )
-            self.servers.append(server)
+        self.server = await loop.create_unix_server(
+            self.new_connection, sock=sock, backlog=LISTEN_BACKLOG, start_serving=False, **extra
+        )
+
+    async def serve(self) -> None:
+        """Start accepting.  Called after READY=1, so no client is served before it."""
+        assert self.server is not None
+        await self.server.start_serving()
 
     async def stop(self) -> None:
         log.info("stopping: closing the socket and %d client(s)", len(self.connections))
-        for server in self.servers:
-            server.close()
+        if self.server is not None:
+            self.server.close()
         for conn in list(self.connections):
             conn.finish()
         if self.connections:
@@ -359,8 +363,8 @@ class Daemon:
                 await asyncio.sleep(0)
         # From Python 3.12 on wait_closed() also waits for the connections, which
         # is why they were closed first.
-        for server in self.servers:
-            await server.wait_closed()
+        if self.server is not None:
+            await self.server.wait_closed()
         if self._timer is not None:
             self._timer.cancel()
         self.remove_own_socket()
@@ -432,6 +436,9 @@ def bind_socket(path: Path, mode: int) -> socket.socket:
     finally:
         os.umask(old)
     os.chmod(path, mode)
+    # Listening at once: a client (or a second daemon probing) that comes before
+    # we accept waits in the backlog instead of finding a "stale" socket.
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -487,11 +494,12 @@ async def run(config: Config, cli: dict[str, Any]) -> None:
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, spawn, daemon.reload)
+    await notifier.ready(daemon.status_line())
+    await daemon.serve()
     where = "the passed socket" if daemon.own_socket is None else str(config.socket)
     log.info("migblockd %s ready on %s (only-migratable %s, migration-time %gs)",
-             version_info()["package"].split()[1], where,
+             __version__, where,
              "on" if config.only_migratable else "off", config.migration_time)
-    await notifier.ready(daemon.status_line())
     notifier.start_watchdog()
     try:
         await stop.wait()

@@ -251,3 +251,16 @@ def test_the_docs_install_what_the_units_run() -> None:
         assert snippet in text
     config = parse_unit(UNITS / "migblockd.service")["Service"]["ExecStart"]
     assert "/etc/migblockd/migblockd.toml" in config
+
+
+def test_the_example_configuration_is_valid(tmp_path: Path) -> None:
+    from migblockd.config import Config, read_file  # noqa: PLC0415 - only this test needs it
+
+    example = UNITS / "migblockd.toml"
+    assert read_file(example) == {"log_level": "info"}
+    # The commented-out settings are valid too, once uncommented.
+    uncommented = tmp_path / "all.toml"
+    uncommented.write_text(re.sub(r"(?m)^# (\S+ = )", r"\1", example.read_text()))
+    settings = read_file(uncommented)
+    assert len(settings) > 1
+    Config(**settings)

@@ -12,6 +12,7 @@ from typing import Any
 
 from migblockd import __version__
 from migblockd.config import LOG_LEVELS, Config, ConfigError, build
+from migblockd.qmp.codec import MAX_NESTING_CEILING
 
 DESCRIPTION = """\
 Serve QEMU's migration blocker registry over QMP on a Unix socket.
@@ -24,12 +25,12 @@ including the --only-migratable and migration-in-progress refusals.
 """
 
 EPILOG = """\
-Settings come from the built-in defaults, then the --config file (TOML, keys are
-the long option names without dashes, e.g. log-level = "debug"), then the
-command line.  SIGHUP re-reads the file and applies log-level and the limits;
-SIGTERM or SIGINT stops the daemon cleanly.  Under systemd the daemon reports
-readiness and status with sd_notify and accepts a socket passed by socket
-activation.
+Settings come from the built-in defaults, then the --config file (TOML; its
+keys are the long option names without the leading "--", e.g.
+log-level = "debug"), then the command line.  SIGHUP re-reads the file and
+applies log-level and the limits; SIGTERM or SIGINT stops the daemon cleanly.
+Under systemd the daemon reports readiness and status with sd_notify and
+accepts a socket passed by socket activation.
 """
 
 
@@ -106,7 +107,8 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-nesting", metavar="N", type=_positive_int,
-        help=f"deepest JSON nesting accepted in a request (default: {d.max_nesting})",
+        help=f"deepest JSON nesting accepted in a request, at most "
+        f"{MAX_NESTING_CEILING} (default: {d.max_nesting})",
     )
     p.add_argument(
         "--max-output", metavar="BYTES", type=_positive_int,

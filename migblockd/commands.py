@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from migblockd import __version__
 from migblockd.contract import Contract
+from migblockd.qmp.codec import Encoded
 from migblockd.qmp.session import Command, Session
 from migblockd.qmp.validation import ArgumentValidator
 from migblockd.registry import BlockerError, Owner, Registry
@@ -56,6 +57,8 @@ class Handlers:
         self.hub = hub
         self._version = version_info()
         self._command_list = [{"name": name} for name in contract.commands]
+        self._listings: dict[str | None, Encoded] = {}
+        self._listing_changes = -1
 
     # -- control ------------------------------------------------------------
     def qmp_capabilities(self, client: Client, args: Args) -> object:
@@ -95,7 +98,17 @@ class Handlers:
         return {}
 
     def query_blockers(self, client: Client, args: Args) -> object:
-        return [b.info() for b in self.registry.blockers(args.get("mode"))]
+        # Polled by every agent and changed rarely: encode it once per change.
+        mode = args.get("mode")
+        changes = self.registry.changes
+        if self._listing_changes != changes:
+            self._listings.clear()
+            self._listing_changes = changes
+        listing = self._listings.get(mode)
+        if listing is None:
+            listing = Encoded([b.info() for b in self.registry.blockers(mode)])
+            self._listings[mode] = listing
+        return listing
 
     # -- migration ----------------------------------------------------------
     def migrate(self, client: Client, args: Args) -> object:

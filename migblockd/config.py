@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from migblockd.paths import default_socket_path
+from migblockd.qmp.codec import MAX_NESTING_CEILING
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -57,6 +58,8 @@ class Config:
         for name in ("max_clients", "max_message_size", "max_nesting", "max_output"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
+        if self.max_nesting > MAX_NESTING_CEILING:
+            raise ConfigError(f"max-nesting must be at most {MAX_NESTING_CEILING}")
 
     @property
     def logging_level(self) -> int:

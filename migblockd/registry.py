@@ -366,6 +366,7 @@ class Registry:
         "_by_connection",
         "_by_id",
         "_chains",
+        "_changes",
         "_clock",
         "_complete_at",
         "_deadline",
@@ -411,6 +412,7 @@ class Registry:
         # connection, so the id cannot be reused while the entry exists.
         self._by_connection: dict[int, dict[str, Blocker]] = {}
         self._serial = 0
+        self._changes = 0
 
         self._mode = DEFAULT_MODE
         self._mode_chain = self._chains[DEFAULT_MODE]
@@ -556,6 +558,7 @@ class Registry:
             links.append(link)
         blocker._links = tuple(links)
         self._by_id[id] = blocker
+        self._changes += 1
         if scope == "connection":
             self._by_connection.setdefault(_key(connection), {})[id] = blocker
         self._emit("BLOCKER_ADDED", blocker.info())
@@ -608,6 +611,11 @@ class Registry:
         chain = self._mode_chain if mode is None else self._chains[mode]
         return None if chain.newest is None else chain.newest.blocker
 
+    @property
+    def changes(self) -> int:
+        """Counts every addition and removal: a cached listing is stale once it moves."""
+        return self._changes
+
     def __len__(self) -> int:
         return len(self._by_id)
 
@@ -616,6 +624,7 @@ class Registry:
 
     def _remove(self, blocker: Blocker, cause: str) -> None:
         del self._by_id[blocker.id]
+        self._changes += 1
         links = blocker._links
         self._all.unlink(links[0])
         for mode, link in zip(blocker.modes, links[1:], strict=True):

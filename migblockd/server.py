@@ -208,10 +208,15 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
 
     def deliver(self, line: bytes) -> None:
-        """An event for this client (the session drops it before negotiation)."""
+        """An event for this client (the session drops it before negotiation).
+
+        Queued in the session, so it still precedes the reply of the command
+        that caused it; written by the daemon's next batched flush, so that a
+        command costs each client one write, not one per event.
+        """
         assert self.session is not None
         self.session.send_event(line)
-        self.flush()
+        self.daemon.flush_later(self)
 
     def finish(self) -> None:
         """Shutdown: answer everything received, then close once the replies are out."""
@@ -243,6 +248,7 @@ class Daemon:
         self._timer_deadline: float | None = None
         self._status_pending = False
         self._all_gone = asyncio.Event()
+        self._unflushed: dict[Connection, None] = {}  # an ordered set
 
     def limits(self) -> Limits:
         return Limits(max_message_size=self.config.max_message_size,
@@ -282,6 +288,17 @@ class Daemon:
                     log.info("migration status: %s", event.data.get("status"))
             self.status_changed()
         self._arm_timer()
+
+    def flush_later(self, conn: Connection) -> None:
+        if not self._unflushed:
+            asyncio.get_running_loop().call_soon(self._flush_all)
+        self._unflushed[conn] = None
+
+    def _flush_all(self) -> None:
+        unflushed, self._unflushed = self._unflushed, {}
+        for conn in unflushed:
+            if conn in self.connections:
+                conn.flush()
 
     def _arm_timer(self) -> None:
         deadline = self.registry.next_deadline()

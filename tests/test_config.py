@@ -40,6 +40,7 @@ def test_file_then_command_line(tmp_path: Path) -> None:
         ('socket-mode = "rw"\n', "socket-mode must be an octal mode"),
         ("only-migratable = 1\n", "only-migratable must be true or false"),
         ("max-output = 0\n", "max-output must be at least 1"),
+        ("max-nesting = 257\n", "max-nesting must be at most 256"),
         ("log-level = \n", "Invalid value"),
     ],
 )

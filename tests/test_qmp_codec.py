@@ -12,11 +12,14 @@ from migblockd.qmp.codec import (
     NEED_DATA,
     NESTING_EXCEEDED,
     TOKEN_SIZE_EXCEEDED,
+    Encoded,
     Limits,
     ParseError,
     StreamDecoder,
     encode_line,
+    encode_return,
 )
+from migblockd.qmp.errors import NO_ID
 
 CMD = b'{"execute": "query-blockers", "id": 1}'
 
@@ -386,3 +389,17 @@ def test_encode_line_is_qemu_like_and_strict() -> None:
         encode_line({"return": float("nan")})
     with pytest.raises(TypeError):
         encode_line({"return": object()})
+
+
+def test_encoded_values_are_spliced_into_replies_verbatim() -> None:
+    value = [{"id": "b", "reason": "caf\u00e9"}]
+    pre = Encoded(value)
+    for id_ in (NO_ID, 7, "x", None, [1, {"a": 2}]):
+        line = encode_return(pre, id_, NO_ID)
+        assert line == encode_return(value, id_, NO_ID)
+        assert line.endswith(b"\r\n")
+        reply = json.loads(line)
+        assert reply["return"] == value
+        assert ("id" in reply) is (id_ is not NO_ID)
+    assert encode_return({}, NO_ID, NO_ID) == b'{"return": {}}\r\n'
+    assert encode_return({}, 1, NO_ID) == b'{"return": {}, "id": 1}\r\n'

@@ -665,3 +665,33 @@ def encode_line(obj: object) -> bytes:
     if _C_ENCODER is not None:
         return ("".join(_C_ENCODER(obj, 0)) + "\r\n").encode("ascii")
     return (_ENCODER.encode(obj) + "\r\n").encode("ascii")  # pragma: no cover
+
+
+def encode(obj: object) -> str:
+    """Strict JSON text of ``obj`` (no line ending), QEMU's separators."""
+    if _C_ENCODER is not None:
+        return "".join(_C_ENCODER(obj, 0))
+    return _ENCODER.encode(obj)  # pragma: no cover
+
+
+class Encoded:
+    """A JSON value encoded ahead of time; a reply splices ``text`` in as it is.
+
+    For answers that many clients ask for and that rarely change (the blocker
+    list): the command caches one ``Encoded`` instead of re-encoding the same
+    value for every request.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, value: object) -> None:
+        self.text = encode(value)
+
+
+def encode_return(result: object, id_: object, no_id: object) -> bytes:
+    """The success reply line, ``{"return": R, "id": I}``; no ``id`` when ``id_ is no_id``."""
+    text = result.text if type(result) is Encoded else encode(result)
+    if id_ is no_id:
+        return f'{{"return": {text}}}\r\n'.encode("ascii")
+    return f'{{"return": {text}, "id": {encode(id_)}}}\r\n'.encode("ascii")
+

@@ -51,6 +51,7 @@ from migblockd.qmp.codec import (
     ParseError,
     StreamDecoder,
     encode_line,
+    encode_return,
 )
 from migblockd.qmp.errors import NO_ID, CommandNotFound, QMPError, error_reply
 from migblockd.qmp.validation import ArgumentValidator
@@ -258,8 +259,7 @@ class Session:
             else:
                 command.validate(args)
                 result = command.run(self, args)
-            reply = {"return": result} if id_ is NO_ID else {"return": result, "id": id_}
-            return encode_line(reply)
+            return encode_return(result, id_, NO_ID)
         except QMPError as exc:
             return self._error_line(exc, id_)
         except self._domain_errors as exc:

@@ -135,8 +135,8 @@ class Connection(asyncio.Protocol):
             session.execute(BATCH)
         session.data_to_send()
         reason = f": {exc}" if exc is not None else ""
-        self.daemon.disconnected(self)
         log.info("%s disconnected%s", self.label, reason)
+        self.daemon.disconnected(self)
 
     def pause_writing(self) -> None:
         self.write_paused = True

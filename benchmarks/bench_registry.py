@@ -29,7 +29,8 @@ import time
 import tracemalloc
 from collections.abc import Callable
 
-from migblockd.registry import FakeClock, MigrationBlocked, Registry
+from migblockd.clock import FakeClock
+from migblockd.registry import MigrationBlocked, Registry
 
 MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
 REASON = "Migration disabled: vhost lacks VHOST_F_LOG_ALL feature."

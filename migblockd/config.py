@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from migblockd.paths import default_socket_path
-from migblockd.qmp.codec import MAX_NESTING_CEILING
+from migblockd.qmp.codec import Limits
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -45,6 +46,8 @@ class Config:
     max_output: int = 4 << 20
     schema: Path | None = None
     config: Path | None = None
+    #: The protocol's input limits, derived from the two max-* settings above.
+    limits: Limits = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.log_level not in LOG_LEVELS:
@@ -53,13 +56,18 @@ class Config:
             )
         if not 0 <= self.socket_mode <= 0o777:
             raise ConfigError(f"socket-mode must be a permission mode, not {self.socket_mode:o}")
-        if self.migration_time < 0:
-            raise ConfigError("migration-time must not be negative")
+        if not (math.isfinite(self.migration_time) and self.migration_time >= 0):
+            raise ConfigError("migration-time must be a finite, non-negative number of seconds")
         for name in ("max_clients", "max_message_size", "max_nesting", "max_output"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
-        if self.max_nesting > MAX_NESTING_CEILING:
-            raise ConfigError(f"max-nesting must be at most {MAX_NESTING_CEILING}")
+        try:
+            # Built once here: every session shares it, and a bad value is a
+            # configuration error at start (or reload), not a failure per connection.
+            object.__setattr__(self, "limits", Limits(
+                max_message_size=self.max_message_size, max_nesting=self.max_nesting))
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("_", "-")) from None
 
     @property
     def logging_level(self) -> int:
@@ -112,7 +120,7 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    known = {f.name for f in dataclasses.fields(Config)} - {"config"}
+    known = {f.name for f in dataclasses.fields(Config) if f.init} - {"config"}
     settings: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")

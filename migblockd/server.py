@@ -31,7 +31,7 @@ from migblockd.commands import Handlers, version_info
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.contract import Contract
 from migblockd.qapi.error import QAPIError
-from migblockd.qmp.session import Command, Limits, Session
+from migblockd.qmp.session import Command, Session
 from migblockd.registry import BlockerError, Owner, Registry
 from migblockd.systemd import ActivationError, Notifier, activated_listener, format_status
 
@@ -98,7 +98,7 @@ class Connection(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.session = Session(
-            daemon.commands, daemon.greeting, daemon.limits(), context=self,
+            daemon.commands, daemon.greeting, daemon.config.limits, context=self,
             domain_errors=(BlockerError,), on_internal_error=_log_internal_error,
         )
         daemon.connected(self)
@@ -249,10 +249,6 @@ class Daemon:
         self._status_pending = False
         self._all_gone = asyncio.Event()
         self._unflushed: dict[Connection, None] = {}  # an ordered set
-
-    def limits(self) -> Limits:
-        return Limits(max_message_size=self.config.max_message_size,
-                      max_nesting=self.config.max_nesting)
 
     # -- connections -----------------------------------------------------------
     def new_connection(self) -> Connection:

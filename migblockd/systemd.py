@@ -213,10 +213,11 @@ class Notifier:
         The pings come from a task on the running event loop, so a wedged loop
         stops them and systemd kills and restarts the daemon.
         """
-        if self._watchdog_usec is None or self._watchdog_task is not None:
+        interval = self.watchdog_interval
+        if interval is None or self._watchdog_task is not None:
             return
         self._watchdog_task = asyncio.get_running_loop().create_task(
-            self._watchdog(self._watchdog_usec / 2 / 1_000_000), name="sd-watchdog"
+            self._watchdog(interval), name="sd-watchdog"
         )
 
     async def _watchdog(self, interval: float) -> None:
@@ -262,29 +263,29 @@ def listen_sockets(
                 os.environ.pop(name, None)
 
 
-def _listen_sockets(env: Mapping[str, str]) -> list[tuple[str, socket.socket]]:
-    raw_pid = env.get("LISTEN_PID")
-    if raw_pid is None:
-        return []
+def _env_int(env: Mapping[str, str], name: str, minimum: int) -> int | None:
+    """``$name`` as an integer of at least ``minimum``; None when it is unset."""
+    raw = env.get(name)
+    if raw is None:
+        return None
     try:
-        pid = int(raw_pid)
+        value: int | None = int(raw)
     except ValueError:
-        raise ActivationError(f"malformed LISTEN_PID={raw_pid!r}") from None
-    if pid <= 0:
-        raise ActivationError(f"malformed LISTEN_PID={raw_pid!r}")
+        value = None
+    if value is None or value < minimum:
+        raise ActivationError(f"malformed {name}={raw!r}")
+    return value
+
+
+def _listen_sockets(env: Mapping[str, str]) -> list[tuple[str, socket.socket]]:
+    pid = _env_int(env, "LISTEN_PID", 1)
+    if pid is None:
+        return []
     if pid != os.getpid():
         # Inherited from a parent that was activated; not ours.
         return []
-    raw_fds = env.get("LISTEN_FDS")
-    if raw_fds is None:
-        return []
-    try:
-        count = int(raw_fds)
-    except ValueError:
-        raise ActivationError(f"malformed LISTEN_FDS={raw_fds!r}") from None
-    if count < 0:
-        raise ActivationError(f"malformed LISTEN_FDS={raw_fds!r}")
-    if count == 0:
+    count = _env_int(env, "LISTEN_FDS", 0)
+    if not count:
         return []
     raw_names = env.get("LISTEN_FDNAMES")
     if raw_names is None:

@@ -35,12 +35,16 @@ def test_file_then_command_line(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("colour = 1\n", "unknown setting 'colour'"),
+        ("limits = 1\n", "unknown setting 'limits'"),
         ('max-clients = "many"\n', "max-clients must be an integer"),
         ('log-level = "loud"\n', "log-level must be one of debug, info, warning, error"),
         ('socket-mode = "rw"\n', "socket-mode must be an octal mode"),
         ("only-migratable = 1\n", "only-migratable must be true or false"),
         ("max-output = 0\n", "max-output must be at least 1"),
-        ("max-nesting = 257\n", "max-nesting must be at most 256"),
+        ("max-nesting = 257\n", "max-nesting must be between 1 and 256"),
+        ("max-message-size = 1\n", "max-message-size must be at least 2 bytes"),
+        ("migration-time = nan\n", "migration-time must be a finite, non-negative number"),
+        ("migration-time = inf\n", "migration-time must be a finite, non-negative number"),
         ("log-level = \n", "Invalid value"),
     ],
 )

@@ -200,3 +200,23 @@ def test_non_editable_wheel_carries_the_schema(tmp_path: Path) -> None:
     assert Path(found) == unpacked / "migblockd" / "_schema"
     assert modes == ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
     assert ncommands == 14
+
+
+# The last two once escaped as tracebacks (an assert, a UnicodeDecodeError).
+@pytest.mark.parametrize(
+    "name",
+    ["bad-member-undocumented.json", "bad-struct-data-not-object.json", "bad-utf8.json"],
+)
+def test_cli_reports_schema_error_without_traceback(name: str, tmp_path: Path) -> None:
+    result = gen("-o", str(tmp_path), name, cwd=CASES)
+    assert result.returncode == 1
+    assert result.stderr == (CASES / name).with_suffix(".err").read_text()
+    assert result.stdout == ""
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_reports_missing_schema_file(tmp_path: Path) -> None:
+    result = gen("nonexistent.json", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "can't read schema file 'nonexistent.json'" in result.stderr

@@ -7,8 +7,6 @@ because the tests run from that directory, as QEMU's do.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -115,29 +113,3 @@ def test_parser_keeps_positions(monkeypatch: pytest.MonkeyPatch) -> None:
     assert colour.expr.key_info["data"].line == 28
     assert colour.expr.key_info["data"].col == 9
 
-
-def _gen(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "migblockd.qapi", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-
-
-def test_cli_reports_schema_error_without_traceback(tmp_path: Path) -> None:
-    result = _gen("-o", str(tmp_path), "bad-member-undocumented.json", cwd=CASES)
-    assert result.returncode == 1
-    assert result.stderr == (
-        "bad-member-undocumented.json:8:42: member 'b' of 'Foo' lacks documentation\n"
-    )
-    assert result.stdout == ""
-    assert not any(tmp_path.iterdir())
-
-
-def test_cli_reports_missing_schema_file(tmp_path: Path) -> None:
-    result = _gen("nonexistent.json", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert "can't read schema file 'nonexistent.json'" in result.stderr

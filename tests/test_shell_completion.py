@@ -19,7 +19,7 @@ from qemu.qmp import QMPClient
 
 from migblockd.shell import helptext
 from migblockd.shell.completion import ShellCompleter, complete
-from migblockd.shell.docs import NoDocs, load_docs
+from migblockd.shell.docs import CommandDoc, NoDocs, load_docs
 from migblockd.shell.history import history_path
 from migblockd.shell.schema import Schema
 
@@ -51,16 +51,28 @@ def applied(schema: Schema, line: str) -> list[str]:
 
 def test_command_names_come_from_the_schema(schema: Schema) -> None:
     names = texts(schema, "")
-    assert set(names) == {*schema.commands, "help"}
-    assert "add-blocker" in names
-    assert texts(schema, "query-bl") == ["query-blockers"]
-    assert set(texts(schema, "migrate")) == {n for n in schema.commands if n.startswith("migrate")}
+    assert set(names) == {f"{n} " for n in (*schema.commands, "help")}
+    assert "add-blocker " in names
+    # A completed command name is followed by a space (as readline does): the
+    # arguments can be typed at once.
+    assert applied(schema, "query-bl") == ["query-blockers "]
+    assert applied(schema, "query-blockers") == ["query-blockers "]
+    assert set(texts(schema, "migrate")) == {
+        f"{n} " for n in schema.commands if n.startswith("migrate")
+    }
     assert texts(schema, "nope") == []
 
 
 def test_help_completes_command_names(schema: Schema) -> None:
-    assert applied(schema, "help del-") == ["help del-blocker"]
+    assert applied(schema, "help del-") == ["help del-blocker "]
     assert texts(schema, "help add-blocker ") == []
+
+
+def test_help_completes_event_names(schema: Schema) -> None:
+    assert "BLOCKER_ADDED" in schema.events
+    assert applied(schema, "help BLOCKER_A") == ["help BLOCKER_ADDED "]
+    assert "MIGRATION " in texts(schema, "help ")
+    assert "MIGRATION " not in texts(schema, "")  # not a command
 
 
 def test_argument_names_of_the_command_being_typed(schema: Schema) -> None:
@@ -117,9 +129,10 @@ def test_scalar_enum_and_boolean_values(schema: Schema) -> None:
     assert texts(schema, "query-blockers mode=cpr-") == [
         m for m in texts(schema, "query-blockers mode=") if m.startswith("cpr-")
     ]
-    assert texts(schema, "migrate-set-parameters mode=n") == ["normal"]
-    assert texts(schema, "add-blocker internal=") == ["true", "false"]
-    assert texts(schema, "add-blocker internal=f") == ["false"]
+    # A scalar value is complete once chosen: a space follows it.
+    assert texts(schema, "migrate-set-parameters mode=n") == ["normal "]
+    assert texts(schema, "add-blocker internal=") == ["true ", "false "]
+    assert applied(schema, "add-blocker internal=f") == ["add-blocker internal=false "]
 
 
 def test_no_completion_for_free_text_raw_json_or_unknown_commands(schema: Schema) -> None:
@@ -143,6 +156,23 @@ def test_help_lists_every_command_with_a_summary(schema: Schema) -> None:
     for name in schema.commands:
         line = next(li for li in text.splitlines() if li.split()[:1] == [name])
         assert len(line.split()) > 1, f"no summary for {name}"
+
+
+class _LongSummaries(NoDocs):
+    def command(self, name: str) -> CommandDoc | None:
+        return CommandDoc(summary=f"{name} " + "does something worth a long line. " * 4)
+
+
+def test_help_wraps_long_summaries_under_themselves(schema: Schema) -> None:
+    text = helptext.overview(schema, _LongSummaries(), columns=80)
+    lines = text.split("Syntax:")[0].splitlines()[1:-1]
+    assert all(len(line) < 80 for line in lines)
+    firsts = [li for li in lines if li.split()[0] in schema.commands]
+    assert len(firsts) == len(schema.commands)
+    summary_column = max(len(n) for n in schema.commands) + 4
+    continued = [li for li in lines if li not in firsts]
+    assert len(continued) >= len(schema.commands)
+    assert all(li.startswith(" " * summary_column) for li in continued)
 
 
 def test_help_for_a_command_shows_doc_arguments_types_and_optionality(schema: Schema) -> None:

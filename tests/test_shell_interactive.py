@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,8 +90,8 @@ def test_complete_run_and_see_an_event_while_typing(
     # Complete the command name, an argument name and an enum value, then run it.
     # (prompt_toolkit draws only what a completion inserts.)
     shell.send("add-bl\t")
-    shell.expect("ocker")
-    shell.send(" reason=first mo\t")
+    shell.expect("ocker")  # and a space: the arguments follow at once
+    shell.send("reason=first mo\t")
     shell.expect("des=")
     shell.send("cpr-reb\t")
     shell.expect("oot")
@@ -173,4 +174,30 @@ def test_reconnects_after_the_daemon_restarts(
     shell.expect("Reconnected to migblockd")
     shell.expect('{"return": []}')
     shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+
+def test_ctrl_c_while_waiting_for_a_reply_returns_to_the_prompt(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    shell = spawn_shell(daemon.socket, "-v")
+    daemon.signal(signal.SIGSTOP)  # a daemon that does not answer
+    try:
+        shell.send("query-blockers\r")
+        shell.expect('{"execute": "query-blockers"}')  # -v: it is being sent
+        shell.send(CTRL_C)
+        shell.expect("interrupted: a request already sent may still take effect")
+        shell.expect(PROMPT)
+    finally:
+        daemon.signal(signal.SIGCONT)
+    # The shell is still connected; the late reply to the abandoned request is
+    # not shown in place of the next one's.
+    shell.send("add-blocker reason=after\r")
+    shell.expect('"return": {"id": ')
+    shell.expect('"reason": "after"')
+    shell.expect(PROMPT)
+    # Ctrl-C at the prompt still only drops the line.
+    shell.send("query-bl")
+    shell.expect("query-bl")
+    shell.send(CTRL_C)
     assert shell.quit() == 0

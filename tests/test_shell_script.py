@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import socket
 import subprocess
 import sys
@@ -187,3 +188,87 @@ def test_help_option_explains_syntax_and_exit_codes() -> None:
     assert result.returncode == 0
     for needle in ("key=value", "dotted keys", "Tab", "Exit status", "-c COMMAND", "SOCKET"):
         assert needle in result.stdout
+
+
+def test_a_path_that_is_not_a_socket_says_so(tmp_path: Path) -> None:
+    # The kernel says "Connection refused" for a directory or a regular file.
+    for path in (tmp_path, tmp_path / "file"):
+        path.touch()
+        result = shell(str(path), "-c", "query-version")
+        assert result.returncode == 2
+        assert result.stderr == f"migblock-shell: cannot connect to {path}: not a socket\n"
+
+
+def test_a_stale_socket_file_says_nobody_listens(tmp_path: Path) -> None:
+    path = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))  # bound, never listening: what a dead daemon leaves
+        result = shell(str(path), "-c", "query-version")
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"migblock-shell: cannot connect to {path}: Connection refused"
+        " (no daemon is listening on this socket)\n"
+    )
+
+
+def test_stdout_closed_by_its_reader_ends_quietly(daemon: DaemonProcess) -> None:
+    # migblock-shell -c help | head -1: the reader is gone before the shell writes.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.Popen(
+            [*SHELL, str(daemon.socket), "-c", "help", "-c", "query-version"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        os.close(write_end)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err == ""  # no traceback, no "Exception ignored ... BrokenPipeError"
+
+
+def _run_with_a_terminal(argv: list[str], terminal: str) -> tuple[int, bytes, bytes]:
+    """Run ``argv`` with ``terminal`` ("stdout" or "stderr") on a pseudo-terminal and
+    the other stream on a pipe; returns the status, the terminal's and the pipe's
+    bytes."""
+    master, slave = pty.openpty()
+    pipe = subprocess.PIPE
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=slave if terminal == "stdout" else pipe,
+        stderr=slave if terminal == "stderr" else pipe,
+        env=env,
+    )
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    out, err = proc.communicate(timeout=60)
+    piped = err if terminal == "stdout" else out
+    return proc.returncode, seen, piped
+
+
+def test_stderr_is_coloured_only_when_stderr_is_a_terminal(daemon: DaemonProcess) -> None:
+    argv = [*SHELL, str(daemon.socket), "-c", "add-blocker reason='open", "-c", "help nope"]
+    # stdout on a terminal, stderr to a file: no escape sequences in the file.
+    status, _, err = _run_with_a_terminal(argv, "stdout")
+    assert status == 1
+    assert b"unterminated ' quote" in err
+    assert b"\x1b" not in err
+    # stdout to a file, stderr on a terminal: the errors are red there.
+    status, terminal, out = _run_with_a_terminal(argv, "stderr")
+    assert status == 1
+    assert b"\x1b[1;31merror: unterminated ' quote" in terminal
+    assert b"\x1b[1;31mhelp: the daemon has no command 'nope'" in terminal
+    assert out == b""

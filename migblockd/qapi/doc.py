@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from types import MappingProxyType
 
 from .parser import Doc
@@ -39,25 +40,34 @@ class MemberDoc:
 class DefinitionDoc:
     """The documentation of one command, event, enum or struct.
 
-    ``summary`` is the first paragraph of the description on one line;
-    ``description`` the whole free text; ``members`` the arguments (command),
-    data members (event), struct members or enum values (with ``type`` "");
-    ``returns`` the return type's spelling and ``returns_text`` the
-    ``Returns:`` section; ``sections`` every tagged section (``Errors``,
-    ``Since``...) in source order; ``text`` everything rendered for a help
-    screen.
+    ``description`` is the whole free text; ``members`` the arguments
+    (command), data members (event), struct members or enum values (with
+    ``type`` ""); ``returns`` the return type's spelling and ``returns_text``
+    the ``Returns:`` section; ``sections`` every tagged section (``Errors``,
+    ``Since``...) in source order.  ``summary`` and ``text`` are derived from
+    those: the first paragraph on one line, and everything rendered for a
+    help screen.
     """
 
     name: str
     kind: str  # "command", "event", "enum" or "struct"
-    summary: str
     description: str
     members: tuple[MemberDoc, ...]
     returns: str | None
     returns_text: str
     allow_oob: bool
     sections: tuple[tuple[str, str], ...]
-    text: str
+
+    @property
+    def summary(self) -> str:
+        """The first paragraph of the description, on one line."""
+        first = self.description.split("\n\n", 1)[0]
+        return " ".join(first.split())
+
+    @cached_property
+    def text(self) -> str:
+        """The help screen: title, description, members, returns, sections."""
+        return _render(self)
 
     def member(self, name: str) -> MemberDoc | None:
         """The member called ``name``, if any."""
@@ -104,11 +114,6 @@ class SchemaDocs:
         return None
 
 
-def _summary(description: str) -> str:
-    first = description.split("\n\n", 1)[0]
-    return " ".join(first.split())
-
-
 def _enum_values(typ: QAPIType) -> tuple[ValueDoc, ...]:
     elem = typ.element if isinstance(typ, ArrayType) else typ
     if isinstance(elem, EnumType):
@@ -124,23 +129,16 @@ def _indent(text: str, prefix: str) -> str:
     return "\n".join(prefix + line if line else "" for line in text.splitlines())
 
 
-def _render(
-    name: str,
-    kind: str,
-    *,
-    description: str,
-    members: tuple[MemberDoc, ...],
-    heading: str,
-    returns: str | None,
-    returns_text: str,
-    allow_oob: bool,
-    sections: tuple[tuple[str, str], ...],
-) -> str:
-    title = f"{name} ({kind}{', allow-oob' if allow_oob else ''})"
-    parts = [title, _indent(description, "    ") if description else ""]
-    if members:
-        lines = [f"{heading}:"]
-        for m in members:
+# The heading of the member list, per kind of definition.
+_HEADINGS: dict[str, str] = {"command": "Arguments", "event": "Data", "enum": "Values"}
+
+
+def _render(d: DefinitionDoc) -> str:
+    title = f"{d.name} ({d.kind}{', allow-oob' if d.allow_oob else ''})"
+    parts = [title, _indent(d.description, "    ") if d.description else ""]
+    if d.members:
+        lines = [f"{_HEADINGS.get(d.kind, 'Members')}:"]
+        for m in d.members:
             sig = m.name
             if m.type:
                 sig += f": {m.type}" + (" (optional)" if m.optional else "")
@@ -149,14 +147,14 @@ def _render(
             if m.values:
                 lines.append("        Values: " + ", ".join(v.name for v in m.values))
         parts.append("\n".join(lines))
-    if returns is not None:
-        parts.append(f"Returns: {returns}\n" + _indent(returns_text, "    "))
-    for tag, text in sections:
-        if tag in ("", "Returns"):
-            if tag == "":
-                parts.append(text)
+    if d.returns is not None:
+        parts.append(f"Returns: {d.returns}\n" + _indent(d.returns_text, "    "))
+    for tag, text in d.sections:
+        if tag == "Returns":  # shown with the return type above
             continue
-        if tag == "Since":  # a version number reads best on the tag's line
+        if tag == "":
+            parts.append(text)
+        elif tag == "Since":  # a version number reads best on the tag's line
             parts.append(f"{tag}: {text}")
         else:
             parts.append(f"{tag}:\n" + _indent(text, "    "))
@@ -172,33 +170,16 @@ def _definition(
     returns: QAPIType | None = None,
     allow_oob: bool = False,
 ) -> DefinitionDoc:
-    sections = tuple((s.tag, s.text) for s in doc.sections)
     ret_sec = doc.section("Returns")
-    returns_text = ret_sec.text if ret_sec else ""
-    ret = returns.spelling() if returns is not None else None
-    heading = {"command": "Arguments", "event": "Data", "enum": "Values"}.get(kind, "Members")
-    text = _render(
-        name,
-        kind,
-        description=doc.body,
-        members=members,
-        heading=heading,
-        returns=ret,
-        returns_text=returns_text,
-        allow_oob=allow_oob,
-        sections=sections,
-    )
     return DefinitionDoc(
         name=name,
         kind=kind,
-        summary=_summary(doc.body),
         description=doc.body,
         members=members,
-        returns=ret,
-        returns_text=returns_text,
+        returns=returns.spelling() if returns is not None else None,
+        returns_text=ret_sec.text if ret_sec else "",
         allow_oob=allow_oob,
-        sections=sections,
-        text=text,
+        sections=tuple((s.tag, s.text) for s in doc.sections),
     )
 
 

@@ -154,8 +154,17 @@ class _FileParser:
         self.result = result
         self.included = included
         self.chain = chain
-        with open(fname, encoding="utf-8") as fp:
-            self.src = fp.read()
+        with open(fname, "rb") as fp:
+            raw = fp.read()
+        try:
+            self.src = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            # Doc comments may hold any UTF-8; anything else is a mistake to
+            # point at, not a traceback.
+            line_start = raw.rfind(b"\n", 0, err.start) + 1
+            prefix = raw[line_start : err.start].decode("utf-8")
+            info = SourceInfo(fname, raw.count(b"\n", 0, err.start) + 1, _column(prefix))
+            raise QAPIError(info, f"invalid UTF-8 byte 0x{raw[err.start]:02x}") from None
         if not self.src.endswith("\n"):
             self.src += "\n"
         self.cursor = 0
@@ -166,10 +175,7 @@ class _FileParser:
     # --- lexer ---------------------------------------------------------
 
     def _info_at(self, pos: int) -> SourceInfo:
-        col = 1
-        for ch in self.src[self.line_pos : pos]:
-            col = ((col - 1) // 8 + 1) * 8 + 1 if ch == "\t" else col + 1
-        return SourceInfo(self.fname, self.line, col)
+        return SourceInfo(self.fname, self.line, _column(self.src[self.line_pos : pos]))
 
     def _error(self, pos: int, msg: str) -> QAPIError:
         return QAPIError(self._info_at(pos), msg)
@@ -482,6 +488,14 @@ class _DocBuilder:
         else:
             self.doc.sections.append(SectionDoc(name, text, info))
         self.cur = None
+
+
+def _column(line_prefix: str) -> int:
+    """The 1-based column after ``line_prefix``, a tab reaching the next tab stop."""
+    col = 1
+    for ch in line_prefix:
+        col = ((col - 1) // 8 + 1) * 8 + 1 if ch == "\t" else col + 1
+    return col
 
 
 def _dedent_join(lines: list[str]) -> str:

@@ -195,10 +195,6 @@ class Schema:
     def enums(self) -> dict[str, EnumType]:
         return {n: t for n, t in self.types.items() if isinstance(t, EnumType)}
 
-    @property
-    def structs(self) -> dict[str, ObjectType]:
-        return {n: t for n, t in self.types.items() if isinstance(t, ObjectType)}
-
     def lookup_type(self, name: str) -> QAPIType | None:
         """A named type (built-in, enum or struct), or None."""
         return self.builtins.get(name) or self.types.get(name)
@@ -249,7 +245,10 @@ class _Builder:
                 struct = self.schema.types[name]
                 assert isinstance(struct, ObjectType)
                 data = defn.expr["data"]
-                assert isinstance(data, PosDict)
+                if not isinstance(data, PosDict):
+                    raise QAPIError(
+                        defn.expr.value_info["data"], f"'data' of struct '{name}' must be an object"
+                    )
                 struct.members = self._make_members(data, defn.doc, "member", name)
                 self._check_doc_args(defn.doc, struct.members, defn)
             elif meta == "command":

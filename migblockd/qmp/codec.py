@@ -437,15 +437,26 @@ class StreamDecoder:
         except (_Reject, ValueError, RecursionError):
             # Refused by a hook (NaN, a duplicate key, ...), which knows no
             # position: the first line feed whose prefix is refused is where
-            # a line-by-line check would have caught it.
+            # a line-by-line check would have caught it.  Viability is
+            # monotonic (a prefix refused at one line feed is refused at every
+            # later one), so a binary search finds that line feed with a
+            # logarithmic number of parses: trying them one by one costs a
+            # parse per line, quadratic in the window, and a peer could stall
+            # the whole daemon for seconds with a few hundred KiB of such lines.
             desc = describe_error(text)
-            skip = lf
+            feeds: list[int] = []
             at = buf.find(b"\n", start, lf)
             while 0 <= at < lf:
-                if not _viable(buf[start:at].decode("utf-8", "replace")):
-                    skip = at
-                    break
+                feeds.append(at)
                 at = buf.find(b"\n", at + 1, lf)
+            lo, hi = 0, len(feeds)  # feeds[hi:] are refused, feeds[:lo] viable
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if _viable(buf[start : feeds[mid]].decode("utf-8", "replace")):
+                    lo = mid + 1
+                else:
+                    hi = mid
+            skip = feeds[lo] if lo < len(feeds) else lf
         else:  # pragma: no cover - a complete value would have ended the scan
             return None
         self._skip_from(min(skip, lf))

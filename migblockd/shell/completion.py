@@ -1,13 +1,17 @@
 """Tab completion, computed from the daemon's ``query-qmp-schema`` answer.
 
 * first word: command names (and ``help``);
-* ``help ``: command names;
+* ``help ``: command and event names;
 * later words: the argument names of the command being typed (``name=``, or
   ``name.`` for an object-typed argument whose members can be given as dotted keys),
   not the ones already given;
 * after ``name=``: the values of an enum or boolean argument; for a list of enum
   values both forms are completed: ``modes=normal,cpr-`` (the comma convenience)
   and ``modes=["normal", "cpr-`` (JSON), offering only values not yet listed.
+
+A completed word that cannot go on (a command name, a ``help`` topic, a scalar enum
+or boolean value) is followed by a space, as readline (and so qmp-shell) does, so
+that the next word can be typed at once; a list item is not (a comma may follow).
 
 :func:`complete` is pure (text in, candidates out); :class:`ShellCompleter` adapts
 it to prompt_toolkit.
@@ -55,14 +59,15 @@ def complete(schema: Schema, text: str) -> list[Candidate]:
             return []
         prefix = current.value if current is not None else ""
         names = [*schema.command_names(), *BUILTINS]
-        return [Candidate(n, start) for n in names if n.startswith(prefix)]
+        return [Candidate(n + " ", start) for n in names if n.startswith(prefix)]
 
     command = done[0].value
     if command == "help":
         if len(done) > 1 or (current is not None and current.key is not None):
             return []
         prefix = current.value if current is not None else ""
-        return [Candidate(n, start) for n in schema.command_names() if n.startswith(prefix)]
+        topics = [*schema.command_names(), *sorted(schema.events)]
+        return [Candidate(n + " ", start) for n in topics if n.startswith(prefix)]
 
     if command not in schema.commands:
         return []
@@ -112,7 +117,7 @@ def _values(schema: Schema, command: str, word: Word, text: str) -> list[Candida
     if choices is not None:
         if word.quoted:
             return []
-        return [Candidate(c, word.raw_value_start) for c in choices if c.startswith(raw)]
+        return [Candidate(c + " ", word.raw_value_start) for c in choices if c.startswith(raw)]
     element = schema.element_type(type_name)
     if element is None:
         return []

@@ -43,13 +43,16 @@ class Connection:
         """Connect, negotiate and fetch ``query-qmp-schema``; raises ConnectError."""
         await self.close()
         client = QMPClient(self._on_event, self._on_lost)
-        greeting = await client.connect(self.path)
         try:
-            await client.negotiate()
-            reply = await client.execute({"execute": "query-qmp-schema"})
-        except (ConnectError, ConnectionLost) as err:
+            greeting = await client.connect(self.path)  # its errors name the path
+            try:
+                await client.negotiate()
+                reply = await client.execute({"execute": "query-qmp-schema"})
+            except (ConnectError, ConnectionLost) as err:
+                raise ConnectError(f"{self.path}: {err}") from None
+        except BaseException:  # also Ctrl-C (cancellation) in the interactive shell
             await client.close()
-            raise ConnectError(f"{self.path}: {err}") from None
+            raise
         infos: Any = reply.get("return")
         self.schema = Schema(infos) if isinstance(infos, list) else Schema.empty()
         self.greeting = greeting

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 
 from migblockd.shell.docs import DocSource
@@ -10,20 +11,27 @@ from migblockd.shell.schema import Schema
 SHELL_HELP = """\
 Syntax:  COMMAND key=value ...   (dotted keys nest: a.b=1 a.c=2)
          {"execute": ...}         (a raw JSON request)
-         help [COMMAND]
+         help [COMMAND | EVENT | TYPE]
 Values are JSON when they parse as JSON (42, true, null, [..], {..}), else strings;
 quote to force a string.  List arguments also take a,b,c.  Tab completes commands,
 argument names and enum values.  Ctrl-C drops the line, Ctrl-D exits."""
 
 
-def overview(schema: Schema, docs: DocSource) -> str:
+def overview(schema: Schema, docs: DocSource, columns: int | None = None) -> str:
+    """The command list; summaries longer than the terminal (``columns``, by default
+    its width) are wrapped under themselves rather than at the left margin."""
+    if columns is None:
+        columns = shutil.get_terminal_size((100, 24)).columns
     names = schema.command_names()
     width = max((len(n) for n in names), default=0) + 2
+    indent = " " * (2 + width)
     lines = ["Commands:"]
     for name in names:
         doc = docs.command(name)
         summary = doc.summary if doc is not None and doc.summary else ""
-        lines.append(f"  {name:<{width}}{summary}".rstrip())
+        wrapped = textwrap.wrap(summary, max(columns - 1 - len(indent), 30)) or [""]
+        lines.append(f"  {name:<{width}}{wrapped[0]}".rstrip())
+        lines.extend(indent + more for more in wrapped[1:])
     lines.append("")
     lines.append(SHELL_HELP)
     return "\n".join(lines)

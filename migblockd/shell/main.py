@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
@@ -79,7 +80,12 @@ async def _amain(args: argparse.Namespace) -> int:
         from migblockd.shell.script import run_script  # noqa: PLC0415
 
         renderer = Renderer(pretty=args.pretty, colour=use_colour(sys.stdout))
-        return await run_script(socket, renderer, docs, args.verbose, args.command)
+        # Messages on stderr are coloured when stderr is a terminal, whatever
+        # stdout is (-c ... 2>errors.log must not get escape sequences).
+        messages = Renderer(pretty=args.pretty, colour=use_colour(sys.stderr))
+        return await run_script(
+            socket, renderer, docs, args.verbose, args.command, messages=messages
+        )
 
     from migblockd.shell.repl import Interactive  # noqa: PLC0415
 
@@ -87,6 +93,17 @@ async def _amain(args: argparse.Namespace) -> int:
     shell = Interactive(socket, renderer, docs, args.verbose, history_path())
     await shell.start()
     return await shell.loop()
+
+
+def _stdout_gone() -> None:
+    """stdout's reader went away (``migblock-shell ... | head``): stop quietly.
+
+    Python would otherwise print a traceback, and another error when it flushes
+    stdout at exit; point stdout at /dev/null so that final flush succeeds.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -98,4 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         status = 2
     except KeyboardInterrupt:
         status = 130
+    except BrokenPipeError:
+        _stdout_gone()
+        status = 1
     sys.exit(status)

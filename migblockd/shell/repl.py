@@ -4,8 +4,11 @@ line being typed is redrawn intact below them."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
@@ -80,10 +83,51 @@ class Interactive:
                         continue  # Ctrl-C drops the line
                     except EOFError:
                         break  # Ctrl-D
-                    await self._run(line)
+                    await self._run_interruptibly(line)
         finally:
             await self.connection.close()
         return 0
+
+    async def _run_interruptibly(self, line: str) -> None:
+        """Run ``line``; Ctrl-C while it runs (a daemon that does not answer, a
+        reconnection that hangs) abandons it and returns to the prompt instead of
+        ending the shell.
+
+        At the prompt prompt_toolkit reads Ctrl-C as a key; while a command runs
+        the terminal is in cooked mode and Ctrl-C is SIGINT, which asyncio.run
+        would turn into KeyboardInterrupt.  The handler is installed only for the
+        duration of the command, then asyncio's is put back.
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(self._run(line))
+        interrupted = False
+
+        def on_sigint(signum: int, frame: FrameType | None) -> None:
+            nonlocal interrupted
+            interrupted = True
+            loop.call_soon_threadsafe(task.cancel)
+
+        try:
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread: no way to catch Ctrl-C
+            await task
+            return
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
+            _say(
+                self.renderer.error(
+                    "interrupted: a request already sent may still take effect;"
+                    " its reply will not be shown"
+                )
+            )
+        finally:
+            # None: the handler was not set from Python; Python's own is the best guess.
+            signal.signal(
+                signal.SIGINT, previous if previous is not None else signal.default_int_handler
+            )
 
     async def _run(self, line: str) -> None:
         if not line.strip() or line.lstrip().startswith("#"):

@@ -26,6 +26,13 @@ class Runner:
     """Parse errors and other local messages."""
     echo: Write | None = None
     """Where ``-v`` shows each request sent (None: not verbose)."""
+    messages: Renderer | None = None
+    """How ``err`` and ``echo`` text is rendered when they go to another stream than
+    ``out`` (which may not be a terminal when ``out`` is); default: ``renderer``."""
+
+    @property
+    def _messages(self) -> Renderer:
+        return self.messages if self.messages is not None else self.renderer
 
     async def run_line(self, line: str) -> bool:
         """Run ``line``; False if it failed (bad syntax, unknown help topic, or an
@@ -33,14 +40,14 @@ class Runner:
         try:
             parsed = parse_line(line, self.connection.schema.hint)
         except ParseError as err:
-            self.err(self.renderer.error(f"error: {err}"))
+            self.err(self._messages.error(f"error: {err}"))
             return False
         if isinstance(parsed, Help):
             return self._help(parsed.topic)
         if not isinstance(parsed, Request):
             return True
         if self.echo is not None:
-            self.echo(self.renderer.request(parsed.message))
+            self.echo(self._messages.request(parsed.message))
         reply = await self.connection.execute(parsed.message)
         self.out(self.renderer.reply(reply))
         return "error" not in reply
@@ -52,7 +59,7 @@ class Runner:
             return True
         text = helptext.command_help(schema, self.docs, topic)
         if text is None:
-            self.err(self.renderer.error(helptext.unknown_command(schema, topic)))
+            self.err(self._messages.error(helptext.unknown_command(schema, topic)))
             return False
         self.out(text)
         return True

@@ -40,8 +40,14 @@ async def _listed(commands: Sequence[str]) -> AsyncIterator[str]:
 
 
 async def run_script(
-    path: str, renderer: Renderer, docs: DocSource, verbose: bool, commands: Sequence[str]
+    path: str,
+    renderer: Renderer,
+    docs: DocSource,
+    verbose: bool,
+    commands: Sequence[str],
+    messages: Renderer | None = None,
 ) -> int:
+    """Run the commands; ``renderer`` is for stdout, ``messages`` for stderr."""
     connection = Connection(path)
     await connection.open()
     number = 0
@@ -54,7 +60,13 @@ async def run_script(
         print(text, file=sys.stderr, flush=True)
 
     runner = Runner(
-        connection, renderer, docs, out=_print, err=report, echo=echo if verbose else None
+        connection,
+        renderer,
+        docs,
+        out=_print,
+        err=report,
+        echo=echo if verbose else None,
+        messages=messages,
     )
     failed = False
     lines = _listed(commands) if commands else stdin_lines()

@@ -1,0 +1,339 @@
+"""Hostile input against the sans-I/O core: the real command table, no event loop.
+
+Each test states the property a hostile peer must not break: no internal
+error, strict JSON out, one reply per bad message, the next valid command
+works, and no input that costs the daemon's single thread far more than its
+size (a request that takes seconds to check stalls every other client).
+Cost is measured by counting work (parses, jsonschema calls), never by time.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from migblockd.commands import Handlers, version_info
+from migblockd.contract import Contract
+from migblockd.qmp import codec
+from migblockd.qmp.codec import Limits
+from migblockd.qmp.errors import QMPError
+from migblockd.qmp.session import Session
+from migblockd.qmp.validation import ArgumentValidator
+from migblockd.registry import BlockerError, FakeClock, Owner, Registry
+
+CONTRACT = Contract.load()
+GREETING = {"QMP": {"version": version_info(), "capabilities": ["oob"]}}
+PROBE = b'{"execute": "query-version", "id": "probe"}'
+
+
+def _strict(line: bytes) -> Any:
+    def refuse(name: str) -> Any:
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+class _Hub:
+    """Delivers the registry's events to every session, as the server does."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.sessions: list[Session] = []
+
+    def publish_events(self) -> None:
+        for event in self.registry.take_events():
+            line = Session.encode_event(event.name, event.data, event.timestamp)
+            for session in self.sessions:
+                session.send_event(line)
+
+
+class _Client:
+    owner = Owner(pid=1, uid=2, gid=3)
+    label = "client 1"
+
+
+class Daemonless:
+    """The daemon's command table and sessions, without sockets."""
+
+    def __init__(self) -> None:
+        self.registry = Registry(CONTRACT.enums["MigMode"], migration_time=0.3,
+                                 clock=FakeClock())
+        self.hub = _Hub(self.registry)
+        self.table = Handlers(CONTRACT, self.registry, self.hub).table()
+        self.internal_errors: list[tuple[str, BaseException]] = []
+
+    def session(self, limits: Limits = Limits(), negotiate: bool = True) -> Session:  # noqa: B008
+        s = Session(self.table, GREETING, limits, context=_Client(),
+                    domain_errors=(BlockerError,),
+                    on_internal_error=lambda _s, name, exc: self.internal_errors.append(
+                        (name, exc)))
+        self.hub.sessions.append(s)
+        s.data_to_send()  # the greeting
+        if negotiate:
+            assert self.feed(s, b'{"execute": "qmp_capabilities", "arguments": '
+                                b'{"enable": ["oob"]}}') == [{"return": {}}]
+        return s
+
+    def feed(self, s: Session, data: bytes, *, eof: bool = False) -> list[Any]:
+        """Feed bytes, run everything complete, return the output as strict JSON lines."""
+        s.receive_data(data)
+        if eof:
+            s.receive_eof()
+        while s.has_pending():
+            s.execute(32)
+        out = s.data_to_send()
+        assert out == b"" or out.endswith(b"\r\n"), out[-200:]
+        lines = out.split(b"\r\n")[:-1]
+        for line in lines:
+            assert b"\n" not in line and b"\r" not in line, line[:200]
+            assert line.isascii()
+        assert not self.internal_errors, self.internal_errors
+        return [_strict(line) for line in lines]
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+_ATOMS = [
+    b"{", b"}", b"[", b"]", b'"', b":", b",", b"\\", b"\n", b"\r", b"\t", b" ", b"\x00",
+    b"\x04", b"\xff", b"\xfe", b"\xc3", b"\xa9", b"\xed\xa0\x80", b"\xf0\x9f", b"\x98\x80",
+    b"'", b"\\u", b"\\ud800", b"\\u0000", b"\\u2028", b"1", b"-0", b"1e400", b"1e-400",
+    b"NaN", b"true", b"null", b'"execute"', b'"exec-oob"', b'"arguments"', b'"id"',
+    b'"query-version"', b'"add-blocker"', b'"del-blocker"', b'"reason"', b'"modes"',
+    b'"qmp_capabilities"', b'"enable"', b'"oob"', b'"migrate"', b'"uri"', b'"tcp:x"',
+    b'"scope"', b'"connection"', b'"migrate_cancel"', b'"#blocker0"',
+]
+_BURSTS = st.lists(st.lists(st.sampled_from(_ATOMS), max_size=40).map(b"".join), max_size=5)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck),
+          database=None)
+@given(_BURSTS, st.integers(48, 300), st.integers(1, 6), st.booleans())
+def test_random_tokens_never_break_the_session(
+    bursts: list[bytes], size: int, nesting: int, negotiate: bool
+) -> None:
+    world = Daemonless()
+    s = world.session(Limits(max_message_size=size, max_nesting=nesting), negotiate=negotiate)
+    for burst in bursts:
+        world.feed(s, burst)
+    # The documented way to reset the parser, then a valid command on a new line.
+    out = world.feed(s, b"\x04\n" + PROBE)
+    assert out and out[-1].get("id") == "probe" and "return" in out[-1], (bursts, out)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck),
+          database=None)
+@given(_BURSTS)
+def test_a_bad_message_then_a_newline_never_swallows_the_next_command(
+    bursts: list[bytes],
+) -> None:
+    world = Daemonless()
+    s = world.session()
+    for burst in bursts:
+        world.feed(s, burst)
+    decoder = s._decoder
+    if decoder._mode in (codec._STRUCT, codec._SCALAR_MODE):
+        # Only a message that is already bad must give way at the newline; a
+        # valid beginning ({"a": ) legitimately swallows what follows.
+        pending = bytes(decoder._buf[decoder._start:]).decode("utf-8", "replace")
+        if codec._viable(pending):
+            return
+    out = world.feed(s, b"\n" + PROBE)
+    assert out and out[-1].get("id") == "probe" and "return" in out[-1], (bursts, out)
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def test_a_refusal_late_in_a_long_multiline_message_costs_few_parses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """4,000 line feeds and then NaN: the line with the error is found by bisection.
+
+    Before: one parse of the whole prefix per line feed, about 0.1 s per 4 KiB
+    message, so 64 of them in one 260 KiB write held the daemon for 3 s.
+    """
+    calls = 0
+    viable = codec._viable
+
+    def counting(text: str) -> bool:
+        nonlocal calls
+        calls += 1
+        return viable(text)
+
+    monkeypatch.setattr(codec, "_viable", counting)
+    world = Daemonless()
+    s = world.session()
+    bad = b'{"x":' + b"\n" * 4000 + b"NaN\n"
+    out = world.feed(s, bad + PROBE)
+    assert out[0] == {"error": {"class": "GenericError",
+                                "desc": "JSON parse error, invalid keyword 'NaN'"}}
+    assert out[-1]["id"] == "probe" and len(out) == 2, out
+    assert 0 < calls <= 16, calls
+
+
+@pytest.mark.parametrize("split", [1, 7, 4096])
+def test_bisection_gives_the_same_outcome_however_the_input_is_split(split: int) -> None:
+    world = Daemonless()
+    s = world.session()
+    data = (b'{"execute": "query-version",\n"arguments": {"a": [1,\n2,\n{"k": 1, "k": 2},\n'
+            b'3]}\n' + PROBE)
+    whole = world.feed(s, data)
+    s2 = world.session()
+    pieces: list[Any] = []
+    for i in range(0, len(data), split):
+        pieces += world.feed(s2, data[i : i + split])
+    assert pieces == whole
+    assert whole[0]["error"]["desc"] == "JSON parse error, duplicate key"
+    assert whole[-1]["id"] == "probe"
+
+
+def test_huge_valid_arrays_are_checked_without_jsonschema(monkeypatch: pytest.MonkeyPatch) -> None:
+    """jsonschema took 4 to 6 s for one valid 1 MiB request; it must not be consulted."""
+    world = Daemonless()
+    for command in world.table.values():
+        validator = command.validate.__self__  # type: ignore[attr-defined]
+        assert isinstance(validator, ArgumentValidator)
+        assert validator.compiled is not None, command.name
+
+        def refuse(*args: object, **kwargs: object) -> bool:
+            raise AssertionError("jsonschema consulted")
+
+        monkeypatch.setattr(validator._validator, "is_valid", refuse)
+        monkeypatch.setattr(validator._validator, "iter_errors", refuse)
+    s = world.session(negotiate=False)
+    enable = json.dumps({"execute": "qmp_capabilities", "id": 1,
+                         "arguments": {"enable": ["oob"] * 100_000}}).encode()
+    assert world.feed(s, enable) == [{"return": {}, "id": 1}]
+    modes = json.dumps({"execute": "add-blocker", "id": 2, "arguments": {
+        "reason": "r", "modes": ["normal"] * 100_000 + ["bogus"]}}).encode()
+    assert world.feed(s, modes) == [{"id": 2, "error": {
+        "class": "GenericError",
+        "desc": "Parameter 'modes[100000]' does not accept value 'bogus'"}}]
+    caps = json.dumps({"execute": "migrate-set-capabilities", "id": 3, "arguments": {
+        "capabilities": [{"capability": "events", "state": True}] * 20_000 + [{}]}}).encode()
+    assert world.feed(s, caps) == [{"id": 3, "error": {
+        "class": "GenericError", "desc": "Parameter 'capabilities[20000].capability' is missing"}}]
+
+
+# --------------------------------------------------------------------------- the compiled check
+
+
+def _values(names: list[str], enums: list[str]) -> st.SearchStrategy[Any]:
+    keys = st.sampled_from([*names, "zz", "x"])
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(-(1 << 65), 1 << 65), st.floats(allow_nan=False,
+        allow_infinity=False), st.sampled_from([*enums, "", "bogus"]),
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                st.dictionaries(keys, inner, max_size=5)),
+        max_leaves=12,
+    )
+
+
+def _names(schema: object, names: set[str], enums: set[str]) -> None:
+    if isinstance(schema, dict):
+        for key, value in schema.items():
+            if key == "properties":
+                names.update(value)
+            if key == "enum":
+                enums.update(value)
+            _names(value, names, enums)
+    elif isinstance(schema, list):
+        for value in schema:
+            _names(value, names, enums)
+
+
+@pytest.mark.parametrize("name", list(CONTRACT.commands))
+def test_compiled_check_agrees_with_jsonschema_and_the_walk(name: str) -> None:
+    schema = CONTRACT.commands[name].arguments
+    validator = ArgumentValidator(schema)
+    assert validator.compiled is not None
+    names: set[str] = set()
+    enums: set[str] = set()
+    _names(schema, names, enums)
+    args_strategy = st.dictionaries(st.sampled_from(sorted(names | {"zz"})),
+                                    _values(sorted(names), sorted(enums)), max_size=6)
+
+    @settings(max_examples=150, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(args_strategy)
+    def agree(args: dict[str, Any]) -> None:
+        expected = bool(validator._validator.is_valid(args))
+        assert validator.is_valid(args) == expected
+        if expected:
+            validator.check(args)
+        else:
+            with pytest.raises(QMPError) as info:
+                validator.check(args)
+            assert info.value.desc == validator.first_error(args)
+
+    agree()
+
+
+def test_schemas_beyond_the_generator_fall_back_to_jsonschema() -> None:
+    schema = {"type": "object", "properties": {"a": {"type": "array", "minItems": 2}}}
+    validator = ArgumentValidator(schema)
+    assert validator.compiled is None
+    assert not validator.is_valid({"a": [1]})
+    validator.check({"a": [1, 2]})
+
+
+def test_recursive_definitions_compile() -> None:
+    schema = {
+        "type": "object",
+        "properties": {"tree": {"$ref": "#/$defs/Tree"}},
+        "additionalProperties": False,
+        "$defs": {"Tree": {"type": "object", "properties": {
+            "kids": {"type": "array", "items": {"$ref": "#/$defs/Tree"}},
+            "name": {"type": "string"}}, "additionalProperties": False}},
+    }
+    validator = ArgumentValidator(schema)
+    assert validator.compiled is not None
+    validator.check({"tree": {"kids": [{"kids": [{"name": "x"}]}]}})
+    with pytest.raises(QMPError, match=r"'tree\.kids\[0\]\.kids\[1\]\.name', expected: string"):
+        validator.check({"tree": {"kids": [{"kids": [{}, {"name": 1}]}]}})
+
+
+# --------------------------------------------------------------------------- output
+
+
+WEIRD = "\x00\x1f\x7f \u2028\u2029 \ufeff \U0001f600 \\ \" / \r\n\t é"
+
+
+def test_weird_reasons_round_trip_exactly_in_strict_ascii_json() -> None:
+    world = Daemonless()
+    s = world.session()
+    request = json.dumps({"execute": "add-blocker", "id": WEIRD,
+                          "arguments": {"reason": WEIRD, "id": "weird"}}, ensure_ascii=False)
+    out = world.feed(s, request.encode())
+    assert [m.get("event") for m in out] == ["BLOCKER_ADDED", None]
+    assert out[0]["data"]["reason"] == WEIRD
+    assert out[1]["return"]["reason"] == WEIRD and out[1]["id"] == WEIRD
+    (listing,) = world.feed(s, b'{"execute": "query-blockers"}')
+    assert listing["return"][0]["reason"] == WEIRD
+    (migrate,) = world.feed(s, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}}')
+    assert migrate == {"error": {"class": "GenericError", "desc": WEIRD}}
+    (query,) = world.feed(s, b'{"execute": "query-migrate"}')
+    assert query == {"return": {"blocked-reasons": [WEIRD]}}
+
+
+def test_generated_ids_cannot_be_chosen_or_clash() -> None:
+    world = Daemonless()
+    s = world.session()
+    out = world.feed(s, b'{"execute": "add-blocker", "arguments": {"reason": "a", '
+                        b'"id": "#blocker0"}}')
+    assert out == [{"error": {"class": "GenericError",
+                              "desc": "Parameter 'id' expects an identifier"}}]
+    out = world.feed(s, b'{"execute": "add-blocker", "arguments": {"reason": "a"}}')
+    assert out[-1]["return"]["id"] == "#blocker0"
+    out = world.feed(s, b'{"execute": "del-blocker", "arguments": {"id": "#blocker0"}}')
+    assert out[-1] == {"return": {}}
+    # Serial numbers are never reused, even after the blocker is gone.
+    out = world.feed(s, b'{"execute": "add-blocker", "arguments": {"reason": "b"}}')
+    assert out[-1]["return"]["id"] == "#blocker1"

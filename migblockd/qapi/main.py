@@ -95,6 +95,10 @@ def write(files: dict[str, str], output_dir: Path) -> None:
             path.write_text(text, encoding="utf-8")
 
 
+#: The schema of a source checkout, relative to its top: what a developer edits.
+CHECKOUT_SCHEMA = Path("schema") / "migblockd.json"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (also when used as a console script)."""
     parser = argparse.ArgumentParser(
@@ -111,14 +115,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="where the generated files go (default: generated/ next to SCHEMA)",
     )
-    parser.add_argument("schema", nargs="?", type=Path, help="root schema file")
+    parser.add_argument(
+        "schema", nargs="?", type=Path,
+        help=f"root schema file (default: {CHECKOUT_SCHEMA} when run from a checkout, "
+        "else the schema installed with migblockd)",
+    )
     args = parser.parse_args(argv)
 
+    installed = False
     if args.schema is None:
-        from ..contract import schema_dir  # noqa: PLC0415 - contract imports this package
+        if CHECKOUT_SCHEMA.is_file():
+            args.schema = CHECKOUT_SCHEMA
+        else:
+            from ..contract import schema_dir  # noqa: PLC0415 - contract imports this package
 
-        args.schema = schema_dir() / "migblockd.json"
+            args.schema = schema_dir() / "migblockd.json"
+            installed = "site-packages" in args.schema.parts
     output_dir: Path = args.output_dir or args.schema.parent / "generated"
+    if installed and not args.check and args.output_dir is None:
+        print(
+            f"{PROG}: refusing to write into the installed package ({output_dir}); "
+            "run it from a checkout of migblockd, or name SCHEMA and --output-dir",
+            file=sys.stderr,
+        )
+        return 1
     try:
         schema = load_schema(args.schema)
     except QAPIError as err:

@@ -1,0 +1,56 @@
+"""The README's promises: its two commands, CI running the second, and its client example."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import DaemonProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+DEFAULT_SOCKET = "/run/migblockd/migblockd.sock"
+
+
+def commands() -> list[str]:
+    """The indented command lines before the first horizontal rule."""
+    head = README.split("\n---\n", 1)[0]
+    return [line.strip() for line in head.splitlines() if line.startswith("    ")]
+
+
+def test_readme_starts_with_exactly_two_commands() -> None:
+    run_daemon, run_tests = commands()
+    assert run_daemon.endswith(".venv/bin/migblockd")
+    assert run_tests.endswith(".venv/bin/python tools/check.py")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert commands()[1] in ci
+
+
+def test_the_qemu_qmp_example_runs(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    daemon = start_daemon()
+    snippet = re.search(r"```python\n(.*?)```", README, re.S)
+    assert snippet is not None
+    code = snippet.group(1)
+    assert DEFAULT_SOCKET in code
+    script = tmp_path / "example.py"
+    script.write_text(code.replace(DEFAULT_SOCKET, str(daemon.socket)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "#blocker0 ['normal', 'cpr-reboot', 'cpr-transfer', 'cpr-exec']\n"
+    # The blocker was connection-scoped: it went away with the example's connection.
+    released = "released 1 connection-scoped blocker(s): #blocker0"
+    deadline = time.monotonic() + 20
+    while released not in daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "added blocker #blocker0" in daemon.log()
+    assert released in daemon.log()

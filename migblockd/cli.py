@@ -111,6 +111,11 @@ def parser() -> argparse.ArgumentParser:
         f"{MAX_NESTING_CEILING} (default: {d.max_nesting})",
     )
     p.add_argument(
+        "--max-tokens", metavar="N", type=_positive_int,
+        help=f"most JSON tokens in one request, as QEMU counts them; bounds the "
+        f"work one request may cost (default: {d.max_tokens})",
+    )
+    p.add_argument(
         "--max-output", metavar="BYTES", type=_positive_int,
         help=f"unread output a client may accumulate before it is disconnected "
         f"(default: {d.max_output})",

@@ -39,6 +39,12 @@ class Hub(Protocol):
     def publish_events(self) -> None: ...
 
 
+def shown(text: object, limit: int = 200) -> str:
+    """A client-supplied string as one log field: escaped (no forged lines), truncated."""
+    s = str(text)
+    return ascii(s if len(s) <= limit else s[:limit] + "...")
+
+
 def version_info() -> dict[str, Any]:
     """``query-version``'s answer, also the greeting's ``version``."""
     major, minor, micro = (int(x) for x in __version__.split(".")[:3])
@@ -86,10 +92,10 @@ class Handlers:
                 connection=client,
             )
         except BlockerError as exc:
-            log.info("%s: refused blocker: %s", client.label, exc)
+            log.info("%s: refused blocker: %s", client.label, shown(exc))
             raise
         log.info("%s: added blocker %s (%s): %s", client.label, blocker.id,
-                 ",".join(blocker.modes), blocker.reason)
+                 ",".join(blocker.modes), shown(blocker.reason))
         return blocker.info()
 
     def del_blocker(self, client: Client, args: Args) -> object:
@@ -115,9 +121,10 @@ class Handlers:
         try:
             self.registry.migrate(args["uri"])
         except BlockerError as exc:
-            log.info("%s: migrate to %s refused: %s", client.label, args["uri"], exc)
+            log.info("%s: migrate to %s refused: %s", client.label, shown(args["uri"]),
+                     shown(exc))
             raise
-        log.info("%s: migration to %s started", client.label, args["uri"])
+        log.info("%s: migration to %s started", client.label, shown(args["uri"]))
         return {}
 
     def migrate_cancel(self, client: Client, args: Args) -> object:

@@ -23,7 +23,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 #: Settings a SIGHUP reload applies to the running daemon.
 RELOADABLE = frozenset(
-    {"log_level", "max_clients", "max_message_size", "max_nesting", "max_output"}
+    {"log_level", "max_clients", "max_message_size", "max_nesting", "max_tokens", "max_output"}
 )
 
 
@@ -43,10 +43,11 @@ class Config:
     max_clients: int = 1024
     max_message_size: int = 1 << 20
     max_nesting: int = 64
+    max_tokens: int = 1 << 14
     max_output: int = 4 << 20
     schema: Path | None = None
     config: Path | None = None
-    #: The protocol's input limits, derived from the two max-* settings above.
+    #: The protocol's input limits, derived from the max-* settings above.
     limits: Limits = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -58,14 +59,16 @@ class Config:
             raise ConfigError(f"socket-mode must be a permission mode, not {self.socket_mode:o}")
         if not (math.isfinite(self.migration_time) and self.migration_time >= 0):
             raise ConfigError("migration-time must be a finite, non-negative number of seconds")
-        for name in ("max_clients", "max_message_size", "max_nesting", "max_output"):
+        for name in ("max_clients", "max_message_size", "max_nesting", "max_tokens",
+                     "max_output"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1")
         try:
             # Built once here: every session shares it, and a bad value is a
             # configuration error at start (or reload), not a failure per connection.
             object.__setattr__(self, "limits", Limits(
-                max_message_size=self.max_message_size, max_nesting=self.max_nesting))
+                max_message_size=self.max_message_size, max_nesting=self.max_nesting,
+                max_tokens=self.max_tokens))
         except ValueError as exc:
             raise ConfigError(str(exc).replace("_", "-")) from None
 

@@ -5,7 +5,8 @@ blockers in ``migblockd.registry``; this module only moves bytes, decides when
 to read, and owns the order of start-up and shutdown.
 
 Flow control: a request is executed only while the client's transport buffer
-is below its high-water mark.  Past it we stop executing *and* stop reading,
+is below its high-water mark, and at most ``BATCH`` of one client's requests
+run per event-loop iteration, so clients take turns.  Past it we stop executing *and* stop reading,
 so a client that does not read its replies holds at most one read's worth of
 unexecuted input and nothing is ever dropped.  Events still reach such a client
 until its unread output passes ``max_output``; then it alone is disconnected.
@@ -78,6 +79,7 @@ class Connection(asyncio.Protocol):
         self.session: Session | None = None
         self.write_paused = False
         self.read_paused = False
+        self.pump_scheduled = False
         self.eof = False
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -177,16 +179,24 @@ class Connection(asyncio.Protocol):
                 self.session.receive_data(data)
 
     def pump(self) -> None:
-        """Execute what is pending while the client keeps up with its replies."""
+        """Execute a batch of what is pending, if the client keeps up with its replies.
+
+        One batch per event-loop iteration: a client that pipelines a lot is
+        served in turns with everyone else instead of holding the loop.
+        """
         session, transport = self.session, self.transport
         assert session is not None and transport is not None
-        while session.has_pending() and not self.write_paused and not transport.is_closing():
+        self.pump_scheduled = False
+        if session.has_pending() and not self.write_paused and not transport.is_closing():
             session.execute(BATCH)
             self.flush()
         if session.has_pending() and not transport.is_closing():
             if not self.read_paused:
                 transport.pause_reading()
                 self.read_paused = True
+            if not self.write_paused and not self.pump_scheduled:
+                self.pump_scheduled = True
+                asyncio.get_running_loop().call_soon(self.pump)
             return
         if self.read_paused and not self.eof:
             transport.resume_reading()
@@ -201,8 +211,11 @@ class Connection(asyncio.Protocol):
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s -> %r", self.label, data)
+        # Only output written earlier counts as unread: the client cannot have
+        # read this write yet, however promptly it reads (one reply may be large).
+        unread = self.transport.get_write_buffer_size()
         self.transport.write(data)
-        if self.transport.get_write_buffer_size() > self.daemon.config.max_output:
+        if unread > self.daemon.config.max_output:
             log.warning("%s: dropped: more than max-output=%d bytes of unread output",
                         self.label, self.daemon.config.max_output)
             self.transport.abort()

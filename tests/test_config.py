@@ -43,6 +43,7 @@ def test_file_then_command_line(tmp_path: Path) -> None:
         ("max-output = 0\n", "max-output must be at least 1"),
         ("max-nesting = 257\n", "max-nesting must be between 1 and 256"),
         ("max-message-size = 1\n", "max-message-size must be at least 2 bytes"),
+        ("max-tokens = 0\n", "max-tokens must be at least 1"),
         ("migration-time = nan\n", "migration-time must be a finite, non-negative number"),
         ("migration-time = inf\n", "migration-time must be a finite, non-negative number"),
         ("log-level = \n", "Invalid value"),
@@ -72,6 +73,7 @@ def test_help_explains_every_option() -> None:
     )
     assert proc.returncode == 0
     for option in ("--socket", "--socket-mode", "--only-migratable", "--migration-time",
-                   "--log-level", "--max-clients", "--max-message-size", "--max-output",
+                   "--log-level", "--max-clients", "--max-message-size", "--max-tokens",
+                   "--max-output",
                    "--config", "SIGHUP"):
         assert option in proc.stdout

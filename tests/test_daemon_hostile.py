@@ -1,9 +1,8 @@
 """Hostile clients against the real daemon on a real socket.
 
 After every attack: a fresh valid command still gets its reply, the daemon's
-log holds no traceback, and it stops cleanly.  Two tests are strict xfails:
-they reproduce findings in the lead's files (docs/hostile-findings.md) and
-start passing once those are fixed.
+log holds no traceback, and it stops cleanly.  Findings F1 and F2 of
+docs/hostile-findings.md have a test each here.
 """
 
 from __future__ import annotations
@@ -128,8 +127,6 @@ async def test_clients_beyond_max_clients_are_refused_and_slots_come_back(
 # --------------------------------------------------------------------------- findings (lead)
 
 
-@pytest.mark.xfail(strict=True, reason="docs/hostile-findings.md F1: server.py drops a client "
-                   "whose single reply is larger than --max-output, though it reads promptly")
 async def test_a_prompt_reader_is_not_dropped_for_one_large_reply(
     module_daemon: DaemonProcess,
 ) -> None:
@@ -152,8 +149,6 @@ async def test_a_prompt_reader_is_not_dropped_for_one_large_reply(
         await d.close()
 
 
-@pytest.mark.xfail(strict=True, reason="docs/hostile-findings.md F2: commands.py logs client "
-                   "strings raw, so a reason can forge log lines (even a Traceback)")
 async def test_client_strings_cannot_forge_log_lines(start_daemon: Callable[..., DaemonProcess],
                                                      ) -> None:
     d = start_daemon("--log-level", "info")

@@ -60,6 +60,7 @@ MAX_NESTING_CEILING: Final = 256
 
 # QEMU's wording (qobject/json-streamer.c, qobject/json-parser.c).
 TOKEN_SIZE_EXCEEDED: Final = "JSON token size limit exceeded"
+TOKEN_COUNT_EXCEEDED: Final = "JSON token count limit exceeded"
 NESTING_EXCEEDED: Final = "JSON nesting depth limit exceeded"
 PARSE_ERROR_PREFIX: Final = "JSON parse error, "
 
@@ -71,16 +72,23 @@ class Limits:
     ``max_message_size``: bytes one message may occupy, from its first byte
     to its last (QEMU's equivalent is 64 MiB of tokens).  ``max_nesting``:
     open ``{``/``[`` at once, the top-level object counting as one (QEMU: 1024).
+    ``max_tokens``: JSON tokens in one message, counted as QEMU's streamer
+    counts them (QEMU: 2 Mi).  It bounds the work one request can cost: the
+    arguments are validated with jsonschema, which spends tens of
+    microseconds per array element.
     """
 
     max_message_size: int = 1 << 20
     max_nesting: int = 64
+    max_tokens: int = 1 << 14
 
     def __post_init__(self) -> None:
         if self.max_message_size < 2:
             raise ValueError("max_message_size must be at least 2 bytes")
         if not 1 <= self.max_nesting <= MAX_NESTING_CEILING:
             raise ValueError(f"max_nesting must be between 1 and {MAX_NESTING_CEILING}")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +179,7 @@ class StreamDecoder:
         limits = limits if limits is not None else Limits()
         self.max_message_size = limits.max_message_size
         self.max_nesting = limits.max_nesting
+        self.max_tokens = limits.max_tokens
         self._buf = bytearray()
         self._mode = _IDLE
         self._start = 0  # first byte of the message being scanned
@@ -238,7 +247,15 @@ class StreamDecoder:
         self._start = self._scan = end
         self._stack.clear()
         self._in_string = False
-        return decode_message(data)
+        value = decode_message(data)
+        # Every token is at least one byte: only a longer message can have too many.
+        if (
+            len(data) > self.max_tokens
+            and not isinstance(value, ParseError)
+            and count_tokens(value, self.max_tokens) > self.max_tokens
+        ):
+            return ParseError(TOKEN_COUNT_EXCEEDED)
+        return value
 
     def _finish(self, buf: bytearray, end: int) -> object:
         """A balanced message ends at ``end``: its value, or its first error."""
@@ -471,6 +488,29 @@ class StreamDecoder:
         # own resynchronisation point, a \t or \r inside a string is not.
         self._skip_from(p)
         return ParseError(_stray(bytes(buf[p : p + 1])))
+
+
+def count_tokens(value: object, limit: int) -> int:
+    """The JSON tokens of ``value`` as QEMU's lexer counts them; stops past ``limit``.
+
+    A scalar is one token; a container adds its two brackets, a comma between
+    elements, and a colon and the key for each object member.
+    """
+    count = 0
+    stack = [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        if type(item) is dict:
+            n = len(item)
+            count += 2 + 3 * n - (1 if n else 0)
+            stack.extend(item.values())
+        elif type(item) is list:
+            n = len(item)
+            count += 2 + n - (1 if n else 0)
+            stack.extend(item)
+        else:
+            count += 1
+    return count
 
 
 def _viable(text: str) -> bool:

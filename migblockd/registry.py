@@ -29,7 +29,7 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 from migblockd.clock import SYSTEM_CLOCK, Clock, FakeClock
 
@@ -121,11 +121,10 @@ _GENERATED_PREFIX: Final = "#blocker"
 class BlockerError(Exception):
     """A refused request.  ``str(exc)`` is QEMU's exact error desc.
 
-    Every refusal is QMP class ``GenericError``, as in QEMU (``error_setg`` and
-    ``error_propagate_prepend`` never set another class for these paths).
+    The registry knows nothing of the wire: the QMP session reports every
+    ``BlockerError`` as class ``GenericError``, which is what QEMU uses for all
+    of these refusals (``error_setg`` never sets another class on these paths).
     """
-
-    error_class: ClassVar[str] = "GenericError"
 
     def __init__(self, desc: str) -> None:
         super().__init__(desc)

@@ -82,6 +82,7 @@ class Client:
     """Drives a Session as a client would, over bytes only."""
 
     def __init__(self, *, greeting: dict[str, Any] = GREETING, **kwargs: Any) -> None:
+        kwargs.setdefault("domain_errors", (BlockerError,))
         self.log: list[str] = []
         self.internal: list[tuple[str, BaseException]] = []
         self.session = Session(

@@ -102,19 +102,6 @@ LACKS_EXECUTE: Final = "QMP input lacks member 'execute'"
 CLASH: Final = "QMP input member 'exec-oob' clashes with 'execute'"
 
 
-def _default_domain_errors() -> tuple[type[BaseException], ...]:
-    # Imported lazily: the protocol core must not depend on the registry, and
-    # is usable (and tested) without it.
-    try:
-        from migblockd.registry import BlockerError  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - registry always present in the package
-        return ()
-    return (BlockerError,)
-
-
-_DOMAIN_ERRORS: tuple[type[BaseException], ...] | None = None
-
-
 def _internal_error_desc(name: str) -> str:
     return f"Internal error while executing command {name}"
 
@@ -129,13 +116,13 @@ class Session:
     left for the server and the command handlers (the connection object).
 
     Errors raised by a command: :class:`QMPError` becomes its class and desc;
-    an instance of one of ``domain_errors`` (default: the registry's
+    an instance of one of ``domain_errors`` (the server passes the registry's
     ``BlockerError``, whose ``str()`` is QEMU's exact desc) becomes a
     ``GenericError`` with that desc -- this is the one place where domain
-    errors meet the wire.  Any other exception is a bug: the client gets a
-    ``GenericError`` with a generic desc (never a traceback), the session goes
-    on, and ``on_internal_error(session, command_name, exc)`` lets the server
-    log it.
+    errors meet the wire (and the protocol core never imports the registry).
+    Any other exception is a bug: the client gets a ``GenericError`` with a
+    generic desc (never a traceback), the session goes on, and
+    ``on_internal_error(session, command_name, exc)`` lets the server log it.
     """
 
     def __init__(
@@ -145,14 +132,9 @@ class Session:
         limits: Limits = Limits(),  # noqa: B008 - frozen, hence shareable
         *,
         context: object = None,
-        domain_errors: tuple[type[BaseException], ...] | None = None,
+        domain_errors: tuple[type[BaseException], ...] = (),
         on_internal_error: Callable[[Session, str, BaseException], None] | None = None,
     ) -> None:
-        global _DOMAIN_ERRORS  # noqa: PLW0603 - a cache, filled once
-        if domain_errors is None:
-            if _DOMAIN_ERRORS is None:
-                _DOMAIN_ERRORS = _default_domain_errors()
-            domain_errors = _DOMAIN_ERRORS
         self.commands = commands
         self.context = context
         self.negotiated = False

@@ -747,6 +747,8 @@ class Registry:
 
     def take_events(self) -> list[Event]:
         """Drain the queued events, oldest first."""
+        if not self._events:  # most commands cause none: allocate nothing
+            return []
         events, self._events = self._events, []
         return events
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, assert_clean_log, spawn_daemon, wait_ready
+from conftest import DaemonProcess, assert_clean_log, wait_ready
 from qmpclient import RawClient, encode, strict_loads
 
 from migblockd.paths import default_socket_path
@@ -98,20 +98,15 @@ def python(request: pytest.FixtureRequest, venvs: VenvBuilder) -> str:
 
 
 @pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """Like ``start_daemon``, with ``python=`` and run from outside the source tree."""
-    started: list[DaemonProcess] = []
+def spawn(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> Callable[..., DaemonProcess]:
+    """Like ``start_daemon``, run from outside the source tree (``python=`` for 3.12+)."""
 
-    def start(*args: str, python: str = sys.executable, **kw: Any) -> DaemonProcess:
-        d = spawn_daemon(tmp_path, *args, python=python, cwd=tmp_path, **kw)
-        started.append(d)
-        return d
+    def start(*args: str, **kw: Any) -> DaemonProcess:
+        return start_daemon(*args, cwd=tmp_path, **kw)
 
-    yield start
-    for d in started:
-        if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+    return start
 
 
 async def connect(path: Path, negotiate: bool = True) -> RawClient:

@@ -73,11 +73,6 @@ class CommandNotFound(QMPError):
     error_class: ClassVar[str] = COMMAND_NOT_FOUND
 
 
-def error_object(error_class: str, desc: str) -> dict[str, str]:
-    """The ``error`` member of a response: ``{"class": ..., "desc": ...}`` in QEMU's order."""
-    return {"class": error_class, "desc": desc}
-
-
 def error_reply(err: QMPError, id: object = NO_ID) -> dict[str, Any]:
     """The whole error response for ``err``.
 

@@ -421,6 +421,10 @@ async def test_exec_oob_among_pipelined_in_band_commands(module_daemon: DaemonPr
         assert [r["id"] for r in replies if r["id"] != "oob"] == list(range(150))
         assert ["oob" for r in replies if r["id"] == "oob"] == ["oob"]
         assert all("return" in r for r in replies), [r for r in replies if "return" not in r]
+        # Out-of-band: answered ahead of in-band requests that arrived before it
+        # and were still queued (in arrival order it would be reply 100).
+        position = [r["id"] for r in replies].index("oob")
+        assert position < 100, position
     finally:
         await c.close()
 

@@ -356,17 +356,39 @@ def test_oob_enabled() -> None:
     ]
 
 
-def test_oob_runs_in_arrival_order() -> None:
+def test_oob_runs_ahead_of_queued_in_band_requests() -> None:
     client = Client()
     client.negotiate(oob=True)
     data = (
         b'{"execute": "query-blockers", "id": 1}'
         b'{"exec-oob": "add-blocker", "arguments": {"reason": "r"}, "id": 2}'
         b'{"execute": "query-blockers", "id": 3}'
+        b'{"exec-oob": "no-such", "id": 4}'  # an OOB error is answered at once too
     )
-    ids = [reply["id"] for reply in client.send(data) if "id" in reply]
-    assert ids == [1, 2, 3]
-    assert client.log == ["noop", "add r", "noop"]
+    client.session.receive_data(data)
+    # The first turn runs both OOB requests, then one in-band request.
+    assert client.session.execute(3) == 3
+    lines = client.session.data_to_send().split(b"\r\n")[:-1]
+    first = [reply for reply in map(json.loads, lines) if "id" in reply]
+    assert [reply["id"] for reply in first] == [2, 4, 1]
+    assert first[1]["error"]["class"] == "CommandNotFound"
+    assert client.session.has_pending()
+    ids = [reply["id"] for reply in client.send(b"") if "id" in reply]
+    assert ids == [3]  # in-band requests keep their order
+    assert client.log == ["add r", "noop", "noop"]
+
+
+def test_without_oob_enabled_exec_oob_is_answered_in_turn() -> None:
+    client = Client()
+    client.negotiate()
+    data = (
+        b'{"execute": "query-blockers", "id": 1}'
+        b'{"exec-oob": "query-blockers", "id": 2}'
+        b'{"execute": "query-blockers", "id": 3}'
+    )
+    replies = client.send(data)
+    assert [reply["id"] for reply in replies] == [1, 2, 3]
+    assert replies[1]["error"]["desc"] == "QMP input member 'exec-oob' is unexpected"
 
 
 # -- ordering, pipelining, events ---------------------------------------------------------

@@ -31,16 +31,17 @@ The session implements ``qmp_capabilities`` itself (state, OOB, errors); of
 that command's :class:`Command` entry only ``validate`` and ``allow_oob`` are
 used, and a built-in validator serves when the table has no entry.
 
-Ordering and OOB: every command runs synchronously, to completion, in the
-order its request arrived, and its reply is queued at once.  So nothing is
-ever queued behind a running command, and an ``exec-oob`` request is answered
-before any in-band request that arrived after it and after every one that
-arrived before it -- which is all "ahead of queued in-band commands" can mean
-when no in-band command is ever left waiting.
+Ordering and OOB: every command runs synchronously, to completion, and its
+reply is queued at once.  In-band requests run in arrival order, at most
+``max_requests`` per :meth:`Session.execute` call (the server's turn).  Once
+OOB is enabled, each call first parses everything buffered and runs the
+``exec-oob`` requests among it at once, ahead of in-band requests that arrived
+earlier but have not had their turn -- QEMU's "out-of-band" promise.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -151,6 +152,8 @@ class Session:
         )
         self._negotiation_allow_oob = capabilities.allow_oob if capabilities is not None else True
         self._decoder = StreamDecoder(limits)
+        #: In-band requests parsed ahead of their turn while looking for OOB ones.
+        self._queue: deque[object] = deque()
         self._output: list[bytes] = [encode_line(greeting)]
 
     # -- input ---------------------------------------------------------------
@@ -171,7 +174,7 @@ class Session:
 
     def has_pending(self) -> bool:
         """True when a complete request (or a parse error) waits for :meth:`execute`."""
-        return self._decoder.has_message()
+        return bool(self._queue) or self._decoder.has_message()
 
     @property
     def buffered(self) -> int:
@@ -186,10 +189,25 @@ class Session:
         handled = 0
         decoder = self._decoder
         output = self._output
+        queue = self._queue
+        if self.oob_enabled and decoder.has_message():
+            # Out-of-band requests run the moment they are parsed, ahead of the
+            # in-band ones queued before them (QEMU's monitor does the same);
+            # in-band requests keep their order.  Only what one read brought is
+            # buffered, so parsing it all at once is bounded.
+            while (item := decoder.next_message()) is not NEED_DATA:
+                if type(item) is dict and "exec-oob" in item and "execute" not in item:
+                    handled += 1
+                    output.append(self._handle(item))
+                else:
+                    queue.append(item)
         while handled < max_requests:
-            item = decoder.next_message()
-            if item is NEED_DATA:
-                break
+            if queue:
+                item = queue.popleft()
+            else:
+                item = decoder.next_message()
+                if item is NEED_DATA:
+                    break
             handled += 1
             output.append(self._handle(item))
         return handled

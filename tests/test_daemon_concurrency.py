@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import selectors
+import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -271,4 +275,54 @@ async def test_max_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
     finally:
         await a.close()
         await b.close()
+    assert_clean_log(d)
+
+
+def test_a_client_that_does_not_read_is_not_read_either(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    """Backpressure: the daemon stops reading a client that does not read its replies,
+    so that client's requests wait in its own socket instead of the daemon's memory;
+    once it reads, every request is answered, in order, and it was never dropped."""
+    d = start_daemon("--log-level", "info")
+    n = 60_000  # ~2.6 MB of requests, ~6 MB of replies: more than --max-output
+    payload = b"".join(encode({"execute": "query-version", "id": i}) for i in range(n))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(d.socket))
+        f = s.makefile("rb")
+        f.readline()  # greeting
+        s.sendall(b'{"execute": "qmp_capabilities"}')
+        assert f.readline() == b'{"return": {}}\r\n'
+        s.setblocking(False)
+        sent, last_progress = 0, time.monotonic()
+        while sent < len(payload) and time.monotonic() - last_progress < 1.0:
+            try:
+                sent += s.send(payload[sent : sent + 65536])
+                last_progress = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.02)
+        # The daemon stopped reading long before all requests were in: the
+        # kernel buffers filled up and our sends stalled.
+        assert sent < len(payload) // 2, sent
+        # Now read (and finish sending): every reply comes, in order.
+        buf, ids = b"", list[Any]()
+        deadline = time.monotonic() + 60
+        with selectors.DefaultSelector() as sel:
+            sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            while len(ids) < n and time.monotonic() < deadline:
+                for _key, mask in sel.select(1.0):
+                    if mask & selectors.EVENT_WRITE and sent < len(payload):
+                        with contextlib.suppress(BlockingIOError):
+                            sent += s.send(payload[sent : sent + 65536])
+                    if mask & selectors.EVENT_READ:
+                        chunk = s.recv(1 << 20)
+                        assert chunk, "the daemon closed the connection"
+                        buf += chunk
+                        *lines, buf = buf.split(b"\r\n")
+                        ids.extend(strict_loads(line)["id"] for line in lines)
+                if sent == len(payload):
+                    sel.modify(s, selectors.EVENT_READ)
+    assert ids == list(range(n))
+    assert "dropped" not in d.log()
     assert_clean_log(d)

@@ -16,6 +16,8 @@ import pytest
 from conftest import DaemonProcess
 from qemu.qmp import QMPClient
 
+from migblockd import __version__
+
 PROMPT = "(migblockd)"  # prompt_toolkit draws the trailing space as a cursor move
 ESCAPES = r"(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*"
 CTRL_C = "\x03"
@@ -63,7 +65,7 @@ def spawn_shell(tmp_path: Path) -> Iterator[Callable[..., Shell]]:
         )
         children.append(child)
         shell = Shell(child, tmp_path / "state")
-        shell.expect("Connected to migblockd")
+        shell.expect(f"Connected to migblockd {__version__} ")
         shell.expect(PROMPT)
         return shell
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -117,3 +118,75 @@ def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPr
     rc = d.stop()
     assert_clean_log(d)
     assert rc == 0, f"daemon exited with {rc}:\n{d.log()[-5000:]}"
+
+
+# -- other Python versions ---------------------------------------------------------------
+# The daemon must behave the same on 3.11 and on 3.12+ (asyncio's server shutdown and
+# socket cleanup changed).  Tests that take the ``python`` fixture run once per
+# interpreter pyenv has here, each from a venv with a non-editable install of the project.
+
+ROOT = Path(__file__).resolve().parent.parent
+INTERPRETERS = {
+    "3.11": sys.executable,
+    "3.12": "/root/.pyenv/versions/3.12.1/bin/python",
+    "3.13": "/root/.pyenv/versions/3.13.0/bin/python",
+}
+
+
+class VenvBuilder:
+    """Builds one venv per extra interpreter, all in parallel, the first time one is needed."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.lock = threading.Lock()
+        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
+        self.results: dict[str, str] = {}
+
+    def _start_all(self) -> None:
+        for version, interpreter in INTERPRETERS.items():
+            if version == "3.11" or not Path(interpreter).exists():
+                continue
+            venv = self.base / f"venv-{version}"
+            log = self.base / f"venv-{version}.log"
+            script = (f'"{interpreter}" -m venv "{venv}" && '
+                      f'"{venv}/bin/python" -m pip install -q --disable-pip-version-check '
+                      f'"{ROOT}"')
+            with log.open("wb") as out:
+                proc = subprocess.Popen(["sh", "-c", script], stdout=out, stderr=out,
+                                        stdin=subprocess.DEVNULL)
+            self.procs[version] = (proc, venv, log)
+
+    def python(self, version: str) -> str:
+        with self.lock:
+            if not self.procs and not self.results:
+                self._start_all()
+            if version in self.results:
+                return self.results[version]
+            proc, venv, log = self.procs[version]
+            rc = proc.wait(600)
+            assert rc == 0, f"building the {version} venv failed:\n{log.read_text()}"
+            self.results[version] = str(venv / "bin" / "python")
+            return self.results[version]
+
+
+@pytest.fixture(scope="session")
+def venvs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VenvBuilder]:
+    builder = VenvBuilder(tmp_path_factory.mktemp("venvs"))
+    yield builder
+    for proc, _, _ in builder.procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(params=sorted(INTERPRETERS))
+def python(request: pytest.FixtureRequest, venvs: VenvBuilder) -> str:
+    """The interpreter to run the daemon with (the project venv for 3.11)."""
+    version: str = request.param
+    interpreter = INTERPRETERS[version]
+    if not Path(interpreter).exists():
+        pytest.skip(f"Python {version} is not installed on this machine ({interpreter})")
+    if version == "3.11":
+        return sys.executable
+    return venvs.python(version)
+

@@ -19,9 +19,8 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,69 +31,6 @@ from qmpclient import RawClient, encode, strict_loads
 from migblockd.paths import default_socket_path
 
 ROOT = Path(__file__).resolve().parent.parent
-INTERPRETERS = {
-    "3.11": sys.executable,
-    "3.12": "/root/.pyenv/versions/3.12.1/bin/python",
-    "3.13": "/root/.pyenv/versions/3.13.0/bin/python",
-}
-
-
-class VenvBuilder:
-    """Builds one venv per extra interpreter, all in parallel, the first time one is needed."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.lock = threading.Lock()
-        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
-        self.results: dict[str, str] = {}
-
-    def _start_all(self) -> None:
-        for version, interpreter in INTERPRETERS.items():
-            if version == "3.11" or not Path(interpreter).exists():
-                continue
-            venv = self.base / f"venv-{version}"
-            log = self.base / f"venv-{version}.log"
-            script = (f'"{interpreter}" -m venv "{venv}" && '
-                      f'"{venv}/bin/python" -m pip install -q --disable-pip-version-check '
-                      f'"{ROOT}"')
-            with log.open("wb") as out:
-                proc = subprocess.Popen(["sh", "-c", script], stdout=out, stderr=out,
-                                        stdin=subprocess.DEVNULL)
-            self.procs[version] = (proc, venv, log)
-
-    def python(self, version: str) -> str:
-        with self.lock:
-            if not self.procs and not self.results:
-                self._start_all()
-            if version in self.results:
-                return self.results[version]
-            proc, venv, log = self.procs[version]
-            rc = proc.wait(600)
-            assert rc == 0, f"building the {version} venv failed:\n{log.read_text()}"
-            self.results[version] = str(venv / "bin" / "python")
-            return self.results[version]
-
-
-@pytest.fixture(scope="session")
-def venvs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VenvBuilder]:
-    builder = VenvBuilder(tmp_path_factory.mktemp("venvs"))
-    yield builder
-    for proc, _, _ in builder.procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture(params=sorted(INTERPRETERS))
-def python(request: pytest.FixtureRequest, venvs: VenvBuilder) -> str:
-    """The interpreter to run the daemon with (the project venv for 3.11)."""
-    version: str = request.param
-    interpreter = INTERPRETERS[version]
-    if not Path(interpreter).exists():
-        pytest.skip(f"Python {version} is not installed on this machine ({interpreter})")
-    if version == "3.11":
-        return sys.executable
-    return venvs.python(version)
 
 
 @pytest.fixture

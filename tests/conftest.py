@@ -32,16 +32,22 @@ class DaemonProcess:
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then the exit status (killing it if it does not exit in time)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        """The exit status; fails the test (killing the daemon) if it does not exit in time."""
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"daemon did not exit on SIGTERM:\n{self.log()}") from None
+            raise AssertionError(
+                f"daemon still running after {timeout} s:\n{self.log()}"
+            ) from None
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
 
 
 def spawn_daemon(

@@ -49,15 +49,6 @@ async def connect(path: Path, negotiate: bool = True) -> RawClient:
     return await RawClient.connect(path, negotiate=negotiate)
 
 
-def wait_exit(d: DaemonProcess, timeout: float = 10.0) -> int:
-    try:
-        return d.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        d.proc.kill()
-        d.proc.wait()
-        raise AssertionError(f"daemon still running after {timeout} s:\n{d.log()}") from None
-
-
 # --------------------------------------------------------------------------- socket file
 
 
@@ -161,7 +152,7 @@ async def test_refuses_to_steal_a_live_socket(
     try:
         await c.ok("add-blocker", {"reason": "keep me", "id": "keep"})
         second = spawn(python=python, wait=False)
-        rc = wait_exit(second, 20)
+        rc = second.wait_exit(20)
         assert rc != 0, second.log()
         log = second.log()
         assert str(live.socket) in log, log
@@ -227,7 +218,7 @@ async def test_signal_stops_cleanly_with_clients_connected(
         assert await busy.read_to_eof() == b""
         assert await idle.read_to_eof() == b""
         assert await fresh.read_to_eof() == b""
-        rc = wait_exit(d, 10)
+        rc = d.wait_exit(10)
         elapsed = time.monotonic() - t0
         assert rc == 0, d.log()
         assert elapsed < 5, f"took {elapsed:.1f} s to stop"
@@ -247,7 +238,7 @@ async def test_signal_with_no_clients(spawn: Callable[..., DaemonProcess], pytho
     await c.close()
     await asyncio.sleep(0.1)
     d.signal(signal.SIGTERM)
-    assert wait_exit(d, 10) == 0
+    assert d.wait_exit(10) == 0
     assert not d.socket.exists()
     assert_clean_log(d)
 

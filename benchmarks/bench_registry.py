@@ -72,7 +72,7 @@ def add_del_newest(registry: Registry) -> Callable[[int], None]:
 def add_del_oldest(registry: Registry) -> Callable[[int], None]:
     # blockers()[0] would copy the whole list; the benchmark peeks at the
     # registry's list of all blockers to find the oldest in O(1).
-    chain = registry._all
+    chain = registry._store.chain(None)
 
     def run(ops: int) -> None:
         add, delete, drain = registry.add, registry.delete, registry.take_events
@@ -80,7 +80,7 @@ def add_del_oldest(registry: Registry) -> Callable[[int], None]:
             add(REASON)
             oldest = chain.oldest
             assert oldest is not None
-            delete(oldest.blocker.id)
+            delete(oldest.id)
             drain()
 
     return run

@@ -12,7 +12,7 @@ from typing import Any
 
 from migblockd import __version__
 from migblockd.config import LOG_LEVELS, Config, ConfigError, build
-from migblockd.qmp.codec import MAX_NESTING_CEILING
+from migblockd.qmp.framing import MAX_NESTING_CEILING
 
 DESCRIPTION = """\
 Serve QEMU's migration blocker registry over QMP on a Unix socket.
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"migblockd: {exc}")
     setup_logging(config)
 
-    from migblockd.server import StartupError, run  # noqa: PLC0415 - keeps --help fast
+    from migblockd.daemon import StartupError, run  # noqa: PLC0415 - keeps --help fast
 
     try:
         asyncio.run(run(config, cli))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from migblockd.paths import default_socket_path
-from migblockd.qmp.codec import Limits
+from migblockd.qmp.framing import Limits
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 

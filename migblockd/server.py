@@ -1,15 +1,19 @@
-"""The asyncio adapter: a Unix socket, one QMP session per connection.
+"""The asyncio adapter: a Unix socket, bytes in and out of the core, timers, systemd.
 
-Everything protocol-shaped lives in ``migblockd.qmp`` and everything about
-blockers in ``migblockd.registry``; this module only moves bytes, decides when
-to read, and owns the order of start-up and shutdown.
+Everything protocol- or blocker-shaped lives in :class:`migblockd.core.Core`;
+this module only moves bytes, decides when to read and when to run requests,
+arms the simulated migration's timer, and owns the order of start-up and
+shutdown.
 
-Flow control: a request is executed only while the client's transport buffer
-is below its high-water mark, and at most ``BATCH`` of one client's requests
-run per event-loop iteration, so clients take turns.  Past it we stop executing *and* stop reading,
-so a client that does not read its replies holds at most one read's worth of
-unexecuted input and nothing is ever dropped.  Events still reach such a client
-until its unread output passes ``max_output``; then it alone is disconnected.
+Turns: received bytes are buffered at once, but requests run in a *turn*, one
+callback per event-loop iteration that serves every connection with pending
+requests (at most ``BATCH`` of each, so clients take turns) and then writes
+each connection's output once.  A connection's requests run only while its
+transport buffer is below ``HIGH_WATER``; past it, or while requests are still
+pending, we stop reading from it, so a client that does not read its replies
+holds at most one read's worth of unexecuted input and nothing is ever
+dropped.  Events still reach such a client until its unread output passes
+``max_output``; then it alone is disconnected.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import socket
 import stat
 import struct
@@ -27,26 +30,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from migblockd import __version__
-from migblockd.commands import Handlers, version_info
 from migblockd.config import RELOADABLE, Config, ConfigError, build
-from migblockd.contract import Contract
-from migblockd.qapi.error import QAPIError
-from migblockd.qmp.session import Command, Session
-from migblockd.registry import BlockerError, Owner, Registry
-from migblockd.systemd import ActivationError, Notifier, activated_listener, format_status
+from migblockd.connection import Connection
+from migblockd.core import Core
+from migblockd.registry import Owner
+from migblockd.systemd import Notifier, format_status
 
 log = logging.getLogger("migblockd")
 
-#: Requests executed between two flushes: large enough to batch pipelined
-#: requests into one write, small enough to notice a full buffer quickly.
+#: Requests of one connection run per turn: large enough to batch pipelined
+#: requests into one write, small enough to let other clients take turns.
 BATCH = 32
-#: The transport buffer size at which we stop executing a client's requests.
+#: The transport buffer size at which we stop running a connection's requests.
 HIGH_WATER = 64 * 1024
 #: How long shutdown waits for clients to take their last replies.
 SHUTDOWN_GRACE = 1.5
 LISTEN_BACKLOG = 1024
 LEFTOVER_CHUNK = 64 * 1024
+#: sun_path is 108 bytes on Linux, one of them the terminating NUL.
+UNIX_PATH_MAX = 107
 
 _PEERCRED = struct.Struct("3i")
 
@@ -67,95 +69,79 @@ def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:
     return Owner(pid=pid, uid=uid, gid=gid)
 
 
-class Connection(asyncio.Protocol):
-    """One client.  Also the ``context`` of its session and the owner key of its blockers."""
+class ClientProtocol(asyncio.Protocol):
+    """The transport of one connection, and when to read from it."""
 
-    def __init__(self, daemon: Daemon, number: int) -> None:
-        self.daemon = daemon
-        self.number = number
-        self.owner: Owner | None = None
-        self.label = f"client {number}"
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.core = server.core
+        self.conn: Connection | None = None
         self.transport: asyncio.Transport | None = None
-        self.session: Session | None = None
         self.write_paused = False
         self.read_paused = False
-        self.pump_scheduled = False
         self.eof = False
 
     # -- asyncio.Protocol ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.owner = peer_owner(transport)
-        if self.owner is not None:
-            self.label = (
-                f"client {self.number} (pid {self.owner.pid}, uid {self.owner.uid}, "
-                f"gid {self.owner.gid})"
-            )
-        daemon = self.daemon
-        if len(daemon.connections) >= daemon.config.max_clients:
-            log.warning("%s: refused: already serving max-clients=%d clients",
-                        self.label, daemon.config.max_clients)
-            transport.abort()
+        self.conn = conn = self.core.connect(peer_owner(transport))
+        if conn.refused:
+            transport.write(self.core.data_to_send(conn))
+            transport.close()
+            self.conn = None
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.session = Session(
-            daemon.commands, daemon.greeting, daemon.config.limits, context=self,
-            domain_errors=(BlockerError,), on_internal_error=_log_internal_error,
-        )
-        daemon.connected(self)
-        log.info("%s connected", self.label)
-        self.flush()
+        self.server.protocols[conn] = self
+        self.server.schedule()
 
     def data_received(self, data: bytes) -> None:
-        if self.session is None:
+        if self.conn is None:
             return
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s <- %r", self.label, data)
-        self.session.receive_data(data)
-        self.pump()
+            log.debug("%s <- %r", self.conn.label, data)
+        self.core.receive_data(self.conn, data)
+        self.server.runnable(self)
 
     def eof_received(self) -> bool:
-        if self.session is None:
+        if self.conn is None:
             return False
         self.eof = True
-        self.session.receive_eof()
-        self.pump()
+        self.core.receive_eof(self.conn)
+        self.server.runnable(self)
         # Keep the transport open: replies to what came before EOF still go out.
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        session = self.session
-        if session is None:
+        conn = self.conn
+        if conn is None:
             return
+        self.conn = None
         if exc is not None:
             # A write failed (the peer hung up): what it sent before hanging up
             # may still sit unread in the socket, and must take effect all the same.
-            self.read_leftovers()
-        # Whatever was received is executed, even when the answers cannot be delivered.
-        while session.has_pending():
-            session.execute(BATCH)
-        session.data_to_send()
-        reason = f": {exc}" if exc is not None else ""
-        log.info("%s disconnected%s", self.label, reason)
-        self.daemon.disconnected(self)
+            self.read_leftovers(conn)
+        self.server.protocols.pop(conn, None)
+        self.core.disconnect(conn, str(exc) if exc is not None else "")
+        self.core.data_to_send(conn)
+        self.server.schedule()
 
     def pause_writing(self) -> None:
         self.write_paused = True
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.pump()
+        self.server.runnable(self)
 
     # -- ours ------------------------------------------------------------------
-    def read_leftovers(self) -> None:
+    def read_leftovers(self, conn: Connection) -> None:
         """Read what is left in the socket of a connection asyncio has given up on.
 
         asyncio calls ``connection_lost`` before closing the socket, so the data
         is still there; a duplicate descriptor reads it without disturbing the
         transport.  Bounded, so a peer cannot keep us here.
         """
-        assert self.session is not None and self.transport is not None
+        assert self.transport is not None
         sock = self.transport.get_extra_info("socket")
         if sock is None:
             return
@@ -165,7 +151,7 @@ class Connection(asyncio.Protocol):
             return
         with dup:
             dup.setblocking(False)
-            budget = self.daemon.config.max_message_size + LEFTOVER_CHUNK
+            budget = self.server.config.max_message_size + LEFTOVER_CHUNK
             while budget > 0:
                 try:
                     data = dup.recv(LEFTOVER_CHUNK)
@@ -175,142 +161,109 @@ class Connection(asyncio.Protocol):
                     break
                 budget -= len(data)
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s <- %r (after the connection broke)", self.label, data)
-                self.session.receive_data(data)
+                    log.debug("%s <- %r (after the connection broke)", conn.label, data)
+                self.core.receive_data(conn, data)
 
-    def pump(self) -> None:
-        """Execute a batch of what is pending, if the client keeps up with its replies.
-
-        One batch per event-loop iteration: a client that pipelines a lot is
-        served in turns with everyone else instead of holding the loop.
-        """
-        session, transport = self.session, self.transport
-        assert session is not None and transport is not None
-        self.pump_scheduled = False
-        if session.has_pending() and not self.write_paused and not transport.is_closing():
-            session.execute(BATCH)
-            self.flush()
-        if session.has_pending() and not transport.is_closing():
+    def pump(self) -> bool:
+        """This connection's turn; True when it wants another one."""
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None or transport.is_closing():
+            return False
+        core = self.core
+        if core.has_pending(conn) and not self.write_paused:
+            core.execute(conn, BATCH)
+        if core.has_pending(conn):
             if not self.read_paused:
                 transport.pause_reading()
                 self.read_paused = True
-            if not self.write_paused and not self.pump_scheduled:
-                self.pump_scheduled = True
-                asyncio.get_running_loop().call_soon(self.pump)
-            return
+            # A paused writer is woken by resume_writing instead.
+            return not self.write_paused
         if self.read_paused and not self.eof:
             transport.resume_reading()
             self.read_paused = False
-        if self.eof and not transport.is_closing():
-            transport.close()
+        return False
 
     def flush(self) -> None:
-        assert self.session is not None and self.transport is not None
-        data = self.session.data_to_send()
-        if not data or self.transport.is_closing():
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None:
             return
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s -> %r", self.label, data)
-        # Only output written earlier counts as unread: the client cannot have
-        # read this write yet, however promptly it reads (one reply may be large).
-        unread = self.transport.get_write_buffer_size()
-        self.transport.write(data)
-        if unread > self.daemon.config.max_output:
-            log.warning("%s: dropped: more than max-output=%d bytes of unread output",
-                        self.label, self.daemon.config.max_output)
-            self.transport.abort()
-
-    def deliver(self, line: bytes) -> None:
-        """An event for this client (the session drops it before negotiation).
-
-        Queued in the session, so it still precedes the reply of the command
-        that caused it; written by the daemon's next batched flush, so that a
-        command costs each client one write, not one per event.
-        """
-        assert self.session is not None
-        self.session.send_event(line)
-        self.daemon.flush_later(self)
-
-    def finish(self) -> None:
-        """Shutdown: answer everything received, then close once the replies are out."""
-        if self.session is None or self.transport is None or self.transport.is_closing():
+        data = self.core.data_to_send(conn)
+        if transport.is_closing():
             return
-        while self.session.has_pending():
-            self.session.execute(BATCH)
-            self.flush()
-        self.transport.close()
+        if data:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s -> %r", conn.label, data)
+            # Only output written earlier counts as unread: the client cannot have
+            # read this write yet, however promptly it reads (one reply may be large).
+            unread = transport.get_write_buffer_size()
+            transport.write(data)
+            if unread > self.server.config.max_output:
+                log.warning("%s: dropped: more than max-output=%d bytes of unread output",
+                            conn.label, self.server.config.max_output)
+                transport.abort()
+                return
+        if self.eof and not self.core.has_pending(conn):
+            transport.close()
 
 
-class Daemon:
-    """The registry, its connections, and the listening sockets."""
+class Server:
+    """The listening socket, its connections' transports, and the turn scheduler."""
 
-    def __init__(self, config: Config, cli: dict[str, Any], contract: Contract,
-                 registry: Registry, notifier: Notifier) -> None:
+    def __init__(self, config: Config, cli: dict[str, Any], core: Core,
+                 notifier: Notifier) -> None:
         self.config = config
         self.cli = cli
-        self.contract = contract
-        self.registry = registry
+        self.core = core
         self.notifier = notifier
-        self.commands: dict[str, Command] = Handlers(contract, registry, self).table()
-        self.greeting = {"QMP": {"version": version_info(), "capabilities": ["oob"]}}
-        self.connections: dict[Connection, None] = {}  # an ordered set
-        self.server: asyncio.Server | None = None
+        self.protocols: dict[Connection, ClientProtocol] = {}
+        self.listener: asyncio.Server | None = None
         self.own_socket: tuple[Path, int] | None = None  # path and inode we created
-        self._numbers = 0
+        self._loop = asyncio.get_running_loop()
+        self._runnable: dict[ClientProtocol, None] = {}  # an ordered set
+        self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
-        self._status_pending = False
+        self._status: tuple[int, int, str] | None = None
         self._all_gone = asyncio.Event()
-        self._unflushed: dict[Connection, None] = {}  # an ordered set
 
-    # -- connections -----------------------------------------------------------
-    def new_connection(self) -> Connection:
-        self._numbers += 1
-        return Connection(self, self._numbers)
+    # -- turns -------------------------------------------------------------------
+    def runnable(self, protocol: ClientProtocol) -> None:
+        self._runnable[protocol] = None
+        self.schedule()
 
-    def connected(self, conn: Connection) -> None:
-        self.connections[conn] = None
-        self._all_gone.clear()
-        self.status_changed()
+    def schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._turn)
 
-    def disconnected(self, conn: Connection) -> None:
-        self.connections.pop(conn, None)
-        released = self.registry.release(conn)
-        if released:
-            log.info("%s: released %d connection-scoped blocker(s): %s", conn.label,
-                     len(released), ", ".join(b.id for b in released))
-        self.publish_events()
-        self.status_changed()
-        if not self.connections:
-            self._all_gone.set()
+    def _turn(self) -> None:
+        self._scheduled = False
+        runnable, self._runnable = self._runnable, {}
+        for protocol in runnable:
+            if protocol.pump():
+                self._runnable[protocol] = None
+        self._flush()
+        for protocol in runnable:
+            if protocol.eof:
+                protocol.flush()  # closes once everything received is answered
+        if self._runnable:
+            self.schedule()
 
-    # -- events and the simulated migration ------------------------------------
-    def publish_events(self) -> None:
-        """Deliver what the registry has queued to every connection, then re-arm the timer."""
-        events = self.registry.take_events()
-        if events:
-            for event in events:
-                line = Session.encode_event(event.name, event.data, event.timestamp)
-                for conn in list(self.connections):
-                    conn.deliver(line)
-                if event.name == "MIGRATION":
-                    log.info("migration status: %s", event.data.get("status"))
-            self.status_changed()
+    def _flush(self) -> None:
+        protocols = self.protocols
+        for conn in self.core.take_dirty():
+            protocol = protocols.get(conn)
+            if protocol is not None:
+                protocol.flush()
         self._arm_timer()
-
-    def flush_later(self, conn: Connection) -> None:
-        if not self._unflushed:
-            asyncio.get_running_loop().call_soon(self._flush_all)
-        self._unflushed[conn] = None
-
-    def _flush_all(self) -> None:
-        unflushed, self._unflushed = self._unflushed, {}
-        for conn in unflushed:
-            if conn in self.connections:
-                conn.flush()
+        self._report_status()
+        if not protocols:
+            self._all_gone.set()
+        else:
+            self._all_gone.clear()
 
     def _arm_timer(self) -> None:
-        deadline = self.registry.next_deadline()
+        deadline = self.core.next_deadline()
         if deadline == self._timer_deadline:
             return
         if self._timer is not None:
@@ -318,40 +271,30 @@ class Daemon:
             self._timer = None
         self._timer_deadline = deadline
         if deadline is not None:
-            delay = max(0.0, deadline - self.registry.clock.monotonic())
-            self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+            delay = max(0.0, deadline - self.core.registry.clock.monotonic())
+            self._timer = self._loop.call_later(delay, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
         self._timer_deadline = None
-        self.registry.advance()
-        self.publish_events()
-        self.status_changed()
+        self.core.tick()
+        self._flush()
 
-    # -- systemd status ----------------------------------------------------------
+    # -- systemd status ------------------------------------------------------------
     def status_line(self) -> str:
-        return format_status(len(self.registry), len(self.connections),
-                             self.registry.status or "none")
+        return format_status(*self.core.status())
 
-    def status_changed(self) -> None:
-        if not self.notifier.active or self._status_pending:
+    def _report_status(self) -> None:
+        status = self.core.status()
+        if status == self._status or not self.notifier.active:
             return
-        self._status_pending = True
-        asyncio.get_running_loop().call_soon(self._send_status)
-
-    def _send_status(self) -> None:
-        self._status_pending = False
-        task = asyncio.get_running_loop().create_task(self.notifier.status(self.status_line()))
+        self._status = status
+        task = self._loop.create_task(self.notifier.status(format_status(*status)))
         task.add_done_callback(_log_task_failure)
 
     # -- life cycle ----------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None) -> None:
         """Bind (or take the socket systemd passed) without accepting yet: see serve()."""
-        loop = asyncio.get_running_loop()
-        try:
-            sock = activated_listener()
-        except ActivationError as exc:
-            raise StartupError(f"socket activation: {exc}") from None
         if sock is not None:
             log.info("socket activation: serving the passed socket %s", sock.getsockname())
         else:
@@ -362,35 +305,43 @@ class Daemon:
         if sys.version_info >= (3, 13):
             # We remove our own socket ourselves, and never a passed one.
             extra["cleanup_socket"] = False
-        self.server = await loop.create_unix_server(
-            self.new_connection, sock=sock, backlog=LISTEN_BACKLOG, start_serving=False, **extra
+        self.listener = await self._loop.create_unix_server(
+            lambda: ClientProtocol(self), sock=sock, backlog=LISTEN_BACKLOG,
+            start_serving=False, **extra,
         )
 
     async def serve(self) -> None:
         """Start accepting.  Called after READY=1, so no client is served before it."""
-        assert self.server is not None
-        await self.server.start_serving()
+        assert self.listener is not None
+        await self.listener.start_serving()
 
     async def stop(self) -> None:
-        log.info("stopping: closing the socket and %d client(s)", len(self.connections))
-        if self.server is not None:
-            self.server.close()
-        for conn in list(self.connections):
-            conn.finish()
-        if self.connections:
+        log.info("stopping: closing the socket and %d client(s)", len(self.protocols))
+        if self.listener is not None:
+            self.listener.close()
+        # Everything received is answered, then each connection closes once its
+        # replies are written.
+        for conn, protocol in list(self.protocols.items()):
+            protocol.eof = True
+            while self.core.execute(conn, BATCH):
+                pass
+            protocol.flush()
+            if protocol.transport is not None and not protocol.transport.is_closing():
+                protocol.transport.close()
+        if self.protocols:
             try:
                 await asyncio.wait_for(self._all_gone.wait(), SHUTDOWN_GRACE)
             except TimeoutError:
                 log.warning("%d client(s) did not take their last replies; dropping them",
-                            len(self.connections))
-                for conn in list(self.connections):
-                    if conn.transport is not None:
-                        conn.transport.abort()
+                            len(self.protocols))
+                for protocol in list(self.protocols.values()):
+                    if protocol.transport is not None:
+                        protocol.transport.abort()
                 await asyncio.sleep(0)
         # From Python 3.12 on wait_closed() also waits for the connections, which
         # is why they were closed first.
-        if self.server is not None:
-            await self.server.wait_closed()
+        if self.listener is not None:
+            await self.listener.wait_closed()
         if self._timer is not None:
             self._timer.cancel()
         self.remove_own_socket()
@@ -414,16 +365,12 @@ class Daemon:
             changes = {k: getattr(fresh, k) for k in RELOADABLE
                        if getattr(fresh, k) != getattr(self.config, k)}
             self.config = self.config.replace(**changes)
+            self.core.limits = self.config.limits
+            self.core.max_clients = self.config.max_clients
             logging.getLogger().setLevel(self.config.logging_level)
             described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
             log.info("reloaded configuration: %s", described or "nothing changed")
         await self.notifier.ready(self.status_line())
-
-
-def _log_internal_error(session: Session, command: str, exc: BaseException) -> None:
-    # The client got a generic error; the traceback belongs in the log only.
-    label = getattr(session.context, "label", "client")
-    log.error("%s: internal error in %s", label, command, exc_info=exc)
 
 
 def _log_task_failure(task: asyncio.Task[None]) -> None:
@@ -433,6 +380,10 @@ def _log_task_failure(task: asyncio.Task[None]) -> None:
 
 def bind_socket(path: Path, mode: int) -> socket.socket:
     """Bind a listening socket at ``path``, refusing to steal one a live daemon serves."""
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX:
+        raise StartupError(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
+                           f"the limit is {UNIX_PATH_MAX})")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -458,7 +409,7 @@ def bind_socket(path: Path, mode: int) -> socket.socket:
         sock.bind(os.fspath(path))
     except OSError as exc:
         sock.close()
-        raise StartupError(f"cannot bind {path}: {exc.strerror}") from None
+        raise StartupError(f"cannot bind {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
     os.chmod(path, mode)
@@ -483,58 +434,9 @@ def _answers(path: Path) -> bool:
     return True
 
 
-async def run(config: Config, cli: dict[str, Any]) -> None:
-    """Start, serve until SIGTERM/SIGINT, stop.  Raises StartupError when it cannot start."""
-    try:
-        contract = Contract.load(config.schema)
-    except QAPIError as exc:
-        raise StartupError(f"bad schema: {exc}") from None
-    except OSError as exc:
-        raise StartupError(f"cannot read the schema: {exc}") from None
-    registry = Registry(
-        contract.enums["MigMode"],
-        only_migratable=config.only_migratable,
-        migration_time=config.migration_time,
-    )
-    notifier = await Notifier.open()
-    daemon = Daemon(config, cli, contract, registry, notifier)
-    try:
-        await daemon.start()
-    except BaseException:
-        await notifier.close()
-        raise
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    tasks: set[asyncio.Task[None]] = set()
-
-    def spawn(factory: Callable[[], Any]) -> None:
-        task = loop.create_task(factory())
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    def on_stop(signame: str) -> None:
-        if not stop.is_set():
-            log.info("received %s", signame)
-        stop.set()
-
-    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGHUP, spawn, daemon.reload)
-    await notifier.ready(daemon.status_line())
-    await daemon.serve()
-    where = "the passed socket" if daemon.own_socket is None else str(config.socket)
-    log.info("migblockd %s ready on %s (only-migratable %s, migration-time %gs)",
-             __version__, where,
-             "on" if config.only_migratable else "off", config.migration_time)
-    notifier.start_watchdog()
-    try:
-        await stop.wait()
-    finally:
-        await notifier.stopping()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        await daemon.stop()
-        for task in tasks:
-            task.cancel()
-        await notifier.close()
-        log.info("stopped")
+def spawn(loop: asyncio.AbstractEventLoop, tasks: set[asyncio.Task[None]],
+          factory: Callable[[], Any]) -> None:
+    """Run ``factory()`` as a task kept alive in ``tasks``."""
+    task = loop.create_task(factory())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)

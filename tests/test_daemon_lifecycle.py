@@ -321,3 +321,15 @@ async def test_no_traceback_for_bad_input(start_daemon: Callable[..., DaemonProc
         await c.close()
     assert d.stop() == 0
     assert_clean_log(d)
+
+
+def test_a_socket_path_too_long_for_af_unix_says_so(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    path = tmp_path / ("d" * 60) / ("s" * 60 + ".sock")
+    d = start_daemon(socket=path, wait=False)
+    assert d.wait_exit() == 1
+    size = len(os.fsencode(path))
+    assert f"cannot bind {path}: AF_UNIX path too long ({size} bytes; the limit is 107)" \
+        in d.log(), d.log()
+    assert "Traceback" not in d.log()

@@ -8,18 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from migblockd.qmp.codec import (
-    NEED_DATA,
-    NESTING_EXCEEDED,
-    TOKEN_SIZE_EXCEEDED,
-    Encoded,
-    Limits,
-    ParseError,
-    StreamDecoder,
-    encode_line,
-    encode_return,
-)
+from migblockd.qmp.encoding import Encoded, encode, encode_line, encode_return
 from migblockd.qmp.errors import NO_ID
+from migblockd.qmp.framing import NEED_DATA, Limits, StreamDecoder
+from migblockd.qmp.wording import NESTING_EXCEEDED, TOKEN_SIZE_EXCEEDED, ParseError
 
 CMD = b'{"execute": "query-blockers", "id": 1}'
 
@@ -393,13 +385,34 @@ def test_encode_line_is_qemu_like_and_strict() -> None:
 
 def test_encoded_values_are_spliced_into_replies_verbatim() -> None:
     value = [{"id": "b", "reason": "caf\u00e9"}]
-    pre = Encoded(value)
+    pre = Encoded(encode(value))
     for id_ in (NO_ID, 7, "x", None, [1, {"a": 2}]):
-        line = encode_return(pre, id_, NO_ID)
-        assert line == encode_return(value, id_, NO_ID)
+        line = encode_return(pre, id_)
+        assert line == encode_return(value, id_)
         assert line.endswith(b"\r\n")
         reply = json.loads(line)
         assert reply["return"] == value
         assert ("id" in reply) is (id_ is not NO_ID)
-    assert encode_return({}, NO_ID, NO_ID) == b'{"return": {}}\r\n'
-    assert encode_return({}, 1, NO_ID) == b'{"return": {}, "id": 1}\r\n'
+    assert encode_return({}, NO_ID) == b'{"return": {}}\r\n'
+    assert encode_return({}, 1) == b'{"return": {}, "id": 1}\r\n'
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"execute": "a\xff\xfeb"}\n',
+    b'{"execute": "a\xfe\xffb"}\n',
+    b'{"execute": "a\x04b"}\n',
+    b'\xff garbage "}\n',
+])
+def test_a_reset_byte_inside_a_message_is_one_error(raw: bytes) -> None:
+    decoder = StreamDecoder(Limits())
+    decoder.feed(raw + CMD)
+    decoder.feed_eof()
+    out = list(decoder)
+    assert len(out) == 2 and isinstance(out[0], ParseError), out
+    assert out[1] == {"execute": "query-blockers", "id": 1}
+
+
+def test_after_a_reset_byte_a_new_request_on_the_same_line_runs() -> None:
+    decoder = StreamDecoder(Limits())
+    decoder.feed(b'{"execute": "broken\xff' + CMD)
+    assert [type(m) for m in decoder] == [ParseError, dict]

@@ -7,29 +7,17 @@ from typing import Any
 
 import pytest
 
-from migblockd.qmp.codec import Limits
+from migblockd.connection import Connection
+from migblockd.contract import Contract
+from migblockd.core import Core
+from migblockd.qmp.encoding import encode_event
 from migblockd.qmp.errors import QMPError
-from migblockd.qmp.session import Command, Session
-from migblockd.qmp.validation import ArgumentValidator
-from migblockd.registry import BlockerError
+from migblockd.qmp.framing import Limits
+from migblockd.qmp.session import Command
+from migblockd.registry import BlockerError, FakeClock, Registry
 
-ADD_BLOCKER: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "reason": {"type": "string"},
-        "modes": {"type": "array", "items": {"$ref": "#/$defs/MigMode"}},
-    },
-    "required": ["reason"],
-    "additionalProperties": False,
-    "$defs": {"MigMode": {"type": "string", "enum": ["normal", "cpr-reboot"]}},
-}
-
-GREETING = {
-    "QMP": {
-        "version": {"qemu": {"micro": 0, "minor": 1, "major": 0}, "package": "migblockd 0.1.0"},
-        "capabilities": ["oob"],
-    }
-}
+CONTRACT = Contract.load()
+LIMITS = Limits()
 NEGOTIATION = "Expecting capabilities negotiation with 'qmp_capabilities'"
 
 
@@ -37,8 +25,14 @@ class Boom(RuntimeError):
     pass
 
 
-def make_commands(log: list[str]) -> dict[str, Command]:
-    def add_blocker(session: Session, args: dict[str, Any]) -> object:
+def spy(core: Core, log: list[str]) -> None:
+    """Record calls of add-blocker and query-blockers; some reasons misbehave on purpose."""
+    table = dict(core.table)
+    add, query = table["add-blocker"], table["query-blockers"]
+    assert callable(add.handler) and callable(query.handler)
+    real_add, real_query = add.handler, query.handler
+
+    def add_blocker(conn: Connection, args: dict[str, Any]) -> object:
         log.append(f"add {args['reason']}")
         if args["reason"] == "dup":
             raise BlockerError("Blocker 'x' already exists")
@@ -48,58 +42,41 @@ def make_commands(log: list[str]) -> dict[str, Command]:
             raise Boom("secret traceback material")
         if args["reason"] == "nan":
             return {"x": float("nan")}
-        session.send_event(Session.encode_event("BLOCKER_ADDED", {"id": "b"}, 1.5))
-        return {"id": "b", "reason": args["reason"]}
+        return real_add(conn, args)
 
-    def noop(session: Session, args: dict[str, Any]) -> object:
+    def query_blockers(conn: Connection, args: dict[str, Any]) -> object:
         log.append("noop")
-        return {}
+        return real_query(conn, args)
 
-    return {
-        "qmp_capabilities": Command(
-            "qmp_capabilities",
-            True,
-            ArgumentValidator(
-                {
-                    "type": "object",
-                    "properties": {
-                        "enable": {"type": "array", "items": {"$ref": "#/$defs/QMPCapability"}}
-                    },
-                    "additionalProperties": False,
-                    "$defs": {"QMPCapability": {"type": "string", "enum": ["oob"]}},
-                }
-            ).check,
-            lambda session, args: pytest.fail("the session negotiates itself"),
-        ),
-        "add-blocker": Command(
-            "add-blocker", True, ArgumentValidator(ADD_BLOCKER).check, add_blocker
-        ),
-        "query-blockers": Command("query-blockers", False, lambda args: None, noop),
-    }
+    table["add-blocker"] = Command(add.name, add.allow_oob, add.validate, add_blocker)
+    table["query-blockers"] = Command(query.name, query.allow_oob, query.validate,
+                                      query_blockers)
+    core.table = table
 
 
 class Client:
-    """Drives a Session as a client would, over bytes only."""
+    """Drives one connection of a real Core (the production class) over bytes only."""
 
-    def __init__(self, *, greeting: dict[str, Any] = GREETING, **kwargs: Any) -> None:
-        kwargs.setdefault("domain_errors", (BlockerError,))
+    def __init__(self, *, capabilities: list[str] | None = None,
+                 limits: Limits = LIMITS) -> None:
         self.log: list[str] = []
-        self.internal: list[tuple[str, BaseException]] = []
-        self.session = Session(
-            make_commands(self.log),
-            greeting,
-            on_internal_error=lambda s, name, exc: self.internal.append((name, exc)),
-            **kwargs,
-        )
-        self.greeting = self.session.data_to_send()
+        self.core = Core(CONTRACT, Registry(CONTRACT.enums["MigMode"], clock=FakeClock()),
+                         limits)
+        spy(self.core, self.log)
+        if capabilities is not None:
+            self.core.greeting = {"QMP": {**self.core.greeting["QMP"],
+                                          "capabilities": capabilities}}
+        self.conn = self.core.connect(None)
+        self.session = self.conn.session
+        self.greeting = self.core.data_to_send(self.conn)
 
     def raw(self, data: bytes, *, eof: bool = False) -> bytes:
-        self.session.receive_data(data)
+        self.core.receive_data(self.conn, data)
         if eof:
-            self.session.receive_eof()
-        while self.session.has_pending():
-            self.session.execute(7)
-        return self.session.data_to_send()
+            self.core.receive_eof(self.conn)
+        while self.core.has_pending(self.conn):
+            self.core.execute(self.conn, 7)
+        return self.core.data_to_send(self.conn)
 
     def send(self, data: bytes, *, eof: bool = False) -> list[dict[str, Any]]:
         out = self.raw(data, eof=eof)
@@ -115,6 +92,10 @@ class Client:
         assert self.cmd({"execute": "qmp_capabilities", "arguments": args}) == [{"return": {}}]
 
 
+def replies(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [m for m in messages if "event" not in m]
+
+
 def err(desc: str, id: object = ..., cls: str = "GenericError") -> dict[str, Any]:
     body = {"class": cls, "desc": desc}
     return {"error": body} if id is ... else {"id": id, "error": body}
@@ -125,7 +106,8 @@ def err(desc: str, id: object = ..., cls: str = "GenericError") -> dict[str, Any
 
 def test_greeting_pending_at_once() -> None:
     client = Client()
-    assert client.greeting == json.dumps(GREETING).encode() + b"\r\n"
+    assert client.greeting == json.dumps(client.core.greeting).encode() + b"\r\n"
+    assert json.loads(client.greeting)["QMP"]["capabilities"] == ["oob"]
     assert client.session.data_to_send() == b""
 
 
@@ -145,7 +127,7 @@ def test_negotiation_then_commands() -> None:
     client = Client()
     assert client.cmd({"execute": "qmp_capabilities", "id": "n"}) == [{"return": {}, "id": "n"}]
     assert client.session.negotiated and not client.session.oob_enabled
-    assert client.cmd({"execute": "query-blockers"}) == [{"return": {}}]
+    assert client.cmd({"execute": "query-blockers"}) == [{"return": []}]
 
 
 def test_second_negotiation_is_refused() -> None:
@@ -161,7 +143,7 @@ def test_second_negotiation_is_refused() -> None:
 
 
 def test_capability_not_offered() -> None:
-    client = Client(greeting={"QMP": {"version": {}, "capabilities": []}})
+    client = Client(capabilities=[])
     assert client.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}) == [
         err("Capability oob not available")
     ]
@@ -178,17 +160,6 @@ def test_unknown_capability() -> None:
         err("Parameter 'bogus' is unexpected")
     ]
     assert not client.session.negotiated
-
-
-def test_builtin_negotiation_validator_without_table_entry() -> None:
-    session = Session({}, GREETING)
-    session.receive_data(b'{"execute": "qmp_capabilities", "arguments": {"enable": ["foo"]}}')
-    session.execute(1)
-    assert b"Parameter 'enable[0]' does not accept value 'foo'" in session.data_to_send()
-    session.receive_data(b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}')
-    session.execute(1)
-    assert session.data_to_send() == b'{"return": {}}\r\n'
-    assert session.oob_enabled
 
 
 # -- envelope errors ---------------------------------------------------------------
@@ -260,12 +231,12 @@ def test_command_names_are_exact() -> None:
 def test_reply_member_order_and_line_format() -> None:
     client = Client()
     client.negotiate()
-    assert client.raw(b'{"execute": "query-blockers", "id": 5}') == b'{"return": {}, "id": 5}\r\n'
+    assert client.raw(b'{"execute": "query-blockers", "id": 5}') == b'{"return": [], "id": 5}\r\n'
     assert client.raw(b'{"id": 5, "execute": "nope"}') == (
         b'{"id": 5, "error": {"class": "CommandNotFound", '
         b'"desc": "The command nope has not been found"}}\r\n'
     )
-    assert client.raw(b'{"execute": "query-blockers"}') == b'{"return": {}}\r\n'
+    assert client.raw(b'{"execute": "query-blockers"}') == b'{"return": []}\r\n'
 
 
 # -- argument errors through the session ----------------------------------------------
@@ -297,26 +268,21 @@ def test_domain_error_maps_to_generic_error() -> None:
     ]
 
 
-def test_domain_error_types_can_be_injected() -> None:
-    client = Client(domain_errors=(Boom,))
-    client.negotiate()
-    assert client.cmd({"execute": "add-blocker", "arguments": {"reason": "bug"}}) == [
-        err("secret traceback material")
-    ]
-
-
-def test_unexpected_exception_does_not_kill_the_session() -> None:
+def test_unexpected_exception_does_not_kill_the_session(caplog: pytest.LogCaptureFixture) -> None:
     client = Client()
     client.negotiate()
     replies = client.cmd({"execute": "add-blocker", "arguments": {"reason": "bug"}, "id": 1})
     assert replies == [err("Internal error while executing command add-blocker", 1)]
     assert "secret" not in json.dumps(replies)
-    assert [(name, type(exc)) for name, exc in client.internal] == [("add-blocker", Boom)]
+    # The traceback goes to the log, and only there.
+    internal = [r for r in caplog.records if "internal error in add-blocker" in r.getMessage()]
+    assert len(internal) == 1 and internal[0].exc_info is not None
+    assert internal[0].exc_info[0] is Boom
     # an unencodable return value is an internal error too, not invalid JSON
     assert client.cmd({"execute": "add-blocker", "arguments": {"reason": "nan"}}) == [
         err("Internal error while executing command add-blocker")
     ]
-    assert client.cmd({"execute": "query-blockers", "id": 2}) == [{"return": {}, "id": 2}]
+    assert client.cmd({"execute": "query-blockers", "id": 2}) == [{"return": [], "id": 2}]
 
 
 # -- OOB --------------------------------------------------------------------------------
@@ -334,10 +300,9 @@ def test_oob_enabled() -> None:
     client = Client()
     client.negotiate(oob=True)
     assert client.session.oob_enabled
-    replies = client.cmd({"exec-oob": "add-blocker", "arguments": {"reason": "r"}, "id": "o"})
-    assert replies[-1] == {"return": {"id": "b", "reason": "r"}, "id": "o"}
-    assert client.cmd({"exec-oob": "query-blockers", "id": 2}) == [
-        err("The command query-blockers does not support OOB", 2)
+    assert client.cmd({"exec-oob": "query-blockers", "id": "o"}) == [{"return": [], "id": "o"}]
+    assert client.cmd({"exec-oob": "add-blocker", "arguments": {"reason": "r"}, "id": 2}) == [
+        err("The command add-blocker does not support OOB", 2)
     ]
     assert client.cmd({"exec-oob": "nope", "id": 3}) == [
         err("The command nope has not been found", 3, "CommandNotFound")
@@ -351,31 +316,34 @@ def test_oob_enabled() -> None:
     assert client.cmd({"execute": "add-blocker", "exec-oob": "add-blocker", "id": 6}) == [
         err("QMP input member 'exec-oob' clashes with 'execute'", 6)
     ]
+    # The schema does not mark qmp_capabilities allow-oob (nor does QEMU's).
     assert client.cmd({"exec-oob": "qmp_capabilities", "id": 7}) == [
-        err("Capabilities negotiation is already complete, command ignored", 7, "CommandNotFound")
+        err("The command qmp_capabilities does not support OOB", 7)
     ]
+    assert client.log == ["noop"]
 
 
 def test_oob_runs_ahead_of_queued_in_band_requests() -> None:
     client = Client()
     client.negotiate(oob=True)
     data = (
-        b'{"execute": "query-blockers", "id": 1}'
-        b'{"exec-oob": "add-blocker", "arguments": {"reason": "r"}, "id": 2}'
-        b'{"execute": "query-blockers", "id": 3}'
+        b'{"execute": "add-blocker", "arguments": {"reason": "r"}, "id": 1}'
+        b'{"exec-oob": "query-blockers", "id": 2}'
+        b'{"execute": "add-blocker", "arguments": {"reason": "s"}, "id": 3}'
         b'{"exec-oob": "no-such", "id": 4}'  # an OOB error is answered at once too
     )
-    client.session.receive_data(data)
+    client.core.receive_data(client.conn, data)
     # The first turn runs both OOB requests, then one in-band request.
-    assert client.session.execute(3) == 3
-    lines = client.session.data_to_send().split(b"\r\n")[:-1]
+    assert client.core.execute(client.conn, 3) == 3
+    lines = client.core.data_to_send(client.conn).split(b"\r\n")[:-1]
     first = [reply for reply in map(json.loads, lines) if "id" in reply]
     assert [reply["id"] for reply in first] == [2, 4, 1]
+    assert first[0]["return"] == []  # ran before the add that came first
     assert first[1]["error"]["class"] == "CommandNotFound"
-    assert client.session.has_pending()
+    assert client.core.has_pending(client.conn)
     ids = [reply["id"] for reply in client.send(b"") if "id" in reply]
     assert ids == [3]  # in-band requests keep their order
-    assert client.log == ["add r", "noop", "noop"]
+    assert client.log == ["noop", "add r", "add s"]
 
 
 def test_without_oob_enabled_exec_oob_is_answered_in_turn() -> None:
@@ -398,7 +366,7 @@ def test_200_pipelined_replies_in_order() -> None:
     client = Client()
     client.negotiate()
     data = b"".join(b'{"execute": "query-blockers", "id": %d}' % i for i in range(200))
-    assert client.send(data) == [{"return": {}, "id": i} for i in range(200)]
+    assert client.send(data) == [{"return": [], "id": i} for i in range(200)]
 
 
 def test_split_at_every_offset_through_the_session() -> None:
@@ -414,15 +382,25 @@ def test_split_at_every_offset_through_the_session() -> None:
 
 def test_execute_respects_max_requests() -> None:
     client = Client()
-    client.session.receive_data(
-        b'{"execute": "qmp_capabilities"}' + b'{"execute": "query-blockers"}' * 5
-    )
-    assert client.session.execute(2) == 2
-    assert client.session.has_pending()
-    assert client.session.execute(100) == 4
-    assert not client.session.has_pending()
-    assert client.session.execute(100) == 0
-    assert client.session.data_to_send().count(b"\r\n") == 6
+    core, conn = client.core, client.conn
+    core.receive_data(conn, b'{"execute": "qmp_capabilities"}'
+                      + b'{"execute": "query-blockers"}' * 5)
+    assert core.execute(conn, 2) == 2
+    assert core.has_pending(conn)
+    assert core.execute(conn, 100) == 4
+    assert not core.has_pending(conn)
+    assert core.execute(conn, 100) == 0
+    assert core.data_to_send(conn).count(b"\r\n") == 6
+
+
+def test_a_flood_of_bad_messages_is_served_in_turns_too() -> None:
+    client = Client()
+    client.negotiate()
+    core, conn = client.core, client.conn
+    core.receive_data(conn, b"}\n" * 100 + b'{"execute": "query-version", "id": 1}')
+    assert core.execute(conn, 32) == 32  # each bad message counts as one request
+    assert core.data_to_send(conn).count(b"\r\n") == 32
+    assert core.has_pending(conn)
 
 
 def test_receive_data_executes_nothing() -> None:
@@ -435,22 +413,23 @@ def test_receive_data_executes_nothing() -> None:
 
 def test_event_before_reply_and_only_after_negotiation() -> None:
     client = Client()
-    event = Session.encode_event("BLOCKER_ADDED", {"id": "b"}, 1.5)
+    event = encode_event("BLOCKER_ADDED", {"id": "b"}, 1.5)
     client.session.send_event(event)
     assert client.session.data_to_send() == b""
     client.negotiate()
     out = client.raw(b'{"execute": "add-blocker", "arguments": {"reason": "r"}, "id": 1}')
-    assert out.split(b"\r\n")[0] + b"\r\n" == event
-    assert json.loads(out.split(b"\r\n")[1]) == {"return": {"id": "b", "reason": "r"}, "id": 1}
+    first, second = map(json.loads, out.split(b"\r\n")[:2])
+    assert first["event"] == "BLOCKER_ADDED" and first["data"]["reason"] == "r"
+    assert second == {"return": first["data"], "id": 1}
     client.session.send_event(event)
     assert client.session.data_to_send() == event
 
 
 def test_encode_event() -> None:
-    assert Session.encode_event("X", {"a": 1}, 12.000034) == (
+    assert encode_event("X", {"a": 1}, 12.000034) == (
         b'{"event": "X", "data": {"a": 1}, "timestamp": {"seconds": 12, "microseconds": 34}}\r\n'
     )
-    assert Session.encode_event("STOP", {}, 1700000000.9999996) == (
+    assert encode_event("STOP", {}, 1700000000.9999996) == (
         b'{"event": "STOP", "timestamp": {"seconds": 1700000001, "microseconds": 0}}\r\n'
     )
 
@@ -467,9 +446,9 @@ def test_parse_errors_have_no_id_and_come_in_order() -> None:
         b'{"execute": "query-blockers", "id": 3}'
     )
     assert replies == [
-        {"return": {}, "id": 1},
+        {"return": [], "id": 1},
         err("JSON parse error, expected separator in dict"),
-        {"return": {}, "id": 3},
+        {"return": [], "id": 3},
     ]
 
 
@@ -482,7 +461,7 @@ def test_2000_brackets_then_a_command() -> None:
     client = Client()
     client.negotiate()
     replies = client.send(b"[" * 2000 + b"\n" + b'{"execute": "query-blockers", "id": 1}')
-    assert replies == [err("JSON nesting depth limit exceeded"), {"return": {}, "id": 1}]
+    assert replies == [err("JSON nesting depth limit exceeded"), {"return": [], "id": 1}]
 
 
 def test_oversize_message_then_a_command() -> None:
@@ -490,7 +469,7 @@ def test_oversize_message_then_a_command() -> None:
     client.negotiate()
     big = b'{"execute": "add-blocker", "arguments": {"reason": "' + b"x" * 10_000 + b'"}}\n'
     replies = client.send(big + b'{"execute": "query-blockers", "id": 1}')
-    assert replies == [err("JSON token size limit exceeded"), {"return": {}, "id": 1}]
+    assert replies == [err("JSON token size limit exceeded"), {"return": [], "id": 1}]
     assert client.log == ["noop"]
 
 
@@ -502,7 +481,7 @@ def test_control_character_reset() -> None:
     )
     assert len(replies) == 2
     assert replies[0]["error"]["desc"].startswith("JSON parse error, ")
-    assert replies[1] == {"return": {}, "id": 1}
+    assert replies[1] == {"return": [], "id": 1}
 
 
 def test_output_is_strict_json() -> None:
@@ -529,7 +508,7 @@ def test_everything_before_eof_is_executed() -> None:
         b'{"execute": "qmp_capabilities"}{"execute": "add-blocker", "arguments": {"reason": "r"}}',
         eof=True,
     )
-    assert replies[-1] == {"return": {"id": "b", "reason": "r"}}
+    assert replies[-1]["return"]["reason"] == "r"
     assert client.log == ["add r"]
 
 

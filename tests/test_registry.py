@@ -33,6 +33,7 @@ from migblockd.registry import (
     Owner,
     Registry,
 )
+from migblockd.render import blocker_info, event_data
 
 MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
 WALL = 1_700_000_000.25
@@ -97,14 +98,23 @@ def listing(m: str | None = None) -> Step:
     return ("list", m)
 
 
+COMMANDS = frozenset({"add", "delete", "release", "migrate", "cancel", "query", "events",
+                      "mode"})
+
+
 def run(registry: Registry, clock: FakeClock, conns: dict[str, object], step: Step) -> Any:
-    """Apply one step; return a plain value to compare with the row's expectation."""
+    """Apply one step; return a plain value to compare with the row's expectation.
+
+    Like the core, every command first applies the migration's due transitions.
+    """
+    if step[0] in COMMANDS:
+        registry.advance()
     match step:
         case ("add", reason, kwargs):
             kwargs = dict(kwargs)
             if "connection" in kwargs:
                 kwargs["connection"] = conns.setdefault(kwargs["connection"], object())
-            return registry.add(reason, **kwargs).info()
+            return blocker_info(registry.add(reason, **kwargs))
         case ("delete", id):
             return registry.delete(id).id
         case ("release", conn):
@@ -378,7 +388,7 @@ ROWS = [
 ]
 
 def as_pairs(events: list[Event]) -> list[tuple[str, dict[str, Any]]]:
-    return [(e.name, e.data) for e in events]
+    return [(e.name, event_data(e)) for e in events]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
@@ -427,9 +437,9 @@ def test_rule(row: Row) -> None:
 def test_blocker_info_member_order_and_owner_omitted() -> None:
     registry, _ = make()
     blocker = registry.add(SEV)
-    assert list(blocker.info()) == ["id", "reason", "modes", "internal", "scope", "added"]
+    assert list(blocker_info(blocker)) == ["id", "reason", "modes", "internal", "scope", "added"]
     owned = registry.add(SEV, owner=Owner(1, 2, 3))
-    assert list(owned.info()) == [
+    assert list(blocker_info(owned)) == [
         "id", "reason", "modes", "internal", "scope", "owner", "added",
     ]
 
@@ -444,7 +454,7 @@ def test_blocker_info_member_order_and_owner_omitted() -> None:
 )
 def test_added_timestamp_split(wall: float, expected: dict[str, int]) -> None:
     registry = Registry(MODES, clock=FakeClock(wall=wall))
-    assert registry.add(SEV).info()["added"] == expected
+    assert blocker_info(registry.add(SEV))["added"] == expected
 
 
 def test_events_carry_wall_time_and_come_out_once() -> None:
@@ -455,7 +465,7 @@ def test_events_carry_wall_time_and_come_out_once() -> None:
     registry.delete("a")
     registry.migrate("unix:/tmp/x")
     events = registry.take_events()
-    assert [(e.name, e.timestamp) for e in events] == [
+    assert [(e.name, e.when) for e in events] == [
         ("BLOCKER_ADDED", WALL),
         ("BLOCKER_DELETED", WALL + 2.0),
         ("MIGRATION", WALL + 2.0),
@@ -494,7 +504,7 @@ def test_zero_migration_time_completes_at_the_next_advance() -> None:
     registry.set_events(True)
     registry.migrate("exec:cat > /dev/null")
     registry.advance()
-    assert [e.data for e in registry.take_events()] == [
+    assert [event_data(e) for e in registry.take_events()] == [
         {"status": "setup"}, {"status": "active"}, {"status": "completed"},
     ]
     assert registry.query_migrate() == {"status": "completed", "total-time": 0, "setup-time": 0}
@@ -596,7 +606,7 @@ def test_deleted_blocker_object_is_returned_intact() -> None:
     gone = registry.delete("k")
     assert isinstance(gone, Blocker)
     assert gone is blocker
-    assert gone.info()["modes"] == ["normal"]
+    assert blocker_info(gone)["modes"] == ["normal"]
     assert "k" not in registry
     assert registry.get("k") is None
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from migblockd.registry import SETUP_SHARE, BlockerError, FakeClock, Owner, Registry
+from migblockd.render import blocker_info, event_data
 
 MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
 REASONS = ("vmdk", "vfio", "sev", "vmdk")  # a repeated reason makes two blockers
@@ -204,7 +205,7 @@ class RegistryMachine(RuleBasedStateMachine):
         self.ready = True
 
     def check_events(self) -> None:
-        got = [(e.name, e.data) for e in self.registry.take_events()]
+        got = [(e.name, event_data(e)) for e in self.registry.take_events()]
         # 'added' is the clock's wall time; the model leaves it out.
         for name, data in got:
             if name == "BLOCKER_ADDED":
@@ -223,6 +224,7 @@ class RegistryMachine(RuleBasedStateMachine):
     )
     def add(self, reason: str, modes: list[str] | None, internal: bool, id: str | None,
             where: tuple[str, str | None], owner: Owner | None) -> None:
+        self.registry.advance()  # as the core does before every command
         scope, conn = where
         expected = self.model.add(reason, modes, internal, id, scope, conn, owner)
         try:
@@ -233,13 +235,14 @@ class RegistryMachine(RuleBasedStateMachine):
         except BlockerError as exc:
             assert str(exc) == expected
         else:
-            info = blocker.info()
+            info = blocker_info(blocker)
             assert info.pop("added") == _split(self.clock.time())
             assert info == expected
         self.check_events()
 
     @rule(id=st.sampled_from(ALL_IDS))
     def delete(self, id: str) -> None:
+        self.registry.advance()  # as the core does before every command
         expected = self.model.delete(id)
         try:
             assert self.registry.delete(id).id == id
@@ -251,12 +254,14 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @rule(conn=st.sampled_from(CONNECTIONS))
     def release(self, conn: str) -> None:
+        self.registry.advance()  # as the core does before every command
         expected = self.model.release(conn)
         assert [b.id for b in self.registry.release(self.conns[conn])] == expected
         self.check_events()
 
     @rule(mode=st.sampled_from(MODES))
     def set_mode(self, mode: str) -> None:
+        self.registry.advance()  # as the core does before every command
         self.model.set_mode(mode)
         self.registry.set_mode(mode)
         assert self.registry.mode == mode
@@ -264,6 +269,7 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @rule(on=st.booleans())
     def set_events(self, on: bool) -> None:
+        self.registry.advance()  # as the core does before every command
         expected = self.model.set_events(on)
         try:
             self.registry.set_events(on)
@@ -276,6 +282,7 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @rule(uri=st.sampled_from(URIS))
     def migrate(self, uri: str) -> None:
+        self.registry.advance()  # as the core does before every command
         expected = self.model.migrate(uri)
         try:
             self.registry.migrate(uri)
@@ -287,12 +294,14 @@ class RegistryMachine(RuleBasedStateMachine):
 
     @rule()
     def cancel(self) -> None:
+        self.registry.advance()  # as the core does before every command
         self.model.cancel()
         self.registry.cancel()
         self.check_events()
 
     @rule()
     def query_migrate(self) -> None:
+        self.registry.advance()  # as the core does before every command
         assert self.registry.query_migrate() == self.model.query()
         self.check_events()
 

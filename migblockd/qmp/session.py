@@ -1,10 +1,12 @@
 """The QMP session: one connection's protocol state machine, with no I/O.
 
-In the style of python-websockets' ``protocol.py``: the server feeds received
-bytes in with :meth:`Session.receive_data`, lets the session run requests with
-:meth:`Session.execute`, and writes whatever :meth:`Session.data_to_send`
-returns.  The session never touches a socket, a clock or an event loop, so
-every protocol rule is unit-tested with plain bytes.
+In the style of python-websockets' ``protocol.py``: received bytes go in with
+:meth:`Session.receive_data`; :meth:`Session.next_request` hands out the next
+request that passed every protocol check, answering by itself everything that
+did not (and ``qmp_capabilities``); whoever runs the request answers it with
+:meth:`Session.reply` or :meth:`Session.fail`; :meth:`Session.data_to_send`
+returns the bytes to write.  The session never touches a socket, a clock or
+an event loop, so every protocol rule is unit-tested with plain bytes.
 
 The protocol, as QEMU speaks it (``docs/interop/qmp-spec.rst``,
 ``monitor/qmp.c``, ``qapi/qmp-dispatch.c``):
@@ -27,16 +29,13 @@ The protocol, as QEMU speaks it (``docs/interop/qmp-spec.rst``,
    "error": {"class": ..., "desc": ...}}``, without ``id`` when the request
    had none (or was not an object).  Replies are lines ending in ``\\r\\n``.
 
-The session implements ``qmp_capabilities`` itself (state, OOB, errors); of
-that command's :class:`Command` entry only ``validate`` and ``allow_oob`` are
-used, and a built-in validator serves when the table has no entry.
-
-Ordering and OOB: every command runs synchronously, to completion, and its
-reply is queued at once.  In-band requests run in arrival order, at most
-``max_requests`` per :meth:`Session.execute` call (the server's turn).  Once
-OOB is enabled, each call first parses everything buffered and runs the
-``exec-oob`` requests among it at once, ahead of in-band requests that arrived
-earlier but have not had their turn -- QEMU's "out-of-band" promise.
+Ordering and OOB: in-band requests come out of :meth:`next_request` in arrival
+order.  Once OOB is enabled, each call first parses everything buffered and
+hands out the ``exec-oob`` requests among it first, ahead of in-band requests
+that arrived earlier but have not had their turn (QEMU's "out-of-band"
+promise).  Replies are written in the order they are given, so whoever runs
+the requests keeps in-band replies in request order by answering each before
+asking for the next.
 """
 
 from __future__ import annotations
@@ -46,50 +45,42 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from migblockd.qmp.codec import (
-    NEED_DATA,
-    Limits,
-    ParseError,
-    StreamDecoder,
-    encode_line,
-    encode_return,
-)
-from migblockd.qmp.errors import NO_ID, CommandNotFound, QMPError, error_reply
-from migblockd.qmp.validation import ArgumentValidator
+from migblockd.qmp.encoding import encode_error, encode_line, encode_return
+from migblockd.qmp.errors import NO_ID, CommandNotFound, QMPError
+from migblockd.qmp.framing import NEED_DATA, Limits, StreamDecoder
+from migblockd.qmp.wording import ParseError
 
-__all__ = ["Command", "Limits", "Session"]
+__all__ = ["QMP_CAPABILITIES", "Command", "Request", "Session"]
 
 Args = dict[str, Any]
 
+QMP_CAPABILITIES: Final = "qmp_capabilities"
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class Command:
-    """One entry of the command table.
+    """What the session needs to know of one command of the schema.
 
     ``validate(args)`` raises :class:`QMPError` when the arguments do not match
-    the schema and must have no side effect; ``run(session, args)`` returns the
-    JSON value of ``"return"`` (``{}`` for commands without a return value) and
-    may raise :class:`QMPError` or a domain error (see :class:`Session`).
+    the schema and has no side effect.  ``handler`` is opaque to the session:
+    it travels with each :class:`Request` to whoever runs it.
     """
 
     name: str
     allow_oob: bool
     validate: Callable[[Args], None]
-    run: Callable[[Session, Args], object]
+    handler: object = None
 
 
-QMP_CAPABILITIES: Final = "qmp_capabilities"
+@dataclass(slots=True)
+class Request:
+    """A request that passed every protocol check and awaits its answer."""
 
-#: The arguments of ``qmp_capabilities`` (QEMU's qapi/control.json), used when
-#: the command table does not bring its own validator.
-QMP_CAPABILITIES_ARGUMENTS: Final[dict[str, Any]] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "qmp_capabilities arguments",
-    "type": "object",
-    "properties": {"enable": {"type": "array", "items": {"$ref": "#/$defs/QMPCapability"}}},
-    "additionalProperties": False,
-    "$defs": {"QMPCapability": {"type": "string", "enum": ["oob"]}},
-}
+    command: Command
+    args: Args
+    id: object  # NO_ID when the request had none
+    oob: bool
+
 
 # Envelope members; exec-oob joins them once OOB is enabled.
 _IN_BAND_MEMBERS: Final = frozenset({"execute", "arguments", "id"})
@@ -103,54 +94,26 @@ LACKS_EXECUTE: Final = "QMP input lacks member 'execute'"
 CLASH: Final = "QMP input member 'exec-oob' clashes with 'execute'"
 
 
-def _internal_error_desc(name: str) -> str:
-    return f"Internal error while executing command {name}"
-
-
 class Session:
     """Per-connection QMP state machine (sans-I/O).
 
-    ``commands`` is the full command table, including ``qmp_capabilities``;
-    ``greeting`` the ``{"QMP": {...}}`` object, whose encoded line is pending
-    in :meth:`data_to_send` right away and whose ``capabilities`` are what
-    ``qmp_capabilities`` may enable.  ``context`` is opaque to the session and
-    left for the server and the command handlers (the connection object).
-
-    Errors raised by a command: :class:`QMPError` becomes its class and desc;
-    an instance of one of ``domain_errors`` (the server passes the registry's
-    ``BlockerError``, whose ``str()`` is QEMU's exact desc) becomes a
-    ``GenericError`` with that desc -- this is the one place where domain
-    errors meet the wire (and the protocol core never imports the registry).
-    Any other exception is a bug: the client gets a ``GenericError`` with a
-    generic desc (never a traceback), the session goes on, and
-    ``on_internal_error(session, command_name, exc)`` lets the server log it.
+    ``commands`` is the full command table of the schema, including
+    ``qmp_capabilities`` (whose validator the session uses; the session runs
+    negotiation itself).  ``greeting`` is the ``{"QMP": {...}}`` object: its
+    line is pending in :meth:`data_to_send` right away, and its
+    ``capabilities`` are what ``qmp_capabilities`` may enable.
     """
 
-    def __init__(
-        self,
-        commands: Mapping[str, Command],
-        greeting: dict[str, Any],
-        limits: Limits = Limits(),  # noqa: B008 - frozen, hence shareable
-        *,
-        context: object = None,
-        domain_errors: tuple[type[BaseException], ...] = (),
-        on_internal_error: Callable[[Session, str, BaseException], None] | None = None,
-    ) -> None:
+    __slots__ = ("_decoder", "_negotiation", "_offered", "_output", "_queue", "commands",
+                 "negotiated", "oob_enabled")
+
+    def __init__(self, commands: Mapping[str, Command], greeting: dict[str, Any],
+                 limits: Limits) -> None:
         self.commands = commands
-        self.context = context
         self.negotiated = False
         self.oob_enabled = False
-        self.limits = limits
-        self._domain_errors = domain_errors
-        self._on_internal_error = on_internal_error
+        self._negotiation = commands[QMP_CAPABILITIES]
         self._offered = frozenset(greeting.get("QMP", {}).get("capabilities", ()))
-        capabilities = commands.get(QMP_CAPABILITIES)
-        self._negotiation_validate = (
-            capabilities.validate
-            if capabilities is not None
-            else _builtin_capabilities_validator().check
-        )
-        self._negotiation_allow_oob = capabilities.allow_oob if capabilities is not None else True
         self._decoder = StreamDecoder(limits)
         #: In-band requests parsed ahead of their turn while looking for OOB ones.
         self._queue: deque[object] = deque()
@@ -164,59 +127,66 @@ class Session:
     def receive_eof(self) -> None:
         """The peer will send no more.
 
-        Complete requests still buffered stay pending and are executed by
-        :meth:`execute` as usual.  A truncated request at the end gets one
-        error, ``JSON parse error, premature EOI`` (QEMU drops it silently, but
-        migblockd still delivers replies after a half-close, so the client can
-        learn why its last request did nothing).
+        Complete requests still buffered stay pending.  A truncated request at
+        the end gets one error, ``JSON parse error, premature EOI`` (QEMU drops
+        it silently, but migblockd still delivers replies after a half-close,
+        so the client can learn why its last request did nothing).
         """
         self._decoder.feed_eof()
 
     def has_pending(self) -> bool:
-        """True when a complete request (or a parse error) waits for :meth:`execute`."""
+        """True when a complete request (or a parse error) waits for its turn."""
         return bool(self._queue) or self._decoder.has_message()
 
     @property
     def buffered(self) -> int:
-        """Received bytes not yet consumed by :meth:`execute`."""
+        """Received bytes not yet consumed."""
         return self._decoder.buffered
 
-    def execute(self, max_requests: int) -> int:
-        """Handle up to ``max_requests`` pending requests in order; queue their replies.
+    def next_request(self) -> Request | None:
+        """Take the next pending item: the request to run, or None.
 
-        Returns how many were handled (parse errors count: each one gets a reply).
+        None when nothing complete is buffered, or when the item failed a
+        protocol check (a parse error, a non-object, an envelope or argument
+        error, negotiation state) or was ``qmp_capabilities``: those are
+        answered here.  Either way one item was handled, so a caller that
+        counts calls bounds its work per turn however bad the input is.
         """
-        handled = 0
         decoder = self._decoder
-        output = self._output
         queue = self._queue
         if self.oob_enabled and decoder.has_message():
             # Out-of-band requests run the moment they are parsed, ahead of the
-            # in-band ones queued before them (QEMU's monitor does the same);
-            # in-band requests keep their order.  Only what one read brought is
-            # buffered, so parsing it all at once is bounded.
+            # in-band ones queued before them (QEMU's monitor does the same).
+            # Only what one read brought is buffered, so parsing it all is bounded.
             while (item := decoder.next_message()) is not NEED_DATA:
                 if type(item) is dict and "exec-oob" in item and "execute" not in item:
-                    handled += 1
-                    output.append(self._handle(item))
-                else:
-                    queue.append(item)
-        while handled < max_requests:
-            if queue:
-                item = queue.popleft()
-            else:
-                item = decoder.next_message()
-                if item is NEED_DATA:
-                    break
-            handled += 1
-            output.append(self._handle(item))
-        return handled
+                    return self._check(item)
+                queue.append(item)
+        if queue:
+            return self._check(queue.popleft())
+        item = decoder.next_message()
+        return None if item is NEED_DATA else self._check(item)
 
     # -- output --------------------------------------------------------------
+    def reply(self, request: Request, result: object) -> None:
+        """Answer ``request`` with its return value (``{}`` for commands without one)."""
+        self._output.append(encode_return(result, request.id))
+
+    def fail(self, request: Request | None, error: QMPError) -> None:
+        """Answer ``request`` with an error (None: a reply without ``id``)."""
+        self._output.append(encode_error(error, NO_ID if request is None else request.id))
+
     def send_event(self, line: bytes) -> None:
         """Queue a pre-encoded event line; dropped unless negotiation is complete."""
         if self.negotiated:
             self._output.append(line)
+
+    def refuse(self, error: QMPError) -> None:
+        """Turn the connection away: ``error`` (no ``id``) replaces the greeting."""
+        self._output[:] = [encode_error(error, NO_ID)]
+
+    def has_output(self) -> bool:
+        return bool(self._output)
 
     def data_to_send(self) -> bytes:
         """Everything queued since the last call (greeting, replies, events), in order."""
@@ -227,59 +197,29 @@ class Session:
         output.clear()
         return data
 
-    @staticmethod
-    def encode_event(name: str, data: Mapping[str, Any], timestamp: float) -> bytes:
-        """One event line: ``{"event": ..., "data": ..., "timestamp": {...}}\\r\\n``.
-
-        ``data`` is omitted when empty, as QEMU does for events without data;
-        ``timestamp`` is wall-clock seconds, split into whole seconds and
-        microseconds.  Encode once and pass the line to every session's
-        :meth:`send_event`.
-        """
-        seconds, microseconds = divmod(round(timestamp * 1_000_000), 1_000_000)
-        event: dict[str, Any] = {"event": name}
-        if data:
-            event["data"] = data
-        event["timestamp"] = {"seconds": seconds, "microseconds": microseconds}
-        return encode_line(event)
-
-    # -- dispatch ------------------------------------------------------------
-    def _handle(self, request: object) -> bytes:
-        if isinstance(request, ParseError):
-            return encode_line(error_reply(QMPError(request.desc)))
-        if type(request) is not dict:
-            return encode_line(error_reply(QMPError(NOT_AN_OBJECT)))
-        req: dict[str, Any] = request
-        id_ = req.get("id", NO_ID)
-        name = "?"
+    # -- checks --------------------------------------------------------------
+    def _check(self, item: object) -> Request | None:
+        """A runnable request, or None after answering ``item`` here."""
+        if type(item) is ParseError:
+            self._output.append(encode_error(QMPError(item.desc), NO_ID))
+            return None
+        if type(item) is not dict:
+            self._output.append(encode_error(QMPError(NOT_AN_OBJECT), NO_ID))
+            return None
+        id_ = item.get("id", NO_ID)
         try:
-            name, command, args = self._check_request(req)
-            if command is None:  # qmp_capabilities
-                result = self._negotiate(args)
-            else:
-                command.validate(args)
-                result = command.run(self, args)
-            return encode_return(result, id_, NO_ID)
+            request = self._envelope(item, id_)
+            request.command.validate(request.args)
+            if request.command is self._negotiation:
+                self._output.append(encode_return(self._negotiate(request.args), id_))
+                return None
         except QMPError as exc:
-            return self._error_line(exc, id_)
-        except self._domain_errors as exc:
-            return self._error_line(QMPError(str(exc)), id_)
-        except Exception as exc:
-            if self._on_internal_error is not None:
-                self._on_internal_error(self, name, exc)
-            return self._error_line(QMPError(_internal_error_desc(name)), id_)
+            self._output.append(encode_error(exc, id_))
+            return None
+        return request
 
-    def _error_line(self, exc: QMPError, id_: object) -> bytes:
-        try:
-            return encode_line(error_reply(exc, id_))
-        except (ValueError, TypeError):  # pragma: no cover - ids come from our own parser
-            return encode_line(error_reply(exc))
-
-    def _check_request(self, req: dict[str, Any]) -> tuple[str, Command | None, Args]:
-        """The envelope checks, in qmp-wire.md's order; returns name, command, arguments.
-
-        The command is None for ``qmp_capabilities``, which the session runs itself.
-        """
+    def _envelope(self, req: dict[str, Any], id_: object) -> Request:
+        """The envelope checks, in QEMU's order (``qapi/qmp-dispatch.c``)."""
         oob = self.oob_enabled
         execute: str | None = req.get("execute")
         if (execute is not None or "execute" in req) and type(execute) is not str:
@@ -310,16 +250,13 @@ class Session:
             # band only when exec-oob is its sole command member).
             self._lookup(exec_oob)
             raise QMPError(CLASH)
-        if execute is None and not (
-            command.allow_oob if command is not None else self._negotiation_allow_oob
-        ):
+        if execute is None and not command.allow_oob:
             raise QMPError(f"The command {name} does not support OOB")
-        return name, command, args
+        return Request(command, args, id_, execute is None)
 
-    def _lookup(self, name: str) -> Command | None:
-        """The command for ``name`` in the current state (None: qmp_capabilities)."""
+    def _lookup(self, name: str) -> Command:
         if name == QMP_CAPABILITIES:
-            return None
+            return self._negotiation
         command = self.commands.get(name) if self.negotiated else None
         if command is None:
             if not self.negotiated:
@@ -328,7 +265,6 @@ class Session:
         return command
 
     def _negotiate(self, args: Args) -> object:
-        self._negotiation_validate(args)
         if self.negotiated:
             raise CommandNotFound(ALREADY_NEGOTIATED)
         enable: list[str] = args.get("enable", [])
@@ -338,13 +274,3 @@ class Session:
         self.oob_enabled = "oob" in enable
         self.negotiated = True
         return {}
-
-
-_BUILTIN_VALIDATOR: ArgumentValidator | None = None
-
-
-def _builtin_capabilities_validator() -> ArgumentValidator:
-    global _BUILTIN_VALIDATOR  # noqa: PLW0603 - compiled once, on first use
-    if _BUILTIN_VALIDATOR is None:
-        _BUILTIN_VALIDATOR = ArgumentValidator(QMP_CAPABILITIES_ARGUMENTS)
-    return _BUILTIN_VALIDATOR

@@ -1,26 +1,23 @@
 """Streaming JSON framing for QMP: bytes in, messages (or parse errors) out.
 
-QMP has no framing of its own.  The server runs a *streaming* JSON parser over
-the byte stream: a message is complete the moment its closing ``}`` (or ``]``,
-or closing quote, or the delimiter after a top-level number or keyword)
-arrives.  Newlines are plain whitespace, so a message may span lines, be split
-across writes, or be glued to the next one (``{...}{...}``); the standard
-Python client (``qemu.qmp``) sends no trailing newline at all, so a line-based
-reader would hang.
+QMP has no framing of its own.  QEMU runs a *streaming* JSON parser over the
+byte stream (``qobject/json-streamer.c``): a message is complete the moment
+its closing ``}`` (or ``]``, or closing quote, or the delimiter after a
+top-level number or keyword) arrives.  Newlines are plain whitespace, so a
+message may span lines, be split across writes, or be glued to the next one
+(``{...}{...}``); the standard Python client (``qemu.qmp``) sends no trailing
+newline at all, so a line-based reader would hang.
 
 :class:`StreamDecoder` finds message boundaries with compiled regular
 expressions that step over whole runs of ordinary bytes and whole strings at C
 speed, stopping only at brackets, quotes and bytes that matter for error
 recovery; each complete message is then parsed with ``json`` on its exact
-slice.  No Python code runs per byte.
+slice (:mod:`migblockd.qmp.wording`).  No Python code runs per byte.
 
-Errors and recovery (see ``docs/protocol.md``)
-----------------------------------------------
-Every bad message produces exactly one :class:`ParseError`, worded like QEMU's
-parser (``JSON parse error, expecting value``, ``JSON parse error, invalid
-keyword 'x'``, ``JSON parse error, duplicate key``, ``JSON token size limit
-exceeded``, ``JSON nesting depth limit exceeded``).  Then the decoder
-resynchronises:
+Errors and recovery
+-------------------
+Every bad message produces exactly one :class:`ParseError` in QEMU's wording.
+Then the decoder resynchronises:
 
 * When the bad message was still *balanced* (its closing bracket was found,
   only its content is wrong), its end is known, and decoding simply goes on
@@ -29,40 +26,45 @@ resynchronises:
   limit overrun, a control character, garbage at the top level), input is
   skipped up to and including the next line feed, or up to a *reset byte*:
   an ASCII control character other than ``\\t``, ``\\r``, ``\\n``, or one of the
-  bytes ``0xFE``/``0xFF`` that cannot occur in UTF-8.  The QMP spec documents
-  sending such a byte as the way for a client to force the parser back into a
-  known state.  A run of reset bytes counts as one bad message.
+  bytes ``0xFE``/``0xFF`` that cannot occur in UTF-8.  The QMP spec
+  (``docs/interop/qmp-spec.rst``) documents sending such a byte as the way for
+  a client to force the parser back into a known state.  A run of reset bytes
+  counts as one bad message, and so does what follows it on the same line
+  unless that is the ``{`` of a new request: the rest of a message that a
+  reset byte broke is not a second message.
 
 Limits are enforced while scanning, so a 2000-deep ``[[[[...`` or an endless
 string is refused as soon as it passes the limit, and nothing ever recurses
 deeper than ``max_nesting`` (never a ``RecursionError``).
-
-Numbers: Python's ``json`` would accept ``NaN``, ``Infinity`` and turn
-``1e400`` into ``inf``, none of which can be written back as JSON (QEMU echoes
-``1e400`` as bare ``inf``).  The decoder rejects them as parse errors
-(``invalid keyword 'NaN'``, ``number out of range``), and :func:`encode_line`
-refuses non-finite floats, so output is always strict JSON.
 """
 
 from __future__ import annotations
 
-import json
-import json.encoder
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
+
+from migblockd.qmp.wording import (
+    NESTING_EXCEEDED,
+    PARSE_ERROR_PREFIX,
+    SINGLE_QUOTE,
+    TOKEN_COUNT_EXCEEDED,
+    TOKEN_SIZE_EXCEEDED,
+    ParseError,
+    decode_message,
+    describe_error,
+    prefix_error,
+    stray,
+)
+
+__all__ = ["MAX_NESTING_CEILING", "NEED_DATA", "Limits", "ParseError", "StreamDecoder",
+           "count_tokens"]
 
 # Python's C JSON scanner and encoder recurse once per nesting level and count
 # against the interpreter's recursion limit (1000 by default); keeping the
 # configurable depth well below that is what guarantees no RecursionError.
 MAX_NESTING_CEILING: Final = 256
-
-# QEMU's wording (qobject/json-streamer.c, qobject/json-parser.c).
-TOKEN_SIZE_EXCEEDED: Final = "JSON token size limit exceeded"
-TOKEN_COUNT_EXCEEDED: Final = "JSON token count limit exceeded"
-NESTING_EXCEEDED: Final = "JSON nesting depth limit exceeded"
-PARSE_ERROR_PREFIX: Final = "JSON parse error, "
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,6 @@ class Limits:
             raise ValueError(f"max_nesting must be between 1 and {MAX_NESTING_CEILING}")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-
-
-@dataclass(frozen=True, slots=True)
-class ParseError:
-    """A framing or syntax error in place of a message; answered without ``id``."""
-
-    desc: str
 
 
 class _NeedData:
@@ -146,6 +141,7 @@ _FAST_MESSAGE = re.compile(_nested(_FAST_DEPTH))
 _SCALAR = re.compile(rb"[^ \t\r\n{}\[\]\",:'" + _STRING_BAD + rb"]++")
 _RESYNC = re.compile(rb"[\n" + _RESET_CLASS + rb"]")
 _RESET_RUN = re.compile(rb"[" + _RESET_CLASS + rb"]*+")
+_BLANKS = re.compile(rb"[ \t\r]*+")
 
 _OPENERS: Final = {0x7B: 0x7D, 0x5B: 0x5D}  # { -> }, [ -> ]
 _CLOSERS: Final = frozenset(b"}]")
@@ -303,13 +299,13 @@ class StreamDecoder:
                     self._mode = _AFTER_RESET
                     self._start = self._scan = end
                     # Name the first byte only: the run may continue in the next read.
-                    return ParseError(_stray(bytes(buf[i : i + 1])))
+                    return ParseError(stray(bytes(buf[i : i + 1])))
                 elif c in _CLOSERS or c in b",:":
                     self._skip_from(i + 1)
                     return ParseError(PARSE_ERROR_PREFIX + "expecting value")
                 elif c == _APOSTROPHE:
                     self._skip_from(i + 1)
-                    return ParseError(_SINGLE_QUOTE)
+                    return ParseError(SINGLE_QUOTE)
                 else:
                     self._mode = _SCALAR_MODE
             elif mode == _STRUCT:
@@ -343,12 +339,18 @@ class StreamDecoder:
                 self._start = self._scan = i
             else:  # _AFTER_RESET
                 # A run of reset bytes is one bad message, however it was split
-                # across reads, so swallow the rest of the run.
-                end = _match_end(_RESET_RUN, buf, self._scan)
+                # across reads, so swallow the rest of the run.  What follows
+                # on the same line is the rest of the message the reset broke
+                # (one bad message, one error), unless a new request starts.
+                end = _match_end(_BLANKS, buf, _match_end(_RESET_RUN, buf, self._scan))
                 self._start = self._scan = end
                 if end == n:
                     return NEED_DATA
-                self._mode = _IDLE
+                c = buf[end]
+                if c in (0x7B, _LF):
+                    self._mode = _IDLE
+                elif c not in _RESET_BYTES:
+                    self._mode = _SKIP
 
     def _scan_structure(self, buf: bytearray, n: int) -> object | None:
         """Scan on inside a structure or top-level string; None means "mode changed, go on"."""
@@ -408,7 +410,7 @@ class StreamDecoder:
                         continue
                     if c == _APOSTROPHE:
                         self._skip_from(p + 1)
-                        return ParseError(_SINGLE_QUOTE)
+                        return ParseError(SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.
             error = self._check_lines(buf, self._scan)
@@ -443,41 +445,12 @@ class StreamDecoder:
         if lf <= self._checked:
             return None
         self._checked = lf
-        text = buf[start:lf].decode("utf-8", "replace")
-        try:
-            _DECODER.raw_decode(text)
-        except json.JSONDecodeError as exc:
-            if exc.pos >= len(text.rstrip()):
-                return None  # a valid beginning, to be continued
-            desc: str | None = PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
-            skip = start + len(text[: exc.pos].encode("utf-8", "replace"))
-        except (_Reject, ValueError, RecursionError):
-            # Refused by a hook (NaN, a duplicate key, ...), which knows no
-            # position: the first line feed whose prefix is refused is where
-            # a line-by-line check would have caught it.  Viability is
-            # monotonic (a prefix refused at one line feed is refused at every
-            # later one), so a binary search finds that line feed with a
-            # logarithmic number of parses: trying them one by one costs a
-            # parse per line, quadratic in the window, and a peer could stall
-            # the whole daemon for seconds with a few hundred KiB of such lines.
-            desc = describe_error(text)
-            feeds: list[int] = []
-            at = buf.find(b"\n", start, lf)
-            while 0 <= at < lf:
-                feeds.append(at)
-                at = buf.find(b"\n", at + 1, lf)
-            lo, hi = 0, len(feeds)  # feeds[hi:] are refused, feeds[:lo] viable
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if _viable(buf[start : feeds[mid]].decode("utf-8", "replace")):
-                    lo = mid + 1
-                else:
-                    hi = mid
-            skip = feeds[lo] if lo < len(feeds) else lf
-        else:  # pragma: no cover - a complete value would have ended the scan
-            return None
+        found = prefix_error(buf, start, lf)
+        if found is None:
+            return None  # a valid beginning, to be continued
+        desc, skip = found
         self._skip_from(min(skip, lf))
-        return ParseError(desc or PARSE_ERROR_PREFIX + "expecting value")
+        return ParseError(desc)
 
     def _bad_byte(self, buf: bytearray, p: int) -> ParseError:
         """A control character (or 0xFE/0xFF) where JSON allows none: the message is lost."""
@@ -487,7 +460,7 @@ class StreamDecoder:
         # Skipping starts at the byte itself: a reset byte or line feed is its
         # own resynchronisation point, a \t or \r inside a string is not.
         self._skip_from(p)
-        return ParseError(_stray(bytes(buf[p : p + 1])))
+        return ParseError(stray(bytes(buf[p : p + 1])))
 
 
 def count_tokens(value: object, limit: int) -> int:
@@ -513,236 +486,9 @@ def count_tokens(value: object, limit: int) -> int:
     return count
 
 
-def _viable(text: str) -> bool:
-    """Whether ``text`` can still begin a valid JSON value."""
-    try:
-        _DECODER.raw_decode(text)
-    except json.JSONDecodeError as exc:
-        return exc.pos >= len(text.rstrip())
-    except (_Reject, ValueError, RecursionError):
-        return False
-    return True
-
-
 def _match_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, endpos: int = -1) -> int:
     # All the patterns used here can match the empty string, so match() never fails.
     m = pattern.match(buf, pos) if endpos < 0 else pattern.match(buf, pos, endpos)
     assert m is not None
     return m.end()
-
-
-_SINGLE_QUOTE: Final = PARSE_ERROR_PREFIX + "single-quoted strings are not supported"
-
-
-def _stray(data: bytes) -> str:
-    shown = "".join(chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in data[:8])
-    return f"{PARSE_ERROR_PREFIX}stray '{shown}'"
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-class _Reject(Exception):
-    """Raised from json's hooks to refuse input that Python would accept."""
-
-    def __init__(self, desc: str) -> None:
-        super().__init__(desc)
-        self.desc = desc
-
-
-def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise _Reject(PARSE_ERROR_PREFIX + "duplicate key")
-    return obj
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if value - value != 0.0:  # inf (1e400); NaN cannot come from a JSON number
-        raise _Reject(PARSE_ERROR_PREFIX + "number out of range")
-    return value
-
-
-def _parse_constant(name: str) -> object:
-    raise _Reject(f"{PARSE_ERROR_PREFIX}invalid keyword '{name}'")
-
-
-_DECODER: Final = json.JSONDecoder(
-    object_pairs_hook=_object_pairs, parse_float=_parse_float, parse_constant=_parse_constant
-)
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def decode_message(data: bytes | bytearray) -> object:
-    """Parse one complete message: its JSON value, or a :class:`ParseError`."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        text = data.decode("utf-8", "replace")
-        desc = describe_error(text)
-        if desc is None:
-            desc = PARSE_ERROR_PREFIX + "invalid UTF-8 sequence in string"
-        return ParseError(desc)
-    try:
-        value, end = _DECODER.raw_decode(text)
-    except (ValueError, _Reject, RecursionError):
-        return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
-    if end != len(text):
-        return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
-    # json decodes a lone \uD800 escape to a lone surrogate, which no UTF-8
-    # encoder (logging, the shell) can handle later; QEMU refuses it too.
-    if "\\u" in text:
-        bad = _find_lone_surrogate(value)
-        if bad is not None:
-            escape = f"\\u{ord(bad):04X}"
-            return ParseError(f"{PARSE_ERROR_PREFIX}{escape} is not a valid Unicode character")
-    return value
-
-
-def _find_lone_surrogate(value: object) -> str | None:
-    if isinstance(value, str):
-        m = _LONE_SURROGATE.search(value)
-        return m.group() if m else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _find_lone_surrogate(key) or _find_lone_surrogate(item)
-            if found:
-                return found
-    elif isinstance(value, list):
-        for item in value:
-            found = _find_lone_surrogate(item)
-            if found:
-                return found
-    return None
-
-
-_KEYWORD = re.compile(r"[A-Za-z]+")
-_CONTAINER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
-_VALUE_END = frozenset("}],:")
-
-
-def describe_error(data: str | bytes) -> str | None:
-    """QEMU's wording for why ``data`` is not one JSON value; None if it is one.
-
-    Used only on the error path, so it may take its time: it re-parses and maps
-    Python's ``json`` messages onto QEMU's (``qobject/json-parser.c``).
-    """
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    try:
-        value, end = _DECODER.raw_decode(text)
-    except _Reject as exc:
-        return exc.desc
-    except RecursionError:
-        return NESTING_EXCEEDED
-    except json.JSONDecodeError as exc:
-        return PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
-    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
-        return PARSE_ERROR_PREFIX + "number out of range"
-    if end != len(text):
-        kw = _KEYWORD.match(text)
-        if kw:
-            return f"{PARSE_ERROR_PREFIX}invalid keyword '{kw.group()}'"
-        return _stray(text[:end + 1].encode("utf-8", "replace"))
-    del value
-    return None
-
-
-def _qemu_reason(msg: str, text: str, pos: int) -> str:
-    kw = _KEYWORD.match(text, pos)
-    if msg.startswith(("Expecting value", "Illegal trailing comma")):
-        return f"invalid keyword '{kw.group()}'" if kw else "expecting value"
-    if msg.startswith("Expecting property name"):
-        if kw:
-            return f"invalid keyword '{kw.group()}'"
-        if pos >= len(text) or text[pos] in _VALUE_END:
-            return "expecting value"  # QEMU parses the key as a value first
-        return "key is not a string in object"
-    if msg.startswith("Expecting ':'"):
-        return "missing : in object pair"
-    if msg.startswith("Expecting ','"):
-        inner = _innermost_container(text, pos)
-        return "expected separator in dict" if inner == "{" else "expected separator in list"
-    if msg.startswith("Invalid \\uXXXX"):
-        start = pos - 1 if pos and text[pos - 1] == "\\" else pos
-        return f"{text[start:start + 6]} is not a valid Unicode character"
-    if msg.startswith("Invalid \\escape"):
-        return "invalid escape sequence in string"
-    if msg.startswith("Invalid control character"):
-        return _stray(text[pos : pos + 1].encode())[len(PARSE_ERROR_PREFIX) :]
-    return msg[:1].lower() + msg[1:]
-
-
-def _innermost_container(text: str, pos: int) -> str:
-    stack: list[str] = []
-    for m in _CONTAINER_TOKENS.finditer(text, 0, pos):
-        token = m.group()
-        if token in "[{":
-            stack.append(token)
-        elif token in "]}" and stack:
-            stack.pop()
-    return stack[-1] if stack else ""
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-def _not_json(obj: object) -> object:
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-# Separators ", " and ": " are what QEMU emits ({"return": {}}); ASCII-only
-# output escapes everything else as \uXXXX, as QEMU does; allow_nan=False
-# keeps the output strict JSON.  json.dumps() with any non-default option
-# builds a new encoder per call, so build one once -- the C one when present
-# (it is what json.dumps uses too), which roughly halves the cost per reply.
-_ENCODER: Final = json.JSONEncoder(allow_nan=False, default=_not_json)
-_C_ENCODER: Final[Callable[[object, int], list[str]] | None] = (
-    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-        None, _not_json, json.encoder.encode_basestring_ascii, None, ": ", ", ",
-        False, False, False,
-    )
-    if json.encoder.c_make_encoder is not None  # type: ignore[attr-defined]
-    else None
-)
-
-
-def encode_line(obj: object) -> bytes:
-    """One output line: strict JSON + CRLF.
-
-    Raises ValueError for NaN/infinity, TypeError for values JSON cannot
-    represent, RecursionError for cyclic or absurdly deep values.
-    """
-    if _C_ENCODER is not None:
-        return ("".join(_C_ENCODER(obj, 0)) + "\r\n").encode("ascii")
-    return (_ENCODER.encode(obj) + "\r\n").encode("ascii")  # pragma: no cover
-
-
-def encode(obj: object) -> str:
-    """Strict JSON text of ``obj`` (no line ending), QEMU's separators."""
-    if _C_ENCODER is not None:
-        return "".join(_C_ENCODER(obj, 0))
-    return _ENCODER.encode(obj)  # pragma: no cover
-
-
-class Encoded:
-    """A JSON value encoded ahead of time; a reply splices ``text`` in as it is.
-
-    For answers that many clients ask for and that rarely change (the blocker
-    list): the command caches one ``Encoded`` instead of re-encoding the same
-    value for every request.
-    """
-
-    __slots__ = ("text",)
-
-    def __init__(self, value: object) -> None:
-        self.text = encode(value)
-
-
-def encode_return(result: object, id_: object, no_id: object) -> bytes:
-    """The success reply line, ``{"return": R, "id": I}``; no ``id`` when ``id_ is no_id``."""
-    text = result.text if type(result) is Encoded else encode(result)
-    if id_ is no_id:
-        return f'{{"return": {text}}}\r\n'.encode("ascii")
-    return f'{{"return": {text}, "id": {encode(id_)}}}\r\n'.encode("ascii")
 

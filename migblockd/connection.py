@@ -1,0 +1,39 @@
+"""One client connection as the core sees it: who is on the other end, and its session.
+
+This is the typed context every command handler receives.  It holds no socket:
+the asyncio adapter keeps its transport next to it.
+"""
+
+from __future__ import annotations
+
+from migblockd.qmp.session import Session
+from migblockd.registry import Owner
+
+__all__ = ["Connection"]
+
+
+class Connection:
+    """A client: its number (for logs), peer credentials, and QMP session.
+
+    ``owner`` is the peer's ``SO_PEERCRED`` (None when the kernel would not
+    say); it is recorded as the owner of the blockers this client adds, and
+    identity (not equality) ties ``scope: connection`` blockers to it.
+    ``refused`` marks a connection turned away at ``max-clients``: its only
+    output is the error line, and then it must be closed.
+    """
+
+    __slots__ = ("label", "number", "owner", "refused", "session")
+
+    def __init__(self, number: int, owner: Owner | None, session: Session) -> None:
+        self.number = number
+        self.owner = owner
+        self.session = session
+        self.refused = False
+        if owner is None:
+            self.label = f"client {number}"
+        else:
+            self.label = (f"client {number} (pid {owner.pid}, uid {owner.uid}, "
+                          f"gid {owner.gid})")
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.label}>"

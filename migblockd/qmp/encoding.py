@@ -1,0 +1,116 @@
+"""Output: replies and events as strict JSON lines, in QEMU's layout.
+
+QEMU ends every message with ``\\r\\n``, separates members with ``", "`` and
+``": "``, writes ASCII only (everything else as ``\\uXXXX``) and puts
+``return`` before ``id`` and ``id`` before ``error`` (``monitor/qmp.c``).
+Clients must not rely on member order, but matching it costs nothing.
+Nothing here emits ``NaN`` or ``Infinity``: output is always strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import json.encoder
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+from migblockd.qmp.errors import NO_ID, QMPError, error_reply
+
+
+def _not_json(obj: object) -> object:
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+# Separators ", " and ": " are what QEMU emits ({"return": {}}); ASCII-only
+# output escapes everything else as \uXXXX, as QEMU does; allow_nan=False
+# keeps the output strict JSON.  json.dumps() with any non-default option
+# builds a new encoder per call, so build one once -- the C one when present
+# (it is what json.dumps uses too), which roughly halves the cost per reply.
+_ENCODER: Final = json.JSONEncoder(allow_nan=False, default=_not_json)
+_C_ENCODER: Final[Callable[[object, int], list[str]] | None] = (
+    json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+        None, _not_json, json.encoder.encode_basestring_ascii, None, ": ", ", ",
+        False, False, False,
+    )
+    if json.encoder.c_make_encoder is not None  # type: ignore[attr-defined]
+    else None
+)
+
+
+def encode_line(obj: object) -> bytes:
+    """One output line: strict JSON + CRLF.
+
+    Raises ValueError for NaN/infinity, TypeError for values JSON cannot
+    represent, RecursionError for cyclic or absurdly deep values.
+    """
+    if _C_ENCODER is not None:
+        return ("".join(_C_ENCODER(obj, 0)) + "\r\n").encode("ascii")
+    return (_ENCODER.encode(obj) + "\r\n").encode("ascii")  # pragma: no cover
+
+
+def encode(obj: object) -> str:
+    """Strict JSON text of ``obj`` (no line ending), QEMU's separators."""
+    if _C_ENCODER is not None:
+        return "".join(_C_ENCODER(obj, 0))
+    return _ENCODER.encode(obj)  # pragma: no cover
+
+
+class Encoded:
+    """JSON text encoded ahead of time; a reply splices ``text`` in as it is.
+
+    For answers that many clients ask for and that rarely change (the blocker
+    list): a command returns an ``Encoded`` built from cached pieces instead
+    of re-encoding the same values for every request.  ``text`` must be one
+    strict JSON value.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    @classmethod
+    def array(cls, items: Iterable[str]) -> Encoded:
+        """The JSON array of already encoded ``items``."""
+        return cls("[" + ", ".join(items) + "]")
+
+
+def timestamp(when: float) -> dict[str, int]:
+    """QEMU's ``{"seconds": S, "microseconds": US}`` for wall time ``when``.
+
+    Rounded to whole microseconds before splitting, so that 1.9999999 gives
+    ``{2, 0}`` rather than ``{1, 1000000}``.
+    """
+    seconds, micro = divmod(round(when * 1_000_000), 1_000_000)
+    return {"seconds": seconds, "microseconds": micro}
+
+
+def encode_event(name: str, data: Mapping[str, Any], when: float) -> bytes:
+    """One event line: ``{"event": ..., "data": ..., "timestamp": {...}}\\r\\n``.
+
+    ``data`` is omitted when empty, as QEMU does for events without data
+    (``monitor/monitor.c``).  Encode once and queue the same line for every
+    client.
+    """
+    event: dict[str, Any] = {"event": name}
+    if data:
+        event["data"] = data
+    event["timestamp"] = timestamp(when)
+    return encode_line(event)
+
+
+def encode_return(result: object, id_: object) -> bytes:
+    """The success reply line, ``{"return": R, "id": I}``; no ``id`` when ``id_ is NO_ID``."""
+    text = result.text if type(result) is Encoded else encode(result)
+    if id_ is NO_ID:
+        return f'{{"return": {text}}}\r\n'.encode("ascii")
+    return f'{{"return": {text}, "id": {encode(id_)}}}\r\n'.encode("ascii")
+
+
+
+def encode_error(error: QMPError, id_: object) -> bytes:
+    """The error reply line, ``{"id": I, "error": {"class": C, "desc": D}}``."""
+    try:
+        return encode_line(error_reply(error, id_))
+    except (ValueError, TypeError):  # pragma: no cover - ids come from our own parser
+        return encode_line(error_reply(error))

@@ -1,0 +1,54 @@
+"""QEMU's migration blocker registry and a simulated migration, as pure domain logic.
+
+``errors``: the refusals, worded as QEMU words them; ``blockers``: the store
+of per-mode lists; ``migration``: the simulated migration's state machine;
+``registry``: QEMU's rules over all three.  Nothing here does I/O.
+"""
+
+from migblockd.clock import SYSTEM_CLOCK, Clock, FakeClock
+from migblockd.registry.blockers import Blocker, Owner
+from migblockd.registry.errors import (
+    BlockerError,
+    DuplicateId,
+    EmptyModes,
+    InvalidId,
+    InvalidUri,
+    MigrationBlocked,
+    MigrationBusy,
+    MigrationInProgress,
+    NotFound,
+    OnlyMigratable,
+)
+from migblockd.registry.migration import (
+    MIGRATION_STATUSES,
+    RUNNING_STATUSES,
+    SETUP_SHARE,
+    URI_SCHEMES,
+)
+from migblockd.registry.registry import DEFAULT_MODE, SCOPES, Event, Registry
+
+__all__ = [
+    "DEFAULT_MODE",
+    "MIGRATION_STATUSES",
+    "RUNNING_STATUSES",
+    "SCOPES",
+    "SETUP_SHARE",
+    "SYSTEM_CLOCK",
+    "URI_SCHEMES",
+    "Blocker",
+    "BlockerError",
+    "Clock",
+    "DuplicateId",
+    "EmptyModes",
+    "Event",
+    "FakeClock",
+    "InvalidId",
+    "InvalidUri",
+    "MigrationBlocked",
+    "MigrationBusy",
+    "MigrationInProgress",
+    "NotFound",
+    "OnlyMigratable",
+    "Owner",
+    "Registry",
+]

@@ -1,0 +1,199 @@
+"""The blocker store: blockers in QEMU's per-mode lists, indexed by id and connection.
+
+QEMU keeps one singly linked list of ``Error`` objects per migration mode
+(``static GSList *migration_blockers[MIG_MODE__MAX]`` in
+``migration/migration.c``), newest first.  Here each blocker sits in one
+doubly linked list per mode it blocks, plus the list of all blockers: O(1)
+worst-case insertion, removal and "newest of a mode" (a dict keyed by id would
+leave dead slots that ``reversed()`` must skip after deletions, making
+"newest" O(deleted) until the next resize).
+
+The blocker object is its own list node: its ``_older``/``_newer`` lists hold
+its neighbours in each list it is in (index 0: all blockers; then one per
+mode, in MigMode order), so a blocker costs three objects the garbage
+collector tracks, whatever the number of modes.  This module knows no rules:
+:mod:`migblockd.registry.registry` decides what may be added or removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Blocker", "BlockerStore", "Owner"]
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Peer credentials (``SO_PEERCRED``) of the connection that added a blocker."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class Blocker:
+    """One registered blocker.  Treat it as read-only: the store indexes it.
+
+    ``modes`` lists the modes it blocks in MigMode order.  ``internal`` only
+    exempts it from ``-only-migratable`` (QEMU's ``migrate_add_blocker_internal``
+    is for QEMU's own temporary blockers, such as dump-guest-memory's).
+    ``connection`` is the connection that added a ``scope: connection``
+    blocker (identity, not equality, is what counts), else None.  ``seq``
+    orders blockers by age across restarts: a larger ``seq`` is newer.
+    ``cache`` is free for the wire layer to keep this blocker's encoded form.
+    """
+
+    __slots__ = ("_chains", "_newer", "_older", "added", "cache", "connection", "id",
+                 "internal", "modes", "owner", "reason", "scope", "seq")
+
+    def __init__(self, id: str, reason: str, modes: tuple[str, ...], internal: bool,
+                 scope: str, owner: Owner | None, added: float, seq: int,
+                 connection: object | None = None) -> None:
+        self.id = id
+        self.reason = reason
+        self.modes = modes
+        self.internal = internal
+        self.scope = scope
+        self.owner = owner
+        self.added = added
+        self.seq = seq
+        self.connection = connection
+        self.cache: object = None
+        self._chains: tuple[int, ...] = ()
+        self._older: list[Blocker | None] = []
+        self._newer: list[Blocker | None] = []
+
+    def __repr__(self) -> str:
+        return (f"Blocker(id={self.id!r}, reason={self.reason!r}, modes={self.modes!r}, "
+                f"internal={self.internal!r}, scope={self.scope!r}, seq={self.seq!r})")
+
+
+class _Chain:
+    """One ordered list: ``k`` is the blocker's slot for it in ``_older``/``_newer``."""
+
+    __slots__ = ("count", "k", "newest", "oldest")
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.oldest: Blocker | None = None
+        self.newest: Blocker | None = None
+        self.count = 0
+
+    def push(self, b: Blocker, slot: int) -> None:
+        """Append ``b`` as the newest; ``slot`` is this chain's index in ``b``'s lists."""
+        b._older[slot] = self.newest
+        b._newer[slot] = None
+        if self.newest is None:
+            self.oldest = b
+        else:
+            self.newest._newer[self._slot(self.newest)] = b
+        self.newest = b
+        self.count += 1
+
+    def insert(self, b: Blocker, slot: int) -> None:
+        """Put ``b`` back where its ``seq`` belongs (undoing a removal)."""
+        after = self.newest
+        while after is not None and after.seq > b.seq:
+            after = after._older[self._slot(after)]
+        before = self.oldest if after is None else after._newer[self._slot(after)]
+        b._older[slot] = after
+        b._newer[slot] = before
+        if after is None:
+            self.oldest = b
+        else:
+            after._newer[self._slot(after)] = b
+        if before is None:
+            self.newest = b
+        else:
+            before._older[self._slot(before)] = b
+        self.count += 1
+
+    def unlink(self, b: Blocker, slot: int) -> None:
+        older, newer = b._older[slot], b._newer[slot]
+        if older is None:
+            self.oldest = newer
+        else:
+            older._newer[self._slot(older)] = newer
+        if newer is None:
+            self.newest = older
+        else:
+            newer._older[self._slot(newer)] = older
+        b._older[slot] = b._newer[slot] = None
+        self.count -= 1
+
+    def _slot(self, b: Blocker) -> int:
+        # Chain 0 (all blockers) is slot 0 of every blocker; a mode's chain is
+        # at the position of that mode among the blocker's own chains.
+        return 0 if self.k == 0 else b._chains.index(self.k)
+
+    def __iter__(self) -> Iterator[Blocker]:
+        b = self.oldest
+        while b is not None:
+            yield b
+            b = b._newer[self._slot(b)]
+
+
+class BlockerStore:
+    """Blockers in insertion order, per mode, by id and by connection.
+
+    ``modes`` are the MigMode members in schema order.  Operations trust their
+    caller (the registry): ids are unique, modes known.
+    """
+
+    __slots__ = ("_all", "_by_connection", "_by_id", "_chains", "_index")
+
+    def __init__(self, modes: Sequence[str]) -> None:
+        self._all = _Chain(0)
+        self._index = {mode: k for k, mode in enumerate(modes, start=1)}
+        self._chains: dict[str, _Chain] = {mode: _Chain(k) for mode, k in self._index.items()}
+        self._by_id: dict[str, Blocker] = {}
+        # Keyed by id(connection): connection objects need not be hashable, and
+        # each indexed blocker holds a reference to its connection, so the id
+        # cannot be reused while the entry exists.
+        self._by_connection: dict[int, dict[str, Blocker]] = {}
+
+    def add(self, b: Blocker) -> None:
+        """Index ``b`` as the newest blocker (or, by ``seq``, where it belongs)."""
+        chains = tuple(self._index[mode] for mode in b.modes)
+        b._chains = (0, *chains)
+        b._older = [None] * (len(chains) + 1)
+        b._newer = [None] * (len(chains) + 1)
+        newest = self._all.newest
+        put = _Chain.push if newest is None or newest.seq < b.seq else _Chain.insert
+        put(self._all, b, 0)
+        for slot, mode in enumerate(b.modes, start=1):
+            put(self._chains[mode], b, slot)
+        self._by_id[b.id] = b
+        if b.connection is not None:
+            self._by_connection.setdefault(id(b.connection), {})[b.id] = b
+
+    def remove(self, b: Blocker) -> None:
+        del self._by_id[b.id]
+        self._all.unlink(b, 0)
+        for slot, mode in enumerate(b.modes, start=1):
+            self._chains[mode].unlink(b, slot)
+        if b.connection is not None:
+            key = id(b.connection)
+            owned = self._by_connection[key]
+            del owned[b.id]
+            if not owned:
+                del self._by_connection[key]
+
+    def get(self, id: str) -> Blocker | None:
+        return self._by_id.get(id)
+
+    def owned_by(self, connection: object) -> list[Blocker]:
+        """The connection-scoped blockers ``connection`` added, oldest first."""
+        owned = self._by_connection.get(id(connection))
+        return list(owned.values()) if owned else []
+
+    def chain(self, mode: str | None) -> _Chain:
+        """The list of ``mode`` (None: every blocker).  KeyError for an unknown mode."""
+        return self._all if mode is None else self._chains[mode]
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._by_id

@@ -1,0 +1,113 @@
+"""The registry's refusals.  ``str(exc)`` of each is QEMU's exact error desc.
+
+The registry knows nothing of the wire: the core reports every
+:class:`BlockerError` as class ``GenericError``, which is what QEMU uses for
+all of these refusals (``error_setg`` never sets another class on these
+paths, ``migration/migration.c``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from migblockd.registry.blockers import Blocker
+
+__all__ = [
+    "BlockerError",
+    "DuplicateId",
+    "EmptyModes",
+    "InvalidId",
+    "InvalidUri",
+    "MigrationBlocked",
+    "MigrationBusy",
+    "MigrationInProgress",
+    "NotFound",
+    "OnlyMigratable",
+]
+
+
+class BlockerError(Exception):
+    """A refused request.  ``str(exc)`` is QEMU's exact error desc."""
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc)
+        self.desc = desc
+
+
+class EmptyModes(BlockerError):
+    """``modes: []``.  QEMU's C API cannot express an empty set of modes
+    (``migrate_add_blocker_modes()`` needs at least one), so the QMP
+    command rejects it in QEMU's ``QERR_INVALID_PARAMETER_VALUE`` style."""
+
+    def __init__(self) -> None:
+        super().__init__("Parameter 'modes' expects a non-empty list")
+
+
+class InvalidId(BlockerError):
+    """A client-chosen id that ``id_wellformed()`` rejects."""
+
+    def __init__(self, id: str) -> None:
+        super().__init__("Parameter 'id' expects an identifier")
+        self.id = id
+
+
+class DuplicateId(BlockerError):
+    """A client-chosen id already in use (worded like ``Duplicate ID`` of qdev)."""
+
+    def __init__(self, id: str) -> None:
+        super().__init__(f"Duplicate blocker ID '{id}'")
+        self.id = id
+
+
+class OnlyMigratable(BlockerError):
+    """``-only-migratable`` refuses a non-internal blocker of the ``normal``
+    mode (``is_only_migratable()``, return ``-EACCES``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"disallowing migration blocker (--only-migratable) for: {reason}")
+        self.reason = reason
+
+
+class MigrationBusy(BlockerError):
+    """A blocker cannot be added while a migration runs (``is_busy()``,
+    return ``-EBUSY``); this applies to internal blockers too."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(
+            f"disallowing migration blocker (migration/snapshot in progress) for: {reason}"
+        )
+        self.reason = reason
+
+
+class NotFound(BlockerError):
+    """``del-blocker`` of an id that is not registered."""
+
+    def __init__(self, id: str) -> None:
+        super().__init__(f"Blocker '{id}' not found")
+        self.id = id
+
+
+class MigrationBlocked(BlockerError):
+    """``migrate`` refused: desc is the newest blocker's reason, verbatim
+    (``migration_is_blocked()`` copies the head of the mode's list)."""
+
+    def __init__(self, blocker: Blocker) -> None:
+        super().__init__(blocker.reason)
+        self.blocker = blocker
+
+
+class MigrationInProgress(BlockerError):
+    """``migrate`` or ``migrate-set-capabilities`` while a migration runs
+    (``QERR_MIGRATION_ACTIVE``)."""
+
+    def __init__(self) -> None:
+        super().__init__("There's a migration process in progress")
+
+
+class InvalidUri(BlockerError):
+    """A migration URI with no scheme QEMU knows."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__("Parameter 'uri' expects a valid migration protocol")
+        self.uri = uri

@@ -1,0 +1,372 @@
+"""QEMU's blocker rules over the store, the migration parameters, and the events.
+
+Device code in QEMU calls ``migrate_add_blocker*()`` to prepend its reason to
+the lists of the modes it cannot support and ``migrate_del_blocker()`` to
+remove it from every list again; ``qmp_migrate()`` refuses to start while the
+current mode's list is non-empty, quoting the head of that list (the newest
+blocker), and ``query-migrate`` shows the whole list as ``blocked-reasons``
+(``migration/migration.c``).
+
+:class:`Registry` reproduces those rules with exact error texts and adds what a
+daemon needs: ids for blockers (QEMU identifies them by pointer),
+connection-scoped blockers released on disconnect, and events.  It does no I/O
+and reads no clock of its own accord: time comes from an injected clock, and
+the simulated migration moves only when the core calls :meth:`Registry.advance`
+(before every command, and when :meth:`Registry.next_deadline` passes).
+
+Versions followed: the blocker rules and per-mode lists are QEMU 8.2 to 10.2
+(MigMode exists since 8.2); ``migration_is_running()`` is the 10.x set;
+``migrate`` checks its URI before anything else, as 8.2+ does
+(``migrate_uri_parse()`` runs before ``migrate_prepare()``), but words the
+error as QEMU 7.2 did, ``Parameter 'uri' expects a valid migration protocol``,
+which is the wording migblockd's schema documents.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from migblockd.clock import SYSTEM_CLOCK, Clock
+from migblockd.registry.blockers import Blocker, BlockerStore, Owner
+from migblockd.registry.errors import (
+    DuplicateId,
+    EmptyModes,
+    InvalidId,
+    InvalidUri,
+    MigrationBlocked,
+    MigrationBusy,
+    MigrationInProgress,
+    NotFound,
+    OnlyMigratable,
+)
+from migblockd.registry.migration import URI_SCHEMES, SimulatedMigration
+
+__all__ = ["DEFAULT_MODE", "SCOPES", "Event", "Registry"]
+
+#: ``BlockerScope``: a daemon blocker lives until deleted; a connection blocker
+#: also goes when the connection that added it closes.
+SCOPES: Final[tuple[str, ...]] = ("daemon", "connection")
+
+#: The ``mode`` migration parameter's default, and the mode that
+#: ``-only-migratable`` protects (``MIG_MODE_NORMAL`` in QEMU).
+DEFAULT_MODE: Final = "normal"
+
+# util/id.c id_wellformed(): qemu_isalpha()/qemu_isalnum() are ASCII-only.
+_IDENTIFIER: Final = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+
+# util/id.c id_generate() starts generated ids with '#', which id_wellformed()
+# rejects, so no client can ever choose an id that we generate later.
+GENERATED_PREFIX: Final = "#blocker"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something clients hear about, as domain facts (the core words them).
+
+    ``name`` is the QMP event: ``BLOCKER_ADDED`` and ``BLOCKER_DELETED`` carry
+    the ``blocker`` (and, deleted, the ``detail`` cause: ``command`` or
+    ``connection-closed``); ``MIGRATION`` carries the new status in
+    ``detail``.  ``when`` is the wall time it happened.
+    """
+
+    name: str
+    when: float
+    blocker: Blocker | None = None
+    detail: str = ""
+
+
+class Registry:
+    """The blockers of one daemon and the state of its (simulated) migration.
+
+    ``modes`` are the MigMode members in schema order, taken from the schema
+    so that a new mode needs no change here; it must include ``normal``.
+    ``only_migratable`` is QEMU's ``-only-migratable``, fixed for the
+    registry's life.  ``migration_time`` is how long a simulated migration
+    takes from ``setup`` to ``completed``, in seconds.
+    """
+
+    __slots__ = ("_changes", "_clock", "_events", "_events_enabled", "_migration", "_mode",
+                 "_mode_chain", "_modes", "_only_migratable", "_seq", "_serial", "_store")
+
+    def __init__(
+        self,
+        modes: Sequence[str],
+        *,
+        only_migratable: bool = False,
+        migration_time: float = 1.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._modes: tuple[str, ...] = tuple(modes)
+        if len(set(self._modes)) != len(self._modes):
+            raise ValueError(f"duplicate MigMode members: {self._modes!r}")
+        if DEFAULT_MODE not in self._modes:
+            raise ValueError(f"MigMode must include {DEFAULT_MODE!r}: {self._modes!r}")
+        if not (math.isfinite(migration_time) and migration_time >= 0):
+            raise ValueError(f"migration_time must be finite and >= 0, not {migration_time!r}")
+        self._only_migratable = only_migratable
+        self._clock = clock
+        self._store = BlockerStore(self._modes)
+        self._migration = SimulatedMigration(float(migration_time))
+        self._serial = 0  # the number in the next generated id
+        self._seq = 0  # the age rank of the next blocker
+        self._changes = 0
+        self._mode = DEFAULT_MODE
+        self._mode_chain = self._store.chain(DEFAULT_MODE)
+        self._events_enabled = False
+        self._events: list[Event] = []
+
+    # ----------------------------------------------------------------- settings
+
+    @property
+    def clock(self) -> Clock:
+        """The clock this registry reads (the core arms its timer with it)."""
+        return self._clock
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The MigMode members this registry was built with, in schema order."""
+        return self._modes
+
+    @property
+    def only_migratable(self) -> bool:
+        """QEMU's ``-only-migratable``: refuse non-internal ``normal`` blockers."""
+        return self._only_migratable
+
+    @property
+    def migration_time(self) -> float:
+        return self._migration.duration
+
+    @property
+    def mode(self) -> str:
+        """The ``mode`` migration parameter: whose list ``migrate`` consults."""
+        return self._mode
+
+    def set_mode(self, mode: str) -> None:
+        """``migrate-set-parameters {"mode": ...}``.
+
+        Takes effect at once for ``migrate`` and ``query-migrate``.  QEMU does
+        not refuse a parameter change during a migration; the running
+        (simulated) migration is not affected.
+        """
+        if mode not in self._modes:
+            raise ValueError(f"unknown MigMode {mode!r}")
+        self._mode = mode
+        self._mode_chain = self._store.chain(mode)
+
+    @property
+    def events_enabled(self) -> bool:
+        """The ``events`` migration capability: whether MIGRATION events are sent."""
+        return self._events_enabled
+
+    def check_capabilities_settable(self) -> None:
+        """Raise :class:`MigrationInProgress` if ``migrate-set-capabilities``
+        must be refused now.
+
+        QEMU's ``qmp_migrate_set_capabilities()`` refuses any change while a
+        migration runs, before looking at the list; a handler that sets several
+        capabilities calls this first so the command is all or nothing.
+        """
+        if self._migration.running:
+            raise MigrationInProgress()
+
+    def set_events(self, on: bool) -> None:
+        """``migrate-set-capabilities`` for ``events``; refused while a migration runs."""
+        self.check_capabilities_settable()
+        self._events_enabled = on
+
+    # ----------------------------------------------------------------- blockers
+
+    def add(
+        self,
+        reason: str,
+        *,
+        modes: Sequence[str] | None = None,
+        internal: bool = False,
+        id: str | None = None,
+        scope: str = "daemon",
+        owner: Owner | None = None,
+        connection: object | None = None,
+    ) -> Blocker:
+        """Register a blocker: ``migrate_add_blocker_modes()`` /
+        ``migrate_add_blocker_internal()``.
+
+        Argument errors come first (:class:`EmptyModes`, :class:`InvalidId`,
+        :class:`DuplicateId`), as QMP reports them before a command has any
+        effect; then QEMU's own order: :class:`OnlyMigratable` (only for a
+        non-internal blocker whose modes include ``normal``), then
+        :class:`MigrationBusy` (internal blockers too).  A refused blocker is not
+        registered.  ``modes=None`` means every mode; duplicates in ``modes``
+        collapse, as in QEMU's bit set.  Queues BLOCKER_ADDED.
+        """
+        if scope not in SCOPES:
+            raise ValueError(f"unknown scope {scope!r}")
+        if scope == "connection" and connection is None:
+            raise ValueError("a connection-scoped blocker needs its connection")
+        if modes is None:
+            wanted = self._modes
+        else:
+            if not modes:
+                raise EmptyModes()
+            requested = set(modes)
+            unknown = requested.difference(self._modes)
+            if unknown:
+                raise ValueError(f"unknown MigMode {sorted(unknown)!r}")
+            wanted = tuple(mode for mode in self._modes if mode in requested)
+        if id is not None:
+            if _IDENTIFIER.fullmatch(id) is None:
+                raise InvalidId(id)
+            if id in self._store:
+                raise DuplicateId(id)
+        if self._only_migratable and not internal and DEFAULT_MODE in wanted:
+            raise OnlyMigratable(reason)
+        if self._migration.running:
+            raise MigrationBusy(reason)
+
+        if id is None:
+            id = f"{GENERATED_PREFIX}{self._serial}"
+            self._serial += 1
+        blocker = Blocker(id, reason, wanted, internal, scope, owner, self._clock.time(),
+                          self._seq, connection if scope == "connection" else None)
+        self._seq += 1
+        self._store.add(blocker)
+        self._changes += 1
+        self._events.append(Event("BLOCKER_ADDED", blocker.added, blocker))
+        return blocker
+
+    def delete(self, id: str) -> Blocker:
+        """``migrate_del_blocker()``: remove a blocker from every mode's list.
+
+        Allowed while a migration runs.  Unknown id: :class:`NotFound`.
+        Queues BLOCKER_DELETED with cause ``command``.
+        """
+        blocker = self._store.get(id)
+        if blocker is None:
+            raise NotFound(id)
+        self._remove(blocker, "command")
+        return blocker
+
+    def release(self, connection: object) -> list[Blocker]:
+        """Remove the connection-scoped blockers ``connection`` added, oldest first.
+
+        Called when the connection closes.  Queues one BLOCKER_DELETED per
+        blocker, with cause ``connection-closed``.  Daemon-scoped blockers the
+        connection added stay.
+        """
+        released = self._store.owned_by(connection)
+        for blocker in released:
+            self._remove(blocker, "connection-closed")
+        return released
+
+    def get(self, id: str) -> Blocker | None:
+        """The blocker with this id, if registered."""
+        return self._store.get(id)
+
+    def blockers(self, mode: str | None = None) -> list[Blocker]:
+        """Registered blockers, oldest first; with ``mode``, only those blocking it."""
+        if mode is not None and mode not in self._modes:
+            raise ValueError(f"unknown MigMode {mode!r}")
+        return list(self._store.chain(mode))
+
+    def newest(self, mode: str | None = None) -> Blocker | None:
+        """The blocker ``migrate`` would quote in ``mode`` (default: current mode)."""
+        chain = self._mode_chain if mode is None else self._store.chain(mode)
+        return chain.newest
+
+    @property
+    def changes(self) -> int:
+        """Counts every addition and removal: a cached listing is stale once it moves."""
+        return self._changes
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._store
+
+    def _remove(self, blocker: Blocker, cause: str) -> None:
+        self._store.remove(blocker)
+        self._changes += 1
+        self._events.append(Event("BLOCKER_DELETED", self._clock.time(), blocker, cause))
+
+    # ----------------------------------------------------------------- migration
+
+    @property
+    def status(self) -> str | None:
+        """The migration's ``MigrationStatus``; None before the first migration."""
+        return self._migration.status
+
+    @property
+    def migrating(self) -> bool:
+        """Whether a migration runs (``migration_is_running()``)."""
+        return self._migration.running
+
+    def check_migrate(self, uri: str | None = None) -> None:
+        """``migrate``'s refusals, in QEMU 8.2+'s order, without starting anything.
+
+        The URI's scheme (:class:`InvalidUri`, when a URI is given), a
+        migration already running (:class:`MigrationInProgress`), then the
+        current mode's list (:class:`MigrationBlocked`, quoting the newest).
+        """
+        if uri is not None and not uri.startswith(URI_SCHEMES):
+            raise InvalidUri(uri)
+        if self._migration.running:
+            raise MigrationInProgress()
+        newest = self._mode_chain.newest
+        if newest is not None:
+            raise MigrationBlocked(newest)
+
+    def migrate(self, uri: str) -> None:
+        """``migrate``: start a simulated migration to ``uri``.
+
+        Every refusal (see :meth:`check_migrate`) leaves the state untouched
+        and queues nothing.  On success the status becomes ``setup``
+        (MIGRATION event when enabled).
+        """
+        self.check_migrate(uri)
+        self._announce(self._migration.start(self._clock.monotonic()))
+
+    def cancel(self) -> None:
+        """``migrate_cancel``: a running migration goes through ``cancelling``."""
+        self._announce(self._migration.cancel(self._clock.monotonic()))
+
+    def blocked_reasons(self) -> list[str]:
+        """The current mode's reasons, oldest first (``query-migrate``'s list)."""
+        return [blocker.reason for blocker in self._mode_chain]
+
+    def query_migrate(self) -> dict[str, Any]:
+        """``query-migrate``'s ``MigrationInfo``.
+
+        ``blocked-reasons`` (oldest first) is present exactly when the current
+        mode's list is non-empty, whatever the status.
+        """
+        info = self._migration.info(self._clock.monotonic())
+        if self._mode_chain.count:
+            info["blocked-reasons"] = self.blocked_reasons()
+        return info
+
+    def next_deadline(self) -> float | None:
+        """Monotonic time of the next simulated-migration transition, if any."""
+        return self._migration.deadline
+
+    def advance(self) -> None:
+        """Apply every transition due at ``clock.monotonic()``, queueing events."""
+        if self._migration.deadline is not None:
+            self._announce(self._migration.advance(self._clock.monotonic()))
+
+    def take_events(self) -> list[Event]:
+        """Drain the queued events, oldest first."""
+        if not self._events:  # most commands cause none: allocate nothing
+            return []
+        events, self._events = self._events, []
+        return events
+
+    def _announce(self, statuses: list[str]) -> None:
+        # migrate_generate_event() reads the capability at each transition.
+        if self._events_enabled:
+            when = self._clock.time()
+            for status in statuses:
+                self._events.append(Event("MIGRATION", when, detail=status))

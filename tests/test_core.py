@@ -1,0 +1,124 @@
+"""The core without an event loop: bytes in and out of several connections, events fanned out."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from migblockd.connection import Connection
+from migblockd.contract import Contract
+from migblockd.core import Core
+from migblockd.qmp.framing import Limits
+from migblockd.registry import FakeClock, Owner, Registry
+
+CONTRACT = Contract.load()
+LIMITS = Limits()
+
+
+def make(max_clients: int = 1024) -> tuple[Core, FakeClock]:
+    clock = FakeClock()
+    registry = Registry(CONTRACT.enums["MigMode"], migration_time=1.0, clock=clock)
+    return Core(CONTRACT, registry, LIMITS, max_clients=max_clients), clock
+
+
+def lines(data: bytes) -> list[dict[str, Any]]:
+    assert data == b"" or data.endswith(b"\r\n"), data
+    return [json.loads(line) for line in data.split(b"\r\n")[:-1]]
+
+
+def feed(core: Core, conn: Connection, data: bytes) -> None:
+    core.receive_data(conn, data)
+    while core.has_pending(conn):
+        core.execute(conn, 32)
+
+
+def connected(core: Core, uid: int, *, negotiate: bool = True) -> Connection:
+    conn = core.connect(Owner(pid=100 + uid, uid=uid, gid=uid))
+    greeting = lines(core.data_to_send(conn))
+    assert list(greeting[0]) == ["QMP"]
+    if negotiate:
+        feed(core, conn, b'{"execute": "qmp_capabilities"}')
+        assert lines(core.data_to_send(conn)) == [{"return": {}}]
+    return conn
+
+
+def test_an_event_reaches_every_negotiated_connection_before_the_reply() -> None:
+    core, _ = make()
+    a, b = connected(core, 1000), connected(core, 1001)
+    c = connected(core, 1002, negotiate=False)
+    core.take_dirty()
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x"}, "id": 7}')
+    assert core.take_dirty() == [a, b]  # c has not negotiated: it hears nothing
+    to_a, to_b = lines(core.data_to_send(a)), lines(core.data_to_send(b))
+    assert [m.get("event") for m in to_a] == ["BLOCKER_ADDED", None]
+    assert to_a[1]["id"] == 7 and to_a[1]["return"] == to_a[0]["data"]
+    assert to_b == to_a[:1]
+    assert to_a[0]["data"]["owner"] == {"pid": 1100, "uid": 1000, "gid": 1000}
+    assert core.data_to_send(c) == b""
+    assert core.take_dirty() == []
+
+
+def test_registry_refusals_are_generic_errors_and_send_nothing_to_others() -> None:
+    core, _ = make()
+    a, b = connected(core, 1), connected(core, 2)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x"}}')
+    core.data_to_send(a), core.data_to_send(b)
+    feed(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "s", "id": "x"}, "id": 1}')
+    assert lines(core.data_to_send(b)) == [
+        {"id": 1, "error": {"class": "GenericError", "desc": "Duplicate blocker ID 'x'"}}]
+    assert core.data_to_send(a) == b""
+
+
+def test_a_closed_connection_runs_what_it_sent_then_releases_its_blockers() -> None:
+    core, _ = make()
+    a, b = connected(core, 1), connected(core, 2)
+    core.receive_data(a, b'{"execute": "add-blocker", "arguments": {"reason": "mine", '
+                         b'"id": "held", "scope": "connection"}}')
+    core.disconnect(a, "Connection reset by peer")  # before its request had its turn
+    assert a not in core.connections
+    events = [m["event"] for m in lines(core.data_to_send(b))]
+    assert events == ["BLOCKER_ADDED", "BLOCKER_DELETED"]
+    feed(core, b, b'{"execute": "query-blockers", "id": 2}')
+    assert lines(core.data_to_send(b)) == [{"return": [], "id": 2}]
+
+
+def test_the_simulated_migration_moves_only_when_ticked() -> None:
+    core, clock = make()
+    a, b = connected(core, 1), connected(core, 2)
+    feed(core, a, b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": '
+                  b'[{"capability": "events", "state": true}]}}'
+                  b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, "id": "m"}')
+    to_a = lines(core.data_to_send(a))
+    assert to_a[-2:] == [
+        {"event": "MIGRATION", "data": {"status": "setup"}, "timestamp": to_a[-2]["timestamp"]},
+        {"return": {}, "id": "m"}]
+    assert [m["data"] for m in lines(core.data_to_send(b))] == [{"status": "setup"}]
+    deadline = core.next_deadline()
+    assert deadline is not None
+    clock.advance(5.0)
+    assert core.status() == (0, 2, "setup")  # a read: time has not been applied
+    core.tick()
+    assert [m["data"]["status"] for m in lines(core.data_to_send(b))] == ["active", "completed"]
+    assert core.status() == (0, 2, "completed") and core.next_deadline() is None
+
+
+def test_past_max_clients_a_connection_gets_one_error_line_and_no_slot() -> None:
+    core, _ = make(max_clients=2)
+    connected(core, 1), connected(core, 2)
+    extra = core.connect(Owner(1, 3, 3))
+    assert extra.refused and extra not in core.connections
+    assert lines(core.data_to_send(extra)) == [{"error": {
+        "class": "GenericError",
+        "desc": "migblockd is already serving max-clients=2 clients; try again later"}}]
+    core.receive_data(extra, b'{"execute": "qmp_capabilities"}')
+    assert core.execute(extra, 32) == 0  # a refused connection runs nothing
+
+
+def test_turns_are_bounded_and_replies_keep_their_order() -> None:
+    core, _ = make()
+    a = connected(core, 1)
+    core.receive_data(a, b"".join(b'{"execute": "query-version", "id": %d}' % i
+                                  for i in range(70)))
+    assert core.execute(a, 32) == 32 and core.has_pending(a)
+    assert core.execute(a, 32) == 32 and core.execute(a, 32) == 6
+    assert [m["id"] for m in lines(core.data_to_send(a))] == list(range(70))

@@ -10,6 +10,7 @@ Cost is measured by counting work (parses, jsonschema calls), never by time.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from migblockd.commands import Handlers, version_info
+from migblockd.config import Config
 from migblockd.contract import Contract
 from migblockd.qmp import codec
 from migblockd.qmp.codec import (
@@ -32,6 +34,7 @@ from migblockd.qmp.validation import ArgumentValidator
 from migblockd.registry import BlockerError, FakeClock, Owner, Registry
 
 CONTRACT = Contract.load()
+LIMITS = Config().limits  # the daemon's defaults
 GREETING = {"QMP": {"version": version_info(), "capabilities": ["oob"]}}
 PROBE = b'{"execute": "query-version", "id": "probe"}'
 
@@ -72,7 +75,7 @@ class Daemonless:
         self.table = Handlers(CONTRACT, self.registry, self.hub).table()
         self.internal_errors: list[tuple[str, BaseException]] = []
 
-    def session(self, limits: Limits = Limits(), negotiate: bool = True) -> Session:  # noqa: B008
+    def session(self, limits: Limits = LIMITS, negotiate: bool = True) -> Session:
         s = Session(self.table, GREETING, limits, context=_Client(),
                     domain_errors=(BlockerError,),
                     on_internal_error=lambda _s, name, exc: self.internal_errors.append(
@@ -135,7 +138,8 @@ def test_random_tokens_never_break_the_session(
     bursts: list[bytes], size: int, nesting: int, negotiate: bool
 ) -> None:
     world = _shared()
-    s = world.session(Limits(max_message_size=size, max_nesting=nesting), negotiate=negotiate)
+    s = world.session(replace(LIMITS, max_message_size=size, max_nesting=nesting),
+                      negotiate=negotiate)
     for burst in bursts:
         world.feed(s, burst)
     # The documented way to reset the parser, then a valid command on a new line.
@@ -230,7 +234,7 @@ def test_huge_arrays_stop_at_the_token_limit_before_jsonschema(
         assert isinstance(validator, ArgumentValidator)
         monkeypatch.setattr(validator, "_validator", _NoJsonschema())
     s = world.session(negotiate=False)
-    limit = Limits().max_tokens
+    limit = LIMITS.max_tokens
     too_many = TOKEN_COUNT_EXCEEDED
     for request in (
         {"execute": "qmp_capabilities", "id": 1, "arguments": {"enable": ["oob"] * 100_000}},
@@ -252,7 +256,7 @@ def test_the_token_count_is_qemus() -> None:
     assert count_tokens([], 100) == 2
     assert count_tokens({}, 100) == 2
     assert count_tokens("x", 100) == 1
-    limits = Limits(max_tokens=9)
+    limits = replace(LIMITS, max_tokens=9)
     at_limit = b'{"a": [1, 2]}' + b" " * 20  # longer than 9 bytes, exactly 9 tokens
     decoder = StreamDecoder(limits)
     decoder.feed(at_limit + b'{"a": [1, 2, 3]}')

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from migblockd.qmp.codec import Limits
+from migblockd.config import Config
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.session import Command, Session
 from migblockd.qmp.validation import ArgumentValidator
@@ -24,6 +25,7 @@ ADD_BLOCKER: dict[str, Any] = {
     "$defs": {"MigMode": {"type": "string", "enum": ["normal", "cpr-reboot"]}},
 }
 
+LIMITS = Config().limits  # the daemon's defaults
 GREETING = {
     "QMP": {
         "version": {"qemu": {"micro": 0, "minor": 1, "major": 0}, "package": "migblockd 0.1.0"},
@@ -83,6 +85,7 @@ class Client:
 
     def __init__(self, *, greeting: dict[str, Any] = GREETING, **kwargs: Any) -> None:
         kwargs.setdefault("domain_errors", (BlockerError,))
+        kwargs.setdefault("limits", LIMITS)
         self.log: list[str] = []
         self.internal: list[tuple[str, BaseException]] = []
         self.session = Session(
@@ -181,7 +184,7 @@ def test_unknown_capability() -> None:
 
 
 def test_builtin_negotiation_validator_without_table_entry() -> None:
-    session = Session({}, GREETING)
+    session = Session({}, GREETING, LIMITS)
     session.receive_data(b'{"execute": "qmp_capabilities", "arguments": {"enable": ["foo"]}}')
     session.execute(1)
     assert b"Parameter 'enable[0]' does not accept value 'foo'" in session.data_to_send()
@@ -486,7 +489,7 @@ def test_2000_brackets_then_a_command() -> None:
 
 
 def test_oversize_message_then_a_command() -> None:
-    client = Client(limits=Limits(max_message_size=4096))
+    client = Client(limits=replace(LIMITS, max_message_size=4096))
     client.negotiate()
     big = b'{"execute": "add-blocker", "arguments": {"reason": "' + b"x" * 10_000 + b'"}}\n'
     replies = client.send(big + b'{"execute": "query-blockers", "id": 1}')

@@ -130,7 +130,7 @@ class Session:
         self,
         commands: Mapping[str, Command],
         greeting: dict[str, Any],
-        limits: Limits = Limits(),  # noqa: B008 - frozen, hence shareable
+        limits: Limits,
         *,
         context: object = None,
         domain_errors: tuple[type[BaseException], ...] = (),

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.qmp.framing import Limits
 from migblockd.registry import FakeClock, Owner, Registry
 
 CONTRACT = Contract.load()
-LIMITS = Limits()
+LIMITS = Config().limits
 
 
 def make(max_clients: int = 1024) -> tuple[Core, FakeClock]:

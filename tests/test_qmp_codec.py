@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from migblockd.config import Config
 from migblockd.qmp.encoding import Encoded, encode, encode_line, encode_return
 from migblockd.qmp.errors import NO_ID
 from migblockd.qmp.framing import NEED_DATA, Limits, StreamDecoder
@@ -15,8 +17,10 @@ from migblockd.qmp.wording import NESTING_EXCEEDED, TOKEN_SIZE_EXCEEDED, ParseEr
 
 CMD = b'{"execute": "query-blockers", "id": 1}'
 
+LIMITS = Config().limits
 
-def decode(*chunks: bytes, eof: bool = False, limits: Limits | None = None) -> list[object]:
+
+def decode(*chunks: bytes, eof: bool = False, limits: Limits = LIMITS) -> list[object]:
     decoder = StreamDecoder(limits)
     out: list[object] = []
     for chunk in chunks:
@@ -237,7 +241,7 @@ def test_2000_open_brackets_split_do_not_wedge() -> None:
 
 
 def test_deep_nesting_is_an_error_not_recursion() -> None:
-    limits = Limits(max_nesting=256, max_message_size=1 << 22)
+    limits = replace(LIMITS, max_nesting=256, max_message_size=1 << 22)
     deep = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
     assert decode(deep + CMD, limits=limits) == [
         ParseError(NESTING_EXCEEDED),
@@ -246,14 +250,14 @@ def test_deep_nesting_is_an_error_not_recursion() -> None:
 
 
 def test_nesting_limit_is_exact() -> None:
-    limits = Limits(max_nesting=4)
+    limits = replace(LIMITS, max_nesting=4)
     assert decode(b"[[[[]]]]", limits=limits) == [[[[[]]]]]
     assert decode(b'{"a": [[[]]]}', limits=limits) == [{"a": [[[]]]}]
     assert decode(b"[[[[[]]]]]\n", limits=limits) == [ParseError(NESTING_EXCEEDED)]
 
 
 def test_oversize_message_one_error_then_resync() -> None:
-    limits = Limits(max_message_size=1000)
+    limits = replace(LIMITS, max_message_size=1000)
     big = b'{"execute": "x", "arguments": {"reason": "' + b"a" * 5000 + b'"}}\n'
     assert decode(big + CMD, limits=limits) == [
         ParseError(TOKEN_SIZE_EXCEEDED),
@@ -269,21 +273,21 @@ def test_oversize_message_one_error_then_resync() -> None:
 
 def test_message_size_limit_is_exact() -> None:
     msg = b'{"a": "' + b"x" * 100 + b'"}'
-    assert decode(msg, limits=Limits(max_message_size=len(msg))) == [{"a": "x" * 100}]
-    assert decode(msg + b"\n", limits=Limits(max_message_size=len(msg) - 1)) == [
+    assert decode(msg, limits=replace(LIMITS, max_message_size=len(msg))) == [{"a": "x" * 100}]
+    assert decode(msg + b"\n", limits=replace(LIMITS, max_message_size=len(msg) - 1)) == [
         ParseError(TOKEN_SIZE_EXCEEDED)
     ]
 
 
 def test_oversize_top_level_token() -> None:
-    assert decode(b"1" * 5000 + b"\n" + CMD, limits=Limits(max_message_size=100)) == [
+    assert decode(b"1" * 5000 + b"\n" + CMD, limits=replace(LIMITS, max_message_size=100)) == [
         ParseError(TOKEN_SIZE_EXCEEDED),
         {"execute": "query-blockers", "id": 1},
     ]
 
 
 def test_oversize_input_is_not_kept() -> None:
-    decoder = StreamDecoder(Limits(max_message_size=1000))
+    decoder = StreamDecoder(replace(LIMITS, max_message_size=1000))
     decoder.feed(b'{"a": "')
     for _ in range(100):
         decoder.feed(b"x" * 10_000)
@@ -337,7 +341,7 @@ def test_truncated_message_at_eof() -> None:
 
 
 def test_has_message_and_next_message() -> None:
-    decoder = StreamDecoder()
+    decoder = StreamDecoder(LIMITS)
     assert not decoder.has_message()
     assert decoder.next_message() is NEED_DATA
     decoder.feed(CMD[:10])
@@ -352,7 +356,7 @@ def test_has_message_and_next_message() -> None:
 
 
 def test_consumed_input_is_released() -> None:
-    decoder = StreamDecoder()
+    decoder = StreamDecoder(LIMITS)
     for _ in range(2000):
         decoder.feed(CMD * 50)
         assert len(list(decoder)) == 50
@@ -362,11 +366,11 @@ def test_consumed_input_is_released() -> None:
 
 def test_limits_validation() -> None:
     with pytest.raises(ValueError):
-        Limits(max_nesting=0)
+        replace(LIMITS, max_nesting=0)
     with pytest.raises(ValueError):
-        Limits(max_nesting=10_000)
+        replace(LIMITS, max_nesting=10_000)
     with pytest.raises(ValueError):
-        Limits(max_message_size=0)
+        replace(LIMITS, max_message_size=0)
 
 
 # -- output ------------------------------------------------------------------------
@@ -404,7 +408,7 @@ def test_encoded_values_are_spliced_into_replies_verbatim() -> None:
     b'\xff garbage "}\n',
 ])
 def test_a_reset_byte_inside_a_message_is_one_error(raw: bytes) -> None:
-    decoder = StreamDecoder(Limits())
+    decoder = StreamDecoder(LIMITS)
     decoder.feed(raw + CMD)
     decoder.feed_eof()
     out = list(decoder)
@@ -413,6 +417,6 @@ def test_a_reset_byte_inside_a_message_is_one_error(raw: bytes) -> None:
 
 
 def test_after_a_reset_byte_a_new_request_on_the_same_line_runs() -> None:
-    decoder = StreamDecoder(Limits())
+    decoder = StreamDecoder(LIMITS)
     decoder.feed(b'{"execute": "broken\xff' + CMD)
     assert [type(m) for m in decoder] == [ParseError, dict]

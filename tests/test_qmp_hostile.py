@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
@@ -29,7 +31,7 @@ from migblockd.qmp.wording import TOKEN_COUNT_EXCEEDED, ParseError
 from migblockd.registry import FakeClock, Owner, Registry
 
 CONTRACT = Contract.load()
-LIMITS = Limits()
+LIMITS = Config().limits
 PROBE = b'{"execute": "query-version", "id": "probe"}'
 
 
@@ -127,7 +129,8 @@ def test_random_tokens_never_break_the_session(
     bursts: list[bytes], size: int, nesting: int, negotiate: bool
 ) -> None:
     world = _shared()
-    s = world.session(Limits(max_message_size=size, max_nesting=nesting), negotiate=negotiate)
+    s = world.session(replace(LIMITS, max_message_size=size, max_nesting=nesting),
+                      negotiate=negotiate)
     for burst in bursts:
         world.feed(s, burst)
     # The documented way to reset the parser, then a valid command on a new line.
@@ -244,7 +247,7 @@ def test_the_token_count_is_qemus() -> None:
     assert count_tokens([], 100) == 2
     assert count_tokens({}, 100) == 2
     assert count_tokens("x", 100) == 1
-    limits = Limits(max_tokens=9)
+    limits = replace(LIMITS, max_tokens=9)
     at_limit = b'{"a": [1, 2]}' + b" " * 20  # longer than 9 bytes, exactly 9 tokens
     decoder = StreamDecoder(limits)
     decoder.feed(at_limit + b'{"a": [1, 2, 3]}')

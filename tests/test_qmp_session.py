@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
+from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
@@ -17,7 +19,7 @@ from migblockd.qmp.session import Command
 from migblockd.registry import BlockerError, FakeClock, Registry
 
 CONTRACT = Contract.load()
-LIMITS = Limits()
+LIMITS = Config().limits
 NEGOTIATION = "Expecting capabilities negotiation with 'qmp_capabilities'"
 
 
@@ -465,7 +467,7 @@ def test_2000_brackets_then_a_command() -> None:
 
 
 def test_oversize_message_then_a_command() -> None:
-    client = Client(limits=Limits(max_message_size=4096))
+    client = Client(limits=replace(LIMITS, max_message_size=4096))
     client.negotiate()
     big = b'{"execute": "add-blocker", "arguments": {"reason": "' + b"x" * 10_000 + b'"}}\n'
     replies = client.send(big + b'{"execute": "query-blockers", "id": 1}')

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from conftest import DaemonProcess
 
+from migblockd.config import Config
+from migblockd.options import BEGIN_MARKER, END_MARKER, markdown
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 DEFAULT_SOCKET = "/run/migblockd/migblockd.sock"
@@ -31,6 +34,14 @@ def test_readme_starts_with_exactly_two_commands() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert commands()[1] in ci
+
+
+def test_the_option_table_is_generated_from_the_options() -> None:
+    begin = README.index(BEGIN_MARKER) + len(BEGIN_MARKER) + 1
+    end = README.index(END_MARKER)
+    assert README[begin:end] == markdown(Config), (
+        "README.md's option table is stale; regenerate it with "
+        "`.venv/bin/python -m migblockd.options --update README.md`")
 
 
 def test_the_qemu_qmp_example_runs(

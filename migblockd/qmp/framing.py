@@ -65,6 +65,8 @@ __all__ = ["MAX_NESTING_CEILING", "NEED_DATA", "Limits", "ParseError", "StreamDe
 # against the interpreter's recursion limit (1000 by default); keeping the
 # configurable depth well below that is what guarantees no RecursionError.
 MAX_NESTING_CEILING: Final = 256
+# The smallest message is two bytes ("{}" or "[]").
+MIN_MESSAGE_SIZE: Final = 2
 
 
 @dataclass(frozen=True)
@@ -78,15 +80,19 @@ class Limits:
     counts them (QEMU: 2 Mi).  It bounds the work one request can cost: the
     arguments are validated with jsonschema, which spends tens of
     microseconds per array element.
+
+    No defaults here: the daemon's come from its option table
+    (``migblockd.config.Config().limits``), the one place they are declared.
+    The checks below guard the decoder's own invariants for any caller.
     """
 
-    max_message_size: int = 1 << 20
-    max_nesting: int = 64
-    max_tokens: int = 1 << 14
+    max_message_size: int
+    max_nesting: int
+    max_tokens: int
 
     def __post_init__(self) -> None:
-        if self.max_message_size < 2:
-            raise ValueError("max_message_size must be at least 2 bytes")
+        if self.max_message_size < MIN_MESSAGE_SIZE:
+            raise ValueError(f"max_message_size must be at least {MIN_MESSAGE_SIZE} bytes")
         if not 1 <= self.max_nesting <= MAX_NESTING_CEILING:
             raise ValueError(f"max_nesting must be between 1 and {MAX_NESTING_CEILING}")
         if self.max_tokens < 1:
@@ -171,8 +177,7 @@ class StreamDecoder:
     server is not reading costs nothing but buffer space.
     """
 
-    def __init__(self, limits: Limits | None = None) -> None:
-        limits = limits if limits is not None else Limits()
+    def __init__(self, limits: Limits) -> None:
         self.max_message_size = limits.max_message_size
         self.max_nesting = limits.max_nesting
         self.max_tokens = limits.max_tokens

@@ -36,7 +36,7 @@ own best match is reported instead, so the judge is always jsonschema.
 
 ``jsonschema`` spends tens of microseconds per array element (four to six
 seconds on one valid 1 MiB request of 170,000 elements, during which no other
-client would be served); the codec's token-count limit is what bounds that.
+client would be served); the framing's token-count limit is what bounds that.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from migblockd import __version__
 from migblockd.paths import default_socket_path
 from migblockd.shell.client import ClientError
-from migblockd.shell.docs import load_docs
+from migblockd.shell.helptext import load_docs
 from migblockd.shell.history import history_path
 from migblockd.shell.render import Renderer, use_colour
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell import helptext
 from migblockd.shell.connection import Connection
-from migblockd.shell.docs import DocSource
 from migblockd.shell.render import Renderer
 from migblockd.shell.syntax import Help, ParseError, Request, parse_line
 
@@ -19,7 +19,7 @@ Write = Callable[[str], None]
 class Runner:
     connection: Connection
     renderer: Renderer
-    docs: DocSource
+    docs: SchemaDocs
     out: Write
     """Replies and help text."""
     err: Write
@@ -57,7 +57,7 @@ class Runner:
         if topic is None:
             self.out(helptext.overview(schema, self.docs))
             return True
-        text = helptext.command_help(schema, self.docs, topic)
+        text = helptext.help_text(schema, self.docs, topic)
         if text is None:
             self.err(self._messages.error(helptext.unknown_command(schema, topic)))
             return False

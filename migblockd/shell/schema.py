@@ -49,7 +49,8 @@ class Schema:
     def __init__(self, infos: Sequence[Mapping[str, Any]]) -> None:
         self._types: dict[str, Mapping[str, Any]] = {}
         self.commands: dict[str, CommandInfo] = {}
-        self.events: list[str] = []
+        self.events: dict[str, str] = {}
+        """Event name -> the type of its data."""
         for info in infos:
             name = str(info.get("name", ""))
             meta = info.get("meta-type")
@@ -61,7 +62,7 @@ class Schema:
                     bool(info.get("allow-oob", False)),
                 )
             elif meta == "event":
-                self.events.append(name)
+                self.events[name] = str(info.get("arg-type", ""))
             else:
                 self._types[name] = info
 

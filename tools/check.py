@@ -16,7 +16,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEM_TOOLS = {"systemd-analyze": "systemd", "systemd-socket-activate": "systemd"}
+SYSTEM_TOOLS = {
+    "systemd-analyze": "systemd",
+    "systemd-socket-activate": "systemd",
+    "qemu-system-x86_64": "qemu-system-x86",  # the shell is tested against a real QEMU too
+}
 
 
 def ensure_system_tools() -> None:

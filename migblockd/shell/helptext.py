@@ -16,6 +16,7 @@ import textwrap
 
 from migblockd.contract import Contract
 from migblockd.qapi.doc import DefinitionDoc, MemberDoc, SchemaDocs, ValueDoc
+from migblockd.shell.check import did_you_mean
 from migblockd.shell.schema import Member, Schema
 
 SHELL_HELP = """\
@@ -120,6 +121,5 @@ def help_text(schema: Schema, docs: SchemaDocs, name: str) -> str | None:
 
 
 def unknown_command(schema: Schema, name: str) -> str:
-    close = [n for n in schema.command_names() if name in n]
-    hint = f"; did you mean {', '.join(close[:5])}?" if close and name else ""
+    hint = did_you_mean(name, [*schema.command_names(), *sorted(schema.events)])
     return f"help: the daemon has no command '{name}'{hint}"

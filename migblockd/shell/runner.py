@@ -1,5 +1,6 @@
-"""Running one input line: parse it, answer ``help`` locally, or send the request and
-show the reply.  Shared by the interactive and the scripting modes."""
+"""Running one input line: parse it, answer ``help`` locally, or check the request
+against the daemon's schema, send it and show the reply.  Shared by the interactive
+and the scripting modes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell import helptext
+from migblockd.shell.check import check_request
 from migblockd.shell.connection import Connection
 from migblockd.shell.render import Renderer
 from migblockd.shell.syntax import Help, ParseError, Request, parse_line
@@ -35,8 +37,9 @@ class Runner:
         return self.messages if self.messages is not None else self.renderer
 
     async def run_line(self, line: str) -> bool:
-        """Run ``line``; False if it failed (bad syntax, unknown help topic, or an
-        error reply).  Connection problems raise ConnectError / ConnectionLost."""
+        """Run ``line``; False if it failed (bad syntax, a command or argument the
+        daemon does not have, unknown help topic, or an error reply).  Connection
+        problems raise ConnectError / ConnectionLost."""
         try:
             parsed = parse_line(line, self.connection.schema.hint)
         except ParseError as err:
@@ -46,6 +49,11 @@ class Runner:
             return self._help(parsed.topic)
         if not isinstance(parsed, Request):
             return True
+        if not parsed.raw:
+            problem = check_request(self.connection.schema, parsed.message)
+            if problem is not None:
+                self.err(self._messages.error(f"error: {problem}"))
+                return False
         if self.echo is not None:
             self.echo(self._messages.request(parsed.message))
         reply = await self.connection.execute(parsed.message)

@@ -87,6 +87,15 @@ class Schema:
             Member(str(m["name"]), str(m["type"]), "default" in m) for m in info.get("members", [])
         ]
 
+    def known_members(self, type_name: str) -> list[Member] | None:
+        """Every member an object of this type may have; ``None`` when that is not
+        known: not an object type, or one whose members depend on a tag (QEMU's
+        unions list those under ``variants``)."""
+        info = self._types.get(type_name)
+        if info is None or info.get("meta-type") != "object" or info.get("variants"):
+            return None
+        return self.members(type_name)
+
     def arguments(self, command: str) -> list[Member]:
         info = self.commands.get(command)
         return [] if info is None else self.members(info.arg_type)

@@ -3,8 +3,8 @@
 Usage: ``python tools/check.py [PYTEST ARGS...]`` from the project's virtual
 environment (the README's test command sets one up).  Tools that the tests need
 from the operating system (systemd's ``systemd-analyze`` and
-``systemd-socket-activate``) are installed with apt-get when missing and we are
-root; otherwise the run stops with a message saying what to install.
+``systemd-socket-activate``, QEMU's ``qemu-system-x86_64``) are installed with
+apt-get when missing and we are root; otherwise the run stops with a message saying what to install.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,11 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def received(self) -> list[str]:
+        """The commands of the requests the daemon logged receiving, in order
+        (``--log-level debug`` logs each line a client sends as ``<- b'...'``)."""
+        return re.findall(r' <- b.*?"execute": ?"([^"]*)"', self.log())
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

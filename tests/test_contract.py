@@ -155,7 +155,11 @@ def test_docs_for_the_shell(contract: Contract) -> None:
     assert "cpr-transfer" in (docs.help("MigMode") or "")
     assert docs.help("nonexistent") is None
     assert contract.commands["add-blocker"].doc == add.text
-    assert "Values: normal, cpr-reboot, cpr-transfer, cpr-exec" in add.text
+    assert "values: normal, cpr-reboot, cpr-transfer, cpr-exec" in add.text
+    assert add.text.startswith("add-blocker (command)\n    Register a migration blocker")
+    assert add.text.endswith("\n\nSince: 0.1")
+    assert add.returns_text == "The new blocker."
+    assert [tag for tag, _ in add.sections] == ["Errors", "Since"]  # Returns is above
     # Every definition, member and enum value has its own doc text.
     for table in (docs.commands, docs.events, docs.types):
         for d in table.values():

@@ -17,9 +17,9 @@ from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from qemu.qmp import QMPClient
 
+from migblockd.qapi.doc import DefinitionDoc, SchemaDocs
 from migblockd.shell import helptext
 from migblockd.shell.completion import ShellCompleter, complete
-from migblockd.shell.docs import CommandDoc, NoDocs, load_docs
 from migblockd.shell.history import history_path
 from migblockd.shell.schema import Schema
 
@@ -152,19 +152,21 @@ def test_prompt_toolkit_adapter_replaces_the_word_being_typed(schema: Schema) ->
 
 
 def test_help_lists_every_command_with_a_summary(schema: Schema) -> None:
-    text = helptext.overview(schema, load_docs())
+    text = helptext.overview(schema, helptext.load_docs())
     for name in schema.commands:
         line = next(li for li in text.splitlines() if li.split()[:1] == [name])
         assert len(line.split()) > 1, f"no summary for {name}"
 
 
-class _LongSummaries(NoDocs):
-    def command(self, name: str) -> CommandDoc | None:
-        return CommandDoc(summary=f"{name} " + "does something worth a long line. " * 4)
+def _long_summaries(schema: Schema) -> SchemaDocs:
+    """Docs whose first sentences are longer than a terminal line."""
+    long = "does something worth a long line, " * 4
+    commands = {n: DefinitionDoc(n, "command", f"{n} {long}really.") for n in schema.commands}
+    return SchemaDocs(commands, {}, {})
 
 
 def test_help_wraps_long_summaries_under_themselves(schema: Schema) -> None:
-    text = helptext.overview(schema, _LongSummaries(), columns=80)
+    text = helptext.overview(schema, _long_summaries(schema), columns=80)
     lines = text.split("Syntax:")[0].splitlines()[1:-1]
     assert all(len(line) < 80 for line in lines)
     firsts = [li for li in lines if li.split()[0] in schema.commands]
@@ -176,20 +178,57 @@ def test_help_wraps_long_summaries_under_themselves(schema: Schema) -> None:
 
 
 def test_help_for_a_command_shows_doc_arguments_types_and_optionality(schema: Schema) -> None:
-    text = helptext.command_help(schema, load_docs(), "add-blocker")
+    text = helptext.help_text(schema, helptext.load_docs(), "add-blocker")
     assert text is not None
     assert "reason: str (required)" in text
     assert "modes: [MigMode] (optional)" in text
     assert "values: normal, cpr-reboot" in text
     assert "Returns:" in text
+    # A member whose documented type only names an object or array type also
+    # shows its structure, from introspection.
+    text = helptext.help_text(schema, helptext.load_docs(), "migrate-set-capabilities")
+    assert text is not None
+    assert "capabilities: [MigrationCapabilityStatus] (required)" in text
+    assert "shape: list of (object {capability: one of: events, state: boolean})" in text
+
+
+def test_help_and_the_generator_render_the_same_model(schema: Schema) -> None:
+    # Where the live daemon and the local docs agree, help shows exactly the
+    # generator's doc text: one model, one renderer.
+    docs = helptext.load_docs()
+    for name in ("add-blocker", "del-blocker", "query-version", "query-blockers"):
+        assert helptext.help_text(schema, docs, name) == docs.commands[name].text
+    assert helptext.help_text(schema, docs, "MigMode") == docs.types["MigMode"].text
+    # Events come from the daemon too, with the local prose.
+    text = helptext.help_text(schema, docs, "BLOCKER_ADDED")
+    assert text is not None
+    assert text.startswith("BLOCKER_ADDED (event)\n    Emitted when a blocker has been added")
+    assert "modes: [MigMode]\n" in text
+    assert "owner: BlockerOwner (optional)" in text
 
 
 def test_help_without_local_docs_falls_back_to_introspection(schema: Schema) -> None:
-    text = helptext.command_help(schema, NoDocs(), "add-blocker")
+    text = helptext.help_text(schema, SchemaDocs.empty(), "add-blocker")
     assert text is not None
     assert "reason: string (required)" in text
     assert "modes: list of (one of: normal, cpr-reboot" in text
-    assert helptext.command_help(schema, NoDocs(), "no-such-command") is None
+    assert helptext.help_text(schema, SchemaDocs.empty(), "no-such-command") is None
+
+
+def test_help_for_a_command_the_local_docs_do_not_know(schema: Schema) -> None:
+    # A newer daemon: the local docs lack add-blocker, the daemon has it.
+    docs = helptext.load_docs()
+    older = SchemaDocs(
+        {n: d for n, d in docs.commands.items() if n != "add-blocker"}, docs.events, docs.types
+    )
+    text = helptext.help_text(schema, older, "add-blocker")
+    assert text is not None
+    assert text.startswith("add-blocker (command)\n\nArguments:\n    reason: string (required)")
+    assert "scope: one of: daemon, connection (optional)" in text
+    assert "Returns: object {id: string, reason: string, " in text
+    listing = helptext.overview(schema, older).splitlines()
+    assert "  add-blocker" in listing  # listed, without a summary
+    assert any(li.startswith("  del-blocker") and "Delete" in li for li in listing)
 
 
 def test_history_path_follows_xdg_state_home(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -148,6 +148,27 @@ def test_ctrl_c_drops_the_line_and_errors_are_red(
     assert shell.quit() == 0
 
 
+def test_unknown_names_are_refused_with_a_suggestion_and_never_sent(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    shell = spawn_shell(daemon.socket)
+    shell.send("add-bloker reason=x\r")
+    shell.expect("\x1b[1;31merror: unknown command 'add-bloker'; did you mean 'add-blocker'?")
+    shell.expect(PROMPT)
+    shell.send("add-blocker reson=x\r")
+    shell.expect(
+        "\x1b[1;31merror: unknown argument 'reson' for add-blocker; did you mean 'reason'?"
+    )
+    shell.expect(PROMPT)
+    # The session goes on, and nothing was added.
+    shell.send("query-blockers\r")
+    shell.expect('{"return": []}')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+    # The daemon's debug log shows each request it received: none of the refused.
+    assert daemon.received() == ["qmp_capabilities", "query-qmp-schema", "query-blockers"]
+
+
 def test_help_pretty_and_verbose(daemon: DaemonProcess, spawn_shell: Callable[..., Shell]) -> None:
     shell = spawn_shell(daemon.socket, "-p", "-v")
     shell.send("help add-blocker\r")

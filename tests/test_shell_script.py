@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import pty
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +88,107 @@ def test_daemon_side_validation_errors_are_failures(daemon: DaemonProcess) -> No
     assert error["error"]["desc"] == "Parameter 'modes[0]' does not accept value 'bogus'"
 
 
+def test_unknown_names_fail_the_run_and_are_never_sent(daemon: DaemonProcess) -> None:
+    typo = shell(str(daemon.socket), "-c", "add-blocker reson=x")
+    assert typo.returncode == 1
+    assert typo.stdout == ""  # no reply: there was no request
+    assert typo.stderr == (
+        "migblock-shell: -c 1: error: unknown argument 'reson' for add-blocker;"
+        " did you mean 'reason'?\n"
+    )
+    # From a pipe: the line is refused, the others still run.
+    piped = shell(
+        str(daemon.socket),
+        stdin="add-bloker reason=x\n"
+        'migrate-set-capabilities capabilities=[{"capabilty": "events", "state": true}]\n'
+        "query-version x=1\n"
+        "del-blocker name=b1\n"
+        "frobnicate\n"
+        "query-blockers\n",
+    )
+    assert piped.returncode == 1
+    assert piped.stderr.splitlines() == [
+        "migblock-shell: line 1: error: unknown command 'add-bloker';"
+        " did you mean 'add-blocker'?",
+        "migblock-shell: line 2: error: unknown argument 'capabilities[0].capabilty'"
+        " for migrate-set-capabilities; did you mean 'capabilities[0].capability'?",
+        "migblock-shell: line 3: error: unknown argument 'x' for query-version:"
+        " it takes no arguments",
+        "migblock-shell: line 4: error: unknown argument 'name' for del-blocker"
+        " (its arguments: id)",
+        "migblock-shell: line 5: error: unknown command 'frobnicate';"
+        " 'help' lists the commands",
+    ]
+    assert replies(piped.stdout) == [{"return": []}]  # the blocker was not added
+    # The daemon's debug log shows every request it received: each shell's
+    # negotiation and schema, and query-blockers; none of the refused lines.
+    assert daemon.received() == ["qmp_capabilities", "query-qmp-schema"] * 2 + ["query-blockers"]
+
+
+def test_raw_json_and_type_errors_are_left_to_the_daemon(daemon: DaemonProcess) -> None:
+    result = shell(
+        str(daemon.socket),
+        "-c", '{"execute": "add-blocker", "arguments": {"reson": "x"}}',
+        "-c", "add-blocker internal=true",
+        "-c", "add-blocker reason=x internal=maybe",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == ""
+    assert [r["error"]["desc"] for r in replies(result.stdout)] == [
+        "Parameter 'reason' is missing",
+        "Parameter 'reason' is missing",
+        "Invalid parameter type for 'internal', expected: boolean",
+    ]
+    assert '"arguments":{"reson":"x"}' in daemon.log()  # sent as typed
+
+
+@pytest.fixture
+def qemu(tmp_path: Path) -> Iterator[Path]:
+    """A real QEMU with no guest, paused; yields its QMP socket."""
+    binary = shutil.which("qemu-system-x86_64")
+    assert binary is not None, "qemu-system-x86_64 is needed: apt-get install qemu-system-x86"
+    sock, pidfile = tmp_path / "qemu.sock", tmp_path / "qemu.pid"
+    subprocess.run(
+        [binary, "-machine", "none", "-nodefaults", "-display", "none", "-S",
+         "-qmp", f"unix:{sock},server=on,wait=off", "-daemonize", "-pidfile", str(pidfile)],
+        check=True, stdin=subprocess.DEVNULL, timeout=60,
+    )  # fmt: skip
+    # -daemonize returns once the monitor listens.
+    pid = int(pidfile.read_text())
+    yield sock
+    os.kill(pid, signal.SIGTERM)
+
+
+def test_nested_names_are_checked_where_the_schema_knows_them(qemu: Path) -> None:
+    # QEMU's own schema has what migblockd's lacks: a struct-typed argument
+    # (query-cpu-model-expansion's model, a CpuModelInfo), for dotted keys.
+    typo = shell(str(qemu), "-c", "query-cpu-model-expansion type=static model.nmae=qemu64")
+    assert typo.returncode == 1
+    assert typo.stdout == ""
+    assert typo.stderr == (
+        "migblock-shell: -c 1: error: unknown argument 'model.nmae' for"
+        " query-cpu-model-expansion; did you mean 'model.name'?\n"
+    )
+    # Correct nested keys go through; so do the members of a union (blockdev-add's
+    # arguments depend on 'driver'), which the shell cannot know...
+    right = shell(
+        str(qemu),
+        "-c", "query-cpu-model-expansion type=static model.name=qemu64",
+        "-c", "blockdev-add driver=null-co node-name=n0 size=1024",
+        "-c", "query-named-block-nodes",
+    )  # fmt: skip
+    assert right.returncode == 0, right.stderr
+    expansion, added, nodes = replies(right.stdout)
+    assert expansion["return"]["model"]["name"] == "base"
+    assert added == {"return": {}}
+    assert [(n["node-name"], n["image"]["virtual-size"]) for n in nodes["return"]] == [("n0", 1024)]
+    # ...so a typo there is QEMU's to report.
+    union = shell(str(qemu), "-c", "blockdev-add driver=null-co node-name=n1 sise=1024")
+    assert union.returncode == 1
+    assert union.stderr == ""
+    assert replies(union.stdout)[0]["error"]["desc"] == "Parameter 'sise' is unexpected"
+
+
 def test_syntax_error_goes_to_stderr_with_the_line_number(daemon: DaemonProcess) -> None:
     result = shell(str(daemon.socket), stdin="query-version\nadd-blocker reason='open\n")
     assert result.returncode == 1
@@ -111,6 +215,12 @@ def test_help_in_scripting_mode(daemon: DaemonProcess) -> None:
     bad = shell(str(daemon.socket), "-c", "help no-such-thing")
     assert bad.returncode == 1
     assert "no command 'no-such-thing'" in bad.stderr
+    close = shell(str(daemon.socket), "-c", "help blocker")
+    assert close.returncode == 1
+    assert close.stderr == (
+        "migblock-shell: -c 1: help: the daemon has no command 'blocker';"
+        " did you mean 'add-blocker', 'del-blocker' or 'query-blockers'?\n"
+    )
 
 
 def test_connection_refused_is_one_line_and_exit_status_2(tmp_path: Path) -> None:

@@ -1,5 +1,11 @@
-"""Back end: the documentation of commands, events, their members and enum
-values, as plain data for the shell's help and completion."""
+"""Back end: the documentation model of commands, events and types, built from
+the schema's doc comments.
+
+This one model serves both readers of the docs: the generator (``Contract``'s doc
+text) and ``migblock-shell``'s ``help``, which builds the same model from the live
+daemon's introspection and takes the prose from here (see
+:mod:`migblockd.shell.helptext`).  :mod:`.doctext` renders it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
 
+from .doctext import render
 from .parser import Doc
 from .schema import ArrayType, EnumType, Member, ObjectType, QAPIType, Schema
 
@@ -22,11 +29,15 @@ class ValueDoc:
 
 @dataclass(frozen=True)
 class MemberDoc:
-    """One argument of a command, member of event data or struct member.
+    """One argument of a command, member of event data or struct member, or
+    one value of an enum (with ``type`` "").
 
-    ``type`` is the schema spelling (``str``, ``MigMode``, ``[MigMode]``);
-    ``values`` lists the allowed strings, with their docs, when the member is
-    an enum or an array of an enum (empty otherwise): what a shell completes.
+    ``type`` is the schema spelling (``str``, ``MigMode``, ``[MigMode]``), or,
+    where only introspection knows the member, a description of its structure
+    (``list of (one of: normal, cpr-reboot)``); ``values`` lists the allowed
+    strings, with their docs, when the member is an enum or an array of an enum
+    (empty otherwise); ``shape`` spells out the structure of an object or array
+    type that ``type`` only names (empty when not known or not needed).
     """
 
     name: str
@@ -34,6 +45,7 @@ class MemberDoc:
     optional: bool
     text: str
     values: tuple[ValueDoc, ...] = ()
+    shape: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,33 +53,35 @@ class DefinitionDoc:
     """The documentation of one command, event, enum or struct.
 
     ``description`` is the whole free text; ``members`` the arguments
-    (command), data members (event), struct members or enum values (with
-    ``type`` ""); ``returns`` the return type's spelling and ``returns_text``
-    the ``Returns:`` section; ``sections`` every tagged section (``Errors``,
-    ``Since``...) in source order.  ``summary`` and ``text`` are derived from
-    those: the first paragraph on one line, and everything rendered for a
-    help screen.
+    (command), data members (event), struct members or enum values;
+    ``returns`` the return type's spelling (None: returns nothing worth
+    naming) and ``returns_text`` the ``Returns:`` section; ``sections`` the
+    other tagged sections (``Errors``, ``Since``...) in source order, untagged
+    paragraphs with tag "".  ``summary`` and ``text`` are derived from those:
+    the first sentence on one line, and the help screen.
     """
 
     name: str
     kind: str  # "command", "event", "enum" or "struct"
-    description: str
-    members: tuple[MemberDoc, ...]
-    returns: str | None
-    returns_text: str
-    allow_oob: bool
-    sections: tuple[tuple[str, str], ...]
+    description: str = ""
+    members: tuple[MemberDoc, ...] = ()
+    returns: str | None = None
+    returns_text: str = ""
+    allow_oob: bool = False
+    sections: tuple[tuple[str, str], ...] = ()
 
     @property
     def summary(self) -> str:
-        """The first paragraph of the description, on one line."""
-        first = self.description.split("\n\n", 1)[0]
-        return " ".join(first.split())
+        """The first sentence of the description, on one line (what a list of
+        commands shows beside each name)."""
+        paragraph = " ".join(self.description.split("\n\n", 1)[0].split())
+        cut = paragraph.find(". ")
+        return paragraph if cut < 0 else paragraph[: cut + 1]
 
     @cached_property
     def text(self) -> str:
         """The help screen: title, description, members, returns, sections."""
-        return _render(self)
+        return render(self)
 
     def member(self, name: str) -> MemberDoc | None:
         """The member called ``name``, if any."""
@@ -79,9 +93,7 @@ class DefinitionDoc:
 
 @dataclass(frozen=True)
 class SchemaDocs:
-    """Documentation of the whole schema, for ``migblock-shell``.
-
-    Usage from the shell::
+    """Documentation of the whole schema (``Contract.load().docs``)::
 
         docs = Contract.load().docs
         for name, d in docs.commands.items():     # schema order
@@ -92,13 +104,19 @@ class SchemaDocs:
         docs.help("MigMode")                      # help for any command/event/type
 
     ``values()`` returns the enum strings a member accepts (also for arrays of
-    enums), which is what argument completion needs; it is empty for other
-    members.  Every mapping is read-only.
+    enums); it is empty for other members.  Every mapping is read-only.
     """
 
     commands: Mapping[str, DefinitionDoc]
     events: Mapping[str, DefinitionDoc]
     types: Mapping[str, DefinitionDoc]
+
+    @classmethod
+    def empty(cls) -> SchemaDocs:
+        """No documentation at all (what the shell has when the local schema
+        cannot be loaded)."""
+        nothing: Mapping[str, DefinitionDoc] = MappingProxyType({})
+        return cls(nothing, nothing, nothing)
 
     def values(self, command: str, member: str) -> tuple[str, ...]:
         """The enum values argument ``member`` of ``command`` accepts."""
@@ -106,12 +124,17 @@ class SchemaDocs:
         m = doc.member(member) if doc else None
         return tuple(v.name for v in m.values) if m else ()
 
-    def help(self, name: str) -> str | None:
-        """The rendered help text of a command, event or type, or None."""
+    def definition(self, name: str) -> DefinitionDoc | None:
+        """The command, event or type called ``name``, if documented."""
         for table in (self.commands, self.events, self.types):
             if name in table:
-                return table[name].text
+                return table[name]
         return None
+
+    def help(self, name: str) -> str | None:
+        """The rendered help text of a command, event or type, or None."""
+        d = self.definition(name)
+        return None if d is None else d.text
 
 
 def _enum_values(typ: QAPIType) -> tuple[ValueDoc, ...]:
@@ -123,42 +146,6 @@ def _enum_values(typ: QAPIType) -> tuple[ValueDoc, ...]:
 
 def _member_doc(m: Member) -> MemberDoc:
     return MemberDoc(m.name, m.type.spelling(), m.optional, m.doc, _enum_values(m.type))
-
-
-def _indent(text: str, prefix: str) -> str:
-    return "\n".join(prefix + line if line else "" for line in text.splitlines())
-
-
-# The heading of the member list, per kind of definition.
-_HEADINGS: dict[str, str] = {"command": "Arguments", "event": "Data", "enum": "Values"}
-
-
-def _render(d: DefinitionDoc) -> str:
-    title = f"{d.name} ({d.kind}{', allow-oob' if d.allow_oob else ''})"
-    parts = [title, _indent(d.description, "    ") if d.description else ""]
-    if d.members:
-        lines = [f"{_HEADINGS.get(d.kind, 'Members')}:"]
-        for m in d.members:
-            sig = m.name
-            if m.type:
-                sig += f": {m.type}" + (" (optional)" if m.optional else "")
-            lines.append(f"    {sig}")
-            lines.append(_indent(m.text, "        "))
-            if m.values:
-                lines.append("        Values: " + ", ".join(v.name for v in m.values))
-        parts.append("\n".join(lines))
-    if d.returns is not None:
-        parts.append(f"Returns: {d.returns}\n" + _indent(d.returns_text, "    "))
-    for tag, text in d.sections:
-        if tag == "Returns":  # shown with the return type above
-            continue
-        if tag == "":
-            parts.append(text)
-        elif tag == "Since":  # a version number reads best on the tag's line
-            parts.append(f"{tag}: {text}")
-        else:
-            parts.append(f"{tag}:\n" + _indent(text, "    "))
-    return "\n\n".join(p for p in parts if p) + "\n"
 
 
 def _definition(
@@ -179,7 +166,7 @@ def _definition(
         returns=returns.spelling() if returns is not None else None,
         returns_text=ret_sec.text if ret_sec else "",
         allow_oob=allow_oob,
-        sections=tuple((s.tag, s.text) for s in doc.sections),
+        sections=tuple((s.tag, s.text) for s in doc.sections if s.tag != "Returns"),
     )
 
 

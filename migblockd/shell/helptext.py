@@ -1,12 +1,23 @@
-"""The text of ``help`` and ``help COMMAND``."""
+"""The text of ``help`` and ``help TOPIC``.
+
+What exists (commands, events, their arguments and data, allow-oob) comes from the
+live daemon's introspection; the prose and the unmasked type names come from the
+doc comments of the schema installed with the package, since the shell runs on the
+daemon's machine.  Both meet in one :class:`~migblockd.qapi.doc.DefinitionDoc`,
+rendered by the same code as the generator's doc text.  When the local docs do
+not know a command (a newer daemon), help still shows its arguments and types as
+introspection describes them.
+"""
 
 from __future__ import annotations
 
 import shutil
 import textwrap
 
-from migblockd.shell.docs import DocSource
-from migblockd.shell.schema import Schema
+from migblockd.contract import Contract
+from migblockd.qapi.doc import DefinitionDoc, MemberDoc, SchemaDocs, ValueDoc
+from migblockd.shell.check import did_you_mean
+from migblockd.shell.schema import Member, Schema
 
 SHELL_HELP = """\
 Syntax:  COMMAND key=value ...   (dotted keys nest: a.b=1 a.c=2)
@@ -17,7 +28,15 @@ quote to force a string.  List arguments also take a,b,c.  Tab completes command
 argument names and enum values.  Ctrl-C drops the line, Ctrl-D exits."""
 
 
-def overview(schema: Schema, docs: DocSource, columns: int | None = None) -> str:
+def load_docs() -> SchemaDocs:
+    """The packaged schema's docs, or none if they cannot be loaded."""
+    try:
+        return Contract.load().docs
+    except Exception:  # any failure just means: no prose in help
+        return SchemaDocs.empty()
+
+
+def overview(schema: Schema, docs: SchemaDocs, columns: int | None = None) -> str:
     """The command list; summaries longer than the terminal (``columns``, by default
     its width) are wrapped under themselves rather than at the left margin."""
     if columns is None:
@@ -27,8 +46,8 @@ def overview(schema: Schema, docs: DocSource, columns: int | None = None) -> str
     indent = " " * (2 + width)
     lines = ["Commands:"]
     for name in names:
-        doc = docs.command(name)
-        summary = doc.summary if doc is not None and doc.summary else ""
+        doc = docs.commands.get(name)
+        summary = doc.summary if doc is not None else ""
         wrapped = textwrap.wrap(summary, max(columns - 1 - len(indent), 30)) or [""]
         lines.append(f"  {name:<{width}}{wrapped[0]}".rstrip())
         lines.extend(indent + more for more in wrapped[1:])
@@ -37,71 +56,70 @@ def overview(schema: Schema, docs: DocSource, columns: int | None = None) -> str
     return "\n".join(lines)
 
 
-def _wrap(text: str, indent: str) -> list[str]:
-    """Indent doc text, keeping its line breaks (lists stay lists)."""
-    return [
-        indent + line if line.strip() else "" for line in textwrap.dedent(text).strip().splitlines()
-    ]
-
-
-def _values_line(schema: Schema, type_name: str) -> str | None:
-    values = schema.enum_values(type_name)
-    element = schema.element_type(type_name)
+def _member(schema: Schema, live: Member, local: DefinitionDoc | None) -> MemberDoc:
+    documented = local.member(live.name) if local is not None else None
+    if documented is None:
+        # Only introspection knows it: its masked type is described by structure.
+        return MemberDoc(live.name, schema.describe(live.type), live.optional, "")
+    values = schema.enum_values(live.type)
+    element = schema.element_type(live.type)
     if values is None and element is not None:
         values = schema.enum_values(element)
-    return None if values is None else "values: " + ", ".join(values)
+    texts = {v.name: v.text for v in documented.values}
+    shape = ""
+    if values is None and schema.json_type(live.type) in ("array", "object"):
+        shape = schema.describe(live.type)
+    return MemberDoc(
+        live.name,
+        documented.type,
+        live.optional,
+        documented.text,
+        tuple(ValueDoc(v, texts.get(v, "")) for v in values or ()),
+        shape,
+    )
 
 
-def command_help(schema: Schema, docs: DocSource, name: str) -> str | None:
-    """Help for command ``name`` (or, failing that, for a documented event or type);
-    ``None`` when there is nothing by that name.
+def _live(
+    schema: Schema,
+    name: str,
+    kind: str,
+    arg_type: str,
+    local: DefinitionDoc | None,
+    ret_type: str | None = None,
+    allow_oob: bool = False,
+) -> DefinitionDoc:
+    """``name`` as the daemon reports it, with the prose of ``local``."""
+    members = tuple(_member(schema, m, local) for m in schema.members(arg_type))
+    returns = local.returns if local is not None else None
+    returns_text = local.returns_text if local is not None else ""
+    if returns is None and ret_type is not None:
+        described = schema.describe(ret_type)
+        returns = None if described in ("object {}", "?") else described
+    if local is None:
+        return DefinitionDoc(name, kind, "", members, returns, "", allow_oob)
+    return DefinitionDoc(
+        name, kind, local.description, members, returns, returns_text, allow_oob, local.sections
+    )
 
-    What the command takes comes from the daemon's introspection; the prose and the
-    unmasked type names from the local docs, when they document the command.
-    """
+
+def definition(schema: Schema, docs: SchemaDocs, name: str) -> DefinitionDoc | None:
+    """What ``help name`` shows: a command or event of the daemon, or a documented
+    type (types are masked in introspection, so only the local docs name them)."""
     info = schema.commands.get(name)
-    if info is None:
-        return docs.other(name)
-    doc = docs.command(name)
-    lines = [name + (" (allow-oob)" if info.allow_oob else "")]
-    if doc is not None and (doc.text or doc.summary):
-        lines.extend(_wrap(doc.text or doc.summary, "    "))
-    arguments = schema.arguments(name)
-    lines.append("")
-    if arguments:
-        lines.append("Arguments:")
-        for member in arguments:
-            need = "optional" if member.optional else "required"
-            documented = doc.members.get(member.name) if doc is not None else None
-            if documented is not None and documented.type:
-                lines.append(f"    {member.name}: {documented.type} ({need})")
-                if documented.text:
-                    lines.extend(_wrap(documented.text, "        "))
-                values = _values_line(schema, member.type)
-                if values:
-                    lines.append(f"        {values}")
-                elif schema.json_type(member.type) in ("array", "object"):
-                    lines.append(f"        shape: {schema.describe(member.type)}")
-            else:
-                lines.append(f"    {member.name}: {schema.describe(member.type)} ({need})")
-    else:
-        lines.append("Arguments: none")
-    ret = schema.describe(info.ret_type)
-    if doc is not None and doc.returns:
-        lines.append("")
-        lines.append(f"Returns: {doc.returns}")
-        lines.extend(_wrap(doc.returns_text, "    "))
-    elif ret not in ("object {}", "?"):
-        lines.append("")
-        lines.append(f"Returns: {ret}")
-    for tag, text in doc.sections if doc is not None else ():
-        lines.append("")
-        lines.append(f"{tag}:")
-        lines.extend(_wrap(text, "    "))
-    return "\n".join(lines)
+    if info is not None:
+        local = docs.commands.get(name)
+        return _live(schema, name, "command", info.arg_type, local, info.ret_type, info.allow_oob)
+    if name in schema.events:
+        return _live(schema, name, "event", schema.events[name], docs.events.get(name))
+    return docs.types.get(name)
+
+
+def help_text(schema: Schema, docs: SchemaDocs, name: str) -> str | None:
+    """The help screen of ``name``; ``None`` when there is nothing by that name."""
+    doc = definition(schema, docs, name)
+    return None if doc is None else doc.text
 
 
 def unknown_command(schema: Schema, name: str) -> str:
-    close = [n for n in schema.command_names() if name in n]
-    hint = f"; did you mean {', '.join(close[:5])}?" if close and name else ""
+    hint = did_you_mean(name, [*schema.command_names(), *sorted(schema.events)])
     return f"help: the daemon has no command '{name}'{hint}"

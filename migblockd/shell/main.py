@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from migblockd import __version__
 from migblockd.paths import default_socket_path
 from migblockd.shell.client import ClientError
-from migblockd.shell.docs import load_docs
+from migblockd.shell.helptext import load_docs
 from migblockd.shell.history import history_path
 from migblockd.shell.render import Renderer, use_colour
 
@@ -23,9 +23,10 @@ are strings; quote with '...' or "..." to force a string; dotted keys build nest
 objects: a.b=1 a.c=2; list arguments also take a,b,c), or a raw JSON request starting
 with '{'.  'help' lists the daemon's commands, 'help COMMAND' documents one.  Tab
 completes command names, argument names and enum values, all taken from the daemon's
-query-qmp-schema.  Events are printed as they arrive.  History is kept in
-$XDG_STATE_HOME/migblockd/shell-history.  Ctrl-C drops the line, Ctrl-D quits.  If the
-daemon restarts, the shell reconnects on the next command.
+query-qmp-schema, against which command and argument names are checked before a
+command is sent (raw JSON goes as typed).  Events are printed as they arrive.  History
+is kept in $XDG_STATE_HOME/migblockd/shell-history.  Ctrl-C drops the line, Ctrl-D
+quits.  If the daemon restarts, the shell reconnects on the next command.
 """
 
 EPILOG = """\

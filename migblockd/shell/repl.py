@@ -14,10 +14,10 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell.client import ConnectError, ConnectionLost, Message
 from migblockd.shell.completion import ShellCompleter
 from migblockd.shell.connection import Connection, describe_greeting
-from migblockd.shell.docs import DocSource
 from migblockd.shell.render import Renderer
 from migblockd.shell.runner import Runner
 
@@ -42,7 +42,7 @@ def open_history(path: Path) -> History:
 
 class Interactive:
     def __init__(
-        self, path: str, renderer: Renderer, docs: DocSource, verbose: bool, history: Path
+        self, path: str, renderer: Renderer, docs: SchemaDocs, verbose: bool, history: Path
     ) -> None:
         self.renderer = renderer
         self.connection = Connection(path, self._event, self._lost)

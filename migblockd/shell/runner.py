@@ -1,14 +1,16 @@
-"""Running one input line: parse it, answer ``help`` locally, or send the request and
-show the reply.  Shared by the interactive and the scripting modes."""
+"""Running one input line: parse it, answer ``help`` locally, or check the request
+against the daemon's schema, send it and show the reply.  Shared by the interactive
+and the scripting modes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell import helptext
+from migblockd.shell.check import check_request
 from migblockd.shell.connection import Connection
-from migblockd.shell.docs import DocSource
 from migblockd.shell.render import Renderer
 from migblockd.shell.syntax import Help, ParseError, Request, parse_line
 
@@ -19,7 +21,7 @@ Write = Callable[[str], None]
 class Runner:
     connection: Connection
     renderer: Renderer
-    docs: DocSource
+    docs: SchemaDocs
     out: Write
     """Replies and help text."""
     err: Write
@@ -35,8 +37,9 @@ class Runner:
         return self.messages if self.messages is not None else self.renderer
 
     async def run_line(self, line: str) -> bool:
-        """Run ``line``; False if it failed (bad syntax, unknown help topic, or an
-        error reply).  Connection problems raise ConnectError / ConnectionLost."""
+        """Run ``line``; False if it failed (bad syntax, a command or argument the
+        daemon does not have, unknown help topic, or an error reply).  Connection
+        problems raise ConnectError / ConnectionLost."""
         try:
             parsed = parse_line(line, self.connection.schema.hint)
         except ParseError as err:
@@ -46,6 +49,11 @@ class Runner:
             return self._help(parsed.topic)
         if not isinstance(parsed, Request):
             return True
+        if not parsed.raw:
+            problem = check_request(self.connection.schema, parsed.message)
+            if problem is not None:
+                self.err(self._messages.error(f"error: {problem}"))
+                return False
         if self.echo is not None:
             self.echo(self._messages.request(parsed.message))
         reply = await self.connection.execute(parsed.message)
@@ -57,7 +65,7 @@ class Runner:
         if topic is None:
             self.out(helptext.overview(schema, self.docs))
             return True
-        text = helptext.command_help(schema, self.docs, topic)
+        text = helptext.help_text(schema, self.docs, topic)
         if text is None:
             self.err(self._messages.error(helptext.unknown_command(schema, topic)))
             return False

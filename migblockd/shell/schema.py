@@ -49,7 +49,8 @@ class Schema:
     def __init__(self, infos: Sequence[Mapping[str, Any]]) -> None:
         self._types: dict[str, Mapping[str, Any]] = {}
         self.commands: dict[str, CommandInfo] = {}
-        self.events: list[str] = []
+        self.events: dict[str, str] = {}
+        """Event name -> the type of its data."""
         for info in infos:
             name = str(info.get("name", ""))
             meta = info.get("meta-type")
@@ -61,7 +62,7 @@ class Schema:
                     bool(info.get("allow-oob", False)),
                 )
             elif meta == "event":
-                self.events.append(name)
+                self.events[name] = str(info.get("arg-type", ""))
             else:
                 self._types[name] = info
 
@@ -85,6 +86,15 @@ class Schema:
         return [
             Member(str(m["name"]), str(m["type"]), "default" in m) for m in info.get("members", [])
         ]
+
+    def known_members(self, type_name: str) -> list[Member] | None:
+        """Every member an object of this type may have; ``None`` when that is not
+        known: not an object type, or one whose members depend on a tag (QEMU's
+        unions list those under ``variants``)."""
+        info = self._types.get(type_name)
+        if info is None or info.get("meta-type") != "object" or info.get("variants"):
+            return None
+        return self.members(type_name)
 
     def arguments(self, command: str) -> list[Member]:
         info = self.commands.get(command)

@@ -13,9 +13,9 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator, Sequence
 
+from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell.client import ConnectionLost
 from migblockd.shell.connection import Connection
-from migblockd.shell.docs import DocSource
 from migblockd.shell.render import Renderer
 from migblockd.shell.runner import Runner
 
@@ -42,7 +42,7 @@ async def _listed(commands: Sequence[str]) -> AsyncIterator[str]:
 async def run_script(
     path: str,
     renderer: Renderer,
-    docs: DocSource,
+    docs: SchemaDocs,
     verbose: bool,
     commands: Sequence[str],
     messages: Renderer | None = None,

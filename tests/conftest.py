@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from qmpclient import RawClient, qmp_client, qmp_clients
 
+ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = " ready on "
 
 
@@ -28,6 +33,15 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def client(self, *, negotiate: bool = True,
+               read_greeting: bool = True) -> AbstractAsyncContextManager[RawClient]:
+        """``async with daemon.client() as c:`` a connected client, closed afterwards."""
+        return qmp_client(self.socket, negotiate=negotiate, read_greeting=read_greeting)
+
+    def clients(self, count: int) -> AbstractAsyncContextManager[list[RawClient]]:
+        """``count`` negotiated clients, connected concurrently, all closed afterwards."""
+        return qmp_clients(self.socket, count)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -112,6 +126,16 @@ def assert_clean_log(daemon: DaemonProcess) -> None:
         assert marker not in log, f"{marker!r} in the daemon log:\n{log[-5000:]}"
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh directory under /tmp: AF_UNIX paths are limited to 107 bytes, and
+    pytest's ``tmp_path`` can be longer."""
+    path = Path("/tmp") / f"migblockd-test-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """One daemon (0.3 s simulated migration) shared by a module's tests.
@@ -131,7 +155,6 @@ def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPr
 # socket cleanup changed).  Tests that take the ``python`` fixture run once per
 # interpreter pyenv has here, each from a venv with a non-editable install of the project.
 
-ROOT = Path(__file__).resolve().parent.parent
 INTERPRETERS = {
     "3.11": sys.executable,
     "3.12": "/root/.pyenv/versions/3.12.1/bin/python",

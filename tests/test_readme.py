@@ -9,9 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import DaemonProcess
+from conftest import ROOT, DaemonProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 DEFAULT_SOCKET = "/run/migblockd/migblockd.sock"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,27 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
+        """The first match of ``pattern`` in the log (a ``str`` is matched literally),
+        polled until it appears.  Fails with the log's tail if it does not appear
+        within ``timeout`` seconds, or the daemon exits without logging it."""
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc.poll() is not None  # before reading: then the log is complete
+            log = self.log()
+            if match := regex.search(log):
+                return match
+            if exited:
+                why = f"daemon exited with {self.proc.returncode}"
+            elif time.monotonic() >= deadline:
+                why = f"not within {timeout} s"
+            else:
+                time.sleep(0.02)
+                continue
+            shown = pattern if isinstance(pattern, str) else pattern.pattern
+            raise AssertionError(f"{shown!r} not in the log ({why}):\n{log[-5000:]}")
 
     def client(self, *, negotiate: bool = True,
                read_greeting: bool = True) -> AbstractAsyncContextManager[RawClient]:
@@ -85,15 +107,14 @@ def spawn_daemon(
 
 
 def wait_ready(daemon: DaemonProcess, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if READY_LINE in daemon.log():
-            return
-        if daemon.proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log()}")
-        time.sleep(0.02)
-    daemon.proc.kill()
-    raise AssertionError(f"daemon not ready after {timeout} s:\n{daemon.log()}")
+    """Wait for the ready line; a daemon that is not ready in time is killed."""
+    try:
+        daemon.wait_for_log(READY_LINE, timeout)
+    except AssertionError:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+        raise
 
 
 @pytest.fixture

@@ -245,10 +245,7 @@ async def test_max_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
         assert (await a.execute("query-version", id="a"))["id"] == "a"
         assert (await b.execute("query-version", id="b"))["id"] == "b"
         await a.close()
-        for _ in range(500):
-            if "disconnected" in d.log():
-                break
-            await asyncio.sleep(0.01)
+        d.wait_for_log("disconnected")
         async with d.client() as c:  # a slot is free again
             assert (await c.execute("query-version", id="c"))["id"] == "c"
     assert_clean_log(d)

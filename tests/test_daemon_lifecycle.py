@@ -215,7 +215,7 @@ async def test_signal_with_no_clients(spawn: Callable[..., DaemonProcess], pytho
     d = spawn(python=python)
     async with d.client() as c:
         await c.ok("add-blocker", {"reason": "r"})
-    await asyncio.sleep(0.1)
+    d.wait_for_log("disconnected")  # no client left
     d.signal(signal.SIGTERM)
     assert d.wait_exit(10) == 0
     assert not d.socket.exists()
@@ -233,10 +233,7 @@ async def test_logs_connect_and_disconnect_with_peer_credentials(
         await c.ok("query-version")
     pid, uid = os.getpid(), os.getuid()
     creds = re.compile(rf"pid\W{{0,3}}{pid}\b.*uid\W{{0,3}}{uid}\b")
-    for _ in range(200):
-        if re.search(r"(?i)disconnect", d.log()):
-            break
-        await asyncio.sleep(0.02)
+    d.wait_for_log(re.compile(r"(?i)disconnect"))
     lines = d.log().splitlines()
     connected = [ln for ln in lines if re.search(r"(?i)\bconnect(ed|ion)?\b", ln)
                  and not re.search(r"(?i)disconnect", ln)]

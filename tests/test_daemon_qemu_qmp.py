@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -98,8 +99,7 @@ async def test_qmpclient_drives_every_command(
             await qmp.execute("no-such-command")
         assert exc.value.error_class == NOT_FOUND
         assert str(exc.value) == "The command no-such-command has not been found"
-    await asyncio.sleep(0.1)
-    assert "disconnect" in d.log().lower()
+    d.wait_for_log(re.compile("disconnect", re.I))
     assert d.stop() == 0
     assert_clean_log(d)
 

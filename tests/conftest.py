@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from interpreters import VenvBuilder, interpreters
 from qmpclient import RawClient, qmp_client, qmp_clients
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,70 +173,34 @@ def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPr
 
 # -- other Python versions ---------------------------------------------------------------
 # The daemon must behave the same on 3.11 and on 3.12+ (asyncio's server shutdown and
-# socket cleanup changed).  Tests that take the ``python`` fixture run once per
-# interpreter pyenv has here, each from a venv with a non-editable install of the project.
-
-INTERPRETERS = {
-    "3.11": sys.executable,
-    "3.12": "/root/.pyenv/versions/3.12.1/bin/python",
-    "3.13": "/root/.pyenv/versions/3.13.0/bin/python",
-}
+# socket cleanup changed).  Tests that take the ``python`` fixture run once per CPython
+# version found on this machine (see interpreters.py), each but the project venv's own
+# from a venv with a non-editable install of the project.
 
 
-class VenvBuilder:
-    """Builds one venv per extra interpreter, all in parallel, the first time one is needed."""
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Here rather than in fixture params: only runs that collect such a test look for
+    # interpreters.
+    if "python" in metafunc.fixturenames:
+        metafunc.parametrize("python", list(interpreters()), indirect=True)
 
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.lock = threading.Lock()
-        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
-        self.results: dict[str, str] = {}
 
-    def _start_all(self) -> None:
-        for version, interpreter in INTERPRETERS.items():
-            if version == "3.11" or not Path(interpreter).exists():
-                continue
-            venv = self.base / f"venv-{version}"
-            log = self.base / f"venv-{version}.log"
-            script = (f'"{interpreter}" -m venv "{venv}" && '
-                      f'"{venv}/bin/python" -m pip install -q --disable-pip-version-check '
-                      f'"{ROOT}"')
-            with log.open("wb") as out:
-                proc = subprocess.Popen(["sh", "-c", script], stdout=out, stderr=out,
-                                        stdin=subprocess.DEVNULL)
-            self.procs[version] = (proc, venv, log)
-
-    def python(self, version: str) -> str:
-        with self.lock:
-            if not self.procs and not self.results:
-                self._start_all()
-            if version in self.results:
-                return self.results[version]
-            proc, venv, log = self.procs[version]
-            rc = proc.wait(600)
-            assert rc == 0, f"building the {version} venv failed:\n{log.read_text()}"
-            self.results[version] = str(venv / "bin" / "python")
-            return self.results[version]
+def pytest_report_collectionfinish(items: list[pytest.Item]) -> list[str]:
+    """Say which interpreters were found: a version missing here is not tested."""
+    if not any("python" in getattr(item, "fixturenames", ()) for item in items):
+        return []
+    return [f"interpreters: {', '.join(f'{v} ({p})' for v, p in interpreters().items())}"]
 
 
 @pytest.fixture(scope="session")
 def venvs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VenvBuilder]:
-    builder = VenvBuilder(tmp_path_factory.mktemp("venvs"))
+    builder = VenvBuilder(tmp_path_factory.mktemp("venvs"), ROOT)
     yield builder
-    for proc, _, _ in builder.procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    builder.kill()
 
 
-@pytest.fixture(params=sorted(INTERPRETERS))
+@pytest.fixture
 def python(request: pytest.FixtureRequest, venvs: VenvBuilder) -> str:
-    """The interpreter to run the daemon with (the project venv for 3.11)."""
+    """The interpreter to run the daemon with (the project venv's for its own version)."""
     version: str = request.param
-    interpreter = INTERPRETERS[version]
-    if not Path(interpreter).exists():
-        pytest.skip(f"Python {version} is not installed on this machine ({interpreter})")
-    if version == "3.11":
-        return sys.executable
     return venvs.python(version)
-

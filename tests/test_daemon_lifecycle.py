@@ -1,10 +1,11 @@
-"""Start, refuse, replace, stop: the daemon's life cycle, on Python 3.11, 3.12 and 3.13.
+"""Start, refuse, replace, stop: the daemon's life cycle, on every Python 3.11+ here.
 
-The shutdown, stale-socket and live-socket tests run once per interpreter.  The
-project venv is 3.11; for 3.12 and 3.13 a session-scoped virtual environment is
-built with a non-editable ``pip install`` of the project (needs PyPI), and the
-daemon runs from a directory outside the source tree so that the installed copy
-(and its packaged schema) is what runs.
+The shutdown, stale-socket and live-socket tests run once per CPython version found
+on the machine (conftest.py; 3.11, 3.12 and 3.13 here).  The project venv's own
+version runs from the venv; for each other version a session-scoped virtual
+environment is built with a non-editable ``pip install`` of the project (needs
+PyPI), and the daemon runs from a directory outside the source tree so that the
+installed copy (and its packaged schema) is what runs.
 """
 
 from __future__ import annotations

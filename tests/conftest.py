@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from interpreters import VenvBuilder, interpreters
+from qmpclient import RawClient, qmp_client, qmp_clients
 
+ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = " ready on "
 
 
@@ -34,6 +39,35 @@ class DaemonProcess:
         """The commands of the requests the daemon logged receiving, in order
         (``--log-level debug`` logs each line a client sends as ``<- b'...'``)."""
         return re.findall(r' <- b.*?"execute": ?"([^"]*)"', self.log())
+    def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
+        """The first match of ``pattern`` in the log (a ``str`` is matched literally),
+        polled until it appears.  Fails with the log's tail if it does not appear
+        within ``timeout`` seconds, or the daemon exits without logging it."""
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        deadline = time.monotonic() + timeout
+        while True:
+            exited = self.proc.poll() is not None  # before reading: then the log is complete
+            log = self.log()
+            if match := regex.search(log):
+                return match
+            if exited:
+                why = f"daemon exited with {self.proc.returncode}"
+            elif time.monotonic() >= deadline:
+                why = f"not within {timeout} s"
+            else:
+                time.sleep(0.02)
+                continue
+            shown = pattern if isinstance(pattern, str) else pattern.pattern
+            raise AssertionError(f"{shown!r} not in the log ({why}):\n{log[-5000:]}")
+
+    def client(self, *, negotiate: bool = True,
+               read_greeting: bool = True) -> AbstractAsyncContextManager[RawClient]:
+        """``async with daemon.client() as c:`` a connected client, closed afterwards."""
+        return qmp_client(self.socket, negotiate=negotiate, read_greeting=read_greeting)
+
+    def clients(self, count: int) -> AbstractAsyncContextManager[list[RawClient]]:
+        """``count`` negotiated clients, connected concurrently, all closed afterwards."""
+        return qmp_clients(self.socket, count)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -77,15 +111,14 @@ def spawn_daemon(
 
 
 def wait_ready(daemon: DaemonProcess, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if READY_LINE in daemon.log():
-            return
-        if daemon.proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.log()}")
-        time.sleep(0.02)
-    daemon.proc.kill()
-    raise AssertionError(f"daemon not ready after {timeout} s:\n{daemon.log()}")
+    """Wait for the ready line; a daemon that is not ready in time is killed."""
+    try:
+        daemon.wait_for_log(READY_LINE, timeout)
+    except AssertionError:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+        raise
 
 
 @pytest.fixture
@@ -118,6 +151,16 @@ def assert_clean_log(daemon: DaemonProcess) -> None:
         assert marker not in log, f"{marker!r} in the daemon log:\n{log[-5000:]}"
 
 
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh directory under /tmp: AF_UNIX paths are limited to 107 bytes, and
+    pytest's ``tmp_path`` can be longer."""
+    path = Path("/tmp") / f"migblockd-test-{uuid.uuid4().hex[:12]}"
+    path.mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     """One daemon (0.3 s simulated migration) shared by a module's tests.
@@ -134,71 +177,34 @@ def module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPr
 
 # -- other Python versions ---------------------------------------------------------------
 # The daemon must behave the same on 3.11 and on 3.12+ (asyncio's server shutdown and
-# socket cleanup changed).  Tests that take the ``python`` fixture run once per
-# interpreter pyenv has here, each from a venv with a non-editable install of the project.
-
-ROOT = Path(__file__).resolve().parent.parent
-INTERPRETERS = {
-    "3.11": sys.executable,
-    "3.12": "/root/.pyenv/versions/3.12.1/bin/python",
-    "3.13": "/root/.pyenv/versions/3.13.0/bin/python",
-}
+# socket cleanup changed).  Tests that take the ``python`` fixture run once per CPython
+# version found on this machine (see interpreters.py), each but the project venv's own
+# from a venv with a non-editable install of the project.
 
 
-class VenvBuilder:
-    """Builds one venv per extra interpreter, all in parallel, the first time one is needed."""
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Here rather than in fixture params: only runs that collect such a test look for
+    # interpreters.
+    if "python" in metafunc.fixturenames:
+        metafunc.parametrize("python", list(interpreters()), indirect=True)
 
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.lock = threading.Lock()
-        self.procs: dict[str, tuple[subprocess.Popen[bytes], Path, Path]] = {}
-        self.results: dict[str, str] = {}
 
-    def _start_all(self) -> None:
-        for version, interpreter in INTERPRETERS.items():
-            if version == "3.11" or not Path(interpreter).exists():
-                continue
-            venv = self.base / f"venv-{version}"
-            log = self.base / f"venv-{version}.log"
-            script = (f'"{interpreter}" -m venv "{venv}" && '
-                      f'"{venv}/bin/python" -m pip install -q --disable-pip-version-check '
-                      f'"{ROOT}"')
-            with log.open("wb") as out:
-                proc = subprocess.Popen(["sh", "-c", script], stdout=out, stderr=out,
-                                        stdin=subprocess.DEVNULL)
-            self.procs[version] = (proc, venv, log)
-
-    def python(self, version: str) -> str:
-        with self.lock:
-            if not self.procs and not self.results:
-                self._start_all()
-            if version in self.results:
-                return self.results[version]
-            proc, venv, log = self.procs[version]
-            rc = proc.wait(600)
-            assert rc == 0, f"building the {version} venv failed:\n{log.read_text()}"
-            self.results[version] = str(venv / "bin" / "python")
-            return self.results[version]
+def pytest_report_collectionfinish(items: list[pytest.Item]) -> list[str]:
+    """Say which interpreters were found: a version missing here is not tested."""
+    if not any("python" in getattr(item, "fixturenames", ()) for item in items):
+        return []
+    return [f"interpreters: {', '.join(f'{v} ({p})' for v, p in interpreters().items())}"]
 
 
 @pytest.fixture(scope="session")
 def venvs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VenvBuilder]:
-    builder = VenvBuilder(tmp_path_factory.mktemp("venvs"))
+    builder = VenvBuilder(tmp_path_factory.mktemp("venvs"), ROOT)
     yield builder
-    for proc, _, _ in builder.procs.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    builder.kill()
 
 
-@pytest.fixture(params=sorted(INTERPRETERS))
+@pytest.fixture
 def python(request: pytest.FixtureRequest, venvs: VenvBuilder) -> str:
-    """The interpreter to run the daemon with (the project venv for 3.11)."""
+    """The interpreter to run the daemon with (the project venv's for its own version)."""
     version: str = request.param
-    interpreter = INTERPRETERS[version]
-    if not Path(interpreter).exists():
-        pytest.skip(f"Python {version} is not installed on this machine ({interpreter})")
-    if version == "3.11":
-        return sys.executable
     return venvs.python(version)
-

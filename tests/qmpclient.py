@@ -1,6 +1,8 @@
 """A deliberately plain QMP client for integration tests: raw bytes in and out.
 
-It checks nothing itself, so tests see exactly what the daemon sent.
+It checks nothing itself, so tests see exactly what the daemon sent.  Tests open
+it with ``async with qmp_client(path) as c:`` (or ``daemon.client()``), which
+closes the connection however the block ends.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ import asyncio
 import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
 
 TIMEOUT = 10.0
 
@@ -50,10 +55,17 @@ class RawClient:
         self._ids = 0
 
     @classmethod
-    async def connect(cls, path: Path, *, negotiate: bool = True) -> RawClient:
+    async def connect(cls, path: Path, *, negotiate: bool = True,
+                      read_greeting: bool = True) -> RawClient:
+        """Connect; read the greeting and negotiate unless told not to.
+
+        ``read_greeting=False`` leaves every byte, the greeting included, to the test.
+        """
+        assert read_greeting or not negotiate, "cannot negotiate before the greeting"
         reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
         client = cls(reader, writer)
-        client.greeting = await client.read()
+        if read_greeting:
+            client.greeting = await client.read()
         if negotiate:
             reply = await client.execute("qmp_capabilities")
             assert reply == {"return": {}}, reply
@@ -144,9 +156,53 @@ class RawClient:
         return await asyncio.wait_for(self.reader.read(), timeout)
 
     async def close(self) -> None:
+        """Close the connection; closing it again does nothing."""
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def qmp_client(path: Path, *, negotiate: bool = True,
+                     read_greeting: bool = True) -> AsyncIterator[RawClient]:
+    """A connected client (greeted and negotiated by default), closed when the block ends."""
+    client = await RawClient.connect(path, negotiate=negotiate, read_greeting=read_greeting)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@contextlib.asynccontextmanager
+async def qmp_clients(path: Path, count: int, *,
+                      negotiate: bool = True) -> AsyncIterator[list[RawClient]]:
+    """``count`` clients connected concurrently, all closed when the block ends."""
+    results = await asyncio.gather(
+        *(RawClient.connect(path, negotiate=negotiate) for _ in range(count)),
+        return_exceptions=True)
+    clients = [c for c in results if isinstance(c, RawClient)]
+    try:
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        yield clients
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def qemu_qmp_client(path: Path, name: str, listeners: Iterable[EventListener] = (),
+                          timeout: float = TIMEOUT) -> AsyncIterator[QMPClient]:
+    """The standard ``qemu.qmp`` client, connected (listeners registered first), then
+    disconnected when the block ends: an independent check on the daemon."""
+    client = QMPClient(name)
+    for listener in listeners:
+        client.register_listener(listener)
+    await asyncio.wait_for(client.connect(str(path)), timeout)
+    try:
+        yield client
+    finally:
+        await client.disconnect()
 
 
 def blocking_client(path: Path, *, negotiate: bool = True) -> socket.socket:

@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from benchmarks import floor, loadgen
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_floor_reply_echoes_the_id() -> None:
@@ -49,10 +48,10 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     """``--quick`` starts the daemon and the floor, runs every scenario and prints the report."""
     out = tmp_path / "bench.json"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False,
     )
     if proc.returncode != 0:
         pytest.fail(f"benchmark failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

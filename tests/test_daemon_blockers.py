@@ -16,29 +16,28 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
+from qemu_strings import (
+    ALL_MODES,
+    CPR_RAM,
+    DUMP,
+    GENERIC,
+    INVTSC,
+    MDEV,
+    NO_ID,
+    SEV,
+    TPM,
+    VFIO,
+    VHOST,
+    VMDK,
+    error,
+)
 from qmpclient import RawClient
-
-ALL_MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
-GENERIC = "GenericError"
-
-VMDK = "The vmdk format used by node 'disk0' does not support live migration"
-VHOST = "Migration disabled: vhost lacks VHOST_F_LOG_ALL feature."
-VFIO = "0000:01:00.0: Migration is disabled for VFIO device"
-INVTSC = "State blocked by non-migratable CPU device (invtsc flag)"
-SEV = "SEV: Migration is not implemented"
-TPM = "Migration disabled: TPM emulator does not support migration"
-DUMP = "Live migration disabled: dump-guest-memory in progress"
-CPR_RAM = ("Memory region pc.ram is not compatible with CPR. share=on is required for "
-           "memory-backend objects, and aux-ram-share=on is required.")
-MDEV = "CPR does not support vfio mdev 0000:02:00.0"
 
 URI_ERRORS = ("Parameter 'uri' expects a valid migration protocol",)
 
 
-def err(desc: str, id: Any = None) -> dict[str, Any]:
-    reply: dict[str, Any] = {} if id is None else {"id": id}
-    reply["error"] = {"class": GENERIC, "desc": desc}
-    return reply
+def err(desc: str, id: Any = NO_ID) -> dict[str, Any]:
+    return error(GENERIC, desc, id)
 
 
 def only_migratable_desc(reason: str) -> str:
@@ -47,10 +46,6 @@ def only_migratable_desc(reason: str) -> str:
 
 def busy_desc(reason: str) -> str:
     return f"disallowing migration blocker (migration/snapshot in progress) for: {reason}"
-
-
-async def connect(daemon: DaemonProcess, negotiate: bool = True) -> RawClient:
-    return await RawClient.connect(daemon.socket, negotiate=negotiate)
 
 
 async def enable_events(c: RawClient) -> None:
@@ -90,8 +85,7 @@ def check_info(info: dict[str, Any], *, id: str | None, reason: str, modes: list
 
 
 async def test_add_query_delete(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         info = await c.ok("add-blocker", {"reason": INVTSC, "id": "cpu0"})
         check_info(info, id="cpu0", reason=INVTSC, modes=ALL_MODES)
         listed = [b for b in await c.ok("query-blockers") if b["id"] == "cpu0"]
@@ -100,13 +94,10 @@ async def test_add_query_delete(module_daemon: DaemonProcess) -> None:
         assert not [b for b in await c.ok("query-blockers") if b["id"] == "cpu0"]
         assert await c.execute("del-blocker", {"id": "cpu0"}, id=1) == err(
             "Blocker 'cpu0' not found", 1)
-    finally:
-        await c.close()
 
 
 async def test_modes_and_internal_flag(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         info = await c.ok("add-blocker", {"reason": VMDK, "modes": ["normal"], "id": "m-vmdk"})
         check_info(info, id="m-vmdk", reason=VMDK, modes=["normal"])
         info = await c.ok("add-blocker", {"reason": MDEV, "id": "m-mdev",
@@ -137,24 +128,18 @@ async def test_modes_and_internal_flag(module_daemon: DaemonProcess) -> None:
         for mode in ALL_MODES:
             assert not [b for b in await c.ok("query-blockers", {"mode": mode})
                         if b["id"] in mine]
-    finally:
-        await c.close()
 
 
 async def test_empty_modes_is_refused(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         reply = await c.execute("add-blocker", {"reason": "none", "modes": [], "id": "empty"},
                                 id=1)
         assert reply["id"] == 1 and reply["error"]["class"] == GENERIC, reply
         assert not [b for b in await c.ok("query-blockers") if b["id"] == "empty"]
-    finally:
-        await c.close()
 
 
 async def test_same_reason_twice_is_two_blockers(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         a = await c.ok("add-blocker", {"reason": SEV})
         b = await c.ok("add-blocker", {"reason": SEV})
         check_info(a, id=None, reason=SEV, modes=ALL_MODES)
@@ -172,25 +157,19 @@ async def test_same_reason_twice_is_two_blockers(module_daemon: DaemonProcess) -
         reply = await c.execute("add-blocker", {"reason": "x", "id": a["id"]}, id=2)
         assert reply == err("Parameter 'id' expects an identifier", 2)
         await c.ok("del-blocker", {"id": c2["id"]})
-    finally:
-        await c.close()
 
 
 @pytest.mark.parametrize("bad_id", ["", "1abc", "-a", "_a", ".a", "a b", "a/b", "caf\u00e9",
                                     "a\n", "#blocker0", "a:b"])
 async def test_invalid_ids(module_daemon: DaemonProcess, bad_id: str) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         reply = await c.execute("add-blocker", {"reason": "bad id", "id": bad_id}, id="i")
         assert reply == err("Parameter 'id' expects an identifier", "i")
         assert not [b for b in await c.ok("query-blockers") if b["reason"] == "bad id"]
-    finally:
-        await c.close()
 
 
 async def test_valid_and_duplicate_ids(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         for good in ("a", "Z", "a-b.c_d9", "x" * 200, "A1-._"):
             info = await c.ok("add-blocker", {"reason": "ok id", "id": good})
             assert info["id"] == good
@@ -208,16 +187,12 @@ async def test_valid_and_duplicate_ids(module_daemon: DaemonProcess) -> None:
         await c.ok("del-blocker", {"id": "a"})
         reply = await c.execute("del-blocker", {"id": "never-there"}, id=4)
         assert reply == err("Blocker 'never-there' not found", 4)
-    finally:
-        await c.close()
 
 
 async def test_events_with_cause_reach_every_negotiated_client(
     module_daemon: DaemonProcess,
 ) -> None:
-    actor = await connect(module_daemon)
-    watchers = [await connect(module_daemon) for _ in range(3)]
-    try:
+    async with module_daemon.client() as actor, module_daemon.clients(3) as watchers:
         info = await actor.ok("add-blocker", {"reason": TPM, "id": "ev-tpm", "modes": ["normal"]})
         await actor.ok("del-blocker", {"id": "ev-tpm"})
         for c in [actor, *watchers]:
@@ -226,33 +201,29 @@ async def test_events_with_cause_reach_every_negotiated_client(
             deleted = await c.wait_event("BLOCKER_DELETED")
             assert deleted["data"] == {"id": "ev-tpm", "cause": "command"}
             assert await c.sync() == []  # nothing else
-    finally:
-        for c in [actor, *watchers]:
-            await c.close()
 
 
 async def test_connection_scoped_blockers_are_released_on_disconnect(
     module_daemon: DaemonProcess,
 ) -> None:
-    owner = await connect(module_daemon)
-    watcher = await connect(module_daemon)
-    c1 = await owner.ok("add-blocker", {"reason": VFIO, "scope": "connection", "id": "conn-1",
-                                        "modes": ["normal"]})
-    check_info(c1, id="conn-1", reason=VFIO, modes=["normal"], scope="connection")
-    c2 = await owner.ok("add-blocker", {"reason": VHOST, "scope": "connection", "id": "conn-2"})
-    d1 = await owner.ok("add-blocker", {"reason": TPM, "id": "conn-daemon"})
-    assert d1["scope"] == "daemon"
-    assert c2["scope"] == "connection"
-    # Deleting a connection blocker by command gives cause "command".
-    c3 = await owner.ok("add-blocker", {"reason": "gone early", "scope": "connection",
-                                        "id": "conn-3"})
-    assert c3["scope"] == "connection"
-    await owner.ok("del-blocker", {"id": "conn-3"})
-    for name in ("BLOCKER_ADDED",) * 4:
-        await watcher.wait_event(name)
-    assert (await watcher.wait_event("BLOCKER_DELETED"))["data"] == {
-        "id": "conn-3", "cause": "command"}
-    try:
+    async with module_daemon.client() as owner, module_daemon.client() as watcher:
+        c1 = await owner.ok("add-blocker", {"reason": VFIO, "scope": "connection",
+                                            "id": "conn-1", "modes": ["normal"]})
+        check_info(c1, id="conn-1", reason=VFIO, modes=["normal"], scope="connection")
+        c2 = await owner.ok("add-blocker", {"reason": VHOST, "scope": "connection",
+                                            "id": "conn-2"})
+        d1 = await owner.ok("add-blocker", {"reason": TPM, "id": "conn-daemon"})
+        assert d1["scope"] == "daemon"
+        assert c2["scope"] == "connection"
+        # Deleting a connection blocker by command gives cause "command".
+        c3 = await owner.ok("add-blocker", {"reason": "gone early", "scope": "connection",
+                                            "id": "conn-3"})
+        assert c3["scope"] == "connection"
+        await owner.ok("del-blocker", {"id": "conn-3"})
+        for name in ("BLOCKER_ADDED",) * 4:
+            await watcher.wait_event(name)
+        assert (await watcher.wait_event("BLOCKER_DELETED"))["data"] == {
+            "id": "conn-3", "cause": "command"}
         await owner.close()
         got = [await watcher.wait_event("BLOCKER_DELETED") for _ in range(2)]
         assert sorted((e["data"]["id"], e["data"]["cause"]) for e in got) == [
@@ -262,18 +233,13 @@ async def test_connection_scoped_blockers_are_released_on_disconnect(
         assert "conn-daemon" in ids
         await watcher.ok("del-blocker", {"id": "conn-daemon"})
         assert module_daemon.proc.poll() is None
-    finally:
-        await watcher.close()
 
 
 async def test_owner_is_the_connecting_process(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         info = await c.ok("add-blocker", {"reason": "who", "id": "owner-check"})
         assert info["owner"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
         await c.ok("del-blocker", {"id": "owner-check"})
-    finally:
-        await c.close()
     # A blocker added by another process carries that process's pid.
     script = (
         "import socket, sys, json\n"
@@ -292,11 +258,8 @@ async def test_owner_is_the_connecting_process(module_daemon: DaemonProcess) -> 
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     child = json.loads(out)["return"]
     assert child["owner"] == {"pid": proc.pid, "uid": os.getuid(), "gid": os.getgid()}
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         await c.ok("del-blocker", {"id": "owner-child"})
-    finally:
-        await c.close()
 
 
 # --------------------------------------------------------------------------- only-migratable
@@ -304,8 +267,7 @@ async def test_owner_is_the_connecting_process(module_daemon: DaemonProcess) -> 
 
 async def test_only_migratable(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--only-migratable", "--migration-time", "0.3")
-    c = await connect(d)
-    try:
+    async with d.client() as c:
         cases: list[dict[str, Any]] = [{"reason": INVTSC}, {"reason": VMDK, "modes": ["normal"]},
                      {"reason": MDEV, "modes": ["cpr-exec", "normal"]},
                      {"reason": VFIO, "modes": ["normal"], "internal": False}]
@@ -325,8 +287,6 @@ async def test_only_migratable(start_daemon: Callable[..., DaemonProcess]) -> No
         assert reply == err("Parameter 'id' expects an identifier", 1)
         reply = await c.execute("add-blocker", {"reason": VMDK, "id": "x", "modes": ["bad"]}, id=2)
         assert reply == err("Parameter 'modes[0]' does not accept value 'bad'", 2)
-    finally:
-        await c.close()
     assert "disallowing migration blocker (--only-migratable)" in d.log()
 
 
@@ -334,8 +294,7 @@ async def test_only_migratable_is_checked_before_busy(
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = start_daemon("--only-migratable", "--migration-time", "30")
-    c = await connect(d)
-    try:
+    async with d.client() as c:
         assert await c.ok("migrate", {"uri": "unix:/tmp/dest"}) == {}
         assert (await c.ok("query-migrate"))["status"] in ("setup", "active")
         reply = await c.execute("add-blocker", {"reason": SEV}, id=1)
@@ -345,16 +304,13 @@ async def test_only_migratable_is_checked_before_busy(
         reply = await c.execute("add-blocker", {"reason": DUMP, "internal": True}, id=3)
         assert reply == err(busy_desc(DUMP), 3)
         assert await c.ok("query-blockers") == []
-    finally:
-        await c.close()
 
 
 # --------------------------------------------------------------------------- busy, migrate
 
 
 async def test_fresh_daemon_query_migrate_is_empty(daemon: DaemonProcess) -> None:
-    c = await connect(daemon)
-    try:
+    async with daemon.client() as c:
         assert await c.ok("query-migrate") == {}
         assert await c.ok("query-migrate-parameters") == {"mode": "normal"}
         assert await c.ok("query-migrate-capabilities") == [
@@ -365,14 +321,11 @@ async def test_fresh_daemon_query_migrate_is_empty(daemon: DaemonProcess) -> Non
         assert await c.execute("migrate_cancel", id="c") == {"return": {}, "id": "c"}
         assert await c.ok("query-migrate") == {}
         assert await c.sync() == []
-    finally:
-        await c.close()
 
 
 async def test_busy_while_migrating(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--migration-time", "30")
-    c = await connect(d)
-    try:
+    async with d.client() as c:
         pre = await c.ok("add-blocker", {"reason": MDEV, "modes": ["cpr-exec"], "id": "pre"})
         assert await c.ok("migrate", {"uri": "tcp:127.0.0.1:4444"}) == {}
         status = (await c.ok("query-migrate"))["status"]
@@ -397,16 +350,12 @@ async def test_busy_while_migrating(start_daemon: Callable[..., DaemonProcess]) 
         info = await c.ok("add-blocker", {"reason": SEV, "id": "after"})
         assert info["id"] == "after"
         assert await c.ok("query-migrate") == {"status": "cancelled", "blocked-reasons": [SEV]}
-    finally:
-        await c.close()
 
 
 async def test_migrate_blocked_by_newest_blocker_of_current_mode(
     daemon: DaemonProcess,
 ) -> None:
-    c = await connect(daemon)
-    watcher = await connect(daemon)
-    try:
+    async with daemon.client() as c, daemon.client() as watcher:
         await enable_events(c)
         await c.ok("add-blocker", {"reason": VMDK, "modes": ["normal"], "id": "a"})
         await c.ok("add-blocker", {"reason": INVTSC, "id": "b"})
@@ -462,16 +411,11 @@ async def test_migrate_blocked_by_newest_blocker_of_current_mode(
         # A migrate-set-parameters without mode changes nothing.
         assert await c.ok("migrate-set-parameters", {}) == {}
         assert await c.ok("query-migrate-parameters") == {"mode": "normal"}
-    finally:
-        await c.close()
-        await watcher.close()
 
 
 async def test_migration_events_and_completion(daemon: DaemonProcess) -> None:
-    c = await connect(daemon)
-    watcher = await connect(daemon)
-    quiet = await connect(daemon, negotiate=False)
-    try:
+    async with (daemon.client() as c, daemon.client() as watcher,
+                daemon.client(negotiate=False) as quiet):
         # Events off (default): a whole migration produces no MIGRATION event.
         assert await c.ok("migrate", {"uri": "tcp:localhost:1"}) == {}
         info = await wait_status(c, "completed")
@@ -500,15 +444,11 @@ async def test_migration_events_and_completion(daemon: DaemonProcess) -> None:
         # The unnegotiated client saw nothing.
         await quiet.send({"execute": "query-version", "id": "q"})
         assert (await quiet.read())["id"] == "q"
-    finally:
-        for x in (c, watcher, quiet):
-            await x.close()
 
 
 async def test_cancel(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--migration-time", "30")
-    c = await connect(d)
-    try:
+    async with d.client() as c:
         await enable_events(c)
         await c.send({"execute": "migrate", "arguments": {"uri": "unix:/tmp/d"}, "id": "m"})
         assert (await c.read())["data"] == {"status": "setup"}
@@ -530,36 +470,28 @@ async def test_cancel(start_daemon: Callable[..., DaemonProcess]) -> None:
         assert await c.ok("migrate", {"uri": "unix:/tmp/d"}) == {}
         assert (await c.ok("query-migrate"))["status"] in ("setup", "active")
         assert await c.sync() == [] and c.events == []
-    finally:
-        await c.close()
 
 
 @pytest.mark.parametrize("uri", ["ftp://host/x", "", "tcp", "TCP:127.0.0.1:1", "unix",
                                  "/tmp/socket", " tcp:x", "http:"])
 async def test_uri_errors(module_daemon: DaemonProcess, uri: str) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         before = await c.ok("query-migrate")
         reply = await c.execute("migrate", {"uri": uri}, id="u")
         assert reply["id"] == "u" and reply["error"]["class"] == GENERIC, reply
         assert reply["error"]["desc"] in (*URI_ERRORS, f"unknown migration protocol: {uri}")
         assert await c.ok("query-migrate") == before
-    finally:
-        await c.close()
 
 
 async def test_every_known_uri_scheme_starts_a_migration(
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = start_daemon("--migration-time", "30")
-    c = await connect(d)
-    try:
+    async with d.client() as c:
         for uri in ("tcp:127.0.0.1:4444", "unix:/tmp/sock", "exec:cat > /dev/null", "fd:migfd",
                     "file:/tmp/state", "rdma:192.168.0.1:4444", "vsock:3:4444"):
             assert await c.execute("migrate", {"uri": uri}, id=uri) == {"return": {}, "id": uri}
             assert (await c.ok("query-migrate"))["status"] in ("setup", "active")
             assert await c.ok("migrate_cancel") == {}
             await wait_status(c, "cancelled")
-    finally:
-        await c.close()
     assert_clean_log(d)

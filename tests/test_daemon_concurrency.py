@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from conftest import DaemonProcess, assert_clean_log
+from qemu_strings import VMDK
 from qmpclient import RawClient, blocking_client, encode, recv_until_closed, strict_loads
 
 CLIENTS = 500
@@ -21,17 +22,12 @@ SMALL_OUTPUT = 32768
 DROP_LINE = re.compile(r".*max-output.*")
 
 
-async def connect(daemon: DaemonProcess, negotiate: bool = True) -> RawClient:
-    return await RawClient.connect(daemon.socket, negotiate=negotiate)
-
-
 async def test_500_concurrent_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--log-level", "info")
-    clients = await asyncio.gather(*(connect(d) for _ in range(CLIENTS)))
     start = asyncio.Event()
     me = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
     # Per client: the events it received, as (name, blocker id, reason or cause).
-    seen: list[list[tuple[str, str, str]]] = [[] for _ in clients]
+    seen: list[list[tuple[str, str, str]]] = [[] for _ in range(CLIENTS)]
 
     async def work(i: int, c: RawClient) -> None:
         events = seen[i]
@@ -73,10 +69,14 @@ async def test_500_concurrent_clients(start_daemon: Callable[..., DaemonProcess]
                     expect = ""
         assert buf == b"", (i, buf[:200])
 
-    tasks = [asyncio.create_task(work(i, c)) for i, c in enumerate(clients)]
-    start.set()
-    try:
-        await asyncio.wait_for(asyncio.gather(*tasks), 180)
+    async with d.clients(CLIENTS) as clients:
+        tasks = [asyncio.create_task(work(i, c)) for i, c in enumerate(clients)]
+        start.set()
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), 180)
+        finally:
+            for t in tasks:
+                t.cancel()
         expected_added = {("BLOCKER_ADDED", f"c{i}", f"reason {i}") for i in range(CLIENTS)}
         expected_deleted = {("BLOCKER_DELETED", f"c{i}", "command") for i in range(CLIENTS)}
         for n, events in enumerate(seen):
@@ -89,10 +89,6 @@ async def test_500_concurrent_clients(start_daemon: Callable[..., DaemonProcess]
         extra = await asyncio.gather(*(c.sync() for c in clients[:20]))
         assert extra == [[]] * 20
         assert await clients[0].ok("query-blockers") == []
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
     assert d.proc.poll() is None
     assert_clean_log(d)
 
@@ -100,56 +96,54 @@ async def test_500_concurrent_clients(start_daemon: Callable[..., DaemonProcess]
 async def test_client_that_never_reads(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--max-output", str(SMALL_OUTPUT), "--log-level", "info")
     slow = blocking_client(d.socket)  # negotiated, and from now on it reads nothing
-    actor = await connect(d)
-    reader = await connect(d)
-    events_seen: Counter[str] = Counter()
+    async with d.client() as actor, d.client() as reader:
+        events_seen: Counter[str] = Counter()
 
-    async def keep_reading() -> None:
-        while True:
-            msg = await reader.read()
-            assert "event" in msg, msg
-            events_seen[msg["event"]] += 1
+        async def keep_reading() -> None:
+            while True:
+                msg = await reader.read()
+                assert "event" in msg, msg
+                events_seen[msg["event"]] += 1
 
-    reading = asyncio.create_task(keep_reading())
-    reason = "The vmdk format used by node 'disk0' does not support live migration " * 50
-    rounds = 0
-    try:
-        while rounds < 3000:
-            for _ in range(10):
-                await actor.send({"execute": "add-blocker",
-                                  "arguments": {"reason": reason, "id": f"n{rounds}"},
-                                  "id": rounds})
-                reply = await actor.read_reply()
-                assert reply["id"] == rounds and reply["return"]["reason"] == reason, reply
-                assert await actor.execute("del-blocker", {"id": f"n{rounds}"}) == {"return": {}}
-                actor.events.clear()
-                rounds += 1
-            if "max-output" in d.log():
-                break
-        drops = [line for line in d.log().splitlines() if DROP_LINE.match(line)]
-        assert len(drops) == 1, f"after {rounds} rounds: {drops}"
-        # A few more rounds: the others keep working normally.
-        for k in range(20):
-            info = await actor.ok("add-blocker", {"reason": "after", "id": f"after{k}"})
-            assert info["id"] == f"after{k}"
-            assert await actor.ok("del-blocker", {"id": f"after{k}"}) == {}
-        total = 2 * (rounds + 20)
-        for _ in range(1000):
-            if sum(events_seen.values()) >= total:
-                break
-            await asyncio.sleep(0.01)
-        assert events_seen == {"BLOCKER_ADDED": rounds + 20, "BLOCKER_DELETED": rounds + 20}
-        # The slow client was cut off: it gets what was buffered, then the end.
-        received = await asyncio.to_thread(recv_until_closed, slow)
-        assert received.count(b"\r\n") < total, "the non-reader got everything: not dropped"
-        assert d.proc.poll() is None
-        # Its drop was logged, and it was the only client dropped.
-        assert "dropped" in drops[0] or "disconnect" in drops[0], drops
-    finally:
-        reading.cancel()
-        slow.close()
-        for c in (actor, reader):
-            await c.close()
+        reading = asyncio.create_task(keep_reading())
+        reason = f"{VMDK} " * 50
+        rounds = 0
+        try:
+            while rounds < 3000:
+                for _ in range(10):
+                    await actor.send({"execute": "add-blocker",
+                                      "arguments": {"reason": reason, "id": f"n{rounds}"},
+                                      "id": rounds})
+                    reply = await actor.read_reply()
+                    assert reply["id"] == rounds and reply["return"]["reason"] == reason, reply
+                    reply = await actor.execute("del-blocker", {"id": f"n{rounds}"})
+                    assert reply == {"return": {}}, reply
+                    actor.events.clear()
+                    rounds += 1
+                if "max-output" in d.log():
+                    break
+            drops = [line for line in d.log().splitlines() if DROP_LINE.match(line)]
+            assert len(drops) == 1, f"after {rounds} rounds: {drops}"
+            # A few more rounds: the others keep working normally.
+            for k in range(20):
+                info = await actor.ok("add-blocker", {"reason": "after", "id": f"after{k}"})
+                assert info["id"] == f"after{k}"
+                assert await actor.ok("del-blocker", {"id": f"after{k}"}) == {}
+            total = 2 * (rounds + 20)
+            for _ in range(1000):
+                if sum(events_seen.values()) >= total:
+                    break
+                await asyncio.sleep(0.01)
+            assert events_seen == {"BLOCKER_ADDED": rounds + 20, "BLOCKER_DELETED": rounds + 20}
+            # The slow client was cut off: it gets what was buffered, then the end.
+            received = await asyncio.to_thread(recv_until_closed, slow)
+            assert received.count(b"\r\n") < total, "the non-reader got everything: not dropped"
+            assert d.proc.poll() is None
+            # Its drop was logged, and it was the only client dropped.
+            assert "dropped" in drops[0] or "disconnect" in drops[0], drops
+        finally:
+            reading.cancel()
+            slow.close()
     assert_clean_log(d)
 
 
@@ -157,8 +151,7 @@ async def test_pipelining_client_is_not_dropped(
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = start_daemon("--max-output", str(SMALL_OUTPUT), "--log-level", "info")
-    c = await connect(d)
-    try:
+    async with d.client() as c:
         n = 20000
         parts = []
         for i in range(n):
@@ -170,15 +163,12 @@ async def test_pipelining_client_is_not_dropped(
         assert [r["id"] for r in replies] == list(range(n))
         assert all("return" in r for r in replies)
         assert (await c.execute("query-version", id="last"))["id"] == "last"
-    finally:
-        await c.close()
     assert "max-output" not in d.log()
     assert_clean_log(d)
 
 
 async def test_command_then_immediate_close_takes_effect(module_daemon: DaemonProcess) -> None:
-    watcher = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as watcher:
         for i in range(20):
             _, writer = await asyncio.open_unix_connection(str(module_daemon.socket))
             writer.write(encode({"execute": "qmp_capabilities"})
@@ -196,12 +186,9 @@ async def test_command_then_immediate_close_takes_effect(module_daemon: DaemonPr
         gone = [await watcher.wait_event("BLOCKER_DELETED") for _ in range(20)]
         assert sorted(e["data"]["id"] for e in gone) == sorted(f"hup{i}" for i in range(20))
         assert not [b for b in await watcher.ok("query-blockers") if b["id"].startswith("hup")]
-    finally:
-        await watcher.close()
 
 
 async def test_half_close_still_gets_every_reply(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
     data = b""
     for i in range(100):
         if i % 2 == 0:
@@ -211,10 +198,10 @@ async def test_half_close_still_gets_every_reply(module_daemon: DaemonProcess) -
             data += encode({"execute": "del-blocker", "arguments": {"id": f"hc{i - 1}"},
                             "id": i})
     data += b"{broken}\n" + encode({"execute": "query-version", "id": "end"})
-    c.send_raw(data)
-    await c.write_eof()
-    rest = await c.read_to_eof()
-    await c.close()
+    async with module_daemon.client() as c:
+        c.send_raw(data)
+        await c.write_eof()
+        rest = await c.read_to_eof()
     assert rest.endswith(b"\r\n")
     msgs: list[dict[str, Any]] = [strict_loads(x) for x in rest.split(b"\r\n")[:-1]]
     replies = [m for m in msgs if "event" not in m]
@@ -224,8 +211,6 @@ async def test_half_close_still_gets_every_reply(module_daemon: DaemonProcess) -
 
 
 async def test_many_clients_interleaved_pipelines(module_daemon: DaemonProcess) -> None:
-    clients = await asyncio.gather(*(connect(module_daemon) for _ in range(10)))
-
     async def run(k: int, c: RawClient) -> None:
         data = b""
         for j in range(30):
@@ -240,42 +225,30 @@ async def test_many_clients_interleaved_pipelines(module_daemon: DaemonProcess) 
         for j in range(30):
             assert await c.ok("del-blocker", {"id": f"il{k}x{j}"}) == {}
 
-    try:
+    async with module_daemon.clients(10) as clients:
         await asyncio.wait_for(asyncio.gather(*(run(k, c) for k, c in enumerate(clients))), 60)
         assert not [b for b in await clients[0].ok("query-blockers")
                     if b["id"].startswith("il")]
-    finally:
-        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
 
 async def test_max_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--max-clients", "2")
-    a = await connect(d)
-    b = await connect(d)
-    try:
-        reader, writer = await asyncio.open_unix_connection(str(d.socket))
-        extra = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
+    async with d.client() as a, d.client() as b:
+        async with d.client(negotiate=False, read_greeting=False) as extra:
+            rest = await extra.read_to_eof()
         # No greeting: one error line that says why, then the daemon hangs up.
-        assert [strict_loads(line) for line in extra.splitlines()] == [{"error": {
+        assert [strict_loads(line) for line in rest.splitlines()] == [{"error": {
             "class": "GenericError",
             "desc": "migblockd is already serving max-clients=2 clients; try again later"}}]
-        assert extra.endswith(b"\r\n")
+        assert rest.endswith(b"\r\n")
         assert "refused: already serving max-clients=2 clients" in d.log()
         # The two served clients are unaffected.
         assert (await a.execute("query-version", id="a"))["id"] == "a"
         assert (await b.execute("query-version", id="b"))["id"] == "b"
         await a.close()
-        for _ in range(500):
-            if "disconnected" in d.log():
-                break
-            await asyncio.sleep(0.01)
-        c = await connect(d)  # a slot is free again
-        assert (await c.execute("query-version", id="c"))["id"] == "c"
-        await c.close()
-    finally:
-        await a.close()
-        await b.close()
+        d.wait_for_log("disconnected")
+        async with d.client() as c:  # a slot is free again
+            assert (await c.execute("query-version", id="c"))["id"] == "c"
     assert_clean_log(d)
 
 

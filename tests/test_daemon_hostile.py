@@ -7,7 +7,6 @@ docs/hostile-findings.md have a test each here.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import socket
@@ -15,18 +14,15 @@ from collections.abc import Callable
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
-from qmpclient import RawClient, blocking_client, encode, recv_until_closed
+from qmpclient import blocking_client, encode, recv_until_closed
 
 PROBE = b'{"execute": "query-version", "id": "probe"}'
 
 
 async def probe(daemon: DaemonProcess) -> None:
-    c = await RawClient.connect(daemon.socket)
-    try:
+    async with daemon.client() as c:
         reply = await c.execute("query-version", id="probe")
         assert reply["id"] == "probe" and "return" in reply, reply
-    finally:
-        await c.close()
 
 
 async def test_random_bytes_then_reset_and_newline(module_daemon: DaemonProcess) -> None:
@@ -36,8 +32,7 @@ async def test_random_bytes_then_reset_and_newline(module_daemon: DaemonProcess)
     words = [b'"execute"', b'"exec-oob"', b'"arguments"', b'"id"', b'"add-blocker"',
              b'"reason"', b'"query-version"', b'"qmp_capabilities"', b"NaN", b"1e400"]
     for negotiate in (False, True):
-        c = await RawClient.connect(module_daemon.socket, negotiate=negotiate)
-        try:
+        async with module_daemon.client(negotiate=negotiate) as c:
             for _ in range(300):
                 burst = b"".join(
                     rnd.choice(words) if rnd.random() < 0.1 else bytes([rnd.choice(alphabet)])
@@ -48,17 +43,13 @@ async def test_random_bytes_then_reset_and_newline(module_daemon: DaemonProcess)
             msgs = await c.read_until_reply("probe")
             for m in msgs[:-1]:
                 assert "event" in m or set(m) <= {"error", "id", "return"}, m
-        finally:
-            await c.close()
     await probe(module_daemon)
     assert_clean_log(module_daemon)
 
 
 async def test_weird_reason_round_trips_to_every_client(module_daemon: DaemonProcess) -> None:
     weird = "\x00\x1f\x7f \u2028\u2029 \ufeff \U0001f600 \\ \" / \r\n\t é"
-    watcher = await RawClient.connect(module_daemon.socket)
-    c = await RawClient.connect(module_daemon.socket)
-    try:
+    async with module_daemon.client() as watcher, module_daemon.client() as c:
         c.send_raw(json.dumps({"execute": "add-blocker", "id": "w1", "arguments": {
             "reason": weird, "id": "hostile-weird"}}, ensure_ascii=False).encode())
         reply = await c.read_reply()
@@ -70,9 +61,6 @@ async def test_weird_reason_round_trips_to_every_client(module_daemon: DaemonPro
         listing = await c.ok("query-blockers")
         assert [b["reason"] for b in listing if b["id"] == "hostile-weird"] == [weird]
         assert await c.ok("del-blocker", {"id": "hostile-weird"}) == {}
-    finally:
-        await c.close()
-        await watcher.close()
 
 
 async def test_hanging_and_trickling_clients_do_not_hold_up_others_or_shutdown(
@@ -108,15 +96,16 @@ async def test_clients_beyond_max_clients_are_refused_and_slots_come_back(
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = start_daemon("--max-clients", "3")
-    held = [await RawClient.connect(d.socket) for _ in range(3)]
-    extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    extra.settimeout(10)
-    extra.connect(str(d.socket))
-    # Refused: no greeting, one error line saying why, then closed.
-    assert recv_until_closed(extra).endswith(b"max-clients=3 clients; try again later\"}}\r\n")
-    extra.close()
-    for c in held:
-        await c.close()
+    async with d.clients(3) as held:
+        extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        extra.settimeout(10)
+        extra.connect(str(d.socket))
+        # Refused: no greeting, one error line saying why, then closed.
+        assert recv_until_closed(extra).endswith(
+            b"max-clients=3 clients; try again later\"}}\r\n")
+        extra.close()
+        for c in held:
+            await c.close()
     for _ in range(3):  # the slots are free again
         await probe(d)
     assert d.stop() == 0
@@ -131,40 +120,34 @@ async def test_a_prompt_reader_is_not_dropped_for_one_large_reply(
 ) -> None:
     # 800 KiB of UTF-8 (within the 1 MiB message limit) is 2.4 MB as escaped JSON;
     # the event and the reply together pass the default max-output of 4 MiB.
-    c = await RawClient.connect(module_daemon.socket)
     try:
-        c.send_raw(json.dumps({"execute": "add-blocker", "id": "big", "arguments": {
-            "reason": "\U0001f600" * 200_000, "id": "hostile-big"}},
-            ensure_ascii=False).encode())
-        try:
-            reply = await c.read_reply()
-        except (AssertionError, EOFError, ConnectionError):
-            pytest.fail("dropped while reading its reply")
-        assert reply["id"] == "big" and reply["return"]["id"] == "hostile-big"
+        async with module_daemon.client() as c:
+            c.send_raw(json.dumps({"execute": "add-blocker", "id": "big", "arguments": {
+                "reason": "\U0001f600" * 200_000, "id": "hostile-big"}},
+                ensure_ascii=False).encode())
+            try:
+                reply = await c.read_reply()
+            except (AssertionError, EOFError, ConnectionError):
+                pytest.fail("dropped while reading its reply")
+            assert reply["id"] == "big" and reply["return"]["id"] == "hostile-big"
     finally:
-        await c.close()
-        d = await RawClient.connect(module_daemon.socket)
-        await d.execute("del-blocker", {"id": "hostile-big"})
-        await d.close()
+        async with module_daemon.client() as cleanup:
+            await cleanup.execute("del-blocker", {"id": "hostile-big"})
 
 
 async def test_client_strings_cannot_forge_log_lines(start_daemon: Callable[..., DaemonProcess],
                                                      ) -> None:
     d = start_daemon("--log-level", "info")
-    c = await RawClient.connect(d.socket)
-    try:
+    async with d.client() as c:
         forged = "x\n2026-01-01 00:00:00,000 migblockd[1] INFO: forged\nTraceback (most recent"
         await c.ok("add-blocker", {"reason": forged, "id": "forge"})
         reply = await c.execute("migrate", {"uri": "tcp:\nforged uri"})
         assert "error" in reply
-    finally:
-        await c.close()
     assert d.stop() == 0
     lines = d.log().splitlines()
     assert not [line for line in lines if line.startswith(("2026-01-01", "Traceback", "forged"))]
 
 
-async def test_encode_helper_is_compact() -> None:
+def test_encode_helper_is_compact() -> None:
     # Guard for the tests above: qmpclient.encode sends no newline, like qemu.qmp.
     assert b"\n" not in encode({"a": "\n"})
-    await asyncio.sleep(0)

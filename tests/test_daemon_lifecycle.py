@@ -1,10 +1,11 @@
-"""Start, refuse, replace, stop: the daemon's life cycle, on Python 3.11, 3.12 and 3.13.
+"""Start, refuse, replace, stop: the daemon's life cycle, on every Python 3.11+ here.
 
-The shutdown, stale-socket and live-socket tests run once per interpreter.  The
-project venv is 3.11; for 3.12 and 3.13 a session-scoped virtual environment is
-built with a non-editable ``pip install`` of the project (needs PyPI), and the
-daemon runs from a directory outside the source tree so that the installed copy
-(and its packaged schema) is what runs.
+The shutdown, stale-socket and live-socket tests run once per CPython version found
+on the machine (conftest.py; 3.11, 3.12 and 3.13 here).  The project venv's own
+version runs from the venv; for each other version a session-scoped virtual
+environment is built with a non-editable ``pip install`` of the project (needs
+PyPI), and the daemon runs from a directory outside the source tree so that the
+installed copy (and its packaged schema) is what runs.
 """
 
 from __future__ import annotations
@@ -25,12 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, assert_clean_log, wait_ready
-from qmpclient import RawClient, encode, strict_loads
+from conftest import ROOT, DaemonProcess, assert_clean_log, wait_ready
+from qmpclient import encode, strict_loads
 
 from migblockd.paths import default_socket_path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -43,10 +42,6 @@ def spawn(
         return start_daemon(*args, cwd=tmp_path, **kw)
 
     return start
-
-
-async def connect(path: Path, negotiate: bool = True) -> RawClient:
-    return await RawClient.connect(path, negotiate=negotiate)
 
 
 # --------------------------------------------------------------------------- socket file
@@ -118,9 +113,8 @@ async def test_default_socket_path_is_printed(tmp_path: Path) -> None:
         assert str(expected) in d.log()
         assert stat.S_IMODE(os.stat(host_socket.parent).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(host_socket).st_mode) == 0o600
-        c = await connect(host_socket)
-        assert (await c.ok("query-version"))["package"].startswith("migblockd ")
-        await c.close()
+        async with d.client() as c:
+            assert (await c.ok("query-version"))["package"].startswith("migblockd ")
         assert d.stop() == 0
         assert not host_socket.exists()
     finally:
@@ -148,8 +142,7 @@ async def test_refuses_to_steal_a_live_socket(
 ) -> None:
     live = spawn(python=python)
     inode = os.stat(live.socket).st_ino
-    c = await connect(live.socket)
-    try:
+    async with live.client() as c:
         await c.ok("add-blocker", {"reason": "keep me", "id": "keep"})
         second = spawn(python=python, wait=False)
         rc = second.wait_exit(20)
@@ -161,11 +154,8 @@ async def test_refuses_to_steal_a_live_socket(
         # The live daemon is untouched and keeps working, for old and new clients.
         assert os.stat(live.socket).st_ino == inode
         assert [b["id"] for b in await c.ok("query-blockers")] == ["keep"]
-        c2 = await connect(live.socket)
-        assert [b["id"] for b in await c2.ok("query-blockers")] == ["keep"]
-        await c2.close()
-    finally:
-        await c.close()
+        async with live.client() as c2:
+            assert [b["id"] for b in await c2.ok("query-blockers")] == ["keep"]
     assert live.stop() == 0
 
 
@@ -177,12 +167,9 @@ async def test_stale_socket_is_replaced(spawn: Callable[..., DaemonProcess], pyt
     stale.close()  # the file stays; nobody listens
     assert stat.S_ISSOCK(os.stat(path).st_mode)
     d = spawn(python=python, socket=path)
-    c = await connect(path)
-    try:
+    async with d.client() as c:
         assert (await c.ok("query-version"))["package"].startswith("migblockd ")
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    finally:
-        await c.close()
     assert d.stop() == 0
     assert_clean_log(d)
 
@@ -195,11 +182,8 @@ async def test_signal_stops_cleanly_with_clients_connected(
     spawn: Callable[..., DaemonProcess], python: str, sig: int
 ) -> None:
     d = spawn("--migration-time", "30", python=python)
-    busy = await connect(d.socket)
-    idle = await connect(d.socket)
-    fresh = await connect(d.socket, negotiate=False)
-    stuck = await connect(d.socket)
-    try:
+    async with (d.client() as busy, d.client() as idle, d.client(negotiate=False) as fresh,
+                d.client() as stuck):
         await busy.ok("migrate", {"uri": "unix:/tmp/nowhere"})  # a migration is running
         # A client with lots of unread output, still sending.
         stuck.send_raw(b"".join(encode({"execute": "query-qmp-schema", "id": i})
@@ -225,18 +209,14 @@ async def test_signal_stops_cleanly_with_clients_connected(
         assert not d.socket.exists()
         with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
             await asyncio.open_unix_connection(str(d.socket))
-    finally:
-        for c in (busy, idle, fresh, stuck):
-            await c.close()
     assert_clean_log(d)
 
 
 async def test_signal_with_no_clients(spawn: Callable[..., DaemonProcess], python: str) -> None:
     d = spawn(python=python)
-    c = await connect(d.socket)
-    await c.ok("add-blocker", {"reason": "r"})
-    await c.close()
-    await asyncio.sleep(0.1)
+    async with d.client() as c:
+        await c.ok("add-blocker", {"reason": "r"})
+    d.wait_for_log("disconnected")  # no client left
     d.signal(signal.SIGTERM)
     assert d.wait_exit(10) == 0
     assert not d.socket.exists()
@@ -250,15 +230,11 @@ async def test_logs_connect_and_disconnect_with_peer_credentials(
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = start_daemon("--log-level", "info")
-    c = await connect(d.socket)
-    await c.ok("query-version")
-    await c.close()
+    async with d.client() as c:
+        await c.ok("query-version")
     pid, uid = os.getpid(), os.getuid()
     creds = re.compile(rf"pid\W{{0,3}}{pid}\b.*uid\W{{0,3}}{uid}\b")
-    for _ in range(200):
-        if re.search(r"(?i)disconnect", d.log()):
-            break
-        await asyncio.sleep(0.02)
+    d.wait_for_log(re.compile(r"(?i)disconnect"))
     lines = d.log().splitlines()
     connected = [ln for ln in lines if re.search(r"(?i)\bconnect(ed|ion)?\b", ln)
                  and not re.search(r"(?i)disconnect", ln)]
@@ -301,11 +277,10 @@ NASTY = [
 
 async def test_no_traceback_for_bad_input(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon()
-    c = await connect(d.socket)
     rng = random.Random(4)
     garbage = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
                for _ in range(100)]
-    try:
+    async with d.client() as c:
         for k, bad in enumerate(NASTY + garbage):
             c.send_raw(bad + b"\n" + encode({"execute": "query-version", "id": f"m{k}"}))
             while True:
@@ -317,8 +292,6 @@ async def test_no_traceback_for_bad_input(start_daemon: Callable[..., DaemonProc
                     break
             assert d.proc.poll() is None, bad[:100]
         assert (await c.execute("query-version", id="end"))["id"] == "end"
-    finally:
-        await c.close()
     assert d.stop() == 0
     assert_clean_log(d)
 

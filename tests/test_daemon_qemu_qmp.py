@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
-from qemu.qmp import EventListener, ExecuteError, QMPClient
-
-SEV = "SEV: Migration is not implemented"
-VMDK = "The vmdk format used by node 'disk0' does not support live migration"
+from qemu.qmp import EventListener, ExecuteError
+from qemu_strings import GENERIC, NOT_FOUND, SEV, VMDK
+from qmpclient import qemu_qmp_client
 
 
 async def next_event(listener: EventListener, name: str) -> dict[str, Any]:
@@ -28,11 +28,8 @@ async def test_qmpclient_drives_every_command(
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = start_daemon("--migration-time", "0.5")
-    qmp = QMPClient("migblockd-test")
     listener = EventListener(("BLOCKER_ADDED", "BLOCKER_DELETED", "MIGRATION"))
-    qmp.register_listener(listener)
-    await asyncio.wait_for(qmp.connect(str(d.socket)), 10)
-    try:
+    async with qemu_qmp_client(d.socket, "migblockd-test", [listener]) as qmp:
         assert qmp.greeting is not None
         greeting: Any = qmp.greeting._raw
         assert greeting["QMP"]["capabilities"] == ["oob"]
@@ -61,7 +58,7 @@ async def test_qmpclient_drives_every_command(
         with pytest.raises(ExecuteError) as exc:
             await qmp.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
         assert str(exc.value) == SEV
-        assert exc.value.error_class == "GenericError"
+        assert exc.value.error_class == GENERIC
         assert await qmp.execute("query-migrate") == {"blocked-reasons": [SEV]}
 
         with pytest.raises(ExecuteError) as exc:
@@ -100,12 +97,9 @@ async def test_qmpclient_drives_every_command(
 
         with pytest.raises(ExecuteError) as exc:
             await qmp.execute("no-such-command")
-        assert exc.value.error_class == "CommandNotFound"
+        assert exc.value.error_class == NOT_FOUND
         assert str(exc.value) == "The command no-such-command has not been found"
-    finally:
-        await qmp.disconnect()
-    await asyncio.sleep(0.1)
-    assert "disconnect" in d.log().lower()
+    d.wait_for_log(re.compile("disconnect", re.I))
     assert d.stop() == 0
     assert_clean_log(d)
 
@@ -145,9 +139,9 @@ async def test_qmp_shell_script(start_daemon: Callable[..., DaemonProcess]) -> N
     assert vmdk["return"]["modes"] == ["normal"]
     assert [b["id"] for b in by_mode["return"]] == ["sev"]
     assert blocked == {"return": {"blocked-reasons": ["SEV:not-implemented", "vmdk"]}}
-    assert refused == {"error": {"class": "GenericError", "desc": "vmdk"}}
+    assert refused == {"error": {"class": GENERIC, "desc": "vmdk"}}
     assert del1 == {"return": {}}
-    assert del2 == {"error": {"class": "GenericError", "desc": "Blocker 'sev' not found"}}
+    assert del2 == {"error": {"class": GENERIC, "desc": "Blocker 'sev' not found"}}
     assert del3 == {"return": {}}
     assert free == {"return": {}}
     assert "Traceback" not in errout.decode()

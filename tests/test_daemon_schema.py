@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import DaemonProcess
-from qmpclient import RawClient
+from qemu_strings import GENERIC
 
 from migblockd.contract import schema_dir
 
@@ -33,8 +33,7 @@ async def test_daemon_serves_a_mode_added_only_to_the_schema(
     tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
     daemon = start_daemon("--schema", str(schema_with_new_mode(tmp_path)))
-    c = await RawClient.connect(daemon.socket)
-    try:
+    async with daemon.client() as c:
         # Introspection lists it, in MigMode's place.
         schema = await c.ok("query-qmp-schema")
         enums = [e for e in schema if e["meta-type"] == "enum" and "cpr-test" in e["values"]]
@@ -50,14 +49,12 @@ async def test_daemon_serves_a_mode_added_only_to_the_schema(
         await c.ok("migrate-set-parameters", {"mode": "cpr-test"})
         assert await c.ok("query-migrate-parameters") == {"mode": "cpr-test"}
         reply = await c.execute("migrate", {"uri": "unix:/tmp/x"}, id=1)
-        assert reply == {"id": 1, "error": {"class": "GenericError", "desc": "everywhere"}}
+        assert reply == {"id": 1, "error": {"class": GENERIC, "desc": "everywhere"}}
         await c.ok("del-blocker", {"id": "all"})
         assert await c.ok("query-migrate") == {"blocked-reasons": ["only cpr-test"]}
         # Something that is still not a member is refused in QEMU's words.
         bad = await c.execute("add-blocker", {"reason": "r", "modes": ["cpr-nope"]})
         assert bad["error"]["desc"] == "Parameter 'modes[0]' does not accept value 'cpr-nope'"
-    finally:
-        await c.close()
 
 
 async def test_daemon_refuses_a_broken_schema_with_file_line_col(

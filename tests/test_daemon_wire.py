@@ -7,20 +7,20 @@ daemon (fresh connections, ids of their own); the limit tests start their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
+from qemu_strings import GENERIC, NOT_FOUND, error
 from qmpclient import RawClient, encode, ordered_keys, strict_loads
 
 import migblockd
 
-GENERIC = "GenericError"
-NOT_FOUND = "CommandNotFound"
 NEGOTIATE_FIRST = "Expecting capabilities negotiation with 'qmp_capabilities'"
 LIMIT_DESCS = (
     "JSON token size limit exceeded",
@@ -28,26 +28,12 @@ LIMIT_DESCS = (
     "JSON nesting depth limit exceeded",
 )
 
-NO_ID = object()
-
-
-def error(cls: str, desc: str, id: Any = NO_ID) -> dict[str, Any]:
-    """The exact error reply, member for member."""
-    reply: dict[str, Any] = {} if id is NO_ID else {"id": id}
-    reply["error"] = {"class": cls, "desc": desc}
-    return reply
-
-
 def is_parse_error(msg: dict[str, Any]) -> bool:
     """A framing error reply: no ``id``, class GenericError, a JSON-parse desc."""
     if set(msg) != {"error"} or msg["error"].get("class") != GENERIC:
         return False
     desc = msg["error"].get("desc", "")
     return desc.startswith("JSON parse error, ") or desc in LIMIT_DESCS
-
-
-async def connect(daemon: DaemonProcess, negotiate: bool = True) -> RawClient:
-    return await RawClient.connect(daemon.socket, negotiate=negotiate)
 
 
 async def exchange(client: RawClient, data: bytes, marker: str = "marker") -> list[dict[str, Any]]:
@@ -63,9 +49,8 @@ async def exchange(client: RawClient, data: bytes, marker: str = "marker") -> li
 
 
 async def test_greeting_shape_and_version(module_daemon: DaemonProcess) -> None:
-    reader, writer = await asyncio.open_unix_connection(str(module_daemon.socket))
-    try:
-        line = await asyncio.wait_for(reader.readline(), 10)
+    async with module_daemon.client(negotiate=False, read_greeting=False) as c:
+        line = await c.read_line()
         assert line.endswith(b"\r\n") and line.count(b"\n") == 1, line
         greeting = strict_loads(line)
         assert ordered_keys(line) == ["QMP"]
@@ -85,53 +70,43 @@ async def test_greeting_shape_and_version(module_daemon: DaemonProcess) -> None:
 
         # Nothing else before we speak.
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(reader.readline(), 0.3)
+            await asyncio.wait_for(c.reader.readline(), 0.3)
 
-        writer.write(encode({"execute": "qmp_capabilities", "id": 1}))
-        writer.write(encode({"execute": "query-version", "id": 2}))
-        assert strict_loads(await asyncio.wait_for(reader.readline(), 10)) == {
-            "return": {}, "id": 1}
-        reply = strict_loads(await asyncio.wait_for(reader.readline(), 10))
+        c.send_raw(encode({"execute": "qmp_capabilities", "id": 1}))
+        c.send_raw(encode({"execute": "query-version", "id": 2}))
+        assert strict_loads(await c.read_line()) == {"return": {}, "id": 1}
+        reply = strict_loads(await c.read_line())
         assert reply == {"return": version, "id": 2}
-    finally:
-        writer.close()
 
 
 # --------------------------------------------------------------------------- negotiation
 
 
 async def test_commands_before_negotiation(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon, negotiate=False)
-    try:
+    async with module_daemon.client(negotiate=False) as c:
         for cmd in ("query-version", "add-blocker", "query-blockers", "no-such-command"):
             reply = await c.execute(cmd, {"reason": "r"} if cmd == "add-blocker" else None,
                                     id=cmd)
             assert reply == error(NOT_FOUND, NEGOTIATE_FIRST, cmd)
         # The refused add-blocker had no effect.
-        other = await connect(module_daemon)
-        reasons = [b["reason"] for b in await other.ok("query-blockers")]
+        async with module_daemon.client() as other:
+            reasons = [b["reason"] for b in await other.ok("query-blockers")]
         assert "r" not in reasons
-        await other.close()
         # Envelope errors are still envelope errors.
         reply = await c.execute("query-version", foo=1, id=9)
         assert reply == error(GENERIC, "QMP input member 'foo' is unexpected", 9)
         assert await c.execute("qmp_capabilities", id="n") == {"return": {}, "id": "n"}
         assert (await c.execute("query-version", id=1))["id"] == 1
-    finally:
-        await c.close()
 
 
 async def test_second_qmp_capabilities(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         assert await c.execute("qmp_capabilities", id=5) == error(
             NOT_FOUND, "Capabilities negotiation is already complete, command ignored", 5)
         assert await c.execute("qmp_capabilities", {"enable": ["oob"]}, id=6) == error(
             NOT_FOUND, "Capabilities negotiation is already complete, command ignored", 6)
         # Still a working session.
         assert "return" in await c.execute("query-version", id=7)
-    finally:
-        await c.close()
 
 
 @pytest.mark.parametrize(
@@ -147,24 +122,19 @@ async def test_second_qmp_capabilities(module_daemon: DaemonProcess) -> None:
 async def test_qmp_capabilities_argument_errors(
     module_daemon: DaemonProcess, arguments: dict[str, Any], desc: str
 ) -> None:
-    c = await connect(module_daemon, negotiate=False)
-    try:
+    async with module_daemon.client(negotiate=False) as c:
         assert await c.execute("qmp_capabilities", arguments, id="cap") == error(
             GENERIC, desc, "cap")
         # A failed negotiation negotiates nothing.
         assert await c.execute("query-version", id=2) == error(NOT_FOUND, NEGOTIATE_FIRST, 2)
         assert await c.execute("qmp_capabilities", id=3) == {"return": {}, "id": 3}
-    finally:
-        await c.close()
 
 
 async def test_no_events_before_negotiation_and_no_backlog(
     module_daemon: DaemonProcess,
 ) -> None:
-    quiet = await connect(module_daemon, negotiate=False)
-    actor = await connect(module_daemon)
-    watcher = await connect(module_daemon)
-    try:
+    async with (module_daemon.client(negotiate=False) as quiet, module_daemon.client() as actor,
+                module_daemon.client() as watcher):
         await actor.ok("add-blocker", {"reason": "seen by negotiated only", "id": "nb-1"})
         await actor.ok("del-blocker", {"id": "nb-1"})
         # The negotiated watcher got both events...
@@ -184,9 +154,6 @@ async def test_no_events_before_negotiation_and_no_backlog(
         ev = await quiet.read()
         assert ev["event"] == "BLOCKER_ADDED" and ev["data"]["id"] == "nb-2", ev
         await actor.ok("del-blocker", {"id": "nb-2"})
-    finally:
-        for c in (quiet, actor, watcher):
-            await c.close()
 
 
 # --------------------------------------------------------------------------- envelope
@@ -243,26 +210,20 @@ ENVELOPE_CASES: list[tuple[bytes, dict[str, Any]]] = [
 async def test_envelope_errors(
     module_daemon: DaemonProcess, request_bytes: bytes, expected: dict[str, Any]
 ) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         msgs = await exchange(c, request_bytes)
         assert msgs == [expected]
-    finally:
-        await c.close()
 
 
 async def test_id_is_echoed_verbatim(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
     ids: list[Any] = [0, -1, 1.5, "x", "", None, True, [], {}, [1, "a", None],
                       {"a": {"b": [1.25, False]}}, "\u00e9\u2603\U0001f600", 2**70]
-    try:
+    async with module_daemon.client() as c:
         for i in ids:
             reply = await c.execute("query-version", id=i)
             assert reply["id"] == i and type(reply["id"]) is type(i), reply
             reply = await c.execute("del-blocker", {"id": "nope-echo"}, id=i)
             assert reply == error(GENERIC, "Blocker 'nope-echo' not found", i)
-    finally:
-        await c.close()
 
 
 # --------------------------------------------------------------------------- arguments
@@ -345,8 +306,7 @@ ARGUMENT_CASES: list[tuple[str, dict[str, Any], str]] = [
 async def test_argument_errors(
     module_daemon: DaemonProcess, command: str, arguments: dict[str, Any], desc: str
 ) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         before = await c.ok("query-blockers")
         migration_before = await c.ok("query-migrate")
         parameters_before = await c.ok("query-migrate-parameters")
@@ -359,22 +319,21 @@ async def test_argument_errors(
         assert await c.ok("query-migrate-parameters") == parameters_before
         assert await c.ok("query-migrate-capabilities") == capabilities_before
         assert c.events == []
-    finally:
-        await c.close()
 
 
 # --------------------------------------------------------------------------- out-of-band
 
 
-async def oob_client(daemon: DaemonProcess) -> RawClient:
-    c = await connect(daemon, negotiate=False)
-    assert await c.execute("qmp_capabilities", {"enable": ["oob"]}) == {"return": {}}
-    return c
+@contextlib.asynccontextmanager
+async def oob_client(daemon: DaemonProcess) -> AsyncIterator[RawClient]:
+    """A client that negotiated the ``oob`` capability."""
+    async with daemon.client(negotiate=False) as c:
+        assert await c.execute("qmp_capabilities", {"enable": ["oob"]}) == {"return": {}}
+        yield c
 
 
 async def test_exec_oob_follows_the_schema(module_daemon: DaemonProcess) -> None:
-    c = await oob_client(module_daemon)
-    try:
+    async with oob_client(module_daemon) as c:
         schema = await c.ok("query-qmp-schema")
         commands = {e["name"]: e for e in schema if e["meta-type"] == "command"}
         oob = {name for name, e in commands.items() if e.get("allow-oob") is True}
@@ -406,13 +365,10 @@ async def test_exec_oob_follows_the_schema(module_daemon: DaemonProcess) -> None
             GENERIC, "Parameter 'mode' does not accept value 'x'", "arg")
         # In-band commands still work on an OOB session.
         assert (await c.execute("query-version", id="ib"))["id"] == "ib"
-    finally:
-        await c.close()
 
 
 async def test_exec_oob_among_pipelined_in_band_commands(module_daemon: DaemonProcess) -> None:
-    c = await oob_client(module_daemon)
-    try:
+    async with oob_client(module_daemon) as c:
         data = b"".join(encode({"execute": "query-blockers", "id": i}) for i in range(100))
         data += encode({"exec-oob": "query-migrate", "id": "oob"})
         data += b"".join(encode({"execute": "query-version", "id": i}) for i in range(100, 150))
@@ -425,16 +381,13 @@ async def test_exec_oob_among_pipelined_in_band_commands(module_daemon: DaemonPr
         # and were still queued (in arrival order it would be reply 100).
         position = [r["id"] for r in replies].index("oob")
         assert position < 100, position
-    finally:
-        await c.close()
 
 
 # --------------------------------------------------------------------------- output format
 
 
 async def test_reply_member_order_in_raw_bytes(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         await c.send({"id": 7, "execute": "query-version"})
         line = await c.read_line()
         assert ordered_keys(line) == ["return", "id"], line
@@ -457,25 +410,20 @@ async def test_reply_member_order_in_raw_bytes(module_daemon: DaemonProcess) -> 
         c.send_raw(b"{bad json}\n")
         line = await c.read_line()
         assert ordered_keys(line) == ["error"], line
-    finally:
-        await c.close()
 
 
 async def test_every_line_ends_in_crlf(module_daemon: DaemonProcess) -> None:
-    reader, writer = await asyncio.open_unix_connection(str(module_daemon.socket))
-    try:
-        writer.write(encode({"execute": "qmp_capabilities"}))
-        writer.write(encode({"execute": "add-blocker",
-                             "arguments": {"reason": "line\nbreak\r\nand \u2028 sep",
-                                           "id": "crlf"}}))
-        writer.write(encode({"execute": "query-blockers", "id": 1}))
-        writer.write(encode({"execute": "del-blocker", "arguments": {"id": "crlf"}}))
-        writer.write(b"{oops}\n")
-        writer.write(encode({"execute": "query-qmp-schema", "id": 2}))
-        writer.write_eof()
-        data = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
+    async with module_daemon.client(negotiate=False, read_greeting=False) as c:
+        c.send_raw(encode({"execute": "qmp_capabilities"}))
+        c.send_raw(encode({"execute": "add-blocker",
+                           "arguments": {"reason": "line\nbreak\r\nand \u2028 sep",
+                                         "id": "crlf"}}))
+        c.send_raw(encode({"execute": "query-blockers", "id": 1}))
+        c.send_raw(encode({"execute": "del-blocker", "arguments": {"id": "crlf"}}))
+        c.send_raw(b"{oops}\n")
+        c.send_raw(encode({"execute": "query-qmp-schema", "id": 2}))
+        await c.write_eof()
+        data = await c.read_to_eof()
     lines = data.split(b"\r\n")
     assert lines[-1] == b"", data[-200:]
     lines = lines[:-1]
@@ -492,8 +440,7 @@ async def test_every_line_ends_in_crlf(module_daemon: DaemonProcess) -> None:
 async def test_huge_numbers_never_give_invalid_json(
     module_daemon: DaemonProcess, number: bytes
 ) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         c.send_raw(b'{"execute": "query-version", "id": ' + number + b"}\n")
         line = await c.read_line()
         assert not re.search(rb"\b(inf|Infinity|NaN|nan)\b", line), line
@@ -506,54 +453,42 @@ async def test_huge_numbers_never_give_invalid_json(
         reply = strict_loads(line)
         assert "error" in reply, reply
         assert await c.sync() == []
-    finally:
-        await c.close()
 
 
 @pytest.mark.parametrize("token", [b"NaN", b"Infinity", b"-Infinity", b"nan", b"undefined"])
 async def test_non_json_constants_are_parse_errors(
     module_daemon: DaemonProcess, token: bytes
 ) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         msgs = await exchange(c, b'{"execute": "query-version", "id": ' + token + b"}")
         assert len(msgs) == 1 and is_parse_error(msgs[0]), msgs
-    finally:
-        await c.close()
 
 
 async def test_unicode_round_trip(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
     reason = "disk \u00e9\u00e8 \u2603 \U0001f600 \"quoted\" back\\slash \t tab \u0001 ctl"
-    try:
+    async with module_daemon.client() as c:
         info = await c.ok("add-blocker", {"reason": reason, "id": "uni"})
         assert info["reason"] == reason
         listed = [b for b in await c.ok("query-blockers") if b["id"] == "uni"]
         assert listed[0]["reason"] == reason
         await c.ok("del-blocker", {"id": "uni"})
-    finally:
-        await c.close()
 
 
 # --------------------------------------------------------------------------- framing
 
 
 async def test_glued_commands_in_one_write(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         c.send_raw(b'{"execute":"query-version","id":1}{"execute":"query-migrate","id":2}'
                    b' {"execute":"query-commands","id":3}\t{"execute":"no-such","id":4}')
         replies = await c.read_replies(4)
         assert [r["id"] for r in replies] == [1, 2, 3, 4]
         assert all("return" in r for r in replies[:3])
         assert replies[3] == error(NOT_FOUND, "The command no-such has not been found", 4)
-    finally:
-        await c.close()
 
 
 async def test_command_split_byte_by_byte(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         data = encode({"execute": "add-blocker",
                        "arguments": {"reason": "split \u00e9", "id": "split"}, "id": "s"})
         data += b'\n{\n "execute"\n:\n"del-blocker",\n"arguments": {"id": "split"},\n"id": "t"\n}'
@@ -566,24 +501,18 @@ async def test_command_split_byte_by_byte(module_daemon: DaemonProcess) -> None:
         assert first["id"] == "s" and first["return"]["reason"] == "split \u00e9", first
         second = await c.read_reply()
         assert second == {"return": {}, "id": "t"}
-    finally:
-        await c.close()
 
 
 async def test_no_trailing_newline_needed(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         c.send_raw(b'{"execute": "query-version", "id": "nl"}')
         await c.writer.drain()
         reply = await c.read()  # would time out if the daemon waited for a newline
         assert reply["id"] == "nl" and "return" in reply
-    finally:
-        await c.close()
 
 
 async def test_200_pipelined_commands_in_one_write(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         cmds: list[bytes] = []
         for i in range(200):
             if i % 4 == 0:
@@ -610,8 +539,6 @@ async def test_200_pipelined_commands_in_one_write(module_daemon: DaemonProcess)
             else:
                 assert r == error(GENERIC, "Blocker 'gone' not found", i)
         assert len(c.events) == 100
-    finally:
-        await c.close()
 
 
 # --------------------------------------------------------------------------- malformed JSON
@@ -639,44 +566,34 @@ PARSE_ERROR_INPUTS = [
 async def test_one_parse_error_per_bad_message_then_resync_at_newline(
     module_daemon: DaemonProcess, bad: bytes
 ) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         msgs = await exchange(c, bad)
         assert len(msgs) == 1, msgs
         assert is_parse_error(msgs[0]), msgs
         # The connection is fully usable afterwards.
         assert (await c.execute("query-version", id="after"))["id"] == "after"
-    finally:
-        await c.close()
 
 
 async def test_duplicate_key_is_a_parse_error(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         msgs = await exchange(
             c, b'{"execute": "add-blocker", "arguments": {"reason": "a", "reason": "b"}}')
         assert len(msgs) == 1 and is_parse_error(msgs[0]), msgs
         assert not [b for b in await c.ok("query-blockers") if b["reason"] in ("a", "b")]
-    finally:
-        await c.close()
 
 
 async def test_parse_errors_are_answered_in_order(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         c.send_raw(b'{"execute": "query-version", "id": 1}{bad}\n{"execute": "query-version",'
                    b' "id": 2}\n{"execute": nope}\n{"execute": "query-version", "id": 3}')
         msgs = await c.read_until_reply(3)
         assert [m.get("id", "ERR") for m in msgs] == [1, "ERR", 2, "ERR", 3], msgs
         assert is_parse_error(msgs[1]) and is_parse_error(msgs[3])
-    finally:
-        await c.close()
 
 
 @pytest.mark.parametrize("reset", [b"\x01", b"\x1b", b"\x00", b"\xff", b"\x04", b"\x1f"])
 async def test_resync_at_control_character(module_daemon: DaemonProcess, reset: bytes) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         # A half-sent request, then the reset byte, then (same line) a good request.
         c.send_raw(b'{"execute": "add-blocker", "arguments": {"reason": "half", "id": "half"'
                    + reset + b'{"execute": "query-version", "id": "good"}')
@@ -685,38 +602,29 @@ async def test_resync_at_control_character(module_daemon: DaemonProcess, reset: 
         assert is_parse_error(msgs[0]), msgs
         assert "return" in msgs[1]
         assert not [b for b in await c.ok("query-blockers") if b["id"] == "half"]
-    finally:
-        await c.close()
 
 
 async def test_2000_open_brackets_do_not_wedge_the_connection(
     module_daemon: DaemonProcess,
 ) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         msgs = await exchange(c, b"[" * 2000)
         assert msgs == [error(GENERIC, "JSON nesting depth limit exceeded")], msgs
         msgs = await exchange(c, b'{"a":' * 2000)
         assert msgs == [error(GENERIC, "JSON nesting depth limit exceeded")], msgs
-    finally:
-        await c.close()
 
 
 async def test_very_deep_nesting_is_an_error_not_a_crash(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         msgs = await exchange(c, b"[" * 200_000 + b"]" * 200_000)
         assert msgs == [error(GENERIC, "JSON nesting depth limit exceeded")], msgs
         assert module_daemon.proc.poll() is None
         assert_clean_log(module_daemon)
         assert "RecursionError" not in module_daemon.log()
-    finally:
-        await c.close()
 
 
 async def test_huge_message_gives_one_error(module_daemon: DaemonProcess) -> None:
-    c = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as c:
         # 2 MiB, above the default limit (1 MiB): QEMU answered such a line 102,561 times.
         big = (b'{"execute": "add-blocker", "arguments": {"reason": "' + b"x" * (2 << 20)
                + b'", "id": "huge"}, "id": "huge"}')
@@ -727,8 +635,6 @@ async def test_huge_message_gives_one_error(module_daemon: DaemonProcess) -> Non
         msgs = await exchange(c, many)
         assert len(msgs) == 1 and is_parse_error(msgs[0]), [str(m)[:200] for m in msgs]
         assert not [b for b in await c.ok("query-blockers") if b["id"] == "huge"]
-    finally:
-        await c.close()
 
 
 # --------------------------------------------------------------------------- limits (own daemons)
@@ -736,8 +642,7 @@ async def test_huge_message_gives_one_error(module_daemon: DaemonProcess) -> Non
 
 async def test_max_message_size(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--max-message-size", "1024")
-    c = await connect(d)
-    try:
+    async with d.client() as c:
         ok = encode({"execute": "add-blocker", "arguments": {"reason": "y" * 800, "id": "fits"},
                      "id": "fits"})
         assert len(ok) < 1024
@@ -756,23 +661,18 @@ async def test_max_message_size(start_daemon: Callable[..., DaemonProcess]) -> N
         c.events.clear()
         ids = [b["id"] for b in await c.ok("query-blockers")]
         assert ids == ["fits"]
-    finally:
-        await c.close()
     assert_clean_log(d)
 
 
 async def test_max_nesting(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--max-nesting", "4")
-    c = await connect(d)
-    try:
+    async with d.client() as c:
         assert (await c.execute("query-blockers", {"mode": "normal"}, id=1))["id"] == 1
         deep = {"execute": "add-blocker", "id": 2,
                 "arguments": {"reason": "r", "x": [[[[[[[[1]]]]]]]]}}
         msgs = await exchange(c, encode(deep))
         assert msgs == [error(GENERIC, "JSON nesting depth limit exceeded")], msgs
         assert await c.ok("query-blockers") == []
-    finally:
-        await c.close()
     assert_clean_log(d)
 
 
@@ -780,9 +680,7 @@ async def test_max_nesting(start_daemon: Callable[..., DaemonProcess]) -> None:
 
 
 async def test_event_shape_and_event_before_reply(module_daemon: DaemonProcess) -> None:
-    actor = await connect(module_daemon)
-    other = await connect(module_daemon)
-    try:
+    async with module_daemon.client() as actor, module_daemon.client() as other:
         await actor.send({"execute": "add-blocker",
                           "arguments": {"reason": "ordered", "id": "ev-order"}, "id": "add"})
         first = await actor.read()
@@ -808,6 +706,3 @@ async def test_event_shape_and_event_before_reply(module_daemon: DaemonProcess) 
         assert ev["event"] == "BLOCKER_ADDED" and ev["data"]["id"] == "ev-order"
         ev = await other.read()
         assert ev["event"] == "BLOCKER_DELETED" and ev["data"]["id"] == "ev-order"
-    finally:
-        await actor.close()
-        await other.close()

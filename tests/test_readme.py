@@ -5,16 +5,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import DaemonProcess
+from conftest import ROOT, DaemonProcess
 
 from migblockd.config import Config
 from migblockd.options import BEGIN_MARKER, END_MARKER, markdown
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 DEFAULT_SOCKET = "/run/migblockd/migblockd.sock"
 
@@ -59,9 +57,5 @@ def test_the_qemu_qmp_example_runs(
     assert out.returncode == 0, out.stderr
     assert out.stdout == "#blocker0 ['normal', 'cpr-reboot', 'cpr-transfer', 'cpr-exec']\n"
     # The blocker was connection-scoped: it went away with the example's connection.
-    released = "released 1 connection-scoped blocker(s): #blocker0"
-    deadline = time.monotonic() + 20
-    while released not in daemon.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    daemon.wait_for_log("released 1 connection-scoped blocker(s): #blocker0", timeout=20)
     assert "added blocker #blocker0" in daemon.log()
-    assert released in daemon.log()

@@ -15,7 +15,7 @@ import pytest
 from conftest import DaemonProcess
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
-from qemu.qmp import QMPClient
+from qmpclient import qemu_qmp_client
 
 from migblockd.qapi.doc import DefinitionDoc, SchemaDocs
 from migblockd.shell import helptext
@@ -24,20 +24,16 @@ from migblockd.shell.history import history_path
 from migblockd.shell.schema import Schema
 
 
-async def _introspect(path: str) -> list[dict[str, Any]]:
-    client = QMPClient("completion-test")
-    await client.connect(path)
-    try:
+async def _introspect(path: Path) -> list[dict[str, Any]]:
+    async with qemu_qmp_client(path, "completion-test") as client:
         result = await client.execute("query-qmp-schema")
-    finally:
-        await client.disconnect()
     assert isinstance(result, list)
     return result
 
 
 @pytest.fixture(scope="module")
 def schema(module_daemon: DaemonProcess) -> Schema:
-    return Schema(asyncio.run(_introspect(str(module_daemon.socket))))
+    return Schema(asyncio.run(_introspect(module_daemon.socket)))
 
 
 def texts(schema: Schema, line: str) -> list[str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import DaemonProcess
-from qemu.qmp import QMPClient
+from qmpclient import qemu_qmp_client
 
 from migblockd import __version__
 
@@ -76,12 +76,8 @@ def spawn_shell(tmp_path: Path) -> Iterator[Callable[..., Shell]]:
 
 
 async def _add_blocker_from_another_client(socket: Path, reason: str) -> None:
-    client = QMPClient("other-operator")
-    await client.connect(str(socket))
-    try:
+    async with qemu_qmp_client(socket, "other-operator") as client:
         await client.execute("add-blocker", {"reason": reason, "modes": ["cpr-exec"]})
-    finally:
-        await client.disconnect()
 
 
 def test_complete_run_and_see_an_event_while_typing(

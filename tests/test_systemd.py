@@ -40,15 +40,6 @@ async def recv(receiver: Any) -> str:
 
 
 @pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
-    path = Path("/tmp") / f"migblockd-test-{uuid.uuid4().hex[:12]}"
-    path.mkdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 async def receiver(short_tmp: Path) -> AsyncIterator[tuple[str, Any]]:
     """A NOTIFY_SOCKET value and the asyncio-dgram endpoint listening on it."""
     path = short_tmp / "notify"

@@ -18,7 +18,6 @@ import stat
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,9 @@ from typing import Any
 
 import asyncio_dgram
 import pytest
+from conftest import ROOT
+from qmpclient import RawClient
 
-ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30.0
 #: Pings are expected every 0.2 s.
 WATCHDOG_USEC = 400_000
@@ -90,17 +90,8 @@ class Receiver:
 
 
 @pytest.fixture
-async def workdir() -> AsyncIterator[Path]:
-    # AF_UNIX paths are limited to 107 bytes; pytest's tmp_path can be longer.
-    path = Path("/tmp") / f"migblockd-e2e-{uuid.uuid4().hex[:12]}"
-    path.mkdir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def receiver(workdir: Path) -> AsyncIterator[Receiver]:
-    stream = await asyncio_dgram.bind(str(workdir / "notify"))
+async def receiver(short_tmp: Path) -> AsyncIterator[Receiver]:
+    stream = await asyncio_dgram.bind(str(short_tmp / "notify"))
     rx = Receiver(stream)
     task = asyncio.create_task(rx.run())
     yield rx
@@ -108,30 +99,18 @@ async def receiver(workdir: Path) -> AsyncIterator[Receiver]:
     stream.close()
 
 
-async def qmp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-              command: str, **arguments: Any) -> Any:
-    writer.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
-    await writer.drain()
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            reply = json.loads(await reader.readline())
-            if "event" not in reply:
-                assert "return" in reply, reply
-                return reply["return"]
-
-
 async def test_daemon_under_systemd_socket_activate(
-    workdir: Path, receiver: Receiver, python: str
+    short_tmp: Path, receiver: Receiver, python: str
 ) -> None:
     """Once per Python version: from 3.13 on, asyncio itself would unlink the socket."""
-    sock_path = workdir / "migblockd.sock"
-    config = workdir / "migblockd.toml"
+    sock_path = short_tmp / "migblockd.sock"
+    config = short_tmp / "migblockd.toml"
     config.write_text('log-level = "info"\n')
-    log_path = workdir / "stderr.log"
+    log_path = short_tmp / "stderr.log"
     argv = [
         sys.executable, "-c", WRAPPER,
         "systemd-socket-activate", "-l", str(sock_path), "--fdname=migblockd",
-        "-E", f"NOTIFY_SOCKET={workdir / 'notify'}",
+        "-E", f"NOTIFY_SOCKET={short_tmp / 'notify'}",
         "-E", f"WATCHDOG_USEC={WATCHDOG_USEC}",
         "-E", "WATCHDOG_PID=@PID@",
         python, "-m", "migblockd", "--config", str(config), "--migration-time", "60",
@@ -156,9 +135,10 @@ async def test_daemon_under_systemd_socket_activate(
                     break
                 except (FileNotFoundError, ConnectionRefusedError):
                     await asyncio.sleep(0.01)
-        async with asyncio.timeout(TIMEOUT):
+        async with asyncio.timeout(TIMEOUT):  # the daemon is only starting now
             greeting = json.loads(await reader.readline())
         assert "QMP" in greeting
+        client = RawClient(reader, writer)
         # A datagram queued before the greeting was written is handed to the
         # receiver in the same loop iteration that wakes this coroutine, or an
         # earlier one; these yields let the receiver task record it.  A READY=1
@@ -174,8 +154,8 @@ async def test_daemon_under_systemd_socket_activate(
         assert "passed socket" in stderr()
 
         # -- STATUS= follows the registry and the clients ---------------------------
-        await qmp(reader, writer, "qmp_capabilities")
-        await qmp(reader, writer, "add-blocker", reason="e2e test")
+        await client.ok("qmp_capabilities")
+        await client.ok("add-blocker", {"reason": "e2e test"})
         status = await receiver.expect(
             lambda f: f.get("STATUS", "").startswith("1 blocker"), "STATUS with one blocker"
         )
@@ -191,7 +171,7 @@ async def test_daemon_under_systemd_socket_activate(
         assert 0.1 < mean < 0.32, gaps
 
         # -- SIGHUP: RELOADING=1 + MONOTONIC_USEC, then READY=1, new log level --------
-        await qmp(reader, writer, "query-blockers")
+        await client.ok("query-blockers")
         assert " DEBUG: " not in stderr()
         config.write_text('log-level = "debug"\n')
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -201,10 +181,9 @@ async def test_daemon_under_systemd_socket_activate(
         assert before <= int(reloading["MONOTONIC_USEC"]) <= after
         await receiver.expect(lambda f: f.get("READY") == "1", "READY=1 after the reload")
         mark = len(stderr())
-        await qmp(reader, writer, "query-blockers")
+        await client.ok("query-blockers")
         assert " DEBUG: " in stderr()[mark:], stderr()[mark:]
-        writer.close()
-        await writer.wait_closed()
+        await client.close()
 
         # -- SIGTERM: STOPPING=1, exit 0, the passed socket stays ---------------------
         proc.send_signal(signal.SIGTERM)

@@ -16,8 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 SERVICE_MD = ROOT / "docs" / "service.md"
 #: Where the README's install steps put the daemon; the units' ExecStart.

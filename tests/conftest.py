@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from realqemu import qemu, qemu_factory  # noqa: F401  (fixtures: a real QEMU, see realqemu.py)
 
 READY_LINE = " ready on "
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from interpreters import VenvBuilder, interpreters
 from qmpclient import RawClient, qmp_client, qmp_clients
+from realqemu import qemu, qemu_factory  # noqa: F401  (fixtures: a real QEMU, see realqemu.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = " ready on "

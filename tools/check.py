@@ -3,8 +3,9 @@
 Usage: ``python tools/check.py [PYTEST ARGS...]`` from the project's virtual
 environment (the README's test command sets one up).  Tools that the tests need
 from the operating system (systemd's ``systemd-analyze`` and
-``systemd-socket-activate``, QEMU's ``qemu-system-x86_64``) are installed with
-apt-get when missing and we are root; otherwise the run stops with a message saying what to install.
+``systemd-socket-activate``; a real QEMU, ``qemu-system-x86_64``, and its
+``qemu-img``) are installed with apt-get when missing and we are root;
+otherwise the run stops with a message saying what to install.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Each tool the tests run, and the Debian package that provides it.
 SYSTEM_TOOLS = {
     "systemd-analyze": "systemd",
     "systemd-socket-activate": "systemd",
-    "qemu-system-x86_64": "qemu-system-x86",  # the shell is tested against a real QEMU too
+    "qemu-system-x86_64": "qemu-system-x86",
+    "qemu-img": "qemu-utils",
 }
 
 

@@ -1,0 +1,25 @@
+"""Talking to a real QEMU: the QMP link to its monitor and what it learns about that QEMU."""
+
+from migblockd.qemu.info import QemuInfo
+from migblockd.qemu.link import (
+    EventHandler,
+    LinkState,
+    QemuCommandError,
+    QemuInterrupted,
+    QemuLink,
+    QemuLinkError,
+    QemuNotConnected,
+    StateHandler,
+)
+
+__all__ = [
+    "EventHandler",
+    "LinkState",
+    "QemuCommandError",
+    "QemuInfo",
+    "QemuInterrupted",
+    "QemuLink",
+    "QemuLinkError",
+    "QemuNotConnected",
+    "StateHandler",
+]

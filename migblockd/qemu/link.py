@@ -1,0 +1,354 @@
+"""The connection to a QEMU's QMP monitor: connect, keep reconnecting, execute, relay events.
+
+migblockd may start before QEMU and outlive it.  The link keeps trying to connect, with
+capped exponential backoff, and reconnects by itself when a new QEMU listens on the same
+socket.  It logs once per change of state (not once per attempt).  It knows nothing of
+migblockd's registry: the caller gets QEMU's events through ``on_event`` and state changes
+through ``on_state``, and sends commands with :meth:`QemuLink.execute`.
+
+It is built on ``qemu.qmp``'s ``QMPClient``, adjusted in three ways (see ``_Client``):
+
+* events are handed to ``on_event`` from the library's reader task, as each is read.  The
+  reader handles QEMU's messages one at a time in QEMU's order and only then passes a reply
+  to the ``execute()`` that waits for it, so an event QEMU sent before a reply (QEMU sends
+  an event caused by a command before that command's reply) reaches ``on_event`` before
+  ``execute()`` returns.  The library's own event queues are bypassed: its default
+  listener keeps every event in a history list, which grows for as long as the connection
+  lives;
+* the library's logging is silenced: it logs every failed connection attempt as an error
+  (and a traceback at debug level).  The link logs what matters itself;
+* the wire traffic is logged at debug level on the link's logger, as the server logs its
+  clients' traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal
+
+from qemu.qmp import (
+    ConnectError,
+    ExecInterruptedError,
+    ExecuteError,
+    Message,
+    QMPClient,
+    QMPError,
+    Runstate,
+    StateError,
+)
+
+from migblockd.qemu.info import QemuInfo
+
+__all__ = [
+    "EventHandler",
+    "LinkState",
+    "QemuCommandError",
+    "QemuInterrupted",
+    "QemuLink",
+    "QemuLinkError",
+    "QemuNotConnected",
+    "StateHandler",
+]
+
+log = logging.getLogger("migblockd.qemu")
+
+LinkState = Literal["disconnected", "connected", "closed"]
+#: ``on_event(name, data, timestamp)``: QEMU's event name, its ``data`` (empty when QEMU sent
+#: none) and its ``timestamp`` (``{"seconds": N, "microseconds": N}``), all as QEMU sent them.
+EventHandler = Callable[[str, Mapping[str, object], Mapping[str, object]], None]
+StateHandler = Callable[[LinkState], None]
+
+MIN_DELAY = 0.1
+MAX_DELAY = 5.0
+#: QEMU serves one client per monitor socket; a second one is accepted by the kernel but
+#: gets no greeting until the first leaves.  Say so if the greeting takes this long.
+GREETING_NOTICE = 5.0
+
+
+class QemuLinkError(Exception):
+    """Base of the errors :meth:`QemuLink.execute` raises."""
+
+
+class QemuNotConnected(QemuLinkError):
+    """The command was not sent: there is no connection to QEMU."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"Not connected to QEMU's monitor at '{path}': {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class QemuInterrupted(QemuLinkError):
+    """The connection was lost after the command was sent and before QEMU replied.
+
+    Whether the command took effect is unknown.
+    """
+
+
+class QemuCommandError(QemuLinkError):
+    """QEMU answered with an error; ``error_class`` and ``desc`` are QEMU's, verbatim."""
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(desc)
+        self.error_class = error_class
+        self.desc = desc
+
+
+# Outside the logging hierarchy and enabled for no level: the library's records are never
+# even created, so no configuration of the root logger can bring them back.
+_SILENT = logging.Logger("qemu.qmp (silenced by migblockd.qemu)", logging.CRITICAL + 1)
+
+
+class _Client(QMPClient):
+    def __init__(self, link: QemuLink) -> None:
+        super().__init__()
+        self._link = link
+
+    # The library picks its logger when its name is set (in its __init__): pick ours.
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    @name.setter
+    def name(self, name: str | None) -> None:
+        self._name = name
+        self.logger = _SILENT
+
+    async def _event_dispatch(self, msg: Message) -> None:
+        # Called by the reader task for each event, in QEMU's order (see the module doc).
+        self._link._deliver(msg)
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        if log.isEnabledFor(logging.DEBUG):
+            _trace(self._link.path, "<-", bytes(msg))
+        return msg
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        if log.isEnabledFor(logging.DEBUG):
+            _trace(self._link.path, "->", bytes(msg))
+        return msg
+
+
+#: query-qmp-schema's reply is ~200 kB: the trace shows each message's beginning only.
+TRACE_LIMIT = 1000
+
+
+def _trace(path: Path, direction: str, data: bytes) -> None:
+    if len(data) <= TRACE_LIMIT:
+        log.debug("QEMU %s %s %r", path, direction, data)
+    else:
+        log.debug("QEMU %s %s %r... (%d bytes)", path, direction, data[:TRACE_LIMIT], len(data))
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connection attempt failed or a connection ended, for one log line."""
+    if isinstance(exc, ConnectError):
+        exc = exc.exc
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, EOFError):
+        return "QEMU closed the connection"
+    if isinstance(exc, ExecuteError):
+        return f"query-qmp-schema failed: {exc}"
+    return str(exc) or type(exc).__name__
+
+
+class QemuLink:
+    """A self-healing QMP connection to the QEMU monitor at ``path``.
+
+    Call :meth:`start` from a running event loop, :meth:`close` when done.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, on_event: EventHandler | None = None,
+                 on_state: StateHandler | None = None, min_delay: float = MIN_DELAY,
+                 max_delay: float = MAX_DELAY, greeting_notice: float = GREETING_NOTICE
+                 ) -> None:
+        self.path = Path(path)
+        self._on_event = on_event
+        self._on_state = on_state
+        self._min_delay = min_delay
+        self._max_delay = max_delay
+        self._greeting_notice = greeting_notice
+        #: Connection attempts that failed since the link last connected (or started).
+        self.attempts = 0
+        self._state: LinkState = "disconnected"
+        self._reason = "not connected yet"
+        self._logged_reason: str | None = None
+        self._info: QemuInfo | None = None
+        self._client = _Client(self)
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> LinkState:
+        return self._state
+
+    @property
+    def info(self) -> QemuInfo | None:
+        """The connected QEMU's version and commands; ``None`` unless connected."""
+        return self._info
+
+    @property
+    def version(self) -> Mapping[str, object] | None:
+        """QEMU's version object (as ``query-version`` returns it); ``None`` unless connected."""
+        return self._info.version if self._info is not None else None
+
+    def start(self) -> None:
+        if self._task is not None or self._state == "closed":
+            raise RuntimeError("QemuLink.start() may be called once, before close()")
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"QEMU link {self.path}")
+
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None
+                      ) -> object:
+        """Run ``command`` in QEMU and return QEMU's ``return`` value.
+
+        Raises QemuCommandError (QEMU's error, verbatim), QemuNotConnected (nothing was
+        sent), QemuInterrupted (sent, but the connection was lost before the reply), or
+        QemuLinkError (arguments that are not strict JSON, or a reply not understood).
+        """
+        if self._state != "connected":
+            raise self._not_connected()
+        try:
+            # The library serializes in its writer task, where a failure would drop the
+            # connection; and QEMU cannot parse NaN or Infinity.
+            json.dumps(arguments, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise QemuLinkError(f"Arguments for '{command}' are not valid JSON: {exc}") from None
+        try:
+            return await self._client.execute(command, arguments)
+        except ExecuteError as exc:
+            raise QemuCommandError(exc.error_class, exc.error.error.desc) from None
+        except ExecInterruptedError as exc:
+            raise QemuInterrupted(
+                f"The connection to QEMU's monitor at '{self.path}' was lost before QEMU "
+                f"replied to '{command}'") from exc
+        except StateError:
+            raise self._not_connected() from None
+        except QMPError as exc:
+            raise QemuLinkError(f"QEMU's reply to '{command}' was not understood: {exc}"
+                                ) from exc
+
+    async def close(self) -> None:
+        """Stop reconnecting and disconnect; commands in flight raise QemuInterrupted."""
+        if self._state == "closed":
+            return
+        was_connected = self._state == "connected"
+        self._state, self._info, self._reason = "closed", None, "the link is closed"
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:
+                log.error("the QEMU link for %s had failed: %s", self.path, task.exception())
+        if self._client.runstate != Runstate.IDLE:
+            await self._disconnect_quietly()
+        if was_connected:
+            log.info("disconnected from QEMU at %s", self.path)
+        self._notify_state()
+
+    # -- the connection's life --------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self._min_delay
+        while True:
+            try:
+                info = await self._connect()
+            except Exception as exc:  # every kind of failure means: try again later
+                self.attempts += 1
+                self._set_down(_reason(exc), lost=False)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_delay)
+                continue
+            delay, self.attempts = self._min_delay, 0
+            self._set_up(info)
+            # After a loss, try again at once: QEMU may already be back.
+            self._set_down(await self._session_end(), lost=True)
+
+    async def _connect(self) -> QemuInfo:
+        notice = asyncio.get_running_loop().call_later(self._greeting_notice,
+                                                       self._greeting_late)
+        try:
+            await self._client.connect(str(self.path))
+            notice.cancel()
+            greeting = self._client.greeting
+            version = greeting.QMP.version if greeting is not None else {}
+            schema = await self._client.execute("query-qmp-schema")
+            return QemuInfo.from_schema(version, schema)
+        except Exception:
+            # A failed connect() has already reset the client; anything later has not.
+            if self._client.runstate != Runstate.IDLE:
+                await self._disconnect_quietly()
+            raise
+        finally:
+            notice.cancel()
+
+    async def _session_end(self) -> str:
+        """Wait until the connection ends; why it ended."""
+        while self._client.runstate == Runstate.RUNNING:
+            await self._client.runstate_changed()
+        try:
+            await self._client.disconnect()
+        except Exception as exc:  # the reader's or writer's failure, re-raised
+            return _reason(exc)
+        return "the connection ended"
+
+    async def _disconnect_quietly(self) -> None:
+        try:
+            await self._client.disconnect()
+        except Exception as exc:  # the failure that ended the session: nothing left to do
+            log.debug("QEMU %s: disconnected: %s", self.path, _reason(exc))
+
+    def _greeting_late(self) -> None:
+        log.warning("QEMU at %s accepted the connection but has not greeted after %g s "
+                    "(QEMU serves one client per monitor: is another one connected?); "
+                    "still waiting", self.path, self._greeting_notice)
+
+    def _set_up(self, info: QemuInfo) -> None:
+        self._state, self._info, self._reason = "connected", info, "connected"
+        self._logged_reason = None
+        log.info("connected to QEMU %s at %s", info.version_string, self.path)
+        self._notify_state()
+
+    def _set_down(self, reason: str, *, lost: bool) -> None:
+        changed = self._state != "disconnected"
+        self._state, self._info, self._reason = "disconnected", None, reason
+        if lost:
+            log.warning("lost the connection to QEMU at %s: %s; reconnecting", self.path, reason)
+        elif reason != self._logged_reason:
+            log.info("QEMU at %s is not available: %s; retrying", self.path, reason)
+        self._logged_reason = reason
+        if changed:
+            self._notify_state()
+
+    def _notify_state(self) -> None:
+        if self._on_state is None:
+            return
+        try:
+            self._on_state(self._state)
+        except Exception:
+            log.exception("internal error handling the QEMU link's state %r", self._state)
+
+    def _not_connected(self) -> QemuNotConnected:
+        if self._state == "connected":  # the reader saw the end; _run has yet to notice
+            return QemuNotConnected(self.path, "the connection was just lost")
+        return QemuNotConnected(self.path, self._reason)
+
+    def _deliver(self, msg: Mapping[str, object]) -> None:
+        name = msg.get("event")
+        data = msg.get("data", {})
+        timestamp = msg.get("timestamp", {})
+        if not (isinstance(name, str) and isinstance(data, Mapping)
+                and isinstance(timestamp, Mapping)):
+            log.warning("QEMU at %s sent a malformed event, ignored: %r", self.path, dict(msg))
+            return
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(name, data, timestamp)
+        except Exception:
+            log.exception("internal error handling QEMU's %s event", name)

@@ -1,0 +1,314 @@
+"""The QEMU link against a real QEMU: connect, execute, relay events, survive QEMU's death."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qmpclient import RawClient
+from realqemu import Qemu, wait_until
+
+from migblockd.qemu import (
+    LinkState,
+    QemuCommandError,
+    QemuInterrupted,
+    QemuLink,
+    QemuLinkError,
+    QemuNotConnected,
+)
+
+EXEC_NULL = "exec:cat > /dev/null"
+EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
+
+
+@dataclass
+class Recorder:
+    """What the link handed to its callbacks, in order."""
+
+    events: list[tuple[str, dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    states: list[LinkState] = field(default_factory=list)
+
+    def on_event(self, name: str, data: Mapping[str, object],
+                 timestamp: Mapping[str, object]) -> None:
+        self.events.append((name, dict(data), dict(timestamp)))
+
+    def statuses(self) -> list[str]:
+        return [d["status"] for n, d, _ in self.events if n == "MIGRATION"]
+
+
+@contextlib.asynccontextmanager
+async def running_link(path: Path, **kwargs: Any) -> AsyncIterator[tuple[QemuLink, Recorder]]:
+    rec = Recorder()
+    link = QemuLink(path, on_event=rec.on_event, on_state=rec.states.append, **kwargs)
+    link.start()
+    try:
+        yield link, rec
+    finally:
+        await link.close()
+
+
+async def connected(link: QemuLink) -> None:
+    await wait_until(lambda: link.state == "connected", f"link connected to {link.path}")
+
+
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    """The link's log lines (INFO and above) that contain ``text``."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "migblockd.qemu" and r.levelno >= logging.INFO
+            and text in r.getMessage()]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_and_tidy(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every test: qemu.qmp logs nothing (the link speaks for it) and asyncio has no complaint
+    (no task destroyed while pending, no exception never retrieved) once the link is closed."""
+    caplog.set_level(logging.DEBUG)
+    yield
+    gc.collect()
+    # In teardown, caplog.records holds only teardown's records: ask for the test's own.
+    records = [*caplog.get_records("setup"), *caplog.get_records("call"), *caplog.records]
+    library = [r.getMessage() for r in records if r.name.startswith("qemu")]
+    assert not library, library
+    asyncio_errors = [r.getMessage() for r in records
+                      if r.name == "asyncio" and r.levelno >= logging.ERROR]
+    assert not asyncio_errors, asyncio_errors
+
+
+async def test_connects_and_learns_version_and_commands(
+        qemu: Qemu, caplog: pytest.LogCaptureFixture) -> None:
+    async with qemu.monitor() as mon:
+        version = await mon.ok("query-version")
+        schema = await mon.ok("query-qmp-schema")
+    by_name = {e["name"]: e for e in schema}
+
+    def arguments(command: str) -> set[str]:
+        return {m["name"] for m in by_name[by_name[command]["arg-type"]]["members"]}
+
+    async with running_link(qemu.gate_socket) as (link, rec):
+        await connected(link)
+        assert rec.states == ["connected"]
+        assert link.version == version
+        info = link.info
+        assert info is not None
+        q = version["qemu"]
+        assert info.version_string == f"{q['major']}.{q['minor']}.{q['micro']}"
+        assert set(info.commands) == {e["name"] for e in schema if e["meta-type"] == "command"}
+        assert info.arguments("migrate") == arguments("migrate")
+        assert "uri" in info.arguments("migrate")
+        assert info.arguments("migrate-set-parameters") == arguments("migrate-set-parameters")
+        assert info.knows("query-migrate") and not info.knows("no-such-command")
+        assert {"MIGRATION", "MIGRATION_PASS"} <= info.events
+    assert rec.states == ["connected", "closed"]
+    assert link.info is None
+    assert logged(caplog, "connected to QEMU") == [
+        f"connected to QEMU {info.version_string} at {qemu.gate_socket}"]
+
+
+async def test_query_migrate_shows_qemus_own_blockers(qemu: Qemu) -> None:
+    async with qemu.monitor() as mon, running_link(qemu.gate_socket) as (link, _):
+        await connected(link)
+        assert await link.execute("query-migrate") == {}
+        await mon.add_blocker("blocker1")
+        await mon.add_blocker("blocker2")
+        assert await link.execute("query-migrate") == {"blocked-reasons": [
+            "The vdi format used by node 'blocker1' does not support live migration",
+            "The vdi format used by node 'blocker2' does not support live migration"]}
+        await mon.remove_blocker("blocker1")
+        assert await link.execute("query-migrate") == {
+            "blocked-reasons": [mon.blocker_text("blocker2")]}
+        await mon.remove_blocker("blocker2")
+        assert await link.execute("query-migrate") == {}
+
+
+async def test_qemus_errors_come_back_verbatim(qemu: Qemu) -> None:
+    async with qemu.monitor() as mon, running_link(qemu.gate_socket) as (link, _):
+        await connected(link)
+        await mon.add_blocker("blocker1")
+        await mon.add_blocker("blocker2")
+        with pytest.raises(QemuCommandError) as refused:
+            await link.execute("migrate", {"uri": EXEC_NULL})
+        # The same command on the test's own monitor: QEMU's reply, untouched.
+        raw = await mon.execute("migrate", {"uri": EXEC_NULL})
+        assert raw["error"] == {"class": refused.value.error_class, "desc": refused.value.desc}
+        assert str(refused.value) == mon.blocker_text("blocker2")  # the newest blocker
+        assert refused.value.error_class == "GenericError"
+
+        with pytest.raises(QemuCommandError) as unknown:
+            await link.execute("no-such-command")
+        assert (unknown.value.error_class, unknown.value.desc) == (
+            "CommandNotFound", "The command no-such-command has not been found")
+        with pytest.raises(QemuCommandError) as missing:
+            await link.execute("migrate", {})
+        assert missing.value.desc == "Parameter 'uri' is missing"
+
+        # Not strict JSON: refused before anything is sent, and the connection stays up.
+        with pytest.raises(QemuLinkError, match="not valid JSON"):
+            await link.execute("migrate-set-parameters", {"max-bandwidth": float("inf")})
+        assert link.state == "connected"
+        assert await link.execute("query-migrate") == {"blocked-reasons": [
+            mon.blocker_text("blocker1"), mon.blocker_text("blocker2")]}
+
+
+async def test_migration_events_are_relayed_in_qemus_order(qemu: Qemu) -> None:
+    async with qemu.monitor() as mon, running_link(qemu.gate_socket) as (link, rec):
+        await connected(link)
+        await link.execute("migrate-set-capabilities", EVENTS_ON)
+        assert await link.execute("migrate", {"uri": EXEC_NULL}) == {}
+        # QEMU sends MIGRATION setup before its reply to migrate: relayed before execute
+        # returned.
+        assert rec.events[:1] and rec.events[0][:2] == ("MIGRATION", {"status": "setup"})
+        await wait_until(lambda: "completed" in rec.statuses(), "migration completed")
+        assert rec.statuses() == ["setup", "active", "completed"]
+        passes = [d["pass"] for n, d, _ in rec.events if n == "MIGRATION_PASS"]
+        assert passes == list(range(1, len(passes) + 1)) and passes
+        # Exactly what QEMU sent its other monitor: same events, order and timestamps.
+        seen = [(m["event"], m.get("data", {}), m["timestamp"]) for m in await mon.sync()]
+        assert rec.events == seen
+
+
+async def test_a_lasting_migration_can_be_cancelled(qemu_factory: Callable[..., Qemu]) -> None:
+    qemu = qemu_factory(memory="1G")
+    async with running_link(qemu.gate_socket) as (link, rec):
+        await connected(link)
+        await link.execute("migrate-set-capabilities", EVENTS_ON)
+        # 1 GiB of never-touched RAM is a ~2.4 MB stream; at 100 kB/s it lasts ~25 s.
+        await link.execute("migrate-set-parameters", {"max-bandwidth": 100_000})
+        await link.execute("migrate", {"uri": EXEC_NULL})
+        await wait_until(lambda: "active" in rec.statuses(), "migration active")
+        with pytest.raises(QemuCommandError) as busy:
+            await link.execute("migrate", {"uri": EXEC_NULL})
+        assert busy.value.desc == "There's a migration process in progress"
+        assert (await link.execute("query-migrate"))["status"] == "active"  # type: ignore[index]
+        assert await link.execute("migrate_cancel") == {}
+        assert "cancelling" in rec.statuses()  # sent before migrate_cancel's reply
+        await wait_until(lambda: "cancelled" in rec.statuses(), "migration cancelled")
+        assert rec.statuses() == ["setup", "active", "cancelling", "cancelled"]
+        assert await link.execute("query-migrate") == {"status": "cancelled"}
+
+
+async def test_qemu_killed_then_restarted(qemu: Qemu, caplog: pytest.LogCaptureFixture) -> None:
+    async with running_link(qemu.gate_socket, min_delay=0.01, max_delay=0.05) as (link, rec):
+        await connected(link)
+        async with qemu.monitor() as mon:
+            await mon.add_blocker("old")
+        assert await link.execute("query-migrate") == {"blocked-reasons": [
+            "The vdi format used by node 'old' does not support live migration"]}
+
+        qemu.kill()
+        await wait_until(lambda: link.state == "disconnected", "link noticed QEMU's death")
+        with pytest.raises(QemuNotConnected) as down:
+            await link.execute("query-migrate")
+        assert str(down.value).startswith(
+            f"Not connected to QEMU's monitor at '{qemu.gate_socket}': ")
+        assert down.value.path == qemu.gate_socket
+        # The socket file stays behind and refuses: the link keeps trying, and says so once.
+        await wait_until(lambda: link.attempts >= 5, "five failed reconnection attempts")
+        assert link.state == "disconnected"
+        assert len(logged(caplog, "lost the connection to QEMU")) == 1
+        assert logged(caplog, "is not available") == [
+            f"QEMU at {qemu.gate_socket} is not available: Connection refused; retrying"]
+        later = await _not_connected_error(link)
+        assert later.reason == "Connection refused"
+
+        await asyncio.to_thread(qemu.start)  # a new process on the same paths
+        await connected(link)
+        assert await link.execute("query-migrate") == {}  # the new QEMU has no blocker
+    assert rec.states == ["connected", "disconnected", "connected", "closed"]
+    assert len(logged(caplog, "connected to QEMU")) == 2
+
+
+async def _not_connected_error(link: QemuLink) -> QemuNotConnected:
+    with pytest.raises(QemuNotConnected) as exc:
+        await link.execute("query-migrate")
+    return exc.value
+
+
+async def test_link_started_before_qemu_connects_when_it_appears(
+        qemu_factory: Callable[..., Qemu], caplog: pytest.LogCaptureFixture) -> None:
+    qemu = qemu_factory(start=False)
+    async with running_link(qemu.gate_socket, min_delay=0.01, max_delay=0.05) as (link, rec):
+        await wait_until(lambda: link.attempts >= 5, "five failed connection attempts")
+        assert link.state == "disconnected" and rec.states == []
+        error = await _not_connected_error(link)
+        assert str(error) == (f"Not connected to QEMU's monitor at '{qemu.gate_socket}': "
+                              "No such file or directory")
+        assert logged(caplog, "is not available") == [
+            f"QEMU at {qemu.gate_socket} is not available: No such file or directory; retrying"]
+        await asyncio.to_thread(qemu.start)
+        await connected(link)
+        assert await link.execute("query-migrate") == {}
+    assert rec.states == ["connected", "closed"]
+
+
+async def test_link_waits_while_another_client_holds_the_monitor(
+        qemu: Qemu, caplog: pytest.LogCaptureFixture) -> None:
+    other = await RawClient.connect(qemu.gate_socket)
+    try:
+        async with running_link(qemu.gate_socket, greeting_notice=0.2) as (link, _):
+            await wait_until(lambda: logged(caplog, "has not greeted"), "greeting notice")
+            assert link.state == "disconnected"
+            await other.close()  # QEMU now greets the link, which was waiting
+            await connected(link)
+            assert await link.execute("query-migrate") == {}
+    finally:
+        await other.close()
+
+
+async def test_close_interrupts_a_command_in_flight(qemu: Qemu) -> None:
+    assert qemu.proc is not None
+    async with running_link(qemu.gate_socket) as (link, _):
+        await connected(link)
+        os.kill(qemu.proc.pid, signal.SIGSTOP)  # QEMU will not reply
+        try:
+            pending = asyncio.create_task(link.execute("query-migrate"))
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert not pending.done()
+            await link.close()
+            with pytest.raises(QemuInterrupted, match=str(qemu.gate_socket)):
+                await pending
+        finally:
+            os.kill(qemu.proc.pid, signal.SIGCONT)
+        assert link.state == "closed"
+        error = await _not_connected_error(link)
+        assert error.reason == "the link is closed"
+
+
+def test_link_lifecycle_on_every_python(python: str, qemu: Qemu) -> None:
+    """Connect, lose QEMU, reconnect, close: under 3.11, 3.12 and 3.13, in asyncio's debug
+    mode, with nothing on stderr but the link's own log lines."""
+    script = Path(__file__).with_name("qemu_link_scenario.py")
+    proc = subprocess.Popen([python, "-X", "dev", str(script), str(qemu.gate_socket)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first == "connected\n", first + proc.communicate(timeout=60)[1]
+        qemu.restart()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out.splitlines() == [
+        "CommandNotFound: The command no-such-command has not been found",
+        "query-migrate: {}",
+        "states: connected disconnected connected closed",
+    ], err
+    for line in err.splitlines():
+        assert line.startswith("migblockd.qemu "), err
+    for marker in ("Traceback", "never retrieved", "was destroyed"):
+        assert marker not in err, err
+    assert "connected to QEMU" in err and "lost the connection" in err

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from migblockd import __version__
 from migblockd.connection import Connection
@@ -29,6 +29,18 @@ log = logging.getLogger("migblockd")
 
 Args = dict[str, Any]
 Handler = Callable[[Connection, Args], object]
+H = TypeVar("H", bound=Callable[..., object])
+
+
+def reads_state(handler: H) -> H:
+    """Mark a handler whose answer depends on the blockers or the settings.
+
+    With durable state on, the core runs such a command only once every
+    earlier change is on disk: no client may act on, or hear of, a change
+    that a crash could still take back (``migrate`` least of all).
+    """
+    handler.reads_state = True  # type: ignore[attr-defined]
+    return handler
 
 
 def shown(text: object, limit: int = 200) -> str:
@@ -91,11 +103,12 @@ class Handlers:
         log.info("%s: deleted blocker %s", conn.label, blocker.id)
         return {}
 
+    @reads_state
     def query_blockers(self, conn: Connection, args: Args) -> object:
         # Polled by every agent and changed rarely: join each blocker's
         # encoded form once per change.
         mode = args.get("mode")
-        changes = self.registry.changes
+        changes = self.registry.version
         if self._listing_changes != changes:
             self._listings.clear()
             self._listing_changes = changes
@@ -106,6 +119,7 @@ class Handlers:
         return listing
 
     # -- migration ----------------------------------------------------------
+    @reads_state
     def migrate(self, conn: Connection, args: Args) -> object:
         try:
             self.registry.migrate(args["uri"])
@@ -120,6 +134,7 @@ class Handlers:
         self.registry.cancel()
         return {}
 
+    @reads_state
     def query_migrate(self, conn: Connection, args: Args) -> object:
         return self.registry.query_migrate()
 
@@ -128,6 +143,7 @@ class Handlers:
             self.registry.set_mode(args["mode"])
         return {}
 
+    @reads_state
     def query_migrate_parameters(self, conn: Connection, args: Args) -> object:
         return {"mode": self.registry.mode}
 
@@ -139,6 +155,7 @@ class Handlers:
                 self.registry.set_events(cap["state"])
         return {}
 
+    @reads_state
     def query_migrate_capabilities(self, conn: Connection, args: Args) -> object:
         return [
             {"capability": "events", "state": self.registry.events_enabled},

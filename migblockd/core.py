@@ -2,11 +2,11 @@
 
 In the style of python-websockets' ``protocol.py``, one level up: the core owns
 the registry, the command table, every connection's QMP session and the event
-fan-out, and knows nothing of sockets or event loops.  The asyncio adapter
-(:mod:`migblockd.server`) feeds it what each connection received, lets it run
-requests in turns, and writes what :meth:`Core.data_to_send` returns for the
-connections :meth:`Core.take_dirty` names.  Every rule from parsed request to
-registry and back lives here, so it is tested with plain bytes::
+fan-out, and knows nothing of sockets, disks or event loops.  The asyncio
+adapter (:mod:`migblockd.server`) feeds it what each connection received, lets
+it run requests in turns, and writes what :meth:`Core.data_to_send` returns
+for the connections :meth:`Core.take_dirty` names.  Every rule from parsed
+request to registry and back lives here, so it is tested with plain bytes::
 
     core = Core(contract, registry, limits)
     a, b = core.connect(owner_a), core.connect(owner_b)
@@ -14,16 +14,27 @@ registry and back lives here, so it is tested with plain bytes::
     core.execute(a, 32)
     core.data_to_send(a)        # greeting, then {"return": {}}
 
-A request runs to completion when its turn comes: the core first applies the
+A request runs to completion when its turn comes: the core applies the
 simulated migration's transitions that are due, runs the handler, delivers the
 events it caused to every negotiated session (before the reply, QEMU's order),
 then queues the reply.  Errors become replies in exactly one place,
 :meth:`Core._run`.
+
+Durability (``durable=True``): a command that changes what outlives the daemon
+gets a *stamp*; its events and reply, and everything any client is sent after
+them, are held until the changes up to that stamp are on disk.  The adapter
+takes the changes in groups (:meth:`take_group`: everything since the last
+group, one transaction per loop turn) and reports the outcome
+(:meth:`committed`, :meth:`commit_failed`).  Commands that read the blockers
+or settings wait until nothing is pending, so no client acts on a change that
+a crash could take back; a failed commit undoes every pending change, turns
+the replies of those commands into errors and drops their events.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from migblockd.commands import Handlers, version_info
@@ -32,12 +43,20 @@ from migblockd.contract import Contract
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.framing import Limits
 from migblockd.qmp.session import Request, Session
-from migblockd.registry import BlockerError, Owner, Registry
+from migblockd.registry import BlockerError, Change, Owner, Registry
 from migblockd.render import event_line
 
-__all__ = ["Core"]
+__all__ = ["Core", "Group"]
 
 log = logging.getLogger("migblockd")
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Changes to commit in one transaction: all the durable ones up to ``stamp``."""
+
+    stamp: int
+    changes: list[Change]
 
 
 class Core:
@@ -46,14 +65,16 @@ class Core:
     ``limits`` bound each connection's input; ``max_clients`` how many
     connections are served at once (more are answered with one error line
     and must be closed).  Both may be changed between requests (a reload).
+    ``durable`` holds output until its changes are committed (see above).
     """
 
     def __init__(self, contract: Contract, registry: Registry, limits: Limits, *,
-                 max_clients: int = 1024) -> None:
+                 max_clients: int = 1024, durable: bool = False) -> None:
         self.contract = contract
         self.registry = registry
         self.limits = limits
         self.max_clients = max_clients
+        self.durable = durable
         self.table = Handlers(contract, registry).table()
         self.greeting: dict[str, Any] = {
             "QMP": {"version": version_info(), "capabilities": ["oob"]}
@@ -61,6 +82,13 @@ class Core:
         self.connections: dict[Connection, None] = {}  # an ordered set
         self._dirty: dict[Connection, None] = {}  # connections with output, in order
         self._numbers = 0
+        # Durability: stamps of commands whose changes are not on disk yet.
+        self._stamp = 0  # the last stamp handed out
+        self._committed = 0  # everything up to this stamp is on disk
+        self._grouped = 0  # ... or in the group being committed
+        self._pending: list[tuple[int, list[Change]]] = []
+        self._holding: dict[Connection, None] = {}
+        self._waiting: dict[Connection, None] = {}
 
     # -- connections -----------------------------------------------------------
     def connect(self, owner: Owner | None) -> Connection:
@@ -85,24 +113,33 @@ class Core:
         return conn
 
     def disconnect(self, conn: Connection, reason: str = "") -> None:
-        """The connection is gone: run what it sent, release its blockers.
+        """The connection is gone: run what it sent, then release its blockers.
 
         Everything received is executed even though the answers cannot be
         delivered (a client that hangs up right after sending still gets its
-        commands run, unlike QEMU).
+        commands run, unlike QEMU).  A request still waiting for a commit runs
+        when the commit is done; the connection is finished off after that.
         """
-        if conn not in self.connections:
+        if conn not in self.connections or conn.closed:
             return
+        conn.closed = True
+        log.info("%s disconnected%s", conn.label, f": {reason}" if reason else "")
+        self._finish(conn)
+
+    def _finish(self, conn: Connection) -> None:
         while self.execute(conn, 1 << 30):
             pass
+        if conn.waiting is not None:
+            return  # finished when its commit is done
         del self.connections[conn]
         self._dirty.pop(conn, None)
-        log.info("%s disconnected%s", conn.label, f": {reason}" if reason else "")
+        self._holding.pop(conn, None)
         released = self.registry.release(conn)
         if released:
             log.info("%s: released %d connection-scoped blocker(s): %s", conn.label,
                      len(released), ", ".join(b.id for b in released))
-        self._publish()
+            self.registry.take_changes()  # nothing durable: they were never stored
+        self._publish(False)
 
     # -- input -----------------------------------------------------------------
     def receive_data(self, conn: Connection, data: bytes) -> None:
@@ -112,7 +149,12 @@ class Core:
         conn.session.receive_eof()
 
     def has_pending(self, conn: Connection) -> bool:
-        return conn.session.has_pending()
+        """Requests are buffered (or one waits for a commit)."""
+        return conn.waiting is not None or conn.session.has_pending()
+
+    def blocked(self, conn: Connection) -> bool:
+        """Its next request waits for a commit: no use giving it a turn until then."""
+        return conn.waiting is not None and self._stamp > self._committed
 
     def execute(self, conn: Connection, max_requests: int) -> int:
         """Run up to ``max_requests`` of ``conn``'s pending requests, in order.
@@ -123,11 +165,22 @@ class Core:
             return 0
         session = conn.session
         handled = 0
-        while handled < max_requests and session.has_pending():
-            handled += 1
-            request = session.next_request()
+        while handled < max_requests:
+            request = conn.waiting
             if request is not None:
-                self._run(conn, request)
+                if self._stamp > self._committed:
+                    break
+                conn.waiting = None
+            elif session.has_pending():
+                handled += 1
+                request = session.next_request()
+                if request is None:
+                    continue
+            else:
+                break
+            self._run(conn, request)
+            if conn.waiting is not None:
+                break
         if session.has_output():
             self._dirty[conn] = None
         return handled
@@ -143,6 +196,65 @@ class Core:
         dirty, self._dirty = list(self._dirty), {}
         return dirty
 
+    # -- durability --------------------------------------------------------------
+    def has_uncommitted(self) -> bool:
+        """Some change is not on disk yet (nor has its commit failed)."""
+        return self._stamp > self._committed
+
+    def take_group(self) -> Group | None:
+        """The changes to commit next, if any and if no commit is in flight."""
+        if self._grouped > self._committed or self._stamp == self._grouped:
+            return None
+        changes = [change for stamp, batch in self._pending if stamp > self._grouped
+                   for change in batch if change.durable]
+        self._grouped = self._stamp
+        return Group(self._stamp, changes)
+
+    def committed(self, group: Group) -> list[Connection]:
+        """``group`` is on disk: release what waited for it.
+
+        Returns the connections whose next request may run now.
+        """
+        self._committed = group.stamp
+        self._pending = [entry for entry in self._pending if entry[0] > group.stamp]
+        for conn in list(self._holding):
+            if conn.session.release(group.stamp):
+                self._dirty[conn] = None
+            if not conn.session.holding:
+                del self._holding[conn]
+        return self._wake()
+
+    def commit_failed(self, group: Group, reason: str) -> list[Connection]:
+        """``group`` could not be committed: back to what is on disk.
+
+        Every change not yet on disk is undone (``group``'s and any made
+        since), the replies of those commands become errors saying ``reason``
+        and their events are dropped.  Returns the connections whose next
+        request may run now.
+        """
+        log.error("%s; %d command(s) failed, their changes undone", reason,
+                  len(self._pending))
+        for _, changes in reversed(self._pending):
+            self.registry.undo(changes)
+        self._pending.clear()
+        self._committed = self._grouped = self._stamp
+        error = QMPError(f"{reason}; nothing was changed")
+        for conn in self._holding:
+            conn.session.fail_held(error)
+            self._dirty[conn] = None
+        self._holding.clear()
+        return self._wake()
+
+    def _wake(self) -> list[Connection]:
+        if self._stamp > self._committed or not self._waiting:
+            return []
+        woken = list(self._waiting)
+        self._waiting.clear()
+        for conn in woken:
+            if conn.closed:
+                self._finish(conn)
+        return [conn for conn in woken if not conn.closed]
+
     # -- time --------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """Monotonic time at which :meth:`tick` has work to do, if any."""
@@ -151,7 +263,7 @@ class Core:
     def tick(self) -> None:
         """Apply the simulated migration's due transitions and deliver their events."""
         self.registry.advance()
-        self._publish()
+        self._publish(False)
 
     def status(self) -> tuple[int, int, str]:
         """Blockers, clients and migration status, for systemd's STATUS line."""
@@ -163,9 +275,16 @@ class Core:
         name = request.command.name
         handler = request.command.handler
         assert callable(handler)
+        if self._stamp > self._committed and getattr(handler, "reads_state", False):
+            conn.waiting = request
+            self._waiting[conn] = None
+            return
         # Transitions already due come first, so that answers never depend on
         # how promptly the timer fired, and their events precede this command's.
-        self.registry.advance()
+        registry = self.registry
+        if registry.next_deadline() is not None:
+            registry.advance()
+            self._publish(False)
         try:
             result = handler(conn, request.args)
         except QMPError as exc:
@@ -178,28 +297,42 @@ class Core:
             error = QMPError(f"Internal error while executing command {name}")
         else:
             error = None
+        durable = False
+        changes = registry.take_changes()
+        if changes and self.durable and any(change.durable for change in changes):
+            self._stamp += 1
+            self._pending.append((self._stamp, changes))
+            durable = True
         # Events the command caused go out before its reply (QEMU's order).
-        self._publish()
+        self._publish(durable)
+        stamp = self._stamp if self._stamp > self._committed else 0
+        if stamp:
+            self._holding[conn] = None
         if error is not None:
-            session.fail(request, error)
+            session.fail(request, error, stamp)
             return
         try:
-            session.reply(request, result)
+            session.reply(request, result, stamp, durable)
         except (ValueError, TypeError, RecursionError):
             log.exception("%s: cannot encode the result of %s", conn.label, name)
-            session.fail(request, QMPError(f"Internal error while executing command {name}"))
+            session.fail(request, QMPError(f"Internal error while executing command {name}"),
+                         stamp)
 
-    def _publish(self) -> None:
+    def _publish(self, durable: bool) -> None:
         """Deliver the registry's queued events to every negotiated session."""
         events = self.registry.take_events()
         if not events:
             return
-        dirty = self._dirty
+        stamp = self._stamp if self._stamp > self._committed else 0
+        dirty, holding = self._dirty, self._holding
         for event in events:
             line = event_line(event)
             for conn in self.connections:
-                if conn.session.negotiated:
-                    conn.session.send_event(line)
+                session = conn.session
+                if session.negotiated and not conn.closed:
+                    session.send_event(line, stamp, durable)
                     dirty[conn] = None
+                    if stamp:
+                        holding[conn] = None
             if event.name == "MIGRATION":
                 log.info("migration status: %s", event.detail)

@@ -19,9 +19,10 @@ from migblockd import __version__
 from migblockd.config import Config
 from migblockd.contract import Contract
 from migblockd.core import Core
+from migblockd.listen import StartupError
 from migblockd.qapi.error import QAPIError
 from migblockd.registry import Registry
-from migblockd.server import Server, StartupError, spawn
+from migblockd.server import Server, spawn
 from migblockd.systemd import ActivationError, Notifier, activated_listener
 
 __all__ = ["StartupError", "run"]

@@ -19,11 +19,11 @@ dropped.  Events still reach such a client until its unread output passes
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import socket
-import stat
 import struct
 import sys
 from collections.abc import Callable
@@ -32,8 +32,9 @@ from typing import Any
 
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.connection import Connection
-from migblockd.core import Core
-from migblockd.registry import Owner
+from migblockd.core import Core, Group
+from migblockd.listen import LISTEN_BACKLOG, bind_socket
+from migblockd.registry import Change, Owner
 from migblockd.systemd import Notifier, format_status
 
 log = logging.getLogger("migblockd")
@@ -45,16 +46,9 @@ BATCH = 32
 HIGH_WATER = 64 * 1024
 #: How long shutdown waits for clients to take their last replies.
 SHUTDOWN_GRACE = 1.5
-LISTEN_BACKLOG = 1024
 LEFTOVER_CHUNK = 64 * 1024
-#: sun_path is 108 bytes on Linux, one of them the terminating NUL.
-UNIX_PATH_MAX = 107
 
 _PEERCRED = struct.Struct("3i")
-
-
-class StartupError(Exception):
-    """The daemon cannot start; ``str()`` is the one-line reason for the log."""
 
 
 def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:
@@ -176,8 +170,8 @@ class ClientProtocol(asyncio.Protocol):
             if not self.read_paused:
                 transport.pause_reading()
                 self.read_paused = True
-            # A paused writer is woken by resume_writing instead.
-            return not self.write_paused
+            # A paused writer is woken by resume_writing, a blocked one by its commit.
+            return not self.write_paused and not core.blocked(conn)
         if self.read_paused and not self.eof:
             transport.resume_reading()
             self.read_paused = False
@@ -206,15 +200,27 @@ class ClientProtocol(asyncio.Protocol):
             transport.close()
 
 
+Commit = Callable[[list[Change]], None]
+
+
 class Server:
-    """The listening socket, its connections' transports, and the turn scheduler."""
+    """The listening socket, its connections' transports, and the turn scheduler.
+
+    ``commit`` writes a group of changes durably (blocking: it runs on a worker
+    thread, one group at a time, so the loop keeps serving meanwhile); it
+    raises an exception whose ``str()`` says why when it cannot.
+    """
 
     def __init__(self, config: Config, cli: dict[str, Any], core: Core,
-                 notifier: Notifier) -> None:
+                 notifier: Notifier, commit: Commit | None = None) -> None:
         self.config = config
         self.cli = cli
         self.core = core
         self.notifier = notifier
+        self.commit = commit
+        self._disk = concurrent.futures.ThreadPoolExecutor(1, "migblockd-commit")
+        self._group: Group | None = None
+        self._committing = asyncio.Event()
         self.protocols: dict[Connection, ClientProtocol] = {}
         self.listener: asyncio.Server | None = None
         self.own_socket: tuple[Path, int] | None = None  # path and inode we created
@@ -251,6 +257,8 @@ class Server:
 
     def _flush(self) -> None:
         protocols = self.protocols
+        if self.commit is not None and self._group is None:
+            self._start_commit()
         for conn in self.core.take_dirty():
             protocol = protocols.get(conn)
             if protocol is not None:
@@ -261,6 +269,39 @@ class Server:
             self._all_gone.set()
         else:
             self._all_gone.clear()
+
+    # -- group commit ------------------------------------------------------------
+    def _start_commit(self) -> None:
+        assert self.commit is not None
+        group = self._group = self.core.take_group()
+        if group is None:
+            return
+        future = self._loop.run_in_executor(self._disk, self.commit, group.changes)
+        future.add_done_callback(self._commit_done)
+
+    def _commit_done(self, future: asyncio.Future[None]) -> None:
+        group, self._group = self._group, None
+        assert group is not None
+        exc = future.exception()
+        if exc is None:
+            woken = self.core.committed(group)
+        else:
+            woken = self.core.commit_failed(group, str(exc))
+        for conn in woken:
+            protocol = self.protocols.get(conn)
+            if protocol is not None:
+                self._runnable[protocol] = None
+        self._committing.set()
+        self.schedule()
+        self._flush()
+
+    async def _commits_done(self) -> None:
+        """Wait until every change made so far is on disk (or has failed)."""
+        while self.commit is not None and self.core.has_uncommitted():
+            if self._group is None:
+                self._start_commit()
+            self._committing.clear()
+            await self._committing.wait()
 
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline()
@@ -319,12 +360,22 @@ class Server:
         log.info("stopping: closing the socket and %d client(s)", len(self.protocols))
         if self.listener is not None:
             self.listener.close()
-        # Everything received is answered, then each connection closes once its
-        # replies are written.
-        for conn, protocol in list(self.protocols.items()):
+        # Everything received is answered (after its commit), then each
+        # connection closes once its replies are written.
+        core = self.core
+        for protocol in self.protocols.values():
             protocol.eof = True
-            while self.core.execute(conn, BATCH):
-                pass
+            if protocol.transport is not None and not protocol.transport.is_closing():
+                protocol.transport.pause_reading()
+        while True:
+            for conn in list(self.protocols):
+                while core.execute(conn, BATCH):
+                    pass
+            self._flush()
+            if not core.has_uncommitted():
+                break
+            await self._commits_done()
+        for protocol in list(self.protocols.values()):
             protocol.flush()
             if protocol.transport is not None and not protocol.transport.is_closing():
                 protocol.transport.close()
@@ -344,6 +395,7 @@ class Server:
             await self.listener.wait_closed()
         if self._timer is not None:
             self._timer.cancel()
+        self._disk.shutdown(wait=True)
         self.remove_own_socket()
 
     def remove_own_socket(self) -> None:
@@ -376,62 +428,6 @@ class Server:
 def _log_task_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("sd_notify failed: %s", task.exception())
-
-
-def bind_socket(path: Path, mode: int) -> socket.socket:
-    """Bind a listening socket at ``path``, refusing to steal one a live daemon serves."""
-    size = len(os.fsencode(path))
-    if size > UNIX_PATH_MAX:
-        raise StartupError(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
-                           f"the limit is {UNIX_PATH_MAX})")
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"cannot create {path.parent}: {exc.strerror}") from None
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-        if _answers(path):
-            raise StartupError(
-                f"another daemon is already listening on {path}; refusing to take over "
-                "a live socket (stop it first, or choose another --socket)"
-            )
-        log.info("removing stale socket %s", path)
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # The socket must never exist with wider permissions than asked, even briefly.
-    old = os.umask(0o777 & ~mode)
-    try:
-        sock.bind(os.fspath(path))
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"cannot bind {path}: {exc.strerror or exc}") from None
-    finally:
-        os.umask(old)
-    os.chmod(path, mode)
-    # Listening at once: a client (or a second daemon probing) that comes before
-    # we accept waits in the backlog instead of finding a "stale" socket.
-    sock.listen(LISTEN_BACKLOG)
-    sock.setblocking(False)
-    return sock
-
-
-def _answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(os.fspath(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True  # unsure (a full backlog, a timeout): do not steal it
-    finally:
-        probe.close()
-    return True
 
 
 def spawn(loop: asyncio.AbstractEventLoop, tasks: set[asyncio.Task[None]],

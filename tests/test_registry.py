@@ -611,16 +611,16 @@ def test_deleted_blocker_object_is_returned_intact() -> None:
     assert registry.get("k") is None
 
 
-def test_changes_counts_additions_and_removals_only() -> None:
+def test_version_counts_additions_and_removals_only() -> None:
     clock = FakeClock()
     registry = Registry(MODES, clock=clock, only_migratable=True)
-    start = registry.changes
+    start = registry.version
     registry.add("a", id="a", modes=["cpr-reboot"])
-    assert registry.changes == start + 1
+    assert registry.version == start + 1
     with pytest.raises(BlockerError):
         registry.add("refused")  # only-migratable: not registered, nothing changed
     registry.set_mode("cpr-reboot")
     registry.query_migrate()
-    assert registry.changes == start + 1
+    assert registry.version == start + 1
     registry.delete("a")
-    assert registry.changes == start + 2
+    assert registry.version == start + 2

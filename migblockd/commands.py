@@ -43,6 +43,10 @@ def reads_state(handler: H) -> H:
     return handler
 
 
+#: QEMU's defaults for the parameters the simulation only reports.
+PARAMETER_DEFAULTS: dict[str, object] = {"max-bandwidth": 134217728, "downtime-limit": 300}
+
+
 def shown(text: object, limit: int = 200) -> str:
     """A client-supplied string as one log field: escaped (no forged lines), truncated."""
     s = str(text)
@@ -67,6 +71,8 @@ class Handlers:
         self._version = version_info()
         self._command_list = [{"name": name} for name in contract.commands]
         self._listings: dict[str | None, Encoded] = {}
+        #: The simulation's other parameters: reported, with no effect on it.
+        self._parameters: dict[str, object] = dict(PARAMETER_DEFAULTS)
         self._listing_changes = -1
 
     # -- control ------------------------------------------------------------
@@ -141,11 +147,12 @@ class Handlers:
     def migrate_set_parameters(self, conn: Connection, args: Args) -> object:
         if "mode" in args:
             self.registry.set_mode(args["mode"])
+        self._parameters.update((k, v) for k, v in args.items() if k != "mode")
         return {}
 
     @reads_state
     def query_migrate_parameters(self, conn: Connection, args: Args) -> object:
-        return {"mode": self.registry.mode}
+        return {"mode": self.registry.mode, **self._parameters}
 
     def migrate_set_capabilities(self, conn: Connection, args: Args) -> object:
         # Capabilities are checked before any is applied: all or nothing.

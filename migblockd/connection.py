@@ -6,6 +6,8 @@ the asyncio adapter keeps its transport next to it.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 from migblockd.qmp.session import Request, Session
 from migblockd.registry import Owner
 
@@ -21,10 +23,12 @@ class Connection:
     ``refused`` marks a connection turned away at ``max-clients``: its only
     output is the error line, and then it must be closed.  ``closed``: the
     peer is gone, and the core finishes what it sent.  ``waiting`` is a request
-    taken from the session whose turn has not come yet (it waits for a commit).
+    taken from the session whose turn has not come yet (it waits for a commit),
+    or, with ``suspended`` set, one that waits for QEMU's answer to a call.
     """
 
-    __slots__ = ("closed", "label", "number", "owner", "refused", "session", "waiting")
+    __slots__ = ("closed", "label", "number", "owner", "refused", "session", "suspended",
+                 "waiting")
 
     def __init__(self, number: int, owner: Owner | None, session: Session) -> None:
         self.number = number
@@ -33,6 +37,7 @@ class Connection:
         self.refused = False
         self.closed = False
         self.waiting: Request | None = None
+        self.suspended: Generator[object, object, object] | None = None
         if owner is None:
             self.label = f"client {number}"
         else:

@@ -34,12 +34,16 @@ the replies of those commands into errors and drops their events.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from types import GeneratorType
 from typing import Any
 
 from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
 from migblockd.contract import Contract
+from migblockd.gate import Call, QemuError, QemuUnavailable
+from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.framing import Limits
 from migblockd.qmp.session import Request, Session
@@ -49,6 +53,9 @@ from migblockd.render import event_line
 __all__ = ["Core", "Group"]
 
 log = logging.getLogger("migblockd")
+
+#: A handler that talks to QEMU, paused at its latest ``yield Call(...)``.
+Suspended = Generator[object, object, object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +76,15 @@ class Core:
     """
 
     def __init__(self, contract: Contract, registry: Registry, limits: Limits, *,
-                 max_clients: int = 1024, durable: bool = False) -> None:
+                 max_clients: int = 1024, durable: bool = False,
+                 handlers: Handlers | None = None) -> None:
         self.contract = contract
         self.registry = registry
         self.limits = limits
         self.max_clients = max_clients
         self.durable = durable
-        self.table = Handlers(contract, registry).table()
+        self.handlers = handlers if handlers is not None else Handlers(contract, registry)
+        self.table = self.handlers.table()
         self.greeting: dict[str, Any] = {
             "QMP": {"version": version_info(), "capabilities": ["oob"]}
         }
@@ -89,6 +98,7 @@ class Core:
         self._pending: list[tuple[int, list[Change]]] = []
         self._holding: dict[Connection, None] = {}
         self._waiting: dict[Connection, None] = {}
+        self._calls: list[tuple[Connection, Call]] = []
 
     # -- connections -----------------------------------------------------------
     def connect(self, owner: Owner | None) -> Connection:
@@ -153,8 +163,9 @@ class Core:
         return conn.waiting is not None or conn.session.has_pending()
 
     def blocked(self, conn: Connection) -> bool:
-        """Its next request waits for a commit: no use giving it a turn until then."""
-        return conn.waiting is not None and self._stamp > self._committed
+        """Its next request waits for a commit or QEMU: no use giving it a turn until then."""
+        return conn.waiting is not None and (
+            conn.suspended is not None or self._stamp > self._committed)
 
     def execute(self, conn: Connection, max_requests: int) -> int:
         """Run up to ``max_requests`` of ``conn``'s pending requests, in order.
@@ -168,7 +179,7 @@ class Core:
         while handled < max_requests:
             request = conn.waiting
             if request is not None:
-                if self._stamp > self._committed:
+                if conn.suspended is not None or self._stamp > self._committed:
                     break
                 conn.waiting = None
             elif session.has_pending():
@@ -255,6 +266,34 @@ class Core:
                 self._finish(conn)
         return [conn for conn in woken if not conn.closed]
 
+    # -- QEMU --------------------------------------------------------------------
+    def take_calls(self) -> list[tuple[Connection, Call]]:
+        """Commands for QEMU, each from a request suspended until :meth:`resume`."""
+        if not self._calls:
+            return []
+        calls, self._calls = self._calls, []
+        return calls
+
+    def resume(self, conn: Connection, value: object = None,
+               error: BaseException | None = None) -> None:
+        """QEMU answered ``conn``'s call (``value``), or could not (``error``)."""
+        gen, request = conn.suspended, conn.waiting
+        assert gen is not None and request is not None
+        conn.suspended = conn.waiting = None
+        self._drive(conn, request, gen, value, error)
+        if conn.closed and conn.waiting is None:
+            self._finish(conn)
+        elif conn.session.has_output():
+            self._dirty[conn] = None
+
+    def relay(self, name: str, data: dict[str, Any], timestamp: dict[str, Any]) -> None:
+        """An event from QEMU, for every negotiated client, with QEMU's own timestamp."""
+        event: dict[str, Any] = {"event": name}
+        if data:
+            event["data"] = data
+        event["timestamp"] = timestamp
+        self._fan_out(encode_line(event), False)
+
     # -- time --------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """Monotonic time at which :meth:`tick` has work to do, if any."""
@@ -271,8 +310,6 @@ class Core:
 
     # -- the one place where a request meets the registry ------------------------
     def _run(self, conn: Connection, request: Request) -> None:
-        session = conn.session
-        name = request.command.name
         handler = request.command.handler
         assert callable(handler)
         if self._stamp > self._committed and getattr(handler, "reads_state", False):
@@ -285,20 +322,60 @@ class Core:
         if registry.next_deadline() is not None:
             registry.advance()
             self._publish(False)
+        result, error = self._attempt(conn, request, lambda: handler(conn, request.args))
+        if type(result) is GeneratorType:
+            self._drive(conn, request, result, None, None)
+        else:
+            self._complete(conn, request, result, error)
+
+    def _drive(self, conn: Connection, request: Request, gen: Suspended, value: object,
+               error: BaseException | None) -> None:
+        """Run a handler that talks to QEMU up to its next call, or to its end."""
+        stop: list[object] = []
+
+        def step() -> object:
+            try:
+                return gen.throw(error) if error is not None else gen.send(value)
+            except StopIteration as done:
+                stop.append(done.value)
+                return None
+
+        call, failure = self._attempt(conn, request, step)
+        if failure is not None or stop:
+            self._complete(conn, request, stop[0] if stop else None, failure)
+            return
+        assert isinstance(call, Call)
+        conn.waiting, conn.suspended = request, gen
+        self._calls.append((conn, call))
+
+    def _attempt(self, conn: Connection, request: Request,
+                 run: Callable[[], object]) -> tuple[object, QMPError | None]:
+        """``run()``'s result, or the QMP error the client gets instead.
+
+        The one place where registry refusals, QEMU's answers and bugs become
+        QMP errors.
+        """
         try:
-            result = handler(conn, request.args)
+            return run(), None
         except QMPError as exc:
-            error: QMPError | None = exc
+            return None, exc
         except BlockerError as exc:
-            error = QMPError(exc.desc)
+            return None, QMPError(exc.desc)
+        except QemuError as exc:
+            return None, QMPError(exc.desc, exc.error_class)  # verbatim, class and all
+        except QemuUnavailable as exc:
+            return None, QMPError(str(exc))
         except Exception:
             # The client gets a generic error; the traceback belongs in the log only.
+            name = request.command.name
             log.exception("%s: internal error in %s", conn.label, name)
-            error = QMPError(f"Internal error while executing command {name}")
-        else:
-            error = None
+            return None, QMPError(f"Internal error while executing command {name}")
+
+    def _complete(self, conn: Connection, request: Request, result: object,
+                  error: QMPError | None) -> None:
+        """Record the command's changes, deliver its events, then its reply."""
         durable = False
-        changes = registry.take_changes()
+        changes = self.registry.take_changes()
         if changes and self.durable and any(change.durable for change in changes):
             self._stamp += 1
             self._pending.append((self._stamp, changes))
@@ -308,12 +385,14 @@ class Core:
         stamp = self._stamp if self._stamp > self._committed else 0
         if stamp:
             self._holding[conn] = None
+        session = conn.session
         if error is not None:
             session.fail(request, error, stamp)
             return
         try:
             session.reply(request, result, stamp, durable)
         except (ValueError, TypeError, RecursionError):
+            name = request.command.name
             log.exception("%s: cannot encode the result of %s", conn.label, name)
             session.fail(request, QMPError(f"Internal error while executing command {name}"),
                          stamp)
@@ -321,18 +400,18 @@ class Core:
     def _publish(self, durable: bool) -> None:
         """Deliver the registry's queued events to every negotiated session."""
         events = self.registry.take_events()
-        if not events:
-            return
-        stamp = self._stamp if self._stamp > self._committed else 0
-        dirty, holding = self._dirty, self._holding
         for event in events:
-            line = event_line(event)
-            for conn in self.connections:
-                session = conn.session
-                if session.negotiated and not conn.closed:
-                    session.send_event(line, stamp, durable)
-                    dirty[conn] = None
-                    if stamp:
-                        holding[conn] = None
+            self._fan_out(event_line(event), durable)
             if event.name == "MIGRATION":
                 log.info("migration status: %s", event.detail)
+
+    def _fan_out(self, line: bytes, durable: bool) -> None:
+        stamp = self._stamp if self._stamp > self._committed else 0
+        dirty, holding = self._dirty, self._holding
+        for conn in self.connections:
+            session = conn.session
+            if session.negotiated and not conn.closed:
+                session.send_event(line, stamp, durable)
+                dirty[conn] = None
+                if stamp:
+                    holding[conn] = None

@@ -28,6 +28,7 @@ def blocker_info(blocker: Blocker) -> dict[str, Any]:
     if owner is not None:
         info["owner"] = {"pid": owner.pid, "uid": owner.uid, "gid": owner.gid}
     info["added"] = timestamp(blocker.added)
+    info["source"] = "migblockd"
     return info
 
 

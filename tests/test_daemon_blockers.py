@@ -19,6 +19,7 @@ from conftest import DaemonProcess, assert_clean_log
 from qemu_strings import (
     ALL_MODES,
     CPR_RAM,
+    DEFAULT_PARAMETERS,
     DUMP,
     GENERIC,
     INVTSC,
@@ -66,7 +67,9 @@ async def wait_status(c: RawClient, status: str, timeout: float = 10.0) -> dict[
 def check_info(info: dict[str, Any], *, id: str | None, reason: str, modes: list[str],
                internal: bool = False, scope: str = "daemon") -> None:
     """A BlockerInfo as add-blocker must answer it for this test process."""
-    assert set(info) == {"id", "reason", "modes", "internal", "scope", "owner", "added"}, info
+    assert set(info) == {"id", "reason", "modes", "internal", "scope", "owner", "added",
+                         "source"}, info
+    assert info["source"] == "migblockd"
     if id is not None:
         assert info["id"] == id
     assert type(info["id"]) is str and info["id"]
@@ -312,7 +315,7 @@ async def test_only_migratable_is_checked_before_busy(
 async def test_fresh_daemon_query_migrate_is_empty(daemon: DaemonProcess) -> None:
     async with daemon.client() as c:
         assert await c.ok("query-migrate") == {}
-        assert await c.ok("query-migrate-parameters") == {"mode": "normal"}
+        assert await c.ok("query-migrate-parameters") == {"mode": "normal", **DEFAULT_PARAMETERS}
         assert await c.ok("query-migrate-capabilities") == [
             {"capability": "events", "state": False}]
         assert await c.ok("query-blockers") == []
@@ -371,7 +374,7 @@ async def test_migrate_blocked_by_newest_blocker_of_current_mode(
         c.events.clear()
         for mode in ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec", "normal"]:
             assert await c.ok("migrate-set-parameters", {"mode": mode}) == {}
-            assert await c.ok("query-migrate-parameters") == {"mode": mode}
+            assert await c.ok("query-migrate-parameters") == {"mode": mode, **DEFAULT_PARAMETERS}
             reasons, newest = expect[mode]
             assert await c.ok("query-migrate") == {"blocked-reasons": reasons}
             reply = await c.execute("migrate", {"uri": "unix:/tmp/dest"}, id=mode)
@@ -410,7 +413,7 @@ async def test_migrate_blocked_by_newest_blocker_of_current_mode(
         assert info["status"] == "completed" and info["blocked-reasons"] == [VMDK], info
         # A migrate-set-parameters without mode changes nothing.
         assert await c.ok("migrate-set-parameters", {}) == {}
-        assert await c.ok("query-migrate-parameters") == {"mode": "normal"}
+        assert await c.ok("query-migrate-parameters") == {"mode": "normal", **DEFAULT_PARAMETERS}
 
 
 async def test_migration_events_and_completion(daemon: DaemonProcess) -> None:

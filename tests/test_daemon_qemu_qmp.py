@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from conftest import DaemonProcess, assert_clean_log
 from qemu.qmp import EventListener, ExecuteError
-from qemu_strings import GENERIC, NOT_FOUND, SEV, VMDK
+from qemu_strings import DEFAULT_PARAMETERS, GENERIC, NOT_FOUND, SEV, VMDK
 from qmpclient import qemu_qmp_client
 
 
@@ -66,7 +66,8 @@ async def test_qmpclient_drives_every_command(
         assert str(exc.value) == "Duplicate blocker ID 'sev'"
 
         assert await qmp.execute("migrate-set-parameters", {"mode": "cpr-reboot"}) == {}
-        assert await qmp.execute("query-migrate-parameters") == {"mode": "cpr-reboot"}
+        assert await qmp.execute("query-migrate-parameters") == {"mode": "cpr-reboot",
+                                                               **DEFAULT_PARAMETERS}
         assert await qmp.execute("migrate-set-parameters", {"mode": "normal"}) == {}
 
         assert await qmp.execute("del-blocker", {"id": "sev"}) == {}

@@ -259,7 +259,7 @@ ARGUMENT_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("query-version", {"verbose": True}, "Parameter 'verbose' is unexpected"),
     ("migrate", {}, "Parameter 'uri' is missing"),
     ("migrate", {"uri": 7}, "Invalid parameter type for 'uri', expected: string"),
-    ("migrate", {"uri": "tcp:x", "detach": True}, "Parameter 'detach' is unexpected"),
+    ("migrate", {"uri": "tcp:x", "bandwidth": 1}, "Parameter 'bandwidth' is unexpected"),
     ("migrate-set-parameters", {"mode": "fast"},
      "Parameter 'mode' does not accept value 'fast'"),
     ("migrate-set-capabilities", {}, "Parameter 'capabilities' is missing"),

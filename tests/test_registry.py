@@ -153,6 +153,7 @@ def info(id: str, reason: str, modes: tuple[str, ...] = MODES, **extra: Any) -> 
     if "owner" in extra:
         out["owner"] = extra.pop("owner")
     out["added"] = extra.pop("added", ADDED)
+    out["source"] = "migblockd"
     assert not extra, extra
     return out
 
@@ -437,10 +438,11 @@ def test_rule(row: Row) -> None:
 def test_blocker_info_member_order_and_owner_omitted() -> None:
     registry, _ = make()
     blocker = registry.add(SEV)
-    assert list(blocker_info(blocker)) == ["id", "reason", "modes", "internal", "scope", "added"]
+    assert list(blocker_info(blocker)) == ["id", "reason", "modes", "internal", "scope", "added",
+                                           "source"]
     owned = registry.add(SEV, owner=Owner(1, 2, 3))
     assert list(blocker_info(owned)) == [
-        "id", "reason", "modes", "internal", "scope", "owner", "added",
+        "id", "reason", "modes", "internal", "scope", "owner", "added", "source",
     ]
 
 

@@ -84,6 +84,7 @@ class Model:
         }
         if b.owner is not None:
             out["owner"] = {"pid": b.owner.pid, "uid": b.owner.uid, "gid": b.owner.gid}
+        out["source"] = "migblockd"
         return out
 
     def add(self, reason: str, modes: list[str] | None, internal: bool, id: str | None,

@@ -201,6 +201,35 @@ class Registry:
         registered.  ``modes=None`` means every mode; duplicates in ``modes``
         collapse, as in QEMU's bit set.  Queues BLOCKER_ADDED.
         """
+        wanted = self.check_add(reason, modes=modes, internal=internal, id=id, scope=scope,
+                                connection=connection)
+        if id is None:
+            if self._serial >= self._floor:
+                floor = self._serial + ID_CHUNK
+                self._journal.append(Change("id-floor", True, old=self._floor, new=floor))
+                self._floor = floor
+            id = f"{GENERATED_PREFIX}{self._serial}"
+            self._serial += 1
+        blocker = Blocker(id, reason, wanted, internal, scope, owner, self._clock.time(),
+                          self._seq, connection if scope == "connection" else None)
+        self._seq += 1
+        self._store.add(blocker)
+        self._version += 1
+        self._journal.append(Change("add", scope == "daemon", blocker))
+        self._events.append(Event("BLOCKER_ADDED", blocker.added, blocker))
+        return blocker
+
+    def check_add(
+        self,
+        reason: str,
+        *,
+        modes: Sequence[str] | None = None,
+        internal: bool = False,
+        id: str | None = None,
+        scope: str = "daemon",
+        connection: object | None = None,
+    ) -> tuple[str, ...]:
+        """Raise what :meth:`add` would raise, change nothing; the modes it would block."""
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}")
         if scope == "connection" and connection is None:
@@ -224,22 +253,7 @@ class Registry:
             raise OnlyMigratable(reason)
         if self._migration.running:
             raise MigrationBusy(reason)
-
-        if id is None:
-            if self._serial >= self._floor:
-                floor = self._serial + ID_CHUNK
-                self._journal.append(Change("id-floor", True, old=self._floor, new=floor))
-                self._floor = floor
-            id = f"{GENERATED_PREFIX}{self._serial}"
-            self._serial += 1
-        blocker = Blocker(id, reason, wanted, internal, scope, owner, self._clock.time(),
-                          self._seq, connection if scope == "connection" else None)
-        self._seq += 1
-        self._store.add(blocker)
-        self._version += 1
-        self._journal.append(Change("add", scope == "daemon", blocker))
-        self._events.append(Event("BLOCKER_ADDED", blocker.added, blocker))
-        return blocker
+        return wanted
 
     def delete(self, id: str) -> Blocker:
         """``migrate_del_blocker()``: remove a blocker from every mode's list.

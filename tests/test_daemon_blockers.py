@@ -1,6 +1,8 @@
-"""Every rule of blockers.md, end to end through the real daemon.
+"""Every blocker rule of QEMU's, end to end through the real daemon.
 
-Strings are exact, from ``../shared/reference/blockers.md``.  Tests that only add and
+The rules and strings are QEMU's (``include/migration/blocker.h``,
+``migration/migration.c`` 8.2 to 10.2, ``qapi/migration.json``), as
+docs/registry.md states them; strings are exact.  Tests that only add and
 delete blockers with ids of their own share one daemon; tests that migrate, or
 depend on the whole registry, start their own.
 """

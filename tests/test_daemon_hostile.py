@@ -1,8 +1,7 @@
 """Hostile clients against the real daemon on a real socket.
 
 After every attack: a fresh valid command still gets its reply, the daemon's
-log holds no traceback, and it stops cleanly.  Findings F1 and F2 of
-docs/hostile-findings.md have a test each here.
+log holds no traceback, and it stops cleanly.
 """
 
 from __future__ import annotations
@@ -112,7 +111,7 @@ async def test_clients_beyond_max_clients_are_refused_and_slots_come_back(
     assert_clean_log(d)
 
 
-# --------------------------------------------------------------------------- findings (lead)
+# --------------------------------------------------------------------------- output and logs
 
 
 async def test_a_prompt_reader_is_not_dropped_for_one_large_reply(

@@ -1,7 +1,9 @@
-"""QMP on the wire, against the real daemon on a real socket: every row of qmp-wire.md.
+"""QMP on the wire, against the real daemon on a real socket: every rule of docs/protocol.md.
 
-Strings are exact, from ``../shared/reference/qmp-wire.md``.  Most tests share one
-daemon (fresh connections, ids of their own); the limit tests start their own.
+The rules and strings are QEMU's (``docs/interop/qmp-spec.rst``, ``monitor/qmp.c``,
+``qapi/qmp-dispatch.c``, ``qapi/qobject-input-visitor.c``, ``qobject/json-*.c``),
+except where docs/protocol.md says migblockd differs; strings are exact.  Most tests
+share one daemon (fresh connections, ids of their own); the limit tests start their own.
 """
 
 from __future__ import annotations

@@ -20,3 +20,22 @@ def default_socket_path() -> Path:
         return Path(runtime) / "migblockd" / "migblockd.sock"
     tmp = os.environ.get("TMPDIR", "/tmp")
     return Path(tmp) / f"migblockd-{os.geteuid()}" / "migblockd.sock"
+
+
+def default_state_dir() -> Path:
+    """The directory the daemon keeps its state in by default.
+
+    systemd's ``$STATE_DIRECTORY`` (set by ``StateDirectory=``; with several
+    directories it is a colon-separated list, and the first is ours) wins;
+    otherwise root gets ``/var/lib/migblockd`` and other users
+    ``$XDG_STATE_HOME/migblockd``, where ``XDG_STATE_HOME`` defaults to
+    ``~/.local/state`` (and, as the XDG spec says, a relative one is ignored).
+    """
+    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd)
+    if os.geteuid() == 0:
+        return Path("/var/lib/migblockd")
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "state"
+    return base / "migblockd"

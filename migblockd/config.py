@@ -32,7 +32,7 @@ from migblockd.options import (
     flag,
     option,
 )
-from migblockd.paths import default_socket_path
+from migblockd.paths import default_socket_path, default_state_dir
 from migblockd.qmp.framing import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
 
 __all__ = ["LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "build", "read_file"]
@@ -71,7 +71,8 @@ class Config:
     )
     max_clients: int = option(
         1024, parse=Integer(minimum=1), metavar="N", reloadable=True,
-        help="connections served at once; more are closed at once and logged",
+        help="connections served at once; more get one error line saying so, are closed "
+        "and logged",
     )
     max_message_size: int = option(
         1 << 20, parse=Integer(minimum=MIN_MESSAGE_SIZE, unit="bytes"), metavar="BYTES",
@@ -91,6 +92,17 @@ class Config:
     max_output: int = option(
         4 << 20, parse=Integer(minimum=1), metavar="BYTES", reloadable=True,
         help="unread output a client may accumulate before it is disconnected",
+    )
+    state_dir: Path = option(
+        factory=default_state_dir, parse=FilePath(), metavar="DIR",
+        default_doc="`$STATE_DIRECTORY` (set by systemd's `StateDirectory=`), else "
+        "`/var/lib/migblockd` as root, else `${XDG_STATE_HOME:-~/.local/state}/migblockd`",
+        help="where the blockers and the migration settings are kept across restarts "
+        "(SQLite, created with mode 0700); one daemon per directory",
+    )
+    ephemeral: bool = flag(
+        help="keep everything in memory only: a restart forgets every blocker "
+        "(for throwaway runs and tests)",
     )
     schema: Path | None = option(
         None, parse=FilePath(), metavar="FILE",

@@ -162,6 +162,11 @@ class Core:
         """Requests are buffered (or one waits for a commit)."""
         return conn.waiting is not None or conn.session.has_pending()
 
+    def settled(self, conn: Connection) -> bool:
+        """Everything ``conn`` sent is answered and released: a half-closed one may go."""
+        return (conn.waiting is None and not conn.session.has_pending()
+                and not conn.session.holding)
+
     def blocked(self, conn: Connection) -> bool:
         """Its next request waits for a commit or QEMU: no use giving it a turn until then."""
         return conn.waiting is not None and (

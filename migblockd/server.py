@@ -196,7 +196,7 @@ class ClientProtocol(asyncio.Protocol):
                             conn.label, self.server.config.max_output)
                 transport.abort()
                 return
-        if self.eof and not self.core.has_pending(conn):
+        if self.eof and self.core.settled(conn):
             transport.close()
 
 

@@ -96,10 +96,20 @@ def spawn_daemon(
     env: dict[str, str] | None = None, python: str = sys.executable,
     cwd: Path | None = None,
 ) -> DaemonProcess:
-    """Start the daemon; by default wait until it logs that it is ready."""
+    """Start the daemon; by default wait until it logs that it is ready.
+
+    Unless ``args`` name a state directory (or ``--ephemeral``), each daemon
+    gets a fresh one under ``workdir``: durable state is the default, and
+    daemons must not share one by accident.
+    """
     sock = socket if socket is not None else workdir / "migblockd.sock"
-    log_path = workdir / f"daemon-{time.monotonic_ns()}.log"
-    argv = [python, "-m", "migblockd", "--socket", str(sock), "--log-level", "debug", *args]
+    stamp = time.monotonic_ns()
+    log_path = workdir / f"daemon-{stamp}.log"
+    state: list[str] = []
+    if not any(a.startswith("--state-dir") or a == "--ephemeral" for a in args):
+        state = ["--state-dir", str(workdir / f"state-{stamp}")]
+    argv = [python, "-m", "migblockd", "--socket", str(sock), "--log-level", "debug",
+            *state, *args]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

@@ -251,20 +251,20 @@ class Session:
     def _check(self, item: object) -> Request | None:
         """A runnable request, or None after answering ``item`` here."""
         if type(item) is ParseError:
-            self._output.append(encode_error(QMPError(item.desc), NO_ID))
+            self._put(encode_error(QMPError(item.desc), NO_ID), 0, KEEP)
             return None
         if type(item) is not dict:
-            self._output.append(encode_error(QMPError(NOT_AN_OBJECT), NO_ID))
+            self._put(encode_error(QMPError(NOT_AN_OBJECT), NO_ID), 0, KEEP)
             return None
         id_ = item.get("id", NO_ID)
         try:
             request = self._envelope(item, id_)
             request.command.validate(request.args)
             if request.command is self._negotiation:
-                self._output.append(encode_return(self._negotiate(request.args), id_))
+                self._put(encode_return(self._negotiate(request.args), id_), 0, KEEP)
                 return None
         except QMPError as exc:
-            self._output.append(encode_error(exc, id_))
+            self._put(encode_error(exc, id_), 0, KEEP)
             return None
         return request
 

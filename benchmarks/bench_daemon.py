@@ -359,7 +359,8 @@ def servers(workdir: Path, daemon_command: Sequence[str], daemon_args: Sequence[
     try:
         for name, argv in (
             ("floor", [sys.executable, "-m", "benchmarks.floor"]),
-            ("daemon", [*daemon_command, "--log-level", "warning", *daemon_args]),
+            ("daemon", [*daemon_command, "--log-level", "warning",
+                        "--state-dir", str(workdir / "state"), *daemon_args]),
         ):
             path = workdir / f"{name}.sock"
             server = Server(name, [*argv, "--socket", str(path)], path, workdir / f"{name}.log")

@@ -168,6 +168,14 @@ class Handlers:
             {"capability": "events", "state": self.registry.events_enabled},
         ]
 
+    def migration_status(self) -> str:
+        """The migration's status, for systemd's STATUS line."""
+        return self.registry.status or "none"
+
+    def qemu_state(self) -> str | None:
+        """The link to a gated QEMU, for the STATUS line: None when there is none."""
+        return None
+
     def table(self) -> dict[str, Command]:
         """One ``Command`` per schema command; validators are built here, once.
 

@@ -13,9 +13,12 @@ time (the socket and the migration semantics are fixed for the daemon's life).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import logging
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from migblockd.options import (
     ConfigError,
     FilePath,
     Integer,
+    Kind,
     OctalMode,
     OneOf,
     Seconds,
@@ -38,6 +42,23 @@ from migblockd.qmp.framing import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
 __all__ = ["LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "build", "read_file"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class CommandNames(Kind[tuple[str, ...]]):
+    """A TOML list of QMP command names (``["query-status", "stop"]``)."""
+
+    def __call__(self, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):  # a shown value: the same list in TOML syntax
+            with contextlib.suppress(tomllib.TOMLDecodeError):
+                value = tomllib.loads(f"v = {value}")["v"]
+        if not isinstance(value, list) or not all(
+                isinstance(name, str) and name and name.isprintable() and " " not in name
+                for name in value):
+            raise ValueError(f"must be a list of command names, not {options.describe(value)}")
+        return tuple(dict.fromkeys(value))
+
+    def show(self, value: tuple[str, ...]) -> str:
+        return "[" + ", ".join(json.dumps(name) for name in value) + "]"
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,17 @@ class Config:
     ephemeral: bool = flag(
         help="keep everything in memory only: a restart forgets every blocker "
         "(for throwaway runs and tests)",
+    )
+    qemu: Path | None = option(
+        None, parse=FilePath(), metavar="SOCKET", default_doc="none: migrations are simulated",
+        help="gate the QEMU whose QMP monitor listens on SOCKET: migrate reaches it only when "
+        "no blocker (migblockd's or QEMU's own) refuses; migblockd keeps reconnecting while "
+        "QEMU is away",
+    )
+    qemu_passthrough: tuple[str, ...] = option(
+        (), parse=CommandNames(), where=Where.FILE, default_doc="none",
+        help="QEMU commands that migblockd's schema does not define, forwarded to the gated "
+        "QEMU as they are (admins only), so that a tool can use migblockd as its only monitor",
     )
     schema: Path | None = option(
         None, parse=FilePath(), metavar="FILE",

@@ -309,9 +309,11 @@ class Core:
         self.registry.advance()
         self._publish(False)
 
-    def status(self) -> tuple[int, int, str]:
-        """Blockers, clients and migration status, for systemd's STATUS line."""
-        return len(self.registry), len(self.connections), self.registry.status or "none"
+    def status(self) -> tuple[int, int, str, str | None]:
+        """Blockers, clients, migration status and QEMU link, for systemd's STATUS line."""
+        handlers = self.handlers
+        return (len(self.registry), len(self.connections), handlers.migration_status(),
+                handlers.qemu_state())
 
     # -- the one place where a request meets the registry ------------------------
     def _run(self, conn: Connection, request: Request) -> None:

@@ -23,6 +23,7 @@ from migblockd.core import Core
 from migblockd.listen import StartupError
 from migblockd.persistence import restore, to_store
 from migblockd.qapi.error import QAPIError
+from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
 from migblockd.server import Server, spawn
 from migblockd.state import StateError, Store
@@ -77,8 +78,12 @@ def open_state(config: Config, registry: Registry) -> Store | None:
 
 async def serve(config: Config, cli: dict[str, Any], contract: Contract, registry: Registry,
                 store: Store | None) -> None:
+    bridge = None
+    if config.qemu is not None:
+        bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry)
     core = Core(contract, registry, config.limits, max_clients=config.max_clients,
-                durable=store is not None)
+                durable=store is not None,
+                handlers=bridge.handlers if bridge is not None else None)
     try:
         sock = activated_listener()
     except ActivationError as exc:
@@ -89,7 +94,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         store.commit(to_store(changes))
 
     notifier = await Notifier.open()
-    server = Server(config, cli, core, notifier, commit if store is not None else None)
+    server = Server(config, cli, core, notifier, commit if store is not None else None,
+                    bridge.forward if bridge is not None else None)
     try:
         await server.start(sock)
     except BaseException:
@@ -109,10 +115,14 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     loop.add_signal_handler(signal.SIGHUP, spawn, loop, tasks, server.reload)
     await notifier.ready(server.status_line())
     await server.serve()
+    if bridge is not None:
+        bridge.start(core, server.schedule)
+        gating = f"gating the QEMU at {config.qemu}"
+    else:
+        gating = f"migration-time {config.migration_time:g}s"
     where = "the passed socket" if server.own_socket is None else str(config.socket)
-    log.info("migblockd %s ready on %s (only-migratable %s, migration-time %gs)",
-             __version__, where,
-             "on" if config.only_migratable else "off", config.migration_time)
+    log.info("migblockd %s ready on %s (only-migratable %s, %s)", __version__, where,
+             "on" if config.only_migratable else "off", gating)
     notifier.start_watchdog()
     try:
         await stop.wait()
@@ -121,6 +131,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop()
+        if bridge is not None:
+            await bridge.close()
         for task in tasks:
             task.cancel()
         await notifier.close()

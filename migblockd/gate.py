@@ -100,6 +100,14 @@ class GateHandlers(Handlers):
         self.passthrough = passthrough
         self._command_list = [*self._command_list, *({"name": n} for n in passthrough)]
 
+    def migration_status(self) -> str:
+        return self.qemu.status or "none"
+
+    def qemu_state(self) -> str | None:
+        if self.qemu.connected:
+            return f"{self.qemu.version} connected".lstrip()
+        return "not connected"
+
     def table(self) -> dict[str, Command]:
         """The schema's commands, then the pass-through ones (QEMU checks their arguments)."""
         table = super().table()

@@ -26,13 +26,14 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.connection import Connection
 from migblockd.core import Core, Group
+from migblockd.gate import QemuUnavailable
 from migblockd.listen import LISTEN_BACKLOG, bind_socket
 from migblockd.registry import Change, Owner
 from migblockd.systemd import Notifier, format_status
@@ -201,6 +202,9 @@ class ClientProtocol(asyncio.Protocol):
 
 
 Commit = Callable[[list[Change]], None]
+#: Runs one command on the gated QEMU: its return value, or QemuError /
+#: QemuUnavailable (migblockd.gate) raised.
+Forward = Callable[[str, dict[str, Any]], Awaitable[object]]
 
 
 class Server:
@@ -208,16 +212,20 @@ class Server:
 
     ``commit`` writes a group of changes durably (blocking: it runs on a worker
     thread, one group at a time, so the loop keeps serving meanwhile); it
-    raises an exception whose ``str()`` says why when it cannot.
+    raises an exception whose ``str()`` says why when it cannot.  ``forward``
+    sends a suspended request's call to the gated QEMU.
     """
 
     def __init__(self, config: Config, cli: dict[str, Any], core: Core,
-                 notifier: Notifier, commit: Commit | None = None) -> None:
+                 notifier: Notifier, commit: Commit | None = None,
+                 forward: Forward | None = None) -> None:
         self.config = config
         self.cli = cli
         self.core = core
         self.notifier = notifier
         self.commit = commit
+        self.forward = forward
+        self._forwarding: set[asyncio.Task[None]] = set()
         self._disk = concurrent.futures.ThreadPoolExecutor(1, "migblockd-commit")
         self._group: Group | None = None
         self._committing = asyncio.Event()
@@ -229,7 +237,7 @@ class Server:
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
-        self._status: tuple[int, int, str] | None = None
+        self._status: tuple[int, int, str, str | None] | None = None
         self._all_gone = asyncio.Event()
 
     # -- turns -------------------------------------------------------------------
@@ -259,6 +267,11 @@ class Server:
         protocols = self.protocols
         if self.commit is not None and self._group is None:
             self._start_commit()
+        if self.forward is not None:
+            for conn, call in self.core.take_calls():
+                task = self._loop.create_task(self._call(conn, call.name, call.args))
+                self._forwarding.add(task)
+                task.add_done_callback(self._forwarding.discard)
         for conn in self.core.take_dirty():
             protocol = protocols.get(conn)
             if protocol is not None:
@@ -269,6 +282,26 @@ class Server:
             self._all_gone.set()
         else:
             self._all_gone.clear()
+
+    # -- QEMU ----------------------------------------------------------------------
+    async def _call(self, conn: Connection, name: str, args: dict[str, Any]) -> None:
+        assert self.forward is not None
+        try:
+            value = await self.forward(name, args)
+        except asyncio.CancelledError:
+            self.core.resume(conn, error=QemuUnavailable(
+                "migblockd stopped before QEMU answered; the command may or may not have "
+                "taken effect"))
+            raise
+        except Exception as exc:  # QemuError, QemuUnavailable: the core words them
+            self.core.resume(conn, error=exc)
+        else:
+            self.core.resume(conn, value)
+        protocol = self.protocols.get(conn)
+        if protocol is not None:
+            self.runnable(protocol)
+        else:
+            self.schedule()
 
     # -- group commit ------------------------------------------------------------
     def _start_commit(self) -> None:
@@ -363,6 +396,7 @@ class Server:
         # Everything received is answered (after its commit), then each
         # connection closes once its replies are written.
         core = self.core
+        deadline = self._loop.time() + SHUTDOWN_GRACE
         for protocol in self.protocols.values():
             protocol.eof = True
             if protocol.transport is not None and not protocol.transport.is_closing():
@@ -372,6 +406,14 @@ class Server:
                 while core.execute(conn, BATCH):
                     pass
             self._flush()
+            if self._forwarding:
+                # QEMU gets the grace period to answer what was forwarded.
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    for task in self._forwarding:
+                        task.cancel()
+                await asyncio.wait(set(self._forwarding), timeout=max(left, 0) or None)
+                continue
             if not core.has_uncommitted():
                 break
             await self._commits_done()

@@ -6,6 +6,7 @@ the asyncio adapter keeps its transport next to it.
 
 from __future__ import annotations
 
+from migblockd.access import Role
 from migblockd.qmp.session import Session
 from migblockd.registry import Owner
 
@@ -19,16 +20,19 @@ class Connection:
     say); it is recorded as the owner of the blockers this client adds, and
     identity (not equality) ties ``scope: connection`` blockers to it.
     ``refused`` marks a connection turned away at ``max-clients``: its only
-    output is the error line, and then it must be closed.
+    output is the error line, and then it must be closed.  ``role`` is what
+    the access policy grants it (:mod:`migblockd.gate` fills it in at the
+    first request, and clears it on reload); None until then.
     """
 
-    __slots__ = ("label", "number", "owner", "refused", "session")
+    __slots__ = ("label", "number", "owner", "refused", "role", "session")
 
     def __init__(self, number: int, owner: Owner | None, session: Session) -> None:
         self.number = number
         self.owner = owner
         self.session = session
         self.refused = False
+        self.role: Role | None = None
         if owner is None:
             self.label = f"client {number}"
         else:

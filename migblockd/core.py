@@ -26,9 +26,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from migblockd.access import Policy, Quotas
 from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
 from migblockd.contract import Contract
+from migblockd.gate import Gate
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.framing import Limits
 from migblockd.qmp.session import Request, Session
@@ -46,15 +48,20 @@ class Core:
     ``limits`` bound each connection's input; ``max_clients`` how many
     connections are served at once (more are answered with one error line
     and must be closed).  Both may be changed between requests (a reload).
+    ``policy`` and ``quotas`` decide who may run what (the ``gate``, which
+    ``gate.configure()`` changes between requests).
     """
 
     def __init__(self, contract: Contract, registry: Registry, limits: Limits, *,
-                 max_clients: int = 1024) -> None:
+                 max_clients: int = 1024, policy: Policy | None = None,
+                 quotas: Quotas | None = None) -> None:
         self.contract = contract
         self.registry = registry
         self.limits = limits
         self.max_clients = max_clients
         self.table = Handlers(contract, registry).table()
+        self.gate = Gate(contract.commands, registry, policy if policy is not None else Policy(),
+                         quotas if quotas is not None else Quotas())
         self.greeting: dict[str, Any] = {
             "QMP": {"version": version_info(), "capabilities": ["oob"]}
         }
@@ -163,6 +170,12 @@ class Core:
         name = request.command.name
         handler = request.command.handler
         assert callable(handler)
+        # Access first: a refused request changes nothing and causes no event.
+        try:
+            self.gate.check(conn, name, request.args)
+        except QMPError as exc:
+            session.fail(request, exc)
+            return
         # Transitions already due come first, so that answers never depend on
         # how promptly the timer fired, and their events precede this command's.
         self.registry.advance()

@@ -42,7 +42,8 @@ async def run(config: Config, cli: dict[str, Any]) -> None:
         only_migratable=config.only_migratable,
         migration_time=config.migration_time,
     )
-    core = Core(contract, registry, config.limits, max_clients=config.max_clients)
+    core = Core(contract, registry, config.limits, max_clients=config.max_clients,
+                policy=config.access, quotas=config.quotas)
     try:
         sock = activated_listener()
     except ActivationError as exc:

@@ -367,6 +367,10 @@ class Server:
             self.config = self.config.replace(**changes)
             self.core.limits = self.config.limits
             self.core.max_clients = self.config.max_clients
+            # Also re-reads the user and group databases; open connections get
+            # their new role at their next request.
+            self.core.gate.configure(self.config.access, self.config.quotas,
+                                     self.core.connections)
             logging.getLogger().setLevel(self.config.logging_level)
             described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
             log.info("reloaded configuration: %s", described or "nothing changed")

@@ -26,6 +26,7 @@ from migblockd.access import (
     DEFAULT_MAX_BLOCKERS_PER_UID,
     DEFAULT_MAX_REASON_LENGTH,
     AccessTable,
+    GroupName,
     Policy,
     Quotas,
 )
@@ -57,13 +58,18 @@ class Config:
         default_doc="`/run/migblockd/migblockd.sock` as root, else "
         "`$XDG_RUNTIME_DIR/migblockd/migblockd.sock` (without `XDG_RUNTIME_DIR`: "
         "`${TMPDIR:-/tmp}/migblockd-UID/migblockd.sock`)",
-        help="Unix socket to listen on (ignored under socket activation); its directory "
-        "is created with mode 0700 if missing",
+        help="Unix socket to listen on (ignored under socket activation); a missing "
+        "directory is created, searchable only by those --socket-mode lets connect",
     )
     socket_mode: int = option(
         0o600, parse=OctalMode(), metavar="MODE",
         help="permissions of the socket file, in octal; 0600 lets only the daemon's user "
         "connect",
+    )
+    socket_group: str | None = option(
+        None, parse=GroupName(), metavar="GROUP",
+        help="group of the socket file (and of the directory the daemon creates for it), "
+        "by name or number; with --socket-mode 0660 its members can connect",
     )
     only_migratable: bool = flag(
         help="refuse non-internal blockers of the normal mode, as QEMU's "

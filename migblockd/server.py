@@ -30,9 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from migblockd.access import group_id
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.connection import Connection
 from migblockd.core import Core
+from migblockd.paths import fallback_socket_dir
 from migblockd.registry import Owner
 from migblockd.systemd import Notifier, format_status
 
@@ -295,12 +297,22 @@ class Server:
     # -- life cycle ----------------------------------------------------------------
     async def start(self, sock: socket.socket | None) -> None:
         """Bind (or take the socket systemd passed) without accepting yet: see serve()."""
+        group = self.config.socket_group
         if sock is not None:
             log.info("socket activation: serving the passed socket %s", sock.getsockname())
+            if group is not None:
+                log.info("socket activation: --socket-group is ignored (the socket unit's "
+                         "SocketGroup= applies)")
         else:
-            sock = bind_socket(self.config.socket, self.config.socket_mode)
+            gid = None
+            if group is not None:
+                gid = group_id(group)
+                if gid is None:
+                    raise StartupError(f"--socket-group: there is no group named {group!r}")
+            sock = bind_socket(self.config.socket, self.config.socket_mode, gid)
             self.own_socket = (self.config.socket, os.stat(self.config.socket).st_ino)
-            log.info("listening on %s (mode %04o)", self.config.socket, self.config.socket_mode)
+            log.info("listening on %s (mode %04o%s)", self.config.socket,
+                     self.config.socket_mode, "" if group is None else f", group {group}")
         extra: dict[str, Any] = {}
         if sys.version_info >= (3, 13):
             # We remove our own socket ourselves, and never a passed one.
@@ -382,16 +394,17 @@ def _log_task_failure(task: asyncio.Task[None]) -> None:
         log.error("sd_notify failed: %s", task.exception())
 
 
-def bind_socket(path: Path, mode: int) -> socket.socket:
-    """Bind a listening socket at ``path``, refusing to steal one a live daemon serves."""
+def bind_socket(path: Path, mode: int, group: int | None = None) -> socket.socket:
+    """Bind a listening socket at ``path``, refusing to steal one a live daemon serves.
+
+    The socket file gets ``mode`` and, when given, the group ``group``, before
+    anyone can connect (we listen only after both are set).
+    """
     size = len(os.fsencode(path))
     if size > UNIX_PATH_MAX:
         raise StartupError(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
                            f"the limit is {UNIX_PATH_MAX})")
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"cannot create {path.parent}: {exc.strerror}") from None
+    make_socket_dir(path.parent, mode, group)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -417,11 +430,62 @@ def bind_socket(path: Path, mode: int) -> socket.socket:
     finally:
         os.umask(old)
     os.chmod(path, mode)
+    if group is not None:
+        try:
+            # Not following a symbolic link: only the socket we just bound is ours to give.
+            os.chown(path, -1, group, follow_symlinks=False)
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise StartupError(
+                f"cannot give {path} to group {group}: {exc.strerror} (the daemon's user "
+                "must be a member of the group)") from None
     # Listening at once: a client (or a second daemon probing) that comes before
     # we accept waits in the backlog instead of finding a "stale" socket.
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
+
+
+def make_socket_dir(directory: Path, socket_mode: int, group: int | None) -> None:
+    """Create the socket's directory if it is missing; refuse an unsafe fallback directory.
+
+    A directory we create is searchable by exactly whom ``socket_mode`` lets
+    connect (0700, plus x for the group and for others as the mode grants them:
+    a 0666 socket in a 0700 directory would be unreachable), and belongs to
+    ``group`` when given.  The non-root fallback under the shared temporary
+    directory may have been made by another user to catch our clients, so it
+    must be ours and writable by nobody else.
+    """
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            created = False
+        else:
+            created = True
+            if group is not None:
+                os.chown(directory, -1, group)
+            os.chmod(directory, 0o700 | (0o010 if socket_mode & 0o070 else 0)
+                     | (0o001 if socket_mode & 0o007 else 0))
+        st = os.lstat(directory)
+    except OSError as exc:
+        raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
+    if created or directory != fallback_socket_dir():
+        return
+    problem = None
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "it is not a directory"
+    elif st.st_uid != os.geteuid():
+        problem = f"it belongs to uid {st.st_uid}, not to the daemon's uid {os.geteuid()}"
+    elif st.st_mode & 0o022:
+        problem = f"other users may write to it (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem is not None:
+        raise StartupError(
+            f"refusing to put the socket in {directory}: {problem}, so another user could "
+            "replace the socket; remove it, or set XDG_RUNTIME_DIR, or choose another --socket")
 
 
 def _answers(path: Path) -> bool:

@@ -6,6 +6,7 @@ Resolution through the user and group databases uses the test accounts
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,14 @@ def test_names_the_databases_do_not_know_are_reported(accounts: dict[str, Accoun
     assert group_id("12345") == 12345
     assert group_id("mbt-nogroup") is None
 
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/access.md"])
+def test_the_documented_access_tables_are_valid(tmp_path: Path, doc: str) -> None:
+    text = (Path(__file__).resolve().parent.parent / doc).read_text(encoding="utf-8")
+    examples = re.findall(r"```toml\n(\[access\].*?)```", text, re.S)
+    assert examples
+    for example in examples:
+        path = tmp_path / "m.toml"
+        path.write_text(example)
+        policy = read_file(path)["access"]
+        assert isinstance(policy, Policy) and policy != Policy()

@@ -24,6 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from migblockd import options
+from migblockd.access import (
+    DEFAULT_MAX_BLOCKERS,
+    DEFAULT_MAX_BLOCKERS_PER_UID,
+    DEFAULT_MAX_REASON_LENGTH,
+    AccessTable,
+    GroupName,
+    Policy,
+    Quotas,
+)
 from migblockd.options import (
     ConfigError,
     FilePath,
@@ -70,13 +79,18 @@ class Config:
         default_doc="`/run/migblockd/migblockd.sock` as root, else "
         "`$XDG_RUNTIME_DIR/migblockd/migblockd.sock` (without `XDG_RUNTIME_DIR`: "
         "`${TMPDIR:-/tmp}/migblockd-UID/migblockd.sock`)",
-        help="Unix socket to listen on (ignored under socket activation); its directory "
-        "is created with mode 0700 if missing",
+        help="Unix socket to listen on (ignored under socket activation); a missing "
+        "directory is created, searchable only by those --socket-mode lets connect",
     )
     socket_mode: int = option(
         0o600, parse=OctalMode(), metavar="MODE",
         help="permissions of the socket file, in octal; 0600 lets only the daemon's user "
         "connect",
+    )
+    socket_group: str | None = option(
+        None, parse=GroupName(), metavar="GROUP",
+        help="group of the socket file (and of the directory the daemon creates for it), "
+        "by name or number; with --socket-mode 0660 its members can connect",
     )
     only_migratable: bool = flag(
         help="refuse non-internal blockers of the normal mode, as QEMU's "
@@ -136,6 +150,28 @@ class Config:
         help="QEMU commands that migblockd's schema does not define, forwarded to the gated "
         "QEMU as they are (admins only), so that a tool can use migblockd as its only monitor",
     )
+    max_blockers: int = option(
+        DEFAULT_MAX_BLOCKERS, parse=Integer(minimum=1), metavar="N", reloadable=True,
+        help="blockers registered at once, all uids together; add-blocker beyond is refused",
+    )
+    max_blockers_per_uid: int = option(
+        DEFAULT_MAX_BLOCKERS_PER_UID, parse=Integer(minimum=1), metavar="N", reloadable=True,
+        help="blockers one uid may hold at once (admins are exempt); add-blocker beyond is "
+        "refused",
+    )
+    max_reason_length: int = option(
+        DEFAULT_MAX_REASON_LENGTH, parse=Integer(minimum=1, unit="characters"), metavar="N",
+        reloadable=True,
+        help="longest blocker reason add-blocker accepts, in characters",
+    )
+    access: Policy = option(
+        factory=Policy, parse=AccessTable(), metavar="TABLE", where=Where.FILE,
+        reloadable=True,
+        default_doc="root and the daemon's user are `admin`, everyone else `client`",
+        help="who may do what: the [access] table's default-role, and its users and groups "
+        "tables, which map names or numbers to observer, client, operator or admin "
+        "(docs/access.md)",
+    )
     schema: Path | None = option(
         None, parse=FilePath(), metavar="FILE",
         default_doc="the schema installed with migblockd",
@@ -152,6 +188,13 @@ class Config:
         """The protocol's input limits, from the max-* settings (shared by every session)."""
         return Limits(max_message_size=self.max_message_size, max_nesting=self.max_nesting,
                       max_tokens=self.max_tokens)
+
+    @functools.cached_property
+    def quotas(self) -> Quotas:
+        """What one client and all together may register, from the max-blockers* settings."""
+        return Quotas(max_blockers=self.max_blockers,
+                      max_blockers_per_uid=self.max_blockers_per_uid,
+                      max_reason_length=self.max_reason_length)
 
     @property
     def logging_level(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 
+from migblockd.access import Role
 from migblockd.qmp.session import Request, Session
 from migblockd.registry import Owner
 
@@ -25,10 +26,12 @@ class Connection:
     peer is gone, and the core finishes what it sent.  ``waiting`` is a request
     taken from the session whose turn has not come yet (it waits for a commit),
     or, with ``suspended`` set, one that waits for QEMU's answer to a call.
+    ``role`` is what the access policy grants it (:mod:`migblockd.guard` fills
+    it in at the first request, and clears it on reload); None until then.
     """
 
-    __slots__ = ("closed", "label", "number", "owner", "refused", "session", "suspended",
-                 "waiting")
+    __slots__ = ("closed", "label", "number", "owner", "refused", "role", "session",
+                 "suspended", "waiting")
 
     def __init__(self, number: int, owner: Owner | None, session: Session) -> None:
         self.number = number
@@ -38,6 +41,7 @@ class Connection:
         self.closed = False
         self.waiting: Request | None = None
         self.suspended: Generator[object, object, object] | None = None
+        self.role: Role | None = None
         if owner is None:
             self.label = f"client {number}"
         else:

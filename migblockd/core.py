@@ -39,10 +39,12 @@ from dataclasses import dataclass
 from types import GeneratorType
 from typing import Any
 
+from migblockd.access import Policy, Quotas
 from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.gate import Call, QemuError, QemuUnavailable
+from migblockd.guard import Guard
 from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.framing import Limits
@@ -73,11 +75,14 @@ class Core:
     connections are served at once (more are answered with one error line
     and must be closed).  Both may be changed between requests (a reload).
     ``durable`` holds output until its changes are committed (see above).
+    ``policy`` and ``quotas`` decide who may run what (the ``guard``, which
+    ``guard.configure()`` changes between requests).
     """
 
     def __init__(self, contract: Contract, registry: Registry, limits: Limits, *,
                  max_clients: int = 1024, durable: bool = False,
-                 handlers: Handlers | None = None) -> None:
+                 handlers: Handlers | None = None, policy: Policy | None = None,
+                 quotas: Quotas | None = None) -> None:
         self.contract = contract
         self.registry = registry
         self.limits = limits
@@ -85,6 +90,8 @@ class Core:
         self.durable = durable
         self.handlers = handlers if handlers is not None else Handlers(contract, registry)
         self.table = self.handlers.table()
+        self.guard = Guard(self.table, registry, policy if policy is not None else Policy(),
+                           quotas if quotas is not None else Quotas())
         self.greeting: dict[str, Any] = {
             "QMP": {"version": version_info(), "capabilities": ["oob"]}
         }
@@ -319,6 +326,12 @@ class Core:
     def _run(self, conn: Connection, request: Request) -> None:
         handler = request.command.handler
         assert callable(handler)
+        # Access first: a refused request changes nothing and causes no event.
+        try:
+            self.guard.check(conn, request.command.name, request.args)
+        except QMPError as exc:
+            self._complete(conn, request, None, exc)
+            return
         if self._stamp > self._committed and getattr(handler, "reads_state", False):
             conn.waiting = request
             self._waiting[conn] = None

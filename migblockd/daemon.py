@@ -83,7 +83,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry)
     core = Core(contract, registry, config.limits, max_clients=config.max_clients,
                 durable=store is not None,
-                handlers=bridge.handlers if bridge is not None else None)
+                handlers=bridge.handlers if bridge is not None else None,
+                policy=config.access, quotas=config.quotas)
     try:
         sock = activated_listener()
     except ActivationError as exc:

@@ -18,8 +18,14 @@ def default_socket_path() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "migblockd" / "migblockd.sock"
-    tmp = os.environ.get("TMPDIR", "/tmp")
-    return Path(tmp) / f"migblockd-{os.geteuid()}" / "migblockd.sock"
+    return fallback_socket_dir() / "migblockd.sock"
+
+
+def fallback_socket_dir() -> Path:
+    """``${TMPDIR:-/tmp}/migblockd-UID``: in a directory every user can write to, so the
+    daemon refuses it unless it is its own (see ``migblockd.server.make_socket_dir``)."""
+    tmp = os.environ.get("TMPDIR") or "/tmp"
+    return Path(tmp) / f"migblockd-{os.geteuid()}"
 
 
 def default_state_dir() -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from migblockd.access import user_name
 from migblockd.qmp.encoding import encode, encode_event, timestamp
 from migblockd.registry import Blocker, Event
 
@@ -26,7 +27,11 @@ def blocker_info(blocker: Blocker) -> dict[str, Any]:
     }
     owner = blocker.owner
     if owner is not None:
-        info["owner"] = {"pid": owner.pid, "uid": owner.uid, "gid": owner.gid}
+        who: dict[str, Any] = {"pid": owner.pid, "uid": owner.uid, "gid": owner.gid}
+        name = user_name(owner.uid)  # cached per uid
+        if name is not None:
+            who["user"] = name
+        info["owner"] = who
     info["added"] = timestamp(blocker.added)
     info["source"] = "migblockd"
     return info

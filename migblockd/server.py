@@ -30,11 +30,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from migblockd.access import group_id
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.connection import Connection
 from migblockd.core import Core, Group
 from migblockd.gate import QemuUnavailable
-from migblockd.listen import LISTEN_BACKLOG, bind_socket
+from migblockd.listen import LISTEN_BACKLOG, StartupError, bind_socket
 from migblockd.registry import Change, Owner
 from migblockd.systemd import Notifier, format_status
 
@@ -369,12 +370,22 @@ class Server:
     # -- life cycle ----------------------------------------------------------------
     async def start(self, sock: socket.socket | None) -> None:
         """Bind (or take the socket systemd passed) without accepting yet: see serve()."""
+        group = self.config.socket_group
         if sock is not None:
             log.info("socket activation: serving the passed socket %s", sock.getsockname())
+            if group is not None:
+                log.info("socket activation: --socket-group is ignored (the socket unit's "
+                         "SocketGroup= applies)")
         else:
-            sock = bind_socket(self.config.socket, self.config.socket_mode)
+            gid = None
+            if group is not None:
+                gid = group_id(group)
+                if gid is None:
+                    raise StartupError(f"--socket-group: there is no group named {group!r}")
+            sock = bind_socket(self.config.socket, self.config.socket_mode, gid)
             self.own_socket = (self.config.socket, os.stat(self.config.socket).st_ino)
-            log.info("listening on %s (mode %04o)", self.config.socket, self.config.socket_mode)
+            log.info("listening on %s (mode %04o%s)", self.config.socket,
+                     self.config.socket_mode, "" if group is None else f", group {group}")
         extra: dict[str, Any] = {}
         if sys.version_info >= (3, 13):
             # We remove our own socket ourselves, and never a passed one.
@@ -461,6 +472,10 @@ class Server:
             self.config = self.config.replace(**changes)
             self.core.limits = self.config.limits
             self.core.max_clients = self.config.max_clients
+            # Also re-reads the user and group databases; open connections get
+            # their new role at their next request.
+            self.core.guard.configure(self.config.access, self.config.quotas,
+                                     self.core.connections)
             logging.getLogger().setLevel(self.config.logging_level)
             described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
             log.info("reloaded configuration: %s", described or "nothing changed")

@@ -17,11 +17,24 @@ from pathlib import Path
 
 import pytest
 from interpreters import VenvBuilder, interpreters
+from otheruids import accounts, uid_client_script  # noqa: F401  (fixtures: other uids)
 from qmpclient import RawClient, qmp_client, qmp_clients
 from realqemu import qemu, qemu_factory  # noqa: F401  (fixtures: a real QEMU, see realqemu.py)
 
+from migblockd.access import user_name
+
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = " ready on "
+
+
+def owner_info(pid: int, uid: int | None = None, gid: int | None = None) -> dict[str, object]:
+    """``BlockerInfo``'s ``owner`` for a client process (by default of this process's
+    uid and gid): the daemon adds the uid's user name when the user database has one."""
+    uid = os.getuid() if uid is None else uid
+    owner: dict[str, object] = {"pid": pid, "uid": uid, "gid": os.getgid() if gid is None else gid}
+    if (name := user_name(uid)) is not None:
+        owner["user"] = name
+    return owner
 
 
 @dataclass

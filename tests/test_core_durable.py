@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from migblockd.access import Policy, Role
 from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
@@ -18,7 +19,8 @@ ADD_X = b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x"}, "i
 
 def make() -> Core:
     registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
-    return Core(CONTRACT, registry, LIMITS, durable=True)
+    # Everyone is admin here: these tests are about durability, not access.
+    return Core(CONTRACT, registry, LIMITS, durable=True, policy=Policy.of(Role.ADMIN))
 
 
 def lines(data: bytes) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from migblockd.access import Policy, Role
 from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
@@ -27,7 +28,8 @@ def make(connected: bool = True) -> tuple[Core, QemuFacts]:
                       commands={"migrate": frozenset({"uri"}),
                                 "migrate-set-parameters": frozenset({"max-bandwidth"})})
     handlers = GateHandlers(CONTRACT, registry, facts, passthrough=("query-status",))
-    return Core(CONTRACT, registry, Config().limits, handlers=handlers), facts
+    return Core(CONTRACT, registry, Config().limits, handlers=handlers,
+                policy=Policy.of(Role.ADMIN)), facts
 
 
 def lines(data: bytes) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, assert_clean_log
+from conftest import DaemonProcess, assert_clean_log, owner_info
 from qemu_strings import (
     ALL_MODES,
     CPR_RAM,
@@ -79,7 +79,7 @@ def check_info(info: dict[str, Any], *, id: str | None, reason: str, modes: list
     assert info["modes"] == modes
     assert info["internal"] is internal
     assert info["scope"] == scope
-    assert info["owner"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    assert info["owner"] == owner_info(os.getpid())
     added = info["added"]
     assert set(added) == {"seconds", "microseconds"}
     assert 0 <= added["microseconds"] < 1_000_000
@@ -243,7 +243,7 @@ async def test_connection_scoped_blockers_are_released_on_disconnect(
 async def test_owner_is_the_connecting_process(module_daemon: DaemonProcess) -> None:
     async with module_daemon.client() as c:
         info = await c.ok("add-blocker", {"reason": "who", "id": "owner-check"})
-        assert info["owner"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+        assert info["owner"] == owner_info(os.getpid())
         await c.ok("del-blocker", {"id": "owner-check"})
     # A blocker added by another process carries that process's pid.
     script = (
@@ -262,7 +262,7 @@ async def test_owner_is_the_connecting_process(module_daemon: DaemonProcess) -> 
         "python3", "-c", script, str(module_daemon.socket), stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     child = json.loads(out)["return"]
-    assert child["owner"] == {"pid": proc.pid, "uid": os.getuid(), "gid": os.getgid()}
+    assert child["owner"] == owner_info(proc.pid)
     async with module_daemon.client() as c:
         await c.ok("del-blocker", {"id": "owner-child"})
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, assert_clean_log
+from conftest import DaemonProcess, assert_clean_log, owner_info
 from qemu.qmp import EventListener, ExecuteError
 from qemu_strings import DEFAULT_PARAMETERS, GENERIC, NOT_FOUND, SEV, VMDK
 from qmpclient import qemu_qmp_client
@@ -48,7 +48,7 @@ async def test_qmpclient_drives_every_command(
 
         info: Any = await qmp.execute("add-blocker", {"reason": SEV, "id": "sev"})
         assert info["id"] == "sev" and info["reason"] == SEV
-        assert info["owner"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+        assert info["owner"] == owner_info(os.getpid())
         added = await next_event(listener, "BLOCKER_ADDED")
         assert added["data"] == info
         blockers: Any = await qmp.execute("query-blockers")

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from migblockd.access import Policy, Role
 from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
@@ -59,7 +60,8 @@ class Daemonless:
     def __init__(self) -> None:
         self.registry = Registry(CONTRACT.enums["MigMode"], migration_time=0.3,
                                  clock=FakeClock())
-        self.core = Core(CONTRACT, self.registry, LIMITS)
+        # Everyone is admin: these tests are about the protocol, not who may use it.
+        self.core = Core(CONTRACT, self.registry, LIMITS, policy=Policy(Role.ADMIN))
         self.table = self.core.table
         self.alarm = _Alarm()
         logging.getLogger("migblockd").addHandler(self.alarm)

@@ -221,12 +221,13 @@ ROWS = [
     Row("same reason twice makes two blockers", (add(SEV),), add(SEV),
         result=info("#blocker1", SEV), events=(added(info("#blocker1", SEV)),),
         ids=("#blocker0", "#blocker1"), query={"blocked-reasons": [SEV, SEV]}),
+    # (A uid without a name in the user database, so the owner shows no "user".)
     Row("owner and connection scope are reported", (),
-        add(VFIO, scope="connection", connection="c1", owner=Owner(12, 1000, 100)),
+        add(VFIO, scope="connection", connection="c1", owner=Owner(12, 3999999, 100)),
         result=info("#blocker0", VFIO, scope="connection",
-                    owner={"pid": 12, "uid": 1000, "gid": 100}),
+                    owner={"pid": 12, "uid": 3999999, "gid": 100}),
         events=(added(info("#blocker0", VFIO, scope="connection",
-                           owner={"pid": 12, "uid": 1000, "gid": 100})),)),
+                           owner={"pid": 12, "uid": 3999999, "gid": 100})),)),
     Row("added is the wall clock at add, in seconds and microseconds", (tick(1.5),), add(SEV),
         result=info("#blocker0", SEV, added={"seconds": 1_700_000_001, "microseconds": 750_000})),
     # ---- add: ids

@@ -283,6 +283,10 @@ class Registry:
         """The blocker with this id, if registered."""
         return self._store.get(id)
 
+    def count_owned(self, uid: int | None) -> int:
+        """How many registered blockers were added by ``uid`` (None: by no known uid).  O(1)."""
+        return self._store.count_owned(uid)
+
     def blockers(self, mode: str | None = None) -> list[Blocker]:
         """Registered blockers, oldest first; with ``mode``, only those blocking it."""
         if mode is not None and mode not in self._modes:

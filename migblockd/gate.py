@@ -31,6 +31,7 @@ from migblockd.qmp.errors import QMPError
 from migblockd.qmp.session import Command
 from migblockd.registry import (
     RUNNING_STATUSES,
+    BlockerError,
     MigrationBusy,
     MigrationInProgress,
     Registry,
@@ -177,7 +178,11 @@ class GateHandlers(Handlers):
         info = yield Call("query-migrate", {})
         if _status(info) in RUNNING_STATUSES or self.qemu.busy:
             raise MigrationInProgress()
-        self.registry.check_migrate()  # the current mode's newest blocker
+        try:
+            self.registry.check_migrate()  # the current mode's newest blocker
+        except BlockerError as exc:
+            log.info("%s: migrate to %s refused: %s", conn.label, shown(args["uri"]), shown(exc))
+            raise
         self.qemu.busy = True
         try:
             result = yield Call("migrate", args)

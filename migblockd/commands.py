@@ -23,7 +23,7 @@ from migblockd.qmp.encoding import Encoded
 from migblockd.qmp.session import QMP_CAPABILITIES, Command
 from migblockd.qmp.validation import ArgumentValidator
 from migblockd.registry import BlockerError, Registry
-from migblockd.render import blocker_info, blocker_text
+from migblockd.render import blocker_text
 
 log = logging.getLogger("migblockd")
 
@@ -102,7 +102,7 @@ class Handlers:
             raise
         log.info("%s: added blocker %s (%s): %s", conn.label, blocker.id,
                  ",".join(blocker.modes), shown(blocker.reason))
-        return blocker_info(blocker)
+        return Encoded(blocker_text(blocker))
 
     def del_blocker(self, conn: Connection, args: Args) -> object:
         blocker = self.registry.delete(args["id"])

@@ -427,11 +427,11 @@ class Core:
 
     def _fan_out(self, line: bytes, durable: bool) -> None:
         stamp = self._stamp if self._stamp > self._committed else 0
-        dirty, holding = self._dirty, self._holding
+        dirty = self._dirty
+        marks = (dirty, self._holding) if stamp else (dirty,)
         for conn in self.connections:
             session = conn.session
             if session.negotiated and not conn.closed:
                 session.send_event(line, stamp, durable)
-                dirty[conn] = None
-                if stamp:
-                    holding[conn] = None
+                for mark in marks:
+                    mark[conn] = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from migblockd.access import user_name
-from migblockd.qmp.encoding import encode, encode_event, timestamp
+from migblockd.qmp.encoding import Encoded, encode, encode_event, timestamp
 from migblockd.registry import Blocker, Event
 
 __all__ = ["blocker_info", "blocker_text", "event_data", "event_line"]
@@ -59,4 +59,8 @@ def event_data(event: Event) -> dict[str, Any]:
 
 def event_line(event: Event) -> bytes:
     """The QMP event line for a registry event."""
+    if event.name == "BLOCKER_ADDED":
+        assert event.blocker is not None
+        # The blocker's encoded form, which its reply and listings share.
+        return encode_event(event.name, Encoded(blocker_text(event.blocker)), event.when)
     return encode_event(event.name, event_data(event), event.when)

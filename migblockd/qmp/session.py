@@ -199,8 +199,13 @@ class Session:
 
     def send_event(self, line: bytes, stamp: int = 0, durable: bool = False) -> None:
         """Queue a pre-encoded event line; dropped unless negotiation is complete."""
+        # _put, inlined: this runs once per client for every event.
         if self.negotiated:
-            self._put(line, stamp, VANISH if durable else KEEP)
+            held = self._held
+            if stamp or held:
+                held.append((stamp or held[-1][0], line, VANISH if durable else KEEP))
+            else:
+                self._output.append(line)
 
     def _put(self, data: bytes, stamp: int, on_failure: object) -> None:
         held = self._held
@@ -212,6 +217,10 @@ class Session:
     def release(self, committed: int) -> bool:
         """Let held output through up to stamp ``committed``; True if any moved."""
         held = self._held
+        if held and held[-1][0] <= committed:  # the usual case: all of it
+            self._output.extend([data for _, data, _ in held])
+            held.clear()
+            return True
         moved = False
         while held and held[0][0] <= committed:
             self._output.append(held.popleft()[1])

@@ -80,8 +80,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from migblockd.daemon import StartupError, run  # noqa: PLC0415 - keeps --help fast
 
+    loop_factory = None
+    if config.event_loop == "uvloop":
+        try:
+            import uvloop  # noqa: PLC0415 - optional
+        except ImportError:
+            sys.exit("migblockd: --event-loop uvloop needs the uvloop package "
+                     "(pip install 'migblockd[uvloop]')")
+        loop_factory = uvloop.new_event_loop
     try:
-        asyncio.run(run(config, cli))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(run(config, cli))
     except StartupError as exc:
         logging.getLogger("migblockd").error("%s", exc)
         sys.exit(1)

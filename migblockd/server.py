@@ -29,7 +29,7 @@ import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from migblockd.access import group_id
 from migblockd.config import RELOADABLE, Config, ConfigError, build
@@ -87,7 +87,8 @@ class ClientProtocol(asyncio.Protocol):
 
     # -- asyncio.Protocol ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, but quack alike.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.conn = conn = self.core.connect(peer_owner(transport))
         if conn.refused:

@@ -106,7 +106,12 @@ async def test_clients_beyond_max_clients_are_refused_and_slots_come_back(
         extra.close()
         for c in held:
             await c.close()
-    for _ in range(3):  # the slots are free again
+    # The slots are free again once the daemon has seen the three go.
+    for _ in range(500):
+        if d.log().count(" disconnected") >= 3:
+            break
+        await asyncio.sleep(0.02)
+    for _ in range(3):
         await probe(d)
     assert d.stop() == 0
     assert_clean_log(d)

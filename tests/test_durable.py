@@ -18,6 +18,7 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, assert_clean_log
+from conftest import ROOT, DaemonProcess, assert_clean_log
 from qmpclient import RawClient
 
 MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
@@ -460,6 +461,39 @@ async def test_unwritable_state_stops_the_daemon(
     db.chmod(0o600)
     fixed = start_daemon("--state-dir", str(directory), python=unprivileged_python(tmp_path))
     fixed.wait_for_log(restored_line(directory, 200))
+
+
+def schema_without_cpr_exec(directory: Path) -> Path:
+    """A copy of the schema whose MigMode lacks ``cpr-exec`` (its main file)."""
+    shutil.copytree(ROOT / "schema", directory)
+    migration = directory / "migration.json"
+    text = migration.read_text()
+    text = text.replace("'cpr-transfer', 'cpr-exec' ]", "'cpr-transfer' ]")
+    text, found = re.subn(r"# @cpr-exec:.*?(?=# Since: )", "", text, count=1, flags=re.S)
+    assert found == 1
+    migration.write_text(text)
+    return directory / "migblockd.json"
+
+
+async def test_blocker_of_a_mode_the_schema_dropped_stops_the_daemon(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Dropping it could let through a migration it was there to stop."""
+    directory = tmp_path / "state"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        await add(c, "exec only", id="x", modes=["cpr-exec", "normal"])
+    assert daemon.stop() == 0
+    before = digest(directory)
+    schema = schema_without_cpr_exec(tmp_path / "schema")
+    refused = start_daemon("--state-dir", str(directory), "--schema", str(schema),
+                           "--log-level", "info", wait=False)
+    assert refused.wait_exit() == 1
+    assert only_line(refused) == (
+        f"{directory}/state.db: stored blocker 'x' blocks modes the schema does not define "
+        "(cpr-exec); use a --schema that defines them, or move the state directory away to "
+        "start from scratch")
+    assert digest(directory) == before
 
 
 # ----------------------------------------------------------------- --ephemeral

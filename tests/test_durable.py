@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -291,6 +292,48 @@ async def test_sighup_loses_nothing_acknowledged(start_daemon: Start, tmp_path: 
     again.wait_for_log(restored_line(directory, len(expected)))
     async with again.client() as c:
         assert await ids(c) == expected
+
+
+# ----------------------------------------------------------------- backup, start over
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None,
+                    reason="needs the sqlite3 shell (apt install sqlite3)")
+async def test_backup_while_running_restore_and_start_from_scratch(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """What README.md and docs/state.md say to do, with the real sqlite3 shell."""
+    directory = tmp_path / "state"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        await add(c, "backed up", id="b1")
+        await add(c, "backed up too")
+        await c.ok("migrate-set-parameters", {"mode": "cpr-reboot"})
+        # Recent commits are in the log, not yet in state.db: the backup has them.
+        assert (directory / "state.db-wal").stat().st_size > 0
+        backup = tmp_path / "migblockd-backup.db"
+        subprocess.run(["sqlite3", str(directory / "state.db"), f".backup {backup}"],
+                       check=True, timeout=60)
+        listing = await blockers(c)
+        await add(c, "after the backup", id="later")
+    assert daemon.stop() == 0
+    # Restore: the daemon stopped, the directory moved away, a new one with the backup.
+    directory.rename(tmp_path / "state.before-restore")
+    directory.mkdir(mode=0o700)
+    shutil.copy(backup, directory / "state.db")
+    restored = start_daemon("--state-dir", str(directory))
+    restored.wait_for_log(restored_line(directory, 2))
+    async with restored.client() as c:
+        assert await blockers(c) == listing
+        assert (await c.ok("query-migrate-parameters"))["mode"] == "cpr-reboot"
+    assert restored.stop() == 0
+    # From scratch: stopped, the directory moved away.
+    directory.rename(tmp_path / "state.old")
+    fresh = start_daemon("--state-dir", str(directory))
+    fresh.wait_for_log(restored_line(directory, 0))
+    async with fresh.client() as c:
+        assert await blockers(c) == []
+        assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
 
 
 # ----------------------------------------------------------------- one owner

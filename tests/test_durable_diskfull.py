@@ -143,6 +143,40 @@ async def test_full_disk_fails_the_commands_and_the_daemon_recovers(
         assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
 
 
+async def test_crash_on_a_full_disk_restarts_and_serves(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
+) -> None:
+    """Killed while its disk is full (with a failed commit's pages perhaps in the
+    log), the daemon starts again on the full disk: it restores what was
+    committed, serves reads, fails changes, and recovers when space returns."""
+    directory = small_tmpfs.mountpoint / "state"
+    db = directory / "state.db"
+    python = small_tmpfs.python(tmp_path)
+    filler = small_tmpfs.outside(small_tmpfs.mountpoint / "filler")
+    daemon = start_daemon("--state-dir", str(directory), python=python)
+    async with daemon.client() as c:
+        before = await c.ok("add-blocker", {"reason": "before", "id": "before"})
+        fill(filler)
+        refused = await c.execute("add-blocker", {"reason": "x" * 20000, "id": "big"})
+        assert "database or disk is full" in refused["error"]["desc"]
+    daemon.proc.kill()
+    daemon.proc.wait()
+
+    again = start_daemon("--state-dir", str(directory), python=python)
+    again.wait_for_log(f"restored 1 blockers from {db}")
+    async with again.client() as c:
+        assert await c.ok("query-blockers") == [before]
+        refused = await c.execute("del-blocker", {"id": "before"})
+        assert refused == {"error": {"class": "GenericError", "desc": (
+            f"cannot commit to {db}: database or disk is full; nothing was changed")}}
+        assert await c.ok("query-blockers") == [before]
+        filler.unlink()
+        assert await c.ok("del-blocker", {"id": "before"}) == {}
+        assert await c.ok("query-blockers") == []
+    assert again.stop() == 0
+    assert_clean_log(again)
+
+
 async def test_full_disk_at_start_stops_the_daemon(
     start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
 ) -> None:

@@ -60,6 +60,7 @@ from benchmarks.report import (
     latency_table,
     rate_table,
     scenario_json,
+    starved,
 )
 from benchmarks.servers import (
     SEED_BLOCKERS,
@@ -380,6 +381,11 @@ def run(args: argparse.Namespace) -> int:
         width = max(len(c.what) for c in found)
         print("\ntargets (same run):")
         print("\n".join(c.line(width) for c in found))
+    busy = starved(outcomes)
+    if busy:
+        print(f"\nwarning: the machine was busy: neither server nor load generator kept its "
+              f"core busy in {', '.join(busy)}; throughput ratios then measure the scheduler "
+              f"more than the servers: compare the CPU ratios, or run again on a quiet machine")
     if baseline is not None and outcomes:
         print(f"\nratios: {args.baseline} -> this run")
         print("\n".join(baseline_lines(outcomes, baseline) or ["  (none in common)"]))
@@ -400,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
             "targets": [{"what": c.what, "value": c.value, "goal": c.goal, "met": c.met}
                         for c in found],
             "all_targets_met": all_met,
+            "machine_busy": busy,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"results saved to {args.json}")

@@ -172,6 +172,19 @@ def cpu_table(outcomes: Sequence[Outcome]) -> list[str]:
     return grid(head, rows, 1)
 
 
+def starved(outcomes: Sequence[Outcome], least: float = 0.6) -> list[str]:
+    """The many-client scenarios in which neither the floor nor its load generator kept
+    a core ``least`` busy: with closed-loop clients one of them is the bottleneck and
+    should use most of its core, unless other processes had the cores."""
+    out = []
+    for o in outcomes:
+        if o.scenario.clients > 1 and "floor" in o.scenario.servers:
+            busiest = max(o.median("floor", "server_cpu"), o.median("floor", "client_cpu"))
+            if busiest < least:
+                out.append(f"{o.scenario.label} (floor {busiest:.0%})")
+    return out
+
+
 def checks(outcomes: Sequence[Outcome]) -> list[Check]:
     out = []
     for o in outcomes:

@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT
 
 from benchmarks import ceiling, floor, loadgen, scale
-from benchmarks.report import Outcome, Scenario
+from benchmarks.report import Outcome, Scenario, starved
 
 
 def test_floor_reply_echoes_the_id() -> None:
@@ -98,6 +98,21 @@ def test_ratios_are_medians_of_per_round_ratios() -> None:
                                  for name, values in rates.items()})
     assert outcome.ratio("daemon", "ceiling") == 0.5  # of 0.5, 0.1 and 0.9
     assert outcome.median("daemon", "rate") == 50
+
+
+def test_a_busy_machine_is_told_apart() -> None:
+    """With many closed-loop clients, the floor or its load generator should keep a core
+    busy; when neither does, other processes had the cores, and the report says so."""
+    scenario = Scenario("query-16", "query-blockers @16", "query", 16, "req/s",
+                        ("floor", "daemon"))
+
+    def outcome(server: float, client: float) -> Outcome:
+        run = {"rate": 1000, "server_cpu": server, "client_cpu": client}
+        return Outcome(scenario, {"floor": [run], "daemon": [run]})
+
+    assert starved([outcome(0.9, 0.5)]) == []
+    assert starved([outcome(0.4, 0.95)]) == []
+    assert starved([outcome(0.2, 0.15)]) == ["query-blockers @16 (floor 20%)"]
 
 
 def test_blocking_lines_counts_a_big_line_without_keeping_it() -> None:

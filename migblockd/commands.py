@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 from migblockd import __version__
 from migblockd.connection import Connection
 from migblockd.contract import Contract
-from migblockd.qmp.encoding import Encoded
+from migblockd.listing import Listings
+from migblockd.qmp.encoding import Encoded, Parts
 from migblockd.qmp.session import QMP_CAPABILITIES, Command
 from migblockd.qmp.validation import ArgumentValidator
-from migblockd.registry import BlockerError, Registry
+from migblockd.registry import BlockerError, Change, Registry
 from migblockd.render import blocker_text
 
 log = logging.getLogger("migblockd")
@@ -70,10 +71,9 @@ class Handlers:
         self.registry = registry
         self._version = version_info()
         self._command_list = [{"name": name} for name in contract.commands]
-        self._listings: dict[str | None, Encoded] = {}
+        self.listings = Listings(registry)
         #: The simulation's other parameters: reported, with no effect on it.
         self._parameters: dict[str, object] = dict(PARAMETER_DEFAULTS)
-        self._listing_changes = -1
 
     # -- control ------------------------------------------------------------
     def query_version(self, conn: Connection, args: Args) -> object:
@@ -111,18 +111,8 @@ class Handlers:
 
     @reads_state
     def query_blockers(self, conn: Connection, args: Args) -> object:
-        # Polled by every agent and changed rarely: join each blocker's
-        # encoded form once per change.
-        mode = args.get("mode")
-        changes = self.registry.version
-        if self._listing_changes != changes:
-            self._listings.clear()
-            self._listing_changes = changes
-        listing = self._listings.get(mode)
-        if listing is None:
-            listing = Encoded.array(blocker_text(b) for b in self.registry.blockers(mode))
-            self._listings[mode] = listing
-        return listing
+        # Polled by every agent: kept encoded as blockers come and go.
+        return Parts(self.listings.get(args.get("mode")).parts())
 
     # -- migration ----------------------------------------------------------
     @reads_state
@@ -167,6 +157,17 @@ class Handlers:
         return [
             {"capability": "events", "state": self.registry.events_enabled},
         ]
+
+    def track(self, changes: list[Change]) -> None:
+        """Keep the listings current: the core hands over every change it takes."""
+        listings = self.listings
+        for change in changes:
+            if change.kind == "add":
+                assert change.blocker is not None
+                listings.added(change.blocker)
+            elif change.kind == "delete":
+                assert change.blocker is not None
+                listings.removed(change.blocker)
 
     def migration_status(self) -> str:
         """The migration's status, for systemd's STATUS line."""

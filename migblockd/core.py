@@ -160,7 +160,8 @@ class Core:
         if released:
             log.info("%s: released %d connection-scoped blocker(s): %s", conn.label,
                      len(released), ", ".join(b.id for b in released))
-            self.registry.take_changes()  # nothing durable: they were never stored
+            # Nothing durable (they were never stored), but the listings must know.
+            self.handlers.track(self.registry.take_changes())
         self._publish(False)
 
     # -- input -----------------------------------------------------------------
@@ -217,8 +218,8 @@ class Core:
     def data_to_send(self, conn: Connection) -> bytes:
         return conn.session.data_to_send()
 
-    def take_output(self, conn: Connection) -> tuple[bytes, int]:
-        """The bytes to send to ``conn``, and how many of them are events."""
+    def take_output(self, conn: Connection) -> tuple[list[bytes], int]:
+        """The bytes to send to ``conn``, in pieces, and how many of them are events."""
         return conn.session.take_output()
 
     def take_dirty(self) -> list[Connection]:
@@ -269,6 +270,7 @@ class Core:
         for _, changes in reversed(self._pending):
             self.registry.undo(changes)
         self._pending.clear()
+        self.handlers.listings.reset()
         self._committed = self._grouped = self._stamp
         error = QMPError(f"{reason}; nothing was changed")
         for conn in self._holding:
@@ -405,6 +407,8 @@ class Core:
         """Record the command's changes, deliver its events, then its reply."""
         durable = False
         changes = self.registry.take_changes()
+        if changes:
+            self.handlers.track(changes)
         if changes and self.durable and any(change.durable for change in changes):
             self._stamp += 1
             self._pending.append((self._stamp, changes))

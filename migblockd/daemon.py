@@ -85,6 +85,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
                 durable=store is not None,
                 handlers=bridge.handlers if bridge is not None else None,
                 policy=config.access, quotas=config.quotas)
+    if len(registry):
+        core.handlers.listings.get(None)  # encoded before the first poll, not during it
     try:
         sock = activated_listener()
     except ActivationError as exc:

@@ -26,7 +26,7 @@ from typing import Any, Final
 from migblockd.commands import Args, Handlers, log, reads_state, shown
 from migblockd.connection import Connection
 from migblockd.contract import Contract
-from migblockd.qmp.encoding import Encoded, encode
+from migblockd.qmp.encoding import Parts, encode
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.session import Command
 from migblockd.registry import (
@@ -150,7 +150,7 @@ class GateHandlers(Handlers):
     @reads_state
     def query_blockers(self, conn: Connection, args: Args) -> Step:
         ours = super().query_blockers(conn, args)
-        assert isinstance(ours, Encoded)
+        assert isinstance(ours, Parts)
         mode = args.get("mode")
         if not self.qemu.connected or (mode is not None and mode != self.registry.mode):
             return ours
@@ -158,12 +158,14 @@ class GateHandlers(Handlers):
             info = yield Call("query-migrate", {})
         except QemuUnavailable:
             return ours
-        theirs = [encode(self._qemu_blocker(n, reason))
-                  for n, reason in enumerate(_reasons(info), start=1)]
+        theirs = ", ".join(encode(self._qemu_blocker(n, reason))
+                           for n, reason in enumerate(_reasons(info), start=1))
         if not theirs:
             return ours
-        texts = [ours.text[1:-1]] if ours.text != "[]" else []
-        return Encoded.array([*texts, *theirs])
+        # ours.pieces is "[", the encoded blockers..., "]": QEMU's go before the "]".
+        head = ours.pieces[:-1] if ours.pieces != [b"[]"] else [b"["]
+        between = [b", "] if len(head) > 1 else []
+        return Parts([*head, *between, theirs.encode("ascii"), b"]"])
 
     def _qemu_blocker(self, n: int, reason: str) -> dict[str, Any]:
         # QEMU lists the blockers of its current mode; it says nothing of when

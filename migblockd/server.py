@@ -26,7 +26,6 @@ import os
 import socket
 import struct
 import sys
-from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -37,6 +36,7 @@ from migblockd.connection import Connection
 from migblockd.core import Core, Group
 from migblockd.gate import QemuUnavailable
 from migblockd.listen import LISTEN_BACKLOG, StartupError, bind_socket
+from migblockd.outbox import HIGH_WATER, Outbox
 from migblockd.registry import Change, Owner
 from migblockd.systemd import Notifier, format_status
 
@@ -45,8 +45,8 @@ log = logging.getLogger("migblockd")
 #: Requests of one connection run per turn: large enough to batch pipelined
 #: requests into one write, small enough to let other clients take turns.
 BATCH = 32
-#: The transport buffer size at which we stop running a connection's requests.
-HIGH_WATER = 64 * 1024
+#: Debug logs show this much of each piece written (a listing is megabytes).
+TRACE_LIMIT = 1000
 #: How long shutdown waits for clients to take their last replies.
 SHUTDOWN_GRACE = 1.5
 LEFTOVER_CHUNK = 64 * 1024
@@ -77,13 +77,7 @@ class ClientProtocol(asyncio.Protocol):
         self.write_paused = False
         self.read_paused = False
         self.eof = False
-        # max-output bounds the events a client leaves unread; its own replies
-        # are bounded by backpressure, and a big one it reads steadily (a
-        # listing of 100,000 blockers) must not get it dropped.  The transport
-        # says how much is unread; these say how much of that is events.
-        self._written = 0
-        self._event_marks: deque[tuple[int, int]] = deque()  # (stream offset, event bytes)
-        self._events_unread = 0
+        self.outbox: Outbox | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -97,6 +91,7 @@ class ClientProtocol(asyncio.Protocol):
             self.conn = None
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.outbox = Outbox(transport)
         self.server.protocols[conn] = self
         self.server.schedule()
 
@@ -136,6 +131,11 @@ class ClientProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.outbox is not None and self.outbox.waiting:
+            self.outbox.write_some()
+            if self.outbox.waiting or self.write_paused:
+                return  # more when the client has read more
+            self.flush()  # closes a half-closed client once all is out
         self.server.runnable(self)
 
     # -- ours ------------------------------------------------------------------
@@ -175,6 +175,8 @@ class ClientProtocol(asyncio.Protocol):
         if conn is None or transport is None or transport.is_closing():
             return False
         core = self.core
+        if self.outbox is not None and self.outbox.waiting:
+            return False  # resume_writing comes back once its output has gone
         if core.has_pending(conn) and not self.write_paused:
             core.execute(conn, BATCH)
         if core.has_pending(conn):
@@ -188,35 +190,23 @@ class ClientProtocol(asyncio.Protocol):
             self.read_paused = False
         return False
 
-    def _unread_events(self, transport: asyncio.Transport, size: int, events: int) -> int:
-        """Event bytes written to the client and not read yet, this write's included."""
-        self._written += size
-        if events:
-            self._event_marks.append((self._written, events))
-            self._events_unread += events
-        read = self._written - transport.get_write_buffer_size()
-        marks = self._event_marks
-        while marks and marks[0][0] <= read:
-            self._events_unread -= marks.popleft()[1]
-        return self._events_unread
-
     def flush(self) -> None:
         conn, transport = self.conn, self.transport
         if conn is None or transport is None:
             return
-        data, events = self.core.take_output(conn)
-        if transport.is_closing():
+        pieces, events = self.core.take_output(conn)
+        if transport.is_closing() or self.outbox is None:
             return
-        if data:
+        if pieces:
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s -> %r", conn.label, data)
-            transport.write(data)
-            if self._unread_events(transport, len(data), events) > self.server.config.max_output:
+                for piece in pieces:
+                    log.debug("%s -> %r", conn.label, piece[:TRACE_LIMIT])
+            if self.outbox.put(pieces, events) > self.server.config.max_output:
                 log.warning("%s: dropped: more than max-output=%d bytes of unread events",
                             conn.label, self.server.config.max_output)
                 transport.abort()
                 return
-        if self.eof and self.core.settled(conn):
+        if self.eof and self.core.settled(conn) and not self.outbox.waiting:
             transport.close()
 
 
@@ -447,9 +437,7 @@ class Server:
                 break
             await self._commits_done()
         for protocol in list(self.protocols.values()):
-            protocol.flush()
-            if protocol.transport is not None and not protocol.transport.is_closing():
-                protocol.transport.close()
+            protocol.flush()  # closes it, or its outbox does once all is written
         if self.protocols:
             try:
                 await asyncio.wait_for(self._all_gone.wait(), SHUTDOWN_GRACE)

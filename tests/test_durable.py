@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, DaemonProcess, assert_clean_log
+from conftest import ROOT, DaemonProcess, assert_clean_log, owner_info
 from qmpclient import RawClient
 
 MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
@@ -220,7 +220,7 @@ async def test_restored_blockers_keep_their_owner_and_time(
     first = start_daemon("--state-dir", str(directory))
     async with first.client() as c:
         original = await add(c, "with an owner", id="owned")
-    assert original["owner"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    assert original["owner"] == owner_info(os.getpid())
     kill(first)
     second = start_daemon("--state-dir", str(directory))
     async with second.client() as c:

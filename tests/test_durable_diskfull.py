@@ -153,7 +153,8 @@ async def test_crash_on_a_full_disk_restarts_and_serves(
     db = directory / "state.db"
     python = small_tmpfs.python(tmp_path)
     filler = small_tmpfs.outside(small_tmpfs.mountpoint / "filler")
-    daemon = start_daemon("--state-dir", str(directory), python=python)
+    daemon = start_daemon("--state-dir", str(directory), "--max-reason-length", "20000",
+                          python=python)
     async with daemon.client() as c:
         before = await c.ok("add-blocker", {"reason": "before", "id": "before"})
         fill(filler)

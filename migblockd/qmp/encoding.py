@@ -75,6 +75,19 @@ class Encoded:
         return cls("[" + ", ".join(items) + "]")
 
 
+class Parts:
+    """One JSON value, encoded ahead of time in pieces to be written in order.
+
+    For an answer too big to join (35 MB of blockers): a reply carries the
+    pieces as they are, and the transport writes them one after the other.
+    """
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+
 def timestamp(when: float) -> dict[str, int]:
     """QEMU's ``{"seconds": S, "microseconds": US}`` for wall time ``when``.
 
@@ -100,6 +113,12 @@ def encode_event(name: str, data: Mapping[str, Any] | Encoded, when: float) -> b
     if data:
         return (head + f'"data": {encode(data)}, ' + stamp).encode("ascii")
     return (head + stamp).encode("ascii")
+
+
+def encode_return_parts(result: Parts, id_: object) -> list[bytes]:
+    """:func:`encode_return` for a value in :class:`Parts`: the line, in pieces."""
+    tail = b"}\r\n" if id_ is NO_ID else f", \"id\": {encode(id_)}}}\r\n".encode("ascii")
+    return [b'{"return": ', *result.pieces, tail]
 
 
 def encode_return(result: object, id_: object) -> bytes:

@@ -52,7 +52,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from migblockd.qmp.encoding import encode_error, encode_line, encode_return
+from migblockd.qmp.encoding import (
+    Parts,
+    encode_error,
+    encode_line,
+    encode_return,
+    encode_return_parts,
+)
 from migblockd.qmp.errors import NO_ID, CommandNotFound, QMPError
 from migblockd.qmp.framing import NEED_DATA, Limits, StreamDecoder
 from migblockd.qmp.wording import ParseError
@@ -197,7 +203,16 @@ class Session:
         ``durable`` says the command changed what is on disk, so that a failed
         commit turns this reply into an error.
         """
-        self._put(encode_return(result, request.id), stamp, request if durable else KEEP)
+        if type(result) is Parts:
+            pieces = encode_return_parts(result, request.id)
+            if not (stamp or self._held):  # a big listing: its pieces, unjoined
+                self._output.extend(pieces)
+                self.output_bytes += sum(map(len, pieces))
+                return
+            data = b"".join(pieces)
+        else:
+            data = encode_return(result, request.id)
+        self._put(data, stamp, request if durable else KEEP)
 
     def fail(self, request: Request | None, error: QMPError, stamp: int = 0) -> None:
         """Answer ``request`` with an error (None: a reply without ``id``)."""
@@ -262,17 +277,17 @@ class Session:
 
     def data_to_send(self) -> bytes:
         """Everything queued since the last call (greeting, replies, events), in order."""
-        return self.take_output()[0]
+        pieces, _ = self.take_output()
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def take_output(self) -> tuple[bytes, int]:
-        """What :meth:`data_to_send` returns, and how many of those bytes are events."""
+    def take_output(self) -> tuple[list[bytes], int]:
+        """What :meth:`data_to_send` returns, in pieces, and how many bytes are events."""
         output = self._output
         if not output:
-            return b"", 0
-        data = output[0] if len(output) == 1 else b"".join(output)
-        output.clear()
+            return [], 0
+        self._output = []
         events, self.event_bytes, self.output_bytes = self.event_bytes, 0, 0
-        return data, events
+        return output, events
 
     # -- checks --------------------------------------------------------------
     def _check(self, item: object) -> Request | None:

@@ -1,0 +1,83 @@
+"""What is written to one client, and when: slices, backpressure, and max-output.
+
+Output reaches the transport in slices of at most :data:`SLICE` bytes, and a
+slice only while the transport's own buffer is below :data:`HIGH_WATER`: a
+35 MB listing goes out piece by piece as the client reads it, so other
+clients are served in between and no copy of the whole answer is ever made.
+
+``max-output`` bounds the *events* a client leaves unread: its own replies
+are bounded by backpressure (the server runs no more of its requests while
+its output waits), and a big one it reads steadily must not get it dropped.
+The transport says how much is unread; the marks say how much of that is
+events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Final
+
+__all__ = ["HIGH_WATER", "SLICE", "Outbox"]
+
+#: The transport buffer size at which writing (and running the client's requests) waits.
+HIGH_WATER: Final = 64 * 1024
+#: Most bytes handed to the transport in one write.
+SLICE: Final = 256 * 1024
+
+
+class Outbox:
+    """The bytes on their way to one client."""
+
+    __slots__ = ("_backlog", "_backlog_bytes", "_enqueued", "_events_unread", "_marks",
+                 "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._backlog: deque[bytes] = deque()
+        self._backlog_bytes = 0
+        self._enqueued = 0  # bytes ever given to put()
+        self._marks: deque[tuple[int, int]] = deque()  # (stream offset, event bytes)
+        self._events_unread = 0
+
+    @property
+    def waiting(self) -> bool:
+        """Output is still here, not yet with the transport."""
+        return bool(self._backlog)
+
+    def put(self, pieces: list[bytes], events: int) -> int:
+        """Queue ``pieces`` (``events`` of their bytes are events) and write what fits.
+
+        Returns the event bytes the client has not read yet, these included.
+        """
+        size = 0
+        for piece in pieces:
+            size += len(piece)
+        self._backlog.extend(pieces)
+        self._backlog_bytes += size
+        self._enqueued += size
+        if events:
+            self._marks.append((self._enqueued, events))
+            self._events_unread += events
+        self.write_some()
+        unread = self._backlog_bytes + self.transport.get_write_buffer_size()
+        read = self._enqueued - unread
+        marks = self._marks
+        while marks and marks[0][0] <= read:
+            self._events_unread -= marks.popleft()[1]
+        return self._events_unread
+
+    def write_some(self) -> None:
+        """Hand the transport slices while its buffer has room."""
+        backlog, transport = self._backlog, self.transport
+        # <=: the write that passes HIGH_WATER makes the transport call
+        # pause_writing, and its resume_writing brings us back.
+        while backlog and transport.get_write_buffer_size() <= HIGH_WATER:
+            batch = [backlog.popleft()]
+            size = len(batch[0])
+            while backlog and size + len(backlog[0]) <= SLICE:
+                piece = backlog.popleft()
+                batch.append(piece)
+                size += len(piece)
+            self._backlog_bytes -= size
+            transport.write(batch[0] if len(batch) == 1 else b"".join(batch))

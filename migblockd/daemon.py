@@ -160,4 +160,5 @@ def open_metrics(config: Config, core: Core) -> MetricsServer | None:
     from migblockd.metrics import metrics_registry  # noqa: PLC0415
     from migblockd.scrape import MetricsServer  # noqa: PLC0415
 
-    return MetricsServer.open(config.metrics, metrics_registry(core), config.socket)
+    return MetricsServer.open(config.metrics, metrics_registry(core), config.socket,
+                              asyncio.get_running_loop())

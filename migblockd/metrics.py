@@ -3,9 +3,8 @@
 The core counts with plain integers (:mod:`migblockd.stats`) and touches no
 Prometheus object per request; :class:`DaemonCollector` turns those counters,
 and what is true right now (the registry's per-mode lists, the connections,
-the QEMU link), into metric families on each scrape.  It runs on the metrics
-server's thread and only reads: fixed-size containers and integers (see
-:mod:`migblockd.stats` for why that is safe without a lock).
+the QEMU link), into metric families on each scrape.  It runs on the event
+loop, between two turns (:mod:`migblockd.scrape`), and only reads.
 
 Every metric, its labels and what it means for an alert are in
 ``docs/metrics.md``; the names are here only.
@@ -122,7 +121,7 @@ class DaemonCollector(Collector):
             "migblockd_blockers_deleted",
             "Blockers deleted, by cause: del-blocker (command) or their connection closed",
             labels=["cause"])
-        for cause, count in list(stats.blockers_deleted.items()):
+        for cause, count in stats.blockers_deleted.items():
             deleted.add_metric([cause], count)
         yield deleted
         yield _by_reason("migblockd_blockers_refused", "add-blocker refusals, by reason",
@@ -176,8 +175,10 @@ class DaemonCollector(Collector):
         for name, command in stats.commands.items():
             total.add_metric([name, "ok"], command.ok)
             total.add_metric([name, "error"], command.errors)
-            buckets, seconds = _buckets(command.latency)
-            latency.add_metric([name], buckets, seconds)
+            # Most of a scrape's size and time: only for the commands that have run.
+            if command.ok or command.errors:
+                buckets, seconds = _buckets(command.latency)
+                latency.add_metric([name], buckets, seconds)
         yield total
         yield latency
         yield CounterMetricFamily(
@@ -201,6 +202,6 @@ class DaemonCollector(Collector):
 
 def _by_reason(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation, labels=["reason"])
-    for reason, count in list(counts.items()):
+    for reason, count in counts.items():
         family.add_metric([reason], count)
     return family

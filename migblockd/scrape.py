@@ -1,15 +1,26 @@
-"""The metrics endpoint (``--metrics``): HTTP for Prometheus, on a thread of its own.
+"""The metrics endpoint (``--metrics``): HTTP on a thread, each answer built on the loop.
 
-prometheus_client's WSGI app (``make_wsgi_app``: content negotiation between
-the Prometheus text format and OpenMetrics, gzip, ``name[]`` filters, 405 for
-anything but GET) served by the standard library's ``wsgiref`` on a
-threading server, in a daemon thread.  Why a thread rather than an HTTP
-handler on the event loop: the HTTP parsing, for a port that may face the
-network, is the standard library's and not ours, and the only shared state
-is read-only for the thread (integers and fixed-size containers,
-:mod:`migblockd.stats`).  The price is the GIL: while a scrape formats its
-answer (about a millisecond) the loop may wait for the interpreter, a cost
-``benchmarks/bench_metrics.py`` measures (docs/metrics.md has the numbers).
+The standard library's ``wsgiref`` on a threading server, in a daemon thread,
+does the HTTP: the parsing, for a port that may face the network, is not
+ours to write, and a slow or silent client ties up a thread, never the event
+loop.  The answer itself is built on the event loop, between two turns
+(``call_soon_threadsafe``; the thread waits for it): prometheus_client's
+encoder (the Prometheus text format, or OpenMetrics when the scraper asks;
+gzip when accepted) over the registry of :mod:`migblockd.metrics`.
+
+Why not build it on the thread, which could read the counters without a
+lock: the GIL.  While a thread formats an answer (a few milliseconds of pure
+Python), the event loop, which releases the interpreter at every system
+call, waits up to the switch interval (5 ms) to get it back, again and
+again; ``benchmarks/bench_metrics.py`` measured add/del throughput falling
+to a half, or a quarter, under a client scraping back to back.  On the loop,
+a scrape costs the loop exactly its own time, sees one consistent state, and
+needs nothing to be safe across threads.  A wedged loop shows as failed
+scrapes (503 after ``RENDER_TIMEOUT``).
+
+Answers are spaced ``MIN_INTERVAL`` apart (a faster scraper waits), so
+scraping never takes more than a few percent of the loop, however eager the
+scraper.  Prometheus scrapes every 15 s or more.
 
 The address is ``host:port`` (TCP) or an absolute path, a Unix socket bound
 with the same care as the QMP socket (``migblockd.listen``: mode 0600 from
@@ -21,24 +32,31 @@ sends nothing is dropped after ``REQUEST_TIMEOUT`` seconds.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import gzip
 import logging
 import os
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import make_wsgi_app
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from migblockd.config import HostPort
 from migblockd.listen import StartupError, bind_socket
 
-__all__ = ["MAX_SCRAPES", "REQUEST_TIMEOUT", "MetricsServer"]
+__all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_TIMEOUT", "MetricsApp", "MetricsServer"]
 
 log = logging.getLogger("migblockd")
 
@@ -46,6 +64,94 @@ log = logging.getLogger("migblockd")
 MAX_SCRAPES = 4
 #: Seconds a metrics client has to send its request (and to read the answer).
 REQUEST_TIMEOUT = 10.0
+#: Seconds from one answer to the next at the least: bounds what scraping costs.
+MIN_INTERVAL = 0.1
+#: Seconds the event loop has to build an answer before the scraper gets a 503.
+RENDER_TIMEOUT = 5.0
+
+StartResponse = Callable[..., Any]
+
+
+class MetricsApp:
+    """The WSGI app: ``registry`` encoded on ``loop``, one answer at a time, spaced."""
+
+    def __init__(self, registry: CollectorRegistry, loop: asyncio.AbstractEventLoop) -> None:
+        self.registry = registry
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready = 0.0  # time.monotonic() from which the next answer may start
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        if environ["REQUEST_METHOD"] != "GET":
+            return _plain(start_response, "405 Method Not Allowed", "use GET", [("Allow", "GET")])
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+        source: Collector = self.registry if names is None else _Only(self.registry, names)
+        try:
+            output = self._on_loop(lambda: encoder(source))
+        except _NoAnswer as exc:
+            return _plain(start_response, "503 Service Unavailable", str(exc))
+        except Exception:
+            log.exception("metrics: cannot build the answer")
+            return _plain(start_response, "500 Internal Server Error", "internal error")
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            output = gzip.compress(output)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [output]
+
+    def _on_loop(self, make: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            wait = self._ready - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+
+            def run() -> None:
+                if not future.set_running_or_notify_cancel():
+                    return  # given up on
+                try:
+                    future.set_result(make())
+                except Exception as exc:
+                    future.set_exception(exc)
+
+            try:
+                self.loop.call_soon_threadsafe(run)
+            except RuntimeError:  # the loop is closed: the daemon is stopping
+                raise _NoAnswer("migblockd is stopping") from None
+            try:
+                return future.result(RENDER_TIMEOUT)
+            except TimeoutError:
+                raise _NoAnswer("migblockd's event loop did not answer in time") from None
+            finally:
+                future.cancel()
+                self._ready = time.monotonic() + MIN_INTERVAL
+
+
+class _NoAnswer(Exception):
+    """The event loop could not build the answer; ``str()`` says why."""
+
+
+class _Only(Collector):
+    """The families of ``registry`` named in ``names`` (by family or by sample name),
+    as prometheus_client's ``name[]`` filter: the collectors here describe nothing
+    in advance, so its own restricted registry would find none."""
+
+    def __init__(self, registry: CollectorRegistry, names: list[str]) -> None:
+        self.registry = registry
+        self.names = frozenset(names)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.registry.collect():
+            if family.name in self.names or any(s.name in self.names for s in family.samples):
+                yield family
+
+
+def _plain(start_response: StartResponse, status: str, text: str,
+           headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), *(headers or [])])
+    return [f"{text}\n".encode()]
 
 
 class _Handler(WSGIRequestHandler):
@@ -103,19 +209,23 @@ class _Server(ThreadingMixIn, WSGIServer):
 class MetricsServer:
     """The endpoint, serving ``registry`` until :meth:`close`."""
 
-    def __init__(self, sock: socket.socket, where: str, registry: CollectorRegistry,
+    def __init__(self, sock: socket.socket, where: str, app: MetricsApp,
                  own_socket: tuple[Path, int] | None) -> None:
         port = sock.getsockname()[1] if sock.family != socket.AF_UNIX else 0
         self.where = where
         self.own_socket = own_socket
-        self._httpd = _Server(sock, port, make_wsgi_app(registry))
+        self._httpd = _Server(sock, port, app)
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         name="migblockd-metrics", daemon=True)
 
     @classmethod
-    def open(cls, address: Path | HostPort, registry: CollectorRegistry,
-             qmp_socket: Path) -> MetricsServer:
-        """Bind ``address`` (not serving yet: :meth:`start`).  StartupError when it cannot."""
+    def open(cls, address: Path | HostPort, registry: CollectorRegistry, qmp_socket: Path,
+             loop: asyncio.AbstractEventLoop) -> MetricsServer:
+        """Bind ``address`` (not serving yet: :meth:`start`).  StartupError when it cannot.
+
+        ``loop`` is the event loop that builds the answers (see above).
+        """
+        app = MetricsApp(registry, loop)
         if isinstance(address, Path):
             if os.path.abspath(address) == os.path.abspath(qmp_socket):
                 raise StartupError(f"--metrics {address}: that is the QMP socket; metrics "
@@ -123,11 +233,11 @@ class MetricsServer:
             sock = bind_socket(address, 0o600, option="--metrics")
             sock.setblocking(True)
             own = (address, os.stat(address).st_ino)
-            return cls(sock, f"http+unix://{address}", registry, own)
+            return cls(sock, f"http+unix://{address}", app, own)
         sock = _listen_tcp(address)
         host, port = sock.getsockname()[:2]
         shown = str(HostPort(host, port))
-        return cls(sock, f"http://{shown}/metrics", registry, None)
+        return cls(sock, f"http://{shown}/metrics", app, None)
 
     def start(self) -> None:
         self._thread.start()

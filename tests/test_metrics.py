@@ -10,6 +10,7 @@ the kernel picks.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import http.client
 import os
 import re
@@ -90,7 +91,8 @@ def uid_client(script: Path, daemon: DaemonProcess, uid: int) -> UidClient:
 def commands(expected: dict[Any, float], command: str, ok: int = 0, error: int = 0) -> None:
     expected[key("migblockd_commands_total", command=command, result="ok")] = ok
     expected[key("migblockd_commands_total", command=command, result="error")] = error
-    expected[key("migblockd_command_duration_seconds_count", command=command)] = ok + error
+    if ok + error:  # a command's histogram appears once it has run
+        expected[key("migblockd_command_duration_seconds_count", command=command)] = ok + error
 
 
 def baseline(command_names: list[str]) -> dict[Any, float]:
@@ -249,7 +251,8 @@ async def test_every_counter_and_gauge_after_a_scripted_session(
         commands(expected, "query-qmp-schema", ok=SCHEMA_REQUESTS)
         commands(expected, "migrate-set-parameters", ok=1)
         assert metrics.plain() == expected
-        for name in names:
+        for name in ("add-blocker", "migrate", "del-blocker", "migrate_cancel", "query-migrate",
+                     "query-qmp-schema", "migrate-set-parameters"):
             metrics.histogram("migblockd_command_duration_seconds", command=name)
         _, seconds = metrics.histogram("migblockd_commit_duration_seconds")
         assert seconds > 0
@@ -272,7 +275,20 @@ async def test_tcp_on_a_port_the_kernel_picks(
     assert "migblockd_commit_duration_seconds" not in metrics.types  # nothing is committed
     async with d.client():
         assert scrape(("127.0.0.1", port)).value("migblockd_clients") == 1
-    # What else an HTTP client may send: prometheus_client's answers, no traceback.
+    # What Prometheus asks for: OpenMetrics, gzip; and a filter by name.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics?name[]=migblockd_clients", headers={
+        "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        "Accept-Encoding": "gzip"})
+    response = conn.getresponse()
+    assert response.getheader("Content-Type", "").startswith(
+        "application/openmetrics-text; version=1.0.0")
+    assert response.getheader("Content-Encoding") == "gzip"
+    body = gzip.decompress(response.read()).decode()
+    conn.close()
+    assert body == ("# HELP migblockd_clients Clients connected now\n"
+                    "# TYPE migblockd_clients gauge\nmigblockd_clients 0.0\n# EOF\n")
+    # What else an HTTP client may send: an answer, no traceback.
     status, _, _ = get(http.client.HTTPConnection("127.0.0.1", port, timeout=10), method="POST")
     assert status == 405
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:

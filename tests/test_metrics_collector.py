@@ -7,7 +7,9 @@ Prometheus would store.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from metricstext import Key, Scrape, key
 from prometheus_client import generate_latest
 
 from migblockd import __version__
+from migblockd import scrape as scrape_module
 from migblockd.access import Policy, Quotas, Role
 from migblockd.config import Config
 from migblockd.connection import Connection
@@ -39,6 +42,7 @@ from migblockd.registry import (
     Owner,
     Registry,
 )
+from migblockd.scrape import MetricsApp
 from migblockd.stats import Histogram, refusal_reason
 
 CONTRACT = Contract.load()
@@ -115,7 +119,6 @@ def baseline(core: Core) -> dict[Key, float]:
             continue  # the session's own: a protocol reply
         for result in ("ok", "error"):
             expected[key("migblockd_commands_total", command=command, result=result)] = 0
-        expected[key("migblockd_command_duration_seconds_count", command=command)] = 0
     if core.durable:
         expected[key("migblockd_commit_duration_seconds_count")] = 0
         expected[key("migblockd_commit_failures_total")] = 0
@@ -125,7 +128,8 @@ def baseline(core: Core) -> dict[Key, float]:
 def commands(expected: dict[Key, float], command: str, ok: int = 0, error: int = 0) -> None:
     expected[key("migblockd_commands_total", command=command, result="ok")] = ok
     expected[key("migblockd_commands_total", command=command, result="error")] = error
-    expected[key("migblockd_command_duration_seconds_count", command=command)] = ok + error
+    if ok + error:  # a command's histogram appears once it has run
+        expected[key("migblockd_command_duration_seconds_count", command=command)] = ok + error
 
 
 def test_a_fresh_core_shows_every_series_at_zero_and_nothing_else() -> None:
@@ -320,3 +324,33 @@ def test_gate_reports_the_link_qemus_own_blockers_and_how_its_migrations_end() -
     assert metrics.value("migblockd_migrations_refused_total", reason="qemu") == 1
     assert metrics.value("migblockd_migrations_refused_total", reason="qemu-unavailable") == 1
 
+
+
+def call(app: MetricsApp, method: str = "GET") -> tuple[str, bytes]:
+    """One WSGI request to ``app``: its status line and body."""
+    statuses: list[str] = []
+    body = b"".join(app({"REQUEST_METHOD": method, "QUERY_STRING": ""},
+                        lambda status, headers: statuses.append(status)))
+    return statuses[0], body
+
+
+def test_the_answer_is_built_on_the_event_loop_or_not_at_all(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    core, _ = make()
+    loop = asyncio.new_event_loop()
+    ran = threading.Thread(target=loop.run_forever)
+    ran.start()
+    try:
+        app = MetricsApp(metrics_registry(core), loop)
+        status, body = call(app)
+        assert status == "200 OK" and b"migblockd_clients 0.0" in body
+        assert call(app, "POST")[0] == "405 Method Not Allowed"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        ran.join()
+    # A loop that does not run (wedged): the scraper hears so, after a while.
+    monkeypatch.setattr(scrape_module, "RENDER_TIMEOUT", 0.05)
+    assert call(app) == ("503 Service Unavailable",
+                         b"migblockd's event loop did not answer in time\n")
+    loop.close()
+    assert call(app) == ("503 Service Unavailable", b"migblockd is stopping\n")

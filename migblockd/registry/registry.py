@@ -101,7 +101,6 @@ class Registry:
         self._clock = clock
         self._store = BlockerStore(self._modes)
         self._migration = SimulatedMigration(float(migration_time))
-        # Fixed keys: a metrics scrape on another thread may read it at any time.
         self._entered = dict.fromkeys(MIGRATION_STATUSES, 0)
         self._serial = 0  # the number in the next generated id
         self._floor = 0  # generated ids below this are reserved (on disk, when durable)

@@ -48,7 +48,8 @@ from migblockd.options import (
 from migblockd.paths import default_socket_path, default_state_dir
 from migblockd.qmp.framing import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
 
-__all__ = ["LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "build", "read_file"]
+__all__ = ["LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "HostPort", "build",
+           "read_file"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -68,6 +69,37 @@ class CommandNames(Kind[tuple[str, ...]]):
 
     def show(self, value: tuple[str, ...]) -> str:
         return "[" + ", ".join(json.dumps(name) for name in value) + "]"
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A TCP address to listen on; ``port`` 0 lets the kernel choose one."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class ListenAddress(Kind[Path | HostPort]):
+    """``host:port`` (``[::1]:9715`` for IPv6), or an absolute path for a Unix socket."""
+
+    def __call__(self, value: object) -> Path | HostPort:
+        if isinstance(value, str) and value.startswith("/") and "\0" not in value:
+            return Path(value)
+        if isinstance(value, str) and ":" in value:
+            host, _, port = value.rpartition(":")
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            valid_host = host.isprintable() and " " not in host
+            if host and valid_host and port.isascii() and port.isdigit() and int(port) < 65536:
+                return HostPort(host, int(port))
+        raise ValueError("must be host:port (TCP, such as 127.0.0.1:9715) or an absolute "
+                         f"path (a Unix socket), not {options.describe(value)}")
+
+    def show(self, value: Path | HostPort) -> str:
+        return str(value)
 
 
 @dataclass(frozen=True)
@@ -126,7 +158,8 @@ class Config:
     )
     max_output: int = option(
         4 << 20, parse=Integer(minimum=1), metavar="BYTES", reloadable=True,
-        help="unread output a client may accumulate before it is disconnected",
+        help="unread events a client may accumulate before it is disconnected (its own "
+        "replies, however big, do not count: backpressure bounds them)",
     )
     state_dir: Path = option(
         factory=default_state_dir, parse=FilePath(), metavar="DIR",
@@ -176,6 +209,12 @@ class Config:
         "asyncio", parse=OneOf("asyncio", "uvloop"),
         help="the event loop: asyncio's own, or uvloop (faster; needs the uvloop package: "
         "pip install 'migblockd[uvloop]')",
+    )
+    metrics: Path | HostPort | None = option(
+        None, parse=ListenAddress(), metavar="ADDRESS", default_doc="none: no metrics",
+        help="serve Prometheus metrics over HTTP on ADDRESS: host:port (TCP; port 0 picks a "
+        "free one, which the log names) or an absolute path (a Unix socket, mode 0600); "
+        "never the QMP socket (docs/metrics.md)",
     )
     schema: Path | None = option(
         None, parse=FilePath(), metavar="FILE",

@@ -29,6 +29,11 @@ group, one transaction per loop turn) and reports the outcome
 or settings wait until nothing is pending, so no client acts on a change that
 a crash could take back; a failed commit undoes every pending change, turns
 the replies of those commands into errors and drops their events.
+
+Counting (:attr:`Core.stats`, read by :mod:`migblockd.metrics`): each command's
+outcome and latency (from its start here to its reply, a wait for a commit
+or for QEMU included), refusals by reason, connections and blocker events,
+counted where each is decided, with plain integers.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from time import perf_counter_ns
 from types import GeneratorType
 from typing import Any
 
@@ -51,6 +57,7 @@ from migblockd.qmp.framing import Limits
 from migblockd.qmp.session import Request, Session
 from migblockd.registry import BlockerError, Change, Owner, Registry
 from migblockd.render import event_line
+from migblockd.stats import Stats
 
 __all__ = ["Core", "Group"]
 
@@ -111,6 +118,9 @@ class Core:
         self._holding: dict[Connection, None] = {}
         self._waiting: dict[Connection, None] = {}
         self._calls: list[tuple[Connection, Call]] = []
+        self.stats = Stats(name for name, cmd in self.table.items() if cmd.handler is not None)
+        # When each request now waiting (for a commit or QEMU) started: perf_counter_ns().
+        self._started: dict[Connection, int] = {}
 
     # -- connections -----------------------------------------------------------
     def connect(self, owner: Owner | None) -> Connection:
@@ -121,7 +131,9 @@ class Core:
         """
         self._numbers += 1
         conn = Connection(self._numbers, owner, Session(self.table, self.greeting, self.limits))
+        self.stats.connections += 1
         if len(self.connections) >= self.max_clients:
+            self.stats.connections_refused += 1
             conn.refused = True
             conn.session.refuse(QMPError(
                 f"migblockd is already serving max-clients={self.max_clients} clients; "
@@ -196,18 +208,21 @@ class Core:
         handled = 0
         while handled < max_requests:
             request = conn.waiting
+            started = 0
             if request is not None:
                 if conn.suspended is not None or self._stamp > self._committed:
                     break
                 conn.waiting = None
+                started = self._started.pop(conn, 0)
             elif session.has_pending():
                 handled += 1
                 request = session.next_request()
                 if request is None:
+                    self.stats.protocol_replies += 1  # answered by the session itself
                     continue
             else:
                 break
-            self._run(conn, request)
+            self._run(conn, request, started)
             if conn.waiting is not None or session.output_bytes > TURN_OUTPUT:
                 break  # a big reply: write it before running more of this client's
         if session.has_output():
@@ -303,7 +318,7 @@ class Core:
         gen, request = conn.suspended, conn.waiting
         assert gen is not None and request is not None
         conn.suspended = conn.waiting = None
-        self._drive(conn, request, gen, value, error)
+        self._drive(conn, request, gen, value, error, self._started.pop(conn, 0))
         if conn.closed and conn.waiting is None:
             self._finish(conn)
         elif conn.session.has_output():
@@ -334,18 +349,22 @@ class Core:
                 handlers.qemu_state())
 
     # -- the one place where a request meets the registry ------------------------
-    def _run(self, conn: Connection, request: Request) -> None:
+    def _run(self, conn: Connection, request: Request, started: int = 0) -> None:
+        """Run ``request``; ``started``: when it first started, if it waited since."""
+        started = started or perf_counter_ns()
         handler = request.command.handler
         assert callable(handler)
         # Access first: a refused request changes nothing and causes no event.
         try:
             self.guard.check(conn, request.command.name, request.args)
         except QMPError as exc:
-            self._complete(conn, request, None, exc)
+            self.stats.refused(request.command.name, exc)
+            self._complete(conn, request, None, exc, started)
             return
         if self._stamp > self._committed and getattr(handler, "reads_state", False):
             conn.waiting = request
             self._waiting[conn] = None
+            self._started[conn] = started
             return
         # Transitions already due come first, so that answers never depend on
         # how promptly the timer fired, and their events precede this command's.
@@ -355,12 +374,12 @@ class Core:
             self._publish(False)
         result, error = self._attempt(conn, request, lambda: handler(conn, request.args))
         if type(result) is GeneratorType:
-            self._drive(conn, request, result, None, None)
+            self._drive(conn, request, result, None, None, started)
         else:
-            self._complete(conn, request, result, error)
+            self._complete(conn, request, result, error, started)
 
     def _drive(self, conn: Connection, request: Request, gen: Suspended, value: object,
-               error: BaseException | None) -> None:
+               error: BaseException | None, started: int) -> None:
         """Run a handler that talks to QEMU up to its next call, or to its end."""
         stop: list[object] = []
 
@@ -373,10 +392,11 @@ class Core:
 
         call, failure = self._attempt(conn, request, step)
         if failure is not None or stop:
-            self._complete(conn, request, stop[0] if stop else None, failure)
+            self._complete(conn, request, stop[0] if stop else None, failure, started)
             return
         assert isinstance(call, Call)
         conn.waiting, conn.suspended = request, gen
+        self._started[conn] = started
         self._calls.append((conn, call))
 
     def _attempt(self, conn: Connection, request: Request,
@@ -384,26 +404,27 @@ class Core:
         """``run()``'s result, or the QMP error the client gets instead.
 
         The one place where registry refusals, QEMU's answers and bugs become
-        QMP errors.
+        QMP errors (and are counted, by the type of what refused).
         """
         try:
             return run(), None
-        except QMPError as exc:
-            return None, exc
-        except BlockerError as exc:
-            return None, QMPError(exc.desc)
-        except QemuError as exc:
-            return None, QMPError(exc.desc, exc.error_class)  # verbatim, class and all
-        except QemuUnavailable as exc:
-            return None, QMPError(str(exc))
-        except Exception:
-            # The client gets a generic error; the traceback belongs in the log only.
+        except Exception as exc:
             name = request.command.name
+            self.stats.refused(name, exc)
+            if isinstance(exc, QMPError):
+                return None, exc
+            if isinstance(exc, BlockerError):
+                return None, QMPError(exc.desc)
+            if isinstance(exc, QemuError):
+                return None, QMPError(exc.desc, exc.error_class)  # verbatim, class and all
+            if isinstance(exc, QemuUnavailable):
+                return None, QMPError(str(exc))
+            # The client gets a generic error; the traceback belongs in the log only.
             log.exception("%s: internal error in %s", conn.label, name)
             return None, QMPError(f"Internal error while executing command {name}")
 
     def _complete(self, conn: Connection, request: Request, result: object,
-                  error: QMPError | None) -> None:
+                  error: QMPError | None, started: int) -> None:
         """Record the command's changes, deliver its events, then its reply."""
         durable = False
         changes = self.registry.take_changes()
@@ -419,21 +440,23 @@ class Core:
         if stamp:
             self._holding[conn] = None
         session = conn.session
+        name = request.command.name
         if error is not None:
             session.fail(request, error, stamp)
-            return
-        try:
-            session.reply(request, result, stamp, durable)
-        except (ValueError, TypeError, RecursionError):
-            name = request.command.name
-            log.exception("%s: cannot encode the result of %s", conn.label, name)
-            session.fail(request, QMPError(f"Internal error while executing command {name}"),
-                         stamp)
+        else:
+            try:
+                session.reply(request, result, stamp, durable)
+            except (ValueError, TypeError, RecursionError):
+                log.exception("%s: cannot encode the result of %s", conn.label, name)
+                error = QMPError(f"Internal error while executing command {name}")
+                session.fail(request, error, stamp)
+        self.stats.command(name, perf_counter_ns() - started, error is None)
 
     def _publish(self, durable: bool) -> None:
         """Deliver the registry's queued events to every negotiated session."""
         events = self.registry.take_events()
         for event in events:
+            self.stats.event(event)
             self._fan_out(event_line(event), durable)
             if event.name == "MIGRATION":
                 log.info("migration status: %s", event.detail)

@@ -1,11 +1,12 @@
 """The daemon's life: what starts in which order, signals, and the order of shutdown.
 
 Start-up: the schema (a bad one stops us before anything binds), the registry
-and the core, the socket (bound, or passed by systemd) without accepting,
-``READY=1``, then accepting: no client is served before systemd hears we are
-ready.  SIGHUP reloads the configuration; SIGTERM and SIGINT stop: no new
-connections, every request already received answered, clients closed, the
-socket removed, ``STOPPING=1`` sent first.
+and the core, the metrics endpoint (``--metrics``) and the socket (bound, or
+passed by systemd) without accepting, ``READY=1``, then accepting: no client
+is served before systemd hears we are ready.  SIGHUP reloads the
+configuration; SIGTERM and SIGINT stop: no new connections, every request
+already received answered, clients closed, the socket removed, ``STOPPING=1``
+sent first; the metrics endpoint goes last, so a scrape sees the end.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import asyncio
 import gc
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from migblockd import __version__
 from migblockd.config import Config
@@ -28,6 +29,9 @@ from migblockd.registry import Change, Registry
 from migblockd.server import Server, spawn
 from migblockd.state import StateError, Store
 from migblockd.systemd import ActivationError, Notifier, activated_listener
+
+if TYPE_CHECKING:
+    from migblockd.scrape import MetricsServer
 
 __all__ = ["StartupError", "run"]
 
@@ -99,10 +103,14 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     notifier = await Notifier.open()
     server = Server(config, cli, core, notifier, commit if store is not None else None,
                     bridge.forward if bridge is not None else None)
+    metrics = None
     try:
+        metrics = open_metrics(config, core)
         await server.start(sock)
     except BaseException:
         await notifier.close()
+        if metrics is not None:
+            metrics.close()
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -118,6 +126,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     loop.add_signal_handler(signal.SIGHUP, spawn, loop, tasks, server.reload)
     await notifier.ready(server.status_line())
     await server.serve()
+    if metrics is not None:
+        metrics.start()
     if bridge is not None:
         bridge.start(core, server.schedule)
         gating = f"gating the QEMU at {config.qemu}"
@@ -138,7 +148,21 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         await server.stop()
         if bridge is not None:
             await bridge.close()
+        if metrics is not None:
+            await loop.run_in_executor(None, metrics.close)  # waits for a scrape in progress
         for task in tasks:
             task.cancel()
         await notifier.close()
         log.info("stopped")
+
+
+def open_metrics(config: Config, core: Core) -> MetricsServer | None:
+    """The metrics endpoint, bound but not serving yet (None without ``--metrics``)."""
+    if config.metrics is None:
+        return None
+    # prometheus_client and the HTTP server load only when asked for: start-up time.
+    from migblockd.metrics import metrics_registry  # noqa: PLC0415
+    from migblockd.scrape import MetricsServer  # noqa: PLC0415
+
+    return MetricsServer.open(config.metrics, metrics_registry(core), config.socket,
+                              asyncio.get_running_loop())

@@ -37,7 +37,7 @@ from migblockd.registry import (
     Registry,
 )
 
-__all__ = ["QEMU_BLOCKER_PREFIX", "Call", "GateHandlers", "QemuError", "QemuFacts",
+__all__ = ["ENDINGS", "QEMU_BLOCKER_PREFIX", "Call", "GateHandlers", "QemuError", "QemuFacts",
            "QemuUnavailable"]
 
 #: QEMU's own blockers are listed as ``qemu:1``, ``qemu:2``... (oldest first): a
@@ -45,6 +45,10 @@ __all__ = ["QEMU_BLOCKER_PREFIX", "Call", "GateHandlers", "QemuError", "QemuFact
 QEMU_BLOCKER_PREFIX: Final = "qemu:"
 
 Step = Generator["Call", object, object]
+
+#: The statuses a migration ends in (``completed`` and ``failed`` are the
+#: others' only way out; ``cancelled`` follows ``migrate_cancel``).
+ENDINGS: Final = ("completed", "failed", "cancelled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,12 @@ class QemuFacts:
     names (empty while disconnected).  ``busy`` is set while a ``migrate``
     that migblockd forwarded waits for QEMU: from migblockd's decision to
     QEMU's reply, a new blocker would slip past that decision.
+
+    For the metrics: ``blockers`` is how many blockers of its own QEMU listed
+    in the latest ``query-migrate`` answer migblockd saw (None: none seen
+    since it connected); ``ended`` counts how the migrations migblockd
+    handed to QEMU ended, as QEMU's MIGRATION events or ``query-migrate``
+    answers showed (``awaiting``: one was handed over and its end not seen).
     """
 
     path: Path
@@ -84,11 +94,26 @@ class QemuFacts:
     commands: Mapping[str, frozenset[str]] = field(default_factory=dict)
     status: str | None = None
     busy: bool = False
+    blockers: int | None = None
+    ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDINGS, 0))
+    awaiting: bool = False
 
     def knows(self, command: str, argument: str | None = None) -> bool:
         if argument is None:
             return command in self.commands
         return argument in self.commands.get(command, frozenset())
+
+    def saw(self, info: object) -> None:
+        """QEMU answered ``query-migrate`` with ``info``."""
+        if isinstance(info, dict):
+            self.blockers = len(_reasons(info))
+            self.saw_status(info.get("status"))
+
+    def saw_status(self, status: object) -> None:
+        """QEMU said its migration's status is ``status`` (an event or ``query-migrate``)."""
+        if self.awaiting and isinstance(status, str) and status in self.ended:
+            self.ended[status] += 1
+            self.awaiting = False
 
 
 class GateHandlers(Handlers):
@@ -137,6 +162,7 @@ class GateHandlers(Handlers):
             except QemuUnavailable:
                 pass  # gone meanwhile: it is not migrating through anyone
             else:
+                self.qemu.saw(info)
                 if _status(info) in RUNNING_STATUSES or self.qemu.busy:
                     raise MigrationBusy(args["reason"])
         return super().add_blocker(conn, args)
@@ -158,6 +184,7 @@ class GateHandlers(Handlers):
             info = yield Call("query-migrate", {})
         except QemuUnavailable:
             return ours
+        self.qemu.saw(info)
         theirs = ", ".join(encode(self._qemu_blocker(n, reason))
                            for n, reason in enumerate(_reasons(info), start=1))
         if not theirs:
@@ -178,6 +205,7 @@ class GateHandlers(Handlers):
     @reads_state
     def migrate(self, conn: Connection, args: Args) -> Step:
         info = yield Call("query-migrate", {})
+        self.qemu.saw(info)
         if _status(info) in RUNNING_STATUSES or self.qemu.busy:
             raise MigrationInProgress()
         try:
@@ -185,9 +213,13 @@ class GateHandlers(Handlers):
         except BlockerError as exc:
             log.info("%s: migrate to %s refused: %s", conn.label, shown(args["uri"]), shown(exc))
             raise
-        self.qemu.busy = True
+        # Awaiting its end from now: QEMU's events may tell it before the reply comes.
+        self.qemu.busy = self.qemu.awaiting = True
         try:
             result = yield Call("migrate", args)
+        except BaseException:
+            self.qemu.awaiting = False
+            raise
         finally:
             self.qemu.busy = False
         log.info("%s: migration to %s handed to QEMU", conn.label, shown(args["uri"]))
@@ -200,6 +232,7 @@ class GateHandlers(Handlers):
     def query_migrate(self, conn: Connection, args: Args) -> Step:
         info = yield Call("query-migrate", args)
         assert isinstance(info, dict)
+        self.qemu.saw(info)
         # migblockd's blockers first (as query-blockers lists them), then QEMU's.
         reasons = [*self.registry.blocked_reasons(), *_reasons(info)]
         if reasons:

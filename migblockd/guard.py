@@ -26,12 +26,20 @@ from migblockd.connection import Connection
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import Registry
 
-__all__ = ["Guard"]
+__all__ = ["AccessDenied", "Guard", "OverQuota"]
 
 log = logging.getLogger("migblockd")
 
 Args = dict[str, Any]
 Extra = Callable[[Connection, Role, Args], None]
+
+
+class AccessDenied(QMPError):
+    """The client's role does not allow this command (or this blocker)."""
+
+
+class OverQuota(QMPError):
+    """An ``add-blocker`` past a quota or a limit (count, per-uid count, reason length)."""
 
 
 def who(uid: int | None) -> str:
@@ -104,7 +112,7 @@ class Guard:
         needed, extra = rule
         if role < needed:
             self._refuse(conn, name, f"Permission denied: {name} needs role {needed}, "
-                         f"but {self._who(conn)} has role {role}")
+                         f"but {self._who(conn)} has role {role}", AccessDenied)
         if extra is not None:
             extra(conn, role, args)
 
@@ -115,13 +123,13 @@ class Guard:
         if length > quotas.max_reason_length:
             self._refuse(conn, "add-blocker",
                          f"Parameter 'reason' is too long: {length} characters, "
-                         f"max-reason-length is {quotas.max_reason_length}")
+                         f"max-reason-length is {quotas.max_reason_length}", OverQuota)
         registry = self.registry
         total = len(registry)
         if total >= quotas.max_blockers:
             self._refuse(conn, "add-blocker",
                          f"Too many migration blockers: {total} registered, "
-                         f"max-blockers is {quotas.max_blockers}")
+                         f"max-blockers is {quotas.max_blockers}", OverQuota)
         if role < Role.ADMIN:
             owner = conn.owner
             uid = None if owner is None else owner.uid
@@ -129,7 +137,8 @@ class Guard:
             if owned >= quotas.max_blockers_per_uid:
                 self._refuse(conn, "add-blocker",
                              f"Too many migration blockers for {who(uid)}: it owns {owned}, "
-                             f"max-blockers-per-uid is {quotas.max_blockers_per_uid}")
+                             f"max-blockers-per-uid is {quotas.max_blockers_per_uid}",
+                             OverQuota)
 
     def _check_del(self, conn: Connection, role: Role, args: Args) -> None:
         if role >= Role.ADMIN:
@@ -144,7 +153,7 @@ class Guard:
         self._refuse(conn, "del-blocker",
                      f"Permission denied: del-blocker of blocker '{blocker.id}', which "
                      f"belongs to {whose}, needs role {Role.ADMIN}, but {self._who(conn)} "
-                     f"has role {role}")
+                     f"has role {role}", AccessDenied)
 
     # -- wording -----------------------------------------------------------------------
     @staticmethod
@@ -152,6 +161,6 @@ class Guard:
         return who(None if conn.owner is None else conn.owner.uid)
 
     @staticmethod
-    def _refuse(conn: Connection, name: str, desc: str) -> NoReturn:
+    def _refuse(conn: Connection, name: str, desc: str, kind: type[QMPError]) -> NoReturn:
         log.warning("%s: refused %s: %s", conn.label, name, desc)
-        raise QMPError(desc)
+        raise kind(desc)

@@ -30,11 +30,13 @@ class StartupError(Exception):
     """The daemon cannot start; ``str()`` is the one-line reason for the log."""
 
 
-def bind_socket(path: Path, mode: int, group: int | None = None) -> socket.socket:
+def bind_socket(path: Path, mode: int, group: int | None = None, *,
+                option: str = "--socket") -> socket.socket:
     """Bind a listening socket at ``path``, refusing to steal one a live daemon serves.
 
     The socket file gets ``mode`` and, when given, the group ``group``, before
-    anyone can connect (we listen only after both are set).
+    anyone can connect (we listen only after both are set).  ``option`` is the
+    option that named ``path``, for the error messages.
     """
     size = len(os.fsencode(path))
     if size > UNIX_PATH_MAX:
@@ -51,7 +53,7 @@ def bind_socket(path: Path, mode: int, group: int | None = None) -> socket.socke
         if _answers(path):
             raise StartupError(
                 f"another daemon is already listening on {path}; refusing to take over "
-                "a live socket (stop it first, or choose another --socket)"
+                f"a live socket (stop it first, or choose another {option})"
             )
         log.info("removing stale socket %s", path)
         path.unlink()

@@ -12,7 +12,7 @@ each connection's output once.  A connection's requests run only while its
 transport buffer is below ``HIGH_WATER``; past it, or while requests are still
 pending, we stop reading from it, so a client that does not read its replies
 holds at most one read's worth of unexecuted input and nothing is ever
-dropped.  Events still reach such a client until its unread output passes
+dropped.  Events still reach such a client until its unread events pass
 ``max_output``; then it alone is disconnected.
 """
 
@@ -26,6 +26,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -204,6 +205,7 @@ class ClientProtocol(asyncio.Protocol):
             if self.outbox.put(pieces, events) > self.server.config.max_output:
                 log.warning("%s: dropped: more than max-output=%d bytes of unread events",
                             conn.label, self.server.config.max_output)
+                self.core.stats.dropped += 1
                 transport.abort()
                 return
         if self.eof and self.core.settled(conn) and not self.outbox.waiting:
@@ -237,6 +239,7 @@ class Server:
         self._forwarding: set[asyncio.Task[None]] = set()
         self._disk = concurrent.futures.ThreadPoolExecutor(1, "migblockd-commit")
         self._group: Group | None = None
+        self._group_started = 0  # perf_counter_ns() when the group went to the disk thread
         self._committing = asyncio.Event()
         self.protocols: dict[Connection, ClientProtocol] = {}
         self.listener: asyncio.Server | None = None
@@ -318,6 +321,7 @@ class Server:
         group = self._group = self.core.take_group()
         if group is None:
             return
+        self._group_started = time.perf_counter_ns()
         future = self._loop.run_in_executor(self._disk, self.commit, group.changes)
         future.add_done_callback(self._commit_done)
 
@@ -325,6 +329,8 @@ class Server:
         group, self._group = self._group, None
         assert group is not None
         exc = future.exception()
+        # As clients wait for it: the hand-over to the disk thread and back included.
+        self.core.stats.commit(time.perf_counter_ns() - self._group_started, exc is None)
         if exc is None:
             woken = self.core.committed(group)
         else:

@@ -73,6 +73,7 @@ class Bridge:
         if name == "MIGRATION":
             status = data.get("status")
             self.facts.status = status if isinstance(status, str) else self.facts.status
+            self.facts.saw_status(status)
             log.info("QEMU migration status: %s", self.facts.status)
         self._core.relay(name, dict(data), dict(timestamp))
         self._wake()
@@ -87,7 +88,7 @@ class Bridge:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
-            facts.status = None
+            facts.status = facts.blockers = None
         self._wake()
 
     async def _learn_status(self) -> None:
@@ -98,4 +99,5 @@ class Bridge:
             return
         status = info.get("status") if isinstance(info, dict) else None
         self.facts.status = status if isinstance(status, str) else None
+        self.facts.saw(info)
         self._wake()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from migblockd.clock import SYSTEM_CLOCK, Clock
@@ -43,7 +43,7 @@ from migblockd.registry.errors import (
     NotFound,
     OnlyMigratable,
 )
-from migblockd.registry.migration import URI_SCHEMES, SimulatedMigration
+from migblockd.registry.migration import MIGRATION_STATUSES, URI_SCHEMES, SimulatedMigration
 
 __all__ = ["DEFAULT_MODE", "ID_CHUNK", "SCOPES", "Change", "Event", "Registry"]
 
@@ -78,9 +78,9 @@ class Registry:
     takes from ``setup`` to ``completed``, in seconds.
     """
 
-    __slots__ = ("_clock", "_events", "_events_enabled", "_floor", "_journal", "_migration",
-                 "_mode", "_mode_chain", "_modes", "_only_migratable", "_seq", "_serial", "_store",
-                 "_version")
+    __slots__ = ("_clock", "_entered", "_events", "_events_enabled", "_floor", "_journal",
+                 "_migration", "_mode", "_mode_chain", "_modes", "_only_migratable", "_seq",
+                 "_serial", "_store", "_version")
 
     def __init__(
         self,
@@ -101,6 +101,7 @@ class Registry:
         self._clock = clock
         self._store = BlockerStore(self._modes)
         self._migration = SimulatedMigration(float(migration_time))
+        self._entered = dict.fromkeys(MIGRATION_STATUSES, 0)
         self._serial = 0  # the number in the next generated id
         self._floor = 0  # generated ids below this are reserved (on disk, when durable)
         self._seq = 0  # the age rank of the next blocker
@@ -293,6 +294,15 @@ class Registry:
             raise ValueError(f"unknown MigMode {mode!r}")
         return list(self._store.chain(mode))
 
+    def count(self, mode: str | None = None) -> int:
+        """How many blockers are registered (with ``mode``: how many block it).  O(1)."""
+        return len(self._store) if mode is None else self._store.chain(mode).count
+
+    def oldest(self, mode: str | None = None) -> Blocker | None:
+        """The longest-registered blocker of ``mode`` (default: current mode).  O(1)."""
+        chain = self._mode_chain if mode is None else self._store.chain(mode)
+        return chain.oldest
+
     def newest(self, mode: str | None = None) -> Blocker | None:
         """The blocker ``migrate`` would quote in ``mode`` (default: current mode)."""
         chain = self._mode_chain if mode is None else self._store.chain(mode)
@@ -321,6 +331,12 @@ class Registry:
     def status(self) -> str | None:
         """The migration's ``MigrationStatus``; None before the first migration."""
         return self._migration.status
+
+    @property
+    def entered(self) -> Mapping[str, int]:
+        """How often the simulated migration entered each status (every ``MigrationStatus``
+        is a key) since start-up, whether or not MIGRATION events were sent."""
+        return self._entered
 
     @property
     def migrating(self) -> bool:
@@ -388,6 +404,9 @@ class Registry:
         return events
 
     def _announce(self, statuses: list[str]) -> None:
+        entered = self._entered
+        for status in statuses:
+            entered[status] += 1
         # migrate_generate_event() reads the capability at each transition.
         if self._events_enabled:
             when = self._clock.time()

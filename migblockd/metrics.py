@@ -1,0 +1,207 @@
+"""Prometheus metrics: the families, built when scraped, from the core's counters and live state.
+
+The core counts with plain integers (:mod:`migblockd.stats`) and touches no
+Prometheus object per request; :class:`DaemonCollector` turns those counters,
+and what is true right now (the registry's per-mode lists, the connections,
+the QEMU link), into metric families on each scrape.  It runs on the event
+loop, between two turns (:mod:`migblockd.scrape`), and only reads.
+
+Every metric, its labels and what it means for an alert are in
+``docs/metrics.md``; the names are here only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from migblockd import __version__
+from migblockd.core import Core
+from migblockd.gate import ENDINGS, GateHandlers
+from migblockd.stats import Histogram
+
+__all__ = ["DaemonCollector", "metrics_registry"]
+
+
+def metrics_registry(core: Core) -> CollectorRegistry:
+    """A private registry (not prometheus_client's global one): the daemon's metrics and
+    prometheus_client's usual ``process_*`` ones (CPU, memory, file descriptors)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(core))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def _buckets(histogram: Histogram) -> tuple[list[tuple[str, float]], float]:
+    """Cumulative buckets (``+Inf`` last) and the sum in seconds, from one copy of the counts."""
+    counts = list(histogram.counts)  # one read of each bucket: count == +Inf bucket
+    total_ns = histogram.total_ns
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip((*map(repr, histogram.bounds), "+Inf"), counts, strict=True):
+        running += count
+        buckets.append((bound, running))
+    return buckets, total_ns / 1e9
+
+
+class DaemonCollector(Collector):
+    """migblockd's own metrics, for one core."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def describe(self) -> list[Metric]:
+        # Registering must not scrape (the registry would call collect() instead).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._state()
+        yield from self._blockers()
+        yield from self._migrations()
+        yield from self._clients()
+        yield from self._commands()
+        if self.core.durable:
+            yield from self._commits()
+        if isinstance(self.core.handlers, GateHandlers):
+            yield GaugeMetricFamily(
+                "migblockd_qemu_connected",
+                "1 while migblockd is connected to the gated QEMU's monitor, else 0",
+                value=1 if self.core.handlers.qemu.connected else 0)
+
+    # -- what is true now ------------------------------------------------------------
+    def _state(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("migblockd_build_info", "The running migblockd's version",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        registry = self.core.registry
+        current = registry.mode
+        mode = GaugeMetricFamily(
+            "migblockd_migration_mode",
+            "The migration mode migrate uses (1) among the modes (0); set with "
+            "migrate-set-parameters", labels=["mode"])
+        for name in registry.modes:
+            mode.add_metric([name], 1 if name == current else 0)
+        yield mode
+
+    def _blockers(self) -> Iterator[Metric]:
+        core, registry = self.core, self.core.registry
+        current = registry.mode
+        blockers = GaugeMetricFamily(
+            "migblockd_blockers",
+            "Blockers registered now, per mode they block; source=\"qemu\": QEMU's own "
+            "(gate only), as of the latest query-migrate answer", labels=["source", "mode"])
+        for mode in registry.modes:
+            blockers.add_metric(["migblockd", mode], registry.count(mode))
+        handlers = core.handlers
+        if isinstance(handlers, GateHandlers):
+            seen = handlers.qemu.blockers
+            if handlers.qemu.connected and seen is not None:
+                blockers.add_metric(["qemu", current], seen)  # QEMU lists its current mode's
+        yield blockers
+        oldest = registry.oldest()
+        if oldest is not None:
+            yield GaugeMetricFamily(
+                "migblockd_blocked_since_seconds",
+                "When the oldest of migblockd's blockers of the current mode was added "
+                "(Unix time); absent while none blocks it", value=oldest.added)
+        stats = core.stats
+        yield CounterMetricFamily("migblockd_blockers_added",
+                                  "Blockers added (add-blocker accepted)",
+                                  value=stats.blockers_added)
+        deleted = CounterMetricFamily(
+            "migblockd_blockers_deleted",
+            "Blockers deleted, by cause: del-blocker (command) or their connection closed",
+            labels=["cause"])
+        for cause, count in stats.blockers_deleted.items():
+            deleted.add_metric([cause], count)
+        yield deleted
+        yield _by_reason("migblockd_blockers_refused", "add-blocker refusals, by reason",
+                         stats.blockers_refused)
+
+    def _migrations(self) -> Iterator[Metric]:
+        core = self.core
+        stats = core.stats
+        started = stats.commands["migrate"].ok if "migrate" in stats.commands else 0
+        yield CounterMetricFamily("migblockd_migrations_started",
+                                  "Migrations started (migrate accepted)", value=started)
+        yield _by_reason("migblockd_migrations_refused", "migrate refusals, by reason",
+                         stats.migrations_refused)
+        handlers = core.handlers
+        if isinstance(handlers, GateHandlers):
+            ended = dict(handlers.qemu.ended)
+        else:
+            entered = core.registry.entered
+            ended = {status: entered[status] for status in ENDINGS}
+        family = CounterMetricFamily(
+            "migblockd_migrations_ended",
+            "Migrations started through migblockd that ended, by final status",
+            labels=["status"])
+        for status in ENDINGS:
+            family.add_metric([status], ended[status])
+        yield family
+
+    def _clients(self) -> Iterator[Metric]:
+        core, stats = self.core, self.core.stats
+        yield GaugeMetricFamily("migblockd_clients", "Clients connected now",
+                                value=len(core.connections))
+        yield CounterMetricFamily(
+            "migblockd_connections",
+            "Connections accepted (those turned away at max-clients included)",
+            value=stats.connections)
+        yield CounterMetricFamily("migblockd_connections_refused",
+                                  "Connections turned away at max-clients",
+                                  value=stats.connections_refused)
+        yield CounterMetricFamily("migblockd_clients_dropped",
+                                  "Clients disconnected for unread events past max-output",
+                                  value=stats.dropped)
+
+    def _commands(self) -> Iterator[Metric]:
+        stats = self.core.stats
+        total = CounterMetricFamily("migblockd_commands", "Commands answered, by result",
+                                    labels=["command", "result"])
+        latency = HistogramMetricFamily(
+            "migblockd_command_duration_seconds",
+            "From a command's start to its reply (waits for the disk or QEMU included)",
+            labels=["command"])
+        for name, command in stats.commands.items():
+            total.add_metric([name, "ok"], command.ok)
+            total.add_metric([name, "error"], command.errors)
+            # Most of a scrape's size and time: only for the commands that have run.
+            if command.ok or command.errors:
+                buckets, seconds = _buckets(command.latency)
+                latency.add_metric([name], buckets, seconds)
+        yield total
+        yield latency
+        yield CounterMetricFamily(
+            "migblockd_protocol_replies",
+            "Requests the QMP layer answered without running a command: qmp_capabilities, "
+            "and those refused for their JSON, envelope, command name or arguments",
+            value=stats.protocol_replies)
+
+    def _commits(self) -> Iterator[Metric]:
+        stats = self.core.stats
+        family = HistogramMetricFamily(
+            "migblockd_commit_duration_seconds",
+            "Group commits of durable changes to the state directory, from hand-over to done")
+        buckets, seconds = _buckets(stats.commits)
+        family.add_metric([], buckets, seconds)
+        yield family
+        yield CounterMetricFamily("migblockd_commit_failures",
+                                  "Group commits that failed (their commands were undone)",
+                                  value=stats.commit_failures)
+
+
+def _by_reason(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=["reason"])
+    for reason, count in counts.items():
+        family.add_metric([reason], count)
+    return family

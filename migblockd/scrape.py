@@ -1,0 +1,277 @@
+"""The metrics endpoint (``--metrics``): HTTP on a thread, each answer built on the loop.
+
+The standard library's ``wsgiref`` on a threading server, in a daemon thread,
+does the HTTP: the parsing, for a port that may face the network, is not
+ours to write, and a slow or silent client ties up a thread, never the event
+loop.  The answer itself is built on the event loop, between two turns
+(``call_soon_threadsafe``; the thread waits for it): prometheus_client's
+encoder (the Prometheus text format, or OpenMetrics when the scraper asks;
+gzip when accepted) over the registry of :mod:`migblockd.metrics`.
+
+Why not build it on the thread, which could read the counters without a
+lock: the GIL.  While a thread formats an answer (a few milliseconds of pure
+Python), the event loop, which releases the interpreter at every system
+call, waits up to the switch interval (5 ms) to get it back, again and
+again; ``benchmarks/bench_metrics.py`` measured add/del throughput falling
+to a half, or a quarter, under a client scraping back to back.  On the loop,
+a scrape costs the loop exactly its own time, sees one consistent state, and
+needs nothing to be safe across threads.  A wedged loop shows as failed
+scrapes (503 after ``RENDER_TIMEOUT``).
+
+Answers are spaced ``MIN_INTERVAL`` apart (a faster scraper waits), so
+scraping never takes more than a few percent of the loop, however eager the
+scraper.  Prometheus scrapes every 15 s or more.
+
+The address is ``host:port`` (TCP) or an absolute path, a Unix socket bound
+with the same care as the QMP socket (``migblockd.listen``: mode 0600 from
+the start, a live socket never taken over, a stale one replaced, our own
+removed at exit).  Abuse stays bounded: at most ``MAX_SCRAPES`` requests are
+served at once (more connections are closed at once), and a client that
+sends nothing is dropped after ``REQUEST_TIMEOUT`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import gzip
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Any
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from migblockd.config import HostPort
+from migblockd.listen import StartupError, bind_socket
+
+__all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_TIMEOUT", "MetricsApp", "MetricsServer"]
+
+log = logging.getLogger("migblockd")
+
+#: Scrapes served at once; Prometheus sends one at a time per target.
+MAX_SCRAPES = 4
+#: Seconds a metrics client has to send its request (and to read the answer).
+REQUEST_TIMEOUT = 10.0
+#: Seconds from one answer to the next at the least: bounds what scraping costs.
+MIN_INTERVAL = 0.1
+#: Seconds the event loop has to build an answer before the scraper gets a 503.
+RENDER_TIMEOUT = 5.0
+
+StartResponse = Callable[..., Any]
+
+
+class MetricsApp:
+    """The WSGI app: ``registry`` encoded on ``loop``, one answer at a time, spaced."""
+
+    def __init__(self, registry: CollectorRegistry, loop: asyncio.AbstractEventLoop) -> None:
+        self.registry = registry
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready = 0.0  # time.monotonic() from which the next answer may start
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        if environ["REQUEST_METHOD"] != "GET":
+            return _plain(start_response, "405 Method Not Allowed", "use GET", [("Allow", "GET")])
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+        source: Collector = self.registry if names is None else _Only(self.registry, names)
+        try:
+            output = self._on_loop(lambda: encoder(source))
+        except _NoAnswer as exc:
+            return _plain(start_response, "503 Service Unavailable", str(exc))
+        except Exception:
+            log.exception("metrics: cannot build the answer")
+            return _plain(start_response, "500 Internal Server Error", "internal error")
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            output = gzip.compress(output)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [output]
+
+    def _on_loop(self, make: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            wait = self._ready - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+
+            def run() -> None:
+                if not future.set_running_or_notify_cancel():
+                    return  # given up on
+                try:
+                    future.set_result(make())
+                except Exception as exc:
+                    future.set_exception(exc)
+
+            try:
+                self.loop.call_soon_threadsafe(run)
+            except RuntimeError:  # the loop is closed: the daemon is stopping
+                raise _NoAnswer("migblockd is stopping") from None
+            try:
+                return future.result(RENDER_TIMEOUT)
+            except TimeoutError:
+                raise _NoAnswer("migblockd's event loop did not answer in time") from None
+            finally:
+                future.cancel()
+                self._ready = time.monotonic() + MIN_INTERVAL
+
+
+class _NoAnswer(Exception):
+    """The event loop could not build the answer; ``str()`` says why."""
+
+
+class _Only(Collector):
+    """The families of ``registry`` named in ``names`` (by family or by sample name),
+    as prometheus_client's ``name[]`` filter: the collectors here describe nothing
+    in advance, so its own restricted registry would find none."""
+
+    def __init__(self, registry: CollectorRegistry, names: list[str]) -> None:
+        self.registry = registry
+        self.names = frozenset(names)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.registry.collect():
+            if family.name in self.names or any(s.name in self.names for s in family.samples):
+                yield family
+
+
+def _plain(start_response: StartResponse, status: str, text: str,
+           headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), *(headers or [])])
+    return [f"{text}\n".encode()]
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("metrics: %s", format % args)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """A wsgiref server on a socket bound elsewhere (TCP or Unix), bounded in threads."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, sock: socket.socket, port: int, app: Any) -> None:
+        # socketserver makes a socket of its own here, unbound: ours replaces it.
+        super().__init__(("", 0), _Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self.server_name, self.server_port = "migblockd", port
+        self.setup_environ()
+        self.set_app(app)
+        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, address = self.socket.accept()
+        # A Unix socket's peer has no address; wsgiref wants one for REMOTE_ADDR.
+        return conn, address if isinstance(address, tuple) else ("local", 0)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics: %d scrapes in progress; closing another connection",
+                      MAX_SCRAPES)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away or timed out: nothing to report beyond debug.
+        log.debug("metrics: request failed: %r", sys.exc_info()[1])
+
+
+class MetricsServer:
+    """The endpoint, serving ``registry`` until :meth:`close`."""
+
+    def __init__(self, sock: socket.socket, where: str, app: MetricsApp,
+                 own_socket: tuple[Path, int] | None) -> None:
+        port = sock.getsockname()[1] if sock.family != socket.AF_UNIX else 0
+        self.where = where
+        self.own_socket = own_socket
+        self._httpd = _Server(sock, port, app)
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        name="migblockd-metrics", daemon=True)
+
+    @classmethod
+    def open(cls, address: Path | HostPort, registry: CollectorRegistry, qmp_socket: Path,
+             loop: asyncio.AbstractEventLoop) -> MetricsServer:
+        """Bind ``address`` (not serving yet: :meth:`start`).  StartupError when it cannot.
+
+        ``loop`` is the event loop that builds the answers (see above).
+        """
+        app = MetricsApp(registry, loop)
+        if isinstance(address, Path):
+            if os.path.abspath(address) == os.path.abspath(qmp_socket):
+                raise StartupError(f"--metrics {address}: that is the QMP socket; metrics "
+                                   "need an address of their own")
+            sock = bind_socket(address, 0o600, option="--metrics")
+            sock.setblocking(True)
+            own = (address, os.stat(address).st_ino)
+            return cls(sock, f"http+unix://{address}", app, own)
+        sock = _listen_tcp(address)
+        host, port = sock.getsockname()[:2]
+        shown = str(HostPort(host, port))
+        return cls(sock, f"http://{shown}/metrics", app, None)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("metrics: serving Prometheus metrics on %s", self.where)
+
+    def close(self) -> None:
+        """Stop serving (at once: blocks only for a scrape being written) and clean up."""
+        if self._thread.is_alive():
+            # Wakes the server's select() now rather than at its next poll.
+            with contextlib.suppress(OSError):
+                self._httpd.socket.shutdown(socket.SHUT_RDWR)
+            self._httpd.shutdown()
+        self._httpd.server_close()
+        if self.own_socket is not None:
+            path, inode = self.own_socket
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == inode:  # only ours: it may have been replaced
+                    path.unlink()
+
+
+def _listen_tcp(address: HostPort) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"--metrics {address}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") \
+            from None
+    return sock

@@ -1,0 +1,364 @@
+"""``--metrics``: the real daemon scraped over HTTP after a scripted session, parsed by
+prometheus_client's own parser, every counter and gauge checked exactly.
+
+Clients of other uids run under ``setpriv`` (access and quota refusals), a client that
+stops reading is dropped for ``--max-output``, and the simulated migration is cancelled
+once and completes once.  The endpoint is a Unix socket (mode 0600), or TCP on a port
+the kernel picks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import http.client
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, DaemonProcess, assert_clean_log
+from metricstext import Scrape, key
+from otheruids import NAMELESS_GID, NAMELESS_UID, NAMELESS_UID2, UidClient
+from qmpclient import RawClient, blocking_client, encode, qmp_client
+from realqemu import Qemu, wait_until
+
+from migblockd import __version__
+
+MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
+ADD_REASONS = ("access", "quota", "invalid", "duplicate-id", "only-migratable", "busy", "qemu",
+               "qemu-unavailable", "internal")
+MIGRATE_REASONS = ("access", "invalid", "blocked", "in-progress", "qemu", "qemu-unavailable",
+                   "internal")
+SCHEMA_REQUESTS = 32  # one turn's worth: they all run before the daemon stops for the writer
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket, as a local scraper (or curl --unix-socket) speaks it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=10)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(str(self.unix_path))
+        self.sock = sock
+
+
+def get(conn: http.client.HTTPConnection, path: str = "/metrics",
+        method: str = "GET") -> tuple[int, str, str]:
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type") or "", \
+            response.read().decode()
+    finally:
+        conn.close()
+
+
+def scrape(where: Path | tuple[str, int]) -> Scrape:
+    conn = (UnixHTTPConnection(where) if isinstance(where, Path)
+            else http.client.HTTPConnection(*where, timeout=10))
+    status, content_type, body = get(conn)
+    assert status == 200, body
+    assert content_type.startswith("text/plain; version="), content_type
+    return Scrape.parse(body)
+
+
+async def scrape_until(where: Path, predicate: Callable[[Scrape], bool], what: str) -> Scrape:
+    result: list[Scrape] = []
+
+    def check() -> bool:
+        result[:] = [scrape(where)]
+        return predicate(result[0])
+
+    await wait_until(check, what)
+    return result[0]
+
+
+def uid_client(script: Path, daemon: DaemonProcess, uid: int) -> UidClient:
+    return UidClient(script, daemon.socket, uid, NAMELESS_GID)
+
+
+def commands(expected: dict[Any, float], command: str, ok: int = 0, error: int = 0) -> None:
+    expected[key("migblockd_commands_total", command=command, result="ok")] = ok
+    expected[key("migblockd_commands_total", command=command, result="error")] = error
+    if ok + error:  # a command's histogram appears once it has run
+        expected[key("migblockd_command_duration_seconds_count", command=command)] = ok + error
+
+
+def baseline(command_names: list[str]) -> dict[Any, float]:
+    """Every plain series of a simulating, durable daemon, at zero (the mode: normal)."""
+    expected: dict[Any, float] = {key("migblockd_build_info", version=__version__): 1}
+    for mode in MODES:
+        expected[key("migblockd_migration_mode", mode=mode)] = 1 if mode == "normal" else 0
+        expected[key("migblockd_blockers", source="migblockd", mode=mode)] = 0
+    for name in ("blockers_added", "migrations_started", "connections", "connections_refused",
+                 "clients_dropped", "protocol_replies", "commit_failures"):
+        expected[key(f"migblockd_{name}_total")] = 0
+    for cause in ("command", "connection-closed"):
+        expected[key("migblockd_blockers_deleted_total", cause=cause)] = 0
+    for reason in ADD_REASONS:
+        expected[key("migblockd_blockers_refused_total", reason=reason)] = 0
+    for reason in MIGRATE_REASONS:
+        expected[key("migblockd_migrations_refused_total", reason=reason)] = 0
+    for status in ("completed", "failed", "cancelled"):
+        expected[key("migblockd_migrations_ended_total", status=status)] = 0
+    expected[key("migblockd_clients")] = 0
+    expected[key("migblockd_commit_duration_seconds_count")] = 0
+    for command in command_names:
+        commands(expected, command)
+    return expected
+
+
+async def poll_status(client: RawClient, status: str) -> int:
+    """query-migrate until the migration's status is ``status``; how many it took."""
+    polls = 0
+    while True:
+        polls += 1
+        if (await client.ok("query-migrate")).get("status") == status:
+            return polls
+        await asyncio.sleep(0.02)
+
+
+async def test_every_counter_and_gauge_after_a_scripted_session(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+        uid_client_script: Path) -> None:
+    short_tmp.chmod(0o755)  # the other uids must reach the QMP socket
+    config = short_tmp / "migblockd.toml"
+    config.write_text(f'[access]\nusers = {{ {NAMELESS_UID2} = "observer" }}\n')
+    endpoint = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint), "--config", str(config), "--socket-mode",
+                     "0666", "--only-migratable", "--migration-time", "0.2",
+                     "--max-blockers-per-uid", "1", "--max-clients", "4", "--max-output", "1",
+                     socket=short_tmp / "qmp.sock")
+    d.wait_for_log(f"metrics: serving Prometheus metrics on http+unix://{endpoint}")
+    assert stat.S_IMODE(os.stat(endpoint).st_mode) == 0o600
+    fresh = scrape(endpoint)
+    names = sorted(dict(k[1])["command"] for k in fresh.samples
+                   if k[0] == "migblockd_commands_total")
+    assert "add-blocker" in names and "qmp_capabilities" not in names
+    assert fresh.plain() == baseline(names)
+
+    async with d.client() as a:  # root: admin
+        vfio = await a.ok("add-blocker", {"reason": "vfio", "id": "vfio", "modes": ["cpr-reboot"]})
+        await a.ok("add-blocker", {"reason": "dump", "id": "dump", "internal": True})
+        for args, why in (({"reason": "again", "id": "vfio", "modes": ["cpr-reboot"]},
+                           "Duplicate blocker ID"),
+                          ({"reason": "tpm"}, "disallowing migration blocker (--only-migratable)"),
+                          ({"reason": "r", "id": "1bad", "modes": ["cpr-exec"]}, "Parameter 'id'"),
+                          ({}, "Parameter 'reason' is missing")):  # the last: the schema's
+            reply = await a.execute("add-blocker", args)
+            assert reply["error"]["desc"].startswith(why), reply
+
+        u = uid_client(uid_client_script, d, NAMELESS_UID)  # default role: client
+        u.ok("add-blocker", {"reason": "u1", "id": "u1", "modes": ["cpr-transfer"]})
+        assert u.error("add-blocker", {"reason": "u2", "modes": ["cpr-transfer"]}).startswith(
+            "Too many migration blockers for uid")
+        assert u.error("migrate", {"uri": "tcp:h:1"}).startswith("Permission denied")
+        o = uid_client(uid_client_script, d, NAMELESS_UID2)  # observer
+        assert o.error("add-blocker", {"reason": "o"}).startswith("Permission denied")
+
+        async with d.client() as c:
+            await c.ok("add-blocker", {"reason": "held", "id": "held", "modes": ["cpr-exec"],
+                                       "scope": "connection"})
+            async with qmp_client(d.socket, negotiate=False, read_greeting=False) as e:
+                assert "max-clients=4" in (await e.read())["error"]["desc"]
+        assert (await a.wait_event("BLOCKER_DELETED"))["data"] == {
+            "id": "held", "cause": "connection-closed"}
+
+        assert (await a.execute("migrate", {"uri": "tcp:h:1"}))["error"]["desc"] == "dump"
+        reply = await a.execute("migrate", {"uri": "nowhere"})
+        assert reply["error"]["desc"] == "Parameter 'uri' expects a valid migration protocol"
+        await a.ok("del-blocker", {"id": "dump"})
+        assert "error" in await a.execute("del-blocker", {"id": "dump"})
+        # In one write, so the migration cannot end between them.
+        a.send_raw(encode({"execute": "migrate", "arguments": {"uri": "tcp:h:1"}})
+                   + encode({"execute": "add-blocker",
+                             "arguments": {"reason": "late", "internal": True}})
+                   + encode({"execute": "migrate", "arguments": {"uri": "tcp:h:2"}})
+                   + encode({"execute": "migrate_cancel"}))
+        assert [next(iter(r)) for r in await a.read_replies(4)] == [
+            "return", "error", "error", "return"]
+        polls = await poll_status(a, "cancelled")
+        await a.ok("migrate", {"uri": "tcp:h:3"})
+        polls += await poll_status(a, "completed")
+
+        # A client that stops reading: its replies fill the socket, then an event is one
+        # write too many (--max-output 1).
+        d_sock = await asyncio.to_thread(blocking_client, d.socket)
+        try:
+            d_sock.sendall(encode({"execute": "query-qmp-schema"}) * SCHEMA_REQUESTS)
+            await scrape_until(endpoint, lambda s: s.value(
+                "migblockd_commands_total", command="query-qmp-schema", result="ok")
+                == SCHEMA_REQUESTS, "the non-reader's requests ran")
+            await a.ok("add-blocker", {"reason": "wake", "id": "wake", "modes": ["cpr-reboot"]})
+            d.wait_for_log("dropped: more than max-output=1 bytes of unread events")
+        finally:
+            d_sock.close()
+        await a.ok("migrate-set-parameters", {"mode": "cpr-reboot"})
+        metrics = await scrape_until(endpoint, lambda s: s.value("migblockd_clients") == 3,
+                                     "the dropped client is gone")
+
+        expected = baseline(names)
+        added = vfio["added"]["seconds"] + vfio["added"]["microseconds"] / 1e6
+        assert metrics.value("migblockd_blocked_since_seconds") == pytest.approx(added, abs=1e-6)
+        expected.update({
+            key("migblockd_blocked_since_seconds"): metrics.value(
+                "migblockd_blocked_since_seconds"),
+            key("migblockd_migration_mode", mode="normal"): 0,
+            key("migblockd_migration_mode", mode="cpr-reboot"): 1,
+            key("migblockd_blockers", source="migblockd", mode="cpr-reboot"): 2,  # vfio, wake
+            key("migblockd_blockers", source="migblockd", mode="cpr-transfer"): 1,  # u1
+            key("migblockd_blockers_added_total"): 5,  # vfio, dump, u1, held, wake
+            key("migblockd_blockers_deleted_total", cause="command"): 1,
+            key("migblockd_blockers_deleted_total", cause="connection-closed"): 1,
+            key("migblockd_blockers_refused_total", reason="duplicate-id"): 1,
+            key("migblockd_blockers_refused_total", reason="only-migratable"): 1,
+            key("migblockd_blockers_refused_total", reason="invalid"): 1,
+            key("migblockd_blockers_refused_total", reason="quota"): 1,
+            key("migblockd_blockers_refused_total", reason="access"): 1,
+            key("migblockd_blockers_refused_total", reason="busy"): 1,
+            key("migblockd_migrations_started_total"): 2,
+            key("migblockd_migrations_refused_total", reason="access"): 1,
+            key("migblockd_migrations_refused_total", reason="blocked"): 1,
+            key("migblockd_migrations_refused_total", reason="invalid"): 1,
+            key("migblockd_migrations_refused_total", reason="in-progress"): 1,
+            key("migblockd_migrations_ended_total", status="completed"): 1,
+            key("migblockd_migrations_ended_total", status="cancelled"): 1,
+            key("migblockd_clients"): 3,  # a, u, o
+            key("migblockd_connections_total"): 6,  # a, u, o, c, e, the non-reader
+            key("migblockd_connections_refused_total"): 1,  # e
+            key("migblockd_clients_dropped_total"): 1,
+            # Five negotiations and one add-blocker without its reason.
+            key("migblockd_protocol_replies_total"): 6,
+            # One per durable change, each awaited: vfio, dump, u1, -dump, wake, the mode.
+            key("migblockd_commit_duration_seconds_count"): 6,
+        })
+        commands(expected, "add-blocker", ok=5, error=6)
+        commands(expected, "migrate", ok=2, error=4)
+        commands(expected, "del-blocker", ok=1, error=1)
+        commands(expected, "migrate_cancel", ok=1)
+        commands(expected, "query-migrate", ok=polls)
+        commands(expected, "query-qmp-schema", ok=SCHEMA_REQUESTS)
+        commands(expected, "migrate-set-parameters", ok=1)
+        assert metrics.plain() == expected
+        for name in ("add-blocker", "migrate", "del-blocker", "migrate_cancel", "query-migrate",
+                     "query-qmp-schema", "migrate-set-parameters"):
+            metrics.histogram("migblockd_command_duration_seconds", command=name)
+        _, seconds = metrics.histogram("migblockd_commit_duration_seconds")
+        assert seconds > 0
+        assert metrics.value("process_open_fds") > 0
+        u.close()
+        o.close()
+    assert d.stop() == 0
+    assert not endpoint.exists()  # removed at exit, like the QMP socket
+    assert_clean_log(d)
+
+
+async def test_tcp_on_a_port_the_kernel_picks(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon("--metrics", "127.0.0.1:0", "--ephemeral")
+    port = int(d.wait_for_log(re.compile(
+        r"metrics: serving Prometheus metrics on http://127\.0\.0\.1:(\d+)/metrics")).group(1))
+    assert port > 0
+    metrics = scrape(("127.0.0.1", port))
+    assert metrics.value("migblockd_clients") == 0
+    assert "migblockd_commit_duration_seconds" not in metrics.types  # nothing is committed
+    async with d.client():
+        assert scrape(("127.0.0.1", port)).value("migblockd_clients") == 1
+    # What Prometheus asks for: OpenMetrics, gzip; and a filter by name.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics?name[]=migblockd_clients", headers={
+        "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        "Accept-Encoding": "gzip"})
+    response = conn.getresponse()
+    assert response.getheader("Content-Type", "").startswith(
+        "application/openmetrics-text; version=1.0.0")
+    assert response.getheader("Content-Encoding") == "gzip"
+    body = gzip.decompress(response.read()).decode()
+    conn.close()
+    assert body == ("# HELP migblockd_clients Clients connected now\n"
+                    "# TYPE migblockd_clients gauge\nmigblockd_clients 0.0\n# EOF\n")
+    # What else an HTTP client may send: an answer, no traceback.
+    status, _, _ = get(http.client.HTTPConnection("127.0.0.1", port, timeout=10), method="POST")
+    assert status == 405
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"GET / what HTTP/1.1\r\n\r\n")
+        assert raw.recv(4096).startswith(b"HTTP/1.0 400")
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+def test_the_endpoint_never_takes_the_qmp_socket_nor_a_live_one(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    qmp = short_tmp / "qmp.sock"
+    d = start_daemon("--metrics", str(qmp), "--ephemeral", socket=qmp, wait=False)
+    assert d.wait_exit() != 0
+    d.wait_for_log(f"--metrics {qmp}: that is the QMP socket")
+    first = start_daemon("--metrics", str(short_tmp / "m.sock"), "--ephemeral",
+                         socket=short_tmp / "one.sock")
+    second = start_daemon("--metrics", str(short_tmp / "m.sock"), "--ephemeral",
+                          socket=short_tmp / "two.sock", wait=False)
+    assert second.wait_exit() != 0
+    second.wait_for_log(f"another daemon is already listening on {short_tmp}/m.sock; refusing "
+                        "to take over a live socket (stop it first, or choose another --metrics)")
+    assert not (short_tmp / "two.sock").exists()  # the QMP socket was not left behind
+    assert scrape(short_tmp / "m.sock").value("migblockd_clients") == 0  # still first's
+    assert first.stop() == 0
+
+
+def test_a_bad_address_is_refused_before_anything_starts() -> None:
+    proc = subprocess.run([sys.executable, "-m", "migblockd", "--metrics", "9715"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert ("argument --metrics: must be host:port (TCP, such as 127.0.0.1:9715) or an "
+            "absolute path (a Unix socket), not '9715'") in proc.stderr
+
+
+async def test_gate_qemus_blockers_link_and_migration_outcomes(
+        start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path) -> None:
+    endpoint = short_tmp / "metrics.sock"
+    d = start_daemon("--qemu", str(qemu.gate_socket), "--metrics", str(endpoint),
+                     "--ephemeral")
+    d.wait_for_log("connected to QEMU 7.")
+    metrics = scrape(endpoint)
+    assert metrics.value("migblockd_qemu_connected") == 1
+    async with qemu.monitor() as mon, d.client() as c:
+        await mon.add_blocker("vdi1")
+        assert [b["source"] for b in await c.ok("query-blockers")] == ["qemu"]
+        assert scrape(endpoint).value("migblockd_blockers", source="qemu", mode="normal") == 1
+        reply = await c.execute("migrate", {"uri": "exec:cat > /dev/null"})
+        assert reply["error"]["desc"] == mon.blocker_text("vdi1")  # QEMU refused it
+        await mon.remove_blocker("vdi1")
+        await c.ok("migrate", {"uri": "exec:cat > /dev/null"})
+        await poll_status(c, "completed")  # no MIGRATION events: query-migrate tells
+    metrics = scrape(endpoint)
+    assert metrics.value("migblockd_blockers", source="qemu", mode="normal") == 0
+    assert metrics.value("migblockd_migrations_refused_total", reason="qemu") == 1
+    assert metrics.value("migblockd_migrations_started_total") == 1
+    assert metrics.value("migblockd_migrations_ended_total", status="completed") == 1
+    qemu.kill()
+    await wait_until(lambda: scrape(endpoint).value("migblockd_qemu_connected") == 0,
+                     "the link is down")
+    assert key("migblockd_blockers", source="qemu", mode="normal") not in scrape(
+        endpoint).samples
+    assert d.stop() == 0
+
+
+def test_stopping_is_not_held_up_by_an_idle_scraper(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    endpoint = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint), "--ephemeral", socket=short_tmp / "q.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+        idle.connect(str(endpoint))  # connected, sends nothing
+        assert d.stop() == 0  # its thread does not hold up the exit
+    assert_clean_log(d)

@@ -1,0 +1,356 @@
+"""The metrics collector over a core with no sockets: every counter and gauge after a script.
+
+The core runs requests from bytes; the collector is scraped through prometheus_client's
+own text exposition and read back with its own parser, so what is checked is what
+Prometheus would store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from metricstext import Key, Scrape, key
+from prometheus_client import generate_latest
+
+from migblockd import __version__
+from migblockd import scrape as scrape_module
+from migblockd.access import Policy, Quotas, Role
+from migblockd.config import Config
+from migblockd.connection import Connection
+from migblockd.contract import Contract
+from migblockd.core import Core
+from migblockd.gate import GateHandlers, QemuError, QemuFacts, QemuUnavailable
+from migblockd.guard import AccessDenied, OverQuota
+from migblockd.metrics import metrics_registry
+from migblockd.qmp.errors import QMPError
+from migblockd.registry import (
+    Blocker,
+    DuplicateId,
+    EmptyModes,
+    FakeClock,
+    InvalidId,
+    InvalidUri,
+    MigrationBlocked,
+    MigrationBusy,
+    MigrationInProgress,
+    OnlyMigratable,
+    Owner,
+    Registry,
+)
+from migblockd.scrape import MetricsApp
+from migblockd.stats import Histogram, refusal_reason
+
+CONTRACT = Contract.load()
+MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
+ADD_REASONS = ("access", "quota", "invalid", "duplicate-id", "only-migratable", "busy", "qemu",
+               "qemu-unavailable", "internal")
+MIGRATE_REASONS = ("access", "invalid", "blocked", "in-progress", "qemu", "qemu-unavailable",
+                   "internal")
+# uids: root (always admin), and two that no user database names
+ADMIN, CLIENT, OBSERVER = 0, 3_999_990, 3_999_991
+
+
+def make(*, durable: bool = False, only_migratable: bool = False) -> tuple[Core, FakeClock]:
+    clock = FakeClock()
+    registry = Registry(CONTRACT.enums["MigMode"], migration_time=1.0, clock=clock,
+                        only_migratable=only_migratable)
+    core = Core(CONTRACT, registry, Config().limits, max_clients=3, durable=durable,
+                policy=Policy.of(Role.CLIENT, users={OBSERVER: Role.OBSERVER}),
+                quotas=Quotas(max_blockers_per_uid=1))
+    return core, clock
+
+
+def scrape(core: Core) -> Scrape:
+    return Scrape.parse(generate_latest(metrics_registry(core)).decode())
+
+
+def lines(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.split(b"\r\n")[:-1]]
+
+
+def run(core: Core, conn: Connection, *requests: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send the requests (one write), run them, and return the replies (events dropped)."""
+    core.receive_data(conn, b"".join(json.dumps(r).encode() for r in requests))
+    while core.has_pending(conn) and not core.blocked(conn) and core.execute(conn, 32):
+        pass
+    return [m for m in lines(core.data_to_send(conn)) if "event" not in m]
+
+
+def connect(core: Core, uid: int) -> Connection:
+    conn = core.connect(Owner(pid=uid + 1, uid=uid, gid=uid))
+    core.data_to_send(conn)
+    assert run(core, conn, {"execute": "qmp_capabilities"}) == [{"return": {}}]
+    return conn
+
+
+def add(reason: str, **args: Any) -> dict[str, Any]:
+    return {"execute": "add-blocker", "arguments": {"reason": reason, **args}}
+
+
+def outcome(replies: list[dict[str, Any]]) -> list[str]:
+    return ["ok" if "return" in r else r["error"]["desc"] for r in replies]
+
+
+def baseline(core: Core) -> dict[Key, float]:
+    """What a scrape of a fresh, simulating core shows (before any connection)."""
+    expected: dict[Key, float] = {key("migblockd_build_info", version=__version__): 1}
+    for mode in MODES:
+        expected[key("migblockd_migration_mode", mode=mode)] = 1 if mode == "normal" else 0
+        expected[key("migblockd_blockers", source="migblockd", mode=mode)] = 0
+    for name in ("blockers_added", "migrations_started", "connections",
+                 "connections_refused", "clients_dropped", "protocol_replies"):
+        expected[key(f"migblockd_{name}_total")] = 0
+    for cause in ("command", "connection-closed"):
+        expected[key("migblockd_blockers_deleted_total", cause=cause)] = 0
+    for reason in ADD_REASONS:
+        expected[key("migblockd_blockers_refused_total", reason=reason)] = 0
+    for reason in MIGRATE_REASONS:
+        expected[key("migblockd_migrations_refused_total", reason=reason)] = 0
+    for status in ("completed", "failed", "cancelled"):
+        expected[key("migblockd_migrations_ended_total", status=status)] = 0
+    expected[key("migblockd_clients")] = 0
+    for command in CONTRACT.commands:
+        if command == "qmp_capabilities":
+            continue  # the session's own: a protocol reply
+        for result in ("ok", "error"):
+            expected[key("migblockd_commands_total", command=command, result=result)] = 0
+    if core.durable:
+        expected[key("migblockd_commit_duration_seconds_count")] = 0
+        expected[key("migblockd_commit_failures_total")] = 0
+    return expected
+
+
+def commands(expected: dict[Key, float], command: str, ok: int = 0, error: int = 0) -> None:
+    expected[key("migblockd_commands_total", command=command, result="ok")] = ok
+    expected[key("migblockd_commands_total", command=command, result="error")] = error
+    if ok + error:  # a command's histogram appears once it has run
+        expected[key("migblockd_command_duration_seconds_count", command=command)] = ok + error
+
+
+def test_a_fresh_core_shows_every_series_at_zero_and_nothing_else() -> None:
+    core, _ = make()
+    metrics = scrape(core)
+    assert metrics.plain() == baseline(core)
+    assert metrics.types["migblockd_blockers"] == "gauge"
+    assert metrics.types["migblockd_blockers_added"] == "counter"
+    assert metrics.types["migblockd_command_duration_seconds"] == "histogram"
+    assert key("migblockd_blocked_since_seconds") not in metrics.samples  # nothing blocks
+    assert metrics.value("process_open_fds") > 0  # prometheus_client's process metrics
+
+
+def test_every_counter_and_gauge_after_a_scripted_session() -> None:
+    core, clock = make(only_migratable=True)
+    admin, client, observer = connect(core, ADMIN), connect(core, CLIENT), connect(core, OBSERVER)
+    assert core.connect(Owner(9, 9, 9)).refused  # max-clients=3
+    assert outcome(run(core, admin,
+                       add("vfio", id="vfio", modes=["cpr-reboot"]),
+                       add("dump", id="dump", internal=True),
+                       add("again", id="vfio", modes=["cpr-reboot"]),
+                       add("tpm"),
+                       add("bad id", id="1bad", modes=["cpr-exec"]),
+                       add("none", modes=[]),
+                       {"execute": "add-blocker", "arguments": {}},  # refused by the schema
+                       {"execute": "migrate", "arguments": {"uri": "tcp:h:1"}},
+                       {"execute": "migrate", "arguments": {"uri": "nowhere"}},
+                       {"execute": "del-blocker", "arguments": {"id": "dump"}},
+                       {"execute": "del-blocker", "arguments": {"id": "dump"}},
+                       {"execute": "migrate", "arguments": {"uri": "tcp:h:1"}},
+                       add("late", internal=True),
+                       {"execute": "migrate", "arguments": {"uri": "tcp:h:2"}},
+                       {"execute": "migrate_cancel"},
+                       {"execute": "query-migrate"})) == [
+        "ok", "ok", "Duplicate blocker ID 'vfio'",
+        "disallowing migration blocker (--only-migratable) for: tpm",
+        "Parameter 'id' expects an identifier", "Parameter 'modes' expects a non-empty list",
+        "Parameter 'reason' is missing", "dump",
+        "Parameter 'uri' expects a valid migration protocol", "ok", "Blocker 'dump' not found",
+        "ok", "disallowing migration blocker (migration/snapshot in progress) for: late",
+        "There's a migration process in progress", "ok", "ok"]
+    assert outcome(run(core, client, add("mine", id="mine", modes=["cpr-transfer"]),
+                       add("more", modes=["cpr-transfer"]),
+                       {"execute": "migrate", "arguments": {"uri": "tcp:h:1"}}))[:2] == [
+        "ok", f"Too many migration blockers for uid {CLIENT}: it owns 1, "
+        "max-blockers-per-uid is 1"]
+    assert outcome(run(core, observer, add("o", modes=["cpr-transfer"]))) == [
+        f"Permission denied: add-blocker needs role client, but uid {OBSERVER} has role "
+        "observer"]
+    core.disconnect(observer)
+    held = connect(core, ADMIN)
+    assert outcome(run(core, held, add("held", id="held", modes=["cpr-exec"],
+                                       scope="connection"))) == ["ok"]
+    core.disconnect(held)
+    assert outcome(run(core, admin, {"execute": "migrate", "arguments": {"uri": "tcp:h:3"}},
+                       {"execute": "query-migrate"})) == ["ok", "ok"]
+    clock.advance(1.0)
+    core.tick()  # completed
+    assert outcome(run(core, admin, {"execute": "migrate-set-parameters",
+                                     "arguments": {"mode": "cpr-reboot"}})) == ["ok"]
+
+    expected = baseline(core)
+    expected.update({
+        key("migblockd_migration_mode", mode="normal"): 0,
+        key("migblockd_migration_mode", mode="cpr-reboot"): 1,
+        key("migblockd_blockers", source="migblockd", mode="cpr-reboot"): 1,  # vfio
+        key("migblockd_blockers", source="migblockd", mode="cpr-transfer"): 1,  # mine
+        key("migblockd_blocked_since_seconds"): 1_700_000_000.25,  # vfio's, on the FakeClock
+        key("migblockd_blockers_added_total"): 4,  # vfio, dump, mine, held
+        key("migblockd_blockers_deleted_total", cause="command"): 1,
+        key("migblockd_blockers_deleted_total", cause="connection-closed"): 1,
+        key("migblockd_blockers_refused_total", reason="duplicate-id"): 1,
+        key("migblockd_blockers_refused_total", reason="only-migratable"): 1,
+        key("migblockd_blockers_refused_total", reason="invalid"): 2,  # the id, no modes
+        key("migblockd_blockers_refused_total", reason="busy"): 1,
+        key("migblockd_blockers_refused_total", reason="quota"): 1,
+        key("migblockd_blockers_refused_total", reason="access"): 1,
+        key("migblockd_migrations_started_total"): 2,
+        key("migblockd_migrations_refused_total", reason="blocked"): 1,
+        key("migblockd_migrations_refused_total", reason="invalid"): 1,
+        key("migblockd_migrations_refused_total", reason="in-progress"): 1,
+        key("migblockd_migrations_refused_total", reason="access"): 1,
+        key("migblockd_migrations_ended_total", status="completed"): 1,
+        key("migblockd_migrations_ended_total", status="cancelled"): 1,
+        key("migblockd_clients"): 2,  # admin and client
+        key("migblockd_connections_total"): 5,
+        key("migblockd_connections_refused_total"): 1,
+        # Four negotiations and the add-blocker without a reason.
+        key("migblockd_protocol_replies_total"): 5,
+    })
+    commands(expected, "add-blocker", ok=4, error=7)
+    commands(expected, "migrate", ok=2, error=4)
+    commands(expected, "del-blocker", ok=1, error=1)
+    commands(expected, "migrate_cancel", ok=1)
+    commands(expected, "query-migrate", ok=2)
+    commands(expected, "migrate-set-parameters", ok=1)
+    metrics = scrape(core)
+    assert metrics.plain() == expected
+    buckets, seconds = metrics.histogram("migblockd_command_duration_seconds",
+                                         command="add-blocker")
+    assert buckets[-1][1] == 11 and seconds > 0
+
+
+def test_blocked_since_is_the_oldest_blocker_of_the_current_mode() -> None:
+    core, clock = make()
+    admin = connect(core, ADMIN)
+    run(core, admin, add("a", id="a", modes=["normal"]))
+    clock.advance(60)
+    run(core, admin, add("b", id="b"))
+    start = 1_700_000_000.25
+    assert scrape(core).value("migblockd_blocked_since_seconds") == start
+    run(core, admin, {"execute": "del-blocker", "arguments": {"id": "a"}})
+    assert scrape(core).value("migblockd_blocked_since_seconds") == start + 60
+    run(core, admin, {"execute": "migrate-set-parameters", "arguments": {"mode": "cpr-exec"}})
+    assert scrape(core).value("migblockd_blocked_since_seconds") == start + 60  # b: every mode
+    run(core, admin, {"execute": "del-blocker", "arguments": {"id": "b"}})
+    assert key("migblockd_blocked_since_seconds") not in scrape(core).samples
+
+
+def test_commits_are_timed_and_failures_counted_only_with_durable_state() -> None:
+    core, _ = make(durable=True)
+    core.stats.commit(2_000_000, True)  # 2 ms, as the server reports a group commit
+    core.stats.commit(30_000_000, False)
+    metrics = scrape(core)
+    buckets, seconds = metrics.histogram("migblockd_commit_duration_seconds")
+    assert dict(buckets)[0.0025] == 1 and dict(buckets)[0.05] == 2
+    assert seconds == pytest.approx(0.032)
+    assert metrics.value("migblockd_commit_failures_total") == 1
+    plain, _ = make()
+    assert "migblockd_commit_failures" not in scrape(plain).types
+
+
+def test_histogram_buckets_are_upper_bounds_inclusive() -> None:
+    histogram = Histogram((0.001, 0.01))
+    for ns in (1, 1_000_000, 1_000_001, 10_000_000, 10_000_001):
+        histogram.observe(ns)
+    assert histogram.counts == [2, 2, 1]
+    assert histogram.total_ns == 22_000_003
+
+
+def test_refusal_reasons_come_from_the_type_of_what_refused() -> None:
+    blocker = Blocker("b", "r", ("normal",), False, "daemon", None, 0.0, 0)
+    assert [refusal_reason(exc) for exc in (
+        AccessDenied("x"), OverQuota("x"), EmptyModes(), InvalidId("1"), InvalidUri("u"),
+        QMPError("x"), DuplicateId("d"), OnlyMigratable("r"), MigrationBusy("r"),
+        MigrationBlocked(blocker), MigrationInProgress(), QemuError("GenericError", "no"),
+        QemuUnavailable("gone"), KeyError("bug"))] == [
+        "access", "quota", "invalid", "invalid", "invalid", "invalid", "duplicate-id",
+        "only-migratable", "busy", "blocked", "in-progress", "qemu", "qemu-unavailable",
+        "internal"]
+
+
+def test_gate_reports_the_link_qemus_own_blockers_and_how_its_migrations_end() -> None:
+    registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
+    facts = QemuFacts(Path("/run/vm.qmp"), connected=True, version="7.2.0",
+                      commands={"migrate": frozenset({"uri"})})
+    core = Core(CONTRACT, registry, Config().limits, policy=Policy.of(Role.ADMIN),
+                handlers=GateHandlers(CONTRACT, registry, facts))
+    conn = connect(core, ADMIN)
+
+    def answer(*values: object) -> list[dict[str, Any]]:
+        for value in values:
+            assert len(core.take_calls()) == 1
+            if isinstance(value, Exception):
+                core.resume(conn, error=value)
+            else:
+                core.resume(conn, value)
+        return run(core, conn)
+
+    metrics = scrape(core)
+    assert metrics.value("migblockd_qemu_connected") == 1
+    assert key("migblockd_blockers", source="qemu", mode="normal") not in metrics.samples
+    run(core, conn, {"execute": "query-blockers"})
+    answer({"blocked-reasons": ["vdi", "sev"]})
+    assert scrape(core).value("migblockd_blockers", source="qemu", mode="normal") == 2
+    run(core, conn, {"execute": "migrate", "arguments": {"uri": "exec:cat"}})
+    assert outcome(answer({"blocked-reasons": ["vdi"]},
+                          QemuError("GenericError", "vdi"))) == ["vdi"]
+    run(core, conn, {"execute": "migrate", "arguments": {"uri": "exec:cat"}})
+    assert outcome(answer({}, {})) == ["ok"]
+    facts.saw_status("active")
+    facts.saw_status("completed")  # QEMU's MIGRATION event, as the bridge relays it
+    facts.saw_status("completed")  # a second sighting (query-migrate) counts once
+    run(core, conn, {"execute": "migrate", "arguments": {"uri": "exec:cat"}})
+    assert outcome(answer(QemuUnavailable("gone"))) == ["gone"]
+    facts.connected = False
+    metrics = scrape(core)
+    assert metrics.value("migblockd_qemu_connected") == 0
+    assert key("migblockd_blockers", source="qemu", mode="normal") not in metrics.samples
+    assert metrics.value("migblockd_migrations_started_total") == 1
+    assert metrics.value("migblockd_migrations_ended_total", status="completed") == 1
+    assert metrics.value("migblockd_migrations_refused_total", reason="qemu") == 1
+    assert metrics.value("migblockd_migrations_refused_total", reason="qemu-unavailable") == 1
+
+
+
+def call(app: MetricsApp, method: str = "GET") -> tuple[str, bytes]:
+    """One WSGI request to ``app``: its status line and body."""
+    statuses: list[str] = []
+    body = b"".join(app({"REQUEST_METHOD": method, "QUERY_STRING": ""},
+                        lambda status, headers: statuses.append(status)))
+    return statuses[0], body
+
+
+def test_the_answer_is_built_on_the_event_loop_or_not_at_all(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    core, _ = make()
+    loop = asyncio.new_event_loop()
+    ran = threading.Thread(target=loop.run_forever)
+    ran.start()
+    try:
+        app = MetricsApp(metrics_registry(core), loop)
+        status, body = call(app)
+        assert status == "200 OK" and b"migblockd_clients 0.0" in body
+        assert call(app, "POST")[0] == "405 Method Not Allowed"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        ran.join()
+    # A loop that does not run (wedged): the scraper hears so, after a while.
+    monkeypatch.setattr(scrape_module, "RENDER_TIMEOUT", 0.05)
+    assert call(app) == ("503 Service Unavailable",
+                         b"migblockd's event loop did not answer in time\n")
+    loop.close()
+    assert call(app) == ("503 Service Unavailable", b"migblockd is stopping\n")

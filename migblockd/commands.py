@@ -19,6 +19,7 @@ from typing import Any
 from migblockd import __version__
 from migblockd.connection import Connection
 from migblockd.contract import Contract
+from migblockd.logs import about, shown
 from migblockd.qmp.encoding import Encoded
 from migblockd.qmp.session import QMP_CAPABILITIES, Command
 from migblockd.qmp.validation import ArgumentValidator
@@ -29,12 +30,6 @@ log = logging.getLogger("migblockd")
 
 Args = dict[str, Any]
 Handler = Callable[[Connection, Args], object]
-
-
-def shown(text: object, limit: int = 200) -> str:
-    """A client-supplied string as one log field: escaped (no forged lines), truncated."""
-    s = str(text)
-    return ascii(s if len(s) <= limit else s[:limit] + "...")
 
 
 def version_info() -> dict[str, Any]:
@@ -80,15 +75,18 @@ class Handlers:
                 connection=conn,
             )
         except BlockerError as exc:
-            log.info("%s: refused blocker: %s", conn.label, shown(exc))
+            log.info("%s: refused blocker: %s", conn.label, shown(exc),
+                     extra=about(conn, blocker_id=args.get("id")))
             raise
-        log.info("%s: added blocker %s (%s): %s", conn.label, blocker.id,
-                 ",".join(blocker.modes), shown(blocker.reason))
+        log.info("%s: added blocker %s (%s): %s", conn.label, shown(blocker.id, quoted=False),
+                 ",".join(blocker.modes), shown(blocker.reason),
+                 extra=about(conn, blocker_id=blocker.id))
         return blocker_info(blocker)
 
     def del_blocker(self, conn: Connection, args: Args) -> object:
         blocker = self.registry.delete(args["id"])
-        log.info("%s: deleted blocker %s", conn.label, blocker.id)
+        log.info("%s: deleted blocker %s", conn.label, shown(blocker.id, quoted=False),
+                 extra=about(conn, blocker_id=blocker.id))
         return {}
 
     def query_blockers(self, conn: Connection, args: Args) -> object:
@@ -111,9 +109,10 @@ class Handlers:
             self.registry.migrate(args["uri"])
         except BlockerError as exc:
             log.info("%s: migrate to %s refused: %s", conn.label, shown(args["uri"]),
-                     shown(exc))
+                     shown(exc), extra=about(conn))
             raise
-        log.info("%s: migration to %s started", conn.label, shown(args["uri"]))
+        log.info("%s: migration to %s started", conn.label, shown(args["uri"]),
+                 extra=about(conn))
         return {}
 
     def migrate_cancel(self, conn: Connection, args: Args) -> object:

@@ -29,6 +29,7 @@ from typing import Any
 from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
 from migblockd.contract import Contract
+from migblockd.logs import about, shown
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.framing import Limits
 from migblockd.qmp.session import Request, Session
@@ -77,10 +78,10 @@ class Core:
                 f"migblockd is already serving max-clients={self.max_clients} clients; "
                 "try again later"))
             log.warning("%s: refused: already serving max-clients=%d clients",
-                        conn.label, self.max_clients)
+                        conn.label, self.max_clients, extra=about(conn))
         else:
             self.connections[conn] = None
-            log.info("%s connected", conn.label)
+            log.info("%s connected", conn.label, extra=about(conn))
         self._dirty[conn] = None
         return conn
 
@@ -97,11 +98,14 @@ class Core:
             pass
         del self.connections[conn]
         self._dirty.pop(conn, None)
-        log.info("%s disconnected%s", conn.label, f": {reason}" if reason else "")
+        log.info("%s disconnected%s", conn.label, f": {reason}" if reason else "",
+                 extra=about(conn))
         released = self.registry.release(conn)
         if released:
+            ids = [b.id for b in released]
             log.info("%s: released %d connection-scoped blocker(s): %s", conn.label,
-                     len(released), ", ".join(b.id for b in released))
+                     len(released), shown(", ".join(ids), quoted=False),
+                     extra=about(conn, blocker_id=ids))
         self._publish()
 
     # -- input -----------------------------------------------------------------
@@ -174,7 +178,7 @@ class Core:
             error = QMPError(exc.desc)
         except Exception:
             # The client gets a generic error; the traceback belongs in the log only.
-            log.exception("%s: internal error in %s", conn.label, name)
+            log.exception("%s: internal error in %s", conn.label, name, extra=about(conn))
             error = QMPError(f"Internal error while executing command {name}")
         else:
             error = None
@@ -186,7 +190,8 @@ class Core:
         try:
             session.reply(request, result)
         except (ValueError, TypeError, RecursionError):
-            log.exception("%s: cannot encode the result of %s", conn.label, name)
+            log.exception("%s: cannot encode the result of %s", conn.label, name,
+                          extra=about(conn))
             session.fail(request, QMPError(f"Internal error while executing command {name}"))
 
     def _publish(self) -> None:

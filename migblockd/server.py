@@ -33,6 +33,7 @@ from typing import Any
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.connection import Connection
 from migblockd.core import Core
+from migblockd.logs import WIRE_LIMIT, about, shown
 from migblockd.registry import Owner
 from migblockd.systemd import Notifier, format_status
 
@@ -99,7 +100,7 @@ class ClientProtocol(asyncio.Protocol):
         if self.conn is None:
             return
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s <- %r", self.conn.label, data)
+            log.debug("%s <- %s", self.conn.label, shown(data, WIRE_LIMIT))
         self.core.receive_data(self.conn, data)
         self.server.runnable(self)
 
@@ -161,7 +162,8 @@ class ClientProtocol(asyncio.Protocol):
                     break
                 budget -= len(data)
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s <- %r (after the connection broke)", conn.label, data)
+                    log.debug("%s <- %s (after the connection broke)", conn.label,
+                              shown(data, WIRE_LIMIT))
                 self.core.receive_data(conn, data)
 
     def pump(self) -> bool:
@@ -192,14 +194,14 @@ class ClientProtocol(asyncio.Protocol):
             return
         if data:
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s -> %r", conn.label, data)
+                log.debug("%s -> %s", conn.label, shown(data, WIRE_LIMIT))
             # Only output written earlier counts as unread: the client cannot have
             # read this write yet, however promptly it reads (one reply may be large).
             unread = transport.get_write_buffer_size()
             transport.write(data)
             if unread > self.server.config.max_output:
                 log.warning("%s: dropped: more than max-output=%d bytes of unread output",
-                            conn.label, self.server.config.max_output)
+                            conn.label, self.server.config.max_output, extra=about(conn))
                 transport.abort()
                 return
         if self.eof and not self.core.has_pending(conn):

@@ -42,10 +42,9 @@ class Logs:
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Write what is waiting, for at most ``timeout`` seconds: a stuck sink
-        does not hold up the exit."""
-        logging.getLogger().removeHandler(self.handler)
+        does not hold up the exit.  The handler stays installed and drops what
+        comes later, rather than let ``logging`` write on a stuck stderr."""
         self.handler.writer.close(timeout)
-        self.handler.close()
 
 
 def setup(level: int, log_format: str = "text", *, fd: int = 2) -> Logs:

@@ -93,7 +93,7 @@ class Writer:
     def put(self, record: logging.LogRecord) -> None:
         """Queue a record; never blocks, and costs no system call on an event loop."""
         with self._lock:
-            if len(self._records) >= self.capacity:
+            if len(self._records) >= self.capacity or self._closing:
                 self._dropped += 1
                 return
             self._records.append(record)
@@ -109,7 +109,11 @@ class Writer:
             loop.call_soon(self._signal)
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Write what is waiting, giving up after ``timeout`` seconds."""
+        """Write what is waiting, giving up after ``timeout`` seconds.
+
+        Records that come later are dropped: the process is exiting, and
+        nothing may write on stderr from its thread any more.
+        """
         with self._lock:
             self._closing = True
         if self._thread.is_alive():
@@ -127,6 +131,11 @@ class Writer:
     def _main(self) -> None:
         try:
             asyncio.run(self._serve())
+        except BaseException as exc:
+            # A bug here would silence the daemon: say so, where it can still be seen.
+            with contextlib.suppress(OSError):
+                write_all(self.fd, f"migblockd: the log writer failed: {exc!r}\n".encode())
+            raise
         finally:
             self._started.set()
 

@@ -25,9 +25,9 @@ tests, which receive the datagrams on a socket of their own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
-import socket
 import stat
 import struct
 from collections.abc import Iterable, Mapping
@@ -106,39 +106,52 @@ def encode_entry(message: str, priority: int,
 class JournalSender:
     """Entries to journald's native socket, with asyncio-dgram, from the log writer's loop.
 
-    The socket is unconnected and every entry is sent to the path, as
-    sd_journal_send(3) does, so a restarted journald is found again.  A send
-    that fails (journald gone or refusing) returns False: the caller
+    The socket is *connected* to journald's: then the kernel reports it
+    writable only while journald's queue has room, so asyncio waits for
+    journald instead of retrying ``sendto()`` in a loop (an unconnected
+    AF_UNIX datagram socket always polls writable).  When a send fails
+    (journald restarted, or is gone) the connection is dropped and made
+    again for the next entry.  A send that fails returns False: the caller
     writes that record on stderr instead, without its fields.
     """
 
-    def __init__(self, stream: asyncio_dgram.aio.DatagramServer, path: str) -> None:
-        self._stream = stream
+    def __init__(self, path: str) -> None:
         self.path = path
+        self._stream: asyncio_dgram.aio.DatagramClient | None = None
 
-    @classmethod
-    async def open(cls, path: str) -> JournalSender | None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    async def _connect(self) -> bool:
         try:
-            stream = await asyncio_dgram.from_socket(sock)
-        except (OSError, TypeError):
-            sock.close()
-            return None
-        # An unconnected socket always yields the "server" flavour.
-        assert isinstance(stream, asyncio_dgram.aio.DatagramServer)
-        return cls(stream, path)
+            stream = await asyncio_dgram.connect(self.path)
+        except OSError:
+            self._stream = None
+            return False
+        # asyncio keeps a datagram the socket refused in a buffer and lets
+        # send() return; with no room allowed there, send() returns only once
+        # journald has the entry: nothing is left behind at exit, and a stuck
+        # journal holds up the writer (whose own list is bounded) instead.
+        transport = getattr(stream, "_transport", None)
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.set_write_buffer_limits(high=0)
+        self._stream = stream
+        return True
 
     async def send(self, entry: bytes) -> bool:
+        if self._stream is None and not await self._connect():
+            return False
         stream = self._stream
+        assert stream is not None
         try:
             # Waits (this loop, not the daemon's) while journald has not taken
             # the datagrams before it: a stuck journal stalls the writer alone.
-            await stream.send(entry, self.path)
-            # A failed sendto() is reported through the protocol's error queue.
+            await stream.send(entry)
+            # A failed send() is reported through the protocol's error queue.
             _ = stream.exception
         except (OSError, asyncio_dgram.TransportClosed):
+            self.close()
             return False
         return True
 
     def close(self) -> None:
-        self._stream.close()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()

@@ -142,9 +142,7 @@ class Writer:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = wake = asyncio.Event()
-        journal = None
-        if self.journal_path is not None:
-            journal = await JournalSender.open(self.journal_path)
+        journal = None if self.journal_path is None else JournalSender(self.journal_path)
         self.native = journal is not None
         self._started.set()
         try:

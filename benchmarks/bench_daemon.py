@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
-#: The blockers present during the benchmark (real reasons, from blockers.md).
+#: The blockers present during the benchmark: reasons real QEMU call sites give.
 SEED_BLOCKERS: tuple[tuple[str, list[str] | None], ...] = (
     ("The vmdk format used by node 'disk0' does not support live migration", ["normal"]),
     ("Migration disabled: vhost lacks VHOST_F_LOG_ALL feature.", ["normal"]),
@@ -359,7 +359,8 @@ def servers(workdir: Path, daemon_command: Sequence[str], daemon_args: Sequence[
     try:
         for name, argv in (
             ("floor", [sys.executable, "-m", "benchmarks.floor"]),
-            ("daemon", [*daemon_command, "--log-level", "warning", *daemon_args]),
+            ("daemon", [*daemon_command, "--log-level", "warning",
+                        "--state-dir", str(workdir / "state"), *daemon_args]),
         ):
             path = workdir / f"{name}.sock"
             server = Server(name, [*argv, "--socket", str(path)], path, workdir / f"{name}.log")

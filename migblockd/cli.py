@@ -37,8 +37,12 @@ def epilog() -> str:
         "activation.", break_on_hyphens=False) + "\n"
 
 
-def parser() -> argparse.ArgumentParser:
-    """The command line, from the option table (man pages and completion read it too)."""
+def parser(*, documented: bool = False) -> argparse.ArgumentParser:
+    """The command line, from the option table (man pages and completion read it too).
+
+    ``documented``: show defaults as the documentation words them, not as computed
+    here (see ``migblockd.options.help_text``); ``python -m migblockd.share`` uses it.
+    """
     p = argparse.ArgumentParser(
         prog="migblockd",
         description=DESCRIPTION,
@@ -46,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"migblockd {__version__}")
-    add_arguments(p, Config)
+    add_arguments(p, Config, documented=documented)
     return p
 
 

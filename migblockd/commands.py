@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from migblockd import __version__
 from migblockd.connection import Connection
@@ -24,12 +24,28 @@ from migblockd.qmp.encoding import Encoded
 from migblockd.qmp.session import QMP_CAPABILITIES, Command
 from migblockd.qmp.validation import ArgumentValidator
 from migblockd.registry import BlockerError, Registry
-from migblockd.render import blocker_info, blocker_text
+from migblockd.render import blocker_text
 
 log = logging.getLogger("migblockd")
 
 Args = dict[str, Any]
 Handler = Callable[[Connection, Args], object]
+H = TypeVar("H", bound=Callable[..., object])
+
+
+def reads_state(handler: H) -> H:
+    """Mark a handler whose answer depends on the blockers or the settings.
+
+    With durable state on, the core runs such a command only once every
+    earlier change is on disk: no client may act on, or hear of, a change
+    that a crash could still take back (``migrate`` least of all).
+    """
+    handler.reads_state = True  # type: ignore[attr-defined]
+    return handler
+
+
+#: QEMU's defaults for the parameters the simulation only reports.
+PARAMETER_DEFAULTS: dict[str, object] = {"max-bandwidth": 134217728, "downtime-limit": 300}
 
 
 def version_info() -> dict[str, Any]:
@@ -50,6 +66,8 @@ class Handlers:
         self._version = version_info()
         self._command_list = [{"name": name} for name in contract.commands]
         self._listings: dict[str | None, Encoded] = {}
+        #: The simulation's other parameters: reported, with no effect on it.
+        self._parameters: dict[str, object] = dict(PARAMETER_DEFAULTS)
         self._listing_changes = -1
 
     # -- control ------------------------------------------------------------
@@ -81,7 +99,7 @@ class Handlers:
         log.info("%s: added blocker %s (%s): %s", conn.label, shown(blocker.id, quoted=False),
                  ",".join(blocker.modes), shown(blocker.reason),
                  extra=about(conn, blocker_id=blocker.id))
-        return blocker_info(blocker)
+        return Encoded(blocker_text(blocker))
 
     def del_blocker(self, conn: Connection, args: Args) -> object:
         blocker = self.registry.delete(args["id"])
@@ -89,11 +107,12 @@ class Handlers:
                  extra=about(conn, blocker_id=blocker.id))
         return {}
 
+    @reads_state
     def query_blockers(self, conn: Connection, args: Args) -> object:
         # Polled by every agent and changed rarely: join each blocker's
         # encoded form once per change.
         mode = args.get("mode")
-        changes = self.registry.changes
+        changes = self.registry.version
         if self._listing_changes != changes:
             self._listings.clear()
             self._listing_changes = changes
@@ -104,6 +123,7 @@ class Handlers:
         return listing
 
     # -- migration ----------------------------------------------------------
+    @reads_state
     def migrate(self, conn: Connection, args: Args) -> object:
         try:
             self.registry.migrate(args["uri"])
@@ -119,16 +139,19 @@ class Handlers:
         self.registry.cancel()
         return {}
 
+    @reads_state
     def query_migrate(self, conn: Connection, args: Args) -> object:
         return self.registry.query_migrate()
 
     def migrate_set_parameters(self, conn: Connection, args: Args) -> object:
         if "mode" in args:
             self.registry.set_mode(args["mode"])
+        self._parameters.update((k, v) for k, v in args.items() if k != "mode")
         return {}
 
+    @reads_state
     def query_migrate_parameters(self, conn: Connection, args: Args) -> object:
-        return {"mode": self.registry.mode}
+        return {"mode": self.registry.mode, **self._parameters}
 
     def migrate_set_capabilities(self, conn: Connection, args: Args) -> object:
         # Capabilities are checked before any is applied: all or nothing.
@@ -138,10 +161,19 @@ class Handlers:
                 self.registry.set_events(cap["state"])
         return {}
 
+    @reads_state
     def query_migrate_capabilities(self, conn: Connection, args: Args) -> object:
         return [
             {"capability": "events", "state": self.registry.events_enabled},
         ]
+
+    def migration_status(self) -> str:
+        """The migration's status, for systemd's STATUS line."""
+        return self.registry.status or "none"
+
+    def qemu_state(self) -> str | None:
+        """The link to a gated QEMU, for the STATUS line: None when there is none."""
+        return None
 
     def table(self) -> dict[str, Command]:
         """One ``Command`` per schema command; validators are built here, once.

@@ -13,18 +13,31 @@ time (the socket and the migration semantics are fixed for the daemon's life).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import json
 import logging
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from migblockd import options
+from migblockd.access import (
+    DEFAULT_MAX_BLOCKERS,
+    DEFAULT_MAX_BLOCKERS_PER_UID,
+    DEFAULT_MAX_REASON_LENGTH,
+    AccessTable,
+    GroupName,
+    Policy,
+    Quotas,
+)
 from migblockd.options import (
     ConfigError,
     FilePath,
     Integer,
+    Kind,
     OctalMode,
     OneOf,
     Seconds,
@@ -32,13 +45,30 @@ from migblockd.options import (
     flag,
     option,
 )
-from migblockd.paths import default_socket_path
+from migblockd.paths import default_socket_path, default_state_dir
 from migblockd.qmp.framing import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "build", "read_file"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+
+
+class CommandNames(Kind[tuple[str, ...]]):
+    """A TOML list of QMP command names (``["query-status", "stop"]``)."""
+
+    def __call__(self, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):  # a shown value: the same list in TOML syntax
+            with contextlib.suppress(tomllib.TOMLDecodeError):
+                value = tomllib.loads(f"v = {value}")["v"]
+        if not isinstance(value, list) or not all(
+                isinstance(name, str) and name and name.isprintable() and " " not in name
+                for name in value):
+            raise ValueError(f"must be a list of command names, not {options.describe(value)}")
+        return tuple(dict.fromkeys(value))
+
+    def show(self, value: tuple[str, ...]) -> str:
+        return "[" + ", ".join(json.dumps(name) for name in value) + "]"
 
 
 @dataclass(frozen=True)
@@ -50,13 +80,18 @@ class Config:
         default_doc="`/run/migblockd/migblockd.sock` as root, else "
         "`$XDG_RUNTIME_DIR/migblockd/migblockd.sock` (without `XDG_RUNTIME_DIR`: "
         "`${TMPDIR:-/tmp}/migblockd-UID/migblockd.sock`)",
-        help="Unix socket to listen on (ignored under socket activation); its directory "
-        "is created with mode 0700 if missing",
+        help="Unix socket to listen on (ignored under socket activation); a missing "
+        "directory is created, searchable only by those --socket-mode lets connect",
     )
     socket_mode: int = option(
         0o600, parse=OctalMode(), metavar="MODE",
         help="permissions of the socket file, in octal; 0600 lets only the daemon's user "
         "connect",
+    )
+    socket_group: str | None = option(
+        None, parse=GroupName(), metavar="GROUP",
+        help="group of the socket file (and of the directory the daemon creates for it), "
+        "by name or number; with --socket-mode 0660 its members can connect",
     )
     only_migratable: bool = flag(
         help="refuse non-internal blockers of the normal mode, as QEMU's "
@@ -77,7 +112,8 @@ class Config:
     )
     max_clients: int = option(
         1024, parse=Integer(minimum=1), metavar="N", reloadable=True,
-        help="connections served at once; more are closed at once and logged",
+        help="connections served at once; more get one error line saying so, are closed "
+        "and logged",
     )
     max_message_size: int = option(
         1 << 20, parse=Integer(minimum=MIN_MESSAGE_SIZE, unit="bytes"), metavar="BYTES",
@@ -98,6 +134,50 @@ class Config:
         4 << 20, parse=Integer(minimum=1), metavar="BYTES", reloadable=True,
         help="unread output a client may accumulate before it is disconnected",
     )
+    state_dir: Path = option(
+        factory=default_state_dir, parse=FilePath(), metavar="DIR",
+        default_doc="`$STATE_DIRECTORY` (set by systemd's `StateDirectory=`), else "
+        "`/var/lib/migblockd` as root, else `${XDG_STATE_HOME:-~/.local/state}/migblockd`",
+        help="where the blockers and the migration settings are kept across restarts "
+        "(SQLite, created with mode 0700); one daemon per directory",
+    )
+    ephemeral: bool = flag(
+        help="keep everything in memory only: a restart forgets every blocker "
+        "(for throwaway runs and tests)",
+    )
+    qemu: Path | None = option(
+        None, parse=FilePath(), metavar="SOCKET", default_doc="none: migrations are simulated",
+        help="gate the QEMU whose QMP monitor listens on SOCKET: migrate reaches it only when "
+        "no blocker (migblockd's or QEMU's own) refuses; migblockd keeps reconnecting while "
+        "QEMU is away",
+    )
+    qemu_passthrough: tuple[str, ...] = option(
+        (), parse=CommandNames(), where=Where.FILE, default_doc="none",
+        help="QEMU commands that migblockd's schema does not define, forwarded to the gated "
+        "QEMU as they are (admins only), so that a tool can use migblockd as its only monitor",
+    )
+    max_blockers: int = option(
+        DEFAULT_MAX_BLOCKERS, parse=Integer(minimum=1), metavar="N", reloadable=True,
+        help="blockers registered at once, all uids together; add-blocker beyond is refused",
+    )
+    max_blockers_per_uid: int = option(
+        DEFAULT_MAX_BLOCKERS_PER_UID, parse=Integer(minimum=1), metavar="N", reloadable=True,
+        help="blockers one uid may hold at once (admins are exempt); add-blocker beyond is "
+        "refused",
+    )
+    max_reason_length: int = option(
+        DEFAULT_MAX_REASON_LENGTH, parse=Integer(minimum=1, unit="characters"), metavar="N",
+        reloadable=True,
+        help="longest blocker reason add-blocker accepts, in characters",
+    )
+    access: Policy = option(
+        factory=Policy, parse=AccessTable(), metavar="TABLE", where=Where.FILE,
+        reloadable=True,
+        default_doc="root and the daemon's user are `admin`, everyone else `client`",
+        help="who may do what: the [access] table's default-role, and its users and groups "
+        "tables, which map names or numbers to observer, client, operator or admin "
+        "(docs/access.md)",
+    )
     schema: Path | None = option(
         None, parse=FilePath(), metavar="FILE",
         default_doc="the schema installed with migblockd",
@@ -114,6 +194,13 @@ class Config:
         """The protocol's input limits, from the max-* settings (shared by every session)."""
         return Limits(max_message_size=self.max_message_size, max_nesting=self.max_nesting,
                       max_tokens=self.max_tokens)
+
+    @functools.cached_property
+    def quotas(self) -> Quotas:
+        """What one client and all together may register, from the max-blockers* settings."""
+        return Quotas(max_blockers=self.max_blockers,
+                      max_blockers_per_uid=self.max_blockers_per_uid,
+                      max_reason_length=self.max_reason_length)
 
     @property
     def logging_level(self) -> int:

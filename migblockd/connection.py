@@ -6,7 +6,10 @@ the asyncio adapter keeps its transport next to it.
 
 from __future__ import annotations
 
-from migblockd.qmp.session import Session
+from collections.abc import Generator
+
+from migblockd.access import Role
+from migblockd.qmp.session import Request, Session
 from migblockd.registry import Owner
 
 __all__ = ["Connection"]
@@ -19,16 +22,26 @@ class Connection:
     say); it is recorded as the owner of the blockers this client adds, and
     identity (not equality) ties ``scope: connection`` blockers to it.
     ``refused`` marks a connection turned away at ``max-clients``: its only
-    output is the error line, and then it must be closed.
+    output is the error line, and then it must be closed.  ``closed``: the
+    peer is gone, and the core finishes what it sent.  ``waiting`` is a request
+    taken from the session whose turn has not come yet (it waits for a commit),
+    or, with ``suspended`` set, one that waits for QEMU's answer to a call.
+    ``role`` is what the access policy grants it (:mod:`migblockd.guard` fills
+    it in at the first request, and clears it on reload); None until then.
     """
 
-    __slots__ = ("label", "number", "owner", "refused", "session")
+    __slots__ = ("closed", "label", "number", "owner", "refused", "role", "session",
+                 "suspended", "waiting")
 
     def __init__(self, number: int, owner: Owner | None, session: Session) -> None:
         self.number = number
         self.owner = owner
         self.session = session
         self.refused = False
+        self.closed = False
+        self.waiting: Request | None = None
+        self.suspended: Generator[object, object, object] | None = None
+        self.role: Role | None = None
         if owner is None:
             self.label = f"client {number}"
         else:

@@ -2,11 +2,11 @@
 
 In the style of python-websockets' ``protocol.py``, one level up: the core owns
 the registry, the command table, every connection's QMP session and the event
-fan-out, and knows nothing of sockets or event loops.  The asyncio adapter
-(:mod:`migblockd.server`) feeds it what each connection received, lets it run
-requests in turns, and writes what :meth:`Core.data_to_send` returns for the
-connections :meth:`Core.take_dirty` names.  Every rule from parsed request to
-registry and back lives here, so it is tested with plain bytes::
+fan-out, and knows nothing of sockets, disks or event loops.  The asyncio
+adapter (:mod:`migblockd.server`) feeds it what each connection received, lets
+it run requests in turns, and writes what :meth:`Core.data_to_send` returns
+for the connections :meth:`Core.take_dirty` names.  Every rule from parsed
+request to registry and back lives here, so it is tested with plain bytes::
 
     core = Core(contract, registry, limits)
     a, b = core.connect(owner_a), core.connect(owner_b)
@@ -14,31 +14,59 @@ registry and back lives here, so it is tested with plain bytes::
     core.execute(a, 32)
     core.data_to_send(a)        # greeting, then {"return": {}}
 
-A request runs to completion when its turn comes: the core first applies the
+A request runs to completion when its turn comes: the core applies the
 simulated migration's transitions that are due, runs the handler, delivers the
 events it caused to every negotiated session (before the reply, QEMU's order),
 then queues the reply.  Errors become replies in exactly one place,
 :meth:`Core._run`.
+
+Durability (``durable=True``): a command that changes what outlives the daemon
+gets a *stamp*; its events and reply, and everything any client is sent after
+them, are held until the changes up to that stamp are on disk.  The adapter
+takes the changes in groups (:meth:`take_group`: everything since the last
+group, one transaction per loop turn) and reports the outcome
+(:meth:`committed`, :meth:`commit_failed`).  Commands that read the blockers
+or settings wait until nothing is pending, so no client acts on a change that
+a crash could take back; a failed commit undoes every pending change, turns
+the replies of those commands into errors and drops their events.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from types import GeneratorType
 from typing import Any
 
+from migblockd.access import Policy, Quotas
 from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
 from migblockd.contract import Contract
+from migblockd.gate import Call, QemuError, QemuUnavailable
+from migblockd.guard import Guard
 from migblockd.logs import about, shown
+from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.framing import Limits
 from migblockd.qmp.session import Request, Session
-from migblockd.registry import BlockerError, Owner, Registry
+from migblockd.registry import BlockerError, Change, Owner, Registry
 from migblockd.render import event_line
 
-__all__ = ["Core"]
+__all__ = ["Core", "Group"]
 
 log = logging.getLogger("migblockd")
+
+#: A handler that talks to QEMU, paused at its latest ``yield Call(...)``.
+Suspended = Generator[object, object, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """Changes to commit in one transaction: all the durable ones up to ``stamp``."""
+
+    stamp: int
+    changes: list[Change]
 
 
 class Core:
@@ -47,21 +75,38 @@ class Core:
     ``limits`` bound each connection's input; ``max_clients`` how many
     connections are served at once (more are answered with one error line
     and must be closed).  Both may be changed between requests (a reload).
+    ``durable`` holds output until its changes are committed (see above).
+    ``policy`` and ``quotas`` decide who may run what (the ``guard``, which
+    ``guard.configure()`` changes between requests).
     """
 
     def __init__(self, contract: Contract, registry: Registry, limits: Limits, *,
-                 max_clients: int = 1024) -> None:
+                 max_clients: int = 1024, durable: bool = False,
+                 handlers: Handlers | None = None, policy: Policy | None = None,
+                 quotas: Quotas | None = None) -> None:
         self.contract = contract
         self.registry = registry
         self.limits = limits
         self.max_clients = max_clients
-        self.table = Handlers(contract, registry).table()
+        self.durable = durable
+        self.handlers = handlers if handlers is not None else Handlers(contract, registry)
+        self.table = self.handlers.table()
+        self.guard = Guard(self.table, registry, policy if policy is not None else Policy(),
+                           quotas if quotas is not None else Quotas())
         self.greeting: dict[str, Any] = {
             "QMP": {"version": version_info(), "capabilities": ["oob"]}
         }
         self.connections: dict[Connection, None] = {}  # an ordered set
         self._dirty: dict[Connection, None] = {}  # connections with output, in order
         self._numbers = 0
+        # Durability: stamps of commands whose changes are not on disk yet.
+        self._stamp = 0  # the last stamp handed out
+        self._committed = 0  # everything up to this stamp is on disk
+        self._grouped = 0  # ... or in the group being committed
+        self._pending: list[tuple[int, list[Change]]] = []
+        self._holding: dict[Connection, None] = {}
+        self._waiting: dict[Connection, None] = {}
+        self._calls: list[tuple[Connection, Call]] = []
 
     # -- connections -----------------------------------------------------------
     def connect(self, owner: Owner | None) -> Connection:
@@ -86,27 +131,36 @@ class Core:
         return conn
 
     def disconnect(self, conn: Connection, reason: str = "") -> None:
-        """The connection is gone: run what it sent, release its blockers.
+        """The connection is gone: run what it sent, then release its blockers.
 
         Everything received is executed even though the answers cannot be
         delivered (a client that hangs up right after sending still gets its
-        commands run, unlike QEMU).
+        commands run, unlike QEMU).  A request still waiting for a commit runs
+        when the commit is done; the connection is finished off after that.
         """
-        if conn not in self.connections:
+        if conn not in self.connections or conn.closed:
             return
-        while self.execute(conn, 1 << 30):
-            pass
-        del self.connections[conn]
-        self._dirty.pop(conn, None)
+        conn.closed = True
         log.info("%s disconnected%s", conn.label, f": {reason}" if reason else "",
                  extra=about(conn))
+        self._finish(conn)
+
+    def _finish(self, conn: Connection) -> None:
+        while self.execute(conn, 1 << 30):
+            pass
+        if conn.waiting is not None:
+            return  # finished when its commit is done
+        del self.connections[conn]
+        self._dirty.pop(conn, None)
+        self._holding.pop(conn, None)
         released = self.registry.release(conn)
         if released:
             ids = [b.id for b in released]
             log.info("%s: released %d connection-scoped blocker(s): %s", conn.label,
                      len(released), shown(", ".join(ids), quoted=False),
                      extra=about(conn, blocker_id=ids))
-        self._publish()
+            self.registry.take_changes()  # nothing durable: they were never stored
+        self._publish(False)
 
     # -- input -----------------------------------------------------------------
     def receive_data(self, conn: Connection, data: bytes) -> None:
@@ -116,7 +170,18 @@ class Core:
         conn.session.receive_eof()
 
     def has_pending(self, conn: Connection) -> bool:
-        return conn.session.has_pending()
+        """Requests are buffered (or one waits for a commit)."""
+        return conn.waiting is not None or conn.session.has_pending()
+
+    def settled(self, conn: Connection) -> bool:
+        """Everything ``conn`` sent is answered and released: a half-closed one may go."""
+        return (conn.waiting is None and not conn.session.has_pending()
+                and not conn.session.holding)
+
+    def blocked(self, conn: Connection) -> bool:
+        """Its next request waits for a commit or QEMU: no use giving it a turn until then."""
+        return conn.waiting is not None and (
+            conn.suspended is not None or self._stamp > self._committed)
 
     def execute(self, conn: Connection, max_requests: int) -> int:
         """Run up to ``max_requests`` of ``conn``'s pending requests, in order.
@@ -127,11 +192,22 @@ class Core:
             return 0
         session = conn.session
         handled = 0
-        while handled < max_requests and session.has_pending():
-            handled += 1
-            request = session.next_request()
+        while handled < max_requests:
+            request = conn.waiting
             if request is not None:
-                self._run(conn, request)
+                if conn.suspended is not None or self._stamp > self._committed:
+                    break
+                conn.waiting = None
+            elif session.has_pending():
+                handled += 1
+                request = session.next_request()
+                if request is None:
+                    continue
+            else:
+                break
+            self._run(conn, request)
+            if conn.waiting is not None:
+                break
         if session.has_output():
             self._dirty[conn] = None
         return handled
@@ -147,6 +223,93 @@ class Core:
         dirty, self._dirty = list(self._dirty), {}
         return dirty
 
+    # -- durability --------------------------------------------------------------
+    def has_uncommitted(self) -> bool:
+        """Some change is not on disk yet (nor has its commit failed)."""
+        return self._stamp > self._committed
+
+    def take_group(self) -> Group | None:
+        """The changes to commit next, if any and if no commit is in flight."""
+        if self._grouped > self._committed or self._stamp == self._grouped:
+            return None
+        changes = [change for stamp, batch in self._pending if stamp > self._grouped
+                   for change in batch if change.durable]
+        self._grouped = self._stamp
+        return Group(self._stamp, changes)
+
+    def committed(self, group: Group) -> list[Connection]:
+        """``group`` is on disk: release what waited for it.
+
+        Returns the connections whose next request may run now.
+        """
+        self._committed = group.stamp
+        self._pending = [entry for entry in self._pending if entry[0] > group.stamp]
+        for conn in list(self._holding):
+            if conn.session.release(group.stamp):
+                self._dirty[conn] = None
+            if not conn.session.holding:
+                del self._holding[conn]
+        return self._wake()
+
+    def commit_failed(self, group: Group, reason: str) -> list[Connection]:
+        """``group`` could not be committed: back to what is on disk.
+
+        Every change not yet on disk is undone (``group``'s and any made
+        since), the replies of those commands become errors saying ``reason``
+        and their events are dropped.  Returns the connections whose next
+        request may run now.
+        """
+        log.error("%s; %d command(s) failed, their changes undone", reason,
+                  len(self._pending))
+        for _, changes in reversed(self._pending):
+            self.registry.undo(changes)
+        self._pending.clear()
+        self._committed = self._grouped = self._stamp
+        error = QMPError(f"{reason}; nothing was changed")
+        for conn in self._holding:
+            conn.session.fail_held(error)
+            self._dirty[conn] = None
+        self._holding.clear()
+        return self._wake()
+
+    def _wake(self) -> list[Connection]:
+        if self._stamp > self._committed or not self._waiting:
+            return []
+        woken = list(self._waiting)
+        self._waiting.clear()
+        for conn in woken:
+            if conn.closed:
+                self._finish(conn)
+        return [conn for conn in woken if not conn.closed]
+
+    # -- QEMU --------------------------------------------------------------------
+    def take_calls(self) -> list[tuple[Connection, Call]]:
+        """Commands for QEMU, each from a request suspended until :meth:`resume`."""
+        if not self._calls:
+            return []
+        calls, self._calls = self._calls, []
+        return calls
+
+    def resume(self, conn: Connection, value: object = None,
+               error: BaseException | None = None) -> None:
+        """QEMU answered ``conn``'s call (``value``), or could not (``error``)."""
+        gen, request = conn.suspended, conn.waiting
+        assert gen is not None and request is not None
+        conn.suspended = conn.waiting = None
+        self._drive(conn, request, gen, value, error)
+        if conn.closed and conn.waiting is None:
+            self._finish(conn)
+        elif conn.session.has_output():
+            self._dirty[conn] = None
+
+    def relay(self, name: str, data: dict[str, Any], timestamp: dict[str, Any]) -> None:
+        """An event from QEMU, for every negotiated client, with QEMU's own timestamp."""
+        event: dict[str, Any] = {"event": name}
+        if data:
+            event["data"] = data
+        event["timestamp"] = timestamp
+        self._fan_out(encode_line(event), False)
+
     # -- time --------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """Monotonic time at which :meth:`tick` has work to do, if any."""
@@ -155,56 +318,125 @@ class Core:
     def tick(self) -> None:
         """Apply the simulated migration's due transitions and deliver their events."""
         self.registry.advance()
-        self._publish()
+        self._publish(False)
 
-    def status(self) -> tuple[int, int, str]:
-        """Blockers, clients and migration status, for systemd's STATUS line."""
-        return len(self.registry), len(self.connections), self.registry.status or "none"
+    def status(self) -> tuple[int, int, str, str | None]:
+        """Blockers, clients, migration status and QEMU link, for systemd's STATUS line."""
+        handlers = self.handlers
+        return (len(self.registry), len(self.connections), handlers.migration_status(),
+                handlers.qemu_state())
 
     # -- the one place where a request meets the registry ------------------------
     def _run(self, conn: Connection, request: Request) -> None:
-        session = conn.session
-        name = request.command.name
         handler = request.command.handler
         assert callable(handler)
+        # Access first: a refused request changes nothing and causes no event.
+        try:
+            self.guard.check(conn, request.command.name, request.args)
+        except QMPError as exc:
+            self._complete(conn, request, None, exc)
+            return
+        if self._stamp > self._committed and getattr(handler, "reads_state", False):
+            conn.waiting = request
+            self._waiting[conn] = None
+            return
         # Transitions already due come first, so that answers never depend on
         # how promptly the timer fired, and their events precede this command's.
-        self.registry.advance()
+        registry = self.registry
+        if registry.next_deadline() is not None:
+            registry.advance()
+            self._publish(False)
+        result, error = self._attempt(conn, request, lambda: handler(conn, request.args))
+        if type(result) is GeneratorType:
+            self._drive(conn, request, result, None, None)
+        else:
+            self._complete(conn, request, result, error)
+
+    def _drive(self, conn: Connection, request: Request, gen: Suspended, value: object,
+               error: BaseException | None) -> None:
+        """Run a handler that talks to QEMU up to its next call, or to its end."""
+        stop: list[object] = []
+
+        def step() -> object:
+            try:
+                return gen.throw(error) if error is not None else gen.send(value)
+            except StopIteration as done:
+                stop.append(done.value)
+                return None
+
+        call, failure = self._attempt(conn, request, step)
+        if failure is not None or stop:
+            self._complete(conn, request, stop[0] if stop else None, failure)
+            return
+        assert isinstance(call, Call)
+        conn.waiting, conn.suspended = request, gen
+        self._calls.append((conn, call))
+
+    def _attempt(self, conn: Connection, request: Request,
+                 run: Callable[[], object]) -> tuple[object, QMPError | None]:
+        """``run()``'s result, or the QMP error the client gets instead.
+
+        The one place where registry refusals, QEMU's answers and bugs become
+        QMP errors.
+        """
         try:
-            result = handler(conn, request.args)
+            return run(), None
         except QMPError as exc:
-            error: QMPError | None = exc
+            return None, exc
         except BlockerError as exc:
-            error = QMPError(exc.desc)
+            return None, QMPError(exc.desc)
+        except QemuError as exc:
+            return None, QMPError(exc.desc, exc.error_class)  # verbatim, class and all
+        except QemuUnavailable as exc:
+            return None, QMPError(str(exc))
         except Exception:
             # The client gets a generic error; the traceback belongs in the log only.
+            name = request.command.name
             log.exception("%s: internal error in %s", conn.label, name, extra=about(conn))
-            error = QMPError(f"Internal error while executing command {name}")
-        else:
-            error = None
+            return None, QMPError(f"Internal error while executing command {name}")
+
+    def _complete(self, conn: Connection, request: Request, result: object,
+                  error: QMPError | None) -> None:
+        """Record the command's changes, deliver its events, then its reply."""
+        durable = False
+        changes = self.registry.take_changes()
+        if changes and self.durable and any(change.durable for change in changes):
+            self._stamp += 1
+            self._pending.append((self._stamp, changes))
+            durable = True
         # Events the command caused go out before its reply (QEMU's order).
-        self._publish()
+        self._publish(durable)
+        stamp = self._stamp if self._stamp > self._committed else 0
+        if stamp:
+            self._holding[conn] = None
+        session = conn.session
         if error is not None:
-            session.fail(request, error)
+            session.fail(request, error, stamp)
             return
         try:
-            session.reply(request, result)
+            session.reply(request, result, stamp, durable)
         except (ValueError, TypeError, RecursionError):
+            name = request.command.name
             log.exception("%s: cannot encode the result of %s", conn.label, name,
                           extra=about(conn))
-            session.fail(request, QMPError(f"Internal error while executing command {name}"))
+            session.fail(request, QMPError(f"Internal error while executing command {name}"),
+                         stamp)
 
-    def _publish(self) -> None:
+    def _publish(self, durable: bool) -> None:
         """Deliver the registry's queued events to every negotiated session."""
         events = self.registry.take_events()
-        if not events:
-            return
-        dirty = self._dirty
         for event in events:
-            line = event_line(event)
-            for conn in self.connections:
-                if conn.session.negotiated:
-                    conn.session.send_event(line)
-                    dirty[conn] = None
+            self._fan_out(event_line(event), durable)
             if event.name == "MIGRATION":
                 log.info("migration status: %s", event.detail)
+
+    def _fan_out(self, line: bytes, durable: bool) -> None:
+        stamp = self._stamp if self._stamp > self._committed else 0
+        dirty = self._dirty
+        marks = (dirty, self._holding) if stamp else (dirty,)
+        for conn in self.connections:
+            session = conn.session
+            if session.negotiated and not conn.closed:
+                session.send_event(line, stamp, durable)
+                for mark in marks:
+                    mark[conn] = None

@@ -11,6 +11,7 @@ socket removed, ``STOPPING=1`` sent first.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from typing import Any
@@ -19,9 +20,13 @@ from migblockd import __version__
 from migblockd.config import Config
 from migblockd.contract import Contract
 from migblockd.core import Core
+from migblockd.listen import StartupError
+from migblockd.persistence import restore, to_store
 from migblockd.qapi.error import QAPIError
-from migblockd.registry import Registry
-from migblockd.server import Server, StartupError, spawn
+from migblockd.qemu.bridge import Bridge
+from migblockd.registry import Change, Registry
+from migblockd.server import Server, spawn
+from migblockd.state import StateError, Store
 from migblockd.systemd import ActivationError, Notifier, activated_listener
 
 __all__ = ["StartupError", "run"]
@@ -42,13 +47,56 @@ async def run(config: Config, cli: dict[str, Any]) -> None:
         only_migratable=config.only_migratable,
         migration_time=config.migration_time,
     )
-    core = Core(contract, registry, config.limits, max_clients=config.max_clients)
+    store = open_state(config, registry)
+    try:
+        await serve(config, cli, contract, registry, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+def open_state(config: Config, registry: Registry) -> Store | None:
+    """The state directory, locked, with what it holds restored into ``registry``."""
+    if config.ephemeral:
+        log.info("state: ephemeral: blockers live in memory only, a restart forgets them")
+        return None
+    try:
+        store = Store.open(config.state_dir)
+    except StateError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        restore(registry, store.load())
+    except (StateError, ValueError) as exc:
+        store.close()
+        raise StartupError(f"{store.path}: {exc}") from None
+    log.info("restored %d blockers from %s", len(registry), store.path)
+    # What was restored lives as long as the daemon: keep the collector off it.
+    gc.collect()
+    gc.freeze()
+    return store
+
+
+async def serve(config: Config, cli: dict[str, Any], contract: Contract, registry: Registry,
+                store: Store | None) -> None:
+    bridge = None
+    if config.qemu is not None:
+        bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry)
+    core = Core(contract, registry, config.limits, max_clients=config.max_clients,
+                durable=store is not None,
+                handlers=bridge.handlers if bridge is not None else None,
+                policy=config.access, quotas=config.quotas)
     try:
         sock = activated_listener()
     except ActivationError as exc:
         raise StartupError(f"socket activation: {exc}") from None
+
+    def commit(changes: list[Change]) -> None:
+        assert store is not None
+        store.commit(to_store(changes))
+
     notifier = await Notifier.open()
-    server = Server(config, cli, core, notifier)
+    server = Server(config, cli, core, notifier, commit if store is not None else None,
+                    bridge.forward if bridge is not None else None)
     try:
         await server.start(sock)
     except BaseException:
@@ -68,10 +116,14 @@ async def run(config: Config, cli: dict[str, Any]) -> None:
     loop.add_signal_handler(signal.SIGHUP, spawn, loop, tasks, server.reload)
     await notifier.ready(server.status_line())
     await server.serve()
+    if bridge is not None:
+        bridge.start(core, server.schedule)
+        gating = f"gating the QEMU at {config.qemu}"
+    else:
+        gating = f"migration-time {config.migration_time:g}s"
     where = "the passed socket" if server.own_socket is None else str(config.socket)
-    log.info("migblockd %s ready on %s (only-migratable %s, migration-time %gs)",
-             __version__, where,
-             "on" if config.only_migratable else "off", config.migration_time)
+    log.info("migblockd %s ready on %s (only-migratable %s, %s)", __version__, where,
+             "on" if config.only_migratable else "off", gating)
     notifier.start_watchdog()
     try:
         await stop.wait()
@@ -80,6 +132,8 @@ async def run(config: Config, cli: dict[str, Any]) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop()
+        if bridge is not None:
+            await bridge.close()
         for task in tasks:
             task.cancel()
         await notifier.close()

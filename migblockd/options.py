@@ -323,12 +323,17 @@ def reloadable(settings: type) -> frozenset[str]:
     return frozenset(o.name for o in table(settings) if o.reloadable)
 
 
-def help_text(o: Option) -> str:
-    """``--help``'s text for an option: its help, then its default and reload behaviour."""
+def help_text(o: Option, *, documented: bool = False) -> str:
+    """``--help``'s text for an option: its help, then its default and reload behaviour.
+
+    ``documented`` shows the default as the documentation words it (``default_doc``,
+    without its Markdown quotes) rather than the value computed here and now: what
+    generated, committed files such as the man pages need, the same on every machine.
+    """
     notes = []
-    default = None if o.flag else o.shown_default(documented=False)
+    default = None if o.flag else o.shown_default(documented=documented)
     if default is not None:
-        notes.append(f"default: {default}")
+        notes.append(f"default: {default.replace('`', '') if documented else default}")
     if o.reloadable:
         notes.append("SIGHUP applies it")
     return f"{o.help} ({'; '.join(notes)})" if notes else o.help
@@ -346,18 +351,22 @@ def _argparse_type(o: Option) -> Callable[[str], Any]:
     return convert
 
 
-def add_arguments(parser: argparse.ArgumentParser, settings: type) -> None:
-    """Add every command-line option of ``settings``; an option not given parses to None."""
+def add_arguments(parser: argparse.ArgumentParser, settings: type, *,
+                  documented: bool = False) -> None:
+    """Add every command-line option of ``settings``; an option not given parses to None.
+
+    ``documented``: defaults in the help as :func:`help_text` documents them.
+    """
     for o in table(settings):
         if Where.COMMAND_LINE not in o.where:
             continue
         if o.flag:
             parser.add_argument(o.flag_name, dest=o.name, action="store_const", const=True,
-                                default=None, help=help_text(o))
+                                default=None, help=help_text(o, documented=documented))
         else:
             parser.add_argument(o.flag_name, dest=o.name, metavar=o.metavar,
                                 type=_argparse_type(o), choices=o.choices or None,
-                                default=None, help=help_text(o))
+                                default=None, help=help_text(o, documented=documented))
 
 
 def read_file(path: Path, settings: type) -> dict[str, Any]:

@@ -18,5 +18,30 @@ def default_socket_path() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "migblockd" / "migblockd.sock"
-    tmp = os.environ.get("TMPDIR", "/tmp")
-    return Path(tmp) / f"migblockd-{os.geteuid()}" / "migblockd.sock"
+    return fallback_socket_dir() / "migblockd.sock"
+
+
+def fallback_socket_dir() -> Path:
+    """``${TMPDIR:-/tmp}/migblockd-UID``: in a directory every user can write to, so the
+    daemon refuses it unless it is its own (see ``migblockd.server.make_socket_dir``)."""
+    tmp = os.environ.get("TMPDIR") or "/tmp"
+    return Path(tmp) / f"migblockd-{os.geteuid()}"
+
+
+def default_state_dir() -> Path:
+    """The directory the daemon keeps its state in by default.
+
+    systemd's ``$STATE_DIRECTORY`` (set by ``StateDirectory=``; with several
+    directories it is a colon-separated list, and the first is ours) wins;
+    otherwise root gets ``/var/lib/migblockd`` and other users
+    ``$XDG_STATE_HOME/migblockd``, where ``XDG_STATE_HOME`` defaults to
+    ``~/.local/state`` (and, as the XDG spec says, a relative one is ignored).
+    """
+    systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if systemd:
+        return Path(systemd)
+    if os.geteuid() == 0:
+        return Path("/var/lib/migblockd")
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "state"
+    return base / "migblockd"

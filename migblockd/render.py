@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from migblockd.qmp.encoding import encode, encode_event, timestamp
+from migblockd.access import user_name
+from migblockd.qmp.encoding import Encoded, encode, encode_event, timestamp
 from migblockd.registry import Blocker, Event
 
 __all__ = ["blocker_info", "blocker_text", "event_data", "event_line"]
@@ -26,8 +27,13 @@ def blocker_info(blocker: Blocker) -> dict[str, Any]:
     }
     owner = blocker.owner
     if owner is not None:
-        info["owner"] = {"pid": owner.pid, "uid": owner.uid, "gid": owner.gid}
+        who: dict[str, Any] = {"pid": owner.pid, "uid": owner.uid, "gid": owner.gid}
+        name = user_name(owner.uid)  # cached per uid
+        if name is not None:
+            who["user"] = name
+        info["owner"] = who
     info["added"] = timestamp(blocker.added)
+    info["source"] = "migblockd"
     return info
 
 
@@ -53,4 +59,8 @@ def event_data(event: Event) -> dict[str, Any]:
 
 def event_line(event: Event) -> bytes:
     """The QMP event line for a registry event."""
+    if event.name == "BLOCKER_ADDED":
+        assert event.blocker is not None
+        # The blocker's encoded form, which its reply and listings share.
+        return encode_event(event.name, Encoded(blocker_text(event.blocker)), event.when)
     return encode_event(event.name, event_data(event), event.when)

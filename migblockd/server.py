@@ -19,22 +19,25 @@ dropped.  Events still reach such a client until its unread output passes
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import socket
-import stat
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from migblockd.access import group_id
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.connection import Connection
-from migblockd.core import Core
+from migblockd.core import Core, Group
+from migblockd.gate import QemuUnavailable
+from migblockd.listen import LISTEN_BACKLOG, StartupError, bind_socket
 from migblockd.logs import WIRE_LIMIT, about, shown
-from migblockd.registry import Owner
+from migblockd.registry import Change, Owner
 from migblockd.systemd import Notifier, format_status
 
 log = logging.getLogger("migblockd")
@@ -46,16 +49,9 @@ BATCH = 32
 HIGH_WATER = 64 * 1024
 #: How long shutdown waits for clients to take their last replies.
 SHUTDOWN_GRACE = 1.5
-LISTEN_BACKLOG = 1024
 LEFTOVER_CHUNK = 64 * 1024
-#: sun_path is 108 bytes on Linux, one of them the terminating NUL.
-UNIX_PATH_MAX = 107
 
 _PEERCRED = struct.Struct("3i")
-
-
-class StartupError(Exception):
-    """The daemon cannot start; ``str()`` is the one-line reason for the log."""
 
 
 def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:
@@ -178,8 +174,8 @@ class ClientProtocol(asyncio.Protocol):
             if not self.read_paused:
                 transport.pause_reading()
                 self.read_paused = True
-            # A paused writer is woken by resume_writing instead.
-            return not self.write_paused
+            # A paused writer is woken by resume_writing, a blocked one by its commit.
+            return not self.write_paused and not core.blocked(conn)
         if self.read_paused and not self.eof:
             transport.resume_reading()
             self.read_paused = False
@@ -204,19 +200,38 @@ class ClientProtocol(asyncio.Protocol):
                             conn.label, self.server.config.max_output, extra=about(conn))
                 transport.abort()
                 return
-        if self.eof and not self.core.has_pending(conn):
+        if self.eof and self.core.settled(conn):
             transport.close()
 
 
+Commit = Callable[[list[Change]], None]
+#: Runs one command on the gated QEMU: its return value, or QemuError /
+#: QemuUnavailable (migblockd.gate) raised.
+Forward = Callable[[str, dict[str, Any]], Awaitable[object]]
+
+
 class Server:
-    """The listening socket, its connections' transports, and the turn scheduler."""
+    """The listening socket, its connections' transports, and the turn scheduler.
+
+    ``commit`` writes a group of changes durably (blocking: it runs on a worker
+    thread, one group at a time, so the loop keeps serving meanwhile); it
+    raises an exception whose ``str()`` says why when it cannot.  ``forward``
+    sends a suspended request's call to the gated QEMU.
+    """
 
     def __init__(self, config: Config, cli: dict[str, Any], core: Core,
-                 notifier: Notifier) -> None:
+                 notifier: Notifier, commit: Commit | None = None,
+                 forward: Forward | None = None) -> None:
         self.config = config
         self.cli = cli
         self.core = core
         self.notifier = notifier
+        self.commit = commit
+        self.forward = forward
+        self._forwarding: set[asyncio.Task[None]] = set()
+        self._disk = concurrent.futures.ThreadPoolExecutor(1, "migblockd-commit")
+        self._group: Group | None = None
+        self._committing = asyncio.Event()
         self.protocols: dict[Connection, ClientProtocol] = {}
         self.listener: asyncio.Server | None = None
         self.own_socket: tuple[Path, int] | None = None  # path and inode we created
@@ -225,7 +240,7 @@ class Server:
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
-        self._status: tuple[int, int, str] | None = None
+        self._status: tuple[int, int, str, str | None] | None = None
         self._all_gone = asyncio.Event()
 
     # -- turns -------------------------------------------------------------------
@@ -253,6 +268,13 @@ class Server:
 
     def _flush(self) -> None:
         protocols = self.protocols
+        if self.commit is not None and self._group is None:
+            self._start_commit()
+        if self.forward is not None:
+            for conn, call in self.core.take_calls():
+                task = self._loop.create_task(self._call(conn, call.name, call.args))
+                self._forwarding.add(task)
+                task.add_done_callback(self._forwarding.discard)
         for conn in self.core.take_dirty():
             protocol = protocols.get(conn)
             if protocol is not None:
@@ -263,6 +285,59 @@ class Server:
             self._all_gone.set()
         else:
             self._all_gone.clear()
+
+    # -- QEMU ----------------------------------------------------------------------
+    async def _call(self, conn: Connection, name: str, args: dict[str, Any]) -> None:
+        assert self.forward is not None
+        try:
+            value = await self.forward(name, args)
+        except asyncio.CancelledError:
+            self.core.resume(conn, error=QemuUnavailable(
+                "migblockd stopped before QEMU answered; the command may or may not have "
+                "taken effect"))
+            raise
+        except Exception as exc:  # QemuError, QemuUnavailable: the core words them
+            self.core.resume(conn, error=exc)
+        else:
+            self.core.resume(conn, value)
+        protocol = self.protocols.get(conn)
+        if protocol is not None:
+            self.runnable(protocol)
+        else:
+            self.schedule()
+
+    # -- group commit ------------------------------------------------------------
+    def _start_commit(self) -> None:
+        assert self.commit is not None
+        group = self._group = self.core.take_group()
+        if group is None:
+            return
+        future = self._loop.run_in_executor(self._disk, self.commit, group.changes)
+        future.add_done_callback(self._commit_done)
+
+    def _commit_done(self, future: asyncio.Future[None]) -> None:
+        group, self._group = self._group, None
+        assert group is not None
+        exc = future.exception()
+        if exc is None:
+            woken = self.core.committed(group)
+        else:
+            woken = self.core.commit_failed(group, str(exc))
+        for conn in woken:
+            protocol = self.protocols.get(conn)
+            if protocol is not None:
+                self._runnable[protocol] = None
+        self._committing.set()
+        self.schedule()
+        self._flush()
+
+    async def _commits_done(self) -> None:
+        """Wait until every change made so far is on disk (or has failed)."""
+        while self.commit is not None and self.core.has_uncommitted():
+            if self._group is None:
+                self._start_commit()
+            self._committing.clear()
+            await self._committing.wait()
 
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline()
@@ -297,12 +372,22 @@ class Server:
     # -- life cycle ----------------------------------------------------------------
     async def start(self, sock: socket.socket | None) -> None:
         """Bind (or take the socket systemd passed) without accepting yet: see serve()."""
+        group = self.config.socket_group
         if sock is not None:
             log.info("socket activation: serving the passed socket %s", sock.getsockname())
+            if group is not None:
+                log.info("socket activation: --socket-group is ignored (the socket unit's "
+                         "SocketGroup= applies)")
         else:
-            sock = bind_socket(self.config.socket, self.config.socket_mode)
+            gid = None
+            if group is not None:
+                gid = group_id(group)
+                if gid is None:
+                    raise StartupError(f"--socket-group: there is no group named {group!r}")
+            sock = bind_socket(self.config.socket, self.config.socket_mode, gid)
             self.own_socket = (self.config.socket, os.stat(self.config.socket).st_ino)
-            log.info("listening on %s (mode %04o)", self.config.socket, self.config.socket_mode)
+            log.info("listening on %s (mode %04o%s)", self.config.socket,
+                     self.config.socket_mode, "" if group is None else f", group {group}")
         extra: dict[str, Any] = {}
         if sys.version_info >= (3, 13):
             # We remove our own socket ourselves, and never a passed one.
@@ -321,12 +406,31 @@ class Server:
         log.info("stopping: closing the socket and %d client(s)", len(self.protocols))
         if self.listener is not None:
             self.listener.close()
-        # Everything received is answered, then each connection closes once its
-        # replies are written.
-        for conn, protocol in list(self.protocols.items()):
+        # Everything received is answered (after its commit), then each
+        # connection closes once its replies are written.
+        core = self.core
+        deadline = self._loop.time() + SHUTDOWN_GRACE
+        for protocol in self.protocols.values():
             protocol.eof = True
-            while self.core.execute(conn, BATCH):
-                pass
+            if protocol.transport is not None and not protocol.transport.is_closing():
+                protocol.transport.pause_reading()
+        while True:
+            for conn in list(self.protocols):
+                while core.execute(conn, BATCH):
+                    pass
+            self._flush()
+            if self._forwarding:
+                # QEMU gets the grace period to answer what was forwarded.
+                left = deadline - self._loop.time()
+                if left <= 0:
+                    for task in self._forwarding:
+                        task.cancel()
+                await asyncio.wait(set(self._forwarding), timeout=max(left, 0) or None)
+                continue
+            if not core.has_uncommitted():
+                break
+            await self._commits_done()
+        for protocol in list(self.protocols.values()):
             protocol.flush()
             if protocol.transport is not None and not protocol.transport.is_closing():
                 protocol.transport.close()
@@ -346,6 +450,7 @@ class Server:
             await self.listener.wait_closed()
         if self._timer is not None:
             self._timer.cancel()
+        self._disk.shutdown(wait=True)
         self.remove_own_socket()
 
     def remove_own_socket(self) -> None:
@@ -369,6 +474,10 @@ class Server:
             self.config = self.config.replace(**changes)
             self.core.limits = self.config.limits
             self.core.max_clients = self.config.max_clients
+            # Also re-reads the user and group databases; open connections get
+            # their new role at their next request.
+            self.core.guard.configure(self.config.access, self.config.quotas,
+                                     self.core.connections)
             logging.getLogger().setLevel(self.config.logging_level)
             described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
             log.info("reloaded configuration: %s", described or "nothing changed")
@@ -378,62 +487,6 @@ class Server:
 def _log_task_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("sd_notify failed: %s", task.exception())
-
-
-def bind_socket(path: Path, mode: int) -> socket.socket:
-    """Bind a listening socket at ``path``, refusing to steal one a live daemon serves."""
-    size = len(os.fsencode(path))
-    if size > UNIX_PATH_MAX:
-        raise StartupError(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
-                           f"the limit is {UNIX_PATH_MAX})")
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StartupError(f"cannot create {path.parent}: {exc.strerror}") from None
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-        if _answers(path):
-            raise StartupError(
-                f"another daemon is already listening on {path}; refusing to take over "
-                "a live socket (stop it first, or choose another --socket)"
-            )
-        log.info("removing stale socket %s", path)
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # The socket must never exist with wider permissions than asked, even briefly.
-    old = os.umask(0o777 & ~mode)
-    try:
-        sock.bind(os.fspath(path))
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"cannot bind {path}: {exc.strerror or exc}") from None
-    finally:
-        os.umask(old)
-    os.chmod(path, mode)
-    # Listening at once: a client (or a second daemon probing) that comes before
-    # we accept waits in the backlog instead of finding a "stale" socket.
-    sock.listen(LISTEN_BACKLOG)
-    sock.setblocking(False)
-    return sock
-
-
-def _answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(os.fspath(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True  # unsure (a full backlog, a timeout): do not steal it
-    finally:
-        probe.close()
-    return True
 
 
 def spawn(loop: asyncio.AbstractEventLoop, tasks: set[asyncio.Task[None]],

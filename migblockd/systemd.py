@@ -90,13 +90,17 @@ def watchdog_usec(env: Mapping[str, str] = os.environ) -> int | None:
     return usec
 
 
-def format_status(blockers: int, clients: int, migration: str) -> str:
-    """The one-line ``STATUS=`` summary, e.g. ``2 blockers, 1 client, migration: none``."""
+def format_status(blockers: int, clients: int, migration: str, qemu: str | None = None) -> str:
+    """The one-line ``STATUS=`` summary, e.g. ``2 blockers, 1 client, migration: none``.
+
+    ``qemu`` is the state of the link to a gated QEMU (``--qemu``), if any.
+    """
 
     def plural(n: int, word: str) -> str:
         return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
-    return f"{plural(blockers, 'blocker')}, {plural(clients, 'client')}, migration: {migration}"
+    line = f"{plural(blockers, 'blocker')}, {plural(clients, 'client')}, migration: {migration}"
+    return line if qemu is None else f"{line}, QEMU {qemu}"
 
 
 def _one_line(text: str) -> str:

@@ -17,11 +17,24 @@ from pathlib import Path
 
 import pytest
 from interpreters import VenvBuilder, interpreters
+from otheruids import accounts, uid_client_script  # noqa: F401  (fixtures: other uids)
 from qmpclient import RawClient, qmp_client, qmp_clients
 from realqemu import qemu, qemu_factory  # noqa: F401  (fixtures: a real QEMU, see realqemu.py)
 
+from migblockd.access import user_name
+
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = " ready on "
+
+
+def owner_info(pid: int, uid: int | None = None, gid: int | None = None) -> dict[str, object]:
+    """``BlockerInfo``'s ``owner`` for a client process (by default of this process's
+    uid and gid): the daemon adds the uid's user name when the user database has one."""
+    uid = os.getuid() if uid is None else uid
+    owner: dict[str, object] = {"pid": pid, "uid": uid, "gid": os.getgid() if gid is None else gid}
+    if (name := user_name(uid)) is not None:
+        owner["user"] = name
+    return owner
 
 
 @dataclass
@@ -96,10 +109,20 @@ def spawn_daemon(
     env: dict[str, str] | None = None, python: str = sys.executable,
     cwd: Path | None = None,
 ) -> DaemonProcess:
-    """Start the daemon; by default wait until it logs that it is ready."""
+    """Start the daemon; by default wait until it logs that it is ready.
+
+    Unless ``args`` name a state directory (or ``--ephemeral``), each daemon
+    gets a fresh one under ``workdir``: durable state is the default, and
+    daemons must not share one by accident.
+    """
     sock = socket if socket is not None else workdir / "migblockd.sock"
-    log_path = workdir / f"daemon-{time.monotonic_ns()}.log"
-    argv = [python, "-m", "migblockd", "--socket", str(sock), "--log-level", "debug", *args]
+    stamp = time.monotonic_ns()
+    log_path = workdir / f"daemon-{stamp}.log"
+    state: list[str] = []
+    if not any(a.startswith("--state-dir") or a == "--ephemeral" for a in args):
+        state = ["--state-dir", str(workdir / f"state-{stamp}")]
+    argv = [python, "-m", "migblockd", "--socket", str(sock), "--log-level", "debug",
+            *state, *args]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

@@ -27,6 +27,9 @@ CPR_RAM = ("Memory region pc.ram is not compatible with CPR. share=on is require
            "memory-backend objects, and aux-ram-share=on is required.")
 MDEV = "CPR does not support vfio mdev 0000:02:00.0"
 
+#: What the simulation reports besides ``mode`` in query-migrate-parameters: QEMU's defaults.
+DEFAULT_PARAMETERS = {"max-bandwidth": 134217728, "downtime-limit": 300}
+
 #: ``error(..., id=NO_ID)`` is a reply without an ``id`` member (``None`` is a valid id).
 NO_ID = object()
 

@@ -172,12 +172,17 @@ class Qemu:
 
 
 async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    """Poll ``predicate()`` until it is true; fail the test after a generous ``timeout``."""
+    """Poll ``predicate()`` (which may be a coroutine function) until it is true; fail the
+    test after a generous ``timeout``."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not await _truth(predicate()):
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         await asyncio.sleep(0.02)
+
+
+async def _truth(value: Any) -> bool:
+    return bool(await value) if asyncio.iscoroutine(value) else bool(value)
 
 
 @pytest.fixture

@@ -49,14 +49,15 @@ def test_commands_in_schema_order_with_oob_flags(contract: Contract) -> None:
 
 
 def test_events(contract: Contract) -> None:
-    assert list(contract.events) == ["MIGRATION", "BLOCKER_ADDED", "BLOCKER_DELETED"]
+    assert list(contract.events) == ["MIGRATION", "MIGRATION_PASS", "BLOCKER_ADDED",
+                                     "BLOCKER_DELETED"]
     assert all(isinstance(e, EventSpec) for e in contract.events.values())
     deleted = contract.events["BLOCKER_DELETED"].data
     assert deleted["properties"]["cause"] == {"$ref": "#/$defs/BlockerDeletedCause"}
     assert deleted["$defs"]["BlockerDeletedCause"]["enum"] == ["command", "connection-closed"]
     added = contract.events["BLOCKER_ADDED"].data
     assert list(added["properties"]) == [
-        "id", "reason", "modes", "internal", "scope", "owner", "added"
+        "id", "reason", "modes", "internal", "scope", "owner", "added", "source"
     ]  # fmt: skip
 
 
@@ -97,7 +98,9 @@ def test_argument_documents_follow_the_conventions(contract: Contract) -> None:
     # A struct named as 'data' is inlined at top level.
     params = contract.commands["migrate-set-parameters"].arguments
     assert params["type"] == "object"
-    assert params["properties"] == {"mode": {"$ref": "#/$defs/MigMode"}}
+    assert params["properties"] == {"mode": {"$ref": "#/$defs/MigMode"},
+                                    "max-bandwidth": {"type": "integer"},
+                                    "downtime-limit": {"type": "integer"}}
     assert "MigrateSetParameters" not in params["$defs"]
 
 

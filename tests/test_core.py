@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from migblockd.access import user_name
 from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
@@ -53,7 +54,10 @@ def test_an_event_reaches_every_negotiated_connection_before_the_reply() -> None
     assert [m.get("event") for m in to_a] == ["BLOCKER_ADDED", None]
     assert to_a[1]["id"] == 7 and to_a[1]["return"] == to_a[0]["data"]
     assert to_b == to_a[:1]
-    assert to_a[0]["data"]["owner"] == {"pid": 1100, "uid": 1000, "gid": 1000}
+    owner: dict[str, object] = {"pid": 1100, "uid": 1000, "gid": 1000}
+    if (name := user_name(1000)) is not None:  # the owner's name, when the host has one
+        owner["user"] = name
+    assert to_a[0]["data"]["owner"] == owner
     assert core.data_to_send(c) == b""
     assert core.take_dirty() == []
 
@@ -84,7 +88,7 @@ def test_a_closed_connection_runs_what_it_sent_then_releases_its_blockers() -> N
 
 def test_the_simulated_migration_moves_only_when_ticked() -> None:
     core, clock = make()
-    a, b = connected(core, 1), connected(core, 2)
+    a, b = connected(core, 0), connected(core, 2)  # root may migrate
     feed(core, a, b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": '
                   b'[{"capability": "events", "state": true}]}}'
                   b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, "id": "m"}')
@@ -96,10 +100,10 @@ def test_the_simulated_migration_moves_only_when_ticked() -> None:
     deadline = core.next_deadline()
     assert deadline is not None
     clock.advance(5.0)
-    assert core.status() == (0, 2, "setup")  # a read: time has not been applied
+    assert core.status() == (0, 2, "setup", None)  # a read: time has not been applied
     core.tick()
     assert [m["data"]["status"] for m in lines(core.data_to_send(b))] == ["active", "completed"]
-    assert core.status() == (0, 2, "completed") and core.next_deadline() is None
+    assert core.status() == (0, 2, "completed", None) and core.next_deadline() is None
 
 
 def test_past_max_clients_a_connection_gets_one_error_line_and_no_slot() -> None:

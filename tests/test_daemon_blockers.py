@@ -1,6 +1,8 @@
-"""Every rule of blockers.md, end to end through the real daemon.
+"""Every blocker rule of QEMU's, end to end through the real daemon.
 
-Strings are exact, from ``../shared/reference/blockers.md``.  Tests that only add and
+The rules and strings are QEMU's (``include/migration/blocker.h``,
+``migration/migration.c`` 8.2 to 10.2, ``qapi/migration.json``), as
+docs/registry.md states them; strings are exact.  Tests that only add and
 delete blockers with ids of their own share one daemon; tests that migrate, or
 depend on the whole registry, start their own.
 """
@@ -15,10 +17,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, assert_clean_log
+from conftest import DaemonProcess, assert_clean_log, owner_info
 from qemu_strings import (
     ALL_MODES,
     CPR_RAM,
+    DEFAULT_PARAMETERS,
     DUMP,
     GENERIC,
     INVTSC,
@@ -66,7 +69,9 @@ async def wait_status(c: RawClient, status: str, timeout: float = 10.0) -> dict[
 def check_info(info: dict[str, Any], *, id: str | None, reason: str, modes: list[str],
                internal: bool = False, scope: str = "daemon") -> None:
     """A BlockerInfo as add-blocker must answer it for this test process."""
-    assert set(info) == {"id", "reason", "modes", "internal", "scope", "owner", "added"}, info
+    assert set(info) == {"id", "reason", "modes", "internal", "scope", "owner", "added",
+                         "source"}, info
+    assert info["source"] == "migblockd"
     if id is not None:
         assert info["id"] == id
     assert type(info["id"]) is str and info["id"]
@@ -74,7 +79,7 @@ def check_info(info: dict[str, Any], *, id: str | None, reason: str, modes: list
     assert info["modes"] == modes
     assert info["internal"] is internal
     assert info["scope"] == scope
-    assert info["owner"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    assert info["owner"] == owner_info(os.getpid())
     added = info["added"]
     assert set(added) == {"seconds", "microseconds"}
     assert 0 <= added["microseconds"] < 1_000_000
@@ -238,7 +243,7 @@ async def test_connection_scoped_blockers_are_released_on_disconnect(
 async def test_owner_is_the_connecting_process(module_daemon: DaemonProcess) -> None:
     async with module_daemon.client() as c:
         info = await c.ok("add-blocker", {"reason": "who", "id": "owner-check"})
-        assert info["owner"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+        assert info["owner"] == owner_info(os.getpid())
         await c.ok("del-blocker", {"id": "owner-check"})
     # A blocker added by another process carries that process's pid.
     script = (
@@ -257,7 +262,7 @@ async def test_owner_is_the_connecting_process(module_daemon: DaemonProcess) -> 
         "python3", "-c", script, str(module_daemon.socket), stdout=asyncio.subprocess.PIPE)
     out, _ = await asyncio.wait_for(proc.communicate(), 20)
     child = json.loads(out)["return"]
-    assert child["owner"] == {"pid": proc.pid, "uid": os.getuid(), "gid": os.getgid()}
+    assert child["owner"] == owner_info(proc.pid)
     async with module_daemon.client() as c:
         await c.ok("del-blocker", {"id": "owner-child"})
 
@@ -312,7 +317,7 @@ async def test_only_migratable_is_checked_before_busy(
 async def test_fresh_daemon_query_migrate_is_empty(daemon: DaemonProcess) -> None:
     async with daemon.client() as c:
         assert await c.ok("query-migrate") == {}
-        assert await c.ok("query-migrate-parameters") == {"mode": "normal"}
+        assert await c.ok("query-migrate-parameters") == {"mode": "normal", **DEFAULT_PARAMETERS}
         assert await c.ok("query-migrate-capabilities") == [
             {"capability": "events", "state": False}]
         assert await c.ok("query-blockers") == []
@@ -371,7 +376,7 @@ async def test_migrate_blocked_by_newest_blocker_of_current_mode(
         c.events.clear()
         for mode in ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec", "normal"]:
             assert await c.ok("migrate-set-parameters", {"mode": mode}) == {}
-            assert await c.ok("query-migrate-parameters") == {"mode": mode}
+            assert await c.ok("query-migrate-parameters") == {"mode": mode, **DEFAULT_PARAMETERS}
             reasons, newest = expect[mode]
             assert await c.ok("query-migrate") == {"blocked-reasons": reasons}
             reply = await c.execute("migrate", {"uri": "unix:/tmp/dest"}, id=mode)
@@ -410,7 +415,7 @@ async def test_migrate_blocked_by_newest_blocker_of_current_mode(
         assert info["status"] == "completed" and info["blocked-reasons"] == [VMDK], info
         # A migrate-set-parameters without mode changes nothing.
         assert await c.ok("migrate-set-parameters", {}) == {}
-        assert await c.ok("query-migrate-parameters") == {"mode": "normal"}
+        assert await c.ok("query-migrate-parameters") == {"mode": "normal", **DEFAULT_PARAMETERS}
 
 
 async def test_migration_events_and_completion(daemon: DaemonProcess) -> None:

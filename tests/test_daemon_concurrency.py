@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from conftest import DaemonProcess, assert_clean_log
+from conftest import DaemonProcess, assert_clean_log, owner_info
 from qemu_strings import VMDK
 from qmpclient import RawClient, blocking_client, encode, recv_until_closed, strict_loads
 
@@ -25,7 +25,7 @@ DROP_LINE = re.compile(r".*max-output.*")
 async def test_500_concurrent_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--log-level", "info")
     start = asyncio.Event()
-    me = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    me = owner_info(os.getpid())
     # Per client: the events it received, as (name, blocker id, reason or cause).
     seen: list[list[tuple[str, str, str]]] = [[] for _ in range(CLIENTS)]
 
@@ -94,7 +94,9 @@ async def test_500_concurrent_clients(start_daemon: Callable[..., DaemonProcess]
 
 
 async def test_client_that_never_reads(start_daemon: Callable[..., DaemonProcess]) -> None:
-    d = start_daemon("--max-output", str(SMALL_OUTPUT), "--log-level", "info")
+    # Large reasons (3.5 KB) make large events: past the default max-reason-length.
+    d = start_daemon("--max-output", str(SMALL_OUTPUT), "--log-level", "info",
+                     "--max-reason-length", "4096")
     slow = blocking_client(d.socket)  # negotiated, and from now on it reads nothing
     async with d.client() as actor, d.client() as reader:
         events_seen: Counter[str] = Counter()

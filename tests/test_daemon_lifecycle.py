@@ -75,7 +75,8 @@ async def test_default_socket_path_is_printed(tmp_path: Path) -> None:
     host_dir = Path(f"/tmp/mbd-default-{os.getpid()}-{time.monotonic_ns()}")
     host_dir.mkdir(mode=0o755)
     log_path = tmp_path / "default.log"
-    argv = [sys.executable, "-m", "migblockd", "--log-level", "debug"]
+    argv = [sys.executable, "-m", "migblockd", "--log-level", "debug",
+            "--state-dir", str(tmp_path / "state")]
     env = dict(os.environ)
     if os.geteuid() == 0:
         # root's default is /run/migblockd/migblockd.sock: give the daemon a private

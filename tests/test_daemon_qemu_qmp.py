@@ -11,9 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, assert_clean_log
+from conftest import DaemonProcess, assert_clean_log, owner_info
 from qemu.qmp import EventListener, ExecuteError
-from qemu_strings import GENERIC, NOT_FOUND, SEV, VMDK
+from qemu_strings import DEFAULT_PARAMETERS, GENERIC, NOT_FOUND, SEV, VMDK
 from qmpclient import qemu_qmp_client
 
 
@@ -48,7 +48,7 @@ async def test_qmpclient_drives_every_command(
 
         info: Any = await qmp.execute("add-blocker", {"reason": SEV, "id": "sev"})
         assert info["id"] == "sev" and info["reason"] == SEV
-        assert info["owner"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+        assert info["owner"] == owner_info(os.getpid())
         added = await next_event(listener, "BLOCKER_ADDED")
         assert added["data"] == info
         blockers: Any = await qmp.execute("query-blockers")
@@ -66,7 +66,8 @@ async def test_qmpclient_drives_every_command(
         assert str(exc.value) == "Duplicate blocker ID 'sev'"
 
         assert await qmp.execute("migrate-set-parameters", {"mode": "cpr-reboot"}) == {}
-        assert await qmp.execute("query-migrate-parameters") == {"mode": "cpr-reboot"}
+        assert await qmp.execute("query-migrate-parameters") == {"mode": "cpr-reboot",
+                                                               **DEFAULT_PARAMETERS}
         assert await qmp.execute("migrate-set-parameters", {"mode": "normal"}) == {}
 
         assert await qmp.execute("del-blocker", {"id": "sev"}) == {}

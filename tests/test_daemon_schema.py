@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import DaemonProcess
-from qemu_strings import GENERIC
+from qemu_strings import DEFAULT_PARAMETERS, GENERIC
 
 from migblockd.contract import schema_dir
 
@@ -47,7 +47,7 @@ async def test_daemon_serves_a_mode_added_only_to_the_schema(
         assert everywhere["modes"][-1] == "cpr-test"
         # The registry keeps a list for it: migrate in that mode quotes its newest blocker.
         await c.ok("migrate-set-parameters", {"mode": "cpr-test"})
-        assert await c.ok("query-migrate-parameters") == {"mode": "cpr-test"}
+        assert await c.ok("query-migrate-parameters") == {"mode": "cpr-test", **DEFAULT_PARAMETERS}
         reply = await c.execute("migrate", {"uri": "unix:/tmp/x"}, id=1)
         assert reply == {"id": 1, "error": {"class": GENERIC, "desc": "everywhere"}}
         await c.ok("del-blocker", {"id": "all"})

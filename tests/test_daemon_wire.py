@@ -1,7 +1,9 @@
-"""QMP on the wire, against the real daemon on a real socket: every row of qmp-wire.md.
+"""QMP on the wire, against the real daemon on a real socket: every rule of docs/protocol.md.
 
-Strings are exact, from ``../shared/reference/qmp-wire.md``.  Most tests share one
-daemon (fresh connections, ids of their own); the limit tests start their own.
+The rules and strings are QEMU's (``docs/interop/qmp-spec.rst``, ``monitor/qmp.c``,
+``qapi/qmp-dispatch.c``, ``qapi/qobject-input-visitor.c``, ``qobject/json-*.c``),
+except where docs/protocol.md says migblockd differs; strings are exact.  Most tests
+share one daemon (fresh connections, ids of their own); the limit tests start their own.
 """
 
 from __future__ import annotations
@@ -259,7 +261,7 @@ ARGUMENT_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("query-version", {"verbose": True}, "Parameter 'verbose' is unexpected"),
     ("migrate", {}, "Parameter 'uri' is missing"),
     ("migrate", {"uri": 7}, "Invalid parameter type for 'uri', expected: string"),
-    ("migrate", {"uri": "tcp:x", "detach": True}, "Parameter 'detach' is unexpected"),
+    ("migrate", {"uri": "tcp:x", "bandwidth": 1}, "Parameter 'bandwidth' is unexpected"),
     ("migrate-set-parameters", {"mode": "fast"},
      "Parameter 'mode' does not accept value 'fast'"),
     ("migrate-set-capabilities", {}, "Parameter 'capabilities' is missing"),

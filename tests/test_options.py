@@ -41,7 +41,8 @@ def test_every_setting_is_an_option() -> None:
 
 def test_the_reloadable_settings_are_unchanged() -> None:
     assert {"log_level", "max_clients", "max_message_size", "max_nesting",
-                          "max_tokens", "max_output"} == RELOADABLE
+            "max_tokens", "max_output", "max_blockers", "max_blockers_per_uid",
+            "max_reason_length", "access"} == RELOADABLE
 
 
 @pytest.mark.parametrize("o", OPTIONS, ids=ids)
@@ -162,7 +163,7 @@ def test_the_command_line_gives_checked_values() -> None:
 def test_markdown_lists_every_option() -> None:
     text = markdown(Config)
     for o in OPTIONS:
-        assert f"`{o.flag_name}" in text
+        assert (f"`{o.flag_name}" if Where.COMMAND_LINE in o.where else f"`{o.key} =") in text
         if o.help:
             assert o.help.replace("|", "\\|") in text
 

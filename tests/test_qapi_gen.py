@@ -174,6 +174,7 @@ def test_non_editable_wheel_carries_the_schema(tmp_path: Path) -> None:
         assert "migblockd/_schema/migblockd.json" in names
         assert "migblockd/_schema/migration.json" in names
         assert "migblockd/_schema/generated/qmp-schema.json" in names
+        assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)  # GPL
         zf.extractall(unpacked)
 
     elsewhere = tmp_path / "elsewhere"

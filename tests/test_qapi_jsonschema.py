@@ -135,7 +135,7 @@ def test_every_shape_of_mistake_is_exercised() -> None:
     blocker = SCHEMA.types["BlockerInfo"]
     value = {"id": "a", "reason": "r", "modes": ["normal"], "internal": False,
              "scope": "daemon", "owner": {"pid": 1, "uid": 0, "gid": 0},
-             "added": {"seconds": 1, "microseconds": 2}}  # fmt: skip
+             "added": {"seconds": 1, "microseconds": 2}, "source": "migblockd"}  # fmt: skip
     labels = [label for label, _ in wrong_shapes(blocker, value)]
     assert "unknown member" in labels
     assert "missing reason" in labels

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from migblockd.access import Policy, Role
 from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
@@ -59,7 +60,8 @@ class Daemonless:
     def __init__(self) -> None:
         self.registry = Registry(CONTRACT.enums["MigMode"], migration_time=0.3,
                                  clock=FakeClock())
-        self.core = Core(CONTRACT, self.registry, LIMITS)
+        # Everyone is admin: these tests are about the protocol, not who may use it.
+        self.core = Core(CONTRACT, self.registry, LIMITS, policy=Policy(Role.ADMIN))
         self.table = self.core.table
         self.alarm = _Alarm()
         logging.getLogger("migblockd").addHandler(self.alarm)
@@ -313,8 +315,39 @@ def test_jsonschema_judges_and_every_refusal_is_worded_as_qemu_words_it(name: st
             with pytest.raises(QMPError) as info:
                 validator.check(args)
             assert QEMU_WORDING.fullmatch(info.value.desc), info.value.desc
+            # A cached verdict (same shape, other strings) says exactly what judging anew says.
+            assert info.value.desc == validator.judge(args)
 
     agree()
+
+
+def test_a_verdict_is_cached_per_shape_and_strings_do_not_split_shapes() -> None:
+    validator = ArgumentValidator(CONTRACT.commands["add-blocker"].arguments)
+    calls = 0
+    judge = validator.judge
+
+    def counting(args: dict[str, Any]) -> str | None:
+        nonlocal calls
+        calls += 1
+        return judge(args)
+
+    validator.judge = counting  # type: ignore[method-assign]
+    for i in range(100):
+        validator.check({"reason": f"reason {i}", "id": f"b{i}"})
+    assert calls == 1
+    for modes in (["normal"], ["cpr-reboot"], ["normal"]):
+        validator.check({"reason": "r", "modes": modes})
+    assert calls == 3  # enum values are part of the shape
+    for bad in ({"reason": 1}, {"reason": True}, {"reason": 1}):
+        with pytest.raises(QMPError, match="expected: string"):
+            validator.check(bad)
+    assert calls == 5  # 1 and True are different shapes: a bool is no integer
+    with pytest.raises(QMPError, match="'modes\\[0\\]' does not accept value 'nope'"):
+        validator.check({"reason": "r", "modes": ["nope"]})
+    big = {"reason": "r", "modes": ["normal"] * 100}
+    validator.check(big)
+    validator.check(big)
+    assert calls == 8  # too big to cache: judged each time
 
 
 def test_schemas_beyond_the_generator_fall_back_to_jsonschema() -> None:

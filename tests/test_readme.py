@@ -1,4 +1,4 @@
-"""The README's promises: its two commands, CI running the second, and its client example."""
+"""The README's promises: its two commands, CI running the second, and its client examples."""
 
 from __future__ import annotations
 
@@ -59,3 +59,21 @@ def test_the_qemu_qmp_example_runs(
     # The blocker was connection-scoped: it went away with the example's connection.
     daemon.wait_for_log("released 1 connection-scoped blocker(s): #blocker0", timeout=20)
     assert "added blocker #blocker0" in daemon.log()
+
+
+def test_the_client_example_runs(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    daemon = start_daemon()
+    snippets = [code for code in re.findall(r"```python\n(.*?)```", README, re.S)
+                if "from migblockd.client import" in code]
+    assert len(snippets) == 1
+    code = snippets[0]
+    assert DEFAULT_SOCKET in code
+    script = tmp_path / "client_example.py"
+    script.write_text(code.replace(DEFAULT_SOCKET, str(daemon.socket)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    # "[]": the block's end deleted the blocker, while the connection was still open.
+    assert out.stdout == "#blocker0 connection ['dump in progress']\n[]\n"

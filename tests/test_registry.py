@@ -153,6 +153,7 @@ def info(id: str, reason: str, modes: tuple[str, ...] = MODES, **extra: Any) -> 
     if "owner" in extra:
         out["owner"] = extra.pop("owner")
     out["added"] = extra.pop("added", ADDED)
+    out["source"] = "migblockd"
     assert not extra, extra
     return out
 
@@ -220,12 +221,13 @@ ROWS = [
     Row("same reason twice makes two blockers", (add(SEV),), add(SEV),
         result=info("#blocker1", SEV), events=(added(info("#blocker1", SEV)),),
         ids=("#blocker0", "#blocker1"), query={"blocked-reasons": [SEV, SEV]}),
+    # (A uid without a name in the user database, so the owner shows no "user".)
     Row("owner and connection scope are reported", (),
-        add(VFIO, scope="connection", connection="c1", owner=Owner(12, 1000, 100)),
+        add(VFIO, scope="connection", connection="c1", owner=Owner(12, 3999999, 100)),
         result=info("#blocker0", VFIO, scope="connection",
-                    owner={"pid": 12, "uid": 1000, "gid": 100}),
+                    owner={"pid": 12, "uid": 3999999, "gid": 100}),
         events=(added(info("#blocker0", VFIO, scope="connection",
-                           owner={"pid": 12, "uid": 1000, "gid": 100})),)),
+                           owner={"pid": 12, "uid": 3999999, "gid": 100})),)),
     Row("added is the wall clock at add, in seconds and microseconds", (tick(1.5),), add(SEV),
         result=info("#blocker0", SEV, added={"seconds": 1_700_000_001, "microseconds": 750_000})),
     # ---- add: ids
@@ -437,10 +439,11 @@ def test_rule(row: Row) -> None:
 def test_blocker_info_member_order_and_owner_omitted() -> None:
     registry, _ = make()
     blocker = registry.add(SEV)
-    assert list(blocker_info(blocker)) == ["id", "reason", "modes", "internal", "scope", "added"]
+    assert list(blocker_info(blocker)) == ["id", "reason", "modes", "internal", "scope", "added",
+                                           "source"]
     owned = registry.add(SEV, owner=Owner(1, 2, 3))
     assert list(blocker_info(owned)) == [
-        "id", "reason", "modes", "internal", "scope", "owner", "added",
+        "id", "reason", "modes", "internal", "scope", "owner", "added", "source",
     ]
 
 
@@ -611,16 +614,16 @@ def test_deleted_blocker_object_is_returned_intact() -> None:
     assert registry.get("k") is None
 
 
-def test_changes_counts_additions_and_removals_only() -> None:
+def test_version_counts_additions_and_removals_only() -> None:
     clock = FakeClock()
     registry = Registry(MODES, clock=clock, only_migratable=True)
-    start = registry.changes
+    start = registry.version
     registry.add("a", id="a", modes=["cpr-reboot"])
-    assert registry.changes == start + 1
+    assert registry.version == start + 1
     with pytest.raises(BlockerError):
         registry.add("refused")  # only-migratable: not registered, nothing changed
     registry.set_mode("cpr-reboot")
     registry.query_migrate()
-    assert registry.changes == start + 1
+    assert registry.version == start + 1
     registry.delete("a")
-    assert registry.changes == start + 2
+    assert registry.version == start + 2

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from migblockd.access import user_name
 from migblockd.registry import SETUP_SHARE, BlockerError, FakeClock, Owner, Registry
 from migblockd.render import blocker_info, event_data
 
@@ -84,6 +85,9 @@ class Model:
         }
         if b.owner is not None:
             out["owner"] = {"pid": b.owner.pid, "uid": b.owner.uid, "gid": b.owner.gid}
+            if (name := user_name(b.owner.uid)) is not None:
+                out["owner"]["user"] = name
+        out["source"] = "migblockd"
         return out
 
     def add(self, reason: str, modes: list[str] | None, internal: bool, id: str | None,

@@ -113,6 +113,8 @@ async def test_daemon_under_systemd_socket_activate(
         "-E", f"NOTIFY_SOCKET={short_tmp / 'notify'}",
         "-E", f"WATCHDOG_USEC={WATCHDOG_USEC}",
         "-E", "WATCHDOG_PID=@PID@",
+        # As systemd's StateDirectory= does: the daemon's default state directory.
+        "-E", f"STATE_DIRECTORY={short_tmp / 'state'}",
         python, "-m", "migblockd", "--config", str(config), "--migration-time", "60",
     ]
     with log_path.open("wb") as log:

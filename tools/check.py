@@ -4,7 +4,8 @@ Usage: ``python tools/check.py [PYTEST ARGS...]`` from the project's virtual
 environment (the README's test command sets one up).  Tools that the tests need
 from the operating system (systemd's ``systemd-analyze`` and
 ``systemd-socket-activate``; a real QEMU, ``qemu-system-x86_64``, and its
-``qemu-img``) are installed with apt-get when missing and we are root;
+``qemu-img``; ``man`` and ``zsh`` for the man pages and completion scripts)
+are installed with apt-get when missing and we are root;
 otherwise the run stops with a message saying what to install.
 """
 
@@ -23,6 +24,9 @@ SYSTEM_TOOLS = {
     "systemd-socket-activate": "systemd",
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
+    # The man pages are rendered with man -l, the zsh completion loaded by zsh.
+    "man": "man-db",
+    "zsh": "zsh",
 }
 
 

@@ -1,9 +1,10 @@
 """migblockd's QAPI schema generator, in the style of QEMU's ``scripts/qapi``.
 
-``parser`` reads the schema language, ``schema`` checks it and builds the
-model, and each back end derives one artefact from the model: ``jsonschema``
-(JSON Schemas), ``introspect`` (the ``query-qmp-schema`` answer) and ``doc``
-(help text).  ``main`` is the ``migblockd-qapi-gen`` command.
+``parser`` reads the schema language (``doccomment`` its doc comments),
+``schema`` checks it and builds the model, and each back end derives one
+artefact from the model: ``jsonschema`` (JSON Schemas), ``introspect`` (the
+``query-qmp-schema`` answer) and ``doc`` (help text, rendered by ``doctext``).
+``main`` is the ``migblockd-qapi-gen`` command.
 """
 
 from .error import QAPIError, SourceInfo

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
 
+from .doccomment import Doc
 from .doctext import render
-from .parser import Doc
 from .schema import ArrayType, EnumType, Member, ObjectType, QAPIType, Schema
 
 

@@ -99,10 +99,19 @@ def write(files: dict[str, str], output_dir: Path) -> None:
 CHECKOUT_SCHEMA = Path("schema") / "migblockd.json"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (also when used as a console script)."""
+EPILOG = """\
+Without --check the files are written, and *.json files in OUTPUT_DIR that SCHEMA no
+longer generates are removed.  With --check nothing is written; the exit status is 1,
+with a unified diff on stdout, when OUTPUT_DIR differs from what SCHEMA generates.
+Mistakes in the schema are reported as FILE:LINE:COL: message, with exit status 1.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (the man page and shell completion are generated from it)."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Generate migblockd's JSON Schemas from its QAPI schema."
+        prog=PROG, description="Generate migblockd's JSON Schemas from its QAPI schema.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--check",
@@ -116,11 +125,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where the generated files go (default: generated/ next to SCHEMA)",
     )
     parser.add_argument(
-        "schema", nargs="?", type=Path,
+        "schema", nargs="?", type=Path, metavar="SCHEMA",
         help=f"root schema file (default: {CHECKOUT_SCHEMA} when run from a checkout, "
         "else the schema installed with migblockd)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (also when used as a console script)."""
+    args = build_parser().parse_args(argv)
 
     installed = False
     if args.schema is None:

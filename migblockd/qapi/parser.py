@@ -3,9 +3,10 @@
 The grammar is QEMU's (``scripts/qapi/parser.py``): a file is a sequence of
 top-level objects; strings use single quotes; ``#`` starts a comment; a block
 of comment lines opened and closed by a ``##`` line is a doc comment, which
-documents the definition right after it. ``{ 'include': 'FILE' }`` pulls in a
-file relative to the including one (each file at most once) and
-``{ 'pragma': {...} }`` sets parse-wide options.
+documents the definition right after it (:mod:`.doccomment` reads its
+lines). ``{ 'include': 'FILE' }`` pulls in a file relative to the including
+one (each file at most once) and ``{ 'pragma': {...} }`` sets parse-wide
+options.
 
 Unlike QEMU we keep the source position of every key and value (not only of
 each top-level expression), so that semantic errors in ``schema.py`` can point
@@ -20,18 +21,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Union
 
+from .doccomment import Doc, parse_doc
 from .error import QAPIError, SourceInfo
 
 #: A parsed value: the subset of JSON that QAPI allows (no numbers, no null).
 Value = Union[str, bool, "PosList", "PosDict"]
-
-# Section tags QEMU recognises in definition documentation; the text that
-# follows the colon (and the indented lines after it) belong to the section.
-SECTION_TAGS = ("Returns", "Errors", "Since", "Note", "Notes", "Example", "Examples", "TODO")
-_TAG_RE = re.compile("(" + "|".join(SECTION_TAGS) + r"):(?:\s|$)")
-_ARG_RE = re.compile(r"@([^\s:]*):(?:\s|$)")
-# Continuation lines of a member or tagged section are indented by this much.
-_INDENT = 4
 
 
 class PosDict(dict[str, Value]):
@@ -51,47 +45,6 @@ class PosList(list[Value]):
         super().__init__()
         self.info = info
         self.item_info: list[SourceInfo] = []
-
-
-@dataclass
-class ArgDoc:
-    """The doc text of one member (``@name: text``) inside a doc comment."""
-
-    name: str
-    text: str
-    info: SourceInfo
-
-
-@dataclass
-class SectionDoc:
-    """A tagged section (``Returns:``, ``Since:``...) or, with tag ``""``, an
-    untagged paragraph that follows the member sections."""
-
-    tag: str
-    text: str
-    info: SourceInfo
-
-
-@dataclass
-class Doc:
-    """One doc comment block.
-
-    ``symbol`` is the definition it documents, or None for a free-form block
-    (section headings and prose, which document nothing in particular).
-    """
-
-    info: SourceInfo
-    symbol: str | None = None
-    body: str = ""
-    args: dict[str, ArgDoc] = field(default_factory=dict)
-    sections: list[SectionDoc] = field(default_factory=list)
-
-    def section(self, tag: str) -> SectionDoc | None:
-        """The section with this tag, if the block has one."""
-        for sec in self.sections:
-            if sec.tag == tag:
-                return sec
-        return None
 
 
 @dataclass
@@ -391,103 +344,12 @@ class _FileParser:
                     raise QAPIError(
                         self.tok.info, "junk after '##' at end of documentation comment"
                     )
-                doc = _DocBuilder(start.info).build(lines)
+                doc = parse_doc(start.info, lines)
                 self.accept()
                 return doc
             lines.append((text, self.tok.info))
             self.accept(doc_mode=True)
         raise QAPIError(self.tok.info, "documentation comment must end with '##'")
-
-
-class _DocBuilder:
-    """Turns the lines of one doc comment into a ``Doc``.
-
-    Layout (QEMU's current style): ``@Symbol:`` alone on the first line, then
-    free text; then ``@member: text`` sections and tagged sections
-    (``Returns:``, ``Since:``...), whose continuation lines are indented by
-    four spaces.  After a blank line, an unindented line that is neither a
-    member nor a tag starts an untagged paragraph.
-    """
-
-    def __init__(self, info: SourceInfo) -> None:
-        self.doc = Doc(info)
-        self.body: list[str] = []
-        # The section being filled: (kind, name, lines, info) with kind
-        # "arg" or "section"; None while still in the body.
-        self.cur: tuple[str, str, list[str], SourceInfo] | None = None
-        self.seen_tagged = ""
-
-    def build(self, lines: list[tuple[str, SourceInfo]]) -> Doc:
-        for raw, info in lines:
-            text = raw[1:]
-            if text and text[0] != " ":
-                raise QAPIError(info, "missing space after #")
-            self._line(text[1:], info)
-        self._close()
-        self.doc.body = _dedent_join(self.body)
-        return self.doc
-
-    def _line(self, line: str, info: SourceInfo) -> None:
-        doc = self.doc
-        if doc.symbol is None and not self.body and self.cur is None and line.startswith("@"):
-            if not line.endswith(":"):
-                raise QAPIError(info, "line should end with ':'")
-            doc.symbol = line[1:-1]
-            if not doc.symbol:
-                raise QAPIError(info, "name required after '@'")
-            return
-        if doc.symbol is None:
-            # Free-form prose: keep it (headings etc.), but it documents nothing.
-            self.body.append(line)
-            return
-        arg = _ARG_RE.match(line)
-        tag = _TAG_RE.match(line)
-        if arg:
-            if self.seen_tagged:
-                raise QAPIError(
-                    info, f"'@{arg.group(1)}:' can't follow '{self.seen_tagged}' section"
-                )
-            name = arg.group(1)
-            if not name:
-                raise QAPIError(info, "invalid parameter name")
-            if name in doc.args or (self.cur is not None and self.cur[:2] == ("arg", name)):
-                raise QAPIError(info, f"'{name}' parameter name duplicated")
-            self._close()
-            self.cur = ("arg", name, [line[arg.end() :].strip()], info)
-        elif tag:
-            name = tag.group(1)
-            if name in ("Returns", "Since", "Errors") and (
-                doc.section(name) is not None
-                or (self.cur is not None and self.cur[:2] == ("section", name))
-            ):
-                raise QAPIError(info, f"duplicated '{name}' section")
-            self._close()
-            self.seen_tagged = name
-            self.cur = ("section", name, [line[tag.end() :].strip()], info)
-        elif self.cur is None:
-            self.body.append(line)
-        elif not line.strip():
-            self.cur[2].append("")
-        elif line.startswith(" " * _INDENT):
-            self.cur[2].append(line[_INDENT:])
-        elif self.cur[2][-1] == "":
-            self._close()
-            self.cur = ("section", "", [line], info)
-        else:
-            raise QAPIError(info, f"unexpected de-indent (expected at least {_INDENT} spaces)")
-
-    def _close(self) -> None:
-        if self.cur is None:
-            return
-        kind, name, lines, info = self.cur
-        text = _dedent_join(lines)
-        if not text:
-            raise QAPIError(info, f"empty doc section '{name}'")
-        if kind == "arg":
-            self.doc.args[name] = ArgDoc(name, text, info)
-        else:
-            self.doc.sections.append(SectionDoc(name, text, info))
-        self.cur = None
 
 
 def _column(line_prefix: str) -> int:
@@ -496,10 +358,6 @@ def _column(line_prefix: str) -> int:
     for ch in line_prefix:
         col = ((col - 1) // 8 + 1) * 8 + 1 if ch == "\t" else col + 1
     return col
-
-
-def _dedent_join(lines: list[str]) -> str:
-    return "\n".join(line.rstrip() for line in lines).strip("\n").strip()
 
 
 def parse_schema(fname: str | os.PathLike[str]) -> ParseResult:

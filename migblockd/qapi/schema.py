@@ -19,8 +19,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .doccomment import Doc
 from .error import QAPIError, SourceInfo
-from .parser import Definition, Doc, ParseResult, PosDict, PosList, Value, parse_schema
+from .parser import Definition, ParseResult, PosDict, PosList, Value, parse_schema
 
 # QEMU's built-in types and the JSON type each appears as in introspection.
 BUILTIN_JSON_TYPES: dict[str, str] = {

@@ -85,18 +85,21 @@ def timestamp(when: float) -> dict[str, int]:
     return {"seconds": seconds, "microseconds": micro}
 
 
-def encode_event(name: str, data: Mapping[str, Any], when: float) -> bytes:
+def encode_event(name: str, data: Mapping[str, Any] | Encoded, when: float) -> bytes:
     """One event line: ``{"event": ..., "data": ..., "timestamp": {...}}\\r\\n``.
 
     ``data`` is omitted when empty, as QEMU does for events without data
-    (``monitor/monitor.c``).  Encode once and queue the same line for every
-    client.
+    (``monitor/monitor.c``); it may be :class:`Encoded` already.  Encode once
+    and queue the same line for every client.
     """
-    event: dict[str, Any] = {"event": name}
+    seconds, micro = divmod(round(when * 1_000_000), 1_000_000)
+    stamp = f'"timestamp": {{"seconds": {seconds}, "microseconds": {micro}}}}}\r\n'
+    head = f'{{"event": {encode(name)}, '
+    if type(data) is Encoded:
+        return (head + f'"data": {data.text}, ' + stamp).encode("ascii")
     if data:
-        event["data"] = data
-    event["timestamp"] = timestamp(when)
-    return encode_line(event)
+        return (head + f'"data": {encode(data)}, ' + stamp).encode("ascii")
+    return (head + stamp).encode("ascii")
 
 
 def encode_return(result: object, id_: object) -> bytes:

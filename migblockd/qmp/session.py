@@ -29,6 +29,13 @@ The protocol, as QEMU speaks it (``docs/interop/qmp-spec.rst``,
    "error": {"class": ..., "desc": ...}}``, without ``id`` when the request
    had none (or was not an object).  Replies are lines ending in ``\\r\\n``.
 
+Holding: the core may ask for output to be *held* (a ``stamp`` > 0) until
+the change it depends on is on disk; everything queued after held output is
+held too, so order never changes.  :meth:`release` lets it go;
+:meth:`fail_held` turns it into what the client must hear instead when the
+disk refused: the replies of the failed commands become errors, their events
+vanish, everything else goes out unchanged.
+
 Ordering and OOB: in-band requests come out of :meth:`next_request` in arrival
 order.  Once OOB is enabled, each call first parses everything buffered and
 hands out the ``exec-oob`` requests among it first, ahead of in-band requests
@@ -50,7 +57,7 @@ from migblockd.qmp.errors import NO_ID, CommandNotFound, QMPError
 from migblockd.qmp.framing import NEED_DATA, Limits, StreamDecoder
 from migblockd.qmp.wording import ParseError
 
-__all__ = ["QMP_CAPABILITIES", "Command", "Request", "Session"]
+__all__ = ["KEEP", "QMP_CAPABILITIES", "VANISH", "Command", "Request", "Session"]
 
 Args = dict[str, Any]
 
@@ -82,6 +89,12 @@ class Request:
     oob: bool
 
 
+#: What held output becomes if its commit fails: sent as it is, or dropped (the
+#: event of a change that never happened).  A reply that must become an error
+#: carries its request instead.
+KEEP: Final = "keep"
+VANISH: Final = "vanish"
+
 # Envelope members; exec-oob joins them once OOB is enabled.
 _IN_BAND_MEMBERS: Final = frozenset({"execute", "arguments", "id"})
 _OOB_MEMBERS: Final = _IN_BAND_MEMBERS | {"exec-oob"}
@@ -104,8 +117,8 @@ class Session:
     ``capabilities`` are what ``qmp_capabilities`` may enable.
     """
 
-    __slots__ = ("_decoder", "_negotiation", "_offered", "_output", "_queue", "commands",
-                 "negotiated", "oob_enabled")
+    __slots__ = ("_decoder", "_held", "_negotiation", "_offered", "_output", "_queue",
+                 "commands", "negotiated", "oob_enabled")
 
     def __init__(self, commands: Mapping[str, Command], greeting: dict[str, Any],
                  limits: Limits) -> None:
@@ -118,6 +131,8 @@ class Session:
         #: In-band requests parsed ahead of their turn while looking for OOB ones.
         self._queue: deque[object] = deque()
         self._output: list[bytes] = [encode_line(greeting)]
+        #: Output waiting for a commit: (stamp, data, what it becomes on failure).
+        self._held: deque[tuple[int, bytes, object]] = deque()
 
     # -- input ---------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -168,18 +183,62 @@ class Session:
         return None if item is NEED_DATA else self._check(item)
 
     # -- output --------------------------------------------------------------
-    def reply(self, request: Request, result: object) -> None:
-        """Answer ``request`` with its return value (``{}`` for commands without one)."""
-        self._output.append(encode_return(result, request.id))
+    def reply(self, request: Request, result: object, stamp: int = 0,
+              durable: bool = False) -> None:
+        """Answer ``request`` with its return value (``{}`` for commands without one).
 
-    def fail(self, request: Request | None, error: QMPError) -> None:
+        ``stamp`` > 0 holds the reply until :meth:`release` reaches it;
+        ``durable`` says the command changed what is on disk, so that a failed
+        commit turns this reply into an error.
+        """
+        self._put(encode_return(result, request.id), stamp, request if durable else KEEP)
+
+    def fail(self, request: Request | None, error: QMPError, stamp: int = 0) -> None:
         """Answer ``request`` with an error (None: a reply without ``id``)."""
-        self._output.append(encode_error(error, NO_ID if request is None else request.id))
+        self._put(encode_error(error, NO_ID if request is None else request.id), stamp, KEEP)
 
-    def send_event(self, line: bytes) -> None:
+    def send_event(self, line: bytes, stamp: int = 0, durable: bool = False) -> None:
         """Queue a pre-encoded event line; dropped unless negotiation is complete."""
+        # _put, inlined: this runs once per client for every event.
         if self.negotiated:
-            self._output.append(line)
+            held = self._held
+            if stamp or held:
+                held.append((stamp or held[-1][0], line, VANISH if durable else KEEP))
+            else:
+                self._output.append(line)
+
+    def _put(self, data: bytes, stamp: int, on_failure: object) -> None:
+        held = self._held
+        if stamp or held:
+            held.append((stamp or held[-1][0], data, on_failure))
+        else:
+            self._output.append(data)
+
+    def release(self, committed: int) -> bool:
+        """Let held output through up to stamp ``committed``; True if any moved."""
+        held = self._held
+        if held and held[-1][0] <= committed:  # the usual case: all of it
+            self._output.extend([data for _, data, _ in held])
+            held.clear()
+            return True
+        moved = False
+        while held and held[0][0] <= committed:
+            self._output.append(held.popleft()[1])
+            moved = True
+        return moved
+
+    def fail_held(self, error: QMPError) -> None:
+        """The commit failed: release held output as the client must now hear it."""
+        for _, data, on_failure in self._held:
+            if on_failure is KEEP:
+                self._output.append(data)
+            elif isinstance(on_failure, Request):
+                self._output.append(encode_error(error, on_failure.id))
+        self._held.clear()
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._held)
 
     def refuse(self, error: QMPError) -> None:
         """Turn the connection away: ``error`` (no ``id``) replaces the greeting."""
@@ -201,20 +260,20 @@ class Session:
     def _check(self, item: object) -> Request | None:
         """A runnable request, or None after answering ``item`` here."""
         if type(item) is ParseError:
-            self._output.append(encode_error(QMPError(item.desc), NO_ID))
+            self._put(encode_error(QMPError(item.desc), NO_ID), 0, KEEP)
             return None
         if type(item) is not dict:
-            self._output.append(encode_error(QMPError(NOT_AN_OBJECT), NO_ID))
+            self._put(encode_error(QMPError(NOT_AN_OBJECT), NO_ID), 0, KEEP)
             return None
         id_ = item.get("id", NO_ID)
         try:
             request = self._envelope(item, id_)
             request.command.validate(request.args)
             if request.command is self._negotiation:
-                self._output.append(encode_return(self._negotiate(request.args), id_))
+                self._put(encode_return(self._negotiate(request.args), id_), 0, KEEP)
                 return None
         except QMPError as exc:
-            self._output.append(encode_error(exc, id_))
+            self._put(encode_error(exc, id_), 0, KEEP)
             return None
         return request
 

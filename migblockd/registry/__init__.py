@@ -7,6 +7,7 @@ of per-mode lists; ``migration``: the simulated migration's state machine;
 
 from migblockd.clock import SYSTEM_CLOCK, Clock, FakeClock
 from migblockd.registry.blockers import Blocker, Owner
+from migblockd.registry.changes import Change, Event
 from migblockd.registry.errors import (
     BlockerError,
     DuplicateId,
@@ -25,10 +26,11 @@ from migblockd.registry.migration import (
     SETUP_SHARE,
     URI_SCHEMES,
 )
-from migblockd.registry.registry import DEFAULT_MODE, SCOPES, Event, Registry
+from migblockd.registry.registry import DEFAULT_MODE, ID_CHUNK, SCOPES, Registry
 
 __all__ = [
     "DEFAULT_MODE",
+    "ID_CHUNK",
     "MIGRATION_STATUSES",
     "RUNNING_STATUSES",
     "SCOPES",
@@ -37,6 +39,7 @@ __all__ = [
     "URI_SCHEMES",
     "Blocker",
     "BlockerError",
+    "Change",
     "Clock",
     "DuplicateId",
     "EmptyModes",

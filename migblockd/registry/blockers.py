@@ -141,7 +141,7 @@ class BlockerStore:
     caller (the registry): ids are unique, modes known.
     """
 
-    __slots__ = ("_all", "_by_connection", "_by_id", "_chains", "_index")
+    __slots__ = ("_all", "_by_connection", "_by_id", "_chains", "_index", "_per_uid")
 
     def __init__(self, modes: Sequence[str]) -> None:
         self._all = _Chain(0)
@@ -152,6 +152,9 @@ class BlockerStore:
         # each indexed blocker holds a reference to its connection, so the id
         # cannot be reused while the entry exists.
         self._by_connection: dict[int, dict[str, Blocker]] = {}
+        # How many blockers each owner uid holds (None: no known owner), kept
+        # here where every addition and removal passes, for O(1) quotas.
+        self._per_uid: dict[int | None, int] = {}
 
     def add(self, b: Blocker) -> None:
         """Index ``b`` as the newest blocker (or, by ``seq``, where it belongs)."""
@@ -165,6 +168,8 @@ class BlockerStore:
         for slot, mode in enumerate(b.modes, start=1):
             put(self._chains[mode], b, slot)
         self._by_id[b.id] = b
+        uid = None if b.owner is None else b.owner.uid
+        self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
         if b.connection is not None:
             self._by_connection.setdefault(id(b.connection), {})[b.id] = b
 
@@ -173,6 +178,12 @@ class BlockerStore:
         self._all.unlink(b, 0)
         for slot, mode in enumerate(b.modes, start=1):
             self._chains[mode].unlink(b, slot)
+        uid = None if b.owner is None else b.owner.uid
+        left = self._per_uid[uid] - 1
+        if left:
+            self._per_uid[uid] = left
+        else:
+            del self._per_uid[uid]
         if b.connection is not None:
             key = id(b.connection)
             owned = self._by_connection[key]
@@ -182,6 +193,10 @@ class BlockerStore:
 
     def get(self, id: str) -> Blocker | None:
         return self._by_id.get(id)
+
+    def count_owned(self, uid: int | None) -> int:
+        """How many blockers ``uid`` owns (None: those with no known owner)."""
+        return self._per_uid.get(uid, 0)
 
     def owned_by(self, connection: object) -> list[Blocker]:
         """The connection-scoped blockers ``connection`` added, oldest first."""

@@ -27,11 +27,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 from migblockd.clock import SYSTEM_CLOCK, Clock
 from migblockd.registry.blockers import Blocker, BlockerStore, Owner
+from migblockd.registry.changes import Change, Event
 from migblockd.registry.errors import (
     DuplicateId,
     EmptyModes,
@@ -45,7 +45,7 @@ from migblockd.registry.errors import (
 )
 from migblockd.registry.migration import URI_SCHEMES, SimulatedMigration
 
-__all__ = ["DEFAULT_MODE", "SCOPES", "Event", "Registry"]
+__all__ = ["DEFAULT_MODE", "ID_CHUNK", "SCOPES", "Change", "Event", "Registry"]
 
 #: ``BlockerScope``: a daemon blocker lives until deleted; a connection blocker
 #: also goes when the connection that added it closes.
@@ -62,21 +62,10 @@ _IDENTIFIER: Final = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
 # rejects, so no client can ever choose an id that we generate later.
 GENERATED_PREFIX: Final = "#blocker"
 
-
-@dataclass(frozen=True, slots=True)
-class Event:
-    """Something clients hear about, as domain facts (the core words them).
-
-    ``name`` is the QMP event: ``BLOCKER_ADDED`` and ``BLOCKER_DELETED`` carry
-    the ``blocker`` (and, deleted, the ``detail`` cause: ``command`` or
-    ``connection-closed``); ``MIGRATION`` carries the new status in
-    ``detail``.  ``when`` is the wall time it happened.
-    """
-
-    name: str
-    when: float
-    blocker: Blocker | None = None
-    detail: str = ""
+#: Generated ids are reserved on disk this many at a time: an id below the
+#: reserved floor is never handed out again, even after a crash, and only one
+#: add in ID_CHUNK has to wait for the floor to move.
+ID_CHUNK: Final = 1024
 
 
 class Registry:
@@ -89,8 +78,9 @@ class Registry:
     takes from ``setup`` to ``completed``, in seconds.
     """
 
-    __slots__ = ("_changes", "_clock", "_events", "_events_enabled", "_migration", "_mode",
-                 "_mode_chain", "_modes", "_only_migratable", "_seq", "_serial", "_store")
+    __slots__ = ("_clock", "_events", "_events_enabled", "_floor", "_journal", "_migration",
+                 "_mode", "_mode_chain", "_modes", "_only_migratable", "_seq", "_serial", "_store",
+                 "_version")
 
     def __init__(
         self,
@@ -112,8 +102,10 @@ class Registry:
         self._store = BlockerStore(self._modes)
         self._migration = SimulatedMigration(float(migration_time))
         self._serial = 0  # the number in the next generated id
+        self._floor = 0  # generated ids below this are reserved (on disk, when durable)
         self._seq = 0  # the age rank of the next blocker
-        self._changes = 0
+        self._version = 0
+        self._journal: list[Change] = []
         self._mode = DEFAULT_MODE
         self._mode_chain = self._store.chain(DEFAULT_MODE)
         self._events_enabled = False
@@ -154,6 +146,11 @@ class Registry:
         """
         if mode not in self._modes:
             raise ValueError(f"unknown MigMode {mode!r}")
+        if mode != self._mode:
+            self._journal.append(Change("mode", True, old=self._mode, new=mode))
+        self._set_mode(mode)
+
+    def _set_mode(self, mode: str) -> None:
         self._mode = mode
         self._mode_chain = self._store.chain(mode)
 
@@ -176,6 +173,8 @@ class Registry:
     def set_events(self, on: bool) -> None:
         """``migrate-set-capabilities`` for ``events``; refused while a migration runs."""
         self.check_capabilities_settable()
+        if on != self._events_enabled:
+            self._journal.append(Change("events", True, old=self._events_enabled, new=on))
         self._events_enabled = on
 
     # ----------------------------------------------------------------- blockers
@@ -202,6 +201,35 @@ class Registry:
         registered.  ``modes=None`` means every mode; duplicates in ``modes``
         collapse, as in QEMU's bit set.  Queues BLOCKER_ADDED.
         """
+        wanted = self.check_add(reason, modes=modes, internal=internal, id=id, scope=scope,
+                                connection=connection)
+        if id is None:
+            if self._serial >= self._floor:
+                floor = self._serial + ID_CHUNK
+                self._journal.append(Change("id-floor", True, old=self._floor, new=floor))
+                self._floor = floor
+            id = f"{GENERATED_PREFIX}{self._serial}"
+            self._serial += 1
+        blocker = Blocker(id, reason, wanted, internal, scope, owner, self._clock.time(),
+                          self._seq, connection if scope == "connection" else None)
+        self._seq += 1
+        self._store.add(blocker)
+        self._version += 1
+        self._journal.append(Change("add", scope == "daemon", blocker))
+        self._events.append(Event("BLOCKER_ADDED", blocker.added, blocker))
+        return blocker
+
+    def check_add(
+        self,
+        reason: str,
+        *,
+        modes: Sequence[str] | None = None,
+        internal: bool = False,
+        id: str | None = None,
+        scope: str = "daemon",
+        connection: object | None = None,
+    ) -> tuple[str, ...]:
+        """Raise what :meth:`add` would raise, change nothing; the modes it would block."""
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}")
         if scope == "connection" and connection is None:
@@ -225,17 +253,7 @@ class Registry:
             raise OnlyMigratable(reason)
         if self._migration.running:
             raise MigrationBusy(reason)
-
-        if id is None:
-            id = f"{GENERATED_PREFIX}{self._serial}"
-            self._serial += 1
-        blocker = Blocker(id, reason, wanted, internal, scope, owner, self._clock.time(),
-                          self._seq, connection if scope == "connection" else None)
-        self._seq += 1
-        self._store.add(blocker)
-        self._changes += 1
-        self._events.append(Event("BLOCKER_ADDED", blocker.added, blocker))
-        return blocker
+        return wanted
 
     def delete(self, id: str) -> Blocker:
         """``migrate_del_blocker()``: remove a blocker from every mode's list.
@@ -265,6 +283,10 @@ class Registry:
         """The blocker with this id, if registered."""
         return self._store.get(id)
 
+    def count_owned(self, uid: int | None) -> int:
+        """How many registered blockers were added by ``uid`` (None: by no known uid).  O(1)."""
+        return self._store.count_owned(uid)
+
     def blockers(self, mode: str | None = None) -> list[Blocker]:
         """Registered blockers, oldest first; with ``mode``, only those blocking it."""
         if mode is not None and mode not in self._modes:
@@ -277,9 +299,9 @@ class Registry:
         return chain.newest
 
     @property
-    def changes(self) -> int:
+    def version(self) -> int:
         """Counts every addition and removal: a cached listing is stale once it moves."""
-        return self._changes
+        return self._version
 
     def __len__(self) -> int:
         return len(self._store)
@@ -289,7 +311,8 @@ class Registry:
 
     def _remove(self, blocker: Blocker, cause: str) -> None:
         self._store.remove(blocker)
-        self._changes += 1
+        self._version += 1
+        self._journal.append(Change("delete", blocker.scope == "daemon", blocker))
         self._events.append(Event("BLOCKER_DELETED", self._clock.time(), blocker, cause))
 
     # ----------------------------------------------------------------- migration
@@ -370,3 +393,55 @@ class Registry:
             when = self._clock.time()
             for status in statuses:
                 self._events.append(Event("MIGRATION", when, detail=status))
+
+    # ----------------------------------------------------------------- durability
+
+    def take_changes(self) -> list[Change]:
+        """The mutations since the last call, oldest first."""
+        if not self._journal:
+            return []
+        changes, self._journal = self._journal, []
+        return changes
+
+    def undo(self, changes: list[Change]) -> None:
+        """Take ``changes`` back, newest first, without events.
+
+        For a commit that failed: the registry returns to what is on disk.  A
+        change that no longer applies (its blocker since went with its
+        connection) is skipped.
+        """
+        for change in reversed(changes):
+            blocker = change.blocker
+            if change.kind == "add":
+                assert blocker is not None
+                if self._store.get(blocker.id) is blocker:
+                    self._store.remove(blocker)
+                    self._version += 1
+            elif change.kind == "delete":
+                assert blocker is not None
+                if blocker.id not in self._store:
+                    self._store.add(blocker)
+                    self._version += 1
+            elif change.kind == "mode":
+                self._set_mode(str(change.old))
+            elif change.kind == "events":
+                self._events_enabled = bool(change.old)
+            else:
+                assert isinstance(change.old, int)
+                self._floor = change.old
+
+    def restore(self, blockers: Sequence[Blocker], *, mode: str, events: bool,
+                id_floor: int) -> None:
+        """Load what a previous run stored (an empty registry only), oldest first.
+
+        Generated ids continue from ``id_floor``: the ones below it may have
+        been handed out before a crash.
+        """
+        assert not self._store, "restore into an empty registry"
+        for blocker in blockers:
+            self._store.add(blocker)
+            self._seq = max(self._seq, blocker.seq + 1)
+        self._set_mode(mode if mode in self._modes else DEFAULT_MODE)
+        self._events_enabled = events
+        self._serial = self._floor = id_floor
+        self._version += 1

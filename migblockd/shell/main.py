@@ -29,6 +29,9 @@ is kept in $XDG_STATE_HOME/migblockd/shell-history.  Ctrl-C drops the line, Ctrl
 quits.  If the daemon restarts, the shell reconnects on the next command.
 """
 
+#: The default socket as the man page words it (the daemon's default, the same rule).
+SOCKET_DOC = "the daemon's own default, see --socket in migblockd(8)"
+
 EPILOG = """\
 scripting: when stdin is not a terminal, or with -c, the shell runs the commands and
 prints one JSON reply per line on stdout (events are not printed; errors in the input
@@ -42,7 +45,10 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, documented: bool = False) -> argparse.ArgumentParser:
+    """The command line; ``documented`` words the socket's default for the man page
+    (the default computed here depends on who runs the shell)."""
+    default = SOCKET_DOC if documented else default_socket_path()
     parser = argparse.ArgumentParser(
         prog="migblock-shell",
         description=DESCRIPTION,
@@ -54,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default=None,
         metavar="SOCKET",
-        help=f"the daemon's QMP socket (default: {default_socket_path()})",
+        help=f"the daemon's QMP socket (default: {default})",
     )
     parser.add_argument(
         "-p", "--pretty", action="store_true", help="pretty-print replies and events"

@@ -1,0 +1,366 @@
+"""Who may do what: roles, the role each command needs, and the policy that gives uids roles.
+
+Pure domain logic: no sockets, no logging; the only outside world it reads is
+the system's user and group databases (``pwd``, ``grp``,
+``os.getgrouplist``), through the cached look-ups at the bottom.  The guard
+(:mod:`migblockd.guard`) applies it to each request.
+
+Roles are ordered, each including the one before::
+
+    observer   the query-* commands, qmp_capabilities, query-qmp-schema
+    client     + add-blocker, and del-blocker of the blockers its own uid added
+    operator   + migrate, migrate_cancel, migrate-set-parameters,
+                 migrate-set-capabilities
+    admin      everything, including del-blocker of anyone's blocker
+
+The command table is derived, not listed: a command whose name starts with
+``query-`` needs ``observer``, so a new query is readable at once; a command
+named nowhere here needs ``admin``, so a new command that changes something is
+closed until someone decides otherwise.
+
+How a uid gets its role (:meth:`Resolver.role`):
+
+1. root and the uid the daemon runs as are always ``admin``;
+2. else an entry for the user in ``users`` (by number, then by name) decides,
+   so that one user can be given less (or more) than their groups;
+3. else the highest role among the ``groups`` entries for any of its groups:
+   the gid the kernel reported for the connection, the user's primary group
+   and its supplementary groups in the group database;
+4. else ``default-role``.
+
+A connection whose credentials the kernel did not give has ``default-role``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import grp
+import json
+import os
+import pwd
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from migblockd.options import Kind, describe
+
+__all__ = [
+    "DEFAULT_MAX_BLOCKERS",
+    "DEFAULT_MAX_BLOCKERS_PER_UID",
+    "DEFAULT_MAX_REASON_LENGTH",
+    "AccessTable",
+    "GroupName",
+    "Policy",
+    "Quotas",
+    "Resolver",
+    "Role",
+    "clear_caches",
+    "group_id",
+    "needed_role",
+    "user_name",
+]
+
+
+class Role(enum.IntEnum):
+    """A role; a larger one may do everything a smaller one may."""
+
+    OBSERVER = 0
+    CLIENT = 1
+    OPERATOR = 2
+    ADMIN = 3
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+ROLE_NAMES: Final = tuple(str(r) for r in Role)
+
+#: What each role adds to the one below it (observer's are the ``query-*`` commands).
+_GRANTS: Final[Mapping[str, Role]] = {
+    "qmp_capabilities": Role.OBSERVER,
+    "add-blocker": Role.CLIENT,
+    "del-blocker": Role.CLIENT,  # and only of the uid's own blockers: see the guard
+    "migrate": Role.OPERATOR,
+    "migrate_cancel": Role.OPERATOR,
+    "migrate-set-parameters": Role.OPERATOR,
+    "migrate-set-capabilities": Role.OPERATOR,
+}
+
+
+def needed_role(command: str) -> Role:
+    """The least role that may run ``command``: unknown commands need ``admin``."""
+    granted = _GRANTS.get(command)
+    if granted is not None:
+        return granted
+    if command.startswith("query-"):
+        return Role.OBSERVER
+    return Role.ADMIN
+
+
+# --------------------------------------------------------------------------- quotas
+
+DEFAULT_MAX_BLOCKERS: Final = 100_000
+DEFAULT_MAX_BLOCKERS_PER_UID: Final = 1_000
+DEFAULT_MAX_REASON_LENGTH: Final = 1_024
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Bounds on what clients may register (the ``max-blockers*`` and
+    ``max-reason-length`` settings).  ``max_blockers_per_uid`` does not apply
+    to admins; the other two apply to everyone."""
+
+    max_blockers: int = DEFAULT_MAX_BLOCKERS
+    max_blockers_per_uid: int = DEFAULT_MAX_BLOCKERS_PER_UID
+    max_reason_length: int = DEFAULT_MAX_REASON_LENGTH
+
+
+# --------------------------------------------------------------------------- the policy
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The ``[access]`` table: roles by user and by group, and everyone else's.
+
+    ``users`` and ``groups`` are (name or decimal number, role) pairs, sorted,
+    so that two policies that say the same thing compare equal.
+    """
+
+    default_role: Role = Role.CLIENT
+    users: tuple[tuple[str, Role], ...] = ()
+    groups: tuple[tuple[str, Role], ...] = ()
+
+    @classmethod
+    def of(cls, default_role: Role = Role.CLIENT,
+           users: Mapping[str | int, Role] | None = None,
+           groups: Mapping[str | int, Role] | None = None) -> Policy:
+        """A policy from plain mappings (keys are names or numbers)."""
+        return cls(default_role, _pairs(users or {}), _pairs(groups or {}))
+
+    def __str__(self) -> str:
+        """The policy as a TOML inline table (which :class:`AccessTable` reads back)."""
+        def table(pairs: tuple[tuple[str, Role], ...]) -> str:
+            return "{" + ", ".join(f"{_toml_key(k)} = '{r}'" for k, r in pairs) + "}"
+
+        return (f"{{default-role = '{self.default_role}', users = {table(self.users)}, "
+                f"groups = {table(self.groups)}}}")
+
+
+def _toml_key(key: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        return key
+    if re.fullmatch(r"[^'\x00-\x1f\x7f]*", key):
+        return f"'{key}'"  # a literal string: no escapes to get wrong
+    return json.dumps(key)
+
+
+def _pairs(mapping: Mapping[str | int, Role]) -> tuple[tuple[str, Role], ...]:
+    return tuple(sorted((str(k), Role(r)) for k, r in mapping.items()))
+
+
+_KEYS: Final = ("default-role", "users", "groups")
+
+
+def _role(value: object, where: str) -> Role:
+    if isinstance(value, str) and value in ROLE_NAMES:
+        return Role[value.upper()]
+    raise ValueError(f"{where} must be one of {', '.join(ROLE_NAMES)}, not {describe(value)}")
+
+
+def _entries(value: object, where: str) -> tuple[tuple[str, Role], ...]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a table of names or numbers to roles, "
+                         f"not {describe(value)}")
+    pairs = []
+    for key, role in value.items():
+        if not key or "\0" in key or key != key.strip():
+            raise ValueError(f"{where} has an invalid name {describe(key)}")
+        name = str(int(key)) if _is_number(key) else key  # "0100" and "100": one uid
+        pairs.append((name, _role(role, f"{where}.{key}")))
+    return tuple(sorted(pairs))
+
+
+@dataclass(frozen=True)
+class AccessTable(Kind[Policy]):
+    """Reads the ``[access]`` TOML table into a :class:`Policy`."""
+
+    def __call__(self, value: object) -> Policy:
+        if isinstance(value, str):  # an inline table, as show() writes it
+            try:
+                value = tomllib.loads(f"access = {value}")["access"]
+            except tomllib.TOMLDecodeError:
+                raise ValueError(f"must be a table ([access]), not {describe(value)}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"must be a table ([access]), not {describe(value)}")
+        unknown = [k for k in value if k.replace("_", "-") not in _KEYS]
+        if unknown:
+            raise ValueError(f"has an unknown key {unknown[0]!r} "
+                             f"(it takes {', '.join(_KEYS)})")
+        raw = {k.replace("_", "-"): v for k, v in value.items()}
+        default = _role(raw["default-role"], "default-role") if "default-role" in raw \
+            else Role.CLIENT
+        return Policy(default, _entries(raw.get("users", {}), "users"),
+                      _entries(raw.get("groups", {}), "groups"))
+
+    def show(self, value: Policy) -> str:
+        return str(value)
+
+
+@dataclass(frozen=True)
+class GroupName(Kind[str]):
+    """A group, by name or number (``--socket-group``); resolved when it is used."""
+
+    def __call__(self, value: object) -> str:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return str(value)
+        if (not isinstance(value, str) or not value or value != value.strip()
+                or any(c in value for c in "\0:\n")):
+            raise ValueError(f"must be a group name or number, not {describe(value)}")
+        return value
+
+
+# --------------------------------------------------------------------------- resolving
+
+#: Distinct (uid, gid) pairs remembered before the cache starts over: a bound,
+#: not a tuning knob (each entry is a few dozen bytes).
+CACHE_SIZE: Final = 4096
+
+
+@dataclass
+class Resolver:
+    """A policy applied to the host's users and groups, with each answer cached.
+
+    ``daemon_uid`` is the uid the daemon runs as (always admin).  Build a new
+    resolver (and call :func:`clear_caches`) when the policy or the user and
+    group databases may have changed: on reload.
+    """
+
+    policy: Policy
+    daemon_uid: int
+    _users_by_id: dict[int, Role] = field(init=False, repr=False)
+    _users_by_name: dict[str, Role] = field(init=False, repr=False)
+    _groups_by_id: dict[int, Role] = field(init=False, repr=False)
+    _groups_by_name: dict[str, Role] = field(init=False, repr=False)
+    _cache: dict[tuple[int, int | None], Role] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._users_by_id, self._users_by_name = _split(self.policy.users)
+        self._groups_by_id, self._groups_by_name = _split(self.policy.groups)
+        self._cache = {}
+
+    def role(self, uid: int | None, gid: int | None = None) -> Role:
+        """The role of a peer with this uid (and, from ``SO_PEERCRED``, gid)."""
+        if uid is None:
+            return self.policy.default_role
+        key = (uid, gid)
+        role = self._cache.get(key)
+        if role is None:
+            if len(self._cache) >= CACHE_SIZE:
+                self._cache.clear()
+            role = self._cache[key] = self._resolve(uid, gid)
+        return role
+
+    def _resolve(self, uid: int, gid: int | None) -> Role:
+        if uid in (0, self.daemon_uid):
+            return Role.ADMIN
+        role = self._users_by_id.get(uid)
+        if role is None and self._users_by_name:
+            name = user_name(uid)
+            if name is not None:
+                role = self._users_by_name.get(name)
+        if role is not None:
+            return role
+        if self._groups_by_id or self._groups_by_name:
+            roles = [r for g in groups_of(uid, gid) if (r := self._group_role(g)) is not None]
+            if roles:
+                return max(roles)
+        return self.policy.default_role
+
+    def _group_role(self, gid: int) -> Role | None:
+        role = self._groups_by_id.get(gid)
+        if role is None and self._groups_by_name:
+            name = group_name(gid)
+            if name is not None:
+                role = self._groups_by_name.get(name)
+        return role
+
+    def unknown_names(self) -> list[str]:
+        """Names in the policy that the user and group databases do not know (to warn)."""
+        missing = [f"user {n!r}" for n in self._users_by_name if _uid_of(n) is None]
+        missing += [f"group {n!r}" for n in self._groups_by_name if group_id(n) is None]
+        return missing
+
+
+def _is_number(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
+def _split(pairs: Iterable[tuple[str, Role]]) -> tuple[dict[int, Role], dict[str, Role]]:
+    by_id: dict[int, Role] = {}
+    by_name: dict[str, Role] = {}
+    for key, role in pairs:
+        if _is_number(key):
+            by_id[int(key)] = role
+        else:
+            by_name[key] = role
+    return by_id, by_name
+
+
+# --------------------------------------------------------------------------- the databases
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def user_name(uid: int) -> str | None:
+    """The name of ``uid`` in the user database, or None."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return None
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except (KeyError, OverflowError):
+        return None
+
+
+def group_id(name: str) -> int | None:
+    """A group given by name or decimal number, as a gid; None when there is no such name."""
+    if _is_number(name):
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def _uid_of(name: str) -> int | None:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+def groups_of(uid: int, gid: int | None) -> set[int]:
+    """``gid`` (the connection's), the user's primary group and its supplementary groups."""
+    gids = set() if gid is None else {gid}
+    try:
+        entry = pwd.getpwuid(uid)
+    except (KeyError, OverflowError):
+        return gids
+    gids.add(entry.pw_gid)
+    with contextlib.suppress(OSError):
+        gids.update(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    return gids
+
+
+def clear_caches() -> None:
+    """Forget the names looked up so far (the databases may have changed)."""
+    user_name.cache_clear()
+    group_name.cache_clear()

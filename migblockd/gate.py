@@ -1,0 +1,257 @@
+"""Gating a real QEMU (``--qemu SOCKET``): the commands that talk to it, with no I/O.
+
+With a QEMU behind it, migblockd's blockers stop QEMU's real migration:
+``migrate`` goes through migblockd's own checks first (a migration in
+progress, then the current mode's newest blocker, QEMU's order) and only then
+reaches QEMU, whose reply comes back verbatim.  QEMU's own blockers (from its
+``query-migrate`` ``blocked-reasons``; QEMU 7.2 sends no event when they
+change) show up in ``query-blockers`` after migblockd's, with ``source:
+qemu``; the migration commands are forwarded; ``add-blocker`` is refused with
+QEMU's busy text while QEMU migrates.
+
+Handlers here are generators: each ``yield Call(...)`` is a command for QEMU,
+and the handler resumes with QEMU's return value, or with :class:`QemuError`
+or :class:`QemuUnavailable` thrown in.  The core drives them (the adapter does
+the I/O); a handler changes the registry only after its last ``yield``, so
+what it changes is committed with the command that made it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from migblockd.commands import Args, Handlers, log, reads_state
+from migblockd.connection import Connection
+from migblockd.contract import Contract
+from migblockd.logs import about, shown
+from migblockd.qmp.encoding import Encoded, encode
+from migblockd.qmp.errors import QMPError
+from migblockd.qmp.session import Command
+from migblockd.registry import (
+    RUNNING_STATUSES,
+    BlockerError,
+    MigrationBusy,
+    MigrationInProgress,
+    Registry,
+)
+
+__all__ = ["QEMU_BLOCKER_PREFIX", "Call", "GateHandlers", "QemuError", "QemuFacts",
+           "QemuUnavailable"]
+
+#: QEMU's own blockers are listed as ``qemu:1``, ``qemu:2``... (oldest first): a
+#: ``:`` is not allowed in the ids clients choose, so these never clash.
+QEMU_BLOCKER_PREFIX: Final = "qemu:"
+
+Step = Generator["Call", object, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A command for QEMU; the handler that yields it resumes with its return value."""
+
+    name: str
+    args: dict[str, Any]
+
+
+class QemuError(Exception):
+    """QEMU answered with an error: its class and desc, verbatim."""
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(desc)
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QemuUnavailable(Exception):
+    """No answer from QEMU (not connected, or the connection broke); ``str()`` says why."""
+
+
+@dataclass
+class QemuFacts:
+    """What the core knows of the QEMU behind it; the adapter keeps it current.
+
+    ``commands`` maps each command the connected QEMU knows to its argument
+    names (empty while disconnected).  ``busy`` is set while a ``migrate``
+    that migblockd forwarded waits for QEMU: from migblockd's decision to
+    QEMU's reply, a new blocker would slip past that decision.
+    """
+
+    path: Path
+    connected: bool = False
+    version: str = ""
+    commands: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    status: str | None = None
+    busy: bool = False
+
+    def knows(self, command: str, argument: str | None = None) -> bool:
+        if argument is None:
+            return command in self.commands
+        return argument in self.commands.get(command, frozenset())
+
+
+class GateHandlers(Handlers):
+    """The schema's commands in front of a real QEMU, plus the pass-through ones."""
+
+    def __init__(self, contract: Contract, registry: Registry, qemu: QemuFacts,
+                 passthrough: tuple[str, ...] = ()) -> None:
+        super().__init__(contract, registry)
+        self.qemu = qemu
+        self.passthrough = passthrough
+        self._command_list = [*self._command_list, *({"name": n} for n in passthrough)]
+
+    def migration_status(self) -> str:
+        return self.qemu.status or "none"
+
+    def qemu_state(self) -> str | None:
+        if self.qemu.connected:
+            return f"{self.qemu.version} connected".lstrip()
+        return "not connected"
+
+    def table(self) -> dict[str, Command]:
+        """The schema's commands, then the pass-through ones (QEMU checks their arguments)."""
+        table = super().table()
+        for name in self.passthrough:
+            if name not in table:
+                table[name] = Command(name, False, _unchecked, self._forward(name))
+        return table
+
+    @staticmethod
+    def _forward(name: str) -> Any:
+        def run(conn: Connection, args: Args) -> Step:
+            return (yield Call(name, args))
+
+        return run
+
+    # -- blockers -----------------------------------------------------------
+    def add_blocker(self, conn: Connection, args: Args) -> Step:
+        self.registry.check_add(args["reason"], modes=args.get("modes"),
+                                internal=args.get("internal", False), id=args.get("id"),
+                                scope=args.get("scope", "daemon"), connection=conn)
+        if self.qemu.busy:
+            raise MigrationBusy(args["reason"])
+        if self.qemu.connected:
+            try:
+                info = yield Call("query-migrate", {})
+            except QemuUnavailable:
+                pass  # gone meanwhile: it is not migrating through anyone
+            else:
+                if _status(info) in RUNNING_STATUSES or self.qemu.busy:
+                    raise MigrationBusy(args["reason"])
+        return super().add_blocker(conn, args)
+
+    def del_blocker(self, conn: Connection, args: Args) -> object:
+        if args["id"].startswith(QEMU_BLOCKER_PREFIX):
+            raise QMPError(f"Blocker '{args['id']}' is QEMU's own: it goes away when QEMU "
+                           "removes it, and cannot be deleted through migblockd")
+        return super().del_blocker(conn, args)
+
+    @reads_state
+    def query_blockers(self, conn: Connection, args: Args) -> Step:
+        ours = super().query_blockers(conn, args)
+        assert isinstance(ours, Encoded)
+        mode = args.get("mode")
+        if not self.qemu.connected or (mode is not None and mode != self.registry.mode):
+            return ours
+        try:
+            info = yield Call("query-migrate", {})
+        except QemuUnavailable:
+            return ours
+        theirs = [encode(self._qemu_blocker(n, reason))
+                  for n, reason in enumerate(_reasons(info), start=1)]
+        if not theirs:
+            return ours
+        texts = [ours.text[1:-1]] if ours.text != "[]" else []
+        return Encoded.array([*texts, *theirs])
+
+    def _qemu_blocker(self, n: int, reason: str) -> dict[str, Any]:
+        # QEMU lists the blockers of its current mode; it says nothing of when
+        # each was added, nor whether it is internal.
+        return {"id": f"{QEMU_BLOCKER_PREFIX}{n}", "reason": reason,
+                "modes": [self.registry.mode], "internal": False, "scope": "daemon",
+                "source": "qemu"}
+
+    # -- migration ----------------------------------------------------------
+    @reads_state
+    def migrate(self, conn: Connection, args: Args) -> Step:
+        info = yield Call("query-migrate", {})
+        if _status(info) in RUNNING_STATUSES or self.qemu.busy:
+            raise MigrationInProgress()
+        try:
+            self.registry.check_migrate()  # the current mode's newest blocker
+        except BlockerError as exc:
+            log.info("%s: migrate to %s refused: %s", conn.label, shown(args["uri"]), shown(exc),
+                     extra=about(conn))
+            raise
+        self.qemu.busy = True
+        try:
+            result = yield Call("migrate", args)
+        finally:
+            self.qemu.busy = False
+        log.info("%s: migration to %s handed to QEMU", conn.label, shown(args["uri"]),
+                 extra=about(conn))
+        return result
+
+    def migrate_cancel(self, conn: Connection, args: Args) -> Step:
+        return (yield Call("migrate_cancel", args))
+
+    @reads_state
+    def query_migrate(self, conn: Connection, args: Args) -> Step:
+        info = yield Call("query-migrate", args)
+        assert isinstance(info, dict)
+        # migblockd's blockers first (as query-blockers lists them), then QEMU's.
+        reasons = [*self.registry.blocked_reasons(), *_reasons(info)]
+        if reasons:
+            info["blocked-reasons"] = reasons
+        return info
+
+    def migrate_set_parameters(
+        self, conn: Connection, args: Args
+    ) -> Step:
+        forward = dict(args)
+        mode = forward.get("mode")
+        if mode is not None and not self.qemu.knows("migrate-set-parameters", "mode"):
+            del forward["mode"]  # a QEMU older than 8.2: the mode is migblockd's alone
+        if forward:
+            yield Call("migrate-set-parameters", forward)
+        if mode is not None:
+            self.registry.set_mode(mode)
+        return {}
+
+    @reads_state
+    def query_migrate_parameters(
+        self, conn: Connection, args: Args
+    ) -> Step:
+        params = yield Call("query-migrate-parameters", args)
+        assert isinstance(params, dict)
+        if "mode" not in params:
+            params["mode"] = self.registry.mode
+        return params
+
+    def migrate_set_capabilities(
+        self, conn: Connection, args: Args
+    ) -> Step:
+        return (yield Call("migrate-set-capabilities", args))
+
+    @reads_state
+    def query_migrate_capabilities(
+        self, conn: Connection, args: Args
+    ) -> Step:
+        return (yield Call("query-migrate-capabilities", args))
+
+
+def _status(info: object) -> object:
+    return info.get("status") if isinstance(info, dict) else None
+
+
+def _reasons(info: object) -> list[str]:
+    reasons = info.get("blocked-reasons") if isinstance(info, dict) else None
+    if not isinstance(reasons, list):
+        return []
+    return [reason for reason in reasons if isinstance(reason, str)]
+
+
+def _unchecked(args: Args) -> None:
+    """Pass-through arguments are QEMU's to judge."""

@@ -1,0 +1,160 @@
+"""The access guard: each request's role check, quotas and limits, worded and logged here only.
+
+:meth:`Guard.check` runs first in :meth:`migblockd.core.Core._run`, before the
+handler and before the simulated migration advances, so a refused request
+changes nothing and causes no event.  A refusal is a ``GenericError`` whose
+desc says what was refused and why (the command, the uid, the role it has and
+the one it needs; for ``del-blocker``, whose blocker it is), and a warning in
+the log with the peer's pid and uid.
+
+Cost per request, once a connection's role is known: one dict look-up for the
+command's rule and an integer comparison; ``add-blocker`` adds three
+comparisons (reason length, total count, the uid's count, each O(1)) and a
+``del-blocker`` by a non-admin one registry look-up.  A connection's role is
+resolved at its first request and again at the first request after a reload.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
+
+from migblockd.access import Policy, Quotas, Resolver, Role, clear_caches, needed_role, user_name
+from migblockd.connection import Connection
+from migblockd.logs import about, shown
+from migblockd.qmp.errors import QMPError
+from migblockd.registry import Registry
+
+__all__ = ["Guard"]
+
+log = logging.getLogger("migblockd")
+
+Args = dict[str, Any]
+Extra = Callable[[Connection, Role, Args], None]
+
+
+def who(uid: int | None) -> str:
+    """A uid as refusals name it: ``uid 65534 (nobody)``."""
+    if uid is None:
+        return "a client whose uid the kernel did not report"
+    name = user_name(uid)
+    return f"uid {uid} ({name})" if name is not None else f"uid {uid}"
+
+
+class Guard:
+    """The access policy and the quotas, applied to the requests of one daemon.
+
+    ``commands`` are the names of the schema's commands (their rules are
+    computed once); ``daemon_uid`` is the uid the daemon runs as, always admin.
+    """
+
+    def __init__(self, commands: Iterable[str], registry: Registry, policy: Policy,
+                 quotas: Quotas, *, daemon_uid: int | None = None) -> None:
+        self.registry = registry
+        self.daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
+        extras: dict[str, Extra] = {"add-blocker": self._check_add,
+                                    "del-blocker": self._check_del}
+        self._rules: dict[str, tuple[Role, Extra | None]] = {
+            name: (needed_role(name), extras.get(name)) for name in commands}
+        self.policy = policy
+        self.quotas = quotas
+        self.resolver = Resolver(policy, self.daemon_uid)
+        self._warn_unknown_names()
+
+    def configure(self, policy: Policy, quotas: Quotas,
+                  connections: Iterable[Connection] = ()) -> None:
+        """Apply a (re)loaded policy and quotas from the next request of every connection.
+
+        The user and group databases are read afresh too: a user added to a
+        group since gets that group's role after a reload.
+        """
+        clear_caches()
+        self.policy = policy
+        self.quotas = quotas
+        self.resolver = Resolver(policy, self.daemon_uid)
+        for conn in connections:
+            conn.role = None
+        self._warn_unknown_names()
+
+    def _warn_unknown_names(self) -> None:
+        # Not an error: the user may be created later (it counts after a reload).
+        for name in self.resolver.unknown_names():
+            log.warning("access: the policy names %s, which does not exist", name)
+
+    def role_of(self, conn: Connection) -> Role:
+        role = conn.role
+        if role is None:
+            owner = conn.owner
+            if owner is None:
+                role = self.resolver.role(None)
+            else:
+                role = self.resolver.role(owner.uid, owner.gid)
+            conn.role = role
+        return role
+
+    def check(self, conn: Connection, name: str, args: Args) -> None:
+        """Raise :class:`QMPError` (and log) if ``conn`` may not run ``name`` with ``args``."""
+        role = conn.role
+        if role is None:
+            role = self.role_of(conn)
+        rule = self._rules.get(name)
+        if rule is None:
+            rule = (needed_role(name), None)
+        needed, extra = rule
+        if role < needed:
+            self._refuse(conn, name, f"Permission denied: {name} needs role {needed}, "
+                         f"but {self._who(conn)} has role {role}")
+        if extra is not None:
+            extra(conn, role, args)
+
+    # -- the rules of particular commands ------------------------------------------
+    def _check_add(self, conn: Connection, role: Role, args: Args) -> None:
+        quotas = self.quotas
+        length = len(args["reason"])
+        if length > quotas.max_reason_length:
+            self._refuse(conn, "add-blocker",
+                         f"Parameter 'reason' is too long: {length} characters, "
+                         f"max-reason-length is {quotas.max_reason_length}")
+        registry = self.registry
+        total = len(registry)
+        if total >= quotas.max_blockers:
+            self._refuse(conn, "add-blocker",
+                         f"Too many migration blockers: {total} registered, "
+                         f"max-blockers is {quotas.max_blockers}")
+        if role < Role.ADMIN:
+            owner = conn.owner
+            uid = None if owner is None else owner.uid
+            owned = registry.count_owned(uid)
+            if owned >= quotas.max_blockers_per_uid:
+                self._refuse(conn, "add-blocker",
+                             f"Too many migration blockers for {who(uid)}: it owns {owned}, "
+                             f"max-blockers-per-uid is {quotas.max_blockers_per_uid}")
+
+    def _check_del(self, conn: Connection, role: Role, args: Args) -> None:
+        if role >= Role.ADMIN:
+            return
+        blocker = self.registry.get(args["id"])
+        if blocker is None:
+            return  # the handler says it is not found
+        owner, mine = blocker.owner, conn.owner
+        if owner is not None and mine is not None and owner.uid == mine.uid:
+            return
+        whose = "no known uid" if owner is None else who(owner.uid)
+        self._refuse(conn, "del-blocker",
+                     f"Permission denied: del-blocker of blocker '{blocker.id}', which "
+                     f"belongs to {whose}, needs role {Role.ADMIN}, but {self._who(conn)} "
+                     f"has role {role}")
+
+    # -- wording -----------------------------------------------------------------------
+    @staticmethod
+    def _who(conn: Connection) -> str:
+        return who(None if conn.owner is None else conn.owner.uid)
+
+    @staticmethod
+    def _refuse(conn: Connection, name: str, desc: str) -> NoReturn:
+        # desc names blocker ids, which clients choose: shown() bounds them.
+        log.warning("%s: refused %s: %s", conn.label, name, shown(desc, 400, quoted=False),
+                    extra=about(conn))
+        raise QMPError(desc)

@@ -1,0 +1,138 @@
+"""The listening socket: bound safely, never stolen from a live daemon.
+
+A socket file left by a daemon that died is replaced; one a live daemon
+answers on is not (the daemon refuses to start instead).  The socket never
+exists with wider permissions than asked, even for an instant: the umask is
+set around ``bind(2)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+
+from migblockd.paths import fallback_socket_dir
+
+__all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "StartupError", "bind_socket", "make_socket_dir"]
+
+log = logging.getLogger("migblockd")
+
+LISTEN_BACKLOG = 1024
+#: sun_path is 108 bytes on Linux, one of them the terminating NUL.
+UNIX_PATH_MAX = 107
+
+
+class StartupError(Exception):
+    """The daemon cannot start; ``str()`` is the one-line reason for the log."""
+
+
+def bind_socket(path: Path, mode: int, group: int | None = None) -> socket.socket:
+    """Bind a listening socket at ``path``, refusing to steal one a live daemon serves.
+
+    The socket file gets ``mode`` and, when given, the group ``group``, before
+    anyone can connect (we listen only after both are set).
+    """
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX:
+        raise StartupError(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
+                           f"the limit is {UNIX_PATH_MAX})")
+    make_socket_dir(path.parent, mode, group)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+        if _answers(path):
+            raise StartupError(
+                f"another daemon is already listening on {path}; refusing to take over "
+                "a live socket (stop it first, or choose another --socket)"
+            )
+        log.info("removing stale socket %s", path)
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The socket must never exist with wider permissions than asked, even briefly.
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(os.fspath(path))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot bind {path}: {exc.strerror or exc}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    if group is not None:
+        try:
+            # Not following a symbolic link: only the socket we just bound is ours to give.
+            os.chown(path, -1, group, follow_symlinks=False)
+        except OSError as exc:
+            sock.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise StartupError(
+                f"cannot give {path} to group {group}: {exc.strerror} (the daemon's user "
+                "must be a member of the group)") from None
+    # Listening at once: a client (or a second daemon probing) that comes before
+    # we accept waits in the backlog instead of finding a "stale" socket.
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def make_socket_dir(directory: Path, socket_mode: int, group: int | None) -> None:
+    """Create the socket's directory if it is missing; refuse an unsafe fallback directory.
+
+    A directory we create is searchable by exactly whom ``socket_mode`` lets
+    connect (0700, plus x for the group and for others as the mode grants them:
+    a 0666 socket in a 0700 directory would be unreachable), and belongs to
+    ``group`` when given.  The non-root fallback under the shared temporary
+    directory may have been made by another user to catch our clients, so it
+    must be ours and writable by nobody else.
+    """
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            created = False
+        else:
+            created = True
+            if group is not None:
+                os.chown(directory, -1, group)
+            os.chmod(directory, 0o700 | (0o010 if socket_mode & 0o070 else 0)
+                     | (0o001 if socket_mode & 0o007 else 0))
+        st = os.lstat(directory)
+    except OSError as exc:
+        raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
+    if created or directory != fallback_socket_dir():
+        return
+    problem = None
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "it is not a directory"
+    elif st.st_uid != os.geteuid():
+        problem = f"it belongs to uid {st.st_uid}, not to the daemon's uid {os.geteuid()}"
+    elif st.st_mode & 0o022:
+        problem = f"other users may write to it (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem is not None:
+        raise StartupError(
+            f"refusing to put the socket in {directory}: {problem}, so another user could "
+            "replace the socket; remove it, or set XDG_RUNTIME_DIR, or choose another --socket")
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # unsure (a full backlog, a timeout): do not steal it
+    finally:
+        probe.close()
+    return True

@@ -1,0 +1,66 @@
+"""Between the registry and its database: what a change writes, what a start reads back.
+
+The registry journals its mutations (:class:`migblockd.registry.Change`); the
+durable ones become the store's rows and settings here, in order.  At start
+the snapshot on disk becomes the registry's state again: same ids, same
+order, same mode, and generated ids that continue past every one handed out
+before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from migblockd import state
+from migblockd.registry import DEFAULT_MODE, Blocker, Change, Owner, Registry
+
+__all__ = ["restore", "to_store"]
+
+MODE, EVENTS, ID_FLOOR = "mode", "events", "id-floor"
+
+
+def to_store(changes: Iterable[Change]) -> list[state.Change]:
+    """The store's changes for the durable ones among ``changes``, in order."""
+    out: list[state.Change] = []
+    for change in changes:
+        if not change.durable:
+            continue
+        blocker = change.blocker
+        if change.kind == "add":
+            assert blocker is not None
+            owner = blocker.owner
+            out.append(state.Put(state.BlockerRow(
+                blocker.id, blocker.reason, blocker.modes, blocker.internal,
+                None if owner is None else (owner.pid, owner.uid, owner.gid),
+                blocker.added, blocker.seq)))
+        elif change.kind == "delete":
+            assert blocker is not None
+            out.append(state.Delete(blocker.id))
+        else:
+            key = {"mode": MODE, "events": EVENTS, "id-floor": ID_FLOOR}[change.kind]
+            out.append(state.Setting(key, change.new))
+    return out
+
+
+def restore(registry: Registry, snapshot: state.Snapshot) -> None:
+    """Give an empty registry what ``snapshot`` holds.
+
+    Raises ValueError (naming the blocker) when a stored blocker blocks a
+    mode the schema no longer defines: dropping it silently could let a
+    migration through that it was there to stop.
+    """
+    known = set(registry.modes)
+    blockers: list[Blocker] = []
+    for row in snapshot.blockers:
+        unknown = [mode for mode in row.modes if mode not in known]
+        if unknown:
+            raise ValueError(f"stored blocker {row.id!r} blocks modes the schema does not "
+                             f"define ({', '.join(unknown)})")
+        owner = None if row.owner is None else Owner(*row.owner)
+        blockers.append(Blocker(row.id, row.reason, row.modes, row.internal, "daemon",
+                                owner, row.added, row.seq))
+    settings = snapshot.settings
+    mode = settings.get(MODE, DEFAULT_MODE)
+    floor = settings.get(ID_FLOOR, 0)
+    registry.restore(blockers, mode=str(mode), events=settings.get(EVENTS) is True,
+                     id_floor=floor if isinstance(floor, int) else 0)

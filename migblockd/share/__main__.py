@@ -1,0 +1,5 @@
+import sys
+
+from migblockd.share.main import main
+
+sys.exit(main())

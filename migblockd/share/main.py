@@ -1,0 +1,103 @@
+"""``python -m migblockd.share [--check] [-o DIR]``: regenerate (or check) share/.
+
+DIR defaults to ``share/`` at the top of the source checkout this package is
+in; an installed package has no such directory, so DIR must then be named.
+Without ``--check`` the files are written and migblockd's files under DIR's
+``man/``, ``bash-completion/`` and ``zsh/`` that are no longer generated are
+removed (other programs' files there are left alone); with
+``--check`` nothing is written and the exit status is 1, with a unified diff on
+stdout, when DIR differs from what the programs generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+PROG = "python -m migblockd.share"
+#: The files under DIR this generator owns: migblockd's, and no other program's (DIR
+#: may be an installation prefix's share/, which other packages' files share).
+OWNED = ("man/man*/migblock*", "bash-completion/completions/migblock*",
+         "zsh/site-functions/_migblock*")
+#: The top of a source checkout, when the package runs from one.
+CHECKOUT = Path(__file__).resolve().parent.parent.parent
+
+
+def generate() -> dict[str, str]:
+    """Every generated file: ``{path relative to share/: text}``."""
+    from migblockd.share.completions import scripts  # noqa: PLC0415 - keeps --help fast
+    from migblockd.share.manpages import pages  # noqa: PLC0415
+
+    return dict(sorted({**pages(), **scripts()}.items()))
+
+
+def existing(output_dir: Path) -> dict[str, str]:
+    """The files of ``output_dir`` that this generator owns (see :data:`OWNED`)."""
+    found: dict[str, str] = {}
+    for owned in OWNED:
+        for path in sorted(output_dir.glob(owned)):
+            if path.is_file():
+                found[path.relative_to(output_dir).as_posix()] = path.read_text(
+                    encoding="utf-8", errors="replace")
+    return found
+
+
+def diffs(files: dict[str, str], output_dir: Path) -> list[str]:
+    """Unified diffs (committed -> fresh) of every file that differs."""
+    old_files = existing(output_dir)
+    out = []
+    for rel in sorted(set(files) | set(old_files)):
+        old, new = old_files.get(rel), files.get(rel)
+        if old != new:
+            out.append("".join(difflib.unified_diff(
+                (old or "").splitlines(keepends=True), (new or "").splitlines(keepends=True),
+                fromfile=f"a/{rel}" if old is not None else "/dev/null",
+                tofile=f"b/{rel}" if new is not None else "/dev/null")))
+    return out
+
+
+def write(files: dict[str, str], output_dir: Path) -> None:
+    for rel in existing(output_dir):
+        if rel not in files:
+            (output_dir / rel).unlink()
+    for rel, text in files.items():
+        path = output_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+
+
+def default_output_dir() -> Path | None:
+    if (CHECKOUT / "pyproject.toml").is_file() and (CHECKOUT / "migblockd").is_dir():
+        return CHECKOUT / "share"
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Generate migblockd's man pages and bash and zsh completion scripts "
+        "from its command lines and option table.")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 and print a diff when DIR is stale")
+    parser.add_argument("-o", "--output-dir", metavar="DIR", type=Path,
+                        help="where the files go (default: share/ in the source checkout)")
+    args = parser.parse_args(argv)
+    output_dir: Path | None = args.output_dir or default_output_dir()
+    if output_dir is None:
+        parser.error("not run from a source checkout of migblockd: name the directory "
+                     "with --output-dir")
+    files = generate()
+    if args.check:
+        stale = diffs(files, output_dir)
+        if stale:
+            sys.stdout.write("".join(stale))
+            print(f"{PROG}: {len(stale)} file(s) in {output_dir} are stale; run {PROG}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    write(files, output_dir)
+    return 0

@@ -1,0 +1,64 @@
+"""The one-line messages the state store fails with.
+
+Each names the file or directory and says what to do, because the daemon
+prints it as the only line before it exits (or returns it to the client whose
+command could not be saved).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+__all__ = ["StateError", "commit_failed", "describe_open_error", "one_line"]
+
+# Primary result codes (the low byte of an extended code), from sqlite3.h.
+_PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT = 3, 5, 6, 8, 10, 11
+_FULL, _CANTOPEN, _NOTADB, _AUTH = 13, 14, 26, 23
+
+
+class StateError(Exception):
+    """The state directory or database cannot be used; ``str()`` is one line
+    naming the file and what to do about it."""
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks folded, so a message stays one line."""
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip()) or "?"
+
+
+def _reason(error: sqlite3.Error) -> str:
+    return one_line(str(error))
+
+
+def describe_open_error(path: Path, error: sqlite3.Error) -> str:
+    """What opening (or checking, or migrating) the database at ``path`` failing
+    with ``error`` means, and what the operator should do."""
+    code = getattr(error, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    why = _reason(error)
+    directory = path.parent
+    if primary == _NOTADB:
+        return (f"{path} is not a migblockd state database ({why}); "
+                "move it away to start from scratch")
+    if primary == _CORRUPT:
+        return (f"{path} is corrupt ({why}); restore it from a backup, "
+                "or move it away to start from scratch")
+    if primary in (_READONLY, _CANTOPEN, _PERM, _AUTH):
+        return (f"cannot write {path} ({why}); make it and {directory} writable "
+                "by this user, or choose another --state-dir")
+    if primary == _FULL:
+        return f"cannot write {path} ({why}); free some space on its file system"
+    if primary in (_BUSY, _LOCKED):
+        return (f"{path} is in use by another program ({why}); "
+                "close it (a sqlite3 shell?) and start again")
+    if primary == _IOERR:
+        return (f"cannot read or write {path} ({why}); check its disk and file system, "
+                "or choose another --state-dir")
+    name = getattr(error, "sqlite_errorname", type(error).__name__)
+    return f"cannot use {path} ({name}: {why}); move it away to start from scratch"
+
+
+def commit_failed(path: Path, error: sqlite3.Error) -> StateError:
+    """The error for a group of changes that did not reach ``path``."""
+    return StateError(f"cannot commit to {path}: {_reason(error)}")

@@ -1,0 +1,324 @@
+"""The daemon's durable state: one SQLite file in a locked state directory.
+
+:meth:`Store.open` takes the directory's lock before it touches the
+database, then checks the file before writing anything to it: it must be
+ours (``application_id``), of a format this version reads (``user_version``),
+and pass ``PRAGMA quick_check``.  Bad state stops the daemon with a
+:class:`StateError`; it is never replaced.
+
+The journal is WAL with ``synchronous=FULL``: a commit appends its pages to
+the WAL and syncs it once, so a group of changes costs about one ``fsync``
+and is durable when :meth:`Store.commit` returns.  A commit that fails (disk
+full, I/O error, read-only file system) leaves the file as it was, and the
+store keeps working: the next commit succeeds once the disk does.
+
+Threads: the connection is made with ``check_same_thread=False`` so that the
+daemon can open the store on one thread and use it from a worker thread; the
+caller must serialise all calls (one worker thread, or one at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from migblockd.state import schema
+from migblockd.state.errors import StateError, commit_failed, describe_open_error, one_line
+from migblockd.state.lock import DirectoryLock
+from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
+
+__all__ = ["DATABASE_NAME", "Store"]
+
+DATABASE_NAME = "state.db"
+# How long a statement waits for another program holding the database (an
+# operator's sqlite3 shell) before failing with "database is locked".
+_BUSY_TIMEOUT = 5.0
+
+
+class Store:
+    """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
+
+    __slots__ = ("_conn", "_lock", "directory", "path")
+
+    def __init__(self, directory: Path, lock: DirectoryLock, conn: sqlite3.Connection) -> None:
+        self.directory = directory
+        self.path = directory / DATABASE_NAME
+        self._lock: DirectoryLock | None = lock
+        self._conn: sqlite3.Connection | None = conn
+
+    @classmethod
+    def open(cls, directory: Path,
+             migrations: Sequence[schema.Migration] = schema.MIGRATIONS) -> Store:
+        """Lock ``directory`` (made 0700 if missing) and open its database,
+        creating it when new and migrating it when older.
+
+        ``migrations`` is the format's history (:data:`schema.MIGRATIONS`);
+        tests pass a longer one to play a future version.
+        """
+        directory = Path(directory)
+        _make_directory(directory)
+        lock = DirectoryLock.acquire(directory)
+        path = directory / DATABASE_NAME
+        try:
+            conn = _check_and_open(path, migrations)
+        except BaseException:
+            lock.release()
+            raise
+        return cls(directory, lock, conn)
+
+    def load(self) -> Snapshot:
+        """Everything stored: blockers oldest first, and the settings."""
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN")  # both reads from one snapshot
+            try:
+                rows = conn.execute(schema.SELECT_BLOCKERS_SQL).fetchall()
+                settings = conn.execute(schema.SELECT_SETTINGS_SQL).fetchall()
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StateError(describe_open_error(self.path, e)) from e
+        try:
+            blockers = [schema.decode_row(row) for row in rows]
+            decoded = dict(schema.decode_setting(key, value) for key, value in settings)
+        except ValueError as e:
+            raise StateError(f"{self.path} is corrupt ({one_line(str(e))}); restore it from "
+                             "a backup, or move it away to start from scratch") from e
+        return Snapshot(blockers=blockers, settings=decoded)
+
+    def commit(self, changes: Sequence[Change]) -> None:
+        """Apply ``changes`` in order, in one transaction: all or nothing,
+        durable on return.  StateError (with the file unchanged) if it fails."""
+        if not changes:
+            return
+        batches = _batches(changes)  # encoded first: a bad value fails before BEGIN
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for sql, params in batches:
+                conn.executemany(sql, params)
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._abandon(conn)
+            raise commit_failed(self.path, e) from e
+        except BaseException:  # e.g. OverflowError: an integer too large for SQLite
+            self._abandon(conn)
+            raise
+
+    def close(self) -> None:
+        """Close the database (SQLite folds the WAL back into it) and release the lock."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            # What is committed is in the WAL even if folding it back fails:
+            # the next open replays it.
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._lock is None:
+            raise StateError(f"{self.path} is closed")
+        if self._conn is None:  # dropped after a failure it could not roll back
+            try:
+                self._conn = _connect(self.path)
+                _configure(self._conn)
+            except sqlite3.Error as e:
+                self._conn = None
+                raise commit_failed(self.path, e) from e
+        return self._conn
+
+    def _abandon(self, conn: sqlite3.Connection) -> None:
+        """Undo a failed transaction.  SQLite has often rolled it back already
+        (it does on a full disk or an I/O error); if rolling back fails too,
+        drop the connection and make a new one at the next call."""
+        if not conn.in_transaction:
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._conn = None
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+
+def _make_directory(directory: Path) -> None:
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError as e:  # exists, and is not a directory
+        raise StateError(f"state directory {directory} is not a directory; "
+                         "move it away, or choose another --state-dir") from e
+    except OSError as e:
+        raise StateError(f"cannot create state directory {directory}: {e.strerror}; "
+                         "create it, or choose another --state-dir") from e
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; commit() says BEGIN itself.
+    return sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None,
+                           check_same_thread=False)
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    """WAL with a synced commit; raises sqlite3.Error if the file cannot have it."""
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"cannot use a WAL journal (journal_mode is {mode})")
+    conn.execute("PRAGMA synchronous = FULL")
+
+
+def _check_and_open(path: Path, migrations: Sequence[schema.Migration]) -> sqlite3.Connection:
+    _check_file(path)
+    try:
+        conn = _connect(path)
+    except sqlite3.Error as e:
+        raise StateError(describe_open_error(path, e)) from e
+    try:
+        _check_and_migrate(conn, path, migrations)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _check_file(path: Path) -> None:
+    """Refuse a file we cannot read and write, with the system's reason, which
+    SQLite would report only as "unable to open database file"."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        # SQLite would replay a leftover log into the new, empty database.
+        wal = path.with_name(path.name + "-wal")
+        if wal.exists():
+            raise StateError(f"{wal} exists without {path.name}; put {path.name} back, or "
+                             "move the whole directory away to start from scratch") from None
+        return
+    except OSError as e:
+        raise StateError(f"cannot read {path}: {e.strerror}; fix its permissions, "
+                         "or choose another --state-dir") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise StateError(f"{path} is not a regular file; move it away to start from scratch")
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as e:
+        raise StateError(f"cannot read and write {path}: {e.strerror}; fix its permissions, "
+                         "or choose another --state-dir") from e
+
+
+def _check_and_migrate(conn: sqlite3.Connection, path: Path,
+                       migrations: Sequence[schema.Migration]) -> None:
+    """Identify, check and (if new or older) migrate the database, reading
+    before writing anything, so that a file we refuse is left untouched."""
+    current = len(migrations)
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        fresh = app_id == 0 and version == 0 and objects == 0
+        if not fresh and app_id != schema.APPLICATION_ID:
+            raise StateError(f"{path} is not a migblockd state database (it belongs to "
+                             "another program); move it away to start from scratch")
+        if version > current:
+            raise StateError(f"{path} was written by a newer migblockd (format {version}; "
+                             f"this one reads up to {current}); upgrade migblockd")
+        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            found = one_line("\n".join(problems).replace("*** in database main ***", ""))
+            raise StateError(f"{path} is corrupt ({found}); restore it from a backup, "
+                             "or move it away to start from scratch")
+        _configure(conn)
+        if version < current:
+            if not fresh:
+                _backup(conn, path, version)
+            _migrate(conn, path, version, migrations)
+            if fresh:
+                _sync_directory(path.parent)
+        else:
+            # Prove the file is writable now rather than at the first commit.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+    except sqlite3.Error as e:
+        raise StateError(describe_open_error(path, e)) from e
+
+
+def _backup(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """Copy the database as it is before migrating it, for going back to an
+    older migblockd (which cannot read the new format)."""
+    target = path.with_name(f"{path.name}.format-{version}")
+    for stale in (target, target.with_name(target.name + "-journal")):
+        stale.unlink(missing_ok=True)  # a copy from an earlier attempt: same format, older
+    copy = sqlite3.connect(target, isolation_level=None)
+    try:
+        conn.backup(copy)
+    finally:
+        copy.close()
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a new database's name (and its directory's) survive a power cut:
+    SQLite syncs the directory for its log, not for the database file."""
+    for d in (directory, directory.parent):
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue  # a parent we may not read: nothing we can do
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # some file systems cannot sync a directory; the data is synced
+        finally:
+            os.close(fd)
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, version: int,
+             migrations: Sequence[schema.Migration]) -> None:
+    """Run the steps from ``version`` up, all in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for step in range(version, len(migrations)):
+            migrations[step](conn)
+        conn.execute(f"PRAGMA user_version = {len(migrations)}")
+        conn.execute("COMMIT")
+    except BaseException as e:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        if isinstance(e, (sqlite3.Error, ValueError)) and version > 0:
+            raise StateError(f"cannot migrate {path} from format {version} to "
+                             f"{len(migrations)} ({one_line(str(e))}); it is unchanged: "
+                             "report this, and use the migblockd that wrote it") from e
+        raise
+
+
+def _batches(changes: Sequence[Change]) -> list[tuple[str, list[schema.Params]]]:
+    """Consecutive changes of one kind as one ``executemany``, in order, so that
+    a Put and a Delete of the same id end as the later one says."""
+    batches: list[tuple[str, list[schema.Params]]] = []
+    sql = ""
+    for change in changes:
+        if isinstance(change, Put):
+            kind, params = schema.PUT_SQL, schema.encode_row(change.row)
+        elif isinstance(change, Delete):
+            kind, params = schema.DELETE_SQL, (change.id,)
+        elif isinstance(change, Setting):
+            value = json.dumps(change.value, ensure_ascii=False, allow_nan=False)
+            kind, params = schema.SETTING_SQL, (change.key, value)
+        else:
+            raise TypeError(f"not a state change: {change!r}")
+        if kind != sql:
+            sql = kind
+            batches.append((sql, []))
+        batches[-1][1].append(params)
+    return batches
+

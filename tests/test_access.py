@@ -1,0 +1,189 @@
+"""The access policy as pure logic: roles per command, the [access] table, uid -> role.
+
+Resolution through the user and group databases uses the test accounts
+(``otheruids.ensure_accounts``), which are real entries of this host's databases.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from otheruids import NAMELESS_GID, NAMELESS_UID, Account
+
+from migblockd.access import (
+    CACHE_SIZE,
+    AccessTable,
+    GroupName,
+    Policy,
+    Resolver,
+    Role,
+    group_id,
+    needed_role,
+)
+from migblockd.config import Config, ConfigError, read_file
+from migblockd.contract import Contract
+
+OBSERVER, CLIENT, OPERATOR, ADMIN = Role.OBSERVER, Role.CLIENT, Role.OPERATOR, Role.ADMIN
+DAEMON_UID = 4_000_000  # a daemon uid no test client has
+
+
+def test_every_command_of_the_schema_needs_the_role_the_issue_gives_it() -> None:
+    roles = {name: str(needed_role(name)) for name in Contract.load().commands}
+    assert roles == {
+        "qmp_capabilities": "observer", "query-version": "observer",
+        "query-commands": "observer", "query-qmp-schema": "observer",
+        "add-blocker": "client", "del-blocker": "client", "query-blockers": "observer",
+        "migrate": "operator", "migrate_cancel": "operator", "query-migrate": "observer",
+        "migrate-set-parameters": "operator", "query-migrate-parameters": "observer",
+        "migrate-set-capabilities": "operator", "query-migrate-capabilities": "observer",
+    }
+
+
+@pytest.mark.parametrize(("command", "role"), [
+    ("query-anything-new", OBSERVER),       # a new query is readable at once
+    ("human-monitor-command", ADMIN),       # anything else is closed until decided
+    ("quit", ADMIN),
+    ("stop", ADMIN),
+    ("queryblockers", ADMIN),               # the prefix includes its dash
+])
+def test_commands_not_in_the_table_are_derived(command: str, role: Role) -> None:
+    assert needed_role(command) == role
+
+
+def test_roles_are_ordered_and_named() -> None:
+    assert OBSERVER < CLIENT < OPERATOR < ADMIN
+    assert [str(r) for r in Role] == ["observer", "client", "operator", "admin"]
+
+
+# -- the [access] table ---------------------------------------------------------------
+
+
+def test_the_access_table_is_read_from_toml(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('[access]\ndefault-role = "observer"\n'
+                    '[access.users]\nalice = "operator"\n0100 = "admin"\n'
+                    '[access.groups]\nwheel = "admin"\n"qemu.users" = "client"\n')
+    policy = read_file(path)["access"]
+    assert policy == Policy.of(OBSERVER, {"alice": OPERATOR, 100: ADMIN},
+                               {"wheel": ADMIN, "qemu.users": CLIENT})
+    assert Config(access=policy).access.default_role is OBSERVER
+
+
+def test_an_empty_access_table_is_the_default_policy() -> None:
+    assert AccessTable()({}) == Policy() == Policy.of(CLIENT)
+
+
+def test_the_policy_is_shown_as_an_inline_table_that_reads_back() -> None:
+    policy = Policy.of(OPERATOR, {"a.b": CLIENT, 7: ADMIN, "o'x": OBSERVER}, {"g": ADMIN})
+    assert str(policy) == ("{default-role = 'operator', users = {7 = 'admin', 'a.b' = "
+                           "'client', \"o'x\" = 'observer'}, groups = {g = 'admin'}}")
+    assert AccessTable()(str(policy)) == policy
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('access = 1\n', "access must be a table \\(\\[access\\]\\), not 1"),
+    ('[access]\nroles = {}\n',
+     "access has an unknown key 'roles' \\(it takes default-role, users, groups\\)"),
+    ('[access]\ndefault-role = "root"\n',
+     "access default-role must be one of observer, client, operator, admin, not 'root'"),
+    ('[access]\nusers = ["alice"]\n',
+     "access users must be a table of names or numbers to roles, not an array"),
+    ('[access.users]\nalice = "boss"\n',
+     "access users.alice must be one of observer, client, operator, admin, not 'boss'"),
+    ('[access.groups]\nwheel = 3\n', "access groups.wheel must be one of .*, not 3"),
+    ('[access.users]\n"" = "admin"\n', "access users has an invalid name ''"),
+    ('[access.users]\n" bob" = "admin"\n', "access users has an invalid name ' bob'"),
+])
+def test_a_bad_access_table_names_what_is_wrong(tmp_path: Path, text: str,
+                                                message: str) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{path}: {message}$"):
+        read_file(path)
+
+
+@pytest.mark.parametrize(("value", "result"), [("wheel", "wheel"), ("100", "100"), (100, "100")])
+def test_socket_group_takes_a_name_or_a_number(value: object, result: str) -> None:
+    assert GroupName()(value) == result
+
+
+@pytest.mark.parametrize("value", ["", " wheel", "a:b", "a\nb", -1, True, 1.5])
+def test_socket_group_refuses_what_cannot_be_a_group(value: object) -> None:
+    with pytest.raises(ValueError, match="must be a group name or number"):
+        GroupName()(value)
+
+
+# -- resolution -------------------------------------------------------------------------
+
+
+def test_root_and_the_daemons_uid_are_admin_whatever_the_policy_says() -> None:
+    r = Resolver(Policy.of(OBSERVER, {0: OBSERVER, DAEMON_UID: OBSERVER}), DAEMON_UID)
+    assert r.role(0, 0) is ADMIN
+    assert r.role(DAEMON_UID, 5) is ADMIN
+    assert r.role(NAMELESS_UID, NAMELESS_GID) is OBSERVER
+
+
+def test_unknown_credentials_get_the_default_role() -> None:
+    assert Resolver(Policy.of(OPERATOR), DAEMON_UID).role(None) is OPERATOR
+
+
+def test_users_by_number_and_by_name(accounts: dict[str, Account]) -> None:
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    r = Resolver(Policy.of(users={"mbt-alice": OPERATOR, bob.uid: OBSERVER}), DAEMON_UID)
+    assert r.role(alice.uid, alice.gid) is OPERATOR
+    assert r.role(bob.uid, bob.gid) is OBSERVER
+    assert r.role(accounts["mbt-dave"].uid, 0) is CLIENT
+
+
+def test_groups_by_database_membership_primary_group_and_the_connections_gid(
+        accounts: dict[str, Account]) -> None:
+    carol, alice = accounts["mbt-carol"], accounts["mbt-alice"]
+    admins = accounts["mbt-admins"].gid
+    r = Resolver(Policy.of(OBSERVER, groups={"mbt-admins": ADMIN, "mbt-alice": OPERATOR}),
+                 DAEMON_UID)
+    assert r.role(carol.uid, carol.gid) is ADMIN         # supplementary, from /etc/group
+    assert r.role(alice.uid, NAMELESS_GID) is OPERATOR   # its primary group, by name
+    assert r.role(NAMELESS_UID, admins) is ADMIN         # the gid SO_PEERCRED reported
+    assert r.role(NAMELESS_UID, NAMELESS_GID) is OBSERVER
+    by_number = Resolver(Policy.of(OBSERVER, groups={admins: OPERATOR}), DAEMON_UID)
+    assert by_number.role(carol.uid, carol.gid) is OPERATOR
+
+
+def test_a_user_entry_wins_over_groups_and_the_highest_group_wins(
+        accounts: dict[str, Account]) -> None:
+    carol = accounts["mbt-carol"]
+    policy = Policy.of(groups={"mbt-admins": ADMIN, "mbt-carol": OBSERVER})
+    assert Resolver(policy, DAEMON_UID).role(carol.uid, carol.gid) is ADMIN
+    demoted = Policy.of(users={"mbt-carol": OBSERVER}, groups={"mbt-admins": ADMIN})
+    assert Resolver(demoted, DAEMON_UID).role(carol.uid, carol.gid) is OBSERVER
+
+
+def test_the_cache_is_bounded() -> None:
+    r = Resolver(Policy.of(OBSERVER, {NAMELESS_UID: ADMIN}), DAEMON_UID)
+    for uid in range(5_000_000, 5_000_000 + CACHE_SIZE + 10):
+        r.role(uid, uid)
+    assert len(r._cache) <= CACHE_SIZE
+    assert r.role(NAMELESS_UID, NAMELESS_GID) is ADMIN
+
+
+def test_names_the_databases_do_not_know_are_reported(accounts: dict[str, Account]) -> None:
+    r = Resolver(Policy.of(users={"mbt-alice": ADMIN, "mbt-ghost": ADMIN, 5: ADMIN},
+                           groups={"mbt-admins": ADMIN, "mbt-nogroup": ADMIN}), DAEMON_UID)
+    assert r.unknown_names() == ["user 'mbt-ghost'", "group 'mbt-nogroup'"]
+    assert group_id("mbt-admins") == accounts["mbt-admins"].gid
+    assert group_id("12345") == 12345
+    assert group_id("mbt-nogroup") is None
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/access.md"])
+def test_the_documented_access_tables_are_valid(tmp_path: Path, doc: str) -> None:
+    text = (Path(__file__).resolve().parent.parent / doc).read_text(encoding="utf-8")
+    examples = re.findall(r"```toml\n(\[access\].*?)```", text, re.S)
+    assert examples
+    for example in examples:
+        path = tmp_path / "m.toml"
+        path.write_text(example)
+        policy = read_file(path)["access"]
+        assert isinstance(policy, Policy) and policy != Policy()

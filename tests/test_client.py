@@ -1,0 +1,224 @@
+"""migblockd.client against the real daemon: typed blockers, errors, holding, events."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from datetime import UTC
+from pathlib import Path
+
+import pytest
+from conftest import DaemonProcess
+
+from migblockd.client import (
+    Blocker,
+    ClientError,
+    CommandError,
+    DisconnectedError,
+    Event,
+    EventStream,
+    MigblockClient,
+)
+from migblockd.paths import default_socket_path
+
+#: Guards against a hang (a test that waits for an event that never comes); not a timing claim.
+PATIENCE = 20.0
+
+HOLDER = """
+import asyncio, sys
+from migblockd.client import MigblockClient
+
+async def main() -> None:
+    async with MigblockClient(sys.argv[1]) as client:
+        async with client.holding("held by a child process", id="child") as blocker:
+            print(blocker.id, flush=True)
+            await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def next_event(stream: EventStream) -> Event:
+    async with asyncio.timeout(PATIENCE):
+        return await anext(stream)
+
+
+async def test_blockers_are_added_listed_and_deleted_as_typed_values(
+        daemon: DaemonProcess) -> None:
+    async with MigblockClient(daemon.socket) as client:
+        assert client.connected
+        blocker = await client.add_blocker("VFIO device", modes=["normal", "cpr-exec"],
+                                           internal=True, id="vfio0")
+        assert isinstance(blocker, Blocker)
+        assert (blocker.id, blocker.reason, blocker.modes, blocker.internal, blocker.scope) == (
+            "vfio0", "VFIO device", ("normal", "cpr-exec"), True, "daemon")
+        assert blocker.owner is not None
+        assert (blocker.owner.pid, blocker.owner.uid) == (os.getpid(), os.geteuid())
+        assert blocker.added.tzinfo is UTC
+
+        other = await client.add_blocker("snapshot")
+        assert other.modes == ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
+        assert other.id != blocker.id
+        assert await client.blockers() == [blocker, other]
+        assert await client.blockers("cpr-reboot") == [other]
+
+        await client.del_blocker(blocker)
+        await client.del_blocker(other.id)
+        assert await client.blockers() == []
+    assert not client.connected
+
+
+async def test_refusals_raise_command_error_with_the_daemons_class_and_desc(
+        daemon: DaemonProcess) -> None:
+    async with MigblockClient(daemon.socket) as client:
+        await client.add_blocker("first", id="dup")
+        with pytest.raises(CommandError) as refused:
+            await client.add_blocker("second", id="dup")
+        assert refused.value.command == "add-blocker"
+        assert refused.value.error_class == "GenericError"
+        assert refused.value.desc == str(refused.value) == "Duplicate blocker ID 'dup'"
+        assert isinstance(refused.value, ClientError)
+
+        with pytest.raises(CommandError) as missing:
+            await client.del_blocker("nonexistent")
+        assert missing.value.error_class == "GenericError"
+        assert "nonexistent" in missing.value.desc
+
+        with pytest.raises(CommandError) as bad_mode:
+            await client.add_blocker("x", modes=["sideways"])
+        assert bad_mode.value.desc == "Parameter 'modes[0]' does not accept value 'sideways'"
+
+        with pytest.raises(CommandError) as blocked:
+            await client.execute("migrate", {"uri": "tcp:127.0.0.1:4444"})
+        assert blocked.value.desc == "first"  # the newest blocker's reason, verbatim
+
+        with pytest.raises(ClientError, match="not JSON"):
+            await client.execute("add-blocker", {"reason": float("nan")})
+        assert [b.id for b in await client.blockers()] == ["dup"]  # still connected
+
+
+async def test_connecting_to_nothing_raises_disconnected(short_tmp: Path) -> None:
+    path = short_tmp / "nothing.sock"
+    client = MigblockClient(path)
+    with pytest.raises(DisconnectedError, match=re.escape(f"{path}: No such file")):
+        await client.connect()
+    with pytest.raises(DisconnectedError):
+        await client.blockers()
+    await client.disconnect()  # never raises
+
+
+def test_the_default_path_is_the_daemons_default_socket() -> None:
+    assert MigblockClient().path == str(default_socket_path())
+
+
+async def test_holding_adds_a_connection_scoped_blocker_for_the_block(
+        daemon: DaemonProcess) -> None:
+    async with MigblockClient(daemon.socket) as observer, \
+            MigblockClient(daemon.socket) as client:
+        stream = observer.events()
+        async with client.holding("dump in progress", modes=["normal"]) as blocker:
+            assert blocker.scope == "connection"
+            assert await observer.blockers() == [blocker]
+            with pytest.raises(CommandError) as refused:
+                await observer.execute("migrate", {"uri": "tcp:127.0.0.1:4444"})
+            assert refused.value.desc == "dump in progress"
+        assert await observer.blockers() == []
+        added, deleted = await next_event(stream), await next_event(stream)
+        assert added.name == "BLOCKER_ADDED"
+        assert added.blocker == blocker
+        assert (deleted.name, dict(deleted.data)) == (
+            "BLOCKER_DELETED", {"id": blocker.id, "cause": "command"})
+        assert deleted.blocker is None
+
+
+async def test_holding_releases_its_blocker_when_the_block_raises(
+        daemon: DaemonProcess) -> None:
+    async with MigblockClient(daemon.socket) as client:
+        stream = client.events("BLOCKER_DELETED")
+        with pytest.raises(LookupError):
+            async with client.holding("about to fail", id="failing"):
+                raise LookupError("the body failed")
+        assert await client.blockers() == []
+        deleted = await next_event(stream)
+        assert dict(deleted.data) == {"id": "failing", "cause": "command"}
+
+
+async def test_holding_tolerates_a_blocker_deleted_by_someone_else(
+        daemon: DaemonProcess) -> None:
+    async with MigblockClient(daemon.socket) as client, \
+            MigblockClient(daemon.socket) as operator:
+        async with client.holding("held", id="taken"):
+            await operator.del_blocker("taken")
+        assert await client.blockers() == []
+
+
+async def test_a_killed_holder_process_loses_its_blocker(daemon: DaemonProcess) -> None:
+    async with MigblockClient(daemon.socket) as observer:
+        stream = observer.events("BLOCKER_DELETED")
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", HOLDER, str(daemon.socket), stdout=asyncio.subprocess.PIPE)
+        try:
+            assert child.stdout is not None
+            async with asyncio.timeout(PATIENCE):
+                line = await child.stdout.readline()
+            assert line == b"child\n"
+            (held,) = await observer.blockers()
+            assert (held.id, held.scope) == ("child", "connection")
+            assert held.owner is not None and held.owner.pid == child.pid
+            child.send_signal(signal.SIGKILL)
+            assert await child.wait() == -signal.SIGKILL
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+        deleted = await next_event(stream)
+        assert dict(deleted.data) == {"id": "child", "cause": "connection-closed"}
+        assert await observer.blockers() == []
+
+
+async def test_holding_reports_a_connection_lost_during_the_block(
+        daemon: DaemonProcess) -> None:
+    async with MigblockClient(daemon.socket) as client:
+        stream = client.events()
+        with pytest.raises(DisconnectedError):
+            async with client.holding("held until the daemon stops"):
+                await next_event(stream)  # our own BLOCKER_ADDED
+                daemon.signal(signal.SIGTERM)
+                with pytest.raises(DisconnectedError, match="was lost"):
+                    await next_event(stream)
+        assert daemon.wait_exit() == 0
+        assert not client.connected
+
+
+async def test_event_streams_filter_by_name_and_end_when_the_client_disconnects(
+        daemon: DaemonProcess) -> None:
+    client = MigblockClient(daemon.socket)
+    await client.connect()
+    deletions = client.events("BLOCKER_DELETED")
+    everything = client.events()
+    blocker = await client.add_blocker("short-lived")
+    await client.del_blocker(blocker)
+    event = await next_event(deletions)
+    assert (event.name, event.data["id"]) == ("BLOCKER_DELETED", blocker.id)
+    assert event.timestamp.tzinfo is UTC
+    await client.disconnect()
+    # Events received before the end are still read; then the iteration stops.
+    async with asyncio.timeout(PATIENCE):
+        assert [e.name for e in [e async for e in everything]] == [
+            "BLOCKER_ADDED", "BLOCKER_DELETED"]
+        assert [e async for e in deletions] == []
+    with pytest.raises(DisconnectedError):
+        await anext(client.events())
+
+
+async def test_a_closed_stream_receives_nothing_more(daemon: DaemonProcess) -> None:
+    async with MigblockClient(daemon.socket) as client:
+        async with client.events() as stream:
+            await client.add_blocker("one", id="one")
+            assert (await next_event(stream)).data["id"] == "one"
+        await client.add_blocker("two", id="two")
+        async with asyncio.timeout(PATIENCE):
+            assert [e async for e in stream] == []

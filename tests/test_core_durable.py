@@ -1,0 +1,194 @@
+"""Durability in the core, without a disk: held output, group commit, failures undone."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from migblockd.access import Policy, Role
+from migblockd.config import Config
+from migblockd.connection import Connection
+from migblockd.contract import Contract
+from migblockd.core import Core
+from migblockd.registry import ID_CHUNK, Blocker, FakeClock, Owner, Registry
+
+CONTRACT = Contract.load()
+LIMITS = Config().limits
+ADD_X = b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x"}, "id": "add"}'
+
+
+def make() -> Core:
+    registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
+    # Everyone is admin here: these tests are about durability, not access.
+    return Core(CONTRACT, registry, LIMITS, durable=True, policy=Policy.of(Role.ADMIN))
+
+
+def lines(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.split(b"\r\n")[:-1]]
+
+
+def run(core: Core, conn: Connection, data: bytes = b"") -> list[dict[str, Any]]:
+    core.receive_data(conn, data)
+    while core.has_pending(conn) and core.execute(conn, 32):
+        pass
+    return lines(core.data_to_send(conn))
+
+
+def connected(core: Core, uid: int) -> Connection:
+    conn = core.connect(Owner(pid=uid, uid=uid, gid=uid))
+    core.data_to_send(conn)
+    assert run(core, conn, b'{"execute": "qmp_capabilities"}') == [{"return": {}}]
+    return conn
+
+
+def test_a_change_is_heard_of_by_nobody_until_it_is_committed() -> None:
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    assert run(core, a, ADD_X) == []
+    assert run(core, b) == []  # not even the event
+    group = core.take_group()
+    assert group is not None
+    assert [(c.kind, c.blocker.id if c.blocker else None) for c in group.changes] == [
+        ("add", "x")]
+    assert core.take_group() is None  # one commit in flight at a time
+    assert core.committed(group) == []
+    to_a = lines(core.data_to_send(a))
+    assert [m.get("event") for m in to_a] == ["BLOCKER_ADDED", None]
+    assert to_a[1]["id"] == "add"
+    assert [m["event"] for m in lines(core.data_to_send(b))] == ["BLOCKER_ADDED"]
+
+
+def test_changes_of_one_turn_go_in_one_group_and_later_ones_in_the_next() -> None:
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "a1"}}'
+                 b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "a2"}}')
+    run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "b1"}}')
+    first = core.take_group()
+    assert first is not None
+    assert [c.blocker.id for c in first.changes if c.blocker] == ["a1", "a2", "b1"]
+    run(core, b, b'{"execute": "del-blocker", "arguments": {"id": "a1"}, "id": "late"}')
+    assert core.take_group() is None  # the first is still being committed
+    core.committed(first)
+    replies_b = [m for m in lines(core.data_to_send(b)) if "event" not in m]
+    assert len(replies_b) == 1  # b1's reply; "late" waits for the next commit
+    second = core.take_group()
+    assert second is not None and [c.kind for c in second.changes] == ["delete"]
+    core.committed(second)
+    assert [m for m in lines(core.data_to_send(b)) if "event" not in m] == [
+        {"return": {}, "id": "late"}]
+
+
+def test_state_reads_and_migrate_wait_for_the_commit() -> None:
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    run(core, a, ADD_X)
+    assert run(core, b, b'{"execute": "query-blockers", "id": "q"}'
+                        b'{"execute": "query-version", "id": "v"}') == []
+    assert core.blocked(b) and core.has_pending(b)
+    group = core.take_group()
+    assert group is not None
+    assert core.committed(group) == [b]
+    out = run(core, b)
+    assert [m.get("id") for m in out] == [None, "q", "v"]  # the event, then in order
+    assert [blocker["id"] for blocker in out[1]["return"]] == ["x"]
+
+
+def test_a_failed_commit_undoes_everything_pending_and_says_so() -> None:
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    assert run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "keep", '
+                        b'"id": "kept"}}') == []
+    first = core.take_group()
+    assert first is not None
+    core.committed(first)
+    run(core, a), run(core, b)
+    run(core, a, ADD_X + b'{"execute": "del-blocker", "arguments": {"id": "kept"}, "id": "del"}'
+                 b'{"execute": "migrate-set-parameters", "arguments": {"mode": "cpr-reboot"},'
+                 b' "id": "mode"}{"execute": "query-version", "id": "v"}')
+    run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "s", "id": "later"}, '
+                 b'"id": "b-add"}')
+    group = core.take_group()
+    assert group is not None
+    assert core.commit_failed(group, "cannot commit to /x/state.db: disk full") == []
+    desc = "cannot commit to /x/state.db: disk full; nothing was changed"
+    failed = {"class": "GenericError", "desc": desc}
+    assert run(core, a) == [
+        {"id": "add", "error": failed}, {"id": "del", "error": failed},
+        {"id": "mode", "error": failed},
+        {"return": core.table["query-version"].handler(a, {}), "id": "v"},  # type: ignore[operator]
+    ]
+    assert run(core, b) == [{"id": "b-add", "error": failed}]  # no event ever mentions x
+    # Back to what is on disk: "kept" is there, x and "later" are not, the mode is normal.
+    assert [blocker.id for blocker in core.registry.blockers()] == ["kept"]
+    assert core.registry.mode == "normal"
+    assert core.take_group() is None
+    out = run(core, a, b'{"execute": "query-blockers", "id": "q"}')
+    assert [blocker["id"] for blocker in out[-1]["return"]] == ["kept"]
+
+
+def test_connection_scoped_blockers_hold_nothing_but_wait_behind_what_does() -> None:
+    core = make()
+    a = connected(core, 1)
+    # The first generated id reserves a chunk on disk: that is one durable change.
+    run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", '
+                 b'"scope": "connection"}}')
+    group = core.take_group()
+    assert group is not None and [c.kind for c in group.changes] == ["id-floor"]
+    core.committed(group)
+    assert [m.get("event") for m in run(core, a)] == ["BLOCKER_ADDED", None]
+    # The next generated ids are reserved already: nothing to commit.
+    out = run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", '
+                       b'"scope": "connection"}}')
+    assert out[-1]["return"]["id"] == "#blocker1" and core.take_group() is None
+
+
+def test_a_client_gone_while_waiting_still_has_its_request_run() -> None:
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    run(core, a, ADD_X)
+    core.receive_data(b, b'{"execute": "add-blocker", "arguments": {"reason": "mine", '
+                         b'"id": "held", "scope": "connection"}}'
+                         b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}}')
+    core.disconnect(b)
+    assert b in core.connections  # its migrate waits for the commit
+    group = core.take_group()
+    assert group is not None
+    assert core.committed(group) == []
+    assert b not in core.connections
+    # The migrate ran (refused by the blocker), then b's blocker went with it.
+    assert [blocker.id for blocker in core.registry.blockers()] == ["x"]
+    out = lines(core.data_to_send(a))
+    assert [(m.get("event"), m.get("data", {}).get("id")) for m in out] == [
+        ("BLOCKER_ADDED", "x"), (None, None), ("BLOCKER_ADDED", "held"),
+        ("BLOCKER_DELETED", "held")]
+
+
+def test_generated_ids_are_reserved_in_chunks_and_never_reused_after_undo() -> None:
+    registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
+    registry.add("r")
+    changes = registry.take_changes()
+    assert [(c.kind, c.old, c.new) for c in changes if c.kind == "id-floor"] == [
+        ("id-floor", 0, ID_CHUNK)]
+    for _ in range(ID_CHUNK - 1):
+        registry.add("r")
+    assert not [c for c in registry.take_changes() if c.kind == "id-floor"]
+    registry.add("r")
+    floor = [c for c in registry.take_changes() if c.kind == "id-floor"]
+    assert [(c.old, c.new) for c in floor] == [(ID_CHUNK, 2 * ID_CHUNK)]
+    registry.undo(floor)
+    # The floor went back, but the serial did not: #blocker1024 is never handed out again.
+    assert registry.add("r").id == f"#blocker{ID_CHUNK + 1}"
+
+
+def test_restore_keeps_ids_order_mode_and_events() -> None:
+    registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
+    rows = [Blocker("b", "second", ("normal",), False, "daemon", Owner(1, 2, 3), 10.0, 7),
+            Blocker("a", "first", ("normal", "cpr-reboot"), True, "daemon", None, 5.0, 3)]
+    registry.restore(sorted(rows, key=lambda b: b.seq), mode="cpr-reboot", events=True,
+                     id_floor=2048)
+    assert [b.id for b in registry.blockers()] == ["a", "b"]
+    assert registry.blocked_reasons() == ["first"]  # cpr-reboot's list
+    assert registry.mode == "cpr-reboot" and registry.events_enabled
+    blocker = registry.add("new")
+    assert blocker.id == "#blocker2048" and blocker.seq == 8

@@ -1,0 +1,150 @@
+"""The gate's handlers in the core, with no event loop and no QEMU: calls out, answers in.
+
+The end-to-end behaviour against a real QEMU is in test_gate.py; here the order of
+things is pinned down exactly, which a real QEMU's timing would blur.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from migblockd.access import Policy, Role
+from migblockd.config import Config
+from migblockd.connection import Connection
+from migblockd.contract import Contract
+from migblockd.core import Core
+from migblockd.gate import Call, GateHandlers, QemuError, QemuFacts, QemuUnavailable
+from migblockd.registry import FakeClock, Owner, Registry
+
+CONTRACT = Contract.load()
+PATH = Path("/run/qemu/vm1.qmp")
+
+
+def make(connected: bool = True) -> tuple[Core, QemuFacts]:
+    registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
+    facts = QemuFacts(PATH, connected=connected, version="7.2.22",
+                      commands={"migrate": frozenset({"uri"}),
+                                "migrate-set-parameters": frozenset({"max-bandwidth"})})
+    handlers = GateHandlers(CONTRACT, registry, facts, passthrough=("query-status",))
+    return Core(CONTRACT, registry, Config().limits, handlers=handlers,
+                policy=Policy.of(Role.ADMIN)), facts
+
+
+def lines(data: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in data.split(b"\r\n")[:-1]]
+
+
+def feed(core: Core, conn: Connection, data: bytes = b"") -> list[dict[str, Any]]:
+    core.receive_data(conn, data)
+    while core.has_pending(conn) and not core.blocked(conn) and core.execute(conn, 32):
+        pass
+    return lines(core.data_to_send(conn))
+
+
+def connected(core: Core) -> Connection:
+    conn = core.connect(Owner(1, 0, 0))
+    core.data_to_send(conn)
+    assert feed(core, conn, b'{"execute": "qmp_capabilities"}') == [{"return": {}}]
+    return conn
+
+
+def test_migrate_asks_qemu_then_forwards_and_relays_events_before_the_reply() -> None:
+    core, _ = make()
+    a, b = connected(core), connected(core)
+    assert feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "exec:cat", '
+                         b'"detach": true}, "id": "m"}{"execute": "query-version", "id": "v"}'
+                ) == []
+    assert core.blocked(a)
+    (conn, call), = core.take_calls()
+    assert conn is a and call == Call("query-migrate", {})
+    core.resume(a, {})
+    (_, call), = core.take_calls()
+    assert call == Call("migrate", {"uri": "exec:cat", "detach": True})  # as the caller gave it
+    # QEMU sends MIGRATION setup before its reply: relayed as is, then the reply.
+    stamp = {"seconds": 1, "microseconds": 2}
+    core.relay("MIGRATION", {"status": "setup"}, stamp)
+    core.resume(a, {})
+    out = feed(core, a)
+    assert out == [{"event": "MIGRATION", "data": {"status": "setup"}, "timestamp": stamp},
+                   {"return": {}, "id": "m"},
+                   {"return": core.table["query-version"].handler(a, {}),  # type: ignore[operator]
+                    "id": "v"}]
+    assert lines(core.data_to_send(b)) == out[:1]
+
+
+def test_a_blocker_refuses_migrate_before_qemu_is_asked_to_migrate() -> None:
+    core, _ = make()
+    a = connected(core)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "dump", "id": "d"}}')
+    (_, call), = core.take_calls()  # is QEMU migrating?  (the busy check)
+    assert call.name == "query-migrate"
+    core.resume(a, {})
+    feed(core, a)
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "exec:cat"}, "id": 1}')
+    (_, call), = core.take_calls()
+    assert call.name == "query-migrate"
+    core.resume(a, {"blocked-reasons": ["QEMU's own"]})
+    assert core.take_calls() == []  # never a migrate
+    assert feed(core, a) == [{"id": 1, "error": {"class": "GenericError", "desc": "dump"}}]
+
+
+def test_qemus_errors_come_back_verbatim_and_absence_names_the_monitor() -> None:
+    core, _ = make()
+    a = connected(core)
+    feed(core, a, b'{"execute": "query-status", "id": 1}')  # a pass-through command
+    (_, call), = core.take_calls()
+    assert call == Call("query-status", {})
+    core.resume(a, error=QemuError("DeviceNotFound", "Device 'x' not found"))
+    assert feed(core, a) == [
+        {"id": 1, "error": {"class": "DeviceNotFound", "desc": "Device 'x' not found"}}]
+    feed(core, a, b'{"execute": "query-migrate", "id": 2}')
+    core.take_calls()
+    why = f"Not connected to QEMU's monitor at '{PATH}': Connection refused"
+    core.resume(a, error=QemuUnavailable(why))
+    assert feed(core, a) == [{"id": 2, "error": {"class": "GenericError", "desc": why}}]
+
+
+def test_blocker_commands_work_without_qemu_and_its_blockers_cannot_be_deleted() -> None:
+    core, _ = make(connected=False)
+    a = connected(core)
+    out = feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x"}}'
+                        b'{"execute": "query-blockers", "id": "q"}'
+                        b'{"execute": "del-blocker", "arguments": {"id": "qemu:1"}, "id": "d"}')
+    assert core.take_calls() == []  # nothing to ask a QEMU that is not there
+    assert [b["id"] for b in out[-2]["return"]] == ["x"]
+    assert out[-1]["error"]["desc"] == (
+        "Blocker 'qemu:1' is QEMU's own: it goes away when QEMU removes it, and cannot be "
+        "deleted through migblockd")
+
+
+def test_the_mode_stays_migblockds_when_qemu_does_not_know_it() -> None:
+    core, _ = make()
+    a = connected(core)
+    feed(core, a, b'{"execute": "migrate-set-parameters", "arguments": '
+                  b'{"mode": "cpr-reboot", "max-bandwidth": 1000}, "id": 1}')
+    (_, call), = core.take_calls()
+    assert call == Call("migrate-set-parameters", {"max-bandwidth": 1000})  # no mode: 7.2
+    core.resume(a, {})
+    assert feed(core, a) == [{"return": {}, "id": 1}]
+    assert core.registry.mode == "cpr-reboot"
+    feed(core, a, b'{"execute": "query-migrate-parameters", "id": 2}')
+    core.take_calls()
+    core.resume(a, {"max-bandwidth": 1000})
+    assert feed(core, a) == [{"return": {"max-bandwidth": 1000, "mode": "cpr-reboot"}, "id": 2}]
+
+
+def test_while_a_forwarded_migrate_waits_no_blocker_slips_in() -> None:
+    core, _ = make()
+    a, b = connected(core), connected(core)
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "exec:cat"}}')
+    core.take_calls()
+    core.resume(a, {})  # not migrating: migrate goes to QEMU
+    (_, call), = core.take_calls()
+    assert call.name == "migrate"
+    out = feed(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "late"}, "id": 9}')
+    assert out == [{"id": 9, "error": {"class": "GenericError", "desc":
+                    "disallowing migration blocker (migration/snapshot in progress) for: late"}}]
+    core.resume(a, {})
+    assert feed(core, a) == [{"return": {}}]

@@ -1,0 +1,259 @@
+"""Access control with real uids: the daemon runs as root, clients under ``setpriv``.
+
+Each client is a separate process with its own uid and gid (and no
+supplementary groups unless a test gives them), so the daemon's ``SO_PEERCRED``
+and the host's group database decide, as in production.  The policy comes from
+a real TOML file, changed and re-read with a real SIGHUP.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DaemonProcess, assert_clean_log
+from otheruids import NAMELESS_GID, NAMELESS_UID, NAMELESS_UID2, Account, UidClient
+
+ClientFactory = Callable[..., UidClient]
+
+POLICY = f"""\
+[access]
+default-role = "client"
+users = {{ mbt-dave = "admin", mbt-olga = "observer", {NAMELESS_UID2} = "operator" }}
+groups = {{ mbt-admins = "admin", mbt-operators = "operator" }}
+"""
+
+
+@pytest.fixture
+def sockdir(short_tmp: Path) -> Path:
+    short_tmp.chmod(0o755)  # every test uid must reach the socket
+    return short_tmp
+
+
+@pytest.fixture
+def serve(start_daemon: Callable[..., DaemonProcess],
+          sockdir: Path) -> Callable[..., DaemonProcess]:
+    """Start the daemon with a config file (``config``'s text) and a 0666 socket."""
+    def start(config: str = POLICY, *args: str) -> DaemonProcess:
+        path = sockdir / "migblockd.toml"
+        path.write_text(config)
+        return start_daemon("--socket-mode", "0666", "--config", str(path), *args,
+                            socket=sockdir / "s.sock")
+    return start
+
+
+@pytest.fixture
+def connect(uid_client_script: Path) -> Iterator[ClientFactory]:
+    """``connect(daemon, account_or_uid, gid=None, groups=())``: a negotiated client as that uid."""
+    clients: list[UidClient] = []
+
+    def make(daemon: DaemonProcess, who: Account | int, gid: int | None = None,
+             groups: tuple[int, ...] = (), **kw: Any) -> UidClient:
+        uid = who if isinstance(who, int) else who.uid
+        if gid is None:
+            gid = NAMELESS_GID if isinstance(who, int) else who.gid
+        client = UidClient(uid_client_script, daemon.socket, uid, gid, groups, **kw)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def reload(daemon: DaemonProcess, config: str) -> None:
+    """Rewrite the config file, SIGHUP, and wait until the daemon says it reloaded."""
+    path = daemon.socket.parent / "migblockd.toml"
+    path.write_text(config)
+    before = daemon.log().count("reloaded configuration")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log(re.compile(f"(?:.*reloaded configuration.*\n){{{before + 1}}}", re.S))
+
+
+def ids(root: UidClient) -> list[str]:
+    return [b["id"] for b in root.ok("query-blockers")]
+
+
+def test_a_client_cannot_delete_another_uids_blocker_but_its_owner_can(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    daemon = serve()
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    root = connect(daemon, 0, 0)
+    a, b = connect(daemon, alice), connect(daemon, bob)
+    root.ok("add-blocker", {"reason": "root's", "id": "root-b", "modes": ["normal"]})
+    a.ok("add-blocker", {"reason": "alice's", "id": "alice-b"})
+
+    assert b.error("del-blocker", {"id": "alice-b"}) == (
+        f"Permission denied: del-blocker of blocker 'alice-b', which belongs to uid "
+        f"{alice.uid} (mbt-alice), needs role admin, but uid {bob.uid} (mbt-bob) has role client")
+    assert b.error("del-blocker", {"id": "root-b"}).startswith(
+        "Permission denied: del-blocker of blocker 'root-b', which belongs to uid 0 (root),")
+    daemon.wait_for_log(f"(pid {b.pid}, uid {bob.uid}, gid {bob.gid}): refused del-blocker: "
+                        "Permission denied")
+    # Nothing changed, and nobody heard of a deletion.
+    assert ids(root) == ["root-b", "alice-b"]
+    assert not [e for e in root.events + a.events if e["event"] == "BLOCKER_DELETED"]
+
+    # The issue's attack: switch the mode to one root's blocker does not block, then migrate.
+    assert b.error("migrate-set-parameters", {"mode": "cpr-reboot"}) == (
+        f"Permission denied: migrate-set-parameters needs role operator, but uid {bob.uid} "
+        "(mbt-bob) has role client")
+    assert b.error("migrate", {"uri": "tcp:h:1"}).startswith(
+        "Permission denied: migrate needs role operator")
+    assert root.ok("query-migrate-parameters")["mode"] == "normal"
+    assert root.ok("query-migrate") == {"blocked-reasons": ["root's", "alice's"]}
+
+    a.ok("del-blocker", {"id": "alice-b"})  # its owner may
+    assert ids(root) == ["root-b"]
+    assert_clean_log(daemon)
+
+
+def test_an_admin_by_user_name_by_group_database_or_by_gid_deletes_anyones_blocker(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    daemon = serve()
+    alice = connect(daemon, accounts["mbt-alice"])
+    for n in range(4):
+        alice.ok("add-blocker", {"reason": "r", "id": f"a{n}"})
+    # By user name (users table).
+    connect(daemon, accounts["mbt-dave"]).ok("del-blocker", {"id": "a0"})
+    # By a supplementary group that only the group database gives (--clear-groups).
+    connect(daemon, accounts["mbt-carol"]).ok("del-blocker", {"id": "a1"})
+    # By the gid the kernel reports for the connection, for a uid no database names.
+    admins = accounts["mbt-admins"].gid
+    connect(daemon, NAMELESS_UID, admins).ok("del-blocker", {"id": "a2"})
+    # The same uid with another gid is a client only.
+    assert connect(daemon, NAMELESS_UID).error("del-blocker", {"id": "a3"}).endswith(
+        f"uid {NAMELESS_UID} has role client")
+    assert ids(alice) == ["a3"]
+
+
+def test_an_observer_can_query_but_cannot_add_delete_or_migrate(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    daemon = serve()
+    olga = accounts["mbt-olga"]
+    connect(daemon, accounts["mbt-alice"]).ok("add-blocker", {"reason": "r", "id": "x"})
+    o = connect(daemon, olga)
+    assert [b["id"] for b in o.ok("query-blockers")] == ["x"]
+    assert o.ok("query-migrate") == {"blocked-reasons": ["r"]}
+    assert o.ok("query-version")["package"].startswith("migblockd ")
+    assert o.ok("query-qmp-schema")
+    denied = f"but uid {olga.uid} (mbt-olga) has role observer"
+    for command, args, needs in [
+            ("add-blocker", {"reason": "mine"}, "client"),
+            ("del-blocker", {"id": "x"}, "client"),
+            ("migrate", {"uri": "tcp:h:1"}, "operator"),
+            ("migrate_cancel", None, "operator"),
+            ("migrate-set-capabilities",
+             {"capabilities": [{"capability": "events", "state": True}]}, "operator")]:
+        assert o.error(command, args) == (
+            f"Permission denied: {command} needs role {needs}, {denied}")
+    assert [b["id"] for b in o.ok("query-blockers")] == ["x"]
+    assert o.ok("query-migrate-capabilities") == [{"capability": "events", "state": False}]
+
+
+def test_default_role_applies_to_uids_the_policy_does_not_name(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    daemon = serve(POLICY.replace('default-role = "client"', 'default-role = "observer"'))
+    nameless = connect(daemon, NAMELESS_UID)
+    assert nameless.error("add-blocker", {"reason": "r"}) == (
+        f"Permission denied: add-blocker needs role client, but uid {NAMELESS_UID} "
+        "has role observer")
+    assert connect(daemon, accounts["mbt-bob"]).error("add-blocker", {"reason": "r"}).endswith(
+        "(mbt-bob) has role observer")
+    # A uid named in the policy by number only.
+    operator = connect(daemon, NAMELESS_UID2)
+    operator.ok("migrate-set-parameters", {"mode": "cpr-reboot"})
+    operator.ok("migrate", {"uri": "tcp:h:1"})
+    # The daemon's own uid (root here) is admin whatever the default.
+    connect(daemon, 0, 0).ok("migrate_cancel")
+
+
+def test_a_reloaded_policy_applies_to_the_next_command_of_an_open_connection(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    daemon = serve()
+    alice = accounts["mbt-alice"]
+    a = connect(daemon, alice)
+    assert a.error("migrate-set-parameters", {"mode": "cpr-reboot"}).endswith("has role client")
+    reload(daemon, POLICY.replace('mbt-dave = "admin"', 'mbt-dave = "admin", mbt-alice = '
+                                  '"operator"'))
+    a.ok("migrate-set-parameters", {"mode": "cpr-reboot"})  # the same connection
+    a.ok("add-blocker", {"reason": "r", "id": "x"})
+    reload(daemon, POLICY.replace('default-role = "client"', 'default-role = "observer"'))
+    assert a.error("del-blocker", {"id": "x"}).endswith(
+        f"uid {alice.uid} (mbt-alice) has role observer")
+    assert "reloaded configuration: access=" in daemon.log()
+    assert_clean_log(daemon)
+
+
+def test_each_quota_refuses_with_its_message_and_everyone_else_is_still_served(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # The limits are the top-level keys, before [access] (TOML puts keys after a
+    # table header inside that table).
+    config = "max-blockers = 5\nmax-blockers-per-uid = 2\nmax-reason-length = 16\n" + POLICY
+    daemon = serve(config)
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    a, b, root = connect(daemon, alice), connect(daemon, bob), connect(daemon, 0, 0)
+
+    assert a.error("add-blocker", {"reason": "x" * 17}) == (
+        "Parameter 'reason' is too long: 17 characters, max-reason-length is 16")
+    a.ok("add-blocker", {"reason": "x" * 16, "id": "a0"})
+    a.ok("add-blocker", {"reason": "r", "id": "a1"})
+    assert a.error("add-blocker", {"reason": "r", "id": "a2"}) == (
+        f"Too many migration blockers for uid {alice.uid} (mbt-alice): it owns 2, "
+        "max-blockers-per-uid is 2")
+    daemon.wait_for_log(f"(pid {a.pid}, uid {alice.uid}, gid {alice.gid}): refused "
+                        "add-blocker: Too many migration blockers for")
+    b.ok("add-blocker", {"reason": "r", "id": "b0"})  # another uid has its own count
+    root.ok("add-blocker", {"reason": "r", "id": "r0"})  # admins: no per-uid limit
+    root.ok("add-blocker", {"reason": "r", "id": "r1"})
+    total = "Too many migration blockers: 5 registered, max-blockers is 5"
+    assert root.error("add-blocker", {"reason": "r"}) == total  # all uids together
+    assert b.error("add-blocker", {"reason": "r"}) == total
+    assert ids(b) == ["a0", "a1", "b0", "r0", "r1"]  # still served, nothing added
+
+    a.ok("del-blocker", {"id": "a1"})  # a freed slot counts at once
+    a.ok("add-blocker", {"reason": "r", "id": "a3"})
+    reload(daemon, config.replace("max-blockers = 5", "max-blockers = 6").replace(
+        "max-blockers-per-uid = 2", "max-blockers-per-uid = 3"))
+    a.ok("add-blocker", {"reason": "r", "id": "a4"})
+    assert a.error("add-blocker", {"reason": "r"}) == (
+        "Too many migration blockers: 6 registered, max-blockers is 6")
+    assert_clean_log(daemon)
+
+
+def test_the_issues_oversized_reasons_are_refused_by_default(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    daemon = serve("")
+    a = connect(daemon, accounts["mbt-alice"])
+    for _ in range(5):
+        assert a.error("add-blocker", {"reason": "x" * 1_000_000}) == (
+            "Parameter 'reason' is too long: 1000000 characters, max-reason-length is 1024")
+    a.ok("add-blocker", {"reason": "y" * 1024})
+    assert [len(b["reason"]) for b in a.ok("query-blockers")] == [1024]
+
+
+def test_query_blockers_shows_each_owner_with_its_user_name(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    daemon = serve()
+    alice = accounts["mbt-alice"]
+    a = connect(daemon, alice)
+    a.ok("add-blocker", {"reason": "r", "id": "named"})
+    nameless = connect(daemon, NAMELESS_UID)
+    nameless.ok("add-blocker", {"reason": "r", "id": "nameless"})
+    owners = {b["id"]: b["owner"] for b in a.ok("query-blockers")}
+    assert owners == {
+        "named": {"pid": a.pid, "uid": alice.uid, "gid": alice.gid, "user": "mbt-alice"},
+        "nameless": {"pid": nameless.pid, "uid": NAMELESS_UID, "gid": NAMELESS_GID},
+    }

@@ -1,0 +1,144 @@
+"""Sharing the socket without systemd: ``--socket-group``, the directory the daemon
+creates, and the refused fallback directory.  The kernel's own permission checks
+decide here: clients are other uids under ``setpriv``."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DaemonProcess, assert_clean_log
+from otheruids import Account, UidClient
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def nobody(uid_client_script: Path) -> Iterator[Callable[..., UidClient]]:
+    """``nobody(socket, groups=())``: a client as uid/gid 65534 with those groups only."""
+    clients: list[UidClient] = []
+
+    def make(socket: Path, groups: tuple[int, ...] = ()) -> UidClient:
+        client = UidClient(uid_client_script, socket, NOBODY, NOBODY, groups)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+def test_socket_group_lets_its_members_in_and_the_kernel_refuses_everyone_else(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+        accounts: dict[str, Account], nobody: Callable[..., UidClient]) -> None:
+    short_tmp.chmod(0o755)
+    socket = short_tmp / "run" / "s.sock"  # the daemon creates run/
+    daemon = start_daemon("--socket-mode", "0660", "--socket-group", "mbt-sock", socket=socket)
+    gid = accounts["mbt-sock"].gid
+    st, dir_st = os.lstat(socket), os.lstat(socket.parent)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
+    assert (stat.S_IMODE(dir_st.st_mode), dir_st.st_gid) == (0o710, gid)
+    assert f"listening on {socket} (mode 0660, group mbt-sock)" in daemon.log()
+
+    member = nobody(socket, groups=(gid,))
+    assert member.ok("query-version")["package"].startswith("migblockd ")
+    outsider = nobody(socket)
+    assert outsider.connect_error == {"connect-error": "EACCES", "desc": "Permission denied"}
+    # A member of another group is no better off.
+    other = nobody(socket, groups=(accounts["mbt-admins"].gid,))
+    assert other.connect_error is not None and other.connect_error["connect-error"] == "EACCES"
+    assert member.ok("query-blockers") == []  # and the member is still served
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+
+@pytest.mark.parametrize(("mode", "dir_mode"), [
+    ("0600", 0o700), ("0660", 0o710), ("0666", 0o711), ("0606", 0o701)],
+    ids=["0600", "0660", "0666", "0606"])
+def test_the_created_directory_lets_in_whom_the_socket_mode_lets_in(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+        nobody: Callable[..., UidClient], mode: str, dir_mode: int) -> None:
+    short_tmp.chmod(0o755)
+    socket = short_tmp / "run" / "s.sock"
+    start_daemon("--socket-mode", mode, socket=socket)
+    assert stat.S_IMODE(os.lstat(socket.parent).st_mode) == dir_mode
+    client = nobody(socket)
+    if int(mode, 8) & 0o007:  # others may connect, so they can: once silently impossible
+        assert client.ok("query-blockers") == []
+    else:
+        assert client.connect_error is not None
+        assert client.connect_error["connect-error"] == "EACCES"
+
+
+def test_an_unknown_socket_group_stops_the_daemon_with_a_clear_message(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    daemon = start_daemon("--socket-group", "mbt-no-such-group", socket=short_tmp / "s.sock",
+                          wait=False)
+    assert daemon.wait_exit() == 1
+    assert "--socket-group: there is no group named 'mbt-no-such-group'" in daemon.log()
+    assert not (short_tmp / "s.sock").exists()
+    assert "Traceback" not in daemon.log()
+
+
+def _fallback(tmpdir: Path) -> Path:
+    """The daemon's fallback directory under TMPDIR=tmpdir (it runs as root: uid 0)."""
+    return tmpdir / f"migblockd-{os.geteuid()}"
+
+
+def _owned_by_nobody(d: Path) -> None:
+    d.mkdir(mode=0o700)
+    os.chown(d, NOBODY, NOBODY)
+
+
+def _writable(mode: int) -> Callable[[Path], None]:
+    def prepare(d: Path) -> None:
+        d.mkdir()
+        d.chmod(mode)
+    return prepare
+
+
+def _symlink(d: Path) -> None:
+    d.with_name("elsewhere").mkdir(mode=0o700)
+    d.symlink_to("elsewhere")
+
+
+@pytest.mark.parametrize(("prepare", "problem"), [
+    (_owned_by_nobody, f"it belongs to uid {NOBODY}, not to the daemon's uid {os.geteuid()}"),
+    (_writable(0o777), "other users may write to it (mode 0777)"),
+    (_writable(0o770), "other users may write to it (mode 0770)"),
+    (_symlink, "it is not a directory"),
+], ids=["other-owner", "world-writable", "group-writable", "symlink"])
+def test_an_unsafe_fallback_directory_is_refused(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+        prepare: Callable[[Path], None], problem: str) -> None:
+    tmpdir = short_tmp / "tmp"
+    tmpdir.mkdir()
+    tmpdir.chmod(0o1777)  # a shared temporary directory, as /tmp is
+    directory = _fallback(tmpdir)
+    prepare(directory)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {
+        "TMPDIR": str(tmpdir)}
+    daemon = start_daemon(socket=directory / "migblockd.sock", env=env, wait=False)
+    assert daemon.wait_exit() == 1
+    assert (f"refusing to put the socket in {directory}: {problem}, so another user could "
+            "replace the socket") in daemon.log(), daemon.log()
+    assert not (directory / "migblockd.sock").exists()
+    assert "Traceback" not in daemon.log()
+
+
+def test_a_safe_fallback_directory_is_used(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    tmpdir = short_tmp / "tmp"
+    tmpdir.mkdir()
+    tmpdir.chmod(0o1777)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {
+        "TMPDIR": str(tmpdir)}
+    first = start_daemon(socket=_fallback(tmpdir) / "migblockd.sock", env=env)  # creates it
+    assert stat.S_IMODE(os.lstat(_fallback(tmpdir)).st_mode) == 0o700
+    assert first.stop() == 0
+    second = start_daemon(socket=_fallback(tmpdir) / "migblockd.sock", env=env)  # reuses it
+    assert second.stop() == 0
+    assert os.lstat(_fallback(tmpdir)).st_uid == os.geteuid()

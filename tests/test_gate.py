@@ -1,0 +1,257 @@
+"""migblockd in front of a real QEMU (``--qemu``): its blockers stop QEMU's real migration.
+
+QEMU 7.2 runs with no guest and two monitors: migblockd uses one, the test the other
+(QEMU serves one client per monitor).  QEMU's own blockers come from read-only vdi nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from conftest import DaemonProcess, assert_clean_log
+from qemu.qmp import QMPClient
+from qemu_strings import GENERIC, SEV, error
+from qmpclient import RawClient
+from realqemu import Qemu, QemuMonitor, wait_until
+
+SINK = "exec:cat > /dev/null"
+RUNNING = {"setup", "active", "cancelling", "pre-switchover", "device", "wait-unplug"}
+
+
+def gate(start_daemon: Callable[..., DaemonProcess], qemu: Qemu, *args: str) -> DaemonProcess:
+    return start_daemon("--qemu", str(qemu.gate_socket), *args)
+
+
+async def connected(d: DaemonProcess) -> None:
+    d.wait_for_log("connected to QEMU 7.")
+
+
+async def drain(client: RawClient) -> list[dict[str, Any]]:
+    """Every event the client has been sent so far (kept in ``client.events``)."""
+    client.events.extend(m for m in await client.sync() if "event" in m)
+    return client.events
+
+
+async def migrate_events(mon: QemuMonitor) -> list[str]:
+    return [e["data"]["status"] for e in await drain(mon) if e["event"] == "MIGRATION"]
+
+
+async def test_qemu_blockers_are_listed_and_refuse_migrate_in_qemus_words(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with qemu.monitor() as mon, d.client() as c:
+        await mon.add_blocker("vdi1")
+        listing = await c.ok("query-blockers")
+        assert listing == [{"id": "qemu:1", "reason": mon.blocker_text("vdi1"),
+                            "modes": ["normal"], "internal": False, "scope": "daemon",
+                            "source": "qemu"}]
+        reply = await c.execute("migrate", {"uri": SINK}, id=1)
+        assert reply == error(GENERIC, mon.blocker_text("vdi1"), 1)  # QEMU's own refusal
+        reply = await c.execute("del-blocker", {"id": "qemu:1"}, id=2)
+        assert reply["error"]["desc"].startswith("Blocker 'qemu:1' is QEMU's own")
+        assert await mon.blocked_reasons() == [mon.blocker_text("vdi1")]  # still there
+        # Ours come first, then QEMU's, in query-blockers and in blocked-reasons.
+        mine = await c.ok("add-blocker", {"reason": SEV, "id": "sev", "modes": ["normal"]})
+        assert mine["source"] == "migblockd"
+        assert [b["id"] for b in await c.ok("query-blockers")] == ["sev", "qemu:1"]
+        info = await c.ok("query-migrate")
+        assert info["blocked-reasons"] == [SEV, mon.blocker_text("vdi1")]
+        # migblockd's own blocker refuses first, without asking QEMU to migrate.
+        assert await c.execute("migrate", {"uri": SINK}, id=3) == error(GENERIC, SEV, 3)
+    assert_clean_log(d)
+
+
+async def test_an_external_blocker_stops_the_migration_before_qemu_sees_it(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with qemu.monitor() as mon, d.client() as c:
+        await mon.enable_migration_events()
+        await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+        assert await c.execute("migrate", {"uri": SINK}, id="m") == error(GENERIC, SEV, "m")
+        assert await migrate_events(mon) == []  # QEMU never started one
+        assert (await mon.ok("query-migrate")).get("status") is None
+    # What migblockd sent QEMU (its debug log traces every message): never a migrate.
+    sent = [line for line in d.log().splitlines() if f"QEMU {qemu.gate_socket} -> " in line]
+    assert any('"execute":"query-migrate"' in line for line in sent)
+    assert not [line for line in sent if '"execute":"migrate"' in line]
+    assert_clean_log(d)
+
+
+async def test_with_no_blocker_the_real_migration_completes_and_events_are_relayed(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with qemu.monitor() as mon, d.client() as c, d.client() as watcher:
+        await mon.add_blocker("vdi1")
+        await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+        await mon.remove_blocker("vdi1")
+        await c.ok("del-blocker", {"id": "sev"})
+        # Through migblockd: QEMU's capability, QEMU's answer.
+        await c.ok("migrate-set-capabilities",
+                   {"capabilities": [{"capability": "events", "state": True}]})
+        caps = await c.ok("query-migrate-capabilities")
+        assert {"capability": "events", "state": True} in caps and len(caps) > 1
+        msgs = await c.execute("migrate", {"uri": SINK, "detach": True}, id="go")
+        assert msgs == {"return": {}, "id": "go"}
+        # MIGRATION setup came before the reply, as QEMU sends it.
+        assert [e["data"] for e in c.events if e["event"] == "MIGRATION"][:1] == [
+            {"status": "setup"}]
+
+        async def completed() -> bool:
+            return any(e["event"] == "MIGRATION" and e["data"]["status"] == "completed"
+                       for e in await drain(watcher))
+
+        await wait_until(completed, "MIGRATION completed relayed")
+        relayed = [(e["event"], e["data"]) for e in watcher.events
+                   if e["event"] in ("MIGRATION", "MIGRATION_PASS")]
+        assert [m for m in relayed if m[0] == "MIGRATION"] == [
+            ("MIGRATION", {"status": s}) for s in ("setup", "active", "completed")]
+        assert ("MIGRATION_PASS", {"pass": 1}) in relayed
+        # In the order QEMU sent them, with QEMU's timestamps.
+        qemu_side = [(e["event"], e["data"], e["timestamp"]) for e in await drain(mon)
+                     if e["event"] in ("MIGRATION", "MIGRATION_PASS")]
+        ours = [(e["event"], e["data"], e["timestamp"]) for e in watcher.events
+                if e["event"] in ("MIGRATION", "MIGRATION_PASS")]
+        assert ours == qemu_side
+        assert (await c.ok("query-migrate"))["status"] == "completed"
+        # QEMU's words for what comes next, verbatim.
+        again = await c.execute("migrate", {"uri": SINK}, id="again")
+        assert again == error(GENERIC, "Can't migrate the vm that was paused due to previous "
+                              "migration", "again")
+    assert_clean_log(d)
+
+
+async def test_add_blocker_is_refused_while_qemu_migrates(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    qemu = qemu_factory(memory="1G")
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with qemu.monitor() as mon, d.client() as c:
+        # Slowed down through migblockd: QEMU's own parameter, forwarded.
+        await c.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
+        params = await c.ok("query-migrate-parameters")
+        assert params["max-bandwidth"] == 100_000 and params["mode"] == "normal"
+        await c.ok("migrate", {"uri": SINK})
+
+        async def active() -> bool:
+            return bool((await mon.ok("query-migrate")).get("status") == "active")
+
+        await wait_until(active, "QEMU migrating")
+        reply = await c.execute("add-blocker", {"reason": SEV, "id": "late"}, id=1)
+        assert reply == error(GENERIC, "disallowing migration blocker (migration/snapshot in "
+                              f"progress) for: {SEV}", 1)
+        assert await c.ok("query-blockers") == []
+        assert await c.execute("migrate", {"uri": SINK}, id=2) == error(
+            GENERIC, "There's a migration process in progress", 2)
+        assert await c.ok("migrate_cancel") == {}
+
+        async def ended() -> bool:
+            return (await mon.ok("query-migrate")).get("status") not in RUNNING
+
+        await wait_until(ended, "QEMU's migration cancelled")
+        assert (await c.ok("add-blocker", {"reason": SEV, "id": "now"}))["id"] == "now"
+    assert_clean_log(d)
+
+
+async def test_qemu_killed_and_restarted(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+        qemu.kill()
+        d.wait_for_log(f"lost the connection to QEMU at {qemu.gate_socket}")
+        # Forwarded commands say QEMU is away, naming its monitor.
+        for command, args in (("migrate", {"uri": SINK}), ("query-migrate", {}),
+                              ("migrate_cancel", {}), ("query-migrate-capabilities", {})):
+            reply = await c.execute(command, args, id=command)
+            desc = reply["error"]["desc"]
+            assert f"Not connected to QEMU's monitor at '{qemu.gate_socket}'" in desc, reply
+        # (migrate too: QEMU's order checks for a running migration before the blockers,
+        # and only QEMU can say.)  Blocker commands keep working.
+        await c.ok("add-blocker", {"reason": "held while QEMU is away", "id": "away"})
+        assert [b["id"] for b in await c.ok("query-blockers")] == ["sev", "away"]
+        await c.ok("del-blocker", {"id": "away"})
+        # A new QEMU on the same socket: migblockd reconnects by itself and gates again.
+        qemu.restart()
+        d.wait_for_log("connected to QEMU 7.", timeout=30)
+
+        async def gating() -> bool:
+            reply = await c.execute("migrate", {"uri": SINK}, id="back")
+            return bool(reply == error(GENERIC, SEV, "back"))
+
+        await wait_until(gating, "migrate refused by migblockd's blocker again")
+        async with qemu.monitor() as mon:
+            assert (await mon.ok("query-migrate")).get("status") is None
+    assert_clean_log(d)
+
+
+async def test_clients_and_passthrough_against_a_gating_daemon(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, tmp_path: Any,
+) -> None:
+    config = tmp_path / "gate.toml"
+    config.write_text('qemu-passthrough = ["query-status", "query-version"]\n')
+    d = gate(start_daemon, qemu, "--config", str(config))
+    await connected(d)
+    assert "qemu-passthrough: ignoring query-version" in d.log()
+    qmp = QMPClient("gate-test")
+    await qmp.connect(str(d.socket))
+    try:
+        status = await qmp.execute("query-status")  # QEMU's own command, forwarded
+        assert isinstance(status, dict) and status["status"] == "prelaunch"
+        commands = await qmp.execute("query-commands")
+        assert isinstance(commands, list)
+        names = [c["name"] for c in commands]
+        assert "query-status" in names and "add-blocker" in names
+        blocker = await qmp.execute("add-blocker", {"reason": SEV})
+        assert isinstance(blocker, dict) and blocker["source"] == "migblockd"
+    finally:
+        await qmp.disconnect()
+    async with d.client() as c:
+        assert (await c.ok("query-version"))["package"].startswith("migblockd")
+    assert_clean_log(d)
+
+
+async def test_a_gating_daemon_started_before_qemu_connects_when_it_appears(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    qemu = qemu_factory(start=False)
+    d = gate(start_daemon, qemu)
+    async with d.client() as c:
+        reply = await c.execute("query-migrate", id=1)
+        assert "Not connected to QEMU's monitor" in reply["error"]["desc"]
+        qemu.start()
+        await connected(d)
+        assert await c.ok("query-migrate") == {}
+    raw: RawClient
+    async with d.client() as raw:
+        assert (await raw.ok("query-blockers")) == []
+    assert_clean_log(d)
+
+
+def test_migblock_shell_works_unchanged_against_a_gating_daemon(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    d = gate(start_daemon, qemu)
+    d.wait_for_log("connected to QEMU 7.")
+    script = f"add-blocker reason={SEV!r} id=sev\nquery-blockers\nmigrate uri='{SINK}'\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "migblockd.shell", str(d.socket)], input=script,
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result  # the refused migrate
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert out[0]["return"]["id"] == "sev"
+    assert [b["source"] for b in out[1]["return"]] == ["migblockd"]
+    assert out[2] == error(GENERIC, SEV)
+    assert_clean_log(d)

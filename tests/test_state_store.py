@@ -1,0 +1,568 @@
+"""The durable state store on real SQLite files: round trips, atomic groups,
+the directory lock, and every kind of bad state, each with its message.
+
+Root ignores file permissions, so when the tests run as root the permission
+cases run in a child that ``setpriv`` has stripped of the capabilities that
+bypass them (``CAP_DAC_OVERRIDE``, ``CAP_DAC_READ_SEARCH``): the kernel then
+checks the mode bits as for any owner.  (A child under another uid could not
+run this interpreter when it lives in root's home.)  A full disk is a
+file-size limit (``RLIMIT_FSIZE``; Python ignores SIGXFSZ, so writes fail with
+EFBIG) and, where mount namespaces are available, a real small tmpfs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from migblockd.paths import default_state_dir
+from migblockd.state import (
+    BlockerRow,
+    Change,
+    Delete,
+    Put,
+    Setting,
+    Snapshot,
+    StateError,
+    Store,
+)
+from migblockd.state.schema import APPLICATION_ID, MIGRATIONS
+
+NOBODY = 65534  # the uid that default_state_dir() is asked about as a user
+
+
+def row(id: str, seq: int, *, reason: str = "Migration disabled: test",
+        modes: tuple[str, ...] = ("normal",), internal: bool = False,
+        owner: tuple[int, int, int] | None = None, added: float = 1.7e9) -> BlockerRow:
+    return BlockerRow(id=id, reason=reason, modes=modes, internal=internal, owner=owner,
+                      added=added, seq=seq)
+
+
+def reopened(directory: Path) -> Snapshot:
+    with Store.open(directory) as store:
+        return store.load()
+
+
+def run_python(code: str, *, unprivileged: bool = False) -> dict[str, object]:
+    """Run ``code`` in a child Python (subject to file permissions even if we
+    are root, when ``unprivileged``); it prints one JSON object, returned here."""
+    argv = [sys.executable, "-c", textwrap.dedent(code)]
+    if unprivileged and os.geteuid() == 0:
+        argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *argv]
+    return _run_json(argv)
+
+
+def _run_json(argv: list[str]) -> dict[str, object]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+OPEN_AND_REPORT = """
+    import json, sys
+    from pathlib import Path
+    from migblockd.state import Store, StateError
+    try:
+        Store.open(Path(sys.argv[1])).close()
+        print(json.dumps({"error": None}))
+    except StateError as e:
+        print(json.dumps({"error": str(e)}))
+"""
+
+
+def open_error(directory: Path, *, unprivileged: bool = False) -> str | None:
+    """The StateError message of opening ``directory`` in a child process."""
+    code = textwrap.dedent(OPEN_AND_REPORT).replace("sys.argv[1]", repr(str(directory)))
+    error = run_python(code, unprivileged=unprivileged)["error"]
+    assert error is None or isinstance(error, str)
+    return error
+
+
+# ---------------------------------------------------------------- round trips
+
+
+def test_round_trip_keeps_every_field_and_orders_by_seq(tmp_path: Path) -> None:
+    rows = [
+        row("b", 7, reason="vhost lacks VHOST_F_LOG_ALL", modes=("normal", "cpr-reboot"),
+            owner=(1234, 1000, 100), added=1712345678.25),
+        row("#blocker3", 2, reason="Ünïcödé ✓ 🚫\nsecond line\ttab \"quoted\"", internal=True),
+        row("a", 11, modes=("cpr-transfer",), owner=(1, 0, 0), added=0.0),
+    ]
+    settings: dict[str, object] = {"mode": "cpr-reboot", "events": True, "id-floor": 4,
+                                   "next-seq": 12, "nested": {"a": [1, 2.5, None, "é"]}}
+    with Store.open(tmp_path / "state") as store:
+        store.commit([Put(r) for r in rows] + [Setting(k, v) for k, v in settings.items()])
+        assert store.load().blockers == sorted(rows, key=lambda r: r.seq)
+    snap = reopened(tmp_path / "state")
+    assert [r.id for r in snap.blockers] == ["#blocker3", "b", "a"]
+    assert snap.blockers == sorted(rows, key=lambda r: r.seq)
+    assert snap.settings == settings
+    assert all(isinstance(r.modes, tuple) for r in snap.blockers)
+
+
+def test_new_store_is_empty_and_the_file_says_what_it_is(tmp_path: Path) -> None:
+    directory = tmp_path / "a" / "b" / "state"
+    with Store.open(directory) as store:
+        assert store.load() == Snapshot(blockers=[], settings={})
+        assert store.path == directory / "state.db"
+        assert (directory / "lock").read_text() == f"{os.getpid()}\n"
+    assert directory.stat().st_mode & 0o777 == 0o700
+    db = sqlite3.connect(directory / "state.db")
+    try:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 1
+        assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+
+
+def test_changes_in_a_group_apply_in_order(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("gone", 1)), Put(row("kept", 2))])
+        store.commit([
+            Put(row("a", 3, reason="first")), Delete("a"), Put(row("a", 4, reason="last")),
+            Put(row("b", 5)), Delete("b"),
+            Delete("gone"), Delete("never-existed"),
+            Put(row("kept", 2, reason="replaced")),
+            Setting("mode", "normal"), Setting("mode", "cpr-exec"),
+        ])
+        store.commit([])  # an empty group is no transaction at all
+    snap = reopened(tmp_path)
+    assert [(r.id, r.reason) for r in snap.blockers] == [("kept", "replaced"), ("a", "last")]
+    assert snap.settings == {"mode": "cpr-exec"}
+
+
+def test_a_group_failing_midway_leaves_nothing(tmp_path: Path) -> None:
+    before: list[Change] = [Put(row("x", 1)), Setting("mode", "normal")]
+    with Store.open(tmp_path) as store:
+        store.commit(before)
+        bad = row("bad", 9, modes=())  # the schema refuses a blocker of no mode
+        group: list[Change] = [Put(row("y", 2)), Delete("x"), Setting("mode", "cpr-reboot"),
+                               Put(bad), Put(row("z", 3))]
+        with pytest.raises(StateError) as refused:
+            store.commit(group)
+        assert str(refused.value) == (f"cannot commit to {store.path}: "
+                                      "CHECK constraint failed: modes <> '[]'")
+        # A value SQLite cannot hold fails in the middle too, outside sqlite3.Error.
+        with pytest.raises(OverflowError):
+            store.commit([Put(row("y", 2)), Put(row("huge", 2**63))])
+        assert store.load() == Snapshot([row("x", 1)], {"mode": "normal"})
+        store.commit([Put(row("y", 2))])  # the store still works
+    assert [r.id for r in reopened(tmp_path).blockers] == ["x", "y"]
+
+
+def test_online_backup_of_a_running_store_is_a_state_directory(tmp_path: Path) -> None:
+    """What ``sqlite3 state.db ".backup FILE"`` does (docs/state.md), through the same
+    SQLite API, while the store is open and its last commits are only in the WAL."""
+    (tmp_path / "restored").mkdir()
+    with Store.open(tmp_path / "live") as store:
+        store.commit([Put(row("a", 1)), Setting("mode", "cpr-reboot")])
+        store.commit([Put(row("b", 2))])
+        assert (tmp_path / "live" / "state.db-wal").stat().st_size > 0
+        source = sqlite3.connect(tmp_path / "live" / "state.db")
+        target = sqlite3.connect(tmp_path / "restored" / "state.db")
+        source.backup(target)
+        target.close()
+        source.close()
+    assert reopened(tmp_path / "restored") == Snapshot([row("a", 1), row("b", 2)],
+                                                       {"mode": "cpr-reboot"})
+
+
+# ----------------------------------------------------------------- the lock
+
+
+def test_second_open_in_the_same_process_is_refused(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("x", 1))])
+        with pytest.raises(StateError) as refused:
+            Store.open(tmp_path)
+        assert str(refused.value) == (f"state directory {tmp_path} is locked by another "
+                                      f"migblockd (pid {os.getpid()}); stop it, or use "
+                                      "another --state-dir")
+        assert store.load().blockers == [row("x", 1)]  # the holder is unharmed
+    assert (tmp_path / "lock").read_text() == ""  # and forgot the pid
+    reopened(tmp_path)  # closing released it
+
+
+def test_second_open_from_another_process_is_refused(tmp_path: Path) -> None:
+    with Store.open(tmp_path):
+        assert open_error(tmp_path) == (f"state directory {tmp_path} is locked by another "
+                                        f"migblockd (pid {os.getpid()}); stop it, or use "
+                                        "another --state-dir")
+    assert open_error(tmp_path) is None
+
+
+def test_lock_of_a_killed_holder_is_free(tmp_path: Path) -> None:
+    code = f"""
+        import sys
+        from pathlib import Path
+        from migblockd.state import Store
+        store = Store.open(Path({str(tmp_path)!r}))
+        print("held", flush=True)
+        sys.stdin.read()
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(StateError, match=rf"locked by another migblockd \(pid {holder.pid}\)"):
+            Store.open(tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    reopened(tmp_path)  # the kernel dropped the lock with the process
+
+
+# ------------------------------------------------------------- bad files
+
+
+def test_random_bytes_are_not_a_state_database(tmp_path: Path) -> None:
+    garbage = random.Random(13).randbytes(5000)
+    (tmp_path / "state.db").write_bytes(garbage)
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}/state.db is not a migblockd state database "
+                                  "(file is not a database); move it away to start from scratch")
+    assert (tmp_path / "state.db").read_bytes() == garbage  # never replaced
+    assert not (tmp_path / "state.db-wal").exists()
+    Store.open(tmp_path / "other").close()  # the lock was released on the way out
+
+
+def filled(directory: Path, n: int = 300) -> bytes:
+    """A closed state directory holding ``n`` blockers; the database's bytes."""
+    with Store.open(directory) as store:
+        store.commit([Put(row(f"b{i}", i, reason="r" * 300)) for i in range(n)])
+    return (directory / "state.db").read_bytes()
+
+
+def test_truncated_database_is_corrupt(tmp_path: Path) -> None:
+    data = filled(tmp_path)
+    (tmp_path / "state.db").write_bytes(data[: len(data) // 2])
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}/state.db is corrupt (database disk image is "
+                                  "malformed); restore it from a backup, or move it away to "
+                                  "start from scratch")
+
+
+def test_damaged_page_is_corrupt(tmp_path: Path) -> None:
+    data = bytearray(filled(tmp_path))
+    page = 4096
+    data[3 * page: 4 * page] = random.Random(7).randbytes(page)  # a page of the blocker table
+    (tmp_path / "state.db").write_bytes(bytes(data))
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    message = str(refused.value)
+    assert message.startswith(f"{tmp_path}/state.db is corrupt (")
+    assert message.endswith("); restore it from a backup, or move it away to start from scratch")
+    assert "\n" not in message
+
+
+def test_inconsistent_database_is_corrupt(tmp_path: Path) -> None:
+    """Damage that SQLite reads past but ``PRAGMA quick_check`` finds."""
+    data = bytearray(filled(tmp_path))
+    data[39] ^= 0x5A  # the low byte of the header's count of free pages
+    (tmp_path / "state.db").write_bytes(bytes(data))
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}/state.db is corrupt (Main freelist: size is 0 "
+                                  "but should be 90); restore it from a backup, or move it "
+                                  "away to start from scratch")
+    assert (tmp_path / "state.db").read_bytes() == data  # never "repaired"
+
+
+def test_log_without_its_database_is_refused(tmp_path: Path) -> None:
+    """A state.db moved away without its WAL: SQLite would replay the old log
+    into a new, empty database."""
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("x", 1))])
+        shutil.copy(tmp_path / "state.db-wal", tmp_path / "saved-wal")
+    (tmp_path / "state.db").unlink()
+    (tmp_path / "saved-wal").rename(tmp_path / "state.db-wal")
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}/state.db-wal exists without state.db; put "
+                                  "state.db back, or move the whole directory away to start "
+                                  "from scratch")
+    assert not (tmp_path / "state.db").exists()
+
+
+def test_database_of_another_program_is_refused(tmp_path: Path) -> None:
+    other = sqlite3.connect(tmp_path / "state.db")
+    other.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT)")
+    other.commit()
+    other.close()
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}/state.db is not a migblockd state database "
+                                  "(it belongs to another program); move it away to start "
+                                  "from scratch")
+
+
+def test_newer_format_is_refused_and_left_alone(tmp_path: Path) -> None:
+    filled(tmp_path, 3)
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute("PRAGMA user_version = 7")
+    db.commit()
+    db.close()
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}/state.db was written by a newer migblockd "
+                                  "(format 7; this one reads up to 1); upgrade migblockd")
+    db = sqlite3.connect(tmp_path / "state.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 7
+    db.close()
+
+
+def test_hand_edited_row_is_reported_as_corrupt(tmp_path: Path) -> None:
+    filled(tmp_path, 2)
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute("UPDATE blocker SET modes = 'normal' WHERE id = 'b1'")
+    db.commit()
+    db.close()
+    with Store.open(tmp_path) as store, pytest.raises(StateError) as refused:
+        store.load()
+    assert str(refused.value) == (f"{tmp_path}/state.db is corrupt (blocker 'b1': modes "
+                                  "'normal' is not a list of names); restore it from a "
+                                  "backup, or move it away to start from scratch")
+
+
+# ------------------------------------------------------ permissions (as nobody)
+
+
+def test_unreadable_database_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    filled(directory, 1)
+    (directory / "state.db").chmod(0)
+    assert open_error(directory, unprivileged=True) == (
+        f"cannot read and write {directory}/state.db: Permission denied; fix its "
+        "permissions, or choose another --state-dir")
+
+
+def test_read_only_state_directory_is_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    filled(directory, 1)
+    directory.chmod(0o500)  # SQLite cannot create the WAL next to the database
+    assert open_error(directory, unprivileged=True) == (
+        f"cannot write {directory}/state.db (attempt to write a readonly database); make it "
+        f"and {directory} writable by this user, or choose another --state-dir")
+    (directory / "lock").unlink()
+    assert open_error(directory, unprivileged=True) == (
+        f"cannot open {directory}/lock: Permission denied; make {directory} writable by this "
+        "user, or choose another --state-dir")
+
+
+def test_state_directory_that_cannot_be_created_is_refused(tmp_path: Path) -> None:
+    tmp_path.chmod(0o500)
+    assert open_error(tmp_path / "state", unprivileged=True) == (
+        f"cannot create state directory {tmp_path}/state: Permission denied; create it, "
+        "or choose another --state-dir")
+    tmp_path.chmod(0o700)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StateError, match=r"state directory .*/file is not a directory; "):
+        Store.open(tmp_path / "file")
+
+
+# ------------------------------------------------------------- disk full
+
+# The child commits a baseline, then a group that cannot fit, then (space back)
+# another group; it reports each step.  FILL and FREE say how space runs out.
+DISK_FULL = """
+    import json, os, resource, sys
+    from pathlib import Path
+    from migblockd.state import BlockerRow, Put, Setting, Store, StateError
+
+    def row(i, reason="r"):
+        return BlockerRow(f"b{i}", reason, ("normal",), False, (1, 2, 3), 1.5, i)
+
+    store = Store.open(Path(DIRECTORY))
+    store.commit([Put(row(0)), Setting("mode", "normal")])
+    FILL
+    big = [Put(row(i, "x" * 2000)) for i in range(1, 200)] + [Setting("mode", "cpr-reboot")]
+    try:
+        store.commit(big)
+        error = None
+    except StateError as e:
+        error = str(e)
+    after_failure = store.load()
+    FREE
+    store.commit([Put(row(1)), Setting("events", True)])
+    after_recovery = store.load()
+    store.close()
+    print(json.dumps({
+        "error": error,
+        "after_failure": [[r.id for r in after_failure.blockers], after_failure.settings],
+        "after_recovery": [[r.id for r in after_recovery.blockers], after_recovery.settings],
+    }))
+"""
+
+RLIMIT_FILL = """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(DIRECTORY + "/state.db-wal"), hard))
+"""
+RLIMIT_FREE = "resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))"
+
+
+def disk_full_child(directory: Path, fill: str, free: str) -> str:
+    code = textwrap.dedent(DISK_FULL)
+    code = code.replace("FILL\n", textwrap.dedent(fill).strip() + "\n")
+    code = code.replace("FREE\n", textwrap.dedent(free).strip() + "\n")
+    return code.replace("DIRECTORY", repr(str(directory)))
+
+
+def check_disk_full_report(report: dict[str, object], error: str) -> None:
+    assert report["error"] == error
+    # The failed group left nothing, in the store or on disk; the next one worked.
+    assert report["after_failure"] == [["b0"], {"mode": "normal"}]
+    assert report["after_recovery"] == [["b0", "b1"], {"mode": "normal", "events": True}]
+
+
+def test_commit_beyond_the_file_size_limit_fails_and_recovers(tmp_path: Path) -> None:
+    report = run_python(disk_full_child(tmp_path, RLIMIT_FILL, RLIMIT_FREE))
+    check_disk_full_report(report, f"cannot commit to {tmp_path}/state.db: disk I/O error")
+    snap = reopened(tmp_path)
+    assert [r.id for r in snap.blockers] == ["b0", "b1"]
+    assert snap.settings == {"mode": "normal", "events": True}
+
+
+TMPFS_FILL = """
+    filler = open(DIRECTORY + "/filler", "wb", buffering=0)
+    try:
+        while True:
+            filler.write(bytes(4096))
+    except OSError as e:
+        assert e.strerror == "No space left on device", e
+    filler.close()
+"""
+TMPFS_FREE = 'os.unlink(DIRECTORY + "/filler")'
+
+
+def unshare_mount() -> list[str]:
+    """The command prefix that runs a command in a new mount namespace (as root
+    in a user namespace when we are not root), or skip when this host has none."""
+    argv = ["unshare", "--mount"] if os.geteuid() == 0 else [
+        "unshare", "--user", "--map-root-user", "--mount"]
+    probe = subprocess.run([*argv, "mount", "-t", "tmpfs", "tmpfs", "/mnt"],
+                           capture_output=True, text=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no mount namespaces here for a real small tmpfs: "
+                    f"{probe.stderr.strip() if probe else 'no unshare'}")
+    return argv
+
+
+def test_commit_on_a_full_file_system_fails_and_recovers(tmp_path: Path) -> None:
+    """A real full disk (a 512 KiB tmpfs), and the same file system read-only at start."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    directory = mnt / "state"
+    script = tmp_path / "full.py"
+    script.write_text(disk_full_child(directory, TMPFS_FILL, TMPFS_FREE))
+    readonly = tmp_path / "readonly.py"
+    readonly.write_text(textwrap.dedent(OPEN_AND_REPORT))
+    shell = (f"mount -t tmpfs -o size=512k tmpfs {mnt} && {sys.executable} {script} && "
+             f"mount -o remount,ro {mnt} && {sys.executable} {readonly} {directory}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([*unshare_mount(), "sh", "-c", shell], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    full, ro = (json.loads(line) for line in proc.stdout.splitlines())
+    check_disk_full_report(full, f"cannot commit to {directory}/state.db: "
+                                 "database or disk is full")
+    assert ro["error"] == (f"cannot open {directory}/lock: Read-only file system; make "
+                           f"{directory} writable by this user, or choose another --state-dir")
+
+
+# -------------------------------------------------------------- migrations
+
+
+def add_origin(conn: sqlite3.Connection) -> None:
+    """A format 2 that a later migblockd might define: where each blocker came from."""
+    conn.execute("ALTER TABLE blocker ADD COLUMN origin TEXT NOT NULL DEFAULT ''")
+    conn.execute("UPDATE blocker SET origin = 'format-1:' || id")
+
+
+def test_older_format_is_migrated_forward_with_a_backup(tmp_path: Path) -> None:
+    filled(tmp_path, 3)
+    with Store.open(tmp_path, migrations=(*MIGRATIONS, add_origin)) as store:
+        assert [r.id for r in store.load().blockers] == ["b0", "b1", "b2"]
+        store.commit([Put(row("b3", 3))])
+    db = sqlite3.connect(tmp_path / "state.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("SELECT id, origin FROM blocker ORDER BY seq").fetchall() == [
+        ("b0", "format-1:b0"), ("b1", "format-1:b1"), ("b2", "format-1:b2"), ("b3", "")]
+    db.close()
+    backup = sqlite3.connect(tmp_path / "state.db.format-1")
+    assert backup.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert backup.execute("SELECT count(*) FROM blocker").fetchone()[0] == 3
+    backup.close()
+    # This migblockd (format 1) now refuses the migrated file rather than misread it.
+    with pytest.raises(StateError, match=r"newer migblockd \(format 2; this one reads up to 1\)"):
+        Store.open(tmp_path)
+
+
+def test_failed_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    filled(tmp_path, 2)
+
+    def broken(conn: sqlite3.Connection) -> None:
+        add_origin(conn)
+        conn.execute("UPDATE blocker SET no_such_column = 1")
+
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path, migrations=(*MIGRATIONS, broken))
+    assert str(refused.value) == (f"cannot migrate {tmp_path}/state.db from format 1 to 2 "
+                                  "(no such column: no_such_column); it is unchanged: report "
+                                  "this, and use the migblockd that wrote it")
+    assert [r.id for r in reopened(tmp_path).blockers] == ["b0", "b1"]
+    db = sqlite3.connect(tmp_path / "state.db")
+    columns = [c[1] for c in db.execute("PRAGMA table_info(blocker)")]
+    db.close()
+    assert "origin" not in columns
+
+
+# ---------------------------------------------------------- default directory
+
+
+def test_default_state_dir_prefers_systemd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/migblockd:/var/lib/other")
+    assert default_state_dir() == Path("/var/lib/migblockd")
+    monkeypatch.delenv("STATE_DIRECTORY")
+    monkeypatch.setenv("XDG_STATE_HOME", "/xdg/state")
+    expected = "/var/lib/migblockd" if os.geteuid() == 0 else "/xdg/state/migblockd"
+    assert default_state_dir() == Path(expected)
+
+
+DEFAULT_DIR = f"""
+    import json, os
+    from migblockd.paths import default_state_dir
+    if os.geteuid() == 0:
+        os.seteuid({NOBODY})  # the effective uid is what the rule looks at
+    print(json.dumps({{"dir": str(default_state_dir())}}))
+"""
+
+
+def test_default_state_dir_of_a_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", "/xdg/state")
+    assert run_python(DEFAULT_DIR) == {"dir": "/xdg/state/migblockd"}
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/is/ignored")
+    assert run_python(DEFAULT_DIR) == {"dir": "/home/someone/.local/state/migblockd"}
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert run_python(DEFAULT_DIR) == {"dir": "/home/someone/.local/state/migblockd"}
+    monkeypatch.setenv("STATE_DIRECTORY", "/run/state/migblockd")
+    assert run_python(DEFAULT_DIR) == {"dir": "/run/state/migblockd"}

@@ -41,8 +41,11 @@ def start(workdir: Path, *args: str, stderr: int | None = None,
     unless ``journal_socket`` is given), so no test talks to the real journald.
     """
     sock = workdir / "migblockd.sock"
-    log_path = workdir / f"daemon-{time.monotonic_ns()}.log"
-    argv = [sys.executable, "-m", "migblockd", "--socket", str(sock), *args]
+    stamp = time.monotonic_ns()
+    log_path = workdir / f"daemon-{stamp}.log"
+    # A fresh state directory, as conftest's daemons get: never the user's own.
+    argv = [sys.executable, "-m", "migblockd", "--socket", str(sock),
+            "--state-dir", str(workdir / f"state-{stamp}"), *args]
     environ = dict(os.environ) if env is None else dict(env)
     if env is None:
         environ.pop("JOURNAL_STREAM", None)  # ours, if pytest runs under systemd

@@ -1,24 +1,32 @@
-"""The daemon benchmark: migblockd against a floor server, in the same run.
+"""The daemon benchmark: migblockd against a floor and a ceiling server, in the same run.
 
 ``python -m benchmarks.bench_daemon [--duration S] [--rounds N] [--quick] [--json FILE]``
 
-It starts two servers as subprocesses on temporary Unix sockets:
+It starts, as subprocesses on temporary Unix sockets:
 
-* the daemon, ``python -m migblockd --socket TMP --log-level warning``;
-* the floor, ``python -m benchmarks.floor --socket TMP``: asyncio streams,
-  ``readline()`` + ``json.loads()`` per request, reply ``{"return": {}, "id": ID}``.
+* the daemon, ``python -m migblockd --socket TMP --state-dir TMP`` (durable, the
+  default, and at the default log level, info);
+* the same daemon with ``--ephemeral`` (no state on disk);
+* the floor, ``python -m benchmarks.floor``: asyncio streams, ``readline()`` +
+  ``json.loads()`` per request, reply ``{"return": {}, "id": ID}``, no events;
+* the ceiling, ``python -m benchmarks.ceiling``: an asyncio Protocol that also
+  fans a small event out to every client on add/del, with one write per client
+  per loop turn; and, when the optional ``uvloop`` is installed, the same on uvloop.
 
-then seeds both with the same ten blockers and, for every scenario, runs the
-load generator (``benchmarks.loadgen``, a third process) against the floor and
-then against the daemon, back to back, for ``--rounds`` rounds (which server
-goes first alternates).  A round's ratio is daemon / floor of that round; the
-report shows, per scenario, the round with the median ratio.  Pairing runs that
-are seconds apart, and taking the median, keeps the ratio meaningful on a
-machine whose other load comes and goes.  Both servers suffer the same client
-and the same machine, which is why the targets are ratios.
+then seeds them with the same ten blockers and, for every scenario, runs the
+load generator (``benchmarks.loadgen``, a separate process) against each server
+the scenario compares, back to back, for ``--rounds`` rounds (the order reverses
+every other round).  A ratio such as daemon / ceiling is computed per round, from
+runs seconds apart, and the report shows its median over the rounds (see
+``benchmarks.report``); the targets are ratios because both servers suffer the
+same client and the same machine.
+
+Last, the scale scenario (``benchmarks.scale``): a daemon restored from a state
+directory holding 100,000 blockers, ``query-blockers`` after changes, and
+``query-version`` clients while one client polls and another adds.
 
 With two or more cores the servers are pinned to one core and the load
-generator to another (``--no-pin`` to let the scheduler place them).
+generators to another (``--no-pin`` to let the scheduler place them).
 """
 
 from __future__ import annotations
@@ -30,246 +38,78 @@ import os
 import platform
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 20.0
-STOP_TIMEOUT = 10.0
-
-#: The blockers present during the benchmark: reasons real QEMU call sites give.
-SEED_BLOCKERS: tuple[tuple[str, list[str] | None], ...] = (
-    ("The vmdk format used by node 'disk0' does not support live migration", ["normal"]),
-    ("Migration disabled: vhost lacks VHOST_F_LOG_ALL feature.", ["normal"]),
-    ("0000:01:00.0: Migration is disabled for VFIO device", ["normal"]),
-    ("State blocked by non-migratable CPU device (invtsc flag)", None),
-    ("SEV: Migration is not implemented", None),
-    ("Migration is disabled when using feature 'peer mode' in device 'ivshmem'", None),
-    ("Migration disabled: TPM emulator does not support migration", None),
-    ("Memory region pc.ram is not compatible with CPR. share=on is required for "
-     "memory-backend objects, and aux-ram-share=on is required.", ["cpr-transfer"]),
-    ("CPR does not support vfio mdev 0000:02:00.0", ["cpr-transfer", "cpr-exec"]),
-    ("Migration disabled: vhost-user backend lacks VHOST_USER_PROTOCOL_F_LOG_SHMFD.", ["normal"]),
+from benchmarks import scale
+from benchmarks.ceiling import uvloop_available
+from benchmarks.report import (
+    Check,
+    Outcome,
+    Scenario,
+    baseline_lines,
+    checks,
+    cpu_table,
+    fmt_ms,
+    fmt_rate,
+    latency_table,
+    rate_table,
+    scenario_json,
+    starved,
+)
+from benchmarks.servers import (
+    SEED_BLOCKERS,
+    BenchError,
+    Server,
+    count_blockers,
+    file_system,
+    pinning,
+    run_json,
+    seed,
 )
 
-
-@dataclass(frozen=True)
-class Scenario:
-    key: str
-    label: str
-    loadgen: str   # the loadgen --scenario
-    clients: int
-    unit: str      # "req/s" or "conn/s"
-    target: float | None = None
+#: Most a scale-scenario query-blockers after a change may take, and an observer's p99.
+SCALE_QUERY_US, SCALE_OBSERVER_P99_US = 100_000.0, 10_000.0
 
 
-def scenarios(clients: int, connectors: int) -> list[Scenario]:
+def scenarios(clients: int, connectors: int, uvloop: bool) -> list[Scenario]:
+    simple = ("floor", "daemon")
+    fanout = ("floor", "ceiling", *(("ceiling-uvloop",) if uvloop else ()), "daemon",
+              "ephemeral")
     return [
-        Scenario("query-1", "query-blockers @1", "query", 1, "req/s"),
-        Scenario(f"query-{clients}", f"query-blockers @{clients}", "query", clients, "req/s", 0.6),
-        Scenario("adddel-1", "add+del-blocker @1", "adddel", 1, "req/s"),
-        Scenario(f"adddel-{clients}", f"add+del-blocker @{clients}", "adddel", clients, "req/s",
-                 0.25),
+        Scenario("query-1", "query-blockers @1", "query", 1, "req/s", simple),
+        Scenario(f"query-{clients}", f"query-blockers @{clients}", "query", clients, "req/s",
+                 simple, ratio_targets=(("daemon", "floor", 0.6),)),
+        Scenario("adddel-1", "add+del-blocker @1", "adddel", 1, "req/s", fanout),
+        Scenario(f"adddel-{clients}", f"add+del-blocker @{clients}", "adddel", clients,
+                 "req/s", fanout,
+                 ratio_targets=(("daemon", "floor", 0.25), ("daemon", "ceiling", 0.35),
+                                ("daemon", "ephemeral", 0.7)),
+                 p99_targets=(("daemon", 2000.0),)),
         Scenario(f"connect-{connectors}", f"connect cycle @{connectors}", "connect", connectors,
-                 "conn/s", 0.8),
+                 "conn/s", simple, ratio_targets=(("daemon", "floor", 0.8),)),
     ]
-
-
-@dataclass
-class Server:
-    name: str
-    argv: list[str]
-    socket: Path
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, cpus: set[int] | None) -> None:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env=child_env(),
-            )
-        if cpus:
-            os.sched_setaffinity(self.proc.pid, cpus)
-        wait_for_greeting(self)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def check_alive(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            code = None if self.proc is None else self.proc.returncode
-            raise BenchError(f"{self.name} is not running (exit {code}):\n{self.log()[-3000:]}")
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the server has used so far (Linux /proc; 0 elsewhere)."""
-        if self.proc is None:
-            return 0.0
-        try:
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        except OSError:
-            return 0.0
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-@dataclass
-class Outcome:
-    scenario: Scenario
-    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-    def round_ratio(self, index: int) -> float:
-        floor = float(self.runs["floor"][index]["rate"])
-        return float(self.runs["daemon"][index]["rate"]) / floor if floor > 0 else 0.0
-
-    def median_round(self) -> int:
-        """The round whose daemon/floor ratio is the median (the lower one of two)."""
-        rounds = sorted(range(len(self.runs["floor"])), key=self.round_ratio)
-        return rounds[(len(rounds) - 1) // 2]
-
-    def shown(self, server: str) -> dict[str, Any]:
-        """The run of ``server`` in the median round."""
-        return self.runs[server][self.median_round()]
-
-    def ratio(self) -> float:
-        return self.round_ratio(self.median_round())
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on; ``str()`` says why."""
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
-    return env
-
-
-def wait_for_greeting(server: Server) -> None:
-    """Ready = a connection gets a greeting line (works at any log level)."""
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        server.check_alive()
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(2.0)
-                sock.connect(str(server.socket))
-                if sock.makefile("rb").readline().startswith(b'{"QMP"'):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise BenchError(f"{server.name} gave no greeting within {START_TIMEOUT:g} s:\n{server.log()}")
-
-
-class SyncClient:
-    """A blocking QMP client for seeding and checking (not for measuring)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10.0)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rb")
-        self.read()  # greeting
-        self.execute("qmp_capabilities")
-
-    def read(self) -> dict[str, Any]:
-        line = self.file.readline()
-        if not line:
-            raise BenchError("server closed the connection")
-        value: dict[str, Any] = json.loads(line)
-        return value
-
-    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
-        request: dict[str, Any] = {"execute": command}
-        if arguments is not None:
-            request["arguments"] = arguments
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        while True:
-            reply = self.read()
-            if "event" in reply:
-                continue
-            if "return" not in reply:
-                raise BenchError(f"{command} failed: {reply}")
-            return reply["return"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
-def seed(server: Server, count: int) -> None:
-    client = SyncClient(server.socket)
-    try:
-        for number, (reason, modes) in enumerate(SEED_BLOCKERS[:count]):
-            args: dict[str, Any] = {"reason": reason, "id": f"bench-seed-{number}"}
-            if modes is not None:
-                args["modes"] = modes
-            client.execute("add-blocker", args)
-    finally:
-        client.close()
-
-
-def count_blockers(server: Server) -> int:
-    client = SyncClient(server.socket)
-    try:
-        blockers = client.execute("query-blockers")
-    finally:
-        client.close()
-    return len(blockers) if isinstance(blockers, list) else -1
 
 
 def run_loadgen(server: Server, scenario: Scenario, warmup: float, duration: float,
                 cpus: set[int] | None) -> dict[str, Any]:
-    server.check_alive()
-    argv = [
-        sys.executable, "-m", "benchmarks.loadgen", "--socket", str(server.socket),
-        "--scenario", scenario.loadgen, "--clients", str(scenario.clients),
-        "--warmup", str(warmup), "--duration", str(duration),
-    ]
-    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, env=child_env())
-    if cpus:
-        with contextlib.suppress(OSError):  # it may already be done
-            os.sched_setaffinity(proc.pid, cpus)
+    argv = ["-m", "benchmarks.loadgen", "--socket", str(server.socket),
+            "--scenario", scenario.loadgen, "--clients", str(scenario.clients),
+            "--warmup", str(warmup), "--duration", str(duration)]
     cpu_before, wall_before = server.cpu_seconds(), time.monotonic()
-    try:
-        out, err = proc.communicate(timeout=warmup + duration + 60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise BenchError(f"load generator timed out on {server.name} {scenario.label}") from None
-    if proc.returncode != 0:
-        raise BenchError(
-            f"load generator failed on {server.name} {scenario.label}:\n{err.decode()}\n"
-            f"{server.name} log:\n{server.log()[-3000:]}")
-    result: dict[str, Any] = json.loads(out)
+    result = run_json(argv, cpus, warmup + duration + 60, f"{server.name} {scenario.label}",
+                      server)
     # Over the whole load generator run (set-up and warm-up included): a rough
     # "was the server the bottleneck" figure.
     wall = time.monotonic() - wall_before
     result["server_cpu"] = (server.cpu_seconds() - cpu_before) / wall if wall > 0 else 0.0
+    rate = float(result["rate"])
+    result["server_us"] = result["server_cpu"] * 1e6 / rate if rate > 0 else 0.0
     if result["errors"]:
         raise BenchError(
             f"{server.name} {scenario.label}: {result['errors']} error replies, first: "
@@ -279,91 +119,30 @@ def run_loadgen(server: Server, scenario: Scenario, warmup: float, duration: flo
     return result
 
 
-def pinning(enabled: bool) -> tuple[set[int] | None, set[int] | None]:
-    """(server cpus, client cpus), or Nones when not pinning."""
-    if not enabled or not hasattr(os, "sched_getaffinity"):
-        return None, None
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return None, None
-    return {cpus[0]}, {cpus[1]}
-
-
-def fmt_rate(value: float) -> str:
-    return f"{value:,.0f}"
-
-
-def fmt_lat(result: dict[str, Any]) -> str:
-    return f"{fmt_us(float(result['p50_us']))} / {fmt_us(float(result['p99_us']))}"
-
-
-def fmt_us(us: float) -> str:
-    return f"{us / 1000:.2f}ms" if us >= 10_000 else f"{us:.0f}us"
-
-
-def table(outcomes: Sequence[Outcome]) -> list[str]:
-    head = ("scenario", "unit", "floor", "daemon", "ratio", "floor p50 / p99",
-            "daemon p50 / p99")
-    rows = [head]
-    for o in outcomes:
-        f, d = o.shown("floor"), o.shown("daemon")
-        rows.append((o.scenario.label, o.scenario.unit, fmt_rate(float(f["rate"])),
-                     fmt_rate(float(d["rate"])), f"{o.ratio():.2f}", fmt_lat(f), fmt_lat(d)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    right = {2, 3, 4}
-    lines = []
-    for number, row in enumerate(rows):
-        cells = [c.rjust(w) if i in right else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
-        lines.append(" | ".join(cells).rstrip())
-        if number == 0:
-            lines.append("-+-".join("-" * w for w in widths))
-    return lines
-
-
-def cpu_table(outcomes: Sequence[Outcome]) -> list[str]:
-    """Who was busy: CPU use of each server and of the load generator, and the
-    server's CPU time per request (utilisation / rate), in the median rounds."""
-    lines = ["CPU: share of one core used by the server and by the load generator, and the",
-             "server's CPU time per request; 'cpu ratio' = floor / daemon CPU per request",
-             "(what the ratio would be if the server alone were the bottleneck):"]
-    for o in outcomes:
-        cells, per = [], {}
-        for name in ("floor", "daemon"):
-            r = o.shown(name)
-            rate = float(r["rate"])
-            per[name] = float(r.get("server_cpu", 0.0)) * 1e6 / rate if rate > 0 else 0.0
-            cells.append(f"{name} {float(r.get('server_cpu', 0.0)):4.0%} "
-                         f"{float(r['client_cpu']):4.0%} {per[name]:5.0f}us")
-        ratio = per["floor"] / per["daemon"] if per["daemon"] > 0 else 0.0
-        lines.append(f"  {o.scenario.label:<22} " + "  ".join(cells) + f"  cpu ratio {ratio:.2f}")
-    return lines
-
-
-def target_lines(outcomes: Sequence[Outcome]) -> tuple[list[str], bool]:
-    lines, all_met = [], True
-    for o in outcomes:
-        if o.scenario.target is None:
-            continue
-        met = o.ratio() >= o.scenario.target
-        all_met &= met
-        lines.append(f"  {o.scenario.label:<24} ratio {o.ratio():.2f}  target >= "
-                     f"{o.scenario.target:.2f}  {'MET' if met else 'NOT MET'}")
-    return lines, all_met
+def commands(args: argparse.Namespace, state: Path) -> dict[str, list[str]]:
+    """Each server's command line, without ``--socket``."""
+    daemon = (shlex.split(args.daemon_command) if args.daemon_command
+              else [sys.executable, "-m", "migblockd"])
+    return {
+        "floor": [sys.executable, "-m", "benchmarks.floor"],
+        "ceiling": [sys.executable, "-m", "benchmarks.ceiling"],
+        "ceiling-uvloop": [sys.executable, "-m", "benchmarks.ceiling", "--event-loop", "uvloop"],
+        "daemon": [*daemon, "--state-dir", str(state / "daemon"), *args.daemon_arg],
+        "ephemeral": [*daemon, "--ephemeral", *args.daemon_arg],
+        "scale": [*daemon, "--state-dir", str(state / "scale"),
+                  "--max-blockers", str(args.scale_blockers + 1000), *args.daemon_arg],
+    }
 
 
 @contextlib.contextmanager
-def servers(workdir: Path, daemon_command: Sequence[str], daemon_args: Sequence[str],
+def servers(names: Sequence[str], argvs: dict[str, list[str]], workdir: Path,
             cpus: set[int] | None) -> Iterator[dict[str, Server]]:
     started: dict[str, Server] = {}
     try:
-        for name, argv in (
-            ("floor", [sys.executable, "-m", "benchmarks.floor"]),
-            ("daemon", [*daemon_command, "--log-level", "warning",
-                        "--state-dir", str(workdir / "state"), *daemon_args]),
-        ):
+        for name in names:
             path = workdir / f"{name}.sock"
-            server = Server(name, [*argv, "--socket", str(path)], path, workdir / f"{name}.log")
+            server = Server(name, [*argvs[name], "--socket", str(path)], path,
+                            workdir / f"{name}.log")
             started[name] = server
             server.start(cpus)
         yield started
@@ -372,21 +151,117 @@ def servers(workdir: Path, daemon_command: Sequence[str], daemon_args: Sequence[
             server.stop()
 
 
+def run_rounds(args: argparse.Namespace, chosen: Sequence[Scenario], argvs: dict[str, list[str]],
+               workdir: Path, server_cpus: set[int] | None,
+               client_cpus: set[int] | None) -> list[Outcome]:
+    names = [n for n in ("floor", "ceiling", "ceiling-uvloop", "daemon", "ephemeral")
+             if any(n in s.servers for s in chosen)]
+    outcomes = [Outcome(s, {n: [] for n in s.servers}) for s in chosen]
+    daemons = [n for n in names if n in ("daemon", "ephemeral")]
+    with servers(names, argvs, workdir, server_cpus) as running:
+        for server in running.values():
+            seed(server, args.blockers)
+        for name in daemons:
+            if (present := count_blockers(running[name])) != args.blockers:
+                raise BenchError(f"{name} has {present} blockers after seeding {args.blockers}")
+        for round_number in range(args.rounds):
+            for outcome in outcomes:
+                # Reverse the order every other round, so no server always follows another.
+                order = outcome.scenario.servers
+                for name in order if round_number % 2 == 0 else reversed(order):
+                    outcome.runs[name].append(run_loadgen(
+                        running[name], outcome.scenario, args.warmup, args.duration,
+                        client_cpus))
+                rates = "  ".join(f"{n} {fmt_rate(float(outcome.runs[n][-1]['rate']))}"
+                                  for n in order)
+                ratios = "  ".join(f"{a}/{b} {outcome.round_ratio(a, b, -1):.2f}"
+                                   for a, b in outcome.scenario.ratios())
+                print(f"  round {round_number + 1}: {outcome.scenario.label:<22} {rates} "
+                      f"{outcome.scenario.unit}; {ratios}", flush=True)
+        for name in daemons:
+            if (present := count_blockers(running[name])) != args.blockers:
+                raise BenchError(f"{name} has {present} blockers after the run, "
+                                 f"expected {args.blockers}: add/del left some behind")
+    return outcomes
+
+
+def run_scale(args: argparse.Namespace, argvs: dict[str, list[str]], workdir: Path,
+              state: Path, server_cpus: set[int] | None,
+              client_cpus: set[int] | None) -> dict[str, Any]:
+    started = time.monotonic()
+    scale.preload(state / "scale", args.scale_blockers)  # the directory commands() names
+    preload_seconds = time.monotonic() - started
+    with servers(["scale"], argvs, workdir, server_cpus) as running:
+        daemon = running["scale"]
+        print(f"  scale: {args.scale_blockers:,} blockers stored in {preload_seconds:.1f} s, "
+              f"restored by the daemon in {daemon.start_seconds:.1f} s", flush=True)
+        argv = ["-m", "benchmarks.scale", "--socket", str(daemon.socket),
+                "--repeat", str(args.scale_repeat), "--clients", str(args.clients),
+                "--warmup", str(args.scale_warmup), "--duration", str(args.scale_duration)]
+        result = run_json(argv, client_cpus, args.scale_duration + 600, "the scale scenario",
+                          daemon)
+        if (present := count_blockers(daemon)) != args.scale_blockers:
+            raise BenchError(f"the scale daemon has {present} blockers after the run, "
+                             f"expected {args.scale_blockers}")
+    result.update(blockers=args.scale_blockers, start_seconds=daemon.start_seconds)
+    return result
+
+
+def scale_lines(r: dict[str, Any]) -> list[str]:
+    def lat(d: dict[str, Any]) -> str:
+        return (f"p50 {fmt_ms(d['p50_us'])}  p99 {fmt_ms(d['p99_us'])}  "
+                f"max {fmt_ms(d['max_us'])}")
+
+    obs, add, poll = r["observers"], r["adder"], r["poller"]
+    lines = [
+        f"scale: {r['blockers']:,} blockers (restored in {r['start_seconds']:.1f} s); "
+        f"query-blockers answers {r['reply_bytes'] / 1e6:.1f} MB",
+        f"  query-blockers after a change   {lat(r['after_change'])}  "
+        f"({r['after_change']['samples']} samples)",
+        f"  query-blockers, nothing changed {lat(r['unchanged'])}  "
+        f"({r['unchanged']['samples']} samples)",
+        f"  for {r['seconds']:.1f} s, one client polling query-blockers while another adds "
+        f"and deletes:",
+        f"    {obs['clients']} query-version clients  {fmt_rate(obs['rate']):>7} req/s  "
+        f"{lat(obs)}",
+        f"    adder                     {fmt_rate(add['rate']):>7} req/s  {lat(add)}",
+        f"    poller                    {poll['requests']:>7} polls  {lat(poll)}  "
+        f"({poll['sent']} sent, warm-up included)",
+        f"    clients dropped: {r['dropped']}",
+    ]
+    lines += [f"      {count} x {drop}" for drop, count in Counter(r["drops"]).items()]
+    return lines
+
+
+def scale_checks(r: dict[str, Any]) -> list[Check]:
+    changed, observers = r["after_change"], r["observers"]
+    return [
+        Check("scale: query-blockers after a change, p99", fmt_ms(changed["p99_us"]),
+              f"< {fmt_ms(SCALE_QUERY_US)}", changed["p99_us"] < SCALE_QUERY_US),
+        Check(f"scale: {observers['clients']} query-version clients, p99",
+              fmt_ms(observers["p99_us"]), f"< {fmt_ms(SCALE_OBSERVER_P99_US)}",
+              observers["p99_us"] < SCALE_OBSERVER_P99_US),
+        Check("scale: clients dropped", str(r["dropped"]), "= 0", r["dropped"] == 0),
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_daemon",
-        description="Benchmark migblockd against a minimal asyncio floor server, same run; "
-                    "reports requests/s, latency p50/p99 and the daemon/floor ratios.",
+        description="Benchmark migblockd against a minimal floor and a fan-out ceiling server, "
+                    "same run; reports requests/s, latency p50/p99, the ratios and the scale "
+                    "scenario.",
     )
     parser.add_argument("--duration", type=float, default=2.5,
                         help="measured seconds per scenario, server and round (default 2.5)")
     parser.add_argument("--warmup", type=float, default=0.5,
                         help="unmeasured seconds before each measurement (default 0.5)")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="floor/daemon rounds; the round with the median ratio is "
-                             "reported (default 3)")
+                        help="rounds; each ratio is the median of its per-round values "
+                             "(default 3)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 0.3 s per measurement, 1 round, 4 clients")
+                        help="a smoke run: 0.3 s per measurement, 1 round, 4 clients, "
+                             "2,000 blockers in the scale scenario")
     parser.add_argument("--clients", type=int, default=16,
                         help="connections of the many-client scenarios (default 16)")
     parser.add_argument("--connectors", type=int, default=8,
@@ -396,26 +271,48 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="blockers present during the run (default 10)")
     parser.add_argument("--only", action="append", default=[], metavar="PREFIX",
                         help="run only the scenarios whose key starts with PREFIX "
-                             "(query, adddel, connect); repeatable")
+                             "(query, adddel, connect, scale); repeatable")
+    parser.add_argument("--no-uvloop", dest="uvloop", action="store_false",
+                        help="leave out the ceiling on uvloop (left out anyway when uvloop "
+                             "is not installed)")
+    parser.add_argument("--scale-blockers", type=int, default=100_000, metavar="N",
+                        help="blockers of the scale scenario (default 100000)")
+    parser.add_argument("--scale-repeat", type=int, default=5, metavar="N",
+                        help="add/query/query/delete/query cycles of the scale scenario "
+                             "(default 5)")
+    parser.add_argument("--scale-duration", type=float, default=8.0, metavar="S",
+                        help="measured seconds of the scale scenario under load (default 8)")
     parser.add_argument("--no-pin", dest="pin", action="store_false",
                         help="do not pin servers and load generator to separate cores")
     parser.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for the daemon's command line; repeatable")
+                        help="extra argument for the daemons' command lines; repeatable")
     parser.add_argument("--daemon-command", metavar="CMD",
                         help="run this instead of 'PYTHON -m migblockd' (e.g. another checkout's "
-                             "venv, to compare two versions); --socket and --log-level are "
-                             "appended")
+                             "venv, to compare two versions); --socket and --state-dir or "
+                             "--ephemeral are appended")
+    parser.add_argument("--state-parent", type=Path, metavar="DIR",
+                        help="where the durable daemons' state directories go (default: a new "
+                             "temporary directory); its file system decides what a commit costs")
+    parser.add_argument("--baseline", type=Path, metavar="FILE",
+                        help="an earlier run's --json file: print each ratio next to it")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also save the results here")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 3 when a target is not met")
     args = parser.parse_args(argv)
+    args.scale_warmup = 1.0
     if args.quick:
         args.duration, args.warmup, args.rounds = 0.3, 0.1, 1
         args.clients, args.connectors = min(args.clients, 4), min(args.connectors, 4)
+        args.scale_blockers, args.scale_repeat = min(args.scale_blockers, 2000), 1
+        args.scale_duration, args.scale_warmup = 0.5, 0.1
     if not (0 < args.duration <= 60 and 0 <= args.warmup <= 10 and 1 <= args.rounds <= 10):
         parser.error("need 0 < --duration <= 60, 0 <= --warmup <= 10, 1 <= --rounds <= 10")
     if not (1 <= args.clients <= 500 and 1 <= args.connectors <= 100):
         parser.error("need 1 <= --clients <= 500 and 1 <= --connectors <= 100")
+    if not (1 <= args.scale_blockers <= 1_000_000 and 1 <= args.scale_repeat <= 100
+            and 0 < args.scale_duration <= 300):
+        parser.error("need 1 <= --scale-blockers <= 1000000, 1 <= --scale-repeat <= 100 and "
+                     "0 < --scale-duration <= 300")
     try:
         return run(args)
     except BenchError as exc:
@@ -424,70 +321,75 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    chosen = [s for s in scenarios(args.clients, args.connectors)
-              if not args.only or any(s.key.startswith(p) for p in args.only)]
-    if not chosen:
+    def wanted(key: str) -> bool:
+        return not args.only or any(key.startswith(p) for p in args.only)
+
+    uvloop = args.uvloop and uvloop_available()
+    chosen = [s for s in scenarios(args.clients, args.connectors, uvloop) if wanted(s.key)]
+    with_scale = wanted("scale")
+    if not chosen and not with_scale:
         raise BenchError(f"no scenario matches {args.only}")
+    baseline = None
+    if args.baseline is not None:
+        try:
+            baseline = json.loads(args.baseline.read_text())
+        except (OSError, ValueError) as exc:
+            raise BenchError(f"cannot read --baseline {args.baseline}: {exc}") from exc
     server_cpus, client_cpus = pinning(args.pin)
+    workdir = Path(tempfile.mkdtemp(prefix="migblockd-bench-"))
+    state = Path(tempfile.mkdtemp(prefix="migblockd-bench-state-", dir=args.state_parent))
     cores = os.cpu_count() or 0
     load = f", load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     print(f"Python {platform.python_version()} ({platform.python_implementation()}) on "
           f"{platform.system()} {platform.machine()}, {cores} cores{load}")
     pinned = "off"
     if server_cpus and client_cpus:
-        pinned = f"servers on cpu {min(server_cpus)}, load generator on cpu {min(client_cpus)}"
-    print(f"pinning: {pinned}")
+        pinned = f"servers on cpu {min(server_cpus)}, load generators on cpu {min(client_cpus)}"
+    print(f"pinning: {pinned}; ceiling on uvloop: "
+          f"{'yes' if uvloop else 'no (not installed, or --no-uvloop)'}")
+    extra = f"; extra arguments {shlex.join(args.daemon_arg)}" if args.daemon_arg else ""
+    print(f"daemon: default log level; durable state on {file_system(state)}{extra}")
     print(f"{args.rounds} round(s) x {args.warmup:g} s warm-up + {args.duration:g} s measured "
-          f"per scenario and server; median-ratio round shown; {args.blockers} blockers present",
+          f"per scenario and server; medians over rounds; {args.blockers} blockers present",
           flush=True)
 
-    workdir = Path(tempfile.mkdtemp(prefix="migblockd-bench-"))
     started = time.monotonic()
-    outcomes = [Outcome(s, {"floor": [], "daemon": []}) for s in chosen]
+    outcomes: list[Outcome] = []
+    scaled: dict[str, Any] | None = None
     try:
-        daemon_command = (shlex.split(args.daemon_command) if args.daemon_command
-                          else [sys.executable, "-m", "migblockd"])
-        with servers(workdir, daemon_command, args.daemon_arg, server_cpus) as running:
-            for server in running.values():
-                seed(server, args.blockers)
-            present = count_blockers(running["daemon"])
-            if present != args.blockers:
-                raise BenchError(f"daemon has {present} blockers after seeding {args.blockers}")
-            for round_number in range(args.rounds):
-                for outcome in outcomes:
-                    # Alternate which server goes first, so neither always follows the other.
-                    order = ("floor", "daemon") if round_number % 2 == 0 else ("daemon", "floor")
-                    for name in order:
-                        result = run_loadgen(running[name], outcome.scenario, args.warmup,
-                                             args.duration, client_cpus)
-                        outcome.runs[name].append(result)
-                    print(f"  round {round_number + 1}: {outcome.scenario.label:<24} "
-                          f"floor {fmt_rate(float(outcome.runs['floor'][-1]['rate'])):>8}  "
-                          f"daemon {fmt_rate(float(outcome.runs['daemon'][-1]['rate'])):>8} "
-                          f"{outcome.scenario.unit:<6} ratio {outcome.round_ratio(-1):.2f}",
-                          flush=True)
-            present = count_blockers(running["daemon"])
-            if present != args.blockers:
-                raise BenchError(f"daemon has {present} blockers after the run, "
-                                 f"expected {args.blockers}: add/del left some behind")
+        argvs = commands(args, state)
+        if chosen:
+            outcomes = run_rounds(args, chosen, argvs, workdir, server_cpus, client_cpus)
+        if with_scale:
+            scaled = run_scale(args, argvs, workdir, state, server_cpus, client_cpus)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
     elapsed = time.monotonic() - started
 
-    print()
-    for line in table(outcomes):
-        print(line)
-    print()
-    for line in cpu_table(outcomes):
-        print(line)
-    lines, all_met = target_lines(outcomes)
-    if lines:
+    found = checks(outcomes)
+    if outcomes:
+        for lines in (rate_table(outcomes), latency_table(outcomes), cpu_table(outcomes)):
+            print()
+            print("\n".join(lines))
+    if scaled is not None:
         print()
-        print("targets (daemon / floor, same run):")
-        for line in lines:
-            print(line)
-    print(f"\ntotal {elapsed:.0f} s; daemon add/del events read and discarded: "
-          f"{sum(int(r['events']) for o in outcomes for r in o.runs['daemon']):,}")
+        print("\n".join(scale_lines(scaled)))
+        found += scale_checks(scaled)
+    all_met = all(c.met for c in found)
+    if found:
+        width = max(len(c.what) for c in found)
+        print("\ntargets (same run):")
+        print("\n".join(c.line(width) for c in found))
+    busy = starved(outcomes)
+    if busy:
+        print(f"\nwarning: the machine was busy: neither server nor load generator kept its "
+              f"core busy in {', '.join(busy)}; throughput ratios then measure the scheduler "
+              f"more than the servers: compare the CPU ratios, or run again on a quiet machine")
+    if baseline is not None and outcomes:
+        print(f"\nratios: {args.baseline} -> this run")
+        print("\n".join(baseline_lines(outcomes, baseline) or ["  (none in common)"]))
+    print(f"\ntotal {elapsed:.0f} s")
 
     if args.json is not None:
         report = {
@@ -499,22 +401,12 @@ def run(args: argparse.Namespace) -> int:
             "warmup": args.warmup,
             "rounds": args.rounds,
             "blockers": args.blockers,
-            "scenarios": [
-                {
-                    "key": o.scenario.key,
-                    "label": o.scenario.label,
-                    "unit": o.scenario.unit,
-                    "clients": o.scenario.clients,
-                    "floor": o.shown("floor"),
-                    "daemon": o.shown("daemon"),
-                    "ratio": o.ratio(),
-                    "target": o.scenario.target,
-                    "met": None if o.scenario.target is None else o.ratio() >= o.scenario.target,
-                    "rounds": o.runs,
-                }
-                for o in outcomes
-            ],
+            "scenarios": [scenario_json(o) for o in outcomes],
+            "scale": scaled,
+            "targets": [{"what": c.what, "value": c.value, "goal": c.goal, "met": c.met}
+                        for c in found],
             "all_targets_met": all_met,
+            "machine_busy": busy,
         }
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         print(f"results saved to {args.json}")

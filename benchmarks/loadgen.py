@@ -149,7 +149,8 @@ class LineProtocol(asyncio.Protocol):
 
 
 class RequestClient(LineProtocol):
-    """One connection of the ``query`` or ``adddel`` scenario."""
+    """One connection of the ``query`` or ``adddel`` scenario (or ``version``:
+    ``query-version`` in a loop, which ``benchmarks.scale`` uses)."""
 
     def __init__(self, meter: Meter, scenario: str, number: int) -> None:
         super().__init__(meter)
@@ -194,6 +195,8 @@ class RequestClient(LineProtocol):
         self.serial += 1
         if self.scenario == "query":
             request = b'{"execute": "query-blockers", "id": %d}\n' % self.serial
+        elif self.scenario == "version":  # the observers of benchmarks.scale
+            request = b'{"execute": "query-version", "id": %d}\n' % self.serial
         elif self.pending_delete:
             request = b'{"execute": "del-blocker", "arguments": {"id": "%s"}, "id": %d}\n' % (
                 self.pending_delete.encode(), self.serial)

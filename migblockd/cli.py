@@ -70,9 +70,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     from migblockd import logs  # noqa: PLC0415 - keeps --help fast
     from migblockd.daemon import StartupError, run  # noqa: PLC0415
 
+    loop_factory = None
+    if config.event_loop == "uvloop":
+        try:
+            import uvloop  # noqa: PLC0415 - optional
+        except ImportError:
+            sys.exit("migblockd: --event-loop uvloop needs the uvloop package "
+                     "(pip install 'migblockd[uvloop]')")
+        loop_factory = uvloop.new_event_loop
+
     installed = logs.setup(config.logging_level, config.log_format)
     try:
-        asyncio.run(run(config, cli))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(run(config, cli))
     except StartupError as exc:
         logging.getLogger("migblockd").error("%s", exc)
         sys.exit(1)

@@ -178,6 +178,11 @@ class Config:
         "tables, which map names or numbers to observer, client, operator or admin "
         "(docs/access.md)",
     )
+    event_loop: str = option(
+        "asyncio", parse=OneOf("asyncio", "uvloop"),
+        help="the event loop: asyncio's own, or uvloop (faster; needs the uvloop package: "
+        "pip install 'migblockd[uvloop]')",
+    )
     schema: Path | None = option(
         None, parse=FilePath(), metavar="FILE",
         default_doc="the schema installed with migblockd",

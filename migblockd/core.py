@@ -57,6 +57,11 @@ __all__ = ["Core", "Group"]
 
 log = logging.getLogger("migblockd")
 
+#: Output bytes after which a connection's turn ends early: a client that
+#: pipelines requests for big answers gets them written one turn at a time
+#: (and backpressure stops it there), not all built at once.
+TURN_OUTPUT = 64 * 1024
+
 #: A handler that talks to QEMU, paused at its latest ``yield Call(...)``.
 Suspended = Generator[object, object, object]
 
@@ -206,8 +211,8 @@ class Core:
             else:
                 break
             self._run(conn, request)
-            if conn.waiting is not None:
-                break
+            if conn.waiting is not None or session.output_bytes > TURN_OUTPUT:
+                break  # a big reply: write it before running more of this client's
         if session.has_output():
             self._dirty[conn] = None
         return handled
@@ -215,6 +220,10 @@ class Core:
     # -- output ----------------------------------------------------------------
     def data_to_send(self, conn: Connection) -> bytes:
         return conn.session.data_to_send()
+
+    def take_output(self, conn: Connection) -> tuple[bytes, int]:
+        """The bytes to send to ``conn``, and how many of them are events."""
+        return conn.session.take_output()
 
     def take_dirty(self) -> list[Connection]:
         """The connections with output queued since the last call, in order."""

@@ -124,6 +124,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     where = "the passed socket" if server.own_socket is None else str(config.socket)
     log.info("migblockd %s ready on %s (only-migratable %s, %s)", __version__, where,
              "on" if config.only_migratable else "off", gating)
+    if config.event_loop != "asyncio":
+        log.info("event loop: %s", config.event_loop)
     notifier.start_watchdog()
     try:
         await stop.wait()

@@ -55,7 +55,8 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
         unknown = [mode for mode in row.modes if mode not in known]
         if unknown:
             raise ValueError(f"stored blocker {row.id!r} blocks modes the schema does not "
-                             f"define ({', '.join(unknown)})")
+                             f"define ({', '.join(unknown)}); use a --schema that defines "
+                             "them, or move the state directory away to start from scratch")
         owner = None if row.owner is None else Owner(*row.owner)
         blockers.append(Blocker(row.id, row.reason, row.modes, row.internal, "daemon",
                                 owner, row.added, row.seq))

@@ -26,9 +26,10 @@ import os
 import socket
 import struct
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from migblockd.access import group_id
 from migblockd.config import RELOADABLE, Config, ConfigError, build
@@ -77,10 +78,18 @@ class ClientProtocol(asyncio.Protocol):
         self.write_paused = False
         self.read_paused = False
         self.eof = False
+        # max-output bounds the events a client leaves unread; its own replies
+        # are bounded by backpressure, and a big one it reads steadily (a
+        # listing of 100,000 blockers) must not get it dropped.  The transport
+        # says how much is unread; these say how much of that is events.
+        self._written = 0
+        self._event_marks: deque[tuple[int, int]] = deque()  # (stream offset, event bytes)
+        self._events_unread = 0
 
     # -- asyncio.Protocol ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, but quack alike.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.conn = conn = self.core.connect(peer_owner(transport))
         if conn.refused:
@@ -181,22 +190,31 @@ class ClientProtocol(asyncio.Protocol):
             self.read_paused = False
         return False
 
+    def _unread_events(self, transport: asyncio.Transport, size: int, events: int) -> int:
+        """Event bytes written to the client and not read yet, this write's included."""
+        self._written += size
+        if events:
+            self._event_marks.append((self._written, events))
+            self._events_unread += events
+        read = self._written - transport.get_write_buffer_size()
+        marks = self._event_marks
+        while marks and marks[0][0] <= read:
+            self._events_unread -= marks.popleft()[1]
+        return self._events_unread
+
     def flush(self) -> None:
         conn, transport = self.conn, self.transport
         if conn is None or transport is None:
             return
-        data = self.core.data_to_send(conn)
+        data, events = self.core.take_output(conn)
         if transport.is_closing():
             return
         if data:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s -> %s", conn.label, shown(data, WIRE_LIMIT))
-            # Only output written earlier counts as unread: the client cannot have
-            # read this write yet, however promptly it reads (one reply may be large).
-            unread = transport.get_write_buffer_size()
             transport.write(data)
-            if unread > self.server.config.max_output:
-                log.warning("%s: dropped: more than max-output=%d bytes of unread output",
+            if self._unread_events(transport, len(data), events) > self.server.config.max_output:
+                log.warning("%s: dropped: more than max-output=%d bytes of unread events",
                             conn.label, self.server.config.max_output, extra=about(conn))
                 transport.abort()
                 return

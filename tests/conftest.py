@@ -121,6 +121,10 @@ def spawn_daemon(
     state: list[str] = []
     if not any(a.startswith("--state-dir") or a == "--ephemeral" for a in args):
         state = ["--state-dir", str(workdir / f"state-{stamp}")]
+    # MIGBLOCKD_TEST_EVENT_LOOP=uvloop runs every daemon on uvloop (test_uvloop.py does).
+    loop = os.environ.get("MIGBLOCKD_TEST_EVENT_LOOP")
+    if loop and not any(a.startswith("--event-loop") for a in args):
+        state = [*state, "--event-loop", loop]
     argv = [python, "-m", "migblockd", "--socket", str(sock), "--log-level", "debug",
             *state, *args]
     with log_path.open("wb") as log:

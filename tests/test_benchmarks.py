@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
 
-from benchmarks import floor, loadgen
+from benchmarks import ceiling, floor, loadgen, scale
+from benchmarks.report import Outcome, Scenario, starved
 
 
 def test_floor_reply_echoes_the_id() -> None:
@@ -44,6 +47,87 @@ async def test_loadgen_against_the_floor_in_process(tmp_path: Path) -> None:
         server.close()
 
 
+async def test_ceiling_fans_add_del_events_out_to_every_client(tmp_path: Path) -> None:
+    """An add/del reaches every connected client as an event, ahead of the requester's reply;
+    other commands get only their reply."""
+    path = str(tmp_path / "ceiling.sock")
+    loop = asyncio.get_running_loop()
+    hub = ceiling.Hub(loop)
+    server = await loop.create_unix_server(lambda: ceiling.Client(hub), path)
+    streams = [await asyncio.open_unix_connection(path) for _ in range(3)]
+    try:
+        for reader, _ in streams:
+            assert (await reader.readline()).startswith(b'{"QMP"')
+        (first, writer), others = streams[0], streams[1:]
+        writer.write(b'{"execute": "query-version", "id": 1}\n'
+                     b'{"execute": "add-blocker", "arguments": {"id": "b1"}, "id": 2}\n')
+        assert await first.readline() == b'{"return": {}, "id": 1}\r\n'
+        event = json.loads(await first.readline())
+        assert event["event"] == "BLOCKER_ADDED" and event["data"] == {"id": "b1"}
+        assert await first.readline() == b'{"return": {}, "id": 2}\r\n'
+        for reader, _ in others:
+            assert json.loads(await reader.readline())["data"] == {"id": "b1"}
+        writer.write(b'{"execute": "del-blocker", "arguments": {"id": "b1"}}\n')
+        for reader, _ in streams:
+            assert json.loads(await reader.readline())["event"] == "BLOCKER_DELETED"
+        assert await first.readline() == b'{"return": {}}\r\n'
+    finally:
+        for _, w in streams:
+            w.close()
+        server.close()
+
+
+async def test_loadgen_against_the_ceiling_reads_its_events(tmp_path: Path) -> None:
+    path = str(tmp_path / "ceiling.sock")
+    loop = asyncio.get_running_loop()
+    hub = ceiling.Hub(loop)
+    server = await loop.create_unix_server(lambda: ceiling.Client(hub), path)
+    try:
+        result = await loadgen.measure(path, "adddel", 2, 0.0, 0.1)
+        assert result.requests > 0 and result.errors == 0, result
+        assert result.events >= result.requests  # each add/del went to both clients
+    finally:
+        server.close()
+
+
+def test_ratios_are_medians_of_per_round_ratios() -> None:
+    scenario = Scenario("adddel-16", "add+del @16", "adddel", 16, "req/s",
+                        ("ceiling", "daemon"))
+    rates = {"ceiling": [100, 100, 1000], "daemon": [50, 10, 900]}
+    outcome = Outcome(scenario, {name: [{"rate": r} for r in values]
+                                 for name, values in rates.items()})
+    assert outcome.ratio("daemon", "ceiling") == 0.5  # of 0.5, 0.1 and 0.9
+    assert outcome.median("daemon", "rate") == 50
+
+
+def test_a_busy_machine_is_told_apart() -> None:
+    """With many closed-loop clients, the floor or its load generator should keep a core
+    busy; when neither does, other processes had the cores, and the report says so."""
+    scenario = Scenario("query-16", "query-blockers @16", "query", 16, "req/s",
+                        ("floor", "daemon"))
+
+    def outcome(server: float, client: float) -> Outcome:
+        run = {"rate": 1000, "server_cpu": server, "client_cpu": client}
+        return Outcome(scenario, {"floor": [run], "daemon": [run]})
+
+    assert starved([outcome(0.9, 0.5)]) == []
+    assert starved([outcome(0.4, 0.95)]) == []
+    assert starved([outcome(0.2, 0.15)]) == ["query-blockers @16 (floor 20%)"]
+
+
+def test_blocking_lines_counts_a_big_line_without_keeping_it() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        big = b'{"return": [' + b"x" * 3_000_000 + b"]}\r\n"
+        sender = threading.Thread(target=right.sendall,
+                                  args=(b'{"event": "E"}\n' + big + b'{"return": {}}\n',))
+        sender.start()
+        lines = scale.BlockingLines(left)
+        assert lines.reply() == (big[:scale.HEAD], len(big))
+        assert lines.reply() == (b'{"return": {}}\n', 15)
+        sender.join()
+
+
 def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     """``--quick`` starts the daemon and the floor, runs every scenario and prints the report."""
     out = tmp_path / "bench.json"
@@ -58,20 +142,37 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     print(proc.stdout)  # the report, visible with -s
     assert "Python 3." in proc.stdout
     assert "cores" in proc.stdout
-    for label in ("query-blockers @1", "add+del-blocker @1", "connect cycle @"):
+    for label in ("query-blockers @1", "add+del-blocker @1", "connect cycle @", "scale: "):
         assert label in proc.stdout
-    assert "targets (daemon / floor, same run):" in proc.stdout
+    assert "targets (same run):" in proc.stdout
 
     report = json.loads(out.read_text())
     assert report["cores"] == os.cpu_count()
     keys = [s["key"] for s in report["scenarios"]]
     assert [k.split("-")[0] for k in keys] == ["query", "query", "adddel", "adddel", "connect"]
     for scenario in report["scenarios"]:
-        for server in ("floor", "daemon"):
-            run = scenario[server]
+        assert "floor" in scenario["servers"] and "daemon" in scenario["servers"]
+        for server, run in scenario["servers"].items():
             assert run["requests"] > 0 and run["errors"] == 0, (server, run)
-        assert scenario["ratio"] > 0
-    # Every add-blocker of the daemon run caused an event that the clients read.
+        assert scenario["ratios"]["daemon/floor"] > 0
+    # Every add/del of the daemons and the ceilings caused events that the clients read;
+    # the floor sends none.  The uvloop ceiling runs because the test extra installs uvloop.
     adddel = [s for s in report["scenarios"] if s["key"].startswith("adddel")]
-    assert all(s["daemon"]["events"] > 0 for s in adddel)
-    assert all(s["floor"]["events"] == 0 for s in adddel)
+    for scenario in adddel:
+        servers = scenario["servers"]
+        assert set(servers) == {"floor", "ceiling", "ceiling-uvloop", "daemon", "ephemeral"}
+        assert servers["floor"]["events"] == 0
+        assert all(servers[s]["events"] > 0 for s in servers if s != "floor")
+        assert set(scenario["ratios"]) == {"daemon/floor", "daemon/ceiling",
+                                           "daemon/ceiling-uvloop", "daemon/ephemeral"}
+    targets = {t["what"] for t in report["targets"]}
+    assert {"add+del-blocker @4: daemon / ceiling", "add+del-blocker @4: daemon / ephemeral",
+            "add+del-blocker @4: daemon p99", "scale: clients dropped"} <= targets
+
+    # The scale scenario ran against a daemon restored with its blockers, and measured.
+    scaled = report["scale"]
+    assert scaled["blockers"] == 2000
+    assert scaled["reply_bytes"] > 2000 * 100  # every blocker was in the answer
+    assert scaled["after_change"]["samples"] == 2 and scaled["unchanged"]["samples"] == 1
+    assert scaled["observers"]["requests"] > 0 and scaled["adder"]["requests"] > 0
+    assert scaled["dropped"] == len(scaled["drops"])

@@ -6,6 +6,7 @@ log holds no traceback, and it stops cleanly.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
@@ -105,7 +106,12 @@ async def test_clients_beyond_max_clients_are_refused_and_slots_come_back(
         extra.close()
         for c in held:
             await c.close()
-    for _ in range(3):  # the slots are free again
+    # The slots are free again once the daemon has seen the three go.
+    for _ in range(500):
+        if d.log().count(" disconnected") >= 3:
+            break
+        await asyncio.sleep(0.02)
+    for _ in range(3):
         await probe(d)
     assert d.stop() == 0
     assert_clean_log(d)
@@ -151,3 +157,37 @@ async def test_client_strings_cannot_forge_log_lines(start_daemon: Callable[...,
 def test_encode_helper_is_compact() -> None:
     # Guard for the tests above: qmpclient.encode sends no newline, like qemu.qmp.
     assert b"\n" not in encode({"a": "\n"})
+
+
+async def test_a_client_polling_a_big_listing_is_not_dropped_for_its_own_answers(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    """max-output bounds the *events* a client leaves unread, not its own replies.
+
+    A listing several times max-output, polled back to back while another client's
+    adds and deletes send events to everyone: the poller reads steadily and stays.
+    """
+    d = start_daemon("--max-output", "200000", "--ephemeral", "--log-level", "info")
+    reason = "x" * 1000
+    async with d.client() as adder:
+        for i in range(1000):  # ~1.1 MB of listing: five times max-output
+            adder.send_raw(encode({"execute": "add-blocker",
+                                   "arguments": {"reason": reason, "id": f"big{i}"}}))
+        await adder.read_replies(1000)
+
+        async def churn() -> None:
+            for i in range(300):
+                await adder.ok("add-blocker", {"reason": "churn", "id": f"churn{i}"})
+                await adder.ok("del-blocker", {"id": f"churn{i}"})
+
+        async with d.client() as poller:
+            task = asyncio.get_running_loop().create_task(churn())
+            polls = 0
+            while not task.done():
+                listing = await poller.ok("query-blockers")
+                assert len([b for b in listing if b["id"].startswith("big")]) == 1000
+                polls += 1
+            await task
+            assert polls >= 2
+            assert await poller.ok("query-version")
+    assert "dropped" not in d.log()

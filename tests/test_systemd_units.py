@@ -158,9 +158,14 @@ def test_the_documented_exposure_is_the_measured_one(fake_root: Path) -> None:
 
 
 def test_templates_run_the_same_service() -> None:
+    """The same [Service] but for the state directory: each instance has its own
+    (a daemon locks its directory), under the plain unit's."""
     plain = parse_unit(UNITS / "migblockd.service")
     template = parse_unit(UNITS / "migblockd@.service")
-    assert dict(plain["Service"]) == dict(template["Service"])
+    plain_service, template_service = dict(plain["Service"]), dict(template["Service"])
+    assert plain_service.pop("StateDirectory") == "migblockd"
+    assert template_service.pop("StateDirectory") == "migblockd/%i"
+    assert plain_service == template_service
     assert values(template, "Unit", "Requires") == ["migblockd@%i.socket"]
     assert values(plain, "Unit", "Requires") == ["migblockd.socket"]
     assert values(template, "Install", "Also") == ["migblockd@%i.socket"]
@@ -187,6 +192,12 @@ def test_the_service_is_what_the_issue_asks_for() -> None:
     assert service["CapabilityBoundingSet"] == ""
     assert "@system-service" in service["SystemCallFilter"].split("\n")
     assert service["MemoryDenyWriteExecute"] == "yes"
+    # Durable state: systemd makes the directory (private to the daemon's user) and
+    # passes it as $STATE_DIRECTORY, the daemon's default --state-dir; no
+    # --state-dir on the command line overrides it.
+    assert service["StateDirectory"] == "migblockd"
+    assert service["StateDirectoryMode"] == "0700"
+    assert "--state-dir" not in service["ExecStart"] and "--ephemeral" not in service["ExecStart"]
 
 
 def test_users_groups_and_directories_agree() -> None:

@@ -57,7 +57,7 @@ from migblockd.qmp.errors import NO_ID, CommandNotFound, QMPError
 from migblockd.qmp.framing import NEED_DATA, Limits, StreamDecoder
 from migblockd.qmp.wording import ParseError
 
-__all__ = ["KEEP", "QMP_CAPABILITIES", "VANISH", "Command", "Request", "Session"]
+__all__ = ["EVENT", "KEEP", "QMP_CAPABILITIES", "VANISH", "Command", "Request", "Session"]
 
 Args = dict[str, Any]
 
@@ -89,10 +89,11 @@ class Request:
     oob: bool
 
 
-#: What held output becomes if its commit fails: sent as it is, or dropped (the
-#: event of a change that never happened).  A reply that must become an error
-#: carries its request instead.
+#: What held output becomes if its commit fails: sent as it is (a reply, or an
+#: event), or dropped (the event of a change that never happened).  A reply
+#: that must become an error carries its request instead.
 KEEP: Final = "keep"
+EVENT: Final = "event"
 VANISH: Final = "vanish"
 
 # Envelope members; exec-oob joins them once OOB is enabled.
@@ -118,7 +119,7 @@ class Session:
     """
 
     __slots__ = ("_decoder", "_held", "_negotiation", "_offered", "_output", "_queue",
-                 "commands", "negotiated", "oob_enabled")
+                 "commands", "event_bytes", "negotiated", "oob_enabled", "output_bytes")
 
     def __init__(self, commands: Mapping[str, Command], greeting: dict[str, Any],
                  limits: Limits) -> None:
@@ -131,6 +132,11 @@ class Session:
         #: In-band requests parsed ahead of their turn while looking for OOB ones.
         self._queue: deque[object] = deque()
         self._output: list[bytes] = [encode_line(greeting)]
+        #: Bytes in the output ready to send, and how many of them are events:
+        #: what a client that does not read lets pile up (its replies are
+        #: bounded by backpressure; see the server's max-output rule).
+        self.output_bytes = len(self._output[0])
+        self.event_bytes = 0
         #: Output waiting for a commit: (stamp, data, what it becomes on failure).
         self._held: deque[tuple[int, bytes, object]] = deque()
 
@@ -203,9 +209,11 @@ class Session:
         if self.negotiated:
             held = self._held
             if stamp or held:
-                held.append((stamp or held[-1][0], line, VANISH if durable else KEEP))
+                held.append((stamp or held[-1][0], line, VANISH if durable else EVENT))
             else:
                 self._output.append(line)
+                self.output_bytes += len(line)
+                self.event_bytes += len(line)
 
     def _put(self, data: bytes, stamp: int, on_failure: object) -> None:
         held = self._held
@@ -213,27 +221,31 @@ class Session:
             held.append((stamp or held[-1][0], data, on_failure))
         else:
             self._output.append(data)
+            self.output_bytes += len(data)
+
+    def _emit(self, data: bytes, on_failure: object) -> None:
+        self._output.append(data)
+        self.output_bytes += len(data)
+        if on_failure is EVENT or on_failure is VANISH:
+            self.event_bytes += len(data)
 
     def release(self, committed: int) -> bool:
         """Let held output through up to stamp ``committed``; True if any moved."""
         held = self._held
-        if held and held[-1][0] <= committed:  # the usual case: all of it
-            self._output.extend([data for _, data, _ in held])
-            held.clear()
-            return True
         moved = False
         while held and held[0][0] <= committed:
-            self._output.append(held.popleft()[1])
+            _, data, on_failure = held.popleft()
+            self._emit(data, on_failure)
             moved = True
         return moved
 
     def fail_held(self, error: QMPError) -> None:
         """The commit failed: release held output as the client must now hear it."""
         for _, data, on_failure in self._held:
-            if on_failure is KEEP:
-                self._output.append(data)
+            if on_failure is KEEP or on_failure is EVENT:
+                self._emit(data, on_failure)
             elif isinstance(on_failure, Request):
-                self._output.append(encode_error(error, on_failure.id))
+                self._emit(encode_error(error, on_failure.id), KEEP)
         self._held.clear()
 
     @property
@@ -243,18 +255,24 @@ class Session:
     def refuse(self, error: QMPError) -> None:
         """Turn the connection away: ``error`` (no ``id``) replaces the greeting."""
         self._output[:] = [encode_error(error, NO_ID)]
+        self.output_bytes = len(self._output[0])
 
     def has_output(self) -> bool:
         return bool(self._output)
 
     def data_to_send(self) -> bytes:
         """Everything queued since the last call (greeting, replies, events), in order."""
+        return self.take_output()[0]
+
+    def take_output(self) -> tuple[bytes, int]:
+        """What :meth:`data_to_send` returns, and how many of those bytes are events."""
         output = self._output
         if not output:
-            return b""
+            return b"", 0
         data = output[0] if len(output) == 1 else b"".join(output)
         output.clear()
-        return data
+        events, self.event_bytes, self.output_bytes = self.event_bytes, 0, 0
+        return data, events
 
     # -- checks --------------------------------------------------------------
     def _check(self, item: object) -> Request | None:

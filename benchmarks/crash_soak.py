@@ -1,0 +1,360 @@
+"""Crash soak: kill the real daemon at random moments while clients change blockers.
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.crash_soak --minutes 10    # a long soak
+    .venv/bin/python -m benchmarks.crash_soak --kills 50      # what the test suite runs
+
+Each round, ``--clients`` connections add blockers (generated ids and their
+own, daemon- and connection-scoped, some internal, various modes), delete
+their own, run ``query-blockers`` and (the first client) change the mode, with
+up to four requests in flight each.  After a random delay the daemon gets
+SIGKILL (or, one time in five, SIGABRT, which is what systemd's watchdog
+sends); sometimes the restarted daemon is killed again while it starts.  The
+daemon is then started on the same state directory and must say it is ready;
+its blockers and mode are checked against what the clients were told
+(:mod:`benchmarks.crashmodel`).  The report gives the kills, kills/s, what
+happened to the changes in flight, and every violation; the exit status is 1
+if there was any.  Daemon logs of a round with a violation are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.crashmodel import Add, Ledger
+
+MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
+READY = b" ready on "
+#: How long a daemon may take to say it is ready (a loaded 2-core machine).
+START_TIMEOUT = 30.0
+IO_TIMEOUT = 10.0
+#: The longest a round's clients run before the kill.
+MAX_DELAY = 0.25
+
+
+class Daemon:
+    """One ``python -m migblockd`` on the soak's socket and state directory."""
+
+    def __init__(self, socket: Path, state_dir: Path, log_path: Path,
+                 args: Sequence[str]) -> None:
+        argv = [sys.executable, "-m", "migblockd", "--socket", str(socket), "--state-dir",
+                str(state_dir), "--log-level", "info", *args]
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+    async def ready(self) -> str | None:
+        """None once the daemon logs that it is ready; else why it did not."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            exited = self.proc.poll()
+            if READY in self.log_path.read_bytes():
+                return None
+            if exited is not None:
+                return f"the daemon exited with {exited} instead of starting"
+            if time.monotonic() > deadline:
+                return f"the daemon was not ready within {START_TIMEOUT} s"
+            await asyncio.sleep(0.01)
+
+    def kill(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait()
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+@dataclass
+class Report:
+    seed: int = 0
+    kills: int = 0
+    by_signal: dict[str, int] = field(default_factory=dict)
+    kills_while_starting: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+    highest_generated_id: int = -1
+    violations: list[str] = field(default_factory=list)
+    logs: str | None = None  # where the logs of the rounds with violations are
+
+    @property
+    def kills_per_second(self) -> float:
+        return self.kills / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "kills_per_second": round(self.kills_per_second, 2)}
+
+
+class Client:
+    """One connection's turn in a round: random changes, each recorded in the ledger."""
+
+    def __init__(self, number: int, ledger: Ledger, rng: random.Random, round_no: int) -> None:
+        self.number = number
+        self.ledger = ledger
+        self.rng = rng
+        self.round = round_no
+        self.sent = 0
+        self.inflight: dict[int, tuple[str, Add | None]] = {}
+
+    def next_request(self) -> dict[str, Any]:
+        rng, ledger = self.rng, self.ledger
+        self.sent += 1
+        n = self.sent
+        if self.number == 0 and rng.random() < 0.08:
+            mode = rng.choice(MODES)
+            ledger.sent_mode(mode)
+            self.inflight[n] = ("mode", None)
+            return {"execute": "migrate-set-parameters", "arguments": {"mode": mode}, "id": n}
+        deletable = ledger.deletable(self.number)
+        r = rng.random()
+        if deletable and r < (0.7 if len(deletable) > 12 else 0.35):
+            add = rng.choice(deletable)
+            ledger.sent_delete(add)
+            self.inflight[n] = ("delete", add)
+            return {"execute": "del-blocker", "arguments": {"id": add.id}, "id": n}
+        if r > 0.95:
+            self.inflight[n] = ("query", None)
+            return {"execute": "query-blockers", "id": n}
+        tag = f"crash {self.round}.{self.number}.{n} ✓"
+        args: dict[str, Any] = {"reason": tag}
+        if rng.random() < 0.5:
+            args["id"] = f"c{self.round}-{self.number}-{n}"
+        if rng.random() < 0.1:
+            args["scope"] = "connection"
+        if rng.random() < 0.6:
+            args["modes"] = rng.sample(MODES, rng.randint(1, len(MODES)))
+        if rng.random() < 0.2:
+            args["internal"] = True
+        add = ledger.sent_add(tag, self.number, args.get("id"), args.get("modes"),
+                              args.get("internal", False), args.get("scope", "daemon"))
+        self.inflight[n] = ("add", add)
+        return {"execute": "add-blocker", "arguments": args, "id": n}
+
+    def answered(self, reply: dict[str, Any]) -> None:
+        kind, add = self.inflight.pop(reply["id"])
+        if kind == "add":
+            assert add is not None
+            self.ledger.acked_add(add.tag, reply)
+        elif kind == "delete":
+            assert add is not None
+            self.ledger.acked_delete(add, reply)
+        elif kind == "mode":
+            self.ledger.acked_mode(reply)
+        elif "return" not in reply:
+            self.ledger.violations.append(f"query-blockers failed: {reply}")
+
+    async def run(self, socket: Path) -> None:
+        """Until the daemon dies: whatever is in flight then stays unanswered."""
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(socket), limit=1 << 24)
+        except OSError:
+            return
+        try:
+            await reader.readline()  # the greeting
+            writer.write(b'{"execute": "qmp_capabilities"}\n')
+            if not (await reader.readline()).endswith(b"\n"):
+                return
+            window = self.rng.randint(1, 4)
+            while True:
+                while len(self.inflight) < window:
+                    writer.write(json.dumps(self.next_request()).encode() + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+                if not line.endswith(b"\n"):
+                    return  # the daemon is gone; a partial line acknowledges nothing
+                message = json.loads(line)
+                if "event" in message:
+                    continue
+                if message.get("id") not in self.inflight:
+                    self.ledger.violations.append(f"a reply to no request: {message}")
+                    return
+                self.answered(message)
+        except (ConnectionError, OSError):
+            return
+        finally:
+            writer.close()
+
+
+async def observe(socket: Path) -> tuple[list[dict[str, Any]], str]:
+    """The blockers and the mode of a freshly started daemon."""
+    reader, writer = await asyncio.open_unix_connection(str(socket), limit=1 << 24)
+    try:
+        await reader.readline()
+        replies = []
+        for request in (b'{"execute": "qmp_capabilities"}', b'{"execute": "query-blockers"}',
+                        b'{"execute": "query-migrate-parameters"}'):
+            writer.write(request + b"\n")
+            replies.append(json.loads(await reader.readline())["return"])
+        return replies[1], replies[2]["mode"]
+    finally:
+        writer.close()
+
+
+class Soak:
+    def __init__(self, workdir: Path, *, clients: int, seed: int,
+                 daemon_args: Sequence[str], delay: tuple[float, float]) -> None:
+        self.workdir = workdir
+        self.socket = workdir / "migblockd.sock"
+        self.state_dir = workdir / "state"
+        self.clients = clients
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.daemon_args = list(daemon_args)
+        self.delay = delay
+        self.ledger = Ledger(MODES)
+        self.report = Report()
+        self.spawned = 0
+        self.round_logs: list[Path] = []
+        self.daemon: Daemon | None = None
+
+    def spawn(self) -> Daemon:
+        self.spawned += 1
+        log_path = self.workdir / f"daemon-{self.spawned}.log"
+        self.round_logs.append(log_path)
+        self.daemon = Daemon(self.socket, self.state_dir, log_path, self.daemon_args)
+        return self.daemon
+
+    def kill(self, daemon: Daemon, sig: int) -> None:
+        daemon.kill(sig)
+        self.report.kills += 1
+        name = signal.Signals(sig).name
+        self.report.by_signal[name] = self.report.by_signal.get(name, 0) + 1
+
+    async def start(self) -> bool:
+        """A daemon on the state directory; now and then killed while it starts
+        (during the restore, or creating the database), and started again."""
+        daemon = self.spawn()
+        if self.rng.random() < 0.15:
+            await asyncio.sleep(self.rng.uniform(0.0, 0.6))
+            self.kill(daemon, signal.SIGKILL)
+            self.report.kills_while_starting += 1
+            daemon = self.spawn()
+        why = await daemon.ready()
+        if why is not None:
+            self.ledger.violations.append(
+                f"round {self.report.rounds}: {why}; its log:\n{daemon.log_tail()}")
+            return False
+        return True
+
+    async def round(self) -> bool:
+        """Clients, a kill, a restart and the check; False if the soak must stop."""
+        daemon = self.daemon
+        assert daemon is not None
+        number = self.report.rounds
+        clients = [Client(k, self.ledger, self.rng, number) for k in range(self.clients)]
+        tasks = [asyncio.create_task(c.run(self.socket)) for c in clients]
+        await asyncio.sleep(self.rng.uniform(*self.delay))
+        self.kill(daemon, signal.SIGABRT if self.rng.random() < 0.2 else signal.SIGKILL)
+        await asyncio.wait_for(asyncio.gather(*tasks), IO_TIMEOUT)
+        self.report.rounds += 1
+        if not await self.start():
+            return False
+        listing, mode = await asyncio.wait_for(observe(self.socket), IO_TIMEOUT)
+        assert self.daemon is not None
+        current = self.daemon.log_path
+        if not self.ledger.check(listing, mode, f"round {number}"):
+            for log in self.round_logs:  # keep only the logs of rounds with violations
+                if log != current:
+                    log.unlink()
+        self.round_logs = [current]
+        return True
+
+    async def run(self, kills: int | None, seconds: float | None) -> Report:
+        begin = time.monotonic()
+        # A SIGABRT would dump core, and the soak kills thousands of daemons:
+        # they inherit a zero core size from here.
+        cores = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, cores[1]))
+        try:
+            ok = await self.start()
+            while ok and not (kills is not None and self.report.kills >= kills) and not (
+                    seconds is not None and time.monotonic() - begin >= seconds):
+                ok = await self.round()
+        finally:
+            if self.daemon is not None:
+                self.daemon.kill(signal.SIGKILL)
+            resource.setrlimit(resource.RLIMIT_CORE, cores)
+        report = self.report
+        report.seed = self.seed
+        report.seconds = time.monotonic() - begin
+        report.counts = dict(sorted(self.ledger.counts.items()))
+        report.violations = self.ledger.violations
+        numbers = [int(id.removeprefix("#blocker")) for id in self.ledger.generated]
+        report.highest_generated_id = max(numbers, default=-1)
+        return report
+
+
+async def soak(workdir: Path, *, kills: int | None = None, seconds: float | None = None,
+               clients: int = 4, seed: int | None = None, daemon_args: Sequence[str] = (),
+               delay: tuple[float, float] = (0.0, MAX_DELAY)) -> Report:
+    """Run the soak in ``workdir`` (a short path: the socket lives there) until
+    ``kills`` kills or ``seconds`` seconds, whichever comes first.  Each round's
+    clients run for a random time within ``delay`` (seconds) before the kill."""
+    if seed is None:
+        seed = random.randrange(1 << 32)
+    runner = Soak(workdir, clients=clients, seed=seed, daemon_args=daemon_args, delay=delay)
+    report = await runner.run(kills, seconds)
+    if report.violations:
+        report.logs = str(workdir)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.crash_soak",
+                                     description=__doc__.split("\n\n")[0])
+    until = parser.add_mutually_exclusive_group()
+    until.add_argument("--minutes", type=float, help="run this long (default: 1)")
+    until.add_argument("--kills", type=int, help="stop after this many kills")
+    parser.add_argument("--clients", type=int, default=4, help="client connections (4)")
+    parser.add_argument("--seed", type=int, help="random seed (default: a random one)")
+    parser.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                        help="an extra daemon argument (repeatable)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also save the report here")
+    args = parser.parse_args(argv)
+    seconds = None if args.kills is not None else 60 * (args.minutes or 1.0)
+    seed = args.seed if args.seed is not None else random.randrange(1 << 32)
+    workdir = Path(tempfile.mkdtemp(prefix="crash-soak-", dir="/tmp"))
+    print(f"crash soak: seed {seed}, {args.clients} clients, Python "
+          f"{sys.version.split()[0]}, {os.cpu_count()} cores, in {workdir}", flush=True)
+    report = asyncio.run(soak(workdir, kills=args.kills, seconds=seconds, clients=args.clients,
+                              seed=seed, daemon_args=args.daemon_arg))
+    print(f"{report.kills} kills ({', '.join(f'{n} {s}' for s, n in report.by_signal.items())}; "
+          f"{report.kills_while_starting} while starting) in {report.rounds} rounds, "
+          f"{report.seconds:.1f} s: {report.kills_per_second:.2f} kills/s")
+    print("changes, as each restart found them (a blocker counts at every restart):")
+    for what, n in report.counts.items():
+        print(f"  {what:28} {n:>9}")
+    print(f"  {'highest generated id':28} {report.highest_generated_id:>9}")
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    if report.violations:
+        print(f"{len(report.violations)} VIOLATION(S); logs in {workdir}:")
+        for violation in report.violations:
+            print(f"  {violation}")
+        return 1
+    print("no violations")
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

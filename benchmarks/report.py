@@ -1,0 +1,229 @@
+"""What ``benchmarks.bench_daemon`` measured, summarised: medians over rounds, ratios, targets.
+
+Every figure shown is a median over the rounds: a server's rate and latency
+percentiles are the medians of its runs, and a ratio is the median of the
+ratios of the two runs of each round (a few seconds apart, so both saw about
+the same machine).  With an even number of rounds the lower median is taken.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Every server of the benchmark, in the order they are shown (and run, in even rounds).
+SERVERS = ("floor", "ceiling", "ceiling-uvloop", "daemon", "ephemeral")
+#: The ratios a scenario may report: (numerator, denominator).
+RATIOS = (("daemon", "floor"), ("daemon", "ceiling"), ("daemon", "ceiling-uvloop"),
+          ("daemon", "ephemeral"))
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    label: str
+    loadgen: str   # the loadgen --scenario
+    clients: int
+    unit: str      # "req/s" or "conn/s"
+    servers: tuple[str, ...]
+    #: (numerator, denominator, least ratio) that --check requires
+    ratio_targets: tuple[tuple[str, str, float], ...] = ()
+    #: (server, largest p99 in microseconds) that --check requires
+    p99_targets: tuple[tuple[str, float], ...] = ()
+
+    def ratios(self) -> list[tuple[str, str]]:
+        return [(a, b) for a, b in RATIOS if a in self.servers and b in self.servers]
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def round_ratio(self, num: str, den: str, index: int) -> float:
+        below = float(self.runs[den][index]["rate"])
+        return float(self.runs[num][index]["rate"]) / below if below > 0 else 0.0
+
+    def ratio(self, num: str, den: str) -> float:
+        rounds = len(self.runs[den])
+        return low_median([self.round_ratio(num, den, i) for i in range(rounds)])
+
+    def cpu_ratio(self, num: str, den: str) -> float:
+        """The median over rounds of den's server CPU time per request / num's: what
+        the ratio would be if the server's CPU alone were the bottleneck."""
+        values = []
+        for a, b in zip(self.runs[num], self.runs[den], strict=True):
+            mine = float(a.get("server_us", 0.0))
+            values.append(float(b.get("server_us", 0.0)) / mine if mine > 0 else 0.0)
+        return low_median(values)
+
+    def median(self, server: str, key: str) -> float:
+        return low_median([float(run[key]) for run in self.runs[server]])
+
+    def summary(self, server: str) -> dict[str, float]:
+        """The server's medians over rounds (``max_us``: the largest; counts: the sums)."""
+        runs = self.runs[server]
+        out = {key: self.median(server, key)
+               for key in ("rate", "p50_us", "p99_us", "server_cpu", "server_us", "client_cpu")}
+        out["max_us"] = max(float(r["max_us"]) for r in runs)
+        for key in ("requests", "events", "errors"):
+            out[key] = float(sum(int(r[key]) for r in runs))
+        return out
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target: what, the value measured, the goal, and whether it is met."""
+
+    what: str
+    value: str
+    goal: str
+    met: bool
+
+    def line(self, width: int) -> str:
+        return (f"  {self.what:<{width}}  {self.value:>9}  {self.goal:<9}  "
+                f"{'MET' if self.met else 'NOT MET'}")
+
+
+def low_median(values: Sequence[float]) -> float:
+    return statistics.median_low(values) if values else 0.0
+
+
+def fmt_rate(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def fmt_us(us: float) -> str:
+    return f"{us / 1000:.2f}ms" if us >= 10_000 else f"{us:.0f}us"
+
+
+def fmt_ms(us: float) -> str:
+    return f"{us / 1000:.1f}ms"
+
+
+def columns(outcomes: Sequence[Outcome]) -> list[str]:
+    present = {s for o in outcomes for s in o.scenario.servers}
+    return [s for s in SERVERS if s in present]
+
+
+def grid(head: Sequence[str], rows: Sequence[Sequence[str]], right_from: int) -> list[str]:
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    lines = []
+    for number, row in enumerate((head, *rows)):
+        cells = [c.rjust(w) if i >= right_from else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append(" | ".join(cells).rstrip())
+        if number == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    return lines
+
+
+def ratio_heading(num: str, den: str) -> str:
+    """``daemon / ceiling-uvloop`` as a column heading: ``d/ceiling-uvloop``."""
+    return f"{num[0]}/{den}"
+
+
+def rate_table(outcomes: Sequence[Outcome]) -> list[str]:
+    """Rates of each server, and the ratios (``d/X``: daemon / X)."""
+    servers = columns(outcomes)
+    ratios = [r for r in RATIOS if any(r in o.scenario.ratios() for o in outcomes)]
+    head = ["scenario", "unit", *servers, *(ratio_heading(a, b) for a, b in ratios)]
+    rows = []
+    for o in outcomes:
+        row = [o.scenario.label, o.scenario.unit]
+        row += [fmt_rate(o.median(s, "rate")) if s in o.scenario.servers else "-"
+                for s in servers]
+        row += [f"{o.ratio(a, b):.2f}" if (a, b) in o.scenario.ratios() else "-"
+                for a, b in ratios]
+        rows.append(row)
+    return grid(head, rows, 2)
+
+
+def latency_table(outcomes: Sequence[Outcome]) -> list[str]:
+    servers = columns(outcomes)
+    head = ["latency p50 / p99", *servers]
+    rows = []
+    for o in outcomes:
+        row = [o.scenario.label]
+        row += [f"{fmt_us(o.median(s, 'p50_us'))} / {fmt_us(o.median(s, 'p99_us'))}"
+                if s in o.scenario.servers else "-" for s in servers]
+        rows.append(row)
+    return grid(head, rows, 1)
+
+
+def cpu_table(outcomes: Sequence[Outcome]) -> list[str]:
+    """Who was busy: each server's and the load generator's share of a core, the
+    server's CPU time per request (utilisation / rate), and the CPU ratios."""
+    servers = columns(outcomes)
+    ratios = [r for r in RATIOS if any(r in o.scenario.ratios() for o in outcomes)]
+    head = ["cpu: server% client% us/req", *servers,
+            *(f"cpu {ratio_heading(a, b)}" for a, b in ratios)]
+    rows = []
+    for o in outcomes:
+        row = [o.scenario.label]
+        row += [f"{o.median(s, 'server_cpu'):4.0%} {o.median(s, 'client_cpu'):4.0%} "
+                f"{o.median(s, 'server_us'):4.0f}us" if s in o.scenario.servers else "-"
+                for s in servers]
+        row += [f"{o.cpu_ratio(a, b):.2f}" if (a, b) in o.scenario.ratios() else "-"
+                for a, b in ratios]
+        rows.append(row)
+    return grid(head, rows, 1)
+
+
+def starved(outcomes: Sequence[Outcome], least: float = 0.6) -> list[str]:
+    """The many-client scenarios in which neither the floor nor its load generator kept
+    a core ``least`` busy: with closed-loop clients one of them is the bottleneck and
+    should use most of its core, unless other processes had the cores."""
+    out = []
+    for o in outcomes:
+        if o.scenario.clients > 1 and "floor" in o.scenario.servers:
+            busiest = max(o.median("floor", "server_cpu"), o.median("floor", "client_cpu"))
+            if busiest < least:
+                out.append(f"{o.scenario.label} (floor {busiest:.0%})")
+    return out
+
+
+def checks(outcomes: Sequence[Outcome]) -> list[Check]:
+    out = []
+    for o in outcomes:
+        for num, den, least in o.scenario.ratio_targets:
+            value = o.ratio(num, den)
+            out.append(Check(f"{o.scenario.label}: {num} / {den}", f"{value:.2f}",
+                             f">= {least:.2f}", value >= least))
+        for server, most in o.scenario.p99_targets:
+            value = o.median(server, "p99_us")
+            out.append(Check(f"{o.scenario.label}: {server} p99", fmt_ms(value),
+                             f"< {fmt_ms(most)}", value < most))
+    return out
+
+
+def scenario_json(o: Outcome) -> dict[str, Any]:
+    return {
+        "key": o.scenario.key,
+        "label": o.scenario.label,
+        "unit": o.scenario.unit,
+        "clients": o.scenario.clients,
+        "servers": {s: o.summary(s) for s in o.scenario.servers},
+        "ratios": {f"{a}/{b}": o.ratio(a, b) for a, b in o.scenario.ratios()},
+        "cpu_ratios": {f"{a}/{b}": o.cpu_ratio(a, b) for a, b in o.scenario.ratios()},
+        "rounds": o.runs,
+    }
+
+
+def baseline_lines(outcomes: Sequence[Outcome], baseline: dict[str, Any]) -> list[str]:
+    """Each ratio next to the same ratio of an earlier run's ``--json`` file."""
+    before = {(s["key"], name): float(value) for s in baseline.get("scenarios", [])
+              for name, value in s.get("ratios", {}).items()}
+    lines = []
+    for o in outcomes:
+        for a, b in o.scenario.ratios():
+            old = before.get((o.scenario.key, f"{a}/{b}"))
+            if old is None:
+                continue
+            now = o.ratio(a, b)
+            change = f"{(now / old - 1):+.0%}" if old > 0 else "n/a"
+            lines.append(f"  {o.scenario.label + ': ' + a + '/' + b:<40} {old:5.2f} -> "
+                         f"{now:5.2f}  ({change})")
+    return lines

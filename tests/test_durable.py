@@ -1,0 +1,559 @@
+"""The durable registry end to end: real daemon processes on real SQLite files.
+
+A restart (SIGTERM, SIGKILL) restores exactly what was acknowledged; one daemon
+owns a state directory; bad state stops the daemon at start with one line and
+is left as it was; ``--ephemeral`` forgets.  The random-crash test is in
+test_durable_crash.py, a full disk while running in test_durable_diskfull.py.
+
+Root ignores file permissions, so the permission cases run the daemon through
+``setpriv``, which drops the capabilities that bypass them
+(``CAP_DAC_OVERRIDE``, ``CAP_DAC_READ_SEARCH``): the kernel then checks the
+mode bits as for any owner, as in test_state_store.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, DaemonProcess, assert_clean_log
+from qmpclient import RawClient
+
+MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
+READY = " ready on "
+Start = Callable[..., DaemonProcess]
+
+
+def restored_line(directory: Path, count: int) -> str:
+    return f"restored {count} blockers from {directory}/state.db"
+
+
+async def blockers(client: RawClient) -> list[dict[str, Any]]:
+    listing: list[dict[str, Any]] = await client.ok("query-blockers")
+    return listing
+
+
+async def ids(client: RawClient) -> list[str]:
+    return [b["id"] for b in await blockers(client)]
+
+
+async def add(client: RawClient, reason: str, **args: Any) -> dict[str, Any]:
+    info: dict[str, Any] = await client.ok("add-blocker", {"reason": reason, **args})
+    return info
+
+
+async def state_of(client: RawClient) -> dict[str, Any]:
+    """Everything a restart must bring back, as clients see it: the blockers, the
+    mode, the events capability, and each mode's ``blocked-reasons``.
+
+    Going through the modes changes the mode, so it is set back afterwards.
+    """
+    mode = (await client.ok("query-migrate-parameters"))["mode"]
+    reasons: dict[str, list[str]] = {}
+    for each in MODES:
+        await client.ok("migrate-set-parameters", {"mode": each})
+        reasons[each] = (await client.ok("query-migrate")).get("blocked-reasons", [])
+    await client.ok("migrate-set-parameters", {"mode": mode})
+    return {
+        "blockers": await blockers(client),
+        "mode": mode,
+        "query-migrate": await client.ok("query-migrate"),
+        "capabilities": await client.ok("query-migrate-capabilities"),
+        "blocked-reasons": reasons,
+    }
+
+
+def kill(daemon: DaemonProcess) -> None:
+    daemon.proc.kill()
+    daemon.proc.wait()
+
+
+# ----------------------------------------------------------------- restart restores
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+async def test_restart_restores_exactly(start_daemon: Start, tmp_path: Path, how: str) -> None:
+    directory = tmp_path / "state"
+    first = start_daemon("--state-dir", str(directory))
+    async with first.client() as c, first.client() as held:
+        await add(c, "SEV: Migration is not implemented")  # #blocker0, every mode
+        await add(c, "vfio 0000:01:00.0", id="vfio0", modes=["normal", "cpr-transfer"])
+        await add(c, "dump in progress", internal=True, modes=["cpr-reboot"])  # #blocker1
+        await add(c, "gone soon", id="gone")
+        await add(c, "vhost lacks VHOST_F_LOG_ALL", modes=["normal"])  # #blocker2
+        await c.ok("del-blocker", {"id": "gone"})
+        await c.ok("del-blocker", {"id": "#blocker0"})
+        await add(c, "ünïcödé\nreason \"quoted\"", id="late", modes=["cpr-exec", "normal"])
+        # Not stored: it ends with its connection, which ends with the daemon.
+        await add(held, "held by a connection", scope="connection", id="held")
+        await c.ok("migrate-set-parameters", {"mode": "cpr-transfer"})
+        await c.ok("migrate-set-capabilities",
+                   {"capabilities": [{"capability": "events", "state": True}]})
+        before = await state_of(c)
+        assert [b["id"] for b in before["blockers"]] == [
+            "vfio0", "#blocker1", "#blocker2", "late", "held"]
+        if how == "SIGTERM":
+            assert first.stop() == 0
+        else:
+            kill(first)
+
+    second = start_daemon("--state-dir", str(directory))
+    second.wait_for_log(restored_line(directory, 4))
+    async with second.client() as c:
+        after = await state_of(c)
+    # The connection-scoped blocker is the only difference.
+    expected = dict(before, blockers=before["blockers"][:-1])
+    expected["blocked-reasons"] = {
+        mode: [r for r in reasons if r != "held by a connection"]
+        for mode, reasons in before["blocked-reasons"].items()}
+    expected["query-migrate"] = {
+        "blocked-reasons": expected["blocked-reasons"]["cpr-transfer"]}
+    assert after == expected
+    # Spelled out: order (oldest first), modes, and the settings.
+    assert [b["id"] for b in after["blockers"]] == ["vfio0", "#blocker1", "#blocker2", "late"]
+    assert after["blocked-reasons"] == {
+        "normal": ["vfio 0000:01:00.0", "vhost lacks VHOST_F_LOG_ALL",
+                   "ünïcödé\nreason \"quoted\""],
+        "cpr-reboot": ["dump in progress"],
+        "cpr-transfer": ["vfio 0000:01:00.0"],
+        "cpr-exec": ["ünïcödé\nreason \"quoted\""],
+    }
+    assert after["mode"] == "cpr-transfer"
+    assert after["capabilities"] == [{"capability": "events", "state": True}]
+    assert second.stop() == 0
+    assert_clean_log(second)
+
+
+async def test_settings_alone_are_restored(start_daemon: Start, tmp_path: Path) -> None:
+    """A mode and the events capability set to their defaults and back are kept
+    like any change, also when there are no blockers at all."""
+    directory = tmp_path / "state"
+    first = start_daemon("--state-dir", str(directory))
+    async with first.client() as c:
+        await c.ok("migrate-set-parameters", {"mode": "cpr-exec"})
+        await c.ok("migrate-set-capabilities",
+                   {"capabilities": [{"capability": "events", "state": True}]})
+        await c.ok("migrate-set-capabilities",
+                   {"capabilities": [{"capability": "events", "state": False}]})
+    kill(first)
+    second = start_daemon("--state-dir", str(directory))
+    second.wait_for_log(restored_line(directory, 0))
+    async with second.client() as c:
+        assert (await c.ok("query-migrate-parameters"))["mode"] == "cpr-exec"
+        assert await c.ok("query-migrate-capabilities") == [
+            {"capability": "events", "state": False}]
+        assert await blockers(c) == []
+
+
+async def test_connection_scoped_blockers_are_not_restored(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    directory = tmp_path / "state"
+    first = start_daemon("--state-dir", str(directory))
+    async with first.client() as holder, first.client() as c:
+        await add(holder, "agent dump", scope="connection", id="dump")
+        await add(holder, "agent snapshot", scope="connection")  # #blocker0
+        await add(c, "kept")  # #blocker1
+        assert await ids(c) == ["dump", "#blocker0", "#blocker1"]
+        kill(first)  # the holder's connection dies with the daemon, unreleased
+    second = start_daemon("--state-dir", str(directory))
+    second.wait_for_log(restored_line(directory, 1))
+    async with second.client() as c:
+        assert await ids(c) == ["#blocker1"]
+        # The ids are free again: a connection-scoped id was never stored.
+        await add(c, "again", id="dump")
+        fresh = await add(c, "fresh")
+        assert fresh["id"] not in {"#blocker0", "#blocker1"}
+
+
+async def test_generated_ids_are_never_reused(start_daemon: Start, tmp_path: Path) -> None:
+    """Not after a delete, not after a SIGKILL, not after a SIGKILL with every
+    blocker deleted (so that no stored blocker shows the highest id)."""
+    directory = tmp_path / "state"
+    handed_out: list[str] = []
+
+    async def add_and_delete(daemon: DaemonProcess, count: int) -> None:
+        async with daemon.client() as c:
+            for _ in range(count):
+                handed_out.append((await add(c, "generated"))["id"])
+                await c.ok("del-blocker", {"id": handed_out[-1]})
+            held = await add(c, "generated, connection-scoped", scope="connection")
+            handed_out.append(held["id"])
+
+    daemon = start_daemon("--state-dir", str(directory))
+    await add_and_delete(daemon, 3)
+    assert handed_out == ["#blocker0", "#blocker1", "#blocker2", "#blocker3"]
+    for _ in range(3):
+        kill(daemon)
+        daemon = start_daemon("--state-dir", str(directory))
+        daemon.wait_for_log(restored_line(directory, 0))
+        await add_and_delete(daemon, 2)
+    assert len(set(handed_out)) == len(handed_out) == 13, handed_out
+    assert all(re.fullmatch(r"#blocker\d+", id) for id in handed_out)
+    # SIGTERM too, with one kept.
+    async with daemon.client() as c:
+        kept = (await add(c, "kept"))["id"]
+    assert daemon.stop() == 0
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        assert await ids(c) == [kept]
+        assert (await add(c, "after"))["id"] not in {*handed_out, kept}
+
+
+async def test_restored_blockers_keep_their_owner_and_time(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """``owner`` and ``added`` describe the original add, not the restart."""
+    directory = tmp_path / "state"
+    first = start_daemon("--state-dir", str(directory))
+    async with first.client() as c:
+        original = await add(c, "with an owner", id="owned")
+    assert original["owner"] == {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+    kill(first)
+    second = start_daemon("--state-dir", str(directory))
+    async with second.client() as c:
+        assert await blockers(c) == [original]
+
+
+# ----------------------------------------------------------------- signals
+
+
+async def test_sigterm_loses_nothing_acknowledged(start_daemon: Start, tmp_path: Path) -> None:
+    """SIGTERM while two clients have many adds in flight: each one answered is
+    restored, and nothing that was not sent appears."""
+    directory = tmp_path / "state"
+    daemon = start_daemon("--state-dir", str(directory), "--log-level", "info")
+    sent = {f"c{k}-{n}" for k in range(2) for n in range(300)}
+    acknowledged: set[str] = set()
+
+    async def pipeline(c: RawClient, k: int) -> None:
+        for n in range(300):
+            c.send_raw(b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "c%d-%d"},'
+                       b' "id": "c%d-%d"}' % (k, n, k, n))
+        await c.writer.drain()
+        while True:
+            try:
+                msg = await c.read()
+            except (EOFError, ConnectionError):
+                return
+            if "return" in msg:
+                acknowledged.add(msg["id"])
+
+    async with daemon.clients(2) as (a, b):
+        tasks = [asyncio.create_task(pipeline(a, 0)), asyncio.create_task(pipeline(b, 1))]
+        while not acknowledged:
+            await asyncio.sleep(0.001)
+        daemon.signal(signal.SIGTERM)
+        await asyncio.gather(*tasks)
+    assert daemon.wait_exit() == 0
+    assert_clean_log(daemon)
+    assert acknowledged
+
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        restored = set(await ids(c))
+    assert acknowledged <= restored <= sent
+
+
+async def test_sighup_loses_nothing_acknowledged(start_daemon: Start, tmp_path: Path) -> None:
+    """Reloads in the middle of a stream of adds and deletes; then a SIGKILL:
+    every acknowledged change is on disk."""
+    directory = tmp_path / "state"
+    config = tmp_path / "migblockd.toml"
+    config.write_text("max-clients = 100\n")
+    daemon = start_daemon("--state-dir", str(directory), "--config", str(config))
+    expected: list[str] = []
+    async with daemon.client() as c:
+        for n in range(60):
+            if n in (10, 30):
+                if n == 30:
+                    daemon.wait_for_log("reloaded configuration: max-clients=200")
+                config.write_text(f"max-clients = {n * 10 + 100}\n")
+                daemon.signal(signal.SIGHUP)  # reloads while the adds go on
+            expected.append((await add(c, f"r{n}"))["id"])
+            if n % 3 == 0:
+                await c.ok("del-blocker", {"id": expected.pop(0)})
+        daemon.wait_for_log("reloaded configuration: max-clients=400")
+        assert await ids(c) == expected
+    kill(daemon)
+    again = start_daemon("--state-dir", str(directory))
+    again.wait_for_log(restored_line(directory, len(expected)))
+    async with again.client() as c:
+        assert await ids(c) == expected
+
+
+# ----------------------------------------------------------------- backup, start over
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None,
+                    reason="needs the sqlite3 shell (apt install sqlite3)")
+async def test_backup_while_running_restore_and_start_from_scratch(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """What README.md and docs/state.md say to do, with the real sqlite3 shell."""
+    directory = tmp_path / "state"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        await add(c, "backed up", id="b1")
+        await add(c, "backed up too")
+        await c.ok("migrate-set-parameters", {"mode": "cpr-reboot"})
+        # Recent commits are in the log, not yet in state.db: the backup has them.
+        assert (directory / "state.db-wal").stat().st_size > 0
+        backup = tmp_path / "migblockd-backup.db"
+        subprocess.run(["sqlite3", str(directory / "state.db"), f".backup {backup}"],
+                       check=True, timeout=60)
+        listing = await blockers(c)
+        await add(c, "after the backup", id="later")
+    assert daemon.stop() == 0
+    # Restore: the daemon stopped, the directory moved away, a new one with the backup.
+    directory.rename(tmp_path / "state.before-restore")
+    directory.mkdir(mode=0o700)
+    shutil.copy(backup, directory / "state.db")
+    restored = start_daemon("--state-dir", str(directory))
+    restored.wait_for_log(restored_line(directory, 2))
+    async with restored.client() as c:
+        assert await blockers(c) == listing
+        assert (await c.ok("query-migrate-parameters"))["mode"] == "cpr-reboot"
+    assert restored.stop() == 0
+    # From scratch: stopped, the directory moved away.
+    directory.rename(tmp_path / "state.old")
+    fresh = start_daemon("--state-dir", str(directory))
+    fresh.wait_for_log(restored_line(directory, 0))
+    async with fresh.client() as c:
+        assert await blockers(c) == []
+        assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
+
+
+# ----------------------------------------------------------------- one owner
+
+
+def only_line(daemon: DaemonProcess) -> str:
+    """The one line a daemon that refused to start logged (at the default
+    ``--log-level info``), without its prefix."""
+    log = daemon.log()
+    lines = log.splitlines()
+    assert len(lines) == 1, log
+    assert_clean_log(daemon)
+    prefix = re.match(r"\S+ \S+ migblockd\[\d+\] ERROR: ", lines[0])
+    assert prefix, lines[0]
+    return lines[0][prefix.end():]
+
+
+async def test_second_daemon_on_the_same_directory_is_refused(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    directory = tmp_path / "state"
+    first = start_daemon("--state-dir", str(directory))
+    async with first.client() as c:
+        await add(c, "first's", id="mine")
+    other_socket = tmp_path / "other.sock"
+    second = start_daemon("--state-dir", str(directory), "--log-level", "info",
+                          socket=other_socket, wait=False)
+    assert second.wait_exit() == 1
+    assert only_line(second) == (
+        f"state directory {directory} is locked by another migblockd (pid {first.proc.pid}); "
+        "stop it, or use another --state-dir")
+    assert not other_socket.exists()
+    # The first is undisturbed, and still writes its state.
+    async with first.client() as c:
+        assert await ids(c) == ["mine"]
+        await add(c, "still serving", id="more")
+    # A crash leaves no stale lock: the next daemon takes the directory over.
+    kill(first)
+    third = start_daemon("--state-dir", str(directory), socket=other_socket)
+    async with third.client() as c:
+        assert await ids(c) == ["mine", "more"]
+
+
+# ----------------------------------------------------------------- bad state
+
+
+def digest(directory: Path) -> dict[str, str]:
+    """Every file of the directory (but the lock) by name, with its content's hash."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.iterdir()) if p.name != "lock"}
+
+
+def unprivileged_python(tmp_path: Path) -> str:
+    """An interpreter path that runs this one without the capabilities that let
+    root ignore file permissions (itself when we are not root)."""
+    if os.geteuid() != 0:
+        return sys.executable
+    wrapper = tmp_path / "python-without-dac-override"
+    wrapper.write_text("#!/bin/sh\nexec setpriv --bounding-set=-dac_override,-dac_read_search "
+                       f"{sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+async def stored_state(start_daemon: Start, directory: Path) -> None:
+    """A state directory that a daemon filled and left (cleanly)."""
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        for n in range(200):
+            await add(c, f"blocker number {n} " + "x" * 100, id=f"b{n}")
+    assert daemon.stop() == 0
+
+
+def garbage(db: Path) -> None:
+    db.write_bytes(random.Random(13).randbytes(8192))
+
+
+def damage_a_page(db: Path) -> None:
+    data = bytearray(db.read_bytes())
+    page = 4096
+    assert len(data) > 5 * page
+    data[3 * page: 4 * page] = random.Random(7).randbytes(page)
+    db.write_bytes(bytes(data))
+
+
+def newer_format(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("PRAGMA user_version = 2")
+    finally:
+        conn.close()
+
+
+def another_programs(db: Path) -> None:
+    db.unlink()
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("CREATE TABLE t (x)")
+        conn.execute("INSERT INTO t VALUES (1)")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "garbage": (garbage, "{db} is not a migblockd state database (file is not a database); "
+                         "move it away to start from scratch"),
+    "damaged page": (damage_a_page, "{db} is corrupt ("),
+    "newer format": (newer_format, "{db} was written by a newer migblockd (format 2; this one "
+                                   "reads up to 1); upgrade migblockd"),
+    "another program's": (another_programs, "{db} is not a migblockd state database (it "
+                                            "belongs to another program); move it away to "
+                                            "start from scratch"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+async def test_bad_database_stops_the_daemon_and_is_left_alone(
+    start_daemon: Start, tmp_path: Path, case: str
+) -> None:
+    directory = tmp_path / "state"
+    await stored_state(start_daemon, directory)
+    db = directory / "state.db"
+    spoil, message = BAD_FILES[case]
+    spoil(db)
+    before = digest(directory)
+    daemon = start_daemon("--state-dir", str(directory), "--log-level", "info", wait=False)
+    assert daemon.wait_exit() == 1
+    line = only_line(daemon)
+    expected = message.format(db=db)
+    if case == "damaged page":
+        assert line.startswith(expected), line
+        assert line.endswith("); restore it from a backup, or move it away to start "
+                             "from scratch"), line
+    else:
+        assert line == expected
+    assert digest(directory) == before
+    assert not daemon.socket.exists()
+    # What the message says to do works: moved away, a fresh start.
+    directory.rename(tmp_path / "state.old")
+    fresh = start_daemon("--state-dir", str(directory))
+    fresh.wait_for_log(restored_line(directory, 0))
+
+
+@pytest.mark.parametrize("case", ["unreadable file", "read-only directory"])
+async def test_unwritable_state_stops_the_daemon(
+    start_daemon: Start, tmp_path: Path, case: str
+) -> None:
+    directory = tmp_path / "state"
+    await stored_state(start_daemon, directory)
+    db = directory / "state.db"
+    if case == "unreadable file":
+        db.chmod(0)
+        expected = (f"cannot read and write {db}: Permission denied; fix its permissions, "
+                    "or choose another --state-dir")
+    else:
+        directory.chmod(0o500)  # SQLite cannot create its log next to the database
+        expected = (f"cannot write {db} (attempt to write a readonly database); make it and "
+                    f"{directory} writable by this user, or choose another --state-dir")
+    before = digest(directory)
+    daemon = start_daemon("--state-dir", str(directory), "--log-level", "info", wait=False,
+                          python=unprivileged_python(tmp_path))
+    assert daemon.wait_exit() == 1
+    assert only_line(daemon) == expected
+    assert digest(directory) == before
+    # Fixed as the message says, the same daemon starts with everything there.
+    directory.chmod(0o700)
+    db.chmod(0o600)
+    fixed = start_daemon("--state-dir", str(directory), python=unprivileged_python(tmp_path))
+    fixed.wait_for_log(restored_line(directory, 200))
+
+
+def schema_without_cpr_exec(directory: Path) -> Path:
+    """A copy of the schema whose MigMode lacks ``cpr-exec`` (its main file)."""
+    shutil.copytree(ROOT / "schema", directory)
+    migration = directory / "migration.json"
+    text = migration.read_text()
+    text = text.replace("'cpr-transfer', 'cpr-exec' ]", "'cpr-transfer' ]")
+    text, found = re.subn(r"# @cpr-exec:.*?(?=# Since: )", "", text, count=1, flags=re.S)
+    assert found == 1
+    migration.write_text(text)
+    return directory / "migblockd.json"
+
+
+async def test_blocker_of_a_mode_the_schema_dropped_stops_the_daemon(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Dropping it could let through a migration it was there to stop."""
+    directory = tmp_path / "state"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        await add(c, "exec only", id="x", modes=["cpr-exec", "normal"])
+    assert daemon.stop() == 0
+    before = digest(directory)
+    schema = schema_without_cpr_exec(tmp_path / "schema")
+    refused = start_daemon("--state-dir", str(directory), "--schema", str(schema),
+                           "--log-level", "info", wait=False)
+    assert refused.wait_exit() == 1
+    assert only_line(refused) == (
+        f"{directory}/state.db: stored blocker 'x' blocks modes the schema does not define "
+        "(cpr-exec); use a --schema that defines them, or move the state directory away to "
+        "start from scratch")
+    assert digest(directory) == before
+
+
+# ----------------------------------------------------------------- --ephemeral
+
+
+async def test_ephemeral_forgets_on_restart(start_daemon: Start, tmp_path: Path) -> None:
+    unused = tmp_path / "unused"
+    first = start_daemon("--ephemeral", "--state-dir", str(unused))
+    first.wait_for_log("state: ephemeral: blockers live in memory only, a restart forgets them")
+    async with first.client() as c:
+        await add(c, "in memory", id="mem")
+        await c.ok("migrate-set-parameters", {"mode": "cpr-reboot"})
+    assert first.stop() == 0
+    assert "restored" not in first.log()
+    assert not unused.exists()  # nothing was written anywhere
+    second = start_daemon("--ephemeral", "--state-dir", str(unused))
+    async with second.client() as c:
+        assert await blockers(c) == []
+        assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
+        assert (await add(c, "again"))["id"] == "#blocker0"

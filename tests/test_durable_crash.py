@@ -1,0 +1,191 @@
+"""Random crashes of the real daemon lose nothing that was acknowledged.
+
+The soak (benchmarks/crash_soak.py) kills the daemon (SIGKILL, sometimes
+SIGABRT as systemd's watchdog does, sometimes while it starts) at random
+moments while four clients add and delete blockers, restarts it on the same
+state directory, and checks the restored blockers and mode against what the
+clients were told (benchmarks/crashmodel.py).  The model's own rules are tested
+here too, and a daemon that forgets (``--ephemeral``) must be caught.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import ROOT
+
+from benchmarks.crash_soak import soak
+from benchmarks.crashmodel import Ledger
+
+MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
+KILLS = 50
+
+
+def summary(report: Any) -> str:
+    return (f"seed {report.seed}, {report.kills} kills in {report.seconds:.1f} s, "
+            f"{report.counts}; logs in {report.logs}; violations:\n"
+            + "\n".join(report.violations[:20]))
+
+
+async def test_random_kills_lose_nothing_acknowledged(short_tmp: Path) -> None:
+    report = await soak(short_tmp, kills=KILLS)
+    assert report.violations == [], summary(report)
+    assert report.kills >= KILLS, summary(report)  # the daemon restarted every time
+    assert report.by_signal.get("SIGKILL", 0) > 0
+    # The rounds did work: acknowledged adds and deletes, checked after restarts.
+    for what in ("acknowledged add kept", "acknowledged delete kept", "mode acknowledged"):
+        assert report.counts.get(what, 0) > 0, summary(report)
+    print(f"crash soak: {summary(report)}")
+
+
+async def test_the_soak_catches_a_daemon_that_forgets(short_tmp: Path) -> None:
+    """Without its state directory the daemon loses blockers and reuses ids: the
+    soak must say so."""
+    report = await soak(short_tmp, kills=4, daemon_args=["--ephemeral"], delay=(0.15, 0.25))
+    assert any(v.endswith("is gone") for v in report.violations), summary(report)
+    assert any(v.endswith("handed out again") for v in report.violations), summary(report)
+    assert report.logs == str(short_tmp)
+
+
+def test_the_soak_runs_from_the_command_line(short_tmp: Path) -> None:
+    out = short_tmp / "report.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.crash_soak", "--kills", "3", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no violations" in proc.stdout
+    assert " kills/s" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["kills"] >= 3
+    assert report["violations"] == []
+    assert report["kills_per_second"] > 0
+
+
+# -- the model's rules, on made-up observations -----------------------------------------
+
+
+def info(ledger: Ledger, tag: str, id: str | None = None) -> dict[str, Any]:
+    """``query-blockers``' entry for the add ``tag``, as an honest daemon lists it."""
+    add = ledger.adds[tag]
+    return {"id": id or add.id, "reason": tag, "modes": add.modes, "internal": add.internal,
+            "scope": add.scope}
+
+
+def ack(ledger: Ledger, tag: str, id: str) -> None:
+    ledger.acked_add(tag, {"return": {"id": id}})
+
+
+def two_acknowledged() -> Ledger:
+    ledger = Ledger(MODES)
+    ledger.sent_add("a", 0, None, None, False, "daemon")
+    ledger.sent_add("b", 1, "b", ["cpr-exec", "normal"], True, "daemon")
+    ack(ledger, "a", "#blocker0")
+    ack(ledger, "b", "b")
+    assert ledger.adds["b"].modes == ["normal", "cpr-exec"]  # the schema's order
+    return ledger
+
+
+def test_model_accepts_what_an_honest_daemon_restores() -> None:
+    ledger = two_acknowledged()
+    ledger.sent_add("c", 0, None, None, False, "daemon")  # unanswered
+    ledger.sent_add("d", 1, "d", None, False, "daemon")  # unanswered
+    ledger.sent_delete(ledger.adds["a"])  # unanswered
+    ledger.sent_add("e", 2, None, None, False, "connection")
+    ack(ledger, "e", "#blocker1")
+    ledger.sent_mode("cpr-reboot")
+    listing = [info(ledger, "a"), info(ledger, "b"), info(ledger, "c", "#blocker1024")]
+    assert ledger.check(listing, "cpr-reboot", "r0") == 0, ledger.violations
+    # What the daemon held is the new record: "c" is present with its id, "d" is gone.
+    assert set(ledger.adds) == {"a", "b", "c"}
+    assert ledger.adds["c"].id == "#blocker1024"
+    assert ledger.generated == {"#blocker0", "#blocker1", "#blocker1024"}
+    assert ledger.check(listing, "cpr-reboot", "r1") == 0
+
+
+def test_model_catches_a_lost_add_and_an_undone_delete() -> None:
+    ledger = two_acknowledged()
+    ledger.sent_delete(ledger.adds["b"])
+    ledger.acked_delete(ledger.adds["b"], {"return": {}})
+    assert ledger.check([info(ledger, "b")], "normal", "r0") == 2
+    assert ledger.violations == [
+        "r0: acknowledged add #blocker0 ('a') is gone",
+        "r0: b ('b'): its delete was acknowledged, yet it is back",
+    ]
+
+
+def test_model_catches_strangers_and_connection_scoped_blockers() -> None:
+    ledger = two_acknowledged()
+    ledger.sent_add("held", 0, "held", None, False, "connection")
+    ack(ledger, "held", "held")
+    stranger = {"id": "x", "reason": "nobody sent this", "modes": MODES, "internal": False,
+                "scope": "daemon"}
+    listing = [info(ledger, "a"), info(ledger, "b"), info(ledger, "held"), stranger]
+    assert ledger.check(listing, "normal", "r0") == 2
+    assert ledger.violations[0] == f"r0: a blocker nobody added: {stranger}"
+    assert ledger.violations[1] == "r0: held ('held'): connection-scoped, yet restored"
+
+
+def test_model_catches_changed_fields() -> None:
+    ledger = two_acknowledged()
+    wrong = dict(info(ledger, "b"), modes=MODES, internal=False)
+    assert ledger.check([info(ledger, "a", "#blocker7"), wrong], "normal", "r0") == 2
+    assert ledger.violations[0] == "r0: #blocker7 ('a'): the id should be #blocker0"
+    assert ledger.violations[1].startswith("r0: b ('b'): {'modes': ")
+
+
+def test_model_catches_reused_generated_ids() -> None:
+    ledger = two_acknowledged()
+    ledger.sent_add("again", 0, None, None, False, "daemon")
+    ack(ledger, "again", "#blocker0")
+    ledger.sent_add("unanswered", 0, None, None, False, "daemon")
+    listing = [info(ledger, "a"), info(ledger, "b"), info(ledger, "unanswered", "#blocker0")]
+    ledger.check(listing, "normal", "r0")
+    assert ledger.violations == [
+        "add 'again': generated id #blocker0 handed out again",
+        "r0: acknowledged add #blocker0 ('again') is gone",
+        "r0: #blocker0 ('unanswered'): generated id handed out twice",
+    ]
+
+
+def test_model_catches_a_changed_order() -> None:
+    def checked_then_two_more() -> Ledger:
+        ledger = two_acknowledged()
+        assert ledger.check([info(ledger, "a"), info(ledger, "b")], "normal", "r0") == 0
+        for tag in ("new0", "new1"):
+            ledger.sent_add(tag, 0, tag, None, False, "daemon")
+            ack(ledger, tag, tag)
+        return ledger
+
+    assert checked_then_two_more().check(
+        [info(ledger, tag) for ledger in [checked_then_two_more()]
+         for tag in ("a", "b", "new0", "new1")], "normal", "r1") == 0
+    # Survivors swapped; a new one before a survivor; one client's out of order.
+    cases: list[tuple[list[str], str]] = [
+        (["b", "a", "new0", "new1"], "restored blockers out of order"),
+        (["a", "new0", "b", "new1"], "restored blockers out of order"),
+        (["a", "b", "new1", "new0"], "client 0's blockers out of order"),
+    ]
+    for order, expected in cases:
+        ledger = checked_then_two_more()
+        ledger.check([info(ledger, tag) for tag in order], "normal", "r1")
+        assert len(ledger.violations) == 1, ledger.violations
+        assert expected in ledger.violations[0]
+
+
+def test_model_checks_the_mode() -> None:
+    ledger = two_acknowledged()
+    ledger.sent_mode("cpr-exec")
+    ledger.acked_mode({"return": {}})
+    ledger.sent_mode("cpr-reboot")
+    listing = [info(ledger, "a"), info(ledger, "b")]
+    assert ledger.check(listing, "cpr-exec", "r0") == 0  # the unanswered one did not happen
+    assert ledger.check(listing, "normal", "r1") == 1
+    assert ledger.violations == ["r1: mode normal, not cpr-exec (acknowledged) nor any of [] "
+                                 "(unanswered)"]

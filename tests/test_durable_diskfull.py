@@ -1,0 +1,193 @@
+"""A full disk under the running daemon: the commands fail, nothing else does.
+
+The state directory is on a real 1 MiB tmpfs, mounted in a private mount
+namespace that a holder process (``unshare --mount``) keeps alive, so that the
+host's mounts are untouched and the file system outlives each daemon: every
+daemon joins the namespace with ``nsenter``.  The test fills the tmpfs from
+outside through ``/proc/HOLDER/root``, which resolves paths in the holder's
+mounts, and frees it the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DaemonProcess, assert_clean_log
+
+Start = Callable[..., DaemonProcess]
+
+
+class Namespace:
+    """A mount namespace with a small tmpfs at ``mountpoint``, kept by a holder."""
+
+    def __init__(self, mountpoint: Path, holder: subprocess.Popen[str], enter: list[str]) -> None:
+        self.mountpoint = mountpoint
+        self.holder = holder
+        self.enter = enter
+
+    def outside(self, path: Path) -> Path:
+        """``path`` (under the mountpoint) as this process can reach it."""
+        return Path(f"/proc/{self.holder.pid}/root{path}")
+
+    def python(self, directory: Path) -> str:
+        """An interpreter path that runs this one inside the namespace."""
+        wrapper = directory / "python-in-namespace"
+        wrapper.write_text(f"#!/bin/sh\nexec {' '.join(self.enter)} -- "
+                           f"{sys.executable} \"$@\"\n")
+        wrapper.chmod(0o755)
+        return str(wrapper)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Namespace]:
+    if shutil.which("unshare") is None or shutil.which("nsenter") is None:
+        pytest.skip("needs unshare and nsenter (util-linux) for a private tmpfs")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    root = os.geteuid() == 0
+    unshare = ["unshare", "--mount"] if root else [
+        "unshare", "--user", "--map-root-user", "--mount"]
+    script = (f"mount -t tmpfs -o size=1m,mode=0700 tmpfs {mountpoint} && echo mounted && "
+              "exec sleep 600")
+    holder = subprocess.Popen([*unshare, "sh", "-c", script], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stderr is not None
+    if holder.stdout.readline() != "mounted\n":
+        holder.kill()
+        holder.wait()
+        pytest.skip(f"no mount namespaces here for a small tmpfs: {holder.stderr.read()}")
+    enter = ["nsenter", f"--target={holder.pid}", "--mount"]
+    if not root:
+        enter[2:2] = ["--user", "--preserve-credentials"]
+    try:
+        yield Namespace(mountpoint, holder, enter)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until the file system has no space left."""
+    with path.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(4096))
+        except OSError as e:
+            assert e.strerror == "No space left on device", e
+
+
+async def test_full_disk_fails_the_commands_and_the_daemon_recovers(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
+) -> None:
+    directory = small_tmpfs.mountpoint / "state"
+    db = directory / "state.db"
+    python = small_tmpfs.python(tmp_path)
+    daemon = start_daemon("--state-dir", str(directory), python=python)
+    daemon.wait_for_log(f"restored 0 blockers from {db}")
+    filler = small_tmpfs.outside(small_tmpfs.mountpoint / "filler")
+
+    async with daemon.client() as watcher, daemon.client() as c:
+        before = await c.ok("add-blocker", {"reason": "before", "id": "before"})
+        await watcher.wait_event("BLOCKER_ADDED")
+        c.events.clear()  # its own BLOCKER_ADDED
+        fill(filler)
+
+        # Three changes in flight: an add, a delete and a setting.
+        for n, (command, args) in enumerate([
+            ("add-blocker", {"reason": "while full"}),
+            ("del-blocker", {"id": "before"}),
+            ("migrate-set-parameters", {"mode": "cpr-exec"}),
+        ]):
+            await c.send({"execute": command, "arguments": args, "id": n})
+        desc = f"cannot commit to {db}: database or disk is full; nothing was changed"
+        assert await c.read_replies(3) == [
+            {"error": {"class": "GenericError", "desc": desc}, "id": n} for n in range(3)]
+        daemon.wait_for_log(re.compile(
+            re.escape(f"ERROR: cannot commit to {db}: database or disk is full; ")
+            + r"[123] command\(s\) failed, their changes undone"))
+
+        # Back to what is on disk, for everyone; nobody heard of the failed changes.
+        for client in (watcher, c):
+            assert await client.sync() == []
+            assert client.events == []
+            assert await client.ok("query-blockers") == [before]
+            assert (await client.ok("query-migrate-parameters"))["mode"] == "normal"
+            assert (await client.ok("query-migrate"))["blocked-reasons"] == ["before"]
+
+        # Still full: the next change fails too; reading never does.
+        refused = await c.execute("add-blocker", {"reason": "still full", "id": "x"})
+        assert refused["error"]["desc"] == desc
+        assert await watcher.ok("query-blockers") == [before]
+
+        # Space again: the next change succeeds, with its event, without a restart.
+        filler.unlink()
+        after = await c.ok("add-blocker", {"reason": "after", "id": "after"})
+        event = await watcher.wait_event("BLOCKER_ADDED")
+        assert event["data"] == after
+        assert await watcher.sync() == []
+        assert await watcher.ok("query-blockers") == [before, after]
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+    again = start_daemon("--state-dir", str(directory), python=python)
+    again.wait_for_log(f"restored 2 blockers from {db}")
+    async with again.client() as c:
+        assert await c.ok("query-blockers") == [before, after]
+        assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
+
+
+async def test_crash_on_a_full_disk_restarts_and_serves(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
+) -> None:
+    """Killed while its disk is full (with a failed commit's pages perhaps in the
+    log), the daemon starts again on the full disk: it restores what was
+    committed, serves reads, fails changes, and recovers when space returns."""
+    directory = small_tmpfs.mountpoint / "state"
+    db = directory / "state.db"
+    python = small_tmpfs.python(tmp_path)
+    filler = small_tmpfs.outside(small_tmpfs.mountpoint / "filler")
+    daemon = start_daemon("--state-dir", str(directory), python=python)
+    async with daemon.client() as c:
+        before = await c.ok("add-blocker", {"reason": "before", "id": "before"})
+        fill(filler)
+        refused = await c.execute("add-blocker", {"reason": "x" * 20000, "id": "big"})
+        assert "database or disk is full" in refused["error"]["desc"]
+    daemon.proc.kill()
+    daemon.proc.wait()
+
+    again = start_daemon("--state-dir", str(directory), python=python)
+    again.wait_for_log(f"restored 1 blockers from {db}")
+    async with again.client() as c:
+        assert await c.ok("query-blockers") == [before]
+        refused = await c.execute("del-blocker", {"id": "before"})
+        assert refused == {"error": {"class": "GenericError", "desc": (
+            f"cannot commit to {db}: database or disk is full; nothing was changed")}}
+        assert await c.ok("query-blockers") == [before]
+        filler.unlink()
+        assert await c.ok("del-blocker", {"id": "before"}) == {}
+        assert await c.ok("query-blockers") == []
+    assert again.stop() == 0
+    assert_clean_log(again)
+
+
+async def test_full_disk_at_start_stops_the_daemon(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
+) -> None:
+    """No room for a new database: one line saying so, and nothing left behind."""
+    directory = small_tmpfs.mountpoint / "state"
+    fill(small_tmpfs.outside(small_tmpfs.mountpoint / "filler"))
+    daemon = start_daemon("--state-dir", str(directory), "--log-level", "info",
+                          python=small_tmpfs.python(tmp_path), wait=False)
+    assert daemon.wait_exit() == 1
+    lines = daemon.log().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(f"ERROR: cannot write {directory}/state.db (database or disk is "
+                             "full); free some space on its file system"), lines[0]
+    assert_clean_log(daemon)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -61,24 +60,15 @@ def options(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return dict(vars(ns))
 
 
-def setup_logging(config: Config) -> None:
-    # journald adds its own timestamps and knows the unit; a terminal does not.
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(levelname)s: %(message)s"
-    else:
-        fmt = "%(asctime)s migblockd[%(process)d] %(levelname)s: %(message)s"
-    logging.basicConfig(stream=sys.stderr, format=fmt, level=config.logging_level, force=True)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     cli = options(argv)
     try:
         config = build(cli)
     except ConfigError as exc:
         sys.exit(f"migblockd: {exc}")
-    setup_logging(config)
 
-    from migblockd.daemon import StartupError, run  # noqa: PLC0415 - keeps --help fast
+    from migblockd import logs  # noqa: PLC0415 - keeps --help fast
+    from migblockd.daemon import StartupError, run  # noqa: PLC0415
 
     loop_factory = None
     if config.event_loop == "uvloop":
@@ -88,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit("migblockd: --event-loop uvloop needs the uvloop package "
                      "(pip install 'migblockd[uvloop]')")
         loop_factory = uvloop.new_event_loop
+
+    installed = logs.setup(config.logging_level, config.log_format)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(run(config, cli))
@@ -96,3 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         sys.exit(130)
+    finally:
+        # What is still queued is written now, within a bound: a stuck
+        # stderr does not keep the daemon from exiting.
+        installed.close()

@@ -20,6 +20,7 @@ from migblockd import __version__
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.listing import Listings
+from migblockd.logs import about, shown
 from migblockd.qmp.encoding import Encoded, Parts
 from migblockd.qmp.session import QMP_CAPABILITIES, Command
 from migblockd.qmp.validation import ArgumentValidator
@@ -46,12 +47,6 @@ def reads_state(handler: H) -> H:
 
 #: QEMU's defaults for the parameters the simulation only reports.
 PARAMETER_DEFAULTS: dict[str, object] = {"max-bandwidth": 134217728, "downtime-limit": 300}
-
-
-def shown(text: object, limit: int = 200) -> str:
-    """A client-supplied string as one log field: escaped (no forged lines), truncated."""
-    s = str(text)
-    return ascii(s if len(s) <= limit else s[:limit] + "...")
 
 
 def version_info() -> dict[str, Any]:
@@ -98,15 +93,18 @@ class Handlers:
                 connection=conn,
             )
         except BlockerError as exc:
-            log.info("%s: refused blocker: %s", conn.label, shown(exc))
+            log.info("%s: refused blocker: %s", conn.label, shown(exc),
+                     extra=about(conn, blocker_id=args.get("id")))
             raise
-        log.info("%s: added blocker %s (%s): %s", conn.label, blocker.id,
-                 ",".join(blocker.modes), shown(blocker.reason))
+        log.info("%s: added blocker %s (%s): %s", conn.label, shown(blocker.id, quoted=False),
+                 ",".join(blocker.modes), shown(blocker.reason),
+                 extra=about(conn, blocker_id=blocker.id))
         return Encoded(blocker_text(blocker))
 
     def del_blocker(self, conn: Connection, args: Args) -> object:
         blocker = self.registry.delete(args["id"])
-        log.info("%s: deleted blocker %s", conn.label, blocker.id)
+        log.info("%s: deleted blocker %s", conn.label, shown(blocker.id, quoted=False),
+                 extra=about(conn, blocker_id=blocker.id))
         return {}
 
     @reads_state
@@ -121,9 +119,10 @@ class Handlers:
             self.registry.migrate(args["uri"])
         except BlockerError as exc:
             log.info("%s: migrate to %s refused: %s", conn.label, shown(args["uri"]),
-                     shown(exc))
+                     shown(exc), extra=about(conn))
             raise
-        log.info("%s: migration to %s started", conn.label, shown(args["uri"]))
+        log.info("%s: migration to %s started", conn.label, shown(args["uri"]),
+                 extra=about(conn))
         return {}
 
     def migrate_cancel(self, conn: Connection, args: Args) -> object:

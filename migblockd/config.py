@@ -48,10 +48,11 @@ from migblockd.options import (
 from migblockd.paths import default_socket_path, default_state_dir
 from migblockd.qmp.framing import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
 
-__all__ = ["LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "HostPort", "build",
-           "read_file"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "HostPort",
+           "build", "read_file"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 class CommandNames(Kind[tuple[str, ...]]):
@@ -135,6 +136,11 @@ class Config:
     log_level: str = option(
         "info", parse=OneOf(*LOG_LEVELS), reloadable=True,
         help="log verbosity on stderr; debug shows every message on the wire",
+    )
+    log_format: str = option(
+        "text", parse=OneOf(*LOG_FORMATS),
+        help="log lines on stderr: text (for people and journald) or json (one object "
+        "per line, for log shippers)",
     )
     max_clients: int = option(
         1024, parse=Integer(minimum=1), metavar="N", reloadable=True,

@@ -51,6 +51,7 @@ from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.gate import Call, QemuError, QemuUnavailable
 from migblockd.guard import Guard
+from migblockd.logs import about, shown
 from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.framing import Limits
@@ -139,10 +140,10 @@ class Core:
                 f"migblockd is already serving max-clients={self.max_clients} clients; "
                 "try again later"))
             log.warning("%s: refused: already serving max-clients=%d clients",
-                        conn.label, self.max_clients)
+                        conn.label, self.max_clients, extra=about(conn))
         else:
             self.connections[conn] = None
-            log.info("%s connected", conn.label)
+            log.info("%s connected", conn.label, extra=about(conn))
         self._dirty[conn] = None
         return conn
 
@@ -157,7 +158,8 @@ class Core:
         if conn not in self.connections or conn.closed:
             return
         conn.closed = True
-        log.info("%s disconnected%s", conn.label, f": {reason}" if reason else "")
+        log.info("%s disconnected%s", conn.label, f": {reason}" if reason else "",
+                 extra=about(conn))
         self._finish(conn)
 
     def _finish(self, conn: Connection) -> None:
@@ -170,8 +172,10 @@ class Core:
         self._holding.pop(conn, None)
         released = self.registry.release(conn)
         if released:
+            ids = [b.id for b in released]
             log.info("%s: released %d connection-scoped blocker(s): %s", conn.label,
-                     len(released), ", ".join(b.id for b in released))
+                     len(released), shown(", ".join(ids), quoted=False),
+                     extra=about(conn, blocker_id=ids))
             # Nothing durable (they were never stored), but the listings must know.
             self.handlers.track(self.registry.take_changes())
         self._publish(False)
@@ -420,7 +424,7 @@ class Core:
             if isinstance(exc, QemuUnavailable):
                 return None, QMPError(str(exc))
             # The client gets a generic error; the traceback belongs in the log only.
-            log.exception("%s: internal error in %s", conn.label, name)
+            log.exception("%s: internal error in %s", conn.label, name, extra=about(conn))
             return None, QMPError(f"Internal error while executing command {name}")
 
     def _complete(self, conn: Connection, request: Request, result: object,
@@ -447,7 +451,8 @@ class Core:
             try:
                 session.reply(request, result, stamp, durable)
             except (ValueError, TypeError, RecursionError):
-                log.exception("%s: cannot encode the result of %s", conn.label, name)
+                log.exception("%s: cannot encode the result of %s", conn.label, name,
+                              extra=about(conn))
                 error = QMPError(f"Internal error while executing command {name}")
                 session.fail(request, error, stamp)
         self.stats.command(name, perf_counter_ns() - started, error is None)

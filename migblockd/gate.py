@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from migblockd.commands import Args, Handlers, log, reads_state, shown
+from migblockd.commands import Args, Handlers, log, reads_state
 from migblockd.connection import Connection
 from migblockd.contract import Contract
+from migblockd.logs import about, shown
 from migblockd.qmp.encoding import Parts, encode
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.session import Command
@@ -211,7 +212,8 @@ class GateHandlers(Handlers):
         try:
             self.registry.check_migrate()  # the current mode's newest blocker
         except BlockerError as exc:
-            log.info("%s: migrate to %s refused: %s", conn.label, shown(args["uri"]), shown(exc))
+            log.info("%s: migrate to %s refused: %s", conn.label, shown(args["uri"]), shown(exc),
+                     extra=about(conn))
             raise
         # Awaiting its end from now: QEMU's events may tell it before the reply comes.
         self.qemu.busy = self.qemu.awaiting = True
@@ -222,7 +224,8 @@ class GateHandlers(Handlers):
             raise
         finally:
             self.qemu.busy = False
-        log.info("%s: migration to %s handed to QEMU", conn.label, shown(args["uri"]))
+        log.info("%s: migration to %s handed to QEMU", conn.label, shown(args["uri"]),
+                 extra=about(conn))
         return result
 
     def migrate_cancel(self, conn: Connection, args: Args) -> Step:

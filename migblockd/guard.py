@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from migblockd.access import Policy, Quotas, Resolver, Role, clear_caches, needed_role, user_name
 from migblockd.connection import Connection
+from migblockd.logs import about, shown
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import Registry
 
@@ -162,5 +163,7 @@ class Guard:
 
     @staticmethod
     def _refuse(conn: Connection, name: str, desc: str, kind: type[QMPError]) -> NoReturn:
-        log.warning("%s: refused %s: %s", conn.label, name, desc)
+        # desc names blocker ids, which clients choose: shown() bounds them.
+        log.warning("%s: refused %s: %s", conn.label, name, shown(desc, 400, quoted=False),
+                    extra=about(conn))
         raise kind(desc)

@@ -37,6 +37,7 @@ from migblockd.connection import Connection
 from migblockd.core import Core, Group
 from migblockd.gate import QemuUnavailable
 from migblockd.listen import LISTEN_BACKLOG, StartupError, bind_socket
+from migblockd.logs import WIRE_LIMIT, about, shown
 from migblockd.outbox import HIGH_WATER, Outbox
 from migblockd.registry import Change, Owner
 from migblockd.systemd import Notifier, format_status
@@ -46,8 +47,6 @@ log = logging.getLogger("migblockd")
 #: Requests of one connection run per turn: large enough to batch pipelined
 #: requests into one write, small enough to let other clients take turns.
 BATCH = 32
-#: Debug logs show this much of each piece written (a listing is megabytes).
-TRACE_LIMIT = 1000
 #: How long shutdown waits for clients to take their last replies.
 SHUTDOWN_GRACE = 1.5
 LEFTOVER_CHUNK = 64 * 1024
@@ -100,7 +99,7 @@ class ClientProtocol(asyncio.Protocol):
         if self.conn is None:
             return
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s <- %r", self.conn.label, data)
+            log.debug("%s <- %s", self.conn.label, shown(data, WIRE_LIMIT))
         self.core.receive_data(self.conn, data)
         self.server.runnable(self)
 
@@ -167,7 +166,8 @@ class ClientProtocol(asyncio.Protocol):
                     break
                 budget -= len(data)
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s <- %r (after the connection broke)", conn.label, data)
+                    log.debug("%s <- %s (after the connection broke)", conn.label,
+                              shown(data, WIRE_LIMIT))
                 self.core.receive_data(conn, data)
 
     def pump(self) -> bool:
@@ -201,10 +201,10 @@ class ClientProtocol(asyncio.Protocol):
         if pieces:
             if log.isEnabledFor(logging.DEBUG):
                 for piece in pieces:
-                    log.debug("%s -> %r", conn.label, piece[:TRACE_LIMIT])
+                    log.debug("%s -> %s", conn.label, shown(piece, WIRE_LIMIT))
             if self.outbox.put(pieces, events) > self.server.config.max_output:
                 log.warning("%s: dropped: more than max-output=%d bytes of unread events",
-                            conn.label, self.server.config.max_output)
+                            conn.label, self.server.config.max_output, extra=about(conn))
                 self.core.stats.dropped += 1
                 transport.abort()
                 return

@@ -292,7 +292,7 @@ async def test_only_migratable(start_daemon: Callable[..., DaemonProcess]) -> No
         assert reply == err("Parameter 'id' expects an identifier", 1)
         reply = await c.execute("add-blocker", {"reason": VMDK, "id": "x", "modes": ["bad"]}, id=2)
         assert reply == err("Parameter 'modes[0]' does not accept value 'bad'", 2)
-    assert "disallowing migration blocker (--only-migratable)" in d.log()
+    d.wait_for_log("disallowing migration blocker (--only-migratable)")
 
 
 async def test_only_migratable_is_checked_before_busy(

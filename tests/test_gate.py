@@ -7,6 +7,7 @@ QEMU 7.2 runs with no guest and two monitors: migblockd uses one, the test the o
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -79,6 +80,8 @@ async def test_an_external_blocker_stops_the_migration_before_qemu_sees_it(
         assert await migrate_events(mon) == []  # QEMU never started one
         assert (await mon.ok("query-migrate")).get("status") is None
     # What migblockd sent QEMU (its debug log traces every message): never a migrate.
+    # The log is written a moment later; the reply's trace comes after the command's.
+    d.wait_for_log(re.compile(r' -> b.*"id": ?"m"'))
     sent = [line for line in d.log().splitlines() if f"QEMU {qemu.gate_socket} -> " in line]
     assert any('"execute":"query-migrate"' in line for line in sent)
     assert not [line for line in sent if '"execute":"migrate"' in line]

@@ -125,6 +125,13 @@ async def test_daemon_under_systemd_socket_activate(
     def stderr() -> str:
         return log_path.read_text(errors="replace")
 
+    async def wait_stderr(text: str, start: int = 0) -> None:
+        """The daemon's log writer thread writes a line a moment after the fact."""
+        deadline = time.monotonic() + TIMEOUT
+        while text not in stderr()[start:]:
+            assert time.monotonic() < deadline, f"{text!r} not in {stderr()[start:]!r}"
+            await asyncio.sleep(0.02)
+
     try:
         # -- READY=1 before the first client is served --------------------------
         # The first connection makes systemd-socket-activate exec the daemon.
@@ -153,7 +160,7 @@ async def test_daemon_under_systemd_socket_activate(
         assert ready_at[0] < receiver.timeline.index("greeting"), receiver.timeline
         ready = await receiver.expect(lambda f: f.get("READY") == "1", "READY=1")
         assert "STATUS" in ready
-        assert "passed socket" in stderr()
+        await wait_stderr("passed socket")
 
         # -- STATUS= follows the registry and the clients ---------------------------
         await client.ok("qmp_capabilities")
@@ -184,7 +191,7 @@ async def test_daemon_under_systemd_socket_activate(
         await receiver.expect(lambda f: f.get("READY") == "1", "READY=1 after the reload")
         mark = len(stderr())
         await client.ok("query-blockers")
-        assert " DEBUG: " in stderr()[mark:], stderr()[mark:]
+        await wait_stderr(" DEBUG: ", mark)
         await client.close()
 
         # -- SIGTERM: STOPPING=1, exit 0, the passed socket stays ---------------------

@@ -247,12 +247,19 @@ class Session:
     def release(self, committed: int) -> bool:
         """Let held output through up to stamp ``committed``; True if any moved."""
         held = self._held
-        moved = False
+        if not held or held[0][0] > committed:
+            return False
+        output = self._output
+        size = events = 0
         while held and held[0][0] <= committed:
             _, data, on_failure = held.popleft()
-            self._emit(data, on_failure)
-            moved = True
-        return moved
+            output.append(data)
+            size += len(data)
+            if on_failure is EVENT or on_failure is VANISH:
+                events += len(data)
+        self.output_bytes += size
+        self.event_bytes += events
+        return True
 
     def fail_held(self, error: QMPError) -> None:
         """The commit failed: release held output as the client must now hear it."""

@@ -14,12 +14,14 @@ with exit status 1.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from migblockd.generated import diffs
+from migblockd.generated import write as write_files
 
 from .error import QAPIError
 from .introspect import introspect
@@ -52,47 +54,18 @@ def generate(schema: Schema) -> dict[str, str]:
     return dict(sorted(files.items()))
 
 
-def _existing(output_dir: Path) -> dict[str, str]:
-    if not output_dir.is_dir():
-        return {}
-    return {
-        p.relative_to(output_dir).as_posix(): p.read_text(encoding="utf-8")
-        for p in sorted(output_dir.rglob("*.json"))
-        if p.is_file()
-    }
+#: The files under the output directory the generator owns.
+OWNED = ("**/*.json",)
 
 
 def check(files: dict[str, str], output_dir: Path) -> list[str]:
     """Unified diffs (committed -> fresh) of every file that differs."""
-    existing = _existing(output_dir)
-    diffs: list[str] = []
-    for rel in sorted(set(files) | set(existing)):
-        old, new = existing.get(rel), files.get(rel)
-        if old == new:
-            continue
-        diffs.append(
-            "".join(
-                difflib.unified_diff(
-                    (old or "").splitlines(keepends=True),
-                    (new or "").splitlines(keepends=True),
-                    fromfile=f"a/{rel}" if old is not None else "/dev/null",
-                    tofile=f"b/{rel}" if new is not None else "/dev/null",
-                )
-            )
-        )
-    return diffs
+    return diffs(files, output_dir, OWNED)
 
 
 def write(files: dict[str, str], output_dir: Path) -> None:
     """Write ``files`` under ``output_dir``; delete ``*.json`` no longer generated."""
-    for rel in _existing(output_dir):
-        if rel not in files:
-            (output_dir / rel).unlink()
-    for rel, text in files.items():
-        path = output_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
+    write_files(files, output_dir, OWNED)
 
 
 #: The schema of a source checkout, relative to its top: what a developer edits.

@@ -12,10 +12,11 @@ stdout, when DIR differs from what the programs generate.
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from migblockd import generated
 
 PROG = "python -m migblockd.share"
 #: The files under DIR this generator owns: migblockd's, and no other program's (DIR
@@ -36,38 +37,16 @@ def generate() -> dict[str, str]:
 
 def existing(output_dir: Path) -> dict[str, str]:
     """The files of ``output_dir`` that this generator owns (see :data:`OWNED`)."""
-    found: dict[str, str] = {}
-    for owned in OWNED:
-        for path in sorted(output_dir.glob(owned)):
-            if path.is_file():
-                found[path.relative_to(output_dir).as_posix()] = path.read_text(
-                    encoding="utf-8", errors="replace")
-    return found
+    return generated.existing(output_dir, OWNED)
 
 
 def diffs(files: dict[str, str], output_dir: Path) -> list[str]:
     """Unified diffs (committed -> fresh) of every file that differs."""
-    old_files = existing(output_dir)
-    out = []
-    for rel in sorted(set(files) | set(old_files)):
-        old, new = old_files.get(rel), files.get(rel)
-        if old != new:
-            out.append("".join(difflib.unified_diff(
-                (old or "").splitlines(keepends=True), (new or "").splitlines(keepends=True),
-                fromfile=f"a/{rel}" if old is not None else "/dev/null",
-                tofile=f"b/{rel}" if new is not None else "/dev/null")))
-    return out
+    return generated.diffs(files, output_dir, OWNED)
 
 
 def write(files: dict[str, str], output_dir: Path) -> None:
-    for rel in existing(output_dir):
-        if rel not in files:
-            (output_dir / rel).unlink()
-    for rel, text in files.items():
-        path = output_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
+    generated.write(files, output_dir, OWNED)
 
 
 def default_output_dir() -> Path | None:

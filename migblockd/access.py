@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from migblockd.options import Kind, describe
+from migblockd.kinds import Kind, describe
 
 __all__ = [
     "DEFAULT_MAX_BLOCKERS",

@@ -33,20 +33,10 @@ from migblockd.access import (
     Policy,
     Quotas,
 )
-from migblockd.options import (
-    ConfigError,
-    FilePath,
-    Integer,
-    Kind,
-    OctalMode,
-    OneOf,
-    Seconds,
-    Where,
-    flag,
-    option,
-)
+from migblockd.kinds import FilePath, Integer, Kind, OctalMode, OneOf, Seconds, describe
+from migblockd.options import ConfigError, Where, flag, option
 from migblockd.paths import default_socket_path, default_state_dir
-from migblockd.qmp.framing import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
+from migblockd.qmp.limits import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "HostPort",
            "build", "read_file"]
@@ -65,7 +55,7 @@ class CommandNames(Kind[tuple[str, ...]]):
         if not isinstance(value, list) or not all(
                 isinstance(name, str) and name and name.isprintable() and " " not in name
                 for name in value):
-            raise ValueError(f"must be a list of command names, not {options.describe(value)}")
+            raise ValueError(f"must be a list of command names, not {describe(value)}")
         return tuple(dict.fromkeys(value))
 
     def show(self, value: tuple[str, ...]) -> str:
@@ -97,7 +87,7 @@ class ListenAddress(Kind[Path | HostPort]):
             if host and valid_host and port.isascii() and port.isdigit() and int(port) < 65536:
                 return HostPort(host, int(port))
         raise ValueError("must be host:port (TCP, such as 127.0.0.1:9715) or an absolute "
-                         f"path (a Unix socket), not {options.describe(value)}")
+                         f"path (a Unix socket), not {describe(value)}")
 
     def show(self, value: Path | HostPort) -> str:
         return str(value)

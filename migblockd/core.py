@@ -54,7 +54,7 @@ from migblockd.guard import Guard
 from migblockd.logs import about, shown
 from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.errors import QMPError
-from migblockd.qmp.framing import Limits
+from migblockd.qmp.limits import Limits
 from migblockd.qmp.session import Request, Session
 from migblockd.registry import BlockerError, Change, Owner, Registry
 from migblockd.render import event_line

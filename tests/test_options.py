@@ -14,9 +14,8 @@ import pytest
 from migblockd import options as table_module
 from migblockd.cli import options, parser
 from migblockd.config import RELOADABLE, Config, ConfigError, build, read_file
+from migblockd.kinds import FilePath, OneOf
 from migblockd.options import (
-    FilePath,
-    OneOf,
     Option,
     Where,
     add_arguments,

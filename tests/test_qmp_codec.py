@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from migblockd.config import Config
 from migblockd.qmp.encoding import Encoded, encode, encode_line, encode_return
 from migblockd.qmp.errors import NO_ID
-from migblockd.qmp.framing import NEED_DATA, Limits, StreamDecoder
+from migblockd.qmp.framing import NEED_DATA, StreamDecoder
+from migblockd.qmp.limits import Limits
 from migblockd.qmp.wording import NESTING_EXCEEDED, TOKEN_SIZE_EXCEEDED, ParseError
 
 CMD = b'{"execute": "query-blockers", "id": 1}'

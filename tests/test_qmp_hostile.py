@@ -26,7 +26,8 @@ from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.qmp import framing, wording
 from migblockd.qmp.errors import QMPError
-from migblockd.qmp.framing import Limits, StreamDecoder, count_tokens
+from migblockd.qmp.framing import StreamDecoder
+from migblockd.qmp.limits import Limits, count_tokens
 from migblockd.qmp.validation import ArgumentValidator
 from migblockd.qmp.wording import TOKEN_COUNT_EXCEEDED, ParseError
 from migblockd.registry import FakeClock, Owner, Registry

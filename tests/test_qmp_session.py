@@ -14,7 +14,7 @@ from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.qmp.encoding import encode_event
 from migblockd.qmp.errors import QMPError
-from migblockd.qmp.framing import Limits
+from migblockd.qmp.limits import Limits
 from migblockd.qmp.session import Command
 from migblockd.registry import BlockerError, FakeClock, Registry
 

@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Final
 
+from migblockd.qmp.limits import Limits, count_tokens
 from migblockd.qmp.wording import (
     NESTING_EXCEEDED,
     PARSE_ERROR_PREFIX,
@@ -58,46 +58,7 @@ from migblockd.qmp.wording import (
     stray,
 )
 
-__all__ = ["MAX_NESTING_CEILING", "NEED_DATA", "Limits", "ParseError", "StreamDecoder",
-           "count_tokens"]
-
-# Python's C JSON scanner and encoder recurse once per nesting level and count
-# against the interpreter's recursion limit (1000 by default); keeping the
-# configurable depth well below that is what guarantees no RecursionError.
-MAX_NESTING_CEILING: Final = 256
-# The smallest message is two bytes ("{}" or "[]").
-MIN_MESSAGE_SIZE: Final = 2
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-connection input limits.
-
-    ``max_message_size``: bytes one message may occupy, from its first byte
-    to its last (QEMU's equivalent is 64 MiB of tokens).  ``max_nesting``:
-    open ``{``/``[`` at once, the top-level object counting as one (QEMU: 1024).
-    ``max_tokens``: JSON tokens in one message, counted as QEMU's streamer
-    counts them (QEMU: 2 Mi).  It bounds the work one request can cost: the
-    arguments are validated with jsonschema, which spends tens of
-    microseconds per array element.
-
-    No defaults here: the daemon's come from its option table
-    (``migblockd.config.Config().limits``), the one place they are declared.
-    The checks below guard the decoder's own invariants for any caller.
-    """
-
-    max_message_size: int
-    max_nesting: int
-    max_tokens: int
-
-    def __post_init__(self) -> None:
-        if self.max_message_size < MIN_MESSAGE_SIZE:
-            raise ValueError(f"max_message_size must be at least {MIN_MESSAGE_SIZE} bytes")
-        if not 1 <= self.max_nesting <= MAX_NESTING_CEILING:
-            raise ValueError(f"max_nesting must be between 1 and {MAX_NESTING_CEILING}")
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-
+__all__ = ["NEED_DATA", "ParseError", "StreamDecoder"]
 
 class _NeedData:
     __slots__ = ()
@@ -466,29 +427,6 @@ class StreamDecoder:
         # own resynchronisation point, a \t or \r inside a string is not.
         self._skip_from(p)
         return ParseError(stray(bytes(buf[p : p + 1])))
-
-
-def count_tokens(value: object, limit: int) -> int:
-    """The JSON tokens of ``value`` as QEMU's lexer counts them; stops past ``limit``.
-
-    A scalar is one token; a container adds its two brackets, a comma between
-    elements, and a colon and the key for each object member.
-    """
-    count = 0
-    stack = [value]
-    while stack and count <= limit:
-        item = stack.pop()
-        if type(item) is dict:
-            n = len(item)
-            count += 2 + 3 * n - (1 if n else 0)
-            stack.extend(item.values())
-        elif type(item) is list:
-            n = len(item)
-            count += 2 + n - (1 if n else 0)
-            stack.extend(item)
-        else:
-            count += 1
-    return count
 
 
 def _match_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, endpos: int = -1) -> int:

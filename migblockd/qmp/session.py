@@ -60,7 +60,8 @@ from migblockd.qmp.encoding import (
     encode_return_parts,
 )
 from migblockd.qmp.errors import NO_ID, CommandNotFound, QMPError
-from migblockd.qmp.framing import NEED_DATA, Limits, StreamDecoder
+from migblockd.qmp.framing import NEED_DATA, StreamDecoder
+from migblockd.qmp.limits import Limits
 from migblockd.qmp.wording import ParseError
 
 __all__ = ["EVENT", "KEEP", "QMP_CAPABILITIES", "VANISH", "Command", "Request", "Session"]

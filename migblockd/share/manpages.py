@@ -26,17 +26,8 @@ from argparse_manpage.manpage import Manpage
 
 from migblockd import __version__
 from migblockd.config import Config
-from migblockd.options import (
-    Boolean,
-    FilePath,
-    Integer,
-    OctalMode,
-    OneOf,
-    Option,
-    Seconds,
-    Where,
-    table,
-)
+from migblockd.kinds import Boolean, FilePath, Integer, OctalMode, OneOf, Seconds
+from migblockd.options import Option, Where, table
 from migblockd.share.programs import PROGRAMS, SYSTEM_CONFIG, Program
 
 MANUALS = {1: "User Commands", 5: "File Formats", 8: "System Administration"}

@@ -22,7 +22,8 @@ from typing import Literal, cast
 
 from migblockd import cli
 from migblockd.config import Config
-from migblockd.options import FilePath, Where, table
+from migblockd.kinds import FilePath
+from migblockd.options import Where, table
 from migblockd.qapi import main as qapi_main
 from migblockd.shell import main as shell_main
 

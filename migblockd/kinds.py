@@ -1,0 +1,159 @@
+"""Value kinds for the option table: parse and check one setting, and show it back.
+
+Each kind takes the text of a command-line argument or the native value of a
+TOML key and returns the setting, or raises ValueError saying what it must
+be; ``show()`` gives the text that parses back to the same value (how
+``--help`` and the README print defaults).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+__all__ = ["Boolean", "FilePath", "Integer", "Kind", "OctalMode", "OneOf", "Seconds", "describe"]
+
+T = TypeVar("T")
+
+
+def describe(value: object) -> str:
+    """A refused value as the user wrote it (TOML spelling for TOML's types)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:36] + "...'"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"  # TOML's dates and times
+
+
+class Kind(Generic[T]):
+    """A reusable parse-and-check function, which also knows how to show a value.
+
+    ``show(parse(x))`` is how ``--help`` and the README print a default, and
+    must parse back to the same value.  ``choices`` (when fixed) are offered to
+    argparse for its usage line and for shell completion.
+    """
+
+    choices: tuple[str, ...] = ()
+
+    def __call__(self, value: object) -> T:
+        raise NotImplementedError
+
+    def show(self, value: T) -> str:
+        return str(value)
+
+
+@dataclass(frozen=True)
+class Integer(Kind[int]):
+    """A whole number within ``[minimum, maximum]``; ``unit`` words the bound."""
+
+    minimum: int | None = None
+    maximum: int | None = None
+    unit: str = ""
+
+    def __call__(self, value: object) -> int:
+        number: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = int(value)
+        if number is None:
+            raise ValueError(f"must be an integer, not {describe(value)}")
+        unit = f" {self.unit}" if self.unit else ""
+        low = self.minimum if self.minimum is not None else -math.inf
+        high = self.maximum if self.maximum is not None else math.inf
+        if low <= number <= high:
+            return number
+        if self.maximum is None:
+            raise ValueError(f"must be at least {self.minimum}{unit}")
+        if self.minimum is None:
+            raise ValueError(f"must be at most {self.maximum}{unit}")
+        raise ValueError(f"must be between {self.minimum} and {self.maximum}{unit}")
+
+
+@dataclass(frozen=True)
+class Seconds(Kind[float]):
+    """A finite, non-negative duration in seconds."""
+
+    def __call__(self, value: object) -> float:
+        number: float = math.nan
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if not (math.isfinite(number) and number >= 0):
+            raise ValueError(
+                f"must be a finite, non-negative number of seconds, not {describe(value)}")
+        return number
+
+    def show(self, value: float) -> str:
+        return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class OctalMode(Kind[int]):
+    """File permission bits, written in octal (``"0660"``; TOML may also say ``0o660``)."""
+
+    def __call__(self, value: object) -> int:
+        mode: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            mode = value
+        elif isinstance(value, str) and re.fullmatch(r"[0-7]+", value):
+            mode = int(value, 8)
+        if mode is None or not 0 <= mode <= 0o777:
+            raise ValueError(
+                f'must be an octal mode such as "0660" (at most 0777), not {describe(value)}')
+        return mode
+
+    def show(self, value: int) -> str:
+        return f"{value:04o}"
+
+
+@dataclass(frozen=True, init=False)
+class OneOf(Kind[str]):
+    """One of a fixed set of words."""
+
+    choices: tuple[str, ...]
+
+    def __init__(self, *choices: str) -> None:
+        object.__setattr__(self, "choices", choices)
+
+    def __call__(self, value: object) -> str:
+        if isinstance(value, str) and value in self.choices:
+            return value
+        raise ValueError(f"must be one of {', '.join(self.choices)}, not {describe(value)}")
+
+
+@dataclass(frozen=True)
+class FilePath(Kind[Path]):
+    """A file system path (not empty; no NUL byte, which no system call accepts)."""
+
+    def __call__(self, value: object) -> Path:
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise ValueError(f"must be a path, not {describe(value)}")
+        return Path(value)
+
+
+@dataclass(frozen=True)
+class Boolean(Kind[bool]):
+    """``true`` or ``false`` in the file; on the command line a flag (present: true)."""
+
+    def __call__(self, value: object) -> bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"must be true or false, not {describe(value)}")
+        return value
+
+    def show(self, value: bool) -> str:
+        return "on" if value else "off"

@@ -17,6 +17,7 @@ from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.gate import Call, GateHandlers, QemuError, QemuFacts, QemuUnavailable
 from migblockd.registry import FakeClock, Owner, Registry
+from migblockd.systemd import format_status
 
 CONTRACT = Contract.load()
 PATH = Path("/run/qemu/vm1.qmp")
@@ -148,3 +149,14 @@ def test_while_a_forwarded_migrate_waits_no_blocker_slips_in() -> None:
                     "disallowing migration blocker (migration/snapshot in progress) for: late"}}]
     core.resume(a, {})
     assert feed(core, a) == [{"return": {}}]
+
+
+def test_the_status_line_shows_the_link_to_qemu() -> None:
+    core, facts = make()
+    assert format_status(*core.status()) == (
+        "0 blockers, 0 clients, migration: none, QEMU 7.2.22 connected")
+    facts.connected, facts.status = False, None
+    assert format_status(*core.status()).endswith(", QEMU not connected")
+    plain = Core(CONTRACT, Registry(CONTRACT.enums["MigMode"], clock=FakeClock()),
+                 Config().limits)
+    assert format_status(*plain.status()) == "0 blockers, 0 clients, migration: none"

@@ -47,8 +47,18 @@ HIGH_WATER = 64 * 1024
 #: How long shutdown waits for clients to take their last replies.
 SHUTDOWN_GRACE = 1.5
 LEFTOVER_CHUNK = 64 * 1024
+#: Bytes of one read or write shown in a debug log line: client input is
+#: unbounded (a megabyte id), the log must not be.
+WIRE_LOG_LIMIT = 2000
 
 _PEERCRED = struct.Struct("3i")
+
+
+def wire(data: bytes) -> str:
+    """``data`` for a debug log line: escaped, and truncated past WIRE_LOG_LIMIT."""
+    if len(data) <= WIRE_LOG_LIMIT:
+        return repr(data)
+    return f"{data[:WIRE_LOG_LIMIT]!r}... ({len(data)} bytes)"
 
 
 def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:
@@ -93,7 +103,7 @@ class ClientProtocol(asyncio.Protocol):
         if self.conn is None:
             return
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s <- %r", self.conn.label, data)
+            log.debug("%s <- %s", self.conn.label, wire(data))
         self.core.receive_data(self.conn, data)
         self.server.runnable(self)
 
@@ -155,7 +165,7 @@ class ClientProtocol(asyncio.Protocol):
                     break
                 budget -= len(data)
                 if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s <- %r (after the connection broke)", conn.label, data)
+                    log.debug("%s <- %s (after the connection broke)", conn.label, wire(data))
                 self.core.receive_data(conn, data)
 
     def pump(self) -> bool:
@@ -186,7 +196,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         if data:
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("%s -> %r", conn.label, data)
+                log.debug("%s -> %s", conn.label, wire(data))
             # Only output written earlier counts as unread: the client cannot have
             # read this write yet, however promptly it reads (one reply may be large).
             unread = transport.get_write_buffer_size()

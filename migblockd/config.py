@@ -50,7 +50,9 @@ class Config:
         "`$XDG_RUNTIME_DIR/migblockd/migblockd.sock` (without `XDG_RUNTIME_DIR`: "
         "`${TMPDIR:-/tmp}/migblockd-UID/migblockd.sock`)",
         help="Unix socket to listen on (ignored under socket activation); its directory "
-        "is created with mode 0700 if missing",
+        "is created with mode 0700 if missing, and an existing one must be owned by the "
+        "daemon's user or root and writable by nobody else; PATH.lock beside it keeps "
+        "a second daemon off the path",
     )
     socket_mode: int = option(
         0o600, parse=OctalMode(), metavar="MODE",

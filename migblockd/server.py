@@ -33,7 +33,7 @@ from typing import Any
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.connection import Connection
 from migblockd.core import Core, Group
-from migblockd.listen import LISTEN_BACKLOG, bind_socket
+from migblockd.listen import LISTEN_BACKLOG, SocketLock, bind_socket
 from migblockd.registry import Change, Owner
 from migblockd.systemd import Notifier, format_status
 
@@ -234,6 +234,7 @@ class Server:
         self.protocols: dict[Connection, ClientProtocol] = {}
         self.listener: asyncio.Server | None = None
         self.own_socket: tuple[Path, int] | None = None  # path and inode we created
+        self._socket_lock: SocketLock | None = None
         self._loop = asyncio.get_running_loop()
         self._runnable: dict[ClientProtocol, None] = {}  # an ordered set
         self._scheduled = False
@@ -349,8 +350,9 @@ class Server:
         if sock is not None:
             log.info("socket activation: serving the passed socket %s", sock.getsockname())
         else:
-            sock = bind_socket(self.config.socket, self.config.socket_mode)
-            self.own_socket = (self.config.socket, os.stat(self.config.socket).st_ino)
+            bound = bind_socket(self.config.socket, self.config.socket_mode)
+            sock, self._socket_lock = bound.sock, bound.lock
+            self.own_socket = (self.config.socket, bound.inode)
             log.info("listening on %s (mode %04o)", self.config.socket, self.config.socket_mode)
         extra: dict[str, Any] = {}
         if sys.version_info >= (3, 13):
@@ -409,13 +411,16 @@ class Server:
         self.remove_own_socket()
 
     def remove_own_socket(self) -> None:
+        """Remove the socket we bound, then give up its lock (never the other way round)."""
         if self.own_socket is None:
             return
         path, inode = self.own_socket
         with contextlib.suppress(FileNotFoundError):
             # Only our own: another daemon may have replaced it in the meantime.
-            if os.stat(path).st_ino == inode:
+            if os.lstat(path).st_ino == inode:
                 path.unlink()
+        if self._socket_lock is not None:
+            self._socket_lock.release()
 
     async def reload(self) -> None:
         await self.notifier.reloading()

@@ -114,7 +114,9 @@ class Config:
     config: Path | None = option(
         None, parse=FilePath(), metavar="FILE", where=Where.COMMAND_LINE,
         help='TOML file of settings, keyed by the long options without "--" '
-        '(log-level = "debug"); the command line wins over it',
+        '(log-level = "debug"); the command line wins over it; refused, at start and '
+        "at reload, when others may write it or a user other than root and the "
+        "daemon's owns it",
     )
 
     @functools.cached_property

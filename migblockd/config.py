@@ -76,6 +76,22 @@ class Config:
         help="connections served at once; more get one error line saying so, are closed "
         "and logged",
     )
+    max_clients_per_uid: int = option(
+        128, parse=Integer(minimum=0), metavar="N", reloadable=True,
+        help="connections one local user may hold at once (0: no limit); root and the "
+        "daemon's own user are exempt; more get one error line saying so",
+    )
+    negotiation_timeout: float = option(
+        10.0, parse=Seconds(), metavar="SECONDS", reloadable=True,
+        help="how long a new connection may take to send qmp_capabilities before it is "
+        "closed with an error line saying why (0: forever)",
+    )
+    idle_timeout: float = option(
+        30.0, parse=Seconds(), metavar="SECONDS", reloadable=True,
+        help="how long a client may leave a message unfinished before it is closed with "
+        "an error line saying why (0: forever); a client idle between messages is "
+        "never closed",
+    )
     max_message_size: int = option(
         1 << 20, parse=Integer(minimum=MIN_MESSAGE_SIZE, unit="bytes"), metavar="BYTES",
         reloadable=True,

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from typing import Any
 
 from migblockd import __version__
+from migblockd.admission import Admission
 from migblockd.config import Config
 from migblockd.contract import Contract
 from migblockd.core import Core
@@ -77,7 +79,9 @@ def open_state(config: Config, registry: Registry) -> Store | None:
 
 async def serve(config: Config, cli: dict[str, Any], contract: Contract, registry: Registry,
                 store: Store | None) -> None:
-    core = Core(contract, registry, config.limits, max_clients=config.max_clients,
+    admission = Admission(config.max_clients, config.max_clients_per_uid,
+                          daemon_uid=os.geteuid())
+    core = Core(contract, registry, config.limits, admission=admission,
                 durable=store is not None)
     try:
         sock = activated_listener()

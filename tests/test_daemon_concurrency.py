@@ -241,7 +241,7 @@ async def test_max_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
             "class": "GenericError",
             "desc": "migblockd is already serving max-clients=2 clients; try again later"}}]
         assert rest.endswith(b"\r\n")
-        assert "refused: already serving max-clients=2 clients" in d.log()
+        assert "refused: migblockd is already serving max-clients=2 clients" in d.log()
         # The two served clients are unaffected.
         assert (await a.execute("query-version", id="a"))["id"] == "a"
         assert (await b.execute("query-version", id="b"))["id"] == "b"

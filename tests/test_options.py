@@ -40,8 +40,9 @@ def test_every_setting_is_an_option() -> None:
 
 
 def test_the_reloadable_settings_are_unchanged() -> None:
-    assert {"log_level", "max_clients", "max_message_size", "max_nesting",
-                          "max_tokens", "max_output"} == RELOADABLE
+    assert {"log_level", "max_clients", "max_clients_per_uid", "negotiation_timeout",
+            "idle_timeout", "max_message_size", "max_nesting", "max_tokens",
+            "max_output"} == RELOADABLE
 
 
 @pytest.mark.parametrize("o", OPTIONS, ids=ids)

@@ -42,6 +42,9 @@ log = logging.getLogger("migblockd")
 ACCEPT_BATCH = 64
 #: How long accepting pauses when not even the reserve descriptor can be had.
 RETRY_DELAY = 1.0
+#: An episode ends after this long without running out: at the edge of the limit
+#: connections come and go, and one episode must not be logged as hundreds.
+EPISODE_QUIET = 1.0
 #: Descriptors the daemon needs besides its clients' (standard streams, the
 #: event loop's, the listening socket and its lock, SQLite's, sd_notify's,
 #: the reserve), with room to spare.  ``LimitNOFILE=`` in the units is
@@ -99,6 +102,7 @@ class Acceptor:
         self._reading = False
         self._closed = False
         self._retry: asyncio.TimerHandle | None = None
+        self._quiet: asyncio.TimerHandle | None = None
         self._reserve: int | None = self._open_reserve()
         #: Clients turned away in the current episode; None outside one.
         self.refused: int | None = None
@@ -120,8 +124,9 @@ class Acceptor:
         accepted get their protocols first."""
         self._pause()
         self._closed = True
-        if self._retry is not None:
-            self._retry.cancel()
+        for timer in (self._retry, self._quiet):
+            if timer is not None:
+                timer.cancel()
         self._sock.close()
         if self._reserve is not None:
             os.close(self._reserve)
@@ -154,11 +159,15 @@ class Acceptor:
                               exc.strerror or exc, RETRY_DELAY)
                     self._pause_for_a_while()
                 return
-            if self.refused is not None:
-                log.warning("file descriptors are available again: serving new clients "
-                            "(%d refused meanwhile)", self.refused)
-                self.refused = None
+            if self.refused is not None and self._quiet is None:
+                self._quiet = self._loop.call_later(EPISODE_QUIET, self._episode_over)
             self._serve(conn)
+
+    def _episode_over(self) -> None:
+        self._quiet = None
+        log.warning("file descriptors are available again: serving new clients "
+                    "(%d refused meanwhile)", self.refused or 0)
+        self.refused = None
 
     def _serve(self, conn: socket.socket) -> None:
         task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
@@ -172,6 +181,9 @@ class Acceptor:
             log.debug("a connection failed before it was served: %s", task.exception())
 
     def _exhausted(self, exc: OSError) -> None:
+        if self._quiet is not None:  # still the same episode
+            self._quiet.cancel()
+            self._quiet = None
         refused = self.refused
         if refused is None:
             refused = 0

@@ -197,7 +197,11 @@ class Core:
         while handled < max_requests:
             request = conn.waiting
             if request is not None:
-                if conn.suspended is not None or self._stamp > self._committed:
+                if conn.suspended is not None:
+                    break
+                if self._stamp > self._committed:
+                    # Woken, but another change came first: wait for its commit too.
+                    self._waiting[conn] = None
                     break
                 conn.waiting = None
             elif session.has_pending():

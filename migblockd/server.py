@@ -200,8 +200,8 @@ class ClientProtocol(asyncio.Protocol):
         if conn is None or transport is None:
             return
         data = self.core.data_to_send(conn)
-        if transport.is_closing():
-            return
+        if transport.is_closing() or self.lingering:
+            return  # after our EOF (a timeout, shutdown) nothing more is said
         if data:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s -> %s", conn.label, wire(data))
@@ -345,10 +345,10 @@ class Server:
             woken = self.core.committed(group)
         else:
             woken = self.core.commit_failed(group, str(exc))
-        for conn in woken:
-            protocol = self.protocols.get(conn)
-            if protocol is not None:
-                self._runnable[protocol] = None
+        # The woken go first in the next turn: a change from a client that comes
+        # before them in the turn would make their reads wait for another commit.
+        first = {p: None for c in woken if (p := self.protocols.get(c)) is not None}
+        self._runnable = first | self._runnable
         self._committing.set()
         self.schedule()
         self._flush()

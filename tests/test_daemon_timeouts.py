@@ -59,10 +59,13 @@ async def test_a_message_left_unfinished_is_closed_with_the_reason(
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     d = start_daemon("--idle-timeout", "0.5")
-    async with d.client() as c:
+    async with d.client() as c, d.client() as other:
         c.send_raw(b'{"execute": "query-version", "id": "done"}{"execute": "query-ver')
         assert (await c.read_reply())["id"] == "done"  # what was complete is answered
         assert await c.read_to_eof() == closing_error(UNFINISHED)
+        # c has not closed its end yet: events meanwhile are not written to it.
+        await other.ok("add-blocker", {"reason": "after the close", "scope": "connection"})
+        assert (await other.execute("query-version", id="still"))["id"] == "still"
     # Slowloris: a byte now and then does not reset the clock.
     sock = blocking_client(d.socket)
     message = b'{"execute": "add-blocker", "arguments": {"reason": "' + b"x" * 200 + b'"}}'

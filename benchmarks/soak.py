@@ -171,6 +171,9 @@ def soak(args: argparse.Namespace, daemon: Server, config: Path, pin: bool, core
         "tracebacks": log_text.count("Traceback"),
         "out_of_descriptors_episodes": log_text.count("out of file descriptors ("),
         "reload_failures": log_text.count("reload failed"),
+        "reload_failure_reasons": sorted({line.split("configuration: ", 1)[-1]
+                                          for line in log_text.splitlines()
+                                          if "reload failed" in line})[:3],
     }
 
 
@@ -210,7 +213,8 @@ def show(report: dict[str, Any]) -> str:
                                            for k, v in sorted(hostile["failures"].items()))
                                  or "none"),
         f"SIGHUP: {report['sighups']} in {report['sighup_storms']} storms, "
-        f"{report['reload_failures']} reload failures; out-of-descriptor episodes: "
+        f"{report['reload_failures']} reload failures "
+        f"{report['reload_failure_reasons'] or ''}; out-of-descriptor episodes: "
         f"{report['out_of_descriptors_episodes']}",
         f"log: {report['log_lines']} lines, {report['log_bytes'] / 1024:.0f} KiB, "
         f"{report['tracebacks']} tracebacks; stopped with status {report['exit_status']} "

@@ -204,7 +204,8 @@ def show(report: dict[str, Any]) -> str:
         f"polite ({polite['clients']} clients, {polite['requests']} requests after warm-up): "
         f"p50 {polite['p50_ms']:.2f} ms, p99 {polite['p99_ms']:.2f} ms, "
         f"p99.9 {polite['p999_ms']:.2f} ms, max {polite['max_ms']:.1f} ms; "
-        f"{polite['errors']} errors, {polite['disconnected']} disconnected",
+        f"{polite['errors']} errors, {polite['disconnected']} disconnected; p99 by command: "
+        + ", ".join(f"{k} {v:.2f} ms" for k, v in polite["p99_ms_by_command"].items()),
         f"RSS: {report['rss_warm_kib'] / 1024:.1f} MiB after warm-up, "
         f"{report['rss_end_kib'] / 1024:.1f} MiB at the end ({growth:+.1%}), "
         f"peak {report['rss_max_kib'] / 1024:.1f} MiB",

@@ -81,9 +81,11 @@ async def reply_to(reader: asyncio.StreamReader, marker: bytes) -> bytes:
 
 
 async def close(writer: asyncio.StreamWriter) -> None:
+    """Close, or abort if what is still unsent does not go within a few seconds."""
     writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), 5)
+    writer.transport.abort()
 
 
 # --------------------------------------------------------------------------- hostile
@@ -176,8 +178,9 @@ async def oversize(path: str, rng: random.Random) -> None:
         writer.write(json.dumps({"execute": "add-blocker", "id": "big-id", "arguments": {
             "reason": "r", "id": "x" * 1_000_000}}).encode())
         await reply_to(reader, b'"big-id"')
+        # Past the limit the daemon skips to the next line feed (the structure is lost).
         writer.write(b'{"execute": "add-blocker", "arguments": {"reason": "'
-                     + b"y" * (2 << 20) + b'"}}{"execute": "query-version", "id": "after"}')
+                     + b"y" * (2 << 20) + b'"}}\n{"execute": "query-version", "id": "after"}')
         await reply_to(reader, b'"after"')
     finally:
         await close(writer)

@@ -90,7 +90,7 @@ def test_a_short_soak_end_to_end(tmp_path: Path) -> None:
     if proc.returncode != 0:
         pytest.fail(f"soak failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     print(proc.stdout)  # the report, visible with -s
-    for label in ("migblockd soak:", "polite (8 clients", "RSS:", "hostile cycles:",
+    for label in ("migblockd soak:", "polite (8 clients", "RSS (median of", "hostile cycles:",
                   "SIGHUP:", "log:", "verdict:"):
         assert label in proc.stdout
     report = json.loads(out.read_text())

@@ -103,7 +103,9 @@ class Config:
         "`$XDG_RUNTIME_DIR/migblockd/migblockd.sock` (without `XDG_RUNTIME_DIR`: "
         "`${TMPDIR:-/tmp}/migblockd-UID/migblockd.sock`)",
         help="Unix socket to listen on (ignored under socket activation); a missing "
-        "directory is created, searchable only by those --socket-mode lets connect",
+        "directory is created, searchable only by those --socket-mode lets connect; an "
+        "existing one must be owned by the daemon's user or root and writable by nobody "
+        "else; PATH.lock beside it keeps a second daemon off the path",
     )
     socket_mode: int = option(
         0o600, parse=OctalMode(), metavar="MODE",
@@ -136,6 +138,22 @@ class Config:
         1024, parse=Integer(minimum=1), metavar="N", reloadable=True,
         help="connections served at once; more get one error line saying so, are closed "
         "and logged",
+    )
+    max_clients_per_uid: int = option(
+        128, parse=Integer(minimum=0), metavar="N", reloadable=True,
+        help="connections one local user may hold at once (0: no limit); root and the "
+        "daemon's own user are exempt; more get one error line saying so",
+    )
+    negotiation_timeout: float = option(
+        10.0, parse=Seconds(), metavar="SECONDS", reloadable=True,
+        help="how long a new connection may take to send qmp_capabilities before it is "
+        "closed with an error line saying why (0: forever)",
+    )
+    idle_timeout: float = option(
+        30.0, parse=Seconds(), metavar="SECONDS", reloadable=True,
+        help="how long a client may leave a message unfinished before it is closed with "
+        "an error line saying why (0: forever); a client idle between messages is "
+        "never closed",
     )
     max_message_size: int = option(
         1 << 20, parse=Integer(minimum=MIN_MESSAGE_SIZE, unit="bytes"), metavar="BYTES",
@@ -220,7 +238,9 @@ class Config:
     config: Path | None = option(
         None, parse=FilePath(), metavar="FILE", where=Where.COMMAND_LINE,
         help='TOML file of settings, keyed by the long options without "--" '
-        '(log-level = "debug"); the command line wins over it',
+        '(log-level = "debug"); the command line wins over it; refused, at start and '
+        "at reload, when others may write it or a user other than root and the "
+        "daemon's owns it",
     )
 
     @functools.cached_property

@@ -45,7 +45,8 @@ from time import perf_counter_ns
 from types import GeneratorType
 from typing import Any
 
-from migblockd.access import Policy, Quotas
+from migblockd.access import Policy, Quotas, Role
+from migblockd.admission import Admission
 from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
 from migblockd.contract import Contract
@@ -84,22 +85,22 @@ class Group:
 class Core:
     """Sessions, registry and command table of one daemon (sans-I/O).
 
-    ``limits`` bound each connection's input; ``max_clients`` how many
-    connections are served at once (more are answered with one error line
-    and must be closed).  Both may be changed between requests (a reload).
+    ``limits`` bound each connection's input; ``admission`` how many
+    connections are served at once, in all and per uid (more are answered
+    with one error line and must be closed).  Both may be changed between
+    requests (a reload).  ``policy`` and ``quotas`` decide who may run what
+    (the ``guard``, which ``guard.configure()`` changes between requests).
     ``durable`` holds output until its changes are committed (see above).
-    ``policy`` and ``quotas`` decide who may run what (the ``guard``, which
-    ``guard.configure()`` changes between requests).
     """
 
     def __init__(self, contract: Contract, registry: Registry, limits: Limits, *,
-                 max_clients: int = 1024, durable: bool = False,
-                 handlers: Handlers | None = None, policy: Policy | None = None,
-                 quotas: Quotas | None = None) -> None:
+                 max_clients: int = 1024, admission: Admission | None = None,
+                 durable: bool = False, handlers: Handlers | None = None,
+                 policy: Policy | None = None, quotas: Quotas | None = None) -> None:
         self.contract = contract
         self.registry = registry
         self.limits = limits
-        self.max_clients = max_clients
+        self.admission = admission if admission is not None else Admission(max_clients)
         self.durable = durable
         self.handlers = handlers if handlers is not None else Handlers(contract, registry)
         self.table = self.handlers.table()
@@ -127,22 +128,23 @@ class Core:
     def connect(self, owner: Owner | None) -> Connection:
         """A new connection; its greeting is pending at once.
 
-        Past ``max_clients`` the connection is ``refused``: its only output is
-        an error line saying why, and the caller closes it after writing that.
+        Past the admission's limits the connection is ``refused``: its only
+        output is an error line saying why, and the caller closes it after
+        writing that.
         """
         self._numbers += 1
         conn = Connection(self._numbers, owner, Session(self.table, self.greeting, self.limits))
         self.stats.connections += 1
-        if len(self.connections) >= self.max_clients:
+        refusal = self.admission.refusal(owner, len(self.connections),
+                                         admin=self.guard.role_of(conn) is Role.ADMIN)
+        if refusal is not None:
             self.stats.connections_refused += 1
             conn.refused = True
-            conn.session.refuse(QMPError(
-                f"migblockd is already serving max-clients={self.max_clients} clients; "
-                "try again later"))
-            log.warning("%s: refused: already serving max-clients=%d clients",
-                        conn.label, self.max_clients, extra=about(conn))
+            conn.session.refuse(QMPError(refusal))
+            log.warning("%s: refused: %s", conn.label, refusal, extra=about(conn))
         else:
             self.connections[conn] = None
+            self.admission.admit(owner)
             log.info("%s connected", conn.label, extra=about(conn))
         self._dirty[conn] = None
         return conn
@@ -168,6 +170,7 @@ class Core:
         if conn.waiting is not None:
             return  # finished when its commit is done
         del self.connections[conn]
+        self.admission.release(conn.owner)
         self._dirty.pop(conn, None)
         self._holding.pop(conn, None)
         released = self.registry.release(conn)
@@ -179,6 +182,16 @@ class Core:
             # Nothing durable (they were never stored), but the listings must know.
             self.handlers.track(self.registry.take_changes())
         self._publish(False)
+
+    def expel(self, conn: Connection, reason: str) -> None:
+        """Close ``conn`` for ``reason`` (a timeout): one error line saying why.
+
+        The line goes after everything already queued for it; the caller
+        reads no more from the connection and closes it once :meth:`settled`.
+        """
+        conn.session.fail(None, QMPError(reason))
+        self._dirty[conn] = None
+        log.warning("%s: closing: %s", conn.label, reason, extra=about(conn))
 
     # -- input -----------------------------------------------------------------
     def receive_data(self, conn: Connection, data: bytes) -> None:
@@ -214,7 +227,11 @@ class Core:
             request = conn.waiting
             started = 0
             if request is not None:
-                if conn.suspended is not None or self._stamp > self._committed:
+                if conn.suspended is not None:
+                    break
+                if self._stamp > self._committed:
+                    # Woken, but another change came first: wait for its commit too.
+                    self._waiting[conn] = None
                     break
                 conn.waiting = None
                 started = self._started.pop(conn, 0)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 from typing import TYPE_CHECKING, Any
 
 from migblockd import __version__
+from migblockd.admission import Admission
 from migblockd.config import Config
 from migblockd.contract import Contract
 from migblockd.core import Core
@@ -85,7 +87,9 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     bridge = None
     if config.qemu is not None:
         bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry)
-    core = Core(contract, registry, config.limits, max_clients=config.max_clients,
+    admission = Admission(config.max_clients, config.max_clients_per_uid,
+                          daemon_uid=os.geteuid())
+    core = Core(contract, registry, config.limits, admission=admission,
                 durable=store is not None,
                 handlers=bridge.handlers if bridge is not None else None,
                 policy=config.access, quotas=config.quotas)

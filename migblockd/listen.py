@@ -1,37 +1,62 @@
-"""The listening socket: bound safely, never stolen from a live daemon.
+"""The listening socket: bound safely, never stolen from a live daemon, nor by anyone else.
 
-A socket file left by a daemon that died is replaced; one a live daemon
-answers on is not (the daemon refuses to start instead).  The socket never
-exists with wider permissions than asked, even for an instant: the umask is
-set around ``bind(2)``.
+Three rules keep the socket the daemon's own:
+
+* Its directory is one that nobody but the daemon's user and root can change
+  (:func:`check_socket_directory`): whoever can write there could rename the
+  socket away and bind an impostor in its place, which clients would trust.
+* One daemon per socket path: an exclusive ``flock`` on ``PATH.lock``, beside
+  the socket, is taken before anything else (:class:`SocketLock`), so of two
+  daemons started together on a stale socket exactly one serves; the other
+  refuses.  A socket file left by a daemon that died is replaced; one a live
+  daemon answers on is not (the daemon refuses to start instead).
+* The socket never exists with wider permissions than asked, even for an
+  instant, and nothing is changed by name afterwards: the umask is set around
+  ``bind(2)``, and there is no ``chmod(path)``, which would follow a symlink
+  swapped in meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import socket
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 from migblockd.paths import fallback_socket_dir
 
-__all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "StartupError", "bind_socket", "make_socket_dir"]
+__all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Listening", "SocketLock", "StartupError",
+           "bind_socket", "check_socket_directory", "make_socket_dir"]
 
 log = logging.getLogger("migblockd")
 
 LISTEN_BACKLOG = 1024
 #: sun_path is 108 bytes on Linux, one of them the terminating NUL.
 UNIX_PATH_MAX = 107
+#: Group and world write bits.
+_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
 class StartupError(Exception):
     """The daemon cannot start; ``str()`` is the one-line reason for the log."""
 
 
+@dataclass
+class Listening:
+    """A socket bound by :func:`bind_socket`: the socket, its file's inode, its lock."""
+
+    sock: socket.socket
+    inode: int
+    lock: SocketLock
+
+
 def bind_socket(path: Path, mode: int, group: int | None = None, *,
-                option: str = "--socket") -> socket.socket:
+                option: str = "--socket") -> Listening:
     """Bind a listening socket at ``path``, refusing to steal one a live daemon serves.
 
     The socket file gets ``mode`` and, when given, the group ``group``, before
@@ -43,6 +68,22 @@ def bind_socket(path: Path, mode: int, group: int | None = None, *,
         raise StartupError(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
                            f"the limit is {UNIX_PATH_MAX})")
     make_socket_dir(path.parent, mode, group)
+    check_socket_directory(path.parent)
+    lock = SocketLock.acquire(path, option)
+    try:
+        sock = _bind(path, mode, group, option)
+        try:
+            inode = os.lstat(path).st_ino
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot stat {path} after binding it: {exc.strerror}") from None
+    except BaseException:
+        lock.release()
+        raise
+    return Listening(sock, inode, lock)
+
+
+def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socket:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -58,7 +99,8 @@ def bind_socket(path: Path, mode: int, group: int | None = None, *,
         log.info("removing stale socket %s", path)
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # The socket must never exist with wider permissions than asked, even briefly.
+    # The socket is created with exactly ``mode`` (0777 less the umask), and
+    # never chmod()ed by name afterwards.
     old = os.umask(0o777 & ~mode)
     try:
         sock.bind(os.fspath(path))
@@ -67,7 +109,6 @@ def bind_socket(path: Path, mode: int, group: int | None = None, *,
         raise StartupError(f"cannot bind {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
-    os.chmod(path, mode)
     if group is not None:
         try:
             # Not following a symbolic link: only the socket we just bound is ours to give.
@@ -138,3 +179,112 @@ def _answers(path: Path) -> bool:
     finally:
         probe.close()
     return True
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+def check_socket_directory(directory: Path) -> None:
+    """Refuse a socket directory that anyone but this user and root could change.
+
+    The rule (as sshd's StrictModes has it for ``~/.ssh``): the directory is
+    owned by the daemon's effective uid or root and writable by nobody else,
+    and every directory above it is owned by one of those two and writable by
+    nobody else unless it is sticky (``/tmp``: others may add entries there
+    but not rename ours).  Both the path as given and its symlinks resolved
+    are checked, so a symlink cannot lead around the rule.  A directory the
+    daemon created itself (mode 0700) passes by construction.
+    """
+    uid = os.geteuid()
+    trusted = (uid, 0)
+    absolute = Path(os.path.abspath(directory))
+    real = Path(os.path.realpath(directory))
+    for place in _components(absolute) | _components(real):
+        try:
+            st = os.lstat(place)
+        except OSError as exc:
+            raise StartupError(f"cannot check socket directory {directory}: "
+                               f"{place}: {exc.strerror}") from None
+        here = place in (real, absolute)
+        what = f"socket directory {directory}" if here else f"{place}, above socket " \
+            f"directory {directory},"
+        if st.st_uid not in trusted:
+            raise StartupError(
+                f"refusing to serve from {directory}: {what} is owned by uid {st.st_uid}, "
+                f"not by this user (uid {uid}) or root, so its owner could replace the "
+                "socket; choose another --socket")
+        if stat.S_ISLNK(st.st_mode):
+            continue  # its target is checked as part of the resolved path
+        sticky = bool(st.st_mode & stat.S_ISVTX) and not here
+        if st.st_mode & _OTHERS_WRITE and not sticky:
+            mode = stat.S_IMODE(st.st_mode)
+            raise StartupError(
+                f"refusing to serve from {directory}: {what} is writable by others (mode "
+                f"{mode:04o}), so they could replace the socket; chmod go-w {place}, or "
+                "choose another --socket")
+
+
+def _components(path: Path) -> set[Path]:
+    """``path`` and every directory above it."""
+    return {path, *path.parents}
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+class SocketLock:
+    """An exclusive ``flock`` on ``SOCKET.lock``: one daemon per socket path.
+
+    ``flock`` locks belong to the open file description and the kernel drops
+    them however the holder exits, so there is never a stale lock to clean up.
+    The lock file itself is never removed: a daemon that unlinked it on exit
+    could leave a second one holding a lock on the removed file while a third
+    takes one on a new file, and both would serve.  The holder writes its pid
+    in the file so that a refusal can say who holds it.
+    """
+
+    __slots__ = ("_fd", "path")
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    @classmethod
+    def acquire(cls, socket_path: Path, option: str = "--socket") -> SocketLock:
+        path = socket_path.with_name(socket_path.name + ".lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StartupError(f"cannot open the socket's lock file {path}: "
+                               f"{exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise StartupError(
+                    f"another migblockd ({holder}) is already serving {socket_path}; "
+                    f"refusing to start a second one (stop it first, or choose another "
+                    f"{option})") from None
+            raise StartupError(f"cannot lock {path}: {exc.strerror}") from None
+        with contextlib.suppress(OSError):  # the pid is a courtesy to whoever is refused
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+
+def _holder(fd: int) -> str:
+    """``pid N`` as the holder wrote it, when it did."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "pid unknown"

@@ -11,7 +11,8 @@ An option is declared exactly once, as a field of the settings dataclass
 From those fields come the argparse arguments (:func:`add_arguments`, which
 ``migblockd.cli.parser()`` uses, so man pages and shell completion generated
 from the parser follow too), the ``--help`` text with the defaults, the TOML
-file's reading and its errors (:func:`read_file`), the set of settings a SIGHUP
+file's reading and its errors (:func:`read_file`, which refuses a file others
+could have written: :func:`check_trusted`), the set of settings a SIGHUP
 reload applies (:func:`reloadable`) and the README's option table
 (:func:`markdown`; ``python -m migblockd.options --markdown`` prints it,
 ``--update README.md`` rewrites it between its markers).
@@ -42,6 +43,8 @@ import argparse
 import dataclasses
 import enum
 import functools
+import os
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -234,6 +237,7 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
     """Read a TOML configuration file into field name -> checked value."""
     try:
         with path.open("rb") as f:
+            check_trusted(path, os.fstat(f.fileno()))
             raw = tomllib.load(f)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
@@ -253,6 +257,23 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
         except ValueError as exc:
             raise ConfigError(f"{path}: {key} {exc}") from None
     return values
+
+
+def check_trusted(path: Path, st: os.stat_result) -> None:
+    """Refuse a settings file that anyone but root and this user could have written.
+
+    sshd's StrictModes, for the daemon's configuration: whoever can write the
+    file sets the log level (debug logs every message on the wire), the socket's
+    mode and the limits, at the next start or reload.  ``st`` is the opened
+    file's own status, so the file checked is the file read.
+    """
+    uid = os.geteuid()
+    if st.st_uid not in (0, uid):
+        raise ConfigError(f"{path}: refusing a configuration file owned by uid {st.st_uid}, "
+                          f"neither root nor this user (uid {uid})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{path}: refusing a configuration file others may write (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}); chmod go-w {path}")
 
 
 # --------------------------------------------------------------------------- README

@@ -9,7 +9,9 @@ clients are served in between and no copy of the whole answer is ever made.
 are bounded by backpressure (the server runs no more of its requests while
 its output waits), and a big one it reads steadily must not get it dropped.
 The transport says how much is unread; the marks say how much of that is
-events.
+events.  Only output from earlier writes counts: a client cannot have read what
+was only just written, and one commit can make more events at once than the
+bound.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ class Outbox:
     def put(self, pieces: list[bytes], events: int) -> int:
         """Queue ``pieces`` (``events`` of their bytes are events) and write what fits.
 
-        Returns the event bytes the client has not read yet, these included.
+        Returns the event bytes of *earlier* output the client has not read yet:
+        these it cannot have read however promptly it reads, and one commit can
+        make more events at once than the bound.
         """
         size = 0
         for piece in pieces:
@@ -56,16 +60,17 @@ class Outbox:
         self._backlog.extend(pieces)
         self._backlog_bytes += size
         self._enqueued += size
-        if events:
-            self._marks.append((self._enqueued, events))
-            self._events_unread += events
         self.write_some()
         unread = self._backlog_bytes + self.transport.get_write_buffer_size()
         read = self._enqueued - unread
         marks = self._marks
         while marks and marks[0][0] <= read:
             self._events_unread -= marks.popleft()[1]
-        return self._events_unread
+        earlier = self._events_unread
+        if events and read < self._enqueued:
+            marks.append((self._enqueued, events))
+            self._events_unread += events
+        return earlier
 
     def write_some(self) -> None:
         """Hand the transport slices while its buffer has room."""

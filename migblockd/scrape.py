@@ -54,7 +54,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from migblockd.config import HostPort
-from migblockd.listen import StartupError, bind_socket
+from migblockd.listen import SocketLock, StartupError, bind_socket
 
 __all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_TIMEOUT", "MetricsApp", "MetricsServer"]
 
@@ -210,10 +210,11 @@ class MetricsServer:
     """The endpoint, serving ``registry`` until :meth:`close`."""
 
     def __init__(self, sock: socket.socket, where: str, app: MetricsApp,
-                 own_socket: tuple[Path, int] | None) -> None:
+                 own_socket: tuple[Path, int] | None, lock: SocketLock | None = None) -> None:
         port = sock.getsockname()[1] if sock.family != socket.AF_UNIX else 0
         self.where = where
         self.own_socket = own_socket
+        self._lock = lock
         self._httpd = _Server(sock, port, app)
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         name="migblockd-metrics", daemon=True)
@@ -230,10 +231,10 @@ class MetricsServer:
             if os.path.abspath(address) == os.path.abspath(qmp_socket):
                 raise StartupError(f"--metrics {address}: that is the QMP socket; metrics "
                                    "need an address of their own")
-            sock = bind_socket(address, 0o600, option="--metrics")
-            sock.setblocking(True)
-            own = (address, os.stat(address).st_ino)
-            return cls(sock, f"http+unix://{address}", app, own)
+            bound = bind_socket(address, 0o600, option="--metrics")
+            bound.sock.setblocking(True)
+            return cls(bound.sock, f"http+unix://{address}", app, (address, bound.inode),
+                       bound.lock)
         sock = _listen_tcp(address)
         host, port = sock.getsockname()[:2]
         shown = str(HostPort(host, port))
@@ -256,6 +257,8 @@ class MetricsServer:
             with contextlib.suppress(FileNotFoundError):
                 if os.stat(path).st_ino == inode:  # only ours: it may have been replaced
                     path.unlink()
+        if self._lock is not None:
+            self._lock.release()
 
 
 def _listen_tcp(address: HostPort) -> socket.socket:

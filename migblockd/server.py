@@ -13,7 +13,15 @@ transport buffer is below ``HIGH_WATER``; past it, or while requests are still
 pending, we stop reading from it, so a client that does not read its replies
 holds at most one read's worth of unexecuted input and nothing is ever
 dropped.  Events still reach such a client until its unread events pass
-``max_output``; then it alone is disconnected.
+``max_output``; then it alone is disconnected, and what it sent before that
+still takes effect (:meth:`ClientProtocol.drop`).
+
+Shutdown is a drain (:meth:`Server.stop`): no more reading, every request
+already read runs in turns as usual and is answered, nobody is dropped for
+``max_output`` meanwhile, and each connection closes once its replies are
+written (:mod:`migblockd.drain` says how long that may take).  Accepting
+(:mod:`migblockd.accept`) and the timeouts for unfinished business
+(:mod:`migblockd.timeouts`) have modules of their own.
 """
 
 from __future__ import annotations
@@ -24,46 +32,33 @@ import contextlib
 import logging
 import os
 import socket
-import struct
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
+from migblockd.accept import Acceptor, fit_descriptor_limit
 from migblockd.access import group_id
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.connection import Connection
 from migblockd.core import Core, Group
+from migblockd.drain import drain
 from migblockd.gate import QemuUnavailable
-from migblockd.listen import LISTEN_BACKLOG, StartupError, bind_socket
+from migblockd.listen import SocketLock, StartupError, bind_socket
 from migblockd.logs import WIRE_LIMIT, about, shown
 from migblockd.outbox import HIGH_WATER, Outbox
-from migblockd.registry import Change, Owner
+from migblockd.peer import leftovers, peer_owner, unread
+from migblockd.registry import Change
 from migblockd.systemd import Notifier, format_status
+from migblockd.timeouts import Timeouts
 
 log = logging.getLogger("migblockd")
 
 #: Requests of one connection run per turn: large enough to batch pipelined
 #: requests into one write, small enough to let other clients take turns.
 BATCH = 32
-#: How long shutdown waits for clients to take their last replies.
-SHUTDOWN_GRACE = 1.5
-LEFTOVER_CHUNK = 64 * 1024
-
-_PEERCRED = struct.Struct("3i")
-
-
-def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    except OSError:
-        return None
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return Owner(pid=pid, uid=uid, gid=gid)
+#: How long a connection we half-closed may go on sending before we close it.
+LINGER = 2.0
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -76,7 +71,13 @@ class ClientProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
         self.read_paused = False
-        self.eof = False
+        self.eof = False  # no more reading: the peer half-closed, or we stop reading
+        self.peer_eof = False
+        self.dropped = False
+        self.lingering = False  # half-closed by us: what still comes is discarded
+        self.connected_at = 0.0
+        #: Since when the peer has left a message unfinished (see migblockd.timeouts).
+        self.unfinished_since: float | None = None
         self.outbox: Outbox | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -84,6 +85,7 @@ class ClientProtocol(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but quack alike.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self.connected_at = self.server.loop.time()
         self.conn = conn = self.core.connect(peer_owner(transport))
         if conn.refused:
             transport.write(self.core.data_to_send(conn))
@@ -93,33 +95,41 @@ class ClientProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.outbox = Outbox(transport)
         self.server.protocols[conn] = self
+        self.server.timeouts.watch()
         self.server.schedule()
 
     def data_received(self, data: bytes) -> None:
-        if self.conn is None:
+        conn = self.conn
+        if conn is None or self.lingering:
             return
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s <- %s", self.conn.label, shown(data, WIRE_LIMIT))
-        self.core.receive_data(self.conn, data)
+            log.debug("%s <- %s", conn.label, shown(data, WIRE_LIMIT))
+        core = self.core
+        core.receive_data(conn, data)
+        if core.has_pending(conn) or not conn.session.buffered:
+            self.unfinished_since = None  # a message is complete: the peer made progress
+        elif self.unfinished_since is None:
+            self.unfinished_since = self.server.loop.time()
         self.server.runnable(self)
 
     def eof_received(self) -> bool:
-        if self.conn is None:
-            return False
-        self.eof = True
+        if self.conn is None or self.lingering:
+            return False  # asyncio closes the transport
+        self.eof = self.peer_eof = True
         self.core.receive_eof(self.conn)
         self.server.runnable(self)
         # Keep the transport open: replies to what came before EOF still go out.
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.server.acceptor_freed()
         conn = self.conn
         if conn is None:
             return
         self.conn = None
-        if exc is not None:
-            # A write failed (the peer hung up): what it sent before hanging up
-            # may still sit unread in the socket, and must take effect all the same.
+        if (exc is not None or self.dropped) and not self.lingering:
+            # The peer hung up (a write failed), or we dropped it: what it sent
+            # before may still sit unread in the socket, and takes effect all the same.
             self.read_leftovers(conn)
         self.server.protocols.pop(conn, None)
         self.core.disconnect(conn, str(exc) if exc is not None else "")
@@ -140,35 +150,46 @@ class ClientProtocol(asyncio.Protocol):
 
     # -- ours ------------------------------------------------------------------
     def read_leftovers(self, conn: Connection) -> None:
-        """Read what is left in the socket of a connection asyncio has given up on.
-
-        asyncio calls ``connection_lost`` before closing the socket, so the data
-        is still there; a duplicate descriptor reads it without disturbing the
-        transport.  Bounded, so a peer cannot keep us here.
-        """
+        """Feed the core what the peer sent that asyncio never read (bounded)."""
         assert self.transport is not None
-        sock = self.transport.get_extra_info("socket")
-        if sock is None:
+        budget = self.server.config.max_message_size + 64 * 1024
+        debug = log.isEnabledFor(logging.DEBUG)
+        for data in leftovers(self.transport, budget):
+            if debug:
+                log.debug("%s <- %s (after the connection broke)", conn.label,
+                          shown(data, WIRE_LIMIT))
+            self.core.receive_data(conn, data)
+        left = unread(self.transport)
+        if left:
+            log.warning("%s: %d bytes it sent were left unread (past the %d-byte bound); "
+                        "whatever requests they held were not run", conn.label, left, budget)
+
+    def drop(self, why: str) -> None:
+        """Disconnect the peer now.  Everything it sent before runs all the same
+        (see :meth:`connection_lost`); only the replies are lost."""
+        if self.conn is None or self.transport is None or self.dropped:
             return
-        try:
-            dup = socket.socket(fileno=os.dup(sock.fileno()))
-        except OSError:
+        log.warning("%s: dropped: %s", self.conn.label, why, extra=about(self.conn))
+        self.core.stats.dropped += 1
+        self.dropped = True
+        self.transport.abort()
+
+    def expel(self, reason: str) -> None:
+        """Close the connection for ``reason`` (a timeout), with a line saying why."""
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None:
             return
-        with dup:
-            dup.setblocking(False)
-            budget = self.server.config.max_message_size + LEFTOVER_CHUNK
-            while budget > 0:
-                try:
-                    data = dup.recv(LEFTOVER_CHUNK)
-                except OSError:
-                    break
-                if not data:
-                    break
-                budget -= len(data)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("%s <- %s (after the connection broke)", conn.label,
-                              shown(data, WIRE_LIMIT))
-                self.core.receive_data(conn, data)
+        self.core.expel(conn, reason)
+        self.stop_reading()
+        self.server.runnable(self)
+
+    def stop_reading(self) -> None:
+        """Read no more (a timeout, or shutdown): close once everything read is answered."""
+        self.eof = True
+        if not self.read_paused and self.transport is not None \
+                and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self.read_paused = True
 
     def pump(self) -> bool:
         """This connection's turn; True when it wants another one."""
@@ -196,20 +217,54 @@ class ClientProtocol(asyncio.Protocol):
         if conn is None or transport is None:
             return
         pieces, events = self.core.take_output(conn)
-        if transport.is_closing() or self.outbox is None:
-            return
+        if transport.is_closing() or self.lingering or self.outbox is None:
+            return  # after our EOF (a timeout, shutdown) nothing more is said
         if pieces:
             if log.isEnabledFor(logging.DEBUG):
                 for piece in pieces:
                     log.debug("%s -> %s", conn.label, shown(piece, WIRE_LIMIT))
-            if self.outbox.put(pieces, events) > self.server.config.max_output:
-                log.warning("%s: dropped: more than max-output=%d bytes of unread events",
-                            conn.label, self.server.config.max_output, extra=about(conn))
-                self.core.stats.dropped += 1
-                transport.abort()
+            limit = self.server.config.max_output
+            # While draining nobody is dropped for it: they are owed these replies.
+            if self.outbox.put(pieces, events) > limit and not self.server.draining:
+                self.drop(f"more than max-output={limit} bytes of unread events")
                 return
         if self.eof and self.core.settled(conn) and not self.outbox.waiting:
-            transport.close()
+            self.finish()
+
+    def finish(self) -> None:
+        """Everything read is answered: end the connection.
+
+        A peer that half-closed already is simply closed.  Otherwise (shutdown,
+        a timeout) it may still be sending, and closing a Unix socket with
+        unread input resets the connection, which can cost the peer the replies
+        it has not read yet.  So we half-close instead (EOF after the last
+        reply), discard what still comes (it was never read, so it never ran),
+        and close when the peer does, or after ``LINGER`` seconds.
+        """
+        transport = self.transport
+        assert transport is not None
+        if self.peer_eof or self.lingering or not transport.can_write_eof():
+            if not self.lingering:
+                transport.close()
+            return
+        self.lingering = True
+        transport.write_eof()
+        if self.read_paused:
+            transport.resume_reading()
+            self.read_paused = False
+        self.server.loop.call_later(LINGER, self.linger_over)
+
+    def linger_over(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    def progress(self) -> tuple[int, int, bool]:
+        """What changes while the peer takes its output (for the shutdown drain)."""
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None:
+            return (0, 0, False)
+        return (transport.get_write_buffer_size(), conn.session.buffered,
+                self.core.has_pending(conn))
 
 
 Commit = Callable[[list[Change]], None]
@@ -242,9 +297,14 @@ class Server:
         self._group_started = 0  # perf_counter_ns() when the group went to the disk thread
         self._committing = asyncio.Event()
         self.protocols: dict[Connection, ClientProtocol] = {}
-        self.listener: asyncio.Server | None = None
+        self.acceptor: Acceptor | None = None
         self.own_socket: tuple[Path, int] | None = None  # path and inode we created
-        self._loop = asyncio.get_running_loop()
+        self._socket_lock: SocketLock | None = None
+        self.loop = asyncio.get_running_loop()
+        self.timeouts = Timeouts(self.loop, core, self.protocols.values,
+                                 negotiation=config.negotiation_timeout,
+                                 idle=config.idle_timeout)
+        self.draining = False
         self._runnable: dict[ClientProtocol, None] = {}  # an ordered set
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -260,7 +320,7 @@ class Server:
     def schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            self._loop.call_soon(self._turn)
+            self.loop.call_soon(self._turn)
 
     def _turn(self) -> None:
         self._scheduled = False
@@ -281,7 +341,7 @@ class Server:
             self._start_commit()
         if self.forward is not None:
             for conn, call in self.core.take_calls():
-                task = self._loop.create_task(self._call(conn, call.name, call.args))
+                task = self.loop.create_task(self._call(conn, call.name, call.args))
                 self._forwarding.add(task)
                 task.add_done_callback(self._forwarding.discard)
         for conn in self.core.take_dirty():
@@ -322,7 +382,7 @@ class Server:
         if group is None:
             return
         self._group_started = time.perf_counter_ns()
-        future = self._loop.run_in_executor(self._disk, self.commit, group.changes)
+        future = self.loop.run_in_executor(self._disk, self.commit, group.changes)
         future.add_done_callback(self._commit_done)
 
     def _commit_done(self, future: asyncio.Future[None]) -> None:
@@ -335,10 +395,10 @@ class Server:
             woken = self.core.committed(group)
         else:
             woken = self.core.commit_failed(group, str(exc))
-        for conn in woken:
-            protocol = self.protocols.get(conn)
-            if protocol is not None:
-                self._runnable[protocol] = None
+        # The woken go first in the next turn: a change from a client that comes
+        # before them in the turn would make their reads wait for another commit.
+        first = {p: None for c in woken if (p := self.protocols.get(c)) is not None}
+        self._runnable = first | self._runnable
         self._committing.set()
         self.schedule()
         self._flush()
@@ -361,7 +421,7 @@ class Server:
         self._timer_deadline = deadline
         if deadline is not None:
             delay = max(0.0, deadline - self.core.registry.clock.monotonic())
-            self._timer = self._loop.call_later(delay, self._tick)
+            self._timer = self.loop.call_later(delay, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
@@ -378,7 +438,7 @@ class Server:
         if status == self._status or not self.notifier.active:
             return
         self._status = status
-        task = self._loop.create_task(self.notifier.status(format_status(*status)))
+        task = self.loop.create_task(self.notifier.status(format_status(*status)))
         task.add_done_callback(_log_task_failure)
 
     # -- life cycle ----------------------------------------------------------------
@@ -396,81 +456,60 @@ class Server:
                 gid = group_id(group)
                 if gid is None:
                     raise StartupError(f"--socket-group: there is no group named {group!r}")
-            sock = bind_socket(self.config.socket, self.config.socket_mode, gid)
-            self.own_socket = (self.config.socket, os.stat(self.config.socket).st_ino)
+            bound = bind_socket(self.config.socket, self.config.socket_mode, gid)
+            sock, self._socket_lock = bound.sock, bound.lock
+            self.own_socket = (self.config.socket, bound.inode)
             log.info("listening on %s (mode %04o%s)", self.config.socket,
                      self.config.socket_mode, "" if group is None else f", group {group}")
-        extra: dict[str, Any] = {}
-        if sys.version_info >= (3, 13):
-            # We remove our own socket ourselves, and never a passed one.
-            extra["cleanup_socket"] = False
-        self.listener = await self._loop.create_unix_server(
-            lambda: ClientProtocol(self), sock=sock, backlog=LISTEN_BACKLOG,
-            start_serving=False, **extra,
-        )
+        sock.setblocking(False)
+        fit_descriptor_limit(self.config.max_clients)
+        self.acceptor = Acceptor(self.loop, sock, lambda: ClientProtocol(self),
+                                 lambda: len(self.protocols))
 
     async def serve(self) -> None:
         """Start accepting.  Called after READY=1, so no client is served before it."""
-        assert self.listener is not None
-        await self.listener.start_serving()
+        assert self.acceptor is not None
+        self.acceptor.start()
+
+    def acceptor_freed(self) -> None:
+        """A connection's descriptor is about to be closed."""
+        if self.acceptor is not None:
+            self.acceptor.descriptor_freed()
 
     async def stop(self) -> None:
+        """The drain: see the module's docstring."""
         log.info("stopping: closing the socket and %d client(s)", len(self.protocols))
-        if self.listener is not None:
-            self.listener.close()
-        # Everything received is answered (after its commit), then each
-        # connection closes once its replies are written.
-        core = self.core
-        deadline = self._loop.time() + SHUTDOWN_GRACE
-        for protocol in self.protocols.values():
-            protocol.eof = True
-            if protocol.transport is not None and not protocol.transport.is_closing():
-                protocol.transport.pause_reading()
-        while True:
-            for conn in list(self.protocols):
-                while core.execute(conn, BATCH):
-                    pass
-            self._flush()
-            if self._forwarding:
-                # QEMU gets the grace period to answer what was forwarded.
-                left = deadline - self._loop.time()
-                if left <= 0:
-                    for task in self._forwarding:
-                        task.cancel()
-                await asyncio.wait(set(self._forwarding), timeout=max(left, 0) or None)
-                continue
-            if not core.has_uncommitted():
-                break
-            await self._commits_done()
+        if self.acceptor is not None:
+            await self.acceptor.close()  # connections accepted already get served too
+        self.timeouts.stop()
+        self.draining = True
         for protocol in list(self.protocols.values()):
-            protocol.flush()  # closes it, or its outbox does once all is written
-        if self.protocols:
-            try:
-                await asyncio.wait_for(self._all_gone.wait(), SHUTDOWN_GRACE)
-            except TimeoutError:
-                log.warning("%d client(s) did not take their last replies; dropping them",
-                            len(self.protocols))
-                for protocol in list(self.protocols.values()):
-                    if protocol.transport is not None:
-                        protocol.transport.abort()
-                await asyncio.sleep(0)
-        # From Python 3.12 on wait_closed() also waits for the connections, which
-        # is why they were closed first.
-        if self.listener is not None:
-            await self.listener.wait_closed()
+            protocol.stop_reading()
+            self.runnable(protocol)
+        await drain(self.loop, self.core, self.protocols, self._all_gone)
+        # What is still with QEMU belongs to clients the drain dropped: give up on it.
+        for task in self._forwarding:
+            task.cancel()
+        if self._forwarding:
+            await asyncio.wait(set(self._forwarding))
+        # Those dropped still had what they sent run: its changes go to disk too.
+        await self._commits_done()
         if self._timer is not None:
             self._timer.cancel()
         self._disk.shutdown(wait=True)
         self.remove_own_socket()
 
     def remove_own_socket(self) -> None:
+        """Remove the socket we bound, then give up its lock (never the other way round)."""
         if self.own_socket is None:
             return
         path, inode = self.own_socket
         with contextlib.suppress(FileNotFoundError):
             # Only our own: another daemon may have replaced it in the meantime.
-            if os.stat(path).st_ino == inode:
+            if os.lstat(path).st_ino == inode:
                 path.unlink()
+        if self._socket_lock is not None:
+            self._socket_lock.release()
 
     async def reload(self) -> None:
         await self.notifier.reloading()
@@ -483,11 +522,16 @@ class Server:
                        if getattr(fresh, k) != getattr(self.config, k)}
             self.config = self.config.replace(**changes)
             self.core.limits = self.config.limits
-            self.core.max_clients = self.config.max_clients
+            self.core.admission.max_clients = self.config.max_clients
+            self.core.admission.max_clients_per_uid = self.config.max_clients_per_uid
+            self.timeouts.configure(negotiation=self.config.negotiation_timeout,
+                                    idle=self.config.idle_timeout)
+            if "max_clients" in changes:
+                fit_descriptor_limit(self.config.max_clients)
             # Also re-reads the user and group databases; open connections get
             # their new role at their next request.
             self.core.guard.configure(self.config.access, self.config.quotas,
-                                     self.core.connections)
+                                      self.core.connections)
             logging.getLogger().setLevel(self.config.logging_level)
             described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
             log.info("reloaded configuration: %s", described or "nothing changed")

@@ -176,3 +176,31 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     assert scaled["after_change"]["samples"] == 2 and scaled["unchanged"]["samples"] == 1
     assert scaled["observers"]["requests"] > 0 and scaled["adder"]["requests"] > 0
     assert scaled["dropped"] == len(scaled["drops"])
+
+
+def test_a_short_soak_end_to_end(tmp_path: Path) -> None:
+    """The soak runs every hostile pattern and reports; no speed is asserted."""
+    out = tmp_path / "soak.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.soak", "--duration", "8", "--warmup", "2",
+         "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"soak failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    print(proc.stdout)  # the report, visible with -s
+    for label in ("migblockd soak:", "polite (8 clients", "RSS (median of", "hostile cycles:",
+                  "SIGHUP:", "log:", "verdict:"):
+        assert label in proc.stdout
+    report = json.loads(out.read_text())
+    # What must hold at any speed: the daemon survived every pattern and stopped
+    # cleanly, and no polite request failed or was dropped.
+    assert report["exit_status"] == 0 and report["tracebacks"] == 0, report
+    assert report["polite"]["requests"] > 0, report
+    assert report["polite"]["errors"] == 0 and report["polite"]["disconnected"] == 0, report
+    assert set(report["hostile"]["cycles"]) >= {"churn", "fuzz", "silent", "exhaust"}, report
+    # (A reload may fail while the exhaustion pattern holds every descriptor: the
+    # daemon cannot open its configuration file then, says so and keeps its settings.)
+    assert report["sighups"] > 0, report

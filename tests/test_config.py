@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import DaemonProcess
 
 from migblockd.cli import options
 from migblockd.config import Config, ConfigError, build
@@ -77,3 +81,52 @@ def test_help_explains_every_option() -> None:
                    "--max-output",
                    "--config", "SIGHUP"):
         assert option in proc.stdout
+
+
+# --------------------------------------------------------------------------- StrictModes
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o646, 0o620])
+def test_a_file_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "debug"\n')
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as refused:
+        build(options(["--config", str(path)]))
+    assert str(refused.value) == (f"{path}: refusing a configuration file others may write "
+                                  f"(mode {mode:04o}); chmod go-w {path}")
+    path.chmod(0o644)
+    assert build(options(["--config", str(path)])).log_level == "debug"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")
+def test_a_file_owned_by_another_user_is_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "debug"\n')
+    os.chown(path, 65534, 65534)
+    proc = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--config", str(path)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"migblockd: {path}: refusing a configuration file owned "
+                                   "by uid 65534, neither root nor this user (uid 0)")
+
+
+async def test_a_file_made_world_writable_is_refused_at_reload(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first: the reload read it, and log-level = "debug" logged every
+    # message on the wire.
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(path), "--ephemeral")
+    path.write_text('log-level = "debug"\nmax-clients = 1\n')
+    path.chmod(0o666)
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(f"reload failed, keeping the running configuration: {path}: refusing a "
+                   f"configuration file others may write (mode 0666); chmod go-w {path}")
+    async with d.client() as a, d.client() as b:  # max-clients = 1 was not applied
+        await a.ok("query-version")
+        await b.ok("query-version")
+    assert d.stop() == 0

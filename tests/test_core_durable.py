@@ -192,3 +192,23 @@ def test_restore_keeps_ids_order_mode_and_events() -> None:
     assert registry.mode == "cpr-reboot" and registry.events_enabled
     blocker = registry.add("new")
     assert blocker.id == "#blocker2048" and blocker.seq == 8
+
+
+def test_a_reader_woken_after_another_change_waits_for_the_next_commit() -> None:
+    # Found by the soak: a reader woken by a commit, overtaken in the same turn by
+    # another client's change, was never woken again, and its client waited forever.
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    run(core, a, ADD_X)
+    assert run(core, b, b'{"execute": "query-blockers", "id": "q"}') == []
+    first = core.take_group()
+    assert first is not None
+    assert core.committed(first) == [b]
+    run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "y"}}')
+    # b's turn comes after a's: its read must wait again, for y's commit.
+    assert [m.get("id") for m in run(core, b)] == [None]  # x's event, no reply yet
+    second = core.take_group()
+    assert second is not None
+    assert core.committed(second) == [b]
+    out = run(core, b)
+    assert [blocker["id"] for blocker in out[-1]["return"]] == ["x", "y"]

@@ -175,7 +175,7 @@ async def test_invalid_ids(module_daemon: DaemonProcess, bad_id: str) -> None:
 
 async def test_valid_and_duplicate_ids(module_daemon: DaemonProcess) -> None:
     async with module_daemon.client() as c:
-        for good in ("a", "Z", "a-b.c_d9", "x" * 200, "A1-._"):
+        for good in ("a", "Z", "a-b.c_d9", "x" * 128, "A1-._"):
             info = await c.ok("add-blocker", {"reason": "ok id", "id": good})
             assert info["id"] == good
         reply = await c.execute("add-blocker", {"reason": "again", "id": "a-b.c_d9"}, id=3)
@@ -185,13 +185,36 @@ async def test_valid_and_duplicate_ids(module_daemon: DaemonProcess) -> None:
         # Ids are case-sensitive.
         assert (await c.ok("add-blocker", {"reason": "ok id", "id": "A-B.C_D9"}))["id"] == (
             "A-B.C_D9")
-        for good in ("a", "Z", "a-b.c_d9", "x" * 200, "A1-._", "A-B.C_D9"):
+        for good in ("a", "Z", "a-b.c_d9", "x" * 128, "A1-._", "A-B.C_D9"):
             assert await c.ok("del-blocker", {"id": good}) == {}
         # Once deleted, an id is free again.
         assert (await c.ok("add-blocker", {"reason": "reuse", "id": "a"}))["id"] == "a"
         await c.ok("del-blocker", {"id": "a"})
         reply = await c.execute("del-blocker", {"id": "never-there"}, id=4)
         assert reply == err("Blocker 'never-there' not found", 4)
+
+
+async def test_ids_and_reasons_are_bounded(start_daemon: Callable[..., DaemonProcess]) -> None:
+    # A megabyte id was accepted and logged in full; an empty reason was accepted
+    # and migrate then failed with desc "".  At debug level, which logs the wire too.
+    d = start_daemon()
+    async with d.client() as c:
+        huge = "x" * 1_000_000
+        for id_, request in ((1, {"reason": "long id", "id": huge}),
+                             (2, {"reason": "long id", "id": "y" * 129})):
+            reply = await c.execute("add-blocker", request, id=id_)
+            assert reply == err(
+                "Parameter 'id' expects an identifier of at most 128 characters", id_)
+        reply = await c.execute("add-blocker", {"reason": "", "id": "empty"}, id=3)
+        assert reply == err("Parameter 'reason' expects a non-empty string", 3)
+        assert await c.ok("query-blockers") == []
+        assert await c.ok("migrate", {"uri": "unix:/tmp/nowhere"}) == {}
+    assert d.stop() == 0
+    log = d.log()
+    assert "x" * 3000 not in log  # the refusal is logged, the id nowhere in full
+    assert "expects an identifier of at most 128 characters" in log
+    assert len(log) < 100_000
+    assert_clean_log(d)
 
 
 async def test_events_with_cause_reach_every_negotiated_client(

@@ -243,7 +243,7 @@ async def test_max_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
             "class": "GenericError",
             "desc": "migblockd is already serving max-clients=2 clients; try again later"}}]
         assert rest.endswith(b"\r\n")
-        d.wait_for_log("refused: already serving max-clients=2 clients")
+        d.wait_for_log("refused: migblockd is already serving max-clients=2 clients")
         # The two served clients are unaffected.
         assert (await a.execute("query-version", id="a"))["id"] == "a"
         assert (await b.execute("query-version", id="b"))["id"] == "b"

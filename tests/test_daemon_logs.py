@@ -248,7 +248,7 @@ def test_journal_stream_lines_carry_their_priority(tmp_path: Path,
     texts = [text for _, _, text in lines]
     assert any(" ready on " in t for t in texts)
     assert {p for p, _ in seen} == {"3", "4", "6", "7"}, seen
-    assert any("refused: already serving max-clients=1" in t
+    assert any("refused: migblockd is already serving max-clients=1" in t
                for p, _, t in lines if p == "4")
     assert any(t.startswith("reload failed") for p, _, t in lines if p == "3")
     assert any(" <- b'" in t for p, _, t in lines if p == "7")

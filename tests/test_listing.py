@@ -34,7 +34,7 @@ def test_the_listing_follows_every_change_in_order(plan: list[Step]) -> None:
     uncommitted: list[Change] = []
     for action, n, modes in plan:
         if action == "add" and f"b{n}" not in registry:
-            registry.add("r" * n, modes=modes, id=f"b{n}")
+            registry.add("r" * (n + 1), modes=modes, id=f"b{n}")
         elif action == "del" and f"b{n}" in registry:
             registry.delete(f"b{n}")
         elif action == "undo":

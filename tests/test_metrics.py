@@ -192,15 +192,16 @@ async def test_every_counter_and_gauge_after_a_scripted_session(
         await a.ok("migrate", {"uri": "tcp:h:3"})
         polls += await poll_status(a, "completed")
 
-        # A client that stops reading: its replies fill the socket, then an event is one
-        # write too many (--max-output 1).
+        # A client that stops reading: its replies fill the socket, then an event stays
+        # unread and the next one is one too many (--max-output 1).
         d_sock = await asyncio.to_thread(blocking_client, d.socket)
         try:
             d_sock.sendall(encode({"execute": "query-qmp-schema"}) * SCHEMA_REQUESTS)
             await scrape_until(endpoint, lambda s: s.value(
                 "migblockd_commands_total", command="query-qmp-schema", result="ok")
                 == SCHEMA_REQUESTS, "the non-reader's requests ran")
-            await a.ok("add-blocker", {"reason": "wake", "id": "wake", "modes": ["cpr-reboot"]})
+            for wake in ("wake", "wake2"):
+                await a.ok("add-blocker", {"reason": "wake", "id": wake, "modes": ["cpr-reboot"]})
             d.wait_for_log("dropped: more than max-output=1 bytes of unread events")
         finally:
             d_sock.close()
@@ -216,9 +217,9 @@ async def test_every_counter_and_gauge_after_a_scripted_session(
                 "migblockd_blocked_since_seconds"),
             key("migblockd_migration_mode", mode="normal"): 0,
             key("migblockd_migration_mode", mode="cpr-reboot"): 1,
-            key("migblockd_blockers", source="migblockd", mode="cpr-reboot"): 2,  # vfio, wake
+            key("migblockd_blockers", source="migblockd", mode="cpr-reboot"): 3,  # vfio, wake*
             key("migblockd_blockers", source="migblockd", mode="cpr-transfer"): 1,  # u1
-            key("migblockd_blockers_added_total"): 5,  # vfio, dump, u1, held, wake
+            key("migblockd_blockers_added_total"): 6,  # vfio, dump, u1, held, wake, wake2
             key("migblockd_blockers_deleted_total", cause="command"): 1,
             key("migblockd_blockers_deleted_total", cause="connection-closed"): 1,
             key("migblockd_blockers_refused_total", reason="duplicate-id"): 1,
@@ -240,10 +241,11 @@ async def test_every_counter_and_gauge_after_a_scripted_session(
             key("migblockd_clients_dropped_total"): 1,
             # Five negotiations and one add-blocker without its reason.
             key("migblockd_protocol_replies_total"): 6,
-            # One per durable change, each awaited: vfio, dump, u1, -dump, wake, the mode.
-            key("migblockd_commit_duration_seconds_count"): 6,
+            # One per durable change, each awaited: vfio, dump, u1, -dump, wake, wake2,
+            # the mode.
+            key("migblockd_commit_duration_seconds_count"): 7,
         })
-        commands(expected, "add-blocker", ok=5, error=6)
+        commands(expected, "add-blocker", ok=6, error=6)
         commands(expected, "migrate", ok=2, error=4)
         commands(expected, "del-blocker", ok=1, error=1)
         commands(expected, "migrate_cancel", ok=1)
@@ -309,8 +311,9 @@ def test_the_endpoint_never_takes_the_qmp_socket_nor_a_live_one(
     second = start_daemon("--metrics", str(short_tmp / "m.sock"), "--ephemeral",
                           socket=short_tmp / "two.sock", wait=False)
     assert second.wait_exit() != 0
-    second.wait_for_log(f"another daemon is already listening on {short_tmp}/m.sock; refusing "
-                        "to take over a live socket (stop it first, or choose another --metrics)")
+    second.wait_for_log(f"another migblockd (pid {first.proc.pid}) is already serving "
+                        f"{short_tmp}/m.sock; refusing to start a second one (stop it first, "
+                        "or choose another --metrics)")
     assert not (short_tmp / "two.sock").exists()  # the QMP socket was not left behind
     assert scrape(short_tmp / "m.sock").value("migblockd_clients") == 0  # still first's
     assert first.stop() == 0

@@ -39,9 +39,10 @@ def test_every_setting_is_an_option() -> None:
 
 
 def test_the_reloadable_settings_are_unchanged() -> None:
-    assert {"log_level", "max_clients", "max_message_size", "max_nesting",
-            "max_tokens", "max_output", "max_blockers", "max_blockers_per_uid",
-            "max_reason_length", "access"} == RELOADABLE
+    assert {"log_level", "max_clients", "max_clients_per_uid", "negotiation_timeout",
+            "idle_timeout", "max_message_size", "max_nesting", "max_tokens",
+            "max_output", "max_blockers", "max_blockers_per_uid", "max_reason_length",
+            "access"} == RELOADABLE
 
 
 @pytest.mark.parametrize("o", OPTIONS, ids=ids)

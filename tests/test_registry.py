@@ -21,8 +21,10 @@ from migblockd.registry import (
     BlockerError,
     DuplicateId,
     EmptyModes,
+    EmptyReason,
     Event,
     FakeClock,
+    IdTooLong,
     InvalidId,
     InvalidUri,
     MigrationBlocked,
@@ -203,6 +205,8 @@ ONLY = "disallowing migration blocker (--only-migratable) for: "
 IN_PROGRESS = "There's a migration process in progress"
 BAD_URI = "Parameter 'uri' expects a valid migration protocol"
 BAD_ID = "Parameter 'id' expects an identifier"
+LONG_ID = "Parameter 'id' expects an identifier of at most 128 characters"
+EMPTY_REASON = "Parameter 'reason' expects a non-empty string"
 
 ROWS = [
     # ---- add: modes
@@ -240,6 +244,19 @@ ROWS = [
     Row("id with a trailing newline", (), add(SEV, id="a\n"), error=(InvalidId, BAD_ID)),
     Row("generated-looking id cannot be chosen", (), add(SEV, id="#blocker0"),
         error=(InvalidId, BAD_ID)),
+    Row("an id of 128 characters is accepted", (), add(SEV, id="x" * 128),
+        result=info("x" * 128, SEV)),
+    Row("an id of 129 characters is refused", (), add(SEV, id="x" * 129),
+        error=(IdTooLong, LONG_ID), ids=()),
+    Row("a megabyte id is refused by its length", (), add(SEV, id="x" * 1_000_000),
+        error=(IdTooLong, LONG_ID), ids=()),
+    Row("a long id is refused by its length before its spelling", (), add(SEV, id="1" * 200),
+        error=(IdTooLong, LONG_ID)),
+    Row("an empty reason is refused", (), add("", id="e"), error=(EmptyReason, EMPTY_REASON),
+        ids=()),
+    Row("an empty reason is refused before the other arguments", (), add("", modes=[], id="1"),
+        error=(EmptyReason, EMPTY_REASON)),
+    Row("a reason of one space is a reason", (), add(" ", id="sp"), result=info("sp", " ")),
     Row("duplicate id", (add(SEV, id="x"),), add(VFIO, id="x"),
         error=(DuplicateId, "Duplicate blocker ID 'x'"), ids=("x",)),
     Row("ids are case sensitive", (add(SEV, id="x"),), add(VFIO, id="X"),

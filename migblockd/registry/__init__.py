@@ -12,6 +12,8 @@ from migblockd.registry.errors import (
     BlockerError,
     DuplicateId,
     EmptyModes,
+    EmptyReason,
+    IdTooLong,
     InvalidId,
     InvalidUri,
     MigrationBlocked,
@@ -26,11 +28,12 @@ from migblockd.registry.migration import (
     SETUP_SHARE,
     URI_SCHEMES,
 )
-from migblockd.registry.registry import DEFAULT_MODE, ID_CHUNK, SCOPES, Registry
+from migblockd.registry.registry import DEFAULT_MODE, ID_CHUNK, MAX_ID_LENGTH, SCOPES, Registry
 
 __all__ = [
     "DEFAULT_MODE",
     "ID_CHUNK",
+    "MAX_ID_LENGTH",
     "MIGRATION_STATUSES",
     "RUNNING_STATUSES",
     "SCOPES",
@@ -43,8 +46,10 @@ __all__ = [
     "Clock",
     "DuplicateId",
     "EmptyModes",
+    "EmptyReason",
     "Event",
     "FakeClock",
+    "IdTooLong",
     "InvalidId",
     "InvalidUri",
     "MigrationBlocked",

@@ -17,6 +17,8 @@ __all__ = [
     "BlockerError",
     "DuplicateId",
     "EmptyModes",
+    "EmptyReason",
+    "IdTooLong",
     "InvalidId",
     "InvalidUri",
     "MigrationBlocked",
@@ -44,11 +46,30 @@ class EmptyModes(BlockerError):
         super().__init__("Parameter 'modes' expects a non-empty list")
 
 
+class EmptyReason(BlockerError):
+    """``reason: ""``: ``migrate`` would then fail with an empty desc, which
+    tells the operator nothing (QEMU's callers always pass a message)."""
+
+    def __init__(self) -> None:
+        super().__init__("Parameter 'reason' expects a non-empty string")
+
+
 class InvalidId(BlockerError):
     """A client-chosen id that ``id_wellformed()`` rejects."""
 
     def __init__(self, id: str) -> None:
         super().__init__("Parameter 'id' expects an identifier")
+        self.id = id
+
+
+class IdTooLong(InvalidId):
+    """A client-chosen id longer than ``MAX_ID_LENGTH``.  QEMU's ids have no
+    bound, but ours are logged, listed and stored: a megabyte id costs every
+    reader.  Worded like QEMU's ``QERR_INVALID_PARAMETER_VALUE``."""
+
+    def __init__(self, id: str, limit: int) -> None:
+        BlockerError.__init__(
+            self, f"Parameter 'id' expects an identifier of at most {limit} characters")
         self.id = id
 
 

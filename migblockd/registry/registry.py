@@ -35,6 +35,8 @@ from migblockd.registry.changes import Change, Event
 from migblockd.registry.errors import (
     DuplicateId,
     EmptyModes,
+    EmptyReason,
+    IdTooLong,
     InvalidId,
     InvalidUri,
     MigrationBlocked,
@@ -45,7 +47,7 @@ from migblockd.registry.errors import (
 )
 from migblockd.registry.migration import MIGRATION_STATUSES, URI_SCHEMES, SimulatedMigration
 
-__all__ = ["DEFAULT_MODE", "ID_CHUNK", "SCOPES", "Change", "Event", "Registry"]
+__all__ = ["DEFAULT_MODE", "ID_CHUNK", "MAX_ID_LENGTH", "SCOPES", "Change", "Event", "Registry"]
 
 #: ``BlockerScope``: a daemon blocker lives until deleted; a connection blocker
 #: also goes when the connection that added it closes.
@@ -57,6 +59,10 @@ DEFAULT_MODE: Final = "normal"
 
 # util/id.c id_wellformed(): qemu_isalpha()/qemu_isalnum() are ASCII-only.
 _IDENTIFIER: Final = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+
+#: The longest id a client may choose.  QEMU bounds none, but here ids are
+#: logged, listed to every client and stored: 128 characters name anything.
+MAX_ID_LENGTH: Final = 128
 
 # util/id.c id_generate() starts generated ids with '#', which id_wellformed()
 # rejects, so no client can ever choose an id that we generate later.
@@ -194,8 +200,9 @@ class Registry:
         """Register a blocker: ``migrate_add_blocker_modes()`` /
         ``migrate_add_blocker_internal()``.
 
-        Argument errors come first (:class:`EmptyModes`, :class:`InvalidId`,
-        :class:`DuplicateId`), as QMP reports them before a command has any
+        Argument errors come first (:class:`EmptyReason`, :class:`EmptyModes`,
+        :class:`IdTooLong`, :class:`InvalidId`, :class:`DuplicateId`), as QMP
+        reports them before a command has any
         effect; then QEMU's own order: :class:`OnlyMigratable` (only for a
         non-internal blocker whose modes include ``normal``), then
         :class:`MigrationBusy` (internal blockers too).  A refused blocker is not
@@ -235,6 +242,8 @@ class Registry:
             raise ValueError(f"unknown scope {scope!r}")
         if scope == "connection" and connection is None:
             raise ValueError("a connection-scoped blocker needs its connection")
+        if not reason:
+            raise EmptyReason()
         if modes is None:
             wanted = self._modes
         else:
@@ -246,6 +255,8 @@ class Registry:
                 raise ValueError(f"unknown MigMode {sorted(unknown)!r}")
             wanted = tuple(mode for mode in self._modes if mode in requested)
         if id is not None:
+            if len(id) > MAX_ID_LENGTH:
+                raise IdTooLong(id, MAX_ID_LENGTH)
             if _IDENTIFIER.fullmatch(id) is None:
                 raise InvalidId(id)
             if id in self._store:

@@ -1,0 +1,66 @@
+"""Who may take a client slot: ``--max-clients`` in all, ``--max-clients-per-uid`` each.
+
+Sans-I/O, as the core that uses it: :class:`Admission` counts the connections
+served per peer uid and words the refusal of one too many.  Without a per-uid
+bound one local user could open every slot (1,024 idle connections locked
+everyone out); administrators are exempt, so they can always get in to look.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from migblockd.registry import Owner
+
+__all__ = ["Admission", "exempt_from_uid_limit"]
+
+
+def exempt_from_uid_limit(owner: Owner | None, daemon_uid: int) -> bool:
+    """Whether ``owner``'s connections are exempt from ``--max-clients-per-uid``.
+
+    The administrators: root and the daemon's own user.  (Access control may
+    name more; this is the one place that decides.)  A peer whose credentials
+    the kernel would not give counts against the limit, under ``None``.
+    """
+    return owner is not None and owner.uid in (0, daemon_uid)
+
+
+class Admission:
+    """The client slots: ``max_clients`` in all, ``max_clients_per_uid`` per
+    non-exempt uid (0: no per-uid bound).  Both may change between connections
+    (a reload); connections already served are never turned out for it.
+    """
+
+    def __init__(self, max_clients: int, max_clients_per_uid: int = 0, *,
+                 daemon_uid: int = 0) -> None:
+        self.max_clients = max_clients
+        self.max_clients_per_uid = max_clients_per_uid
+        self.daemon_uid = daemon_uid
+        self._per_uid: Counter[int | None] = Counter()
+
+    def refusal(self, owner: Owner | None, served: int, *, admin: bool = False) -> str | None:
+        """Why a new connection from ``owner`` cannot be served, or None if it can.
+
+        ``admin``: the access policy makes ``owner`` an admin, exempt from the
+        per-uid bound like root and the daemon's own user.
+        """
+        if served >= self.max_clients:
+            return (f"migblockd is already serving max-clients={self.max_clients} clients; "
+                    "try again later")
+        limit = self.max_clients_per_uid
+        if limit and not admin and not exempt_from_uid_limit(owner, self.daemon_uid):
+            uid = owner.uid if owner is not None else None
+            if self._per_uid[uid] >= limit:
+                who = f"uid {uid}" if uid is not None else "peers without credentials"
+                return (f"migblockd is already serving max-clients-per-uid={limit} clients "
+                        f"of {who}; try again later")
+        return None
+
+    def admit(self, owner: Owner | None) -> None:
+        self._per_uid[owner.uid if owner is not None else None] += 1
+
+    def release(self, owner: Owner | None) -> None:
+        uid = owner.uid if owner is not None else None
+        self._per_uid[uid] -= 1
+        if self._per_uid[uid] <= 0:
+            del self._per_uid[uid]

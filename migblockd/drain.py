@@ -1,0 +1,76 @@
+"""How long shutdown waits for clients to take their last replies.
+
+On SIGTERM the server stops reading and keeps taking turns: every request
+already read runs and is answered, and each connection closes once its
+replies are written (:meth:`migblockd.server.Server.stop`).  Nobody is dropped
+for ``--max-output`` meanwhile: the output is owed.  What bounds the wait:
+
+* a client that takes none of its output for ``SHUTDOWN_STALL`` seconds (and
+  is not waiting for a commit) is dropped;
+* after ``SHUTDOWN_LIMIT`` seconds the drain ends, and whoever is left is dropped.
+
+A connection answered in full is half-closed and lingers until the peer
+closes it too, for at most ``LINGER`` seconds (``ClientProtocol.finish``).
+
+A dropped client's requests still run (see ``ClientProtocol.drop``); only
+their replies are lost.  Both limits are documented in docs/service.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping
+from typing import Protocol
+
+from migblockd.connection import Connection
+from migblockd.core import Core
+
+__all__ = ["DRAIN_POLL", "SHUTDOWN_LIMIT", "SHUTDOWN_STALL", "drain"]
+
+#: A client that has taken none of its output for this long is dropped ...
+SHUTDOWN_STALL = 2.0
+#: ... and the drain ends after this long in any case (well inside systemd's
+#: default TimeoutStopSec= of 90 s).
+SHUTDOWN_LIMIT = 30.0
+#: How often the drain looks for stalled clients.
+DRAIN_POLL = 0.25
+
+Progress = tuple[int, int, bool]
+
+
+class Draining(Protocol):
+    """What the drain needs of a connection's adapter (``server.ClientProtocol``)."""
+
+    conn: Connection | None
+    lingering: bool
+
+    def progress(self) -> Progress: ...
+
+    def drop(self, why: str) -> None: ...
+
+
+async def drain(loop: asyncio.AbstractEventLoop, core: Core,
+                protocols: Mapping[Connection, Draining], all_gone: asyncio.Event) -> None:
+    """Wait until ``protocols`` is empty, dropping the clients that stall."""
+    deadline = loop.time() + SHUTDOWN_LIMIT
+    seen: dict[Draining, tuple[Progress, float]] = {}
+    while protocols:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_gone.wait(), DRAIN_POLL)
+        now = loop.time()
+        for protocol in list(protocols.values()):
+            if protocol.lingering:
+                continue  # answered in full; closes when the peer does, or soon
+            state = protocol.progress()
+            conn = protocol.conn
+            last = seen.get(protocol)
+            if now >= deadline:
+                protocol.drop(f"still taking its last replies after {SHUTDOWN_LIMIT:g}s "
+                              "of shutdown")
+            elif last is None or last[0] != state or (conn is not None and core.blocked(conn)):
+                seen[protocol] = (state, now)  # it moves, or waits for a commit
+            elif now - last[1] >= SHUTDOWN_STALL:
+                protocol.drop(f"took none of its last replies for {SHUTDOWN_STALL:g}s "
+                              "during shutdown")
+        await asyncio.sleep(0)  # let the dropped ones go

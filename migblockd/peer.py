@@ -1,0 +1,85 @@
+"""What the kernel knows of a client's socket: who it is, and what it left unread.
+
+Small helpers of the asyncio adapter (:mod:`migblockd.server`), apart so that
+the adapter holds only the flow of bytes.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+import struct
+import termios
+from collections.abc import Iterator
+
+from migblockd.registry import Owner
+
+__all__ = ["leftovers", "peer_owner", "unread"]
+
+LEFTOVER_CHUNK = 64 * 1024
+
+_PEERCRED = struct.Struct("3i")
+
+
+def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    except OSError:
+        return None
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return Owner(pid=pid, uid=uid, gid=gid)
+
+
+def leftovers(transport: asyncio.BaseTransport, budget: int) -> Iterator[bytes]:
+    """What is left in the socket of a connection asyncio has given up on.
+
+    asyncio calls ``connection_lost`` before closing the socket, so the data is
+    still there; a duplicate descriptor reads it without disturbing the
+    transport.  At most about ``budget`` bytes, so a peer cannot keep us here;
+    :func:`unread` then says what remains (the socket is shut for reading
+    first, so nothing can arrive unseen after that).
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        return
+    with dup:
+        dup.setblocking(False)
+        for last in (False, True):
+            while budget > 0:
+                try:
+                    data = dup.recv(LEFTOVER_CHUNK)
+                except OSError:
+                    break
+                if not data:
+                    break
+                budget -= len(data)
+                yield data
+            if not last:
+                # No more may come (the peer's writes fail from now on): then what
+                # is read, or counted as unread, is all it ever sent.
+                with contextlib.suppress(OSError):
+                    dup.shutdown(socket.SHUT_RD)
+
+
+def unread(transport: asyncio.BaseTransport) -> int:
+    """Bytes received by the kernel that nobody has read (0 if it cannot say)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+    except (OSError, ValueError):
+        return 0
+    return count[0]

@@ -1,0 +1,175 @@
+"""Shutdown answers everyone, and a dropped client's last words still count.
+
+Reproduced before: SIGTERM while 50 clients pipelined adds dropped 45 of them
+for ``--max-output`` during shutdown, and 79,884 executed requests got no
+reply; a client dropped for ``--max-output`` had the requests still in its
+socket silently discarded.
+
+"Executed" is read from the durable state afterwards (a fresh daemon on the
+same state directory), so each test compares what the clients were told with
+what really happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import signal
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import DaemonProcess, assert_clean_log
+from qmpclient import RawClient, blocking_client, encode, strict_loads
+
+ADDERS = 3
+READERS = 12
+#: Enough that the daemon has not read all of it when the signal comes (a read
+#: takes at most 256 KiB, the socket holds about as much).
+ADDS = 800
+QUERIES = 3000
+REASON = "pipelined " + "x" * 1000
+
+
+async def stored_ids(start_daemon: Callable[..., DaemonProcess], state: Path) -> set[str]:
+    """The ids of the blockers that reached the disk, as a fresh daemon restores them."""
+    d = start_daemon("--state-dir", str(state), socket=state.parent / "check.sock")
+    async with d.client() as c:
+        ids = {b["id"] for b in await c.ok("query-blockers")}
+    assert d.stop() == 0
+    return ids
+
+
+async def pipeline(client: RawClient, requests: list[bytes]) -> list[dict[str, object]]:
+    """Send every request at once, then read every reply until the daemon closes."""
+    client.send_raw(b"".join(requests))
+    replies = []
+    with contextlib.suppress(EOFError, ConnectionError):
+        while True:
+            line = await client.read_line()
+            if not line.startswith(b'{"event"'):
+                replies.append(strict_loads(line))
+    await client.close()  # as a client does when the daemon has hung up
+    return replies
+
+
+async def test_sigterm_answers_every_request_read_and_drops_nobody(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    # A small max-output: before, shutdown ran every pending request at once and
+    # dropped whoever that left with more unread events than this.
+    d = start_daemon("--state-dir", str(state), "--max-output", "65536", "--log-level", "info")
+    adders = [await RawClient.connect(d.socket) for _ in range(ADDERS)]
+    readers = [await RawClient.connect(d.socket) for _ in range(READERS)]
+    jobs = [asyncio.create_task(pipeline(c, [
+        encode({"execute": "add-blocker", "id": f"a{k}-{i}",
+                "arguments": {"reason": REASON, "id": f"a{k}-{i}"}})
+        for i in range(ADDS)])) for k, c in enumerate(adders)]
+    jobs += [asyncio.create_task(pipeline(c, [
+        encode({"execute": "query-version", "id": f"q{k}-{i}"}) for i in range(QUERIES)]))
+        for k, c in enumerate(readers)]
+    while f"added blocker a{ADDERS - 1}-" not in d.log():  # well into the pipelines
+        await asyncio.sleep(0.01)
+    d.signal(signal.SIGTERM)
+    results = await asyncio.gather(*jobs)
+    assert d.wait_exit() == 0
+    for c in adders + readers:
+        await c.close()
+    log = d.log()
+    assert "dropped" not in log, log[-3000:]
+    answered_adds: set[str] = set()
+    for k, replies in enumerate(results):
+        # Each client's replies are a whole prefix of its requests, every one a success.
+        prefix = "a" if k < ADDERS else "q"
+        number = k if k < ADDERS else k - ADDERS
+        assert [r.get("id") for r in replies] == [f"{prefix}{number}-{i}"
+                                                   for i in range(len(replies))]
+        assert all("return" in r for r in replies), [r for r in replies if "return" not in r]
+        if k < ADDERS:
+            answered_adds.update(str(r["id"]) for r in replies)
+    # Some of the work was cut off by the signal, and some done: a real drain.
+    assert 0 < len(answered_adds) < ADDERS * ADDS
+    # Every add that took effect was answered, and every answered add took effect.
+    assert await stored_ids(start_daemon, state) == answered_adds
+    assert_clean_log(d)
+
+
+def send_all_it_can(sock: socket.socket, data: bytes) -> int:
+    """Send ``data`` without blocking until all is sent, the daemon takes no more
+    for a while, or it hangs up; how many bytes it took."""
+    sock.setblocking(False)
+    sent = 0
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        while sent < len(data):
+            try:
+                sent += sock.send(data[sent:sent + 65536])
+            except BlockingIOError:
+                if not select.select([], [sock], [], 0.5)[1]:
+                    break  # the daemon reads no more: the rest waits in its socket
+    return sent
+
+
+async def test_a_client_dropped_for_max_output_still_has_its_last_words_run(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    d = start_daemon("--state-dir", str(state), "--max-output", "1", "--log-level", "info")
+    # A client that never reads: big replies first, then adds, more than one read
+    # of the daemon's (256 KiB) takes, so that some are still in its socket when
+    # it is dropped.
+    sock = blocking_client(d.socket)
+    head = b"".join(encode({"execute": "query-qmp-schema", "id": i}) for i in range(40))
+    adds = [encode({"execute": "add-blocker", "arguments": {"reason": REASON, "id": f"l{i}"}})
+            for i in range(600)]
+    sent = send_all_it_can(sock, head + b"".join(adds))
+    # The whole messages the daemon took are what it said before the drop (the
+    # drop may come while it is still sending).
+    said, end = set(), len(head)
+    for i, message in enumerate(adds):
+        end += len(message)
+        if end <= sent:
+            said.add(f"l{i}")
+    assert sent > 256 * 1024 and said
+    # Events for it pile up until it is dropped.
+    async with d.client() as nudger:
+        for i in range(1000):
+            if "dropped: more than max-output=1 bytes" in d.log():
+                break
+            await nudger.ok("add-blocker", {"reason": "nudge", "id": f"n{i}",
+                                            "scope": "connection"})
+    d.wait_for_log("dropped: more than max-output=1 bytes of unread events")
+    sock.close()
+    assert d.stop() == 0
+    assert_clean_log(d)
+    # Everything it sent before the drop ran, though it heard none of the replies.
+    assert await stored_ids(start_daemon, state) == said
+
+
+async def test_what_is_past_the_bound_is_logged_not_silently_lost(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    # The bound on what is read after a drop is max-message-size + 64 KiB; a client
+    # that stuffed more into its socket is told of in the log.
+    d = start_daemon("--max-output", "1", "--max-message-size", "4096", "--ephemeral")
+    sock = blocking_client(d.socket)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    request = encode({"execute": "query-qmp-schema"})
+    sent = 0
+    with contextlib.suppress(BlockingIOError, OSError):
+        while sent < 4 << 20:
+            sent += sock.send(request * 64)
+    # Its replies wait for it; events for it pile up until it is dropped.
+    async with d.client() as nudger:
+        for i in range(1000):
+            if "dropped: more than max-output=1 bytes" in d.log():
+                break
+            await nudger.ok("add-blocker", {"reason": "nudge", "id": f"n{i}",
+                                            "scope": "connection"})
+    d.wait_for_log(" bytes it sent were left unread (past the 69632-byte bound); whatever "
+                   "requests they held were not run")
+    sock.close()
+    assert d.stop() == 0
+    assert_clean_log(d)

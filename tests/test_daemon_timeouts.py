@@ -1,0 +1,217 @@
+"""Unfinished business is timed; complete, idle clients are not; one uid cannot take every slot.
+
+Reproduced before: connections that never negotiate, or stop mid-message, held
+a ``--max-clients`` slot forever, so 1,024 of them locked everyone out.
+Timeouts here are a fraction of a second so that the tests wait little; the
+assertions are about what each client receives, never about how long it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import DaemonProcess, assert_clean_log
+from qmpclient import blocking_client, recv_until_closed, strict_loads
+
+NEGOTIATION = ("Capabilities negotiation not completed within negotiation-timeout=0.5s; "
+               "closing the connection")
+UNFINISHED = "Message left unfinished for idle-timeout=0.5s; closing the connection"
+
+
+def closing_error(desc: str) -> bytes:
+    return b'{"error": {"class": "GenericError", "desc": "' + desc.encode() + b'"}}\r\n'
+
+
+async def test_a_client_that_never_negotiates_is_closed_with_the_reason(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    d = start_daemon("--negotiation-timeout", "0.5")
+    async with d.client(negotiate=False) as c:
+        # The greeting was read; nothing is sent, however long we wait.
+        assert await c.read_to_eof() == closing_error(NEGOTIATION)
+    # An unfinished qmp_capabilities is no excuse.
+    async with d.client(negotiate=False) as c:
+        c.send_raw(b'{"execute": "qmp_capab')
+        assert await c.read_to_eof() == closing_error(NEGOTIATION)
+    # Commands that are refused before negotiation do not count as negotiating.
+    async with d.client(negotiate=False) as c:
+        c.send_raw(b'{"execute": "query-version"}')
+        rest = await c.read_to_eof()
+        assert rest.endswith(closing_error(NEGOTIATION)), rest
+        assert b"Expecting capabilities negotiation" in rest
+    log = d.log()
+    assert log.count(f"closing: {NEGOTIATION}") == 3, log
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+async def test_a_message_left_unfinished_is_closed_with_the_reason(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    d = start_daemon("--idle-timeout", "0.5")
+    async with d.client() as c, d.client() as other:
+        c.send_raw(b'{"execute": "query-version", "id": "done"}{"execute": "query-ver')
+        assert (await c.read_reply())["id"] == "done"  # what was complete is answered
+        assert await c.read_to_eof() == closing_error(UNFINISHED)
+        # c has not closed its end yet: events meanwhile are not written to it.
+        await other.ok("add-blocker", {"reason": "after the close", "scope": "connection"})
+        assert (await other.execute("query-version", id="still"))["id"] == "still"
+    # Slowloris: a byte now and then does not reset the clock.
+    sock = blocking_client(d.socket)
+    message = b'{"execute": "add-blocker", "arguments": {"reason": "' + b"x" * 200 + b'"}}'
+    sent = 0
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        while sent < len(message):
+            sock.send(message[sent:sent + 1])
+            sent += 1
+            time.sleep(0.05)
+    received = recv_until_closed(sock)
+    sock.close()
+    assert sent < len(message)  # closed before it could finish
+    assert received == closing_error(UNFINISHED), received
+    assert f"closing: {UNFINISHED}" in d.log()
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+async def test_finishing_messages_resets_the_clock(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    # Each message is sent in two halves 0.2 s apart: together far longer than the
+    # timeout, each one far shorter.
+    d = start_daemon("--idle-timeout", "2")
+    async with d.client() as c:
+        for i in range(12):
+            c.send_raw(b'{"execute": "query-version",')
+            await asyncio.sleep(0.2)
+            c.send_raw(b'"id": %d}' % i)
+            assert (await c.read_reply())["id"] == i
+    assert "closing:" not in d.log()
+    assert d.stop() == 0
+
+
+async def test_a_negotiated_idle_client_is_never_timed_out(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    # An agent holding a connection-scoped blocker for hours, in miniature: idle
+    # for many times both timeouts, between complete messages.
+    d = start_daemon("--negotiation-timeout", "0.2", "--idle-timeout", "0.2")
+    async with d.client() as agent, d.client() as other:
+        await agent.ok("add-blocker", {"reason": "holding", "id": "held",
+                                       "scope": "connection"})
+        await agent.send({"execute": "query-version", "id": "no partial"})
+        assert (await agent.read_reply())["id"] == "no partial"
+        await asyncio.sleep(3)
+        assert [b["id"] for b in await other.ok("query-blockers")] == ["held"]
+        assert (await agent.execute("query-version", id="still here"))["id"] == "still here"
+    assert "closing:" not in d.log()
+    assert d.stop() == 0
+
+
+async def test_timed_out_connections_give_their_slots_back(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    d = start_daemon("--max-clients", "4", "--negotiation-timeout", "0.5",
+                     "--idle-timeout", "0.5")
+    idle = [blocking_client(d.socket, negotiate=False) for _ in range(2)]
+    stalled = [blocking_client(d.socket) for _ in range(2)]
+    for s in stalled:
+        s.sendall(b'{"execute": "add-blocker", "arguments": {"reason": "half')
+    # All four slots are taken: a newcomer is refused ...
+    async with d.client(negotiate=False, read_greeting=False) as refused:
+        assert b"max-clients=4" in await refused.read_to_eof()
+    # ... until the four are timed out, each with its reason.
+    for s in idle:
+        assert recv_until_closed(s) == closing_error(NEGOTIATION)
+    for s in stalled:
+        assert recv_until_closed(s) == closing_error(UNFINISHED)
+    for s in idle + stalled:
+        s.close()
+    d.wait_for_log("disconnected")
+    async with d.client() as c:
+        assert (await c.execute("query-version", id="in"))["id"] == "in"
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+async def test_timeouts_can_be_turned_off(start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon("--negotiation-timeout", "0", "--idle-timeout", "0")
+    async with d.client(negotiate=False) as fresh, d.client() as partial:
+        partial.send_raw(b'{"execute": "query-')
+        await asyncio.sleep(1.5)
+        partial.send_raw(b'version", "id": 1}')
+        assert (await partial.read_reply())["id"] == 1
+        assert (await fresh.execute("qmp_capabilities")) == {"return": {}}
+    assert "closing:" not in d.log()
+    assert d.stop() == 0
+
+
+# --------------------------------------------------------------------------- per uid
+
+
+NOBODY = 65534
+AS_NOBODY = """
+import json, socket, sys
+socks = []
+for _ in range(3):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(sys.argv[1])
+    line = b""
+    while not line.endswith(b"\\n"):
+        line += s.recv(1)
+    socks.append(s)
+    print(line.decode().strip())
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+async def test_one_user_cannot_take_every_slot(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+) -> None:
+    short_tmp.chmod(0o755)
+    d = start_daemon("--max-clients-per-uid", "2", "--socket-mode", "0666",
+                     socket=short_tmp / "m.sock")
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         "/usr/bin/python3", "-c", textwrap.dedent(AS_NOBODY), str(d.socket)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    first, second, third = (strict_loads(line) for line in proc.stdout.splitlines())
+    assert "QMP" in first and "QMP" in second
+    assert third == {"error": {"class": "GenericError", "desc": (
+        f"migblockd is already serving max-clients-per-uid=2 clients of uid {NOBODY}; "
+        "try again later")}}
+    # The daemon's own user (root here) is exempt, and the refused user's slots
+    # came back when its connections closed.
+    async with d.clients(5) as mine:
+        assert len(mine) == 5
+    d.wait_for_log(f"refused: migblockd is already serving max-clients-per-uid=2 clients "
+                   f"of uid {NOBODY}")
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+async def test_a_reload_applies_the_timeouts_and_the_per_uid_limit(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text("negotiation-timeout = 0\n")
+    d = start_daemon("--config", str(config))
+    config.write_text("negotiation-timeout = 0.5\nmax-clients-per-uid = 7\n")
+    d.signal(signal.SIGHUP)
+    line = d.wait_for_log(re.compile(r"reloaded configuration: .*")).group(0)
+    assert "max-clients-per-uid=7" in line and "negotiation-timeout=0.5" in line, line
+    async with d.client(negotiate=False) as c:
+        assert await c.read_to_eof() == closing_error(NEGOTIATION)
+    assert d.stop() == 0

@@ -1,0 +1,240 @@
+"""The socket nobody can steal: its directory, its lock, its permissions.
+
+Reproduced before the fix: with ``${TMPDIR:-/tmp}/migblockd-UID`` pre-created
+0777 by another user the daemon started in it, and that user renamed the
+socket away and bound an impostor; ``chmod(path)`` after ``bind`` followed a
+symlink swapped in meanwhile; two daemons started together on a stale socket
+both served.  "Another user" is a real one: ``setpriv`` runs the attacker as
+uid 65534 (the tests run as root, which owns everything else here).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import READY_LINE, DaemonProcess, spawn_daemon
+
+from migblockd.listen import StartupError, bind_socket, check_socket_directory
+
+NOBODY = 65534
+AS_ROOT = os.geteuid() == 0
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as uid/gid 65534 with no supplementary groups."""
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                           "--clear-groups", *argv], capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+@pytest.fixture
+def top(short_tmp: Path) -> Iterator[Path]:
+    """A directory under /tmp everyone may enter (as ``/tmp`` itself is)."""
+    short_tmp.chmod(0o755)
+    yield short_tmp
+
+
+def refused(start_daemon: Callable[..., DaemonProcess], sock: Path) -> str:
+    d = start_daemon(socket=sock, wait=False)
+    assert d.wait_exit() == 1, d.log()
+    log = d.log()
+    assert READY_LINE not in log and "Traceback" not in log, log
+    assert not sock.exists()
+    return log
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="giving a directory to another user takes root")
+def test_a_directory_owned_by_another_user_is_refused(
+    start_daemon: Callable[..., DaemonProcess], top: Path,
+) -> None:
+    directory = top / f"migblockd-{os.geteuid()}"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, NOBODY, NOBODY)
+    log = refused(start_daemon, directory / "migblockd.sock")
+    assert (f"refusing to serve from {directory}: socket directory {directory} is owned by "
+            f"uid {NOBODY}, not by this user (uid 0) or root") in log, log
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o702])
+def test_a_directory_others_may_write_to_is_refused(
+    start_daemon: Callable[..., DaemonProcess], top: Path, mode: int,
+) -> None:
+    directory = top / "shared"
+    directory.mkdir()
+    directory.chmod(mode)
+    log = refused(start_daemon, directory / "migblockd.sock")
+    assert (f"refusing to serve from {directory}: socket directory {directory} is writable "
+            f"by others (mode {mode:04o}), so they could replace the socket; chmod go-w "
+            f"{directory}, or choose another --socket") in log, log
+
+
+def test_a_directory_above_that_others_may_write_to_is_refused(top: Path) -> None:
+    (top / "open" / "mine").mkdir(parents=True)
+    (top / "open").chmod(0o777)
+    (top / "open" / "mine").chmod(0o700)
+    with pytest.raises(StartupError, match=r"open, above socket directory .*/mine, is "
+                       r"writable by others \(mode 0777\)"):
+        check_socket_directory(top / "open" / "mine")
+    # Sticky, as /tmp is: others may add entries but not rename ours.
+    (top / "open").chmod(0o1777)
+    check_socket_directory(top / "open" / "mine")
+
+
+def test_a_symlink_does_not_lead_around_the_rule(top: Path) -> None:
+    (top / "open").mkdir(mode=0o777)
+    (top / "open").chmod(0o777)
+    (top / "link").symlink_to(top / "open")
+    with pytest.raises(StartupError, match=r"refusing to serve from .*/link: socket directory "
+                       r".*/link is writable by others"):
+        check_socket_directory(top / "link")
+
+
+def test_a_fresh_directory_and_a_private_one_are_accepted(
+    start_daemon: Callable[..., DaemonProcess], top: Path,
+) -> None:
+    fresh = top / "a" / "b"
+    d = start_daemon(socket=fresh / "migblockd.sock")
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o700
+    assert d.stop() == 0
+    private = top / "private"
+    private.mkdir(mode=0o755)
+    d = start_daemon(socket=private / "migblockd.sock")
+    assert d.stop() == 0
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="needs root to act as another user")
+async def test_the_impostor_cannot_take_the_socket(
+    start_daemon: Callable[..., DaemonProcess], top: Path,
+) -> None:
+    # The attack of the issue, in a directory the daemon accepts: another user
+    # cannot rename the socket away, nor put anything in its place.
+    d = start_daemon(socket=top / "run" / "migblockd.sock")
+    assert stat.S_IMODE(os.stat(d.socket.parent).st_mode) == 0o700
+    moved = as_nobody("mv", str(d.socket), str(top / "stolen.sock"))
+    assert moved.returncode != 0 and "Permission denied" in moved.stderr, moved
+    planted = as_nobody("ln", "-s", "/dev/null", str(d.socket.parent / "impostor"))
+    assert planted.returncode != 0, planted
+    async with d.client() as c:
+        assert (await c.ok("query-version"))["package"].startswith("migblockd ")
+    assert d.stop() == 0
+
+
+# --------------------------------------------------------------------------- permissions
+
+
+SWAPPER = """
+import os, sys
+sock, victim, aside = sys.argv[1:4]
+while True:
+    try:
+        os.rename(sock, aside)
+        os.symlink(victim, sock)
+    except OSError:
+        pass
+"""
+
+
+def test_permissions_are_never_set_through_a_swapped_in_symlink(tmp_path: Path) -> None:
+    # Another process turns the socket into a symlink to a victim file as fast as it
+    # can while the socket is bound again and again: a chmod by name after bind(2)
+    # would make the victim as open as the socket in about 1 bind of 100 here.
+    victim = tmp_path / "victim"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o700)
+    sock = directory / "s.sock"
+    swapper = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SWAPPER), str(sock),
+                                str(victim), str(directory / "aside")])
+    bound = 0
+    try:
+        deadline = time.monotonic() + 60
+        while bound < 2000 and time.monotonic() < deadline:
+            for leftover in (sock, directory / "aside"):
+                leftover.unlink(missing_ok=True)
+            try:
+                listening = bind_socket(sock, 0o666)
+            except StartupError:
+                continue  # the swapper won before bind: a symlink is not replaced
+            listening.sock.close()
+            listening.lock.release()
+            bound += 1
+            assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert bound == 2000
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
+    assert victim.read_text() == "secret"
+
+
+# --------------------------------------------------------------------------- one daemon per path
+
+
+def test_two_daemons_started_together_on_a_stale_socket_never_both_serve(
+    tmp_path: Path,
+) -> None:
+    for trial in range(50):
+        workdir = tmp_path / f"t{trial}"
+        workdir.mkdir(mode=0o700)
+        path = workdir / "migblockd.sock"
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(path))
+        stale.close()
+        pair = [spawn_daemon(workdir, "--ephemeral", wait=False) for _ in range(2)]
+        try:
+            # One serves; the other exits at once, saying who holds the socket.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if [d for d in pair if d.proc.poll() is not None]:
+                    break
+                time.sleep(0.02)
+            exited = [d for d in pair if d.proc.poll() is not None]
+            assert len(exited) == 1, [d.log() for d in pair]
+            loser, = exited
+            winner, = (d for d in pair if d is not loser)
+            assert loser.proc.returncode == 1, loser.log()
+            assert READY_LINE not in loser.log()
+            assert (f"is already serving {path}; refusing to start a second one"
+                    in loser.log()), loser.log()
+            winner.wait_for_log(READY_LINE)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(10)
+            probe.connect(str(path))
+            assert probe.recv(4096).startswith(b'{"QMP"'), trial
+            probe.close()
+            assert winner.stop() == 0
+        finally:
+            for d in pair:
+                if d.proc.poll() is None:
+                    d.proc.kill()
+                    d.proc.wait()
+        shutil.rmtree(workdir)
+
+
+def test_the_refusal_names_the_live_daemon(start_daemon: Callable[..., DaemonProcess]) -> None:
+    live = start_daemon()
+    second = start_daemon(wait=False)
+    assert second.wait_exit() == 1
+    assert (f"another migblockd (pid {live.proc.pid}) is already serving {live.socket}"
+            in second.log()), second.log()
+    assert live.stop() == 0
+    # Stopped, it leaves the lock file (removing it would race) but not the socket,
+    # and the next daemon starts.
+    assert not live.socket.exists()
+    assert live.socket.with_name(live.socket.name + ".lock").exists()
+    again = start_daemon()
+    assert again.stop() == 0

@@ -20,15 +20,12 @@ events it caused to every negotiated session (before the reply, QEMU's order),
 then queues the reply.  Errors become replies in exactly one place,
 :meth:`Core._run`.
 
-Durability (``durable=True``): a command that changes what outlives the daemon
-gets a *stamp*; its events and reply, and everything any client is sent after
-them, are held until the changes up to that stamp are on disk.  The adapter
-takes the changes in groups (:meth:`take_group`: everything since the last
-group, one transaction per loop turn) and reports the outcome
-(:meth:`committed`, :meth:`commit_failed`).  Commands that read the blockers
-or settings wait until nothing is pending, so no client acts on a change that
-a crash could take back; a failed commit undoes every pending change, turns
-the replies of those commands into errors and drops their events.
+Durability (``durable=True``): output is held until the changes it follows
+are on disk, and commands that read state wait for them (:mod:`migblockd.ledger`
+keeps the stamps).  The server takes the changes in groups (:meth:`take_group`)
+and reports the outcome (:meth:`committed`, :meth:`commit_failed`); a failed
+commit undoes every pending change, turns the replies of those commands into
+errors and drops their events.
 
 Counting (:attr:`Core.stats`, read by :mod:`migblockd.metrics`): each command's
 outcome and latency (from its start here to its reply, a wait for a commit
@@ -40,7 +37,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
 from time import perf_counter_ns
 from types import GeneratorType
 from typing import Any
@@ -52,16 +48,17 @@ from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.gate import Call, QemuError, QemuUnavailable
 from migblockd.guard import Guard
+from migblockd.ledger import Group, Ledger
 from migblockd.logs import about, shown
 from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
 from migblockd.qmp.session import Request, Session
-from migblockd.registry import BlockerError, Change, Owner, Registry
+from migblockd.registry import BlockerError, Owner, Registry
 from migblockd.render import event_line
 from migblockd.stats import Stats
 
-__all__ = ["Core", "Group"]
+__all__ = ["Core"]
 
 log = logging.getLogger("migblockd")
 
@@ -72,14 +69,6 @@ TURN_OUTPUT = 64 * 1024
 
 #: A handler that talks to QEMU, paused at its latest ``yield Call(...)``.
 Suspended = Generator[object, object, object]
-
-
-@dataclass(frozen=True, slots=True)
-class Group:
-    """Changes to commit in one transaction: all the durable ones up to ``stamp``."""
-
-    stamp: int
-    changes: list[Change]
 
 
 class Core:
@@ -112,13 +101,7 @@ class Core:
         self.connections: dict[Connection, None] = {}  # an ordered set
         self._dirty: dict[Connection, None] = {}  # connections with output, in order
         self._numbers = 0
-        # Durability: stamps of commands whose changes are not on disk yet.
-        self._stamp = 0  # the last stamp handed out
-        self._committed = 0  # everything up to this stamp is on disk
-        self._grouped = 0  # ... or in the group being committed
-        self._pending: list[tuple[int, list[Change]]] = []
-        self._holding: dict[Connection, None] = {}
-        self._waiting: dict[Connection, None] = {}
+        self.ledger = Ledger()
         self._calls: list[tuple[Connection, Call]] = []
         self.stats = Stats(name for name, cmd in self.table.items() if cmd.handler is not None)
         # When each request now waiting (for a commit or QEMU) started: perf_counter_ns().
@@ -172,7 +155,7 @@ class Core:
         del self.connections[conn]
         self.admission.release(conn.owner)
         self._dirty.pop(conn, None)
-        self._holding.pop(conn, None)
+        self.ledger.holding.pop(conn, None)
         released = self.registry.release(conn)
         if released:
             ids = [b.id for b in released]
@@ -212,7 +195,7 @@ class Core:
     def blocked(self, conn: Connection) -> bool:
         """Its next request waits for a commit or QEMU: no use giving it a turn until then."""
         return conn.waiting is not None and (
-            conn.suspended is not None or self._stamp > self._committed)
+            conn.suspended is not None or self.ledger.uncommitted)
 
     def execute(self, conn: Connection, max_requests: int) -> int:
         """Run up to ``max_requests`` of ``conn``'s pending requests, in order.
@@ -229,9 +212,9 @@ class Core:
             if request is not None:
                 if conn.suspended is not None:
                     break
-                if self._stamp > self._committed:
+                if self.ledger.uncommitted:
                     # Woken, but another change came first: wait for its commit too.
-                    self._waiting[conn] = None
+                    self.ledger.waiting[conn] = None
                     break
                 conn.waiting = None
                 started = self._started.pop(conn, 0)
@@ -268,29 +251,24 @@ class Core:
     # -- durability --------------------------------------------------------------
     def has_uncommitted(self) -> bool:
         """Some change is not on disk yet (nor has its commit failed)."""
-        return self._stamp > self._committed
+        return self.ledger.uncommitted
 
     def take_group(self) -> Group | None:
         """The changes to commit next, if any and if no commit is in flight."""
-        if self._grouped > self._committed or self._stamp == self._grouped:
-            return None
-        changes = [change for stamp, batch in self._pending if stamp > self._grouped
-                   for change in batch if change.durable]
-        self._grouped = self._stamp
-        return Group(self._stamp, changes)
+        return self.ledger.take_group()
 
     def committed(self, group: Group) -> list[Connection]:
         """``group`` is on disk: release what waited for it.
 
         Returns the connections whose next request may run now.
         """
-        self._committed = group.stamp
-        self._pending = [entry for entry in self._pending if entry[0] > group.stamp]
-        for conn in list(self._holding):
+        self.ledger.done(group)
+        holding = self.ledger.holding
+        for conn in list(holding):
             if conn.session.release(group.stamp):
                 self._dirty[conn] = None
             if not conn.session.holding:
-                del self._holding[conn]
+                del holding[conn]
         return self._wake()
 
     def commit_failed(self, group: Group, reason: str) -> list[Connection]:
@@ -302,24 +280,19 @@ class Core:
         request may run now.
         """
         log.error("%s; %d command(s) failed, their changes undone", reason,
-                  len(self._pending))
-        for _, changes in reversed(self._pending):
+                  self.ledger.pending)
+        for changes in self.ledger.failed():
             self.registry.undo(changes)
-        self._pending.clear()
         self.handlers.listings.reset()
-        self._committed = self._grouped = self._stamp
         error = QMPError(f"{reason}; nothing was changed")
-        for conn in self._holding:
+        for conn in self.ledger.holding:
             conn.session.fail_held(error)
             self._dirty[conn] = None
-        self._holding.clear()
+        self.ledger.holding.clear()
         return self._wake()
 
     def _wake(self) -> list[Connection]:
-        if self._stamp > self._committed or not self._waiting:
-            return []
-        woken = list(self._waiting)
-        self._waiting.clear()
+        woken = self.ledger.wake()
         for conn in woken:
             if conn.closed:
                 self._finish(conn)
@@ -382,9 +355,9 @@ class Core:
             self.stats.refused(request.command.name, exc)
             self._complete(conn, request, None, exc, started)
             return
-        if self._stamp > self._committed and getattr(handler, "reads_state", False):
+        if self.ledger.uncommitted and getattr(handler, "reads_state", False):
             conn.waiting = request
-            self._waiting[conn] = None
+            self.ledger.waiting[conn] = None
             self._started[conn] = started
             return
         # Transitions already due come first, so that answers never depend on
@@ -452,14 +425,13 @@ class Core:
         if changes:
             self.handlers.track(changes)
         if changes and self.durable and any(change.durable for change in changes):
-            self._stamp += 1
-            self._pending.append((self._stamp, changes))
+            self.ledger.record(changes)
             durable = True
         # Events the command caused go out before its reply (QEMU's order).
         self._publish(durable)
-        stamp = self._stamp if self._stamp > self._committed else 0
+        stamp = self.ledger.open_stamp
         if stamp:
-            self._holding[conn] = None
+            self.ledger.holding[conn] = None
         session = conn.session
         name = request.command.name
         if error is not None:
@@ -484,9 +456,9 @@ class Core:
                 log.info("migration status: %s", event.detail)
 
     def _fan_out(self, line: bytes, durable: bool) -> None:
-        stamp = self._stamp if self._stamp > self._committed else 0
+        stamp = self.ledger.open_stamp
         dirty = self._dirty
-        marks = (dirty, self._holding) if stamp else (dirty,)
+        marks = (dirty, self.ledger.holding) if stamp else (dirty,)
         for conn in self.connections:
             session = conn.session
             if session.negotiated and not conn.closed:

@@ -40,7 +40,7 @@ Progress = tuple[int, int, bool]
 
 
 class Draining(Protocol):
-    """What the drain needs of a connection's adapter (``server.ClientProtocol``)."""
+    """What the drain needs of a connection's adapter (``adapter.ClientProtocol``)."""
 
     conn: Connection | None
     lingering: bool

@@ -6,7 +6,7 @@ Three rules keep the socket the daemon's own:
   (:func:`check_socket_directory`): whoever can write there could rename the
   socket away and bind an impostor in its place, which clients would trust.
 * One daemon per socket path: an exclusive ``flock`` on ``PATH.lock``, beside
-  the socket, is taken before anything else (:class:`SocketLock`), so of two
+  the socket, is taken before anything else (:func:`lock_socket`), so of two
   daemons started together on a stale socket exactly one serves; the other
   refuses.  A socket file left by a daemon that died is replaced; one a live
   daemon answers on is not (the daemon refuses to start instead).
@@ -19,8 +19,6 @@ Three rules keep the socket the daemon's own:
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import socket
@@ -29,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migblockd.paths import fallback_socket_dir
+from migblockd.pidlock import Held, LockFailed, PidLock
 
-__all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Listening", "SocketLock", "StartupError",
+__all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Listening", "StartupError",
            "bind_socket", "check_socket_directory", "make_socket_dir"]
 
 log = logging.getLogger("migblockd")
@@ -52,7 +51,7 @@ class Listening:
 
     sock: socket.socket
     inode: int
-    lock: SocketLock
+    lock: PidLock
 
 
 def bind_socket(path: Path, mode: int, group: int | None = None, *,
@@ -69,7 +68,7 @@ def bind_socket(path: Path, mode: int, group: int | None = None, *,
                            f"the limit is {UNIX_PATH_MAX})")
     make_socket_dir(path.parent, mode, group)
     check_socket_directory(path.parent)
-    lock = SocketLock.acquire(path, option)
+    lock = lock_socket(path, option)
     try:
         sock = _bind(path, mode, group, option)
         try:
@@ -232,59 +231,16 @@ def _components(path: Path) -> set[Path]:
 # --------------------------------------------------------------------------- the lock
 
 
-class SocketLock:
-    """An exclusive ``flock`` on ``SOCKET.lock``: one daemon per socket path.
-
-    ``flock`` locks belong to the open file description and the kernel drops
-    them however the holder exits, so there is never a stale lock to clean up.
-    The lock file itself is never removed: a daemon that unlinked it on exit
-    could leave a second one holding a lock on the removed file while a third
-    takes one on a new file, and both would serve.  The holder writes its pid
-    in the file so that a refusal can say who holds it.
-    """
-
-    __slots__ = ("_fd", "path")
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path = path
-        self._fd: int | None = fd
-
-    @classmethod
-    def acquire(cls, socket_path: Path, option: str = "--socket") -> SocketLock:
-        path = socket_path.with_name(socket_path.name + ".lock")
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StartupError(f"cannot open the socket's lock file {path}: "
-                               f"{exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _holder(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StartupError(
-                    f"another migblockd ({holder}) is already serving {socket_path}; "
-                    f"refusing to start a second one (stop it first, or choose another "
-                    f"{option})") from None
-            raise StartupError(f"cannot lock {path}: {exc.strerror}") from None
-        with contextlib.suppress(OSError):  # the pid is a courtesy to whoever is refused
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return cls(path, fd)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing the only descriptor drops the flock
-            self._fd = None
-
-
-def _holder(fd: int) -> str:
-    """``pid N`` as the holder wrote it, when it did."""
+def lock_socket(socket_path: Path, option: str = "--socket") -> PidLock:
+    """The lock on ``SOCKET.lock`` that makes one daemon per socket path."""
+    path = socket_path.with_name(socket_path.name + ".lock")
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    except OSError:
-        text = ""
-    return f"pid {text}" if text.isdigit() else "pid unknown"
+        return PidLock.acquire(path)
+    except Held as held:
+        raise StartupError(
+            f"another migblockd ({held.holder}) is already serving {socket_path}; "
+            f"refusing to start a second one (stop it first, or choose another "
+            f"{option})") from None
+    except LockFailed as exc:
+        what = "open the socket's lock file" if exc.opening else "lock"
+        raise StartupError(f"cannot {what} {path}: {exc.strerror}") from None

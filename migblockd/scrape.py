@@ -54,7 +54,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from migblockd.config import HostPort
-from migblockd.listen import SocketLock, StartupError, bind_socket
+from migblockd.listen import StartupError, bind_socket
+from migblockd.pidlock import PidLock
 
 __all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_TIMEOUT", "MetricsApp", "MetricsServer"]
 
@@ -210,7 +211,7 @@ class MetricsServer:
     """The endpoint, serving ``registry`` until :meth:`close`."""
 
     def __init__(self, sock: socket.socket, where: str, app: MetricsApp,
-                 own_socket: tuple[Path, int] | None, lock: SocketLock | None = None) -> None:
+                 own_socket: tuple[Path, int] | None, lock: PidLock | None = None) -> None:
         port = sock.getsockname()[1] if sock.family != socket.AF_UNIX else 0
         self.where = where
         self.own_socket = own_socket

@@ -36,7 +36,7 @@ MAX_PERIOD = 1.0
 
 
 class Timed(Protocol):
-    """What the sweep needs of a connection's adapter (``server.ClientProtocol``)."""
+    """What the sweep needs of a connection's adapter (``adapter.ClientProtocol``)."""
 
     conn: Connection | None
     eof: bool

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from migblockd import __version__
 
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
@@ -52,3 +55,44 @@ class Scrape:
         assert counts == sorted(counts), f"{name} {labels}: buckets are not cumulative"
         assert buckets[-1] == (float("inf"), self.value(f"{name}_count", **labels))
         return buckets, self.value(f"{name}_sum", **labels)
+
+
+MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
+ADD_REASONS = ("access", "quota", "invalid", "duplicate-id", "only-migratable", "busy", "qemu",
+               "qemu-unavailable", "internal")
+MIGRATE_REASONS = ("access", "invalid", "blocked", "in-progress", "qemu", "qemu-unavailable",
+                   "internal")
+
+
+def commands(expected: dict[Key, float], command: str, ok: int = 0, error: int = 0) -> None:
+    """Expect ``command`` to have run ``ok`` + ``error`` times."""
+    expected[key("migblockd_commands_total", command=command, result="ok")] = ok
+    expected[key("migblockd_commands_total", command=command, result="error")] = error
+    if ok + error:  # a command's histogram appears once it has run
+        expected[key("migblockd_command_duration_seconds_count", command=command)] = ok + error
+
+
+def baseline(command_names: Iterable[str], *, durable: bool) -> dict[Key, float]:
+    """Every plain series of a fresh simulating daemon, at zero (the mode: normal)."""
+    expected: dict[Key, float] = {key("migblockd_build_info", version=__version__): 1}
+    for mode in MODES:
+        expected[key("migblockd_migration_mode", mode=mode)] = 1 if mode == "normal" else 0
+        expected[key("migblockd_blockers", source="migblockd", mode=mode)] = 0
+    for name in ("blockers_added", "migrations_started", "connections", "connections_refused",
+                 "clients_dropped", "protocol_replies"):
+        expected[key(f"migblockd_{name}_total")] = 0
+    for cause in ("command", "connection-closed"):
+        expected[key("migblockd_blockers_deleted_total", cause=cause)] = 0
+    for reason in ADD_REASONS:
+        expected[key("migblockd_blockers_refused_total", reason=reason)] = 0
+    for reason in MIGRATE_REASONS:
+        expected[key("migblockd_migrations_refused_total", reason=reason)] = 0
+    for status in ("completed", "failed", "cancelled"):
+        expected[key("migblockd_migrations_ended_total", status=status)] = 0
+    expected[key("migblockd_clients")] = 0
+    if durable:
+        expected[key("migblockd_commit_duration_seconds_count")] = 0
+        expected[key("migblockd_commit_failures_total")] = 0
+    for command in command_names:
+        commands(expected, command)
+    return expected

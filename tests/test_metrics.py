@@ -20,22 +20,14 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log
-from metricstext import Scrape, key
+from metricstext import Scrape, baseline, commands, key
 from otheruids import NAMELESS_GID, NAMELESS_UID, NAMELESS_UID2, UidClient
 from qmpclient import RawClient, blocking_client, encode, qmp_client
 from realqemu import Qemu, wait_until
 
-from migblockd import __version__
-
-MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
-ADD_REASONS = ("access", "quota", "invalid", "duplicate-id", "only-migratable", "busy", "qemu",
-               "qemu-unavailable", "internal")
-MIGRATE_REASONS = ("access", "invalid", "blocked", "in-progress", "qemu", "qemu-unavailable",
-                   "internal")
 SCHEMA_REQUESTS = 32  # one turn's worth: they all run before the daemon stops for the writer
 
 
@@ -88,37 +80,6 @@ def uid_client(script: Path, daemon: DaemonProcess, uid: int) -> UidClient:
     return UidClient(script, daemon.socket, uid, NAMELESS_GID)
 
 
-def commands(expected: dict[Any, float], command: str, ok: int = 0, error: int = 0) -> None:
-    expected[key("migblockd_commands_total", command=command, result="ok")] = ok
-    expected[key("migblockd_commands_total", command=command, result="error")] = error
-    if ok + error:  # a command's histogram appears once it has run
-        expected[key("migblockd_command_duration_seconds_count", command=command)] = ok + error
-
-
-def baseline(command_names: list[str]) -> dict[Any, float]:
-    """Every plain series of a simulating, durable daemon, at zero (the mode: normal)."""
-    expected: dict[Any, float] = {key("migblockd_build_info", version=__version__): 1}
-    for mode in MODES:
-        expected[key("migblockd_migration_mode", mode=mode)] = 1 if mode == "normal" else 0
-        expected[key("migblockd_blockers", source="migblockd", mode=mode)] = 0
-    for name in ("blockers_added", "migrations_started", "connections", "connections_refused",
-                 "clients_dropped", "protocol_replies", "commit_failures"):
-        expected[key(f"migblockd_{name}_total")] = 0
-    for cause in ("command", "connection-closed"):
-        expected[key("migblockd_blockers_deleted_total", cause=cause)] = 0
-    for reason in ADD_REASONS:
-        expected[key("migblockd_blockers_refused_total", reason=reason)] = 0
-    for reason in MIGRATE_REASONS:
-        expected[key("migblockd_migrations_refused_total", reason=reason)] = 0
-    for status in ("completed", "failed", "cancelled"):
-        expected[key("migblockd_migrations_ended_total", status=status)] = 0
-    expected[key("migblockd_clients")] = 0
-    expected[key("migblockd_commit_duration_seconds_count")] = 0
-    for command in command_names:
-        commands(expected, command)
-    return expected
-
-
 async def poll_status(client: RawClient, status: str) -> int:
     """query-migrate until the migration's status is ``status``; how many it took."""
     polls = 0
@@ -146,7 +107,7 @@ async def test_every_counter_and_gauge_after_a_scripted_session(
     names = sorted(dict(k[1])["command"] for k in fresh.samples
                    if k[0] == "migblockd_commands_total")
     assert "add-blocker" in names and "qmp_capabilities" not in names
-    assert fresh.plain() == baseline(names)
+    assert fresh.plain() == baseline(names, durable=True)
 
     async with d.client() as a:  # root: admin
         vfio = await a.ok("add-blocker", {"reason": "vfio", "id": "vfio", "modes": ["cpr-reboot"]})
@@ -209,7 +170,7 @@ async def test_every_counter_and_gauge_after_a_scripted_session(
         metrics = await scrape_until(endpoint, lambda s: s.value("migblockd_clients") == 3,
                                      "the dropped client is gone")
 
-        expected = baseline(names)
+        expected = baseline(names, durable=True)
         added = vfio["added"]["seconds"] + vfio["added"]["microseconds"] / 1e6
         assert metrics.value("migblockd_blocked_since_seconds") == pytest.approx(added, abs=1e-6)
         expected.update({

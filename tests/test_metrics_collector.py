@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from metricstext import Key, Scrape, key
+from metricstext import Scrape, baseline, commands, key
 from prometheus_client import generate_latest
 
-from migblockd import __version__
 from migblockd import scrape as scrape_module
 from migblockd.access import Policy, Quotas, Role
 from migblockd.config import Config
@@ -46,11 +45,8 @@ from migblockd.scrape import MetricsApp
 from migblockd.stats import Histogram, refusal_reason
 
 CONTRACT = Contract.load()
-MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
-ADD_REASONS = ("access", "quota", "invalid", "duplicate-id", "only-migratable", "busy", "qemu",
-               "qemu-unavailable", "internal")
-MIGRATE_REASONS = ("access", "invalid", "blocked", "in-progress", "qemu", "qemu-unavailable",
-                   "internal")
+#: Every command but the session's own (its replies count as protocol replies).
+COMMANDS = [name for name in CONTRACT.commands if name != "qmp_capabilities"]
 # uids: root (always admin), and two that no user database names
 ADMIN, CLIENT, OBSERVER = 0, 3_999_990, 3_999_991
 
@@ -96,46 +92,10 @@ def outcome(replies: list[dict[str, Any]]) -> list[str]:
     return ["ok" if "return" in r else r["error"]["desc"] for r in replies]
 
 
-def baseline(core: Core) -> dict[Key, float]:
-    """What a scrape of a fresh, simulating core shows (before any connection)."""
-    expected: dict[Key, float] = {key("migblockd_build_info", version=__version__): 1}
-    for mode in MODES:
-        expected[key("migblockd_migration_mode", mode=mode)] = 1 if mode == "normal" else 0
-        expected[key("migblockd_blockers", source="migblockd", mode=mode)] = 0
-    for name in ("blockers_added", "migrations_started", "connections",
-                 "connections_refused", "clients_dropped", "protocol_replies"):
-        expected[key(f"migblockd_{name}_total")] = 0
-    for cause in ("command", "connection-closed"):
-        expected[key("migblockd_blockers_deleted_total", cause=cause)] = 0
-    for reason in ADD_REASONS:
-        expected[key("migblockd_blockers_refused_total", reason=reason)] = 0
-    for reason in MIGRATE_REASONS:
-        expected[key("migblockd_migrations_refused_total", reason=reason)] = 0
-    for status in ("completed", "failed", "cancelled"):
-        expected[key("migblockd_migrations_ended_total", status=status)] = 0
-    expected[key("migblockd_clients")] = 0
-    for command in CONTRACT.commands:
-        if command == "qmp_capabilities":
-            continue  # the session's own: a protocol reply
-        for result in ("ok", "error"):
-            expected[key("migblockd_commands_total", command=command, result=result)] = 0
-    if core.durable:
-        expected[key("migblockd_commit_duration_seconds_count")] = 0
-        expected[key("migblockd_commit_failures_total")] = 0
-    return expected
-
-
-def commands(expected: dict[Key, float], command: str, ok: int = 0, error: int = 0) -> None:
-    expected[key("migblockd_commands_total", command=command, result="ok")] = ok
-    expected[key("migblockd_commands_total", command=command, result="error")] = error
-    if ok + error:  # a command's histogram appears once it has run
-        expected[key("migblockd_command_duration_seconds_count", command=command)] = ok + error
-
-
 def test_a_fresh_core_shows_every_series_at_zero_and_nothing_else() -> None:
     core, _ = make()
     metrics = scrape(core)
-    assert metrics.plain() == baseline(core)
+    assert metrics.plain() == baseline(COMMANDS, durable=core.durable)
     assert metrics.types["migblockd_blockers"] == "gauge"
     assert metrics.types["migblockd_blockers_added"] == "counter"
     assert metrics.types["migblockd_command_duration_seconds"] == "histogram"
@@ -191,7 +151,7 @@ def test_every_counter_and_gauge_after_a_scripted_session() -> None:
     assert outcome(run(core, admin, {"execute": "migrate-set-parameters",
                                      "arguments": {"mode": "cpr-reboot"}})) == ["ok"]
 
-    expected = baseline(core)
+    expected = baseline(COMMANDS, durable=core.durable)
     expected.update({
         key("migblockd_migration_mode", mode="normal"): 0,
         key("migblockd_migration_mode", mode="cpr-reboot"): 1,

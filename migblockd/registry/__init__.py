@@ -1,8 +1,9 @@
 """QEMU's migration blocker registry and a simulated migration, as pure domain logic.
 
 ``errors``: the refusals, worded as QEMU words them; ``blockers``: the store
-of per-mode lists; ``migration``: the simulated migration's state machine;
-``registry``: QEMU's rules over all three.  Nothing here does I/O.
+of per-mode lists; ``ids``: chosen and generated blocker ids; ``migration``:
+the simulated migration's state machine; ``changes``: events for clients and
+changes for the disk; ``registry``: QEMU's rules over all of them.  Nothing here does I/O.
 """
 
 from migblockd.clock import SYSTEM_CLOCK, Clock, FakeClock
@@ -22,13 +23,14 @@ from migblockd.registry.errors import (
     NotFound,
     OnlyMigratable,
 )
+from migblockd.registry.ids import ID_CHUNK, MAX_ID_LENGTH
 from migblockd.registry.migration import (
     MIGRATION_STATUSES,
     RUNNING_STATUSES,
     SETUP_SHARE,
     URI_SCHEMES,
 )
-from migblockd.registry.registry import DEFAULT_MODE, ID_CHUNK, MAX_ID_LENGTH, SCOPES, Registry
+from migblockd.registry.registry import DEFAULT_MODE, SCOPES, Registry
 
 __all__ = [
     "DEFAULT_MODE",

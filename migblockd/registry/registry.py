@@ -25,7 +25,6 @@ which is the wording migblockd's schema documents.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -36,8 +35,6 @@ from migblockd.registry.errors import (
     DuplicateId,
     EmptyModes,
     EmptyReason,
-    IdTooLong,
-    InvalidId,
     InvalidUri,
     MigrationBlocked,
     MigrationBusy,
@@ -45,9 +42,10 @@ from migblockd.registry.errors import (
     NotFound,
     OnlyMigratable,
 )
+from migblockd.registry.ids import IdSource, check_id
 from migblockd.registry.migration import MIGRATION_STATUSES, URI_SCHEMES, SimulatedMigration
 
-__all__ = ["DEFAULT_MODE", "ID_CHUNK", "MAX_ID_LENGTH", "SCOPES", "Change", "Event", "Registry"]
+__all__ = ["DEFAULT_MODE", "SCOPES", "Change", "Event", "Registry"]
 
 #: ``BlockerScope``: a daemon blocker lives until deleted; a connection blocker
 #: also goes when the connection that added it closes.
@@ -56,22 +54,6 @@ SCOPES: Final[tuple[str, ...]] = ("daemon", "connection")
 #: The ``mode`` migration parameter's default, and the mode that
 #: ``-only-migratable`` protects (``MIG_MODE_NORMAL`` in QEMU).
 DEFAULT_MODE: Final = "normal"
-
-# util/id.c id_wellformed(): qemu_isalpha()/qemu_isalnum() are ASCII-only.
-_IDENTIFIER: Final = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
-
-#: The longest id a client may choose.  QEMU bounds none, but here ids are
-#: logged, listed to every client and stored: 128 characters name anything.
-MAX_ID_LENGTH: Final = 128
-
-# util/id.c id_generate() starts generated ids with '#', which id_wellformed()
-# rejects, so no client can ever choose an id that we generate later.
-GENERATED_PREFIX: Final = "#blocker"
-
-#: Generated ids are reserved on disk this many at a time: an id below the
-#: reserved floor is never handed out again, even after a crash, and only one
-#: add in ID_CHUNK has to wait for the floor to move.
-ID_CHUNK: Final = 1024
 
 
 class Registry:
@@ -84,9 +66,9 @@ class Registry:
     takes from ``setup`` to ``completed``, in seconds.
     """
 
-    __slots__ = ("_clock", "_entered", "_events", "_events_enabled", "_floor", "_journal",
+    __slots__ = ("_clock", "_entered", "_events", "_events_enabled", "_ids", "_journal",
                  "_migration", "_mode", "_mode_chain", "_modes", "_only_migratable", "_seq",
-                 "_serial", "_store", "_version")
+                 "_store", "_version")
 
     def __init__(
         self,
@@ -108,8 +90,7 @@ class Registry:
         self._store = BlockerStore(self._modes)
         self._migration = SimulatedMigration(float(migration_time))
         self._entered = dict.fromkeys(MIGRATION_STATUSES, 0)
-        self._serial = 0  # the number in the next generated id
-        self._floor = 0  # generated ids below this are reserved (on disk, when durable)
+        self._ids = IdSource()
         self._seq = 0  # the age rank of the next blocker
         self._version = 0
         self._journal: list[Change] = []
@@ -212,12 +193,9 @@ class Registry:
         wanted = self.check_add(reason, modes=modes, internal=internal, id=id, scope=scope,
                                 connection=connection)
         if id is None:
-            if self._serial >= self._floor:
-                floor = self._serial + ID_CHUNK
-                self._journal.append(Change("id-floor", True, old=self._floor, new=floor))
-                self._floor = floor
-            id = f"{GENERATED_PREFIX}{self._serial}"
-            self._serial += 1
+            id, reserve = self._ids.take()
+            if reserve is not None:
+                self._journal.append(reserve)
         blocker = Blocker(id, reason, wanted, internal, scope, owner, self._clock.time(),
                           self._seq, connection if scope == "connection" else None)
         self._seq += 1
@@ -255,10 +233,7 @@ class Registry:
                 raise ValueError(f"unknown MigMode {sorted(unknown)!r}")
             wanted = tuple(mode for mode in self._modes if mode in requested)
         if id is not None:
-            if len(id) > MAX_ID_LENGTH:
-                raise IdTooLong(id, MAX_ID_LENGTH)
-            if _IDENTIFIER.fullmatch(id) is None:
-                raise InvalidId(id)
+            check_id(id)
             if id in self._store:
                 raise DuplicateId(id)
         if self._only_migratable and not internal and DEFAULT_MODE in wanted:
@@ -458,7 +433,7 @@ class Registry:
                 self._events_enabled = bool(change.old)
             else:
                 assert isinstance(change.old, int)
-                self._floor = change.old
+                self._ids.floor = change.old
 
     def restore(self, blockers: Sequence[Blocker], *, mode: str, events: bool,
                 id_floor: int) -> None:
@@ -473,5 +448,5 @@ class Registry:
             self._seq = max(self._seq, blocker.seq + 1)
         self._set_mode(mode if mode in self._modes else DEFAULT_MODE)
         self._events_enabled = events
-        self._serial = self._floor = id_floor
+        self._ids.restart(id_floor)
         self._version += 1

@@ -27,9 +27,10 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from migblockd.pidlock import PidLock
 from migblockd.state import schema
 from migblockd.state.errors import StateError, commit_failed, describe_open_error, one_line
-from migblockd.state.lock import DirectoryLock
+from migblockd.state.lock import lock_directory
 from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
 
 __all__ = ["DATABASE_NAME", "Store"]
@@ -45,10 +46,10 @@ class Store:
 
     __slots__ = ("_conn", "_lock", "directory", "path")
 
-    def __init__(self, directory: Path, lock: DirectoryLock, conn: sqlite3.Connection) -> None:
+    def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection) -> None:
         self.directory = directory
         self.path = directory / DATABASE_NAME
-        self._lock: DirectoryLock | None = lock
+        self._lock: PidLock | None = lock
         self._conn: sqlite3.Connection | None = conn
 
     @classmethod
@@ -62,7 +63,7 @@ class Store:
         """
         directory = Path(directory)
         _make_directory(directory)
-        lock = DirectoryLock.acquire(directory)
+        lock = lock_directory(directory)
         path = directory / DATABASE_NAME
         try:
             conn = _check_and_open(path, migrations)

@@ -1,0 +1,247 @@
+"""One client's connection: its asyncio transport, when to read, what to write, how it ends.
+
+:class:`ClientProtocol` is the thin adapter between one transport and the
+sans-I/O core (:class:`migblockd.core.Core`): bytes received go to the core at
+once, and the server's turn (:mod:`migblockd.server`) calls :meth:`pump` to run
+some of the connection's requests and :meth:`flush` to write its output
+through the :class:`~migblockd.outbox.Outbox`.  The rules it applies:
+
+* **reading**: stop while requests are pending or output waits (backpressure),
+  so a client that does not read holds at most one read's worth of unexecuted
+  input and nothing is dropped;
+* **dropping**: past ``max_output`` bytes of events left unread, the client
+  alone is disconnected; what it sent before still runs (:meth:`drop`,
+  :meth:`read_leftovers`);
+* **ending**: a connection that may still be sending is half-closed after its
+  last reply and lingers ``LINGER`` seconds (:meth:`finish`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, cast
+
+from migblockd.connection import Connection
+from migblockd.logs import WIRE_LIMIT, about, shown
+from migblockd.outbox import HIGH_WATER, Outbox
+from migblockd.peer import leftovers, peer_owner, unread
+
+if TYPE_CHECKING:
+    from migblockd.server import Server
+
+__all__ = ["BATCH", "LINGER", "ClientProtocol"]
+
+log = logging.getLogger("migblockd")
+
+#: Requests of one connection run per turn: large enough to batch pipelined
+#: requests into one write, small enough to let other clients take turns.
+BATCH = 32
+#: How long a connection we half-closed may go on sending before we close it.
+LINGER = 2.0
+
+
+class ClientProtocol(asyncio.Protocol):
+    """The transport of one connection, and when to read from it."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.core = server.core
+        self.conn: Connection | None = None
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+        self.read_paused = False
+        self.eof = False  # no more reading: the peer half-closed, or we stop reading
+        self.peer_eof = False
+        self.dropped = False
+        self.lingering = False  # half-closed by us: what still comes is discarded
+        self.connected_at = 0.0
+        #: Since when the peer has left a message unfinished (see migblockd.timeouts).
+        self.unfinished_since: float | None = None
+        self.outbox: Outbox | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but quack alike.
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self.connected_at = self.server.loop.time()
+        self.conn = conn = self.core.connect(peer_owner(transport))
+        if conn.refused:
+            transport.write(self.core.data_to_send(conn))
+            transport.close()
+            self.conn = None
+            return
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.outbox = Outbox(transport)
+        self.server.protocols[conn] = self
+        self.server.timeouts.watch()
+        self.server.schedule()
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None or self.lingering:
+            return
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s <- %s", conn.label, shown(data, WIRE_LIMIT))
+        core = self.core
+        core.receive_data(conn, data)
+        if core.has_pending(conn) or not conn.session.buffered:
+            self.unfinished_since = None  # a message is complete: the peer made progress
+        elif self.unfinished_since is None:
+            self.unfinished_since = self.server.loop.time()
+        self.server.runnable(self)
+
+    def eof_received(self) -> bool:
+        if self.conn is None or self.lingering:
+            return False  # asyncio closes the transport
+        self.eof = self.peer_eof = True
+        self.core.receive_eof(self.conn)
+        self.server.runnable(self)
+        # Keep the transport open: replies to what came before EOF still go out.
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.acceptor_freed()
+        conn = self.conn
+        if conn is None:
+            return
+        self.conn = None
+        if (exc is not None or self.dropped) and not self.lingering:
+            # The peer hung up (a write failed), or we dropped it: what it sent
+            # before may still sit unread in the socket, and takes effect all the same.
+            self.read_leftovers(conn)
+        self.server.protocols.pop(conn, None)
+        self.core.disconnect(conn, str(exc) if exc is not None else "")
+        self.core.data_to_send(conn)
+        self.server.schedule()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.outbox is not None and self.outbox.waiting:
+            self.outbox.write_some()
+            if self.outbox.waiting or self.write_paused:
+                return  # more when the client has read more
+            self.flush()  # closes a half-closed client once all is out
+        self.server.runnable(self)
+
+    # -- ours ------------------------------------------------------------------
+    def read_leftovers(self, conn: Connection) -> None:
+        """Feed the core what the peer sent that asyncio never read (bounded)."""
+        assert self.transport is not None
+        budget = self.server.config.max_message_size + 64 * 1024
+        debug = log.isEnabledFor(logging.DEBUG)
+        for data in leftovers(self.transport, budget):
+            if debug:
+                log.debug("%s <- %s (after the connection broke)", conn.label,
+                          shown(data, WIRE_LIMIT))
+            self.core.receive_data(conn, data)
+        left = unread(self.transport)
+        if left:
+            log.warning("%s: %d bytes it sent were left unread (past the %d-byte bound); "
+                        "whatever requests they held were not run", conn.label, left, budget)
+
+    def drop(self, why: str) -> None:
+        """Disconnect the peer now.  Everything it sent before runs all the same
+        (see :meth:`connection_lost`); only the replies are lost."""
+        if self.conn is None or self.transport is None or self.dropped:
+            return
+        log.warning("%s: dropped: %s", self.conn.label, why, extra=about(self.conn))
+        self.core.stats.dropped += 1
+        self.dropped = True
+        self.transport.abort()
+
+    def expel(self, reason: str) -> None:
+        """Close the connection for ``reason`` (a timeout), with a line saying why."""
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None:
+            return
+        self.core.expel(conn, reason)
+        self.stop_reading()
+        self.server.runnable(self)
+
+    def stop_reading(self) -> None:
+        """Read no more (a timeout, or shutdown): close once everything read is answered."""
+        self.eof = True
+        if not self.read_paused and self.transport is not None \
+                and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self.read_paused = True
+
+    def pump(self) -> bool:
+        """This connection's turn; True when it wants another one."""
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None or transport.is_closing():
+            return False
+        core = self.core
+        if self.outbox is not None and self.outbox.waiting:
+            return False  # resume_writing comes back once its output has gone
+        if core.has_pending(conn) and not self.write_paused:
+            core.execute(conn, BATCH)
+        if core.has_pending(conn):
+            if not self.read_paused:
+                transport.pause_reading()
+                self.read_paused = True
+            # A paused writer is woken by resume_writing, a blocked one by its commit.
+            return not self.write_paused and not core.blocked(conn)
+        if self.read_paused and not self.eof:
+            transport.resume_reading()
+            self.read_paused = False
+        return False
+
+    def flush(self) -> None:
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None:
+            return
+        pieces, events = self.core.take_output(conn)
+        if transport.is_closing() or self.lingering or self.outbox is None:
+            return  # after our EOF (a timeout, shutdown) nothing more is said
+        if pieces:
+            if log.isEnabledFor(logging.DEBUG):
+                for piece in pieces:
+                    log.debug("%s -> %s", conn.label, shown(piece, WIRE_LIMIT))
+            limit = self.server.config.max_output
+            # While draining nobody is dropped for it: they are owed these replies.
+            if self.outbox.put(pieces, events) > limit and not self.server.draining:
+                self.drop(f"more than max-output={limit} bytes of unread events")
+                return
+        if self.eof and self.core.settled(conn) and not self.outbox.waiting:
+            self.finish()
+
+    def finish(self) -> None:
+        """Everything read is answered: end the connection.
+
+        A peer that half-closed already is simply closed.  Otherwise (shutdown,
+        a timeout) it may still be sending, and closing a Unix socket with
+        unread input resets the connection, which can cost the peer the replies
+        it has not read yet.  So we half-close instead (EOF after the last
+        reply), discard what still comes (it was never read, so it never ran),
+        and close when the peer does, or after ``LINGER`` seconds.
+        """
+        transport = self.transport
+        assert transport is not None
+        if self.peer_eof or self.lingering or not transport.can_write_eof():
+            if not self.lingering:
+                transport.close()
+            return
+        self.lingering = True
+        transport.write_eof()
+        if self.read_paused:
+            transport.resume_reading()
+            self.read_paused = False
+        self.server.loop.call_later(LINGER, self.linger_over)
+
+    def linger_over(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    def progress(self) -> tuple[int, int, bool]:
+        """What changes while the peer takes its output (for the shutdown drain)."""
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None:
+            return (0, 0, False)
+        return (transport.get_write_buffer_size(), conn.session.buffered,
+                self.core.has_pending(conn))

@@ -17,8 +17,8 @@ request to registry and back lives here, so it is tested with plain bytes::
 A request runs to completion when its turn comes: the core applies the
 simulated migration's transitions that are due, runs the handler, delivers the
 events it caused to every negotiated session (before the reply, QEMU's order),
-then queues the reply.  Errors become replies in exactly one place,
-:meth:`Core._run`.
+then queues the reply.  Whatever a handler raises becomes a reply in
+:meth:`Core._attempt`, worded by :mod:`migblockd.failures`.
 
 Durability (``durable=True``): output is held until the changes it follows
 are on disk, and commands that read state wait for them (:mod:`migblockd.ledger`
@@ -27,10 +27,8 @@ and reports the outcome (:meth:`committed`, :meth:`commit_failed`); a failed
 commit undoes every pending change, turns the replies of those commands into
 errors and drops their events.
 
-Counting (:attr:`Core.stats`, read by :mod:`migblockd.metrics`): each command's
-outcome and latency (from its start here to its reply, a wait for a commit
-or for QEMU included), refusals by reason, connections and blocker events,
-counted where each is decided, with plain integers.
+Counting (:attr:`Core.stats`, for :mod:`migblockd.metrics`): outcomes and latencies
+(a wait for a commit or QEMU included), refusals, connections, events.
 """
 
 from __future__ import annotations
@@ -46,7 +44,8 @@ from migblockd.admission import Admission
 from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
 from migblockd.contract import Contract
-from migblockd.gate import Call, QemuError, QemuUnavailable
+from migblockd.failures import internal_error, qmp_error
+from migblockd.gate import Call
 from migblockd.guard import Guard
 from migblockd.ledger import Group, Ledger
 from migblockd.logs import about, shown
@@ -54,7 +53,7 @@ from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
 from migblockd.qmp.session import Request, Session
-from migblockd.registry import BlockerError, Owner, Registry
+from migblockd.registry import Owner, Registry
 from migblockd.render import event_line
 from migblockd.stats import Stats
 
@@ -74,12 +73,10 @@ Suspended = Generator[object, object, object]
 class Core:
     """Sessions, registry and command table of one daemon (sans-I/O).
 
-    ``limits`` bound each connection's input; ``admission`` how many
-    connections are served at once, in all and per uid (more are answered
-    with one error line and must be closed).  Both may be changed between
-    requests (a reload).  ``policy`` and ``quotas`` decide who may run what
-    (the ``guard``, which ``guard.configure()`` changes between requests).
-    ``durable`` holds output until its changes are committed (see above).
+    ``limits`` bound each connection's input, ``admission`` how many connections
+    are served (in all, per uid); ``policy`` and ``quotas`` who may run what (the
+    ``guard``).  A reload changes any of them between requests.  ``durable``
+    holds output until its changes are committed (see above).
     """
 
     def __init__(self, contract: Contract, registry: Registry, limits: Limits, *,
@@ -135,10 +132,9 @@ class Core:
     def disconnect(self, conn: Connection, reason: str = "") -> None:
         """The connection is gone: run what it sent, then release its blockers.
 
-        Everything received is executed even though the answers cannot be
-        delivered (a client that hangs up right after sending still gets its
-        commands run, unlike QEMU).  A request still waiting for a commit runs
-        when the commit is done; the connection is finished off after that.
+        Everything received is executed though no answer can be delivered
+        (unlike QEMU); a request waiting for a commit runs once it is done,
+        and the connection is finished off after that.
         """
         if conn not in self.connections or conn.closed:
             return
@@ -395,27 +391,17 @@ class Core:
 
     def _attempt(self, conn: Connection, request: Request,
                  run: Callable[[], object]) -> tuple[object, QMPError | None]:
-        """``run()``'s result, or the QMP error the client gets instead.
-
-        The one place where registry refusals, QEMU's answers and bugs become
-        QMP errors (and are counted, by the type of what refused).
-        """
+        """``run()``'s result, or the QMP error the client gets instead (counted by cause)."""
         try:
             return run(), None
         except Exception as exc:
             name = request.command.name
             self.stats.refused(name, exc)
-            if isinstance(exc, QMPError):
-                return None, exc
-            if isinstance(exc, BlockerError):
-                return None, QMPError(exc.desc)
-            if isinstance(exc, QemuError):
-                return None, QMPError(exc.desc, exc.error_class)  # verbatim, class and all
-            if isinstance(exc, QemuUnavailable):
-                return None, QMPError(str(exc))
-            # The client gets a generic error; the traceback belongs in the log only.
-            log.exception("%s: internal error in %s", conn.label, name, extra=about(conn))
-            return None, QMPError(f"Internal error while executing command {name}")
+            error = qmp_error(exc)
+            if error is None:
+                log.exception("%s: internal error in %s", conn.label, name, extra=about(conn))
+                error = internal_error(name)
+            return None, error
 
     def _complete(self, conn: Connection, request: Request, result: object,
                   error: QMPError | None, started: int) -> None:
@@ -442,14 +428,13 @@ class Core:
             except (ValueError, TypeError, RecursionError):
                 log.exception("%s: cannot encode the result of %s", conn.label, name,
                               extra=about(conn))
-                error = QMPError(f"Internal error while executing command {name}")
+                error = internal_error(name)
                 session.fail(request, error, stamp)
         self.stats.command(name, perf_counter_ns() - started, error is None)
 
     def _publish(self, durable: bool) -> None:
         """Deliver the registry's queued events to every negotiated session."""
-        events = self.registry.take_events()
-        for event in events:
+        for event in self.registry.take_events():
             self.stats.event(event)
             self._fan_out(event_line(event), durable)
             if event.name == "MIGRATION":

@@ -182,9 +182,13 @@ def _constant(value: T) -> T:
     return value
 
 
-def reloadable(settings: type) -> frozenset[str]:
-    """Field names of the settings a SIGHUP reload applies to the running daemon."""
-    return frozenset(o.name for o in table(settings) if o.reloadable)
+def reloadable(settings: type) -> tuple[str, ...]:
+    """Field names of the settings a SIGHUP reload applies, in the table's order.
+
+    Ordered, so that the reload's log line names what changed in the same order
+    every time (the order of ``--help``), not in a set's hash order.
+    """
+    return tuple(o.name for o in table(settings) if o.reloadable)
 
 
 def help_text(o: Option, *, documented: bool = False) -> str:

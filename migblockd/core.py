@@ -163,11 +163,8 @@ class Core:
         self._publish(False)
 
     def expel(self, conn: Connection, reason: str) -> None:
-        """Close ``conn`` for ``reason`` (a timeout): one error line saying why.
-
-        The line goes after everything already queued for it; the caller
-        reads no more from the connection and closes it once :meth:`settled`.
-        """
+        """Close ``conn`` for ``reason`` (a timeout): one error line saying why, after
+        what is queued; the caller reads no more and closes it once :meth:`settled`."""
         conn.session.fail(None, QMPError(reason))
         self._dirty[conn] = None
         log.warning("%s: closing: %s", conn.label, reason, extra=about(conn))
@@ -270,10 +267,9 @@ class Core:
     def commit_failed(self, group: Group, reason: str) -> list[Connection]:
         """``group`` could not be committed: back to what is on disk.
 
-        Every change not yet on disk is undone (``group``'s and any made
-        since), the replies of those commands become errors saying ``reason``
-        and their events are dropped.  Returns the connections whose next
-        request may run now.
+        Every change not yet on disk is undone (``group``'s and any made since),
+        those commands' replies become errors saying ``reason``, their events are
+        dropped.  Returns the connections whose next request may run now.
         """
         log.error("%s; %d command(s) failed, their changes undone", reason,
                   self.ledger.pending)

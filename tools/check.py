@@ -27,6 +27,8 @@ SYSTEM_TOOLS = {
     # The man pages are rendered with man -l, the zsh completion loaded by zsh.
     "man": "man-db",
     "zsh": "zsh",
+    # The backup in docs/state.md is taken with the sqlite3 shell, and tested so.
+    "sqlite3": "sqlite3",
 }
 
 

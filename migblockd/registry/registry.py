@@ -182,13 +182,12 @@ class Registry:
         ``migrate_add_blocker_internal()``.
 
         Argument errors come first (:class:`EmptyReason`, :class:`EmptyModes`,
-        :class:`IdTooLong`, :class:`InvalidId`, :class:`DuplicateId`), as QMP
-        reports them before a command has any
-        effect; then QEMU's own order: :class:`OnlyMigratable` (only for a
-        non-internal blocker whose modes include ``normal``), then
-        :class:`MigrationBusy` (internal blockers too).  A refused blocker is not
-        registered.  ``modes=None`` means every mode; duplicates in ``modes``
-        collapse, as in QEMU's bit set.  Queues BLOCKER_ADDED.
+        :class:`IdTooLong`, :class:`InvalidId`, :class:`DuplicateId`), as QMP reports
+        them before a command has any effect; then QEMU's own order:
+        :class:`OnlyMigratable` (only for a non-internal blocker whose modes include
+        ``normal``), then :class:`MigrationBusy` (internal blockers too).  A refused
+        blocker is not registered.  ``modes=None`` means every mode; duplicates in
+        ``modes`` collapse, as in QEMU's bit set.  Queues BLOCKER_ADDED.
         """
         wanted = self.check_add(reason, modes=modes, internal=internal, id=id, scope=scope,
                                 connection=connection)

@@ -90,7 +90,7 @@ class ClientProtocol(asyncio.Protocol):
             self.unfinished_since = None  # a message is complete: the peer made progress
         elif self.unfinished_since is None:
             self.unfinished_since = self.server.loop.time()
-        self.server.runnable(self)
+        self.server.received(self)
 
     def eof_received(self) -> bool:
         if self.conn is None or self.lingering:

@@ -234,6 +234,10 @@ class Core:
         """The bytes to send to ``conn``, in pieces, and how many of them are events."""
         return conn.session.take_output()
 
+    def others_dirty(self, conn: Connection) -> bool:
+        """Some connection other than ``conn`` has output queued."""
+        return any(other is not conn for other in self._dirty)
+
     def take_dirty(self) -> list[Connection]:
         """The connections with output queued since the last call, in order."""
         if not self._dirty:

@@ -9,7 +9,11 @@ migration's timer, and owns the order of start-up and shutdown.
 Turns: received bytes are buffered at once, but requests run in a *turn*, one
 callback per event-loop iteration that serves every connection with pending
 requests (at most ``BATCH`` of each, so clients take turns) and then writes
-each connection's output once.  Flow control per connection (backpressure,
+each connection's output once.  A lone connection (no turn coming) takes
+its turn as its bytes arrive, a loop iteration sooner; if that turn left
+output for other connections or a change to commit, the flush waits for
+the next turn, so that what else arrives in the iteration joins it.
+Flow control per connection (backpressure,
 ``max_output``, a dropped client's last words) is the adapter's.
 
 Shutdown is a drain (:meth:`Server.stop`): no more reading, every request
@@ -100,6 +104,24 @@ class Server:
         self._runnable[protocol] = None
         self.schedule()
 
+    def received(self, protocol: ClientProtocol) -> None:
+        """``protocol`` has new input.
+
+        When no turn is coming (no other connection has work), its turn is
+        taken now rather than in the next loop iteration: a lone client's
+        reply leaves one iteration sooner.  The flush still waits for the
+        turn when this one left output for other connections (events) or a
+        change to commit, so that whatever else arrives in this iteration
+        joins them: one write per connection, one commit per group.
+        """
+        conn = protocol.conn
+        if conn is None or self._scheduled or protocol.eof or protocol.pump():
+            self.runnable(protocol)
+        elif self.core.others_dirty(conn) or self._commit_due():
+            self.schedule()
+        else:
+            self._flush()
+
     def schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
@@ -159,6 +181,10 @@ class Server:
             self.schedule()
 
     # -- group commit ------------------------------------------------------------
+    def _commit_due(self) -> bool:
+        """A change waits for a commit that nothing has started yet."""
+        return self.commit is not None and self._group is None and self.core.has_uncommitted()
+
     def _start_commit(self) -> None:
         assert self.commit is not None
         group = self._group = self.core.take_group()

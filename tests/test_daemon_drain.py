@@ -78,7 +78,10 @@ async def test_sigterm_answers_every_request_read_and_drops_nobody(
     for c in adders + readers:
         await c.close()
     log = d.log()
-    assert "dropped" not in log, log[-3000:]
+    # Before the signal a reader that falls behind may be dropped, as always;
+    # the drain itself drops nobody.
+    drain = log[log.index("received SIGTERM"):]
+    assert "dropped" not in drain, drain[-3000:]
     answered_adds: set[str] = set()
     for k, replies in enumerate(results):
         # Each client's replies are a whole prefix of its requests, every one a success.

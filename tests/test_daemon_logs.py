@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -28,7 +29,6 @@ from journal_entries import Entry, JournalSocket, parse_entry
 from qmpclient import qmp_client
 
 PRIORITY_OF = {"DEBUG": "7", "INFO": "6", "WARNING": "4", "ERROR": "3"}
-PIPE_BUF = 4096
 
 
 def start(workdir: Path, *args: str, stderr: int | None = None,
@@ -78,6 +78,8 @@ class Pipe:
 
     def __init__(self) -> None:
         self.read_fd, self.write_fd = os.pipe()
+        # Our own write end, only to ask the kernel whether the pipe has room.
+        self._probe: int | None = os.dup(self.write_fd)
         self.size = fcntl.fcntl(self.read_fd, fcntl.F_GETPIPE_SZ)
         self.data = bytearray()
         self._reader: threading.Thread | None = None
@@ -88,11 +90,21 @@ class Pipe:
         return int.from_bytes(buf, sys.byteorder)
 
     def is_full(self) -> bool:
-        # A blocked writer waits for room for its next write (up to PIPE_BUF at once).
-        return self.unread() > self.size - PIPE_BUF
+        """The pipe has no room for a write: its writer blocks.  Asked of the
+        kernel, which counts buffer pages, not bytes: a pipe of many small
+        writes is full with fewer unread bytes than its size."""
+        assert self._probe is not None
+        _, writable, _ = select.select([], [self._probe], [], 0)
+        return not writable
+
+    def _close_probe(self) -> None:
+        if self._probe is not None:
+            os.close(self._probe)
+            self._probe = None
 
     def drain(self) -> None:
         """From now on, read everything into ``data`` (until the daemon exits)."""
+        self._close_probe()  # or the reader would never see the end of the pipe
         def read() -> None:
             while chunk := os.read(self.read_fd, 1 << 16):
                 self.data += chunk
@@ -112,6 +124,7 @@ class Pipe:
         return found
 
     def close(self) -> None:
+        self._close_probe()
         if self._reader is not None:
             self._reader.join(10)
         os.close(self.read_fd)

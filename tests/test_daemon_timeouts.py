@@ -49,9 +49,9 @@ async def test_a_client_that_never_negotiates_is_closed_with_the_reason(
         rest = await c.read_to_eof()
         assert rest.endswith(closing_error(NEGOTIATION)), rest
         assert b"Expecting capabilities negotiation" in rest
+    assert d.stop() == 0  # the log is complete once the daemon has exited
     log = d.log()
     assert log.count(f"closing: {NEGOTIATION}") == 3, log
-    assert d.stop() == 0
     assert_clean_log(d)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import socket
 import struct
 import sys
 import threading
@@ -23,7 +26,7 @@ from migblockd.logs.journal import (
     socket_path,
     stderr_is_journal,
 )
-from migblockd.logs.writer import Writer, journal_entry
+from migblockd.logs.writer import WAKE_INTERVAL, Writer, journal_entry
 from migblockd.registry import Owner
 
 
@@ -224,3 +227,31 @@ def test_a_stuck_sink_drops_counts_and_reports_once_it_drains() -> None:
     # The records that were written come in order.
     numbers = [int(line.rsplit(" ", 1)[1]) for line in written]
     assert numbers == sorted(numbers)
+
+
+async def test_the_writer_is_woken_at_once_then_at_most_once_per_interval() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    writer = Writer(TextFormat(journal=False, pid=1), fd=theirs.fileno())
+    writer.start()
+    writes = []  # one datagram per write(2)
+    writer.put(record("record %d", 0))
+    # The first record after a quiet spell is not held back.
+    loop = asyncio.get_running_loop()
+    writes.append((await asyncio.wait_for(loop.sock_recv(ours, 1 << 16), 10)).decode())
+    turns = 5
+    for i in range(1, turns):
+        # Later turns of the loop, and time enough for a writer woken at once to write.
+        await asyncio.sleep(WAKE_INTERVAL / 10)
+        writer.put(record("record %d", i))
+    await asyncio.sleep(WAKE_INTERVAL * 5)
+    writer.close(timeout=10)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            writes.append(ours.recv(1 << 16).decode())
+    ours.close()
+    theirs.close()
+    lines = "".join(writes).splitlines()
+    assert [int(line.rsplit(" ", 1)[1]) for line in lines] == list(range(turns))
+    # The four later ones came within one interval: one batch (a stall may split it).
+    assert 2 <= len(writes) <= 3, writes

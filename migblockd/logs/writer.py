@@ -14,9 +14,13 @@ client or a blocker go to journald's native socket instead when stderr is the
 journal.  The thread runs a small asyncio loop of its own, so that it sends
 those datagrams with asyncio-dgram while the daemon's loop never waits on it.
 
-Waking the writer costs one system call, so the daemon's loop does it once
-per turn (``call_soon``), not once per record, and not at all while the writer
-has not yet taken the records it was last woken for (it is busy, or stuck).
+Waking the writer costs a system call and, on a busy core, a switch to the
+writer thread and back, so the daemon's loop wakes it at most once per
+:data:`WAKE_INTERVAL`: the first record after a quiet spell at the end of
+its loop turn, the records that follow within the interval all at its end.
+Never once per record, and not at all while the writer has not yet taken
+the records it was last woken for (it is busy, or stuck).  Under load a
+record thus reaches the log up to that much later.
 
 When the list is full, records are dropped and counted; once the sink takes
 data again, one line says how many were lost.  At exit the writer gets
@@ -37,13 +41,15 @@ from typing import Protocol
 from migblockd.logs.formats import message, priority, record_fields
 from migblockd.logs.journal import JournalSender, encode_entry
 
-__all__ = ["CAPACITY", "CLOSE_TIMEOUT", "OffLoopHandler", "Writer"]
+__all__ = ["CAPACITY", "CLOSE_TIMEOUT", "WAKE_INTERVAL", "OffLoopHandler", "Writer"]
 
 #: Records waiting for the writer before new ones are dropped.  Each record is
 #: small: client strings are cut by ``shown`` and wire messages by WIRE_LIMIT.
 CAPACITY = 4096
 #: How long exit waits for the writer to write what is left.
 CLOSE_TIMEOUT = 1.0
+#: The event loop wakes the writer at most once per this many seconds.
+WAKE_INTERVAL = 0.01
 
 
 class Format(Protocol):
@@ -76,6 +82,7 @@ class Writer:
         self._records: list[logging.LogRecord] = []
         self._dropped = 0
         self._signalled = False  # a wake-up is on its way and not yet taken
+        self._wake_at = 0.0  # the event loop's time of the last wake-up it arranged
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -105,8 +112,8 @@ class Writer:
         except RuntimeError:
             self._signal()
         else:
-            # After the rest of this turn: its records go in the same batch.
-            loop.call_soon(self._signal)
+            self._wake_at = when = max(loop.time(), self._wake_at + WAKE_INTERVAL)
+            loop.call_at(when, self._signal)
 
     def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Write what is waiting, giving up after ``timeout`` seconds.

@@ -102,6 +102,7 @@ class ClientProtocol(asyncio.Protocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.server.losing.discard(self)
         self.server.acceptor_freed()
         conn = self.conn
         if conn is None:
@@ -123,6 +124,7 @@ class ClientProtocol(asyncio.Protocol):
         self.write_paused = False
         if self.outbox is not None and self.outbox.waiting:
             self.outbox.write_some()
+            self.watch_loss()
             if self.outbox.waiting or self.write_paused:
                 return  # more when the client has read more
             self.flush()  # closes a half-closed client once all is out
@@ -153,6 +155,14 @@ class ClientProtocol(asyncio.Protocol):
         self.core.stats.dropped += 1
         self.dropped = True
         self.transport.abort()
+        self.watch_loss()
+
+    def watch_loss(self) -> None:
+        """If a write just failed (or we aborted), ``connection_lost`` comes in
+        a later callback and runs what the peer sent that was never read: until
+        then no other request may overtake those (:meth:`Server.received`)."""
+        if self.transport is not None and self.transport.is_closing():
+            self.server.losing.add(self)
 
     def expel(self, reason: str) -> None:
         """Close the connection for ``reason`` (a timeout), with a line saying why."""
@@ -208,6 +218,7 @@ class ClientProtocol(asyncio.Protocol):
             if self.outbox.put(pieces, events) > limit and not self.server.draining:
                 self.drop(f"more than max-output={limit} bytes of unread events")
                 return
+            self.watch_loss()
         if self.eof and self.core.settled(conn) and not self.outbox.waiting:
             self.finish()
 

@@ -93,6 +93,10 @@ class Server:
                                  idle=config.idle_timeout)
         self.draining = False
         self._runnable: dict[ClientProtocol, None] = {}  # an ordered set
+        #: Connections whose transport failed (or that we aborted) and whose
+        #: connection_lost, which runs what they sent and we never read, is
+        #: still to come.
+        self.losing: set[ClientProtocol] = set()
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
@@ -112,10 +116,13 @@ class Server:
         reply leaves one iteration sooner.  The flush still waits for the
         turn when this one left output for other connections (events) or a
         change to commit, so that whatever else arrives in this iteration
-        joins them: one write per connection, one commit per group.
+        joins them: one write per connection, one commit per group.  Not
+        while a broken connection's unread requests wait for its
+        ``connection_lost``: those came first, and run first.
         """
         conn = protocol.conn
-        if conn is None or self._scheduled or protocol.eof or protocol.pump():
+        if (conn is None or self._scheduled or self.losing or protocol.eof
+                or protocol.pump()):
             self.runnable(protocol)
         elif self.core.others_dirty(conn) or self._commit_due():
             self.schedule()

@@ -421,3 +421,30 @@ def test_after_a_reset_byte_a_new_request_on_the_same_line_runs() -> None:
     decoder = StreamDecoder(LIMITS)
     decoder.feed(b'{"execute": "broken\xff' + CMD)
     assert [type(m) for m in decoder] == [ParseError, dict]
+
+
+def test_asking_again_without_new_input_does_not_rescan(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    decoder = StreamDecoder(LIMITS)
+    decoder.feed(b'{"execute": "query-version"}\n{"execute": "query-')
+    assert decoder.next_message() == {"execute": "query-version"}
+    assert not decoder.has_message()  # scanned the unfinished one to its end
+    scans: list[int] = []
+    advance = decoder._advance
+
+    def counted() -> object:
+        scans.append(1)
+        return advance()
+
+    monkeypatch.setattr(decoder, "_advance", counted)
+    for _ in range(3):
+        assert not decoder.has_message()
+        assert decoder.next_message() is NEED_DATA
+    assert scans == []
+    decoder.feed(b'blockers"}')
+    assert decoder.next_message() == {"execute": "query-blockers"}
+    assert decoder.next_message() is NEED_DATA
+    assert len(scans) == 2
+    decoder.feed(b'{"truncated"')
+    decoder.feed_eof()  # the end of input is news too: the truncation is an error
+    assert isinstance(decoder.next_message(), ParseError)

@@ -151,6 +151,9 @@ class StreamDecoder:
         self._checked = 0  # end of the prefix _check_lines() last parsed
         self._eof = False
         self._ready: object = NEED_DATA  # one message of lookahead for has_message()
+        # Input (or EOF) came since the scanner last ran out: until some does,
+        # scanning again would find nothing, and callers ask often.
+        self._fresh = False
 
     # -- input ---------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -164,10 +167,12 @@ class StreamDecoder:
             self._scan -= keep
             self._checked = max(0, self._checked - keep)
         self._buf += data
+        self._fresh = True
 
     def feed_eof(self) -> None:
         """No more input: a complete trailing token is now a message, a truncated one an error."""
         self._eof = True
+        self._fresh = True
 
     @property
     def buffered(self) -> int:
@@ -179,14 +184,14 @@ class StreamDecoder:
     def has_message(self) -> bool:
         """True when ``next_message()`` would return a value or a ParseError."""
         if self._ready is NEED_DATA:
-            self._ready = self._advance()
+            self._ready = self._scan_on()
         return self._ready is not NEED_DATA
 
     def next_message(self) -> object:
         """The next JSON value or :class:`ParseError`, or :data:`NEED_DATA`."""
         item = self._ready
         if item is NEED_DATA:
-            return self._advance()
+            return self._scan_on()
         self._ready = NEED_DATA
         return item
 
@@ -196,6 +201,14 @@ class StreamDecoder:
             yield item
 
     # -- the scanner ---------------------------------------------------------
+    def _scan_on(self) -> object:
+        if not self._fresh:
+            return NEED_DATA
+        item = self._advance()
+        if item is NEED_DATA:
+            self._fresh = False
+        return item
+
     def _skip_from(self, pos: int) -> None:
         self._mode = _SKIP
         self._scan = pos

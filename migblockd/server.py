@@ -12,9 +12,9 @@ requests (at most ``BATCH`` of each, so clients take turns) and then writes
 each connection's output once.  A lone connection (no turn coming) takes
 its turn as its bytes arrive, a loop iteration sooner; if that turn left
 output for other connections or a change to commit, the flush waits for
-the next turn, so that what else arrives in the iteration joins it.
-Flow control per connection (backpressure,
-``max_output``, a dropped client's last words) is the adapter's.
+the next turn, so that what else arrives in the iteration joins it.  Flow
+control per connection (backpressure, ``max_output``, a dropped client's
+last words) is the adapter's.
 
 Shutdown is a drain (:meth:`Server.stop`): no more reading, every request
 already read runs in turns as usual and is answered, nobody is dropped for
@@ -121,8 +121,10 @@ class Server:
         ``connection_lost``: those came first, and run first.
         """
         conn = protocol.conn
-        if (conn is None or self._scheduled or self.losing or protocol.eof
-                or protocol.pump()):
+        if conn is None or self._scheduled or self.losing or protocol.eof:
+            self.runnable(protocol)
+            return
+        if protocol.pump():  # more than one turn's worth
             self.runnable(protocol)
         elif self.core.others_dirty(conn) or self._commit_due():
             self.schedule()

@@ -99,6 +99,17 @@ async def test_sigterm_answers_every_request_read_and_drops_nobody(
     assert_clean_log(d)
 
 
+async def nudge_until_dropped(d: DaemonProcess) -> None:
+    """Add blockers from another client until a client with max-output=1 that
+    reads nothing is dropped for the events they send it."""
+    async with d.client() as nudger:
+        for i in range(1000):
+            if "dropped: more than max-output=1 bytes" in d.log():
+                return
+            await nudger.ok("add-blocker", {"reason": "nudge", "id": f"n{i}",
+                                            "scope": "connection"})
+
+
 def send_all_it_can(sock: socket.socket, data: bytes) -> int:
     """Send ``data`` without blocking until all is sent, the daemon takes no more
     for a while, or it hangs up; how many bytes it took."""
@@ -135,13 +146,7 @@ async def test_a_client_dropped_for_max_output_still_has_its_last_words_run(
         if end <= sent:
             said.add(f"l{i}")
     assert sent > 256 * 1024 and said
-    # Events for it pile up until it is dropped.
-    async with d.client() as nudger:
-        for i in range(1000):
-            if "dropped: more than max-output=1 bytes" in d.log():
-                break
-            await nudger.ok("add-blocker", {"reason": "nudge", "id": f"n{i}",
-                                            "scope": "connection"})
+    await nudge_until_dropped(d)  # events for it pile up until it is dropped
     d.wait_for_log("dropped: more than max-output=1 bytes of unread events")
     sock.close()
     assert d.stop() == 0
@@ -164,13 +169,7 @@ async def test_what_is_past_the_bound_is_logged_not_silently_lost(
     with contextlib.suppress(BlockingIOError, OSError):
         while sent < 4 << 20:
             sent += sock.send(request * 64)
-    # Its replies wait for it; events for it pile up until it is dropped.
-    async with d.client() as nudger:
-        for i in range(1000):
-            if "dropped: more than max-output=1 bytes" in d.log():
-                break
-            await nudger.ok("add-blocker", {"reason": "nudge", "id": f"n{i}",
-                                            "scope": "connection"})
+    await nudge_until_dropped(d)  # its replies wait; events pile up until it is dropped
     d.wait_for_log(" bytes it sent were left unread (past the 69632-byte bound); whatever "
                    "requests they held were not run")
     sock.close()

@@ -94,7 +94,7 @@ class Acceptor:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 factory: Callable[[], asyncio.Protocol], clients: Callable[[], int]) -> None:
+                 factory: Callable[[], asyncio.BaseProtocol], clients: Callable[[], int]) -> None:
         self._loop = loop
         self._sock = sock
         self._factory = factory

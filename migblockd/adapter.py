@@ -6,9 +6,12 @@ once, and the server's turn (:mod:`migblockd.server`) calls :meth:`pump` to run
 some of the connection's requests and :meth:`flush` to write its output
 through the :class:`~migblockd.outbox.Outbox`.  The rules it applies:
 
-* **reading**: stop while requests are pending or output waits (backpressure),
-  so a client that does not read holds at most one read's worth of unexecuted
-  input and nothing is dropped;
+* **reading**: into one buffer that the server lends every connection
+  (``recv_into``), because asyncio's plain protocols allocate a fresh
+  ``READ_SIZE`` bytes object per read, which glibc serves with an
+  ``mmap``/``mremap``/``munmap`` each time; stop while requests are pending or
+  output waits (backpressure), so a client that does not read holds at most
+  one read's worth of unexecuted input and nothing is dropped;
 * **dropping**: past ``max_output`` bytes of events left unread, the client
   alone is disconnected; what it sent before still runs (:meth:`drop`,
   :meth:`read_leftovers`);
@@ -30,7 +33,7 @@ from migblockd.peer import leftovers, peer_owner, unread
 if TYPE_CHECKING:
     from migblockd.server import Server
 
-__all__ = ["BATCH", "LINGER", "ClientProtocol"]
+__all__ = ["BATCH", "LINGER", "READ_SIZE", "ClientProtocol", "read_buffer"]
 
 log = logging.getLogger("migblockd")
 
@@ -39,9 +42,17 @@ log = logging.getLogger("migblockd")
 BATCH = 32
 #: How long a connection we half-closed may go on sending before we close it.
 LINGER = 2.0
+#: The most one read takes from a socket: asyncio's own read size.
+READ_SIZE = 256 * 1024
 
 
-class ClientProtocol(asyncio.Protocol):
+def read_buffer() -> memoryview:
+    """A buffer for :meth:`ClientProtocol.get_buffer`.  One serves every
+    connection of a loop: each read is consumed before the next begins."""
+    return memoryview(bytearray(READ_SIZE))
+
+
+class ClientProtocol(asyncio.BufferedProtocol):
     """The transport of one connection, and when to read from it."""
 
     def __init__(self, server: Server) -> None:
@@ -60,7 +71,7 @@ class ClientProtocol(asyncio.Protocol):
         self.unfinished_since: float | None = None
         self.outbox: Outbox | None = None
 
-    # -- asyncio.Protocol ----------------------------------------------------
+    # -- asyncio.BufferedProtocol --------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but quack alike.
         transport = cast(asyncio.Transport, transport)
@@ -78,12 +89,19 @@ class ClientProtocol(asyncio.Protocol):
         self.server.timeouts.watch()
         self.server.schedule()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # The decoder copies what it keeps: the buffer is free again on return.
+        self.data_received(self.server.read_buffer[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         conn = self.conn
         if conn is None or self.lingering:
             return
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s <- %s", conn.label, shown(data, WIRE_LIMIT))
+            log.debug("%s <- %s", conn.label, shown(bytes(data), WIRE_LIMIT))
         core = self.core
         core.receive_data(conn, data)
         if core.has_pending(conn) or not conn.session.buffered:

@@ -170,7 +170,7 @@ class Core:
         log.warning("%s: closing: %s", conn.label, reason, extra=about(conn))
 
     # -- input -----------------------------------------------------------------
-    def receive_data(self, conn: Connection, data: bytes) -> None:
+    def receive_data(self, conn: Connection, data: bytes | memoryview) -> None:
         conn.session.receive_data(data)
 
     def receive_eof(self, conn: Connection) -> None:
@@ -442,11 +442,10 @@ class Core:
 
     def _fan_out(self, line: bytes, durable: bool) -> None:
         stamp = self.ledger.open_stamp
-        dirty = self._dirty
-        marks = (dirty, self.ledger.holding) if stamp else (dirty,)
+        # Held output waits for its commit, which marks the connection dirty.
+        mark = self.ledger.holding if stamp else self._dirty
         for conn in self.connections:
             session = conn.session
             if session.negotiated and not conn.closed:
                 session.send_event(line, stamp, durable)
-                for mark in marks:
-                    mark[conn] = None
+                mark[conn] = None

@@ -1,9 +1,11 @@
 """Which changes are not on disk yet, and who waits for them (sans-I/O).
 
 With durable state, a command that changes what outlives the daemon gets a
-*stamp*, one more than the last.  Its events and reply, and everything any
+*stamp*: the number of the group it will be committed in, so all the
+changes of one group share it.  Its events and reply, and everything any
 client is sent after them, are held until the changes up to that stamp are on
-disk; commands that read the blockers or settings wait until nothing is
+disk (one stamp per group, not per command, lets a session release a group's
+output in one run); commands that read the blockers or settings wait until nothing is
 pending, so no client acts on a change that a crash could take back.
 
 The server commits in groups: :meth:`Ledger.take_group` hands it every
@@ -35,10 +37,12 @@ class Group:
 class Ledger:
     """Stamps handed out, committed and in flight; who holds output, who waits."""
 
-    __slots__ = ("_committed", "_grouped", "_pending", "_stamp", "holding", "waiting")
+    __slots__ = ("_committed", "_grouped", "_next", "_pending", "_stamp", "holding",
+                 "waiting")
 
     def __init__(self) -> None:
         self._stamp = 0  # the last stamp handed out
+        self._next = 1  # the stamp of the group that takes the next change
         self._committed = 0  # everything up to this stamp is on disk
         self._grouped = 0  # ... or in the group being committed
         self._pending: list[tuple[int, list[Change]]] = []
@@ -63,8 +67,8 @@ class Ledger:
         return len(self._pending)
 
     def record(self, changes: list[Change]) -> None:
-        """A command made durable ``changes``: they get the next stamp."""
-        self._stamp += 1
+        """A command made durable ``changes``: they get the open group's stamp."""
+        self._stamp = self._next
         self._pending.append((self._stamp, changes))
 
     def take_group(self) -> Group | None:
@@ -74,6 +78,7 @@ class Ledger:
         changes = [change for stamp, batch in self._pending if stamp > self._grouped
                    for change in batch if change.durable]
         self._grouped = self._stamp
+        self._next = self._stamp + 1
         return Group(self._stamp, changes)
 
     def done(self, group: Group) -> None:
@@ -90,6 +95,7 @@ class Ledger:
         undo = [changes for _, changes in reversed(self._pending)]
         self._pending.clear()
         self._committed = self._grouped = self._stamp
+        self._next = self._stamp + 1
         return undo
 
     def wake(self) -> list[Connection]:

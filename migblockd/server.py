@@ -39,7 +39,7 @@ from typing import Any
 
 from migblockd.accept import Acceptor, fit_descriptor_limit
 from migblockd.access import group_id
-from migblockd.adapter import ClientProtocol
+from migblockd.adapter import ClientProtocol, read_buffer
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.connection import Connection
 from migblockd.core import Core
@@ -84,6 +84,7 @@ class Server:
         self._group_started = 0  # perf_counter_ns() when the group went to the disk thread
         self._committing = asyncio.Event()
         self.protocols: dict[Connection, ClientProtocol] = {}
+        self.read_buffer = read_buffer()
         self.acceptor: Acceptor | None = None
         self.own_socket: tuple[Path, int] | None = None  # path and inode we created
         self._socket_lock: PidLock | None = None

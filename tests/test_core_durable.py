@@ -10,6 +10,7 @@ from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
+from migblockd.ledger import Ledger
 from migblockd.registry import ID_CHUNK, Blocker, FakeClock, Owner, Registry
 
 CONTRACT = Contract.load()
@@ -212,3 +213,39 @@ def test_a_reader_woken_after_another_change_waits_for_the_next_commit() -> None
     assert core.committed(second) == [b]
     out = run(core, b)
     assert [blocker["id"] for blocker in out[-1]["return"]] == ["x", "y"]
+
+
+def test_held_output_marks_nobody_dirty_until_its_commit() -> None:
+    # A connection is only worth a flush once its output may go: until the
+    # commit, every client's event and the reply wait, and no turn wakes anyone.
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    core.take_dirty()
+    core.receive_data(a, ADD_X)
+    core.execute(a, 32)
+    assert core.take_dirty() == []
+    group = core.take_group()
+    assert group is not None
+    core.committed(group)
+    assert set(core.take_dirty()) == {a, b}
+
+
+def test_one_stamp_per_group() -> None:
+    # Every change of a group shares its stamp, so a session lets a group's
+    # output go in one run; a change made while the group commits gets the next.
+    ledger = Ledger()
+    ledger.record([])
+    ledger.record([])
+    assert ledger.open_stamp == 1
+    group = ledger.take_group()
+    assert group is not None and group.stamp == 1
+    ledger.record([])
+    assert ledger.open_stamp == 2
+    ledger.done(group)
+    assert ledger.uncommitted and ledger.open_stamp == 2
+    second = ledger.take_group()
+    assert second is not None and second.stamp == 2
+    ledger.failed()
+    assert not ledger.uncommitted and ledger.open_stamp == 0
+    ledger.record([])
+    assert ledger.open_stamp == 3  # never a stamp that already counts as on disk

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from migblockd.adapter import ClientProtocol
+from migblockd.adapter import READ_SIZE, ClientProtocol
 from migblockd.config import Config
 from migblockd.contract import Contract
 from migblockd.core import Core
@@ -147,3 +147,24 @@ async def test_a_lone_change_is_committed_and_answered(durable: Harness) -> None
     event, reply = await client.read(2)
     assert event["event"] == "BLOCKER_ADDED" and reply["id"] == 1
     assert [[c.kind for c in group] for group in durable.groups] == [["add"]]
+
+
+async def test_connections_read_through_one_buffer_keep_their_own_bytes(
+        memory: Harness) -> None:
+    # Every read lands in the server's one buffer (recv_into): what a read
+    # brought must be copied out before the next read overwrites it.
+    clients = [await memory.connect() for _ in range(3)]
+    assert all(isinstance(p, ClientProtocol) for p in memory.server.protocols.values())
+    for round_ in range(20):
+        for n, client in enumerate(clients):
+            # Each message arrives in two reads, the reads of all three interleaved.
+            message = json.dumps({"execute": "query-version", "id": [n, round_, "x" * 300 * n]})
+            client.sock.sendall(message[:150].encode())
+        await asyncio.sleep(0)
+        for n, client in enumerate(clients):
+            message = json.dumps({"execute": "query-version", "id": [n, round_, "x" * 300 * n]})
+            client.sock.sendall(message[150:].encode())
+        for n, client in enumerate(clients):
+            (reply,) = await client.read(1)
+            assert reply["id"] == [n, round_, "x" * 300 * n]
+    assert memory.server.read_buffer.nbytes == READ_SIZE

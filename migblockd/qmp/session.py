@@ -103,6 +103,23 @@ KEEP: Final = "keep"
 EVENT: Final = "event"
 VANISH: Final = "vanish"
 
+
+class _Held:
+    """The output held for one stamp, in order.
+
+    Releasing moves whole runs (one ``list.extend``), not line by line: while
+    a commit is in flight, every client holds one event line per change.
+    """
+
+    __slots__ = ("data", "events", "fates", "size", "stamp")
+
+    def __init__(self, stamp: int) -> None:
+        self.stamp = stamp
+        self.data: list[bytes] = []
+        self.fates: list[object] = []  # KEEP, EVENT, VANISH or a Request, per line
+        self.size = 0
+        self.events = 0
+
 # Envelope members; exec-oob joins them once OOB is enabled.
 _IN_BAND_MEMBERS: Final = frozenset({"execute", "arguments", "id"})
 _OOB_MEMBERS: Final = _IN_BAND_MEMBERS | {"exec-oob"}
@@ -144,12 +161,12 @@ class Session:
         #: bounded by backpressure; see the server's max-output rule).
         self.output_bytes = len(self._output[0])
         self.event_bytes = 0
-        #: Output waiting for a commit: (stamp, data, what it becomes on failure).
-        self._held: deque[tuple[int, bytes, object]] = deque()
+        #: Output waiting for a commit, oldest stamp first.
+        self._held: deque[_Held] = deque()
 
     # -- input ---------------------------------------------------------------
-    def receive_data(self, data: bytes) -> None:
-        """Buffer received bytes.  Nothing is parsed or executed here."""
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Buffer (copy) received bytes.  Nothing is parsed or executed here."""
         self._decoder.feed(data)
 
     def receive_eof(self) -> None:
@@ -225,16 +242,29 @@ class Session:
         if self.negotiated:
             held = self._held
             if stamp or held:
-                held.append((stamp or held[-1][0], line, VANISH if durable else EVENT))
+                run = held[-1] if held and held[-1].stamp >= stamp else self._hold(stamp)
+                run.data.append(line)
+                run.fates.append(VANISH if durable else EVENT)
+                run.size += len(line)
+                run.events += len(line)
             else:
                 self._output.append(line)
                 self.output_bytes += len(line)
                 self.event_bytes += len(line)
 
+    def _hold(self, stamp: int) -> _Held:
+        run = _Held(stamp)
+        self._held.append(run)
+        return run
+
     def _put(self, data: bytes, stamp: int, on_failure: object) -> None:
         held = self._held
         if stamp or held:
-            held.append((stamp or held[-1][0], data, on_failure))
+            # Stamps only grow; what is queued behind held output waits with it.
+            run = held[-1] if held and held[-1].stamp >= stamp else self._hold(stamp)
+            run.data.append(data)
+            run.fates.append(on_failure)
+            run.size += len(data)
         else:
             self._output.append(data)
             self.output_bytes += len(data)
@@ -248,27 +278,24 @@ class Session:
     def release(self, committed: int) -> bool:
         """Let held output through up to stamp ``committed``; True if any moved."""
         held = self._held
-        if not held or held[0][0] > committed:
+        if not held or held[0].stamp > committed:
             return False
         output = self._output
-        size = events = 0
-        while held and held[0][0] <= committed:
-            _, data, on_failure = held.popleft()
-            output.append(data)
-            size += len(data)
-            if on_failure is EVENT or on_failure is VANISH:
-                events += len(data)
-        self.output_bytes += size
-        self.event_bytes += events
+        while held and held[0].stamp <= committed:
+            run = held.popleft()
+            output.extend(run.data)
+            self.output_bytes += run.size
+            self.event_bytes += run.events
         return True
 
     def fail_held(self, error: QMPError) -> None:
         """The commit failed: release held output as the client must now hear it."""
-        for _, data, on_failure in self._held:
-            if on_failure is KEEP or on_failure is EVENT:
-                self._emit(data, on_failure)
-            elif isinstance(on_failure, Request):
-                self._emit(encode_error(error, on_failure.id), KEEP)
+        for run in self._held:
+            for data, on_failure in zip(run.data, run.fates, strict=True):
+                if on_failure is KEEP or on_failure is EVENT:
+                    self._emit(data, on_failure)
+                elif isinstance(on_failure, Request):
+                    self._emit(encode_error(error, on_failure.id), KEEP)
         self._held.clear()
 
     @property

@@ -303,23 +303,27 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int,
 
 
 def _batches(changes: Sequence[Change]) -> list[tuple[str, list[schema.Params]]]:
-    """Consecutive changes of one kind as one ``executemany``, in order, so that
-    a Put and a Delete of the same id end as the later one says."""
-    batches: list[tuple[str, list[schema.Params]]] = []
-    sql = ""
+    """The group as at most three ``executemany``: the rows to delete, to put,
+    and the settings.  Only each id's (and each key's) last change counts, as
+    applying them in order would leave it; rows of different ids do not
+    interact, so the order between them does not matter."""
+    rows: dict[str, Put | Delete] = {}
+    settings: dict[str, object] = {}
     for change in changes:
-        if isinstance(change, Put):
-            kind, params = schema.PUT_SQL, schema.encode_row(change.row)
-        elif isinstance(change, Delete):
-            kind, params = schema.DELETE_SQL, (change.id,)
+        if isinstance(change, (Put, Delete)):
+            key = change.row.id if isinstance(change, Put) else change.id
+            rows[key] = change
         elif isinstance(change, Setting):
-            value = json.dumps(change.value, ensure_ascii=False, allow_nan=False)
-            kind, params = schema.SETTING_SQL, (change.key, value)
+            settings[change.key] = change.value
         else:
             raise TypeError(f"not a state change: {change!r}")
-        if kind != sql:
-            sql = kind
-            batches.append((sql, []))
-        batches[-1][1].append(params)
-    return batches
-
+    deletes: list[schema.Params] = [(change.id,) for change in rows.values()
+                                    if isinstance(change, Delete)]
+    puts = [schema.encode_row(change.row) for change in rows.values()
+            if isinstance(change, Put)]
+    values: list[schema.Params] = [
+        (key, json.dumps(value, ensure_ascii=False, allow_nan=False))
+        for key, value in settings.items()]
+    return [(sql, params) for sql, params in ((schema.DELETE_SQL, deletes),
+                                              (schema.PUT_SQL, puts),
+                                              (schema.SETTING_SQL, values)) if params]

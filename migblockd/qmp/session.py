@@ -109,16 +109,18 @@ class _Held:
 
     Releasing moves whole runs (one ``list.extend``), not line by line: while
     a commit is in flight, every client holds one event line per change.
+    Most of them are events of durable changes (VANISH), so only the other
+    lines' fates are written down, and sizes are counted on release.
     """
 
-    __slots__ = ("data", "events", "fates", "size", "stamp")
+    __slots__ = ("data", "fates", "replies", "stamp")
 
     def __init__(self, stamp: int) -> None:
         self.stamp = stamp
         self.data: list[bytes] = []
-        self.fates: list[object] = []  # KEEP, EVENT, VANISH or a Request, per line
-        self.size = 0
-        self.events = 0
+        #: The fate of each line that is not VANISH, by its index in ``data``.
+        self.fates: dict[int, object] = {}
+        self.replies = 0  # bytes of the lines that are not events
 
 # Envelope members; exec-oob joins them once OOB is enabled.
 _IN_BAND_MEMBERS: Final = frozenset({"execute", "arguments", "id"})
@@ -243,10 +245,9 @@ class Session:
             held = self._held
             if stamp or held:
                 run = held[-1] if held and held[-1].stamp >= stamp else self._hold(stamp)
+                if not durable:
+                    run.fates[len(run.data)] = EVENT
                 run.data.append(line)
-                run.fates.append(VANISH if durable else EVENT)
-                run.size += len(line)
-                run.events += len(line)
             else:
                 self._output.append(line)
                 self.output_bytes += len(line)
@@ -262,9 +263,9 @@ class Session:
         if stamp or held:
             # Stamps only grow; what is queued behind held output waits with it.
             run = held[-1] if held and held[-1].stamp >= stamp else self._hold(stamp)
+            run.fates[len(run.data)] = on_failure
             run.data.append(data)
-            run.fates.append(on_failure)
-            run.size += len(data)
+            run.replies += len(data)
         else:
             self._output.append(data)
             self.output_bytes += len(data)
@@ -284,14 +285,17 @@ class Session:
         while held and held[0].stamp <= committed:
             run = held.popleft()
             output.extend(run.data)
-            self.output_bytes += run.size
-            self.event_bytes += run.events
+            size = sum(map(len, run.data))
+            self.output_bytes += size
+            self.event_bytes += size - run.replies
         return True
 
     def fail_held(self, error: QMPError) -> None:
         """The commit failed: release held output as the client must now hear it."""
         for run in self._held:
-            for data, on_failure in zip(run.data, run.fates, strict=True):
+            fates = run.fates
+            for n, data in enumerate(run.data):
+                on_failure = fates.get(n, VANISH)
                 if on_failure is KEEP or on_failure is EVENT:
                     self._emit(data, on_failure)
                 elif isinstance(on_failure, Request):

@@ -253,8 +253,10 @@ class Server:
         return format_status(*self.core.status())
 
     def _report_status(self) -> None:
+        if not self.notifier.active:
+            return
         status = self.core.status()
-        if status == self._status or not self.notifier.active:
+        if status == self._status:
             return
         self._status = status
         task = self.loop.create_task(self.notifier.status(format_status(*status)))

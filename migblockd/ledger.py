@@ -1,12 +1,12 @@
 """Which changes are not on disk yet, and who waits for them (sans-I/O).
 
 With durable state, a command that changes what outlives the daemon gets a
-*stamp*: the number of the group it will be committed in, so all the
-changes of one group share it.  Its events and reply, and everything any
-client is sent after them, are held until the changes up to that stamp are on
-disk (one stamp per group, not per command, lets a session release a group's
-output in one run); commands that read the blockers or settings wait until nothing is
-pending, so no client acts on a change that a crash could take back.
+*stamp*: the number of the group it will be committed in (one per group, not
+per command, so that a session releases a group's output in one run).  Its
+events and reply, and everything any client is sent after them, are held
+until the changes up to that stamp are on disk; commands that read the
+blockers or settings wait until nothing is pending, so no client acts on a
+change that a crash could take back.
 
 The server commits in groups: :meth:`Ledger.take_group` hands it every
 durable change since the last group (one transaction per loop turn), at most

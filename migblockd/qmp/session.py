@@ -122,6 +122,7 @@ class _Held:
         self.fates: dict[int, object] = {}
         self.replies = 0  # bytes of the lines that are not events
 
+
 # Envelope members; exec-oob joins them once OOB is enabled.
 _IN_BAND_MEMBERS: Final = frozenset({"execute", "arguments", "id"})
 _OOB_MEMBERS: Final = _IN_BAND_MEMBERS | {"exec-oob"}

@@ -50,8 +50,10 @@ def child_env() -> dict[str, str]:
 
 
 def spawn(argv: list[str], cpus: set[int] | None, **kwargs: Any) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in the repository with the benchmarks importable, pinned to ``cpus``."""
-    proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, env=child_env(), **kwargs)
+    """Start ``argv`` in the repository (or ``cwd=``) with the benchmarks importable,
+    pinned to ``cpus``."""
+    kwargs.setdefault("cwd", REPO)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=child_env(), **kwargs)
     if cpus:
         with contextlib.suppress(OSError):  # it may already be done
             os.sched_setaffinity(proc.pid, cpus)
@@ -66,11 +68,13 @@ class Server:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     start_seconds: float = 0.0   # from spawning to the first greeting
+    #: Where it runs: ``python -m migblockd`` there runs that checkout's daemon.
+    cwd: Path = REPO
 
     def start(self, cpus: set[int] | None) -> None:
         started = time.monotonic()
         with self.log_path.open("wb") as log:
-            self.proc = spawn(self.argv, cpus, stdout=log, stderr=log)
+            self.proc = spawn(self.argv, cpus, stdout=log, stderr=log, cwd=self.cwd)
         wait_for_greeting(self)
         self.start_seconds = time.monotonic() - started
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -204,3 +205,32 @@ def test_a_short_soak_end_to_end(tmp_path: Path) -> None:
     # (A reload may fail while the exhaustion pattern holds every descriptor: the
     # daemon cannot open its configuration file then, says so and keeps its settings.)
     assert report["sighups"] > 0, report
+
+
+def test_ab_runs_both_checkouts_interleaved(tmp_path: Path) -> None:
+    """``benchmarks.ab`` starts each side's own daemon, in A B / B A order, and
+    reports the CPU each spent per request."""
+    other = tmp_path / "other"
+    for part in ("migblockd", "schema"):
+        shutil.copytree(ROOT / part, other / part, ignore=shutil.ignore_patterns("__pycache__"))
+    # Side B is a copy that leaves a mark each time it starts: the runs must reach
+    # B's own code, not the checkout the benchmark runs from.
+    marks = tmp_path / "b-started"
+    main = other / "migblockd" / "__main__.py"
+    main.write_text(f"open({str(marks)!r}, 'a').write('B\\n')\n" + main.read_text())
+    out = tmp_path / "ab.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab", "--a", str(ROOT), "--b", str(other),
+         "--scenario", "query", "--clients", "2", "--runs", "2", "--duration", "0.3",
+         "--ephemeral", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"ab failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    runs = json.loads(out.read_text())
+    assert [r["side"] for r in runs] == ["A", "B", "B", "A"]
+    assert all(r["rate"] > 0 and r["cpu_us"] > 0 for r in runs)
+    assert proc.stdout.count("CPU per request best") == 2
+    assert marks.read_text() == "B\nB\n"

@@ -1,0 +1,118 @@
+"""A/B: two checkouts' daemons, interleaved, compared by CPU per request.
+
+``python -m benchmarks.ab --a DIR --b DIR [--scenario adddel] [--clients 16]
+[--runs 5] [--duration 3] [--ephemeral]``
+
+The ratios of ``benchmarks.bench_daemon`` move by 15-30% between runs on a
+shared machine, more than most single changes are worth.  The CPU a daemon
+spends per request moves less, and its best over several runs less still.  So
+this runs the load generator against the daemon of checkout A, then B, then B,
+then A..., each time a fresh daemon (``python -m migblockd`` started in that
+directory, so that its own code runs; durable in a new state directory unless
+``--ephemeral``), and reads the daemon's user + system CPU from /proc before
+and after.  It prints every run and, per side, the best and the median CPU per
+request and rate; the best is the figure to compare.
+
+Pinned like the main benchmark: the daemon on one core, the load generator on
+another.  Both checkouts must accept ``--socket`` and ``--state-dir`` (or
+``--ephemeral``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.loadgen import SCENARIOS
+from benchmarks.servers import BenchError, Server, pinning, run_json
+
+
+@dataclass
+class Run:
+    side: str
+    rate: float
+    p99_us: float
+    cpu_us: float  # the daemon's CPU per request
+
+
+def measure(side: str, checkout: Path, args: argparse.Namespace, workdir: Path,
+            number: int) -> Run:
+    server_cpus, client_cpus = pinning(not args.no_pin)
+    sock = workdir / f"{side}{number}.sock"
+    state = ["--ephemeral"] if args.ephemeral else [
+        "--state-dir", str(workdir / f"{side}{number}.state")]
+    daemon = Server(side, [sys.executable, "-m", "migblockd", "--socket", str(sock), *state],
+                    sock, workdir / f"{side}{number}.log", cwd=checkout)
+    daemon.start(server_cpus)
+    try:
+        before = daemon.cpu_seconds()
+        result = run_json(["-m", "benchmarks.loadgen", "--socket", str(sock),
+                           "--scenario", args.scenario, "--clients", str(args.clients),
+                           "--warmup", "0", "--duration", str(args.duration)],
+                          client_cpus, args.duration + 60, f"{side} run {number}", daemon)
+        used = daemon.cpu_seconds() - before
+    finally:
+        daemon.stop()
+    if not result["requests"] or result["errors"]:
+        raise BenchError(f"{side} run {number}: {result['requests']} requests, "
+                         f"{result['errors']} errors ({result['first_error']})")
+    return Run(side, result["rate"], result["p99_us"], used / result["requests"] * 1e6)
+
+
+def summary(runs: Sequence[Run], side: str) -> str:
+    mine = [r for r in runs if r.side == side]
+    cpu = sorted(r.cpu_us for r in mine)
+    rate = sorted((r.rate for r in mine), reverse=True)
+    return (f"{side}: CPU per request best {cpu[0]:.1f} us, median {statistics.median(cpu):.1f}"
+            f" us; rate best {rate[0]:,.0f}/s, median {statistics.median(rate):,.0f}/s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.ab",
+        description="Compare two checkouts' daemons by CPU per request, in interleaved runs.")
+    parser.add_argument("--a", type=Path, required=True, metavar="DIR", help="checkout A")
+    parser.add_argument("--b", type=Path, required=True, metavar="DIR", help="checkout B")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="adddel",
+                        help="the load generator's scenario (default adddel)")
+    parser.add_argument("--clients", type=int, default=16,
+                        help="connections, or parallel connectors for connect (default 16)")
+    parser.add_argument("--runs", type=int, default=5, help="runs per side (default 5)")
+    parser.add_argument("--duration", type=float, default=3.0,
+                        help="measured seconds per run (default 3)")
+    parser.add_argument("--ephemeral", action="store_true", help="run both with --ephemeral")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin to cores")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also save every run here")
+    args = parser.parse_args(argv)
+    for checkout in (args.a, args.b):
+        if not (checkout / "migblockd" / "__main__.py").is_file():
+            parser.error(f"{checkout} is not a migblockd checkout")
+    runs: list[Run] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="migblockd-ab-") as tmp:
+            for number in range(args.runs):
+                # A B, then B A: neither side always runs on a machine just warmed by the other.
+                order = [("A", args.a), ("B", args.b)]
+                for side, checkout in order if number % 2 == 0 else reversed(order):
+                    run = measure(side, checkout.resolve(), args, Path(tmp), number)
+                    runs.append(run)
+                    print(f"  {side} run {number + 1}: {run.rate:8,.0f}/s  p99 {run.p99_us:7,.0f}"
+                          f" us  CPU {run.cpu_us:6.1f} us per request", flush=True)
+    except BenchError as exc:
+        print(f"ab: {exc}", file=sys.stderr)
+        return 1
+    print(summary(runs, "A"))
+    print(summary(runs, "B"))
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

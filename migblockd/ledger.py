@@ -37,12 +37,10 @@ class Group:
 class Ledger:
     """Stamps handed out, committed and in flight; who holds output, who waits."""
 
-    __slots__ = ("_committed", "_grouped", "_next", "_pending", "_stamp", "holding",
-                 "waiting")
+    __slots__ = ("_committed", "_grouped", "_pending", "_stamp", "holding", "waiting")
 
     def __init__(self) -> None:
         self._stamp = 0  # the last stamp handed out
-        self._next = 1  # the stamp of the group that takes the next change
         self._committed = 0  # everything up to this stamp is on disk
         self._grouped = 0  # ... or in the group being committed
         self._pending: list[tuple[int, list[Change]]] = []
@@ -68,7 +66,7 @@ class Ledger:
 
     def record(self, changes: list[Change]) -> None:
         """A command made durable ``changes``: they get the open group's stamp."""
-        self._stamp = self._next
+        self._stamp = self._grouped + 1  # the group after the one taken last
         self._pending.append((self._stamp, changes))
 
     def take_group(self) -> Group | None:
@@ -78,7 +76,6 @@ class Ledger:
         changes = [change for stamp, batch in self._pending if stamp > self._grouped
                    for change in batch if change.durable]
         self._grouped = self._stamp
-        self._next = self._stamp + 1
         return Group(self._stamp, changes)
 
     def done(self, group: Group) -> None:
@@ -95,7 +92,6 @@ class Ledger:
         undo = [changes for _, changes in reversed(self._pending)]
         self._pending.clear()
         self._committed = self._grouped = self._stamp
-        self._next = self._stamp + 1
         return undo
 
     def wake(self) -> list[Connection]:

@@ -188,6 +188,9 @@ def _entries(value: object, where: str) -> tuple[tuple[str, Role], ...]:
 class AccessTable(Kind[Policy]):
     """Reads the ``[access]`` TOML table into a :class:`Policy`."""
 
+    toml_doc = ('a table, [access], with a default-role (observer, client, operator or '
+                'admin) and users and groups tables mapping names or numbers to roles')
+
     def __call__(self, value: object) -> Policy:
         if isinstance(value, str):  # an inline table, as show() writes it
             try:

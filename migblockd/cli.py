@@ -12,7 +12,7 @@ from typing import Any
 
 from migblockd import __version__
 from migblockd.config import Config, ConfigError, build
-from migblockd.options import add_arguments, table
+from migblockd.options import Where, add_arguments, table
 
 DESCRIPTION = """\
 Serve QEMU's migration blocker registry over QMP on a Unix socket.
@@ -28,10 +28,14 @@ including the --only-migratable and migration-in-progress refusals.
 
 def epilog() -> str:
     reloaded = ", ".join(o.key for o in table(Config) if o.reloadable)
+    file_only = [o.key for o in table(Config) if Where.COMMAND_LINE not in o.where]
     return textwrap.fill(
         "Settings come from the built-in defaults, then the --config file (TOML; its keys "
         'are the long option names without the leading "--", e.g. log-level = "debug"), '
-        f"then the command line.  SIGHUP re-reads the file and applies {reloaded}; "
+        "then the command line."
+        + (f"  Only the file takes {' and '.join(file_only)} (see migblockd.toml(5))."
+           if file_only else "")
+        + f"  SIGHUP re-reads the file and applies {reloaded}; "
         "SIGTERM or SIGINT stops the daemon cleanly.  Under systemd the daemon reports "
         "readiness and status with sd_notify and accepts a socket passed by socket "
         "activation.", break_on_hyphens=False) + "\n"

@@ -48,6 +48,8 @@ LOG_FORMATS = ("text", "json")
 class CommandNames(Kind[tuple[str, ...]]):
     """A TOML list of QMP command names (``["query-status", "stop"]``)."""
 
+    toml_doc = 'a list of QMP command names, such as ["query-status", "stop"]'
+
     def __call__(self, value: object) -> tuple[str, ...]:
         if isinstance(value, str):  # a shown value: the same list in TOML syntax
             with contextlib.suppress(tomllib.TOMLDecodeError):
@@ -193,7 +195,7 @@ class Config:
         "QEMU is away",
     )
     qemu_passthrough: tuple[str, ...] = option(
-        (), parse=CommandNames(), where=Where.FILE, default_doc="none",
+        (), parse=CommandNames(), metavar="LIST", where=Where.FILE, default_doc="none",
         help="QEMU commands that migblockd's schema does not define, forwarded to the gated "
         "QEMU as they are (admins only), so that a tool can use migblockd as its only monitor",
     )

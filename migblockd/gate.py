@@ -35,6 +35,7 @@ from migblockd.registry import (
     BlockerError,
     MigrationBusy,
     MigrationInProgress,
+    NotFound,
     Registry,
 )
 
@@ -168,11 +169,25 @@ class GateHandlers(Handlers):
                     raise MigrationBusy(args["reason"])
         return super().add_blocker(conn, args)
 
-    def del_blocker(self, conn: Connection, args: Args) -> object:
-        if args["id"].startswith(QEMU_BLOCKER_PREFIX):
-            raise QMPError(f"Blocker '{args['id']}' is QEMU's own: it goes away when QEMU "
-                           "removes it, and cannot be deleted through migblockd")
-        return super().del_blocker(conn, args)
+    def del_blocker(self, conn: Connection, args: Args) -> Step:
+        id = args["id"]
+        if not id.startswith(QEMU_BLOCKER_PREFIX):
+            return super().del_blocker(conn, args)
+        # Named as query-blockers names them: by position in QEMU's blocked-reasons.
+        listed = 0
+        if self.qemu.connected:
+            try:
+                info = yield Call("query-migrate", {})
+            except QemuUnavailable:
+                pass  # gone meanwhile: query-blockers would list none of QEMU's
+            else:
+                self.qemu.saw(info)
+                listed = len(_reasons(info))
+        number = id[len(QEMU_BLOCKER_PREFIX):]
+        if not (number.isdecimal() and number.isascii() and 1 <= int(number) <= listed):
+            raise NotFound(id)
+        raise QMPError(f"Blocker '{id}' is QEMU's own: it goes away when QEMU "
+                       "removes it, and cannot be deleted through migblockd")
 
     @reads_state
     def query_blockers(self, conn: Connection, args: Args) -> Step:

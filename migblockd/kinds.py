@@ -45,6 +45,9 @@ class Kind(Generic[T]):
     """
 
     choices: tuple[str, ...] = ()
+    #: What a TOML file gives for a setting of this kind, in words, when the
+    #: command line has no spelling for it (a list, a table).
+    toml_doc: str = ""
 
     def __call__(self, value: object) -> T:
         raise NotImplementedError

@@ -56,6 +56,9 @@ async def test_qemu_blockers_are_listed_and_refuse_migrate_in_qemus_words(
         assert reply == error(GENERIC, mon.blocker_text("vdi1"), 1)  # QEMU's own refusal
         reply = await c.execute("del-blocker", {"id": "qemu:1"}, id=2)
         assert reply["error"]["desc"].startswith("Blocker 'qemu:1' is QEMU's own")
+        for absent in ("qemu:2", "qemu:0", "qemu:x"):  # no such blocker of QEMU's
+            reply = await c.execute("del-blocker", {"id": absent}, id=2)
+            assert reply == error(GENERIC, f"Blocker '{absent}' not found", 2)
         assert await mon.blocked_reasons() == [mon.blocker_text("vdi1")]  # still there
         # Ours come first, then QEMU's, in query-blockers and in blocked-reasons.
         mine = await c.ok("add-blocker", {"reason": SEV, "id": "sev", "modes": ["normal"]})
@@ -257,4 +260,25 @@ def test_migblock_shell_works_unchanged_against_a_gating_daemon(
     assert out[0]["return"]["id"] == "sev"
     assert [b["source"] for b in out[1]["return"]] == ["migblockd"]
     assert out[2] == error(GENERIC, SEV)
+    assert_clean_log(d)
+
+
+def test_migblock_shell_runs_and_explains_forwarded_commands(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, tmp_path: Any,
+) -> None:
+    config = tmp_path / "gate.toml"
+    config.write_text('qemu-passthrough = ["query-status"]\n')
+    d = gate(start_daemon, qemu, "--config", str(config))
+    d.wait_for_log("connected to QEMU 7.")
+    # Introspection does not describe QEMU's command, query-commands lists it: the
+    # shell sends it by name instead of refusing it as unknown.
+    result = subprocess.run(
+        [sys.executable, "-m", "migblockd.shell", str(d.socket)],
+        input="query-status\nhelp query-status\nquery-statu\n",
+        capture_output=True, text=True, timeout=60, check=False)
+    lines = result.stdout.splitlines()
+    assert json.loads(lines[0])["return"]["status"] == "prelaunch", result
+    assert lines[1] == "query-status (command, forwarded to QEMU)"
+    assert "sends it unchecked" in result.stdout
+    assert "unknown command 'query-statu'; did you mean 'query-status'?" in result.stderr
     assert_clean_log(d)

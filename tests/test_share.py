@@ -36,6 +36,19 @@ def share(*args: str, env: dict[str, str] | None = None,
                           capture_output=True, text=True, check=False, timeout=120)
 
 
+def test_missing_generator_is_one_line_naming_the_extra() -> None:
+    # As in a venv made without the 'share' extra: shtab cannot be imported.
+    code = ("import sys; sys.modules['shtab'] = None; "
+            "from migblockd.share.main import main; sys.exit(main(['--check']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, check=False, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "python -m migblockd.share: needs shtab, from the 'share' extra: "
+        "pip install 'migblockd[share]' (or, in a checkout, pip install -e '.[share]')"]
+
+
 def man(page: Path) -> str:
     """``man -l PAGE`` as plain text; fails on any warning of man or groff."""
     env = dict(os.environ, MANWIDTH="80", MAN_KEEP_FORMATTING="", LC_ALL="C.UTF-8")
@@ -158,6 +171,11 @@ def test_the_configuration_page_documents_every_file_setting() -> None:
         body = entries[o.key]
         assert body.startswith(words(o.help[0].upper() + o.help[1:]))
         assert ("Reload: applied." if o.reloadable else "Reload: no;") in body
+        if Where.COMMAND_LINE not in o.where:
+            # No command-line spelling to point at: the page says what the file gives.
+            assert "read as the command line reads" not in body, o.key
+            assert f"Command line: {o.flag_name}" not in body
+            assert o.key in words(text).split("Only the file takes ", 1)[1].split(".")[0]
     for o in table(Config):
         if Where.FILE not in o.where:
             assert f"Only the command line takes {o.flag_name}" in words(text)

@@ -163,7 +163,8 @@ def test_unknown_names_are_refused_with_a_suggestion_and_never_sent(
     assert shell.quit() == 0
     # The daemon's debug log shows each request it received: none of the refused.
     daemon.wait_for_log(re.compile(r' <- b.*"execute": ?"query-blockers"'))
-    assert daemon.received() == ["qmp_capabilities", "query-qmp-schema", "query-blockers"]
+    assert daemon.received() == ["qmp_capabilities", "query-qmp-schema", "query-commands",
+                                 "query-blockers"]
 
 
 def test_help_pretty_and_verbose(daemon: DaemonProcess, spawn_shell: Callable[..., Shell]) -> None:

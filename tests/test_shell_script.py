@@ -124,7 +124,8 @@ def test_unknown_names_fail_the_run_and_are_never_sent(daemon: DaemonProcess) ->
     # The daemon's debug log shows every request it received: each shell's
     # negotiation and schema, and query-blockers; none of the refused lines.
     daemon.wait_for_log(re.compile(r' <- b.*"execute": ?"query-blockers"'))
-    assert daemon.received() == ["qmp_capabilities", "query-qmp-schema"] * 2 + ["query-blockers"]
+    negotiation = ["qmp_capabilities", "query-qmp-schema", "query-commands"]
+    assert daemon.received() == negotiation * 2 + ["query-blockers"]
 
 
 def test_raw_json_and_type_errors_are_left_to_the_daemon(daemon: DaemonProcess) -> None:

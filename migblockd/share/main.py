@@ -69,7 +69,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if output_dir is None:
         parser.error("not run from a source checkout of migblockd: name the directory "
                      "with --output-dir")
-    files = generate()
+    try:
+        files = generate()
+    except ModuleNotFoundError as e:
+        # The generators are an optional extra: the daemon does not need them.
+        print(f"{PROG}: needs {e.name}, from the 'share' extra: "
+              "pip install 'migblockd[share]' (or, in a checkout, pip install -e '.[share]')",
+              file=sys.stderr)
+        return 2
     if args.check:
         stale = diffs(files, output_dir)
         if stale:

@@ -141,17 +141,19 @@ def program_page(program: Program) -> str:
 def value_type(o: Option) -> str:
     """What a TOML file may give for ``o``, in words."""
     kind = o.parse
+    if kind.toml_doc:
+        return kind.toml_doc
     if isinstance(kind, Boolean):
         return "true or false"
     if isinstance(kind, Integer):
-        unit = f" {kind.unit}" if kind.unit else ""
+        number = f"a number of {kind.unit}" if kind.unit else "an integer"
         if kind.minimum is not None and kind.maximum is not None:
-            return f"an integer from {kind.minimum} to {kind.maximum}{unit}"
+            return f"{number} from {kind.minimum} to {kind.maximum}"
         if kind.minimum is not None:
-            return f"an integer, at least {kind.minimum}{unit}"
+            return f"{number}, at least {kind.minimum}"
         if kind.maximum is not None:
-            return f"an integer, at most {kind.maximum}{unit}"
-        return f"an integer{unit}"
+            return f"{number}, at most {kind.maximum}"
+        return number
     if isinstance(kind, Seconds):
         return "a number of seconds, integer or fractional, not negative"
     if isinstance(kind, OctalMode):
@@ -229,13 +231,15 @@ def config_page() -> str:
     settings = file_settings()
     reloadable = [o.key for o in settings if o.reloadable]
     command_line_only = [o.flag_name for o in table(Config) if Where.FILE not in o.where]
+    file_only = [o.key for o in settings if Where.COMMAND_LINE not in o.where]
     description = [
         escape("migblockd(8) reads the TOML file named by its --config option when it starts, "
                "and again when it receives SIGHUP (systemctl reload migblockd)."),
         ".PP",
         escape("Each key is the name of a long command-line option without its leading "
                '"--" (log-level, not --log-level); underscores may stand for its dashes. '
-               "A setting given on the command line wins over the file; a setting given "
+               + (f"Only the file takes {', '.join(file_only)}. " if file_only else "")
+               + "A setting given on the command line wins over the file; a setting given "
                "in neither keeps its default. A string value is read exactly as the "
                'command line reads the option, so max-clients = "100" means '
                "max-clients = 100."),

@@ -86,6 +86,8 @@ def check_request(schema: Schema, message: dict[str, Any]) -> str | None:
     if not schema.commands:
         return None  # no introspection (the daemon did not answer it): nothing to go by
     name = str(message.get("execute"))
+    if name in schema.forwarded:
+        return None  # QEMU's own command: only QEMU knows its arguments
     info = schema.commands.get(name)
     if info is None:
         hint = did_you_mean(name, schema.command_names()) or "; 'help' lists the commands"

@@ -48,13 +48,18 @@ class Connection:
             try:
                 await client.negotiate()
                 reply = await client.execute({"execute": "query-qmp-schema"})
+                # Also the commands forwarded to QEMU, which introspection leaves out.
+                listed = await client.execute({"execute": "query-commands"})
             except (ConnectError, ConnectionLost) as err:
                 raise ConnectError(f"{self.path}: {err}") from None
         except BaseException:  # also Ctrl-C (cancellation) in the interactive shell
             await client.close()
             raise
         infos: Any = reply.get("return")
-        self.schema = Schema(infos) if isinstance(infos, list) else Schema.empty()
+        commands: Any = listed.get("return")
+        names = [str(c.get("name")) for c in commands if isinstance(c, dict)] \
+            if isinstance(commands, list) else []
+        self.schema = Schema(infos, names) if isinstance(infos, list) else Schema.empty()
         self.greeting = greeting
         self._client = client
         return greeting

@@ -28,6 +28,10 @@ quote to force a string.  List arguments also take a,b,c.  Tab completes command
 argument names and enum values.  Ctrl-C drops the line, Ctrl-D exits."""
 
 
+#: What ``help`` says of a command the daemon forwards to QEMU (qemu-passthrough).
+FORWARDED = "Forwarded to QEMU as it is; see QEMU's QMP reference for its arguments."
+
+
 def load_docs() -> SchemaDocs:
     """The packaged schema's docs, or none if they cannot be loaded."""
     try:
@@ -47,7 +51,8 @@ def overview(schema: Schema, docs: SchemaDocs, columns: int | None = None) -> st
     lines = ["Commands:"]
     for name in names:
         doc = docs.commands.get(name)
-        summary = doc.summary if doc is not None else ""
+        summary = doc.summary if doc is not None else FORWARDED if name in schema.forwarded \
+            else ""
         wrapped = textwrap.wrap(summary, max(columns - 1 - len(indent), 30)) or [""]
         lines.append(f"  {name:<{width}}{wrapped[0]}".rstrip())
         lines.extend(indent + more for more in wrapped[1:])
@@ -116,6 +121,9 @@ def definition(schema: Schema, docs: SchemaDocs, name: str) -> DefinitionDoc | N
 
 def help_text(schema: Schema, docs: SchemaDocs, name: str) -> str | None:
     """The help screen of ``name``; ``None`` when there is nothing by that name."""
+    if name in schema.forwarded:
+        return (f"{name} (command, forwarded to QEMU)\n    {FORWARDED}\n    migblockd's "
+                "schema does not describe it, so the shell sends it unchecked.")
     doc = definition(schema, docs, name)
     return None if doc is None else doc.text
 

@@ -24,7 +24,8 @@ objects: a.b=1 a.c=2; list arguments also take a,b,c), or a raw JSON request sta
 with '{'.  'help' lists the daemon's commands, 'help COMMAND' documents one.  Tab
 completes command names, argument names and enum values, all taken from the daemon's
 query-qmp-schema, against which command and argument names are checked before a
-command is sent (raw JSON goes as typed).  Events are printed as they arrive.  History
+command is sent (raw JSON goes as typed, and so do the QEMU commands a gating daemon
+forwards, which query-commands lists).  Events are printed as they arrive.  History
 is kept in $XDG_STATE_HOME/migblockd/shell-history.  Ctrl-C drops the line, Ctrl-D
 quits.  If the daemon restarts, the shell reconnects on the next command.
 """

@@ -8,7 +8,7 @@ masked (``"0"``, ``"1"``, ...), so types are described by their structure
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,9 @@ class CommandInfo:
 class Schema:
     """An index over a list of SchemaInfo objects."""
 
-    def __init__(self, infos: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, infos: Sequence[Mapping[str, Any]], listed: Iterable[str] = ()) -> None:
+        """``listed``: the names ``query-commands`` answered, which include the
+        commands the daemon forwards to QEMU without describing them."""
         self._types: dict[str, Mapping[str, Any]] = {}
         self.commands: dict[str, CommandInfo] = {}
         self.events: dict[str, str] = {}
@@ -65,14 +67,17 @@ class Schema:
                 self.events[name] = str(info.get("arg-type", ""))
             else:
                 self._types[name] = info
+        self.forwarded = sorted(set(listed) - set(self.commands))
+        """Commands the daemon runs but does not describe (qemu-passthrough):
+        they go as typed, unchecked."""
 
     @classmethod
     def empty(cls) -> Schema:
         return cls([])
 
     def command_names(self) -> list[str]:
-        """Command names, sorted."""
-        return sorted(self.commands)
+        """Command names, sorted: the described ones and the forwarded ones."""
+        return sorted([*self.commands, *self.forwarded])
 
     def meta_type(self, type_name: str) -> str | None:
         info = self._types.get(type_name)

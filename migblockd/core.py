@@ -53,7 +53,7 @@ from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
 from migblockd.qmp.session import Request, Session
-from migblockd.registry import Owner, Registry
+from migblockd.registry import BlockerError, Owner, Registry
 from migblockd.render import event_line
 from migblockd.stats import Stats
 
@@ -362,11 +362,12 @@ class Core:
         if registry.next_deadline() is not None:
             registry.advance()
             self._publish(False)
-        result, error = self._attempt(conn, request, lambda: handler(conn, request.args))
+        result, error, judged = self._attempt(conn, request,
+                                              lambda: handler(conn, request.args))
         if type(result) is GeneratorType:
             self._drive(conn, request, result, None, None, started)
         else:
-            self._complete(conn, request, result, error, started)
+            self._complete(conn, request, result, error, started, judged)
 
     def _drive(self, conn: Connection, request: Request, gen: Suspended, value: object,
                error: BaseException | None, started: int) -> None:
@@ -380,9 +381,9 @@ class Core:
                 stop.append(done.value)
                 return None
 
-        call, failure = self._attempt(conn, request, step)
+        call, failure, judged = self._attempt(conn, request, step)
         if failure is not None or stop:
-            self._complete(conn, request, stop[0] if stop else None, failure, started)
+            self._complete(conn, request, stop[0] if stop else None, failure, started, judged)
             return
         assert isinstance(call, Call)
         conn.waiting, conn.suspended = request, gen
@@ -390,10 +391,11 @@ class Core:
         self._calls.append((conn, call))
 
     def _attempt(self, conn: Connection, request: Request,
-                 run: Callable[[], object]) -> tuple[object, QMPError | None]:
-        """``run()``'s result, or the QMP error the client gets instead (counted by cause)."""
+                 run: Callable[[], object]) -> tuple[object, QMPError | None, bool]:
+        """``run()``'s result, or the QMP error the client gets instead (counted by
+        cause), and whether the registry refused it (judging by what it holds)."""
         try:
-            return run(), None
+            return run(), None, False
         except Exception as exc:
             name = request.command.name
             self.stats.refused(name, exc)
@@ -401,17 +403,28 @@ class Core:
             if error is None:
                 log.exception("%s: internal error in %s", conn.label, name, extra=about(conn))
                 error = internal_error(name)
-            return None, error
+            return None, error, isinstance(exc, BlockerError)
 
     def _complete(self, conn: Connection, request: Request, result: object,
-                  error: QMPError | None, started: int) -> None:
-        """Record the command's changes, deliver its events, then its reply."""
+                  error: QMPError | None, started: int, judged: bool = False) -> None:
+        """Record the command's changes, deliver its events, then its reply.
+
+        ``judged``: the registry refused the command, by what it holds.  While
+        changes are uncommitted, a command whose changes or refusal stand on
+        them joins their group: a failed commit undoes its changes too and
+        turns its reply into the commit's error, as for a durable command.
+        Otherwise a connection-scoped add that reused the id of an uncommitted
+        delete would outlive the delete's undoing, and a refusal could report
+        a blocker that the undoing takes away.
+        """
         durable = False
         changes = self.registry.take_changes()
         if changes:
             self.handlers.track(changes)
-        if changes and self.durable and any(change.durable for change in changes):
-            self.ledger.record(changes)
+        if self.durable and (changes or judged) and (
+                self.ledger.uncommitted or any(change.durable for change in changes)):
+            if changes:
+                self.ledger.record(changes)
             durable = True
         # Events the command caused go out before its reply (QEMU's order).
         self._publish(durable)
@@ -421,7 +434,7 @@ class Core:
         session = conn.session
         name = request.command.name
         if error is not None:
-            session.fail(request, error, stamp)
+            session.fail(request, error, stamp, durable)
         else:
             try:
                 session.reply(request, result, stamp, durable)

@@ -144,6 +144,82 @@ def test_connection_scoped_blockers_hold_nothing_but_wait_behind_what_does() -> 
     assert out[-1]["return"]["id"] == "#blocker1" and core.take_group() is None
 
 
+def committed_kept(core: Core, *conns: Connection) -> None:
+    run(core, conns[0], b'{"execute": "add-blocker", "arguments": {"reason": "keep", '
+                        b'"id": "kept"}}')
+    group = core.take_group()
+    assert group is not None
+    core.committed(group)
+    for conn in conns:
+        run(core, conn)
+
+
+FAILED = {"class": "GenericError", "desc": "disk full; nothing was changed"}
+
+
+def test_a_change_standing_on_an_uncommitted_one_fails_with_it() -> None:
+    core = make()
+    a, b, c = connected(core, 1), connected(core, 2), connected(core, 3)
+    committed_kept(core, a, b, c)
+    # b reuses the id that a's uncommitted delete freed, for a blocker that is
+    # never stored: it stands on the delete, so it shares the delete's fate.
+    run(core, a, b'{"execute": "del-blocker", "arguments": {"id": "kept"}, "id": "del"}')
+    assert run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "mine", '
+                        b'"id": "kept", "scope": "connection"}, "id": "add"}') == []
+    group = core.take_group()
+    assert group is not None
+    core.commit_failed(group, "disk full")
+    assert run(core, a) == [{"id": "del", "error": FAILED}]
+    assert run(core, b) == [{"id": "add", "error": FAILED}]
+    assert run(core, c) == []  # no event for either
+    # What is on disk, and nothing else: the daemon-scoped blocker.
+    (kept,) = core.registry.blockers()
+    assert kept.id == "kept" and kept.connection is None
+
+
+def test_a_generated_id_is_never_heard_of_before_its_reservation_is_on_disk() -> None:
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r"}, "id": "a"}')
+    # b's id comes from the chunk a's add reserves, which is not on disk yet.
+    assert run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "r", '
+                        b'"scope": "connection"}, "id": "b"}') == []
+    group = core.take_group()
+    assert group is not None
+    core.commit_failed(group, "disk full")
+    assert run(core, a) == [{"id": "a", "error": FAILED}]
+    assert run(core, b) == [{"id": "b", "error": FAILED}]
+    assert list(core.registry.blockers()) == []
+    # The next generated id reserves its chunk again, and is heard of only once that is stored.
+    assert run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "r", '
+                        b'"scope": "connection"}, "id": "again"}') == []
+    group = core.take_group()
+    assert group is not None and [c.kind for c in group.changes] == ["id-floor"]
+    core.committed(group)
+    reply = run(core, b)[-1]
+    assert reply["id"] == "again" and reply["return"]["id"] == "#blocker2"
+
+
+def test_a_refusal_standing_on_an_uncommitted_change_takes_the_commits_outcome() -> None:
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    for fails in (True, False):
+        run(core, a, ADD_X)
+        assert run(core, b, ADD_X) == []  # "Duplicate ID", but x is not on disk yet
+        group = core.take_group()
+        assert group is not None
+        if fails:
+            core.commit_failed(group, "disk full")
+            # x never existed: b hears of the failed commit, not of a duplicate.
+            assert run(core, b) == [{"id": "add", "error": FAILED}]
+        else:
+            core.committed(group)
+            out = run(core, b)
+            assert out[0]["event"] == "BLOCKER_ADDED"
+            assert out[1]["error"]["desc"] == "Duplicate blocker ID 'x'"
+        run(core, a)
+
+
 def test_a_client_gone_while_waiting_still_has_its_request_run() -> None:
     core = make()
     a, b = connected(core, 1), connected(core, 2)

@@ -125,6 +125,15 @@ async def test_full_disk_fails_the_commands_and_the_daemon_recovers(
         refused = await c.execute("add-blocker", {"reason": "still full", "id": "x"})
         assert refused["error"]["desc"] == desc
         assert await watcher.ok("query-blockers") == [before]
+        # A connection-scoped blocker that takes the id a failing delete frees is
+        # never stored, but stands on the delete: it fails with it.
+        await c.send({"execute": "del-blocker", "arguments": {"id": "before"}, "id": "d"})
+        await c.send({"execute": "add-blocker", "id": "a", "arguments": {
+            "reason": "mine", "id": "before", "scope": "connection"}})
+        assert await c.read_replies(2) == [
+            {"error": {"class": "GenericError", "desc": desc}, "id": n} for n in "da"]
+        assert await watcher.ok("query-blockers") == [before]
+        assert watcher.events == []
 
         # Space again: the next change succeeds, with its event, without a restart.
         filler.unlink()

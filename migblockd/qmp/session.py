@@ -235,9 +235,12 @@ class Session:
             data = encode_return(result, request.id)
         self._put(data, stamp, request if durable else KEEP)
 
-    def fail(self, request: Request | None, error: QMPError, stamp: int = 0) -> None:
-        """Answer ``request`` with an error (None: a reply without ``id``)."""
-        self._put(encode_error(error, NO_ID if request is None else request.id), stamp, KEEP)
+    def fail(self, request: Request | None, error: QMPError, stamp: int = 0,
+             durable: bool = False) -> None:
+        """Answer ``request`` with an error (None: a reply without ``id``);
+        ``stamp`` and ``durable`` as for :meth:`reply`."""
+        self._put(encode_error(error, NO_ID if request is None else request.id), stamp,
+                  request if durable and request is not None else KEEP)
 
     def send_event(self, line: bytes, stamp: int = 0, durable: bool = False) -> None:
         """Queue a pre-encoded event line; dropped unless negotiation is complete."""

@@ -26,7 +26,7 @@ from argparse_manpage.manpage import Manpage
 
 from migblockd import __version__
 from migblockd.config import Config
-from migblockd.kinds import Boolean, FilePath, Integer, OctalMode, OneOf, Seconds
+from migblockd.kinds import Boolean, FilePath, Integer, Kind, OctalMode, OneOf, Seconds
 from migblockd.options import Option, Where, table
 from migblockd.share.programs import PROGRAMS, SYSTEM_CONFIG, Program
 
@@ -141,7 +141,7 @@ def program_page(program: Program) -> str:
 def value_type(o: Option) -> str:
     """What a TOML file may give for ``o``, in words."""
     kind = o.parse
-    if kind.toml_doc:
+    if isinstance(kind, Kind) and kind.toml_doc:
         return kind.toml_doc
     if isinstance(kind, Boolean):
         return "true or false"

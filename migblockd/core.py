@@ -90,7 +90,8 @@ class Core:
         self.durable = durable
         self.handlers = handlers if handlers is not None else Handlers(contract, registry)
         self.table = self.handlers.table()
-        self.guard = Guard(self.table, registry, policy if policy is not None else Policy(),
+        # The schema's commands; the others (forwarded to QEMU) are the admins'.
+        self.guard = Guard(contract.commands, registry, policy if policy is not None else Policy(),
                            quotas if quotas is not None else Quotas())
         self.greeting: dict[str, Any] = {
             "QMP": {"version": version_info(), "capabilities": ["oob"]}

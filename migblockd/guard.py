@@ -33,6 +33,8 @@ log = logging.getLogger("migblockd")
 
 Args = dict[str, Any]
 Extra = Callable[[Connection, Role, Args], None]
+#: The rule of a command the schema does not define: one forwarded to QEMU.
+_FORWARDED: tuple[Role, Extra | None] = (Role.ADMIN, None)
 
 
 class AccessDenied(QMPError):
@@ -55,7 +57,8 @@ class Guard:
     """The access policy and the quotas, applied to the requests of one daemon.
 
     ``commands`` are the names of the schema's commands (their rules are
-    computed once); ``daemon_uid`` is the uid the daemon runs as, always admin.
+    computed once); any other command (one forwarded to QEMU) needs ``admin``,
+    whatever its name.  ``daemon_uid`` is the uid the daemon runs as, always admin.
     """
 
     def __init__(self, commands: Iterable[str], registry: Registry, policy: Policy,
@@ -107,10 +110,7 @@ class Guard:
         role = conn.role
         if role is None:
             role = self.role_of(conn)
-        rule = self._rules.get(name)
-        if rule is None:
-            rule = (needed_role(name), None)
-        needed, extra = rule
+        needed, extra = self._rules.get(name, _FORWARDED)
         if role < needed:
             self._refuse(conn, name, f"Permission denied: {name} needs role {needed}, "
                          f"but {self._who(conn)} has role {role}", AccessDenied)

@@ -23,14 +23,14 @@ CONTRACT = Contract.load()
 PATH = Path("/run/qemu/vm1.qmp")
 
 
-def make(connected: bool = True) -> tuple[Core, QemuFacts]:
+def make(connected: bool = True, role: Role = Role.ADMIN) -> tuple[Core, QemuFacts]:
     registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
     facts = QemuFacts(PATH, connected=connected, version="7.2.22",
                       commands={"migrate": frozenset({"uri"}),
                                 "migrate-set-parameters": frozenset({"max-bandwidth"})})
     handlers = GateHandlers(CONTRACT, registry, facts, passthrough=("query-status",))
     return Core(CONTRACT, registry, Config().limits, handlers=handlers,
-                policy=Policy.of(Role.ADMIN)), facts
+                policy=Policy.of(role)), facts
 
 
 def lines(data: bytes) -> list[dict[str, Any]]:
@@ -159,3 +159,18 @@ def test_the_status_line_shows_the_link_to_qemu() -> None:
     plain = Core(CONTRACT, Registry(CONTRACT.enums["MigMode"], clock=FakeClock()),
                  Config().limits)
     assert format_status(*plain.status()) == "0 blockers, 0 clients, migration: none"
+
+
+def test_forwarded_commands_are_the_admins_whatever_their_name() -> None:
+    # An observer may run the schema's query-* commands, but not QEMU's: a
+    # forwarded query-status could tell it anything QEMU knows.
+    core, _ = make(role=Role.OBSERVER)
+    a = core.connect(Owner(2, 4321, 4321))  # not root, nor the daemon's user: an observer
+    core.data_to_send(a)
+    feed(core, a, b'{"execute": "qmp_capabilities"}')
+    out = feed(core, a, b'{"execute": "query-status", "id": 1}'
+                        b'{"execute": "query-version", "id": 2}')
+    assert core.take_calls() == []  # QEMU was never asked
+    assert out[0]["error"]["desc"].startswith(
+        "Permission denied: query-status needs role admin, but ")
+    assert "return" in out[1]

@@ -147,8 +147,11 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         await stop.wait()
     finally:
         await notifier.stopping()
+        # Until the drain is over a signal must not kill the daemon (the default
+        # action): that would cut off the replies it still owes.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+            loop.add_signal_handler(sig, log.info, "received %s while stopping: ignored",
+                                    sig.name)
         await server.stop()
         if bridge is not None:
             await bridge.close()
@@ -157,6 +160,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         for task in tasks:
             task.cancel()
         await notifier.close()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
         log.info("stopped")
 
 

@@ -47,6 +47,7 @@ from migblockd.drain import drain
 from migblockd.gate import QemuUnavailable
 from migblockd.ledger import Group
 from migblockd.listen import StartupError, bind_socket
+from migblockd.options import table
 from migblockd.pidlock import PidLock
 from migblockd.registry import Change
 from migblockd.systemd import Notifier, format_status
@@ -356,6 +357,11 @@ class Server:
             logging.getLogger().setLevel(self.config.logging_level)
             described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
             log.info("reloaded configuration: %s", described or "nothing changed")
+            later = [o.key for o in table(Config) if o.name not in RELOADABLE
+                     and getattr(fresh, o.name) != getattr(self.config, o.name)]
+            if later:
+                log.warning("reload: %s changed, which only a restart applies",
+                            ", ".join(later))
         await self.notifier.ready(self.status_line())
 
 

@@ -130,3 +130,20 @@ async def test_a_file_made_world_writable_is_refused_at_reload(
         await a.ok("query-version")
         await b.ok("query-version")
     assert d.stop() == 0
+
+
+async def test_a_reload_names_the_changes_that_wait_for_a_restart(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(path), "--ephemeral")
+    path.write_text('log-level = "info"\nmax-clients = 7\nmigration-time = 9\n'
+                    'socket-mode = "0660"\n')
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("reloaded configuration: max-clients=7")
+    # Read, but not applied: said, rather than silently dropped.
+    d.wait_for_log("WARNING: reload: socket-mode, migration-time changed, which only a "
+                   "restart applies")
+    assert d.socket.stat().st_mode & 0o777 == 0o600
+    assert d.stop() == 0

@@ -99,6 +99,33 @@ async def test_sigterm_answers_every_request_read_and_drops_nobody(
     assert_clean_log(d)
 
 
+async def test_signals_during_the_drain_do_not_cut_it_short(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    d = start_daemon("--state-dir", str(tmp_path / "state"), "--log-level", "info")
+    client = await RawClient.connect(d.socket)
+    # More replies than the socket holds, unread: the drain waits for this client.
+    count = 5000
+    client.send_raw(b"".join(encode({"execute": "query-version", "id": i})
+                             for i in range(count)))
+    d.signal(signal.SIGTERM)
+    d.wait_for_log("received SIGTERM")
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        d.signal(sig)
+        d.wait_for_log(f"received {sig.name} while stopping: ignored")
+    replies = []
+    with contextlib.suppress(EOFError, ConnectionError):
+        while True:
+            replies.append(strict_loads(await client.read_line()))
+    await client.close()
+    assert d.wait_exit() == 0
+    assert not d.socket.exists()
+    # Every request the daemon had read was answered before it exited.
+    assert replies and [r["id"] for r in replies] == list(range(len(replies)))
+    assert "dropped" not in d.log()
+    assert_clean_log(d)
+
+
 async def nudge_until_dropped(d: DaemonProcess) -> None:
     """Add blockers from another client until a client with max-output=1 that
     reads nothing is dropped for the events they send it."""

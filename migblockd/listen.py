@@ -28,6 +28,7 @@ from pathlib import Path
 
 from migblockd.paths import fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
+from migblockd.trust import distrust
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Listening", "StartupError",
            "bind_socket", "check_socket_directory", "make_socket_dir"]
@@ -37,8 +38,6 @@ log = logging.getLogger("migblockd")
 LISTEN_BACKLOG = 1024
 #: sun_path is 108 bytes on Linux, one of them the terminating NUL.
 UNIX_PATH_MAX = 107
-#: Group and world write bits.
-_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
 class StartupError(Exception):
@@ -184,48 +183,26 @@ def _answers(path: Path) -> bool:
 
 
 def check_socket_directory(directory: Path) -> None:
-    """Refuse a socket directory that anyone but this user and root could change.
-
-    The rule (as sshd's StrictModes has it for ``~/.ssh``): the directory is
-    owned by the daemon's effective uid or root and writable by nobody else,
-    and every directory above it is owned by one of those two and writable by
-    nobody else unless it is sticky (``/tmp``: others may add entries there
-    but not rename ours).  Both the path as given and its symlinks resolved
-    are checked, so a symlink cannot lead around the rule.  A directory the
-    daemon created itself (mode 0700) passes by construction.
-    """
-    uid = os.geteuid()
-    trusted = (uid, 0)
-    absolute = Path(os.path.abspath(directory))
-    real = Path(os.path.realpath(directory))
-    for place in _components(absolute) | _components(real):
-        try:
-            st = os.lstat(place)
-        except OSError as exc:
-            raise StartupError(f"cannot check socket directory {directory}: "
-                               f"{place}: {exc.strerror}") from None
-        here = place in (real, absolute)
-        what = f"socket directory {directory}" if here else f"{place}, above socket " \
-            f"directory {directory},"
-        if st.st_uid not in trusted:
-            raise StartupError(
-                f"refusing to serve from {directory}: {what} is owned by uid {st.st_uid}, "
-                f"not by this user (uid {uid}) or root, so its owner could replace the "
-                "socket; choose another --socket")
-        if stat.S_ISLNK(st.st_mode):
-            continue  # its target is checked as part of the resolved path
-        sticky = bool(st.st_mode & stat.S_ISVTX) and not here
-        if st.st_mode & _OTHERS_WRITE and not sticky:
-            mode = stat.S_IMODE(st.st_mode)
-            raise StartupError(
-                f"refusing to serve from {directory}: {what} is writable by others (mode "
-                f"{mode:04o}), so they could replace the socket; chmod go-w {place}, or "
-                "choose another --socket")
-
-
-def _components(path: Path) -> set[Path]:
-    """``path`` and every directory above it."""
-    return {path, *path.parents}
+    """Refuse a socket directory that anyone but this user and root could change
+    (:mod:`migblockd.trust` has the rule)."""
+    try:
+        found = distrust(directory)
+    except OSError as exc:
+        raise StartupError(f"cannot check socket directory {directory}: "
+                           f"{exc.filename}: {exc.strerror}") from None
+    if found is None:
+        return
+    what = f"socket directory {directory}" if found.itself else \
+        f"{found.place}, above socket directory {directory},"
+    if found.owner is not None:
+        raise StartupError(
+            f"refusing to serve from {directory}: {what} is owned by uid {found.owner}, "
+            f"not by this user (uid {os.geteuid()}) or root, so its owner could replace the "
+            "socket; choose another --socket")
+    raise StartupError(
+        f"refusing to serve from {directory}: {what} is writable by others (mode "
+        f"{found.mode:04o}), so they could replace the socket; chmod go-w {found.place}, or "
+        "choose another --socket")
 
 
 # --------------------------------------------------------------------------- the lock

@@ -566,3 +566,34 @@ def test_default_state_dir_of_a_user(monkeypatch: pytest.MonkeyPatch) -> None:
     assert run_python(DEFAULT_DIR) == {"dir": "/home/someone/.local/state/migblockd"}
     monkeypatch.setenv("STATE_DIRECTORY", "/run/state/migblockd")
     assert run_python(DEFAULT_DIR) == {"dir": "/run/state/migblockd"}
+
+
+def test_a_directory_others_could_change_is_refused(tmp_path: Path) -> None:
+    # Whoever may write there could swap the database the next start restores.
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o700)
+    open_dir.chmod(0o777)
+    with pytest.raises(StateError) as refused:
+        Store.open(open_dir)
+    assert str(refused.value) == (
+        f"refusing to keep state in {open_dir}: state directory {open_dir} is writable by "
+        f"others (mode 0777), so they could replace the database; chmod go-w {open_dir}, "
+        "or choose another --state-dir")
+    assert not (open_dir / "state.db").exists()
+    below = open_dir / "state"  # created 0700, but under a directory others may write
+    with pytest.raises(StateError) as refused:
+        Store.open(below)
+    assert f"{open_dir}, above state directory {below}, is writable by others" in str(
+        refused.value)
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(StateError) as refused:
+            Store.open(theirs)
+        assert str(refused.value) == (
+            f"refusing to keep state in {theirs}: state directory {theirs} is owned by uid "
+            "65534, not by this user (uid 0) or root, so its owner could replace the "
+            "database; choose another --state-dir")
+    open_dir.chmod(0o700)
+    Store.open(open_dir).close()  # fixed as the message says: accepted

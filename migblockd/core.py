@@ -70,6 +70,16 @@ TURN_OUTPUT = 64 * 1024
 Suspended = Generator[object, object, object]
 
 
+def _held_full(conn: Connection) -> bool:
+    """``conn``'s replies held for commits are a turn's worth: its next requests
+    wait for the commit.  Without this bound a client's pipelined requests would
+    keep running while a slow commit holds their output, and all of it would
+    arrive at once when the commit lands, past ``--max-output``."""
+    session = conn.session
+    # A closed connection's last requests all run now: nobody reads their replies.
+    return session.holding and not conn.closed and session.held_replies > TURN_OUTPUT
+
+
 class Core:
     """Sessions, registry and command table of one daemon (sans-I/O).
 
@@ -188,8 +198,9 @@ class Core:
 
     def blocked(self, conn: Connection) -> bool:
         """Its next request waits for a commit or QEMU: no use giving it a turn until then."""
-        return conn.waiting is not None and (
-            conn.suspended is not None or self.ledger.uncommitted)
+        if conn.waiting is not None:
+            return conn.suspended is not None or self.ledger.uncommitted
+        return _held_full(conn)
 
     def execute(self, conn: Connection, max_requests: int) -> int:
         """Run up to ``max_requests`` of ``conn``'s pending requests, in order.
@@ -213,6 +224,8 @@ class Core:
                 conn.waiting = None
                 started = self._started.pop(conn, 0)
             elif session.has_pending():
+                if _held_full(conn):
+                    break  # the rest waits for the commit, as for a slow reader
                 handled += 1
                 request = session.next_request()
                 if request is None:
@@ -262,12 +275,18 @@ class Core:
         """
         self.ledger.done(group)
         holding = self.ledger.holding
+        released = []
         for conn in list(holding):
             if conn.session.release(group.stamp):
                 self._dirty[conn] = None
+                released.append(conn)
             if not conn.session.holding:
                 del holding[conn]
-        return self._wake()
+        woken = self._wake()
+        # Those stopped by their held output (see _held_full) may go on.
+        woken += [conn for conn in released if conn.session.has_pending()
+                  and not conn.closed and conn not in woken]
+        return woken
 
     def commit_failed(self, group: Group, reason: str) -> list[Connection]:
         """``group`` could not be committed: back to what is on disk.

@@ -325,3 +325,32 @@ def test_one_stamp_per_group() -> None:
     assert not ledger.uncommitted and ledger.open_stamp == 0
     ledger.record([])
     assert ledger.open_stamp == 3  # never a stamp that already counts as on disk
+
+
+def test_a_pipelining_client_stops_at_a_turns_worth_of_held_replies() -> None:
+    core = make()
+    a = connected(core, 1)
+    reason = "r" * 1000
+    requests = b"".join(
+        json.dumps({"execute": "add-blocker", "id": i,
+                    "arguments": {"reason": reason, "id": f"b{i}"}}).encode()
+        for i in range(300))
+    # The adds run until their held replies are a turn's worth...
+    run(core, a, requests)
+    group = core.take_group()
+    assert group is not None
+    # ... then a waits for their commit, with the rest of its requests unread.
+    assert core.blocked(a) and core.has_pending(a)
+    held = len(core.registry.blockers())
+    assert 20 < held < 100, held
+    assert core.execute(a, 32) == 0
+    woken = core.committed(group)
+    assert woken == [a]  # released, and free to go on
+    out = run(core, a)
+    assert len([m for m in out if "return" in m]) == held  # the first group's adds
+    while core.has_pending(a) or core.has_uncommitted():
+        group = core.take_group()
+        assert group is not None
+        core.committed(group)
+        run(core, a)
+    assert len(core.registry.blockers()) == 300

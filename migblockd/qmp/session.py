@@ -310,6 +310,11 @@ class Session:
     def holding(self) -> bool:
         return bool(self._held)
 
+    @property
+    def held_replies(self) -> int:
+        """Bytes of replies held for commits (a run per stamp: a few at most)."""
+        return sum(run.replies for run in self._held)
+
     def refuse(self, error: QMPError) -> None:
         """Turn the connection away: ``error`` (no ``id``) replaces the greeting."""
         self._output[:] = [encode_error(error, NO_ID)]

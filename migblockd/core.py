@@ -140,6 +140,13 @@ class Core:
         self._dirty[conn] = None
         return conn
 
+    def configure(self, limits: Limits) -> None:
+        """Bound every connection's input by ``limits``, the open ones' from their
+        next message on (a reload)."""
+        self.limits = limits
+        for conn in self.connections:
+            conn.session.configure(limits)
+
     def disconnect(self, conn: Connection, reason: str = "") -> None:
         """The connection is gone: run what it sent, then release its blockers.
 

@@ -343,7 +343,7 @@ class Server:
             changes = {k: getattr(fresh, k) for k in RELOADABLE
                        if getattr(fresh, k) != getattr(self.config, k)}
             self.config = self.config.replace(**changes)
-            self.core.limits = self.config.limits
+            self.core.configure(self.config.limits)
             self.core.admission.max_clients = self.config.max_clients
             self.core.admission.max_clients_per_uid = self.config.max_clients_per_uid
             self.timeouts.configure(negotiation=self.config.negotiation_timeout,

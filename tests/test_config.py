@@ -147,3 +147,25 @@ async def test_a_reload_names_the_changes_that_wait_for_a_restart(
                    "restart applies")
     assert d.socket.stat().st_mode & 0o777 == 0o600
     assert d.stop() == 0
+
+
+async def test_reloaded_input_limits_apply_to_open_connections(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(path), "--ephemeral")
+    big = {"reason": "x" * 1000}  # within max-reason-length, past the new max-message-size
+    async with d.client() as before:
+        assert "return" in await before.execute("add-blocker", big, id=1)
+        path.write_text('log-level = "info"\nmax-message-size = 1000\n')
+        d.signal(signal.SIGHUP)
+        d.wait_for_log("reloaded configuration: max-message-size=1000")
+        # The connection made before the reload is held to the new bound, as a new one is.
+        async with d.client() as after:
+            expected = await after.execute("add-blocker", big, id=2)
+        assert "error" in expected
+        assert await before.execute("add-blocker", big, id=2) == expected
+        before.send_raw(b"\n")  # the decoder skips the rest of the line (docs/protocol.md)
+        assert "return" in await before.execute("query-version", id=3)
+    assert d.stop() == 0

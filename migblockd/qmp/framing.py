@@ -139,9 +139,7 @@ class StreamDecoder:
     """
 
     def __init__(self, limits: Limits) -> None:
-        self.max_message_size = limits.max_message_size
-        self.max_nesting = limits.max_nesting
-        self.max_tokens = limits.max_tokens
+        self.configure(limits)
         self._buf = bytearray()
         self._mode = _IDLE
         self._start = 0  # first byte of the message being scanned
@@ -154,6 +152,12 @@ class StreamDecoder:
         # Input (or EOF) came since the scanner last ran out: until some does,
         # scanning again would find nothing, and callers ask often.
         self._fresh = False
+
+    def configure(self, limits: Limits) -> None:
+        """Apply ``limits`` from the next message on (a reload)."""
+        self.max_message_size = limits.max_message_size
+        self.max_nesting = limits.max_nesting
+        self.max_tokens = limits.max_tokens
 
     # -- input ---------------------------------------------------------------
     def feed(self, data: bytes | bytearray | memoryview) -> None:

@@ -186,6 +186,10 @@ class Session:
         """True when a complete request (or a parse error) waits for its turn."""
         return bool(self._queue) or self._decoder.has_message()
 
+    def configure(self, limits: Limits) -> None:
+        """Bound the input by ``limits`` from now on (a reload)."""
+        self._decoder.configure(limits)
+
     @property
     def buffered(self) -> int:
         """Received bytes not yet consumed."""

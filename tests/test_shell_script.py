@@ -393,3 +393,16 @@ def test_stderr_is_coloured_only_when_stderr_is_a_terminal(daemon: DaemonProcess
     assert b"\x1b[1;31merror: unterminated ' quote" in terminal
     assert b"\x1b[1;31mhelp: the daemon has no command 'nope'" in terminal
     assert out == b""
+
+
+def test_a_line_that_is_not_utf8_is_an_error_and_the_script_goes_on(
+    daemon: DaemonProcess,
+) -> None:
+    result = subprocess.run(
+        [*SHELL, str(daemon.socket)], input=b"add-blocker reason=\xff\xfe\nquery-blockers\n",
+        capture_output=True, timeout=60, check=False)
+    assert result.returncode == 1  # the refused line counts as a failed command
+    assert b"Traceback" not in result.stderr
+    assert result.stderr.decode().splitlines() == [
+        "migblock-shell: line 1: error: not valid UTF-8 (byte 0xff at column 20)"]
+    assert replies(result.stdout.decode()) == [{"return": []}]

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from migblockd.contract import Contract
+from migblockd.shell.render import Renderer
 from migblockd.shell.schema import Schema
 from migblockd.shell.syntax import Help, Nothing, ParseError, Request, parse_line, tokenize
 
@@ -204,3 +205,24 @@ def test_partial_tokenize_reports_what_is_open() -> None:
     words = tokenize('x modes=["normal", "cp', partial=True)
     assert words[-1].open == "json"
     assert words[-1].json
+
+
+@pytest.mark.parametrize(("line", "why"), [
+    # Python would send these on changed: Infinity (not JSON), and the last "id".
+    ('{"execute": "query-version", "id": 1e400}', "invalid JSON: number 1e400 is out of range"),
+    ('{"execute": "query-version", "id": 1, "id": 2}', "invalid JSON: duplicate key 'id'"),
+    ('migrate-set-parameters x={"a": 1, "a": 2}', "duplicate key 'a'"),
+    # A byte that is not UTF-8, as Python reads it from a terminal or a script.
+    (b"add-blocker reason=\xff".decode("utf-8", "surrogateescape"),
+     "not valid UTF-8 (byte 0xff at column 20)"),
+])
+def test_what_cannot_be_sent_as_typed_is_refused(line: str, why: str) -> None:
+    with pytest.raises(ParseError) as refused:
+        parse_line(line)
+    assert why in str(refused.value)
+
+
+def test_the_renderer_escapes_what_would_steer_the_terminal() -> None:
+    shown = Renderer().json({"reason": "a\x9b2Jb\u202ec\u00e9\x1b[0m"})
+    assert shown == '{"reason": "a\\u009b2Jb\\u202ec\u00e9\\u001b[0m"}'
+    assert all(ord(c) < 0x7F or c == "\u00e9" for c in shown)

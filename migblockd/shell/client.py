@@ -133,7 +133,11 @@ class QMPClient:
         self._pending[key] = future
         data = json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n"
         try:
-            self._writer.write(data.encode())
+            encoded = data.encode()
+        except UnicodeEncodeError:  # a lone surrogate, typed as "\ud800": sent so
+            encoded = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        try:
+            self._writer.write(encoded)
             await self._writer.drain()
         except (OSError, RuntimeError) as err:
             self._pending.pop(key, None)

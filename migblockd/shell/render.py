@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 RED = "\x1b[1;31m"
+#: Characters json.dumps leaves as they are but a terminal acts on: C1 controls
+#: (and DEL), bidirectional embeddings, overrides and isolates, line separators.
+_UNSAFE = re.compile("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
 CYAN = "\x1b[36m"
 DIM = "\x1b[2m"
 RESET = "\x1b[0m"
@@ -33,9 +37,10 @@ class Renderer:
     colour: bool = False
 
     def json(self, value: Any) -> str:
-        if self.pretty:
-            return json.dumps(value, indent=2, ensure_ascii=False)
-        return json.dumps(value, ensure_ascii=False)
+        text = json.dumps(value, indent=2 if self.pretty else None, ensure_ascii=False)
+        # What another client wrote (a blocker's reason) must not steer the terminal:
+        # C1 controls (U+009B is CSI) and bidirectional overrides are shown escaped.
+        return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
     def _paint(self, code: str, text: str) -> str:
         return f"{code}{text}{RESET}" if self.colour else text

@@ -28,6 +28,7 @@ Dotted keys build nested objects: ``a.b=1 a.c=2 d=3`` gives
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -94,9 +95,29 @@ def _strict_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"duplicate key '{key}'")
+        found[key] = value
+    return found
+
+
 def loads(text: str) -> Any:
-    """``json.loads`` that refuses ``NaN`` and ``Infinity`` (they are not JSON)."""
-    return json.loads(text, parse_constant=_strict_constant)
+    """``json.loads`` that refuses what the daemon would: ``NaN`` and
+    ``Infinity`` (not JSON), a number too large for a double (Python would
+    send it on as ``Infinity``), and an object with a key twice (Python would
+    keep the last one)."""
+    return json.loads(text, parse_constant=_strict_constant, parse_float=_finite,
+                      object_pairs_hook=_unique)
 
 
 def _scan_json_chunk(line: str, pos: int) -> tuple[int, bool]:
@@ -293,6 +314,12 @@ def parse_line(line: str, hints: Hints | None = None) -> Parsed:
     stripped = line.strip()
     if not stripped or stripped.startswith("#"):
         return Nothing()
+    try:
+        line.encode()
+    except UnicodeEncodeError as err:  # bytes that were not UTF-8, kept by surrogateescape
+        bad = line[err.start].encode("utf-8", "surrogateescape")
+        raise ParseError(f"not valid UTF-8 (byte 0x{bad.hex()} at column {err.start + 1})"
+                         ) from None
     if stripped.startswith("{"):
         try:
             raw = loads(stripped)

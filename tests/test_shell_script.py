@@ -406,3 +406,16 @@ def test_a_line_that_is_not_utf8_is_an_error_and_the_script_goes_on(
     assert result.stderr.decode().splitlines() == [
         "migblock-shell: line 1: error: not valid UTF-8 (byte 0xff at column 20)"]
     assert replies(result.stdout.decode()) == [{"return": []}]
+
+
+def test_permission_denied_says_what_to_do(daemon: DaemonProcess) -> None:
+    # The daemon's socket is 0600, its user root: another user is refused by the kernel.
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *SHELL,
+         str(daemon.socket), "-c", "query-version"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"migblock-shell: cannot connect to {daemon.socket}: Permission denied (the "
+        "daemon's socket is mode 0600 by default: run as its user, or see its --socket-mode "
+        "and --socket-group)\n")

@@ -51,6 +51,9 @@ def _connect_failure(path: str, err: OSError) -> str:
         if not stat.S_ISSOCK(mode):
             return "not a socket"
         return f"{reason} (no daemon is listening on this socket)"
+    if isinstance(err, PermissionError):
+        return (f"{reason} (the daemon's socket is mode 0600 by default: run as its user, "
+                "or see its --socket-mode and --socket-group)")
     return reason
 
 

@@ -126,7 +126,8 @@ def run(mode: str, count: int, strace: bool) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--count", type=int, default=200_000)
+    p.add_argument("--count", type=int, default=200_000,
+                   help="log records written per measurement (default 200,000)")
     p.add_argument("--quick", action="store_true", help="20,000 records")
     p.add_argument("--strace", action="store_true", help="count system calls with strace")
     p.add_argument("--child", choices=("before", "after"), help=argparse.SUPPRESS)

@@ -153,9 +153,12 @@ def measure(sock: Path, pid: int, clients: int, warmup: float, duration: float,
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_metrics",
                                      description=__doc__.split("\n\n")[0] if __doc__ else "")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=2.5)
-    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds; each figure is the median of its rounds (default 3)")
+    parser.add_argument("--duration", type=float, default=2.5,
+                        help="measured seconds per scenario and round (default 2.5)")
+    parser.add_argument("--warmup", type=float, default=0.5,
+                        help="unmeasured seconds before each measurement (default 0.5)")
     parser.add_argument("--clients", type=int, action="append",
                         help="connections of the adddel scenario; repeatable (default 1 and 16)")
     parser.add_argument("--baseline-command", metavar="CMD",

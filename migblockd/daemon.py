@@ -72,7 +72,10 @@ def open_state(config: Config, registry: Registry) -> Store | None:
         raise StartupError(str(exc)) from None
     try:
         restore(registry, store.load())
-    except (StateError, ValueError) as exc:
+    except StateError as exc:  # names the file itself
+        store.close()
+        raise StartupError(str(exc)) from None
+    except ValueError as exc:
         store.close()
         raise StartupError(f"{store.path}: {exc}") from None
     log.info("restored %d blockers from %s", len(registry), store.path)

@@ -17,6 +17,7 @@ from migblockd.registry import DEFAULT_MODE, Blocker, Change, Owner, Registry
 __all__ = ["restore", "to_store"]
 
 MODE, EVENTS, ID_FLOOR = "mode", "events", "id-floor"
+_EDITED = "restore the file from a backup, or move it away to start from scratch"
 
 
 def to_store(changes: Iterable[Change]) -> list[state.Change]:
@@ -60,8 +61,24 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
         owner = None if row.owner is None else Owner(*row.owner)
         blockers.append(Blocker(row.id, row.reason, row.modes, row.internal, "daemon",
                                 owner, row.added, row.seq))
+    seqs: dict[int, str] = {}
+    for row in snapshot.blockers:
+        if row.seq in seqs:
+            raise ValueError(f"stored blockers {seqs[row.seq]!r} and {row.id!r} have the same "
+                             f"seq {row.seq}, so their order is lost; {_EDITED}")
+        seqs[row.seq] = row.id
+    # Settings are checked as strictly: a hand-edited floor could hand out ids twice,
+    # an unknown mode would silently become another.
     settings = snapshot.settings
     mode = settings.get(MODE, DEFAULT_MODE)
+    if mode not in known:
+        raise ValueError(f"stored mode {mode!r} is not one the schema defines; use a --schema "
+                         "that defines it, or move the state directory away to start from "
+                         "scratch")
     floor = settings.get(ID_FLOOR, 0)
-    registry.restore(blockers, mode=str(mode), events=settings.get(EVENTS) is True,
-                     id_floor=floor if isinstance(floor, int) else 0)
+    if type(floor) is not int or floor < 0:
+        raise ValueError(f"stored id-floor {floor!r} is not a count of ids; {_EDITED}")
+    events = settings.get(EVENTS, False)
+    if type(events) is not bool:
+        raise ValueError(f"stored events {events!r} is not true or false; {_EDITED}")
+    registry.restore(blockers, mode=str(mode), events=events, id_floor=floor)

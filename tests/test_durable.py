@@ -438,7 +438,36 @@ def another_programs(db: Path) -> None:
         conn.close()
 
 
+def edited(*statements: str) -> Callable[[Path], None]:
+    """A hand edit with the sqlite3 shell's equivalent."""
+    def edit(db: Path) -> None:
+        conn = sqlite3.connect(db)
+        try:
+            for sql in statements:
+                conn.execute(sql)
+            conn.commit()
+        finally:
+            conn.close()
+    return edit
+
+
+EDITED = "restore the file from a backup, or move it away to start from scratch"
 BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "text not UTF-8": (edited("UPDATE blocker SET reason = CAST(x'ff41' AS TEXT) "
+                              "WHERE id = 'b3'"),
+                       "{db} is corrupt (text in column 'reason' is not UTF-8); restore it "
+                       "from a backup, or move it away to start from scratch"),
+    "id-floor not a number": (edited("INSERT OR REPLACE INTO setting VALUES "
+                                     "('id-floor', '\"abc\"')"),
+                              "{db}: stored id-floor 'abc' is not a count of ids; " + EDITED),
+    "same seq twice": (edited("UPDATE blocker SET seq = 0 WHERE id = 'b1'",
+                              "UPDATE blocker SET seq = 0 WHERE id = 'b0'"),
+                       "{db}: stored blockers 'b0' and 'b1' have the same seq 0, so their "
+                       "order is lost; " + EDITED),
+    "unknown mode": (edited("INSERT OR REPLACE INTO setting VALUES ('mode', '\"warp\"')"),
+                     "{db}: stored mode 'warp' is not one the schema defines; use a --schema "
+                     "that defines it, or move the state directory away to start from "
+                     "scratch"),
     "garbage": (garbage, "{db} is not a migblockd state database (file is not a database); "
                          "move it away to start from scratch"),
     "damaged page": (damage_a_page, "{db} is corrupt ("),

@@ -84,6 +84,13 @@ class Store:
                 settings = conn.execute(schema.SELECT_SETTINGS_SQL).fetchall()
             finally:
                 conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            if str(e).startswith("Could not decode"):  # text that is not UTF-8
+                column = str(e).split("'")[1] if str(e).count("'") >= 2 else "?"
+                raise StateError(f"{self.path} is corrupt (text in column {column!r} is not "
+                                 "UTF-8); restore it from a backup, or move it away to "
+                                 "start from scratch") from e
+            raise StateError(describe_open_error(self.path, e)) from e
         except sqlite3.Error as e:
             raise StateError(describe_open_error(self.path, e)) from e
         try:

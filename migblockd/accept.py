@@ -84,7 +84,16 @@ def fit_descriptor_limit(max_clients: int) -> None:
         log.warning("RLIMIT_NOFILE is %d, too low for max-clients=%d (about %d descriptors): "
                     "clients past about %d are refused for want of descriptors; raise "
                     "LimitNOFILE= (or ulimit -n)", target, max_clients, needed,
-                    max(0, target - OWN_DESCRIPTORS))
+                    max(0, target - _open_descriptors()))
+
+
+def _open_descriptors() -> int:
+    """Descriptors open now, and a few the daemon opens later (its log and
+    notify sockets, SQLite's log); OWN_DESCRIPTORS, the bound, when unknown."""
+    try:
+        return len(os.listdir("/proc/self/fd")) + 8
+    except OSError:
+        return OWN_DESCRIPTORS
 
 
 class Acceptor:

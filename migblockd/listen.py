@@ -28,7 +28,7 @@ from pathlib import Path
 
 from migblockd.paths import fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
-from migblockd.trust import distrust
+from migblockd.trust import refusal
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Listening", "StartupError",
            "bind_socket", "check_socket_directory", "make_socket_dir"]
@@ -186,23 +186,12 @@ def check_socket_directory(directory: Path) -> None:
     """Refuse a socket directory that anyone but this user and root could change
     (:mod:`migblockd.trust` has the rule)."""
     try:
-        found = distrust(directory)
+        why = refusal(directory, kind="socket directory", asset="the socket", option="--socket")
     except OSError as exc:
         raise StartupError(f"cannot check socket directory {directory}: "
                            f"{exc.filename}: {exc.strerror}") from None
-    if found is None:
-        return
-    what = f"socket directory {directory}" if found.itself else \
-        f"{found.place}, above socket directory {directory},"
-    if found.owner is not None:
-        raise StartupError(
-            f"refusing to serve from {directory}: {what} is owned by uid {found.owner}, "
-            f"not by this user (uid {os.geteuid()}) or root, so its owner could replace the "
-            "socket; choose another --socket")
-    raise StartupError(
-        f"refusing to serve from {directory}: {what} is writable by others (mode "
-        f"{found.mode:04o}), so they could replace the socket; chmod go-w {found.place}, or "
-        "choose another --socket")
+    if why is not None:
+        raise StartupError(f"refusing to serve from {directory}: {why}")
 
 
 # --------------------------------------------------------------------------- the lock

@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Distrust", "distrust"]
+__all__ = ["Distrust", "distrust", "refusal"]
 
 #: Group and world write bits.
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -64,3 +64,20 @@ def distrust(directory: Path) -> Distrust | None:
 def _components(path: Path) -> set[Path]:
     """``path`` and every directory above it."""
     return {path, *path.parents}
+
+
+def refusal(directory: Path, *, kind: str, asset: str, option: str) -> str | None:
+    """Why ``directory`` (a ``kind``, such as "state directory") is refused, in
+    words that say what is at stake (``asset``) and what to do (``option``), or None.
+
+    Raises OSError as :func:`distrust` does.
+    """
+    found = distrust(directory)
+    if found is None:
+        return None
+    what = f"{kind} {directory}" if found.itself else f"{found.place}, above {kind} {directory},"
+    if found.owner is not None:
+        return (f"{what} is owned by uid {found.owner}, not by this user (uid {os.geteuid()}) "
+                f"or root, so its owner could replace {asset}; choose another {option}")
+    return (f"{what} is writable by others (mode {found.mode:04o}), so they could replace "
+            f"{asset}; chmod go-w {found.place}, or choose another {option}")

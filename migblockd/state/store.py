@@ -32,7 +32,7 @@ from migblockd.state import schema
 from migblockd.state.errors import StateError, commit_failed, describe_open_error, one_line
 from migblockd.state.lock import lock_directory
 from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
-from migblockd.trust import distrust
+from migblockd.trust import refusal
 
 __all__ = ["DATABASE_NAME", "Store"]
 
@@ -179,23 +179,13 @@ def _check_directory(directory: Path) -> None:
     """Refuse a directory that anyone but this user and root could change: they
     could swap the database that the next start restores."""
     try:
-        found = distrust(directory)
+        why = refusal(directory, kind="state directory", asset="the database",
+                      option="--state-dir")
     except OSError as e:
         raise StateError(f"cannot check state directory {directory}: "
                          f"{e.filename}: {e.strerror}") from None
-    if found is None:
-        return
-    what = f"state directory {directory}" if found.itself else \
-        f"{found.place}, above state directory {directory},"
-    if found.owner is not None:
-        raise StateError(
-            f"refusing to keep state in {directory}: {what} is owned by uid {found.owner}, "
-            f"not by this user (uid {os.geteuid()}) or root, so its owner could replace the "
-            "database; choose another --state-dir")
-    raise StateError(
-        f"refusing to keep state in {directory}: {what} is writable by others (mode "
-        f"{found.mode:04o}), so they could replace the database; chmod go-w {found.place}, "
-        "or choose another --state-dir")
+    if why is not None:
+        raise StateError(f"refusing to keep state in {directory}: {why}")
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -157,6 +157,12 @@ def committed_kept(core: Core, *conns: Connection) -> None:
 FAILED = {"class": "GenericError", "desc": "disk full; nothing was changed"}
 
 
+def fail_next_commit(core: Core) -> None:
+    group = core.take_group()
+    assert group is not None
+    core.commit_failed(group, "disk full")
+
+
 def test_a_change_standing_on_an_uncommitted_one_fails_with_it() -> None:
     core = make()
     a, b, c = connected(core, 1), connected(core, 2), connected(core, 3)
@@ -166,9 +172,7 @@ def test_a_change_standing_on_an_uncommitted_one_fails_with_it() -> None:
     run(core, a, b'{"execute": "del-blocker", "arguments": {"id": "kept"}, "id": "del"}')
     assert run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "mine", '
                         b'"id": "kept", "scope": "connection"}, "id": "add"}') == []
-    group = core.take_group()
-    assert group is not None
-    core.commit_failed(group, "disk full")
+    fail_next_commit(core)
     assert run(core, a) == [{"id": "del", "error": FAILED}]
     assert run(core, b) == [{"id": "add", "error": FAILED}]
     assert run(core, c) == []  # no event for either
@@ -184,9 +188,7 @@ def test_a_generated_id_is_never_heard_of_before_its_reservation_is_on_disk() ->
     # b's id comes from the chunk a's add reserves, which is not on disk yet.
     assert run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "r", '
                         b'"scope": "connection"}, "id": "b"}') == []
-    group = core.take_group()
-    assert group is not None
-    core.commit_failed(group, "disk full")
+    fail_next_commit(core)
     assert run(core, a) == [{"id": "a", "error": FAILED}]
     assert run(core, b) == [{"id": "b", "error": FAILED}]
     assert list(core.registry.blockers()) == []

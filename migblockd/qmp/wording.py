@@ -9,7 +9,7 @@ messages onto QEMU's.
 Python's ``json`` would accept ``NaN``, ``Infinity`` and turn ``1e400`` into
 ``inf``, none of which can be written back as JSON (QEMU echoes ``1e400`` as
 bare ``inf``).  :func:`decode_message` rejects them as parse errors
-(``invalid keyword 'NaN'``, ``number out of range``), so that what the daemon
+(``stray 'N'``, as QEMU's lexer has it, ``number out of range``), so that what the daemon
 later echoes (an ``id``) is always strict JSON.
 """
 
@@ -78,7 +78,17 @@ def _parse_float(text: str) -> float:
 
 
 def _parse_constant(name: str) -> object:
-    raise _Reject(f"{PARSE_ERROR_PREFIX}invalid keyword '{name}'")
+    if name.startswith("-"):  # QEMU's lexer stops at the letter after the sign
+        raise _Reject(stray(name[:2].encode()))
+    raise _Reject(PARSE_ERROR_PREFIX + _keyword(name))
+
+
+def _keyword(word: str) -> str:
+    """QEMU's error for a run of letters where a value belongs: its lexer's
+    keywords are lower case, so an upper-case letter is a stray character
+    (``NaN`` is ``stray 'N'``, ``xY`` is ``stray 'Y'``)."""
+    upper = next((c for c in word if c.isupper()), None)
+    return f"stray '{upper}'" if upper is not None else f"invalid keyword '{word}'"
 
 
 _DECODER: Final = json.JSONDecoder(
@@ -131,6 +141,93 @@ def _find_lone_surrogate(value: object) -> str | None:
 
 
 _KEYWORD = re.compile(r"[A-Za-z]+")
+#: QEMU's lexer (qobject/json-lexer.c) on numbers: state -> {character class: next
+#: state}; the states in _NUMBER_ENDS may end a number, the others may not, and a
+#: character with no transition there is a lexical error (``stray`` of the token
+#: so far, that character included).  "bad" is a second digit after a leading 0.
+_NUMBER: Final[dict[str, dict[str, str]]] = {
+    "start": {"-": "neg", "0": "zero", "1": "int"},
+    "neg": {"0": "zero", "1": "int"},
+    "zero": {"0": "bad", "1": "bad", ".": "dot", "e": "e"},
+    "int": {"0": "int", "1": "int", ".": "dot", "e": "e"},
+    "dot": {"0": "frac", "1": "frac"},
+    "frac": {"0": "frac", "1": "frac", "e": "e"},
+    "e": {"+": "sign", "-": "sign", "0": "exp", "1": "exp"},
+    "sign": {"0": "exp", "1": "exp"},
+    "exp": {"0": "exp", "1": "exp"},
+}
+_NUMBER_ENDS: Final = frozenset({"zero", "int", "frac", "exp"})
+#: What may start a token: anything else is a stray character to QEMU's lexer.
+_TOKEN_START: Final = frozenset("{}[]:,\"'-0123456789")
+
+
+def _number_class(c: str) -> str:
+    if c == "0":
+        return "0"
+    if "1" <= c <= "9":
+        return "1"
+    return "e" if c in "eE" else c
+
+
+def _lexical_error(text: str, pos: int) -> str | None:
+    """QEMU's lexer error for the token that the parse failed in at ``pos``, if
+    its lexer stops there rather than its parser: a keyword run on (``truex``),
+    a number cut short (``1.}``, ``1e}``, ``01``, ``-}``), a character no token
+    starts with (``+``, ``.``)."""
+    if pos >= len(text):
+        return None
+    start = pos
+    while start and text[start - 1] in "0123456789.eE+-":
+        start -= 1
+    while start < pos and text[start] not in "-0123456789":
+        start += 1  # the run began inside a keyword ("true" ends in e)
+    # Lex as QEMU does from the run's start: a whole number may end before
+    # ``pos``, and the next token begin there ("1.5." is 1.5, then ".").
+    while start < pos or (start == pos and text[pos] in "-0123456789"):
+        end = _number_error(text, start)
+        if isinstance(end, str):
+            return end
+        if end > pos:
+            return None  # a whole number: what follows is the parser's error
+        if text[end] not in "-0123456789":
+            if end == pos:
+                break  # the failing character starts the next token: as below
+            return None if text[end].isalpha() else _stray_char(text[end])
+        start = end
+    c = text[pos]
+    if c.isascii() and c.isalpha():
+        begin = pos
+        while begin and text[begin - 1].isascii() and text[begin - 1].isalpha():
+            begin -= 1
+        kw = _KEYWORD.match(text, begin)
+        return _keyword(kw.group()) if begin < pos and kw else None
+    if c in _TOKEN_START or c.isspace():
+        return None
+    return _stray_char(c)
+
+
+def _number_error(text: str, start: int) -> str | int:
+    """The lexer's error in the number at ``start``, or where the number ends."""
+    state = "start"
+    for i in range(start, len(text)):
+        following = _NUMBER[state].get(_number_class(text[i]))
+        if following is None:
+            return i if state in _NUMBER_ENDS else _stray_text(text[start:i + 1])
+        if following == "bad":
+            return _stray_text(text[start:i + 1])
+        state = following
+    return len(text)
+
+
+def _stray_char(c: str) -> str:
+    # QEMU's lexer reads bytes: the first byte of a character is the stray one.
+    return stray(c.encode("utf-8", "replace")[:1])[len(PARSE_ERROR_PREFIX):]
+
+
+def _stray_text(token: str) -> str:
+    return stray(token.encode("utf-8", "replace"))[len(PARSE_ERROR_PREFIX):]
+
+
 _CONTAINER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 _VALUE_END = frozenset("}],:")
 
@@ -155,19 +252,27 @@ def describe_error(data: str | bytes) -> str | None:
     if end != len(text):
         kw = _KEYWORD.match(text)
         if kw:
-            return f"{PARSE_ERROR_PREFIX}invalid keyword '{kw.group()}'"
+            return PARSE_ERROR_PREFIX + _keyword(kw.group())
+        lexical = _lexical_error(text, end)
+        if lexical is not None:
+            return PARSE_ERROR_PREFIX + lexical
         return stray(text[:end + 1].encode("utf-8", "replace"))
     del value
     return None
 
 
 def _qemu_reason(msg: str, text: str, pos: int) -> str:
+    if msg.startswith(("Expecting value", "Expecting ','", "Illegal trailing comma",
+                       "Expecting property name")):
+        lexical = _lexical_error(text, pos)
+        if lexical is not None:
+            return lexical
     kw = _KEYWORD.match(text, pos)
     if msg.startswith(("Expecting value", "Illegal trailing comma")):
-        return f"invalid keyword '{kw.group()}'" if kw else "expecting value"
+        return _keyword(kw.group()) if kw else "expecting value"
     if msg.startswith("Expecting property name"):
         if kw:
-            return f"invalid keyword '{kw.group()}'"
+            return _keyword(kw.group())
         if pos >= len(text) or text[pos] in _VALUE_END:
             return "expecting value"  # QEMU parses the key as a value first
         return "key is not a string in object"

@@ -46,7 +46,7 @@ from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.failures import internal_error, qmp_error
 from migblockd.gate import Call
-from migblockd.guard import Guard
+from migblockd.guard import Guard, NotOwner, OverQuota
 from migblockd.ledger import Group, Ledger
 from migblockd.logs import about, shown
 from migblockd.qmp.encoding import encode_line
@@ -231,10 +231,13 @@ class Core:
                 conn.waiting = None
                 started = self._started.pop(conn, 0)
             elif session.has_pending():
-                if _held_full(conn):
-                    break  # the rest waits for the commit, as for a slow reader
+                # Past a turn's worth of held replies, in-band requests wait for
+                # the commit (as for a slow reader); out-of-band ones still jump.
+                in_band = not _held_full(conn)
+                request = session.next_request(in_band)
+                if request is None and not in_band:
+                    break
                 handled += 1
-                request = session.next_request()
                 if request is None:
                     self.stats.protocol_replies += 1  # answered by the session itself
                     continue
@@ -289,11 +292,7 @@ class Core:
                 released.append(conn)
             if not conn.session.holding:
                 del holding[conn]
-        woken = self._wake()
-        # Those stopped by their held output (see _held_full) may go on.
-        woken += [conn for conn in released if conn.session.has_pending()
-                  and not conn.closed and conn not in woken]
-        return woken
+        return self._wake_also(released)
 
     def commit_failed(self, group: Group, reason: str) -> list[Connection]:
         """``group`` could not be committed: back to what is on disk.
@@ -304,15 +303,29 @@ class Core:
         """
         log.error("%s; %d command(s) failed, their changes undone", reason,
                   self.ledger.pending)
+        connections = self.connections
         for changes in self.ledger.failed():
-            self.registry.undo(changes)
+            # A connection-scoped blocker whose connection is gone stays gone:
+            # undoing its deletion would leave it with no connection to end it.
+            self.registry.undo([c for c in changes if c.durable or c.kind != "delete"
+                                or c.blocker is None or c.blocker.connection is None
+                                or c.blocker.connection in connections])
         self.handlers.listings.reset()
         error = QMPError(f"{reason}; nothing was changed")
-        for conn in self.ledger.holding:
+        released = list(self.ledger.holding)
+        for conn in released:
             conn.session.fail_held(error)
             self._dirty[conn] = None
         self.ledger.holding.clear()
-        return self._wake()
+        return self._wake_also(released)
+
+    def _wake_also(self, released: list[Connection]) -> list[Connection]:
+        """:meth:`_wake`, and those of ``released`` that their held output had
+        stopped (see :func:`_held_full`): they may go on now."""
+        woken = self._wake()
+        woken += [conn for conn in released if conn.session.has_pending()
+                  and not conn.closed and conn not in woken]
+        return woken
 
     def _wake(self) -> list[Connection]:
         woken = self.ledger.wake()
@@ -376,7 +389,9 @@ class Core:
             self.guard.check(conn, request.command.name, request.args)
         except QMPError as exc:
             self.stats.refused(request.command.name, exc)
-            self._complete(conn, request, None, exc, started)
+            # Quotas and ownership are judged by what the registry holds.
+            self._complete(conn, request, None, exc, started,
+                           isinstance(exc, (OverQuota, NotOwner)))
             return
         if self.ledger.uncommitted and getattr(handler, "reads_state", False):
             conn.waiting = request
@@ -469,7 +484,7 @@ class Core:
                 log.exception("%s: cannot encode the result of %s", conn.label, name,
                               extra=about(conn))
                 error = internal_error(name)
-                session.fail(request, error, stamp)
+                session.fail(request, error, stamp, durable)
         self.stats.command(name, perf_counter_ns() - started, error is None)
 
     def _publish(self, durable: bool) -> None:

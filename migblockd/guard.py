@@ -27,7 +27,7 @@ from migblockd.logs import about, shown
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import Registry
 
-__all__ = ["AccessDenied", "Guard", "OverQuota"]
+__all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota"]
 
 log = logging.getLogger("migblockd")
 
@@ -43,6 +43,11 @@ class AccessDenied(QMPError):
 
 class OverQuota(QMPError):
     """An ``add-blocker`` past a quota or a limit (count, per-uid count, reason length)."""
+
+
+class NotOwner(AccessDenied):
+    """A ``del-blocker`` of a blocker another uid added (judged, like a quota, by
+    what the registry holds)."""
 
 
 def who(uid: int | None) -> str:
@@ -154,7 +159,7 @@ class Guard:
         self._refuse(conn, "del-blocker",
                      f"Permission denied: del-blocker of blocker '{blocker.id}', which "
                      f"belongs to {whose}, needs role {Role.ADMIN}, but {self._who(conn)} "
-                     f"has role {role}", AccessDenied)
+                     f"has role {role}", NotOwner)
 
     # -- wording -----------------------------------------------------------------------
     @staticmethod

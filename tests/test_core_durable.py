@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from migblockd.access import Policy, Role
+from migblockd.access import Policy, Quotas, Role
 from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
@@ -18,10 +18,11 @@ LIMITS = Config().limits
 ADD_X = b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x"}, "id": "add"}'
 
 
-def make() -> Core:
+def make(quotas: Quotas | None = None) -> Core:
     registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
     # Everyone is admin here: these tests are about durability, not access.
-    return Core(CONTRACT, registry, LIMITS, durable=True, policy=Policy.of(Role.ADMIN))
+    return Core(CONTRACT, registry, LIMITS, durable=True, policy=Policy.of(Role.ADMIN),
+                quotas=quotas)
 
 
 def lines(data: bytes) -> list[dict[str, Any]]:
@@ -356,3 +357,59 @@ def test_a_pipelining_client_stops_at_a_turns_worth_of_held_replies() -> None:
         core.committed(group)
         run(core, a)
     assert len(core.registry.blockers()) == 300
+
+
+def pipelined_adds(count: int, first: int = 0) -> bytes:
+    return b"".join(
+        json.dumps({"execute": "add-blocker", "id": i,
+                    "arguments": {"reason": "r" * 1000, "id": f"b{i}"}}).encode()
+        for i in range(first, first + count))
+
+
+def test_a_client_stopped_by_held_replies_goes_on_after_a_failed_commit_too() -> None:
+    core = make()
+    a = connected(core, 1)
+    run(core, a, pipelined_adds(300))
+    assert core.blocked(a)
+    group = core.take_group()
+    assert group is not None
+    assert core.commit_failed(group, "disk full") == [a]  # else it would wait for ever
+    assert not core.blocked(a) and core.has_pending(a)
+
+
+def test_a_connection_scoped_blocker_gone_with_its_connection_stays_gone() -> None:
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "mine", '
+                 b'"scope": "connection"}}')
+    run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "y"}}')
+    group = core.take_group()  # y's commit is in flight, and will fail
+    assert group is not None
+    run(core, a, b'{"execute": "del-blocker", "arguments": {"id": "mine"}}')
+    core.disconnect(a)
+    core.commit_failed(group, "disk full")
+    # Undoing the delete would leave "mine" with no connection to end it.
+    assert list(core.registry.blockers()) == []
+
+
+def test_a_quota_refusal_standing_on_an_uncommitted_add_takes_the_commits_outcome() -> None:
+    core = make(Quotas(max_blockers=1))
+    a, b = connected(core, 1), connected(core, 2)
+    run(core, a, ADD_X)
+    assert run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "r", '
+                        b'"id": "y"}, "id": "add"}') == []  # over the quota, held
+    fail_next_commit(core)
+    # x never existed: b hears of the failed commit, not of a full registry.
+    assert run(core, b) == [{"id": "add", "error": FAILED}]
+
+
+def test_an_out_of_band_request_runs_while_held_replies_stop_the_in_band_ones() -> None:
+    core = make()
+    a = core.connect(Owner(pid=1, uid=1, gid=1))
+    core.data_to_send(a)
+    run(core, a, b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}')
+    run(core, a, pipelined_adds(300))
+    assert core.blocked(a)
+    run(core, a, b'{"exec-oob": "query-blockers", "id": "oob"}')
+    # It ran (and, reading state, waits for the commit), ahead of the waiting adds.
+    assert a.waiting is not None and a.waiting.id == "oob"

@@ -597,3 +597,13 @@ def test_a_directory_others_could_change_is_refused(tmp_path: Path) -> None:
             "database; choose another --state-dir")
     open_dir.chmod(0o700)
     Store.open(open_dir).close()  # fixed as the message says: accepted
+
+
+def test_missing_parents_are_made_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o002)
+    try:
+        Store.open(tmp_path / "a" / "b" / "state").close()
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "state"):
+        assert d.stat().st_mode & 0o777 == 0o700, d

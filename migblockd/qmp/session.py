@@ -195,8 +195,11 @@ class Session:
         """Received bytes not yet consumed."""
         return self._decoder.buffered
 
-    def next_request(self) -> Request | None:
+    def next_request(self, in_band: bool = True) -> Request | None:
         """Take the next pending item: the request to run, or None.
+
+        ``in_band`` False takes only an out-of-band request, if one is buffered
+        (the in-band ones wait: their client's output is backed up).
 
         None when nothing complete is buffered, or when the item failed a
         protocol check (a parse error, a non-object, an envelope or argument
@@ -214,6 +217,8 @@ class Session:
                 if type(item) is dict and "exec-oob" in item and "execute" not in item:
                     return self._check(item)
                 queue.append(item)
+        if not in_band:
+            return None
         if queue:
             return self._check(queue.popleft())
         item = decoder.next_message()

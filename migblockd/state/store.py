@@ -166,7 +166,11 @@ class Store:
 
 def _make_directory(directory: Path) -> None:
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Missing parents are made 0700 too: with mkdir's own, the umask's mode
+        # (0775 under umask 002) would fail the directory check that follows.
+        for missing in reversed([d for d in directory.parents if not d.exists()]):
+            missing.mkdir(mode=0o700, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
     except FileExistsError as e:  # exists, and is not a directory
         raise StateError(f"state directory {directory} is not a directory; "
                          "move it away, or choose another --state-dir") from e

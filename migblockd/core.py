@@ -292,7 +292,7 @@ class Core:
                 released.append(conn)
             if not conn.session.holding:
                 del holding[conn]
-        return self._wake_also(released)
+        return self._wake(released)
 
     def commit_failed(self, group: Group, reason: str) -> list[Connection]:
         """``group`` could not be committed: back to what is on disk.
@@ -303,13 +303,8 @@ class Core:
         """
         log.error("%s; %d command(s) failed, their changes undone", reason,
                   self.ledger.pending)
-        connections = self.connections
         for changes in self.ledger.failed():
-            # A connection-scoped blocker whose connection is gone stays gone:
-            # undoing its deletion would leave it with no connection to end it.
-            self.registry.undo([c for c in changes if c.durable or c.kind != "delete"
-                                or c.blocker is None or c.blocker.connection is None
-                                or c.blocker.connection in connections])
+            self.registry.undo(changes, alive=self.connections.__contains__)
         self.handlers.listings.reset()
         error = QMPError(f"{reason}; nothing was changed")
         released = list(self.ledger.holding)
@@ -317,22 +312,19 @@ class Core:
             conn.session.fail_held(error)
             self._dirty[conn] = None
         self.ledger.holding.clear()
-        return self._wake_also(released)
+        return self._wake(released)
 
-    def _wake_also(self, released: list[Connection]) -> list[Connection]:
-        """:meth:`_wake`, and those of ``released`` that their held output had
-        stopped (see :func:`_held_full`): they may go on now."""
-        woken = self._wake()
-        woken += [conn for conn in released if conn.session.has_pending()
-                  and not conn.closed and conn not in woken]
-        return woken
-
-    def _wake(self) -> list[Connection]:
+    def _wake(self, released: list[Connection]) -> list[Connection]:
+        """Who may go on after a commit: those waiting to read state, and those
+        of ``released`` that their held output had stopped (:func:`_held_full`)."""
         woken = self.ledger.wake()
         for conn in woken:
             if conn.closed:
                 self._finish(conn)
-        return [conn for conn in woken if not conn.closed]
+        woken = [conn for conn in woken if not conn.closed]
+        woken += [conn for conn in released if conn.session.has_pending()
+                  and not conn.closed and conn not in woken]
+        return woken
 
     # -- QEMU --------------------------------------------------------------------
     def take_calls(self) -> list[tuple[Connection, Call]]:

@@ -25,7 +25,7 @@ which is the wording migblockd's schema documents.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from migblockd.clock import SYSTEM_CLOCK, Clock
@@ -407,12 +407,13 @@ class Registry:
         changes, self._journal = self._journal, []
         return changes
 
-    def undo(self, changes: list[Change]) -> None:
+    def undo(self, changes: list[Change], alive: Callable[[object], bool]) -> None:
         """Take ``changes`` back, newest first, without events.
 
         For a commit that failed: the registry returns to what is on disk.  A
-        change that no longer applies (its blocker since went with its
-        connection) is skipped.
+        change that no longer applies is skipped: its blocker since went with
+        its connection, or was deleted from a connection no longer ``alive``
+        (restored, it would have nothing left to end it).
         """
         for change in reversed(changes):
             blocker = change.blocker
@@ -423,7 +424,8 @@ class Registry:
                     self._version += 1
             elif change.kind == "delete":
                 assert blocker is not None
-                if blocker.id not in self._store:
+                gone = blocker.connection is not None and not alive(blocker.connection)
+                if blocker.id not in self._store and not gone:
                     self._store.add(blocker)
                     self._version += 1
             elif change.kind == "mode":

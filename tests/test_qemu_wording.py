@@ -25,6 +25,11 @@ CASES = [
     b'{"a": +1}', b'{"a": .5}', b'{"a": 1, +}', b'[@]', b'{"a": #}',
     b'{"a": 12x}', b'{"a": 1e5 2}', b'[true}', b'{"a": 1 "b": 2}', b'{"a": [1 2]}',
     b'{"a" 1}', b'{"a": }', b'{"a": [1,]}', b'{1: 2}', b'{A: 1}', b'01',
+    # Control characters: raw, as QEMU prints them, with the string token so far.
+    b'\x04', b'\x1f', b'\x00', b'{"a": "tab\there"}', b'{"a": "ab\x00cd"}', b'"\x03"',
+    b'{"a": "x\x1b[31m"}', b'{"b\\"x": 1, "a": "q\\"r\rs"}', b'["\\u00e9\x02"]',
+    b'{"a": "\\\x01"}', b'"\xc3\xa9\x04"', b'{"a": "0123456789abcdefghij\tz"}',
+    b'{"a": 123456789012.}',
 ]
 
 
@@ -58,6 +63,47 @@ def ours(data: bytes) -> str:
     return first.desc
 
 
-@pytest.mark.parametrize("data", CASES, ids=[c.decode() for c in CASES])
+@pytest.mark.parametrize("data", CASES, ids=[repr(c)[2:-1] for c in CASES])
 def test_malformed_json_is_worded_as_qemu_words_it(qemu: Qemu, data: bytes) -> None:
     assert ours(data) == qemus_first_error(qemu, data)
+
+
+#: Bad tokens outside any object.  QEMU's parser takes each top-level token as
+#: it ends, so a number or keyword run into more is two messages there: the
+#: value ("QMP input must be a JSON object"), then the rest.
+TOP_LEVEL = [
+    b'1.}', b'1e}', b'-}', b'1e+ ', b'12x', b'1e5x', b'1.5.}', b'0x10', b'trueX', b'xY',
+    b'nul1', b'ab.c', b'-1-', b'truex', b'01}',
+]
+NOT_AN_OBJECT = "QMP input must be a JSON object"
+
+
+def qemus_errors(qemu: Qemu, data: bytes) -> list[str]:
+    """Every error QEMU answers ``data`` with, up to a marker request."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(qemu.test_socket))
+        line(sock)  # the greeting
+        sock.sendall(b'{"execute": "qmp_capabilities"}')
+        assert line(sock) == {"return": {}}
+        sock.sendall(data + b'\n{"execute": "query-version", "id": "end"}\n')
+        errors = []
+        while (reply := line(sock)).get("id") != "end":
+            errors.append(reply["error"]["desc"])
+        return errors
+
+
+def our_errors(data: bytes) -> list[str]:
+    decoder = StreamDecoder(Config().limits)
+    decoder.feed(data + b"\n")
+    # A value that is not an object is the session's error, worded as QEMU's.
+    return [item.desc if isinstance(item, ParseError) else NOT_AN_OBJECT
+            for item in decoder if not isinstance(item, dict)]
+
+
+@pytest.mark.parametrize("data", TOP_LEVEL, ids=[repr(c)[2:-1] for c in TOP_LEVEL])
+def test_top_level_tokens_are_split_and_worded_as_qemu_does(qemu: Qemu, data: bytes) -> None:
+    ours = our_errors(data)
+    # One error per bad message (docs/protocol.md): where QEMU goes on about
+    # the same message, migblockd has said its first error and resynchronised.
+    assert ours and ours == qemus_errors(qemu, data)[:len(ours)]

@@ -184,7 +184,7 @@ def test_scalars_are_messages_once_delimited() -> None:
         (b'{"a": 12x}', "JSON parse error, expected separator in dict"),
         (b"01\n", "JSON parse error, stray '01'"),
         (b'{"a": 1e400}', "JSON parse error, number out of range"),
-        (b'{"a": "tab\there"}', "JSON parse error, stray '\\x09'"),
+        (b'{"a": "tab\there"}', "JSON parse error, stray '\"tab\t'"),
         (b"tru\n", "JSON parse error, invalid keyword 'tru'"),
         (b"}\n", "JSON parse error, expecting value"),
         (b"{'execute': 'x'}\n", "JSON parse error, single-quoted strings are not supported"),
@@ -326,7 +326,7 @@ def test_control_character_resets_the_parser(reset: bytes) -> None:
 
 
 def test_reset_when_idle_and_runs_of_resets() -> None:
-    assert decode(b"\x04") == [ParseError("JSON parse error, stray '\\x04'")]
+    assert decode(b"\x04") == [ParseError("JSON parse error, stray '\x04'")]
     # one run is one bad message, even split across reads
     assert decode(b"\xff\xff", b"\xff" + CMD) == [
         ParseError("JSON parse error, stray '\\xff'"),
@@ -337,7 +337,7 @@ def test_reset_when_idle_and_runs_of_resets() -> None:
 def test_raw_newline_in_string_resyncs_after_it() -> None:
     items = decode(b'{"execute": "oops\n' + CMD)
     assert items == [
-        ParseError("JSON parse error, stray '\\x0a'"),
+        ParseError("JSON parse error, stray '\"oops\n'"),
         {"execute": "query-blockers", "id": 1},
     ]
 

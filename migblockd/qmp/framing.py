@@ -54,6 +54,7 @@ from migblockd.qmp.wording import (
     ParseError,
     decode_message,
     describe_error,
+    first_token_end,
     prefix_error,
     stray,
 )
@@ -146,6 +147,7 @@ class StreamDecoder:
         self._scan = 0  # where scanning resumes
         self._stack = bytearray()  # expected closing brackets, innermost last
         self._in_string = False
+        self._string_start = 0  # where the open string began (its quote)
         self._checked = 0  # end of the prefix _check_lines() last parsed
         self._eof = False
         self._ready: object = NEED_DATA  # one message of lookahead for has_message()
@@ -169,6 +171,7 @@ class StreamDecoder:
             del self._buf[:keep]
             self._start -= keep
             self._scan -= keep
+            self._string_start -= keep
             self._checked = max(0, self._checked - keep)
         self._buf += data
         self._fresh = True
@@ -276,6 +279,7 @@ class StreamDecoder:
                 elif c == _QUOTE:
                     self._mode = _STRUCT  # a top-level string: empty stack
                     self._in_string = True
+                    self._string_start = i
                     self._scan = i + 1
                 elif c in _RESET_BYTES:
                     end = _match_end(_RESET_RUN, buf, i)
@@ -303,8 +307,20 @@ class StreamDecoder:
                     return ParseError(TOKEN_SIZE_EXCEEDED)
                 if end == n and not self._eof:
                     return NEED_DATA  # a number or keyword ends at its delimiter
+                start = self._start
                 item = self._complete(end)
                 if isinstance(item, ParseError):
+                    split = first_token_end(bytes(buf[start:end]))
+                    if split is not None:
+                        # Two tokens to QEMU's lexer: a value (not an object,
+                        # which the session says), then the rest on its own.
+                        self._start = start
+                        return self._complete(start + split)
+                    if end < n:
+                        # QEMU's lexer names a number cut short with the byte it
+                        # could not take ("stray '1.}'", "stray '-\n'").
+                        item = ParseError(describe_error(bytes(buf[start : end + 1]))
+                                          or item.desc)
                     # A bad top-level token: its neighbours are garbage too.
                     self._skip_from(end)
                 return item
@@ -352,10 +368,10 @@ class StreamDecoder:
                             return self._finish(buf, p + 1)
                         continue
                     if c != _BACKSLASH:
-                        return self._bad_byte(buf, p)
+                        return self._bad_byte(buf, p, self._string_start)
                     if p + 1 < stop:
                         # The body stopped at "\X" with X invalid in a string.
-                        return self._bad_byte(buf, p + 1)
+                        return self._bad_byte(buf, p + 1, self._string_start)
                     # else the escape is split at the end of the input: wait
                 self._scan = p
             else:
@@ -389,6 +405,7 @@ class StreamDecoder:
                         continue
                     if c == _QUOTE:
                         self._in_string = True
+                        self._string_start = p
                         self._scan = p + 1
                         continue
                     if c == _APOSTROPHE:
@@ -435,15 +452,17 @@ class StreamDecoder:
         self._skip_from(min(skip, lf))
         return ParseError(desc)
 
-    def _bad_byte(self, buf: bytearray, p: int) -> ParseError:
-        """A control character (or 0xFE/0xFF) where JSON allows none: the message is lost."""
+    def _bad_byte(self, buf: bytearray, p: int, token: int = -1) -> ParseError:
+        """A control character (or 0xFE/0xFF) where JSON allows none: the message is
+        lost.  ``token``: where the string it is in began; QEMU's lexer names the
+        token so far (``stray '"tab\t'``)."""
         error = self._check_lines(buf, p)
         if error is not None:
             return error
         # Skipping starts at the byte itself: a reset byte or line feed is its
         # own resynchronisation point, a \t or \r inside a string is not.
         self._skip_from(p)
-        return ParseError(stray(bytes(buf[p : p + 1])))
+        return ParseError(stray(bytes(buf[token if token >= 0 else p : p + 1])))
 
 
 def _match_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, endpos: int = -1) -> int:

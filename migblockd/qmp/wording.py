@@ -47,8 +47,12 @@ def _viable(text: str) -> bool:
 SINGLE_QUOTE: Final = PARSE_ERROR_PREFIX + "single-quoted strings are not supported"
 
 
-def stray(data: bytes) -> str:
-    shown = "".join(chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in data[:8])
+def stray(token: bytes) -> str:
+    """QEMU's error for the token its lexer could not go on with, as it prints it:
+    raw (JSON escapes control characters), cut at a NUL (it is a C string).
+    Bytes that are not UTF-8, which QEMU prints raw too, are shown as ``\\xNN``:
+    a reply must be valid UTF-8."""
+    shown = token.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
     return f"{PARSE_ERROR_PREFIX}stray '{shown}'"
 
 
@@ -141,6 +145,7 @@ def _find_lone_surrogate(value: object) -> str | None:
 
 
 _KEYWORD = re.compile(r"[A-Za-z]+")
+_LOWER = re.compile(r"[a-z]+")
 #: QEMU's lexer (qobject/json-lexer.c) on numbers: state -> {character class: next
 #: state}; the states in _NUMBER_ENDS may end a number, the others may not, and a
 #: character with no transition there is a lexical error (``stray`` of the token
@@ -219,6 +224,23 @@ def _number_error(text: str, start: int) -> str | int:
     return len(text)
 
 
+def first_token_end(token: bytes) -> int | None:
+    """Where QEMU's lexer ends the first token of ``token``, a run of bytes with
+    no delimiter, if that token is a whole number or a run of lower-case
+    letters cut from more (``12x`` is 12, then ``x``; ``xY`` is the keyword
+    ``x``, then ``Y``); else None.  At the top level QEMU's parser takes each
+    token as it ends, so each is a message of its own."""
+    text = token.decode("utf-8", "replace")
+    if text[:1] and text[0] in "-0123456789":
+        end = _number_error(text, 0)
+        return end if isinstance(end, int) and 0 < end < len(text) else None
+    run = _LOWER.match(text)  # the lexer's keywords are lower case
+    if run is not None:
+        end = run.end()
+        return end if end < len(text) else None
+    return None
+
+
 def _stray_char(c: str) -> str:
     # QEMU's lexer reads bytes: the first byte of a character is the stray one.
     return stray(c.encode("utf-8", "replace")[:1])[len(PARSE_ERROR_PREFIX):]
@@ -228,6 +250,9 @@ def _stray_text(token: str) -> str:
     return stray(token.encode("utf-8", "replace"))[len(PARSE_ERROR_PREFIX):]
 
 
+#: Everything up to the opening quote of a string left open (complete strings
+#: and what is outside strings).
+_BEFORE_OPEN_STRING = re.compile(r'(?:[^"]++|"(?:[^"\\]|\\.)*+")*+')
 _CONTAINER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 _VALUE_END = frozenset("}],:")
 
@@ -287,7 +312,10 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
     if msg.startswith("Invalid \\escape"):
         return "invalid escape sequence in string"
     if msg.startswith("Invalid control character"):
-        return stray(text[pos : pos + 1].encode())[len(PARSE_ERROR_PREFIX) :]
+        # QEMU's lexer names the string token so far, from its opening quote.
+        before = _BEFORE_OPEN_STRING.match(text, 0, pos)  # matches, if only ""
+        start = before.end() if before is not None else pos
+        return stray(text[start : pos + 1].encode())[len(PARSE_ERROR_PREFIX) :]
     return msg[:1].lower() + msg[1:]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
+
+from migblockd.state.errors import commit_failed, describe_open_error
 
 Start = Callable[..., DaemonProcess]
 
@@ -201,3 +204,25 @@ async def test_full_disk_at_start_stops_the_daemon(
     assert lines[0].endswith(f"ERROR: cannot write {directory}/state.db (database or disk is "
                              "full); free some space on its file system"), lines[0]
     assert_clean_log(daemon)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_an_io_error_on_a_full_disk_says_the_disk_is_full(
+    small_tmpfs: Namespace, full: bool
+) -> None:
+    """SQLite reports some writes to a full disk as I/O errors (which write fails
+    first decides): the operator is told what the file system says."""
+    directory = small_tmpfs.outside(small_tmpfs.mountpoint)
+    if full:
+        fill(directory / "filler")
+    db = directory / "state.db"
+    error = sqlite3.OperationalError("disk I/O error")
+    error.sqlite_errorcode = 10 | (3 << 8)  # SQLITE_IOERR_WRITE
+    opened, committed = describe_open_error(db, error), str(commit_failed(db, error))
+    if full:
+        assert opened == (f"cannot write {db} (disk I/O error); its file system is full: "
+                          "free some space on it")
+        assert committed == f"cannot commit to {db}: disk I/O error (its file system is full)"
+    else:
+        assert opened.startswith(f"cannot read or write {db} (disk I/O error); check its disk")
+        assert committed == f"cannot commit to {db}: disk I/O error"

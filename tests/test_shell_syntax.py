@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -226,3 +227,21 @@ def test_the_renderer_escapes_what_would_steer_the_terminal() -> None:
     shown = Renderer().json({"reason": "a\x9b2Jb\u202ec\u00e9\x1b[0m"})
     assert shown == '{"reason": "a\\u009b2Jb\\u202ec\u00e9\\u001b[0m"}'
     assert all(ord(c) < 0x7F or c == "\u00e9" for c in shown)
+
+
+@pytest.mark.parametrize("reason", [
+    "vf\u200bio",          # zero-width space: two ids that look the same
+    "\ufeffdump",          # byte order mark
+    "a\u061cb\u2060c",     # Arabic letter mark, word joiner
+    "tag\U000e0041",       # an invisible tag character, outside the BMP
+    "lone \ud800 half",    # a lone surrogate (json.loads makes them)
+    "nb\u00a0sp",          # a no-break space looks like a space
+])
+@pytest.mark.parametrize("pretty", [False, True])
+def test_the_renderer_shows_invisible_characters_escaped(reason: str, pretty: bool) -> None:
+    value = {"id": reason, "list": [reason]}
+    shown = Renderer(pretty=pretty).json(value)
+    assert shown.replace("\n", "").isprintable()
+    assert "\\u" in shown
+    assert json.loads(shown) == value  # still the JSON the daemon sent
+    shown.encode("utf-8")  # printable: no lone surrogate left to fail the terminal

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 RED = "\x1b[1;31m"
-#: Characters json.dumps leaves as they are but a terminal acts on: C1 controls
-#: (and DEL), bidirectional embeddings, overrides and isolates, line separators.
-_UNSAFE = re.compile("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
 CYAN = "\x1b[36m"
 DIM = "\x1b[2m"
 RESET = "\x1b[0m"
@@ -38,9 +34,7 @@ class Renderer:
 
     def json(self, value: Any) -> str:
         text = json.dumps(value, indent=2 if self.pretty else None, ensure_ascii=False)
-        # What another client wrote (a blocker's reason) must not steer the terminal:
-        # C1 controls (U+009B is CSI) and bidirectional overrides are shown escaped.
-        return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+        return text if text.isprintable() else _escape_unprintable(text)
 
     def _paint(self, code: str, text: str) -> str:
         return f"{code}{text}{RESET}" if self.colour else text
@@ -60,3 +54,26 @@ class Renderer:
 
     def notice(self, text: str) -> str:
         return self._paint(DIM, text)
+
+
+def _escape_unprintable(text: str) -> str:
+    """``text`` (JSON) with what Python's ``repr`` would escape shown as ``\\uXXXX``.
+
+    What another client wrote (a blocker's reason) must neither steer the
+    terminal nor hide from the operator: json.dumps leaves C1 controls (U+009B
+    is CSI), bidirectional overrides, zero-width and other format characters,
+    line separators and lone surrogates as they are.  Two ids that differ by a
+    U+200B would otherwise look the same.  Indentation's newlines stay.
+    """
+    out = []
+    for char in text:
+        if char.isprintable() or char == "\n":
+            out.append(char)
+            continue
+        code = ord(char)
+        if code > 0xFFFF:  # JSON escapes only the BMP: a surrogate pair
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    return "".join(out)

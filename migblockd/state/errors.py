@@ -7,6 +7,7 @@ command could not be saved).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -53,12 +54,27 @@ def describe_open_error(path: Path, error: sqlite3.Error) -> str:
         return (f"{path} is in use by another program ({why}); "
                 "close it (a sqlite3 shell?) and start again")
     if primary == _IOERR:
+        if _no_space(directory):  # SQLite reports some writes to a full disk as I/O errors
+            return f"cannot write {path} ({why}); its file system is full: free some space on it"
         return (f"cannot read or write {path} ({why}); check its disk and file system, "
                 "or choose another --state-dir")
     name = getattr(error, "sqlite_errorname", type(error).__name__)
     return f"cannot use {path} ({name}: {why}); move it away to start from scratch"
 
 
+def _no_space(directory: Path) -> bool:
+    """Whether the file system of ``directory`` has no block left for this user."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return False
+    return (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) == 0
+
+
 def commit_failed(path: Path, error: sqlite3.Error) -> StateError:
     """The error for a group of changes that did not reach ``path``."""
-    return StateError(f"cannot commit to {path}: {_reason(error)}")
+    why = _reason(error)
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF == _IOERR and _no_space(path.parent):
+        why += " (its file system is full)"
+    return StateError(f"cannot commit to {path}: {why}")

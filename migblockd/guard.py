@@ -4,14 +4,23 @@
 handler and before the simulated migration advances, so a refused request
 changes nothing and causes no event.  A refusal is a ``GenericError`` whose
 desc says what was refused and why (the command, the uid, the role it has and
-the one it needs; for ``del-blocker``, whose blocker it is), and a warning in
+the one it needs; for ``del-blocker``, whose blocker it is; for ``migrate``,
+the kind of URI or channel and what QEMU would do with it), and a warning in
 the log with the peer's pid and uid.
+
+A ``migrate`` by a role below admin may not make QEMU run a command or write a
+file as its own user: not to an ``exec:`` or ``file:`` URI (prefixes QEMU
+matches case-sensitively), nor with ``channels`` that use the ``exec`` or
+``file`` transport or that it cannot judge (a channel that is not an object
+with a string ``addr.transport``).  The rule applies with or without ``--qemu``.
 
 Cost per request, once a connection's role is known: one dict look-up for the
 command's rule and an integer comparison; ``add-blocker`` adds three
-comparisons (reason length, total count, the uid's count, each O(1)) and a
-``del-blocker`` by a non-admin one registry look-up.  A connection's role is
-resolved at its first request and again at the first request after a reload.
+comparisons (reason length, total count, the uid's count, each O(1)), a
+``del-blocker`` by a non-admin one registry look-up, and a ``migrate`` by a
+non-admin two prefix tests on its URI and a few look-ups per channel.  A
+connection's role is resolved at its first request and again at the first
+request after a reload.
 """
 
 from __future__ import annotations
@@ -35,6 +44,23 @@ Args = dict[str, Any]
 Extra = Callable[[Connection, Role, Args], None]
 #: The rule of a command the schema does not define: one forwarded to QEMU.
 _FORWARDED: tuple[Role, Extra | None] = (Role.ADMIN, None)
+
+# What QEMU would do, as migrate's refusals say it.
+_RUNS = "QEMU would run the command as its own user"
+_WRITES = "QEMU would write the file as its own user"
+#: URI prefixes that need admin, as QEMU's migrate_uri_parse() matches them
+#: (strstart(): case-sensitive, nothing skipped): what each refusal names.
+_ADMIN_URIS: tuple[tuple[str, str], ...] = (
+    ("exec:", f"migrate to an exec: URI needs role {Role.ADMIN} ({_RUNS})"),
+    ("file:", f"migrate to a file: URI needs role {Role.ADMIN} ({_WRITES})"),
+)
+#: Channel transports (MigrationAddressType, matched exactly) that need admin.
+_ADMIN_TRANSPORTS: dict[str, str] = {
+    "exec": f"migrate with a channel of transport exec needs role {Role.ADMIN} ({_RUNS})",
+    "file": f"migrate with a channel of transport file needs role {Role.ADMIN} ({_WRITES})",
+}
+_UNJUDGED_CHANNEL = (f"migrate with a channel that has no string addr.transport needs role "
+                     f"{Role.ADMIN} (migblockd cannot tell what QEMU would do with it)")
 
 
 class AccessDenied(QMPError):
@@ -71,7 +97,8 @@ class Guard:
         self.registry = registry
         self.daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
         extras: dict[str, Extra] = {"add-blocker": self._check_add,
-                                    "del-blocker": self._check_del}
+                                    "del-blocker": self._check_del,
+                                    "migrate": self._check_migrate}
         self._rules: dict[str, tuple[Role, Extra | None]] = {
             name: (needed_role(name), extras.get(name)) for name in commands}
         self.policy = policy
@@ -160,6 +187,34 @@ class Guard:
                      f"Permission denied: del-blocker of blocker '{blocker.id}', which "
                      f"belongs to {whose}, needs role {Role.ADMIN}, but {self._who(conn)} "
                      f"has role {role}", NotOwner)
+
+    def _check_migrate(self, conn: Connection, role: Role, args: Args) -> None:
+        # exec: runs a command through /bin/sh as QEMU's user, file: writes wherever
+        # QEMU may write; channels can say the same, so they are judged too.
+        if role >= Role.ADMIN:
+            return
+        uri = args.get("uri")
+        if isinstance(uri, str):
+            for prefix, what in _ADMIN_URIS:
+                if uri.startswith(prefix):
+                    self._refuse_migrate(conn, role, what)
+        channels = args.get("channels")
+        if channels is None:
+            return
+        if not isinstance(channels, list):  # the schema says a list: defensive only
+            self._refuse_migrate(conn, role, _UNJUDGED_CHANNEL)
+        for channel in channels:
+            addr = channel.get("addr") if isinstance(channel, dict) else None
+            transport = addr.get("transport") if isinstance(addr, dict) else None
+            if not isinstance(transport, str):
+                self._refuse_migrate(conn, role, _UNJUDGED_CHANNEL)
+            needs_admin = _ADMIN_TRANSPORTS.get(transport)
+            if needs_admin is not None:
+                self._refuse_migrate(conn, role, needs_admin)
+
+    def _refuse_migrate(self, conn: Connection, role: Role, what: str) -> NoReturn:
+        self._refuse(conn, "migrate", f"Permission denied: {what}, but {self._who(conn)} "
+                     f"has role {role}", AccessDenied)
 
     # -- wording -----------------------------------------------------------------------
     @staticmethod

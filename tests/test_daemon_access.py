@@ -176,6 +176,35 @@ def test_default_role_applies_to_uids_the_policy_does_not_name(
     connect(daemon, 0, 0).ok("migrate_cancel")
 
 
+def test_an_operator_may_not_migrate_to_a_command_but_an_admin_may(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # With --qemu, exec:CMD would make QEMU run CMD as its own user: the rule
+    # is the same without it, so the simulation shows it.
+    daemon = serve(POLICY.replace('mbt-dave = "admin"', 'mbt-dave = "admin", mbt-alice = '
+                                  '"operator"'))
+    alice = accounts["mbt-alice"]
+    a, dave = connect(daemon, alice), connect(daemon, accounts["mbt-dave"])
+    desc = ("Permission denied: migrate to an exec: URI needs role admin (QEMU would run the "
+            f"command as its own user), but uid {alice.uid} (mbt-alice) has role operator")
+    assert a.error("migrate", {"uri": "exec:id > /tmp/migblockd-pwned"}) == desc
+    daemon.wait_for_log(f"(pid {a.pid}, uid {alice.uid}, gid {alice.gid}): refused "
+                        f"migrate: {desc}")
+    assert a.error("migrate", {"uri": "tcp:h:1", "channels": [
+        {"channel-type": "main", "addr": {"transport": "exec", "args": ["id"]}}]}) == (
+        "Permission denied: migrate with a channel of transport exec needs role admin (QEMU "
+        f"would run the command as its own user), but uid {alice.uid} (mbt-alice) has role "
+        "operator")
+    assert a.ok("query-migrate") == {}  # nothing started
+    for uri in ("tcp:h:1", "unix:/run/dst.sock"):
+        a.ok("migrate", {"uri": uri})
+        assert a.ok("query-migrate")["status"] in ("setup", "active")
+        a.ok("migrate_cancel")
+    dave.ok("migrate", {"uri": "exec:cat > /dev/null"})
+    assert dave.ok("query-migrate")["status"] in ("setup", "active")
+    assert_clean_log(daemon)
+
+
 def test_a_reloaded_policy_applies_to_the_next_command_of_an_open_connection(
         serve: Callable[..., DaemonProcess], connect: ClientFactory,
         accounts: dict[str, Account]) -> None:

@@ -127,6 +127,77 @@ def test_what_each_role_may_run(uid: int, allowed: set[str]) -> None:
     assert ran == allowed
 
 
+EXEC_CHANNEL = {"channel-type": "main", "addr": {"transport": "exec", "args": ["sh", "-c", "id"]}}
+FILE_CHANNEL = {"channel-type": "main", "addr": {"transport": "file", "filename": "/etc/x"}}
+TCP_CHANNEL = {"channel-type": "main",
+               "addr": {"transport": "socket", "type": "inet", "host": "h", "port": "1"}}
+RUNS = "(QEMU would run the command as its own user)"
+WRITES = "(QEMU would write the file as its own user)"
+UNJUDGED = ("migrate with a channel that has no string addr.transport needs role admin "
+            "(migblockd cannot tell what QEMU would do with it)")
+
+
+@pytest.mark.parametrize(("arguments", "what"), [
+    ({"uri": "exec:id > /tmp/pwned"}, f"migrate to an exec: URI needs role admin {RUNS}"),
+    ({"uri": "exec:"}, f"migrate to an exec: URI needs role admin {RUNS}"),
+    ({"uri": "file:/etc/passwd"}, f"migrate to a file: URI needs role admin {WRITES}"),
+    ({"uri": "tcp:h:1", "channels": [TCP_CHANNEL, EXEC_CHANNEL]},
+     f"migrate with a channel of transport exec needs role admin {RUNS}"),
+    ({"uri": "tcp:h:1", "channels": [FILE_CHANNEL]},
+     f"migrate with a channel of transport file needs role admin {WRITES}"),
+    # The URI is judged first.
+    ({"uri": "file:/x", "channels": [EXEC_CHANNEL]},
+     f"migrate to a file: URI needs role admin {WRITES}"),
+    ({"uri": "tcp:h:1", "channels": ["exec:id"]}, UNJUDGED),
+    ({"uri": "tcp:h:1", "channels": [TCP_CHANNEL, None]}, UNJUDGED),
+    ({"uri": "tcp:h:1", "channels": [{"channel-type": "main"}]}, UNJUDGED),
+    ({"uri": "tcp:h:1", "channels": [{"addr": "exec:id"}]}, UNJUDGED),
+    ({"uri": "tcp:h:1", "channels": [{"addr": {"args": ["id"]}}]}, UNJUDGED),
+    ({"uri": "tcp:h:1", "channels": [{"addr": {"transport": ["exec"]}}]}, UNJUDGED),
+], ids=["exec", "exec-empty", "file", "exec-channel", "file-channel", "uri-first",
+        "channel-not-object", "channel-null", "no-addr", "addr-not-object", "no-transport",
+        "transport-not-string"])
+def test_an_operator_may_not_make_qemu_run_a_command_or_write_a_file(
+        arguments: dict[str, Any], what: str, caplog: pytest.LogCaptureFixture) -> None:
+    core, _ = make()
+    operator = connected(core, OPERATOR)
+    desc = f"Permission denied: {what}, but uid {OPERATOR} has role operator"
+    with caplog.at_level(logging.WARNING, "migblockd"):
+        assert refused(core, operator, "migrate", **arguments) == desc
+    assert caplog.messages == [f"client 1 (pid 7, uid {OPERATOR}, gid {OPERATOR}): "
+                               f"refused migrate: {desc}"]
+    assert core.registry.status is None  # no migration started
+    assert core.stats.migrations_refused["access"] == 1
+    # An admin may, and a role below operator hears only that it may not migrate at all.
+    assert run(core, connected(core, ADMIN), "migrate", **arguments) == {"return": {}}
+    assert refused(core, connected(core, CLIENT), "migrate", **arguments) == (
+        f"Permission denied: migrate needs role operator, but uid {CLIENT} has role client")
+
+
+@pytest.mark.parametrize("arguments", [
+    {"uri": "tcp:h:1"}, {"uri": "unix:/run/dst.sock"}, {"uri": "fd:mig"}, {"uri": "rdma:h:1"},
+    {"uri": "vsock:3:1"}, {"uri": "tcp:exec:file:"}, {"uri": "tcp:h:1", "channels": []},
+    {"uri": "tcp:h:1", "channels": [TCP_CHANNEL]},
+    {"uri": "tcp:h:1", "channels": [{"addr": {"transport": "rdma", "host": "h", "port": "1"}}]},
+    # QEMU matches transports exactly and would refuse this one itself.
+    {"uri": "tcp:h:1", "channels": [{"addr": {"transport": "EXEC", "args": ["id"]}}]},
+], ids=["tcp", "unix", "fd", "rdma", "vsock", "tcp-named-oddly", "no-channels",
+        "socket-channel", "rdma-channel", "EXEC-channel"])
+def test_an_operator_still_migrates_over_the_network(arguments: dict[str, Any]) -> None:
+    core, _ = make()
+    assert run(core, connected(core, OPERATOR), "migrate", **arguments) == {"return": {}}
+    assert core.registry.status == "setup"
+
+
+@pytest.mark.parametrize("uri", ["EXEC:id", "Exec:id", " exec:id", "FILE:/x"])
+def test_qemus_prefixes_are_case_sensitive(uri: str) -> None:
+    # QEMU's strstart() does not see these as exec: or file: (it refuses them, as
+    # the simulation does): no permission is needed for them.
+    core, _ = make()
+    assert refused(core, connected(core, OPERATOR), "migrate", uri=uri) == (
+        "Parameter 'uri' expects a valid migration protocol")
+
+
 def test_only_an_admin_deletes_another_uids_blocker() -> None:
     core, _ = make()
     owner = connected(core, CLIENT)

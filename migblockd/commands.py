@@ -135,9 +135,16 @@ class Handlers:
 
     def migrate_set_parameters(self, conn: Connection, args: Args) -> object:
         if "mode" in args:
-            self.registry.set_mode(args["mode"])
+            self._set_mode(conn, args["mode"])
         self._parameters.update((k, v) for k, v in args.items() if k != "mode")
         return {}
+
+    def _set_mode(self, conn: Connection, mode: str) -> None:
+        # Which blockers migrate consults from now on: worth a line in the log.
+        old = self.registry.mode
+        self.registry.set_mode(mode)
+        if mode != old:
+            log.info("%s: migration mode %s (was %s)", conn.label, mode, old, extra=about(conn))
 
     @reads_state
     def query_migrate_parameters(self, conn: Connection, args: Args) -> object:

@@ -199,6 +199,12 @@ class Config:
         help="QEMU commands that migblockd's schema does not define, forwarded to the gated "
         "QEMU as they are (admins only), so that a tool can use migblockd as its only monitor",
     )
+    qemu_timeout: float = option(
+        10.0, parse=Seconds(), metavar="SECONDS",
+        help="how long to wait for the gated QEMU to answer a command (0: forever); past it "
+        "the client gets an error saying QEMU did not answer, and the command may still take "
+        "effect in QEMU later",
+    )
     max_blockers: int = option(
         DEFAULT_MAX_BLOCKERS, parse=Integer(minimum=1), metavar="N", reloadable=True,
         help="blockers registered at once, all uids together; add-blocker beyond is refused",

@@ -89,7 +89,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
                 store: Store | None) -> None:
     bridge = None
     if config.qemu is not None:
-        bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry)
+        bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry,
+                        timeout=config.qemu_timeout)
     admission = Admission(config.max_clients, config.max_clients_per_uid,
                           daemon_uid=os.geteuid())
     core = Core(contract, registry, config.limits, admission=admission,
@@ -131,12 +132,15 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGHUP, spawn, loop, tasks, server.reload)
+    if bridge is not None:
+        # Clients wait (in the listen backlog) until migblockd knows whether QEMU migrates.
+        bridge.start(core, server.schedule)
+        await bridge.first_contact()
     await notifier.ready(server.status_line())
     await server.serve()
     if metrics is not None:
         metrics.start()
     if bridge is not None:
-        bridge.start(core, server.schedule)
         gating = f"gating the QEMU at {config.qemu}"
     else:
         gating = f"migration-time {config.migration_time:g}s"

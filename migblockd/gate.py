@@ -153,20 +153,25 @@ class GateHandlers(Handlers):
 
     # -- blockers -----------------------------------------------------------
     def add_blocker(self, conn: Connection, args: Args) -> Step:
-        self.registry.check_add(args["reason"], modes=args.get("modes"),
-                                internal=args.get("internal", False), id=args.get("id"),
-                                scope=args.get("scope", "daemon"), connection=conn)
-        if self.qemu.busy:
-            raise MigrationBusy(args["reason"])
-        if self.qemu.connected:
-            try:
-                info = yield Call("query-migrate", {})
-            except QemuUnavailable:
-                pass  # gone meanwhile: it is not migrating through anyone
-            else:
-                self.qemu.saw(info)
-                if _status(info) in RUNNING_STATUSES or self.qemu.busy:
-                    raise MigrationBusy(args["reason"])
+        try:
+            self.registry.check_add(args["reason"], modes=args.get("modes"),
+                                    internal=args.get("internal", False), id=args.get("id"),
+                                    scope=args.get("scope", "daemon"), connection=conn)
+            if self.qemu.busy:
+                raise MigrationBusy(args["reason"])
+            if self.qemu.connected:
+                try:
+                    info = yield Call("query-migrate", {})
+                except QemuUnavailable:
+                    pass  # gone or not answering meanwhile: as while QEMU is away
+                else:
+                    self.qemu.saw(info)
+                    if _status(info) in RUNNING_STATUSES or self.qemu.busy:
+                        raise MigrationBusy(args["reason"])
+        except BlockerError as exc:
+            log.info("%s: refused blocker: %s", conn.label, shown(exc),
+                     extra=about(conn, blocker_id=args.get("id")))
+            raise
         return super().add_blocker(conn, args)
 
     def del_blocker(self, conn: Connection, args: Args) -> Step:
@@ -220,31 +225,57 @@ class GateHandlers(Handlers):
     # -- migration ----------------------------------------------------------
     @reads_state
     def migrate(self, conn: Connection, args: Args) -> Step:
-        info = yield Call("query-migrate", {})
-        self.qemu.saw(info)
-        if _status(info) in RUNNING_STATUSES or self.qemu.busy:
-            raise MigrationInProgress()
+        uri = shown(args["uri"])
         try:
+            info = yield Call("query-migrate", {})
+            self.qemu.saw(info)
+            if _status(info) in RUNNING_STATUSES or self.qemu.busy:
+                raise MigrationInProgress()
+            yield from self._check_mode()
             self.registry.check_migrate()  # the current mode's newest blocker
-        except BlockerError as exc:
-            log.info("%s: migrate to %s refused: %s", conn.label, shown(args["uri"]), shown(exc),
+        except (BlockerError, QMPError, QemuError, QemuUnavailable) as exc:
+            log.info("%s: migrate to %s refused: %s", conn.label, uri, shown(exc),
                      extra=about(conn))
             raise
         # Awaiting its end from now: QEMU's events may tell it before the reply comes.
         self.qemu.busy = self.qemu.awaiting = True
         try:
             result = yield Call("migrate", args)
+        except (QemuError, QemuUnavailable) as exc:
+            self.qemu.awaiting = False
+            log.info("%s: migrate to %s failed in QEMU: %s", conn.label, uri, shown(exc),
+                     extra=about(conn))
+            raise
         except BaseException:
             self.qemu.awaiting = False
             raise
         finally:
             self.qemu.busy = False
-        log.info("%s: migration to %s handed to QEMU", conn.label, shown(args["uri"]),
-                 extra=about(conn))
+        log.info("%s: migration to %s handed to QEMU", conn.label, uri, extra=about(conn))
         return result
 
+    def _check_mode(self) -> Generator[Call, object, None]:
+        """Refuse unless QEMU would migrate in migblockd's mode: the blockers
+        consulted are that mode's, and QEMU must not run another one.  A QEMU
+        older than 8.2 has no modes: it always migrates in ``normal``."""
+        mode = self.registry.mode
+        if self.qemu.knows("migrate-set-parameters", "mode"):
+            params = yield Call("query-migrate-parameters", {})
+            theirs = params.get("mode", "normal") if isinstance(params, dict) else None
+            if theirs != mode:
+                raise QMPError(f"QEMU's migration mode is '{theirs}' but migblockd's is "
+                               f"'{mode}': set the mode with migrate-set-parameters through "
+                               "migblockd")
+        elif mode != "normal":
+            version = self.qemu.version or "the gated QEMU"
+            raise QMPError(f"QEMU {version} has no migration modes (QEMU 8.2 added them) and "
+                           f"would migrate in mode 'normal', not '{mode}'; set mode 'normal' "
+                           "with migrate-set-parameters first")
+
     def migrate_cancel(self, conn: Connection, args: Args) -> Step:
-        return (yield Call("migrate_cancel", args))
+        result = yield Call("migrate_cancel", args)
+        log.info("%s: migrate_cancel sent to QEMU", conn.label, extra=about(conn))
+        return result
 
     @reads_state
     def query_migrate(self, conn: Connection, args: Args) -> Step:
@@ -267,7 +298,7 @@ class GateHandlers(Handlers):
         if forward:
             yield Call("migrate-set-parameters", forward)
         if mode is not None:
-            self.registry.set_mode(mode)
+            self._set_mode(conn, mode)
         return {}
 
     @reads_state
@@ -283,7 +314,12 @@ class GateHandlers(Handlers):
     def migrate_set_capabilities(
         self, conn: Connection, args: Args
     ) -> Step:
-        return (yield Call("migrate-set-capabilities", args))
+        result = yield Call("migrate-set-capabilities", args)
+        # Kept (durably) to be set again on a QEMU that migblockd connects to later.
+        for cap in args["capabilities"]:
+            if cap["capability"] == "events":
+                self.registry.set_events(cap["state"])
+        return result
 
     @reads_state
     def query_migrate_capabilities(

@@ -6,8 +6,10 @@ QEMU 7.2 runs with no guest and two monitors: migblockd uses one, the test the o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -281,4 +283,44 @@ def test_migblock_shell_runs_and_explains_forwarded_commands(
     assert lines[1] == "query-status (command, forwarded to QEMU)"
     assert "sends it unchecked" in result.stdout
     assert "unknown command 'query-statu'; did you mean 'query-status'?" in result.stderr
+    assert_clean_log(d)
+
+
+async def test_a_stopped_qemu_gets_a_timeout_error_instead_of_a_hang(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    assert qemu.proc is not None
+    d = gate(start_daemon, qemu, "--qemu-timeout", "1")
+    await connected(d)
+    late = re.compile(re.escape(f"QEMU's monitor at '{qemu.gate_socket}' did not answer ")
+                      + r"'[a-z_-]+' within 1 s; it may still run it")
+    async with d.client() as c, d.client() as other:
+        qemu.proc.send_signal(signal.SIGSTOP)  # QEMU will not reply
+        try:
+            pending = asyncio.create_task(c.execute("query-migrate", id="q"))
+            # migblockd itself still answers, while a forwarded command waits for QEMU.
+            version = await asyncio.wait_for(other.ok("query-version"), 10)
+            assert version["package"].startswith("migblockd")
+            assert not pending.done()
+            reply = await asyncio.wait_for(pending, 10)
+            assert reply == error(GENERIC, f"QEMU's monitor at '{qemu.gate_socket}' did not "
+                                  "answer 'query-migrate' within 1 s; it may still run it", "q")
+            reply = await asyncio.wait_for(c.execute("migrate", {"uri": SINK}, id="m"), 10)
+            assert reply["error"]["class"] == GENERIC and late.fullmatch(
+                reply["error"]["desc"]), reply
+            # The blocker commands, which ask QEMU first, answer too (no hang).
+            for command, args in (("add-blocker", {"reason": SEV, "id": "sev"}),
+                                  ("query-blockers", {})):
+                reply = await asyncio.wait_for(c.execute(command, args, id=command), 10)
+                assert reply.get("id") == command, reply
+            d.wait_for_log(f"QEMU at {qemu.gate_socket} did not answer 'query-migrate' "
+                           "within 1 s")
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+        # QEMU answers again, on the same connection: each reply to its own command.
+        assert isinstance(await asyncio.wait_for(c.ok("query-migrate"), 10), dict)
+        assert await asyncio.wait_for(c.ok("query-migrate-capabilities"), 10)
+    assert "lost the connection" not in d.log()
+    assert d.stop() == 0  # promptly: nothing left waiting for QEMU
+    assert "dropped: still taking" not in d.log()
     assert_clean_log(d)

@@ -26,6 +26,7 @@ from migblockd.qemu import (
     QemuLinkError,
     QemuNotConnected,
 )
+from migblockd.qemu.link import QemuTimedOut
 
 EXEC_NULL = "exec:cat > /dev/null"
 EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
@@ -282,6 +283,53 @@ async def test_close_interrupts_a_command_in_flight(qemu: Qemu) -> None:
         assert link.state == "closed"
         error = await _not_connected_error(link)
         assert error.reason == "the link is closed"
+
+
+async def test_a_stopped_qemu_times_out_and_the_link_stays_connected(
+        qemu: Qemu, caplog: pytest.LogCaptureFixture) -> None:
+    assert qemu.proc is not None
+    async with running_link(qemu.gate_socket, timeout=0.5) as (link, rec):
+        await connected(link)
+        qemu.proc.send_signal(signal.SIGSTOP)  # QEMU will not reply
+        try:
+            with pytest.raises(QemuTimedOut) as late:
+                await asyncio.wait_for(link.execute("query-migrate"), 30)
+            assert isinstance(late.value, QemuLinkError)
+            assert str(late.value) == (f"QEMU's monitor at '{qemu.gate_socket}' did not "
+                                       "answer 'query-migrate' within 0.5 s; it may still run it")
+            assert logged(caplog, "did not answer") == [
+                f"QEMU at {qemu.gate_socket} did not answer 'query-migrate' within 0.5 s "
+                "(stopped, or busy with a long command?); the client was told, QEMU may "
+                "still run it"]
+            assert link.state == "connected"  # not a lost connection
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+        # QEMU now sends the late reply (dropped: its id is no longer awaited), then this
+        # one's: each reply still goes to its own command.
+        assert await link.execute("query-version") == link.version
+        assert await link.execute("query-migrate") == {}
+        assert link.state == "connected"
+        assert len(logged(caplog, "did not answer")) == 1
+    assert rec.states == ["connected", "closed"]
+    # The late reply did arrive after the timeout, and only the trace says so.
+    ours = [r.getMessage() for r in caplog.records if r.name == "migblockd.qemu"]
+    after = ours[next(i for i, m in enumerate(ours) if "did not answer" in m):]
+    replies = [m for m in after if " <- " in m and '"return"' in m]
+    assert len(replies) == 3, after  # the late query-migrate, query-version, query-migrate
+
+
+async def test_a_timeout_of_zero_waits_forever(qemu: Qemu) -> None:
+    assert qemu.proc is not None
+    async with running_link(qemu.gate_socket, timeout=0) as (link, _):
+        await connected(link)
+        qemu.proc.send_signal(signal.SIGSTOP)
+        try:
+            pending = asyncio.create_task(link.execute("query-migrate"))
+            await asyncio.sleep(0.5)
+            assert not pending.done()
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+        assert await asyncio.wait_for(pending, 30) == {}
 
 
 def test_link_lifecycle_on_every_python(python: str, qemu: Qemu) -> None:

@@ -20,11 +20,15 @@ from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.gate import GateHandlers, QemuError, QemuFacts, QemuUnavailable
 from migblockd.qemu.link import LinkState, QemuCommandError, QemuLink, QemuLinkError
-from migblockd.registry import Registry
+from migblockd.registry import RUNNING_STATUSES, Registry
 
 __all__ = ["Bridge"]
 
 log = logging.getLogger("migblockd")
+
+#: How long the daemon waits at start for QEMU's first answer before serving
+#: anyway (a QEMU whose monitor serves another client does not greet).
+FIRST_CONTACT: Final = 5.0
 
 #: QEMU's events that migblockd's clients hear about.
 RELAYED: Final = frozenset({"MIGRATION", "MIGRATION_PASS"})
@@ -34,7 +38,7 @@ class Bridge:
     """One gated QEMU: its facts, the handlers that consult them, and the link."""
 
     def __init__(self, path: Path, passthrough: tuple[str, ...], contract: Contract,
-                 registry: Registry) -> None:
+                 registry: Registry, *, timeout: float) -> None:
         ours = [name for name in passthrough if name in contract.commands]
         if ours:
             log.warning("qemu-passthrough: ignoring %s: migblockd's own command(s)",
@@ -42,7 +46,7 @@ class Bridge:
         self.facts = QemuFacts(path)
         self.handlers = GateHandlers(contract, registry, self.facts,
                                      tuple(n for n in passthrough if n not in ours))
-        self.link = QemuLink(path, on_event=self._event, on_state=self._state)
+        self.link = QemuLink(path, on_event=self._event, on_state=self._state, timeout=timeout)
         self._core: Core | None = None
         self._wake: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -51,6 +55,23 @@ class Bridge:
         """Connect (and keep reconnecting); ``wake()`` makes the server flush and report."""
         self._core, self._wake = core, wake
         self.link.start()
+
+    async def first_contact(self, timeout: float = FIRST_CONTACT) -> None:
+        """Wait (at most ``timeout`` seconds) until the link has tried QEMU once and,
+        if QEMU answered, learnt whether it migrates.
+
+        Until then ``add-blocker`` could not know that QEMU migrates (after a restart
+        of migblockd, say): the daemon serves no client before this returns.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self.link.first_attempt()
+                while self._tasks:  # learning the migration's status
+                    await asyncio.wait(set(self._tasks))
+        except TimeoutError:
+            log.warning("QEMU at %s has not answered within %g s of start; serving anyway "
+                        "(until it answers, blockers are added as while QEMU is away)",
+                        self.link.path, timeout)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -88,16 +109,38 @@ class Bridge:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
+            if facts.status in RUNNING_STATUSES or facts.awaiting:
+                # No MIGRATION event will follow from this QEMU: say so once.
+                log.warning("QEMU at %s went away during a migration (last status %s): "
+                            "its outcome is unknown; query-migrate says it once QEMU is back",
+                            self.link.path, facts.status or "not seen yet")
+                facts.awaiting = False
             facts.status = facts.blockers = None
         self._wake()
 
     async def _learn_status(self) -> None:
-        # For the STATUS line only: migrate and add-blocker ask QEMU afresh.
+        """What a QEMU just connected to is doing, and the capability migblockd's
+        clients set: QEMU starts with ``events`` off, and a QEMU restarted (or
+        first met) would otherwise send none of the events they asked for."""
+        path = self.link.path
         try:
             info = await self.link.execute("query-migrate")
-        except QemuLinkError:
+        except QemuLinkError as exc:
+            log.warning("QEMU at %s: cannot learn its migration status: %s", path, exc)
             return
         status = info.get("status") if isinstance(info, dict) else None
         self.facts.status = status if isinstance(status, str) else None
         self.facts.saw(info)
         self._wake()
+        if self.facts.status in RUNNING_STATUSES:
+            # (QEMU refuses capabilities now; it has the ones it was migrating with.)
+            log.info("QEMU at %s is migrating (status %s)", path, self.facts.status)
+        elif self.handlers.registry.events_enabled:
+            try:
+                await self.link.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "events", "state": True}]})
+            except QemuLinkError as exc:
+                log.warning("QEMU at %s: cannot set the events capability clients asked "
+                            "for: %s", path, exc)
+            else:
+                log.info("QEMU at %s: set the events capability clients asked for", path)

@@ -52,6 +52,7 @@ __all__ = [
     "QemuLink",
     "QemuLinkError",
     "QemuNotConnected",
+    "QemuTimedOut",
     "StateHandler",
 ]
 
@@ -68,6 +69,8 @@ MAX_DELAY = 5.0
 #: QEMU serves one client per monitor socket; a second one is accepted by the kernel but
 #: gets no greeting until the first leaves.  Say so if the greeting takes this long.
 GREETING_NOTICE = 5.0
+#: How long :meth:`QemuLink.execute` waits for QEMU's reply by default (0: forever).
+TIMEOUT = 10.0
 
 
 class QemuLinkError(Exception):
@@ -88,6 +91,21 @@ class QemuInterrupted(QemuLinkError):
 
     Whether the command took effect is unknown.
     """
+
+
+class QemuTimedOut(QemuLinkError):
+    """QEMU did not reply within the link's timeout.
+
+    The link stays connected: QEMU may be stopped, or busy with a long command.  Whether
+    the command takes effect is unknown (QEMU may still run it); its late reply is dropped.
+    """
+
+    def __init__(self, path: Path, command: str, timeout: float) -> None:
+        super().__init__(f"QEMU's monitor at '{path}' did not answer '{command}' within "
+                         f"{timeout:g} s; it may still run it")
+        self.path = path
+        self.command = command
+        self.timeout = timeout
 
 
 class QemuCommandError(QemuLinkError):
@@ -166,9 +184,11 @@ class QemuLink:
 
     def __init__(self, path: str | os.PathLike[str], *, on_event: EventHandler | None = None,
                  on_state: StateHandler | None = None, min_delay: float = MIN_DELAY,
-                 max_delay: float = MAX_DELAY, greeting_notice: float = GREETING_NOTICE
-                 ) -> None:
+                 max_delay: float = MAX_DELAY, greeting_notice: float = GREETING_NOTICE,
+                 timeout: float = TIMEOUT) -> None:
         self.path = Path(path)
+        #: How long :meth:`execute` waits for QEMU's reply (0: forever).
+        self.timeout = timeout
         self._on_event = on_event
         self._on_state = on_state
         self._min_delay = min_delay
@@ -182,6 +202,7 @@ class QemuLink:
         self._info: QemuInfo | None = None
         self._client = _Client(self)
         self._task: asyncio.Task[None] | None = None
+        self._tried = asyncio.Event()  # the first attempt to connect is over
 
     @property
     def state(self) -> LinkState:
@@ -197,6 +218,10 @@ class QemuLink:
         """QEMU's version object (as ``query-version`` returns it); ``None`` unless connected."""
         return self._info.version if self._info is not None else None
 
+    async def first_attempt(self) -> None:
+        """Return once the first attempt to connect has succeeded or failed."""
+        await self._tried.wait()
+
     def start(self) -> None:
         if self._task is not None or self._state == "closed":
             raise RuntimeError("QemuLink.start() may be called once, before close()")
@@ -208,8 +233,10 @@ class QemuLink:
         """Run ``command`` in QEMU and return QEMU's ``return`` value.
 
         Raises QemuCommandError (QEMU's error, verbatim), QemuNotConnected (nothing was
-        sent), QemuInterrupted (sent, but the connection was lost before the reply), or
-        QemuLinkError (arguments that are not strict JSON, or a reply not understood).
+        sent), QemuInterrupted (sent, but the connection was lost before the reply),
+        QemuTimedOut (no reply within ``timeout`` seconds; the link stays connected and
+        drops the late reply), or QemuLinkError (arguments that are not strict JSON, or a
+        reply not understood).
         """
         if self._state != "connected":
             raise self._not_connected()
@@ -219,8 +246,18 @@ class QemuLink:
             json.dumps(arguments, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise QemuLinkError(f"Arguments for '{command}' are not valid JSON: {exc}") from None
+        # Not for the link's own set-up (greeting, query-qmp-schema): that has its notice.
+        deadline = asyncio.timeout(self.timeout or None)
         try:
-            return await self._client.execute(command, arguments)
+            async with deadline:
+                return await self._client.execute(command, arguments)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # not this deadline's
+            log.warning("QEMU at %s did not answer '%s' within %g s (stopped, or busy with "
+                        "a long command?); the client was told, QEMU may still run it",
+                        self.path, command, self.timeout)
+            raise QemuTimedOut(self.path, command, self.timeout) from None
         except ExecuteError as exc:
             raise QemuCommandError(exc.error_class, exc.error.error.desc) from None
         except ExecInterruptedError as exc:
@@ -311,6 +348,7 @@ class QemuLink:
     def _set_up(self, info: QemuInfo) -> None:
         self._state, self._info, self._reason = "connected", info, "connected"
         self._logged_reason = None
+        self._tried.set()
         log.info("connected to QEMU %s at %s", info.version_string, self.path)
         self._notify_state()
 
@@ -322,6 +360,7 @@ class QemuLink:
         elif reason != self._logged_reason:
             log.info("QEMU at %s is not available: %s; retrying", self.path, reason)
         self._logged_reason = reason
+        self._tried.set()
         if changed:
             self._notify_state()
 

@@ -1,0 +1,176 @@
+"""A gate that cannot be got round: what a real QEMU 7.2 behind migblockd must never do.
+
+Each test is a way through the gate that a review found, on real processes: a
+restarted migblockd that served an ``add-blocker`` before it knew that QEMU was
+migrating, a migration mode that QEMU 7.2 does not have (it migrated in ``normal``
+past a ``normal`` blocker), a capability lost with a restarted QEMU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DaemonProcess, assert_clean_log
+from qemu_strings import GENERIC, SEV, VFIO, error
+from realqemu import Qemu, wait_until
+from test_gate import SINK, connected, gate
+
+EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
+
+
+async def read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(reader.readline(), 30))
+    return message
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="needs systemd-socket-activate (apt install systemd)")
+async def test_a_restarted_gate_knows_that_qemu_migrates_before_its_first_client(
+    qemu_factory: Callable[..., Qemu], tmp_path: Path,
+) -> None:
+    """Under socket activation the first client's request is in the socket before
+    the daemon runs: it must not be served before migblockd has asked QEMU."""
+    qemu = qemu_factory(memory="1G")
+    async with qemu.monitor() as mon:
+        await mon.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
+        await mon.ok("migrate", {"uri": SINK})
+
+        async def active() -> bool:
+            return bool((await mon.ok("query-migrate")).get("status") == "active")
+
+        await wait_until(active, "QEMU migrating")
+        sock = tmp_path / "gate.sock"
+        log_path = tmp_path / "daemon.log"
+        with log_path.open("wb") as log:
+            activate = subprocess.Popen(
+                ["systemd-socket-activate", "-l", str(sock), "--fdname=migblockd",
+                 sys.executable, "-m", "migblockd", "--ephemeral", "--log-level", "info",
+                 "--qemu", str(qemu.gate_socket)], stdout=log, stderr=log)
+        try:
+            await wait_until(sock.exists, "the activation socket")
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            # All at once, before the daemon even starts: it starts on this connection.
+            writer.write(b'{"execute": "qmp_capabilities"}'
+                         b'{"execute": "add-blocker", "arguments": {"reason": "' +
+                         SEV.encode() + b'", "id": "early"}, "id": 1}'
+                         b'{"execute": "query-blockers", "id": 2}')
+            await writer.drain()
+            assert "QMP" in await read_reply(reader)
+            assert await read_reply(reader) == {"return": {}}
+            assert await read_reply(reader) == error(
+                GENERIC, f"disallowing migration blocker (migration/snapshot in progress) "
+                f"for: {SEV}", 1)
+            assert await read_reply(reader) == {"return": [], "id": 2}
+            writer.close()
+            await mon.ok("migrate_cancel")
+        finally:
+            activate.terminate()
+            activate.wait(30)
+    text = log_path.read_text()
+    assert f"QEMU at {qemu.gate_socket} is migrating (status active)" in text
+    assert text.index("is migrating") < text.index("refused blocker")
+    assert "Traceback" not in text
+
+
+async def test_a_mode_qemu_does_not_have_is_refused_not_migrated_in_normal(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("add-blocker", {"reason": VFIO, "id": "vfio", "modes": ["normal"]})
+        await c.ok("migrate-set-parameters", {"mode": "cpr-reboot"})
+        # migblockd's cpr-reboot list is empty, but QEMU 7.2 would migrate in normal.
+        reply = await c.execute("migrate", {"uri": SINK}, id=1)
+        version = reply["error"]["desc"].split()[1]
+        assert reply == error(GENERIC, f"QEMU {version} has no migration modes (QEMU 8.2 "
+                              "added them) and would migrate in mode 'normal', not "
+                              "'cpr-reboot'; set mode 'normal' with migrate-set-parameters "
+                              "first", 1)
+        async with qemu.monitor() as mon:
+            assert (await mon.ok("query-migrate")).get("status") is None
+        await c.ok("migrate-set-parameters", {"mode": "normal"})
+        assert await c.execute("migrate", {"uri": SINK}, id=2) == error(GENERIC, VFIO, 2)
+    # (The log is written by its own thread, a little after the replies.)
+    d.wait_for_log("migration mode cpr-reboot (was normal)")
+    d.wait_for_log("migration mode normal (was cpr-reboot)")
+    d.wait_for_log(f"migrate to '{SINK}' refused: \"QEMU {version} has no migration modes")
+    assert_clean_log(d)
+
+
+async def test_the_events_capability_outlives_a_restarted_qemu(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        qemu.restart()  # a new QEMU starts with events off
+        d.wait_for_log(f"QEMU at {qemu.gate_socket}: set the events capability clients "
+                       "asked for", timeout=30)
+
+        async def events_on() -> bool:
+            caps = await c.execute("query-migrate-capabilities", id="caps")
+            return {"capability": "events", "state": True} in caps.get("return", [])
+
+        await wait_until(events_on, "QEMU's events capability on again")
+        await c.ok("migrate", {"uri": SINK})
+
+        async def completed() -> bool:
+            statuses = [m["data"]["status"] for m in c.events + await c.sync()
+                        if m.get("event") == "MIGRATION"]
+            c.events[:] = [{"event": "MIGRATION", "data": {"status": s}} for s in statuses]
+            return "completed" in statuses
+
+        await wait_until(completed, "MIGRATION events from the restarted QEMU")
+    assert_clean_log(d)
+
+
+async def test_what_the_gate_refuses_and_forwards_is_in_the_log(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    qemu = qemu_factory(memory="1G")
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+        assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=1)
+                == error(GENERIC, "Duplicate blocker ID 'sev'", 1))
+        await c.ok("del-blocker", {"id": "sev"})
+        await c.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
+        await c.ok("migrate", {"uri": SINK})
+        assert (await c.execute("migrate", {"uri": SINK}, id=2)
+                == error(GENERIC, "There's a migration process in progress", 2))
+        await c.ok("migrate_cancel")
+    d.wait_for_log("refused blocker: \"Duplicate blocker ID 'sev'\"")
+    d.wait_for_log(f"migrate to '{SINK}' refused: \"There's a migration process in progress\"")
+    d.wait_for_log("migrate_cancel sent to QEMU")
+    assert_clean_log(d)
+
+
+async def test_a_migration_cut_off_by_qemus_death_is_in_the_log(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    """No MIGRATION event can follow from a dead QEMU: the operator is told once."""
+    qemu = qemu_factory(memory="1G")
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        await c.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
+        await c.ok("migrate", {"uri": SINK})
+        d.wait_for_log("QEMU migration status: active")
+        qemu.kill()
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} went away during a migration (last status "
+                       "active): its outcome is unknown")
+        await c.ok("add-blocker", {"reason": SEV})  # as while QEMU is away
+    assert d.log().count("went away during a migration") == 1
+    assert_clean_log(d)

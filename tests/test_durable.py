@@ -297,6 +297,12 @@ async def test_sighup_loses_nothing_acknowledged(start_daemon: Start, tmp_path: 
 # ----------------------------------------------------------------- backup, start over
 
 
+#: docs/state.md's step after restoring a backup, word for word.
+RAISE_ID_FLOOR = ("INSERT INTO setting (key, value) VALUES ('id-floor', '1000000') "
+                  "ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) "
+                  "+ 1000000 AS TEXT)")
+
+
 @pytest.mark.skipif(shutil.which("sqlite3") is None,
                     reason="needs the sqlite3 shell (apt install sqlite3)")
 async def test_backup_while_running_restore_and_start_from_scratch(
@@ -316,16 +322,25 @@ async def test_backup_while_running_restore_and_start_from_scratch(
                        check=True, timeout=60)
         listing = await blockers(c)
         await add(c, "after the backup", id="later")
+        # More generated ids than one reservation holds, handed out after the backup.
+        handed_out = set()
+        for _ in range(1100):
+            handed_out.add((await add(c, "short-lived"))["id"])
+            await c.ok("del-blocker", {"id": (await ids(c))[-1]})
     assert daemon.stop() == 0
-    # Restore: the daemon stopped, the directory moved away, a new one with the backup.
+    # Restore: the daemon stopped, the directory moved away, a new one with the backup,
+    # its counter of generated ids raised past those handed out since the backup.
     directory.rename(tmp_path / "state.before-restore")
     directory.mkdir(mode=0o700)
     shutil.copy(backup, directory / "state.db")
+    subprocess.run(["sqlite3", str(directory / "state.db"), RAISE_ID_FLOOR], check=True,
+                   timeout=60)
     restored = start_daemon("--state-dir", str(directory))
     restored.wait_for_log(restored_line(directory, 2))
     async with restored.client() as c:
         assert await blockers(c) == listing
         assert (await c.ok("query-migrate-parameters"))["mode"] == "cpr-reboot"
+        assert (await add(c, "after the restore"))["id"] not in handed_out
     assert restored.stop() == 0
     # From scratch: stopped, the directory moved away.
     directory.rename(tmp_path / "state.old")

@@ -329,6 +329,69 @@ def test_newer_format_is_refused_and_left_alone(tmp_path: Path) -> None:
     db.close()
 
 
+@pytest.mark.parametrize("version", [-1, 0])
+def test_a_format_below_one_is_corrupt_and_left_alone(tmp_path: Path, version: int) -> None:
+    """migblockd sets the application id and the format in one transaction: a
+    file with the first and no format was edited (or damaged), not migrated."""
+    filled(tmp_path, 2)
+    db = sqlite3.connect(tmp_path / "state.db")
+    db.execute(f"PRAGMA user_version = {version}")
+    db.commit()
+    db.close()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    content = (tmp_path / "state.db").read_bytes()
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}/state.db is corrupt (format {version}); restore "
+                                  "it from a backup, or move it away to start from scratch")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == [
+        n for n in before if n != ".lock"]
+    assert (tmp_path / "state.db").read_bytes() == content
+
+
+def test_an_empty_file_is_refused_not_taken_for_a_first_start(tmp_path: Path) -> None:
+    (tmp_path / "state.db").touch()
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}/state.db is empty (0 bytes): it was truncated; "
+                                  "restore it from a backup, or move it away to start from "
+                                  "scratch")
+    assert (tmp_path / "state.db").stat().st_size == 0
+
+
+def test_a_new_database_is_made_whole_then_put_in_place(tmp_path: Path) -> None:
+    # What a creation killed half-way left behind is cleared, not used.
+    (tmp_path / "state.db.new").write_bytes(b"half")
+    (tmp_path / "state.db.new-journal").write_bytes(b"half")
+    old = os.umask(0o022)
+    try:
+        Store.open(tmp_path).close()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "state.db").stat().st_mode & 0o777 == 0o600
+    assert not any(p.name.startswith("state.db.new") for p in tmp_path.iterdir())
+    db = sqlite3.connect(tmp_path / "state.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+    db.close()
+    assert reopened(tmp_path) == Snapshot(blockers=[], settings={})
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_log_that_is_not_a_file_is_named(tmp_path: Path, suffix: str, kind: str) -> None:
+    filled(tmp_path, 1)
+    odd = tmp_path / f"state.db{suffix}"
+    if kind == "directory":
+        odd.mkdir()
+    else:
+        os.mkfifo(odd)
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{odd} is not a regular file; move it away (it is not "
+                                  "state.db's log), or restore the directory from a backup")
+
+
 def test_hand_edited_row_is_reported_as_corrupt(tmp_path: Path) -> None:
     filled(tmp_path, 2)
     db = sqlite3.connect(tmp_path / "state.db")
@@ -352,6 +415,17 @@ def test_unreadable_database_is_refused(tmp_path: Path) -> None:
     assert open_error(directory, unprivileged=True) == (
         f"cannot read and write {directory}/state.db: Permission denied; fix its "
         "permissions, or choose another --state-dir")
+
+
+def test_a_log_index_the_daemon_cannot_write_is_named(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    filled(directory, 1)
+    shm = directory / "state.db-shm"
+    shm.write_bytes(bytes(32768))
+    shm.chmod(0o444)
+    assert open_error(directory, unprivileged=True) == (
+        f"cannot read and write {shm}: Permission denied; fix its permissions, or choose "
+        "another --state-dir")
 
 
 def test_read_only_state_directory_is_refused(tmp_path: Path) -> None:
@@ -496,8 +570,14 @@ def add_origin(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE blocker SET origin = 'format-1:' || id")
 
 
-def test_older_format_is_migrated_forward_with_a_backup(tmp_path: Path) -> None:
+def test_older_format_is_migrated_forward_with_a_backup(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     filled(tmp_path, 3)
+    with caplog.at_level("INFO", "migblockd"):
+        Store.open(tmp_path, migrations=(*MIGRATIONS, add_origin)).close()
+    assert caplog.messages == [f"migrated {tmp_path}/state.db from format 1 to 2; the file "
+                               f"as it was is kept as {tmp_path}/state.db.format-1"]
     with Store.open(tmp_path, migrations=(*MIGRATIONS, add_origin)) as store:
         assert [r.id for r in store.load().blockers] == ["b0", "b1", "b2"]
         store.commit([Put(row("b3", 3))])
@@ -510,9 +590,14 @@ def test_older_format_is_migrated_forward_with_a_backup(tmp_path: Path) -> None:
     assert backup.execute("PRAGMA user_version").fetchone()[0] == 1
     assert backup.execute("SELECT count(*) FROM blocker").fetchone()[0] == 3
     backup.close()
-    # This migblockd (format 1) now refuses the migrated file rather than misread it.
-    with pytest.raises(StateError, match=r"newer migblockd \(format 2; this one reads up to 1\)"):
+    # This migblockd (format 1) now refuses the migrated file rather than misread it,
+    # and says where the copy is.
+    with pytest.raises(StateError) as refused:
         Store.open(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path}/state.db was written by a newer migblockd (format 2; this one reads up "
+        f"to 1); upgrade migblockd, or go back to {tmp_path}/state.db.format-1, the copy the "
+        "upgrade kept (changes made since are lost)")
 
 
 def test_failed_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import stat
@@ -35,6 +36,8 @@ from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
 from migblockd.trust import refusal
 
 __all__ = ["DATABASE_NAME", "Store"]
+
+log = logging.getLogger("migblockd")
 
 DATABASE_NAME = "state.db"
 # How long a statement waits for another program holding the database (an
@@ -207,7 +210,8 @@ def _configure(conn: sqlite3.Connection) -> None:
 
 
 def _check_and_open(path: Path, migrations: Sequence[schema.Migration]) -> sqlite3.Connection:
-    _check_file(path)
+    if _check_file(path):
+        _create(path, migrations)
     try:
         conn = _connect(path)
     except sqlite3.Error as e:
@@ -220,28 +224,80 @@ def _check_and_open(path: Path, migrations: Sequence[schema.Migration]) -> sqlit
     return conn
 
 
-def _check_file(path: Path) -> None:
-    """Refuse a file we cannot read and write, with the system's reason, which
-    SQLite would report only as "unable to open database file"."""
+def _check_file(path: Path) -> bool:
+    """Refuse files we cannot read and write, with the system's reason, which
+    SQLite would report only as "unable to open database file" (or blame on
+    the database when it is its log).  True: there is no database yet."""
+    wal, shm = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
     try:
         st = path.stat()
     except FileNotFoundError:
         # SQLite would replay a leftover log into the new, empty database.
-        wal = path.with_name(path.name + "-wal")
-        if wal.exists():
+        if os.path.lexists(wal):
             raise StateError(f"{wal} exists without {path.name}; put {path.name} back, or "
                              "move the whole directory away to start from scratch") from None
-        return
+        return True
     except OSError as e:
         raise StateError(f"cannot read {path}: {e.strerror}; fix its permissions, "
                          "or choose another --state-dir") from e
     if not stat.S_ISREG(st.st_mode):
         raise StateError(f"{path} is not a regular file; move it away to start from scratch")
+    if st.st_size == 0:
+        # migblockd creates the file whole (see _create): this one was cut short.
+        raise StateError(f"{path} is empty (0 bytes): it was truncated; restore it from a "
+                         "backup, or move it away to start from scratch")
+    for each in (path, wal, shm):
+        _check_companion(each, path)
+    return False
+
+
+def _check_companion(each: Path, path: Path) -> None:
+    """``each`` (the database, its log or the log's index) must be a regular file
+    this user can read and write, if it exists."""
     try:
-        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        st = each.lstat()
+    except FileNotFoundError:
+        return
     except OSError as e:
-        raise StateError(f"cannot read and write {path}: {e.strerror}; fix its permissions, "
+        raise StateError(f"cannot read {each}: {e.strerror}; fix its permissions, "
                          "or choose another --state-dir") from e
+    if each != path and not stat.S_ISREG(st.st_mode):
+        raise StateError(f"{each} is not a regular file; move it away (it is not "
+                         f"{path.name}'s log), or restore the directory from a backup")
+    try:
+        os.close(os.open(each, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK))
+    except OSError as e:
+        raise StateError(f"cannot read and write {each}: {e.strerror}; fix its permissions, "
+                         "or choose another --state-dir") from e
+
+
+def _create(path: Path, migrations: Sequence[schema.Migration]) -> None:
+    """Make a new database whole, under another name, then put it in place: a
+    crash leaves either no ``state.db`` or a complete empty one, never a
+    partial file that the next start would have to guess about.  Mode 0600."""
+    new = path.with_name(path.name + ".new")
+    for stale in (new, *(new.with_name(new.name + s) for s in ("-journal", "-wal", "-shm"))):
+        stale.unlink(missing_ok=True)  # an earlier attempt that did not finish
+    try:
+        os.close(os.open(new, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        conn = sqlite3.connect(new, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous = FULL")  # a rollback journal: all in the file
+            _migrate(conn, new, 0, migrations)
+        finally:
+            conn.close()
+        fd = os.open(new, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(new, path)
+    except sqlite3.Error as e:
+        raise StateError(describe_open_error(path, e)) from e
+    except OSError as e:
+        raise StateError(f"cannot create {path}: {e.strerror}; "
+                         "check its directory, or choose another --state-dir") from e
+    _sync_directory(path.parent)
 
 
 def _check_and_migrate(conn: sqlite3.Connection, path: Path,
@@ -257,9 +313,15 @@ def _check_and_migrate(conn: sqlite3.Connection, path: Path,
         if not fresh and app_id != schema.APPLICATION_ID:
             raise StateError(f"{path} is not a migblockd state database (it belongs to "
                              "another program); move it away to start from scratch")
+        if not fresh and version < 1:  # migblockd sets both in one transaction
+            raise StateError(f"{path} is corrupt (format {version}); restore it from a "
+                             "backup, or move it away to start from scratch")
         if version > current:
+            copy = path.with_name(f"{path.name}.format-{current}")
+            back = (f", or go back to {copy}, the copy the upgrade kept (changes made since "
+                    "are lost)" if copy.exists() else "")
             raise StateError(f"{path} was written by a newer migblockd (format {version}; "
-                             f"this one reads up to {current}); upgrade migblockd")
+                             f"this one reads up to {current}); upgrade migblockd{back}")
         problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(3)")]
         if problems != ["ok"]:
             found = one_line("\n".join(problems).replace("*** in database main ***", ""))
@@ -267,11 +329,14 @@ def _check_and_migrate(conn: sqlite3.Connection, path: Path,
                              "or move it away to start from scratch")
         _configure(conn)
         if version < current:
-            if not fresh:
-                _backup(conn, path, version)
-            _migrate(conn, path, version, migrations)
-            if fresh:
+            if fresh:  # made by an older migblockd that created it in place
+                _migrate(conn, path, version, migrations)
                 _sync_directory(path.parent)
+            else:
+                copy = _backup(conn, path, version)
+                _migrate(conn, path, version, migrations)
+                log.info("migrated %s from format %d to %d; the file as it was is kept as %s",
+                         path, version, current, copy)
         else:
             # Prove the file is writable now rather than at the first commit.
             conn.execute("BEGIN IMMEDIATE")
@@ -280,9 +345,9 @@ def _check_and_migrate(conn: sqlite3.Connection, path: Path,
         raise StateError(describe_open_error(path, e)) from e
 
 
-def _backup(conn: sqlite3.Connection, path: Path, version: int) -> None:
+def _backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
     """Copy the database as it is before migrating it, for going back to an
-    older migblockd (which cannot read the new format)."""
+    older migblockd (which cannot read the new format); the copy's path."""
     target = path.with_name(f"{path.name}.format-{version}")
     for stale in (target, target.with_name(target.name + "-journal")):
         stale.unlink(missing_ok=True)  # a copy from an earlier attempt: same format, older
@@ -291,6 +356,7 @@ def _backup(conn: sqlite3.Connection, path: Path, version: int) -> None:
         conn.backup(copy)
     finally:
         copy.close()
+    return target
 
 
 def _sync_directory(directory: Path) -> None:

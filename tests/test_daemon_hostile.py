@@ -191,3 +191,25 @@ async def test_a_client_polling_a_big_listing_is_not_dropped_for_its_own_answers
             assert polls >= 2
             assert await poller.ok("query-version")
     assert "dropped" not in d.log()
+
+
+@pytest.mark.parametrize("bad", [
+    b"}",
+    b'{"execute": "query-version", "id": 0}}',
+    b'{"execute": "query-version", "id": 0]',
+    b'{"execute": "query-version", "id": ' + b"[" * 70 + b"]" * 70 + b"}",
+], ids=["stray", "one-too-many", "mismatched", "too-deep"])
+async def test_a_client_that_sends_no_newline_goes_on_after_a_bad_message(
+    module_daemon: DaemonProcess, bad: bytes
+) -> None:
+    """qemu.qmp, and programs like it, never send a line feed: after one bad
+    message the next request must still be answered, as QEMU answers it."""
+    async with module_daemon.client() as c:
+        c.send_raw(bad)
+        await c.writer.drain()
+        reply = await c.read_reply()
+        if reply.get("id") == 0:  # the request before the extra "}"
+            reply = await c.read_reply()
+        assert "error" in reply and "id" not in reply, reply
+        assert await c.execute("query-version", id="next") == {
+            "return": (await c.ok("query-version")), "id": "next"}

@@ -211,11 +211,43 @@ def test_balanced_bad_message_then_glued_good_one() -> None:
     ]
 
 
-def test_stray_closers_give_one_error_then_resync_at_newline() -> None:
-    assert decode(b"}}}]]] garbage {\n" + CMD) == [
+@pytest.mark.parametrize("between", [b"\n", b" ", b""])
+def test_stray_closers_give_one_error_then_resync_at_a_request(between: bytes) -> None:
+    # A request can start only with "{": garbage up to it (or to a line feed) is
+    # one bad message, and a client that sends no line feeds is not cut off.
+    assert decode(b"}}}]]] garbage" + between + CMD) == [
         ParseError("JSON parse error, expecting value"),
         {"execute": "query-blockers", "id": 1},
     ]
+
+
+# What a client that sends no line feeds (qemu.qmp) may get wrong, each followed by
+# the next request in a separate write: QEMU answers that request, and so must we.
+BROKEN_WITHOUT_NEWLINE = [
+    (b"}", "JSON parse error, expecting value"),
+    (b",", "JSON parse error, expecting value"),
+    (b"nope", "JSON parse error, invalid keyword 'nope'"),
+    (b"NaN", "JSON parse error, stray 'N'"),
+    (b"\xef\xbb\xbf", "JSON parse error, stray '\\xef'"),
+    (b"{'execute': 'x'}", "JSON parse error, single-quoted strings are not supported"),
+    (b'{"execute": "query-version", "id": 0]',
+     "JSON parse error, expected separator in dict"),
+    (b'{"execute": "x", "arguments": {"a": [1}}, "id": 0}',
+     "JSON parse error, expected separator in list"),
+    (b'{"execute": "nope", "id": "a\x01b"}', 'JSON parse error, stray \'"a\x01\''),
+    (b'{"execute": "nope", "id": "a\xffb"}', 'JSON parse error, stray \'"a\\xff\''),
+    (b'{"id": ' + b"[" * 70 + b"]" * 70 + b"}", "JSON nesting depth limit exceeded"),
+    (b'{"id": "' + b"x]}" * 400_000 + b'"}', "JSON token size limit exceeded"),
+]
+
+
+@pytest.mark.parametrize("bad,desc", BROKEN_WITHOUT_NEWLINE,
+                         ids=[repr(b[:24])[2:-1] for b, _ in BROKEN_WITHOUT_NEWLINE])
+def test_a_client_that_sends_no_newline_is_never_cut_off(bad: bytes, desc: str) -> None:
+    items = decode(bad, CMD, CMD.replace(b"1}", b"2}"))
+    assert [i for i in items if isinstance(i, ParseError)][:1] == [ParseError(desc)]
+    assert values(items)[-2:] == [{"execute": "query-blockers", "id": 1},
+                                  {"execute": "query-blockers", "id": 2}]
 
 
 @pytest.mark.parametrize(

@@ -22,16 +22,23 @@ Then the decoder resynchronises:
 * When the bad message was still *balanced* (its closing bracket was found,
   only its content is wrong), its end is known, and decoding simply goes on
   after it, so ``{bad}{good}`` with no newline still runs ``good``.
-* When the structure itself is lost (a stray or mismatched closing bracket, a
-  limit overrun, a control character, garbage at the top level), input is
-  skipped up to and including the next line feed, or up to a *reset byte*:
-  an ASCII control character other than ``\\t``, ``\\r``, ``\\n``, or one of the
-  bytes ``0xFE``/``0xFF`` that cannot occur in UTF-8.  The QMP spec
+* When a message's structure is lost (a mismatched closing bracket, a limit
+  overrun, a single quote), the rest of that message is skipped, its brackets
+  counted as QEMU's streamer counts them (``json-streamer.c``), and decoding
+  goes on after its last one.
+* Garbage at the top level (a stray closing bracket, a comma, a bad keyword or
+  number) is skipped up to where a request can begin: the next ``{``.
+* Either way, a line feed or a *reset byte* ends the skipping: an ASCII
+  control character other than ``\\t``, ``\\r``, ``\\n``, or one of the bytes
+  ``0xFE``/``0xFF`` that cannot occur in UTF-8.  The QMP spec
   (``docs/interop/qmp-spec.rst``) documents sending such a byte as the way for
   a client to force the parser back into a known state.  A run of reset bytes
-  counts as one bad message, and so does what follows it on the same line
-  unless that is the ``{`` of a new request: the rest of a message that a
-  reset byte broke is not a second message.
+  counts as one bad message, and so does what follows it up to a new request:
+  the rest of a message that a reset byte broke is not a second message.
+
+None of this waits for a line feed: ``qemu.qmp`` never sends one, and QEMU
+answers its next request after any bad one.  Decoding resumes where QEMU's
+parser would accept a new request.
 
 Limits are enforced while scanning, so a 2000-deep ``[[[[...`` or an endless
 string is refused as soon as it passes the limit, and nothing ever recurses
@@ -108,6 +115,14 @@ _FAST_DEPTH: Final = 3
 _FAST_MESSAGE = re.compile(_nested(_FAST_DEPTH))
 _SCALAR = re.compile(rb"[^ \t\r\n{}\[\]\",:'" + _STRING_BAD + rb"]++")
 _RESYNC = re.compile(rb"[\n" + _RESET_CLASS + rb"]")
+# Where a request can begin again after garbage at the top level: a "{" (QMP
+# requests are objects), a line feed, a reset byte.
+_RESYNC_TOP = re.compile(rb"[{\n" + _RESET_CLASS + rb"]")
+# The rest of a broken message: whole strings and ordinary bytes, up to a
+# bracket (counted), a quote that starts a string not whole in the buffer, a
+# line feed or a reset byte.
+_SKIP_BODY = re.compile(
+    rb"(?:[^\"{}\[\]\n" + _RESET_CLASS + rb']++|"' + _STRING_CHARS + rb'")*+')
 _RESET_RUN = re.compile(rb"[" + _RESET_CLASS + rb"]*+")
 _BLANKS = re.compile(rb"[ \t\r]*+")
 
@@ -119,7 +134,8 @@ _BACKSLASH: Final = 0x5C
 _LF: Final = 0x0A
 _RESET_BYTES: Final = frozenset(bytes(range(0x20)) + b"\xfe\xff") - frozenset(b"\t\r\n")
 
-_IDLE, _STRUCT, _SCALAR_MODE, _SKIP, _AFTER_RESET = range(5)
+_IDLE, _STRUCT, _SCALAR_MODE, _SKIP, _AFTER_RESET, _SKIP_TOP, _SKIP_REST = range(7)
+_SKIPPING: Final = frozenset({_SKIP, _AFTER_RESET, _SKIP_TOP, _SKIP_REST})
 
 _LINE_CHECK_WINDOW: Final = 4096
 
@@ -148,6 +164,7 @@ class StreamDecoder:
         self._stack = bytearray()  # expected closing brackets, innermost last
         self._in_string = False
         self._string_start = 0  # where the open string began (its quote)
+        self._skip_depth = 0  # brackets still open in the broken message being skipped
         self._checked = 0  # end of the prefix _check_lines() last parsed
         self._eof = False
         self._ready: object = NEED_DATA  # one message of lookahead for has_message()
@@ -166,7 +183,7 @@ class StreamDecoder:
         """Buffer ``data``; nothing is parsed yet.  Input after EOF is ignored."""
         if self._eof or not data:
             return
-        keep = self._scan if self._mode in (_SKIP, _AFTER_RESET) else self._start
+        keep = self._scan if self._mode in _SKIPPING else self._start
         if keep >= _COMPACT_AT or (keep and keep == len(self._buf)):
             del self._buf[:keep]
             self._start -= keep
@@ -184,7 +201,7 @@ class StreamDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet consumed (for the server's input bounds)."""
-        keep = self._scan if self._mode in (_SKIP, _AFTER_RESET) else self._start
+        keep = self._scan if self._mode in _SKIPPING else self._start
         return len(self._buf) - keep
 
     # -- output --------------------------------------------------------------
@@ -215,6 +232,24 @@ class StreamDecoder:
         if item is NEED_DATA:
             self._fresh = False
         return item
+
+    def _skip_to_top(self, pos: int) -> None:
+        """Garbage at the top level: skip from ``pos`` to where a request can begin."""
+        self._skip_from(pos)
+        self._mode = _SKIP_TOP
+
+    def _skip_rest(self, pos: int, depth: int, in_string: bool = False) -> None:
+        """A message broken ``depth`` brackets deep (in a string, if ``in_string``):
+        skip from ``pos`` to its end, counting brackets as QEMU's streamer does,
+        so that a client that sends no line feeds (``qemu.qmp``) is not cut off."""
+        self._skip_from(pos)
+        if depth <= 0 and not in_string:
+            self._mode = _IDLE  # its last bracket was the bad one: it is over
+            self._start = pos
+            return
+        self._mode = _SKIP_REST
+        self._skip_depth = depth
+        self._in_string = in_string
 
     def _skip_from(self, pos: int) -> None:
         self._mode = _SKIP
@@ -288,10 +323,10 @@ class StreamDecoder:
                     # Name the first byte only: the run may continue in the next read.
                     return ParseError(stray(bytes(buf[i : i + 1])))
                 elif c in _CLOSERS or c in b",:":
-                    self._skip_from(i + 1)
+                    self._skip_to_top(i + 1)
                     return ParseError(PARSE_ERROR_PREFIX + "expecting value")
                 elif c == _APOSTROPHE:
-                    self._skip_from(i + 1)
+                    self._skip_to_top(i + 1)
                     return ParseError(SINGLE_QUOTE)
                 else:
                     self._mode = _SCALAR_MODE
@@ -303,7 +338,7 @@ class StreamDecoder:
                 limit = self._start + self.max_message_size
                 end = _match_end(_SCALAR, buf, self._start, min(n, limit + 1))
                 if end > limit:
-                    self._skip_from(limit)
+                    self._skip_to_top(limit)
                     return ParseError(TOKEN_SIZE_EXCEEDED)
                 if end == n and not self._eof:
                     return NEED_DATA  # a number or keyword ends at its delimiter
@@ -321,8 +356,8 @@ class StreamDecoder:
                         # could not take ("stray '1.}'", "stray '-\n'").
                         item = ParseError(describe_error(bytes(buf[start : end + 1]))
                                           or item.desc)
-                    # A bad top-level token: its neighbours are garbage too.
-                    self._skip_from(end)
+                    # A bad top-level token: what follows up to a new request is too.
+                    self._skip_to_top(end)
                 return item
             elif mode == _SKIP:
                 m = _RESYNC.search(buf, self._scan)
@@ -336,6 +371,18 @@ class StreamDecoder:
                 else:
                     self._mode = _AFTER_RESET
                 self._start = self._scan = i
+            elif mode == _SKIP_TOP:
+                m = _RESYNC_TOP.search(buf, self._scan)
+                if m is None:
+                    self._scan = n
+                    return NEED_DATA
+                i = m.start()
+                c = buf[i]
+                self._mode = _AFTER_RESET if c in _RESET_BYTES else _IDLE
+                self._start = self._scan = i + 1 if c == _LF else i
+            elif mode == _SKIP_REST:
+                if not self._skip_rest_of_message(buf, n):
+                    return NEED_DATA
             else:  # _AFTER_RESET
                 # A run of reset bytes is one bad message, however it was split
                 # across reads, so swallow the rest of the run.  What follows
@@ -349,7 +396,7 @@ class StreamDecoder:
                 if c in (0x7B, _LF):
                     self._mode = _IDLE
                 elif c not in _RESET_BYTES:
-                    self._mode = _SKIP
+                    self._mode = _SKIP_TOP
 
     def _scan_structure(self, buf: bytearray, n: int) -> object | None:
         """Scan on inside a structure or top-level string; None means "mode changed, go on"."""
@@ -385,7 +432,7 @@ class StreamDecoder:
                             error = self._check_lines(buf, p)
                             if error is not None:
                                 return error
-                            self._skip_from(p + 1)
+                            self._skip_rest(p + 1, len(stack) + 1)
                             return ParseError(NESTING_EXCEEDED)
                         stack.append(closer)
                         self._scan = p + 1
@@ -396,7 +443,8 @@ class StreamDecoder:
                             if error is not None:
                                 return error
                             desc = describe_error(bytes(buf[self._start : p + 1]))
-                            self._skip_from(p + 1)
+                            # The bad closer still closes a level, as in QEMU's streamer.
+                            self._skip_rest(p + 1, len(stack) - 1)
                             return ParseError(desc or PARSE_ERROR_PREFIX + "expecting value")
                         stack.pop()
                         if not stack:
@@ -409,7 +457,7 @@ class StreamDecoder:
                         self._scan = p + 1
                         continue
                     if c == _APOSTROPHE:
-                        self._skip_from(p + 1)
+                        self._skip_rest(p + 1, len(stack))
                         return ParseError(SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.
@@ -417,12 +465,58 @@ class StreamDecoder:
             if error is not None:
                 return error
             if limit <= n:
-                self._skip_from(limit)
+                self._skip_rest(limit, len(stack), self._in_string)
                 return ParseError(TOKEN_SIZE_EXCEEDED)
             if self._eof:
                 self._skip_from(n)
                 return ParseError(PARSE_ERROR_PREFIX + "premature EOI")
             return NEED_DATA
+
+    def _skip_rest_of_message(self, buf: bytearray, n: int) -> bool:
+        """Skip on through a broken message; False: out of input."""
+        while True:
+            if self._in_string:
+                p = _match_end(_STRING_BODY, buf, self._scan)
+                if p >= n:
+                    self._scan = p
+                    return False
+                c = buf[p]
+                if c == _QUOTE:
+                    self._in_string = False
+                    self._scan = p + 1
+                    continue
+                if c == _BACKSLASH:
+                    if p + 1 >= n:
+                        self._scan = p  # the escape is split across reads
+                        return False
+                    p += 1  # "\X" with X a line feed or a reset byte
+            else:
+                p = _match_end(_SKIP_BODY, buf, self._scan)
+                if p >= n:
+                    self._scan = p
+                    return False
+                c = buf[p]
+                if c == _QUOTE:
+                    self._in_string = True
+                    self._scan = p + 1
+                    continue
+                if c in _OPENERS:
+                    self._skip_depth += 1
+                    self._scan = p + 1
+                    continue
+                if c in _CLOSERS:
+                    self._skip_depth -= 1
+                    self._scan = p + 1
+                    if self._skip_depth > 0:
+                        continue
+                    self._mode = _IDLE  # the broken message is over
+                    self._start = self._scan
+                    return True
+            # A line feed or a reset byte: resynchronise there, as everywhere.
+            self._in_string = False
+            self._mode = _IDLE if buf[p] == _LF else _AFTER_RESET
+            self._start = self._scan = p + 1 if buf[p] == _LF else p
+            return True
 
     def _check_lines(self, buf: bytearray, end: int) -> ParseError | None:
         """Catch a syntax error in the complete lines of a message.

@@ -18,6 +18,7 @@ what it changes is committed with the command that made it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,8 @@ from migblockd.registry import (
     Registry,
 )
 
-__all__ = ["ENDINGS", "QEMU_BLOCKER_PREFIX", "Call", "GateHandlers", "QemuError", "QemuFacts",
-           "QemuUnavailable"]
+__all__ = ["ENDINGS", "QEMU_BLOCKER_PREFIX", "Call", "GateHandlers", "ModeMismatch", "QemuError",
+           "QemuFacts", "QemuUnavailable"]
 
 #: QEMU's own blockers are listed as ``qemu:1``, ``qemu:2``... (oldest first): a
 #: ``:`` is not allowed in the ids clients choose, so these never clash.
@@ -72,6 +73,10 @@ class QemuError(Exception):
 
 class QemuUnavailable(Exception):
     """No answer from QEMU (not connected, or the connection broke); ``str()`` says why."""
+
+
+class ModeMismatch(QMPError):
+    """QEMU would not migrate in migblockd's mode: ``migrate`` is refused."""
 
 
 @dataclass
@@ -109,11 +114,15 @@ class QemuFacts:
         """QEMU answered ``query-migrate`` with ``info``."""
         if isinstance(info, dict):
             self.blockers = len(_reasons(info))
-            self.saw_status(info.get("status"))
+            status = _status(info)
+            self.status = status
+            if not self.busy:  # else the answer may predate the migrate in flight
+                self.saw_status(status)
 
     def saw_status(self, status: object) -> None:
         """QEMU said its migration's status is ``status`` (an event or ``query-migrate``)."""
-        if self.awaiting and isinstance(status, str) and status in self.ended:
+        if self.awaiting and status in ENDINGS:
+            assert isinstance(status, str)
             self.ended[status] += 1
             self.awaiting = False
 
@@ -189,7 +198,9 @@ class GateHandlers(Handlers):
                 self.qemu.saw(info)
                 listed = len(_reasons(info))
         number = id[len(QEMU_BLOCKER_PREFIX):]
-        if not (number.isdecimal() and number.isascii() and 1 <= int(number) <= listed):
+        # Only as query-blockers writes them: qemu:1, never qemu:01.
+        if not (number.isdecimal() and number.isascii() and number == str(int(number))
+                and 1 <= int(number) <= listed):
             raise NotFound(id)
         raise QMPError(f"Blocker '{id}' is QEMU's own: it goes away when QEMU "
                        "removes it, and cannot be deleted through migblockd")
@@ -228,6 +239,8 @@ class GateHandlers(Handlers):
         uri = shown(args["uri"])
         try:
             info = yield Call("query-migrate", {})
+            if not isinstance(info, dict):  # cannot tell whether one runs: do not start one
+                raise _not_understood("query-migrate", info)
             self.qemu.saw(info)
             if _status(info) in RUNNING_STATUSES or self.qemu.busy:
                 raise MigrationInProgress()
@@ -263,12 +276,12 @@ class GateHandlers(Handlers):
             params = yield Call("query-migrate-parameters", {})
             theirs = params.get("mode", "normal") if isinstance(params, dict) else None
             if theirs != mode:
-                raise QMPError(f"QEMU's migration mode is '{theirs}' but migblockd's is "
+                raise ModeMismatch(f"QEMU's migration mode is '{theirs}' but migblockd's is "
                                f"'{mode}': set the mode with migrate-set-parameters through "
                                "migblockd")
         elif mode != "normal":
             version = self.qemu.version or "the gated QEMU"
-            raise QMPError(f"QEMU {version} has no migration modes (QEMU 8.2 added them) and "
+            raise ModeMismatch(f"QEMU {version} has no migration modes (QEMU 8.2 added them) and "
                            f"would migrate in mode 'normal', not '{mode}'; set mode 'normal' "
                            "with migrate-set-parameters first")
 
@@ -280,7 +293,8 @@ class GateHandlers(Handlers):
     @reads_state
     def query_migrate(self, conn: Connection, args: Args) -> Step:
         info = yield Call("query-migrate", args)
-        assert isinstance(info, dict)
+        if not isinstance(info, dict):
+            raise _not_understood("query-migrate", info)
         self.qemu.saw(info)
         # migblockd's blockers first (as query-blockers lists them), then QEMU's.
         reasons = [*self.registry.blocked_reasons(), *_reasons(info)]
@@ -306,7 +320,8 @@ class GateHandlers(Handlers):
         self, conn: Connection, args: Args
     ) -> Step:
         params = yield Call("query-migrate-parameters", args)
-        assert isinstance(params, dict)
+        if not isinstance(params, dict):
+            raise _not_understood("query-migrate-parameters", params)
         if "mode" not in params:
             params["mode"] = self.registry.mode
         return params
@@ -328,8 +343,15 @@ class GateHandlers(Handlers):
         return (yield Call("query-migrate-capabilities", args))
 
 
-def _status(info: object) -> object:
-    return info.get("status") if isinstance(info, dict) else None
+def _not_understood(command: str, answer: object) -> QemuUnavailable:
+    text = json.dumps(answer, ensure_ascii=True)
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    return QemuUnavailable(f"QEMU's answer to {command} was not understood: {shown}")
+
+
+def _status(info: object) -> str | None:
+    status = info.get("status") if isinstance(info, dict) else None
+    return status if isinstance(status, str) else None
 
 
 def _reasons(info: object) -> list[str]:

@@ -20,7 +20,7 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Final
 
-from migblockd.gate import QemuError, QemuUnavailable
+from migblockd.gate import ModeMismatch, QemuError, QemuUnavailable
 from migblockd.guard import AccessDenied, OverQuota
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import (
@@ -46,7 +46,8 @@ ADD_REFUSALS: Final[tuple[str, ...]] = (
 )
 #: Why ``migrate`` was refused.
 MIGRATE_REFUSALS: Final[tuple[str, ...]] = (
-    "access", "invalid", "blocked", "in-progress", "qemu", "qemu-unavailable", "internal",
+    "access", "invalid", "blocked", "in-progress", "mode", "qemu", "qemu-unavailable",
+    "internal",
 )
 
 # The most specific class first: OverQuota and AccessDenied are QMPErrors.
@@ -61,6 +62,7 @@ _REASON_OF: Final[dict[type[BaseException], str]] = {
     MigrationBusy: "busy",
     MigrationBlocked: "blocked",
     MigrationInProgress: "in-progress",
+    ModeMismatch: "mode",
     QemuError: "qemu",
     QemuUnavailable: "qemu-unavailable",
     QMPError: "invalid",  # a handler's own refusal of its arguments

@@ -60,8 +60,8 @@ class Scrape:
 MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
 ADD_REASONS = ("access", "quota", "invalid", "duplicate-id", "only-migratable", "busy", "qemu",
                "qemu-unavailable", "internal")
-MIGRATE_REASONS = ("access", "invalid", "blocked", "in-progress", "qemu", "qemu-unavailable",
-                   "internal")
+MIGRATE_REASONS = ("access", "invalid", "blocked", "in-progress", "mode", "qemu",
+                   "qemu-unavailable", "internal")
 
 
 def commands(expected: dict[Key, float], command: str, ok: int = 0, error: int = 0) -> None:

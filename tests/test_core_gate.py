@@ -174,3 +174,69 @@ def test_forwarded_commands_are_the_admins_whatever_their_name() -> None:
     assert out[0]["error"]["desc"].startswith(
         "Permission denied: query-status needs role admin, but ")
     assert "return" in out[1]
+
+
+def test_an_answer_migblockd_cannot_read_never_starts_a_migration() -> None:
+    """Fail closed: unless QEMU's query-migrate says what runs, migrate is refused."""
+    core, _ = make()
+    a = connected(core)
+    for answer in (None, [], "active"):
+        assert feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, '
+                             b'"id": 1}') == []
+        (_, call), = core.take_calls()
+        assert call == Call("query-migrate", {})
+        core.resume(a, answer)
+        reply, = feed(core, a)
+        assert reply["error"]["desc"] == ("QEMU's answer to query-migrate was not "
+                                          f"understood: {json.dumps(answer)}")
+        assert core.take_calls() == []  # migrate never reached QEMU
+
+
+def test_a_status_that_is_not_text_is_no_internal_error() -> None:
+    core, facts = make()
+    a = connected(core)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x"}}')
+    (_, call), = core.take_calls()
+    assert call == Call("query-migrate", {})
+    core.resume(a, {"status": ["active"]})
+    event, reply = feed(core, a)
+    assert event["event"] == "BLOCKER_ADDED" and reply["return"]["id"] == "x"
+    assert facts.status is None
+
+
+def test_qemu_blocker_ids_are_only_those_query_blockers_writes() -> None:
+    core, _ = make()
+    a = connected(core)
+    for id in ("qemu:01", "qemu:1"):
+        feed(core, a, b'{"execute": "del-blocker", "arguments": {"id": "%s"}, "id": 1}'
+             % id.encode())
+        (_, call), = core.take_calls()
+        assert call == Call("query-migrate", {})
+        core.resume(a, {"blocked-reasons": ["qemu's own"]})
+        reply, = feed(core, a)
+        if id == "qemu:01":
+            assert reply["error"]["desc"] == f"Blocker '{id}' not found", reply
+        else:
+            assert "is QEMU's own" in reply["error"]["desc"]
+
+
+def test_an_answer_queued_before_migrate_does_not_end_it() -> None:
+    """query-migrate answers arriving while migrate is in flight may be older than it:
+    the previous migration's "cancelled" is not this one's end."""
+    core, facts = make()
+    a, b = connected(core), connected(core)
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}}')
+    core.take_calls()
+    core.resume(a, {"status": "cancelled"})  # a's own check: nothing runs
+    (_, call), = core.take_calls()
+    assert call.name == "migrate" and facts.busy and facts.awaiting
+    feed(core, b, b'{"execute": "query-migrate"}')
+    (_, call), = core.take_calls()
+    core.resume(b, {"status": "cancelled"})  # b's answer, queued before the migrate
+    assert facts.ended["cancelled"] == 0 and facts.awaiting
+    core.resume(a, {})
+    feed(core, b, b'{"execute": "query-migrate"}')
+    core.take_calls()
+    core.resume(b, {"status": "completed"})
+    assert facts.ended == {"completed": 1, "failed": 0, "cancelled": 0}
+    assert not facts.awaiting

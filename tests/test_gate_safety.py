@@ -174,3 +174,24 @@ async def test_a_migration_cut_off_by_qemus_death_is_in_the_log(
         await c.ok("add-blocker", {"reason": SEV})  # as while QEMU is away
     assert d.log().count("went away during a migration") == 1
     assert_clean_log(d)
+
+
+async def test_stopping_migblockd_after_a_migration_warns_of_nothing(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """QEMU's events off (its default): the end is seen only by asking.  Closing the
+    link at migblockd's own stop is not QEMU going away."""
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("migrate", {"uri": SINK})
+    # Asked on QEMU's other monitor: migblockd has not seen the end.
+    async with qemu.monitor() as mon:
+
+        async def completed() -> bool:
+            return bool((await mon.ok("query-migrate")).get("status") == "completed")
+
+        await wait_until(completed, "the migration completed")
+    assert d.stop() == 0
+    assert "went away" not in d.log()
+    assert_clean_log(d)

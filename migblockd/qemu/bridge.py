@@ -109,7 +109,9 @@ class Bridge:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
-            if facts.status in RUNNING_STATUSES or facts.awaiting:
+            # (Not when migblockd closes the link itself, stopping: QEMU is still there.)
+            if state == "disconnected" and (facts.status in RUNNING_STATUSES
+                                            or facts.awaiting):
                 # No MIGRATION event will follow from this QEMU: say so once.
                 log.warning("QEMU at %s went away during a migration (last status %s): "
                             "its outcome is unknown; query-migrate says it once QEMU is back",

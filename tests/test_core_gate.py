@@ -180,7 +180,8 @@ def test_an_answer_migblockd_cannot_read_never_starts_a_migration() -> None:
     """Fail closed: unless QEMU's query-migrate says what runs, migrate is refused."""
     core, _ = make()
     a = connected(core)
-    for answer in (None, [], "active"):
+    answers: tuple[object, ...] = (None, [], "active")
+    for answer in answers:
         assert feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, '
                              b'"id": 1}') == []
         (_, call), = core.take_calls()

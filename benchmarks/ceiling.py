@@ -78,8 +78,8 @@ def event_line(name: bytes, request: dict[str, Any]) -> bytes:
     arguments = request.get("arguments")
     blocker = arguments.get("id") if isinstance(arguments, dict) else None
     seconds, micro = divmod(int(time.time() * 1_000_000), 1_000_000)
-    return (b'{"event": "%s", "data": {"id": %s}, "timestamp": {"seconds": %d, '
-            b'"microseconds": %d}}\r\n' % (name, json.dumps(blocker).encode(), seconds, micro))
+    return (b'{"timestamp": {"seconds": %d, "microseconds": %d}, "event": "%s", '
+            b'"data": {"id": %s}}\r\n' % (seconds, micro, name, json.dumps(blocker).encode()))
 
 
 class Client(asyncio.Protocol):

@@ -76,7 +76,7 @@ async def reply_to(reader: asyncio.StreamReader, marker: bytes) -> bytes:
         line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
         if not line:
             raise EOFError("the daemon closed the connection")
-        if not line.startswith(b'{"event"') and marker in line:
+        if not line.startswith(b'{"timestamp"') and marker in line:
             return line
 
 

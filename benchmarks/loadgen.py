@@ -20,9 +20,10 @@ Scenarios:
              the whole cycle.
 
 Every request ends in ``\\n`` (see ``benchmarks.floor`` for why).  Replies are
-classified without parsing: a line starting ``{"event"`` is an event, one
+classified without parsing: a line starting ``{"timestamp"`` is an event, one
 starting ``{"return"`` a success, anything else an error (both servers put
-``return`` first in a success and ``id`` first in an error, as QEMU does).
+``timestamp`` first in an event, ``return`` first in a success and ``id`` first
+in an error, as QEMU does).
 
 Only replies received inside the measurement window (after the warm-up) are
 counted; afterwards every connection finishes its request in flight (an added
@@ -134,7 +135,7 @@ class LineProtocol(asyncio.Protocol):
         lines = data.split(b"\n")
         self.partial = lines.pop()
         for line in lines:
-            if line.startswith(b'{"event"'):
+            if line.startswith(b'{"timestamp"'):
                 if self.meter.measuring:
                     self.meter.events += 1
                 continue

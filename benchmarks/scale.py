@@ -95,7 +95,7 @@ class BlockingLines:
         """The next line that is not an event; RuntimeError if it is not a success."""
         while True:
             head, length = self.line()
-            if head.startswith(b'{"event"'):
+            if head.startswith(b'{"timestamp"'):
                 continue
             if not head.startswith(b'{"return"'):
                 raise RuntimeError(f"error reply: {head!r}...")
@@ -164,7 +164,7 @@ class BigReader(asyncio.Protocol):
                 return
             start = stop
             line, self.head, self.length = (self.head, self.length), b"", 0
-            if line[0].startswith(b'{"event"'):
+            if line[0].startswith(b'{"timestamp"'):
                 self.events += 1
             else:
                 self.lines.append(line)

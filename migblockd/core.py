@@ -348,10 +348,10 @@ class Core:
 
     def relay(self, name: str, data: dict[str, Any], timestamp: dict[str, Any]) -> None:
         """An event from QEMU, for every negotiated client, with QEMU's own timestamp."""
-        event: dict[str, Any] = {"event": name}
+        # In QEMU's own order: timestamp, event, data (encode_event's).
+        event: dict[str, Any] = {"timestamp": timestamp, "event": name}
         if data:
             event["data"] = data
-        event["timestamp"] = timestamp
         self._fan_out(encode_line(event), False)
 
     # -- time --------------------------------------------------------------------

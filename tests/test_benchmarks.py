@@ -120,8 +120,9 @@ def test_blocking_lines_counts_a_big_line_without_keeping_it() -> None:
     left, right = socket.socketpair()
     with left, right:
         big = b'{"return": [' + b"x" * 3_000_000 + b"]}\r\n"
+        event = b'{"timestamp": {}, "event": "E"}\n'
         sender = threading.Thread(target=right.sendall,
-                                  args=(b'{"event": "E"}\n' + big + b'{"return": {}}\n',))
+                                  args=(event + big + b'{"return": {}}\n',))
         sender.start()
         lines = scale.BlockingLines(left)
         assert lines.reply() == (big[:scale.HEAD], len(big))

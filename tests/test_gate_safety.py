@@ -195,3 +195,29 @@ async def test_stopping_migblockd_after_a_migration_warns_of_nothing(
     assert d.stop() == 0
     assert "went away" not in d.log()
     assert_clean_log(d)
+
+
+async def test_events_have_their_members_in_qemus_order(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """Compared with what a real QEMU writes on its own monitor, member by member."""
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with qemu.monitor() as mon, d.client() as c:
+        await mon.enable_migration_events()
+        await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+        await c.ok("del-blocker", {"id": "sev"})
+        await c.ok("migrate", {"uri": SINK})
+
+        async def seen() -> bool:
+            mon.events.extend(m for m in await mon.sync() if "event" in m)
+            c.events.extend(m for m in await c.sync() if "event" in m)
+            return any(e["event"] == "MIGRATION" for e in mon.events) and any(
+                e["event"] == "MIGRATION" for e in c.events)
+
+        await wait_until(seen, "MIGRATION events on both monitors")
+    qemus = next(e for e in mon.events if e["event"] == "MIGRATION")
+    assert list(qemus) == ["timestamp", "event", "data"]
+    for event in c.events:  # relayed from QEMU, or migblockd's own
+        assert list(event) == list(qemus), event
+    assert {e["event"] for e in c.events} >= {"BLOCKER_ADDED", "BLOCKER_DELETED", "MIGRATION"}

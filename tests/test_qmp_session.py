@@ -429,10 +429,10 @@ def test_event_before_reply_and_only_after_negotiation() -> None:
 
 def test_encode_event() -> None:
     assert encode_event("X", {"a": 1}, 12.000034) == (
-        b'{"event": "X", "data": {"a": 1}, "timestamp": {"seconds": 12, "microseconds": 34}}\r\n'
+        b'{"timestamp": {"seconds": 12, "microseconds": 34}, "event": "X", "data": {"a": 1}}\r\n'
     )
     assert encode_event("STOP", {}, 1700000000.9999996) == (
-        b'{"event": "STOP", "timestamp": {"seconds": 1700000001, "microseconds": 0}}\r\n'
+        b'{"timestamp": {"seconds": 1700000001, "microseconds": 0}, "event": "STOP"}\r\n'
     )
 
 

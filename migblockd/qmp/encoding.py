@@ -99,20 +99,22 @@ def timestamp(when: float) -> dict[str, int]:
 
 
 def encode_event(name: str, data: Mapping[str, Any] | Encoded, when: float) -> bytes:
-    """One event line: ``{"event": ..., "data": ..., "timestamp": {...}}\\r\\n``.
+    """One event line: ``{"timestamp": {...}, "event": ..., "data": ...}\\r\\n``.
 
-    ``data`` is omitted when empty, as QEMU does for events without data
-    (``monitor/monitor.c``); it may be :class:`Encoded` already.  Encode once
-    and queue the same line for every client.
+    Members in the order QEMU writes them (its QDict's order for these three
+    keys, the same for every event).  ``data`` is omitted when empty, as QEMU
+    does for events without data (``monitor/monitor.c``); it may be
+    :class:`Encoded` already.  Encode once and queue the same line for every
+    client.
     """
     seconds, micro = divmod(round(when * 1_000_000), 1_000_000)
-    stamp = f'"timestamp": {{"seconds": {seconds}, "microseconds": {micro}}}}}\r\n'
-    head = f'{{"event": {encode(name)}, '
+    head = (f'{{"timestamp": {{"seconds": {seconds}, "microseconds": {micro}}}, '
+            f'"event": {encode(name)}')
     if type(data) is Encoded:
-        return (head + f'"data": {data.text}, ' + stamp).encode("ascii")
+        return (head + f', "data": {data.text}}}\r\n').encode("ascii")
     if data:
-        return (head + f'"data": {encode(data)}, ' + stamp).encode("ascii")
-    return (head + stamp).encode("ascii")
+        return (head + f', "data": {encode(data)}}}\r\n').encode("ascii")
+    return (head + "}\r\n").encode("ascii")
 
 
 def encode_return_parts(result: Parts, id_: object) -> list[bytes]:

@@ -211,10 +211,11 @@ def test_balanced_bad_message_then_glued_good_one() -> None:
     ]
 
 
-@pytest.mark.parametrize("between", [b"\n", b" ", b""])
+@pytest.mark.parametrize("between", [b"\n", b" ", b"", b" {\n"])
 def test_stray_closers_give_one_error_then_resync_at_a_request(between: bytes) -> None:
     # A request can start only with "{": garbage up to it (or to a line feed) is
-    # one bad message, and a client that sends no line feeds is not cut off.
+    # one bad message, and a client that sends no line feeds is not cut off.  A
+    # "{" in the garbage that runs on past a line feed was garbage too.
     assert decode(b"}}}]]] garbage" + between + CMD) == [
         ParseError("JSON parse error, expecting value"),
         {"execute": "query-blockers", "id": 1},

@@ -27,7 +27,9 @@ Then the decoder resynchronises:
   counted as QEMU's streamer counts them (``json-streamer.c``), and decoding
   goes on after its last one.
 * Garbage at the top level (a stray closing bracket, a comma, a bad keyword or
-  number) is skipped up to where a request can begin: the next ``{``.
+  number) is skipped up to where a request can begin: the next ``{``.  If the
+  message that ``{`` begins runs on past a line feed, the ``{`` was garbage
+  too, and decoding resumes after the line feed.
 * Either way, a line feed or a *reset byte* ends the skipping: an ASCII
   control character other than ``\\t``, ``\\r``, ``\\n``, or one of the bytes
   ``0xFE``/``0xFF`` that cannot occur in UTF-8.  The QMP spec
@@ -165,6 +167,8 @@ class StreamDecoder:
         self._in_string = False
         self._string_start = 0  # where the open string began (its quote)
         self._skip_depth = 0  # brackets still open in the broken message being skipped
+        # The message being scanned began at a "{" found in garbage (see _SKIP_TOP).
+        self._tentative = False
         self._checked = 0  # end of the prefix _check_lines() last parsed
         self._eof = False
         self._ready: object = NEED_DATA  # one message of lookahead for has_message()
@@ -252,6 +256,7 @@ class StreamDecoder:
         self._in_string = in_string
 
     def _skip_from(self, pos: int) -> None:
+        self._tentative = False
         self._mode = _SKIP
         self._scan = pos
         self._stack.clear()
@@ -260,6 +265,7 @@ class StreamDecoder:
     def _complete(self, end: int) -> object:
         """The message is ``buf[start:end]``; go idle after it and decode it."""
         data = self._buf[self._start : end]
+        self._tentative = False
         self._mode = _IDLE
         self._start = self._scan = end
         self._stack.clear()
@@ -275,7 +281,10 @@ class StreamDecoder:
         return value
 
     def _finish(self, buf: bytearray, end: int) -> object:
-        """A balanced message ends at ``end``: its value, or its first error."""
+        """A balanced message ends at ``end``: its value, or its first error (None:
+        it was garbage, skipped; go on)."""
+        if self._garbage_line(buf, end):
+            return None
         start = self._start
         item = self._complete(end)
         if isinstance(item, ParseError) and buf.find(b"\n", start, end) >= 0:
@@ -305,7 +314,10 @@ class StreamDecoder:
                     m = _FAST_MESSAGE.match(buf, i, min(n, i + self.max_message_size))
                     if m is not None:
                         self._mode = _STRUCT
-                        return self._finish(buf, m.end())
+                        item = self._finish(buf, m.end())
+                        if item is None:
+                            continue
+                        return item
                 closer = _OPENERS.get(c)
                 if closer is not None:
                     self._stack.append(closer)
@@ -380,6 +392,7 @@ class StreamDecoder:
                 c = buf[i]
                 self._mode = _AFTER_RESET if c in _RESET_BYTES else _IDLE
                 self._start = self._scan = i + 1 if c == _LF else i
+                self._tentative = c == 0x7B
             elif mode == _SKIP_REST:
                 if not self._skip_rest_of_message(buf, n):
                     return NEED_DATA
@@ -429,6 +442,8 @@ class StreamDecoder:
                     closer = _OPENERS.get(c)
                     if closer is not None:
                         if len(stack) >= self.max_nesting:
+                            if self._garbage_line(buf, p):
+                                return None
                             error = self._check_lines(buf, p)
                             if error is not None:
                                 return error
@@ -439,6 +454,8 @@ class StreamDecoder:
                         continue
                     if c in _CLOSERS:
                         if c != stack[-1]:
+                            if self._garbage_line(buf, p):
+                                return None
                             error = self._check_lines(buf, p)
                             if error is not None:
                                 return error
@@ -461,6 +478,8 @@ class StreamDecoder:
                         return ParseError(SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.
+            if self._garbage_line(buf, self._scan):
+                return None
             error = self._check_lines(buf, self._scan)
             if error is not None:
                 return error
@@ -518,6 +537,20 @@ class StreamDecoder:
             self._start = self._scan = p + 1 if buf[p] == _LF else p
             return True
 
+    def _garbage_line(self, buf: bytearray, end: int) -> bool:
+        """Skip the message if a "{" found in garbage began it (see _SKIP_TOP) and it
+        runs on past a line feed before ``end``: that "{" was garbage too, and a
+        line-based client's next request follows the line feed.  Without line
+        feeds nothing changes.  Applied wherever the message's lines are checked,
+        so that the outcome does not depend on how the input was split."""
+        if not self._tentative:
+            return False
+        lf = buf.find(b"\n", self._start, end)
+        if lf < 0:
+            return False
+        self._skip_from(lf)
+        return True
+
     def _check_lines(self, buf: bytearray, end: int) -> ParseError | None:
         """Catch a syntax error in the complete lines of a message.
 
@@ -546,10 +579,12 @@ class StreamDecoder:
         self._skip_from(min(skip, lf))
         return ParseError(desc)
 
-    def _bad_byte(self, buf: bytearray, p: int, token: int = -1) -> ParseError:
+    def _bad_byte(self, buf: bytearray, p: int, token: int = -1) -> ParseError | None:
         """A control character (or 0xFE/0xFF) where JSON allows none: the message is
         lost.  ``token``: where the string it is in began; QEMU's lexer names the
-        token so far (``stray '"tab\t'``)."""
+        token so far (``stray '"tab\t'``).  None: it was garbage, skipped."""
+        if self._garbage_line(buf, p):
+            return None
         error = self._check_lines(buf, p)
         if error is not None:
             return error

@@ -23,7 +23,8 @@ Every request ends in ``\\n`` (see ``benchmarks.floor`` for why).  Replies are
 classified without parsing: a line starting ``{"timestamp"`` is an event, one
 starting ``{"return"`` a success, anything else an error (both servers put
 ``timestamp`` first in an event, ``return`` first in a success and ``id`` first
-in an error, as QEMU does).
+in an error, as QEMU does).  Versions of migblockd before the event order was
+QEMU's put ``event`` first: ``benchmarks.ab`` still compares them.
 
 Only replies received inside the measurement window (after the warm-up) are
 counted; afterwards every connection finishes its request in flight (an added
@@ -43,6 +44,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 SCENARIOS = ("query", "adddel", "connect")
+#: How an event line starts: QEMU's order, and older migblockd's.
+_EVENT_HEADS = (b'{"timestamp"', b'{"event"')
 #: How long the wind-down may take before the run is declared broken.
 DRAIN_TIMEOUT = 10.0
 #: How long the set-up (connecting and negotiating every client) may take.
@@ -135,7 +138,7 @@ class LineProtocol(asyncio.Protocol):
         lines = data.split(b"\n")
         self.partial = lines.pop()
         for line in lines:
-            if line.startswith(b'{"timestamp"'):
+            if line.startswith(_EVENT_HEADS):
                 if self.meter.measuring:
                     self.meter.events += 1
                 continue

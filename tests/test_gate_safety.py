@@ -20,10 +20,24 @@ from typing import Any
 import pytest
 from conftest import DaemonProcess, assert_clean_log
 from qemu_strings import GENERIC, SEV, VFIO, error
+from qmpclient import RawClient
 from realqemu import Qemu, wait_until
 from test_gate import SINK, connected, gate
 
 EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
+
+
+async def gated(start_daemon: Callable[..., DaemonProcess], qemu: Qemu) -> DaemonProcess:
+    """A daemon gating ``qemu``, connected to it."""
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    return d
+
+
+async def start_slow_migration(c: RawClient) -> None:
+    """A migration of QEMU's 1 GiB at 100 kB/s: it runs until cancelled."""
+    await c.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
+    await c.ok("migrate", {"uri": SINK})
 
 
 async def read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
@@ -83,8 +97,7 @@ async def test_a_restarted_gate_knows_that_qemu_migrates_before_its_first_client
 async def test_a_mode_qemu_does_not_have_is_refused_not_migrated_in_normal(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:
-    d = gate(start_daemon, qemu)
-    await connected(d)
+    d = await gated(start_daemon, qemu)
     async with d.client() as c:
         await c.ok("add-blocker", {"reason": VFIO, "id": "vfio", "modes": ["normal"]})
         await c.ok("migrate-set-parameters", {"mode": "cpr-reboot"})
@@ -109,8 +122,7 @@ async def test_a_mode_qemu_does_not_have_is_refused_not_migrated_in_normal(
 async def test_the_events_capability_outlives_a_restarted_qemu(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:
-    d = gate(start_daemon, qemu)
-    await connected(d)
+    d = await gated(start_daemon, qemu)
     async with d.client() as c:
         await c.ok("migrate-set-capabilities", EVENTS_ON)
         qemu.restart()  # a new QEMU starts with events off
@@ -138,15 +150,13 @@ async def test_what_the_gate_refuses_and_forwards_is_in_the_log(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
 ) -> None:
     qemu = qemu_factory(memory="1G")
-    d = gate(start_daemon, qemu)
-    await connected(d)
+    d = await gated(start_daemon, qemu)
     async with d.client() as c:
         await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
         assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=1)
                 == error(GENERIC, "Duplicate blocker ID 'sev'", 1))
         await c.ok("del-blocker", {"id": "sev"})
-        await c.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
-        await c.ok("migrate", {"uri": SINK})
+        await start_slow_migration(c)
         assert (await c.execute("migrate", {"uri": SINK}, id=2)
                 == error(GENERIC, "There's a migration process in progress", 2))
         await c.ok("migrate_cancel")
@@ -161,12 +171,10 @@ async def test_a_migration_cut_off_by_qemus_death_is_in_the_log(
 ) -> None:
     """No MIGRATION event can follow from a dead QEMU: the operator is told once."""
     qemu = qemu_factory(memory="1G")
-    d = gate(start_daemon, qemu)
-    await connected(d)
+    d = await gated(start_daemon, qemu)
     async with d.client() as c:
         await c.ok("migrate-set-capabilities", EVENTS_ON)
-        await c.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
-        await c.ok("migrate", {"uri": SINK})
+        await start_slow_migration(c)
         d.wait_for_log("QEMU migration status: active")
         qemu.kill()
         d.wait_for_log(f"QEMU at {qemu.gate_socket} went away during a migration (last status "
@@ -181,8 +189,7 @@ async def test_stopping_migblockd_after_a_migration_warns_of_nothing(
 ) -> None:
     """QEMU's events off (its default): the end is seen only by asking.  Closing the
     link at migblockd's own stop is not QEMU going away."""
-    d = gate(start_daemon, qemu)
-    await connected(d)
+    d = await gated(start_daemon, qemu)
     async with d.client() as c:
         await c.ok("migrate", {"uri": SINK})
     # Asked on QEMU's other monitor: migblockd has not seen the end.
@@ -201,8 +208,7 @@ async def test_events_have_their_members_in_qemus_order(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:
     """Compared with what a real QEMU writes on its own monitor, member by member."""
-    d = gate(start_daemon, qemu)
-    await connected(d)
+    d = await gated(start_daemon, qemu)
     async with qemu.monitor() as mon, d.client() as c:
         await mon.enable_migration_events()
         await c.ok("add-blocker", {"reason": SEV, "id": "sev"})

@@ -7,8 +7,10 @@ one, the first, and resynchronises: docs/protocol.md.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -43,13 +45,20 @@ def line(sock: socket.socket) -> dict[str, Any]:
     return message
 
 
-def qemus_first_error(qemu: Qemu, data: bytes) -> str:
+@contextlib.contextmanager
+def monitor(qemu: Qemu) -> Iterator[socket.socket]:
+    """A raw, negotiated connection to QEMU's test monitor."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(str(qemu.test_socket))
         line(sock)  # the greeting
         sock.sendall(b'{"execute": "qmp_capabilities"}')
         assert line(sock) == {"return": {}}
+        yield sock
+
+
+def qemus_first_error(qemu: Qemu, data: bytes) -> str:
+    with monitor(qemu) as sock:
         sock.sendall(data + b"\n")
         desc: str = line(sock)["error"]["desc"]
         return desc
@@ -80,12 +89,7 @@ NOT_AN_OBJECT = "QMP input must be a JSON object"
 
 def qemus_errors(qemu: Qemu, data: bytes) -> list[str]:
     """Every error QEMU answers ``data`` with, up to a marker request."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(qemu.test_socket))
-        line(sock)  # the greeting
-        sock.sendall(b'{"execute": "qmp_capabilities"}')
-        assert line(sock) == {"return": {}}
+    with monitor(qemu) as sock:
         sock.sendall(data + b'\n{"execute": "query-version", "id": "end"}\n')
         errors = []
         while (reply := line(sock)).get("id") != "end":

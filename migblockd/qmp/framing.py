@@ -49,11 +49,31 @@ deeper than ``max_nesting`` (never a ``RecursionError``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Final
 
 from migblockd.qmp.limits import Limits, count_tokens
+from migblockd.qmp.patterns import (
+    APOSTROPHE,
+    BACKSLASH,
+    BLANKS,
+    CLOSERS,
+    FAST_DEPTH,
+    FAST_MESSAGE,
+    LF,
+    OPENERS,
+    QUOTE,
+    RESET_BYTES,
+    RESET_RUN,
+    RESYNC,
+    RESYNC_TOP,
+    SCALAR,
+    SKIP_BODY,
+    STRING_BODY,
+    STRUCTURE,
+    WHITESPACE,
+    match_end,
+)
 from migblockd.qmp.wording import (
     NESTING_EXCEEDED,
     PARSE_ERROR_PREFIX,
@@ -79,62 +99,6 @@ class _NeedData:
 
 #: Returned by :meth:`StreamDecoder.next_message` when no complete message is buffered.
 NEED_DATA: Final = _NeedData()
-
-# --------------------------------------------------------------------------- scanning
-
-# Reset bytes: control characters other than \t \n \r, and 0xFE/0xFF.
-_RESET_CLASS = rb"\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff"
-# Bytes that end a string scan: reset bytes and the line feed.  A raw \t or
-# \r in a string is invalid JSON too, but harmless to framing, so json rejects
-# it later and the message keeps its boundaries; a raw line feed means the
-# string was never closed, and the line feed is the resynchronisation point.
-_STRING_BAD = rb"\x00-\x08\x0a-\x0c\x0e-\x1f\xfe\xff"
-
-_WHITESPACE = re.compile(rb"[ \t\r\n]*+")
-# Inside a structure: skip everything that is neither a bracket, a quote nor a
-# reset byte, and skip whole well-formed strings.  Possessive quantifiers: the
-# alternatives cannot overlap, so backtracking could only waste time.
-_STRING_CHARS = rb'(?:[^"\\' + _STRING_BAD + rb"]++|\\[^" + _STRING_BAD + rb"])*+"
-_STRUCTURE = re.compile(
-    rb"(?:[^\"{}\[\]'" + _RESET_CLASS + rb']++|"' + _STRING_CHARS + rb'")*+'
-)
-_STRING_BODY = re.compile(_STRING_CHARS)
-
-
-def _nested(depth: int) -> bytes:
-    """A pattern for one whole object nested at most ``depth`` deep."""
-    plain = rb"[^\"{}\[\]'" + _RESET_CLASS + rb"]++"
-    body = rb'(?:' + plain + rb'|"' + _STRING_CHARS + rb'")*+'
-    for _ in range(depth - 1):
-        inner = rb"\{" + body + rb"\}|\[" + body + rb"\]"
-        body = rb'(?:' + plain + rb'|"' + _STRING_CHARS + rb'"|' + inner + rb")*+"
-    return rb"\{" + body + rb"\}"
-
-
-# Fast path: a complete request that is already in the buffer, nested at most
-# three deep ({"arguments": {"modes": [...]}}), is found by one match.
-_FAST_DEPTH: Final = 3
-_FAST_MESSAGE = re.compile(_nested(_FAST_DEPTH))
-_SCALAR = re.compile(rb"[^ \t\r\n{}\[\]\",:'" + _STRING_BAD + rb"]++")
-_RESYNC = re.compile(rb"[\n" + _RESET_CLASS + rb"]")
-# Where a request can begin again after garbage at the top level: a "{" (QMP
-# requests are objects), a line feed, a reset byte.
-_RESYNC_TOP = re.compile(rb"[{\n" + _RESET_CLASS + rb"]")
-# The rest of a broken message: whole strings and ordinary bytes, up to a
-# bracket (counted), a quote that starts a string not whole in the buffer, a
-# line feed or a reset byte.
-_SKIP_BODY = re.compile(
-    rb"(?:[^\"{}\[\]\n" + _RESET_CLASS + rb']++|"' + _STRING_CHARS + rb'")*+')
-_RESET_RUN = re.compile(rb"[" + _RESET_CLASS + rb"]*+")
-_BLANKS = re.compile(rb"[ \t\r]*+")
-
-_OPENERS: Final = {0x7B: 0x7D, 0x5B: 0x5D}  # { -> }, [ -> ]
-_CLOSERS: Final = frozenset(b"}]")
-_QUOTE: Final = 0x22
-_APOSTROPHE: Final = 0x27
-_BACKSLASH: Final = 0x5C
-_LF: Final = 0x0A
-_RESET_BYTES: Final = frozenset(bytes(range(0x20)) + b"\xfe\xff") - frozenset(b"\t\r\n")
 
 _IDLE, _STRUCT, _SCALAR_MODE, _SKIP, _AFTER_RESET, _SKIP_TOP, _SKIP_REST = range(7)
 _SKIPPING: Final = frozenset({_SKIP, _AFTER_RESET, _SKIP_TOP, _SKIP_REST})
@@ -304,40 +268,40 @@ class StreamDecoder:
         while True:
             mode = self._mode
             if mode == _IDLE:
-                i = _match_end(_WHITESPACE, buf, self._scan)
+                i = match_end(WHITESPACE, buf, self._scan)
                 self._start = self._scan = i
                 if i >= n:
                     return NEED_DATA
                 c = buf[i]
                 self._checked = i
-                if c == 0x7B and self.max_nesting >= _FAST_DEPTH:
-                    m = _FAST_MESSAGE.match(buf, i, min(n, i + self.max_message_size))
+                if c == 0x7B and self.max_nesting >= FAST_DEPTH:
+                    m = FAST_MESSAGE.match(buf, i, min(n, i + self.max_message_size))
                     if m is not None:
                         self._mode = _STRUCT
                         item = self._finish(buf, m.end())
                         if item is None:
                             continue
                         return item
-                closer = _OPENERS.get(c)
+                closer = OPENERS.get(c)
                 if closer is not None:
                     self._stack.append(closer)
                     self._mode = _STRUCT
                     self._scan = i + 1
-                elif c == _QUOTE:
+                elif c == QUOTE:
                     self._mode = _STRUCT  # a top-level string: empty stack
                     self._in_string = True
                     self._string_start = i
                     self._scan = i + 1
-                elif c in _RESET_BYTES:
-                    end = _match_end(_RESET_RUN, buf, i)
+                elif c in RESET_BYTES:
+                    end = match_end(RESET_RUN, buf, i)
                     self._mode = _AFTER_RESET
                     self._start = self._scan = end
                     # Name the first byte only: the run may continue in the next read.
                     return ParseError(stray(bytes(buf[i : i + 1])))
-                elif c in _CLOSERS or c in b",:":
+                elif c in CLOSERS or c in b",:":
                     self._skip_to_top(i + 1)
                     return ParseError(PARSE_ERROR_PREFIX + "expecting value")
-                elif c == _APOSTROPHE:
+                elif c == APOSTROPHE:
                     self._skip_to_top(i + 1)
                     return ParseError(SINGLE_QUOTE)
                 else:
@@ -348,7 +312,7 @@ class StreamDecoder:
                     return item
             elif mode == _SCALAR_MODE:
                 limit = self._start + self.max_message_size
-                end = _match_end(_SCALAR, buf, self._start, min(n, limit + 1))
+                end = match_end(SCALAR, buf, self._start, min(n, limit + 1))
                 if end > limit:
                     self._skip_to_top(limit)
                     return ParseError(TOKEN_SIZE_EXCEEDED)
@@ -372,26 +336,26 @@ class StreamDecoder:
                     self._skip_to_top(end)
                 return item
             elif mode == _SKIP:
-                m = _RESYNC.search(buf, self._scan)
+                m = RESYNC.search(buf, self._scan)
                 if m is None:
                     self._scan = n
                     return NEED_DATA
                 i = m.start()
-                if buf[i] == _LF:
+                if buf[i] == LF:
                     self._mode = _IDLE
                     i += 1
                 else:
                     self._mode = _AFTER_RESET
                 self._start = self._scan = i
             elif mode == _SKIP_TOP:
-                m = _RESYNC_TOP.search(buf, self._scan)
+                m = RESYNC_TOP.search(buf, self._scan)
                 if m is None:
                     self._scan = n
                     return NEED_DATA
                 i = m.start()
                 c = buf[i]
-                self._mode = _AFTER_RESET if c in _RESET_BYTES else _IDLE
-                self._start = self._scan = i + 1 if c == _LF else i
+                self._mode = _AFTER_RESET if c in RESET_BYTES else _IDLE
+                self._start = self._scan = i + 1 if c == LF else i
                 self._tentative = c == 0x7B
             elif mode == _SKIP_REST:
                 if not self._skip_rest_of_message(buf, n):
@@ -401,14 +365,14 @@ class StreamDecoder:
                 # across reads, so swallow the rest of the run.  What follows
                 # on the same line is the rest of the message the reset broke
                 # (one bad message, one error), unless a new request starts.
-                end = _match_end(_BLANKS, buf, _match_end(_RESET_RUN, buf, self._scan))
+                end = match_end(BLANKS, buf, match_end(RESET_RUN, buf, self._scan))
                 self._start = self._scan = end
                 if end == n:
                     return NEED_DATA
                 c = buf[end]
-                if c in (0x7B, _LF):
+                if c in (0x7B, LF):
                     self._mode = _IDLE
-                elif c not in _RESET_BYTES:
+                elif c not in RESET_BYTES:
                     self._mode = _SKIP_TOP
 
     def _scan_structure(self, buf: bytearray, n: int) -> object | None:
@@ -418,16 +382,16 @@ class StreamDecoder:
         stack = self._stack
         while True:
             if self._in_string:
-                p = _match_end(_STRING_BODY, buf, self._scan, stop)
+                p = match_end(STRING_BODY, buf, self._scan, stop)
                 if p < stop:
                     c = buf[p]
-                    if c == _QUOTE:
+                    if c == QUOTE:
                         self._in_string = False
                         self._scan = p + 1
                         if not stack:
                             return self._finish(buf, p + 1)
                         continue
-                    if c != _BACKSLASH:
+                    if c != BACKSLASH:
                         return self._bad_byte(buf, p, self._string_start)
                     if p + 1 < stop:
                         # The body stopped at "\X" with X invalid in a string.
@@ -435,11 +399,11 @@ class StreamDecoder:
                     # else the escape is split at the end of the input: wait
                 self._scan = p
             else:
-                p = _match_end(_STRUCTURE, buf, self._scan, stop)
+                p = match_end(STRUCTURE, buf, self._scan, stop)
                 self._scan = p
                 if p < stop:
                     c = buf[p]
-                    closer = _OPENERS.get(c)
+                    closer = OPENERS.get(c)
                     if closer is not None:
                         if len(stack) >= self.max_nesting:
                             if self._garbage_line(buf, p):
@@ -452,7 +416,7 @@ class StreamDecoder:
                         stack.append(closer)
                         self._scan = p + 1
                         continue
-                    if c in _CLOSERS:
+                    if c in CLOSERS:
                         if c != stack[-1]:
                             if self._garbage_line(buf, p):
                                 return None
@@ -468,12 +432,12 @@ class StreamDecoder:
                             return self._finish(buf, p + 1)
                         self._scan = p + 1
                         continue
-                    if c == _QUOTE:
+                    if c == QUOTE:
                         self._in_string = True
                         self._string_start = p
                         self._scan = p + 1
                         continue
-                    if c == _APOSTROPHE:
+                    if c == APOSTROPHE:
                         self._skip_rest(p + 1, len(stack))
                         return ParseError(SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
@@ -495,35 +459,35 @@ class StreamDecoder:
         """Skip on through a broken message; False: out of input."""
         while True:
             if self._in_string:
-                p = _match_end(_STRING_BODY, buf, self._scan)
+                p = match_end(STRING_BODY, buf, self._scan)
                 if p >= n:
                     self._scan = p
                     return False
                 c = buf[p]
-                if c == _QUOTE:
+                if c == QUOTE:
                     self._in_string = False
                     self._scan = p + 1
                     continue
-                if c == _BACKSLASH:
+                if c == BACKSLASH:
                     if p + 1 >= n:
                         self._scan = p  # the escape is split across reads
                         return False
                     p += 1  # "\X" with X a line feed or a reset byte
             else:
-                p = _match_end(_SKIP_BODY, buf, self._scan)
+                p = match_end(SKIP_BODY, buf, self._scan)
                 if p >= n:
                     self._scan = p
                     return False
                 c = buf[p]
-                if c == _QUOTE:
+                if c == QUOTE:
                     self._in_string = True
                     self._scan = p + 1
                     continue
-                if c in _OPENERS:
+                if c in OPENERS:
                     self._skip_depth += 1
                     self._scan = p + 1
                     continue
-                if c in _CLOSERS:
+                if c in CLOSERS:
                     self._skip_depth -= 1
                     self._scan = p + 1
                     if self._skip_depth > 0:
@@ -533,8 +497,8 @@ class StreamDecoder:
                     return True
             # A line feed or a reset byte: resynchronise there, as everywhere.
             self._in_string = False
-            self._mode = _IDLE if buf[p] == _LF else _AFTER_RESET
-            self._start = self._scan = p + 1 if buf[p] == _LF else p
+            self._mode = _IDLE if buf[p] == LF else _AFTER_RESET
+            self._start = self._scan = p + 1 if buf[p] == LF else p
             return True
 
     def _garbage_line(self, buf: bytearray, end: int) -> bool:
@@ -592,11 +556,3 @@ class StreamDecoder:
         # own resynchronisation point, a \t or \r inside a string is not.
         self._skip_from(p)
         return ParseError(stray(bytes(buf[token if token >= 0 else p : p + 1])))
-
-
-def _match_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, endpos: int = -1) -> int:
-    # All the patterns used here can match the empty string, so match() never fails.
-    m = pattern.match(buf, pos) if endpos < 0 else pattern.match(buf, pos, endpos)
-    assert m is not None
-    return m.end()
-

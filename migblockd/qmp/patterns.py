@@ -1,0 +1,74 @@
+"""The byte-level grammar the QMP scanner steps with (:mod:`migblockd.qmp.framing`).
+
+Compiled regular expressions that step over whole runs of ordinary bytes and
+whole strings at C speed, stopping only at what matters to framing: brackets,
+quotes, line feeds and *reset bytes* (the control characters that the QMP spec
+lets a client send to force the parser back into a known state).  All of them
+can match the empty string, so :func:`match_end` never fails.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+# Reset bytes: control characters other than \t \n \r, and 0xFE/0xFF.
+RESET_CLASS = rb"\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff"
+# Bytes that end a string scan: reset bytes and the line feed.  A raw \t or
+# \r in a string is invalid JSON too, but harmless to framing, so json rejects
+# it later and the message keeps its boundaries; a raw line feed means the
+# string was never closed, and the line feed is the resynchronisation point.
+STRING_BAD = rb"\x00-\x08\x0a-\x0c\x0e-\x1f\xfe\xff"
+
+WHITESPACE = re.compile(rb"[ \t\r\n]*+")
+# Inside a structure: skip everything that is neither a bracket, a quote nor a
+# reset byte, and skip whole well-formed strings.  Possessive quantifiers: the
+# alternatives cannot overlap, so backtracking could only waste time.
+STRING_CHARS = rb'(?:[^"\\' + STRING_BAD + rb"]++|\\[^" + STRING_BAD + rb"])*+"
+STRUCTURE = re.compile(
+    rb"(?:[^\"{}\[\]'" + RESET_CLASS + rb']++|"' + STRING_CHARS + rb'")*+'
+)
+STRING_BODY = re.compile(STRING_CHARS)
+
+
+def _nested(depth: int) -> bytes:
+    """A pattern for one whole object nested at most ``depth`` deep."""
+    plain = rb"[^\"{}\[\]'" + RESET_CLASS + rb"]++"
+    body = rb'(?:' + plain + rb'|"' + STRING_CHARS + rb'")*+'
+    for _ in range(depth - 1):
+        inner = rb"\{" + body + rb"\}|\[" + body + rb"\]"
+        body = rb'(?:' + plain + rb'|"' + STRING_CHARS + rb'"|' + inner + rb")*+"
+    return rb"\{" + body + rb"\}"
+
+
+# Fast path: a complete request that is already in the buffer, nested at most
+# three deep ({"arguments": {"modes": [...]}}), is found by one match.
+FAST_DEPTH: Final = 3
+FAST_MESSAGE = re.compile(_nested(FAST_DEPTH))
+SCALAR = re.compile(rb"[^ \t\r\n{}\[\]\",:'" + STRING_BAD + rb"]++")
+RESYNC = re.compile(rb"[\n" + RESET_CLASS + rb"]")
+# Where a request can begin again after garbage at the top level: a "{" (QMP
+# requests are objects), a line feed, a reset byte.
+RESYNC_TOP = re.compile(rb"[{\n" + RESET_CLASS + rb"]")
+# The rest of a broken message: whole strings and ordinary bytes, up to a
+# bracket (counted), a quote that starts a string not whole in the buffer, a
+# line feed or a reset byte.
+SKIP_BODY = re.compile(
+    rb"(?:[^\"{}\[\]\n" + RESET_CLASS + rb']++|"' + STRING_CHARS + rb'")*+')
+RESET_RUN = re.compile(rb"[" + RESET_CLASS + rb"]*+")
+BLANKS = re.compile(rb"[ \t\r]*+")
+
+OPENERS: Final = {0x7B: 0x7D, 0x5B: 0x5D}  # { -> }, [ -> ]
+CLOSERS: Final = frozenset(b"}]")
+QUOTE: Final = 0x22
+APOSTROPHE: Final = 0x27
+BACKSLASH: Final = 0x5C
+LF: Final = 0x0A
+RESET_BYTES: Final = frozenset(bytes(range(0x20)) + b"\xfe\xff") - frozenset(b"\t\r\n")
+
+
+def match_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, endpos: int = -1) -> int:
+    # All the patterns used here can match the empty string, so match() never fails.
+    m = pattern.match(buf, pos) if endpos < 0 else pattern.match(buf, pos, endpos)
+    assert m is not None
+    return m.end()

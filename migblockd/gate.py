@@ -277,13 +277,13 @@ class GateHandlers(Handlers):
             theirs = params.get("mode", "normal") if isinstance(params, dict) else None
             if theirs != mode:
                 raise ModeMismatch(f"QEMU's migration mode is '{theirs}' but migblockd's is "
-                               f"'{mode}': set the mode with migrate-set-parameters through "
-                               "migblockd")
+                                   f"'{mode}': set the mode with migrate-set-parameters "
+                                   "through migblockd")
         elif mode != "normal":
             version = self.qemu.version or "the gated QEMU"
-            raise ModeMismatch(f"QEMU {version} has no migration modes (QEMU 8.2 added them) and "
-                           f"would migrate in mode 'normal', not '{mode}'; set mode 'normal' "
-                           "with migrate-set-parameters first")
+            raise ModeMismatch(f"QEMU {version} has no migration modes (QEMU 8.2 added them) "
+                               f"and would migrate in mode 'normal', not '{mode}'; set mode "
+                               "'normal' with migrate-set-parameters first")
 
     def migrate_cancel(self, conn: Connection, args: Args) -> Step:
         result = yield Call("migrate_cancel", args)

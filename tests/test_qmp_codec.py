@@ -499,3 +499,24 @@ def test_asking_again_without_new_input_does_not_rescan(
     decoder.feed(b'{"truncated"')
     decoder.feed_eof()  # the end of input is news too: the truncation is an error
     assert isinstance(decoder.next_message(), ParseError)
+
+
+@pytest.mark.parametrize("stream", [
+    b'x{\n{"execute":"b"}\'',      # a single quote in a "{" found in garbage
+    b'{"a" x\n{"execute":"b"}\'',  # a single quote after an error on an earlier line
+])
+def test_a_single_quote_is_judged_whatever_the_split(stream: bytes) -> None:
+    whole = decode(stream, eof=True)
+    assert decode(*(stream[i:i + 1] for i in range(len(stream))), eof=True) == whole
+
+
+def test_a_message_cut_by_the_size_limit_at_an_escape_does_not_swallow_what_follows() -> None:
+    # The limit falls on the backslash of \": the escaped quote is still inside the
+    # string, and the requests after the message are answered (no line feeds).
+    limits = Limits(max_message_size=64, max_nesting=64, max_tokens=1 << 14)
+    message = b'{"a":"' + b"x" * 57 + b'\\"y"}'
+    assert message.index(b"\\") == 63
+    items = decode(message + CMD + CMD, limits=limits)
+    assert items == [ParseError("JSON token size limit exceeded"),
+                     {"execute": "query-blockers", "id": 1},
+                     {"execute": "query-blockers", "id": 1}]

@@ -377,6 +377,16 @@ def test_a_new_database_is_made_whole_then_put_in_place(tmp_path: Path) -> None:
     assert reopened(tmp_path) == Snapshot(blockers=[], settings={})
 
 
+def test_a_database_the_directory_links_to_is_used(tmp_path: Path) -> None:
+    """Only the directory's owner can put a link there (the directory check): a
+    state.db that is a link to the real file opens as before."""
+    filled(tmp_path / "real", 2)
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    (directory / "state.db").symlink_to(tmp_path / "real" / "state.db")
+    assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
+
+
 @pytest.mark.parametrize("suffix", ["-wal", "-shm"])
 @pytest.mark.parametrize("kind", ["directory", "fifo"])
 def test_a_log_that_is_not_a_file_is_named(tmp_path: Path, suffix: str, kind: str) -> None:

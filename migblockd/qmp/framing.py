@@ -438,6 +438,12 @@ class StreamDecoder:
                         self._scan = p + 1
                         continue
                     if c == APOSTROPHE:
+                        # Judged as the other errors are, whatever the split of the input.
+                        if self._garbage_line(buf, p):
+                            return None
+                        error = self._check_lines(buf, p)
+                        if error is not None:
+                            return error
                         self._skip_rest(p + 1, len(stack))
                         return ParseError(SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
@@ -448,7 +454,9 @@ class StreamDecoder:
             if error is not None:
                 return error
             if limit <= n:
-                self._skip_rest(limit, len(stack), self._in_string)
+                # From where the scan stopped: in a string that may be an escape's
+                # backslash, whose escaped quote must not end the string.
+                self._skip_rest(self._scan, len(stack), self._in_string)
                 return ParseError(TOKEN_SIZE_EXCEEDED)
             if self._eof:
                 self._skip_from(n)

@@ -265,7 +265,9 @@ def _check_companion(each: Path, path: Path) -> None:
         raise StateError(f"{each} is not a regular file; move it away (it is not "
                          f"{path.name}'s log), or restore the directory from a backup")
     try:
-        os.close(os.open(each, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK))
+        # The log and its index are SQLite's to create: a link there is not theirs.
+        nofollow = os.O_NOFOLLOW if each != path else 0
+        os.close(os.open(each, os.O_RDWR | os.O_CLOEXEC | nofollow | os.O_NONBLOCK))
     except OSError as e:
         raise StateError(f"cannot read and write {each}: {e.strerror}; fix its permissions, "
                          "or choose another --state-dir") from e

@@ -61,6 +61,7 @@ from migblockd.qmp.patterns import (
     FAST_DEPTH,
     FAST_MESSAGE,
     LF,
+    MESSAGE_END,
     OPENERS,
     QUOTE,
     RESET_BYTES,
@@ -68,11 +69,11 @@ from migblockd.qmp.patterns import (
     RESYNC,
     RESYNC_TOP,
     SCALAR,
-    SKIP_BODY,
     STRING_BODY,
     STRUCTURE,
     WHITESPACE,
     match_end,
+    skip_broken,
 )
 from migblockd.qmp.wording import (
     NESTING_EXCEEDED,
@@ -104,6 +105,8 @@ _IDLE, _STRUCT, _SCALAR_MODE, _SKIP, _AFTER_RESET, _SKIP_TOP, _SKIP_REST = range
 _SKIPPING: Final = frozenset({_SKIP, _AFTER_RESET, _SKIP_TOP, _SKIP_REST})
 
 _LINE_CHECK_WINDOW: Final = 4096
+#: :meth:`StreamDecoder._lines_verdict`: nothing found, go on as planned.
+_SOUND: Final = object()
 
 # Compaction threshold: consumed bytes are dropped from the buffer's front
 # once there are this many (bytearray makes front deletion cheap).
@@ -218,6 +221,16 @@ class StreamDecoder:
         self._mode = _SKIP_REST
         self._skip_depth = depth
         self._in_string = in_string
+
+    def _resync_at(self, buf: bytearray, i: int) -> None:
+        """Decoding resumes at ``buf[i]``: after a line feed, at a reset byte (a run
+        of them is one bad message), or at a "{" found in garbage (tentatively:
+        see :meth:`_garbage_line`)."""
+        c = buf[i]
+        self._in_string = False
+        self._tentative = c == 0x7B
+        self._mode = _AFTER_RESET if c in RESET_BYTES else _IDLE
+        self._start = self._scan = i + 1 if c == LF else i
 
     def _skip_from(self, pos: int) -> None:
         self._tentative = False
@@ -335,31 +348,22 @@ class StreamDecoder:
                     # A bad top-level token: what follows up to a new request is too.
                     self._skip_to_top(end)
                 return item
-            elif mode == _SKIP:
-                m = RESYNC.search(buf, self._scan)
+            elif mode in (_SKIP, _SKIP_TOP):
+                m = (RESYNC_TOP if mode == _SKIP_TOP else RESYNC).search(buf, self._scan)
                 if m is None:
                     self._scan = n
                     return NEED_DATA
-                i = m.start()
-                if buf[i] == LF:
-                    self._mode = _IDLE
-                    i += 1
-                else:
-                    self._mode = _AFTER_RESET
-                self._start = self._scan = i
-            elif mode == _SKIP_TOP:
-                m = RESYNC_TOP.search(buf, self._scan)
-                if m is None:
-                    self._scan = n
-                    return NEED_DATA
-                i = m.start()
-                c = buf[i]
-                self._mode = _AFTER_RESET if c in RESET_BYTES else _IDLE
-                self._start = self._scan = i + 1 if c == LF else i
-                self._tentative = c == 0x7B
+                self._resync_at(buf, m.start())
             elif mode == _SKIP_REST:
-                if not self._skip_rest_of_message(buf, n):
+                self._scan, self._skip_depth, self._in_string, stop = skip_broken(
+                    buf, n, self._scan, self._skip_depth, self._in_string)
+                if stop is None:
                     return NEED_DATA
+                if stop == MESSAGE_END:
+                    self._mode = _IDLE
+                    self._start = self._scan
+                else:
+                    self._resync_at(buf, self._scan)
             else:  # _AFTER_RESET
                 # A run of reset bytes is one bad message, however it was split
                 # across reads, so swallow the rest of the run.  What follows
@@ -406,11 +410,8 @@ class StreamDecoder:
                     closer = OPENERS.get(c)
                     if closer is not None:
                         if len(stack) >= self.max_nesting:
-                            if self._garbage_line(buf, p):
-                                return None
-                            error = self._check_lines(buf, p)
-                            if error is not None:
-                                return error
+                            if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+                                return verdict
                             self._skip_rest(p + 1, len(stack) + 1)
                             return ParseError(NESTING_EXCEEDED)
                         stack.append(closer)
@@ -418,11 +419,8 @@ class StreamDecoder:
                         continue
                     if c in CLOSERS:
                         if c != stack[-1]:
-                            if self._garbage_line(buf, p):
-                                return None
-                            error = self._check_lines(buf, p)
-                            if error is not None:
-                                return error
+                            if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+                                return verdict
                             desc = describe_error(bytes(buf[self._start : p + 1]))
                             # The bad closer still closes a level, as in QEMU's streamer.
                             self._skip_rest(p + 1, len(stack) - 1)
@@ -438,21 +436,14 @@ class StreamDecoder:
                         self._scan = p + 1
                         continue
                     if c == APOSTROPHE:
-                        # Judged as the other errors are, whatever the split of the input.
-                        if self._garbage_line(buf, p):
-                            return None
-                        error = self._check_lines(buf, p)
-                        if error is not None:
-                            return error
+                        if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+                            return verdict
                         self._skip_rest(p + 1, len(stack))
                         return ParseError(SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.
-            if self._garbage_line(buf, self._scan):
-                return None
-            error = self._check_lines(buf, self._scan)
-            if error is not None:
-                return error
+            if (verdict := self._lines_verdict(buf, self._scan)) is not _SOUND:
+                return verdict
             if limit <= n:
                 # From where the scan stopped: in a string that may be an escape's
                 # backslash, whose escaped quote must not end the string.
@@ -463,51 +454,15 @@ class StreamDecoder:
                 return ParseError(PARSE_ERROR_PREFIX + "premature EOI")
             return NEED_DATA
 
-    def _skip_rest_of_message(self, buf: bytearray, n: int) -> bool:
-        """Skip on through a broken message; False: out of input."""
-        while True:
-            if self._in_string:
-                p = match_end(STRING_BODY, buf, self._scan)
-                if p >= n:
-                    self._scan = p
-                    return False
-                c = buf[p]
-                if c == QUOTE:
-                    self._in_string = False
-                    self._scan = p + 1
-                    continue
-                if c == BACKSLASH:
-                    if p + 1 >= n:
-                        self._scan = p  # the escape is split across reads
-                        return False
-                    p += 1  # "\X" with X a line feed or a reset byte
-            else:
-                p = match_end(SKIP_BODY, buf, self._scan)
-                if p >= n:
-                    self._scan = p
-                    return False
-                c = buf[p]
-                if c == QUOTE:
-                    self._in_string = True
-                    self._scan = p + 1
-                    continue
-                if c in OPENERS:
-                    self._skip_depth += 1
-                    self._scan = p + 1
-                    continue
-                if c in CLOSERS:
-                    self._skip_depth -= 1
-                    self._scan = p + 1
-                    if self._skip_depth > 0:
-                        continue
-                    self._mode = _IDLE  # the broken message is over
-                    self._start = self._scan
-                    return True
-            # A line feed or a reset byte: resynchronise there, as everywhere.
-            self._in_string = False
-            self._mode = _IDLE if buf[p] == LF else _AFTER_RESET
-            self._start = self._scan = p + 1 if buf[p] == LF else p
-            return True
+    def _lines_verdict(self, buf: bytearray, end: int) -> object:
+        """Before reporting an error at ``end`` (or waiting for more input): None if
+        the message was garbage and is skipped (go on), its lines' own error if
+        they hold an earlier one, else :data:`_SOUND`.  Every path runs this, so
+        the outcome does not depend on how the input was split."""
+        if self._garbage_line(buf, end):
+            return None
+        error = self._check_lines(buf, end)
+        return _SOUND if error is None else error
 
     def _garbage_line(self, buf: bytearray, end: int) -> bool:
         """Skip the message if a "{" found in garbage began it (see _SKIP_TOP) and it
@@ -551,15 +506,12 @@ class StreamDecoder:
         self._skip_from(min(skip, lf))
         return ParseError(desc)
 
-    def _bad_byte(self, buf: bytearray, p: int, token: int = -1) -> ParseError | None:
+    def _bad_byte(self, buf: bytearray, p: int, token: int = -1) -> object:
         """A control character (or 0xFE/0xFF) where JSON allows none: the message is
         lost.  ``token``: where the string it is in began; QEMU's lexer names the
         token so far (``stray '"tab\t'``).  None: it was garbage, skipped."""
-        if self._garbage_line(buf, p):
-            return None
-        error = self._check_lines(buf, p)
-        if error is not None:
-            return error
+        if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+            return verdict
         # Skipping starts at the byte itself: a reset byte or line feed is its
         # own resynchronisation point, a \t or \r inside a string is not.
         self._skip_from(p)

@@ -4,7 +4,8 @@ Compiled regular expressions that step over whole runs of ordinary bytes and
 whole strings at C speed, stopping only at what matters to framing: brackets,
 quotes, line feeds and *reset bytes* (the control characters that the QMP spec
 lets a client send to force the parser back into a known state).  All of them
-can match the empty string, so :func:`match_end` never fails.
+can match the empty string, so :func:`match_end` never fails.  :func:`skip_broken`
+steps over the rest of a message whose structure is lost.
 """
 
 from __future__ import annotations
@@ -65,6 +66,50 @@ APOSTROPHE: Final = 0x27
 BACKSLASH: Final = 0x5C
 LF: Final = 0x0A
 RESET_BYTES: Final = frozenset(bytes(range(0x20)) + b"\xfe\xff") - frozenset(b"\t\r\n")
+
+
+#: :func:`skip_broken` stopped after the broken message's last bracket.
+MESSAGE_END: Final = 0
+#: :func:`skip_broken` stopped at a line feed or a reset byte.
+RESYNC_POINT: Final = 1
+
+
+def skip_broken(buf: bytearray, n: int, pos: int, depth: int,
+                in_string: bool) -> tuple[int, int, bool, int | None]:
+    """Step over the rest of a message broken ``depth`` brackets deep (inside a
+    string if ``in_string``), from ``pos``, counting brackets as QEMU's streamer
+    does.  Returns ``(pos, depth, in_string, stop)``: ``stop`` None when input
+    ran out (go on from there later), :data:`MESSAGE_END` with ``pos`` after
+    its last bracket, :data:`RESYNC_POINT` with ``pos`` at a line feed or a
+    reset byte."""
+    while True:
+        if in_string:
+            p = match_end(STRING_BODY, buf, pos)
+            if p >= n:
+                return p, depth, True, None
+            c = buf[p]
+            if c == QUOTE:
+                in_string, pos = False, p + 1
+                continue
+            if c == BACKSLASH:
+                if p + 1 >= n:
+                    return p, depth, True, None  # the escape is split across reads
+                p += 1  # "\X" with X a line feed or a reset byte
+        else:
+            p = match_end(SKIP_BODY, buf, pos)
+            if p >= n:
+                return p, depth, False, None
+            c = buf[p]
+            if c == QUOTE:
+                in_string, pos = True, p + 1
+                continue
+            if c in OPENERS or c in CLOSERS:
+                depth += 1 if c in OPENERS else -1
+                pos = p + 1
+                if depth > 0:
+                    continue
+                return pos, depth, False, MESSAGE_END
+        return p, depth, False, RESYNC_POINT
 
 
 def match_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, endpos: int = -1) -> int:

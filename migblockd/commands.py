@@ -93,8 +93,7 @@ class Handlers:
                 connection=conn,
             )
         except BlockerError as exc:
-            log.info("%s: refused blocker: %s", conn.label, shown(exc),
-                     extra=about(conn, blocker_id=args.get("id")))
+            self._refused(conn, exc, blocker_id=args.get("id"))
             raise
         log.info("%s: added blocker %s (%s): %s", conn.label, shown(blocker.id, quoted=False),
                  ",".join(blocker.modes), shown(blocker.reason),
@@ -118,12 +117,23 @@ class Handlers:
         try:
             self.registry.migrate(args["uri"])
         except BlockerError as exc:
-            log.info("%s: migrate to %s refused: %s", conn.label, shown(args["uri"]),
-                     shown(exc), extra=about(conn))
+            self._refused(conn, exc, uri=args["uri"])
             raise
         log.info("%s: migration to %s started", conn.label, shown(args["uri"]),
                  extra=about(conn))
         return {}
+
+    @staticmethod
+    def _refused(conn: Connection, exc: Exception, *, uri: str | None = None,
+                 blocker_id: str | None = None) -> None:
+        """The log line of a refused ``migrate`` (to ``uri``) or ``add-blocker``:
+        what was refused and why, in the refusal's own words."""
+        if uri is not None:
+            log.info("%s: migrate to %s refused: %s", conn.label, shown(uri), shown(exc),
+                     extra=about(conn))
+        else:
+            log.info("%s: refused blocker: %s", conn.label, shown(exc),
+                     extra=about(conn, blocker_id=blocker_id))
 
     def migrate_cancel(self, conn: Connection, args: Args) -> object:
         self.registry.cancel()

@@ -178,8 +178,7 @@ class GateHandlers(Handlers):
                     if _status(info) in RUNNING_STATUSES or self.qemu.busy:
                         raise MigrationBusy(args["reason"])
         except BlockerError as exc:
-            log.info("%s: refused blocker: %s", conn.label, shown(exc),
-                     extra=about(conn, blocker_id=args.get("id")))
+            self._refused(conn, exc, blocker_id=args.get("id"))
             raise
         return super().add_blocker(conn, args)
 
@@ -247,8 +246,7 @@ class GateHandlers(Handlers):
             yield from self._check_mode()
             self.registry.check_migrate()  # the current mode's newest blocker
         except (BlockerError, QMPError, QemuError, QemuUnavailable) as exc:
-            log.info("%s: migrate to %s refused: %s", conn.label, uri, shown(exc),
-                     extra=about(conn))
+            self._refused(conn, exc, uri=args["uri"])
             raise
         # Awaiting its end from now: QEMU's events may tell it before the reply comes.
         self.qemu.busy = self.qemu.awaiting = True

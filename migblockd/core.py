@@ -170,6 +170,7 @@ class Core:
         self.admission.release(conn.owner)
         self._dirty.pop(conn, None)
         self.ledger.holding.pop(conn, None)
+        self.ledger.cohort.pop(conn, None)
         released = self.registry.release(conn)
         if released:
             ids = [b.id for b in released]
@@ -216,6 +217,8 @@ class Core:
         """
         if conn.refused:
             return 0
+        if conn in self.ledger.cohort:
+            self.ledger.arrived(conn, self.registry.clock.monotonic())
         session = conn.session
         handled = 0
         while handled < max_requests:
@@ -274,9 +277,11 @@ class Core:
         """Some change is not on disk yet (nor has its commit failed)."""
         return self.ledger.uncommitted
 
-    def take_group(self) -> Group | None:
-        """The changes to commit next, if any and if no commit is in flight."""
-        return self.ledger.take_group()
+    def take_group(self, wait: bool = True) -> Group | None:
+        """The changes to commit next, if any and if no commit is in flight;
+        while ``wait``, only once the last commit's cohort is in (see
+        :mod:`migblockd.ledger`) or its wait is over."""
+        return self.ledger.take_group(self.registry.clock.monotonic() if wait else None)
 
     def committed(self, group: Group) -> list[Connection]:
         """``group`` is on disk: release what waited for it.
@@ -292,6 +297,10 @@ class Core:
                 released.append(conn)
             if not conn.session.holding:
                 del holding[conn]
+        # Writers now answered, none with a later request of its own waiting.
+        self.ledger.expect([conn for conn in group.writers
+                            if not conn.closed and not conn.session.holds_reply],
+                           self.registry.clock.monotonic())
         return self._wake(released)
 
     def commit_failed(self, group: Group, reason: str) -> list[Connection]:
@@ -357,7 +366,10 @@ class Core:
     # -- time --------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """Monotonic time at which :meth:`tick` has work to do, if any."""
-        return self.registry.next_deadline()
+        registry, cohort = self.registry.next_deadline(), self.ledger.deadline()
+        if cohort is None or (registry is not None and registry < cohort):
+            return registry
+        return cohort
 
     def tick(self) -> None:
         """Apply the simulated migration's due transitions and deliver their events."""
@@ -458,7 +470,7 @@ class Core:
         if self.durable and (changes or judged) and (
                 self.ledger.uncommitted or any(change.durable for change in changes)):
             if changes:
-                self.ledger.record(changes)
+                self.ledger.record(conn, changes)
             durable = True
         # Events the command caused go out before its reply (QEMU's order).
         self._publish(durable)

@@ -13,17 +13,36 @@ durable change since the last group (one transaction per loop turn), at most
 one group in flight; the core then reports :meth:`Ledger.done` or
 :meth:`Ledger.failed`.  The core owns what those outcomes mean for sessions
 (:meth:`migblockd.core.Core.committed`, :meth:`~migblockd.core.Core.commit_failed`);
-the ledger only keeps the numbers and the two sets of connections straight.
+the ledger only keeps the numbers and the sets of connections straight.
+
+A group also waits for the *cohort*: the connections whose changes the last
+commit carried, now answered.  Clients that keep changing state (agents registering many
+blockers, one at a time) answer a reply with their next request within a
+fraction of a millisecond; a group that closed before they did would commit
+a few of them, and the rest would pay for a commit of their own.  So the
+next group is committed once each of them has sent its next request (or has
+gone), or once none of them has for :data:`COHORT_WAIT`, whichever comes
+first: a client that went quiet costs the others that once, and a lone
+client never waits.  With many writers this is what sizes groups, as a database's commit
+delay does, and each ``fsync`` carries several times the changes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from migblockd.connection import Connection
 from migblockd.registry import Change
 
-__all__ = ["Group", "Ledger"]
+__all__ = ["COHORT_WAIT", "Group", "Ledger"]
+
+#: Seconds a group waits, at most, for the cohort's next requests.  A client
+#: in a loop answers within a few hundred microseconds; one that has not by
+#: then is doing something else.  (Idle, the event loop wakes for it only at
+#: its millisecond resolution.)
+COHORT_WAIT: Final = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,22 +51,29 @@ class Group:
 
     stamp: int
     changes: list[Change]
+    #: The connections whose commands made them, in order.
+    writers: list[Connection]
 
 
 class Ledger:
     """Stamps handed out, committed and in flight; who holds output, who waits."""
 
-    __slots__ = ("_committed", "_grouped", "_pending", "_stamp", "holding", "waiting")
+    __slots__ = ("_committed", "_grouped", "_pending", "_stamp", "cohort", "cohort_until",
+                 "holding", "waiting")
 
     def __init__(self) -> None:
         self._stamp = 0  # the last stamp handed out
         self._committed = 0  # everything up to this stamp is on disk
         self._grouped = 0  # ... or in the group being committed
-        self._pending: list[tuple[int, list[Change]]] = []
+        self._pending: list[tuple[int, Connection, list[Change]]] = []
         #: Connections with output held for a stamp (an ordered set).
         self.holding: dict[Connection, None] = {}
         #: Connections whose next request reads state and waits for every commit.
         self.waiting: dict[Connection, None] = {}
+        #: Connections answered by the last commit whose next request has not
+        #: come yet (an ordered set), and until when the next group waits for them.
+        self.cohort: dict[Connection, None] = {}
+        self.cohort_until = 0.0
 
     @property
     def uncommitted(self) -> bool:
@@ -64,19 +90,43 @@ class Ledger:
         """How many commands' changes are not on disk yet."""
         return len(self._pending)
 
-    def record(self, changes: list[Change]) -> None:
-        """A command made durable ``changes``: they get the open group's stamp."""
+    def record(self, conn: Connection, changes: list[Change]) -> None:
+        """A command of ``conn`` made durable ``changes``: they get the open group's stamp."""
         self._stamp = self._grouped + 1  # the group after the one taken last
-        self._pending.append((self._stamp, changes))
+        self._pending.append((self._stamp, conn, changes))
 
-    def take_group(self) -> Group | None:
-        """The changes to commit next, if any and if no commit is in flight."""
+    def expect(self, conns: Iterable[Connection], now: float) -> None:
+        """A commit answered ``conns``: the next group waits for them (see above)."""
+        self.cohort = dict.fromkeys(conns)
+        self.cohort_until = now + COHORT_WAIT
+
+    def arrived(self, conn: Connection, now: float) -> None:
+        """``conn`` of the cohort sent its next request: the group need not wait
+        for it, and waits :data:`COHORT_WAIT` more for the others, which are
+        still coming in (a turn that runs many of them can take longer than that)."""
+        del self.cohort[conn]
+        self.cohort_until = now + COHORT_WAIT
+
+    def deadline(self) -> float | None:
+        """When a group that waits for the cohort is due anyway, if one does."""
+        if self.cohort and self._stamp > self._grouped == self._committed:
+            return self.cohort_until
+        return None
+
+    def take_group(self, now: float | None = None) -> Group | None:
+        """The changes to commit next, if any and if no commit is in flight,
+        and, unless ``now`` is None, if the cohort is in or its wait is over."""
         if self._grouped > self._committed or self._stamp == self._grouped:
             return None
-        changes = [change for stamp, batch in self._pending if stamp > self._grouped
-                   for change in batch if change.durable]
+        if self.cohort:
+            if now is not None and now < self.cohort_until:
+                return None
+            self.cohort.clear()
+        grouped = self._grouped
+        entries = [(conn, batch) for stamp, conn, batch in self._pending if stamp > grouped]
+        changes = [change for _, batch in entries for change in batch if change.durable]
         self._grouped = self._stamp
-        return Group(self._stamp, changes)
+        return Group(self._stamp, changes, list(dict.fromkeys(conn for conn, _ in entries)))
 
     def done(self, group: Group) -> None:
         """``group`` is on disk."""
@@ -89,8 +139,9 @@ class Ledger:
         Changes made after the failed group are given up too: they were made on
         top of it, and their replies are still held.
         """
-        undo = [changes for _, changes in reversed(self._pending)]
+        undo = [changes for _, _, changes in reversed(self._pending)]
         self._pending.clear()
+        self.cohort.clear()
         self._committed = self._grouped = self._stamp
         return undo
 

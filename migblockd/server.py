@@ -153,8 +153,6 @@ class Server:
 
     def _flush(self) -> None:
         protocols = self.protocols
-        if self.commit is not None and self._group is None:
-            self._start_commit()
         if self.forward is not None:
             for conn, call in self.core.take_calls():
                 task = self.loop.create_task(self._call(conn, call.name, call.args))
@@ -164,6 +162,10 @@ class Server:
             protocol = protocols.get(conn)
             if protocol is not None:
                 protocol.flush()
+        # Last: the disk thread, woken now, would contend for the GIL with
+        # every write above (on one core, a context switch each time).
+        if self.commit is not None and self._group is None:
+            self._start_commit()
         self._arm_timer()
         self._report_status()
         if not protocols:
@@ -196,9 +198,9 @@ class Server:
         """A change waits for a commit that nothing has started yet."""
         return self.commit is not None and self._group is None and self.core.has_uncommitted()
 
-    def _start_commit(self) -> None:
+    def _start_commit(self, wait: bool = True) -> None:
         assert self.commit is not None
-        group = self._group = self.core.take_group()
+        group = self._group = self.core.take_group(wait)
         if group is None:
             return
         self._group_started = time.perf_counter_ns()
@@ -227,14 +229,16 @@ class Server:
         """Wait until every change made so far is on disk (or has failed)."""
         while self.commit is not None and self.core.has_uncommitted():
             if self._group is None:
-                self._start_commit()
+                self._start_commit(wait=False)
             self._committing.clear()
             await self._committing.wait()
 
     def _arm_timer(self) -> None:
         deadline = self.core.next_deadline()
-        if deadline == self._timer_deadline:
-            return
+        current = self._timer_deadline
+        if deadline == current or (deadline is not None and current is not None
+                                   and deadline > current):
+            return  # a timer that fires early finds nothing due, and is set again
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -303,6 +303,11 @@ class Session:
             self.event_bytes += size - run.replies
         return True
 
+    @property
+    def holds_reply(self) -> bool:
+        """A reply (or an error) waits in held output."""
+        return any(run.replies for run in self._held)
+
     def fail_held(self, error: QMPError) -> None:
         """The commit failed: release held output as the client must now hear it."""
         for run in self._held:

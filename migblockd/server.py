@@ -27,7 +27,6 @@ written (:mod:`migblockd.drain` says how long that may take).  Accepting
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import os
@@ -43,6 +42,7 @@ from migblockd.adapter import ClientProtocol, read_buffer
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.connection import Connection
 from migblockd.core import Core
+from migblockd.disk import DiskThread
 from migblockd.drain import drain
 from migblockd.gate import QemuUnavailable
 from migblockd.ledger import Group
@@ -80,7 +80,6 @@ class Server:
         self.commit = commit
         self.forward = forward
         self._forwarding: set[asyncio.Task[None]] = set()
-        self._disk = concurrent.futures.ThreadPoolExecutor(1, "migblockd-commit")
         self._group: Group | None = None
         self._group_started = 0  # perf_counter_ns() when the group went to the disk thread
         self._committing = asyncio.Event()
@@ -90,6 +89,9 @@ class Server:
         self.own_socket: tuple[Path, int] | None = None  # path and inode we created
         self._socket_lock: PidLock | None = None
         self.loop = asyncio.get_running_loop()
+        self._disk: DiskThread[list[Change]] | None = None
+        if commit is not None:
+            self._disk = DiskThread(self.loop, commit, self._commit_done)
         self.timeouts = Timeouts(self.loop, core, self.protocols.values,
                                  negotiation=config.negotiation_timeout,
                                  idle=config.idle_timeout)
@@ -204,13 +206,12 @@ class Server:
         if group is None:
             return
         self._group_started = time.perf_counter_ns()
-        future = self.loop.run_in_executor(self._disk, self.commit, group.changes)
-        future.add_done_callback(self._commit_done)
+        assert self._disk is not None
+        self._disk.submit(group.changes)
 
-    def _commit_done(self, future: asyncio.Future[None]) -> None:
+    def _commit_done(self, exc: BaseException | None) -> None:
         group, self._group = self._group, None
         assert group is not None
-        exc = future.exception()
         # As clients wait for it: the hand-over to the disk thread and back included.
         self.core.stats.commit(time.perf_counter_ns() - self._group_started, exc is None)
         if exc is None:
@@ -322,7 +323,8 @@ class Server:
         await self._commits_done()
         if self._timer is not None:
             self._timer.cancel()
-        self._disk.shutdown(wait=True)
+        if self._disk is not None:
+            self._disk.stop()
         self.remove_own_socket()
 
     def remove_own_socket(self) -> None:

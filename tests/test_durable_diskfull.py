@@ -10,6 +10,7 @@ mounts, and frees it the same way.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -129,10 +130,12 @@ async def test_full_disk_fails_the_commands_and_the_daemon_recovers(
         assert refused["error"]["desc"] == desc
         assert await watcher.ok("query-blockers") == [before]
         # A connection-scoped blocker that takes the id a failing delete frees is
-        # never stored, but stands on the delete: it fails with it.
-        await c.send({"execute": "del-blocker", "arguments": {"id": "before"}, "id": "d"})
-        await c.send({"execute": "add-blocker", "id": "a", "arguments": {
-            "reason": "mine", "id": "before", "scope": "connection"}})
+        # never stored, but stands on the delete: it fails with it.  (One write,
+        # so that both run before the delete's commit can fail.)
+        c.send_raw(json.dumps({"execute": "del-blocker", "arguments": {"id": "before"},
+                               "id": "d"}).encode()
+                   + json.dumps({"execute": "add-blocker", "id": "a", "arguments": {
+                       "reason": "mine", "id": "before", "scope": "connection"}}).encode())
         assert await c.read_replies(2) == [
             {"error": {"class": "GenericError", "desc": desc}, "id": n} for n in "da"]
         assert await watcher.ok("query-blockers") == [before]

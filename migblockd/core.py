@@ -297,9 +297,12 @@ class Core:
                 released.append(conn)
             if not conn.session.holding:
                 del holding[conn]
-        # Writers now answered, none with a later request of its own waiting.
+        # Writers now answered whose next request is still to come: not those
+        # with a later request of their own already waiting (for this commit's
+        # successor, for QEMU, or to read state).
         self.ledger.expect([conn for conn in group.writers
-                            if not conn.closed and not conn.session.holds_reply],
+                            if not conn.closed and conn.waiting is None
+                            and not conn.session.holds_reply],
                            self.registry.clock.monotonic())
         return self._wake(released)
 

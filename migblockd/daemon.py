@@ -127,6 +127,10 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     def on_stop(signame: str) -> None:
         if not stop.is_set():
             log.info("received %s", signame)
+        # From now on every client is owed its replies: the turns that still run
+        # before the drain proper (a commit releasing a burst of events) must not
+        # drop anyone for --max-output either.
+        server.draining = True
         stop.set()
 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")

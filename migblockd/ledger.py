@@ -16,15 +16,18 @@ one group in flight; the core then reports :meth:`Ledger.done` or
 the ledger only keeps the numbers and the sets of connections straight.
 
 A group also waits for the *cohort*: the connections whose changes the last
-commit carried, now answered.  Clients that keep changing state (agents registering many
-blockers, one at a time) answer a reply with their next request within a
-fraction of a millisecond; a group that closed before they did would commit
-a few of them, and the rest would pay for a commit of their own.  So the
-next group is committed once each of them has sent its next request (or has
-gone), or once none of them has for :data:`COHORT_WAIT`, whichever comes
-first: a client that went quiet costs the others that once, and a lone
-client never waits.  With many writers this is what sizes groups, as a database's commit
-delay does, and each ``fsync`` carries several times the changes.
+commit carried, now answered.  Clients that keep changing state (agents
+registering many blockers, one at a time) answer a reply with their next
+request within a fraction of a millisecond; a group that closed before they
+did would commit a few of them, and the rest would pay for a commit of their
+own.  So the next group is committed once each of them has sent its next
+request (or has gone, or waits itself: for QEMU, or to read state), once none
+of them has for :data:`COHORT_WAIT`, once the group carries
+:data:`COHORT_ENOUGH` changes, or :data:`COHORT_LIMIT` after the release,
+whichever comes first: a client that went quiet costs the others that once,
+and a lone client never waits.  With many writers this is what sizes groups,
+as a database's commit delay does, and each ``fsync`` carries several times
+the changes.
 """
 
 from __future__ import annotations
@@ -36,13 +39,20 @@ from typing import Final
 from migblockd.connection import Connection
 from migblockd.registry import Change
 
-__all__ = ["COHORT_WAIT", "Group", "Ledger"]
+__all__ = ["COHORT_ENOUGH", "COHORT_LIMIT", "COHORT_WAIT", "Group", "Ledger"]
 
-#: Seconds a group waits, at most, for the cohort's next requests.  A client
-#: in a loop answers within a few hundred microseconds; one that has not by
-#: then is doing something else.  (Idle, the event loop wakes for it only at
-#: its millisecond resolution.)
+#: Seconds a group waits for the cohort's next requests after the last one
+#: came.  A client in a loop answers within a few hundred microseconds; one
+#: that has not by then is doing something else.  (The event loop's timers
+#: have millisecond resolution: less would not be kept when it is idle.)
 COHORT_WAIT: Final = 0.001
+#: Changes at which a group stops waiting for the cohort: its ``fsync`` is
+#: shared enough, and waiting longer would only delay its replies and make the
+#: burst of events its commit releases to every client bigger.
+COHORT_ENOUGH: Final = 64
+#: Seconds after its release at which a cohort is no longer waited for, however
+#: steadily it trickles in: what a group's first writer may lose, at most.
+COHORT_LIMIT: Final = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +68,15 @@ class Group:
 class Ledger:
     """Stamps handed out, committed and in flight; who holds output, who waits."""
 
-    __slots__ = ("_committed", "_grouped", "_pending", "_stamp", "cohort", "cohort_until",
-                 "holding", "waiting")
+    __slots__ = ("_cohort_limit", "_committed", "_grouped", "_open", "_pending", "_stamp",
+                 "cohort", "cohort_until", "holding", "waiting")
 
     def __init__(self) -> None:
         self._stamp = 0  # the last stamp handed out
         self._committed = 0  # everything up to this stamp is on disk
         self._grouped = 0  # ... or in the group being committed
         self._pending: list[tuple[int, Connection, list[Change]]] = []
+        self._open = 0  # changes in the group not taken yet
         #: Connections with output held for a stamp (an ordered set).
         self.holding: dict[Connection, None] = {}
         #: Connections whose next request reads state and waits for every commit.
@@ -74,6 +85,7 @@ class Ledger:
         #: come yet (an ordered set), and until when the next group waits for them.
         self.cohort: dict[Connection, None] = {}
         self.cohort_until = 0.0
+        self._cohort_limit = 0.0
 
     @property
     def uncommitted(self) -> bool:
@@ -94,22 +106,25 @@ class Ledger:
         """A command of ``conn`` made durable ``changes``: they get the open group's stamp."""
         self._stamp = self._grouped + 1  # the group after the one taken last
         self._pending.append((self._stamp, conn, changes))
+        self._open += len(changes)
 
     def expect(self, conns: Iterable[Connection], now: float) -> None:
         """A commit answered ``conns``: the next group waits for them (see above)."""
         self.cohort = dict.fromkeys(conns)
         self.cohort_until = now + COHORT_WAIT
+        self._cohort_limit = now + COHORT_LIMIT
 
     def arrived(self, conn: Connection, now: float) -> None:
         """``conn`` of the cohort sent its next request: the group need not wait
         for it, and waits :data:`COHORT_WAIT` more for the others, which are
         still coming in (a turn that runs many of them can take longer than that)."""
         del self.cohort[conn]
-        self.cohort_until = now + COHORT_WAIT
+        self.cohort_until = min(now + COHORT_WAIT, self._cohort_limit)
 
     def deadline(self) -> float | None:
         """When a group that waits for the cohort is due anyway, if one does."""
-        if self.cohort and self._stamp > self._grouped == self._committed:
+        if (self.cohort and self._stamp > self._grouped == self._committed
+                and self._open < COHORT_ENOUGH):
             return self.cohort_until
         return None
 
@@ -119,9 +134,10 @@ class Ledger:
         if self._grouped > self._committed or self._stamp == self._grouped:
             return None
         if self.cohort:
-            if now is not None and now < self.cohort_until:
+            if now is not None and now < self.cohort_until and self._open < COHORT_ENOUGH:
                 return None
             self.cohort.clear()
+        self._open = 0
         grouped = self._grouped
         entries = [(conn, batch) for stamp, conn, batch in self._pending if stamp > grouped]
         changes = [change for _, batch in entries for change in batch if change.durable]
@@ -141,6 +157,7 @@ class Ledger:
         """
         undo = [changes for _, _, changes in reversed(self._pending)]
         self._pending.clear()
+        self._open = 0
         self.cohort.clear()
         self._committed = self._grouped = self._stamp
         return undo

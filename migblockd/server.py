@@ -95,6 +95,7 @@ class Server:
         self.timeouts = Timeouts(self.loop, core, self.protocols.values,
                                  negotiation=config.negotiation_timeout,
                                  idle=config.idle_timeout)
+        #: Shutdown has begun: nobody is dropped for --max-output any more.
         self.draining = False
         self._runnable: dict[ClientProtocol, None] = {}  # an ordered set
         #: Connections whose transport failed (or that we aborted) and whose

@@ -7,11 +7,15 @@ import json
 
 import pytest
 from test_core_durable import connected, lines, make, run
+from test_core_gate import CONTRACT, PATH
 
+from migblockd.access import Policy, Role
+from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.core import Core
-from migblockd.ledger import COHORT_WAIT
-from migblockd.registry import FakeClock
+from migblockd.gate import GateHandlers, QemuFacts
+from migblockd.ledger import COHORT_ENOUGH, COHORT_LIMIT, COHORT_WAIT
+from migblockd.registry import FakeClock, Owner, Registry
 
 
 def add(n: int) -> bytes:
@@ -148,3 +152,74 @@ def test_stopping_commits_without_waiting() -> None:
     run(core, a, add(1))
     assert core.take_group() is None
     assert core.take_group(wait=False) is not None
+
+
+def test_a_writer_whose_next_read_waits_for_the_commit_is_not_waited_for() -> None:
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    run(core, a, add(1) + b'{"execute": "query-blockers", "id": "q"}')
+    run(core, b, add(2))
+    first = core.take_group()
+    assert first is not None and first.writers == [a, b]
+    run(core, b, add(3))  # made while the first group commits
+    core.committed(first)
+    # a's read is in already, and waits for b's change to be on disk.
+    assert a.waiting is not None
+    assert core.take_group() is not None
+
+
+def gated() -> Core:
+    registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
+    facts = QemuFacts(PATH, connected=True, version="7.2.22",
+                      commands={"migrate": frozenset({"uri"})})
+    handlers = GateHandlers(CONTRACT, registry, facts, passthrough=())
+    return Core(CONTRACT, registry, Config().limits, handlers=handlers,
+                policy=Policy.of(Role.ADMIN), durable=True)
+
+
+def test_a_lone_gated_writer_never_waits_for_itself() -> None:
+    # Gating QEMU, an add first asks QEMU whether it migrates: a client's
+    # second add may still wait for QEMU's answer when the first is committed.
+    core = gated()
+    a = core.connect(Owner(1, 0, 0))
+    core.data_to_send(a)
+    run(core, a, b'{"execute": "qmp_capabilities"}')
+    core.receive_data(a, add(1) + add(2))
+    core.execute(a, 32)
+    assert len(core.take_calls()) == 1
+    core.resume(a, {})  # QEMU does not migrate: add 1 is made
+    core.execute(a, 32)
+    assert len(core.take_calls()) == 1  # add 2 asks QEMU
+    group = core.take_group()
+    assert group is not None and group.writers == [a]
+    core.committed(group)
+    core.resume(a, {})  # QEMU answers add 2 after the commit
+    assert core.take_group() is not None
+
+
+def test_a_group_with_enough_changes_stops_waiting() -> None:
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    writers(core, a, b)
+    many = b"".join(add(n) for n in range(COHORT_ENOUGH - 1))
+    run(core, a, many)  # b stays quiet
+    assert core.take_group() is None
+    run(core, a, add(COHORT_ENOUGH))
+    assert core.next_deadline() is None
+    group = core.take_group()
+    assert group is not None and len(group.changes) == COHORT_ENOUGH
+
+
+def test_a_cohort_that_trickles_in_is_waited_for_a_few_milliseconds_at_most() -> None:
+    core = make()
+    conns = [connected(core, uid) for uid in range(1, 18)]
+    writers(core, *conns)
+    released = clock(core).monotonic()
+    for n, conn in enumerate(conns[:-1]):
+        clock(core).advance(COHORT_WAIT * 0.9)  # each in time to keep the wait going
+        run(core, conn, add(n))
+        if clock(core).monotonic() < released + COHORT_LIMIT:
+            assert core.take_group() is None
+    # The last one has not come and the others kept coming, but the limit is past.
+    assert clock(core).monotonic() >= released + COHORT_LIMIT
+    assert core.take_group() is not None

@@ -121,10 +121,14 @@ class Ledger:
         del self.cohort[conn]
         self.cohort_until = min(now + COHORT_WAIT, self._cohort_limit)
 
+    @property
+    def _awaits_cohort(self) -> bool:
+        """The open group would wait for the cohort (until ``cohort_until``)."""
+        return bool(self.cohort) and self._open < COHORT_ENOUGH
+
     def deadline(self) -> float | None:
         """When a group that waits for the cohort is due anyway, if one does."""
-        if (self.cohort and self._stamp > self._grouped == self._committed
-                and self._open < COHORT_ENOUGH):
+        if self._stamp > self._grouped == self._committed and self._awaits_cohort:
             return self.cohort_until
         return None
 
@@ -133,10 +137,9 @@ class Ledger:
         and, unless ``now`` is None, if the cohort is in or its wait is over."""
         if self._grouped > self._committed or self._stamp == self._grouped:
             return None
-        if self.cohort:
-            if now is not None and now < self.cohort_until and self._open < COHORT_ENOUGH:
-                return None
-            self.cohort.clear()
+        if now is not None and now < self.cohort_until and self._awaits_cohort:
+            return None
+        self.cohort.clear()
         self._open = 0
         grouped = self._grouped
         entries = [(conn, batch) for stamp, conn, batch in self._pending if stamp > grouped]

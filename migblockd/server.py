@@ -77,7 +77,6 @@ class Server:
         self.cli = cli
         self.core = core
         self.notifier = notifier
-        self.commit = commit
         self.forward = forward
         self._forwarding: set[asyncio.Task[None]] = set()
         self._group: Group | None = None
@@ -89,6 +88,7 @@ class Server:
         self.own_socket: tuple[Path, int] | None = None  # path and inode we created
         self._socket_lock: PidLock | None = None
         self.loop = asyncio.get_running_loop()
+        #: Commits the groups of a durable daemon (None: --ephemeral).
         self._disk: DiskThread[list[Change]] | None = None
         if commit is not None:
             self._disk = DiskThread(self.loop, commit, self._commit_done)
@@ -167,7 +167,7 @@ class Server:
                 protocol.flush()
         # Last: the disk thread, woken now, would contend for the GIL with
         # every write above (on one core, a context switch each time).
-        if self.commit is not None and self._group is None:
+        if self._disk is not None and self._group is None:
             self._start_commit()
         self._arm_timer()
         self._report_status()
@@ -199,15 +199,14 @@ class Server:
     # -- group commit ------------------------------------------------------------
     def _commit_due(self) -> bool:
         """A change waits for a commit that nothing has started yet."""
-        return self.commit is not None and self._group is None and self.core.has_uncommitted()
+        return self._disk is not None and self._group is None and self.core.has_uncommitted()
 
     def _start_commit(self, wait: bool = True) -> None:
-        assert self.commit is not None
+        assert self._disk is not None
         group = self._group = self.core.take_group(wait)
         if group is None:
             return
         self._group_started = time.perf_counter_ns()
-        assert self._disk is not None
         self._disk.submit(group.changes)
 
     def _commit_done(self, exc: BaseException | None) -> None:
@@ -229,7 +228,7 @@ class Server:
 
     async def _commits_done(self) -> None:
         """Wait until every change made so far is on disk (or has failed)."""
-        while self.commit is not None and self.core.has_uncommitted():
+        while self._disk is not None and self.core.has_uncommitted():
             if self._group is None:
                 self._start_commit(wait=False)
             self._committing.clear()

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from migblockd import __version__
+from migblockd import __version__, logs
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.listing import Listings
@@ -95,15 +95,15 @@ class Handlers:
         except BlockerError as exc:
             self._refused(conn, exc, blocker_id=args.get("id"))
             raise
-        log.info("%s: added blocker %s (%s): %s", conn.label, shown(blocker.id, quoted=False),
-                 ",".join(blocker.modes), shown(blocker.reason),
-                 extra=about(conn, blocker_id=blocker.id))
+        logs.info(log, "%s: added blocker %s (%s): %s", conn.label,
+                  shown(blocker.id, quoted=False), ",".join(blocker.modes), shown(blocker.reason),
+                  extra=about(conn, blocker_id=blocker.id))
         return Encoded(blocker_text(blocker))
 
     def del_blocker(self, conn: Connection, args: Args) -> object:
         blocker = self.registry.delete(args["id"])
-        log.info("%s: deleted blocker %s", conn.label, shown(blocker.id, quoted=False),
-                 extra=about(conn, blocker_id=blocker.id))
+        logs.info(log, "%s: deleted blocker %s", conn.label, shown(blocker.id, quoted=False),
+                  extra=about(conn, blocker_id=blocker.id))
         return {}
 
     @reads_state

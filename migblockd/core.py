@@ -39,6 +39,7 @@ from time import perf_counter_ns
 from types import GeneratorType
 from typing import Any
 
+from migblockd import logs
 from migblockd.access import Policy, Quotas, Role
 from migblockd.admission import Admission
 from migblockd.commands import Handlers, version_info
@@ -136,7 +137,7 @@ class Core:
         else:
             self.connections[conn] = None
             self.admission.admit(owner)
-            log.info("%s connected", conn.label, extra=about(conn))
+            logs.info(log, "%s connected", conn.label, extra=about(conn))
         self._dirty[conn] = None
         return conn
 
@@ -157,8 +158,8 @@ class Core:
         if conn not in self.connections or conn.closed:
             return
         conn.closed = True
-        log.info("%s disconnected%s", conn.label, f": {reason}" if reason else "",
-                 extra=about(conn))
+        logs.info(log, "%s disconnected%s", conn.label, f": {reason}" if reason else "",
+                  extra=about(conn))
         self._finish(conn)
 
     def _finish(self, conn: Connection) -> None:
@@ -174,9 +175,9 @@ class Core:
         released = self.registry.release(conn)
         if released:
             ids = [b.id for b in released]
-            log.info("%s: released %d connection-scoped blocker(s): %s", conn.label,
-                     len(released), shown(", ".join(ids), quoted=False),
-                     extra=about(conn, blocker_id=ids))
+            logs.info(log, "%s: released %d connection-scoped blocker(s): %s", conn.label,
+                      len(released), shown(", ".join(ids), quoted=False),
+                      extra=about(conn, blocker_id=ids))
             # Nothing durable (they were never stored), but the listings must know.
             self.handlers.track(self.registry.take_changes())
         self._publish(False)

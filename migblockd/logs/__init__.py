@@ -10,7 +10,9 @@ a client (:func:`shown`, :func:`about`) in :mod:`migblockd.logs.fields`.
 The cost on the event loop of a record is building it and appending it to a
 list: no system call, no formatting, and none of the look-ups ``logging``
 makes by default (caller's frame, thread, process, asyncio task), which the
-daemon's formats do not show.
+daemon's formats do not show.  The records logged for every request go
+through :func:`info` (:mod:`migblockd.logs.quick`), which also skips the
+logger's walk to the one handler there is.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from dataclasses import dataclass
 from migblockd.logs.fields import WIRE_LIMIT, about, shown
 from migblockd.logs.formats import JsonFormat, TextFormat
 from migblockd.logs.journal import socket_path, stderr_is_journal
+from migblockd.logs.quick import info, install
 from migblockd.logs.writer import CLOSE_TIMEOUT, OffLoopHandler, Writer
 
-__all__ = ["WIRE_LIMIT", "Logs", "about", "setup", "shown"]
+__all__ = ["WIRE_LIMIT", "Logs", "about", "info", "setup", "shown"]
 
 
 @dataclass
@@ -70,6 +73,7 @@ def setup(level: int, log_format: str = "text", *, fd: int = 2) -> Logs:
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
+    install(handler, writer.put)
     root.setLevel(level)
     # warnings.warn() would write on stderr from the caller's thread.
     logging.captureWarnings(True)

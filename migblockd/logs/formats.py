@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from datetime import UTC, datetime
 
 __all__ = ["JsonFormat", "TextFormat", "message", "priority", "record_fields"]
@@ -45,6 +46,9 @@ def record_fields(record: logging.LogRecord) -> dict[str, int | str | list[str]]
 
 
 _plain = logging.Formatter()
+#: ``logging.Formatter``'s default time format (``default_time_format``); it
+#: appends ``,MSECS``.
+_DATE_TIME = "%Y-%m-%d %H:%M:%S"
 
 
 def message(record: logging.LogRecord) -> str:
@@ -66,13 +70,24 @@ class TextFormat:
         self.journal = journal
         # The pid is known once: looking it up per record is a getpid(2) each.
         self._ident = f" migblockd[{pid}] "
+        # logging.Formatter's default time, with the date and time of day made
+        # once per second rather than once per record.
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(_DATE_TIME, time.localtime(second))
+            self._second = second
+        return f"{self._stamp},{int(record.msecs):03d}"
 
     def line(self, record: logging.LogRecord) -> str:
         text = f"{record.levelname}: {message(record)}"
         if self.journal:
             prefix = f"<{priority(record.levelno)}>"
             return prefix + text.replace("\n", "\n" + prefix)
-        return _plain.formatTime(record) + self._ident + text
+        return self._time(record) + self._ident + text
 
 
 class JsonFormat:

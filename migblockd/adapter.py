@@ -224,7 +224,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
         conn, transport = self.conn, self.transport
         if conn is None or transport is None:
             return
-        pieces, events = self.core.take_output(conn)
+        pieces, size, events = self.core.take_output(conn)
         if transport.is_closing() or self.lingering or self.outbox is None:
             return  # after our EOF (a timeout, shutdown) nothing more is said
         if pieces:
@@ -233,7 +233,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
                     log.debug("%s -> %s", conn.label, shown(piece, WIRE_LIMIT))
             limit = self.server.config.max_output
             # While draining nobody is dropped for it: they are owed these replies.
-            if self.outbox.put(pieces, events) > limit and not self.server.draining:
+            if self.outbox.put(pieces, size, events) > limit and not self.server.draining:
                 self.drop(f"more than max-output={limit} bytes of unread events")
                 return
             self.watch_loss()

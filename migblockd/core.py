@@ -258,8 +258,8 @@ class Core:
     def data_to_send(self, conn: Connection) -> bytes:
         return conn.session.data_to_send()
 
-    def take_output(self, conn: Connection) -> tuple[list[bytes], int]:
-        """The bytes to send to ``conn``, in pieces, and how many of them are events."""
+    def take_output(self, conn: Connection) -> tuple[list[bytes], int, int]:
+        """The bytes to send to ``conn``, in pieces, their size, and how many are events."""
         return conn.session.take_output()
 
     def others_dirty(self, conn: Connection) -> bool:

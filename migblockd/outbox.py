@@ -47,20 +47,23 @@ class Outbox:
         """Output is still here, not yet with the transport."""
         return bool(self._backlog)
 
-    def put(self, pieces: list[bytes], events: int) -> int:
-        """Queue ``pieces`` (``events`` of their bytes are events) and write what fits.
+    def put(self, pieces: list[bytes], size: int, events: int) -> int:
+        """Queue ``pieces`` (``size`` bytes, ``events`` of them events) and write what fits.
 
         Returns the event bytes of *earlier* output the client has not read yet:
         these it cannot have read however promptly it reads, and one commit can
         make more events at once than the bound.
         """
-        size = 0
-        for piece in pieces:
-            size += len(piece)
-        self._backlog.extend(pieces)
-        self._backlog_bytes += size
         self._enqueued += size
-        self.write_some()
+        if not self._backlog and size <= SLICE \
+                and self.transport.get_write_buffer_size() <= HIGH_WATER:
+            # What write_some would do with it, without queueing it first:
+            # most output is a turn's few lines.
+            self.transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        else:
+            self._backlog.extend(pieces)
+            self._backlog_bytes += size
+            self.write_some()
         unread = self._backlog_bytes + self.transport.get_write_buffer_size()
         read = self._enqueued - unread
         marks = self._marks

@@ -49,28 +49,31 @@ async def pair() -> AsyncIterator[Pair]:
     theirs.close()
 
 
+def put(pair: Pair, pieces: list[bytes], events: int) -> int:
+    return pair.outbox.put(pieces, sum(map(len, pieces)), events)
+
+
 async def test_output_read_promptly_never_counts(pair: Pair) -> None:
     for n in range(50):
-        assert pair.outbox.put([b'{"event": "E"}\r\n', b'{"return": {}, "id": %d}\r\n' % n],
-                              16) == 0
+        assert put(pair, [b'{"event": "E"}\r\n', b'{"return": {}, "id": %d}\r\n' % n], 16) == 0
         data = await pair.read_all()
         assert data == b'{"event": "E"}\r\n{"return": {}, "id": %d}\r\n' % n
 
 
 async def test_unread_events_count_only_from_earlier_writes(pair: Pair) -> None:
     burst = [b"e" * 1000 + b"\r\n"] * 500  # 501,000 bytes of events: more than fits
-    assert pair.outbox.put(burst, 501_000) == 0  # its own events never count at once
+    assert put(pair, burst, 501_000) == 0  # its own events never count at once
     assert pair.outbox.waiting or pair.transport.get_write_buffer_size()
     # The next write finds the burst unread: all of it counts (nothing was read).
-    assert pair.outbox.put([b'{"return": {}}\r\n'], 0) == 501_000
+    assert put(pair, [b'{"return": {}}\r\n'], 0) == 501_000
     data = await pair.read_all()
     assert data == b"".join(burst) + b'{"return": {}}\r\n'
-    assert pair.outbox.put([b"x\r\n"], 3) == 0  # read: it counts no more
+    assert put(pair, [b"x\r\n"], 3) == 0  # read: it counts no more
 
 
 async def test_a_big_reply_goes_out_in_slices_as_the_peer_reads(pair: Pair) -> None:
     reply = [b"r" * 100_000 for _ in range(30)]  # 3 MB
-    assert pair.outbox.put(reply, 0) == 0
+    assert put(pair, reply, 0) == 0
     # No more than about HIGH_WATER beyond the kernel's buffers is handed over.
     assert pair.transport.get_write_buffer_size() <= HIGH_WATER + 256 * 1024
     assert pair.outbox.waiting

@@ -263,8 +263,9 @@ class Session:
                 run.data.append(line)
             else:
                 self._output.append(line)
-                self.output_bytes += len(line)
-                self.event_bytes += len(line)
+                size = len(line)
+                self.output_bytes += size
+                self.event_bytes += size
 
     def _hold(self, stamp: int) -> _Held:
         run = _Held(stamp)
@@ -339,17 +340,22 @@ class Session:
 
     def data_to_send(self) -> bytes:
         """Everything queued since the last call (greeting, replies, events), in order."""
-        pieces, _ = self.take_output()
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces, size, _ = self.take_output()
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        # The transport's accounting (migblockd.outbox) trusts the running count.
+        assert len(data) == size, (len(data), size)
+        return data
 
-    def take_output(self) -> tuple[list[bytes], int]:
-        """What :meth:`data_to_send` returns, in pieces, and how many bytes are events."""
+    def take_output(self) -> tuple[list[bytes], int, int]:
+        """What :meth:`data_to_send` returns, in pieces, its size, and how many of
+        its bytes are events."""
         output = self._output
         if not output:
-            return [], 0
+            return [], 0, 0
         self._output = []
-        events, self.event_bytes, self.output_bytes = self.event_bytes, 0, 0
-        return output, events
+        size, events = self.output_bytes, self.event_bytes
+        self.output_bytes = self.event_bytes = 0
+        return output, size, events
 
     # -- checks --------------------------------------------------------------
     def _check(self, item: object) -> Request | None:

@@ -103,6 +103,20 @@ def encode_entry(message: str, priority: int,
     return head + encode_field("MESSAGE", cut + _TRUNCATED)
 
 
+def _count_only_what_waits(transport: asyncio.WriteTransport) -> None:
+    """Work around CPython 3.13.0 to 3.13.5 (gh-135444): their datagram transport
+    counts 8 bytes more for each datagram that had to wait and never takes them
+    off, so once journald had made the writer wait, the buffer never looked
+    empty again, and ``send()`` waited forever.  Whatever the count says, nothing
+    is buffered when the transport's queue is empty."""
+    queue = getattr(transport, "_buffer", None)
+    if queue is None:
+        return
+    counted = transport.get_write_buffer_size
+    setattr(transport, "get_write_buffer_size",  # noqa: B010 (a method, not a field)
+            lambda: counted() if queue else 0)
+
+
 class JournalSender:
     """Entries to journald's native socket, with asyncio-dgram, from the log writer's loop.
 
@@ -132,6 +146,7 @@ class JournalSender:
         transport = getattr(stream, "_transport", None)
         if isinstance(transport, asyncio.WriteTransport):
             transport.set_write_buffer_limits(high=0)
+            _count_only_what_waits(transport)
         self._stream = stream
         return True
 

@@ -4,6 +4,7 @@ that is where logging would send them, and exactly as logging would make them.""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -51,41 +52,78 @@ def sink() -> Iterator[Sink]:
         root.setLevel(saved[1])
 
 
-def twins() -> tuple[logging.LogRecord, logging.LogRecord]:
-    """The same record, made by quick and by logging, at the same time."""
-    args = ("client 7", "vfio0", "normal", "'VFIO device'")
-    msg = "%s: added blocker %s (%s): %s"
+@pytest.fixture(autouse=True)
+def daemons_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What migblockd.logs.setup() tells logging not to look up."""
+    monkeypatch.setattr(logging, "_srcfile", None)
+    for switch in ("logThreads", "logProcesses", "logMultiprocessing", "logAsyncioTasks"):
+        monkeypatch.setattr(logging, switch, False, raising=False)
+
+
+def twins(monkeypatch: pytest.MonkeyPatch, ns: int = 1_750_000_000_123_456_789,
+          args: tuple[object, ...] = ("client 7", "vfio0", "normal", "'VFIO device'"),
+          msg: str = "%s: added blocker %s (%s): %s",
+          ) -> tuple[logging.LogRecord, logging.LogRecord]:
+    """The same record, made by quick and by logging, at the same (frozen) time."""
+    monkeypatch.setattr(time, "time_ns", lambda: ns)
+    monkeypatch.setattr(time, "time", lambda: ns / 1e9)
     fast = quick.QuickRecord("migblockd", msg, args, ABOUT["fields"])
-    slow = log.makeRecord("migblockd", logging.INFO, "(unknown file)", 0, msg, args, None,
-                          extra=ABOUT)
-    slow.created, slow.msecs = fast.created, fast.msecs
+    catch = Sink()
+    log.addHandler(catch)
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(log, "level", logging.INFO)
+            m.setattr(log, "propagate", False)  # pytest's handlers format what they see
+            log.info(msg, *args, extra=ABOUT)
+    finally:
+        log.removeHandler(catch)
+    [slow] = catch.handled
     return fast, slow
+
+
+@pytest.mark.parametrize("ns", [1_750_000_000_123_456_789, 1_750_000_000_999_999_999,
+                                1_750_000_001_000_000_000, 1_750_000_000_001_000_100])
+def test_a_quick_record_has_every_attribute_as_logging_makes_it(
+        monkeypatch: pytest.MonkeyPatch, ns: int) -> None:
+    fast, slow = twins(monkeypatch, ns)
+    assert vars(fast) == vars(slow)
+
+
+def test_a_lone_mapping_is_the_named_arguments_as_for_logging(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fast, slow = twins(monkeypatch, args=({"who": "client 7"},), msg="%(who)s connected")
+    assert fast.getMessage() == slow.getMessage() == "client 7 connected"
 
 
 @pytest.mark.parametrize("fmt", [TextFormat(journal=False, pid=9), TextFormat(journal=True, pid=9),
                                  JsonFormat(journal=False, pid=9), JsonFormat(journal=True, pid=9)],
                          ids=["text", "text-journal", "json", "json-journal"])
-def test_a_quick_record_formats_as_loggings_own(fmt: TextFormat | JsonFormat) -> None:
-    fast, slow = twins()
+def test_a_quick_record_formats_as_loggings_own(
+        monkeypatch: pytest.MonkeyPatch, fmt: TextFormat | JsonFormat) -> None:
+    fast, slow = twins(monkeypatch)
     assert fmt.line(fast) == fmt.line(slow)
     assert "client 7: added blocker vfio0 (normal): 'VFIO device'" in fmt.line(fast)
 
 
-def test_a_quick_record_is_the_same_journal_entry() -> None:
-    fast, slow = twins()
+def test_a_quick_record_is_the_same_journal_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    fast, slow = twins(monkeypatch)
     assert journal_entry(fast) == journal_entry(slow)
     assert b"MIGBLOCKD_BLOCKER_ID=vfio0" in journal_entry(fast)
 
 
-def test_a_quick_record_is_a_log_record_for_any_formatter() -> None:
-    fast, _ = twins()
+def test_a_quick_record_is_a_log_record_for_any_formatter(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fast, _ = twins(monkeypatch)
     line = logging.Formatter("%(levelname)s %(name)s %(module)s:%(lineno)d %(process)s "
                              "%(relativeCreated)d %(message)s").format(fast)
     assert line.startswith("INFO migblockd (unknown file):0 None ")
     assert line.endswith(" client 7: added blocker vfio0 (normal): 'VFIO device'")
 
 
-def test_text_time_is_loggings_default_across_seconds() -> None:
+@pytest.mark.parametrize("converter", [time.localtime, time.gmtime])
+def test_text_time_is_loggings_default_across_seconds(
+        monkeypatch: pytest.MonkeyPatch, converter: object) -> None:
+    monkeypatch.setattr(logging.Formatter, "converter", converter)
     text = TextFormat(journal=False, pid=1)
     plain = logging.Formatter()
     for created in (1_700_000_000.998, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_001.5,
@@ -115,6 +153,26 @@ def test_info_is_dropped_below_the_level(sink: Sink) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     quick.info(log, "%s connected", "client 7", extra=ABOUT)
     assert sink.put == sink.handled == []
+
+
+def test_info_goes_through_logging_when_records_would_differ(
+        sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    only(sink)
+
+    class Tagged(logging.LogRecord):
+        pass
+
+    monkeypatch.setattr(logging, "_logRecordFactory", Tagged)
+    quick.info(log, "%s connected", "client 7", extra=ABOUT)
+    logging.setLogRecordFactory(logging.LogRecord)
+    logging.addLevelName(logging.INFO, "NOTICE")
+    try:
+        quick.info(log, "%s connected", "client 7", extra=ABOUT)
+    finally:
+        logging.addLevelName(logging.INFO, "INFO")
+    assert sink.put == []
+    assert [(type(r), r.levelname) for r in sink.handled] == [(Tagged, "INFO"),
+                                                              (logging.LogRecord, "NOTICE")]
 
 
 @pytest.mark.parametrize("change", ["handler filter", "logger filter", "root filter",

@@ -72,13 +72,13 @@ class TextFormat:
         self._ident = f" migblockd[{pid}] "
         # logging.Formatter's default time, with the date and time of day made
         # once per second rather than once per record.
-        self._second = -1
+        self._second: int | None = None
         self._stamp = ""
 
     def _time(self, record: logging.LogRecord) -> str:
         second = int(record.created)
         if second != self._second:
-            self._stamp = time.strftime(_DATE_TIME, time.localtime(second))
+            self._stamp = time.strftime(_DATE_TIME, _plain.converter(second))
             self._second = second
         return f"{self._stamp},{int(record.msecs):03d}"
 

@@ -11,23 +11,22 @@ record costs in all.
 
 :func:`info` makes a :class:`QuickRecord` in a few attribute stores and hands
 it straight to the log writer, but only when that is exactly where ``logging``
-would have sent it: the root logger's only handler is migblockd's (installed
-by :func:`migblockd.logs.setup`) and nothing on the way has a filter or a
-handler of its own.  Otherwise (a test capturing records, a program that
-embeds the daemon) it is plain ``logger.info``.
+would have sent it, and in the same form: the root logger's only handler is
+migblockd's (installed by :func:`migblockd.logs.setup`), nothing on the way has
+a filter or a handler of its own, and neither the record factory, the logger
+class nor the name of INFO was changed.  Otherwise (a test capturing records,
+a program that embeds the daemon) it is plain ``logger.info``.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 __all__ = ["QuickRecord", "info", "install", "uninstall"]
-
-_STARTED = time.time()
-
 
 class QuickRecord(logging.LogRecord):
     """An info record made of what the daemon's formats show.
@@ -44,11 +43,29 @@ class QuickRecord(logging.LogRecord):
         self.__dict__.update(_FIXED)
         self.name = name
         self.msg = msg
-        self.args = args
-        self.created = now = time.time()
-        self.msecs = int((now - int(now)) * 1000) + 0.0
-        self.relativeCreated = (now - _STARTED) * 1000  # since migblockd's logging loaded
+        # LogRecord's rule: a lone non-empty mapping is the %(key)s arguments.
+        one = args[0] if len(args) == 1 else None
+        self.args = one if isinstance(one, Mapping) and one else args
+        self.created, self.msecs, self.relativeCreated = _times()
         self.fields = fields
+
+
+_started: Final[Any] = getattr(logging, "_startTime", None)
+
+if sys.version_info >= (3, 13):
+    def _times() -> tuple[float, float, float]:
+        """``created``, ``msecs`` and ``relativeCreated``, as LogRecord sets them."""
+        ct = time.time_ns()
+        created = ct / 1e9
+        msecs = (ct % 1_000_000_000) // 1_000_000 + 0.0
+        if msecs == 999.0 and int(created) != ct // 1_000_000_000:
+            msecs = 0.0
+        return created, msecs, (ct - (_started or 0)) / 1e6
+else:
+    def _times() -> tuple[float, float, float]:
+        """``created``, ``msecs`` and ``relativeCreated``, as LogRecord sets them."""
+        ct = time.time()
+        return ct, int((ct - int(ct)) * 1000) + 0.0, (ct - (_started or 0.0)) * 1000
 
 
 #: What ``LogRecord.__init__`` sets alike for every info record when, as in the
@@ -60,7 +77,7 @@ _FIXED: Final[dict[str, object]] = {
     "lineno": 0, "funcName": "(unknown function)",
     "exc_info": None, "exc_text": None, "stack_info": None,
     "thread": None, "threadName": None, "processName": None, "process": None,
-    "taskName": None,  # Python 3.12+
+    **({"taskName": None} if sys.version_info >= (3, 12) else {}),
 }
 
 
@@ -88,7 +105,9 @@ def info(logger: logging.Logger, msg: str, *args: object, extra: dict[str, Any])
     if (direct is None or root.handlers != [direct[0]] or direct[0].filters
             or direct[0].level > logging.INFO or root.filters
             or logger.parent is not root or logger.handlers or logger.filters
-            or not logger.propagate):
+            or not logger.propagate or type(logger) is not logging.Logger
+            or logging.getLogRecordFactory() is not logging.LogRecord
+            or logging.getLevelName(logging.INFO) != "INFO"):
         logger.info(msg, *args, extra=extra)
     elif logger.isEnabledFor(logging.INFO):
         direct[1](QuickRecord(logger.name, msg, args, extra["fields"]))

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 __all__ = ["QuickRecord", "info", "install", "uninstall"]
 
+
 class QuickRecord(logging.LogRecord):
     """An info record made of what the daemon's formats show.
 
@@ -83,6 +84,7 @@ _FIXED: Final[dict[str, object]] = {
 
 Put = Callable[[logging.LogRecord], None]
 
+
 class _Installed:
     #: migblockd's handler, and what its ``handle`` does with a record that passes.
     route: tuple[logging.Handler, Put] | None = None
@@ -100,14 +102,20 @@ def uninstall() -> None:
 
 def info(logger: logging.Logger, msg: str, *args: object, extra: dict[str, Any]) -> None:
     """``logger.info(msg, *args, extra=extra)``, where ``extra`` is ``about(...)``."""
-    direct = _Installed.route
-    root = logging.root
-    if (direct is None or root.handlers != [direct[0]] or direct[0].filters
-            or direct[0].level > logging.INFO or root.filters
-            or logger.parent is not root or logger.handlers or logger.filters
-            or not logger.propagate or type(logger) is not logging.Logger
-            or logging.getLogRecordFactory() is not logging.LogRecord
-            or logging.getLevelName(logging.INFO) != "INFO"):
+    route = _Installed.route
+    if route is None or not _straight(logger, route[0]):
         logger.info(msg, *args, extra=extra)
     elif logger.isEnabledFor(logging.INFO):
-        direct[1](QuickRecord(logger.name, msg, args, extra["fields"]))
+        route[1](QuickRecord(logger.name, msg, args, extra["fields"]))
+
+
+def _straight(logger: logging.Logger, handler: logging.Handler) -> bool:
+    """``logging`` would hand ``logger``'s info records to ``handler`` alone, as
+    they are, and make them as :class:`QuickRecord` does."""
+    root = logging.root
+    return (len(root.handlers) == 1 and root.handlers[0] is handler
+            and not handler.filters and handler.level <= logging.INFO and not root.filters
+            and logger.parent is root and not logger.handlers and not logger.filters
+            and logger.propagate and type(logger) is logging.Logger
+            and logging.getLogRecordFactory() is logging.LogRecord
+            and logging.getLevelName(logging.INFO) == "INFO")

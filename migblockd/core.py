@@ -353,7 +353,15 @@ class Core:
         gen, request = conn.suspended, conn.waiting
         assert gen is not None and request is not None
         conn.suspended = conn.waiting = None
-        self._drive(conn, request, gen, value, error, self._started.pop(conn, 0))
+        started = self._started.pop(conn, 0)
+        try:
+            if error is None:  # the handler goes on to its change: counted as of now
+                self.guard.recheck(conn, request.command.name, request.args)
+        except QMPError as exc:
+            gen.close()
+            self._refused(conn, request, exc, started)
+        else:
+            self._drive(conn, request, gen, value, error, started)
         if conn.closed and conn.waiting is None:
             self._finish(conn)
         elif conn.session.has_output():
@@ -396,10 +404,7 @@ class Core:
         try:
             self.guard.check(conn, request.command.name, request.args)
         except QMPError as exc:
-            self.stats.refused(request.command.name, exc)
-            # Quotas and ownership are judged by what the registry holds.
-            self._complete(conn, request, None, exc, started,
-                           isinstance(exc, (OverQuota, NotOwner)))
+            self._refused(conn, request, exc, started)
             return
         if self.ledger.uncommitted and getattr(handler, "reads_state", False):
             conn.waiting = request
@@ -418,6 +423,14 @@ class Core:
             self._drive(conn, request, result, None, None, started)
         else:
             self._complete(conn, request, result, error, started, judged)
+
+    def _refused(self, conn: Connection, request: Request, error: QMPError,
+                 started: int) -> None:
+        """The guard refused ``request``: nothing changed, no event."""
+        self.stats.refused(request.command.name, error)
+        # Quotas and ownership are judged by what the registry holds.
+        self._complete(conn, request, None, error, started,
+                       isinstance(error, (OverQuota, NotOwner)))
 
     def _drive(self, conn: Connection, request: Request, gen: Suspended, value: object,
                error: BaseException | None, started: int) -> None:

@@ -2,11 +2,15 @@
 
 :meth:`Guard.check` runs first in :meth:`migblockd.core.Core._run`, before the
 handler and before the simulated migration advances, so a refused request
-changes nothing and causes no event.  A refusal is a ``GenericError`` whose
-desc says what was refused and why (the command, the uid, the role it has and
-the one it needs; for ``del-blocker``, whose blocker it is; for ``migrate``,
-the kind of URI or channel and what QEMU would do with it), and a warning in
-the log with the peer's pid and uid.
+changes nothing and causes no event.  A request that waits for QEMU before its
+change (``add-blocker`` with ``--qemu`` asks whether QEMU migrates) has its
+quotas and ownership judged again when QEMU answers (:meth:`Guard.recheck`):
+requests sent together all wait, and each must count the ones before it.
+
+A refusal is a ``GenericError`` whose desc says what was refused and why (the
+command, the uid, the role it has and the one it needs; for ``del-blocker``,
+whose blocker it is; for ``migrate``, the kind of URI or channel and what QEMU
+would do with it), and a warning in the log with the peer's pid and uid.
 
 A ``migrate`` by a role below admin may not make QEMU run a command or write a
 file as its own user: not to an ``exec:`` or ``file:`` URI (prefixes QEMU
@@ -59,6 +63,8 @@ _ADMIN_TRANSPORTS: dict[str, str] = {
     "exec": f"migrate with a channel of transport exec needs role {Role.ADMIN} ({_RUNS})",
     "file": f"migrate with a channel of transport file needs role {Role.ADMIN} ({_WRITES})",
 }
+#: The commands whose extra rule reads the registry (:meth:`Guard.recheck`).
+_REJUDGED = frozenset({"add-blocker", "del-blocker"})
 _UNJUDGED_CHANNEL = (f"migrate with a channel that has no string addr.transport needs role "
                      f"{Role.ADMIN} (migblockd cannot tell what QEMU would do with it)")
 
@@ -148,6 +154,15 @@ class Guard:
                          f"but {self._who(conn)} has role {role}", AccessDenied)
         if extra is not None:
             extra(conn, role, args)
+
+    def recheck(self, conn: Connection, name: str, args: Args) -> None:
+        """Judge again what depends on the registry (quotas, ownership) for a request
+        that waited for QEMU before its change: others may have added or deleted
+        blockers meanwhile, and each must count.  Its role stands as first judged."""
+        if name in _REJUDGED:
+            _, extra = self._rules[name]
+            assert extra is not None
+            extra(conn, self.role_of(conn), args)
 
     # -- the rules of particular commands ------------------------------------------
     def _check_add(self, conn: Connection, role: Role, args: Args) -> None:

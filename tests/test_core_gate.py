@@ -10,12 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from migblockd.access import Policy, Role
+from migblockd.access import Policy, Quotas, Role
 from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.gate import Call, GateHandlers, QemuError, QemuFacts, QemuUnavailable
+from migblockd.guard import who
 from migblockd.registry import FakeClock, Owner, Registry
 from migblockd.systemd import format_status
 
@@ -23,14 +24,15 @@ CONTRACT = Contract.load()
 PATH = Path("/run/qemu/vm1.qmp")
 
 
-def make(connected: bool = True, role: Role = Role.ADMIN) -> tuple[Core, QemuFacts]:
+def make(connected: bool = True, role: Role = Role.ADMIN,
+         quotas: Quotas | None = None) -> tuple[Core, QemuFacts]:
     registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
     facts = QemuFacts(PATH, connected=connected, version="7.2.22",
                       commands={"migrate": frozenset({"uri"}),
                                 "migrate-set-parameters": frozenset({"max-bandwidth"})})
     handlers = GateHandlers(CONTRACT, registry, facts, passthrough=("query-status",))
     return Core(CONTRACT, registry, Config().limits, handlers=handlers,
-                policy=Policy.of(role)), facts
+                policy=Policy.of(role), quotas=quotas), facts
 
 
 def lines(data: bytes) -> list[dict[str, Any]]:
@@ -44,8 +46,8 @@ def feed(core: Core, conn: Connection, data: bytes = b"") -> list[dict[str, Any]
     return lines(core.data_to_send(conn))
 
 
-def connected(core: Core) -> Connection:
-    conn = core.connect(Owner(1, 0, 0))
+def connected(core: Core, owner: Owner | None = None) -> Connection:
+    conn = core.connect(Owner(1, 0, 0) if owner is None else owner)
     core.data_to_send(conn)
     assert feed(core, conn, b'{"execute": "qmp_capabilities"}') == [{"return": {}}]
     return conn
@@ -148,6 +150,31 @@ def test_while_a_forwarded_migrate_waits_no_blocker_slips_in() -> None:
                     "disallowing migration blocker (migration/snapshot in progress) for: late"}}]
     core.resume(a, {})
     assert feed(core, a) == [{"return": {}}]
+
+
+def test_adds_that_waited_for_qemu_together_each_count_against_the_quotas() -> None:
+    # Each add asks QEMU whether it migrates first: the guard judged all of them
+    # before any was answered, when nobody owned anything yet.
+    core, _ = make(role=Role.CLIENT, quotas=Quotas(max_blockers=3, max_blockers_per_uid=2))
+    clients = [connected(core, Owner(3, 1000, 1000)) for _ in range(3)]
+    # Admins: exempt from the per-uid quota, not from max-blockers.
+    admins = [connected(core), connected(core)]
+    for n, conn in enumerate([*clients, *admins]):
+        feed(core, conn, b'{"execute": "add-blocker", "arguments": {"reason": "r%d"}, '
+                         b'"id": %d}' % (n, n))
+    calls = core.take_calls()
+    assert [call for _, call in calls] == [Call("query-migrate", {})] * 5
+    for conn, _ in calls:
+        core.resume(conn, {})
+    replies = [m for conn in [*clients, *admins] for m in lines(core.data_to_send(conn))
+               if "id" in m]
+    assert [("return" in m, m["id"]) for m in replies] == [
+        (True, 0), (True, 1), (False, 2), (True, 3), (False, 4)]
+    assert replies[2]["error"]["desc"] == (f"Too many migration blockers for {who(1000)}: it "
+                                           "owns 2, max-blockers-per-uid is 2")
+    assert replies[4]["error"]["desc"] == ("Too many migration blockers: 3 registered, "
+                                           "max-blockers is 3")
+    assert [b.reason for b in core.registry.blockers()] == ["r0", "r1", "r3"]
 
 
 def test_the_status_line_shows_the_link_to_qemu() -> None:

@@ -171,6 +171,26 @@ async def test_add_blocker_is_refused_while_qemu_migrates(
     assert_clean_log(d)
 
 
+async def test_adds_sent_together_each_count_against_max_blockers(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    # Each add asks QEMU whether it migrates before it adds: all six wait for
+    # QEMU at once, and the limit must still hold when they go on.
+    d = gate(start_daemon, qemu, "--max-blockers", "2")
+    await connected(d)
+    async with d.clients(6) as clients:
+        for n, c in enumerate(clients):
+            c.send_raw(json.dumps({"execute": "add-blocker", "id": n,
+                                   "arguments": {"reason": f"r{n}"}}).encode())
+        replies = [await c.read_reply() for c in clients]
+        assert sum("return" in r for r in replies) == 2, replies
+        assert [r for r in replies if "return" not in r] == [
+            error(GENERIC, "Too many migration blockers: 2 registered, max-blockers is 2",
+                  r["id"]) for r in replies if "return" not in r]
+        assert len(await clients[0].ok("query-blockers")) == 2
+    assert_clean_log(d)
+
+
 async def test_qemu_killed_and_restarted(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:

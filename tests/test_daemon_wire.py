@@ -576,6 +576,25 @@ async def test_one_parse_error_per_bad_message_then_resync_at_newline(
         assert (await c.execute("query-version", id="after"))["id"] == "after"
 
 
+async def test_a_request_on_the_line_after_an_unfinished_one_is_answered(
+    module_daemon: DaemonProcess,
+) -> None:
+    # Reported as a wedge: the unfinished line swallowed the request after it,
+    # which never ends in a line feed (qemu.qmp sends none), until the idle timeout.
+    async with module_daemon.client() as c:
+        c.send_raw(b'{"execute": "query-version",\n')
+        await asyncio.sleep(0.05)  # two reads
+        c.send_raw(encode({"execute": "query-version", "id": 9}))
+        assert await c.read() == {"error": {
+            "class": GENERIC, "desc": "JSON parse error, key is not a string in object"}}
+        assert (await c.read())["id"] == 9
+        # And in one write, line by line.
+        c.send_raw(b'[1, 2\n{"execute": "query-version", "id": 10}\n')
+        assert await c.read() == {"error": {
+            "class": GENERIC, "desc": "JSON parse error, expected separator in list"}}
+        assert (await c.read())["id"] == 10
+
+
 async def test_duplicate_key_is_a_parse_error(module_daemon: DaemonProcess) -> None:
     async with module_daemon.client() as c:
         msgs = await exchange(

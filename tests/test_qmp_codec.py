@@ -267,6 +267,38 @@ def test_unfinished_bad_message_resyncs_at_newline(bad: bytes) -> None:
     assert values(items) == [{"execute": "query-blockers", "id": 1}]
 
 
+LINE_START_REQUEST = [
+    # The unfinished message cannot go on with the "{" that begins the next
+    # line: that is where a line-based client's next request is.
+    (b'{"execute": "query-version",\n', "key is not a string in object"),
+    (b'{"execute": "query-version"\n', "expected separator in dict"),
+    (b"[1, 2\n", "expected separator in list"),
+    (b'{"execute": "query-version", "arguments": {"a": [1\n  ', "expected separator in list"),
+]
+
+
+@pytest.mark.parametrize("bad,reason", LINE_START_REQUEST,
+                         ids=[repr(b)[2:-1] for b, _ in LINE_START_REQUEST])
+@pytest.mark.parametrize("newline", [b"", b"\n"], ids=["qemu.qmp", "line"])
+def test_a_request_that_begins_a_line_runs_after_an_unfinished_message(
+    bad: bytes, reason: str, newline: bytes,
+) -> None:
+    # With or without a line feed of its own, and however the input is split.
+    data = bad + CMD + newline
+    expected = [ParseError("JSON parse error, " + reason), {"execute": "query-blockers", "id": 1}]
+    assert decode(data) == expected
+    for cut in range(1, len(data)):
+        assert decode(data[:cut], data[cut:]) == expected, cut
+    assert decode(*[data[i : i + 1] for i in range(len(data))]) == expected
+
+
+def test_a_brace_where_a_value_may_begin_continues_the_message() -> None:
+    # Valid JSON so far: a multi-line request, not a new one (nor any error).
+    assert decode(b'{"execute":\n' + CMD) == []
+    assert decode(b'{"execute": "x", "arguments":\n{"a": 1}}') == [
+        {"execute": "x", "arguments": {"a": 1}}]
+
+
 def test_unfinished_good_lines_keep_waiting() -> None:
     assert decode(b'{"execute":\n"x",\n"arguments": {"a": [1,\n') == []
     assert decode(b'{"execute":\n"x",\n"arguments": {"a": [1,\n', b"2]}}") == [

@@ -490,21 +490,41 @@ class StreamDecoder:
         after it.  The same rule applies when the message turns out bad in
         other ways, so the outcome does not depend on how input was split.
 
+        A "{" that begins the line after the last line feed is checked with
+        them: where the message cannot go on with it, that "{" is a line-based
+        client's next request, and decoding resumes there rather than after
+        its line (``[1, 2`` then a request on the next line: one error, and
+        the request runs, however the input was split).
+
         Only the first ``_LINE_CHECK_WINDOW`` bytes of a message are checked
         this way: requests are short, and a peer trickling a huge multi-line
         message cannot make the checks cost more than that per line.
         """
         start = self._start
-        lf = buf.rfind(b"\n", max(start, self._checked), min(end, start + _LINE_CHECK_WINDOW))
-        if lf <= self._checked:
+        window = min(end, start + _LINE_CHECK_WINDOW)
+        stop = lf = buf.rfind(b"\n", max(start, self._checked), window)
+        if lf >= 0:
+            brace = match_end(BLANKS, buf, lf + 1, window)
+            if brace < window and buf[brace] == 0x7B:
+                stop = brace + 1
+        if stop <= self._checked:
             return None
-        self._checked = lf
-        found = prefix_error(buf, start, lf)
+        self._checked = stop
+        found = prefix_error(buf, start, stop)
         if found is None:
             return None  # a valid beginning, to be continued
         desc, skip = found
-        self._skip_from(min(skip, lf))
+        if skip < stop and buf[skip] == 0x7B and self._begins_line(buf, skip):
+            self._skip_from(skip)
+            self._mode = _IDLE  # not skipping after all: a request begins here
+        else:
+            self._skip_from(min(skip, lf))
         return ParseError(desc)
+
+    def _begins_line(self, buf: bytearray, pos: int) -> bool:
+        """``buf[pos]`` is the first byte but blanks of a line inside the message."""
+        lf = buf.rfind(b"\n", self._start, pos)
+        return lf >= 0 and match_end(BLANKS, buf, lf + 1, pos) == pos
 
     def _bad_byte(self, buf: bytearray, p: int, token: int = -1) -> object:
         """A control character (or 0xFE/0xFF) where JSON allows none: the message is

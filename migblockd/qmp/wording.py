@@ -333,7 +333,8 @@ def _innermost_container(text: str, pos: int) -> str:
 
 
 def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
-    """The error in ``buf[start:lf]``, the complete lines of an unfinished message.
+    """The error in ``buf[start:lf]``, the complete lines of an unfinished message
+    (and the "{" that begins the next, if any).
 
     None when those lines are a valid beginning of a JSON value; else QEMU's
     desc and the offset in ``buf`` from which the rest of the message is

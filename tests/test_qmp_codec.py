@@ -160,7 +160,18 @@ def test_scalars_are_messages_once_delimited() -> None:
         (b'{"a": 1, "a": 2}', "JSON parse error, duplicate key"),
         (b'{"a": "\\x"}', "JSON parse error, invalid escape sequence in string"),
         (b'{"a": "\\u12g4"}', "JSON parse error, \\u12g4 is not a valid Unicode character"),
-        (b'{"a": "\\ud800"}', "JSON parse error, \\uD800 is not a valid Unicode character"),
+        # QEMU prints six characters of the client's own text from the backslash,
+        # cut at the end of the string token (json-parser.c, parse_string()).
+        (b'{"a": "\\ud800"}', "JSON parse error, \\ud800 is not a valid Unicode character"),
+        (b'{"a": "\\uDC00x"}', "JSON parse error, \\uDC00 is not a valid Unicode character"),
+        (b'{"a": "\\ud800\\u0041"}',
+         "JSON parse error, \\ud800 is not a valid Unicode character"),
+        (b'{"a": "ok\\ud83d\\ude00", "b": "\\udbff"}',
+         "JSON parse error, \\udbff is not a valid Unicode character"),
+        (b'{"a": "\\u12"}', 'JSON parse error, \\u12" is not a valid Unicode character'),
+        # Bytes that are not UTF-8, named as they came (not as U+FFFD's first byte).
+        (b"\x80\n", "JSON parse error, stray '\\x80'"),
+        (b'{"execute": "x", \xc3 "id": 1}', "JSON parse error, stray '\\xc3'"),
         (b'{"a": "\xc3("}', "JSON parse error, invalid UTF-8 sequence in string"),
         # As QEMU 7.2 answers each (its lexer's keywords are lower case, its numbers
         # strict; a token it cannot lex is "stray", the token so far included).

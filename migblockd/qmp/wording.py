@@ -47,6 +47,11 @@ def _viable(text: str) -> bool:
 SINGLE_QUOTE: Final = PARSE_ERROR_PREFIX + "single-quoted strings are not supported"
 
 
+#: Bytes that are not UTF-8 decode to lone surrogates and encode back to
+#: themselves: positions and stray bytes stay the client's.
+_RAW: Final = "surrogateescape"
+
+
 def stray(token: bytes) -> str:
     """QEMU's error for the token its lexer could not go on with, as it prints it:
     raw (JSON escapes control characters), cut at a NUL (it is a C string).
@@ -106,7 +111,7 @@ def decode_message(data: bytes | bytearray) -> object:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        text = data.decode("utf-8", "replace")
+        text = data.decode("utf-8", _RAW)
         desc = describe_error(text)
         if desc is None:
             desc = PARSE_ERROR_PREFIX + "invalid UTF-8 sequence in string"
@@ -119,12 +124,33 @@ def decode_message(data: bytes | bytearray) -> object:
         return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
     # json decodes a lone \uD800 escape to a lone surrogate, which no UTF-8
     # encoder (logging, the shell) can handle later; QEMU refuses it too.
-    if "\\u" in text:
-        bad = _find_lone_surrogate(value)
-        if bad is not None:
-            escape = f"\\u{ord(bad):04X}"
-            return ParseError(f"{PARSE_ERROR_PREFIX}{escape} is not a valid Unicode character")
+    if "\\u" in text and _find_lone_surrogate(value) is not None:
+        return ParseError(PARSE_ERROR_PREFIX + _not_unicode(text, _lone_escape(text)))
     return value
+
+
+#: Every escape in a JSON text, in order (``\\\\`` is one, so ``\\\\u`` is none).
+_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)", re.DOTALL)
+
+
+def _lone_escape(text: str) -> int:
+    """Where the first ``\\u`` escape of a lone surrogate begins, as QEMU finds it:
+    a leading one not followed at once by a trailing one, or a trailing one alone."""
+    lead = -1
+    for m in _ESCAPE.finditer(text):
+        escape = m.group()
+        cp = int(escape[2:], 16) if escape[1] == "u" else -1
+        if lead >= 0:
+            if m.start() == lead + 6 and 0xDC00 <= cp <= 0xDFFF:
+                lead = -1
+                continue
+            return lead
+        if 0xD800 <= cp <= 0xDBFF:
+            lead = m.start()
+        elif 0xDC00 <= cp <= 0xDFFF:
+            return m.start()
+    assert lead >= 0, "called for a text with a lone surrogate"
+    return lead
 
 
 def _find_lone_surrogate(value: object) -> str | None:
@@ -230,7 +256,7 @@ def first_token_end(token: bytes) -> int | None:
     letters cut from more (``12x`` is 12, then ``x``; ``xY`` is the keyword
     ``x``, then ``Y``); else None.  At the top level QEMU's parser takes each
     token as it ends, so each is a message of its own."""
-    text = token.decode("utf-8", "replace")
+    text = token.decode("utf-8", _RAW)
     if text[:1] and text[0] in "-0123456789":
         end = _number_error(text, 0)
         return end if isinstance(end, int) and 0 < end < len(text) else None
@@ -243,11 +269,11 @@ def first_token_end(token: bytes) -> int | None:
 
 def _stray_char(c: str) -> str:
     # QEMU's lexer reads bytes: the first byte of a character is the stray one.
-    return stray(c.encode("utf-8", "replace")[:1])[len(PARSE_ERROR_PREFIX):]
+    return stray(c.encode("utf-8", _RAW)[:1])[len(PARSE_ERROR_PREFIX):]
 
 
 def _stray_text(token: str) -> str:
-    return stray(token.encode("utf-8", "replace"))[len(PARSE_ERROR_PREFIX):]
+    return stray(token.encode("utf-8", _RAW))[len(PARSE_ERROR_PREFIX):]
 
 
 #: Everything up to the opening quote of a string left open (complete strings
@@ -263,7 +289,7 @@ def describe_error(data: str | bytes) -> str | None:
     Used only on the error path, so it may take its time: it re-parses and maps
     Python's ``json`` messages onto QEMU's (``qobject/json-parser.c``).
     """
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    text = data.decode("utf-8", _RAW) if isinstance(data, bytes) else data
     try:
         value, end = _DECODER.raw_decode(text)
     except _Reject as exc:
@@ -281,7 +307,7 @@ def describe_error(data: str | bytes) -> str | None:
         lexical = _lexical_error(text, end)
         if lexical is not None:
             return PARSE_ERROR_PREFIX + lexical
-        return stray(text[:end + 1].encode("utf-8", "replace"))
+        return stray(text[:end + 1].encode("utf-8", _RAW))
     del value
     return None
 
@@ -308,15 +334,28 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
         return "expected separator in dict" if inner == "{" else "expected separator in list"
     if msg.startswith("Invalid \\uXXXX"):
         start = pos - 1 if pos and text[pos - 1] == "\\" else pos
-        return f"{text[start:start + 6]} is not a valid Unicode character"
+        return _not_unicode(text, start)
     if msg.startswith("Invalid \\escape"):
         return "invalid escape sequence in string"
     if msg.startswith("Invalid control character"):
         # QEMU's lexer names the string token so far, from its opening quote.
         before = _BEFORE_OPEN_STRING.match(text, 0, pos)  # matches, if only ""
         start = before.end() if before is not None else pos
-        return stray(text[start : pos + 1].encode())[len(PARSE_ERROR_PREFIX) :]
+        return stray(text[start : pos + 1].encode("utf-8", _RAW))[len(PARSE_ERROR_PREFIX) :]
     return msg[:1].lower() + msg[1:]
+
+
+def _not_unicode(text: str, start: int) -> str:
+    """QEMU's error for the ``\\u`` escape at ``text[start]``, as it prints it:
+    six characters of the client's text from the backslash, cut at the end of
+    the string token (``json-parser.c``: ``"%.*s is not a valid Unicode
+    character"``, from a copy of the token)."""
+    end = start + 2
+    while end < min(start + 6, len(text)) and text[end] != '"':
+        end += 2 if text[end] == "\\" else 1
+    if end < len(text) and text[end] == '"':
+        end += 1  # the closing quote is the token's last character
+    return f"{text[start:min(end, start + 6)]} is not a valid Unicode character"
 
 
 def _innermost_container(text: str, pos: int) -> str:
@@ -341,14 +380,14 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
     skipped (where the error was found, or the line feed of the first line a
     line-by-line check would have refused).
     """
-    text = buf[start:lf].decode("utf-8", "replace")
+    text = buf[start:lf].decode("utf-8", _RAW)
     try:
         _DECODER.raw_decode(text)
     except json.JSONDecodeError as exc:
         if exc.pos >= len(text.rstrip()):
             return None
         desc = PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
-        return desc, start + len(text[: exc.pos].encode("utf-8", "replace"))
+        return desc, start + len(text[: exc.pos].encode("utf-8", _RAW))
     except (_Reject, ValueError, RecursionError):
         pass
     else:  # pragma: no cover - a complete value would have ended the scan
@@ -369,7 +408,7 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
     lo, hi = 0, len(feeds)  # feeds[hi:] are refused, feeds[:lo] viable
     while lo < hi:
         mid = (lo + hi) // 2
-        if _viable(buf[start : feeds[mid]].decode("utf-8", "replace")):
+        if _viable(buf[start : feeds[mid]].decode("utf-8", _RAW)):
             lo = mid + 1
         else:
             hi = mid

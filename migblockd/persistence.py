@@ -71,6 +71,8 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
     # an unknown mode would silently become another.
     settings = snapshot.settings
     mode = settings.get(MODE, DEFAULT_MODE)
+    if type(mode) is not str:
+        raise ValueError(f"stored mode {mode!r} is not the name of a mode; {_EDITED}")
     if mode not in known:
         raise ValueError(f"stored mode {mode!r} is not one the schema defines; use a --schema "
                          "that defines it, or move the state directory away to start from "

@@ -483,6 +483,11 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
                      "{db}: stored mode 'warp' is not one the schema defines; use a --schema "
                      "that defines it, or move the state directory away to start from "
                      "scratch"),
+    # Before, a TypeError with a traceback (a list is not hashable).
+    "mode a list": (edited("INSERT OR REPLACE INTO setting VALUES ('mode', '[\"normal\"]')"),
+                    "{db}: stored mode ['normal'] is not the name of a mode; " + EDITED),
+    "mode an object": (edited("INSERT OR REPLACE INTO setting VALUES ('mode', '{\"a\": 1}')"),
+                       "{db}: stored mode {{'a': 1}} is not the name of a mode; " + EDITED),
     "garbage": (garbage, "{db} is not a migblockd state database (file is not a database); "
                          "move it away to start from scratch"),
     "damaged page": (damage_a_page, "{db} is corrupt ("),

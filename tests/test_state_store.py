@@ -387,6 +387,22 @@ def test_a_database_the_directory_links_to_is_used(tmp_path: Path) -> None:
     assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
 
 
+def test_a_link_to_a_database_that_is_not_there_is_never_replaced(tmp_path: Path) -> None:
+    # Say, state.db on a volume that is not mounted yet: before, a new empty
+    # database was renamed over the link, and the daemon started with nothing.
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    target = tmp_path / "volume" / "state.db"
+    (directory / "state.db").symlink_to(target)
+    with pytest.raises(StateError) as refused:
+        Store.open(directory)
+    assert str(refused.value) == (
+        f"{directory}/state.db is a symbolic link to {target}, which does not exist; make "
+        "it reachable (a file system not mounted?), or remove the link to start from scratch")
+    assert (directory / "state.db").is_symlink() and sorted(os.listdir(directory)) == [
+        "lock", "state.db"]
+
+
 @pytest.mark.parametrize("suffix", ["-wal", "-shm"])
 @pytest.mark.parametrize("kind", ["directory", "fifo"])
 def test_a_log_that_is_not_a_file_is_named(tmp_path: Path, suffix: str, kind: str) -> None:

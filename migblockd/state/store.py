@@ -232,6 +232,11 @@ def _check_file(path: Path) -> bool:
     try:
         st = path.stat()
     except FileNotFoundError:
+        if path.is_symlink():
+            # Say, a volume not mounted yet: starting empty would drop its state.
+            raise StateError(f"{path} is a symbolic link to {os.readlink(path)}, which does "
+                             "not exist; make it reachable (a file system not mounted?), or "
+                             "remove the link to start from scratch") from None
         # SQLite would replay a leftover log into the new, empty database.
         if os.path.lexists(wal):
             raise StateError(f"{wal} exists without {path.name}; put {path.name} back, or "

@@ -211,6 +211,10 @@ class Core:
             return conn.suspended is not None or self.ledger.uncommitted
         return _held_full(conn)
 
+    def awaiting(self, conn: Connection) -> bool:
+        """What ``conn`` is owed waits for a commit or QEMU, not for the client."""
+        return conn.session.holding or self.blocked(conn)
+
     def execute(self, conn: Connection, max_requests: int) -> int:
         """Run up to ``max_requests`` of ``conn``'s pending requests, in order.
 

@@ -5,8 +5,8 @@ already read runs and is answered, and each connection closes once its
 replies are written (:meth:`migblockd.server.Server.stop`).  Nobody is dropped
 for ``--max-output`` meanwhile: the output is owed.  What bounds the wait:
 
-* a client that takes none of its output for ``SHUTDOWN_STALL`` seconds (and
-  is not waiting for a commit) is dropped;
+* a client that takes none of its output for ``SHUTDOWN_STALL`` seconds is
+  dropped, unless what it is owed waits for a commit (a slow disk) or QEMU;
 * after ``SHUTDOWN_LIMIT`` seconds the drain ends, and whoever is left is dropped.
 
 A connection answered in full is half-closed and lingers until the peer
@@ -68,8 +68,8 @@ async def drain(loop: asyncio.AbstractEventLoop, core: Core,
             if now >= deadline:
                 protocol.drop(f"still taking its last replies after {SHUTDOWN_LIMIT:g}s "
                               "of shutdown")
-            elif last is None or last[0] != state or (conn is not None and core.blocked(conn)):
-                seen[protocol] = (state, now)  # it moves, or waits for a commit
+            elif last is None or last[0] != state or (conn is not None and core.awaiting(conn)):
+                seen[protocol] = (state, now)  # it moves, or waits for a commit or QEMU
             elif now - last[1] >= SHUTDOWN_STALL:
                 protocol.drop(f"took none of its last replies for {SHUTDOWN_STALL:g}s "
                               "during shutdown")

@@ -18,11 +18,14 @@ import re
 import select
 import signal
 import socket
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 from conftest import DaemonProcess, assert_clean_log
 from qmpclient import RawClient, blocking_client, encode, strict_loads
+
+from migblockd.drain import DRAIN_POLL, SHUTDOWN_STALL
 
 ADDERS = 3
 READERS = 12
@@ -97,6 +100,36 @@ async def test_sigterm_answers_every_request_read_and_drops_nobody(
     assert 0 < len(answered_adds) < ADDERS * ADDS
     # Every add that took effect was answered, and every answered add took effect.
     assert await stored_ids(start_daemon, state) == answered_adds
+    assert_clean_log(d)
+
+
+async def test_a_client_whose_reply_waits_for_a_slow_commit_is_not_dropped(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reported: after 2 s of shutdown such a client was dropped "for taking none
+    # of its last replies", though it had none to take; its add was committed.
+    state = tmp_path / "state"
+    d = start_daemon("--state-dir", str(state), "--log-level", "info")
+    async with d.client() as c:
+        # Another program holds the database's write lock: the commit waits for it
+        # (SQLite's busy timeout, 5 s), longer than the drain's stall limit (2 s).
+        other = sqlite3.connect(state / "state.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            await c.send({"execute": "add-blocker", "id": "t1",
+                          "arguments": {"reason": "slow disk", "id": "t1"}})
+            d.wait_for_log("added blocker t1")
+            d.signal(signal.SIGTERM)
+            d.wait_for_log("received SIGTERM")
+            await asyncio.sleep(SHUTDOWN_STALL + 2 * DRAIN_POLL + 0.5)
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        reply = await c.read_reply()
+        assert reply["id"] == "t1" and reply["return"]["id"] == "t1", reply
+    assert d.wait_exit() == 0
+    assert "dropped" not in d.log()
+    assert await stored_ids(start_daemon, state) == {"t1"}
     assert_clean_log(d)
 
 

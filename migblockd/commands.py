@@ -106,6 +106,20 @@ class Handlers:
                   extra=about(conn, blocker_id=blocker.id))
         return {}
 
+    @staticmethod
+    def undone(conn: Connection, change: Change) -> None:
+        """The log line of a change its commit failed to keep (as its own line said
+        it was made): the blocker's id in its fields, as for the change itself."""
+        blocker = change.blocker
+        if blocker is not None:
+            did = "added" if change.kind == "add" else "deleted"
+            log.warning("%s: undone, the commit failed: %s blocker %s", conn.label, did,
+                        shown(blocker.id, quoted=False),
+                        extra=about(conn, blocker_id=blocker.id))
+        elif change.kind == "mode" and change.new != change.old:
+            log.warning("%s: undone, the commit failed: migration mode %s (back to %s)",
+                        conn.label, change.new, change.old, extra=about(conn))
+
     @reads_state
     def query_blockers(self, conn: Connection, args: Args) -> object:
         # Polled by every agent: kept encoded as blockers come and go.

@@ -318,17 +318,21 @@ class Core:
         those commands' replies become errors saying ``reason``, their events are
         dropped.  Returns the connections whose next request may run now.
         """
-        log.error("%s; %d command(s) failed, their changes undone", reason,
-                  self.ledger.pending)
-        for changes in self.ledger.failed():
-            self.registry.undo(changes, alive=self.connections.__contains__)
+        undone = [(conn, self.registry.undo(changes, alive=self.connections.__contains__))
+                  for conn, changes in self.ledger.failed()]
         self.handlers.listings.reset()
         error = QMPError(f"{reason}; nothing was changed")
         released = list(self.ledger.holding)
+        failed = 0
         for conn in released:
-            conn.session.fail_held(error)
+            failed += conn.session.fail_held(error)
             self._dirty[conn] = None
         self.ledger.holding.clear()
+        log.error("%s; %d command(s) failed, their changes undone", reason, failed)
+        # The log said "added" and "deleted" as each ran: say which did not last.
+        for conn, changes in reversed(undone):
+            for change in changes:
+                self.handlers.undone(conn, change)
         return self._wake(released)
 
     def _wake(self, released: list[Connection]) -> list[Connection]:

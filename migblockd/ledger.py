@@ -152,13 +152,14 @@ class Ledger:
         self._committed = group.stamp
         self._pending = [entry for entry in self._pending if entry[0] > group.stamp]
 
-    def failed(self) -> list[list[Change]]:
-        """A commit failed: every change not on disk, newest first, for undoing.
+    def failed(self) -> list[tuple[Connection, list[Change]]]:
+        """A commit failed: every change not on disk, newest first, for undoing,
+        with the connection whose command made it.
 
         Changes made after the failed group are given up too: they were made on
         top of it, and their replies are still held.
         """
-        undo = [changes for _, _, changes in reversed(self._pending)]
+        undo = [(conn, changes) for _, conn, changes in reversed(self._pending)]
         self._pending.clear()
         self._open = 0
         self.cohort.clear()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
+
+import pytest
 
 from migblockd.access import Policy, Quotas, Role
 from migblockd.config import Config
@@ -129,6 +132,44 @@ def test_a_failed_commit_undoes_everything_pending_and_says_so() -> None:
     assert core.take_group() is None
     out = run(core, a, b'{"execute": "query-blockers", "id": "q"}')
     assert [blocker["id"] for blocker in out[-1]["return"]] == ["kept"]
+
+
+def test_a_failed_commit_logs_what_it_undid_and_counts_every_failed_reply(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Reported: the log kept "deleted blocker x" and "added blocker y" lines for
+    # changes the failure undid, said nothing of them, and counted 3 failed
+    # commands where 4 clients got the error (a refusal standing on a pending add).
+    core = make()
+    a = connected(core, 1)
+    run(core, a, ADD_X)
+    first = core.take_group()
+    assert first is not None
+    core.committed(first)
+    run(core, a)
+    b, c, d, e = (connected(core, uid) for uid in (2, 3, 4, 5))
+    run(core, b, b'{"execute": "del-blocker", "arguments": {"id": "x"}, "id": 1}')
+    run(core, c, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x", '
+                 b'"scope": "connection"}, "id": 2}')
+    run(core, d, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "y"}, "id": 3}')
+    run(core, e, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "y"}, "id": 4}')
+    run(core, a, b'{"execute": "migrate-set-parameters", "arguments": {"mode": "cpr-exec"}}')
+    group = core.take_group()
+    assert group is not None
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="migblockd"):
+        core.commit_failed(group, "cannot commit to /x/state.db: disk full")
+    assert [(r.levelname, r.getMessage(), getattr(r, "fields", {}).get("blocker_id"))
+            for r in caplog.records] == [
+        ("ERROR", "cannot commit to /x/state.db: disk full; 5 command(s) failed, their "
+                  "changes undone", None),
+        ("WARNING", f"{b.label}: undone, the commit failed: deleted blocker x", "x"),
+        ("WARNING", f"{c.label}: undone, the commit failed: added blocker x", "x"),
+        ("WARNING", f"{d.label}: undone, the commit failed: added blocker y", "y"),
+        ("WARNING", f"{a.label}: undone, the commit failed: migration mode cpr-exec (back to "
+                    "normal)", None),
+    ]
+    assert [blocker.id for blocker in core.registry.blockers()] == ["x"]
 
 
 def test_connection_scoped_blockers_hold_nothing_but_wait_behind_what_does() -> None:

@@ -309,8 +309,10 @@ class Session:
         """A reply (or an error) waits in held output."""
         return any(run.replies for run in self._held)
 
-    def fail_held(self, error: QMPError) -> None:
-        """The commit failed: release held output as the client must now hear it."""
+    def fail_held(self, error: QMPError) -> int:
+        """The commit failed: release held output as the client must now hear it.
+        Returns how many replies became ``error``."""
+        failed = 0
         for run in self._held:
             fates = run.fates
             for n, data in enumerate(run.data):
@@ -319,7 +321,9 @@ class Session:
                     self._emit(data, on_failure)
                 elif isinstance(on_failure, Request):
                     self._emit(encode_error(error, on_failure.id), KEEP)
+                    failed += 1
         self._held.clear()
+        return failed
 
     @property
     def holding(self) -> bool:

@@ -407,27 +407,30 @@ class Registry:
         changes, self._journal = self._journal, []
         return changes
 
-    def undo(self, changes: list[Change], alive: Callable[[object], bool]) -> None:
-        """Take ``changes`` back, newest first, without events.
+    def undo(self, changes: list[Change], alive: Callable[[object], bool]) -> list[Change]:
+        """Take ``changes`` back, newest first, without events; those it took back.
 
         For a commit that failed: the registry returns to what is on disk.  A
         change that no longer applies is skipped: its blocker since went with
         its connection, or was deleted from a connection no longer ``alive``
         (restored, it would have nothing left to end it).
         """
+        undone = []
         for change in reversed(changes):
             blocker = change.blocker
             if change.kind == "add":
                 assert blocker is not None
-                if self._store.get(blocker.id) is blocker:
-                    self._store.remove(blocker)
-                    self._version += 1
+                if self._store.get(blocker.id) is not blocker:
+                    continue
+                self._store.remove(blocker)
+                self._version += 1
             elif change.kind == "delete":
                 assert blocker is not None
                 gone = blocker.connection is not None and not alive(blocker.connection)
-                if blocker.id not in self._store and not gone:
-                    self._store.add(blocker)
-                    self._version += 1
+                if blocker.id in self._store or gone:
+                    continue
+                self._store.add(blocker)
+                self._version += 1
             elif change.kind == "mode":
                 self._set_mode(str(change.old))
             elif change.kind == "events":
@@ -435,6 +438,9 @@ class Registry:
             else:
                 assert isinstance(change.old, int)
                 self._ids.floor = change.old
+            undone.append(change)
+        undone.reverse()
+        return undone
 
     def restore(self, blockers: Sequence[Blocker], *, mode: str, events: bool,
                 id_floor: int) -> None:

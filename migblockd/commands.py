@@ -129,7 +129,7 @@ class Handlers:
     @reads_state
     def migrate(self, conn: Connection, args: Args) -> object:
         try:
-            self.registry.migrate(args["uri"])
+            self.registry.migrate(args["uri"], args.get("resume", False))
         except BlockerError as exc:
             self._refused(conn, exc, uri=args["uri"])
             raise

@@ -236,18 +236,11 @@ class GateHandlers(Handlers):
     @reads_state
     def migrate(self, conn: Connection, args: Args) -> Step:
         uri = shown(args["uri"])
-        try:
-            info = yield Call("query-migrate", {})
-            if not isinstance(info, dict):  # cannot tell whether one runs: do not start one
-                raise _not_understood("query-migrate", info)
-            self.qemu.saw(info)
-            if _status(info) in RUNNING_STATUSES or self.qemu.busy:
-                raise MigrationInProgress()
-            yield from self._check_mode()
-            self.registry.check_migrate()  # the current mode's newest blocker
-        except (BlockerError, QMPError, QemuError, QemuUnavailable) as exc:
-            self._refused(conn, exc, uri=args["uri"])
-            raise
+        # A resume goes on with a paused postcopy migration, let through when it
+        # started: QEMU's migrate_prepare() checks that one is paused and, like
+        # migblockd, no blocker (none could be added while it ran).
+        if not args.get("resume", False):
+            yield from self._check_start(conn, args["uri"])
         # Awaiting its end from now: QEMU's events may tell it before the reply comes.
         self.qemu.busy = self.qemu.awaiting = True
         try:
@@ -264,6 +257,21 @@ class GateHandlers(Handlers):
             self.qemu.busy = False
         log.info("%s: migration to %s handed to QEMU", conn.label, uri, extra=about(conn))
         return result
+
+    def _check_start(self, conn: Connection, uri: str) -> Generator[Call, object, None]:
+        """Refuse a new migration, as QEMU would and for migblockd's blockers."""
+        try:
+            info = yield Call("query-migrate", {})
+            if not isinstance(info, dict):  # cannot tell whether one runs: do not start one
+                raise _not_understood("query-migrate", info)
+            self.qemu.saw(info)
+            if _status(info) in RUNNING_STATUSES or self.qemu.busy:
+                raise MigrationInProgress()
+            yield from self._check_mode()
+            self.registry.check_migrate()  # the current mode's newest blocker
+        except (BlockerError, QMPError, QemuError, QemuUnavailable) as exc:
+            self._refused(conn, exc, uri=uri)
+            raise
 
     def _check_mode(self) -> Generator[Call, object, None]:
         """Refuse unless QEMU would migrate in migblockd's mode: the blockers

@@ -93,6 +93,25 @@ def test_a_blocker_refuses_migrate_before_qemu_is_asked_to_migrate() -> None:
     assert feed(core, a) == [{"id": 1, "error": {"class": "GenericError", "desc": "dump"}}]
 
 
+def test_a_resume_goes_to_qemu_which_judges_the_paused_migration() -> None:
+    # QEMU's migrate_prepare() checks a resume against the paused postcopy
+    # migration only: no "in progress" (one is, paused), no blocker.
+    core, _ = make()
+    a = connected(core)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "late"}}')
+    assert [call.name for _, call in core.take_calls()] == ["query-migrate"]
+    core.resume(a, {})  # QEMU does not migrate: added
+    assert len(core.registry.blockers()) == 1
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1", "resume": true}, '
+                  b'"id": "r"}')
+    (_, call), = core.take_calls()
+    assert call == Call("migrate", {"uri": "tcp:h:1", "resume": True})
+    core.resume(a, error=QemuError("GenericError",
+                                   "Cannot resume if there is no paused migration"))
+    assert feed(core, a)[-1] == {"id": "r", "error": {
+        "class": "GenericError", "desc": "Cannot resume if there is no paused migration"}}
+
+
 def test_qemus_errors_come_back_verbatim_and_absence_names_the_monitor() -> None:
     core, _ = make()
     a = connected(core)

@@ -30,6 +30,7 @@ from migblockd.registry import (
     MigrationBlocked,
     MigrationBusy,
     MigrationInProgress,
+    NoPausedMigration,
     NotFound,
     OnlyMigratable,
     Owner,
@@ -79,8 +80,8 @@ def release(conn: str) -> Step:
     return ("release", conn)
 
 
-def migrate(uri: str = "tcp:host:4444") -> Step:
-    return ("migrate", uri)
+def migrate(uri: str = "tcp:host:4444", resume: bool = False) -> Step:
+    return ("migrate", uri, resume)
 
 
 CANCEL: Step = ("cancel",)
@@ -121,8 +122,8 @@ def run(registry: Registry, clock: FakeClock, conns: dict[str, object], step: St
             return registry.delete(id).id
         case ("release", conn):
             return [b.id for b in registry.release(conns.setdefault(conn, object()))]
-        case ("migrate", uri):
-            return registry.migrate(uri)
+        case ("migrate", uri, resume):
+            return registry.migrate(uri, resume)
         case ("cancel",):
             return registry.cancel()
         case ("query",):
@@ -204,6 +205,7 @@ BUSY = "disallowing migration blocker (migration/snapshot in progress) for: "
 ONLY = "disallowing migration blocker (--only-migratable) for: "
 IN_PROGRESS = "There's a migration process in progress"
 BAD_URI = "Parameter 'uri' expects a valid migration protocol"
+NO_PAUSED = "Cannot resume if there is no paused migration"
 BAD_ID = "Parameter 'id' expects an identifier"
 LONG_ID = "Parameter 'id' expects an identifier of at most 128 characters"
 EMPTY_REASON = "Parameter 'reason' expects a non-empty string"
@@ -345,6 +347,16 @@ ROWS = [
     Row("URI is checked before busy (QEMU 8.2+)", (migrate(),), migrate("bogus"),
         error=(InvalidUri, BAD_URI)),
     Row("URI is checked before blockers (QEMU 8.2+)", (add(SEV),), migrate("bogus"),
+        error=(InvalidUri, BAD_URI)),
+    # QEMU's migrate_prepare(): a resume needs a paused postcopy migration, which
+    # the simulation never has; its check comes after the URI's, before the rest.
+    Row("resume with nothing paused", (), migrate(resume=True),
+        error=(NoPausedMigration, NO_PAUSED), query={}),
+    Row("resume is checked before blockers", (add(SEV),), migrate(resume=True),
+        error=(NoPausedMigration, NO_PAUSED)),
+    Row("resume is checked before busy", (migrate(),), migrate(resume=True),
+        error=(NoPausedMigration, NO_PAUSED)),
+    Row("URI is checked before resume", (), migrate("bogus", resume=True),
         error=(InvalidUri, BAD_URI)),
     Row("busy is checked before blockers", (migrate(), mode("cpr-exec")), migrate(),
         error=(MigrationInProgress, IN_PROGRESS)),

@@ -20,6 +20,7 @@ from migblockd.registry.errors import (
     MigrationBlocked,
     MigrationBusy,
     MigrationInProgress,
+    NoPausedMigration,
     NotFound,
     OnlyMigratable,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "MigrationBlocked",
     "MigrationBusy",
     "MigrationInProgress",
+    "NoPausedMigration",
     "NotFound",
     "OnlyMigratable",
     "Owner",

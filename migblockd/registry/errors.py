@@ -24,6 +24,7 @@ __all__ = [
     "MigrationBlocked",
     "MigrationBusy",
     "MigrationInProgress",
+    "NoPausedMigration",
     "NotFound",
     "OnlyMigratable",
 ]
@@ -124,6 +125,14 @@ class MigrationInProgress(BlockerError):
 
     def __init__(self) -> None:
         super().__init__("There's a migration process in progress")
+
+
+class NoPausedMigration(BlockerError):
+    """``migrate`` with ``resume`` when no postcopy migration is paused (QEMU's
+    migrate_prepare(); the simulation never pauses one)."""
+
+    def __init__(self) -> None:
+        super().__init__("Cannot resume if there is no paused migration")
 
 
 class InvalidUri(BlockerError):

@@ -39,6 +39,7 @@ from migblockd.registry.errors import (
     MigrationBlocked,
     MigrationBusy,
     MigrationInProgress,
+    NoPausedMigration,
     NotFound,
     OnlyMigratable,
 )
@@ -328,29 +329,33 @@ class Registry:
         """Whether a migration runs (``migration_is_running()``)."""
         return self._migration.running
 
-    def check_migrate(self, uri: str | None = None) -> None:
+    def check_migrate(self, uri: str | None = None, resume: bool = False) -> None:
         """``migrate``'s refusals, in QEMU 8.2+'s order, without starting anything.
 
-        The URI's scheme (:class:`InvalidUri`, when a URI is given), a
-        migration already running (:class:`MigrationInProgress`), then the
-        current mode's list (:class:`MigrationBlocked`, quoting the newest).
+        The URI's scheme (:class:`InvalidUri`, when a URI is given), a resume
+        (:class:`NoPausedMigration`: the simulation never pauses a postcopy
+        migration, the only kind QEMU resumes), a migration already running
+        (:class:`MigrationInProgress`), then the current mode's list
+        (:class:`MigrationBlocked`, quoting the newest).
         """
         if uri is not None and not uri.startswith(URI_SCHEMES):
             raise InvalidUri(uri)
+        if resume:
+            raise NoPausedMigration()
         if self._migration.running:
             raise MigrationInProgress()
         newest = self._mode_chain.newest
         if newest is not None:
             raise MigrationBlocked(newest)
 
-    def migrate(self, uri: str) -> None:
+    def migrate(self, uri: str, resume: bool = False) -> None:
         """``migrate``: start a simulated migration to ``uri``.
 
         Every refusal (see :meth:`check_migrate`) leaves the state untouched
         and queues nothing.  On success the status becomes ``setup``
         (MIGRATION event when enabled).
         """
-        self.check_migrate(uri)
+        self.check_migrate(uri, resume)
         self._announce(self._migration.start(self._clock.monotonic()))
 
     def cancel(self) -> None:

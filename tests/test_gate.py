@@ -6,6 +6,7 @@ QEMU 7.2 runs with no guest and two monitors: migblockd uses one, the test the o
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import re
@@ -70,6 +71,53 @@ async def test_qemu_blockers_are_listed_and_refuse_migrate_in_qemus_words(
         assert info["blocked-reasons"] == [SEV, mon.blocker_text("vdi1")]
         # migblockd's own blocker refuses first, without asking QEMU to migrate.
         assert await c.execute("migrate", {"uri": SINK}, id=3) == error(GENERIC, SEV, 3)
+    assert_clean_log(d)
+
+
+def qemu_sent(d: DaemonProcess, qemu: Qemu, command: str) -> list[tuple[str, Any]]:
+    """What QEMU sent from ``command`` on, as the daemon's debug log traced it: its
+    reply as ("reply", None), MIGRATION and MIGRATION_PASS events as (name, data)."""
+    trace = re.compile(rf"QEMU {re.escape(str(qemu.gate_socket))} (<-|->) (b'.*')$")
+    sent: list[tuple[str, Any]] = []
+    exec_id = None
+    for line in d.log().splitlines():
+        m = trace.search(line)
+        if m is None:
+            continue
+        msg = json.loads(ast.literal_eval(m.group(2)))
+        if m.group(1) == "->":
+            if msg.get("execute") == command:
+                exec_id = msg["id"]
+        elif exec_id is not None:
+            if msg.get("event") in ("MIGRATION", "MIGRATION_PASS"):
+                sent.append((msg["event"], msg["data"]))
+            elif msg.get("id") == exec_id:
+                sent.append(("reply", None))
+    return sent
+
+
+async def test_events_and_the_reply_reach_the_client_in_the_order_qemu_sent_them(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    # Reported: QEMU sent MIGRATION setup, migrate's return, MIGRATION_PASS 1,
+    # MIGRATION active; the client got the return last.
+    d = gate(start_daemon, qemu, "--log-level", "debug")
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("migrate-set-capabilities",
+                   {"capabilities": [{"capability": "events", "state": True}]})
+        await c.send({"execute": "migrate", "arguments": {"uri": SINK}, "id": "go"})
+        got: list[tuple[str, Any]] = []
+        while ("MIGRATION", {"status": "completed"}) not in got:
+            msg = await c.read()
+            if msg.get("event") in ("MIGRATION", "MIGRATION_PASS"):
+                got.append((msg["event"], msg["data"]))
+            elif msg.get("id") == "go":
+                assert msg == {"return": {}, "id": "go"}
+                got.append(("reply", None))
+        d.wait_for_log(re.compile(r'<- b\'\{"timestamp".*"MIGRATION".*"completed"'))
+        sent = qemu_sent(d, qemu, "migrate")
+        assert got == sent[:len(got)] and ("reply", None) in got, (got, sent)
     assert_clean_log(d)
 
 

@@ -8,13 +8,16 @@ through ``on_state``, and sends commands with :meth:`QemuLink.execute`.
 
 It is built on ``qemu.qmp``'s ``QMPClient``, adjusted in three ways (see ``_Client``):
 
-* events are handed to ``on_event`` from the library's reader task, as each is read.  The
-  reader handles QEMU's messages one at a time in QEMU's order and only then passes a reply
+* events are handed to ``on_event`` from the library's reader task, in QEMU's order
+  with its replies.  The reader handles QEMU's messages one at a time and passes a reply
   to the ``execute()`` that waits for it, so an event QEMU sent before a reply (QEMU sends
   an event caused by a command before that command's reply) reaches ``on_event`` before
-  ``execute()`` returns.  The library's own event queues are bypassed: its default
-  listener keeps every event in a history list, which grows for as long as the connection
-  lives;
+  ``execute()`` returns.  An event QEMU sent after a reply waits until the caller of that
+  ``execute()`` has taken the reply (the reader goes on reading at once, while the caller
+  resumes only at the loop's next turn), so that it reaches clients after the reply too:
+  ``MIGRATION active`` after ``migrate``'s return.  The library's own event queues are
+  bypassed: its default listener keeps every event in a history list, which grows for as
+  long as the connection lives;
 * the library's logging is silenced: it logs every failed connection attempt as an error
   (and a traceback at debug level).  The link logs what matters itself;
 * the wire traffic is logged at debug level on the link's logger, as the server logs its
@@ -137,9 +140,21 @@ class _Client(QMPClient):
         self._name = name
         self.logger = _SILENT
 
-    async def _event_dispatch(self, msg: Message) -> None:
-        # Called by the reader task for each event, in QEMU's order (see the module doc).
-        self._link._deliver(msg)
+    async def _on_message(self, msg: Message) -> None:
+        # Called by the reader task for each message, in QEMU's order (see the module doc).
+        link = self._link
+        if "event" in msg:
+            if link._after_reply is not None:
+                link._after_reply.append(msg)
+            else:
+                link._deliver(msg)
+            return
+        answered = msg.get("id") in self._pending
+        await super()._on_message(msg)  # wakes the execute() that waits for it
+        if answered and link._after_reply is None:
+            # Runs after the woken caller's turn, which was scheduled first.
+            link._after_reply = []
+            asyncio.get_running_loop().call_soon(link._deliver_after_reply)
 
     def _cb_inbound(self, msg: Message) -> Message:
         if log.isEnabledFor(logging.DEBUG):
@@ -201,6 +216,8 @@ class QemuLink:
         self._logged_reason: str | None = None
         self._info: QemuInfo | None = None
         self._client = _Client(self)
+        #: Events read after a reply whose caller has not run yet (see the module doc).
+        self._after_reply: list[Message] | None = None
         self._task: asyncio.Task[None] | None = None
         self._tried = asyncio.Event()  # the first attempt to connect is over
 
@@ -376,6 +393,11 @@ class QemuLink:
         if self._state == "connected":  # the reader saw the end; _run has yet to notice
             return QemuNotConnected(self.path, "the connection was just lost")
         return QemuNotConnected(self.path, self._reason)
+
+    def _deliver_after_reply(self) -> None:
+        held, self._after_reply = self._after_reply or [], None
+        for msg in held:
+            self._deliver(msg)
 
     def _deliver(self, msg: Mapping[str, object]) -> None:
         name = msg.get("event")

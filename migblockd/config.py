@@ -143,8 +143,9 @@ class Config:
     )
     max_clients_per_uid: int = option(
         128, parse=Integer(minimum=0), metavar="N", reloadable=True,
-        help="connections one local user may hold at once (0: no limit); root and the "
-        "daemon's own user are exempt; more get one error line saying so",
+        help="connections one local user may hold at once (0: no limit); admins (root, "
+        "the daemon's own user, the access policy's) are exempt; more get one error line "
+        "saying so",
     )
     negotiation_timeout: float = option(
         10.0, parse=Seconds(), metavar="SECONDS", reloadable=True,

@@ -202,6 +202,26 @@ async def test_one_user_cannot_take_every_slot(
     assert_clean_log(d)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+async def test_a_user_the_policy_makes_admin_is_exempt_from_the_per_uid_limit(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+) -> None:
+    short_tmp.chmod(0o755)
+    config = short_tmp / "migblockd.toml"
+    config.write_text(f'[access.users]\n{NOBODY} = "admin"\n')
+    d = start_daemon("--max-clients-per-uid", "2", "--socket-mode", "0666",
+                     "--config", str(config), socket=short_tmp / "m.sock")
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         "/usr/bin/python3", "-c", textwrap.dedent(AS_NOBODY), str(d.socket)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert all("QMP" in strict_loads(line) for line in proc.stdout.splitlines())
+    assert len(proc.stdout.splitlines()) == 3
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
 async def test_a_reload_applies_the_timeouts_and_the_per_uid_limit(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

@@ -331,8 +331,10 @@ async def test_backup_while_running_restore_and_start_from_scratch(
     # Restore: the daemon stopped, the directory moved away, a new one with the backup,
     # its counter of generated ids raised past those handed out since the backup.
     directory.rename(tmp_path / "state.before-restore")
-    directory.mkdir(mode=0o700)
-    shutil.copy(backup, directory / "state.db")
+    me = [f"--owner={os.getuid()}", f"--group={os.getgid()}"]
+    subprocess.run(["install", "-d", "-m", "0700", *me, str(directory)], check=True)
+    subprocess.run(["install", "-m", "0600", *me, str(backup), str(directory / "state.db")],
+                   check=True)
     subprocess.run(["sqlite3", str(directory / "state.db"), RAISE_ID_FLOOR], check=True,
                    timeout=60)
     restored = start_daemon("--state-dir", str(directory))

@@ -78,7 +78,9 @@ def open_state(config: Config, registry: Registry) -> Store | None:
     except ValueError as exc:
         store.close()
         raise StartupError(f"{store.path}: {exc}") from None
-    log.info("restored %d blockers from %s", len(registry), store.path)
+    count = len(registry)
+    log.info("restored %d %s from %s", count, "blocker" if count == 1 else "blockers",
+             store.path)
     # What was restored lives as long as the daemon: keep the collector off it.
     gc.collect()
     gc.freeze()

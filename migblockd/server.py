@@ -362,9 +362,10 @@ class Server:
                                       self.core.connections)
             logging.getLogger().setLevel(self.config.logging_level)
             described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
-            log.info("reloaded configuration: %s", described or "nothing changed")
             later = [o.key for o in table(Config) if o.name not in RELOADABLE
                      and getattr(fresh, o.name) != getattr(self.config, o.name)]
+            log.info("reloaded configuration: %s", described or (
+                "no setting a reload applies changed" if later else "nothing changed"))
             if later:
                 log.warning("reload: %s changed, which only a restart applies",
                             ", ".join(later))

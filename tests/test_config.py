@@ -146,6 +146,12 @@ async def test_a_reload_names_the_changes_that_wait_for_a_restart(
     d.wait_for_log("WARNING: reload: socket-mode, migration-time changed, which only a "
                    "restart applies")
     assert d.socket.stat().st_mode & 0o777 == 0o600
+    # Only such changes: the info line does not say "nothing changed" above the warning.
+    path.write_text('log-level = "info"\nmax-clients = 7\nmigration-time = 5\n')
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("reloaded configuration: no setting a reload applies changed")
+    d.wait_for_log("WARNING: reload: migration-time changed, which only a restart applies")
+    assert "nothing changed" not in d.log()
     assert d.stop() == 0
 
 

@@ -37,7 +37,8 @@ Start = Callable[..., DaemonProcess]
 
 
 def restored_line(directory: Path, count: int) -> str:
-    return f"restored {count} blockers from {directory}/state.db"
+    return (f"restored {count} {'blocker' if count == 1 else 'blockers'} from "
+            f"{directory}/state.db")
 
 
 async def blockers(client: RawClient) -> list[dict[str, Any]]:

@@ -179,7 +179,7 @@ async def test_crash_on_a_full_disk_restarts_and_serves(
     daemon.proc.wait()
 
     again = start_daemon("--state-dir", str(directory), python=python)
-    again.wait_for_log(f"restored 1 blockers from {db}")
+    again.wait_for_log(f"restored 1 blocker from {db}")
     async with again.client() as c:
         assert await c.ok("query-blockers") == [before]
         refused = await c.execute("del-blocker", {"id": "before"})

@@ -387,6 +387,16 @@ def test_a_database_the_directory_links_to_is_used(tmp_path: Path) -> None:
     assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
 
 
+def test_a_lock_that_is_a_link_is_refused_with_the_right_fix(tmp_path: Path) -> None:
+    # Before: "Too many levels of symbolic links; make D writable by this user".
+    (tmp_path / "lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}/lock is a symbolic link, which migblockd never "
+                                  "follows; remove it (the daemon makes its lock file itself)")
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_a_link_to_a_database_that_is_not_there_is_never_replaced(tmp_path: Path) -> None:
     # Say, state.db on a volume that is not mounted yet: before, a new empty
     # database was renamed over the link, and the daemon started with nothing.

@@ -25,6 +25,9 @@ def lock_directory(directory: Path) -> PidLock:
         raise StateError(f"state directory {directory} is locked by another migblockd "
                          f"({held.holder}); stop it, or use another --state-dir") from None
     except LockFailed as exc:
+        if exc.opening and path.is_symlink():
+            raise StateError(f"{path} is a symbolic link, which migblockd never follows; "
+                             "remove it (the daemon makes its lock file itself)") from None
         if exc.opening:
             raise StateError(f"cannot open {path}: {exc.strerror}; make {directory} writable "
                              "by this user, or choose another --state-dir") from None

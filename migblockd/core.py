@@ -323,7 +323,8 @@ class Core:
         self.handlers.listings.reset()
         error = QMPError(f"{reason}; nothing was changed")
         released = list(self.ledger.holding)
-        failed = 0
+        # Commands of clients gone since: their replies were dropped with them.
+        failed = sum(1 for conn, _ in undone if conn not in self.ledger.holding)
         for conn in released:
             failed += conn.session.fail_held(error)
             self._dirty[conn] = None
@@ -363,8 +364,9 @@ class Core:
         conn.suspended = conn.waiting = None
         started = self._started.pop(conn, 0)
         try:
-            if error is None:  # the handler goes on to its change: counted as of now
-                self.guard.recheck(conn, request.command.name, request.args)
+            # The handler may go on to its change, answered or not (add-blocker adds
+            # while QEMU is away): counted as of now.
+            self.guard.recheck(conn, request.command.name, request.args)
         except QMPError as exc:
             gen.close()
             self._refused(conn, request, exc, started)

@@ -104,6 +104,7 @@ class QemuFacts:
     blockers: int | None = None
     ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDINGS, 0))
     awaiting: bool = False
+    resumed: int = 0
 
     def knows(self, command: str, argument: str | None = None) -> bool:
         if argument is None:
@@ -239,23 +240,29 @@ class GateHandlers(Handlers):
         # A resume goes on with a paused postcopy migration, let through when it
         # started: QEMU's migrate_prepare() checks that one is paused and, like
         # migblockd, no blocker (none could be added while it ran).
-        if not args.get("resume", False):
+        resume = bool(args.get("resume", False))
+        if not resume:
             yield from self._check_start(conn, args["uri"])
         # Awaiting its end from now: QEMU's events may tell it before the reply comes.
+        # A refused resume leaves the paused migration as awaited as it was.
+        awaited = self.qemu.awaiting and resume
         self.qemu.busy = self.qemu.awaiting = True
         try:
             result = yield Call("migrate", args)
         except (QemuError, QemuUnavailable) as exc:
-            self.qemu.awaiting = False
+            self.qemu.awaiting = awaited
             log.info("%s: migrate to %s failed in QEMU: %s", conn.label, uri, shown(exc),
                      extra=about(conn))
             raise
         except BaseException:
-            self.qemu.awaiting = False
+            self.qemu.awaiting = awaited
             raise
         finally:
             self.qemu.busy = False
-        log.info("%s: migration to %s handed to QEMU", conn.label, uri, extra=about(conn))
+        if resume:
+            self.qemu.resumed += 1  # the same migration: not one more started
+        log.info("%s: migration to %s %s QEMU", conn.label, uri,
+                 "resumed by" if resume else "handed to", extra=about(conn))
         return result
 
     def _check_start(self, conn: Connection, uri: str) -> Generator[Call, object, None]:

@@ -131,11 +131,13 @@ class DaemonCollector(Collector):
         core = self.core
         stats = core.stats
         started = stats.commands["migrate"].ok if "migrate" in stats.commands else 0
+        handlers = core.handlers
+        if isinstance(handlers, GateHandlers):
+            started -= handlers.qemu.resumed  # accepted, but no new migration
         yield CounterMetricFamily("migblockd_migrations_started",
                                   "Migrations started (migrate accepted)", value=started)
         yield _by_reason("migblockd_migrations_refused", "migrate refusals, by reason",
                          stats.migrations_refused)
-        handlers = core.handlers
         if isinstance(handlers, GateHandlers):
             ended = dict(handlers.qemu.ended)
         else:

@@ -32,6 +32,7 @@ from migblockd.registry import (
     MigrationBlocked,
     MigrationBusy,
     MigrationInProgress,
+    NoPausedMigration,
     OnlyMigratable,
 )
 
@@ -46,8 +47,8 @@ ADD_REFUSALS: Final[tuple[str, ...]] = (
 )
 #: Why ``migrate`` was refused.
 MIGRATE_REFUSALS: Final[tuple[str, ...]] = (
-    "access", "invalid", "blocked", "in-progress", "mode", "qemu", "qemu-unavailable",
-    "internal",
+    "access", "invalid", "blocked", "in-progress", "not-paused", "mode", "qemu",
+    "qemu-unavailable", "internal",
 )
 
 # The most specific class first: OverQuota and AccessDenied are QMPErrors.
@@ -62,6 +63,7 @@ _REASON_OF: Final[dict[type[BaseException], str]] = {
     MigrationBusy: "busy",
     MigrationBlocked: "blocked",
     MigrationInProgress: "in-progress",
+    NoPausedMigration: "not-paused",
     ModeMismatch: "mode",
     QemuError: "qemu",
     QemuUnavailable: "qemu-unavailable",

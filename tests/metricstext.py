@@ -60,7 +60,7 @@ class Scrape:
 MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
 ADD_REASONS = ("access", "quota", "invalid", "duplicate-id", "only-migratable", "busy", "qemu",
                "qemu-unavailable", "internal")
-MIGRATE_REASONS = ("access", "invalid", "blocked", "in-progress", "mode", "qemu",
+MIGRATE_REASONS = ("access", "invalid", "blocked", "in-progress", "not-paused", "mode", "qemu",
                    "qemu-unavailable", "internal")
 
 

@@ -172,6 +172,20 @@ def test_a_failed_commit_logs_what_it_undid_and_counts_every_failed_reply(
     assert [blocker.id for blocker in core.registry.blockers()] == ["x"]
 
 
+def test_a_failed_commit_counts_the_commands_of_clients_gone_since(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    core = make()
+    a = connected(core, 1)
+    run(core, a, ADD_X)
+    core.disconnect(a)  # its reply is dropped with it; its change still waits
+    group = core.take_group()
+    assert group is not None
+    with caplog.at_level(logging.INFO, logger="migblockd"):
+        core.commit_failed(group, "disk full")
+    assert "disk full; 1 command(s) failed, their changes undone" in caplog.messages
+
+
 def test_connection_scoped_blockers_hold_nothing_but_wait_behind_what_does() -> None:
     core = make()
     a = connected(core, 1)

@@ -112,6 +112,25 @@ def test_a_resume_goes_to_qemu_which_judges_the_paused_migration() -> None:
         "class": "GenericError", "desc": "Cannot resume if there is no paused migration"}}
 
 
+def test_a_resume_qemu_refuses_leaves_the_paused_migration_awaited() -> None:
+    # Its end is still counted (migrations_ended), and a resume QEMU takes is
+    # not one more migration started.
+    core, facts = make()
+    a = connected(core)
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}}')
+    core.resume(a, {})  # not migrating
+    core.resume(a, {})  # migrate taken
+    facts.saw_status("postcopy-paused")
+    resume = b'{"execute": "migrate", "arguments": {"uri": "tcp:h:2", "resume": true}}'
+    feed(core, a, resume)
+    core.resume(a, error=QemuError("GenericError", "refused"))
+    feed(core, a, resume)
+    core.resume(a, {})
+    facts.saw_status("completed")
+    assert facts.ended["completed"] == 1 and facts.resumed == 1
+    assert core.stats.commands["migrate"].ok - facts.resumed == 1
+
+
 def test_qemus_errors_come_back_verbatim_and_absence_names_the_monitor() -> None:
     core, _ = make()
     a = connected(core)
@@ -194,6 +213,18 @@ def test_adds_that_waited_for_qemu_together_each_count_against_the_quotas() -> N
     assert replies[4]["error"]["desc"] == ("Too many migration blockers: 3 registered, "
                                            "max-blockers is 3")
     assert [b.reason for b in core.registry.blockers()] == ["r0", "r1", "r3"]
+
+
+def test_adds_that_got_no_answer_from_qemu_count_against_the_quotas_too() -> None:
+    # While QEMU is away or silent, add-blocker adds anyway: the quota must hold then too.
+    core, _ = make(role=Role.CLIENT, quotas=Quotas(max_blockers_per_uid=2))
+    clients = [connected(core, Owner(3, 1000, 1000)) for _ in range(4)]
+    for n, conn in enumerate(clients):
+        feed(core, conn, b'{"execute": "add-blocker", "arguments": {"reason": "r%d"}}' % n)
+    for conn, _ in core.take_calls():
+        core.resume(conn, error=QemuUnavailable("QEMU's monitor did not answer"))
+    assert core.registry.count_owned(1000) == 2
+    assert core.stats.blockers_refused["quota"] == 2
 
 
 def test_the_status_line_shows_the_link_to_qemu() -> None:

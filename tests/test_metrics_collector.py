@@ -37,6 +37,7 @@ from migblockd.registry import (
     MigrationBlocked,
     MigrationBusy,
     MigrationInProgress,
+    NoPausedMigration,
     OnlyMigratable,
     Owner,
     Registry,
@@ -235,11 +236,11 @@ def test_refusal_reasons_come_from_the_type_of_what_refused() -> None:
     assert [refusal_reason(exc) for exc in (
         AccessDenied("x"), OverQuota("x"), EmptyModes(), InvalidId("1"), InvalidUri("u"),
         QMPError("x"), DuplicateId("d"), OnlyMigratable("r"), MigrationBusy("r"),
-        MigrationBlocked(blocker), MigrationInProgress(), QemuError("GenericError", "no"),
-        QemuUnavailable("gone"), KeyError("bug"))] == [
+        MigrationBlocked(blocker), MigrationInProgress(), NoPausedMigration(),
+        QemuError("GenericError", "no"), QemuUnavailable("gone"), KeyError("bug"))] == [
         "access", "quota", "invalid", "invalid", "invalid", "invalid", "duplicate-id",
-        "only-migratable", "busy", "blocked", "in-progress", "qemu", "qemu-unavailable",
-        "internal"]
+        "only-migratable", "busy", "blocked", "in-progress", "not-paused", "qemu",
+        "qemu-unavailable", "internal"]
 
 
 def test_gate_reports_the_link_qemus_own_blockers_and_how_its_migrations_end() -> None:

@@ -1,10 +1,15 @@
-"""The QEMU link against a real QEMU: connect, execute, relay events, survive QEMU's death."""
+"""The QEMU link against a real QEMU: connect, execute, relay events, survive QEMU's death.
+
+One test uses a scripted QMP peer instead: two replies and their events in one read, an
+interleaving a real QEMU produces only by chance.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
@@ -175,6 +180,66 @@ async def test_migration_events_are_relayed_in_qemus_order(qemu: Qemu) -> None:
         # Exactly what QEMU sent its other monitor: same events, order and timestamps.
         seen = [(m["event"], m.get("data", {}), m["timestamp"]) for m in await mon.sync()]
         assert rec.events == seen
+
+
+async def scripted_monitor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A QMP peer that answers two commands in one write, each reply followed by an
+    event: an interleaving a real QEMU produces only by chance (see the test)."""
+    greeting = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0},
+                                    "package": ""}, "capabilities": []}}
+    writer.write(json.dumps(greeting).encode() + b"\r\n")
+    waiting: list[str] = []
+    decoder, buffered = json.JSONDecoder(), ""
+    while True:
+        try:  # qemu.qmp ends its messages with no line feed
+            msg, end = decoder.raw_decode(buffered.lstrip())
+        except ValueError:
+            data = await reader.read(4096)
+            if not data:
+                return
+            buffered += data.decode()
+            continue
+        buffered = buffered.lstrip()[end:]
+        name, id = msg["execute"], msg.get("id")
+        if name in ("qmp_capabilities", "query-qmp-schema"):
+            reply = {"return": {} if name == "qmp_capabilities" else [], "id": id}
+            writer.write(json.dumps(reply).encode() + b"\r\n")
+        else:
+            waiting.append(id)
+        if len(waiting) == 2:
+            writer.write(b"".join(json.dumps(m).encode() + b"\r\n" for m in (
+                {"return": "A", "id": waiting[0]}, event("after A"),
+                {"return": "B", "id": waiting[1]}, event("after B"))))
+        await writer.drain()
+
+
+def event(status: str) -> dict[str, Any]:
+    return {"event": "MIGRATION", "data": {"status": status},
+            "timestamp": {"seconds": 1, "microseconds": 0}}
+
+
+async def test_events_after_two_replies_in_one_read_keep_their_places(short_tmp: Path) -> None:
+    # Each reply's caller runs one loop turn after the reader read it, and the
+    # events QEMU sent after a reply must reach on_event after its caller has run
+    # (the reply before its events, for the clients). Reported: with two replies
+    # and two events in one read, "after B" came before B's reply.
+    path = short_tmp / "scripted.sock"
+    server = await asyncio.start_unix_server(scripted_monitor, path)
+    seen: list[str] = []
+    link = QemuLink(path, on_event=lambda name, data, ts: seen.append(str(data["status"])))
+    link.start()
+    try:
+        await connected(link)
+
+        async def call(name: str) -> None:
+            seen.append(f"reply {await link.execute(name)}")
+
+        await asyncio.gather(call("query-a"), call("query-b"))
+        assert seen == ["reply A", "after A", "reply B", "after B"]
+    finally:
+        await link.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_a_lasting_migration_can_be_cancelled(qemu_factory: Callable[..., Qemu]) -> None:

@@ -169,6 +169,12 @@ def test_scalars_are_messages_once_delimited() -> None:
         (b'{"a": "ok\\ud83d\\ude00", "b": "\\udbff"}',
          "JSON parse error, \\udbff is not a valid Unicode character"),
         (b'{"a": "\\u12"}', 'JSON parse error, \\u12" is not a valid Unicode character'),
+        # Six bytes, not characters; what is not UTF-8 as U+FFFD, as QEMU 7.2 writes it.
+        ('{"a": "\\u12é"}'.encode(), "JSON parse error, \\u12é is not a valid Unicode character"),
+        (b'{"a": "\\u1\xc3"}', 'JSON parse error, \\u1\ufffd" is not a valid Unicode character'),
+        # A leading surrogate then a bad escape: QEMU reads them as a pair, names the first.
+        (b'{"a": "\\ud800\\u12G4"}', "JSON parse error, \\ud800 is not a valid Unicode character"),
+        (b'{"a": "\\\\ud800\\u12"}', 'JSON parse error, \\u12" is not a valid Unicode character'),
         # Bytes that are not UTF-8, named as they came (not as U+FFFD's first byte).
         (b"\x80\n", "JSON parse error, stray '\\x80'"),
         (b'{"execute": "x", \xc3 "id": 1}', "JSON parse error, stray '\\xc3'"),

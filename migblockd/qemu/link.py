@@ -27,6 +27,7 @@ It is built on ``qemu.qmp``'s ``QMPClient``, adjusted in three ways (see ``_Clie
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -144,16 +145,17 @@ class _Client(QMPClient):
         # Called by the reader task for each message, in QEMU's order (see the module doc).
         link = self._link
         if "event" in msg:
-            if link._after_reply is not None:
-                link._after_reply.append(msg)
+            if link._after_replies:
+                link._after_replies[-1].append(msg)
             else:
                 link._deliver(msg)
             return
         answered = msg.get("id") in self._pending
         await super()._on_message(msg)  # wakes the execute() that waits for it
-        if answered and link._after_reply is None:
-            # Runs after the woken caller's turn, which was scheduled first.
-            link._after_reply = []
+        if answered:
+            # Runs after the woken caller's turn, which was scheduled first; the
+            # events up to the next reply wait with this one.
+            link._after_replies.append([])
             asyncio.get_running_loop().call_soon(link._deliver_after_reply)
 
     def _cb_inbound(self, msg: Message) -> Message:
@@ -216,8 +218,8 @@ class QemuLink:
         self._logged_reason: str | None = None
         self._info: QemuInfo | None = None
         self._client = _Client(self)
-        #: Events read after a reply whose caller has not run yet (see the module doc).
-        self._after_reply: list[Message] | None = None
+        #: Events read after each reply whose caller has not run yet (see the module doc).
+        self._after_replies: collections.deque[list[Message]] = collections.deque()
         self._task: asyncio.Task[None] | None = None
         self._tried = asyncio.Event()  # the first attempt to connect is over
 
@@ -395,8 +397,7 @@ class QemuLink:
         return QemuNotConnected(self.path, self._reason)
 
     def _deliver_after_reply(self) -> None:
-        held, self._after_reply = self._after_reply or [], None
-        for msg in held:
+        for msg in self._after_replies.popleft():
             self._deliver(msg)
 
     def _deliver(self, msg: Mapping[str, object]) -> None:

@@ -347,15 +347,33 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
 
 def _not_unicode(text: str, start: int) -> str:
     """QEMU's error for the ``\\u`` escape at ``text[start]``, as it prints it:
-    six characters of the client's text from the backslash, cut at the end of
-    the string token (``json-parser.c``: ``"%.*s is not a valid Unicode
-    character"``, from a copy of the token)."""
+    six bytes of the client's text from the backslash, cut at the end of the
+    string token (``json-parser.c``: ``"%.*s is not a valid Unicode
+    character"``, from a copy of the token).  A leading surrogate's escape just
+    before is the one QEMU names: it reads the two as a pair."""
+    lead = _LEAD_ESCAPE.search(text, 0, start)
+    if lead is not None and lead.end() == start and _is_escape(text, lead.start()):
+        start = lead.start()
     end = start + 2
     while end < min(start + 6, len(text)) and text[end] != '"':
         end += 2 if text[end] == "\\" else 1
     if end < len(text) and text[end] == '"':
         end += 1  # the closing quote is the token's last character
-    return f"{text[start:min(end, start + 6)]} is not a valid Unicode character"
+    shown = text[start:end].encode("utf-8", _RAW)[:6]
+    # QEMU writes what it cannot encode as U+FFFD (a reply must be valid UTF-8).
+    return f"{shown.decode('utf-8', 'replace')} is not a valid Unicode character"
+
+
+#: A leading surrogate's escape that ends the text searched (``\\uD800``...).
+_LEAD_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}\Z")
+
+
+def _is_escape(text: str, backslash: int) -> bool:
+    """``text[backslash]`` begins an escape: an even run of backslashes before it."""
+    run = backslash
+    while run > 0 and text[run - 1] == "\\":
+        run -= 1
+    return (backslash - run) % 2 == 0
 
 
 def _innermost_container(text: str, pos: int) -> str:

@@ -26,6 +26,7 @@ from migblockd.qmp.errors import QMPError
 from migblockd.registry import (
     DuplicateId,
     EmptyModes,
+    EmptyReason,
     Event,
     InvalidId,
     InvalidUri,
@@ -56,6 +57,7 @@ _REASON_OF: Final[dict[type[BaseException], str]] = {
     AccessDenied: "access",
     OverQuota: "quota",
     EmptyModes: "invalid",
+    EmptyReason: "invalid",
     InvalidId: "invalid",
     InvalidUri: "invalid",
     DuplicateId: "duplicate-id",

@@ -41,6 +41,7 @@ from migblockd.registry import (
     OnlyMigratable,
     Owner,
     Registry,
+    errors,
 )
 from migblockd.scrape import MetricsApp
 from migblockd.stats import Histogram, refusal_reason
@@ -241,6 +242,16 @@ def test_refusal_reasons_come_from_the_type_of_what_refused() -> None:
         "access", "quota", "invalid", "invalid", "invalid", "invalid", "duplicate-id",
         "only-migratable", "busy", "blocked", "in-progress", "not-paused", "qemu",
         "qemu-unavailable", "internal"]
+
+
+def test_no_refusal_of_the_registry_counts_as_a_bug() -> None:
+    # Reported: an empty reason and a resume were counted as "internal" (a bug).
+    refusals = [cls for cls in vars(errors).values() if isinstance(cls, type)
+                and issubclass(cls, errors.BlockerError) and cls is not errors.BlockerError
+                and cls is not errors.NotFound]  # del-blocker's, counted by no reason
+    assert len(refusals) >= 11
+    for cls in refusals:
+        assert refusal_reason(cls.__new__(cls)) != "internal", cls
 
 
 def test_gate_reports_the_link_qemus_own_blockers_and_how_its_migrations_end() -> None:

@@ -150,6 +150,9 @@ class Handlers:
                      extra=about(conn, blocker_id=blocker_id))
 
     def migrate_cancel(self, conn: Connection, args: Args) -> object:
+        # Who cancelled: the status lines that follow name no client.
+        log.info("%s: migrate_cancel (migration status: %s)", conn.label,
+                 self.registry.status or "none", extra=about(conn))
         self.registry.cancel()
         return {}
 

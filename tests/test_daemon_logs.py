@@ -427,6 +427,8 @@ def test_json_lines_carry_the_same_fields(tmp_path: Path, daemons: list[DaemonPr
         async with qmp_client(d.socket) as c:
             await c.ok("add-blocker", {"reason": "r\nforged", "id": "js1"})
             await c.ok("del-blocker", {"id": "js1"})
+            await c.ok("migrate", {"uri": "tcp:h:1"})
+            await c.ok("migrate_cancel")
 
     asyncio.run(client())
     d.wait_for_log("disconnected")
@@ -440,8 +442,11 @@ def test_json_lines_carry_the_same_fields(tmp_path: Path, daemons: list[DaemonPr
     added = [r for r in records if "added blocker js1" in r["message"]]
     deleted = [r for r in records if "deleted blocker js1" in r["message"]]
     connected = [r for r in records if r["message"].endswith(" connected")]
-    assert len(added) == len(deleted) == len(connected) == 1
-    for record in (*added, *deleted, *connected):
+    # Who cancelled: the status lines after it name no client.
+    cancelled = [r for r in records if r["message"].endswith(
+        ": migrate_cancel (migration status: setup)")]
+    assert len(added) == len(deleted) == len(connected) == len(cancelled) == 1
+    for record in (*added, *deleted, *connected, *cancelled):
         assert record["peer_pid"] == os.getpid()
         assert record["peer_uid"] == os.getuid()
         assert record["peer_gid"] == os.getgid()

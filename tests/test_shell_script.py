@@ -217,11 +217,11 @@ def test_help_in_scripting_mode(daemon: DaemonProcess) -> None:
     assert "id: str (required)" in result.stdout
     bad = shell(str(daemon.socket), "-c", "help no-such-thing")
     assert bad.returncode == 1
-    assert "no command 'no-such-thing'" in bad.stderr
+    assert "no command, event or type 'no-such-thing'" in bad.stderr
     close = shell(str(daemon.socket), "-c", "help blocker")
     assert close.returncode == 1
     assert close.stderr == (
-        "migblock-shell: -c 1: help: the daemon has no command 'blocker';"
+        "migblock-shell: -c 1: help: the daemon has no command, event or type 'blocker';"
         " did you mean 'add-blocker', 'del-blocker' or 'query-blockers'?\n"
     )
 
@@ -391,7 +391,7 @@ def test_stderr_is_coloured_only_when_stderr_is_a_terminal(daemon: DaemonProcess
     status, terminal, out = _run_with_a_terminal(argv, "stderr")
     assert status == 1
     assert b"\x1b[1;31merror: unterminated ' quote" in terminal
-    assert b"\x1b[1;31mhelp: the daemon has no command 'nope'" in terminal
+    assert b"\x1b[1;31mhelp: the daemon has no command, event or type 'nope'" in terminal
     assert out == b""
 
 

@@ -130,4 +130,4 @@ def help_text(schema: Schema, docs: SchemaDocs, name: str) -> str | None:
 
 def unknown_command(schema: Schema, name: str) -> str:
     hint = did_you_mean(name, [*schema.command_names(), *sorted(schema.events)])
-    return f"help: the daemon has no command '{name}'{hint}"
+    return f"help: the daemon has no command, event or type '{name}'{hint}"

@@ -26,8 +26,9 @@ completes command names, argument names and enum values, all taken from the daem
 query-qmp-schema, against which command and argument names are checked before a
 command is sent (raw JSON goes as typed, and so do the QEMU commands a gating daemon
 forwards, which query-commands lists).  Events are printed as they arrive.  History
-is kept in $XDG_STATE_HOME/migblockd/shell-history.  Ctrl-C drops the line, Ctrl-D
-quits.  If the daemon restarts, the shell reconnects on the next command.
+is kept in $XDG_STATE_HOME/migblockd/shell-history (without XDG_STATE_HOME,
+~/.local/state/migblockd/shell-history).  Ctrl-C drops the line, Ctrl-D quits.  If
+the daemon restarts, the shell reconnects on the next command.
 """
 
 #: The default socket as the man page words it (the daemon's default, the same rule).

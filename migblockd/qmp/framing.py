@@ -38,6 +38,12 @@ Then the decoder resynchronises:
   counts as one bad message, and so does what follows it up to a new request:
   the rest of a message that a reset byte broke is not a second message.
 
+* A message whose brackets never balance would swallow every request after
+  it, so the first 4 KiB of an unfinished message are parsed at each line
+  feed, with the ``{`` that begins the next line: an error found there is
+  reported at once, and decoding resumes at that ``{`` when the error is
+  there (a line-based client's next request), else after the line feed.
+
 None of this waits for a line feed: ``qemu.qmp`` never sends one, and QEMU
 answers its next request after any bad one.  Decoding resumes where QEMU's
 parser would accept a new request.

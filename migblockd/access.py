@@ -213,16 +213,23 @@ class AccessTable(Kind[Policy]):
         return str(value)
 
 
+#: The greatest group number: 2**32 - 1 is chown()'s "no change".
+MAX_GID: Final = 2**32 - 2
+
+
 @dataclass(frozen=True)
 class GroupName(Kind[str]):
     """A group, by name or number (``--socket-group``); resolved when it is used."""
 
     def __call__(self, value: object) -> str:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return str(value)
+            value = str(value)
         if (not isinstance(value, str) or not value or value != value.strip()
                 or any(c in value for c in "\0:\n")):
             raise ValueError(f"must be a group name or number, not {describe(value)}")
+        # (gid_t)-1 tells chown() to leave the group alone.
+        if value.isdecimal() and int(value) > MAX_GID:
+            raise ValueError(f"must be a group number of at most {MAX_GID}, not {value}")
         return value
 
 

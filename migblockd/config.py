@@ -54,10 +54,12 @@ class CommandNames(Kind[tuple[str, ...]]):
         if isinstance(value, str):  # a shown value: the same list in TOML syntax
             with contextlib.suppress(tomllib.TOMLDecodeError):
                 value = tomllib.loads(f"v = {value}")["v"]
-        if not isinstance(value, list) or not all(
-                isinstance(name, str) and name and name.isprintable() and " " not in name
-                for name in value):
+        if not isinstance(value, list):
             raise ValueError(f"must be a list of command names, not {describe(value)}")
+        for name in value:
+            if not (isinstance(name, str) and name and name.isprintable() and " " not in name):
+                raise ValueError(f"must be a list of command names, and {describe(name)} "
+                                 "is not one")
         return tuple(dict.fromkeys(value))
 
     def show(self, value: tuple[str, ...]) -> str:
@@ -247,9 +249,9 @@ class Config:
     config: Path | None = option(
         None, parse=FilePath(), metavar="FILE", where=Where.COMMAND_LINE,
         help='TOML file of settings, keyed by the long options without "--" '
-        '(log-level = "debug"); the command line wins over it; refused, at start and '
-        "at reload, when others may write it or a user other than root and the "
-        "daemon's owns it",
+        '(log-level = "debug"); the command line wins over it (--no-ephemeral turns off '
+        "ephemeral = true); refused, at start and at reload, when others may write it or "
+        "a user other than root and the daemon's owns it",
     )
 
     @functools.cached_property
@@ -293,4 +295,8 @@ def build(cli: dict[str, Any]) -> Config:
     if path is not None:
         settings.update(read_file(Path(path)))
     settings.update({k: v for k, v in cli.items() if v is not None})
+    if settings.get("ephemeral") and "state_dir" in settings:
+        # Said rather than guessed: which of the two was meant to win?
+        raise ConfigError("ephemeral (keep nothing on disk) and state-dir exclude each "
+                          "other; give one of them")
     return Config(**settings)

@@ -47,7 +47,8 @@ async def run(config: Config, cli: dict[str, Any]) -> None:
     except QAPIError as exc:
         raise StartupError(f"bad schema: {exc}") from None
     except OSError as exc:
-        raise StartupError(f"cannot read the schema: {exc}") from None
+        where = f" {exc.filename}" if exc.filename else ""
+        raise StartupError(f"cannot read the schema{where}: {exc.strerror or exc}") from None
     registry = Registry(
         contract.enums["MigMode"],
         only_migratable=config.only_migratable,

@@ -79,6 +79,8 @@ class Integer(Kind[int]):
         if low <= number <= high:
             return number
         if self.maximum is None:
+            if self.minimum == 1 and unit.endswith("s"):
+                unit = unit[:-1]  # "at least 1 character"
             raise ValueError(f"must be at least {self.minimum}{unit}")
         if self.minimum is None:
             raise ValueError(f"must be at most {self.maximum}{unit}")
@@ -107,18 +109,22 @@ class Seconds(Kind[float]):
 
 @dataclass(frozen=True)
 class OctalMode(Kind[int]):
-    """File permission bits, written in octal (``"0660"``; TOML may also say ``0o660``)."""
+    """File permission bits, written in octal, as a string (``"0660"``).
+
+    Not a TOML integer: ``660`` is decimal there, and once parsed ``0o620`` and
+    ``400`` are the same number, so a mode meant as 0400 would give the group
+    write access without a word.
+    """
 
     def __call__(self, value: object) -> int:
-        mode: int | None = None
         if isinstance(value, int) and not isinstance(value, bool):
-            mode = value
-        elif isinstance(value, str) and re.fullmatch(r"[0-7]+", value):
-            mode = int(value, 8)
-        if mode is None or not 0 <= mode <= 0o777:
+            raise ValueError(f'must be an octal mode in quotes, such as "0660" (a TOML '
+                             f'number is read as decimal), not the number {value}')
+        if not (isinstance(value, str) and re.fullmatch(r"[0-7]+", value)
+                and int(value, 8) <= 0o777):
             raise ValueError(
                 f'must be an octal mode such as "0660" (at most 0777), not {describe(value)}')
-        return mode
+        return int(value, 8)
 
     def show(self, value: int) -> str:
         return f"{value:04o}"

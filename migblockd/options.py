@@ -228,7 +228,12 @@ def add_arguments(parser: argparse.ArgumentParser, settings: type, *,
     for o in table(settings):
         if Where.COMMAND_LINE not in o.where:
             continue
-        if o.flag:
+        if o.flag and Where.FILE in o.where:
+            # --no-NAME: the command line wins over the file, for a true one too.
+            parser.add_argument(o.flag_name, dest=o.name,
+                                action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text(o, documented=documented))
+        elif o.flag:
             parser.add_argument(o.flag_name, dest=o.name, action="store_const", const=True,
                                 default=None, help=help_text(o, documented=documented))
         else:
@@ -245,17 +250,25 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
             raw = tomllib.load(f)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are "
+                          "UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     # Underscores are accepted for dashes (max_clients), as they always were.
     by_key = {o.key: o for o in table(settings)}
     values: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for key, value in raw.items():
         o = by_key.get(key.replace("_", "-"))
         if o is None:
             raise ConfigError(f"{path}: unknown setting {key!r}")
         if Where.FILE not in o.where:
             raise ConfigError(f"{path}: {key} can only be given on the command line")
+        if o.name in given:
+            raise ConfigError(f"{path}: {key} is {given[o.name]} again (an underscore "
+                              "stands for a dash); give it once")
+        given[o.name] = key
         try:
             values[o.name] = o.parse(value)
         except ValueError as exc:

@@ -11,12 +11,13 @@ def default_socket_path() -> Path:
 
     root gets ``/run/migblockd/migblockd.sock`` (what ``migblockd.socket`` uses);
     other users get ``$XDG_RUNTIME_DIR/migblockd/migblockd.sock``, or a per-user
-    directory under the temporary directory when there is no runtime directory.
+    directory under the temporary directory when there is no runtime directory
+    (or a relative one, which the XDG spec says to ignore).
     """
     if os.geteuid() == 0:
         return Path("/run/migblockd/migblockd.sock")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
         return Path(runtime) / "migblockd" / "migblockd.sock"
     return fallback_socket_dir() / "migblockd.sock"
 

@@ -345,6 +345,9 @@ class Server:
             fresh = build(self.cli)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
+        except Exception:
+            # A bug: said, and systemd still hears READY=1 (not stuck reloading).
+            log.exception("reload failed, keeping the running configuration")
         else:
             changes = {k: getattr(fresh, k) for k in RELOADABLE
                        if getattr(fresh, k) != getattr(self.config, k)}

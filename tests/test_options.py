@@ -126,6 +126,17 @@ def test_the_same_check_and_message_on_the_command_line_and_in_toml(
         ("schema = 3\n", "schema must be a path, not 3"),
         ("only-migratable = \"yes\"\n", "only-migratable must be true or false, not 'yes'"),
         ("[socket]\nx = 1\n", "socket must be a path, not a table"),
+        # Reported: 400 is decimal in TOML, 0o620, and the group could connect.
+        ("socket-mode = 400\n", 'socket-mode must be an octal mode in quotes, such as "0660" '
+                                 "(a TOML number is read as decimal), not the number 400"),
+        ("socket-mode = 0o640\n", 'socket-mode must be an octal mode in quotes, such as '
+                                   '"0660" (a TOML number is read as decimal), not the number '
+                                   "416"),
+        ('qemu-passthrough = ["query status"]\n',
+         "qemu-passthrough must be a list of command names, and 'query status' is not one"),
+        ("max-reason-length = 0\n", "max-reason-length must be at least 1 character"),
+        ("max-clients = 1\nmax_clients = 2\n",
+         "max_clients is max-clients again (an underscore stands for a dash); give it once"),
     ],
 )
 def test_a_wrong_toml_type_names_the_key_and_what_is_expected(
@@ -140,13 +151,52 @@ def test_a_wrong_toml_type_names_the_key_and_what_is_expected(
 
 def test_toml_reads_a_string_as_the_command_line_does(tmp_path: Path) -> None:
     path = tmp_path / "m.toml"
-    path.write_text('max-clients = "12"\nmigration-time = "0.5"\nsocket-mode = 0o640\n')
+    path.write_text('max-clients = "12"\nmigration-time = "0.5"\nsocket-mode = "640"\n')
     from_file = build(options(["--config", str(path)]))
     from_cli = build(options(["--max-clients", "12", "--migration-time", "0.5",
                               "--socket-mode", "640"]))
     assert from_file.replace(config=None) == from_cli
     assert (from_cli.max_clients, from_cli.migration_time, from_cli.socket_mode) == (12, 0.5,
                                                                                    0o640)
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    # Reported: a traceback (UnicodeDecodeError) at start, and on SIGHUP a task
+    # that died before telling systemd READY=1.
+    path = tmp_path / "m.toml"
+    path.write_bytes(b"max-clients = 3\n# \xff\n")
+    with pytest.raises(ConfigError) as caught:
+        read_file(path)
+    assert str(caught.value) == f"{path}: not UTF-8 text (byte 18); TOML files are UTF-8"
+
+
+def test_the_command_line_turns_off_what_the_file_turns_on(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text("only-migratable = true\n")
+    assert build(options(["--config", str(path)])).only_migratable is True
+    assert build(options(["--config", str(path), "--no-only-migratable"])).only_migratable is False
+
+
+def test_ephemeral_and_a_state_directory_exclude_each_other(tmp_path: Path) -> None:
+    # Reported: --ephemeral --state-dir DIR ran in memory and said nothing of DIR.
+    path = tmp_path / "m.toml"
+    path.write_text("ephemeral = true\n")
+    message = ("ephemeral (keep nothing on disk) and state-dir exclude each other; give one of "
+               "them")
+    for argv in (["--ephemeral", "--state-dir", "/x"],
+                 ["--config", str(path), "--state-dir", "/x"]):
+        with pytest.raises(ConfigError) as caught:
+            build(options(argv))
+        assert str(caught.value) == message
+    assert build(options(["--config", str(path), "--no-ephemeral", "--state-dir", "/x"]))
+
+
+@pytest.mark.parametrize("gid", ["4294967295", "99999999999999999999"])
+def test_a_group_number_past_the_last_one_is_refused(gid: str) -> None:
+    # Reported: a traceback (OverflowError), or for 2**32 - 1, chown()'s "no change":
+    # the log named the group, the socket kept root's.
+    with pytest.raises(SystemExit):
+        options(["--socket-group", gid])
 
 
 def test_the_command_line_gives_checked_values() -> None:

@@ -689,6 +689,27 @@ def test_default_state_dir_of_a_user(monkeypatch: pytest.MonkeyPatch) -> None:
     assert run_python(DEFAULT_DIR) == {"dir": "/run/state/migblockd"}
 
 
+DEFAULT_SOCKET = f"""
+    import json, os
+    from migblockd.paths import default_socket_path
+    if os.geteuid() == 0:
+        os.seteuid({NOBODY})
+    print(json.dumps({{"socket": str(default_socket_path())}}))
+"""
+
+
+def test_default_socket_of_a_user_ignores_a_relative_runtime_dir(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TMPDIR", "/tmpdir")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/65534")
+    assert run_python(DEFAULT_SOCKET) == {"socket": "/run/user/65534/migblockd/migblockd.sock"}
+    # Reported: used as is, relative to wherever the daemon was started.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/is/ignored")
+    uid = NOBODY if os.geteuid() == 0 else os.geteuid()
+    assert run_python(DEFAULT_SOCKET) == {"socket": f"/tmpdir/migblockd-{uid}/migblockd.sock"}
+
+
 def test_a_directory_others_could_change_is_refused(tmp_path: Path) -> None:
     # Whoever may write there could swap the database the next start restores.
     open_dir = tmp_path / "open"

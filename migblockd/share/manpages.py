@@ -157,8 +157,8 @@ def value_type(o: Option) -> str:
     if isinstance(kind, Seconds):
         return "a number of seconds, integer or fractional, not negative"
     if isinstance(kind, OctalMode):
-        return 'permission bits: a string of octal digits such as "0660", or an octal integer ' \
-               "such as 0o660"
+        return 'permission bits: a string of octal digits such as "0660" (not a TOML number, ' \
+               "which is decimal: 660 would be 0o1224)"
     if isinstance(kind, OneOf):
         return "one of the strings " + ", ".join(json.dumps(c) for c in kind.choices)
     if isinstance(kind, FilePath):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import functools
 import grp
 import json
 import os
@@ -263,15 +262,23 @@ class Resolver:
         self._cache = {}
 
     def role(self, uid: int | None, gid: int | None = None) -> Role:
-        """The role of a peer with this uid (and, from ``SO_PEERCRED``, gid)."""
+        """The role of a peer with this uid (and, from ``SO_PEERCRED``, gid).
+
+        An answer that rests on a lookup that found nothing is not kept: the
+        C library says "not found" when it could not look (out of file
+        descriptors), and such an answer must not outlive the moment.
+        """
         if uid is None:
             return self.policy.default_role
         key = (uid, gid)
         role = self._cache.get(key)
         if role is None:
-            if len(self._cache) >= CACHE_SIZE:
-                self._cache.clear()
-            role = self._cache[key] = self._resolve(uid, gid)
+            misses = _lookups.misses
+            role = self._resolve(uid, gid)
+            if _lookups.misses == misses:
+                if len(self._cache) >= CACHE_SIZE:
+                    self._cache.clear()
+                self._cache[key] = role
         return role
 
     def _resolve(self, uid: int, gid: int | None) -> Role:
@@ -323,21 +330,58 @@ def _split(pairs: Iterable[tuple[str, Role]]) -> tuple[dict[int, Role], dict[str
 # --------------------------------------------------------------------------- the databases
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
+class _Lookups:
+    """Names found in the user and group databases, kept; misses, only counted.
+
+    A miss is not kept: ``getpwuid()`` reports a failure to look (no file
+    descriptor left to open ``/etc/passwd``) as "no such user", and a cached
+    miss would outlive it until the next reload.
+    """
+
+    def __init__(self) -> None:
+        self.users: dict[int, str] = {}
+        self.groups: dict[int, str] = {}
+        self.misses = 0
+
+    def user(self, uid: int) -> str | None:
+        name = self.users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except (KeyError, OverflowError):
+                self.misses += 1
+                return None
+            _keep(self.users, uid, name)
+        return name
+
+    def group(self, gid: int) -> str | None:
+        name = self.groups.get(gid)
+        if name is None:
+            try:
+                name = grp.getgrgid(gid).gr_name
+            except (KeyError, OverflowError):
+                self.misses += 1
+                return None
+            _keep(self.groups, gid, name)
+        return name
+
+
+def _keep(cache: dict[int, str], key: int, name: str) -> None:
+    if len(cache) >= CACHE_SIZE:
+        cache.clear()
+    cache[key] = name
+
+
+_lookups = _Lookups()
+
+
 def user_name(uid: int) -> str | None:
     """The name of ``uid`` in the user database, or None."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except (KeyError, OverflowError):
-        return None
+    return _lookups.user(uid)
 
 
-@functools.lru_cache(maxsize=CACHE_SIZE)
 def group_name(gid: int) -> str | None:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except (KeyError, OverflowError):
-        return None
+    return _lookups.group(gid)
 
 
 def group_id(name: str) -> int | None:
@@ -363,6 +407,7 @@ def groups_of(uid: int, gid: int | None) -> set[int]:
     try:
         entry = pwd.getpwuid(uid)
     except (KeyError, OverflowError):
+        _lookups.misses += 1
         return gids
     gids.add(entry.pw_gid)
     with contextlib.suppress(OSError):
@@ -372,5 +417,5 @@ def groups_of(uid: int, gid: int | None) -> set[int]:
 
 def clear_caches() -> None:
     """Forget the names looked up so far (the databases may have changed)."""
-    user_name.cache_clear()
-    group_name.cache_clear()
+    _lookups.users.clear()
+    _lookups.groups.clear()

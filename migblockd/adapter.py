@@ -132,7 +132,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
             self.read_leftovers(conn)
         self.server.protocols.pop(conn, None)
         self.core.disconnect(conn, str(exc) if exc is not None else "")
-        self.core.data_to_send(conn)
+        self.core.take_output(conn)  # nobody to read it: let go, not joined
         self.server.schedule()
 
     def pause_writing(self) -> None:

@@ -86,6 +86,22 @@ def test_a_closed_connection_runs_what_it_sent_then_releases_its_blockers() -> N
     assert lines(core.data_to_send(b)) == [{"return": [], "id": 2}]
 
 
+def test_what_a_closed_connection_sent_runs_and_its_answers_are_let_go() -> None:
+    # Reported: 7,000 pipelined query-blockers, then a hang-up, were all answered
+    # at once and joined into one bytes object (2.3 GB, seconds of the only thread).
+    core, _ = make()
+    a = connected(core, 1)
+    for n in range(20):
+        feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r%d"}}' % n)
+    core.data_to_send(a)
+    core.receive_data(a, b'{"execute": "query-blockers"}' * 1000
+                      + b'{"execute": "add-blocker", "arguments": {"reason": "last"}}')
+    core.disconnect(a)
+    assert a not in core.connections
+    assert not a.session.has_output()  # nothing kept for a client that is gone
+    assert core.registry.blockers()[-1].reason == "last"  # and everything it sent ran
+
+
 def test_the_simulated_migration_moves_only_when_ticked() -> None:
     core, clock = make()
     a, b = connected(core, 0), connected(core, 2)  # root may migrate

@@ -145,7 +145,11 @@ class ClientProtocol(asyncio.BufferedProtocol):
             self.watch_loss()
             if self.outbox.waiting or self.write_paused:
                 return  # more when the client has read more
-            self.flush()  # closes a half-closed client once all is out
+            # Closes a half-closed client once all is out: not from inside the
+            # transport's own write callback, which calls connection_lost itself
+            # after this returns when its buffer is empty and it is closing, and
+            # close() has scheduled it too (a traceback in the log).
+            self.server.loop.call_soon(self.flush)
         self.server.runnable(self)
 
     # -- ours ------------------------------------------------------------------
@@ -190,6 +194,12 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.core.expel(conn, reason)
         self.stop_reading()
         self.server.runnable(self)
+        # A client that reads nothing never gets that far: closed regardless.
+        self.server.loop.call_later(2 * LINGER, self.abort_if_open)
+
+    def abort_if_open(self) -> None:
+        if self.conn is not None and self.transport is not None:
+            self.transport.abort()
 
     def stop_reading(self) -> None:
         """Read no more (a timeout, or shutdown): close once everything read is answered."""

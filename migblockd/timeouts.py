@@ -102,15 +102,18 @@ class Timeouts:
         conn = timed.conn
         if conn is None or timed.eof:
             return None  # gone, half-closed, or closing already
-        core = self._core
-        if timed.read_paused or core.has_pending(conn):
-            timed.unfinished_since = None  # we owe it work: nothing is its fault
-            return None
         session = conn.session
+        # Before what we owe it: a client that sends without reading would
+        # otherwise keep its slot un-negotiated for ever (its answers, owed,
+        # pause our reading of it).
         if (not session.negotiated and self.negotiation
                 and now - timed.connected_at >= self.negotiation):
             return (f"Capabilities negotiation not completed within "
                         f"negotiation-timeout={self.negotiation:g}s; closing the connection")
+        core = self._core
+        if timed.read_paused or core.has_pending(conn):
+            timed.unfinished_since = None  # we owe it work: nothing is its fault
+            return None
         if not session.buffered:
             timed.unfinished_since = None
             return None

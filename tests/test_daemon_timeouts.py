@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import textwrap
 import time
@@ -52,6 +53,30 @@ async def test_a_client_that_never_negotiates_is_closed_with_the_reason(
     assert d.stop() == 0  # the log is complete once the daemon has exited
     log = d.log()
     assert log.count(f"closing: {NEGOTIATION}") == 3, log
+    assert_clean_log(d)
+
+
+def test_a_client_that_never_reads_cannot_dodge_the_negotiation_timeout(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    # Reported: its refusals, owed to it, paused the daemon's reading of it, and
+    # the timeout never looked at a client it owed something: a slot held for ever.
+    d = start_daemon("--negotiation-timeout", "0.5")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(str(d.socket))
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(100_000):  # until the socket takes no more
+                sock.send(b'{"execute": "query-version"}' * 100)
+        d.wait_for_log(f"closing: {NEGOTIATION}", timeout=30)
+        # Closed even though it reads nothing, once it had a few seconds to.
+        d.wait_for_log("disconnected", timeout=30)
+        sock.setblocking(True)
+        sock.settimeout(30)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(1 << 16):  # to the end: the daemon's side is gone
+                pass
+    assert d.stop() == 0
     assert_clean_log(d)
 
 

@@ -41,7 +41,7 @@ import os
 import pwd
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -344,32 +344,23 @@ class _Lookups:
         self.misses = 0
 
     def user(self, uid: int) -> str | None:
-        name = self.users.get(uid)
-        if name is None:
-            try:
-                name = pwd.getpwuid(uid).pw_name
-            except (KeyError, OverflowError):
-                self.misses += 1
-                return None
-            _keep(self.users, uid, name)
-        return name
+        return self._name(self.users, uid, lambda: pwd.getpwuid(uid).pw_name)
 
     def group(self, gid: int) -> str | None:
-        name = self.groups.get(gid)
+        return self._name(self.groups, gid, lambda: grp.getgrgid(gid).gr_name)
+
+    def _name(self, cache: dict[int, str], key: int, look: Callable[[], str]) -> str | None:
+        name = cache.get(key)
         if name is None:
             try:
-                name = grp.getgrgid(gid).gr_name
+                name = look()
             except (KeyError, OverflowError):
                 self.misses += 1
                 return None
-            _keep(self.groups, gid, name)
+            if len(cache) >= CACHE_SIZE:
+                cache.clear()
+            cache[key] = name
         return name
-
-
-def _keep(cache: dict[int, str], key: int, name: str) -> None:
-    if len(cache) >= CACHE_SIZE:
-        cache.clear()
-    cache[key] = name
 
 
 _lookups = _Lookups()

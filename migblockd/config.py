@@ -295,8 +295,4 @@ def build(cli: dict[str, Any]) -> Config:
     if path is not None:
         settings.update(read_file(Path(path)))
     settings.update({k: v for k, v in cli.items() if v is not None})
-    if settings.get("ephemeral") and "state_dir" in settings:
-        # Said rather than guessed: which of the two was meant to win?
-        raise ConfigError("ephemeral (keep nothing on disk) and state-dir exclude each "
-                          "other; give one of them")
     return Config(**settings)

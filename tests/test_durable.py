@@ -598,6 +598,8 @@ async def test_ephemeral_forgets_on_restart(start_daemon: Start, tmp_path: Path)
     unused = tmp_path / "unused"
     first = start_daemon("--ephemeral", "--state-dir", str(unused))
     first.wait_for_log("state: ephemeral: blockers live in memory only, a restart forgets them")
+    # Given, yet unused: the log says so (a reviewer found it silently ignored).
+    first.wait_for_log(f"WARNING: state: ephemeral, so state-dir {unused} is not used")
     async with first.client() as c:
         await add(c, "in memory", id="mem")
         await c.ok("migrate-set-parameters", {"mode": "cpr-reboot"})

@@ -170,20 +170,6 @@ def test_the_command_line_turns_off_what_the_file_turns_on(tmp_path: Path) -> No
     assert build(options(["--config", str(path), "--no-only-migratable"])).only_migratable is False
 
 
-def test_ephemeral_and_a_state_directory_exclude_each_other(tmp_path: Path) -> None:
-    # Reported: --ephemeral --state-dir DIR ran in memory and said nothing of DIR.
-    path = tmp_path / "m.toml"
-    path.write_text("ephemeral = true\n")
-    message = ("ephemeral (keep nothing on disk) and state-dir exclude each other; give one of "
-               "them")
-    for argv in (["--ephemeral", "--state-dir", "/x"],
-                 ["--config", str(path), "--state-dir", "/x"]):
-        with pytest.raises(ConfigError) as caught:
-            build(options(argv))
-        assert str(caught.value) == message
-    assert build(options(["--config", str(path), "--no-ephemeral", "--state-dir", "/x"]))
-
-
 @pytest.mark.parametrize("gid", ["4294967295", "99999999999999999999"])
 def test_a_group_number_past_the_last_one_is_refused(gid: str) -> None:
     # Reported: a traceback (OverflowError), or for 2**32 - 1, chown()'s "no change":

@@ -26,6 +26,7 @@ import logging
 from typing import TYPE_CHECKING, cast
 
 from migblockd.connection import Connection
+from migblockd.core import BATCH
 from migblockd.logs import WIRE_LIMIT, about, shown
 from migblockd.outbox import HIGH_WATER, Outbox
 from migblockd.peer import leftovers, peer_owner, unread
@@ -37,9 +38,6 @@ __all__ = ["BATCH", "LINGER", "READ_SIZE", "ClientProtocol", "read_buffer"]
 
 log = logging.getLogger("migblockd")
 
-#: Requests of one connection run per turn: large enough to batch pipelined
-#: requests into one write, small enough to let other clients take turns.
-BATCH = 32
 #: How long a connection we half-closed may go on sending before we close it.
 LINGER = 2.0
 #: The most one read takes from a socket: asyncio's own read size.

@@ -58,7 +58,7 @@ from migblockd.registry import BlockerError, Owner, Registry
 from migblockd.render import event_line
 from migblockd.stats import Stats
 
-__all__ = ["Core"]
+__all__ = ["BATCH", "Core"]
 
 log = logging.getLogger("migblockd")
 
@@ -67,8 +67,10 @@ log = logging.getLogger("migblockd")
 #: (and backpressure stops it there), not all built at once.
 TURN_OUTPUT = 64 * 1024
 
-#: Requests of a connection gone run this many at a time (see ``_finish``).
-TURN_REQUESTS = 32
+#: Requests of one connection run per turn: large enough to batch pipelined
+#: requests into one write, small enough to let other clients take turns (and,
+#: for a connection gone, to let its answers go as they come: see ``_finish``).
+BATCH = 32
 
 #: A handler that talks to QEMU, paused at its latest ``yield Call(...)``.
 Suspended = Generator[object, object, object]
@@ -169,7 +171,7 @@ class Core:
         # Its requests run, a turn's worth at a time, and their output is let go
         # as it comes, never joined: a client that pipelined thousands of big
         # answers and hung up would otherwise cost their sum in memory and copies.
-        while self.execute(conn, TURN_REQUESTS):
+        while self.execute(conn, BATCH):
             conn.session.take_output()
         if conn.waiting is not None:
             return  # finished when its commit is done

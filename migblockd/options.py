@@ -306,6 +306,8 @@ def markdown(settings: type) -> str:
     for o in table(settings):
         if Where.COMMAND_LINE in o.where:
             spelled = f"`{o.flag_name}`" if o.flag else f"`{o.flag_name} {o.metavar or 'VALUE'}`"
+            if o.flag and Where.FILE in o.where:
+                spelled += f", `--no-{o.key}`"  # argparse's BooleanOptionalAction
             if Where.FILE not in o.where:
                 spelled += " (command line only)"
         else:

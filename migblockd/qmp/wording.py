@@ -15,6 +15,7 @@ later echoes (an ``id``) is always strict JSON.
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 from dataclasses import dataclass
@@ -138,8 +139,7 @@ def _lone_escape(text: str) -> int:
     a leading one not followed at once by a trailing one, or a trailing one alone."""
     lead = -1
     for m in _ESCAPE.finditer(text):
-        escape = m.group()
-        cp = int(escape[2:], 16) if escape[1] == "u" else -1
+        cp = _code_point(m.group())
         if lead >= 0:
             if m.start() == lead + 6 and 0xDC00 <= cp <= 0xDFFF:
                 lead = -1
@@ -351,9 +351,9 @@ def _not_unicode(text: str, start: int) -> str:
     string token (``json-parser.c``: ``"%.*s is not a valid Unicode
     character"``, from a copy of the token).  A leading surrogate's escape just
     before is the one QEMU names: it reads the two as a pair."""
-    lead = _LEAD_ESCAPE.search(text, 0, start)
-    if lead is not None and lead.end() == start and _is_escape(text, lead.start()):
-        start = lead.start()
+    before = collections.deque(_ESCAPE.finditer(text, 0, start), maxlen=1)
+    if before and before[0].end() == start and 0xD800 <= _code_point(before[0].group()) <= 0xDBFF:
+        start = before[0].start()
     end = start + 2
     while end < min(start + 6, len(text)) and text[end] != '"':
         end += 2 if text[end] == "\\" else 1
@@ -364,16 +364,9 @@ def _not_unicode(text: str, start: int) -> str:
     return f"{shown.decode('utf-8', 'replace')} is not a valid Unicode character"
 
 
-#: A leading surrogate's escape that ends the text searched (``\\uD800``...).
-_LEAD_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}\Z")
-
-
-def _is_escape(text: str, backslash: int) -> bool:
-    """``text[backslash]`` begins an escape: an even run of backslashes before it."""
-    run = backslash
-    while run > 0 and text[run - 1] == "\\":
-        run -= 1
-    return (backslash - run) % 2 == 0
+def _code_point(escape: str) -> int:
+    """The code point of a ``\\uXXXX`` escape (an :data:`_ESCAPE` match); -1 for others."""
+    return int(escape[2:], 16) if escape[1] == "u" else -1
 
 
 def _innermost_container(text: str, pos: int) -> str:

@@ -22,6 +22,7 @@ from migblockd.contract import Contract
 from migblockd.listing import Listings
 from migblockd.logs import about, shown
 from migblockd.qmp.encoding import Encoded, Parts
+from migblockd.qmp.errors import QMPError
 from migblockd.qmp.session import QMP_CAPABILITIES, Command
 from migblockd.qmp.validation import ArgumentValidator
 from migblockd.registry import BlockerError, Change, Registry
@@ -47,6 +48,8 @@ def reads_state(handler: H) -> H:
 
 #: QEMU's defaults for the parameters the simulation only reports.
 PARAMETER_DEFAULTS: dict[str, object] = {"max-bandwidth": 134217728, "downtime-limit": 300}
+#: QEMU's ``MAX_MIGRATE_DOWNTIME`` (``migration/options.c``), in milliseconds.
+MAX_DOWNTIME = 2000 * 1000
 
 
 def version_info() -> dict[str, Any]:
@@ -161,9 +164,17 @@ class Handlers:
         return self.registry.query_migrate()
 
     def migrate_set_parameters(self, conn: Connection, args: Args) -> object:
+        # Both are unsigned in QEMU (size, uint64), whose visitor wraps a
+        # negative number; migrate_params_check() then refuses the command
+        # whole, before anything is applied.  (QEMU 7.2's wording; later ones
+        # say "Option downtime_limit expects ...".)
+        values = {k: v % (1 << 64) for k, v in args.items() if k != "mode"}
+        if values.get("downtime-limit", 0) > MAX_DOWNTIME:
+            raise QMPError("Parameter 'downtime_limit' expects an integer in the range of "
+                           "0 to (2000 * 1000) ms")
         if "mode" in args:
             self._set_mode(conn, args["mode"])
-        self._parameters.update((k, v) for k, v in args.items() if k != "mode")
+        self._parameters.update(values)
         return {}
 
     def _set_mode(self, conn: Connection, mode: str) -> None:

@@ -14,6 +14,8 @@ from migblockd.contract import CommandSpec, Contract, EventSpec, schema_dir
 from migblockd.qapi.error import QAPIError
 
 ROOT = Path(__file__).resolve().parent.parent
+# QAPI's size and uint64: QEMU takes negative numbers too, and wraps them.
+UINT64 = {"type": "integer", "format": "uint64", "minimum": -(2**63), "maximum": 2**64 - 1}
 GENERATED = ROOT / "schema" / "generated"
 
 COMMANDS = [
@@ -99,8 +101,8 @@ def test_argument_documents_follow_the_conventions(contract: Contract) -> None:
     params = contract.commands["migrate-set-parameters"].arguments
     assert params["type"] == "object"
     assert params["properties"] == {"mode": {"$ref": "#/$defs/MigMode"},
-                                    "max-bandwidth": {"type": "integer"},
-                                    "downtime-limit": {"type": "integer"}}
+                                    "max-bandwidth": UINT64,
+                                    "downtime-limit": UINT64}
     assert "MigrateSetParameters" not in params["$defs"]
 
 

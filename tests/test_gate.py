@@ -431,3 +431,28 @@ async def test_a_stopped_qemu_gets_a_timeout_error_instead_of_a_hang(
     assert d.stop() == 0  # promptly: nothing left waiting for QEMU
     assert "dropped: still taking" not in d.log()
     assert_clean_log(d)
+
+
+async def test_migration_parameters_are_judged_as_qemu_judges_them(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    # The simulation's answers, the gate's and QEMU's own, request by request:
+    # size and uint64 take negative numbers and wrap them, and QEMU's
+    # migrate_params_check() refuses a downtime over 2000 s, applying nothing.
+    sim = start_daemon(socket=qemu.gate_socket.with_name("simulation.sock"))
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    requests: list[dict[str, Any]] = [
+        {"downtime-limit": -1}, {"downtime-limit": 2000001}, {"downtime-limit": 2000000},
+        {"downtime-limit": 1.5}, {"max-bandwidth": "fast"}, {"max-bandwidth": -5},
+        {"max-bandwidth": 1000, "downtime-limit": 2000001}, {"downtime-limit": 18446744073709551615},
+    ]
+    async with qemu.monitor() as mon, sim.client() as s, d.client() as g:
+        for i, args in enumerate(requests):
+            want = await mon.execute("migrate-set-parameters", args, id=i)
+            assert await s.execute("migrate-set-parameters", args, id=i) == want, args
+            assert await g.execute("migrate-set-parameters", args, id=i) == want, args
+        real = await mon.ok("query-migrate-parameters")
+        simulated = await s.ok("query-migrate-parameters")
+        assert real["max-bandwidth"] == simulated["max-bandwidth"] == 2**64 - 5
+        assert real["downtime-limit"] == simulated["downtime-limit"] == 2000000

@@ -64,8 +64,21 @@ def validator(rel: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(doc)
 
 
+# What QEMU's input visitor accepts for each integer type (qobject_input_type_int64
+# and _uint64, which takes negative numbers and wraps them, then visit_type_intN).
+INT_RANGES = {
+    "int": (-(2**63), 2**63 - 1), "int64": (-(2**63), 2**63 - 1),
+    "int8": (-128, 127), "int16": (-32768, 32767), "int32": (-(2**31), 2**31 - 1),
+    "uint8": (0, 255), "uint16": (0, 65535), "uint32": (0, 2**32 - 1),
+    "uint64": (-(2**63), 2**64 - 1), "size": (-(2**63), 2**64 - 1),
+}  # fmt: skip
+
+
 def values_of(typ: QAPIType) -> st.SearchStrategy[Any]:
     """Every JSON value the QAPI type admits (within small sizes)."""
+    if isinstance(typ, BuiltinType) and typ.name in INT_RANGES:
+        low, high = INT_RANGES[typ.name]
+        return st.integers(low, high) | st.sampled_from([low, high])
     if isinstance(typ, BuiltinType):
         return {
             "string": st.text(max_size=8),
@@ -97,6 +110,9 @@ def wrong_shapes(typ: QAPIType, value: Any) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     if typ.json_type() != "value":
         out.append(("wrong JSON type", WRONG[typ.json_type()]))
+    if isinstance(typ, BuiltinType) and typ.name in INT_RANGES:
+        low, high = INT_RANGES[typ.name]
+        out += [("below its range", low - 1), ("above its range", high + 1)]
     if isinstance(typ, EnumType):
         out.append(("not an enum member", "-".join(typ.value_names) + "-no"))
     elif isinstance(typ, ArrayType):

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from migblockd.qapi.jsonschema import integer_schema
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.validation import ArgumentValidator
 
@@ -40,7 +41,7 @@ NESTED: dict[str, Any] = {
     "title": "nested arguments",
     "type": "object",
     "properties": {
-        "count": {"type": "integer"},
+        "count": integer_schema("int"),
         "ratio": {"type": "number"},
         "parent": {"$ref": "#/$defs/Parent"},
         "list": {"type": "array", "items": {"$ref": "#/$defs/Child"}},
@@ -179,8 +180,9 @@ def test_nested_paths(args: dict[str, Any], desc: str) -> None:
     [
         (1, True),
         (-(1 << 63), True),
-        ((1 << 64) - 1, True),
-        (1 << 64, False),  # QEMU keeps it only as a double
+        ((1 << 63) - 1, True),
+        (1 << 63, False),  # QEMU: a QNum uint64 above INT64_MAX is no int64
+        (-(1 << 63) - 1, False),  # QEMU keeps it only as a double
         (1.0, False),  # QEMU: a QNum double is not an int
         (True, False),
         ("1", False),
@@ -193,6 +195,50 @@ def test_integer_is_a_json_integer(value: object, ok: bool) -> None:
         validator.check(args)
     else:
         assert error(NESTED, args) == "Invalid parameter type for 'count', expected: integer"
+
+
+def _integer_schema(qapi_type: str) -> dict[str, Any]:
+    return {"type": "object", "properties": {"n": integer_schema(qapi_type)},
+            "additionalProperties": False}
+
+
+INTEGER_CASES = [
+    # (QAPI type, value, QEMU's desc or None), from qobject_input_type_int64(),
+    # qobject_input_type_uint64() and visit_type_intN()/visit_type_uintN().
+    ("int8", -128, None), ("int8", 127, None),
+    ("int8", 128, "Parameter 'n' expects int8_t"),
+    ("int8", -129, "Parameter 'n' expects int8_t"),
+    ("int8", 1 << 63, "Invalid parameter type for 'n', expected: integer"),
+    ("int8", "1", "Invalid parameter type for 'n', expected: integer"),
+    ("int32", (1 << 31) - 1, None), ("int32", 1 << 31, "Parameter 'n' expects int32_t"),
+    ("uint8", 255, None), ("uint8", 0, None),
+    ("uint8", 256, "Parameter 'n' expects uint8_t"),
+    ("uint8", -1, "Parameter 'n' expects uint8_t"),  # wraps to 2^64 - 1
+    ("uint8", 1.0, "Parameter 'n' expects uint64"),
+    ("uint8", "1", "Parameter 'n' expects uint64"),
+    ("uint64", (1 << 64) - 1, None), ("uint64", -1, None), ("uint64", -(1 << 63), None),
+    ("uint64", 1 << 64, "Parameter 'n' expects uint64"),
+    ("uint64", -(1 << 63) - 1, "Parameter 'n' expects uint64"),
+    ("uint64", True, "Parameter 'n' expects uint64"),
+    ("size", (1 << 64) - 1, None), ("size", "1", "Parameter 'n' expects uint64"),
+    ("int", 1 << 63, "Invalid parameter type for 'n', expected: integer"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("qapi_type", "value", "desc"), INTEGER_CASES)
+def test_integer_types_follow_qemus_visitor(qapi_type: str, value: object,
+                                            desc: str | None) -> None:
+    schema = _integer_schema(qapi_type)
+    validator = ArgumentValidator(schema)
+    assert validator.judge({"n": value}) == desc
+    # Cached or not, the verdict is the same.
+    for _ in range(2):
+        if desc is None:
+            validator.check({"n": value})
+        else:
+            with pytest.raises(QMPError) as exc:
+                validator.check({"n": value})
+            assert exc.value.desc == desc
 
 
 @pytest.mark.parametrize(("value", "ok"), [(1, True), (1.5, True), (True, False), ("1", False)])

@@ -15,9 +15,16 @@ Conventions (other code, and clients in other languages, rely on them):
 * a returns document puts the return type's schema at top level
   (``{"$ref": ...}`` for a struct, ``{"type": "array", "items": ...}`` for a
   list);
-* built-ins: ``str`` -> string, ``int`` and sized ints -> integer, ``number``,
-  ``bool`` -> boolean, ``null``, ``any`` -> ``{}``; enums are
-  ``{"type": "string", "enum": [...]}``; structs are objects as above.
+* built-ins: ``str`` -> string, ``number``, ``bool`` -> boolean, ``null``,
+  ``any`` -> ``{}``; enums are ``{"type": "string", "enum": [...]}``; structs
+  are objects as above;
+* integers are ``{"type": "integer", "format": F, "minimum": ..., "maximum": ...}``
+  with the range QEMU's input visitor accepts for the QAPI type, and ``format``
+  naming that type (``int8`` ... ``int64``, ``uint8`` ... ``uint64``; ``int`` is
+  ``int64`` and ``size`` is ``uint64``, as in QEMU's C types).  An unsigned type
+  accepts negative numbers as QEMU does (``qobject_input_type_uint64()`` takes
+  them "for backward compatibility" and wraps them), so ``uint64`` reaches down to
+  -2^63; the smaller unsigned types wrap them past their maximum and refuse them.
 """
 
 from __future__ import annotations
@@ -30,12 +37,28 @@ DRAFT = "https://json-schema.org/draft/2020-12/schema"
 
 _BUILTIN: dict[str, dict[str, Any]] = {
     "string": {"type": "string"},
-    "int": {"type": "integer"},
     "number": {"type": "number"},
     "boolean": {"type": "boolean"},
     "null": {"type": "null"},
     "value": {},
 }
+
+
+#: QAPI's integer types: (format, minimum, maximum) of what QEMU's visitor accepts.
+INTEGER_TYPES: dict[str, tuple[str, int, int]] = {
+    **{f"int{bits}": (f"int{bits}", -(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+       for bits in (8, 16, 32, 64)},
+    **{f"uint{bits}": (f"uint{bits}", 0, (1 << bits) - 1) for bits in (8, 16, 32)},
+    "uint64": ("uint64", -(1 << 63), (1 << 64) - 1),
+}
+INTEGER_TYPES["int"] = INTEGER_TYPES["int64"]
+INTEGER_TYPES["size"] = INTEGER_TYPES["uint64"]
+
+
+def integer_schema(name: str) -> dict[str, Any]:
+    """The schema of the QAPI integer type ``name``."""
+    fmt, low, high = INTEGER_TYPES[name]
+    return {"type": "integer", "format": fmt, "minimum": low, "maximum": high}
 
 
 class _DocumentBuilder:
@@ -46,6 +69,8 @@ class _DocumentBuilder:
 
     def type_schema(self, typ: QAPIType) -> dict[str, Any]:
         if isinstance(typ, BuiltinType):
+            if typ.name in INTEGER_TYPES:
+                return integer_schema(typ.name)
             return dict(_BUILTIN[typ.json_type()])
         if isinstance(typ, ArrayType):
             return {"type": "array", "items": self.type_schema(typ.element)}

@@ -20,10 +20,28 @@ migblockd names them properly, e.g. ``Parameter 'enable[0]' does not accept
 value 'foo'``).  ``TYPE`` is ``string``, ``integer``, ``number``,
 ``boolean``, ``null``, ``object`` or ``array``.
 
-Types follow QEMU, not JSON Schema's defaults: an ``integer`` must be a JSON
-integer (``1.0`` is a number, and ``true`` is not an integer either), within
-the 64-bit range QEMU's parser keeps as an integer; anything larger is a
-floating-point number to QEMU and fails the same way.
+Types follow QEMU, not JSON Schema's defaults.  ``1.0`` is a number, not an
+integer, and ``true`` is neither.  Integers follow the QAPI type that the
+schema's ``format`` names (``qobject_input_type_int64()``,
+``qobject_input_type_uint64()`` and ``visit_type_intN()``/``visit_type_uintN()``
+in ``qapi/qapi-visit-core.c``):
+
+==================  ===================================  =============================
+QAPI type           accepted                             otherwise
+==================  ===================================  =============================
+``int``, ``int64``  -2^63 .. 2^63-1                      ``Invalid parameter type for
+                                                         'NAME', expected: integer``
+``int8`` ...        that, then the type's range          ``Parameter 'NAME' expects
+``int32``                                                int8_t`` (``int16_t`` ...)
+``uint64``,         -2^63 .. 2^64-1 (a negative number   ``Parameter 'NAME' expects
+``size``            wraps, as in QEMU)                   uint64``
+``uint8`` ...       that, wrapped, then the type's       ``Parameter 'NAME' expects
+``uint32``          range                                uint8_t`` (``uint16_t`` ...)
+``number``          any number                           ``... expected: number``
+==================  ===================================  =============================
+
+(QEMU's parser keeps a bigger integer as a floating-point number, which only
+``number`` takes.)
 
 :class:`ArgumentValidator` decides validity with ``jsonschema``'s
 ``Draft202012Validator`` (with the type rules above), built once per command.
@@ -63,16 +81,36 @@ VERDICT_CACHE_SIZE: Final = 1024
 #: to build, and too varied to repeat).
 SHAPE_LIMIT: Final = 64
 
-_INT_MIN: Final = -(1 << 63)
-_INT_MAX: Final = (1 << 64) - 1  # QEMU keeps uint64 values as integers too
+_INT64: Final = range(-(1 << 63), 1 << 63)
+_UINT64: Final = range(-(1 << 63), 1 << 64)  # negative numbers wrap, as in QEMU
 
 
 def _is_integer(checker: object, instance: object) -> bool:
-    return type(instance) is int and _INT_MIN <= instance <= _INT_MAX
+    # Any integer QEMU's parser keeps as one; the generated schemas narrow it
+    # to the QAPI type's range with minimum and maximum.
+    return type(instance) is int and instance in _UINT64
 
 
 def _is_number(checker: object, instance: object) -> bool:
-    return type(instance) is float or _is_integer(checker, instance)
+    return type(instance) is float or type(instance) is int
+
+
+def _integer_error(schema: Mapping[str, Any], value: object, name: str) -> str | None:
+    """QEMU's error for ``value`` as the QAPI integer type of ``schema``, if any."""
+    fmt: str = schema["format"]
+    if fmt.startswith("u"):
+        if type(value) is not int or value not in _UINT64:
+            return f"Parameter '{name}' expects uint64"
+        value %= 1 << 64
+    elif type(value) is not int or value not in _INT64:
+        return f"Invalid parameter type for '{name}', expected: integer"
+    if not schema.get("minimum", value) <= value <= schema.get("maximum", value):
+        return f"Parameter '{name}' expects {fmt}_t"
+    return None
+
+
+_INTEGER_FORMATS: Final = frozenset(
+    f"{sign}int{bits}" for sign in ("", "u") for bits in (8, 16, 32, 64))
 
 
 _TYPE_CHECKER = Draft202012Validator.TYPE_CHECKER.redefine_many(
@@ -177,6 +215,8 @@ class ArgumentValidator:
         if schema is True or schema is False:
             return None if schema else f"Parameter '{path}' is unexpected"
         schema = self._resolve(schema)
+        if schema.get("format") in _INTEGER_FORMATS:
+            return _integer_error(schema, value, path or "null")
         expected = schema.get("type")
         if expected is not None:
             names = [expected] if isinstance(expected, str) else list(expected)

@@ -221,3 +221,43 @@ def test_cli_reports_missing_schema_file(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "can't read schema file 'nonexistent.json'" in result.stderr
+
+
+def test_output_dir_holding_the_schema_keeps_it(tmp_path: Path) -> None:
+    # Only the generator's own files are its to delete: the schema beside them stays.
+    copy = tmp_path / "schema"
+    shutil.copytree(SCHEMA, copy)
+    shutil.rmtree(copy / "generated")
+    (copy / "notes.json").write_text("{}\n", encoding="utf-8")
+    (copy / "events").mkdir()
+    (copy / "events" / "STALE_EVENT.json").write_text("{}\n", encoding="utf-8")
+    sources = {p.name: p.read_bytes() for p in copy.glob("*.json")}
+    result = gen("-o", str(copy), str(copy / "migblockd.json"))
+    assert result.returncode == 0, result.stderr
+    kept = {p.name: p.read_bytes() for p in copy.glob("*.json") if p.name != "qmp-schema.json"}
+    assert kept == sources
+    assert (copy / "qmp-schema.json").is_file()
+    assert (copy / "commands" / "add-blocker.arguments.json").is_file()
+    assert not (copy / "events" / "STALE_EVENT.json").exists()
+
+
+def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    result = gen("-o", str(blocker), str(SCHEMA / "migblockd.json"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"migblockd-qapi-gen: can't write to '{blocker}': ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_crlf_line_ends_read_as_qemus_parser_reads_them(tmp_path: Path) -> None:
+    crlf = tmp_path / "good-everything.json"
+    text = (CASES / "good-everything.json").read_bytes()
+    crlf.write_bytes(text.replace(b"\n", b"\r\n"))
+    (tmp_path / "sub").mkdir()
+    for include in (CASES / "sub").glob("*.json"):
+        (tmp_path / "sub" / include.name).write_bytes(
+            include.read_bytes().replace(b"\n", b"\r\n"))
+    result = gen("--check", "-o", str(CASES / "good-everything.generated"), str(crlf))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -4,8 +4,9 @@ Usage: ``migblockd-qapi-gen [--check] [-o OUTPUT_DIR] [SCHEMA]``.
 
 SCHEMA defaults to the project's ``migblockd.json`` (see
 ``migblockd.contract.schema_dir``) and OUTPUT_DIR to ``generated/`` next to
-it.  Without ``--check`` the files are written and stale ``*.json`` files in
-OUTPUT_DIR are removed; with ``--check`` nothing is written and the exit status
+it.  Without ``--check`` the files are written and stale generated files in
+OUTPUT_DIR (``qmp-schema.json``, ``commands/*.json``, ``events/*.json``) are
+removed, and nothing else there is touched; with ``--check`` nothing is written and the exit status
 is 1, with a unified diff on stdout, when OUTPUT_DIR differs from what the
 schema generates.  Schema mistakes are printed as ``FILE:LINE:COL: message``
 with exit status 1.
@@ -54,8 +55,9 @@ def generate(schema: Schema) -> dict[str, str]:
     return dict(sorted(files.items()))
 
 
-#: The files under the output directory the generator owns.
-OWNED = ("**/*.json",)
+#: The files under the output directory the generator owns: only the ones it
+#: makes, so that an OUTPUT_DIR holding other files (the schema itself) keeps them.
+OWNED = ("qmp-schema.json", "commands/*.json", "events/*.json")
 
 
 def check(files: dict[str, str], output_dir: Path) -> list[str]:
@@ -64,7 +66,7 @@ def check(files: dict[str, str], output_dir: Path) -> list[str]:
 
 
 def write(files: dict[str, str], output_dir: Path) -> None:
-    """Write ``files`` under ``output_dir``; delete ``*.json`` no longer generated."""
+    """Write ``files`` under ``output_dir``; delete generated files no longer generated."""
     write_files(files, output_dir, OWNED)
 
 
@@ -73,8 +75,9 @@ CHECKOUT_SCHEMA = Path("schema") / "migblockd.json"
 
 
 EPILOG = """\
-Without --check the files are written, and *.json files in OUTPUT_DIR that SCHEMA no
-longer generates are removed.  With --check nothing is written; the exit status is 1,
+Without --check the files are written, and generated files in OUTPUT_DIR
+(qmp-schema.json, commands/*.json, events/*.json) that SCHEMA no longer generates are
+removed; nothing else there is touched.  With --check nothing is written; the exit status is 1,
 with a unified diff on stdout, when OUTPUT_DIR differs from what SCHEMA generates.
 Mistakes in the schema are reported as FILE:LINE:COL: message, with exit status 1.
 """
@@ -145,7 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 1
         return 0
-    write(files, output_dir)
+    try:
+        write(files, output_dir)
+    except OSError as err:
+        print(f"{PROG}: can't write to '{output_dir}': "
+              f"{err.filename}: {err.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

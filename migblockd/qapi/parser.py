@@ -110,7 +110,8 @@ class _FileParser:
         with open(fname, "rb") as fp:
             raw = fp.read()
         try:
-            self.src = raw.decode("utf-8")
+            # Newlines as Python's text mode reads them, as QEMU's parser does.
+            self.src = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         except UnicodeDecodeError as err:
             # Doc comments may hold any UTF-8; anything else is a mistake to
             # point at, not a traceback.

@@ -46,6 +46,8 @@ _CAMEL_RE = re.compile(r"[A-Z][A-Za-z0-9]*$")
 _LOWER_RE = re.compile(r"[a-z][a-z0-9-]*$")
 _UPPER_RE = re.compile(r"[A-Z][A-Z0-9_]*$")
 _VALUE_RE = re.compile(r"[a-z0-9][a-z0-9-]*$")
+# QEMU's valid_name (scripts/qapi/expr.py), which even a pragma's exception must match.
+_EXCEPTION_RE = re.compile(r"[a-z][a-z0-9_-]*$")
 
 _META_KEYS: dict[str, tuple[set[str], set[str]]] = {
     # meta-type: (required keys, optional keys)
@@ -264,11 +266,23 @@ class _Builder:
                 enum = self.schema.types[name]
                 assert isinstance(enum, EnumType)
                 self._check_doc_names(defn.doc, [v.name for v in enum.values], defn, "value")
-            if defn.doc.section("Returns") is not None and meta != "command":
-                info = defn.doc.section("Returns")
-                assert info is not None
-                raise QAPIError(info.info, "'Returns:' is only valid for commands")
+            self._check_doc_sections(meta, defn)
         return self.schema
+
+    @staticmethod
+    def _check_doc_sections(meta: str, defn: Definition) -> None:
+        """QEMU's QAPIDoc.check_expr(): sections that only some definitions may have."""
+        assert defn.doc is not None
+        returns, errors = defn.doc.section("Returns"), defn.doc.section("Errors")
+        if meta == "command":
+            if returns is not None and "returns" not in defn.expr:
+                raise QAPIError(returns.info,
+                                "'Returns' section, but command doesn't return anything")
+            return
+        if returns is not None:
+            raise QAPIError(returns.info, "'Returns' section is only valid for commands")
+        if errors is not None:
+            raise QAPIError(errors.info, "'Errors' section is only valid for commands")
 
     # --- pass 1 ----------------------------------------------------------
 
@@ -308,10 +322,15 @@ class _Builder:
         elif meta == "event":
             if not _UPPER_RE.match(name):
                 raise QAPIError(info, f"name of {what} must not use lowercase or '-'")
-        elif not _LOWER_RE.match(name) and (
-            name not in self.parsed.pragmas.command_name_exceptions
-        ):
+        elif name in self.parsed.pragmas.command_name_exceptions:
+            if not _EXCEPTION_RE.match(name):  # it is also a file name: no '/', no '..'
+                raise QAPIError(info, f"name of {what} must not use uppercase or '_'"
+                                if _EXCEPTION_RE.match(name.lower()) else
+                                f"{what} has an invalid name")
+        elif not _LOWER_RE.match(name):
             raise QAPIError(info, f"name of {what} must not use uppercase or '_'")
+        if name.endswith("List"):  # QEMU's name for an array of the type
+            raise QAPIError(info, f"{meta} name should not end in 'List'")
 
     @staticmethod
     def _check_doc_symbol(defn: Definition, name: str) -> None:
@@ -359,6 +378,8 @@ class _Builder:
             what = f"{role} '{name}' of '{owner}'"
             if not _LOWER_RE.match(name):
                 raise QAPIError(info, f"name of {what} must not use uppercase or '_'")
+            if name.startswith("has-"):  # QEMU's C struct would have has_NAME twice
+                raise QAPIError(info, f"{what} uses reserved name")
             if name in seen:
                 raise QAPIError(info, f"{what} is duplicated")
             seen.add(name)

@@ -159,12 +159,16 @@ def test_the_documented_exposure_is_the_measured_one(fake_root: Path) -> None:
 
 def test_templates_run_the_same_service() -> None:
     """The same [Service] but for the state directory: each instance has its own
-    (a daemon locks its directory), under the plain unit's."""
+    (a daemon locks its directory), beside the plain unit's, not inside it: moving
+    /var/lib/migblockd away, or `systemctl clean` of the plain unit, must not take
+    an instance's blockers with it."""
     plain = parse_unit(UNITS / "migblockd.service")
     template = parse_unit(UNITS / "migblockd@.service")
     plain_service, template_service = dict(plain["Service"]), dict(template["Service"])
     assert plain_service.pop("StateDirectory") == "migblockd"
-    assert template_service.pop("StateDirectory") == "migblockd/%i"
+    instance_dir = template_service.pop("StateDirectory")
+    assert instance_dir == "migblockd-instances/%i"
+    assert not instance_dir.startswith("migblockd/")
     assert plain_service == template_service
     assert values(template, "Unit", "Requires") == ["migblockd@%i.socket"]
     assert values(plain, "Unit", "Requires") == ["migblockd.socket"]

@@ -12,6 +12,8 @@ Every metric, its labels and what it means for an alert are in
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Iterator
 
 from prometheus_client.core import (
@@ -31,12 +33,26 @@ from migblockd.stats import Histogram
 __all__ = ["DaemonCollector", "metrics_registry"]
 
 
+class _ProcessCollector(ProcessCollector):
+    """prometheus_client's, when /proc/stat is hidden too (systemd's ``ProcSubset=pid``,
+    as the units set it): it needs the boot time only to date the process's start,
+    and without it reports no ``process_*`` metric at all."""
+
+    def _boot_time(self) -> float:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            found = super()._boot_time()  # type: ignore[no-untyped-call]
+            if found:
+                return float(found)
+        # The clocks give it: /proc/PID/stat counts from boot on CLOCK_BOOTTIME.
+        return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def metrics_registry(core: Core) -> CollectorRegistry:
     """A private registry (not prometheus_client's global one): the daemon's metrics and
     prometheus_client's usual ``process_*`` ones (CPU, memory, file descriptors)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DaemonCollector(core))
-    ProcessCollector(registry=registry)
+    _ProcessCollector(registry=registry)
     return registry
 
 
@@ -160,7 +176,8 @@ class DaemonCollector(Collector):
             "Connections accepted (those turned away at max-clients included)",
             value=stats.connections)
         yield CounterMetricFamily("migblockd_connections_refused",
-                                  "Connections turned away at max-clients",
+                                  "Connections turned away at max-clients or "
+                                  "max-clients-per-uid",
                                   value=stats.connections_refused)
         yield CounterMetricFamily("migblockd_clients_dropped",
                                   "Clients disconnected for unread events past max-output",

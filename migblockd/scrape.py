@@ -26,8 +26,11 @@ The address is ``host:port`` (TCP) or an absolute path, a Unix socket bound
 with the same care as the QMP socket (``migblockd.listen``: mode 0600 from
 the start, a live socket never taken over, a stale one replaced, our own
 removed at exit).  Abuse stays bounded: at most ``MAX_SCRAPES`` requests are
-served at once (more connections are closed at once), and a client that
-sends nothing is dropped after ``REQUEST_TIMEOUT`` seconds.
+served at once (more connections get a 503 at once), a client that sends
+nothing is dropped after ``REQUEST_TIMEOUT`` seconds, and one that trickles
+its request byte by byte after ``REQUEST_DEADLINE`` seconds in all.  When
+the process is out of file descriptors, the server waits a moment between
+attempts to accept rather than spin.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import gzip
 import logging
 import os
@@ -55,9 +59,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from migblockd.config import HostPort
 from migblockd.listen import StartupError, bind_socket
+from migblockd.logs import shown
 from migblockd.pidlock import PidLock
 
-__all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_TIMEOUT", "MetricsApp", "MetricsServer"]
+__all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_DEADLINE", "REQUEST_TIMEOUT", "MetricsApp",
+           "MetricsServer"]
 
 log = logging.getLogger("migblockd")
 
@@ -65,6 +71,15 @@ log = logging.getLogger("migblockd")
 MAX_SCRAPES = 4
 #: Seconds a metrics client has to send its request (and to read the answer).
 REQUEST_TIMEOUT = 10.0
+#: Seconds a metrics connection may last in all, however steadily it trickles.
+REQUEST_DEADLINE = 30.0
+#: Seconds between attempts to accept while the process is out of descriptors.
+EXHAUSTED_PAUSE = 0.1
+#: What a connection past MAX_SCRAPES is told before it is closed.
+_BUSY_TEXT = b"too many scrapes at once; retry\n"
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
+         b"Content-Type: text/plain; charset=utf-8\r\n"
+         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT))
 #: Seconds from one answer to the next at the least: bounds what scraping costs.
 MIN_INTERVAL = 0.1
 #: Seconds the event loop has to build an answer before the scraper gets a 503.
@@ -159,7 +174,8 @@ class _Handler(WSGIRequestHandler):
     timeout = REQUEST_TIMEOUT
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("metrics: %s", format % args)
+        # The request line is the client's: escaped and cut, as every client string.
+        log.debug("metrics: %s", shown(format % args, quoted=False))
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -180,14 +196,25 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        conn, address = self.socket.accept()
+        try:
+            conn, address = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # The connection stays queued and the socket readable: without a
+                # pause, serve_forever() would try again at once, for as long as
+                # the shortage lasts, on a whole core.
+                time.sleep(EXHAUSTED_PAUSE)
+            raise
         # A Unix socket's peer has no address; wsgiref wants one for REMOTE_ADDR.
         return conn, address if isinstance(address, tuple) else ("local", 0)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            log.debug("metrics: %d scrapes in progress; closing another connection",
+            log.debug("metrics: %d scrapes in progress; refusing another connection",
                       MAX_SCRAPES)
+            with contextlib.suppress(OSError):
+                request.settimeout(0)  # what fits in the socket's buffer, never a wait
+                request.send(_BUSY)
             self.shutdown_request(request)
             return
         try:
@@ -197,14 +224,25 @@ class _Server(ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # REQUEST_TIMEOUT bounds each wait; this bounds them all together.
+        deadline = threading.Timer(REQUEST_DEADLINE, _cut, (request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that went away or timed out: nothing to report beyond debug.
         log.debug("metrics: request failed: %r", sys.exc_info()[1])
+
+
+def _cut(request: socket.socket) -> None:
+    """End a connection past its deadline: its thread's read or write fails at once."""
+    with contextlib.suppress(OSError):
+        request.shutdown(socket.SHUT_RDWR)
 
 
 class MetricsServer:

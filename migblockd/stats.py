@@ -151,7 +151,7 @@ class Stats:
         self.blockers_refused = dict.fromkeys(ADD_REFUSALS, 0)
         self.migrations_refused = dict.fromkeys(MIGRATE_REFUSALS, 0)
         self.connections = 0  # accepted, including those refused at max-clients
-        self.connections_refused = 0  # at max-clients
+        self.connections_refused = 0  # at max-clients or max-clients-per-uid
         self.dropped = 0  # disconnected past max-output
         self.commits = Histogram(COMMIT_BUCKETS)
         self.commit_failures = 0

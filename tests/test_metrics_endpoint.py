@@ -1,0 +1,157 @@
+"""The metrics endpoint's HTTP side under abuse, and its process metrics under the units'
+sandbox: real sockets, a real daemon where it takes one, ``unshare`` for a ``/proc``
+mounted as systemd's ``ProcSubset=pid`` mounts it, ``prlimit`` for a real shortage of
+file descriptors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DaemonProcess, assert_clean_log
+from prometheus_client.registry import CollectorRegistry
+from test_daemon_exhaustion import limited_python
+from test_metrics import UnixHTTPConnection, get, scrape
+
+from migblockd import scrape as endpoint
+from migblockd.scrape import MAX_SCRAPES, MetricsServer
+
+
+@pytest.fixture
+def server(short_tmp: Path) -> Iterator[Path]:
+    """A metrics endpoint in this process (nothing here needs an answer built)."""
+    loop = asyncio.new_event_loop()
+    path = short_tmp / "m.sock"
+    metrics = MetricsServer.open(path, CollectorRegistry(), short_tmp / "q.sock", loop)
+    metrics.start()
+    try:
+        yield path
+    finally:
+        metrics.close()
+        loop.close()
+
+
+def trickler(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(path))
+    s.sendall(b"GET /metrics HTTP/1.1\r\n")  # the rest never comes
+    return s
+
+
+def test_a_connection_past_the_limit_is_told_to_retry(server: Path) -> None:
+    held = [trickler(server) for _ in range(MAX_SCRAPES)]
+    try:
+        time.sleep(0.2)  # the server has taken them all
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
+            late.settimeout(10)
+            late.connect(str(server))
+            answer = b""
+            while chunk := late.recv(4096):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 503 "), answer
+        assert b"\r\nRetry-After: 1" in head
+        assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) == len(body)
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_trickling_client_is_cut_at_the_deadline(
+        server: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(endpoint, "REQUEST_DEADLINE", 1.0)
+    with trickler(server) as s:
+        s.settimeout(0.2)
+        closed = False
+        for _ in range(100):  # 20 s, each line well within REQUEST_TIMEOUT
+            try:
+                s.sendall(b"X-Slow: 1\r\n")
+                closed = s.recv(4096) == b""
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            if closed:
+                break
+        assert closed, "a client that keeps trickling holds its slot for ever"
+
+
+def test_request_lines_are_logged_escaped(
+        server: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="migblockd")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(server))
+        s.sendall(b"GET /x\rINFO: forged line\x1b[2J HTTP/1.0\r\n\r\n")
+        while s.recv(4096):
+            pass
+    time.sleep(0.2)  # the handler logs after its answer
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("metrics: ")]
+    assert lines, caplog.text
+    assert all("\r" not in line and "\x1b" not in line for line in lines), lines
+    assert any("\\r" in line and "\\x1b" in line for line in lines), lines
+
+
+def test_process_metrics_under_proc_subset_pid(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
+    # The units' ProcSubset=pid hides /proc/stat, whose boot time prometheus_client
+    # wanted before it would report any process_* metric.
+    wrapper = tmp_path / "python-proc-subset"
+    wrapper.write_text(
+        "#!/bin/sh\nexec unshare --mount sh -c "
+        "'mount -t proc -o subset=pid proc /proc && test ! -e /proc/stat && "
+        f'exec {sys.executable} "$@"\' sh "$@"\n')
+    wrapper.chmod(0o755)
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock",
+                     python=str(wrapper))
+    found = scrape(endpoint_path)
+    assert found.value("process_resident_memory_bytes") > 0
+    assert found.value("process_open_fds") > 0
+    started = found.value("process_start_time_seconds")
+    assert abs(started - time.time()) < 600, started  # a date, not seconds since boot
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+def test_out_of_descriptors_a_waiting_scrape_does_not_spin(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock",
+                     python=limited_python(tmp_path, 64))
+    clients = []
+    for _ in range(80):  # past what 64 descriptors hold
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.connect(str(d.socket))
+        clients.append(c)
+    d.wait_for_log("out of file descriptors (")
+    waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    waiting.connect(str(endpoint_path))  # queued: the server cannot accept it
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def cpu() -> float:
+            fields = Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks
+
+        before = cpu()
+        time.sleep(2)
+        used = cpu() - before
+        # Spinning on accept() burns a core (2 s here); waiting between attempts, nothing.
+        assert used < 1.0, f"{used:.2f} s of CPU in 2 s while out of descriptors"
+    finally:
+        waiting.close()
+        for c in clients:
+            c.close()
+    status, _, _ = get(UnixHTTPConnection(endpoint_path))
+    assert status == 200
+    assert d.stop() == 0
+    assert_clean_log(d)

@@ -48,7 +48,10 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
 
     Raises ValueError (naming the blocker) when a stored blocker blocks a
     mode the schema no longer defines: dropping it silently could let a
-    migration through that it was there to stop.
+    migration through that it was there to stop.  Likewise when the registry
+    is ``-only-migratable`` and a stored blocker is one it refuses (added
+    before that was turned on): QEMU never holds such a blocker, and keeping
+    it would contradict what the daemon says it enforces.
     """
     known = set(registry.modes)
     blockers: list[Blocker] = []
@@ -58,6 +61,11 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
             raise ValueError(f"stored blocker {row.id!r} blocks modes the schema does not "
                              f"define ({', '.join(unknown)}); use a --schema that defines "
                              "them, or move the state directory away to start from scratch")
+        if registry.only_migratable and not row.internal and DEFAULT_MODE in row.modes:
+            raise ValueError(f"stored blocker {row.id!r} blocks the {DEFAULT_MODE} mode and is "
+                             "not internal, which --only-migratable refuses; start without "
+                             "--only-migratable and delete it, or move the state directory "
+                             "away to start from scratch")
         owner = None if row.owner is None else Owner(*row.owner)
         blockers.append(Blocker(row.id, row.reason, row.modes, row.internal, "daemon",
                                 owner, row.added, row.seq))

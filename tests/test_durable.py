@@ -591,6 +591,37 @@ async def test_blocker_of_a_mode_the_schema_dropped_stops_the_daemon(
     assert digest(directory) == before
 
 
+async def test_a_blocker_only_migratable_refuses_stops_the_daemon_it_was_turned_on_for(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """QEMU never holds one under -only-migratable; dropping it could let a migration
+    through.  Those it accepts (internal, or not of the normal mode) come back."""
+    directory = tmp_path / "state"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        await add(c, "dump in progress", id="dump", internal=True)
+        await add(c, "reboot only", id="reboot", modes=["cpr-reboot"])
+        await add(c, "VFIO device", id="vfio")
+    assert daemon.stop() == 0
+    before = digest(directory)
+    refused = start_daemon("--state-dir", str(directory), "--only-migratable",
+                           "--log-level", "info", wait=False)
+    assert refused.wait_exit() == 1
+    assert only_line(refused) == (
+        f"{directory}/state.db: stored blocker 'vfio' blocks the normal mode and is not "
+        "internal, which --only-migratable refuses; start without --only-migratable and "
+        "delete it, or move the state directory away to start from scratch")
+    assert digest(directory) == before
+    # As the line says: without the option, delete it; then the option starts.
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        assert await c.ok("del-blocker", {"id": "vfio"}) == {}
+    assert daemon.stop() == 0
+    daemon = start_daemon("--state-dir", str(directory), "--only-migratable")
+    async with daemon.client() as c:
+        assert [b["id"] for b in await c.ok("query-blockers")] == ["dump", "reboot"]
+
+
 # ----------------------------------------------------------------- --ephemeral
 
 

@@ -131,13 +131,14 @@ class Handlers:
     # -- migration ----------------------------------------------------------
     @reads_state
     def migrate(self, conn: Connection, args: Args) -> object:
+        uri = args.get("uri")
+        where = uri if uri is not None else "its channels"
         try:
-            self.registry.migrate(args["uri"], args.get("resume", False))
+            self.registry.migrate(uri, args.get("resume", False), args.get("channels"))
         except BlockerError as exc:
-            self._refused(conn, exc, uri=args["uri"])
+            self._refused(conn, exc, uri=where)
             raise
-        log.info("%s: migration to %s started", conn.label, shown(args["uri"]),
-                 extra=about(conn))
+        log.info("%s: migration to %s started", conn.label, shown(where), extra=about(conn))
         return {}
 
     @staticmethod

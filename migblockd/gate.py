@@ -236,13 +236,13 @@ class GateHandlers(Handlers):
     # -- migration ----------------------------------------------------------
     @reads_state
     def migrate(self, conn: Connection, args: Args) -> Step:
-        uri = shown(args["uri"])
+        uri = shown(args["uri"]) if "uri" in args else "its channels"
         # A resume goes on with a paused postcopy migration, let through when it
         # started: QEMU's migrate_prepare() checks that one is paused and, like
         # migblockd, no blocker (none could be added while it ran).
         resume = bool(args.get("resume", False))
         if not resume:
-            yield from self._check_start(conn, args["uri"])
+            yield from self._check_start(conn, args.get("uri", "its channels"))
         # Awaiting its end from now: QEMU's events may tell it before the reply comes.
         # A refused resume leaves the paused migration as awaited as it was.
         awaited = self.qemu.awaiting and resume

@@ -402,7 +402,11 @@ async def test_migrate_blocked_by_newest_blocker_of_current_mode(
             assert await c.ok("query-migrate-parameters") == {"mode": mode, **DEFAULT_PARAMETERS}
             reasons, newest = expect[mode]
             assert await c.ok("query-migrate") == {"blocked-reasons": reasons}
-            reply = await c.execute("migrate", {"uri": "unix:/tmp/dest"}, id=mode)
+            # cpr-transfer sends its state on a channel of its own (QEMU 10).
+            where = ({"channels": [{"channel-type": t, "addr": {"transport": "socket",
+                                    "type": "unix", "path": f"/tmp/{t}"}} for t in ("main", "cpr")]}
+                     if mode == "cpr-transfer" else {"uri": "unix:/tmp/dest"})
+            reply = await c.execute("migrate", where, id=mode)
             assert reply == err(newest, mode)  # verbatim, no prefix
             assert await c.ok("query-migrate") == {"blocked-reasons": reasons}
         # No MIGRATION event and no state change for a blocked migrate.

@@ -259,7 +259,11 @@ ARGUMENT_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("query-blockers", {"mode": "all"}, "Parameter 'mode' does not accept value 'all'"),
     ("query-blockers", {"modes": ["normal"]}, "Parameter 'modes' is unexpected"),
     ("query-version", {"verbose": True}, "Parameter 'verbose' is unexpected"),
-    ("migrate", {}, "Parameter 'uri' is missing"),
+    ("migrate", {}, "need either 'uri' or 'channels' argument"),  # QEMU 10's qmp_migrate()
+    ("migrate", {"channels": [{"channel-type": "main"}]},
+     "Parameter 'channels[0].addr' is missing"),
+    ("migrate", {"channels": [{"channel-type": "other", "addr": {}}]},
+     "Parameter 'channels[0].channel-type' does not accept value 'other'"),
     ("migrate", {"uri": 7}, "Invalid parameter type for 'uri', expected: string"),
     ("migrate", {"uri": "tcp:x", "bandwidth": 1}, "Parameter 'bandwidth' is unexpected"),
     ("migrate-set-parameters", {"mode": "fast"},

@@ -25,6 +25,7 @@ from migblockd.registry import (
     Event,
     FakeClock,
     IdTooLong,
+    InvalidDestination,
     InvalidId,
     InvalidUri,
     MigrationBlocked,
@@ -80,8 +81,17 @@ def release(conn: str) -> Step:
     return ("release", conn)
 
 
-def migrate(uri: str = "tcp:host:4444", resume: bool = False) -> Step:
-    return ("migrate", uri, resume)
+def migrate(uri: str | None = "tcp:host:4444", resume: bool = False,
+            channels: list[dict[str, Any]] | None = None) -> Step:
+    return ("migrate", uri, resume, channels)
+
+
+def channel(kind: str) -> dict[str, Any]:
+    return {"channel-type": kind,
+            "addr": {"transport": "socket", "type": "unix", "path": f"/run/{kind}.sock"}}
+
+
+MAIN, CPR = channel("main"), channel("cpr")
 
 
 CANCEL: Step = ("cancel",)
@@ -122,8 +132,8 @@ def run(registry: Registry, clock: FakeClock, conns: dict[str, object], step: St
             return registry.delete(id).id
         case ("release", conn):
             return [b.id for b in registry.release(conns.setdefault(conn, object()))]
-        case ("migrate", uri, resume):
-            return registry.migrate(uri, resume)
+        case ("migrate", uri, resume, channels):
+            return registry.migrate(uri, resume, channels)
         case ("cancel",):
             return registry.cancel()
         case ("query",):
@@ -206,6 +216,8 @@ ONLY = "disallowing migration blocker (--only-migratable) for: "
 IN_PROGRESS = "There's a migration process in progress"
 BAD_URI = "Parameter 'uri' expects a valid migration protocol"
 NO_PAUSED = "Cannot resume if there is no paused migration"
+EITHER = "need either 'uri' or 'channels' argument"
+NO_CPR = "missing 'cpr' migration channel"
 BAD_ID = "Parameter 'id' expects an identifier"
 LONG_ID = "Parameter 'id' expects an identifier of at most 128 characters"
 EMPTY_REASON = "Parameter 'reason' expects a non-empty string"
@@ -336,7 +348,30 @@ ROWS = [
         query={"status": "setup"}),
     Row("mode change switches lists at once",
         (add(MDEV, modes=["cpr-transfer"]), add(VMDK, modes=["normal"]), mode("cpr-transfer")),
-        migrate(), error=(MigrationBlocked, MDEV), query={"blocked-reasons": [MDEV]}),
+        migrate(None, channels=[MAIN, CPR]), error=(MigrationBlocked, MDEV),
+        query={"blocked-reasons": [MDEV]}),
+    # qmp_migrate() (QEMU 10) checks where to before migrate_prepare() does the rest.
+    Row("channels instead of a URI", (EVENTS_ON,), migrate(None, channels=[MAIN]),
+        events=(mig("setup"),), query={"status": "setup"}),
+    Row("neither uri nor channels", (), migrate(None), error=(InvalidDestination, EITHER)),
+    Row("an empty channel list is none", (), migrate(None, channels=[]),
+        error=(InvalidDestination, EITHER)),
+    Row("both uri and channels", (), migrate("tcp:h:1", channels=[MAIN]),
+        error=(InvalidDestination, EITHER)),
+    Row("two channels of a type", (), migrate(None, channels=[MAIN, MAIN]),
+        error=(InvalidDestination, "Channel list has more than one main entry")),
+    Row("no main channel", (), migrate(None, channels=[CPR]),
+        error=(InvalidDestination, "Channel list has no main entry")),
+    Row("cpr-transfer needs a cpr channel", (mode("cpr-transfer"),), migrate(),
+        error=(InvalidDestination, NO_CPR)),
+    Row("the cpr channel is checked before busy and blockers",
+        (add(MDEV, modes=["cpr-transfer"]), migrate(), mode("cpr-transfer")),
+        migrate(None, channels=[MAIN]), error=(InvalidDestination, NO_CPR)),
+    Row("cpr-transfer with both channels", (EVENTS_ON, mode("cpr-transfer")),
+        migrate(None, channels=[CPR, MAIN]), events=(mig("setup"),),
+        query={"status": "setup"}),
+    Row("the URI is checked before the cpr channel", (mode("cpr-transfer"),), migrate("bogus"),
+        error=(InvalidUri, BAD_URI)),
     Row("blocked migrate changes nothing after a completed one",
         (EVENTS_ON, migrate(), tick(1.0), add(SEV)), migrate(),
         error=(MigrationBlocked, SEV), query={"status": "completed", "total-time": 1000,

@@ -27,6 +27,14 @@ CLIENT_IDS = ("a", "b", "c.d-e_f", "9x", "", "#blocker0", "a b")
 ALL_IDS = (*CLIENT_IDS, "#blocker0", "#blocker1", "#blocker2", "#blocker3", "nope")
 URIS = ("tcp:h:1", "unix:/s", "exec:cat", "fd:3", "file:/f", "rdma:h:1", "vsock:3:4", "ftp:x", "")
 SCHEMES = ("tcp:", "unix:", "exec:", "fd:", "file:", "rdma:", "vsock:")
+_ADDR = {"transport": "socket", "type": "unix", "path": "/run/dest.sock"}
+MAIN, CPR = ({"channel-type": t, "addr": _ADDR} for t in ("main", "cpr"))
+# Where a migrate goes: a URI, or channels (QEMU 8.2+), or both, or neither.
+DESTINATIONS: tuple[tuple[str | None, list[dict[str, Any]] | None], ...] = (
+    *((uri, None) for uri in URIS),
+    (None, [MAIN]), (None, [MAIN, CPR]), (None, [CPR, MAIN]), (None, [CPR]), (None, []),
+    (None, [MAIN, MAIN]), (None, None), ("tcp:h:1", [MAIN]),
+)
 RUNNING = {"setup", "active", "cancelling"}  # the statuses the simulation reaches
 CONNECTIONS = ("c1", "c2")
 
@@ -140,10 +148,20 @@ class Model:
             self.remove(id, "connection-closed")
         return gone
 
-    def migrate(self, uri: str) -> str | None:
+    def migrate(self, uri: str | None, channels: list[dict[str, Any]] | None) -> str | None:
         self.catch_up()
-        if not any(uri.startswith(s) for s in SCHEMES):
+        if (uri is None) == (not channels):
+            return "need either 'uri' or 'channels' argument"
+        types = [c["channel-type"] for c in channels or []]
+        for kind in ("main", "cpr"):
+            if types.count(kind) > 1:
+                return f"Channel list has more than one {kind} entry"
+        if channels and "main" not in types:
+            return "Channel list has no main entry"
+        if uri is not None and not any(uri.startswith(s) for s in SCHEMES):
             return "Parameter 'uri' expects a valid migration protocol"
+        if self.mode == "cpr-transfer" and "cpr" not in types:
+            return "missing 'cpr' migration channel"
         if self.status in RUNNING:
             return "There's a migration process in progress"
         if self.lists[self.mode]:
@@ -284,12 +302,13 @@ class RegistryMachine(RuleBasedStateMachine):
         assert self.registry.events_enabled == self.model.events_on
         self.check_events()
 
-    @rule(uri=st.sampled_from(URIS))
-    def migrate(self, uri: str) -> None:
+    @rule(destination=st.sampled_from(DESTINATIONS))
+    def migrate(self, destination: tuple[str | None, list[dict[str, Any]] | None]) -> None:
+        uri, channels = destination
         self.registry.advance()  # as the core does before every command
-        expected = self.model.migrate(uri)
+        expected = self.model.migrate(uri, channels)
         try:
-            self.registry.migrate(uri)
+            self.registry.migrate(uri, channels=channels)
         except BlockerError as exc:
             assert str(exc) == expected
         else:

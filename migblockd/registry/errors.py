@@ -135,6 +135,11 @@ class NoPausedMigration(BlockerError):
         super().__init__("Cannot resume if there is no paused migration")
 
 
+class InvalidDestination(BlockerError):
+    """``migrate``'s ``uri`` and ``channels`` do not name one destination
+    (``qmp_migrate()``'s checks before ``migrate_prepare()``, QEMU 10)."""
+
+
 class InvalidUri(BlockerError):
     """A migration URI with no scheme QEMU knows."""
 

@@ -35,6 +35,7 @@ from migblockd.registry.errors import (
     DuplicateId,
     EmptyModes,
     EmptyReason,
+    InvalidDestination,
     InvalidUri,
     MigrationBlocked,
     MigrationBusy,
@@ -329,17 +330,15 @@ class Registry:
         """Whether a migration runs (``migration_is_running()``)."""
         return self._migration.running
 
-    def check_migrate(self, uri: str | None = None, resume: bool = False) -> None:
-        """``migrate``'s refusals, in QEMU 8.2+'s order, without starting anything.
+    def check_migrate(self, resume: bool = False) -> None:
+        """``migrate``'s refusals once its destination passed (QEMU's
+        ``migrate_prepare()``), in QEMU 8.2+'s order, without starting anything.
 
-        The URI's scheme (:class:`InvalidUri`, when a URI is given), a resume
-        (:class:`NoPausedMigration`: the simulation never pauses a postcopy
-        migration, the only kind QEMU resumes), a migration already running
-        (:class:`MigrationInProgress`), then the current mode's list
+        A resume (:class:`NoPausedMigration`: the simulation never pauses a
+        postcopy migration, the only kind QEMU resumes), a migration already
+        running (:class:`MigrationInProgress`), then the current mode's list
         (:class:`MigrationBlocked`, quoting the newest).
         """
-        if uri is not None and not uri.startswith(URI_SCHEMES):
-            raise InvalidUri(uri)
         if resume:
             raise NoPausedMigration()
         if self._migration.running:
@@ -348,14 +347,42 @@ class Registry:
         if newest is not None:
             raise MigrationBlocked(newest)
 
-    def migrate(self, uri: str, resume: bool = False) -> None:
-        """``migrate``: start a simulated migration to ``uri``.
-
-        Every refusal (see :meth:`check_migrate`) leaves the state untouched
-        and queues nothing.  On success the status becomes ``setup``
-        (MIGRATION event when enabled).
+    def check_destination(self, uri: str | None,
+                          channels: Sequence[Mapping[str, Any]] | None) -> None:
+        """``qmp_migrate()``'s checks of where to (QEMU 10), before any of
+        :meth:`check_migrate`'s: exactly one of ``uri`` and ``channels``
+        (an empty list is none, as in QEMU), at most one channel of each
+        type and a ``main`` one, the URI's scheme (:class:`InvalidUri`), and
+        in ``cpr-transfer`` mode a ``cpr`` channel.  A channel's address is
+        QEMU's to judge; the simulation goes nowhere.
         """
-        self.check_migrate(uri, resume)
+        channels = channels or None
+        if (uri is None) == (channels is None):
+            raise InvalidDestination("need either 'uri' or 'channels' argument")
+        types: list[str] = []
+        if channels is not None:
+            for channel in channels:
+                kind = str(channel["channel-type"])
+                if kind in types:
+                    raise InvalidDestination(f"Channel list has more than one {kind} entry")
+                types.append(kind)
+            if "main" not in types:
+                raise InvalidDestination("Channel list has no main entry")
+        elif uri is not None and not uri.startswith(URI_SCHEMES):
+            raise InvalidUri(uri)
+        if self._mode == "cpr-transfer" and "cpr" not in types:
+            raise InvalidDestination("missing 'cpr' migration channel")
+
+    def migrate(self, uri: str | None, resume: bool = False,
+                channels: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """``migrate``: start a simulated migration to ``uri`` or ``channels``.
+
+        Every refusal (see :meth:`check_destination` and :meth:`check_migrate`)
+        leaves the state untouched and queues nothing.  On success the status
+        becomes ``setup`` (MIGRATION event when enabled).
+        """
+        self.check_destination(uri, channels)
+        self.check_migrate(resume)
         self._announce(self._migration.start(self._clock.monotonic()))
 
     def cancel(self) -> None:

@@ -266,7 +266,8 @@ QEMU_WORDING = re.compile(
     r"Parameter '[^']*' is missing|Parameter '[^']*' is unexpected"
     r"|Invalid parameter type for '[^']*', expected: "
     r"(string|integer|number|boolean|null|object|array)"
-    r"|Parameter '[^']*' does not accept value '.*'", re.DOTALL)
+    r"|Parameter '[^']*' does not accept value '.*'"
+    r"|Parameter '[^']*' expects u?int(8|16|32|64)(_t)?", re.DOTALL)
 
 
 def _values(names: list[str], enums: list[str]) -> st.SearchStrategy[Any]:

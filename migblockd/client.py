@@ -16,9 +16,11 @@ Errors, all :class:`ClientError`:
 
 * :class:`CommandError`: the daemon refused a command; ``error_class`` and
   ``desc`` are the daemon's, verbatim (``GenericError``, ``"Duplicate blocker
-  ID 'dump'"``).
-* :class:`DisconnectedError`: connecting failed, the client is not connected,
-  or the connection was lost (the cause is chained).  Whether a command in
+  ID 'dump'"``), also for a request it could not read (``"JSON token size
+  limit exceeded"``): the connection stays up.
+* :class:`DisconnectedError`: connecting failed (or the daemon turned the
+  connection away, in its words), the client is not connected, or the
+  connection was lost (the cause is chained).  Whether a command in
   flight when it was lost took effect is unknown.
 
 :meth:`MigblockClient.holding` adds a ``scope: connection`` blocker for the
@@ -65,6 +67,9 @@ from qemu.qmp import (
     Runstate,
     StateError,
 )
+from qemu.qmp.error import ProtocolError
+from qemu.qmp.models import Greeting
+from qemu.qmp.qmp_client import GreetingError
 
 from migblockd.paths import default_socket_path
 
@@ -121,6 +126,8 @@ class BlockerOwner:
     pid: int
     uid: int
     gid: int
+    #: The name of ``uid``, when the daemon's system knows one.
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,22 +144,27 @@ class Blocker:
     internal: bool
     #: ``"daemon"`` (until deleted) or ``"connection"`` (until deleted or its connection closes).
     scope: str
-    #: When it was added (UTC).
-    added: datetime
+    #: When it was added (UTC); None for QEMU's own blockers, of which QEMU says nothing.
+    added: datetime | None = None
     #: Who added it; None when the daemon did not know.
     owner: BlockerOwner | None = None
+    #: ``"migblockd"``, or ``"qemu"`` for the gated QEMU's own (ids ``qemu:N``), which
+    #: only QEMU deletes.
+    source: str = "migblockd"
 
     @classmethod
     def from_qmp(cls, data: Mapping[str, Any]) -> Blocker:
         """A ``BlockerInfo`` object as the daemon sends it (unknown members are ignored)."""
         try:
-            owner = data.get("owner")
+            owner, added = data.get("owner"), data.get("added")
             return cls(
                 id=_str(data["id"]), reason=_str(data["reason"]),
                 modes=tuple(_str(m) for m in data["modes"]), internal=bool(data["internal"]),
-                scope=_str(data["scope"]), added=_time(data["added"]),
+                scope=_str(data["scope"]), added=None if added is None else _time(added),
                 owner=None if owner is None else BlockerOwner(
-                    pid=owner["pid"], uid=owner["uid"], gid=owner["gid"]),
+                    pid=owner["pid"], uid=owner["uid"], gid=owner["gid"],
+                    user=None if owner.get("user") is None else _str(owner["user"])),
+                source=_str(data.get("source", "migblockd")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ClientError(f"not a BlockerInfo: {data!r} ({exc!r})") from None
@@ -247,20 +259,56 @@ class EventStream:
         self.close()
 
 
-class _QMP(QMPClient):
-    """``QMPClient`` whose events go to the client's streams only.
+#: The longest line a client reads: a 100,000-blocker listing with reasons of
+#: 1024 characters, each escaped as ``\\uXXXX``, is about 600 MB.
+READ_LIMIT: Final = 1 << 30
 
-    The library's default listener would keep every event for as long as the
-    connection lives (its history list); an agent holding a blocker for hours
-    would accumulate everyone's events.
+
+class _Refused(QMPError):
+    """The daemon turned the connection away (one error line instead of a greeting)."""
+
+
+class _QMP(QMPClient):
+    """``QMPClient`` fitted to migblockd.
+
+    * Events go to the client's streams only: the library's default listener
+      would keep every event for as long as the connection lives (its history
+      list), and an agent holding a blocker for hours would accumulate
+      everyone's events.
+    * An error without an ``id`` is the answer to the oldest request not yet
+      answered.  The daemon, like QEMU, cannot give a request it could not
+      parse (bad UTF-8, over ``--max-message-size``) its ``id``, then carries
+      on; it answers in order.  The library would drop the connection, and
+      with it every ``scope: connection`` blocker.
+    * Lines up to :data:`READ_LIMIT`: the library's 10 MiB is less than a big
+      ``query-blockers`` answer.
+    * A refusal in place of the greeting (``max-clients``...) is reported in
+      the daemon's words.
     """
 
     def __init__(self, client: MigblockClient, name: str) -> None:
-        super().__init__(name)
+        super().__init__(name, readbuflen=READ_LIMIT)
         self._client = client
 
     async def _event_dispatch(self, msg: Message) -> None:
         self._client._deliver(msg)
+
+    async def _on_message(self, msg: Message) -> None:
+        # _pending (the library's own) holds the requests not answered yet, oldest first.
+        if "error" in msg and "id" not in msg and "event" not in msg and self._pending:
+            await self._pending[next(iter(self._pending))].put(msg)
+            return
+        await super()._on_message(msg)
+
+    async def _get_greeting(self) -> Greeting:
+        msg = await self._recv()
+        error = msg.get("error") if "QMP" not in msg else None
+        if isinstance(error, dict) and isinstance(error.get("desc"), str):
+            raise _Refused(error["desc"])
+        try:
+            return Greeting(msg)
+        except (ProtocolError, KeyError, TypeError) as err:
+            raise GreetingError("Did not understand Greeting", err) from err
 
 
 # --------------------------------------------------------------------------- the client
@@ -298,6 +346,9 @@ class MigblockClient:
             await qmp.connect(self.path)
         except ConnectError as exc:
             cause = exc.exc
+            if isinstance(cause, _Refused):
+                raise DisconnectedError(f"migblockd at {self.path} refused the connection: "
+                                        f"{cause}") from None
             why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
             raise DisconnectedError(f"cannot connect to migblockd at {self.path}: {why}"
                                     ) from cause
@@ -349,8 +400,9 @@ class MigblockClient:
             raise DisconnectedError(f"not connected to migblockd at {self.path}")
         try:
             # The library serializes in its writer task, where a failure would drop the
-            # connection; and the daemon, like QEMU, takes strict JSON only.
-            json.dumps(arguments, allow_nan=False)
+            # connection; and the daemon, like QEMU, takes strict JSON in UTF-8 only (a
+            # lone surrogate, as os.fsdecode() makes of a byte that is not UTF-8, is not).
+            json.dumps(arguments, allow_nan=False, ensure_ascii=False).encode()
         except (TypeError, ValueError) as exc:
             raise ClientError(f"arguments of {command} are not JSON: {exc}") from None
         try:

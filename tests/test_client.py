@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
 
@@ -57,7 +58,7 @@ async def test_blockers_are_added_listed_and_deleted_as_typed_values(
             "vfio0", "VFIO device", ("normal", "cpr-exec"), True, "daemon")
         assert blocker.owner is not None
         assert (blocker.owner.pid, blocker.owner.uid) == (os.getpid(), os.geteuid())
-        assert blocker.added.tzinfo is UTC
+        assert blocker.added is not None and blocker.added.tzinfo is UTC
 
         other = await client.add_blocker("snapshot")
         assert other.modes == ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
@@ -98,6 +99,51 @@ async def test_refusals_raise_command_error_with_the_daemons_class_and_desc(
         with pytest.raises(ClientError, match="not JSON"):
             await client.execute("add-blocker", {"reason": float("nan")})
         assert [b.id for b in await client.blockers()] == ["dup"]  # still connected
+
+
+async def test_a_request_the_daemon_cannot_parse_fails_alone(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    # The daemon answers what it cannot parse without the request's id, and goes on;
+    # the client must not drop the connection (and its connection-scoped blockers).
+    d = start_daemon("--ephemeral", "--max-message-size", "65536", "--max-tokens", "1000")
+    async with MigblockClient(d.socket) as client, MigblockClient(d.socket) as other:
+        held = await client.add_blocker("held", scope="connection", id="held")
+        with pytest.raises(CommandError) as big:
+            await client.add_blocker("x" * 100_000)
+        assert big.value.desc == "JSON token size limit exceeded"  # QEMU's words
+        with pytest.raises(CommandError) as many:
+            await client.add_blocker("y", modes=["normal"] * 2000)
+        assert many.value.desc.endswith("limit exceeded"), many.value.desc
+        # Not UTF-8 (os.fsdecode of a byte that is not): refused before it is sent.
+        with pytest.raises(ClientError, match="not JSON"):
+            await client.add_blocker(os.fsdecode(b"/images/disk\xff.qcow2"))
+        assert client.connected
+        assert [b.id for b in await other.blockers()] == [held.id]
+        assert (await client.add_blocker("after", id="after")).id == "after"
+
+
+async def test_a_listing_bigger_than_qemu_qmps_default_buffer_is_read(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon("--ephemeral")
+    reason = "\u00e9" * 1024  # six bytes each on the wire: \\u00e9
+    async with MigblockClient(d.socket) as client:
+        for first in range(0, 1800, 100):
+            await asyncio.gather(*(client.add_blocker(reason, id=f"b{n}")
+                                   for n in range(first, first + 100)))
+        listed = await client.blockers()  # about 11 MB in one line
+        assert len(listed) == 1800 and listed[-1].reason == reason
+        assert client.connected
+
+
+async def test_a_refused_connection_says_why(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon("--ephemeral", "--max-clients", "1")
+    async with MigblockClient(d.socket):
+        with pytest.raises(DisconnectedError) as refused:
+            await MigblockClient(d.socket).connect()
+    assert str(refused.value) == (
+        f"migblockd at {d.socket} refused the connection: migblockd is already serving "
+        "max-clients=1 clients; try again later")
 
 
 async def test_connecting_to_nothing_raises_disconnected(short_tmp: Path) -> None:

@@ -22,6 +22,8 @@ from qemu_strings import GENERIC, SEV, error
 from qmpclient import RawClient
 from realqemu import Qemu, QemuMonitor, wait_until
 
+from migblockd.client import MigblockClient
+
 SINK = "exec:cat > /dev/null"
 RUNNING = {"setup", "active", "cancelling", "pre-switchover", "device", "wait-unplug"}
 
@@ -456,3 +458,22 @@ async def test_migration_parameters_are_judged_as_qemu_judges_them(
         simulated = await s.ok("query-migrate-parameters")
         assert real["max-bandwidth"] == simulated["max-bandwidth"] == 2**64 - 5
         assert real["downtime-limit"] == simulated["downtime-limit"] == 2000000
+
+
+async def test_the_client_library_lists_qemus_blockers_too(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    # QEMU says nothing of when its blockers were added: the typed listing must cope.
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with qemu.monitor() as mon, MigblockClient(d.socket) as client:
+        await mon.add_blocker("vdi1")
+        mine = await client.add_blocker(SEV)
+        listed = {b.id: b for b in await client.blockers()}
+        assert set(listed) == {mine.id, "qemu:1"}
+        theirs = listed["qemu:1"]
+        assert (theirs.source, theirs.added, theirs.reason) == (
+            "qemu", None, mon.blocker_text("vdi1"))
+        assert (listed[mine.id].source, listed[mine.id].added) == ("migblockd", mine.added)
+        assert mine.added is not None and mine.owner is not None
+        assert mine.owner.user is not None  # the daemon's system knows this uid

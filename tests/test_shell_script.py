@@ -408,6 +408,56 @@ def test_a_line_that_is_not_utf8_is_an_error_and_the_script_goes_on(
     assert replies(result.stdout.decode()) == [{"return": []}]
 
 
+def test_stdin_is_read_as_utf8_whatever_the_locale_says(daemon: DaemonProcess) -> None:
+    # As en_US.UTF-8 would: strict decoding, where C.UTF-8 escapes.
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    result = subprocess.run(
+        [*SHELL, str(daemon.socket)], env=env, capture_output=True, timeout=60, check=False,
+        input="query-version\nadd-blocker reason=\xff\xfe\nadd-blocker reason=é\n"
+              .encode("utf-8", "surrogateescape").replace(b"\xc3\xbf\xc3\xbe", b"\xff\xfe"))
+    assert b"Traceback" not in result.stderr
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [
+        "migblock-shell: line 2: error: not valid UTF-8 (byte 0xff at column 20)"]
+    version, added = replies(result.stdout.decode("utf-8"))
+    assert "package" in version["return"]
+    assert added["return"]["reason"] == "é"
+
+
+def test_ctrl_c_ends_a_script_waiting_for_its_next_line(daemon: DaemonProcess) -> None:
+    proc = subprocess.Popen([*SHELL, str(daemon.socket)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"query-version\n")
+        proc.stdin.flush()
+        assert b"package" in proc.stdout.readline()  # connected, and waiting for line 2
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130  # the writer still holds stdin open
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_no_break_space_is_part_of_a_word(daemon: DaemonProcess) -> None:
+    result = shell(str(daemon.socket), "-c", "add-blocker reason=Migration\u00a0impossible")
+    assert result.returncode == 0, result.stderr
+    assert replies(result.stdout)[0]["return"]["reason"] == "Migration\u00a0impossible"
+
+
+def test_a_refused_connection_says_why(start_daemon: Any) -> None:
+    d = start_daemon("--max-clients", "1", "--ephemeral")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
+        held.connect(str(d.socket))
+        held.recv(4096)  # the greeting: its slot is taken
+        result = shell(str(d.socket), "-c", "query-version")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"migblock-shell: {d.socket}: migblockd refused the connection: migblockd is already "
+        "serving max-clients=1 clients; try again later")
+
+
 def test_permission_denied_says_what_to_do(daemon: DaemonProcess) -> None:
     # The daemon's socket is 0600, its user root: another user is refused by the kernel.
     result = subprocess.run(

@@ -18,7 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 GREETING_TIMEOUT = 10.0
-LINE_LIMIT = 64 * 1024 * 1024
+#: The longest line read: a 100,000-blocker listing with reasons of 1024
+#: characters, each escaped as ``\\uXXXX``, is about 600 MB.
+LINE_LIMIT = 1 << 30
 
 Message = dict[str, Any]
 
@@ -103,6 +105,11 @@ class QMPClient:
             greeting = json.loads(line)
         except ValueError:
             greeting = None
+        refusal = greeting.get("error") if isinstance(greeting, dict) else None
+        if isinstance(refusal, dict) and isinstance(refusal.get("desc"), str):
+            # Turned away (max-clients...): one error line in place of the greeting.
+            await self._abort()
+            raise ConnectError(f"{path}: migblockd refused the connection: {refusal['desc']}")
         if not isinstance(greeting, dict) or not isinstance(greeting.get("QMP"), dict):
             await self._abort()
             what = "closed the connection" if not line else "did not send a QMP greeting"

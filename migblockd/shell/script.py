@@ -10,7 +10,10 @@ ConnectionLost, which :mod:`migblockd.shell.main` turns into exit status 2.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sys
+import threading
 from collections.abc import AsyncIterator, Sequence
 
 from migblockd.qapi.doc import SchemaDocs
@@ -25,13 +28,43 @@ def _print(text: str) -> None:
 
 
 async def stdin_lines() -> AsyncIterator[str]:
-    """Lines of stdin, read without blocking the event loop."""
+    """Lines of stdin, read without blocking the event loop.
+
+    Read as bytes and decoded with ``surrogateescape`` whatever the locale, so
+    that a line that is not UTF-8 gets its own error, and the others run.  The
+    reads happen on a daemon thread, one line ahead: a Ctrl-C ends the shell at
+    once, where an executor's thread would hold up its exit until the next line.
+    The thread reads the descriptor itself: a daemon thread blocked inside
+    ``sys.stdin``'s buffer would hold its lock, and the interpreter aborts when
+    it finds that lock held at exit.
+    """
     loop = asyncio.get_running_loop()
-    while True:
-        line = await loop.run_in_executor(None, sys.stdin.readline)
-        if not line:
-            return
-        yield line.rstrip("\n")
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    wanted = threading.Semaphore(1)
+
+    def post(line: str | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody reads on
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+
+    def read() -> None:
+        pending = b""
+        try:
+            fd = sys.stdin.fileno()
+            while wanted.acquire():
+                while b"\n" not in pending and (chunk := os.read(fd, 65536)):
+                    pending += chunk
+                if not pending:
+                    break
+                raw, _, pending = pending.partition(b"\n")
+                post(raw.decode("utf-8", "surrogateescape"))
+        except (OSError, ValueError, AttributeError):  # no stdin at all, or a broken one
+            pass
+        post(None)
+
+    threading.Thread(target=read, name="migblock-shell-stdin", daemon=True).start()
+    while (line := await lines.get()) is not None:
+        yield line
+        wanted.release()
 
 
 async def _listed(commands: Sequence[str]) -> AsyncIterator[str]:

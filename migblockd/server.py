@@ -369,9 +369,18 @@ class Server:
                      and getattr(fresh, o.name) != getattr(self.config, o.name)]
             log.info("reloaded configuration: %s", described or (
                 "no setting a reload applies changed" if later else "nothing changed"))
+            # With a passed socket, the socket unit owns these: a restart would not
+            # apply them either.
+            unit_owned = [k for k in later if self.own_socket is None
+                          and k in ("socket", "socket-mode", "socket-group")]
+            later = [k for k in later if k not in unit_owned]
             if later:
                 log.warning("reload: %s changed, which only a restart applies",
                             ", ".join(later))
+            if unit_owned:
+                log.warning("reload: %s changed, which the socket unit sets (ListenStream=, "
+                            "SocketMode=, SocketGroup=); the daemon serves the socket "
+                            "systemd passed", ", ".join(unit_owned))
         await self.notifier.ready(self.status_line())
 
 

@@ -182,7 +182,8 @@ async def test_daemon_under_systemd_socket_activate(
         # -- SIGHUP: RELOADING=1 + MONOTONIC_USEC, then READY=1, new log level --------
         await client.ok("query-blockers")
         assert " DEBUG: " not in stderr()
-        config.write_text('log-level = "debug"\n')
+        # socket-mode too: the socket unit's to set, so the log says so, not "restart".
+        config.write_text('log-level = "debug"\nsocket-mode = "0660"\n')
         before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         proc.send_signal(signal.SIGHUP)
         reloading = await receiver.expect(lambda f: f.get("RELOADING") == "1", "RELOADING=1")
@@ -192,6 +193,8 @@ async def test_daemon_under_systemd_socket_activate(
         mark = len(stderr())
         await client.ok("query-blockers")
         await wait_stderr(" DEBUG: ", mark)
+        await wait_stderr("WARNING: reload: socket-mode changed, which the socket unit sets")
+        assert "which only a restart applies" not in stderr()
         await client.close()
 
         # -- SIGTERM: STOPPING=1, exit 0, the passed socket stays ---------------------

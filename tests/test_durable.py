@@ -570,6 +570,17 @@ def schema_without_cpr_exec(directory: Path) -> Path:
     return directory / "migblockd.json"
 
 
+def assert_start_refused(start_daemon: Start, directory: Path, line: str, *args: str) -> None:
+    """A daemon on ``directory`` with ``args`` stops at start with ``line`` alone, and
+    leaves the state files as they were."""
+    before = digest(directory)
+    refused = start_daemon("--state-dir", str(directory), *args, "--log-level", "info",
+                           wait=False)
+    assert refused.wait_exit() == 1
+    assert only_line(refused) == line
+    assert digest(directory) == before
+
+
 async def test_blocker_of_a_mode_the_schema_dropped_stops_the_daemon(
     start_daemon: Start, tmp_path: Path
 ) -> None:
@@ -579,16 +590,12 @@ async def test_blocker_of_a_mode_the_schema_dropped_stops_the_daemon(
     async with daemon.client() as c:
         await add(c, "exec only", id="x", modes=["cpr-exec", "normal"])
     assert daemon.stop() == 0
-    before = digest(directory)
     schema = schema_without_cpr_exec(tmp_path / "schema")
-    refused = start_daemon("--state-dir", str(directory), "--schema", str(schema),
-                           "--log-level", "info", wait=False)
-    assert refused.wait_exit() == 1
-    assert only_line(refused) == (
+    assert_start_refused(
+        start_daemon, directory,
         f"{directory}/state.db: stored blocker 'x' blocks modes the schema does not define "
         "(cpr-exec); use a --schema that defines them, or move the state directory away to "
-        "start from scratch")
-    assert digest(directory) == before
+        "start from scratch", "--schema", str(schema))
 
 
 async def test_a_blocker_only_migratable_refuses_stops_the_daemon_it_was_turned_on_for(
@@ -603,15 +610,12 @@ async def test_a_blocker_only_migratable_refuses_stops_the_daemon_it_was_turned_
         await add(c, "reboot only", id="reboot", modes=["cpr-reboot"])
         await add(c, "VFIO device", id="vfio")
     assert daemon.stop() == 0
-    before = digest(directory)
-    refused = start_daemon("--state-dir", str(directory), "--only-migratable",
-                           "--log-level", "info", wait=False)
-    assert refused.wait_exit() == 1
-    assert only_line(refused) == (
+    assert_start_refused(
+        start_daemon, directory,
         f"{directory}/state.db: stored blocker 'vfio' blocks the normal mode and is not "
         "internal, which --only-migratable refuses; start without --only-migratable and "
-        "delete it, or move the state directory away to start from scratch")
-    assert digest(directory) == before
+        "delete it, or move the state directory away to start from scratch",
+        "--only-migratable")
     # As the line says: without the option, delete it; then the option starts.
     daemon = start_daemon("--state-dir", str(directory))
     async with daemon.client() as c:

@@ -338,9 +338,12 @@ class MigblockClient:
         return self._qmp is not None and self._qmp.runstate == Runstate.RUNNING
 
     async def connect(self) -> None:
-        """Connect, read the greeting and negotiate capabilities."""
+        """Connect, read the greeting and negotiate capabilities (again, after a
+        connection was lost)."""
         if self._qmp is not None:
-            raise ClientError(f"already connected to {self.path}")
+            if self.connected:
+                raise ClientError(f"already connected to {self.path}")
+            await self.disconnect()  # what is left of a lost connection
         qmp = _QMP(self, self.name)
         try:
             await qmp.connect(self.path)

@@ -239,6 +239,25 @@ async def test_holding_reports_a_connection_lost_during_the_block(
         assert not client.connected
 
 
+async def test_a_client_whose_connection_was_lost_connects_again(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    sock = short_tmp / "q.sock"
+    first = start_daemon("--ephemeral", socket=sock)
+    client = MigblockClient(sock)
+    await client.connect()
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit() == 0
+    with pytest.raises(DisconnectedError):
+        await client.blockers()
+    assert not client.connected
+    start_daemon("--ephemeral", socket=sock)  # restarted
+    await client.connect()
+    try:
+        assert client.connected and await client.blockers() == []
+    finally:
+        await client.disconnect()
+
+
 async def test_event_streams_filter_by_name_and_end_when_the_client_disconnects(
         daemon: DaemonProcess) -> None:
     client = MigblockClient(daemon.socket)

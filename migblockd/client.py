@@ -277,9 +277,13 @@ class _QMP(QMPClient):
       everyone's events.
     * An error without an ``id`` is the answer to the oldest request not yet
       answered.  The daemon, like QEMU, cannot give a request it could not
-      parse (bad UTF-8, over ``--max-message-size``) its ``id``, then carries
-      on; it answers in order.  The library would drop the connection, and
-      with it every ``scope: connection`` blocker.
+      parse (over ``--max-message-size``...) its ``id``, then carries on; it
+      answers in order.  The library would drop the connection, and with it
+      every ``scope: connection`` blocker.  The requests sent and not yet
+      answered are kept here, in order: the library's own table forgets a
+      request its caller gave up on (whose answer still comes, and must not
+      be taken for the next one's), and keeps one already answered until its
+      caller has read the answer.
     * Lines up to :data:`READ_LIMIT`: the library's 10 MiB is less than a big
       ``query-blockers`` answer.
     * A refusal in place of the greeting (``max-clients``...) is reported in
@@ -289,15 +293,32 @@ class _QMP(QMPClient):
     def __init__(self, client: MigblockClient, name: str) -> None:
         super().__init__(name, readbuflen=READ_LIMIT)
         self._client = client
+        self._unanswered: dict[str, None] = {}  # ids sent, oldest first (an ordered set)
 
     async def _event_dispatch(self, msg: Message) -> None:
         self._client._deliver(msg)
 
+    async def _issue(self, msg: Message) -> str | None:
+        msg_id = msg.get("id")
+        if isinstance(msg_id, str):
+            self._unanswered[msg_id] = None  # before it is sent, let alone answered
+        try:
+            return await super()._issue(msg)
+        except BaseException:
+            self._unanswered.pop(str(msg_id), None)
+            raise
+
     async def _on_message(self, msg: Message) -> None:
-        # _pending (the library's own) holds the requests not answered yet, oldest first.
-        if "error" in msg and "id" not in msg and "event" not in msg and self._pending:
-            await self._pending[next(iter(self._pending))].put(msg)
-            return
+        if "event" not in msg:
+            if "id" in msg:
+                self._unanswered.pop(str(msg["id"]), None)
+            elif "error" in msg and self._unanswered:
+                oldest = next(iter(self._unanswered))
+                del self._unanswered[oldest]
+                waiting = self._pending.get(oldest)  # None: its caller gave up on it
+                if waiting is not None:
+                    await waiting.put(msg)
+                return
         await super()._on_message(msg)
 
     async def _get_greeting(self) -> Greeting:

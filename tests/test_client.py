@@ -122,6 +122,29 @@ async def test_a_request_the_daemon_cannot_parse_fails_alone(
         assert (await client.add_blocker("after", id="after")).id == "after"
 
 
+async def test_an_unparsed_request_among_others_gets_its_own_error(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    # Answers that come in one read, and a request given up on before its answer:
+    # each id-less error still reaches the request that caused it, and no other.
+    d = start_daemon("--ephemeral", "--max-message-size", "65536")
+    async with MigblockClient(d.socket) as client, asyncio.timeout(PATIENCE):
+        for round in range(20):
+            results = await asyncio.gather(
+                client.execute("query-version"), client.add_blocker("x" * 100_000),
+                client.add_blocker("fine", id=f"fine{round}"), client.add_blocker("y" * 100_000),
+                return_exceptions=True)
+            version, big, fine, bigger = results
+            assert isinstance(version, dict) and "package" in version, results
+            assert isinstance(big, CommandError) and isinstance(bigger, CommandError), results
+            assert isinstance(fine, Blocker) and fine.id == f"fine{round}", results
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.add_blocker("z" * 100_000), 0)  # given up on
+        kept = await client.add_blocker("after one given up on", id="kept")
+        assert kept.id == "kept"
+        assert [b.id for b in await client.blockers()] == [
+            *(f"fine{n}" for n in range(20)), "kept"]
+
+
 async def test_a_listing_bigger_than_qemu_qmps_default_buffer_is_read(
         start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--ephemeral")

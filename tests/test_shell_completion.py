@@ -235,3 +235,9 @@ def test_history_path_follows_xdg_state_home(monkeypatch: pytest.MonkeyPatch) ->
     assert history_path() == Path("/home/op/.local/state/migblockd/shell-history")
     monkeypatch.delenv("XDG_STATE_HOME")
     assert history_path() == Path(os.path.expanduser("~/.local/state/migblockd/shell-history"))
+
+
+def test_a_no_break_space_does_not_end_a_word(schema: Schema) -> None:
+    # As the parser splits: only ASCII blanks end a word, so this is still the reason.
+    assert not any(line.endswith("=") for line in applied(schema, "add-blocker reason=a\u00a0"))
+    assert "add-blocker reason=a modes=" in applied(schema, "add-blocker reason=a ")

@@ -424,6 +424,21 @@ def test_stdin_is_read_as_utf8_whatever_the_locale_says(daemon: DaemonProcess) -
     assert added["return"]["reason"] == "é"
 
 
+def test_long_lines_and_a_missing_last_line_feed(daemon: DaemonProcess) -> None:
+    long_comment = "# " + "x" * 300_000  # across many reads
+    result = shell(str(daemon.socket), stdin=f"{long_comment}\nquery-version\n{long_comment}\n"
+                   "add-blocker reason=last")
+    assert result.returncode == 0, result.stderr
+    version, added = replies(result.stdout)
+    assert "package" in version["return"] and added["return"]["reason"] == "last"
+
+
+def test_a_closed_stdin_is_an_empty_script(daemon: DaemonProcess) -> None:
+    result = subprocess.run([*SHELL, str(daemon.socket)], capture_output=True, text=True,
+                            timeout=60, check=False, preexec_fn=lambda: os.close(0))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
 def test_ctrl_c_ends_a_script_waiting_for_its_next_line(daemon: DaemonProcess) -> None:
     proc = subprocess.Popen([*SHELL, str(daemon.socket)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

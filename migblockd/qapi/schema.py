@@ -378,7 +378,7 @@ class _Builder:
             what = f"{role} '{name}' of '{owner}'"
             if not _LOWER_RE.match(name):
                 raise QAPIError(info, f"name of {what} must not use uppercase or '_'")
-            if name.startswith("has-"):  # QEMU's C struct would have has_NAME twice
+            if name.startswith("has-") or name == "u":  # QEMU's C: has_NAME, a union's u
                 raise QAPIError(info, f"{what} uses reserved name")
             if name in seen:
                 raise QAPIError(info, f"{what} is duplicated")

@@ -27,7 +27,7 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 
 from migblockd.shell.schema import Schema
-from migblockd.shell.syntax import Word, tokenize
+from migblockd.shell.syntax import BLANKS, Word, tokenize
 
 BUILTINS = ("help",)
 
@@ -46,7 +46,7 @@ def complete(schema: Schema, text: str) -> list[Candidate]:
     if text.lstrip().startswith("{"):
         return []
     words = tokenize(text, partial=True)
-    if words and (words[-1].open is not None or not text[-1:].isspace()):
+    if words and (words[-1].open is not None or text[-1:] not in BLANKS):
         current: Word | None = words[-1]
         done = words[:-1]
     else:

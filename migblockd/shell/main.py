@@ -85,7 +85,7 @@ def build_parser(*, documented: bool = False) -> argparse.ArgumentParser:
 async def _amain(args: argparse.Namespace) -> int:
     socket = args.socket or str(default_socket_path())
     docs = load_docs()
-    if args.command or not sys.stdin.isatty():
+    if args.command or sys.stdin is None or not sys.stdin.isatty():
         from migblockd.shell.script import run_script  # noqa: PLC0415
 
         renderer = Renderer(pretty=args.pretty, colour=use_colour(sys.stdout))

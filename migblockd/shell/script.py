@@ -47,15 +47,21 @@ async def stdin_lines() -> AsyncIterator[str]:
             loop.call_soon_threadsafe(lines.put_nowait, line)
 
     def read() -> None:
-        pending = b""
+        pending = b""  # what was read past the last line feed
         try:
             fd = sys.stdin.fileno()
             while wanted.acquire():
-                while b"\n" not in pending and (chunk := os.read(fd, 65536)):
-                    pending += chunk
-                if not pending:
+                parts, end = [pending], pending.find(b"\n")
+                while end < 0 and (chunk := os.read(fd, 65536)):
+                    parts.append(chunk)
+                    if (at := chunk.find(b"\n")) >= 0:
+                        end = sum(map(len, parts[:-1])) + at
+                data = b"".join(parts)
+                if not data:
                     break
-                raw, _, pending = pending.partition(b"\n")
+                if end < 0:
+                    end = len(data)
+                raw, pending = data[:end], data[end + 1:]
                 post(raw.decode("utf-8", "surrogateescape"))
         except (OSError, ValueError, AttributeError):  # no stdin at all, or a broken one
             pass

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 #: What separates words: ASCII blanks, as a POSIX shell splits (a no-break space
 #: inside a reason is part of it).
-_BLANKS = frozenset(" \t\n\r\f\v")
+BLANKS = frozenset(" \t\n\r\f\v")
 
 ValueHint = Literal["string", "list", "list-of-strings"] | None
 """What the schema says about a member: a string (or enum), a list (of strings), or
@@ -163,13 +163,13 @@ def tokenize(line: str, *, partial: bool = False) -> list[Word]:
     pos = 0
     n = len(line)
     while True:
-        while pos < n and line[pos] in _BLANKS:
+        while pos < n and line[pos] in BLANKS:
             pos += 1
         if pos >= n:
             return words
         word = Word(start=pos, raw_value_start=pos)
         buf: list[str] = []
-        while pos < n and line[pos] not in _BLANKS:
+        while pos < n and line[pos] not in BLANKS:
             c = line[pos]
             if c == "'":
                 end = line.find("'", pos + 1)
@@ -225,7 +225,7 @@ def tokenize(line: str, *, partial: bool = False) -> list[Word]:
                 buf.append(line[pos:end])
                 word.json = True
                 pos = end
-                if pos < n and line[pos] not in _BLANKS and not partial:
+                if pos < n and line[pos] not in BLANKS and not partial:
                     raise ParseError(
                         f"unexpected text after the JSON value of '{word.key}' at column {pos + 1}"
                     )

@@ -188,6 +188,14 @@ async def scripted_monitor(reader: asyncio.StreamReader, writer: asyncio.StreamW
     greeting = {"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0},
                                     "package": ""}, "capabilities": []}}
     writer.write(json.dumps(greeting).encode() + b"\r\n")
+    try:
+        await _answer(reader, writer)
+    finally:
+        # Closed here: from Python 3.12 on, Server.wait_closed() waits for it.
+        writer.close()
+
+
+async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     waiting: list[str] = []
     decoder, buffered = json.JSONDecoder(), ""
     while True:
@@ -239,7 +247,8 @@ async def test_events_after_two_replies_in_one_read_keep_their_places(short_tmp:
     finally:
         await link.close()
         server.close()
-        await server.wait_closed()
+        async with asyncio.timeout(10):  # a hang is a failure
+            await server.wait_closed()
 
 
 async def test_a_lasting_migration_can_be_cancelled(qemu_factory: Callable[..., Qemu]) -> None:

@@ -71,7 +71,7 @@ from qemu.qmp.error import ProtocolError
 from qemu.qmp.models import Greeting
 from qemu.qmp.qmp_client import GreetingError
 
-from migblockd.paths import default_socket_path
+from migblockd.paths import connect_failure, default_socket_path
 
 log = logging.getLogger("migblockd.client")
 
@@ -373,7 +373,7 @@ class MigblockClient:
             if isinstance(cause, _Refused):
                 raise DisconnectedError(f"migblockd at {self.path} refused the connection: "
                                         f"{cause}") from None
-            why = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+            why = connect_failure(self.path, cause) if isinstance(cause, OSError) else str(exc)
             raise DisconnectedError(f"cannot connect to migblockd at {self.path}: {why}"
                                     ) from cause
         self._qmp, self._closing = qmp, False

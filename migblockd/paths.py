@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -46,3 +47,25 @@ def default_state_dir() -> Path:
     xdg = os.environ.get("XDG_STATE_HOME", "")
     base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "state"
     return base / "migblockd"
+
+
+def connect_failure(path: str, err: OSError) -> str:
+    """Why connecting to ``path`` failed, in the operator's terms.
+
+    The kernel answers ECONNREFUSED both for a path that is not a socket (a
+    directory, a regular file) and for a socket file nobody listens on (a daemon
+    that died without removing it); say which.
+    """
+    reason = err.strerror or str(err)
+    if isinstance(err, ConnectionRefusedError):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return reason
+        if not stat.S_ISSOCK(mode):
+            return "not a socket"
+        return f"{reason} (no daemon is listening on this socket)"
+    if isinstance(err, PermissionError):
+        return (f"{reason} (the daemon's socket is mode 0600 by default: run as its user, "
+                "or see its --socket-mode and --socket-group)")
+    return reason

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from datetime import UTC
@@ -177,6 +178,23 @@ async def test_connecting_to_nothing_raises_disconnected(short_tmp: Path) -> Non
     with pytest.raises(DisconnectedError):
         await client.blockers()
     await client.disconnect()  # never raises
+
+
+async def test_connecting_to_what_is_not_a_listening_socket_says_which(
+        short_tmp: Path) -> None:
+    # The kernel says "Connection refused" for both; the shell's words say which.
+    plain = short_tmp / "plain-file"
+    plain.write_text("")
+    stale = short_tmp / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(stale))  # bound, never listening: a daemon that died
+    with pytest.raises(DisconnectedError) as not_socket:
+        await MigblockClient(plain).connect()
+    assert str(not_socket.value) == f"cannot connect to migblockd at {plain}: not a socket"
+    with pytest.raises(DisconnectedError) as nobody:
+        await MigblockClient(stale).connect()
+    assert str(nobody.value) == (f"cannot connect to migblockd at {stale}: Connection refused "
+                                 "(no daemon is listening on this socket)")
 
 
 def test_the_default_path_is_the_daemons_default_socket() -> None:

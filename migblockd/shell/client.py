@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
-import stat
 from collections.abc import Callable
 from typing import Any
+
+from migblockd.paths import connect_failure
 
 GREETING_TIMEOUT = 10.0
 #: The longest line read: a 100,000-blocker listing with reasons of 1024
@@ -35,28 +35,6 @@ class ConnectError(ClientError):
 
 class ConnectionLost(ClientError):
     """The server closed the connection (or it broke) while we needed it."""
-
-
-def _connect_failure(path: str, err: OSError) -> str:
-    """Why connecting to ``path`` failed, in the operator's terms.
-
-    The kernel answers ECONNREFUSED both for a path that is not a socket (a
-    directory, a regular file) and for a socket file nobody listens on (a daemon
-    that died without removing it); say which.
-    """
-    reason = err.strerror or str(err)
-    if isinstance(err, ConnectionRefusedError):
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            return reason
-        if not stat.S_ISSOCK(mode):
-            return "not a socket"
-        return f"{reason} (no daemon is listening on this socket)"
-    if isinstance(err, PermissionError):
-        return (f"{reason} (the daemon's socket is mode 0600 by default: run as its user, "
-                "or see its --socket-mode and --socket-group)")
-    return reason
 
 
 def _id_key(value: Any) -> str:
@@ -92,7 +70,7 @@ class QMPClient:
         try:
             self._reader, self._writer = await asyncio.open_unix_connection(path, limit=LINE_LIMIT)
         except OSError as err:
-            raise ConnectError(f"cannot connect to {path}: {_connect_failure(path, err)}") from None
+            raise ConnectError(f"cannot connect to {path}: {connect_failure(path, err)}") from None
         try:
             line = await asyncio.wait_for(self._reader.readline(), GREETING_TIMEOUT)
         except TimeoutError:

@@ -16,6 +16,8 @@ import gc
 import logging
 import os
 import signal
+import socket
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from migblockd import __version__
@@ -120,7 +122,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
                     bridge.forward if bridge is not None else None)
     metrics = None
     try:
-        metrics = open_metrics(config, core)
+        metrics = open_metrics(config, core, sock)
         await server.start(sock)
     except BaseException:
         await notifier.close()
@@ -183,13 +185,22 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         log.info("stopped")
 
 
-def open_metrics(config: Config, core: Core) -> MetricsServer | None:
-    """The metrics endpoint, bound but not serving yet (None without ``--metrics``)."""
+def open_metrics(config: Config, core: Core,
+                 passed: socket.socket | None = None) -> MetricsServer | None:
+    """The metrics endpoint, bound but not serving yet (None without ``--metrics``).
+
+    ``passed`` is the QMP socket systemd passed, if any: its path, not ``--socket``,
+    is the one the endpoint must not take."""
     if config.metrics is None:
         return None
     # prometheus_client and the HTTP server load only when asked for: start-up time.
     from migblockd.metrics import metrics_registry  # noqa: PLC0415
     from migblockd.scrape import MetricsServer  # noqa: PLC0415
 
-    return MetricsServer.open(config.metrics, metrics_registry(core), config.socket,
+    qmp_socket = config.socket
+    if passed is not None and passed.family == socket.AF_UNIX:
+        name = passed.getsockname()
+        if isinstance(name, str) and name.startswith("/"):
+            qmp_socket = Path(name)
+    return MetricsServer.open(config.metrics, metrics_registry(core), qmp_socket,
                               asyncio.get_running_loop())

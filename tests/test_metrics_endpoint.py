@@ -17,10 +17,14 @@ from pathlib import Path
 import pytest
 from conftest import DaemonProcess, assert_clean_log
 from prometheus_client.registry import CollectorRegistry
+from test_core import make
 from test_daemon_exhaustion import limited_python
 from test_metrics import UnixHTTPConnection, get, scrape
 
 from migblockd import scrape as endpoint
+from migblockd.config import Config
+from migblockd.daemon import open_metrics
+from migblockd.listen import StartupError
 from migblockd.scrape import MAX_SCRAPES, MetricsServer
 
 
@@ -155,3 +159,21 @@ def test_out_of_descriptors_a_waiting_scrape_does_not_spin(
     assert status == 200
     assert d.stop() == 0
     assert_clean_log(d)
+
+
+def test_the_endpoint_never_takes_a_passed_qmp_socket(short_tmp: Path) -> None:
+    # Under socket activation the QMP socket is systemd's, wherever --socket points.
+    path = short_tmp / "passed.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as passed:
+        passed.bind(str(path))
+        passed.listen()
+        core, _ = make()
+        config = Config().replace(metrics=path)
+        assert config.socket != path
+
+        async def attempt() -> None:
+            open_metrics(config, core, passed)
+
+        with pytest.raises(StartupError, match="that is the QMP socket"):
+            asyncio.run(attempt())
+    assert sorted(p.name for p in short_tmp.iterdir()) == ["passed.sock"]  # no lock left

@@ -103,8 +103,10 @@ class Acceptor:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 factory: Callable[[], asyncio.BaseProtocol], clients: Callable[[], int]) -> None:
+                 factory: Callable[[], asyncio.BaseProtocol], clients: Callable[[], int],
+                 turned_away: Callable[[], None] = lambda: None) -> None:
         self._loop = loop
+        self._turned_away = turned_away  # called for each client refused for descriptors
         self._sock = sock
         self._factory = factory
         self._clients = clients
@@ -233,6 +235,7 @@ class Acceptor:
                 conn.setblocking(False)
                 conn.send(OUT_OF_DESCRIPTORS)
             refused += 1
+            self._turned_away()
             self._reserve = self._open_reserve()
         else:
             self.refused = refused

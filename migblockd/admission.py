@@ -38,22 +38,25 @@ class Admission:
         self.daemon_uid = daemon_uid
         self._per_uid: Counter[int | None] = Counter()
 
-    def refusal(self, owner: Owner | None, served: int, *, admin: bool = False) -> str | None:
-        """Why a new connection from ``owner`` cannot be served, or None if it can.
+    def refusal(self, owner: Owner | None, served: int, *,
+                admin: bool = False) -> tuple[str, str] | None:
+        """Why a new connection from ``owner`` cannot be served, or None if it can:
+        which limit (``max-clients``, ``max-clients-per-uid``) and the client's message.
 
         ``admin``: the access policy makes ``owner`` an admin, exempt from the
         per-uid bound like root and the daemon's own user.
         """
         if served >= self.max_clients:
-            return (f"migblockd is already serving max-clients={self.max_clients} clients; "
-                    "try again later")
+            return "max-clients", (f"migblockd is already serving max-clients="
+                                   f"{self.max_clients} clients; try again later")
         limit = self.max_clients_per_uid
         if limit and not admin and not exempt_from_uid_limit(owner, self.daemon_uid):
             uid = owner.uid if owner is not None else None
             if self._per_uid[uid] >= limit:
                 who = f"uid {uid}" if uid is not None else "peers without credentials"
-                return (f"migblockd is already serving max-clients-per-uid={limit} clients "
-                        f"of {who}; try again later")
+                return "max-clients-per-uid", (
+                    f"migblockd is already serving max-clients-per-uid={limit} clients "
+                    f"of {who}; try again later")
         return None
 
     def admit(self, owner: Owner | None) -> None:

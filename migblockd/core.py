@@ -135,10 +135,11 @@ class Core:
         refusal = self.admission.refusal(owner, len(self.connections),
                                          admin=self.guard.role_of(conn) is Role.ADMIN)
         if refusal is not None:
-            self.stats.connections_refused += 1
+            limit, desc = refusal
+            self.stats.connections_refused[limit] += 1
             conn.refused = True
-            conn.session.refuse(QMPError(refusal))
-            log.warning("%s: refused: %s", conn.label, refusal, extra=about(conn))
+            conn.session.refuse(QMPError(desc))
+            log.warning("%s: refused: %s", conn.label, desc, extra=about(conn))
         else:
             self.connections[conn] = None
             self.admission.admit(owner)

@@ -175,10 +175,10 @@ class DaemonCollector(Collector):
             "migblockd_connections",
             "Connections accepted (those turned away at max-clients included)",
             value=stats.connections)
-        yield CounterMetricFamily("migblockd_connections_refused",
-                                  "Connections turned away at max-clients or "
-                                  "max-clients-per-uid",
-                                  value=stats.connections_refused)
+        yield _by_reason("migblockd_connections_refused",
+                         "Connections turned away, by reason: max-clients, "
+                         "max-clients-per-uid, or no file descriptor to serve them with",
+                         stats.connections_refused)
         yield CounterMetricFamily("migblockd_clients_dropped",
                                   "Clients disconnected for unread events past max-output",
                                   value=stats.dropped)

@@ -108,6 +108,9 @@ class Server:
         self._status: tuple[int, int, str, str | None] | None = None
         self._all_gone = asyncio.Event()
 
+    def _turned_away(self) -> None:
+        self.core.stats.connections_refused["descriptors"] += 1
+
     # -- turns -------------------------------------------------------------------
     def runnable(self, protocol: ClientProtocol) -> None:
         self._runnable[protocol] = None
@@ -291,7 +294,7 @@ class Server:
         sock.setblocking(False)
         fit_descriptor_limit(self.config.max_clients)
         self.acceptor = Acceptor(self.loop, sock, lambda: ClientProtocol(self),
-                                 lambda: len(self.protocols))
+                                 lambda: len(self.protocols), self._turned_away)
 
     async def serve(self) -> None:
         """Start accepting.  Called after READY=1, so no client is served before it."""

@@ -38,8 +38,9 @@ from migblockd.registry import (
     OnlyMigratable,
 )
 
-__all__ = ["ADD_REFUSALS", "COMMAND_BUCKETS", "COMMIT_BUCKETS", "DELETE_CAUSES",
-           "MIGRATE_REFUSALS", "CommandStats", "Histogram", "Stats", "refusal_reason"]
+__all__ = ["ADD_REFUSALS", "COMMAND_BUCKETS", "COMMIT_BUCKETS", "CONNECTION_REFUSALS",
+           "DELETE_CAUSES", "MIGRATE_REFUSALS", "CommandStats", "Histogram", "Stats",
+           "refusal_reason"]
 
 #: Why ``add-blocker`` was refused: the ``reason`` label of its refusal counter.
 #: ``internal`` is a bug (the traceback is in the log).
@@ -47,6 +48,9 @@ ADD_REFUSALS: Final[tuple[str, ...]] = (
     "access", "quota", "invalid", "duplicate-id", "only-migratable", "busy", "qemu",
     "qemu-unavailable", "internal",
 )
+#: Why a connection was turned away: a limit, or no file descriptor to serve it with.
+CONNECTION_REFUSALS: Final[tuple[str, ...]] = ("max-clients", "max-clients-per-uid",
+                                               "descriptors")
 #: Why ``migrate`` was refused.
 MIGRATE_REFUSALS: Final[tuple[str, ...]] = (
     "access", "invalid", "blocked", "in-progress", "not-paused", "mode", "qemu",
@@ -153,7 +157,8 @@ class Stats:
         self.blockers_refused = dict.fromkeys(ADD_REFUSALS, 0)
         self.migrations_refused = dict.fromkeys(MIGRATE_REFUSALS, 0)
         self.connections = 0  # accepted, including those refused at max-clients
-        self.connections_refused = 0  # at max-clients or max-clients-per-uid
+        #: Connections turned away, by why (CONNECTION_REFUSALS).
+        self.connections_refused = dict.fromkeys(CONNECTION_REFUSALS, 0)
         self.dropped = 0  # disconnected past max-output
         self.commits = Histogram(COMMIT_BUCKETS)
         self.commit_failures = 0

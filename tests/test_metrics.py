@@ -198,7 +198,7 @@ async def test_every_counter_and_gauge_after_a_scripted_session(
             key("migblockd_migrations_ended_total", status="cancelled"): 1,
             key("migblockd_clients"): 3,  # a, u, o
             key("migblockd_connections_total"): 6,  # a, u, o, c, e, the non-reader
-            key("migblockd_connections_refused_total"): 1,  # e
+            key("migblockd_connections_refused_total", reason="max-clients"): 1,  # e
             key("migblockd_clients_dropped_total"): 1,
             # Five negotiations and one add-blocker without its reason.
             key("migblockd_protocol_replies_total"): 6,

@@ -178,7 +178,7 @@ def test_every_counter_and_gauge_after_a_scripted_session() -> None:
         key("migblockd_migrations_ended_total", status="cancelled"): 1,
         key("migblockd_clients"): 2,  # admin and client
         key("migblockd_connections_total"): 5,
-        key("migblockd_connections_refused_total"): 1,
+        key("migblockd_connections_refused_total", reason="max-clients"): 1,
         # Four negotiations and the add-blocker without a reason.
         key("migblockd_protocol_replies_total"): 5,
     })

@@ -151,12 +151,20 @@ def test_out_of_descriptors_a_waiting_scrape_does_not_spin(
         used = cpu() - before
         # Spinning on accept() burns a core (2 s here); waiting between attempts, nothing.
         assert used < 1.0, f"{used:.2f} s of CPU in 2 s while out of descriptors"
+        turned_away = 0
+        for c in clients:  # each got its greeting, or the one line of a refusal
+            c.settimeout(10)
+            turned_away += b'"error"' in c.recv(4096)
+        assert turned_away >= 1
     finally:
         waiting.close()
         for c in clients:
             c.close()
     status, _, _ = get(UnixHTTPConnection(endpoint_path))
     assert status == 200
+    # Those turned away meanwhile are counted.
+    assert scrape(endpoint_path).value("migblockd_connections_refused_total",
+                                       reason="descriptors") == turned_away
     assert d.stop() == 0
     assert_clean_log(d)
 

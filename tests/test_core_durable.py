@@ -13,7 +13,7 @@ from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.ledger import Ledger
+from migblockd.ledger import Group, Ledger
 from migblockd.registry import ID_CHUNK, Blocker, FakeClock, Owner, Registry
 
 CONTRACT = Contract.load()
@@ -39,6 +39,13 @@ def run(core: Core, conn: Connection, data: bytes = b"") -> list[dict[str, Any]]
     return lines(core.data_to_send(conn))
 
 
+def taken(core: Core) -> Group:
+    """The group due for a commit (there must be one)."""
+    group = core.take_group()
+    assert group is not None
+    return group
+
+
 def connected(core: Core, uid: int) -> Connection:
     conn = core.connect(Owner(pid=uid, uid=uid, gid=uid))
     core.data_to_send(conn)
@@ -51,8 +58,7 @@ def test_a_change_is_heard_of_by_nobody_until_it_is_committed() -> None:
     a, b = connected(core, 1), connected(core, 2)
     assert run(core, a, ADD_X) == []
     assert run(core, b) == []  # not even the event
-    group = core.take_group()
-    assert group is not None
+    group = taken(core)
     assert [(c.kind, c.blocker.id if c.blocker else None) for c in group.changes] == [
         ("add", "x")]
     assert core.take_group() is None  # one commit in flight at a time
@@ -69,8 +75,7 @@ def test_changes_of_one_turn_go_in_one_group_and_later_ones_in_the_next() -> Non
     run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "a1"}}'
                  b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "a2"}}')
     run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "b1"}}')
-    first = core.take_group()
-    assert first is not None
+    first = taken(core)
     assert [c.blocker.id for c in first.changes if c.blocker] == ["a1", "a2", "b1"]
     run(core, b, b'{"execute": "del-blocker", "arguments": {"id": "a1"}, "id": "late"}')
     assert core.take_group() is None  # the first is still being committed
@@ -79,8 +84,8 @@ def test_changes_of_one_turn_go_in_one_group_and_later_ones_in_the_next() -> Non
     assert len(replies_b) == 1  # b1's reply; "late" waits for the next commit
     assert core.take_group() is None  # a, just answered, may be about to send more
     run(core, a, b'{"execute": "query-version"}')
-    second = core.take_group()
-    assert second is not None and [c.kind for c in second.changes] == ["delete"]
+    second = taken(core)
+    assert [c.kind for c in second.changes] == ["delete"]
     core.committed(second)
     assert [m for m in lines(core.data_to_send(b)) if "event" not in m] == [
         {"return": {}, "id": "late"}]
@@ -93,8 +98,7 @@ def test_state_reads_and_migrate_wait_for_the_commit() -> None:
     assert run(core, b, b'{"execute": "query-blockers", "id": "q"}'
                         b'{"execute": "query-version", "id": "v"}') == []
     assert core.blocked(b) and core.has_pending(b)
-    group = core.take_group()
-    assert group is not None
+    group = taken(core)
     assert core.committed(group) == [b]
     out = run(core, b)
     assert [m.get("id") for m in out] == [None, "q", "v"]  # the event, then in order
@@ -106,8 +110,7 @@ def test_a_failed_commit_undoes_everything_pending_and_says_so() -> None:
     a, b = connected(core, 1), connected(core, 2)
     assert run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "keep", '
                         b'"id": "kept"}}') == []
-    first = core.take_group()
-    assert first is not None
+    first = taken(core)
     core.committed(first)
     run(core, a), run(core, b)
     run(core, a, ADD_X + b'{"execute": "del-blocker", "arguments": {"id": "kept"}, "id": "del"}'
@@ -115,8 +118,7 @@ def test_a_failed_commit_undoes_everything_pending_and_says_so() -> None:
                  b' "id": "mode"}{"execute": "query-version", "id": "v"}')
     run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "s", "id": "later"}, '
                  b'"id": "b-add"}')
-    group = core.take_group()
-    assert group is not None
+    group = taken(core)
     assert core.commit_failed(group, "cannot commit to /x/state.db: disk full") == []
     desc = "cannot commit to /x/state.db: disk full; nothing was changed"
     failed = {"class": "GenericError", "desc": desc}
@@ -143,8 +145,7 @@ def test_a_failed_commit_logs_what_it_undid_and_counts_every_failed_reply(
     core = make()
     a = connected(core, 1)
     run(core, a, ADD_X)
-    first = core.take_group()
-    assert first is not None
+    first = taken(core)
     core.committed(first)
     run(core, a)
     b, c, d, e = (connected(core, uid) for uid in (2, 3, 4, 5))
@@ -154,8 +155,7 @@ def test_a_failed_commit_logs_what_it_undid_and_counts_every_failed_reply(
     run(core, d, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "y"}, "id": 3}')
     run(core, e, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "y"}, "id": 4}')
     run(core, a, b'{"execute": "migrate-set-parameters", "arguments": {"mode": "cpr-exec"}}')
-    group = core.take_group()
-    assert group is not None
+    group = taken(core)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="migblockd"):
         core.commit_failed(group, "cannot commit to /x/state.db: disk full")
@@ -179,8 +179,7 @@ def test_a_failed_commit_counts_the_commands_of_clients_gone_since(
     a = connected(core, 1)
     run(core, a, ADD_X)
     core.disconnect(a)  # its reply is dropped with it; its change still waits
-    group = core.take_group()
-    assert group is not None
+    group = taken(core)
     with caplog.at_level(logging.INFO, logger="migblockd"):
         core.commit_failed(group, "disk full")
     assert "disk full; 1 command(s) failed, their changes undone" in caplog.messages
@@ -205,8 +204,7 @@ def test_connection_scoped_blockers_hold_nothing_but_wait_behind_what_does() -> 
 def committed_kept(core: Core, *conns: Connection) -> None:
     run(core, conns[0], b'{"execute": "add-blocker", "arguments": {"reason": "keep", '
                         b'"id": "kept"}}')
-    group = core.take_group()
-    assert group is not None
+    group = taken(core)
     core.committed(group)
     for conn in conns:
         run(core, conn)
@@ -216,8 +214,7 @@ FAILED = {"class": "GenericError", "desc": "disk full; nothing was changed"}
 
 
 def fail_next_commit(core: Core) -> None:
-    group = core.take_group()
-    assert group is not None
+    group = taken(core)
     core.commit_failed(group, "disk full")
 
 
@@ -266,8 +263,7 @@ def test_a_refusal_standing_on_an_uncommitted_change_takes_the_commits_outcome()
     for fails in (True, False):
         run(core, a, ADD_X)
         assert run(core, b, ADD_X) == []  # "Duplicate ID", but x is not on disk yet
-        group = core.take_group()
-        assert group is not None
+        group = taken(core)
         if fails:
             core.commit_failed(group, "disk full")
             # x never existed: b hears of the failed commit, not of a duplicate.
@@ -289,8 +285,7 @@ def test_a_client_gone_while_waiting_still_has_its_request_run() -> None:
                          b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}}')
     core.disconnect(b)
     assert b in core.connections  # its migrate waits for the commit
-    group = core.take_group()
-    assert group is not None
+    group = taken(core)
     assert core.committed(group) == []
     assert b not in core.connections
     # The migrate ran (refused by the blocker), then b's blocker went with it.
@@ -338,14 +333,12 @@ def test_a_reader_woken_after_another_change_waits_for_the_next_commit() -> None
     a, b = connected(core, 1), connected(core, 2)
     run(core, a, ADD_X)
     assert run(core, b, b'{"execute": "query-blockers", "id": "q"}') == []
-    first = core.take_group()
-    assert first is not None
+    first = taken(core)
     assert core.committed(first) == [b]
     run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "y"}}')
     # b's turn comes after a's: its read must wait again, for y's commit.
     assert [m.get("id") for m in run(core, b)] == [None]  # x's event, no reply yet
-    second = core.take_group()
-    assert second is not None
+    second = taken(core)
     assert core.committed(second) == [b]
     out = run(core, b)
     assert [blocker["id"] for blocker in out[-1]["return"]] == ["x", "y"]
@@ -360,8 +353,7 @@ def test_held_output_marks_nobody_dirty_until_its_commit() -> None:
     core.receive_data(a, ADD_X)
     core.execute(a, 32)
     assert core.take_dirty() == []
-    group = core.take_group()
-    assert group is not None
+    group = taken(core)
     core.committed(group)
     assert set(core.take_dirty()) == {a, b}
 
@@ -398,8 +390,7 @@ def test_a_pipelining_client_stops_at_a_turns_worth_of_held_replies() -> None:
         for i in range(300))
     # The adds run until their held replies are a turn's worth...
     run(core, a, requests)
-    group = core.take_group()
-    assert group is not None
+    group = taken(core)
     # ... then a waits for their commit, with the rest of its requests unread.
     assert core.blocked(a) and core.has_pending(a)
     held = len(core.registry.blockers())
@@ -410,8 +401,7 @@ def test_a_pipelining_client_stops_at_a_turns_worth_of_held_replies() -> None:
     out = run(core, a)
     assert len([m for m in out if "return" in m]) == held  # the first group's adds
     while core.has_pending(a) or core.has_uncommitted():
-        group = core.take_group()
-        assert group is not None
+        group = taken(core)
         core.committed(group)
         run(core, a)
     assert len(core.registry.blockers()) == 300
@@ -429,8 +419,7 @@ def test_a_client_stopped_by_held_replies_goes_on_after_a_failed_commit_too() ->
     a = connected(core, 1)
     run(core, a, pipelined_adds(300))
     assert core.blocked(a)
-    group = core.take_group()
-    assert group is not None
+    group = taken(core)
     assert core.commit_failed(group, "disk full") == [a]  # else it would wait for ever
     assert not core.blocked(a) and core.has_pending(a)
 
@@ -441,8 +430,7 @@ def test_a_connection_scoped_blocker_gone_with_its_connection_stays_gone() -> No
     run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "mine", '
                  b'"scope": "connection"}}')
     run(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "y"}}')
-    group = core.take_group()  # y's commit is in flight, and will fail
-    assert group is not None
+    group = taken(core)  # y's commit is in flight, and will fail
     run(core, a, b'{"execute": "del-blocker", "arguments": {"id": "mine"}}')
     core.disconnect(a)
     core.commit_failed(group, "disk full")

@@ -52,8 +52,6 @@ import logging
 import os
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Final
 
@@ -62,15 +60,14 @@ from qemu.qmp import (
     ExecInterruptedError,
     ExecuteError,
     Message,
-    QMPClient,
     QMPError,
     Runstate,
     StateError,
 )
-from qemu.qmp.error import ProtocolError
-from qemu.qmp.models import Greeting
-from qemu.qmp.qmp_client import GreetingError
 
+from migblockd.client.errors import ClientError, CommandError, DisconnectedError
+from migblockd.client.link import QMPLink, Refused
+from migblockd.client.values import Blocker, BlockerOwner, Event
 from migblockd.paths import connect_failure, default_socket_path
 
 log = logging.getLogger("migblockd.client")
@@ -85,122 +82,6 @@ __all__ = [
     "EventStream",
     "MigblockClient",
 ]
-
-
-class ClientError(Exception):
-    """Base of every error :mod:`migblockd.client` raises."""
-
-
-class CommandError(ClientError):
-    """The daemon answered a command with an error.  ``str()`` is its ``desc``."""
-
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        super().__init__(desc)
-        #: The command that failed (``"add-blocker"``).
-        self.command = command
-        #: The QMP error class (``"GenericError"``).
-        self.error_class = error_class
-        #: The daemon's description of the error, verbatim.
-        self.desc = desc
-
-
-class DisconnectedError(ClientError):
-    """Not connected: connecting failed, or the connection is closed or was lost."""
-
-
-# --------------------------------------------------------------------------- values
-
-
-def _time(value: Mapping[str, Any]) -> datetime:
-    """A QMP ``{"seconds": S, "microseconds": US}`` as an aware UTC datetime."""
-    seconds, micro = value["seconds"], value["microseconds"]
-    if not isinstance(seconds, int) or not isinstance(micro, int):
-        raise TypeError(f"not a timestamp: {value!r}")
-    return datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=micro)
-
-
-@dataclass(frozen=True)
-class BlockerOwner:
-    """The peer credentials of the connection that added a blocker."""
-
-    pid: int
-    uid: int
-    gid: int
-    #: The name of ``uid``, when the daemon's system knows one.
-    user: str | None = None
-
-
-@dataclass(frozen=True)
-class Blocker:
-    """A migration blocker, as the schema's ``BlockerInfo`` describes it."""
-
-    #: Unique among current blockers; what :meth:`MigblockClient.del_blocker` takes.
-    id: str
-    #: Why migration is blocked; ``migrate`` reports it verbatim.
-    reason: str
-    #: The migration modes it blocks (``"normal"``, ``"cpr-reboot"``...), in MigMode order.
-    modes: tuple[str, ...]
-    #: Whether it ignores the daemon's --only-migratable.
-    internal: bool
-    #: ``"daemon"`` (until deleted) or ``"connection"`` (until deleted or its connection closes).
-    scope: str
-    #: When it was added (UTC); None for QEMU's own blockers, of which QEMU says nothing.
-    added: datetime | None = None
-    #: Who added it; None when the daemon did not know.
-    owner: BlockerOwner | None = None
-    #: ``"migblockd"``, or ``"qemu"`` for the gated QEMU's own (ids ``qemu:N``), which
-    #: only QEMU deletes.
-    source: str = "migblockd"
-
-    @classmethod
-    def from_qmp(cls, data: Mapping[str, Any]) -> Blocker:
-        """A ``BlockerInfo`` object as the daemon sends it (unknown members are ignored)."""
-        try:
-            owner, added = data.get("owner"), data.get("added")
-            return cls(
-                id=_str(data["id"]), reason=_str(data["reason"]),
-                modes=tuple(_str(m) for m in data["modes"]), internal=bool(data["internal"]),
-                scope=_str(data["scope"]), added=None if added is None else _time(added),
-                owner=None if owner is None else BlockerOwner(
-                    pid=owner["pid"], uid=owner["uid"], gid=owner["gid"],
-                    user=None if owner.get("user") is None else _str(owner["user"])),
-                source=_str(data.get("source", "migblockd")),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ClientError(f"not a BlockerInfo: {data!r} ({exc!r})") from None
-
-
-def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{value!r} is not a string")
-    return value
-
-
-@dataclass(frozen=True)
-class Event:
-    """A QMP event: ``BLOCKER_ADDED``, ``BLOCKER_DELETED``, ``MIGRATION``..."""
-
-    name: str
-    #: The event's ``data`` member as sent (empty when the event has none).
-    data: Mapping[str, Any] = field(hash=False)
-    #: When the daemon emitted it (UTC).
-    timestamp: datetime
-
-    @classmethod
-    def from_qmp(cls, message: Mapping[str, Any]) -> Event:
-        try:
-            data = message.get("data", {})
-            if not isinstance(data, Mapping):
-                raise TypeError("data is not an object")
-            return cls(name=_str(message["event"]), data=dict(data),
-                       timestamp=_time(message["timestamp"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ClientError(f"not a QMP event: {dict(message)!r} ({exc!r})") from None
-
-    @property
-    def blocker(self) -> Blocker | None:
-        """The new blocker of a ``BLOCKER_ADDED`` event; None for other events."""
-        return Blocker.from_qmp(self.data) if self.name == "BLOCKER_ADDED" else None
 
 
 # --------------------------------------------------------------------------- events
@@ -259,79 +140,6 @@ class EventStream:
         self.close()
 
 
-#: The longest line a client reads: a 100,000-blocker listing with reasons of
-#: 1024 characters, each escaped as ``\\uXXXX``, is about 600 MB.
-READ_LIMIT: Final = 1 << 30
-
-
-class _Refused(QMPError):
-    """The daemon turned the connection away (one error line instead of a greeting)."""
-
-
-class _QMP(QMPClient):
-    """``QMPClient`` fitted to migblockd.
-
-    * Events go to the client's streams only: the library's default listener
-      would keep every event for as long as the connection lives (its history
-      list), and an agent holding a blocker for hours would accumulate
-      everyone's events.
-    * An error without an ``id`` is the answer to the oldest request not yet
-      answered.  The daemon, like QEMU, cannot give a request it could not
-      parse (over ``--max-message-size``...) its ``id``, then carries on; it
-      answers in order.  The library would drop the connection, and with it
-      every ``scope: connection`` blocker.  The requests sent and not yet
-      answered are kept here, in order: the library's own table forgets a
-      request its caller gave up on (whose answer still comes, and must not
-      be taken for the next one's), and keeps one already answered until its
-      caller has read the answer.
-    * Lines up to :data:`READ_LIMIT`: the library's 10 MiB is less than a big
-      ``query-blockers`` answer.
-    * A refusal in place of the greeting (``max-clients``...) is reported in
-      the daemon's words.
-    """
-
-    def __init__(self, client: MigblockClient, name: str) -> None:
-        super().__init__(name, readbuflen=READ_LIMIT)
-        self._client = client
-        self._unanswered: dict[str, None] = {}  # ids sent, oldest first (an ordered set)
-
-    async def _event_dispatch(self, msg: Message) -> None:
-        self._client._deliver(msg)
-
-    async def _issue(self, msg: Message) -> str | None:
-        msg_id = msg.get("id")
-        if isinstance(msg_id, str):
-            self._unanswered[msg_id] = None  # before it is sent, let alone answered
-        try:
-            return await super()._issue(msg)
-        except BaseException:
-            self._unanswered.pop(str(msg_id), None)
-            raise
-
-    async def _on_message(self, msg: Message) -> None:
-        if "event" not in msg:
-            if "id" in msg:
-                self._unanswered.pop(str(msg["id"]), None)
-            elif "error" in msg and self._unanswered:
-                oldest = next(iter(self._unanswered))
-                del self._unanswered[oldest]
-                waiting = self._pending.get(oldest)  # None: its caller gave up on it
-                if waiting is not None:
-                    await waiting.put(msg)
-                return
-        await super()._on_message(msg)
-
-    async def _get_greeting(self) -> Greeting:
-        msg = await self._recv()
-        error = msg.get("error") if "QMP" not in msg else None
-        if isinstance(error, dict) and isinstance(error.get("desc"), str):
-            raise _Refused(error["desc"])
-        try:
-            return Greeting(msg)
-        except (ProtocolError, KeyError, TypeError) as err:
-            raise GreetingError("Did not understand Greeting", err) from err
-
-
 # --------------------------------------------------------------------------- the client
 
 
@@ -347,7 +155,7 @@ class MigblockClient:
                  name: str = "migblockd.client") -> None:
         self.path = os.fspath(path) if path is not None else str(default_socket_path())
         self.name = name
-        self._qmp: _QMP | None = None
+        self._qmp: QMPLink | None = None
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
@@ -365,12 +173,12 @@ class MigblockClient:
             if self.connected:
                 raise ClientError(f"already connected to {self.path}")
             await self.disconnect()  # what is left of a lost connection
-        qmp = _QMP(self, self.name)
+        qmp = QMPLink(self.name, self._deliver)
         try:
             await qmp.connect(self.path)
         except ConnectError as exc:
             cause = exc.exc
-            if isinstance(cause, _Refused):
+            if isinstance(cause, Refused):
                 raise DisconnectedError(f"migblockd at {self.path} refused the connection: "
                                         f"{cause}") from None
             why = connect_failure(self.path, cause) if isinstance(cause, OSError) else str(exc)
@@ -379,7 +187,7 @@ class MigblockClient:
         self._qmp, self._closing = qmp, False
         self._watch = asyncio.create_task(self._watch_connection(qmp))
 
-    async def _watch_connection(self, qmp: _QMP) -> None:
+    async def _watch_connection(self, qmp: QMPLink) -> None:
         while qmp.runstate == Runstate.RUNNING:
             await qmp.runstate_changed()
         self._end_streams(None if self._closing else

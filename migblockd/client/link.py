@@ -1,0 +1,85 @@
+"""``qemu.qmp``'s ``QMPClient``, fitted to migblockd (see :class:`QMPLink`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from qemu.qmp import Message, QMPClient, QMPError
+from qemu.qmp.error import ProtocolError
+from qemu.qmp.models import Greeting
+from qemu.qmp.qmp_client import GreetingError
+
+__all__ = ["READ_LIMIT", "QMPLink", "Refused"]
+
+#: The longest line a client reads: a 100,000-blocker listing with reasons of
+#: 1024 characters, each escaped as ``\\uXXXX``, is about 600 MB.
+READ_LIMIT: Final = 1 << 30
+
+
+class Refused(QMPError):
+    """The daemon turned the connection away (one error line instead of a greeting)."""
+
+
+class QMPLink(QMPClient):
+    """``QMPClient`` fitted to migblockd.
+
+    * Events go to the client's streams only: the library's default listener
+      would keep every event for as long as the connection lives (its history
+      list), and an agent holding a blocker for hours would accumulate
+      everyone's events.
+    * An error without an ``id`` is the answer to the oldest request not yet
+      answered.  The daemon, like QEMU, cannot give a request it could not
+      parse (over ``--max-message-size``...) its ``id``, then carries on; it
+      answers in order.  The library would drop the connection, and with it
+      every ``scope: connection`` blocker.  The requests sent and not yet
+      answered are kept here, in order: the library's own table forgets a
+      request its caller gave up on (whose answer still comes, and must not
+      be taken for the next one's), and keeps one already answered until its
+      caller has read the answer.
+    * Lines up to :data:`READ_LIMIT`: the library's 10 MiB is less than a big
+      ``query-blockers`` answer.
+    * A refusal in place of the greeting (``max-clients``...) is reported in
+      the daemon's words.
+    """
+
+    def __init__(self, name: str, deliver: Callable[[Message], None]) -> None:
+        super().__init__(name, readbuflen=READ_LIMIT)
+        self._deliver = deliver  # each event, in the daemon's order
+        self._unanswered: dict[str, None] = {}  # ids sent, oldest first (an ordered set)
+
+    async def _event_dispatch(self, msg: Message) -> None:
+        self._deliver(msg)
+
+    async def _issue(self, msg: Message) -> str | None:
+        msg_id = msg.get("id")
+        if isinstance(msg_id, str):
+            self._unanswered[msg_id] = None  # before it is sent, let alone answered
+        try:
+            return await super()._issue(msg)
+        except BaseException:
+            self._unanswered.pop(str(msg_id), None)
+            raise
+
+    async def _on_message(self, msg: Message) -> None:
+        if "event" not in msg:
+            if "id" in msg:
+                self._unanswered.pop(str(msg["id"]), None)
+            elif "error" in msg and self._unanswered:
+                oldest = next(iter(self._unanswered))
+                del self._unanswered[oldest]
+                waiting = self._pending.get(oldest)  # None: its caller gave up on it
+                if waiting is not None:
+                    await waiting.put(msg)
+                return
+        await super()._on_message(msg)
+
+    async def _get_greeting(self) -> Greeting:
+        msg = await self._recv()
+        error = msg.get("error") if "QMP" not in msg else None
+        if isinstance(error, dict) and isinstance(error.get("desc"), str):
+            raise Refused(error["desc"])
+        try:
+            return Greeting(msg)
+        except (ProtocolError, KeyError, TypeError) as err:
+            raise GreetingError("Did not understand Greeting", err) from err

@@ -5,11 +5,16 @@ Without ``--qemu`` nothing real is migrated: ``migrate`` runs this simulation
 ``cancelled``) so that blockers, ``query-migrate`` and ``MIGRATION`` events
 behave as QEMU's do.  Time only moves when the caller says so
 (:meth:`SimulatedMigration.advance`); reads never change anything.
+:func:`check_destination` judges where a ``migrate`` would go, as QEMU does
+before it starts one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
+
+from migblockd.registry.errors import InvalidDestination, InvalidUri
 
 __all__ = [
     "MIGRATION_STATUSES",
@@ -17,6 +22,7 @@ __all__ = [
     "SETUP_SHARE",
     "URI_SCHEMES",
     "SimulatedMigration",
+    "check_destination",
 ]
 
 #: QEMU's ``MigrationStatus`` members, in QEMU's order (``qapi/migration.json``).
@@ -53,6 +59,35 @@ RUNNING_STATUSES: Final[frozenset[str]] = frozenset(MIGRATION_STATUSES) - {
 #: URI prefixes ``migrate_uri_parse()`` recognises.  The simulation checks only
 #: the scheme: nothing is connected to, so what follows the colon is not parsed.
 URI_SCHEMES: Final[tuple[str, ...]] = ("tcp:", "unix:", "exec:", "fd:", "file:", "rdma:", "vsock:")
+
+
+
+def check_destination(uri: str | None, channels: Sequence[Mapping[str, Any]] | None,
+                      mode: str) -> None:
+    """``qmp_migrate()``'s checks of where to (QEMU 10, ``migration/migration.c``),
+    before ``migrate_prepare()``'s: exactly one of ``uri`` and ``channels`` (an
+    empty list is none, as in QEMU), at most one channel of each type and a
+    ``main`` one, the URI's scheme (:class:`InvalidUri`), and in ``cpr-transfer``
+    ``mode`` a ``cpr`` channel.  A channel's address is QEMU's to judge; the
+    simulation goes nowhere.
+    """
+    channels = channels or None
+    if (uri is None) == (channels is None):
+        raise InvalidDestination("need either 'uri' or 'channels' argument")
+    types: list[str] = []
+    if channels is not None:
+        for channel in channels:
+            kind = str(channel["channel-type"])
+            if kind in types:
+                raise InvalidDestination(f"Channel list has more than one {kind} entry")
+            types.append(kind)
+        if "main" not in types:
+            raise InvalidDestination("Channel list has no main entry")
+    elif uri is not None and not uri.startswith(URI_SCHEMES):
+        raise InvalidUri(uri)
+    if mode == "cpr-transfer" and "cpr" not in types:
+        raise InvalidDestination("missing 'cpr' migration channel")
+
 
 #: Fraction of the migration time spent in ``setup`` before ``active``.  A real
 #: setup phase (connecting, sending the device list) is short next to RAM

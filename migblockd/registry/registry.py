@@ -35,8 +35,6 @@ from migblockd.registry.errors import (
     DuplicateId,
     EmptyModes,
     EmptyReason,
-    InvalidDestination,
-    InvalidUri,
     MigrationBlocked,
     MigrationBusy,
     MigrationInProgress,
@@ -45,7 +43,7 @@ from migblockd.registry.errors import (
     OnlyMigratable,
 )
 from migblockd.registry.ids import IdSource, check_id
-from migblockd.registry.migration import MIGRATION_STATUSES, URI_SCHEMES, SimulatedMigration
+from migblockd.registry.migration import MIGRATION_STATUSES, SimulatedMigration, check_destination
 
 __all__ = ["DEFAULT_MODE", "SCOPES", "Change", "Event", "Registry"]
 
@@ -347,41 +345,16 @@ class Registry:
         if newest is not None:
             raise MigrationBlocked(newest)
 
-    def check_destination(self, uri: str | None,
-                          channels: Sequence[Mapping[str, Any]] | None) -> None:
-        """``qmp_migrate()``'s checks of where to (QEMU 10), before any of
-        :meth:`check_migrate`'s: exactly one of ``uri`` and ``channels``
-        (an empty list is none, as in QEMU), at most one channel of each
-        type and a ``main`` one, the URI's scheme (:class:`InvalidUri`), and
-        in ``cpr-transfer`` mode a ``cpr`` channel.  A channel's address is
-        QEMU's to judge; the simulation goes nowhere.
-        """
-        channels = channels or None
-        if (uri is None) == (channels is None):
-            raise InvalidDestination("need either 'uri' or 'channels' argument")
-        types: list[str] = []
-        if channels is not None:
-            for channel in channels:
-                kind = str(channel["channel-type"])
-                if kind in types:
-                    raise InvalidDestination(f"Channel list has more than one {kind} entry")
-                types.append(kind)
-            if "main" not in types:
-                raise InvalidDestination("Channel list has no main entry")
-        elif uri is not None and not uri.startswith(URI_SCHEMES):
-            raise InvalidUri(uri)
-        if self._mode == "cpr-transfer" and "cpr" not in types:
-            raise InvalidDestination("missing 'cpr' migration channel")
-
     def migrate(self, uri: str | None, resume: bool = False,
                 channels: Sequence[Mapping[str, Any]] | None = None) -> None:
         """``migrate``: start a simulated migration to ``uri`` or ``channels``.
 
-        Every refusal (see :meth:`check_destination` and :meth:`check_migrate`)
+        Every refusal (see :func:`~migblockd.registry.migration.check_destination`
+        and :meth:`check_migrate`)
         leaves the state untouched and queues nothing.  On success the status
         becomes ``setup`` (MIGRATION event when enabled).
         """
-        self.check_destination(uri, channels)
+        check_destination(uri, channels, self._mode)
         self.check_migrate(resume)
         self._announce(self._migration.start(self._clock.monotonic()))
 

@@ -15,12 +15,12 @@ does not exist.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .doccomment import Doc
 from .error import QAPIError, SourceInfo
+from .names import check_definition_name, check_member_name, check_value_name
 from .parser import Definition, ParseResult, PosDict, PosList, Value, parse_schema
 
 # QEMU's built-in types and the JSON type each appears as in introspection.
@@ -41,13 +41,6 @@ BUILTIN_JSON_TYPES: dict[str, str] = {
     "null": "null",
     "any": "value",
 }
-
-_CAMEL_RE = re.compile(r"[A-Z][A-Za-z0-9]*$")
-_LOWER_RE = re.compile(r"[a-z][a-z0-9-]*$")
-_UPPER_RE = re.compile(r"[A-Z][A-Z0-9_]*$")
-_VALUE_RE = re.compile(r"[a-z0-9][a-z0-9-]*$")
-# QEMU's valid_name (scripts/qapi/expr.py), which even a pragma's exception must match.
-_EXCEPTION_RE = re.compile(r"[a-z][a-z0-9_-]*$")
 
 _META_KEYS: dict[str, tuple[set[str], set[str]]] = {
     # meta-type: (required keys, optional keys)
@@ -307,30 +300,13 @@ class _Builder:
         missing = sorted(required - set(expr))
         if missing:
             raise QAPIError(expr.info, f"{what} misses key '{missing[0]}'")
-        self._check_name(meta, name, expr.value_info[meta])
+        check_definition_name(meta, name, expr.value_info[meta],
+                              self.parsed.pragmas.command_name_exceptions)
         if name in self.defined or name in BUILTIN_JSON_TYPES:
             raise QAPIError(expr.value_info[meta], f"'{name}' is already defined")
         self.defined[name] = (meta, expr.info)
         self._check_doc_symbol(defn, name)
         return meta, name
-
-    def _check_name(self, meta: str, name: str, info: SourceInfo) -> None:
-        what = _describe(meta, name)
-        if meta in ("enum", "struct"):
-            if not _CAMEL_RE.match(name):
-                raise QAPIError(info, f"name of {what} must use CamelCase")
-        elif meta == "event":
-            if not _UPPER_RE.match(name):
-                raise QAPIError(info, f"name of {what} must not use lowercase or '-'")
-        elif name in self.parsed.pragmas.command_name_exceptions:
-            if not _EXCEPTION_RE.match(name):  # it is also a file name: no '/', no '..'
-                raise QAPIError(info, f"name of {what} must not use uppercase or '_'"
-                                if _EXCEPTION_RE.match(name.lower()) else
-                                f"{what} has an invalid name")
-        elif not _LOWER_RE.match(name):
-            raise QAPIError(info, f"name of {what} must not use uppercase or '_'")
-        if name.endswith("List"):  # QEMU's name for an array of the type
-            raise QAPIError(info, f"{meta} name should not end in 'List'")
 
     @staticmethod
     def _check_doc_symbol(defn: Definition, name: str) -> None:
@@ -355,10 +331,7 @@ class _Builder:
         for value, vinfo in zip(data, data.item_info, strict=True):
             if not isinstance(value, str):
                 raise QAPIError(vinfo, f"value of enum '{name}' must be a string")
-            if not _VALUE_RE.match(value):
-                raise QAPIError(
-                    vinfo, f"value '{value}' of enum '{name}' must not use uppercase or '_'"
-                )
+            check_value_name(value, name, vinfo)
             if value in seen:
                 raise QAPIError(vinfo, f"value '{value}' of enum '{name}' is duplicated")
             seen.add(value)
@@ -376,10 +349,7 @@ class _Builder:
             optional = key.startswith("*")
             name = key[1:] if optional else key
             what = f"{role} '{name}' of '{owner}'"
-            if not _LOWER_RE.match(name):
-                raise QAPIError(info, f"name of {what} must not use uppercase or '_'")
-            if name.startswith("has-") or name == "u":  # QEMU's C: has_NAME, a union's u
-                raise QAPIError(info, f"{what} uses reserved name")
+            check_member_name(name, what, info)
             if name in seen:
                 raise QAPIError(info, f"{what} is duplicated")
             seen.add(name)

@@ -41,10 +41,10 @@ def test_bad_schema_reports_file_line_col(name: str, monkeypatch: pytest.MonkeyP
 # drift unnoticed on the cases that matter most.
 KEY_MESSAGES = {
     "bad-unknown-type.json": "10:48: member 'b' of 'Foo' uses unknown type 'Bogus'",
-    "bad-duplicate-definition.json": "16:11: 'E' is already defined",
+    "bad-duplicate-definition.json": "16:11: 'En' is already defined",
     "bad-member-undocumented.json": "8:42: member 'b' of 'Foo' lacks documentation",
     "bad-documented-member-missing.json": "8:1: documented member 'b' does not exist",
-    "bad-definition-undocumented.json": "1:1: definition of 'E' lacks documentation",
+    "bad-definition-undocumented.json": "1:1: definition of 'En' lacks documentation",
     "bad-stray-after-tab.json": "1:17: stray 'Foo'",
     "bad-missing-comma.json": "2:3: expected ',' or '}'",
     "bad-doc-unterminated.json": "3:1: documentation comment must end with '##'",
@@ -63,14 +63,14 @@ def test_error_in_included_file_names_that_file(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.chdir(CASES)
     with pytest.raises(QAPIError) as exc:
         load_schema("bad-include-error.json")
-    assert str(exc.value) == "sub/bad-sub.json:3:15: expected ',' or '}'"
+    assert str(exc.value) == "sub/bad-sub.json:3:16: expected ',' or '}'"
 
 
 def test_good_schema_model(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(CASES)
     schema = load_schema("good-everything.json")
     # Included once although included twice; main module's definitions after it.
-    assert list(schema.types) == ["E", "Colour", "Paint"]
+    assert list(schema.types) == ["En", "Colour", "Paint"]
     assert list(schema.commands) == ["paint-wall", "legacy_cmd", "repaint"]
     assert list(schema.events) == ["WALL_PAINTED", "NOTHING"]
 

@@ -13,7 +13,7 @@ from .error import QAPIError, SourceInfo
 
 __all__ = ["check_definition_name", "check_member_name", "check_value_name"]
 
-_CAMEL_RE = re.compile(r"[A-Z][A-Za-z0-9]*$")
+_CAMEL_RE = re.compile(r"[A-Z][A-Za-z0-9]*[a-z][A-Za-z0-9]*$")
 _LOWER_RE = re.compile(r"[a-z][a-z0-9-]*$")
 _UPPER_RE = re.compile(r"[A-Z][A-Z0-9_]*$")
 _VALUE_RE = re.compile(r"[a-z0-9][a-z0-9-]*$")

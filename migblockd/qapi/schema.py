@@ -333,7 +333,8 @@ class _Builder:
                 raise QAPIError(vinfo, f"value of enum '{name}' must be a string")
             check_value_name(value, name, vinfo)
             if value in seen:
-                raise QAPIError(vinfo, f"value '{value}' of enum '{name}' is duplicated")
+                raise QAPIError(vinfo, f"value '{value}' of enum '{name}' collides with "
+                                       f"value '{value}'")
             seen.add(value)
             arg = defn.doc.args.get(value)
             if arg is None:
@@ -351,7 +352,7 @@ class _Builder:
             what = f"{role} '{name}' of '{owner}'"
             check_member_name(name, what, info)
             if name in seen:
-                raise QAPIError(info, f"{what} is duplicated")
+                raise QAPIError(info, f"{what} collides with {role} '{name}'")
             seen.add(name)
             typ = self._resolve(value, data.value_info[key], what)
             arg = doc.args.get(name)

@@ -163,6 +163,9 @@ def _pairs(mapping: Mapping[str | int, Role]) -> tuple[tuple[str, Role], ...]:
 
 _KEYS: Final = ("default-role", "users", "groups")
 
+#: The greatest uid or gid: 2**32 - 1 is the kernel's "no id" (chown()'s "no change").
+MAX_ID: Final = 2**32 - 2
+
 
 def _role(value: object, where: str) -> Role:
     if isinstance(value, str) and value in ROLE_NAMES:
@@ -174,13 +177,22 @@ def _entries(value: object, where: str) -> tuple[tuple[str, Role], ...]:
     if not isinstance(value, dict):
         raise ValueError(f"{where} must be a table of names or numbers to roles, "
                          f"not {describe(value)}")
-    pairs = []
+    what = "uid" if where == "users" else "gid"
+    pairs: dict[str, tuple[str, Role]] = {}
     for key, role in value.items():
         if not key or "\0" in key or key != key.strip():
             raise ValueError(f"{where} has an invalid name {describe(key)}")
-        name = str(int(key)) if _is_number(key) else key  # "0100" and "100": one uid
-        pairs.append((name, _role(role, f"{where}.{key}")))
-    return tuple(sorted(pairs))
+        name = key
+        if _is_number(key):
+            if int(key) > MAX_ID:  # no process has one: the entry could never apply
+                raise ValueError(f"{where}.{key} must be a {what} of at most {MAX_ID}")
+            name = str(int(key))  # "0100" and "100": one uid
+        if name in pairs:
+            # Two roles for one uid: one of them would win without a word.
+            raise ValueError(f"{where}.{key} is {where}.{pairs[name][0]} again (both are "
+                             f"{what} {name}); give it once")
+        pairs[name] = (key, _role(role, f"{where}.{key}"))
+    return tuple(sorted((name, role) for name, (_, role) in pairs.items()))
 
 
 @dataclass(frozen=True)
@@ -202,7 +214,15 @@ class AccessTable(Kind[Policy]):
         if unknown:
             raise ValueError(f"has an unknown key {unknown[0]!r} "
                              f"(it takes {', '.join(_KEYS)})")
-        raw = {k.replace("_", "-"): v for k, v in value.items()}
+        raw: dict[str, object] = {}
+        given: dict[str, str] = {}
+        for key, item in value.items():
+            name = key.replace("_", "-")
+            if name in given:
+                raise ValueError(f"{key} is {given[name]} again (an underscore stands for a "
+                                 "dash); give it once")
+            given[name] = key
+            raw[name] = item
         default = _role(raw["default-role"], "default-role") if "default-role" in raw \
             else Role.CLIENT
         return Policy(default, _entries(raw.get("users", {}), "users"),
@@ -210,10 +230,6 @@ class AccessTable(Kind[Policy]):
 
     def show(self, value: Policy) -> str:
         return str(value)
-
-
-#: The greatest group number: 2**32 - 1 is chown()'s "no change".
-MAX_GID: Final = 2**32 - 2
 
 
 @dataclass(frozen=True)
@@ -227,8 +243,8 @@ class GroupName(Kind[str]):
                 or any(c in value for c in "\0:\n")):
             raise ValueError(f"must be a group name or number, not {describe(value)}")
         # (gid_t)-1 tells chown() to leave the group alone.
-        if value.isdecimal() and int(value) > MAX_GID:
-            raise ValueError(f"must be a group number of at most {MAX_GID}, not {value}")
+        if value.isdecimal() and int(value) > MAX_ID:
+            raise ValueError(f"must be a group number of at most {MAX_ID}, not {value}")
         return value
 
 

@@ -286,3 +286,22 @@ def test_query_blockers_shows_each_owner_with_its_user_name(
         "named": {"pid": a.pid, "uid": alice.uid, "gid": alice.gid, "user": "mbt-alice"},
         "nameless": {"pid": nameless.pid, "uid": NAMELESS_UID, "gid": NAMELESS_GID},
     }
+
+
+def test_a_reload_that_gives_one_uid_two_roles_keeps_the_running_policy(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    daemon = serve()
+    alice = accounts["mbt-alice"]
+    a = connect(daemon, alice)
+    path = daemon.socket.parent / "migblockd.toml"
+    # "0999" = "admin" next to 999 = "observer" used to make the uid an admin without a word.
+    path.write_text(f'[access]\nusers = {{ "0{alice.uid}" = "admin", {alice.uid} = "observer" }}\n')
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log(f"reload failed, keeping the running configuration: {path}: access "
+                        f"users.{alice.uid} is users.0{alice.uid} again (both are uid "
+                        f"{alice.uid}); give it once")
+    assert a.error("migrate-set-parameters", {"mode": "cpr-reboot"}).endswith(
+        "has role client")
+    a.ok("add-blocker", {"reason": "r", "id": "still-a-client"})
+    assert_clean_log(daemon)

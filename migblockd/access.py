@@ -422,7 +422,12 @@ def groups_of(uid: int, gid: int | None) -> set[int]:
     return gids
 
 
-def clear_caches() -> None:
-    """Forget the names looked up so far (the databases may have changed)."""
-    _lookups.users.clear()
+def clear_caches() -> dict[int, str]:
+    """Forget the names looked up so far (the databases may have changed).
+
+    Returns the user names known until now, for whoever showed them to tell
+    which are no longer right.
+    """
+    users, _lookups.users = _lookups.users, {}
     _lookups.groups.clear()
+    return users

@@ -154,6 +154,20 @@ class Core:
         for conn in self.connections:
             conn.session.configure(limits)
 
+    def configure_access(self, policy: Policy, quotas: Quotas) -> None:
+        """Apply a (re)loaded access policy and quotas (see :meth:`Guard.configure`).
+
+        A blocker is encoded once, its owner's user name with it: those of a
+        uid whose name the reload found changed are encoded again, so that
+        ``query-blockers`` shows every blocker of a uid under its name of now.
+        """
+        renamed = self.guard.configure(policy, quotas, self.connections)
+        if renamed:
+            for blocker in self.registry.blockers():
+                if blocker.owner is not None and blocker.owner.uid in renamed:
+                    blocker.cache = None
+            self.handlers.listings.reset()
+
     def disconnect(self, conn: Connection, reason: str = "") -> None:
         """The connection is gone: run what it sent, then release its blockers.
 

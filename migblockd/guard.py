@@ -113,19 +113,23 @@ class Guard:
         self._warn_unknown_names()
 
     def configure(self, policy: Policy, quotas: Quotas,
-                  connections: Iterable[Connection] = ()) -> None:
+                  connections: Iterable[Connection] = ()) -> set[int]:
         """Apply a (re)loaded policy and quotas from the next request of every connection.
 
         The user and group databases are read afresh too: a user added to a
-        group since gets that group's role after a reload.
+        group since gets that group's role after a reload.  Returns the uids
+        that own blockers and whose user name is not the one known before
+        (renamed, created or removed since): their blockers show a stale one.
         """
-        clear_caches()
+        known = clear_caches()
         self.policy = policy
         self.quotas = quotas
         self.resolver = Resolver(policy, self.daemon_uid)
         for conn in connections:
             conn.role = None
         self._warn_unknown_names()
+        return {uid for uid in self.registry.owners()
+                if uid is not None and user_name(uid) != known.get(uid)}
 
     def _warn_unknown_names(self) -> None:
         # Not an error: the user may be created later (it counts after a reload).

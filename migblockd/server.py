@@ -364,8 +364,7 @@ class Server:
                 fit_descriptor_limit(self.config.max_clients)
             # Also re-reads the user and group databases; open connections get
             # their new role at their next request.
-            self.core.guard.configure(self.config.access, self.config.quotas,
-                                      self.core.connections)
+            self.core.configure_access(self.config.access, self.config.quotas)
             logging.getLogger().setLevel(self.config.logging_level)
             described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
             later = [o.key for o in table(Config) if o.name not in RELOADABLE

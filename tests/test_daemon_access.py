@@ -8,8 +8,10 @@ a real TOML file, changed and re-read with a real SIGHUP.
 
 from __future__ import annotations
 
+import pwd
 import re
 import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -304,4 +306,43 @@ def test_a_reload_that_gives_one_uid_two_roles_keeps_the_running_policy(
     assert a.error("migrate-set-parameters", {"mode": "cpr-reboot"}).endswith(
         "has role client")
     a.ok("add-blocker", {"reason": "r", "id": "still-a-client"})
+    assert_clean_log(daemon)
+
+
+#: A uid that gets a name while the daemon runs (the account exists only during the test).
+LATECOMER_UID, LATECOMER = 3_999_990, "mbt-latecomer"
+
+
+def _remove_latecomer() -> None:
+    try:
+        name = pwd.getpwuid(LATECOMER_UID).pw_name
+    except KeyError:
+        return
+    # --force: the test's client still runs as the uid.
+    subprocess.run(["userdel", "--force", name], capture_output=True, check=True, timeout=30)
+
+
+def test_after_a_reload_query_blockers_shows_every_blocker_of_a_uid_under_its_new_name(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory) -> None:
+    _remove_latecomer()  # a run that died half-way
+    daemon = serve()
+    c = connect(daemon, LATECOMER_UID, LATECOMER_UID)
+    c.ok("add-blocker", {"reason": "r", "id": "before"})
+    assert "user" not in c.ok("query-blockers")[0]["owner"]
+    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+                    "--user-group", "--uid", str(LATECOMER_UID), LATECOMER],
+                   capture_output=True, check=True, timeout=30)
+    try:
+        reload(daemon, POLICY + "\n")
+        c.ok("add-blocker", {"reason": "r", "id": "after"})
+        # Both of the uid's blockers under the name it has now: "before" kept the
+        # encoding of its addition, without the name.
+        assert [b["owner"].get("user") for b in c.ok("query-blockers")] == [
+            LATECOMER, LATECOMER]
+        assert [b["owner"].get("user") for b in c.ok("query-blockers", {"mode": "normal"})] == [
+            LATECOMER, LATECOMER]
+    finally:
+        _remove_latecomer()
+    reload(daemon, POLICY)
+    assert [b["owner"].get("user") for b in c.ok("query-blockers")] == [None, None]
     assert_clean_log(daemon)

@@ -198,6 +198,10 @@ class BlockerStore:
         """How many blockers ``uid`` owns (None: those with no known owner)."""
         return self._per_uid.get(uid, 0)
 
+    def owners(self) -> list[int | None]:
+        """The uids that own blockers (None: blockers with no known owner)."""
+        return list(self._per_uid)
+
     def owned_by(self, connection: object) -> list[Blocker]:
         """The connection-scoped blockers ``connection`` added, oldest first."""
         owned = self._by_connection.get(id(connection))

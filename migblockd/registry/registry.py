@@ -273,6 +273,10 @@ class Registry:
         """How many registered blockers were added by ``uid`` (None: by no known uid).  O(1)."""
         return self._store.count_owned(uid)
 
+    def owners(self) -> list[int | None]:
+        """The uids that own registered blockers (None: for those with no known owner)."""
+        return self._store.owners()
+
     def blockers(self, mode: str | None = None) -> list[Blocker]:
         """Registered blockers, oldest first; with ``mode``, only those blocking it."""
         if mode is not None and mode not in self._modes:

@@ -113,6 +113,45 @@ def test_a_file_owned_by_another_user_is_refused_at_start(tmp_path: Path) -> Non
                                    "by uid 65534, neither root nor this user (uid 0)")
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("access = " + "[" * 5000 + "]" * 5000 + "\n", "arrays or tables nested too deeply to read"),
+    ("[access]\nusers = " + "{a = " * 5000 + "1" + "}" * 5000 + "\n",
+     "arrays or tables nested too deeply to read"),
+    # A value that a setting reads as TOML in its turn.
+    ('access = "' + "[" * 5000 + "]" * 5000 + '"\n',
+     "access has arrays or tables nested too deeply to read"),
+    ('qemu-passthrough = "' + "[" * 5000 + "]" * 5000 + '"\n',
+     "qemu-passthrough has arrays or tables nested too deeply to read"),
+])
+def test_a_file_nested_too_deeply_is_one_line_error(tmp_path: Path, text: str,
+                                                     message: str) -> None:
+    # Reproduced first: tomllib's RecursionError, some 3,000 lines of traceback.
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--config", str(path)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"migblockd: {path}: {message}"
+
+
+async def test_a_file_nested_too_deeply_is_refused_at_reload(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(path), "--ephemeral")
+    path.write_text("max-clients = 1\naccess = " + "[" * 5000 + "]" * 5000 + "\n")
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(f"ERROR: reload failed, keeping the running configuration: {path}: arrays "
+                   "or tables nested too deeply to read\n")
+    async with d.client() as a, d.client() as b:  # max-clients = 1 was not applied
+        await a.ok("query-version")
+        await b.ok("query-version")
+    assert "Traceback" not in d.log()
+
+
 async def test_a_file_made_world_writable_is_refused_at_reload(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

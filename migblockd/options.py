@@ -278,10 +278,29 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
         try:
             values[o.name] = o.parse(value)
         except ValueError as exc:
-            raise ConfigError(f"{path}: {key} {exc}") from None
+            raise ConfigError(f"{path}: {key} {exc}{_misplaced(key, value, by_key)}") from None
         except RecursionError:  # a string that a kind reads as TOML (access = "{...}")
             raise ConfigError(f"{path}: {key} has {TOO_DEEP}") from None
     return values
+
+
+def _misplaced(table: str, value: object, settings: dict[str, Option]) -> str:
+    """A hint for a refused table that holds a setting's key.
+
+    TOML puts every key after a ``[table]`` header into that table, so a
+    setting written below ``[access]`` is read as part of it, and refused
+    as what it is not (a user named log-level).
+    """
+    if not isinstance(value, dict):
+        return ""
+    for key, item in value.items():
+        if key.replace("_", "-") in settings:
+            return (f"; TOML read {key} as part of [{table}]: settings go before the "
+                    "first [table] header")
+        hint = _misplaced(f"{table}.{key}", item, settings)
+        if hint:
+            return hint
+    return ""
 
 
 def check_trusted(path: Path, st: os.stat_result) -> None:

@@ -114,6 +114,27 @@ def test_a_file_owned_by_another_user_is_refused_at_start(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(("text", "message"), [
+    ('[access]\ndefault-role = "observer"\nmax-blockers = 5\n',
+     "access has an unknown key 'max-blockers' \\(it takes default-role, users, groups\\); "
+     "TOML read max-blockers as part of \\[access\\]: settings go before the first \\[table\\] "
+     "header"),
+    # Read as a user named log-level, once with nothing to say why.
+    ('[access.users]\nalice = "admin"\nlog_level = "debug"\n',
+     "access users.log_level must be one of observer, client, operator, admin, not 'debug'; "
+     "TOML read log_level as part of \\[access.users\\]: settings go before the first "
+     "\\[table\\] header"),
+    ('[access.users]\nalice = "boss"\n',
+     "access users.alice must be one of observer, client, operator, admin, not 'boss'"),
+])
+def test_a_setting_below_a_table_header_is_said_to_belong_there(tmp_path: Path, text: str,
+                                                                message: str) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{path}: {message}$"):
+        build(options(["--config", str(path)]))
+
+
+@pytest.mark.parametrize(("text", "message"), [
     ("access = " + "[" * 5000 + "]" * 5000 + "\n", "arrays or tables nested too deeply to read"),
     ("[access]\nusers = " + "{a = " * 5000 + "1" + "}" * 5000 + "\n",
      "arrays or tables nested too deeply to read"),

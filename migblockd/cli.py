@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -65,6 +66,11 @@ def options(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # Until the event loop takes SIGHUP over, its default action would kill a
+    # daemon asked to reload while it starts (restoring its blockers can take
+    # seconds): the request is kept, and carried out once the daemon is ready.
+    hangups: list[int] = []
+    signal.signal(signal.SIGHUP, lambda signum, _frame: hangups.append(signum))
     cli = options(argv)
     try:
         config = build(cli)
@@ -86,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     installed = logs.setup(config.logging_level, config.log_format)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(run(config, cli))
+            runner.run(run(config, cli, reload_asked=lambda: bool(hangups)))
     except StartupError as exc:
         logging.getLogger("migblockd").error("%s", exc)
         sys.exit(1)

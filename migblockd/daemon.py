@@ -4,9 +4,10 @@ Start-up: the schema (a bad one stops us before anything binds), the registry
 and the core, the metrics endpoint (``--metrics``) and the socket (bound, or
 passed by systemd) without accepting, ``READY=1``, then accepting: no client
 is served before systemd hears we are ready.  SIGHUP reloads the
-configuration; SIGTERM and SIGINT stop: no new connections, every request
-already received answered, clients closed, the socket removed, ``STOPPING=1``
-sent first; the metrics endpoint goes last, so a scrape sees the end.
+configuration (one that comes while starting, once ready); SIGTERM and
+SIGINT stop: no new connections, every request already received answered,
+clients closed, the socket removed, ``STOPPING=1`` sent first; the metrics
+endpoint goes last, so a scrape sees the end.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,8 +45,13 @@ __all__ = ["StartupError", "run"]
 log = logging.getLogger("migblockd")
 
 
-async def run(config: Config, cli: dict[str, Any]) -> None:
-    """Start, serve until SIGTERM/SIGINT, stop.  Raises StartupError when it cannot start."""
+async def run(config: Config, cli: dict[str, Any], *,
+              reload_asked: Callable[[], bool] = lambda: False) -> None:
+    """Start, serve until SIGTERM/SIGINT, stop.  Raises StartupError when it cannot start.
+
+    ``reload_asked()``: whether a SIGHUP came before the event loop handled
+    it; the reload is done once the daemon is ready.
+    """
     try:
         contract = Contract.load(config.schema)
     except QAPIError as exc:
@@ -59,7 +66,7 @@ async def run(config: Config, cli: dict[str, Any]) -> None:
     )
     store = open_state(config, registry)
     try:
-        await serve(config, cli, contract, registry, store)
+        await serve(config, cli, contract, registry, store, reload_asked)
     finally:
         if store is not None:
             store.close()
@@ -95,7 +102,7 @@ def open_state(config: Config, registry: Registry) -> Store | None:
 
 
 async def serve(config: Config, cli: dict[str, Any], contract: Contract, registry: Registry,
-                store: Store | None) -> None:
+                store: Store | None, reload_asked: Callable[[], bool]) -> None:
     bridge = None
     if config.qemu is not None:
         bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry,
@@ -162,6 +169,9 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
              "on" if config.only_migratable else "off", gating)
     if config.event_loop != "asyncio":
         log.info("event loop: %s", config.event_loop)
+    if reload_asked():
+        log.info("reloading: SIGHUP received while starting")
+        spawn(loop, tasks, server.reload)
     notifier.start_watchdog()
     try:
         await stop.wait()

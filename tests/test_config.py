@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess
+from conftest import ROOT, DaemonProcess, assert_clean_log, wait_ready
 
 from migblockd.cli import options
 from migblockd.config import Config, ConfigError, build
@@ -235,3 +236,28 @@ async def test_reloaded_input_limits_apply_to_open_connections(
         before.send_raw(b"\n")  # the decoder skips the rest of the line (docs/protocol.md)
         assert "return" in await before.execute("query-version", id=3)
     assert d.stop() == 0
+
+
+def test_a_sighup_while_starting_is_a_reload_once_ready(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first: SIGHUP's default action killed a daemon still starting
+    # (a reload asked for while it restored its blockers), with nothing logged.
+    schema = tmp_path / "schema"
+    shutil.copytree(ROOT / "schema", schema)
+    root = schema / "migblockd.json"
+    text = root.read_bytes()
+    root.unlink()
+    os.mkfifo(root)  # the daemon waits in its start-up until the test writes the schema
+    path = tmp_path / "m.toml"
+    path.write_text("max-clients = 5\n")
+    d = start_daemon("--config", str(path), "--schema", str(schema), "--ephemeral", wait=False)
+    with root.open("wb") as fifo:  # opened once the daemon opens it to read
+        path.write_text("max-clients = 7\n")
+        d.signal(signal.SIGHUP)
+        fifo.write(text)
+    wait_ready(d)
+    d.wait_for_log("reloading: SIGHUP received while starting")
+    d.wait_for_log("reloaded configuration: max-clients=7")
+    assert d.stop() == 0
+    assert_clean_log(d)

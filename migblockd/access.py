@@ -321,6 +321,14 @@ class Resolver:
                 role = self._groups_by_name.get(name)
         return role
 
+    def overruled(self) -> list[str]:
+        """``users`` entries that give root or the daemon's user less than admin,
+        which they always are (to warn: the policy does not do what it says)."""
+        admins = {0, self.daemon_uid}
+        return [f"user {key!r} role {role}" for key, role in self.policy.users
+                if role < Role.ADMIN
+                and (int(key) if _is_number(key) else _uid_of(key)) in admins]
+
     def unknown_names(self) -> list[str]:
         """Names in the policy that the user and group databases do not know (to warn)."""
         missing = [f"user {n!r}" for n in self._users_by_name if _uid_of(n) is None]

@@ -110,7 +110,7 @@ class Guard:
         self.policy = policy
         self.quotas = quotas
         self.resolver = Resolver(policy, self.daemon_uid)
-        self._warn_unknown_names()
+        self._warn_about_policy()
 
     def configure(self, policy: Policy, quotas: Quotas,
                   connections: Iterable[Connection] = ()) -> set[int]:
@@ -127,14 +127,17 @@ class Guard:
         self.resolver = Resolver(policy, self.daemon_uid)
         for conn in connections:
             conn.role = None
-        self._warn_unknown_names()
+        self._warn_about_policy()
         return {uid for uid in self.registry.owners()
                 if uid is not None and user_name(uid) != known.get(uid)}
 
-    def _warn_unknown_names(self) -> None:
-        # Not an error: the user may be created later (it counts after a reload).
+    def _warn_about_policy(self) -> None:
         for name in self.resolver.unknown_names():
+            # Not an error: the user may be created later (it counts after a reload).
             log.warning("access: the policy names %s, which does not exist", name)
+        for entry in self.resolver.overruled():
+            log.warning("access: the policy gives %s, but root and the daemon's own user "
+                        "are always admin", entry)
 
     def role_of(self, conn: Connection) -> Role:
         role = conn.role

@@ -279,3 +279,24 @@ def test_the_registry_counts_each_uids_blockers() -> None:
     registry.delete("c")
     registry.delete("d")
     assert [registry.count_owned(u) for u in (10, 11, 12, None)] == [1, 0, 0, 0]
+
+
+def test_a_policy_that_would_demote_root_or_the_daemons_user_is_warned_of(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Such entries were ignored without a word: the policy said less than it did.
+    registry = Registry(CONTRACT.enums["MigMode"])
+    policy = Policy.of(users={"root": Role.OBSERVER, ADMIN: Role.CLIENT, 0: Role.ADMIN,
+                              CLIENT: Role.OBSERVER})
+    with caplog.at_level(logging.WARNING, "migblockd"):
+        guard = Guard(CONTRACT.commands, registry, policy, Quotas(), daemon_uid=ADMIN)
+    expected = [
+        f"access: the policy gives user '{ADMIN}' role client, but root and the daemon's own "
+        "user are always admin",
+        "access: the policy gives user 'root' role observer, but root and the daemon's own "
+        "user are always admin"]
+    assert caplog.messages == expected
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "migblockd"):
+        guard.configure(policy, Quotas())  # and at each reload
+    assert caplog.messages == expected
+    assert guard.resolver.role(0) is Role.ADMIN and guard.resolver.role(ADMIN) is Role.ADMIN

@@ -315,10 +315,14 @@ class Resolver:
 
     def _group_role(self, gid: int) -> Role | None:
         role = self._groups_by_id.get(gid)
-        if role is None and self._groups_by_name:
+        if self._groups_by_name:
+            # Named by number and by name, a group has two entries: the higher
+            # wins, as among the user's groups (unlike users, where one entry
+            # is the more specific).
             name = group_name(gid)
-            if name is not None:
-                role = self._groups_by_name.get(name)
+            by_name = None if name is None else self._groups_by_name.get(name)
+            if by_name is not None and (role is None or by_name > role):
+                role = by_name
         return role
 
     def overruled(self) -> list[str]:

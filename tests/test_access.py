@@ -209,6 +209,15 @@ def test_a_user_entry_wins_over_groups_and_the_highest_group_wins(
     assert Resolver(demoted, DAEMON_UID).role(carol.uid, carol.gid) is OBSERVER
 
 
+def test_a_group_named_by_number_and_by_name_has_the_higher_of_its_roles(
+        accounts: dict[str, Account]) -> None:
+    # The number's entry used to hide the name's: mbt-carol, in mbt-admins, was an observer.
+    carol, admins = accounts["mbt-carol"], accounts["mbt-admins"].gid
+    for policy in (Policy.of(groups={"mbt-admins": ADMIN, admins: OBSERVER}),
+                   Policy.of(groups={"mbt-admins": OBSERVER, admins: ADMIN})):
+        assert Resolver(policy, DAEMON_UID).role(carol.uid, carol.gid) is ADMIN
+
+
 def test_the_cache_is_bounded() -> None:
     r = Resolver(Policy.of(OBSERVER, {NAMELESS_UID: ADMIN}), DAEMON_UID)
     for uid in range(5_000_000, 5_000_000 + CACHE_SIZE + 10):

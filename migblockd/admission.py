@@ -3,7 +3,7 @@
 Sans-I/O, as the core that uses it: :class:`Admission` counts the connections
 served per peer uid and words the refusal of one too many.  Without a per-uid
 bound one local user could open every slot (1,024 idle connections locked
-everyone out); administrators are exempt, so they can always get in to look.
+everyone out); administrators are exempt from it, not from ``max_clients``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ class Connection:
     taken from the session whose turn has not come yet (it waits for a commit),
     or, with ``suspended`` set, one that waits for QEMU's answer to a call.
     ``role`` is what the access policy grants it (:mod:`migblockd.guard` fills
-    it in at the first request, and clears it on reload); None until then.
+    it in when it is accepted, and again at its first request after a reload,
+    which clears it); None until then.
     """
 
     __slots__ = ("closed", "label", "number", "owner", "refused", "role", "session",

@@ -23,8 +23,8 @@ command's rule and an integer comparison; ``add-blocker`` adds three
 comparisons (reason length, total count, the uid's count, each O(1)), a
 ``del-blocker`` by a non-admin one registry look-up, and a ``migrate`` by a
 non-admin two prefix tests on its URI and a few look-ups per channel.  A
-connection's role is resolved at its first request and again at the first
-request after a reload.
+connection's role is resolved when it is accepted (admission asks whether it
+is an admin) and again at its first request after a reload.
 """
 
 from __future__ import annotations
@@ -165,7 +165,8 @@ class Guard:
     def recheck(self, conn: Connection, name: str, args: Args) -> None:
         """Judge again what depends on the registry (quotas, ownership) for a request
         that waited for QEMU before its change: others may have added or deleted
-        blockers meanwhile, and each must count.  Its role stands as first judged."""
+        blockers meanwhile, and each must count.  Its role check stands; these rules
+        see its role of now, which a reload meanwhile may have changed."""
         if name in _REJUDGED:
             _, extra = self._rules[name]
             assert extra is not None

@@ -249,9 +249,18 @@ def add_arguments(parser: argparse.ArgumentParser, settings: type, *,
 def read_file(path: Path, settings: type) -> dict[str, Any]:
     """Read a TOML configuration file into field name -> checked value."""
     try:
-        with path.open("rb") as f:
-            check_trusted(path, os.fstat(f.fileno()))
-            raw = tomllib.load(f)
+        # O_NONBLOCK: opening a FIFO would wait for a writer, with the daemon's
+        # event loop (a reload) stuck behind it; sshd opens authorized_keys so.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            check_trusted(path, st)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"{path} is not a regular file; --config takes a TOML file")
+            with open(fd, "rb", closefd=False) as f:
+                raw = tomllib.load(f)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:

@@ -261,3 +261,33 @@ def test_a_sighup_while_starting_is_a_reload_once_ready(
     d.wait_for_log("reloaded configuration: max-clients=7")
     assert d.stop() == 0
     assert_clean_log(d)
+
+
+def test_a_fifo_is_refused_at_start_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    os.mkfifo(path, 0o600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--config", str(path)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"migblockd: {path} is not a regular file; --config takes a TOML file")
+
+
+async def test_a_fifo_in_place_of_the_file_is_refused_at_reload(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first: the reload's open() waited for a writer, and with it the
+    # event loop: every client hung until someone opened the FIFO.
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(path), "--ephemeral")
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(f"reload failed, keeping the running configuration: {path} is not a "
+                   "regular file; --config takes a TOML file")
+    async with d.client() as c:
+        await c.ok("query-version")
+    assert d.stop() == 0

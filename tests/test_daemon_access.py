@@ -12,6 +12,7 @@ import pwd
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -313,13 +314,31 @@ def test_a_reload_that_gives_one_uid_two_roles_keeps_the_running_policy(
 LATECOMER_UID, LATECOMER = 3_999_990, "mbt-latecomer"
 
 
-def _remove_latecomer() -> None:
+def _latecomer() -> str | None:
     try:
-        name = pwd.getpwuid(LATECOMER_UID).pw_name
+        return pwd.getpwuid(LATECOMER_UID).pw_name
     except KeyError:
-        return
-    # --force: the test's client still runs as the uid.
-    subprocess.run(["userdel", "--force", name], capture_output=True, check=True, timeout=30)
+        return None
+
+
+def _until(done: Callable[[], bool], argv: list[str]) -> None:
+    """Run a useradd/userdel command until ``done()`` (a concurrent run of
+    ensure_accounts may hold the databases' lock for a moment)."""
+    for _ in range(50):
+        if done():
+            return
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        if done():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{' '.join(argv)} failed: {proc.stderr}")
+
+
+def _remove_latecomer() -> None:
+    name = _latecomer()
+    if name is not None:
+        # --force: the test's client still runs as the uid.
+        _until(lambda: _latecomer() is None, ["userdel", "--force", name])
 
 
 def test_after_a_reload_query_blockers_shows_every_blocker_of_a_uid_under_its_new_name(
@@ -329,9 +348,9 @@ def test_after_a_reload_query_blockers_shows_every_blocker_of_a_uid_under_its_ne
     c = connect(daemon, LATECOMER_UID, LATECOMER_UID)
     c.ok("add-blocker", {"reason": "r", "id": "before"})
     assert "user" not in c.ok("query-blockers")[0]["owner"]
-    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                    "--user-group", "--uid", str(LATECOMER_UID), LATECOMER],
-                   capture_output=True, check=True, timeout=30)
+    _until(lambda: _latecomer() == LATECOMER,
+           ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+            "--user-group", "--uid", str(LATECOMER_UID), LATECOMER])
     try:
         reload(daemon, POLICY + "\n")
         c.ok("add-blocker", {"reason": "r", "id": "after"})

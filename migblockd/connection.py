@@ -25,14 +25,16 @@ class Connection:
     output is the error line, and then it must be closed.  ``closed``: the
     peer is gone, and the core finishes what it sent.  ``waiting`` is a request
     taken from the session whose turn has not come yet (it waits for a commit),
-    or, with ``suspended`` set, one that waits for QEMU's answer to a call.
+    or, with ``suspended`` set, one that waits for QEMU's answer to a call or,
+    with ``answer`` set too, one that goes on with ``answer`` (a value, or the
+    error to throw in) once the changes made so far are on disk.
     ``role`` is what the access policy grants it (:mod:`migblockd.guard` fills
     it in when it is accepted, and again at its first request after a reload,
     which clears it); None until then.
     """
 
-    __slots__ = ("closed", "label", "number", "owner", "refused", "role", "session",
-                 "suspended", "waiting")
+    __slots__ = ("answer", "closed", "label", "number", "owner", "refused", "role",
+                 "session", "suspended", "waiting")
 
     def __init__(self, number: int, owner: Owner | None, session: Session) -> None:
         self.number = number
@@ -42,6 +44,7 @@ class Connection:
         self.closed = False
         self.waiting: Request | None = None
         self.suspended: Generator[object, object, object] | None = None
+        self.answer: tuple[object, BaseException | None] | None = None
         self.role: Role | None = None
         if owner is None:
             self.label = f"client {number}"

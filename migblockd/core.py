@@ -46,7 +46,7 @@ from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.failures import internal_error, qmp_error
-from migblockd.gate import Call
+from migblockd.gate import SETTLE, Call
 from migblockd.guard import Guard, NotOwner, OverQuota
 from migblockd.ledger import Group, Ledger
 from migblockd.logs import about, shown
@@ -231,7 +231,8 @@ class Core:
     def blocked(self, conn: Connection) -> bool:
         """Its next request waits for a commit or QEMU: no use giving it a turn until then."""
         if conn.waiting is not None:
-            return conn.suspended is not None or self.ledger.uncommitted
+            return ((conn.suspended is not None and conn.answer is None)
+                    or self.ledger.uncommitted)
         return _held_full(conn)
 
     def awaiting(self, conn: Connection) -> bool:
@@ -253,12 +254,15 @@ class Core:
             request = conn.waiting
             started = 0
             if request is not None:
-                if conn.suspended is not None:
+                if conn.suspended is not None and conn.answer is None:
                     break
                 if self.ledger.uncommitted:
                     # Woken, but another change came first: wait for its commit too.
                     self.ledger.waiting[conn] = None
                     break
+                if conn.answer is not None:
+                    self._go_on(conn)
+                    continue
                 conn.waiting = None
                 started = self._started.pop(conn, 0)
             elif session.has_pending():
@@ -382,9 +386,21 @@ class Core:
     def resume(self, conn: Connection, value: object = None,
                error: BaseException | None = None) -> None:
         """QEMU answered ``conn``'s call (``value``), or could not (``error``)."""
-        gen, request = conn.suspended, conn.waiting
-        assert gen is not None and request is not None
-        conn.suspended = conn.waiting = None
+        assert conn.suspended is not None and conn.answer is None
+        conn.answer = (value, error)
+        self._go_on(conn)
+        if conn.closed and conn.waiting is None:
+            self._finish(conn)
+        elif conn.session.has_output():
+            self._dirty[conn] = None
+
+    def _go_on(self, conn: Connection) -> None:
+        """Drive ``conn``'s suspended request on with its answer (QEMU's, or None
+        after :data:`~migblockd.gate.SETTLE`)."""
+        gen, request, answer = conn.suspended, conn.waiting, conn.answer
+        assert gen is not None and request is not None and answer is not None
+        conn.suspended = conn.waiting = conn.answer = None
+        value, error = answer
         started = self._started.pop(conn, 0)
         try:
             # The handler may go on to its change, answered or not (add-blocker adds
@@ -395,10 +411,6 @@ class Core:
             self._refused(conn, request, exc, started)
         else:
             self._drive(conn, request, gen, value, error, started)
-        if conn.closed and conn.waiting is None:
-            self._finish(conn)
-        elif conn.session.has_output():
-            self._dirty[conn] = None
 
     def relay(self, name: str, data: dict[str, Any], timestamp: dict[str, Any]) -> None:
         """An event from QEMU, for every negotiated client, with QEMU's own timestamp."""
@@ -477,14 +489,23 @@ class Core:
                 stop.append(done.value)
                 return None
 
-        call, failure, judged = self._attempt(conn, request, step)
-        if failure is not None or stop:
-            self._complete(conn, request, stop[0] if stop else None, failure, started, judged)
-            return
-        assert isinstance(call, Call)
+        while True:
+            call, failure, judged = self._attempt(conn, request, step)
+            if failure is not None or stop:
+                self._complete(conn, request, stop[0] if stop else None, failure, started,
+                               judged)
+                return
+            if call is not SETTLE or self.ledger.uncommitted:
+                break
+            value = error = None  # nothing to wait for: on at once
         conn.waiting, conn.suspended = request, gen
         self._started[conn] = started
-        self._calls.append((conn, call))
+        if call is SETTLE:
+            conn.answer = (None, None)
+            self.ledger.waiting[conn] = None
+        else:
+            assert isinstance(call, Call)
+            self._calls.append((conn, call))
 
     def _attempt(self, conn: Connection, request: Request,
                  run: Callable[[], object]) -> tuple[object, QMPError | None, bool]:

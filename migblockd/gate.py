@@ -11,9 +11,10 @@ QEMU's busy text while QEMU migrates.
 
 Handlers here are generators: each ``yield Call(...)`` is a command for QEMU,
 and the handler resumes with QEMU's return value, or with :class:`QemuError`
-or :class:`QemuUnavailable` thrown in.  The core drives them (the adapter does
-the I/O); a handler changes the registry only after its last ``yield``, so
-what it changes is committed with the command that made it.
+or :class:`QemuUnavailable` thrown in; ``yield SETTLE`` resumes it once the
+changes other clients made meanwhile are on disk (or undone).  The core drives
+them (the adapter does the I/O); a handler changes the registry only after its
+last ``yield``, so what it changes is committed with the command that made it.
 """
 
 from __future__ import annotations
@@ -40,14 +41,14 @@ from migblockd.registry import (
     Registry,
 )
 
-__all__ = ["ENDINGS", "QEMU_BLOCKER_PREFIX", "Call", "GateHandlers", "ModeMismatch", "QemuError",
-           "QemuFacts", "QemuUnavailable"]
+__all__ = ["ENDINGS", "QEMU_BLOCKER_PREFIX", "SETTLE", "Call", "GateHandlers", "ModeMismatch",
+           "QemuError", "QemuFacts", "QemuUnavailable", "Settle"]
 
 #: QEMU's own blockers are listed as ``qemu:1``, ``qemu:2``... (oldest first): a
 #: ``:`` is not allowed in the ids clients choose, so these never clash.
 QEMU_BLOCKER_PREFIX: Final = "qemu:"
 
-Step = Generator["Call", object, object]
+Step = Generator["Call | Settle", object, object]
 
 #: The statuses a migration ends in (``completed`` and ``failed`` are the
 #: others' only way out; ``cancelled`` follows ``migrate_cancel``).
@@ -60,6 +61,16 @@ class Call:
 
     name: str
     args: dict[str, Any]
+
+
+class Settle:
+    """What a handler yields to go on (with None) once every change made so far is on
+    disk: what it decides next must not stand on a change a failed commit takes back."""
+
+    __slots__ = ()
+
+
+SETTLE: Final = Settle()
 
 
 class QemuError(Exception):
@@ -265,7 +276,7 @@ class GateHandlers(Handlers):
                  "resumed by" if resume else "handed to", extra=about(conn))
         return result
 
-    def _check_start(self, conn: Connection, uri: str) -> Generator[Call, object, None]:
+    def _check_start(self, conn: Connection, uri: str) -> Generator[Call | Settle, object, None]:
         """Refuse a new migration, as QEMU would and for migblockd's blockers."""
         try:
             info = yield Call("query-migrate", {})
@@ -275,6 +286,11 @@ class GateHandlers(Handlers):
             if _status(info) in RUNNING_STATUSES or self.qemu.busy:
                 raise MigrationInProgress()
             yield from self._check_mode()
+            # Another client's del-blocker may have run while QEMU answered: a
+            # migration let through by it would outlive its failed commit.
+            yield SETTLE
+            if self.qemu.busy:  # handed to QEMU while this one asked
+                raise MigrationInProgress()
             self.registry.check_migrate()  # the current mode's newest blocker
         except (BlockerError, QMPError, QemuError, QemuUnavailable) as exc:
             self._refused(conn, exc, uri=uri)

@@ -25,13 +25,13 @@ PATH = Path("/run/qemu/vm1.qmp")
 
 
 def make(connected: bool = True, role: Role = Role.ADMIN,
-         quotas: Quotas | None = None) -> tuple[Core, QemuFacts]:
+         quotas: Quotas | None = None, durable: bool = False) -> tuple[Core, QemuFacts]:
     registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
     facts = QemuFacts(PATH, connected=connected, version="7.2.22",
                       commands={"migrate": frozenset({"uri"}),
                                 "migrate-set-parameters": frozenset({"max-bandwidth"})})
     handlers = GateHandlers(CONTRACT, registry, facts, passthrough=("query-status",))
-    return Core(CONTRACT, registry, Config().limits, handlers=handlers,
+    return Core(CONTRACT, registry, Config().limits, handlers=handlers, durable=durable,
                 policy=Policy.of(role), quotas=quotas), facts
 
 
@@ -318,3 +318,52 @@ def test_an_answer_queued_before_migrate_does_not_end_it() -> None:
     core.resume(b, {"status": "completed"})
     assert facts.ended == {"completed": 1, "failed": 0, "cancelled": 0}
     assert not facts.awaiting
+
+
+def test_migrate_decides_only_by_blockers_on_disk() -> None:
+    """A del-blocker run while migrate waited for QEMU is not on disk yet: migrate
+    goes on only once it is, and a failed commit leaves the blocker refusing it."""
+    core, _ = make(durable=True)
+    a, b = connected(core), connected(core)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "dump", "id": "d"}}')
+    core.take_calls()
+    core.resume(a, {})
+    group = core.take_group(wait=False)
+    assert group is not None
+    core.committed(group)
+    feed(core, a)
+    feed(core, b)
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, "id": "m"}')
+    (_, call), = core.take_calls()
+    assert call == Call("query-migrate", {})
+    assert feed(core, b, b'{"execute": "del-blocker", "arguments": {"id": "d"}, '
+                         b'"id": "del"}') == []  # held until committed
+    core.resume(a, {})  # nothing runs in QEMU; the deletion is not on disk yet
+    assert core.take_calls() == [] and core.blocked(a)
+    # What QEMU sends meanwhile reaches a as QEMU sent it: before migrate's reply.
+    stamp = {"seconds": 1, "microseconds": 2}
+    core.relay("MIGRATION", {"status": "setup"}, stamp)
+    group = core.take_group(wait=False)
+    assert group is not None
+    woken = core.commit_failed(group, "cannot commit: disk I/O error")
+    assert [m["id"] for m in feed(core, b) if "id" in m] == ["del"]
+    assert woken == [a] and not core.blocked(a)
+    # The blocker is back, and refuses: QEMU was never asked to migrate.
+    assert feed(core, a) == [
+        {"event": "MIGRATION", "data": {"status": "setup"}, "timestamp": stamp},
+        {"id": "m", "error": {"class": "GenericError", "desc": "dump"}}]
+    assert core.take_calls() == []
+    # Committed, the deletion counts: the next migrate goes to QEMU.
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, "id": "n"}')
+    core.take_calls()
+    feed(core, b, b'{"execute": "del-blocker", "arguments": {"id": "d"}}')
+    core.resume(a, {})
+    assert core.take_calls() == []
+    group = core.take_group(wait=False)
+    assert group is not None
+    assert core.committed(group) == [a]
+    feed(core, a)
+    (_, call), = core.take_calls()
+    assert call == Call("migrate", {"uri": "tcp:h:1"})
+    core.resume(a, {})
+    assert feed(core, a) == [{"return": {}, "id": "n"}]

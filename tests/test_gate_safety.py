@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from qmpclient import RawClient
 from realqemu import Qemu, wait_until
 from test_gate import SINK, connected, gate
 
+#: How the debug log traces a query-migrate sent to QEMU.
+QUERY_MIGRATE = '"execute":"query-migrate"'
 EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
 
 
@@ -92,6 +95,56 @@ async def test_a_restarted_gate_knows_that_qemu_migrates_before_its_first_client
     assert f"QEMU at {qemu.gate_socket} is migrating (status active)" in text
     assert text.index("is migrating") < text.index("refused blocker")
     assert "Traceback" not in text
+
+
+def traced(pid: int) -> bool:
+    """Every thread of ``pid`` is under a tracer (strace has attached)."""
+    tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    return bool(tasks) and all(
+        int(next(line.split()[1] for line in (task / "status").read_text().splitlines()
+                 if line.startswith("TracerPid:"))) != 0 for task in tasks)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt install strace)")
+async def test_migrate_is_judged_by_blockers_on_disk_not_by_a_deletion_that_fails(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, tmp_path: Path,
+) -> None:
+    """A del-blocker runs while migrate waits for QEMU's query-migrate; its commit
+    then fails.  Reported: the migration went to QEMU, past a blocker still there."""
+    assert qemu.proc is not None
+    d = await gated(start_daemon, qemu)
+    async with d.client() as a, d.client() as b, qemu.monitor() as mon:
+        await a.ok("add-blocker", {"reason": SEV, "id": "sev"})
+        # Each fdatasync of the state from now on waits 2 s, then fails.
+        strace = subprocess.Popen(
+            ["strace", "-f", "-qq", "-p", str(d.proc.pid), "-e", "trace=fsync,fdatasync",
+             "-e", "inject=fsync,fdatasync:error=EIO:delay_enter=2000000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await wait_until(lambda: traced(d.proc.pid) or strace.poll() is not None,
+                             "strace attached")
+            if strace.poll() is not None:
+                pytest.skip("strace cannot trace the daemon here (ptrace not permitted?)")
+            asked = d.log().count(QUERY_MIGRATE)
+            qemu.proc.send_signal(signal.SIGSTOP)  # migrate's query-migrate waits
+            try:
+                await a.send({"execute": "migrate", "arguments": {"uri": SINK}, "id": "m"})
+                await wait_until(lambda: d.log().count(QUERY_MIGRATE) > asked,
+                                 "migrate asking QEMU whether it migrates")
+                await b.send({"execute": "del-blocker", "arguments": {"id": "sev"},
+                              "id": "del"})
+                d.wait_for_log("deleted blocker sev")
+            finally:
+                qemu.proc.send_signal(signal.SIGCONT)
+            assert (await b.read_reply())["error"]["desc"].endswith(
+                "disk I/O error; nothing was changed")
+            assert await a.read_reply() == error(GENERIC, SEV, "m")
+        finally:
+            strace.kill()
+            strace.wait()
+        assert (await mon.ok("query-migrate")).get("status") is None  # never started
+        assert [x["id"] for x in await a.ok("query-blockers")] == ["sev"]
+    assert_clean_log(d)
 
 
 async def test_a_mode_qemu_does_not_have_is_refused_not_migrated_in_normal(

@@ -332,6 +332,13 @@ async def test_link_waits_while_another_client_holds_the_monitor(
         async with running_link(qemu.gate_socket, greeting_notice=0.2) as (link, _):
             await wait_until(lambda: logged(caplog, "has not greeted"), "greeting notice")
             assert link.state == "disconnected"
+            # Reported: "Connection refused", as if QEMU were not running.
+            with pytest.raises(QemuNotConnected) as refused:
+                await link.execute("query-migrate")
+            assert str(refused.value) == (
+                f"Not connected to QEMU's monitor at '{qemu.gate_socket}': QEMU accepted the "
+                "connection but has not greeted yet (QEMU serves one client per monitor: is "
+                "another one connected?)")
             await other.close()  # QEMU now greets the link, which was waiting
             await connected(link)
             assert await link.execute("query-migrate") == {}

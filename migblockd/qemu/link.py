@@ -158,6 +158,11 @@ class _Client(QMPClient):
             link._after_replies.append([])
             asyncio.get_running_loop().call_soon(link._deliver_after_reply)
 
+    async def _establish_session(self) -> None:
+        # The socket is connected: what is awaited now is QEMU's greeting.
+        self._link._greeting_awaited()
+        await super()._establish_session()
+
     def _cb_inbound(self, msg: Message) -> Message:
         if log.isEnabledFor(logging.DEBUG):
             _trace(self._link.path, "<-", bytes(msg))
@@ -358,6 +363,12 @@ class QemuLink:
             await self._client.disconnect()
         except Exception as exc:  # the failure that ended the session: nothing left to do
             log.debug("QEMU %s: disconnected: %s", self.path, _reason(exc))
+
+    def _greeting_awaited(self) -> None:
+        # Until now the reason was the last attempt's ("Connection refused"): a client
+        # told that while another one holds QEMU's monitor would look for a dead QEMU.
+        self._reason = ("QEMU accepted the connection but has not greeted yet (QEMU serves "
+                        "one client per monitor: is another one connected?)")
 
     def _greeting_late(self) -> None:
         log.warning("QEMU at %s accepted the connection but has not greeted after %g s "

@@ -19,6 +19,7 @@ last ``yield``, so what it changes is committed with the command that made it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,13 @@ __all__ = ["ENDINGS", "QEMU_BLOCKER_PREFIX", "SETTLE", "Call", "GateHandlers", "
 QEMU_BLOCKER_PREFIX: Final = "qemu:"
 
 Step = Generator["Call | Settle", object, object]
+
+#: What QEMU's ``migrate_prepare()`` (``migration/migration.c``) answers in these run
+#: states (``query-status``), after a migration in progress and before any blocker.
+RUNSTATE_REFUSALS: Final = {
+    "inmigrate": "Guest is waiting for an incoming migration",
+    "postmigrate": "Can't migrate the vm that was paused due to previous migration",
+}
 
 #: The statuses a migration ends in (``completed`` and ``failed`` are the
 #: others' only way out; ``cancelled`` follows ``migrate_cancel``).
@@ -187,7 +195,14 @@ class GateHandlers(Handlers):
                     pass  # gone or not answering meanwhile: as while QEMU is away
                 else:
                     self.qemu.saw(info)
-                    if _status(info) in RUNNING_STATUSES or self.qemu.busy:
+                    running = _status(info) in RUNNING_STATUSES
+                    if running and not self.qemu.busy:
+                        # An incoming migration shows in query-migrate too, and QEMU
+                        # refuses blockers only while one goes out (none can while
+                        # the incoming one has QEMU in run state inmigrate).
+                        with contextlib.suppress(QemuUnavailable):  # else: busy, as said
+                            running = (yield from self._runstate()) != "inmigrate"
+                    if running or self.qemu.busy:
                         raise MigrationBusy(args["reason"])
         except BlockerError as exc:
             self._refused(conn, exc, blocker_id=args.get("id"))
@@ -283,18 +298,37 @@ class GateHandlers(Handlers):
             if not isinstance(info, dict):  # cannot tell whether one runs: do not start one
                 raise _not_understood("query-migrate", info)
             self.qemu.saw(info)
-            if _status(info) in RUNNING_STATUSES or self.qemu.busy:
+            if self.qemu.busy:
                 raise MigrationInProgress()
+            running = _status(info) in RUNNING_STATUSES
+            registry = self.registry
+            if running or registry.newest() is not None or registry.mode != "normal":
+                # QEMU judges its run state before any blocker (and an incoming
+                # migration shows in query-migrate as running too): the refusal,
+                # if any, is the one QEMU would give.
+                runstate = yield from self._runstate()
+                if running and runstate != "inmigrate":
+                    raise MigrationInProgress()
+                if runstate in RUNSTATE_REFUSALS:
+                    raise QemuError("GenericError", RUNSTATE_REFUSALS[runstate])
             yield from self._check_mode()
             # Another client's del-blocker may have run while QEMU answered: a
             # migration let through by it would outlive its failed commit.
             yield SETTLE
             if self.qemu.busy:  # handed to QEMU while this one asked
                 raise MigrationInProgress()
-            self.registry.check_migrate()  # the current mode's newest blocker
+            registry.check_migrate()  # the current mode's newest blocker
         except (BlockerError, QMPError, QemuError, QemuUnavailable) as exc:
             self._refused(conn, exc, uri=uri)
             raise
+
+    def _runstate(self) -> Generator[Call, object, str]:
+        """QEMU's run state, as ``query-status`` names it."""
+        answer = yield Call("query-status", {})
+        status = answer.get("status") if isinstance(answer, dict) else None
+        if not isinstance(status, str):
+            raise _not_understood("query-status", answer)
+        return status
 
     def _check_mode(self) -> Generator[Call, object, None]:
         """Refuse unless QEMU would migrate in migblockd's mode: the blockers

@@ -22,6 +22,8 @@ from migblockd.systemd import format_status
 
 CONTRACT = Contract.load()
 PATH = Path("/run/qemu/vm1.qmp")
+#: query-status of a QEMU started with -S, as QEMU 7.2 answers it.
+PRELAUNCH = {"status": "prelaunch", "singlestep": False, "running": False}
 
 
 def make(connected: bool = True, role: Role = Role.ADMIN,
@@ -89,6 +91,9 @@ def test_a_blocker_refuses_migrate_before_qemu_is_asked_to_migrate() -> None:
     (_, call), = core.take_calls()
     assert call.name == "query-migrate"
     core.resume(a, {"blocked-reasons": ["QEMU's own"]})
+    (_, call), = core.take_calls()  # QEMU's run state refuses before any blocker
+    assert call == Call("query-status", {})
+    core.resume(a, PRELAUNCH)
     assert core.take_calls() == []  # never a migrate
     assert feed(core, a) == [{"id": 1, "error": {"class": "GenericError", "desc": "dump"}}]
 
@@ -356,8 +361,11 @@ def test_migrate_decides_only_by_blockers_on_disk() -> None:
     # Committed, the deletion counts: the next migrate goes to QEMU.
     feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, "id": "n"}')
     core.take_calls()
-    feed(core, b, b'{"execute": "del-blocker", "arguments": {"id": "d"}}')
     core.resume(a, {})
+    (_, call), = core.take_calls()
+    assert call == Call("query-status", {})  # (the blocker: QEMU's run state first)
+    feed(core, b, b'{"execute": "del-blocker", "arguments": {"id": "d"}}')
+    core.resume(a, PRELAUNCH)
     assert core.take_calls() == []
     group = core.take_group(wait=False)
     assert group is not None
@@ -367,3 +375,54 @@ def test_migrate_decides_only_by_blockers_on_disk() -> None:
     assert call == Call("migrate", {"uri": "tcp:h:1"})
     core.resume(a, {})
     assert feed(core, a) == [{"return": {}, "id": "n"}]
+
+
+def test_qemus_run_state_refuses_migrate_first_and_an_incoming_migration_is_not_busy() -> None:
+    """QEMU's migrate_prepare() judges its run state before any blocker; on the
+    destination, query-migrate's status is the incoming migration's, during which
+    QEMU takes new blockers and refuses migrate for waiting for it."""
+    core, _ = make()
+    a = connected(core)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "dump", "id": "d"}}')
+    core.take_calls()
+    core.resume(a, {})
+    feed(core, a)
+    for runstate, desc in (("postmigrate", "Can't migrate the vm that was paused due to "
+                            "previous migration"),
+                           ("inmigrate", "Guest is waiting for an incoming migration")):
+        feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, "id": 1}')
+        core.take_calls()
+        core.resume(a, {"status": "completed"})
+        (_, call), = core.take_calls()
+        assert call == Call("query-status", {})
+        core.resume(a, {"status": runstate, "singlestep": False, "running": False})
+        assert feed(core, a) == [{"id": 1, "error": {"class": "GenericError", "desc": desc}}]
+    incoming = {"status": "active", "socket-address": [
+        {"type": "inet", "host": "127.0.0.1", "port": "4444", "ipv4": True}]}
+    inmigrate = {"status": "inmigrate", "singlestep": False, "running": False}
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "late", "id": "l"}, '
+                  b'"id": 2}')
+    core.take_calls()
+    core.resume(a, incoming)
+    (_, call), = core.take_calls()
+    assert call == Call("query-status", {})
+    core.resume(a, inmigrate)
+    assert [m.get("id") for m in feed(core, a)] == [None, 2]  # BLOCKER_ADDED, the reply
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, "id": 3}')
+    core.take_calls()
+    core.resume(a, incoming)
+    core.take_calls()
+    core.resume(a, inmigrate)
+    assert feed(core, a) == [{"id": 3, "error": {
+        "class": "GenericError", "desc": "Guest is waiting for an incoming migration"}}]
+    # A migration going out is still busy, whatever the run state; and so is one
+    # whose run state QEMU does not tell.
+    statuses: tuple[dict[str, object], ...] = (PRELAUNCH, {"status": None})
+    for status in statuses:
+        feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r"}, "id": 4}')
+        core.take_calls()
+        core.resume(a, {"status": "active"})
+        core.take_calls()
+        core.resume(a, status)
+        assert feed(core, a)[0]["error"]["desc"].startswith("disallowing migration blocker")
+

@@ -221,6 +221,60 @@ async def test_add_blocker_is_refused_while_qemu_migrates(
     assert_clean_log(d)
 
 
+async def test_on_the_destination_an_incoming_migration_takes_blockers_as_qemu_does(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    # Reported: query-migrate's status there is the incoming migration's, and
+    # add-blocker was refused as if QEMU migrated out, which QEMU itself does not do.
+    source = qemu_factory(memory="1G")
+    target = qemu_factory(memory="1G", args=("-incoming", "defer"), name="target")
+    incoming = target.workdir / "in.sock"
+    d = gate(start_daemon, target)
+    await connected(d)
+    async with target.monitor() as dst, source.monitor() as src, d.client() as c:
+        await dst.ok("migrate-incoming", {"uri": f"unix:{incoming}"})
+        await src.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
+        await src.ok("migrate", {"uri": f"unix:{incoming}"})
+
+        async def receiving() -> bool:
+            return bool((await dst.ok("query-migrate")).get("status") == "active")
+
+        await wait_until(receiving, "the target receiving")
+        await dst.add_blocker("vdi1")  # QEMU takes its own blockers meanwhile
+        mine = await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=1)
+        assert mine["return"]["id"] == "sev", mine
+        # QEMU's answer to migrate, on its own monitor and through migblockd.
+        want = await dst.execute("migrate", {"uri": SINK}, id=2)
+        assert want == error(GENERIC, "Guest is waiting for an incoming migration", 2)
+        assert await c.execute("migrate", {"uri": SINK}, id=2) == want
+        await src.ok("migrate_cancel")
+    assert_clean_log(d)
+
+
+async def test_qemus_run_state_refuses_migrate_before_any_blocker_as_in_qemu(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    # A migrated VM stays paused: QEMU says so before it looks at its blockers.
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    async with qemu.monitor() as mon, d.client() as c:
+        await c.ok("migrate", {"uri": SINK})
+
+        async def completed() -> bool:
+            return bool((await mon.ok("query-migrate")).get("status") == "completed")
+
+        await wait_until(completed, "the migration completed")
+        await mon.add_blocker("vdi1")
+        want = await mon.execute("migrate", {"uri": SINK}, id=1)
+        assert want == error(GENERIC, "Can't migrate the vm that was paused due to previous "
+                             "migration", 1)
+        await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+        assert await c.execute("migrate", {"uri": SINK}, id=1) == want
+        await mon.ok("cont")  # running again: the blockers refuse, newest first
+        assert await c.execute("migrate", {"uri": SINK}, id=2) == error(GENERIC, SEV, 2)
+    assert_clean_log(d)
+
+
 async def test_a_paused_postcopy_migration_is_resumed_through_migblockd(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
 ) -> None:

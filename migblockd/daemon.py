@@ -119,6 +119,11 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         sock = activated_listener()
     except ActivationError as exc:
         raise StartupError(f"socket activation: {exc}") from None
+    if config.qemu is not None and (
+            os.path.realpath(config.qemu) == os.path.realpath(qmp_socket_path(config, sock))):
+        # Gating itself, every forwarded command would wait for itself until qemu-timeout.
+        raise StartupError(f"--qemu {config.qemu}: that is migblockd's own socket; --qemu "
+                           "names the QMP monitor of the QEMU to gate (its -qmp)")
 
     def commit(changes: list[Change]) -> None:
         assert store is not None
@@ -207,10 +212,14 @@ def open_metrics(config: Config, core: Core,
     from migblockd.metrics import metrics_registry  # noqa: PLC0415
     from migblockd.scrape import MetricsServer  # noqa: PLC0415
 
-    qmp_socket = config.socket
+    return MetricsServer.open(config.metrics, metrics_registry(core),
+                              qmp_socket_path(config, passed), asyncio.get_running_loop())
+
+
+def qmp_socket_path(config: Config, passed: socket.socket | None) -> Path:
+    """Where migblockd's QMP socket is: systemd's passed socket's path, else --socket."""
     if passed is not None and passed.family == socket.AF_UNIX:
         name = passed.getsockname()
         if isinstance(name, str) and name.startswith("/"):
-            qmp_socket = Path(name)
-    return MetricsServer.open(config.metrics, metrics_registry(core), qmp_socket,
-                              asyncio.get_running_loop())
+            return Path(name)
+    return config.socket

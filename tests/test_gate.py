@@ -411,6 +411,23 @@ async def test_a_gating_daemon_started_before_qemu_connects_when_it_appears(
     assert_clean_log(d)
 
 
+def test_a_daemon_told_to_gate_its_own_socket_refuses_to_start(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Any,
+) -> None:
+    # Reported: it connected to itself as "QEMU 0.1.0", and every forwarded command
+    # then waited for itself until qemu-timeout.
+    own = tmp_path / "vm1.sock"
+    (tmp_path / "alias").mkdir()
+    (tmp_path / "alias" / "vm1.sock").symlink_to(own)
+    for qemu in (own, tmp_path / "alias" / "vm1.sock"):
+        d = start_daemon("--qemu", str(qemu), "--ephemeral", socket=own, wait=False)
+        assert d.wait_exit() != 0
+        d.wait_for_log(f"--qemu {qemu}: that is migblockd's own socket; --qemu names the "
+                       "QMP monitor of the QEMU to gate (its -qmp)")
+        assert "connected to QEMU" not in d.log()
+        assert_clean_log(d)
+
+
 def test_migblock_shell_works_unchanged_against_a_gating_daemon(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:

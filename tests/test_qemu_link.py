@@ -346,6 +346,25 @@ async def test_link_waits_while_another_client_holds_the_monitor(
         await other.close()
 
 
+async def test_a_pretty_printing_monitor_is_named_as_the_reason_in_one_line(
+        qemu_factory: Callable[..., Qemu], caplog: pytest.LogCaptureFixture) -> None:
+    # Reported: "Did not understand Greeting: Failed to deserialize QMP message.",
+    # then, on a line of its own, the bytes it could not read.
+    qemu = qemu_factory(start=False)
+    pretty = qemu.workdir / "pretty.sock"
+    qemu.args = ("-qmp-pretty", f"unix:{pretty},server=on,wait=off")
+    qemu.start()
+    why = ("QEMU's monitor pretty-prints its JSON (-qmp-pretty, or -mon pretty=on), which "
+           "migblockd cannot read: give migblockd a monitor without it")
+    async with running_link(pretty, min_delay=0.01, max_delay=0.05) as (link, _):
+        await wait_until(lambda: link.attempts >= 3, "three attempts")
+        with pytest.raises(QemuNotConnected) as refused:
+            await link.execute("query-migrate")
+        assert str(refused.value) == f"Not connected to QEMU's monitor at '{pretty}': {why}"
+    assert logged(caplog, "not available") == [
+        f"QEMU at {pretty} is not available: {why}; retrying"]
+
+
 async def test_close_interrupts_a_command_in_flight(qemu: Qemu) -> None:
     assert qemu.proc is not None
     async with running_link(qemu.gate_socket) as (link, _):

@@ -45,6 +45,8 @@ from qemu.qmp import (
     Runstate,
     StateError,
 )
+from qemu.qmp.message import DeserializationError
+from qemu.qmp.qmp_client import GreetingError
 
 from migblockd.qemu.info import QemuInfo
 
@@ -195,7 +197,14 @@ def _reason(exc: BaseException) -> str:
         return "QEMU closed the connection"
     if isinstance(exc, ExecuteError):
         return f"query-qmp-schema failed: {exc}"
-    return str(exc) or type(exc).__name__
+    if (isinstance(exc, GreetingError) and isinstance(exc.exc, DeserializationError)
+            and exc.exc.raw.rstrip() == b"{"):
+        # A pretty-printing monitor spreads every message over lines; QMP clients read
+        # one message per line.
+        return ("QEMU's monitor pretty-prints its JSON (-qmp-pretty, or -mon pretty=on), "
+                "which migblockd cannot read: give migblockd a monitor without it")
+    # One line: the log's, and the client's error (qemu.qmp's own texts span lines).
+    return " ".join((str(exc) or type(exc).__name__).split())
 
 
 class QemuLink:

@@ -199,6 +199,44 @@ async def test_the_events_capability_outlives_a_restarted_qemu(
     assert_clean_log(d)
 
 
+async def test_a_gate_met_during_an_incoming_migration_sets_the_events_capability(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Path,
+) -> None:
+    # Reported: "is migrating (status active)", and no events capability: QEMU takes
+    # it then, and the VM, once here, migrated on with no MIGRATION event for anyone.
+    source = qemu_factory(memory="1G")
+    target = qemu_factory(memory="1G", args=("-incoming", "defer"), name="target")
+    incoming = target.workdir / "in.sock"
+    state = ("--state-dir", str(tmp_path / "state"))
+    first = start_daemon("--qemu", str(target.gate_socket), *state)
+    await connected(first)
+    async with first.client() as c:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+    assert first.stop() == 0
+    async with target.monitor() as dst, source.monitor() as src:
+        await dst.ok("migrate-set-capabilities", {"capabilities": [
+            {"capability": "events", "state": False}]})  # as a QEMU starts
+        await dst.ok("migrate-incoming", {"uri": f"unix:{incoming}"})
+        await src.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
+        await src.ok("migrate", {"uri": f"unix:{incoming}"})
+
+        async def receiving() -> bool:
+            return bool((await dst.ok("query-migrate")).get("status") == "active")
+
+        await wait_until(receiving, "the target receiving")
+        d = start_daemon("--qemu", str(target.gate_socket), *state)
+        d.wait_for_log(f"QEMU at {target.gate_socket} is receiving a migration (status "
+                       "active)")
+        d.wait_for_log(f"QEMU at {target.gate_socket}: set the events capability clients "
+                       "asked for")
+        caps = await dst.ok("query-migrate-capabilities")
+        assert {"capability": "events", "state": True} in caps
+        await src.ok("migrate_cancel")
+    assert "is migrating" not in d.log()
+    assert_clean_log(d)
+
+
 async def test_what_the_gate_refuses_and_forwards_is_in_the_log(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
 ) -> None:

@@ -120,6 +120,14 @@ class Bridge:
             facts.status = facts.blockers = None
         self._wake()
 
+    async def _receiving(self) -> bool:
+        """QEMU waits for an incoming migration (run state ``inmigrate``)."""
+        try:
+            state = await self.link.execute("query-status")
+        except QemuLinkError:
+            return False
+        return isinstance(state, dict) and state.get("status") == "inmigrate"
+
     async def _learn_status(self) -> None:
         """What a QEMU just connected to is doing, and the capability migblockd's
         clients set: QEMU starts with ``events`` off, and a QEMU restarted (or
@@ -134,10 +142,16 @@ class Bridge:
         self.facts.status = status if isinstance(status, str) else None
         self.facts.saw(info)
         self._wake()
-        if self.facts.status in RUNNING_STATUSES:
+        if self.facts.status in RUNNING_STATUSES and await self._receiving():
+            # query-migrate shows an incoming migration too; QEMU takes capabilities
+            # then, and the events are for the migrations this VM makes afterwards.
+            log.info("QEMU at %s is receiving a migration (status %s)", path,
+                     self.facts.status)
+        elif self.facts.status in RUNNING_STATUSES:
             # (QEMU refuses capabilities now; it has the ones it was migrating with.)
             log.info("QEMU at %s is migrating (status %s)", path, self.facts.status)
-        elif self.handlers.registry.events_enabled:
+            return
+        if self.handlers.registry.events_enabled:
             try:
                 await self.link.execute("migrate-set-capabilities", {"capabilities": [
                     {"capability": "events", "state": True}]})

@@ -597,6 +597,67 @@ def test_commit_on_a_full_file_system_fails_and_recovers(tmp_path: Path) -> None
                            f"{directory} writable by this user, or choose another --state-dir")
 
 
+
+# The log fills the file system by itself (SQLite folds it back into the
+# database only once it holds about 4 MiB), while the database grows too.
+# Then a little space comes back, and settings change again and again: the
+# log must be emptied each time it fills the disk, or the commits would fail
+# as soon as it had taken the space back.
+LOG_FILLS_THE_DISK = """
+    import json, os
+    from pathlib import Path
+    from migblockd.state import BlockerRow, Put, Setting, Store, StateError
+
+    directory = Path(DIRECTORY)
+    store = Store.open(directory)
+    with open(directory.parent / "spare", "wb") as spare:  # what the operator can delete
+        spare.write(bytes(64 * 1024))
+    added = 0
+    while added < 10000:
+        try:
+            store.commit([Put(BlockerRow(f"b{added}", "x" * 500, ("normal",), False, None,
+                                         1.5, added))])
+        except StateError as e:
+            error = str(e)
+            break
+        added += 1
+    os.unlink(directory.parent / "spare")
+    failures = []
+    for i in range(300):
+        try:
+            store.commit([Setting("mode", f"m{i}")])
+        except StateError as e:
+            failures.append(f"{i}: {e}")
+    kept = store.load()
+    store.close()
+    reopened = Store.open(directory)
+    again = reopened.load()
+    reopened.close()
+    print(json.dumps({"error": error, "added": added, "failures": failures[:3],
+                      "kept": [len(kept.blockers), kept.settings],
+                      "reopened": [len(again.blockers), again.settings]}))
+"""
+
+
+def test_a_log_that_fills_the_file_system_is_emptied(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    directory = mnt / "state"
+    script = tmp_path / "log.py"
+    script.write_text(textwrap.dedent(LOG_FILLS_THE_DISK).replace("DIRECTORY",
+                                                                  repr(str(directory))))
+    shell = f"mount -t tmpfs -o size=256k tmpfs {mnt} && {sys.executable} {script}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([*unshare_mount(), "sh", "-c", shell], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["error"] == f"cannot commit to {directory}/state.db: database or disk is full"
+    assert report["failures"] == []
+    added = report["added"]
+    assert report["kept"] == report["reopened"] == [added, {"mode": "m299"}]
+
+
 # -------------------------------------------------------------- migrations
 
 

@@ -11,7 +11,14 @@ import os
 import sqlite3
 from pathlib import Path
 
-__all__ = ["StateError", "commit_failed", "describe_open_error", "one_line"]
+__all__ = [
+    "StateError",
+    "commit_failed",
+    "describe_open_error",
+    "free_space",
+    "no_space",
+    "one_line",
+]
 
 # Primary result codes (the low byte of an extended code), from sqlite3.h.
 _PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT = 3, 5, 6, 8, 10, 11
@@ -62,13 +69,26 @@ def describe_open_error(path: Path, error: sqlite3.Error) -> str:
     return f"cannot use {path} ({name}: {why}); move it away to start from scratch"
 
 
-def _no_space(directory: Path) -> bool:
-    """Whether the file system of ``directory`` has no block left for this user."""
+def free_space(directory: Path) -> int:
+    """Bytes left for this user on the file system of ``directory`` (or a
+    lot, when it cannot be told)."""
     try:
         fs = os.statvfs(directory)
     except OSError:
-        return False
-    return (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) == 0
+        return 1 << 62
+    return (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize
+
+
+def _no_space(directory: Path) -> bool:
+    """Whether the file system of ``directory`` has no block left for this user."""
+    return free_space(directory) == 0
+
+
+def no_space(error: sqlite3.Error, directory: Path) -> bool:
+    """Whether ``error`` came from ``directory``'s file system being full."""
+    code = getattr(error, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    return primary == _FULL or (primary == _IOERR and _no_space(directory))
 
 
 def commit_failed(path: Path, error: sqlite3.Error) -> StateError:

@@ -30,7 +30,14 @@ from pathlib import Path
 
 from migblockd.pidlock import PidLock
 from migblockd.state import schema
-from migblockd.state.errors import StateError, commit_failed, describe_open_error, one_line
+from migblockd.state.errors import (
+    StateError,
+    commit_failed,
+    describe_open_error,
+    free_space,
+    no_space,
+    one_line,
+)
 from migblockd.state.lock import lock_directory
 from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
 from migblockd.trust import refusal
@@ -43,6 +50,9 @@ DATABASE_NAME = "state.db"
 # How long a statement waits for another program holding the database (an
 # operator's sqlite3 shell) before failing with "database is locked".
 _BUSY_TIMEOUT = 5.0
+# Free space below which the log is emptied after every commit: twice what
+# SQLite lets it grow to by itself (1000 pages of 4 KiB).
+_LOG_ROOM = 8 << 20
 
 
 class Store:
@@ -110,18 +120,47 @@ class Store:
         if not changes:
             return
         batches = _batches(changes)  # encoded first: a bad value fails before BEGIN
+        try:
+            self._apply(batches)
+        except sqlite3.Error as e:
+            # The log may be what fills the disk: empty it, and try once more.
+            if not (no_space(e, self.directory) and self._fold_log("TRUNCATE")):
+                raise commit_failed(self.path, e) from e
+            try:
+                self._apply(batches)
+            except sqlite3.Error as again:
+                raise commit_failed(self.path, again) from again
+        if free_space(self.directory) < _LOG_ROOM:
+            # Left to SQLite, the log grows to about 4 MiB before it is folded
+            # back and written again from its start: on a disk with less room
+            # than that it would take the last of it, leave the database none
+            # to grow into, and no commit would succeed again.
+            self._fold_log("PASSIVE")
+
+    def _apply(self, batches: Sequence[tuple[str, list[schema.Params]]]) -> None:
+        """One transaction; rolled back if it fails."""
         conn = self._connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
             for sql, params in batches:
                 conn.executemany(sql, params)
             conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            self._abandon(conn)
-            raise commit_failed(self.path, e) from e
-        except BaseException:  # e.g. OverflowError: an integer too large for SQLite
+        except BaseException:  # also e.g. OverflowError: an integer too large for SQLite
             self._abandon(conn)
             raise
+
+    def _fold_log(self, mode: str) -> bool:
+        """Copy the log back into the database, so that the next commit writes
+        it from its start (``PASSIVE``: as far as readers allow, without
+        waiting), or also cut it to nothing, freeing its space (``TRUNCATE``:
+        waiting for readers, as any statement does); whether that worked."""
+        if self._conn is None:
+            return False
+        try:
+            busy: int = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
+        except sqlite3.Error:
+            return False
+        return busy == 0
 
     def close(self) -> None:
         """Close the database (SQLite folds the WAL back into it) and release the lock."""

@@ -35,7 +35,7 @@ from migblockd.access import (
 )
 from migblockd.kinds import FilePath, Integer, Kind, OctalMode, OneOf, Seconds, describe
 from migblockd.options import ConfigError, Where, flag, option
-from migblockd.paths import default_socket_path, default_state_dir
+from migblockd.paths import NoDefault, default_socket_path, default_state_dir
 from migblockd.qmp.limits import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "HostPort",
@@ -295,4 +295,7 @@ def build(cli: dict[str, Any]) -> Config:
     if path is not None:
         settings.update(read_file(Path(path)))
     settings.update({k: v for k, v in cli.items() if v is not None})
-    return Config(**settings)
+    try:
+        return Config(**settings)
+    except NoDefault as exc:
+        raise ConfigError(str(exc)) from None

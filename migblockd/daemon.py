@@ -28,7 +28,7 @@ from migblockd.config import Config
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.listen import StartupError
-from migblockd.paths import default_state_dir
+from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import Bridge
@@ -76,7 +76,11 @@ def open_state(config: Config, registry: Registry) -> Store | None:
     """The state directory, locked, with what it holds restored into ``registry``."""
     if config.ephemeral:
         log.info("state: ephemeral: blockers live in memory only, a restart forgets them")
-        if config.state_dir != default_state_dir():
+        try:
+            given = config.state_dir != default_state_dir()
+        except NoDefault:  # then it was given: there is no default to come from
+            given = True
+        if given:
             # Given, yet unused: said, so that nobody believes it holds anything.
             log.warning("state: ephemeral, so state-dir %s is not used", config.state_dir)
         return None

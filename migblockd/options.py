@@ -126,7 +126,10 @@ class Option:
         """The default as ``--help`` (actual value) or the README (``documented``) shows it."""
         if documented and self.default_doc is not None:
             return self.default_doc
-        value = self.default()
+        try:
+            value = self.default()
+        except ValueError:  # e.g. paths.NoDefault: the documented rule says it all
+            value = None
         if value is None:
             return self.default_doc
         return self.show(value)

@@ -45,8 +45,19 @@ def default_state_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/var/lib/migblockd")
     xdg = os.environ.get("XDG_STATE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "state"
-    return base / "migblockd"
+    if os.path.isabs(xdg):
+        return Path(xdg) / "migblockd"
+    try:
+        home = Path.home()
+    except RuntimeError:  # no $HOME, and no home in the user database (a bare uid)
+        raise NoDefault(f"no default --state-dir for uid {os.geteuid()}: HOME is not set "
+                        "and the user database has no home directory for it; give "
+                        "--state-dir, or set XDG_STATE_HOME") from None
+    return home / ".local" / "state" / "migblockd"
+
+
+class NoDefault(ValueError):
+    """A default path cannot be formed here; ``str()`` says what to give instead."""
 
 
 def connect_failure(path: str, err: OSError) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -748,6 +749,34 @@ def test_default_state_dir_of_a_user(monkeypatch: pytest.MonkeyPatch) -> None:
     assert run_python(DEFAULT_DIR) == {"dir": "/home/someone/.local/state/migblockd"}
     monkeypatch.setenv("STATE_DIRECTORY", "/run/state/migblockd")
     assert run_python(DEFAULT_DIR) == {"dir": "/run/state/migblockd"}
+
+
+def test_a_user_without_a_home_is_told_to_give_a_state_dir(tmp_path: Path) -> None:
+    """A bare uid (no account, no $HOME: a container's --user, env -i): the default
+    cannot be formed, which used to stop even --help with a traceback."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run as a uid that has no account")
+    uid = next(u for u in range(23456, 24000) if not _has_account(u))
+    run = [sys.executable, "-m", "migblockd", "--socket", str(tmp_path / "s.sock")]
+    setpriv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    helped = subprocess.run([*setpriv, *run, "--help"], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert helped.returncode == 0, helped.stderr
+    assert "${XDG_STATE_HOME:-~/.local/state}/migblockd" in " ".join(helped.stdout.split())
+    refused = subprocess.run([*setpriv, *run], env=env, capture_output=True, text=True,
+                             timeout=30)
+    assert (refused.returncode, refused.stderr) == (1, (
+        f"migblockd: no default --state-dir for uid {uid}: HOME is not set and the user "
+        "database has no home directory for it; give --state-dir, or set XDG_STATE_HOME\n"))
+
+
+def _has_account(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
 
 
 DEFAULT_SOCKET = f"""

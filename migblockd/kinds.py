@@ -147,11 +147,17 @@ class OneOf(Kind[str]):
 
 @dataclass(frozen=True)
 class FilePath(Kind[Path]):
-    """A file system path (not empty; no NUL byte, which no system call accepts)."""
+    """A file system path (not empty; no NUL byte, which no system call accepts;
+    no leading ``~``, which only a shell expands, and not after ``--option=``
+    nor in the file: taken as it is, it would name a directory ``~`` under the
+    working directory, and state kept there would not be found from another)."""
 
     def __call__(self, value: object) -> Path:
         if not isinstance(value, str) or not value or "\0" in value:
             raise ValueError(f"must be a path, not {describe(value)}")
+        if value.startswith("~"):
+            raise ValueError(f"must spell the home directory out (nothing here expands ~), "
+                             f"not {describe(value)}")
         return Path(value)
 
 

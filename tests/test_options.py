@@ -98,6 +98,7 @@ def test_every_file_option_is_read_from_toml(tmp_path: Path, o: Option) -> None:
         ("migration-time", "-1"),
         ("migration-time", "inf"),
         ("schema", ""),
+        ("state-dir", "~/state"),
     ],
 )
 def test_the_same_check_and_message_on_the_command_line_and_in_toml(
@@ -124,6 +125,9 @@ def test_the_same_check_and_message_on_the_command_line_and_in_toml(
         ("max-clients = true\n", "max-clients must be an integer, not true"),
         ("log-level = [1]\n", "log-level must be one of debug, info, warning, error, not an array"),
         ("schema = 3\n", "schema must be a path, not 3"),
+        # Reported: a directory named "~" made under the working directory.
+        ('state-dir = "~/.local/state/migblockd"\n', "state-dir must spell the home "
+         "directory out (nothing here expands ~), not '~/.local/state/migblockd'"),
         ("only-migratable = \"yes\"\n", "only-migratable must be true or false, not 'yes'"),
         ("[socket]\nx = 1\n", "socket must be a path, not a table"),
         # Reported: 400 is decimal in TOML, 0o620, and the group could connect.

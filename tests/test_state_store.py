@@ -398,6 +398,15 @@ def test_a_lock_that_is_a_link_is_refused_with_the_right_fix(tmp_path: Path) -> 
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_a_lock_that_is_a_directory_is_refused_with_the_right_fix(tmp_path: Path) -> None:
+    # Before: "Is a directory; make D writable by this user", which it was.
+    (tmp_path / "lock").mkdir()
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}/lock is not a regular file; remove it (the "
+                                  "daemon makes its lock file itself)")
+
+
 def test_a_link_to_a_database_that_is_not_there_is_never_replaced(tmp_path: Path) -> None:
     # Say, state.db on a volume that is not mounted yet: before, a new empty
     # database was renamed over the link, and the daemon started with nothing.

@@ -28,6 +28,9 @@ def lock_directory(directory: Path) -> PidLock:
         if exc.opening and path.is_symlink():
             raise StateError(f"{path} is a symbolic link, which migblockd never follows; "
                              "remove it (the daemon makes its lock file itself)") from None
+        if exc.opening and path.exists() and not path.is_file():
+            raise StateError(f"{path} is not a regular file; remove it "
+                             "(the daemon makes its lock file itself)") from None
         if exc.opening:
             raise StateError(f"cannot open {path}: {exc.strerror}; make {directory} writable "
                              "by this user, or choose another --state-dir") from None

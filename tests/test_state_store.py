@@ -388,6 +388,29 @@ def test_a_database_the_directory_links_to_is_used(tmp_path: Path) -> None:
     assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
 
 
+def test_a_database_linked_into_a_directory_others_may_write_is_refused(
+    tmp_path: Path
+) -> None:
+    """SQLite keeps the log and its index beside the link's target: whoever may
+    write there could replace the database or plant a log, as in the state
+    directory itself.  Before, such a link was followed without a check."""
+    filled(tmp_path / "volume", 2)
+    volume = tmp_path / "volume"
+    volume.chmod(0o777)
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    (directory / "state.db").symlink_to(volume / "state.db")
+    with pytest.raises(StateError) as refused:
+        Store.open(directory)
+    assert str(refused.value) == (
+        f"refusing to keep state in {directory}: the directory of state.db's target {volume} "
+        f"is writable by others (mode 0777), so they could replace the database; chmod go-w "
+        f"{volume}, or choose another --state-dir")
+    assert not (volume / "state.db-wal").exists()
+    volume.chmod(0o700)
+    assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
+
+
 def test_a_lock_that_is_a_link_is_refused_with_the_right_fix(tmp_path: Path) -> None:
     # Before: "Too many levels of symbolic links; make D writable by this user".
     (tmp_path / "lock").symlink_to(tmp_path / "elsewhere")

@@ -223,10 +223,19 @@ def _make_directory(directory: Path) -> None:
 
 def _check_directory(directory: Path) -> None:
     """Refuse a directory that anyone but this user and root could change: they
-    could swap the database that the next start restores."""
+    could swap the database that the next start restores.  The same for the
+    directory that ``state.db`` links to, if it is a link: SQLite keeps the
+    database's log and index beside the file the link leads to."""
+    _check_trusted(directory, directory, "state directory")
+    database = directory / DATABASE_NAME
+    if database.is_symlink() and database.exists():
+        target = Path(os.path.realpath(database)).parent
+        _check_trusted(directory, target, f"the directory of {DATABASE_NAME}'s target")
+
+
+def _check_trusted(directory: Path, place: Path, kind: str) -> None:
     try:
-        why = refusal(directory, kind="state directory", asset="the database",
-                      option="--state-dir")
+        why = refusal(place, kind=kind, asset="the database", option="--state-dir")
     except OSError as e:
         raise StateError(f"cannot check state directory {directory}: "
                          f"{e.filename}: {e.strerror}") from None

@@ -354,6 +354,37 @@ async def test_backup_while_running_restore_and_start_from_scratch(
         assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
 
 
+#: docs/state.md's way to start from scratch that keeps the counter, word for word.
+EMPTY_KEEPING_THE_COUNTER = "DELETE FROM blocker; DELETE FROM setting WHERE key <> 'id-floor'"
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None,
+                    reason="needs the sqlite3 shell (apt install sqlite3)")
+async def test_start_from_scratch_keeping_the_counter(start_daemon: Start,
+                                                      tmp_path: Path) -> None:
+    """Moved away, the state starts its generated ids over at #blocker0; emptied as
+    docs/state.md says, it starts with nothing but hands out no id a second time."""
+    directory = tmp_path / "state"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        handed_out = {(await add(c, "before"))["id"] for _ in range(3)}
+        await c.ok("migrate-set-parameters", {"mode": "cpr-exec"})
+        await c.ok("migrate-set-capabilities",
+                   {"capabilities": [{"capability": "events", "state": True}]})
+    assert daemon.stop() == 0
+    subprocess.run(["sqlite3", str(directory / "state.db"), EMPTY_KEEPING_THE_COUNTER],
+                   check=True, timeout=60)
+    emptied = start_daemon("--state-dir", str(directory))
+    emptied.wait_for_log(restored_line(directory, 0))
+    async with emptied.client() as c:
+        assert await blockers(c) == []
+        assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
+        assert await c.ok("query-migrate-capabilities") == [
+            {"capability": "events", "state": False}]
+        assert (await add(c, "after"))["id"] not in handed_out | {"#blocker0"}
+    assert emptied.stop() == 0
+
+
 # ----------------------------------------------------------------- one owner
 
 

@@ -641,9 +641,13 @@ LOG_FILLS_THE_DISK = """
     from pathlib import Path
     from migblockd.state import BlockerRow, Put, Setting, Store, StateError
 
-    directory = Path(DIRECTORY)
+    directory, mnt = Path(DIRECTORY), Path(MOUNTPOINT)
+    if LINKED:  # state.db a link to a file on the small file system
+        Store.open(mnt / "volume").close()
+        directory.mkdir(mode=0o700)
+        (directory / "state.db").symlink_to(mnt / "volume" / "state.db")
     store = Store.open(directory)
-    with open(directory.parent / "spare", "wb") as spare:  # what the operator can delete
+    with open(mnt / "spare", "wb") as spare:  # what the operator can delete
         spare.write(bytes(64 * 1024))
     added = 0
     while added < 10000:
@@ -654,7 +658,7 @@ LOG_FILLS_THE_DISK = """
             error = str(e)
             break
         added += 1
-    os.unlink(directory.parent / "spare")
+    os.unlink(mnt / "spare")
     failures = []
     for i in range(300):
         try:
@@ -672,13 +676,16 @@ LOG_FILLS_THE_DISK = """
 """
 
 
-def test_a_log_that_fills_the_file_system_is_emptied(tmp_path: Path) -> None:
+@pytest.mark.parametrize("linked", [False, True], ids=["in-place", "state.db-linked"])
+def test_a_log_that_fills_the_file_system_is_emptied(tmp_path: Path, linked: bool) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    directory = mnt / "state"
+    # A linked state.db keeps its log beside its target: that disk is the one to watch.
+    directory = tmp_path / "state" if linked else mnt / "state"
     script = tmp_path / "log.py"
-    script.write_text(textwrap.dedent(LOG_FILLS_THE_DISK).replace("DIRECTORY",
-                                                                  repr(str(directory))))
+    script.write_text(textwrap.dedent(LOG_FILLS_THE_DISK).replace(
+        "DIRECTORY", repr(str(directory))).replace("MOUNTPOINT", repr(str(mnt))).replace(
+        "LINKED", repr(linked)))
     shell = f"mount -t tmpfs -o size=256k tmpfs {mnt} && {sys.executable} {script}"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([*unshare_mount(), "sh", "-c", shell], env=env, capture_output=True,

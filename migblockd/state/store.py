@@ -58,11 +58,14 @@ _LOG_ROOM = 8 << 20
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
-    __slots__ = ("_conn", "_lock", "directory", "path")
+    __slots__ = ("_conn", "_files", "_lock", "directory", "path")
 
     def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection) -> None:
         self.directory = directory
         self.path = directory / DATABASE_NAME
+        # Where the database and its log really are (state.db may be a link),
+        # on the file system whose free space matters.
+        self._files = Path(os.path.realpath(self.path)).parent
         self._lock: PidLock | None = lock
         self._conn: sqlite3.Connection | None = conn
 
@@ -124,13 +127,13 @@ class Store:
             self._apply(batches)
         except sqlite3.Error as e:
             # The log may be what fills the disk: empty it, and try once more.
-            if not (no_space(e, self.directory) and self._fold_log("TRUNCATE")):
+            if not (no_space(e, self._files) and self._fold_log("TRUNCATE")):
                 raise commit_failed(self.path, e) from e
             try:
                 self._apply(batches)
             except sqlite3.Error as again:
                 raise commit_failed(self.path, again) from again
-        if free_space(self.directory) < _LOG_ROOM:
+        if free_space(self._files) < _LOG_ROOM:
             # Left to SQLite, the log grows to about 4 MiB before it is folded
             # back and written again from its start: on a disk with less room
             # than that it would take the last of it, leave the database none

@@ -31,6 +31,8 @@ import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log, owner_info
 from qmpclient import RawClient
 
+from migblockd.state import BlockerRow, Put, Store
+
 MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
 READY = " ready on "
 Start = Callable[..., DaemonProcess]
@@ -293,6 +295,37 @@ async def test_sighup_loses_nothing_acknowledged(start_daemon: Start, tmp_path: 
     again.wait_for_log(restored_line(directory, len(expected)))
     async with again.client() as c:
         assert await ids(c) == expected
+
+
+async def test_sighup_while_restoring_a_large_state_reloads_once_serving(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Before, SIGHUP's default action ended the daemon, without a log line, when
+    it came before the handler: while a large state was being restored, say."""
+    directory = tmp_path / "state"
+    with Store.open(directory) as store:
+        store.commit([Put(BlockerRow(f"b{n}", "r", ("normal",), False, None, 1.5e9, n))
+                      for n in range(100_000)])
+    config = tmp_path / "migblockd.toml"
+    config.write_text("max-clients = 100\n")
+    daemon = start_daemon("--state-dir", str(directory), "--config", str(config),
+                          "--max-blockers", "200000", wait=False)
+    lock = directory / "lock"
+    while not (lock.exists() and lock.read_text().strip() == str(daemon.proc.pid)):
+        assert daemon.proc.poll() is None, daemon.log()
+        await asyncio.sleep(0.001)
+    assert restored_line(directory, 100_000) not in daemon.log()
+    config.write_text("max-clients = 200\n")
+    daemon.signal(signal.SIGHUP)  # the lock is taken: the restore has not ended
+    daemon.wait_for_log("reloading: SIGHUP received while starting", timeout=60)
+    daemon.wait_for_log("reloaded configuration: max-clients=200")
+    daemon.wait_for_log(restored_line(directory, 100_000))
+    async with daemon.client() as c:
+        await add(c, "after the reload", id="after")
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+    with Store.open(directory) as store:
+        assert len(store.load().blockers) == 100_001
 
 
 # ----------------------------------------------------------------- backup, start over

@@ -698,6 +698,68 @@ def test_a_log_that_fills_the_file_system_is_emptied(tmp_path: Path, linked: boo
     assert report["kept"] == report["reopened"] == [added, {"mode": "m299"}]
 
 
+
+# Commits a baseline, says so, and once told (a debugger now failing its syncs)
+# commits an add and a delete, each of which must fail; then ends without
+# closing, as a killed daemon does.
+FAILING_SYNC = """
+    import json, os, sys
+    from pathlib import Path
+    from migblockd.state import BlockerRow, Delete, Put, Store, StateError
+
+    def row(id, seq):
+        return BlockerRow(id, "r", ("normal",), False, None, 1.5, seq)
+
+    store = Store.open(Path(DIRECTORY))
+    store.commit([Put(row("a", 0)), Put(row("d", 1))])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    errors = []
+    for group in ([Put(row("b", 2))], [Delete("d")]):
+        try:
+            store.commit(group)
+            errors.append(None)
+        except StateError as e:
+            errors.append(str(e))
+    print(json.dumps(errors), flush=True)
+    os._exit(0)
+"""
+
+
+def test_a_commit_whose_sync_failed_is_not_replayed_at_the_next_start(tmp_path: Path) -> None:
+    """A failed fsync leaves the group's pages in the log (in the page cache), whole:
+    before, the next start replayed the add and the delete that had failed."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace, to make the syncs fail")
+    directory = tmp_path / "state"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    code = textwrap.dedent(FAILING_SYNC).replace("DIRECTORY", repr(str(directory)))
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline() == "ready\n"
+        tracer = subprocess.Popen(
+            ["strace", "-p", str(child.pid), "-e", "trace=fsync,fdatasync",
+             "-e", "inject=fsync,fdatasync:error=EIO", "-o", os.devnull],
+            stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        attached = tracer.stderr.readline()
+        if "attached" not in attached:
+            pytest.skip(f"strace cannot trace here: {attached.strip()}")
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        errors = json.loads(child.stdout.readline())
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.kill()
+        child.wait()
+    tracer.wait(timeout=30)
+    failed = f"cannot commit to {directory}/state.db: disk I/O error"
+    assert errors == [failed, failed]
+    assert [r.id for r in reopened(directory).blockers] == ["a", "d"]
+
+
 # -------------------------------------------------------------- migrations
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "commit_failed",
     "describe_open_error",
     "free_space",
+    "io_error",
     "no_space",
     "one_line",
 ]
@@ -82,6 +83,12 @@ def free_space(directory: Path) -> int:
 def _no_space(directory: Path) -> bool:
     """Whether the file system of ``directory`` has no block left for this user."""
     return free_space(directory) == 0
+
+
+def io_error(error: sqlite3.Error) -> bool:
+    """Whether ``error`` is an I/O error (reading, writing or syncing a file)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == _IOERR
 
 
 def no_space(error: sqlite3.Error, directory: Path) -> bool:

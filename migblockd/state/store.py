@@ -35,6 +35,7 @@ from migblockd.state.errors import (
     commit_failed,
     describe_open_error,
     free_space,
+    io_error,
     no_space,
     one_line,
 )
@@ -126,13 +127,18 @@ class Store:
         try:
             self._apply(batches)
         except sqlite3.Error as e:
+            failed: sqlite3.Error | None = e
             # The log may be what fills the disk: empty it, and try once more.
-            if not (no_space(e, self._files) and self._fold_log("TRUNCATE")):
-                raise commit_failed(self.path, e) from e
-            try:
-                self._apply(batches)
-            except sqlite3.Error as again:
-                raise commit_failed(self.path, again) from again
+            if no_space(e, self._files) and self._fold_log("TRUNCATE"):
+                try:
+                    self._apply(batches)
+                    failed = None
+                except sqlite3.Error as again:
+                    failed = again
+            if failed is not None:
+                if io_error(failed) and not no_space(failed, self._files):
+                    self._seal()
+                raise commit_failed(self.path, failed) from failed
         if free_space(self._files) < _LOG_ROOM:
             # Left to SQLite, the log grows to about 4 MiB before it is folded
             # back and written again from its start: on a disk with less room
@@ -151,6 +157,28 @@ class Store:
         except BaseException:  # also e.g. OverflowError: an integer too large for SQLite
             self._abandon(conn)
             raise
+
+    def _seal(self) -> None:
+        """Write over what a commit that failed with an I/O error left in the log.
+
+        When syncing the log fails, the group's pages are in it all the same (in
+        the page cache at least): SQLite no longer counts them, but its recovery
+        at the next start would find them whole and replay a change that every
+        client was told failed.  A commit writes from the end of the last good
+        one, so this one, which changes nothing (it sets the format to what it
+        is), breaks the failed group's chain of checksums.
+        """
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            # Its page is written over the failed group's even when its own sync fails.
+            self._abandon(conn)
 
     def _fold_log(self, mode: str) -> bool:
         """Copy the log back into the database, so that the next commit writes

@@ -411,6 +411,18 @@ def test_a_database_linked_into_a_directory_others_may_write_is_refused(
     assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
 
 
+def test_a_relative_directory_is_named_absolutely(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: "restored 0 blockers from state/state.db", wherever that was.
+    monkeypatch.chdir(tmp_path)
+    with Store.open(Path("state")) as store:
+        assert store.path == tmp_path / "state" / "state.db"
+    (tmp_path / "other" / "state.db").mkdir(parents=True, mode=0o700)
+    with pytest.raises(StateError) as refused:
+        Store.open(Path("other"))
+    assert str(refused.value).startswith(f"{tmp_path}/other/state.db is not a regular file")
+
+
 def test_a_lock_that_is_a_link_is_refused_with_the_right_fix(tmp_path: Path) -> None:
     # Before: "Too many levels of symbolic links; make D writable by this user".
     (tmp_path / "lock").symlink_to(tmp_path / "elsewhere")

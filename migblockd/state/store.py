@@ -79,7 +79,9 @@ class Store:
         ``migrations`` is the format's history (:data:`schema.MIGRATIONS`);
         tests pass a longer one to play a future version.
         """
-        directory = Path(directory)
+        # Absolute, so that the log and every message say where the state is: a
+        # relative --state-dir depends on the working directory the daemon started in.
+        directory = Path(os.path.abspath(directory))
         _make_directory(directory)
         _check_directory(directory)
         lock = lock_directory(directory)

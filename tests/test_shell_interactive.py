@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
-from conftest import DaemonProcess
+from conftest import ROOT, DaemonProcess
 from qmpclient import qemu_qmp_client
 
 from migblockd import __version__
@@ -222,3 +224,29 @@ def test_ctrl_c_while_waiting_for_a_reply_returns_to_the_prompt(
     shell.expect("query-bl")
     shell.send(CTRL_C)
     assert shell.quit() == 0
+
+
+def test_no_home_keeps_the_history_in_memory(tmp_path: Path) -> None:
+    """A bare uid (no $HOME, no account): before, the shell died with a traceback
+    (Path.home()) before it connected."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run as a uid that has no account")
+    def has_account(uid: int) -> bool:
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return False
+        return True
+
+    uid = next(u for u in range(23456, 24000) if not has_account(u))
+    code = ("from migblockd.shell.history import history_path; "
+            "from migblockd.shell.repl import open_history; "
+            "path = history_path(); print(path, type(open_history(path)).__name__)")
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable,
+         "-c", code], env={"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "warning: history not saved (no home directory: set HOME or XDG_STATE_HOME)",
+        "None InMemoryHistory"]

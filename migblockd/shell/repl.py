@@ -30,7 +30,10 @@ def _say(text: str) -> None:
     print(text, file=sys.stdout, flush=True)
 
 
-def open_history(path: Path) -> History:
+def open_history(path: Path | None) -> History:
+    if path is None:
+        _say("warning: history not saved (no home directory: set HOME or XDG_STATE_HOME)")
+        return InMemoryHistory()
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.touch(exist_ok=True)
@@ -42,7 +45,8 @@ def open_history(path: Path) -> History:
 
 class Interactive:
     def __init__(
-        self, path: str, renderer: Renderer, docs: SchemaDocs, verbose: bool, history: Path
+        self, path: str, renderer: Renderer, docs: SchemaDocs, verbose: bool,
+        history: Path | None
     ) -> None:
         self.renderer = renderer
         self.connection = Connection(path, self._event, self._lost)

@@ -19,6 +19,7 @@ import random
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import textwrap
@@ -421,6 +422,41 @@ def test_a_relative_directory_is_named_absolutely(tmp_path: Path,
     with pytest.raises(StateError) as refused:
         Store.open(Path("other"))
     assert str(refused.value).startswith(f"{tmp_path}/other/state.db is not a regular file")
+
+
+@pytest.mark.parametrize("name", ["state.db", "state.db-wal", "state.db-shm"])
+def test_a_database_others_may_write_is_refused(tmp_path: Path, name: str) -> None:
+    """The directory is held to sshd's StrictModes; before, a state.db (or its log)
+    of mode 0666 in a directory of mode 0755 was used: any local user could change
+    the blockers that the next start restores.  Left as it was."""
+    filled(tmp_path, 1)
+    tmp_path.chmod(0o755)
+    target = tmp_path / name
+    if not target.exists():
+        target.write_bytes(b"")
+    target.chmod(0o666)
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (
+        f"refusing to keep state in {tmp_path}: {target} is writable by others (mode 0666), "
+        f"so they could change the blockers; chmod go-w {target}, or choose another "
+        "--state-dir")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666
+    target.chmod(0o600)
+    assert [r.id for r in reopened(tmp_path).blockers] == ["b0"]
+
+
+def test_a_database_another_user_owns_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file to another user")
+    filled(tmp_path, 1)
+    os.chown(tmp_path / "state.db", NOBODY, NOBODY)
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (
+        f"refusing to keep state in {tmp_path}: {tmp_path}/state.db is owned by uid {NOBODY}, "
+        "not by this user (uid 0) or root, so its owner could change the blockers; chown it, "
+        "or choose another --state-dir")
 
 
 def test_a_lock_that_is_a_link_is_refused_with_the_right_fix(tmp_path: Path) -> None:

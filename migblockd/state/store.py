@@ -350,6 +350,19 @@ def _check_companion(each: Path, path: Path) -> None:
     if each != path and not stat.S_ISREG(st.st_mode):
         raise StateError(f"{each} is not a regular file; move it away (it is not "
                          f"{path.name}'s log), or restore the directory from a backup")
+    if each == path:
+        st = each.stat()  # the file a link leads to: its owner and mode count
+    # As for the directory (sshd's StrictModes): whoever else may write the file
+    # could change what the next start restores.
+    if st.st_uid not in (os.geteuid(), 0):
+        raise StateError(f"refusing to keep state in {path.parent}: {each} is owned by uid "
+                         f"{st.st_uid}, not by this user (uid {os.geteuid()}) or root, so "
+                         "its owner could change the blockers; chown it, or choose another "
+                         "--state-dir")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StateError(f"refusing to keep state in {path.parent}: {each} is writable by "
+                         f"others (mode {stat.S_IMODE(st.st_mode):04o}), so they could change "
+                         f"the blockers; chmod go-w {each}, or choose another --state-dir")
     try:
         # The log and its index are SQLite's to create: a link there is not theirs.
         nofollow = os.O_NOFOLLOW if each != path else 0

@@ -569,6 +569,17 @@ def test_state_directory_that_cannot_be_created_is_refused(tmp_path: Path) -> No
         Store.open(tmp_path / "file")
 
 
+def test_the_database_given_as_the_directory_is_not_to_be_moved_away(tmp_path: Path) -> None:
+    # Before: "is not a directory; move it away", which would have moved the state away.
+    filled(tmp_path, 1)
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path / "state.db")
+    assert str(refused.value) == (
+        f"state directory {tmp_path}/state.db is a file, the database itself; --state-dir "
+        f"names the directory that holds it ({tmp_path})")
+    assert [r.id for r in reopened(tmp_path).blockers] == ["b0"]
+
+
 # ------------------------------------------------------------- disk full
 
 # The child commits a baseline, then a group that cannot fit, then (space back)

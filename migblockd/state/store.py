@@ -247,6 +247,11 @@ def _make_directory(directory: Path) -> None:
             missing.mkdir(mode=0o700, exist_ok=True)
         directory.mkdir(mode=0o700, exist_ok=True)
     except FileExistsError as e:  # exists, and is not a directory
+        if directory.name == DATABASE_NAME and directory.is_file():
+            # The database given for its directory: moving it away would lose it.
+            raise StateError(f"state directory {directory} is a file, the database itself; "
+                             f"--state-dir names the directory that holds it "
+                             f"({directory.parent})") from e
         raise StateError(f"state directory {directory} is not a directory; "
                          "move it away, or choose another --state-dir") from e
     except OSError as e:

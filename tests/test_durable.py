@@ -151,8 +151,13 @@ async def test_settings_alone_are_restored(start_daemon: Start, tmp_path: Path) 
         await c.ok("migrate-set-capabilities",
                    {"capabilities": [{"capability": "events", "state": False}]})
     kill(first)
+    # Nothing was restored by the first start: it made the database, and says so
+    # (a --state-dir that is not where the state is shows); the second restored it.
+    created = f"INFO: created {directory}/state.db: there was no state database"
+    assert created in first.log()
     second = start_daemon("--state-dir", str(directory))
     second.wait_for_log(restored_line(directory, 0))
+    assert "created" not in second.log()
     async with second.client() as c:
         assert (await c.ok("query-migrate-parameters"))["mode"] == "cpr-exec"
         assert await c.ok("query-migrate-capabilities") == [

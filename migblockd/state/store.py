@@ -398,6 +398,9 @@ def _create(path: Path, migrations: Sequence[schema.Migration]) -> None:
         finally:
             os.close(fd)
         os.rename(new, path)
+        # Said apart from "restored 0 blockers": a first start, or a --state-dir
+        # that is not where the state is (a typo, a volume not mounted).
+        log.info("created %s: there was no state database", path)
     except sqlite3.Error as e:
         raise StateError(describe_open_error(path, e)) from e
     except OSError as e:

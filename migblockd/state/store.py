@@ -81,7 +81,8 @@ class Store:
         """
         # Absolute, so that the log and every message say where the state is: a
         # relative --state-dir depends on the working directory the daemon started in.
-        directory = Path(os.path.abspath(directory))
+        # (Not normalised: "link/.." is where the kernel says, not where the text says.)
+        directory = Path(directory).absolute()
         _make_directory(directory)
         _check_directory(directory)
         lock = lock_directory(directory)

@@ -361,7 +361,7 @@ async def test_exec_oob_follows_the_schema(module_daemon: DaemonProcess) -> None
             NOT_FOUND, "The command no-such-command has not been found", "x")
         await c.send({"execute": "query-version", "exec-oob": "query-version", "id": "both"})
         assert await c.read_reply() == error(
-            GENERIC, "QMP input member 'exec-oob' clashes with 'execute'", "both")
+            GENERIC, "QMP input member 'execute' clashes with 'exec-oob'", "both")
         await c.send({"exec-oob": 5, "id": "num"})
         reply = await c.read_reply()
         assert reply["id"] == "num" and reply["error"]["class"] == GENERIC, reply

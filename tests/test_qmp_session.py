@@ -207,18 +207,44 @@ def test_envelope_errors_echo_id_verbatim(id: object) -> None:
 
 
 def test_envelope_check_order() -> None:
+    # QEMU checks the members in the order its QDict holds them (qapi/qmp-dispatch.c,
+    # qobject/qdict.c: by the hash of their names), and reports the first bad one.
     client = Client()
     client.negotiate()
-    # execute type before arguments type before unexpected before missing execute
-    assert client.cmd({"x": 1, "arguments": 1, "execute": 1}) == [
-        err("QMP input member 'execute' must be a string")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"x": 1, "arguments": 1, "execute": 1}, "QMP input member 'x' is unexpected"),
+        ({"foo": 1, "execute": 1}, "QMP input member 'execute' must be a string"),
+        ({"bar": 1, "execute": 1}, "QMP input member 'bar' is unexpected"),
+        ({"arguments": 1, "zz": 1}, "QMP input member 'zz' is unexpected"),
+        ({"arguments": 1, "foo": 1}, "QMP input member 'arguments' must be an object"),
+        ({"execute": "query-blockers", "foo": 1, "bar": 2}, "QMP input member 'bar' is unexpected"),
+        ({"exec-oob": 5, "execute": 5}, "QMP input member 'exec-oob' is unexpected"),
+        ({"foo": 1}, "QMP input member 'foo' is unexpected"),
+        # unexpected members come before the command lookup
+        ({"execute": "nope", "x": 1}, "QMP input member 'x' is unexpected"),
     ]
-    assert client.cmd({"x": 1, "arguments": 1}) == [
-        err("QMP input member 'arguments' must be an object")
+    for request, desc in cases:
+        assert client.cmd(request) == [err(desc)], request
+    assert client.log == []
+
+
+def test_envelope_check_order_with_oob() -> None:
+    client = Client()
+    client.negotiate(oob=True)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"execute": 5, "exec-oob": 5}, "QMP input member 'exec-oob' must be a string"),
+        ({"execute": "query-blockers", "exec-oob": 5},
+         "QMP input member 'exec-oob' must be a string"),
+        # the clash is found among the members, before anything is looked up
+        ({"execute": "nope", "exec-oob": "nope"},
+         "QMP input member 'execute' clashes with 'exec-oob'"),
+        ({"execute": "query-blockers", "exec-oob": "query-blockers", "arguments": 5},
+         "QMP input member 'execute' clashes with 'exec-oob'"),
+        ({"exec-oob": "nope", "arguments": 5}, "QMP input member 'arguments' must be an object"),
     ]
-    assert client.cmd({"x": 1}) == [err("QMP input member 'x' is unexpected")]
-    # unexpected members come before the command lookup
-    assert client.cmd({"execute": "nope", "x": 1}) == [err("QMP input member 'x' is unexpected")]
+    for request, desc in cases:
+        assert client.cmd(request) == [err(desc)], request
+    assert client.log == []
 
 
 def test_command_names_are_exact() -> None:
@@ -313,10 +339,10 @@ def test_oob_enabled() -> None:
         err("QMP input member 'exec-oob' must be a string", 4)
     ]
     assert client.cmd({"execute": "query-blockers", "exec-oob": "query-blockers", "id": 5}) == [
-        err("QMP input member 'exec-oob' clashes with 'execute'", 5)
+        err("QMP input member 'execute' clashes with 'exec-oob'", 5)
     ]
     assert client.cmd({"execute": "add-blocker", "exec-oob": "add-blocker", "id": 6}) == [
-        err("QMP input member 'exec-oob' clashes with 'execute'", 6)
+        err("QMP input member 'execute' clashes with 'exec-oob'", 6)
     ]
     # The schema does not mark qmp_capabilities allow-oob (nor does QEMU's).
     assert client.cmd({"exec-oob": "qmp_capabilities", "id": 7}) == [

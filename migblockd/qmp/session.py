@@ -62,6 +62,7 @@ from migblockd.qmp.encoding import (
 from migblockd.qmp.errors import NO_ID, CommandNotFound, QMPError
 from migblockd.qmp.framing import NEED_DATA, StreamDecoder
 from migblockd.qmp.limits import Limits
+from migblockd.qmp.qdict import qdict_order
 from migblockd.qmp.wording import ParseError
 
 __all__ = ["EVENT", "KEEP", "QMP_CAPABILITIES", "VANISH", "Command", "Request", "Session"]
@@ -123,16 +124,17 @@ class _Held:
         self.replies = 0  # bytes of the lines that are not events
 
 
-# Envelope members; exec-oob joins them once OOB is enabled.
+# The members of a request that needs no closer look: in-band, or with OOB enabled
+# out-of-band (exec-oob is an envelope member only then).
 _IN_BAND_MEMBERS: Final = frozenset({"execute", "arguments", "id"})
-_OOB_MEMBERS: Final = _IN_BAND_MEMBERS | {"exec-oob"}
+_OOB_ONLY_MEMBERS: Final = frozenset({"exec-oob", "arguments", "id"})
+_NO_ARGUMENTS: Final[dict[str, Any]] = {}
 
 NEGOTIATION_REQUIRED: Final = "Expecting capabilities negotiation with 'qmp_capabilities'"
 ALREADY_NEGOTIATED: Final = "Capabilities negotiation is already complete, command ignored"
 NOT_AN_OBJECT: Final = "QMP input must be a JSON object"
 ARGUMENTS_NOT_OBJECT: Final = "QMP input member 'arguments' must be an object"
 LACKS_EXECUTE: Final = "QMP input lacks member 'execute'"
-CLASH: Final = "QMP input member 'exec-oob' clashes with 'execute'"
 
 
 class Session:
@@ -385,38 +387,21 @@ class Session:
     def _envelope(self, req: dict[str, Any], id_: object) -> Request:
         """The envelope checks, in QEMU's order (``qapi/qmp-dispatch.c``)."""
         oob = self.oob_enabled
-        execute: str | None = req.get("execute")
-        if (execute is not None or "execute" in req) and type(execute) is not str:
-            raise QMPError("QMP input member 'execute' must be a string")
-        # exec-oob is an envelope member only once OOB is enabled; before
-        # that it is just an unexpected member.
-        exec_oob: str | None = req.get("exec-oob") if oob else None
-        if (exec_oob is not None or (oob and "exec-oob" in req)) and type(exec_oob) is not str:
-            raise QMPError("QMP input member 'exec-oob' must be a string")
-        if "arguments" in req:
-            args = req["arguments"]
-            if type(args) is not dict:
-                raise QMPError(ARGUMENTS_NOT_OBJECT)
+        keys = req.keys()
+        if keys <= _IN_BAND_MEMBERS and type(req.get("execute")) is str:
+            exec_key = "execute"  # the common case, with nothing for the member checks to find
+        elif oob and keys <= _OOB_ONLY_MEMBERS and type(req.get("exec-oob")) is str:
+            exec_key = "exec-oob"
         else:
-            args = {}
-        allowed = _OOB_MEMBERS if oob else _IN_BAND_MEMBERS
-        if not req.keys() <= allowed:
-            for key in req:
-                if key not in allowed:
-                    raise QMPError(f"QMP input member '{key}' is unexpected")
-        if execute is None and exec_oob is None:
-            raise QMPError(LACKS_EXECUTE)
-        name = execute if execute is not None else exec_oob
-        assert name is not None
-        command = self._lookup(name)
-        if execute is not None and exec_oob is not None:
-            # Both: an in-band request with a clash (QEMU runs a request out of
-            # band only when exec-oob is its sole command member).
-            self._lookup(exec_oob)
-            raise QMPError(CLASH)
-        if execute is None and not command.allow_oob:
-            raise QMPError(f"The command {name} does not support OOB")
-        return Request(command, args, id_, execute is None)
+            exec_key = ""
+        args = req.get("arguments", _NO_ARGUMENTS)
+        if not exec_key or type(args) is not dict:
+            exec_key = _check_members(req, oob)
+        command = self._lookup(req[exec_key])
+        if exec_key == "exec-oob" and not command.allow_oob:
+            raise QMPError(f"The command {command.name} does not support OOB")
+        return Request(command, args if args is not _NO_ARGUMENTS else {}, id_,
+                       exec_key == "exec-oob")
 
     def _lookup(self, name: str) -> Command:
         if name == QMP_CAPABILITIES:
@@ -438,3 +423,27 @@ class Session:
         self.oob_enabled = "oob" in enable
         self.negotiated = True
         return {}
+
+
+def _check_members(req: dict[str, Any], oob: bool) -> str:
+    """QEMU's ``qmp_dispatch_check_obj()``: each member in the order QEMU's QDict
+    holds them, so that of several errors the one QEMU meets first is reported.
+    Returns the member that names the command (``exec-oob`` is one only with
+    OOB enabled, else it is unexpected; with both, the second met clashes)."""
+    exec_key = ""
+    for key in qdict_order(req):
+        value = req[key]
+        if key == "execute" or (key == "exec-oob" and oob):
+            if type(value) is not str:
+                raise QMPError(f"QMP input member '{key}' must be a string")
+            if exec_key:
+                raise QMPError(f"QMP input member '{key}' clashes with '{exec_key}'")
+            exec_key = key
+        elif key == "arguments":
+            if type(value) is not dict:
+                raise QMPError(ARGUMENTS_NOT_OBJECT)
+        elif key != "id":
+            raise QMPError(f"QMP input member '{key}' is unexpected")
+    if not exec_key:
+        raise QMPError(LACKS_EXECUTE)
+    return exec_key

@@ -1,0 +1,92 @@
+"""The same bytes to a real QEMU 7.2 and to migblockd: the same reply bytes.
+
+Each case is sent on a fresh, negotiated connection to QEMU's monitor and to the
+daemon, followed by a marker request; everything each answers before the marker
+must be byte for byte the same, but for the version in ``query-version``.
+Where migblockd deliberately differs (docs/protocol.md), the case is not here.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Iterator
+
+import pytest
+from conftest import DaemonProcess
+from realqemu import Qemu
+
+MARKER = b'{"execute": "query-version", "id": "marker"}'
+_VERSION = re.compile(rb'"return": \{"qemu": \{[^{}]*\}, "package": "[^"]*"\}')
+
+
+@pytest.fixture(scope="module")
+def module_qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Qemu]:
+    qemu = Qemu(tmp_path_factory.mktemp("qemu"))
+    qemu.start()
+    yield qemu
+    qemu.kill()
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    return data
+
+
+def answers(path: object, data: bytes, *, oob: bool = False) -> bytes:
+    """What the server at ``path`` answers ``data`` with, up to the marker's reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        read_line(sock)  # the greeting
+        enable = b', "arguments": {"enable": ["oob"]}' if oob else b""
+        sock.sendall(b'{"execute": "qmp_capabilities"' + enable + b"}")
+        assert read_line(sock) == b'{"return": {}}\r\n'
+        sock.sendall(data + MARKER)
+        out = b""
+        while b'"id": "marker"' not in (line := read_line(sock)):
+            out += line
+        return _VERSION.sub(b'"return": VERSION', out)
+
+
+def same_answers(qemu: Qemu, daemon: DaemonProcess, data: bytes, *, oob: bool = False) -> None:
+    theirs = answers(qemu.test_socket, data, oob=oob)
+    assert theirs, "QEMU answered nothing: not a case"
+    assert answers(daemon.socket, data, oob=oob) == theirs
+
+
+#: Requests with several things wrong: QEMU reports the member it meets first in
+#: its QDict's order (qapi/qmp-dispatch.c, qobject/qdict.c).
+ENVELOPE = [
+    b'{"x": 1, "arguments": 1, "execute": 1}',
+    b'{"foo": 1, "execute": 5, "id": 1}',
+    b'{"bar": 1, "execute": 5, "id": 1}',
+    b'{"execute": "query-version", "foo": 1, "bar": 2, "id": 1}',
+    b'{"arguments": 5, "zz": 1, "id": 1}',
+    b'{"exec-oob": 5, "execute": 5, "id": 1}',
+    b'{"exec-oob": "x", "arguments": 5, "id": 1}',
+    b'{"execute": "nope", "x": 1}',
+]
+ENVELOPE_OOB = [
+    b'{"execute": 5, "exec-oob": 5, "id": 1}',
+    b'{"execute": "query-version", "exec-oob": 5, "id": 1}',
+    b'{"execute": "query-version", "exec-oob": "query-version", "id": 1}',
+    b'{"execute": "nope", "exec-oob": "nope", "id": 1}',
+    b'{"execute": "query-version", "exec-oob": "query-version", "arguments": 5, "id": 1}',
+    b'{"exec-oob": "nope", "arguments": 5, "id": 1}',
+]
+
+
+@pytest.mark.parametrize("data", ENVELOPE, ids=[c.decode() for c in ENVELOPE])
+def test_envelope_errors(module_qemu: Qemu, module_daemon: DaemonProcess, data: bytes) -> None:
+    same_answers(module_qemu, module_daemon, data)
+
+
+@pytest.mark.parametrize("data", ENVELOPE_OOB, ids=[c.decode() for c in ENVELOPE_OOB])
+def test_envelope_errors_with_oob(module_qemu: Qemu, module_daemon: DaemonProcess,
+                                  data: bytes) -> None:
+    same_answers(module_qemu, module_daemon, data, oob=True)

@@ -90,3 +90,17 @@ def test_envelope_errors(module_qemu: Qemu, module_daemon: DaemonProcess, data: 
 def test_envelope_errors_with_oob(module_qemu: Qemu, module_daemon: DaemonProcess,
                                   data: bytes) -> None:
     same_answers(module_qemu, module_daemon, data, oob=True)
+
+
+#: What QEMU writes back: escapes as its JSON writer prints them (qobject/json-writer.c).
+ECHOES = [
+    '{"execute": "query-version", "id": "caf\u00e9 \U0001f600 \x7f"}'.encode(),
+    b'{"execute": "query-version", "id": "\\u00e9\\u001b\\ud83d\\ude00\\\\u00ff"}',
+    b'{"execute": "query-version", "id": ["\\u00ff", {"k": "\\u0100"}]}',
+    b'{"execute": "n\\u00e9"}',
+]
+
+
+@pytest.mark.parametrize("data", ECHOES, ids=[repr(c)[2:-1] for c in ECHOES])
+def test_echoes(module_qemu: Qemu, module_daemon: DaemonProcess, data: bytes) -> None:
+    same_answers(module_qemu, module_daemon, data)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migblockd.config import Config
-from migblockd.qmp.encoding import Encoded, encode, encode_line, encode_return
+from migblockd.qmp.encoding import Encoded, encode, encode_event, encode_line, encode_return
 from migblockd.qmp.errors import NO_ID
 from migblockd.qmp.framing import NEED_DATA, StreamDecoder
 from migblockd.qmp.limits import Limits
@@ -479,13 +479,25 @@ def test_limits_validation() -> None:
 
 def test_encode_line_is_qemu_like_and_strict() -> None:
     assert encode_line({"return": {}}) == b'{"return": {}}\r\n'
-    assert encode_line({"return": "\u00e9"}) == b'{"return": "\\u00e9"}\r\n'
+    assert encode_line({"return": "\u00e9"}) == b'{"return": "\\u00E9"}\r\n'
     with pytest.raises(ValueError):
         encode_line({"return": float("inf")})
     with pytest.raises(ValueError):
         encode_line({"return": float("nan")})
     with pytest.raises(TypeError):
         encode_line({"return": object()})
+
+
+def test_escapes_are_written_as_qemu_writes_them() -> None:
+    # qobject/json-writer.c, quoted_str(): "\\u%04X", upper-case hex, a surrogate
+    # pair beyond the BMP, DEL (0x7F) escaped too.
+    assert encode("caf\u00e9 \x7f\x1b \U0001f600 \ufffd") == (
+        '"caf\\u00E9 \\u007F\\u001B \\uD83D\\uDE00 \\uFFFD"')
+    # A backslash the client sent, then the text u00ff: not an escape.
+    assert encode("\\u00ff \\\u00ff") == '"\\\\u00ff \\\\\\u00FF"'
+    assert encode({"k\u00e9": ["\u00ea"]}) == '{"k\\u00E9": ["\\u00EA"]}'
+    line = encode_event("EV", {"reason": "\u00e9"}, 0)
+    assert b'"reason": "\\u00E9"' in line
 
 
 def test_encoded_values_are_spliced_into_replies_verbatim() -> None:

@@ -524,7 +524,7 @@ def test_output_is_strict_json() -> None:
         line.decode("ascii")
     assert out.count(b"JSON parse error, number out of range") == 1
     assert b'"id": 1e+300' in out
-    assert b'"id": "\\u00e9"' in out
+    assert b'"id": "\\u00E9"' in out
 
 
 # -- EOF ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Output: replies and events as strict JSON lines, in QEMU's layout.
 
 QEMU ends every message with ``\\r\\n``, separates members with ``", "`` and
-``": "``, writes ASCII only (everything else as ``\\uXXXX``) and puts
+``": "``, writes ASCII only (everything else as ``\\uXXXX``, upper-case hex) and puts
 ``return`` before ``id`` and ``id`` before ``error`` (``monitor/qmp.c``).
 Clients must not rely on member order, but matching it costs nothing.
 Nothing here emits ``NaN`` or ``Infinity``: output is always strict JSON.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import json.encoder
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
@@ -37,22 +38,30 @@ _C_ENCODER: Final[Callable[[object, int], list[str]] | None] = (
 )
 
 
+#: A ``\\u`` escape with a hex letter in it, not preceded by an escaped backslash
+#: (``\\\\u00e9`` is a backslash, then the text ``u00e9``).
+_LOWER_ESCAPE: Final = re.compile(r"(?<!\\)(?:\\\\)*+\\u(?=[0-9]{0,3}[a-f])[0-9a-f]{4}")
+
+
+def _upper(m: re.Match[str]) -> str:
+    text = m.group()
+    return text[:-4] + text[-4:].upper()
+
+
 def encode_line(obj: object) -> bytes:
     """One output line: strict JSON + CRLF.
 
     Raises ValueError for NaN/infinity, TypeError for values JSON cannot
     represent, RecursionError for cyclic or absurdly deep values.
     """
-    if _C_ENCODER is not None:
-        return ("".join(_C_ENCODER(obj, 0)) + "\r\n").encode("ascii")
-    return (_ENCODER.encode(obj) + "\r\n").encode("ascii")  # pragma: no cover
+    return (encode(obj) + "\r\n").encode("ascii")
 
 
 def encode(obj: object) -> str:
-    """Strict JSON text of ``obj`` (no line ending), QEMU's separators."""
-    if _C_ENCODER is not None:
-        return "".join(_C_ENCODER(obj, 0))
-    return _ENCODER.encode(obj)  # pragma: no cover
+    """Strict JSON text of ``obj`` (no line ending), QEMU's separators and escapes:
+    ``json-writer.c`` prints ``\\u%04X``, upper-case hex, Python lower case."""
+    text = "".join(_C_ENCODER(obj, 0)) if _C_ENCODER is not None else _ENCODER.encode(obj)
+    return _LOWER_ESCAPE.sub(_upper, text) if "\\u" in text else text
 
 
 class Encoded:

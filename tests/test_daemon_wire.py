@@ -662,6 +662,18 @@ async def test_huge_message_gives_one_error(module_daemon: DaemonProcess) -> Non
         assert not [b for b in await c.ok("query-blockers") if b["id"] == "huge"]
 
 
+async def test_a_stray_byte_alone_is_answered_at_once(module_daemon: DaemonProcess) -> None:
+    # QEMU answers a byte that no JSON token can start with the moment it reads
+    # it; a client that sends one and waits must not wait for the idle timeout.
+    async with module_daemon.client() as c:
+        # (After an error QEMU skips to a line end, a bracket or a reset byte.)
+        for data, desc in ((b"+", "stray '+'"), (b"\n\x80", "stray '\\x80'"),
+                           (b"\n01", "stray '01'")):
+            c.send_raw(data)
+            assert await c.read() == error(GENERIC, "JSON parse error, " + desc)
+        assert (await c.execute("query-version", id="after"))["id"] == "after"
+
+
 # --------------------------------------------------------------------------- limits (own daemons)
 
 

@@ -142,6 +142,21 @@ def test_scalars_are_messages_once_delimited() -> None:
     assert decode(b"42", eof=True) == [42]
 
 
+@pytest.mark.parametrize(("data", "desc"), [
+    (b"@", "stray '@'"), (b"+", "stray '+'"), (b"T", "stray 'T'"), (b"01", "stray '01'"),
+    (b"\x80", "stray '\\x80'"),
+])
+def test_a_token_that_cannot_go_on_is_answered_without_waiting(data: bytes, desc: str) -> None:
+    # QEMU's lexer (qobject/json-lexer.c) fails on a byte no token can start or go on
+    # with the moment it reads it; only a keyword or a number waits for its delimiter.
+    assert errors(decode(data)) == ["JSON parse error, " + desc]
+    assert decode(b"12x") == [12]  # "12" is over, "x" may be a keyword
+    assert decode(b"xY") == [ParseError("JSON parse error, invalid keyword 'x'"),
+                             ParseError("JSON parse error, stray 'Y'")]
+    for waits in (b"x", b"nul", b"-", b"1.", b"1e+", b"0"):
+        assert decode(waits) == []
+
+
 # -- parse errors: wording -------------------------------------------------------------
 
 

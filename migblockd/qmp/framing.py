@@ -91,6 +91,7 @@ from migblockd.qmp.wording import (
     decode_message,
     describe_error,
     first_token_end,
+    lexer_waits,
     prefix_error,
     stray,
 )
@@ -335,7 +336,7 @@ class StreamDecoder:
                 if end > limit:
                     self._skip_to_top(limit)
                     return ParseError(TOKEN_SIZE_EXCEEDED)
-                if end == n and not self._eof:
+                if end == n and not self._eof and lexer_waits(bytes(buf[self._start : end])):
                     return NEED_DATA  # a number or keyword ends at its delimiter
                 start = self._start
                 item = self._complete(end)

@@ -267,6 +267,21 @@ def first_token_end(token: bytes) -> int | None:
     return None
 
 
+def lexer_waits(token: bytes) -> bool:
+    """Whether QEMU's lexer, having read ``token`` (a run of bytes with no
+    delimiter, outside any object), waits for what follows before it says
+    anything: the run is a keyword so far (lower-case letters) or a number that
+    may go on.  Otherwise its first token is over (``12x``) or it has already
+    failed (``@``, ``01``, a byte that is not ASCII), and QEMU answers at once."""
+    text = token.decode("utf-8", _RAW)
+    if _LOWER.fullmatch(text):
+        return True
+    return text[:1] in _NUMBER_START and _number_error(text, 0) == len(text)
+
+
+_NUMBER_START: Final = frozenset("-0123456789")
+
+
 def _stray_char(c: str) -> str:
     # QEMU's lexer reads bytes: the first byte of a character is the stray one.
     return stray(c.encode("utf-8", _RAW)[:1])[len(PARSE_ERROR_PREFIX):]

@@ -104,3 +104,19 @@ ECHOES = [
 @pytest.mark.parametrize("data", ECHOES, ids=[repr(c)[2:-1] for c in ECHOES])
 def test_echoes(module_qemu: Qemu, module_daemon: DaemonProcess, data: bytes) -> None:
     same_answers(module_qemu, module_daemon, data)
+
+
+#: QEMU's parser takes \' for an apostrophe in any string (qobject/json-parser.c).
+APOSTROPHES = [
+    b'{"execute": "query-version", "id": "it\\\'s"}',
+    b'{"execute": "query-version", "id": "a\\\\\'b"}',
+    b'{"execute": "query-version", "id": {"it\\\'s": 1, "it\'s": 2}}',
+    b'{"execute": "query-version",\n "id": "\\\'"}',
+    b'{"execute": "query-version", "id": "\\\'\\q"}',
+]
+
+
+@pytest.mark.parametrize("data", APOSTROPHES, ids=[repr(c)[2:-1] for c in APOSTROPHES])
+def test_escaped_apostrophes(module_qemu: Qemu, module_daemon: DaemonProcess,
+                             data: bytes) -> None:
+    same_answers(module_qemu, module_daemon, data)

@@ -232,6 +232,14 @@ def test_valid_edge_values_are_accepted() -> None:
     ]
 
 
+def test_an_escaped_apostrophe_is_an_apostrophe() -> None:
+    # QEMU's parse_string() (qobject/json-parser.c) takes \' in any string.
+    assert decode(b'{"a": "it\\\'s", "b\\\'": "\\\\\'"}') == [{"a": "it's", "b'": "\\'"}]
+    assert decode(b'{"a\\\'": 1, "a\'": 2}') == [ParseError("JSON parse error, duplicate key")]
+    # lines of an unfinished message with one are a valid beginning
+    assert decode(b'{"a": "\\\'",\n', b'"b": 1}') == [{"a": "'", "b": 1}]
+
+
 # -- one error per bad message, then resynchronisation ----------------------------------
 
 

@@ -37,7 +37,7 @@ class ParseError:
 def _viable(text: str) -> bool:
     """Whether ``text`` can still begin a valid JSON value."""
     try:
-        _DECODER.raw_decode(text)
+        _DECODER.raw_decode(_apostrophes(text, _SAME_LENGTH))
     except json.JSONDecodeError as exc:
         return exc.pos >= len(text.rstrip())
     except (_Reject, ValueError, RecursionError):
@@ -105,6 +105,19 @@ _DECODER: Final = json.JSONDecoder(
     object_pairs_hook=_object_pairs, parse_float=_parse_float, parse_constant=_parse_constant
 )
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+#: ``\\'`` as an escape of the same length that Python takes: where only the
+#: positions of errors matter, and the client's own text is quoted.
+_SAME_LENGTH: Final = "\\/"
+
+
+def _apostrophes(text: str, escape: str) -> str:
+    """``text`` with each ``\\'`` escape written as ``escape``: QEMU's parser takes
+    ``\\'`` for an apostrophe in any string (``json-parser.c``, ``parse_string()``);
+    Python's json does not."""
+    if "\\'" not in text:
+        return text
+    # _ESCAPE takes the escapes left to right: in "\\\\'" the apostrophe is not escaped.
+    return _ESCAPE.sub(lambda m: escape if m.group() == "\\'" else m.group(), text)
 
 
 def decode_message(data: bytes | bytearray) -> object:
@@ -117,11 +130,14 @@ def decode_message(data: bytes | bytearray) -> object:
         if desc is None:
             desc = PARSE_ERROR_PREFIX + "invalid UTF-8 sequence in string"
         return ParseError(desc)
+    parsed = _apostrophes(text, "\\u0027")
     try:
-        value, end = _DECODER.raw_decode(text)
-    except (ValueError, _Reject, RecursionError):
+        value, end = _DECODER.raw_decode(parsed)
+    except _Reject as exc:  # the parse itself is exact: "it\\'s" and "it's" are one key
+        return ParseError(exc.desc)
+    except (ValueError, RecursionError):
         return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
-    if end != len(text):
+    if end != len(parsed):
         return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
     # json decodes a lone \uD800 escape to a lone surrogate, which no UTF-8
     # encoder (logging, the shell) can handle later; QEMU refuses it too.
@@ -306,7 +322,7 @@ def describe_error(data: str | bytes) -> str | None:
     """
     text = data.decode("utf-8", _RAW) if isinstance(data, bytes) else data
     try:
-        value, end = _DECODER.raw_decode(text)
+        value, end = _DECODER.raw_decode(_apostrophes(text, _SAME_LENGTH))
     except _Reject as exc:
         return exc.desc
     except RecursionError:
@@ -408,7 +424,7 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
     """
     text = buf[start:lf].decode("utf-8", _RAW)
     try:
-        _DECODER.raw_decode(text)
+        _DECODER.raw_decode(_apostrophes(text, _SAME_LENGTH))
     except json.JSONDecodeError as exc:
         if exc.pos >= len(text.rstrip()):
             return None

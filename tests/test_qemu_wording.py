@@ -32,6 +32,10 @@ CASES = [
     b'{"a": "x\x1b[31m"}', b'{"b\\"x": 1, "a": "q\\"r\rs"}', b'["\\u00e9\x02"]',
     b'{"a": "\\\x01"}', b'"\xc3\xa9\x04"', b'{"a": "0123456789abcdefghij\tz"}',
     b'{"a": 123456789012.}',
+    # What is not a character: one U+FFFD a sequence, in the reply's valid UTF-8.
+    b'\x80', b'\xc3\xa9', b'\xef\xbb\xbf', b'{"a": "qu\xff"}', b'{"a": "\xc3\xa9\xfe"}',
+    b'{"a": "x\xed\xa0\x80\x01"}', b'{"a": "x\xc0\x80\x01"}', b'{"a": "x\xef\xbf\xbf\x01"}',
+    b'{"a": "x\xf8\x88\x80\x80\x80\x02"}', b'{"a": "\xe2\x82\xfe"}', b'{"a": "\xe2\x82A\x03"}',
 ]
 
 

@@ -55,11 +55,43 @@ _RAW: Final = "surrogateescape"
 
 def stray(token: bytes) -> str:
     """QEMU's error for the token its lexer could not go on with, as it prints it:
-    raw (JSON escapes control characters), cut at a NUL (it is a C string).
-    Bytes that are not UTF-8, which QEMU prints raw too, are shown as ``\\xNN``:
-    a reply must be valid UTF-8."""
-    shown = token.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+    raw (JSON escapes control characters), cut at a NUL (it is a C string), and
+    what is not a character as U+FFFD (see :func:`as_qemu_prints`)."""
+    shown = as_qemu_prints(token.split(b"\0", 1)[0])
     return f"{PARSE_ERROR_PREFIX}stray '{shown}'"
+
+
+_ESCAPED_BYTES: Final = re.compile("[\udc80-\udcff]+")
+#: What ``mod_utf8_codepoint()`` (``util/unicode.c``) reads as one sequence that is not
+#: a character: a lead byte with the continuation bytes it has (up to those it
+#: wants; 0xF8-0xFD lead five- and six-byte forms), or a byte no sequence starts with.
+_BAD_SEQUENCE: Final = re.compile(
+    rb"[\xc0-\xdf][\x80-\xbf]?|[\xe0-\xef][\x80-\xbf]{0,2}|[\xf0-\xf7][\x80-\xbf]{0,3}"
+    rb"|[\xf8-\xfb][\x80-\xbf]{0,4}|[\xfc-\xfd][\x80-\xbf]{0,5}|[\x80-\xbf\xfe\xff]")
+#: Unicode's 66 noncharacters, which QEMU takes for no character either.
+NONCHARACTERS: Final = "\ufdd0-\ufdef" + "".join(
+    chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+_NONCHARACTER: Final = re.compile(f"[{NONCHARACTERS}]")
+
+
+def as_qemu_prints(raw: bytes) -> str:
+    """``raw`` as QEMU's JSON writer prints a string (``qobject/json-writer.c``,
+    ``quoted_str()``): each sequence ``mod_utf8_codepoint()`` cannot read as a
+    character (not UTF-8, a surrogate, a noncharacter, overlong) as one U+FFFD,
+    but C0 80, modified UTF-8's U+0000, as U+0000.  So a reply is valid UTF-8
+    and says what QEMU's says."""
+    text = raw.decode("utf-8", _RAW)
+    if text.isascii():
+        return text
+    return _NONCHARACTER.sub("\ufffd", _ESCAPED_BYTES.sub(_bad_bytes, text))
+
+
+def _bad_bytes(m: re.Match[str]) -> str:
+    # Python's decoder leaves every valid character alone, so a run of bytes it
+    # refused starts and ends where QEMU's sequences do.
+    raw = m.group().encode("utf-8", _RAW)
+    return "\0".join(_BAD_SEQUENCE.sub(b"\xef\xbf\xbd", part).decode("utf-8")
+                     for part in raw.split(b"\xc0\x80"))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -391,8 +423,7 @@ def _not_unicode(text: str, start: int) -> str:
     if end < len(text) and text[end] == '"':
         end += 1  # the closing quote is the token's last character
     shown = text[start:end].encode("utf-8", _RAW)[:6]
-    # QEMU writes what it cannot encode as U+FFFD (a reply must be valid UTF-8).
-    return f"{shown.decode('utf-8', 'replace')} is not a valid Unicode character"
+    return f"{as_qemu_prints(shown)} is not a valid Unicode character"
 
 
 def _code_point(escape: str) -> int:

@@ -120,3 +120,32 @@ APOSTROPHES = [
 def test_escaped_apostrophes(module_qemu: Qemu, module_daemon: DaemonProcess,
                              data: bytes) -> None:
     same_answers(module_qemu, module_daemon, data)
+
+
+#: What QEMU takes for a character in a string (util/unicode.c, mod_utf8_codepoint()
+#: and is_valid_codepoint(); qobject/json-parser.c, parse_string()): no surrogates,
+#: none of Unicode's 66 noncharacters, and C0 80 (modified UTF-8) for U+0000.
+CHARACTERS = [
+    b'{"execute": "query-version", "id": "\\uffff"}',
+    b'{"execute": "query-version", "id": "\\uFDD0"}',
+    b'{"execute": "query-version", "id": "\\ufdef\\ufdf0"}',
+    b'{"execute": "query-version", "id": "\\udbff\\udfff"}',
+    b'{"execute": "query-version", "id": "\\uD83F\\uDFFE"}',
+    b'{"execute": "query-version", "id": "\\ud83d\\ude00\\ud800\\u0041"}',
+    b'{"execute": "query-version", "id": "\\\\uffff"}',
+    b'{"execute": "query-version", "id": "\xef\xbf\xbf"}',
+    b'{"execute": "query-version", "id": "\xef\xb7\x90"}',
+    b'{"execute": "query-version", "id": "\xf4\x8f\xbf\xbe"}',
+    b'{"execute": "query-version", "id": "\xef\xbf\xbd\xef\xb7\xaf"}',
+    b'{"execute": "query-version", "id": ["\\uffff", "\xef\xbf\xbf"]}',
+    b'{"execute": "query-version", "id": ["\xef\xbf\xbf", "\\uffff"]}',
+    b'{"execute": "query-version", "id": "a\xc0\x80b"}',
+    b'{"execute": "query-version\xc0\x80"}',
+    b'{"execute": "query-version", "id": "\\\\\xc0\x80"}',
+]
+
+
+@pytest.mark.parametrize("data", CHARACTERS, ids=[repr(c)[2:-1] for c in CHARACTERS])
+def test_what_is_a_character(module_qemu: Qemu, module_daemon: DaemonProcess,
+                             data: bytes) -> None:
+    same_answers(module_qemu, module_daemon, data)

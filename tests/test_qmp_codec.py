@@ -115,13 +115,17 @@ def test_any_chunking_gives_the_same_messages(parts: list[bytes], data: st.DataO
     assert decode(*chunks, eof=True) == decode(stream, eof=True)
 
 
+# Characters QEMU takes (no surrogates; noncharacters are among the unassigned).
+_CHARACTERS = st.characters(exclude_categories=("Cs", "Cn"))
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.recursive(
-        st.none() | st.booleans() | st.integers() | st.text(),
+        st.none() | st.booleans() | st.integers() | st.text(_CHARACTERS),
         lambda children: (
             st.lists(children, max_size=4)
-            | st.dictionaries(st.text(max_size=5), children, max_size=4)
+            | st.dictionaries(st.text(_CHARACTERS, max_size=5), children, max_size=4)
         ),
         max_leaves=20,
     )
@@ -184,6 +188,14 @@ def test_a_token_that_cannot_go_on_is_answered_without_waiting(data: bytes, desc
         (b'{"a": "ok\\ud83d\\ude00", "b": "\\udbff"}',
          "JSON parse error, \\udbff is not a valid Unicode character"),
         (b'{"a": "\\u12"}', 'JSON parse error, \\u12" is not a valid Unicode character'),
+        # Noncharacters are no characters to QEMU either (util/unicode.c,
+        # is_valid_codepoint()); a pair of escapes is shown whole.
+        (b'{"a": "\\uFFFE"}', "JSON parse error, \\uFFFE is not a valid Unicode character"),
+        (b'{"a": "\\ufdd0"}', "JSON parse error, \\ufdd0 is not a valid Unicode character"),
+        (b'{"a": "\\udbff\\udfff"}',
+         "JSON parse error, \\udbff\\udfff is not a valid Unicode character"),
+        (b'{"a": "\xef\xbf\xbf", "b": "\\uffff"}',
+         "JSON parse error, invalid UTF-8 sequence in string"),
         # Six bytes, not characters; what is not UTF-8 as U+FFFD, as QEMU 7.2 writes it.
         ('{"a": "\\u12é"}'.encode(), "JSON parse error, \\u12é is not a valid Unicode character"),
         (b'{"a": "\\u1\xc3"}', 'JSON parse error, \\u1\ufffd" is not a valid Unicode character'),
@@ -233,6 +245,8 @@ def test_valid_edge_values_are_accepted() -> None:
     assert decode(b'{"a": 1e300, "b": -0.5, "c": 18446744073709551615, "d": "\\ud83d\\ude00"}') == [
         {"a": 1e300, "b": -0.5, "c": 18446744073709551615, "d": "\U0001f600"}
     ]
+    # C0 80, modified UTF-8's U+0000, is taken as QEMU takes it (mod_utf8_codepoint()).
+    assert decode(b'{"a": "x\xc0\x80", "b": "\\\\\xc0\x80"}') == [{"a": "x\0", "b": "\\\0"}]
 
 
 def test_an_escaped_apostrophe_is_an_apostrophe() -> None:

@@ -136,7 +136,6 @@ def _keyword(word: str) -> str:
 _DECODER: Final = json.JSONDecoder(
     object_pairs_hook=_object_pairs, parse_float=_parse_float, parse_constant=_parse_constant
 )
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 #: ``\\'`` as an escape of the same length that Python takes: where only the
 #: positions of errors matter, and the client's own text is quoted.
 _SAME_LENGTH: Final = "\\/"
@@ -152,17 +151,32 @@ def _apostrophes(text: str, escape: str) -> str:
     return _ESCAPE.sub(lambda m: escape if m.group() == "\\'" else m.group(), text)
 
 
+#: C0 80, and the escapes before it (so that a backslash does not escape it).
+_MODIFIED_NUL: Final = re.compile(rb"\\[\s\S]|\xc0\x80")
+
+
+def _nul_escape(m: re.Match[bytes]) -> bytes:
+    return b"\\u0000" if m.group() == b"\xc0\x80" else m.group()
+
+
 def decode_message(data: bytes | bytearray) -> object:
     """Parse one complete message: its JSON value, or a :class:`ParseError`."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
+        if b"\xc0\x80" in data:
+            # Modified UTF-8's U+0000, which QEMU takes in a string
+            # (mod_utf8_codepoint(), util/unicode.c): as the escape json takes.
+            escaped = _MODIFIED_NUL.sub(_nul_escape, bytes(data))
+            value = decode_message(escaped) if escaped != data else None
+            if value is not None and not isinstance(value, ParseError):
+                return value
         text = data.decode("utf-8", _RAW)
         desc = describe_error(text)
         if desc is None:
             desc = PARSE_ERROR_PREFIX + "invalid UTF-8 sequence in string"
         return ParseError(desc)
-    parsed = _apostrophes(text, "\\u0027")
+    parsed = _apostrophes(text, "\\u0027") if "\\'" in text else text
     try:
         value, end = _DECODER.raw_decode(parsed)
     except _Reject as exc:  # the parse itself is exact: "it\\'s" and "it's" are one key
@@ -171,10 +185,12 @@ def decode_message(data: bytes | bytearray) -> object:
         return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
     if end != len(parsed):
         return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
-    # json decodes a lone \uD800 escape to a lone surrogate, which no UTF-8
-    # encoder (logging, the shell) can handle later; QEMU refuses it too.
-    if "\\u" in text and _find_lone_surrogate(value) is not None:
-        return ParseError(PARSE_ERROR_PREFIX + _not_unicode(text, _lone_escape(text)))
+    # json takes a lone surrogate (\uD800, which no UTF-8 encoder can handle
+    # later) and noncharacters (\uFFFF, or as UTF-8); QEMU refuses them.
+    if ("\\u" in text and _SUSPECT_ESCAPE.search(text)) or not text.isascii():
+        desc = _not_a_character(text)
+        if desc is not None:
+            return ParseError(PARSE_ERROR_PREFIX + desc)
     return value
 
 
@@ -182,40 +198,40 @@ def decode_message(data: bytes | bytearray) -> object:
 _ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)", re.DOTALL)
 
 
-def _lone_escape(text: str) -> int:
-    """Where the first ``\\u`` escape of a lone surrogate begins, as QEMU finds it:
-    a leading one not followed at once by a trailing one, or a trailing one alone."""
-    lead = -1
-    for m in _ESCAPE.finditer(text):
+#: A ``\\u`` escape that may be of a surrogate or a noncharacter (a pair beyond the
+#: BMP begins with a surrogate); a cheap test before the exact one.
+_SUSPECT_ESCAPE: Final = re.compile(r"\\u(?:[dD][89a-fA-F]|[fF][dDfF])")
+
+
+def _not_a_character(text: str) -> str | None:
+    """What QEMU's ``parse_string()`` (``json-parser.c``) says about the first
+    string content of a parsed ``text`` that is no character, if any: a
+    noncharacter written as UTF-8 is an ``invalid UTF-8 sequence in string``
+    (``mod_utf8_codepoint()``, ``util/unicode.c``); an escape of a lone
+    surrogate or of a noncharacter ``is not a valid Unicode character``, shown
+    as the client wrote it (a pair of escapes read as one, both)."""
+    raw = _NONCHARACTER.search(text)
+    found = raw.start() if raw is not None else len(text)
+    escapes = _ESCAPE.finditer(text, 0, found)
+    for m in escapes:
         cp = _code_point(m.group())
-        if lead >= 0:
-            if m.start() == lead + 6 and 0xDC00 <= cp <= 0xDFFF:
-                lead = -1
-                continue
-            return lead
-        if 0xD800 <= cp <= 0xDBFF:
-            lead = m.start()
-        elif 0xDC00 <= cp <= 0xDFFF:
-            return m.start()
-    assert lead >= 0, "called for a text with a lone surrogate"
-    return lead
+        start, end = m.start(), m.end()
+        if 0xD800 <= cp <= 0xDBFF and text.startswith("\\u", end):
+            trailing = _ESCAPE.match(text, end)
+            low = _code_point(trailing.group()) if trailing is not None else -1
+            if not 0xDC00 <= low <= 0xDFFF:
+                return f"{text[start:end]} is not a valid Unicode character"
+            cp = 0x10000 + ((cp & 0x3FF) << 10) + (low & 0x3FF)
+            end += 6
+            next(escapes, None)  # the trailing one, taken
+        if cp >= 0 and not _is_character(cp):
+            return f"{text[start:end]} is not a valid Unicode character"
+    return None if raw is None else "invalid UTF-8 sequence in string"
 
 
-def _find_lone_surrogate(value: object) -> str | None:
-    if isinstance(value, str):
-        m = _LONE_SURROGATE.search(value)
-        return m.group() if m else None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _find_lone_surrogate(key) or _find_lone_surrogate(item)
-            if found:
-                return found
-    elif isinstance(value, list):
-        for item in value:
-            found = _find_lone_surrogate(item)
-            if found:
-                return found
-    return None
+def _is_character(cp: int) -> bool:
+    """``is_valid_codepoint()`` of ``util/unicode.c``."""
+    return not (0xD800 <= cp <= 0xDFFF or 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE)
 
 
 _KEYWORD = re.compile(r"[A-Za-z]+")

@@ -674,6 +674,18 @@ async def test_a_stray_byte_alone_is_answered_at_once(module_daemon: DaemonProce
         assert (await c.execute("query-version", id="after"))["id"] == "after"
 
 
+async def test_a_request_glued_after_a_string_broken_by_a_line_feed_runs(
+        module_daemon: DaemonProcess) -> None:
+    # QEMU's lexer skips the rest of the broken string (its closing quote too) to
+    # the next bracket, so the next request runs; read as the start of a new
+    # string, the closing quote would swallow it.
+    async with module_daemon.client() as c:
+        c.send_raw(b'{"execute": "add-blocker", "arguments": {"reason": "two\n"}, "id": 1}'
+                   + encode({"execute": "query-version", "id": "glued"}))
+        assert await c.read() == error(GENERIC, "JSON parse error, stray '\"two\n'")
+        assert (await c.read())["id"] == "glued"
+
+
 # --------------------------------------------------------------------------- limits (own daemons)
 
 

@@ -36,6 +36,8 @@ CASES = [
     b'\x80', b'\xc3\xa9', b'\xef\xbb\xbf', b'{"a": "qu\xff"}', b'{"a": "\xc3\xa9\xfe"}',
     b'{"a": "x\xed\xa0\x80\x01"}', b'{"a": "x\xc0\x80\x01"}', b'{"a": "x\xef\xbf\xbf\x01"}',
     b'{"a": "x\xf8\x88\x80\x80\x80\x02"}', b'{"a": "\xe2\x82\xfe"}', b'{"a": "\xe2\x82A\x03"}',
+    # A string cut short by a line feed: the token up to its first control character.
+    b'{"a": "ab\n', b'{"a": "ab\r\n', b'{"a": "a\tb\r\n', b'{"a": "\\\n',
 ]
 
 

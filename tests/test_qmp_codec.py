@@ -17,6 +17,7 @@ from migblockd.qmp.limits import Limits
 from migblockd.qmp.wording import NESTING_EXCEEDED, TOKEN_SIZE_EXCEEDED, ParseError
 
 CMD = b'{"execute": "query-blockers", "id": 1}'
+CMD_VALUE = {"execute": "query-blockers", "id": 1}
 
 LIMITS = Config().limits
 
@@ -101,6 +102,8 @@ _messages = st.lists(
         st.just(b'{"a": NaN,\n"b": 1}'),
         st.just(b'{"x": [1,\n}\n'),
         st.just(b'{"a": "\xff"}'),
+        st.just(b'{"a": "x\r\n"}'),
+        st.just(b'"\n"'),
     ),
     max_size=12,
 )
@@ -462,6 +465,24 @@ def test_raw_newline_in_string_resyncs_after_it() -> None:
         ParseError("JSON parse error, stray '\"oops\n'"),
         {"execute": "query-blockers", "id": 1},
     ]
+
+
+@pytest.mark.parametrize(("broken", "desc"), [
+    (b'{"execute": "x", "id": "oops\n"}', "stray '\"oops\n'"),
+    (b'{"execute": "x", "id": "oops\r\n"}', "stray '\"oops\r'"),
+    (b'{"execute": "x", "id": "a\tb\n"}', "stray '\"a\t'"),
+    (b'{"execute": "x", "id": "\\\n"}', "stray '\"\\\n'"),
+])
+def test_a_string_broken_by_a_line_feed_does_not_swallow_a_glued_request(
+        broken: bytes, desc: str) -> None:
+    # QEMU's lexer fails at the string's first control character, then skips the
+    # rest (a quote included) to a bracket (qobject/json-lexer.c): the request
+    # glued after it runs, with one error for the broken one.
+    assert decode(broken + CMD) == [ParseError("JSON parse error, " + desc), CMD_VALUE]
+    assert decode(broken + b"\n" + CMD) == [ParseError("JSON parse error, " + desc), CMD_VALUE]
+    # a request that begins the next line may span lines
+    assert decode(b'{"execute": "x", "id": "oops\n{"execute":\n "query-blockers", "id": 1}') == [
+        ParseError("JSON parse error, stray '\"oops\n'"), CMD_VALUE]
 
 
 def test_errors_in_order_with_messages() -> None:

@@ -64,6 +64,7 @@ from migblockd.qmp.patterns import (
     BACKSLASH,
     BLANKS,
     CLOSERS,
+    CONTROL,
     FAST_DEPTH,
     FAST_MESSAGE,
     LF,
@@ -371,7 +372,7 @@ class StreamDecoder:
                     self._start = self._scan
                 else:
                     self._resync_at(buf, self._scan)
-            else:  # _AFTER_RESET
+            else:  # _AFTER_RESET (or a line feed that broke a string)
                 # A run of reset bytes is one bad message, however it was split
                 # across reads, so swallow the rest of the run.  What follows
                 # on the same line is the rest of the message the reset broke
@@ -539,7 +540,22 @@ class StreamDecoder:
         token so far (``stray '"tab\t'``).  None: it was garbage, skipped."""
         if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
             return verdict
-        # Skipping starts at the byte itself: a reset byte or line feed is its
-        # own resynchronisation point, a \t or \r inside a string is not.
+        if token < 0:
+            # Skipping starts at the byte itself: a reset byte is its own
+            # resynchronisation point.
+            self._skip_from(p)
+            return ParseError(stray(bytes(buf[p : p + 1])))
+        # QEMU's lexer fails at the string's first control character: a \t or
+        # \r, which the scan lets by, may come before the byte it stopped at.
+        first = CONTROL.search(buf, token, p)
+        error = ParseError(stray(bytes(buf[token : (first.start() if first else p) + 1])))
         self._skip_from(p)
-        return ParseError(stray(bytes(buf[token if token >= 0 else p : p + 1])))
+        if buf[p] == LF:
+            # The line feed broke a string, not the message: unless a request
+            # begins the next line, what follows is the rest of it (the string's
+            # end, "}") up to where a request can begin, as QEMU's lexer skips it.
+            # Read as a new string, it would swallow a request glued after it
+            # (qemu.qmp sends no line feeds).  As after a reset byte.
+            self._mode = _AFTER_RESET
+            self._start = self._scan = p + 1
+        return error  # else a reset byte: its own resynchronisation point

@@ -57,6 +57,8 @@ RESYNC_TOP = re.compile(rb"[{\n" + RESET_CLASS + rb"]")
 SKIP_BODY = re.compile(
     rb"(?:[^\"{}\[\]\n" + RESET_CLASS + rb']++|"' + STRING_CHARS + rb'")*+')
 RESET_RUN = re.compile(rb"[" + RESET_CLASS + rb"]*+")
+# A control character, where QEMU's lexer ends a string with an error.
+CONTROL = re.compile(rb"[\x00-\x1f]")
 BLANKS = re.compile(rb"[ \t\r]*+")
 
 OPENERS: Final = {0x7B: 0x7D, 0x5B: 0x5D}  # { -> }, [ -> ]

@@ -38,6 +38,15 @@ CASES = [
     b'{"a": "x\xf8\x88\x80\x80\x80\x02"}', b'{"a": "\xe2\x82\xfe"}', b'{"a": "\xe2\x82A\x03"}',
     # A string cut short by a line feed: the token up to its first control character.
     b'{"a": "ab\n', b'{"a": "ab\r\n', b'{"a": "a\tb\r\n', b'{"a": "\\\n',
+    # QEMU parses a message only once it is complete: a lexical error anywhere in
+    # it comes before any error of its parser.
+    b'{"a": x, "b": 1.}', b'{"a": x, "b": @}', b'{"a" 1, "b": 01}', b'{"a": [1 2], "b": "\x01"}',
+    b'{"execute": query-version", "id": "x"}', b'{"a": 1e400, "b": +1}',
+    b'{"a": 1, "a": 2, "b": 1e+}', b'{"a": "\\q", "b": True}', b'{"a": "\\ud800", "b": 1.5.}',
+    b'{"id": [1, 2.\x005]}', b'{"a": 1."x\n', b'{"a": @ \x01', b'{"a": fa\\u0\'e9b"}',
+    b"{\"a\": 1.'x'}",
+    # ... and its parser's errors come in the order of the tokens
+    b'{"e": "x", "a\xc3g": {}, "id":9 {"k": 1}}', b'{"a": [1 2], "b": "\xc3("}',
 ]
 
 

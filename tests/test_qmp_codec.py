@@ -232,6 +232,12 @@ def test_a_token_that_cannot_go_on_is_answered_without_waiting(data: bytes, desc
         (b'{"a": 1, +}', "JSON parse error, stray '+'"),
         (b'[@]', "JSON parse error, stray '@'"),
         (b'{"a": 12x}', "JSON parse error, expected separator in dict"),
+        # QEMU parses only a complete message, lexing it as it comes: its lexer's
+        # errors come first, wherever they are (qobject/json-streamer.c).
+        (b'{"a": x, "b": 1.}', "JSON parse error, stray '1.}'"),
+        (b'{"a" 1, "b": 01}', "JSON parse error, stray '01'"),
+        (b'{"a": 1, "a": 2, "b": @}', "JSON parse error, stray '@'"),
+        (b'{"execute": query-version", "id": "x"}\n', "JSON parse error, stray '-v'"),
         (b"01\n", "JSON parse error, stray '01'"),
         (b'{"a": 1e400}', "JSON parse error, number out of range"),
         (b'{"a": "tab\there"}', "JSON parse error, stray '\"tab\t'"),

@@ -93,6 +93,7 @@ from migblockd.qmp.wording import (
     describe_error,
     first_token_end,
     lexer_waits,
+    lexical_error,
     prefix_error,
     stray,
 )
@@ -446,8 +447,11 @@ class StreamDecoder:
                     if c == APOSTROPHE:
                         if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
                             return verdict
+                        # QEMU's lexer reads a single quote, so its error is one
+                        # before it, if any (a number cut short by it included).
+                        earlier = lexical_error(bytes(buf[self._start : p + 1]))
                         self._skip_rest(p + 1, len(stack))
-                        return ParseError(SINGLE_QUOTE)
+                        return ParseError(earlier or SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.
             if (verdict := self._lines_verdict(buf, self._scan)) is not _SOUND:
@@ -540,15 +544,20 @@ class StreamDecoder:
         token so far (``stray '"tab\t'``).  None: it was garbage, skipped."""
         if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
             return verdict
+        # QEMU's lexer fails at the first token it cannot read, which may come
+        # before this one (its parser, which the scan stands in for, never ran).
+        # With the quote or the byte itself: a number before it is cut short there.
+        earlier = lexical_error(bytes(buf[self._start : (token if token >= 0 else p) + 1]))
         if token < 0:
             # Skipping starts at the byte itself: a reset byte is its own
             # resynchronisation point.
             self._skip_from(p)
-            return ParseError(stray(bytes(buf[p : p + 1])))
+            return ParseError(earlier or stray(bytes(buf[p : p + 1])))
         # QEMU's lexer fails at the string's first control character: a \t or
         # \r, which the scan lets by, may come before the byte it stopped at.
         first = CONTROL.search(buf, token, p)
-        error = ParseError(stray(bytes(buf[token : (first.start() if first else p) + 1])))
+        end = first.start() if first else p
+        error = ParseError(earlier or stray(bytes(buf[token : end + 1])))
         self._skip_from(p)
         if buf[p] == LF:
             # The line feed broke a string, not the message: unless a request

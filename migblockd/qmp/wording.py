@@ -163,7 +163,7 @@ def decode_message(data: bytes | bytearray) -> object:
     """Parse one complete message: its JSON value, or a :class:`ParseError`."""
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
         if b"\xc0\x80" in data:
             # Modified UTF-8's U+0000, which QEMU takes in a string
             # (mod_utf8_codepoint(), util/unicode.c): as the escape json takes.
@@ -172,15 +172,13 @@ def decode_message(data: bytes | bytearray) -> object:
             if value is not None and not isinstance(value, ParseError):
                 return value
         text = data.decode("utf-8", _RAW)
-        desc = describe_error(text)
-        if desc is None:
-            desc = PARSE_ERROR_PREFIX + "invalid UTF-8 sequence in string"
-        return ParseError(desc)
+        return ParseError(_first_lexical_error(text) or _bad_utf8(text, exc.start)
+                          or describe_error(text) or PARSE_ERROR_PREFIX + _BAD_UTF8)
     parsed = _apostrophes(text, "\\u0027") if "\\'" in text else text
     try:
         value, end = _DECODER.raw_decode(parsed)
     except _Reject as exc:  # the parse itself is exact: "it\\'s" and "it's" are one key
-        return ParseError(exc.desc)
+        return ParseError(_first_lexical_error(text) or exc.desc)
     except (ValueError, RecursionError):
         return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
     if end != len(parsed):
@@ -192,6 +190,19 @@ def decode_message(data: bytes | bytearray) -> object:
         if desc is not None:
             return ParseError(PARSE_ERROR_PREFIX + desc)
     return value
+
+
+_BAD_UTF8: Final = "invalid UTF-8 sequence in string"
+
+
+def _bad_utf8(text: str, first: int) -> str | None:
+    """QEMU's error for the string with the first byte that is not UTF-8, at
+    ``first``, if its parser gets that far: nothing before the string is wrong."""
+    before = _BEFORE_OPEN_STRING.match(text, 0, first)
+    if before is None or before.end() >= first or not _viable(text[: before.end()]):
+        return None
+    # An escape before it in the string, which QEMU reads first, may be the error.
+    return None if "\\" in text[before.end() : first] else PARSE_ERROR_PREFIX + _BAD_UTF8
 
 
 #: Every escape in a JSON text, in order (``\\\\`` is one, so ``\\\\u`` is none).
@@ -362,6 +373,61 @@ _CONTAINER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 _VALUE_END = frozenset("}],:")
 
 
+#: What QEMU's lexer (``qobject/json-lexer.c``) refuses in a string: control
+#: characters and the bytes 0xFE, 0xFF (here as the surrogates they decode to).
+_NOT_IN_STRING = "\\x00-\\x1f\\udcfe\\udcff"
+#: A run of whole tokens as QEMU's lexer reads them.
+_TOKENS: Final = re.compile(
+    r"(?:([ \t\r\n]+|[{}\[\]:,]|[a-z]+"
+    rf'|"(?:[^"\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*"'
+    rf"|'(?:[^'\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*'"
+    # a number the lexer would not take on with a "." "e" or digit after it
+    r"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?(?![.eE0-9])))*+")
+#: A string token as far as QEMU's lexer takes it.
+_STRING_SO_FAR: Final = {
+    quote: re.compile(rf"{quote}(?:[^{quote}\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*")
+    for quote in "\"'"}
+
+
+def _first_lexical_error(text: str) -> str | None:
+    """QEMU's error for the first token of ``text`` its lexer cannot read, if any.
+
+    QEMU lexes a message as it arrives and parses it only once it is complete,
+    so a lexical error anywhere in a message is what QEMU reports, before any
+    error of its parser (``{"a": x, "b": 1.}`` is ``stray '1.}'``, not
+    ``invalid keyword 'x'``).  A token still open at the end is no error yet.
+    """
+    pos = 0
+    while True:
+        m = _TOKENS.match(text, pos)
+        assert m is not None  # the pattern matches the empty string
+        pos = m.end()
+        if pos == len(text):
+            return None
+        c = text[pos]
+        if c not in _NUMBER_START:
+            break
+        # A number the pattern would not end where it did: lex it as QEMU does.
+        end = _number_error(text, pos)
+        if isinstance(end, str):
+            return PARSE_ERROR_PREFIX + end
+        if end == len(text):
+            return None
+        pos = end  # it ended at the byte after it, which begins the next token
+    if c in _STRING_SO_FAR:
+        bad = _STRING_SO_FAR[c].match(text, pos)
+        assert bad is not None
+        end = bad.end()
+        end += end < len(text) and text[end] == "\\"  # the byte after "\\" is the bad one
+        return None if end >= len(text) else PARSE_ERROR_PREFIX + _stray_text(text[pos : end + 1])
+    return PARSE_ERROR_PREFIX + _stray_char(c)
+
+
+def lexical_error(data: bytes) -> str | None:
+    """:func:`_first_lexical_error` of the start of a message, in bytes."""
+    return _first_lexical_error(data.decode("utf-8", _RAW))
+
+
 def describe_error(data: str | bytes) -> str | None:
     """QEMU's wording for why ``data`` is not one JSON value; None if it is one.
 
@@ -369,6 +435,9 @@ def describe_error(data: str | bytes) -> str | None:
     Python's ``json`` messages onto QEMU's (``qobject/json-parser.c``).
     """
     text = data.decode("utf-8", _RAW) if isinstance(data, bytes) else data
+    lexical = _first_lexical_error(text)
+    if lexical is not None:
+        return lexical
     try:
         value, end = _DECODER.raw_decode(_apostrophes(text, _SAME_LENGTH))
     except _Reject as exc:

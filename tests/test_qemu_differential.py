@@ -149,3 +149,23 @@ CHARACTERS = [
 def test_what_is_a_character(module_qemu: Qemu, module_daemon: DaemonProcess,
                              data: bytes) -> None:
     same_answers(module_qemu, module_daemon, data)
+
+
+#: Of several unexpected arguments, QEMU names the first its input visitor's glib
+#: hash table holds (qapi/qobject-input-visitor.c, qobject_input_check_struct()).
+UNEXPECTED = [
+    b'{"execute": "query-migrate", "arguments": {"foo": 1, "bar": 2}}',
+    b'{"execute": "query-migrate", "arguments": {"a": 1, "b": 2, "c": 3}}',
+    b'{"execute": "query-migrate",'
+    b' "arguments": {"c": 1, "b": 2, "a": 3, "d": 4, "e": 5, "f": 6, "g": 7}}',
+    b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": 5, "zz": 1, "yy": 2}}',
+    b'{"execute": "migrate-set-capabilities",'
+    b' "arguments": {"capabilities": [{"capability": "events", "state": true, "x": 1, "y": 2}]}}',
+    b'{"execute": "qmp_capabilities", "arguments": {"p": 1, "q": 2, "\\u00e9": 3}}',
+]
+
+
+@pytest.mark.parametrize("data", UNEXPECTED, ids=[repr(c)[2:-1] for c in UNEXPECTED])
+def test_which_unexpected_argument(module_qemu: Qemu, module_daemon: DaemonProcess,
+                                   data: bytes) -> None:
+    same_answers(module_qemu, module_daemon, data)

@@ -131,6 +131,16 @@ def test_unexpected_only_when_nothing_else_is_wrong() -> None:
     )
 
 
+def test_of_several_unexpected_members_the_one_qemu_names() -> None:
+    # qobject_input_check_struct() (qapi/qobject-input-visitor.c) names the first
+    # member left in a glib hash table, whatever order they were sent in.
+    for args in ({"reason": "r", "foo": 1, "bar": 2}, {"reason": "r", "bar": 1, "foo": 2}):
+        assert error(ADD_BLOCKER, args) == "Parameter 'bar' is unexpected"
+    for names in ("abc", "cba", "bca"):
+        args = {"reason": "r", **dict.fromkeys(names, 1)}
+        assert error(ADD_BLOCKER, args) == "Parameter 'b' is unexpected"
+
+
 @pytest.mark.parametrize(
     ("args", "desc"),
     [

@@ -44,3 +44,40 @@ def qdict_order(keys: Iterable[str]) -> list[str]:
     added = list(keys)
     order = sorted(range(len(added)), key=lambda i: (bucket(added[i]), -i))
     return [added[i] for i in order]
+
+
+#: Up to this many members, a GHashTable keeps its first size: 8 slots, modulus 7.
+_GHASH_SMALL: Final = 7
+
+
+def _g_str_hash(key: str) -> int:
+    """glib's ``g_str_hash()`` (djb2 over signed chars) of ``key`` as QEMU holds it."""
+    value = 5381
+    for byte in key.encode("utf-8").replace(b"\0", b"\xc0\x80"):
+        value = (value * 33 + (byte - 256 if byte > 127 else byte)) & _MASK
+    return value
+
+
+def unvisited_order(keys: Iterable[str]) -> list[str] | None:
+    """The order in which QEMU's input visitor names an object's unexpected members.
+
+    ``qobject_input_start_struct()`` (``qapi/qobject-input-visitor.c``) puts the
+    object's member names, in its QDict's order, into a glib ``GHashTable``;
+    ``qobject_input_check_struct()`` reports the first name left there.  A
+    table of up to seven names has eight slots, indexed by the name's hash times
+    11 modulo 7, collisions probed quadratically (glib 2.74's
+    ``g_hash_table_hash_to_index()`` and ``g_hash_table_lookup_node()``).
+    None for bigger tables, which grow and move their names around.
+    """
+    names = qdict_order(keys)
+    if len(names) > _GHASH_SMALL:
+        return None
+    slots: list[str | None] = [None] * 8
+    for name in names:
+        index = (max(_g_str_hash(name), 2) * 11 & _MASK) % 7
+        step = 0
+        while slots[index] is not None:
+            step += 1
+            index = (index + step) & 7
+        slots[index] = name
+    return [name for name in slots if name is not None]

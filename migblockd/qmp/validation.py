@@ -67,13 +67,14 @@ client would be served); the framing's token-count limit is what bounds that.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, Final
 
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
 from migblockd.qmp.errors import QMPError
+from migblockd.qmp.qdict import unvisited_order
 
 #: Shapes kept per command before the cache starts over.
 VERDICT_CACHE_SIZE: Final = 1024
@@ -238,7 +239,10 @@ class ArgumentValidator:
                 if desc is not None:
                     return desc
             extra = schema.get("additionalProperties", True)
-            for name in value:
+            # Of several unexpected members, QEMU names the one its hash table
+            # holds first (migblockd.qmp.qdict.unvisited_order()).
+            members: Iterable[str] = (unvisited_order(value) if extra is False else None) or value
+            for name in members:
                 if name not in properties:
                     child = f"{path}.{name}" if path else name
                     if extra is False:

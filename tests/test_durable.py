@@ -18,9 +18,11 @@ import hashlib
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 from collections.abc import Callable
@@ -357,8 +359,12 @@ async def test_backup_while_running_restore_and_start_from_scratch(
         # Recent commits are in the log, not yet in state.db: the backup has them.
         assert (directory / "state.db-wal").stat().st_size > 0
         backup = tmp_path / "migblockd-backup.db"
-        subprocess.run(["sqlite3", str(directory / "state.db"), f".backup {backup}"],
-                       check=True, timeout=60)
+        # As the docs write it: the umask keeps the copy private (the shell's own
+        # mode for it follows the umask, 0644 as a rule).
+        subprocess.run(f"(umask 077 && sqlite3 {shlex.quote(str(directory / 'state.db'))} "
+                       f"{shlex.quote(f'.backup {backup}')})", shell=True, check=True,
+                       timeout=60)
+        assert stat.S_IMODE(backup.stat().st_mode) == 0o600
         listing = await blockers(c)
         await add(c, "after the backup", id="later")
         # More generated ids than one reservation holds, handed out after the backup.

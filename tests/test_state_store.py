@@ -16,6 +16,7 @@ import json
 import os
 import pwd
 import random
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -817,6 +818,79 @@ def test_a_commit_whose_sync_failed_is_not_replayed_at_the_next_start(tmp_path: 
     failed = f"cannot commit to {directory}/state.db: disk I/O error"
     assert errors == [failed, failed]
     assert [r.id for r in reopened(directory).blockers] == ["a", "d"]
+
+
+# On a file system with room to spare, commits a baseline and a group that the log
+# is not folded back after (a log written again from its start, so the next group
+# needs no new block); fills the file system; fails its own syncs (strace) and
+# commits an add, which must fail; then ends without closing, as a killed daemon.
+FAILING_SYNC_ON_A_FULL_DISK = """
+    import json, os, sqlite3, subprocess, sys
+    from pathlib import Path
+    from migblockd.state import BlockerRow, Delete, Put, Store, StateError
+
+    directory, mnt = Path(DIRECTORY), Path(MOUNTPOINT)
+
+    def row(id, seq, size=1):
+        return BlockerRow(id, "r" * size, ("normal",), False, None, 1.5, seq)
+
+    store = Store.open(directory)
+    store.commit([Put(row(f"big{i}", i, 3000)) for i in range(20)])
+    store.commit([Delete(f"big{i}") for i in range(20)])
+    with sqlite3.connect(directory / "state.db") as other:
+        other.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    store.commit([Put(row("a", 100))])
+    try:
+        with open(mnt / "filler", "wb") as filler:
+            while True:
+                filler.write(bytes(4096))
+                filler.flush()
+    except OSError:
+        pass
+    tracer = subprocess.Popen(
+        ["strace", "-p", str(os.getpid()), "-e", "trace=fsync,fdatasync",
+         "-e", "inject=fsync,fdatasync:error=EIO", "-o", os.devnull],
+        stderr=subprocess.PIPE, text=True)
+    attached = tracer.stderr.readline()
+    if "attached" not in attached:
+        print(json.dumps({"skip": attached.strip()}), flush=True)
+        os._exit(0)
+    try:
+        store.commit([Put(row("b", 101))])
+        error = None
+    except StateError as e:
+        error = str(e)
+    print(json.dumps({"error": error}), flush=True)
+    os._exit(0)
+"""
+
+
+def test_a_commit_whose_sync_failed_on_a_full_disk_is_not_replayed(tmp_path: Path) -> None:
+    """On a full file system too: there the failed group was left in the log, and
+    the next start replayed the add that every client was told failed."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace, to make the syncs fail")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    directory = mnt / "state"
+    script = tmp_path / "fail.py"
+    script.write_text(textwrap.dedent(FAILING_SYNC_ON_A_FULL_DISK).replace(
+        "DIRECTORY", repr(str(directory))).replace("MOUNTPOINT", repr(str(mnt))))
+    reopen = (f"from migblockd.state import Store; s = Store.open({str(directory)!r}); "
+              "print([b.id for b in s.load().blockers]); s.close()")
+    shell = (f"mount -t tmpfs -o size=16m tmpfs {mnt} && {sys.executable} {script} && "
+             f"rm {mnt}/filler && {sys.executable} -c {shlex.quote(reopen)}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([*unshare_mount(), "sh", "-c", shell], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    report = json.loads(lines[0])
+    if "skip" in report:
+        pytest.skip(f"strace cannot trace here: {report['skip']}")
+    assert report["error"] == (f"cannot commit to {directory}/state.db: disk I/O error "
+                               "(its file system is full)")
+    assert lines[1] == "['a']"
 
 
 # -------------------------------------------------------------- migrations

@@ -139,7 +139,9 @@ class Store:
                 except sqlite3.Error as again:
                     failed = again
             if failed is not None:
-                if io_error(failed) and not no_space(failed, self._files):
+                # A full disk too: the seal's page goes where the failed group's
+                # first one is, in a block the log already has.
+                if io_error(failed):
                     self._seal()
                 raise commit_failed(self.path, failed) from failed
         if free_space(self._files) < _LOG_ROOM:

@@ -160,7 +160,6 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGHUP, spawn, loop, tasks, server.reload)
     if bridge is not None:
         # Clients wait (in the listen backlog) until migblockd knows whether QEMU migrates.
         bridge.start(core, server.schedule)
@@ -178,6 +177,10 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
              "on" if config.only_migratable else "off", gating)
     if config.event_loop != "asyncio":
         log.info("event loop: %s", config.event_loop)
+    # Not before: a reload says READY=1 when it is done, and systemd would take
+    # that for the end of a start-up still waiting for QEMU (until then the entry
+    # point's handler keeps the request).
+    loop.add_signal_handler(signal.SIGHUP, spawn, loop, tasks, server.reload)
     if reload_asked():
         log.info("reloading: SIGHUP received while starting")
         spawn(loop, tasks, server.reload)

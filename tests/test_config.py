@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -261,6 +263,31 @@ def test_a_sighup_while_starting_is_a_reload_once_ready(
     d.wait_for_log("reloaded configuration: max-clients=7")
     assert d.stop() == 0
     assert_clean_log(d)
+
+
+def test_a_sighup_while_waiting_for_qemu_at_start_does_not_say_ready_early(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+) -> None:
+    # Reproduced first: a SIGHUP while the daemon waited for QEMU's greeting (up
+    # to 5 s) was reloaded at once, and its READY=1 told systemd the daemon was
+    # ready seconds before it served.
+    qemu = socket.socket(socket.AF_UNIX)  # accepts (the backlog), never greets
+    qemu.bind(str(short_tmp / "qemu.sock"))
+    qemu.listen()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_tmp / "notify"))
+    notify.settimeout(20)
+    with qemu, notify:
+        d = start_daemon("--qemu", str(short_tmp / "qemu.sock"), "--ephemeral", wait=False,
+                         env=dict(os.environ, NOTIFY_SOCKET=str(short_tmp / "notify")))
+        d.wait_for_log("listening on")
+        time.sleep(0.5)  # into the wait for QEMU's greeting
+        d.signal(signal.SIGHUP)
+        got = [notify.recv(4096).decode().split("\n")[0] for _ in range(3)]
+        assert got == ["READY=1", "RELOADING=1", "READY=1"]
+        reloading = d.wait_for_log("reloading: SIGHUP received while starting")
+        assert d.wait_for_log("ready on").start() < reloading.start()
+        assert d.stop() == 0
 
 
 def test_a_fifo_is_refused_at_start_without_waiting_for_a_writer(tmp_path: Path) -> None:

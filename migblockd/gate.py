@@ -301,26 +301,37 @@ class GateHandlers(Handlers):
             if self.qemu.busy:
                 raise MigrationInProgress()
             running = _status(info) in RUNNING_STATUSES
-            registry = self.registry
-            if running or registry.newest() is not None or registry.mode != "normal":
+            runstate = None
+            if running or self._may_refuse():
                 # QEMU judges its run state before any blocker (and an incoming
                 # migration shows in query-migrate as running too): the refusal,
                 # if any, is the one QEMU would give.
                 runstate = yield from self._runstate()
                 if running and runstate != "inmigrate":
                     raise MigrationInProgress()
-                if runstate in RUNSTATE_REFUSALS:
-                    raise QemuError("GenericError", RUNSTATE_REFUSALS[runstate])
+                _check_runstate(runstate)
             yield from self._check_mode()
-            # Another client's del-blocker may have run while QEMU answered: a
-            # migration let through by it would outlive its failed commit.
-            yield SETTLE
-            if self.qemu.busy:  # handed to QEMU while this one asked
-                raise MigrationInProgress()
-            registry.check_migrate()  # the current mode's newest blocker
+            while True:
+                # Another client's del-blocker may have run while QEMU answered: a
+                # migration let through by it would outlive its failed commit.
+                yield SETTLE
+                if self.qemu.busy:  # handed to QEMU while this one asked
+                    raise MigrationInProgress()
+                if runstate is not None or not self._may_refuse():
+                    break
+                # A blocker came (or came back, its deletion undone) meanwhile:
+                # QEMU's run state still comes first.
+                runstate = yield from self._runstate()
+                _check_runstate(runstate)
+            self.registry.check_migrate()  # the current mode's newest blocker
         except (BlockerError, QMPError, QemuError, QemuUnavailable) as exc:
             self._refused(conn, exc, uri=uri)
             raise
+
+    def _may_refuse(self) -> bool:
+        """Whether migblockd's blockers or mode might refuse a migration now."""
+        registry = self.registry
+        return registry.newest() is not None or registry.mode != "normal"
 
     def _runstate(self) -> Generator[Call, object, str]:
         """QEMU's run state, as ``query-status`` names it."""
@@ -410,6 +421,12 @@ def _not_understood(command: str, answer: object) -> QemuUnavailable:
     text = json.dumps(answer, ensure_ascii=True)
     shown = text if len(text) <= 200 else text[:200] + "..."
     return QemuUnavailable(f"QEMU's answer to {command} was not understood: {shown}")
+
+
+def _check_runstate(runstate: str) -> None:
+    """Refuse as QEMU's ``migrate_prepare()`` does in ``runstate``, if it does."""
+    if runstate in RUNSTATE_REFUSALS:
+        raise QemuError("GenericError", RUNSTATE_REFUSALS[runstate])
 
 
 def _status(info: object) -> str | None:

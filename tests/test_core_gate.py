@@ -353,10 +353,14 @@ def test_migrate_decides_only_by_blockers_on_disk() -> None:
     woken = core.commit_failed(group, "cannot commit: disk I/O error")
     assert [m["id"] for m in feed(core, b) if "id" in m] == ["del"]
     assert woken == [a] and not core.blocked(a)
-    # The blocker is back, and refuses: QEMU was never asked to migrate.
+    # The blocker is back, and refuses (after QEMU's run state, which comes first):
+    # QEMU was never asked to migrate.
     assert feed(core, a) == [
-        {"event": "MIGRATION", "data": {"status": "setup"}, "timestamp": stamp},
-        {"id": "m", "error": {"class": "GenericError", "desc": "dump"}}]
+        {"event": "MIGRATION", "data": {"status": "setup"}, "timestamp": stamp}]
+    (_, call), = core.take_calls()
+    assert call == Call("query-status", {})
+    core.resume(a, PRELAUNCH)
+    assert feed(core, a) == [{"id": "m", "error": {"class": "GenericError", "desc": "dump"}}]
     assert core.take_calls() == []
     # Committed, the deletion counts: the next migrate goes to QEMU.
     feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, "id": "n"}')
@@ -375,6 +379,36 @@ def test_migrate_decides_only_by_blockers_on_disk() -> None:
     assert call == Call("migrate", {"uri": "tcp:h:1"})
     core.resume(a, {})
     assert feed(core, a) == [{"return": {}, "id": "n"}]
+
+
+def test_qemus_run_state_comes_first_for_a_blocker_back_from_a_failed_deletion() -> None:
+    """The blocker is gone when QEMU answers query-migrate, so its run state is not
+    asked; the deletion's commit fails and the blocker is back.  Reported: migrate
+    quoted it where QEMU, paused after a migration, refuses for that first."""
+    core, _ = make(durable=True)
+    a, b = connected(core), connected(core)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "dump", "id": "d"}}')
+    core.take_calls()
+    core.resume(a, {})
+    group = core.take_group(wait=False)
+    assert group is not None
+    core.committed(group)
+    feed(core, a)
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, "id": "m"}')
+    core.take_calls()
+    feed(core, b, b'{"execute": "del-blocker", "arguments": {"id": "d"}}')
+    core.resume(a, {"status": "completed"})
+    assert core.take_calls() == [] and core.blocked(a)  # no blocker: nothing to ask yet
+    group = core.take_group(wait=False)
+    assert group is not None
+    assert core.commit_failed(group, "cannot commit: disk I/O error") == [a]
+    assert feed(core, a) == []
+    (_, call), = core.take_calls()
+    assert call == Call("query-status", {})
+    core.resume(a, {"status": "postmigrate", "singlestep": False, "running": False})
+    assert feed(core, a) == [{"id": "m", "error": {"class": "GenericError", "desc": (
+        "Can't migrate the vm that was paused due to previous migration")}}]
+    assert core.take_calls() == []
 
 
 def test_qemus_run_state_refuses_migrate_first_and_an_incoming_migration_is_not_busy() -> None:

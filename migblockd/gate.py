@@ -43,7 +43,7 @@ from migblockd.registry import (
 )
 
 __all__ = ["ENDINGS", "QEMU_BLOCKER_PREFIX", "SETTLE", "Call", "GateHandlers", "ModeMismatch",
-           "QemuError", "QemuFacts", "QemuUnavailable", "Settle"]
+           "QemuError", "QemuFacts", "QemuUnavailable", "Settle", "incoming"]
 
 #: QEMU's own blockers are listed as ``qemu:1``, ``qemu:2``... (oldest first): a
 #: ``:`` is not allowed in the ids clients choose, so these never clash.
@@ -198,10 +198,9 @@ class GateHandlers(Handlers):
                     running = _status(info) in RUNNING_STATUSES
                     if running and not self.qemu.busy:
                         # An incoming migration shows in query-migrate too, and QEMU
-                        # refuses blockers only while one goes out (none can while
-                        # the incoming one has QEMU in run state inmigrate).
+                        # refuses blockers only while one goes out.
                         with contextlib.suppress(QemuUnavailable):  # else: busy, as said
-                            running = (yield from self._runstate()) != "inmigrate"
+                            running = not incoming(info, (yield from self._runstate()))
                     if running or self.qemu.busy:
                         raise MigrationBusy(args["reason"])
         except BlockerError as exc:
@@ -307,7 +306,7 @@ class GateHandlers(Handlers):
                 # migration shows in query-migrate as running too): the refusal,
                 # if any, is the one QEMU would give.
                 runstate = yield from self._runstate()
-                if running and runstate != "inmigrate":
+                if running and not incoming(info, runstate):
                     raise MigrationInProgress()
                 _check_runstate(runstate)
             yield from self._check_mode()
@@ -421,6 +420,16 @@ def _not_understood(command: str, answer: object) -> QemuUnavailable:
     text = json.dumps(answer, ensure_ascii=True)
     shown = text if len(text) <= 200 else text[:200] + "..."
     return QemuUnavailable(f"QEMU's answer to {command} was not understood: {shown}")
+
+
+def incoming(info: object, runstate: str) -> bool:
+    """Whether the migration that ``query-migrate`` shows (``info``, with QEMU in
+    ``runstate``) comes in rather than goes out: QEMU shows the incoming one when
+    none goes out.  Until the switch-over QEMU is in run state ``inmigrate``; in
+    postcopy the VM runs here already, and only one going out has ``ram`` figures."""
+    return runstate == "inmigrate" or (
+        str(_status(info)).startswith("postcopy-") and isinstance(info, dict)
+        and "ram" not in info)
 
 
 def _check_runstate(runstate: str) -> None:

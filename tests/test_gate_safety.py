@@ -237,6 +237,46 @@ async def test_a_gate_met_during_an_incoming_migration_sets_the_events_capabilit
     assert_clean_log(d)
 
 
+async def test_a_postcopy_destination_takes_blockers_as_qemu_does(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Path,
+) -> None:
+    # Reported: past the switch-over the destination runs (or stays paused), no
+    # longer in run state inmigrate, while query-migrate still shows the incoming
+    # migration: add-blocker got 'disallowing migration blocker (migration/snapshot
+    # in progress)' while QEMU took a vdi node's blocker.
+    source = qemu_factory(memory="1G")
+    target = qemu_factory(memory="1G", args=("-incoming", "defer"), name="target")
+    incoming = target.workdir / "in.sock"
+    image = tmp_path / "x.vdi"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vdi", str(image), "1M"], check=True)
+    postcopy = {"capabilities": [{"capability": "postcopy-ram", "state": True}]}
+    d = gate(start_daemon, target)
+    await connected(d)
+    async with target.monitor() as dst, source.monitor() as src, d.client() as c:
+        await dst.ok("migrate-set-capabilities", postcopy)
+        await src.ok("migrate-set-capabilities", postcopy)
+        await dst.ok("migrate-incoming", {"uri": f"unix:{incoming}"})
+        await src.ok("migrate-set-parameters", {"max-bandwidth": 100_000,
+                                                "max-postcopy-bandwidth": 100_000})
+        await src.ok("migrate", {"uri": f"unix:{incoming}"})
+
+        async def status(wanted: str) -> bool:
+            return bool((await dst.ok("query-migrate")).get("status") == wanted)
+
+        await wait_until(lambda: status("active"), "the target receiving")
+        await src.ok("migrate-start-postcopy")
+        await wait_until(lambda: status("postcopy-active"), "postcopy on the target")
+        assert (await dst.ok("query-status"))["status"] != "inmigrate"
+        await dst.ok("blockdev-add", {"driver": "vdi", "node-name": "v",
+                                      "file": {"driver": "file", "filename": str(image)}})
+        await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+        # And migrate is judged as QEMU judges it there: by the blockers.
+        assert await c.execute("migrate", {"uri": SINK}, id="m") == error(GENERIC, SEV, "m")
+        await src.ok("migrate_cancel")
+    assert_clean_log(d)
+
+
 async def test_what_the_gate_refuses_and_forwards_is_in_the_log(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
 ) -> None:

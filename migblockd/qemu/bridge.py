@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.gate import GateHandlers, QemuError, QemuFacts, QemuUnavailable
+from migblockd.gate import GateHandlers, QemuError, QemuFacts, QemuUnavailable, incoming
 from migblockd.qemu.link import LinkState, QemuCommandError, QemuLink, QemuLinkError
 from migblockd.registry import RUNNING_STATUSES, Registry
 
@@ -120,13 +120,14 @@ class Bridge:
             facts.status = facts.blockers = None
         self._wake()
 
-    async def _receiving(self) -> bool:
-        """QEMU waits for an incoming migration (run state ``inmigrate``)."""
+    async def _receiving(self, info: object) -> bool:
+        """The migration ``query-migrate`` shows (``info``) is an incoming one."""
         try:
             state = await self.link.execute("query-status")
         except QemuLinkError:
             return False
-        return isinstance(state, dict) and state.get("status") == "inmigrate"
+        runstate = state.get("status") if isinstance(state, dict) else None
+        return isinstance(runstate, str) and incoming(info, runstate)
 
     async def _learn_status(self) -> None:
         """What a QEMU just connected to is doing, and the capability migblockd's
@@ -142,7 +143,7 @@ class Bridge:
         self.facts.status = status if isinstance(status, str) else None
         self.facts.saw(info)
         self._wake()
-        if self.facts.status in RUNNING_STATUSES and await self._receiving():
+        if self.facts.status in RUNNING_STATUSES and await self._receiving(info):
             # query-migrate shows an incoming migration too; QEMU takes capabilities
             # then, and the events are for the migrations this VM makes afterwards.
             log.info("QEMU at %s is receiving a migration (status %s)", path,

@@ -820,6 +820,79 @@ def test_a_commit_whose_sync_failed_is_not_replayed_at_the_next_start(tmp_path: 
     assert [r.id for r in reopened(directory).blockers] == ["a", "d"]
 
 
+# Commits a baseline, says so, and once told (a debugger now failing its syncs, and
+# every write after the next commit's two) commits an add, which must fail; once
+# told again (the debugger gone) copies the directory as a kill would leave it,
+# commits another add, and ends as a killed daemon.
+FAILING_WRITES = """
+    import json, os, shutil, sys
+    from pathlib import Path
+    from migblockd.state import BlockerRow, Put, Store, StateError
+
+    def row(id, seq):
+        return BlockerRow(id, "r", ("normal",), False, None, 1.5, seq)
+
+    store = Store.open(Path(DIRECTORY))
+    store.commit([Put(row("a", 0))])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    try:
+        store.commit([Put(row("b", 1))])
+        error = None
+    except StateError as e:
+        error = str(e)
+    print(json.dumps(error), flush=True)
+    sys.stdin.readline()
+    shutil.copytree(DIRECTORY, DIRECTORY + "-killed")
+    store.commit([Put(row("c", 2))])
+    print("done", flush=True)
+    os._exit(0)
+"""
+
+
+def test_a_failed_commit_is_not_replayed_when_writing_over_it_fails_too(
+    tmp_path: Path,
+) -> None:
+    """The commit that writes over a failed group's frames failed to write too (a
+    disk failing writes, not only syncs): before, the next start replayed the add
+    that had failed."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace, to make the syncs and writes fail")
+    directory = tmp_path / "state"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    code = textwrap.dedent(FAILING_WRITES).replace("DIRECTORY", repr(str(directory)))
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline() == "ready\n"
+        # The add's frame is a header and a page: two writes, then the failing sync.
+        tracer = subprocess.Popen(
+            ["strace", "-p", str(child.pid), "-e", "trace=pwrite64,fsync,fdatasync",
+             "-e", "inject=fsync,fdatasync:error=EIO", "-e", "inject=pwrite64:error=EIO:when=3+",
+             "-o", os.devnull], stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        attached = tracer.stderr.readline()
+        if "attached" not in attached:
+            pytest.skip(f"strace cannot trace here: {attached.strip()}")
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        error = json.loads(child.stdout.readline())
+        tracer.terminate()
+        tracer.wait(timeout=30)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "done\n"
+        assert child.wait(timeout=30) == 0
+    finally:
+        child.kill()
+        child.wait()
+    assert error == f"cannot commit to {directory}/state.db: disk I/O error"
+    killed = tmp_path / "state-killed"
+    assert [r.id for r in reopened(killed).blockers] == ["a"]
+    assert [r.id for r in reopened(directory).blockers] == ["a", "c"]  # the log goes on
+
+
 # On a file system with room to spare, commits a baseline and a group that the log
 # is not folded back after (a log written again from its start, so the next group
 # needs no new block); fills the file system; fails its own syncs (strace) and

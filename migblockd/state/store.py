@@ -25,6 +25,7 @@ import logging
 import os
 import sqlite3
 import stat
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,6 +55,8 @@ _BUSY_TIMEOUT = 5.0
 # Free space below which the log is emptied after every commit: twice what
 # SQLite lets it grow to by itself (1000 pages of 4 KiB).
 _LOG_ROOM = 8 << 20
+# SQLITE_IOERR_FSYNC (sqlite3.h): a write that was made, then not synced.
+_IOERR_FSYNC = 10 | (4 << 8)
 
 
 class Store:
@@ -181,9 +184,30 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(f"PRAGMA user_version = {int(version)}")
             conn.execute("COMMIT")
-        except sqlite3.Error:
-            # Its page is written over the failed group's even when its own sync fails.
+        except sqlite3.Error as e:
             self._abandon(conn)
+            # Its page is written over the failed group's even when its own sync
+            # fails; when its write fails too, the failed group is cut off instead
+            # (not when another program held the database: the log is its too).
+            if (io_error(e) or no_space(e, self._files)) and (
+                    getattr(e, "sqlite_errorcode", None) != _IOERR_FSYNC):
+                self._cut_log()
+
+    def _cut_log(self) -> None:
+        """Cut the log where its last good commit ends, as the header of its index
+        says (https://sqlite.org/walformat.html): the failed group's frames go
+        without a block written."""
+        real = os.path.realpath(self.path)
+        with contextlib.suppress(OSError):
+            with open(f"{real}-shm", "rb") as index:
+                header = index.read(20)
+            if len(header) < 20:
+                return
+            code = int.from_bytes(header[14:16], sys.byteorder)  # 65536 is 1
+            page = (code & 0xFF00) | ((code & 1) << 16)
+            frames = int.from_bytes(header[16:20], sys.byteorder)
+            # 32 bytes of header, then frames of 24 bytes and a page; none: nothing.
+            os.truncate(f"{real}-wal", 32 + frames * (24 + page) if frames else 0)
 
     def _fold_log(self, mode: str) -> bool:
         """Copy the log back into the database, so that the next commit writes

@@ -181,6 +181,20 @@ async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 3
         await asyncio.sleep(0.02)
 
 
+async def migrate_slowly(src: QemuMonitor, dst: QemuMonitor, uri: str,
+                         **parameters: int) -> None:
+    """Start a migration from ``src`` into ``dst`` (started with ``-incoming defer``)
+    at 100 kB/s, so that it lasts, and wait until ``dst`` receives it."""
+    await dst.ok("migrate-incoming", {"uri": uri})
+    await src.ok("migrate-set-parameters", {"max-bandwidth": 100_000, **parameters})
+    await src.ok("migrate", {"uri": uri})
+
+    async def receiving() -> bool:
+        return bool((await dst.ok("query-migrate")).get("status") == "active")
+
+    await wait_until(receiving, "the target receiving")
+
+
 async def _truth(value: Any) -> bool:
     return bool(await value) if asyncio.iscoroutine(value) else bool(value)
 

@@ -20,7 +20,7 @@ from conftest import DaemonProcess, assert_clean_log
 from qemu.qmp import QMPClient
 from qemu_strings import GENERIC, SEV, error
 from qmpclient import RawClient
-from realqemu import Qemu, QemuMonitor, wait_until
+from realqemu import Qemu, QemuMonitor, migrate_slowly, wait_until
 
 from migblockd.client import MigblockClient
 
@@ -232,14 +232,7 @@ async def test_on_the_destination_an_incoming_migration_takes_blockers_as_qemu_d
     d = gate(start_daemon, target)
     await connected(d)
     async with target.monitor() as dst, source.monitor() as src, d.client() as c:
-        await dst.ok("migrate-incoming", {"uri": f"unix:{incoming}"})
-        await src.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
-        await src.ok("migrate", {"uri": f"unix:{incoming}"})
-
-        async def receiving() -> bool:
-            return bool((await dst.ok("query-migrate")).get("status") == "active")
-
-        await wait_until(receiving, "the target receiving")
+        await migrate_slowly(src, dst, f"unix:{incoming}")
         await dst.add_blocker("vdi1")  # QEMU takes its own blockers meanwhile
         mine = await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=1)
         assert mine["return"]["id"] == "sev", mine

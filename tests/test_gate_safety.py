@@ -22,7 +22,7 @@ import pytest
 from conftest import DaemonProcess, assert_clean_log
 from qemu_strings import GENERIC, SEV, VFIO, error
 from qmpclient import RawClient
-from realqemu import Qemu, wait_until
+from realqemu import Qemu, migrate_slowly, wait_until
 from test_gate import SINK, connected, gate
 
 #: How the debug log traces a query-migrate sent to QEMU.
@@ -217,14 +217,7 @@ async def test_a_gate_met_during_an_incoming_migration_sets_the_events_capabilit
     async with target.monitor() as dst, source.monitor() as src:
         await dst.ok("migrate-set-capabilities", {"capabilities": [
             {"capability": "events", "state": False}]})  # as a QEMU starts
-        await dst.ok("migrate-incoming", {"uri": f"unix:{incoming}"})
-        await src.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
-        await src.ok("migrate", {"uri": f"unix:{incoming}"})
-
-        async def receiving() -> bool:
-            return bool((await dst.ok("query-migrate")).get("status") == "active")
-
-        await wait_until(receiving, "the target receiving")
+        await migrate_slowly(src, dst, f"unix:{incoming}")
         d = start_daemon("--qemu", str(target.gate_socket), *state)
         d.wait_for_log(f"QEMU at {target.gate_socket} is receiving a migration (status "
                        "active)")
@@ -256,15 +249,12 @@ async def test_a_postcopy_destination_takes_blockers_as_qemu_does(
     async with target.monitor() as dst, source.monitor() as src, d.client() as c:
         await dst.ok("migrate-set-capabilities", postcopy)
         await src.ok("migrate-set-capabilities", postcopy)
-        await dst.ok("migrate-incoming", {"uri": f"unix:{incoming}"})
-        await src.ok("migrate-set-parameters", {"max-bandwidth": 100_000,
-                                                "max-postcopy-bandwidth": 100_000})
-        await src.ok("migrate", {"uri": f"unix:{incoming}"})
+        await migrate_slowly(src, dst, f"unix:{incoming}",
+                             **{"max-postcopy-bandwidth": 100_000})
 
         async def status(wanted: str) -> bool:
             return bool((await dst.ok("query-migrate")).get("status") == wanted)
 
-        await wait_until(lambda: status("active"), "the target receiving")
         await src.ok("migrate-start-postcopy")
         await wait_until(lambda: status("postcopy-active"), "postcopy on the target")
         assert (await dst.ok("query-status"))["status"] != "inmigrate"

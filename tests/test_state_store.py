@@ -12,6 +12,7 @@ EFBIG) and, where mount namespaces are available, a real small tmpfs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -24,6 +25,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -759,6 +761,41 @@ def test_a_log_that_fills_the_file_system_is_emptied(tmp_path: Path, linked: boo
 
 
 
+@contextlib.contextmanager
+def traced(directory: Path, script: str,
+           *strace: str) -> Iterator[tuple[subprocess.Popen[str], subprocess.Popen[str]]]:
+    """``script`` (DIRECTORY filled in) in a child process, once it said "ready",
+    under ``strace -p CHILD *strace`` (the test is skipped when strace cannot
+    trace here); the child is killed when done, whatever happened."""
+    if shutil.which("strace") is None:
+        pytest.skip("needs strace, to make the disk fail")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    code = textwrap.dedent(script).replace("DIRECTORY", repr(str(directory)))
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline() == "ready\n"
+        tracer = subprocess.Popen(["strace", "-p", str(child.pid), *strace, "-o", os.devnull],
+                                  stderr=subprocess.PIPE, text=True)
+        assert tracer.stderr is not None
+        attached = tracer.stderr.readline()
+        if "attached" not in attached:
+            pytest.skip(f"strace cannot trace here: {attached.strip()}")
+        yield child, tracer
+    finally:
+        child.kill()
+        child.wait()
+
+
+def tell(child: subprocess.Popen[str]) -> str:
+    """Say "go" to ``child``, and return its next line."""
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    return child.stdout.readline()
+
+
 # Commits a baseline, says so, and once told (a debugger now failing its syncs)
 # commits an add and a delete, each of which must fail; then ends without
 # closing, as a killed daemon does.
@@ -789,31 +826,11 @@ FAILING_SYNC = """
 def test_a_commit_whose_sync_failed_is_not_replayed_at_the_next_start(tmp_path: Path) -> None:
     """A failed fsync leaves the group's pages in the log (in the page cache), whole:
     before, the next start replayed the add and the delete that had failed."""
-    if shutil.which("strace") is None:
-        pytest.skip("needs strace, to make the syncs fail")
     directory = tmp_path / "state"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    code = textwrap.dedent(FAILING_SYNC).replace("DIRECTORY", repr(str(directory)))
-    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    assert child.stdin is not None and child.stdout is not None
-    try:
-        assert child.stdout.readline() == "ready\n"
-        tracer = subprocess.Popen(
-            ["strace", "-p", str(child.pid), "-e", "trace=fsync,fdatasync",
-             "-e", "inject=fsync,fdatasync:error=EIO", "-o", os.devnull],
-            stderr=subprocess.PIPE, text=True)
-        assert tracer.stderr is not None
-        attached = tracer.stderr.readline()
-        if "attached" not in attached:
-            pytest.skip(f"strace cannot trace here: {attached.strip()}")
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        errors = json.loads(child.stdout.readline())
+    with traced(directory, FAILING_SYNC, "-e", "trace=fsync,fdatasync",
+                "-e", "inject=fsync,fdatasync:error=EIO") as (child, tracer):
+        errors = json.loads(tell(child))
         assert child.wait(timeout=30) == 0
-    finally:
-        child.kill()
-        child.wait()
     tracer.wait(timeout=30)
     failed = f"cannot commit to {directory}/state.db: disk I/O error"
     assert errors == [failed, failed]
@@ -856,37 +873,16 @@ def test_a_failed_commit_is_not_replayed_when_writing_over_it_fails_too(
     """The commit that writes over a failed group's frames failed to write too (a
     disk failing writes, not only syncs): before, the next start replayed the add
     that had failed."""
-    if shutil.which("strace") is None:
-        pytest.skip("needs strace, to make the syncs and writes fail")
     directory = tmp_path / "state"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    code = textwrap.dedent(FAILING_WRITES).replace("DIRECTORY", repr(str(directory)))
-    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
-    assert child.stdin is not None and child.stdout is not None
-    try:
-        assert child.stdout.readline() == "ready\n"
-        # The add's frame is a header and a page: two writes, then the failing sync.
-        tracer = subprocess.Popen(
-            ["strace", "-p", str(child.pid), "-e", "trace=pwrite64,fsync,fdatasync",
-             "-e", "inject=fsync,fdatasync:error=EIO", "-e", "inject=pwrite64:error=EIO:when=3+",
-             "-o", os.devnull], stderr=subprocess.PIPE, text=True)
-        assert tracer.stderr is not None
-        attached = tracer.stderr.readline()
-        if "attached" not in attached:
-            pytest.skip(f"strace cannot trace here: {attached.strip()}")
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        error = json.loads(child.stdout.readline())
+    # The add's frame is a header and a page: two writes, then the failing sync.
+    with traced(directory, FAILING_WRITES, "-e", "trace=pwrite64,fsync,fdatasync",
+                "-e", "inject=fsync,fdatasync:error=EIO",
+                "-e", "inject=pwrite64:error=EIO:when=3+") as (child, tracer):
+        error = json.loads(tell(child))
         tracer.terminate()
         tracer.wait(timeout=30)
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        assert child.stdout.readline() == "done\n"
+        assert tell(child) == "done\n"
         assert child.wait(timeout=30) == 0
-    finally:
-        child.kill()
-        child.wait()
     assert error == f"cannot commit to {directory}/state.db: disk I/O error"
     killed = tmp_path / "state-killed"
     assert [r.id for r in reopened(killed).blockers] == ["a"]

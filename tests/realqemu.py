@@ -181,6 +181,14 @@ async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 3
         await asyncio.sleep(0.02)
 
 
+def source_and_target(qemu_factory: Callable[..., Qemu]) -> tuple[Qemu, Qemu, str]:
+    """Two QEMUs with memory to migrate: a source, and a target that waits for an
+    incoming migration (``-incoming defer``); and a URI for the target to listen on."""
+    source = qemu_factory(memory="1G")
+    target = qemu_factory(memory="1G", args=("-incoming", "defer"), name="target")
+    return source, target, f"unix:{target.workdir / 'in.sock'}"
+
+
 async def migrate_slowly(src: QemuMonitor, dst: QemuMonitor, uri: str,
                          **parameters: int) -> None:
     """Start a migration from ``src`` into ``dst`` (started with ``-incoming defer``)

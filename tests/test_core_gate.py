@@ -325,9 +325,8 @@ def test_an_answer_queued_before_migrate_does_not_end_it() -> None:
     assert not facts.awaiting
 
 
-def test_migrate_decides_only_by_blockers_on_disk() -> None:
-    """A del-blocker run while migrate waited for QEMU is not on disk yet: migrate
-    goes on only once it is, and a failed commit leaves the blocker refusing it."""
+def dump_on_disk() -> tuple[Core, Connection, Connection]:
+    """A durable gating core, two clients, and a's blocker 'd' ("dump") committed."""
     core, _ = make(durable=True)
     a, b = connected(core), connected(core)
     feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "dump", "id": "d"}}')
@@ -337,6 +336,13 @@ def test_migrate_decides_only_by_blockers_on_disk() -> None:
     assert group is not None
     core.committed(group)
     feed(core, a)
+    return core, a, b
+
+
+def test_migrate_decides_only_by_blockers_on_disk() -> None:
+    """A del-blocker run while migrate waited for QEMU is not on disk yet: migrate
+    goes on only once it is, and a failed commit leaves the blocker refusing it."""
+    core, a, b = dump_on_disk()
     feed(core, b)
     feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, "id": "m"}')
     (_, call), = core.take_calls()
@@ -385,15 +391,7 @@ def test_qemus_run_state_comes_first_for_a_blocker_back_from_a_failed_deletion()
     """The blocker is gone when QEMU answers query-migrate, so its run state is not
     asked; the deletion's commit fails and the blocker is back.  Reported: migrate
     quoted it where QEMU, paused after a migration, refuses for that first."""
-    core, _ = make(durable=True)
-    a, b = connected(core), connected(core)
-    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "dump", "id": "d"}}')
-    core.take_calls()
-    core.resume(a, {})
-    group = core.take_group(wait=False)
-    assert group is not None
-    core.committed(group)
-    feed(core, a)
+    core, a, b = dump_on_disk()
     feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}, "id": "m"}')
     core.take_calls()
     feed(core, b, b'{"execute": "del-blocker", "arguments": {"id": "d"}}')

@@ -20,7 +20,7 @@ from conftest import DaemonProcess, assert_clean_log
 from qemu.qmp import QMPClient
 from qemu_strings import GENERIC, SEV, error
 from qmpclient import RawClient
-from realqemu import Qemu, QemuMonitor, migrate_slowly, wait_until
+from realqemu import Qemu, QemuMonitor, migrate_slowly, source_and_target, wait_until
 
 from migblockd.client import MigblockClient
 
@@ -226,13 +226,11 @@ async def test_on_the_destination_an_incoming_migration_takes_blockers_as_qemu_d
 ) -> None:
     # Reported: query-migrate's status there is the incoming migration's, and
     # add-blocker was refused as if QEMU migrated out, which QEMU itself does not do.
-    source = qemu_factory(memory="1G")
-    target = qemu_factory(memory="1G", args=("-incoming", "defer"), name="target")
-    incoming = target.workdir / "in.sock"
+    source, target, incoming = source_and_target(qemu_factory)
     d = gate(start_daemon, target)
     await connected(d)
     async with target.monitor() as dst, source.monitor() as src, d.client() as c:
-        await migrate_slowly(src, dst, f"unix:{incoming}")
+        await migrate_slowly(src, dst, incoming)
         await dst.add_blocker("vdi1")  # QEMU takes its own blockers meanwhile
         mine = await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=1)
         assert mine["return"]["id"] == "sev", mine
@@ -273,21 +271,19 @@ async def test_a_paused_postcopy_migration_is_resumed_through_migblockd(
 ) -> None:
     # Reported: "There's a migration process in progress" for migrate resume=true,
     # so an operator with only migblockd could never recover a half-migrated VM.
-    source = qemu_factory(memory="1G")
-    target = qemu_factory(memory="1G", args=("-incoming", "defer"), name="target")
-    incoming = target.workdir / "in.sock"
+    source, target, incoming = source_and_target(qemu_factory)
     postcopy = {"capabilities": [{"capability": "postcopy-ram", "state": True}]}
     d = gate(start_daemon, source)
     await connected(d)
     async with target.monitor() as dst, source.monitor() as src, d.client() as c:
         await dst.ok("migrate-set-capabilities", postcopy)
-        await dst.ok("migrate-incoming", {"uri": f"unix:{incoming}"})
+        await dst.ok("migrate-incoming", {"uri": incoming})
         # Set up on QEMU's own monitor (migblockd's schema has none of these):
         # slow enough that postcopy starts, and is still going when the target dies.
         await src.ok("migrate-set-capabilities", postcopy)
         await src.ok("migrate-set-parameters", {"max-bandwidth": 100_000,
                                                 "max-postcopy-bandwidth": 100_000})
-        await c.ok("migrate", {"uri": f"unix:{incoming}"})
+        await c.ok("migrate", {"uri": incoming})
         await src.ok("migrate-start-postcopy")
 
         async def status(wanted: str) -> bool:
@@ -298,9 +294,9 @@ async def test_a_paused_postcopy_migration_is_resumed_through_migblockd(
         await wait_until(lambda: status("postcopy-paused"), "postcopy paused")
         # A new migrate is refused, in QEMU's words; a resume goes to QEMU, which
         # takes it (it connects afterwards, and pauses again when nobody answers).
-        again = await c.execute("migrate", {"uri": f"unix:{incoming}"}, id="new")
+        again = await c.execute("migrate", {"uri": incoming}, id="new")
         assert again == error(GENERIC, "There's a migration process in progress", "new")
-        resumed = await c.execute("migrate", {"uri": f"unix:{incoming}", "resume": True},
+        resumed = await c.execute("migrate", {"uri": incoming, "resume": True},
                                   id="resume")
         assert resumed == {"return": {}, "id": "resume"}
         d.wait_for_log(re.compile(r"migration to 'unix:.*' resumed by QEMU"))

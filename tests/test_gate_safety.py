@@ -22,7 +22,7 @@ import pytest
 from conftest import DaemonProcess, assert_clean_log
 from qemu_strings import GENERIC, SEV, VFIO, error
 from qmpclient import RawClient
-from realqemu import Qemu, migrate_slowly, wait_until
+from realqemu import Qemu, migrate_slowly, source_and_target, wait_until
 from test_gate import SINK, connected, gate
 
 #: How the debug log traces a query-migrate sent to QEMU.
@@ -205,9 +205,7 @@ async def test_a_gate_met_during_an_incoming_migration_sets_the_events_capabilit
 ) -> None:
     # Reported: "is migrating (status active)", and no events capability: QEMU takes
     # it then, and the VM, once here, migrated on with no MIGRATION event for anyone.
-    source = qemu_factory(memory="1G")
-    target = qemu_factory(memory="1G", args=("-incoming", "defer"), name="target")
-    incoming = target.workdir / "in.sock"
+    source, target, incoming = source_and_target(qemu_factory)
     state = ("--state-dir", str(tmp_path / "state"))
     first = start_daemon("--qemu", str(target.gate_socket), *state)
     await connected(first)
@@ -217,7 +215,7 @@ async def test_a_gate_met_during_an_incoming_migration_sets_the_events_capabilit
     async with target.monitor() as dst, source.monitor() as src:
         await dst.ok("migrate-set-capabilities", {"capabilities": [
             {"capability": "events", "state": False}]})  # as a QEMU starts
-        await migrate_slowly(src, dst, f"unix:{incoming}")
+        await migrate_slowly(src, dst, incoming)
         d = start_daemon("--qemu", str(target.gate_socket), *state)
         d.wait_for_log(f"QEMU at {target.gate_socket} is receiving a migration (status "
                        "active)")
@@ -238,9 +236,7 @@ async def test_a_postcopy_destination_takes_blockers_as_qemu_does(
     # longer in run state inmigrate, while query-migrate still shows the incoming
     # migration: add-blocker got 'disallowing migration blocker (migration/snapshot
     # in progress)' while QEMU took a vdi node's blocker.
-    source = qemu_factory(memory="1G")
-    target = qemu_factory(memory="1G", args=("-incoming", "defer"), name="target")
-    incoming = target.workdir / "in.sock"
+    source, target, incoming = source_and_target(qemu_factory)
     image = tmp_path / "x.vdi"
     subprocess.run(["qemu-img", "create", "-q", "-f", "vdi", str(image), "1M"], check=True)
     postcopy = {"capabilities": [{"capability": "postcopy-ram", "state": True}]}
@@ -249,7 +245,7 @@ async def test_a_postcopy_destination_takes_blockers_as_qemu_does(
     async with target.monitor() as dst, source.monitor() as src, d.client() as c:
         await dst.ok("migrate-set-capabilities", postcopy)
         await src.ok("migrate-set-capabilities", postcopy)
-        await migrate_slowly(src, dst, f"unix:{incoming}",
+        await migrate_slowly(src, dst, incoming,
                              **{"max-postcopy-bandwidth": 100_000})
 
         async def status(wanted: str) -> bool:

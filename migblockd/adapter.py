@@ -29,7 +29,7 @@ from migblockd.connection import Connection
 from migblockd.core import BATCH
 from migblockd.logs import WIRE_LIMIT, about, shown
 from migblockd.outbox import HIGH_WATER, Outbox
-from migblockd.peer import leftovers, peer_owner, unread
+from migblockd.peer import leftovers, peer_owner, unread, unsent
 
 if TYPE_CHECKING:
     from migblockd.server import Server
@@ -280,5 +280,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
         conn, transport = self.conn, self.transport
         if conn is None or transport is None:
             return (0, 0, False)
-        return (transport.get_write_buffer_size(), conn.session.buffered,
-                self.core.has_pending(conn))
+        # What the peer has read: its output may flow steadily while our buffers
+        # stay as full as before (we refill them as it reads).
+        taken = self.outbox.sent() - unsent(transport) if self.outbox is not None else 0
+        return (taken, conn.session.buffered, self.core.has_pending(conn))

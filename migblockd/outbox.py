@@ -75,6 +75,10 @@ class Outbox:
             self._events_unread += events
         return earlier
 
+    def sent(self) -> int:
+        """Bytes of all ever queued that the transport has handed to the kernel."""
+        return self._enqueued - self._backlog_bytes - self.transport.get_write_buffer_size()
+
     def write_some(self) -> None:
         """Hand the transport slices while its buffer has room."""
         backlog, transport = self._backlog, self.transport

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from migblockd.registry import Owner
 
-__all__ = ["leftovers", "peer_owner", "unread"]
+__all__ = ["leftovers", "peer_owner", "unread", "unsent"]
 
 LEFTOVER_CHUNK = 64 * 1024
 
@@ -80,6 +80,21 @@ def unread(transport: asyncio.BaseTransport) -> int:
     count = array.array("i", [0])
     try:
         fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
+    except (OSError, ValueError):
+        return 0
+    return count[0]
+
+
+def unsent(transport: asyncio.BaseTransport) -> int:
+    """What we wrote to the socket that the peer has not read yet, as the kernel
+    counts it (``SIOCOUTQ``: for a Unix socket, the memory it still holds for the
+    peer, not exactly bytes); 0 if it cannot say."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    count = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, count)
     except (OSError, ValueError):
         return 0
     return count[0]

@@ -247,3 +247,38 @@ async def test_what_is_past_the_bound_is_logged_not_silently_lost(
     sock.close()
     assert d.stop() == 0
     assert_clean_log(d)
+
+
+async def test_a_client_taking_its_last_replies_slowly_gets_them_all(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    """The drain drops a client that takes none of its last replies for 2 s.  It
+    judged that by the size of the transport's buffer, which the daemon keeps as
+    full as before while the client reads: a client reading steadily but slowly
+    (a busy machine) was dropped as stalled, and the replies of adds that took
+    effect were lost."""
+    state = tmp_path / "state"
+    d = start_daemon("--state-dir", str(state), "--log-level", "info")
+    sock = blocking_client(d.socket)
+    sock.setblocking(False)
+    adds = [encode({"execute": "add-blocker", "id": f"s{i}",
+                    "arguments": {"reason": REASON, "id": f"s{i}"}}) for i in range(2000)]
+    send_all_it_can(sock, b"".join(adds))  # until the daemon reads no more: we do not read
+    d.signal(signal.SIGTERM)
+    d.wait_for_log("received SIGTERM")
+    sock.setblocking(True)
+    data, ended = b"", "eof"
+    try:
+        while chunk := sock.recv(1024):  # about 50 kB/s: several seconds of replies
+            data += chunk
+            await asyncio.sleep(0.02)
+    except ConnectionResetError:
+        ended = "reset"
+    sock.close()
+    assert d.wait_exit(timeout=60) == 0
+    assert ended == "eof"
+    assert len(data) > 200 * 1024, len(data)  # more than LINGER seconds of reading
+    answered = {str(strict_loads(line)["id"]) for line in data.splitlines()
+                if line.startswith(b'{"return"')}
+    assert answered and await stored_ids(start_daemon, state) == answered
+    assert_clean_log(d)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migblockd.config import Config
+from migblockd.qmp import wording
 from migblockd.qmp.encoding import Encoded, encode, encode_event, encode_line, encode_return
 from migblockd.qmp.errors import NO_ID
 from migblockd.qmp.framing import NEED_DATA, StreamDecoder
@@ -162,6 +163,26 @@ def test_a_token_that_cannot_go_on_is_answered_without_waiting(data: bytes, desc
                              ParseError("JSON parse error, stray 'Y'")]
     for waits in (b"x", b"nul", b"-", b"1.", b"1e+", b"0"):
         assert decode(waits) == []
+
+
+def test_a_long_number_is_not_relexed_at_each_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whether a number may go on is asked at every read while it arrives; lexing it
+    # again character by character each time made 1 MiB in 512-byte reads cost
+    # minutes of the event loop.  The work must stay linear in its length.
+    looked_at = 0
+    number_class = wording._number_class
+
+    def counting(c: str) -> str:
+        nonlocal looked_at
+        looked_at += 1
+        return number_class(c)
+
+    monkeypatch.setattr(wording, "_number_class", counting)
+    data = b"-1" + b"2" * 60_000 + b".5e+7"
+    chunks = [data[i : i + 512] for i in range(0, len(data), 512)]
+    assert decode(*chunks) == []  # still waiting for its delimiter
+    assert decode(*chunks, b" ") == [ParseError("JSON parse error, number out of range")]
+    assert looked_at <= 2 * len(data)
 
 
 # -- parse errors: wording -------------------------------------------------------------

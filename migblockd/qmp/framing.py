@@ -338,7 +338,7 @@ class StreamDecoder:
                 if end > limit:
                     self._skip_to_top(limit)
                     return ParseError(TOKEN_SIZE_EXCEEDED)
-                if end == n and not self._eof and lexer_waits(bytes(buf[self._start : end])):
+                if end == n and not self._eof and lexer_waits(buf, self._start, end):
                     return NEED_DATA  # a number or keyword ends at its delimiter
                 start = self._start
                 item = self._complete(end)

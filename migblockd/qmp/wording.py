@@ -342,18 +342,21 @@ def first_token_end(token: bytes) -> int | None:
     return None
 
 
-def lexer_waits(token: bytes) -> bool:
-    """Whether QEMU's lexer, having read ``token`` (a run of bytes with no
+def lexer_waits(buf: bytes | bytearray, start: int, end: int) -> bool:
+    """Whether QEMU's lexer, having read ``buf[start:end]`` (a run of bytes with no
     delimiter, outside any object), waits for what follows before it says
     anything: the run is a keyword so far (lower-case letters) or a number that
     may go on.  Otherwise its first token is over (``12x``) or it has already
     failed (``@``, ``01``, a byte that is not ASCII), and QEMU answers at once."""
-    text = token.decode("utf-8", _RAW)
-    if _LOWER.fullmatch(text):
-        return True
-    return text[:1] in _NUMBER_START and _number_error(text, 0) == len(text)
+    # Asked again at each read while a long token arrives: one regular
+    # expression (_NUMBER's states that are no error), not a loop per character.
+    return _WAITING.fullmatch(buf, start, end) is not None
 
 
+#: A keyword so far, or a number so far in one of _NUMBER's states.
+_WAITING: Final = re.compile(
+    rb"[a-z]++"
+    rb"|-?+(?:(?:0|[1-9][0-9]*+)(?:\.(?:[0-9]++(?:[eE][-+]?+[0-9]*+)?+)?+|[eE][-+]?+[0-9]*+)?+)?+")
 _NUMBER_START: Final = frozenset("-0123456789")
 
 

@@ -45,6 +45,9 @@ CASES = [
     b'{"a": 1, "a": 2, "b": 1e+}', b'{"a": "\\q", "b": True}', b'{"a": "\\ud800", "b": 1.5.}',
     b'{"id": [1, 2.\x005]}', b'{"a": 1."x\n', b'{"a": @ \x01', b'{"a": fa\\u0\'e9b"}',
     b"{\"a\": 1.'x'}",
+    # ... in a message still open at a line feed too, which only its lexer has read.
+    b'{"a": [1, -2: "x"], "b": 1-x', b'{"a": {"b": 1x.5}tru', b'{"a": [1 2], "b": @',
+    b'{"a": [1, -\n2]}', b'{"a": [11e\n2]}', b'{"a": 1.\r\n}',
     # ... and its parser's errors come in the order of the tokens
     b'{"e": "x", "a\xc3g": {}, "id":9 {"k": 1}}', b'{"a": [1 2], "b": "\xc3("}',
 ]

@@ -259,6 +259,7 @@ def test_a_long_number_is_not_relexed_at_each_read(monkeypatch: pytest.MonkeyPat
         (b'{"a" 1, "b": 01}', "JSON parse error, stray '01'"),
         (b'{"a": 1, "a": 2, "b": @}', "JSON parse error, stray '@'"),
         (b'{"execute": query-version", "id": "x"}\n', "JSON parse error, stray '-v'"),
+        (b'{"a": [1 2], "b": -x\n', "JSON parse error, stray '-x'"),
         (b"01\n", "JSON parse error, stray '01'"),
         (b'{"a": 1e400}', "JSON parse error, number out of range"),
         (b'{"a": "tab\there"}', "JSON parse error, stray '\"tab\t'"),

@@ -547,7 +547,22 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
     except json.JSONDecodeError as exc:
         if exc.pos >= len(text.rstrip()):
             return None
-        desc = PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
+        # QEMU's parser never sees an unfinished message: what QEMU says of these
+        # lines is the error of its lexer, if they hold one in what is taken for
+        # this message: up to the end of the line decoding resumes after, or up to
+        # the "{" beginning a line it resumes at (what follows is the next request's).
+        line_start = text.rfind("\n", 0, exc.pos) + 1
+        if line_start and text.startswith("{", exc.pos) and not text[line_start : exc.pos].strip(
+                " \t\r"):
+            scope = text[: exc.pos]
+        else:
+            # With the line feed that ends the line: it ends a token cut short
+            # there too ("-\n", "1e\n").
+            line_end = text.find("\n", exc.pos)
+            scope = (text[: line_end + 1] if line_end >= 0
+                     else text + "\n" if buf[lf : lf + 1] == b"\n" else text)
+        desc = _first_lexical_error(scope) or PARSE_ERROR_PREFIX + _qemu_reason(
+            exc.msg, text, exc.pos)
         return desc, start + len(text[: exc.pos].encode("utf-8", _RAW))
     except (_Reject, ValueError, RecursionError):
         pass

@@ -36,6 +36,12 @@ CASES = [
     b'\x80', b'\xc3\xa9', b'\xef\xbb\xbf', b'{"a": "qu\xff"}', b'{"a": "\xc3\xa9\xfe"}',
     b'{"a": "x\xed\xa0\x80\x01"}', b'{"a": "x\xc0\x80\x01"}', b'{"a": "x\xef\xbf\xbf\x01"}',
     b'{"a": "x\xf8\x88\x80\x80\x80\x02"}', b'{"a": "\xe2\x82\xfe"}', b'{"a": "\xe2\x82A\x03"}',
+    # ... and its parser stops at the first string with one, before a later error;
+    # C0 80 is a character to it.
+    b'{"a": "\\uffff", "b": "\\uq"}', b'{"a": "\\ud800", "b": x}',
+    b'{"a": "\xef\xbf\xbf", "b": "\\q"}',
+    b'{"a": "x\xc0\x80y", "b": 1,}', b'{"a": "\xc0\x80", "b": "\\ursion"}',
+    b'{"a":\xc0\x80 "b"}', b'{"a": "b"\xc0\x80}', b'{"\xc0\x80x\ty": 1}',
     # A string cut short by a line feed: the token up to its first control character.
     b'{"a": "ab\n', b'{"a": "ab\r\n', b'{"a": "a\tb\r\n', b'{"a": "\\\n',
     # QEMU parses a message only once it is complete: a lexical error anywhere in

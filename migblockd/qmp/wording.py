@@ -164,16 +164,18 @@ def decode_message(data: bytes | bytearray) -> object:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        if b"\xc0\x80" in data:
+        text = data.decode("utf-8", _RAW)
+        # Its lexer's error first: C0 80 is a character only in a string.
+        lexical = _first_lexical_error(text)
+        if lexical is None and b"\xc0\x80" in data:
             # Modified UTF-8's U+0000, which QEMU takes in a string
             # (mod_utf8_codepoint(), util/unicode.c): as the escape json takes.
             escaped = _MODIFIED_NUL.sub(_nul_escape, bytes(data))
             value = decode_message(escaped) if escaped != data else None
-            if value is not None and not isinstance(value, ParseError):
-                return value
-        text = data.decode("utf-8", _RAW)
-        return ParseError(_first_lexical_error(text) or _bad_utf8(text, exc.start)
-                          or describe_error(text) or PARSE_ERROR_PREFIX + _BAD_UTF8)
+            if value is not None and (not isinstance(value, ParseError) or _is_utf8(escaped)):
+                return value  # its error is the message's, C0 80 being a character
+        return ParseError(lexical or _bad_utf8(text, exc.start) or describe_error(text)
+                          or PARSE_ERROR_PREFIX + _BAD_UTF8)
     parsed = _apostrophes(text, "\\u0027") if "\\'" in text else text
     try:
         value, end = _DECODER.raw_decode(parsed)
@@ -193,6 +195,14 @@ def decode_message(data: bytes | bytearray) -> object:
 
 
 _BAD_UTF8: Final = "invalid UTF-8 sequence in string"
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _bad_utf8(text: str, first: int) -> str | None:
@@ -448,6 +458,12 @@ def describe_error(data: str | bytes) -> str | None:
     except RecursionError:
         return NESTING_EXCEEDED
     except json.JSONDecodeError as exc:
+        # QEMU's parser reads each string as it meets it: one before the error
+        # with what is no character in it is where it stops.
+        if "\\u" in text or not text.isascii():
+            earlier = _not_a_character(text[: exc.pos])
+            if earlier is not None:
+                return PARSE_ERROR_PREFIX + earlier
         return PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
     except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
         return PARSE_ERROR_PREFIX + "number out of range"

@@ -185,6 +185,26 @@ def test_a_long_number_is_not_relexed_at_each_read(monkeypatch: pytest.MonkeyPat
     assert looked_at <= 2 * len(data)
 
 
+def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every request with a character beyond ASCII is searched for what QEMU takes
+    # for no character; looking at each of its escapes in Python cost ten times
+    # its decoding.  Only escapes that may be a surrogate or a noncharacter count.
+    looked_at = 0
+    code_point = wording._code_point
+
+    def counting(escape: str) -> int:
+        nonlocal looked_at
+        looked_at += 1
+        return code_point(escape)
+
+    monkeypatch.setattr(wording, "_code_point", counting)
+    text = "é" + "\\n" * 10_000 + "\\u0041" * 10_000 + "\\\\uffff" + "\\ud83d\\ude00"
+    data = ('{"id": "' + text + '"}').encode()
+    assert decode(data) == [json.loads(data)]
+    assert looked_at <= 2  # the pair
+
+
 # -- parse errors: wording -------------------------------------------------------------
 
 

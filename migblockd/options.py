@@ -260,6 +260,9 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
             check_trusted(path, st)
             if not stat.S_ISREG(st.st_mode):
                 raise ConfigError(f"{path} is not a regular file; --config takes a TOML file")
+            # A regular file: no writer to wait for.  Blocking again, as a network
+            # file system may honour O_NONBLOCK on reads (EAGAIN mid-file).
+            os.set_blocking(fd, True)
             with open(fd, "rb", closefd=False) as f:
                 raw = tomllib.load(f)
         finally:

@@ -16,7 +16,7 @@ through the :class:`~migblockd.outbox.Outbox`.  The rules it applies:
   alone is disconnected; what it sent before still runs (:meth:`drop`,
   :meth:`read_leftovers`);
 * **ending**: a connection that may still be sending is half-closed after its
-  last reply and lingers ``LINGER`` seconds (:meth:`finish`).
+  last reply and lingers while the peer takes it (:meth:`finish`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,11 @@ __all__ = ["BATCH", "LINGER", "READ_SIZE", "ClientProtocol", "read_buffer"]
 
 log = logging.getLogger("migblockd")
 
-#: How long a connection we half-closed may go on sending before we close it.
+#: How long a connection we half-closed may go on without taking any of its last
+#: output (or, once it has all, without closing) before we close it ...
 LINGER = 2.0
+#: ... and how long it lingers at most, however steadily it reads.
+LINGER_LIMIT = 30.0
 #: The most one read takes from a socket: asyncio's own read size.
 READ_SIZE = 256 * 1024
 
@@ -64,6 +67,8 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.peer_eof = False
         self.dropped = False
         self.lingering = False  # half-closed by us: what still comes is discarded
+        self.linger_owed = 0  # what the peer had still to take at the last look
+        self.linger_until = 0.0
         self.connected_at = 0.0
         #: Since when the peer has left a message unfinished (see migblockd.timeouts).
         self.unfinished_since: float | None = None
@@ -256,7 +261,10 @@ class ClientProtocol(asyncio.BufferedProtocol):
         unread input resets the connection, which can cost the peer the replies
         it has not read yet.  So we half-close instead (EOF after the last
         reply), discard what still comes (it was never read, so it never ran),
-        and close when the peer does, or after ``LINGER`` seconds.
+        and close when the peer does, or once it has taken none of its output
+        (or, having it all, has not closed) for ``LINGER`` seconds: closing
+        sooner would throw away what the transport still holds for a peer
+        that is reading it.
         """
         transport = self.transport
         assert transport is not None
@@ -269,11 +277,25 @@ class ClientProtocol(asyncio.BufferedProtocol):
         if self.read_paused:
             transport.resume_reading()
             self.read_paused = False
+        self.linger_owed = self._owed(transport)
+        self.linger_until = self.server.loop.time() + LINGER_LIMIT
         self.server.loop.call_later(LINGER, self.linger_over)
 
     def linger_over(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.abort()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        owed = self._owed(transport)
+        if owed != self.linger_owed and self.server.loop.time() < self.linger_until:
+            self.linger_owed = owed  # it reads (or has just read the last of it)
+            self.server.loop.call_later(LINGER, self.linger_over)
+            return
+        transport.abort()
+
+    @staticmethod
+    def _owed(transport: asyncio.Transport) -> int:
+        """What the peer has still to read: in the transport, and in the kernel."""
+        return transport.get_write_buffer_size() + unsent(transport)
 
     def progress(self) -> tuple[int, int, bool]:
         """What changes while the peer takes its output (for the shutdown drain)."""

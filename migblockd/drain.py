@@ -10,7 +10,8 @@ for ``--max-output`` meanwhile: the output is owed.  What bounds the wait:
 * after ``SHUTDOWN_LIMIT`` seconds the drain ends, and whoever is left is dropped.
 
 A connection answered in full is half-closed and lingers until the peer
-closes it too, for at most ``LINGER`` seconds (``ClientProtocol.finish``).
+closes it too, as long as it goes on taking its last output
+(``ClientProtocol.finish``), and no longer than the drain.
 
 A dropped client's requests still run (see ``ClientProtocol.drop``); only
 their replies are lost.  Both limits are documented in docs/service.md.
@@ -60,7 +61,7 @@ async def drain(loop: asyncio.AbstractEventLoop, core: Core,
             await asyncio.wait_for(all_gone.wait(), DRAIN_POLL)
         now = loop.time()
         for protocol in list(protocols.values()):
-            if protocol.lingering:
+            if protocol.lingering and now < deadline:
                 continue  # answered in full; closes when the peer does, or soon
             state = protocol.progress()
             conn = protocol.conn

@@ -74,27 +74,24 @@ def leftovers(transport: asyncio.BaseTransport, budget: int) -> Iterator[bytes]:
 
 def unread(transport: asyncio.BaseTransport) -> int:
     """Bytes received by the kernel that nobody has read (0 if it cannot say)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return 0
-    count = array.array("i", [0])
-    try:
-        fcntl.ioctl(sock.fileno(), termios.FIONREAD, count)
-    except (OSError, ValueError):
-        return 0
-    return count[0]
+    return _queued(transport, termios.FIONREAD)
 
 
 def unsent(transport: asyncio.BaseTransport) -> int:
     """What we wrote to the socket that the peer has not read yet, as the kernel
     counts it (``SIOCOUTQ``: for a Unix socket, the memory it still holds for the
     peer, not exactly bytes); 0 if it cannot say."""
+    return _queued(transport, termios.TIOCOUTQ)
+
+
+def _queued(transport: asyncio.BaseTransport, request: int) -> int:
+    """The count the ``ioctl`` ``request`` gives for the transport's socket, or 0."""
     sock = transport.get_extra_info("socket")
     if sock is None:
         return 0
     count = array.array("i", [0])
     try:
-        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, count)
+        fcntl.ioctl(sock.fileno(), request, count)
     except (OSError, ValueError):
         return 0
     return count[0]

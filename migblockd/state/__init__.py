@@ -2,13 +2,16 @@
 
 ``records``: the rows and changes, as plain values; ``schema``: the file's
 format and its versions; ``lock``: one daemon per state directory;
-``store``: :class:`Store`, which opens, checks, loads and commits.  Pure
-storage: no asyncio and no registry rules (the core decides what to store).
+``opening``: the directory and the file checked, created or migrated at
+start; ``store``: :class:`Store`, which opens, loads and commits, and
+recovers from a commit that failed.  Pure storage: no asyncio and no
+registry rules (the core decides what to store).
 """
 
 from migblockd.state.errors import StateError
+from migblockd.state.opening import DATABASE_NAME
 from migblockd.state.records import BlockerRow, Change, Delete, Put, Setting, Snapshot
-from migblockd.state.store import DATABASE_NAME, Store
+from migblockd.state.store import Store
 
 __all__ = [
     "DATABASE_NAME",

@@ -3,7 +3,9 @@
 ``errors``: the refusals, worded as QEMU words them; ``blockers``: the store
 of per-mode lists; ``ids``: chosen and generated blocker ids; ``migration``:
 the simulated migration's state machine; ``changes``: events for clients and
-changes for the disk; ``registry``: QEMU's rules over all of them.  Nothing here does I/O.
+changes for the disk; ``registry``: QEMU's rules over all of them, with
+``migrating``: the registry's migration parameters and commands.  Nothing here
+does I/O.
 """
 
 from migblockd.clock import SYSTEM_CLOCK, Clock, FakeClock

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Blocker", "BlockerStore", "Owner"]
+__all__ = ["Blocker", "BlockerStore", "Chain", "Owner"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +69,7 @@ class Blocker:
                 f"internal={self.internal!r}, scope={self.scope!r}, seq={self.seq!r})")
 
 
-class _Chain:
+class Chain:
     """One ordered list: ``k`` is the blocker's slot for it in ``_older``/``_newer``."""
 
     __slots__ = ("count", "k", "newest", "oldest")
@@ -144,9 +144,9 @@ class BlockerStore:
     __slots__ = ("_all", "_by_connection", "_by_id", "_chains", "_index", "_per_uid")
 
     def __init__(self, modes: Sequence[str]) -> None:
-        self._all = _Chain(0)
+        self._all = Chain(0)
         self._index = {mode: k for k, mode in enumerate(modes, start=1)}
-        self._chains: dict[str, _Chain] = {mode: _Chain(k) for mode, k in self._index.items()}
+        self._chains: dict[str, Chain] = {mode: Chain(k) for mode, k in self._index.items()}
         self._by_id: dict[str, Blocker] = {}
         # Keyed by id(connection): connection objects need not be hashable, and
         # each indexed blocker holds a reference to its connection, so the id
@@ -163,7 +163,7 @@ class BlockerStore:
         b._older = [None] * (len(chains) + 1)
         b._newer = [None] * (len(chains) + 1)
         newest = self._all.newest
-        put = _Chain.push if newest is None or newest.seq < b.seq else _Chain.insert
+        put = Chain.push if newest is None or newest.seq < b.seq else Chain.insert
         put(self._all, b, 0)
         for slot, mode in enumerate(b.modes, start=1):
             put(self._chains[mode], b, slot)
@@ -207,7 +207,7 @@ class BlockerStore:
         owned = self._by_connection.get(id(connection))
         return list(owned.values()) if owned else []
 
-    def chain(self, mode: str | None) -> _Chain:
+    def chain(self, mode: str | None) -> Chain:
         """The list of ``mode`` (None: every blocker).  KeyError for an unknown mode."""
         return self._all if mode is None else self._chains[mode]
 

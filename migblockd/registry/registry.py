@@ -1,4 +1,4 @@
-"""QEMU's blocker rules over the store, the migration parameters, and the events.
+"""QEMU's blocker rules over the store, and what the registry gives the core.
 
 Device code in QEMU calls ``migrate_add_blocker*()`` to prepend its reason to
 the lists of the modes it cannot support and ``migrate_del_blocker()`` to
@@ -12,21 +12,21 @@ daemon needs: ids for blockers (QEMU identifies them by pointer),
 connection-scoped blockers released on disconnect, and events.  It does no I/O
 and reads no clock of its own accord: time comes from an injected clock, and
 the simulated migration moves only when the core calls :meth:`Registry.advance`
-(before every command, and when :meth:`Registry.next_deadline` passes).
+(before every command, and when :meth:`Registry.next_deadline` passes).  The
+migration parameters and the ``migrate`` commands are its other half,
+:class:`~migblockd.registry.migrating.MigrationControl`; here are the
+blockers, the events and changes the core takes, and the undoing of changes
+a commit could not keep.
 
 Versions followed: the blocker rules and per-mode lists are QEMU 8.2 to 10.2
-(MigMode exists since 8.2); ``migration_is_running()`` is the 10.x set;
-``migrate`` checks its URI before anything else, as 8.2+ does
-(``migrate_uri_parse()`` runs before ``migrate_prepare()``), but words the
-error as QEMU 7.2 did, ``Parameter 'uri' expects a valid migration protocol``,
-which is the wording migblockd's schema documents.
+(MigMode exists since 8.2).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import Final
 
 from migblockd.clock import SYSTEM_CLOCK, Clock
 from migblockd.registry.blockers import Blocker, BlockerStore, Owner
@@ -35,15 +35,13 @@ from migblockd.registry.errors import (
     DuplicateId,
     EmptyModes,
     EmptyReason,
-    MigrationBlocked,
     MigrationBusy,
-    MigrationInProgress,
-    NoPausedMigration,
     NotFound,
     OnlyMigratable,
 )
 from migblockd.registry.ids import IdSource, check_id
-from migblockd.registry.migration import MIGRATION_STATUSES, SimulatedMigration, check_destination
+from migblockd.registry.migrating import MigrationControl
+from migblockd.registry.migration import MIGRATION_STATUSES, SimulatedMigration
 
 __all__ = ["DEFAULT_MODE", "SCOPES", "Change", "Event", "Registry"]
 
@@ -56,7 +54,7 @@ SCOPES: Final[tuple[str, ...]] = ("daemon", "connection")
 DEFAULT_MODE: Final = "normal"
 
 
-class Registry:
+class Registry(MigrationControl):
     """The blockers of one daemon and the state of its (simulated) migration.
 
     ``modes`` are the MigMode members in schema order, taken from the schema
@@ -66,9 +64,8 @@ class Registry:
     takes from ``setup`` to ``completed``, in seconds.
     """
 
-    __slots__ = ("_clock", "_entered", "_events", "_events_enabled", "_ids", "_journal",
-                 "_migration", "_mode", "_mode_chain", "_modes", "_only_migratable", "_seq",
-                 "_store", "_version")
+    __slots__ = ("_clock", "_events", "_ids", "_journal", "_modes", "_only_migratable",
+                 "_seq", "_store", "_version")
 
     def __init__(
         self,
@@ -115,55 +112,6 @@ class Registry:
     def only_migratable(self) -> bool:
         """QEMU's ``-only-migratable``: refuse non-internal ``normal`` blockers."""
         return self._only_migratable
-
-    @property
-    def migration_time(self) -> float:
-        return self._migration.duration
-
-    @property
-    def mode(self) -> str:
-        """The ``mode`` migration parameter: whose list ``migrate`` consults."""
-        return self._mode
-
-    def set_mode(self, mode: str) -> None:
-        """``migrate-set-parameters {"mode": ...}``.
-
-        Takes effect at once for ``migrate`` and ``query-migrate``.  QEMU does
-        not refuse a parameter change during a migration; the running
-        (simulated) migration is not affected.
-        """
-        if mode not in self._modes:
-            raise ValueError(f"unknown MigMode {mode!r}")
-        if mode != self._mode:
-            self._journal.append(Change("mode", True, old=self._mode, new=mode))
-        self._set_mode(mode)
-
-    def _set_mode(self, mode: str) -> None:
-        self._mode = mode
-        self._mode_chain = self._store.chain(mode)
-
-    @property
-    def events_enabled(self) -> bool:
-        """The ``events`` migration capability: whether MIGRATION events are sent."""
-        return self._events_enabled
-
-    def check_capabilities_settable(self) -> None:
-        """Raise :class:`MigrationInProgress` if ``migrate-set-capabilities``
-        must be refused now.
-
-        QEMU's ``qmp_migrate_set_capabilities()`` refuses any change while a
-        migration runs, before looking at the list; a handler that sets several
-        capabilities calls this first so the command is all or nothing.
-        """
-        if self._migration.running:
-            raise MigrationInProgress()
-
-    def set_events(self, on: bool) -> None:
-        """``migrate-set-capabilities`` for ``events``; refused while a migration runs."""
-        self.check_capabilities_settable()
-        if on != self._events_enabled:
-            self._journal.append(Change("events", True, old=self._events_enabled, new=on))
-        self._events_enabled = on
 
     # ----------------------------------------------------------------- blockers
 
@@ -314,81 +262,7 @@ class Registry:
         self._journal.append(Change("delete", blocker.scope == "daemon", blocker))
         self._events.append(Event("BLOCKER_DELETED", self._clock.time(), blocker, cause))
 
-    # ----------------------------------------------------------------- migration
-
-    @property
-    def status(self) -> str | None:
-        """The migration's ``MigrationStatus``; None before the first migration."""
-        return self._migration.status
-
-    @property
-    def entered(self) -> Mapping[str, int]:
-        """How often the simulated migration entered each status (every ``MigrationStatus``
-        is a key) since start-up, whether or not MIGRATION events were sent."""
-        return self._entered
-
-    @property
-    def migrating(self) -> bool:
-        """Whether a migration runs (``migration_is_running()``)."""
-        return self._migration.running
-
-    def check_migrate(self, resume: bool = False) -> None:
-        """``migrate``'s refusals once its destination passed (QEMU's
-        ``migrate_prepare()``), in QEMU 8.2+'s order, without starting anything.
-
-        A resume (:class:`NoPausedMigration`: the simulation never pauses a
-        postcopy migration, the only kind QEMU resumes), a migration already
-        running (:class:`MigrationInProgress`), then the current mode's list
-        (:class:`MigrationBlocked`, quoting the newest).
-        """
-        if resume:
-            raise NoPausedMigration()
-        if self._migration.running:
-            raise MigrationInProgress()
-        newest = self._mode_chain.newest
-        if newest is not None:
-            raise MigrationBlocked(newest)
-
-    def migrate(self, uri: str | None, resume: bool = False,
-                channels: Sequence[Mapping[str, Any]] | None = None) -> None:
-        """``migrate``: start a simulated migration to ``uri`` or ``channels``.
-
-        Every refusal (see :func:`~migblockd.registry.migration.check_destination`
-        and :meth:`check_migrate`)
-        leaves the state untouched and queues nothing.  On success the status
-        becomes ``setup`` (MIGRATION event when enabled).
-        """
-        check_destination(uri, channels, self._mode)
-        self.check_migrate(resume)
-        self._announce(self._migration.start(self._clock.monotonic()))
-
-    def cancel(self) -> None:
-        """``migrate_cancel``: a running migration goes through ``cancelling``."""
-        self._announce(self._migration.cancel(self._clock.monotonic()))
-
-    def blocked_reasons(self) -> list[str]:
-        """The current mode's reasons, oldest first (``query-migrate``'s list)."""
-        return [blocker.reason for blocker in self._mode_chain]
-
-    def query_migrate(self) -> dict[str, Any]:
-        """``query-migrate``'s ``MigrationInfo``.
-
-        ``blocked-reasons`` (oldest first) is present exactly when the current
-        mode's list is non-empty, whatever the status.
-        """
-        info = self._migration.info(self._clock.monotonic())
-        if self._mode_chain.count:
-            info["blocked-reasons"] = self.blocked_reasons()
-        return info
-
-    def next_deadline(self) -> float | None:
-        """Monotonic time of the next simulated-migration transition, if any."""
-        return self._migration.deadline
-
-    def advance(self) -> None:
-        """Apply every transition due at ``clock.monotonic()``, queueing events."""
-        if self._migration.deadline is not None:
-            self._announce(self._migration.advance(self._clock.monotonic()))
+    # ----------------------------------------------------------------- events
 
     def take_events(self) -> list[Event]:
         """Drain the queued events, oldest first."""
@@ -396,16 +270,6 @@ class Registry:
             return []
         events, self._events = self._events, []
         return events
-
-    def _announce(self, statuses: list[str]) -> None:
-        entered = self._entered
-        for status in statuses:
-            entered[status] += 1
-        # migrate_generate_event() reads the capability at each transition.
-        if self._events_enabled:
-            when = self._clock.time()
-            for status in statuses:
-                self._events.append(Event("MIGRATION", when, detail=status))
 
     # ----------------------------------------------------------------- durability
 

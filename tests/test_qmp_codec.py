@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migblockd.config import Config
-from migblockd.qmp import wording
+from migblockd.qmp import characters, lexer
 from migblockd.qmp.encoding import Encoded, encode, encode_event, encode_line, encode_return
 from migblockd.qmp.errors import NO_ID
 from migblockd.qmp.framing import NEED_DATA, StreamDecoder
@@ -170,14 +170,14 @@ def test_a_long_number_is_not_relexed_at_each_read(monkeypatch: pytest.MonkeyPat
     # again character by character each time made 1 MiB in 512-byte reads cost
     # minutes of the event loop.  The work must stay linear in its length.
     looked_at = 0
-    number_class = wording._number_class
+    number_class = lexer._number_class
 
     def counting(c: str) -> str:
         nonlocal looked_at
         looked_at += 1
         return number_class(c)
 
-    monkeypatch.setattr(wording, "_number_class", counting)
+    monkeypatch.setattr(lexer, "_number_class", counting)
     data = b"-1" + b"2" * 60_000 + b".5e+7"
     chunks = [data[i : i + 512] for i in range(0, len(data), 512)]
     assert decode(*chunks) == []  # still waiting for its delimiter
@@ -191,14 +191,14 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
     # for no character; looking at each of its escapes in Python cost ten times
     # its decoding.  Only escapes that may be a surrogate or a noncharacter count.
     looked_at = 0
-    code_point = wording._code_point
+    code_point = characters._code_point
 
     def counting(escape: str) -> int:
         nonlocal looked_at
         looked_at += 1
         return code_point(escape)
 
-    monkeypatch.setattr(wording, "_code_point", counting)
+    monkeypatch.setattr(characters, "_code_point", counting)
     text = "é" + "\\n" * 10_000 + "\\u0041" * 10_000 + "\\\\uffff" + "\\ud83d\\ude00"
     data = ('{"id": "' + text + '"}').encode()
     assert decode(data) == [json.loads(data)]

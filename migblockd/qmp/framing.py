@@ -58,6 +58,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Final
 
+from migblockd.qmp.lexer import (
+    PARSE_ERROR_PREFIX,
+    first_token_end,
+    lexer_waits,
+    lexical_error,
+    stray,
+)
 from migblockd.qmp.limits import Limits, count_tokens
 from migblockd.qmp.patterns import (
     APOSTROPHE,
@@ -84,18 +91,13 @@ from migblockd.qmp.patterns import (
 )
 from migblockd.qmp.wording import (
     NESTING_EXCEEDED,
-    PARSE_ERROR_PREFIX,
     SINGLE_QUOTE,
     TOKEN_COUNT_EXCEEDED,
     TOKEN_SIZE_EXCEEDED,
     ParseError,
     decode_message,
     describe_error,
-    first_token_end,
-    lexer_waits,
-    lexical_error,
     prefix_error,
-    stray,
 )
 
 __all__ = ["NEED_DATA", "ParseError", "StreamDecoder"]

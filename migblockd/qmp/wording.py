@@ -1,10 +1,14 @@
-"""QEMU's wording for malformed JSON, and the strict parse of one message.
+"""The strict parse of one message, and QEMU's wording of malformed JSON.
 
 QEMU's JSON parser (``qobject/json-lexer.c``, ``qobject/json-parser.c``,
 ``qobject/json-streamer.c``) answers bad input with ``JSON parse error, ...``
 and a handful of limit messages.  migblockd parses each message with Python's
 ``json`` on its exact slice and, only on the error path, maps Python's
-messages onto QEMU's.
+messages onto QEMU's.  Its parser's words are here; its lexer's, which come
+first, are :mod:`migblockd.qmp.lexer`'s, and what QEMU takes for no character
+in a string is :mod:`migblockd.qmp.characters`'.  This module is what framing
+calls once a message is complete, and (:func:`prefix_error`) on the complete
+lines of one that is not.
 
 Python's ``json`` would accept ``NaN``, ``Infinity`` and turn ``1e400`` into
 ``inf``, none of which can be written back as JSON (QEMU echoes ``1e400`` as
@@ -15,17 +19,31 @@ later echoes (an ``id``) is always strict JSON.
 
 from __future__ import annotations
 
-import collections
 import json
 import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+from migblockd.qmp.characters import (
+    _ESCAPE,
+    _RAW,
+    _SUSPECT_ESCAPE,
+    _not_a_character,
+    _not_unicode,
+)
+from migblockd.qmp.lexer import (
+    _KEYWORD,
+    PARSE_ERROR_PREFIX,
+    _first_lexical_error,
+    _keyword,
+    _lexical_error,
+    stray,
+)
+
 # QEMU's wording (qobject/json-streamer.c, qobject/json-parser.c).
 TOKEN_SIZE_EXCEEDED: Final = "JSON token size limit exceeded"
 TOKEN_COUNT_EXCEEDED: Final = "JSON token count limit exceeded"
 NESTING_EXCEEDED: Final = "JSON nesting depth limit exceeded"
-PARSE_ERROR_PREFIX: Final = "JSON parse error, "
 
 @dataclass(frozen=True, slots=True)
 class ParseError:
@@ -46,52 +64,6 @@ def _viable(text: str) -> bool:
 
 
 SINGLE_QUOTE: Final = PARSE_ERROR_PREFIX + "single-quoted strings are not supported"
-
-
-#: Bytes that are not UTF-8 decode to lone surrogates and encode back to
-#: themselves: positions and stray bytes stay the client's.
-_RAW: Final = "surrogateescape"
-
-
-def stray(token: bytes) -> str:
-    """QEMU's error for the token its lexer could not go on with, as it prints it:
-    raw (JSON escapes control characters), cut at a NUL (it is a C string), and
-    what is not a character as U+FFFD (see :func:`as_qemu_prints`)."""
-    shown = as_qemu_prints(token.split(b"\0", 1)[0])
-    return f"{PARSE_ERROR_PREFIX}stray '{shown}'"
-
-
-_ESCAPED_BYTES: Final = re.compile("[\udc80-\udcff]+")
-#: What ``mod_utf8_codepoint()`` (``util/unicode.c``) reads as one sequence that is not
-#: a character: a lead byte with the continuation bytes it has (up to those it
-#: wants; 0xF8-0xFD lead five- and six-byte forms), or a byte no sequence starts with.
-_BAD_SEQUENCE: Final = re.compile(
-    rb"[\xc0-\xdf][\x80-\xbf]?|[\xe0-\xef][\x80-\xbf]{0,2}|[\xf0-\xf7][\x80-\xbf]{0,3}"
-    rb"|[\xf8-\xfb][\x80-\xbf]{0,4}|[\xfc-\xfd][\x80-\xbf]{0,5}|[\x80-\xbf\xfe\xff]")
-#: Unicode's 66 noncharacters, which QEMU takes for no character either.
-NONCHARACTERS: Final = "\ufdd0-\ufdef" + "".join(
-    chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
-_NONCHARACTER: Final = re.compile(f"[{NONCHARACTERS}]")
-
-
-def as_qemu_prints(raw: bytes) -> str:
-    """``raw`` as QEMU's JSON writer prints a string (``qobject/json-writer.c``,
-    ``quoted_str()``): each sequence ``mod_utf8_codepoint()`` cannot read as a
-    character (not UTF-8, a surrogate, a noncharacter, overlong) as one U+FFFD,
-    but C0 80, modified UTF-8's U+0000, as U+0000.  So a reply is valid UTF-8
-    and says what QEMU's says."""
-    text = raw.decode("utf-8", _RAW)
-    if text.isascii():
-        return text
-    return _NONCHARACTER.sub("\ufffd", _ESCAPED_BYTES.sub(_bad_bytes, text))
-
-
-def _bad_bytes(m: re.Match[str]) -> str:
-    # Python's decoder leaves every valid character alone, so a run of bytes it
-    # refused starts and ends where QEMU's sequences do.
-    raw = m.group().encode("utf-8", _RAW)
-    return "\0".join(_BAD_SEQUENCE.sub(b"\xef\xbf\xbd", part).decode("utf-8")
-                     for part in raw.split(b"\xc0\x80"))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -123,14 +95,6 @@ def _parse_constant(name: str) -> object:
     if name.startswith("-"):  # QEMU's lexer stops at the letter after the sign
         raise _Reject(stray(name[:2].encode()))
     raise _Reject(PARSE_ERROR_PREFIX + _keyword(name))
-
-
-def _keyword(word: str) -> str:
-    """QEMU's error for a run of letters where a value belongs: its lexer's
-    keywords are lower case, so an upper-case letter is a stray character
-    (``NaN`` is ``stray 'N'``, ``xY`` is ``stray 'Y'``)."""
-    upper = next((c for c in word if c.isupper()), None)
-    return f"stray '{upper}'" if upper is not None else f"invalid keyword '{word}'"
 
 
 _DECODER: Final = json.JSONDecoder(
@@ -215,239 +179,11 @@ def _bad_utf8(text: str, first: int) -> str | None:
     return None if "\\" in text[before.end() : first] else PARSE_ERROR_PREFIX + _BAD_UTF8
 
 
-#: Every escape in a JSON text, in order (``\\\\`` is one, so ``\\\\u`` is none).
-_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)", re.DOTALL)
-
-
-#: A ``\\u`` escape that may be of a surrogate or a noncharacter (a pair beyond the
-#: BMP begins with a surrogate); a cheap test before the exact one.
-_SUSPECT_ESCAPE: Final = re.compile(r"\\u(?:[dD][89a-fA-F]|[fF][dDfF])")
-#: Those whole, each where an escape begins (after any escaped backslashes: in
-#: ``\\\\uffff`` the ``u`` is text).
-_SUSPECT_ONLY: Final = re.compile(
-    r"(?<!\\)(?:\\\\)*+(\\u(?:[dD][89a-fA-F]|[fF][dDfF])[0-9a-fA-F]{2})")
-
-
-def _not_a_character(text: str) -> str | None:
-    """What QEMU's ``parse_string()`` (``json-parser.c``) says about the first
-    string content of a parsed ``text`` that is no character, if any: a
-    noncharacter written as UTF-8 is an ``invalid UTF-8 sequence in string``
-    (``mod_utf8_codepoint()``, ``util/unicode.c``); an escape of a lone
-    surrogate or of a noncharacter ``is not a valid Unicode character``, shown
-    as the client wrote it (a pair of escapes read as one, both)."""
-    raw = _NONCHARACTER.search(text)
-    found = raw.start() if raw is not None else len(text)
-    # Only the escapes that may be no character: this runs on every request that
-    # is not ASCII, and a loop over all its escapes (\n, \", \u0041) cost more
-    # than the rest of its decoding.
-    if _SUSPECT_ESCAPE.search(text, 0, found) is None:
-        return None if raw is None else "invalid UTF-8 sequence in string"
-    escapes = _SUSPECT_ONLY.finditer(text, 0, found)
-    for m in escapes:
-        cp = _code_point(m.group(1))
-        start, end = m.start(1), m.end()
-        if 0xD800 <= cp <= 0xDBFF and text.startswith("\\u", end):
-            trailing = _ESCAPE.match(text, end)
-            low = _code_point(trailing.group()) if trailing is not None else -1
-            if not 0xDC00 <= low <= 0xDFFF:
-                return f"{text[start:end]} is not a valid Unicode character"
-            cp = 0x10000 + ((cp & 0x3FF) << 10) + (low & 0x3FF)
-            end += 6
-            next(escapes, None)  # the trailing one, taken
-        if cp >= 0 and not _is_character(cp):
-            return f"{text[start:end]} is not a valid Unicode character"
-    return None if raw is None else "invalid UTF-8 sequence in string"
-
-
-def _is_character(cp: int) -> bool:
-    """``is_valid_codepoint()`` of ``util/unicode.c``."""
-    return not (0xD800 <= cp <= 0xDFFF or 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE)
-
-
-_KEYWORD = re.compile(r"[A-Za-z]+")
-_LOWER = re.compile(r"[a-z]+")
-#: QEMU's lexer (qobject/json-lexer.c) on numbers: state -> {character class: next
-#: state}; the states in _NUMBER_ENDS may end a number, the others may not, and a
-#: character with no transition there is a lexical error (``stray`` of the token
-#: so far, that character included).  "bad" is a second digit after a leading 0.
-_NUMBER: Final[dict[str, dict[str, str]]] = {
-    "start": {"-": "neg", "0": "zero", "1": "int"},
-    "neg": {"0": "zero", "1": "int"},
-    "zero": {"0": "bad", "1": "bad", ".": "dot", "e": "e"},
-    "int": {"0": "int", "1": "int", ".": "dot", "e": "e"},
-    "dot": {"0": "frac", "1": "frac"},
-    "frac": {"0": "frac", "1": "frac", "e": "e"},
-    "e": {"+": "sign", "-": "sign", "0": "exp", "1": "exp"},
-    "sign": {"0": "exp", "1": "exp"},
-    "exp": {"0": "exp", "1": "exp"},
-}
-_NUMBER_ENDS: Final = frozenset({"zero", "int", "frac", "exp"})
-#: What may start a token: anything else is a stray character to QEMU's lexer.
-_TOKEN_START: Final = frozenset("{}[]:,\"'-0123456789")
-
-
-def _number_class(c: str) -> str:
-    if c == "0":
-        return "0"
-    if "1" <= c <= "9":
-        return "1"
-    return "e" if c in "eE" else c
-
-
-def _lexical_error(text: str, pos: int) -> str | None:
-    """QEMU's lexer error for the token that the parse failed in at ``pos``, if
-    its lexer stops there rather than its parser: a keyword run on (``truex``),
-    a number cut short (``1.}``, ``1e}``, ``01``, ``-}``), a character no token
-    starts with (``+``, ``.``)."""
-    if pos >= len(text):
-        return None
-    start = pos
-    while start and text[start - 1] in "0123456789.eE+-":
-        start -= 1
-    while start < pos and text[start] not in "-0123456789":
-        start += 1  # the run began inside a keyword ("true" ends in e)
-    # Lex as QEMU does from the run's start: a whole number may end before
-    # ``pos``, and the next token begin there ("1.5." is 1.5, then ".").
-    while start < pos or (start == pos and text[pos] in "-0123456789"):
-        end = _number_error(text, start)
-        if isinstance(end, str):
-            return end
-        if end > pos:
-            return None  # a whole number: what follows is the parser's error
-        if text[end] not in "-0123456789":
-            if end == pos:
-                break  # the failing character starts the next token: as below
-            return None if text[end].isalpha() else _stray_char(text[end])
-        start = end
-    c = text[pos]
-    if c.isascii() and c.isalpha():
-        begin = pos
-        while begin and text[begin - 1].isascii() and text[begin - 1].isalpha():
-            begin -= 1
-        kw = _KEYWORD.match(text, begin)
-        return _keyword(kw.group()) if begin < pos and kw else None
-    if c in _TOKEN_START or c.isspace():
-        return None
-    return _stray_char(c)
-
-
-def _number_error(text: str, start: int) -> str | int:
-    """The lexer's error in the number at ``start``, or where the number ends."""
-    state = "start"
-    for i in range(start, len(text)):
-        following = _NUMBER[state].get(_number_class(text[i]))
-        if following is None:
-            return i if state in _NUMBER_ENDS else _stray_text(text[start:i + 1])
-        if following == "bad":
-            return _stray_text(text[start:i + 1])
-        state = following
-    return len(text)
-
-
-def first_token_end(token: bytes) -> int | None:
-    """Where QEMU's lexer ends the first token of ``token``, a run of bytes with
-    no delimiter, if that token is a whole number or a run of lower-case
-    letters cut from more (``12x`` is 12, then ``x``; ``xY`` is the keyword
-    ``x``, then ``Y``); else None.  At the top level QEMU's parser takes each
-    token as it ends, so each is a message of its own."""
-    text = token.decode("utf-8", _RAW)
-    if text[:1] and text[0] in "-0123456789":
-        end = _number_error(text, 0)
-        return end if isinstance(end, int) and 0 < end < len(text) else None
-    run = _LOWER.match(text)  # the lexer's keywords are lower case
-    if run is not None:
-        end = run.end()
-        return end if end < len(text) else None
-    return None
-
-
-def lexer_waits(buf: bytes | bytearray, start: int, end: int) -> bool:
-    """Whether QEMU's lexer, having read ``buf[start:end]`` (a run of bytes with no
-    delimiter, outside any object), waits for what follows before it says
-    anything: the run is a keyword so far (lower-case letters) or a number that
-    may go on.  Otherwise its first token is over (``12x``) or it has already
-    failed (``@``, ``01``, a byte that is not ASCII), and QEMU answers at once."""
-    # Asked again at each read while a long token arrives: one regular
-    # expression (_NUMBER's states that are no error), not a loop per character.
-    return _WAITING.fullmatch(buf, start, end) is not None
-
-
-#: A keyword so far, or a number so far in one of _NUMBER's states.
-_WAITING: Final = re.compile(
-    rb"[a-z]++"
-    rb"|-?+(?:(?:0|[1-9][0-9]*+)(?:\.(?:[0-9]++(?:[eE][-+]?+[0-9]*+)?+)?+|[eE][-+]?+[0-9]*+)?+)?+")
-_NUMBER_START: Final = frozenset("-0123456789")
-
-
-def _stray_char(c: str) -> str:
-    # QEMU's lexer reads bytes: the first byte of a character is the stray one.
-    return stray(c.encode("utf-8", _RAW)[:1])[len(PARSE_ERROR_PREFIX):]
-
-
-def _stray_text(token: str) -> str:
-    return stray(token.encode("utf-8", _RAW))[len(PARSE_ERROR_PREFIX):]
-
-
 #: Everything up to the opening quote of a string left open (complete strings
 #: and what is outside strings).
 _BEFORE_OPEN_STRING = re.compile(r'(?:[^"]++|"(?:[^"\\]|\\.)*+")*+')
 _CONTAINER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 _VALUE_END = frozenset("}],:")
-
-
-#: What QEMU's lexer (``qobject/json-lexer.c``) refuses in a string: control
-#: characters and the bytes 0xFE, 0xFF (here as the surrogates they decode to).
-_NOT_IN_STRING = "\\x00-\\x1f\\udcfe\\udcff"
-#: A run of whole tokens as QEMU's lexer reads them.
-_TOKENS: Final = re.compile(
-    r"(?:([ \t\r\n]+|[{}\[\]:,]|[a-z]+"
-    rf'|"(?:[^"\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*"'
-    rf"|'(?:[^'\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*'"
-    # a number the lexer would not take on with a "." "e" or digit after it
-    r"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?(?![.eE0-9])))*+")
-#: A string token as far as QEMU's lexer takes it.
-_STRING_SO_FAR: Final = {
-    quote: re.compile(rf"{quote}(?:[^{quote}\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*")
-    for quote in "\"'"}
-
-
-def _first_lexical_error(text: str) -> str | None:
-    """QEMU's error for the first token of ``text`` its lexer cannot read, if any.
-
-    QEMU lexes a message as it arrives and parses it only once it is complete,
-    so a lexical error anywhere in a message is what QEMU reports, before any
-    error of its parser (``{"a": x, "b": 1.}`` is ``stray '1.}'``, not
-    ``invalid keyword 'x'``).  A token still open at the end is no error yet.
-    """
-    pos = 0
-    while True:
-        m = _TOKENS.match(text, pos)
-        assert m is not None  # the pattern matches the empty string
-        pos = m.end()
-        if pos == len(text):
-            return None
-        c = text[pos]
-        if c not in _NUMBER_START:
-            break
-        # A number the pattern would not end where it did: lex it as QEMU does.
-        end = _number_error(text, pos)
-        if isinstance(end, str):
-            return PARSE_ERROR_PREFIX + end
-        if end == len(text):
-            return None
-        pos = end  # it ended at the byte after it, which begins the next token
-    if c in _STRING_SO_FAR:
-        bad = _STRING_SO_FAR[c].match(text, pos)
-        assert bad is not None
-        end = bad.end()
-        end += end < len(text) and text[end] == "\\"  # the byte after "\\" is the bad one
-        return None if end >= len(text) else PARSE_ERROR_PREFIX + _stray_text(text[pos : end + 1])
-    return PARSE_ERROR_PREFIX + _stray_char(c)
-
-
-def lexical_error(data: bytes) -> str | None:
-    """:func:`_first_lexical_error` of the start of a message, in bytes."""
-    return _first_lexical_error(data.decode("utf-8", _RAW))
 
 
 def describe_error(data: str | bytes) -> str | None:
@@ -521,29 +257,6 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
     return msg[:1].lower() + msg[1:]
 
 
-def _not_unicode(text: str, start: int) -> str:
-    """QEMU's error for the ``\\u`` escape at ``text[start]``, as it prints it:
-    six bytes of the client's text from the backslash, cut at the end of the
-    string token (``json-parser.c``: ``"%.*s is not a valid Unicode
-    character"``, from a copy of the token).  A leading surrogate's escape just
-    before is the one QEMU names: it reads the two as a pair."""
-    before = collections.deque(_ESCAPE.finditer(text, 0, start), maxlen=1)
-    if before and before[0].end() == start and 0xD800 <= _code_point(before[0].group()) <= 0xDBFF:
-        start = before[0].start()
-    end = start + 2
-    while end < min(start + 6, len(text)) and text[end] != '"':
-        end += 2 if text[end] == "\\" else 1
-    if end < len(text) and text[end] == '"':
-        end += 1  # the closing quote is the token's last character
-    shown = text[start:end].encode("utf-8", _RAW)[:6]
-    return f"{as_qemu_prints(shown)} is not a valid Unicode character"
-
-
-def _code_point(escape: str) -> int:
-    """The code point of a ``\\uXXXX`` escape (an :data:`_ESCAPE` match); -1 for others."""
-    return int(escape[2:], 16) if escape[1] == "u" else -1
-
-
 def _innermost_container(text: str, pos: int) -> str:
     stack: list[str] = []
     for m in _CONTAINER_TOKENS.finditer(text, 0, pos):
@@ -553,8 +266,6 @@ def _innermost_container(text: str, pos: int) -> str:
         elif token in "]}" and stack:
             stack.pop()
     return stack[-1] if stack else ""
-
-
 
 
 def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:

@@ -1,0 +1,222 @@
+"""QEMU's JSON lexer: where its tokens end, and what it refuses, in its words.
+
+QEMU lexes a message as it arrives (``qobject/json-lexer.c``) and parses it
+only once it is complete, so an error of its lexer anywhere in a message is
+the error QEMU reports, before any of its parser's; the streamer words it
+``JSON parse error, stray '...'`` with the token so far
+(``qobject/json-streamer.c``).  At the top level a whole token is a message of
+its own, so the lexer also decides where a number or keyword ends
+(:func:`first_token_end`) and whether QEMU would still wait for more input
+(:func:`lexer_waits`).
+
+Python's ``json`` has no lexer of its own to ask: this module re-lexes the
+client's text the way QEMU's state machine does.  It is apart from the parse of
+one message (:mod:`migblockd.qmp.wording`) because framing asks it too, while a
+message is still arriving.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from migblockd.qmp.characters import _RAW, as_qemu_prints
+
+#: How QEMU's streamer and parser begin every error they word
+#: (``qobject/json-streamer.c``, ``qobject/json-parser.c``).
+PARSE_ERROR_PREFIX: Final = "JSON parse error, "
+
+
+def stray(token: bytes) -> str:
+    """QEMU's error for the token its lexer could not go on with, as it prints it:
+    raw (JSON escapes control characters), cut at a NUL (it is a C string), and
+    what is not a character as U+FFFD (see :func:`as_qemu_prints`)."""
+    shown = as_qemu_prints(token.split(b"\0", 1)[0])
+    return f"{PARSE_ERROR_PREFIX}stray '{shown}'"
+
+
+def _keyword(word: str) -> str:
+    """QEMU's error for a run of letters where a value belongs: its lexer's
+    keywords are lower case, so an upper-case letter is a stray character
+    (``NaN`` is ``stray 'N'``, ``xY`` is ``stray 'Y'``)."""
+    upper = next((c for c in word if c.isupper()), None)
+    return f"stray '{upper}'" if upper is not None else f"invalid keyword '{word}'"
+
+
+_KEYWORD = re.compile(r"[A-Za-z]+")
+_LOWER = re.compile(r"[a-z]+")
+#: QEMU's lexer (qobject/json-lexer.c) on numbers: state -> {character class: next
+#: state}; the states in _NUMBER_ENDS may end a number, the others may not, and a
+#: character with no transition there is a lexical error (``stray`` of the token
+#: so far, that character included).  "bad" is a second digit after a leading 0.
+_NUMBER: Final[dict[str, dict[str, str]]] = {
+    "start": {"-": "neg", "0": "zero", "1": "int"},
+    "neg": {"0": "zero", "1": "int"},
+    "zero": {"0": "bad", "1": "bad", ".": "dot", "e": "e"},
+    "int": {"0": "int", "1": "int", ".": "dot", "e": "e"},
+    "dot": {"0": "frac", "1": "frac"},
+    "frac": {"0": "frac", "1": "frac", "e": "e"},
+    "e": {"+": "sign", "-": "sign", "0": "exp", "1": "exp"},
+    "sign": {"0": "exp", "1": "exp"},
+    "exp": {"0": "exp", "1": "exp"},
+}
+_NUMBER_ENDS: Final = frozenset({"zero", "int", "frac", "exp"})
+#: What may start a token: anything else is a stray character to QEMU's lexer.
+_TOKEN_START: Final = frozenset("{}[]:,\"'-0123456789")
+
+
+def _number_class(c: str) -> str:
+    if c == "0":
+        return "0"
+    if "1" <= c <= "9":
+        return "1"
+    return "e" if c in "eE" else c
+
+
+def _lexical_error(text: str, pos: int) -> str | None:
+    """QEMU's lexer error for the token that the parse failed in at ``pos``, if
+    its lexer stops there rather than its parser: a keyword run on (``truex``),
+    a number cut short (``1.}``, ``1e}``, ``01``, ``-}``), a character no token
+    starts with (``+``, ``.``)."""
+    if pos >= len(text):
+        return None
+    start = pos
+    while start and text[start - 1] in "0123456789.eE+-":
+        start -= 1
+    while start < pos and text[start] not in "-0123456789":
+        start += 1  # the run began inside a keyword ("true" ends in e)
+    # Lex as QEMU does from the run's start: a whole number may end before
+    # ``pos``, and the next token begin there ("1.5." is 1.5, then ".").
+    while start < pos or (start == pos and text[pos] in "-0123456789"):
+        end = _number_error(text, start)
+        if isinstance(end, str):
+            return end
+        if end > pos:
+            return None  # a whole number: what follows is the parser's error
+        if text[end] not in "-0123456789":
+            if end == pos:
+                break  # the failing character starts the next token: as below
+            return None if text[end].isalpha() else _stray_char(text[end])
+        start = end
+    c = text[pos]
+    if c.isascii() and c.isalpha():
+        begin = pos
+        while begin and text[begin - 1].isascii() and text[begin - 1].isalpha():
+            begin -= 1
+        kw = _KEYWORD.match(text, begin)
+        return _keyword(kw.group()) if begin < pos and kw else None
+    if c in _TOKEN_START or c.isspace():
+        return None
+    return _stray_char(c)
+
+
+def _number_error(text: str, start: int) -> str | int:
+    """The lexer's error in the number at ``start``, or where the number ends."""
+    state = "start"
+    for i in range(start, len(text)):
+        following = _NUMBER[state].get(_number_class(text[i]))
+        if following is None:
+            return i if state in _NUMBER_ENDS else _stray_text(text[start:i + 1])
+        if following == "bad":
+            return _stray_text(text[start:i + 1])
+        state = following
+    return len(text)
+
+
+def first_token_end(token: bytes) -> int | None:
+    """Where QEMU's lexer ends the first token of ``token``, a run of bytes with
+    no delimiter, if that token is a whole number or a run of lower-case
+    letters cut from more (``12x`` is 12, then ``x``; ``xY`` is the keyword
+    ``x``, then ``Y``); else None.  At the top level QEMU's parser takes each
+    token as it ends, so each is a message of its own."""
+    text = token.decode("utf-8", _RAW)
+    if text[:1] and text[0] in "-0123456789":
+        end = _number_error(text, 0)
+        return end if isinstance(end, int) and 0 < end < len(text) else None
+    run = _LOWER.match(text)  # the lexer's keywords are lower case
+    if run is not None:
+        end = run.end()
+        return end if end < len(text) else None
+    return None
+
+
+def lexer_waits(buf: bytes | bytearray, start: int, end: int) -> bool:
+    """Whether QEMU's lexer, having read ``buf[start:end]`` (a run of bytes with no
+    delimiter, outside any object), waits for what follows before it says
+    anything: the run is a keyword so far (lower-case letters) or a number that
+    may go on.  Otherwise its first token is over (``12x``) or it has already
+    failed (``@``, ``01``, a byte that is not ASCII), and QEMU answers at once."""
+    # Asked again at each read while a long token arrives: one regular
+    # expression (_NUMBER's states that are no error), not a loop per character.
+    return _WAITING.fullmatch(buf, start, end) is not None
+
+
+#: A keyword so far, or a number so far in one of _NUMBER's states.
+_WAITING: Final = re.compile(
+    rb"[a-z]++"
+    rb"|-?+(?:(?:0|[1-9][0-9]*+)(?:\.(?:[0-9]++(?:[eE][-+]?+[0-9]*+)?+)?+|[eE][-+]?+[0-9]*+)?+)?+")
+_NUMBER_START: Final = frozenset("-0123456789")
+
+
+def _stray_char(c: str) -> str:
+    # QEMU's lexer reads bytes: the first byte of a character is the stray one.
+    return stray(c.encode("utf-8", _RAW)[:1])[len(PARSE_ERROR_PREFIX):]
+
+
+def _stray_text(token: str) -> str:
+    return stray(token.encode("utf-8", _RAW))[len(PARSE_ERROR_PREFIX):]
+
+
+#: What QEMU's lexer (``qobject/json-lexer.c``) refuses in a string: control
+#: characters and the bytes 0xFE, 0xFF (here as the surrogates they decode to).
+_NOT_IN_STRING = "\\x00-\\x1f\\udcfe\\udcff"
+#: A run of whole tokens as QEMU's lexer reads them.
+_TOKENS: Final = re.compile(
+    r"(?:([ \t\r\n]+|[{}\[\]:,]|[a-z]+"
+    rf'|"(?:[^"\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*"'
+    rf"|'(?:[^'\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*'"
+    # a number the lexer would not take on with a "." "e" or digit after it
+    r"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?(?![.eE0-9])))*+")
+#: A string token as far as QEMU's lexer takes it.
+_STRING_SO_FAR: Final = {
+    quote: re.compile(rf"{quote}(?:[^{quote}\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*")
+    for quote in "\"'"}
+
+
+def _first_lexical_error(text: str) -> str | None:
+    """QEMU's error for the first token of ``text`` its lexer cannot read, if any.
+
+    QEMU lexes a message as it arrives and parses it only once it is complete,
+    so a lexical error anywhere in a message is what QEMU reports, before any
+    error of its parser (``{"a": x, "b": 1.}`` is ``stray '1.}'``, not
+    ``invalid keyword 'x'``).  A token still open at the end is no error yet.
+    """
+    pos = 0
+    while True:
+        m = _TOKENS.match(text, pos)
+        assert m is not None  # the pattern matches the empty string
+        pos = m.end()
+        if pos == len(text):
+            return None
+        c = text[pos]
+        if c not in _NUMBER_START:
+            break
+        # A number the pattern would not end where it did: lex it as QEMU does.
+        end = _number_error(text, pos)
+        if isinstance(end, str):
+            return PARSE_ERROR_PREFIX + end
+        if end == len(text):
+            return None
+        pos = end  # it ended at the byte after it, which begins the next token
+    if c in _STRING_SO_FAR:
+        bad = _STRING_SO_FAR[c].match(text, pos)
+        assert bad is not None
+        end = bad.end()
+        end += end < len(text) and text[end] == "\\"  # the byte after "\\" is the bad one
+        return None if end >= len(text) else PARSE_ERROR_PREFIX + _stray_text(text[pos : end + 1])
+    return PARSE_ERROR_PREFIX + _stray_char(c)
+
+
+def lexical_error(data: bytes) -> str | None:
+    """:func:`_first_lexical_error` of the start of a message, in bytes."""
+    return _first_lexical_error(data.decode("utf-8", _RAW))

@@ -1,4 +1,4 @@
-"""The byte-level grammar the QMP scanner steps with (:mod:`migblockd.qmp.framing`).
+"""The byte-level grammar the QMP scanner steps with (:mod:`migblockd.qmp.scanner`).
 
 Compiled regular expressions that step over whole runs of ordinary bytes and
 whole strings at C speed, stopping only at what matters to framing: brackets,

@@ -1,0 +1,212 @@
+"""Where decoding goes on after a bad message: the QMP decoder's recovery.
+
+:class:`~migblockd.qmp.scanner.Scanner` finds message boundaries; what happens
+once a message turns out bad is here, in :class:`Resync`, the class it builds
+on: how much of the input the bad message takes with it, where the next one
+may begin, and the check of an unfinished message's complete lines that
+catches an error before its brackets ever balance.  It is apart from the scan
+because it is a policy (QEMU's, as its streamer and a line-based client see
+it) that the scan consults only on its error paths.
+
+Every bad message produces exactly one :class:`~migblockd.qmp.wording.ParseError`
+in QEMU's wording.  Then the decoder resynchronises:
+
+* When the bad message was still *balanced* (its closing bracket was found,
+  only its content is wrong), its end is known, and decoding simply goes on
+  after it, so ``{bad}{good}`` with no newline still runs ``good``.
+* When a message's structure is lost (a mismatched closing bracket, a limit
+  overrun, a single quote), the rest of that message is skipped, its brackets
+  counted as QEMU's streamer counts them (``json-streamer.c``), and decoding
+  goes on after its last one.
+* Garbage at the top level (a stray closing bracket, a comma, a bad keyword or
+  number) is skipped up to where a request can begin: the next ``{``.  If the
+  message that ``{`` begins runs on past a line feed, the ``{`` was garbage
+  too, and decoding resumes after the line feed.
+* Either way, a line feed or a *reset byte* ends the skipping: an ASCII
+  control character other than ``\\t``, ``\\r``, ``\\n``, or one of the bytes
+  ``0xFE``/``0xFF`` that cannot occur in UTF-8.  The QMP spec
+  (``docs/interop/qmp-spec.rst``) documents sending such a byte as the way for
+  a client to force the parser back into a known state.  A run of reset bytes
+  counts as one bad message, and so does what follows it up to a new request:
+  the rest of a message that a reset byte broke is not a second message.
+
+* A message whose brackets never balance would swallow every request after
+  it, so the first 4 KiB of an unfinished message are parsed at each line
+  feed, with the ``{`` that begins the next line: an error found there is
+  reported at once, and decoding resumes at that ``{`` when the error is
+  there (a line-based client's next request), else after the line feed.
+
+None of this waits for a line feed: ``qemu.qmp`` never sends one, and QEMU
+answers its next request after any bad one.  Decoding resumes where QEMU's
+parser would accept a new request.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from migblockd.qmp.lexer import lexical_error, stray
+from migblockd.qmp.patterns import BLANKS, CONTROL, LF, RESET_BYTES, match_end
+from migblockd.qmp.wording import ParseError, prefix_error
+
+# The decoder's modes: scanning a message (or waiting for one), or skipping
+# what is left of a bad one.  The scan and this module both switch between them.
+_IDLE, _STRUCT, _SCALAR_MODE, _SKIP, _AFTER_RESET, _SKIP_TOP, _SKIP_REST = range(7)
+_SKIPPING: Final = frozenset({_SKIP, _AFTER_RESET, _SKIP_TOP, _SKIP_REST})
+
+_LINE_CHECK_WINDOW: Final = 4096
+#: :meth:`Resync._lines_verdict`: nothing found, go on as planned.
+_SOUND: Final = object()
+
+
+class Resync:
+    """The decoder's recovery from bad messages (see the module's docstring).
+
+    The state it works on is set by ``StreamDecoder.__init__``.
+    """
+
+    _mode: int
+    _start: int
+    _scan: int
+    _stack: bytearray
+    _in_string: bool
+    _skip_depth: int
+    _tentative: bool
+    _checked: int
+
+    def _skip_to_top(self, pos: int) -> None:
+        """Garbage at the top level: skip from ``pos`` to where a request can begin."""
+        self._skip_from(pos)
+        self._mode = _SKIP_TOP
+
+    def _skip_rest(self, pos: int, depth: int, in_string: bool = False) -> None:
+        """A message broken ``depth`` brackets deep (in a string, if ``in_string``):
+        skip from ``pos`` to its end, counting brackets as QEMU's streamer does,
+        so that a client that sends no line feeds (``qemu.qmp``) is not cut off."""
+        self._skip_from(pos)
+        if depth <= 0 and not in_string:
+            self._mode = _IDLE  # its last bracket was the bad one: it is over
+            self._start = pos
+            return
+        self._mode = _SKIP_REST
+        self._skip_depth = depth
+        self._in_string = in_string
+
+    def _resync_at(self, buf: bytearray, i: int) -> None:
+        """Decoding resumes at ``buf[i]``: after a line feed, at a reset byte (a run
+        of them is one bad message), or at a "{" found in garbage (tentatively:
+        see :meth:`_garbage_line`)."""
+        c = buf[i]
+        self._in_string = False
+        self._tentative = c == 0x7B
+        self._mode = _AFTER_RESET if c in RESET_BYTES else _IDLE
+        self._start = self._scan = i + 1 if c == LF else i
+
+    def _skip_from(self, pos: int) -> None:
+        self._tentative = False
+        self._mode = _SKIP
+        self._scan = pos
+        self._stack.clear()
+        self._in_string = False
+    def _lines_verdict(self, buf: bytearray, end: int) -> object:
+        """Before reporting an error at ``end`` (or waiting for more input): None if
+        the message was garbage and is skipped (go on), its lines' own error if
+        they hold an earlier one, else :data:`_SOUND`.  Every path runs this, so
+        the outcome does not depend on how the input was split."""
+        if self._garbage_line(buf, end):
+            return None
+        error = self._check_lines(buf, end)
+        return _SOUND if error is None else error
+
+    def _garbage_line(self, buf: bytearray, end: int) -> bool:
+        """Skip the message if a "{" found in garbage began it (see _SKIP_TOP) and it
+        runs on past a line feed before ``end``: that "{" was garbage too, and a
+        line-based client's next request follows the line feed.  Without line
+        feeds nothing changes.  Applied wherever the message's lines are checked,
+        so that the outcome does not depend on how the input was split."""
+        if not self._tentative:
+            return False
+        lf = buf.find(b"\n", self._start, end)
+        if lf < 0:
+            return False
+        self._skip_from(lf)
+        return True
+
+    def _check_lines(self, buf: bytearray, end: int) -> ParseError | None:
+        """Catch a syntax error in the complete lines of a message.
+
+        The regex scan only tracks brackets, so ``{"execute": "x" garbage``
+        followed by a newline and the next request would otherwise wait for a
+        closing brace that never comes, swallowing every request after it.
+        So whenever a message spans a line feed, what it holds up to the last
+        one is parsed: an error inside (not at the end, where input merely ran
+        out) is reported at once, and decoding resynchronises at the line feed
+        after it.  The same rule applies when the message turns out bad in
+        other ways, so the outcome does not depend on how input was split.
+
+        A "{" that begins the line after the last line feed is checked with
+        them: where the message cannot go on with it, that "{" is a line-based
+        client's next request, and decoding resumes there rather than after
+        its line (``[1, 2`` then a request on the next line: one error, and
+        the request runs, however the input was split).
+
+        Only the first ``_LINE_CHECK_WINDOW`` bytes of a message are checked
+        this way: requests are short, and a peer trickling a huge multi-line
+        message cannot make the checks cost more than that per line.
+        """
+        start = self._start
+        window = min(end, start + _LINE_CHECK_WINDOW)
+        stop = lf = buf.rfind(b"\n", max(start, self._checked), window)
+        if lf >= 0:
+            brace = match_end(BLANKS, buf, lf + 1, window)
+            if brace < window and buf[brace] == 0x7B:
+                stop = brace + 1
+        if stop <= self._checked:
+            return None
+        self._checked = stop
+        found = prefix_error(buf, start, stop)
+        if found is None:
+            return None  # a valid beginning, to be continued
+        desc, skip = found
+        if skip < stop and buf[skip] == 0x7B and self._begins_line(buf, skip):
+            self._skip_from(skip)
+            self._mode = _IDLE  # not skipping after all: a request begins here
+        else:
+            self._skip_from(min(skip, lf))
+        return ParseError(desc)
+
+    def _begins_line(self, buf: bytearray, pos: int) -> bool:
+        """``buf[pos]`` is the first byte but blanks of a line inside the message."""
+        lf = buf.rfind(b"\n", self._start, pos)
+        return lf >= 0 and match_end(BLANKS, buf, lf + 1, pos) == pos
+
+    def _bad_byte(self, buf: bytearray, p: int, token: int = -1) -> object:
+        """A control character (or 0xFE/0xFF) where JSON allows none: the message is
+        lost.  ``token``: where the string it is in began; QEMU's lexer names the
+        token so far (``stray '"tab\t'``).  None: it was garbage, skipped."""
+        if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+            return verdict
+        # QEMU's lexer fails at the first token it cannot read, which may come
+        # before this one (its parser, which the scan stands in for, never ran).
+        # With the quote or the byte itself: a number before it is cut short there.
+        earlier = lexical_error(bytes(buf[self._start : (token if token >= 0 else p) + 1]))
+        if token < 0:
+            # Skipping starts at the byte itself: a reset byte is its own
+            # resynchronisation point.
+            self._skip_from(p)
+            return ParseError(earlier or stray(bytes(buf[p : p + 1])))
+        # QEMU's lexer fails at the string's first control character: a \t or
+        # \r, which the scan lets by, may come before the byte it stopped at.
+        first = CONTROL.search(buf, token, p)
+        end = first.start() if first else p
+        error = ParseError(earlier or stray(bytes(buf[token : end + 1])))
+        self._skip_from(p)
+        if buf[p] == LF:
+            # The line feed broke a string, not the message: unless a request
+            # begins the next line, what follows is the rest of it (the string's
+            # end, "}") up to where a request can begin, as QEMU's lexer skips it.
+            # Read as a new string, it would swallow a request glued after it
+            # (qemu.qmp sends no line feeds).  As after a reset byte.
+            self._mode = _AFTER_RESET
+            self._start = self._scan = p + 1
+        return error  # else a reset byte: its own resynchronisation point

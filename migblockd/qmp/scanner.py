@@ -1,0 +1,315 @@
+"""The scan behind :class:`~migblockd.qmp.framing.StreamDecoder`: message boundaries.
+
+:class:`Scanner` finds message boundaries with compiled regular expressions
+(:mod:`migblockd.qmp.patterns`) that step over whole runs of ordinary bytes and
+whole strings at C speed, stopping only at brackets, quotes and bytes that
+matter for error recovery; each complete message is then parsed with ``json``
+on its exact slice (:mod:`migblockd.qmp.wording`).  No Python code runs per
+byte.
+
+Limits are enforced while scanning, so a 2000-deep ``[[[[...`` or an endless
+string is refused as soon as it passes the limit, and nothing ever recurses
+deeper than ``max_nesting`` (never a ``RecursionError``).
+
+The scan is apart from the decoder's interface (:mod:`migblockd.qmp.framing`:
+buffering, lookahead, end of input) and from the recovery after a bad message
+(:mod:`migblockd.qmp.resync`), which it calls on its error paths.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from migblockd.qmp.lexer import (
+    PARSE_ERROR_PREFIX,
+    first_token_end,
+    lexer_waits,
+    lexical_error,
+    stray,
+)
+from migblockd.qmp.limits import count_tokens
+from migblockd.qmp.patterns import (
+    APOSTROPHE,
+    BACKSLASH,
+    BLANKS,
+    CLOSERS,
+    FAST_DEPTH,
+    FAST_MESSAGE,
+    LF,
+    MESSAGE_END,
+    OPENERS,
+    QUOTE,
+    RESET_BYTES,
+    RESET_RUN,
+    RESYNC,
+    RESYNC_TOP,
+    SCALAR,
+    STRING_BODY,
+    STRUCTURE,
+    WHITESPACE,
+    match_end,
+    skip_broken,
+)
+from migblockd.qmp.resync import (
+    _AFTER_RESET,
+    _IDLE,
+    _SCALAR_MODE,
+    _SKIP,
+    _SKIP_REST,
+    _SKIP_TOP,
+    _SOUND,
+    _STRUCT,
+    Resync,
+)
+from migblockd.qmp.wording import (
+    NESTING_EXCEEDED,
+    SINGLE_QUOTE,
+    TOKEN_COUNT_EXCEEDED,
+    TOKEN_SIZE_EXCEEDED,
+    ParseError,
+    decode_message,
+    describe_error,
+)
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: Returned by :meth:`StreamDecoder.next_message` when no complete message is buffered.
+NEED_DATA: Final = _NeedData()
+
+
+class Scanner(Resync):
+    """:class:`~migblockd.qmp.framing.StreamDecoder`'s scan, mode by mode.
+
+    The state it works on is set by ``StreamDecoder.__init__``.
+    """
+
+    _buf: bytearray
+    _eof: bool
+    _string_start: int
+    max_message_size: int
+    max_nesting: int
+    max_tokens: int
+
+    def _complete(self, end: int) -> object:
+        """The message is ``buf[start:end]``; go idle after it and decode it."""
+        data = self._buf[self._start : end]
+        self._tentative = False
+        self._mode = _IDLE
+        self._start = self._scan = end
+        self._stack.clear()
+        self._in_string = False
+        value = decode_message(data)
+        # Every token is at least one byte: only a longer message can have too many.
+        if (
+            len(data) > self.max_tokens
+            and not isinstance(value, ParseError)
+            and count_tokens(value, self.max_tokens) > self.max_tokens
+        ):
+            return ParseError(TOKEN_COUNT_EXCEEDED)
+        return value
+
+    def _finish(self, buf: bytearray, end: int) -> object:
+        """A balanced message ends at ``end``: its value, or its first error (None:
+        it was garbage, skipped; go on)."""
+        if self._garbage_line(buf, end):
+            return None
+        start = self._start
+        item = self._complete(end)
+        if isinstance(item, ParseError) and buf.find(b"\n", start, end) >= 0:
+            # As if the lines had been checked while the message trickled in.
+            self._mode = _STRUCT
+            self._start = start
+            error = self._check_lines(buf, end)
+            if error is not None:
+                return error
+            self._mode = _IDLE
+            self._start = end
+        return item
+
+    def _advance(self) -> object:
+        buf = self._buf
+        n = len(buf)
+        while True:
+            mode = self._mode
+            if mode == _IDLE:
+                i = match_end(WHITESPACE, buf, self._scan)
+                self._start = self._scan = i
+                if i >= n:
+                    return NEED_DATA
+                c = buf[i]
+                self._checked = i
+                if c == 0x7B and self.max_nesting >= FAST_DEPTH:
+                    m = FAST_MESSAGE.match(buf, i, min(n, i + self.max_message_size))
+                    if m is not None:
+                        self._mode = _STRUCT
+                        item = self._finish(buf, m.end())
+                        if item is None:
+                            continue
+                        return item
+                closer = OPENERS.get(c)
+                if closer is not None:
+                    self._stack.append(closer)
+                    self._mode = _STRUCT
+                    self._scan = i + 1
+                elif c == QUOTE:
+                    self._mode = _STRUCT  # a top-level string: empty stack
+                    self._in_string = True
+                    self._string_start = i
+                    self._scan = i + 1
+                elif c in RESET_BYTES:
+                    end = match_end(RESET_RUN, buf, i)
+                    self._mode = _AFTER_RESET
+                    self._start = self._scan = end
+                    # Name the first byte only: the run may continue in the next read.
+                    return ParseError(stray(bytes(buf[i : i + 1])))
+                elif c in CLOSERS or c in b",:":
+                    self._skip_to_top(i + 1)
+                    return ParseError(PARSE_ERROR_PREFIX + "expecting value")
+                elif c == APOSTROPHE:
+                    self._skip_to_top(i + 1)
+                    return ParseError(SINGLE_QUOTE)
+                else:
+                    self._mode = _SCALAR_MODE
+            elif mode == _STRUCT:
+                item = self._scan_structure(buf, n)
+                if item is not None:
+                    return item
+            elif mode == _SCALAR_MODE:
+                limit = self._start + self.max_message_size
+                end = match_end(SCALAR, buf, self._start, min(n, limit + 1))
+                if end > limit:
+                    self._skip_to_top(limit)
+                    return ParseError(TOKEN_SIZE_EXCEEDED)
+                if end == n and not self._eof and lexer_waits(buf, self._start, end):
+                    return NEED_DATA  # a number or keyword ends at its delimiter
+                start = self._start
+                item = self._complete(end)
+                if isinstance(item, ParseError):
+                    split = first_token_end(bytes(buf[start:end]))
+                    if split is not None:
+                        # Two tokens to QEMU's lexer: a value (not an object,
+                        # which the session says), then the rest on its own.
+                        self._start = start
+                        return self._complete(start + split)
+                    if end < n:
+                        # QEMU's lexer names a number cut short with the byte it
+                        # could not take ("stray '1.}'", "stray '-\n'").
+                        item = ParseError(describe_error(bytes(buf[start : end + 1]))
+                                          or item.desc)
+                    # A bad top-level token: what follows up to a new request is too.
+                    self._skip_to_top(end)
+                return item
+            elif mode in (_SKIP, _SKIP_TOP):
+                m = (RESYNC_TOP if mode == _SKIP_TOP else RESYNC).search(buf, self._scan)
+                if m is None:
+                    self._scan = n
+                    return NEED_DATA
+                self._resync_at(buf, m.start())
+            elif mode == _SKIP_REST:
+                self._scan, self._skip_depth, self._in_string, stop = skip_broken(
+                    buf, n, self._scan, self._skip_depth, self._in_string)
+                if stop is None:
+                    return NEED_DATA
+                if stop == MESSAGE_END:
+                    self._mode = _IDLE
+                    self._start = self._scan
+                else:
+                    self._resync_at(buf, self._scan)
+            else:  # _AFTER_RESET (or a line feed that broke a string)
+                # A run of reset bytes is one bad message, however it was split
+                # across reads, so swallow the rest of the run.  What follows
+                # on the same line is the rest of the message the reset broke
+                # (one bad message, one error), unless a new request starts.
+                end = match_end(BLANKS, buf, match_end(RESET_RUN, buf, self._scan))
+                self._start = self._scan = end
+                if end == n:
+                    return NEED_DATA
+                c = buf[end]
+                if c in (0x7B, LF):
+                    self._mode = _IDLE
+                elif c not in RESET_BYTES:
+                    self._mode = _SKIP_TOP
+
+    def _scan_structure(self, buf: bytearray, n: int) -> object | None:
+        """Scan on inside a structure or top-level string; None means "mode changed, go on"."""
+        limit = self._start + self.max_message_size
+        stop = min(n, limit)
+        stack = self._stack
+        while True:
+            if self._in_string:
+                p = match_end(STRING_BODY, buf, self._scan, stop)
+                if p < stop:
+                    c = buf[p]
+                    if c == QUOTE:
+                        self._in_string = False
+                        self._scan = p + 1
+                        if not stack:
+                            return self._finish(buf, p + 1)
+                        continue
+                    if c != BACKSLASH:
+                        return self._bad_byte(buf, p, self._string_start)
+                    if p + 1 < stop:
+                        # The body stopped at "\X" with X invalid in a string.
+                        return self._bad_byte(buf, p + 1, self._string_start)
+                    # else the escape is split at the end of the input: wait
+                self._scan = p
+            else:
+                p = match_end(STRUCTURE, buf, self._scan, stop)
+                self._scan = p
+                if p < stop:
+                    c = buf[p]
+                    closer = OPENERS.get(c)
+                    if closer is not None:
+                        if len(stack) >= self.max_nesting:
+                            if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+                                return verdict
+                            self._skip_rest(p + 1, len(stack) + 1)
+                            return ParseError(NESTING_EXCEEDED)
+                        stack.append(closer)
+                        self._scan = p + 1
+                        continue
+                    if c in CLOSERS:
+                        if c != stack[-1]:
+                            if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+                                return verdict
+                            desc = describe_error(bytes(buf[self._start : p + 1]))
+                            # The bad closer still closes a level, as in QEMU's streamer.
+                            self._skip_rest(p + 1, len(stack) - 1)
+                            return ParseError(desc or PARSE_ERROR_PREFIX + "expecting value")
+                        stack.pop()
+                        if not stack:
+                            return self._finish(buf, p + 1)
+                        self._scan = p + 1
+                        continue
+                    if c == QUOTE:
+                        self._in_string = True
+                        self._string_start = p
+                        self._scan = p + 1
+                        continue
+                    if c == APOSTROPHE:
+                        if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+                            return verdict
+                        # QEMU's lexer reads a single quote, so its error is one
+                        # before it, if any (a number cut short by it included).
+                        earlier = lexical_error(bytes(buf[self._start : p + 1]))
+                        self._skip_rest(p + 1, len(stack))
+                        return ParseError(earlier or SINGLE_QUOTE)
+                    return self._bad_byte(buf, p)
+            # Out of input (or out of allowance) in the middle of a message.
+            if (verdict := self._lines_verdict(buf, self._scan)) is not _SOUND:
+                return verdict
+            if limit <= n:
+                # From where the scan stopped: in a string that may be an escape's
+                # backslash, whose escaped quote must not end the string.
+                self._skip_rest(self._scan, len(stack), self._in_string)
+                return ParseError(TOKEN_SIZE_EXCEEDED)
+            if self._eof:
+                self._skip_from(n)
+                return ParseError(PARSE_ERROR_PREFIX + "premature EOI")
+            return NEED_DATA

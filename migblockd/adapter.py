@@ -26,10 +26,10 @@ import logging
 from typing import TYPE_CHECKING, cast
 
 from migblockd.connection import Connection
-from migblockd.core import BATCH
 from migblockd.logs import WIRE_LIMIT, about, shown
 from migblockd.outbox import HIGH_WATER, Outbox
 from migblockd.peer import leftovers, peer_owner, unread, unsent
+from migblockd.roster import BATCH
 
 if TYPE_CHECKING:
     from migblockd.server import Server

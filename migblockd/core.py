@@ -18,7 +18,12 @@ A request runs to completion when its turn comes: the core applies the
 simulated migration's transitions that are due, runs the handler, delivers the
 events it caused to every negotiated session (before the reply, QEMU's order),
 then queues the reply.  Whatever a handler raises becomes a reply in
-:meth:`Core._attempt`, worded by :mod:`migblockd.failures`.
+:meth:`Core._attempt`, worded by :mod:`migblockd.failures`.  This module holds
+that path and the requests that wait for QEMU; :class:`Core`'s two base classes
+hold the rest, and no state: :mod:`migblockd.roster` (the connections: admission,
+whose turn is worth giving, who has output, a gone one's last requests) and
+:mod:`migblockd.outcomes` (what a commit or a failed one does to the output held
+for it).
 
 Durability (``durable=True``): output is held until the changes it follows
 are on disk, and commands that read state wait for them (:mod:`migblockd.ledger`
@@ -39,8 +44,7 @@ from time import perf_counter_ns
 from types import GeneratorType
 from typing import Any
 
-from migblockd import logs
-from migblockd.access import Policy, Quotas, Role
+from migblockd.access import Policy, Quotas
 from migblockd.admission import Admission
 from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
@@ -48,45 +52,27 @@ from migblockd.contract import Contract
 from migblockd.failures import internal_error, qmp_error
 from migblockd.gate import SETTLE, Call
 from migblockd.guard import Guard, NotOwner, OverQuota
-from migblockd.ledger import Group, Ledger
-from migblockd.logs import about, shown
+from migblockd.ledger import Ledger
+from migblockd.logs import about
+from migblockd.outcomes import Outcomes
 from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
-from migblockd.qmp.session import Request, Session
-from migblockd.registry import BlockerError, Owner, Registry
+from migblockd.qmp.session import Request
+from migblockd.registry import BlockerError, Registry
 from migblockd.render import event_line
+from migblockd.roster import TURN_OUTPUT, Roster, _held_full
 from migblockd.stats import Stats
 
-__all__ = ["BATCH", "Core"]
+__all__ = ["Core"]
 
 log = logging.getLogger("migblockd")
-
-#: Output bytes after which a connection's turn ends early: a client that
-#: pipelines requests for big answers gets them written one turn at a time
-#: (and backpressure stops it there), not all built at once.
-TURN_OUTPUT = 64 * 1024
-
-#: Requests of one connection run per turn: large enough to batch pipelined
-#: requests into one write, small enough to let other clients take turns (and,
-#: for a connection gone, to let its answers go as they come: see ``_finish``).
-BATCH = 32
 
 #: A handler that talks to QEMU, paused at its latest ``yield Call(...)``.
 Suspended = Generator[object, object, object]
 
 
-def _held_full(conn: Connection) -> bool:
-    """``conn``'s replies held for commits are a turn's worth: its next requests
-    wait for the commit.  Without this bound a client's pipelined requests would
-    keep running while a slow commit holds their output, and all of it would
-    arrive at once when the commit lands, past ``--max-output``."""
-    session = conn.session
-    # A closed connection's last requests all run now: nobody reads their replies.
-    return session.holding and not conn.closed and session.held_replies > TURN_OUTPUT
-
-
-class Core:
+class Core(Roster, Outcomes):
     """Sessions, registry and command table of one daemon (sans-I/O).
 
     ``limits`` bound each connection's input, ``admission`` how many connections
@@ -120,124 +106,6 @@ class Core:
         self.stats = Stats(name for name, cmd in self.table.items() if cmd.handler is not None)
         # When each request now waiting (for a commit or QEMU) started: perf_counter_ns().
         self._started: dict[Connection, int] = {}
-
-    # -- connections -----------------------------------------------------------
-    def connect(self, owner: Owner | None) -> Connection:
-        """A new connection; its greeting is pending at once.
-
-        Past the admission's limits the connection is ``refused``: its only
-        output is an error line saying why, and the caller closes it after
-        writing that.
-        """
-        self._numbers += 1
-        conn = Connection(self._numbers, owner, Session(self.table, self.greeting, self.limits))
-        self.stats.connections += 1
-        refusal = self.admission.refusal(owner, len(self.connections),
-                                         admin=self.guard.role_of(conn) is Role.ADMIN)
-        if refusal is not None:
-            limit, desc = refusal
-            self.stats.connections_refused[limit] += 1
-            conn.refused = True
-            conn.session.refuse(QMPError(desc))
-            log.warning("%s: refused: %s", conn.label, desc, extra=about(conn))
-        else:
-            self.connections[conn] = None
-            self.admission.admit(owner)
-            logs.info(log, "%s connected", conn.label, extra=about(conn))
-        self._dirty[conn] = None
-        return conn
-
-    def configure(self, limits: Limits) -> None:
-        """Bound every connection's input by ``limits``, the open ones' from their
-        next message on (a reload)."""
-        self.limits = limits
-        for conn in self.connections:
-            conn.session.configure(limits)
-
-    def configure_access(self, policy: Policy, quotas: Quotas) -> None:
-        """Apply a (re)loaded access policy and quotas (see :meth:`Guard.configure`).
-
-        A blocker is encoded once, its owner's user name with it: those of a
-        uid whose name the reload found changed are encoded again, so that
-        ``query-blockers`` shows every blocker of a uid under its name of now.
-        """
-        renamed = self.guard.configure(policy, quotas, self.connections)
-        if renamed:
-            for blocker in self.registry.blockers():
-                if blocker.owner is not None and blocker.owner.uid in renamed:
-                    blocker.cache = None
-            self.handlers.listings.reset()
-
-    def disconnect(self, conn: Connection, reason: str = "") -> None:
-        """The connection is gone: run what it sent, then release its blockers.
-
-        Everything received is executed though no answer can be delivered
-        (unlike QEMU); a request waiting for a commit runs once it is done,
-        and the connection is finished off after that.
-        """
-        if conn not in self.connections or conn.closed:
-            return
-        conn.closed = True
-        logs.info(log, "%s disconnected%s", conn.label, f": {reason}" if reason else "",
-                  extra=about(conn))
-        self._finish(conn)
-
-    def _finish(self, conn: Connection) -> None:
-        # Its requests run, a turn's worth at a time, and their output is let go
-        # as it comes, never joined: a client that pipelined thousands of big
-        # answers and hung up would otherwise cost their sum in memory and copies.
-        while self.execute(conn, BATCH):
-            conn.session.take_output()
-        if conn.waiting is not None:
-            return  # finished when its commit is done
-        del self.connections[conn]
-        self.admission.release(conn.owner)
-        self._dirty.pop(conn, None)
-        self.ledger.holding.pop(conn, None)
-        self.ledger.cohort.pop(conn, None)
-        released = self.registry.release(conn)
-        if released:
-            ids = [b.id for b in released]
-            logs.info(log, "%s: released %d connection-scoped blocker(s): %s", conn.label,
-                      len(released), shown(", ".join(ids), quoted=False),
-                      extra=about(conn, blocker_id=ids))
-            # Nothing durable (they were never stored), but the listings must know.
-            self.handlers.track(self.registry.take_changes())
-        self._publish(False)
-
-    def expel(self, conn: Connection, reason: str) -> None:
-        """Close ``conn`` for ``reason`` (a timeout): one error line saying why, after
-        what is queued; the caller reads no more and closes it once :meth:`settled`."""
-        conn.session.fail(None, QMPError(reason))
-        self._dirty[conn] = None
-        log.warning("%s: closing: %s", conn.label, reason, extra=about(conn))
-
-    # -- input -----------------------------------------------------------------
-    def receive_data(self, conn: Connection, data: bytes | memoryview) -> None:
-        conn.session.receive_data(data)
-
-    def receive_eof(self, conn: Connection) -> None:
-        conn.session.receive_eof()
-
-    def has_pending(self, conn: Connection) -> bool:
-        """Requests are buffered (or one waits for a commit)."""
-        return conn.waiting is not None or conn.session.has_pending()
-
-    def settled(self, conn: Connection) -> bool:
-        """Everything ``conn`` sent is answered and released: a half-closed one may go."""
-        return (conn.waiting is None and not conn.session.has_pending()
-                and not conn.session.holding)
-
-    def blocked(self, conn: Connection) -> bool:
-        """Its next request waits for a commit or QEMU: no use giving it a turn until then."""
-        if conn.waiting is not None:
-            return ((conn.suspended is not None and conn.answer is None)
-                    or self.ledger.uncommitted)
-        return _held_full(conn)
-
-    def awaiting(self, conn: Connection) -> bool:
-        """What ``conn`` is owed waits for a commit or QEMU, not for the client."""
-        return conn.session.holding or self.blocked(conn)
 
     def execute(self, conn: Connection, max_requests: int) -> int:
         """Run up to ``max_requests`` of ``conn``'s pending requests, in order.
@@ -284,96 +152,6 @@ class Core:
         if session.has_output():
             self._dirty[conn] = None
         return handled
-
-    # -- output ----------------------------------------------------------------
-    def data_to_send(self, conn: Connection) -> bytes:
-        return conn.session.data_to_send()
-
-    def take_output(self, conn: Connection) -> tuple[list[bytes], int, int]:
-        """The bytes to send to ``conn``, in pieces, their size, and how many are events."""
-        return conn.session.take_output()
-
-    def others_dirty(self, conn: Connection) -> bool:
-        """Some connection other than ``conn`` has output queued."""
-        return any(other is not conn for other in self._dirty)
-
-    def take_dirty(self) -> list[Connection]:
-        """The connections with output queued since the last call, in order."""
-        if not self._dirty:
-            return []
-        dirty, self._dirty = list(self._dirty), {}
-        return dirty
-
-    # -- durability --------------------------------------------------------------
-    def has_uncommitted(self) -> bool:
-        """Some change is not on disk yet (nor has its commit failed)."""
-        return self.ledger.uncommitted
-
-    def take_group(self, wait: bool = True) -> Group | None:
-        """The changes to commit next, if any and if no commit is in flight;
-        while ``wait``, only once the last commit's cohort is in (see
-        :mod:`migblockd.ledger`) or its wait is over."""
-        return self.ledger.take_group(self.registry.clock.monotonic() if wait else None)
-
-    def committed(self, group: Group) -> list[Connection]:
-        """``group`` is on disk: release what waited for it.
-
-        Returns the connections whose next request may run now.
-        """
-        self.ledger.done(group)
-        holding = self.ledger.holding
-        released = []
-        for conn in list(holding):
-            if conn.session.release(group.stamp):
-                self._dirty[conn] = None
-                released.append(conn)
-            if not conn.session.holding:
-                del holding[conn]
-        # Writers now answered whose next request is still to come: not those
-        # with a later request of their own already waiting (for this commit's
-        # successor, for QEMU, or to read state).
-        self.ledger.expect([conn for conn in group.writers
-                            if not conn.closed and conn.waiting is None
-                            and not conn.session.holds_reply],
-                           self.registry.clock.monotonic())
-        return self._wake(released)
-
-    def commit_failed(self, group: Group, reason: str) -> list[Connection]:
-        """``group`` could not be committed: back to what is on disk.
-
-        Every change not yet on disk is undone (``group``'s and any made since),
-        those commands' replies become errors saying ``reason``, their events are
-        dropped.  Returns the connections whose next request may run now.
-        """
-        undone = [(conn, self.registry.undo(changes, alive=self.connections.__contains__))
-                  for conn, changes in self.ledger.failed()]
-        self.handlers.listings.reset()
-        error = QMPError(f"{reason}; nothing was changed")
-        released = list(self.ledger.holding)
-        # Commands of clients gone since: their replies were dropped with them.
-        failed = sum(1 for conn, _ in undone if conn not in self.ledger.holding)
-        for conn in released:
-            failed += conn.session.fail_held(error)
-            self._dirty[conn] = None
-        self.ledger.holding.clear()
-        log.error("%s; %d command(s) failed, their changes undone", reason, failed)
-        # The log said "added" and "deleted" as each ran: say which did not last.
-        for conn, changes in reversed(undone):
-            for change in changes:
-                self.handlers.undone(conn, change)
-        return self._wake(released)
-
-    def _wake(self, released: list[Connection]) -> list[Connection]:
-        """Who may go on after a commit: those waiting to read state, and those
-        of ``released`` that their held output had stopped (:func:`_held_full`)."""
-        woken = self.ledger.wake()
-        for conn in woken:
-            if conn.closed:
-                self._finish(conn)
-        woken = [conn for conn in woken if not conn.closed]
-        woken += [conn for conn in released if conn.session.has_pending()
-                  and not conn.closed and conn not in woken]
-        return woken
 
     # -- QEMU --------------------------------------------------------------------
     def take_calls(self) -> list[tuple[Connection, Call]]:

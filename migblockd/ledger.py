@@ -12,8 +12,9 @@ The server commits in groups: :meth:`Ledger.take_group` hands it every
 durable change since the last group (one transaction per loop turn), at most
 one group in flight; the core then reports :meth:`Ledger.done` or
 :meth:`Ledger.failed`.  The core owns what those outcomes mean for sessions
-(:meth:`migblockd.core.Core.committed`, :meth:`~migblockd.core.Core.commit_failed`);
-the ledger only keeps the numbers and the sets of connections straight.
+(:meth:`migblockd.outcomes.Outcomes.committed`,
+:meth:`~migblockd.outcomes.Outcomes.commit_failed`); the ledger only keeps the
+numbers and the sets of connections straight.
 
 A group also waits for the *cohort*: the connections whose changes the last
 commit carried, now answered.  Clients that keep changing state (agents

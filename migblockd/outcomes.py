@@ -1,0 +1,120 @@
+"""Durability's held output: what a group's commit, or its failure, does to it.
+
+Part of :class:`migblockd.core.Core` (a base class of it, with no state of its
+own).  With ``durable=True`` a command whose changes must outlive the daemon
+gets a stamp (:mod:`migblockd.ledger` keeps the numbers), and its events and
+reply, and all output after them, wait in the sessions until those changes
+are on disk.  The server takes the changes in groups (:meth:`Outcomes.take_group`),
+commits each off the event loop, and reports how it went:
+
+* :meth:`Outcomes.committed`: the held output of the group is released, in the
+  order it was queued, and the commands that wait to read state may run;
+* :meth:`Outcomes.commit_failed`: every change not on disk is undone (the
+  group's and any made on top of it since), those commands' replies become
+  errors, their events are dropped, and the ``query-blockers`` listings start
+  over.
+
+Either way the connections that may go on are returned (:meth:`Outcomes._wake`):
+those waiting to read state (or a gate handler's ``SETTLE``), and those whose
+held output had stopped them.  A connection gone meanwhile is finished off here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from migblockd.commands import Handlers
+from migblockd.connection import Connection
+from migblockd.ledger import Group, Ledger
+from migblockd.qmp.errors import QMPError
+from migblockd.registry import Registry
+
+__all__ = ["Outcomes"]
+
+log = logging.getLogger("migblockd")
+
+
+class Outcomes:
+    """What a :class:`~migblockd.core.Core`'s commits mean for its sessions."""
+
+    # The core's, set in Core.__init__:
+    registry: Registry
+    handlers: Handlers
+    ledger: Ledger
+    connections: dict[Connection, None]
+    _dirty: dict[Connection, None]
+
+    if TYPE_CHECKING:
+        def _finish(self, conn: Connection) -> None: ...
+
+    def has_uncommitted(self) -> bool:
+        """Some change is not on disk yet (nor has its commit failed)."""
+        return self.ledger.uncommitted
+
+    def take_group(self, wait: bool = True) -> Group | None:
+        """The changes to commit next, if any and if no commit is in flight;
+        while ``wait``, only once the last commit's cohort is in (see
+        :mod:`migblockd.ledger`) or its wait is over."""
+        return self.ledger.take_group(self.registry.clock.monotonic() if wait else None)
+
+    def committed(self, group: Group) -> list[Connection]:
+        """``group`` is on disk: release what waited for it.
+
+        Returns the connections whose next request may run now.
+        """
+        self.ledger.done(group)
+        holding = self.ledger.holding
+        released = []
+        for conn in list(holding):
+            if conn.session.release(group.stamp):
+                self._dirty[conn] = None
+                released.append(conn)
+            if not conn.session.holding:
+                del holding[conn]
+        # Writers now answered whose next request is still to come: not those
+        # with a later request of their own already waiting (for this commit's
+        # successor, for QEMU, or to read state).
+        self.ledger.expect([conn for conn in group.writers
+                            if not conn.closed and conn.waiting is None
+                            and not conn.session.holds_reply],
+                           self.registry.clock.monotonic())
+        return self._wake(released)
+
+    def commit_failed(self, group: Group, reason: str) -> list[Connection]:
+        """``group`` could not be committed: back to what is on disk.
+
+        Every change not yet on disk is undone (``group``'s and any made since),
+        those commands' replies become errors saying ``reason``, their events are
+        dropped.  Returns the connections whose next request may run now.
+        """
+        undone = [(conn, self.registry.undo(changes, alive=self.connections.__contains__))
+                  for conn, changes in self.ledger.failed()]
+        self.handlers.listings.reset()
+        error = QMPError(f"{reason}; nothing was changed")
+        released = list(self.ledger.holding)
+        # Commands of clients gone since: their replies were dropped with them.
+        failed = sum(1 for conn, _ in undone if conn not in self.ledger.holding)
+        for conn in released:
+            failed += conn.session.fail_held(error)
+            self._dirty[conn] = None
+        self.ledger.holding.clear()
+        log.error("%s; %d command(s) failed, their changes undone", reason, failed)
+        # The log said "added" and "deleted" as each ran: say which did not last.
+        for conn, changes in reversed(undone):
+            for change in changes:
+                self.handlers.undone(conn, change)
+        return self._wake(released)
+
+    def _wake(self, released: list[Connection]) -> list[Connection]:
+        """Who may go on after a commit: those waiting to read state, and those
+        of ``released`` that their held output had stopped
+        (:func:`~migblockd.roster._held_full`)."""
+        woken = self.ledger.wake()
+        for conn in woken:
+            if conn.closed:
+                self._finish(conn)
+        woken = [conn for conn in woken if not conn.closed]
+        woken += [conn for conn in released if conn.session.has_pending()
+                  and not conn.closed and conn not in woken]
+        return woken

@@ -1,0 +1,220 @@
+"""The core's connections: who is served, whose turn is worth giving, who has output.
+
+Part of :class:`migblockd.core.Core` (a base class of it, with no state of its
+own): the bookkeeping around the requests that the core runs.  A connection is
+admitted or refused when it comes (:mod:`migblockd.admission`), and closed for a
+timeout by :meth:`Roster.expel`; a reload reaches the open ones
+(:meth:`Roster.configure`, :meth:`Roster.configure_access`).  Between turns the
+server asks which connections have work it can do now (:meth:`Roster.has_pending`,
+:meth:`Roster.blocked`, :meth:`Roster.awaiting`, :meth:`Roster.settled`) and which
+have output to write (:meth:`Roster.take_dirty`).  A connection gone still has
+what it sent run, :data:`BATCH` requests at a time, before its slot and its
+connection-scoped blockers are released (:meth:`Roster.disconnect`); running them
+is the core's (:meth:`migblockd.core.Core.execute`).
+
+A connection whose replies wait for a commit stops once a turn's worth of them
+is held (:func:`_held_full`), as a slow reader does: see :mod:`migblockd.outcomes`
+for what the commit's outcome does to them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from migblockd import logs
+from migblockd.access import Policy, Quotas, Role
+from migblockd.admission import Admission
+from migblockd.commands import Handlers
+from migblockd.connection import Connection
+from migblockd.guard import Guard
+from migblockd.ledger import Ledger
+from migblockd.logs import about, shown
+from migblockd.qmp.errors import QMPError
+from migblockd.qmp.limits import Limits
+from migblockd.qmp.session import Command, Session
+from migblockd.registry import Owner, Registry
+from migblockd.stats import Stats
+
+__all__ = ["BATCH", "TURN_OUTPUT", "Roster"]
+
+log = logging.getLogger("migblockd")
+
+#: Requests of one connection run per turn: large enough to batch pipelined
+#: requests into one write, small enough to let other clients take turns (and,
+#: for a connection gone, to let its answers go as they come: see ``_finish``).
+BATCH = 32
+
+#: Output bytes after which a connection's turn ends early: a client that
+#: pipelines requests for big answers gets them written one turn at a time
+#: (and backpressure stops it there), not all built at once.
+TURN_OUTPUT = 64 * 1024
+
+
+def _held_full(conn: Connection) -> bool:
+    """``conn``'s replies held for commits are a turn's worth: its next requests
+    wait for the commit.  Without this bound a client's pipelined requests would
+    keep running while a slow commit holds their output, and all of it would
+    arrive at once when the commit lands, past ``--max-output``."""
+    session = conn.session
+    # A closed connection's last requests all run now: nobody reads their replies.
+    return session.holding and not conn.closed and session.held_replies > TURN_OUTPUT
+
+
+class Roster:
+    """The connections of a :class:`~migblockd.core.Core` and what the server asks of them."""
+
+    # The core's, set in Core.__init__ (and its methods, below):
+    registry: Registry
+    handlers: Handlers
+    table: dict[str, Command]
+    limits: Limits
+    admission: Admission
+    guard: Guard
+    greeting: dict[str, Any]
+    stats: Stats
+    ledger: Ledger
+    connections: dict[Connection, None]  # an ordered set
+    _dirty: dict[Connection, None]  # connections with output, in order
+    _numbers: int
+
+    if TYPE_CHECKING:
+        def execute(self, conn: Connection, max_requests: int) -> int: ...
+        def _publish(self, durable: bool) -> None: ...
+
+    # -- connections -----------------------------------------------------------
+    def connect(self, owner: Owner | None) -> Connection:
+        """A new connection; its greeting is pending at once.
+
+        Past the admission's limits the connection is ``refused``: its only
+        output is an error line saying why, and the caller closes it after
+        writing that.
+        """
+        self._numbers += 1
+        conn = Connection(self._numbers, owner, Session(self.table, self.greeting, self.limits))
+        self.stats.connections += 1
+        refusal = self.admission.refusal(owner, len(self.connections),
+                                         admin=self.guard.role_of(conn) is Role.ADMIN)
+        if refusal is not None:
+            limit, desc = refusal
+            self.stats.connections_refused[limit] += 1
+            conn.refused = True
+            conn.session.refuse(QMPError(desc))
+            log.warning("%s: refused: %s", conn.label, desc, extra=about(conn))
+        else:
+            self.connections[conn] = None
+            self.admission.admit(owner)
+            logs.info(log, "%s connected", conn.label, extra=about(conn))
+        self._dirty[conn] = None
+        return conn
+
+    def configure(self, limits: Limits) -> None:
+        """Bound every connection's input by ``limits``, the open ones' from their
+        next message on (a reload)."""
+        self.limits = limits
+        for conn in self.connections:
+            conn.session.configure(limits)
+
+    def configure_access(self, policy: Policy, quotas: Quotas) -> None:
+        """Apply a (re)loaded access policy and quotas (see :meth:`Guard.configure`).
+
+        A blocker is encoded once, its owner's user name with it: those of a
+        uid whose name the reload found changed are encoded again, so that
+        ``query-blockers`` shows every blocker of a uid under its name of now.
+        """
+        renamed = self.guard.configure(policy, quotas, self.connections)
+        if renamed:
+            for blocker in self.registry.blockers():
+                if blocker.owner is not None and blocker.owner.uid in renamed:
+                    blocker.cache = None
+            self.handlers.listings.reset()
+
+    def disconnect(self, conn: Connection, reason: str = "") -> None:
+        """The connection is gone: run what it sent, then release its blockers.
+
+        Everything received is executed though no answer can be delivered
+        (unlike QEMU); a request waiting for a commit runs once it is done,
+        and the connection is finished off after that.
+        """
+        if conn not in self.connections or conn.closed:
+            return
+        conn.closed = True
+        logs.info(log, "%s disconnected%s", conn.label, f": {reason}" if reason else "",
+                  extra=about(conn))
+        self._finish(conn)
+
+    def _finish(self, conn: Connection) -> None:
+        # Its requests run, a turn's worth at a time, and their output is let go
+        # as it comes, never joined: a client that pipelined thousands of big
+        # answers and hung up would otherwise cost their sum in memory and copies.
+        while self.execute(conn, BATCH):
+            conn.session.take_output()
+        if conn.waiting is not None:
+            return  # finished when its commit is done
+        del self.connections[conn]
+        self.admission.release(conn.owner)
+        self._dirty.pop(conn, None)
+        self.ledger.holding.pop(conn, None)
+        self.ledger.cohort.pop(conn, None)
+        released = self.registry.release(conn)
+        if released:
+            ids = [b.id for b in released]
+            logs.info(log, "%s: released %d connection-scoped blocker(s): %s", conn.label,
+                      len(released), shown(", ".join(ids), quoted=False),
+                      extra=about(conn, blocker_id=ids))
+            # Nothing durable (they were never stored), but the listings must know.
+            self.handlers.track(self.registry.take_changes())
+        self._publish(False)
+
+    def expel(self, conn: Connection, reason: str) -> None:
+        """Close ``conn`` for ``reason`` (a timeout): one error line saying why, after
+        what is queued; the caller reads no more and closes it once :meth:`settled`."""
+        conn.session.fail(None, QMPError(reason))
+        self._dirty[conn] = None
+        log.warning("%s: closing: %s", conn.label, reason, extra=about(conn))
+
+    # -- input -----------------------------------------------------------------
+    def receive_data(self, conn: Connection, data: bytes | memoryview) -> None:
+        conn.session.receive_data(data)
+
+    def receive_eof(self, conn: Connection) -> None:
+        conn.session.receive_eof()
+
+    def has_pending(self, conn: Connection) -> bool:
+        """Requests are buffered (or one waits for a commit)."""
+        return conn.waiting is not None or conn.session.has_pending()
+
+    def settled(self, conn: Connection) -> bool:
+        """Everything ``conn`` sent is answered and released: a half-closed one may go."""
+        return (conn.waiting is None and not conn.session.has_pending()
+                and not conn.session.holding)
+
+    def blocked(self, conn: Connection) -> bool:
+        """Its next request waits for a commit or QEMU: no use giving it a turn until then."""
+        if conn.waiting is not None:
+            return ((conn.suspended is not None and conn.answer is None)
+                    or self.ledger.uncommitted)
+        return _held_full(conn)
+
+    def awaiting(self, conn: Connection) -> bool:
+        """What ``conn`` is owed waits for a commit or QEMU, not for the client."""
+        return conn.session.holding or self.blocked(conn)
+
+    # -- output ----------------------------------------------------------------
+    def data_to_send(self, conn: Connection) -> bytes:
+        return conn.session.data_to_send()
+
+    def take_output(self, conn: Connection) -> tuple[list[bytes], int, int]:
+        """The bytes to send to ``conn``, in pieces, their size, and how many are events."""
+        return conn.session.take_output()
+
+    def others_dirty(self, conn: Connection) -> bool:
+        """Some connection other than ``conn`` has output queued."""
+        return any(other is not conn for other in self._dirty)
+
+    def take_dirty(self) -> list[Connection]:
+        """The connections with output queued since the last call, in order."""
+        if not self._dirty:
+            return []
+        dirty, self._dirty = list(self._dirty), {}
+        return dirty

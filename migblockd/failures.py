@@ -22,7 +22,7 @@ goes to the log only.
 
 from __future__ import annotations
 
-from migblockd.gate import QemuError, QemuUnavailable
+from migblockd.qemu_facts import QemuError, QemuUnavailable
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import BlockerError
 

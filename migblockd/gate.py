@@ -15,21 +15,32 @@ or :class:`QemuUnavailable` thrown in; ``yield SETTLE`` resumes it once the
 changes other clients made meanwhile are on disk (or undone).  The core drives
 them (the adapter does the I/O); a handler changes the registry only after its
 last ``yield``, so what it changes is committed with the command that made it.
+What the handlers know of QEMU (:class:`QemuFacts`), how they read its answers
+and the errors it fails with are :mod:`migblockd.qemu_facts`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import Generator, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Generator
+from dataclasses import dataclass
 from typing import Any, Final
 
 from migblockd.commands import Args, Handlers, log, reads_state
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.logs import about, shown
+from migblockd.qemu_facts import (
+    ModeMismatch,
+    QemuError,
+    QemuFacts,
+    QemuUnavailable,
+    _check_runstate,
+    _not_understood,
+    _reasons,
+    _status,
+    incoming,
+)
 from migblockd.qmp.encoding import Parts, encode
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.session import Command
@@ -42,25 +53,13 @@ from migblockd.registry import (
     Registry,
 )
 
-__all__ = ["ENDINGS", "QEMU_BLOCKER_PREFIX", "SETTLE", "Call", "GateHandlers", "ModeMismatch",
-           "QemuError", "QemuFacts", "QemuUnavailable", "Settle", "incoming"]
+__all__ = ["QEMU_BLOCKER_PREFIX", "SETTLE", "Call", "GateHandlers", "Settle"]
 
 #: QEMU's own blockers are listed as ``qemu:1``, ``qemu:2``... (oldest first): a
 #: ``:`` is not allowed in the ids clients choose, so these never clash.
 QEMU_BLOCKER_PREFIX: Final = "qemu:"
 
 Step = Generator["Call | Settle", object, object]
-
-#: What QEMU's ``migrate_prepare()`` (``migration/migration.c``) answers in these run
-#: states (``query-status``), after a migration in progress and before any blocker.
-RUNSTATE_REFUSALS: Final = {
-    "inmigrate": "Guest is waiting for an incoming migration",
-    "postmigrate": "Can't migrate the vm that was paused due to previous migration",
-}
-
-#: The statuses a migration ends in (``completed`` and ``failed`` are the
-#: others' only way out; ``cancelled`` follows ``migrate_cancel``).
-ENDINGS: Final = ("completed", "failed", "cancelled")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,72 +78,6 @@ class Settle:
 
 
 SETTLE: Final = Settle()
-
-
-class QemuError(Exception):
-    """QEMU answered with an error: its class and desc, verbatim."""
-
-    def __init__(self, error_class: str, desc: str) -> None:
-        super().__init__(desc)
-        self.error_class = error_class
-        self.desc = desc
-
-
-class QemuUnavailable(Exception):
-    """No answer from QEMU (not connected, or the connection broke); ``str()`` says why."""
-
-
-class ModeMismatch(QMPError):
-    """QEMU would not migrate in migblockd's mode: ``migrate`` is refused."""
-
-
-@dataclass
-class QemuFacts:
-    """What the core knows of the QEMU behind it; the adapter keeps it current.
-
-    ``commands`` maps each command the connected QEMU knows to its argument
-    names (empty while disconnected).  ``busy`` is set while a ``migrate``
-    that migblockd forwarded waits for QEMU: from migblockd's decision to
-    QEMU's reply, a new blocker would slip past that decision.
-
-    For the metrics: ``blockers`` is how many blockers of its own QEMU listed
-    in the latest ``query-migrate`` answer migblockd saw (None: none seen
-    since it connected); ``ended`` counts how the migrations migblockd
-    handed to QEMU ended, as QEMU's MIGRATION events or ``query-migrate``
-    answers showed (``awaiting``: one was handed over and its end not seen).
-    """
-
-    path: Path
-    connected: bool = False
-    version: str = ""
-    commands: Mapping[str, frozenset[str]] = field(default_factory=dict)
-    status: str | None = None
-    busy: bool = False
-    blockers: int | None = None
-    ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDINGS, 0))
-    awaiting: bool = False
-    resumed: int = 0
-
-    def knows(self, command: str, argument: str | None = None) -> bool:
-        if argument is None:
-            return command in self.commands
-        return argument in self.commands.get(command, frozenset())
-
-    def saw(self, info: object) -> None:
-        """QEMU answered ``query-migrate`` with ``info``."""
-        if isinstance(info, dict):
-            self.blockers = len(_reasons(info))
-            status = _status(info)
-            self.status = status
-            if not self.busy:  # else the answer may predate the migrate in flight
-                self.saw_status(status)
-
-    def saw_status(self, status: object) -> None:
-        """QEMU said its migration's status is ``status`` (an event or ``query-migrate``)."""
-        if self.awaiting and status in ENDINGS:
-            assert isinstance(status, str)
-            self.ended[status] += 1
-            self.awaiting = False
 
 
 class GateHandlers(Handlers):
@@ -414,40 +347,6 @@ class GateHandlers(Handlers):
         self, conn: Connection, args: Args
     ) -> Step:
         return (yield Call("query-migrate-capabilities", args))
-
-
-def _not_understood(command: str, answer: object) -> QemuUnavailable:
-    text = json.dumps(answer, ensure_ascii=True)
-    shown = text if len(text) <= 200 else text[:200] + "..."
-    return QemuUnavailable(f"QEMU's answer to {command} was not understood: {shown}")
-
-
-def incoming(info: object, runstate: str) -> bool:
-    """Whether the migration that ``query-migrate`` shows (``info``, with QEMU in
-    ``runstate``) comes in rather than goes out: QEMU shows the incoming one when
-    none goes out.  Until the switch-over QEMU is in run state ``inmigrate``; in
-    postcopy the VM runs here already, and only one going out has ``ram`` figures."""
-    return runstate == "inmigrate" or (
-        str(_status(info)).startswith("postcopy-") and isinstance(info, dict)
-        and "ram" not in info)
-
-
-def _check_runstate(runstate: str) -> None:
-    """Refuse as QEMU's ``migrate_prepare()`` does in ``runstate``, if it does."""
-    if runstate in RUNSTATE_REFUSALS:
-        raise QemuError("GenericError", RUNSTATE_REFUSALS[runstate])
-
-
-def _status(info: object) -> str | None:
-    status = info.get("status") if isinstance(info, dict) else None
-    return status if isinstance(status, str) else None
-
-
-def _reasons(info: object) -> list[str]:
-    reasons = info.get("blocked-reasons") if isinstance(info, dict) else None
-    if not isinstance(reasons, list):
-        return []
-    return [reason for reason in reasons if isinstance(reason, str)]
 
 
 def _unchecked(args: Args) -> None:

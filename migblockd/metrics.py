@@ -27,7 +27,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from migblockd import __version__
 from migblockd.core import Core
-from migblockd.gate import ENDINGS, GateHandlers
+from migblockd.gate import GateHandlers
+from migblockd.qemu_facts import ENDINGS
 from migblockd.stats import Histogram
 
 __all__ = ["DaemonCollector", "metrics_registry"]

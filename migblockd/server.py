@@ -44,11 +44,11 @@ from migblockd.connection import Connection
 from migblockd.core import Core
 from migblockd.disk import DiskThread
 from migblockd.drain import drain
-from migblockd.gate import QemuUnavailable
 from migblockd.ledger import Group
 from migblockd.listen import StartupError, bind_socket
 from migblockd.options import table
 from migblockd.pidlock import PidLock
+from migblockd.qemu_facts import QemuUnavailable
 from migblockd.registry import Change
 from migblockd.systemd import Notifier, format_status
 from migblockd.timeouts import Timeouts
@@ -57,7 +57,7 @@ log = logging.getLogger("migblockd")
 
 Commit = Callable[[list[Change]], None]
 #: Runs one command on the gated QEMU: its return value, or QemuError /
-#: QemuUnavailable (migblockd.gate) raised.
+#: QemuUnavailable (migblockd.qemu_facts) raised.
 Forward = Callable[[str, dict[str, Any]], Awaitable[object]]
 
 

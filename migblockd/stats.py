@@ -20,8 +20,8 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Final
 
-from migblockd.gate import ModeMismatch, QemuError, QemuUnavailable
 from migblockd.guard import AccessDenied, OverQuota
+from migblockd.qemu_facts import ModeMismatch, QemuError, QemuUnavailable
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import (
     DuplicateId,

@@ -13,8 +13,9 @@ from migblockd.access import Policy, Role
 from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.core import Core
-from migblockd.gate import GateHandlers, QemuFacts
+from migblockd.gate import GateHandlers
 from migblockd.ledger import COHORT_ENOUGH, COHORT_LIMIT, COHORT_WAIT
+from migblockd.qemu_facts import QemuFacts
 from migblockd.registry import FakeClock, Owner, Registry
 
 

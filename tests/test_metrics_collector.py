@@ -23,9 +23,10 @@ from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.gate import GateHandlers, QemuError, QemuFacts, QemuUnavailable
+from migblockd.gate import GateHandlers
 from migblockd.guard import AccessDenied, OverQuota
 from migblockd.metrics import metrics_registry
+from migblockd.qemu_facts import QemuError, QemuFacts, QemuUnavailable
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import (
     Blocker,

@@ -2,7 +2,7 @@
 
 The core's gate handlers (:mod:`migblockd.gate`) say what to ask QEMU; the
 link (:mod:`migblockd.qemu.link`) talks to it.  This module does the rest:
-it keeps :class:`~migblockd.gate.QemuFacts` current as the link connects and
+it keeps :class:`~migblockd.qemu_facts.QemuFacts` current as the link connects and
 disconnects, turns the link's errors into the gate's (QEMU's refusals
 verbatim; anything else "not connected"), and hands QEMU's ``MIGRATION`` and
 ``MIGRATION_PASS`` events to the core in the order QEMU sent them.
@@ -18,8 +18,9 @@ from typing import Any, Final
 
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.gate import GateHandlers, QemuError, QemuFacts, QemuUnavailable, incoming
+from migblockd.gate import GateHandlers
 from migblockd.qemu.link import LinkState, QemuCommandError, QemuLink, QemuLinkError
+from migblockd.qemu_facts import QemuError, QemuFacts, QemuUnavailable, incoming
 from migblockd.registry import RUNNING_STATUSES, Registry
 
 __all__ = ["Bridge"]

@@ -1,0 +1,143 @@
+"""What migblockd knows of the QEMU it gates, and the errors that QEMU fails with (pure).
+
+The gate's handlers (:mod:`migblockd.gate`) ask QEMU; this module holds what
+the rest of the daemon shares of the answers, with no handler in it:
+
+* :class:`QemuFacts`: the connected QEMU's version and commands, whether a
+  ``migrate`` that migblockd forwarded waits for QEMU, and what its
+  ``query-migrate`` answers and ``MIGRATION`` events showed (for the metrics).
+  The adapter (:mod:`migblockd.qemu.bridge`) keeps it current; the handlers
+  consult it.
+* reading ``query-migrate``'s answer: its status, its ``blocked-reasons``, and
+  whether the migration it shows comes in rather than goes out
+  (:func:`incoming`);
+* QEMU's errors: its own error reply (:class:`QemuError`, relayed verbatim),
+  no answer (:class:`QemuUnavailable`), the refusals QEMU's
+  ``migrate_prepare()`` (``migration/migration.c``) gives in some run states,
+  and migblockd's refusal of a migration in a mode QEMU would not use
+  (:class:`ModeMismatch`).  :mod:`migblockd.failures` turns them into the
+  client's QMP error, :mod:`migblockd.stats` counts them by cause.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from migblockd.qmp.errors import QMPError
+
+__all__ = ["ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuUnavailable", "incoming"]
+
+#: What QEMU's ``migrate_prepare()`` (``migration/migration.c``) answers in these run
+#: states (``query-status``), after a migration in progress and before any blocker.
+RUNSTATE_REFUSALS: Final = {
+    "inmigrate": "Guest is waiting for an incoming migration",
+    "postmigrate": "Can't migrate the vm that was paused due to previous migration",
+}
+
+#: The statuses a migration ends in (``completed`` and ``failed`` are the
+#: others' only way out; ``cancelled`` follows ``migrate_cancel``).
+ENDINGS: Final = ("completed", "failed", "cancelled")
+
+
+class QemuError(Exception):
+    """QEMU answered with an error: its class and desc, verbatim."""
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(desc)
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QemuUnavailable(Exception):
+    """No answer from QEMU (not connected, or the connection broke); ``str()`` says why."""
+
+
+class ModeMismatch(QMPError):
+    """QEMU would not migrate in migblockd's mode: ``migrate`` is refused."""
+
+
+@dataclass
+class QemuFacts:
+    """What the core knows of the QEMU behind it; the adapter keeps it current.
+
+    ``commands`` maps each command the connected QEMU knows to its argument
+    names (empty while disconnected).  ``busy`` is set while a ``migrate``
+    that migblockd forwarded waits for QEMU: from migblockd's decision to
+    QEMU's reply, a new blocker would slip past that decision.
+
+    For the metrics: ``blockers`` is how many blockers of its own QEMU listed
+    in the latest ``query-migrate`` answer migblockd saw (None: none seen
+    since it connected); ``ended`` counts how the migrations migblockd
+    handed to QEMU ended, as QEMU's MIGRATION events or ``query-migrate``
+    answers showed (``awaiting``: one was handed over and its end not seen).
+    """
+
+    path: Path
+    connected: bool = False
+    version: str = ""
+    commands: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    status: str | None = None
+    busy: bool = False
+    blockers: int | None = None
+    ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDINGS, 0))
+    awaiting: bool = False
+    resumed: int = 0
+
+    def knows(self, command: str, argument: str | None = None) -> bool:
+        if argument is None:
+            return command in self.commands
+        return argument in self.commands.get(command, frozenset())
+
+    def saw(self, info: object) -> None:
+        """QEMU answered ``query-migrate`` with ``info``."""
+        if isinstance(info, dict):
+            self.blockers = len(_reasons(info))
+            status = _status(info)
+            self.status = status
+            if not self.busy:  # else the answer may predate the migrate in flight
+                self.saw_status(status)
+
+    def saw_status(self, status: object) -> None:
+        """QEMU said its migration's status is ``status`` (an event or ``query-migrate``)."""
+        if self.awaiting and status in ENDINGS:
+            assert isinstance(status, str)
+            self.ended[status] += 1
+            self.awaiting = False
+
+
+def _not_understood(command: str, answer: object) -> QemuUnavailable:
+    text = json.dumps(answer, ensure_ascii=True)
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    return QemuUnavailable(f"QEMU's answer to {command} was not understood: {shown}")
+
+
+def incoming(info: object, runstate: str) -> bool:
+    """Whether the migration that ``query-migrate`` shows (``info``, with QEMU in
+    ``runstate``) comes in rather than goes out: QEMU shows the incoming one when
+    none goes out.  Until the switch-over QEMU is in run state ``inmigrate``; in
+    postcopy the VM runs here already, and only one going out has ``ram`` figures."""
+    return runstate == "inmigrate" or (
+        str(_status(info)).startswith("postcopy-") and isinstance(info, dict)
+        and "ram" not in info)
+
+
+def _check_runstate(runstate: str) -> None:
+    """Refuse as QEMU's ``migrate_prepare()`` does in ``runstate``, if it does."""
+    if runstate in RUNSTATE_REFUSALS:
+        raise QemuError("GenericError", RUNSTATE_REFUSALS[runstate])
+
+
+def _status(info: object) -> str | None:
+    status = info.get("status") if isinstance(info, dict) else None
+    return status if isinstance(status, str) else None
+
+
+def _reasons(info: object) -> list[str]:
+    reasons = info.get("blocked-reasons") if isinstance(info, dict) else None
+    if not isinstance(reasons, list):
+        return []
+    return [reason for reason in reasons if isinstance(reason, str)]

@@ -61,7 +61,7 @@ from migblockd.qmp.limits import Limits
 from migblockd.qmp.session import Request
 from migblockd.registry import BlockerError, Registry
 from migblockd.render import event_line
-from migblockd.roster import TURN_OUTPUT, Roster, _held_full
+from migblockd.roster import TURN_OUTPUT, Roster, held_full
 from migblockd.stats import Stats
 
 __all__ = ["Core"]
@@ -136,7 +136,7 @@ class Core(Roster, Outcomes):
             elif session.has_pending():
                 # Past a turn's worth of held replies, in-band requests wait for
                 # the commit (as for a slow reader); out-of-band ones still jump.
-                in_band = not _held_full(conn)
+                in_band = not held_full(conn)
                 request = session.next_request(in_band)
                 if request is None and not in_band:
                     break

@@ -35,11 +35,11 @@ from migblockd.qemu_facts import (
     QemuError,
     QemuFacts,
     QemuUnavailable,
-    _check_runstate,
-    _not_understood,
-    _reasons,
-    _status,
+    check_runstate,
     incoming,
+    not_understood,
+    reasons_of,
+    status_of,
 )
 from migblockd.qmp.encoding import Parts, encode
 from migblockd.qmp.errors import QMPError
@@ -128,7 +128,7 @@ class GateHandlers(Handlers):
                     pass  # gone or not answering meanwhile: as while QEMU is away
                 else:
                     self.qemu.saw(info)
-                    running = _status(info) in RUNNING_STATUSES
+                    running = status_of(info) in RUNNING_STATUSES
                     if running and not self.qemu.busy:
                         # An incoming migration shows in query-migrate too, and QEMU
                         # refuses blockers only while one goes out.
@@ -154,7 +154,7 @@ class GateHandlers(Handlers):
                 pass  # gone meanwhile: query-blockers would list none of QEMU's
             else:
                 self.qemu.saw(info)
-                listed = len(_reasons(info))
+                listed = len(reasons_of(info))
         number = id[len(QEMU_BLOCKER_PREFIX):]
         # Only as query-blockers writes them: qemu:1, never qemu:01.
         if not (number.isdecimal() and number.isascii() and number == str(int(number))
@@ -176,7 +176,7 @@ class GateHandlers(Handlers):
             return ours
         self.qemu.saw(info)
         theirs = ", ".join(encode(self._qemu_blocker(n, reason))
-                           for n, reason in enumerate(_reasons(info), start=1))
+                           for n, reason in enumerate(reasons_of(info), start=1))
         if not theirs:
             return ours
         # ours.pieces is "[", the encoded blockers..., "]": QEMU's go before the "]".
@@ -228,11 +228,11 @@ class GateHandlers(Handlers):
         try:
             info = yield Call("query-migrate", {})
             if not isinstance(info, dict):  # cannot tell whether one runs: do not start one
-                raise _not_understood("query-migrate", info)
+                raise not_understood("query-migrate", info)
             self.qemu.saw(info)
             if self.qemu.busy:
                 raise MigrationInProgress()
-            running = _status(info) in RUNNING_STATUSES
+            running = status_of(info) in RUNNING_STATUSES
             runstate = None
             if running or self._may_refuse():
                 # QEMU judges its run state before any blocker (and an incoming
@@ -241,7 +241,7 @@ class GateHandlers(Handlers):
                 runstate = yield from self._runstate()
                 if running and not incoming(info, runstate):
                     raise MigrationInProgress()
-                _check_runstate(runstate)
+                check_runstate(runstate)
             yield from self._check_mode()
             while True:
                 # Another client's del-blocker may have run while QEMU answered: a
@@ -254,7 +254,7 @@ class GateHandlers(Handlers):
                 # A blocker came (or came back, its deletion undone) meanwhile:
                 # QEMU's run state still comes first.
                 runstate = yield from self._runstate()
-                _check_runstate(runstate)
+                check_runstate(runstate)
             self.registry.check_migrate()  # the current mode's newest blocker
         except (BlockerError, QMPError, QemuError, QemuUnavailable) as exc:
             self._refused(conn, exc, uri=uri)
@@ -270,7 +270,7 @@ class GateHandlers(Handlers):
         answer = yield Call("query-status", {})
         status = answer.get("status") if isinstance(answer, dict) else None
         if not isinstance(status, str):
-            raise _not_understood("query-status", answer)
+            raise not_understood("query-status", answer)
         return status
 
     def _check_mode(self) -> Generator[Call, object, None]:
@@ -300,10 +300,10 @@ class GateHandlers(Handlers):
     def query_migrate(self, conn: Connection, args: Args) -> Step:
         info = yield Call("query-migrate", args)
         if not isinstance(info, dict):
-            raise _not_understood("query-migrate", info)
+            raise not_understood("query-migrate", info)
         self.qemu.saw(info)
         # migblockd's blockers first (as query-blockers lists them), then QEMU's.
-        reasons = [*self.registry.blocked_reasons(), *_reasons(info)]
+        reasons = [*self.registry.blocked_reasons(), *reasons_of(info)]
         if reasons:
             info["blocked-reasons"] = reasons
         return info
@@ -327,7 +327,7 @@ class GateHandlers(Handlers):
     ) -> Step:
         params = yield Call("query-migrate-parameters", args)
         if not isinstance(params, dict):
-            raise _not_understood("query-migrate-parameters", params)
+            raise not_understood("query-migrate-parameters", params)
         if "mode" not in params:
             params["mode"] = self.registry.mode
         return params

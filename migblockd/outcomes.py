@@ -109,7 +109,7 @@ class Outcomes:
     def _wake(self, released: list[Connection]) -> list[Connection]:
         """Who may go on after a commit: those waiting to read state, and those
         of ``released`` that their held output had stopped
-        (:func:`~migblockd.roster._held_full`)."""
+        (:func:`~migblockd.roster.held_full`)."""
         woken = self.ledger.wake()
         for conn in woken:
             if conn.closed:

@@ -29,7 +29,10 @@ from typing import Final
 
 from migblockd.qmp.errors import QMPError
 
-__all__ = ["ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuUnavailable", "incoming"]
+__all__ = [
+    "ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuUnavailable",
+    "check_runstate", "incoming", "not_understood", "reasons_of", "status_of",
+]
 
 #: What QEMU's ``migrate_prepare()`` (``migration/migration.c``) answers in these run
 #: states (``query-status``), after a migration in progress and before any blocker.
@@ -95,8 +98,8 @@ class QemuFacts:
     def saw(self, info: object) -> None:
         """QEMU answered ``query-migrate`` with ``info``."""
         if isinstance(info, dict):
-            self.blockers = len(_reasons(info))
-            status = _status(info)
+            self.blockers = len(reasons_of(info))
+            status = status_of(info)
             self.status = status
             if not self.busy:  # else the answer may predate the migrate in flight
                 self.saw_status(status)
@@ -109,7 +112,7 @@ class QemuFacts:
             self.awaiting = False
 
 
-def _not_understood(command: str, answer: object) -> QemuUnavailable:
+def not_understood(command: str, answer: object) -> QemuUnavailable:
     text = json.dumps(answer, ensure_ascii=True)
     shown = text if len(text) <= 200 else text[:200] + "..."
     return QemuUnavailable(f"QEMU's answer to {command} was not understood: {shown}")
@@ -121,22 +124,22 @@ def incoming(info: object, runstate: str) -> bool:
     none goes out.  Until the switch-over QEMU is in run state ``inmigrate``; in
     postcopy the VM runs here already, and only one going out has ``ram`` figures."""
     return runstate == "inmigrate" or (
-        str(_status(info)).startswith("postcopy-") and isinstance(info, dict)
+        str(status_of(info)).startswith("postcopy-") and isinstance(info, dict)
         and "ram" not in info)
 
 
-def _check_runstate(runstate: str) -> None:
+def check_runstate(runstate: str) -> None:
     """Refuse as QEMU's ``migrate_prepare()`` does in ``runstate``, if it does."""
     if runstate in RUNSTATE_REFUSALS:
         raise QemuError("GenericError", RUNSTATE_REFUSALS[runstate])
 
 
-def _status(info: object) -> str | None:
+def status_of(info: object) -> str | None:
     status = info.get("status") if isinstance(info, dict) else None
     return status if isinstance(status, str) else None
 
 
-def _reasons(info: object) -> list[str]:
+def reasons_of(info: object) -> list[str]:
     reasons = info.get("blocked-reasons") if isinstance(info, dict) else None
     if not isinstance(reasons, list):
         return []

@@ -13,7 +13,7 @@ connection-scoped blockers are released (:meth:`Roster.disconnect`); running the
 is the core's (:meth:`migblockd.core.Core.execute`).
 
 A connection whose replies wait for a commit stops once a turn's worth of them
-is held (:func:`_held_full`), as a slow reader does: see :mod:`migblockd.outcomes`
+is held (:func:`held_full`), as a slow reader does: see :mod:`migblockd.outcomes`
 for what the commit's outcome does to them.
 """
 
@@ -36,7 +36,7 @@ from migblockd.qmp.session import Command, Session
 from migblockd.registry import Owner, Registry
 from migblockd.stats import Stats
 
-__all__ = ["BATCH", "TURN_OUTPUT", "Roster"]
+__all__ = ["BATCH", "TURN_OUTPUT", "Roster", "held_full"]
 
 log = logging.getLogger("migblockd")
 
@@ -51,7 +51,7 @@ BATCH = 32
 TURN_OUTPUT = 64 * 1024
 
 
-def _held_full(conn: Connection) -> bool:
+def held_full(conn: Connection) -> bool:
     """``conn``'s replies held for commits are a turn's worth: its next requests
     wait for the commit.  Without this bound a client's pipelined requests would
     keep running while a slow commit holds their output, and all of it would
@@ -194,7 +194,7 @@ class Roster:
         if conn.waiting is not None:
             return ((conn.suspended is not None and conn.answer is None)
                     or self.ledger.uncommitted)
-        return _held_full(conn)
+        return held_full(conn)
 
     def awaiting(self, conn: Connection) -> bool:
         """What ``conn`` is owed waits for a commit or QEMU, not for the client."""

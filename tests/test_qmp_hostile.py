@@ -153,7 +153,7 @@ def test_a_bad_message_then_a_newline_never_swallows_the_next_command(
     for burst in bursts:
         world.feed(s, burst)
     decoder = s.session._decoder
-    if decoder._mode in (resync._STRUCT, resync._SCALAR_MODE):
+    if decoder._mode in (resync.STRUCT, resync.SCALAR_MODE):
         # Only a message that is already bad must give way at the newline; a
         # valid beginning ({"a": ) legitimately swallows what follows.
         pending = bytes(decoder._buf[decoder._start:]).decode("utf-8", "replace")

@@ -21,7 +21,7 @@ from typing import Final
 
 #: Bytes that are not UTF-8 decode to lone surrogates and encode back to
 #: themselves: positions and stray bytes stay the client's.
-_RAW: Final = "surrogateescape"
+RAW: Final = "surrogateescape"
 
 
 _ESCAPED_BYTES: Final = re.compile("[\udc80-\udcff]+")
@@ -43,7 +43,7 @@ def as_qemu_prints(raw: bytes) -> str:
     character (not UTF-8, a surrogate, a noncharacter, overlong) as one U+FFFD,
     but C0 80, modified UTF-8's U+0000, as U+0000.  So a reply is valid UTF-8
     and says what QEMU's says."""
-    text = raw.decode("utf-8", _RAW)
+    text = raw.decode("utf-8", RAW)
     if text.isascii():
         return text
     return _NONCHARACTER.sub("\ufffd", _ESCAPED_BYTES.sub(_bad_bytes, text))
@@ -52,25 +52,25 @@ def as_qemu_prints(raw: bytes) -> str:
 def _bad_bytes(m: re.Match[str]) -> str:
     # Python's decoder leaves every valid character alone, so a run of bytes it
     # refused starts and ends where QEMU's sequences do.
-    raw = m.group().encode("utf-8", _RAW)
+    raw = m.group().encode("utf-8", RAW)
     return "\0".join(_BAD_SEQUENCE.sub(b"\xef\xbf\xbd", part).decode("utf-8")
                      for part in raw.split(b"\xc0\x80"))
 
 
 #: Every escape in a JSON text, in order (``\\\\`` is one, so ``\\\\u`` is none).
-_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)", re.DOTALL)
+ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)", re.DOTALL)
 
 
 #: A ``\\u`` escape that may be of a surrogate or a noncharacter (a pair beyond the
 #: BMP begins with a surrogate); a cheap test before the exact one.
-_SUSPECT_ESCAPE: Final = re.compile(r"\\u(?:[dD][89a-fA-F]|[fF][dDfF])")
+SUSPECT_ESCAPE: Final = re.compile(r"\\u(?:[dD][89a-fA-F]|[fF][dDfF])")
 #: Those whole, each where an escape begins (after any escaped backslashes: in
 #: ``\\\\uffff`` the ``u`` is text).
 _SUSPECT_ONLY: Final = re.compile(
     r"(?<!\\)(?:\\\\)*+(\\u(?:[dD][89a-fA-F]|[fF][dDfF])[0-9a-fA-F]{2})")
 
 
-def _not_a_character(text: str) -> str | None:
+def not_a_character(text: str) -> str | None:
     """What QEMU's ``parse_string()`` (``json-parser.c``) says about the first
     string content of a parsed ``text`` that is no character, if any: a
     noncharacter written as UTF-8 is an ``invalid UTF-8 sequence in string``
@@ -82,14 +82,14 @@ def _not_a_character(text: str) -> str | None:
     # Only the escapes that may be no character: this runs on every request that
     # is not ASCII, and a loop over all its escapes (\n, \", \u0041) cost more
     # than the rest of its decoding.
-    if _SUSPECT_ESCAPE.search(text, 0, found) is None:
+    if SUSPECT_ESCAPE.search(text, 0, found) is None:
         return None if raw is None else "invalid UTF-8 sequence in string"
     escapes = _SUSPECT_ONLY.finditer(text, 0, found)
     for m in escapes:
         cp = _code_point(m.group(1))
         start, end = m.start(1), m.end()
         if 0xD800 <= cp <= 0xDBFF and text.startswith("\\u", end):
-            trailing = _ESCAPE.match(text, end)
+            trailing = ESCAPE.match(text, end)
             low = _code_point(trailing.group()) if trailing is not None else -1
             if not 0xDC00 <= low <= 0xDFFF:
                 return f"{text[start:end]} is not a valid Unicode character"
@@ -106,13 +106,13 @@ def _is_character(cp: int) -> bool:
     return not (0xD800 <= cp <= 0xDFFF or 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE)
 
 
-def _not_unicode(text: str, start: int) -> str:
+def not_unicode(text: str, start: int) -> str:
     """QEMU's error for the ``\\u`` escape at ``text[start]``, as it prints it:
     six bytes of the client's text from the backslash, cut at the end of the
     string token (``json-parser.c``: ``"%.*s is not a valid Unicode
     character"``, from a copy of the token).  A leading surrogate's escape just
     before is the one QEMU names: it reads the two as a pair."""
-    before = collections.deque(_ESCAPE.finditer(text, 0, start), maxlen=1)
+    before = collections.deque(ESCAPE.finditer(text, 0, start), maxlen=1)
     if before and before[0].end() == start and 0xD800 <= _code_point(before[0].group()) <= 0xDBFF:
         start = before[0].start()
     end = start + 2
@@ -120,10 +120,10 @@ def _not_unicode(text: str, start: int) -> str:
         end += 2 if text[end] == "\\" else 1
     if end < len(text) and text[end] == '"':
         end += 1  # the closing quote is the token's last character
-    shown = text[start:end].encode("utf-8", _RAW)[:6]
+    shown = text[start:end].encode("utf-8", RAW)[:6]
     return f"{as_qemu_prints(shown)} is not a valid Unicode character"
 
 
 def _code_point(escape: str) -> int:
-    """The code point of a ``\\uXXXX`` escape (an :data:`_ESCAPE` match); -1 for others."""
+    """The code point of a ``\\uXXXX`` escape (an :data:`ESCAPE` match); -1 for others."""
     return int(escape[2:], 16) if escape[1] == "u" else -1

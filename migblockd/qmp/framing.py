@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Final
 
 from migblockd.qmp.limits import Limits
-from migblockd.qmp.resync import _IDLE, _SKIPPING
+from migblockd.qmp.resync import IDLE, SKIPPING
 from migblockd.qmp.scanner import NEED_DATA, Scanner
 from migblockd.qmp.wording import ParseError
 
@@ -46,7 +46,7 @@ class StreamDecoder(Scanner):
     def __init__(self, limits: Limits) -> None:
         self.configure(limits)
         self._buf = bytearray()
-        self._mode = _IDLE
+        self._mode = IDLE
         self._start = 0  # first byte of the message being scanned
         self._scan = 0  # where scanning resumes
         self._stack = bytearray()  # expected closing brackets, innermost last
@@ -73,7 +73,7 @@ class StreamDecoder(Scanner):
         """Buffer ``data``; nothing is parsed yet.  Input after EOF is ignored."""
         if self._eof or not data:
             return
-        keep = self._scan if self._mode in _SKIPPING else self._start
+        keep = self._scan if self._mode in SKIPPING else self._start
         if keep >= _COMPACT_AT or (keep and keep == len(self._buf)):
             del self._buf[:keep]
             self._start -= keep
@@ -91,7 +91,7 @@ class StreamDecoder(Scanner):
     @property
     def buffered(self) -> int:
         """Bytes received but not yet consumed (for the server's input bounds)."""
-        keep = self._scan if self._mode in _SKIPPING else self._start
+        keep = self._scan if self._mode in SKIPPING else self._start
         return len(self._buf) - keep
 
     # -- output --------------------------------------------------------------

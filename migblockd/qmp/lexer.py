@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from migblockd.qmp.characters import _RAW, as_qemu_prints
+from migblockd.qmp.characters import RAW, as_qemu_prints
 
 #: How QEMU's streamer and parser begin every error they word
 #: (``qobject/json-streamer.c``, ``qobject/json-parser.c``).
@@ -35,7 +35,7 @@ def stray(token: bytes) -> str:
     return f"{PARSE_ERROR_PREFIX}stray '{shown}'"
 
 
-def _keyword(word: str) -> str:
+def keyword_error(word: str) -> str:
     """QEMU's error for a run of letters where a value belongs: its lexer's
     keywords are lower case, so an upper-case letter is a stray character
     (``NaN`` is ``stray 'N'``, ``xY`` is ``stray 'Y'``)."""
@@ -43,7 +43,7 @@ def _keyword(word: str) -> str:
     return f"stray '{upper}'" if upper is not None else f"invalid keyword '{word}'"
 
 
-_KEYWORD = re.compile(r"[A-Za-z]+")
+KEYWORD = re.compile(r"[A-Za-z]+")
 _LOWER = re.compile(r"[a-z]+")
 #: QEMU's lexer (qobject/json-lexer.c) on numbers: state -> {character class: next
 #: state}; the states in _NUMBER_ENDS may end a number, the others may not, and a
@@ -73,7 +73,7 @@ def _number_class(c: str) -> str:
     return "e" if c in "eE" else c
 
 
-def _lexical_error(text: str, pos: int) -> str | None:
+def lexical_error_at(text: str, pos: int) -> str | None:
     """QEMU's lexer error for the token that the parse failed in at ``pos``, if
     its lexer stops there rather than its parser: a keyword run on (``truex``),
     a number cut short (``1.}``, ``1e}``, ``01``, ``-}``), a character no token
@@ -103,8 +103,8 @@ def _lexical_error(text: str, pos: int) -> str | None:
         begin = pos
         while begin and text[begin - 1].isascii() and text[begin - 1].isalpha():
             begin -= 1
-        kw = _KEYWORD.match(text, begin)
-        return _keyword(kw.group()) if begin < pos and kw else None
+        kw = KEYWORD.match(text, begin)
+        return keyword_error(kw.group()) if begin < pos and kw else None
     if c in _TOKEN_START or c.isspace():
         return None
     return _stray_char(c)
@@ -129,7 +129,7 @@ def first_token_end(token: bytes) -> int | None:
     letters cut from more (``12x`` is 12, then ``x``; ``xY`` is the keyword
     ``x``, then ``Y``); else None.  At the top level QEMU's parser takes each
     token as it ends, so each is a message of its own."""
-    text = token.decode("utf-8", _RAW)
+    text = token.decode("utf-8", RAW)
     if text[:1] and text[0] in "-0123456789":
         end = _number_error(text, 0)
         return end if isinstance(end, int) and 0 < end < len(text) else None
@@ -160,11 +160,11 @@ _NUMBER_START: Final = frozenset("-0123456789")
 
 def _stray_char(c: str) -> str:
     # QEMU's lexer reads bytes: the first byte of a character is the stray one.
-    return stray(c.encode("utf-8", _RAW)[:1])[len(PARSE_ERROR_PREFIX):]
+    return stray(c.encode("utf-8", RAW)[:1])[len(PARSE_ERROR_PREFIX):]
 
 
 def _stray_text(token: str) -> str:
-    return stray(token.encode("utf-8", _RAW))[len(PARSE_ERROR_PREFIX):]
+    return stray(token.encode("utf-8", RAW))[len(PARSE_ERROR_PREFIX):]
 
 
 #: What QEMU's lexer (``qobject/json-lexer.c``) refuses in a string: control
@@ -183,7 +183,7 @@ _STRING_SO_FAR: Final = {
     for quote in "\"'"}
 
 
-def _first_lexical_error(text: str) -> str | None:
+def first_lexical_error(text: str) -> str | None:
     """QEMU's error for the first token of ``text`` its lexer cannot read, if any.
 
     QEMU lexes a message as it arrives and parses it only once it is complete,
@@ -218,5 +218,5 @@ def _first_lexical_error(text: str) -> str | None:
 
 
 def lexical_error(data: bytes) -> str | None:
-    """:func:`_first_lexical_error` of the start of a message, in bytes."""
-    return _first_lexical_error(data.decode("utf-8", _RAW))
+    """:func:`first_lexical_error` of the start of a message, in bytes."""
+    return first_lexical_error(data.decode("utf-8", RAW))

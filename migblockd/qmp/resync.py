@@ -51,12 +51,12 @@ from migblockd.qmp.wording import ParseError, prefix_error
 
 # The decoder's modes: scanning a message (or waiting for one), or skipping
 # what is left of a bad one.  The scan and this module both switch between them.
-_IDLE, _STRUCT, _SCALAR_MODE, _SKIP, _AFTER_RESET, _SKIP_TOP, _SKIP_REST = range(7)
-_SKIPPING: Final = frozenset({_SKIP, _AFTER_RESET, _SKIP_TOP, _SKIP_REST})
+IDLE, STRUCT, SCALAR_MODE, SKIP, AFTER_RESET, SKIP_TOP, SKIP_REST = range(7)
+SKIPPING: Final = frozenset({SKIP, AFTER_RESET, SKIP_TOP, SKIP_REST})
 
 _LINE_CHECK_WINDOW: Final = 4096
 #: :meth:`Resync._lines_verdict`: nothing found, go on as planned.
-_SOUND: Final = object()
+SOUND: Final = object()
 
 
 class Resync:
@@ -77,7 +77,7 @@ class Resync:
     def _skip_to_top(self, pos: int) -> None:
         """Garbage at the top level: skip from ``pos`` to where a request can begin."""
         self._skip_from(pos)
-        self._mode = _SKIP_TOP
+        self._mode = SKIP_TOP
 
     def _skip_rest(self, pos: int, depth: int, in_string: bool = False) -> None:
         """A message broken ``depth`` brackets deep (in a string, if ``in_string``):
@@ -85,10 +85,10 @@ class Resync:
         so that a client that sends no line feeds (``qemu.qmp``) is not cut off."""
         self._skip_from(pos)
         if depth <= 0 and not in_string:
-            self._mode = _IDLE  # its last bracket was the bad one: it is over
+            self._mode = IDLE  # its last bracket was the bad one: it is over
             self._start = pos
             return
-        self._mode = _SKIP_REST
+        self._mode = SKIP_REST
         self._skip_depth = depth
         self._in_string = in_string
 
@@ -99,27 +99,27 @@ class Resync:
         c = buf[i]
         self._in_string = False
         self._tentative = c == 0x7B
-        self._mode = _AFTER_RESET if c in RESET_BYTES else _IDLE
+        self._mode = AFTER_RESET if c in RESET_BYTES else IDLE
         self._start = self._scan = i + 1 if c == LF else i
 
     def _skip_from(self, pos: int) -> None:
         self._tentative = False
-        self._mode = _SKIP
+        self._mode = SKIP
         self._scan = pos
         self._stack.clear()
         self._in_string = False
     def _lines_verdict(self, buf: bytearray, end: int) -> object:
         """Before reporting an error at ``end`` (or waiting for more input): None if
         the message was garbage and is skipped (go on), its lines' own error if
-        they hold an earlier one, else :data:`_SOUND`.  Every path runs this, so
+        they hold an earlier one, else :data:`SOUND`.  Every path runs this, so
         the outcome does not depend on how the input was split."""
         if self._garbage_line(buf, end):
             return None
         error = self._check_lines(buf, end)
-        return _SOUND if error is None else error
+        return SOUND if error is None else error
 
     def _garbage_line(self, buf: bytearray, end: int) -> bool:
-        """Skip the message if a "{" found in garbage began it (see _SKIP_TOP) and it
+        """Skip the message if a "{" found in garbage began it (see SKIP_TOP) and it
         runs on past a line feed before ``end``: that "{" was garbage too, and a
         line-based client's next request follows the line feed.  Without line
         feeds nothing changes.  Applied wherever the message's lines are checked,
@@ -170,7 +170,7 @@ class Resync:
         desc, skip = found
         if skip < stop and buf[skip] == 0x7B and self._begins_line(buf, skip):
             self._skip_from(skip)
-            self._mode = _IDLE  # not skipping after all: a request begins here
+            self._mode = IDLE  # not skipping after all: a request begins here
         else:
             self._skip_from(min(skip, lf))
         return ParseError(desc)
@@ -184,7 +184,7 @@ class Resync:
         """A control character (or 0xFE/0xFF) where JSON allows none: the message is
         lost.  ``token``: where the string it is in began; QEMU's lexer names the
         token so far (``stray '"tab\t'``).  None: it was garbage, skipped."""
-        if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+        if (verdict := self._lines_verdict(buf, p)) is not SOUND:
             return verdict
         # QEMU's lexer fails at the first token it cannot read, which may come
         # before this one (its parser, which the scan stands in for, never ran).
@@ -207,6 +207,6 @@ class Resync:
             # end, "}") up to where a request can begin, as QEMU's lexer skips it.
             # Read as a new string, it would swallow a request glued after it
             # (qemu.qmp sends no line feeds).  As after a reset byte.
-            self._mode = _AFTER_RESET
+            self._mode = AFTER_RESET
             self._start = self._scan = p + 1
         return error  # else a reset byte: its own resynchronisation point

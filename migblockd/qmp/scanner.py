@@ -51,14 +51,14 @@ from migblockd.qmp.patterns import (
     skip_broken,
 )
 from migblockd.qmp.resync import (
-    _AFTER_RESET,
-    _IDLE,
-    _SCALAR_MODE,
-    _SKIP,
-    _SKIP_REST,
-    _SKIP_TOP,
-    _SOUND,
-    _STRUCT,
+    AFTER_RESET,
+    IDLE,
+    SCALAR_MODE,
+    SKIP,
+    SKIP_REST,
+    SKIP_TOP,
+    SOUND,
+    STRUCT,
     Resync,
 )
 from migblockd.qmp.wording import (
@@ -100,7 +100,7 @@ class Scanner(Resync):
         """The message is ``buf[start:end]``; go idle after it and decode it."""
         data = self._buf[self._start : end]
         self._tentative = False
-        self._mode = _IDLE
+        self._mode = IDLE
         self._start = self._scan = end
         self._stack.clear()
         self._in_string = False
@@ -123,12 +123,12 @@ class Scanner(Resync):
         item = self._complete(end)
         if isinstance(item, ParseError) and buf.find(b"\n", start, end) >= 0:
             # As if the lines had been checked while the message trickled in.
-            self._mode = _STRUCT
+            self._mode = STRUCT
             self._start = start
             error = self._check_lines(buf, end)
             if error is not None:
                 return error
-            self._mode = _IDLE
+            self._mode = IDLE
             self._start = end
         return item
 
@@ -137,7 +137,7 @@ class Scanner(Resync):
         n = len(buf)
         while True:
             mode = self._mode
-            if mode == _IDLE:
+            if mode == IDLE:
                 i = match_end(WHITESPACE, buf, self._scan)
                 self._start = self._scan = i
                 if i >= n:
@@ -147,7 +147,7 @@ class Scanner(Resync):
                 if c == 0x7B and self.max_nesting >= FAST_DEPTH:
                     m = FAST_MESSAGE.match(buf, i, min(n, i + self.max_message_size))
                     if m is not None:
-                        self._mode = _STRUCT
+                        self._mode = STRUCT
                         item = self._finish(buf, m.end())
                         if item is None:
                             continue
@@ -155,16 +155,16 @@ class Scanner(Resync):
                 closer = OPENERS.get(c)
                 if closer is not None:
                     self._stack.append(closer)
-                    self._mode = _STRUCT
+                    self._mode = STRUCT
                     self._scan = i + 1
                 elif c == QUOTE:
-                    self._mode = _STRUCT  # a top-level string: empty stack
+                    self._mode = STRUCT  # a top-level string: empty stack
                     self._in_string = True
                     self._string_start = i
                     self._scan = i + 1
                 elif c in RESET_BYTES:
                     end = match_end(RESET_RUN, buf, i)
-                    self._mode = _AFTER_RESET
+                    self._mode = AFTER_RESET
                     self._start = self._scan = end
                     # Name the first byte only: the run may continue in the next read.
                     return ParseError(stray(bytes(buf[i : i + 1])))
@@ -175,12 +175,12 @@ class Scanner(Resync):
                     self._skip_to_top(i + 1)
                     return ParseError(SINGLE_QUOTE)
                 else:
-                    self._mode = _SCALAR_MODE
-            elif mode == _STRUCT:
+                    self._mode = SCALAR_MODE
+            elif mode == STRUCT:
                 item = self._scan_structure(buf, n)
                 if item is not None:
                     return item
-            elif mode == _SCALAR_MODE:
+            elif mode == SCALAR_MODE:
                 limit = self._start + self.max_message_size
                 end = match_end(SCALAR, buf, self._start, min(n, limit + 1))
                 if end > limit:
@@ -205,23 +205,23 @@ class Scanner(Resync):
                     # A bad top-level token: what follows up to a new request is too.
                     self._skip_to_top(end)
                 return item
-            elif mode in (_SKIP, _SKIP_TOP):
-                m = (RESYNC_TOP if mode == _SKIP_TOP else RESYNC).search(buf, self._scan)
+            elif mode in (SKIP, SKIP_TOP):
+                m = (RESYNC_TOP if mode == SKIP_TOP else RESYNC).search(buf, self._scan)
                 if m is None:
                     self._scan = n
                     return NEED_DATA
                 self._resync_at(buf, m.start())
-            elif mode == _SKIP_REST:
+            elif mode == SKIP_REST:
                 self._scan, self._skip_depth, self._in_string, stop = skip_broken(
                     buf, n, self._scan, self._skip_depth, self._in_string)
                 if stop is None:
                     return NEED_DATA
                 if stop == MESSAGE_END:
-                    self._mode = _IDLE
+                    self._mode = IDLE
                     self._start = self._scan
                 else:
                     self._resync_at(buf, self._scan)
-            else:  # _AFTER_RESET (or a line feed that broke a string)
+            else:  # AFTER_RESET (or a line feed that broke a string)
                 # A run of reset bytes is one bad message, however it was split
                 # across reads, so swallow the rest of the run.  What follows
                 # on the same line is the rest of the message the reset broke
@@ -232,9 +232,9 @@ class Scanner(Resync):
                     return NEED_DATA
                 c = buf[end]
                 if c in (0x7B, LF):
-                    self._mode = _IDLE
+                    self._mode = IDLE
                 elif c not in RESET_BYTES:
-                    self._mode = _SKIP_TOP
+                    self._mode = SKIP_TOP
 
     def _scan_structure(self, buf: bytearray, n: int) -> object | None:
         """Scan on inside a structure or top-level string; None means "mode changed, go on"."""
@@ -267,7 +267,7 @@ class Scanner(Resync):
                     closer = OPENERS.get(c)
                     if closer is not None:
                         if len(stack) >= self.max_nesting:
-                            if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+                            if (verdict := self._lines_verdict(buf, p)) is not SOUND:
                                 return verdict
                             self._skip_rest(p + 1, len(stack) + 1)
                             return ParseError(NESTING_EXCEEDED)
@@ -276,7 +276,7 @@ class Scanner(Resync):
                         continue
                     if c in CLOSERS:
                         if c != stack[-1]:
-                            if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+                            if (verdict := self._lines_verdict(buf, p)) is not SOUND:
                                 return verdict
                             desc = describe_error(bytes(buf[self._start : p + 1]))
                             # The bad closer still closes a level, as in QEMU's streamer.
@@ -293,7 +293,7 @@ class Scanner(Resync):
                         self._scan = p + 1
                         continue
                     if c == APOSTROPHE:
-                        if (verdict := self._lines_verdict(buf, p)) is not _SOUND:
+                        if (verdict := self._lines_verdict(buf, p)) is not SOUND:
                             return verdict
                         # QEMU's lexer reads a single quote, so its error is one
                         # before it, if any (a number cut short by it included).
@@ -302,7 +302,7 @@ class Scanner(Resync):
                         return ParseError(earlier or SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.
-            if (verdict := self._lines_verdict(buf, self._scan)) is not _SOUND:
+            if (verdict := self._lines_verdict(buf, self._scan)) is not SOUND:
                 return verdict
             if limit <= n:
                 # From where the scan stopped: in a string that may be an escape's

@@ -25,18 +25,18 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from migblockd.qmp.characters import (
-    _ESCAPE,
-    _RAW,
-    _SUSPECT_ESCAPE,
-    _not_a_character,
-    _not_unicode,
+    ESCAPE,
+    RAW,
+    SUSPECT_ESCAPE,
+    not_a_character,
+    not_unicode,
 )
 from migblockd.qmp.lexer import (
-    _KEYWORD,
+    KEYWORD,
     PARSE_ERROR_PREFIX,
-    _first_lexical_error,
-    _keyword,
-    _lexical_error,
+    first_lexical_error,
+    keyword_error,
+    lexical_error_at,
     stray,
 )
 
@@ -94,7 +94,7 @@ def _parse_float(text: str) -> float:
 def _parse_constant(name: str) -> object:
     if name.startswith("-"):  # QEMU's lexer stops at the letter after the sign
         raise _Reject(stray(name[:2].encode()))
-    raise _Reject(PARSE_ERROR_PREFIX + _keyword(name))
+    raise _Reject(PARSE_ERROR_PREFIX + keyword_error(name))
 
 
 _DECODER: Final = json.JSONDecoder(
@@ -111,8 +111,8 @@ def _apostrophes(text: str, escape: str) -> str:
     Python's json does not."""
     if "\\'" not in text:
         return text
-    # _ESCAPE takes the escapes left to right: in "\\\\'" the apostrophe is not escaped.
-    return _ESCAPE.sub(lambda m: escape if m.group() == "\\'" else m.group(), text)
+    # ESCAPE takes the escapes left to right: in "\\\\'" the apostrophe is not escaped.
+    return ESCAPE.sub(lambda m: escape if m.group() == "\\'" else m.group(), text)
 
 
 #: C0 80, and the escapes before it (so that a backslash does not escape it).
@@ -128,9 +128,9 @@ def decode_message(data: bytes | bytearray) -> object:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        text = data.decode("utf-8", _RAW)
+        text = data.decode("utf-8", RAW)
         # Its lexer's error first: C0 80 is a character only in a string.
-        lexical = _first_lexical_error(text)
+        lexical = first_lexical_error(text)
         if lexical is None and b"\xc0\x80" in data:
             # Modified UTF-8's U+0000, which QEMU takes in a string
             # (mod_utf8_codepoint(), util/unicode.c): as the escape json takes.
@@ -144,15 +144,15 @@ def decode_message(data: bytes | bytearray) -> object:
     try:
         value, end = _DECODER.raw_decode(parsed)
     except _Reject as exc:  # the parse itself is exact: "it\\'s" and "it's" are one key
-        return ParseError(_first_lexical_error(text) or exc.desc)
+        return ParseError(first_lexical_error(text) or exc.desc)
     except (ValueError, RecursionError):
         return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
     if end != len(parsed):
         return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
     # json takes a lone surrogate (\uD800, which no UTF-8 encoder can handle
     # later) and noncharacters (\uFFFF, or as UTF-8); QEMU refuses them.
-    if ("\\u" in text and _SUSPECT_ESCAPE.search(text)) or not text.isascii():
-        desc = _not_a_character(text)
+    if ("\\u" in text and SUSPECT_ESCAPE.search(text)) or not text.isascii():
+        desc = not_a_character(text)
         if desc is not None:
             return ParseError(PARSE_ERROR_PREFIX + desc)
     return value
@@ -192,8 +192,8 @@ def describe_error(data: str | bytes) -> str | None:
     Used only on the error path, so it may take its time: it re-parses and maps
     Python's ``json`` messages onto QEMU's (``qobject/json-parser.c``).
     """
-    text = data.decode("utf-8", _RAW) if isinstance(data, bytes) else data
-    lexical = _first_lexical_error(text)
+    text = data.decode("utf-8", RAW) if isinstance(data, bytes) else data
+    lexical = first_lexical_error(text)
     if lexical is not None:
         return lexical
     try:
@@ -206,20 +206,20 @@ def describe_error(data: str | bytes) -> str | None:
         # QEMU's parser reads each string as it meets it: one before the error
         # with what is no character in it is where it stops.
         if "\\u" in text or not text.isascii():
-            earlier = _not_a_character(text[: exc.pos])
+            earlier = not_a_character(text[: exc.pos])
             if earlier is not None:
                 return PARSE_ERROR_PREFIX + earlier
         return PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
     except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
         return PARSE_ERROR_PREFIX + "number out of range"
     if end != len(text):
-        kw = _KEYWORD.match(text)
+        kw = KEYWORD.match(text)
         if kw:
-            return PARSE_ERROR_PREFIX + _keyword(kw.group())
-        lexical = _lexical_error(text, end)
+            return PARSE_ERROR_PREFIX + keyword_error(kw.group())
+        lexical = lexical_error_at(text, end)
         if lexical is not None:
             return PARSE_ERROR_PREFIX + lexical
-        return stray(text[:end + 1].encode("utf-8", _RAW))
+        return stray(text[:end + 1].encode("utf-8", RAW))
     del value
     return None
 
@@ -227,15 +227,15 @@ def describe_error(data: str | bytes) -> str | None:
 def _qemu_reason(msg: str, text: str, pos: int) -> str:
     if msg.startswith(("Expecting value", "Expecting ','", "Illegal trailing comma",
                        "Expecting property name")):
-        lexical = _lexical_error(text, pos)
+        lexical = lexical_error_at(text, pos)
         if lexical is not None:
             return lexical
-    kw = _KEYWORD.match(text, pos)
+    kw = KEYWORD.match(text, pos)
     if msg.startswith(("Expecting value", "Illegal trailing comma")):
-        return _keyword(kw.group()) if kw else "expecting value"
+        return keyword_error(kw.group()) if kw else "expecting value"
     if msg.startswith("Expecting property name"):
         if kw:
-            return _keyword(kw.group())
+            return keyword_error(kw.group())
         if pos >= len(text) or text[pos] in _VALUE_END:
             return "expecting value"  # QEMU parses the key as a value first
         return "key is not a string in object"
@@ -246,14 +246,14 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
         return "expected separator in dict" if inner == "{" else "expected separator in list"
     if msg.startswith("Invalid \\uXXXX"):
         start = pos - 1 if pos and text[pos - 1] == "\\" else pos
-        return _not_unicode(text, start)
+        return not_unicode(text, start)
     if msg.startswith("Invalid \\escape"):
         return "invalid escape sequence in string"
     if msg.startswith("Invalid control character"):
         # QEMU's lexer names the string token so far, from its opening quote.
         before = _BEFORE_OPEN_STRING.match(text, 0, pos)  # matches, if only ""
         start = before.end() if before is not None else pos
-        return stray(text[start : pos + 1].encode("utf-8", _RAW))[len(PARSE_ERROR_PREFIX) :]
+        return stray(text[start : pos + 1].encode("utf-8", RAW))[len(PARSE_ERROR_PREFIX) :]
     return msg[:1].lower() + msg[1:]
 
 
@@ -277,7 +277,7 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
     skipped (where the error was found, or the line feed of the first line a
     line-by-line check would have refused).
     """
-    text = buf[start:lf].decode("utf-8", _RAW)
+    text = buf[start:lf].decode("utf-8", RAW)
     try:
         _DECODER.raw_decode(_apostrophes(text, _SAME_LENGTH))
     except json.JSONDecodeError as exc:
@@ -297,9 +297,9 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
             line_end = text.find("\n", exc.pos)
             scope = (text[: line_end + 1] if line_end >= 0
                      else text + "\n" if buf[lf : lf + 1] == b"\n" else text)
-        desc = _first_lexical_error(scope) or PARSE_ERROR_PREFIX + _qemu_reason(
+        desc = first_lexical_error(scope) or PARSE_ERROR_PREFIX + _qemu_reason(
             exc.msg, text, exc.pos)
-        return desc, start + len(text[: exc.pos].encode("utf-8", _RAW))
+        return desc, start + len(text[: exc.pos].encode("utf-8", RAW))
     except (_Reject, ValueError, RecursionError):
         pass
     else:  # pragma: no cover - a complete value would have ended the scan
@@ -320,7 +320,7 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
     lo, hi = 0, len(feeds)  # feeds[hi:] are refused, feeds[:lo] viable
     while lo < hi:
         mid = (lo + hi) // 2
-        if _viable(buf[start : feeds[mid]].decode("utf-8", _RAW)):
+        if _viable(buf[start : feeds[mid]].decode("utf-8", RAW)):
             lo = mid + 1
         else:
             hi = mid

@@ -4,7 +4,7 @@
 of per-mode lists; ``ids``: chosen and generated blocker ids; ``migration``:
 the simulated migration's state machine; ``changes``: events for clients and
 changes for the disk; ``registry``: QEMU's rules over all of them, with
-``migrating``: the registry's migration parameters and commands.  Nothing here
+``control``: the registry's migration parameters and commands.  Nothing here
 does I/O.
 """
 

@@ -14,7 +14,7 @@ and reads no clock of its own accord: time comes from an injected clock, and
 the simulated migration moves only when the core calls :meth:`Registry.advance`
 (before every command, and when :meth:`Registry.next_deadline` passes).  The
 migration parameters and the ``migrate`` commands are its other half,
-:class:`~migblockd.registry.migrating.MigrationControl`; here are the
+:class:`~migblockd.registry.control.MigrationControl`; here are the
 blockers, the events and changes the core takes, and the undoing of changes
 a commit could not keep.
 
@@ -31,6 +31,7 @@ from typing import Final
 from migblockd.clock import SYSTEM_CLOCK, Clock
 from migblockd.registry.blockers import Blocker, BlockerStore, Owner
 from migblockd.registry.changes import Change, Event
+from migblockd.registry.control import MigrationControl
 from migblockd.registry.errors import (
     DuplicateId,
     EmptyModes,
@@ -40,7 +41,6 @@ from migblockd.registry.errors import (
     OnlyMigratable,
 )
 from migblockd.registry.ids import IdSource, check_id
-from migblockd.registry.migrating import MigrationControl
 from migblockd.registry.migration import MIGRATION_STATUSES, SimulatedMigration
 
 __all__ = ["DEFAULT_MODE", "SCOPES", "Change", "Event", "Registry"]

@@ -22,8 +22,8 @@ from migblockd.contract import Contract
 from migblockd.listing import Listings
 from migblockd.logs import about, shown
 from migblockd.qmp.encoding import Encoded, Parts
+from migblockd.qmp.envelope import QMP_CAPABILITIES, Command
 from migblockd.qmp.errors import QMPError
-from migblockd.qmp.session import QMP_CAPABILITIES, Command
 from migblockd.qmp.validation import ArgumentValidator
 from migblockd.registry import BlockerError, Change, Registry
 from migblockd.render import blocker_text

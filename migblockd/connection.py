@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Generator
 
 from migblockd.access import Role
-from migblockd.qmp.session import Request, Session
+from migblockd.qmp.envelope import Request
+from migblockd.qmp.session import Session
 from migblockd.registry import Owner
 
 __all__ = ["Connection"]

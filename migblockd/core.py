@@ -56,9 +56,9 @@ from migblockd.ledger import Ledger
 from migblockd.logs import about
 from migblockd.outcomes import Outcomes
 from migblockd.qmp.encoding import encode_line
+from migblockd.qmp.envelope import Request
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
-from migblockd.qmp.session import Request
 from migblockd.registry import BlockerError, Registry
 from migblockd.render import event_line
 from migblockd.roster import TURN_OUTPUT, Roster, held_full

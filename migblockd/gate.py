@@ -42,8 +42,8 @@ from migblockd.qemu_facts import (
     status_of,
 )
 from migblockd.qmp.encoding import Parts, encode
+from migblockd.qmp.envelope import Command
 from migblockd.qmp.errors import QMPError
-from migblockd.qmp.session import Command
 from migblockd.registry import (
     RUNNING_STATUSES,
     BlockerError,

@@ -30,9 +30,10 @@ from migblockd.connection import Connection
 from migblockd.guard import Guard
 from migblockd.ledger import Ledger
 from migblockd.logs import about, shown
+from migblockd.qmp.envelope import Command
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
-from migblockd.qmp.session import Command, Session
+from migblockd.qmp.session import Session
 from migblockd.registry import Owner, Registry
 from migblockd.stats import Stats
 

@@ -13,9 +13,9 @@ from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.qmp.encoding import encode_event
+from migblockd.qmp.envelope import Command
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
-from migblockd.qmp.session import Command
 from migblockd.registry import BlockerError, FakeClock, Registry
 
 CONTRACT = Contract.load()

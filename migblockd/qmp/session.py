@@ -43,13 +43,16 @@ that arrived earlier but have not had their turn (QEMU's "out-of-band"
 promise).  Replies are written in the order they are given, so whoever runs
 the requests keeps in-band replies in request order by answering each before
 asking for the next.
+
+The checks a request passes, and negotiation, are in
+:mod:`migblockd.qmp.envelope` (:class:`~migblockd.qmp.envelope.Envelope`, a
+base class of :class:`Session`).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Final
 
 from migblockd.qmp.encoding import (
@@ -59,42 +62,13 @@ from migblockd.qmp.encoding import (
     encode_return,
     encode_return_parts,
 )
-from migblockd.qmp.errors import NO_ID, CommandNotFound, QMPError
+from migblockd.qmp.envelope import NOT_AN_OBJECT, QMP_CAPABILITIES, Command, Envelope, Request
+from migblockd.qmp.errors import NO_ID, QMPError
 from migblockd.qmp.framing import NEED_DATA, StreamDecoder
 from migblockd.qmp.limits import Limits
-from migblockd.qmp.qdict import qdict_order
 from migblockd.qmp.wording import ParseError
 
-__all__ = ["EVENT", "KEEP", "QMP_CAPABILITIES", "VANISH", "Command", "Request", "Session"]
-
-Args = dict[str, Any]
-
-QMP_CAPABILITIES: Final = "qmp_capabilities"
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """What the session needs to know of one command of the schema.
-
-    ``validate(args)`` raises :class:`QMPError` when the arguments do not match
-    the schema and has no side effect.  ``handler`` is opaque to the session:
-    it travels with each :class:`Request` to whoever runs it.
-    """
-
-    name: str
-    allow_oob: bool
-    validate: Callable[[Args], None]
-    handler: object = None
-
-
-@dataclass(slots=True)
-class Request:
-    """A request that passed every protocol check and awaits its answer."""
-
-    command: Command
-    args: Args
-    id: object  # NO_ID when the request had none
-    oob: bool
+__all__ = ["EVENT", "KEEP", "VANISH", "Session"]
 
 
 #: What held output becomes if its commit fails: sent as it is (a reply, or an
@@ -124,20 +98,7 @@ class _Held:
         self.replies = 0  # bytes of the lines that are not events
 
 
-# The members of a request that needs no closer look: in-band, or with OOB enabled
-# out-of-band (exec-oob is an envelope member only then).
-_IN_BAND_MEMBERS: Final = frozenset({"execute", "arguments", "id"})
-_OOB_ONLY_MEMBERS: Final = frozenset({"exec-oob", "arguments", "id"})
-_NO_ARGUMENTS: Final[dict[str, Any]] = {}
-
-NEGOTIATION_REQUIRED: Final = "Expecting capabilities negotiation with 'qmp_capabilities'"
-ALREADY_NEGOTIATED: Final = "Capabilities negotiation is already complete, command ignored"
-NOT_AN_OBJECT: Final = "QMP input must be a JSON object"
-ARGUMENTS_NOT_OBJECT: Final = "QMP input member 'arguments' must be an object"
-LACKS_EXECUTE: Final = "QMP input lacks member 'execute'"
-
-
-class Session:
+class Session(Envelope):
     """Per-connection QMP state machine (sans-I/O).
 
     ``commands`` is the full command table of the schema, including
@@ -147,8 +108,7 @@ class Session:
     ``capabilities`` are what ``qmp_capabilities`` may enable.
     """
 
-    __slots__ = ("_decoder", "_held", "_negotiation", "_offered", "_output", "_queue",
-                 "commands", "event_bytes", "negotiated", "oob_enabled", "output_bytes")
+    __slots__ = ("_decoder", "_held", "_output", "_queue", "event_bytes", "output_bytes")
 
     def __init__(self, commands: Mapping[str, Command], greeting: dict[str, Any],
                  limits: Limits) -> None:
@@ -383,67 +343,3 @@ class Session:
             self._put(encode_error(exc, id_), 0, KEEP)
             return None
         return request
-
-    def _envelope(self, req: dict[str, Any], id_: object) -> Request:
-        """The envelope checks, in QEMU's order (``qapi/qmp-dispatch.c``)."""
-        oob = self.oob_enabled
-        keys = req.keys()
-        if keys <= _IN_BAND_MEMBERS and type(req.get("execute")) is str:
-            exec_key = "execute"  # the common case, with nothing for the member checks to find
-        elif oob and keys <= _OOB_ONLY_MEMBERS and type(req.get("exec-oob")) is str:
-            exec_key = "exec-oob"
-        else:
-            exec_key = ""
-        args = req.get("arguments", _NO_ARGUMENTS)
-        if not exec_key or type(args) is not dict:
-            exec_key = _check_members(req, oob)
-        command = self._lookup(req[exec_key])
-        if exec_key == "exec-oob" and not command.allow_oob:
-            raise QMPError(f"The command {command.name} does not support OOB")
-        return Request(command, args if args is not _NO_ARGUMENTS else {}, id_,
-                       exec_key == "exec-oob")
-
-    def _lookup(self, name: str) -> Command:
-        if name == QMP_CAPABILITIES:
-            return self._negotiation
-        command = self.commands.get(name) if self.negotiated else None
-        if command is None:
-            if not self.negotiated:
-                raise CommandNotFound(NEGOTIATION_REQUIRED)
-            raise CommandNotFound(f"The command {name} has not been found")
-        return command
-
-    def _negotiate(self, args: Args) -> object:
-        if self.negotiated:
-            raise CommandNotFound(ALREADY_NEGOTIATED)
-        enable: list[str] = args.get("enable", [])
-        unavailable = [cap for cap in enable if cap not in self._offered]
-        if unavailable:
-            raise QMPError(f"Capability {', '.join(unavailable)} not available")
-        self.oob_enabled = "oob" in enable
-        self.negotiated = True
-        return {}
-
-
-def _check_members(req: dict[str, Any], oob: bool) -> str:
-    """QEMU's ``qmp_dispatch_check_obj()``: each member in the order QEMU's QDict
-    holds them, so that of several errors the one QEMU meets first is reported.
-    Returns the member that names the command (``exec-oob`` is one only with
-    OOB enabled, else it is unexpected; with both, the second met clashes)."""
-    exec_key = ""
-    for key in qdict_order(req):
-        value = req[key]
-        if key == "execute" or (key == "exec-oob" and oob):
-            if type(value) is not str:
-                raise QMPError(f"QMP input member '{key}' must be a string")
-            if exec_key:
-                raise QMPError(f"QMP input member '{key}' clashes with '{exec_key}'")
-            exec_key = key
-        elif key == "arguments":
-            if type(value) is not dict:
-                raise QMPError(ARGUMENTS_NOT_OBJECT)
-        elif key != "id":
-            raise QMPError(f"QMP input member '{key}' is unexpected")
-    if not exec_key:
-        raise QMPError(LACKS_EXECUTE)
-    return exec_key

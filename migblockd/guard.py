@@ -34,11 +34,12 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
-from migblockd.access import Policy, Quotas, Resolver, Role, clear_caches, needed_role, user_name
+from migblockd.access import Policy, Quotas, Role, needed_role
 from migblockd.connection import Connection
 from migblockd.logs import about, shown
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import Registry
+from migblockd.resolver import Resolver, clear_caches, user_name
 
 __all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota"]
 

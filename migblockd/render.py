@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from migblockd.access import user_name
 from migblockd.qmp.encoding import Encoded, encode, encode_event, timestamp
 from migblockd.registry import Blocker, Event
+from migblockd.resolver import user_name
 
 __all__ = ["blocker_info", "blocker_text", "event_data", "event_line"]
 

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from migblockd.accept import Acceptor, fit_descriptor_limit
-from migblockd.access import group_id
 from migblockd.adapter import ClientProtocol, read_buffer
 from migblockd.config import RELOADABLE, Config, ConfigError, build
 from migblockd.connection import Connection
@@ -50,6 +49,7 @@ from migblockd.options import table
 from migblockd.pidlock import PidLock
 from migblockd.qemu_facts import QemuUnavailable
 from migblockd.registry import Change
+from migblockd.resolver import group_id
 from migblockd.systemd import Notifier, format_status
 from migblockd.timeouts import Timeouts
 

@@ -21,7 +21,7 @@ from otheruids import accounts, uid_client_script  # noqa: F401  (fixtures: othe
 from qmpclient import RawClient, qmp_client, qmp_clients
 from realqemu import qemu, qemu_factory  # noqa: F401  (fixtures: a real QEMU, see realqemu.py)
 
-from migblockd.access import user_name
+from migblockd.resolver import user_name
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = " ready on "

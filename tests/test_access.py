@@ -15,18 +15,10 @@ from pathlib import Path
 import pytest
 from otheruids import NAMELESS_GID, NAMELESS_UID, Account
 
-from migblockd.access import (
-    CACHE_SIZE,
-    AccessTable,
-    GroupName,
-    Policy,
-    Resolver,
-    Role,
-    group_id,
-    needed_role,
-)
+from migblockd.access import AccessTable, GroupName, Policy, Role, needed_role
 from migblockd.config import Config, ConfigError, read_file
 from migblockd.contract import Contract
+from migblockd.resolver import CACHE_SIZE, Resolver, group_id
 
 OBSERVER, CLIENT, OPERATOR, ADMIN = Role.OBSERVER, Role.CLIENT, Role.OPERATOR, Role.ADMIN
 DAEMON_UID = 4_000_000  # a daemon uid no test client has
@@ -154,7 +146,8 @@ def test_users_by_number_and_by_name(accounts: dict[str, Account]) -> None:
 
 EXHAUSTED = """
 import json, os, resource, sys
-from migblockd.access import Policy, Resolver, Role
+from migblockd.access import Policy, Role
+from migblockd.resolver import Resolver
 uid = int(sys.argv[1])
 r = Resolver(Policy.of(Role.OPERATOR, users={sys.argv[2]: Role.OBSERVER}), 0x7fffffff)
 resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from migblockd.access import user_name
 from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.registry import FakeClock, Owner, Registry
+from migblockd.resolver import user_name
 
 CONTRACT = Contract.load()
 LIMITS = Config().limits

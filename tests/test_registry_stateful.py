@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from migblockd.access import user_name
 from migblockd.registry import SETUP_SHARE, BlockerError, FakeClock, Owner, Registry
 from migblockd.render import blocker_info, event_data
+from migblockd.resolver import user_name
 
 MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
 REASONS = ("vmdk", "vfio", "sev", "vmdk")  # a repeated reason makes two blockers

@@ -14,10 +14,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .qapi.builder import load_schema
 from .qapi.doc import SchemaDocs, build_docs
 from .qapi.introspect import introspect
 from .qapi.jsonschema import command_documents, event_documents
-from .qapi.schema import load_schema
 
 __all__ = ["CommandSpec", "Contract", "EventSpec", "SchemaDocs", "schema_dir"]
 

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from migblockd.qapi.builder import load_schema
 from migblockd.qapi.schema import (
     ArrayType,
     BuiltinType,
@@ -25,7 +26,6 @@ from migblockd.qapi.schema import (
     ObjectType,
     QAPIType,
     Schema,
-    load_schema,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

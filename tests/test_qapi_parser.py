@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from migblockd.qapi.builder import load_schema
 from migblockd.qapi.error import QAPIError
 from migblockd.qapi.parser import parse_schema
-from migblockd.qapi.schema import ArrayType, EnumType, ObjectType, load_schema
+from migblockd.qapi.schema import ArrayType, EnumType, ObjectType
 
 CASES = Path(__file__).parent / "qapi_cases"
 BAD = sorted(p.name for p in CASES.glob("bad-*.json"))

@@ -24,10 +24,11 @@ from typing import Any
 from migblockd.generated import diffs
 from migblockd.generated import write as write_files
 
+from .builder import load_schema
 from .error import QAPIError
 from .introspect import introspect
 from .jsonschema import command_documents, event_documents
-from .schema import Schema, load_schema
+from .schema import Schema
 
 PROG = "migblockd-qapi-gen"
 

@@ -9,7 +9,7 @@ one (each file at most once) and ``{ 'pragma': {...} }`` sets parse-wide
 options.
 
 Unlike QEMU we keep the source position of every key and value (not only of
-each top-level expression), so that semantic errors in ``schema.py`` can point
+each top-level expression), so that semantic errors in ``builder.py`` can point
 at the exact member that is wrong.  Error wording follows QEMU's where QEMU
 has a message for the same mistake.
 """

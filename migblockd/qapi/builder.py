@@ -1,0 +1,292 @@
+"""Checking parsed definitions and linking them into a :class:`~.schema.Schema`.
+
+Mirrors the part of QEMU's ``scripts/qapi/expr.py`` (and the checks of its
+``schema.py``) that migblockd's subset of the language needs.  Unions,
+alternates, conditionals and features are not part of the subset and are
+rejected as unknown keys.
+
+Checks done here, each reported as ``FILE:LINE:COL: message`` at the offending
+key or value: unknown keys and missing keys, malformed values, bad names,
+duplicate definitions and enum values, references to unknown types (or to
+things that are not types), and doc comments that are missing, name a
+different definition, leave a member undocumented or document a member that
+does not exist.  Naming rules are :mod:`.names`'s; the objects built are
+:mod:`.schema`'s, apart so that the back ends read the model without the checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .doccomment import Doc
+from .error import QAPIError, SourceInfo
+from .names import check_definition_name, check_member_name, check_value_name
+from .parser import Definition, ParseResult, PosDict, PosList, Value, parse_schema
+from .schema import (
+    BUILTIN_JSON_TYPES,
+    ArrayType,
+    BuiltinType,
+    Command,
+    EnumType,
+    EnumValue,
+    Event,
+    Member,
+    ObjectType,
+    QAPIType,
+    Schema,
+)
+
+_META_KEYS: dict[str, tuple[set[str], set[str]]] = {
+    # meta-type: (required keys, optional keys)
+    "enum": ({"enum", "data"}, set()),
+    "struct": ({"struct", "data"}, set()),
+    "command": ({"command"}, {"data", "returns", "allow-oob"}),
+    "event": ({"event"}, {"data"}),
+}
+
+
+def load_schema(fname: str | Path) -> Schema:
+    """Parse and check a root schema file; raises ``QAPIError`` on mistakes."""
+    return build_schema(parse_schema(fname))
+
+
+def build_schema(parsed: ParseResult) -> Schema:
+    """Check parsed definitions and link them into a ``Schema``."""
+    return _Builder(parsed).build()
+
+
+def _describe(meta: str, name: str) -> str:
+    return f"{meta} '{name}'"
+
+
+class _Builder:
+    def __init__(self, parsed: ParseResult) -> None:
+        self.parsed = parsed
+        self.schema = Schema()
+        self.schema.builtins = {n: BuiltinType(n) for n in BUILTIN_JSON_TYPES}
+        self.arrays: dict[str, ArrayType] = {}
+        self.defined: dict[str, tuple[str, SourceInfo]] = {}
+
+    def build(self) -> Schema:
+        # Pass 1 checks each expression's shape and registers its name, so
+        # that pass 2 can resolve references to definitions made later.
+        checked: list[tuple[str, str, Definition]] = []
+        for defn in self.parsed.definitions:
+            meta, name = self._check_shape(defn)
+            checked.append((meta, name, defn))
+        for meta, name, defn in checked:
+            if meta == "enum":
+                self.schema.types[name] = self._make_enum(name, defn)
+            elif meta == "struct":
+                # Members are filled in pass 2; the object must exist first
+                # so that other definitions can refer to it.
+                assert defn.doc is not None
+                self.schema.types[name] = ObjectType(name, [], defn.doc, defn.info)
+        order = {m: i for i, m in enumerate(self.parsed.modules)}
+        # QEMU visits entities module by module (stable within a module).
+        for meta, name, defn in sorted(checked, key=lambda c: order[c[2].module]):
+            assert defn.doc is not None
+            if meta == "struct":
+                struct = self.schema.types[name]
+                assert isinstance(struct, ObjectType)
+                data = defn.expr["data"]
+                if not isinstance(data, PosDict):
+                    raise QAPIError(
+                        defn.expr.value_info["data"], f"'data' of struct '{name}' must be an object"
+                    )
+                struct.members = self._make_members(data, defn.doc, "member", name)
+                self._check_doc_args(defn.doc, struct.members, defn)
+            elif meta == "command":
+                cmd = self._make_command(name, defn)
+                self.schema.commands[name] = cmd
+                self.schema.entities.append(cmd)
+            elif meta == "event":
+                event = self._make_event(name, defn)
+                self.schema.events[name] = event
+                self.schema.entities.append(event)
+            elif meta == "enum":
+                enum = self.schema.types[name]
+                assert isinstance(enum, EnumType)
+                self._check_doc_names(defn.doc, [v.name for v in enum.values], defn, "value")
+            self._check_doc_sections(meta, defn)
+        return self.schema
+
+    @staticmethod
+    def _check_doc_sections(meta: str, defn: Definition) -> None:
+        """QEMU's QAPIDoc.check_expr(): sections that only some definitions may have."""
+        assert defn.doc is not None
+        returns, errors = defn.doc.section("Returns"), defn.doc.section("Errors")
+        if meta == "command":
+            if returns is not None and "returns" not in defn.expr:
+                raise QAPIError(returns.info,
+                                "'Returns' section, but command doesn't return anything")
+            return
+        if returns is not None:
+            raise QAPIError(returns.info, "'Returns' section is only valid for commands")
+        if errors is not None:
+            raise QAPIError(errors.info, "'Errors' section is only valid for commands")
+
+    # --- pass 1 ----------------------------------------------------------
+
+    def _check_shape(self, defn: Definition) -> tuple[str, str]:
+        expr = defn.expr
+        metas = [k for k in expr if k in _META_KEYS]
+        if not metas:
+            raise QAPIError(expr.info, "expression is missing metatype")
+        if len(metas) > 1:
+            raise QAPIError(
+                expr.key_info[metas[1]], f"expression has more than one metatype: {metas[1]}"
+            )
+        meta = metas[0]
+        name = expr[meta]
+        if not isinstance(name, str):
+            raise QAPIError(expr.value_info[meta], f"'{meta}' requires a string name")
+        required, optional = _META_KEYS[meta]
+        what = _describe(meta, name)
+        for key in expr:
+            if key not in required | optional:
+                raise QAPIError(expr.key_info[key], f"{what} has unknown key '{key}'")
+        missing = sorted(required - set(expr))
+        if missing:
+            raise QAPIError(expr.info, f"{what} misses key '{missing[0]}'")
+        check_definition_name(meta, name, expr.value_info[meta],
+                              self.parsed.pragmas.command_name_exceptions)
+        if name in self.defined or name in BUILTIN_JSON_TYPES:
+            raise QAPIError(expr.value_info[meta], f"'{name}' is already defined")
+        self.defined[name] = (meta, expr.info)
+        self._check_doc_symbol(defn, name)
+        return meta, name
+
+    @staticmethod
+    def _check_doc_symbol(defn: Definition, name: str) -> None:
+        if defn.doc is None:
+            raise QAPIError(defn.info, f"definition of '{name}' lacks documentation")
+        if defn.doc.symbol != name:
+            raise QAPIError(
+                defn.info,
+                f"definition of '{name}' follows documentation for '{defn.doc.symbol}'",
+            )
+
+    # --- pass 2 ----------------------------------------------------------
+
+    def _make_enum(self, name: str, defn: Definition) -> EnumType:
+        assert defn.doc is not None
+        data = defn.expr["data"]
+        info = defn.expr.value_info["data"]
+        if not isinstance(data, PosList):
+            raise QAPIError(info, f"'data' of enum '{name}' must be an array")
+        values: list[EnumValue] = []
+        seen: set[str] = set()
+        for value, vinfo in zip(data, data.item_info, strict=True):
+            if not isinstance(value, str):
+                raise QAPIError(vinfo, f"value of enum '{name}' must be a string")
+            check_value_name(value, name, vinfo)
+            if value in seen:
+                raise QAPIError(vinfo, f"value '{value}' of enum '{name}' collides with "
+                                       f"value '{value}'")
+            seen.add(value)
+            arg = defn.doc.args.get(value)
+            if arg is None:
+                raise QAPIError(vinfo, f"value '{value}' of enum '{name}' lacks documentation")
+            values.append(EnumValue(value, arg.text, vinfo))
+        return EnumType(name, values, defn.doc, defn.info)
+
+    def _make_members(self, data: PosDict, doc: Doc, role: str, owner: str) -> list[Member]:
+        members: list[Member] = []
+        seen: set[str] = set()
+        for key, value in data.items():
+            info = data.key_info[key]
+            optional = key.startswith("*")
+            name = key[1:] if optional else key
+            what = f"{role} '{name}' of '{owner}'"
+            check_member_name(name, what, info)
+            if name in seen:
+                raise QAPIError(info, f"{what} collides with {role} '{name}'")
+            seen.add(name)
+            typ = self._resolve(value, data.value_info[key], what)
+            arg = doc.args.get(name)
+            if arg is None:
+                raise QAPIError(info, f"{what} lacks documentation")
+            members.append(Member(name, typ, optional, arg.text, info))
+        return members
+
+    def _resolve(self, value: Value, info: SourceInfo, what: str) -> QAPIType:
+        """The type a member's (or return's) type expression denotes."""
+        if isinstance(value, PosList):
+            if len(value) != 1 or not isinstance(value[0], str):
+                raise QAPIError(info, f"{what}: array type must contain single type name")
+            element = self._resolve(value[0], value.item_info[0], what)
+            array = self.arrays.get(element.name)
+            if array is None:
+                array = self.arrays[element.name] = ArrayType(element)
+            return array
+        if not isinstance(value, str):
+            raise QAPIError(info, f"{what} should be a type name")
+        typ = self.schema.lookup_type(value)
+        if typ is None:
+            if value in self.defined:
+                meta = self.defined[value][0]
+                raise QAPIError(info, f"{what} uses {meta} '{value}' as a type")
+            raise QAPIError(info, f"{what} uses unknown type '{value}'")
+        return typ
+
+    def _object_data(self, name: str, meta: str, defn: Definition) -> ObjectType | None:
+        """The argument object of a command or event: a named struct, or an
+        implicit type for inline members (None when there are none)."""
+        assert defn.doc is not None
+        expr = defn.expr
+        if "data" not in expr:
+            self._check_doc_args(defn.doc, [], defn)
+            return None
+        data = expr["data"]
+        info = expr.value_info["data"]
+        what = f"'data' of {meta} '{name}'"
+        if isinstance(data, str):
+            typ = self._resolve(data, info, what)
+            if not isinstance(typ, ObjectType):
+                raise QAPIError(info, f"{what} must be an object or name a struct, not '{data}'")
+            # The struct documents its own members; the command's doc may not
+            # repeat them (QEMU's rule too).
+            self._check_doc_args(defn.doc, [], defn)
+            return typ
+        if not isinstance(data, PosDict):
+            raise QAPIError(info, f"{what} should be an object or type name")
+        members = self._make_members(data, defn.doc, "parameter", name)
+        self._check_doc_args(defn.doc, members, defn)
+        if not members:
+            return None
+        return ObjectType(f"q_obj_{name}-arg", members, defn.doc, defn.info, implicit=True)
+
+    def _make_command(self, name: str, defn: Definition) -> Command:
+        assert defn.doc is not None
+        expr = defn.expr
+        arg_type = self._object_data(name, "command", defn)
+        ret_type: QAPIType | None = None
+        if "returns" in expr:
+            info = expr.value_info["returns"]
+            what = f"'returns' of command '{name}'"
+            ret_type = self._resolve(expr["returns"], info, what)
+            elem = ret_type.element if isinstance(ret_type, ArrayType) else ret_type
+            if not isinstance(elem, ObjectType):
+                raise QAPIError(info, f"{what} cannot take type '{ret_type.spelling()}'")
+        oob = expr.get("allow-oob", False)
+        if oob is not True and "allow-oob" in expr:
+            raise QAPIError(
+                expr.value_info["allow-oob"], "flag 'allow-oob' may only use true value"
+            )
+        return Command(name, arg_type, ret_type, oob is True, defn.doc, defn.info)
+
+    def _make_event(self, name: str, defn: Definition) -> Event:
+        assert defn.doc is not None
+        return Event(name, self._object_data(name, "event", defn), defn.doc, defn.info)
+
+    @staticmethod
+    def _check_doc_args(doc: Doc, members: list[Member], defn: Definition) -> None:
+        _Builder._check_doc_names(doc, [m.name for m in members], defn, "member")
+
+    @staticmethod
+    def _check_doc_names(doc: Doc, names: list[str], defn: Definition, role: str) -> None:
+        bogus = [a for a in doc.args if a not in names]
+        if bogus:
+            arg = doc.args[bogus[0]]
+            raise QAPIError(arg.info, f"documented {role} '{bogus[0]}' does not exist")

@@ -3,14 +3,13 @@
 from migblockd.qemu.info import QemuInfo
 from migblockd.qemu.link import (
     EventHandler,
-    LinkState,
     QemuCommandError,
     QemuInterrupted,
     QemuLink,
     QemuLinkError,
     QemuNotConnected,
-    StateHandler,
 )
+from migblockd.qemu.reconnect import LinkState, StateHandler
 
 __all__ = [
     "EventHandler",

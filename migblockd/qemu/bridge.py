@@ -19,7 +19,8 @@ from typing import Any, Final
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.gate import GateHandlers
-from migblockd.qemu.link import LinkState, QemuCommandError, QemuLink, QemuLinkError
+from migblockd.qemu.link import QemuCommandError, QemuLink, QemuLinkError
+from migblockd.qemu.reconnect import LinkState
 from migblockd.qemu_facts import QemuError, QemuFacts, QemuUnavailable, incoming
 from migblockd.registry import RUNNING_STATUSES, Registry
 

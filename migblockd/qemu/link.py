@@ -1,10 +1,11 @@
-"""The connection to a QEMU's QMP monitor: connect, keep reconnecting, execute, relay events.
+"""The connection to a QEMU's QMP monitor: execute commands, relay events.
 
 migblockd may start before QEMU and outlive it.  The link keeps trying to connect, with
 capped exponential backoff, and reconnects by itself when a new QEMU listens on the same
-socket.  It logs once per change of state (not once per attempt).  It knows nothing of
-migblockd's registry: the caller gets QEMU's events through ``on_event`` and state changes
-through ``on_state``, and sends commands with :meth:`QemuLink.execute`.
+socket: that is :mod:`migblockd.qemu.reconnect`'s (a base class of :class:`QemuLink`),
+apart from what is done over a connection that is up, which is this module's.  The link
+knows nothing of migblockd's registry: the caller gets QEMU's events through ``on_event``
+and state changes through ``on_state``, and sends commands with :meth:`QemuLink.execute`.
 
 It is built on ``qemu.qmp``'s ``QMPClient``, adjusted in three ways (see ``_Client``):
 
@@ -33,10 +34,8 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
 
 from qemu.qmp import (
-    ConnectError,
     ExecInterruptedError,
     ExecuteError,
     Message,
@@ -45,36 +44,33 @@ from qemu.qmp import (
     Runstate,
     StateError,
 )
-from qemu.qmp.message import DeserializationError
-from qemu.qmp.qmp_client import GreetingError
 
 from migblockd.qemu.info import QemuInfo
+from migblockd.qemu.reconnect import (
+    GREETING_NOTICE,
+    MAX_DELAY,
+    MIN_DELAY,
+    LinkState,
+    Reconnecting,
+    StateHandler,
+)
 
 __all__ = [
     "EventHandler",
-    "LinkState",
     "QemuCommandError",
     "QemuInterrupted",
     "QemuLink",
     "QemuLinkError",
     "QemuNotConnected",
     "QemuTimedOut",
-    "StateHandler",
 ]
 
 log = logging.getLogger("migblockd.qemu")
 
-LinkState = Literal["disconnected", "connected", "closed"]
 #: ``on_event(name, data, timestamp)``: QEMU's event name, its ``data`` (empty when QEMU sent
 #: none) and its ``timestamp`` (``{"seconds": N, "microseconds": N}``), all as QEMU sent them.
 EventHandler = Callable[[str, Mapping[str, object], Mapping[str, object]], None]
-StateHandler = Callable[[LinkState], None]
 
-MIN_DELAY = 0.1
-MAX_DELAY = 5.0
-#: QEMU serves one client per monitor socket; a second one is accepted by the kernel but
-#: gets no greeting until the first leaves.  Say so if the greeting takes this long.
-GREETING_NOTICE = 5.0
 #: How long :meth:`QemuLink.execute` waits for QEMU's reply by default (0: forever).
 TIMEOUT = 10.0
 
@@ -187,27 +183,7 @@ def _trace(path: Path, direction: str, data: bytes) -> None:
         log.debug("QEMU %s %s %r... (%d bytes)", path, direction, data[:TRACE_LIMIT], len(data))
 
 
-def _reason(exc: BaseException) -> str:
-    """Why a connection attempt failed or a connection ended, for one log line."""
-    if isinstance(exc, ConnectError):
-        exc = exc.exc
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    if isinstance(exc, EOFError):
-        return "QEMU closed the connection"
-    if isinstance(exc, ExecuteError):
-        return f"query-qmp-schema failed: {exc}"
-    if (isinstance(exc, GreetingError) and isinstance(exc.exc, DeserializationError)
-            and exc.exc.raw.rstrip() == b"{"):
-        # A pretty-printing monitor spreads every message over lines; QMP clients read
-        # one message per line.
-        return ("QEMU's monitor pretty-prints its JSON (-qmp-pretty, or -mon pretty=on), "
-                "which migblockd cannot read: give migblockd a monitor without it")
-    # One line: the log's, and the client's error (qemu.qmp's own texts span lines).
-    return " ".join((str(exc) or type(exc).__name__).split())
-
-
-class QemuLink:
+class QemuLink(Reconnecting):
     """A self-healing QMP connection to the QEMU monitor at ``path``.
 
     Call :meth:`start` from a running event loop, :meth:`close` when done.
@@ -321,95 +297,11 @@ class QemuLink:
             log.info("disconnected from QEMU at %s", self.path)
         self._notify_state()
 
-    # -- the connection's life --------------------------------------------------------
-
-    async def _run(self) -> None:
-        delay = self._min_delay
-        while True:
-            try:
-                info = await self._connect()
-            except Exception as exc:  # every kind of failure means: try again later
-                self.attempts += 1
-                self._set_down(_reason(exc), lost=False)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._max_delay)
-                continue
-            delay, self.attempts = self._min_delay, 0
-            self._set_up(info)
-            # After a loss, try again at once: QEMU may already be back.
-            self._set_down(await self._session_end(), lost=True)
-
-    async def _connect(self) -> QemuInfo:
-        notice = asyncio.get_running_loop().call_later(self._greeting_notice,
-                                                       self._greeting_late)
-        try:
-            await self._client.connect(str(self.path))
-            notice.cancel()
-            greeting = self._client.greeting
-            version = greeting.QMP.version if greeting is not None else {}
-            schema = await self._client.execute("query-qmp-schema")
-            return QemuInfo.from_schema(version, schema)
-        except Exception:
-            # A failed connect() has already reset the client; anything later has not.
-            if self._client.runstate != Runstate.IDLE:
-                await self._disconnect_quietly()
-            raise
-        finally:
-            notice.cancel()
-
-    async def _session_end(self) -> str:
-        """Wait until the connection ends; why it ended."""
-        while self._client.runstate == Runstate.RUNNING:
-            await self._client.runstate_changed()
-        try:
-            await self._client.disconnect()
-        except Exception as exc:  # the reader's or writer's failure, re-raised
-            return _reason(exc)
-        return "the connection ended"
-
-    async def _disconnect_quietly(self) -> None:
-        try:
-            await self._client.disconnect()
-        except Exception as exc:  # the failure that ended the session: nothing left to do
-            log.debug("QEMU %s: disconnected: %s", self.path, _reason(exc))
-
     def _greeting_awaited(self) -> None:
         # Until now the reason was the last attempt's ("Connection refused"): a client
         # told that while another one holds QEMU's monitor would look for a dead QEMU.
         self._reason = ("QEMU accepted the connection but has not greeted yet (QEMU serves "
                         "one client per monitor: is another one connected?)")
-
-    def _greeting_late(self) -> None:
-        log.warning("QEMU at %s accepted the connection but has not greeted after %g s "
-                    "(QEMU serves one client per monitor: is another one connected?); "
-                    "still waiting", self.path, self._greeting_notice)
-
-    def _set_up(self, info: QemuInfo) -> None:
-        self._state, self._info, self._reason = "connected", info, "connected"
-        self._logged_reason = None
-        self._tried.set()
-        log.info("connected to QEMU %s at %s", info.version_string, self.path)
-        self._notify_state()
-
-    def _set_down(self, reason: str, *, lost: bool) -> None:
-        changed = self._state != "disconnected"
-        self._state, self._info, self._reason = "disconnected", None, reason
-        if lost:
-            log.warning("lost the connection to QEMU at %s: %s; reconnecting", self.path, reason)
-        elif reason != self._logged_reason:
-            log.info("QEMU at %s is not available: %s; retrying", self.path, reason)
-        self._logged_reason = reason
-        self._tried.set()
-        if changed:
-            self._notify_state()
-
-    def _notify_state(self) -> None:
-        if self._on_state is None:
-            return
-        try:
-            self._on_state(self._state)
-        except Exception:
-            log.exception("internal error handling the QEMU link's state %r", self._state)
 
     def _not_connected(self) -> QemuNotConnected:
         if self._state == "connected":  # the reader saw the end; _run has yet to notice

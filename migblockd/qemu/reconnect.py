@@ -1,0 +1,165 @@
+"""The link's connection's life: connecting, waiting out QEMU's greeting, backoff, reconnecting.
+
+Part of :class:`migblockd.qemu.link.QemuLink` (a base class of it, with no state of its
+own).  migblockd may start before QEMU and outlive it.  The link keeps trying to connect,
+with capped exponential backoff (:data:`MIN_DELAY` doubling up to :data:`MAX_DELAY`), and
+reconnects at once when a connection is lost, so that a new QEMU listening on the same
+socket is found by itself.  A connection is up once QEMU has greeted and answered
+``query-qmp-schema`` (what the gate learns of it, :class:`~migblockd.qemu.info.QemuInfo`);
+a greeting that takes :data:`GREETING_NOTICE` seconds is worth a warning, as QEMU serves
+one client per monitor.  It logs once per change of state (not once per attempt) and tells
+the caller of each change through ``on_state``.
+
+It is apart from :mod:`migblockd.qemu.link`, which holds what is done over a connection
+that is up (commands, their errors and QEMU's events, in QEMU's order) and the
+adjustments made to ``qemu.qmp``'s client for that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, Runstate
+from qemu.qmp.message import DeserializationError
+from qemu.qmp.qmp_client import GreetingError
+
+from migblockd.qemu.info import QemuInfo
+
+__all__ = ["GREETING_NOTICE", "MAX_DELAY", "MIN_DELAY", "LinkState", "Reconnecting",
+           "StateHandler"]
+
+log = logging.getLogger("migblockd.qemu")
+
+LinkState = Literal["disconnected", "connected", "closed"]
+StateHandler = Callable[[LinkState], None]
+
+MIN_DELAY = 0.1
+MAX_DELAY = 5.0
+#: QEMU serves one client per monitor socket; a second one is accepted by the kernel but
+#: gets no greeting until the first leaves.  Say so if the greeting takes this long.
+GREETING_NOTICE = 5.0
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connection attempt failed or a connection ended, for one log line."""
+    if isinstance(exc, ConnectError):
+        exc = exc.exc
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, EOFError):
+        return "QEMU closed the connection"
+    if isinstance(exc, ExecuteError):
+        return f"query-qmp-schema failed: {exc}"
+    if (isinstance(exc, GreetingError) and isinstance(exc.exc, DeserializationError)
+            and exc.exc.raw.rstrip() == b"{"):
+        # A pretty-printing monitor spreads every message over lines; QMP clients read
+        # one message per line.
+        return ("QEMU's monitor pretty-prints its JSON (-qmp-pretty, or -mon pretty=on), "
+                "which migblockd cannot read: give migblockd a monitor without it")
+    # One line: the log's, and the client's error (qemu.qmp's own texts span lines).
+    return " ".join((str(exc) or type(exc).__name__).split())
+
+
+class Reconnecting:
+    """A :class:`~migblockd.qemu.link.QemuLink`'s attempts to connect and their outcome."""
+
+    # The link's, set in QemuLink.__init__:
+    path: Path
+    attempts: int
+    _client: QMPClient
+    _on_state: StateHandler | None
+    _min_delay: float
+    _max_delay: float
+    _greeting_notice: float
+    _state: LinkState
+    _reason: str
+    _logged_reason: str | None
+    _info: QemuInfo | None
+    _tried: asyncio.Event
+
+    async def _run(self) -> None:
+        delay = self._min_delay
+        while True:
+            try:
+                info = await self._connect()
+            except Exception as exc:  # every kind of failure means: try again later
+                self.attempts += 1
+                self._set_down(_reason(exc), lost=False)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_delay)
+                continue
+            delay, self.attempts = self._min_delay, 0
+            self._set_up(info)
+            # After a loss, try again at once: QEMU may already be back.
+            self._set_down(await self._session_end(), lost=True)
+
+    async def _connect(self) -> QemuInfo:
+        notice = asyncio.get_running_loop().call_later(self._greeting_notice,
+                                                       self._greeting_late)
+        try:
+            await self._client.connect(str(self.path))
+            notice.cancel()
+            greeting = self._client.greeting
+            version = greeting.QMP.version if greeting is not None else {}
+            schema = await self._client.execute("query-qmp-schema")
+            return QemuInfo.from_schema(version, schema)
+        except Exception:
+            # A failed connect() has already reset the client; anything later has not.
+            if self._client.runstate != Runstate.IDLE:
+                await self._disconnect_quietly()
+            raise
+        finally:
+            notice.cancel()
+
+    async def _session_end(self) -> str:
+        """Wait until the connection ends; why it ended."""
+        while self._client.runstate == Runstate.RUNNING:
+            await self._client.runstate_changed()
+        try:
+            await self._client.disconnect()
+        except Exception as exc:  # the reader's or writer's failure, re-raised
+            return _reason(exc)
+        return "the connection ended"
+
+    async def _disconnect_quietly(self) -> None:
+        try:
+            await self._client.disconnect()
+        except Exception as exc:  # the failure that ended the session: nothing left to do
+            log.debug("QEMU %s: disconnected: %s", self.path, _reason(exc))
+
+
+    def _greeting_late(self) -> None:
+        log.warning("QEMU at %s accepted the connection but has not greeted after %g s "
+                    "(QEMU serves one client per monitor: is another one connected?); "
+                    "still waiting", self.path, self._greeting_notice)
+
+    def _set_up(self, info: QemuInfo) -> None:
+        self._state, self._info, self._reason = "connected", info, "connected"
+        self._logged_reason = None
+        self._tried.set()
+        log.info("connected to QEMU %s at %s", info.version_string, self.path)
+        self._notify_state()
+
+    def _set_down(self, reason: str, *, lost: bool) -> None:
+        changed = self._state != "disconnected"
+        self._state, self._info, self._reason = "disconnected", None, reason
+        if lost:
+            log.warning("lost the connection to QEMU at %s: %s; reconnecting", self.path, reason)
+        elif reason != self._logged_reason:
+            log.info("QEMU at %s is not available: %s; retrying", self.path, reason)
+        self._logged_reason = reason
+        self._tried.set()
+        if changed:
+            self._notify_state()
+
+    def _notify_state(self) -> None:
+        if self._on_state is None:
+            return
+        try:
+            self._on_state(self._state)
+        except Exception:
+            log.exception("internal error handling the QEMU link's state %r", self._state)

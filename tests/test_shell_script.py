@@ -128,6 +128,39 @@ def test_unknown_names_fail_the_run_and_are_never_sent(daemon: DaemonProcess) ->
     assert daemon.received() == negotiation * 2 + ["query-blockers"]
 
 
+def test_a_member_of_what_is_not_an_object_is_refused_before_sending(
+    daemon: DaemonProcess,
+) -> None:
+    # A dotted key (or a JSON object) under a string, a list or an enum names a
+    # member the schema cannot have; the daemon would only say the type is wrong.
+    result = shell(
+        str(daemon.socket),
+        stdin="add-blocker reason.x=1\n"
+        'add-blocker reason={"x": 1}\n'
+        "add-blocker reason=r modes.a=1\n"
+        'add-blocker reason=r modes=[{"a": 1}]\n'
+        "add-blocker reason=r internal.y.z=1\n"
+        "query-blockers\n",
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "migblock-shell: line 1: error: unknown argument 'reason.x' for add-blocker:"
+        " 'reason' is a string, not an object",
+        "migblock-shell: line 2: error: unknown argument 'reason.x' for add-blocker:"
+        " 'reason' is a string, not an object",
+        "migblock-shell: line 3: error: unknown argument 'modes.a' for add-blocker:"
+        " 'modes' is a list, not an object",
+        "migblock-shell: line 4: error: unknown argument 'modes[0].a' for add-blocker:"
+        " 'modes[0]' is an enum value, not an object",
+        "migblock-shell: line 5: error: unknown argument 'internal.y' for add-blocker:"
+        " 'internal' is a boolean, not an object",
+    ]
+    assert replies(result.stdout) == [{"return": []}]
+    daemon.wait_for_log(re.compile(r' <- b.*"execute": ?"query-blockers"'))
+    assert daemon.received() == ["qmp_capabilities", "query-qmp-schema", "query-commands",
+                                 "query-blockers"]
+
+
 def test_raw_json_and_type_errors_are_left_to_the_daemon(daemon: DaemonProcess) -> None:
     result = shell(
         str(daemon.socket),

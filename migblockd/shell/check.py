@@ -5,7 +5,11 @@ the typos that cost a round trip and read badly in the daemon's answer: an unkno
 command, or an unknown argument name (``add-blocker reson=x`` would be answered
 ``Parameter 'reason' is missing``).  Names are checked at every level the schema
 describes: dotted keys and JSON objects after ``=`` build the same nested objects,
-so both are checked; an object whose members depend on a tag (a union) is not.
+so both are checked; an object whose members depend on a tag (a union) is not.  A
+member given to what is not an object (``add-blocker reason.x=1``, where ``reason``
+is a string) is a name the schema cannot have, so it is refused too: the daemon
+would only say ``Invalid parameter type for 'reason'``, about a value the operator
+never typed.
 
 Missing arguments and wrong types are left to the daemon, which words them as QEMU
 does; raw JSON requests are not checked at all (they go exactly as typed).
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from migblockd.shell.schema import Schema
 
@@ -53,19 +57,48 @@ def did_you_mean(word: str, candidates: Sequence[str]) -> str:
     return _phrase(suggestions(word, candidates))
 
 
-def _unknown(
-    schema: Schema, type_name: str, value: Any, path: str
-) -> tuple[str, str, list[str]] | None:
-    """The first name in ``value`` that type ``type_name`` does not have, as
-    (the path of the object holding it, the name, the names it may hold)."""
+class _Unknown(NamedTuple):
+    """A name that is not in the schema: the path of the value holding it, the
+    name, and the names that value may hold; ``scalar`` says what the value is
+    instead when it is not an object at all ("a string")."""
+
+    parent: str
+    key: str
+    names: list[str]
+    scalar: str | None = None
+
+
+# What a value of a type that cannot hold members is, for "'reason' is a string".
+_SCALAR_WORDS = {
+    "string": "a string",
+    "int": "an integer",
+    "number": "a number",
+    "boolean": "a boolean",
+    "null": "null",
+    "array": "a list",
+}
+
+
+def _scalar(schema: Schema, type_name: str) -> str | None:
+    """How to name a type whose values have no members; None when they may have
+    some (objects, unions, alternates, 'any') or the type is not known."""
+    if schema.meta_type(type_name) == "enum":
+        return "an enum value"
+    json_type = schema.json_type(type_name)
+    return None if json_type is None else _SCALAR_WORDS.get(json_type)
+
+
+def _unknown(schema: Schema, type_name: str, value: Any, path: str) -> _Unknown | None:
+    """The first name in ``value`` that type ``type_name`` does not have."""
     if isinstance(value, dict):
         members = schema.known_members(type_name)
         if members is None:
-            return None
+            scalar = _scalar(schema, type_name) if value else None
+            return None if scalar is None else _Unknown(path, next(iter(value)), [], scalar)
         types = {m.name: m.type for m in members}
         for key, item in value.items():
             if key not in types:
-                return path, key, list(types)
+                return _Unknown(path, key, list(types))
             found = _unknown(schema, types[key], item, f"{path}.{key}" if path else key)
             if found is not None:
                 return found
@@ -95,8 +128,10 @@ def check_request(schema: Schema, message: dict[str, Any]) -> str | None:
     found = _unknown(schema, info.arg_type, message.get("arguments", {}), "")
     if found is None:
         return None
-    parent, key, names = found
+    parent, key, names, scalar = found
     prefix = f"{parent}." if parent else ""
+    if scalar is not None:
+        return f"unknown argument '{prefix}{key}' for {name}: '{parent}' is {scalar}, not an object"
     close = suggestions(key, names)
     if close:
         return f"unknown argument '{prefix}{key}' for {name}{_phrase([prefix + c for c in close])}"

@@ -4,9 +4,16 @@ The rule is sshd's StrictModes, as it has it for ``~/.ssh``: the directory is
 owned by the daemon's effective uid or root and writable by nobody else, and
 every directory above it is owned by one of those two and writable by nobody
 else unless it is sticky (``/tmp``: others may add entries there but not
-rename ours).  Both the path as given and its symlinks resolved are checked,
-so a symlink cannot lead around the rule.  A directory the daemon created
-itself (mode 0700) passes by construction.
+rename ours).  A directory the daemon created itself (mode 0700) passes by
+construction.
+
+What is checked is what the kernel meets when it opens the path: every
+directory it looks a name up in and every symlink it follows, in the order
+it does (``..`` after a symlink leads above the link's target, not back
+beside the link, so the path is never folded lexically as
+``os.path.abspath`` would).  So a symlink cannot lead around the rule, nor
+can whoever may write the directory holding one (they could point it
+elsewhere), and a directory the path only seems to name is not judged.
 
 The socket directory (whoever could write there could bind an impostor that
 clients trust) and the state directory (whoever could write there could
@@ -15,6 +22,7 @@ replace the database the daemon restores) are held to it.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -28,7 +36,7 @@ _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 @dataclass(frozen=True, slots=True)
 class Distrust:
-    """Why ``place`` (the directory itself, or one above it) is not safe.
+    """Why ``place`` (the directory itself, or one met on the way to it) is not safe.
 
     Exactly one of ``owner`` (another uid owns it) and ``mode`` (others may
     write it: its permission bits) is set.
@@ -36,6 +44,8 @@ class Distrust:
 
     place: Path
     itself: bool
+    arrived: Path
+    """The directory the path leads to (symlinks followed, ``..`` taken)."""
     owner: int | None = None
     mode: int | None = None
 
@@ -46,24 +56,53 @@ def distrust(directory: Path) -> Distrust | None:
     Raises OSError (its ``filename`` the path that could not be examined).
     """
     trusted = (os.geteuid(), 0)
-    absolute = Path(os.path.abspath(directory))
-    real = Path(os.path.realpath(directory))
-    for place in sorted(_components(absolute) | _components(real)):
-        st = os.lstat(place)
-        itself = place in (real, absolute)
+    met, arrived = _walk(directory)
+    for place, st in met.items():
+        itself = place == arrived
         if st.st_uid not in trusted:
-            return Distrust(place, itself, owner=st.st_uid)
+            return Distrust(place, itself, arrived, owner=st.st_uid)
         if stat.S_ISLNK(st.st_mode):
-            continue  # its target is checked as part of the resolved path
+            continue  # its target is met further on the walk
         sticky = bool(st.st_mode & stat.S_ISVTX) and not itself
         if st.st_mode & _OTHERS_WRITE and not sticky:
-            return Distrust(place, itself, mode=stat.S_IMODE(st.st_mode))
+            return Distrust(place, itself, arrived, mode=stat.S_IMODE(st.st_mode))
     return None
 
 
-def _components(path: Path) -> set[Path]:
-    """``path`` and every directory above it."""
-    return {path, *path.parents}
+# Linux's limit on the symlinks one lookup follows (ELOOP past it).
+_MAX_SYMLINKS = 40
+
+
+def _walk(path: Path) -> tuple[dict[Path, os.stat_result], Path]:
+    """What the kernel meets resolving ``path`` (every directory from ``/`` on,
+    and every symlink, each with its ``lstat``, in the order met) and the
+    directory it arrives at.
+
+    Raises OSError as ``lstat`` and ``readlink`` do (ELOOP for a symlink loop).
+    """
+    pending = list(reversed(Path(os.getcwd(), path).parts[1:]))  # getcwd() is resolved
+    here = Path("/")
+    met: dict[Path, os.stat_result] = {here: os.lstat(here)}
+    hops = 0
+    while pending:
+        name = pending.pop()
+        if name == "..":
+            here = here.parent  # met already: the walk came down through it
+            continue
+        place = here / name
+        st = met[place] if place in met else os.lstat(place)
+        met[place] = st
+        if not stat.S_ISLNK(st.st_mode):
+            here = place
+            continue
+        hops += 1
+        if hops > _MAX_SYMLINKS:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+        target = Path(os.readlink(place))
+        if target.is_absolute():
+            here = Path("/")
+        pending.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+    return met, here
 
 
 def refusal(directory: Path, *, kind: str, asset: str, option: str) -> str | None:
@@ -75,7 +114,16 @@ def refusal(directory: Path, *, kind: str, asset: str, option: str) -> str | Non
     found = distrust(directory)
     if found is None:
         return None
-    what = f"{kind} {directory}" if found.itself else f"{found.place}, above {kind} {directory},"
+    arrived = found.arrived
+    named = f"{kind} {directory}"
+    if arrived != Path(os.path.join(os.getcwd(), directory)):
+        named += f" (which is {arrived})"  # what the symlinks and ".." lead to
+    if found.itself:
+        what = named
+    elif found.place in arrived.parents:
+        what = f"{found.place}, above {named},"
+    else:
+        what = f"{found.place}, on the way to {named},"
     if found.owner is not None:
         return (f"{what} is owned by uid {found.owner}, not by this user (uid {os.geteuid()}) "
                 f"or root, so its owner could replace {asset}; choose another {option}")

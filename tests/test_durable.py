@@ -633,6 +633,35 @@ async def test_unwritable_state_stops_the_daemon(
     fixed.wait_for_log(restored_line(directory, 200))
 
 
+async def test_a_state_dir_through_a_symlink_and_dot_dot_is_judged_where_it_leads(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """``link/..`` is the directory above the link's target, as the kernel opens
+    it.  Before, the check folded it lexically (to the directory holding the
+    link): it judged a directory the daemon never used, and named it as the
+    state directory ("cannot check", or "writable by others" for the wrong one)."""
+    there = tmp_path / "there"
+    (there / "dir").mkdir(parents=True)
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "link").symlink_to(there / "dir")
+    (tmp_path / "w" / "state").mkdir()
+    (tmp_path / "w" / "state").chmod(0o777)  # where the folded path pointed
+    given = tmp_path / "w" / "link" / ".." / "state"
+    daemon = start_daemon("--state-dir", str(given))
+    async with daemon.client() as c:
+        await add(c, "kept where the kernel put it", id="k")
+    assert daemon.stop() == 0
+    assert (there / "state" / "state.db").exists()
+    assert not any((tmp_path / "w" / "state").iterdir())
+    (there / "state").chmod(0o777)
+    refused = start_daemon("--state-dir", str(given), "--log-level", "info", wait=False)
+    assert refused.wait_exit() == 1
+    assert only_line(refused) == (
+        f"refusing to keep state in {given}: state directory {given} (which is {there}/state) "
+        f"is writable by others (mode 0777), so they could replace the database; chmod go-w "
+        f"{there}/state, or choose another --state-dir")
+
+
 def schema_without_cpr_exec(directory: Path) -> Path:
     """A copy of the schema whose MigMode lacks ``cpr-exec`` (its main file)."""
     shutil.copytree(ROOT / "schema", directory)
@@ -721,3 +750,4 @@ async def test_ephemeral_forgets_on_restart(start_daemon: Start, tmp_path: Path)
         assert await blockers(c) == []
         assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
         assert (await add(c, "again"))["id"] == "#blocker0"
+

@@ -98,8 +98,40 @@ def test_a_symlink_does_not_lead_around_the_rule(top: Path) -> None:
     (top / "open").chmod(0o777)
     (top / "link").symlink_to(top / "open")
     with pytest.raises(StartupError, match=r"refusing to serve from .*/link: socket directory "
-                       r".*/link is writable by others"):
+                       r".*/link \(which is .*/open\) is writable by others \(mode 0777\), "
+                       r"so they could replace the socket; chmod go-w .*/open,"):
         check_socket_directory(top / "link")
+
+
+def test_dot_dot_after_a_symlink_is_judged_where_the_kernel_goes(top: Path) -> None:
+    # link/.. is the directory above the link's target, as the kernel opens it;
+    # folded lexically it was the directory holding the link, checked in its place.
+    (top / "w").mkdir(mode=0o755)
+    (top / "there" / "dir").mkdir(parents=True, mode=0o700)
+    (top / "there").chmod(0o700)
+    (top / "w" / "link").symlink_to(top / "there" / "dir")
+    (top / "w" / "run").mkdir(mode=0o777)
+    (top / "w" / "run").chmod(0o777)  # what the lexical folding judged
+    (top / "there" / "run").mkdir(mode=0o700)
+    check_socket_directory(top / "w" / "link" / ".." / "run")
+    (top / "there" / "run").chmod(0o777)
+    with pytest.raises(StartupError, match=r"socket directory .*/w/link/\.\./run \(which is "
+                       r".*/there/run\) is writable by others \(mode 0777\)"):
+        check_socket_directory(top / "w" / "link" / ".." / "run")
+    (top / "there" / "run").chmod(0o700)
+    # Who may write the directory holding the link could point it elsewhere.
+    (top / "w").chmod(0o777)
+    with pytest.raises(StartupError, match=r": .*/w, on the way to socket directory "
+                       r".*/w/link/\.\./run \(which is .*/there/run\), is writable by others"):
+        check_socket_directory(top / "w" / "link" / ".." / "run")
+    (top / "w").chmod(0o755)
+    # ...and so could whoever may write a directory the path goes through and
+    # leaves by "..", which the lexical folding skipped.
+    (top / "w" / "deep").mkdir(mode=0o777)
+    (top / "w" / "deep").chmod(0o777)
+    (top / "w" / "deep" / "link").symlink_to(top / "there" / "dir")
+    with pytest.raises(StartupError, match=r": .*/w/deep, on the way to socket directory"):
+        check_socket_directory(top / "w" / "deep" / "link" / ".." / "run")
 
 
 def test_a_fresh_directory_and_a_private_one_are_accepted(

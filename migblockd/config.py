@@ -180,7 +180,8 @@ class Config:
         help="unread events a client may accumulate before it is disconnected (its own "
         "replies, however big, do not count: backpressure bounds them)",
     )
-    state_dir: Path = option(
+    # None only with ephemeral, for a user who has no default (see build()).
+    state_dir: Path | None = option(
         factory=default_state_dir, parse=FilePath(), metavar="DIR",
         default_doc="`$STATE_DIRECTORY` (set by systemd's `StateDirectory=`), else "
         "`/var/lib/migblockd` as root, else `${XDG_STATE_HOME:-~/.local/state}/migblockd`",
@@ -297,5 +298,8 @@ def build(cli: dict[str, Any]) -> Config:
     settings.update({k: v for k, v in cli.items() if v is not None})
     try:
         return Config(**settings)
-    except NoDefault as exc:
-        raise ConfigError(str(exc)) from None
+    except NoDefault as exc:  # a bare uid: no $HOME, no home in the user database
+        if not settings.get("ephemeral"):
+            raise ConfigError(str(exc)) from None
+        # An ephemeral daemon keeps nothing on disk, so it needs no directory.
+        return Config(**settings, state_dir=None)

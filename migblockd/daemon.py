@@ -77,13 +77,14 @@ def open_state(config: Config, registry: Registry) -> Store | None:
     if config.ephemeral:
         log.info("state: ephemeral: blockers live in memory only, a restart forgets them")
         try:
-            given = config.state_dir != default_state_dir()
+            given = config.state_dir is not None and config.state_dir != default_state_dir()
         except NoDefault:  # then it was given: there is no default to come from
             given = True
         if given:
             # Given, yet unused: said, so that nobody believes it holds anything.
             log.warning("state: ephemeral, so state-dir %s is not used", config.state_dir)
         return None
+    assert config.state_dir is not None  # config.build() leaves it out only when ephemeral
     try:
         store = Store.open(config.state_dir)
     except StateError as exc:

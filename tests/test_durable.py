@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pwd
 import random
 import re
 import shlex
@@ -751,3 +752,37 @@ async def test_ephemeral_forgets_on_restart(start_daemon: Start, tmp_path: Path)
         assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
         assert (await add(c, "again"))["id"] == "#blocker0"
 
+
+def _has_account(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as a uid that has no account")
+async def test_ephemeral_starts_for_a_user_without_a_home(
+    start_daemon: Start, tmp_path: Path, short_tmp: Path
+) -> None:
+    """A bare uid (a container's --user, no $HOME) has no default --state-dir;
+    an ephemeral daemon needs none, yet it was told to give one and stopped."""
+    uid = next(u for u in range(23456, 24000) if not _has_account(u))
+    as_uid = tmp_path / "python-as-a-bare-uid"
+    as_uid.write_text(f"#!/bin/sh\nexec setpriv --reuid={uid} --regid={uid} --clear-groups "
+                      f"{sys.executable} \"$@\"\n")
+    as_uid.chmod(0o755)
+    short_tmp.chmod(0o755)
+    run = short_tmp / "run"
+    run.mkdir(mode=0o700)
+    os.chown(run, uid, uid)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    daemon = start_daemon("--ephemeral", "--log-level", "info", socket=run / "s.sock",
+                          env=env, python=str(as_uid))
+    async with daemon.client() as c:
+        await add(c, "in memory", id="mem")
+        assert await ids(c) == ["mem"]
+    assert daemon.stop() == 0
+    assert "WARNING" not in daemon.log()  # no state-dir was given, so none is "not used"
+    # Durable, it still needs one and says so: test_state_store.py's
+    # test_a_user_without_a_home_is_told_to_give_a_state_dir.

@@ -5,6 +5,19 @@ durable ones become the store's rows and settings here, in order.  At start
 the snapshot on disk becomes the registry's state again: same ids, same
 order, same mode, and generated ids that continue past every one handed out
 before.
+
+A file edited by hand could hold values no daemon writes; each is refused
+with the blocker it is in, rather than served: the store checks that every
+value has its type, and here each is held to what it stands for.  ``added``
+is a wall-clock time as QMP timestamps carry it (whole seconds since the
+epoch, which clients turn into dates: 1970 to 9999).  ``seq`` is the order,
+numbered from 0 one add at a time and stored in SQLite's 64-bit INTEGER, so
+it stays below 2**62 and leaves room for the blockers added after it.  An
+owner is what ``SO_PEERCRED`` reports: a ``pid_t``, a ``uid_t`` and a
+``gid_t``.  ``modes`` name MigMode values, each once (QEMU keeps them as a
+bit set); their order is the schema's, which a new ``--schema`` may change.
+The id is one a client may choose or one the daemon generated below the
+stored ``id-floor`` (above it, the same id would be generated again).
 """
 
 from __future__ import annotations
@@ -12,12 +25,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from migblockd import state
-from migblockd.registry import DEFAULT_MODE, Blocker, Change, Owner, Registry
+from migblockd.registry import DEFAULT_MODE, Blocker, BlockerError, Change, Owner, Registry
+from migblockd.registry.ids import GENERATED_PREFIX, MAX_ID_LENGTH, check_id
 
 __all__ = ["restore", "to_store"]
 
 MODE, EVENTS, ID_FLOOR = "mode", "events", "id-floor"
 _EDITED = "restore the file from a backup, or move it away to start from scratch"
+#: Year 10000 begins: the end of what a date holds (Python's datetime, the client's).
+_LAST_TIME = 253402300800.0
+#: Beyond any seq a daemon hands out, and far enough below SQLite's 2**63 for the
+#: ones handed out after it.
+_LAST_SEQ = 1 << 62
+_PID_END, _ID_END = 1 << 31, 1 << 32  # pid_t is signed; uid_t and gid_t are not
 
 
 def to_store(changes: Iterable[Change]) -> list[state.Change]:
@@ -51,30 +71,10 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
     migration through that it was there to stop.  Likewise when the registry
     is ``-only-migratable`` and a stored blocker is one it refuses (added
     before that was turned on): QEMU never holds such a blocker, and keeping
-    it would contradict what the daemon says it enforces.
+    it would contradict what the daemon says it enforces.  And when a value
+    is out of its range (see the module's doc).
     """
     known = set(registry.modes)
-    blockers: list[Blocker] = []
-    for row in snapshot.blockers:
-        unknown = [mode for mode in row.modes if mode not in known]
-        if unknown:
-            raise ValueError(f"stored blocker {row.id!r} blocks modes the schema does not "
-                             f"define ({', '.join(unknown)}); use a --schema that defines "
-                             "them, or move the state directory away to start from scratch")
-        if registry.only_migratable and not row.internal and DEFAULT_MODE in row.modes:
-            raise ValueError(f"stored blocker {row.id!r} blocks the {DEFAULT_MODE} mode and is "
-                             "not internal, which --only-migratable refuses; start without "
-                             "--only-migratable and delete it, or move the state directory "
-                             "away to start from scratch")
-        owner = None if row.owner is None else Owner(*row.owner)
-        blockers.append(Blocker(row.id, row.reason, row.modes, row.internal, "daemon",
-                                owner, row.added, row.seq))
-    seqs: dict[int, str] = {}
-    for row in snapshot.blockers:
-        if row.seq in seqs:
-            raise ValueError(f"stored blockers {seqs[row.seq]!r} and {row.id!r} have the same "
-                             f"seq {row.seq}, so their order is lost; {_EDITED}")
-        seqs[row.seq] = row.id
     # Settings are checked as strictly: a hand-edited floor could hand out ids twice,
     # an unknown mode would silently become another.
     settings = snapshot.settings
@@ -91,4 +91,64 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
     events = settings.get(EVENTS, False)
     if type(events) is not bool:
         raise ValueError(f"stored events {events!r} is not true or false; {_EDITED}")
+    blockers: list[Blocker] = []
+    for row in snapshot.blockers:
+        _check_values(row, floor)
+        unknown = [mode for mode in row.modes if mode not in known]
+        if unknown:
+            raise ValueError(f"stored blocker {row.id!r} blocks modes the schema does not "
+                             f"define ({', '.join(unknown)}); use a --schema that defines "
+                             "them, or move the state directory away to start from scratch")
+        if registry.only_migratable and not row.internal and DEFAULT_MODE in row.modes:
+            raise ValueError(f"stored blocker {row.id!r} blocks the {DEFAULT_MODE} mode and is "
+                             "not internal, which --only-migratable refuses; start without "
+                             "--only-migratable and delete it, or move the state directory "
+                             "away to start from scratch")
+        owner = None if row.owner is None else Owner(*row.owner)
+        modes = tuple(mode for mode in registry.modes if mode in row.modes)  # MigMode order
+        blockers.append(Blocker(row.id, row.reason, modes, row.internal, "daemon",
+                                owner, row.added, row.seq))
+    seqs: dict[int, str] = {}
+    for row in snapshot.blockers:
+        if row.seq in seqs:
+            raise ValueError(f"stored blockers {seqs[row.seq]!r} and {row.id!r} have the same "
+                             f"seq {row.seq}, so their order is lost; {_EDITED}")
+        seqs[row.seq] = row.id
     registry.restore(blockers, mode=str(mode), events=events, id_floor=floor)
+
+
+def _check_values(row: state.BlockerRow, floor: int) -> None:
+    """Raise ValueError, naming the blocker, for a value no daemon writes."""
+    cut = row.id if len(row.id) <= MAX_ID_LENGTH else row.id[:MAX_ID_LENGTH] + "..."
+    where = f"stored blocker {cut!a}"  # an edited id may hold anything
+    serial = row.id.removeprefix(GENERATED_PREFIX)
+    if serial != row.id:  # generated: "#blocker" and the serial, as IdSource writes it
+        valid = serial.isascii() and serial.isdigit() and (serial == "0" or serial[0] != "0")
+        # Compared as digits: int() refuses strings of more than 4300 of them.
+        if valid and (len(serial), serial) >= (len(str(floor)), str(floor)):
+            raise ValueError(f"{where} has a generated id at or past the stored id-floor "
+                             f"{floor}, so the daemon would generate it again; {_EDITED}")
+    else:
+        try:
+            check_id(row.id)
+            valid = True
+        except BlockerError:
+            valid = False
+    if not valid:
+        raise ValueError(f"{where} has an id that no client may choose and the daemon does "
+                         f"not generate; {_EDITED}")
+    if not row.reason:
+        raise ValueError(f"{where} has an empty reason; {_EDITED}")
+    if len(set(row.modes)) != len(row.modes):
+        raise ValueError(f"{where} lists a mode twice ({', '.join(row.modes)}); {_EDITED}")
+    if not 0 <= row.seq < _LAST_SEQ:
+        raise ValueError(f"{where} has seq {row.seq}, outside the order's range (0 to "
+                         f"{_LAST_SEQ - 1}); {_EDITED}")
+    if not 0 <= row.added < _LAST_TIME:
+        raise ValueError(f"{where} was added at {row.added!r}, which is not a time from 1970 "
+                         f"to 9999 (seconds since the epoch); {_EDITED}")
+    if row.owner is not None:
+        pid, uid, gid = row.owner
+        if not (0 <= pid < _PID_END and 0 <= uid < _ID_END and 0 <= gid < _ID_END):
+            raise ValueError(f"{where} has owner pid {pid}, uid {uid}, gid {gid}, which no "
+                             f"process has; {_EDITED}")

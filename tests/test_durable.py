@@ -567,6 +567,37 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
                     "{db}: stored mode ['normal'] is not the name of a mode; " + EDITED),
     "mode an object": (edited("INSERT OR REPLACE INTO setting VALUES ('mode', '{\"a\": 1}')"),
                        "{db}: stored mode {{'a': 1}} is not the name of a mode; " + EDITED),
+    # Out of range, each served as it was before (an add after the huge seq failed
+    # to commit, an add-time past year 9999 broke clients' dates).
+    "added after 9999": (edited("UPDATE blocker SET added = 1e300 WHERE id = 'b3'"),
+                         "{db}: stored blocker 'b3' was added at 1e+300, which is not a time "
+                         "from 1970 to 9999 (seconds since the epoch); " + EDITED),
+    "added before 1970": (edited("UPDATE blocker SET added = -1.5 WHERE id = 'b3'"),
+                          "{db}: stored blocker 'b3' was added at -1.5, which is not a time "
+                          "from 1970 to 9999 (seconds since the epoch); " + EDITED),
+    "negative seq": (edited("UPDATE blocker SET seq = -5 WHERE id = 'b7'"),
+                     "{db}: stored blocker 'b7' has seq -5, outside the order's range (0 to "
+                     "4611686018427387903); " + EDITED),
+    "huge seq": (edited("UPDATE blocker SET seq = 9223372036854775807 WHERE id = 'b7'"),
+                 "{db}: stored blocker 'b7' has seq 9223372036854775807, outside the order's "
+                 "range (0 to 4611686018427387903); " + EDITED),
+    "mode twice": (edited("UPDATE blocker SET modes = '[\"normal\", \"normal\"]' "
+                          "WHERE id = 'b1'"),
+                   "{db}: stored blocker 'b1' lists a mode twice (normal, normal); " + EDITED),
+    "owner no process has": (edited("UPDATE blocker SET owner_pid = -1, owner_uid = "
+                                    "4294967296, owner_gid = 0 WHERE id = 'b1'"),
+                             "{db}: stored blocker 'b1' has owner pid -1, uid 4294967296, gid "
+                             "0, which no process has; " + EDITED),
+    "empty reason": (edited("UPDATE blocker SET reason = '' WHERE id = 'b1'"),
+                     "{db}: stored blocker 'b1' has an empty reason; " + EDITED),
+    "id not an id": (edited("UPDATE blocker SET id = 'b 1' WHERE id = 'b1'"),
+                     "{db}: stored blocker 'b 1' has an id that no client may choose and the "
+                     "daemon does not generate; " + EDITED),
+    "generated id past the floor": (edited("UPDATE blocker SET id = '#blocker5' "
+                                           "WHERE id = 'b1'"),
+                                    "{db}: stored blocker '#blocker5' has a generated id at "
+                                    "or past the stored id-floor 0, so the daemon would "
+                                    "generate it again; " + EDITED),
     "garbage": (garbage, "{db} is not a migblockd state database (file is not a database); "
                          "move it away to start from scratch"),
     "damaged page": (damage_a_page, "{db} is corrupt ("),
@@ -604,6 +635,22 @@ async def test_bad_database_stops_the_daemon_and_is_left_alone(
     directory.rename(tmp_path / "state.old")
     fresh = start_daemon("--state-dir", str(directory))
     fresh.wait_for_log(restored_line(directory, 0))
+
+
+async def test_stored_modes_are_served_in_the_schemas_order(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """BlockerInfo lists modes in MigMode order; a stored row in another order (a
+    --schema that orders MigMode differently, or an edit) is put in it."""
+    directory = tmp_path / "state"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        await add(c, "two modes", id="two", modes=["normal", "cpr-exec"])
+    assert daemon.stop() == 0
+    edited("UPDATE blocker SET modes = '[\"cpr-exec\", \"normal\"]'")(directory / "state.db")
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert [b["modes"] for b in await blockers(c)] == [["normal", "cpr-exec"]]
 
 
 @pytest.mark.parametrize("case", ["unreadable file", "read-only directory"])

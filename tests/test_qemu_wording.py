@@ -32,6 +32,9 @@ CASES = [
     b'{"a": "x\x1b[31m"}', b'{"b\\"x": 1, "a": "q\\"r\rs"}', b'["\\u00e9\x02"]',
     b'{"a": "\\\x01"}', b'"\xc3\xa9\x04"', b'{"a": "0123456789abcdefghij\tz"}',
     b'{"a": 123456789012.}',
+    # A leading 0 takes no exponent: 0, then the keyword e, where a separator belongs.
+    b'{"a": 0e5}', b'[0e5]', b'{"a": -0e5}', b'{"a": 0e-5}', b'{"a": 0ex}', b'{"a": 0e}',
+    b'{"a": 0E5}', b'{"a": 0eE}', b'{"a": 0e5e}', b'[1, {"b": "0e1", "c": [0e1]}]',
     # What is not a character: one U+FFFD a sequence, in the reply's valid UTF-8.
     b'\x80', b'\xc3\xa9', b'\xef\xbb\xbf', b'{"a": "qu\xff"}', b'{"a": "\xc3\xa9\xfe"}',
     b'{"a": "x\xed\xa0\x80\x01"}', b'{"a": "x\xc0\x80\x01"}', b'{"a": "x\xef\xbf\xbf\x01"}',
@@ -106,7 +109,7 @@ def test_malformed_json_is_worded_as_qemu_words_it(qemu: Qemu, data: bytes) -> N
 #: value ("QMP input must be a JSON object"), then the rest.
 TOP_LEVEL = [
     b'1.}', b'1e}', b'-}', b'1e+ ', b'12x', b'1e5x', b'1.5.}', b'0x10', b'trueX', b'xY',
-    b'nul1', b'ab.c', b'-1-', b'truex', b'01}',
+    b'nul1', b'ab.c', b'-1-', b'truex', b'01}', b'0e5 ', b'0E5 ', b'-0e1x',
 ]
 NOT_AN_OBJECT = "QMP input must be a JSON object"
 

@@ -273,6 +273,10 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         (b'{"a": 1, +}', "JSON parse error, stray '+'"),
         (b'[@]', "JSON parse error, stray '@'"),
         (b'{"a": 12x}', "JSON parse error, expected separator in dict"),
+        (b'{"a": 0e5}', "JSON parse error, expected separator in dict"),
+        (b'[-0e5]', "JSON parse error, expected separator in list"),
+        (b'{"a": 0E5}', "JSON parse error, stray 'E'"),
+        (b'{"a": 0e5e}', "JSON parse error, stray '5e}'"),
         # QEMU parses only a complete message, lexing it as it comes: its lexer's
         # errors come first, wherever they are (qobject/json-streamer.c).
         (b'{"a": x, "b": 1.}', "JSON parse error, stray '1.}'"),
@@ -295,6 +299,10 @@ def test_parse_error_wording(data: bytes, desc: str) -> None:
 def test_valid_edge_values_are_accepted() -> None:
     assert decode(b'{"a": 1e300, "b": -0.5, "c": 18446744073709551615, "d": "\\ud83d\\ude00"}') == [
         {"a": 1e300, "b": -0.5, "c": 18446744073709551615, "d": "\U0001f600"}
+    ]
+    # An exponent after a fraction of a leading 0 is one, and a "0" in a string is no number.
+    assert decode(b'{"a": 0.0e5, "b": -0.5E+1, "c": "0e5", "d": 10e-1}') == [
+        {"a": 0.0, "b": -5.0, "c": "0e5", "d": 1.0}
     ]
     # C0 80, modified UTF-8's U+0000, is taken as QEMU takes it (mod_utf8_codepoint()).
     assert decode(b'{"a": "x\xc0\x80", "b": "\\\\\xc0\x80"}') == [{"a": "x\0", "b": "\\\0"}]

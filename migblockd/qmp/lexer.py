@@ -48,11 +48,13 @@ _LOWER = re.compile(r"[a-z]+")
 #: QEMU's lexer (qobject/json-lexer.c) on numbers: state -> {character class: next
 #: state}; the states in _NUMBER_ENDS may end a number, the others may not, and a
 #: character with no transition there is a lexical error (``stray`` of the token
-#: so far, that character included).  "bad" is a second digit after a leading 0.
+#: so far, that character included).  "bad" is a second digit after a leading 0;
+#: a leading 0 takes no exponent either (its state has no "e"), so ``0e5`` is the
+#: number 0, then the keyword ``e``, then 5.
 _NUMBER: Final[dict[str, dict[str, str]]] = {
     "start": {"-": "neg", "0": "zero", "1": "int"},
     "neg": {"0": "zero", "1": "int"},
-    "zero": {"0": "bad", "1": "bad", ".": "dot", "e": "e"},
+    "zero": {"0": "bad", "1": "bad", ".": "dot"},
     "int": {"0": "int", "1": "int", ".": "dot", "e": "e"},
     "dot": {"0": "frac", "1": "frac"},
     "frac": {"0": "frac", "1": "frac", "e": "e"},
@@ -154,7 +156,8 @@ def lexer_waits(buf: bytes | bytearray, start: int, end: int) -> bool:
 #: A keyword so far, or a number so far in one of _NUMBER's states.
 _WAITING: Final = re.compile(
     rb"[a-z]++"
-    rb"|-?+(?:(?:0|[1-9][0-9]*+)(?:\.(?:[0-9]++(?:[eE][-+]?+[0-9]*+)?+)?+|[eE][-+]?+[0-9]*+)?+)?+")
+    rb"|-?+(?:0(?:\.(?:[0-9]++(?:[eE][-+]?+[0-9]*+)?+)?+)?+"
+    rb"|[1-9][0-9]*+(?:\.(?:[0-9]++(?:[eE][-+]?+[0-9]*+)?+)?+|[eE][-+]?+[0-9]*+)?+)?+")
 _NUMBER_START: Final = frozenset("-0123456789")
 
 
@@ -176,7 +179,7 @@ _TOKENS: Final = re.compile(
     rf'|"(?:[^"\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*"'
     rf"|'(?:[^'\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*'"
     # a number the lexer would not take on with a "." "e" or digit after it
-    r"|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?(?![.eE0-9])))*+")
+    r"|-?(?:0(?![.0-9])|(?:0\.[0-9]+|[1-9][0-9]*(?:\.[0-9]+)?)(?:[eE][-+]?[0-9]+)?(?![.eE0-9]))))*+")
 #: A string token as far as QEMU's lexer takes it.
 _STRING_SO_FAR: Final = {
     quote: re.compile(rf"{quote}(?:[^{quote}\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*")

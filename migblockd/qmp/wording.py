@@ -84,7 +84,16 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+#: Raised for a number with an exponent after a bare leading zero (``0e5``),
+#: which Python reads; QEMU's lexer ends the number at the 0 and reads a
+#: keyword, and its parser then wants a separator.  The hook knows no
+#: position, so :func:`describe_error` finds it.
+_ZERO_EXPONENT: Final = "zero exponent"
+
+
 def _parse_float(text: str) -> float:
+    if text[text[0] == "-"] == "0" and text[1 + (text[0] == "-")] in "eE":
+        raise _Reject(_ZERO_EXPONENT)
     value = float(text)
     if value - value != 0.0:  # inf (1e400); NaN cannot come from a JSON number
         raise _Reject(PARSE_ERROR_PREFIX + "number out of range")
@@ -144,6 +153,8 @@ def decode_message(data: bytes | bytearray) -> object:
     try:
         value, end = _DECODER.raw_decode(parsed)
     except _Reject as exc:  # the parse itself is exact: "it\\'s" and "it's" are one key
+        if exc.desc is _ZERO_EXPONENT:
+            return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
         return ParseError(first_lexical_error(text) or exc.desc)
     except (ValueError, RecursionError):
         return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
@@ -199,7 +210,7 @@ def describe_error(data: str | bytes) -> str | None:
     try:
         value, end = _DECODER.raw_decode(_apostrophes(text, _SAME_LENGTH))
     except _Reject as exc:
-        return exc.desc
+        return _zero_exponent(text) if exc.desc is _ZERO_EXPONENT else exc.desc
     except RecursionError:
         return NESTING_EXCEEDED
     except json.JSONDecodeError as exc:
@@ -222,6 +233,21 @@ def describe_error(data: str | bytes) -> str | None:
         return stray(text[:end + 1].encode("utf-8", RAW))
     del value
     return None
+
+
+#: A number starting with a bare 0 and an exponent, outside strings.
+_ZERO_EXPONENT_AT: Final = re.compile(r'"(?:[^"\\]|\\.)*"|(?<![0-9.])(-?0[eE])')
+
+
+def _zero_exponent(text: str) -> str:
+    """QEMU's error for the first ``0e...`` in ``text``: after the value 0, its
+    parser meets the keyword where a separator must be."""
+    for m in _ZERO_EXPONENT_AT.finditer(text):
+        if m.group(1) is not None:
+            inner = _innermost_container(text, m.start())
+            return PARSE_ERROR_PREFIX + (
+                "expected separator in dict" if inner == "{" else "expected separator in list")
+    return PARSE_ERROR_PREFIX + "expecting value"  # pragma: no cover - the hook saw one
 
 
 def _qemu_reason(msg: str, text: str, pos: int) -> str:

@@ -35,6 +35,7 @@ CASES = [
     # A leading 0 takes no exponent: 0, then the keyword e, where a separator belongs.
     b'{"a": 0e5}', b'[0e5]', b'{"a": -0e5}', b'{"a": 0e-5}', b'{"a": 0ex}', b'{"a": 0e}',
     b'{"a": 0E5}', b'{"a": 0eE}', b'{"a": 0e5e}', b'[1, {"b": "0e1", "c": [0e1]}]',
+    b'["\\ud800", 0e5]', b'{"\xef\xbf\xbf": 0e5}', b'{"a": "\\q", "b": -0e1}',
     # What is not a character: one U+FFFD a sequence, in the reply's valid UTF-8.
     b'\x80', b'\xc3\xa9', b'\xef\xbb\xbf', b'{"a": "qu\xff"}', b'{"a": "\xc3\xa9\xfe"}',
     b'{"a": "x\xed\xa0\x80\x01"}', b'{"a": "x\xc0\x80\x01"}', b'{"a": "x\xef\xbf\xbf\x01"}',

@@ -277,6 +277,9 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         (b'[-0e5]', "JSON parse error, expected separator in list"),
         (b'{"a": 0E5}', "JSON parse error, stray 'E'"),
         (b'{"a": 0e5e}', "JSON parse error, stray '5e}'"),
+        # ... but its parser reads the strings before that 0 first.
+        (b'["\\ud800", 0e5]', "JSON parse error, \\ud800 is not a valid Unicode character"),
+        (b'{"\xef\xbf\xbf": 0e5}', "JSON parse error, invalid UTF-8 sequence in string"),
         # QEMU parses only a complete message, lexing it as it comes: its lexer's
         # errors come first, wherever they are (qobject/json-streamer.c).
         (b'{"a": x, "b": 1.}', "JSON parse error, stray '1.}'"),

@@ -236,17 +236,20 @@ def describe_error(data: str | bytes) -> str | None:
 
 
 #: A number starting with a bare 0 and an exponent, outside strings.
-_ZERO_EXPONENT_AT: Final = re.compile(r'"(?:[^"\\]|\\.)*"|(?<![0-9.])(-?0[eE])')
+_ZERO_EXPONENT_AT: Final = re.compile(r'"(?:[^"\\]|\\.)*"|(?<![0-9.])-?0([eE])')
 
 
 def _zero_exponent(text: str) -> str:
-    """QEMU's error for the first ``0e...`` in ``text``: after the value 0, its
-    parser meets the keyword where a separator must be."""
+    """QEMU's error for ``text`` whose first ``0e...`` Python read as a number.
+
+    QEMU's lexer ends that number at the 0 and reads a keyword where its parser
+    wants a separator; but its parser met every token before it first, and a
+    string there with what is no character in it is its error.  So the text is
+    described again as QEMU tokenises it, the 0 parted from the keyword."""
     for m in _ZERO_EXPONENT_AT.finditer(text):
         if m.group(1) is not None:
-            inner = _innermost_container(text, m.start())
-            return PARSE_ERROR_PREFIX + (
-                "expected separator in dict" if inner == "{" else "expected separator in list")
+            parted = text[: m.start(1)] + " " + text[m.start(1) :]
+            return describe_error(parted) or PARSE_ERROR_PREFIX + "expecting value"
     return PARSE_ERROR_PREFIX + "expecting value"  # pragma: no cover - the hook saw one
 
 

@@ -22,7 +22,9 @@ __all__ = ["leftovers", "peer_owner", "unread", "unsent"]
 
 LEFTOVER_CHUNK = 64 * 1024
 
-_PEERCRED = struct.Struct("3i")
+#: struct ucred: pid_t is signed, uid_t and gid_t are not (4294967294 is a uid,
+#: nfsnobody's on some systems; read signed it was -2, which restore refuses).
+_PEERCRED = struct.Struct("=iII")
 
 
 def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from otheruids import NAMELESS_GID, NAMELESS_UID, Account
 from migblockd.access import AccessTable, GroupName, Policy, Role, needed_role
 from migblockd.config import Config, ConfigError, read_file
 from migblockd.contract import Contract
+from migblockd.peer import peer_owner
 from migblockd.resolver import CACHE_SIZE, Resolver, group_id
 
 OBSERVER, CLIENT, OPERATOR, ADMIN = Role.OBSERVER, Role.CLIENT, Role.OPERATOR, Role.ADMIN
@@ -238,3 +240,23 @@ def test_the_documented_access_tables_are_valid(tmp_path: Path, doc: str) -> Non
         path.write_text(example)
         policy = read_file(path)["access"]
         assert isinstance(policy, Policy) and policy != Policy()
+
+
+class _PeerSocket:
+    """A socket whose SO_PEERCRED is a peer with uid and gid 4294967294."""
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        return struct.pack("=iII", 4242, 4294967294, 4294967294)
+
+
+class _Transport:
+    def get_extra_info(self, name: str) -> object:
+        return _PeerSocket() if name == "socket" else None
+
+
+def test_a_uid_past_2_to_the_31_is_read_unsigned() -> None:
+    # uid_t is unsigned: read signed, nfsnobody's 4294967294 was -2, an owner the
+    # next start refused to restore ("which no process has").
+    owner = peer_owner(_Transport())  # type: ignore[arg-type]
+    assert owner is not None
+    assert (owner.pid, owner.uid, owner.gid) == (4242, 4294967294, 4294967294)

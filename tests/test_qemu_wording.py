@@ -36,6 +36,10 @@ CASES = [
     b'{"a": 0e5}', b'[0e5]', b'{"a": -0e5}', b'{"a": 0e-5}', b'{"a": 0ex}', b'{"a": 0e}',
     b'{"a": 0E5}', b'{"a": 0eE}', b'{"a": 0e5e}', b'[1, {"b": "0e1", "c": [0e1]}]',
     b'["\\ud800", 0e5]', b'{"\xef\xbf\xbf": 0e5}', b'{"a": "\\q", "b": -0e1}',
+    # A repeated key is refused once its pair's value is read, before what follows.
+    b'{"a": 1, "a": 0e5}', b'{"a": 1, "a": 2 3}', b'{"a": 1, "a": 2,}', b'{"a": 1, "a": x}',
+    b'{"a": 1, "a": 2, "b": "\\ud800" 3}', b'{"b": "\\ud800", "a": 1, "a": 2 3}',
+    b'{"a": 1, "a": [1 2]}', b'{"a": 1, "a": 2, "b": [1 2]}', b'{"a": 1, "b": {"c": 1, "c": }}',
     # What is not a character: one U+FFFD a sequence, in the reply's valid UTF-8.
     b'\x80', b'\xc3\xa9', b'\xef\xbb\xbf', b'{"a": "qu\xff"}', b'{"a": "\xc3\xa9\xfe"}',
     b'{"a": "x\xed\xa0\x80\x01"}', b'{"a": "x\xc0\x80\x01"}', b'{"a": "x\xef\xbf\xbf\x01"}',

@@ -280,6 +280,15 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         # ... but its parser reads the strings before that 0 first.
         (b'["\\ud800", 0e5]', "JSON parse error, \\ud800 is not a valid Unicode character"),
         (b'{"\xef\xbf\xbf": 0e5}', "JSON parse error, invalid UTF-8 sequence in string"),
+        # QEMU refuses a repeated key once it has read the pair's value, before
+        # what comes after it; Python's json sees the keys when the object closes.
+        (b'{"a": 1, "a": 0e5}', "JSON parse error, duplicate key"),
+        (b'{"a": 1, "a": 2 3}', "JSON parse error, duplicate key"),
+        (b'{"a": 1, "a": 2,}', "JSON parse error, duplicate key"),
+        (b'{"a": 1, "a": 2, "b": }', "JSON parse error, duplicate key"),
+        (b'{"a": 1, "a": 2, "b": "\\ud800" 3}', "JSON parse error, duplicate key"),
+        (b'{"a": 1, "a": [1 2]}', "JSON parse error, expected separator in list"),
+        (b'{"a": 1, "a": x}', "JSON parse error, invalid keyword 'x'"),
         # QEMU parses only a complete message, lexing it as it comes: its lexer's
         # errors come first, wherever they are (qobject/json-streamer.c).
         (b'{"a": x, "b": 1.}', "JSON parse error, stray '1.}'"),

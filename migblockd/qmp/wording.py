@@ -219,7 +219,11 @@ def describe_error(data: str | bytes) -> str | None:
         if "\\u" in text or not text.isascii():
             earlier = not_a_character(text[: exc.pos])
             if earlier is not None:
-                return PARSE_ERROR_PREFIX + earlier
+                at = _first_not_a_character(text, exc.pos)
+                return PARSE_ERROR_PREFIX + (
+                    "duplicate key" if _duplicate_before(text, at) else earlier)
+        if _duplicate_before(text, exc.pos):
+            return PARSE_ERROR_PREFIX + "duplicate key"
         return PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
     except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
         return PARSE_ERROR_PREFIX + "number out of range"
@@ -287,14 +291,69 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
 
 
 def _innermost_container(text: str, pos: int) -> str:
-    stack: list[str] = []
+    stack = _open_containers(text, pos)
+    return text[stack[-1]] if stack else ""
+
+
+def _open_containers(text: str, pos: int) -> list[int]:
+    """Where the brackets still open at ``pos`` are, outermost first."""
+    stack: list[int] = []
     for m in _CONTAINER_TOKENS.finditer(text, 0, pos):
         token = m.group()
         if token in "[{":
-            stack.append(token)
+            stack.append(m.start())
         elif token in "]}" and stack:
             stack.pop()
-    return stack[-1] if stack else ""
+    return stack
+
+
+#: What tells a pair from the next in an object: strings skipped whole.
+_PAIR_TOKENS: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+
+
+def _first_not_a_character(text: str, end: int) -> int:
+    """The shortest prefix of ``text[:end]`` with a string that is no character."""
+    low, high = 0, end  # not_a_character(text[:high]) is not None
+    while low < high:
+        middle = (low + high) // 2
+        if not_a_character(text[:middle]) is None:
+            low = middle + 1
+        else:
+            high = middle
+    return high
+
+
+def _duplicate_before(text: str, pos: int) -> bool:
+    """Whether an object still open at ``pos`` repeats a key in the pairs it
+    has read whole.  QEMU's parser refuses a repeated key as soon as it has
+    read the pair's value (``parse_pair()``), before whatever error comes
+    after it; Python's json sees the keys only once the object is closed.  An
+    object holding the container the error is in is still reading its last
+    pair's value: that pair is not whole."""
+    opened = _open_containers(text, pos)
+    ends = [*opened[1:], pos] if opened else []
+    for start, end in zip(opened, ends, strict=True):
+        if text[start] != "{":
+            continue
+        pairs = text[start:end]
+        depth, comma = 0, 0
+        for m in _PAIR_TOKENS.finditer(pairs):
+            token = m.group()
+            depth += token in "[{"
+            depth -= token in "]}"
+            if token == "," and depth == 1:
+                comma = m.start()
+        # The innermost may end with a whole pair; else the pairs before its last comma.
+        for whole in ([pairs] if end == pos else []) + ([pairs[:comma]] if comma else []):
+            try:
+                _DECODER.raw_decode(_apostrophes(whole + "}", _SAME_LENGTH))
+            except _Reject as exc:
+                if exc.desc == PARSE_ERROR_PREFIX + "duplicate key":
+                    return True
+            except (ValueError, RecursionError):
+                continue
+            break
+    return False
 
 
 def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:

@@ -40,6 +40,7 @@ CASES = [
     b'{"a": 1, "a": 0e5}', b'{"a": 1, "a": 2 3}', b'{"a": 1, "a": 2,}', b'{"a": 1, "a": x}',
     b'{"a": 1, "a": 2, "b": "\\ud800" 3}', b'{"b": "\\ud800", "a": 1, "a": 2 3}',
     b'{"a": 1, "a": [1 2]}', b'{"a": 1, "a": 2, "b": [1 2]}', b'{"a": 1, "b": {"c": 1, "c": }}',
+    b'{"a": 1, "a": 2 3\n}', b'{"b": "\\ud800", "a": 1, "a": 2 3\n}', b'{"a": 1, "a": 0e5\n}',
     # What is not a character: one U+FFFD a sequence, in the reply's valid UTF-8.
     b'\x80', b'\xc3\xa9', b'\xef\xbb\xbf', b'{"a": "qu\xff"}', b'{"a": "\xc3\xa9\xfe"}',
     b'{"a": "x\xed\xa0\x80\x01"}', b'{"a": "x\xc0\x80\x01"}', b'{"a": "x\xef\xbf\xbf\x01"}',

@@ -214,16 +214,6 @@ def describe_error(data: str | bytes) -> str | None:
     except RecursionError:
         return NESTING_EXCEEDED
     except json.JSONDecodeError as exc:
-        # QEMU's parser reads each string as it meets it: one before the error
-        # with what is no character in it is where it stops.
-        if "\\u" in text or not text.isascii():
-            earlier = not_a_character(text[: exc.pos])
-            if earlier is not None:
-                at = _first_not_a_character(text, exc.pos)
-                return PARSE_ERROR_PREFIX + (
-                    "duplicate key" if _duplicate_before(text, at) else earlier)
-        if _duplicate_before(text, exc.pos):
-            return PARSE_ERROR_PREFIX + "duplicate key"
         return PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
     except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
         return PARSE_ERROR_PREFIX + "number out of range"
@@ -263,6 +253,15 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
         lexical = lexical_error_at(text, pos)
         if lexical is not None:
             return lexical
+    # QEMU's parser reads each string as it meets it, and each key once its
+    # pair's value is read: one of those before the error is where it stops.
+    if "\\u" in text or not text.isascii():
+        earlier = not_a_character(text[:pos])
+        if earlier is not None:
+            at = _first_not_a_character(text, pos)
+            return "duplicate key" if _duplicate_before(text, at) else earlier
+    if _duplicate_before(text, pos):
+        return "duplicate key"
     kw = KEYWORD.match(text, pos)
     if msg.startswith(("Expecting value", "Illegal trailing comma")):
         return keyword_error(kw.group()) if kw else "expecting value"

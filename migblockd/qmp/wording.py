@@ -310,6 +310,10 @@ def _open_containers(text: str, pos: int) -> list[int]:
 _PAIR_TOKENS: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
 
 
+#: Every key's text: a string with a colon after it.
+_KEYS: Final = re.compile(r'"((?:[^"\\]|\\.)*+)"\s*+:')
+
+
 def _first_not_a_character(text: str, end: int) -> int:
     """The shortest prefix of ``text[:end]`` with a string that is no character."""
     low, high = 0, end  # not_a_character(text[:high]) is not None
@@ -329,6 +333,9 @@ def _duplicate_before(text: str, pos: int) -> bool:
     after it; Python's json sees the keys only once the object is closed.  An
     object holding the container the error is in is still reading its last
     pair's value: that pair is not whole."""
+    keys = _KEYS.findall(text, 0, pos)
+    if len(set(keys)) == len(keys) and not any("\\" in key for key in keys):
+        return False  # no key written twice, nor escaped: none is repeated
     opened = _open_containers(text, pos)
     ends = [*opened[1:], pos] if opened else []
     for start, end in zip(opened, ends, strict=True):

@@ -14,7 +14,8 @@ Python's ``json`` would accept ``NaN``, ``Infinity`` and turn ``1e400`` into
 ``inf``, none of which can be written back as JSON (QEMU echoes ``1e400`` as
 bare ``inf``).  :func:`decode_message` rejects them as parse errors
 (``stray 'N'``, as QEMU's lexer has it, ``number out of range``), so that what the daemon
-later echoes (an ``id``) is always strict JSON.
+later echoes (an ``id``) is always strict JSON: the decoder and its hooks, and
+where QEMU's parser stops sooner than Python's, are :mod:`migblockd.qmp.decoder`'s.
 """
 
 from __future__ import annotations
@@ -22,14 +23,22 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from migblockd.qmp.characters import (
-    ESCAPE,
     RAW,
     SUSPECT_ESCAPE,
     not_a_character,
     not_unicode,
+)
+from migblockd.qmp.decoder import (
+    DECODER,
+    SAME_LENGTH,
+    ZERO_EXPONENT,
+    Reject,
+    apostrophes,
+    duplicate_before,
+    innermost_container,
 )
 from migblockd.qmp.lexer import (
     KEYWORD,
@@ -45,6 +54,7 @@ TOKEN_SIZE_EXCEEDED: Final = "JSON token size limit exceeded"
 TOKEN_COUNT_EXCEEDED: Final = "JSON token count limit exceeded"
 NESTING_EXCEEDED: Final = "JSON nesting depth limit exceeded"
 
+
 @dataclass(frozen=True, slots=True)
 class ParseError:
     """A framing or syntax error in place of a message; answered without ``id``."""
@@ -55,10 +65,10 @@ class ParseError:
 def _viable(text: str) -> bool:
     """Whether ``text`` can still begin a valid JSON value."""
     try:
-        _DECODER.raw_decode(_apostrophes(text, _SAME_LENGTH))
+        DECODER.raw_decode(apostrophes(text, SAME_LENGTH))
     except json.JSONDecodeError as exc:
         return exc.pos >= len(text.rstrip())
-    except (_Reject, ValueError, RecursionError):
+    except (Reject, ValueError, RecursionError):
         return False
     return True
 
@@ -67,61 +77,6 @@ SINGLE_QUOTE: Final = PARSE_ERROR_PREFIX + "single-quoted strings are not suppor
 
 
 # --------------------------------------------------------------------------- parsing
-
-
-class _Reject(Exception):
-    """Raised from json's hooks to refuse input that Python would accept."""
-
-    def __init__(self, desc: str) -> None:
-        super().__init__(desc)
-        self.desc = desc
-
-
-def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise _Reject(PARSE_ERROR_PREFIX + "duplicate key")
-    return obj
-
-
-#: Raised for a number with an exponent after a bare leading zero (``0e5``),
-#: which Python reads; QEMU's lexer ends the number at the 0 and reads a
-#: keyword, and its parser then wants a separator.  The hook knows no
-#: position, so :func:`describe_error` finds it.
-_ZERO_EXPONENT: Final = "zero exponent"
-
-
-def _parse_float(text: str) -> float:
-    if text[text[0] == "-"] == "0" and text[1 + (text[0] == "-")] in "eE":
-        raise _Reject(_ZERO_EXPONENT)
-    value = float(text)
-    if value - value != 0.0:  # inf (1e400); NaN cannot come from a JSON number
-        raise _Reject(PARSE_ERROR_PREFIX + "number out of range")
-    return value
-
-
-def _parse_constant(name: str) -> object:
-    if name.startswith("-"):  # QEMU's lexer stops at the letter after the sign
-        raise _Reject(stray(name[:2].encode()))
-    raise _Reject(PARSE_ERROR_PREFIX + keyword_error(name))
-
-
-_DECODER: Final = json.JSONDecoder(
-    object_pairs_hook=_object_pairs, parse_float=_parse_float, parse_constant=_parse_constant
-)
-#: ``\\'`` as an escape of the same length that Python takes: where only the
-#: positions of errors matter, and the client's own text is quoted.
-_SAME_LENGTH: Final = "\\/"
-
-
-def _apostrophes(text: str, escape: str) -> str:
-    """``text`` with each ``\\'`` escape written as ``escape``: QEMU's parser takes
-    ``\\'`` for an apostrophe in any string (``json-parser.c``, ``parse_string()``);
-    Python's json does not."""
-    if "\\'" not in text:
-        return text
-    # ESCAPE takes the escapes left to right: in "\\\\'" the apostrophe is not escaped.
-    return ESCAPE.sub(lambda m: escape if m.group() == "\\'" else m.group(), text)
 
 
 #: C0 80, and the escapes before it (so that a backslash does not escape it).
@@ -149,11 +104,11 @@ def decode_message(data: bytes | bytearray) -> object:
                 return value  # its error is the message's, C0 80 being a character
         return ParseError(lexical or _bad_utf8(text, exc.start) or describe_error(text)
                           or PARSE_ERROR_PREFIX + _BAD_UTF8)
-    parsed = _apostrophes(text, "\\u0027") if "\\'" in text else text
+    parsed = apostrophes(text, "\\u0027") if "\\'" in text else text
     try:
-        value, end = _DECODER.raw_decode(parsed)
-    except _Reject as exc:  # the parse itself is exact: "it\\'s" and "it's" are one key
-        if exc.desc is _ZERO_EXPONENT:
+        value, end = DECODER.raw_decode(parsed)
+    except Reject as exc:  # the parse itself is exact: "it\\'s" and "it's" are one key
+        if exc.desc is ZERO_EXPONENT:
             return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
         return ParseError(first_lexical_error(text) or exc.desc)
     except (ValueError, RecursionError):
@@ -193,7 +148,6 @@ def _bad_utf8(text: str, first: int) -> str | None:
 #: Everything up to the opening quote of a string left open (complete strings
 #: and what is outside strings).
 _BEFORE_OPEN_STRING = re.compile(r'(?:[^"]++|"(?:[^"\\]|\\.)*+")*+')
-_CONTAINER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 _VALUE_END = frozenset("}],:")
 
 
@@ -208,9 +162,9 @@ def describe_error(data: str | bytes) -> str | None:
     if lexical is not None:
         return lexical
     try:
-        value, end = _DECODER.raw_decode(_apostrophes(text, _SAME_LENGTH))
-    except _Reject as exc:
-        return _zero_exponent(text) if exc.desc is _ZERO_EXPONENT else exc.desc
+        value, end = DECODER.raw_decode(apostrophes(text, SAME_LENGTH))
+    except Reject as exc:
+        return _zero_exponent(text) if exc.desc is ZERO_EXPONENT else exc.desc
     except RecursionError:
         return NESTING_EXCEEDED
     except json.JSONDecodeError as exc:
@@ -259,8 +213,8 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
         earlier = not_a_character(text[:pos])
         if earlier is not None:
             at = _first_not_a_character(text, pos)
-            return "duplicate key" if _duplicate_before(text, at) else earlier
-    if _duplicate_before(text, pos):
+            return "duplicate key" if duplicate_before(text, at) else earlier
+    if duplicate_before(text, pos):
         return "duplicate key"
     kw = KEYWORD.match(text, pos)
     if msg.startswith(("Expecting value", "Illegal trailing comma")):
@@ -274,7 +228,7 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
     if msg.startswith("Expecting ':'"):
         return "missing : in object pair"
     if msg.startswith("Expecting ','"):
-        inner = _innermost_container(text, pos)
+        inner = innermost_container(text, pos)
         return "expected separator in dict" if inner == "{" else "expected separator in list"
     if msg.startswith("Invalid \\uXXXX"):
         start = pos - 1 if pos and text[pos - 1] == "\\" else pos
@@ -289,31 +243,6 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
     return msg[:1].lower() + msg[1:]
 
 
-def _innermost_container(text: str, pos: int) -> str:
-    stack = _open_containers(text, pos)
-    return text[stack[-1]] if stack else ""
-
-
-def _open_containers(text: str, pos: int) -> list[int]:
-    """Where the brackets still open at ``pos`` are, outermost first."""
-    stack: list[int] = []
-    for m in _CONTAINER_TOKENS.finditer(text, 0, pos):
-        token = m.group()
-        if token in "[{":
-            stack.append(m.start())
-        elif token in "]}" and stack:
-            stack.pop()
-    return stack
-
-
-#: What tells a pair from the next in an object: strings skipped whole.
-_PAIR_TOKENS: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
-
-
-#: Every key's text: a string with a colon after it.
-_KEYS: Final = re.compile(r'"((?:[^"\\]|\\.)*+)"\s*+:')
-
-
 def _first_not_a_character(text: str, end: int) -> int:
     """The shortest prefix of ``text[:end]`` with a string that is no character."""
     low, high = 0, end  # not_a_character(text[:high]) is not None
@@ -324,42 +253,6 @@ def _first_not_a_character(text: str, end: int) -> int:
         else:
             high = middle
     return high
-
-
-def _duplicate_before(text: str, pos: int) -> bool:
-    """Whether an object still open at ``pos`` repeats a key in the pairs it
-    has read whole.  QEMU's parser refuses a repeated key as soon as it has
-    read the pair's value (``parse_pair()``), before whatever error comes
-    after it; Python's json sees the keys only once the object is closed.  An
-    object holding the container the error is in is still reading its last
-    pair's value: that pair is not whole."""
-    keys = _KEYS.findall(text, 0, pos)
-    if len(set(keys)) == len(keys) and not any("\\" in key for key in keys):
-        return False  # no key written twice, nor escaped: none is repeated
-    opened = _open_containers(text, pos)
-    ends = [*opened[1:], pos] if opened else []
-    for start, end in zip(opened, ends, strict=True):
-        if text[start] != "{":
-            continue
-        pairs = text[start:end]
-        depth, comma = 0, 0
-        for m in _PAIR_TOKENS.finditer(pairs):
-            token = m.group()
-            depth += token in "[{"
-            depth -= token in "]}"
-            if token == "," and depth == 1:
-                comma = m.start()
-        # The innermost may end with a whole pair; else the pairs before its last comma.
-        for whole in ([pairs] if end == pos else []) + ([pairs[:comma]] if comma else []):
-            try:
-                _DECODER.raw_decode(_apostrophes(whole + "}", _SAME_LENGTH))
-            except _Reject as exc:
-                if exc.desc == PARSE_ERROR_PREFIX + "duplicate key":
-                    return True
-            except (ValueError, RecursionError):
-                continue
-            break
-    return False
 
 
 def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
@@ -373,7 +266,7 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
     """
     text = buf[start:lf].decode("utf-8", RAW)
     try:
-        _DECODER.raw_decode(_apostrophes(text, _SAME_LENGTH))
+        DECODER.raw_decode(apostrophes(text, SAME_LENGTH))
     except json.JSONDecodeError as exc:
         if exc.pos >= len(text.rstrip()):
             return None
@@ -394,7 +287,7 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
         desc = first_lexical_error(scope) or PARSE_ERROR_PREFIX + _qemu_reason(
             exc.msg, text, exc.pos)
         return desc, start + len(text[: exc.pos].encode("utf-8", RAW))
-    except (_Reject, ValueError, RecursionError):
+    except (Reject, ValueError, RecursionError):
         pass
     else:  # pragma: no cover - a complete value would have ended the scan
         return None

@@ -1,0 +1,147 @@
+"""Python's ``json`` decoder fitted to QEMU's parser: what it refuses, and when.
+
+Python's ``json`` takes what QEMU's parser (``qobject/json-parser.c``) refuses:
+``NaN`` and ``Infinity``, ``1e400`` (as ``inf``), a repeated key, ``0e5`` (QEMU's
+lexer ends that number at the 0), ``\\'`` as no escape.  Its hooks here refuse
+each with :class:`Reject`, and :data:`DECODER` is the decoder with them.
+
+QEMU's parser also meets some errors sooner than Python does: it refuses a
+repeated key as soon as that pair's value is read, where Python sees the keys
+only once the object is closed (:func:`duplicate_before`), and it says which
+container it is in (:func:`innermost_container`).  The wording of an error is
+:mod:`migblockd.qmp.wording`'s; this module knows only where the parse stops.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+from migblockd.qmp.characters import ESCAPE
+from migblockd.qmp.lexer import PARSE_ERROR_PREFIX, keyword_error, stray
+
+__all__ = [
+    "CONTAINER_TOKENS", "DECODER", "SAME_LENGTH", "ZERO_EXPONENT", "Reject", "apostrophes",
+    "duplicate_before", "innermost_container", "open_containers",
+]
+
+
+class Reject(Exception):
+    """Raised from json's hooks to refuse input that Python would accept."""
+
+    def __init__(self, desc: str) -> None:
+        super().__init__(desc)
+        self.desc = desc
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise Reject(PARSE_ERROR_PREFIX + "duplicate key")
+    return obj
+
+
+#: Raised for a number with an exponent after a bare leading zero (``0e5``),
+#: which Python reads; QEMU's lexer ends the number at the 0 and reads a
+#: keyword, and its parser then wants a separator.  The hook knows no
+#: position, so :func:`migblockd.qmp.wording.describe_error` finds it.
+ZERO_EXPONENT: Final = "zero exponent"
+
+
+def _parse_float(text: str) -> float:
+    if text[text[0] == "-"] == "0" and text[1 + (text[0] == "-")] in "eE":
+        raise Reject(ZERO_EXPONENT)
+    value = float(text)
+    if value - value != 0.0:  # inf (1e400); NaN cannot come from a JSON number
+        raise Reject(PARSE_ERROR_PREFIX + "number out of range")
+    return value
+
+
+def _parse_constant(name: str) -> object:
+    if name.startswith("-"):  # QEMU's lexer stops at the letter after the sign
+        raise Reject(stray(name[:2].encode()))
+    raise Reject(PARSE_ERROR_PREFIX + keyword_error(name))
+
+
+DECODER: Final = json.JSONDecoder(
+    object_pairs_hook=_object_pairs, parse_float=_parse_float, parse_constant=_parse_constant
+)
+#: ``\\'`` as an escape of the same length that Python takes: where only the
+#: positions of errors matter, and the client's own text is quoted.
+SAME_LENGTH: Final = "\\/"
+
+
+def apostrophes(text: str, escape: str) -> str:
+    """``text`` with each ``\\'`` escape written as ``escape``: QEMU's parser takes
+    ``\\'`` for an apostrophe in any string (``json-parser.c``, ``parse_string()``);
+    Python's json does not."""
+    if "\\'" not in text:
+        return text
+    # ESCAPE takes the escapes left to right: in "\\\\'" the apostrophe is not escaped.
+    return ESCAPE.sub(lambda m: escape if m.group() == "\\'" else m.group(), text)
+
+
+
+CONTAINER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def innermost_container(text: str, pos: int) -> str:
+    stack = open_containers(text, pos)
+    return text[stack[-1]] if stack else ""
+
+
+def open_containers(text: str, pos: int) -> list[int]:
+    """Where the brackets still open at ``pos`` are, outermost first."""
+    stack: list[int] = []
+    for m in CONTAINER_TOKENS.finditer(text, 0, pos):
+        token = m.group()
+        if token in "[{":
+            stack.append(m.start())
+        elif token in "]}" and stack:
+            stack.pop()
+    return stack
+
+
+#: What tells a pair from the next in an object: strings skipped whole.
+_PAIR_TOKENS: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+
+
+#: Every key's text: a string with a colon after it.
+_KEYS: Final = re.compile(r'"((?:[^"\\]|\\.)*+)"\s*+:')
+
+
+def duplicate_before(text: str, pos: int) -> bool:
+    """Whether an object still open at ``pos`` repeats a key in the pairs it
+    has read whole.  QEMU's parser refuses a repeated key as soon as it has
+    read the pair's value (``parse_pair()``), before whatever error comes
+    after it; Python's json sees the keys only once the object is closed.  An
+    object holding the container the error is in is still reading its last
+    pair's value: that pair is not whole."""
+    keys = _KEYS.findall(text, 0, pos)
+    if len(set(keys)) == len(keys) and not any("\\" in key for key in keys):
+        return False  # no key written twice, nor escaped: none is repeated
+    opened = open_containers(text, pos)
+    ends = [*opened[1:], pos] if opened else []
+    for start, end in zip(opened, ends, strict=True):
+        if text[start] != "{":
+            continue
+        pairs = text[start:end]
+        depth, comma = 0, 0
+        for m in _PAIR_TOKENS.finditer(pairs):
+            token = m.group()
+            depth += token in "[{"
+            depth -= token in "]}"
+            if token == "," and depth == 1:
+                comma = m.start()
+        # The innermost may end with a whole pair; else the pairs before its last comma.
+        for whole in ([pairs] if end == pos else []) + ([pairs[:comma]] if comma else []):
+            try:
+                DECODER.raw_decode(apostrophes(whole + "}", SAME_LENGTH))
+            except Reject as exc:
+                if exc.desc == PARSE_ERROR_PREFIX + "duplicate key":
+                    return True
+            except (ValueError, RecursionError):
+                continue
+            break
+    return False

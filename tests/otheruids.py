@@ -82,6 +82,16 @@ def _user_exists(name: str) -> bool:
     return True
 
 
+def bare_uid() -> int:
+    """A uid no account has (no name, no home): a container's ``--user``."""
+    for uid in range(23456, 24000):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    raise AssertionError("every uid from 23456 to 23999 has an account")
+
+
 def _member(user: str, group: str) -> bool:
     return user in grp.getgrnam(group).gr_mem
 

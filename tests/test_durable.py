@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import pwd
 import random
 import re
 import shlex
@@ -32,6 +31,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log, owner_info
+from otheruids import bare_uid
 from qmpclient import RawClient
 
 from migblockd.state import BlockerRow, Put, Store
@@ -800,21 +800,13 @@ async def test_ephemeral_forgets_on_restart(start_daemon: Start, tmp_path: Path)
         assert (await add(c, "again"))["id"] == "#blocker0"
 
 
-def _has_account(uid: int) -> bool:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as a uid that has no account")
 async def test_ephemeral_starts_for_a_user_without_a_home(
     start_daemon: Start, tmp_path: Path, short_tmp: Path
 ) -> None:
     """A bare uid (a container's --user, no $HOME) has no default --state-dir;
     an ephemeral daemon needs none, yet it was told to give one and stopped."""
-    uid = next(u for u in range(23456, 24000) if not _has_account(u))
+    uid = bare_uid()
     as_uid = tmp_path / "python-as-a-bare-uid"
     as_uid.write_text(f"#!/bin/sh\nexec setpriv --reuid={uid} --regid={uid} --clear-groups "
                       f"{sys.executable} \"$@\"\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import random
 import shlex
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from otheruids import bare_uid
 
 from migblockd.paths import default_state_dir
 from migblockd.state import (
@@ -1059,7 +1059,7 @@ def test_a_user_without_a_home_is_told_to_give_a_state_dir(tmp_path: Path) -> No
     cannot be formed, which used to stop even --help with a traceback."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run as a uid that has no account")
-    uid = next(u for u in range(23456, 24000) if not _has_account(u))
+    uid = bare_uid()
     run = [sys.executable, "-m", "migblockd", "--socket", str(tmp_path / "s.sock")]
     setpriv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
@@ -1072,14 +1072,6 @@ def test_a_user_without_a_home_is_told_to_give_a_state_dir(tmp_path: Path) -> No
     assert (refused.returncode, refused.stderr) == (1, (
         f"migblockd: no default --state-dir for uid {uid}: HOME is not set and the user "
         "database has no home directory for it; give --state-dir, or set XDG_STATE_HOME\n"))
-
-
-def _has_account(uid: int) -> bool:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True
 
 
 DEFAULT_SOCKET = f"""

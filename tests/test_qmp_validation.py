@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -333,3 +334,74 @@ def test_every_generated_schema_compiles_and_reports_in_order() -> None:
             assert (
                 error(schema, {"no-such-member": 1}) == "Parameter 'no-such-member' is unexpected"
             )
+
+
+# -- what jsonschema is given to judge ------------------------------------------------
+
+
+def _judged(schema: dict[str, Any], args: dict[str, Any],
+            monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """What ``check(args)`` hands jsonschema's ``is_valid`` (once per call)."""
+    validator = ArgumentValidator(schema)
+    seen: list[object] = []
+    real = validator._validator
+
+    class Spy:
+        def is_valid(self, instance: object) -> bool:
+            seen.append(instance)
+            return bool(real.is_valid(instance))
+
+        def iter_errors(self, instance: object) -> Any:
+            return real.iter_errors(instance)
+
+    monkeypatch.setattr(validator, "_validator", Spy())
+    with contextlib.suppress(QMPError):
+        validator.check(args)
+    return seen
+
+
+def test_jsonschema_judges_each_distinct_array_element_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # 8,000 valid elements cost jsonschema a third of a second, during which
+    # no other client was served: it is given the distinct ones.
+    args = {"reason": "r", "modes": ["normal", "cpr-exec"] * 4000}
+    assert _judged(generated("add-blocker"), args, monkeypatch) == [
+        {"reason": "r", "modes": ["normal", "cpr-exec"]}]
+
+
+def test_members_that_accept_anything_do_not_keep_elements_apart(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # migrate is validated before its role is checked, so any client may send
+    # it; addr is QAPI's 'any'.
+    channels = [{"channel-type": "main", "addr": {"n": [i]}} for i in range(2000)]
+    assert _judged(generated("migrate"), {"channels": channels}, monkeypatch) == [
+        {"channels": [{"channel-type": "main", "addr": None}]}]
+
+
+@pytest.mark.parametrize(
+    "keyword", [{"minItems": 3}, {"maxItems": 1}, {"uniqueItems": True}, {"contains": {}}])
+def test_arrays_with_other_keywords_are_judged_whole(
+        keyword: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    schema = {"type": "object",
+              "properties": {"l": {"type": "array", "items": {"type": "integer"}, **keyword}}}
+    assert _judged(schema, {"l": [1, 1]}, monkeypatch) == [{"l": [1, 1]}]
+
+
+def test_merging_keeps_json_types_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    # True == 1 == 1.0 in Python; not for the schema.
+    schema = {"type": "object",
+              "properties": {"l": {"type": "array", "items": {"type": "integer"}}}}
+    assert _judged(schema, {"l": [1, True, 1.0, 1]}, monkeypatch) == [{"l": [1, True, 1.0]}]
+    assert error(schema, {"l": [1, 1, True]}) == (
+        "Invalid parameter type for 'l[2]', expected: integer")
+
+
+def test_verdicts_and_paths_are_the_whole_values() -> None:
+    schema = generated("add-blocker")
+    ArgumentValidator(schema).check({"reason": "r", "modes": ["normal"] * 8000})
+    assert error(schema, {"reason": "r", "modes": ["normal"] * 8000 + ["zz"]}) == (
+        "Parameter 'modes[8000]' does not accept value 'zz'")
+    migrate = generated("migrate")
+    bad = [{"channel-type": "main", "addr": i} for i in range(100)] + [{"channel-type": "x"}]
+    assert error(migrate, {"channels": bad}) == (
+        "Parameter 'channels[100].channel-type' does not accept value 'x'")

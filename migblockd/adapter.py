@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, cast
 from migblockd.connection import Connection
 from migblockd.logs import WIRE_LIMIT, about, shown
 from migblockd.outbox import HIGH_WATER, Outbox
-from migblockd.peer import leftovers, peer_owner, unread, unsent
+from migblockd.peer import discard_unread, leftovers, peer_owner, unread, unsent
 from migblockd.roster import BATCH
 
 if TYPE_CHECKING:
@@ -68,6 +68,8 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.dropped = False
         self.lingering = False  # half-closed by us: what still comes is discarded
         self.linger_owed = 0  # what the peer had still to take at the last look
+        self.linger_heard = 0  # what it had sent meanwhile, at the last look
+        self.discarded = 0  # bytes it sent after we half-closed: never run
         self.linger_until = 0.0
         self.connected_at = 0.0
         #: Since when the peer has left a message unfinished (see migblockd.timeouts).
@@ -102,6 +104,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
     def data_received(self, data: bytes | memoryview) -> None:
         conn = self.conn
         if conn is None or self.lingering:
+            self.discarded += len(data)
             return
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s <- %s", conn.label, shown(bytes(data), WIRE_LIMIT))
@@ -278,6 +281,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
             transport.resume_reading()
             self.read_paused = False
         self.linger_owed = self._owed(transport)
+        self.linger_heard = self.discarded
         self.linger_until = self.server.loop.time() + LINGER_LIMIT
         self.server.loop.call_later(LINGER, self.linger_over)
 
@@ -285,10 +289,24 @@ class ClientProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        owed = self._owed(transport)
-        if owed != self.linger_owed and self.server.loop.time() < self.linger_until:
-            self.linger_owed = owed  # it reads (or has just read the last of it)
+        owed, heard = self._owed(transport), self.discarded
+        in_time = self.server.loop.time() < self.linger_until
+        if (owed, heard) != (self.linger_owed, self.linger_heard) and in_time:
+            # It reads (or has just read the last of it), or it still sends: a
+            # peer busy elsewhere may read the rest in a moment, while closing
+            # now would fail its next write, and asyncio's streams (qemu.qmp's)
+            # then raise that error before the replies they already hold.
+            self.linger_owed, self.linger_heard = owed, heard
             self.server.loop.call_later(LINGER, self.linger_over)
+            return
+        # Closing a Unix socket with input unread resets the peer's side, and
+        # the peer's streams raise the reset before the replies they hold:
+        # what it sent is never run, so it is read away first.
+        discard_unread(transport)
+        if owed:
+            self.drop(f"took none of its last {owed} bytes for {LINGER:g}s after shutdown"
+                      if in_time else f"still taking its last replies after "
+                      f"{LINGER_LIMIT:g}s of lingering")
             return
         transport.abort()
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from migblockd.registry import Owner
 
-__all__ = ["leftovers", "peer_owner", "unread", "unsent"]
+__all__ = ["discard_unread", "leftovers", "peer_owner", "unread", "unsent"]
 
 LEFTOVER_CHUNK = 64 * 1024
 
@@ -72,6 +72,25 @@ def leftovers(transport: asyncio.BaseTransport, budget: int) -> Iterator[bytes]:
                 # is read, or counted as unread, is all it ever sent.
                 with contextlib.suppress(OSError):
                     dup.shutdown(socket.SHUT_RD)
+
+
+def discard_unread(transport: asyncio.BaseTransport, budget: int = 4 << 20) -> int:
+    """Read away what the peer sent that nobody will run (at most about
+    ``budget`` bytes), so that closing the socket ends it with EOF, not a reset;
+    how many bytes that was."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    gone = 0
+    while gone < budget:
+        try:
+            data = os.read(sock.fileno(), LEFTOVER_CHUNK)
+        except (OSError, ValueError):
+            break
+        if not data:
+            break
+        gone += len(data)
+    return gone
 
 
 def unread(transport: asyncio.BaseTransport) -> int:

@@ -19,12 +19,15 @@ import select
 import signal
 import socket
 import sqlite3
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from conftest import DaemonProcess, assert_clean_log
 from qmpclient import RawClient, blocking_client, encode, strict_loads
 
+from migblockd.adapter import LINGER
 from migblockd.drain import DRAIN_POLL, SHUTDOWN_STALL
 
 ADDERS = 3
@@ -284,3 +287,56 @@ async def test_a_client_taking_its_last_replies_slowly_gets_them_all(
                 if line.startswith(b'{"return"')}
     assert answered and await stored_ids(start_daemon, state) == answered
     assert_clean_log(d)
+
+
+def test_a_client_that_takes_none_of_its_last_replies_is_dropped_and_said_so(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    # Once all its replies were written, a client that read none of them was
+    # closed LINGER seconds later without a word in the log, though they were
+    # lost to it: the drain says so of the clients it gives up on, and so is
+    # this one.
+    d = start_daemon("--ephemeral")
+    sock = blocking_client(d.socket)
+    sock.sendall(b'{"execute": "query-version", "id": "unread"}')
+    assert select.select([sock], [], [], 10)[0]  # its reply is there, and stays unread
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert re.search(rf"client 1 .*dropped: took none of its last \d+ bytes for {LINGER:g}s "
+                     "after shutdown", d.log()), d.log()
+    sock.close()
+
+
+def test_a_client_still_sending_after_shutdown_is_waited_for(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    # A client that reads nothing for a while but still sends is alive: what
+    # it sends after our EOF is read away, and the connection stays until it
+    # closes.  Before, it was closed LINGER seconds after the EOF, and the
+    # client's next write failed.
+    d = start_daemon("--ephemeral")
+    sock = blocking_client(d.socket)
+    failed: list[OSError] = []
+    stop = threading.Event()
+
+    def keep_sending() -> None:
+        while not stop.wait(LINGER / 8):
+            try:
+                sock.sendall(b'{"execute": "query-version"}')
+            except OSError as exc:
+                failed.append(exc)
+                return
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    d.signal(signal.SIGTERM)
+    time.sleep(3 * LINGER / 2)  # nothing read meanwhile
+    stop.set()
+    sender.join()
+    assert failed == []
+    assert sock.recv(4096) == b""  # our EOF, after the replies (none were owed)
+    sock.close()
+    assert d.wait_exit() == 0
+    assert "dropped" not in d.log()
+
+

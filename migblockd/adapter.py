@@ -304,7 +304,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
         # what it sent is never run, so it is read away first.
         discard_unread(transport)
         if owed:
-            self.drop(f"took none of its last {owed} bytes for {LINGER:g}s after shutdown"
+            self.drop(f"took none of its last {owed} bytes for {LINGER:g}s after our EOF"
                       if in_time else f"still taking its last replies after "
                       f"{LINGER_LIMIT:g}s of lingering")
             return

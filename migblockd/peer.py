@@ -75,22 +75,10 @@ def leftovers(transport: asyncio.BaseTransport, budget: int) -> Iterator[bytes]:
 
 
 def discard_unread(transport: asyncio.BaseTransport, budget: int = 4 << 20) -> int:
-    """Read away what the peer sent that nobody will run (at most about
-    ``budget`` bytes), so that closing the socket ends it with EOF, not a reset;
-    how many bytes that was."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return 0
-    gone = 0
-    while gone < budget:
-        try:
-            data = os.read(sock.fileno(), LEFTOVER_CHUNK)
-        except (OSError, ValueError):
-            break
-        if not data:
-            break
-        gone += len(data)
-    return gone
+    """Read away what the peer sent that nobody will run (as :func:`leftovers`
+    reads it: nothing can arrive after), so that closing the socket ends the
+    connection with EOF, not a reset; how many bytes that was."""
+    return sum(len(data) for data in leftovers(transport, budget))
 
 
 def unread(transport: asyncio.BaseTransport) -> int:

@@ -236,3 +236,20 @@ def python(request: pytest.FixtureRequest, venvs: VenvBuilder) -> str:
     """The interpreter to run the daemon with (the project venv's for its own version)."""
     version: str = request.param
     return venvs.python(version)
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[None]:
+    """Wrap ``owner.name`` so that each call is noted; the list of calls so far.
+
+    For tests that a cost is paid once, or a bounded number of times, rather
+    than per byte or per element: they count calls, never time.
+    """
+    calls: list[None] = []
+    original = getattr(owner, name)
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls

@@ -303,7 +303,7 @@ def test_a_client_that_takes_none_of_its_last_replies_is_dropped_and_said_so(
     d.signal(signal.SIGTERM)
     assert d.wait_exit() == 0
     assert re.search(rf"client 1 .*dropped: took none of its last \d+ bytes for {LINGER:g}s "
-                     "after shutdown", d.log()), d.log()
+                     "after our EOF", d.log()), d.log()
     sock.close()
 
 

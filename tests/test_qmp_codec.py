@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+from conftest import count_calls
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -169,20 +170,12 @@ def test_a_long_number_is_not_relexed_at_each_read(monkeypatch: pytest.MonkeyPat
     # Whether a number may go on is asked at every read while it arrives; lexing it
     # again character by character each time made 1 MiB in 512-byte reads cost
     # minutes of the event loop.  The work must stay linear in its length.
-    looked_at = 0
-    number_class = lexer._number_class
-
-    def counting(c: str) -> str:
-        nonlocal looked_at
-        looked_at += 1
-        return number_class(c)
-
-    monkeypatch.setattr(lexer, "_number_class", counting)
+    looked_at = count_calls(monkeypatch, lexer, "_number_class")
     data = b"-1" + b"2" * 60_000 + b".5e+7"
     chunks = [data[i : i + 512] for i in range(0, len(data), 512)]
     assert decode(*chunks) == []  # still waiting for its delimiter
     assert decode(*chunks, b" ") == [ParseError("JSON parse error, number out of range")]
-    assert looked_at <= 2 * len(data)
+    assert len(looked_at) <= 2 * len(data)
 
 
 def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
@@ -190,19 +183,11 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
     # Every request with a character beyond ASCII is searched for what QEMU takes
     # for no character; looking at each of its escapes in Python cost ten times
     # its decoding.  Only escapes that may be a surrogate or a noncharacter count.
-    looked_at = 0
-    code_point = characters._code_point
-
-    def counting(escape: str) -> int:
-        nonlocal looked_at
-        looked_at += 1
-        return code_point(escape)
-
-    monkeypatch.setattr(characters, "_code_point", counting)
+    looked_at = count_calls(monkeypatch, characters, "_code_point")
     text = "é" + "\\n" * 10_000 + "\\u0041" * 10_000 + "\\\\uffff" + "\\ud83d\\ude00"
     data = ('{"id": "' + text + '"}').encode()
     assert decode(data) == [json.loads(data)]
-    assert looked_at <= 2  # the pair
+    assert len(looked_at) <= 2  # the pair
 
 
 # -- parse errors: wording -------------------------------------------------------------

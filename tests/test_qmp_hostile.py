@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from conftest import count_calls
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -174,15 +175,7 @@ def test_a_refusal_late_in_a_long_multiline_message_costs_few_parses(
     Before: one parse of the whole prefix per line feed, about 0.1 s per 4 KiB
     message, so 64 of them in one 260 KiB write held the daemon for 3 s.
     """
-    calls = 0
-    viable = wording._viable
-
-    def counting(text: str) -> bool:
-        nonlocal calls
-        calls += 1
-        return viable(text)
-
-    monkeypatch.setattr(wording, "_viable", counting)
+    calls = count_calls(monkeypatch, wording, "_viable")
     world = Daemonless()
     s = world.session()
     bad = b'{"x":' + b"\n" * 4000 + b"NaN\n"
@@ -190,7 +183,7 @@ def test_a_refusal_late_in_a_long_multiline_message_costs_few_parses(
     assert out[0] == {"error": {"class": "GenericError",
                                 "desc": "JSON parse error, stray 'N'"}}
     assert out[-1]["id"] == "probe" and len(out) == 2, out
-    assert 0 < calls <= 16, calls
+    assert 0 < len(calls) <= 16, len(calls)
 
 
 @pytest.mark.parametrize("split", [1, 7, 4096])
@@ -323,33 +316,27 @@ def test_jsonschema_judges_and_every_refusal_is_worded_as_qemu_words_it(name: st
     agree()
 
 
-def test_a_verdict_is_cached_per_shape_and_strings_do_not_split_shapes() -> None:
+def test_a_verdict_is_cached_per_shape_and_strings_do_not_split_shapes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     validator = ArgumentValidator(CONTRACT.commands["add-blocker"].arguments)
-    calls = 0
-    judge = validator.judge
-
-    def counting(args: dict[str, Any]) -> str | None:
-        nonlocal calls
-        calls += 1
-        return judge(args)
-
-    validator.judge = counting  # type: ignore[method-assign]
+    calls = count_calls(monkeypatch, validator, "judge")
     for i in range(100):
         validator.check({"reason": f"reason {i}", "id": f"b{i}"})
-    assert calls == 1
+    assert len(calls) == 1
     for modes in (["normal"], ["cpr-reboot"], ["normal"]):
         validator.check({"reason": "r", "modes": modes})
-    assert calls == 3  # enum values are part of the shape
+    assert len(calls) == 3  # enum values are part of the shape
     for bad in ({"reason": 1}, {"reason": True}, {"reason": 1}):
         with pytest.raises(QMPError, match="expected: string"):
             validator.check(bad)
-    assert calls == 5  # 1 and True are different shapes: a bool is no integer
+    assert len(calls) == 5  # 1 and True are different shapes: a bool is no integer
     with pytest.raises(QMPError, match="'modes\\[0\\]' does not accept value 'nope'"):
         validator.check({"reason": "r", "modes": ["nope"]})
     big = {"reason": "r", "modes": ["normal"] * 100}
     validator.check(big)
     validator.check(big)
-    assert calls == 8  # too big to cache: judged each time
+    assert len(calls) == 8  # too big to cache: judged each time
 
 
 def test_schemas_beyond_the_generator_fall_back_to_jsonschema() -> None:

@@ -22,8 +22,8 @@ from migblockd.qmp.characters import ESCAPE
 from migblockd.qmp.lexer import PARSE_ERROR_PREFIX, keyword_error, stray
 
 __all__ = [
-    "CONTAINER_TOKENS", "DECODER", "SAME_LENGTH", "ZERO_EXPONENT", "Reject", "apostrophes",
-    "duplicate_before", "innermost_container", "open_containers",
+    "DECODER", "SAME_LENGTH", "ZERO_EXPONENT", "Reject", "apostrophes", "duplicate_before",
+    "innermost_container",
 ]
 
 
@@ -83,18 +83,18 @@ def apostrophes(text: str, escape: str) -> str:
 
 
 
-CONTAINER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+_CONTAINER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
 
 
 def innermost_container(text: str, pos: int) -> str:
-    stack = open_containers(text, pos)
+    stack = _open_containers(text, pos)
     return text[stack[-1]] if stack else ""
 
 
-def open_containers(text: str, pos: int) -> list[int]:
+def _open_containers(text: str, pos: int) -> list[int]:
     """Where the brackets still open at ``pos`` are, outermost first."""
     stack: list[int] = []
-    for m in CONTAINER_TOKENS.finditer(text, 0, pos):
+    for m in _CONTAINER_TOKENS.finditer(text, 0, pos):
         token = m.group()
         if token in "[{":
             stack.append(m.start())
@@ -121,7 +121,7 @@ def duplicate_before(text: str, pos: int) -> bool:
     keys = _KEYS.findall(text, 0, pos)
     if len(set(keys)) == len(keys) and not any("\\" in key for key in keys):
         return False  # no key written twice, nor escaped: none is repeated
-    opened = open_containers(text, pos)
+    opened = _open_containers(text, pos)
     ends = [*opened[1:], pos] if opened else []
     for start, end in zip(opened, ends, strict=True):
         if text[start] != "{":

@@ -62,6 +62,7 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.conn: Connection | None = None
         self.transport: asyncio.Transport | None = None
         self.write_paused = False
+        self.writing_soon = False  # write_more is scheduled
         self.read_paused = False
         self.eof = False  # no more reading: the peer half-closed, or we stop reading
         self.peer_eof = False
@@ -146,11 +147,22 @@ class ClientProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.write_more()
+
+    def write_more(self) -> None:
+        """Hand the transport the next slice of what waits; once all is out,
+        this connection's requests may run again."""
+        self.writing_soon = False
+        transport = self.transport
+        if self.write_paused or transport is None or transport.is_closing():
+            return  # resume_writing comes once the client has read more; or it is gone
         if self.outbox is not None and self.outbox.waiting:
-            self.outbox.write_some()
+            more = self.outbox.write_some()
             self.watch_loss()
+            if more:
+                self.write_soon()
             if self.outbox.waiting or self.write_paused:
-                return  # more when the client has read more
+                return
             # Closes a half-closed client once all is out: not from inside the
             # transport's own write callback, which calls connection_lost itself
             # after this returns when its buffer is empty and it is closing, and
@@ -253,6 +265,8 @@ class ClientProtocol(asyncio.BufferedProtocol):
                 self.drop(f"more than max-output={limit} bytes of unread events")
                 return
             self.watch_loss()
+            if self.outbox.waiting and not self.write_paused:
+                self.write_soon()
         if self.eof and self.core.settled(conn) and not self.outbox.waiting:
             self.finish()
 
@@ -309,6 +323,13 @@ class ClientProtocol(asyncio.BufferedProtocol):
                       f"{LINGER_LIMIT:g}s of lingering")
             return
         transport.abort()
+
+    def write_soon(self) -> None:
+        """The transport takes more now: the next slice goes in a callback of its
+        own, so the loop serves the other clients in between."""
+        if not self.writing_soon:
+            self.writing_soon = True
+            self.server.loop.call_soon(self.write_more)
 
     @staticmethod
     def _owed(transport: asyncio.Transport) -> int:

@@ -1,9 +1,13 @@
 """What is written to one client, and when: slices, backpressure, and max-output.
 
-Output reaches the transport in slices of at most :data:`SLICE` bytes, and a
-slice only while the transport's own buffer is below :data:`HIGH_WATER`: a
-35 MB listing goes out piece by piece as the client reads it, so other
-clients are served in between and no copy of the whole answer is ever made.
+Output reaches the transport in slices of at most :data:`SLICE` bytes,
+:data:`BURST` slices per callback at most, and a slice only while the
+transport's own buffer is below :data:`HIGH_WATER`: a 35 MB listing goes out
+piece by piece as the client reads it, and no copy of the whole answer is ever
+made.  The burst bound matters for a client that reads as fast as we write:
+its buffer never fills, and writing while the kernel takes it would hand it
+the whole listing in one callback (about 10 ms of the only thread, every other
+client waiting).
 
 ``max-output`` bounds the *events* a client leaves unread: its own replies
 are bounded by backpressure (the server runs no more of its requests while
@@ -20,12 +24,15 @@ import asyncio
 from collections import deque
 from typing import Final
 
-__all__ = ["HIGH_WATER", "SLICE", "Outbox"]
+__all__ = ["BURST", "HIGH_WATER", "SLICE", "Outbox"]
 
 #: The transport buffer size at which writing (and running the client's requests) waits.
 HIGH_WATER: Final = 64 * 1024
 #: Most bytes handed to the transport in one write.
 SLICE: Final = 256 * 1024
+#: Most slices handed over in one callback: about a millisecond of copying,
+#: after which the event loop serves the other clients.
+BURST: Final = 4
 
 
 class Outbox:
@@ -48,7 +55,9 @@ class Outbox:
         return bool(self._backlog)
 
     def put(self, pieces: list[bytes], size: int, events: int) -> int:
-        """Queue ``pieces`` (``size`` bytes, ``events`` of them events) and write what fits.
+        """Queue ``pieces`` (``size`` bytes, ``events`` of them events) and write a slice.
+
+        What is left over waits (:attr:`waiting`) for :meth:`write_some`.
 
         Returns the event bytes of *earlier* output the client has not read yet:
         these it cannot have read however promptly it reads, and one commit can
@@ -79,12 +88,20 @@ class Outbox:
         """Bytes of all ever queued that the transport has handed to the kernel."""
         return self._enqueued - self._backlog_bytes - self.transport.get_write_buffer_size()
 
-    def write_some(self) -> None:
-        """Hand the transport slices while its buffer has room."""
+    def write_some(self) -> bool:
+        """Hand the transport up to :data:`BURST` slices while its buffer has room.
+
+        Returns True when more is waiting and the transport would take it now:
+        the caller comes back for it in a later callback.  Otherwise either
+        all is written or the transport's buffer is full, and its
+        ``resume_writing`` brings the caller back.
+        """
         backlog, transport = self._backlog, self.transport
         # <=: the write that passes HIGH_WATER makes the transport call
         # pause_writing, and its resume_writing brings us back.
-        while backlog and transport.get_write_buffer_size() <= HIGH_WATER:
+        for _ in range(BURST):
+            if not backlog or transport.get_write_buffer_size() > HIGH_WATER:
+                return False
             batch = [backlog.popleft()]
             size = len(batch[0])
             while backlog and size + len(backlog[0]) <= SLICE:
@@ -93,3 +110,4 @@ class Outbox:
                 size += len(piece)
             self._backlog_bytes -= size
             transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+        return bool(backlog) and transport.get_write_buffer_size() <= HIGH_WATER

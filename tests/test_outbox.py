@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from migblockd.outbox import HIGH_WATER, Outbox
+from migblockd.outbox import BURST, HIGH_WATER, SLICE, Outbox
 
 
 @dataclass
@@ -24,8 +24,8 @@ class Pair:
         loop = asyncio.get_running_loop()
         data = b""
         while self.outbox.waiting or self.transport.get_write_buffer_size():
-            data += await loop.sock_recv(self.peer, 1 << 20)
             self.outbox.write_some()
+            data += await loop.sock_recv(self.peer, 1 << 20)
         while True:  # what the kernel still holds
             try:
                 chunk = self.peer.recv(1 << 20)
@@ -36,10 +36,22 @@ class Pair:
 
 @pytest.fixture
 async def pair() -> AsyncIterator[Pair]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     # Small kernel buffers: a few hundred KB fill them, and the rest waits.
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    async for made in make_pair(16384):
+        yield made
+
+
+@pytest.fixture
+async def wide_pair() -> AsyncIterator[Pair]:
+    # Kernel buffers as big as the system allows (at least 400 KB or so).
+    async for made in make_pair(4 << 20):
+        yield made
+
+
+async def make_pair(kernel_buffer: int) -> AsyncIterator[Pair]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, kernel_buffer)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, kernel_buffer)
     theirs.setblocking(False)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
@@ -78,3 +90,28 @@ async def test_a_big_reply_goes_out_in_slices_as_the_peer_reads(pair: Pair) -> N
     assert pair.transport.get_write_buffer_size() <= HIGH_WATER + 256 * 1024
     assert pair.outbox.waiting
     assert await pair.read_all() == b"".join(reply)
+
+
+async def test_a_peer_that_reads_as_fast_as_we_write_gets_a_slice_per_call(
+        wide_pair: Pair) -> None:
+    # The kernel takes more than a slice and the peer reads everything between
+    # two calls, so the transport never fills: only the slice per call lets
+    # the loop serve other clients in between.
+    pair = wide_pair
+    loop = asyncio.get_running_loop()
+    per_call = BURST * (SLICE // 100_000 * 100_000)  # the pieces of BURST slices
+    reply = [bytes([65 + n % 26]) * 100_000 for n in range(3 * per_call // 100_000)]
+    assert put(pair, reply, 0) == 0
+    data = b""
+    handed = []
+    while True:
+        handed.append(pair.outbox.sent() + pair.transport.get_write_buffer_size())
+        while len(data) < handed[-1]:  # read all of it: nothing is left to wait on
+            data += await loop.sock_recv(pair.peer, 1 << 20)
+        if not pair.outbox.waiting:
+            break
+        pair.outbox.write_some()
+    assert data == b"".join(reply)
+    # Each call handed over the pieces that fit BURST slices, and no more.
+    steps = [b - a for a, b in zip([0, *handed], handed, strict=False)]
+    assert steps == [per_call] * 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migblockd.config import Config
-from migblockd.qmp import characters, lexer
+from migblockd.qmp import characters, encoding, lexer
 from migblockd.qmp.encoding import Encoded, encode, encode_event, encode_line, encode_return
 from migblockd.qmp.errors import NO_ID
 from migblockd.qmp.framing import NEED_DATA, StreamDecoder
@@ -106,6 +107,12 @@ _messages = st.lists(
         st.just(b'{"a": "\xff"}'),
         st.just(b'{"a": "x\r\n"}'),
         st.just(b'"\n"'),
+        st.just(b"\xff"),
+        st.just(b"a \xfe"),
+        st.just(b"garbage"),
+        st.just(b" \t"),
+        st.just(b"{"),
+        st.just(b"\n"),
     ),
     max_size=12,
 )
@@ -118,6 +125,49 @@ def test_any_chunking_gives_the_same_messages(parts: list[bytes], data: st.DataO
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
     chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     assert decode(*chunks, eof=True) == decode(stream, eof=True)
+
+
+class StepByStep(StreamDecoder):
+    """Garbage at the top level skipped as it was before one search did it: to
+    the next "{", line feed or reset byte, that reset byte's own state, and on."""
+
+    def _skip_garbage(self, buf: bytearray, n: int) -> bool:
+        m = re.compile(rb"[{\n\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]").search(buf, self._scan)
+        if m is None:
+            self._scan = n
+            return False
+        self._resync_at(buf, m.start())
+        return True
+
+
+def decode_with(decoder: StreamDecoder, *chunks: bytes) -> list[object]:
+    out: list[object] = []
+    for chunk in chunks:
+        decoder.feed(chunk)
+        out.extend(decoder)
+    decoder.feed_eof()
+    out.extend(decoder)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(_messages, st.data())
+def test_garbage_and_reset_bytes_are_skipped_in_one_search_as_step_by_step(
+        parts: list[bytes], data: st.DataObject) -> None:
+    stream = b"".join(parts)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    assert decode_with(StreamDecoder(LIMITS), *chunks) == decode_with(StepByStep(LIMITS), *chunks)
+
+
+def test_garbage_between_reset_bytes_takes_one_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Step by step, "\xffa" over and over cost a loop iteration per reset byte:
+    # 0.2 s of the only thread for one 256 KiB read.
+    resyncs = count_calls(monkeypatch, StreamDecoder, "_resync_at")
+    out = decode(b"\xffa" * 100_000 + CMD)
+    assert errors(out) == ["JSON parse error, stray '\ufffd'"]
+    assert out[1:] == [{"execute": "query-blockers", "id": 1}]
+    assert len(resyncs) <= 2
 
 
 # Characters QEMU takes (no surrogates; noncharacters are among the unassigned).
@@ -643,6 +693,25 @@ def test_strings_are_escaped_as_qemu_escapes_them(text: str) -> None:
     # before a "u" must stay what they are.
     assert encode(text) == qemu_quoted(text)
     assert encode({text: [text]}) == "{" + qemu_quoted(text) + ": [" + qemu_quoted(text) + "]}"
+
+
+@settings(max_examples=200)
+@given(st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x10FFFF,
+                                      blacklist_categories=())))
+def test_any_string_is_escaped_as_qemu_escapes_it(text: str) -> None:
+    assert encode(text) == qemu_quoted(text)
+    # Among much ASCII the other characters are escaped run by run: the same text.
+    padded = "u" * 8000 + text + "\\" * 4000
+    assert encode(padded) == qemu_quoted(padded)
+
+
+def test_a_string_of_more_distinct_characters_than_are_kept_gets_a_table_of_its_own(
+        ) -> None:
+    # Every BMP character from U+0100 on that is no surrogate: more than UNITS_KEPT.
+    text = "".join(map(chr, range(0x100, 0xD800))) + "\U0001f600\ud800 \x7f\x1b"
+    assert len(set(text)) > encoding.UNITS_KEPT
+    assert encode(text) == qemu_quoted(text)
+    assert encode(text) == qemu_quoted(text)  # and again, with the kept units full
 
 
 def test_encoded_values_are_spliced_into_replies_verbatim() -> None:

@@ -49,8 +49,9 @@ FAST_MESSAGE = re.compile(_nested(FAST_DEPTH))
 SCALAR = re.compile(rb"[^ \t\r\n{}\[\]\",:'" + STRING_BAD + rb"]++")
 RESYNC = re.compile(rb"[\n" + RESET_CLASS + rb"]")
 # Where a request can begin again after garbage at the top level: a "{" (QMP
-# requests are objects), a line feed, a reset byte.
-RESYNC_TOP = re.compile(rb"[{\n" + RESET_CLASS + rb"]")
+# requests are objects) or a line feed.  A reset byte restarts the skipping
+# (see migblockd.qmp.resync).
+RESYNC_TOP = re.compile(rb"[{\n]")
 # The rest of a broken message: whole strings and ordinary bytes, up to a
 # bracket (counted), a quote that starts a string not whole in the buffer, a
 # line feed or a reset byte.
@@ -68,6 +69,8 @@ APOSTROPHE: Final = 0x27
 BACKSLASH: Final = 0x5C
 LF: Final = 0x0A
 RESET_BYTES: Final = frozenset(bytes(range(0x20)) + b"\xfe\xff") - frozenset(b"\t\r\n")
+#: What AFTER_RESET swallows: blanks and reset bytes.
+BLANKS_AND_RESETS: Final = b" \t\r" + bytes(sorted(RESET_BYTES))
 
 
 #: :func:`skip_broken` stopped after the broken message's last bracket.

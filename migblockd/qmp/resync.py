@@ -46,7 +46,15 @@ from __future__ import annotations
 from typing import Final
 
 from migblockd.qmp.lexer import lexical_error, stray
-from migblockd.qmp.patterns import BLANKS, CONTROL, LF, RESET_BYTES, match_end
+from migblockd.qmp.patterns import (
+    BLANKS,
+    BLANKS_AND_RESETS,
+    CONTROL,
+    LF,
+    RESET_BYTES,
+    RESYNC_TOP,
+    match_end,
+)
 from migblockd.qmp.wording import ParseError, prefix_error
 
 # The decoder's modes: scanning a message (or waiting for one), or skipping
@@ -101,6 +109,33 @@ class Resync:
         self._tentative = c == 0x7B
         self._mode = AFTER_RESET if c in RESET_BYTES else IDLE
         self._start = self._scan = i + 1 if c == LF else i
+
+    def _skip_garbage(self, buf: bytearray, n: int) -> bool:
+        """SKIP_TOP: skip to the next "{" or line feed; False if the input ends first.
+
+        A reset byte on the way would end the skipping, and the garbage after
+        it on its line start it again (it is the rest of the message the reset
+        broke), so of all of them only one counts: the last, if nothing but
+        blanks follows it.  A "{" right after a reset begins a request; after
+        garbage, it may be garbage too (``_tentative``).  One search, not a
+        step per reset byte: ``\\xffa`` over and over held the loop for 0.2 s
+        a read.
+        """
+        start = self._scan
+        m = RESYNC_TOP.search(buf, start)
+        end = n if m is None else m.start()
+        kept = len(buf[start:end].rstrip(BLANKS_AND_RESETS))
+        after_reset = bool(buf[start + kept : end].translate(None, b" \t\r"))
+        if m is None:
+            self._scan = n
+            if after_reset:
+                self._mode = AFTER_RESET
+                self._start = n
+            return False
+        self._resync_at(buf, end)
+        if after_reset:
+            self._tentative = False
+        return True
 
     def _skip_from(self, pos: int) -> None:
         self._tentative = False

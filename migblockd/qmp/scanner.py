@@ -42,7 +42,6 @@ from migblockd.qmp.patterns import (
     RESET_BYTES,
     RESET_RUN,
     RESYNC,
-    RESYNC_TOP,
     SCALAR,
     STRING_BODY,
     STRUCTURE,
@@ -205,12 +204,15 @@ class Scanner(Resync):
                     # A bad top-level token: what follows up to a new request is too.
                     self._skip_to_top(end)
                 return item
-            elif mode in (SKIP, SKIP_TOP):
-                m = (RESYNC_TOP if mode == SKIP_TOP else RESYNC).search(buf, self._scan)
+            elif mode == SKIP:
+                m = RESYNC.search(buf, self._scan)
                 if m is None:
                     self._scan = n
                     return NEED_DATA
                 self._resync_at(buf, m.start())
+            elif mode == SKIP_TOP:
+                if not self._skip_garbage(buf, n):
+                    return NEED_DATA
             elif mode == SKIP_REST:
                 self._scan, self._skip_depth, self._in_string, stop = skip_broken(
                     buf, n, self._scan, self._skip_depth, self._in_string)

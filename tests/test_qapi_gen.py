@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from migblockd import __version__
 from migblockd.contract import Contract, schema_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +57,12 @@ def test_console_script_is_installed_and_checks() -> None:
         [str(script), "--check"], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_version_names_the_program_and_the_release() -> None:
+    result = subprocess.run([sys.executable, "-m", "migblockd.qapi", "--version"], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
+    assert (result.returncode, result.stdout) == (0, f"migblockd-qapi-gen {__version__}\n")
 
 
 def test_golden_output_of_the_good_case() -> None:

@@ -1,6 +1,6 @@
 """``migblockd-qapi-gen``: regenerate (or check) the committed JSON Schemas.
 
-Usage: ``migblockd-qapi-gen [--check] [-o OUTPUT_DIR] [SCHEMA]``.
+Usage: ``migblockd-qapi-gen [--check] [-o OUTPUT_DIR] [--version] [SCHEMA]``.
 
 SCHEMA defaults to the project's ``migblockd.json`` (see
 ``migblockd.contract.schema_dir``) and OUTPUT_DIR to ``generated/`` next to
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from migblockd import __version__
 from migblockd.generated import diffs
 from migblockd.generated import write as write_files
 
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="where the generated files go (default: generated/ next to SCHEMA)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "schema", nargs="?", type=Path, metavar="SCHEMA",
         help=f"root schema file (default: {CHECKOUT_SCHEMA} when run from a checkout, "

@@ -233,16 +233,22 @@ class ClientProtocol(asyncio.BufferedProtocol):
         if conn is None or transport is None or transport.is_closing():
             return False
         core = self.core
-        if self.outbox is not None and self.outbox.waiting:
-            return False  # resume_writing comes back once its output has gone
-        if core.has_pending(conn) and not self.write_paused:
+        waiting = self.outbox is not None and self.outbox.waiting
+        if core.has_pending(conn) and not self.write_paused and not waiting:
             core.execute(conn, BATCH)
         if core.has_pending(conn):
+            # Also while its output waits (an answer bigger than one write):
+            # else a client that asks for a listing and then only sends is
+            # read, and its requests buffered, without bound.
             if not self.read_paused:
                 transport.pause_reading()
                 self.read_paused = True
+            if waiting:
+                return False  # write_more comes back once its output has gone
             # A paused writer is woken by resume_writing, a blocked one by its commit.
             return not self.write_paused and not core.blocked(conn)
+        if waiting:
+            return False
         if self.read_paused and not self.eof:
             transport.resume_reading()
             self.read_paused = False

@@ -306,3 +306,67 @@ def test_a_client_that_does_not_read_is_not_read_either(
     assert ids == list(range(n))
     assert "dropped" not in d.log()
     assert_clean_log(d)
+
+
+def test_a_client_that_does_not_read_its_big_answer_is_not_read_either(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    """Backpressure while an answer too big for one write still waits (the outbox
+    has a backlog): before, the daemon went on reading such a client, so one that
+    asked for a listing and then only sent made it buffer 1.6 GB in 5 s."""
+    d = start_daemon("--ephemeral", "--log-level", "info")
+    reason = "x" * 1000
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(d.socket))
+        f = s.makefile("rb")
+        f.readline()  # greeting
+        s.sendall(b'{"execute": "qmp_capabilities"}')
+        assert f.readline() == b'{"return": {}}\r\n'
+        for i in range(0, 400, 50):  # a listing of ~440 kB: more than one slice
+            s.sendall(b"".join(encode({"execute": "add-blocker", "arguments": {
+                "reason": reason, "id": f"big{j}"}}) for j in range(i, i + 50)))
+            replies = 0
+            while replies < 50:
+                replies += b'"return"' in f.readline()
+        f.close()
+        s.sendall(b'{"execute": "query-blockers", "id": "all"}')
+        time.sleep(0.2)  # its answer is written, as far as the socket takes it
+        n = 400_000  # ~17 MB of requests
+        payload = b"".join(encode({"execute": "query-version", "id": i}) for i in range(n))
+        s.setblocking(False)
+        sent, last_progress = 0, time.monotonic()
+        while sent < len(payload) and time.monotonic() - last_progress < 1.0:
+            try:
+                sent += s.send(payload[sent : sent + 65536])
+                last_progress = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.02)
+        # At most a read's worth in the daemon, the rest in the kernel's buffers.
+        assert sent < 4 << 20, sent
+        # Now read (and finish sending what the last send cut short): the listing,
+        # then a reply to every request sent, in order.
+        end = payload.find(b"}", sent - 1) + 1
+        count = payload.count(b"}", 0, end)
+        buf, lines = b"", list[bytes]()
+        deadline = time.monotonic() + 60
+        with selectors.DefaultSelector() as sel:
+            sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            while len(lines) < 1 + count and time.monotonic() < deadline:
+                for _key, mask in sel.select(1.0):
+                    if mask & selectors.EVENT_WRITE and sent < end:
+                        with contextlib.suppress(BlockingIOError):
+                            sent += s.send(payload[sent:end])
+                    if mask & selectors.EVENT_READ:
+                        chunk = s.recv(1 << 20)
+                        assert chunk, "the daemon closed the connection"
+                        buf += chunk
+                        *more, buf = buf.split(b"\r\n")
+                        lines.extend(line for line in more if b'"event"' not in line)
+                if sent == end:
+                    sel.modify(s, selectors.EVENT_READ)
+    listing = strict_loads(lines[0])
+    assert listing["id"] == "all" and len(listing["return"]) == 400
+    assert [strict_loads(line)["id"] for line in lines[1:]] == list(range(count))
+    assert "dropped" not in d.log()
+    assert_clean_log(d)

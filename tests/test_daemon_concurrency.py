@@ -22,6 +22,20 @@ SMALL_OUTPUT = 32768
 DROP_LINE = re.compile(r".*max-output.*")
 
 
+def send_until_stalled(s: socket.socket, payload: bytes) -> int:
+    """Send ``payload`` without blocking until all is sent or nothing went for 1 s
+    (the daemon stopped reading and the kernel's buffers are full); the bytes sent."""
+    s.setblocking(False)
+    sent, last_progress = 0, time.monotonic()
+    while sent < len(payload) and time.monotonic() - last_progress < 1.0:
+        try:
+            sent += s.send(payload[sent : sent + 65536])
+            last_progress = time.monotonic()
+        except BlockingIOError:
+            time.sleep(0.02)
+    return sent
+
+
 async def test_500_concurrent_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--log-level", "info")
     start = asyncio.Event()
@@ -274,14 +288,7 @@ def test_a_client_that_does_not_read_is_not_read_either(
         f.readline()  # greeting
         s.sendall(b'{"execute": "qmp_capabilities"}')
         assert f.readline() == b'{"return": {}}\r\n'
-        s.setblocking(False)
-        sent, last_progress = 0, time.monotonic()
-        while sent < len(payload) and time.monotonic() - last_progress < 1.0:
-            try:
-                sent += s.send(payload[sent : sent + 65536])
-                last_progress = time.monotonic()
-            except BlockingIOError:
-                time.sleep(0.02)
+        sent = send_until_stalled(s, payload)
         # The daemon stopped reading long before all requests were in: the
         # kernel buffers filled up and our sends stalled.
         assert sent < len(payload) // 2, sent
@@ -334,14 +341,7 @@ def test_a_client_that_does_not_read_its_big_answer_is_not_read_either(
         time.sleep(0.2)  # its answer is written, as far as the socket takes it
         n = 400_000  # ~17 MB of requests
         payload = b"".join(encode({"execute": "query-version", "id": i}) for i in range(n))
-        s.setblocking(False)
-        sent, last_progress = 0, time.monotonic()
-        while sent < len(payload) and time.monotonic() - last_progress < 1.0:
-            try:
-                sent += s.send(payload[sent : sent + 65536])
-                last_progress = time.monotonic()
-            except BlockingIOError:
-                time.sleep(0.02)
+        sent = send_until_stalled(s, payload)
         # At most a read's worth in the daemon, the rest in the kernel's buffers.
         assert sent < 4 << 20, sent
         # Now read (and finish sending what the last send cut short): the listing,

@@ -36,6 +36,29 @@ def send_until_stalled(s: socket.socket, payload: bytes) -> int:
     return sent
 
 
+def send_rest_and_read(s: socket.socket, payload: bytes, sent: int, wanted: int) -> list[bytes]:
+    """Send the rest of ``payload`` (from ``sent`` on) while reading, until ``wanted``
+    lines that are not events came (or 60 s passed); those lines."""
+    buf, lines = b"", list[bytes]()
+    deadline = time.monotonic() + 60
+    with selectors.DefaultSelector() as sel:
+        sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        while len(lines) < wanted and time.monotonic() < deadline:
+            for _key, mask in sel.select(1.0):
+                if mask & selectors.EVENT_WRITE and sent < len(payload):
+                    with contextlib.suppress(BlockingIOError):
+                        sent += s.send(payload[sent : sent + 65536])
+                if mask & selectors.EVENT_READ:
+                    chunk = s.recv(1 << 20)
+                    assert chunk, "the daemon closed the connection"
+                    buf += chunk
+                    *more, buf = buf.split(b"\r\n")
+                    lines.extend(line for line in more if b'"event"' not in line)
+            if sent == len(payload):
+                sel.modify(s, selectors.EVENT_READ)
+    return lines
+
+
 async def test_500_concurrent_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon("--log-level", "info")
     start = asyncio.Event()
@@ -281,35 +304,13 @@ def test_a_client_that_does_not_read_is_not_read_either(
     d = start_daemon("--log-level", "info")
     n = 60_000  # ~2.6 MB of requests, ~6 MB of replies: more than --max-output
     payload = b"".join(encode({"execute": "query-version", "id": i}) for i in range(n))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(str(d.socket))
-        f = s.makefile("rb")
-        f.readline()  # greeting
-        s.sendall(b'{"execute": "qmp_capabilities"}')
-        assert f.readline() == b'{"return": {}}\r\n'
+    with blocking_client(d.socket) as s:
         sent = send_until_stalled(s, payload)
         # The daemon stopped reading long before all requests were in: the
         # kernel buffers filled up and our sends stalled.
         assert sent < len(payload) // 2, sent
         # Now read (and finish sending): every reply comes, in order.
-        buf, ids = b"", list[Any]()
-        deadline = time.monotonic() + 60
-        with selectors.DefaultSelector() as sel:
-            sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
-            while len(ids) < n and time.monotonic() < deadline:
-                for _key, mask in sel.select(1.0):
-                    if mask & selectors.EVENT_WRITE and sent < len(payload):
-                        with contextlib.suppress(BlockingIOError):
-                            sent += s.send(payload[sent : sent + 65536])
-                    if mask & selectors.EVENT_READ:
-                        chunk = s.recv(1 << 20)
-                        assert chunk, "the daemon closed the connection"
-                        buf += chunk
-                        *lines, buf = buf.split(b"\r\n")
-                        ids.extend(strict_loads(line)["id"] for line in lines)
-                if sent == len(payload):
-                    sel.modify(s, selectors.EVENT_READ)
+        ids = [strict_loads(line)["id"] for line in send_rest_and_read(s, payload, sent, n)]
     assert ids == list(range(n))
     assert "dropped" not in d.log()
     assert_clean_log(d)
@@ -323,13 +324,8 @@ def test_a_client_that_does_not_read_its_big_answer_is_not_read_either(
     asked for a listing and then only sent made it buffer 1.6 GB in 5 s."""
     d = start_daemon("--ephemeral", "--log-level", "info")
     reason = "x" * 1000
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(str(d.socket))
+    with blocking_client(d.socket) as s:
         f = s.makefile("rb")
-        f.readline()  # greeting
-        s.sendall(b'{"execute": "qmp_capabilities"}')
-        assert f.readline() == b'{"return": {}}\r\n'
         for i in range(0, 400, 50):  # a listing of ~440 kB: more than one slice
             s.sendall(b"".join(encode({"execute": "add-blocker", "arguments": {
                 "reason": reason, "id": f"big{j}"}}) for j in range(i, i + 50)))
@@ -348,23 +344,7 @@ def test_a_client_that_does_not_read_its_big_answer_is_not_read_either(
         # then a reply to every request sent, in order.
         end = payload.find(b"}", sent - 1) + 1
         count = payload.count(b"}", 0, end)
-        buf, lines = b"", list[bytes]()
-        deadline = time.monotonic() + 60
-        with selectors.DefaultSelector() as sel:
-            sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE)
-            while len(lines) < 1 + count and time.monotonic() < deadline:
-                for _key, mask in sel.select(1.0):
-                    if mask & selectors.EVENT_WRITE and sent < end:
-                        with contextlib.suppress(BlockingIOError):
-                            sent += s.send(payload[sent:end])
-                    if mask & selectors.EVENT_READ:
-                        chunk = s.recv(1 << 20)
-                        assert chunk, "the daemon closed the connection"
-                        buf += chunk
-                        *more, buf = buf.split(b"\r\n")
-                        lines.extend(line for line in more if b'"event"' not in line)
-                if sent == end:
-                    sel.modify(s, selectors.EVENT_READ)
+        lines = send_rest_and_read(s, payload[:end], sent, 1 + count)
     listing = strict_loads(lines[0])
     assert listing["id"] == "all" and len(listing["return"]) == 400
     assert [strict_loads(line)["id"] for line in lines[1:]] == list(range(count))

@@ -124,8 +124,9 @@ class Resync:
         start = self._scan
         m = RESYNC_TOP.search(buf, start)
         end = n if m is None else m.start()
-        kept = len(buf[start:end].rstrip(BLANKS_AND_RESETS))
-        after_reset = bool(buf[start + kept : end].translate(None, b" \t\r"))
+        skipped = buf[start:end]
+        tail = skipped[len(skipped.rstrip(BLANKS_AND_RESETS)):]
+        after_reset = bool(tail.translate(None, b" \t\r"))
         if m is None:
             self._scan = n
             if after_reset:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from migblockd import options
+from migblockd import options, settings_file
 from migblockd.access import (
     DEFAULT_MAX_BLOCKERS,
     DEFAULT_MAX_BLOCKERS_PER_UID,
@@ -282,7 +282,7 @@ RELOADABLE = options.reloadable(Config)
 
 def read_file(path: Path) -> dict[str, Any]:
     """Read a TOML configuration file into field name -> checked value."""
-    return options.read_file(path, Config)
+    return settings_file.read_file(path, Config)
 
 
 def build(cli: dict[str, Any]) -> Config:

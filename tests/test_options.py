@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from migblockd import options as table_module
+from migblockd import settings_file
 from migblockd.cli import options, parser
 from migblockd.config import RELOADABLE, Config, ConfigError, build, read_file
 from migblockd.kinds import FilePath, OneOf
@@ -279,12 +280,12 @@ def test_the_table_expresses_the_upcoming_options(
     path = tmp_path / "u.toml"
     path.write_text('qemu-passthrough = ["query-status"]\n'
                     '[access]\ndefault-role = "reader"\n[access.users]\nalice = "admin"\n')
-    values = table_module.read_file(path, Upcoming)
+    values = settings_file.read_file(path, Upcoming)
     assert values == {"qemu_passthrough": ("query-status",),
                       "access": Access(roles={"alice": "admin"}, default_role="reader")}
     path.write_text("[access]\ncolour = 1\n")
     with pytest.raises(ConfigError, match="access must be a table of users and default-role"):
-        table_module.read_file(path, Upcoming)
+        settings_file.read_file(path, Upcoming)
 
     assert reloadable(Upcoming) == ("access",)
     assert Upcoming().state_dir == Path("/srv/state")  # computed at run time

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from migblockd.config import Config
-from migblockd.options import Where, read_file, table
+from migblockd.options import Where, table
+from migblockd.settings_file import read_file
 from migblockd.share import manpages
 from migblockd.share.main import generate
 from migblockd.share.programs import PROGRAMS

@@ -1,0 +1,110 @@
+"""The TOML configuration file (``--config``), read against the option table.
+
+Each key is an option's name without ``--`` (``log-level``; an underscore
+stands for a dash), checked by the same parse function as the command line's
+argument (:mod:`migblockd.options`), so both accept the same things and say the
+same about what they refuse.  Like sshd's StrictModes, a file that anyone but
+root and the daemon's user could have written is refused (:func:`check_trusted`):
+whoever writes it sets the log level, the socket's mode and the limits.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from migblockd.options import ConfigError, Option, Where, table
+
+__all__ = ["TOO_DEEP", "check_trusted", "read_file"]
+
+#: A file (or a value) that tomllib cannot read without running out of stack.
+TOO_DEEP = "arrays or tables nested too deeply to read"
+
+
+def read_file(path: Path, settings: type) -> dict[str, Any]:
+    """Read a TOML configuration file into field name -> checked value."""
+    try:
+        # O_NONBLOCK: opening a FIFO would wait for a writer, with the daemon's
+        # event loop (a reload) stuck behind it; sshd opens authorized_keys so.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            check_trusted(path, st)
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"{path} is not a regular file; --config takes a TOML file")
+            # A regular file: no writer to wait for.  Blocking again, as a network
+            # file system may honour O_NONBLOCK on reads (EAGAIN mid-file).
+            os.set_blocking(fd, True)
+            with open(fd, "rb", closefd=False) as f:
+                raw = tomllib.load(f)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are "
+                          "UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of [ and {
+        raise ConfigError(f"{path}: {TOO_DEEP}") from None
+    # Underscores are accepted for dashes (max_clients), as they always were.
+    by_key = {o.key: o for o in table(settings)}
+    values: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    for key, value in raw.items():
+        o = by_key.get(key.replace("_", "-"))
+        if o is None:
+            raise ConfigError(f"{path}: unknown setting {key!r}")
+        if Where.FILE not in o.where:
+            raise ConfigError(f"{path}: {key} can only be given on the command line")
+        if o.name in given:
+            raise ConfigError(f"{path}: {key} is {given[o.name]} again (an underscore "
+                              "stands for a dash); give it once")
+        given[o.name] = key
+        try:
+            values[o.name] = o.parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {key} {exc}{_misplaced(key, value, by_key)}") from None
+        except RecursionError:  # a string that a kind reads as TOML (access = "{...}")
+            raise ConfigError(f"{path}: {key} has {TOO_DEEP}") from None
+    return values
+
+
+def _misplaced(table: str, value: object, settings: dict[str, Option]) -> str:
+    """A hint for a refused table that holds a setting's key.
+
+    TOML puts every key after a ``[table]`` header into that table, so a
+    setting written below ``[access]`` is read as part of it, and refused
+    as what it is not (a user named log-level).
+    """
+    if not isinstance(value, dict):
+        return ""
+    for key, item in value.items():
+        if key.replace("_", "-") in settings:
+            return (f"; TOML read {key} as part of [{table}]: settings go before the "
+                    "first [table] header")
+        hint = _misplaced(f"{table}.{key}", item, settings)
+        if hint:
+            return hint
+    return ""
+
+
+def check_trusted(path: Path, st: os.stat_result) -> None:
+    """Refuse a settings file that anyone but root and this user could have written.
+
+    sshd's StrictModes, for the daemon's configuration: whoever can write the
+    file sets the log level (debug logs every message on the wire), the socket's
+    mode and the limits, at the next start or reload.  ``st`` is the opened
+    file's own status, so the file checked is the file read.
+    """
+    uid = os.geteuid()
+    if st.st_uid not in (0, uid):
+        raise ConfigError(f"{path}: refusing a configuration file owned by uid {st.st_uid}, "
+                          f"neither root nor this user (uid {uid})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{path}: refusing a configuration file others may write (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}); chmod go-w {path}")

@@ -33,7 +33,7 @@ from migblockd.persistence import restore, to_store
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
-from migblockd.server import Server, spawn
+from migblockd.server import Server
 from migblockd.state import StateError, Store
 from migblockd.systemd import ActivationError, Notifier, activated_listener
 
@@ -233,3 +233,11 @@ def qmp_socket_path(config: Config, passed: socket.socket | None) -> Path:
         if isinstance(name, str) and name.startswith("/"):
             return Path(name)
     return config.socket
+
+
+def spawn(loop: asyncio.AbstractEventLoop, tasks: set[asyncio.Task[None]],
+          factory: Callable[[], Any]) -> None:
+    """Run ``factory()`` as a task kept alive in ``tasks``."""
+    task = loop.create_task(factory())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)

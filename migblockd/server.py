@@ -38,17 +38,17 @@ from typing import Any
 
 from migblockd.accept import Acceptor, fit_descriptor_limit
 from migblockd.adapter import ClientProtocol, read_buffer
-from migblockd.config import RELOADABLE, Config, ConfigError, build
+from migblockd.config import Config, ConfigError, build
 from migblockd.connection import Connection
 from migblockd.core import Core
 from migblockd.disk import DiskThread
 from migblockd.drain import drain
 from migblockd.ledger import Group
 from migblockd.listen import StartupError, bind_socket
-from migblockd.options import table
 from migblockd.pidlock import PidLock
 from migblockd.qemu_facts import QemuUnavailable
 from migblockd.registry import Change
+from migblockd.reloading import plan
 from migblockd.resolver import group_id
 from migblockd.systemd import Notifier, format_status
 from migblockd.timeouts import Timeouts
@@ -352,37 +352,22 @@ class Server:
             # A bug: said, and systemd still hears READY=1 (not stuck reloading).
             log.exception("reload failed, keeping the running configuration")
         else:
-            changes = {k: getattr(fresh, k) for k in RELOADABLE
-                       if getattr(fresh, k) != getattr(self.config, k)}
-            self.config = self.config.replace(**changes)
+            # own_socket is None: serving the socket systemd passed.
+            reload = plan(self.config, fresh, socket_passed=self.own_socket is None)
+            self.config = reload.config
             self.core.configure(self.config.limits)
             self.core.admission.max_clients = self.config.max_clients
             self.core.admission.max_clients_per_uid = self.config.max_clients_per_uid
             self.timeouts.configure(negotiation=self.config.negotiation_timeout,
                                     idle=self.config.idle_timeout)
-            if "max_clients" in changes:
+            if "max_clients" in reload.changed:
                 fit_descriptor_limit(self.config.max_clients)
             # Also re-reads the user and group databases; open connections get
             # their new role at their next request.
             self.core.configure_access(self.config.access, self.config.quotas)
             logging.getLogger().setLevel(self.config.logging_level)
-            described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in changes.items())
-            later = [o.key for o in table(Config) if o.name not in RELOADABLE
-                     and getattr(fresh, o.name) != getattr(self.config, o.name)]
-            log.info("reloaded configuration: %s", described or (
-                "no setting a reload applies changed" if later else "nothing changed"))
-            # With a passed socket, the socket unit owns these: a restart would not
-            # apply them either.
-            unit_owned = [k for k in later if self.own_socket is None
-                          and k in ("socket", "socket-mode", "socket-group")]
-            later = [k for k in later if k not in unit_owned]
-            if later:
-                log.warning("reload: %s changed, which only a restart applies",
-                            ", ".join(later))
-            if unit_owned:
-                log.warning("reload: %s changed, which the socket unit sets (ListenStream=, "
-                            "SocketMode=, SocketGroup=); the daemon serves the socket "
-                            "systemd passed", ", ".join(unit_owned))
+            for level, line in reload.messages():
+                log.log(level, "%s", line)
         await self.notifier.ready(self.status_line())
 
 
@@ -390,10 +375,3 @@ def _log_task_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("sd_notify failed: %s", task.exception())
 
-
-def spawn(loop: asyncio.AbstractEventLoop, tasks: set[asyncio.Task[None]],
-          factory: Callable[[], Any]) -> None:
-    """Run ``factory()`` as a task kept alive in ``tasks``."""
-    task = loop.create_task(factory())
-    tasks.add(task)
-    task.add_done_callback(tasks.discard)

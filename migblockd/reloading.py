@@ -1,0 +1,67 @@
+"""What a SIGHUP reload applies, and what it tells the operator about the rest.
+
+A reload builds the configuration again (defaults < ``--config`` file < the
+command line the daemon was started with) and compares it with the running
+one.  Only the settings marked *reload* in the option table change at run
+time; the others keep their running value until a restart, and the log says
+so, because a reload that silently ignored an edited ``socket-mode`` would
+leave the operator believing it applied.  With a socket that systemd passed,
+the socket unit owns its path, mode and group (``ListenStream=``,
+``SocketMode=``, ``SocketGroup=``): a restart would not apply those either.
+
+:func:`plan` decides, with no I/O; ``Server.reload`` applies the result to the
+core and logs :meth:`Reload.messages`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from migblockd.config import RELOADABLE, Config
+from migblockd.options import table
+
+__all__ = ["Reload", "plan"]
+
+#: Settings of the listening socket: with a passed socket, the socket unit's.
+_SOCKET_KEYS = ("socket", "socket-mode", "socket-group")
+
+
+@dataclass(frozen=True)
+class Reload:
+    #: The running configuration with the reloadable changes applied.
+    config: Config
+    #: Field name -> new value, for each reloadable setting that changed.
+    changed: dict[str, Any]
+    #: Keys (``socket-mode``) that changed but only apply at a restart.
+    restart_only: list[str]
+    #: Keys that changed but belong to the socket unit that passed the socket.
+    unit_owned: list[str]
+
+    def messages(self) -> list[tuple[int, str]]:
+        """The log lines a reload gives, as (level, text)."""
+        described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in self.changed.items())
+        ignored = self.restart_only or self.unit_owned
+        lines = [(logging.INFO, "reloaded configuration: " + (described or (
+            "no setting a reload applies changed" if ignored else "nothing changed")))]
+        if self.restart_only:
+            lines.append((logging.WARNING, f"reload: {', '.join(self.restart_only)} changed, "
+                          "which only a restart applies"))
+        if self.unit_owned:
+            lines.append((logging.WARNING, f"reload: {', '.join(self.unit_owned)} changed, "
+                          "which the socket unit sets (ListenStream=, SocketMode=, "
+                          "SocketGroup=); the daemon serves the socket systemd passed"))
+        return lines
+
+
+def plan(running: Config, fresh: Config, *, socket_passed: bool) -> Reload:
+    """What reloading from ``running`` to ``fresh`` does."""
+    changed = {k: getattr(fresh, k) for k in RELOADABLE
+               if getattr(fresh, k) != getattr(running, k)}
+    later = [o.key for o in table(Config) if o.name not in RELOADABLE
+             and getattr(fresh, o.name) != getattr(running, o.name)]
+    unit_owned = [k for k in later if socket_passed and k in _SOCKET_KEYS]
+    return Reload(config=running.replace(**changed), changed=changed,
+                  restart_only=[k for k in later if k not in unit_owned],
+                  unit_owned=unit_owned)

@@ -1,0 +1,55 @@
+"""What a reload applies and says, decided without a daemon (migblockd.reloading).
+
+The daemon-level tests (test_config, test_durable, test_systemd_e2e) send a
+real SIGHUP; these pin each branch of the decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from migblockd.config import Config
+from migblockd.reloading import plan
+
+
+def test_nothing_changed() -> None:
+    reload = plan(Config(), Config(), socket_passed=False)
+    assert reload.config == Config()
+    assert reload.changed == {}
+    assert reload.messages() == [(logging.INFO, "reloaded configuration: nothing changed")]
+
+
+def test_a_reloadable_setting_is_applied_and_named() -> None:
+    reload = plan(Config(), Config(max_clients=7, log_level="debug"), socket_passed=False)
+    assert reload.config == Config(max_clients=7, log_level="debug")
+    assert reload.changed == {"log_level": "debug", "max_clients": 7}
+    assert reload.messages() == [
+        (logging.INFO, "reloaded configuration: log-level=debug, max-clients=7")]
+
+
+def test_a_restart_only_setting_keeps_its_running_value_and_is_warned_of() -> None:
+    running = Config()
+    reload = plan(running, Config(socket_mode=0o660, max_clients=7), socket_passed=False)
+    assert reload.config.socket_mode == running.socket_mode
+    assert reload.config.max_clients == 7
+    assert reload.restart_only == ["socket-mode"]
+    assert reload.messages()[1] == (
+        logging.WARNING, "reload: socket-mode changed, which only a restart applies")
+
+
+def test_only_restart_only_changes_say_no_reloadable_setting_changed() -> None:
+    reload = plan(Config(), Config(socket=Path("/run/other.sock")), socket_passed=False)
+    assert reload.messages()[0] == (
+        logging.INFO, "reloaded configuration: no setting a reload applies changed")
+
+
+def test_with_a_passed_socket_its_settings_are_the_socket_units() -> None:
+    reload = plan(Config(), Config(socket=Path("/run/other.sock"), socket_mode=0o660),
+                  socket_passed=True)
+    assert reload.restart_only == []
+    assert reload.unit_owned == ["socket", "socket-mode"]
+    level, text = reload.messages()[1]
+    assert level == logging.WARNING
+    assert text.startswith("reload: socket, socket-mode changed, which the socket unit sets")
+    assert text.endswith("the daemon serves the socket systemd passed")

@@ -268,6 +268,40 @@ def test_the_docs_install_what_the_units_run() -> None:
     assert "/etc/migblockd/migblockd.toml" in config
 
 
+def install_commands(doc: Path) -> list[list[str]]:
+    """The commands of a doc's install steps (its ```sh block after "Install"), one per
+    line as a shell would split it, continuation lines joined and comments dropped."""
+    block = re.search(r"(?ms)^#+ Install\n.*?^```sh\n(.*?)^```", doc.read_text())
+    assert block, doc
+    commands = []
+    for line in block.group(1).replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        if words:
+            commands.append(words)
+    return commands
+
+
+@pytest.mark.parametrize("doc", [SERVICE_MD, ROOT / "README.md"], ids=lambda p: p.name)
+def test_the_docs_install_steps_copy_into_a_bare_etc(doc: Path, tmp_path: Path) -> None:
+    """The steps' ``install`` commands, run as written with /etc in a scratch root that
+    has what Debian 12's systemd package puts there (systemd/system and tmpfiles.d, no
+    sysusers.d), put each file where the next steps read it."""
+    etc = tmp_path / "etc"
+    (etc / "systemd/system").mkdir(parents=True)
+    (etc / "tmpfiles.d").mkdir()
+    copies = [words for words in install_commands(doc)
+              if words[0] == "install" and words[-1].startswith("/etc/")]
+    assert len(copies) == 4, copies  # sysusers.d, tmpfiles.d, the TOML file, the units
+    for words in copies:
+        moved = [str(tmp_path) + word if word.startswith("/etc/") else word for word in words]
+        done = subprocess.run(moved, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (words, done.stderr)
+    for path in ("sysusers.d/migblockd.conf", "tmpfiles.d/migblockd.conf",
+                 "migblockd/migblockd.toml", "systemd/system/migblockd@.socket"):
+        assert (etc / path).read_bytes() == (UNITS / path.replace("migblockd/", "", 1)
+                                             .replace("systemd/system/", "")).read_bytes()
+
+
 def test_the_example_configuration_is_valid(tmp_path: Path) -> None:
     from migblockd.config import Config, read_file  # noqa: PLC0415 - only this test needs it
 

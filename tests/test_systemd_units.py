@@ -302,6 +302,15 @@ def test_the_docs_install_steps_copy_into_a_bare_etc(doc: Path, tmp_path: Path) 
                                              .replace("systemd/system/", "")).read_bytes()
 
 
+def test_the_docs_disable_no_glob() -> None:
+    """``systemctl disable`` takes unit names, not patterns: given
+    'migblockd@*.socket' it says that globs are not supported and disables nothing
+    (an instance is disabled through its template's name)."""
+    for doc in (SERVICE_MD, ROOT / "README.md"):
+        for command in re.findall(r"systemctl disable[^`\n]*", doc.read_text()):
+            assert "*" not in command, (doc.name, command)
+
+
 def test_the_example_configuration_is_valid(tmp_path: Path) -> None:
     from migblockd.config import Config, read_file  # noqa: PLC0415 - only this test needs it
 

@@ -143,10 +143,7 @@ def make_socket_dir(directory: Path, socket_mode: int, group: int | None) -> Non
             created = False
         else:
             created = True
-            if group is not None:
-                os.chown(directory, -1, group)
-            os.chmod(directory, 0o700 | (0o010 if socket_mode & 0o070 else 0)
-                     | (0o001 if socket_mode & 0o007 else 0))
+            _give_socket_dir(directory, socket_mode, group)
         st = os.lstat(directory)
     except OSError as exc:
         raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
@@ -163,6 +160,26 @@ def make_socket_dir(directory: Path, socket_mode: int, group: int | None) -> Non
         raise StartupError(
             f"refusing to put the socket in {directory}: {problem}, so another user could "
             "replace the socket; remove it, or set XDG_RUNTIME_DIR, or choose another --socket")
+
+
+def _give_socket_dir(directory: Path, socket_mode: int, group: int | None) -> None:
+    """Give a directory just made its group and mode, or remove it: a directory left
+    0700 would be taken as it is at the next start (an existing one is left alone),
+    and keep out the very group members the socket's mode lets in."""
+    try:
+        if group is not None:
+            try:
+                os.chown(directory, -1, group)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot give {directory} to group {group}: {exc.strerror} (the "
+                    "daemon's user must be a member of the group)") from None
+        os.chmod(directory, 0o700 | (0o010 if socket_mode & 0o070 else 0)
+                 | (0o001 if socket_mode & 0o007 else 0))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+        raise
 
 
 def _answers(path: Path) -> bool:

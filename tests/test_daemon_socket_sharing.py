@@ -5,7 +5,10 @@ decide here: clients are other uids under ``setpriv``."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -81,6 +84,30 @@ def test_an_unknown_socket_group_stops_the_daemon_with_a_clear_message(
     assert "--socket-group: there is no group named 'mbt-no-such-group'" in daemon.log()
     assert not (short_tmp / "s.sock").exists()
     assert "Traceback" not in daemon.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv (to drop CAP_CHOWN)")
+def test_a_group_the_daemon_may_not_give_leaves_no_directory_behind(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+        accounts: dict[str, Account], nobody: Callable[..., UidClient]) -> None:
+    """A daemon outside --socket-group (here root without CAP_CHOWN, which the kernel
+    treats alike) is told so, and the directory it made is gone: left 0700, the next
+    start would take it as it is and keep the group's members out."""
+    short_tmp.chmod(0o755)
+    socket = short_tmp / "run" / "s.sock"
+    args = ["--ephemeral", "--socket-mode", "0660", "--socket-group", "mbt-sock"]
+    refused = subprocess.run(["setpriv", "--bounding-set=-chown", sys.executable, "-m",
+                              "migblockd", "--socket", str(socket), *args],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    gid = accounts["mbt-sock"].gid
+    assert (f"cannot give {socket.parent} to group {gid}: Operation not permitted (the "
+            "daemon's user must be a member of the group)") in refused.stderr
+    assert not socket.parent.exists()
+    start_daemon(*args, socket=socket)
+    assert stat.S_IMODE(os.lstat(socket.parent).st_mode) == 0o710
+    assert nobody(socket, groups=(gid,)).ok("query-version")["package"].startswith("migblockd ")
 
 
 def _fallback(tmpdir: Path) -> Path:

@@ -13,6 +13,7 @@ from migblockd.paths import default_socket_path
 from migblockd.shell.client import ClientError
 from migblockd.shell.helptext import load_docs
 from migblockd.shell.history import history_path
+from migblockd.shell.interrupt import Interrupts
 from migblockd.shell.render import Renderer, use_colour
 
 DESCRIPTION = """\
@@ -82,7 +83,15 @@ def build_parser(*, documented: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
-async def _amain(args: argparse.Namespace) -> int:
+async def _amain(args: argparse.Namespace, interrupts: Interrupts) -> int:
+    interrupts.install()
+    try:
+        return await _run(args, interrupts)
+    finally:
+        interrupts.uninstall()
+
+
+async def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
     socket = args.socket or str(default_socket_path())
     docs = load_docs()
     if args.command or sys.stdin is None or not sys.stdin.isatty():
@@ -99,7 +108,7 @@ async def _amain(args: argparse.Namespace) -> int:
     from migblockd.shell.repl import Interactive  # noqa: PLC0415
 
     renderer = Renderer(pretty=args.pretty, colour=use_colour(sys.stdout))
-    shell = Interactive(socket, renderer, docs, args.verbose, history_path())
+    shell = Interactive(socket, renderer, docs, args.verbose, history_path(), interrupts)
     await shell.start()
     return await shell.loop()
 
@@ -117,11 +126,16 @@ def _stdout_gone() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    interrupts = Interrupts()
     try:
-        status = asyncio.run(_amain(args))
+        status = asyncio.run(_amain(args, interrupts))
     except ClientError as err:
         print(f"migblock-shell: {err}", file=sys.stderr)
         status = 2
+    except asyncio.CancelledError:
+        if not interrupts.count:
+            raise
+        status = 130  # Ctrl-C cancelled the main task, as asyncio.run's own handling does
     except KeyboardInterrupt:
         status = 130
     except BrokenPipeError:

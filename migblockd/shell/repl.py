@@ -5,10 +5,8 @@ line being typed is redrawn intact below them."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import FileHistory, History, InMemoryHistory
@@ -18,6 +16,7 @@ from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell.client import ConnectError, ConnectionLost, Message
 from migblockd.shell.completion import ShellCompleter
 from migblockd.shell.connection import Connection, describe_greeting
+from migblockd.shell.interrupt import Interrupts
 from migblockd.shell.render import Renderer
 from migblockd.shell.runner import Runner
 
@@ -46,8 +45,9 @@ def open_history(path: Path | None) -> History:
 class Interactive:
     def __init__(
         self, path: str, renderer: Renderer, docs: SchemaDocs, verbose: bool,
-        history: Path | None
+        history: Path | None, interrupts: Interrupts | None = None
     ) -> None:
+        self.interrupts = interrupts if interrupts is not None else Interrupts()
         self.renderer = renderer
         self.connection = Connection(path, self._event, self._lost)
         self.runner = Runner(
@@ -98,40 +98,21 @@ class Interactive:
         ending the shell.
 
         At the prompt prompt_toolkit reads Ctrl-C as a key; while a command runs
-        the terminal is in cooked mode and Ctrl-C is SIGINT, which asyncio.run
-        would turn into KeyboardInterrupt.  The handler is installed only for the
-        duration of the command, then asyncio's is put back.
+        the terminal is in cooked mode and Ctrl-C is SIGINT (:mod:`.interrupt`).
         """
-        loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(self._run(line))
-        interrupted = False
-
-        def on_sigint(signum: int, frame: FrameType | None) -> None:
-            nonlocal interrupted
-            interrupted = True
-            loop.call_soon_threadsafe(task.cancel)
-
-        try:
-            previous = signal.signal(signal.SIGINT, on_sigint)
-        except ValueError:  # not the main thread: no way to catch Ctrl-C
-            await task
-            return
-        try:
-            await task
-        except asyncio.CancelledError:
-            if not interrupted:
-                raise
-            _say(
-                self.renderer.error(
-                    "interrupted: a request already sent may still take effect;"
-                    " its reply will not be shown"
+        with self.interrupts.abandoning(task):
+            try:
+                await task
+            except asyncio.CancelledError:
+                if self.interrupts.abandoned is not task:
+                    raise
+                _say(
+                    self.renderer.error(
+                        "interrupted: a request already sent may still take effect;"
+                        " its reply will not be shown"
+                    )
                 )
-            )
-        finally:
-            # None: the handler was not set from Python; Python's own is the best guess.
-            signal.signal(
-                signal.SIGINT, previous if previous is not None else signal.default_int_handler
-            )
 
     async def _run(self, line: str) -> None:
         if not line.strip() or line.lstrip().startswith("#"):

@@ -240,3 +240,37 @@ def test_an_io_error_on_a_full_disk_says_the_disk_is_full(
     else:
         assert opened.startswith(f"cannot read or write {db} (disk I/O error); check its disk")
         assert committed == f"cannot commit to {db}: disk I/O error"
+
+
+
+@pytest.mark.parametrize(("command", "arguments", "query", "before"), [
+    ("migrate-set-parameters", {"mode": "cpr-exec"}, "query-migrate-parameters",
+     {"mode": "normal"}),
+    ("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]},
+     "query-migrate-capabilities", [{"capability": "events", "state": False}]),
+])
+async def test_a_setting_repeated_before_its_commit_fails_with_it(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace, command: str,
+    arguments: dict[str, object], query: str, before: object
+) -> None:
+    """A command that sets the value an uncommitted one set changes nothing
+    itself, yet its success stands on that change: when the commit fails, both
+    fail, or the client would be told of a setting that neither the daemon nor
+    its disk has."""
+    directory = small_tmpfs.mountpoint / "state"
+    db = directory / "state.db"
+    daemon = start_daemon("--state-dir", str(directory), python=small_tmpfs.python(tmp_path))
+    async with daemon.client() as c:
+        fill_all(small_tmpfs, db)
+        # One write: both run in one turn, before the first one's commit fails.
+        c.send_raw(b"".join(json.dumps({"execute": command, "arguments": arguments,
+                                        "id": n}).encode() for n in range(2)))
+        desc = f"cannot commit to {db}: database or disk is full; nothing was changed"
+        assert await c.read_replies(2) == [
+            {"error": {"class": "GenericError", "desc": desc}, "id": n} for n in range(2)]
+        result = await c.ok(query)
+        if isinstance(before, dict):
+            result = {key: result[key] for key in before}
+        assert result == before
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)

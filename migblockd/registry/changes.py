@@ -31,7 +31,9 @@ class Change:
 
     ``kind`` is ``add`` or ``delete`` (of ``blocker``), ``mode``, ``events`` or
     ``id-floor`` (from ``old`` to ``new``).  ``durable`` changes are the ones
-    that outlive the daemon: daemon-scoped blockers and the settings.
+    that outlive the daemon: daemon-scoped blockers and the settings.  A
+    setting set to the value it had is a change too, not durable (nothing to
+    store): while that value waits for its commit, the command stands on it.
     """
 
     kind: str

@@ -70,8 +70,10 @@ class MigrationControl:
         """
         if mode not in self._modes:
             raise ValueError(f"unknown MigMode {mode!r}")
-        if mode != self._mode:
-            self._journal.append(Change("mode", True, old=self._mode, new=mode))
+        # Setting the value it has is journaled too, as no change to store: when
+        # that value waits for its commit, the command stands on it, and must
+        # fail with it (the core joins it to the group).
+        self._journal.append(Change("mode", mode != self._mode, old=self._mode, new=mode))
         self._set_mode(mode)
 
     def _set_mode(self, mode: str) -> None:
@@ -97,8 +99,9 @@ class MigrationControl:
     def set_events(self, on: bool) -> None:
         """``migrate-set-capabilities`` for ``events``; refused while a migration runs."""
         self.check_capabilities_settable()
-        if on != self._events_enabled:
-            self._journal.append(Change("events", True, old=self._events_enabled, new=on))
+        # Journaled when unchanged too (not to store): see set_mode.
+        self._journal.append(Change("events", on != self._events_enabled,
+                                    old=self._events_enabled, new=on))
         self._events_enabled = on
 
     # ----------------------------------------------------------------- migration

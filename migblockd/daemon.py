@@ -34,7 +34,7 @@ from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
-from migblockd.state import StateError, Store
+from migblockd.state import StateError, Store, Unsettled
 from migblockd.systemd import ActivationError, Notifier, activated_listener
 
 if TYPE_CHECKING:
@@ -134,7 +134,16 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
 
     def commit(changes: list[Change]) -> None:
         assert store is not None
-        store.commit(to_store(changes))
+        try:
+            store.commit(to_store(changes))
+        except Unsettled as exc:
+            # Whether the group is kept is up to the disk, which the next start
+            # reads: the commands it carried get no answer, as in a crash.
+            # (On the commit thread: the loop never gets to answer them.)
+            log.critical("%s; stopping at once, answering none of the commands "
+                         "waiting for it", exc)
+            logging.shutdown()
+            os._exit(1)
 
     notifier = await Notifier.open()
     server = Server(config, cli, core, notifier, commit if store is not None else None,

@@ -8,7 +8,7 @@ recovers from a commit that failed.  Pure storage: no asyncio and no
 registry rules (the core decides what to store).
 """
 
-from migblockd.state.errors import StateError
+from migblockd.state.errors import StateError, Unsettled
 from migblockd.state.opening import DATABASE_NAME
 from migblockd.state.records import BlockerRow, Change, Delete, Put, Setting, Snapshot
 from migblockd.state.store import Store
@@ -23,4 +23,5 @@ __all__ = [
     "Snapshot",
     "StateError",
     "Store",
+    "Unsettled",
 ]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 __all__ = [
     "StateError",
+    "Unsettled",
     "commit_failed",
     "describe_open_error",
     "free_space",
@@ -29,6 +30,13 @@ _FULL, _CANTOPEN, _NOTADB, _AUTH = 13, 14, 26, 23
 class StateError(Exception):
     """The state directory or database cannot be used; ``str()`` is one line
     naming the file and what to do about it."""
+
+
+class Unsettled(StateError):
+    """A commit failed after its group reached the log whole (its sync failed), and
+    the log could be neither written over nor cut (a file system gone read-only):
+    the next start may replay the group.  Neither answer would be true: the
+    daemon must not say the commands failed, nor that they succeeded."""
 
 
 def one_line(text: str) -> str:

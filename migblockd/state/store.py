@@ -12,7 +12,9 @@ full, I/O error, read-only file system) leaves the file as it was, and the
 store keeps working: the next commit succeeds once the disk does.  Here too
 is what makes that so: writing over a failed group's pages, cutting the log
 where the last good commit ends, and folding the log back on a nearly full
-disk.
+disk.  When a failed sync left a group whole in the log and neither works (a
+file system gone read-only), the commit raises :class:`Unsettled`: the next
+start may replay the group, so it can be reported neither failed nor done.
 
 Threads: the connection is made with ``check_same_thread=False`` so that the
 daemon can open the store on one thread and use it from a worker thread; the
@@ -32,6 +34,7 @@ from migblockd.pidlock import PidLock
 from migblockd.state import schema
 from migblockd.state.errors import (
     StateError,
+    Unsettled,
     commit_failed,
     describe_open_error,
     free_space,
@@ -144,8 +147,14 @@ class Store:
             if failed is not None:
                 # A full disk too: the seal's page goes where the failed group's
                 # first one is, in a block the log already has.
-                if io_error(failed):
-                    self._seal()
+                if io_error(failed) and not self._seal() and (
+                        getattr(failed, "sqlite_errorcode", None) == _IOERR_FSYNC):
+                    # Only a failed sync leaves the group whole, its commit frame
+                    # written: a failed write stops before it.
+                    raise Unsettled(f"{commit_failed(self.path, failed)}, and the log "
+                                    "could be neither written over nor cut where its last "
+                                    "good commit ends: the next start may find the "
+                                    "changes") from failed
                 raise commit_failed(self.path, failed) from failed
         if free_space(self._files) < _LOG_ROOM:
             # Left to SQLite, the log grows to about 4 MiB before it is folded
@@ -166,7 +175,7 @@ class Store:
             self._abandon(conn)
             raise
 
-    def _seal(self) -> None:
+    def _seal(self) -> bool:
         """Write over what a commit that failed with an I/O error left in the log.
 
         When syncing the log fails, the group's pages are in it all the same (in
@@ -175,10 +184,13 @@ class Store:
         client was told failed.  A commit writes from the end of the last good
         one, so this one, which changes nothing (it sets the format to what it
         is), breaks the failed group's chain of checksums.
+
+        Whether the failed group can no longer be replayed: False when neither
+        this commit nor cutting the log could be written.
         """
         conn = self._conn
-        if conn is None:
-            return
+        if conn is None:  # dropped: no commit to write over it with
+            return self._cut_log()
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             conn.execute("BEGIN IMMEDIATE")
@@ -191,23 +203,27 @@ class Store:
             # (not when another program held the database: the log is its too).
             if (io_error(e) or no_space(e, self._files)) and (
                     getattr(e, "sqlite_errorcode", None) != _IOERR_FSYNC):
-                self._cut_log()
+                return self._cut_log()
+        return True
 
-    def _cut_log(self) -> None:
+    def _cut_log(self) -> bool:
         """Cut the log where its last good commit ends, as the header of its index
         says (https://sqlite.org/walformat.html): the failed group's frames go
         without a block written."""
         real = os.path.realpath(self.path)
-        with contextlib.suppress(OSError):
+        try:
             with open(f"{real}-shm", "rb") as index:
                 header = index.read(20)
             if len(header) < 20:
-                return
+                return False
             code = int.from_bytes(header[14:16], sys.byteorder)  # 65536 is 1
             page = (code & 0xFF00) | ((code & 1) << 16)
             frames = int.from_bytes(header[16:20], sys.byteorder)
             # 32 bytes of header, then frames of 24 bytes and a page; none: nothing.
             os.truncate(f"{real}-wal", 32 + frames * (24 + page) if frames else 0)
+        except OSError:
+            return False
+        return True
 
     def _fold_log(self, mode: str) -> bool:
         """Copy the log back into the database, so that the next commit writes

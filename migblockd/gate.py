@@ -199,6 +199,12 @@ class GateHandlers(Handlers):
         # started: QEMU's migrate_prepare() checks that one is paused and, like
         # migblockd, no blocker (none could be added while it ran).
         resume = bool(args.get("resume", False))
+        # QEMU parses its arguments before it checks anything else: one it does not
+        # take is refused in its words, even where a blocker would refuse too.
+        unparsed = self.qemu.argument_error("migrate", args)
+        if unparsed is not None:
+            self._refused(conn, unparsed, uri=args.get("uri", "its channels"))
+            raise unparsed
         if not resume:
             yield from self._check_start(conn, args.get("uri", "its channels"))
         # Awaiting its end from now: QEMU's events may tell it before the reply comes.

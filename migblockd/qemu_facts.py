@@ -11,6 +11,8 @@ the rest of the daemon shares of the answers, with no handler in it:
 * reading ``query-migrate``'s answer: its status, its ``blocked-reasons``, and
   whether the migration it shows comes in rather than goes out
   (:func:`incoming`);
+* the argument names a command of this QEMU does not take, worded as its
+  input visitor words them (:meth:`QemuFacts.argument_error`);
 * QEMU's errors: its own error reply (:class:`QemuError`, relayed verbatim),
   no answer (:class:`QemuUnavailable`), the refusals QEMU's
   ``migrate_prepare()`` (``migration/migration.c``) gives in some run states,
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Final
 
 from migblockd.qmp.errors import QMPError
+from migblockd.qmp.qdict import unvisited_order
 
 __all__ = [
     "ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuUnavailable",
@@ -83,6 +86,7 @@ class QemuFacts:
     connected: bool = False
     version: str = ""
     commands: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    required: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     status: str | None = None
     busy: bool = False
     blockers: int | None = None
@@ -94,6 +98,25 @@ class QemuFacts:
         if argument is None:
             return command in self.commands
         return argument in self.commands.get(command, frozenset())
+
+    def argument_error(self, command: str, args: Mapping[str, object]) -> QMPError | None:
+        """The error this QEMU's input visitor (``qapi/qobject-input-visitor.c``) gives
+        ``command`` for argument names it does not take, before anything else is checked:
+        an argument it requires that is absent (its first, in its schema's order), then
+        one it does not know (the one it names first).  migblockd's schema is QEMU's
+        newest: ``channels`` is unknown to QEMU 7.2, whose ``uri`` is required, and
+        ``blk`` and ``inc`` are unknown to QEMU 9.1 and later.  None when this QEMU
+        takes the names (or is not connected): migblockd has checked the types."""
+        if not self.connected or command not in self.commands:
+            return None
+        for name in self.required.get(command, ()):
+            if name not in args:
+                return QMPError(f"Parameter '{name}' is missing")
+        known = self.commands[command]
+        for name in unvisited_order(args) or args:
+            if name not in known:
+                return QMPError(f"Parameter '{name}' is unexpected")
+        return None
 
     def saw(self, info: object) -> None:
         """QEMU answered ``query-migrate`` with ``info``."""

@@ -31,7 +31,7 @@ def make(connected: bool = True, role: Role = Role.ADMIN,
          quotas: Quotas | None = None, durable: bool = False) -> tuple[Core, QemuFacts]:
     registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
     facts = QemuFacts(PATH, connected=connected, version="7.2.22",
-                      commands={"migrate": frozenset({"uri"}),
+                      commands={"migrate": frozenset({"uri", "blk", "inc", "detach", "resume"}),
                                 "migrate-set-parameters": frozenset({"max-bandwidth"})})
     handlers = GateHandlers(CONTRACT, registry, facts, passthrough=("query-status",))
     return Core(CONTRACT, registry, Config().limits, handlers=handlers, durable=durable,
@@ -97,6 +97,25 @@ def test_a_blocker_refuses_migrate_before_qemu_is_asked_to_migrate() -> None:
     core.resume(a, PRELAUNCH)
     assert core.take_calls() == []  # never a migrate
     assert feed(core, a) == [{"id": 1, "error": {"class": "GenericError", "desc": "dump"}}]
+
+
+def test_an_argument_this_qemu_does_not_take_is_refused_before_any_question() -> None:
+    # QEMU 9.1 and later have no blk (and no inc): their visitor refuses it
+    # before migrate_prepare() runs; migblockd's schema still takes it.
+    core, facts = make()
+    facts.commands = {"migrate": frozenset({"uri", "detach", "resume", "channels"})}
+    a = connected(core)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "dump"}}')
+    assert [call.name for _, call in core.take_calls()] == ["query-migrate"]
+    core.resume(a, {})
+    feed(core, a)
+    assert feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "exec:cat", '
+                         b'"blk": false}, "id": 1}') == [
+        {"id": 1, "error": {"class": "GenericError", "desc": "Parameter 'blk' is unexpected"}}]
+    assert core.take_calls() == []
+    facts.connected = False  # who knows what the next QEMU takes: not judged
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "exec:cat", "blk": false}}')
+    assert [call.name for _, call in core.take_calls()] == ["query-migrate"]
 
 
 def test_a_resume_goes_to_qemu_which_judges_the_paused_migration() -> None:

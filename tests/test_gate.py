@@ -520,6 +520,31 @@ async def test_migration_parameters_are_judged_as_qemu_judges_them(
         assert real["downtime-limit"] == simulated["downtime-limit"] == 2000000
 
 
+async def test_migrate_arguments_qemu_does_not_take_are_refused_first_in_its_words(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    # migblockd's schema has channels (QEMU 8.2's); QEMU 7.2's has none and requires
+    # uri, and its visitor says so before migrate_prepare() looks at any blocker.
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    channels = [{"channel-type": "main", "addr": {"transport": "exec", "args": ["true"]}}]
+    cases: list[dict[str, Any]] = [
+        {"uri": SINK, "channels": channels}, {"channels": channels},
+        {"channels": channels, "resume": True},
+    ]
+    async with qemu.monitor() as mon, d.client() as c:
+        await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+        for i, args in enumerate(cases):
+            want = await mon.execute("migrate", args, id=i)
+            assert "error" in want, want
+            assert await c.execute("migrate", args, id=i) == want, args
+        # The next valid migrate is judged as before: by the blocker, then by QEMU.
+        assert await c.execute("migrate", {"uri": SINK}, id="m") == error(GENERIC, SEV, "m")
+        await c.ok("del-blocker", {"id": "sev"})
+        await c.ok("migrate", {"uri": SINK})
+    assert_clean_log(d)
+
+
 async def test_the_client_library_lists_qemus_blockers_too(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:

@@ -105,6 +105,7 @@ class Bridge:
         facts, info = self.facts, self.link.info
         facts.connected = state == "connected" and info is not None
         facts.commands = info.commands if info is not None and facts.connected else {}
+        facts.required = info.required if info is not None and facts.connected else {}
         facts.version = info.version_string if info is not None and facts.connected else ""
         if facts.connected:
             task = asyncio.get_running_loop().create_task(self._learn_status())

@@ -9,7 +9,7 @@ its ``query-qmp-schema`` (``qapi/introspect.json`` in QEMU), read once per conne
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["QemuInfo"]
 
@@ -25,6 +25,9 @@ class QemuInfo:
     commands: Mapping[str, frozenset[str]]
     #: Every event QEMU can send.
     events: frozenset[str]
+    #: The arguments each command requires, in the order of QEMU's schema (the order its
+    #: input visitor checks them in).  Those of a union's variants are not among them.
+    required: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def version_string(self) -> str:
@@ -57,13 +60,27 @@ class QemuInfo:
                 raise ValueError("query-qmp-schema returned an entry without a name")
             by_name[str(entry["name"])] = entry
         commands: dict[str, frozenset[str]] = {}
+        required: dict[str, tuple[str, ...]] = {}
         events: set[str] = set()
         for name, entry in by_name.items():
             if entry.get("meta-type") == "command":
                 commands[name] = _member_names(by_name, entry.get("arg-type"))
+                required[name] = _required_names(by_name, entry.get("arg-type"))
             elif entry.get("meta-type") == "event":
                 events.add(name)
-        return cls(dict(version), commands, frozenset(events))
+        return cls(dict(version), commands, frozenset(events), required)
+
+
+def _required_names(by_name: Mapping[str, Mapping[str, object]],
+                    type_name: object) -> tuple[str, ...]:
+    """The members of an object type that must be given: a member with no ``default``
+    (``qapi/introspect.json``: present, and null, exactly for an optional one)."""
+    entry = by_name.get(type_name) if isinstance(type_name, str) else None
+    members = entry.get("members") if entry is not None else None
+    if not isinstance(members, list):
+        return ()
+    return tuple(m["name"] for m in members if isinstance(m, Mapping)
+                 and isinstance(m.get("name"), str) and "default" not in m)
 
 
 def _member_names(by_name: Mapping[str, Mapping[str, object]], type_name: object,

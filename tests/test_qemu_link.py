@@ -365,6 +365,25 @@ async def test_a_pretty_printing_monitor_is_named_as_the_reason_in_one_line(
         f"QEMU at {pretty} is not available: {why}; retrying"]
 
 
+async def test_a_human_monitor_is_named_as_the_reason(
+        qemu_factory: Callable[..., Qemu], caplog: pytest.LogCaptureFixture) -> None:
+    # -monitor instead of -qmp, an easy slip: reported as "Did not understand
+    # Greeting: Failed to deserialize QMP message. raw bytes were: b"QEMU 7.2.22
+    # monitor - type 'help' for more information\\r\\n"".
+    qemu = qemu_factory(start=False)
+    hmp = qemu.workdir / "hmp.sock"
+    qemu.args = ("-monitor", f"unix:{hmp},server=on,wait=off")
+    qemu.start()
+    why = ("this is QEMU's human monitor (HMP: -monitor, or -mon mode=readline), not QMP: "
+           "give migblockd a -qmp monitor")
+    async with running_link(hmp, min_delay=0.01, max_delay=0.05) as (link, _):
+        await wait_until(lambda: link.attempts >= 3, "three attempts")
+        with pytest.raises(QemuNotConnected) as refused:
+            await link.execute("query-migrate")
+        assert str(refused.value) == f"Not connected to QEMU's monitor at '{hmp}': {why}"
+    assert logged(caplog, "not available") == [f"QEMU at {hmp} is not available: {why}; retrying"]
+
+
 async def test_close_interrupts_a_command_in_flight(qemu: Qemu) -> None:
     assert qemu.proc is not None
     async with running_link(qemu.gate_socket) as (link, _):

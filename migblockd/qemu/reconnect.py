@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -44,6 +45,10 @@ MAX_DELAY = 5.0
 GREETING_NOTICE = 5.0
 
 
+#: What QEMU's human monitor says first (``monitor/hmp.c``, ``monitor_event()``).
+_HMP_BANNER = re.compile(rb"QEMU \S+ monitor - type 'help' for more information")
+
+
 def _reason(exc: BaseException) -> str:
     """Why a connection attempt failed or a connection ended, for one log line."""
     if isinstance(exc, ConnectError):
@@ -54,12 +59,16 @@ def _reason(exc: BaseException) -> str:
         return "QEMU closed the connection"
     if isinstance(exc, ExecuteError):
         return f"query-qmp-schema failed: {exc}"
-    if (isinstance(exc, GreetingError) and isinstance(exc.exc, DeserializationError)
-            and exc.exc.raw.rstrip() == b"{"):
-        # A pretty-printing monitor spreads every message over lines; QMP clients read
-        # one message per line.
-        return ("QEMU's monitor pretty-prints its JSON (-qmp-pretty, or -mon pretty=on), "
-                "which migblockd cannot read: give migblockd a monitor without it")
+    if isinstance(exc, GreetingError) and isinstance(exc.exc, DeserializationError):
+        if exc.exc.raw.rstrip() == b"{":
+            # A pretty-printing monitor spreads every message over lines; QMP clients
+            # read one message per line.
+            return ("QEMU's monitor pretty-prints its JSON (-qmp-pretty, or -mon "
+                    "pretty=on), which migblockd cannot read: give migblockd a monitor "
+                    "without it")
+        if _HMP_BANNER.match(exc.exc.raw):
+            return ("this is QEMU's human monitor (HMP: -monitor, or -mon mode=readline), "
+                    "not QMP: give migblockd a -qmp monitor")
     # One line: the log's, and the client's error (qemu.qmp's own texts span lines).
     return " ".join((str(exc) or type(exc).__name__).split())
 

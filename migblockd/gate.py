@@ -125,7 +125,10 @@ class GateHandlers(Handlers):
                 try:
                     info = yield Call("query-migrate", {})
                 except QemuUnavailable:
-                    pass  # gone or not answering meanwhile: as while QEMU is away
+                    # Gone meanwhile: as while QEMU is away.  Connected but silent: a
+                    # migration it may be running would outlive the blocker.
+                    if self.qemu.may_migrate():
+                        raise MigrationBusy(args["reason"]) from None
                 else:
                     self.qemu.saw(info)
                     running = status_of(info) in RUNNING_STATUSES

@@ -31,6 +31,7 @@ from typing import Final
 
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.qdict import unvisited_order
+from migblockd.registry import RUNNING_STATUSES
 
 __all__ = [
     "ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuUnavailable",
@@ -74,6 +75,10 @@ class QemuFacts:
     names (empty while disconnected).  ``busy`` is set while a ``migrate``
     that migblockd forwarded waits for QEMU: from migblockd's decision to
     QEMU's reply, a new blocker would slip past that decision.
+    ``unanswered`` is set once such a ``migrate`` was given up on (no reply
+    within ``qemu-timeout``) while QEMU still holds it, and stays set until
+    QEMU answers a command sent after it (it has then run the ``migrate``) or
+    the connection ends: QEMU may yet start that migration.
 
     For the metrics: ``blockers`` is how many blockers of its own QEMU listed
     in the latest ``query-migrate`` answer migblockd saw (None: none seen
@@ -89,6 +94,7 @@ class QemuFacts:
     required: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     status: str | None = None
     busy: bool = False
+    unanswered: bool = False
     blockers: int | None = None
     ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDINGS, 0))
     awaiting: bool = False
@@ -117,6 +123,13 @@ class QemuFacts:
             if name not in known:
                 return QMPError(f"Parameter '{name}' is unexpected")
         return None
+
+    def may_migrate(self) -> bool:
+        """Whether QEMU, connected but not answering now, may be migrating: a
+        ``migrate`` handed to it is unanswered, or the last status it reported
+        (an event, a ``query-migrate``) is that of a migration running."""
+        return self.connected and (self.busy or self.unanswered
+                                   or self.status in RUNNING_STATUSES)
 
     def saw(self, info: object) -> None:
         """QEMU answered ``query-migrate`` with ``info``."""

@@ -344,3 +344,77 @@ async def test_events_have_their_members_in_qemus_order(
     for event in c.events:  # relayed from QEMU, or migblockd's own
         assert list(event) == list(qemus), event
     assert {e["event"] for e in c.events} >= {"BLOCKER_ADDED", "BLOCKER_DELETED", "MIGRATION"}
+
+
+BUSY_SEV = f"disallowing migration blocker (migration/snapshot in progress) for: {SEV}"
+
+
+async def test_a_silent_qemu_last_seen_migrating_takes_no_blocker(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    """QEMU stops answering (stopped, or busy with a long command) while it migrates.
+    Reported: add-blocker's question timed out, the blocker was added as while QEMU
+    is away, and the migration went on once QEMU answered again."""
+    qemu = qemu_factory(memory="1G")
+    assert qemu.proc is not None
+    d = gate(start_daemon, qemu, "--qemu-timeout", "1")
+    await connected(d)
+    async with d.client() as c, qemu.monitor() as mon:
+        await start_slow_migration(mon)  # through QEMU's other monitor
+        assert (await c.ok("query-migrate"))["status"] in {"setup", "active"}
+        qemu.proc.send_signal(signal.SIGSTOP)
+        try:
+            reply = await c.execute("add-blocker", {"reason": SEV, "id": "late"}, id=1)
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+        assert reply == error(GENERIC, BUSY_SEV, 1)
+        assert await c.ok("query-blockers") == []
+        await mon.ok("migrate_cancel")
+
+        async def ended() -> bool:
+            return bool((await mon.ok("query-migrate")).get("status") == "cancelled")
+
+        await wait_until(ended, "the migration cancelled")
+        assert (await c.ok("add-blocker", {"reason": SEV, "id": "now"}))["id"] == "now"
+    assert_clean_log(d)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt install strace)")
+async def test_a_migrate_qemu_has_not_answered_yet_takes_no_blocker(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """QEMU takes longer than qemu-timeout over a migrate migblockd handed it (the
+    events capability off: no MIGRATION event says it started).  Reported: a
+    blocker added meanwhile was accepted, and the migration ran past it."""
+    assert qemu.proc is not None
+    pid = qemu.proc.pid
+    d = gate(start_daemon, qemu, "--qemu-timeout", "1")
+    await connected(d)
+    async with d.client() as a, d.client() as b:
+        # QEMU's migrate creates its migration thread (and spawns the exec: command)
+        # before it replies: each clone waits 4 s.
+        strace = subprocess.Popen(
+            ["strace", "-f", "-qq", "-p", str(pid), "-e", "trace=clone,clone3",
+             "-e", "inject=clone,clone3:delay_enter=4000000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await wait_until(lambda: traced(pid) or strace.poll() is not None,
+                             "strace attached")
+            if strace.poll() is not None:
+                pytest.skip("strace cannot trace QEMU here (ptrace not permitted?)")
+            reply = await a.execute("migrate", {"uri": SINK}, id="m")
+            assert reply["error"]["desc"].endswith("did not answer 'migrate' within 1 s; "
+                                                   "it may still run it"), reply
+            reply = await b.execute("add-blocker", {"reason": SEV, "id": "late"}, id=1)
+            assert reply == error(GENERIC, BUSY_SEV, 1)
+        finally:
+            strace.terminate()
+            strace.wait()
+
+        # Once QEMU answers a later command, it has run the migrate: its status tells.
+        async def ended() -> bool:
+            return bool((await b.ok("query-migrate")).get("status") == "completed")
+
+        await wait_until(ended, "QEMU's migration completed")
+        assert (await b.ok("add-blocker", {"reason": SEV, "id": "now"}))["id"] == "now"
+    assert_clean_log(d)

@@ -19,7 +19,7 @@ from typing import Any, Final
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.gate import GateHandlers
-from migblockd.qemu.link import QemuCommandError, QemuLink, QemuLinkError
+from migblockd.qemu.link import QemuCommandError, QemuLink, QemuLinkError, QemuTimedOut
 from migblockd.qemu.reconnect import LinkState
 from migblockd.qemu_facts import QemuError, QemuFacts, QemuUnavailable, incoming
 from migblockd.registry import RUNNING_STATUSES, Registry
@@ -52,6 +52,8 @@ class Bridge:
         self._core: Core | None = None
         self._wake: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sent = 0  # commands forwarded so far
+        self._unanswered = 0  # which of them is the unanswered migrate (facts.unanswered)
 
     def start(self, core: Core, wake: Callable[[], None]) -> None:
         """Connect (and keep reconnecting); ``wake()`` makes the server flush and report."""
@@ -82,12 +84,28 @@ class Bridge:
 
     async def forward(self, name: str, args: dict[str, Any]) -> object:
         """Run ``name`` on QEMU: its return value, or the gate's errors."""
+        self._sent += 1
+        sent = self._sent
         try:
-            return await self.link.execute(name, args)
+            result = await self.link.execute(name, args)
         except QemuCommandError as exc:
+            self._answered(sent)
             raise QemuError(exc.error_class, exc.desc) from None
+        except QemuTimedOut as exc:
+            if name == "migrate" and self.facts.connected:
+                # Still in QEMU's queue: QEMU may start that migration when it gets to it.
+                self.facts.unanswered, self._unanswered = True, sent
+            raise QemuUnavailable(str(exc)) from None
         except QemuLinkError as exc:
             raise QemuUnavailable(str(exc)) from None
+        self._answered(sent)
+        return result
+
+    def _answered(self, sent: int) -> None:
+        """QEMU answered the command forwarded ``sent``-th: it answers in order, so it
+        has run every command sent before, an unanswered ``migrate`` included."""
+        if sent > self._unanswered:
+            self.facts.unanswered = False
 
     def _event(self, name: str, data: Mapping[str, object],
                timestamp: Mapping[str, object]) -> None:
@@ -104,6 +122,7 @@ class Bridge:
     def _state(self, state: LinkState) -> None:
         facts, info = self.facts, self.link.info
         facts.connected = state == "connected" and info is not None
+        facts.unanswered = False  # a new connection: QEMU holds nothing sent before
         facts.commands = info.commands if info is not None and facts.connected else {}
         facts.required = info.required if info is not None and facts.connected else {}
         facts.version = info.version_string if info is not None and facts.connected else ""

@@ -216,10 +216,17 @@ class GateHandlers(Handlers):
         self.qemu.busy = self.qemu.awaiting = True
         try:
             result = yield Call("migrate", args)
-        except (QemuError, QemuUnavailable) as exc:
+        except QemuError as exc:
             self.qemu.awaiting = awaited
             log.info("%s: migrate to %s failed in QEMU: %s", conn.label, uri, shown(exc),
                      extra=about(conn))
+            raise
+        except QemuUnavailable as exc:
+            # Sent, but no answer: QEMU may have started the migration, or may yet.
+            self.qemu.awaiting = awaited
+            log.warning("%s: migrate to %s handed to QEMU, with no answer (%s); whether it "
+                        "started, query-migrate says", conn.label, uri, shown(exc),
+                        extra=about(conn))
             raise
         except BaseException:
             self.qemu.awaiting = awaited

@@ -29,6 +29,8 @@ SYSTEM_TOOLS = {
     "zsh": "zsh",
     # The backup in docs/state.md is taken with the sqlite3 shell, and tested so.
     "sqlite3": "sqlite3",
+    # Fault injection: a disk that fails under the daemon, a QEMU that stalls.
+    "strace": "strace",
 }
 
 

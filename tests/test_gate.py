@@ -361,10 +361,15 @@ async def test_clients_and_passthrough_against_a_gating_daemon(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu, tmp_path: Any,
 ) -> None:
     config = tmp_path / "gate.toml"
-    config.write_text('qemu-passthrough = ["query-status", "query-version"]\n')
+    config.write_text('qemu-passthrough = ["query-status", "query-version", '
+                      '"human-monitor-command"]\n')
     d = gate(start_daemon, qemu, "--config", str(config))
     await connected(d)
-    assert "qemu-passthrough: ignoring query-version" in d.log()
+    assert "qemu-passthrough: ignoring query-version: migblockd's own command(s)" in d.log()
+    assert ("WARNING: qemu-passthrough: human-monitor-command lets admins migrate or "
+            "snapshot the VM past migblockd's blockers (QEMU consults only its own for "
+            "its HMP migrate and savevm)") in d.log()
+    assert "query-status lets" not in d.log()
     qmp = QMPClient("gate-test")
     await qmp.connect(str(d.socket))
     try:

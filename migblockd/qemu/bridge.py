@@ -35,6 +35,14 @@ FIRST_CONTACT: Final = 5.0
 #: QEMU's events that migblockd's clients hear about.
 RELAYED: Final = frozenset({"MIGRATION", "MIGRATION_PASS"})
 
+#: QEMU commands that, passed through, save or move the VM's state past
+#: migblockd's blockers: QEMU consults its own only (``migrate_prepare()`` in
+#: migration/migration.c, ``save_snapshot()`` in migration/savevm.c).
+UNGATED: Final = {
+    "human-monitor-command": "its HMP migrate and savevm",
+    "snapshot-save": "it",
+}
+
 
 class Bridge:
     """One gated QEMU: its facts, the handlers that consult them, and the link."""
@@ -45,6 +53,11 @@ class Bridge:
         if ours:
             log.warning("qemu-passthrough: ignoring %s: migblockd's own command(s)",
                         ", ".join(ours))
+        for name in passthrough:
+            if name in UNGATED:
+                log.warning("qemu-passthrough: %s lets admins migrate or snapshot the VM "
+                            "past migblockd's blockers (QEMU consults only its own for %s)",
+                            name, UNGATED[name])
         self.facts = QemuFacts(path)
         self.handlers = GateHandlers(contract, registry, self.facts,
                                      tuple(n for n in passthrough if n not in ours))

@@ -22,6 +22,8 @@ and the errors it fails with are :mod:`migblockd.qemu_facts`'s.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -89,6 +91,19 @@ class GateHandlers(Handlers):
         self.qemu = qemu
         self.passthrough = passthrough
         self._command_list = [*self._command_list, *({"name": n} for n in passthrough)]
+        # The schema's allow-oob commands that wait for QEMU here.  QEMU runs what
+        # migblockd forwards in-band (QEMU 7.2 allows OOB for none of them), after every
+        # command already queued on migblockd's monitor: none of them can jump a queue,
+        # so exec-oob of them is refused as QEMU refuses it, and introspection says so.
+        self.in_band_only = frozenset(
+            name for name, spec in contract.commands.items()
+            if spec.allow_oob and inspect.isgeneratorfunction(
+                getattr(self, name.replace("-", "_"), None)))
+        self._introspection = [
+            {k: v for k, v in entry.items() if k != "allow-oob"}
+            if entry.get("meta-type") == "command" and entry["name"] in self.in_band_only
+            else entry
+            for entry in contract.introspection]
 
     def migration_status(self) -> str:
         return self.qemu.status or "none"
@@ -101,6 +116,8 @@ class GateHandlers(Handlers):
     def table(self) -> dict[str, Command]:
         """The schema's commands, then the pass-through ones (QEMU checks their arguments)."""
         table = super().table()
+        for name in self.in_band_only:
+            table[name] = dataclasses.replace(table[name], allow_oob=False)
         for name in self.passthrough:
             if name not in table:
                 table[name] = Command(name, False, _unchecked, self._forward(name))
@@ -112,6 +129,9 @@ class GateHandlers(Handlers):
             return (yield Call(name, args))
 
         return run
+
+    def query_qmp_schema(self, conn: Connection, args: Args) -> object:
+        return self._introspection
 
     # -- blockers -----------------------------------------------------------
     def add_blocker(self, conn: Connection, args: Args) -> Step:

@@ -567,3 +567,36 @@ async def test_the_client_library_lists_qemus_blockers_too(
         assert (listed[mine.id].source, listed[mine.id].added) == ("migblockd", mine.added)
         assert mine.added is not None and mine.owner is not None
         assert mine.owner.user is not None  # the daemon's system knows this uid
+
+
+async def test_commands_that_wait_for_qemu_refuse_exec_oob_as_qemu_does(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """Reported: exec-oob migrate_cancel and query-migrate were accepted behind
+    --qemu but waited behind the client's in-band command that waited for QEMU
+    (QEMU runs what migblockd forwards in-band, in order): no out-of-band at all."""
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    waiting = {"migrate_cancel", "query-migrate", "query-migrate-parameters",
+               "query-migrate-capabilities", "query-blockers"}
+    async with d.client(negotiate=False) as c:
+        assert await c.execute("qmp_capabilities", {"enable": ["oob"]}) == {"return": {}}
+        for name in sorted(waiting):
+            await c.send({"exec-oob": name, "id": name})
+            assert await c.read_reply() == error(
+                GENERIC, f"The command {name} does not support OOB", name)
+            assert "return" in await c.execute(name, id=name)  # in-band, as ever
+        schema = await c.ok("query-qmp-schema")
+        assert {e["name"] for e in schema if e.get("allow-oob")} == {
+            "query-version", "query-commands", "query-qmp-schema"}
+    # QEMU's own words, on QEMU's own monitor.
+    mon = await QemuMonitor.connect(qemu.test_socket, negotiate=False)
+    try:
+        assert await mon.execute("qmp_capabilities", {"enable": ["oob"]}) == {"return": {}}
+        for name in ("migrate_cancel", "query-migrate"):
+            await mon.send({"exec-oob": name, "id": name})
+            assert await mon.read_reply() == error(
+                GENERIC, f"The command {name} does not support OOB", name)
+    finally:
+        await mon.close()
+    assert_clean_log(d)

@@ -126,9 +126,11 @@ class QemuFacts:
 
     def may_migrate(self) -> bool:
         """Whether QEMU, connected but not answering now, may be migrating: a
-        ``migrate`` handed to it is unanswered, or the last status it reported
-        (an event, a ``query-migrate``) is that of a migration running."""
-        return self.connected and (self.busy or self.unanswered
+        ``migrate`` handed to it is unanswered, or one it took has not been seen
+        to end (``awaiting``: with the events capability off, nothing reports its
+        start, and ``status`` may be what QEMU said before it), or the last status
+        it reported (an event, a ``query-migrate``) is that of a migration running."""
+        return self.connected and (self.busy or self.unanswered or self.awaiting
                                    or self.status in RUNNING_STATUSES)
 
     def saw(self, info: object) -> None:

@@ -423,3 +423,34 @@ async def test_a_migrate_qemu_has_not_answered_yet_takes_no_blocker(
         await wait_until(ended, "QEMU's migration completed")
         assert (await b.ok("add-blocker", {"reason": SEV, "id": "now"}))["id"] == "now"
     assert_clean_log(d)
+
+
+async def test_a_silent_qemu_migrating_as_migblockd_asked_takes_no_blocker(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    """The migrate migblockd handed over was answered, the events capability is off
+    (no MIGRATION event says it runs), then QEMU stops answering.  Reported: the
+    status migblockd last saw was the one from before the migrate, so add-blocker's
+    timed-out question added the blocker, and the migration went on past it."""
+    qemu = qemu_factory(memory="1G")
+    assert qemu.proc is not None
+    d = gate(start_daemon, qemu, "--qemu-timeout", "1")
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
+        assert await c.ok("migrate", {"uri": SINK}) == {}
+        qemu.proc.send_signal(signal.SIGSTOP)
+        try:
+            reply = await c.execute("add-blocker", {"reason": SEV, "id": "late"}, id=1)
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+        assert reply == error(GENERIC, BUSY_SEV, 1)
+        assert await c.ok("query-blockers") == []
+        await c.ok("migrate_cancel")
+
+        async def ended() -> bool:
+            return bool((await c.ok("query-migrate")).get("status") == "cancelled")
+
+        await wait_until(ended, "the migration cancelled")
+        assert (await c.ok("add-blocker", {"reason": SEV, "id": "now"}))["id"] == "now"
+    assert_clean_log(d)

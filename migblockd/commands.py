@@ -46,8 +46,6 @@ def reads_state(handler: H) -> H:
     return handler
 
 
-#: QEMU's defaults for the parameters the simulation only reports.
-PARAMETER_DEFAULTS: dict[str, object] = {"max-bandwidth": 134217728, "downtime-limit": 300}
 #: QEMU's ``MAX_MIGRATE_DOWNTIME`` (``migration/options.c``), in milliseconds.
 MAX_DOWNTIME = 2000 * 1000
 
@@ -70,8 +68,6 @@ class Handlers:
         self._version = version_info()
         self._command_list = [{"name": name} for name in contract.commands]
         self.listings = Listings(registry)
-        #: The simulation's other parameters: reported, with no effect on it.
-        self._parameters: dict[str, object] = dict(PARAMETER_DEFAULTS)
 
     # -- control ------------------------------------------------------------
     def query_version(self, conn: Connection, args: Args) -> object:
@@ -175,7 +171,7 @@ class Handlers:
                            "0 to (2000 * 1000) ms")
         if "mode" in args:
             self._set_mode(conn, args["mode"])
-        self._parameters.update(values)
+        self.registry.set_parameters(values)
         return {}
 
     def _set_mode(self, conn: Connection, mode: str) -> None:
@@ -187,7 +183,7 @@ class Handlers:
 
     @reads_state
     def query_migrate_parameters(self, conn: Connection, args: Args) -> object:
-        return {"mode": self.registry.mode, **self._parameters}
+        return {"mode": self.registry.mode, **self.registry.parameters}
 
     def migrate_set_capabilities(self, conn: Connection, args: Args) -> object:
         # Capabilities are checked before any is applied: all or nothing.

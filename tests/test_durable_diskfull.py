@@ -274,3 +274,27 @@ async def test_a_setting_repeated_before_its_commit_fails_with_it(
         assert result == before
     assert daemon.stop() == 0
     assert_clean_log(daemon)
+
+
+async def test_the_other_parameters_of_a_failed_mode_change_are_taken_back(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
+) -> None:
+    """max-bandwidth and downtime-limit are not stored, but set in the same
+    command as a mode whose commit fails, they go back with it: the error says
+    nothing was changed."""
+    directory = small_tmpfs.mountpoint / "state"
+    db = directory / "state.db"
+    daemon = start_daemon("--state-dir", str(directory), python=small_tmpfs.python(tmp_path))
+    async with daemon.client() as c:
+        before = await c.ok("query-migrate-parameters")
+        fill_all(small_tmpfs, db)
+        reply = await c.execute("migrate-set-parameters", {
+            "mode": "cpr-exec", "max-bandwidth": 5, "downtime-limit": 7}, id=1)
+        assert reply["error"]["desc"] == (
+            f"cannot commit to {db}: database or disk is full; nothing was changed")
+        assert await c.ok("query-migrate-parameters") == before
+        # Alone they need no commit, and stay.
+        await c.ok("migrate-set-parameters", {"max-bandwidth": 5})
+        assert (await c.ok("query-migrate-parameters"))["max-bandwidth"] == 5
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)

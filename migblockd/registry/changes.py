@@ -29,9 +29,10 @@ class Event:
 class Change:
     """One mutation, recorded for the core: to persist it, or to undo it.
 
-    ``kind`` is ``add`` or ``delete`` (of ``blocker``), ``mode``, ``events`` or
-    ``id-floor`` (from ``old`` to ``new``).  ``durable`` changes are the ones
-    that outlive the daemon: daemon-scoped blockers and the settings.  A
+    ``kind`` is ``add`` or ``delete`` (of ``blocker``), ``mode``, ``events``,
+    ``parameters`` (never stored) or ``id-floor`` (from ``old`` to ``new``).
+    ``durable`` changes are the ones that outlive the daemon: daemon-scoped
+    blockers and the settings.  A
     setting set to the value it had is a change too, not durable (nothing to
     store): while that value waits for its commit, the command stands on it.
     """

@@ -36,13 +36,15 @@ class MigrationControl:
     """The migration parameters, capabilities and commands of a :class:`Registry`."""
 
     # Its own state; Registry.__init__ sets it, with the rest.
-    __slots__ = ("_entered", "_events_enabled", "_migration", "_mode", "_mode_chain")
+    __slots__ = ("_entered", "_events_enabled", "_migration", "_mode", "_mode_chain",
+                 "_parameters")
 
     _entered: dict[str, int]
     _events_enabled: bool
     _migration: SimulatedMigration
     _mode: str
     _mode_chain: Chain
+    _parameters: dict[str, object]
     # The registry's, which it reads or appends to.
     _clock: Clock
     _modes: tuple[str, ...]
@@ -75,6 +77,25 @@ class MigrationControl:
         # fail with it (the core joins it to the group).
         self._journal.append(Change("mode", mode != self._mode, old=self._mode, new=mode))
         self._set_mode(mode)
+
+    @property
+    def parameters(self) -> Mapping[str, object]:
+        """The migration parameters other than ``mode``: reported by
+        ``query-migrate-parameters``, with no effect on the simulation."""
+        return self._parameters
+
+    def set_parameters(self, values: Mapping[str, object]) -> None:
+        """``migrate-set-parameters`` of parameters other than ``mode``.
+
+        Not stored (QEMU too starts from its defaults), but journaled as no
+        change to store: a command that also set a ``mode`` whose commit then
+        fails takes them back with it, so that its "nothing was changed" holds.
+        """
+        if values:
+            old = dict(self._parameters)
+            self._parameters.update(values)
+            self._journal.append(Change("parameters", False, old=old,
+                                        new=dict(self._parameters)))
 
     def _set_mode(self, mode: str) -> None:
         self._mode = mode

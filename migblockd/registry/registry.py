@@ -25,7 +25,7 @@ Versions followed: the blocker rules and per-mode lists are QEMU 8.2 to 10.2
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 from migblockd.clock import SYSTEM_CLOCK, Clock
@@ -52,6 +52,9 @@ SCOPES: Final[tuple[str, ...]] = ("daemon", "connection")
 #: The ``mode`` migration parameter's default, and the mode that
 #: ``-only-migratable`` protects (``MIG_MODE_NORMAL`` in QEMU).
 DEFAULT_MODE: Final = "normal"
+#: QEMU's defaults for the parameters the simulation only reports.
+PARAMETER_DEFAULTS: Final[Mapping[str, object]] = {"max-bandwidth": 134217728,
+                                                   "downtime-limit": 300}
 
 
 class Registry(MigrationControl):
@@ -94,6 +97,7 @@ class Registry(MigrationControl):
         self._mode = DEFAULT_MODE
         self._mode_chain = self._store.chain(DEFAULT_MODE)
         self._events_enabled = False
+        self._parameters = dict(PARAMETER_DEFAULTS)
         self._events: list[Event] = []
 
     # ----------------------------------------------------------------- settings
@@ -308,6 +312,9 @@ class Registry(MigrationControl):
                 self._set_mode(str(change.old))
             elif change.kind == "events":
                 self._events_enabled = bool(change.old)
+            elif change.kind == "parameters":
+                assert isinstance(change.old, dict)
+                self._parameters = dict(change.old)
             else:
                 assert isinstance(change.old, int)
                 self._ids.floor = change.old

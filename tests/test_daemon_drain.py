@@ -101,8 +101,21 @@ async def test_sigterm_answers_every_request_read_and_drops_nobody(
             answered_adds.update(str(r["id"]) for r in replies)
     # Some of the work was cut off by the signal, and some done: a real drain.
     assert 0 < len(answered_adds) < ADDERS * ADDS
-    # Every add that took effect was answered, and every answered add took effect.
-    assert await stored_ids(start_daemon, state) == answered_adds
+    # Every add that took effect was answered, and every answered add took effect;
+    # except that an adder dropped before the signal (max-output, under load) had
+    # what it had sent and we had not read run all the same, unanswered, as for
+    # any dropped client (ClientProtocol.drop).  Adders are clients 1 to ADDERS.
+    before = log[:log.index("received SIGTERM")]
+    dropped = {int(n) for n in re.findall(r"client (\d+) \([^)]*\): dropped", before)}
+    stored = await stored_ids(start_daemon, state)
+    for k in range(ADDERS):
+        mine = {i for i in stored if i.startswith(f"a{k}-")}
+        answered = {i for i in answered_adds if i.startswith(f"a{k}-")}
+        assert mine == {f"a{k}-{i}" for i in range(len(mine))}  # run in order
+        if k + 1 in dropped:
+            assert answered <= mine
+        else:
+            assert mine == answered, (k, sorted(mine ^ answered)[:5])
     assert_clean_log(d)
 
 

@@ -349,6 +349,27 @@ async def test_events_have_their_members_in_qemus_order(
 BUSY_SEV = f"disallowing migration blocker (migration/snapshot in progress) for: {SEV}"
 
 
+async def refused_while_stopped(qemu: Qemu, c: RawClient, *, canceller: RawClient) -> None:
+    """With a migration running, QEMU stopped: ``c``'s add-blocker is refused with
+    QEMU's busy text.  Then ``canceller`` cancels the migration, and once it has
+    ended a blocker is taken."""
+    assert qemu.proc is not None
+    qemu.proc.send_signal(signal.SIGSTOP)
+    try:
+        reply = await c.execute("add-blocker", {"reason": SEV, "id": "late"}, id=1)
+    finally:
+        qemu.proc.send_signal(signal.SIGCONT)
+    assert reply == error(GENERIC, BUSY_SEV, 1)
+    assert await c.ok("query-blockers") == []
+    await canceller.ok("migrate_cancel")
+
+    async def ended() -> bool:
+        return bool((await canceller.ok("query-migrate")).get("status") == "cancelled")
+
+    await wait_until(ended, "the migration cancelled")
+    assert (await c.ok("add-blocker", {"reason": SEV, "id": "now"}))["id"] == "now"
+
+
 async def test_a_silent_qemu_last_seen_migrating_takes_no_blocker(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
 ) -> None:
@@ -362,20 +383,7 @@ async def test_a_silent_qemu_last_seen_migrating_takes_no_blocker(
     async with d.client() as c, qemu.monitor() as mon:
         await start_slow_migration(mon)  # through QEMU's other monitor
         assert (await c.ok("query-migrate"))["status"] in {"setup", "active"}
-        qemu.proc.send_signal(signal.SIGSTOP)
-        try:
-            reply = await c.execute("add-blocker", {"reason": SEV, "id": "late"}, id=1)
-        finally:
-            qemu.proc.send_signal(signal.SIGCONT)
-        assert reply == error(GENERIC, BUSY_SEV, 1)
-        assert await c.ok("query-blockers") == []
-        await mon.ok("migrate_cancel")
-
-        async def ended() -> bool:
-            return bool((await mon.ok("query-migrate")).get("status") == "cancelled")
-
-        await wait_until(ended, "the migration cancelled")
-        assert (await c.ok("add-blocker", {"reason": SEV, "id": "now"}))["id"] == "now"
+        await refused_while_stopped(qemu, c, canceller=mon)
     assert_clean_log(d)
 
 
@@ -439,18 +447,5 @@ async def test_a_silent_qemu_migrating_as_migblockd_asked_takes_no_blocker(
     async with d.client() as c:
         await c.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
         assert await c.ok("migrate", {"uri": SINK}) == {}
-        qemu.proc.send_signal(signal.SIGSTOP)
-        try:
-            reply = await c.execute("add-blocker", {"reason": SEV, "id": "late"}, id=1)
-        finally:
-            qemu.proc.send_signal(signal.SIGCONT)
-        assert reply == error(GENERIC, BUSY_SEV, 1)
-        assert await c.ok("query-blockers") == []
-        await c.ok("migrate_cancel")
-
-        async def ended() -> bool:
-            return bool((await c.ok("query-migrate")).get("status") == "cancelled")
-
-        await wait_until(ended, "the migration cancelled")
-        assert (await c.ok("add-blocker", {"reason": SEV, "id": "now"}))["id"] == "now"
+        await refused_while_stopped(qemu, c, canceller=c)
     assert_clean_log(d)

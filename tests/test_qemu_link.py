@@ -346,42 +346,31 @@ async def test_link_waits_while_another_client_holds_the_monitor(
         await other.close()
 
 
-async def test_a_pretty_printing_monitor_is_named_as_the_reason_in_one_line(
-        qemu_factory: Callable[..., Qemu], caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize(("option", "why"), [
     # Reported: "Did not understand Greeting: Failed to deserialize QMP message.",
     # then, on a line of its own, the bytes it could not read.
-    qemu = qemu_factory(start=False)
-    pretty = qemu.workdir / "pretty.sock"
-    qemu.args = ("-qmp-pretty", f"unix:{pretty},server=on,wait=off")
-    qemu.start()
-    why = ("QEMU's monitor pretty-prints its JSON (-qmp-pretty, or -mon pretty=on), which "
-           "migblockd cannot read: give migblockd a monitor without it")
-    async with running_link(pretty, min_delay=0.01, max_delay=0.05) as (link, _):
-        await wait_until(lambda: link.attempts >= 3, "three attempts")
-        with pytest.raises(QemuNotConnected) as refused:
-            await link.execute("query-migrate")
-        assert str(refused.value) == f"Not connected to QEMU's monitor at '{pretty}': {why}"
-    assert logged(caplog, "not available") == [
-        f"QEMU at {pretty} is not available: {why}; retrying"]
-
-
-async def test_a_human_monitor_is_named_as_the_reason(
-        qemu_factory: Callable[..., Qemu], caplog: pytest.LogCaptureFixture) -> None:
+    ("-qmp-pretty", "QEMU's monitor pretty-prints its JSON (-qmp-pretty, or -mon pretty=on), "
+     "which migblockd cannot read: give migblockd a monitor without it"),
     # -monitor instead of -qmp, an easy slip: reported as "Did not understand
     # Greeting: Failed to deserialize QMP message. raw bytes were: b"QEMU 7.2.22
     # monitor - type 'help' for more information\\r\\n"".
+    ("-monitor", "this is QEMU's human monitor (HMP: -monitor, or -mon mode=readline), not "
+     "QMP: give migblockd a -qmp monitor"),
+])
+async def test_a_monitor_migblockd_cannot_read_is_named_as_the_reason_in_one_line(
+        qemu_factory: Callable[..., Qemu], caplog: pytest.LogCaptureFixture,
+        option: str, why: str) -> None:
     qemu = qemu_factory(start=False)
-    hmp = qemu.workdir / "hmp.sock"
-    qemu.args = ("-monitor", f"unix:{hmp},server=on,wait=off")
+    path = qemu.workdir / "other.sock"
+    qemu.args = (option, f"unix:{path},server=on,wait=off")
     qemu.start()
-    why = ("this is QEMU's human monitor (HMP: -monitor, or -mon mode=readline), not QMP: "
-           "give migblockd a -qmp monitor")
-    async with running_link(hmp, min_delay=0.01, max_delay=0.05) as (link, _):
+    async with running_link(path, min_delay=0.01, max_delay=0.05) as (link, _):
         await wait_until(lambda: link.attempts >= 3, "three attempts")
         with pytest.raises(QemuNotConnected) as refused:
             await link.execute("query-migrate")
-        assert str(refused.value) == f"Not connected to QEMU's monitor at '{hmp}': {why}"
-    assert logged(caplog, "not available") == [f"QEMU at {hmp} is not available: {why}; retrying"]
+        assert str(refused.value) == f"Not connected to QEMU's monitor at '{path}': {why}"
+    assert logged(caplog, "not available") == [
+        f"QEMU at {path} is not available: {why}; retrying"]
 
 
 async def test_close_interrupts_a_command_in_flight(qemu: Qemu) -> None:

@@ -32,9 +32,9 @@ class Change:
     ``kind`` is ``add`` or ``delete`` (of ``blocker``), ``mode``, ``events``,
     ``parameters`` (never stored) or ``id-floor`` (from ``old`` to ``new``).
     ``durable`` changes are the ones that outlive the daemon: daemon-scoped
-    blockers and the settings.  A
-    setting set to the value it had is a change too, not durable (nothing to
-    store): while that value waits for its commit, the command stands on it.
+    blockers and the settings.  A setting set to the value it had is a change
+    too, not durable (nothing to store): while that value waits for its
+    commit, the command stands on it.
     """
 
     kind: str

@@ -88,8 +88,9 @@ class MigrationControl:
         """``migrate-set-parameters`` of parameters other than ``mode``.
 
         Not stored (QEMU too starts from its defaults), but journaled as no
-        change to store: a command that also set a ``mode`` whose commit then
-        fails takes them back with it, so that its "nothing was changed" holds.
+        change to store: a command made while a change waits for its commit (its
+        own ``mode``, or another client's) shares that commit's outcome, and a
+        failed one takes these back too, so that its "nothing was changed" holds.
         """
         if values:
             old = dict(self._parameters)

@@ -67,7 +67,11 @@ async def drain(loop: asyncio.AbstractEventLoop, core: Core,
             conn = protocol.conn
             last = seen.get(protocol)
             if now >= deadline:
-                protocol.drop(f"still taking its last replies after {SHUTDOWN_LIMIT:g}s "
+                # Not the client's doing when what it is owed is not made yet.
+                awaited = None if conn is None else core.awaited(conn)
+                protocol.drop(f"still waiting for {awaited} after {SHUTDOWN_LIMIT:g}s of "
+                              "shutdown" if awaited is not None else
+                              f"still taking its last replies after {SHUTDOWN_LIMIT:g}s "
                               "of shutdown")
             elif last is None or last[0] != state or (conn is not None and core.awaiting(conn)):
                 seen[protocol] = (state, now)  # it moves, or waits for a commit or QEMU

@@ -201,6 +201,12 @@ class Roster:
         """What ``conn`` is owed waits for a commit or QEMU, not for the client."""
         return conn.session.holding or self.blocked(conn)
 
+    def awaited(self, conn: Connection) -> str | None:
+        """What :meth:`awaiting` waits for, in words for the log; None: nothing."""
+        if conn.waiting is not None and conn.suspended is not None and conn.answer is None:
+            return "QEMU's answer"
+        return "its changes' commit to disk" if self.awaiting(conn) else None
+
     # -- output ----------------------------------------------------------------
     def data_to_send(self, conn: Connection) -> bytes:
         return conn.session.data_to_send()

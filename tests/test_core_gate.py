@@ -6,10 +6,12 @@ things is pinned down exactly, which a real QEMU's timing would blur.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
+from migblockd import drain as drain_module
 from migblockd.access import Policy, Quotas, Role
 from migblockd.config import Config
 from migblockd.connection import Connection
@@ -478,3 +480,43 @@ def test_qemus_run_state_refuses_migrate_first_and_an_incoming_migration_is_not_
         core.resume(a, status)
         assert feed(core, a)[0]["error"]["desc"].startswith("disallowing migration blocker")
 
+
+
+def test_shutdown_names_what_a_client_it_gives_up_on_was_waiting_for(
+        monkeypatch: Any) -> None:
+    """At the drain's end a client whose reply waits for QEMU is said to wait for
+    QEMU, not to be slow at taking its replies; one that does not read is."""
+    core, _ = make()
+    waiting, reader = connected(core), connected(core)
+    assert feed(core, waiting, b'{"execute": "query-migrate", "id": "q"}') == []
+    assert core.blocked(waiting)  # its call to QEMU is never answered
+    feed(core, reader, b'{"execute": "query-version"}')  # and never read
+
+    class Stuck:
+        lingering = False
+
+        def __init__(self, conn: Connection) -> None:
+            self.conn: Connection | None = conn
+            self.why = ""
+
+        def progress(self) -> tuple[int, int, bool]:
+            return (0, 0, False)
+
+        def drop(self, why: str) -> None:
+            self.why = why
+            assert self.conn is not None
+            del protocols[self.conn]
+
+    stuck = [Stuck(waiting), Stuck(reader)]
+    protocols = {p.conn: p for p in stuck if p.conn is not None}
+    monkeypatch.setattr(drain_module, "SHUTDOWN_LIMIT", 0.2)
+    monkeypatch.setattr(drain_module, "SHUTDOWN_STALL", 60.0)  # only the end drops
+
+    async def run() -> None:
+        await drain_module.drain(asyncio.get_running_loop(), core, protocols,
+                                 asyncio.Event())
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert [p.why for p in stuck] == [
+        "still waiting for QEMU's answer after 0.2s of shutdown",
+        "still taking its last replies after 0.2s of shutdown"]

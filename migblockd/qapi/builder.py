@@ -21,7 +21,7 @@ from pathlib import Path
 from .doccomment import Doc
 from .error import QAPIError, SourceInfo
 from .names import check_definition_name, check_member_name, check_value_name
-from .parser import Definition, ParseResult, PosDict, PosList, Value, parse_schema
+from .parser import parse_schema
 from .schema import (
     BUILTIN_JSON_TYPES,
     ArrayType,
@@ -35,6 +35,7 @@ from .schema import (
     QAPIType,
     Schema,
 )
+from .tree import Definition, ParseResult, PosDict, PosList, Value
 
 _META_KEYS: dict[str, tuple[set[str], set[str]]] = {
     # meta-type: (required keys, optional keys)

@@ -8,9 +8,9 @@ lines). ``{ 'include': 'FILE' }`` pulls in a file relative to the including
 one (each file at most once) and ``{ 'pragma': {...} }`` sets parse-wide
 options.
 
-Unlike QEMU we keep the source position of every key and value (not only of
-each top-level expression), so that semantic errors in ``builder.py`` can point
-at the exact member that is wrong.  Error wording follows QEMU's where QEMU
+Unlike QEMU it keeps the source position of every key and value (not only of
+each top-level expression; see :mod:`.tree`), so that semantic errors in
+``builder.py`` can point at the exact member that is wrong.  Error wording follows QEMU's where QEMU
 has a message for the same mistake.
 """
 
@@ -18,72 +18,11 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
-from typing import Union
+from dataclasses import dataclass
 
 from .doccomment import Doc, parse_doc
 from .error import QAPIError, SourceInfo
-
-#: A parsed value: the subset of JSON that QAPI allows (no numbers, no null).
-Value = Union[str, bool, "PosList", "PosDict"]
-
-
-class PosDict(dict[str, Value]):
-    """A parsed object that remembers where it, its keys and its values are."""
-
-    def __init__(self, info: SourceInfo) -> None:
-        super().__init__()
-        self.info = info
-        self.key_info: dict[str, SourceInfo] = {}
-        self.value_info: dict[str, SourceInfo] = {}
-
-
-class PosList(list[Value]):
-    """A parsed array that remembers where it and each of its items are."""
-
-    def __init__(self, info: SourceInfo) -> None:
-        super().__init__()
-        self.info = info
-        self.item_info: list[SourceInfo] = []
-
-
-@dataclass
-class Definition:
-    """A top-level definition with its doc comment and its module (file)."""
-
-    expr: PosDict
-    doc: Doc | None
-    module: str
-
-    @property
-    def info(self) -> SourceInfo:
-        return self.expr.info
-
-
-@dataclass
-class Pragmas:
-    """Parse-wide options set with ``{ 'pragma': {...} }``.
-
-    ``command-name-exceptions`` lists command names allowed to break the
-    lower-case-with-dashes rule (QEMU's legacy ``qmp_capabilities`` and
-    ``migrate_cancel``), exactly as QEMU's pragma of the same name does.
-    """
-
-    command_name_exceptions: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ParseResult:
-    """Everything read from a root schema file and the files it includes.
-
-    ``definitions`` is in source order with includes expanded in place;
-    ``modules`` lists the files in the order QEMU creates its modules (the
-    root first, then each include as its directive is met).
-    """
-
-    definitions: list[Definition]
-    modules: list[str]
-    pragmas: Pragmas
+from .tree import Definition, ParseResult, PosDict, PosList, Pragmas, Value
 
 
 @dataclass

@@ -1,0 +1,78 @@
+"""The parse tree: what :mod:`.parser` reads a schema into and :mod:`.builder` checks.
+
+Unlike QEMU's (``scripts/qapi/parser.py``, whose ``QAPIExpression`` keeps the
+position of each top-level expression), every key, value and list item keeps
+its own source position, so that a semantic error points at the exact member
+that is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from .doccomment import Doc
+from .error import SourceInfo
+
+__all__ = ["Definition", "ParseResult", "PosDict", "PosList", "Pragmas", "Value"]
+
+#: A parsed value: the subset of JSON that QAPI allows (no numbers, no null).
+Value = Union[str, bool, "PosList", "PosDict"]
+
+
+class PosDict(dict[str, Value]):
+    """A parsed object that remembers where it, its keys and its values are."""
+
+    def __init__(self, info: SourceInfo) -> None:
+        super().__init__()
+        self.info = info
+        self.key_info: dict[str, SourceInfo] = {}
+        self.value_info: dict[str, SourceInfo] = {}
+
+
+class PosList(list[Value]):
+    """A parsed array that remembers where it and each of its items are."""
+
+    def __init__(self, info: SourceInfo) -> None:
+        super().__init__()
+        self.info = info
+        self.item_info: list[SourceInfo] = []
+
+
+@dataclass
+class Definition:
+    """A top-level definition with its doc comment and its module (file)."""
+
+    expr: PosDict
+    doc: Doc | None
+    module: str
+
+    @property
+    def info(self) -> SourceInfo:
+        return self.expr.info
+
+
+@dataclass
+class Pragmas:
+    """Parse-wide options set with ``{ 'pragma': {...} }``.
+
+    ``command-name-exceptions`` lists command names allowed to break the
+    lower-case-with-dashes rule (QEMU's legacy ``qmp_capabilities`` and
+    ``migrate_cancel``), exactly as QEMU's pragma of the same name does.
+    """
+
+    command_name_exceptions: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ParseResult:
+    """Everything read from a root schema file and the files it includes.
+
+    ``definitions`` is in source order with includes expanded in place;
+    ``modules`` lists the files in the order QEMU creates its modules (the
+    root first, then each include as its directive is met).
+    """
+
+    definitions: list[Definition]
+    modules: list[str]
+    pragmas: Pragmas

@@ -50,7 +50,7 @@ from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.failures import internal_error, qmp_error
-from migblockd.gate import SETTLE, Call
+from migblockd.gate import SETTLE, Call, Forwarded
 from migblockd.guard import Guard, NotOwner, OverQuota
 from migblockd.ledger import Ledger
 from migblockd.logs import about
@@ -328,11 +328,15 @@ class Core(Roster, Outcomes):
             self.ledger.holding[conn] = None
         session = conn.session
         name = request.command.name
+        applied = ""
+        if isinstance(result, Forwarded):  # QEMU has applied part of it already
+            applied = result.applied
+            result = result.value
         if error is not None:
             session.fail(request, error, stamp, durable)
         else:
             try:
-                session.reply(request, result, stamp, durable)
+                session.reply(request, result, stamp, durable, applied)
             except (ValueError, TypeError, RecursionError):
                 log.exception("%s: cannot encode the result of %s", conn.label, name,
                               extra=about(conn))

@@ -55,7 +55,7 @@ from migblockd.registry import (
     Registry,
 )
 
-__all__ = ["QEMU_BLOCKER_PREFIX", "SETTLE", "Call", "GateHandlers", "Settle"]
+__all__ = ["QEMU_BLOCKER_PREFIX", "SETTLE", "Call", "Forwarded", "GateHandlers", "Settle"]
 
 #: QEMU's own blockers are listed as ``qemu:1``, ``qemu:2``... (oldest first): a
 #: ``:`` is not allowed in the ids clients choose, so these never clash.
@@ -70,6 +70,16 @@ class Call:
 
     name: str
     args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """A handler's result (``value``) after QEMU applied ``applied`` (its words for
+    the client and the log): a failed commit of the command's own change cannot take
+    that back, so the error it turns the reply into says that it stays."""
+
+    value: object
+    applied: str
 
 
 class Settle:
@@ -351,11 +361,17 @@ class GateHandlers(Handlers):
         mode = forward.get("mode")
         if mode is not None and not self.qemu.knows("migrate-set-parameters", "mode"):
             del forward["mode"]  # a QEMU older than 8.2: the mode is migblockd's alone
-        if forward:
-            yield Call("migrate-set-parameters", forward)
+        if not forward:
+            if mode is not None:
+                self._set_mode(conn, mode)
+            return {}
+        # QEMU applies all of them or, refusing, none (qmp_migrate_set_parameters()
+        # checks before it applies, migration/options.c); its reply is the last word
+        # on them, but the mode's commit comes after: if that fails, they stay.
+        yield Call("migrate-set-parameters", forward)
         if mode is not None:
             self._set_mode(conn, mode)
-        return {}
+        return Forwarded({}, ", ".join(f"{k}={encode(v)}" for k, v in forward.items()))
 
     @reads_state
     def query_migrate_parameters(
@@ -372,11 +388,13 @@ class GateHandlers(Handlers):
         self, conn: Connection, args: Args
     ) -> Step:
         result = yield Call("migrate-set-capabilities", args)
-        # Kept (durably) to be set again on a QEMU that migblockd connects to later.
+        # Kept (durably) to be set again on a QEMU that migblockd connects to later;
+        # QEMU has them already, whatever that commit's outcome.
         for cap in args["capabilities"]:
             if cap["capability"] == "events":
                 self.registry.set_events(cap["state"])
-        return result
+        return Forwarded(result, ", ".join(f"{cap['capability']}={encode(cap['state'])}"
+                                           for cap in args["capabilities"]))
 
     @reads_state
     def query_migrate_capabilities(

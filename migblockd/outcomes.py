@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from migblockd.commands import Handlers
 from migblockd.connection import Connection
 from migblockd.ledger import Group, Ledger
+from migblockd.logs import about
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import Registry
 
@@ -95,11 +96,22 @@ class Outcomes:
         released = list(self.ledger.holding)
         # Commands of clients gone since: their replies were dropped with them.
         failed = sum(1 for conn, _ in undone if conn not in self.ledger.holding)
+        # What QEMU applied of a command stays: QEMU's own commands apply all or
+        # nothing, after their checks, and cannot be asked to take it back here.
+        kept: list[tuple[Connection, str]] = []
         for conn in released:
-            failed += conn.session.fail_held(error)
+            def partly(applied: str, conn: Connection = conn) -> QMPError:
+                kept.append((conn, applied))
+                return QMPError(f"{reason}; migblockd changed nothing, but QEMU has "
+                                f"applied {applied}")
+
+            failed += conn.session.fail_held(error, partly)
             self._dirty[conn] = None
         self.ledger.holding.clear()
         log.error("%s; %d command(s) failed, their changes undone", reason, failed)
+        for conn, applied in kept:
+            log.warning("%s: QEMU keeps what it was sent before the commit failed: %s",
+                        conn.label, applied, extra=about(conn))
         # The log said "added" and "deleted" as each ran: say which did not last.
         for conn, changes in reversed(undone):
             for change in changes:

@@ -52,7 +52,7 @@ base class of :class:`Session`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from migblockd.qmp.encoding import (
@@ -68,7 +68,7 @@ from migblockd.qmp.framing import NEED_DATA, StreamDecoder
 from migblockd.qmp.limits import Limits
 from migblockd.qmp.wording import ParseError
 
-__all__ = ["EVENT", "KEEP", "VANISH", "Session"]
+__all__ = ["EVENT", "KEEP", "VANISH", "Applied", "Session"]
 
 
 #: What held output becomes if its commit fails: sent as it is (a reply, or an
@@ -77,6 +77,18 @@ __all__ = ["EVENT", "KEEP", "VANISH", "Session"]
 KEEP: Final = "keep"
 EVENT: Final = "event"
 VANISH: Final = "vanish"
+
+
+class Applied:
+    """The fate of a held reply whose command made a change elsewhere too (QEMU
+    applied what migblockd forwarded): if its commit fails, the error says what
+    stays applied there, in ``applied``'s words, not that nothing was changed."""
+
+    __slots__ = ("applied", "request")
+
+    def __init__(self, request: Request, applied: str) -> None:
+        self.request = request
+        self.applied = applied
 
 
 class _Held:
@@ -188,12 +200,13 @@ class Session(Envelope):
 
     # -- output --------------------------------------------------------------
     def reply(self, request: Request, result: object, stamp: int = 0,
-              durable: bool = False) -> None:
+              durable: bool = False, applied: str = "") -> None:
         """Answer ``request`` with its return value (``{}`` for commands without one).
 
         ``stamp`` > 0 holds the reply until :meth:`release` reaches it;
         ``durable`` says the command changed what is on disk, so that a failed
-        commit turns this reply into an error.
+        commit turns this reply into an error; ``applied``, what the command
+        changed that such a failure does not take back (see :class:`Applied`).
         """
         if type(result) is Parts:
             pieces = encode_return_parts(result, request.id)
@@ -204,7 +217,10 @@ class Session(Envelope):
             data = b"".join(pieces)
         else:
             data = encode_return(result, request.id)
-        self._put(data, stamp, request if durable else KEEP)
+        fate: object = KEEP
+        if durable:
+            fate = Applied(request, applied) if applied else request
+        self._put(data, stamp, fate)
 
     def fail(self, request: Request | None, error: QMPError, stamp: int = 0,
              durable: bool = False) -> None:
@@ -271,9 +287,11 @@ class Session(Envelope):
         """A reply (or an error) waits in held output."""
         return any(run.replies for run in self._held)
 
-    def fail_held(self, error: QMPError) -> int:
+    def fail_held(self, error: QMPError,
+                  partly: Callable[[str], QMPError] | None = None) -> int:
         """The commit failed: release held output as the client must now hear it.
-        Returns how many replies became ``error``."""
+        Returns how many replies became errors: ``error``, or for a command whose
+        change elsewhere stays (:class:`Applied`), ``partly(applied)``."""
         failed = 0
         for run in self._held:
             fates = run.fates
@@ -283,6 +301,10 @@ class Session(Envelope):
                     self._emit(data, on_failure)
                 elif isinstance(on_failure, Request):
                     self._emit(encode_error(error, on_failure.id), KEEP)
+                    failed += 1
+                elif isinstance(on_failure, Applied):
+                    told = error if partly is None else partly(on_failure.applied)
+                    self._emit(encode_error(told, on_failure.request.id), KEEP)
                     failed += 1
         self._held.clear()
         return failed

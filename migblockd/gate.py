@@ -288,6 +288,7 @@ class GateHandlers(Handlers):
                 if running and not incoming(info, runstate):
                     raise MigrationInProgress()
                 check_runstate(runstate)
+            mode = self.registry.mode
             yield from self._check_mode()
             while True:
                 # Another client's del-blocker may have run while QEMU answered: a
@@ -295,6 +296,13 @@ class GateHandlers(Handlers):
                 yield SETTLE
                 if self.qemu.busy:  # handed to QEMU while this one asked
                     raise MigrationInProgress()
+                if self.registry.mode != mode:
+                    # Set meanwhile (and committed): the blockers consulted are the new
+                    # mode's, so QEMU must migrate in it, or a blocker of the mode QEMU
+                    # migrates in would not stop it.
+                    mode = self.registry.mode
+                    yield from self._check_mode()
+                    continue
                 if runstate is not None or not self._may_refuse():
                     break
                 # A blocker came (or came back, its deletion undone) meanwhile:

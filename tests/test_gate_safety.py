@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
-from qemu_strings import GENERIC, SEV, VFIO, error
+from qemu_strings import GENERIC, MDEV, SEV, VFIO, error
 from qmpclient import RawClient
 from realqemu import Qemu, migrate_slowly, source_and_target, wait_until
 from test_gate import SINK, connected, gate
@@ -448,4 +448,58 @@ async def test_a_silent_qemu_migrating_as_migblockd_asked_takes_no_blocker(
         await c.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
         assert await c.ok("migrate", {"uri": SINK}) == {}
         await refused_while_stopped(qemu, c, canceller=c)
+    assert_clean_log(d)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt install strace)")
+async def test_a_mode_set_while_migrate_waits_for_a_commit_is_judged_too(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """migrate judges the mode, then waits for another client's commit; meanwhile a
+    third client sets a mode QEMU 7.2 does not have.  Reported: the migration went to
+    QEMU (which migrates in normal) past the normal blocker, judged by the new mode's
+    empty list."""
+    assert qemu.proc is not None
+    d = await gated(start_daemon, qemu)
+    async with d.client() as a, d.client() as b, d.client() as c, qemu.monitor() as mon:
+        await a.ok("add-blocker", {"reason": VFIO, "id": "vfio", "modes": ["normal"]})
+        await b.ok("add-blocker", {"reason": MDEV, "id": "mdev", "modes": ["cpr-exec"]})
+        # Each fdatasync of the state from now on waits 2 s: commits are slow.
+        strace = subprocess.Popen(
+            ["strace", "-f", "-qq", "-p", str(d.proc.pid), "-e", "trace=fsync,fdatasync",
+             "-e", "inject=fsync,fdatasync:delay_enter=2000000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await wait_until(lambda: traced(d.proc.pid) or strace.poll() is not None,
+                             "strace attached")
+            if strace.poll() is not None:
+                pytest.skip("strace cannot trace the daemon here (ptrace not permitted?)")
+            asked = d.log().count(QUERY_MIGRATE)
+            qemu.proc.send_signal(signal.SIGSTOP)  # migrate's query-migrate waits
+            try:
+                await a.send({"execute": "migrate", "arguments": {"uri": SINK}, "id": "m"})
+                await wait_until(lambda: d.log().count(QUERY_MIGRATE) > asked,
+                                 "migrate asking QEMU whether it migrates")
+                # A change whose (slow) commit migrate will wait for.
+                await b.send({"execute": "del-blocker", "arguments": {"id": "mdev"},
+                              "id": "b"})
+                d.wait_for_log("deleted blocker mdev")
+            finally:
+                qemu.proc.send_signal(signal.SIGCONT)
+            # QEMU's run state asked (a blocker is there) and its mode judged: the
+            # migrate now waits for b's commit.
+            d.wait_for_log('"status": "prelaunch"')
+            await c.send({"execute": "migrate-set-parameters", "id": "c",
+                          "arguments": {"mode": "cpr-reboot"}})
+            assert await b.read_reply() == {"return": {}, "id": "b"}
+            assert await c.read_reply() == {"return": {}, "id": "c"}
+            reply = await a.read_reply()
+        finally:
+            strace.kill()
+            strace.wait()
+        assert "error" in reply, reply
+        assert reply["error"]["desc"].endswith(
+            "would migrate in mode 'normal', not 'cpr-reboot'; set mode 'normal' with "
+            "migrate-set-parameters first"), reply
+        assert (await mon.ok("query-migrate")).get("status") is None  # never started
     assert_clean_log(d)

@@ -253,7 +253,9 @@ class GateHandlers(Handlers):
             raise
         except QemuUnavailable as exc:
             # Sent, but no answer: QEMU may have started the migration, or may yet.
-            self.qemu.awaiting = awaited
+            # Still connected, it has it (unanswered): awaited until its end is seen,
+            # for once QEMU has run it and goes silent, the status last seen is older.
+            self.qemu.awaiting = awaited or self.qemu.unanswered
             log.warning("%s: migrate to %s handed to QEMU, with no answer (%s); whether it "
                         "started, query-migrate says", conn.label, uri, shown(exc),
                         extra=about(conn))

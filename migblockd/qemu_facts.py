@@ -141,6 +141,8 @@ class QemuFacts:
             self.status = status
             if not self.busy:  # else the answer may predate the migrate in flight
                 self.saw_status(status)
+                if status is None:  # QEMU has run no migration: none handed over started
+                    self.awaiting = False
 
     def saw_status(self, status: object) -> None:
         """QEMU said its migration's status is ``status`` (an event or ``query-migrate``)."""

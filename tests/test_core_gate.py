@@ -347,6 +347,29 @@ def test_an_answer_queued_before_migrate_does_not_end_it() -> None:
     assert not facts.awaiting
 
 
+def test_a_migrate_qemu_refused_too_late_to_say_is_awaited_until_qemu_shows_none() -> None:
+    """A migrate with no answer in time (QEMU still has it) may run: awaited, so that a
+    silent QEMU takes no blocker.  A status of none, once QEMU has run it, says it
+    never started."""
+    core, facts = make()
+    a = connected(core)
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}}')
+    core.take_calls()
+    core.resume(a, {})
+    (_, call), = core.take_calls()
+    assert call.name == "migrate"
+    facts.unanswered = True  # the bridge's, on QEMU's timeout
+    core.resume(a, error=QemuUnavailable("did not answer 'migrate' within 10 s"))
+    assert facts.awaiting and facts.may_migrate()
+    facts.unanswered = False  # QEMU answered a later command: it has run the migrate
+    assert facts.may_migrate()
+    feed(core, a, b'{"execute": "query-migrate"}')
+    core.take_calls()
+    core.resume(a, {})
+    assert not facts.awaiting and not facts.may_migrate()
+    assert facts.ended == {"completed": 0, "failed": 0, "cancelled": 0}
+
+
 def dump_on_disk() -> tuple[Core, Connection, Connection]:
     """A durable gating core, two clients, and a's blocker 'd' ("dump") committed."""
     core, _ = make(durable=True)

@@ -503,3 +503,42 @@ async def test_a_mode_set_while_migrate_waits_for_a_commit_is_judged_too(
             "migrate-set-parameters first"), reply
         assert (await mon.ok("query-migrate")).get("status") is None  # never started
     assert_clean_log(d)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt install strace)")
+async def test_a_migrate_answered_late_then_a_silent_qemu_takes_no_blocker(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    """QEMU answers a migrate later than qemu-timeout (the events capability off), then
+    another command, which says it has run the migrate; then it stops answering.
+    Reported: the status migblockd last saw was the one from before the migrate, so
+    add-blocker's timed-out question added the blocker, and the migration went on
+    past it once QEMU answered again."""
+    qemu = qemu_factory(memory="1G")
+    assert qemu.proc is not None
+    pid = qemu.proc.pid
+    d = gate(start_daemon, qemu, "--qemu-timeout", "1")
+    await connected(d)
+    async with d.client() as a, d.client() as b:
+        await a.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
+        # QEMU's migrate creates its migration thread before it replies: the clone waits.
+        strace = subprocess.Popen(
+            ["strace", "-f", "-qq", "-p", str(pid), "-e", "trace=clone,clone3",
+             "-e", "inject=clone,clone3:delay_enter=2000000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            await wait_until(lambda: traced(pid) or strace.poll() is not None,
+                             "strace attached")
+            if strace.poll() is not None:
+                pytest.skip("strace cannot trace QEMU here (ptrace not permitted?)")
+            reply = await a.execute("migrate", {"uri": SINK}, id="m")
+            assert reply["error"]["desc"].endswith("did not answer 'migrate' within 1 s; "
+                                                   "it may still run it"), reply
+        finally:
+            strace.terminate()
+            strace.wait()
+        # Answered after the migrate: QEMU has run it (and says nothing of its status).
+        while "error" in await b.execute("query-migrate-capabilities"):
+            pass  # (timed out while QEMU still waits to create its thread)
+        await refused_while_stopped(qemu, b, canceller=a)
+    assert_clean_log(d)

@@ -149,7 +149,8 @@ class GateHandlers(Handlers):
             self.registry.check_add(args["reason"], modes=args.get("modes"),
                                     internal=args.get("internal", False), id=args.get("id"),
                                     scope=args.get("scope", "daemon"), connection=conn)
-            if self.qemu.busy:
+            if self.qemu.busy or (not self.qemu.connected and self.qemu.may_migrate()):
+                # (A QEMU that has not greeted yet, say, since migblockd started.)
                 raise MigrationBusy(args["reason"])
             if self.qemu.connected:
                 try:

@@ -24,7 +24,7 @@ the rest of the daemon shares of the answers, with no handler in it:
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -67,6 +67,10 @@ class ModeMismatch(QMPError):
     """QEMU would not migrate in migblockd's mode: ``migrate`` is refused."""
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass
 class QemuFacts:
     """What the core knows of the QEMU behind it; the adapter keeps it current.
@@ -85,6 +89,11 @@ class QemuFacts:
     since it connected); ``ended`` counts how the migrations migblockd
     handed to QEMU ended, as QEMU's MIGRATION events or ``query-migrate``
     answers showed (``awaiting``: one was handed over and its end not seen).
+
+    ``learnt``: migblockd has heard from a QEMU
+    whether it migrates (a ``query-migrate`` answer, a ``MIGRATION`` event)
+    since it started.  Until then, a QEMU that is there may be migrating (one
+    migblockd handed over before a restart).
     """
 
     path: Path
@@ -99,6 +108,14 @@ class QemuFacts:
     ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDINGS, 0))
     awaiting: bool = False
     resumed: int = 0
+    learnt: bool = False
+    #: Whether QEMU accepted the connection and its greeting is awaited (the link's).
+    greeting_awaited: Callable[[], bool] = _never
+
+    @property
+    def present(self) -> bool:
+        """A QEMU is there: connected, or it accepted the connection and has not greeted."""
+        return self.connected or self.greeting_awaited()
 
     def knows(self, command: str, argument: str | None = None) -> bool:
         if argument is None:
@@ -125,17 +142,19 @@ class QemuFacts:
         return None
 
     def may_migrate(self) -> bool:
-        """Whether QEMU, connected but not answering now, may be migrating: a
+        """Whether QEMU, there but not answering now, may be migrating: nothing
+        said whether it does since migblockd started, or a
         ``migrate`` handed to it is unanswered, or one it took has not been seen
         to end (``awaiting``: with the events capability off, nothing reports its
         start, and ``status`` may be what QEMU said before it), or the last status
         it reported (an event, a ``query-migrate``) is that of a migration running."""
-        return self.connected and (self.busy or self.unanswered or self.awaiting
-                                   or self.status in RUNNING_STATUSES)
+        return self.present and (self.busy or self.unanswered or self.awaiting
+                                 or not self.learnt or self.status in RUNNING_STATUSES)
 
     def saw(self, info: object) -> None:
         """QEMU answered ``query-migrate`` with ``info``."""
         if isinstance(info, dict):
+            self.learnt = True
             self.blockers = len(reasons_of(info))
             status = status_of(info)
             self.status = status

@@ -32,7 +32,8 @@ PRELAUNCH = {"status": "prelaunch", "singlestep": False, "running": False}
 def make(connected: bool = True, role: Role = Role.ADMIN,
          quotas: Quotas | None = None, durable: bool = False) -> tuple[Core, QemuFacts]:
     registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
-    facts = QemuFacts(PATH, connected=connected, version="7.2.22",
+    facts = QemuFacts(PATH, connected=connected, learnt=True,
+                      version="7.2.22",
                       commands={"migrate": frozenset({"uri", "blk", "inc", "detach", "resume"}),
                                 "migrate-set-parameters": frozenset({"max-bandwidth"})})
     handlers = GateHandlers(CONTRACT, registry, facts, passthrough=("query-status",))

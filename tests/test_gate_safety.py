@@ -542,3 +542,45 @@ async def test_a_migrate_answered_late_then_a_silent_qemu_takes_no_blocker(
             pass  # (timed out while QEMU still waits to create its thread)
         await refused_while_stopped(qemu, b, canceller=a)
     assert_clean_log(d)
+
+
+async def test_a_restarted_gate_takes_no_blocker_from_a_silent_qemu_it_never_heard(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Path,
+) -> None:
+    """migblockd is killed while QEMU migrates, and QEMU stops answering before the new
+    migblockd starts.  Reported: after its 5 s wait at start the new migblockd took an
+    add-blocker (as while QEMU is away), and the migration went on past it."""
+    qemu = qemu_factory(memory="1G")
+    assert qemu.proc is not None
+    state = str(tmp_path / "state")
+    d = gate(start_daemon, qemu, "--state-dir", state)
+    await connected(d)
+    async with d.client() as c:
+        await start_slow_migration(c)
+    d.proc.kill()
+    d.proc.wait()
+    qemu.proc.send_signal(signal.SIGSTOP)
+    try:
+        again = gate(start_daemon, qemu, "--state-dir", state)
+        again.wait_for_log(f"QEMU at {qemu.gate_socket} is there but has not answered within "
+                           "5 s of start; serving anyway (until it says whether it migrates, "
+                           "add-blocker is refused as while it migrates)")
+        async with again.client() as c:
+            reply = await c.execute("add-blocker", {"reason": SEV, "id": "late"}, id=1)
+    finally:
+        qemu.proc.send_signal(signal.SIGCONT)
+    assert reply == error(GENERIC, BUSY_SEV, 1)
+    await connected(again)
+    async with again.client() as c:
+        assert await c.ok("query-blockers") == []
+        assert (await c.ok("query-migrate"))["status"] == "active"
+        await c.ok("migrate_cancel")
+
+        async def ended() -> bool:
+            return bool((await c.ok("query-migrate")).get("status") == "cancelled")
+
+        await wait_until(ended, "the migration cancelled")
+        assert (await c.ok("add-blocker", {"reason": SEV, "id": "now"}))["id"] == "now"
+    again.wait_for_log(f"QEMU at {qemu.gate_socket} is migrating (status active)")
+    assert_clean_log(again)

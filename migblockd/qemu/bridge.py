@@ -62,6 +62,7 @@ class Bridge:
         self.handlers = GateHandlers(contract, registry, self.facts,
                                      tuple(n for n in passthrough if n not in ours))
         self.link = QemuLink(path, on_event=self._event, on_state=self._state, timeout=timeout)
+        self.facts.greeting_awaited = lambda: self.link.awaiting_greeting
         self._core: Core | None = None
         self._wake: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -86,9 +87,14 @@ class Bridge:
                 while self._tasks:  # learning the migration's status
                     await asyncio.wait(set(self._tasks))
         except TimeoutError:
-            log.warning("QEMU at %s has not answered within %g s of start; serving anyway "
-                        "(until it answers, blockers are added as while QEMU is away)",
-                        self.link.path, timeout)
+            if self.facts.may_migrate():
+                log.warning("QEMU at %s is there but has not answered within %g s of start; "
+                            "serving anyway (until it says whether it migrates, add-blocker "
+                            "is refused as while it migrates)", self.link.path, timeout)
+            else:
+                log.warning("QEMU at %s has not answered within %g s of start; serving "
+                            "anyway (until it answers, blockers are added as while QEMU is "
+                            "away)", self.link.path, timeout)
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -128,6 +134,7 @@ class Bridge:
             status = data.get("status")
             self.facts.status = status if isinstance(status, str) else self.facts.status
             self.facts.saw_status(status)
+            self.facts.learnt = True
             log.info("QEMU migration status: %s", self.facts.status)
         self._core.relay(name, dict(data), dict(timestamp))
         self._wake()

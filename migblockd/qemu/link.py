@@ -204,6 +204,8 @@ class QemuLink(Reconnecting):
         #: Connection attempts that failed since the link last connected (or started).
         self.attempts = 0
         self._state: LinkState = "disconnected"
+        #: QEMU accepted the connection and its greeting is awaited: QEMU is there.
+        self.awaiting_greeting = False
         self._reason = "not connected yet"
         self._logged_reason: str | None = None
         self._info: QemuInfo | None = None
@@ -302,6 +304,8 @@ class QemuLink(Reconnecting):
         # told that while another one holds QEMU's monitor would look for a dead QEMU.
         self._reason = ("QEMU accepted the connection but has not greeted yet (QEMU serves "
                         "one client per monitor: is another one connected?)")
+        # Still "disconnected" (the state's callers count on that), but QEMU is there.
+        self.awaiting_greeting = True
 
     def _not_connected(self) -> QemuNotConnected:
         if self._state == "connected":  # the reader saw the end; _run has yet to notice

@@ -85,6 +85,7 @@ class Reconnecting:
     _max_delay: float
     _greeting_notice: float
     _state: LinkState
+    awaiting_greeting: bool
     _reason: str
     _logged_reason: str | None
     _info: QemuInfo | None
@@ -148,6 +149,7 @@ class Reconnecting:
 
     def _set_up(self, info: QemuInfo) -> None:
         self._state, self._info, self._reason = "connected", info, "connected"
+        self.awaiting_greeting = False
         self._logged_reason = None
         self._tried.set()
         log.info("connected to QEMU %s at %s", info.version_string, self.path)
@@ -156,6 +158,7 @@ class Reconnecting:
     def _set_down(self, reason: str, *, lost: bool) -> None:
         changed = self._state != "disconnected"
         self._state, self._info, self._reason = "disconnected", None, reason
+        self.awaiting_greeting = False
         if lost:
             log.warning("lost the connection to QEMU at %s: %s; reconnecting", self.path, reason)
         elif reason != self._logged_reason:

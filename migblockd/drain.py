@@ -7,6 +7,9 @@ for ``--max-output`` meanwhile: the output is owed.  What bounds the wait:
 
 * a client that takes none of its output for ``SHUTDOWN_STALL`` seconds is
   dropped, unless what it is owed waits for a commit (a slow disk) or QEMU;
+* after ``QEMU_LIMIT`` seconds the commands still waiting for QEMU are given up
+  (``give_up``), so that their clients hear so while the drain still waits for
+  them (QEMU may be stopped, and ``qemu-timeout`` longer than the drain, or 0);
 * after ``SHUTDOWN_LIMIT`` seconds the drain ends, and whoever is left is dropped.
 
 A connection answered in full is half-closed and lingers until the peer
@@ -21,19 +24,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from migblockd.connection import Connection
 from migblockd.core import Core
 
-__all__ = ["DRAIN_POLL", "SHUTDOWN_LIMIT", "SHUTDOWN_STALL", "drain"]
+__all__ = ["DRAIN_POLL", "QEMU_LIMIT", "SHUTDOWN_LIMIT", "SHUTDOWN_STALL", "drain"]
 
 #: A client that has taken none of its output for this long is dropped ...
 SHUTDOWN_STALL = 2.0
 #: ... and the drain ends after this long in any case (well inside systemd's
 #: default TimeoutStopSec= of 90 s).
 SHUTDOWN_LIMIT = 30.0
+#: Commands still waiting for QEMU then are given up, their clients told so.
+QEMU_LIMIT = SHUTDOWN_LIMIT - 5.0
 #: How often the drain looks for stalled clients.
 DRAIN_POLL = 0.25
 
@@ -52,14 +57,21 @@ class Draining(Protocol):
 
 
 async def drain(loop: asyncio.AbstractEventLoop, core: Core,
-                protocols: Mapping[Connection, Draining], all_gone: asyncio.Event) -> None:
-    """Wait until ``protocols`` is empty, dropping the clients that stall."""
-    deadline = loop.time() + SHUTDOWN_LIMIT
+                protocols: Mapping[Connection, Draining], all_gone: asyncio.Event,
+                give_up: Callable[[], None] = lambda: None) -> None:
+    """Wait until ``protocols`` is empty, dropping the clients that stall; call
+    ``give_up()`` once, after ``QEMU_LIMIT`` seconds, if some are still there."""
+    start = loop.time()
+    deadline = start + SHUTDOWN_LIMIT
+    given_up = False
     seen: dict[Draining, tuple[Progress, float]] = {}
     while protocols:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_gone.wait(), DRAIN_POLL)
         now = loop.time()
+        if not given_up and now >= start + QEMU_LIMIT:
+            given_up = True
+            give_up()
         for protocol in list(protocols.values()):
             if protocol.lingering and now < deadline:
                 continue  # answered in full; closes when the peer does, or soon

@@ -188,6 +188,9 @@ class Server:
             self.core.resume(conn, error=QemuUnavailable(
                 "migblockd stopped before QEMU answered; the command may or may not have "
                 "taken effect"))
+            protocol = self.protocols.get(conn)
+            if protocol is not None:  # given up on during the drain: the client hears so
+                self.runnable(protocol)
             raise
         except Exception as exc:  # QemuError, QemuUnavailable: the core words them
             self.core.resume(conn, error=exc)
@@ -198,6 +201,14 @@ class Server:
             self.runnable(protocol)
         else:
             self.schedule()
+
+    def _give_up_on_qemu(self) -> None:
+        """The drain is ending: the commands still waiting for QEMU fail now."""
+        if self._forwarding:
+            log.warning("stopping: giving up on %d command(s) still waiting for QEMU",
+                        len(self._forwarding))
+        for task in self._forwarding:
+            task.cancel()
 
     # -- group commit ------------------------------------------------------------
     def _commit_due(self) -> bool:
@@ -316,7 +327,7 @@ class Server:
         for protocol in list(self.protocols.values()):
             protocol.stop_reading()
             self.runnable(protocol)
-        await drain(self.loop, self.core, self.protocols, self._all_gone)
+        await drain(self.loop, self.core, self.protocols, self._all_gone, self._give_up_on_qemu)
         # What is still with QEMU belongs to clients the drain dropped: give up on it.
         for task in self._forwarding:
             task.cancel()

@@ -584,3 +584,32 @@ async def test_a_restarted_gate_takes_no_blocker_from_a_silent_qemu_it_never_hea
         assert (await c.ok("add-blocker", {"reason": SEV, "id": "now"}))["id"] == "now"
     again.wait_for_log(f"QEMU at {qemu.gate_socket} is migrating (status active)")
     assert_clean_log(again)
+
+
+async def test_stopping_while_a_silent_qemu_holds_a_command_answers_its_client(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """SIGTERM while a migrate waits for a stopped QEMU, with qemu-timeout 0 (wait
+    forever).  Reported: the drain waited its 30 s for the reply, then dropped the
+    client, which heard nothing."""
+    assert qemu.proc is not None
+    d = gate(start_daemon, qemu, "--qemu-timeout", "0")
+    await connected(d)
+    async with d.client() as c:
+        asked = d.log().count(QUERY_MIGRATE)
+        qemu.proc.send_signal(signal.SIGSTOP)
+        try:
+            await c.send({"execute": "migrate", "arguments": {"uri": SINK}, "id": "m"})
+            await wait_until(lambda: d.log().count(QUERY_MIGRATE) > asked,
+                             "migrate asking QEMU whether it migrates")
+            d.proc.send_signal(signal.SIGTERM)
+            # (Longer than the client's own wait for a line: the drain's.)
+            reply = json.loads(await asyncio.wait_for(c.reader.readline(), 60))
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+    assert reply == error(GENERIC, "migblockd stopped before QEMU answered; the command "
+                          "may or may not have taken effect", "m")
+    assert d.wait_exit(60) == 0
+    d.wait_for_log("stopping: giving up on 1 command(s) still waiting for QEMU")
+    assert "dropped" not in d.log()
+    assert_clean_log(d)

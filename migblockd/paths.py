@@ -6,6 +6,11 @@ import os
 import stat
 from pathlib import Path
 
+from migblockd.denied import explain
+
+#: The socket of ``migblockd.socket``, the systemd units' daemon (and root's default).
+SYSTEM_SOCKET = Path("/run/migblockd/migblockd.sock")
+
 
 def default_socket_path() -> Path:
     """The socket the daemon listens on and the shell connects to by default.
@@ -16,7 +21,7 @@ def default_socket_path() -> Path:
     (or a relative one, which the XDG spec says to ignore).
     """
     if os.geteuid() == 0:
-        return Path("/run/migblockd/migblockd.sock")
+        return SYSTEM_SOCKET
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if os.path.isabs(runtime):
         return Path(runtime) / "migblockd" / "migblockd.sock"
@@ -60,6 +65,21 @@ class NoDefault(ValueError):
     """A default path cannot be formed here; ``str()`` says what to give instead."""
 
 
+def _system_hint(path: str) -> str:
+    """Where the systemd units' daemon is, for a user whose own default has no daemon.
+
+    A user other than root defaults to a socket of their own, where a daemon they
+    started would listen; an operator of the system's daemon, started by systemd, is
+    told where that one listens instead of just "No such file or directory".
+    """
+    if os.geteuid() == 0 or path != str(default_socket_path()):
+        return ""
+    if not os.path.isdir(SYSTEM_SOCKET.parent):
+        return ""
+    return (f" (this user's default socket; the daemon of the systemd units listens on "
+            f"{SYSTEM_SOCKET}: give that path)")
+
+
 def connect_failure(path: str, err: OSError) -> str:
     """Why connecting to ``path`` failed, in the operator's terms.
 
@@ -68,6 +88,8 @@ def connect_failure(path: str, err: OSError) -> str:
     that died without removing it); say which.
     """
     reason = err.strerror or str(err)
+    if isinstance(err, FileNotFoundError):
+        return reason + _system_hint(path)
     if isinstance(err, ConnectionRefusedError):
         try:
             mode = os.stat(path).st_mode
@@ -77,6 +99,9 @@ def connect_failure(path: str, err: OSError) -> str:
             return "not a socket"
         return f"{reason} (no daemon is listening on this socket)"
     if isinstance(err, PermissionError):
+        why = explain(path)
+        if why is not None:
+            return f"{reason}: {why}"
         return (f"{reason} (the daemon's socket is mode 0600 by default: run as its user, "
                 "or see its --socket-mode and --socket-group)")
     return reason

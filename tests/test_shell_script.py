@@ -279,13 +279,17 @@ def test_default_socket_comes_from_the_environment(tmp_path: Path) -> None:
         empty_run.mkdir()
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount --bind "$0" /run && exec "$@"', str(empty_run), *argv]
+        hint = ""
     else:
         expected = tmp_path / "migblockd" / "migblockd.sock"
+        hint = (" (this user's default socket; the daemon of the systemd units listens on "
+                "/run/migblockd/migblockd.sock: give that path)"
+                if os.path.isdir("/run/migblockd") else "")
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env,
                             check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
-        f"migblock-shell: cannot connect to {expected}: No such file or directory\n"
+        f"migblock-shell: cannot connect to {expected}: No such file or directory{hint}\n"
     )
 
 
@@ -529,7 +533,19 @@ def test_permission_denied_says_what_to_do(daemon: DaemonProcess) -> None:
          str(daemon.socket), "-c", "query-version"],
         capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
-    assert result.stderr == (
-        f"migblock-shell: cannot connect to {daemon.socket}: Permission denied (the "
-        "daemon's socket is mode 0600 by default: run as its user, or see its --socket-mode "
-        "and --socket-group)\n")
+    # The first directory on the way that others may not search refuses it (pytest's
+    # 0700 one), else the socket itself; the message names it (tests/test_connect_denied.py).
+    closed = next((d for d in reversed(daemon.socket.parents) if not d.stat().st_mode & 0o001),
+                  None)
+    if closed is None:
+        assert result.stderr == (
+            f"migblock-shell: cannot connect to {daemon.socket}: Permission denied: "
+            f"{daemon.socket} is mode 0600, owner root, group root, which does not let uid "
+            "65534 (nobody) connect to it; the daemon's --socket-mode and --socket-group (the "
+            "socket unit's SocketMode= and SocketGroup=) decide who may connect\n")
+    else:
+        mode = closed.stat().st_mode & 0o7777
+        assert result.stderr == (
+            f"migblock-shell: cannot connect to {daemon.socket}: Permission denied: {closed} "
+            f"is mode {mode:04o}, owner root, group root, which does not let uid 65534 "
+            "(nobody) search it\n")

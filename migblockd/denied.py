@@ -1,0 +1,108 @@
+"""Which file made the kernel refuse a ``connect()`` to a Unix socket, and why.
+
+Connecting needs search permission on every directory on the way and write
+permission on the socket file (unix(7)).  Under the systemd units the socket is
+0660 in a directory of mode 0750 whose group is ``migblockd-clients``: a user
+outside that group is refused by the directory, whatever the socket's mode, and
+so is one just added to it (``usermod -aG``) from a session that started before,
+whose process does not have the group yet.  "Permission denied" alone says none
+of this; :func:`explain` names the file, its mode, owner and group, and what
+would let this process in.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+from collections.abc import Collection
+from pathlib import Path
+
+__all__ = ["explain"]
+
+_SEARCH, _WRITE = 1, 2  # the permission bits of one class (other's; shifted for the rest)
+
+
+def explain(path: str, uid: int | None = None, groups: Collection[int] | None = None) -> str | None:
+    """What refuses ``uid`` (in ``groups``) the socket at ``path``; None if no mode does.
+
+    The default identity is this process's: its effective uid, gid and
+    supplementary groups, which are what the kernel checks.  None means that
+    every mode on the way allows it (a security module refused, or the files
+    changed meanwhile), or that a file on the way cannot be looked at.
+    """
+    if uid is None:
+        uid = os.geteuid()
+    if groups is None:
+        groups = {os.getegid(), *os.getgroups()}
+    target = Path(os.path.abspath(path))
+    try:
+        for directory in reversed(target.parents):
+            st = os.stat(directory)
+            if not _allows(st, uid, groups, _SEARCH):
+                return _why(directory, st, uid, groups, _SEARCH)
+        st = os.stat(target)
+    except OSError:
+        return None
+    if not _allows(st, uid, groups, _WRITE):
+        return _why(target, st, uid, groups, _WRITE)
+    return None
+
+
+def _allows(st: os.stat_result, uid: int, groups: Collection[int], need: int) -> bool:
+    if uid == 0:  # root is let through (CAP_DAC_OVERRIDE)
+        return True
+    if uid == st.st_uid:
+        bits = st.st_mode >> 6
+    elif st.st_gid in groups:
+        bits = st.st_mode >> 3
+    else:
+        bits = st.st_mode
+    return bool(bits & need)
+
+
+def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need: int) -> str:
+    group = _group_name(st.st_gid)
+    what = (f"{path} is mode {stat.S_IMODE(st.st_mode):04o}, owner {_user_name(st.st_uid)}, "
+            f"group {group}")
+    who = f"uid {uid}" + (f" ({name})" if (name := _account(uid)) else "")
+    if uid != st.st_uid and st.st_gid not in groups and (st.st_mode >> 3) & need:
+        if name and _member(name, uid, st.st_gid):
+            return (f"{what}; {who} is in group {group}, but this process is not: log in "
+                    f"again (or run 'newgrp {group}') since being added to it")
+        add = f"add {name} to it ('usermod -aG {group} {name}')" if name else "add the user to it"
+        return f"{what}, and {who} is not in group {group}: {add}, then log in again"
+    verb = "search" if need == _SEARCH else "connect to"
+    hint = ("" if need == _SEARCH else
+            "; the daemon's --socket-mode and --socket-group (the socket unit's SocketMode= "
+            "and SocketGroup=) decide who may connect")
+    return f"{what}, which does not let {who} {verb} it{hint}"
+
+
+def _member(name: str, uid: int, gid: int) -> bool:
+    """Whether the user and group databases put ``name`` in group ``gid``."""
+    try:
+        if pwd.getpwuid(uid).pw_gid == gid:
+            return True
+        return name in grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+
+
+def _account(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+def _user_name(uid: int) -> str:
+    return _account(uid) or str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

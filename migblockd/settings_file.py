@@ -10,7 +10,9 @@ whoever writes it sets the log level, the socket's mode and the limits.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import stat
 import tomllib
 from pathlib import Path
@@ -39,16 +41,17 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
             # file system may honour O_NONBLOCK on reads (EAGAIN mid-file).
             os.set_blocking(fd, True)
             with open(fd, "rb", closefd=False) as f:
-                raw = tomllib.load(f)
+                text = f.read().decode()
         finally:
             os.close(fd)
+        raw = tomllib.loads(text)
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are "
                           "UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{path}: {exc}{_where(str(exc), text)}") from None
     except RecursionError:  # tomllib recurses once per level of [ and {
         raise ConfigError(f"{path}: {TOO_DEEP}") from None
     # Underscores are accepted for dashes (max_clients), as they always were.
@@ -58,7 +61,9 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
     for key, value in raw.items():
         o = by_key.get(key.replace("_", "-"))
         if o is None:
-            raise ConfigError(f"{path}: unknown setting {key!r}")
+            near = difflib.get_close_matches(key.replace("_", "-"), list(by_key), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{path}: unknown setting {key!r}{hint}")
         if Where.FILE not in o.where:
             raise ConfigError(f"{path}: {key} can only be given on the command line")
         if o.name in given:
@@ -72,6 +77,29 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
         except RecursionError:  # a string that a kind reads as TOML (access = "{...}")
             raise ConfigError(f"{path}: {key} has {TOO_DEEP}") from None
     return values
+
+
+def _where(message: str, text: str) -> str:
+    """The line a TOML error points at, and what tomllib's terse words mean.
+
+    tomllib says where (``at line 21, column 20``) but not what is there, and
+    says ``Cannot overwrite a value`` for a key given twice: what an operator
+    who appends ``log-level = "debug"`` to the shipped file, which sets it
+    already, gets.
+    """
+    found = re.search(r"\(at line (\d+), column \d+\)$", message)
+    if not found:
+        return ""
+    lines = text.splitlines()
+    number = int(found.group(1))
+    if not 1 <= number <= len(lines):
+        return ""
+    line = lines[number - 1].strip()
+    shown = line if len(line) <= 80 else line[:77] + "..."
+    where = f": {shown!r}" if shown else ""
+    if message.startswith(("Cannot overwrite a value", "Cannot declare")):
+        return f"{where}: a key (or table) given twice; give each once"
+    return where
 
 
 def _misplaced(table: str, value: object, settings: dict[str, Option]) -> str:

@@ -63,6 +63,30 @@ def test_bad_file(tmp_path: Path, text: str, message: str) -> None:
         build(options(["--config", str(path)]))
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # The shipped file sets log-level; an operator appends another.
+        ('log-level = "info"\nmax-clients = 3\nlog-level = "debug"\n',
+         "Cannot overwrite a value (at line 3, column 20): 'log-level = \"debug\"': a key "
+         "(or table) given twice; give each once"),
+        ('[access]\nusers = { a = "client" }\n[access]\n',
+         "Cannot declare ('access',) twice (at line 3, column 8): '[access]': a key (or "
+         "table) given twice; give each once"),
+        ("log-level = \n", "Invalid value (at line 1, column 13): 'log-level ='"),
+        ("max_client = 3\n", "unknown setting 'max_client'; did you mean 'max-clients'?"),
+        ("colour = 1\n", "unknown setting 'colour'"),
+    ],
+)
+def test_a_bad_file_names_its_line_and_what_to_do(tmp_path: Path, text: str,
+                                                  message: str) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        build(options(["--config", str(path)]))
+    assert str(raised.value) == f"{path}: {message}"
+
+
 def test_missing_file_is_one_line_error(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "migblockd", "--config", str(tmp_path / "nope.toml")],

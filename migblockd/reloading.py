@@ -41,6 +41,12 @@ class Reload:
 
     def messages(self) -> list[tuple[int, str]]:
         """The log lines a reload gives, as (level, text)."""
+        if self.config.config is None and not (self.changed or self.restart_only
+                                                or self.unit_owned):
+            # The operator who sends SIGHUP has usually just edited a file; one the
+            # daemon was never told of must not look read ("nothing changed").
+            return [(logging.WARNING, "reload: nothing to re-read: this migblockd was "
+                     "started without --config, so its settings are its command line's")]
         described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in self.changed.items())
         ignored = self.restart_only or self.unit_owned
         lines = [(logging.INFO, "reloaded configuration: " + (described or (

@@ -14,10 +14,20 @@ from migblockd.reloading import plan
 
 
 def test_nothing_changed() -> None:
-    reload = plan(Config(), Config(), socket_passed=False)
-    assert reload.config == Config()
+    config = Config(config=Path("/etc/migblockd/migblockd.toml"))
+    reload = plan(config, config, socket_passed=False)
+    assert reload.config == config
     assert reload.changed == {}
     assert reload.messages() == [(logging.INFO, "reloaded configuration: nothing changed")]
+
+
+def test_without_a_config_file_a_reload_says_it_has_nothing_to_read() -> None:
+    # migblockd started by hand, without --config, and a file edited meanwhile.
+    reload = plan(Config(), Config(), socket_passed=False)
+    assert reload.changed == {}
+    assert reload.messages() == [
+        (logging.WARNING, "reload: nothing to re-read: this migblockd was started without "
+                          "--config, so its settings are its command line's")]
 
 
 def test_a_reloadable_setting_is_applied_and_named() -> None:

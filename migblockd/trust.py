@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Distrust", "distrust", "refusal"]
+__all__ = ["Distrust", "distrust", "named_uid", "refusal"]
 
 #: Group and world write bits.
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -125,7 +126,17 @@ def refusal(directory: Path, *, kind: str, asset: str, option: str) -> str | Non
     else:
         what = f"{found.place}, on the way to {named},"
     if found.owner is not None:
-        return (f"{what} is owned by uid {found.owner}, not by this user (uid {os.geteuid()}) "
-                f"or root, so its owner could replace {asset}; choose another {option}")
+        return (f"{what} is owned by {named_uid(found.owner)}, not by this user "
+                f"(uid {os.geteuid()}) or root, so its owner could replace {asset}; "
+                f"choose another {option}")
     return (f"{what} is writable by others (mode {found.mode:04o}), so they could replace "
             f"{asset}; chmod go-w {found.place}, or choose another {option}")
+
+
+def named_uid(uid: int) -> str:
+    """``uid 986 (migblockd)``: the number the kernel reports and, when the user
+    database has one, the name an operator knows the account by (the units' user)."""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"

@@ -65,7 +65,7 @@ def test_a_directory_owned_by_another_user_is_refused(
     os.chown(directory, NOBODY, NOBODY)
     log = refused(start_daemon, directory / "migblockd.sock")
     assert (f"refusing to serve from {directory}: socket directory {directory} is owned by "
-            f"uid {NOBODY}, not by this user (uid 0) or root") in log, log
+            f"uid {NOBODY} (nobody), not by this user (uid 0) or root") in log, log
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o702])

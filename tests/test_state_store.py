@@ -457,9 +457,9 @@ def test_a_database_another_user_owns_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StateError) as refused:
         Store.open(tmp_path)
     assert str(refused.value) == (
-        f"refusing to keep state in {tmp_path}: {tmp_path}/state.db is owned by uid {NOBODY}, "
-        "not by this user (uid 0) or root, so its owner could change the blockers; chown it, "
-        "or choose another --state-dir")
+        f"refusing to keep state in {tmp_path}: {tmp_path}/state.db is owned by uid {NOBODY} "
+        "(nobody), not by this user (uid 0) or root, so its owner could change the "
+        "blockers; chown it, or choose another --state-dir")
 
 
 def test_a_lock_that_is_a_link_is_refused_with_the_right_fix(tmp_path: Path) -> None:
@@ -1120,8 +1120,8 @@ def test_a_directory_others_could_change_is_refused(tmp_path: Path) -> None:
             Store.open(theirs)
         assert str(refused.value) == (
             f"refusing to keep state in {theirs}: state directory {theirs} is owned by uid "
-            "65534, not by this user (uid 0) or root, so its owner could replace the "
-            "database; choose another --state-dir")
+            "65534 (nobody), not by this user (uid 0) or root, so its owner could "
+            "replace the database; choose another --state-dir")
     open_dir.chmod(0o700)
     Store.open(open_dir).close()  # fixed as the message says: accepted
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from migblockd.state import schema
 from migblockd.state.errors import StateError, describe_open_error, one_line
-from migblockd.trust import refusal
+from migblockd.trust import named_uid, refusal
 
 __all__ = ["DATABASE_NAME", "check_and_open", "check_directory", "configure", "connect",
            "make_directory"]
@@ -159,10 +159,10 @@ def _check_companion(each: Path, path: Path) -> None:
     # As for the directory (sshd's StrictModes): whoever else may write the file
     # could change what the next start restores.
     if st.st_uid not in (os.geteuid(), 0):
-        raise StateError(f"refusing to keep state in {path.parent}: {each} is owned by uid "
-                         f"{st.st_uid}, not by this user (uid {os.geteuid()}) or root, so "
-                         "its owner could change the blockers; chown it, or choose another "
-                         "--state-dir")
+        raise StateError(f"refusing to keep state in {path.parent}: {each} is owned by "
+                         f"{named_uid(st.st_uid)}, not by this user (uid {os.geteuid()})"
+                         " or root, so its owner could change the blockers; chown it, or "
+                         "choose another --state-dir")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StateError(f"refusing to keep state in {path.parent}: {each} is writable by "
                          f"others (mode {stat.S_IMODE(st.st_mode):04o}), so they could change "

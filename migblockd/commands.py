@@ -25,7 +25,7 @@ from migblockd.qmp.encoding import Encoded, Parts
 from migblockd.qmp.envelope import QMP_CAPABILITIES, Command
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.validation import ArgumentValidator
-from migblockd.registry import BlockerError, Change, Registry
+from migblockd.registry import BlockerError, Change, MigrationBlocked, Registry
 from migblockd.render import blocker_text
 
 log = logging.getLogger("migblockd")
@@ -142,7 +142,13 @@ class Handlers:
                  blocker_id: str | None = None) -> None:
         """The log line of a refused ``migrate`` (to ``uri``) or ``add-blocker``:
         what was refused and why, in the refusal's own words."""
-        if uri is not None:
+        if isinstance(exc, MigrationBlocked):
+            # The reason alone may be shared by several blockers: the id is what an
+            # operator deletes, and its field puts the refusal in the blocker's history.
+            log.info("%s: migrate to %s refused by blocker %s: %s", conn.label, shown(uri),
+                     shown(exc.blocker.id, quoted=False), shown(exc),
+                     extra=about(conn, blocker_id=exc.blocker.id))
+        elif uri is not None:
             log.info("%s: migrate to %s refused: %s", conn.label, shown(uri), shown(exc),
                      extra=about(conn))
         else:

@@ -291,6 +291,29 @@ def journal(short_tmp: Path) -> Iterator[JournalSocket]:
     sock.close()
 
 
+def test_a_refused_migration_names_the_blocker_that_refused_it(
+        tmp_path: Path, daemons: list[DaemonProcess], journal: JournalSocket) -> None:
+    # Two blockers with one reason (two VFIO functions, say): the line names the one
+    # that refused, the newest, and the refusal joins that blocker's history.
+    d = start(tmp_path, "--log-level", "info", journal=True, journal_socket=journal.path)
+    daemons.append(d)
+    wait_ready(d)
+
+    async def client() -> None:
+        async with qmp_client(d.socket) as c:
+            await c.ok("add-blocker", {"reason": "VFIO device", "id": "vf0"})
+            await c.ok("add-blocker", {"reason": "VFIO device", "id": "vf1"})
+            reply = await c.execute("migrate", {"uri": "tcp:10.0.0.2:4444"})
+            assert reply["error"]["desc"] == "VFIO device", reply
+
+    asyncio.run(client())
+    refused = journal.wait_for(lambda e: "refused" in e["MESSAGE"])
+    assert refused["MESSAGE"].split(": ", 1)[1] == (
+        "migrate to 'tcp:10.0.0.2:4444' refused by blocker vf1: 'VFIO device'")
+    assert refused.all("MIGBLOCKD_BLOCKER_ID") == ["vf1"]
+    assert d.stop() == 0
+
+
 def test_native_entries_carry_the_blocker_and_the_peer(
         tmp_path: Path, daemons: list[DaemonProcess], journal: JournalSocket) -> None:
     d = start(tmp_path, "--log-level", "info", journal=True, journal_socket=journal.path)

@@ -23,13 +23,14 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from otheruids import bare_uid
+from otheruids import bare_uid, client_python
 
 from migblockd.paths import default_state_dir
 from migblockd.state import (
@@ -535,6 +536,39 @@ def test_unreadable_database_is_refused(tmp_path: Path) -> None:
     assert open_error(directory, unprivileged=True) == (
         f"cannot read and write {directory}/state.db: Permission denied; fix its "
         "permissions, or choose another --state-dir")
+
+
+def test_a_database_copied_as_root_names_its_owner_and_the_chown(
+        request: pytest.FixtureRequest) -> None:
+    # docs/state.md's restore, done with cp as root: the directory is the daemon's
+    # user's, the copy root's (which the ownership rule allows), and the daemon's user
+    # cannot open it.  Run as nobody, with the package copied where nobody can read it.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the daemon's side as another uid")
+    shared = Path(tempfile.mkdtemp(prefix="migblockd-restore-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(shared, ignore_errors=True))
+    code = shutil.copytree(ROOT / "migblockd", shared / "code" / "migblockd",
+                           ignore=shutil.ignore_patterns("__pycache__"))
+    for place in (shared, shared / "code", *code.rglob("*")):
+        place.chmod(0o755 if place.is_dir() else 0o644)
+    directory = shared / "state"
+    filled(directory, 1)
+    for leftover in directory.iterdir():
+        if leftover.name != "state.db":
+            leftover.unlink()
+    os.chown(directory, NOBODY, NOBODY)
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         client_python(), "-I", "-c",
+         f"import sys; sys.path.insert(0, {str(shared / 'code')!r})\n"
+         + textwrap.dedent(OPEN_AND_REPORT).replace("sys.argv[1]", repr(str(directory)))],
+        capture_output=True, text=True, timeout=60, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["error"] == (
+        f"cannot read and write {directory}/state.db: Permission denied (it belongs to uid 0 "
+        f"(root), mode 0600, and this daemon runs as uid {NOBODY} (nobody): a copy made as "
+        f"root belongs to root); chown nobody: {directory}/state.db, or choose another "
+        "--state-dir")
 
 
 def test_a_log_index_the_daemon_cannot_write_is_named(tmp_path: Path) -> None:

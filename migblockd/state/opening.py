@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import sqlite3
 import stat
 from collections.abc import Sequence
@@ -172,8 +173,26 @@ def _check_companion(each: Path, path: Path) -> None:
         nofollow = os.O_NOFOLLOW if each != path else 0
         os.close(os.open(each, os.O_RDWR | os.O_CLOEXEC | nofollow | os.O_NONBLOCK))
     except OSError as e:
-        raise StateError(f"cannot read and write {each}: {e.strerror}; fix its permissions, "
-                         "or choose another --state-dir") from e
+        raise StateError(f"cannot read and write {each}: {e.strerror}"
+                         f"{_fix(each, st, e)}, or choose another --state-dir") from e
+
+
+def _fix(each: Path, st: os.stat_result, e: OSError) -> str:
+    """What to do about a file this user may not open: whose it is, when not ours.
+
+    The usual case is a restore done as root with ``cp``: the copy is root's,
+    and "fix its permissions" does not say that the owner is what is wrong.
+    """
+    uid = os.geteuid()
+    if not isinstance(e, PermissionError) or st.st_uid == uid:
+        return "; fix its permissions"
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return (f" (it belongs to {named_uid(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}, "
+            f"and this daemon runs as {named_uid(uid)}: a copy made as root belongs to "
+            f"root); chown {name}: {each}")
 
 
 def _create(path: Path, migrations: Sequence[schema.Migration]) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import pty
 import re
+import select
 import shutil
 import signal
 import socket
@@ -317,6 +318,32 @@ def test_a_socket_that_does_not_speak_qmp_is_exit_status_2(
     assert result.returncode == 2
     assert message in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_a_daemon_that_exits_before_taking_the_connection_is_named_with_its_log(
+    tmp_path: Path,
+) -> None:
+    # Socket activation with a daemon that cannot start (bad state, bad configuration):
+    # the shell's connection waits in the listening socket's backlog, and goes when the
+    # socket does, reset.  It used to say "reading the greeting failed: [Errno 104]
+    # Connection reset by peer".
+    path = tmp_path / "activated.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    proc = subprocess.Popen([*SHELL, str(path), "-c", "query-version"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([server], [], [], 60)  # the shell is queued
+        assert ready
+    finally:
+        server.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert err == (
+        f"migblock-shell: {path}: the connection was reset before a greeting; the daemon "
+        "stopped, or failed to start: its log says why (under systemd: journalctl -u "
+        "migblockd)\n")
 
 
 def test_daemon_going_away_mid_script_is_exit_status_2(daemon: DaemonProcess) -> None:

@@ -143,6 +143,11 @@ class Core(Roster, Outcomes):
                 handled += 1
                 if request is None:
                     self.stats.protocol_replies += 1  # answered by the session itself
+                    if session.limit_notice is not None:
+                        # The client's error names no setting; the log does, once.
+                        log.warning("%s: %s", conn.label, session.limit_notice,
+                                    extra=about(conn))
+                        session.limit_notice = None
                     continue
             else:
                 break

@@ -710,6 +710,14 @@ async def test_max_message_size(start_daemon: Callable[..., DaemonProcess]) -> N
         c.events.clear()
         ids = [b["id"] for b in await c.ok("query-blockers")]
         assert ids == ["fits"]
+    # The client is told in QEMU's words, which name no setting; the log names it, once
+    # per connection (three refusals above, one line).
+    lines = [line for line in d.log().splitlines() if "request refused" in line]
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(": request refused (JSON token size limit exceeded): past "
+                             "max-message-size=1024 bytes; further ones on this connection "
+                             "are not logged"), lines
+    assert " WARNING: client " in lines[0], lines
     assert_clean_log(d)
 
 
@@ -722,6 +730,8 @@ async def test_max_nesting(start_daemon: Callable[..., DaemonProcess]) -> None:
         msgs = await exchange(c, encode(deep))
         assert msgs == [error(GENERIC, "JSON nesting depth limit exceeded")], msgs
         assert await c.ok("query-blockers") == []
+    assert d.wait_for_log("request refused (JSON nesting depth limit exceeded): past "
+                          "max-nesting=4; further ones")
     assert_clean_log(d)
 
 

@@ -66,9 +66,21 @@ from migblockd.qmp.envelope import NOT_AN_OBJECT, QMP_CAPABILITIES, Command, Env
 from migblockd.qmp.errors import NO_ID, QMPError
 from migblockd.qmp.framing import NEED_DATA, StreamDecoder
 from migblockd.qmp.limits import Limits
-from migblockd.qmp.wording import ParseError
+from migblockd.qmp.wording import (
+    NESTING_EXCEEDED,
+    TOKEN_COUNT_EXCEEDED,
+    TOKEN_SIZE_EXCEEDED,
+    ParseError,
+)
 
 __all__ = ["EVENT", "KEEP", "VANISH", "Applied", "Session"]
+
+#: The input limits' errors, and the setting each one enforces.
+_LIMITS: dict[str, Callable[[Limits], str]] = {
+    TOKEN_SIZE_EXCEEDED: lambda limits: f"max-message-size={limits.max_message_size} bytes",
+    TOKEN_COUNT_EXCEEDED: lambda limits: f"max-tokens={limits.max_tokens}",
+    NESTING_EXCEEDED: lambda limits: f"max-nesting={limits.max_nesting}",
+}
 
 
 #: What held output becomes if its commit fails: sent as it is (a reply, or an
@@ -120,7 +132,8 @@ class Session(Envelope):
     ``capabilities`` are what ``qmp_capabilities`` may enable.
     """
 
-    __slots__ = ("_decoder", "_held", "_output", "_queue", "event_bytes", "output_bytes")
+    __slots__ = ("_decoder", "_held", "_limit_told", "_limits", "_output", "_queue",
+                 "event_bytes", "limit_notice", "output_bytes")
 
     def __init__(self, commands: Mapping[str, Command], greeting: dict[str, Any],
                  limits: Limits) -> None:
@@ -130,6 +143,13 @@ class Session(Envelope):
         self._negotiation = commands[QMP_CAPABILITIES]
         self._offered = frozenset(greeting.get("QMP", {}).get("capabilities", ()))
         self._decoder = StreamDecoder(limits)
+        self._limits = limits
+        #: The first request refused for an input limit, in the operator's words
+        #: (which setting, at what value), for the daemon to log and then clear;
+        #: later ones on this connection are counted only.  The client gets QEMU's
+        #: wording, which names no setting.
+        self.limit_notice: str | None = None
+        self._limit_told = False
         #: In-band requests parsed ahead of their turn while looking for OOB ones.
         self._queue: deque[object] = deque()
         self._output: list[bytes] = [encode_line(greeting)]
@@ -163,6 +183,7 @@ class Session(Envelope):
     def configure(self, limits: Limits) -> None:
         """Bound the input by ``limits`` from now on (a reload)."""
         self._decoder.configure(limits)
+        self._limits = limits
 
     @property
     def buffered(self) -> int:
@@ -350,6 +371,11 @@ class Session(Envelope):
         """A runnable request, or None after answering ``item`` here."""
         if type(item) is ParseError:
             self._put(encode_error(QMPError(item.desc), NO_ID), 0, KEEP)
+            if not self._limit_told and item.desc in _LIMITS:
+                self._limit_told = True
+                setting = _LIMITS[item.desc](self._limits)
+                self.limit_notice = (f"request refused ({item.desc}): past {setting}; "
+                                     "further ones on this connection are not logged")
             return None
         if type(item) is not dict:
             self._put(encode_error(QMPError(NOT_AN_OBJECT), NO_ID), 0, KEEP)

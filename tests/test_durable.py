@@ -653,29 +653,48 @@ async def test_stored_modes_are_served_in_the_schemas_order(
         assert [b["modes"] for b in await blockers(c)] == [["normal", "cpr-exec"]]
 
 
-@pytest.mark.parametrize("case", ["unreadable file", "read-only directory"])
+@pytest.mark.parametrize("case", ["unreadable file", "read-only directory",
+                                  "unsearchable directory", "link into an unsearchable one"])
 async def test_unwritable_state_stops_the_daemon(
     start_daemon: Start, tmp_path: Path, case: str
 ) -> None:
+    """Each with one line naming the file: before, the last two stopped it with a
+    traceback (PermissionError from looking for state.db)."""
     directory = tmp_path / "state"
     await stored_state(start_daemon, directory)
     db = directory / "state.db"
+    volume = tmp_path / "volume"
+    if case == "link into an unsearchable one":
+        volume.mkdir(mode=0o700)
+        db.rename(volume / "state.db")
+        db.symlink_to(volume / "state.db")
+    before = digest(directory)
     if case == "unreadable file":
         db.chmod(0)
         expected = (f"cannot read and write {db}: Permission denied; fix its permissions, "
                     "or choose another --state-dir")
-    else:
+    elif case == "read-only directory":
         directory.chmod(0o500)  # SQLite cannot create its log next to the database
         expected = (f"cannot write {db} (attempt to write a readonly database); make it and "
                     f"{directory} writable by this user, or choose another --state-dir")
-    before = digest(directory)
+    elif case == "unsearchable directory":
+        directory.chmod(0)
+        expected = (f"cannot look in state directory {directory}: Permission denied; "
+                    f"chmod u+rwx {directory}, or choose another --state-dir")
+    else:
+        volume.chmod(0)
+        expected = (f"cannot reach {db}, a symbolic link to {volume}/state.db: Permission "
+                    "denied; make where it leads reachable by this user, or choose another "
+                    "--state-dir")
     daemon = start_daemon("--state-dir", str(directory), "--log-level", "info", wait=False,
                           python=unprivileged_python(tmp_path))
     assert daemon.wait_exit() == 1
     assert only_line(daemon) == expected
+    directory.chmod(0o700)
+    if volume.exists():
+        volume.chmod(0o700)
     assert digest(directory) == before
     # Fixed as the message says, the same daemon starts with everything there.
-    directory.chmod(0o700)
     db.chmod(0o600)
     fixed = start_daemon("--state-dir", str(directory), python=unprivileged_python(tmp_path))
     fixed.wait_for_log(restored_line(directory, 200))

@@ -66,9 +66,23 @@ def check_directory(directory: Path) -> None:
     database's log and index beside the file the link leads to."""
     _check_trusted(directory, directory, "state directory")
     database = directory / DATABASE_NAME
-    if database.is_symlink() and database.exists():
-        target = Path(os.path.realpath(database)).parent
-        _check_trusted(directory, target, f"the directory of {DATABASE_NAME}'s target")
+    try:
+        linked = database.is_symlink()
+    except OSError as e:  # a directory this user may not search (mode 0 or 0600)
+        raise StateError(f"cannot look in state directory {directory}: {e.strerror}; "
+                         f"chmod u+rwx {directory}, or choose another --state-dir") from None
+    if not linked:
+        return
+    try:
+        database.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there: _check_file says so, naming the link
+    except OSError as e:  # a directory on the way this user may not search, a loop
+        raise StateError(f"cannot reach {database}, a symbolic link to "
+                         f"{os.readlink(database)}: {e.strerror}; make where it leads "
+                         "reachable by this user, or choose another --state-dir") from None
+    target = Path(os.path.realpath(database)).parent
+    _check_trusted(directory, target, f"the directory of {DATABASE_NAME}'s target")
 
 
 def _check_trusted(directory: Path, place: Path, kind: str) -> None:

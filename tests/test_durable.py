@@ -700,6 +700,37 @@ async def test_unwritable_state_stops_the_daemon(
     fixed.wait_for_log(restored_line(directory, 200))
 
 
+async def test_a_log_left_beside_a_link_to_the_database_stops_the_daemon(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """state.db moved to another volume after a crash, and linked to: SQLite reads
+    the log beside the link's target, so the one left beside the link, holding
+    every change since the last checkpoint, was ignored: before, the daemon
+    started with none of the acknowledged blockers."""
+    directory = tmp_path / "state"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        await add(c, "acknowledged", id="kept")
+    kill(daemon)
+    volume = tmp_path / "volume"
+    volume.mkdir(mode=0o700)
+    db, wal = directory / "state.db", directory / "state.db-wal"
+    db.rename(volume / "state.db")
+    db.symlink_to(volume / "state.db")
+    refused = start_daemon("--state-dir", str(directory), "--log-level", "info", wait=False)
+    assert refused.wait_exit() == 1
+    assert only_line(refused) == (
+        f"{wal} holds changes that SQLite would not read: {db} links to {volume}/state.db, "
+        f"whose log is {volume}/state.db-wal; move {wal} there, or put the database back "
+        "in place of the link")
+    assert wal.stat().st_size > 0
+    # Done as the message says, the change is there.
+    wal.rename(volume / "state.db-wal")
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert await ids(c) == ["kept"]
+
+
 async def test_a_state_dir_through_a_symlink_and_dot_dot_is_judged_where_it_leads(
     start_daemon: Start, tmp_path: Path
 ) -> None:

@@ -416,6 +416,29 @@ def test_a_database_linked_into_a_directory_others_may_write_is_refused(
     assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
 
 
+def test_the_log_beside_a_linked_databases_target_is_held_to_the_same_rules(
+    tmp_path: Path
+) -> None:
+    """SQLite opens the log beside the link's target, not the one beside the link:
+    before, the one beside the link was checked, and a log others may write was used."""
+    filled(tmp_path / "volume", 2)
+    volume = tmp_path / "volume"
+    directory = tmp_path / "state"
+    directory.mkdir(mode=0o700)
+    (directory / "state.db").symlink_to(volume / "state.db")
+    log = volume / "state.db-wal"
+    log.write_bytes(b"")
+    log.chmod(0o666)
+    with pytest.raises(StateError) as refused:
+        Store.open(directory)
+    assert str(refused.value) == (
+        f"refusing to keep state in {directory}: {log} is writable by others (mode 0666), "
+        f"so they could change the blockers; chmod go-w {log}, or choose another "
+        "--state-dir")
+    log.chmod(0o600)
+    assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
+
+
 def test_a_relative_directory_is_named_absolutely(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # Before: "restored 0 blockers from state/state.db", wherever that was.

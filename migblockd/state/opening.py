@@ -128,7 +128,7 @@ def _check_file(path: Path) -> bool:
     """Refuse files we cannot read and write, with the system's reason, which
     SQLite would report only as "unable to open database file" (or blame on
     the database when it is its log).  True: there is no database yet."""
-    wal, shm = (path.with_name(path.name + suffix) for suffix in ("-wal", "-shm"))
+    wal = path.with_name(path.name + "-wal")
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -151,9 +151,32 @@ def _check_file(path: Path) -> bool:
         # migblockd creates the file whole (see _create): this one was cut short.
         raise StateError(f"{path} is empty (0 bytes): it was truncated; restore it from a "
                          "backup, or move it away to start from scratch")
-    for each in (path, wal, shm):
+    # SQLite keeps the log and its index beside the file a link leads to.
+    real = Path(os.path.realpath(path))
+    log_file, index_file = (real.with_name(real.name + suffix) for suffix in ("-wal", "-shm"))
+    _check_left_log(wal, path, real, log_file)
+    for each in (path, log_file, index_file):
         _check_companion(each, path)
     return False
+
+
+def _check_left_log(wal: Path, path: Path, real: Path, log_file: Path) -> None:
+    """Refuse a log beside ``path`` that SQLite would not read, because ``path``
+    links to ``real``: left there when the database was moved and linked to
+    after a crash, it holds changes committed since the last checkpoint, which
+    starting without it would drop."""
+    try:
+        size = wal.lstat().st_size
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StateError(f"cannot read {wal}: {e.strerror}; fix its permissions, "
+                         "or choose another --state-dir") from e
+    if size == 0 or os.path.realpath(wal) == str(log_file):  # empty, or the one SQLite reads
+        return
+    raise StateError(f"{wal} holds changes that SQLite would not read: {path} links to "
+                     f"{real}, whose log is {log_file}; move {wal} there, or put the database "
+                     "back in place of the link")
 
 
 def _check_companion(each: Path, path: Path) -> None:

@@ -189,7 +189,11 @@ class Store:
         this commit nor cutting the log could be written.
         """
         conn = self._conn
-        if conn is None:  # dropped: no commit to write over it with
+        if conn is None:
+            # Dropped by a rollback that failed (not after an I/O error: SQLite has
+            # rolled back by itself then).  Not a new connection: the first one to
+            # open the log after the last one closed rebuilds its index from it,
+            # and would take the failed group, whole, for the last commit.
             return self._cut_log()
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]

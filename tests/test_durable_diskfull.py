@@ -10,6 +10,7 @@ mounts, and frees it the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -50,7 +51,9 @@ class Namespace:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Namespace]:
+def small_tmpfs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Namespace]:
+    """1 MiB, or the mount options a test gives (``indirect``)."""
+    options = getattr(request, "param", "size=1m")
     if shutil.which("unshare") is None or shutil.which("nsenter") is None:
         pytest.skip("needs unshare and nsenter (util-linux) for a private tmpfs")
     mountpoint = tmp_path / "mnt"
@@ -58,7 +61,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Namespace]:
     root = os.geteuid() == 0
     unshare = ["unshare", "--mount"] if root else [
         "unshare", "--user", "--map-root-user", "--mount"]
-    script = (f"mount -t tmpfs -o size=1m,mode=0700 tmpfs {mountpoint} && echo mounted && "
+    script = (f"mount -t tmpfs -o {options},mode=0700 tmpfs {mountpoint} && echo mounted && "
               "exec sleep 600")
     holder = subprocess.Popen([*unshare, "sh", "-c", script], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -218,6 +221,41 @@ async def test_full_disk_at_start_stops_the_daemon(
     assert lines[0].endswith(f"ERROR: cannot write {directory}/state.db (database or disk is "
                              "full); free some space on its file system"), lines[0]
     assert_clean_log(daemon)
+
+
+@pytest.mark.parametrize("small_tmpfs", ["size=1m,nr_inodes=16"], indirect=True)
+async def test_no_free_inode_at_start_says_so(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
+) -> None:
+    """A clean stop removes the log; with no inode left for a new one, the next
+    start failed with "make it and D writable by this user", which it was."""
+    directory = small_tmpfs.mountpoint / "state"
+    python = small_tmpfs.python(tmp_path)
+    daemon = start_daemon("--state-dir", str(directory), python=python)
+    async with daemon.client() as c:
+        await c.ok("add-blocker", {"reason": "kept", "id": "kept"})
+    assert daemon.stop() == 0
+    files = small_tmpfs.outside(small_tmpfs.mountpoint / "files")
+    files.mkdir()
+    made = 0
+    with contextlib.suppress(OSError):
+        while True:
+            (files / str(made)).touch()
+            made += 1
+    refused = start_daemon("--state-dir", str(directory), "--log-level", "info",
+                           python=python, wait=False)
+    assert refused.wait_exit() == 1
+    lines = refused.log().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(
+        f"ERROR: cannot write {directory}/state.db (unable to open database file); its file "
+        "system has no free inodes: delete some files on it"), lines[0]
+    assert_clean_log(refused)
+    shutil.rmtree(files)
+    again = start_daemon("--state-dir", str(directory), python=python)
+    async with again.client() as c:
+        assert [b["id"] for b in await c.ok("query-blockers")] == ["kept"]
+    assert again.stop() == 0
 
 
 @pytest.mark.parametrize("full", [True, False])

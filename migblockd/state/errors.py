@@ -62,6 +62,9 @@ def describe_open_error(path: Path, error: sqlite3.Error) -> str:
         return (f"{path} is corrupt ({why}); restore it from a backup, "
                 "or move it away to start from scratch")
     if primary in (_READONLY, _CANTOPEN, _PERM, _AUTH):
+        if primary == _CANTOPEN and _no_inodes(directory):  # no new log, nor its index
+            return (f"cannot write {path} ({why}); its file system has no free inodes: "
+                    "delete some files on it")
         return (f"cannot write {path} ({why}); make it and {directory} writable "
                 "by this user, or choose another --state-dir")
     if primary == _FULL:
@@ -91,6 +94,16 @@ def free_space(directory: Path) -> int:
 def _no_space(directory: Path) -> bool:
     """Whether the file system of ``directory`` has no block left for this user."""
     return free_space(directory) == 0
+
+
+def _no_inodes(directory: Path) -> bool:
+    """Whether the file system of ``directory`` has no file left to make for this
+    user (False when it cannot be told, or it has no fixed number of files)."""
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return False
+    return fs.f_files > 0 and (fs.f_ffree if os.geteuid() == 0 else fs.f_favail) == 0
 
 
 def io_error(error: sqlite3.Error) -> bool:

@@ -700,6 +700,46 @@ async def test_unwritable_state_stops_the_daemon(
     fixed.wait_for_log(restored_line(directory, 200))
 
 
+@pytest.mark.parametrize("case", ["log removed", "database replaced"])
+async def test_files_taken_away_under_the_running_daemon_are_not_written_to(
+    start_daemon: Start, tmp_path: Path, case: str
+) -> None:
+    """SQLite writes on to the files it has open, whatever happens to their names:
+    before, with state.db-wal removed ("cleaning up") or state.db replaced while
+    the daemon ran, every change from then on was acknowledged, and the next
+    start did not find it."""
+    directory = tmp_path / "state"
+    db, wal = directory / "state.db", directory / "state.db-wal"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        await add(c, "acknowledged before", id="before")
+        if case == "log removed":
+            wal.unlink()
+            expected = (f"cannot commit to {db}: its log {wal} was removed or replaced while "
+                        "the daemon ran, and SQLite writes on to the one it has open, which "
+                        "the next start would not find; stop the daemon (not with SIGKILL: a "
+                        "clean stop folds that log into the database) and start it again")
+        else:
+            shutil.copy(db, tmp_path / "copy.db")
+            (tmp_path / "copy.db").replace(db)
+            expected = (f"cannot commit to {db}: it is not the file the daemon opened (it was "
+                        "replaced, moved or removed), and the next start would not read what "
+                        "is committed now; put that file back, or restart the daemon to use "
+                        "this one")
+        for _ in range(2):  # and so on, until the daemon is restarted
+            reply = await c.execute("add-blocker", {"reason": "not acknowledged", "id": "no"})
+            assert reply["error"]["desc"].startswith(expected), reply
+        assert await ids(c) == ["before"]
+    assert daemon.stop() == 0
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        restored = await ids(c)
+        assert "no" not in restored
+        if case == "log removed":  # a clean stop folded the log it had open into state.db
+            assert restored == ["before"]
+        await add(c, "after the restart", id="after")
+
+
 async def test_a_log_left_beside_a_link_to_the_database_stops_the_daemon(
     start_daemon: Start, tmp_path: Path
 ) -> None:

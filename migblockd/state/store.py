@@ -58,6 +58,8 @@ __all__ = ["Store"]
 # Free space below which the log is emptied after every commit: twice what
 # SQLite lets it grow to by itself (1000 pages of 4 KiB).
 _LOG_ROOM = 8 << 20
+# A file that this user may not look at any more: see _identity.
+_HIDDEN = (-1, -1)
 # SQLITE_IOERR_FSYNC (sqlite3.h): a write that was made, then not synced.
 _IOERR_FSYNC = 10 | (4 << 8)
 
@@ -65,7 +67,7 @@ _IOERR_FSYNC = 10 | (4 << 8)
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
-    __slots__ = ("_conn", "_files", "_lock", "directory", "path")
+    __slots__ = ("_conn", "_files", "_lock", "_log", "_opened", "directory", "path")
 
     def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection) -> None:
         self.directory = directory
@@ -73,8 +75,11 @@ class Store:
         # Where the database and its log really are (state.db may be a link),
         # on the file system whose free space matters.
         self._files = Path(os.path.realpath(self.path)).parent
+        self._log = Path(os.path.realpath(self.path) + "-wal")
         self._lock: PidLock | None = lock
         self._conn: sqlite3.Connection | None = conn
+        # The database and log files SQLite has open (the log: once it exists).
+        self._opened = (_identity(self.path), _identity(self._log))
 
     @classmethod
     def open(cls, directory: Path,
@@ -133,6 +138,7 @@ class Store:
         if not changes:
             return
         batches = _batches(changes)  # encoded first: a bad value fails before BEGIN
+        self._check_files()
         try:
             self._apply(batches)
         except sqlite3.Error as e:
@@ -162,6 +168,32 @@ class Store:
             # than that it would take the last of it, leave the database none
             # to grow into, and no commit would succeed again.
             self._fold_log("PASSIVE")
+
+    def _check_files(self) -> None:
+        """Refuse to commit to files that the next start would not read.
+
+        SQLite goes on writing to the files it has open whatever happens to
+        their names: a state.db replaced (a backup restored, a copy linked to)
+        or a log removed ("cleaning up") while the daemon runs would take every
+        change acknowledged from then on, and the next start would not find
+        them.  Checked before each group, not after: a group found afterwards
+        to be in such a file could be reported neither failed nor done.
+        """
+        database, log_file = self._opened
+        if _identity(self.path) not in (database, _HIDDEN):
+            raise StateError(f"cannot commit to {self.path}: it is not the file the daemon "
+                             "opened (it was replaced, moved or removed), and the next start "
+                             "would not read what is committed now; put that file back, or "
+                             "restart the daemon to use this one")
+        now = _identity(self._log)
+        if log_file is None:
+            self._opened = (database, now)  # made since: SQLite makes it at the first read
+        elif now not in (log_file, _HIDDEN):
+            raise StateError(f"cannot commit to {self.path}: its log {self._log} was removed "
+                             "or replaced while the daemon ran, and SQLite writes on to the "
+                             "one it has open, which the next start would not find; stop the "
+                             "daemon (not with SIGKILL: a clean stop folds that log into "
+                             "the database) and start it again")
 
     def _apply(self, batches: Sequence[tuple[str, list[schema.Params]]]) -> None:
         """One transaction; rolled back if it fails."""
@@ -264,6 +296,7 @@ class Store:
         if self._lock is None:
             raise StateError(f"{self.path} is closed")
         if self._conn is None:  # dropped after a failure it could not roll back
+            self._opened = (self._opened[0], None)  # the log may be made again
             try:
                 self._conn = connect(self.path)
                 configure(self._conn)
@@ -284,6 +317,19 @@ class Store:
             self._conn = None
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file ``path`` names (following links): device and inode; None: none;
+    :data:`_HIDDEN` when this user may no longer look (a directory's mode changed),
+    which the open files do not mind."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return _HIDDEN
+    return st.st_dev, st.st_ino
 
 
 def _batches(changes: Sequence[Change]) -> list[tuple[str, list[schema.Params]]]:

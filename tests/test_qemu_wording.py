@@ -65,6 +65,10 @@ CASES = [
     b'{"a": [1, -\n2]}', b'{"a": [11e\n2]}', b'{"a": 1.\r\n}',
     # ... and its parser's errors come in the order of the tokens
     b'{"e": "x", "a\xc3g": {}, "id":9 {"k": 1}}', b'{"a": [1 2], "b": "\xc3("}',
+    # A number cut short by a character that is not ASCII: its lexer reads bytes,
+    # so the token ends at that character's first byte.
+    b'{"a": -\xc3\xa9}', b'{"a": 1.\xe2\x82\xac}', b'{"a": 1e\xf0\x9f\x98\x80}',
+    b'{"a": 1e+\xc3\xa9}', b'[1, -\xc3\xa9]', b'{"a": 1\xc3\xa9}', b'{"a": tru\xc3\xa9}',
 ]
 
 
@@ -116,6 +120,7 @@ def test_malformed_json_is_worded_as_qemu_words_it(qemu: Qemu, data: bytes) -> N
 TOP_LEVEL = [
     b'1.}', b'1e}', b'-}', b'1e+ ', b'12x', b'1e5x', b'1.5.}', b'0x10', b'trueX', b'xY',
     b'nul1', b'ab.c', b'-1-', b'truex', b'01}', b'0e5 ', b'0E5 ', b'-0e1x',
+    b'-\xc3\xa9', b'1.\xe2\x82\xac', b'1\xc3\xa9', b'tru\xc3\xa9',
 ]
 NOT_AN_OBJECT = "QMP input must be a JSON object"
 

@@ -127,6 +127,21 @@ def test_any_chunking_gives_the_same_messages(parts: list[bytes], data: st.DataO
     assert decode(*chunks, eof=True) == decode(stream, eof=True)
 
 
+@pytest.mark.parametrize("data", [
+    b'{"a": -\xc3\xa9}', b'[1.\xe2\x82\xac]', b'{"a": 1e\xf0\x9f\x98\x80}', b"-\xc3\xa9",
+    b"1e+\xe2\x82\xac",
+], ids=repr)
+def test_a_number_cut_short_by_a_character_that_is_not_ascii_is_worded_however_split(
+        data: bytes) -> None:
+    # QEMU's lexer reads bytes: the token ends at the character's first byte,
+    # which is what a read that ends there shows too (tests/test_qemu_wording.py).
+    whole = decode(data + CMD, eof=True)
+    assert errors(whole)[0].endswith("\ufffd'"), whole
+    assert values(whole) == [CMD_VALUE]
+    for cut in range(1, len(data)):
+        assert decode(data[:cut], data[cut:] + CMD, eof=True) == whole, cut
+
+
 class StepByStep(StreamDecoder):
     """Garbage at the top level skipped as it was before one search did it: to
     the next "{", line feed or reset byte, that reset byte's own state, and on."""

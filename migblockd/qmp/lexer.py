@@ -118,9 +118,9 @@ def _number_error(text: str, start: int) -> str | int:
     for i in range(start, len(text)):
         following = _NUMBER[state].get(_number_class(text[i]))
         if following is None:
-            return i if state in _NUMBER_ENDS else _stray_text(text[start:i + 1])
+            return i if state in _NUMBER_ENDS else _stray_through(text, start, i)
         if following == "bad":
-            return _stray_text(text[start:i + 1])
+            return _stray_through(text, start, i)
         state = following
     return len(text)
 
@@ -168,6 +168,14 @@ def _stray_char(c: str) -> str:
 
 def _stray_text(token: str) -> str:
     return stray(token.encode("utf-8", RAW))[len(PARSE_ERROR_PREFIX):]
+
+
+def _stray_through(text: str, start: int, bad: int) -> str:
+    """The token from ``start`` that fails at ``bad``: QEMU's lexer reads bytes,
+    so it ends at the first byte of that character (``-é`` is ``-`` and 0xC3,
+    shown as U+FFFD), however the input was split into reads."""
+    token = text[start:bad].encode("utf-8", RAW) + text[bad].encode("utf-8", RAW)[:1]
+    return stray(token)[len(PARSE_ERROR_PREFIX):]
 
 
 #: What QEMU's lexer (``qobject/json-lexer.c``) refuses in a string: control

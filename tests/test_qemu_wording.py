@@ -149,3 +149,36 @@ def test_top_level_tokens_are_split_and_worded_as_qemu_does(qemu: Qemu, data: by
     # One error per bad message (docs/protocol.md): where QEMU goes on about
     # the same message, migblockd has said its first error and resynchronised.
     assert ours and ours == qemus_errors(qemu, data)[:len(ours)]
+
+
+#: Messages broken by a closing bracket: QEMU's streamer counts "{" and "[" each
+#: on its own and ends the message as soon as either count is below zero, or
+#: once neither is above it (``qobject/json-streamer.c``).
+BROKEN_BY_A_CLOSER = [
+    b'{"a": {]', b'{"a": {"b": [1, {]]', b'[{]]', b'{"a": [}]', b'{{}]', b'[{"a": {}]]',
+]
+GLUED = b'{"execute": "query-version", "id": "glued"}'
+
+
+def qemus_replies(qemu: Qemu, data: bytes) -> list[str]:
+    """QEMU's errors and the ids it answered, for ``data`` then a marker request."""
+    with monitor(qemu) as sock:
+        sock.sendall(data + b'\n{"execute": "query-version", "id": "end"}\n')
+        out = []
+        while (reply := line(sock)).get("id") != "end":
+            out.append(reply["error"]["desc"] if "error" in reply else reply["id"])
+        return out
+
+
+@pytest.mark.parametrize("data", BROKEN_BY_A_CLOSER,
+                         ids=[repr(c)[2:-1] for c in BROKEN_BY_A_CLOSER])
+def test_a_request_glued_after_a_message_broken_by_a_closer_runs_where_qemu_runs_it(
+        qemu: Qemu, data: bytes) -> None:
+    decoder = StreamDecoder(Config().limits)
+    decoder.feed(data + GLUED + b"\n")
+    ours = [item.desc if isinstance(item, ParseError) else item.get("id")
+            for item in decoder if isinstance(item, (ParseError, dict))]
+    theirs = qemus_replies(qemu, data + GLUED)
+    # One error per bad message (docs/protocol.md): QEMU may say more before it.
+    assert ours[0] == theirs[0]
+    assert ("glued" in ours) == ("glued" in theirs), (ours, theirs)

@@ -492,6 +492,18 @@ def test_mismatched_closer() -> None:
     ]
 
 
+@pytest.mark.parametrize("broken", [b'{"a": {]', b'[{]]', b'{"a": {"b": [1, {]]'], ids=repr)
+def test_a_message_ends_where_a_closer_takes_its_count_below_zero(broken: bytes) -> None:
+    # As QEMU's streamer counts: "{" and "[" each on its own, and the message
+    # is over once either is below zero, so a request glued after it runs
+    # (qemu.qmp sends no line feeds).
+    whole = decode(broken + CMD)
+    assert len(errors(whole)) == 1 and values(whole) == [CMD_VALUE], whole
+    stream = broken + CMD
+    for cut in range(1, len(stream)):
+        assert decode(stream[:cut], stream[cut:]) == whole, cut
+
+
 def test_2000_open_brackets_do_not_wedge() -> None:
     items = decode(b"[" * 2000 + b"\n" + CMD)
     assert items == [ParseError(NESTING_EXCEEDED), {"execute": "query-blockers", "id": 1}]

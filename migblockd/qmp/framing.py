@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Final
 
 from migblockd.qmp.limits import Limits
+from migblockd.qmp.patterns import Open
 from migblockd.qmp.resync import IDLE, SKIPPING
 from migblockd.qmp.scanner import NEED_DATA, Scanner
 from migblockd.qmp.wording import ParseError
@@ -52,7 +53,7 @@ class StreamDecoder(Scanner):
         self._stack = bytearray()  # expected closing brackets, innermost last
         self._in_string = False
         self._string_start = 0  # where the open string began (its quote)
-        self._skip_depth = 0  # brackets still open in the broken message being skipped
+        self._skip_open: Open = (0, 0)  # brackets open in the broken message being skipped
         # The message being scanned began at a "{" found in garbage (see _SKIP_TOP).
         self._tentative = False
         self._checked = 0  # end of the prefix _check_lines() last parsed

@@ -79,42 +79,71 @@ MESSAGE_END: Final = 0
 RESYNC_POINT: Final = 1
 
 
-def skip_broken(buf: bytearray, n: int, pos: int, depth: int,
-                in_string: bool) -> tuple[int, int, bool, int | None]:
-    """Step over the rest of a message broken ``depth`` brackets deep (inside a
-    string if ``in_string``), from ``pos``, counting brackets as QEMU's streamer
-    does.  Returns ``(pos, depth, in_string, stop)``: ``stop`` None when input
-    ran out (go on from there later), :data:`MESSAGE_END` with ``pos`` after
+#: The brackets still open in a broken message, as QEMU's streamer counts them:
+#: ``{`` less ``}``, and ``[`` less ``]``, each on its own.
+Open = tuple[int, int]
+
+
+def open_brackets(stack: bytearray | bytes) -> Open:
+    """The counts of a scan's stack of expected closers (``}`` or ``]`` each)."""
+    braces = stack.count(0x7D)
+    return braces, len(stack) - braces
+
+
+def counted(counts: Open, bracket: int) -> Open:
+    """``counts`` after one more bracket token ``bracket``."""
+    braces, brackets = counts
+    if bracket == 0x7B:
+        return braces + 1, brackets
+    if bracket == 0x7D:
+        return braces - 1, brackets
+    return (braces, brackets + 1) if bracket == 0x5B else (braces, brackets - 1)
+
+
+def message_over(counts: Open) -> bool:
+    """Whether QEMU's streamer (``qobject/json-streamer.c``) ends the message at
+    these counts: once neither is above zero, or as soon as either is below it
+    (``{"a": {]`` ends at its ``]``, however many ``{`` are still open)."""
+    braces, brackets = counts
+    return braces < 0 or brackets < 0 or (braces <= 0 and brackets <= 0)
+
+
+def skip_broken(buf: bytearray, n: int, pos: int, counts: Open,
+                in_string: bool) -> tuple[int, Open, bool, int | None]:
+    """Step over the rest of a message broken with ``counts`` brackets open
+    (inside a string if ``in_string``), from ``pos``, counting brackets as QEMU's
+    streamer does.  Returns ``(pos, counts, in_string, stop)``: ``stop`` None when
+    input ran out (go on from there later), :data:`MESSAGE_END` with ``pos`` after
     its last bracket, :data:`RESYNC_POINT` with ``pos`` at a line feed or a
     reset byte."""
     while True:
         if in_string:
             p = match_end(STRING_BODY, buf, pos)
             if p >= n:
-                return p, depth, True, None
+                return p, counts, True, None
             c = buf[p]
             if c == QUOTE:
                 in_string, pos = False, p + 1
                 continue
             if c == BACKSLASH:
                 if p + 1 >= n:
-                    return p, depth, True, None  # the escape is split across reads
+                    return p, counts, True, None  # the escape is split across reads
                 p += 1  # "\X" with X a line feed or a reset byte
         else:
             p = match_end(SKIP_BODY, buf, pos)
             if p >= n:
-                return p, depth, False, None
+                return p, counts, False, None
             c = buf[p]
             if c == QUOTE:
                 in_string, pos = True, p + 1
                 continue
             if c in OPENERS or c in CLOSERS:
-                depth += 1 if c in OPENERS else -1
+                counts = counted(counts, c)
                 pos = p + 1
-                if depth > 0:
+                if not message_over(counts):
                     continue
-                return pos, depth, False, MESSAGE_END
-        return p, depth, False, RESYNC_POINT
+                return pos, counts, False, MESSAGE_END
+        return p, counts, False, RESYNC_POINT
 
 
 def match_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, endpos: int = -1) -> int:

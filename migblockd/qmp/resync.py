@@ -16,8 +16,9 @@ in QEMU's wording.  Then the decoder resynchronises:
   after it, so ``{bad}{good}`` with no newline still runs ``good``.
 * When a message's structure is lost (a mismatched closing bracket, a limit
   overrun, a single quote), the rest of that message is skipped, its brackets
-  counted as QEMU's streamer counts them (``json-streamer.c``), and decoding
-  goes on after its last one.
+  counted as QEMU's streamer counts them (``json-streamer.c``: braces and
+  square brackets apart, see :func:`~migblockd.qmp.patterns.message_over`),
+  and decoding goes on after its last one.
 * Garbage at the top level (a stray closing bracket, a comma, a bad keyword or
   number) is skipped up to where a request can begin: the next ``{``.  If the
   message that ``{`` begins runs on past a line feed, the ``{`` was garbage
@@ -53,7 +54,9 @@ from migblockd.qmp.patterns import (
     LF,
     RESET_BYTES,
     RESYNC_TOP,
+    Open,
     match_end,
+    message_over,
 )
 from migblockd.qmp.wording import ParseError, prefix_error
 
@@ -78,7 +81,7 @@ class Resync:
     _scan: int
     _stack: bytearray
     _in_string: bool
-    _skip_depth: int
+    _skip_open: Open
     _tentative: bool
     _checked: int
 
@@ -87,17 +90,18 @@ class Resync:
         self._skip_from(pos)
         self._mode = SKIP_TOP
 
-    def _skip_rest(self, pos: int, depth: int, in_string: bool = False) -> None:
-        """A message broken ``depth`` brackets deep (in a string, if ``in_string``):
-        skip from ``pos`` to its end, counting brackets as QEMU's streamer does,
-        so that a client that sends no line feeds (``qemu.qmp``) is not cut off."""
+    def _skip_rest(self, pos: int, counts: Open, in_string: bool = False) -> None:
+        """A message broken with ``counts`` brackets open (in a string, if
+        ``in_string``): skip from ``pos`` to its end, counting brackets as QEMU's
+        streamer does, so that a client that sends no line feeds (``qemu.qmp``)
+        is not cut off."""
         self._skip_from(pos)
-        if depth <= 0 and not in_string:
+        if message_over(counts) and not in_string:
             self._mode = IDLE  # its last bracket was the bad one: it is over
             self._start = pos
             return
         self._mode = SKIP_REST
-        self._skip_depth = depth
+        self._skip_open = counts
         self._in_string = in_string
 
     def _resync_at(self, buf: bytearray, i: int) -> None:

@@ -46,7 +46,9 @@ from migblockd.qmp.patterns import (
     STRING_BODY,
     STRUCTURE,
     WHITESPACE,
+    counted,
     match_end,
+    open_brackets,
     skip_broken,
 )
 from migblockd.qmp.resync import (
@@ -214,8 +216,8 @@ class Scanner(Resync):
                 if not self._skip_garbage(buf, n):
                     return NEED_DATA
             elif mode == SKIP_REST:
-                self._scan, self._skip_depth, self._in_string, stop = skip_broken(
-                    buf, n, self._scan, self._skip_depth, self._in_string)
+                self._scan, self._skip_open, self._in_string, stop = skip_broken(
+                    buf, n, self._scan, self._skip_open, self._in_string)
                 if stop is None:
                     return NEED_DATA
                 if stop == MESSAGE_END:
@@ -271,7 +273,7 @@ class Scanner(Resync):
                         if len(stack) >= self.max_nesting:
                             if (verdict := self._lines_verdict(buf, p)) is not SOUND:
                                 return verdict
-                            self._skip_rest(p + 1, len(stack) + 1)
+                            self._skip_rest(p + 1, counted(open_brackets(stack), c))
                             return ParseError(NESTING_EXCEEDED)
                         stack.append(closer)
                         self._scan = p + 1
@@ -282,7 +284,7 @@ class Scanner(Resync):
                                 return verdict
                             desc = describe_error(bytes(buf[self._start : p + 1]))
                             # The bad closer still closes a level, as in QEMU's streamer.
-                            self._skip_rest(p + 1, len(stack) - 1)
+                            self._skip_rest(p + 1, counted(open_brackets(stack), c))
                             return ParseError(desc or PARSE_ERROR_PREFIX + "expecting value")
                         stack.pop()
                         if not stack:
@@ -300,7 +302,7 @@ class Scanner(Resync):
                         # QEMU's lexer reads a single quote, so its error is one
                         # before it, if any (a number cut short by it included).
                         earlier = lexical_error(bytes(buf[self._start : p + 1]))
-                        self._skip_rest(p + 1, len(stack))
+                        self._skip_rest(p + 1, open_brackets(stack))
                         return ParseError(earlier or SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.
@@ -309,7 +311,7 @@ class Scanner(Resync):
             if limit <= n:
                 # From where the scan stopped: in a string that may be an escape's
                 # backslash, whose escaped quote must not end the string.
-                self._skip_rest(self._scan, len(stack), self._in_string)
+                self._skip_rest(self._scan, open_brackets(stack), self._in_string)
                 return ParseError(TOKEN_SIZE_EXCEEDED)
             if self._eof:
                 self._skip_from(n)

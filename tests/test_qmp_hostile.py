@@ -186,6 +186,41 @@ def test_a_refusal_late_in_a_long_multiline_message_costs_few_parses(
     assert 0 < len(calls) <= 16, len(calls)
 
 
+#: About 1 MiB of short tokens, each bad in its own way at the end.
+_MANY = 340_000
+_PAST_THE_TOKEN_LIMIT = [
+    # A missing comma: the parser's error, which QEMU's parser never reaches.
+    (b'{"execute": "x", "arguments": {"a": [' + b'"",' * _MANY + b"1 2]}}",
+     TOKEN_COUNT_EXCEEDED),
+    # Not UTF-8, and a lone surrogate: its parser's errors too.
+    (b'{"execute": "x", "arguments": {"a": [' + b'"\xc3(",' * 150_000 + b"1]}}",
+     TOKEN_COUNT_EXCEEDED),
+    (b'{"execute": "x", "arguments": {"a": [' + b'"\\ud800",' * 100_000 + b"1]}}",
+     TOKEN_COUNT_EXCEEDED),
+    # Its lexer's error before the limit comes first.
+    (b'{"execute": "x", "arguments": {"a": [1, @, ' + b'"",' * _MANY + b"1 2]}}",
+     "JSON parse error, stray '@'"),
+]
+
+
+@pytest.mark.parametrize(("bad", "desc"), _PAST_THE_TOKEN_LIMIT,
+                         ids=["parser", "utf-8", "surrogate", "lexer"])
+def test_a_bad_message_past_the_token_limit_is_refused_without_rereading_it(
+    monkeypatch: pytest.MonkeyPatch, bad: bytes, desc: str,
+) -> None:
+    """QEMU's streamer refuses a message at the token past its limit, before its
+    parser runs.  Before, such a message went through the wording of its
+    parser's error, which re-reads it in Python loops: 1.3 s of the only
+    thread for 1 MiB of ``"",``, every other client waiting."""
+    calls = count_calls(monkeypatch, wording, "describe_error")
+    world = Daemonless()
+    s = world.session()
+    out = world.feed(s, bad + PROBE)
+    assert out[0] == {"error": {"class": "GenericError", "desc": desc}}
+    assert out[-1]["id"] == "probe" and len(out) == 2, out
+    assert len(calls) <= (desc != TOKEN_COUNT_EXCEEDED), len(calls)
+
+
 @pytest.mark.parametrize("split", [1, 7, 4096])
 def test_bisection_gives_the_same_outcome_however_the_input_is_split(split: int) -> None:
     world = Daemonless()

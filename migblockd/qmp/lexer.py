@@ -194,6 +194,41 @@ _STRING_SO_FAR: Final = {
     for quote in "\"'"}
 
 
+#: One token as QEMU's lexer reads it, with the blanks before it: the tokens of
+#: _TOKENS, strings written so that a long one costs one step per run of
+#: ordinary characters, not one per character.
+_ONE_TOKEN: Final = re.compile(
+    r"[ \t\r\n]*+(?:[{}\[\]:,]|[a-z]++"
+    rf'|"[^"\\{_NOT_IN_STRING}]*+(?:\\[^{_NOT_IN_STRING}][^"\\{_NOT_IN_STRING}]*+)*+"'
+    rf"|'[^'\\{_NOT_IN_STRING}]*+(?:\\[^{_NOT_IN_STRING}][^'\\{_NOT_IN_STRING}]*+)*+'"
+    r"|-?(?:0(?![.0-9])|(?:0\.[0-9]+|[1-9][0-9]*(?:\.[0-9]+)?)(?:[eE][-+]?[0-9]+)?(?![.eE0-9])))")
+
+
+def tokens_read(text: str, limit: int) -> tuple[int, int]:
+    """How many tokens QEMU's lexer reads at the start of ``text``, at most
+    ``limit + 1``, and where it stopped: at a token it cannot read (or one not
+    over yet), or after the last it read."""
+    pos = count = 0
+    match = _ONE_TOKEN.match
+    while count <= limit:
+        m = match(text, pos)
+        if m is None:
+            break
+        pos = m.end()
+        count += 1
+    return count, pos
+
+
+def more_tokens_than(text: str, limit: int) -> bool:
+    """Whether ``text`` begins with more than ``limit`` tokens that QEMU's lexer
+    reads: its streamer (``qobject/json-streamer.c``) then refuses the message
+    at the one past the limit, before its parser sees it, and so before any
+    error its parser would find.  False when the text has fewer, or when a
+    token the lexer cannot read comes first (its error comes first then).
+    Stops after ``limit + 1`` tokens, whatever the length of ``text``."""
+    return tokens_read(text, limit)[0] > limit
+
+
 def first_lexical_error(text: str) -> str | None:
     """QEMU's error for the first token of ``text`` its lexer cannot read, if any.
 

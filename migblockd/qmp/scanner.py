@@ -105,7 +105,7 @@ class Scanner(Resync):
         self._start = self._scan = end
         self._stack.clear()
         self._in_string = False
-        value = decode_message(data)
+        value = decode_message(data, self.max_tokens)
         # Every token is at least one byte: only a longer message can have too many.
         if (
             len(data) > self.max_tokens

@@ -46,6 +46,7 @@ from migblockd.qmp.lexer import (
     first_lexical_error,
     keyword_error,
     lexical_error_at,
+    more_tokens_than,
     stray,
 )
 
@@ -87,12 +88,21 @@ def _nul_escape(m: re.Match[bytes]) -> bytes:
     return b"\\u0000" if m.group() == b"\xc0\x80" else m.group()
 
 
-def decode_message(data: bytes | bytearray) -> object:
-    """Parse one complete message: its JSON value, or a :class:`ParseError`."""
+def decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> object:
+    """Parse one complete message: its JSON value, or a :class:`ParseError`.
+
+    With ``max_tokens``, a message that is no JSON value and has more tokens
+    than that is refused for them, as QEMU's streamer refuses it before its
+    parser runs, and before the wording of any other error re-reads it: that
+    costs up to a second of the only thread for a 1 MiB message of short
+    tokens.  (A valid one is counted by the caller, on its value.)
+    """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         text = data.decode("utf-8", RAW)
+        if _too_many_tokens(text, max_tokens):
+            return ParseError(TOKEN_COUNT_EXCEEDED)
         # Its lexer's error first: C0 80 is a character only in a string.
         lexical = first_lexical_error(text)
         if lexical is None and b"\xc0\x80" in data:
@@ -108,20 +118,34 @@ def decode_message(data: bytes | bytearray) -> object:
     try:
         value, end = DECODER.raw_decode(parsed)
     except Reject as exc:  # the parse itself is exact: "it\\'s" and "it's" are one key
+        if _too_many_tokens(text, max_tokens):
+            return ParseError(TOKEN_COUNT_EXCEEDED)
         if exc.desc is ZERO_EXPONENT:
             return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
         return ParseError(first_lexical_error(text) or exc.desc)
     except (ValueError, RecursionError):
+        if _too_many_tokens(text, max_tokens):
+            return ParseError(TOKEN_COUNT_EXCEEDED)
         return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
     if end != len(parsed):
+        if _too_many_tokens(text, max_tokens):
+            return ParseError(TOKEN_COUNT_EXCEEDED)
         return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
     # json takes a lone surrogate (\uD800, which no UTF-8 encoder can handle
     # later) and noncharacters (\uFFFF, or as UTF-8); QEMU refuses them.
     if ("\\u" in text and SUSPECT_ESCAPE.search(text)) or not text.isascii():
         desc = not_a_character(text)
         if desc is not None:
+            if _too_many_tokens(text, max_tokens):
+                return ParseError(TOKEN_COUNT_EXCEEDED)
             return ParseError(PARSE_ERROR_PREFIX + desc)
     return value
+
+
+def _too_many_tokens(text: str, max_tokens: int | None) -> bool:
+    # Every token is at least one character: only a longer message can have too many.
+    return max_tokens is not None and len(text) > max_tokens \
+        and more_tokens_than(text, max_tokens)
 
 
 _BAD_UTF8: Final = "invalid UTF-8 sequence in string"

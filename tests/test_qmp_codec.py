@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migblockd.config import Config
-from migblockd.qmp import characters, encoding, lexer
+from migblockd.qmp import characters, encoding, lexer, patterns
 from migblockd.qmp.encoding import Encoded, encode, encode_event, encode_line, encode_return
 from migblockd.qmp.errors import NO_ID
 from migblockd.qmp.framing import NEED_DATA, StreamDecoder
@@ -822,3 +822,68 @@ def test_a_message_cut_by_the_size_limit_at_an_escape_does_not_swallow_what_foll
     assert items == [ParseError("JSON token size limit exceeded"),
                      {"execute": "query-blockers", "id": 1},
                      {"execute": "query-blockers", "id": 1}]
+
+
+# -- skipping the rest of a broken message -------------------------------------------
+
+
+def _skip_step_by_step(buf: bytes, counts: patterns.Open) -> tuple[int, patterns.Open] | None:
+    """Where a broken message with ``counts`` open ends in ``buf`` (no strings, line
+    feeds or reset bytes in it), a bracket at a time; None if it does not."""
+    for i, c in enumerate(buf):
+        if c in b"{}[]":
+            counts = patterns.counted(counts, c)
+            if patterns.message_over(counts):
+                return i + 1, counts
+    return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(min_size=0, max_size=600).map(
+           lambda b: b.translate(bytes(b"{}[] ,1a"[x % 8] for x in range(256)))),
+       st.integers(0, 3), st.integers(0, 3), st.integers(1, 600))
+def test_skipping_in_bulk_ends_a_broken_message_where_a_bracket_at_a_time_does(
+        body: bytes, braces: int, brackets: int, cut: int) -> None:
+    if patterns.message_over((braces, brackets)):
+        braces += 1
+    buf = bytearray(body + b"\n")
+    expected = _skip_step_by_step(body, (braces, brackets))
+    pos, counts, _, stop = patterns.skip_broken(buf, len(buf), 0, (braces, brackets),
+                                                        False)
+    if expected is None:
+        assert (pos, stop) == (len(body), patterns.RESYNC_POINT)
+    else:
+        assert (pos, counts, stop) == (*expected, patterns.MESSAGE_END)
+    # The same when the input is cut in two: the counts carry over.
+    first = bytearray(body[:cut])
+    pos, counts, _, stop = patterns.skip_broken(first, len(first), 0,
+                                                        (braces, brackets), False)
+    if stop is None:
+        pos, counts, _, stop = patterns.skip_broken(buf, len(buf), pos, counts, False)
+    if expected is None:
+        assert (pos, stop) == (len(body), patterns.RESYNC_POINT)
+    else:
+        assert (pos, counts, stop) == (*expected, patterns.MESSAGE_END)
+
+
+@pytest.mark.parametrize(("body", "counts"), [
+    # Both counts at zero at once, never below it: over there.
+    (b" " * 70 + b"}" + b" " * 70 + b"]" + b"[{" * 40, (1, 1)),
+    (b"[]" * 40 + b"}{][" * 40 + b"}]" + b"{[" * 40, (1, 1)),
+    # One count below zero while the other stays above it.
+    (b"]]" + b" " * 70 + b"[[[", (1, 1)),
+    (b"[" * 70 + b"}}" + b"{{{", (1, 1)),
+    # Each at zero in turn, never both: not over.
+    (b"}{][" * 40, (1, 1)),
+    (b"{}" * 50 + b"]", (0, 1)),
+    (b"[[" * 50 + b"]" * 101, (3, 1)),
+], ids=repr)
+def test_skipping_in_bulk_ends_where_a_bracket_at_a_time_does(
+        body: bytes, counts: patterns.Open) -> None:
+    buf = bytearray(body + b"\n")
+    expected = _skip_step_by_step(body, counts)
+    pos, after, _, stop = patterns.skip_broken(buf, len(buf), 0, counts, False)
+    if expected is None:
+        assert (pos, stop) == (len(body), patterns.RESYNC_POINT)
+    else:
+        assert (pos, after, stop) == (*expected, patterns.MESSAGE_END)

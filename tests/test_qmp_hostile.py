@@ -25,7 +25,7 @@ from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.qmp import resync, wording
+from migblockd.qmp import patterns, resync, scanner, wording
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.framing import StreamDecoder
 from migblockd.qmp.limits import Limits, count_tokens
@@ -219,6 +219,37 @@ def test_a_bad_message_past_the_token_limit_is_refused_without_rereading_it(
     assert out[0] == {"error": {"class": "GenericError", "desc": desc}}
     assert out[-1]["id"] == "probe" and len(out) == 2, out
     assert len(calls) <= (desc != TOKEN_COUNT_EXCEEDED), len(calls)
+
+
+_BRACKET_FLOODS = [
+    # Valid, and past the token limit: the scan went on to its end, a step per
+    # bracket (the one-match path takes only messages nested three deep).
+    b'{"execute": "query-version", "id": {"a": [' + b"[]," * _MANY + b"1]}}",
+    # Past the nesting limit: the rest was skipped a step per bracket.
+    b"[" * 65 + b"[]," * _MANY + b"]" * 65,
+    # Broken by a closer, then the same.
+    b'{"execute": "query-version", "id": [}' + b"[]," * _MANY + b"1]",
+]
+
+
+@pytest.mark.parametrize("bad", _BRACKET_FLOODS, ids=["tokens", "nesting", "closer"])
+def test_a_message_of_a_million_brackets_costs_few_steps_per_bracket(
+    monkeypatch: pytest.MonkeyPatch, bad: bytes,
+) -> None:
+    """1 MiB of ``[],`` took the daemon's only thread 1.4 to 2 s, every other
+    client waiting: the scan and the skipping of a broken message's rest took
+    a step of Python per bracket.  Now the scan stops at the token limit and
+    the rest is counted in bulk: its steps are bounded by the limit."""
+    scanned = count_calls(monkeypatch, scanner, "match_end")
+    skipped = count_calls(monkeypatch, patterns, "match_end")
+    walked = count_calls(monkeypatch, patterns, "counted")
+    world = Daemonless()
+    s = world.session()
+    out = world.feed(s, bad + PROBE)
+    assert "error" in out[0], out[0]
+    assert out[-1]["id"] == "probe" and len(out) == 2, out
+    steps = len(scanned) + len(skipped) + len(walked)
+    assert steps <= 6 * LIMITS.max_tokens, steps
 
 
 @pytest.mark.parametrize("split", [1, 7, 4096])

@@ -54,6 +54,7 @@ class StreamDecoder(Scanner):
         self._in_string = False
         self._string_start = 0  # where the open string began (its quote)
         self._skip_open: Open = (0, 0)  # brackets open in the broken message being skipped
+        self._tally = 0  # openers and strings of the message so far: tokens, at least
         # The message being scanned began at a "{" found in garbage (see _SKIP_TOP).
         self._tentative = False
         self._checked = 0  # end of the prefix _check_lines() last parsed

@@ -229,6 +229,13 @@ def more_tokens_than(text: str, limit: int) -> bool:
     return tokens_read(text, limit)[0] > limit
 
 
+def lexical_error_before(text: str, limit: int) -> str | None:
+    """QEMU's lexer error in ``text`` (which holds more than ``limit`` tokens) if it
+    comes before the token past the limit; else None: the token limit it is."""
+    count, pos = tokens_read(text, limit)
+    return None if count > limit else first_lexical_error(text[pos:])
+
+
 def first_lexical_error(text: str) -> str | None:
     """QEMU's error for the first token of ``text`` its lexer cannot read, if any.
 

@@ -11,6 +11,7 @@ steps over the rest of a message whose structure is lost.
 from __future__ import annotations
 
 import re
+from itertools import accumulate
 from typing import Final
 
 # Reset bytes: control characters other than \t \n \r, and 0xFE/0xFF.
@@ -58,6 +59,9 @@ RESYNC_TOP = re.compile(rb"[{\n]")
 SKIP_BODY = re.compile(
     rb"(?:[^\"{}\[\]\n" + RESET_CLASS + rb']++|"' + STRING_CHARS + rb'")*+')
 RESET_RUN = re.compile(rb"[" + RESET_CLASS + rb"]*+")
+# A run of the rest of a broken message with no string in it: brackets and
+# ordinary bytes, up to a quote, a line feed or a reset byte.
+FLAT = re.compile(rb"[^\"\n" + RESET_CLASS + rb"]*+")
 # A control character, where QEMU's lexer ends a string with an error.
 CONTROL = re.compile(rb"[\x00-\x1f]")
 BLANKS = re.compile(rb"[ \t\r]*+")
@@ -138,12 +142,65 @@ def skip_broken(buf: bytearray, n: int, pos: int, counts: Open,
                 in_string, pos = True, p + 1
                 continue
             if c in OPENERS or c in CLOSERS:
+                end = match_end(FLAT, buf, p)
+                if end - p >= _BULK:
+                    counts, over = _count_run(buf, p, end, counts)
+                    if over < 0:
+                        pos = end
+                        continue
+                    return over, counts, False, MESSAGE_END
                 counts = counted(counts, c)
                 pos = p + 1
                 if not message_over(counts):
                     continue
                 return pos, counts, False, MESSAGE_END
         return p, counts, False, RESYNC_POINT
+
+
+#: Runs at least this long are counted in bulk (:func:`_count_run`): a step of
+#: the loop above per bracket took 1.5 s for 1 MiB of ``[],``.
+_BULK: Final = 64
+#: Bulk counts go this many bytes at a time.
+_CHUNK: Final = 1 << 16
+_DELTA: Final = tuple(1 if b in b"{[" else -1 if b in b"}]" else 0 for b in range(256))
+_OTHER_THAN_BRACES: Final = bytes(b for b in range(256) if b not in b"{}")
+_OTHER_THAN_SQUARE: Final = bytes(b for b in range(256) if b not in b"[]")
+_OTHER_THAN_BRACKETS: Final = bytes(b for b in range(256) if b not in b"{}[]")
+
+
+def _lowest(run: bytes, start: int) -> int:
+    """The lowest a count that is ``start`` before ``run`` gets in it (C-level
+    passes: a running sum and its minimum, no step of Python per bracket)."""
+    return min(accumulate(map(_DELTA.__getitem__, run), initial=start))
+
+
+def _count_run(buf: bytearray, start: int, end: int, counts: Open) -> tuple[Open, int]:
+    """:func:`skip_broken` over ``buf[start:end]``, which holds no string: the counts
+    after it and -1, or the counts where the message is over and the position
+    after its last bracket.  The message is over where either count is below
+    zero or both are zero (their sum is, neither being below): three running
+    minimums tell whether that happens in a chunk, and only the chunk where it
+    does is walked bracket by bracket."""
+    braces, brackets = counts
+    for at in range(start, end, _CHUNK):
+        run = bytes(buf[at : min(end, at + _CHUNK)])
+        curly = run.translate(None, _OTHER_THAN_BRACES)
+        square = run.translate(None, _OTHER_THAN_SQUARE)
+        low_curly = _lowest(curly, braces)
+        low_square = _lowest(square, brackets) if low_curly >= 0 else -1
+        if low_curly >= 0 and low_square >= 0 and (
+                low_curly > 0 or low_square > 0
+                or _lowest(run.translate(None, _OTHER_THAN_BRACKETS), braces + brackets) > 0):
+            braces += curly.count(b"{") - curly.count(b"}")
+            brackets += square.count(b"[") - square.count(b"]")
+            continue
+        for i, c in enumerate(run):
+            if c in OPENERS or c in CLOSERS:
+                braces, brackets = counted((braces, brackets), c)
+                if message_over((braces, brackets)):
+                    return (braces, brackets), at + i + 1
+        raise AssertionError("the running minimums said the message ends in this chunk")
+    return (braces, brackets), -1
 
 
 def match_end(pattern: re.Pattern[bytes], buf: bytearray, pos: int, endpos: int = -1) -> int:

@@ -711,7 +711,9 @@ async def test_max_message_size(start_daemon: Callable[..., DaemonProcess]) -> N
         ids = [b["id"] for b in await c.ok("query-blockers")]
         assert ids == ["fits"]
     # The client is told in QEMU's words, which name no setting; the log names it, once
-    # per connection (three refusals above, one line).
+    # per connection (three refusals above, one line).  The records are written in
+    # order by the log writer: once the connection's end is in the log, so is the rest.
+    d.wait_for_log(re.compile(r"request refused[\s\S]* disconnected"))
     lines = [line for line in d.log().splitlines() if "request refused" in line]
     assert len(lines) == 1, lines
     assert lines[0].endswith(": request refused (JSON token size limit exceeded): past "

@@ -105,3 +105,23 @@ def connect_failure(path: str, err: OSError) -> str:
         return (f"{reason} (the daemon's socket is mode 0600 by default: run as its user, "
                 "or see its --socket-mode and --socket-group)")
     return reason
+
+
+#: Why a connection ends before the greeting, as a rule: the daemon exited (it could
+#: not start: bad state or configuration), and its log has the one line saying why.
+#: A client queued on a socket-activated daemon's socket sees a reset when the daemon
+#: exits before taking it (systemd's socket unit gives up on a service that keeps
+#: failing); one it took and then closed, an end of file.
+DAEMON_GONE = ("the daemon stopped, or failed to start: its log says why (under systemd: "
+               "journalctl -u migblockd)")
+
+
+def before_greeting(err: BaseException | None) -> str:
+    """Why a connection ended before the daemon's greeting, in the operator's terms.
+
+    ``err`` is what reading the greeting raised: a reset (``ConnectionResetError``),
+    or anything else (None, ``EOFError``) for an end of file.
+    """
+    if isinstance(err, ConnectionResetError):
+        return f"the connection was reset before a greeting; {DAEMON_GONE}"
+    return f"the connection was closed before a greeting; {DAEMON_GONE}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import select
 import signal
 import socket
 import sys
@@ -195,6 +196,80 @@ async def test_connecting_to_what_is_not_a_listening_socket_says_which(
         await MigblockClient(stale).connect()
     assert str(nobody.value) == (f"cannot connect to migblockd at {stale}: Connection refused "
                                  "(no daemon is listening on this socket)")
+
+
+async def test_a_daemon_that_exits_before_its_greeting_is_named_with_its_log(
+        short_tmp: Path) -> None:
+    # Socket activation with a daemon that cannot start (bad state, bad configuration):
+    # the connection waits in the listening socket's backlog and is reset when the
+    # socket closes.  It used to say "Connection reset by peer".
+    path = short_tmp / "activated.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    connecting = asyncio.create_task(MigblockClient(path).connect())
+    try:
+        ready, _, _ = await asyncio.to_thread(select.select, [server], [], [], PATIENCE)
+        assert ready  # the client is queued
+    finally:
+        server.close()
+    with pytest.raises(DisconnectedError) as reset:
+        await connecting
+    assert str(reset.value) == (
+        f"cannot connect to migblockd at {path}: the connection was reset before a "
+        "greeting; the daemon stopped, or failed to start: its log says why (under "
+        "systemd: journalctl -u migblockd)")
+
+
+async def test_a_connection_closed_before_the_greeting_is_named_with_the_log(
+        short_tmp: Path) -> None:
+    # It used to say "Failed to establish session: EOFError".
+    path = short_tmp / "closing.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    server.setblocking(False)
+
+    async def close_one() -> None:
+        conn, _ = await asyncio.get_running_loop().sock_accept(server)
+        conn.close()
+
+    with server:
+        closing = asyncio.create_task(close_one())
+        with pytest.raises(DisconnectedError) as closed:
+            await MigblockClient(path).connect()
+        await closing
+    assert str(closed.value) == (
+        f"cannot connect to migblockd at {path}: the connection was closed before a "
+        "greeting; the daemon stopped, or failed to start: its log says why (under "
+        "systemd: journalctl -u migblockd)")
+
+
+async def test_a_connection_closed_during_negotiation_says_so(short_tmp: Path) -> None:
+    # A greeting, then the end before qmp_capabilities is answered (a daemon stopping).
+    # It used to say "Failed to establish session: EOFError".
+    path = short_tmp / "negotiating.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    server.setblocking(False)
+
+    async def greet_and_close() -> None:
+        loop = asyncio.get_running_loop()
+        conn, _ = await loop.sock_accept(server)
+        with conn:
+            await loop.sock_sendall(conn, b'{"QMP": {"version": {"qemu": {"micro": 0, '
+                                    b'"minor": 2, "major": 10}, "package": ""}, '
+                                    b'"capabilities": []}}\r\n')
+            await loop.sock_recv(conn, 4096)  # qmp_capabilities
+
+    with server:
+        closing = asyncio.create_task(greet_and_close())
+        with pytest.raises(DisconnectedError) as closed:
+            await MigblockClient(path).connect()
+        await closing
+    assert str(closed.value) == (f"cannot connect to migblockd at {path}: the connection "
+                                 "was lost while negotiating capabilities")
 
 
 def test_the_default_path_is_the_daemons_default_socket() -> None:

@@ -18,9 +18,10 @@ Errors, all :class:`ClientError`:
   ``desc`` are the daemon's, verbatim (``GenericError``, ``"Duplicate blocker
   ID 'dump'"``), also for a request it could not read (``"JSON token size
   limit exceeded"``): the connection stays up.
-* :class:`DisconnectedError`: connecting failed (or the daemon turned the
-  connection away, in its words), the client is not connected, or the
-  connection was lost (the cause is chained).  Whether a command in
+* :class:`DisconnectedError`: connecting failed (why, in the shell's words:
+  a connection that ends before the greeting names the daemon's log; a daemon
+  that turns the connection away says why), the client is not connected, or
+  the connection was lost (the cause is chained).  Whether a command in
   flight when it was lost took effect is unknown.
 
 :meth:`MigblockClient.holding` adds a ``scope: connection`` blocker for the
@@ -68,7 +69,7 @@ from qemu.qmp import (
 from migblockd.client.errors import ClientError, CommandError, DisconnectedError
 from migblockd.client.link import QMPLink, Refused
 from migblockd.client.values import Blocker, BlockerOwner, Event
-from migblockd.paths import connect_failure, default_socket_path
+from migblockd.paths import before_greeting, connect_failure, default_socket_path
 
 log = logging.getLogger("migblockd.client")
 
@@ -181,7 +182,13 @@ class MigblockClient:
             if isinstance(cause, Refused):
                 raise DisconnectedError(f"migblockd at {self.path} refused the connection: "
                                         f"{cause}") from None
-            why = connect_failure(self.path, cause) if isinstance(cause, OSError) else str(exc)
+            if isinstance(cause, (EOFError, ConnectionResetError)):
+                why = (before_greeting(cause) if qmp.greeting is None
+                       else "the connection was lost while negotiating capabilities")
+            elif isinstance(cause, OSError):
+                why = connect_failure(self.path, cause)
+            else:
+                why = str(exc)
             raise DisconnectedError(f"cannot connect to migblockd at {self.path}: {why}"
                                     ) from cause
         self._qmp, self._closing = qmp, False

@@ -15,16 +15,12 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from migblockd.paths import connect_failure
+from migblockd.paths import before_greeting, connect_failure
 
 GREETING_TIMEOUT = 10.0
 #: The longest line read: a 100,000-blocker listing with reasons of 1024
 #: characters, each escaped as ``\\uXXXX``, is about 600 MB.
 LINE_LIMIT = 1 << 30
-#: Why a connection ends before the greeting, as a rule: the daemon exited (it could
-#: not start: bad state or configuration), and its log has the one line saying why.
-GONE = ("; the daemon stopped, or failed to start: its log says why (under systemd: "
-        "journalctl -u migblockd)")
 
 Message = dict[str, Any]
 
@@ -80,12 +76,9 @@ class QMPClient:
         except TimeoutError:
             await self._abort()
             raise ConnectError(f"{path}: no QMP greeting within {GREETING_TIMEOUT:g}s") from None
-        except ConnectionResetError:
-            # What a client queued on a socket gets when the daemon that should take it
-            # exits first (systemd's socket unit gives up on a service that keeps failing).
+        except ConnectionResetError as err:
             await self._abort()
-            raise ConnectError(f"{path}: the connection was reset before a greeting{GONE}"
-                               ) from None
+            raise ConnectError(f"{path}: {before_greeting(err)}") from None
         except (OSError, ValueError) as err:
             await self._abort()
             raise ConnectError(f"{path}: reading the greeting failed: {err}") from None
@@ -100,9 +93,8 @@ class QMPClient:
             raise ConnectError(f"{path}: migblockd refused the connection: {refusal['desc']}")
         if not isinstance(greeting, dict) or not isinstance(greeting.get("QMP"), dict):
             await self._abort()
-            what = (f"closed the connection before a greeting{GONE}" if not line
-                    else "did not send a QMP greeting")
-            raise ConnectError(f"{path}: the server {what}")
+            what = before_greeting(None) if not line else "the server did not send a QMP greeting"
+            raise ConnectError(f"{path}: {what}")
         self.greeting = greeting
         self._reader_task = asyncio.create_task(self._read_loop())
         return greeting

@@ -324,9 +324,9 @@ class ClientProtocol(asyncio.BufferedProtocol):
         # what it sent is never run, so it is read away first.
         discard_unread(transport)
         if owed:
-            self.drop(f"took none of its last {owed} bytes for {LINGER:g}s after our EOF"
-                      if in_time else f"still taking its last replies after "
-                      f"{LINGER_LIMIT:g}s of lingering")
+            self.drop(f"took none of its last replies for {LINGER:g}s after our EOF "
+                      f"({self._held(transport)})" if in_time else
+                      f"still taking its last replies after {LINGER_LIMIT:g}s of lingering")
             return
         transport.abort()
 
@@ -341,6 +341,18 @@ class ClientProtocol(asyncio.BufferedProtocol):
     def _owed(transport: asyncio.Transport) -> int:
         """What the peer has still to read: in the transport, and in the kernel."""
         return transport.get_write_buffer_size() + unsent(transport)
+
+    @staticmethod
+    def _held(transport: asyncio.Transport) -> str:
+        """What the peer's untaken output occupies, each part in its own unit: bytes
+        the transport has yet to write, and the kernel's buffer memory for what it
+        wrote (``SIOCOUTQ`` counts buffers, not bytes: 1280 for 306 bytes of replies)."""
+        parts = []
+        if waiting := transport.get_write_buffer_size():
+            parts.append(f"{waiting} bytes not yet written")
+        if memory := unsent(transport):
+            parts.append(f"{memory} bytes of socket buffer memory")
+        return ", ".join(parts) + " held for it"
 
     def progress(self) -> tuple[int, int, bool]:
         """What changes while the peer takes its output (for the shutdown drain)."""

@@ -272,6 +272,29 @@ async def test_a_connection_closed_during_negotiation_says_so(short_tmp: Path) -
                                  "was lost while negotiating capabilities")
 
 
+async def test_connecting_to_a_stopped_daemon_gives_up_after_the_timeout(
+        daemon: DaemonProcess) -> None:
+    # The kernel queues the connection of a SIGSTOPped daemon; its greeting never
+    # comes.  connect() used to wait forever.
+    daemon.signal(signal.SIGSTOP)
+    try:
+        client = MigblockClient(daemon.socket, timeout=0.5)
+        with pytest.raises(DisconnectedError) as stopped:
+            async with asyncio.timeout(PATIENCE):
+                await client.connect()
+        assert str(stopped.value) == (f"cannot connect to migblockd at {daemon.socket}: "
+                                      "no QMP greeting within 0.5s")
+        assert not client.connected
+    finally:
+        daemon.signal(signal.SIGCONT)
+    async with asyncio.timeout(PATIENCE):
+        await client.connect()  # the same client, once the daemon runs again
+    try:
+        assert await client.blockers() == []
+    finally:
+        await client.disconnect()
+
+
 def test_the_default_path_is_the_daemons_default_socket() -> None:
     assert MigblockClient().path == str(default_socket_path())
 

@@ -144,18 +144,27 @@ class EventStream:
 # --------------------------------------------------------------------------- the client
 
 
+#: How long :meth:`MigblockClient.connect` waits for the greeting and the
+#: negotiation by default: as long as ``migblock-shell`` does.
+TIMEOUT: Final = 10.0
+
+
 class MigblockClient:
     """A connection to migblockd.  ``async with MigblockClient(path) as client:``.
 
     ``path`` defaults to the daemon's default socket
     (``migblockd.paths.default_socket_path()``); ``name`` names the connection in
-    ``qemu.qmp``'s logs.
+    ``qemu.qmp``'s logs.  ``timeout`` bounds how long :meth:`connect` waits for the
+    daemon's greeting and its answer to ``qmp_capabilities`` (a daemon that is
+    stopped, or hung, sends neither); None waits forever.  Commands are not
+    bounded: wrap them in ``asyncio.timeout()``.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
-                 name: str = "migblockd.client") -> None:
+                 name: str = "migblockd.client", timeout: float | None = TIMEOUT) -> None:
         self.path = os.fspath(path) if path is not None else str(default_socket_path())
         self.name = name
+        self.timeout = timeout
         self._qmp: QMPLink | None = None
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
@@ -176,7 +185,13 @@ class MigblockClient:
             await self.disconnect()  # what is left of a lost connection
         qmp = QMPLink(self.name, self._deliver)
         try:
-            await qmp.connect(self.path)
+            async with asyncio.timeout(self.timeout):
+                await qmp.connect(self.path)  # cancelled, it closes what it opened
+        except TimeoutError:
+            what = ("no QMP greeting" if qmp.greeting is None
+                    else "no answer to qmp_capabilities")
+            raise DisconnectedError(f"cannot connect to migblockd at {self.path}: {what} "
+                                    f"within {self.timeout:g}s") from None
         except ConnectError as exc:
             cause = exc.exc
             if isinstance(cause, Refused):

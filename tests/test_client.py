@@ -295,6 +295,26 @@ async def test_connecting_to_a_stopped_daemon_gives_up_after_the_timeout(
         await client.disconnect()
 
 
+async def test_disconnecting_from_a_stopped_daemon_does_not_wait_for_it(
+        daemon: DaemonProcess) -> None:
+    # More than the socket holds, sent to a daemon that reads nothing: disconnect()
+    # used to wait for the daemon to take all of it, forever.
+    client = MigblockClient(daemon.socket, timeout=0.5)
+    await client.connect()
+    daemon.signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await client.execute("query-version", {"padding": "x" * (8 << 20)})
+        async with asyncio.timeout(PATIENCE):
+            await client.disconnect()
+        assert not client.connected
+    finally:
+        daemon.signal(signal.SIGCONT)
+    async with MigblockClient(daemon.socket) as other:
+        assert await other.blockers() == []
+
+
 def test_the_default_path_is_the_daemons_default_socket() -> None:
     assert MigblockClient().path == str(default_socket_path())
 

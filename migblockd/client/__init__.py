@@ -156,8 +156,9 @@ class MigblockClient:
     (``migblockd.paths.default_socket_path()``); ``name`` names the connection in
     ``qemu.qmp``'s logs.  ``timeout`` bounds how long :meth:`connect` waits for the
     daemon's greeting and its answer to ``qmp_capabilities`` (a daemon that is
-    stopped, or hung, sends neither); None waits forever.  Commands are not
-    bounded: wrap them in ``asyncio.timeout()``.
+    stopped, or hung, sends neither), and how long :meth:`disconnect` waits for
+    the daemon to take what was sent (then it closes regardless); None waits
+    forever.  Commands are not bounded: wrap them in ``asyncio.timeout()``.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
@@ -183,7 +184,7 @@ class MigblockClient:
             if self.connected:
                 raise ClientError(f"already connected to {self.path}")
             await self.disconnect()  # what is left of a lost connection
-        qmp = QMPLink(self.name, self._deliver)
+        qmp = QMPLink(self.name, self._deliver, self.timeout)
         try:
             async with asyncio.timeout(self.timeout):
                 await qmp.connect(self.path)  # cancelled, it closes what it opened
@@ -224,7 +225,8 @@ class MigblockClient:
         """Close the connection (the daemon releases its ``scope: connection`` blockers).
 
         Never raises: a connection lost earlier has already been reported by the
-        commands, streams and :meth:`holding` that were using it.
+        commands, streams and :meth:`holding` that were using it.  What the daemon
+        has not taken within ``timeout`` seconds (it is stopped) is not sent.
         """
         qmp, self._qmp = self._qmp, None
         if qmp is None:

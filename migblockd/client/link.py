@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Final
 
@@ -41,12 +42,28 @@ class QMPLink(QMPClient):
       ``query-blockers`` answer.
     * A refusal in place of the greeting (``max-clients``...) is reported in
       the daemon's words.
+    * Disconnecting waits at most ``flush_timeout`` seconds (None: forever) for
+      the daemon to take what was sent, then closes: a stopped daemon takes
+      nothing, and the library would wait for it forever (and so would closing
+      the transport, which first writes out its buffer).
     """
 
-    def __init__(self, name: str, deliver: Callable[[Message], None]) -> None:
+    def __init__(self, name: str, deliver: Callable[[Message], None],
+                 flush_timeout: float | None = None) -> None:
         super().__init__(name, readbuflen=READ_LIMIT)
         self._deliver = deliver  # each event, in the daemon's order
+        self._flush_timeout = flush_timeout
         self._unanswered: dict[str, None] = {}  # ids sent, oldest first (an ordered set)
+
+    async def _bh_flush_writer(self) -> None:
+        try:
+            async with asyncio.timeout(self._flush_timeout):
+                await super()._bh_flush_writer()
+        except TimeoutError:
+            # What the daemon has not taken is dropped: unsent, a request never runs
+            # (its caller already hears that its outcome is unknown).
+            if self._writer is not None:
+                self._writer.transport.abort()
 
     async def _event_dispatch(self, msg: Message) -> None:
         self._deliver(msg)

@@ -417,6 +417,34 @@ async def test_a_client_whose_connection_was_lost_connects_again(
         await client.disconnect()
 
 
+async def test_holding_across_a_reconnection_reports_the_loss_and_deletes_no_namesake(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # The exit used to delete "dump" on the new connection, another agent's blocker
+    # by then, and to raise nothing, though migration was unblocked meanwhile.
+    sock = short_tmp / "q.sock"
+    first = start_daemon("--ephemeral", socket=sock)
+    client = MigblockClient(sock)
+    await client.connect()
+    try:
+        with pytest.raises(DisconnectedError) as lost:
+            async with client.holding("dump in progress", id="dump"):
+                first.signal(signal.SIGTERM)
+                assert first.wait_exit() == 0
+                start_daemon("--ephemeral", socket=sock)  # restarted
+                async with asyncio.timeout(PATIENCE):
+                    while client.connected:  # until the client has seen the end
+                        await asyncio.sleep(0.01)
+                await client.connect()
+                async with MigblockClient(sock) as other:
+                    await other.add_blocker("someone else's", id="dump")
+        assert str(lost.value) == (
+            f"the connection to migblockd at {sock} was lost while it held blocker "
+            "'dump', which the daemon dropped with it")
+        assert [b.reason for b in await client.blockers()] == ["someone else's"]
+    finally:
+        await client.disconnect()
+
+
 async def test_event_streams_filter_by_name_and_end_when_the_client_disconnects(
         daemon: DaemonProcess) -> None:
     client = MigblockClient(daemon.socket)

@@ -29,7 +29,8 @@ duration of an ``async with`` block and deletes it when the block ends.  The
 daemon deletes such a blocker itself when its connection closes, so a process
 that dies (even by SIGKILL) cannot leave it behind.  Conversely, if the
 connection is lost while the block runs, the blocker is gone: the block's exit
-then raises :class:`DisconnectedError`, unless the block itself raised.
+then raises :class:`DisconnectedError`, unless the block itself raised, also
+when the client has connected again meanwhile.
 
 :meth:`MigblockClient.events` returns an :class:`EventStream`, which receives
 the events that arrive from the moment it is created::
@@ -315,16 +316,24 @@ class MigblockClient:
         Adds a ``scope: connection`` blocker on entry and deletes it on exit.  If
         someone deleted it meanwhile there is nothing to delete.  If the connection
         was lost meanwhile, the daemon has already dropped the blocker: the exit
-        raises :class:`DisconnectedError`, unless the block raised an exception.
+        raises :class:`DisconnectedError`, unless the block raised an exception,
+        and deletes nothing, even if the client has connected again (another
+        blocker may have the id by then).
         """
         blocker = await self.add_blocker(reason, modes=modes, internal=internal, id=id,
                                          scope="connection")
+        held_on = self._qmp  # the blocker lasts as long as this connection
         try:
             yield blocker
         except BaseException:
-            with contextlib.suppress(DisconnectedError):
-                await self._release(blocker)
+            if self._qmp is held_on:
+                with contextlib.suppress(DisconnectedError):
+                    await self._release(blocker)
             raise
+        if self._qmp is not held_on:
+            raise DisconnectedError(f"the connection to migblockd at {self.path} was lost "
+                                    f"while it held blocker {blocker.id!r}, which the daemon "
+                                    "dropped with it")
         await self._release(blocker)
 
     async def _release(self, blocker: Blocker) -> None:

@@ -445,6 +445,25 @@ async def test_holding_across_a_reconnection_reports_the_loss_and_deletes_no_nam
         await client.disconnect()
 
 
+async def test_connects_at_once_make_one_connection(daemon: DaemonProcess) -> None:
+    # Two tasks reconnecting the same client: both used to connect, and the
+    # connection not kept stayed open, unseen, delivering each event twice.
+    client = MigblockClient(daemon.socket)
+    first, second = await asyncio.gather(client.connect(), client.connect(),
+                                         return_exceptions=True)
+    try:
+        assert first is None
+        assert isinstance(second, ClientError)
+        assert str(second) == f"already connected to {daemon.socket}"
+        stream = client.events("BLOCKER_ADDED")
+        await client.add_blocker("once", id="once")
+        async with MigblockClient(daemon.socket) as other:
+            await other.add_blocker("then", id="then")
+        assert [(await next_event(stream)).data["id"] for _ in range(2)] == ["once", "then"]
+    finally:
+        await client.disconnect()
+
+
 async def test_event_streams_filter_by_name_and_end_when_the_client_disconnects(
         daemon: DaemonProcess) -> None:
     client = MigblockClient(daemon.socket)

@@ -171,6 +171,9 @@ class MigblockClient:
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        # Two connect() at once would each open a connection, and the one not kept
+        # would live on unseen, delivering every event to the streams a second time.
+        self._connecting = asyncio.Lock()
 
     # -- connection
 
@@ -180,7 +183,12 @@ class MigblockClient:
 
     async def connect(self) -> None:
         """Connect, read the greeting and negotiate capabilities (again, after a
-        connection was lost)."""
+        connection was lost).  One call at a time connects: a call made meanwhile
+        waits for it, then raises :class:`ClientError` if it succeeded."""
+        async with self._connecting:
+            await self._connect()
+
+    async def _connect(self) -> None:
         if self._qmp is not None:
             if self.connected:
                 raise ClientError(f"already connected to {self.path}")

@@ -315,6 +315,33 @@ async def test_disconnecting_from_a_stopped_daemon_does_not_wait_for_it(
         assert await other.blockers() == []
 
 
+@pytest.mark.parametrize("line", [b"hello\r\n", b'{"error": 5}\r\n'])
+async def test_a_socket_that_does_not_speak_qmp_says_so(short_tmp: Path, line: bytes) -> None:
+    # Another service's socket.  It used to read "Failed to establish session: Failed
+    # to deserialize QMP message." and the raw bytes on a second line, or "Did not
+    # understand Greeting".
+    path = short_tmp / "other.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+    server.setblocking(False)
+
+    async def say_one_line() -> None:
+        loop = asyncio.get_running_loop()
+        conn, _ = await loop.sock_accept(server)
+        with conn:
+            await loop.sock_sendall(conn, line)
+            await loop.sock_recv(conn, 4096)  # until the client closes
+
+    with server:
+        serving = asyncio.create_task(say_one_line())
+        with pytest.raises(DisconnectedError) as wrong:
+            await MigblockClient(path).connect()
+        await serving
+    assert str(wrong.value) == (f"cannot connect to migblockd at {path}: the server did "
+                                "not send a QMP greeting")
+
+
 def test_the_default_path_is_the_daemons_default_socket() -> None:
     assert MigblockClient().path == str(default_socket_path())
 

@@ -212,6 +212,8 @@ class MigblockClient:
                        else "the connection was lost while negotiating capabilities")
             elif isinstance(cause, OSError):
                 why = connect_failure(self.path, cause)
+            elif isinstance(cause, QMPError) and qmp.greeting is None:
+                why = "the server did not send a QMP greeting"  # not a QMP socket
             else:
                 why = str(exc)
             raise DisconnectedError(f"cannot connect to migblockd at {self.path}: {why}"

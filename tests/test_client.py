@@ -378,6 +378,26 @@ async def test_holding_releases_its_blocker_when_the_block_raises(
         assert dict(deleted.data) == {"id": "failing", "cause": "command"}
 
 
+async def test_holding_whose_block_raised_does_not_wait_forever_for_a_stopped_daemon(
+        daemon: DaemonProcess) -> None:
+    # An agent's own timeout ending the block while the daemon is stopped: the exit
+    # used to wait for del-blocker's answer forever, so the agent's timeout never
+    # took effect.
+    client = MigblockClient(daemon.socket, timeout=0.5)
+    await client.connect()
+    try:
+        with pytest.raises(LookupError):
+            async with asyncio.timeout(PATIENCE):
+                async with client.holding("dump in progress", id="dump"):
+                    daemon.signal(signal.SIGSTOP)
+                    raise LookupError("the body failed")
+        daemon.signal(signal.SIGCONT)
+        assert await client.blockers() == []  # the deletion was sent, and ran first
+    finally:
+        daemon.signal(signal.SIGCONT)
+        await client.disconnect()
+
+
 async def test_holding_tolerates_a_blocker_deleted_by_someone_else(
         daemon: DaemonProcess) -> None:
     async with MigblockClient(daemon.socket) as client, \

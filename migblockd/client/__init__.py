@@ -157,9 +157,11 @@ class MigblockClient:
     (``migblockd.paths.default_socket_path()``); ``name`` names the connection in
     ``qemu.qmp``'s logs.  ``timeout`` bounds how long :meth:`connect` waits for the
     daemon's greeting and its answer to ``qmp_capabilities`` (a daemon that is
-    stopped, or hung, sends neither), and how long :meth:`disconnect` waits for
-    the daemon to take what was sent (then it closes regardless); None waits
-    forever.  Commands are not bounded: wrap them in ``asyncio.timeout()``.
+    stopped, or hung, sends neither), how long :meth:`disconnect` waits for the
+    daemon to take what was sent (then it closes regardless), and how long the
+    exit of a :meth:`holding` block that raised waits for its deletion's answer;
+    None waits forever.  Commands are not bounded: wrap them in
+    ``asyncio.timeout()``.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
@@ -328,7 +330,9 @@ class MigblockClient:
         was lost meanwhile, the daemon has already dropped the blocker: the exit
         raises :class:`DisconnectedError`, unless the block raised an exception,
         and deletes nothing, even if the client has connected again (another
-        blocker may have the id by then).
+        blocker may have the id by then).  When the block raised, the exit waits
+        at most ``timeout`` seconds for the deletion's answer, then raises the
+        block's exception; the deletion, sent, runs when the daemon does.
         """
         blocker = await self.add_blocker(reason, modes=modes, internal=internal, id=id,
                                          scope="connection")
@@ -337,8 +341,12 @@ class MigblockClient:
             yield blocker
         except BaseException:
             if self._qmp is held_on:
-                with contextlib.suppress(DisconnectedError):
-                    await self._release(blocker)
+                # The caller's own timeout may be what ended the block, and a daemon
+                # that does not answer (stopped) would hold it here forever.  The
+                # deletion is sent regardless: the daemon runs it when it runs again.
+                with contextlib.suppress(DisconnectedError, TimeoutError):
+                    async with asyncio.timeout(self.timeout):
+                        await self._release(blocker)
             raise
         if self._qmp is not held_on:
             raise DisconnectedError(f"the connection to migblockd at {self.path} was lost "

@@ -22,8 +22,8 @@ from migblockd.qmp.characters import ESCAPE
 from migblockd.qmp.lexer import PARSE_ERROR_PREFIX, keyword_error, stray
 
 __all__ = [
-    "DECODER", "SAME_LENGTH", "ZERO_EXPONENT", "Reject", "apostrophes", "duplicate_before",
-    "innermost_container",
+    "DECODER", "SAME_LENGTH", "STRING", "ZERO_EXPONENT", "Reject", "apostrophes",
+    "duplicate_before", "innermost_container",
 ]
 
 
@@ -82,8 +82,14 @@ def apostrophes(text: str, escape: str) -> str:
     return ESCAPE.sub(lambda m: escape if m.group() == "\\'" else m.group(), text)
 
 
-
-_CONTAINER_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+#: A whole string, as a pattern to build others with.  Unrolled: a run of
+#: ordinary characters is one step, and the match keeps no state to backtrack
+#: into (``"(?:[^"\\]|\\.)*"`` keeps some for every character: 150 MB for a
+#: 1 MiB string).  Each character of a string is either ordinary or taken by the
+#: escape before it, so there is one way to read it, and the possessive form
+#: matches what the plain one does.
+STRING: Final = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_CONTAINER_TOKENS: Final = re.compile(rf"{STRING}|[\[\]{{}}]")
 
 
 def innermost_container(text: str, pos: int) -> str:
@@ -104,11 +110,11 @@ def _open_containers(text: str, pos: int) -> list[int]:
 
 
 #: What tells a pair from the next in an object: strings skipped whole.
-_PAIR_TOKENS: Final = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+_PAIR_TOKENS: Final = re.compile(rf"{STRING}|[\[\]{{}},]")
 
 
 #: Every key's text: a string with a colon after it.
-_KEYS: Final = re.compile(r'"((?:[^"\\]|\\.)*+)"\s*+:')
+_KEYS: Final = re.compile(r'"([^"\\]*+(?:\\.[^"\\]*+)*+)"\s*+:')
 
 
 def duplicate_before(text: str, pos: int) -> bool:

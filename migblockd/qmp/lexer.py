@@ -181,26 +181,33 @@ def _stray_through(text: str, start: int, bad: int) -> str:
 #: What QEMU's lexer (``qobject/json-lexer.c``) refuses in a string: control
 #: characters and the bytes 0xFE, 0xFF (here as the surrogates they decode to).
 _NOT_IN_STRING = "\\x00-\\x1f\\udcfe\\udcff"
+
+
+def _string_so_far(quote: str) -> str:
+    """A string token as far as QEMU's lexer takes it, its closing quote not
+    included, unrolled: a run of ordinary characters is one step, and the match
+    keeps no state to backtrack into (``(?:[^"\\\\]|\\\\.)*`` keeps some for every
+    character: 150 MB for a 1 MiB string).  Each character of a string is
+    either ordinary or taken by the escape before it, so there is one way to
+    read it, and the possessive form matches what the plain one does."""
+    plain = rf"[^{quote}\\{_NOT_IN_STRING}]*+"
+    return rf"{quote}{plain}(?:\\[^{_NOT_IN_STRING}]{plain})*+"
+
+
 #: A run of whole tokens as QEMU's lexer reads them.
 _TOKENS: Final = re.compile(
     r"(?:([ \t\r\n]+|[{}\[\]:,]|[a-z]+"
-    rf'|"(?:[^"\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*"'
-    rf"|'(?:[^'\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*'"
+    rf"""|{_string_so_far('"')}"|{_string_so_far("'")}'"""
     # a number the lexer would not take on with a "." "e" or digit after it
     r"|-?(?:0(?![.0-9])|(?:0\.[0-9]+|[1-9][0-9]*(?:\.[0-9]+)?)(?:[eE][-+]?[0-9]+)?(?![.eE0-9]))))*+")
 #: A string token as far as QEMU's lexer takes it.
-_STRING_SO_FAR: Final = {
-    quote: re.compile(rf"{quote}(?:[^{quote}\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*")
-    for quote in "\"'"}
+_STRING_SO_FAR: Final = {quote: re.compile(_string_so_far(quote)) for quote in "\"'"}
 
 
-#: One token as QEMU's lexer reads it, with the blanks before it: the tokens of
-#: _TOKENS, strings written so that a long one costs one step per run of
-#: ordinary characters, not one per character.
+#: One token as QEMU's lexer reads it, with the blanks before it: one of _TOKENS'.
 _ONE_TOKEN: Final = re.compile(
     r"[ \t\r\n]*+(?:[{}\[\]:,]|[a-z]++"
-    rf'|"[^"\\{_NOT_IN_STRING}]*+(?:\\[^{_NOT_IN_STRING}][^"\\{_NOT_IN_STRING}]*+)*+"'
-    rf"|'[^'\\{_NOT_IN_STRING}]*+(?:\\[^{_NOT_IN_STRING}][^'\\{_NOT_IN_STRING}]*+)*+'"
+    rf"""|{_string_so_far('"')}"|{_string_so_far("'")}'"""
     r"|-?(?:0(?![.0-9])|(?:0\.[0-9]+|[1-9][0-9]*(?:\.[0-9]+)?)(?:[eE][-+]?[0-9]+)?(?![.eE0-9])))")
 
 

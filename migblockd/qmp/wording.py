@@ -34,6 +34,7 @@ from migblockd.qmp.characters import (
 from migblockd.qmp.decoder import (
     DECODER,
     SAME_LENGTH,
+    STRING,
     ZERO_EXPONENT,
     Reject,
     apostrophes,
@@ -171,7 +172,7 @@ def _bad_utf8(text: str, first: int) -> str | None:
 
 #: Everything up to the opening quote of a string left open (complete strings
 #: and what is outside strings).
-_BEFORE_OPEN_STRING = re.compile(r'(?:[^"]++|"(?:[^"\\]|\\.)*+")*+')
+_BEFORE_OPEN_STRING: Final = re.compile(rf'(?:[^"]++|{STRING})*+')
 _VALUE_END = frozenset("}],:")
 
 
@@ -208,7 +209,7 @@ def describe_error(data: str | bytes) -> str | None:
 
 
 #: A number starting with a bare 0 and an exponent, outside strings.
-_ZERO_EXPONENT_AT: Final = re.compile(r'"(?:[^"\\]|\\.)*"|(?<![0-9.])-?0([eE])')
+_ZERO_EXPONENT_AT: Final = re.compile(rf"{STRING}|(?<![0-9.])-?0([eE])")
 
 
 def _zero_exponent(text: str) -> str:

@@ -215,6 +215,10 @@ class _Server(ThreadingMixIn, WSGIServer):
             with contextlib.suppress(OSError):
                 request.settimeout(0)  # what fits in the socket's buffer, never a wait
                 request.send(_BUSY)
+                # Closed with its request unread, the socket would send a reset,
+                # which can reach the client before the answer and discard it.
+                while request.recv(65536):
+                    pass
             self.shutdown_request(request)
             return
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -50,20 +51,44 @@ def trickler(path: Path) -> socket.socket:
     return s
 
 
+def read_all(s: socket.socket) -> bytes:
+    answer = b""
+    while chunk := s.recv(4096):
+        answer += chunk
+    return answer
+
+
+def assert_busy(answer: bytes) -> None:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 503 "), answer
+    assert b"\r\nRetry-After: 1" in head
+    assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) == len(body)
+
+
 def test_a_connection_past_the_limit_is_told_to_retry(server: Path) -> None:
-    held = [trickler(server) for _ in range(MAX_SCRAPES)]
+    # Each of these has sent its request and waits for an answer (the loop of
+    # the fixture never runs): none can make room for another.
+    held = []
+    for _ in range(MAX_SCRAPES):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(server))
+        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        held.append(s)
     try:
-        time.sleep(0.2)  # the server has taken them all
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
-            late.settimeout(10)
-            late.connect(str(server))
-            answer = b""
-            while chunk := late.recv(4096):
-                answer += chunk
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.0 503 "), answer
-        assert b"\r\nRetry-After: 1" in head
-        assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) == len(body)
+        time.sleep(0.3)  # the server has read them all
+        for _ in range(20):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
+                late.settimeout(10)
+                late.connect(str(server))
+                try:
+                    late.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+                except BrokenPipeError:
+                    continue  # turned away before it could send: not the case here
+                # The answer, not a reset: the request was read before the close.
+                assert_busy(read_all(late))
+                break
+        else:
+            pytest.fail("every late client was turned away before it could send its request")
     finally:
         for s in held:
             s.close()
@@ -185,3 +210,35 @@ def test_the_endpoint_never_takes_a_passed_qmp_socket(short_tmp: Path) -> None:
         with pytest.raises(StartupError, match="that is the QMP socket"):
             asyncio.run(attempt())
     assert sorted(p.name for p in short_tmp.iterdir()) == ["passed.sock"]  # no lock left
+
+
+def test_scrapers_connecting_at_once_each_get_an_answer(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # More at once than are served, each with its request sent before the daemon
+    # takes the connection: each gets its metrics or a 503 to retry, never a
+    # closed or reset connection.
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock")
+    clients = []
+    d.signal(signal.SIGSTOP)
+    try:
+        for _ in range(3 * MAX_SCRAPES):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(30)
+            s.connect(str(endpoint_path))  # queued: the daemon is stopped
+            s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            clients.append(s)
+    finally:
+        d.signal(signal.SIGCONT)
+    try:
+        answers = [read_all(s) for s in clients]
+    finally:
+        for s in clients:
+            s.close()
+    for answer in answers:
+        if not answer.startswith(b"HTTP/1.0 200 "):
+            assert_busy(answer)
+    assert any(a.startswith(b"HTTP/1.0 200 ") for a in answers)
+    assert d.stop() == 0
+    assert_clean_log(d)
+

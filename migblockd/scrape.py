@@ -25,10 +25,15 @@ scraper.  Prometheus scrapes every 15 s or more.
 The address is ``host:port`` (TCP) or an absolute path, a Unix socket bound
 with the same care as the QMP socket (``migblockd.listen``: mode 0600 from
 the start, a live socket never taken over, a stale one replaced, our own
-removed at exit).  Abuse stays bounded: at most ``MAX_SCRAPES`` requests are
-served at once (more connections get a 503 at once), a client that sends
-nothing is dropped after ``REQUEST_TIMEOUT`` seconds, and one that trickles
-its request byte by byte after ``REQUEST_DEADLINE`` seconds in all.  When
+removed at exit).  Abuse stays bounded: at most ``MAX_SCRAPES`` connections
+are served at once, a client that sends nothing is dropped after
+``REQUEST_TIMEOUT`` seconds, and one that trickles its request byte by byte
+after ``REQUEST_DEADLINE`` seconds in all.  Those bound what one connection
+holds, not what a client that reconnects as soon as it is cut holds: so a
+connection past the limit takes the place of the oldest one still sending
+its request (a scraper sends its request as soon as it connects, so only a
+silent or trickling client is ever in that state for long), and gets a 503
+only when every connection has sent its request and awaits its answer.  When
 the process is out of file descriptors, the server waits a moment between
 attempts to accept rather than spin.
 """
@@ -67,8 +72,13 @@ __all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_DEADLINE", "REQUEST_TIMEOUT",
 
 log = logging.getLogger("migblockd")
 
-#: Scrapes served at once; Prometheus sends one at a time per target.
-MAX_SCRAPES = 4
+#: Connections served at once.  Several scrapers may connect at the same moment,
+#: and one whose request its thread has not read yet looks like a silent client:
+#: a client must open this many in the moment between a scraper's connection and
+#: its request to crowd the scraper out.
+MAX_SCRAPES = 16
+#: Seconds to wait for a connection closed to make room to let go of its slot.
+EVICT_WAIT = 1.0
 #: Seconds a metrics client has to send its request (and to read the answer).
 REQUEST_TIMEOUT = 10.0
 #: Seconds a metrics connection may last in all, however steadily it trickles.
@@ -172,6 +182,20 @@ def _plain(start_response: StartResponse, status: str, text: str,
 
 class _Handler(WSGIRequestHandler):
     timeout = REQUEST_TIMEOUT
+    server: _Server
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        # The request is complete: from now on this connection awaits its answer,
+        # and is no longer the one closed to make room for another.
+        if self.server.request_complete(self.request):
+            return True
+        # Made room for another: a scraper whose request was not read in time
+        # (more connections at once than MAX_SCRAPES) is told to retry.
+        with contextlib.suppress(OSError):
+            self.wfile.write(_BUSY)
+        return False
 
     def log_message(self, format: str, *args: Any) -> None:
         # The request line is the client's: escaped and cut, as every client string.
@@ -194,6 +218,9 @@ class _Server(ThreadingMixIn, WSGIServer):
         self.setup_environ()
         self.set_app(app)
         self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        # Connections still sending their request, oldest first (dicts keep order).
+        self._sending: dict[socket.socket, float] = {}
+        self._sending_lock = threading.Lock()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         try:
@@ -208,8 +235,28 @@ class _Server(ThreadingMixIn, WSGIServer):
         # A Unix socket's peer has no address; wsgiref wants one for REMOTE_ADDR.
         return conn, address if isinstance(address, tuple) else ("local", 0)
 
+    def request_complete(self, request: socket.socket) -> bool:
+        """Mark ``request`` as awaiting its answer; False if it was closed to make room."""
+        with self._sending_lock:
+            return self._sending.pop(request, None) is not None
+
+    def _make_room(self) -> bool:
+        """Close the oldest connection still sending its request; True when a slot is free."""
+        with self._sending_lock:
+            if not self._sending:
+                return False
+            oldest = next(iter(self._sending))
+            since = self._sending.pop(oldest)
+        log.debug("metrics: closing a connection that has not sent its request in %.1f s, "
+                  "to serve a new one", time.monotonic() - since)
+        with contextlib.suppress(OSError):
+            # Its thread reads what was sent, if anything, then the end at once:
+            # see _Handler.parse_request.  It lets go of its slot right after.
+            oldest.shutdown(socket.SHUT_RD)
+        return self._slots.acquire(timeout=EVICT_WAIT)
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        if not self._slots.acquire(blocking=False) and not self._make_room():
             log.debug("metrics: %d scrapes in progress; refusing another connection",
                       MAX_SCRAPES)
             with contextlib.suppress(OSError):
@@ -221,10 +268,12 @@ class _Server(ThreadingMixIn, WSGIServer):
                     pass
             self.shutdown_request(request)
             return
+        with self._sending_lock:
+            self._sending[request] = time.monotonic()
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._forget(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -236,7 +285,12 @@ class _Server(ThreadingMixIn, WSGIServer):
             super().process_request_thread(request, client_address)
         finally:
             deadline.cancel()
-            self._slots.release()
+            self._forget(request)
+
+    def _forget(self, request: socket.socket) -> None:
+        with self._sending_lock:
+            self._sending.pop(request, None)
+        self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that went away or timed out: nothing to report beyond debug.

@@ -212,6 +212,36 @@ def test_the_endpoint_never_takes_a_passed_qmp_socket(short_tmp: Path) -> None:
     assert sorted(p.name for p in short_tmp.iterdir()) == ["passed.sock"]  # no lock left
 
 
+def test_silent_clients_do_not_lock_a_scraper_out(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # As many connections as the endpoint serves, silent or trickling, and
+    # reconnecting as they are cut, used to fail every scrape for as long as
+    # they were kept up: now a scraper takes the place of the oldest.
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock")
+    held = []
+    for _ in range(MAX_SCRAPES // 2):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(endpoint_path))
+        held.append(s)
+        time.sleep(0.05)  # oldest first
+    held += [trickler(endpoint_path) for _ in range(MAX_SCRAPES - len(held))]
+    try:
+        time.sleep(0.3)  # the server has taken them all
+        for _ in range(3):
+            assert scrape(endpoint_path).types["migblockd_build_info"] == "gauge"
+        d.wait_for_log("metrics: closing a connection that has not sent its request in ")
+        # The oldest made room (the slot of the first scrape then served the
+        # others), closed long before its timeout.
+        held[0].settimeout(endpoint.REQUEST_TIMEOUT / 2)
+        assert read_all(held[0]) == b""
+    finally:
+        for s in held:
+            s.close()
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
 def test_scrapers_connecting_at_once_each_get_an_answer(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
     # More at once than are served, each with its request sent before the daemon

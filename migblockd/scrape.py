@@ -352,7 +352,8 @@ class MetricsServer:
         if self.own_socket is not None:
             path, inode = self.own_socket
             with contextlib.suppress(FileNotFoundError):
-                if os.stat(path).st_ino == inode:  # only ours: it may have been replaced
+                # Only ours: it may have been replaced, by a symbolic link to ours too.
+                if os.lstat(path).st_ino == inode:
                     path.unlink()
         if self._lock is not None:
             self._lock.release()

@@ -272,3 +272,16 @@ def test_scrapers_connecting_at_once_each_get_an_answer(
     assert d.stop() == 0
     assert_clean_log(d)
 
+
+def test_at_exit_a_link_put_in_place_of_the_socket_is_left(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # Moved away and replaced by a link to it: the link is not the daemon's to remove.
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock")
+    moved = short_tmp / "moved.sock"
+    endpoint_path.rename(moved)
+    endpoint_path.symlink_to(moved.name)
+    assert scrape(endpoint_path).types["migblockd_build_info"] == "gauge"  # the daemon's
+    assert d.stop() == 0
+    assert endpoint_path.is_symlink()
+    assert_clean_log(d)

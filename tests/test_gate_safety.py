@@ -9,12 +9,13 @@ past a ``normal`` blocker), a capability lost with a restarted QEMU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,24 @@ def traced(pid: int) -> bool:
                  if line.startswith("TracerPid:"))) != 0 for task in tasks)
 
 
+@contextlib.asynccontextmanager
+async def injecting(pid: int, syscalls: str, inject: str, what: str) -> AsyncIterator[None]:
+    """strace on every thread of ``pid``, injecting ``inject`` into ``syscalls``
+    (``delay_enter=``, ``error=``), for as long as the block runs."""
+    strace = subprocess.Popen(
+        ["strace", "-f", "-qq", "-p", str(pid), "-e", f"trace={syscalls}",
+         "-e", f"inject={syscalls}:{inject}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_until(lambda: traced(pid) or strace.poll() is not None, "strace attached")
+        if strace.poll() is not None:
+            pytest.skip(f"strace cannot trace {what} here (ptrace not permitted?)")
+        yield
+    finally:
+        strace.terminate()  # it detaches, and the calls run as usual again
+        strace.wait()
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt install strace)")
 async def test_migrate_is_judged_by_blockers_on_disk_not_by_a_deletion_that_fails(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu, tmp_path: Path,
@@ -116,15 +135,8 @@ async def test_migrate_is_judged_by_blockers_on_disk_not_by_a_deletion_that_fail
     async with d.client() as a, d.client() as b, qemu.monitor() as mon:
         await a.ok("add-blocker", {"reason": SEV, "id": "sev"})
         # Each fdatasync of the state from now on waits 2 s, then fails.
-        strace = subprocess.Popen(
-            ["strace", "-f", "-qq", "-p", str(d.proc.pid), "-e", "trace=fsync,fdatasync",
-             "-e", "inject=fsync,fdatasync:error=EIO:delay_enter=2000000"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            await wait_until(lambda: traced(d.proc.pid) or strace.poll() is not None,
-                             "strace attached")
-            if strace.poll() is not None:
-                pytest.skip("strace cannot trace the daemon here (ptrace not permitted?)")
+        async with injecting(d.proc.pid, "fsync,fdatasync", "error=EIO:delay_enter=2000000",
+                             "the daemon"):
             asked = d.log().count(QUERY_MIGRATE)
             qemu.proc.send_signal(signal.SIGSTOP)  # migrate's query-migrate waits
             try:
@@ -139,9 +151,6 @@ async def test_migrate_is_judged_by_blockers_on_disk_not_by_a_deletion_that_fail
             assert (await b.read_reply())["error"]["desc"].endswith(
                 "disk I/O error; nothing was changed")
             assert await a.read_reply() == error(GENERIC, SEV, "m")
-        finally:
-            strace.kill()
-            strace.wait()
         assert (await mon.ok("query-migrate")).get("status") is None  # never started
         assert [x["id"] for x in await a.ok("query-blockers")] == ["sev"]
     assert_clean_log(d)
@@ -401,23 +410,13 @@ async def test_a_migrate_qemu_has_not_answered_yet_takes_no_blocker(
     async with d.client() as a, d.client() as b:
         # QEMU's migrate creates its migration thread (and spawns the exec: command)
         # before it replies: each clone waits 4 s.
-        strace = subprocess.Popen(
-            ["strace", "-f", "-qq", "-p", str(pid), "-e", "trace=clone,clone3",
-             "-e", "inject=clone,clone3:delay_enter=4000000"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            await wait_until(lambda: traced(pid) or strace.poll() is not None,
-                             "strace attached")
-            if strace.poll() is not None:
-                pytest.skip("strace cannot trace QEMU here (ptrace not permitted?)")
+        async with injecting(pid, "clone,clone3", "delay_enter=4000000",
+                             "QEMU"):
             reply = await a.execute("migrate", {"uri": SINK}, id="m")
             assert reply["error"]["desc"].endswith("did not answer 'migrate' within 1 s; "
                                                    "it may still run it"), reply
             reply = await b.execute("add-blocker", {"reason": SEV, "id": "late"}, id=1)
             assert reply == error(GENERIC, BUSY_SEV, 1)
-        finally:
-            strace.terminate()
-            strace.wait()
         # Not "failed": the operator is told that its outcome is QEMU's to say.
         d.wait_for_log(f"migrate to '{SINK}' handed to QEMU, with no answer (\"QEMU's monitor "
                        f"at '{qemu.gate_socket}' did not answer 'migrate' within 1 s; it may "
@@ -465,15 +464,8 @@ async def test_a_mode_set_while_migrate_waits_for_a_commit_is_judged_too(
         await a.ok("add-blocker", {"reason": VFIO, "id": "vfio", "modes": ["normal"]})
         await b.ok("add-blocker", {"reason": MDEV, "id": "mdev", "modes": ["cpr-exec"]})
         # Each fdatasync of the state from now on waits 2 s: commits are slow.
-        strace = subprocess.Popen(
-            ["strace", "-f", "-qq", "-p", str(d.proc.pid), "-e", "trace=fsync,fdatasync",
-             "-e", "inject=fsync,fdatasync:delay_enter=2000000"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            await wait_until(lambda: traced(d.proc.pid) or strace.poll() is not None,
-                             "strace attached")
-            if strace.poll() is not None:
-                pytest.skip("strace cannot trace the daemon here (ptrace not permitted?)")
+        async with injecting(d.proc.pid, "fsync,fdatasync", "delay_enter=2000000",
+                             "the daemon"):
             asked = d.log().count(QUERY_MIGRATE)
             qemu.proc.send_signal(signal.SIGSTOP)  # migrate's query-migrate waits
             try:
@@ -494,9 +486,6 @@ async def test_a_mode_set_while_migrate_waits_for_a_commit_is_judged_too(
             assert await b.read_reply() == {"return": {}, "id": "b"}
             assert await c.read_reply() == {"return": {}, "id": "c"}
             reply = await a.read_reply()
-        finally:
-            strace.kill()
-            strace.wait()
         assert "error" in reply, reply
         assert reply["error"]["desc"].endswith(
             "would migrate in mode 'normal', not 'cpr-reboot'; set mode 'normal' with "
@@ -522,21 +511,11 @@ async def test_a_migrate_answered_late_then_a_silent_qemu_takes_no_blocker(
     async with d.client() as a, d.client() as b:
         await a.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
         # QEMU's migrate creates its migration thread before it replies: the clone waits.
-        strace = subprocess.Popen(
-            ["strace", "-f", "-qq", "-p", str(pid), "-e", "trace=clone,clone3",
-             "-e", "inject=clone,clone3:delay_enter=2000000"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            await wait_until(lambda: traced(pid) or strace.poll() is not None,
-                             "strace attached")
-            if strace.poll() is not None:
-                pytest.skip("strace cannot trace QEMU here (ptrace not permitted?)")
+        async with injecting(pid, "clone,clone3", "delay_enter=2000000",
+                             "QEMU"):
             reply = await a.execute("migrate", {"uri": SINK}, id="m")
             assert reply["error"]["desc"].endswith("did not answer 'migrate' within 1 s; "
                                                    "it may still run it"), reply
-        finally:
-            strace.terminate()
-            strace.wait()
         # Answered after the migrate: QEMU has run it (and says nothing of its status).
         while "error" in await b.execute("query-migrate-capabilities"):
             pass  # (timed out while QEMU still waits to create its thread)

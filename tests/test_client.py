@@ -221,55 +221,45 @@ async def test_a_daemon_that_exits_before_its_greeting_is_named_with_its_log(
         "systemd: journalctl -u migblockd)")
 
 
-async def test_a_connection_closed_before_the_greeting_is_named_with_the_log(
-        short_tmp: Path) -> None:
-    # It used to say "Failed to establish session: EOFError".
-    path = short_tmp / "closing.sock"
+_GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 10}, '
+             b'"package": ""}, "capabilities": []}}\r\n')
+
+
+@pytest.mark.parametrize(("says", "why"), [
+    # A daemon stopping or failing to start.  It used to say "Failed to establish
+    # session: EOFError", before the greeting and during negotiation alike.
+    (b"", "the connection was closed before a greeting; the daemon stopped, or failed "
+          "to start: its log says why (under systemd: journalctl -u migblockd)"),
+    (_GREETING, "the connection was lost while negotiating capabilities"),
+    # Another service's socket.  It used to read "Failed to establish session: Failed
+    # to deserialize QMP message." and the raw bytes on a second line, or "Did not
+    # understand Greeting".
+    (b"hello\r\n", "the server did not send a QMP greeting"),
+    (b'{"error": 5}\r\n', "the server did not send a QMP greeting"),
+], ids=["closed", "negotiating", "text", "not-a-greeting"])
+async def test_a_server_that_ends_the_connection_early_is_named(
+        short_tmp: Path, says: bytes, why: str) -> None:
+    path = short_tmp / "early.sock"
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))
     server.listen()
     server.setblocking(False)
 
-    async def close_one() -> None:
-        conn, _ = await asyncio.get_running_loop().sock_accept(server)
-        conn.close()
-
-    with server:
-        closing = asyncio.create_task(close_one())
-        with pytest.raises(DisconnectedError) as closed:
-            await MigblockClient(path).connect()
-        await closing
-    assert str(closed.value) == (
-        f"cannot connect to migblockd at {path}: the connection was closed before a "
-        "greeting; the daemon stopped, or failed to start: its log says why (under "
-        "systemd: journalctl -u migblockd)")
-
-
-async def test_a_connection_closed_during_negotiation_says_so(short_tmp: Path) -> None:
-    # A greeting, then the end before qmp_capabilities is answered (a daemon stopping).
-    # It used to say "Failed to establish session: EOFError".
-    path = short_tmp / "negotiating.sock"
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(path))
-    server.listen()
-    server.setblocking(False)
-
-    async def greet_and_close() -> None:
+    async def serve_one() -> None:
+        """Say ``says``, take one read (qmp_capabilities, or the client's end), close."""
         loop = asyncio.get_running_loop()
         conn, _ = await loop.sock_accept(server)
         with conn:
-            await loop.sock_sendall(conn, b'{"QMP": {"version": {"qemu": {"micro": 0, '
-                                    b'"minor": 2, "major": 10}, "package": ""}, '
-                                    b'"capabilities": []}}\r\n')
-            await loop.sock_recv(conn, 4096)  # qmp_capabilities
+            if says:
+                await loop.sock_sendall(conn, says)
+                await loop.sock_recv(conn, 4096)
 
     with server:
-        closing = asyncio.create_task(greet_and_close())
-        with pytest.raises(DisconnectedError) as closed:
+        serving = asyncio.create_task(serve_one())
+        with pytest.raises(DisconnectedError) as ended:
             await MigblockClient(path).connect()
-        await closing
-    assert str(closed.value) == (f"cannot connect to migblockd at {path}: the connection "
-                                 "was lost while negotiating capabilities")
+        await serving
+    assert str(ended.value) == f"cannot connect to migblockd at {path}: {why}"
 
 
 async def test_connecting_to_a_stopped_daemon_gives_up_after_the_timeout(
@@ -313,33 +303,6 @@ async def test_disconnecting_from_a_stopped_daemon_does_not_wait_for_it(
         daemon.signal(signal.SIGCONT)
     async with MigblockClient(daemon.socket) as other:
         assert await other.blockers() == []
-
-
-@pytest.mark.parametrize("line", [b"hello\r\n", b'{"error": 5}\r\n'])
-async def test_a_socket_that_does_not_speak_qmp_says_so(short_tmp: Path, line: bytes) -> None:
-    # Another service's socket.  It used to read "Failed to establish session: Failed
-    # to deserialize QMP message." and the raw bytes on a second line, or "Did not
-    # understand Greeting".
-    path = short_tmp / "other.sock"
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(path))
-    server.listen()
-    server.setblocking(False)
-
-    async def say_one_line() -> None:
-        loop = asyncio.get_running_loop()
-        conn, _ = await loop.sock_accept(server)
-        with conn:
-            await loop.sock_sendall(conn, line)
-            await loop.sock_recv(conn, 4096)  # until the client closes
-
-    with server:
-        serving = asyncio.create_task(say_one_line())
-        with pytest.raises(DisconnectedError) as wrong:
-            await MigblockClient(path).connect()
-        await serving
-    assert str(wrong.value) == (f"cannot connect to migblockd at {path}: the server did "
-                                "not send a QMP greeting")
 
 
 def test_the_default_path_is_the_daemons_default_socket() -> None:

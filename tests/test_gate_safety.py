@@ -124,6 +124,25 @@ async def injecting(pid: int, syscalls: str, inject: str, what: str) -> AsyncIte
         strace.wait()
 
 
+async def deleted_while_migrate_asks(d: DaemonProcess, qemu: Qemu, migrator: RawClient,
+                                     deleter: RawClient, blocker: str, del_id: str) -> None:
+    """``migrator`` sends migrate (id ``m``); while its query-migrate waits for a
+    stopped QEMU, ``deleter`` deletes ``blocker`` (id ``del_id``: its reply is the
+    caller's to read); then QEMU goes on."""
+    assert qemu.proc is not None
+    asked = d.log().count(QUERY_MIGRATE)
+    qemu.proc.send_signal(signal.SIGSTOP)
+    try:
+        await migrator.send({"execute": "migrate", "arguments": {"uri": SINK}, "id": "m"})
+        await wait_until(lambda: d.log().count(QUERY_MIGRATE) > asked,
+                         "migrate asking QEMU whether it migrates")
+        await deleter.send({"execute": "del-blocker", "arguments": {"id": blocker},
+                            "id": del_id})
+        d.wait_for_log(f"deleted blocker {blocker}")
+    finally:
+        qemu.proc.send_signal(signal.SIGCONT)
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt install strace)")
 async def test_migrate_is_judged_by_blockers_on_disk_not_by_a_deletion_that_fails(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu, tmp_path: Path,
@@ -137,17 +156,7 @@ async def test_migrate_is_judged_by_blockers_on_disk_not_by_a_deletion_that_fail
         # Each fdatasync of the state from now on waits 2 s, then fails.
         async with injecting(d.proc.pid, "fsync,fdatasync", "error=EIO:delay_enter=2000000",
                              "the daemon"):
-            asked = d.log().count(QUERY_MIGRATE)
-            qemu.proc.send_signal(signal.SIGSTOP)  # migrate's query-migrate waits
-            try:
-                await a.send({"execute": "migrate", "arguments": {"uri": SINK}, "id": "m"})
-                await wait_until(lambda: d.log().count(QUERY_MIGRATE) > asked,
-                                 "migrate asking QEMU whether it migrates")
-                await b.send({"execute": "del-blocker", "arguments": {"id": "sev"},
-                              "id": "del"})
-                d.wait_for_log("deleted blocker sev")
-            finally:
-                qemu.proc.send_signal(signal.SIGCONT)
+            await deleted_while_migrate_asks(d, qemu, a, b, "sev", "del")
             assert (await b.read_reply())["error"]["desc"].endswith(
                 "disk I/O error; nothing was changed")
             assert await a.read_reply() == error(GENERIC, SEV, "m")
@@ -466,18 +475,8 @@ async def test_a_mode_set_while_migrate_waits_for_a_commit_is_judged_too(
         # Each fdatasync of the state from now on waits 2 s: commits are slow.
         async with injecting(d.proc.pid, "fsync,fdatasync", "delay_enter=2000000",
                              "the daemon"):
-            asked = d.log().count(QUERY_MIGRATE)
-            qemu.proc.send_signal(signal.SIGSTOP)  # migrate's query-migrate waits
-            try:
-                await a.send({"execute": "migrate", "arguments": {"uri": SINK}, "id": "m"})
-                await wait_until(lambda: d.log().count(QUERY_MIGRATE) > asked,
-                                 "migrate asking QEMU whether it migrates")
-                # A change whose (slow) commit migrate will wait for.
-                await b.send({"execute": "del-blocker", "arguments": {"id": "mdev"},
-                              "id": "b"})
-                d.wait_for_log("deleted blocker mdev")
-            finally:
-                qemu.proc.send_signal(signal.SIGCONT)
+            # A change whose (slow) commit migrate will wait for.
+            await deleted_while_migrate_asks(d, qemu, a, b, "mdev", "b")
             # QEMU's run state asked (a blocker is there) and its mode judged: the
             # migrate now waits for b's commit.
             d.wait_for_log('"status": "prelaunch"')

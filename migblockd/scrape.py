@@ -85,6 +85,8 @@ REQUEST_TIMEOUT = 10.0
 REQUEST_DEADLINE = 30.0
 #: Seconds between attempts to accept while the process is out of descriptors.
 EXHAUSTED_PAUSE = 0.1
+#: Seconds between two warnings that every connection was busy (the rest: debug).
+CROWDED_WARNING = 60.0
 #: What a connection past MAX_SCRAPES is told before it is closed.
 _BUSY_TEXT = b"too many scrapes at once; retry\n"
 _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
@@ -108,9 +110,16 @@ class MetricsApp:
         self._ready = 0.0  # time.monotonic() from which the next answer may start
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-        if environ["REQUEST_METHOD"] != "GET":
-            return _plain(start_response, "405 Method Not Allowed", "use GET", [("Allow", "GET")])
+        method = environ["REQUEST_METHOD"]
+        if method not in ("GET", "HEAD"):
+            return _plain(start_response, "405 Method Not Allowed", "use GET",
+                          [("Allow", "GET, HEAD")])
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        if method == "HEAD":
+            # HTTP's general-purpose servers take HEAD (RFC 9110, 9.1): an uptime
+            # probe's.  Its headers without building the body, which costs the loop.
+            start_response("200 OK", [("Content-Type", content_type)])
+            return []
         names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
         source: Collector = self.registry if names is None else _Only(self.registry, names)
         try:
@@ -221,6 +230,26 @@ class _Server(ThreadingMixIn, WSGIServer):
         # Connections still sending their request, oldest first (dicts keep order).
         self._sending: dict[socket.socket, float] = {}
         self._sending_lock = threading.Lock()
+        # Connections closed or refused because every slot was busy, since the
+        # last warning, and when the next warning may come (serve_forever's thread).
+        self._crowded = [0, 0]
+        self._warn_from = 0.0
+
+    def _crowding(self, closed: int, refused: int) -> None:
+        """Count a connection closed to make room, or refused: a few silent or
+        hostile clients can keep a real scraper out, so the log says so, at
+        most every CROWDED_WARNING seconds."""
+        self._crowded[0] += closed
+        self._crowded[1] += refused
+        now = time.monotonic()
+        if now < self._warn_from:
+            return
+        self._warn_from = now + CROWDED_WARNING
+        closed, refused = self._crowded
+        self._crowded = [0, 0]
+        log.warning("metrics: all %d connections were busy: %d closed before they sent a "
+                    "request, %d refused (a scraper may have failed; next count in %g s "
+                    "at most)", MAX_SCRAPES, closed, refused, CROWDED_WARNING)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         try:
@@ -249,6 +278,7 @@ class _Server(ThreadingMixIn, WSGIServer):
             since = self._sending.pop(oldest)
         log.debug("metrics: closing a connection that has not sent its request in %.1f s, "
                   "to serve a new one", time.monotonic() - since)
+        self._crowding(1, 0)
         with contextlib.suppress(OSError):
             # Its thread reads what was sent, if anything, then the end at once:
             # see _Handler.parse_request.  It lets go of its slot right after.
@@ -259,6 +289,7 @@ class _Server(ThreadingMixIn, WSGIServer):
         if not self._slots.acquire(blocking=False) and not self._make_room():
             log.debug("metrics: %d scrapes in progress; refusing another connection",
                       MAX_SCRAPES)
+            self._crowding(0, 1)
             with contextlib.suppress(OSError):
                 request.settimeout(0)  # what fits in the socket's buffer, never a wait
                 request.send(_BUSY)

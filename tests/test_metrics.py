@@ -254,6 +254,16 @@ async def test_tcp_on_a_port_the_kernel_picks(
     # What else an HTTP client may send: an answer, no traceback.
     status, _, _ = get(http.client.HTTPConnection("127.0.0.1", port, timeout=10), method="POST")
     assert status == 405
+    # An uptime probe's HEAD: the GET's status and type, no body.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n"), answer
+    assert b"\r\nContent-Type: text/plain; version=0.0.4" in head, answer
+    assert rest == b"", answer
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         raw.sendall(b"GET / what HTTP/1.1\r\n\r\n")
         assert raw.recv(4096).startswith(b"HTTP/1.0 400")

@@ -231,6 +231,9 @@ def test_silent_clients_do_not_lock_a_scraper_out(
         for _ in range(3):
             assert scrape(endpoint_path).types["migblockd_build_info"] == "gauge"
         d.wait_for_log("metrics: closing a connection that has not sent its request in ")
+        # At the default level too, once for all three (at most once a minute).
+        d.wait_for_log(f"WARNING: metrics: all {MAX_SCRAPES} connections were busy: 1 "
+                       "closed before they sent a request, 0 refused")
         # The oldest made room (the slot of the first scrape then served the
         # others), closed long before its timeout.
         held[0].settimeout(endpoint.REQUEST_TIMEOUT / 2)
@@ -239,6 +242,7 @@ def test_silent_clients_do_not_lock_a_scraper_out(
         for s in held:
             s.close()
     assert d.stop() == 0
+    assert d.log().count("connections were busy") == 1
     assert_clean_log(d)
 
 

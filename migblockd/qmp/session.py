@@ -75,11 +75,11 @@ from migblockd.qmp.wording import (
 
 __all__ = ["EVENT", "KEEP", "VANISH", "Applied", "Session"]
 
-#: The input limits' errors, and the setting each one enforces.
-_LIMITS: dict[str, Callable[[Limits], str]] = {
-    TOKEN_SIZE_EXCEEDED: lambda limits: f"max-message-size={limits.max_message_size} bytes",
-    TOKEN_COUNT_EXCEEDED: lambda limits: f"max-tokens={limits.max_tokens}",
-    NESTING_EXCEEDED: lambda limits: f"max-nesting={limits.max_nesting}",
+#: The input limits' errors, and the setting each one enforces (at its value in force).
+_LIMITS: dict[str, Callable[[StreamDecoder], str]] = {
+    TOKEN_SIZE_EXCEEDED: lambda bounds: f"max-message-size={bounds.max_message_size} bytes",
+    TOKEN_COUNT_EXCEEDED: lambda bounds: f"max-tokens={bounds.max_tokens}",
+    NESTING_EXCEEDED: lambda bounds: f"max-nesting={bounds.max_nesting}",
 }
 
 
@@ -132,7 +132,7 @@ class Session(Envelope):
     ``capabilities`` are what ``qmp_capabilities`` may enable.
     """
 
-    __slots__ = ("_decoder", "_held", "_limit_told", "_limits", "_output", "_queue",
+    __slots__ = ("_decoder", "_held", "_limit_told", "_output", "_queue",
                  "event_bytes", "limit_notice", "output_bytes")
 
     def __init__(self, commands: Mapping[str, Command], greeting: dict[str, Any],
@@ -143,7 +143,6 @@ class Session(Envelope):
         self._negotiation = commands[QMP_CAPABILITIES]
         self._offered = frozenset(greeting.get("QMP", {}).get("capabilities", ()))
         self._decoder = StreamDecoder(limits)
-        self._limits = limits
         #: The first request refused for an input limit, in the operator's words
         #: (which setting, at what value), for the daemon to log and then clear;
         #: later ones on this connection are counted only.  The client gets QEMU's
@@ -183,7 +182,6 @@ class Session(Envelope):
     def configure(self, limits: Limits) -> None:
         """Bound the input by ``limits`` from now on (a reload)."""
         self._decoder.configure(limits)
-        self._limits = limits
 
     @property
     def buffered(self) -> int:
@@ -373,7 +371,7 @@ class Session(Envelope):
             self._put(encode_error(QMPError(item.desc), NO_ID), 0, KEEP)
             if not self._limit_told and item.desc in _LIMITS:
                 self._limit_told = True
-                setting = _LIMITS[item.desc](self._limits)
+                setting = _LIMITS[item.desc](self._decoder)
                 self.limit_notice = (f"request refused ({item.desc}): past {setting}; "
                                      "further ones on this connection are not logged")
             return None

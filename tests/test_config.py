@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -261,6 +262,8 @@ async def test_reloaded_input_limits_apply_to_open_connections(
         assert await before.execute("add-blocker", big, id=2) == expected
         before.send_raw(b"\n")  # the decoder skips the rest of the line (docs/protocol.md)
         assert "return" in await before.execute("query-version", id=3)
+    # Both warnings name the bound in force, the old connection's too.
+    d.wait_for_log(re.compile(r"(past max-message-size=1000 bytes[\s\S]*){2}"))
     assert d.stop() == 0
 
 

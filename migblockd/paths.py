@@ -116,6 +116,10 @@ DAEMON_GONE = ("the daemon stopped, or failed to start: its log says why (under 
                "journalctl -u migblockd)")
 
 
+#: Why a connection that answered with something other than QMP's greeting failed.
+NO_GREETING = "the server did not send a QMP greeting"
+
+
 def before_greeting(err: BaseException | None) -> str:
     """Why a connection ended before the daemon's greeting, in the operator's terms.
 

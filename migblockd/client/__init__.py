@@ -70,7 +70,12 @@ from qemu.qmp import (
 from migblockd.client.errors import ClientError, CommandError, DisconnectedError
 from migblockd.client.link import QMPLink, Refused
 from migblockd.client.values import Blocker, BlockerOwner, Event
-from migblockd.paths import before_greeting, connect_failure, default_socket_path
+from migblockd.paths import (
+    NO_GREETING,
+    before_greeting,
+    connect_failure,
+    default_socket_path,
+)
 
 log = logging.getLogger("migblockd.client")
 
@@ -215,7 +220,7 @@ class MigblockClient:
             elif isinstance(cause, OSError):
                 why = connect_failure(self.path, cause)
             elif isinstance(cause, QMPError) and qmp.greeting is None:
-                why = "the server did not send a QMP greeting"  # not a QMP socket
+                why = NO_GREETING  # not a QMP socket
             else:
                 why = str(exc)
             raise DisconnectedError(f"cannot connect to migblockd at {self.path}: {why}"

@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from migblockd.paths import before_greeting, connect_failure
+from migblockd.paths import NO_GREETING, before_greeting, connect_failure
 
 GREETING_TIMEOUT = 10.0
 #: The longest line read: a 100,000-blocker listing with reasons of 1024
@@ -93,7 +93,7 @@ class QMPClient:
             raise ConnectError(f"{path}: migblockd refused the connection: {refusal['desc']}")
         if not isinstance(greeting, dict) or not isinstance(greeting.get("QMP"), dict):
             await self._abort()
-            what = before_greeting(None) if not line else "the server did not send a QMP greeting"
+            what = before_greeting(None) if not line else NO_GREETING
             raise ConnectError(f"{path}: {what}")
         self.greeting = greeting
         self._reader_task = asyncio.create_task(self._read_loop())

@@ -61,13 +61,18 @@ async def pipeline(client: RawClient, requests: list[bytes]) -> list[dict[str, o
     return replies
 
 
-async def test_sigterm_answers_every_request_read_and_drops_nobody(
-    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
-) -> None:
-    state = tmp_path / "state"
+async def pipelines_cut_by_sigterm(
+    start_daemon: Callable[..., DaemonProcess], state: Path,
+) -> tuple[DaemonProcess, list[list[dict[str, object]]], set[int]]:
+    """Adders and readers pipeline; SIGTERM comes well into the pipelines.
+
+    Returns the daemon (exited), each client's replies (adders first) and the
+    adders (0 to ADDERS - 1) dropped for ``--max-output`` before the signal.
+    """
     # A small max-output: before, shutdown ran every pending request at once and
     # dropped whoever that left with more unread events than this.
-    d = start_daemon("--state-dir", str(state), "--max-output", "65536", "--log-level", "info")
+    d = start_daemon("--state-dir", str(state), "--max-output", "65536", "--log-level", "info",
+                     socket=state.parent / f"{state.name}.sock")
     adders = [await RawClient.connect(d.socket) for _ in range(ADDERS)]
     readers = [await RawClient.connect(d.socket) for _ in range(READERS)]
     jobs = [asyncio.create_task(pipeline(c, [
@@ -84,9 +89,26 @@ async def test_sigterm_answers_every_request_read_and_drops_nobody(
     assert d.wait_exit() == 0
     for c in adders + readers:
         await c.close()
+    before = d.log().split("received SIGTERM")[0]
+    # Adders are clients 1 to ADDERS.
+    dropped = {int(n) - 1 for n in re.findall(r"client (\d+) \([^)]*\): dropped", before)}
+    return d, results, dropped & set(range(ADDERS))
+
+
+async def test_sigterm_answers_every_request_read_and_drops_nobody(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Before the signal a client that falls behind may be dropped, as always.
+    # A run that lost every adder so shows nothing of the drain's adds: a loaded
+    # machine starving this test's reads can do that, so such a run is repeated.
+    for attempt in range(3):
+        state = tmp_path / f"state{attempt}"
+        d, results, dropped = await pipelines_cut_by_sigterm(start_daemon, state)
+        if len(dropped) < ADDERS:
+            break
+    assert len(dropped) < ADDERS, "every adder was dropped before the signal, three times"
     log = d.log()
-    # Before the signal a reader that falls behind may be dropped, as always;
-    # the drain itself drops nobody.
+    # The drain itself drops nobody.
     drain = log[log.index("received SIGTERM"):]
     assert "dropped" not in drain, drain[-3000:]
     answered_adds: set[str] = set()
@@ -102,17 +124,15 @@ async def test_sigterm_answers_every_request_read_and_drops_nobody(
     # Some of the work was cut off by the signal, and some done: a real drain.
     assert 0 < len(answered_adds) < ADDERS * ADDS
     # Every add that took effect was answered, and every answered add took effect;
-    # except that an adder dropped before the signal (max-output, under load) had
-    # what it had sent and we had not read run all the same, unanswered, as for
-    # any dropped client (ClientProtocol.drop).  Adders are clients 1 to ADDERS.
-    before = log[:log.index("received SIGTERM")]
-    dropped = {int(n) for n in re.findall(r"client (\d+) \([^)]*\): dropped", before)}
+    # except that an adder dropped before the signal had what it had sent and we
+    # had not read run all the same, unanswered, as for any dropped client
+    # (ClientProtocol.drop).
     stored = await stored_ids(start_daemon, state)
     for k in range(ADDERS):
         mine = {i for i in stored if i.startswith(f"a{k}-")}
         answered = {i for i in answered_adds if i.startswith(f"a{k}-")}
         assert mine == {f"a{k}-{i}" for i in range(len(mine))}  # run in order
-        if k + 1 in dropped:
+        if k in dropped:
             assert answered <= mine
         else:
             assert mine == answered, (k, sorted(mine ^ answered)[:5])

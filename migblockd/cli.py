@@ -55,14 +55,32 @@ def parser(*, documented: bool = False) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"migblockd {__version__}")
+    p.add_argument(
+        "--check-config", action="store_true",
+        help="check the settings (the --config file, then the command line) as a start "
+             "or a SIGHUP would read them and exit: 0 if they are valid, non-zero with "
+             "the error otherwise; nothing is started or created")
     add_arguments(p, Config, documented=documented)
     return p
 
 
+def command_line(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], bool]:
+    """:func:`options`, and whether ``--check-config`` asks only for a check."""
+    given = dict(vars(parser().parse_args(argv)))
+    return given, given.pop("check_config")
+
+
 def options(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The command line as Config field names -> checked values; options not given are None."""
-    ns = parser().parse_args(argv)
-    return dict(vars(ns))
+    return command_line(argv)[0]
+
+
+def checked(config: Config, path: str | None) -> str:
+    """What ``--check-config`` says of settings that are valid."""
+    source = f"{path} and the command line" if path else "the command line (no --config file)"
+    state = ("state in memory only (ephemeral)" if config.ephemeral
+             else f"state in {config.state_dir}")
+    return f"migblockd: {source}: valid; socket {config.socket}, {state}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -71,11 +89,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # seconds): the request is kept, and carried out once the daemon is ready.
     hangups: list[int] = []
     signal.signal(signal.SIGHUP, lambda signum, _frame: hangups.append(signum))
-    cli = options(argv)
+    cli, check_only = command_line(argv)
     try:
         config = build(cli)
     except ConfigError as exc:
         sys.exit(f"migblockd: {exc}")
+    if check_only:
+        print(checked(config, cli.get("config")))
+        return
 
     from migblockd import logs  # noqa: PLC0415 - keeps --help fast
     from migblockd.daemon import StartupError, run  # noqa: PLC0415

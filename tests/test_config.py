@@ -345,3 +345,29 @@ async def test_a_fifo_in_place_of_the_file_is_refused_at_reload(
     async with d.client() as c:
         await c.ok("query-version")
     assert d.stop() == 0
+
+
+def check_config(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "migblockd", "--check-config", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_check_config_says_valid_and_starts_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(f'log-level = "debug"\nstate-dir = "{tmp_path / "state"}"\n')
+    path.chmod(0o600)
+    proc = check_config("--config", str(path), "--socket", str(tmp_path / "s.sock"))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout == (f"migblockd: {path} and the command line: valid; socket "
+                           f"{tmp_path / 's.sock'}, state in {tmp_path / 'state'}\n")
+    assert sorted(tmp_path.iterdir()) == [path]  # no state directory, no socket
+
+
+def test_check_config_gives_the_error_a_start_would(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text("max-clients = 0\n")
+    path.chmod(0o600)
+    proc = check_config("--config", str(path))
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == f"migblockd: {path}: max-clients must be at least 1\n"
+    assert check_config("--ephemeral").stdout.endswith("state in memory only (ephemeral)\n")

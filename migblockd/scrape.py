@@ -58,7 +58,7 @@ from typing import Any
 from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -68,7 +68,7 @@ from migblockd.logs import shown
 from migblockd.pidlock import PidLock
 
 __all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_DEADLINE", "REQUEST_TIMEOUT", "MetricsApp",
-           "MetricsServer"]
+           "MetricsServer", "gzip_wanted"]
 
 log = logging.getLogger("migblockd")
 
@@ -130,7 +130,7 @@ class MetricsApp:
             log.exception("metrics: cannot build the answer")
             return _plain(start_response, "500 Internal Server Error", "internal error")
         headers = [("Content-Type", content_type)]
-        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+        if gzip_wanted(environ.get("HTTP_ACCEPT_ENCODING", "")):
             output = gzip.compress(output)
             headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
@@ -162,6 +162,29 @@ class MetricsApp:
             finally:
                 future.cancel()
                 self._ready = time.monotonic() + MIN_INTERVAL
+
+
+def gzip_wanted(accept_encoding: str) -> bool:
+    """Whether ``Accept-Encoding`` asks for gzip with a weight above 0.
+
+    prometheus_client's own test looks for the word only, so it gzips for
+    ``gzip;q=0``, which RFC 9110 (12.5.3) defines as "not acceptable".  A
+    ``*`` is not taken as gzip: the plain answer is never wrong.
+    """
+    for coding in accept_encoding.split(","):
+        name, *params = (part.strip() for part in coding.split(";"))
+        if name.lower() not in ("gzip", "x-gzip"):
+            continue
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0  # a weight it cannot read: not a request for gzip
+        return weight > 0
+    return False
 
 
 class _NoAnswer(Exception):

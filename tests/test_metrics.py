@@ -28,6 +28,8 @@ from otheruids import NAMELESS_GID, NAMELESS_UID, NAMELESS_UID2, UidClient
 from qmpclient import RawClient, blocking_client, encode, qmp_client
 from realqemu import Qemu, wait_until
 
+from migblockd.scrape import gzip_wanted
+
 SCHEMA_REQUESTS = 32  # one turn's worth: they all run before the daemon stops for the writer
 
 
@@ -251,6 +253,14 @@ async def test_tcp_on_a_port_the_kernel_picks(
     conn.close()
     assert body == ("# HELP migblockd_clients Clients connected now\n"
                     "# TYPE migblockd_clients gauge\nmigblockd_clients 0.0\n# EOF\n")
+    # gzip refused by its weight (RFC 9110, 12.5.3): the plain text.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics?name[]=migblockd_clients",
+                 headers={"Accept-Encoding": "gzip;q=0, identity"})
+    response = conn.getresponse()
+    assert response.getheader("Content-Encoding") is None
+    assert response.read().startswith(b"# HELP migblockd_clients ")
+    conn.close()
     # What else an HTTP client may send: an answer, no traceback.
     status, _, _ = get(http.client.HTTPConnection("127.0.0.1", port, timeout=10), method="POST")
     assert status == 405
@@ -336,3 +346,13 @@ def test_stopping_is_not_held_up_by_an_idle_scraper(
         idle.connect(str(endpoint))  # connected, sends nothing
         assert d.stop() == 0  # its thread does not hold up the exit
     assert_clean_log(d)
+
+
+@pytest.mark.parametrize(("header", "wanted"), [
+    ("gzip", True), ("GZip, deflate", True), ("deflate, gzip;q=0.5", True), ("x-gzip", True),
+    ("", False), ("identity", False), ("*", False), ("gzip;q=0", False),
+    ("gzip; q=0.000", False), ("gzip;q=zero", False), ("br, gzip ; Q=0", False),
+    ("gzipped", False),
+])
+def test_gzip_only_when_asked_with_a_weight(header: str, wanted: bool) -> None:
+    assert gzip_wanted(header) is wanted

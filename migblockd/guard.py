@@ -139,6 +139,9 @@ class Guard:
         for entry in self.resolver.overruled():
             log.warning("access: the policy gives %s, but root and the daemon's own user "
                         "are always admin", entry)
+        for entry in self.resolver.shadowed():
+            log.warning("access: the policy gives %s: the entry by number applies (a user's "
+                        "uid is looked up before its name); give the user one entry", entry)
 
     def role_of(self, conn: Connection) -> Role:
         role = conn.role

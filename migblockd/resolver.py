@@ -125,6 +125,18 @@ class Resolver:
                 if role < Role.ADMIN
                 and (int(key) if is_number(key) else _uid_of(key)) in admins]
 
+    def shadowed(self) -> list[str]:
+        """``users`` entries by name that an entry by number for the same uid
+        overrides with another role (to warn: the name's entry never applies,
+        however specific it looks, since the number is looked up first)."""
+        shadowed = []
+        for name, role in self._users_by_name.items():
+            uid = _uid_of(name)
+            by_number = None if uid is None else self._users_by_id.get(uid)
+            if by_number is not None and by_number != role and uid not in (0, self.daemon_uid):
+                shadowed.append(f"user {name!r} role {role} and its uid {uid} role {by_number}")
+        return shadowed
+
     def unknown_names(self) -> list[str]:
         """Names in the policy that the user and group databases do not know (to warn)."""
         missing = [f"user {n!r}" for n in self._users_by_name if _uid_of(n) is None]

@@ -145,6 +145,13 @@ def test_users_by_number_and_by_name(accounts: dict[str, Account]) -> None:
     assert r.role(bob.uid, bob.gid) is OBSERVER
     assert r.role(accounts["mbt-dave"].uid, 0) is CLIENT
 
+    # The number's entry hides the name's: said at start and reload (the guard warns).
+    twice = Resolver(Policy.of(users={"mbt-alice": OPERATOR, alice.uid: CLIENT,
+                                      "mbt-bob": OBSERVER, bob.uid: OBSERVER}), DAEMON_UID)
+    assert twice.role(alice.uid, alice.gid) is CLIENT
+    assert twice.shadowed() == [
+        f"user 'mbt-alice' role operator and its uid {alice.uid} role client"]
+
 
 EXHAUSTED = """
 import json, os, resource, sys

@@ -310,6 +310,29 @@ def test_a_reload_that_gives_one_uid_two_roles_keeps_the_running_policy(
     assert_clean_log(daemon)
 
 
+def test_a_user_named_by_name_and_by_uid_is_warned_of_at_start_and_reload(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Found in review: 'mbt-alice = "operator"' beside '999 = "client"' (alice's uid) left
+    # alice a client without a word, as "0999" beside "999" used to.
+    alice = accounts["mbt-alice"]
+    twice = f'[access]\nusers = {{ mbt-alice = "operator", {alice.uid} = "client" }}\n'
+    warning = (f"access: the policy gives user 'mbt-alice' role operator and its uid "
+               f"{alice.uid} role client: the entry by number applies")
+    daemon = serve(twice)
+    daemon.wait_for_log(warning)
+    a = connect(daemon, alice)
+    assert a.error("migrate-set-parameters", {"mode": "cpr-reboot"}).endswith(
+        f"uid {alice.uid} (mbt-alice) has role client")
+    reload(daemon, twice + "\n")
+    daemon.wait_for_log(re.compile(f"(?:.*{re.escape(warning)}.*\n){{2}}", re.S))
+    # The same role twice says nothing: the policy does what it reads.
+    reload(daemon, twice.replace('"client"', '"operator"'))
+    assert daemon.log().count("access: the policy gives user 'mbt-alice'") == 2
+    a.ok("migrate-set-parameters", {"mode": "cpr-reboot"})
+    assert_clean_log(daemon)
+
+
 #: A uid that gets a name while the daemon runs (the account exists only during the test).
 LATECOMER_UID, LATECOMER = 3_999_990, "mbt-latecomer"
 

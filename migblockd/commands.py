@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from migblockd import __version__, logs
 from migblockd.connection import Connection
 from migblockd.contract import Contract
+from migblockd.guard import whose
 from migblockd.listing import Listings
 from migblockd.logs import about, shown
 from migblockd.qmp.encoding import Encoded, Parts
@@ -101,7 +102,12 @@ class Handlers:
 
     def del_blocker(self, conn: Connection, args: Args) -> object:
         blocker = self.registry.delete(args["id"])
-        logs.info(log, "%s: deleted blocker %s", conn.label, shown(blocker.id, quoted=False),
+        owner, mine = blocker.owner, conn.owner
+        # Another uid's (an admin's delete): the line says whose, since the one that
+        # said who added it may be long gone (rotated, or from before a restart).
+        theirs = (owner is None or mine is None or owner.uid != mine.uid)
+        logs.info(log, "%s: deleted blocker %s%s", conn.label, shown(blocker.id, quoted=False),
+                  f", which belonged to {whose(owner)}" if theirs else "",
                   extra=about(conn, blocker_id=blocker.id))
         return {}
 

@@ -38,10 +38,10 @@ from migblockd.access import Policy, Quotas, Role, needed_role
 from migblockd.connection import Connection
 from migblockd.logs import about, shown
 from migblockd.qmp.errors import QMPError
-from migblockd.registry import Registry
+from migblockd.registry import Owner, Registry
 from migblockd.resolver import Resolver, clear_caches, user_name
 
-__all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota"]
+__all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "who", "whose"]
 
 log = logging.getLogger("migblockd")
 
@@ -89,6 +89,11 @@ def who(uid: int | None) -> str:
         return "a client whose uid the kernel did not report"
     name = user_name(uid)
     return f"uid {uid} ({name})" if name is not None else f"uid {uid}"
+
+
+def whose(owner: Owner | None) -> str:
+    """Whose a blocker is, as refusals and the log say it: ``uid 1001 (alice)``."""
+    return "no known uid" if owner is None else who(owner.uid)
 
 
 class Guard:
@@ -209,10 +214,9 @@ class Guard:
         owner, mine = blocker.owner, conn.owner
         if owner is not None and mine is not None and owner.uid == mine.uid:
             return
-        whose = "no known uid" if owner is None else who(owner.uid)
         self._refuse(conn, "del-blocker",
                      f"Permission denied: del-blocker of blocker '{blocker.id}', which "
-                     f"belongs to {whose}, needs role {Role.ADMIN}, but {self._who(conn)} "
+                     f"belongs to {whose(owner)}, needs role {Role.ADMIN}, but {self._who(conn)} "
                      f"has role {role}", NotOwner)
 
     def _check_migrate(self, conn: Connection, role: Role, args: Args) -> None:

@@ -136,6 +136,31 @@ def test_an_admin_by_user_name_by_group_database_or_by_gid_deletes_anyones_block
     assert ids(alice) == ["a3"]
 
 
+def test_an_admins_delete_of_another_uids_blocker_is_logged_with_whose_it_was(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Found in review: at 3 a.m. the log said "deleted blocker backup0" and who deleted it,
+    # not whose it was: the line that said so was from before a restart, or rotated.
+    daemon = serve()
+    alice, dave = accounts["mbt-alice"], accounts["mbt-dave"]
+    a = connect(daemon, alice)
+    a.ok("add-blocker", {"reason": "r", "id": "backup0"})
+    a.ok("add-blocker", {"reason": "r", "id": "backup1"})
+    d = connect(daemon, dave)
+    d.ok("del-blocker", {"id": "backup0"})
+    daemon.wait_for_log(f"(pid {d.pid}, uid {dave.uid}, gid {dave.gid}): deleted blocker "
+                        f"backup0, which belonged to uid {alice.uid} (mbt-alice)\n")
+    nameless = connect(daemon, NAMELESS_UID)
+    nameless.ok("add-blocker", {"reason": "r", "id": "container0"})
+    d.ok("del-blocker", {"id": "container0"})
+    daemon.wait_for_log(f"deleted blocker container0, which belonged to uid {NAMELESS_UID}\n")
+    # Its owner's own delete says nothing more.
+    a.ok("del-blocker", {"id": "backup1"})
+    daemon.wait_for_log(f"(pid {a.pid}, uid {alice.uid}, gid {alice.gid}): deleted blocker "
+                        "backup1\n")
+    assert_clean_log(daemon)
+
+
 def test_an_observer_can_query_but_cannot_add_delete_or_migrate(
         serve: Callable[..., DaemonProcess], connect: ClientFactory,
         accounts: dict[str, Account]) -> None:

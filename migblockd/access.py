@@ -8,9 +8,10 @@ both to each request.
 Roles are ordered, each including the one before::
 
     observer   the query-* commands, qmp_capabilities, query-qmp-schema
-    client     + add-blocker, and del-blocker of the blockers its own uid added
-    operator   + migrate, migrate_cancel, migrate-set-parameters,
-                 migrate-set-capabilities
+    client     + add-blocker (not internal), and del-blocker of the blockers its
+                 own uid added
+    operator   + add-blocker with internal: true, migrate, migrate_cancel,
+                 migrate-set-parameters, migrate-set-capabilities
     admin      everything, including del-blocker of anyone's blocker
 
 The command table is derived, not listed: a command whose name starts with

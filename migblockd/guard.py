@@ -12,6 +12,11 @@ command, the uid, the role it has and the one it needs; for ``del-blocker``,
 whose blocker it is; for ``migrate``, the kind of URI or channel and what QEMU
 would do with it), and a warning in the log with the peer's pid and uid.
 
+An ``add-blocker`` with ``internal: true`` needs ``operator``: such a blocker is
+exempt from ``--only-migratable`` (QEMU's ``migrate_add_blocker_internal()``,
+which only QEMU's own code calls), and a client must not be able to set aside
+what the daemon's administrator promised.
+
 A ``migrate`` by a role below admin may not make QEMU run a command or write a
 file as its own user: not to an ``exec:`` or ``file:`` URI (prefixes QEMU
 matches case-sensitively), nor with ``channels`` that use the ``exec`` or
@@ -19,8 +24,8 @@ matches case-sensitively), nor with ``channels`` that use the ``exec`` or
 with a string ``addr.transport``).  The rule applies with or without ``--qemu``.
 
 Cost per request, once a connection's role is known: one dict look-up for the
-command's rule and an integer comparison; ``add-blocker`` adds three
-comparisons (reason length, total count, the uid's count, each O(1)), a
+command's rule and an integer comparison; ``add-blocker`` adds a look-up of
+``internal`` and three comparisons (reason length, total count, the uid's count, each O(1)), a
 ``del-blocker`` by a non-admin one registry look-up, and a ``migrate`` by a
 non-admin two prefix tests on its URI and a few look-ups per channel.  A
 connection's role is resolved when it is accepted (admission asks whether it
@@ -183,6 +188,13 @@ class Guard:
 
     # -- the rules of particular commands ------------------------------------------
     def _check_add(self, conn: Connection, role: Role, args: Args) -> None:
+        if args.get("internal") and role < Role.OPERATOR:
+            # In QEMU only QEMU's own code registers internal blockers; here one
+            # would let any client override --only-migratable, the admin's promise.
+            self._refuse(conn, "add-blocker",
+                         f"Permission denied: add-blocker with internal: true needs role "
+                         f"{Role.OPERATOR} (it is exempt from --only-migratable), but "
+                         f"{self._who(conn)} has role {role}", AccessDenied)
         quotas = self.quotas
         length = len(args["reason"])
         if length > quotas.max_reason_length:

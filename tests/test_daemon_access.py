@@ -204,6 +204,27 @@ def test_default_role_applies_to_uids_the_policy_does_not_name(
     connect(daemon, 0, 0).ok("migrate_cancel")
 
 
+def test_only_an_operator_may_set_only_migratable_aside_with_an_internal_blocker(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    daemon = serve(POLICY, "--only-migratable")
+    alice = accounts["mbt-alice"]  # default-role: client
+    a = connect(daemon, alice)
+    desc = ("Permission denied: add-blocker with internal: true needs role operator (it is "
+            f"exempt from --only-migratable), but uid {alice.uid} (mbt-alice) has role client")
+    assert a.error("add-blocker", {"reason": "r", "id": "a1", "internal": True}) == desc
+    daemon.wait_for_log(f"uid {alice.uid}, gid {alice.gid}): refused add-blocker: {desc}")
+    # What --only-migratable leaves a client: blockers of the other modes.
+    assert a.error("add-blocker", {"reason": "r", "internal": False}) == (
+        "disallowing migration blocker (--only-migratable) for: r")
+    a.ok("add-blocker", {"reason": "cpr only", "id": "a2", "modes": ["cpr-reboot"]})
+    operator = connect(daemon, NAMELESS_UID2)
+    operator.ok("add-blocker", {"reason": "dump in progress", "id": "o1", "internal": True})
+    assert a.ok("query-migrate") == {"blocked-reasons": ["dump in progress"]}
+    assert ids(connect(daemon, 0, 0)) == ["a2", "o1"]
+    assert_clean_log(daemon)
+
+
 def test_an_operator_may_not_migrate_to_a_command_but_an_admin_may(
         serve: Callable[..., DaemonProcess], connect: ClientFactory,
         accounts: dict[str, Account]) -> None:

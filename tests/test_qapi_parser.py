@@ -13,7 +13,7 @@ import pytest
 
 from migblockd.qapi.builder import load_schema
 from migblockd.qapi.error import QAPIError
-from migblockd.qapi.parser import parse_schema
+from migblockd.qapi.parser import MAX_INCLUDE_DEPTH, MAX_NESTING, parse_schema
 from migblockd.qapi.schema import ArrayType, EnumType, ObjectType
 
 CASES = Path(__file__).parent / "qapi_cases"
@@ -114,3 +114,39 @@ def test_parser_keeps_positions(monkeypatch: pytest.MonkeyPatch) -> None:
     assert colour.expr.key_info["data"].line == 28
     assert colour.expr.key_info["data"].col == 9
 
+
+
+@pytest.mark.parametrize("opening", ["[", "{'a': "])
+def test_deep_nesting_is_an_error_at_its_position(opening: str, tmp_path: Path) -> None:
+    # Reading is recursive: without a limit, a few thousand levels ended in a
+    # RecursionError traceback instead of FILE:LINE:COL: message.
+    closing = "]" if opening == "[" else "}"
+    schema = tmp_path / "deep.json"
+    for depth, error in ((MAX_NESTING, False), (MAX_NESTING + 1, True), (5000, True)):
+        inner = opening * (depth - 1) + "'a'" + closing * (depth - 1)
+        schema.write_text("{ 'x': " + inner + " }\n")
+        if not error:
+            parse_schema(schema)
+            continue
+        with pytest.raises(QAPIError) as exc:
+            parse_schema(schema)
+        col = 1 + len("{ 'x': ") + len(opening) * (MAX_NESTING - 1)
+        assert str(exc.value) == (
+            f"{schema}:1:{col}: value nested more than {MAX_NESTING} levels deep")
+
+
+def test_deep_include_chain_is_an_error_at_the_include(tmp_path: Path) -> None:
+    # Each include is read by a nested parser: a long enough chain of them
+    # also ended in a RecursionError traceback.
+    def chain(length: int) -> Path:
+        for i in range(length):
+            (tmp_path / f"f{i}.json").write_text(f"{{ 'include': 'f{i + 1}.json' }}\n")
+        (tmp_path / f"f{length}.json").write_text("")
+        return tmp_path / "f0.json"
+
+    parse_schema(chain(MAX_INCLUDE_DEPTH))
+    for length in (MAX_INCLUDE_DEPTH + 1, 1500):
+        with pytest.raises(QAPIError) as exc:
+            parse_schema(chain(length))
+        assert str(exc.value) == (f"{tmp_path}/f{MAX_INCLUDE_DEPTH}.json:1:14: "
+                                  f"includes nested more than {MAX_INCLUDE_DEPTH} levels deep")

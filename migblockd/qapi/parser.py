@@ -24,6 +24,13 @@ from .doccomment import Doc, parse_doc
 from .error import QAPIError, SourceInfo
 from .tree import Definition, ParseResult, PosDict, PosList, Pragmas, Value
 
+#: How deep values may nest and includes may chain.  A schema needs a few
+#: levels of each; a limit turns a runaway file (thousands of "[", a chain of
+#: includes) into an error at its position, where recursion would end in a
+#: RecursionError traceback.
+MAX_NESTING = 32
+MAX_INCLUDE_DEPTH = 32
+
 
 @dataclass
 class _Token:
@@ -64,6 +71,7 @@ class _FileParser:
         self.line = 1
         self.line_pos = 0
         self.tok = _Token("", None, SourceInfo(fname, 1, 1))
+        self.depth = 0  # of the object or array being read
 
     # --- lexer ---------------------------------------------------------
 
@@ -186,6 +194,8 @@ class _FileParser:
             raise QAPIError(info, f"inclusion loop for {name}")
         if absname in self.included:
             return
+        if len(self.chain) > MAX_INCLUDE_DEPTH:
+            raise QAPIError(info, f"includes nested more than {MAX_INCLUDE_DEPTH} levels deep")
         self.included.add(absname)
         self.result.modules.append(incl)
         try:
@@ -210,12 +220,14 @@ class _FileParser:
 
     def _get_expr(self) -> Value:
         tok = self.tok
-        if tok.kind == "{":
+        if tok.kind in ("{", "["):
+            if self.depth >= MAX_NESTING:
+                raise QAPIError(tok.info, f"value nested more than {MAX_NESTING} levels deep")
+            self.depth += 1
             self.accept()
-            return self._get_members(tok.info)
-        if tok.kind == "[":
-            self.accept()
-            return self._get_values(tok.info)
+            value = self._get_members(tok.info) if tok.kind == "{" else self._get_values(tok.info)
+            self.depth -= 1
+            return value
         if tok.kind in ("'", "b"):
             assert isinstance(tok.value, (str, bool))
             self.accept()

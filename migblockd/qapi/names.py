@@ -19,6 +19,9 @@ _UPPER_RE = re.compile(r"[A-Z][A-Z0-9_]*$")
 _VALUE_RE = re.compile(r"[a-z0-9][a-z0-9-]*$")
 # QEMU's valid_name, which even a pragma's exception must match.
 _EXCEPTION_RE = re.compile(r"[a-z][a-z0-9_-]*$")
+# QEMU's valid_name without its case rule (and without downstream prefixes):
+# a name outside it "has an invalid name", whatever its case.
+_VALID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*$")
 
 
 def check_definition_name(meta: str, name: str, info: SourceInfo,
@@ -27,6 +30,8 @@ def check_definition_name(meta: str, name: str, info: SourceInfo,
     case (with ``_`` where the ``command-name-exceptions`` pragma allows it); never
     ending in ``List``, QEMU's name for an array of the type."""
     what = f"{meta} '{name}'"
+    if not _VALID_RE.match(name):
+        raise QAPIError(info, f"{what} has an invalid name")
     if meta in ("enum", "struct"):
         if not _CAMEL_RE.match(name):
             raise QAPIError(info, f"name of {what} must use CamelCase")
@@ -47,6 +52,8 @@ def check_definition_name(meta: str, name: str, info: SourceInfo,
 def check_member_name(name: str, what: str, info: SourceInfo) -> None:
     """A member in lower case, and not one of the names QEMU's C reserves
     (``has_NAME`` for an optional member, ``u`` for a union's variants)."""
+    if not _VALID_RE.match(name):
+        raise QAPIError(info, f"{what} has an invalid name")
     if not _LOWER_RE.match(name):
         raise QAPIError(info, f"name of {what} must not use uppercase or '_'")
     if name.startswith("has-") or name == "u":
@@ -55,5 +62,7 @@ def check_member_name(name: str, what: str, info: SourceInfo) -> None:
 
 def check_value_name(value: str, enum: str, info: SourceInfo) -> None:
     """An enum value in lower case (digits first allowed, as QEMU allows)."""
+    if not _VALID_RE.match("d" + value if value[:1].isdigit() else value):
+        raise QAPIError(info, f"value '{value}' of enum '{enum}' has an invalid name")
     if not _VALUE_RE.match(value):
         raise QAPIError(info, f"value '{value}' of enum '{enum}' must not use uppercase or '_'")

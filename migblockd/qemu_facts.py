@@ -136,7 +136,7 @@ class QemuFacts:
             if name not in args:
                 return QMPError(f"Parameter '{name}' is missing")
         known = self.commands[command]
-        for name in unvisited_order(args) or args:
+        for name in unvisited_order(args):
             if name not in known:
                 return QMPError(f"Parameter '{name}' is unexpected")
         return None

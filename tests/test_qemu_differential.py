@@ -162,6 +162,16 @@ UNEXPECTED = [
     b'{"execute": "migrate-set-capabilities",'
     b' "arguments": {"capabilities": [{"capability": "events", "state": true, "x": 1, "y": 2}]}}',
     b'{"execute": "qmp_capabilities", "arguments": {"p": 1, "q": 2, "\\u00e9": 3}}',
+    # Eight names and more: the table grows, and its names move.
+    b'{"execute": "query-migrate",'
+    b' "arguments": {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "f": 6, "g": 7, "h": 8, "i": 9}}',
+    b'{"execute": "migrate-set-parameters", "arguments": {"zz1": 1, "zz2": 2, "zz3": 3,'
+    b' "zz4": 4, "zz5": 5, "zz6": 6, "max-bandwidth": 0, "downtime-limit": 0}}',
+    b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": [{"capability":'
+    b' "events", "state": true, "a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "f": 6}]}}',
+    # Taking the five known members shrinks the table of eight: 'e' moves first.
+    b'{"execute": "migrate", "arguments": {"uri": "unix:/nonexistent", "blk": false,'
+    b' "inc": false, "detach": true, "resume": false, "a": 1, "b": 2, "e": 3}}',
 ]
 
 

@@ -244,8 +244,11 @@ class ArgumentValidator:
                     return desc
             extra = schema.get("additionalProperties", True)
             # Of several unexpected members, QEMU names the one its hash table
-            # holds first (migblockd.qmp.qdict.unvisited_order()).
-            members: Iterable[str] = (unvisited_order(value) if extra is False else None) or value
+            # holds first once it took the others, in schema order
+            # (migblockd.qmp.qdict.unvisited_order()).
+            members: Iterable[str] = value
+            if extra is False and sum(name not in properties for name in value) > 1:
+                members = unvisited_order(value, (name for name in properties if name in value))
             for name in members:
                 if name not in properties:
                     child = f"{path}.{name}" if path else name

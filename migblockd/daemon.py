@@ -1,9 +1,11 @@
 """The daemon's life: what starts in which order, signals, and the order of shutdown.
 
-Start-up: the schema (a bad one stops us before anything binds), the registry
-and the core, the metrics endpoint (``--metrics``) and the socket (bound, or
-passed by systemd) without accepting, ``READY=1``, then accepting: no client
-is served before systemd hears we are ready.  SIGHUP reloads the
+Start-up: the schema (a bad one stops us before anything binds), the socket
+claimed (its lock taken, a busy one refused) or the one systemd passed checked,
+so that a daemon that cannot serve creates no state; then the state, the
+registry and the core, the metrics endpoint (``--metrics``) and the socket
+bound without accepting, ``READY=1``, then accepting: no client is served
+before systemd hears we are ready.  SIGHUP reloads the
 configuration (one that comes while starting, once ready); SIGTERM and
 SIGINT stop: no new connections, every request already received answered,
 clients closed, the socket removed, ``STOPPING=1`` sent first; the metrics
@@ -27,12 +29,13 @@ from migblockd.admission import Admission
 from migblockd.config import Config
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.listen import StartupError
+from migblockd.listen import Claim, StartupError, claim_socket
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
+from migblockd.resolver import group_id
 from migblockd.server import Server
 from migblockd.state import StateError, Store, Unsettled
 from migblockd.systemd import ActivationError, Notifier, activated_listener
@@ -59,17 +62,39 @@ async def run(config: Config, cli: dict[str, Any], *,
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise StartupError(f"cannot read the schema{where}: {exc.strerror or exc}") from None
-    registry = Registry(
-        contract.enums["MigMode"],
-        only_migratable=config.only_migratable,
-        migration_time=config.migration_time,
-    )
-    store = open_state(config, registry)
+    # The socket before the state: a daemon that cannot serve (another one holds
+    # the socket, systemd passed the wrong sockets) refuses before it creates or
+    # restores a state directory.
     try:
-        await serve(config, cli, contract, registry, store, reload_asked)
+        sock = activated_listener()
+    except ActivationError as exc:
+        raise StartupError(f"socket activation: {exc}") from None
+    claim = claim_own_socket(config) if sock is None else None
+    store = None
+    try:
+        registry = Registry(
+            contract.enums["MigMode"],
+            only_migratable=config.only_migratable,
+            migration_time=config.migration_time,
+        )
+        store = open_state(config, registry)
+        await serve(config, cli, contract, registry, store, reload_asked, sock, claim)
     finally:
         if store is not None:
             store.close()
+        if claim is not None:
+            claim.lock.release()  # a no-op once the server has released it
+
+
+def claim_own_socket(config: Config) -> Claim:
+    """``--socket``'s directory made and its lock taken; a busy socket refused."""
+    gid = None
+    if config.socket_group is not None:
+        gid = group_id(config.socket_group)
+        if gid is None:
+            raise StartupError(f"--socket-group: there is no group named "
+                               f"{config.socket_group!r}")
+    return claim_socket(config.socket, config.socket_mode, gid)
 
 
 def open_state(config: Config, registry: Registry) -> Store | None:
@@ -107,7 +132,8 @@ def open_state(config: Config, registry: Registry) -> Store | None:
 
 
 async def serve(config: Config, cli: dict[str, Any], contract: Contract, registry: Registry,
-                store: Store | None, reload_asked: Callable[[], bool]) -> None:
+                store: Store | None, reload_asked: Callable[[], bool],
+                sock: socket.socket | None, claim: Claim | None) -> None:
     bridge = None
     if config.qemu is not None:
         bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry,
@@ -122,10 +148,6 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         # Encoded and joined before the first poll, not during it (100,000 blockers:
         # about 70 ms of the only thread).
         core.handlers.listings.get(None).parts()
-    try:
-        sock = activated_listener()
-    except ActivationError as exc:
-        raise StartupError(f"socket activation: {exc}") from None
     if config.qemu is not None and (
             os.path.realpath(config.qemu) == os.path.realpath(qmp_socket_path(config, sock))):
         # Gating itself, every forwarded command would wait for itself until qemu-timeout.
@@ -151,7 +173,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     metrics = None
     try:
         metrics = open_metrics(config, core, sock)
-        await server.start(sock)
+        await server.start(sock, claim)
     except BaseException:
         await notifier.close()
         if metrics is not None:

@@ -30,8 +30,9 @@ from migblockd.paths import fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.trust import refusal
 
-__all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Listening", "StartupError",
-           "bind_socket", "check_socket_directory", "make_socket_dir"]
+__all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "StartupError",
+           "bind_claimed", "bind_socket", "check_socket_directory", "claim_socket",
+           "make_socket_dir"]
 
 log = logging.getLogger("migblockd")
 
@@ -61,6 +62,28 @@ def bind_socket(path: Path, mode: int, group: int | None = None, *,
     anyone can connect (we listen only after both are set).  ``option`` is the
     option that named ``path``, for the error messages.
     """
+    return bind_claimed(claim_socket(path, mode, group, option=option))
+
+
+@dataclass
+class Claim:
+    """A socket path :func:`claim_socket` made ready and locked, not bound yet."""
+
+    path: Path
+    mode: int
+    group: int | None
+    option: str
+    lock: PidLock
+
+
+def claim_socket(path: Path, mode: int, group: int | None = None, *,
+                 option: str = "--socket") -> Claim:
+    """Everything :func:`bind_socket` refuses, refused now; the lock taken.
+
+    The daemon claims its socket before it opens its state directory, so that a
+    second daemon started on a busy socket refuses before it creates (or
+    restores) anything.  Only the socket's directory and lock file are made.
+    """
     size = len(os.fsencode(path))
     if size > UNIX_PATH_MAX:
         raise StartupError(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
@@ -69,31 +92,52 @@ def bind_socket(path: Path, mode: int, group: int | None = None, *,
     check_socket_directory(path.parent)
     lock = lock_socket(path, option)
     try:
-        sock = _bind(path, mode, group, option)
+        # What is at the path is refused now too; _bind() looks again, as
+        # another program may change it meanwhile.
+        _stale(path, option)
+    except BaseException:
+        lock.release()
+        raise
+    return Claim(path, mode, group, option, lock)
+
+
+def bind_claimed(claim: Claim) -> Listening:
+    """Bind the socket :func:`claim_socket` claimed; on failure the lock is released."""
+    path = claim.path
+    try:
+        sock = _bind(path, claim.mode, claim.group, claim.option)
         try:
             inode = os.lstat(path).st_ino
         except OSError as exc:
             sock.close()
             raise StartupError(f"cannot stat {path} after binding it: {exc.strerror}") from None
     except BaseException:
-        lock.release()
+        claim.lock.release()
         raise
-    return Listening(sock, inode, lock)
+    return Listening(sock, inode, claim.lock)
 
 
-def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socket:
+def _stale(path: Path, option: str) -> bool:
+    """Whether ``path`` is a socket nobody answers on (False: nothing there).
+
+    Anything else there is refused: a file that is not a socket, or a live
+    socket (another program's, or a daemon older than the lock file)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
-        if _answers(path):
-            raise StartupError(
-                f"another daemon is already listening on {path}; refusing to take over "
-                f"a live socket (stop it first, or choose another {option})"
-            )
+        return False
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    if _answers(path):
+        raise StartupError(
+            f"another daemon is already listening on {path}; refusing to take over "
+            f"a live socket (stop it first, or choose another {option})"
+        )
+    return True
+
+
+def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socket:
+    if _stale(path, option):
         log.info("removing stale socket %s", path)
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

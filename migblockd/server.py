@@ -44,12 +44,11 @@ from migblockd.core import Core
 from migblockd.disk import DiskThread
 from migblockd.drain import drain
 from migblockd.ledger import Group
-from migblockd.listen import StartupError, bind_socket
+from migblockd.listen import Claim, bind_claimed
 from migblockd.pidlock import PidLock
 from migblockd.qemu_facts import QemuUnavailable
 from migblockd.registry import Change
 from migblockd.reloading import plan
-from migblockd.resolver import group_id
 from migblockd.systemd import Notifier, format_status
 from migblockd.timeouts import Timeouts
 
@@ -283,8 +282,9 @@ class Server:
         task.add_done_callback(_log_task_failure)
 
     # -- life cycle ----------------------------------------------------------------
-    async def start(self, sock: socket.socket | None) -> None:
-        """Bind (or take the socket systemd passed) without accepting yet: see serve()."""
+    async def start(self, sock: socket.socket | None, claim: Claim | None) -> None:
+        """Bind ``claim`` (or take the socket systemd passed) without accepting yet:
+        see serve()."""
         group = self.config.socket_group
         if sock is not None:
             log.info("socket activation: serving the passed socket %s", sock.getsockname())
@@ -292,12 +292,8 @@ class Server:
                 log.info("socket activation: --socket-group is ignored (the socket unit's "
                          "SocketGroup= applies)")
         else:
-            gid = None
-            if group is not None:
-                gid = group_id(group)
-                if gid is None:
-                    raise StartupError(f"--socket-group: there is no group named {group!r}")
-            bound = bind_socket(self.config.socket, self.config.socket_mode, gid)
+            assert claim is not None, "the daemon claims --socket before it starts the server"
+            bound = bind_claimed(claim)
             sock, self._socket_lock = bound.sock, bound.lock
             self.own_socket = (self.config.socket, bound.inode)
             log.info("listening on %s (mode %04o%s)", self.config.socket,

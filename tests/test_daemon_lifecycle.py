@@ -160,6 +160,29 @@ async def test_refuses_to_steal_a_live_socket(
     assert live.stop() == 0
 
 
+async def test_a_busy_socket_is_refused_before_the_state_directory_is_made(
+    spawn: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """Neither another migblockd (it holds the socket's lock) nor another program
+    listening on the path lets a second daemon create, or restore, a state of its own."""
+    live = spawn()
+    other = tmp_path / "other.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(other))
+    listener.listen()
+    try:
+        for path, why in ((live.socket, "another migblockd"), (other, "another daemon")):
+            state = tmp_path / f"refused-{path.stem}"
+            second = spawn("--state-dir", str(state), socket=path, wait=False)
+            assert second.wait_exit(20) == 1, second.log()
+            assert f"{why} " in second.log() and "already" in second.log(), second.log()
+            assert not state.exists(), (os.listdir(state), second.log())
+            assert "restored" not in second.log(), second.log()
+    finally:
+        listener.close()
+    assert live.stop() == 0
+
+
 async def test_stale_socket_is_replaced(spawn: Callable[..., DaemonProcess], python: str,
                                         tmp_path: Path) -> None:
     path = tmp_path / "migblockd.sock"

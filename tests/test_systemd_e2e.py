@@ -211,3 +211,41 @@ async def test_daemon_under_systemd_socket_activate(
             proc.wait()
     # Where the kernel has PR_SET_MDWE (6.3+), the whole run above happened under
     # memory-deny-write-execute ("wrapper: MDWE on" in stderr); elsewhere without it.
+
+
+@pytest.mark.parametrize("passed", [["-l", "s.sock", "-l", "t.sock", "--fdname=a:b"],
+                                    ["--accept", "-l", "s.sock"]],
+                         ids=["two-sockets", "Accept=yes"])
+async def test_a_wrong_activation_is_refused_before_the_state_directory_is_made(
+    short_tmp: Path, passed: list[str]
+) -> None:
+    """Sockets the daemon cannot serve: it says so and exits, creating no
+    $STATE_DIRECTORY (systemd's StateDirectory= makes it; here nobody does)."""
+    state = short_tmp / "state"
+    argv = ["systemd-socket-activate", *[str(short_tmp / a) if a.endswith(".sock") else a
+                                         for a in passed],
+            "-E", f"STATE_DIRECTORY={state}", sys.executable, "-m", "migblockd"]
+    log_path = short_tmp / "stderr.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                cwd=ROOT)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while True:  # the first connection starts the daemon
+                try:
+                    _, writer = await asyncio.open_unix_connection(str(short_tmp / "s.sock"))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    await asyncio.sleep(0.01)
+            while "socket activation: " not in log_path.read_text(errors="replace"):
+                assert proc.poll() is None or "socket activation: " in log_path.read_text(
+                    errors="replace"), log_path.read_text(errors="replace")
+                await asyncio.sleep(0.02)
+        writer.close()
+        text = log_path.read_text(errors="replace")
+        assert "ERROR: socket activation: " in text, text
+        assert not state.exists(), text
+        assert "restored" not in text, text
+    finally:
+        proc.kill()
+        proc.wait()

@@ -83,12 +83,15 @@ def checked(config: Config, path: str | None) -> str:
     return f"migblockd: {source}: valid; socket {config.socket}, {state}"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, hangups: list[int] | None = None) -> None:
+    """Run the daemon.  ``hangups``: the SIGHUPs the caller's handler (already
+    installed, migblockd.__main__'s) has kept; without it, one is installed here."""
     # Until the event loop takes SIGHUP over, its default action would kill a
     # daemon asked to reload while it starts (restoring its blockers can take
     # seconds): the request is kept, and carried out once the daemon is ready.
-    hangups: list[int] = []
-    signal.signal(signal.SIGHUP, lambda signum, _frame: hangups.append(signum))
+    if hangups is None:
+        hangups = []
+        signal.signal(signal.SIGHUP, lambda signum, _frame: hangups.append(signum))
     cli, check_only = command_line(argv)
     try:
         config = build(cli)

@@ -198,6 +198,57 @@ async def test_stale_socket_is_replaced(spawn: Callable[..., DaemonProcess], pyt
     assert_clean_log(d)
 
 
+# --------------------------------------------------------------------------- SIGHUP
+
+# Runs the daemon as `python -m migblockd` or as the installed `migblockd` command,
+# and sends it SIGHUP at one precise moment: while its modules are being imported
+# (the first import of migblockd.config), before any of its code has run.
+HANGUP_WHILE_IMPORTING = r"""
+import importlib.abc, importlib.metadata, os, runpy, signal, sys
+
+class SendHangup(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "migblockd.config":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGHUP)
+        return None
+
+how, sys.argv = sys.argv[1], ["migblockd", *sys.argv[2:]]
+sys.meta_path.insert(0, SendHangup())
+if how == "-m":
+    runpy.run_module("migblockd", run_name="__main__", alter_sys=True)
+else:
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="migblockd")
+    script.load()()
+"""
+
+
+@pytest.mark.parametrize("how", ["-m", "script"])
+def test_a_sighup_while_the_modules_load_is_kept_not_fatal(
+    tmp_path: Path, how: str
+) -> None:
+    """Importing the daemon takes a third of a second, more on a busy machine: a
+    SIGHUP then must not end it (its default action), but be applied once ready."""
+    config = tmp_path / "migblockd.toml"
+    config.write_text('log-level = "info"\n')
+    log_path = tmp_path / "daemon.log"
+    sock = tmp_path / "migblockd.sock"
+    argv = [sys.executable, "-c", HANGUP_WHILE_IMPORTING, how, "--socket", str(sock),
+            "--state-dir", str(tmp_path / "state"), "--config", str(config)]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                cwd=tmp_path)
+    daemon = DaemonProcess(sock, proc, log_path, argv)
+    try:
+        daemon.wait_for_log("reloading: SIGHUP received while starting", 20)
+        daemon.wait_for_log("reloaded configuration: nothing changed", 20)
+        assert daemon.stop() == 0, daemon.log()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # --------------------------------------------------------------------------- shutdown
 
 

@@ -319,6 +319,48 @@ async def test_a_migration_cut_off_by_qemus_death_is_in_the_log(
     assert_clean_log(d)
 
 
+async def test_a_client_awaiting_the_end_of_a_migration_whose_qemu_died_hears_failed(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    """SIGKILLed mid-migration, QEMU sends no last MIGRATION event.  Reported: a client
+    waiting for one (completed, failed, cancelled) waited forever.  Once the link finds
+    nobody listening on QEMU's monitor, it hears ``failed``."""
+    qemu = qemu_factory(memory="1G")
+    d = await gated(start_daemon, qemu)
+    async with d.client() as c, d.client() as watcher:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        await start_slow_migration(c)
+        d.wait_for_log("QEMU migration status: active")
+        qemu.kill()
+        statuses: list[str] = []
+        while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
+            statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
+        assert statuses == ["setup", "active", "failed"]
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} has exited (nobody listens on its "
+                       "monitor): the migration it ran (last status active) cannot complete; "
+                       "clients are sent MIGRATION failed")
+        # Said once, however often the link finds QEMU still gone.
+        await asyncio.sleep(1)
+        assert await watcher.sync() == []
+        assert (await c.sync())[-1]["data"] == {"status": "failed"}
+    assert d.log().count("has exited") == 1
+    assert_clean_log(d)
+
+
+async def test_a_qemu_that_exits_without_migrating_sends_no_migration_event(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    d = await gated(start_daemon, qemu)
+    async with d.client() as c:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        qemu.kill()
+        d.wait_for_log(f"lost the connection to QEMU at {qemu.gate_socket}")
+        d.wait_for_log("is not available: Connection refused")
+        assert await c.sync() == []
+    assert "has exited" not in d.log()
+    assert_clean_log(d)
+
+
 async def test_stopping_migblockd_after_a_migration_warns_of_nothing(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:

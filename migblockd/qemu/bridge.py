@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -22,6 +23,7 @@ from migblockd.gate import GateHandlers
 from migblockd.qemu.link import QemuCommandError, QemuLink, QemuLinkError, QemuTimedOut
 from migblockd.qemu.reconnect import LinkState
 from migblockd.qemu_facts import QemuError, QemuFacts, QemuUnavailable, incoming
+from migblockd.qmp.encoding import timestamp
 from migblockd.registry import RUNNING_STATUSES, Registry
 
 __all__ = ["Bridge"]
@@ -61,13 +63,19 @@ class Bridge:
         self.facts = QemuFacts(path)
         self.handlers = GateHandlers(contract, registry, self.facts,
                                      tuple(n for n in passthrough if n not in ours))
-        self.link = QemuLink(path, on_event=self._event, on_state=self._state, timeout=timeout)
+        self.link = QemuLink(path, on_event=self._event, on_state=self._state,
+                             on_gone=self._gone, timeout=timeout)
         self.facts.greeting_awaited = lambda: self.link.awaiting_greeting
         self._core: Core | None = None
         self._wake: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[None]] = set()
         self._sent = 0  # commands forwarded so far
         self._unanswered = 0  # which of them is the unanswered migrate (facts.unanswered)
+        #: Whether the connected QEMU has sent a MIGRATION event (its events capability on).
+        self._evented = False
+        #: A migration whose QEMU the link lost: its last status, and whether that QEMU
+        #: sent MIGRATION events (None: none lost, or QEMU answered again).
+        self._cut_off: tuple[str, bool] | None = None
 
     def start(self, core: Core, wake: Callable[[], None]) -> None:
         """Connect (and keep reconnecting); ``wake()`` makes the server flush and report."""
@@ -135,6 +143,7 @@ class Bridge:
             self.facts.status = status if isinstance(status, str) else self.facts.status
             self.facts.saw_status(status)
             self.facts.learnt = True
+            self._evented = True
             log.info("QEMU migration status: %s", self.facts.status)
         self._core.relay(name, dict(data), dict(timestamp))
         self._wake()
@@ -142,6 +151,8 @@ class Bridge:
     def _state(self, state: LinkState) -> None:
         facts, info = self.facts, self.link.info
         facts.connected = state == "connected" and info is not None
+        if facts.connected:
+            self._cut_off = None  # QEMU answers: its query-migrate says how that one ended
         facts.unanswered = False  # a new connection: QEMU holds nothing sent before
         facts.commands = info.commands if info is not None and facts.connected else {}
         facts.required = info.required if info is not None and facts.connected else {}
@@ -159,8 +170,30 @@ class Bridge:
                             "its outcome is unknown; query-migrate says it once QEMU is back",
                             self.link.path, facts.status or "not seen yet")
                 facts.awaiting = False
+                self._cut_off = (facts.status or "not seen yet",
+                                 self._evented or self.handlers.registry.events_enabled)
             facts.status = facts.blockers = None
+            self._evented = False
         self._wake()
+
+    def _gone(self) -> None:
+        """Nobody listens on QEMU's monitor: the QEMU the link lost has exited.
+
+        If it was migrating, that migration cannot end now in any status QEMU would
+        report, and its clients would wait for a last ``MIGRATION`` event forever: they
+        get ``failed``, the status QEMU gives a migration that ended without completing
+        other than by ``migrate_cancel`` (``MigrationStatus``, qapi/migration.json), if
+        that QEMU sent MIGRATION events at all (its ``events`` capability was on).
+        """
+        if self._cut_off is None:
+            return
+        (cut_off, evented), self._cut_off = self._cut_off, None
+        log.warning("QEMU at %s has exited (nobody listens on its monitor): the migration "
+                    "it ran (last status %s) cannot complete%s", self.link.path, cut_off,
+                    "; clients are sent MIGRATION failed" if evented else "")
+        if evented and self._core is not None:
+            self._core.relay("MIGRATION", {"status": "failed"}, timestamp(time.time()))
+            self._wake()
 
     async def _receiving(self, info: object) -> bool:
         """The migration ``query-migrate`` shows (``info``) is an incoming one."""

@@ -190,7 +190,8 @@ class QemuLink(Reconnecting):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, on_event: EventHandler | None = None,
-                 on_state: StateHandler | None = None, min_delay: float = MIN_DELAY,
+                 on_state: StateHandler | None = None,
+                 on_gone: Callable[[], None] | None = None, min_delay: float = MIN_DELAY,
                  max_delay: float = MAX_DELAY, greeting_notice: float = GREETING_NOTICE,
                  timeout: float = TIMEOUT) -> None:
         self.path = Path(path)
@@ -198,6 +199,8 @@ class QemuLink(Reconnecting):
         self.timeout = timeout
         self._on_event = on_event
         self._on_state = on_state
+        #: Called after each connection attempt that found nobody listening at ``path``.
+        self._on_gone = on_gone
         self._min_delay = min_delay
         self._max_delay = max_delay
         self._greeting_notice = greeting_notice

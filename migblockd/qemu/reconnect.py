@@ -18,6 +18,7 @@ adjustments made to ``qemu.qmp``'s client for that.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 from collections.abc import Callable
@@ -73,6 +74,14 @@ def _reason(exc: BaseException) -> str:
     return " ".join((str(exc) or type(exc).__name__).split())
 
 
+def _nobody_listens(exc: BaseException) -> bool:
+    """A connection attempt found no QEMU at the path: no socket file, or one that no
+    process listens on (a killed QEMU leaves its socket file behind)."""
+    if isinstance(exc, ConnectError):
+        exc = exc.exc
+    return isinstance(exc, OSError) and exc.errno in (errno.ECONNREFUSED, errno.ENOENT)
+
+
 class Reconnecting:
     """A :class:`~migblockd.qemu.link.QemuLink`'s attempts to connect and their outcome."""
 
@@ -81,6 +90,7 @@ class Reconnecting:
     attempts: int
     _client: QMPClient
     _on_state: StateHandler | None
+    _on_gone: Callable[[], None] | None
     _min_delay: float
     _max_delay: float
     _greeting_notice: float
@@ -99,6 +109,11 @@ class Reconnecting:
             except Exception as exc:  # every kind of failure means: try again later
                 self.attempts += 1
                 self._set_down(_reason(exc), lost=False)
+                if _nobody_listens(exc) and self._on_gone is not None:
+                    try:
+                        self._on_gone()
+                    except Exception:
+                        log.exception("internal error handling QEMU's absence")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._max_delay)
                 continue

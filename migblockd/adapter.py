@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, cast
 from migblockd.connection import Connection
 from migblockd.logs import WIRE_LIMIT, about, shown
 from migblockd.outbox import HIGH_WATER, Outbox
-from migblockd.peer import discard_unread, leftovers, peer_owner, unread, unsent
+from migblockd.peer import discard_unread, hung_up, leftovers, peer_owner, unread, unsent
 from migblockd.roster import BATCH
 
 if TYPE_CHECKING:
@@ -122,6 +122,13 @@ class ClientProtocol(asyncio.BufferedProtocol):
             return False  # asyncio closes the transport
         self.eof = self.peer_eof = True
         self.core.receive_eof(self.conn)
+        if self.core.awaits_qemu(self.conn) and self.transport is not None \
+                and hung_up(self.transport):
+            # Gone for good while QEMU holds its command: let it go now (its slot, its
+            # connection-scoped blockers), not when QEMU answers, which a stopped QEMU
+            # may never do.  Everything it sent still runs (Roster.disconnect).
+            self.transport.abort()
+            return True
         self.server.runnable(self)
         # Keep the transport open: replies to what came before EOF still go out.
         return True
@@ -237,6 +244,14 @@ class ClientProtocol(asyncio.BufferedProtocol):
         if core.has_pending(conn) and not self.write_paused and not waiting:
             core.execute(conn, BATCH)
         if core.has_pending(conn):
+            if core.awaits_qemu(conn) and not conn.session.has_pending() and not waiting:
+                # Nothing to run until QEMU answers: read on (the next read's requests
+                # stop it again), so that a client hanging up meanwhile is seen, as
+                # QEMU's monitor sees it (the HUP watch of chardev/char-socket.c).
+                if self.read_paused and not self.eof:
+                    transport.resume_reading()
+                    self.read_paused = False
+                return False
             # Also while its output waits (an answer bigger than one write):
             # else a client that asks for a listing and then only sends is
             # read, and its requests buffered, without bound.

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import select
 import socket
 import struct
 import termios
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 
 from migblockd.registry import Owner
 
-__all__ = ["discard_unread", "leftovers", "peer_owner", "unread", "unsent"]
+__all__ = ["discard_unread", "hung_up", "leftovers", "peer_owner", "unread", "unsent"]
 
 LEFTOVER_CHUNK = 64 * 1024
 
@@ -79,6 +80,21 @@ def discard_unread(transport: asyncio.BaseTransport, budget: int = 4 << 20) -> i
     reads it: nothing can arrive after), so that closing the socket ends the
     connection with EOF, not a reset; how many bytes that was."""
     return sum(len(data) for data in leftovers(transport, budget))
+
+
+def hung_up(transport: asyncio.BaseTransport) -> bool:
+    """The peer has closed its end, not only shut it for writing (``shutdown(SHUT_WR)``,
+    after which it still reads): a Unix socket polls ``POLLHUP`` only then."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    try:
+        poller.register(sock.fileno(), 0)  # POLLHUP is reported whatever the mask
+        ready = poller.poll(0)
+    except (OSError, ValueError):
+        return False
+    return any(mask & select.POLLHUP for _, mask in ready)
 
 
 def unread(transport: asyncio.BaseTransport) -> int:

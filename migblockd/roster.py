@@ -9,7 +9,8 @@ server asks which connections have work it can do now (:meth:`Roster.has_pending
 :meth:`Roster.blocked`, :meth:`Roster.awaiting`, :meth:`Roster.settled`) and which
 have output to write (:meth:`Roster.take_dirty`).  A connection gone still has
 what it sent run, :data:`BATCH` requests at a time, before its slot and its
-connection-scoped blockers are released (:meth:`Roster.disconnect`); running them
+connection-scoped blockers are released (:meth:`Roster.disconnect`; at once, if it
+waits for QEMU's answer); running them
 is the core's (:meth:`migblockd.core.Core.execute`).
 
 A connection whose replies wait for a commit stops once a turn's worth of them
@@ -135,7 +136,8 @@ class Roster:
 
         Everything received is executed though no answer can be delivered
         (unlike QEMU); a request waiting for a commit runs once it is done,
-        and the connection is finished off after that.
+        and the connection is finished off after that.  One waiting for QEMU
+        runs once QEMU answers, but the slot and the blockers go now.
         """
         if conn not in self.connections or conn.closed:
             return
@@ -151,12 +153,23 @@ class Roster:
         while self.execute(conn, BATCH):
             conn.session.take_output()
         if conn.waiting is not None:
-            return  # finished when its commit is done
-        del self.connections[conn]
-        self.admission.release(conn.owner)
+            # Finished when its commit is done, or QEMU answers.  A wait for QEMU may
+            # last (a stopped QEMU, with qemu-timeout 0 forever): the client is let go
+            # now, as QEMU's monitor lets go of a client that hangs up while its
+            # command runs; the command, and what it sent after, still run.
+            if self.awaits_qemu(conn):
+                self._let_go(conn)
+            return
         self._dirty.pop(conn, None)
         self.ledger.holding.pop(conn, None)
         self.ledger.cohort.pop(conn, None)
+        self._let_go(conn)
+
+    def _let_go(self, conn: Connection) -> None:
+        """Free ``conn``'s slot (once) and release its connection-scoped blockers."""
+        if conn in self.connections:
+            del self.connections[conn]
+            self.admission.release(conn.owner)
         released = self.registry.release(conn)
         if released:
             ids = [b.id for b in released]
@@ -201,9 +214,13 @@ class Roster:
         """What ``conn`` is owed waits for a commit or QEMU, not for the client."""
         return conn.session.holding or self.blocked(conn)
 
+    def awaits_qemu(self, conn: Connection) -> bool:
+        """``conn``'s request waits for QEMU's answer to a call."""
+        return conn.waiting is not None and conn.suspended is not None and conn.answer is None
+
     def awaited(self, conn: Connection) -> str | None:
         """What :meth:`awaiting` waits for, in words for the log; None: nothing."""
-        if conn.waiting is not None and conn.suspended is not None and conn.answer is None:
+        if self.awaits_qemu(conn):
             return "QEMU's answer"
         return "its changes' commit to disk" if self.awaiting(conn) else None
 

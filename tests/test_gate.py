@@ -500,6 +500,37 @@ async def test_a_stopped_qemu_gets_a_timeout_error_instead_of_a_hang(
     assert_clean_log(d)
 
 
+async def test_a_client_gone_while_a_stopped_qemu_holds_its_command_is_let_go(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """Reported: migblockd did not read a client whose command waited for QEMU, so its
+    hang-up went unseen until QEMU answered, never for a stopped QEMU with qemu-timeout
+    0: its slot stayed taken (max-clients turned newcomers away) and its connection's
+    blockers stayed.  QEMU's own monitor sees a hang-up while a command runs."""
+    assert qemu.proc is not None
+    d = gate(start_daemon, qemu, "--qemu-timeout", "0", "--max-clients", "3")
+    await connected(d)
+    async with d.client() as watcher, d.client() as gone, d.client() as half:
+        await gone.ok("add-blocker", {"reason": SEV, "id": "mine", "scope": "connection"})
+        await watcher.wait_event("BLOCKER_ADDED")
+        qemu.proc.send_signal(signal.SIGSTOP)
+        try:
+            await gone.send({"execute": "query-migrate", "id": "q"})
+            await half.send({"execute": "query-migrate", "id": "h"})
+            await half.write_eof()  # half-closed: it still reads, and is owed its reply
+            await gone.close()
+            deleted = await watcher.wait_event("BLOCKER_DELETED")
+            assert deleted["data"] == {"id": "mine", "cause": "connection-closed"}
+            async with d.client() as newcomer:  # gone's slot is free
+                await newcomer.ok("query-version")
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+        reply = await half.read_reply()
+        assert reply["id"] == "h" and "return" in reply, reply
+        assert isinstance(await watcher.ok("query-migrate"), dict)
+    assert_clean_log(d)
+
+
 async def test_migration_parameters_are_judged_as_qemu_judges_them(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:

@@ -531,6 +531,32 @@ async def test_a_client_gone_while_a_stopped_qemu_holds_its_command_is_let_go(
     assert_clean_log(d)
 
 
+async def test_a_connection_blocker_added_after_its_client_was_let_go_goes_too(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """The add of a client let go while QEMU held it still runs once QEMU answers; its
+    blocker, of a connection already gone, must not outlive it."""
+    assert qemu.proc is not None
+    d = gate(start_daemon, qemu, "--qemu-timeout", "0")
+    await connected(d)
+    async with d.client() as watcher, d.client() as gone:
+        qemu.proc.send_signal(signal.SIGSTOP)
+        try:
+            # With --qemu an add first asks QEMU whether it migrates: it waits.
+            await gone.send({"execute": "add-blocker", "id": "a", "arguments": {
+                "reason": SEV, "id": "late", "scope": "connection"}})
+            await gone.close()
+            d.wait_for_log(re.compile(r"client \d+ \(.*\) disconnected"))
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+        added = await watcher.wait_event("BLOCKER_ADDED")
+        deleted = await watcher.wait_event("BLOCKER_DELETED")
+        assert added["data"]["id"] == deleted["data"]["id"] == "late"
+        assert deleted["data"]["cause"] == "connection-closed"
+        assert await watcher.ok("query-blockers") == []
+    assert_clean_log(d)
+
+
 async def test_migration_parameters_are_judged_as_qemu_judges_them(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:

@@ -207,6 +207,9 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     else:
         gating = f"migration-time {config.migration_time:g}s"
     where = "the passed socket" if server.own_socket is None else str(config.socket)
+    # A reload names the policy it applies; the start names the one it serves
+    # with, so that the log alone says who may do what (docs/access.md).
+    log.info("access: %s", config.access)
     log.info("migblockd %s ready on %s (only-migratable %s, %s)", __version__, where,
              "on" if config.only_migratable else "off", gating)
     if config.event_loop != "asyncio":

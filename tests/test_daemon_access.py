@@ -186,6 +186,16 @@ def test_an_observer_can_query_but_cannot_add_delete_or_migrate(
     assert o.ok("query-migrate-capabilities") == [{"capability": "events", "state": False}]
 
 
+def test_the_start_logs_the_policy_it_serves_with(
+        serve: Callable[..., DaemonProcess]) -> None:
+    daemon = serve(POLICY.replace('default-role = "client"', 'default-role = "observer"'))
+    line = daemon.wait_for_log(re.compile(r"INFO: access: (.*)\n")).group(1)
+    assert line == (f"{{default-role = 'observer', users = {{{NAMELESS_UID2} = 'operator', "
+                    "mbt-dave = 'admin', mbt-olga = 'observer'}, groups = {mbt-admins = "
+                    "'admin', mbt-operators = 'operator'}}")
+    assert daemon.log().index("access: ") < daemon.log().index(" ready on ")
+
+
 def test_default_role_applies_to_uids_the_policy_does_not_name(
         serve: Callable[..., DaemonProcess], connect: ClientFactory,
         accounts: dict[str, Account]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 from migblockd.registry import Owner
+from migblockd.resolver import who
 
 __all__ = ["Admission", "exempt_from_uid_limit"]
 
@@ -53,10 +54,10 @@ class Admission:
         if limit and not admin and not exempt_from_uid_limit(owner, self.daemon_uid):
             uid = owner.uid if owner is not None else None
             if self._per_uid[uid] >= limit:
-                who = f"uid {uid}" if uid is not None else "peers without credentials"
+                whose = who(uid) if uid is not None else "peers without credentials"
                 return "max-clients-per-uid", (
                     f"migblockd is already serving max-clients-per-uid={limit} clients "
-                    f"of {who}; try again later")
+                    f"of {whose}; try again later")
         return None
 
     def admit(self, owner: Owner | None) -> None:

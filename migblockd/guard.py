@@ -44,7 +44,7 @@ from migblockd.connection import Connection
 from migblockd.logs import about, shown
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import Owner, Registry
-from migblockd.resolver import Resolver, clear_caches, user_name
+from migblockd.resolver import Resolver, clear_caches, user_name, who
 
 __all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "who", "whose"]
 
@@ -86,14 +86,6 @@ class OverQuota(QMPError):
 class NotOwner(AccessDenied):
     """A ``del-blocker`` of a blocker another uid added (judged, like a quota, by
     what the registry holds)."""
-
-
-def who(uid: int | None) -> str:
-    """A uid as refusals name it: ``uid 65534 (nobody)``."""
-    if uid is None:
-        return "a client whose uid the kernel did not report"
-    name = user_name(uid)
-    return f"uid {uid} ({name})" if name is not None else f"uid {uid}"
 
 
 def whose(owner: Owner | None) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from migblockd.paths import fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
+from migblockd.resolver import who
 from migblockd.trust import refusal
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "StartupError",
@@ -197,7 +198,7 @@ def make_socket_dir(directory: Path, socket_mode: int, group: int | None) -> Non
     if not stat.S_ISDIR(st.st_mode):
         problem = "it is not a directory"
     elif st.st_uid != os.geteuid():
-        problem = f"it belongs to uid {st.st_uid}, not to the daemon's uid {os.geteuid()}"
+        problem = f"it belongs to {who(st.st_uid)}, not to the daemon's {who(os.geteuid())}"
     elif st.st_mode & 0o022:
         problem = f"other users may write to it (mode {stat.S_IMODE(st.st_mode):04o})"
     if problem is not None:

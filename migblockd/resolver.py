@@ -39,6 +39,7 @@ __all__ = [
     "group_name",
     "groups_of",
     "user_name",
+    "who",
 ]
 
 
@@ -197,6 +198,14 @@ _lookups = _Lookups()
 def user_name(uid: int) -> str | None:
     """The name of ``uid`` in the user database, or None."""
     return _lookups.user(uid)
+
+
+def who(uid: int | None) -> str:
+    """A uid as refusals and the log name it: ``uid 65534 (nobody)``."""
+    if uid is None:
+        return "a client whose uid the kernel did not report"
+    name = user_name(uid)
+    return f"uid {uid} ({name})" if name is not None else f"uid {uid}"
 
 
 def group_name(gid: int) -> str | None:

@@ -5,6 +5,7 @@ decide here: clients are other uids under ``setpriv``."""
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -133,7 +134,8 @@ def _symlink(d: Path) -> None:
 
 
 @pytest.mark.parametrize(("prepare", "problem"), [
-    (_owned_by_nobody, f"it belongs to uid {NOBODY}, not to the daemon's uid {os.geteuid()}"),
+    (_owned_by_nobody, f"it belongs to uid {NOBODY} (nobody), not to the daemon's uid "
+                       f"{os.geteuid()} ({pwd.getpwuid(os.geteuid()).pw_name})"),
     (_writable(0o777), "other users may write to it (mode 0777)"),
     (_writable(0o770), "other users may write to it (mode 0770)"),
     (_symlink, "it is not a directory"),

@@ -215,7 +215,7 @@ async def test_one_user_cannot_take_every_slot(
     first, second, third = (strict_loads(line) for line in proc.stdout.splitlines())
     assert "QMP" in first and "QMP" in second
     assert third == {"error": {"class": "GenericError", "desc": (
-        f"migblockd is already serving max-clients-per-uid=2 clients of uid {NOBODY}; "
+        f"migblockd is already serving max-clients-per-uid=2 clients of uid {NOBODY} (nobody); "
         "try again later")}}
     # The daemon's own user (root here) is exempt, and the refused user's slots
     # came back when its connections closed.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import pwd
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +39,12 @@ class Shell:
     def send(self, text: str) -> None:
         self.child.send(text)
 
+    def transcript(self) -> str:
+        """Everything the shell wrote to the terminal so far."""
+        log = self.child.logfile_read
+        assert isinstance(log, io.StringIO)
+        return log.getvalue()
+
     def quit(self) -> int:
         self.child.send(CTRL_D)
         self.child.expect(pexpect.EOF)
@@ -65,6 +73,7 @@ def spawn_shell(tmp_path: Path) -> Iterator[Callable[..., Shell]]:
             timeout=30,
             dimensions=(40, 200),
         )
+        child.logfile_read = io.StringIO()  # the whole transcript, for assertions
         children.append(child)
         shell = Shell(child, tmp_path / "state")
         shell.expect(f"Connected to migblockd {__version__} ")
@@ -250,3 +259,34 @@ def test_no_home_keeps_the_history_in_memory(tmp_path: Path) -> None:
     assert proc.stdout.splitlines() == [
         "warning: history not saved (no home directory: set HOME or XDG_STATE_HOME)",
         "None InMemoryHistory"]
+
+
+
+@pytest.mark.parametrize("breakage", ["a directory in its place", "its directory removed"])
+def test_a_history_file_that_fails_is_named_once_and_the_shell_goes_on(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell], tmp_path: Path, breakage: str
+) -> None:
+    """A history file that cannot be read at start, or written later (a full disk
+    fails there the same way): before, each line printed prompt_toolkit's
+    traceback and waited for Enter ("Press ENTER to continue...")."""
+    history = tmp_path / "state" / "migblockd" / "shell-history"
+    if breakage == "a directory in its place":
+        history.mkdir(parents=True)
+        reason = "Is a directory"
+    shell = spawn_shell(daemon.socket)
+    if breakage == "its directory removed":
+        shutil.rmtree(tmp_path / "state")
+        reason = "No such file or directory"
+    for _ in range(2):
+        shell.send("query-version\r")
+        shell.child.expect(r"Traceback|Press ENTER|\{\"return\": \{\"qemu\"")
+        assert shell.child.after == '{"return": {"qemu"', shell.child.before
+        shell.expect(PROMPT)
+    # The lines are still recalled in this session (Up, then Enter runs it again).
+    shell.send("\x1b[A\r")
+    shell.expect('{"return": {"qemu"')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+    seen = shell.transcript()
+    assert seen.count(f"warning: history not saved ({history}: {reason})") == 1
+    assert "Traceback" not in seen

@@ -1,9 +1,13 @@
-"""Where the interactive shell keeps its history."""
+"""Where the interactive shell keeps its history, and a file history that survives
+a file it can no longer read or write."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from prompt_toolkit.history import FileHistory
 
 
 def history_path() -> Path | None:
@@ -19,3 +23,39 @@ def history_path() -> Path | None:
     except RuntimeError:
         return None
     return home / ".local" / "state" / "migblockd" / "shell-history"
+
+
+class SessionFallbackHistory(FileHistory):
+    """A :class:`FileHistory` that, when its file cannot be read or written (a full
+    disk, its directory removed, a directory in its place), says so once through
+    ``warn`` and keeps the history for the session only.
+
+    prompt_toolkit's own FileHistory lets the OSError out of the key binding that
+    accepts the line: each command then printed a traceback and waited for Enter.
+    """
+
+    def __init__(self, path: Path, warn: Callable[[str], None]) -> None:
+        super().__init__(str(path))
+        self._path = path
+        self._warn = warn
+        self._failed = False
+
+    def _fail(self, err: OSError) -> None:
+        if not self._failed:
+            self._failed = True
+            self._warn(f"warning: history not saved ({self._path}: {err.strerror or err})")
+
+    def load_history_strings(self) -> Iterable[str]:
+        try:
+            return list(super().load_history_strings())
+        except OSError as err:
+            self._fail(err)
+            return []
+
+    def store_string(self, string: str) -> None:
+        if self._failed:
+            return  # the lines stay in memory (History.append_string keeps them)
+        try:
+            super().store_string(string)
+        except OSError as err:
+            self._fail(err)

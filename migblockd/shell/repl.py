@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.history import FileHistory, History, InMemoryHistory
+from prompt_toolkit.history import History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 
 from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell.client import ConnectError, ConnectionLost, Message
 from migblockd.shell.completion import ShellCompleter
 from migblockd.shell.connection import Connection, describe_greeting
+from migblockd.shell.history import SessionFallbackHistory
 from migblockd.shell.interrupt import Interrupts
 from migblockd.shell.render import Renderer
 from migblockd.shell.runner import Runner
@@ -39,7 +40,7 @@ def open_history(path: Path | None) -> History:
     except OSError as err:
         _say(f"warning: history not saved ({path}: {err.strerror or err})")
         return InMemoryHistory()
-    return FileHistory(str(path))
+    return SessionFallbackHistory(path, _say)
 
 
 class Interactive:

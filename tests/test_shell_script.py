@@ -415,6 +415,25 @@ def test_stdout_closed_by_its_reader_ends_quietly(daemon: DaemonProcess) -> None
     assert err == ""  # no traceback, no "Exception ignored ... BrokenPipeError"
 
 
+@pytest.mark.parametrize("stdout", ["/dev/full", "closed"])
+def test_a_stdout_that_cannot_be_written_is_one_line_and_stops_the_script(
+    daemon: DaemonProcess, stdout: str
+) -> None:
+    """> state.jsonl on a full disk (/dev/full fails as a full disk does), or
+    >&-: before, a traceback with exit status 1, or nothing at all with status 0."""
+    redirect = ">&-" if stdout == "closed" else f">{stdout}"
+    proc = subprocess.run(
+        ["sh", "-c", f'exec "$@" {redirect}', "sh", *SHELL, str(daemon.socket),
+         "-c", "query-version", "-c", "add-blocker reason=unseen id=unseen"],
+        capture_output=True, text=True, timeout=60, check=False)
+    reason = "stdout is closed" if stdout == "closed" else "No space left on device"
+    assert (proc.returncode, proc.stderr) == (
+        1, f"migblock-shell: cannot write the replies to stdout: {reason}\n")
+    # The script stopped: its next command, whose reply would be lost too, never ran.
+    listed = shell(str(daemon.socket), "-c", "query-blockers")
+    assert replies(listed.stdout) == [{"return": []}]
+
+
 def _run_with_a_terminal(argv: list[str], terminal: str) -> tuple[int, bytes, bytes]:
     """Run ``argv`` with ``terminal`` ("stdout" or "stderr") on a pseudo-terminal and
     the other stream on a pipe; returns the status, the terminal's and the pipe's

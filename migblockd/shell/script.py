@@ -4,7 +4,8 @@ stdout gets exactly one JSON reply per request, one per line (``help`` prints it
 text there too).  Parse errors go to stderr with the line number; ``-v`` echoes the
 requests to stderr.  Events are not printed.  The exit status is 0 when everything
 succeeded, 1 when any line failed; connection failures raise ConnectError /
-ConnectionLost, which :mod:`migblockd.shell.main` turns into exit status 2.
+ConnectionLost, which :mod:`migblockd.shell.main` turns into exit status 2; a
+stdout that cannot be written ends the run here (exit status 1).
 """
 
 from __future__ import annotations
@@ -23,8 +24,20 @@ from migblockd.shell.render import Renderer
 from migblockd.shell.runner import Runner
 
 
+class OutputFailed(Exception):
+    """stdout cannot take the replies (a full disk, an I/O error, closed): the
+    script stops, since what it printed is lost.  ``str()`` says why."""
+
+
 def _print(text: str) -> None:
-    print(text, flush=True)
+    if sys.stdout is None:  # started with stdout closed (>&-): print() would drop it
+        raise OutputFailed("stdout is closed")
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise  # its reader went away (| head): main ends quietly
+    except OSError as err:
+        raise OutputFailed(err.strerror or str(err)) from None
 
 
 async def stdin_lines() -> AsyncIterator[str]:
@@ -116,6 +129,21 @@ async def run_script(
                 failed = True
     except ConnectionLost as err:
         raise ConnectionLost(f"{path}: {err}") from None
+    except OutputFailed as err:
+        print(f"migblock-shell: cannot write the replies to stdout: {err}", file=sys.stderr)
+        _drop_stdout()
+        return 1
     finally:
         await connection.close()
     return 1 if failed else 0
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: the reply that failed is still in its buffer,
+    and the interpreter's final flush would fail on it again ("Exception
+    ignored ...")."""
+    if sys.stdout is None:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

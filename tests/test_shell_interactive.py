@@ -191,6 +191,25 @@ def test_help_pretty_and_verbose(daemon: DaemonProcess, spawn_shell: Callable[..
     assert shell.quit() == 0
 
 
+def test_json_nested_too_deeply_is_an_error_line_not_the_end_of_the_shell(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    """Before, pasting a value nested deeper than Python's decoder recurses ended
+    the session with a RecursionError traceback."""
+    shell = spawn_shell(daemon.socket)
+    deep = "[" * 100_000 + "]" * 100_000
+    # Pasted (bracketed paste), as such a line would be: prompt_toolkit then
+    # takes it as one key press instead of redrawing the line for each character.
+    shell.send(f"\x1b[200~add-blocker reason=x modes={deep}\x1b[201~\r")
+    shell.child.expect(r"Traceback|error: 'modes': invalid JSON value \[+\.\.\.: nested too deeply")
+    assert shell.child.after.startswith("error:")
+    shell.expect(PROMPT)
+    shell.send("query-version\r")
+    shell.expect('{"return": {"qemu"')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+
 def test_reconnects_after_the_daemon_restarts(
     start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
 ) -> None:

@@ -517,6 +517,25 @@ def test_long_lines_and_a_missing_last_line_feed(daemon: DaemonProcess) -> None:
     assert "package" in version["return"] and added["return"]["reason"] == "last"
 
 
+def test_json_nested_too_deeply_is_an_input_error_and_the_script_goes_on(
+    daemon: DaemonProcess,
+) -> None:
+    """Python's JSON decoder recurses once per level: before, a value nested
+    deeper than that ended the script with a RecursionError traceback."""
+    deep = "[" * 100_000 + "]" * 100_000
+    script = (f"add-blocker reason=x modes={deep}\n"
+              f'{{"execute": "add-blocker", "arguments": {{"reason": {deep}}}}}\n'
+              "query-version\n")
+    result = shell(str(daemon.socket), stdin=script)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "migblock-shell: line 1: error: 'modes': invalid JSON value " + "[" * 77
+        + "...: nested too deeply (quote it to send a string)",
+        "migblock-shell: line 2: error: invalid JSON: nested too deeply",
+    ]
+    assert [list(r) for r in replies(result.stdout)] == [["return"]]
+
+
 def test_a_closed_stdin_is_an_empty_script(daemon: DaemonProcess) -> None:
     result = subprocess.run([*SHELL, str(daemon.socket)], capture_output=True, text=True,
                             timeout=60, check=False, preexec_fn=lambda: os.close(0))

@@ -95,6 +95,11 @@ class Word:
     _pieces: list[str] = field(default_factory=list, repr=False)
 
 
+#: How much of an invalid JSON value an error quotes: enough to recognise it,
+#: not a pasted megabyte.
+_SHOWN = 80
+
+
 def _strict_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -119,9 +124,14 @@ def loads(text: str) -> Any:
     """``json.loads`` that refuses what the daemon would: ``NaN`` and
     ``Infinity`` (not JSON), a number too large for a double (Python would
     send it on as ``Infinity``), and an object with a key twice (Python would
-    keep the last one)."""
-    return json.loads(text, parse_constant=_strict_constant, parse_float=_finite,
-                      object_pairs_hook=_unique)
+    keep the last one).  A value nested deeper than Python's decoder recurses
+    (about a thousand levels) is refused as well, rather than ending the shell
+    with a RecursionError."""
+    try:
+        return json.loads(text, parse_constant=_strict_constant, parse_float=_finite,
+                          object_pairs_hook=_unique)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _scan_json_chunk(line: str, pos: int) -> tuple[int, bool]:
@@ -249,8 +259,9 @@ def convert_value(word: Word, hint: ValueHint = None) -> Any:
         try:
             return loads(text)
         except ValueError as err:
+            shown = text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
             raise ParseError(
-                f"'{word.key}': invalid JSON value {text}: {err} (quote it to send a string)"
+                f"'{word.key}': invalid JSON value {shown}: {err} (quote it to send a string)"
             ) from None
     if word.quoted or hint == "string":
         return text

@@ -615,3 +615,24 @@ def test_permission_denied_says_what_to_do(daemon: DaemonProcess) -> None:
             f"migblock-shell: cannot connect to {daemon.socket}: Permission denied: {closed} "
             f"is mode {mode:04o}, owner root, group root, which does not let uid 65534 "
             "(nobody) search it\n")
+
+
+def test_a_reason_the_locale_cannot_write_is_escaped_json(daemon: DaemonProcess) -> None:
+    """Under an ISO-8859-1 locale (PYTHONIOENCODING is the same setting for
+    Python), printing a reason another client wrote in Japanese ended the run
+    with a UnicodeEncodeError traceback."""
+    reason = "\u65e5\u672c disk \u00e9 \U0001f600"
+    added = shell(str(daemon.socket), "-c", f"add-blocker reason='{reason}' id=jp")
+    assert added.returncode == 0, added.stderr
+    env = dict(os.environ, PYTHONIOENCODING="latin-1")
+    result = subprocess.run(
+        [*SHELL, str(daemon.socket), "-v", "-c", "query-blockers",
+         "-c", "add-blocker reason=caf\u00e9 id=latin"],
+        capture_output=True, timeout=60, env=env, check=False)
+    assert (result.returncode, result.stderr.decode("latin-1")) == (0, (
+        '{"execute": "query-blockers"}\n'
+        '{"execute": "add-blocker", "arguments": {"reason": "caf\\u00e9", "id": "latin"}}\n'))
+    assert result.stdout.isascii()
+    listed, new = replies(result.stdout.decode("ascii"))
+    assert [b["reason"] for b in listed["return"]] == [reason]
+    assert new["return"]["reason"] == "caf\u00e9"

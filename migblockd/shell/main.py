@@ -14,7 +14,7 @@ from migblockd.shell.client import ClientError
 from migblockd.shell.helptext import load_docs
 from migblockd.shell.history import history_path
 from migblockd.shell.interrupt import Interrupts
-from migblockd.shell.render import Renderer, use_colour
+from migblockd.shell.render import Renderer
 
 DESCRIPTION = """\
 A QMP shell for migblockd, in the spirit of QEMU's qmp-shell.
@@ -97,17 +97,17 @@ async def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
     if args.command or sys.stdin is None or not sys.stdin.isatty():
         from migblockd.shell.script import run_script  # noqa: PLC0415
 
-        renderer = Renderer(pretty=args.pretty, colour=use_colour(sys.stdout))
+        renderer = Renderer.for_stream(sys.stdout, args.pretty)
         # Messages on stderr are coloured when stderr is a terminal, whatever
         # stdout is (-c ... 2>errors.log must not get escape sequences).
-        messages = Renderer(pretty=args.pretty, colour=use_colour(sys.stderr))
+        messages = Renderer.for_stream(sys.stderr, args.pretty)
         return await run_script(
             socket, renderer, docs, args.verbose, args.command, messages=messages
         )
 
     from migblockd.shell.repl import Interactive  # noqa: PLC0415
 
-    renderer = Renderer(pretty=args.pretty, colour=use_colour(sys.stdout))
+    renderer = Renderer.for_stream(sys.stdout, args.pretty)
     shell = Interactive(socket, renderer, docs, args.verbose, history_path(), interrupts)
     await shell.start()
     return await shell.loop()

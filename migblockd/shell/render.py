@@ -6,6 +6,7 @@ errors in bold red, events in cyan, echoed requests dimmed.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from dataclasses import dataclass
@@ -27,13 +28,34 @@ def use_colour(stream: TextIO) -> bool:
         return False
 
 
+def use_ascii(stream: TextIO | None) -> bool:
+    """Whether JSON written to ``stream`` must escape every non-ASCII character
+    (``\\u00e9``): its encoding cannot write all of Unicode (an ISO-8859-1
+    locale), and a reason another client chose must not make printing fail."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        return True
+    return not name.startswith(("utf-8", "utf-16", "utf-32"))
+
+
 @dataclass(frozen=True)
 class Renderer:
     pretty: bool = False
     colour: bool = False
+    ascii: bool = False
+    """Escape every non-ASCII character in JSON (see :func:`use_ascii`)."""
+
+    @classmethod
+    def for_stream(cls, stream: TextIO | None, pretty: bool = False) -> Renderer:
+        """How to write to ``stream``: colour on a terminal, ASCII where it must."""
+        if stream is None:
+            return cls(pretty=pretty)
+        return cls(pretty=pretty, colour=use_colour(stream), ascii=use_ascii(stream))
 
     def json(self, value: Any) -> str:
-        text = json.dumps(value, indent=2 if self.pretty else None, ensure_ascii=False)
+        text = json.dumps(value, indent=2 if self.pretty else None, ensure_ascii=self.ascii)
         return text if text.isprintable() else _escape_unprintable(text)
 
     def _paint(self, code: str, text: str) -> str:

@@ -92,6 +92,7 @@ def channel(kind: str) -> dict[str, Any]:
 
 
 MAIN, CPR = channel("main"), channel("cpr")
+FILE_MAIN = {"channel-type": "main", "addr": {"transport": "file", "filename": "/var/lib/vm.state"}}
 
 
 CANCEL: Step = ("cancel",)
@@ -218,6 +219,7 @@ BAD_URI = "Parameter 'uri' expects a valid migration protocol"
 NO_PAUSED = "Cannot resume if there is no paused migration"
 EITHER = "need either 'uri' or 'channels' argument"
 NO_CPR = "missing 'cpr' migration channel"
+STREAMABLE = "Migration requires streamable transport (eg unix)"
 BAD_ID = "Parameter 'id' expects an identifier"
 LONG_ID = "Parameter 'id' expects an identifier of at most 128 characters"
 EMPTY_REASON = "Parameter 'reason' expects a non-empty string"
@@ -372,6 +374,14 @@ ROWS = [
         query={"status": "setup"}),
     Row("the URI is checked before the cpr channel", (mode("cpr-transfer"),), migrate("bogus"),
         error=(InvalidUri, BAD_URI)),
+    Row("cpr-transfer refuses a file URI before it asks for the cpr channel",
+        (mode("cpr-transfer"),), migrate("file:/var/lib/vm.state"),
+        error=(InvalidDestination, STREAMABLE)),
+    Row("cpr-transfer refuses a file main channel", (mode("cpr-transfer"),),
+        migrate(None, channels=[FILE_MAIN, CPR]), error=(InvalidDestination, STREAMABLE),
+        query={}),
+    Row("a file URI is fine in other modes", (EVENTS_ON, mode("cpr-reboot")),
+        migrate("file:/var/lib/vm.state"), events=(mig("setup"),), query={"status": "setup"}),
     Row("blocked migrate changes nothing after a completed one",
         (EVENTS_ON, migrate(), tick(1.0), add(SEV)), migrate(),
         error=(MigrationBlocked, SEV), query={"status": "completed", "total-time": 1000,

@@ -29,11 +29,12 @@ URIS = ("tcp:h:1", "unix:/s", "exec:cat", "fd:3", "file:/f", "rdma:h:1", "vsock:
 SCHEMES = ("tcp:", "unix:", "exec:", "fd:", "file:", "rdma:", "vsock:")
 _ADDR = {"transport": "socket", "type": "unix", "path": "/run/dest.sock"}
 MAIN, CPR = ({"channel-type": t, "addr": _ADDR} for t in ("main", "cpr"))
+FILE_MAIN = {"channel-type": "main", "addr": {"transport": "file", "filename": "/f"}}
 # Where a migrate goes: a URI, or channels (QEMU 8.2+), or both, or neither.
 DESTINATIONS: tuple[tuple[str | None, list[dict[str, Any]] | None], ...] = (
     *((uri, None) for uri in URIS),
     (None, [MAIN]), (None, [MAIN, CPR]), (None, [CPR, MAIN]), (None, [CPR]), (None, []),
-    (None, [MAIN, MAIN]), (None, None), ("tcp:h:1", [MAIN]),
+    (None, [MAIN, MAIN]), (None, None), ("tcp:h:1", [MAIN]), (None, [FILE_MAIN, CPR]),
 )
 RUNNING = {"setup", "active", "cancelling"}  # the statuses the simulation reaches
 CONNECTIONS = ("c1", "c2")
@@ -160,6 +161,11 @@ class Model:
             return "Channel list has no main entry"
         if uri is not None and not any(uri.startswith(s) for s in SCHEMES):
             return "Parameter 'uri' expects a valid migration protocol"
+        to_file = (uri or "").startswith("file:") or any(
+            c["channel-type"] == "main" and c["addr"].get("transport") == "file"
+            for c in channels or [])
+        if self.mode == "cpr-transfer" and to_file:
+            return "Migration requires streamable transport (eg unix)"
         if self.mode == "cpr-transfer" and "cpr" not in types:
             return "missing 'cpr' migration channel"
         if self.status in RUNNING:

@@ -68,23 +68,34 @@ def check_destination(uri: str | None, channels: Sequence[Mapping[str, Any]] | N
     before ``migrate_prepare()``'s: exactly one of ``uri`` and ``channels`` (an
     empty list is none, as in QEMU), at most one channel of each type and a
     ``main`` one, the URI's scheme (:class:`InvalidUri`), and in ``cpr-transfer``
-    ``mode`` a ``cpr`` channel.  A channel's address is QEMU's to judge; the
-    simulation goes nowhere.
+    ``mode`` a main address that is not a file (a ``file:`` URI or ``transport:
+    file``), then a ``cpr`` channel.  The rest of a channel's address is QEMU's to
+    judge; the simulation goes nowhere.
     """
     channels = channels or None
     if (uri is None) == (channels is None):
         raise InvalidDestination("need either 'uri' or 'channels' argument")
     types: list[str] = []
+    transport: object = None  # the main address's, as far as the simulation needs it
     if channels is not None:
         for channel in channels:
             kind = str(channel["channel-type"])
             if kind in types:
                 raise InvalidDestination(f"Channel list has more than one {kind} entry")
             types.append(kind)
+            addr = channel.get("addr")
+            if kind == "main" and isinstance(addr, Mapping):
+                transport = addr.get("transport")
         if "main" not in types:
             raise InvalidDestination("Channel list has no main entry")
-    elif uri is not None and not uri.startswith(URI_SCHEMES):
-        raise InvalidUri(uri)
+    elif uri is not None:
+        if not uri.startswith(URI_SCHEMES):
+            raise InvalidUri(uri)
+        transport = "file" if uri.startswith("file:") else None
+    # migration_channels_and_transport_compatible(): cpr-transfer leaves guest RAM
+    # in place for a QEMU that runs at the same time, so the stream cannot go to a file.
+    if mode == "cpr-transfer" and transport == "file":
+        raise InvalidDestination("Migration requires streamable transport (eg unix)")
     if mode == "cpr-transfer" and "cpr" not in types:
         raise InvalidDestination("missing 'cpr' migration channel")
 

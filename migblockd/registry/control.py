@@ -151,7 +151,9 @@ class MigrationControl:
         A resume (:class:`NoPausedMigration`: the simulation never pauses a
         postcopy migration, the only kind QEMU resumes), a migration already
         running (:class:`MigrationInProgress`), then the current mode's list
-        (:class:`MigrationBlocked`, quoting the newest).
+        (:class:`MigrationBlocked`, quoting the newest).  QEMU 10.2 refuses a
+        ``cpr-exec`` migrate before the blockers until ``cpr-exec-command`` is set;
+        the simulation has no such parameter and judges it as set.
         """
         if resume:
             raise NoPausedMigration()

@@ -19,14 +19,14 @@ from typing import Any, TypeVar
 from migblockd import __version__, logs
 from migblockd.connection import Connection
 from migblockd.contract import Contract
-from migblockd.guard import whose
+from migblockd.guard import same_uid, whose
 from migblockd.listing import Listings
 from migblockd.logs import about, shown
 from migblockd.qmp.encoding import Encoded, Parts
 from migblockd.qmp.envelope import QMP_CAPABILITIES, Command
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.validation import ArgumentValidator
-from migblockd.registry import BlockerError, Change, MigrationBlocked, Registry
+from migblockd.registry import BlockerError, Change, DuplicateId, MigrationBlocked, Registry
 from migblockd.render import blocker_text
 
 log = logging.getLogger("migblockd")
@@ -92,6 +92,12 @@ class Handlers:
                 owner=conn.owner,
                 connection=conn,
             )
+        except DuplicateId as exc:
+            held = self.registry.get(exc.id)
+            if held is not None and not same_uid(held.owner, conn.owner):
+                exc = DuplicateId(exc.id, whose(held.owner))
+            self._refused(conn, exc, blocker_id=exc.id)
+            raise exc from None
         except BlockerError as exc:
             self._refused(conn, exc, blocker_id=args.get("id"))
             raise
@@ -105,9 +111,8 @@ class Handlers:
         owner, mine = blocker.owner, conn.owner
         # Another uid's (an admin's delete): the line says whose, since the one that
         # said who added it may be long gone (rotated, or from before a restart).
-        theirs = (owner is None or mine is None or owner.uid != mine.uid)
         logs.info(log, "%s: deleted blocker %s%s", conn.label, shown(blocker.id, quoted=False),
-                  f", which belonged to {whose(owner)}" if theirs else "",
+                  "" if same_uid(owner, mine) else f", which belonged to {whose(owner)}",
                   extra=about(conn, blocker_id=blocker.id))
         return {}
 

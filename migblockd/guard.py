@@ -46,7 +46,7 @@ from migblockd.qmp.errors import QMPError
 from migblockd.registry import Owner, Registry
 from migblockd.resolver import Resolver, clear_caches, user_name, who
 
-__all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "who", "whose"]
+__all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "same_uid", "who", "whose"]
 
 log = logging.getLogger("migblockd")
 
@@ -91,6 +91,11 @@ class NotOwner(AccessDenied):
 def whose(owner: Owner | None) -> str:
     """Whose a blocker is, as refusals and the log say it: ``uid 1001 (alice)``."""
     return "no known uid" if owner is None else who(owner.uid)
+
+
+def same_uid(owner: Owner | None, other: Owner | None) -> bool:
+    """Both are the same known uid: a blocker of one is the other's own."""
+    return owner is not None and other is not None and owner.uid == other.uid
 
 
 class Guard:
@@ -215,8 +220,8 @@ class Guard:
         blocker = self.registry.get(args["id"])
         if blocker is None:
             return  # the handler says it is not found
-        owner, mine = blocker.owner, conn.owner
-        if owner is not None and mine is not None and owner.uid == mine.uid:
+        owner = blocker.owner
+        if same_uid(owner, conn.owner):
             return
         self._refuse(conn, "del-blocker",
                      f"Permission denied: del-blocker of blocker '{blocker.id}', which "

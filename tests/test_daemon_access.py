@@ -111,6 +111,15 @@ def test_a_client_cannot_delete_another_uids_blocker_but_its_owner_can(
     assert root.ok("query-migrate-parameters")["mode"] == "normal"
     assert root.ok("query-migrate") == {"blocked-reasons": ["root's", "alice's"]}
 
+    # An id another uid holds is named as theirs: an agent re-adding its blocker
+    # after a reconnection can tell its own from one taken first by someone else.
+    assert b.error("add-blocker", {"reason": "bob's", "id": "alice-b"}) == (
+        f"Duplicate blocker ID 'alice-b', which belongs to uid {alice.uid} (mbt-alice)")
+    assert connect(daemon, alice).error("add-blocker", {"reason": "again", "id": "alice-b"}) == (
+        "Duplicate blocker ID 'alice-b'")
+    daemon.wait_for_log(f"(pid {b.pid}, uid {bob.uid}, gid {bob.gid}): refused blocker: "
+                        "\"Duplicate blocker ID 'alice-b', which belongs to uid")
+
     a.ok("del-blocker", {"id": "alice-b"})  # its owner may
     assert ids(root) == ["root-b"]
     assert_clean_log(daemon)

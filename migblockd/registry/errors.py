@@ -75,10 +75,16 @@ class IdTooLong(InvalidId):
 
 
 class DuplicateId(BlockerError):
-    """A client-chosen id already in use (worded like ``Duplicate ID`` of qdev)."""
+    """A client-chosen id already in use (worded like ``Duplicate ID`` of qdev).
 
-    def __init__(self, id: str) -> None:
-        super().__init__(f"Duplicate blocker ID '{id}'")
+    ``holder``: whose it is, when not the asking uid's (the server words it),
+    so that an agent re-adding its blocker after a reconnection can tell its
+    own from one another uid took first.
+    """
+
+    def __init__(self, id: str, holder: str | None = None) -> None:
+        super().__init__(f"Duplicate blocker ID '{id}'"
+                         + (f", which belongs to {holder}" if holder else ""))
         self.id = id
 
 

@@ -38,6 +38,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from benchmarks.loadgen import percentile
@@ -48,6 +49,12 @@ FUZZ_ALPHABET = (b'{}[]":,\\ \n\r\t\x00\x04\x1b\xff\xfe\xc3\xa9\xed\xa0\x80\xf0\
                  b"'abcdeflnrstu0123456789-+.eE")
 FUZZ_WORDS = (b'"execute"', b'"exec-oob"', b'"arguments"', b'"id"', b'"add-blocker"',
               b'"reason"', b'"query-version"', b'"qmp_capabilities"', b"NaN", b"1e400")
+
+
+#: When the running pattern's loop stops (time.monotonic()), set per loop task.
+DEADLINE: ContextVar[float] = ContextVar("DEADLINE", default=float("inf"))
+#: Seconds the exhaustion pattern holds the daemon at its limit.
+EXHAUST_HOLD = 3.0
 
 
 class Stats:
@@ -166,7 +173,9 @@ async def exhaust(path: str, rng: random.Random) -> None:
             except (ConnectionRefusedError, OSError, EOFError):
                 break  # refused with a line (or out of our own descriptors)
             held.append(writer)
-        await asyncio.sleep(3)
+        # Held, but not past the run's end: reaching the limit on a loaded machine
+        # can take most of a short run, and a cycle cut short does not count.
+        await asyncio.sleep(min(EXHAUST_HOLD, max(0.5, DEADLINE.get() - time.monotonic())))
     finally:
         for writer in held:
             writer.transport.abort()
@@ -199,6 +208,7 @@ EXPECTED = (EOFError, ConnectionError, ConnectionRefusedError, BrokenPipeError)
 
 async def loop(name: str, pattern: Pattern, rest: float, path: str, rng: random.Random,
                deadline: float, stats: Stats) -> None:
+    DEADLINE.set(deadline)  # this task's own context
     while time.monotonic() < deadline:
         try:
             await pattern(path, rng)

@@ -10,7 +10,7 @@ from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.registry import FakeClock, Owner, Registry
-from migblockd.resolver import user_name
+from migblockd.resolver import user_name, who
 
 CONTRACT = Contract.load()
 LIMITS = Config().limits
@@ -69,7 +69,8 @@ def test_registry_refusals_are_generic_errors_and_send_nothing_to_others() -> No
     core.data_to_send(a), core.data_to_send(b)
     feed(core, b, b'{"execute": "add-blocker", "arguments": {"reason": "s", "id": "x"}, "id": 1}')
     assert lines(core.data_to_send(b)) == [
-        {"id": 1, "error": {"class": "GenericError", "desc": "Duplicate blocker ID 'x'"}}]
+        {"id": 1, "error": {"class": "GenericError",
+                            "desc": f"Duplicate blocker ID 'x', which belongs to {who(1)}"}}]
     assert core.data_to_send(a) == b""
 
 

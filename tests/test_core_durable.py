@@ -15,6 +15,7 @@ from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.ledger import Group, Ledger
 from migblockd.registry import ID_CHUNK, Blocker, FakeClock, Owner, Registry
+from migblockd.resolver import who
 
 CONTRACT = Contract.load()
 LIMITS = Config().limits
@@ -272,7 +273,8 @@ def test_a_refusal_standing_on_an_uncommitted_change_takes_the_commits_outcome()
             core.committed(group)
             out = run(core, b)
             assert out[0]["event"] == "BLOCKER_ADDED"
-            assert out[1]["error"]["desc"] == "Duplicate blocker ID 'x'"
+            assert out[1]["error"]["desc"] == (
+                f"Duplicate blocker ID 'x', which belongs to {who(1)}")
         run(core, a)
 
 

@@ -186,7 +186,7 @@ def test_help_pretty_and_verbose(daemon: DaemonProcess, spawn_shell: Callable[..
     shell.expect(PROMPT)
     shell.send("add-blocker reason=x\r")
     shell.expect('"execute": "add-blocker"')  # -v shows the request
-    shell.child.expect(r'"return": \{\r?\n  ')  # -p indents the reply
+    shell.child.expect(r'"return": \{\r?\n        "added"')  # -p: qmp-shell's indent, sorted
     shell.expect(PROMPT)
     assert shell.quit() == 0
 

@@ -240,8 +240,12 @@ def test_verbose_echoes_requests_on_stderr_and_pretty_indents(daemon: DaemonProc
     sent = json.loads(result.stderr)
     assert sent["execute"] == "add-blocker"
     assert sent["arguments"] == {"reason": "x", "internal": True}
-    assert result.stdout.startswith("{\n  ")
-    assert json.loads(result.stdout)["return"]["internal"] is True
+    # As qmp-shell's -p: four spaces, keys sorted.
+    assert result.stdout.startswith('{\n    "return": {\n        "added": {\n')
+    reply = json.loads(result.stdout)["return"]
+    assert reply["internal"] is True
+    assert result.stdout.index('"id"') < result.stdout.index('"internal"') < result.stdout.index(
+        '"modes"') < result.stdout.index('"reason"')
 
 
 def test_help_in_scripting_mode(daemon: DaemonProcess) -> None:

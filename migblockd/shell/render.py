@@ -55,7 +55,9 @@ class Renderer:
         return cls(pretty=pretty, colour=use_colour(stream), ascii=use_ascii(stream))
 
     def json(self, value: Any) -> str:
-        text = json.dumps(value, indent=2 if self.pretty else None, ensure_ascii=self.ascii)
+        # -p as qmp-shell's (python/qemu/qmp/qmp_shell.py): four spaces, keys sorted.
+        text = json.dumps(value, indent=4 if self.pretty else None, sort_keys=self.pretty,
+                          ensure_ascii=self.ascii)
         return text if text.isprintable() else _escape_unprintable(text)
 
     def _paint(self, code: str, text: str) -> str:

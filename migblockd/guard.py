@@ -46,7 +46,7 @@ from migblockd.qmp.errors import QMPError
 from migblockd.registry import Owner, Registry
 from migblockd.resolver import Resolver, clear_caches, user_name, who
 
-__all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "same_uid", "who", "whose"]
+__all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "same_uid", "whose"]
 
 log = logging.getLogger("migblockd")
 

@@ -18,9 +18,9 @@ from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.gate import Call, GateHandlers
-from migblockd.guard import who
 from migblockd.qemu_facts import QemuError, QemuFacts, QemuUnavailable
 from migblockd.registry import FakeClock, Owner, Registry
+from migblockd.resolver import who
 from migblockd.systemd import format_status
 
 CONTRACT = Contract.load()

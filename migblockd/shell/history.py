@@ -25,6 +25,11 @@ def history_path() -> Path | None:
     return home / ".local" / "state" / "migblockd" / "shell-history"
 
 
+def not_saved(path: Path, err: OSError) -> str:
+    """The warning that the history goes unsaved for this session, and why."""
+    return f"warning: history not saved ({path}: {err.strerror or err})"
+
+
 class SessionFallbackHistory(FileHistory):
     """A :class:`FileHistory` that, when its file cannot be read or written (a full
     disk, its directory removed, a directory in its place), says so once through
@@ -43,7 +48,7 @@ class SessionFallbackHistory(FileHistory):
     def _fail(self, err: OSError) -> None:
         if not self._failed:
             self._failed = True
-            self._warn(f"warning: history not saved ({self._path}: {err.strerror or err})")
+            self._warn(not_saved(self._path, err))
 
     def load_history_strings(self) -> Iterable[str]:
         try:

@@ -16,7 +16,7 @@ from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell.client import ConnectError, ConnectionLost, Message
 from migblockd.shell.completion import ShellCompleter
 from migblockd.shell.connection import Connection, describe_greeting
-from migblockd.shell.history import SessionFallbackHistory
+from migblockd.shell.history import SessionFallbackHistory, not_saved
 from migblockd.shell.interrupt import Interrupts
 from migblockd.shell.render import Renderer
 from migblockd.shell.runner import Runner
@@ -38,7 +38,7 @@ def open_history(path: Path | None) -> History:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.touch(exist_ok=True)
     except OSError as err:
-        _say(f"warning: history not saved ({path}: {err.strerror or err})")
+        _say(not_saved(path, err))
         return InMemoryHistory()
     return SessionFallbackHistory(path, _say)
 

@@ -254,6 +254,32 @@ def test_ctrl_c_while_waiting_for_a_reply_returns_to_the_prompt(
     assert shell.quit() == 0
 
 
+def test_the_late_answer_to_an_abandoned_request_is_not_the_next_ones(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    # A request over --max-message-size is answered without its id (the daemon, like
+    # QEMU, could not read it), in request order.  Abandoned with Ctrl-C, its answer
+    # still comes, and must not be shown as the reply to the command typed next.
+    daemon = start_daemon("--ephemeral", "--max-message-size", "1024")
+    shell = spawn_shell(daemon.socket, "-v")
+    daemon.signal(signal.SIGSTOP)  # both requests reach it before it answers either
+    try:
+        shell.send(f"add-blocker reason={'x' * 1000} id={'y' * 100}\r")
+        shell.expect('{"execute": "add-blocker"')
+        shell.send(CTRL_C)
+        shell.expect("interrupted: a request already sent may still take effect")
+        shell.expect(PROMPT)
+        shell.send("query-version\r")
+        shell.expect('{"execute": "query-version"}')
+    finally:
+        daemon.signal(signal.SIGCONT)
+    shell.child.expect(r'"package": "migblockd|JSON token size limit exceeded')
+    assert shell.child.after.startswith('"package"'), shell.transcript()[-2000:]
+    shell.expect(PROMPT)
+    assert "limit exceeded" not in shell.transcript()
+    assert shell.quit() == 0
+
+
 def test_no_home_keeps_the_history_in_memory(tmp_path: Path) -> None:
     """A bare uid (no $HOME, no account): before, the shell died with a traceback
     (Path.home()) before it connected."""

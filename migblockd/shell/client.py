@@ -56,6 +56,11 @@ class QMPClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[Message]] = {}
+        # The ids sent and not yet answered, oldest first (an ordered set).  A request
+        # the daemon cannot parse (over --max-message-size...) is answered without its
+        # id, in request order; after Ctrl-C abandoned a request, its answer still
+        # comes, and must not be taken for the next request's.
+        self._unanswered: dict[str, None] = {}
         self._ids = itertools.count(1)
         self._closing = False
         self.lost_reason = "not connected"
@@ -122,6 +127,7 @@ class QMPClient:
         key = _id_key(message["id"])
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
+        self._unanswered[key] = None
         data = json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n"
         try:
             encoded = data.encode()
@@ -132,6 +138,7 @@ class QMPClient:
             await self._writer.drain()
         except (OSError, RuntimeError) as err:
             self._pending.pop(key, None)
+            self._unanswered.pop(key, None)
             raise ConnectionLost(f"connection lost: {err}") from None
         try:
             return await future
@@ -162,6 +169,7 @@ class QMPClient:
             if not future.done():
                 future.set_exception(ConnectionLost(reason))
         self._pending.clear()
+        self._unanswered.clear()
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
@@ -195,12 +203,17 @@ class QMPClient:
                 self._on_event(message)
             return
         if "id" in message:
-            future = self._pending.pop(_id_key(message["id"]), None)
-        elif self._pending:
-            # A reply without id (a JSON error the server could not attribute):
-            # give it to the oldest request.
-            future = self._pending.pop(next(iter(self._pending)))
+            key: str | None = _id_key(message["id"])
+        elif self._unanswered:
+            # A reply without id (a request the server could not parse): the
+            # answer to the oldest request not yet answered, whether or not its
+            # caller still waits for it.
+            key = next(iter(self._unanswered))
         else:
-            future = None
+            key = None
+        if key is None:
+            return
+        self._unanswered.pop(key, None)
+        future = self._pending.pop(key, None)
         if future is not None and not future.done():
             future.set_result(message)

@@ -17,11 +17,13 @@ import pytest
 from conftest import DaemonProcess
 
 from migblockd.client import (
+    MAX_UNREAD,
     Blocker,
     ClientError,
     CommandError,
     DisconnectedError,
     Event,
+    EventsLostError,
     EventStream,
     MigblockClient,
 )
@@ -503,3 +505,32 @@ async def test_a_closed_stream_receives_nothing_more(daemon: DaemonProcess) -> N
         await client.add_blocker("two", id="two")
         async with asyncio.timeout(PATIENCE):
             assert [e async for e in stream] == []
+
+
+async def test_a_stream_left_unread_ends_at_its_bound_and_the_connection_stays(
+        daemon: DaemonProcess) -> None:
+    # The daemon drops a client that leaves events unread past --max-output; the
+    # library reads everything as it comes, so a stream must bound what it keeps.
+    async with MigblockClient(daemon.socket) as client:
+        assert client.events().max_unread == MAX_UNREAD
+        bounded = client.events("BLOCKER_ADDED", max_unread=50)
+        unbounded = client.events("BLOCKER_ADDED", max_unread=None)
+        await asyncio.gather(*(client.add_blocker("churn", id=f"c{n}") for n in range(60)))
+        async with asyncio.timeout(PATIENCE):
+            kept = []
+            with pytest.raises(EventsLostError, match="more than 50 events"):
+                async for event in bounded:
+                    kept.append(event.data["id"])
+            assert kept == [f"c{n}" for n in range(50)]  # the first ones, in order
+            with pytest.raises(EventsLostError):
+                await anext(bounded)  # an ended stream stays ended
+            assert [(await anext(unbounded)).data["id"] for _ in range(60)] == [
+                f"c{n}" for n in range(60)]
+        assert client.connected
+        assert len(await client.blockers()) == 60
+        with pytest.raises(ValueError, match="at least 1"):
+            client.events(max_unread=0)
+        # A new stream receives what comes next.
+        fresh = client.events("BLOCKER_DELETED")
+        await client.del_blocker("c0")
+        assert (await next_event(fresh)).data["id"] == "c0"

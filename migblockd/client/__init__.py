@@ -23,6 +23,8 @@ Errors, all :class:`ClientError`:
   that turns the connection away says why), the client is not connected, or
   the connection was lost (the cause is chained).  Whether a command in
   flight when it was lost took effect is unknown.
+* :class:`EventsLostError`: an event stream's reader fell behind (see
+  below); the stream ended, the connection did not.
 
 :meth:`MigblockClient.holding` adds a ``scope: connection`` blocker for the
 duration of an ``async with`` block and deletes it when the block ends.  The
@@ -40,9 +42,16 @@ the events that arrive from the moment it is created::
 
 A stream ends (``StopAsyncIteration``) when it is closed or the client
 disconnects, and raises :class:`DisconnectedError` when the connection is
-lost.  It keeps events until they are read; one that is no longer used is
-dropped with its last reference (or close it: ``async with client.events() as
-stream``).  Only streams keep events: a client without one stores none.
+lost.  It keeps events until they are read, at most ``max_unread`` of them
+(:data:`MAX_UNREAD` by default): one more, and the stream ends, raising
+:class:`EventsLostError` once the events it kept have been read.  The daemon
+disconnects a client that leaves events unread past its ``--max-output``; this
+library reads them all as they come, so that its replies are never stuck behind
+them, and the bound is kept here instead, per stream.  A reader that takes
+what arrived each time it runs stays far below it: the events of one socket read
+are fewer than a thousand.  A stream that is no longer used is dropped with its last
+reference (or close it: ``async with client.events() as stream``).  Only streams
+keep events: a client without one stores none.
 """
 
 from __future__ import annotations
@@ -67,7 +76,12 @@ from qemu.qmp import (
     StateError,
 )
 
-from migblockd.client.errors import ClientError, CommandError, DisconnectedError
+from migblockd.client.errors import (
+    ClientError,
+    CommandError,
+    DisconnectedError,
+    EventsLostError,
+)
 from migblockd.client.link import QMPLink, Refused
 from migblockd.client.values import Blocker, BlockerOwner, Event
 from migblockd.paths import (
@@ -80,6 +94,7 @@ from migblockd.paths import (
 log = logging.getLogger("migblockd.client")
 
 __all__ = [
+    "MAX_UNREAD",
     "Blocker",
     "BlockerOwner",
     "ClientError",
@@ -87,6 +102,7 @@ __all__ = [
     "DisconnectedError",
     "Event",
     "EventStream",
+    "EventsLostError",
     "MigblockClient",
 ]
 
@@ -95,22 +111,32 @@ __all__ = [
 
 
 class _End:
-    """Put in a stream's queue after its last event; ``lost`` says why, if it was lost."""
+    """Put in a stream's queue after its last event; ``error``, ``why`` say what the
+    reader gets after it (``StopAsyncIteration`` when ``error`` is None)."""
 
-    def __init__(self, lost: str | None) -> None:
-        self.lost = lost
+    def __init__(self, error: type[ClientError] | None = None, why: str = "") -> None:
+        self.error = error
+        self.why = why
+
+
+#: How many unread events a stream keeps by default: about the --max-output
+#: default's worth (4 MiB of events of a few hundred bytes each).
+MAX_UNREAD: Final = 10_000
 
 
 class EventStream:
     """The events a client receives from the stream's creation on; ``async for`` them.
 
     Created by :meth:`MigblockClient.events`.  ``names``, when given, keeps only
-    the events of those names.
+    the events of those names; ``max_unread`` (None: no bound) is how many it keeps
+    unread before it ends with :class:`EventsLostError`.
     """
 
-    def __init__(self, client: MigblockClient, names: Iterable[str]) -> None:
+    def __init__(self, client: MigblockClient, names: Iterable[str],
+                 max_unread: int | None = MAX_UNREAD) -> None:
         self._client = client
         self.names: Final = frozenset(names)
+        self.max_unread: Final = max_unread
         self._queue: asyncio.Queue[Event | _End] = asyncio.Queue()
         self._ended = False
 
@@ -121,6 +147,11 @@ class EventStream:
             self._ended = True
         elif self.names and event.name not in self.names:
             return
+        elif self.max_unread is not None and self._queue.qsize() >= self.max_unread:
+            self._client._streams.discard(self)
+            self._ended = True
+            event = _End(EventsLostError, f"more than {self.max_unread} events were left "
+                         f"unread on this stream, which ended; later events were not kept")
         self._queue.put_nowait(event)
 
     def __aiter__(self) -> EventStream:
@@ -130,15 +161,15 @@ class EventStream:
         item = await self._queue.get()
         if isinstance(item, _End):
             self._queue.put_nowait(item)  # an ended stream stays ended
-            if item.lost is not None:
-                raise DisconnectedError(item.lost)
+            if item.error is not None:
+                raise item.error(item.why)
             raise StopAsyncIteration
         return item
 
     def close(self) -> None:
         """Stop receiving events; iteration ends after the events already received."""
         self._client._streams.discard(self)
-        self._put(_End(None))
+        self._put(_End())
 
     async def __aenter__(self) -> EventStream:
         return self
@@ -235,8 +266,9 @@ class MigblockClient:
                           f"the connection to migblockd at {self.path} was lost")
 
     def _end_streams(self, lost: str | None) -> None:
+        end = _End() if lost is None else _End(DisconnectedError, lost)
         for stream in list(self._streams):
-            stream._put(_End(lost))
+            stream._put(end)
         self._streams.clear()
 
     async def disconnect(self) -> None:
@@ -363,13 +395,19 @@ class MigblockClient:
         with contextlib.suppress(CommandError):  # deleted by someone else meanwhile
             await self.del_blocker(blocker)
 
-    def events(self, *names: str) -> EventStream:
-        """A stream of the events received from now on (only ``names`` if given)."""
-        stream = EventStream(self, names)
+    def events(self, *names: str, max_unread: int | None = MAX_UNREAD) -> EventStream:
+        """A stream of the events received from now on (only ``names`` if given).
+
+        It keeps at most ``max_unread`` events unread (None: no bound, for a reader
+        that is sure to keep up); one more ends it with :class:`EventsLostError`.
+        """
+        if max_unread is not None and max_unread < 1:
+            raise ValueError(f"max_unread must be at least 1, not {max_unread}")
+        stream = EventStream(self, names, max_unread)
         if self.connected:
             self._streams.add(stream)
         else:
-            stream._put(_End(f"not connected to migblockd at {self.path}"))
+            stream._put(_End(DisconnectedError, f"not connected to migblockd at {self.path}"))
         return stream
 
     def _deliver(self, message: Message) -> None:

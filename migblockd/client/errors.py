@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ClientError", "CommandError", "DisconnectedError"]
+__all__ = ["ClientError", "CommandError", "DisconnectedError", "EventsLostError"]
 
 
 class ClientError(Exception):
@@ -24,3 +24,9 @@ class CommandError(ClientError):
 
 class DisconnectedError(ClientError):
     """Not connected: connecting failed, or the connection is closed or was lost."""
+
+
+class EventsLostError(ClientError):
+    """An event stream was ended because its reader fell behind: it had more than
+    its ``max_unread`` events unread.  The events it kept were read first; those
+    that came after were not kept.  The connection is unaffected."""

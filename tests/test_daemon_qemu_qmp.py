@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log, owner_info
-from qemu.qmp import EventListener, ExecuteError
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient
 from qemu_strings import DEFAULT_PARAMETERS, GENERIC, NOT_FOUND, SEV, VMDK
 from qmpclient import qemu_qmp_client
 
@@ -152,3 +154,41 @@ async def test_qmp_shell_script(start_daemon: Callable[..., DaemonProcess]) -> N
     assert free == {"return": {}}
     assert "Traceback" not in errout.decode()
     assert_clean_log(d)
+
+
+async def test_a_long_lived_qmpclient_set_up_as_the_readme_says(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    # qemu.qmp's defaults: lines of at most 10 MiB, and a default listener that keeps
+    # every event.  The README names both and the two settings that avoid them.
+    d = start_daemon("--ephemeral")
+    reason = "\u00e9" * 1024  # six bytes each on the wire: \u00e9
+    async with qemu_qmp_client(d.socket, "filler") as filler:
+        for first in range(0, 1800, 300):
+            await asyncio.gather(*(filler.execute("add-blocker", {"reason": reason})
+                                   for _ in range(first, first + 300)))
+    plain = QMPClient("plain")
+    await asyncio.wait_for(plain.connect(str(d.socket)), 10)
+    try:
+        with pytest.raises(ExecInterruptedError):  # about 11 MB in one line
+            await asyncio.wait_for(plain.execute("query-blockers"), 60)
+    finally:
+        with contextlib.suppress(Exception):
+            await plain.disconnect()
+
+    agent = QMPClient("agent", readbuflen=1 << 30)
+    agent.events.event_filter = lambda event: False
+    mine = EventListener("BLOCKER_ADDED")
+    agent.register_listener(mine)
+    await asyncio.wait_for(agent.connect(str(d.socket)), 10)
+    try:
+        listing: Any = await asyncio.wait_for(agent.execute("query-blockers"), 60)
+        assert len(listing) == 1800
+        await agent.execute("add-blocker", {"reason": "seen", "id": "seen"})
+        assert (await next_event(mine, "BLOCKER_ADDED"))["data"]["id"] == "seen"
+        assert agent.events.history == () and agent.events.empty()
+    finally:
+        await agent.disconnect()
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert 'QMPClient("agent", readbuflen=1 << 30)' in readme
+    assert "qmp.events.event_filter = lambda event: False" in readme

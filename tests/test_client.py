@@ -363,6 +363,37 @@ async def test_holding_whose_block_raised_does_not_wait_forever_for_a_stopped_da
         await client.disconnect()
 
 
+async def test_holding_whose_entry_was_cancelled_leaves_no_blocker_behind(
+        daemon: DaemonProcess) -> None:
+    # The agent's timeout ends the entry while the daemon has the add-blocker: the
+    # daemon adds the blocker when it runs again, and it used to stay for as long
+    # as the agent's connection lived, blocking migration with no block holding it.
+    async with MigblockClient(daemon.socket) as client, \
+            MigblockClient(daemon.socket) as operator:
+        stream = operator.events()
+        daemon.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    async with client.holding("dump in progress", id="dump"):
+                        pytest.fail("the block ran")
+        finally:
+            daemon.signal(signal.SIGCONT)
+        added, deleted = await next_event(stream), await next_event(stream)
+        assert (added.name, added.data["id"], added.data["scope"]) == (
+            "BLOCKER_ADDED", "dump", "connection")
+        assert (deleted.name, dict(deleted.data)) == (
+            "BLOCKER_DELETED", {"id": "dump", "cause": "command"})
+        assert client.connected
+        assert await operator.blockers() == []
+        # An entry that fails is not undone: there is nothing to undo.
+        await operator.add_blocker("taken", id="taken")
+        with pytest.raises(CommandError, match="Duplicate"):
+            async with client.holding("dump in progress", id="taken"):
+                pytest.fail("the block ran")
+        assert [b.id for b in await operator.blockers()] == ["taken"]
+
+
 async def test_holding_tolerates_a_blocker_deleted_by_someone_else(
         daemon: DaemonProcess) -> None:
     async with MigblockClient(daemon.socket) as client, \

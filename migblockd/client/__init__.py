@@ -212,6 +212,9 @@ class MigblockClient:
         # Two connect() at once would each open a connection, and the one not kept
         # would live on unseen, delivering every event to the streams a second time.
         self._connecting = asyncio.Lock()
+        # The adds of holding() blocks whose entry was cancelled, and the deletions of
+        # what they added: kept here, since the event loop keeps only weak references.
+        self._undoing: set[asyncio.Future[Any]] = set()
 
     # -- connection
 
@@ -369,11 +372,21 @@ class MigblockClient:
         and deletes nothing, even if the client has connected again (another
         blocker may have the id by then).  When the block raised, the exit waits
         at most ``timeout`` seconds for the deletion's answer, then raises the
-        block's exception; the deletion, sent, runs when the daemon does.
+        block's exception; the deletion, sent, runs when the daemon does.  If the
+        entry is cancelled (the caller's timeout) after the request was sent, the
+        daemon may still add the blocker: it is deleted when its answer comes.
         """
-        blocker = await self.add_blocker(reason, modes=modes, internal=internal, id=id,
-                                         scope="connection")
         held_on = self._qmp  # the blocker lasts as long as this connection
+        adding = asyncio.ensure_future(self.add_blocker(
+            reason, modes=modes, internal=internal, id=id, scope="connection"))
+        try:
+            blocker = await asyncio.shield(adding)
+        except asyncio.CancelledError:
+            # Added after all, the blocker would block migration for as long as this
+            # connection lives, with no block left to end it.
+            self._undoing.add(adding)
+            adding.add_done_callback(lambda done: self._undo_add(done, held_on))
+            raise
         try:
             yield blocker
         except BaseException:
@@ -394,6 +407,20 @@ class MigblockClient:
     async def _release(self, blocker: Blocker) -> None:
         with contextlib.suppress(CommandError):  # deleted by someone else meanwhile
             await self.del_blocker(blocker)
+
+    def _undo_add(self, adding: asyncio.Future[Blocker], held_on: QMPLink | None) -> None:
+        """Delete what the add of a :meth:`holding` whose entry was cancelled added."""
+        self._undoing.discard(adding)
+        if adding.cancelled() or adding.exception() is not None:
+            return  # not added (or not known to be: then its connection is gone)
+        if self._qmp is held_on:  # otherwise it went with its connection
+            deleting = asyncio.ensure_future(self._forget(adding.result()))
+            self._undoing.add(deleting)
+            deleting.add_done_callback(self._undoing.discard)
+
+    async def _forget(self, blocker: Blocker) -> None:
+        with contextlib.suppress(ClientError):  # not connected any more: already gone
+            await self._release(blocker)
 
     def events(self, *names: str, max_unread: int | None = MAX_UNREAD) -> EventStream:
         """A stream of the events received from now on (only ``names`` if given).

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from conftest import DaemonProcess
@@ -102,6 +103,9 @@ async def test_refusals_raise_command_error_with_the_daemons_class_and_desc(
 
         with pytest.raises(ClientError, match="not JSON"):
             await client.execute("add-blocker", {"reason": float("nan")})
+        # Any Mapping, as the signature says, not only a dict.
+        listed = await client.execute("query-blockers", MappingProxyType({"mode": "normal"}))
+        assert [b["id"] for b in listed] == ["dup"]
         assert [b.id for b in await client.blockers()] == ["dup"]  # still connected
 
 

@@ -220,6 +220,7 @@ class MigblockClient:
 
     @property
     def connected(self) -> bool:
+        """Whether the connection is up: connected, negotiated, neither closed nor lost."""
         return self._qmp is not None and self._qmp.runstate == Runstate.RUNNING
 
     async def connect(self) -> None:
@@ -304,9 +305,18 @@ class MigblockClient:
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None
                       ) -> Any:
-        """Run any command of the schema; return its ``return`` value as decoded JSON."""
+        """Run any command of the schema; return its ``return`` value as decoded JSON.
+
+        Raises :class:`CommandError` when the daemon answers with an error,
+        :class:`DisconnectedError` when not connected or when the connection is lost
+        before the answer, and :class:`ClientError` for arguments that are not JSON
+        (nothing is sent then).  Cancelled (``asyncio.timeout()``) after it was sent,
+        the command still runs; its answer is dropped.
+        """
         if self._qmp is None:
             raise DisconnectedError(f"not connected to migblockd at {self.path}")
+        if arguments is not None:
+            arguments = dict(arguments)  # the encoder takes dicts only, not any Mapping
         try:
             # The library serializes in its writer task, where a failure would drop the
             # connection; and the daemon, like QEMU, takes strict JSON in UTF-8 only (a

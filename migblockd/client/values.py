@@ -89,6 +89,7 @@ class Event:
 
     @classmethod
     def from_qmp(cls, message: Mapping[str, Any]) -> Event:
+        """A QMP event message as the daemon sends it (``event``, ``data``, ``timestamp``)."""
         try:
             data = message.get("data", {})
             if not isinstance(data, Mapping):

@@ -27,6 +27,7 @@ from migblockd.client import (
     EventsLostError,
     EventStream,
     MigblockClient,
+    link,
 )
 from migblockd.paths import default_socket_path
 
@@ -164,6 +165,26 @@ async def test_a_listing_bigger_than_qemu_qmps_default_buffer_is_read(
         listed = await client.blockers()  # about 11 MB in one line
         assert len(listed) == 1800 and listed[-1].reason == reason
         assert client.connected
+
+
+async def test_an_answer_over_the_clients_limit_is_named_as_its_own_doing(
+        daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Over READ_LIMIT (1 GiB; lowered here), the library cannot read the answer and
+    # ends the connection itself: "was lost" would send the operator to a daemon
+    # whose log shows nothing wrong.
+    monkeypatch.setattr(link, "READ_LIMIT", 4096)
+    async with MigblockClient(daemon.socket) as client:
+        stream = client.events("BLOCKER_DELETED")
+        await asyncio.gather(*(client.add_blocker("r" * 200, id=f"b{n}") for n in range(30)))
+        with pytest.raises(DisconnectedError) as lost:
+            await client.blockers()
+        why = ("a message from the daemon was longer than the 4096 bytes this client reads")
+        assert str(lost.value) == (f"this client closed its connection to migblockd at "
+                                   f"{daemon.socket} before the reply to query-blockers: {why}")
+        with pytest.raises(DisconnectedError, match=f"closed its connection .*: {why}$"):
+            async with asyncio.timeout(PATIENCE):
+                await anext(stream)
+        assert not client.connected
 
 
 async def test_a_refused_connection_says_why(

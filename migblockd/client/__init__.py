@@ -21,8 +21,10 @@ Errors, all :class:`ClientError`:
 * :class:`DisconnectedError`: connecting failed (why, in the shell's words:
   a connection that ends before the greeting names the daemon's log; a daemon
   that turns the connection away says why), the client is not connected, or
-  the connection was lost (the cause is chained).  Whether a command in
-  flight when it was lost took effect is unknown.
+  the connection was lost (the cause is chained), also when this client ended
+  it, for a message longer than it reads (``link.READ_LIMIT``, 1 GiB: the
+  message says so).  Whether a command in flight when it was lost took effect
+  is unknown.
 * :class:`EventsLostError`: an event stream's reader fell behind (see
   below); the stream ended, the connection did not.
 
@@ -266,8 +268,14 @@ class MigblockClient:
     async def _watch_connection(self, qmp: QMPLink) -> None:
         while qmp.runstate == Runstate.RUNNING:
             await qmp.runstate_changed()
-        self._end_streams(None if self._closing else
-                          f"the connection to migblockd at {self.path} was lost")
+        self._end_streams(None if self._closing else self._lost(qmp))
+
+    def _lost(self, qmp: QMPLink, before: str = "") -> str:
+        """Why ``qmp``, which was not closed by :meth:`disconnect`, is down."""
+        if qmp.gave_up is not None:
+            return f"this client closed its connection to migblockd at {self.path}{before}: " \
+                   f"{qmp.gave_up}"
+        return f"the connection to migblockd at {self.path} was lost{before}"
 
     def _end_streams(self, lost: str | None) -> None:
         end = _End() if lost is None else _End(DisconnectedError, lost)
@@ -324,14 +332,14 @@ class MigblockClient:
             json.dumps(arguments, allow_nan=False, ensure_ascii=False).encode()
         except (TypeError, ValueError) as exc:
             raise ClientError(f"arguments of {command} are not JSON: {exc}") from None
+        qmp = self._qmp
         try:
-            return await self._qmp.execute(command, arguments)
+            return await qmp.execute(command, arguments)
         except ExecuteError as exc:
             raise CommandError(command, exc.error_class, exc.error.error.desc) from None
         except (ExecInterruptedError, StateError) as exc:
-            raise DisconnectedError(
-                f"the connection to migblockd at {self.path} was lost"
-                + (f" before it replied to {command}" if isinstance(
+            raise DisconnectedError(self._lost(
+                qmp, f" before the reply to {command}" if isinstance(
                     exc, ExecInterruptedError) else "")) from exc
         except QMPError as exc:
             raise ClientError(f"the reply to {command} was not understood: {exc}") from exc

@@ -42,6 +42,8 @@ class QMPLink(QMPClient):
       ``query-blockers`` answer.
     * A refusal in place of the greeting (``max-clients``...) is reported in
       the daemon's words.
+    * A line longer than that ends the connection (the library can do nothing
+      else with it): :attr:`gave_up` says so, since the daemon did nothing wrong.
     * Disconnecting waits at most ``flush_timeout`` seconds (None: forever) for
       the daemon to take what was sent, then closes: a stopped daemon takes
       nothing, and the library would wait for it forever (and so would closing
@@ -54,6 +56,8 @@ class QMPLink(QMPClient):
         self._deliver = deliver  # each event, in the daemon's order
         self._flush_timeout = flush_timeout
         self._unanswered: dict[str, None] = {}  # ids sent, oldest first (an ordered set)
+        #: Why this side ended the connection, when it did: a line over the limit.
+        self.gave_up: str | None = None
 
     async def _bh_flush_writer(self) -> None:
         try:
@@ -64,6 +68,14 @@ class QMPLink(QMPClient):
             # (its caller already hears that its outcome is unknown).
             if self._writer is not None:
                 self._writer.transport.abort()
+
+    async def _readline(self) -> bytes:
+        try:
+            return await super()._readline()
+        except ValueError:  # asyncio's StreamReader: the line is over its limit
+            self.gave_up = (f"a message from the daemon was longer than the "
+                            f"{self.readbuflen} bytes this client reads")
+            raise
 
     async def _event_dispatch(self, msg: Message) -> None:
         self._deliver(msg)

@@ -249,6 +249,16 @@ def test_random_bytes_are_not_a_state_database(tmp_path: Path) -> None:
     Store.open(tmp_path / "other").close()  # the lock was released on the way out
 
 
+def test_a_one_byte_file_is_not_taken_for_an_empty_database(tmp_path: Path) -> None:
+    # SQLite reports a file of one byte as empty, and would have it written over.
+    (tmp_path / "state.db").write_bytes(b"x")
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}/state.db is not a migblockd state database "
+                                  "(file is not a database); move it away to start from scratch")
+    assert (tmp_path / "state.db").read_bytes() == b"x"  # never replaced
+
+
 def filled(directory: Path, n: int = 300) -> bytes:
     """A closed state directory holding ``n`` blockers; the database's bytes."""
     with Store.open(directory) as store:

@@ -37,6 +37,8 @@ DATABASE_NAME = "state.db"
 # How long a statement waits for another program holding the database (an
 # operator's sqlite3 shell) before failing with "database is locked".
 _BUSY_TIMEOUT = 5.0
+# The first bytes of every SQLite database file (its file format's header string).
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def make_directory(directory: Path) -> None:
@@ -157,7 +159,23 @@ def _check_file(path: Path) -> bool:
     _check_left_log(wal, path, real, log_file)
     for each in (path, log_file, index_file):
         _check_companion(each, path)
+    _check_header(path)
     return False
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a file that does not start as every SQLite database does.  SQLite
+    itself takes a file of one byte for an empty database (its Unix VFS reports
+    such a file's size as 0), which would be written over as a first start."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+    except OSError as e:
+        raise StateError(f"cannot read {path}: {e.strerror}; fix its permissions, "
+                         "or choose another --state-dir") from e
+    if header != _SQLITE_HEADER:
+        raise StateError(f"{path} is not a migblockd state database (file is not a "
+                         "database); move it away to start from scratch")
 
 
 def _check_left_log(wal: Path, path: Path, real: Path, log_file: Path) -> None:

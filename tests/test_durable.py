@@ -771,6 +771,47 @@ async def test_a_log_left_beside_a_link_to_the_database_stops_the_daemon(
         assert await ids(c) == ["kept"]
 
 
+@pytest.mark.parametrize("cut", ["at random", "removed"])
+async def test_a_log_cut_after_a_kill_stops_the_daemon_rather_than_drop_blockers(
+    start_daemon: Start, tmp_path: Path, cut: str
+) -> None:
+    """After a SIGKILL the next start rebuilds the log's index from the log, up
+    to where the log ends: before, a log cut short (or removed) meanwhile gave a
+    start that restored fewer blockers than were acknowledged, and said nothing."""
+    directory = tmp_path / "state"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        for n in range(20):
+            await add(c, f"acknowledged {n}", id=f"b{n}")
+    kill(daemon)
+    wal, shm = directory / "state.db-wal", directory / "state.db-shm"
+    frame = 24 + 4096
+    frames = (wal.stat().st_size - 32) // frame
+    if cut == "removed":
+        wal.unlink()
+        why = "it is missing"
+    else:
+        offset = random.Random(5).randrange(32 + frame, 32 + frames * frame)
+        os.truncate(wal, offset)
+        why = f"it holds {(offset - 32) // frame} of the {frames} frames"
+    before = digest(directory)
+    refused = start_daemon("--state-dir", str(directory), "--log-level", "info", wait=False)
+    assert refused.wait_exit() == 1
+    assert only_line(refused) == (
+        f"{wal} has lost changes that its index {shm} records as committed ({why}), so "
+        "starting would drop blockers that were acknowledged; restore the state directory "
+        f"from a backup, or remove {shm} to start with what the log still holds (the rest "
+        "is lost)")
+    assert digest(directory) == before
+    # Done as the message says: the blockers of the commits before the cut.
+    shm.unlink()
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        kept = await ids(c)
+    assert kept == [f"b{n}" for n in range(len(kept))]
+    assert len(kept) < 20
+
+
 async def test_a_state_dir_through_a_symlink_and_dot_dot_is_judged_where_it_leads(
     start_daemon: Start, tmp_path: Path
 ) -> None:

@@ -318,6 +318,93 @@ def test_log_without_its_database_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "state.db").exists()
 
 
+def killed_after_commits(directory: Path, groups: int) -> None:
+    """``directory`` as a SIGKILL leaves it after ``groups`` commits of a blocker each
+    (``b0``, ``b1``...): all in the log (folded back only at about 4 MiB), which
+    its index records."""
+    code = f"""
+        import os, signal
+        from pathlib import Path
+        from migblockd.state import BlockerRow, Put, Store
+        store = Store.open(Path({str(directory)!r}))
+        for i in range({groups}):
+            store.commit([Put(BlockerRow(f"b{{i}}", "r" * 300, ("normal",), False, None,
+                                         1.7e9, i))])
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+
+FRAME = 24 + 4096  # a frame of the log: its header, then a page
+
+
+def cut_log(cut: str, wal: Path, frames: int) -> tuple[int | None, str]:
+    """Cut ``wal`` as ``cut`` says; how many whole frames it keeps (None: no
+    header), and what the refusal says of it."""
+    if cut == "removed":
+        wal.unlink()
+        return None, "it is missing"
+    if cut == "empty":
+        os.truncate(wal, 0)
+        return None, "it is empty"
+    if cut == "in its header":
+        os.truncate(wal, 20)
+        return None, "its header is cut short"
+    if cut == "between frames":
+        os.truncate(wal, 32 + 5 * FRAME)
+        return 5, f"it holds 5 of the {frames} frames"
+    offset = random.Random(cut).randrange(32 + FRAME, 32 + frames * FRAME - 1)
+    os.truncate(wal, offset)  # "at random" (seeded): in a frame, or one byte short of it
+    kept = (offset - 32) // FRAME
+    return kept, f"it holds {kept} of the {frames} frames"
+
+
+@pytest.mark.parametrize("cut", ["removed", "empty", "in its header", "between frames",
+                                 "at random 1", "at random 2", "at random 3"])
+def test_a_log_cut_after_a_crash_is_refused_not_replayed_in_part(
+    tmp_path: Path, cut: str
+) -> None:
+    """After a crash the first connection rebuilds the log's index from the log,
+    up to where the log ends: before, a log cut short (or removed) by hand after
+    a SIGKILL silently took the blockers committed after the cut with it."""
+    directory, whole = tmp_path / "state", tmp_path / "whole"
+    killed_after_commits(directory, 20)
+    shutil.copytree(directory, whole)
+    assert [r.id for r in reopened(whole).blockers] == [f"b{i}" for i in range(20)]
+    wal, shm = directory / "state.db-wal", directory / "state.db-shm"
+    frames = (wal.stat().st_size - 32) // FRAME
+    assert frames >= 20  # a commit's frames, one at least
+    kept, why = cut_log(cut, wal, frames)
+    before = {p.name: p.read_bytes() for p in directory.iterdir() if p.name != "lock"}
+    with pytest.raises(StateError) as refused:
+        Store.open(directory)
+    assert str(refused.value) == (
+        f"{wal} has lost changes that its index {shm} records as committed ({why}), so "
+        "starting would drop blockers that were acknowledged; restore the state directory "
+        f"from a backup, or remove {shm} to start with what the log still holds (the rest "
+        "is lost)")
+    assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name != "lock"} == before
+    # What the message says to do works: without the index, SQLite rebuilds it
+    # from what the log still holds, and the blockers of the commits before the
+    # cut come back.
+    shm.unlink()
+    restored = [r.id for r in reopened(directory).blockers]
+    assert restored == [f"b{i}" for i in range(len(restored))]
+    assert len(restored) < 20
+    if kept is None:
+        assert restored == []
+
+
+def test_a_log_whose_index_is_gone_after_a_crash_is_replayed_whole(tmp_path: Path) -> None:
+    """The index tells nothing then: SQLite rebuilds it from the whole log."""
+    killed_after_commits(tmp_path, 20)
+    (tmp_path / "state.db-shm").unlink()
+    assert [r.id for r in reopened(tmp_path).blockers] == [f"b{i}" for i in range(20)]
+
+
 def test_database_of_another_program_is_refused(tmp_path: Path) -> None:
     other = sqlite3.connect(tmp_path / "state.db")
     other.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT)")

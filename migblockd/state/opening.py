@@ -26,6 +26,7 @@ from pathlib import Path
 
 from migblockd.state import schema
 from migblockd.state.errors import StateError, describe_open_error, one_line
+from migblockd.state.logcheck import check_log
 from migblockd.trust import named_uid, refusal
 
 __all__ = ["DATABASE_NAME", "check_and_open", "check_directory", "configure", "connect",
@@ -160,6 +161,9 @@ def _check_file(path: Path) -> bool:
     for each in (path, log_file, index_file):
         _check_companion(each, path)
     _check_header(path)
+    # Before SQLite opens it: the first connection after a crash rebuilds the
+    # index from the log, and what the index said the log held is gone.
+    check_log(log_file, index_file)
     return False
 
 

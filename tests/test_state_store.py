@@ -480,6 +480,22 @@ def test_a_new_database_is_made_whole_then_put_in_place(tmp_path: Path) -> None:
     assert reopened(tmp_path) == Snapshot(blockers=[], settings={})
 
 
+@pytest.mark.parametrize("name", ["state.db.new", "state.db.new-wal"])
+def test_what_is_in_the_way_of_a_new_database_is_named(tmp_path: Path, name: str) -> None:
+    """A new database is made under another name, and a file of that name is
+    taken for an attempt that did not finish; before, a directory there stopped
+    the start with a traceback."""
+    (tmp_path / name).mkdir()
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (f"cannot remove {tmp_path}/{name}, left by an earlier "
+                                  "start, to make it again: Is a directory; move it away")
+    assert (tmp_path / name).is_dir()
+    assert not (tmp_path / "state.db").exists()
+    (tmp_path / name).rmdir()
+    assert reopened(tmp_path) == Snapshot([], {})
+
+
 def test_a_database_the_directory_links_to_is_used(tmp_path: Path) -> None:
     """Only the directory's owner can put a link there (the directory check): a
     state.db that is a link to the real file opens as before."""
@@ -1153,6 +1169,17 @@ def test_older_format_is_migrated_forward_with_a_backup(
         f"{tmp_path}/state.db was written by a newer migblockd (format 2; this one reads up "
         f"to 1); upgrade migblockd, or go back to {tmp_path}/state.db.format-1, the copy the "
         "upgrade kept (changes made since are lost)")
+
+
+def test_what_is_in_the_way_of_the_copy_before_a_migration_is_named(tmp_path: Path) -> None:
+    filled(tmp_path, 2)
+    (tmp_path / "state.db.format-1").mkdir()
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path, migrations=(*MIGRATIONS, add_origin))
+    assert str(refused.value) == (f"cannot remove {tmp_path}/state.db.format-1, left by an "
+                                  "earlier start, to make it again: Is a directory; move it "
+                                  "away")
+    assert [r.id for r in reopened(tmp_path).blockers] == ["b0", "b1"]  # still format 1
 
 
 def test_failed_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:

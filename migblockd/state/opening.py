@@ -259,8 +259,8 @@ def _create(path: Path, migrations: Sequence[schema.Migration]) -> None:
     crash leaves either no ``state.db`` or a complete empty one, never a
     partial file that the next start would have to guess about.  Mode 0600."""
     new = path.with_name(path.name + ".new")
-    for stale in (new, *(new.with_name(new.name + s) for s in ("-journal", "-wal", "-shm"))):
-        stale.unlink(missing_ok=True)  # an earlier attempt that did not finish
+    # An earlier attempt that did not finish.
+    _remove_stale(new, *(new.with_name(new.name + s) for s in ("-journal", "-wal", "-shm")))
     try:
         os.close(os.open(new, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         conn = sqlite3.connect(new, isolation_level=None)
@@ -335,14 +335,25 @@ def _backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
     """Copy the database as it is before migrating it, for going back to an
     older migblockd (which cannot read the new format); the copy's path."""
     target = path.with_name(f"{path.name}.format-{version}")
-    for stale in (target, target.with_name(target.name + "-journal")):
-        stale.unlink(missing_ok=True)  # a copy from an earlier attempt: same format, older
+    # A copy from an earlier attempt: same format, older.
+    _remove_stale(target, target.with_name(target.name + "-journal"))
     copy = sqlite3.connect(target, isolation_level=None)
     try:
         conn.backup(copy)
     finally:
         copy.close()
     return target
+
+
+def _remove_stale(*paths: Path) -> None:
+    """Remove what an earlier start left half made; StateError for what is not
+    such a file (a directory of that name, say), which is not ours to remove."""
+    for stale in paths:
+        try:
+            stale.unlink(missing_ok=True)
+        except OSError as e:
+            raise StateError(f"cannot remove {stale}, left by an earlier start, to make it "
+                             f"again: {e.strerror}; move it away") from e
 
 
 def _sync_directory(directory: Path) -> None:

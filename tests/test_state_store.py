@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -674,11 +674,10 @@ def test_unreadable_database_is_refused(tmp_path: Path) -> None:
         "permissions, or choose another --state-dir")
 
 
-def test_a_database_copied_as_root_names_its_owner_and_the_chown(
-        request: pytest.FixtureRequest) -> None:
-    # docs/state.md's restore, done with cp as root: the directory is the daemon's
-    # user's, the copy root's (which the ownership rule allows), and the daemon's user
-    # cannot open it.  Run as nobody, with the package copied where nobody can read it.
+def open_error_as_nobody(request: pytest.FixtureRequest, prepare: Callable[[Path], None],
+                         ) -> tuple[Path, str | None]:
+    """The state directory ``prepare`` made (as root), opened as nobody, with the
+    package copied where nobody can read it; the directory, and the error."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run the daemon's side as another uid")
     shared = Path(tempfile.mkdtemp(prefix="migblockd-restore-", dir="/tmp"))
@@ -688,11 +687,7 @@ def test_a_database_copied_as_root_names_its_owner_and_the_chown(
     for place in (shared, shared / "code", *code.rglob("*")):
         place.chmod(0o755 if place.is_dir() else 0o644)
     directory = shared / "state"
-    filled(directory, 1)
-    for leftover in directory.iterdir():
-        if leftover.name != "state.db":
-            leftover.unlink()
-    os.chown(directory, NOBODY, NOBODY)
+    prepare(directory)
     proc = subprocess.run(
         ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
          client_python(), "-I", "-c",
@@ -700,11 +695,54 @@ def test_a_database_copied_as_root_names_its_owner_and_the_chown(
          + textwrap.dedent(OPEN_AND_REPORT).replace("sys.argv[1]", repr(str(directory)))],
         capture_output=True, text=True, timeout=60, cwd="/")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["error"] == (
+    error = json.loads(proc.stdout)["error"]
+    assert error is None or isinstance(error, str)
+    return directory, error
+
+
+def test_a_database_copied_as_root_names_its_owner_and_the_chown(
+        request: pytest.FixtureRequest) -> None:
+    # docs/state.md's restore, done with cp as root: the directory is the daemon's
+    # user's, the copy root's (which the ownership rule allows), and the daemon's user
+    # cannot open it.
+    def restored_with_cp(directory: Path) -> None:
+        filled(directory, 1)
+        for leftover in directory.iterdir():
+            if leftover.name != "state.db":
+                leftover.unlink()
+        os.chown(directory, NOBODY, NOBODY)
+
+    directory, error = open_error_as_nobody(request, restored_with_cp)
+    assert error == (
         f"cannot read and write {directory}/state.db: Permission denied (it belongs to uid 0 "
         f"(root), mode 0600, and this daemon runs as uid {NOBODY} (nobody): a copy made as "
         f"root belongs to root); chown nobody: {directory}/state.db, or choose another "
         "--state-dir")
+
+
+def test_a_lock_file_of_another_user_names_its_owner_and_the_chown(
+        request: pytest.FixtureRequest) -> None:
+    """A directory used as root, then given to the daemon's user without ``-R``:
+    the lock file is root's.  Before, the message said to make the directory
+    writable, which it was."""
+    def chowned_without_r(directory: Path) -> None:
+        filled(directory, 1)
+        os.chown(directory, NOBODY, NOBODY)
+
+    directory, error = open_error_as_nobody(request, chowned_without_r)
+    assert error == (
+        f"cannot open {directory}/lock: Permission denied (it belongs to uid 0 (root), mode "
+        f"0600, and this daemon runs as uid {NOBODY} (nobody)); chown nobody: "
+        f"{directory}/lock, or choose another --state-dir")
+
+
+def test_a_lock_file_this_user_may_not_write_names_the_chmod(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    filled(directory, 1)
+    (directory / "lock").chmod(0o400)
+    assert open_error(directory, unprivileged=True) == (
+        f"cannot open {directory}/lock: Permission denied (mode 0400); chmod u+rw "
+        f"{directory}/lock, or choose another --state-dir")
 
 
 def test_a_log_index_the_daemon_cannot_write_is_named(tmp_path: Path) -> None:

@@ -771,13 +771,14 @@ async def test_a_log_left_beside_a_link_to_the_database_stops_the_daemon(
         assert await ids(c) == ["kept"]
 
 
-@pytest.mark.parametrize("cut", ["at random", "removed"])
+@pytest.mark.parametrize("cut", ["at random", "removed", "a page damaged"])
 async def test_a_log_cut_after_a_kill_stops_the_daemon_rather_than_drop_blockers(
     start_daemon: Start, tmp_path: Path, cut: str
 ) -> None:
     """After a SIGKILL the next start rebuilds the log's index from the log, up
-    to where the log ends: before, a log cut short (or removed) meanwhile gave a
-    start that restored fewer blockers than were acknowledged, and said nothing."""
+    to where the log ends or a frame's checksum fails: before, a log cut short
+    (or removed, or damaged) meanwhile gave a start that restored fewer blockers
+    than were acknowledged, and said nothing."""
     directory = tmp_path / "state"
     daemon = start_daemon("--state-dir", str(directory))
     async with daemon.client() as c:
@@ -790,6 +791,13 @@ async def test_a_log_cut_after_a_kill_stops_the_daemon_rather_than_drop_blockers
     if cut == "removed":
         wal.unlink()
         why = "it is missing"
+    elif cut == "a page damaged":
+        with open(wal, "r+b") as f:  # a bit of the sixth frame's page flipped
+            f.seek(32 + 5 * frame + 24 + 100)
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 1]))
+        why = f"frame 6 of {frames} is damaged"
     else:
         offset = random.Random(5).randrange(32 + frame, 32 + frames * frame)
         os.truncate(wal, offset)

@@ -342,8 +342,8 @@ FRAME = 24 + 4096  # a frame of the log: its header, then a page
 
 
 def cut_log(cut: str, wal: Path, frames: int) -> tuple[int | None, str]:
-    """Cut ``wal`` as ``cut`` says; how many whole frames it keeps (None: no
-    header), and what the refusal says of it."""
+    """Cut (or damage) ``wal`` as ``cut`` says; how many whole frames it keeps
+    (None: no header), and what the refusal says of it."""
     if cut == "removed":
         wal.unlink()
         return None, "it is missing"
@@ -356,6 +356,13 @@ def cut_log(cut: str, wal: Path, frames: int) -> tuple[int | None, str]:
     if cut == "between frames":
         os.truncate(wal, 32 + 5 * FRAME)
         return 5, f"it holds 5 of the {frames} frames"
+    if cut == "a page damaged":
+        with open(wal, "r+b") as f:  # a bit of the sixth frame's page flipped
+            f.seek(32 + 5 * FRAME + 24 + 100)
+            byte = f.read(1)[0]
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte ^ 1]))
+        return 5, f"frame 6 of {frames} is damaged"
     offset = random.Random(cut).randrange(32 + FRAME, 32 + frames * FRAME - 1)
     os.truncate(wal, offset)  # "at random" (seeded): in a frame, or one byte short of it
     kept = (offset - 32) // FRAME
@@ -363,13 +370,15 @@ def cut_log(cut: str, wal: Path, frames: int) -> tuple[int | None, str]:
 
 
 @pytest.mark.parametrize("cut", ["removed", "empty", "in its header", "between frames",
-                                 "at random 1", "at random 2", "at random 3"])
+                                 "a page damaged", "at random 1", "at random 2",
+                                 "at random 3"])
 def test_a_log_cut_after_a_crash_is_refused_not_replayed_in_part(
     tmp_path: Path, cut: str
 ) -> None:
     """After a crash the first connection rebuilds the log's index from the log,
-    up to where the log ends: before, a log cut short (or removed) by hand after
-    a SIGKILL silently took the blockers committed after the cut with it."""
+    up to where the log ends or a frame's checksum fails: before, a log cut short
+    (or removed, or damaged) after a SIGKILL silently took the blockers committed
+    after that point with it."""
     directory, whole = tmp_path / "state", tmp_path / "whole"
     killed_after_commits(directory, 20)
     shutil.copytree(directory, whole)

@@ -11,9 +11,9 @@ the last committed frame, and how many frames were already copied into the
 database.  So before SQLite opens the file, the log must still hold every
 frame the index records, whole (the formats: https://sqlite.org/walformat.html
 and https://sqlite.org/fileformat2.html#walformat).  Checking each frame's
-checksum costs about 0.15 ms a page here, so up to about 0.15 s at a start
-after a crash (the log is folded back at 1000 pages); a clean stop leaves no
-index, and then nothing is read.
+checksum costs about 0.1 ms a page here, so about 0.1 s at a start after a
+crash with a full log (it is folded back at 1000 pages); a clean stop leaves
+no index, and then nothing is read.
 
 An index that cannot be read, whose two copies of the header differ or whose
 checksum fails tells nothing (SQLite ignores it too); so does one whose salts
@@ -45,8 +45,9 @@ _FRAME = struct.Struct(">II8sII")
 
 
 def check_log(log: Path, index: Path) -> None:
-    """Refuse (StateError) a log that lost frames its index records as committed
-    and not yet copied into the database."""
+    """Refuse (StateError) a log that no longer holds, whole, the frames its index
+    records as committed: SQLite would replay only those before the first one
+    missing.  (None of it left is fine when the database has every frame.)"""
     recorded = _recorded(index)
     if recorded is None:
         return

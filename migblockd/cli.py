@@ -98,6 +98,13 @@ def main(argv: Sequence[str] | None = None, hangups: list[int] | None = None) ->
     except ConfigError as exc:
         sys.exit(f"migblockd: {exc}")
     if check_only:
+        # Well formed is not enough: what would stop the start (an unknown
+        # socket-group, an unreadable schema) is an error here too.
+        from migblockd.preflight import problems  # noqa: PLC0415 - keeps --help fast
+
+        found = problems(config)
+        if found:
+            sys.exit("\n".join(f"migblockd: {why}" for _, why in found))
         print(checked(config, cli.get("config")))
         return
 

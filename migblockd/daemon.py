@@ -32,10 +32,9 @@ from migblockd.core import Core
 from migblockd.listen import Claim, StartupError, claim_socket
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
-from migblockd.qapi.error import QAPIError
+from migblockd.preflight import load_contract, socket_gid
 from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
-from migblockd.resolver import group_id
 from migblockd.server import Server
 from migblockd.state import StateError, Store, Unsettled
 from migblockd.systemd import ActivationError, Notifier, activated_listener
@@ -55,13 +54,7 @@ async def run(config: Config, cli: dict[str, Any], *,
     ``reload_asked()``: whether a SIGHUP came before the event loop handled
     it; the reload is done once the daemon is ready.
     """
-    try:
-        contract = Contract.load(config.schema)
-    except QAPIError as exc:
-        raise StartupError(f"bad schema: {exc}") from None
-    except OSError as exc:
-        where = f" {exc.filename}" if exc.filename else ""
-        raise StartupError(f"cannot read the schema{where}: {exc.strerror or exc}") from None
+    contract = load_contract(config.schema)
     # The socket before the state: a daemon that cannot serve (another one holds
     # the socket, systemd passed the wrong sockets) refuses before it creates or
     # restores a state directory.
@@ -88,13 +81,7 @@ async def run(config: Config, cli: dict[str, Any], *,
 
 def claim_own_socket(config: Config) -> Claim:
     """``--socket``'s directory made and its lock taken; a busy socket refused."""
-    gid = None
-    if config.socket_group is not None:
-        gid = group_id(config.socket_group)
-        if gid is None:
-            raise StartupError(f"--socket-group: there is no group named "
-                               f"{config.socket_group!r}")
-    return claim_socket(config.socket, config.socket_mode, gid)
+    return claim_socket(config.socket, config.socket_mode, socket_gid(config.socket_group))
 
 
 def open_state(config: Config, registry: Registry) -> Store | None:

@@ -66,6 +66,7 @@ from migblockd.config import HostPort
 from migblockd.listen import StartupError, bind_socket
 from migblockd.logs import shown
 from migblockd.pidlock import PidLock
+from migblockd.preflight import not_the_qmp_socket, resolve_tcp
 
 __all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_DEADLINE", "REQUEST_TIMEOUT", "MetricsApp",
            "MetricsServer", "gzip_wanted"]
@@ -379,9 +380,7 @@ class MetricsServer:
         """
         app = MetricsApp(registry, loop)
         if isinstance(address, Path):
-            if os.path.abspath(address) == os.path.abspath(qmp_socket):
-                raise StartupError(f"--metrics {address}: that is the QMP socket; metrics "
-                                   "need an address of their own")
+            not_the_qmp_socket(address, qmp_socket)
             bound = bind_socket(address, 0o600, option="--metrics")
             bound.sock.setblocking(True)
             return cls(bound.sock, f"http+unix://{address}", app, (address, bound.inode),
@@ -414,12 +413,7 @@ class MetricsServer:
 
 
 def _listen_tcp(address: HostPort) -> socket.socket:
-    try:
-        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise StartupError(f"--metrics {address}: {exc.strerror}") from None
-    family, kind, proto, _, sockaddr = infos[0]
+    family, kind, proto, _, sockaddr = resolve_tcp(address)
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -46,6 +46,7 @@ from migblockd.drain import drain
 from migblockd.ledger import Group
 from migblockd.listen import Claim, bind_claimed
 from migblockd.pidlock import PidLock
+from migblockd.preflight import problems
 from migblockd.qemu_facts import QemuUnavailable
 from migblockd.registry import Change
 from migblockd.reloading import plan
@@ -375,6 +376,15 @@ class Server:
             logging.getLogger().setLevel(self.config.logging_level)
             for level, line in reload.messages():
                 log.log(level, "%s", line)
+            # Not applied now, so not seen now: said before a restart finds out.  On a
+            # thread: resolving a metrics host name may wait for DNS.
+            found = await asyncio.to_thread(problems, fresh,
+                                            socket_passed=self.own_socket is None,
+                                            keys=reload.restart_only) \
+                if reload.restart_only else []
+            for key, why in found:
+                log.warning("reload: with %s as the file now sets it, the next start "
+                            "would fail: %s", key, why)
         await self.notifier.ready(self.status_line())
 
 

@@ -371,3 +371,52 @@ def test_check_config_gives_the_error_a_start_would(tmp_path: Path) -> None:
     assert (proc.returncode, proc.stdout) == (1, "")
     assert proc.stderr == f"migblockd: {path}: max-clients must be at least 1\n"
     assert check_config("--ephemeral").stdout.endswith("state in memory only (ephemeral)\n")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('socket-group = "no-such-group-here"\n',
+     "--socket-group: there is no group named 'no-such-group-here'"),
+    ('schema = "/nonexistent/migblockd.json"\n',
+     "cannot read the schema /nonexistent/migblockd.json: No such file or directory"),
+    ('metrics = "no-such-host.invalid:9715"\n', "--metrics no-such-host.invalid:9715: "),
+])
+def test_check_config_refuses_what_would_stop_the_start(tmp_path: Path, text: str,
+                                                         message: str) -> None:
+    # Reproduced first: each was "valid" to --check-config, and the start that
+    # followed exited 1 with this very line.
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    path.chmod(0o600)
+    args = ("--config", str(path), "--socket", str(tmp_path / "s.sock"), "--ephemeral")
+    proc = check_config(*args)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr.startswith(f"migblockd: {message}")
+    assert sorted(tmp_path.iterdir()) == [path]  # nothing was made
+    start = subprocess.run([sys.executable, "-m", "migblockd", *args],
+                           capture_output=True, text=True, timeout=30)
+    assert start.returncode == 1
+    assert f"ERROR: {proc.stderr.removeprefix('migblockd: ')}" in start.stderr
+
+
+async def test_a_reload_says_when_the_next_start_would_fail(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # A restart-only change is not applied, so not tried: without a word, the
+    # operator learnt of a mistyped group only when the next restart failed.
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(path), "--ephemeral")
+    path.write_text('log-level = "info"\nsocket-group = "no-such-group-here"\n')
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("WARNING: reload: socket-group changed, which only a restart applies")
+    d.wait_for_log("WARNING: reload: with socket-group as the file now sets it, the next "
+                   "start would fail: --socket-group: there is no group named "
+                   "'no-such-group-here'")
+    # One that would start says nothing more.
+    path.write_text('log-level = "info"\nsocket-group = "0"\n')
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(re.compile(r"socket-group changed[^\n]*\n[\s\S]*socket-group changed"))
+    async with d.client() as c:
+        await c.ok("query-version")
+    assert d.log().count("the next start would fail") == 1
+    assert d.stop() == 0

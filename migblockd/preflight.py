@@ -1,0 +1,102 @@
+"""What would stop a start, found without binding, creating or locking anything.
+
+A setting can be well formed and still stop the daemon at its start: a
+``socket-group`` that names no group, a ``schema`` that cannot be read, a
+``metrics`` host that does not resolve.  ``--check-config`` must not call such
+settings valid, and a reload, which applies none of them, must not let the
+operator learn of them only when the next restart fails: :func:`problems`
+finds them, with the very functions the start-up uses (:func:`load_contract`,
+:func:`socket_gid`, :func:`resolve_tcp`), so both say what the start would.
+
+What only binding can tell (a port or a path in use, a directory that cannot
+be made) is left to the start: checked while a daemon runs, the daemon's own
+socket would look taken.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+from migblockd.config import Config, HostPort
+from migblockd.contract import Contract
+from migblockd.listen import StartupError
+from migblockd.qapi.error import QAPIError
+from migblockd.resolver import group_id
+
+__all__ = ["load_contract", "not_the_qmp_socket", "problems", "resolve_tcp", "socket_gid"]
+
+
+def load_contract(path: Path | None) -> Contract:
+    """The schema ``--schema`` names (None: the installed one); StartupError when it cannot."""
+    try:
+        return Contract.load(path)
+    except QAPIError as exc:
+        raise StartupError(f"bad schema: {exc}") from None
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        raise StartupError(f"cannot read the schema{where}: {exc.strerror or exc}") from None
+
+
+def socket_gid(group: str | None) -> int | None:
+    """``--socket-group`` as a gid (None: not given); StartupError when no group has that name."""
+    if group is None:
+        return None
+    gid = group_id(group)
+    if gid is None:
+        raise StartupError(f"--socket-group: there is no group named {group!r}")
+    return gid
+
+
+def resolve_tcp(address: HostPort) -> tuple[Any, ...]:
+    """``getaddrinfo``'s first answer for a TCP ``--metrics`` address; StartupError when none."""
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"--metrics {address}: {exc.strerror}") from None
+    return infos[0]
+
+
+def not_the_qmp_socket(address: Path, qmp_socket: Path) -> None:
+    """StartupError when a Unix ``--metrics`` address is the QMP socket's path."""
+    if os.path.abspath(address) == os.path.abspath(qmp_socket):
+        raise StartupError(f"--metrics {address}: that is the QMP socket; metrics need an "
+                           "address of their own")
+
+
+def problems(config: Config, *, socket_passed: bool = False,
+             keys: Collection[str] | None = None) -> list[tuple[str, str]]:
+    """(key, why) for each setting that would stop a start with ``config``.
+
+    ``socket_passed``: systemd passes the socket, so ``socket-group`` is the
+    socket unit's and not used.  ``keys``: check only these settings (keys as
+    in the file, ``socket-group``); all by default.
+    """
+    def wanted(key: str) -> bool:
+        return keys is None or key in keys
+
+    found: list[tuple[str, str]] = []
+    checks: list[tuple[str, Callable[[], object]]] = [
+        ("schema", lambda: load_contract(config.schema)),
+        ("socket-group", lambda: None if socket_passed else socket_gid(config.socket_group)),
+        ("metrics", lambda: _metrics(config, socket_passed)),
+    ]
+    for key, check in checks:
+        if wanted(key):
+            try:
+                check()
+            except StartupError as exc:
+                found.append((key, str(exc)))
+    return found
+
+
+def _metrics(config: Config, socket_passed: bool) -> None:
+    address = config.metrics
+    if isinstance(address, HostPort):
+        resolve_tcp(address)
+    elif address is not None and not socket_passed:  # a passed socket's path is systemd's
+        not_the_qmp_socket(address, config.socket)

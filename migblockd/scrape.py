@@ -110,7 +110,7 @@ class MetricsApp:
         self._lock = threading.Lock()
         self._ready = 0.0  # time.monotonic() from which the next answer may start
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
         if method not in ("GET", "HEAD"):
             return _plain(start_response, "405 Method Not Allowed", "use GET",
@@ -120,7 +120,10 @@ class MetricsApp:
             # HTTP's general-purpose servers take HEAD (RFC 9110, 9.1): an uptime
             # probe's.  Its headers without building the body, which costs the loop.
             start_response("200 OK", [("Content-Type", content_type)])
-            return []
+            # Not [], for which wsgiref says "Content-Length: 0": a HEAD answer must
+            # not give a length other than the GET's (RFC 9110, 8.6), and that one is
+            # not known without the build.  wsgiref gives none for an iterator.
+            return iter([b""])
         names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
         source: Collector = self.registry if names is None else _Only(self.registry, names)
         try:

@@ -273,6 +273,8 @@ async def test_tcp_on_a_port_the_kernel_picks(
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200 OK\r\n"), answer
     assert b"\r\nContent-Type: text/plain; version=0.0.4" in head, answer
+    # No length rather than a wrong one (RFC 9110, 8.6: the GET's, or none).
+    assert b"Content-Length" not in head, answer
     assert rest == b"", answer
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         raw.sendall(b"GET / what HTTP/1.1\r\n\r\n")

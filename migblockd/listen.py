@@ -32,8 +32,8 @@ from migblockd.resolver import who
 from migblockd.trust import refusal
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "StartupError",
-           "bind_claimed", "bind_socket", "check_socket_directory", "claim_socket",
-           "make_socket_dir"]
+           "bind_claimed", "bind_socket", "check_socket_directory", "check_socket_path",
+           "claim_socket", "make_socket_dir"]
 
 log = logging.getLogger("migblockd")
 
@@ -85,12 +85,9 @@ def claim_socket(path: Path, mode: int, group: int | None = None, *,
     second daemon started on a busy socket refuses before it creates (or
     restores) anything.  Only the socket's directory and lock file are made.
     """
-    size = len(os.fsencode(path))
-    if size > UNIX_PATH_MAX:
-        raise StartupError(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
-                           f"the limit is {UNIX_PATH_MAX})")
+    check_socket_path(path)
     make_socket_dir(path.parent, mode, group)
-    check_socket_directory(path.parent)
+    check_socket_directory(path.parent, option)
     lock = lock_socket(path, option)
     try:
         # What is at the path is refused now too; _bind() looks again, as
@@ -116,6 +113,21 @@ def bind_claimed(claim: Claim) -> Listening:
         claim.lock.release()
         raise
     return Listening(sock, inode, claim.lock)
+
+
+def check_socket_path(path: Path) -> None:
+    """StartupError when no socket can be bound at ``path``: too long for AF_UNIX,
+    or something other than a socket there (never replaced)."""
+    size = len(os.fsencode(path))
+    if size > UNIX_PATH_MAX:
+        raise StartupError(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
+                           f"the limit is {UNIX_PATH_MAX})")
+    try:
+        st = os.lstat(path)
+    except OSError:  # nothing there, or nothing to see yet: binding will tell
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
 
 
 def _stale(path: Path, option: str) -> bool:
@@ -244,11 +256,11 @@ def _answers(path: Path) -> bool:
 # --------------------------------------------------------------------------- the directory
 
 
-def check_socket_directory(directory: Path) -> None:
+def check_socket_directory(directory: Path, option: str = "--socket") -> None:
     """Refuse a socket directory that anyone but this user and root could change
-    (:mod:`migblockd.trust` has the rule)."""
+    (:mod:`migblockd.trust` has the rule); ``option`` named the socket."""
     try:
-        why = refusal(directory, kind="socket directory", asset="the socket", option="--socket")
+        why = refusal(directory, kind="socket directory", asset="the socket", option=option)
     except OSError as exc:
         raise StartupError(f"cannot check socket directory {directory}: "
                            f"{exc.filename}: {exc.strerror}") from None

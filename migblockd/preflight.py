@@ -2,11 +2,15 @@
 
 A setting can be well formed and still stop the daemon at its start: a
 ``socket-group`` that names no group, a ``schema`` that cannot be read, a
-``metrics`` host that does not resolve.  ``--check-config`` must not call such
-settings valid, and a reload, which applies none of them, must not let the
-operator learn of them only when the next restart fails: :func:`problems`
-finds them, with the very functions the start-up uses (:func:`load_contract`,
-:func:`socket_gid`, :func:`resolve_tcp`), so both say what the start would.
+``metrics`` host that does not resolve, a socket path too long for AF_UNIX,
+taken by a file that is not a socket, or in a directory others may change, a
+``state-dir`` that is not a directory or that others may change.
+``--check-config`` must not call such settings valid, and a reload, which
+applies none of them, must not let the operator learn of them only when the
+next restart fails: :func:`problems` finds them with the very functions the
+start-up uses (:func:`load_contract`, :func:`socket_gid`, :func:`resolve_tcp`,
+``listen.check_socket_path`` and ``check_socket_directory``,
+``state.opening.check_existing_directory``), so both say what the start would.
 
 What only binding can tell (a port or a path in use, a directory that cannot
 be made) is left to the start: checked while a daemon runs, the daemon's own
@@ -23,9 +27,12 @@ from typing import Any
 
 from migblockd.config import Config, HostPort
 from migblockd.contract import Contract
-from migblockd.listen import StartupError
+from migblockd.listen import StartupError, check_socket_directory, check_socket_path
 from migblockd.qapi.error import QAPIError
 from migblockd.resolver import group_id
+from migblockd.state import StateError
+from migblockd.state.opening import check_existing_directory
+from migblockd.trust import distrust
 
 __all__ = ["load_contract", "not_the_qmp_socket", "problems", "resolve_tcp", "socket_gid"]
 
@@ -68,13 +75,14 @@ def not_the_qmp_socket(address: Path, qmp_socket: Path) -> None:
                            "address of their own")
 
 
-def problems(config: Config, *, socket_passed: bool = False,
+def problems(config: Config, *, socket_passed: bool = False, as_daemon: bool = False,
              keys: Collection[str] | None = None) -> list[tuple[str, str]]:
     """(key, why) for each setting that would stop a start with ``config``.
 
     ``socket_passed``: systemd passes the socket, so ``socket-group`` is the
-    socket unit's and not used.  ``keys``: check only these settings (keys as
-    in the file, ``socket-group``); all by default.
+    socket unit's and not used.  ``as_daemon``: this process is the daemon (a
+    reload), whose user the trust rule is about.  ``keys``: check only these
+    settings (keys as in the file, ``socket-group``); all by default.
     """
     def wanted(key: str) -> bool:
         return keys is None or key in keys
@@ -82,21 +90,56 @@ def problems(config: Config, *, socket_passed: bool = False,
     found: list[tuple[str, str]] = []
     checks: list[tuple[str, Callable[[], object]]] = [
         ("schema", lambda: load_contract(config.schema)),
+        ("socket", lambda: None if socket_passed
+         else _socket_at(config.socket, "--socket", as_daemon)),
         ("socket-group", lambda: None if socket_passed else socket_gid(config.socket_group)),
-        ("metrics", lambda: _metrics(config, socket_passed)),
+        ("metrics", lambda: _metrics(config, socket_passed, as_daemon)),
+        ("state-dir", lambda: None if config.ephemeral or config.state_dir is None
+         else check_existing_directory(config.state_dir,
+                                       trust=_judgeable(config.state_dir, as_daemon))),
     ]
     for key, check in checks:
         if wanted(key):
             try:
                 check()
-            except StartupError as exc:
+            except (StartupError, StateError) as exc:
                 found.append((key, str(exc)))
+            except OSError as exc:  # a directory on the way this user may not search
+                found.append((key, f"cannot examine {exc.filename or key}: "
+                                   f"{exc.strerror or exc}"))
     return found
 
 
-def _metrics(config: Config, socket_passed: bool) -> None:
+def _metrics(config: Config, socket_passed: bool, as_daemon: bool) -> None:
     address = config.metrics
     if isinstance(address, HostPort):
         resolve_tcp(address)
-    elif address is not None and not socket_passed:  # a passed socket's path is systemd's
-        not_the_qmp_socket(address, config.socket)
+    elif address is not None:
+        _socket_at(address, "--metrics", as_daemon)
+        if not socket_passed:  # a passed socket's path is the socket unit's
+            not_the_qmp_socket(address, config.socket)
+
+
+def _socket_at(path: Path, option: str, as_daemon: bool) -> None:
+    check_socket_path(path)
+    # One still to be made is the start's to judge.
+    if path.parent.is_dir() and _judgeable(path.parent, as_daemon):
+        check_socket_directory(path.parent, option)
+
+
+def _judgeable(directory: Path, as_daemon: bool) -> bool:
+    """Whether this process can apply the trust rule (:mod:`migblockd.trust`) to
+    ``directory`` as the daemon would.
+
+    The rule trusts root and the daemon's own user.  Root, checking the file for
+    a daemon that runs as its own user (``--check-config`` under the units), does
+    not know that user: a directory owned by another uid may well be the
+    daemon's (``/var/lib/migblockd``), so it is left to the start, not refused.
+    """
+    if as_daemon or os.geteuid() != 0:
+        return True
+    try:
+        found = distrust(directory)
+    except OSError:
+        return True  # the check itself says what it could not examine
+    return found is None or found.owner is None

@@ -380,7 +380,7 @@ class Server:
             # thread: resolving a metrics host name may wait for DNS.
             found = await asyncio.to_thread(problems, fresh,
                                             socket_passed=self.own_socket is None,
-                                            keys=reload.restart_only) \
+                                            as_daemon=True, keys=reload.restart_only) \
                 if reload.restart_only else []
             for key, why in found:
                 log.warning("reload: with %s as the file now sets it, the next start "

@@ -398,6 +398,110 @@ def test_check_config_refuses_what_would_stop_the_start(tmp_path: Path, text: st
     assert f"ERROR: {proc.stderr.removeprefix('migblockd: ')}" in start.stderr
 
 
+@pytest.mark.parametrize("setting", ["socket", "metrics"])
+def test_check_config_refuses_a_socket_path_a_start_could_not_bind(tmp_path: Path,
+                                                                   setting: str) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("not a socket\n")
+    path = tmp_path / "m.toml"
+    path.write_text(f'{setting} = "{taken}"\n')
+    path.chmod(0o600)
+    # The QMP socket elsewhere when the metrics' is the one checked.
+    others = [] if setting == "socket" else ["--socket", str(tmp_path / "s")]
+    proc = check_config("--config", str(path), "--ephemeral", *others)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == f"migblockd: {taken} exists and is not a socket; refusing to replace it\n"
+    long = tmp_path / ("x" * 120)
+    proc = check_config("--ephemeral", *others, f"--{setting}", str(long))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"migblockd: cannot bind {long}: AF_UNIX path too long")
+    assert taken.read_text() == "not a socket\n"
+
+
+@pytest.mark.parametrize("setting", ["socket", "metrics"])
+def test_check_config_refuses_a_socket_directory_others_may_change(tmp_path: Path,
+                                                                   setting: str) -> None:
+    # The start refused it ("... or choose another --socket", for --metrics too);
+    # --check-config called it valid.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    others = [] if setting == "socket" else ["--socket", str(tmp_path / "s")]
+    args = ["--ephemeral", *others, f"--{setting}", str(shared / "x.sock")]
+    proc = check_config(*args)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr == (f"migblockd: refusing to serve from {shared}: socket directory "
+                           f"{shared} is writable by others (mode 0777), so they could "
+                           f"replace the socket; chmod go-w {shared}, or choose another "
+                           f"--{setting}\n")
+    start = subprocess.run([sys.executable, "-m", "migblockd", *args],
+                           capture_output=True, text=True, timeout=30)
+    assert start.returncode == 1
+    assert f"ERROR: {proc.stderr.removeprefix('migblockd: ')}" in start.stderr
+
+
+@pytest.mark.parametrize("kind", ["file", "shared"])
+def test_check_config_refuses_a_state_directory_the_start_would(tmp_path: Path,
+                                                                kind: str) -> None:
+    state = tmp_path / "state"
+    if kind == "file":
+        state.write_text("")
+        message = (f"state directory {state} is not a directory; move it away, or choose "
+                   "another --state-dir")
+    else:
+        state.mkdir()
+        state.chmod(0o777)
+        message = (f"refusing to keep state in {state}: state directory {state} is "
+                   "writable by others (mode 0777), so they could replace the database; "
+                   f"chmod go-w {state}, or choose another --state-dir")
+    args = ["--socket", str(tmp_path / "s.sock"), "--state-dir", str(state)]
+    proc = check_config(*args)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+    assert sorted(tmp_path.iterdir()) == [state]  # nothing made, nothing locked
+    start = subprocess.run([sys.executable, "-m", "migblockd", *args],
+                           capture_output=True, text=True, timeout=30)
+    assert start.returncode == 1
+    assert f"ERROR: {message}\n" in start.stderr
+    # Ephemeral, the directory is not used, so nothing to refuse.
+    assert check_config(*args, "--ephemeral").returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root checks for a daemon of another uid")
+def test_check_config_as_root_takes_the_daemon_users_own_directories(short_tmp: Path) -> None:
+    # As service.md has it: root checks the file of a daemon that runs as its own
+    # user, whose state directory that user owns (0700).  The trust rule judges
+    # it for the daemon's user, whom root does not know: valid, not refused.
+    short_tmp.chmod(0o755)
+    state, run = short_tmp / "state", short_tmp / "run"
+    for directory in (state, run):
+        directory.mkdir(mode=0o700)
+        os.chown(directory, 65534, 65534)
+    args = ["--socket", str(run / "q.sock"), "--state-dir", str(state)]
+    assert check_config(*args).returncode == 0
+    # The daemon's user itself gets the same answer, and so does its start.
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    proc = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--check-config",
+                           *args], capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    # Root's own directory, which others may write, is refused.
+    os.chown(state, 0, 0)
+    state.chmod(0o777)
+    assert "writable by others (mode 0777)" in check_config(*args).stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a directory this uid cannot search")
+def test_check_config_says_what_it_cannot_examine(tmp_path: Path) -> None:
+    # tmp_path's parents are root's, 0700: nobody can look in them, nor start there.
+    args = ["--socket", str(tmp_path / "q.sock"), "--state-dir", str(tmp_path / "state")]
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           sys.executable, "-m", "migblockd", "--check-config", *args],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("migblockd: cannot examine /tmp/"), proc.stderr
+    assert "Permission denied" in proc.stderr
+
+
 async def test_a_reload_says_when_the_next_start_would_fail(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

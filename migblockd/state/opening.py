@@ -29,8 +29,8 @@ from migblockd.state.errors import StateError, describe_open_error, one_line
 from migblockd.state.logcheck import check_log
 from migblockd.trust import named_uid, refusal
 
-__all__ = ["DATABASE_NAME", "check_and_open", "check_directory", "configure", "connect",
-           "make_directory"]
+__all__ = ["DATABASE_NAME", "check_and_open", "check_directory", "check_existing_directory",
+           "configure", "connect", "make_directory"]
 
 log = logging.getLogger("migblockd")
 
@@ -50,16 +50,34 @@ def make_directory(directory: Path) -> None:
             missing.mkdir(mode=0o700, exist_ok=True)
         directory.mkdir(mode=0o700, exist_ok=True)
     except FileExistsError as e:  # exists, and is not a directory
-        if directory.name == DATABASE_NAME and directory.is_file():
-            # The database given for its directory: moving it away would lose it.
-            raise StateError(f"state directory {directory} is a file, the database itself; "
-                             f"--state-dir names the directory that holds it "
-                             f"({directory.parent})") from e
-        raise StateError(f"state directory {directory} is not a directory; "
-                         "move it away, or choose another --state-dir") from e
+        raise _not_a_directory(directory) from e
     except OSError as e:
         raise StateError(f"cannot create state directory {directory}: {e.strerror}; "
                          "create it, or choose another --state-dir") from e
+
+
+def _not_a_directory(directory: Path) -> StateError:
+    if directory.name == DATABASE_NAME and directory.is_file():
+        # The database given for its directory: moving it away would lose it.
+        return StateError(f"state directory {directory} is a file, the database itself; "
+                          f"--state-dir names the directory that holds it "
+                          f"({directory.parent})")
+    return StateError(f"state directory {directory} is not a directory; "
+                      "move it away, or choose another --state-dir")
+
+
+def check_existing_directory(directory: Path, *, trust: bool = True) -> None:
+    """What :func:`make_directory` and :func:`check_directory` (unless not ``trust``)
+    would refuse in a directory that is already there, found without making,
+    locking or opening anything (``--check-config``); one still to be made is the
+    start's to judge."""
+    directory = Path(directory).absolute()
+    if not os.path.lexists(directory):
+        return
+    if not directory.is_dir():
+        raise _not_a_directory(directory)
+    if trust:
+        check_directory(directory)
 
 
 def check_directory(directory: Path) -> None:

@@ -10,7 +10,7 @@ applies none of them, must not let the operator learn of them only when the
 next restart fails: :func:`problems` finds them with the very functions the
 start-up uses (:func:`load_contract`, :func:`socket_gid`, :func:`resolve_tcp`,
 ``listen.check_socket_path`` and ``check_socket_directory``,
-``state.opening.check_existing_directory``), so both say what the start would.
+``state.directory.check_existing_directory``), so both say what the start would.
 
 What only binding can tell (a port or a path in use, a directory that cannot
 be made) is left to the start: checked while a daemon runs, the daemon's own
@@ -31,7 +31,7 @@ from migblockd.listen import StartupError, check_socket_directory, check_socket_
 from migblockd.qapi.error import QAPIError
 from migblockd.resolver import group_id
 from migblockd.state import StateError
-from migblockd.state.opening import check_existing_directory
+from migblockd.state.directory import check_existing_directory
 from migblockd.trust import distrust
 
 __all__ = ["load_contract", "not_the_qmp_socket", "problems", "resolve_tcp", "socket_gid"]

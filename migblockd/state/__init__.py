@@ -8,8 +8,8 @@ recovers from a commit that failed.  Pure storage: no asyncio and no
 registry rules (the core decides what to store).
 """
 
+from migblockd.state.directory import DATABASE_NAME
 from migblockd.state.errors import StateError, Unsettled
-from migblockd.state.opening import DATABASE_NAME
 from migblockd.state.records import BlockerRow, Change, Delete, Put, Setting, Snapshot
 from migblockd.state.store import Store
 

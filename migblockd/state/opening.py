@@ -1,11 +1,11 @@
-"""Opening the state directory and its database, before the store takes them.
+"""Opening the state database, before the store takes it.
 
-The directory is made 0700 when missing and held to sshd's StrictModes, as
-are the directory ``state.db`` links to and the database, its log and the
-log's index.  Then the file is checked before anything is written to it: it
-must be ours (``application_id``), of a format this version reads
-(``user_version``), and pass ``PRAGMA quick_check``.  A new database is made
-whole under another name and then renamed; an older one is copied to
+The database, its log and the log's index are held to sshd's StrictModes, as
+their directory is (:mod:`migblockd.state.directory`).  Then the file is
+checked before anything is written to it: it must be ours
+(``application_id``), of a format this version reads (``user_version``), and
+pass ``PRAGMA quick_check``.  A new database is made whole under another name
+and then renamed; an older one is copied to
 ``state.db.format-N`` and migrated in one transaction.  Bad state stops the
 daemon with a :class:`StateError`; it is never replaced.
 
@@ -27,93 +27,17 @@ from pathlib import Path
 from migblockd.state import schema
 from migblockd.state.errors import StateError, describe_open_error, one_line
 from migblockd.state.logcheck import check_log
-from migblockd.trust import named_uid, refusal
+from migblockd.trust import named_uid
 
-__all__ = ["DATABASE_NAME", "check_and_open", "check_directory", "check_existing_directory",
-           "configure", "connect", "make_directory"]
+__all__ = ["check_and_open", "configure", "connect"]
 
 log = logging.getLogger("migblockd")
 
-DATABASE_NAME = "state.db"
 # How long a statement waits for another program holding the database (an
 # operator's sqlite3 shell) before failing with "database is locked".
 _BUSY_TIMEOUT = 5.0
 # The first bytes of every SQLite database file (its file format's header string).
 _SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def make_directory(directory: Path) -> None:
-    try:
-        # Missing parents are made 0700 too: with mkdir's own, the umask's mode
-        # (0775 under umask 002) would fail the directory check that follows.
-        for missing in reversed([d for d in directory.parents if not d.exists()]):
-            missing.mkdir(mode=0o700, exist_ok=True)
-        directory.mkdir(mode=0o700, exist_ok=True)
-    except FileExistsError as e:  # exists, and is not a directory
-        raise _not_a_directory(directory) from e
-    except OSError as e:
-        raise StateError(f"cannot create state directory {directory}: {e.strerror}; "
-                         "create it, or choose another --state-dir") from e
-
-
-def _not_a_directory(directory: Path) -> StateError:
-    if directory.name == DATABASE_NAME and directory.is_file():
-        # The database given for its directory: moving it away would lose it.
-        return StateError(f"state directory {directory} is a file, the database itself; "
-                          f"--state-dir names the directory that holds it "
-                          f"({directory.parent})")
-    return StateError(f"state directory {directory} is not a directory; "
-                      "move it away, or choose another --state-dir")
-
-
-def check_existing_directory(directory: Path, *, trust: bool = True) -> None:
-    """What :func:`make_directory` and :func:`check_directory` (unless not ``trust``)
-    would refuse in a directory that is already there, found without making,
-    locking or opening anything (``--check-config``); one still to be made is the
-    start's to judge."""
-    directory = Path(directory).absolute()
-    if not os.path.lexists(directory):
-        return
-    if not directory.is_dir():
-        raise _not_a_directory(directory)
-    if trust:
-        check_directory(directory)
-
-
-def check_directory(directory: Path) -> None:
-    """Refuse a directory that anyone but this user and root could change: they
-    could swap the database that the next start restores.  The same for the
-    directory that ``state.db`` links to, if it is a link: SQLite keeps the
-    database's log and index beside the file the link leads to."""
-    _check_trusted(directory, directory, "state directory")
-    database = directory / DATABASE_NAME
-    try:
-        linked = database.is_symlink()
-    except OSError as e:  # a directory this user may not search (mode 0 or 0600)
-        raise StateError(f"cannot look in state directory {directory}: {e.strerror}; "
-                         f"chmod u+rwx {directory}, or choose another --state-dir") from None
-    if not linked:
-        return
-    try:
-        database.stat()
-    except (FileNotFoundError, NotADirectoryError):
-        return  # nothing there: _check_file says so, naming the link
-    except OSError as e:  # a directory on the way this user may not search, a loop
-        raise StateError(f"cannot reach {database}, a symbolic link to "
-                         f"{os.readlink(database)}: {e.strerror}; make where it leads "
-                         "reachable by this user, or choose another --state-dir") from None
-    target = Path(os.path.realpath(database)).parent
-    _check_trusted(directory, target, f"the directory of {DATABASE_NAME}'s target")
-
-
-def _check_trusted(directory: Path, place: Path, kind: str) -> None:
-    try:
-        why = refusal(place, kind=kind, asset="the database", option="--state-dir")
-    except OSError as e:
-        raise StateError(f"cannot check state directory {directory}: "
-                         f"{e.filename}: {e.strerror}") from None
-    if why is not None:
-        raise StateError(f"refusing to keep state in {directory}: {why}")
 
 
 def connect(path: Path) -> sqlite3.Connection:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from migblockd.pidlock import PidLock
 from migblockd.state import schema
+from migblockd.state.directory import DATABASE_NAME, check_directory, make_directory
 from migblockd.state.errors import (
     StateError,
     Unsettled,
@@ -43,14 +44,7 @@ from migblockd.state.errors import (
     one_line,
 )
 from migblockd.state.lock import lock_directory
-from migblockd.state.opening import (
-    DATABASE_NAME,
-    check_and_open,
-    check_directory,
-    configure,
-    connect,
-    make_directory,
-)
+from migblockd.state.opening import check_and_open, configure, connect
 from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
 
 __all__ = ["Store"]

@@ -1,0 +1,93 @@
+"""The state directory: made 0700 when missing, and held to sshd's StrictModes.
+
+The directory, and the directory ``state.db`` links to if it is a link, must
+be changeable by nobody but this user and root: anyone else could swap the
+database that the next start restores.  The database file itself is checked
+when it is opened (:mod:`migblockd.state.opening`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from migblockd.state.errors import StateError
+from migblockd.trust import refusal
+
+__all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory", "make_directory"]
+
+DATABASE_NAME = "state.db"
+
+
+def make_directory(directory: Path) -> None:
+    try:
+        # Missing parents are made 0700 too: with mkdir's own, the umask's mode
+        # (0775 under umask 002) would fail the directory check that follows.
+        for missing in reversed([d for d in directory.parents if not d.exists()]):
+            missing.mkdir(mode=0o700, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+    except FileExistsError as e:  # exists, and is not a directory
+        raise _not_a_directory(directory) from e
+    except OSError as e:
+        raise StateError(f"cannot create state directory {directory}: {e.strerror}; "
+                         "create it, or choose another --state-dir") from e
+
+
+def _not_a_directory(directory: Path) -> StateError:
+    if directory.name == DATABASE_NAME and directory.is_file():
+        # The database given for its directory: moving it away would lose it.
+        return StateError(f"state directory {directory} is a file, the database itself; "
+                          f"--state-dir names the directory that holds it "
+                          f"({directory.parent})")
+    return StateError(f"state directory {directory} is not a directory; "
+                      "move it away, or choose another --state-dir")
+
+
+def check_existing_directory(directory: Path, *, trust: bool = True) -> None:
+    """What :func:`make_directory` and :func:`check_directory` (unless not ``trust``)
+    would refuse in a directory that is already there, found without making,
+    locking or opening anything (``--check-config``); one still to be made is the
+    start's to judge."""
+    directory = Path(directory).absolute()
+    if not os.path.lexists(directory):
+        return
+    if not directory.is_dir():
+        raise _not_a_directory(directory)
+    if trust:
+        check_directory(directory)
+
+
+def check_directory(directory: Path) -> None:
+    """Refuse a directory that anyone but this user and root could change: they
+    could swap the database that the next start restores.  The same for the
+    directory that ``state.db`` links to, if it is a link: SQLite keeps the
+    database's log and index beside the file the link leads to."""
+    _check_trusted(directory, directory, "state directory")
+    database = directory / DATABASE_NAME
+    try:
+        linked = database.is_symlink()
+    except OSError as e:  # a directory this user may not search (mode 0 or 0600)
+        raise StateError(f"cannot look in state directory {directory}: {e.strerror}; "
+                         f"chmod u+rwx {directory}, or choose another --state-dir") from None
+    if not linked:
+        return
+    try:
+        database.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return  # nothing there: _check_file says so, naming the link
+    except OSError as e:  # a directory on the way this user may not search, a loop
+        raise StateError(f"cannot reach {database}, a symbolic link to "
+                         f"{os.readlink(database)}: {e.strerror}; make where it leads "
+                         "reachable by this user, or choose another --state-dir") from None
+    target = Path(os.path.realpath(database)).parent
+    _check_trusted(directory, target, f"the directory of {DATABASE_NAME}'s target")
+
+
+def _check_trusted(directory: Path, place: Path, kind: str) -> None:
+    try:
+        why = refusal(place, kind=kind, asset="the database", option="--state-dir")
+    except OSError as e:
+        raise StateError(f"cannot check state directory {directory}: "
+                         f"{e.filename}: {e.strerror}") from None
+    if why is not None:
+        raise StateError(f"refusing to keep state in {directory}: {why}")

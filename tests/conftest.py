@@ -179,6 +179,16 @@ def assert_clean_log(daemon: DaemonProcess) -> None:
         assert marker not in log, f"{marker!r} in the daemon log:\n{log[-5000:]}"
 
 
+def flip_bit(path: Path, offset: int) -> None:
+    """Flip the lowest bit of the byte at ``offset`` in ``path``: damage a
+    checksummed page without changing the file's size."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 1]))
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A fresh directory under /tmp: AF_UNIX paths are limited to 107 bytes, and

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, DaemonProcess, assert_clean_log, owner_info
+from conftest import ROOT, DaemonProcess, assert_clean_log, flip_bit, owner_info
 from otheruids import bare_uid
 from qmpclient import RawClient
 
@@ -792,11 +792,7 @@ async def test_a_log_cut_after_a_kill_stops_the_daemon_rather_than_drop_blockers
         wal.unlink()
         why = "it is missing"
     elif cut == "a page damaged":
-        with open(wal, "r+b") as f:  # a bit of the sixth frame's page flipped
-            f.seek(32 + 5 * frame + 24 + 100)
-            byte = f.read(1)[0]
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte ^ 1]))
+        flip_bit(wal, 32 + 5 * frame + 24 + 100)  # in the sixth frame's page
         why = f"frame 6 of {frames} is damaged"
     else:
         offset = random.Random(5).randrange(32 + frame, 32 + frames * frame)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, flip_bit
 from otheruids import bare_uid, client_python
 
 from migblockd.paths import default_state_dir
@@ -357,11 +357,7 @@ def cut_log(cut: str, wal: Path, frames: int) -> tuple[int | None, str]:
         os.truncate(wal, 32 + 5 * FRAME)
         return 5, f"it holds 5 of the {frames} frames"
     if cut == "a page damaged":
-        with open(wal, "r+b") as f:  # a bit of the sixth frame's page flipped
-            f.seek(32 + 5 * FRAME + 24 + 100)
-            byte = f.read(1)[0]
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte ^ 1]))
+        flip_bit(wal, 32 + 5 * FRAME + 24 + 100)  # in the sixth frame's page
         return 5, f"frame 6 of {frames} is damaged"
     offset = random.Random(cut).randrange(32 + FRAME, 32 + frames * FRAME - 1)
     os.truncate(wal, offset)  # "at random" (seeded): in a frame, or one byte short of it

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 from conftest import DaemonProcess
 
+from migblockd.shell import client as shell_client
+
 SHELL = [sys.executable, "-m", "migblockd.shell"]
 
 
@@ -640,3 +642,25 @@ def test_a_reason_the_locale_cannot_write_is_escaped_json(daemon: DaemonProcess)
     listed, new = replies(result.stdout.decode("ascii"))
     assert [b["reason"] for b in listed["return"]] == [reason]
     assert new["return"]["reason"] == "caf\u00e9"
+
+
+async def test_a_reply_over_the_shells_limit_is_named_as_its_own_doing(
+        daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Over LINE_LIMIT (1 GiB; lowered here) the shell cannot read a reply and ends the
+    # connection itself; asyncio's "Separator is not found, and chunk exceed the
+    # limit" would send the operator to a daemon whose log shows nothing wrong.
+    monkeypatch.setattr(shell_client, "LINE_LIMIT", 4096)
+    client = shell_client.QMPClient()
+    await client.connect(str(daemon.socket))
+    try:
+        await client.negotiate()
+        for n in range(30):
+            added = await client.execute({"execute": "add-blocker",
+                                          "arguments": {"reason": "r" * 200, "id": f"b{n}"}})
+            assert added["return"]["id"] == f"b{n}"
+        with pytest.raises(shell_client.ConnectionLost) as lost:
+            await client.execute({"execute": "query-blockers"})
+        assert str(lost.value) == ("a message from the daemon was longer than the 4096 bytes "
+                                   "this shell reads, so the shell closed the connection")
+    finally:
+        await client.close()

@@ -178,7 +178,12 @@ class QMPClient:
             while True:
                 try:
                     line = await self._reader.readline()
-                except (OSError, ValueError) as err:
+                except ValueError:  # asyncio's StreamReader: the line is over its limit
+                    # The daemon did nothing wrong: its log shows nothing, so say so.
+                    reason = (f"a message from the daemon was longer than the {LINE_LIMIT} "
+                              "bytes this shell reads, so the shell closed the connection")
+                    break
+                except OSError as err:
                     reason = f"connection lost: {err}"
                     break
                 if not line:

@@ -61,7 +61,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -72,7 +71,6 @@ from qemu.qmp import (
     ConnectError,
     ExecInterruptedError,
     ExecuteError,
-    Message,
     QMPError,
     Runstate,
     StateError,
@@ -84,6 +82,7 @@ from migblockd.client.errors import (
     DisconnectedError,
     EventsLostError,
 )
+from migblockd.client.events import MAX_UNREAD, EventSource, EventStream
 from migblockd.client.link import QMPLink, Refused
 from migblockd.client.values import Blocker, BlockerOwner, Event
 from migblockd.paths import (
@@ -92,8 +91,6 @@ from migblockd.paths import (
     connect_failure,
     default_socket_path,
 )
-
-log = logging.getLogger("migblockd.client")
 
 __all__ = [
     "MAX_UNREAD",
@@ -109,86 +106,12 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------- events
-
-
-class _End:
-    """Put in a stream's queue after its last event; ``error``, ``why`` say what the
-    reader gets after it (``StopAsyncIteration`` when ``error`` is None)."""
-
-    def __init__(self, error: type[ClientError] | None = None, why: str = "") -> None:
-        self.error = error
-        self.why = why
-
-
-#: How many unread events a stream keeps by default: about the --max-output
-#: default's worth (4 MiB of events of a few hundred bytes each).
-MAX_UNREAD: Final = 10_000
-
-
-class EventStream:
-    """The events a client receives from the stream's creation on; ``async for`` them.
-
-    Created by :meth:`MigblockClient.events`.  ``names``, when given, keeps only
-    the events of those names; ``max_unread`` (None: no bound) is how many it keeps
-    unread before it ends with :class:`EventsLostError`.
-    """
-
-    def __init__(self, client: MigblockClient, names: Iterable[str],
-                 max_unread: int | None = MAX_UNREAD) -> None:
-        self._client = client
-        self.names: Final = frozenset(names)
-        self.max_unread: Final = max_unread
-        self._queue: asyncio.Queue[Event | _End] = asyncio.Queue()
-        self._ended = False
-
-    def _put(self, event: Event | _End) -> None:
-        if self._ended:
-            return
-        if isinstance(event, _End):
-            self._ended = True
-        elif self.names and event.name not in self.names:
-            return
-        elif self.max_unread is not None and self._queue.qsize() >= self.max_unread:
-            self._client._streams.discard(self)
-            self._ended = True
-            event = _End(EventsLostError, f"more than {self.max_unread} events were left "
-                         f"unread on this stream, which ended; later events were not kept")
-        self._queue.put_nowait(event)
-
-    def __aiter__(self) -> EventStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        item = await self._queue.get()
-        if isinstance(item, _End):
-            self._queue.put_nowait(item)  # an ended stream stays ended
-            if item.error is not None:
-                raise item.error(item.why)
-            raise StopAsyncIteration
-        return item
-
-    def close(self) -> None:
-        """Stop receiving events; iteration ends after the events already received."""
-        self._client._streams.discard(self)
-        self._put(_End())
-
-    async def __aenter__(self) -> EventStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-
-# --------------------------------------------------------------------------- the client
-
-
 #: How long :meth:`MigblockClient.connect` waits for the greeting and the
 #: negotiation by default: as long as ``migblock-shell`` does.
 TIMEOUT: Final = 10.0
 
 
-class MigblockClient:
+class MigblockClient(EventSource):
     """A connection to migblockd.  ``async with MigblockClient(path) as client:``.
 
     ``path`` defaults to the daemon's default socket
@@ -276,12 +199,6 @@ class MigblockClient:
             return f"this client closed its connection to migblockd at {self.path}{before}: " \
                    f"{qmp.gave_up}"
         return f"the connection to migblockd at {self.path} was lost{before}"
-
-    def _end_streams(self, lost: str | None) -> None:
-        end = _End() if lost is None else _End(DisconnectedError, lost)
-        for stream in list(self._streams):
-            stream._put(end)
-        self._streams.clear()
 
     async def disconnect(self) -> None:
         """Close the connection (the daemon releases its ``scope: connection`` blockers).
@@ -439,29 +356,3 @@ class MigblockClient:
     async def _forget(self, blocker: Blocker) -> None:
         with contextlib.suppress(ClientError):  # not connected any more: already gone
             await self._release(blocker)
-
-    def events(self, *names: str, max_unread: int | None = MAX_UNREAD) -> EventStream:
-        """A stream of the events received from now on (only ``names`` if given).
-
-        It keeps at most ``max_unread`` events unread (None: no bound, for a reader
-        that is sure to keep up); one more ends it with :class:`EventsLostError`.
-        """
-        if max_unread is not None and max_unread < 1:
-            raise ValueError(f"max_unread must be at least 1, not {max_unread}")
-        stream = EventStream(self, names, max_unread)
-        if self.connected:
-            self._streams.add(stream)
-        else:
-            stream._put(_End(DisconnectedError, f"not connected to migblockd at {self.path}"))
-        return stream
-
-    def _deliver(self, message: Message) -> None:
-        # Called by qemu.qmp's reader task for each event, in the daemon's order.  An
-        # exception here would end the reader, and the connection with it.
-        try:
-            event = Event.from_qmp(message)
-        except ClientError as exc:
-            log.warning("ignoring an event from %s: %s", self.path, exc)
-            return
-        for stream in list(self._streams):
-            stream._put(event)

@@ -1,0 +1,147 @@
+"""A client's event streams: the events it receives, kept for each stream until read.
+
+Apart from :mod:`migblockd.client`, whose :class:`~migblockd.client.MigblockClient`
+holds the connection and the commands: what is kept here is what the reader of a
+stream is owed, and the bound on it, which no command needs.  The events that
+``qemu.qmp``'s reader task hands over are decoded (:class:`Event`) and put in every
+open stream at once, in the daemon's order: the daemon disconnects a client that
+leaves events unread past its ``--max-output``, so nothing waits for a stream's
+reader, which is bounded instead by the stream's ``max_unread``
+(:data:`MAX_UNREAD` by default).  A stream ends after its last event: closed, the
+client disconnected (``StopAsyncIteration``), the connection lost
+(:class:`DisconnectedError`) or its bound passed (:class:`EventsLostError`).
+
+:class:`EventSource` is a part of :class:`~migblockd.client.MigblockClient` (a base
+class of it): the streams it feeds are its state, which the client's ``__init__``
+sets, and what of the client it reads is named there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Iterable
+from typing import Final
+
+from qemu.qmp import Message
+
+from migblockd.client.errors import ClientError, DisconnectedError, EventsLostError
+from migblockd.client.values import Event
+
+__all__ = ["MAX_UNREAD", "EventSource", "EventStream"]
+
+log = logging.getLogger("migblockd.client")
+
+
+class _End:
+    """Put in a stream's queue after its last event; ``error``, ``why`` say what the
+    reader gets after it (``StopAsyncIteration`` when ``error`` is None)."""
+
+    def __init__(self, error: type[ClientError] | None = None, why: str = "") -> None:
+        self.error = error
+        self.why = why
+
+
+#: How many unread events a stream keeps by default: about the --max-output
+#: default's worth (4 MiB of events of a few hundred bytes each).
+MAX_UNREAD: Final = 10_000
+
+
+class EventStream:
+    """The events a client receives from the stream's creation on; ``async for`` them.
+
+    Created by :meth:`MigblockClient.events`.  ``names``, when given, keeps only
+    the events of those names; ``max_unread`` (None: no bound) is how many it keeps
+    unread before it ends with :class:`EventsLostError`.
+    """
+
+    def __init__(self, client: EventSource, names: Iterable[str],
+                 max_unread: int | None = MAX_UNREAD) -> None:
+        self._client = client
+        self.names: Final = frozenset(names)
+        self.max_unread: Final = max_unread
+        self._queue: asyncio.Queue[Event | _End] = asyncio.Queue()
+        self._ended = False
+
+    def _put(self, event: Event | _End) -> None:
+        if self._ended:
+            return
+        if isinstance(event, _End):
+            self._ended = True
+        elif self.names and event.name not in self.names:
+            return
+        elif self.max_unread is not None and self._queue.qsize() >= self.max_unread:
+            self._client._streams.discard(self)
+            self._ended = True
+            event = _End(EventsLostError, f"more than {self.max_unread} events were left "
+                         f"unread on this stream, which ended; later events were not kept")
+        self._queue.put_nowait(event)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        item = await self._queue.get()
+        if isinstance(item, _End):
+            self._queue.put_nowait(item)  # an ended stream stays ended
+            if item.error is not None:
+                raise item.error(item.why)
+            raise StopAsyncIteration
+        return item
+
+    def close(self) -> None:
+        """Stop receiving events; iteration ends after the events already received."""
+        self._client._streams.discard(self)
+        self._put(_End())
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventSource:
+    """The event streams of :class:`~migblockd.client.MigblockClient` (a base class of it)."""
+
+    # Its own state; MigblockClient.__init__ sets it, with the rest.
+    _streams: weakref.WeakSet[EventStream]
+    # The client's, which it reads.
+    path: str
+
+    @property
+    def connected(self) -> bool:
+        raise NotImplementedError
+
+    def events(self, *names: str, max_unread: int | None = MAX_UNREAD) -> EventStream:
+        """A stream of the events received from now on (only ``names`` if given).
+
+        It keeps at most ``max_unread`` events unread (None: no bound, for a reader
+        that is sure to keep up); one more ends it with :class:`EventsLostError`.
+        """
+        if max_unread is not None and max_unread < 1:
+            raise ValueError(f"max_unread must be at least 1, not {max_unread}")
+        stream = EventStream(self, names, max_unread)
+        if self.connected:
+            self._streams.add(stream)
+        else:
+            stream._put(_End(DisconnectedError, f"not connected to migblockd at {self.path}"))
+        return stream
+
+    def _deliver(self, message: Message) -> None:
+        # Called by qemu.qmp's reader task for each event, in the daemon's order.  An
+        # exception here would end the reader, and the connection with it.
+        try:
+            event = Event.from_qmp(message)
+        except ClientError as exc:
+            log.warning("ignoring an event from %s: %s", self.path, exc)
+            return
+        for stream in list(self._streams):
+            stream._put(event)
+
+    def _end_streams(self, lost: str | None) -> None:
+        end = _End() if lost is None else _End(DisconnectedError, lost)
+        for stream in list(self._streams):
+            stream._put(end)
+        self._streams.clear()

@@ -17,7 +17,7 @@ import pytest
 from metricstext import Scrape, baseline, commands, key
 from prometheus_client import generate_latest
 
-from migblockd import scrape as scrape_module
+from migblockd import exposition
 from migblockd.access import Policy, Quotas, Role
 from migblockd.config import Config
 from migblockd.connection import Connection
@@ -322,7 +322,7 @@ def test_the_answer_is_built_on_the_event_loop_or_not_at_all(
         loop.call_soon_threadsafe(loop.stop)
         ran.join()
     # A loop that does not run (wedged): the scraper hears so, after a while.
-    monkeypatch.setattr(scrape_module, "RENDER_TIMEOUT", 0.05)
+    monkeypatch.setattr(exposition, "RENDER_TIMEOUT", 0.05)
     assert call(app) == ("503 Service Unavailable",
                          b"migblockd's event loop did not answer in time\n")
     loop.close()

@@ -1,0 +1,165 @@
+"""The metrics endpoint's answer: the registry encoded on the event loop, spaced, gzipped.
+
+The WSGI app that :mod:`migblockd.scrape`'s thread calls for each request:
+prometheus_client's encoder (the Prometheus text format, or OpenMetrics when the
+scraper asks; gzip when accepted) over the registry of :mod:`migblockd.metrics`,
+run on the event loop, between two turns (``call_soon_threadsafe``; the thread
+waits for it).  It is apart from the HTTP side (connections, their limits and
+the socket), which never looks at what it serves.
+
+Why not build it on the thread, which could read the counters without a
+lock: the GIL.  While a thread formats an answer (a few milliseconds of pure
+Python), the event loop, which releases the interpreter at every system
+call, waits up to the switch interval (5 ms) to get it back, again and
+again; ``benchmarks/bench_metrics.py`` measured add/del throughput falling
+to a half, or a quarter, under a client scraping back to back.  On the loop,
+a scrape costs the loop exactly its own time, sees one consistent state, and
+needs nothing to be safe across threads.  A wedged loop shows as failed
+scrapes (503 after ``RENDER_TIMEOUT``).
+
+Answers are spaced ``MIN_INTERVAL`` apart (a faster scraper waits), so
+scraping never takes more than a few percent of the loop, however eager the
+scraper.  Prometheus scrapes every 15 s or more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import gzip
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import parse_qs
+
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+__all__ = ["MIN_INTERVAL", "RENDER_TIMEOUT", "MetricsApp", "gzip_wanted"]
+
+log = logging.getLogger("migblockd")
+
+#: Seconds from one answer to the next at the least: bounds what scraping costs.
+MIN_INTERVAL = 0.1
+#: Seconds the event loop has to build an answer before the scraper gets a 503.
+RENDER_TIMEOUT = 5.0
+
+StartResponse = Callable[..., Any]
+
+
+class MetricsApp:
+    """The WSGI app: ``registry`` encoded on ``loop``, one answer at a time, spaced."""
+
+    def __init__(self, registry: CollectorRegistry, loop: asyncio.AbstractEventLoop) -> None:
+        self.registry = registry
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready = 0.0  # time.monotonic() from which the next answer may start
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"]
+        if method not in ("GET", "HEAD"):
+            return _plain(start_response, "405 Method Not Allowed", "use GET",
+                          [("Allow", "GET, HEAD")])
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        if method == "HEAD":
+            # HTTP's general-purpose servers take HEAD (RFC 9110, 9.1): an uptime
+            # probe's.  Its headers without building the body, which costs the loop.
+            start_response("200 OK", [("Content-Type", content_type)])
+            # Not [], for which wsgiref says "Content-Length: 0": a HEAD answer must
+            # not give a length other than the GET's (RFC 9110, 8.6), and that one is
+            # not known without the build.  wsgiref gives none for an iterator.
+            return iter([b""])
+        names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
+        source: Collector = self.registry if names is None else _Only(self.registry, names)
+        try:
+            output = self._on_loop(lambda: encoder(source))
+        except _NoAnswer as exc:
+            return _plain(start_response, "503 Service Unavailable", str(exc))
+        except Exception:
+            log.exception("metrics: cannot build the answer")
+            return _plain(start_response, "500 Internal Server Error", "internal error")
+        headers = [("Content-Type", content_type)]
+        if gzip_wanted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            output = gzip.compress(output)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [output]
+
+    def _on_loop(self, make: Callable[[], bytes]) -> bytes:
+        with self._lock:
+            wait = self._ready - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+
+            def run() -> None:
+                if not future.set_running_or_notify_cancel():
+                    return  # given up on
+                try:
+                    future.set_result(make())
+                except Exception as exc:
+                    future.set_exception(exc)
+
+            try:
+                self.loop.call_soon_threadsafe(run)
+            except RuntimeError:  # the loop is closed: the daemon is stopping
+                raise _NoAnswer("migblockd is stopping") from None
+            try:
+                return future.result(RENDER_TIMEOUT)
+            except TimeoutError:
+                raise _NoAnswer("migblockd's event loop did not answer in time") from None
+            finally:
+                future.cancel()
+                self._ready = time.monotonic() + MIN_INTERVAL
+
+
+def gzip_wanted(accept_encoding: str) -> bool:
+    """Whether ``Accept-Encoding`` asks for gzip with a weight above 0.
+
+    prometheus_client's own test looks for the word only, so it gzips for
+    ``gzip;q=0``, which RFC 9110 (12.5.3) defines as "not acceptable".  A
+    ``*`` is not taken as gzip: the plain answer is never wrong.
+    """
+    for coding in accept_encoding.split(","):
+        name, *params = (part.strip() for part in coding.split(";"))
+        if name.lower() not in ("gzip", "x-gzip"):
+            continue
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0  # a weight it cannot read: not a request for gzip
+        return weight > 0
+    return False
+
+
+class _NoAnswer(Exception):
+    """The event loop could not build the answer; ``str()`` says why."""
+
+
+class _Only(Collector):
+    """The families of ``registry`` named in ``names`` (by family or by sample name),
+    as prometheus_client's ``name[]`` filter: the collectors here describe nothing
+    in advance, so its own restricted registry would find none."""
+
+    def __init__(self, registry: CollectorRegistry, names: list[str]) -> None:
+        self.registry = registry
+        self.names = frozenset(names)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.registry.collect():
+            if family.name in self.names or any(s.name in self.names for s in family.samples):
+                yield family
+
+
+def _plain(start_response: StartResponse, status: str, text: str,
+           headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), *(headers or [])])
+    return [f"{text}\n".encode()]

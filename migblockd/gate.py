@@ -9,28 +9,25 @@ change) show up in ``query-blockers`` after migblockd's, with ``source:
 qemu``; the migration commands are forwarded; ``add-blocker`` is refused with
 QEMU's busy text while QEMU migrates.
 
-Handlers here are generators: each ``yield Call(...)`` is a command for QEMU,
-and the handler resumes with QEMU's return value, or with :class:`QemuError`
-or :class:`QemuUnavailable` thrown in; ``yield SETTLE`` resumes it once the
-changes other clients made meanwhile are on disk (or undone).  The core drives
-them (the adapter does the I/O); a handler changes the registry only after its
-last ``yield``, so what it changes is committed with the command that made it.
-What the handlers know of QEMU (:class:`QemuFacts`), how they read its answers
-and the errors it fails with are :mod:`migblockd.qemu_facts`'s.
+Handlers here are generators that ``yield Call(...)`` for each command for
+QEMU and ``yield SETTLE`` to wait for the changes other clients made meanwhile
+to be on disk: how the core drives them, the pass-through commands and the
+command table are :mod:`migblockd.forwarding`'s (a base class of
+:class:`GateHandlers`).  What the handlers know of QEMU (:class:`QemuFacts`),
+how they read its answers and the errors it fails with are
+:mod:`migblockd.qemu_facts`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import inspect
 from collections.abc import Generator
-from dataclasses import dataclass
 from typing import Any, Final
 
-from migblockd.commands import Args, Handlers, log, reads_state
+from migblockd.commands import Args, log, reads_state
 from migblockd.connection import Connection
 from migblockd.contract import Contract
+from migblockd.forwarding import SETTLE, Call, Forwarded, Forwarding, Settle, Step
 from migblockd.logs import about, shown
 from migblockd.qemu_facts import (
     ModeMismatch,
@@ -44,7 +41,6 @@ from migblockd.qemu_facts import (
     status_of,
 )
 from migblockd.qmp.encoding import Parts, encode
-from migblockd.qmp.envelope import Command
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import (
     RUNNING_STATUSES,
@@ -61,59 +57,14 @@ __all__ = ["QEMU_BLOCKER_PREFIX", "SETTLE", "Call", "Forwarded", "GateHandlers",
 #: ``:`` is not allowed in the ids clients choose, so these never clash.
 QEMU_BLOCKER_PREFIX: Final = "qemu:"
 
-Step = Generator["Call | Settle", object, object]
 
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """A command for QEMU; the handler that yields it resumes with its return value."""
-
-    name: str
-    args: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Forwarded:
-    """A handler's result (``value``) after QEMU applied ``applied`` (its words for
-    the client and the log): a failed commit of the command's own change cannot take
-    that back, so the error it turns the reply into says that it stays."""
-
-    value: object
-    applied: str
-
-
-class Settle:
-    """What a handler yields to go on (with None) once every change made so far is on
-    disk: what it decides next must not stand on a change a failed commit takes back."""
-
-    __slots__ = ()
-
-
-SETTLE: Final = Settle()
-
-
-class GateHandlers(Handlers):
+class GateHandlers(Forwarding):
     """The schema's commands in front of a real QEMU, plus the pass-through ones."""
 
     def __init__(self, contract: Contract, registry: Registry, qemu: QemuFacts,
                  passthrough: tuple[str, ...] = ()) -> None:
-        super().__init__(contract, registry)
         self.qemu = qemu
-        self.passthrough = passthrough
-        self._command_list = [*self._command_list, *({"name": n} for n in passthrough)]
-        # The schema's allow-oob commands that wait for QEMU here.  QEMU runs what
-        # migblockd forwards in-band (QEMU 7.2 allows OOB for none of them), after every
-        # command already queued on migblockd's monitor: none of them can jump a queue,
-        # so exec-oob of them is refused as QEMU refuses it, and introspection says so.
-        self.in_band_only = frozenset(
-            name for name, spec in contract.commands.items()
-            if spec.allow_oob and inspect.isgeneratorfunction(
-                getattr(self, name.replace("-", "_"), None)))
-        self._introspection = [
-            {k: v for k, v in entry.items() if k != "allow-oob"}
-            if entry.get("meta-type") == "command" and entry["name"] in self.in_band_only
-            else entry
-            for entry in contract.introspection]
+        super().__init__(contract, registry, passthrough)
 
     def migration_status(self) -> str:
         return self.qemu.status or "none"
@@ -122,26 +73,6 @@ class GateHandlers(Handlers):
         if self.qemu.connected:
             return f"{self.qemu.version} connected".lstrip()
         return "not connected"
-
-    def table(self) -> dict[str, Command]:
-        """The schema's commands, then the pass-through ones (QEMU checks their arguments)."""
-        table = super().table()
-        for name in self.in_band_only:
-            table[name] = dataclasses.replace(table[name], allow_oob=False)
-        for name in self.passthrough:
-            if name not in table:
-                table[name] = Command(name, False, _unchecked, self._forward(name))
-        return table
-
-    @staticmethod
-    def _forward(name: str) -> Any:
-        def run(conn: Connection, args: Args) -> Step:
-            return (yield Call(name, args))
-
-        return run
-
-    def query_qmp_schema(self, conn: Connection, args: Args) -> object:
-        return self._introspection
 
     # -- blockers -----------------------------------------------------------
     def add_blocker(self, conn: Connection, args: Args) -> Step:
@@ -412,7 +343,3 @@ class GateHandlers(Handlers):
         self, conn: Connection, args: Args
     ) -> Step:
         return (yield Call("query-migrate-capabilities", args))
-
-
-def _unchecked(args: Args) -> None:
-    """Pass-through arguments are QEMU's to judge."""

@@ -805,7 +805,10 @@ async def test_a_log_cut_after_a_kill_stops_the_daemon_rather_than_drop_blockers
         f"{wal} has lost changes that its index {shm} records as committed ({why}), so "
         "starting would drop blockers that were acknowledged; restore the state directory "
         f"from a backup, or remove {shm} to start with what the log still holds (the rest "
-        "is lost)")
+        "is lost)" + (f"; if a program opened {directory / 'state.db'} in exclusive locking "
+                      "mode since the crash, it folded the log into the database and left "
+                      f"the index behind: then nothing is lost, and removing {shm} is all "
+                      "there is to do" if cut == "removed" else ""))
     assert digest(directory) == before
     # Done as the message says: the blockers of the commits before the cut.
     shm.unlink()

@@ -390,7 +390,7 @@ def test_a_log_cut_after_a_crash_is_refused_not_replayed_in_part(
         f"{wal} has lost changes that its index {shm} records as committed ({why}), so "
         "starting would drop blockers that were acknowledged; restore the state directory "
         f"from a backup, or remove {shm} to start with what the log still holds (the rest "
-        "is lost)")
+        f"is lost){folded(directory) if kept is None and cut in ('removed', 'empty') else ''}")
     assert {p.name: p.read_bytes() for p in directory.iterdir() if p.name != "lock"} == before
     # What the message says to do works: without the index, SQLite rebuilds it
     # from what the log still holds, and the blockers of the commits before the
@@ -401,6 +401,50 @@ def test_a_log_cut_after_a_crash_is_refused_not_replayed_in_part(
     assert len(restored) < 20
     if kept is None:
         assert restored == []
+
+
+def folded(directory: Path) -> str:
+    """What the refusal adds for a log removed or emptied (see below)."""
+    return (f"; if a program opened {directory / 'state.db'} in exclusive locking mode "
+            "since the crash, it folded the log into the database and left the index "
+            f"behind: then nothing is lost, and removing {directory / 'state.db-shm'} is all "
+            "there is to do")
+
+
+@pytest.mark.parametrize("how", ["closed", "killed after a TRUNCATE checkpoint"])
+def test_a_log_folded_in_by_an_exclusive_mode_program_after_a_crash_is_told_apart(
+    tmp_path: Path, how: str
+) -> None:
+    """SQLite in exclusive locking mode keeps the log's index in its own memory:
+    opened after a SIGKILL, it folds the log into the database, then removes
+    (or, checkpointing with TRUNCATE, empties) it, and leaves the index as the
+    daemon left it.  Before, the start was refused as if blockers were lost,
+    with "(the rest is lost)", when the database had every one of them."""
+    directory = tmp_path / "state"
+    killed_after_commits(directory, 20)
+    wal, shm = directory / "state.db-wal", directory / "state.db-shm"
+    index = shm.read_bytes()
+    code = f"""
+        import os, signal, sqlite3
+        conn = sqlite3.connect({str(directory / "state.db")!r})
+        conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+        print(conn.execute("SELECT count(*) FROM blocker").fetchone()[0])
+        if {how == "closed"}:
+            conn.close()
+        else:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            os.kill(os.getpid(), signal.SIGKILL)
+    """
+    other = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert other.stdout == "20\n", other.stderr
+    assert shm.read_bytes() == index  # never touched
+    assert not wal.exists() if how == "closed" else wal.stat().st_size == 0
+    with pytest.raises(StateError) as refused:
+        Store.open(directory)
+    assert str(refused.value).endswith(folded(directory))
+    shm.unlink()  # as the message says: every blocker is there
+    assert [r.id for r in reopened(directory).blockers] == [f"b{i}" for i in range(20)]
 
 
 def test_a_log_whose_index_is_gone_after_a_crash_is_replayed_whole(tmp_path: Path) -> None:

@@ -20,6 +20,13 @@ checksum fails tells nothing (SQLite ignores it too); so does one whose salts
 are not the log's: the log was begun again after the index was last written to
 the disk (a power cut then keeps an older index), and its frames are all in
 the database.
+
+A log removed or emptied is refused too, although it is what a program whose
+SQLite keeps the index in its own memory (exclusive locking mode, the
+unix-excl VFS) leaves when it opens the database after the crash: it folds the
+log into the database, then removes or empties it, and leaves the index as it
+was.  Nothing on disk tells that from a log removed by hand, so the refusal
+says both, and what to do then.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ _BACKFILLED = struct.Struct("=I")
 _LOG_HEADER = struct.Struct(">IIII8sII")
 _MAGIC = 0x377F0682  # | 1: checksums of big-endian words
 _FRAME = struct.Struct(">II8sII")
+_GONE, _EMPTY = "it is missing", "it is empty"
 
 
 def check_log(log: Path, index: Path) -> None:
@@ -55,10 +63,17 @@ def check_log(log: Path, index: Path) -> None:
     why = _missing(log, frames, salts)
     if why is None or (why[0] == 0 and frames <= backfilled):
         return  # whole; or nothing of it left, and the database has every frame
+    # Gone or empty: maybe folded into the database by another program (see
+    # the module's doc), which only the operator can know.
+    folded = (f"; if a program opened {log.with_name(log.name.removesuffix('-wal'))} in "
+              "exclusive locking mode since the crash, it folded the log into the "
+              "database and left the index behind: then nothing is lost, and removing "
+              f"{index} is all there is to do") if why[1] in (_GONE, _EMPTY) else ""
     raise StateError(f"{log} has lost changes that its index {index} records as committed "
                      f"({why[1]}), so starting would drop blockers that were acknowledged; "
                      "restore the state directory from a backup, or remove "
-                     f"{index} to start with what the log still holds (the rest is lost)")
+                     f"{index} to start with what the log still holds (the rest is lost)"
+                     f"{folded}")
 
 
 def _recorded(index: Path) -> tuple[int, int, bytes] | None:
@@ -90,7 +105,7 @@ def _missing(log: Path, frames: int, salts: bytes) -> tuple[int, str] | None:
             size = os.fstat(f.fileno()).st_size
             header = f.read(_LOG_HEADER.size)
             if len(header) < _LOG_HEADER.size:
-                return 0, "it is empty" if not header else "its header is cut short"
+                return 0, _EMPTY if not header else "its header is cut short"
             magic, _, page, _, its_salts, sum1, sum2 = _LOG_HEADER.unpack(header)
             if (magic | 1 != _MAGIC | 1 or page < 512 or page > 65536 or page & (page - 1)
                     or _checksum(header[:24], bool(magic & 1), 0, 0) != (sum1, sum2)):
@@ -108,7 +123,7 @@ def _missing(log: Path, frames: int, salts: bytes) -> tuple[int, str] | None:
                 if chained != (sum1, sum2):
                     return n, f"frame {n + 1} of {frames} is damaged"
     except FileNotFoundError:
-        return 0, "it is missing"
+        return 0, _GONE
     except OSError as e:
         return 0, f"it cannot be read: {e.strerror}"
     if whole < frames:

@@ -31,12 +31,14 @@ class Held(Exception):
 
 
 class LockFailed(Exception):
-    """The lock file could not be opened (``opening``) or locked; ``strerror`` says why."""
+    """The lock file could not be opened (``opening``) or locked; ``strerror``
+    says why, and ``errno`` is the system's code for it."""
 
-    def __init__(self, strerror: str, *, opening: bool) -> None:
+    def __init__(self, strerror: str, *, opening: bool, errno: int | None = None) -> None:
         super().__init__(strerror)
         self.strerror = strerror
         self.opening = opening
+        self.errno = errno
 
 
 class PidLock:
@@ -54,7 +56,7 @@ class PidLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise LockFailed(exc.strerror or str(exc), opening=True) from None
+            raise LockFailed(exc.strerror or str(exc), opening=True, errno=exc.errno) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -62,7 +64,7 @@ class PidLock:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise Held(holder) from None
-            raise LockFailed(exc.strerror or str(exc), opening=False) from None
+            raise LockFailed(exc.strerror or str(exc), opening=False, errno=exc.errno) from None
         with contextlib.suppress(OSError):  # the pid is a courtesy to whoever is refused
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -8,8 +8,12 @@ command could not be saved).
 from __future__ import annotations
 
 import os
+import pwd
 import sqlite3
+import stat
 from pathlib import Path
+
+from migblockd.trust import named_uid
 
 __all__ = [
     "StateError",
@@ -20,6 +24,7 @@ __all__ = [
     "io_error",
     "no_space",
     "one_line",
+    "owner_mismatch",
 ]
 
 # Primary result codes (the low byte of an extended code), from sqlite3.h.
@@ -126,3 +131,17 @@ def commit_failed(path: Path, error: sqlite3.Error) -> StateError:
     if isinstance(code, int) and code & 0xFF == _IOERR and _no_space(path.parent):
         why += " (its file system is full)"
     return StateError(f"cannot commit to {path}: {why}")
+
+
+def owner_mismatch(path: Path, st: os.stat_result) -> tuple[str, str]:
+    """Whose ``path`` is (from ``st``) against the user this daemon runs as, and
+    the ``chown`` that makes it this user's: for a file the daemon may not open
+    because another user owns it (a copy made as root, a directory chowned
+    without ``-R``), where "fix its permissions" would not say what is wrong."""
+    uid = os.geteuid()
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return (f"it belongs to {named_uid(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}, "
+            f"and this daemon runs as {named_uid(uid)}", f"chown {name}: {path}")

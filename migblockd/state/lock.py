@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import errno
 import os
-import pwd
 import stat
 from pathlib import Path
 
 from migblockd.pidlock import Held, LockFailed, PidLock
-from migblockd.state.errors import StateError
-from migblockd.trust import named_uid
+from migblockd.state.errors import StateError, owner_mismatch
 
 __all__ = ["LOCK_NAME", "lock_directory"]
 
@@ -36,7 +34,7 @@ def lock_directory(directory: Path) -> PidLock:
         if exc.opening and path.exists() and not path.is_file():
             raise StateError(f"{path} is not a regular file; remove it "
                              "(the daemon makes its lock file itself)") from None
-        if exc.opening and exc.strerror == os.strerror(errno.EACCES) and path.is_file():
+        if exc.opening and exc.errno == errno.EACCES and path.is_file():
             # The file is in the way, not the directory: say so, and whose it is
             # (a directory chowned to the daemon's user without -R, say).
             raise StateError(f"cannot open {path}: {exc.strerror} ({_whose(path)}, or "
@@ -51,12 +49,7 @@ def lock_directory(directory: Path) -> PidLock:
 def _whose(path: Path) -> str:
     """Why this user may not open the lock file ``path``, and the command that fixes it."""
     st = path.stat()
-    mode, uid = stat.S_IMODE(st.st_mode), os.geteuid()
-    if st.st_uid == uid:
-        return f"mode {mode:04o}); chmod u+rw {path}"
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
-    return (f"it belongs to {named_uid(st.st_uid)}, mode {mode:04o}, and this daemon runs "
-            f"as {named_uid(uid)}); chown {name}: {path}")
+    if st.st_uid == os.geteuid():
+        return f"mode {stat.S_IMODE(st.st_mode):04o}); chmod u+rw {path}"
+    held, fix = owner_mismatch(path, st)
+    return f"{held}); {fix}"

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pwd
 import sqlite3
 import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 from migblockd.state import schema
-from migblockd.state.errors import StateError, describe_open_error, one_line
+from migblockd.state.errors import StateError, describe_open_error, one_line, owner_mismatch
 from migblockd.state.logcheck import check_log
 from migblockd.trust import named_uid
 
@@ -184,16 +183,10 @@ def _fix(each: Path, st: os.stat_result, e: OSError) -> str:
     The usual case is a restore done as root with ``cp``: the copy is root's,
     and "fix its permissions" does not say that the owner is what is wrong.
     """
-    uid = os.geteuid()
-    if not isinstance(e, PermissionError) or st.st_uid == uid:
+    if not isinstance(e, PermissionError) or st.st_uid == os.geteuid():
         return "; fix its permissions"
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
-    return (f" (it belongs to {named_uid(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}, "
-            f"and this daemon runs as {named_uid(uid)}: a copy made as root belongs to "
-            f"root); chown {name}: {each}")
+    held, fix = owner_mismatch(each, st)
+    return f" ({held}: a copy made as root belongs to root); {fix}"
 
 
 def _create(path: Path, migrations: Sequence[schema.Migration]) -> None:

@@ -1232,8 +1232,12 @@ def test_older_format_is_migrated_forward_with_a_backup(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     filled(tmp_path, 3)
-    with caplog.at_level("INFO", "migblockd"):
-        Store.open(tmp_path, migrations=(*MIGRATIONS, add_origin)).close()
+    umask = os.umask(0o022)
+    try:
+        with caplog.at_level("INFO", "migblockd"):
+            Store.open(tmp_path, migrations=(*MIGRATIONS, add_origin)).close()
+    finally:
+        os.umask(umask)
     assert caplog.messages == [f"migrated {tmp_path}/state.db from format 1 to 2; the file "
                                f"as it was is kept as {tmp_path}/state.db.format-1"]
     with Store.open(tmp_path, migrations=(*MIGRATIONS, add_origin)) as store:
@@ -1244,6 +1248,8 @@ def test_older_format_is_migrated_forward_with_a_backup(
     assert db.execute("SELECT id, origin FROM blocker ORDER BY seq").fetchall() == [
         ("b0", "format-1:b0"), ("b1", "format-1:b1"), ("b2", "format-1:b2"), ("b3", "")]
     db.close()
+    # Not the umask's mode (0644 here): it holds the same blockers.
+    assert stat.S_IMODE((tmp_path / "state.db.format-1").stat().st_mode) == 0o600
     backup = sqlite3.connect(tmp_path / "state.db.format-1")
     assert backup.execute("PRAGMA user_version").fetchone()[0] == 1
     assert backup.execute("SELECT count(*) FROM blocker").fetchone()[0] == 3

@@ -268,10 +268,16 @@ def _check_and_migrate(conn: sqlite3.Connection, path: Path,
 
 def _backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
     """Copy the database as it is before migrating it, for going back to an
-    older migblockd (which cannot read the new format); the copy's path."""
+    older migblockd (which cannot read the new format); the copy's path.
+    Mode 0600, as the database: SQLite would make it with the umask's."""
     target = path.with_name(f"{path.name}.format-{version}")
     # A copy from an earlier attempt: same format, older.
     _remove_stale(target, target.with_name(target.name + "-journal"))
+    try:
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    except OSError as e:
+        raise StateError(f"cannot make {target}, the copy kept before migrating {path}: "
+                         f"{e.strerror}; check its directory") from e
     copy = sqlite3.connect(target, isolation_level=None)
     try:
         conn.backup(copy)

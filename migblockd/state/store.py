@@ -7,7 +7,8 @@ database, then checks the file before writing anything to it
 
 The journal is WAL with ``synchronous=FULL``: a commit appends its pages to
 the WAL and syncs it once, so a group of changes costs about one ``fsync``
-and is durable when :meth:`Store.commit` returns.  A commit that fails (disk
+and is durable when :meth:`Store.commit` returns (a commit that takes
+:data:`SLOW_COMMIT` or more is logged as slow).  A commit that fails (disk
 full, I/O error, read-only file system) leaves the file as it was, and the
 store keeps working: the next commit succeeds once the disk does.  Here too
 is what makes that so: writing over a failed group's pages, cutting the log
@@ -24,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,7 +50,14 @@ from migblockd.state.lock import lock_directory
 from migblockd.state.opening import check_and_open, configure, connect
 from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
 
-__all__ = ["Store"]
+__all__ = ["SLOW_COMMIT", "Store"]
+
+log = logging.getLogger("migblockd")
+
+#: Seconds past which a commit is logged as slow (etcd warns of a "slow
+#: fdatasync" at the same mark): every client whose change it carries waits
+#: that long for its reply, and the log is where an operator looks for why.
+SLOW_COMMIT = 1.0
 
 # Free space below which the log is emptied after every commit: twice what
 # SQLite lets it grow to by itself (1000 pages of 4 KiB).
@@ -131,6 +141,7 @@ class Store:
         durable on return.  StateError (with the file unchanged) if it fails."""
         if not changes:
             return
+        started = time.monotonic()
         batches = _batches(changes)  # encoded first: a bad value fails before BEGIN
         self._check_files()
         try:
@@ -162,6 +173,11 @@ class Store:
             # than that it would take the last of it, leave the database none
             # to grow into, and no commit would succeed again.
             self._fold_log("PASSIVE")
+        took = time.monotonic() - started
+        if took >= SLOW_COMMIT:
+            log.warning("a commit to %s took %.1f s (%d change%s): its disk is slow, and the "
+                        "clients whose changes it carried waited as long for their replies",
+                        self.path, took, len(changes), "" if len(changes) == 1 else "s")
 
     def _check_files(self) -> None:
         """Refuse to commit to files that the next start would not read.

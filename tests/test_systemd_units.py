@@ -186,7 +186,9 @@ def test_the_service_is_what_the_issue_asks_for() -> None:
     assert service["Type"] == "notify"
     assert service["NotifyAccess"] == "main"
     assert shlex.split(service["ExecStart"])[0] == INSTALLED
-    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # The reload checks the settings as the daemon's user first: a bad file fails it.
+    assert service["ExecReload"].split("\n") == [
+        f"{INSTALLED} --check-config $MIGBLOCKD_OPTIONS", "/bin/kill -HUP $MAINPID"]
     assert service["Restart"] == "on-failure"
     assert service["WatchdogSec"]
     assert service["ProtectSystem"] == "strict"
@@ -264,8 +266,8 @@ def test_the_docs_install_what_the_units_run() -> None:
     for snippet in ("sysusers.d/migblockd.conf", "tmpfiles.d/migblockd.conf",
                     "migblockd.toml", "systemctl enable --now migblockd.socket"):
         assert snippet in text
-    config = parse_unit(UNITS / "migblockd.service")["Service"]["ExecStart"]
-    assert "/etc/migblockd/migblockd.toml" in config
+    options = parse_unit(UNITS / "migblockd.service")["Service"]["Environment"]
+    assert options == '"MIGBLOCKD_OPTIONS=--config /etc/migblockd/migblockd.toml"'
 
 
 def install_commands(doc: Path) -> list[list[str]]:

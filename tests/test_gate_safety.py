@@ -347,6 +347,40 @@ async def test_a_client_awaiting_the_end_of_a_migration_whose_qemu_died_hears_fa
     assert_clean_log(d)
 
 
+async def test_a_migration_whose_qemu_was_restarted_at_once_ends_failed_for_its_clients(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    """Reported: a new QEMU listening on the monitor before the link tried it (a fast
+    restart) hid the old one's death; its migration never ended for the clients that
+    waited for its last MIGRATION event.  The new QEMU is a new process: the old one's
+    migration ends ``failed`` as when nobody listens."""
+    qemu = qemu_factory(memory="1G")
+    restarted = qemu_factory(name="restarted")
+    d = await gated(start_daemon, qemu)
+    async with d.client() as c, d.client() as watcher:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        await start_slow_migration(c)
+        d.wait_for_log("QEMU migration status: active")
+        assert qemu.proc is not None and restarted.proc is not None
+        old, new = qemu.proc.pid, restarted.proc.pid
+        # The new QEMU takes the monitor's path before the old one dies: no attempt of
+        # the link's can find nobody listening there.
+        restarted.gate_socket.rename(qemu.gate_socket)
+        qemu.kill()
+        statuses: list[str] = []
+        while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
+            statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
+        assert statuses == ["setup", "active", "failed"]
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {old}) has exited, a new one (pid "
+                       f"{new}) answering on its monitor: the migration it ran (last status "
+                       "active) cannot complete; clients are sent MIGRATION failed")
+        # The new QEMU's own state, not the old one's: it migrates nothing.
+        assert await c.ok("query-migrate") == {}
+        await c.ok("add-blocker", {"reason": SEV})
+    assert "nobody listens" not in d.log()
+    assert_clean_log(d)
+
+
 async def test_a_qemu_that_exits_without_migrating_sends_no_migration_event(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:

@@ -114,6 +114,7 @@ async def test_connects_and_learns_version_and_commands(
         assert info.arguments("migrate-set-parameters") == arguments("migrate-set-parameters")
         assert info.knows("query-migrate") and not info.knows("no-such-command")
         assert {"MIGRATION", "MIGRATION_PASS"} <= info.events
+        assert qemu.proc is not None and info.pid == qemu.proc.pid  # which process it is
     assert rec.states == ["connected", "closed"]
     assert link.info is None
     assert logged(caplog, "connected to QEMU") == [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -73,9 +74,12 @@ class Bridge:
         self._unanswered = 0  # which of them is the unanswered migrate (facts.unanswered)
         #: Whether the connected QEMU has sent a MIGRATION event (its events capability on).
         self._evented = False
-        #: A migration whose QEMU the link lost: its last status, and whether that QEMU
-        #: sent MIGRATION events (None: none lost, or QEMU answered again).
-        self._cut_off: tuple[str, bool] | None = None
+        #: The connected QEMU's process id, kept once the link is lost (None: unknown).
+        self._pid: int | None = None
+        #: A migration whose QEMU the link lost: its last status, whether that QEMU
+        #: sent MIGRATION events, and its process id (None: none lost, or QEMU answered
+        #: again).
+        self._cut_off: tuple[str, bool, int | None] | None = None
 
     def start(self, core: Core, wake: Callable[[], None]) -> None:
         """Connect (and keep reconnecting); ``wake()`` makes the server flush and report."""
@@ -152,6 +156,13 @@ class Bridge:
         facts, info = self.facts, self.link.info
         facts.connected = state == "connected" and info is not None
         if facts.connected:
+            assert info is not None
+            self._pid = info.pid
+            if self._cut_off is not None and self._exited(self._cut_off[2], info.pid):
+                # Restarted before the link found nobody listening: the same end.
+                self._cut_off_ended(f"QEMU at {self.link.path} (pid {self._cut_off[2]}) "
+                                    f"has exited, a new one (pid {info.pid}) answering on "
+                                    "its monitor")
             self._cut_off = None  # QEMU answers: its query-migrate says how that one ended
         facts.unanswered = False  # a new connection: QEMU holds nothing sent before
         facts.commands = info.commands if info is not None and facts.connected else {}
@@ -171,7 +182,8 @@ class Bridge:
                             self.link.path, facts.status or "not seen yet")
                 facts.awaiting = False
                 self._cut_off = (facts.status or "not seen yet",
-                                 self._evented or self.handlers.registry.events_enabled)
+                                 self._evented or self.handlers.registry.events_enabled,
+                                 self._pid)
             facts.status = facts.blockers = None
             self._evented = False
         self._wake()
@@ -187,10 +199,30 @@ class Bridge:
         """
         if self._cut_off is None:
             return
-        (cut_off, evented), self._cut_off = self._cut_off, None
-        log.warning("QEMU at %s has exited (nobody listens on its monitor): the migration "
-                    "it ran (last status %s) cannot complete%s", self.link.path, cut_off,
-                    "; clients are sent MIGRATION failed" if evented else "")
+        self._cut_off_ended(f"QEMU at {self.link.path} has exited (nobody listens on its "
+                            "monitor)")
+
+    @staticmethod
+    def _exited(old: int | None, new: int | None) -> bool:
+        """Whether the QEMU process ``old`` has exited, a new one (``new``) answering on
+        its monitor: a QEMU restarted at once, which the link never found missing."""
+        if old is None or new is None or old == new:
+            return False  # the same QEMU answers again (or nothing tells them apart)
+        try:
+            os.kill(old, 0)  # no signal: whether the process exists
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # it exists, another user's
+        return False
+
+    def _cut_off_ended(self, why: str) -> None:
+        """The QEMU whose migration the link lost has exited (``why``): say so, and
+        send the clients the migration's last event."""
+        assert self._cut_off is not None
+        (cut_off, evented, _), self._cut_off = self._cut_off, None
+        log.warning("%s: the migration it ran (last status %s) cannot complete%s", why,
+                    cut_off, "; clients are sent MIGRATION failed" if evented else "")
         if evented and self._core is not None:
             self._core.relay("MIGRATION", {"status": "failed"}, timestamp(time.time()))
             self._wake()

@@ -28,6 +28,10 @@ class QemuInfo:
     #: The arguments each command requires, in the order of QEMU's schema (the order its
     #: input visitor checks them in).  Those of a union's variants are not among them.
     required: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: The QEMU process's id, as the kernel names the peer of the monitor's socket
+    #: (``SO_PEERCRED``); None if it cannot say (a QEMU in another PID namespace).
+    #: A new QEMU on the same socket is a new process, with a new id.
+    pid: int | None = None
 
     @property
     def version_string(self) -> str:

@@ -45,6 +45,7 @@ from qemu.qmp import (
     StateError,
 )
 
+from migblockd.peer import peer_owner
 from migblockd.qemu.info import QemuInfo
 from migblockd.qemu.reconnect import (
     GREETING_NOTICE,
@@ -156,6 +157,12 @@ class _Client(QMPClient):
             link._after_replies.append([])
             asyncio.get_running_loop().call_soon(link._deliver_after_reply)
 
+    def peer_pid(self) -> int | None:
+        """The connected QEMU's process id (0 from the kernel: not in our PID namespace)."""
+        writer = self._writer  # the library's stream (qemu/qmp/protocol.py)
+        owner = peer_owner(writer.transport) if writer is not None else None
+        return owner.pid if owner is not None and owner.pid > 0 else None
+
     async def _establish_session(self) -> None:
         # The socket is connected: what is awaited now is QEMU's greeting.
         self._link._greeting_awaited()
@@ -213,6 +220,7 @@ class QemuLink(Reconnecting):
         self._logged_reason: str | None = None
         self._info: QemuInfo | None = None
         self._client = _Client(self)
+        self._peer_pid = self._client.peer_pid
         #: Events read after each reply whose caller has not run yet (see the module doc).
         self._after_replies: collections.deque[list[Message]] = collections.deque()
         self._task: asyncio.Task[None] | None = None

@@ -18,6 +18,7 @@ adjustments made to ``qemu.qmp``'s client for that.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import re
@@ -100,6 +101,8 @@ class Reconnecting:
     _logged_reason: str | None
     _info: QemuInfo | None
     _tried: asyncio.Event
+    #: The process at the other end of the connection (the link's: its client knows).
+    _peer_pid: Callable[[], int | None]
 
     async def _run(self) -> None:
         delay = self._min_delay
@@ -131,7 +134,8 @@ class Reconnecting:
             greeting = self._client.greeting
             version = greeting.QMP.version if greeting is not None else {}
             schema = await self._client.execute("query-qmp-schema")
-            return QemuInfo.from_schema(version, schema)
+            info = QemuInfo.from_schema(version, schema)
+            return dataclasses.replace(info, pid=self._peer_pid())
         except Exception:
             # A failed connect() has already reset the client; anything later has not.
             if self._client.runstate != Runstate.IDLE:

@@ -381,6 +381,30 @@ async def test_a_migration_whose_qemu_was_restarted_at_once_ends_failed_for_its_
     assert_clean_log(d)
 
 
+async def test_a_migration_cancelled_by_qemus_quit_ends_cancelled_for_its_clients(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    """QEMU's ``quit`` cancels its migration (``cancelling``) and exits before it can
+    say ``cancelled``.  Reported: its clients heard ``failed`` after ``cancelling``, a
+    step QEMU never takes (a cancelling migration always ends ``cancelled``)."""
+    qemu = qemu_factory(memory="1G")
+    d = await gated(start_daemon, qemu)
+    async with d.client() as c, d.client() as watcher, qemu.monitor() as mon:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        await start_slow_migration(c)
+        d.wait_for_log("QEMU migration status: active")
+        await mon.send({"execute": "quit"})
+        assert qemu.proc is not None
+        qemu.proc.wait(timeout=30)
+        statuses: list[str] = []
+        while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
+            statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
+        assert statuses == ["setup", "active", "cancelling", "cancelled"]
+        d.wait_for_log("the migration it ran (last status cancelling) cannot complete; "
+                       "clients are sent MIGRATION cancelled")
+    assert_clean_log(d)
+
+
 async def test_a_qemu_that_exits_without_migrating_sends_no_migration_event(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:

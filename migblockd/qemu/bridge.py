@@ -194,8 +194,9 @@ class Bridge:
         If it was migrating, that migration cannot end now in any status QEMU would
         report, and its clients would wait for a last ``MIGRATION`` event forever: they
         get ``failed``, the status QEMU gives a migration that ended without completing
-        other than by ``migrate_cancel`` (``MigrationStatus``, qapi/migration.json), if
-        that QEMU sent MIGRATION events at all (its ``events`` capability was on).
+        other than by ``migrate_cancel`` (``MigrationStatus``, qapi/migration.json), or
+        ``cancelled`` for one that was being cancelled, if that QEMU sent MIGRATION
+        events at all (its ``events`` capability was on).
         """
         if self._cut_off is None:
             return
@@ -221,10 +222,13 @@ class Bridge:
         send the clients the migration's last event."""
         assert self._cut_off is not None
         (cut_off, evented, _), self._cut_off = self._cut_off, None
+        # QEMU ends a cancelling migration (migrate_cancel, or its own quit) cancelled,
+        # whatever else happens (migrate_fd_cleanup(), migration/migration.c).
+        ending = "cancelled" if cut_off == "cancelling" else "failed"
         log.warning("%s: the migration it ran (last status %s) cannot complete%s", why,
-                    cut_off, "; clients are sent MIGRATION failed" if evented else "")
+                    cut_off, f"; clients are sent MIGRATION {ending}" if evented else "")
         if evented and self._core is not None:
-            self._core.relay("MIGRATION", {"status": "failed"}, timestamp(time.time()))
+            self._core.relay("MIGRATION", {"status": ending}, timestamp(time.time()))
             self._wake()
 
     async def _receiving(self, info: object) -> bool:

@@ -26,8 +26,14 @@ from qmpclient import RawClient
 from realqemu import Qemu, migrate_slowly, source_and_target, wait_until
 from test_gate import SINK, connected, gate
 
+from migblockd.contract import Contract
+from migblockd.qemu.bridge import Bridge
+from migblockd.qemu.reconnect import LinkState
+from migblockd.registry import Registry
+
 #: How the debug log traces a query-migrate sent to QEMU.
 QUERY_MIGRATE = '"execute":"query-migrate"'
+CONTRACT = Contract.load()
 EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
 
 
@@ -403,6 +409,41 @@ async def test_a_migration_cancelled_by_qemus_quit_ends_cancelled_for_its_client
         d.wait_for_log("the migration it ran (last status cancelling) cannot complete; "
                        "clients are sent MIGRATION cancelled")
     assert_clean_log(d)
+
+
+async def test_a_command_sent_as_qemu_connects_waits_for_the_events_capability(
+    qemu_factory: Callable[..., Qemu],
+) -> None:
+    """Reported: a ``migrate`` forwarded at once after migblockd reconnected reached
+    QEMU before the ``events`` capability clients had asked for was set again (1 run in
+    8 of a client retrying it across restarts); QEMU refuses capabilities while it
+    migrates, so that migration sent no MIGRATION event.  Here the bridge is driven by
+    hand: the command is forwarded as soon as the link is up."""
+    qemu = qemu_factory(memory="1G")
+    registry = Registry(CONTRACT.enums["MigMode"])
+    registry.set_events(True)
+    bridge = Bridge(qemu.gate_socket, (), CONTRACT, registry, timeout=30)
+    forwarded: list[asyncio.Task[object]] = []
+    learn = bridge.link._on_state  # the bridge's: it starts learning what QEMU does
+    assert learn is not None
+
+    def on_state(state: LinkState) -> None:
+        learn(state)
+        if state == "connected" and not forwarded:
+            forwarded.append(asyncio.ensure_future(bridge.forward(
+                "migrate", {"uri": SINK})))
+
+    bridge.link._on_state = on_state
+    bridge.link.start()
+    try:
+        await wait_until(lambda: forwarded and forwarded[0].done(), "migrate answered")
+        assert forwarded[0].result() == {}
+        async with qemu.monitor() as mon:
+            capabilities = await mon.ok("query-migrate-capabilities")
+            assert {"capability": "events", "state": True} in capabilities
+            await mon.ok("migrate_cancel")
+    finally:
+        await bridge.close()
 
 
 async def test_a_qemu_that_exits_without_migrating_sends_no_migration_event(

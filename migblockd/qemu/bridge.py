@@ -115,6 +115,11 @@ class Bridge:
 
     async def forward(self, name: str, args: dict[str, Any]) -> object:
         """Run ``name`` on QEMU: its return value, or the gate's errors."""
+        # What a QEMU just connected to does, and the events capability, are settled
+        # first: a migrate sent meanwhile would start a migration without the events
+        # clients asked for (QEMU refuses capabilities while it migrates).
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
         self._sent += 1
         sent = self._sent
         try:

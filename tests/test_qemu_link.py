@@ -347,6 +347,27 @@ async def test_link_waits_while_another_client_holds_the_monitor(
         await other.close()
 
 
+async def test_a_silent_qemu_is_not_said_to_serve_another_client_before_the_notice(
+        qemu: Qemu) -> None:
+    """Reported: a QEMU that had just accepted the link's connection (restarted a moment
+    ago, or stopped) was said to serve another client at once, with nobody else
+    connected.  That guess comes with the greeting notice, not before."""
+    assert qemu.proc is not None
+    qemu.proc.send_signal(signal.SIGSTOP)  # accepts (the kernel's backlog), never greets
+    try:
+        async with running_link(qemu.gate_socket, greeting_notice=600) as (link, _):
+            await wait_until(lambda: link.awaiting_greeting, "connection accepted")
+            with pytest.raises(QemuNotConnected) as refused:
+                await link.execute("query-migrate")
+            assert str(refused.value) == (
+                f"Not connected to QEMU's monitor at '{qemu.gate_socket}': QEMU accepted the "
+                "connection but has not greeted yet")
+            qemu.proc.send_signal(signal.SIGCONT)
+            await connected(link)
+    finally:
+        qemu.proc.send_signal(signal.SIGCONT)
+
+
 @pytest.mark.parametrize(("option", "why"), [
     # Reported: "Did not understand Greeting: Failed to deserialize QMP message.",
     # then, on a line of its own, the bytes it could not read.

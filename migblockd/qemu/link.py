@@ -313,8 +313,9 @@ class QemuLink(Reconnecting):
     def _greeting_awaited(self) -> None:
         # Until now the reason was the last attempt's ("Connection refused"): a client
         # told that while another one holds QEMU's monitor would look for a dead QEMU.
-        self._reason = ("QEMU accepted the connection but has not greeted yet (QEMU serves "
-                        "one client per monitor: is another one connected?)")
+        # Why QEMU is silent is guessed only once the greeting is late (_greeting_late):
+        # a QEMU that is starting, or just restarted, greets within milliseconds.
+        self._reason = "QEMU accepted the connection but has not greeted yet"
         # Still "disconnected" (the state's callers count on that), but QEMU is there.
         self.awaiting_greeting = True
 

@@ -131,6 +131,9 @@ class Reconnecting:
         try:
             await self._client.connect(str(self.path))
             notice.cancel()
+            # Up in a moment (QEMU's schema is some 200 kB): not silent, not held.
+            self._reason = ("QEMU has greeted; migblockd is still reading its commands "
+                            "(query-qmp-schema)")
             greeting = self._client.greeting
             version = greeting.QMP.version if greeting is not None else {}
             schema = await self._client.execute("query-qmp-schema")
@@ -162,6 +165,9 @@ class Reconnecting:
 
 
     def _greeting_late(self) -> None:
+        if self.awaiting_greeting:
+            self._reason = ("QEMU accepted the connection but has not greeted yet (QEMU "
+                            "serves one client per monitor: is another one connected?)")
         log.warning("QEMU at %s accepted the connection but has not greeted after %g s "
                     "(QEMU serves one client per monitor: is another one connected?); "
                     "still waiting", self.path, self._greeting_notice)

@@ -353,13 +353,16 @@ async def test_a_client_awaiting_the_end_of_a_migration_whose_qemu_died_hears_fa
     assert_clean_log(d)
 
 
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
 async def test_a_migration_whose_qemu_was_restarted_at_once_ends_failed_for_its_clients(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    reaped: bool,
 ) -> None:
     """Reported: a new QEMU listening on the monitor before the link tried it (a fast
     restart) hid the old one's death; its migration never ended for the clients that
     waited for its last MIGRATION event.  The new QEMU is a new process: the old one's
-    migration ends ``failed`` as when nobody listens."""
+    migration ends ``failed`` as when nobody listens, also while the old one's parent
+    has yet to reap it (a zombie has exited all the same)."""
     qemu = qemu_factory(memory="1G")
     restarted = qemu_factory(name="restarted")
     d = await gated(start_daemon, qemu)
@@ -372,7 +375,10 @@ async def test_a_migration_whose_qemu_was_restarted_at_once_ends_failed_for_its_
         # The new QEMU takes the monitor's path before the old one dies: no attempt of
         # the link's can find nobody listening there.
         restarted.gate_socket.rename(qemu.gate_socket)
-        qemu.kill()
+        if reaped:
+            qemu.kill()
+        else:
+            qemu.proc.send_signal(signal.SIGKILL)  # not waited for (reaped at teardown)
         statuses: list[str] = []
         while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
             statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])

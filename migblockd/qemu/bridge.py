@@ -219,8 +219,13 @@ class Bridge:
         except ProcessLookupError:
             return True
         except OSError:
-            return False  # it exists, another user's
-        return False
+            pass  # it exists, another user's
+        try:
+            stat = Path(f"/proc/{old}/stat").read_bytes()
+        except OSError:
+            return False  # hidden (the units' ProtectProc=invisible): cannot tell
+        # A zombie has exited, its parent has yet to reap it: "pid (comm) Z ...".
+        return stat.rpartition(b")")[2].split()[:1] == [b"Z"]
 
     def _cut_off_ended(self, why: str) -> None:
         """The QEMU whose migration the link lost has exited (``why``): say so, and

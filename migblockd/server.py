@@ -1,20 +1,11 @@
-"""The asyncio side: the listening socket, turns over the connections, commits, timers.
+"""The asyncio side: the listening socket, its connections, start-up, reload and shutdown.
 
 Everything protocol- or blocker-shaped lives in :class:`migblockd.core.Core`;
 each connection's transport is a :class:`migblockd.adapter.ClientProtocol`.
-This module decides when requests run, hands the core's groups of changes to
-the disk thread and its calls to the gated QEMU, arms the simulated
-migration's timer, and owns the order of start-up and shutdown.
-
-Turns: received bytes are buffered at once, but requests run in a *turn*, one
-callback per event-loop iteration that serves every connection with pending
-requests (at most ``BATCH`` of each, so clients take turns) and then writes
-each connection's output once.  A lone connection (no turn coming) takes
-its turn as its bytes arrive, a loop iteration sooner; if that turn left
-output for other connections or a change to commit, the flush waits for
-the next turn, so that what else arrives in the iteration joins it.  Flow
-control per connection (backpressure, ``max_output``, a dropped client's
-last words) is the adapter's.
+:class:`Server` binds the socket (or takes the one systemd passed), applies a
+reload, and owns the order of start-up and shutdown; when requests run, and
+how the core's groups of changes reach the disk thread and its calls the
+gated QEMU, is its base class's (:class:`migblockd.turns.Turns`).
 
 Shutdown is a drain (:meth:`Server.stop`): no more reading, every request
 already read runs in turns as usual and is answered, nobody is dropped for
@@ -31,8 +22,7 @@ import contextlib
 import logging
 import os
 import socket
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +37,20 @@ from migblockd.ledger import Group
 from migblockd.listen import Claim, bind_claimed
 from migblockd.pidlock import PidLock
 from migblockd.preflight import problems
-from migblockd.qemu_facts import QemuUnavailable
 from migblockd.registry import Change
 from migblockd.reloading import plan
-from migblockd.systemd import Notifier, format_status
+from migblockd.systemd import Notifier
 from migblockd.timeouts import Timeouts
+from migblockd.turns import Forward, Turns
+
+__all__ = ["Commit", "Forward", "Server"]
 
 log = logging.getLogger("migblockd")
 
 Commit = Callable[[list[Change]], None]
-#: Runs one command on the gated QEMU: its return value, or QemuError /
-#: QemuUnavailable (migblockd.qemu_facts) raised.
-Forward = Callable[[str, dict[str, Any]], Awaitable[object]]
 
 
-class Server:
+class Server(Turns):
     """The listening socket, its connections' transports, and the turn scheduler.
 
     ``commit`` writes a group of changes durably (blocking: it runs on a worker
@@ -88,7 +77,6 @@ class Server:
         self.own_socket: tuple[Path, int] | None = None  # path and inode we created
         self._socket_lock: PidLock | None = None
         self.loop = asyncio.get_running_loop()
-        #: Commits the groups of a durable daemon (None: --ephemeral).
         self._disk: DiskThread[list[Change]] | None = None
         if commit is not None:
             self._disk = DiskThread(self.loop, commit, self._commit_done)
@@ -98,9 +86,6 @@ class Server:
         #: Shutdown has begun: nobody is dropped for --max-output any more.
         self.draining = False
         self._runnable: dict[ClientProtocol, None] = {}  # an ordered set
-        #: Connections whose transport failed (or that we aborted) and whose
-        #: connection_lost, which runs what they sent and we never read, is
-        #: still to come.
         self.losing: set[ClientProtocol] = set()
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -110,177 +95,6 @@ class Server:
 
     def _turned_away(self) -> None:
         self.core.stats.connections_refused["descriptors"] += 1
-
-    # -- turns -------------------------------------------------------------------
-    def runnable(self, protocol: ClientProtocol) -> None:
-        self._runnable[protocol] = None
-        self.schedule()
-
-    def received(self, protocol: ClientProtocol) -> None:
-        """``protocol`` has new input.
-
-        When no turn is coming (no other connection has work), its turn is
-        taken now rather than in the next loop iteration: a lone client's
-        reply leaves one iteration sooner.  The flush still waits for the
-        turn when this one left output for other connections (events) or a
-        change to commit, so that whatever else arrives in this iteration
-        joins them: one write per connection, one commit per group.  Not
-        while a broken connection's unread requests wait for its
-        ``connection_lost``: those came first, and run first.
-        """
-        conn = protocol.conn
-        if conn is None or self._scheduled or self.losing or protocol.eof:
-            self.runnable(protocol)
-            return
-        if protocol.pump():  # more than one turn's worth
-            self.runnable(protocol)
-        elif self.core.others_dirty(conn) or self._commit_due():
-            self.schedule()
-        else:
-            self._flush()
-
-    def schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            self.loop.call_soon(self._turn)
-
-    def _turn(self) -> None:
-        self._scheduled = False
-        runnable, self._runnable = self._runnable, {}
-        for protocol in runnable:
-            if protocol.pump():
-                self._runnable[protocol] = None
-        self._flush()
-        for protocol in runnable:
-            if protocol.eof:
-                protocol.flush()  # closes once everything received is answered
-        if self._runnable:
-            self.schedule()
-
-    def _flush(self) -> None:
-        protocols = self.protocols
-        if self.forward is not None:
-            for conn, call in self.core.take_calls():
-                task = self.loop.create_task(self._call(conn, call.name, call.args))
-                self._forwarding.add(task)
-                task.add_done_callback(self._forwarding.discard)
-        for conn in self.core.take_dirty():
-            protocol = protocols.get(conn)
-            if protocol is not None:
-                protocol.flush()
-        # Last: the disk thread, woken now, would contend for the GIL with
-        # every write above (on one core, a context switch each time).
-        if self._disk is not None and self._group is None:
-            self._start_commit()
-        self._arm_timer()
-        self._report_status()
-        if not protocols:
-            self._all_gone.set()
-        else:
-            self._all_gone.clear()
-
-    # -- QEMU ----------------------------------------------------------------------
-    async def _call(self, conn: Connection, name: str, args: dict[str, Any]) -> None:
-        assert self.forward is not None
-        try:
-            value = await self.forward(name, args)
-        except asyncio.CancelledError:
-            self.core.resume(conn, error=QemuUnavailable(
-                "migblockd stopped before QEMU answered; the command may or may not have "
-                "taken effect"))
-            protocol = self.protocols.get(conn)
-            if protocol is not None:  # given up on during the drain: the client hears so
-                self.runnable(protocol)
-            raise
-        except Exception as exc:  # QemuError, QemuUnavailable: the core words them
-            self.core.resume(conn, error=exc)
-        else:
-            self.core.resume(conn, value)
-        protocol = self.protocols.get(conn)
-        if protocol is not None:
-            self.runnable(protocol)
-        else:
-            self.schedule()
-
-    def _give_up_on_qemu(self) -> None:
-        """The drain is ending: the commands still waiting for QEMU fail now."""
-        if self._forwarding:
-            log.warning("stopping: giving up on %d command(s) still waiting for QEMU",
-                        len(self._forwarding))
-        for task in self._forwarding:
-            task.cancel()
-
-    # -- group commit ------------------------------------------------------------
-    def _commit_due(self) -> bool:
-        """A change waits for a commit that nothing has started yet."""
-        return self._disk is not None and self._group is None and self.core.has_uncommitted()
-
-    def _start_commit(self, wait: bool = True) -> None:
-        assert self._disk is not None
-        group = self._group = self.core.take_group(wait)
-        if group is None:
-            return
-        self._group_started = time.perf_counter_ns()
-        self._disk.submit(group.changes)
-
-    def _commit_done(self, exc: BaseException | None) -> None:
-        group, self._group = self._group, None
-        assert group is not None
-        # As clients wait for it: the hand-over to the disk thread and back included.
-        self.core.stats.commit(time.perf_counter_ns() - self._group_started, exc is None)
-        if exc is None:
-            woken = self.core.committed(group)
-        else:
-            woken = self.core.commit_failed(group, str(exc))
-        # The woken go first in the next turn: a change from a client that comes
-        # before them in the turn would make their reads wait for another commit.
-        first = {p: None for c in woken if (p := self.protocols.get(c)) is not None}
-        self._runnable = first | self._runnable
-        self._committing.set()
-        self.schedule()
-        self._flush()
-
-    async def _commits_done(self) -> None:
-        """Wait until every change made so far is on disk (or has failed)."""
-        while self._disk is not None and self.core.has_uncommitted():
-            if self._group is None:
-                self._start_commit(wait=False)
-            self._committing.clear()
-            await self._committing.wait()
-
-    def _arm_timer(self) -> None:
-        deadline = self.core.next_deadline()
-        current = self._timer_deadline
-        if deadline == current or (deadline is not None and current is not None
-                                   and deadline > current):
-            return  # a timer that fires early finds nothing due, and is set again
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_deadline = deadline
-        if deadline is not None:
-            delay = max(0.0, deadline - self.core.registry.clock.monotonic())
-            self._timer = self.loop.call_later(delay, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        self._timer_deadline = None
-        self.core.tick()
-        self._flush()
-
-    # -- systemd status ------------------------------------------------------------
-    def status_line(self) -> str:
-        return format_status(*self.core.status())
-
-    def _report_status(self) -> None:
-        if not self.notifier.active:
-            return
-        status = self.core.status()
-        if status == self._status:
-            return
-        self._status = status
-        task = self.loop.create_task(self.notifier.status(format_status(*status)))
-        task.add_done_callback(_log_task_failure)
 
     # -- life cycle ----------------------------------------------------------------
     async def start(self, sock: socket.socket | None, claim: Claim | None) -> None:
@@ -386,9 +200,3 @@ class Server:
                 log.warning("reload: with %s as the file now sets it, the next start "
                             "would fail: %s", key, why)
         await self.notifier.ready(self.status_line())
-
-
-def _log_task_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("sd_notify failed: %s", task.exception())
-

@@ -1,22 +1,18 @@
-"""One client's connection: its asyncio transport, when to read, what to write, how it ends.
+"""One client's connection: its asyncio transport, when to read, what to write.
 
 :class:`ClientProtocol` is the thin adapter between one transport and the
 sans-I/O core (:class:`migblockd.core.Core`): bytes received go to the core at
-once, and the server's turn (:mod:`migblockd.server`) calls :meth:`pump` to run
+once, and the server's turn (:mod:`migblockd.turns`) calls :meth:`pump` to run
 some of the connection's requests and :meth:`flush` to write its output
-through the :class:`~migblockd.outbox.Outbox`.  The rules it applies:
-
-* **reading**: into one buffer that the server lends every connection
-  (``recv_into``), because asyncio's plain protocols allocate a fresh
-  ``READ_SIZE`` bytes object per read, which glibc serves with an
-  ``mmap``/``mremap``/``munmap`` each time; stop while requests are pending or
-  output waits (backpressure), so a client that does not read holds at most
-  one read's worth of unexecuted input and nothing is dropped;
-* **dropping**: past ``max_output`` bytes of events left unread, the client
-  alone is disconnected; what it sent before still runs (:meth:`drop`,
-  :meth:`read_leftovers`);
-* **ending**: a connection that may still be sending is half-closed after its
-  last reply and lingers while the peer takes it (:meth:`finish`).
+through the :class:`~migblockd.outbox.Outbox`.  Reading goes into one buffer
+that the server lends every connection (``recv_into``), because asyncio's
+plain protocols allocate a fresh ``READ_SIZE`` bytes object per read, which
+glibc serves with an ``mmap``/``mremap``/``munmap`` each time; it stops while
+requests are pending or output waits (backpressure), so a client that does
+not read holds at most one read's worth of unexecuted input and nothing is
+dropped.  A timeout ends it here (:meth:`expel`); how a connection ends
+(dropped, or half-closed and lingering) is its base class's,
+:class:`migblockd.ending.Ending`.
 """
 
 from __future__ import annotations
@@ -26,9 +22,10 @@ import logging
 from typing import TYPE_CHECKING, cast
 
 from migblockd.connection import Connection
-from migblockd.logs import WIRE_LIMIT, about, shown
+from migblockd.ending import LINGER, Ending
+from migblockd.logs import WIRE_LIMIT, shown
 from migblockd.outbox import HIGH_WATER, Outbox
-from migblockd.peer import discard_unread, hung_up, leftovers, peer_owner, unread, unsent
+from migblockd.peer import hung_up, peer_owner
 from migblockd.roster import BATCH
 
 if TYPE_CHECKING:
@@ -38,11 +35,6 @@ __all__ = ["BATCH", "LINGER", "READ_SIZE", "ClientProtocol", "read_buffer"]
 
 log = logging.getLogger("migblockd")
 
-#: How long a connection we half-closed may go on without taking any of its last
-#: output (or, once it has all, without closing) before we close it ...
-LINGER = 2.0
-#: ... and how long it lingers at most, however steadily it reads.
-LINGER_LIMIT = 30.0
 #: The most one read takes from a socket: asyncio's own read size.
 READ_SIZE = 256 * 1024
 
@@ -53,7 +45,7 @@ def read_buffer() -> memoryview:
     return memoryview(bytearray(READ_SIZE))
 
 
-class ClientProtocol(asyncio.BufferedProtocol):
+class ClientProtocol(Ending, asyncio.BufferedProtocol):
     """The transport of one connection, and when to read from it."""
 
     def __init__(self, server: Server) -> None:
@@ -178,32 +170,6 @@ class ClientProtocol(asyncio.BufferedProtocol):
         self.server.runnable(self)
 
     # -- ours ------------------------------------------------------------------
-    def read_leftovers(self, conn: Connection) -> None:
-        """Feed the core what the peer sent that asyncio never read (bounded)."""
-        assert self.transport is not None
-        budget = self.server.config.max_message_size + 64 * 1024
-        debug = log.isEnabledFor(logging.DEBUG)
-        for data in leftovers(self.transport, budget):
-            if debug:
-                log.debug("%s <- %s (after the connection broke)", conn.label,
-                          shown(data, WIRE_LIMIT))
-            self.core.receive_data(conn, data)
-        left = unread(self.transport)
-        if left:
-            log.warning("%s: %d bytes it sent were left unread (past the %d-byte bound); "
-                        "whatever requests they held were not run", conn.label, left, budget)
-
-    def drop(self, why: str) -> None:
-        """Disconnect the peer now.  Everything it sent before runs all the same
-        (see :meth:`connection_lost`); only the replies are lost."""
-        if self.conn is None or self.transport is None or self.dropped:
-            return
-        log.warning("%s: dropped: %s", self.conn.label, why, extra=about(self.conn))
-        self.core.stats.dropped += 1
-        self.dropped = True
-        self.transport.abort()
-        self.watch_loss()
-
     def watch_loss(self) -> None:
         """If a write just failed (or we aborted), ``connection_lost`` comes in
         a later callback and runs what the peer sent that was never read: until
@@ -291,60 +257,6 @@ class ClientProtocol(asyncio.BufferedProtocol):
         if self.eof and self.core.settled(conn) and not self.outbox.waiting:
             self.finish()
 
-    def finish(self) -> None:
-        """Everything read is answered: end the connection.
-
-        A peer that half-closed already is simply closed.  Otherwise (shutdown,
-        a timeout) it may still be sending, and closing a Unix socket with
-        unread input resets the connection, which can cost the peer the replies
-        it has not read yet.  So we half-close instead (EOF after the last
-        reply), discard what still comes (it was never read, so it never ran),
-        and close when the peer does, or once it has taken none of its output
-        (or, having it all, has not closed) for ``LINGER`` seconds: closing
-        sooner would throw away what the transport still holds for a peer
-        that is reading it.
-        """
-        transport = self.transport
-        assert transport is not None
-        if self.peer_eof or self.lingering or not transport.can_write_eof():
-            if not self.lingering:
-                transport.close()
-            return
-        self.lingering = True
-        transport.write_eof()
-        if self.read_paused:
-            transport.resume_reading()
-            self.read_paused = False
-        self.linger_owed = self._owed(transport)
-        self.linger_heard = self.discarded
-        self.linger_until = self.server.loop.time() + LINGER_LIMIT
-        self.server.loop.call_later(LINGER, self.linger_over)
-
-    def linger_over(self) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        owed, heard = self._owed(transport), self.discarded
-        in_time = self.server.loop.time() < self.linger_until
-        if (owed, heard) != (self.linger_owed, self.linger_heard) and in_time:
-            # It reads (or has just read the last of it), or it still sends: a
-            # peer busy elsewhere may read the rest in a moment, while closing
-            # now would fail its next write, and asyncio's streams (qemu.qmp's)
-            # then raise that error before the replies they already hold.
-            self.linger_owed, self.linger_heard = owed, heard
-            self.server.loop.call_later(LINGER, self.linger_over)
-            return
-        # Closing a Unix socket with input unread resets the peer's side, and
-        # the peer's streams raise the reset before the replies they hold:
-        # what it sent is never run, so it is read away first.
-        discard_unread(transport)
-        if owed:
-            self.drop(f"took none of its last replies for {LINGER:g}s after our EOF "
-                      f"({self._held(transport)})" if in_time else
-                      f"still taking its last replies after {LINGER_LIMIT:g}s of lingering")
-            return
-        transport.abort()
-
     def write_soon(self) -> None:
         """The transport takes more now: the next slice goes in a callback of its
         own, so the loop serves the other clients in between."""
@@ -352,29 +264,3 @@ class ClientProtocol(asyncio.BufferedProtocol):
             self.writing_soon = True
             self.server.loop.call_soon(self.write_more)
 
-    @staticmethod
-    def _owed(transport: asyncio.Transport) -> int:
-        """What the peer has still to read: in the transport, and in the kernel."""
-        return transport.get_write_buffer_size() + unsent(transport)
-
-    @staticmethod
-    def _held(transport: asyncio.Transport) -> str:
-        """What the peer's untaken output occupies, each part in its own unit: bytes
-        the transport has yet to write, and the kernel's buffer memory for what it
-        wrote (``SIOCOUTQ`` counts buffers, not bytes: 1280 for 306 bytes of replies)."""
-        parts = []
-        if waiting := transport.get_write_buffer_size():
-            parts.append(f"{waiting} bytes not yet written")
-        if memory := unsent(transport):
-            parts.append(f"{memory} bytes of socket buffer memory")
-        return ", ".join(parts) + " held for it"
-
-    def progress(self) -> tuple[int, int, bool]:
-        """What changes while the peer takes its output (for the shutdown drain)."""
-        conn, transport = self.conn, self.transport
-        if conn is None or transport is None:
-            return (0, 0, False)
-        # What the peer has read: its output may flow steadily while our buffers
-        # stay as full as before (we refill them as it reads).
-        taken = self.outbox.sent() - unsent(transport) if self.outbox is not None else 0
-        return (taken, conn.session.buffered, self.core.has_pending(conn))

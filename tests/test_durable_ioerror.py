@@ -14,13 +14,11 @@ thread; the test is skipped where strace cannot trace.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from conftest import DaemonProcess
+from faults import injecting
 
 Start = Callable[..., DaemonProcess]
 
@@ -28,8 +26,6 @@ Start = Callable[..., DaemonProcess]
 async def test_a_failed_sync_that_cannot_be_undone_stops_the_daemon_unanswered(
     start_daemon: Start, tmp_path: Path
 ) -> None:
-    if shutil.which("strace") is None:
-        pytest.skip("needs strace, to make the disk fail")
     directory = tmp_path / "state"
     daemon = start_daemon("--state-dir", str(directory))
     async with daemon.client() as c:
@@ -37,28 +33,14 @@ async def test_a_failed_sync_that_cannot_be_undone_stops_the_daemon_unanswered(
         # The group's two writes (a frame's header and its page) go through, its
         # sync fails, and so does every write and truncate after: a file system
         # that went read-only while the group was being synced.
-        tracer = subprocess.Popen(
-            ["strace", "-f", "-p", str(daemon.proc.pid), "-o", "/dev/null",
-             "-e", "trace=pwrite64,fsync,fdatasync,truncate,ftruncate",
-             "-e", "inject=fsync,fdatasync:error=EIO",
-             "-e", "inject=pwrite64:error=EROFS:when=3+",
-             "-e", "inject=truncate,ftruncate:error=EROFS"],
-            stderr=subprocess.PIPE, text=True)
-        assert tracer.stderr is not None
-        attached = tracer.stderr.readline()
-        if "attached" not in attached:
-            tracer.kill()
-            pytest.skip(f"strace cannot trace here: {attached.strip()}")
-        try:
+        async with injecting(daemon.proc.pid, "fsync,fdatasync", "error=EIO", "the daemon",
+                             "pwrite64:error=EROFS:when=3+", "truncate,ftruncate:error=EROFS"):
             await c.send({"execute": "add-blocker", "arguments": {"reason": "unsure",
                                                                   "id": "unsure"}, "id": 1})
             try:
                 told = await c.read_reply()
             except EOFError:
                 told = None
-        finally:
-            tracer.kill()
-            tracer.wait()
     # Stopped at once, as a crash would (exit status 1 for systemd to restart it),
     # not telling the client that a change the next start may find had failed.
     assert told is None

@@ -9,13 +9,11 @@ trace.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from conftest import DaemonProcess
+from faults import injecting
 
 from migblockd.state.store import SLOW_COMMIT
 
@@ -28,27 +26,13 @@ DELAY = SLOW_COMMIT + 0.3
 async def test_a_slow_commit_is_answered_and_logged_as_slow(
     start_daemon: Start, tmp_path: Path
 ) -> None:
-    if shutil.which("strace") is None:
-        pytest.skip("needs strace, to make the disk slow")
     directory = tmp_path / "state"
     daemon = start_daemon("--state-dir", str(directory))
     async with daemon.client() as c:
         await c.ok("add-blocker", {"reason": "before", "id": "before"})
-        tracer = subprocess.Popen(
-            ["strace", "-f", "-p", str(daemon.proc.pid), "-o", "/dev/null",
-             "-e", "trace=fsync,fdatasync",
-             "-e", f"inject=fsync,fdatasync:delay_exit={int(DELAY * 1_000_000)}"],
-            stderr=subprocess.PIPE, text=True)
-        assert tracer.stderr is not None
-        attached = tracer.stderr.readline()
-        if "attached" not in attached:
-            tracer.kill()
-            pytest.skip(f"strace cannot trace here: {attached.strip()}")
-        try:
+        async with injecting(daemon.proc.pid, "fsync,fdatasync",
+                             f"delay_exit={int(DELAY * 1_000_000)}", "the daemon"):
             await c.ok("add-blocker", {"reason": "stalled", "id": "stalled"})
-        finally:
-            tracer.kill()
-            tracer.wait()
         # Slow is not failed: the change is committed, and served.
         assert [b["id"] for b in await c.ok("query-blockers")] == ["before", "stalled"]
     found = daemon.wait_for_log(re.compile(

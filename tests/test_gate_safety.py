@@ -9,18 +9,18 @@ past a ``normal`` blocker), a capability lost with a restarted QEMU.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
+from faults import injecting
 from qemu_strings import GENERIC, MDEV, SEV, VFIO, error
 from qmpclient import RawClient
 from realqemu import Qemu, migrate_slowly, source_and_target, wait_until
@@ -102,32 +102,6 @@ async def test_a_restarted_gate_knows_that_qemu_migrates_before_its_first_client
     assert f"QEMU at {qemu.gate_socket} is migrating (status active)" in text
     assert text.index("is migrating") < text.index("refused blocker")
     assert "Traceback" not in text
-
-
-def traced(pid: int) -> bool:
-    """Every thread of ``pid`` is under a tracer (strace has attached)."""
-    tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    return bool(tasks) and all(
-        int(next(line.split()[1] for line in (task / "status").read_text().splitlines()
-                 if line.startswith("TracerPid:"))) != 0 for task in tasks)
-
-
-@contextlib.asynccontextmanager
-async def injecting(pid: int, syscalls: str, inject: str, what: str) -> AsyncIterator[None]:
-    """strace on every thread of ``pid``, injecting ``inject`` into ``syscalls``
-    (``delay_enter=``, ``error=``), for as long as the block runs."""
-    strace = subprocess.Popen(
-        ["strace", "-f", "-qq", "-p", str(pid), "-e", f"trace={syscalls}",
-         "-e", f"inject={syscalls}:{inject}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        await wait_until(lambda: traced(pid) or strace.poll() is not None, "strace attached")
-        if strace.poll() is not None:
-            pytest.skip(f"strace cannot trace {what} here (ptrace not permitted?)")
-        yield
-    finally:
-        strace.terminate()  # it detaches, and the calls run as usual again
-        strace.wait()
 
 
 async def deleted_while_migrate_asks(d: DaemonProcess, qemu: Qemu, migrator: RawClient,

@@ -1,0 +1,52 @@
+"""A disk or a kernel that misbehaves under a real process: strace's fault injection.
+
+strace attaches to every thread of a running process and makes the system calls
+it names fail (``error=EIO``) or take longer (``delay_enter=``, ``delay_exit=``,
+in microseconds), for as long as it stays attached.  A test that needs it is
+skipped where strace is missing or may not trace (no ptrace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from realqemu import wait_until
+
+__all__ = ["injecting", "traced"]
+
+
+def traced(pid: int) -> bool:
+    """Every thread of ``pid`` is under a tracer (strace has attached)."""
+    tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    return bool(tasks) and all(
+        int(next(line.split()[1] for line in (task / "status").read_text().splitlines()
+                 if line.startswith("TracerPid:"))) != 0 for task in tasks)
+
+
+@contextlib.asynccontextmanager
+async def injecting(pid: int, syscalls: str, inject: str, what: str,
+                    *also: str) -> AsyncIterator[None]:
+    """strace on every thread of ``pid``, injecting ``inject`` into ``syscalls``
+    (``delay_enter=``, ``error=``), and each of ``also`` (``"SYSCALLS:INJECT"``),
+    for as long as the block runs; ``what`` names the process in a skip."""
+    if shutil.which("strace") is None:
+        pytest.skip(f"needs strace, to make {what} misbehave (apt install strace)")
+    faults = (f"{syscalls}:{inject}", *also)
+    names = dict.fromkeys(name for fault in faults for name in fault.split(":")[0].split(","))
+    strace = subprocess.Popen(
+        ["strace", "-f", "-qq", "-p", str(pid), "-e", f"trace={','.join(names)}",
+         *(arg for fault in faults for arg in ("-e", f"inject={fault}"))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_until(lambda: traced(pid) or strace.poll() is not None, "strace attached")
+        if strace.poll() is not None:
+            pytest.skip(f"strace cannot trace {what} here (ptrace not permitted?)")
+        yield
+    finally:
+        strace.terminate()  # it detaches, and the calls run as usual again
+        strace.wait()

@@ -7,11 +7,15 @@ the asyncio adapter keeps its transport next to it.
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import TYPE_CHECKING
 
 from migblockd.access import Role
 from migblockd.qmp.envelope import Request
 from migblockd.qmp.session import Session
 from migblockd.registry import Owner
+
+if TYPE_CHECKING:  # (forwarding's handlers take a Connection)
+    from migblockd.forwarding import Pin
 
 __all__ = ["Connection"]
 
@@ -28,13 +32,14 @@ class Connection:
     taken from the session whose turn has not come yet (it waits for a commit),
     or, with ``suspended`` set, one that waits for QEMU's answer to a call or,
     with ``answer`` set too, one that goes on with ``answer`` (a value, or the
-    error to throw in) once the changes made so far are on disk.
+    error to throw in) once the changes made so far are on disk.  ``pin``: the QEMU
+    connection the calls of its latest command that talks to QEMU go to.
     ``role`` is what the access policy grants it (:mod:`migblockd.guard` fills
     it in when it is accepted, and again at its first request after a reload,
     which clears it); None until then.
     """
 
-    __slots__ = ("answer", "closed", "label", "number", "owner", "refused", "role",
+    __slots__ = ("answer", "closed", "label", "number", "owner", "pin", "refused", "role",
                  "session", "suspended", "waiting")
 
     def __init__(self, number: int, owner: Owner | None, session: Session) -> None:
@@ -46,6 +51,7 @@ class Connection:
         self.waiting: Request | None = None
         self.suspended: Generator[object, object, object] | None = None
         self.answer: tuple[object, BaseException | None] | None = None
+        self.pin: Pin | None = None
         self.role: Role | None = None
         if owner is None:
             self.label = f"client {number}"

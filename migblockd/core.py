@@ -50,6 +50,7 @@ from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.failures import internal_error, qmp_error
+from migblockd.forwarding import Pin
 from migblockd.gate import SETTLE, Call, Forwarded
 from migblockd.guard import Guard, NotOwner, OverQuota
 from migblockd.ledger import Ledger
@@ -248,6 +249,7 @@ class Core(Roster, Outcomes):
         result, error, judged = self._attempt(conn, request,
                                               lambda: handler(conn, request.args))
         if type(result) is GeneratorType:
+            conn.pin = None  # a new command: its first call may go to any QEMU
             self._drive(conn, request, result, None, None, started)
         else:
             self._complete(conn, request, result, error, started, judged)
@@ -288,7 +290,11 @@ class Core(Roster, Outcomes):
             self.ledger.waiting[conn] = None
         else:
             assert isinstance(call, Call)
-            self._calls.append((conn, call))
+            # Every call of one command goes to the QEMU its first went to (the
+            # sender checks the pin they share).
+            if conn.pin is None:
+                conn.pin = Pin()
+            self._calls.append((conn, Call(call.name, call.args, conn.pin)))
 
     def _attempt(self, conn: Connection, request: Request,
                  run: Callable[[], object]) -> tuple[object, QMPError | None, bool]:

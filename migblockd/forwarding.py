@@ -5,10 +5,13 @@ and the handler resumes with QEMU's return value, or with
 :class:`~migblockd.qemu_facts.QemuError` or
 :class:`~migblockd.qemu_facts.QemuUnavailable` thrown in; ``yield SETTLE``
 resumes it once the changes other clients made meanwhile are on disk (or
-undone).  The core drives them (the adapter does the I/O); a handler changes
-the registry only after its last ``yield``, so what it changes is committed
-with the command that made it.  A handler that returns :class:`Forwarded` says
-what QEMU applied, which a failed commit cannot take back.
+undone).  A command's calls all go to one QEMU connection (its :class:`Pin`): one
+made after QEMU was restarted is not sent, and the handler gets
+:class:`~migblockd.qemu_facts.QemuRestarted` instead.  The core drives them (the
+adapter does the I/O); a handler changes the registry only after its last
+``yield``, so what it changes is committed with the command that made it.  A
+handler that returns :class:`Forwarded` says what QEMU applied, which a failed
+commit cannot take back.
 
 :class:`Forwarding` is a part of :class:`~migblockd.gate.GateHandlers` (a base
 class of it): the command table in front of QEMU, where the pass-through
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from migblockd.commands import Args, Handlers
@@ -32,17 +35,30 @@ from migblockd.contract import Contract
 from migblockd.qmp.envelope import Command
 from migblockd.registry import Registry
 
-__all__ = ["SETTLE", "Call", "Forwarded", "Forwarding", "Settle", "Step"]
+__all__ = ["SETTLE", "Call", "Forwarded", "Forwarding", "Pin", "Settle", "Step"]
 
 Step = Generator["Call | Settle", object, object]
 
 
+@dataclass(slots=True)
+class Pin:
+    """The QEMU connection one command's calls go to: the one its first call was sent
+    on (``None`` until then).  The sender fills it in and refuses a later call once
+    the connection is another: a handler decides each call on the answers to the
+    earlier ones, which a restarted QEMU (or a reconnected one) did not give."""
+
+    connection: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
-    """A command for QEMU; the handler that yields it resumes with its return value."""
+    """A command for QEMU; the handler that yields it resumes with its return value.
+
+    Handlers leave ``pin`` out: the core gives every call of a command the same one."""
 
     name: str
     args: dict[str, Any]
+    pin: Pin | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,6 @@ how they read its answers and the errors it fails with are
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Generator
 from typing import Any, Final
 
@@ -33,6 +32,7 @@ from migblockd.qemu_facts import (
     ModeMismatch,
     QemuError,
     QemuFacts,
+    QemuRestarted,
     QemuUnavailable,
     check_runstate,
     incoming,
@@ -97,11 +97,15 @@ class GateHandlers(Forwarding):
                     if running and not self.qemu.busy:
                         # An incoming migration shows in query-migrate too, and QEMU
                         # refuses blockers only while one goes out.
-                        with contextlib.suppress(QemuUnavailable):  # else: busy, as said
+                        try:
                             running = not incoming(info, (yield from self._runstate()))
+                        except QemuRestarted:
+                            raise  # not to be judged by the next QEMU: try again
+                        except QemuUnavailable:
+                            pass  # busy, as said
                     if running or self.qemu.busy:
                         raise MigrationBusy(args["reason"])
-        except BlockerError as exc:
+        except (BlockerError, QemuRestarted) as exc:
             self._refused(conn, exc, blocker_id=args.get("id"))
             raise
         return super().add_blocker(conn, args)
@@ -182,6 +186,11 @@ class GateHandlers(Forwarding):
             self.qemu.awaiting = awaited
             log.info("%s: migrate to %s failed in QEMU: %s", conn.label, uri, shown(exc),
                      extra=about(conn))
+            raise
+        except QemuRestarted as exc:
+            # Not sent: the QEMU that passed the checks is gone.
+            self.qemu.awaiting = awaited
+            self._refused(conn, exc, uri=args.get("uri", "its channels"))
             raise
         except QemuUnavailable as exc:
             # Sent, but no answer: QEMU may have started the migration, or may yet.

@@ -14,7 +14,8 @@ the rest of the daemon shares of the answers, with no handler in it:
 * the argument names a command of this QEMU does not take, worded as its
   input visitor words them (:meth:`QemuFacts.argument_error`);
 * QEMU's errors: its own error reply (:class:`QemuError`, relayed verbatim),
-  no answer (:class:`QemuUnavailable`), the refusals QEMU's
+  no answer (:class:`QemuUnavailable`; :class:`QemuRestarted` when the
+  connection changed between a command's calls), the refusals QEMU's
   ``migrate_prepare()`` (``migration/migration.c``) gives in some run states,
   and migblockd's refusal of a migration in a mode QEMU would not use
   (:class:`ModeMismatch`).  :mod:`migblockd.failures` turns them into the
@@ -34,7 +35,7 @@ from migblockd.qmp.qdict import unvisited_order
 from migblockd.registry import RUNNING_STATUSES
 
 __all__ = [
-    "ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuUnavailable",
+    "ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuRestarted", "QemuUnavailable",
     "check_runstate", "incoming", "not_understood", "reasons_of", "status_of",
 ]
 
@@ -61,6 +62,12 @@ class QemuError(Exception):
 
 class QemuUnavailable(Exception):
     """No answer from QEMU (not connected, or the connection broke); ``str()`` says why."""
+
+
+class QemuRestarted(QemuUnavailable):
+    """A command's later call was not sent: the QEMU connection that answered its
+    earlier ones is gone, and another one is (or none is) there now.  What the
+    command decided stands on the earlier QEMU's answers, not on this one's."""
 
 
 class ModeMismatch(QMPError):

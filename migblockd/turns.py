@@ -24,8 +24,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from migblockd.forwarding import Call
 from migblockd.qemu_facts import QemuUnavailable
 from migblockd.systemd import format_status
 
@@ -44,7 +45,7 @@ log = logging.getLogger("migblockd")
 
 #: Runs one command on the gated QEMU: its return value, or QemuError /
 #: QemuUnavailable (migblockd.qemu_facts) raised.
-Forward = Callable[[str, dict[str, Any]], Awaitable[object]]
+Forward = Callable[[Call], Awaitable[object]]
 
 
 class Turns:
@@ -123,7 +124,7 @@ class Turns:
         protocols = self.protocols
         if self.forward is not None:
             for conn, call in self.core.take_calls():
-                task = self.loop.create_task(self._call(conn, call.name, call.args))
+                task = self.loop.create_task(self._call(conn, call))
                 self._forwarding.add(task)
                 task.add_done_callback(self._forwarding.discard)
         for conn in self.core.take_dirty():
@@ -142,10 +143,10 @@ class Turns:
             self._all_gone.clear()
 
     # -- QEMU ----------------------------------------------------------------------
-    async def _call(self, conn: Connection, name: str, args: dict[str, Any]) -> None:
+    async def _call(self, conn: Connection, call: Call) -> None:
         assert self.forward is not None
         try:
-            value = await self.forward(name, args)
+            value = await self.forward(call)
         except asyncio.CancelledError:
             self.core.resume(conn, error=QemuUnavailable(
                 "migblockd stopped before QEMU answered; the command may or may not have "

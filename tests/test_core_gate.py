@@ -18,7 +18,7 @@ from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.gate import Call, GateHandlers
-from migblockd.qemu_facts import QemuError, QemuFacts, QemuUnavailable
+from migblockd.qemu_facts import QemuError, QemuFacts, QemuRestarted, QemuUnavailable
 from migblockd.registry import FakeClock, Owner, Registry
 from migblockd.resolver import who
 from migblockd.systemd import format_status
@@ -544,3 +544,36 @@ def test_shutdown_names_what_a_client_it_gives_up_on_was_waiting_for(
     assert [p.why for p in stuck] == [
         "still waiting for QEMU's answer after 0.2s of shutdown",
         "still taking its last replies after 0.2s of shutdown"]
+
+
+def test_the_calls_of_one_command_share_a_pin_and_the_next_command_has_its_own() -> None:
+    # The sender (the bridge) sends every call of one pin to one QEMU connection.
+    core, _ = make()
+    a = connected(core)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "dump", "id": "d"}}')
+    (_, busy), = core.take_calls()
+    core.resume(a, {})
+    feed(core, a)
+    feed(core, a, b'{"execute": "migrate", "arguments": {"uri": "exec:cat"}, "id": 1}')
+    (_, first), = core.take_calls()
+    core.resume(a, {})
+    (_, second), = core.take_calls()  # the blocker: QEMU's run state first
+    assert first.pin is not None and second.pin is first.pin
+    assert busy.pin is not None and busy.pin is not first.pin
+
+
+def test_a_command_whose_qemu_was_restarted_between_its_calls_says_so() -> None:
+    # add-blocker's second call (QEMU migrates: an incoming migration?) found another
+    # QEMU connection: not refused as busy, but with the reason, to try again.
+    core, _ = make()
+    a = connected(core)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "dump"}, "id": 1}')
+    core.take_calls()
+    core.resume(a, {"status": "active"})
+    (_, call), = core.take_calls()
+    assert call.name == "query-status"
+    restarted = f"QEMU at '{PATH}' was restarted while migblockd checked the command: " \
+                "nothing was sent to the new QEMU; try again"
+    core.resume(a, error=QemuRestarted(restarted))
+    assert feed(core, a) == [{"id": 1, "error": {"class": "GenericError", "desc": restarted}}]
+    assert len(core.registry) == 0

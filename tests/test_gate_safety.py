@@ -27,8 +27,10 @@ from realqemu import Qemu, migrate_slowly, source_and_target, wait_until
 from test_gate import SINK, connected, gate
 
 from migblockd.contract import Contract
+from migblockd.forwarding import Call, Pin
 from migblockd.qemu.bridge import Bridge
 from migblockd.qemu.reconnect import LinkState
+from migblockd.qemu_facts import QemuRestarted
 from migblockd.registry import Registry
 
 #: How the debug log traces a query-migrate sent to QEMU.
@@ -411,7 +413,7 @@ async def test_a_command_sent_as_qemu_connects_waits_for_the_events_capability(
         learn(state)
         if state == "connected" and not forwarded:
             forwarded.append(asyncio.ensure_future(bridge.forward(
-                "migrate", {"uri": SINK})))
+                Call("migrate", {"uri": SINK}))))
 
     bridge.link._on_state = on_state
     bridge.link.start()
@@ -712,3 +714,77 @@ async def test_stopping_while_a_silent_qemu_holds_a_command_answers_its_client(
     d.wait_for_log("stopping: giving up on 1 command(s) still waiting for QEMU")
     assert "dropped" not in d.log()
     assert_clean_log(d)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt install strace)")
+async def test_a_migrate_checked_with_one_qemu_is_not_sent_to_the_next(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    """migrate's checks are answered by one QEMU; while it waits for another client's
+    commit, that QEMU is restarted on its monitor.  Reported: the migrate went to the
+    new QEMU, judged by the old one's answers (with QEMU 8.2, by its mode)."""
+    qemu = qemu_factory()
+    restarted = qemu_factory(name="restarted")
+    d = await gated(start_daemon, qemu)
+    async with d.client() as a, d.client() as b:
+        await a.ok("add-blocker", {"reason": SEV, "id": "sev"})
+        # Each fdatasync of the state from now on waits 5 s: commits are slow.
+        async with injecting(d.proc.pid, "fsync,fdatasync", "delay_enter=5000000",
+                             "the daemon"):
+            answers = d.log().count(f"QEMU {qemu.gate_socket} <- ")
+            # b's del-blocker runs while migrate waits for query-migrate's answer.
+            await deleted_while_migrate_asks(d, qemu, a, b, "sev", "del")
+            await wait_until(lambda: d.log().count(f"QEMU {qemu.gate_socket} <- ") > answers,
+                             "the first QEMU answering migrate's query-migrate")
+            # migrate now waits for b's commit: QEMU is restarted meanwhile.
+            restarted.gate_socket.rename(qemu.gate_socket)
+            qemu.kill()
+            await wait_until(lambda: d.log().count("connected to QEMU 7.") == 2,
+                             "migblockd connected to the new QEMU")
+            assert await b.read_reply() == {"return": {}, "id": "del"}
+            reply = await a.read_reply()
+        assert reply == error(GENERIC, f"QEMU at '{qemu.gate_socket}' was restarted while "
+                              "migblockd checked the command: nothing was sent to the new "
+                              "QEMU; try again", "m"), reply
+        async with restarted.monitor() as mon:
+            assert (await mon.ok("query-migrate")).get("status") is None  # never started
+    # (The log is written on a thread of its own: the reply's trace comes last.)
+    d.wait_for_log('"id": "m", "error"')
+    said = [line for line in d.log().splitlines()
+            if "was restarted while migblockd checked" in line and " DEBUG: " not in line]
+    assert len(said) == 1 and "migrate to 'exec:cat > /dev/null' refused: " in said[0], said
+    assert_clean_log(d)
+
+
+async def test_the_bridge_sends_no_call_of_a_command_to_a_qemu_restarted_since_its_first(
+    qemu_factory: Callable[..., Qemu],
+) -> None:
+    """The bridge driven by hand: a command's first call answered by one QEMU, the
+    next one (with the same pin) after a restart on the same monitor path."""
+    qemu = qemu_factory()
+    restarted = qemu_factory(name="restarted")
+    bridge = Bridge(qemu.gate_socket, (), CONTRACT, Registry(CONTRACT.enums["MigMode"]),
+                    timeout=30)
+    bridge.link.start()
+    try:
+        await wait_until(lambda: bridge.facts.connected, "the bridge connected")
+        pin = Pin()
+        assert await bridge.forward(Call("query-migrate", {}, pin)) == {}
+        assert restarted.proc is not None
+        new = restarted.proc.pid
+        restarted.gate_socket.rename(qemu.gate_socket)
+        qemu.kill()
+
+        def reconnected() -> bool:
+            info = bridge.link.info
+            return info is not None and info.pid == new
+
+        await wait_until(reconnected, "the bridge connected to the new QEMU")
+        with pytest.raises(QemuRestarted, match="nothing was sent to the new QEMU"):
+            await bridge.forward(Call("migrate", {"uri": SINK}, pin))
+        async with restarted.monitor() as mon:
+            assert (await mon.ok("query-migrate")).get("status") is None  # never started
+        # Another command starts afresh with the QEMU that is there now.
+        assert await bridge.forward(Call("query-migrate", {}, Pin())) == {}
+    finally:
+        await bridge.close()

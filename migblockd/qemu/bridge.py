@@ -16,14 +16,21 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from migblockd.contract import Contract
 from migblockd.core import Core
+from migblockd.forwarding import Call
 from migblockd.gate import GateHandlers
 from migblockd.qemu.link import QemuCommandError, QemuLink, QemuLinkError, QemuTimedOut
 from migblockd.qemu.reconnect import LinkState
-from migblockd.qemu_facts import QemuError, QemuFacts, QemuUnavailable, incoming
+from migblockd.qemu_facts import (
+    QemuError,
+    QemuFacts,
+    QemuRestarted,
+    QemuUnavailable,
+    incoming,
+)
 from migblockd.qmp.encoding import timestamp
 from migblockd.registry import RUNNING_STATUSES, Registry
 
@@ -72,6 +79,9 @@ class Bridge:
         self._tasks: set[asyncio.Task[None]] = set()
         self._sent = 0  # commands forwarded so far
         self._unanswered = 0  # which of them is the unanswered migrate (facts.unanswered)
+        #: The link's connections to QEMU, numbered: one more each time it connects (a
+        #: restarted QEMU, or the same one again); what a command's calls are pinned to.
+        self._connection = 0
         #: Whether the connected QEMU has sent a MIGRATION event (its events capability on).
         self._evented = False
         #: The connected QEMU's process id, kept once the link is lost (None: unknown).
@@ -113,13 +123,25 @@ class Bridge:
             task.cancel()
         await self.link.close()
 
-    async def forward(self, name: str, args: dict[str, Any]) -> object:
-        """Run ``name`` on QEMU: its return value, or the gate's errors."""
+    async def forward(self, call: Call) -> object:
+        """Run ``call`` on QEMU: its return value, or the gate's errors."""
+        name, args, pin = call.name, call.args, call.pin
         # What a QEMU just connected to does, and the events capability, are settled
         # first: a migrate sent meanwhile would start a migration without the events
         # clients asked for (QEMU refuses capabilities while it migrates).
         while self._tasks:
             await asyncio.wait(set(self._tasks))
+        # Checked here, with no await before the send: the connection a call goes out
+        # on is the one that answers it (lost meanwhile, it fails: QemuInterrupted).
+        if pin is not None:
+            if pin.connection is None:  # the command's first call (sent, or not connected)
+                pin.connection = self._connection
+            elif pin.connection != self._connection:
+                # The command decided on the answers of the QEMU before (a migrate's
+                # checks: its status, run state and mode), which say nothing of this one.
+                raise QemuRestarted(
+                    f"QEMU at '{self.link.path}' was restarted while migblockd checked "
+                    "the command: nothing was sent to the new QEMU; try again")
         self._sent += 1
         sent = self._sent
         try:
@@ -162,6 +184,7 @@ class Bridge:
         facts.connected = state == "connected" and info is not None
         if facts.connected:
             assert info is not None
+            self._connection += 1
             self._pid = info.pid
             if self._cut_off is not None and self._exited(self._cut_off[2], info.pid):
                 # Restarted before the link found nobody listening: the same end.

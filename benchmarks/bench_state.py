@@ -4,6 +4,7 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_state            # 1,000 groups of 16 changes
     .venv/bin/python -m benchmarks.bench_state --dir DIR  # on another file system
+    .venv/bin/python -m benchmarks.bench_state --pause 0.002  # idle between commits
 
 A group is what one turn of the daemon's event loop might write: half of it
 adds blockers, half deletes the ones the previous group added, over a store
@@ -14,12 +15,19 @@ same directory, the floor, since WAL with ``synchronous=FULL`` syncs once per
 commit.  The commit costs more than the floor by its CPU time (about 60 us)
 and because it appends to the WAL, whose growing size the file system must
 sync as well, until the WAL's first checkpoint lets it be overwritten.
+
+In the daemon, commits do not come one right after another: between two, the
+event loop runs the next group's requests while the disk is idle.  ``--pause``
+sleeps that long after each commit (and its floor) to see what that does to the
+next one: the CPU the committing thread spends (user and system, from
+``getrusage``) is reported next to the times.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -58,14 +66,23 @@ class SyncProbe:
         self.path.unlink()
 
 
-def bench(directory: Path, groups: int, size: int, standing: int
-          ) -> tuple[list[float], list[float]]:
+def thread_cpu() -> tuple[float, float]:
+    """This thread's user and system CPU seconds so far."""
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_utime, usage.ru_stime
+
+
+def bench(directory: Path, groups: int, size: int, standing: int, pause: float = 0.0
+          ) -> tuple[list[float], list[float], tuple[float, float]]:
     """Seconds per commit of ``groups`` groups of ``size`` changes, and of a bare
     sync after each (interleaved, so that both see the same disk: on a shared
-    machine other processes' I/O changes the sync's cost from second to second)."""
+    machine other processes' I/O changes the sync's cost from second to second),
+    then sleeping ``pause`` seconds; and the user and system CPU seconds of all
+    the commits together."""
     probe = SyncProbe(directory)
     commits: list[float] = []
     syncs: list[float] = []
+    user = system = 0.0
     try:
         with Store.open(directory / "state") as store:
             store.commit([Put(blocker(seq)) for seq in range(standing)])
@@ -76,14 +93,20 @@ def bench(directory: Path, groups: int, size: int, standing: int
                 seq += len(adds)
                 group: list[Change] = [Put(row) for row in adds]
                 group += [Delete(id) for id in previous[: size // 2]]
+                cpu = thread_cpu()
                 start = time.perf_counter()
                 store.commit(group)
                 commits.append(time.perf_counter() - start)
+                after = thread_cpu()
+                user += after[0] - cpu[0]
+                system += after[1] - cpu[1]
                 syncs.append(probe.time())
                 previous = [row.id for row in adds]
+                if pause:
+                    time.sleep(pause)
     finally:
         probe.close()
-    return commits, syncs
+    return commits, syncs, (user, system)
 
 
 def report(name: str, times: list[float]) -> None:
@@ -100,14 +123,21 @@ def main() -> None:
                         help="blockers already stored")
     parser.add_argument("--dir", type=Path, help="where to put the state (default: a "
                         "temporary directory)")
+    parser.add_argument("--pause", type=float, default=0.0, metavar="SECONDS",
+                        help="sleep after each commit, as the daemon's disk idles between "
+                        "two (default: none)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         directory = Path(tmp)
-        commits, syncs = bench(directory, args.groups, args.size, args.standing)
+        commits, syncs, (user, system) = bench(directory, args.groups, args.size,
+                                               args.standing, args.pause)
+    pause = f", {args.pause * 1e3:g} ms apart" if args.pause else ""
     print(f"{args.groups} commits of {args.size} changes over {args.standing} stored blockers, "
-          f"in {directory}")
+          f"in {directory}{pause}")
     report("commit (group)", commits)
     report("fdatasync (4 KiB)", syncs)
+    print(f"{'commit CPU':<28} user {user / args.groups * 1e6:.0f} us, system "
+          f"{system / args.groups * 1e6:.0f} us per commit")
 
 
 if __name__ == "__main__":

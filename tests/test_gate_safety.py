@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, assert_clean_log
+from conftest import ROOT, DaemonProcess, assert_clean_log
 from faults import injecting
 from qemu_strings import GENERIC, MDEV, SEV, VFIO, error
 from qmpclient import RawClient
@@ -367,6 +368,33 @@ async def test_a_migration_whose_qemu_was_restarted_at_once_ends_failed_for_its_
         await c.ok("add-blocker", {"reason": SEV})
     assert "nobody listens" not in d.log()
     assert_clean_log(d)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None
+                    or shutil.which("setpriv") is None,
+                    reason="needs root, unshare and setpriv (a /proc that hides others)")
+def test_a_zombie_qemu_of_another_user_counts_as_exited_where_proc_hides_it() -> None:
+    """The units run the daemon with ProtectProc=invisible, and QEMU runs as another user
+    as a rule: such a QEMU, killed and not yet reaped when the new one answers, has
+    exited all the same, though its /proc entry is hidden and kill(pid, 0) is refused.
+    Judged here as the unit judges it: as another uid, in a mount namespace whose /proc
+    is mounted hidepid=invisible."""
+    zombie = subprocess.Popen(["true"])  # root's; not waited for until the end
+    try:
+        os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # exited, left a zombie
+        judge = ("from migblockd.qemu.bridge import process_exited; "
+                 f"print(process_exited({zombie.pid}))")
+        hidden = subprocess.run(
+            ["unshare", "--mount", "sh", "-c",
+             'mount -t proc -o hidepid=invisible proc /proc || exit 77; exec "$@"', "sh",
+             "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-c", judge],
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+        if hidden.returncode == 77:
+            pytest.skip(f"cannot mount a /proc of its own here: {hidden.stderr.strip()}")
+        assert (hidden.returncode, hidden.stdout) == (0, "True\n"), hidden.stderr
+    finally:
+        zombie.wait()
 
 
 async def test_a_migration_cancelled_by_qemus_quit_ends_cancelled_for_its_clients(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,7 +35,7 @@ from migblockd.qemu_facts import (
 from migblockd.qmp.encoding import timestamp
 from migblockd.registry import RUNNING_STATUSES, Registry
 
-__all__ = ["Bridge"]
+__all__ = ["Bridge", "process_exited"]
 
 log = logging.getLogger("migblockd")
 
@@ -237,18 +238,7 @@ class Bridge:
         its monitor: a QEMU restarted at once, which the link never found missing."""
         if old is None or new is None or old == new:
             return False  # the same QEMU answers again (or nothing tells them apart)
-        try:
-            os.kill(old, 0)  # no signal: whether the process exists
-        except ProcessLookupError:
-            return True
-        except OSError:
-            pass  # it exists, another user's
-        try:
-            stat = Path(f"/proc/{old}/stat").read_bytes()
-        except OSError:
-            return False  # hidden (the units' ProtectProc=invisible): cannot tell
-        # A zombie has exited, its parent has yet to reap it: "pid (comm) Z ...".
-        return stat.rpartition(b")")[2].split()[:1] == [b"Z"]
+        return process_exited(old)
 
     def _cut_off_ended(self, why: str) -> None:
         """The QEMU whose migration the link lost has exited (``why``): say so, and
@@ -305,3 +295,25 @@ class Bridge:
                             "for: %s", path, exc)
             else:
                 log.info("QEMU at %s: set the events capability clients asked for", path)
+
+
+def process_exited(pid: int) -> bool:
+    """Whether process ``pid`` has exited, reaped or not (a zombie has exited too).
+
+    A pidfd says so whoever's the process is: /proc would not, where the units'
+    ``ProtectProc=invisible`` hides other users' processes (QEMU's, as a rule), and
+    ``kill(pid, 0)`` on one of those is refused, zombie or not.  The pidfd is
+    readable once the process has exited (``pidfd_open(2)``).
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True  # exited and reaped
+    except OSError:
+        return False  # cannot tell (a kernel older than 5.3, say)
+    try:
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        return bool(poll.poll(0))
+    finally:
+        os.close(fd)

@@ -43,11 +43,13 @@ Step = Generator["Call | Settle", object, object]
 @dataclass(slots=True)
 class Pin:
     """The QEMU connection one command's calls go to: the one its first call was sent
-    on (``None`` until then).  The sender fills it in and refuses a later call once
-    the connection is another: a handler decides each call on the answers to the
-    earlier ones, which a restarted QEMU (or a reconnected one) did not give."""
+    on (``None`` until then), and the process id of the QEMU at its other end.  The
+    sender fills it in and refuses a later call once the connection is another: a
+    handler decides each call on the answers to the earlier ones, which a restarted
+    QEMU (or a reconnected one) did not give."""
 
     connection: int | None = None
+    pid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -814,5 +815,46 @@ async def test_the_bridge_sends_no_call_of_a_command_to_a_qemu_restarted_since_i
             assert (await mon.ok("query-migrate")).get("status") is None  # never started
         # Another command starts afresh with the QEMU that is there now.
         assert await bridge.forward(Call("query-migrate", {}, Pin())) == {}
+    finally:
+        await bridge.close()
+
+
+def cut(path: Path) -> None:
+    """Shut down this process's connections to the socket at ``path`` (the link's): the
+    connection is lost, the process at the other end stays."""
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue  # closed meanwhile (listdir's own descriptor)
+        with sock:
+            if sock.family == socket.AF_UNIX and sock.getpeername() == str(path):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+async def test_a_command_whose_connection_was_made_again_blames_no_restart(
+    qemu: Qemu,
+) -> None:
+    """The link lost its connection between two calls of a command and made it again to
+    the same QEMU: the command fails, without saying that QEMU was restarted."""
+    bridge = Bridge(qemu.gate_socket, (), CONTRACT, Registry(CONTRACT.enums["MigMode"]),
+                    timeout=30)
+    bridge.link.start()
+    try:
+        await wait_until(lambda: bridge.facts.connected, "the bridge connected")
+        pin = Pin()
+        assert await bridge.forward(Call("query-migrate", {}, pin)) == {}
+        cut(qemu.gate_socket)
+        await wait_until(lambda: not bridge.facts.connected, "the connection lost")
+        await wait_until(lambda: bridge.facts.connected, "the bridge connected again")
+        info = bridge.link.info
+        assert qemu.proc is not None and info is not None and info.pid == qemu.proc.pid
+        with pytest.raises(QemuRestarted) as refused:
+            await bridge.forward(Call("query-status", {}, pin))
+        assert str(refused.value) == (
+            f"The connection to QEMU at '{qemu.gate_socket}' was lost and made again while "
+            "migblockd checked the command: nothing more of it was sent; try again")
     finally:
         await bridge.close()

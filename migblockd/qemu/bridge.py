@@ -136,13 +136,11 @@ class Bridge:
         # on is the one that answers it (lost meanwhile, it fails: QemuInterrupted).
         if pin is not None:
             if pin.connection is None:  # the command's first call (sent, or not connected)
-                pin.connection = self._connection
+                pin.connection, pin.pid = self._connection, self._pid
             elif pin.connection != self._connection:
                 # The command decided on the answers of the QEMU before (a migrate's
                 # checks: its status, run state and mode), which say nothing of this one.
-                raise QemuRestarted(
-                    f"QEMU at '{self.link.path}' was restarted while migblockd checked "
-                    "the command: nothing was sent to the new QEMU; try again")
+                raise self._restarted(pin.pid)
         self._sent += 1
         sent = self._sent
         try:
@@ -159,6 +157,20 @@ class Bridge:
             raise QemuUnavailable(str(exc)) from None
         self._answered(sent)
         return result
+
+    def _restarted(self, pid: int | None) -> QemuRestarted:
+        """Why a command whose earlier calls went to QEMU process ``pid`` (on another
+        connection) sends no more: QEMU was restarted, or only its connection was lost
+        and made again (the same process answers), which a restart must not be
+        blamed for."""
+        if pid is not None and pid == self._pid:
+            return QemuRestarted(
+                f"The connection to QEMU at '{self.link.path}' was lost and made again "
+                "while migblockd checked the command: nothing more of it was sent; try "
+                "again")
+        return QemuRestarted(
+            f"QEMU at '{self.link.path}' was restarted while migblockd checked the "
+            "command: nothing was sent to the new QEMU; try again")
 
     def _answered(self, sent: int) -> None:
         """QEMU answered the command forwarded ``sent``-th: it answers in order, so it

@@ -175,8 +175,9 @@ class Store:
             self._fold_log("PASSIVE")
         took = time.monotonic() - started
         if took >= SLOW_COMMIT:
-            log.warning("a commit to %s took %.1f s (%d change%s): its disk is slow, and the "
-                        "clients whose changes it carried waited as long for their replies",
+            log.warning("a commit to %s took %.1f s (%d change%s): its disk or the machine is "
+                        "slow, and the clients whose changes it carried waited as long for "
+                        "their replies",
                         self.path, took, len(changes), "" if len(changes) == 1 else "s")
 
     def _check_files(self) -> None:

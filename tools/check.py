@@ -2,8 +2,9 @@
 
 Usage: ``python tools/check.py [PYTEST ARGS...]`` from the project's virtual
 environment (the README's test command sets one up).  Tools that the tests need
-from the operating system (systemd's ``systemd-analyze`` and
-``systemd-socket-activate``; a real QEMU, ``qemu-system-x86_64``, and its
+from the operating system (systemd's ``systemd-analyze``,
+``systemd-socket-activate`` and its service manager; util-linux's ``unshare``
+and ``nsenter``; a real QEMU, ``qemu-system-x86_64``, and its
 ``qemu-img``; ``man`` and ``zsh`` for the man pages and completion scripts)
 are installed with apt-get when missing and we are root;
 otherwise the run stops with a message saying what to install.
@@ -22,6 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SYSTEM_TOOLS = {
     "systemd-analyze": "systemd",
     "systemd-socket-activate": "systemd",
+    # A real service manager (systemd --user) in namespaces of its own.
+    "systemctl": "systemd",
+    "systemd-sysusers": "systemd",
+    "unshare": "util-linux",
+    "nsenter": "util-linux",
+    "setpriv": "util-linux",
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
     # The man pages are rendered with man -l, the zsh completion loaded by zsh.

@@ -1,0 +1,412 @@
+"""The shipped units under a real systemd service manager, driven with systemctl.
+
+systemd need not be PID 1 here: ``systemd --user`` started as root is a full
+service manager (socket activation, Type=notify, the watchdog, Restart=,
+ExecReload=, User=, StateDirectory= and the sandbox), and ``systemctl --user``
+talks to it over its private socket.  It runs in namespaces of its own
+(``unshare --mount --pid``): a private /run (so the units' socket path is used as
+written), /opt (where the installed copy goes, at the path ExecStart= names),
+/tmp and /var/tmp (PrivateTmp= directories die with the namespace), and an
+/etc/passwd and /etc/group with the users ``systemd/sysusers.d`` declares.  When
+the namespace's first process dies, the kernel kills every process in it: the
+manager, the daemon and whatever ExecReload= started, even if the test fails.
+
+The tests see the namespace from outside through ``/proc/PID/root`` (the
+daemon's socket) and ``nsenter`` (systemctl), as a client and an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from qmpclient import RawClient
+
+#: Every wait on the manager or the daemon, in seconds.
+TIMEOUT = 60.0
+UNITS = ROOT / "systemd"
+#: Where the test's directory appears inside the namespace.
+INSIDE = "/run/migblockd-test"
+#: The socket unit's ListenStream=, used as shipped (/run is the namespace's own).
+SOCKET = "/run/migblockd/migblockd.sock"
+#: The manager's namespaces (a /proc of its PID namespace, for its own use).
+NAMESPACES = ["unshare", "--mount", "--propagation=private", "--pid", "--fork", "--mount-proc"]
+#: The watchdog test's WatchdogSec=: the shipped 30 s would make it wait 30 s.
+WATCHDOG_SEC = 3
+SYSTEMD = next((p for p in ("/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+                if os.access(p, os.X_OK)), None)
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or SYSTEMD is None or shutil.which("unshare") is None
+    or shutil.which("nsenter") is None or shutil.which("systemd-sysusers") is None
+    or shutil.which("setpriv") is None,
+    reason="needs root, systemd (apt install systemd), unshare, nsenter and setpriv (util-linux)",
+)
+
+# The first process of the namespaces: sets up the mounts, then runs the manager
+# and stays its parent.  Arguments: the test directory, the venv (sys.prefix),
+# the checkout, the interpreter's prefix and the directory above it that the
+# daemon's user may not enter (empty if none).
+NAMESPACE_INIT = r"""
+set -eu
+base=$1 venv=$2 src=$3 interpreter=$4 blocked=$5
+# systemd --user refuses to start unless the system "has been booted with systemd".
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/systemd/system "$INSIDE"
+mount --bind "$base" "$INSIDE"
+mount --bind "$INSIDE/etc/passwd" /etc/passwd
+mount --bind "$INSIDE/etc/group" /etc/group
+# The installed copy at the path the units name: a launcher, this venv and this
+# checkout (bound, so no directory above them needs to be readable by the daemon's
+# user, and reachable under PrivateTmp= even if the checkout is under /tmp).
+mount -t tmpfs -o mode=0755 tmpfs /opt
+mkdir -p /opt/migblockd/bin /opt/migblockd/venv /opt/migblockd/src
+mount --bind -o ro "$venv" /opt/migblockd/venv
+mount --bind -o ro "$src" /opt/migblockd/src
+install -m 0755 "$INSIDE/launcher" /opt/migblockd/bin/migblockd
+# An interpreter under a home directory (pyenv's in /root): a real install would
+# not use one, and ProtectHome= would hide it.  Here the home directory is
+# replaced by an empty one holding only the interpreter, at its own path (the
+# venv's links name it).
+if [ -n "$blocked" ]; then
+    mkdir /opt/migblockd/python
+    mount --bind -o ro "$interpreter" /opt/migblockd/python
+    mount -t tmpfs -o mode=0755 tmpfs "$blocked"
+    mkdir -p "$interpreter"
+    mount --bind /opt/migblockd/python "$interpreter"
+fi
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+# No journal here: the services' output (DefaultStandardOutput=inherit in
+# user.conf) goes to the manager's stderr or, after a daemon-reload, to its
+# /dev/console; both are files the test reads.
+mount --bind "$INSIDE/console.log" /dev/console
+mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+export XDG_RUNTIME_DIR="$INSIDE/runtime" XDG_CONFIG_HOME="$INSIDE/config"
+touch "$INSIDE/mounted"
+"$systemd" --user &
+wait $!
+"""
+
+LAUNCHER = """#!{python}
+# This checkout's package, from the venv its tests run in (no install step).
+import sys
+sys.path.insert(0, "/opt/migblockd/src")
+from migblockd.__main__ import main
+main()
+"""
+
+#: Unit lines this container refuses, and why; each is dropped from the copy.
+REFUSED = {
+    # yes mounts systemd's inaccessible nodes over /home, /root and /run/user;
+    # this container refuses those mounts (InaccessiblePaths=/root fails alike),
+    # and the service fails with 226/NAMESPACE before the daemon runs.
+    "ProtectHome=",
+}
+
+GOOD_CONFIG = 'log-level = "info"\n'
+
+
+def installed_unit(name: str) -> str:
+    """A shipped unit as installed here: only the lines in REFUSED removed."""
+    lines = (UNITS / name).read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith(tuple(REFUSED))]
+    assert len(lines) - len(kept) == (1 if name.endswith(".service") else 0)
+    return "".join(kept)
+
+
+@dataclass
+class Manager:
+    """A running user manager in its namespaces, and the test directory it sees."""
+
+    base: Path
+    unshare: subprocess.Popen[bytes]
+    init_pid: int
+
+    def systemctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["nsenter", f"--target={self.init_pid}", "--mount", "--pid", "--",
+             "env", f"XDG_RUNTIME_DIR={INSIDE}/runtime", "systemctl", "--user", *args],
+            capture_output=True, text=True, timeout=TIMEOUT, check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"systemctl {' '.join(args)}: {result}\n{self.log()}")
+        return result
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.systemctl("show", "-p", ",".join(props), unit).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def wait_for(self, unit: str, what: str,
+                 predicate: Callable[[dict[str, str]], bool]) -> dict[str, str]:
+        deadline = time.monotonic() + TIMEOUT
+        props = ("ActiveState", "SubState", "MainPID", "NRestarts", "StatusText", "Result")
+        while True:
+            state = self.show(unit, *props)
+            if predicate(state):
+                return state
+            # failed is final: no restart is coming (auto-restart passes through
+            # activating, not failed).
+            assert state["ActiveState"] != "failed", f"{unit}: no {what}: {state}\n{self.log()}"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{unit}: no {what} in {TIMEOUT} s: {state}\n{self.log()}")
+            time.sleep(0.1)
+
+    def inside(self, path: str) -> Path:
+        """``path`` as the namespace sees it (its /run, its /proc)."""
+        return Path(f"/proc/{self.init_pid}/root{path}")
+
+    @property
+    def socket(self) -> Path:
+        return self.inside(SOCKET)
+
+    def daemon_log(self) -> str:
+        """Everything the services wrote: the manager's stderr, or its console
+        (after a daemon-reload, the manager passes the latter)."""
+        return "".join((self.base / name).read_text(errors="replace")
+                       for name in ("console.log", "manager.log"))
+
+    def log(self) -> str:
+        """The tails of the services' output and of the manager's own."""
+        return "".join(f"--- {name}\n" + (self.base / name).read_text(errors="replace")[-5000:]
+                       for name in ("console.log", "manager.log"))
+
+    def write_config(self, text: str) -> None:
+        (self.base / "migblockd.toml").write_text(text)
+        (self.base / "migblockd.toml").chmod(0o644)
+
+    def drop_in(self, unit: str, text: str) -> None:
+        directory = self.base / "config/systemd/user" / f"{unit}.d"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "test.conf").write_text(text)
+        self.systemctl("daemon-reload")
+
+
+def closed_to_others(path: Path) -> Path | None:
+    """The first directory on the way to ``path`` that other users may not enter."""
+    for directory in [*reversed(path.parents), path]:
+        if not directory.stat().st_mode & 0o001:
+            return directory
+    return None
+
+
+def children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
+def prepare(base: Path) -> None:
+    """The test directory: units, config, launcher, passwd and group, all readable."""
+    base.chmod(0o755)  # the daemon's user walks through it to its state and config
+    units = base / "config/systemd/user"
+    units.mkdir(parents=True)
+    # As /run/systemd is on a system: the daemon's user reaches the manager's
+    # notify socket in it (see user_manager()).
+    (base / "runtime").mkdir(mode=0o755)
+    (base / "console.log").touch()
+    for name in ("migblockd.service", "migblockd.socket"):
+        (units / name).write_text(installed_unit(name))
+    # The unit's own way to change the command line (its comment says so): a
+    # drop-in for MIGBLOCKD_OPTIONS, since /etc/migblockd is the host's.
+    (units / "migblockd.service.d").mkdir()
+    (units / "migblockd.service.d/config.conf").write_text(
+        f'[Service]\nEnvironment="MIGBLOCKD_OPTIONS=--config {INSIDE}/migblockd.toml"\n')
+    (base / "config").chmod(0o755)  # StateDirectory= is $XDG_CONFIG_HOME/migblockd
+    # No journal here: the daemon's log goes to the manager's console, a file the
+    # test reads.  In user.conf rather than on the command line, which
+    # daemon-reload forgets.
+    (base / "config/systemd/user.conf").write_text(
+        "[Manager]\nDefaultStandardOutput=inherit\nDefaultStandardError=inherit\n")
+    (base / "migblockd.toml").write_text(GOOD_CONFIG)
+    (base / "migblockd.toml").chmod(0o644)
+    python = "/opt/migblockd/venv/bin/python" if sys.prefix != sys.base_prefix else sys.executable
+    (base / "launcher").write_text(LAUNCHER.format(python=python))
+    # The users systemd/sysusers.d declares, in copies of this machine's files.
+    etc = base / "sysroot/etc"
+    etc.mkdir(parents=True)
+    for name in ("passwd", "group", "shadow", "gshadow"):
+        if Path("/etc", name).exists():
+            shutil.copy2(Path("/etc", name), etc / name)
+    subprocess.run(["systemd-sysusers", f"--root={base / 'sysroot'}",
+                    str(UNITS / "sysusers.d/migblockd.conf")],
+                   check=True, capture_output=True, timeout=TIMEOUT)
+    (base / "etc").mkdir()
+    for name in ("passwd", "group"):
+        shutil.copy2(etc / name, base / "etc" / name)
+        (base / "etc" / name).chmod(0o644)
+    shutil.rmtree(base / "sysroot")  # its shadow copies have no business in a 0755 tree
+
+
+def namespaces_refused() -> str | None:
+    """Why new mount and PID namespaces cannot be had here, or None."""
+    probe = subprocess.run(
+        [*NAMESPACES, "true"], capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    return None if probe.returncode == 0 else probe.stderr.strip() or str(probe.returncode)
+
+
+@contextlib.contextmanager
+def user_manager(base: Path) -> Iterator[Manager]:
+    if (refused := namespaces_refused()) is not None:
+        pytest.skip(f"no user manager without new mount and PID namespaces: {refused}")
+    prepare(base)
+    log = (base / "manager.log").open("wb")
+    interpreter = Path(os.path.realpath(sys.base_prefix))
+    env = {**os.environ, "INSIDE": INSIDE, "systemd": str(SYSTEMD)}
+    unshare = subprocess.Popen(
+        # setpriv: unshare gets SIGKILL if the test process dies, however it does.
+        ["setpriv", "--pdeathsig=SIGKILL", *NAMESPACES, "--kill-child",
+         "--", "sh", "-c", NAMESPACE_INIT, "init", str(base), sys.prefix, str(ROOT),
+         str(interpreter), str(closed_to_others(interpreter) or "")],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (init := children(unshare.pid)):
+            assert unshare.poll() is None and time.monotonic() < deadline, "unshare exited"
+            time.sleep(0.05)
+        manager = Manager(base, unshare, init[0])
+        while not (base / "runtime/systemd/private").exists():
+            if unshare.poll() is not None and (base / "mounted").exists():
+                # The namespaces are set up, and systemd itself gives up here.
+                pytest.skip(f"systemd --user does not run here: {manager.log()}")
+            assert unshare.poll() is None, f"the namespace's setup failed: {manager.log()}"
+            assert time.monotonic() < deadline, f"no systemd --user in {TIMEOUT} s"
+            time.sleep(0.05)
+        # A user manager's services run as its user, so its notify socket is
+        # srwxr-xr-x; a system manager's (/run/systemd/notify) is writable by
+        # all, which sd_notify() from User=migblockd needs.  The system's mode:
+        (base / "runtime/systemd/notify").chmod(0o777)
+        manager.systemctl("start", "migblockd.socket")
+        yield manager
+    finally:
+        # SIGKILL to unshare: --kill-child kills the namespace's first process, whose
+        # death makes the kernel kill every process left in the PID namespace.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(unshare.pid, signal.SIGKILL)
+        unshare.wait(timeout=TIMEOUT)
+        log.close()
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[Manager]:
+    with user_manager(tmp_path) as running:
+        yield running
+
+
+async def client(manager: Manager) -> RawClient:
+    return await asyncio.wait_for(RawClient.connect(manager.socket), TIMEOUT)
+
+
+async def blocker_ids(manager: Manager) -> set[str]:
+    c = await client(manager)
+    try:
+        return {b["id"] for b in await c.ok("query-blockers")}
+    finally:
+        await c.close()
+
+
+async def add_blocker(manager: Manager, blocker_id: str) -> None:
+    c = await client(manager)
+    try:
+        await c.ok("add-blocker", {"id": blocker_id, "reason": f"test {blocker_id}"})
+    finally:
+        await c.close()
+
+
+def is_running(state: dict[str, str]) -> bool:
+    return state["ActiveState"] == "active" and state["MainPID"] != "0"
+
+
+async def test_socket_activation_serves_and_reports_status(manager: Manager) -> None:
+    assert manager.show("migblockd.socket", "ActiveState")["ActiveState"] == "active"
+    state = manager.show("migblockd.service", "ActiveState", "MainPID")
+    assert state == {"ActiveState": "inactive", "MainPID": "0"}
+    c = await client(manager)
+    try:
+        assert "QMP" in c.greeting
+        await c.ok("add-blocker", {"id": "a1", "reason": "activated"})
+        running = manager.wait_for("migblockd.service", "status", lambda s: is_running(s)
+                                   and "1 blocker" in s["StatusText"])
+        assert re.search(r"\b1 client\b", running["StatusText"]), running
+        # User= and StateDirectory= as a system manager applies them.
+        uid = next(int(line.split(":")[2]) for line in
+                   (manager.base / "etc/passwd").read_text().splitlines()
+                   if line.startswith("migblockd:"))
+        status = manager.inside(f"/proc/{running['MainPID']}/status").read_text()
+        assert re.search(rf"^Uid:\s+{uid}\s", status, re.MULTILINE), status
+        state_dir = (manager.base / "config/migblockd").stat()
+        assert (state_dir.st_uid, state_dir.st_mode & 0o777) == (uid, 0o700)
+    finally:
+        await c.close()
+
+
+async def reason_refused(manager: Manager, length: int) -> bool:
+    c = await client(manager)
+    try:
+        reply = await c.execute("add-blocker", {"id": "long", "reason": "x" * length})
+        if "return" in reply:
+            await c.ok("del-blocker", {"id": "long"})
+        return "error" in reply
+    finally:
+        await c.close()
+
+
+async def test_reload_applies_a_good_file_and_refuses_a_bad_one(manager: Manager) -> None:
+    await add_blocker(manager, "r1")
+    pid = manager.wait_for("migblockd.service", "start", is_running)["MainPID"]
+    assert not await reason_refused(manager, 40)
+    manager.write_config("max-reason-length = 16\n")
+    assert manager.systemctl("reload", "migblockd.service").returncode == 0
+    # systemctl reload returns once kill has signalled; the daemon applies it next.
+    deadline = time.monotonic() + TIMEOUT
+    while not await reason_refused(manager, 40):
+        assert time.monotonic() < deadline, manager.log()
+        await asyncio.sleep(0.1)
+    manager.write_config('max-reason-length = "lots"\n')
+    bad = manager.systemctl("reload", "migblockd.service", check=False)
+    assert bad.returncode != 0, bad
+    after = manager.wait_for("migblockd.service", "state", is_running)
+    assert after["MainPID"] == pid, after
+    assert "r1" in await blocker_ids(manager)
+    assert await reason_refused(manager, 40)
+    # The bad file stopped the reload before kill: one reload reached the daemon.
+    assert manager.daemon_log().count("reloaded configuration") == 1, manager.log()
+
+
+async def test_blockers_survive_restart_and_sigkill(manager: Manager) -> None:
+    await add_blocker(manager, "d1")
+    first = manager.wait_for("migblockd.service", "start", is_running)
+    manager.systemctl("restart", "migblockd.service")
+    second = manager.wait_for("migblockd.service", "restart", is_running)
+    assert second["MainPID"] != first["MainPID"]
+    assert "d1" in await blocker_ids(manager)
+    await add_blocker(manager, "d2")
+    manager.systemctl("kill", "--signal=SIGKILL", "--kill-who=main", "migblockd.service")
+    third = manager.wait_for("migblockd.service", "restart after SIGKILL", lambda s:
+                             is_running(s) and s["MainPID"] != second["MainPID"])
+    assert int(third["NRestarts"]) >= 1, third
+    assert {"d1", "d2"} <= await blocker_ids(manager)
+
+
+async def test_watchdog_restarts_a_stopped_daemon(manager: Manager) -> None:
+    manager.drop_in("migblockd.service", f"[Service]\nWatchdogSec={WATCHDOG_SEC}s\n")
+    await add_blocker(manager, "w1")
+    before = manager.wait_for("migblockd.service", "start", is_running)
+    manager.systemctl("kill", "--signal=SIGSTOP", "--kill-who=main", "migblockd.service")
+    after = manager.wait_for("migblockd.service", "restart by the watchdog", lambda s:
+                             is_running(s) and s["MainPID"] != before["MainPID"])
+    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1, after
+    assert "w1" in await blocker_ids(manager)

@@ -9,6 +9,7 @@ past a ``normal`` blocker), a capability lost with a restarted QEMU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -785,13 +786,10 @@ async def test_a_migrate_checked_with_one_qemu_is_not_sent_to_the_next(
     assert_clean_log(d)
 
 
-async def test_the_bridge_sends_no_call_of_a_command_to_a_qemu_restarted_since_its_first(
-    qemu_factory: Callable[..., Qemu],
-) -> None:
-    """The bridge driven by hand: a command's first call answered by one QEMU, the
-    next one (with the same pin) after a restart on the same monitor path."""
-    qemu = qemu_factory()
-    restarted = qemu_factory(name="restarted")
+@contextlib.asynccontextmanager
+async def first_call_answered(qemu: Qemu) -> AsyncIterator[tuple[Bridge, Pin]]:
+    """A bridge driven by hand, connected to ``qemu``, and the pin of a command whose
+    first call (``query-migrate``) that QEMU has answered."""
     bridge = Bridge(qemu.gate_socket, (), CONTRACT, Registry(CONTRACT.enums["MigMode"]),
                     timeout=30)
     bridge.link.start()
@@ -799,6 +797,19 @@ async def test_the_bridge_sends_no_call_of_a_command_to_a_qemu_restarted_since_i
         await wait_until(lambda: bridge.facts.connected, "the bridge connected")
         pin = Pin()
         assert await bridge.forward(Call("query-migrate", {}, pin)) == {}
+        yield bridge, pin
+    finally:
+        await bridge.close()
+
+
+async def test_the_bridge_sends_no_call_of_a_command_to_a_qemu_restarted_since_its_first(
+    qemu_factory: Callable[..., Qemu],
+) -> None:
+    """The bridge driven by hand: a command's first call answered by one QEMU, the
+    next one (with the same pin) after a restart on the same monitor path."""
+    qemu = qemu_factory()
+    restarted = qemu_factory(name="restarted")
+    async with first_call_answered(qemu) as (bridge, pin):
         assert restarted.proc is not None
         new = restarted.proc.pid
         restarted.gate_socket.rename(qemu.gate_socket)
@@ -815,8 +826,6 @@ async def test_the_bridge_sends_no_call_of_a_command_to_a_qemu_restarted_since_i
             assert (await mon.ok("query-migrate")).get("status") is None  # never started
         # Another command starts afresh with the QEMU that is there now.
         assert await bridge.forward(Call("query-migrate", {}, Pin())) == {}
-    finally:
-        await bridge.close()
 
 
 def cut(path: Path) -> None:
@@ -839,13 +848,7 @@ async def test_a_command_whose_connection_was_made_again_blames_no_restart(
 ) -> None:
     """The link lost its connection between two calls of a command and made it again to
     the same QEMU: the command fails, without saying that QEMU was restarted."""
-    bridge = Bridge(qemu.gate_socket, (), CONTRACT, Registry(CONTRACT.enums["MigMode"]),
-                    timeout=30)
-    bridge.link.start()
-    try:
-        await wait_until(lambda: bridge.facts.connected, "the bridge connected")
-        pin = Pin()
-        assert await bridge.forward(Call("query-migrate", {}, pin)) == {}
+    async with first_call_answered(qemu) as (bridge, pin):
         cut(qemu.gate_socket)
         await wait_until(lambda: not bridge.facts.connected, "the connection lost")
         await wait_until(lambda: bridge.facts.connected, "the bridge connected again")
@@ -856,5 +859,3 @@ async def test_a_command_whose_connection_was_made_again_blames_no_restart(
         assert str(refused.value) == (
             f"The connection to QEMU at '{qemu.gate_socket}' was lost and made again while "
             "migblockd checked the command: nothing more of it was sent; try again")
-    finally:
-        await bridge.close()

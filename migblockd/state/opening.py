@@ -197,7 +197,7 @@ def _create(path: Path, migrations: Sequence[schema.Migration]) -> None:
     # An earlier attempt that did not finish.
     _remove_stale(new, *(new.with_name(new.name + s) for s in ("-journal", "-wal", "-shm")))
     try:
-        os.close(os.open(new, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        _make_private(new)
         conn = sqlite3.connect(new, isolation_level=None)
         try:
             conn.execute("PRAGMA synchronous = FULL")  # a rollback journal: all in the file
@@ -268,13 +268,13 @@ def _check_and_migrate(conn: sqlite3.Connection, path: Path,
 
 def _backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
     """Copy the database as it is before migrating it, for going back to an
-    older migblockd (which cannot read the new format); the copy's path.
-    Mode 0600, as the database: SQLite would make it with the umask's."""
+    older migblockd (which cannot read the new format); the copy's path
+    (mode 0600, as the database)."""
     target = path.with_name(f"{path.name}.format-{version}")
     # A copy from an earlier attempt: same format, older.
     _remove_stale(target, target.with_name(target.name + "-journal"))
     try:
-        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        _make_private(target)
     except OSError as e:
         raise StateError(f"cannot make {target}, the copy kept before migrating {path}: "
                          f"{e.strerror}; check its directory") from e
@@ -284,6 +284,12 @@ def _backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
     finally:
         copy.close()
     return target
+
+
+def _make_private(path: Path) -> None:
+    """Make ``path`` a new, empty file of mode 0600 for SQLite to fill: it would make
+    it with the umask's mode, and the file holds every blocker."""
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
 
 
 def _remove_stale(*paths: Path) -> None:

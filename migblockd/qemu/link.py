@@ -51,6 +51,7 @@ from migblockd.qemu.reconnect import (
     GREETING_NOTICE,
     MAX_DELAY,
     MIN_DELAY,
+    NOT_GREETED,
     LinkState,
     Reconnecting,
     StateHandler,
@@ -315,7 +316,7 @@ class QemuLink(Reconnecting):
         # told that while another one holds QEMU's monitor would look for a dead QEMU.
         # Why QEMU is silent is guessed only once the greeting is late (_greeting_late):
         # a QEMU that is starting, or just restarted, greets within milliseconds.
-        self._reason = "QEMU accepted the connection but has not greeted yet"
+        self._reason = NOT_GREETED
         # Still "disconnected" (the state's callers count on that), but QEMU is there.
         self.awaiting_greeting = True
 

@@ -32,8 +32,8 @@ from qemu.qmp.qmp_client import GreetingError
 
 from migblockd.qemu.info import QemuInfo
 
-__all__ = ["GREETING_NOTICE", "MAX_DELAY", "MIN_DELAY", "LinkState", "Reconnecting",
-           "StateHandler"]
+__all__ = ["ANOTHER_CLIENT", "GREETING_NOTICE", "MAX_DELAY", "MIN_DELAY", "NOT_GREETED",
+           "LinkState", "Reconnecting", "StateHandler"]
 
 log = logging.getLogger("migblockd.qemu")
 
@@ -45,6 +45,9 @@ MAX_DELAY = 5.0
 #: QEMU serves one client per monitor socket; a second one is accepted by the kernel but
 #: gets no greeting until the first leaves.  Say so if the greeting takes this long.
 GREETING_NOTICE = 5.0
+#: Why a client waits, until GREETING_NOTICE; then ANOTHER_CLIENT is the guess.
+NOT_GREETED = "QEMU accepted the connection but has not greeted yet"
+ANOTHER_CLIENT = "QEMU serves one client per monitor: is another one connected?"
 
 
 #: What QEMU's human monitor says first (``monitor/hmp.c``, ``monitor_event()``).
@@ -166,11 +169,9 @@ class Reconnecting:
 
     def _greeting_late(self) -> None:
         if self.awaiting_greeting:
-            self._reason = ("QEMU accepted the connection but has not greeted yet (QEMU "
-                            "serves one client per monitor: is another one connected?)")
+            self._reason = f"{NOT_GREETED} ({ANOTHER_CLIENT})"
         log.warning("QEMU at %s accepted the connection but has not greeted after %g s "
-                    "(QEMU serves one client per monitor: is another one connected?); "
-                    "still waiting", self.path, self._greeting_notice)
+                    "(%s); still waiting", self.path, self._greeting_notice, ANOTHER_CLIENT)
 
     def _set_up(self, info: QemuInfo) -> None:
         self._state, self._info, self._reason = "connected", info, "connected"

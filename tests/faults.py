@@ -19,6 +19,9 @@ from realqemu import wait_until
 
 __all__ = ["injecting", "traced"]
 
+#: How long strace gets to detach after SIGTERM before it is killed.
+DETACH_TIMEOUT = 10.0
+
 
 def traced(pid: int) -> bool:
     """Every thread of ``pid`` is under a tracer (strace has attached)."""
@@ -49,4 +52,10 @@ async def injecting(pid: int, syscalls: str, inject: str, what: str,
         yield
     finally:
         strace.terminate()  # it detaches, and the calls run as usual again
-        strace.wait()
+        try:
+            strace.wait(DETACH_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            # Seen when the traced process had exited (os._exit) while traced: strace
+            # then waits for one of its threads forever.  Killed, it lets go of it.
+            strace.kill()
+            strace.wait()

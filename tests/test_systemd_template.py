@@ -1,0 +1,182 @@
+"""The shipped templates, ``migblockd@.service`` and ``migblockd@.socket``, under a real
+service manager: two instances side by side, as one daemon per VM runs.
+
+The manager, its namespaces and its clean-up are test_systemd_manager's
+(:func:`user_manager`); the templates are installed beside the plain units, as
+committed but for the lines that module's REFUSED names.  Each instance reads a
+configuration file of its own, named by a drop-in of its own, as docs/service.md
+says to give per-instance settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from qmpclient import RawClient
+from test_systemd_manager import (
+    GOOD_CONFIG,
+    INSIDE,
+    TIMEOUT,
+    Manager,
+    installed_unit,
+    is_running,
+    user_manager,
+)
+
+INSTANCES = ("vm1", "vm2")
+
+
+def service(instance: str) -> str:
+    return f"migblockd@{instance}.service"
+
+
+def socket_unit(instance: str) -> str:
+    return f"migblockd@{instance}.socket"
+
+
+def write_config(manager: Manager, instance: str, text: str) -> None:
+    path = manager.base / f"{instance}.toml"
+    path.write_text(text)
+    path.chmod(0o644)
+
+
+def install_templates(manager: Manager) -> None:
+    """The templates beside the plain units; a configuration file per instance."""
+    units = manager.base / "config/systemd/user"
+    for name in ("migblockd@.service", "migblockd@.socket"):
+        (units / name).write_text(installed_unit(name))
+    for instance in INSTANCES:
+        write_config(manager, instance, GOOD_CONFIG)
+        drop_ins = units / f"{service(instance)}.d"
+        drop_ins.mkdir()
+        (drop_ins / "config.conf").write_text(
+            f'[Service]\nEnvironment="MIGBLOCKD_OPTIONS=--config {INSIDE}/{instance}.toml"\n')
+    manager.systemctl("daemon-reload")
+
+
+@pytest.fixture
+def instances(tmp_path: Path) -> Iterator[Manager]:
+    """A user manager listening on both instances' sockets; no daemon runs yet."""
+    with user_manager(tmp_path) as manager:
+        install_templates(manager)
+        manager.systemctl("start", *map(socket_unit, INSTANCES))
+        yield manager
+
+
+def socket_path(manager: Manager, instance: str) -> Path:
+    # The template's ListenStream=, /run/migblockd/%i.sock, in the namespace's /run.
+    return manager.inside(f"/run/migblockd/{instance}.sock")
+
+
+async def client(manager: Manager, instance: str) -> RawClient:
+    return await asyncio.wait_for(RawClient.connect(socket_path(manager, instance)), TIMEOUT)
+
+
+async def blocker_ids(manager: Manager, instance: str) -> set[str]:
+    c = await client(manager, instance)
+    try:
+        return {b["id"] for b in await c.ok("query-blockers")}
+    finally:
+        await c.close()
+
+
+async def add_blocker(manager: Manager, instance: str, blocker_id: str,
+                      reason: str = "test") -> dict[str, object]:
+    c = await client(manager, instance)
+    try:
+        return await c.execute("add-blocker", {"id": blocker_id, "reason": reason})
+    finally:
+        await c.close()
+
+
+def running(manager: Manager, instance: str) -> dict[str, str]:
+    return manager.wait_for(service(instance), "start", is_running)
+
+
+async def test_each_instance_is_activated_on_its_socket_with_its_state(
+        instances: Manager) -> None:
+    for instance in INSTANCES:
+        assert instances.show(socket_unit(instance), "Listen")["Listen"] == \
+            f"/run/migblockd/{instance}.sock (Stream)"
+        assert instances.show(service(instance), "ActiveState", "MainPID") == \
+            {"ActiveState": "inactive", "MainPID": "0"}
+    assert "return" in await add_blocker(instances, "vm1", "a1")
+    # vm1's client started vm1's daemon only.
+    assert instances.show(service("vm2"), "MainPID")["MainPID"] == "0"
+    assert "return" in await add_blocker(instances, "vm2", "b1")
+    assert await blocker_ids(instances, "vm1") == {"a1"}
+    assert await blocker_ids(instances, "vm2") == {"b1"}
+    for instance in INSTANCES:
+        state = instances.wait_for(service(instance), "status", lambda s: is_running(s)
+                                   and s["StatusText"].startswith("1 blocker,"))
+        shown = instances.show(service(instance), "Description", "StateDirectory")
+        assert shown == {"Description": f"QEMU migration blocker registry for {instance} "
+                                        "(QMP daemon)",
+                         "StateDirectory": f"migblockd-instances/{instance}"}, shown
+        # StateDirectory= is relative to $XDG_CONFIG_HOME under a user manager.
+        assert (instances.base / f"config/migblockd-instances/{instance}/state.db").is_file()
+        assert f"socket activation: serving the passed socket /run/migblockd/{instance}.sock" \
+            in instances.daemon_log(), instances.log()
+        assert state["MainPID"] != "0"
+
+
+async def test_restart_and_sigkill_of_one_instance(instances: Manager) -> None:
+    await add_blocker(instances, "vm1", "a1")
+    await add_blocker(instances, "vm2", "b1")
+    first, other = running(instances, "vm1"), running(instances, "vm2")
+    instances.systemctl("restart", service("vm1"))
+    second = running(instances, "vm1")
+    assert second["MainPID"] != first["MainPID"]
+    assert await blocker_ids(instances, "vm1") == {"a1"}
+    await add_blocker(instances, "vm1", "a2")
+    instances.systemctl("kill", "--signal=SIGKILL", "--kill-who=main", service("vm1"))
+    third = instances.wait_for(service("vm1"), "restart after SIGKILL", lambda s:
+                               is_running(s) and s["MainPID"] != second["MainPID"])
+    assert int(third["NRestarts"]) >= 1, third
+    assert await blocker_ids(instances, "vm1") == {"a1", "a2"}
+    # vm2 was never touched: the same process, its own blocker only.
+    assert await blocker_ids(instances, "vm2") == {"b1"}
+    after = running(instances, "vm2")
+    assert (after["MainPID"], after["NRestarts"]) == (other["MainPID"], "0"), after
+
+
+async def reason_refused(manager: Manager, instance: str) -> bool:
+    reply = await add_blocker(manager, instance, "long", "x" * 40)
+    if "return" in reply:
+        c = await client(manager, instance)
+        try:
+            await c.ok("del-blocker", {"id": "long"})
+        finally:
+            await c.close()
+    return "error" in reply
+
+
+async def test_reload_and_stop_touch_one_instance(instances: Manager) -> None:
+    await add_blocker(instances, "vm1", "a1")
+    await add_blocker(instances, "vm2", "b1")
+    vm1, vm2 = running(instances, "vm1")["MainPID"], running(instances, "vm2")["MainPID"]
+    write_config(instances, "vm1", "max-reason-length = 16\n")
+    instances.systemctl("reload", service("vm1"))
+    deadline = time.monotonic() + TIMEOUT
+    while not await reason_refused(instances, "vm1"):
+        assert time.monotonic() < deadline, instances.log()
+        await asyncio.sleep(0.1)
+    assert not await reason_refused(instances, "vm2")
+    write_config(instances, "vm1", 'max-reason-length = "lots"\n')
+    assert instances.systemctl("reload", service("vm1"), check=False).returncode != 0
+    assert await reason_refused(instances, "vm1")
+    assert [running(instances, i)["MainPID"] for i in INSTANCES] == [vm1, vm2]
+    # One reload reached a daemon: vm1's good one.
+    assert instances.daemon_log().count("reloaded configuration") == 1, instances.log()
+    instances.systemctl("stop", socket_unit("vm1"), service("vm1"))
+    assert not socket_path(instances, "vm1").exists()  # RemoveOnStop=
+    assert await blocker_ids(instances, "vm2") == {"b1"}
+    assert running(instances, "vm2")["MainPID"] == vm2
+    # Its state stays for the next start (with a file it can start with).
+    write_config(instances, "vm1", GOOD_CONFIG)
+    instances.systemctl("start", socket_unit("vm1"))
+    assert await blocker_ids(instances, "vm1") == {"a1"}

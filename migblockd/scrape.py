@@ -104,6 +104,9 @@ class _Server(ThreadingMixIn, WSGIServer):
 
     def __init__(self, sock: socket.socket, port: int, app: Any) -> None:
         # socketserver makes a socket of its own here, unbound: ours replaces it.
+        # Of our socket's family, not AF_INET: the units' RestrictAddressFamilies=AF_UNIX
+        # refuses any other (EAFNOSUPPORT), and a Unix endpoint must start there.
+        self.address_family = sock.family
         super().__init__(("", 0), _Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock

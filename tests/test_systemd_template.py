@@ -5,18 +5,23 @@ The manager, its namespaces and its clean-up are test_systemd_manager's
 (:func:`user_manager`); the templates are installed beside the plain units, as
 committed but for the lines that module's REFUSED names.  Each instance reads a
 configuration file of its own, named by a drop-in of its own, as docs/service.md
-says to give per-instance settings.
+says to give per-instance settings.  The metrics test installs docs/service.md's
+drop-in for the template as the document gives it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
+from metricstext import Scrape
 from qmpclient import RawClient
+from test_metrics import scrape
 from test_systemd_manager import (
     GOOD_CONFIG,
     INSIDE,
@@ -28,6 +33,7 @@ from test_systemd_manager import (
 )
 
 INSTANCES = ("vm1", "vm2")
+SERVICE_MD = ROOT / "docs" / "service.md"
 
 
 def service(instance: str) -> str:
@@ -44,12 +50,13 @@ def write_config(manager: Manager, instance: str, text: str) -> None:
     path.chmod(0o644)
 
 
-def install_templates(manager: Manager) -> None:
-    """The templates beside the plain units; a configuration file per instance."""
+def install_templates(manager: Manager, configured: tuple[str, ...] = INSTANCES) -> None:
+    """The templates beside the plain units; a configuration file for each instance
+    in ``configured``."""
     units = manager.base / "config/systemd/user"
     for name in ("migblockd@.service", "migblockd@.socket"):
         (units / name).write_text(installed_unit(name))
-    for instance in INSTANCES:
+    for instance in configured:
         write_config(manager, instance, GOOD_CONFIG)
         drop_ins = units / f"{service(instance)}.d"
         drop_ins.mkdir()
@@ -180,3 +187,50 @@ async def test_reload_and_stop_touch_one_instance(instances: Manager) -> None:
     write_config(instances, "vm1", GOOD_CONFIG)
     instances.systemctl("start", socket_unit("vm1"))
     assert await blocker_ids(instances, "vm1") == {"a1"}
+
+
+def documented_metrics_drop_in() -> tuple[str, str]:
+    """docs/service.md's drop-in for the template's metrics: its file name and text."""
+    blocks = re.findall(r"```ini\n(.*?)```", SERVICE_MD.read_text(), re.S)
+    block = next(b for b in blocks if "migblockd-metrics-%i" in b)
+    where, _, text = block.partition("\n")
+    # `systemctl edit migblockd@.service` writes override.conf; a path names its file.
+    if where == "# systemctl edit migblockd@.service":
+        return "override.conf", text
+    directory, _, name = where.removeprefix("# ").rpartition("/")
+    assert directory == "/etc/systemd/system/migblockd@.service.d", where
+    return name, text
+
+
+def as_user_manager(text: str) -> str:
+    """A system unit's paths as this user manager has them: RuntimeDirectory= is made
+    in $XDG_RUNTIME_DIR (%t) rather than /run, and /etc/migblockd is the test's."""
+    for system, here in (("/run/migblockd-metrics-%i/", "%t/migblockd-metrics-%i/"),
+                         ("/etc/migblockd/", f"{INSIDE}/")):
+        assert system in text, (system, text)
+        text = text.replace(system, here)
+    return text
+
+
+def metrics_path(manager: Manager, instance: str) -> Path:
+    return manager.inside(f"{INSIDE}/runtime/migblockd-metrics-{instance}/metrics.sock")
+
+
+async def test_metrics_on_a_unix_socket_per_instance_as_documented(tmp_path: Path) -> None:
+    with user_manager(tmp_path) as manager:
+        install_templates(manager, configured=())
+        name, text = documented_metrics_drop_in()
+        drop_ins = manager.base / "config/systemd/user/migblockd@.service.d"
+        drop_ins.mkdir()
+        (drop_ins / name).write_text(as_user_manager(text))
+        manager.systemctl("daemon-reload")
+        manager.systemctl("start", socket_unit("vm2"))
+        try:
+            assert "return" in await add_blocker(manager, "vm2", "b1")
+        except OSError as exc:  # the daemon exited: its log says why
+            pytest.fail(f"vm2: {exc!r}\n{manager.log()}")
+        running(manager, "vm2")
+        # The daemon serves its QMP socket before it reports ready, and the metrics
+        # socket is bound before either.
+        result: Scrape = scrape(metrics_path(manager, "vm2"))
+        assert result.value("migblockd_blockers", source="migblockd", mode="normal") == 1

@@ -194,7 +194,8 @@ def documented_metrics_drop_in() -> tuple[str, str]:
     blocks = re.findall(r"```ini\n(.*?)```", SERVICE_MD.read_text(), re.S)
     block = next(b for b in blocks if "migblockd-metrics-%i" in b)
     where, _, text = block.partition("\n")
-    # `systemctl edit migblockd@.service` writes override.conf; a path names its file.
+    # Its first line says where it goes: `# systemctl edit UNIT`, which writes
+    # UNIT.d/override.conf, or `# PATH` of the file.
     if where == "# systemctl edit migblockd@.service":
         return "override.conf", text
     directory, _, name = where.removeprefix("# ").rpartition("/")
@@ -223,14 +224,27 @@ async def test_metrics_on_a_unix_socket_per_instance_as_documented(tmp_path: Pat
         drop_ins = manager.base / "config/systemd/user/migblockd@.service.d"
         drop_ins.mkdir()
         (drop_ins / name).write_text(as_user_manager(text))
+        # vm1's own settings, as `systemctl edit migblockd@vm1.service` (override.conf)
+        # gives them (docs/gate.md's --qemu, say): repeating --metrics, as the
+        # document says, and applied over the template's.
+        (manager.base / "config/systemd/user/migblockd@vm1.service.d").mkdir()
+        (manager.base / "config/systemd/user/migblockd@vm1.service.d/override.conf").write_text(
+            '[Service]\nEnvironment="MIGBLOCKD_OPTIONS=--config '
+            f'{INSIDE}/migblockd.toml --max-reason-length 16 '
+            '--metrics %t/migblockd-metrics-%i/metrics.sock"\n')
         manager.systemctl("daemon-reload")
-        manager.systemctl("start", socket_unit("vm2"))
-        try:
-            assert "return" in await add_blocker(manager, "vm2", "b1")
-        except OSError as exc:  # the daemon exited: its log says why
-            pytest.fail(f"vm2: {exc!r}\n{manager.log()}")
-        running(manager, "vm2")
-        # The daemon serves its QMP socket before it reports ready, and the metrics
-        # socket is bound before either.
-        result: Scrape = scrape(metrics_path(manager, "vm2"))
-        assert result.value("migblockd_blockers", source="migblockd", mode="normal") == 1
+        manager.systemctl("start", *map(socket_unit, INSTANCES))
+        for count, instance in enumerate(INSTANCES, start=1):
+            try:
+                for n in range(count):
+                    assert "return" in await add_blocker(manager, instance, f"b{n}")
+            except OSError as exc:  # the daemon exited: its log says why
+                pytest.fail(f"{instance}: {exc!r}\n{manager.log()}")
+            running(manager, instance)
+            # The metrics socket is bound before the QMP socket is served.
+            result: Scrape = scrape(metrics_path(manager, instance))
+            assert result.value("migblockd_blockers", source="migblockd",
+                                mode="normal") == count
+        # vm1's own option is in effect too.
+        assert await reason_refused(manager, "vm1")
+        assert not await reason_refused(manager, "vm2")

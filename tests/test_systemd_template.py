@@ -74,6 +74,13 @@ def instances(tmp_path: Path) -> Iterator[Manager]:
         yield manager
 
 
+def database_id(manager: Manager, database: str, name: str) -> int:
+    """``name``'s uid or gid in the namespace's /etc/passwd or /etc/group."""
+    return next(int(line.split(":")[2]) for line in
+                (manager.base / "etc" / database).read_text().splitlines()
+                if line.startswith(f"{name}:"))
+
+
 def socket_path(manager: Manager, instance: str) -> Path:
     # The template's ListenStream=, /run/migblockd/%i.sock, in the namespace's /run.
     return manager.inside(f"/run/migblockd/{instance}.sock")
@@ -106,9 +113,13 @@ def running(manager: Manager, instance: str) -> dict[str, str]:
 
 async def test_each_instance_is_activated_on_its_socket_with_its_state(
         instances: Manager) -> None:
+    owner = (database_id(instances, "passwd", "migblockd"),
+             database_id(instances, "group", "migblockd-clients"))
     for instance in INSTANCES:
         assert instances.show(socket_unit(instance), "Listen")["Listen"] == \
             f"/run/migblockd/{instance}.sock (Stream)"
+        made = socket_path(instances, instance).stat()
+        assert (made.st_uid, made.st_gid, made.st_mode & 0o7777) == (*owner, 0o660)
         assert instances.show(service(instance), "ActiveState", "MainPID") == \
             {"ActiveState": "inactive", "MainPID": "0"}
     assert "return" in await add_blocker(instances, "vm1", "a1")

@@ -6,7 +6,8 @@ The manager, its namespaces and its clean-up are test_systemd_manager's
 committed but for the lines that module's REFUSED names.  Each instance reads a
 configuration file of its own, named by a drop-in of its own, as docs/service.md
 says to give per-instance settings.  The metrics test installs docs/service.md's
-drop-in for the template as the document gives it.
+drop-in for the template as the document gives it; the gate test gives each instance
+its own QEMU as docs/gate.md does.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import asyncio
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
 from metricstext import Scrape
 from qmpclient import RawClient
+from realqemu import Qemu
 from test_metrics import scrape
 from test_systemd_manager import (
     GOOD_CONFIG,
@@ -259,3 +262,55 @@ async def test_metrics_on_a_unix_socket_per_instance_as_documented(tmp_path: Pat
         # vm1's own option is in effect too.
         assert await reason_refused(manager, "vm1")
         assert not await reason_refused(manager, "vm2")
+
+
+@dataclass
+class ChildQemu(Qemu):
+    """A QEMU killed with this process, however the test ends (pytest killed too)."""
+
+    def argv(self) -> list[str]:
+        return ["setpriv", "--pdeathsig=SIGKILL", "--", *super().argv()]
+
+
+async def test_each_instance_gates_its_own_qemu(tmp_path: Path) -> None:
+    with user_manager(tmp_path) as manager:
+        install_templates(manager, configured=())
+        qemus = {instance: ChildQemu(manager.base / f"qemu-{instance}")
+                 for instance in INSTANCES}
+        try:
+            for instance, qemu in qemus.items():
+                qemu.start()
+                # The daemon's user connects: QEMU's socket is root's here (docs/gate.md
+                # gives it a group of the daemon's user instead).
+                qemu.gate_socket.chmod(0o666)
+                # docs/gate.md's drop-in, as `systemctl edit migblockd@vm1.service` writes it.
+                drop_ins = manager.base / f"config/systemd/user/{service(instance)}.d"
+                drop_ins.mkdir()
+                (drop_ins / "override.conf").write_text(
+                    f"[Unit]\nBefore=qemu@{instance}.service\n[Service]\n"
+                    f'Environment="MIGBLOCKD_OPTIONS=--config {INSIDE}/migblockd.toml '
+                    f'--qemu {INSIDE}/qemu-{instance}/gate.sock"\n')
+            manager.systemctl("daemon-reload")
+            manager.systemctl("start", *map(socket_unit, INSTANCES))
+            async with qemus["vm1"].monitor() as monitor:
+                await monitor.add_blocker("n1")
+                text = monitor.blocker_text("n1")
+            c = await client(manager, "vm1")
+            try:
+                listed = await c.ok("query-blockers")
+                assert [(b["source"], b["reason"]) for b in listed] == [("qemu", text)], listed
+                refused = await c.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+                assert refused["error"]["desc"] == text, refused
+            finally:
+                await c.close()
+            c = await client(manager, "vm2")
+            try:
+                assert await c.ok("query-blockers") == []
+            finally:
+                await c.close()
+            for instance in INSTANCES:
+                assert "QEMU" in running(manager, instance)["StatusText"]
+            assert f"gating the QEMU at {INSIDE}/qemu-vm2/gate.sock" in manager.daemon_log()
+        finally:
+            for qemu in qemus.values():
+                qemu.kill()

@@ -34,6 +34,8 @@ from test_systemd_manager import (
     is_running,
     user_manager,
 )
+from test_systemd_manager import add_blocker as add_plain_blocker
+from test_systemd_manager import blocker_ids as plain_blocker_ids
 
 INSTANCES = ("vm1", "vm2")
 SERVICE_MD = ROOT / "docs" / "service.md"
@@ -314,3 +316,25 @@ async def test_each_instance_gates_its_own_qemu(tmp_path: Path) -> None:
         finally:
             for qemu in qemus.values():
                 qemu.kill()
+
+
+async def test_no_socket_unit_takes_over_a_path_another_serves(tmp_path: Path) -> None:
+    # The instance named migblockd has the plain unit's path, /run/migblockd/migblockd.sock;
+    # systemd unlinks whatever is at ListenStream= before it binds.
+    with user_manager(tmp_path) as manager:  # migblockd.socket listens
+        install_templates(manager, configured=("migblockd",))
+        await add_plain_blocker(manager, "p1")
+        served = manager.socket.stat().st_ino
+        refused = manager.systemctl("start", socket_unit("migblockd"), check=False)
+        assert refused.returncode != 0, refused
+        assert manager.socket.stat().st_ino == served
+        assert await plain_blocker_ids(manager) == {"p1"}
+        # The other way round: the instance listens, the plain unit may not start.
+        manager.systemctl("stop", "migblockd.socket", "migblockd.service")
+        manager.systemctl("start", socket_unit("migblockd"))
+        assert "return" in await add_blocker(manager, "migblockd", "i1")
+        served = manager.socket.stat().st_ino
+        refused = manager.systemctl("start", "migblockd.socket", check=False)
+        assert refused.returncode != 0, refused
+        assert manager.socket.stat().st_ino == served
+        assert await plain_blocker_ids(manager) == {"i1"}

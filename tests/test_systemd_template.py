@@ -338,3 +338,32 @@ async def test_no_socket_unit_takes_over_a_path_another_serves(tmp_path: Path) -
         assert refused.returncode != 0, refused
         assert manager.socket.stat().st_ino == served
         assert await plain_blocker_ids(manager) == {"i1"}
+
+
+async def test_enable_clean_and_uninstall_as_documented(tmp_path: Path) -> None:
+    with user_manager(tmp_path) as manager:  # migblockd.socket listens
+        install_templates(manager)
+        units = manager.base / "config/systemd/user"
+        for instance in INSTANCES:
+            manager.systemctl("enable", "--now", socket_unit(instance))
+            assert (units / f"sockets.target.wants/{socket_unit(instance)}").is_symlink()
+            assert "return" in await add_blocker(manager, instance, f"{instance}-1")
+        # `systemctl clean --what=state migblockd` takes the plain unit's state only.
+        await add_plain_blocker(manager, "p1")
+        manager.systemctl("stop", "migblockd.socket", "migblockd.service")
+        manager.systemctl("clean", "--what=state", "migblockd.service")
+        assert not (manager.base / "config/migblockd").exists()
+        manager.systemctl("restart", *map(service, INSTANCES))
+        for instance in INSTANCES:
+            assert await blocker_ids(manager, instance) == {f"{instance}-1"}
+        # The README's uninstall steps for per-VM instances.
+        manager.systemctl("stop", "migblockd@*.socket", "migblockd@*.service")
+        manager.systemctl("disable", "migblockd@.socket", "migblockd@.service")
+        assert not list(units.glob("*.wants/migblockd@*")), list(units.glob("*.wants/*"))
+        left = manager.systemctl("list-units", "--all", "--plain", "--no-legend",
+                                 "migblockd@*").stdout
+        assert left.strip() == "", left
+        for instance in INSTANCES:
+            assert not socket_path(manager, instance).exists()
+            # What the uninstall steps leave to the operator: the blockers.
+            assert (manager.base / f"config/migblockd-instances/{instance}/state.db").is_file()

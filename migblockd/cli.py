@@ -80,7 +80,11 @@ def checked(config: Config, path: str | None) -> str:
     source = f"{path} and the command line" if path else "the command line (no --config file)"
     state = ("state in memory only (ephemeral)" if config.ephemeral
              else f"state in {config.state_dir}")
-    return f"migblockd: {source}: valid; socket {config.socket}, {state}"
+    # The check runs outside the daemon (ExecReload=), where nothing is passed: it
+    # can say whose socket it is, not its path.
+    sock = ("socket passed by systemd (the socket unit's ListenStream=)"
+            if config.socket_activated else f"socket {config.socket}")
+    return f"migblockd: {source}: valid; {sock}, {state}"
 
 
 def main(argv: Sequence[str] | None = None, hangups: list[int] | None = None) -> None:
@@ -100,11 +104,15 @@ def main(argv: Sequence[str] | None = None, hangups: list[int] | None = None) ->
     if check_only:
         # Well formed is not enough: what would stop the start (an unknown
         # socket-group, an unreadable schema) is an error here too.
-        from migblockd.preflight import problems  # noqa: PLC0415 - keeps --help fast
+        from migblockd.preflight import ignored, problems  # noqa: PLC0415 - keeps --help fast
 
-        found = problems(config)
+        # --socket-activated: judged as the daemon the units start, which serves the
+        # socket systemd passes and uses none of the settings of its own socket.
+        found = problems(config, socket_passed=config.socket_activated)
         if found:
             sys.exit("\n".join(f"migblockd: {why}" for _, why in found))
+        for note in ignored(config, socket_passed=config.socket_activated):
+            print(f"migblockd: {note}", file=sys.stderr)
         print(checked(config, cli.get("config")))
         return
 

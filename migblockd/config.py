@@ -121,6 +121,13 @@ class Config:
         help="group of the socket file (and of the directory the daemon creates for it), "
         "by name or number; with --socket-mode 0660 its members can connect",
     )
+    socket_activated: bool = flag(
+        where=Where.COMMAND_LINE,
+        help="serve only the socket systemd passes (socket activation), as the shipped "
+        "units say: never bind --socket, and without a passed socket do not start; "
+        "--socket, --socket-mode and --socket-group are the socket unit's and ignored, "
+        "and --check-config judges the settings so",
+    )
     only_migratable: bool = flag(
         help="refuse non-internal blockers of the normal mode, as QEMU's "
         "-only-migratable does",

@@ -62,6 +62,11 @@ async def run(config: Config, cli: dict[str, Any], *,
         sock = activated_listener()
     except ActivationError as exc:
         raise StartupError(f"socket activation: {exc}") from None
+    if sock is None and config.socket_activated:
+        # Binding --socket instead would serve a path nobody connects to, with
+        # settings --check-config was told not to judge.
+        raise StartupError("--socket-activated: systemd passed no socket (start the "
+                           "daemon through its socket unit)")
     claim = claim_own_socket(config) if sock is None else None
     store = None
     try:

@@ -34,7 +34,8 @@ from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory
 from migblockd.trust import distrust
 
-__all__ = ["load_contract", "not_the_qmp_socket", "problems", "resolve_tcp", "socket_gid"]
+__all__ = ["ignored", "load_contract", "not_the_qmp_socket", "problems", "resolve_tcp",
+           "socket_gid"]
 
 
 def load_contract(path: Path | None) -> Contract:
@@ -108,6 +109,19 @@ def problems(config: Config, *, socket_passed: bool = False, as_daemon: bool = F
                 found.append((key, f"cannot examine {exc.filename or key}: "
                                    f"{exc.strerror or exc}"))
     return found
+
+
+def ignored(config: Config, *, socket_passed: bool) -> list[str]:
+    """What a start with ``config`` says it ignores, in the words of its log.
+
+    With a passed socket the daemon serves it as the socket unit made it, so a
+    ``socket-group`` is not used (and not checked by :func:`problems`): said, as the
+    start says it (``Server.start``), rather than refused.
+    """
+    if socket_passed and config.socket_group is not None:
+        return ["socket activation: --socket-group is ignored (the socket unit's "
+                "SocketGroup= applies)"]
+    return []
 
 
 def _metrics(config: Config, socket_passed: bool, as_daemon: bool) -> None:

@@ -502,6 +502,63 @@ def test_check_config_says_what_it_cannot_examine(tmp_path: Path) -> None:
     assert "Permission denied" in proc.stderr
 
 
+IGNORED_GROUP = ("migblockd: socket activation: --socket-group is ignored (the socket "
+                 "unit's SocketGroup= applies)\n")
+
+
+def test_check_config_socket_activated_leaves_the_socket_to_the_socket_unit(
+        tmp_path: Path) -> None:
+    # Reproduced first under systemd --user: the units' daemon started with this file
+    # (it ignores socket-group), and `systemctl reload`, whose check refused the
+    # group, failed.  Without --socket-activated the check is as strict as before.
+    taken, shared = tmp_path / "taken", tmp_path / "shared"
+    taken.write_text("not a socket\n")
+    shared.mkdir()
+    shared.chmod(0o777)
+    path = tmp_path / "m.toml"
+    path.write_text('socket-group = "no-such-group-here"\n')
+    path.chmod(0o600)
+    for where in (taken, shared / "x.sock", tmp_path / ("x" * 120)):
+        args = ["--config", str(path), "--ephemeral", "--socket", str(where)]
+        strict = check_config(*args)
+        assert (strict.returncode, strict.stdout) == (1, ""), strict
+        assert "--socket-group: there is no group named 'no-such-group-here'" in strict.stderr
+        activated = check_config("--socket-activated", *args)
+        assert (activated.returncode, activated.stderr) == (0, IGNORED_GROUP), activated
+        assert activated.stdout == (f"migblockd: {path} and the command line: valid; socket "
+                                    "passed by systemd (the socket unit's ListenStream=), "
+                                    "state in memory only (ephemeral)\n")
+    assert taken.read_text() == "not a socket\n"
+    assert sorted(shared.iterdir()) == []
+    # No socket-group, nothing to say it ignores.
+    quiet = check_config("--socket-activated", "--ephemeral")
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("--schema", "cannot read the schema /nonexistent/migblockd.json"),
+    ("--state-dir", "state directory /dev/null is not a directory"),
+])
+def test_check_config_socket_activated_refuses_what_would_stop_the_start(
+        setting: str, message: str) -> None:
+    value = "/nonexistent/migblockd.json" if setting == "--schema" else "/dev/null"
+    proc = check_config("--socket-activated", setting, value)
+    assert (proc.returncode, proc.stdout) == (1, ""), proc
+    assert proc.stderr.startswith(f"migblockd: {message}"), proc.stderr
+
+
+def test_socket_activated_without_a_passed_socket_does_not_start(tmp_path: Path) -> None:
+    # The check judged the settings as those of a daemon serving systemd's socket:
+    # one that bound --socket instead would not be the daemon it judged.
+    start = subprocess.run([sys.executable, "-m", "migblockd", "--socket-activated",
+                            "--ephemeral", "--socket", str(tmp_path / "s.sock")],
+                           capture_output=True, text=True, timeout=30)
+    assert start.returncode == 1
+    assert ("ERROR: --socket-activated: systemd passed no socket (start the daemon through "
+            "its socket unit)\n") in start.stderr
+    assert sorted(tmp_path.iterdir()) == []
+
+
 async def test_a_reload_says_when_the_next_start_would_fail(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

@@ -254,7 +254,7 @@ def config_page() -> str:
     ]
     if command_line_only:
         description += [".PP", escape("Only the command line takes "
-                                      + ", ".join(command_line_only) + ".")]
+                                      + " and ".join(command_line_only) + ".")]
     parts = [
         header("migblockd.toml", 5),
         section("NAME", escape("migblockd.toml - configuration file of migblockd")),

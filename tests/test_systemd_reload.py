@@ -5,9 +5,10 @@ ExecStart= and reloaded with the unit's own ExecReload= lines, both taken from
 the files and expanded as systemd expands them (``Environment=``, ``$MAINPID``).
 The lines run in order, each only if the one before exited 0, and the reload's
 outcome is the last one's exit status, as systemd runs a command list; all of
-them as another uid (``setpriv``), as the unit's ``User=`` runs them.  Only the
-options a drop-in would change (another ``--config``, a ``--socket``, no state)
-differ from the unit's.  Not exercised: systemd's sandbox and its reload job.
+them as another uid (``setpriv``), as the unit's ``User=`` runs them.  The
+daemon is passed its listening socket as systemd passes it (``LISTEN_FDS``).
+Only the options a drop-in would change (another ``--config``, no state) differ
+from the unit's.  Not exercised: systemd's sandbox and its reload job.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -68,6 +70,21 @@ def expand(line: str, env: dict[str, str]) -> list[str]:
 
 def as_unit_user(argv: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={UID}", f"--regid={GID}", "--clear-groups", *argv]
+
+
+#: Puts descriptor argv[1] at 3 and execs argv[2:] with it passed as systemd passes a
+#: socket unit's: LISTEN_PID is this process's, which the exec'd commands keep.
+PASS_SOCKET = r"""
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="migblockd")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def socket_activated(argv: list[str], fd: int) -> list[str]:
+    """``argv`` run with the listening socket ``fd`` passed to it as descriptor 3."""
+    return [sys.executable, "-c", PASS_SOCKET, str(fd), *argv]
 
 
 @dataclass
@@ -132,17 +149,21 @@ def service(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Service
     env = environment(unit)
     options = env["MIGBLOCKD_OPTIONS"]
     assert ETC_CONFIG in options.split()
-    # What a drop-in sets: another file, and a socket and no state of its own.
-    env["MIGBLOCKD_OPTIONS"] = (options.replace(ETC_CONFIG, str(config))
-                                + f" --socket {run / 'q.sock'} --ephemeral")
+    # What a drop-in sets: another file, and no state of its own.
+    env["MIGBLOCKD_OPTIONS"] = options.replace(ETC_CONFIG, str(config)) + " --ephemeral"
     start = expand(values(parse_unit(unit), "Service", "ExecStart")[0], env)
     log_path = short_tmp / "stderr.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(as_unit_user(start), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=log, cwd=ROOT)
+    # The socket unit's part: the listening socket, bound before the daemon starts.
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(run / "q.sock"))
+    listener.listen()
+    with log_path.open("wb") as log, listener:
+        proc = subprocess.Popen(socket_activated(as_unit_user(start), listener.fileno()),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT,
+                                pass_fds=(listener.fileno(),))
     svc = Service(unit, env, proc, log_path, run / "q.sock")
     try:
-        svc.wait_for_log("ready on")
+        svc.wait_for_log("ready on the passed socket")
         yield svc
     finally:
         proc.terminate()
@@ -155,9 +176,12 @@ def test_the_config_path_is_declared_once() -> None:
         text = (UNITS / name).read_text()
         assert len(re.findall(r"(?m)^[^#\n]*" + re.escape(ETC_CONFIG), text)) == 1, name
         service = parse_unit(UNITS / name)
-        assert values(service, "Service", "ExecStart") == [f"{INSTALLED} $MIGBLOCKD_OPTIONS"]
+        # --socket-activated outside MIGBLOCKD_OPTIONS: a drop-in that sets it keeps it.
+        assert values(service, "Service", "ExecStart") == [
+            f"{INSTALLED} --socket-activated $MIGBLOCKD_OPTIONS"]
         assert values(service, "Service", "ExecReload") == [
-            f"{INSTALLED} --check-config $MIGBLOCKD_OPTIONS", "/bin/kill -HUP $MAINPID"]
+            f"{INSTALLED} --check-config --socket-activated $MIGBLOCKD_OPTIONS",
+            "/bin/kill -HUP $MAINPID"]
 
 
 async def test_a_good_file_reloads(service: Service) -> None:

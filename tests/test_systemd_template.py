@@ -367,3 +367,52 @@ async def test_enable_clean_and_uninstall_as_documented(tmp_path: Path) -> None:
             assert not socket_path(manager, instance).exists()
             # What the uninstall steps leave to the operator: the blockers.
             assert (manager.base / f"config/migblockd-instances/{instance}/state.db").is_file()
+
+
+async def refuses_long_reasons(path: Path) -> bool:
+    """Whether the daemon at ``path`` refuses a 40-character blocker reason."""
+    c = await asyncio.wait_for(RawClient.connect(path), TIMEOUT)
+    try:
+        reply = await c.execute("add-blocker", {"id": "long", "reason": "x" * 40})
+        if "return" in reply:
+            await c.ok("del-blocker", {"id": "long"})
+        return "error" in reply
+    finally:
+        await c.close()
+
+
+async def test_the_reload_check_judges_the_socket_activated_daemons_settings(
+        tmp_path: Path) -> None:
+    # Reproduced first: both units started with this file (the daemon logs that it
+    # ignores socket-group), yet `systemctl reload` failed: the check refused "there is
+    # no group named 'nosuchgroup'", and said "valid; socket" of the user's default path.
+    with user_manager(tmp_path) as manager:  # migblockd.socket listens
+        install_templates(manager, configured=("vm1",))
+        manager.systemctl("start", socket_unit("vm1"))
+        units = {"migblockd.service": ("migblockd", manager.socket),
+                 service("vm1"): ("vm1", socket_path(manager, "vm1"))}
+        for unit, (name, path) in units.items():
+            (manager.base / f"{name}.toml").write_text('socket-group = "nosuchgroup"\n')
+            (manager.base / f"{name}.toml").chmod(0o644)
+            assert not await refuses_long_reasons(path)
+            pid = manager.wait_for(unit, "start", is_running)["MainPID"]
+            (manager.base / f"{name}.toml").write_text(
+                'socket-group = "nosuchgroup"\nmax-reason-length = 16\n')
+            reloaded = manager.systemctl("reload", unit, check=False)
+            assert reloaded.returncode == 0, (reloaded, manager.log())
+            deadline = time.monotonic() + TIMEOUT
+            while not await refuses_long_reasons(path):
+                assert time.monotonic() < deadline, manager.log()
+                await asyncio.sleep(0.1)
+            assert manager.wait_for(unit, "state", is_running)["MainPID"] == pid
+        said = manager.daemon_log()
+        ignored = ("socket activation: --socket-group is ignored (the socket unit's "
+                   "SocketGroup= applies)")
+        # Each start logs it; each check notes it in the same words, and refuses nothing.
+        assert said.count(f"INFO: {ignored}") == 2, manager.log()
+        assert said.count(f"migblockd: {ignored}") == 2, manager.log()
+        assert "no group named" not in said
+        for name, _ in units.values():
+            assert (f"migblockd: {INSIDE}/{name}.toml and the command line: valid; socket "
+                    "passed by systemd (the socket unit's ListenStream=), state in "
+                    in said), manager.log()

@@ -188,7 +188,8 @@ def test_the_service_is_what_the_issue_asks_for() -> None:
     assert shlex.split(service["ExecStart"])[0] == INSTALLED
     # The reload checks the settings as the daemon's user first: a bad file fails it.
     assert service["ExecReload"].split("\n") == [
-        f"{INSTALLED} --check-config $MIGBLOCKD_OPTIONS", "/bin/kill -HUP $MAINPID"]
+        f"{INSTALLED} --check-config --socket-activated $MIGBLOCKD_OPTIONS",
+        "/bin/kill -HUP $MAINPID"]
     assert service["Restart"] == "on-failure"
     assert service["WatchdogSec"]
     assert service["ProtectSystem"] == "strict"

@@ -112,11 +112,12 @@ def problems(config: Config, *, socket_passed: bool = False, as_daemon: bool = F
 
 
 def ignored(config: Config, *, socket_passed: bool) -> list[str]:
-    """What a start with ``config`` says it ignores, in the words of its log.
+    """The settings a start with ``config`` ignores, each as one line: the start
+    logs them (``Server.start``) and ``--check-config`` prints them.
 
     With a passed socket the daemon serves it as the socket unit made it, so a
-    ``socket-group`` is not used (and not checked by :func:`problems`): said, as the
-    start says it (``Server.start``), rather than refused.
+    ``socket-group`` is not used (and not checked by :func:`problems`): said, not
+    refused.
     """
     if socket_passed and config.socket_group is not None:
         return ["socket activation: --socket-group is ignored (the socket unit's "

@@ -36,7 +36,7 @@ from migblockd.drain import drain
 from migblockd.ledger import Group
 from migblockd.listen import Claim, bind_claimed
 from migblockd.pidlock import PidLock
-from migblockd.preflight import problems
+from migblockd.preflight import ignored, problems
 from migblockd.registry import Change
 from migblockd.reloading import plan
 from migblockd.systemd import Notifier
@@ -103,9 +103,8 @@ class Server(Turns):
         group = self.config.socket_group
         if sock is not None:
             log.info("socket activation: serving the passed socket %s", sock.getsockname())
-            if group is not None:
-                log.info("socket activation: --socket-group is ignored (the socket unit's "
-                         "SocketGroup= applies)")
+            for note in ignored(self.config, socket_passed=True):
+                log.info("%s", note)
         else:
             assert claim is not None, "the daemon claims --socket before it starts the server"
             bound = bind_claimed(claim)

@@ -33,7 +33,7 @@ from migblockd.trust import refusal
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "StartupError",
            "bind_claimed", "bind_socket", "check_socket_directory", "check_socket_path",
-           "claim_socket", "make_socket_dir"]
+           "claim_socket", "make_socket_dir", "stale_socket"]
 
 log = logging.getLogger("migblockd")
 
@@ -92,7 +92,7 @@ def claim_socket(path: Path, mode: int, group: int | None = None, *,
     try:
         # What is at the path is refused now too; _bind() looks again, as
         # another program may change it meanwhile.
-        _stale(path, option)
+        stale_socket(path, option)
     except BaseException:
         lock.release()
         raise
@@ -130,11 +130,13 @@ def check_socket_path(path: Path) -> None:
         raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
 
 
-def _stale(path: Path, option: str) -> bool:
+def stale_socket(path: Path, option: str) -> bool:
     """Whether ``path`` is a socket nobody answers on (False: nothing there).
 
     Anything else there is refused: a file that is not a socket, or a live
-    socket (another program's, or a daemon older than the lock file)."""
+    socket (another program's, or a daemon older than the lock file); ``option``
+    is what names the path, for the message.  Also the socket units' check
+    before systemd binds (:mod:`migblockd.vacant`)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -150,7 +152,7 @@ def _stale(path: Path, option: str) -> bool:
 
 
 def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socket:
-    if _stale(path, option):
+    if stale_socket(path, option):
         log.info("removing stale socket %s", path)
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -270,3 +270,34 @@ def test_the_refusal_names_the_live_daemon(start_daemon: Callable[..., DaemonPro
     assert live.socket.with_name(live.socket.name + ".lock").exists()
     again = start_daemon()
     assert again.stop() == 0
+
+
+def vacant(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "migblockd.vacant", *args],
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_the_socket_units_check_refuses_only_what_answers_or_is_no_socket(
+        tmp_path: Path) -> None:
+    # The socket units' ExecStartPre=: systemd removes what is at ListenStream=.
+    path = tmp_path / "s.sock"
+    assert (vacant(str(path)).returncode, vacant(str(path)).stderr) == (0, "")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
+        left.bind(os.fspath(path))  # closed unlistened: a crash's leftover
+    assert (vacant(str(path)).returncode, vacant(str(path)).stderr) == (0, "")
+    assert path.exists()  # the check removes nothing: systemd replaces it
+    path.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(os.fspath(path))
+        live.listen()
+        refused = vacant(str(path))
+    assert refused.returncode == 1
+    assert refused.stderr == (f"migblockd: another daemon is already listening on {path}; "
+                              "refusing to take over a live socket (stop it first, or "
+                              "choose another ListenStream=)\n")
+    path.unlink()
+    path.write_text("mine\n")
+    refused = vacant(str(path))
+    assert (refused.returncode, refused.stderr) == (
+        1, f"migblockd: {path} exists and is not a socket; refusing to replace it\n")
+    assert vacant().stderr == "usage: python -m migblockd.vacant PATH\n"

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -76,6 +77,7 @@ mkdir -p /opt/migblockd/bin /opt/migblockd/venv /opt/migblockd/src
 mount --bind -o ro "$venv" /opt/migblockd/venv
 mount --bind -o ro "$src" /opt/migblockd/src
 install -m 0755 "$INSIDE/launcher" /opt/migblockd/bin/migblockd
+install -m 0755 "$INSIDE/python3" /opt/migblockd/bin/python3
 # An interpreter under a home directory (pyenv's in /root): a real install would
 # not use one, and ProtectHome= would hide it.  Here the home directory is
 # replaced by an empty one holding only the interpreter, at its own path (the
@@ -105,6 +107,12 @@ import sys
 sys.path.insert(0, "/opt/migblockd/src")
 from migblockd.__main__ import main
 main()
+"""
+
+# The venv's interpreter, as the socket units' ExecStartPre= runs it, with this
+# checkout's package on its path.
+PYTHON3 = """#!/bin/sh
+PYTHONPATH=/opt/migblockd/src exec {python} "$@"
 """
 
 #: Unit lines this container refuses, and why; each is dropped from the copy.
@@ -233,6 +241,7 @@ def prepare(base: Path) -> None:
     (base / "migblockd.toml").chmod(0o644)
     python = "/opt/migblockd/venv/bin/python" if sys.prefix != sys.base_prefix else sys.executable
     (base / "launcher").write_text(LAUNCHER.format(python=python))
+    (base / "python3").write_text(PYTHON3.format(python=python))
     # The users systemd/sysusers.d declares, in copies of this machine's files.
     etc = base / "sysroot/etc"
     etc.mkdir(parents=True)
@@ -410,3 +419,57 @@ async def test_watchdog_restarts_a_stopped_daemon(manager: Manager) -> None:
                              is_running(s) and s["MainPID"] != before["MainPID"])
     assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1, after
     assert "w1" in await blocker_ids(manager)
+
+
+def stale_socket_at(path: Path) -> None:
+    """A socket file nobody answers on, as a process that died leaves it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
+        left.bind(os.fspath(path))
+
+
+async def test_the_socket_unit_replaces_a_socket_nobody_answers_on(manager: Manager) -> None:
+    # Reproduced first: after a ListenStream= changed in a drop-in and a daemon-reload
+    # (which closes the old socket and leaves its file), the unit did not start
+    # again, on the new path nor, the drop-in removed, on its own, until the file was
+    # removed by hand; nor after a crash left a file there.
+    await add_blocker(manager, "s1")
+    moved = "/run/migblockd/moved.sock"
+    manager.drop_in("migblockd.socket", "[Socket]\nListenStream=\nListenStream=" + moved
+                    + "\nExecStartPre=\nExecStartPre=/opt/migblockd/bin/python3 -m "
+                    "migblockd.vacant " + moved + "\n")
+    assert manager.socket.exists()  # the reload closed it and left the file
+    manager.systemctl("restart", "migblockd.socket")
+    c = await asyncio.wait_for(RawClient.connect(manager.inside(moved)), TIMEOUT)
+    try:
+        assert {b["id"] for b in await c.ok("query-blockers")} == {"s1"}
+    finally:
+        await c.close()
+    (manager.base / "config/systemd/user/migblockd.socket.d/test.conf").unlink()
+    manager.systemctl("daemon-reload")
+    assert manager.inside(moved).exists()
+    manager.systemctl("restart", "migblockd.socket")
+    assert await blocker_ids(manager) == {"s1"}
+    # A socket file a crash left: replaced.
+    manager.systemctl("stop", "migblockd.socket", "migblockd.service")
+    stale_socket_at(manager.socket)
+    manager.systemctl("start", "migblockd.socket")
+    assert await blocker_ids(manager) == {"s1"}
+
+
+async def test_the_socket_unit_leaves_a_live_socket_and_other_files_alone(
+        manager: Manager) -> None:
+    manager.systemctl("stop", "migblockd.socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(os.fspath(manager.socket))
+        live.listen()
+        served = manager.socket.stat().st_ino
+        refused = manager.systemctl("start", "migblockd.socket", check=False)
+        assert refused.returncode != 0, refused
+        assert manager.socket.stat().st_ino == served
+        assert ("another daemon is already listening on /run/migblockd/migblockd.sock; "
+                "refusing to take over a live socket") in manager.daemon_log(), manager.log()
+    manager.socket.unlink()
+    manager.socket.write_text("not a socket\n")
+    refused = manager.systemctl("start", "migblockd.socket", check=False)
+    assert refused.returncode != 0, refused
+    assert manager.socket.read_text() == "not a socket\n"

@@ -59,8 +59,9 @@ def values(unit: configparser.RawConfigParser, section: str, key: str) -> list[s
 def exec_paths(unit: Path) -> set[str]:
     parsed = parse_unit(unit)
     paths = set()
+    section = "Socket" if unit.suffix == ".socket" else "Service"
     for key in ("ExecStart", "ExecReload", "ExecStartPre", "ExecStartPost", "ExecStop"):
-        for line in values(parsed, "Service", key):
+        for line in values(parsed, section, key):
             paths.add(shlex.split(line.lstrip("-@:+!"))[0])
     return paths
 
@@ -75,11 +76,11 @@ def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     unit_dir.mkdir(parents=True)
     for unit in UNITS.glob("migblockd*.s*"):
         shutil.copy(unit, unit_dir)
-    for service in UNITS.glob("*.service"):
+    for service in [*UNITS.glob("*.service"), *UNITS.glob("*.socket")]:
         for command in exec_paths(service):
             target = root / command.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
-            if command == INSTALLED:
+            if command.startswith(str(Path(INSTALLED).parent) + "/"):
                 # Not installed here; verify only needs an executable at the path.
                 target.write_text("#!/bin/sh\n")
                 target.chmod(0o755)
@@ -179,6 +180,11 @@ def test_templates_run_the_same_service() -> None:
     assert values(plain_socket, "Socket", "ListenStream") == ["/run/migblockd/migblockd.sock"]
     for key in ("SocketUser", "SocketGroup", "SocketMode", "DirectoryMode", "FileDescriptorName"):
         assert values(plain_socket, "Socket", key) == values(template_socket, "Socket", key)
+    # Each checks its own ListenStream= before systemd binds there.
+    for unit in (plain_socket, template_socket):
+        assert values(unit, "Socket", "ExecStartPre") == [
+            "/opt/migblockd/bin/python3 -m migblockd.vacant "
+            + values(unit, "Socket", "ListenStream")[0]]
 
 
 def test_the_service_is_what_the_issue_asks_for() -> None:

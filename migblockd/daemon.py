@@ -32,7 +32,7 @@ from migblockd.core import Core
 from migblockd.listen import Claim, StartupError, claim_socket
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
-from migblockd.preflight import load_contract, socket_gid
+from migblockd.preflight import load_contract, passed_path, socket_gid
 from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
@@ -254,11 +254,8 @@ def open_metrics(config: Config, core: Core,
 
 def qmp_socket_path(config: Config, passed: socket.socket | None) -> Path:
     """Where migblockd's QMP socket is: systemd's passed socket's path, else --socket."""
-    if passed is not None and passed.family == socket.AF_UNIX:
-        name = passed.getsockname()
-        if isinstance(name, str) and name.startswith("/"):
-            return Path(name)
-    return config.socket
+    path = None if passed is None else passed_path(passed)
+    return config.socket if path is None else path
 
 
 def spawn(loop: asyncio.AbstractEventLoop, tasks: set[asyncio.Task[None]],

@@ -34,8 +34,8 @@ from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory
 from migblockd.trust import distrust
 
-__all__ = ["ignored", "load_contract", "not_the_qmp_socket", "problems", "resolve_tcp",
-           "socket_gid"]
+__all__ = ["ignored", "load_contract", "not_the_qmp_socket", "passed_path", "problems",
+           "resolve_tcp", "socket_gid"]
 
 
 def load_contract(path: Path | None) -> Contract:
@@ -69,6 +69,15 @@ def resolve_tcp(address: HostPort) -> tuple[Any, ...]:
     return infos[0]
 
 
+def passed_path(passed: socket.socket) -> Path | None:
+    """Where the socket systemd passed is (None: not a Unix socket with a path)."""
+    if passed.family == socket.AF_UNIX:
+        name = passed.getsockname()
+        if isinstance(name, str) and name.startswith("/"):
+            return Path(name)
+    return None
+
+
 def not_the_qmp_socket(address: Path, qmp_socket: Path) -> None:
     """StartupError when a Unix ``--metrics`` address is the QMP socket's path."""
     if os.path.abspath(address) == os.path.abspath(qmp_socket):
@@ -76,14 +85,17 @@ def not_the_qmp_socket(address: Path, qmp_socket: Path) -> None:
                            "address of their own")
 
 
-def problems(config: Config, *, socket_passed: bool = False, as_daemon: bool = False,
+def problems(config: Config, *, socket_passed: bool = False, passed: Path | None = None,
+             as_daemon: bool = False,
              keys: Collection[str] | None = None) -> list[tuple[str, str]]:
     """(key, why) for each setting that would stop a start with ``config``.
 
     ``socket_passed``: systemd passes the socket, so ``socket-group`` is the
-    socket unit's and not used.  ``as_daemon``: this process is the daemon (a
-    reload), whose user the trust rule is about.  ``keys``: check only these
-    settings (keys as in the file, ``socket-group``); all by default.
+    socket unit's and not used; ``passed``: that socket's path, when known (a
+    reload knows it, ``--check-config`` does not), which a Unix ``metrics``
+    address must not be.  ``as_daemon``: this process is the daemon (a reload),
+    whose user the trust rule is about.  ``keys``: check only these settings
+    (keys as in the file, ``socket-group``); all by default.
     """
     def wanted(key: str) -> bool:
         return keys is None or key in keys
@@ -94,7 +106,8 @@ def problems(config: Config, *, socket_passed: bool = False, as_daemon: bool = F
         ("socket", lambda: None if socket_passed
          else _socket_at(config.socket, "--socket", as_daemon)),
         ("socket-group", lambda: None if socket_passed else socket_gid(config.socket_group)),
-        ("metrics", lambda: _metrics(config, socket_passed, as_daemon)),
+        ("metrics", lambda: _metrics(config, config.socket if not socket_passed else passed,
+                                     as_daemon)),
         ("state-dir", lambda: None if config.ephemeral or config.state_dir is None
          else check_existing_directory(config.state_dir,
                                        trust=_judgeable(config.state_dir, as_daemon))),
@@ -125,14 +138,15 @@ def ignored(config: Config, *, socket_passed: bool) -> list[str]:
     return []
 
 
-def _metrics(config: Config, socket_passed: bool, as_daemon: bool) -> None:
+def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool) -> None:
+    """``qmp_socket``: where the QMP socket is (None: systemd's, at a path not known here)."""
     address = config.metrics
     if isinstance(address, HostPort):
         resolve_tcp(address)
     elif address is not None:
         _socket_at(address, "--metrics", as_daemon)
-        if not socket_passed:  # a passed socket's path is the socket unit's
-            not_the_qmp_socket(address, config.socket)
+        if qmp_socket is not None:
+            not_the_qmp_socket(address, qmp_socket)
 
 
 def _socket_at(path: Path, option: str, as_daemon: bool) -> None:

@@ -36,7 +36,7 @@ from migblockd.drain import drain
 from migblockd.ledger import Group
 from migblockd.listen import Claim, bind_claimed
 from migblockd.pidlock import PidLock
-from migblockd.preflight import ignored, problems
+from migblockd.preflight import ignored, passed_path, problems
 from migblockd.registry import Change
 from migblockd.reloading import plan
 from migblockd.systemd import Notifier
@@ -75,6 +75,7 @@ class Server(Turns):
         self.read_buffer = read_buffer()
         self.acceptor: Acceptor | None = None
         self.own_socket: tuple[Path, int] | None = None  # path and inode we created
+        self.passed: Path | None = None  # where the socket systemd passed is
         self._socket_lock: PidLock | None = None
         self.loop = asyncio.get_running_loop()
         self._disk: DiskThread[list[Change]] | None = None
@@ -103,6 +104,7 @@ class Server(Turns):
         group = self.config.socket_group
         if sock is not None:
             log.info("socket activation: serving the passed socket %s", sock.getsockname())
+            self.passed = passed_path(sock)
             for note in ignored(self.config, socket_passed=True):
                 log.info("%s", note)
         else:
@@ -193,7 +195,8 @@ class Server(Turns):
             # thread: resolving a metrics host name may wait for DNS.
             found = await asyncio.to_thread(problems, fresh,
                                             socket_passed=self.own_socket is None,
-                                            as_daemon=True, keys=reload.restart_only) \
+                                            passed=self.passed, as_daemon=True,
+                                            keys=reload.restart_only) \
                 if reload.restart_only else []
             for key, why in found:
                 log.warning("reload: with %s as the file now sets it, the next start "

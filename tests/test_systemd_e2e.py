@@ -195,6 +195,12 @@ async def test_daemon_under_systemd_socket_activate(
         await wait_stderr(" DEBUG: ", mark)
         await wait_stderr("WARNING: reload: socket-mode changed, which the socket unit sets")
         assert "which only a restart applies" not in stderr()
+        # The passed socket's path as the metrics address: the next start refuses it,
+        # and the reload says so now (it knows the path; --socket is elsewhere).
+        config.write_text(f'log-level = "debug"\nmetrics = "{sock_path}"\n')
+        proc.send_signal(signal.SIGHUP)
+        await wait_stderr("WARNING: reload: with metrics as the file now sets it, the next "
+                          f"start would fail: --metrics {sock_path}: that is the QMP socket")
         await client.close()
 
         # -- SIGTERM: STOPPING=1, exit 0, the passed socket stays ---------------------

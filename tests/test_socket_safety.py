@@ -281,10 +281,12 @@ def test_the_socket_units_check_refuses_only_what_answers_or_is_no_socket(
         tmp_path: Path) -> None:
     # The socket units' ExecStartPre=: systemd removes what is at ListenStream=.
     path = tmp_path / "s.sock"
-    assert (vacant(str(path)).returncode, vacant(str(path)).stderr) == (0, "")
+    free = vacant(str(path))
+    assert (free.returncode, free.stderr) == (0, "")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:
         left.bind(os.fspath(path))  # closed unlistened: a crash's leftover
-    assert (vacant(str(path)).returncode, vacant(str(path)).stderr) == (0, "")
+    stale = vacant(str(path))
+    assert (stale.returncode, stale.stderr) == (0, "")
     assert path.exists()  # the check removes nothing: systemd replaces it
     path.unlink()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:

@@ -315,20 +315,21 @@ def manager(tmp_path: Path) -> Iterator[Manager]:
         yield running
 
 
-async def client(manager: Manager) -> RawClient:
-    return await asyncio.wait_for(RawClient.connect(manager.socket), TIMEOUT)
+async def client(manager: Manager, path: Path | None = None) -> RawClient:
+    """A connection to the daemon at ``path``: by default, the plain unit's socket."""
+    return await asyncio.wait_for(RawClient.connect(path or manager.socket), TIMEOUT)
 
 
-async def blocker_ids(manager: Manager) -> set[str]:
-    c = await client(manager)
+async def blocker_ids(manager: Manager, path: Path | None = None) -> set[str]:
+    c = await client(manager, path)
     try:
         return {b["id"] for b in await c.ok("query-blockers")}
     finally:
         await c.close()
 
 
-async def add_blocker(manager: Manager, blocker_id: str) -> None:
-    c = await client(manager)
+async def add_blocker(manager: Manager, blocker_id: str, path: Path | None = None) -> None:
+    c = await client(manager, path)
     try:
         await c.ok("add-blocker", {"id": blocker_id, "reason": f"test {blocker_id}"})
     finally:
@@ -362,8 +363,9 @@ async def test_socket_activation_serves_and_reports_status(manager: Manager) -> 
         await c.close()
 
 
-async def reason_refused(manager: Manager, length: int) -> bool:
-    c = await client(manager)
+async def reason_refused(manager: Manager, length: int, path: Path | None = None) -> bool:
+    """Whether the daemon at ``path`` refuses a blocker reason of ``length`` characters."""
+    c = await client(manager, path)
     try:
         reply = await c.execute("add-blocker", {"id": "long", "reason": "x" * length})
         if "return" in reply:
@@ -439,11 +441,7 @@ async def test_the_socket_unit_replaces_a_socket_nobody_answers_on(manager: Mana
                     "migblockd.vacant " + moved + "\n")
     assert manager.socket.exists()  # the reload closed it and left the file
     manager.systemctl("restart", "migblockd.socket")
-    c = await asyncio.wait_for(RawClient.connect(manager.inside(moved)), TIMEOUT)
-    try:
-        assert {b["id"] for b in await c.ok("query-blockers")} == {"s1"}
-    finally:
-        await c.close()
+    assert await blocker_ids(manager, manager.inside(moved)) == {"s1"}
     (manager.base / "config/systemd/user/migblockd.socket.d/test.conf").unlink()
     manager.systemctl("daemon-reload")
     assert manager.inside(moved).exists()

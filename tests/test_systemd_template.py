@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from metricstext import Scrape
-from qmpclient import RawClient
 from realqemu import Qemu
 from test_metrics import scrape
 from test_systemd_manager import (
@@ -30,12 +29,14 @@ from test_systemd_manager import (
     INSIDE,
     TIMEOUT,
     Manager,
+    add_blocker,
+    blocker_ids,
+    client,
     installed_unit,
     is_running,
+    reason_refused,
     user_manager,
 )
-from test_systemd_manager import add_blocker as add_plain_blocker
-from test_systemd_manager import blocker_ids as plain_blocker_ids
 
 INSTANCES = ("vm1", "vm2")
 SERVICE_MD = ROOT / "docs" / "service.md"
@@ -91,27 +92,6 @@ def socket_path(manager: Manager, instance: str) -> Path:
     return manager.inside(f"/run/migblockd/{instance}.sock")
 
 
-async def client(manager: Manager, instance: str) -> RawClient:
-    return await asyncio.wait_for(RawClient.connect(socket_path(manager, instance)), TIMEOUT)
-
-
-async def blocker_ids(manager: Manager, instance: str) -> set[str]:
-    c = await client(manager, instance)
-    try:
-        return {b["id"] for b in await c.ok("query-blockers")}
-    finally:
-        await c.close()
-
-
-async def add_blocker(manager: Manager, instance: str, blocker_id: str,
-                      reason: str = "test") -> dict[str, object]:
-    c = await client(manager, instance)
-    try:
-        return await c.execute("add-blocker", {"id": blocker_id, "reason": reason})
-    finally:
-        await c.close()
-
-
 def running(manager: Manager, instance: str) -> dict[str, str]:
     return manager.wait_for(service(instance), "start", is_running)
 
@@ -127,12 +107,12 @@ async def test_each_instance_is_activated_on_its_socket_with_its_state(
         assert (made.st_uid, made.st_gid, made.st_mode & 0o7777) == (*owner, 0o660)
         assert instances.show(service(instance), "ActiveState", "MainPID") == \
             {"ActiveState": "inactive", "MainPID": "0"}
-    assert "return" in await add_blocker(instances, "vm1", "a1")
+    await add_blocker(instances, "a1", socket_path(instances, "vm1"))
     # vm1's client started vm1's daemon only.
     assert instances.show(service("vm2"), "MainPID")["MainPID"] == "0"
-    assert "return" in await add_blocker(instances, "vm2", "b1")
-    assert await blocker_ids(instances, "vm1") == {"a1"}
-    assert await blocker_ids(instances, "vm2") == {"b1"}
+    await add_blocker(instances, "b1", socket_path(instances, "vm2"))
+    assert await blocker_ids(instances, socket_path(instances, "vm1")) == {"a1"}
+    assert await blocker_ids(instances, socket_path(instances, "vm2")) == {"b1"}
     for instance in INSTANCES:
         state = instances.wait_for(service(instance), "status", lambda s: is_running(s)
                                    and s["StatusText"].startswith("1 blocker,"))
@@ -148,61 +128,50 @@ async def test_each_instance_is_activated_on_its_socket_with_its_state(
 
 
 async def test_restart_and_sigkill_of_one_instance(instances: Manager) -> None:
-    await add_blocker(instances, "vm1", "a1")
-    await add_blocker(instances, "vm2", "b1")
+    await add_blocker(instances, "a1", socket_path(instances, "vm1"))
+    await add_blocker(instances, "b1", socket_path(instances, "vm2"))
     first, other = running(instances, "vm1"), running(instances, "vm2")
     instances.systemctl("restart", service("vm1"))
     second = running(instances, "vm1")
     assert second["MainPID"] != first["MainPID"]
-    assert await blocker_ids(instances, "vm1") == {"a1"}
-    await add_blocker(instances, "vm1", "a2")
+    assert await blocker_ids(instances, socket_path(instances, "vm1")) == {"a1"}
+    await add_blocker(instances, "a2", socket_path(instances, "vm1"))
     instances.systemctl("kill", "--signal=SIGKILL", "--kill-who=main", service("vm1"))
     third = instances.wait_for(service("vm1"), "restart after SIGKILL", lambda s:
                                is_running(s) and s["MainPID"] != second["MainPID"])
     assert int(third["NRestarts"]) >= 1, third
-    assert await blocker_ids(instances, "vm1") == {"a1", "a2"}
+    assert await blocker_ids(instances, socket_path(instances, "vm1")) == {"a1", "a2"}
     # vm2 was never touched: the same process, its own blocker only.
-    assert await blocker_ids(instances, "vm2") == {"b1"}
+    assert await blocker_ids(instances, socket_path(instances, "vm2")) == {"b1"}
     after = running(instances, "vm2")
     assert (after["MainPID"], after["NRestarts"]) == (other["MainPID"], "0"), after
 
 
-async def reason_refused(manager: Manager, instance: str) -> bool:
-    reply = await add_blocker(manager, instance, "long", "x" * 40)
-    if "return" in reply:
-        c = await client(manager, instance)
-        try:
-            await c.ok("del-blocker", {"id": "long"})
-        finally:
-            await c.close()
-    return "error" in reply
-
-
 async def test_reload_and_stop_touch_one_instance(instances: Manager) -> None:
-    await add_blocker(instances, "vm1", "a1")
-    await add_blocker(instances, "vm2", "b1")
+    await add_blocker(instances, "a1", socket_path(instances, "vm1"))
+    await add_blocker(instances, "b1", socket_path(instances, "vm2"))
     vm1, vm2 = running(instances, "vm1")["MainPID"], running(instances, "vm2")["MainPID"]
     write_config(instances, "vm1", "max-reason-length = 16\n")
     instances.systemctl("reload", service("vm1"))
     deadline = time.monotonic() + TIMEOUT
-    while not await reason_refused(instances, "vm1"):
+    while not await reason_refused(instances, 40, socket_path(instances, "vm1")):
         assert time.monotonic() < deadline, instances.log()
         await asyncio.sleep(0.1)
-    assert not await reason_refused(instances, "vm2")
+    assert not await reason_refused(instances, 40, socket_path(instances, "vm2"))
     write_config(instances, "vm1", 'max-reason-length = "lots"\n')
     assert instances.systemctl("reload", service("vm1"), check=False).returncode != 0
-    assert await reason_refused(instances, "vm1")
+    assert await reason_refused(instances, 40, socket_path(instances, "vm1"))
     assert [running(instances, i)["MainPID"] for i in INSTANCES] == [vm1, vm2]
     # One reload reached a daemon: vm1's good one.
     assert instances.daemon_log().count("reloaded configuration") == 1, instances.log()
     instances.systemctl("stop", socket_unit("vm1"), service("vm1"))
     assert not socket_path(instances, "vm1").exists()  # RemoveOnStop=
-    assert await blocker_ids(instances, "vm2") == {"b1"}
+    assert await blocker_ids(instances, socket_path(instances, "vm2")) == {"b1"}
     assert running(instances, "vm2")["MainPID"] == vm2
     # Its state stays for the next start (with a file it can start with).
     write_config(instances, "vm1", GOOD_CONFIG)
     instances.systemctl("start", socket_unit("vm1"))
-    assert await blocker_ids(instances, "vm1") == {"a1"}
+    assert await blocker_ids(instances, socket_path(instances, "vm1")) == {"a1"}
 
 
 def documented_metrics_drop_in() -> tuple[str, str]:
@@ -253,7 +222,7 @@ async def test_metrics_on_a_unix_socket_per_instance_as_documented(tmp_path: Pat
         for count, instance in enumerate(INSTANCES, start=1):
             try:
                 for n in range(count):
-                    assert "return" in await add_blocker(manager, instance, f"b{n}")
+                    await add_blocker(manager, f"b{n}", socket_path(manager, instance))
             except OSError as exc:  # the daemon exited: its log says why
                 pytest.fail(f"{instance}: {exc!r}\n{manager.log()}")
             running(manager, instance)
@@ -262,8 +231,8 @@ async def test_metrics_on_a_unix_socket_per_instance_as_documented(tmp_path: Pat
             assert result.value("migblockd_blockers", source="migblockd",
                                 mode="normal") == count
         # vm1's own option is in effect too.
-        assert await reason_refused(manager, "vm1")
-        assert not await reason_refused(manager, "vm2")
+        assert await reason_refused(manager, 40, socket_path(manager, "vm1"))
+        assert not await reason_refused(manager, 40, socket_path(manager, "vm2"))
 
 
 @dataclass
@@ -297,7 +266,7 @@ async def test_each_instance_gates_its_own_qemu(tmp_path: Path) -> None:
             async with qemus["vm1"].monitor() as monitor:
                 await monitor.add_blocker("n1")
                 text = monitor.blocker_text("n1")
-            c = await client(manager, "vm1")
+            c = await client(manager, socket_path(manager, "vm1"))
             try:
                 listed = await c.ok("query-blockers")
                 assert [(b["source"], b["reason"]) for b in listed] == [("qemu", text)], listed
@@ -305,7 +274,7 @@ async def test_each_instance_gates_its_own_qemu(tmp_path: Path) -> None:
                 assert refused["error"]["desc"] == text, refused
             finally:
                 await c.close()
-            c = await client(manager, "vm2")
+            c = await client(manager, socket_path(manager, "vm2"))
             try:
                 assert await c.ok("query-blockers") == []
             finally:
@@ -323,21 +292,21 @@ async def test_no_socket_unit_takes_over_a_path_another_serves(tmp_path: Path) -
     # systemd unlinks whatever is at ListenStream= before it binds.
     with user_manager(tmp_path) as manager:  # migblockd.socket listens
         install_templates(manager, configured=("migblockd",))
-        await add_plain_blocker(manager, "p1")
+        await add_blocker(manager, "p1")
         served = manager.socket.stat().st_ino
         refused = manager.systemctl("start", socket_unit("migblockd"), check=False)
         assert refused.returncode != 0, refused
         assert manager.socket.stat().st_ino == served
-        assert await plain_blocker_ids(manager) == {"p1"}
+        assert await blocker_ids(manager) == {"p1"}
         # The other way round: the instance listens, the plain unit may not start.
         manager.systemctl("stop", "migblockd.socket", "migblockd.service")
         manager.systemctl("start", socket_unit("migblockd"))
-        assert "return" in await add_blocker(manager, "migblockd", "i1")
+        await add_blocker(manager, "i1", socket_path(manager, "migblockd"))
         served = manager.socket.stat().st_ino
         refused = manager.systemctl("start", "migblockd.socket", check=False)
         assert refused.returncode != 0, refused
         assert manager.socket.stat().st_ino == served
-        assert await plain_blocker_ids(manager) == {"i1"}
+        assert await blocker_ids(manager) == {"i1"}
 
 
 async def test_enable_clean_and_uninstall_as_documented(tmp_path: Path) -> None:
@@ -347,15 +316,15 @@ async def test_enable_clean_and_uninstall_as_documented(tmp_path: Path) -> None:
         for instance in INSTANCES:
             manager.systemctl("enable", "--now", socket_unit(instance))
             assert (units / f"sockets.target.wants/{socket_unit(instance)}").is_symlink()
-            assert "return" in await add_blocker(manager, instance, f"{instance}-1")
+            await add_blocker(manager, f"{instance}-1", socket_path(manager, instance))
         # `systemctl clean --what=state migblockd` takes the plain unit's state only.
-        await add_plain_blocker(manager, "p1")
+        await add_blocker(manager, "p1")
         manager.systemctl("stop", "migblockd.socket", "migblockd.service")
         manager.systemctl("clean", "--what=state", "migblockd.service")
         assert not (manager.base / "config/migblockd").exists()
         manager.systemctl("restart", *map(service, INSTANCES))
         for instance in INSTANCES:
-            assert await blocker_ids(manager, instance) == {f"{instance}-1"}
+            assert await blocker_ids(manager, socket_path(manager, instance)) == {f"{instance}-1"}
         # The README's uninstall steps for per-VM instances.
         manager.systemctl("stop", "migblockd@*.socket", "migblockd@*.service")
         manager.systemctl("disable", "migblockd@.socket", "migblockd@.service")
@@ -367,18 +336,6 @@ async def test_enable_clean_and_uninstall_as_documented(tmp_path: Path) -> None:
             assert not socket_path(manager, instance).exists()
             # What the uninstall steps leave to the operator: the blockers.
             assert (manager.base / f"config/migblockd-instances/{instance}/state.db").is_file()
-
-
-async def refuses_long_reasons(path: Path) -> bool:
-    """Whether the daemon at ``path`` refuses a 40-character blocker reason."""
-    c = await asyncio.wait_for(RawClient.connect(path), TIMEOUT)
-    try:
-        reply = await c.execute("add-blocker", {"id": "long", "reason": "x" * 40})
-        if "return" in reply:
-            await c.ok("del-blocker", {"id": "long"})
-        return "error" in reply
-    finally:
-        await c.close()
 
 
 async def test_the_reload_check_judges_the_socket_activated_daemons_settings(
@@ -394,14 +351,14 @@ async def test_the_reload_check_judges_the_socket_activated_daemons_settings(
         for unit, (name, path) in units.items():
             (manager.base / f"{name}.toml").write_text('socket-group = "nosuchgroup"\n')
             (manager.base / f"{name}.toml").chmod(0o644)
-            assert not await refuses_long_reasons(path)
+            assert not await reason_refused(manager, 40, path)
             pid = manager.wait_for(unit, "start", is_running)["MainPID"]
             (manager.base / f"{name}.toml").write_text(
                 'socket-group = "nosuchgroup"\nmax-reason-length = 16\n')
             reloaded = manager.systemctl("reload", unit, check=False)
             assert reloaded.returncode == 0, (reloaded, manager.log())
             deadline = time.monotonic() + TIMEOUT
-            while not await refuses_long_reasons(path):
+            while not await reason_refused(manager, 40, path):
                 assert time.monotonic() < deadline, manager.log()
                 await asyncio.sleep(0.1)
             assert manager.wait_for(unit, "state", is_running)["MainPID"] == pid

@@ -128,14 +128,20 @@ def ignored(config: Config, *, socket_passed: bool) -> list[str]:
     """The settings a start with ``config`` ignores, each as one line: the start
     logs them (``Server.start``) and ``--check-config`` prints them.
 
-    With a passed socket the daemon serves it as the socket unit made it, so a
-    ``socket-group`` is not used (and not checked by :func:`problems`): said, not
-    refused.
+    With a passed socket the daemon serves it as the socket unit made it, so the
+    socket's path, mode and group given here are not used (nor is the group
+    checked by :func:`problems`): said, not refused.  An operator who sets
+    ``socket`` in the file and connects there finds nothing, and this line says
+    why.  Defaults are not mentioned: nobody asked for them.
     """
-    if socket_passed and config.socket_group is not None:
-        return ["socket activation: --socket-group is ignored (the socket unit's "
-                "SocketGroup= applies)"]
-    return []
+    if not socket_passed:
+        return []
+    defaults = Config()
+    given = [(config.socket != defaults.socket, "--socket", "ListenStream="),
+             (config.socket_mode != defaults.socket_mode, "--socket-mode", "SocketMode="),
+             (config.socket_group is not None, "--socket-group", "SocketGroup=")]
+    return [f"socket activation: {option} is ignored (the socket unit's {directive} applies)"
+            for differs, option, directive in given if differs]
 
 
 def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool) -> None:

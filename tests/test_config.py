@@ -504,6 +504,8 @@ def test_check_config_says_what_it_cannot_examine(tmp_path: Path) -> None:
 
 IGNORED_GROUP = ("migblockd: socket activation: --socket-group is ignored (the socket "
                  "unit's SocketGroup= applies)\n")
+IGNORED_SOCKET = ("migblockd: socket activation: --socket is ignored (the socket unit's "
+                  "ListenStream= applies)\n")
 
 
 def test_check_config_socket_activated_leaves_the_socket_to_the_socket_unit(
@@ -524,15 +526,32 @@ def test_check_config_socket_activated_leaves_the_socket_to_the_socket_unit(
         assert (strict.returncode, strict.stdout) == (1, ""), strict
         assert "--socket-group: there is no group named 'no-such-group-here'" in strict.stderr
         activated = check_config("--socket-activated", *args)
-        assert (activated.returncode, activated.stderr) == (0, IGNORED_GROUP), activated
+        assert (activated.returncode, activated.stderr) == (0, IGNORED_SOCKET + IGNORED_GROUP)
         assert activated.stdout == (f"migblockd: {path} and the command line: valid; socket "
                                     "passed by systemd (the socket unit's ListenStream=), "
                                     "state in memory only (ephemeral)\n")
     assert taken.read_text() == "not a socket\n"
     assert sorted(shared.iterdir()) == []
-    # No socket-group, nothing to say it ignores.
+    # No socket settings, nothing to say it ignores.
     quiet = check_config("--socket-activated", "--ephemeral")
     assert (quiet.returncode, quiet.stderr) == (0, "")
+
+
+def test_check_config_socket_activated_names_each_socket_setting_it_ignores(
+        tmp_path: Path) -> None:
+    # An operator who sets the path or mode in the file, under the units, and then
+    # looks for the socket there hears why it is not.
+    path = tmp_path / "m.toml"
+    path.write_text(f'socket = "{tmp_path}/mine.sock"\nsocket-mode = "0660"\n')
+    path.chmod(0o600)
+    proc = check_config("--socket-activated", "--ephemeral", "--config", str(path))
+    assert (proc.returncode, proc.stderr) == (0, IGNORED_SOCKET + (
+        "migblockd: socket activation: --socket-mode is ignored (the socket unit's "
+        "SocketMode= applies)\n")), proc
+    # The defaults, given in so many words, were not asked for by anyone else.
+    path.write_text('socket-mode = "0600"\n')
+    same = check_config("--socket-activated", "--ephemeral", "--config", str(path))
+    assert (same.returncode, same.stderr) == (0, ""), same
 
 
 @pytest.mark.parametrize(("setting", "message"), [

@@ -32,7 +32,7 @@ from migblockd.core import Core
 from migblockd.listen import Claim, StartupError, claim_socket
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
-from migblockd.preflight import load_contract, passed_path, socket_gid
+from migblockd.preflight import kept_out_notes, load_contract, passed_path, socket_gid
 from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
@@ -86,7 +86,10 @@ async def run(config: Config, cli: dict[str, Any], *,
 
 def claim_own_socket(config: Config) -> Claim:
     """``--socket``'s directory made and its lock taken; a busy socket refused."""
-    return claim_socket(config.socket, config.socket_mode, socket_gid(config.socket_group))
+    claim = claim_socket(config.socket, config.socket_mode, socket_gid(config.socket_group))
+    for note in kept_out_notes(config, socket_passed=False):
+        log.warning("%s", note)
+    return claim
 
 
 def open_state(config: Config, registry: Registry) -> Store | None:

@@ -19,7 +19,7 @@ import stat
 from collections.abc import Collection
 from pathlib import Path
 
-__all__ = ["explain"]
+__all__ = ["explain", "kept_out"]
 
 _SEARCH, _WRITE = 1, 2  # the permission bits of one class (other's; shifted for the rest)
 
@@ -47,6 +47,47 @@ def explain(path: str, uid: int | None = None, groups: Collection[int] | None = 
         return None
     if not _allows(st, uid, groups, _WRITE):
         return _why(target, st, uid, groups, _WRITE)
+    return None
+
+
+def kept_out(path: Path, mode: int, gid: int) -> str | None:
+    """What keeps out of ``path`` those its socket ``mode`` (group ``gid``) lets connect.
+
+    A directory on the way that they may not search refuses them whatever the
+    socket's mode: one the daemon creates is made searchable for them, but one
+    that exists is left as it is (a 0700 ``/run/migblockd`` left by a start with
+    the default mode, say).  The start logs this, and ``--check-config`` says it,
+    since the only other sign is a client's "Permission denied".  Judged for a
+    member of ``gid`` (or any user, for the others' bits) who owns none of the
+    directories; None when nothing on the way keeps them out, or when the mode
+    lets nobody else connect.
+    """
+    group = _group_name(gid)
+    for bit, whom in ((0o020, f"the members of group {group}"), (0o002, "every user")):
+        if not mode & bit:
+            continue
+        groups = {gid} if bit == 0o020 else set()
+        for directory in reversed(path.parents):
+            try:
+                st = os.stat(directory)
+            except OSError:
+                return None  # made by the start, as the mode says; or not ours to judge
+            if _allows(st, -1, groups, _SEARCH):
+                continue
+            what = (f"{directory} is mode {stat.S_IMODE(st.st_mode):04o}, owner "
+                    f"{_user_name(st.st_uid)}, group {_group_name(st.st_gid)}")
+            if groups and st.st_gid == gid:
+                fix = f"chmod g+x {directory}"
+            elif groups and directory == path.parent:
+                fix = f"chgrp {group} {directory} and chmod g+x {directory}"
+            else:
+                fix = f"chmod o+x {directory}"
+            if directory == path.parent:
+                fix += " (or remove it: the daemon creates it searchable for them)"
+            else:  # not the daemon's to make: loosening it may not be the operator's call
+                fix += ", or choose a --socket outside it"
+            return (f"socket mode {mode:04o} lets {whom} connect to {path}, but {what}, "
+                    f"which they may not search, so they cannot connect; {fix}")
     return None
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from migblockd.config import Config, HostPort
 from migblockd.contract import Contract
+from migblockd.denied import kept_out
 from migblockd.listen import StartupError, check_socket_directory, check_socket_path
 from migblockd.qapi.error import QAPIError
 from migblockd.resolver import group_id
@@ -142,6 +143,21 @@ def ignored(config: Config, *, socket_passed: bool) -> list[str]:
              (config.socket_group is not None, "--socket-group", "SocketGroup=")]
     return [f"socket activation: {option} is ignored (the socket unit's {directive} applies)"
             for differs, option, directive in given if differs]
+
+
+def kept_out_notes(config: Config, *, socket_passed: bool) -> list[str]:
+    """A directory on the way to the socket that keeps out whom ``socket-mode``
+    lets connect (:func:`migblockd.denied.kept_out`), as one line: the start logs
+    it as a warning and ``--check-config`` prints it.  Not an error: the daemon's
+    own user and root still connect, and a directory's mode is its owner's call."""
+    if socket_passed:
+        return []
+    try:
+        gid = socket_gid(config.socket_group)
+    except StartupError:
+        return []  # problems() says so
+    why = kept_out(config.socket, config.socket_mode, os.getegid() if gid is None else gid)
+    return [] if why is None else [why]
 
 
 def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool) -> None:

@@ -77,6 +77,55 @@ def test_the_created_directory_lets_in_whom_the_socket_mode_lets_in(
         assert client.connect_error["connect-error"] == "EACCES"
 
 
+def test_an_existing_directory_that_keeps_the_group_out_is_named_at_start(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+        accounts: dict[str, Account], nobody: Callable[..., UidClient]) -> None:
+    """A directory that exists is left as it is: one a start with the default mode made
+    (0700) keeps out the group members --socket-mode 0660 lets in.  The start and
+    --check-config say so and what to run, rather than leave it to a client's
+    "Permission denied"."""
+    short_tmp.chmod(0o755)
+    socket = short_tmp / "run" / "s.sock"
+    socket.parent.mkdir(mode=0o700)  # as the README's first command, as root, leaves it
+    args = ("--socket-mode", "0660", "--socket-group", "mbt-sock")
+    gid = accounts["mbt-sock"].gid
+    warning = (f"socket mode 0660 lets the members of group mbt-sock connect to {socket}, "
+               f"but {socket.parent} is mode 0700, owner root, group root, which they may "
+               f"not search, so they cannot connect; chgrp mbt-sock {socket.parent} and "
+               f"chmod g+x {socket.parent} (or remove it: the daemon creates it searchable "
+               "for them)")
+    checked = subprocess.run([sys.executable, "-m", "migblockd", "--check-config",
+                              "--socket", str(socket), *args],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0
+    assert f"migblockd: {warning}\n" in checked.stderr
+    daemon = start_daemon(*args, socket=socket)
+    assert f"WARNING: {warning}\n" in daemon.log()
+    member = nobody(socket, groups=(gid,))
+    assert member.connect_error == {"connect-error": "EACCES", "desc": "Permission denied"}
+    # What the warning says to run lets them in.
+    os.chown(socket.parent, -1, gid)
+    socket.parent.chmod(0o710)
+    assert nobody(socket, groups=(gid,)).ok("query-version")["package"].startswith("migblockd ")
+    # One above the socket's own is named too, with another --socket as the way out.
+    assert daemon.stop() == 0
+    short_tmp.chmod(0o700)
+    above = subprocess.run([sys.executable, "-m", "migblockd", "--check-config",
+                            "--socket", str(socket), "--socket-mode", "0606"],
+                           capture_output=True, text=True, timeout=60)
+    assert above.stderr == (
+        f"migblockd: socket mode 0606 lets every user connect to {socket}, but {short_tmp} "
+        "is mode 0700, owner root, group root, which they may not search, so they cannot "
+        f"connect; chmod o+x {short_tmp}, or choose a --socket outside it\n")
+    short_tmp.chmod(0o755)
+    # A directory that lets them in, or a mode that lets nobody else in, is not named.
+    for again in (args, ("--socket-mode", "0600")):
+        quiet = subprocess.run([sys.executable, "-m", "migblockd", "--check-config",
+                                "--socket", str(socket), *again],
+                               capture_output=True, text=True, timeout=60)
+        assert (quiet.returncode, quiet.stderr) == (0, "")
+
+
 def test_an_unknown_socket_group_stops_the_daemon_with_a_clear_message(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
     daemon = start_daemon("--socket-group", "mbt-no-such-group", socket=short_tmp / "s.sock",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from migblockd.options import ConfigError, Option, Where, table
+from migblockd.resolver import who
 
 __all__ = ["TOO_DEEP", "check_trusted", "read_file"]
 
@@ -131,8 +132,11 @@ def check_trusted(path: Path, st: os.stat_result) -> None:
     """
     uid = os.geteuid()
     if st.st_uid not in (0, uid):
-        raise ConfigError(f"{path}: refusing a configuration file owned by uid {st.st_uid}, "
-                          f"neither root nor this user (uid {uid})")
+        # Said with names and the fix: at 3 a.m. "uid 1000" alone leaves both to find.
+        owners = "root" if uid == 0 else f"root or the daemon's user, {who(uid)},"
+        raise ConfigError(f"{path}: refusing a configuration file owned by {who(st.st_uid)}: "
+                          f"only {owners} may own it, since its owner sets the daemon's "
+                          f"settings; chown root {path}")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ConfigError(f"{path}: refusing a configuration file others may write (mode "
                           f"{stat.S_IMODE(st.st_mode):04o}); chmod go-w {path}")

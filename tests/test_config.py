@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -137,8 +138,26 @@ def test_a_file_owned_by_another_user_is_refused_at_start(tmp_path: Path) -> Non
         capture_output=True, text=True, timeout=30,
     )
     assert proc.returncode == 1
+    # Who owns it, who may, and what to run.
     assert proc.stderr.strip() == (f"migblockd: {path}: refusing a configuration file owned "
-                                   "by uid 65534, neither root nor this user (uid 0)")
+                                   "by uid 65534 (nobody): only root may own it, since its "
+                                   f"owner sets the daemon's settings; chown root {path}")
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")
+def test_a_daemon_of_its_own_user_names_it_among_the_owners_it_takes(short_tmp: Path) -> None:
+    short_tmp.chmod(0o755)
+    path = short_tmp / "m.toml"
+    path.write_text('log-level = "debug"\n')
+    os.chown(path, 65534, 65534)
+    proc = subprocess.run(["setpriv", "--reuid=1", "--regid=1", "--clear-groups",
+                           sys.executable, "-m", "migblockd", "--check-config", "--config",
+                           str(path)], capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stderr) == (1, (
+        f"migblockd: {path}: refusing a configuration file owned by uid 65534 (nobody): only "
+        f"root or the daemon's user, uid 1 ({pwd.getpwuid(1).pw_name}), may own it, since its "
+        f"owner sets the daemon's settings; chown root {path}\n"))
 
 
 @pytest.mark.parametrize(("text", "message"), [

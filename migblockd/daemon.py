@@ -32,7 +32,13 @@ from migblockd.core import Core
 from migblockd.listen import Claim, StartupError, claim_socket
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
-from migblockd.preflight import kept_out_notes, load_contract, passed_path, socket_gid
+from migblockd.preflight import (
+    kept_out_notes,
+    load_contract,
+    passed_path,
+    passthrough_unused,
+    socket_gid,
+)
 from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
@@ -130,6 +136,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
                 store: Store | None, reload_asked: Callable[[], bool],
                 sock: socket.socket | None, claim: Claim | None) -> None:
     bridge = None
+    if (unused := passthrough_unused(config)) is not None:
+        log.warning("%s", unused)
     if config.qemu is not None:
         bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry,
                         timeout=config.qemu_timeout)

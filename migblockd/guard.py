@@ -46,7 +46,8 @@ from migblockd.qmp.errors import QMPError
 from migblockd.registry import Owner, Registry
 from migblockd.resolver import Resolver, clear_caches, user_name, who
 
-__all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "same_uid", "whose"]
+__all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "policy_warnings", "same_uid",
+           "whose"]
 
 log = logging.getLogger("migblockd")
 
@@ -98,6 +99,21 @@ def same_uid(owner: Owner | None, other: Owner | None) -> bool:
     return owner is not None and other is not None and owner.uid == other.uid
 
 
+def policy_warnings(resolver: Resolver) -> list[str]:
+    """What the start and each reload warn of in the access policy (and
+    ``--check-config`` prints): none stops the daemon, each is a policy that does
+    not do what it says."""
+    # Not an error: the user may be created later (it counts after a reload).
+    lines = [f"access: the policy names {name}, which does not exist"
+             for name in resolver.unknown_names()]
+    lines += [f"access: the policy gives {entry}, but root and the daemon's own user are "
+              "always admin" for entry in resolver.overruled()]
+    lines += [f"access: the policy gives {entry}: the entry by number applies (a user's uid "
+              "is looked up before its name); give the user one entry"
+              for entry in resolver.shadowed()]
+    return lines
+
+
 class Guard:
     """The access policy and the quotas, applied to the requests of one daemon.
 
@@ -140,15 +156,8 @@ class Guard:
                 if uid is not None and user_name(uid) != known.get(uid)}
 
     def _warn_about_policy(self) -> None:
-        for name in self.resolver.unknown_names():
-            # Not an error: the user may be created later (it counts after a reload).
-            log.warning("access: the policy names %s, which does not exist", name)
-        for entry in self.resolver.overruled():
-            log.warning("access: the policy gives %s, but root and the daemon's own user "
-                        "are always admin", entry)
-        for entry in self.resolver.shadowed():
-            log.warning("access: the policy gives %s: the entry by number applies (a user's "
-                        "uid is looked up before its name); give the user one entry", entry)
+        for line in policy_warnings(self.resolver):
+            log.warning("%s", line)
 
     def role_of(self, conn: Connection) -> Role:
         role = conn.role

@@ -28,9 +28,11 @@ from typing import Any
 from migblockd.config import Config, HostPort
 from migblockd.contract import Contract
 from migblockd.denied import kept_out
+from migblockd.guard import policy_warnings
 from migblockd.listen import StartupError, check_socket_directory, check_socket_path
 from migblockd.qapi.error import QAPIError
-from migblockd.resolver import group_id
+from migblockd.qemu.bridge import passthrough_warnings
+from migblockd.resolver import Resolver, group_id
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory
 from migblockd.trust import distrust
@@ -158,6 +160,28 @@ def kept_out_notes(config: Config, *, socket_passed: bool) -> list[str]:
         return []  # problems() says so
     why = kept_out(config.socket, config.socket_mode, os.getegid() if gid is None else gid)
     return [] if why is None else [why]
+
+
+def warnings(config: Config) -> list[str]:
+    """What a start with ``config`` would warn of, each as one line, for
+    ``--check-config`` to print: names in the access policy that the databases do
+    not know (a typo, or an account still to be made), the pass-through's, and a
+    directory that keeps out whom ``socket-mode`` lets in.  None stops a start."""
+    lines = policy_warnings(Resolver(config.access, os.geteuid()))
+    if config.qemu is None:
+        lines += [] if (unused := passthrough_unused(config)) is None else [unused]
+    else:
+        lines += passthrough_warnings(config.qemu_passthrough, load_contract(config.schema))
+    return lines + kept_out_notes(config, socket_passed=config.socket_activated)
+
+
+def passthrough_unused(config: Config) -> str | None:
+    """``qemu-passthrough`` without ``qemu``: nothing to forward to, said (the start
+    logs it) rather than ignored in silence."""
+    if config.qemu is not None or not config.qemu_passthrough:
+        return None
+    return (f"qemu-passthrough: {', '.join(config.qemu_passthrough)} not forwarded: there "
+            "is no QEMU to forward to without qemu (--qemu SOCKET)")
 
 
 def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool) -> None:

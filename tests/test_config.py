@@ -619,3 +619,31 @@ async def test_a_reload_says_when_the_next_start_would_fail(
         await c.ok("query-version")
     assert d.log().count("the next start would fail") == 1
     assert d.stop() == 0
+
+
+def test_check_config_prints_what_the_start_would_warn_of(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first: with a typo in a user's name (access.md's example names
+    # accounts this machine may not have) --check-config said only "valid", and
+    # the start logged a warning; qemu-passthrough without qemu was ignored by both.
+    path = tmp_path / "m.toml"
+    path.write_text('qemu-passthrough = ["query-status"]\n'
+                    '[access]\nusers = { mbt-no-such-user = "operator" }\n')
+    warnings = ["access: the policy names user 'mbt-no-such-user', which does not exist",
+                "qemu-passthrough: query-status not forwarded: there is no QEMU to forward "
+                "to without qemu (--qemu SOCKET)"]
+    proc = check_config("--config", str(path))
+    assert proc.returncode == 0
+    assert proc.stderr == "".join(f"migblockd: {line}\n" for line in warnings)
+    daemon = start_daemon("--config", str(path), "--ephemeral")
+    for line in warnings:
+        assert f"WARNING: {line}\n" in daemon.log()
+    # With a QEMU to forward to, the pass-through's own warnings.
+    path.write_text('qemu = "/nonexistent/qmp.sock"\n'
+                    'qemu-passthrough = ["query-blockers", "human-monitor-command"]\n')
+    assert check_config("--config", str(path)).stderr == (
+        "migblockd: qemu-passthrough: ignoring query-blockers: migblockd's own command(s)\n"
+        "migblockd: qemu-passthrough: human-monitor-command lets admins migrate or snapshot "
+        "the VM past migblockd's blockers (QEMU consults only its own for its HMP migrate "
+        "and savevm)\n")

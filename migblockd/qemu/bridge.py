@@ -35,7 +35,7 @@ from migblockd.qemu_facts import (
 from migblockd.qmp.encoding import timestamp
 from migblockd.registry import RUNNING_STATUSES, Registry
 
-__all__ = ["Bridge", "process_exited"]
+__all__ = ["Bridge", "passthrough_warnings", "process_exited"]
 
 log = logging.getLogger("migblockd")
 
@@ -55,20 +55,26 @@ UNGATED: Final = {
 }
 
 
+def passthrough_warnings(passthrough: tuple[str, ...], contract: Contract) -> list[str]:
+    """What the start warns of in ``qemu-passthrough`` (and ``--check-config`` prints)."""
+    lines = []
+    ours = [name for name in passthrough if name in contract.commands]
+    if ours:
+        lines.append(f"qemu-passthrough: ignoring {', '.join(ours)}: migblockd's own command(s)")
+    lines += [f"qemu-passthrough: {name} lets admins migrate or snapshot the VM past "
+              f"migblockd's blockers (QEMU consults only its own for {UNGATED[name]})"
+              for name in passthrough if name in UNGATED]
+    return lines
+
+
 class Bridge:
     """One gated QEMU: its facts, the handlers that consult them, and the link."""
 
     def __init__(self, path: Path, passthrough: tuple[str, ...], contract: Contract,
                  registry: Registry, *, timeout: float) -> None:
         ours = [name for name in passthrough if name in contract.commands]
-        if ours:
-            log.warning("qemu-passthrough: ignoring %s: migblockd's own command(s)",
-                        ", ".join(ours))
-        for name in passthrough:
-            if name in UNGATED:
-                log.warning("qemu-passthrough: %s lets admins migrate or snapshot the VM "
-                            "past migblockd's blockers (QEMU consults only its own for %s)",
-                            name, UNGATED[name])
+        for line in passthrough_warnings(passthrough, contract):
+            log.warning("%s", line)
         self.facts = QemuFacts(path)
         self.handlers = GateHandlers(contract, registry, self.facts,
                                      tuple(n for n in passthrough if n not in ours))

@@ -85,7 +85,7 @@ def claim_socket(path: Path, mode: int, group: int | None = None, *,
     second daemon started on a busy socket refuses before it creates (or
     restores) anything.  Only the socket's directory and lock file are made.
     """
-    check_socket_path(path)
+    check_socket_path(path, option)
     make_socket_dir(path.parent, mode, group)
     check_socket_directory(path.parent, option)
     lock = lock_socket(path, option)
@@ -115,19 +115,24 @@ def bind_claimed(claim: Claim) -> Listening:
     return Listening(sock, inode, claim.lock)
 
 
-def check_socket_path(path: Path) -> None:
+def check_socket_path(path: Path, option: str = "--socket") -> None:
     """StartupError when no socket can be bound at ``path``: too long for AF_UNIX,
-    or something other than a socket there (never replaced)."""
+    or something other than a socket there (never replaced); ``option`` named it."""
     size = len(os.fsencode(path))
     if size > UNIX_PATH_MAX:
         raise StartupError(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
-                           f"the limit is {UNIX_PATH_MAX})")
+                           f"the limit is {UNIX_PATH_MAX}); choose a shorter {option}")
     try:
         st = os.lstat(path)
     except OSError:  # nothing there, or nothing to see yet: binding will tell
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+        raise StartupError(_not_a_socket(path, option))
+
+
+def _not_a_socket(path: Path, option: str) -> str:
+    return (f"{path} exists and is not a socket; refusing to replace it (move it away, or "
+            f"choose another {option})")
 
 
 def stale_socket(path: Path, option: str) -> bool:
@@ -142,7 +147,7 @@ def stale_socket(path: Path, option: str) -> bool:
     except FileNotFoundError:
         return False
     if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+        raise StartupError(_not_a_socket(path, option))
     if _answers(path):
         raise StartupError(
             f"another daemon is already listening on {path}; refusing to take over "

@@ -196,7 +196,7 @@ def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool) -> None:
 
 
 def _socket_at(path: Path, option: str, as_daemon: bool) -> None:
-    check_socket_path(path)
+    check_socket_path(path, option)
     # One still to be made is the start's to judge.
     if path.parent.is_dir() and _judgeable(path.parent, as_daemon):
         check_socket_directory(path.parent, option)

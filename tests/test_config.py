@@ -429,11 +429,15 @@ def test_check_config_refuses_a_socket_path_a_start_could_not_bind(tmp_path: Pat
     others = [] if setting == "socket" else ["--socket", str(tmp_path / "s")]
     proc = check_config("--config", str(path), "--ephemeral", *others)
     assert (proc.returncode, proc.stdout) == (1, "")
-    assert proc.stderr == f"migblockd: {taken} exists and is not a socket; refusing to replace it\n"
+    # Each says which setting to change.
+    assert proc.stderr == (f"migblockd: {taken} exists and is not a socket; refusing to replace "
+                           f"it (move it away, or choose another --{setting})\n")
     long = tmp_path / ("x" * 120)
     proc = check_config("--ephemeral", *others, f"--{setting}", str(long))
     assert proc.returncode == 1
-    assert proc.stderr.startswith(f"migblockd: cannot bind {long}: AF_UNIX path too long")
+    assert proc.stderr == (f"migblockd: cannot bind {long}: AF_UNIX path too long "
+                           f"({len(os.fsencode(long))} bytes; the limit is 107); choose a "
+                           f"shorter --{setting}\n")
     assert taken.read_text() == "not a socket\n"
 
 

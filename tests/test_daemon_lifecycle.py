@@ -378,6 +378,6 @@ def test_a_socket_path_too_long_for_af_unix_says_so(
     d = start_daemon(socket=path, wait=False)
     assert d.wait_exit() == 1
     size = len(os.fsencode(path))
-    assert f"cannot bind {path}: AF_UNIX path too long ({size} bytes; the limit is 107)" \
-        in d.log(), d.log()
+    assert (f"cannot bind {path}: AF_UNIX path too long ({size} bytes; the limit is 107); "
+            "choose a shorter --socket\n") in d.log(), d.log()
     assert "Traceback" not in d.log()

@@ -301,5 +301,6 @@ def test_the_socket_units_check_refuses_only_what_answers_or_is_no_socket(
     path.write_text("mine\n")
     refused = vacant(str(path))
     assert (refused.returncode, refused.stderr) == (
-        1, f"migblockd: {path} exists and is not a socket; refusing to replace it\n")
+        1, f"migblockd: {path} exists and is not a socket; refusing to replace it (move it "
+           "away, or choose another ListenStream=)\n")
     assert vacant().stderr == "usage: python -m migblockd.vacant PATH\n"

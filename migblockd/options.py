@@ -124,7 +124,9 @@ class Option:
         except ValueError:  # e.g. paths.NoDefault: the documented rule says it all
             value = None
         if value is None:
-            return self.default_doc
+            # The README's words, without its Markdown: --help is read in a terminal.
+            return (self.default_doc if documented or self.default_doc is None
+                    else self.default_doc.replace("`", ""))
         return self.show(value)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -58,6 +59,24 @@ def test_help_shows_every_command_line_option_with_its_default(o: Option) -> Non
         assert f"default: {shown}" in text
     if o.reloadable:
         assert f"default: {shown}; SIGHUP applies it" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv, to be a uid with no home")
+def test_help_shows_a_default_it_cannot_compute_without_markdown() -> None:
+    # Reproduced as uid 12345 with no HOME: --help said "(default: `$STATE_DIRECTORY`
+    # (set by systemd's `StateDirectory=`), else `/var/lib/migblockd` ...", backticks
+    # and all, where every other default is plain text.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HOME", "STATE_DIRECTORY", "XDG_STATE_HOME")}
+    proc = subprocess.run(["setpriv", "--reuid=12345", "--regid=12345", "--clear-groups",
+                           sys.executable, "-m", "migblockd", "--help"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    text = " ".join(proc.stdout.split())
+    assert "(default: $STATE_DIRECTORY (set by systemd's StateDirectory=), else " \
+           "/var/lib/migblockd as root, else ${XDG_STATE_HOME:-~/.local/state}/migblockd)" \
+           in text, text
+    assert "`" not in proc.stdout
 
 
 @pytest.mark.parametrize("o", [o for o in OPTIONS if o.default() is not None], ids=ids)

@@ -399,6 +399,25 @@ async def test_backup_while_running_restore_and_start_from_scratch(
         assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
 
 
+def test_every_backup_command_the_docs_and_units_give_keeps_the_copy_private() -> None:
+    """The sqlite3 shell makes the copy with the umask's mode (0644 as a rule), and the
+    state holds every blocker's reason and owner: each place that gives the command
+    gives it under ``umask 077``, as the test above runs it.  (The units' comments and
+    service.md once gave it bare, and the copy came out 0644.)"""
+    places = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+              *sorted((ROOT / "systemd").glob("*.service"))]
+    found = 0
+    for path in places:
+        # The units' comments wrap the command over lines starting with "#".
+        text = re.sub(r"\n#?\s*", " ", path.read_text())
+        for command in re.finditer(r"sqlite3 [^`]*?\.backup", text):
+            found += 1
+            before = text[max(0, command.start() - 20):command.start()]
+            shown = text[max(0, command.start() - 40):command.end() + 20]
+            assert "umask 077 && " in before, f"{path.name}: {shown!r}"
+    assert found >= 5
+
+
 #: docs/state.md's way to start from scratch that keeps the counter, word for word.
 EMPTY_KEEPING_THE_COUNTER = "DELETE FROM blocker; DELETE FROM setting WHERE key <> 'id-floor'"
 

@@ -80,6 +80,23 @@ def _system_hint(path: str) -> str:
             f"{SYSTEM_SOCKET}: give that path)")
 
 
+def _others_hint(path: str) -> str:
+    """The sockets beside a missing ``path``: with one daemon per VM (the template
+    units' ``/run/migblockd/vm1.sock``) there may be no daemon at the default path,
+    and "No such file or directory" alone does not say where the daemons are."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        with os.scandir(directory) as entries:
+            names = sorted(e.name for e in entries
+                           if stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode))
+    except OSError:
+        return ""
+    if not names:
+        return ""
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f" (sockets in {directory}: {shown}; give one's path)"
+
+
 def connect_failure(path: str, err: OSError) -> str:
     """Why connecting to ``path`` failed, in the operator's terms.
 
@@ -89,7 +106,7 @@ def connect_failure(path: str, err: OSError) -> str:
     """
     reason = err.strerror or str(err)
     if isinstance(err, FileNotFoundError):
-        return reason + _system_hint(path)
+        return reason + (_system_hint(path) or _others_hint(path))
     if isinstance(err, ConnectionRefusedError):
         try:
             mode = os.stat(path).st_mode

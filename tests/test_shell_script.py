@@ -275,6 +275,25 @@ def test_connection_refused_is_one_line_and_exit_status_2(tmp_path: Path) -> Non
     assert "No such file or directory" in result.stderr
 
 
+def test_a_missing_socket_beside_others_names_them(short_tmp: Path) -> None:
+    # One daemon per VM (/run/migblockd/vm1.sock...) and none at the default path:
+    # "No such file or directory" alone left the operator to find the sockets.
+    listeners = []
+    for name in ("vm2.sock", "vm1.sock"):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(short_tmp / name))
+        listeners.append(sock)
+    (short_tmp / "vm1.sock.lock").touch()  # not a socket: not named
+    try:
+        result = shell(str(short_tmp / "migblockd.sock"), "-c", "query-version")
+    finally:
+        for sock in listeners:
+            sock.close()
+    assert (result.returncode, result.stderr) == (2, (
+        f"migblock-shell: cannot connect to {short_tmp}/migblockd.sock: No such file or "
+        f"directory (sockets in {short_tmp}: vm1.sock, vm2.sock; give one's path)\n"))
+
+
 def test_default_socket_comes_from_the_environment(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": str(tmp_path)}
     argv = [*SHELL, "-c", "query-version"]

@@ -77,6 +77,13 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
             raise ConfigError(f"{path}: {key} {exc}{_misplaced(key, value, by_key)}") from None
         except RecursionError:  # a string that a kind reads as TOML (access = "{...}")
             raise ConfigError(f"{path}: {key} has {TOO_DEEP}") from None
+        if isinstance(values[o.name], Path) and not values[o.name].is_absolute():
+            # As a leading ~ (kinds.FilePath): the file names one path wherever the
+            # daemon starts, but a relative one follows the working directory (systemd
+            # starts it in /), and a state-dir found elsewhere restores no blocker.
+            raise ConfigError(f"{path}: {key} must be an absolute path in the configuration "
+                              f"file (a relative one is taken from the daemon's working "
+                              f"directory, which differs between starts), not {value!r}")
     return values
 
 

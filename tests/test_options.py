@@ -148,6 +148,14 @@ def test_the_same_check_and_message_on_the_command_line_and_in_toml(
         # Reported: a directory named "~" made under the working directory.
         ('state-dir = "~/.local/state/migblockd"\n', "state-dir must spell the home "
          "directory out (nothing here expands ~), not '~/.local/state/migblockd'"),
+        # Reproduced: the same file, a daemon started from another directory, and the
+        # blockers kept under the first one's were not restored.
+        ('state-dir = "mb-state"\n', "state-dir must be an absolute path in the "
+         "configuration file (a relative one is taken from the daemon's working directory, "
+         "which differs between starts), not 'mb-state'"),
+        ('socket = "run/s.sock"\n', "socket must be an absolute path in the configuration "
+         "file (a relative one is taken from the daemon's working directory, which differs "
+         "between starts), not 'run/s.sock'"),
         ("only-migratable = \"yes\"\n", "only-migratable must be true or false, not 'yes'"),
         ("[socket]\nx = 1\n", "socket must be a path, not a table"),
         # Reported: 400 is decimal in TOML, 0o620, and the group could connect.

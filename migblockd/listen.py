@@ -28,7 +28,7 @@ from pathlib import Path
 
 from migblockd.paths import fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
-from migblockd.resolver import who
+from migblockd.resolver import group_name, user_name, who
 from migblockd.trust import refusal
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "StartupError",
@@ -179,9 +179,7 @@ def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socke
             sock.close()
             with contextlib.suppress(OSError):
                 path.unlink()
-            raise StartupError(
-                f"cannot give {path} to group {group}: {exc.strerror} (the daemon's user "
-                "must be a member of the group)") from None
+            raise StartupError(_not_given(path, group, exc)) from None
     # Listening at once: a client (or a second daemon probing) that comes before
     # we accept waits in the backlog instead of finding a "stale" socket.
     sock.listen(LISTEN_BACKLOG)
@@ -235,15 +233,23 @@ def _give_socket_dir(directory: Path, socket_mode: int, group: int | None) -> No
             try:
                 os.chown(directory, -1, group)
             except OSError as exc:
-                raise StartupError(
-                    f"cannot give {directory} to group {group}: {exc.strerror} (the "
-                    "daemon's user must be a member of the group)") from None
+                raise StartupError(_not_given(directory, group, exc)) from None
         os.chmod(directory, 0o700 | (0o010 if socket_mode & 0o070 else 0)
                  | (0o001 if socket_mode & 0o007 else 0))
     except BaseException:
         with contextlib.suppress(OSError):
             os.rmdir(directory)
         raise
+
+
+def _not_given(path: Path, gid: int, exc: OSError) -> str:
+    """Why ``path`` could not be given to --socket-group ``gid``, and what to run."""
+    name = group_name(gid) or str(gid)
+    uid = os.geteuid()
+    user = user_name(uid)
+    run = f": usermod -aG {name} {user}, then start it again" if user is not None else ""
+    return (f"cannot give {path} to group {name}: {exc.strerror} (the daemon's user, "
+            f"{who(uid)}, must be a member of the group{run})")
 
 
 def _answers(path: Path) -> bool:

@@ -490,6 +490,48 @@ async def test_second_daemon_on_the_same_directory_is_refused(
         assert await ids(c) == ["mine", "more"]
 
 
+async def test_a_daemon_whose_database_links_to_another_daemons_is_refused(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Directories of their own, one database: each daemon handed out #blocker0,
+    and the second's overwrote the first's acknowledged blocker on disk.  The
+    database file itself is locked too, so a link (or a hard link) to the
+    database another daemon uses is refused, as the same directory is."""
+    owner = tmp_path / "owner"
+    first = start_daemon("--state-dir", str(owner))
+    async with first.client() as c:
+        mine = await add(c, "first's")
+    assert mine["id"] == "#blocker0"
+    # A link to it, as state.md describes for a database on another volume; and
+    # a hard link to it.
+    linked, hard = tmp_path / "linked", tmp_path / "hard"
+    linked.mkdir(mode=0o700)
+    hard.mkdir(mode=0o700)
+    (linked / "state.db").symlink_to(owner / "state.db")
+    os.link(owner / "state.db", hard / "state.db")
+    for directory, shown in [(linked, f"{linked}/state.db (which is {owner}/state.db)"),
+                             (hard, f"{hard}/state.db")]:
+        other_socket = tmp_path / f"{directory.name}.sock"
+        second = start_daemon("--state-dir", str(directory), "--log-level", "info",
+                              socket=other_socket, wait=False)
+        assert second.wait_exit() == 1
+        assert only_line(second) == (
+            f"state database {shown} is in use by another migblockd (pid {first.proc.pid}), "
+            "whose state directory holds the same file; stop it, or give each daemon a "
+            "database of its own")
+        assert not other_socket.exists()
+    async with first.client() as c:
+        assert await blockers(c) == [mine]
+        await add(c, "still serving", id="more")
+    # Its lock goes with it, however it ends: the link's daemon starts then, and
+    # finds what the first acknowledged.
+    kill(first)
+    third = start_daemon("--state-dir", str(linked))
+    async with third.client() as c:
+        assert await ids(c) == ["#blocker0", "more"]
+        assert (await add(c, "third's"))["id"] == "#blocker1024"
+
+
 # ----------------------------------------------------------------- bad state
 
 

@@ -1,12 +1,22 @@
-"""One daemon per state directory: a :class:`~migblockd.pidlock.PidLock` on ``DIRECTORY/lock``.
+"""One daemon per state directory, and per database.
 
-SQLite's own locks are not enough: two daemons could both read the same state
-and then take turns writing.
+A :class:`~migblockd.pidlock.PidLock` on ``DIRECTORY/lock``, then an exclusive
+``flock`` on the database file itself: ``state.db`` may be a link (to a file on
+another volume), and two directories whose links (or hard links) lead to one
+file are one state, whatever their names.  SQLite's own locks are not enough:
+two daemons could both read the same state and then take turns writing, each
+handing out the ids the other did and overwriting the other's rows.
+
+The database's lock is a ``flock``, which on Linux does not touch the ``fcntl``
+locks SQLite takes on the same file.  Its descriptor must outlive the
+process's SQLite connections to the file: closing any descriptor of a file
+drops every ``fcntl`` lock the process holds on it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 from pathlib import Path
@@ -14,7 +24,7 @@ from pathlib import Path
 from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.state.errors import StateError, owner_mismatch
 
-__all__ = ["LOCK_NAME", "lock_directory"]
+__all__ = ["LOCK_NAME", "DatabaseLock", "lock_database", "lock_directory"]
 
 LOCK_NAME = "lock"
 
@@ -44,6 +54,61 @@ def lock_directory(directory: Path) -> PidLock:
                              "by this user, or choose another --state-dir") from None
         raise StateError(f"cannot lock {path}: {exc.strerror}; "
                          "choose another --state-dir") from None
+
+
+class DatabaseLock:
+    """The held lock on a database file; :meth:`release` gives it up (after the
+    process's SQLite connections to the file are closed)."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def lock_database(path: Path) -> DatabaseLock:
+    """An exclusive lock on the file ``path`` is (through a link: the file it leads
+    to), or :class:`StateError` naming the daemon that has it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        raise StateError(f"cannot open {path}: {e.strerror}; fix its permissions, "
+                         "or choose another --state-dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        st = os.fstat(fd)
+        os.close(fd)  # before this process's SQLite opens the file: no lock of its to drop
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StateError(f"cannot lock {path}: {e.strerror}; "
+                             "choose another --state-dir") from None
+        real = os.path.realpath(path)
+        shown = f"{path} (which is {real})" if real != str(path) else str(path)
+        raise StateError(f"state database {shown} is in use by another migblockd "
+                         f"({_flock_holder(st)}), whose state directory holds the same "
+                         "file; stop it, or give each daemon a database of its own") from None
+    return DatabaseLock(fd)
+
+
+def _flock_holder(st: os.stat_result) -> str:
+    """``pid N`` of the process holding a ``flock`` on the file ``st`` describes,
+    as the kernel lists it (``/proc/locks``); ``pid unknown`` if it cannot say."""
+    # "1: FLOCK  ADVISORY  WRITE 4242 fd:01:1234 0 EOF" (a waiter's has "->" first).
+    wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            for line in locks:
+                fields = line.split()
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == wanted:
+                    return f"pid {fields[4]}"
+    except OSError:
+        pass
+    return "pid unknown"
 
 
 def _whose(path: Path) -> str:

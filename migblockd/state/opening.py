@@ -25,6 +25,7 @@ from pathlib import Path
 
 from migblockd.state import schema
 from migblockd.state.errors import StateError, describe_open_error, one_line, owner_mismatch
+from migblockd.state.lock import DatabaseLock, lock_database
 from migblockd.state.logcheck import check_log
 from migblockd.trust import named_uid
 
@@ -53,19 +54,25 @@ def configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous = FULL")
 
 
-def check_and_open(path: Path, migrations: Sequence[schema.Migration]) -> sqlite3.Connection:
+def check_and_open(path: Path, migrations: Sequence[schema.Migration]
+                   ) -> tuple[sqlite3.Connection, DatabaseLock]:
+    """The database, checked (created, migrated), and the lock on its file, taken
+    before SQLite opens it: release the lock after closing the connection."""
     if _check_file(path):
         _create(path, migrations)
+    lock = lock_database(path)
     try:
         conn = connect(path)
     except sqlite3.Error as e:
+        lock.release()
         raise StateError(describe_open_error(path, e)) from e
     try:
         _check_and_migrate(conn, path, migrations)
     except BaseException:
         conn.close()
+        lock.release()
         raise
-    return conn
+    return conn, lock
 
 
 def _check_file(path: Path) -> bool:

@@ -1,8 +1,8 @@
 """The daemon's durable state: one SQLite file in a locked state directory.
 
 :meth:`Store.open` takes the directory's lock before it touches the
-database, then checks the file before writing anything to it
-(:mod:`migblockd.state.opening`).  Bad state stops the daemon with a
+database, then checks the file, and locks it (:mod:`migblockd.state.lock`),
+before writing anything to it (:mod:`migblockd.state.opening`).  Bad state stops the daemon with a
 :class:`StateError`; it is never replaced.
 
 The journal is WAL with ``synchronous=FULL``: a commit appends its pages to
@@ -46,7 +46,7 @@ from migblockd.state.errors import (
     no_space,
     one_line,
 )
-from migblockd.state.lock import lock_directory
+from migblockd.state.lock import DatabaseLock, lock_directory
 from migblockd.state.opening import check_and_open, configure, connect
 from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
 
@@ -71,9 +71,11 @@ _IOERR_FSYNC = 10 | (4 << 8)
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
-    __slots__ = ("_conn", "_files", "_lock", "_log", "_opened", "directory", "path")
+    __slots__ = ("_conn", "_database_lock", "_files", "_lock", "_log", "_opened", "directory",
+                 "path")
 
-    def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection) -> None:
+    def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection,
+                 database_lock: DatabaseLock) -> None:
         self.directory = directory
         self.path = directory / DATABASE_NAME
         # Where the database and its log really are (state.db may be a link),
@@ -81,6 +83,7 @@ class Store:
         self._files = Path(os.path.realpath(self.path)).parent
         self._log = Path(os.path.realpath(self.path) + "-wal")
         self._lock: PidLock | None = lock
+        self._database_lock: DatabaseLock | None = database_lock
         self._conn: sqlite3.Connection | None = conn
         # The database and log files SQLite has open (the log: once it exists).
         self._opened = (_identity(self.path), _identity(self._log))
@@ -103,11 +106,11 @@ class Store:
         lock = lock_directory(directory)
         path = directory / DATABASE_NAME
         try:
-            conn = check_and_open(path, migrations)
+            conn, database_lock = check_and_open(path, migrations)
         except BaseException:
             lock.release()
             raise
-        return cls(directory, lock, conn)
+        return cls(directory, lock, conn, database_lock)
 
     def load(self) -> Snapshot:
         """Everything stored: blockers oldest first, and the settings."""
@@ -286,13 +289,16 @@ class Store:
         return busy == 0
 
     def close(self) -> None:
-        """Close the database (SQLite folds the WAL back into it) and release the lock."""
+        """Close the database (SQLite folds the WAL back into it) and release the locks."""
         if self._conn is not None:
             conn, self._conn = self._conn, None
             # What is committed is in the WAL even if folding it back fails:
             # the next open replays it.
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+        if self._database_lock is not None:  # after the connection: see state.lock
+            self._database_lock.release()
+            self._database_lock = None
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import asyncio_dgram
 
 __all__ = [
+    "MIN_WATCHDOG_INTERVAL",
     "SD_LISTEN_FDS_START",
     "ActivationError",
     "Notifier",
@@ -35,6 +36,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
+#: The shortest interval between two watchdog pings.  A ``$WATCHDOG_USEC`` so
+#: short that half of it is less (``WatchdogSec=1us``, a typo for ``1s``) is a
+#: deadline no process can keep, since systemd checks it on its own loop;
+#: pinging at half of it would turn the loop into a busy one (``WATCHDOG_USEC=1``
+#: meant a ping every half microsecond: one CPU, and the notify socket, kept
+#: busy).  Pinging every 10 ms instead costs nothing and keeps a watchdog of
+#: 20 ms or more exactly as asked.
+MIN_WATCHDOG_INTERVAL = 0.01
 _LISTEN_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
@@ -161,10 +170,11 @@ class Notifier:
 
     @property
     def watchdog_interval(self) -> float | None:
-        """Seconds between watchdog pings (half the timeout), or None if no watchdog."""
+        """Seconds between watchdog pings (half the timeout, but not below
+        :data:`MIN_WATCHDOG_INTERVAL`), or None if no watchdog."""
         if self._watchdog_usec is None:
             return None
-        return self._watchdog_usec / 2 / 1_000_000
+        return max(self._watchdog_usec / 2 / 1_000_000, MIN_WATCHDOG_INTERVAL)
 
     async def notify(self, *lines: str) -> None:
         """Send the assignments as one datagram; failures are logged, never raised."""
@@ -220,6 +230,12 @@ class Notifier:
         interval = self.watchdog_interval
         if interval is None or self._watchdog_task is not None:
             return
+        usec = self._watchdog_usec
+        if usec is not None and usec / 2 / 1_000_000 < MIN_WATCHDOG_INTERVAL:
+            logger.warning("WATCHDOG_USEC=%d (%g s) is too short a watchdog to keep: pinging "
+                           "every %g s instead, and systemd may kill the daemon as unresponsive;"
+                           " set WatchdogSec= to 1s or more (the shipped unit says 30s)",
+                           usec, usec / 1_000_000, MIN_WATCHDOG_INTERVAL)
         self._watchdog_task = asyncio.get_running_loop().create_task(
             self._watchdog(interval), name="sd-watchdog"
         )

@@ -21,6 +21,7 @@ import asyncio_dgram
 import pytest
 
 from migblockd.systemd import (
+    MIN_WATCHDOG_INTERVAL,
     Notifier,
     format_status,
     notify_address,
@@ -218,6 +219,31 @@ async def test_watchdog_pings_at_half_the_timeout(receiver: tuple[str, Any]) -> 
     # the full timeout), not how punctual a loaded machine is.
     mean = sum(gaps) / len(gaps)
     assert 0.05 < mean < 0.5, gaps
+
+
+async def test_a_watchdog_too_short_to_keep_is_not_a_busy_loop(
+        short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # WATCHDOG_USEC=1 (WatchdogSec=1us, a typo for 1s) once meant a ping every
+    # half microsecond: thousands of datagrams in the 0.3 s below, and a CPU kept
+    # busy.  Pinging every MIN_WATCHDOG_INTERVAL sends at most about 30 (fewer
+    # on a loaded machine, never more), and the log says what to change.
+    path = short_tmp / "notify"
+    sock = plain_receiver(path)
+    try:
+        with caplog.at_level(logging.WARNING, logger="migblockd.systemd"):
+            notifier = await Notifier.open({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1"})
+            assert notifier.watchdog_interval == MIN_WATCHDOG_INTERVAL
+            notifier.start_watchdog()
+            pings = 0
+            for _ in range(3):
+                await asyncio.sleep(0.1)
+                pings += drain(sock).count("WATCHDOG=1")
+            await notifier.close()
+        assert 0 < pings <= 3 * (0.1 / MIN_WATCHDOG_INTERVAL + 2), pings
+        said = [r.getMessage() for r in caplog.records if "WATCHDOG_USEC=1 " in r.getMessage()]
+        assert len(said) == 1 and "set WatchdogSec= to 1s or more" in said[0], caplog.text
+    finally:
+        sock.close()
 
 
 async def test_no_watchdog_for_another_pid(receiver: tuple[str, Any]) -> None:

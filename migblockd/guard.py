@@ -42,6 +42,7 @@ from typing import Any, NoReturn
 from migblockd.access import Policy, Quotas, Role, needed_role
 from migblockd.connection import Connection
 from migblockd.logs import about, shown
+from migblockd.logs.throttle import Throttle
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import Owner, Registry
 from migblockd.resolver import Resolver, clear_caches, user_name, who
@@ -134,6 +135,8 @@ class Guard:
         self.policy = policy
         self.quotas = quotas
         self.resolver = Resolver(policy, self.daemon_uid)
+        # A client may repeat a refused request in a loop: its lines are bounded.
+        self.throttle = Throttle()
         self._warn_about_policy()
 
     def configure(self, policy: Policy, quotas: Quotas,
@@ -270,9 +273,11 @@ class Guard:
     def _who(conn: Connection) -> str:
         return who(None if conn.owner is None else conn.owner.uid)
 
-    @staticmethod
-    def _refuse(conn: Connection, name: str, desc: str, kind: type[QMPError]) -> NoReturn:
+    def _refuse(self, conn: Connection, name: str, desc: str, kind: type[QMPError]) -> NoReturn:
         # desc names blocker ids, which clients choose: shown() bounds them.
-        log.warning("%s: refused %s: %s", conn.label, name, shown(desc, 400, quoted=False),
-                    extra=about(conn))
+        uid = None if conn.owner is None else conn.owner.uid
+        more = self.throttle.admit(("refused", uid), self.registry.clock.monotonic())
+        if more is not None:
+            log.warning("%s: refused %s: %s%s", conn.label, name,
+                        shown(desc, 400, quoted=False), more, extra=about(conn))
         raise kind(desc)

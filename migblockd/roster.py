@@ -102,7 +102,11 @@ class Roster:
             self.stats.connections_refused[limit] += 1
             conn.refused = True
             conn.session.refuse(QMPError(desc))
-            log.warning("%s: refused: %s", conn.label, desc, extra=about(conn))
+            # A client may connect in a loop: the guard's throttle bounds these lines.
+            more = self.guard.throttle.admit(("connection", None if owner is None else owner.uid),
+                                             self.registry.clock.monotonic())
+            if more is not None:
+                log.warning("%s: refused: %s%s", conn.label, desc, more, extra=about(conn))
         else:
             self.connections[conn] = None
             self.admission.admit(owner)

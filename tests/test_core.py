@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
+
+import pytest
 
 from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
+from migblockd.logs.throttle import BURST, WINDOW
 from migblockd.registry import FakeClock, Owner, Registry
 from migblockd.resolver import user_name, who
 
@@ -143,3 +147,28 @@ def test_turns_are_bounded_and_replies_keep_their_order() -> None:
     assert core.execute(a, 32) == 32 and core.has_pending(a)
     assert core.execute(a, 32) == 32 and core.execute(a, 32) == 6
     assert [m["id"] for m in lines(core.data_to_send(a))] == list(range(70))
+
+
+def test_refusals_a_client_repeats_are_logged_a_burst_at_a_time(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A client refused in a loop (for its role, or at max-clients) once cost a
+    # warning per request or connection: thousands a second, enough for journald
+    # to drop the daemon's lines wholesale.  The metrics still count every one.
+    core, clock = make(max_clients=1)
+    client = connected(core, 1000)
+    with caplog.at_level(logging.WARNING, "migblockd"):
+        for _ in range(BURST + 40):
+            feed(core, client, b'{"execute": "migrate-set-parameters", '
+                               b'"arguments": {"mode": "normal"}}')
+            assert lines(core.data_to_send(client))[0]["error"]["desc"].startswith(
+                "Permission denied")
+            core.connect(Owner(1, 1001, 1001))
+        refused = [m for m in caplog.messages if "refused migrate-set-parameters" in m]
+        turned_away = [m for m in caplog.messages if "max-clients=1" in m]
+        assert len(refused) == len(turned_away) == BURST
+        assert refused[-1].endswith("[more like it within 10 s are counted, not logged]")
+        clock.advance(WINDOW)
+        feed(core, client, b'{"execute": "migrate-set-parameters", '
+                           b'"arguments": {"mode": "normal"}}')
+    assert caplog.messages[-1].endswith("[40 more like it were not logged]")
+    assert core.stats.connections_refused["max-clients"] == BURST + 40

@@ -21,6 +21,8 @@ import pytest
 from conftest import DaemonProcess, assert_clean_log
 from otheruids import NAMELESS_GID, NAMELESS_UID, NAMELESS_UID2, Account, UidClient
 
+from migblockd.logs.throttle import BURST
+
 ClientFactory = Callable[..., UidClient]
 
 POLICY = f"""\
@@ -453,3 +455,20 @@ def test_after_a_reload_query_blockers_shows_every_blocker_of_a_uid_under_its_ne
     reload(daemon, POLICY)
     assert [b["owner"].get("user") for b in c.ok("query-blockers")] == [None, None]
     assert_clean_log(daemon)
+
+
+def test_a_client_refused_in_a_loop_costs_the_log_a_burst_of_lines(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    daemon = serve()
+    alice = connect(daemon, accounts["mbt-alice"])  # default-role: client
+    for _ in range(BURST + 5):
+        assert alice.error("migrate-set-parameters", {"mode": "normal"}).startswith(
+            "Permission denied: migrate-set-parameters needs role operator")
+    connect(daemon, 0, 0).ok("add-blocker", {"reason": "r", "id": "after"})
+    daemon.wait_for_log("added blocker after")  # the log has every line before it
+    refused = [line for line in daemon.log().splitlines()
+               if "refused migrate-set-parameters" in line]
+    assert len(refused) == BURST, refused
+    assert " WARNING: " in refused[-1]
+    assert refused[-1].endswith("[more like it within 10 s are counted, not logged]")

@@ -103,6 +103,8 @@ class Core(Roster, Outcomes):
         self._dirty: dict[Connection, None] = {}  # connections with output, in order
         self._numbers = 0
         self.ledger = Ledger()
+        self._failed_commits = 0
+        self._failed_reason = ""
         self._calls: list[tuple[Connection, Call]] = []
         self.stats = Stats(name for name, cmd in self.table.items() if cmd.handler is not None)
         # When each request now waiting (for a commit or QEMU) started: perf_counter_ns().

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from migblockd.commands import Handlers
 from migblockd.connection import Connection
+from migblockd.guard import Guard
 from migblockd.ledger import Group, Ledger
 from migblockd.logs import about
 from migblockd.qmp.errors import QMPError
@@ -34,6 +35,10 @@ from migblockd.registry import Registry
 __all__ = ["Outcomes"]
 
 log = logging.getLogger("migblockd")
+
+#: What the first of failed commits in a row adds: what it means and what to do.
+_UNTIL = ("; every change fails until a commit succeeds: free space on the state "
+          "directory's file system, or look for its errors in the kernel's log")
 
 
 class Outcomes:
@@ -44,7 +49,11 @@ class Outcomes:
     handlers: Handlers
     ledger: Ledger
     connections: dict[Connection, None]
+    guard: Guard
     _dirty: dict[Connection, None]
+    #: Commits failed since the last that succeeded, and the last one's reason.
+    _failed_commits: int
+    _failed_reason: str
 
     if TYPE_CHECKING:
         def _finish(self, conn: Connection) -> None: ...
@@ -65,6 +74,10 @@ class Outcomes:
         Returns the connections whose next request may run now.
         """
         self.ledger.done(group)
+        if self._failed_commits:
+            log.info("commits succeed again, after %d failed (the last: %s)",
+                     self._failed_commits, self._failed_reason)
+            self._failed_commits = 0
         holding = self.ledger.holding
         released = []
         for conn in list(holding):
@@ -108,7 +121,14 @@ class Outcomes:
             failed += conn.session.fail_held(error, partly)
             self._dirty[conn] = None
         self.ledger.holding.clear()
-        log.error("%s; %d command(s) failed, their changes undone", reason, failed)
+        # A client retrying on a full disk makes a failed commit of each retry:
+        # the first says what to do, the guard's throttle bounds the others.
+        self._failed_commits += 1
+        self._failed_reason = reason
+        more = self.guard.throttle.admit(("commit", reason), self.registry.clock.monotonic())
+        if more is not None:
+            log.error("%s; %d command(s) failed, their changes undone%s%s", reason, failed,
+                      _UNTIL if self._failed_commits == 1 else "", more)
         for conn, applied in kept:
             log.warning("%s: QEMU keeps what it was sent before the commit failed: %s",
                         conn.label, applied, extra=about(conn))

@@ -14,11 +14,15 @@ from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.ledger import Group, Ledger
+from migblockd.logs.throttle import BURST
 from migblockd.registry import ID_CHUNK, Blocker, FakeClock, Owner, Registry
 from migblockd.resolver import who
 
 CONTRACT = Contract.load()
 LIMITS = Config().limits
+#: What the first of failed commits in a row adds to its line.
+UNTIL = ("; every change fails until a commit succeeds: free space on the state directory's "
+         "file system, or look for its errors in the kernel's log")
 ADD_X = b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x"}, "id": "add"}'
 
 
@@ -163,7 +167,7 @@ def test_a_failed_commit_logs_what_it_undid_and_counts_every_failed_reply(
     assert [(r.levelname, r.getMessage(), getattr(r, "fields", {}).get("blocker_id"))
             for r in caplog.records] == [
         ("ERROR", "cannot commit to /x/state.db: disk full; 5 command(s) failed, their "
-                  "changes undone", None),
+                  "changes undone" + UNTIL, None),
         ("WARNING", f"{b.label}: undone, the commit failed: deleted blocker x", "x"),
         ("WARNING", f"{c.label}: undone, the commit failed: added blocker x", "x"),
         ("WARNING", f"{d.label}: undone, the commit failed: added blocker y", "y"),
@@ -183,7 +187,32 @@ def test_a_failed_commit_counts_the_commands_of_clients_gone_since(
     group = taken(core)
     with caplog.at_level(logging.INFO, logger="migblockd"):
         core.commit_failed(group, "disk full")
-    assert "disk full; 1 command(s) failed, their changes undone" in caplog.messages
+    assert "disk full; 1 command(s) failed, their changes undone" + UNTIL in caplog.messages
+
+
+def test_failed_commits_in_a_row_say_what_to_do_once_and_are_bounded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A client retrying add-blocker on a full disk made an error line per retry,
+    # each without a word of what to do, and nothing said when commits worked again.
+    core = make()
+    a = connected(core, 1)
+    with caplog.at_level(logging.INFO, logger="migblockd"):
+        for i in range(BURST + 40):
+            run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x%d"}}'
+                % i)
+            core.commit_failed(taken(core), "cannot commit to /x/state.db: disk full")
+            assert run(core, a)[-1]["error"]["desc"].endswith("disk full; nothing was changed")
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == BURST
+        assert errors[0].endswith(UNTIL)
+        assert not any(UNTIL in e for e in errors[1:])
+        assert errors[-1].endswith("[more like it within 10 s are counted, not logged]")
+        caplog.clear()
+        run(core, a, ADD_X)
+        core.committed(taken(core))
+    assert caplog.messages[-1] == ("commits succeed again, after 50 failed (the last: cannot "
+                                   "commit to /x/state.db: disk full)")
 
 
 def test_connection_scoped_blockers_hold_nothing_but_wait_behind_what_does() -> None:

@@ -60,7 +60,7 @@ from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.envelope import Request
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
-from migblockd.registry import BlockerError, Registry
+from migblockd.registry import BlockerError, Event, Registry
 from migblockd.render import event_line
 from migblockd.roster import TURN_OUTPUT, Roster, held_full
 from migblockd.stats import Stats
@@ -105,6 +105,9 @@ class Core(Roster, Outcomes):
         self.ledger = Ledger()
         self._failed_commits = 0
         self._failed_reason = ""
+        # Commands and events whose outcome waits for their commit: counted then.
+        self._unsettled: list[tuple[int, str, int, bool, bool]] = []
+        self._unsettled_events: list[tuple[int, Event]] = []
         self._calls: list[tuple[Connection, Call]] = []
         self.stats = Stats(name for name, cmd in self.table.items() if cmd.handler is not None)
         # When each request now waiting (for a commit or QEMU) started: perf_counter_ns().
@@ -355,12 +358,21 @@ class Core(Roster, Outcomes):
                               extra=about(conn))
                 error = internal_error(name)
                 session.fail(request, error, stamp, durable)
-        self.stats.command(name, perf_counter_ns() - started, error is None)
+        if stamp:
+            # Its reply waits for the commit, and a durable one fails with it: its
+            # outcome, and the time it took, are known then (outcomes.py).
+            self._unsettled.append((stamp, name, started, error is None, durable))
+        else:
+            self.stats.command(name, perf_counter_ns() - started, error is None)
 
     def _publish(self, durable: bool) -> None:
         """Deliver the registry's queued events to every negotiated session."""
+        stamp = self.ledger.open_stamp if durable else 0
         for event in self.registry.take_events():
-            self.stats.event(event)
+            if stamp:  # it happens only if its commit succeeds
+                self._unsettled_events.append((stamp, event))
+            else:
+                self.stats.event(event)
             self._fan_out(event_line(event), durable)
             if event.name == "MIGRATION":
                 log.info("migration status: %s", event.detail)

@@ -22,6 +22,7 @@ held output had stopped them.  A connection gone meanwhile is finished off here.
 from __future__ import annotations
 
 import logging
+from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from migblockd.commands import Handlers
@@ -30,7 +31,8 @@ from migblockd.guard import Guard
 from migblockd.ledger import Group, Ledger
 from migblockd.logs import about
 from migblockd.qmp.errors import QMPError
-from migblockd.registry import Registry
+from migblockd.registry import Event, Registry
+from migblockd.stats import Stats
 
 __all__ = ["Outcomes"]
 
@@ -51,6 +53,11 @@ class Outcomes:
     connections: dict[Connection, None]
     guard: Guard
     _dirty: dict[Connection, None]
+    stats: Stats
+    #: Commands whose replies wait for a commit: (stamp, name, started, ok, durable),
+    #: and the events of durable ones: counted once the commit is done or has failed.
+    _unsettled: list[tuple[int, str, int, bool, bool]]
+    _unsettled_events: list[tuple[int, Event]]
     #: Commits failed since the last that succeeded, and the last one's reason.
     _failed_commits: int
     _failed_reason: str
@@ -74,6 +81,7 @@ class Outcomes:
         Returns the connections whose next request may run now.
         """
         self.ledger.done(group)
+        self._settle(group.stamp, failed=False)
         if self._failed_commits:
             log.info("commits succeed again, after %d failed (the last: %s)",
                      self._failed_commits, self._failed_reason)
@@ -104,6 +112,7 @@ class Outcomes:
         """
         undone = [(conn, self.registry.undo(changes, alive=self.connections.__contains__))
                   for conn, changes in self.ledger.failed()]
+        self._settle(None, failed=True)
         self.handlers.listings.reset()
         error = QMPError(f"{reason}; nothing was changed")
         released = list(self.ledger.holding)
@@ -137,6 +146,29 @@ class Outcomes:
             for change in changes:
                 self.handlers.undone(conn, change)
         return self._wake(released)
+
+    def _settle(self, stamp: int | None, *, failed: bool) -> None:
+        """Count the commands (and events) that waited for the commits up to
+        ``stamp`` (None: all of them): a durable command failed with a failed
+        commit, and its events never happened; the others are as they were."""
+        now = perf_counter_ns()
+        stats = self.stats
+        left = []
+        for entry in self._unsettled:
+            held, name, started, ok, durable = entry
+            if stamp is None or held <= stamp:
+                stats.command(name, now - started, ok and not (failed and durable))
+            else:
+                left.append(entry)
+        self._unsettled = left
+        events = []
+        for held, event in self._unsettled_events:
+            if stamp is None or held <= stamp:
+                if not failed:
+                    stats.event(event)
+            else:
+                events.append((held, event))
+        self._unsettled_events = events
 
     def _wake(self, released: list[Connection]) -> list[Connection]:
         """Who may go on after a commit: those waiting to read state, and those

@@ -490,3 +490,26 @@ def test_an_out_of_band_request_runs_while_held_replies_stop_the_in_band_ones() 
     run(core, a, b'{"exec-oob": "query-blockers", "id": "oob"}')
     # It ran (and, reading state, waits for the commit), ahead of the waiting adds.
     assert a.waiting is not None and a.waiting.id == "oob"
+
+
+def test_the_counters_count_what_a_failed_commit_undid_as_failed() -> None:
+    # Measured on a full disk: 200 add-blocker all answered "cannot commit", yet
+    # migblockd_commands_total{command="add-blocker",result="ok"} and
+    # migblockd_blockers_added_total said 200, and result="error" 0.
+    core = make()
+    a, b = connected(core, 1), connected(core, 2)
+    stats = core.stats
+    run(core, a, ADD_X)
+    run(core, b, b'{"execute": "query-version"}')  # held behind the add, not failed with it
+    assert stats.commands["add-blocker"].ok == stats.blockers_added == 0  # not yet known
+    core.commit_failed(taken(core), "cannot commit to /x/state.db: disk full")
+    assert run(core, a)[-1]["error"]["desc"].endswith("nothing was changed")
+    assert (stats.commands["add-blocker"].ok, stats.commands["add-blocker"].errors) == (0, 1)
+    assert stats.commands["query-version"].ok == 1
+    assert stats.blockers_added == 0
+    run(core, a, ADD_X)
+    core.committed(taken(core))
+    assert [m.get("event") for m in run(core, a)] == ["BLOCKER_ADDED", None]
+    assert (stats.commands["add-blocker"].ok, stats.commands["add-blocker"].errors) == (1, 1)
+    assert stats.blockers_added == 1
+    assert sum(stats.commands["add-blocker"].latency.counts) == 2

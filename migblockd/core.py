@@ -65,7 +65,10 @@ from migblockd.render import event_line
 from migblockd.roster import TURN_OUTPUT, Roster, held_full
 from migblockd.stats import Stats
 
-__all__ = ["Core"]
+__all__ = ["Core", "Status"]
+
+#: What :meth:`Core.status` returns: ``systemd.format_status``'s arguments.
+Status = tuple[int, int, str, str | None, str | None]
 
 log = logging.getLogger("migblockd")
 
@@ -222,11 +225,12 @@ class Core(Roster, Outcomes):
         self.registry.advance()
         self._publish(False)
 
-    def status(self) -> tuple[int, int, str, str | None]:
-        """Blockers, clients, migration status and QEMU link, for systemd's STATUS line."""
+    def status(self) -> Status:
+        """Blockers, clients, migration status, QEMU link and failing commits (their
+        reason), for systemd's STATUS line."""
         handlers = self.handlers
         return (len(self.registry), len(self.connections), handlers.migration_status(),
-                handlers.qemu_state())
+                handlers.qemu_state(), self._failed_reason if self._failed_commits else None)
 
     # -- the one place where a request meets the registry ------------------------
     def _run(self, conn: Connection, request: Request, started: int = 0) -> None:

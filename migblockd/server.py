@@ -30,7 +30,7 @@ from migblockd.accept import Acceptor, fit_descriptor_limit
 from migblockd.adapter import ClientProtocol, read_buffer
 from migblockd.config import Config, ConfigError, build
 from migblockd.connection import Connection
-from migblockd.core import Core
+from migblockd.core import Core, Status
 from migblockd.disk import DiskThread
 from migblockd.drain import drain
 from migblockd.ledger import Group
@@ -91,7 +91,7 @@ class Server(Turns):
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
-        self._status: tuple[int, int, str, str | None] | None = None
+        self._status: Status | None = None
         self._all_gone = asyncio.Event()
 
     def _turned_away(self) -> None:

@@ -99,17 +99,22 @@ def watchdog_usec(env: Mapping[str, str] = os.environ) -> int | None:
     return usec
 
 
-def format_status(blockers: int, clients: int, migration: str, qemu: str | None = None) -> str:
+def format_status(blockers: int, clients: int, migration: str, qemu: str | None = None,
+                  state: str | None = None) -> str:
     """The one-line ``STATUS=`` summary, e.g. ``2 blockers, 1 client, migration: none``.
 
-    ``qemu`` is the state of the link to a gated QEMU (``--qemu``), if any.
+    ``qemu`` is the state of the link to a gated QEMU (``--qemu``), if any;
+    ``state`` why the last commit to the state directory failed, while no later
+    one has succeeded (what ``systemctl status`` should show at once).
     """
 
     def plural(n: int, word: str) -> str:
         return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
     line = f"{plural(blockers, 'blocker')}, {plural(clients, 'client')}, migration: {migration}"
-    return line if qemu is None else f"{line}, QEMU {qemu}"
+    if qemu is not None:
+        line = f"{line}, QEMU {qemu}"
+    return line if state is None else f"{line}, state: {state}"
 
 
 def _one_line(text: str) -> str:

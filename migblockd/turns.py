@@ -33,7 +33,7 @@ from migblockd.systemd import format_status
 if TYPE_CHECKING:
     from migblockd.adapter import ClientProtocol
     from migblockd.connection import Connection
-    from migblockd.core import Core
+    from migblockd.core import Core, Status
     from migblockd.disk import DiskThread
     from migblockd.ledger import Group
     from migblockd.registry import Change
@@ -71,7 +71,7 @@ class Turns:
     _committing: asyncio.Event
     _timer: asyncio.TimerHandle | None
     _timer_deadline: float | None
-    _status: tuple[int, int, str, str | None] | None
+    _status: Status | None
     _all_gone: asyncio.Event
 
     # -- turns -------------------------------------------------------------------

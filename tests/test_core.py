@@ -121,10 +121,10 @@ def test_the_simulated_migration_moves_only_when_ticked() -> None:
     deadline = core.next_deadline()
     assert deadline is not None
     clock.advance(5.0)
-    assert core.status() == (0, 2, "setup", None)  # a read: time has not been applied
+    assert core.status() == (0, 2, "setup", None, None)  # a read: time has not been applied
     core.tick()
     assert [m["data"]["status"] for m in lines(core.data_to_send(b))] == ["active", "completed"]
-    assert core.status() == (0, 2, "completed", None) and core.next_deadline() is None
+    assert core.status() == (0, 2, "completed", None, None) and core.next_deadline() is None
 
 
 def test_past_max_clients_a_connection_gets_one_error_line_and_no_slot() -> None:

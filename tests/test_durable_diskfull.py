@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -170,6 +171,45 @@ async def test_full_disk_fails_the_commands_and_the_daemon_recovers(
     async with again.client() as c:
         assert await c.ok("query-blockers") == [before, after]
         assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
+
+
+async def test_systemd_status_says_while_commits_fail(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace, short_tmp: Path
+) -> None:
+    # STATUS= (what systemctl status shows) said "1 blocker, 1 client, migration:
+    # none" while every change failed on a full disk; the log alone told.
+    directory = small_tmpfs.mountpoint / "state"
+    db = directory / "state.db"
+    notify = short_tmp / "notify"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(notify))
+    receiver.settimeout(10)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify)}
+    daemon = start_daemon("--state-dir", str(directory), python=small_tmpfs.python(tmp_path),
+                          env=env)
+
+    def status_until(wanted: Callable[[str], bool]) -> str:
+        while True:
+            for line in receiver.recv(4096).decode().splitlines():
+                if line.startswith("STATUS=") and wanted(line):
+                    return line
+
+    try:
+        async with daemon.client() as c:
+            await c.ok("add-blocker", {"reason": "before", "id": "before"})
+            fill_all(small_tmpfs, db)
+            assert "error" in await c.execute("add-blocker", {"reason": "full", "id": "x"})
+            why = f"cannot commit to {db}: database or disk is full"
+            assert status_until(lambda line: "state:" in line) == (
+                f"STATUS=1 blocker, 1 client, migration: none, state: {why}")
+            small_tmpfs.outside(small_tmpfs.mountpoint / "filler").unlink()
+            await c.ok("add-blocker", {"reason": "after", "id": "after"})
+            assert status_until(lambda line: "state:" not in line) == (
+                "STATUS=2 blockers, 1 client, migration: none")
+        daemon.wait_for_log(f"INFO: commits succeed again, after 1 failed (the last: {why})")
+    finally:
+        receiver.close()
+    assert daemon.stop() == 0
 
 
 async def test_crash_on_a_full_disk_restarts_and_serves(

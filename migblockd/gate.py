@@ -71,7 +71,9 @@ class GateHandlers(Forwarding):
 
     def qemu_state(self) -> str | None:
         if self.qemu.connected:
-            return f"{self.qemu.version} connected".lstrip()
+            # Connected says nothing of a stopped QEMU: each command waits qemu-timeout.
+            silent = ", not answering" if self.qemu.silent else ""
+            return f"{self.qemu.version} connected{silent}".lstrip()
         return "not connected"
 
     # -- blockers -----------------------------------------------------------

@@ -111,6 +111,8 @@ class QemuFacts:
     status: str | None = None
     busy: bool = False
     unanswered: bool = False
+    #: A command forwarded to QEMU timed out, and QEMU has answered none since.
+    silent: bool = False
     blockers: int | None = None
     ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDINGS, 0))
     awaiting: bool = False

@@ -9,11 +9,14 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from conftest import DaemonProcess, assert_clean_log
@@ -509,6 +512,54 @@ async def test_a_stopped_qemu_gets_a_timeout_error_instead_of_a_hang(
     assert "lost the connection" not in d.log()
     assert d.stop() == 0  # promptly: nothing left waiting for QEMU
     assert "dropped: still taking" not in d.log()
+    assert_clean_log(d)
+
+
+async def test_a_stopped_qemu_is_logged_once_and_shown_in_the_status_line(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path,
+) -> None:
+    # A stopped QEMU made a warning for each command of each client that timed out,
+    # and STATUS= went on saying "QEMU 7.2.22 connected" all along.
+    assert qemu.proc is not None
+    notify = short_tmp / "notify"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(notify))
+    receiver.settimeout(10)
+    d = start_daemon("--qemu", str(qemu.gate_socket), "--qemu-timeout", "1",
+                     env={**os.environ, "NOTIFY_SOCKET": str(notify)})
+
+    def status_until(wanted: Callable[[str], bool]) -> str:
+        while True:
+            for line in receiver.recv(4096).decode().splitlines():
+                if line.startswith("STATUS=") and wanted(line):
+                    return line.partition(", QEMU ")[2]
+
+    try:
+        await connected(d)
+        async with d.client() as c:
+            qemu.proc.send_signal(signal.SIGSTOP)  # QEMU will not reply
+            try:
+                for n in range(3):
+                    reply = await asyncio.wait_for(c.execute("query-migrate", id=n), 10)
+                    assert "did not answer 'query-migrate' within 1 s" in (
+                        reply["error"]["desc"]), reply
+                assert re.fullmatch(r"7\.\d+\.\d+ connected, not answering", status_until(
+                    lambda line: "not answering" in line))
+            finally:
+                qemu.proc.send_signal(signal.SIGCONT)
+            assert isinstance(await asyncio.wait_for(c.ok("query-migrate"), 10), dict)
+            assert re.fullmatch(r"7\.\d+\.\d+ connected", status_until(
+                lambda line: "not answering" not in line))
+        d.wait_for_log(f"INFO: QEMU at {qemu.gate_socket} answers again (it had not "
+                       "answered 'query-migrate' within 1 s)")
+        said = [line for line in d.log().splitlines() if " did not answer " in line]
+        assert [line.partition(" WARNING: ")[2] for line in said if " WARNING: " in line] == [
+            f"QEMU at {qemu.gate_socket} did not answer 'query-migrate' within 1 s (stopped, "
+            "or busy with a long command?); the client was told, QEMU may still run it; "
+            "further commands it leaves unanswered are not logged until it answers"], said
+    finally:
+        receiver.close()
+    assert d.stop() == 0
     assert_clean_log(d)
 
 

@@ -430,13 +430,19 @@ async def test_a_stopped_qemu_times_out_and_the_link_stays_connected(
             assert logged(caplog, "did not answer") == [
                 f"QEMU at {qemu.gate_socket} did not answer 'query-migrate' within 0.5 s "
                 "(stopped, or busy with a long command?); the client was told, QEMU may "
-                "still run it"]
+                "still run it; further commands it leaves unanswered are not logged until "
+                "it answers"]
+            assert link.silent == "query-migrate"
             assert link.state == "connected"  # not a lost connection
         finally:
             qemu.proc.send_signal(signal.SIGCONT)
         # QEMU now sends the late reply (dropped: its id is no longer awaited), then this
         # one's: each reply still goes to its own command.
         assert await link.execute("query-version") == link.version
+        assert link.silent is None
+        assert logged(caplog, "answers again") == [
+            f"QEMU at {qemu.gate_socket} answers again (it had not answered "
+            "'query-migrate' within 0.5 s)"]
         assert await link.execute("query-migrate") == {}
         assert link.state == "connected"
         assert len(logged(caplog, "did not answer")) == 1

@@ -205,6 +205,8 @@ class QemuLink(Reconnecting):
         self.path = Path(path)
         #: How long :meth:`execute` waits for QEMU's reply (0: forever).
         self.timeout = timeout
+        #: The command QEMU left unanswered past ``timeout``, until it answers one.
+        self.silent: str | None = None
         self._on_event = on_event
         self._on_state = on_state
         #: Called after each connection attempt that found nobody listening at ``path``.
@@ -273,15 +275,24 @@ class QemuLink(Reconnecting):
         deadline = asyncio.timeout(self.timeout or None)
         try:
             async with deadline:
-                return await self._client.execute(command, arguments)
+                result = await self._client.execute(command, arguments)
         except TimeoutError:
             if not deadline.expired():
                 raise  # not this deadline's
-            log.warning("QEMU at %s did not answer '%s' within %g s (stopped, or busy with "
-                        "a long command?); the client was told, QEMU may still run it",
-                        self.path, command, self.timeout)
+            # Every command of every client times out while QEMU is stopped: the
+            # first says so, the others wait for QEMU's next answer, which is logged.
+            if self.silent is None:
+                log.warning("QEMU at %s did not answer '%s' within %g s (stopped, or busy "
+                            "with a long command?); the client was told, QEMU may still "
+                            "run it; further commands it leaves unanswered are not logged "
+                            "until it answers", self.path, command, self.timeout)
+                self.silent = command
+            else:
+                log.debug("QEMU at %s did not answer '%s' within %g s either", self.path,
+                          command, self.timeout)
             raise QemuTimedOut(self.path, command, self.timeout) from None
         except ExecuteError as exc:
+            self._answers()
             raise QemuCommandError(exc.error_class, exc.error.error.desc) from None
         except ExecInterruptedError as exc:
             raise QemuInterrupted(
@@ -292,6 +303,15 @@ class QemuLink(Reconnecting):
         except QMPError as exc:
             raise QemuLinkError(f"QEMU's reply to '{command}' was not understood: {exc}"
                                 ) from exc
+        self._answers()
+        return result
+
+    def _answers(self) -> None:
+        """QEMU answered a command: if it had left one unanswered, that is over."""
+        if self.silent is not None:
+            log.info("QEMU at %s answers again (it had not answered '%s' within %g s)",
+                     self.path, self.silent, self.timeout)
+            self.silent = None
 
     async def close(self) -> None:
         """Stop reconnecting and disconnect; commands in flight raise QemuInterrupted."""

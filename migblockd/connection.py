@@ -39,14 +39,16 @@ class Connection:
     which clears it); None until then.
     """
 
-    __slots__ = ("answer", "closed", "label", "number", "owner", "pin", "refused", "role",
-                 "session", "suspended", "waiting")
+    __slots__ = ("answer", "closed", "label", "number", "owner", "pin", "quiet", "refused",
+                 "role", "session", "suspended", "waiting")
 
     def __init__(self, number: int, owner: Owner | None, session: Session) -> None:
         self.number = number
         self.owner = owner
         self.session = session
         self.refused = False
+        #: Its connection was not logged (one of a flood): nor is its plain end.
+        self.quiet = False
         self.closed = False
         self.waiting: Request | None = None
         self.suspended: Generator[object, object, object] | None = None

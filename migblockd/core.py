@@ -55,6 +55,7 @@ from migblockd.gate import SETTLE, Call, Forwarded
 from migblockd.guard import Guard, NotOwner, OverQuota
 from migblockd.ledger import Ledger
 from migblockd.logs import about
+from migblockd.logs.throttle import Throttle
 from migblockd.outcomes import Outcomes
 from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.envelope import Request
@@ -62,7 +63,7 @@ from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
 from migblockd.registry import BlockerError, Event, Registry
 from migblockd.render import event_line
-from migblockd.roster import TURN_OUTPUT, Roster, held_full
+from migblockd.roster import CONNECTION_BURST, TURN_OUTPUT, Roster, held_full
 from migblockd.stats import Stats
 
 __all__ = ["Core", "Status"]
@@ -103,6 +104,7 @@ class Core(Roster, Outcomes):
             "QMP": {"version": version_info(), "capabilities": ["oob"]}
         }
         self.connections: dict[Connection, None] = {}  # an ordered set
+        self.connection_lines = Throttle(burst=CONNECTION_BURST)
         self._dirty: dict[Connection, None] = {}  # connections with output, in order
         self._numbers = 0
         self.ledger = Ledger()

@@ -31,6 +31,7 @@ from migblockd.connection import Connection
 from migblockd.guard import Guard
 from migblockd.ledger import Ledger
 from migblockd.logs import about, shown
+from migblockd.logs.throttle import Throttle
 from migblockd.qmp.envelope import Command
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
@@ -38,7 +39,7 @@ from migblockd.qmp.session import Session
 from migblockd.registry import Owner, Registry
 from migblockd.stats import Stats
 
-__all__ = ["BATCH", "TURN_OUTPUT", "Roster", "held_full"]
+__all__ = ["BATCH", "CONNECTION_BURST", "TURN_OUTPUT", "Roster", "held_full"]
 
 log = logging.getLogger("migblockd")
 
@@ -46,6 +47,10 @@ log = logging.getLogger("migblockd")
 #: requests into one write, small enough to let other clients take turns (and,
 #: for a connection gone, to let its answers go as they come: see ``_finish``).
 BATCH = 32
+
+#: "connected" lines of one non-admin uid logged per throttle window (10 s): an
+#: agent that connects for each command stays in the log; a loop does not.
+CONNECTION_BURST = 100
 
 #: Output bytes after which a connection's turn ends early: a client that
 #: pipelines requests for big answers gets them written one turn at a time
@@ -77,6 +82,7 @@ class Roster:
     stats: Stats
     ledger: Ledger
     connections: dict[Connection, None]  # an ordered set
+    connection_lines: Throttle  # the "connected" lines of each non-admin uid
     _dirty: dict[Connection, None]  # connections with output, in order
     _numbers: int
 
@@ -95,8 +101,8 @@ class Roster:
         self._numbers += 1
         conn = Connection(self._numbers, owner, Session(self.table, self.greeting, self.limits))
         self.stats.connections += 1
-        refusal = self.admission.refusal(owner, len(self.connections),
-                                         admin=self.guard.role_of(conn) is Role.ADMIN)
+        admin = self.guard.role_of(conn) is Role.ADMIN
+        refusal = self.admission.refusal(owner, len(self.connections), admin=admin)
         if refusal is not None:
             limit, desc = refusal
             self.stats.connections_refused[limit] += 1
@@ -110,7 +116,16 @@ class Roster:
         else:
             self.connections[conn] = None
             self.admission.admit(owner)
-            logs.info(log, "%s connected", conn.label, extra=about(conn))
+            # A user connecting in a loop made two lines a connection (3,900 a second):
+            # past a burst, neither is logged, the admins' excepted.  Its changes
+            # and refusals still name it.
+            more = "" if admin else self.connection_lines.admit(
+                ("connected", None if owner is None else owner.uid),
+                self.registry.clock.monotonic())
+            if more is None:
+                conn.quiet = True
+            else:
+                logs.info(log, "%s connected%s", conn.label, more, extra=about(conn))
         self._dirty[conn] = None
         return conn
 
@@ -146,8 +161,9 @@ class Roster:
         if conn not in self.connections or conn.closed:
             return
         conn.closed = True
-        logs.info(log, "%s disconnected%s", conn.label, f": {reason}" if reason else "",
-                  extra=about(conn))
+        if reason or not conn.quiet:
+            logs.info(log, "%s disconnected%s", conn.label, f": {reason}" if reason else "",
+                      extra=about(conn))
         self._finish(conn)
 
     def _finish(self, conn: Connection) -> None:

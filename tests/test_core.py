@@ -15,6 +15,7 @@ from migblockd.core import Core
 from migblockd.logs.throttle import BURST, WINDOW
 from migblockd.registry import FakeClock, Owner, Registry
 from migblockd.resolver import user_name, who
+from migblockd.roster import CONNECTION_BURST
 
 CONTRACT = Contract.load()
 LIMITS = Config().limits
@@ -172,3 +173,24 @@ def test_refusals_a_client_repeats_are_logged_a_burst_at_a_time(
                            b'"arguments": {"mode": "normal"}}')
     assert caplog.messages[-1].endswith("[40 more like it were not logged]")
     assert core.stats.connections_refused["max-clients"] == BURST + 40
+
+
+def test_a_user_connecting_in_a_loop_costs_the_log_a_burst_of_lines(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Measured: uid 65534 connecting in a loop made two info lines a connection,
+    # 3,900 a second, past journald's rate limit in 3 s.  Past a burst a
+    # non-admin's connections are not logged, nor their plain ends; admins' are.
+    core, clock = make()
+    with caplog.at_level(logging.INFO, "migblockd"):
+        for _ in range(CONNECTION_BURST + 50):
+            core.disconnect(connected(core, 1000, negotiate=False))
+        for _ in range(CONNECTION_BURST + 50):
+            core.disconnect(connected(core, 0, negotiate=False))  # root: an admin
+        lines_of = {uid: [m for m in caplog.messages if f"uid {uid}," in m] for uid in (1000, 0)}
+        assert len(lines_of[1000]) == 2 * CONNECTION_BURST
+        assert lines_of[1000][-2].endswith(
+            " connected [more like it within 10 s are counted, not logged]")
+        assert len(lines_of[0]) == 2 * (CONNECTION_BURST + 50)
+        clock.advance(WINDOW)
+        connected(core, 1000, negotiate=False)
+    assert caplog.messages[-1].endswith(" connected [50 more like it were not logged]")

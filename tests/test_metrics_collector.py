@@ -274,6 +274,10 @@ def test_gate_reports_the_link_qemus_own_blockers_and_how_its_migrations_end() -
 
     metrics = scrape(core)
     assert metrics.value("migblockd_qemu_connected") == 1
+    assert metrics.value("migblockd_qemu_unresponsive") == 0
+    facts.silent = True  # a forwarded command timed out (the bridge says so)
+    assert scrape(core).value("migblockd_qemu_unresponsive") == 1
+    facts.silent = False
     assert key("migblockd_blockers", source="qemu", mode="normal") not in metrics.samples
     run(core, conn, {"execute": "query-blockers"})
     answer({"blocked-reasons": ["vdi", "sev"]})

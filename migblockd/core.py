@@ -155,9 +155,16 @@ class Core(Roster, Outcomes):
                 if request is None:
                     self.stats.protocol_replies += 1  # answered by the session itself
                     if session.limit_notice is not None:
-                        # The client's error names no setting; the log does, once.
-                        log.warning("%s: %s", conn.label, session.limit_notice,
-                                    extra=about(conn))
+                        # The client's error names no setting; the log does, once a
+                        # connection, and a burst at a time for a uid that reconnects
+                        # to send each one.
+                        owner = conn.owner
+                        more = self.guard.throttle.admit(
+                            ("limit", None if owner is None else owner.uid),
+                            self.registry.clock.monotonic())
+                        if more is not None:
+                            log.warning("%s: %s%s", conn.label, session.limit_notice, more,
+                                        extra=about(conn))
                         session.limit_notice = None
                     continue
             else:

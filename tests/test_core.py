@@ -194,3 +194,21 @@ def test_a_user_connecting_in_a_loop_costs_the_log_a_burst_of_lines(
         clock.advance(WINDOW)
         connected(core, 1000, negotiate=False)
     assert caplog.messages[-1].endswith(" connected [50 more like it were not logged]")
+
+
+def test_a_user_reconnecting_to_send_each_oversized_request_is_logged_a_burst_at_a_time(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The limit's line is once a connection: a new connection for each request made
+    # one warning each.
+    core, _ = make()
+    big = b'{"execute": "query-version", "arguments": {"x": "%s"}}' % (
+        b"y" * LIMITS.max_message_size)
+    with caplog.at_level(logging.WARNING, "migblockd"):
+        for _ in range(BURST + 20):
+            conn = connected(core, 1000)
+            feed(core, conn, big)
+            assert "error" in lines(core.data_to_send(conn))[0]
+            core.disconnect(conn)
+    said = [m for m in caplog.messages if "request refused" in m]
+    assert len(said) == BURST, said[:2]
+    assert said[-1].endswith("[more like it within 10 s are counted, not logged]")

@@ -142,6 +142,8 @@ CHARACTERS = [
     b'{"execute": "query-version", "id": "a\xc0\x80b"}',
     b'{"execute": "query-version\xc0\x80"}',
     b'{"execute": "query-version", "id": "\\\\\xc0\x80"}',
+    # A lone surrogate, then a \u escape cut short by the end of what was parsed.
+    b'{"execute": "nope", "id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',
 ]
 
 

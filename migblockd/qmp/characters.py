@@ -144,4 +144,4 @@ def not_unicode(text: str, start: int) -> str:
 
 def _code_point(escape: str) -> int:
     """The code point of a ``\\uXXXX`` escape (an :data:`ESCAPE` match); -1 for others."""
-    return int(escape[2:], 16) if escape[1] == "u" else -1
+    return int(escape[2:], 16) if escape[1] == "u" and len(escape) == 6 else -1

@@ -3,14 +3,20 @@
 Each case is sent on a fresh, negotiated connection to QEMU's monitor and to the
 daemon, followed by a marker request; everything each answers before the marker
 must be byte for byte the same, but for the version in ``query-version``.
-Where migblockd deliberately differs (docs/protocol.md), the case is not here.
+Where migblockd deliberately differs (docs/protocol.md), the case is not here,
+but for the cases of malformed input compared by :func:`same_outcome`, which
+allows for one of those differences: one error for a bad message where QEMU
+may give several.  The seeded generator at the end makes such cases.
 """
 
 from __future__ import annotations
 
+import json
+import random
 import re
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 
 import pytest
 from conftest import DaemonProcess
@@ -37,26 +43,79 @@ def read_line(sock: socket.socket) -> bytes:
     return data
 
 
-def answers(path: object, data: bytes, *, oob: bool = False) -> bytes:
-    """What the server at ``path`` answers ``data`` with, up to the marker's reply."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+def connect(path: object) -> socket.socket:
+    """A connection to ``path``.  QEMU serves one client per monitor and listens
+    again only once it has closed the last one: a connection made right after
+    that may be refused, so it is tried again (for up to 5 s)."""
+    deadline = time.monotonic() + 5
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(10)
-        sock.connect(str(path))
+        try:
+            sock.connect(str(path))
+        except ConnectionRefusedError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+            continue
+        return sock
+
+
+def answers(path: object, data: bytes | Sequence[bytes], *, oob: bool = False,
+            negotiate: bool = True) -> bytes:
+    """What the server at ``path`` answers ``data`` (or its pieces, each written
+    on its own) with, up to the marker's reply."""
+    with connect(path) as sock:
         read_line(sock)  # the greeting
-        enable = b', "arguments": {"enable": ["oob"]}' if oob else b""
-        sock.sendall(b'{"execute": "qmp_capabilities"' + enable + b"}")
-        assert read_line(sock) == b'{"return": {}}\r\n'
-        sock.sendall(data + MARKER)
+        if negotiate:
+            enable = b', "arguments": {"enable": ["oob"]}' if oob else b""
+            sock.sendall(b'{"execute": "qmp_capabilities"' + enable + b"}")
+            assert read_line(sock) == b'{"return": {}}\r\n'
+        for piece in [data] if isinstance(data, bytes) else data:
+            sock.sendall(piece)
+        sock.sendall(MARKER)
         out = b""
         while b'"id": "marker"' not in (line := read_line(sock)):
             out += line
-        return _VERSION.sub(b'"return": VERSION', out)
+        return _VERSION.sub(b'"return": "VERSION"', out)
 
 
 def same_answers(qemu: Qemu, daemon: DaemonProcess, data: bytes, *, oob: bool = False) -> None:
     theirs = answers(qemu.test_socket, data, oob=oob)
     assert theirs, "QEMU answered nothing: not a case"
     assert answers(daemon.socket, data, oob=oob) == theirs
+
+
+def outcome(stream: bytes) -> list[object]:
+    """A reply stream as :func:`same_outcome` compares it: each line's JSON value
+    (numbers as floats, members in any order: an echoed ``id`` keeps its value,
+    not QEMU's form, docs/protocol.md), and of a run of errors without ``id``,
+    the first only (one error per bad message where QEMU may give several)."""
+    out: list[object] = []
+    run = False
+    for line in stream.splitlines():
+        error = line.startswith(b'{"error": ')
+        if not (error and run):
+            out.append(json.loads(line, parse_int=float))
+        run = error
+    return out
+
+
+def same_outcome(qemu: Qemu, daemon: DaemonProcess, data: bytes | Sequence[bytes], *,
+                 oob: bool = False, negotiate: bool = True) -> None:
+    for attempt in range(3):
+        try:
+            theirs = answers(qemu.test_socket, data, oob=oob, negotiate=negotiate)
+            break
+        except ConnectionResetError:
+            # Now and then QEMU 7.2 resets a connection made right after the last
+            # one closed (seen with OOB on, never again with the same input): that
+            # is QEMU's race, not an answer to the input.
+            if attempt == 2:
+                raise
+    ours = answers(daemon.socket, data, oob=oob, negotiate=negotiate)
+    assert outcome(ours) == outcome(theirs), (theirs, ours)
 
 
 #: Requests with several things wrong: QEMU reports the member it meets first in
@@ -181,3 +240,118 @@ UNEXPECTED = [
 def test_which_unexpected_argument(module_qemu: Qemu, module_daemon: DaemonProcess,
                                    data: bytes) -> None:
     same_answers(module_qemu, module_daemon, data)
+
+
+#: After its lexer's error QEMU forgets the message, brackets still open included
+#: (qobject/json-streamer.c), and reads on: the request glued after it runs.
+RECOVERY = [
+    b'{"a": [+, "b": 1}{"execute": "query-version", "id": 2}',
+    b'{"a": [{"b": 1.}{"execute": "query-version", "id": 2}',
+    b'[{"c": 01]{"execute": "query-version", "id": 2}',
+    b'{"a": [01, \'x\'}{"execute": "query-version", "id": 2}',
+    b'{"a": [+, {"execute": "query-version", "id": 3}}',
+    b'{"a": {+}}{"execute": "query-version", "id": 2}',
+]
+
+
+@pytest.mark.parametrize("data", RECOVERY, ids=[repr(c)[2:-1] for c in RECOVERY])
+def test_a_request_after_a_lexical_error_runs(module_qemu: Qemu, module_daemon: DaemonProcess,
+                                              data: bytes) -> None:
+    same_outcome(module_qemu, module_daemon, data)
+    # The same, a byte at a time: QEMU's lexer answers as the bytes arrive.
+    same_outcome(module_qemu, module_daemon, [data[i : i + 1] for i in range(len(data))])
+
+
+# -- a seeded generator of hostile requests -----------------------------------------
+# Requests made from the envelope's members, with values and bytes QEMU's lexer and
+# parser refuse or take oddly, glued two to a write or split at odd offsets, sent
+# before or after negotiation, with OOB on or off.  Left out, as docs/protocol.md
+# says migblockd differs there on purpose: numbers out of a double's range (QEMU
+# takes 1e400 as inf), and line feeds inside a message (an unfinished message's
+# complete lines are checked at each line feed).  A case either breaks the
+# request's bytes (lexical) or its structure (a stray bracket or separator), not
+# both: after a closer that does not match, migblockd reports its parser's error
+# where QEMU reports a lexical error further on (docs/protocol.md).
+
+FUZZ_SEED = 35
+FUZZ_CASES = 60
+
+_NUMBERS = [b"-0", b"-0.0", b"1e-400", b"123456789012345678901234567890", b"0x1", b"01",
+            b"1.", b".5", b"-", b"+1", b"1e", b"1e+", b"0e5", b"0.0e5", b"9223372036854775808",
+            b"18446744073709551615", b"1E5", b"1.5e308", b"NaN", b"Infinity", b"0", b"42"]
+_KEYWORDS = [b"true", b"false", b"null", b"True", b"nul", b"truex"]
+_ESCAPES = [b"\\u0000", b"\\ud800", b"\\udc00", b"\\ud83d\\ude00", b"\\uD800\\u0041",
+            b"\\x41", b"\\u12", b"\\q", b"\\/", b"\\b\\f\\n\\r\\t", b"\\'", b"\\uffff",
+            b"\\u00e9", b"\\\\" * 300]
+_RAW = [b"\xff", b"\xfe", b"\xc0\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xed\xa0\x80", b"\x80",
+        b"\xc3", b"\xf4\x90\x80\x80", b"\xc3\xa9", b"\x7f", b"\x01", b"\x00", b"\t", b"\x0c",
+        b"\x1b", b"\xef\xbf\xbf"]
+_BLANKS = [b" ", b"\t", b"\r", b"  ", b"\x0c", b"\xc2\xa0"]
+_COMMANDS = [b'"query-version"', b'"qmp_capabilities"', b'"nope"', b'"query-migrate"']
+
+
+def _string(r: random.Random, lexical: bool) -> bytes:
+    parts = [r.choice(_ESCAPES) if r.random() < 0.5 or not lexical else r.choice(_RAW)
+             for _ in range(r.randint(0, 3))]
+    return b'"' + b"".join(parts) + b'x"'
+
+
+def _value(r: random.Random, lexical: bool, depth: int = 0) -> bytes:
+    k = r.random()
+    if k < 0.3:
+        return r.choice(_NUMBERS) if lexical else b"42"
+    if k < 0.4:
+        return r.choice(_KEYWORDS) if lexical else b"true"
+    if k < 0.65 or depth > 2:
+        return _string(r, lexical)
+    items = [_value(r, lexical, depth + 1) for _ in range(r.randint(0, 3))]
+    if k < 0.8:
+        return b"[" + b", ".join(items) + b"]"
+    return b"{" + b", ".join(b'"k%d": ' % i + v for i, v in enumerate(items)) + b"}"
+
+
+def _request(r: random.Random, lexical: bool) -> bytes:
+    members = [(b'"execute"', r.choice(_COMMANDS) if r.random() < 0.8 else _value(r, lexical))]
+    for name, odds in ((b'"id"', 0.6), (b'"arguments"', 0.3), (b'"exec-oob"', 0.15),
+                       (b'"control"', 0.1)):
+        if r.random() < odds:
+            members.append((name, r.choice(_COMMANDS) if name == b'"exec-oob"'
+                            else b'{"enable": ["oob"]}' if r.random() < 0.3
+                            else _value(r, lexical)))
+    if r.random() < 0.1:
+        members.append(r.choice(members))  # a repeated key
+    r.shuffle(members)
+
+    def blank() -> bytes:
+        return r.choice(_BLANKS) if lexical and r.random() < 0.2 else b" "
+    text = b"{" + b",".join(blank() + k + blank() + b":" + blank() + v for k, v in members) + b"}"
+    if r.random() < 0.5:
+        at = r.randint(0, len(text))
+        # No stray opener: QEMU would wait for its closer, and not answer the marker.
+        insert = r.choice([b"}", b"]", b",", b":"]) if not lexical else r.choice(
+            _RAW + _NUMBERS + _KEYWORDS)
+        text = text[:at] + insert + text[at:]
+    return text
+
+
+def fuzz_cases() -> list[tuple[list[bytes], bool, bool]]:
+    """``(pieces, negotiate, oob)`` for each case, the same at every run."""
+    r = random.Random(FUZZ_SEED)
+    cases = []
+    for _ in range(FUZZ_CASES):
+        lexical = r.random() < 0.6
+        data = b"".join(_request(r, lexical) for _ in range(r.randint(1, 2)))
+        cuts = sorted(r.sample(range(1, len(data)), r.randint(0, 3)))
+        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        negotiate = r.random() < 0.85
+        cases.append((pieces, negotiate, negotiate and r.random() < 0.3))
+    return cases
+
+
+def test_seeded_hostile_requests(module_qemu: Qemu, module_daemon: DaemonProcess) -> None:
+    for number, (pieces, negotiate, oob) in enumerate(fuzz_cases()):
+        try:
+            same_outcome(module_qemu, module_daemon, pieces, negotiate=negotiate, oob=oob)
+        except (AssertionError, OSError) as exc:
+            raise AssertionError(f"case {number} {pieces!r} (negotiate={negotiate},"
+                                 f" oob={oob}): {exc!r}") from exc

@@ -58,6 +58,7 @@ class StreamDecoder(Scanner):
         # The message being scanned began at a "{" found in garbage (see _SKIP_TOP).
         self._tentative = False
         self._checked = 0  # end of the prefix _check_lines() last parsed
+        self._lexed = 0  # where _lexer_failed_so_far() goes on lexing the message
         self._eof = False
         self._ready: object = NEED_DATA  # one message of lookahead for has_message()
         # Input (or EOF) came since the scanner last ran out: until some does,
@@ -82,6 +83,7 @@ class StreamDecoder(Scanner):
             self._scan -= keep
             self._string_start -= keep
             self._checked = max(0, self._checked - keep)
+            self._lexed = max(0, self._lexed - keep)
         self._buf += data
         self._fresh = True
 

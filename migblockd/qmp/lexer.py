@@ -114,13 +114,19 @@ def lexical_error_at(text: str, pos: int) -> str | None:
 
 def _number_error(text: str, start: int) -> str | int:
     """The lexer's error in the number at ``start``, or where the number ends."""
+    end = _number_failure(text, start)
+    return end if isinstance(end, int) else end[0]
+
+
+def _number_failure(text: str, start: int) -> tuple[str, int] | int:
+    """:func:`_number_error`, with the error the index of the character it fails at."""
     state = "start"
     for i in range(start, len(text)):
         following = _NUMBER[state].get(_number_class(text[i]))
         if following is None:
-            return i if state in _NUMBER_ENDS else _stray_through(text, start, i)
+            return i if state in _NUMBER_ENDS else (_stray_through(text, start, i), i)
         if following == "bad":
-            return _stray_through(text, start, i)
+            return _stray_through(text, start, i), i
         state = following
     return len(text)
 
@@ -251,6 +257,15 @@ def first_lexical_error(text: str) -> str | None:
     error of its parser (``{"a": x, "b": 1.}`` is ``stray '1.}'``, not
     ``invalid keyword 'x'``).  A token still open at the end is no error yet.
     """
+    found = lexical_failure(text)
+    return None if found is None else found[0]
+
+
+def lexical_failure(text: str) -> tuple[str, int] | None:
+    """:func:`first_lexical_error`, and the index in ``text`` just after the
+    character the lexer failed at: there QEMU's lexer starts skipping to its
+    next structural character (``IN_RECOVERY`` in ``qobject/json-lexer.c``),
+    its streamer having forgotten the message (``json-streamer.c``)."""
     pos = 0
     while True:
         m = _TOKENS.match(text, pos)
@@ -262,9 +277,9 @@ def first_lexical_error(text: str) -> str | None:
         if c not in _NUMBER_START:
             break
         # A number the pattern would not end where it did: lex it as QEMU does.
-        end = _number_error(text, pos)
-        if isinstance(end, str):
-            return PARSE_ERROR_PREFIX + end
+        end = _number_failure(text, pos)
+        if not isinstance(end, int):
+            return PARSE_ERROR_PREFIX + end[0], end[1] + 1
         if end == len(text):
             return None
         pos = end  # it ended at the byte after it, which begins the next token
@@ -273,10 +288,43 @@ def first_lexical_error(text: str) -> str | None:
         assert bad is not None
         end = bad.end()
         end += end < len(text) and text[end] == "\\"  # the byte after "\\" is the bad one
-        return None if end >= len(text) else PARSE_ERROR_PREFIX + _stray_text(text[pos : end + 1])
-    return PARSE_ERROR_PREFIX + _stray_char(c)
+        if end >= len(text):
+            return None
+        return PARSE_ERROR_PREFIX + _stray_text(text[pos : end + 1]), end + 1
+    return PARSE_ERROR_PREFIX + _stray_char(c), pos + 1
 
 
 def lexical_error(data: bytes) -> str | None:
     """:func:`first_lexical_error` of the start of a message, in bytes."""
     return first_lexical_error(data.decode("utf-8", RAW))
+
+
+def lexical_progress(text: str) -> tuple[str, int] | int:
+    """:func:`lexical_failure` of ``text``, the start of a message's tokens so far;
+    or, with no error, where lexing may later go on from with the same result:
+    after its last whole token, but before a number at its end (one more digit,
+    ``.`` or ``e`` may still make it an error such as ``1.}``)."""
+    found = lexical_failure(text)
+    if found is not None:
+        return found
+    m = _TOKENS.match(text)
+    assert m is not None  # the pattern matches the empty string
+    end = m.end()
+    while end and text[end - 1] in _NUMBER_CHARS:
+        end -= 1
+    return end
+
+
+_NUMBER_CHARS: Final = frozenset("0123456789.eE+-")
+
+
+def lexical_failure_bytes(data: bytes) -> tuple[str, int] | None:
+    """:func:`lexical_failure` of the start of a message, in bytes: the offset is
+    of the byte after the one the lexer failed at (QEMU's lexer reads bytes)."""
+    text = data.decode("utf-8", RAW)
+    found = lexical_failure(text)
+    if found is None:
+        return None
+    desc, after = found
+    # Of a character of several bytes, the lexer failed at the first.
+    return desc, len(text[: after - 1].encode("utf-8", RAW)) + 1

@@ -46,7 +46,8 @@ from __future__ import annotations
 
 from typing import Final
 
-from migblockd.qmp.lexer import lexical_error, stray
+from migblockd.qmp.characters import RAW
+from migblockd.qmp.lexer import lexical_error, lexical_failure_bytes, lexical_progress, stray
 from migblockd.qmp.patterns import (
     BLANKS,
     BLANKS_AND_RESETS,
@@ -84,6 +85,8 @@ class Resync:
     _skip_open: Open
     _tentative: bool
     _checked: int
+    _lexed: int
+    _string_start: int
 
     def _skip_to_top(self, pos: int) -> None:
         """Garbage at the top level: skip from ``pos`` to where a request can begin."""
@@ -141,6 +144,51 @@ class Resync:
         if after_reset:
             self._tentative = False
         return True
+
+    def _lexer_failed(self, buf: bytearray, start: int, end: int) -> ParseError | None:
+        """The error of QEMU's lexer in ``buf[start:end]``, if it fails there; then
+        decoding goes on as after garbage at the top level, from the byte after
+        the one it failed at.  QEMU's streamer forgets the message at its lexer's
+        error, brackets still open included (``qobject/json-streamer.c``), and its
+        lexer skips to its next structural character (``IN_RECOVERY``,
+        ``qobject/json-lexer.c``): a request after it runs, whether or not the
+        broken message's brackets ever balance.  Counting on with them instead
+        (``{"a": [+, "b": 1}`` leaves a ``[`` open) swallowed every later
+        request up to a line feed."""
+        found = lexical_failure_bytes(bytes(buf[start:end]))
+        if found is None:
+            return None
+        desc, after = found
+        self._skip_to_top(start + after)
+        return ParseError(desc)
+
+    def _lexer_failed_so_far(self, buf: bytearray, end: int) -> ParseError | None:
+        """Out of input in the middle of a message: the error of QEMU's lexer in it
+        so far, if any, as :meth:`_lexer_failed`.  QEMU's lexer fails as the
+        bytes arrive, and its streamer answers then (``qobject/json-lexer.c``,
+        ``json-streamer.c``), so the message's brackets need never balance:
+        ``{"a": [{"b": 1.}`` then a request is an error, then the request.
+
+        Lexing goes on from where it stopped at the last call (``_lexed``), and
+        stops before a string still open (whose own bad bytes the scan finds),
+        so a message trickling in is lexed about once, not once per read.
+
+        Not while the message is tentative (begun by a "{" in garbage): until
+        its brackets balance or a line feed shows it garbage, it may be either,
+        and the outcome must not depend on how the input was split."""
+        if self._tentative:
+            return None
+        start = max(self._lexed, self._start)
+        if self._in_string:
+            end = min(end, self._string_start)
+        if end <= start:
+            return None
+        text = bytes(buf[start:end]).decode("utf-8", RAW)
+        progress = lexical_progress(text)
+        if isinstance(progress, int):
+            self._lexed = start + len(text[:progress].encode("utf-8", RAW))
+            return None
+        return self._lexer_failed(buf, start, end)
 
     def _skip_from(self, pos: int) -> None:
         self._tentative = False

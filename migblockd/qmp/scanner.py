@@ -25,7 +25,6 @@ from migblockd.qmp.lexer import (
     PARSE_ERROR_PREFIX,
     first_token_end,
     lexer_waits,
-    lexical_error,
     lexical_error_before,
     stray,
 )
@@ -134,6 +133,9 @@ class Scanner(Resync):
                 return error
             self._mode = IDLE
             self._start = end
+        if isinstance(item, ParseError) and (lexed := self._lexer_failed(buf, start, end)) \
+                is not None and lexed.desc == item.desc:
+            return lexed
         return item
 
     def _advance(self) -> object:
@@ -147,7 +149,7 @@ class Scanner(Resync):
                 if i >= n:
                     return NEED_DATA
                 c = buf[i]
-                self._checked = i
+                self._checked = self._lexed = i
                 self._tally = 0
                 if c == 0x7B and self.max_nesting >= FAST_DEPTH:
                     m = FAST_MESSAGE.match(buf, i, min(n, i + self.max_message_size))
@@ -307,6 +309,8 @@ class Scanner(Resync):
                         if c != stack[-1]:
                             if (verdict := self._lines_verdict(buf, p)) is not SOUND:
                                 return verdict
+                            if (lexed := self._lexer_failed(buf, self._start, p + 1)) is not None:
+                                return lexed
                             desc = describe_error(bytes(buf[self._start : p + 1]))
                             # The bad closer still closes a level, as in QEMU's streamer.
                             self._skip_rest(p + 1, counted(open_brackets(stack), c))
@@ -326,13 +330,16 @@ class Scanner(Resync):
                             return verdict
                         # QEMU's lexer reads a single quote, so its error is one
                         # before it, if any (a number cut short by it included).
-                        earlier = lexical_error(bytes(buf[self._start : p + 1]))
+                        if (lexed := self._lexer_failed(buf, self._start, p + 1)) is not None:
+                            return lexed
                         self._skip_rest(p + 1, open_brackets(stack))
-                        return ParseError(earlier or SINGLE_QUOTE)
+                        return ParseError(SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.
             if (verdict := self._lines_verdict(buf, self._scan)) is not SOUND:
                 return verdict
+            if (lexed := self._lexer_failed_so_far(buf, self._scan)) is not None:
+                return lexed
             if limit <= n:
                 # From where the scan stopped: in a string that may be an escape's
                 # backslash, whose escaped quote must not end the string.

@@ -201,6 +201,14 @@ CHARACTERS = [
     b'{"execute": "query-version", "id": "a\xc0\x80b"}',
     b'{"execute": "query-version\xc0\x80"}',
     b'{"execute": "query-version", "id": "\\\\\xc0\x80"}',
+    # QEMU reads a string's characters in order: an escape that is no character
+    # before a byte that is not UTF-8 is the error, unless a bad escape is first.
+    b'{"execute": "query-version", "id": "\x7f\\udc00\xc3x"}',
+    b'{"execute": "query-version", "id": "\\\\x\\udc00\xc3x"}',
+    b'{"execute": "query-version", "id": "\\x\\udc00\xc3x"}',
+    b'{"execute": "query-version", "id": "\\ud800\\u0041\xc3x"}',
+    b'{"execute": "query-version", "id": "\\ufdd0\xc0\xafx"}',
+    b'{"execute": "query-version", "id": "\\u00e9\xc3x"}',
     # A lone surrogate, then a \u escape cut short by the end of what was parsed.
     b'{"execute": "nope", "id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',
 ]

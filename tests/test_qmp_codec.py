@@ -352,6 +352,13 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         (b"tru\n", "JSON parse error, invalid keyword 'tru'"),
         (b"}\n", "JSON parse error, expecting value"),
         (b"{'execute': 'x'}\n", "JSON parse error, single-quoted strings are not supported"),
+        # An escape that is no character, before a byte that is not UTF-8 in the
+        # same string: QEMU's parse_string() reads them in order.
+        (b'{"id": "\x7f\\udc00\xc3x"}',
+         "JSON parse error, \\udc00 is not a valid Unicode character"),
+        (b'{"id": "\\\\x\\ufdd0\xc0\xafx"}',
+         "JSON parse error, \\ufdd0 is not a valid Unicode character"),
+        (b'{"id": "\\x\\udc00\xc3x"}', "JSON parse error, invalid escape sequence in string"),
         # A lone surrogate named while a later \u escape is cut short: no crash
         # (it dropped the connection), and QEMU 7.2's words.
         (b'{"id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',

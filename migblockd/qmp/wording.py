@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from migblockd.qmp.characters import (
+    ESCAPE,
     RAW,
     SUSPECT_ESCAPE,
     not_a_character,
@@ -166,8 +167,20 @@ def _bad_utf8(text: str, first: int) -> str | None:
     before = _BEFORE_OPEN_STRING.match(text, 0, first)
     if before is None or before.end() >= first or not _viable(text[: before.end()]):
         return None
-    # An escape before it in the string, which QEMU reads first, may be the error.
-    return None if "\\" in text[before.end() : first] else PARSE_ERROR_PREFIX + _BAD_UTF8
+    # An escape before it in the string, which QEMU reads first, may be the error:
+    # one of a lone surrogate or a noncharacter (parse_string(), json-parser.c,
+    # reads the string's characters in order) unless a bad escape comes first.
+    content = text[before.end() : first]
+    if "\\" not in content:
+        return PARSE_ERROR_PREFIX + _BAD_UTF8
+    bad_escape = next((m.start() for m in ESCAPE.finditer(content)
+                       if len(m.group()) == 2 and m.group()[1] not in _ESCAPED), len(content))
+    desc = not_a_character(content[:bad_escape])
+    return None if desc is None else PARSE_ERROR_PREFIX + desc
+
+
+#: What QEMU's parser takes after a backslash, but a \u escape's four digits.
+_ESCAPED: Final = frozenset('"\\/bfnrt\'')
 
 
 #: Everything up to the opening quote of a string left open (complete strings

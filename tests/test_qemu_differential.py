@@ -209,6 +209,9 @@ CHARACTERS = [
     b'{"execute": "query-version", "id": "\\ud800\\u0041\xc3x"}',
     b'{"execute": "query-version", "id": "\\ufdd0\xc0\xafx"}',
     b'{"execute": "query-version", "id": "\\u00e9\xc3x"}',
+    # ... or in an earlier string.
+    b'{"execute": "query-version", "id": "\\uD800\\u0041x", "execu\x80te": "x"}',
+    b'{"execute": "query-version", "id": ["\\ufdd0", "\\x", "\x80"]}',
     # A lone surrogate, then a \u escape cut short by the end of what was parsed.
     b'{"execute": "nope", "id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',
 ]

@@ -167,16 +167,18 @@ def _bad_utf8(text: str, first: int) -> str | None:
     before = _BEFORE_OPEN_STRING.match(text, 0, first)
     if before is None or before.end() >= first or not _viable(text[: before.end()]):
         return None
-    # An escape before it in the string, which QEMU reads first, may be the error:
-    # one of a lone surrogate or a noncharacter (parse_string(), json-parser.c,
-    # reads the string's characters in order) unless a bad escape comes first.
+    # An escape QEMU reads first may be the error: one of a lone surrogate or a
+    # noncharacter, in this string or an earlier one (json takes them, so the
+    # prefix is viable), as parse_string() (json-parser.c) reads characters in
+    # order; or, in this string, one its parser refuses (the rest of the error
+    # path words it).
     content = text[before.end() : first]
-    if "\\" not in content:
-        return PARSE_ERROR_PREFIX + _BAD_UTF8
     bad_escape = next((m.start() for m in ESCAPE.finditer(content)
                        if len(m.group()) == 2 and m.group()[1] not in _ESCAPED), len(content))
-    desc = not_a_character(content[:bad_escape])
-    return None if desc is None else PARSE_ERROR_PREFIX + desc
+    desc = not_a_character(text[: before.end() + bad_escape])
+    if desc is not None:
+        return PARSE_ERROR_PREFIX + desc
+    return PARSE_ERROR_PREFIX + _BAD_UTF8 if bad_escape == len(content) else None
 
 
 #: What QEMU's parser takes after a backslash, but a \u escape's four digits.

@@ -212,6 +212,13 @@ CHARACTERS = [
     # ... or in an earlier string.
     b'{"execute": "query-version", "id": "\\uD800\\u0041x", "execu\x80te": "x"}',
     b'{"execute": "query-version", "id": ["\\ufdd0", "\\x", "\x80"]}',
+    # A repeated key is refused once its pair's value is read, a number out of a
+    # double's range never: a string that is no character before is the error.
+    b'{"execute": {"k0": "\\uD800\\u0041x"}, "id": 1, "id": 2}',
+    b'{"execute": "query-version", "id": 1, "id": "\\uD800"}',
+    b'{"execute": "query-version", "id": [1, 2], "x": "\\ufdd0", "id": 2}',
+    b'{"execute": "query-version", "id": {"a": 1, "a": 2}, "x": "\\uffff"}',
+    b'{"execute": "query-version", "id": [1e400, "\\uffff"]}',
     # A lone surrogate, then a \u escape cut short by the end of what was parsed.
     b'{"execute": "nope", "id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',
 ]

@@ -361,6 +361,10 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         (b'{"id": "\\x\\udc00\xc3x"}', "JSON parse error, invalid escape sequence in string"),
         (b'{"id": "\\uD800\\u0041x", "execu\x80te": "x"}',
          "JSON parse error, \\uD800 is not a valid Unicode character"),
+        (b'{"execute": {"k0": "\\uD800\\u0041x"}, "id": 1, "id": 2}',
+         "JSON parse error, \\uD800 is not a valid Unicode character"),
+        (b'{"id": [1e400, "\\uffff"]}',
+         "JSON parse error, \\uffff is not a valid Unicode character"),
         # A lone surrogate named while a later \u escape is cut short: no crash
         # (it dropped the connection), and QEMU 7.2's words.
         (b'{"id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',

@@ -124,7 +124,8 @@ def decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> ob
             return ParseError(TOKEN_COUNT_EXCEEDED)
         if exc.desc is ZERO_EXPONENT:
             return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
-        return ParseError(first_lexical_error(text) or exc.desc)
+        return ParseError(first_lexical_error(text) or _character_first(text, exc.desc)
+                          or exc.desc)
     except (ValueError, RecursionError):
         if _too_many_tokens(text, max_tokens):
             return ParseError(TOKEN_COUNT_EXCEEDED)
@@ -142,6 +143,26 @@ def decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> ob
                 return ParseError(TOKEN_COUNT_EXCEEDED)
             return ParseError(PARSE_ERROR_PREFIX + desc)
     return value
+
+
+def _character_first(text: str, refused: str) -> str | None:
+    """QEMU's error for a string that is no character (a lone surrogate's escape, a
+    noncharacter), if its parser meets it before what a json hook ``refused``:
+    it reads each string as it meets it, and a repeated key once the pair's
+    value is read (``parse_pair()``, ``json-parser.c``); a number out of a
+    double's range it does not refuse at all."""
+    if "\\u" not in text and text.isascii():
+        return None
+    desc = not_a_character(text)
+    if desc is None:
+        return None
+    at = _first_not_a_character(text, len(text))
+    if refused == _DUPLICATE_KEY and duplicate_before(text, at):
+        return None
+    return PARSE_ERROR_PREFIX + desc
+
+
+_DUPLICATE_KEY: Final = PARSE_ERROR_PREFIX + "duplicate key"
 
 
 def _too_many_tokens(text: str, max_tokens: int | None) -> bool:

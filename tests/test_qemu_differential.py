@@ -260,6 +260,22 @@ def test_which_unexpected_argument(module_qemu: Qemu, module_daemon: DaemonProce
     same_answers(module_qemu, module_daemon, data)
 
 
+#: QEMU's parser reads an object's key as a value first (qobject/json-parser.c,
+#: parse_pair()): a literal is a value that is not a string, a bad keyword no value.
+KEYS = [
+    b'{false "execute": "nope"}',
+    b'{"execute": "nope", null: 1}',
+    b'{"a": {true}}',
+    b'{truex: 1}',
+]
+
+
+@pytest.mark.parametrize("data", KEYS, ids=[c.decode() for c in KEYS])
+def test_a_key_that_is_no_string(module_qemu: Qemu, module_daemon: DaemonProcess,
+                                 data: bytes) -> None:
+    same_answers(module_qemu, module_daemon, data)
+
+
 #: After its lexer's error QEMU forgets the message, brackets still open included
 #: (qobject/json-streamer.c), and reads on: the request glued after it runs.
 RECOVERY = [

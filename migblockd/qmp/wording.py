@@ -163,6 +163,7 @@ def _character_first(text: str, refused: str) -> str | None:
 
 
 _DUPLICATE_KEY: Final = PARSE_ERROR_PREFIX + "duplicate key"
+_LITERALS: Final = frozenset({"true", "false", "null"})
 
 
 def _too_many_tokens(text: str, max_tokens: int | None) -> bool:
@@ -281,7 +282,9 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
     if msg.startswith(("Expecting value", "Illegal trailing comma")):
         return keyword_error(kw.group()) if kw else "expecting value"
     if msg.startswith("Expecting property name"):
-        if kw:
+        # QEMU's parser reads the key as a value (parse_pair(), json-parser.c):
+        # true, false and null are values, but not strings.
+        if kw and kw.group() not in _LITERALS:
             return keyword_error(kw.group())
         if pos >= len(text) or text[pos] in _VALUE_END:
             return "expecting value"  # QEMU parses the key as a value first

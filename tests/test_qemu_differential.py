@@ -285,6 +285,10 @@ RECOVERY = [
     b'{"a": [01, \'x\'}{"execute": "query-version", "id": 2}',
     b'{"a": [+, {"execute": "query-version", "id": 3}}',
     b'{"a": {+}}{"execute": "query-version", "id": 2}',
+    # The byte that cuts a number short is in the stray token: no request begins.
+    b'1e+{"execute": "query-version", "id": 1}',
+    b'-{"execute": "query-version", "id": 1}\n{"execute": "query-version", "id": 2}',
+    b'{"a": 1.{"execute": "query-version", "id": 1}',
 ]
 
 

@@ -216,6 +216,18 @@ def test_scalars_are_messages_once_delimited() -> None:
     assert decode(b"42", eof=True) == [42]
 
 
+@pytest.mark.parametrize("cut", [b"1e+", b"-", b"1."])
+def test_the_byte_that_cuts_a_number_short_goes_with_it(cut: bytes) -> None:
+    # QEMU's lexer takes the byte it fails at into the stray token
+    # (qobject/json-lexer.c): the "{" of "1e+{" begins no request.
+    stream = cut + CMD + b"\n" + CMD.replace(b"1}", b"2}")
+    whole = decode(stream)
+    assert whole == [ParseError(f"JSON parse error, stray '{cut.decode()}{{'"),
+                     {"execute": "query-blockers", "id": 2}]
+    for at in range(1, len(stream)):
+        assert decode(stream[:at], stream[at:]) == whole, at
+
+
 @pytest.mark.parametrize(("data", "desc"), [
     (b"@", "stray '@'"), (b"+", "stray '+'"), (b"T", "stray 'T'"), (b"01", "stray '01'"),
     (b"\x80", "stray '\ufffd'"),

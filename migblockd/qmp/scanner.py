@@ -206,7 +206,10 @@ class Scanner(Resync):
                         return self._complete(start + split)
                     if end < n:
                         # QEMU's lexer names a number cut short with the byte it
-                        # could not take ("stray '1.}'", "stray '-\n'").
+                        # could not take ("stray '1.}'", "stray '-\n'"), and that
+                        # byte is gone with it: the "{" of "1e+{" begins no request.
+                        if (lexed := self._lexer_failed(buf, start, end + 1)) is not None:
+                            return lexed
                         item = ParseError(describe_error(bytes(buf[start : end + 1]))
                                           or item.desc)
                     # A bad top-level token: what follows up to a new request is too.

@@ -285,6 +285,10 @@ RECOVERY = [
     b'{"a": [01, \'x\'}{"execute": "query-version", "id": 2}',
     b'{"a": [+, {"execute": "query-version", "id": 3}}',
     b'{"a": {+}}{"execute": "query-version", "id": 2}',
+    # A string after garbage is one to QEMU's lexer: a "{" in it begins nothing.
+    b'] "{x"}{"execute": "query-version", "id": 5}',
+    b'{"a": +, "b": "{x"}{"execute": "query-version", "id": 5}',
+    b'nope "{" {"execute": "query-version", "id": 5}',
     # The byte that cuts a number short is in the stray token: no request begins.
     b'1e+{"execute": "query-version", "id": 1}',
     b'-{"execute": "query-version", "id": 1}\n{"execute": "query-version", "id": 2}',

@@ -144,15 +144,29 @@ def test_a_number_cut_short_by_a_character_that_is_not_ascii_is_worded_however_s
 
 class StepByStep(StreamDecoder):
     """Garbage at the top level skipped as it was before one search did it: to
-    the next "{", line feed or reset byte, that reset byte's own state, and on."""
+    the next "{", line feed or reset byte, that reset byte's own state, and on;
+    a string read whole where the garbage's strings are (not after a reset)."""
 
     def _skip_garbage(self, buf: bytearray, n: int) -> bool:
-        m = re.compile(rb"[{\n\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]").search(buf, self._scan)
-        if m is None:
-            self._scan = n
-            return False
-        self._resync_at(buf, m.start())
-        return True
+        pos = self._scan
+        while True:
+            stops = rb'[{\n"' if self._garbage_strings else rb"[{\n"
+            m = re.compile(stops + rb"\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]").search(buf, pos)
+            if m is None:
+                self._scan = n
+                return False
+            if buf[m.start()] != 0x22:
+                self._resync_at(buf, m.start())
+                return True
+            end = _STEP_STRING.match(buf, m.start() + 1).end()  # type: ignore[union-attr]
+            if end >= n or (buf[end] == 0x5C and end + 1 >= n):
+                self._scan = m.start()
+                return False
+            pos = end + 1 if buf[end] == 0x22 else end + (buf[end] == 0x5C)
+
+
+_STEP_STRING = re.compile(rb'(?:[^"\\\n\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]'
+                          rb'|\\[^\n\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff])*')
 
 
 def decode_with(decoder: StreamDecoder, *chunks: bytes) -> list[object]:
@@ -561,6 +575,19 @@ def test_a_request_inside_a_message_broken_by_its_lexer_runs_as_in_qemu() -> Non
     items = decode(b'{"a": [+, ' + CMD + b"}")
     assert items == [ParseError("JSON parse error, stray '+'"), CMD_VALUE,
                      ParseError("JSON parse error, expecting value")]
+
+
+@pytest.mark.parametrize("garbage", [b'] "{x"}', b'] "{x\\"{"}', b'nope "{" ', b', "[{" "}" ',
+                                     b'{"a": +, "b": "{x"}'], ids=repr)
+def test_a_brace_in_a_string_in_garbage_begins_no_request(garbage: bytes) -> None:
+    # QEMU's lexer reads a string in what follows garbage: the "{" in it begins
+    # nothing, and the request after it runs.  Taken for a request's start, it
+    # swallowed that request.
+    stream = garbage + CMD
+    whole = decode(stream)
+    assert len(errors(whole)) == 1 and values(whole) == [CMD_VALUE], whole
+    for cut in range(1, len(stream)):
+        assert decode(stream[:cut], stream[cut:]) == whole, cut
 
 
 def test_2000_open_brackets_do_not_wedge() -> None:

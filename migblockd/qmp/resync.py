@@ -20,7 +20,8 @@ in QEMU's wording.  Then the decoder resynchronises:
   square brackets apart, see :func:`~migblockd.qmp.patterns.message_over`),
   and decoding goes on after its last one.
 * Garbage at the top level (a stray closing bracket, a comma, a bad keyword or
-  number) is skipped up to where a request can begin: the next ``{``.  If the
+  number) is skipped up to where a request can begin: the next ``{`` outside
+  a string (QEMU's lexer reads a string there).  If the
   message that ``{`` begins runs on past a line feed, the ``{`` was garbage
   too, and decoding resumes after the line feed.
 * Either way, a line feed or a *reset byte* ends the skipping: an ASCII
@@ -49,12 +50,16 @@ from typing import Final
 from migblockd.qmp.characters import RAW
 from migblockd.qmp.lexer import lexical_error, lexical_failure_bytes, lexical_progress, stray
 from migblockd.qmp.patterns import (
+    BACKSLASH,
     BLANKS,
     BLANKS_AND_RESETS,
     CONTROL,
     LF,
+    QUOTE,
     RESET_BYTES,
     RESYNC_TOP,
+    RESYNC_TOP_QUOTE_OR_RESET,
+    STRING_BODY,
     Open,
     match_end,
     message_over,
@@ -87,11 +92,15 @@ class Resync:
     _checked: int
     _lexed: int
     _string_start: int
+    _garbage_strings: bool
 
     def _skip_to_top(self, pos: int) -> None:
-        """Garbage at the top level: skip from ``pos`` to where a request can begin."""
+        """Garbage at the top level: skip from ``pos`` to where a request can begin.
+        QEMU's lexer is between tokens there, so a string in the garbage is one
+        (a "{" in it begins nothing)."""
         self._skip_from(pos)
         self._mode = SKIP_TOP
+        self._garbage_strings = True
 
     def _skip_rest(self, pos: int, counts: Open, in_string: bool = False) -> None:
         """A message broken with ``counts`` brackets open (in a string, if
@@ -129,12 +138,18 @@ class Resync:
         a read.
         """
         start = self._scan
-        m = RESYNC_TOP.search(buf, start)
-        end = n if m is None else m.start()
+        if self._garbage_strings:
+            found = self._garbage_end(buf, n)
+            if found is None:
+                return False  # in a string when the input ran out
+            end = found
+        else:
+            m = RESYNC_TOP.search(buf, start)
+            end = n if m is None else m.start()
         skipped = buf[start:end]
         tail = skipped[len(skipped.rstrip(BLANKS_AND_RESETS)):]
         after_reset = bool(tail.translate(None, b" \t\r"))
-        if m is None:
+        if end == n:
             self._scan = n
             if after_reset:
                 self._mode = AFTER_RESET
@@ -144,6 +159,46 @@ class Resync:
         if after_reset:
             self._tentative = False
         return True
+
+    def _garbage_end(self, buf: bytearray, n: int) -> int | None:
+        """Where garbage from ``_scan`` ends, strings read whole as QEMU's lexer
+        reads them: at the next "{" or line feed outside a string, or ``n``;
+        None if the input ran out in a string (``_scan`` is where to go on).
+        Without this, the "{" of ``] "{x"}`` began a message that swallowed
+        the request after it, which QEMU runs."""
+        pos = self._garbage_string_end(buf, n, self._scan) if self._in_string else self._scan
+        while pos is not None:
+            if not self._garbage_strings:
+                # Past a reset byte: the rest of what it broke, as after one
+                # met when idle (AFTER_RESET), its quotes not read as strings.
+                m = RESYNC_TOP.search(buf, pos)
+                return n if m is None else m.start()
+            m = RESYNC_TOP_QUOTE_OR_RESET.search(buf, pos)
+            if m is None:
+                return n
+            c = buf[m.start()]
+            if c in RESET_BYTES:
+                self._garbage_strings = False
+                pos = m.start() + 1
+            elif c == QUOTE:
+                pos = self._garbage_string_end(buf, n, m.start() + 1)
+            else:
+                return m.start()
+        return None
+
+    def _garbage_string_end(self, buf: bytearray, n: int, pos: int) -> int | None:
+        """Past the string whose body goes on at ``pos``: after its closing quote,
+        or at the line feed or reset byte that breaks it (QEMU's lexer fails
+        there and reads on); None when the input runs out first."""
+        p = match_end(STRING_BODY, buf, pos)
+        if p >= n or (buf[p] == BACKSLASH and p + 1 >= n):
+            self._in_string = True
+            self._scan = p
+            return None
+        self._in_string = False
+        if buf[p] == QUOTE:
+            return p + 1
+        return p + (buf[p] == BACKSLASH)  # at the line feed or reset byte that broke it
 
     def _lexer_failed(self, buf: bytearray, start: int, end: int) -> ParseError | None:
         """The error of QEMU's lexer in ``buf[start:end]``, if it fails there; then

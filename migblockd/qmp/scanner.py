@@ -247,7 +247,11 @@ class Scanner(Resync):
                 if c in (0x7B, LF):
                     self._mode = IDLE
                 elif c not in RESET_BYTES:
+                    # The rest of what the reset (or the line feed) broke: its
+                    # quotes are not read as strings, one of which would
+                    # swallow a request glued after it.
                     self._mode = SKIP_TOP
+                    self._garbage_strings = False
 
     def _too_many_tokens(self, buf: bytearray, p: int) -> object:
         """The message has more than ``max_tokens`` tokens by ``buf[p]``, an opening

@@ -104,16 +104,7 @@ def outcome(stream: bytes) -> list[object]:
 
 def same_outcome(qemu: Qemu, daemon: DaemonProcess, data: bytes | Sequence[bytes], *,
                  oob: bool = False, negotiate: bool = True) -> None:
-    for attempt in range(3):
-        try:
-            theirs = answers(qemu.test_socket, data, oob=oob, negotiate=negotiate)
-            break
-        except ConnectionResetError:
-            # Now and then QEMU 7.2 resets a connection made right after the last
-            # one closed (seen with OOB on, never again with the same input): that
-            # is QEMU's race, not an answer to the input.
-            if attempt == 2:
-                raise
+    theirs = answers(qemu.test_socket, data, oob=oob, negotiate=negotiate)
     ours = answers(daemon.socket, data, oob=oob, negotiate=negotiate)
     assert outcome(ours) == outcome(theirs), (theirs, ours)
 
@@ -307,7 +298,7 @@ def test_a_request_after_a_lexical_error_runs(module_qemu: Qemu, module_daemon: 
 # -- a seeded generator of hostile requests -----------------------------------------
 # Requests made from the envelope's members, with values and bytes QEMU's lexer and
 # parser refuse or take oddly, glued two to a write or split at odd offsets, sent
-# before or after negotiation, with OOB on or off.  Left out, as docs/protocol.md
+# before or after negotiation.  Left out, as docs/protocol.md
 # says migblockd differs there on purpose: numbers out of a double's range (QEMU
 # takes 1e400 as inf), and line feeds inside a message (an unfinished message's
 # complete lines are checked at each line feed).  A case either breaks the
@@ -385,8 +376,9 @@ def fuzz_cases() -> list[tuple[list[bytes], bool, bool]]:
         data = b"".join(_request(r, lexical) for _ in range(r.randint(1, 2)))
         cuts = sorted(r.sample(range(1, len(data)), r.randint(0, 3)))
         pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
-        negotiate = r.random() < 0.85
-        cases.append((pieces, negotiate, negotiate and r.random() < 0.3))
+        # OOB stays off: with it on, QEMU 7.2 now and then aborts on such a burst
+        # (docs/protocol.md); the envelope cases above cover OOB.
+        cases.append((pieces, r.random() < 0.85, False))
     return cases
 
 

@@ -210,6 +210,14 @@ CHARACTERS = [
     b'{"execute": "query-version", "id": [1, 2], "x": "\\ufdd0", "id": 2}',
     b'{"execute": "query-version", "id": {"a": 1, "a": 2}, "x": "\\uffff"}',
     b'{"execute": "query-version", "id": [1e400, "\\uffff"]}',
+    # A repeated key whose pair is whole comes before a byte that is not UTF-8 and
+    # before a bad keyword, which are its parser's errors; a backslash before such
+    # a byte is an escape it refuses.
+    b'{"execute": "x", "execute": "x", "arguments": ["\xc3x"]}',
+    b'{"execute": "x", "arguments": ["\xc3x"], "execute": "x"}',
+    b'{"execute": "x", "execute": "x", "arguments": truex}',
+    b'{"execute": "x", "id": "\\\xc0\x80u"}',
+    b'{"execute": "x", "id": "\\\\\\\xc3x"}',
     # A lone surrogate, then a \u escape cut short by the end of what was parsed.
     b'{"execute": "nope", "id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',
 ]

@@ -393,6 +393,11 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
          "JSON parse error, \\uffff is not a valid Unicode character"),
         (b'{false "execute": "nope"}', "JSON parse error, key is not a string in object"),
         (b'{"a": 1, null: 2}', "JSON parse error, key is not a string in object"),
+        (b'{"execute": "x", "execute": "x", "arguments": ["\xc3x"]}',
+         "JSON parse error, duplicate key"),
+        (b'{"execute": "x", "execute": "x", "arguments": truex}',
+         "JSON parse error, duplicate key"),
+        (b'{"id": "\\\xc0\x80u"}', "JSON parse error, invalid escape sequence in string"),
         # A lone surrogate named while a later \u escape is cut short: no crash
         # (it dropped the connection), and QEMU 7.2's words.
         (b'{"id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',

@@ -197,10 +197,19 @@ def _bad_utf8(text: str, first: int) -> str | None:
     content = text[before.end() : first]
     bad_escape = next((m.start() for m in ESCAPE.finditer(content)
                        if len(m.group()) == 2 and m.group()[1] not in _ESCAPED), len(content))
-    desc = not_a_character(text[: before.end() + bad_escape])
+    # A backslash just before the byte escapes it: an escape QEMU refuses.
+    cut = bad_escape == len(content) and (len(content) - len(content.rstrip("\\"))) % 2 == 1
+    end = before.end() + bad_escape - cut
+    desc = not_a_character(text[:end])
     if desc is not None:
-        return PARSE_ERROR_PREFIX + desc
-    return PARSE_ERROR_PREFIX + _BAD_UTF8 if bad_escape == len(content) else None
+        at = _first_not_a_character(text, end)
+        return PARSE_ERROR_PREFIX + ("duplicate key" if duplicate_before(text, at) else desc)
+    if bad_escape < len(content):
+        return None  # the rest of the error path words the bad escape
+    # And a repeated key, once its pair is read, before either (parse_pair()).
+    if duplicate_before(text, end):
+        return PARSE_ERROR_PREFIX + "duplicate key"
+    return PARSE_ERROR_PREFIX + ("invalid escape sequence in string" if cut else _BAD_UTF8)
 
 
 #: What QEMU's parser takes after a backslash, but a \u escape's four digits.
@@ -264,10 +273,13 @@ def _zero_exponent(text: str) -> str:
 
 
 def _qemu_reason(msg: str, text: str, pos: int) -> str:
+    lexical = None
     if msg.startswith(("Expecting value", "Expecting ','", "Illegal trailing comma",
                        "Expecting property name")):
         lexical = lexical_error_at(text, pos)
-        if lexical is not None:
+        # A bad keyword is its parser's error, not its lexer's: one before it
+        # (a repeated key whose pair is whole, say) comes first.
+        if lexical is not None and not lexical.startswith("invalid keyword"):
             return lexical
     # QEMU's parser reads each string as it meets it, and each key once its
     # pair's value is read: one of those before the error is where it stops.
@@ -278,6 +290,8 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
             return "duplicate key" if duplicate_before(text, at) else earlier
     if duplicate_before(text, pos):
         return "duplicate key"
+    if lexical is not None:
+        return lexical
     kw = KEYWORD.match(text, pos)
     if msg.startswith(("Expecting value", "Illegal trailing comma")):
         return keyword_error(kw.group()) if kw else "expecting value"

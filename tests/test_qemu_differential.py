@@ -288,6 +288,11 @@ RECOVERY = [
     b'] "{x"}{"execute": "query-version", "id": 5}',
     b'{"a": +, "b": "{x"}{"execute": "query-version", "id": 5}',
     b'nope "{" {"execute": "query-version", "id": 5}',
+    # After its lexer's error QEMU skips to a structural or control character, a
+    # quote on the way beginning no string.
+    b'{"execute": "q\tuery-migrate"}{"execute": "query-version", "id": 6}',
+    b'{"a": "x\x01y", "b": "{z"}{"execute": "query-version", "id": 6}',
+    b'+uery"}{"execute": "query-version", "id": 6}',
     # The byte that cuts a number short is in the stray token: no request begins.
     b'1e+{"execute": "query-version", "id": 1}',
     b'-{"execute": "query-version", "id": 1}\n{"execute": "query-version", "id": 2}',

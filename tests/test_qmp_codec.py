@@ -145,13 +145,20 @@ def test_a_number_cut_short_by_a_character_that_is_not_ascii_is_worded_however_s
 class StepByStep(StreamDecoder):
     """Garbage at the top level skipped as it was before one search did it: to
     the next "{", line feed or reset byte, that reset byte's own state, and on;
-    a string read whole where the garbage's strings are (not after a reset)."""
+    a string read whole, but not while skipping after an error of QEMU's lexer
+    (up to a structural or control character)."""
 
     def _skip_garbage(self, buf: bytearray, n: int) -> bool:
         pos = self._scan
         while True:
-            stops = rb'[{\n"' if self._garbage_strings else rb"[{\n"
-            m = re.compile(stops + rb"\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]").search(buf, pos)
+            if self._recovering:
+                stop = _STEP_RECOVERY_END.search(buf, pos)
+                if stop is None:
+                    self._scan = n
+                    return False
+                self._recovering = False
+                pos = stop.start()
+            m = _STEP_STOP.search(buf, pos)
             if m is None:
                 self._scan = n
                 return False
@@ -165,6 +172,8 @@ class StepByStep(StreamDecoder):
             pos = end + 1 if buf[end] == 0x22 else end + (buf[end] == 0x5C)
 
 
+_STEP_STOP = re.compile(rb'[{\n"\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]')
+_STEP_RECOVERY_END = re.compile(rb"[{}\[\],:\x00-\x08\x0a-\x1f\xfe\xff]")
 _STEP_STRING = re.compile(rb'(?:[^"\\\n\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff]'
                           rb'|\\[^\n\x00-\x08\x0b\x0c\x0e-\x1f\xfe\xff])*')
 
@@ -591,6 +600,21 @@ def test_a_brace_in_a_string_in_garbage_begins_no_request(garbage: bytes) -> Non
     stream = garbage + CMD
     whole = decode(stream)
     assert len(errors(whole)) == 1 and values(whole) == [CMD_VALUE], whole
+    for cut in range(1, len(stream)):
+        assert decode(stream[:cut], stream[cut:]) == whole, cut
+
+
+@pytest.mark.parametrize("broken", [b'{"a": "q\tuery"}', b'{"a": "x\x01y", "b": "{z"}',
+                                    b'{"a": +uery"}', b'+uery"}'], ids=repr)
+def test_after_a_lexical_error_skipping_reads_no_string_to_a_structural_character(
+        broken: bytes) -> None:
+    # QEMU's lexer skips on after its error up to a structural or control
+    # character (IN_RECOVERY, qobject/json-lexer.c): the quote of 'uery"' begins
+    # no string there, so the request after it runs.
+    stream = broken + CMD
+    whole = decode(stream)
+    assert errors(whole)[:1] == [errors(decode(broken + b"\n"))[0]]
+    assert values(whole) == [CMD_VALUE], whole
     for cut in range(1, len(stream)):
         assert decode(stream[:cut], stream[cut:]) == whole, cut
 

@@ -59,7 +59,7 @@ class StreamDecoder(Scanner):
         self._tentative = False
         self._checked = 0  # end of the prefix _check_lines() last parsed
         self._lexed = 0  # where _lexer_failed_so_far() goes on lexing the message
-        self._garbage_strings = False  # SKIP_TOP reads strings whole (see Resync)
+        self._recovering = False  # SKIP_TOP as QEMU's lexer after an error (see Resync)
         self._eof = False
         self._ready: object = NEED_DATA  # one message of lookahead for has_message()
         # Input (or EOF) came since the scanner last ran out: until some does,

@@ -56,6 +56,9 @@ RESYNC_TOP = re.compile(rb"[{\n]")
 # The same, or a quote (where a string in the garbage begins), or a reset byte
 # (see migblockd.qmp.resync).
 RESYNC_TOP_QUOTE_OR_RESET = re.compile(rb'[{\n"' + RESET_CLASS + rb"]")
+# Where QEMU's lexer stops skipping after an error (IN_RECOVERY): a structural
+# character, or a control character but the tab.
+RECOVERY_END = re.compile(rb"[{}\[\],:\n\r" + RESET_CLASS + rb"]")
 # The rest of a broken message: whole strings and ordinary bytes, up to a
 # bracket (counted), a quote that starts a string not whole in the buffer, a
 # line feed or a reset byte.

@@ -56,8 +56,8 @@ from migblockd.qmp.patterns import (
     CONTROL,
     LF,
     QUOTE,
+    RECOVERY_END,
     RESET_BYTES,
-    RESYNC_TOP,
     RESYNC_TOP_QUOTE_OR_RESET,
     STRING_BODY,
     Open,
@@ -92,7 +92,7 @@ class Resync:
     _checked: int
     _lexed: int
     _string_start: int
-    _garbage_strings: bool
+    _recovering: bool
 
     def _skip_to_top(self, pos: int) -> None:
         """Garbage at the top level: skip from ``pos`` to where a request can begin.
@@ -100,7 +100,6 @@ class Resync:
         (a "{" in it begins nothing)."""
         self._skip_from(pos)
         self._mode = SKIP_TOP
-        self._garbage_strings = True
 
     def _skip_rest(self, pos: int, counts: Open, in_string: bool = False) -> None:
         """A message broken with ``counts`` brackets open (in a string, if
@@ -122,6 +121,7 @@ class Resync:
         see :meth:`_garbage_line`)."""
         c = buf[i]
         self._in_string = False
+        self._recovering = False
         self._tentative = c == 0x7B
         self._mode = AFTER_RESET if c in RESET_BYTES else IDLE
         self._start = self._scan = i + 1 if c == LF else i
@@ -138,14 +138,10 @@ class Resync:
         a read.
         """
         start = self._scan
-        if self._garbage_strings:
-            found = self._garbage_end(buf, n)
-            if found is None:
-                return False  # in a string when the input ran out
-            end = found
-        else:
-            m = RESYNC_TOP.search(buf, start)
-            end = n if m is None else m.start()
+        found = self._garbage_end(buf, n)
+        if found is None:
+            return False  # in a string when the input ran out
+        end = found
         skipped = buf[start:end]
         tail = skipped[len(skipped.rstrip(BLANKS_AND_RESETS)):]
         after_reset = bool(tail.translate(None, b" \t\r"))
@@ -168,17 +164,21 @@ class Resync:
         the request after it, which QEMU runs."""
         pos = self._garbage_string_end(buf, n, self._scan) if self._in_string else self._scan
         while pos is not None:
-            if not self._garbage_strings:
-                # Past a reset byte: the rest of what it broke, as after one
-                # met when idle (AFTER_RESET), its quotes not read as strings.
-                m = RESYNC_TOP.search(buf, pos)
-                return n if m is None else m.start()
+            if self._recovering:
+                # After its error QEMU's lexer skips to a structural character
+                # or a control one (IN_RECOVERY, qobject/json-lexer.c): a quote
+                # before it begins no string.
+                m = RECOVERY_END.search(buf, pos)
+                if m is None:
+                    return n
+                self._recovering = False
+                pos = m.start()
             m = RESYNC_TOP_QUOTE_OR_RESET.search(buf, pos)
             if m is None:
                 return n
             c = buf[m.start()]
             if c in RESET_BYTES:
-                self._garbage_strings = False
+                self._recovering = True  # an error of QEMU's lexer too
                 pos = m.start() + 1
             elif c == QUOTE:
                 pos = self._garbage_string_end(buf, n, m.start() + 1)
@@ -215,6 +215,7 @@ class Resync:
             return None
         desc, after = found
         self._skip_to_top(start + after)
+        self._recovering = True
         return ParseError(desc)
 
     def _lexer_failed_so_far(self, buf: bytearray, end: int) -> ParseError | None:
@@ -251,6 +252,7 @@ class Resync:
         self._scan = pos
         self._stack.clear()
         self._in_string = False
+        self._recovering = False
     def _lines_verdict(self, buf: bytearray, end: int) -> object:
         """Before reporting an error at ``end`` (or waiting for more input): None if
         the message was garbage and is skipped (go on), its lines' own error if

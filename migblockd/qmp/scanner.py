@@ -212,6 +212,8 @@ class Scanner(Resync):
                             return lexed
                         item = ParseError(describe_error(bytes(buf[start : end + 1]))
                                           or item.desc)
+                    elif (lexed := self._lexer_failed(buf, start, end)) is not None:
+                        return lexed  # QEMU's lexer failed: it skips on from there
                     # A bad top-level token: what follows up to a new request is too.
                     self._skip_to_top(end)
                 return item
@@ -247,11 +249,12 @@ class Scanner(Resync):
                 if c in (0x7B, LF):
                     self._mode = IDLE
                 elif c not in RESET_BYTES:
-                    # The rest of what the reset (or the line feed) broke: its
-                    # quotes are not read as strings, one of which would
-                    # swallow a request glued after it.
+                    # The rest of what the reset (or the line feed) broke: as
+                    # QEMU's lexer skips it after its error, to a structural
+                    # character, its quotes beginning no string (one would
+                    # swallow a request glued after it).
                     self._mode = SKIP_TOP
-                    self._garbage_strings = False
+                    self._recovering = True
 
     def _too_many_tokens(self, buf: bytearray, p: int) -> object:
         """The message has more than ``max_tokens`` tokens by ``buf[p]``, an opening

@@ -218,6 +218,9 @@ CHARACTERS = [
     b'{"execute": "x", "execute": "x", "arguments": truex}',
     b'{"execute": "x", "id": "\\\xc0\x80u"}',
     b'{"execute": "x", "id": "\\\\\\\xc3x"}',
+    # A string token where none may be is refused before its bytes are read.
+    b'{"execute": 1234567890"\\\'\xc3x"}',
+    b'{"execute": "x", "id": [1 "\xc3"]}',
     # A lone surrogate, then a \u escape cut short by the end of what was parsed.
     b'{"execute": "nope", "id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',
 ]

@@ -407,6 +407,7 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         (b'{"execute": "x", "execute": "x", "arguments": truex}',
          "JSON parse error, duplicate key"),
         (b'{"id": "\\\xc0\x80u"}', "JSON parse error, invalid escape sequence in string"),
+        (b'{"a": [1 "\xc3"]}', "JSON parse error, expected separator in list"),
         # A lone surrogate named while a later \u escape is cut short: no crash
         # (it dropped the connection), and QEMU 7.2's words.
         (b'{"id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',

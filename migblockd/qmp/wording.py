@@ -187,7 +187,9 @@ def _bad_utf8(text: str, first: int) -> str | None:
     """QEMU's error for the string with the first byte that is not UTF-8, at
     ``first``, if its parser gets that far: nothing before the string is wrong."""
     before = _BEFORE_OPEN_STRING.match(text, 0, first)
-    if before is None or before.end() >= first or not _viable(text[: before.end()]):
+    # With a string where this one begins (its parser refuses a string token
+    # where none may be, "1 "x"", before it reads the string).
+    if before is None or before.end() >= first or not _viable(text[: before.end()] + '""'):
         return None
     # An escape QEMU reads first may be the error: one of a lone surrogate or a
     # noncharacter, in this string or an earlier one (json takes them, so the

@@ -300,6 +300,10 @@ RECOVERY = [
     b'1e+{"execute": "query-version", "id": 1}',
     b'-{"execute": "query-version", "id": 1}\n{"execute": "query-version", "id": 2}',
     b'{"a": 1.{"execute": "query-version", "id": 1}',
+    # Whole in one write: the lexer's error comes before the line feed, or the byte
+    # the scan stops at, and the request after it runs all the same.
+    b'{\xc3\xa9-{"execute": "query-version", "id": 7}\n',
+    b'[+{"execute": "query-version", "id": 7}\xff',
 ]
 
 

@@ -620,6 +620,27 @@ def test_after_a_lexical_error_skipping_reads_no_string_to_a_structural_characte
         assert decode(stream[:cut], stream[cut:]) == whole, cut
 
 
+@pytest.mark.parametrize(("stream", "answered"), [
+    # An error of QEMU's lexer before a line feed, or before a byte the scan stops
+    # at: the request after it runs (QEMU 7.2 runs it), however the input was split.
+    (b'{\xc3\xa9-' + CMD + b"\n", [CMD_VALUE]),
+    (b"[+" + CMD + b"\xff", [CMD_VALUE]),
+    (b'{"a": [+, "b": 1,\n' + CMD + b"\n", [CMD_VALUE]),
+    # A line feed that cuts a number short is judged with its line, as before.
+    (b"{-\n1\n", [1]),
+], ids=repr)
+def test_a_lexical_error_is_answered_as_if_the_bytes_came_one_at_a_time(
+        stream: bytes, answered: list[object]) -> None:
+    # The lexer fails as the bytes arrive: one read or many, the same requests run.
+    # In one read, the line check (or the scan's stop at a reset byte) came first
+    # and skipped the request; a byte at a time, the lexer's error did.
+    whole = decode(stream, eof=True)
+    assert values(whole) == answered, whole
+    assert decode(*(stream[i : i + 1] for i in range(len(stream))), eof=True) == whole
+    for cut in range(1, len(stream)):
+        assert decode(stream[:cut], stream[cut:], eof=True) == whole, cut
+
+
 def test_2000_open_brackets_do_not_wedge() -> None:
     items = decode(b"[" * 2000 + b"\n" + CMD)
     assert items == [ParseError(NESTING_EXCEEDED), {"execute": "query-blockers", "id": 1}]

@@ -308,10 +308,12 @@ class Resync:
                 stop = brace + 1
         if stop <= self._checked:
             return None
-        self._checked = stop
+        checked, self._checked = self._checked, stop
         found = prefix_error(buf, start, stop)
         if found is None:
             return None  # a valid beginning, to be continued
+        if (lexed := self._lexed_before_lines(buf, checked, lf)) is not None:
+            return lexed
         desc, skip = found
         if skip < stop and buf[skip] == 0x7B and self._begins_line(buf, skip):
             self._skip_from(skip)
@@ -319,6 +321,44 @@ class Resync:
         else:
             self._skip_from(min(skip, lf))
         return ParseError(desc)
+
+    def _lexed_before(self, buf: bytearray, end: int) -> ParseError | None:
+        """The error of QEMU's lexer, as :meth:`_lexer_failed`, if it fails before
+        ``end`` (not at a number ``end`` cuts short): the input up to there came
+        before, and a message begun in garbage, whose lexing waits
+        (:meth:`_lexer_failed_so_far`), excepted."""
+        if self._tentative:
+            return None
+        found = lexical_failure_bytes(bytes(buf[self._start : end]))
+        return None if found is None else self._lexer_failed(buf, self._start,
+                                                             self._start + found[1])
+
+    def _lexed_before_lines(self, buf: bytearray, checked: int, lf: int) -> ParseError | None:
+        """The error of QEMU's lexer, as :meth:`_lexer_failed`, when it fails in the
+        message's lines before the line feed at ``lf`` and no line before the byte
+        it fails at holds an error (``checked``: where the lines were checked to
+        before).  Input that came a byte at a time met that byte before the line
+        feed, and the lexer's error was answered then, decoding going on after it
+        as in QEMU: judging the lines first instead skipped a request glued after
+        the error (``{`` and a byte that is not ASCII, then a request and a line
+        feed) when the line came in one read."""
+        start = self._start
+        found = lexical_failure_bytes(bytes(buf[start:lf]))
+        if found is None:
+            return None
+        fail = start + found[1] - 1  # the byte it fails at (that cut a number short)
+        if fail >= lf:
+            return None
+        # A line feed that cuts a number short came before the lexer read it.
+        before = buf.rfind(b"\n", max(start, checked), fail + 1)
+        if before >= 0:
+            stop = before
+            if before < fail:
+                brace = match_end(BLANKS, buf, before + 1, fail)
+                stop = brace + 1 if brace < fail and buf[brace] == 0x7B else before
+            if prefix_error(buf, start, stop) is not None:
+                return None  # a line before it was answered first
+        return self._lexer_failed(buf, start, fail + 1)
 
     def _begins_line(self, buf: bytearray, pos: int) -> bool:
         """``buf[pos]`` is the first byte but blanks of a line inside the message."""
@@ -333,6 +373,11 @@ class Resync:
             return verdict
         # QEMU's lexer fails at the first token it cannot read, which may come
         # before this one (its parser, which the scan stands in for, never ran).
+        # Before the quote or the byte: it failed as that came, and reads on from
+        # there, as when the input comes a byte at a time (``[+{...}`` then 0xFF:
+        # the request in between runs).
+        if (lexed := self._lexed_before(buf, token if token >= 0 else p)) is not None:
+            return lexed
         # With the quote or the byte itself: a number before it is cut short there.
         earlier = lexical_error(bytes(buf[self._start : (token if token >= 0 else p) + 1]))
         if token < 0:

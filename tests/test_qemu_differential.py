@@ -304,6 +304,8 @@ RECOVERY = [
     # the scan stops at, and the request after it runs all the same.
     b'{\xc3\xa9-{"execute": "query-version", "id": 7}\n',
     b'[+{"execute": "query-version", "id": 7}\xff',
+    # A carriage return ends the skipping after a reset byte: a string begins.
+    b'\xff\r"{"execute": "query-version", "id": 8}"\n',
 ]
 
 

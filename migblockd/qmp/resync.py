@@ -398,5 +398,6 @@ class Resync:
             # Read as a new string, it would swallow a request glued after it
             # (qemu.qmp sends no line feeds).  As after a reset byte.
             self._mode = AFTER_RESET
+            self._recovering = True  # from QEMU's lexer's error at the line feed
             self._start = self._scan = p + 1
         return error  # else a reset byte: its own resynchronisation point

@@ -172,6 +172,7 @@ class Scanner(Resync):
                 elif c in RESET_BYTES:
                     end = match_end(RESET_RUN, buf, i)
                     self._mode = AFTER_RESET
+                    self._recovering = True  # QEMU's lexer failed at it
                     self._start = self._scan = end
                     # Name the first byte only: the run may continue in the next read.
                     return ParseError(stray(bytes(buf[i : i + 1])))
@@ -241,7 +242,16 @@ class Scanner(Resync):
                 # across reads, so swallow the rest of the run.  What follows
                 # on the same line is the rest of the message the reset broke
                 # (one bad message, one error), unless a new request starts.
-                end = match_end(BLANKS, buf, match_end(RESET_RUN, buf, self._scan))
+                run = match_end(RESET_RUN, buf, self._scan)
+                end = match_end(BLANKS, buf, run)
+                # QEMU's lexer fails at each reset byte, and its recovery ends at a
+                # control character: a carriage return after them (which the
+                # blanks take), whatever read it came in, and a quote after that
+                # begins a string again.
+                if run > self._scan:
+                    self._recovering = True
+                if 0x0D in buf[run:end]:
+                    self._recovering = False
                 self._start = self._scan = end
                 if end == n:
                     return NEED_DATA
@@ -252,9 +262,9 @@ class Scanner(Resync):
                     # The rest of what the reset (or the line feed) broke: as
                     # QEMU's lexer skips it after its error, to a structural
                     # character, its quotes beginning no string (one would
-                    # swallow a request glued after it).
+                    # swallow a request glued after it), unless a carriage
+                    # return ended the skipping.
                     self._mode = SKIP_TOP
-                    self._recovering = True
 
     def _too_many_tokens(self, buf: bytearray, p: int) -> object:
         """The message has more than ``max_tokens`` tokens by ``buf[p]``, an opening

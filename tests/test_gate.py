@@ -563,6 +563,27 @@ async def test_a_stopped_qemu_is_logged_once_and_shown_in_the_status_line(
     assert_clean_log(d)
 
 
+async def test_a_new_qemu_is_not_said_to_answer_again(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    # The link kept the command the stopped QEMU left unanswered across the restart:
+    # the new QEMU's first answer was logged as "QEMU at ... answers again (it had not
+    # answered 'query-migrate' within 1 s)", of a process that had never been asked.
+    assert qemu.proc is not None
+    d = start_daemon("--qemu", str(qemu.gate_socket), "--qemu-timeout", "1")
+    await connected(d)
+    async with d.client() as c:
+        qemu.proc.send_signal(signal.SIGSTOP)
+        reply = await asyncio.wait_for(c.execute("query-migrate", id=1), 10)
+        assert "did not answer 'query-migrate' within 1 s" in reply["error"]["desc"], reply
+        qemu.restart()  # SIGKILL ends the stopped one; a new one on the same socket
+        await wait_until(lambda: d.log().count("connected to QEMU 7.") == 2, "reconnected")
+        assert isinstance(await asyncio.wait_for(c.ok("query-migrate"), 10), dict)
+    assert " answers again " not in d.log(), d.log()
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
 async def test_a_client_gone_while_a_stopped_qemu_holds_its_command_is_let_go(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:

@@ -103,6 +103,7 @@ class Reconnecting:
     _reason: str
     _logged_reason: str | None
     _info: QemuInfo | None
+    silent: str | None
     _tried: asyncio.Event
     #: The process at the other end of the connection (the link's: its client knows).
     _peer_pid: Callable[[], int | None]
@@ -177,6 +178,9 @@ class Reconnecting:
         self._state, self._info, self._reason = "connected", info, "connected"
         self.awaiting_greeting = False
         self._logged_reason = None
+        # A command the last connection left unanswered says nothing of this one
+        # (a new QEMU, often): its first timeout is a warning, its answers no return.
+        self.silent = None
         self._tried.set()
         log.info("connected to QEMU %s at %s", info.version_string, self.path)
         self._notify_state()

@@ -61,6 +61,8 @@ class Outcomes:
     #: Commits failed since the last that succeeded, and the last one's reason.
     _failed_commits: int
     _failed_reason: str
+    #: The log's last line on commits said they succeed again.
+    _said_succeeding: bool
 
     if TYPE_CHECKING:
         def _finish(self, conn: Connection) -> None: ...
@@ -83,8 +85,12 @@ class Outcomes:
         self.ledger.done(group)
         self._settle(group.stamp, failed=False)
         if self._failed_commits:
-            log.info("commits succeed again, after %d failed (the last: %s)",
-                     self._failed_commits, self._failed_reason)
+            # Bounded too: a disk at the edge of full can fail every other commit.
+            more = self.guard.throttle.admit(("commit", None), self.registry.clock.monotonic())
+            if more is not None:
+                log.info("commits succeed again, after %d failed (the last: %s)%s",
+                         self._failed_commits, self._failed_reason, more)
+            self._said_succeeding = more is not None
             self._failed_commits = 0
         holding = self.ledger.holding
         released = []
@@ -135,6 +141,11 @@ class Outcomes:
         self._failed_commits += 1
         self._failed_reason = reason
         more = self.guard.throttle.admit(("commit", reason), self.registry.clock.monotonic())
+        if self._failed_commits == 1 and self._said_succeeding:
+            # The log's last word on commits said they succeed: the first of a new
+            # row goes out whatever its reason's window holds (as many as those).
+            more = more or ""
+            self._said_succeeding = False
         if more is not None:
             log.error("%s; %d command(s) failed, their changes undone%s%s", reason, failed,
                       _UNTIL if self._failed_commits == 1 else "", more)

@@ -215,6 +215,46 @@ def test_failed_commits_in_a_row_say_what_to_do_once_and_are_bounded(
                                    "commit to /x/state.db: disk full)")
 
 
+def test_a_new_row_of_failed_commits_is_logged_after_commits_were_said_to_succeed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Within the 10 s of a throttled row, the first failure after "commits succeed
+    # again" was counted, not logged: the log's last word said commits succeed
+    # while every change failed (reproduced on a full 1 MiB tmpfs).  Alternating
+    # failures and successes stay bounded all the same.
+    core = make()
+    a = connected(core, 1)
+    reason = "cannot commit to /x/state.db: disk full"
+
+    def fail(i: int) -> None:
+        run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "f%d"}}'
+            % i)
+        core.commit_failed(taken(core), reason)
+        run(core, a)
+
+    def succeed(i: int) -> None:
+        run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "s%d"}}'
+            % i)
+        core.committed(taken(core))
+        run(core, a)
+
+    with caplog.at_level(logging.INFO, logger="migblockd"):
+        for i in range(BURST + 5):
+            fail(i)
+        succeed(0)
+        caplog.clear()
+        fail(100)
+        assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+            f"{reason}; 1 command(s) failed, their changes undone" + UNTIL]
+        caplog.clear()
+        for i in range(200):
+            succeed(i + 1)
+            fail(i + 200)
+    said = [r.getMessage() for r in caplog.records
+            if r.levelname == "ERROR" or r.getMessage().startswith("commits succeed again")]
+    assert BURST <= len(said) <= 3 * BURST, said
+
+
 def test_connection_scoped_blockers_hold_nothing_but_wait_behind_what_does() -> None:
     core = make()
     a = connected(core, 1)

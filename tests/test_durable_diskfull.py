@@ -212,6 +212,31 @@ async def test_systemd_status_says_while_commits_fail(
     assert daemon.stop() == 0
 
 
+async def test_a_disk_full_again_is_logged_after_commits_were_said_to_succeed(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
+) -> None:
+    # The row of failures before had used up its reason's lines: the failure after
+    # "commits succeed again" was not logged, which stayed the log's last word.
+    directory = small_tmpfs.mountpoint / "state"
+    db = directory / "state.db"
+    daemon = start_daemon("--state-dir", str(directory), python=small_tmpfs.python(tmp_path))
+    async with daemon.client() as c:
+        await c.ok("add-blocker", {"reason": "before", "id": "before"})
+        fill_all(small_tmpfs, db)
+        for i in range(12):
+            assert "error" in await c.execute("add-blocker", {"reason": "full", "id": f"x{i}"})
+        small_tmpfs.outside(small_tmpfs.mountpoint / "filler").unlink()
+        await c.ok("add-blocker", {"reason": "after", "id": "after"})
+        daemon.wait_for_log("INFO: commits succeed again, after 12 failed")
+        fill_all(small_tmpfs, db)
+        assert "error" in await c.execute("add-blocker", {"reason": "full", "id": "again"})
+    assert daemon.stop() == 0  # every line written
+    log = daemon.log()
+    after = log[log.index("commits succeed again"):]
+    assert (f"ERROR: cannot commit to {db}: database or disk is full; 1 command(s) failed, "
+            "their changes undone; every change fails until a commit succeeds") in after, after
+
+
 async def test_crash_on_a_full_disk_restarts_and_serves(
     start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
 ) -> None:

@@ -159,10 +159,7 @@ class Core(Roster, Outcomes):
                         # The client's error names no setting; the log does, once a
                         # connection, and a burst at a time for a uid that reconnects
                         # to send each one.
-                        owner = conn.owner
-                        more = self.guard.throttle.admit(
-                            ("limit", None if owner is None else owner.uid),
-                            self.registry.clock.monotonic())
+                        more = self.guard.bounded("limit", conn.owner)
                         if more is not None:
                             log.warning("%s: %s%s", conn.label, session.limit_notice, more,
                                         extra=about(conn))

@@ -273,10 +273,15 @@ class Guard:
     def _who(conn: Connection) -> str:
         return who(None if conn.owner is None else conn.owner.uid)
 
+    def bounded(self, kind: str, owner: Owner | None) -> str | None:
+        """Whether a line of ``kind`` about ``owner``'s uid goes out now, and what
+        it adds: :meth:`migblockd.logs.throttle.Throttle.admit` of the guard's throttle."""
+        return self.throttle.admit((kind, None if owner is None else owner.uid),
+                                   self.registry.clock.monotonic())
+
     def _refuse(self, conn: Connection, name: str, desc: str, kind: type[QMPError]) -> NoReturn:
         # desc names blocker ids, which clients choose: shown() bounds them.
-        uid = None if conn.owner is None else conn.owner.uid
-        more = self.throttle.admit(("refused", uid), self.registry.clock.monotonic())
+        more = self.bounded("refused", conn.owner)
         if more is not None:
             log.warning("%s: refused %s: %s%s", conn.label, name,
                         shown(desc, 400, quoted=False), more, extra=about(conn))

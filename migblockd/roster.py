@@ -109,8 +109,7 @@ class Roster:
             conn.refused = True
             conn.session.refuse(QMPError(desc))
             # A client may connect in a loop: the guard's throttle bounds these lines.
-            more = self.guard.throttle.admit(("connection", None if owner is None else owner.uid),
-                                             self.registry.clock.monotonic())
+            more = self.guard.bounded("connection", owner)
             if more is not None:
                 log.warning("%s: refused: %s%s", conn.label, desc, more, extra=about(conn))
         else:

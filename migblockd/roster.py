@@ -253,7 +253,9 @@ class Roster:
 
     def others_dirty(self, conn: Connection) -> bool:
         """Some connection other than ``conn`` has output queued."""
-        return any(other is not conn for other in self._dirty)
+        # Asked for every lone client's request: no generator over the set.
+        dirty = self._dirty
+        return len(dirty) > 1 or (bool(dirty) and conn not in dirty)
 
     def take_dirty(self) -> list[Connection]:
         """The connections with output queued since the last call, in order."""

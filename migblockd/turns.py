@@ -133,7 +133,9 @@ class Turns:
                 protocol.flush()
         # Last: the disk thread, woken now, would contend for the GIL with
         # every write above (on one core, a context switch each time).
-        if self._disk is not None and self._group is None:
+        # Most flushes (a read's reply) have nothing to commit: then no group
+        # is looked for, nor the clock read to see whether its cohort is in.
+        if self._disk is not None and self._group is None and self.core.has_uncommitted():
             self._start_commit()
         self._arm_timer()
         self._report_status()

@@ -212,3 +212,20 @@ def test_a_user_reconnecting_to_send_each_oversized_request_is_logged_a_burst_at
     said = [m for m in caplog.messages if "request refused" in m]
     assert len(said) == BURST, said[:2]
     assert said[-1].endswith("[more like it within 10 s are counted, not logged]")
+
+
+def test_others_dirty_names_output_queued_for_any_other_connection() -> None:
+    core, _ = make()
+    a, b = connected(core, 1), connected(core, 2)
+    core.take_dirty()
+    assert not core.others_dirty(a) and not core.others_dirty(b)
+    feed(core, a, b'{"execute": "query-version"}')
+    assert core.take_dirty() == [a]
+    feed(core, a, b'{"execute": "query-version"}')
+    assert not core.others_dirty(a)  # only its own reply
+    assert core.others_dirty(b)
+    feed(core, b, b'{"execute": "query-version"}')
+    assert core.others_dirty(a) and core.others_dirty(b)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x"}}')
+    core.take_dirty()
+    assert not core.others_dirty(a) and not core.others_dirty(b)

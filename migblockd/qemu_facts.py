@@ -111,8 +111,6 @@ class QemuFacts:
     status: str | None = None
     busy: bool = False
     unanswered: bool = False
-    #: A command forwarded to QEMU timed out, and QEMU has answered none since.
-    silent: bool = False
     blockers: int | None = None
     ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDINGS, 0))
     awaiting: bool = False
@@ -120,6 +118,14 @@ class QemuFacts:
     learnt: bool = False
     #: Whether QEMU accepted the connection and its greeting is awaited (the link's).
     greeting_awaited: Callable[[], bool] = _never
+    #: Whether a command forwarded on this connection timed out and QEMU has
+    #: answered none since (the link's: it logs when that starts and ends).
+    timed_out: Callable[[], bool] = _never
+
+    @property
+    def silent(self) -> bool:
+        """QEMU is connected but answers nothing (stopped, wedged)."""
+        return self.connected and self.timed_out()
 
     @property
     def present(self) -> bool:

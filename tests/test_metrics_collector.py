@@ -275,9 +275,9 @@ def test_gate_reports_the_link_qemus_own_blockers_and_how_its_migrations_end() -
     metrics = scrape(core)
     assert metrics.value("migblockd_qemu_connected") == 1
     assert metrics.value("migblockd_qemu_unresponsive") == 0
-    facts.silent = True  # a forwarded command timed out (the bridge says so)
+    facts.timed_out = lambda: True  # a forwarded command timed out (the link says so)
     assert scrape(core).value("migblockd_qemu_unresponsive") == 1
-    facts.silent = False
+    facts.timed_out = lambda: False
     assert key("migblockd_blockers", source="qemu", mode="normal") not in metrics.samples
     run(core, conn, {"execute": "query-blockers"})
     answer({"blocked-reasons": ["vdi", "sev"]})
@@ -331,3 +331,15 @@ def test_the_answer_is_built_on_the_event_loop_or_not_at_all(
                          b"migblockd's event loop did not answer in time\n")
     loop.close()
     assert call(app) == ("503 Service Unavailable", b"migblockd is stopping\n")
+
+
+def test_a_qemu_is_unresponsive_only_while_connected() -> None:
+    # The link knows a forwarded command timed out; a QEMU that is gone is
+    # disconnected, not unresponsive, until its next connection says otherwise.
+    facts = QemuFacts(Path("/run/qemu.sock"))
+    facts.timed_out = lambda: True
+    assert not facts.silent
+    facts.connected = True
+    assert facts.silent
+    facts.timed_out = lambda: False
+    assert not facts.silent

@@ -81,6 +81,7 @@ class Bridge:
         self.link = QemuLink(path, on_event=self._event, on_state=self._state,
                              on_gone=self._gone, timeout=timeout)
         self.facts.greeting_awaited = lambda: self.link.awaiting_greeting
+        self.facts.timed_out = lambda: self.link.silent is not None
         self._core: Core | None = None
         self._wake: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -155,7 +156,6 @@ class Bridge:
             self._answered(sent)
             raise QemuError(exc.error_class, exc.desc) from None
         except QemuTimedOut as exc:
-            self.facts.silent = True
             if name == "migrate" and self.facts.connected:
                 # Still in QEMU's queue: QEMU may start that migration when it gets to it.
                 self.facts.unanswered, self._unanswered = True, sent
@@ -182,7 +182,6 @@ class Bridge:
     def _answered(self, sent: int) -> None:
         """QEMU answered the command forwarded ``sent``-th: it answers in order, so it
         has run every command sent before, an unanswered ``migrate`` included."""
-        self.facts.silent = False
         if sent > self._unanswered:
             self.facts.unanswered = False
 
@@ -203,7 +202,6 @@ class Bridge:
     def _state(self, state: LinkState) -> None:
         facts, info = self.facts, self.link.info
         facts.connected = state == "connected" and info is not None
-        facts.silent = False
         if facts.connected:
             assert info is not None
             self._connection += 1

@@ -346,6 +346,33 @@ def test_a_socket_that_does_not_speak_qmp_is_exit_status_2(
     assert result.stderr.count("\n") == 1
 
 
+def test_a_server_that_greets_and_never_negotiates_is_exit_status_2(tmp_path: Path) -> None:
+    # A daemon that hangs (or is stopped) after its greeting: the script used to wait
+    # for the answer to qmp_capabilities forever, where migblockd.client gives up.
+    path = tmp_path / "mute.sock"
+    greeting = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 1, "major": 0}, '
+                b'"package": ""}, "capabilities": []}}\r\n')
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        # The shell's own timeout, made short; what it does when it passes is the point.
+        quick = ("from migblockd.shell import client; client.GREETING_TIMEOUT = 0.5; "
+                 "from migblockd.shell.main import main; main()")
+        proc = subprocess.Popen([sys.executable, "-c", quick, str(path), "-c", "query-version"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(greeting)  # and reads nothing, answers nothing
+                out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2
+    assert out == ""
+    assert err == f"migblock-shell: {path}: no answer to qmp_capabilities within 0.5s\n"
+
+
 def test_a_daemon_that_exits_before_taking_the_connection_is_named_with_its_log(
     tmp_path: Path,
 ) -> None:

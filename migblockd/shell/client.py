@@ -105,11 +105,17 @@ class QMPClient:
         return greeting
 
     async def negotiate(self) -> None:
-        """Send ``qmp_capabilities``; raises :class:`ConnectError` if refused."""
+        """Send ``qmp_capabilities``; raises :class:`ConnectError` if refused, or
+        unanswered within :data:`GREETING_TIMEOUT` (a daemon stopped or hung after
+        its greeting), as ``migblockd.client`` does."""
         try:
-            reply = await self.execute({"execute": "qmp_capabilities"})
+            async with asyncio.timeout(GREETING_TIMEOUT):
+                reply = await self.execute({"execute": "qmp_capabilities"})
         except ConnectionLost as err:
             raise ConnectError(str(err)) from None
+        except TimeoutError:
+            raise ConnectError(
+                f"no answer to qmp_capabilities within {GREETING_TIMEOUT:g}s") from None
         if "error" in reply:
             desc = reply["error"].get("desc", reply["error"])
             raise ConnectError(f"capabilities negotiation failed: {desc}")

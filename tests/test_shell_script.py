@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -419,6 +421,41 @@ def test_daemon_going_away_mid_script_is_exit_status_2(daemon: DaemonProcess) ->
     assert err.startswith(f"migblock-shell: {daemon.socket}: ")
     assert "Traceback" not in err
     assert proc.stdout.read() == ""
+
+
+def _sockets(pid: int) -> int:
+    """How many sockets process ``pid`` holds open."""
+    fds = Path(f"/proc/{pid}/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def test_a_shell_lets_go_of_the_socket_when_the_daemon_stops(daemon: DaemonProcess) -> None:
+    # A stopping daemon half-closes each connection and waits for the peer to close
+    # too.  The shell kept its end open until its next command (or its exit), so that
+    # one waiting for input (a script, or an operator at the prompt) held up every
+    # stop and restart of the daemon.
+    proc = subprocess.Popen([*SHELL, str(daemon.socket)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write("query-version\n")
+        proc.stdin.flush()
+        assert "return" in json.loads(proc.stdout.readline())
+        connected = _sockets(proc.pid)  # the connection, and the event loop's own
+        assert daemon.stop() == 0
+        for _ in range(600):  # until the shell has read the daemon's EOF
+            if _sockets(proc.pid) < connected:
+                break
+            time.sleep(0.05)
+        assert _sockets(proc.pid) == connected - 1
+        assert proc.poll() is None  # still waiting for its next line
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_help_option_explains_syntax_and_exit_codes() -> None:

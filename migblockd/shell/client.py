@@ -205,8 +205,15 @@ class QMPClient:
         finally:
             self.lost_reason = reason
             self._fail_pending(reason)
-            if not self._closing and self._on_lost is not None:
-                self._on_lost()
+            if not self._closing:
+                # Let go of the socket now, not at the next command (or exit): a
+                # stopping daemon half-closes each connection and waits for its
+                # peer to close too (2 s), and a shell idle at its prompt would
+                # hold up every stop and restart of the daemon that long.
+                if self._writer is not None:
+                    self._writer.close()
+                if self._on_lost is not None:
+                    self._on_lost()
 
     def _dispatch(self, message: Message) -> None:
         if "event" in message:

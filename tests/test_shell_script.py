@@ -458,6 +458,19 @@ def test_a_shell_lets_go_of_the_socket_when_the_daemon_stops(daemon: DaemonProce
         proc.communicate()
 
 
+def test_with_stderr_closed_stdout_still_holds_only_the_replies(daemon: DaemonProcess) -> None:
+    # Started with stderr closed (2>&-), Python has no sys.stderr, and
+    # print(file=sys.stderr) writes to stdout: the errors and the -v echo went
+    # there, among the JSON replies.
+    result = subprocess.run(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", *SHELL, str(daemon.socket), "-v",
+         "-c", "frob", "-c", "query-version"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    (version,) = replies(result.stdout)
+    assert "package" in version["return"]
+
+
 def test_help_option_explains_syntax_and_exit_codes() -> None:
     result = shell("--help")
     assert result.returncode == 0

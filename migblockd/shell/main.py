@@ -130,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         status = asyncio.run(_amain(args, interrupts))
     except ClientError as err:
-        print(f"migblock-shell: {err}", file=sys.stderr)
+        if sys.stderr is not None:  # closed (2>&-): print() would write to stdout
+            print(f"migblock-shell: {err}", file=sys.stderr)
         status = 2
     except asyncio.CancelledError:
         if not interrupts.count:

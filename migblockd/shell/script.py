@@ -40,6 +40,14 @@ def _print(text: str) -> None:
         raise OutputFailed(err.strerror or str(err)) from None
 
 
+def to_stderr(text: str) -> None:
+    """Write a line to stderr; nowhere when the shell was started with stderr
+    closed (``2>&-``), where ``print(file=sys.stderr)`` would write it to stdout,
+    among the replies."""
+    if sys.stderr is not None:
+        print(text, file=sys.stderr, flush=True)
+
+
 async def stdin_lines() -> AsyncIterator[str]:
     """Lines of stdin, read without blocking the event loop.
 
@@ -106,10 +114,7 @@ async def run_script(
 
     def report(text: str) -> None:
         where = "-c" if commands else "line"
-        print(f"migblock-shell: {where} {number}: {text}", file=sys.stderr, flush=True)
-
-    def echo(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+        to_stderr(f"migblock-shell: {where} {number}: {text}")
 
     runner = Runner(
         connection,
@@ -117,7 +122,7 @@ async def run_script(
         docs,
         out=_print,
         err=report,
-        echo=echo if verbose else None,
+        echo=to_stderr if verbose else None,
         messages=messages,
     )
     failed = False
@@ -130,7 +135,7 @@ async def run_script(
     except ConnectionLost as err:
         raise ConnectionLost(f"{path}: {err}") from None
     except OutputFailed as err:
-        print(f"migblock-shell: cannot write the replies to stdout: {err}", file=sys.stderr)
+        to_stderr(f"migblock-shell: cannot write the replies to stdout: {err}")
         _drop_stdout()
         return 1
     finally:

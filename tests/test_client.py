@@ -456,12 +456,17 @@ async def test_holding_reports_a_connection_lost_during_the_block(
         daemon: DaemonProcess) -> None:
     async with MigblockClient(daemon.socket) as client:
         stream = client.events()
-        with pytest.raises(DisconnectedError):
-            async with client.holding("held until the daemon stops"):
+        with pytest.raises(DisconnectedError) as lost:
+            async with client.holding("held until the daemon stops", id="held"):
                 await next_event(stream)  # our own BLOCKER_ADDED
                 daemon.signal(signal.SIGTERM)
                 with pytest.raises(DisconnectedError, match="was lost"):
                     await next_event(stream)
+        # It used to try deleting the blocker on the lost connection, and to say only
+        # that the connection was lost, not that the blocker went with it.
+        assert str(lost.value) == (
+            f"the connection to migblockd at {daemon.socket} was lost while it held "
+            "blocker 'held', which the daemon dropped with it")
         assert daemon.wait_exit() == 0
         assert not client.connected
 

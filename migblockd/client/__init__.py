@@ -333,10 +333,13 @@ class MigblockClient(EventSource):
                     async with asyncio.timeout(self.timeout):
                         await self._release(blocker)
             raise
-        if self._qmp is not held_on:
-            raise DisconnectedError(f"the connection to migblockd at {self.path} was lost "
-                                    f"while it held blocker {blocker.id!r}, which the daemon "
-                                    "dropped with it")
+        if self._qmp is not held_on or not self.connected:
+            # Lost, whether or not connected again since: the daemon dropped the blocker
+            # with that connection, and there is nothing to delete.
+            assert held_on is not None  # the blocker was added through it
+            raise DisconnectedError(self._lost(
+                held_on, f" while it held blocker {blocker.id!r}, which the daemon "
+                "dropped with it"))
         await self._release(blocker)
 
     async def _release(self, blocker: Blocker) -> None:

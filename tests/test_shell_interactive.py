@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -251,6 +253,46 @@ def test_ctrl_c_while_waiting_for_a_reply_returns_to_the_prompt(
     shell.send("query-bl")
     shell.expect("query-bl")
     shell.send(CTRL_C)
+    assert shell.quit() == 0
+
+
+def _sockets(pid: int) -> int:
+    """How many sockets process ``pid`` holds open."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def test_ctrl_c_while_reconnecting_says_nothing_was_sent(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    # It used to say "a request already sent may still take effect" of a command
+    # that was never sent: the shell was still waiting for the restarted daemon.
+    first = start_daemon()
+    shell = spawn_shell(first.socket)
+    first.stop()
+    shell.expect("migblockd closed the connection; the next command reconnects")
+    second = start_daemon(socket=first.socket)
+    second.signal(signal.SIGSTOP)  # takes the connection, never greets
+    try:
+        idle = _sockets(shell.child.pid)
+        shell.send("del-blocker id=gone\r")
+        for _ in range(600):  # until the shell is connected, waiting for the greeting
+            if _sockets(shell.child.pid) > idle:
+                break
+            time.sleep(0.05)
+        shell.send(CTRL_C)
+        shell.expect("interrupted while connecting to migblockd: nothing was sent")
+        shell.expect(PROMPT)
+    finally:
+        second.signal(signal.SIGCONT)
+    assert "already sent" not in shell.transcript()
+    shell.send("query-blockers\r")
+    shell.expect("Reconnected to migblockd")
+    shell.expect('{"return": []}')
+    shell.expect(PROMPT)
     assert shell.quit() == 0
 
 

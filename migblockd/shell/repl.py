@@ -60,6 +60,8 @@ class Interactive:
             echo=_say if verbose else None,
         )
         self.history_path = history
+        #: Whether the line being run is still waiting for a connection (so unsent).
+        self._connecting = False
 
     def _event(self, message: Message) -> None:
         _say(self.renderer.event(message))
@@ -110,6 +112,8 @@ class Interactive:
                     raise
                 _say(
                     self.renderer.error(
+                        "interrupted while connecting to migblockd: nothing was sent"
+                        if self._connecting else
                         "interrupted: a request already sent may still take effect;"
                         " its reply will not be shown"
                     )
@@ -118,6 +122,7 @@ class Interactive:
     async def _run(self, line: str) -> None:
         if not line.strip() or line.lstrip().startswith("#"):
             return
+        self._connecting = True
         try:
             if await self.connection.ensure_open():
                 _say(
@@ -128,6 +133,7 @@ class Interactive:
         except ConnectError as err:
             _say(self.renderer.error(f"error: {err}"))
             return
+        self._connecting = False
         try:
             await self.runner.run_line(line)
         except ConnectionLost:

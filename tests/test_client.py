@@ -312,6 +312,25 @@ async def test_connecting_to_a_stopped_daemon_gives_up_after_the_timeout(
         await client.disconnect()
 
 
+async def test_a_command_cut_short_by_disconnect_says_so(daemon: DaemonProcess) -> None:
+    # It used to say that the connection "was lost", as if the daemon had failed.
+    client = MigblockClient(daemon.socket)
+    await client.connect()
+    daemon.signal(signal.SIGSTOP)  # the command waits for its answer
+    try:
+        waiting = asyncio.ensure_future(client.execute("query-version"))
+        async with asyncio.timeout(PATIENCE):
+            while not client._qmp or not client._qmp._unanswered:  # until it is issued
+                await asyncio.sleep(0.01)
+            await client.disconnect()
+        with pytest.raises(DisconnectedError) as cut:
+            await waiting
+    finally:
+        daemon.signal(signal.SIGCONT)
+    assert str(cut.value) == (f"the connection to migblockd at {daemon.socket} was closed "
+                              "by disconnect() before the reply to query-version")
+
+
 async def test_disconnecting_from_a_stopped_daemon_does_not_wait_for_it(
         daemon: DaemonProcess) -> None:
     # More than the socket holds, sent to a daemon that reads nothing: disconnect()

@@ -23,8 +23,9 @@ Errors, all :class:`ClientError`:
   that turns the connection away says why), the client is not connected, or
   the connection was lost (the cause is chained), also when this client ended
   it, for a message longer than it reads (``link.READ_LIMIT``, 1 GiB: the
-  message says so).  Whether a command in flight when it was lost took effect
-  is unknown.
+  message says so), or closed by :meth:`~MigblockClient.disconnect` while a
+  command waited for its answer (the message says that too).  Whether a command
+  in flight when it was lost took effect is unknown.
 * :class:`EventsLostError`: an event stream's reader fell behind (see
   below); the stream ended, the connection did not.
 
@@ -194,7 +195,10 @@ class MigblockClient(EventSource):
         self._end_streams(None if self._closing else self._lost(qmp))
 
     def _lost(self, qmp: QMPLink, before: str = "") -> str:
-        """Why ``qmp``, which was not closed by :meth:`disconnect`, is down."""
+        """Why ``qmp`` is down: lost, or closed by this client."""
+        if qmp.disconnected:
+            return f"the connection to migblockd at {self.path} was closed by disconnect()" \
+                   f"{before}"
         if qmp.gave_up is not None:
             return f"this client closed its connection to migblockd at {self.path}{before}: " \
                    f"{qmp.gave_up}"
@@ -211,6 +215,8 @@ class MigblockClient(EventSource):
         if qmp is None:
             return
         self._closing = True
+        if qmp.runstate == Runstate.RUNNING:
+            qmp.disconnected = True  # not lost: what waited on it is told so
         with contextlib.suppress(Exception):
             await qmp.disconnect()  # re-raises what ended a lost connection
         if self._watch is not None:

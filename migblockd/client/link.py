@@ -58,6 +58,8 @@ class QMPLink(QMPClient):
         self._unanswered: dict[str, None] = {}  # ids sent, oldest first (an ordered set)
         #: Why this side ended the connection, when it did: a line over the limit.
         self.gave_up: str | None = None
+        #: Whether the client closed it (``disconnect()``) while it was up.
+        self.disconnected = False
 
     async def _bh_flush_writer(self) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -77,3 +78,16 @@ def test_the_client_example_runs(
     assert out.returncode == 0, out.stderr
     # "[]": the block's end deleted the blocker, while the connection was still open.
     assert out.stdout == "#blocker0 connection ['dump in progress']\n[]\n"
+
+
+def test_the_development_notes_name_every_package_check_installs() -> None:
+    """tools/check.py installs these with apt-get; the README says which."""
+    spec = importlib.util.spec_from_file_location("tools_check", ROOT / "tools" / "check.py")
+    assert spec is not None and spec.loader is not None
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    development = README.split("\n## Development\n", 1)[1]
+    flat = " ".join(development.split())
+    missing = [pkg for pkg in sorted(set(check.SYSTEM_TOOLS.values()))
+               if f"`{pkg}`" not in flat]
+    assert not missing, f"README's Development section does not name {missing}"

@@ -5,8 +5,10 @@ environment (the README's test command sets one up).  Tools that the tests need
 from the operating system (systemd's ``systemd-analyze``,
 ``systemd-socket-activate`` and its service manager; util-linux's ``unshare``
 and ``nsenter``; a real QEMU, ``qemu-system-x86_64``, and its
-``qemu-img``; ``man`` and ``zsh`` for the man pages and completion scripts)
-are installed with apt-get when missing and we are root;
+``qemu-img``; ``man`` and ``zsh`` for the man pages and completion scripts;
+util-linux's ``setpriv`` for clients of other uids; the ``sqlite3`` shell; and
+``strace`` for fault injection) are installed with apt-get when missing and we
+are root;
 otherwise the run stops with a message saying what to install.
 """
 

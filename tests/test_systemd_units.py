@@ -331,3 +331,21 @@ def test_the_example_configuration_is_valid(tmp_path: Path) -> None:
     settings = read_file(uncommented)
     assert len(settings) > 1
     Config(**settings)
+
+
+def test_the_example_configuration_shows_the_defaults(tmp_path: Path) -> None:
+    """The commented-out settings of systemd/migblockd.toml show each one's default
+    (all but [access], whose line is an example of a policy): an operator reads them
+    as what the daemon does without them."""
+    from migblockd.config import Config, read_file  # noqa: PLC0415 - only this test needs it
+
+    example = UNITS / "migblockd.toml"
+    shown = tmp_path / "shown.toml"
+    shown.write_text(re.sub(r"(?m)^# ((?!access)\S+ = )", r"\1", example.read_text()))
+    settings = read_file(shown)
+    defaults = Config()
+    assert settings, "no commented-out setting found"
+    for name, value in settings.items():
+        if name == "log_level":  # set, not commented out: the file's one choice
+            continue
+        assert value == getattr(defaults, name), (name, value)

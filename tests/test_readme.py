@@ -91,3 +91,30 @@ def test_the_development_notes_name_every_package_check_installs() -> None:
     missing = [pkg for pkg in sorted(set(check.SYSTEM_TOOLS.values()))
                if f"`{pkg}`" not in flat]
     assert not missing, f"README's Development section does not name {missing}"
+
+
+def test_the_command_table_names_the_schemas_commands_and_arguments() -> None:
+    """README's "Commands" table: every command of the schema, no other, and
+    only arguments each command takes (``[x]`` optional ones, bare required
+    ones or, as ``migrate uri``, one of a pair)."""
+    from migblockd.contract import Contract  # noqa: PLC0415 - only this test needs it
+
+    commands = Contract.load().commands
+    section = README.split("\n### Commands\n", 1)[1].split("\n### ", 1)[0]
+    named: set[str] = set()
+    for row in re.findall(r"(?m)^\| (.*?) \| .* \|$", section):
+        members: dict[str, object] = {}
+        for cell in re.findall(r"`([^`]+)`", row):
+            name, *args = cell.split()
+            if name not in commands:
+                # An argument of the command before it: "`migrate uri` (or `channels`)".
+                assert not args and name in members, f"README: no command {name!r}"
+                continue
+            named.add(name)
+            members = commands[name].arguments.get("properties", {})
+            for shown in args:
+                arg = shown.strip("[]")
+                assert arg in members, f"README: {name} takes no {arg!r}"
+                if shown.startswith("["):
+                    assert arg not in commands[name].arguments.get("required", []), (name, arg)
+    assert named == set(commands), set(commands) ^ named

@@ -156,6 +156,7 @@ class Acceptor:
         if self._reserve is None:
             # The reserve comes before any new client: without it, nobody can be refused.
             self._reserve = self._open_reserve()
+        made = 0  # transports made in this batch: served, though not yet counted
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _ = self._sock.accept()
@@ -165,7 +166,7 @@ class Acceptor:
                 continue
             except OSError as exc:
                 if exc.errno in _EXHAUSTED:
-                    self._exhausted(exc)
+                    self._exhausted(exc, made)
                 else:
                     log.error("accept() failed: %s; trying again in %gs",
                               exc.strerror or exc, RETRY_DELAY)
@@ -173,7 +174,7 @@ class Acceptor:
                 return
             if self.refused is not None and self._quiet is None:
                 self._quiet = self._loop.call_later(EPISODE_QUIET, self._episode_over)
-            self._serve(conn)
+            made += self._serve(conn)
 
     def _episode_over(self) -> None:
         self._quiet = None
@@ -181,7 +182,9 @@ class Acceptor:
                     "(%d refused meanwhile)", self.refused or 0)
         self.refused = None
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket) -> bool:
+        """Serve ``conn``; True when its transport is made now (its protocol's
+        ``connection_made`` comes in a callback), False when a task makes it."""
         # asyncio's selector loops make the transport at once, as their own
         # servers do underneath: connect_accepted_socket() would add a task and
         # two loop iterations per connection, about a tenth of a short
@@ -194,10 +197,11 @@ class Acceptor:
             except BaseException:
                 conn.close()
                 raise
-            return
+            return True
         task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
         self._pending.add(task)
         task.add_done_callback(self._made)
+        return False
 
     def _made(self, task: asyncio.Task[object]) -> None:
         self._pending.discard(task)
@@ -205,7 +209,8 @@ class Acceptor:
             # The peer went away before its transport was made: nothing to serve.
             log.debug("a connection failed before it was served: %s", task.exception())
 
-    def _exhausted(self, exc: OSError) -> None:
+    def _exhausted(self, exc: OSError, made: int) -> None:
+        """Out of descriptors, ``made`` transports into this batch of accepts."""
         if self._quiet is not None:  # still the same episode
             self._quiet.cancel()
             self._quiet = None
@@ -214,7 +219,7 @@ class Acceptor:
             refused = 0
             log.warning("out of file descriptors (%s) while serving %d clients: refusing "
                         "new clients until one is free", exc.strerror,
-                        self._clients() + len(self._pending))
+                        self._clients() + len(self._pending) + made)
         for _ in range(ACCEPT_BATCH):
             if self._reserve is None:
                 self._reserve = self._open_reserve()

@@ -87,6 +87,11 @@ async def test_out_of_descriptors_clients_are_refused_not_hung(
     # One line for the episode, not one per attempt.
     log = d.log()
     assert log.count("out of file descriptors (") == 1, log
+    # It counts the clients served, those accepted in the same batch included
+    # (it once said 2 with 18 connected: their connection_made was still to come).
+    serving = re.search(r"out of file descriptors \(.*?\) while serving (\d+) clients", log)
+    assert serving is not None and int(serving.group(1)) == len(served), (
+        serving and serving.group(0), len(served))
     # Descriptors come back: new clients are served, and the episode ends in one line.
     for s in served:
         s.close()

@@ -20,7 +20,8 @@ how they read its answers and the errors it fails with are
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import dataclasses
+from collections.abc import Callable, Generator
 from typing import Any, Final
 
 from migblockd.commands import Args, log, reads_state
@@ -41,7 +42,9 @@ from migblockd.qemu_facts import (
     status_of,
 )
 from migblockd.qmp.encoding import Parts, encode
+from migblockd.qmp.envelope import Command
 from migblockd.qmp.errors import QMPError
+from migblockd.qmp.validation import ArgumentValidator
 from migblockd.registry import (
     RUNNING_STATUSES,
     BlockerError,
@@ -57,6 +60,12 @@ __all__ = ["QEMU_BLOCKER_PREFIX", "SETTLE", "Call", "Forwarded", "GateHandlers",
 #: ``:`` is not allowed in the ids clients choose, so these never clash.
 QEMU_BLOCKER_PREFIX: Final = "qemu:"
 
+#: Commands whose arguments are judged as the gated QEMU's input visitor judges them
+#: (its members, its order, what it requires) before migblockd's schema has its say:
+#: QEMU parses them before it checks anything else, and their members differ between
+#: QEMU's releases (``migrate``: ``channels`` since 8.2, no ``blk``/``inc`` since 9.1).
+PARSED_AS_QEMU: Final = ("migrate",)
+
 
 class GateHandlers(Forwarding):
     """The schema's commands in front of a real QEMU, plus the pass-through ones."""
@@ -68,6 +77,43 @@ class GateHandlers(Forwarding):
 
     def migration_status(self) -> str:
         return self.qemu.status or "none"
+
+    def table(self) -> dict[str, Command]:
+        table = super().table()
+        for name in PARSED_AS_QEMU:
+            if name in table:
+                ours = table[name].validate
+                table[name] = dataclasses.replace(
+                    table[name], validate=self._parsed_as_qemu(name, ours))
+        return table
+
+    def _parsed_as_qemu(self, name: str,
+                        ours: Callable[[Args], None]) -> Callable[[Args], None]:
+        """``ours``, after the gated QEMU's input visitor's own verdict on ``args``.
+
+        QEMU visits its members in its schema's order: the first one it requires that is
+        absent, or present with a wrong value, is its error; an argument it does not take
+        comes after every member.  Its members' types are migblockd's (a member migblockd's
+        schema lacks takes anything here; migblockd's check then names it)."""
+        schema = self.contract.commands[name].arguments
+        validators: dict[tuple[tuple[str, ...], tuple[str, ...]], ArgumentValidator] = {}
+
+        def validate(args: Args) -> None:
+            members = self.qemu.members.get(name) if self.qemu.connected else None
+            # Not with a union's variants: their members depend on the tag.
+            if members and frozenset(members) == self.qemu.commands.get(name):
+                key = (members, tuple(self.qemu.required.get(name, ())))
+                validator = validators.get(key)
+                if validator is None:
+                    properties = schema.get("properties", {})
+                    validator = ArgumentValidator({
+                        **schema, "properties": {m: properties.get(m, {}) for m in members},
+                        "required": list(key[1]), "additionalProperties": False})
+                    validators[key] = validator
+                validator.check(args)
+            ours(args)
+
+        return validate
 
     def qemu_state(self) -> str | None:
         if self.qemu.connected:

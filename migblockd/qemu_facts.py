@@ -108,6 +108,8 @@ class QemuFacts:
     version: str = ""
     commands: Mapping[str, frozenset[str]] = field(default_factory=dict)
     required: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Each command's arguments in the order of QEMU's schema (no union variant's).
+    members: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     status: str | None = None
     busy: bool = False
     unanswered: bool = False

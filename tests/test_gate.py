@@ -691,6 +691,31 @@ async def test_migrate_arguments_qemu_does_not_take_are_refused_first_in_its_wor
     assert_clean_log(d)
 
 
+async def test_migrate_arguments_are_judged_in_the_order_qemus_visitor_judges_them(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """Found driving migblockd as management software: a value migblockd's schema
+    refuses (channels that are no list, or no channel; a detach that is no boolean) was
+    refused in migblockd's words, though QEMU 7.2 never looks at it: its visitor first
+    misses uri, or finds channels unexpected, after every member it takes."""
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    cases: list[dict[str, Any]] = [
+        {"uri": SINK, "channels": 1}, {"channels": 1}, {"channels": [{"bogus": 1}]},
+        {"uri": SINK, "channels": [{"bogus": 1}]}, {"detach": "x"},
+        {"resume": "x", "channels": 1},
+        # QEMU's own members keep their types: these it refuses for the type.
+        {"uri": 1, "channels": 1}, {"uri": SINK, "detach": "x", "channels": 1},
+    ]
+    async with qemu.monitor() as mon, d.client() as c:
+        for i, args in enumerate(cases):
+            want = await mon.execute("migrate", args, id=i)
+            assert "error" in want, want
+            assert await c.execute("migrate", args, id=i) == want, args
+        await c.ok("migrate", {"uri": SINK})
+    assert_clean_log(d)
+
+
 async def test_the_client_library_lists_qemus_blockers_too(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:

@@ -215,6 +215,7 @@ class Bridge:
         facts.unanswered = False  # a new connection: QEMU holds nothing sent before
         facts.commands = info.commands if info is not None and facts.connected else {}
         facts.required = info.required if info is not None and facts.connected else {}
+        facts.members = info.members if info is not None and facts.connected else {}
         facts.version = info.version_string if info is not None and facts.connected else ""
         if facts.connected:
             task = asyncio.get_running_loop().create_task(self._learn_status())

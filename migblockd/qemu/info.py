@@ -28,6 +28,9 @@ class QemuInfo:
     #: The arguments each command requires, in the order of QEMU's schema (the order its
     #: input visitor checks them in).  Those of a union's variants are not among them.
     required: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: The arguments each command takes, in the order of QEMU's schema (its input
+    #: visitor's order); those of a union's variants are not among them.
+    members: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: The QEMU process's id, as the kernel names the peer of the monitor's socket
     #: (``SO_PEERCRED``); None if it cannot say (a QEMU in another PID namespace).
     #: A new QEMU on the same socket is a new process, with a new id.
@@ -65,14 +68,16 @@ class QemuInfo:
             by_name[str(entry["name"])] = entry
         commands: dict[str, frozenset[str]] = {}
         required: dict[str, tuple[str, ...]] = {}
+        members: dict[str, tuple[str, ...]] = {}
         events: set[str] = set()
         for name, entry in by_name.items():
             if entry.get("meta-type") == "command":
                 commands[name] = _member_names(by_name, entry.get("arg-type"))
                 required[name] = _required_names(by_name, entry.get("arg-type"))
+                members[name] = _member_order(by_name, entry.get("arg-type"))
             elif entry.get("meta-type") == "event":
                 events.add(name)
-        return cls(dict(version), commands, frozenset(events), required)
+        return cls(dict(version), commands, frozenset(events), required, members=members)
 
 
 def _required_names(by_name: Mapping[str, Mapping[str, object]],
@@ -85,6 +90,17 @@ def _required_names(by_name: Mapping[str, Mapping[str, object]],
         return ()
     return tuple(m["name"] for m in members if isinstance(m, Mapping)
                  and isinstance(m.get("name"), str) and "default" not in m)
+
+
+def _member_order(by_name: Mapping[str, Mapping[str, object]],
+                  type_name: object) -> tuple[str, ...]:
+    """The members of an object type, in its schema's order (no variant's)."""
+    entry = by_name.get(type_name) if isinstance(type_name, str) else None
+    members = entry.get("members") if entry is not None else None
+    if not isinstance(members, list):
+        return ()
+    return tuple(m["name"] for m in members if isinstance(m, Mapping)
+                 and isinstance(m.get("name"), str))
 
 
 def _member_names(by_name: Mapping[str, Mapping[str, object]], type_name: object,

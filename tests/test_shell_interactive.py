@@ -212,13 +212,20 @@ def test_json_nested_too_deeply_is_an_error_line_not_the_end_of_the_shell(
     assert shell.quit() == 0
 
 
-def test_reconnects_after_the_daemon_restarts(
-    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
-) -> None:
+def _stopped_under(start_daemon: Callable[..., DaemonProcess],
+                   spawn_shell: Callable[..., Shell]) -> tuple[DaemonProcess, Shell]:
+    """A shell whose daemon stopped (it has said so), and that stopped daemon."""
     first = start_daemon()
     shell = spawn_shell(first.socket)
     first.stop()
     shell.expect("migblockd closed the connection; the next command reconnects")
+    return first, shell
+
+
+def test_reconnects_after_the_daemon_restarts(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    first, shell = _stopped_under(start_daemon, spawn_shell)
     shell.send("query-version\r")
     shell.expect("error: cannot connect to")  # still down: the shell stays up
     shell.expect(PROMPT)
@@ -270,10 +277,7 @@ def test_ctrl_c_while_reconnecting_says_nothing_was_sent(
 ) -> None:
     # It used to say "a request already sent may still take effect" of a command
     # that was never sent: the shell was still waiting for the restarted daemon.
-    first = start_daemon()
-    shell = spawn_shell(first.socket)
-    first.stop()
-    shell.expect("migblockd closed the connection; the next command reconnects")
+    first, shell = _stopped_under(start_daemon, spawn_shell)
     second = start_daemon(socket=first.socket)
     second.signal(signal.SIGSTOP)  # takes the connection, never greets
     try:

@@ -129,6 +129,10 @@ class Handlers:
         elif change.kind == "mode" and change.new != change.old:
             log.warning("%s: undone, the commit failed: migration mode %s (back to %s)",
                         conn.label, change.new, change.old, extra=about(conn))
+        elif change.kind == "events" and change.new != change.old:
+            log.warning("%s: undone, the commit failed: migration capability events %s "
+                        "(back to %s)", conn.label, on_off(bool(change.new)),
+                        on_off(bool(change.old)), extra=about(conn))
 
     @reads_state
     def query_blockers(self, conn: Connection, args: Args) -> object:
@@ -205,9 +209,16 @@ class Handlers:
     def migrate_set_capabilities(self, conn: Connection, args: Args) -> object:
         # Capabilities are checked before any is applied: all or nothing.
         self.registry.check_capabilities_settable()
+        # Whether clients hear of migrations is kept on disk like the mode, and
+        # worth a line as the mode is: one for the list, however often it names it.
+        old = self.registry.events_enabled
         for cap in args["capabilities"]:
             if cap["capability"] == "events":
                 self.registry.set_events(cap["state"])
+        new = self.registry.events_enabled
+        if new != old:
+            log.info("%s: migration capability events %s (was %s)", conn.label, on_off(new),
+                     on_off(old), extra=about(conn))
         return {}
 
     @reads_state
@@ -248,3 +259,8 @@ class Handlers:
             table[name] = Command(name, spec.allow_oob, ArgumentValidator(spec.arguments).check,
                                   handler)
         return table
+
+
+def on_off(state: bool) -> str:
+    """A capability's state as QEMU's HMP ``info migrate_capabilities`` prints it."""
+    return "on" if state else "off"

@@ -177,6 +177,30 @@ def test_a_failed_commit_logs_what_it_undid_and_counts_every_failed_reply(
     assert [blocker.id for blocker in core.registry.blockers()] == ["x"]
 
 
+def test_the_events_capability_is_logged_as_set_and_as_undone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Reported: the mode's changes had a line each, the events capability's none,
+    # though both are kept on disk and both change what clients hear.
+    core = make()
+    a = connected(core, 1)
+    caps = (b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": '
+            b'[{"capability": "events", "state": %s}]}}')
+    with caplog.at_level(logging.INFO, logger="migblockd"):
+        run(core, a, caps % b"false")  # already off: nothing to say
+        run(core, a, caps % b"true")
+        group = taken(core)
+        core.commit_failed(group, "disk full")
+    said = [(r.levelname, r.getMessage()) for r in caplog.records
+            if "capability" in r.getMessage()]
+    assert said == [
+        ("INFO", f"{a.label}: migration capability events on (was off)"),
+        ("WARNING", f"{a.label}: undone, the commit failed: migration capability events on "
+                    "(back to off)"),
+    ]
+    assert core.registry.events_enabled is False
+
+
 def test_a_failed_commit_counts_the_commands_of_clients_gone_since(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -38,9 +38,11 @@ __all__ = ["Outcomes"]
 
 log = logging.getLogger("migblockd")
 
-#: What the first of failed commits in a row adds: what it means and what to do.
-_UNTIL = ("; every change fails until a commit succeeds: free space on the state "
-          "directory's file system, or look for its errors in the kernel's log")
+#: What the first of failed commits in a row adds: what it means, then what to do
+#: (the failure's own remedy, or this, about the disk, which most failures are).
+_UNTIL = "; every change fails until a commit succeeds: "
+_REMEDY = ("free space on the state directory's file system, or look for its errors in "
+           "the kernel's log")
 
 
 class Outcomes:
@@ -109,12 +111,15 @@ class Outcomes:
                            self.registry.clock.monotonic())
         return self._wake(released)
 
-    def commit_failed(self, group: Group, reason: str) -> list[Connection]:
+    def commit_failed(self, group: Group, reason: str,
+                      remedy: str | None = None) -> list[Connection]:
         """``group`` could not be committed: back to what is on disk.
 
         Every change not yet on disk is undone (``group``'s and any made since),
         those commands' replies become errors saying ``reason``, their events are
-        dropped.  Returns the connections whose next request may run now.
+        dropped.  The log says ``reason`` and, for the first failure of a row,
+        ``remedy`` (what the operator should do; None: see to the disk).
+        Returns the connections whose next request may run now.
         """
         undone = [(conn, self.registry.undo(changes, alive=self.connections.__contains__))
                   for conn, changes in self.ledger.failed()]
@@ -147,8 +152,9 @@ class Outcomes:
             more = more or ""
             self._said_succeeding = False
         if more is not None:
+            until = _UNTIL + (remedy or _REMEDY) if self._failed_commits == 1 else ""
             log.error("%s; %d command(s) failed, their changes undone%s%s", reason, failed,
-                      _UNTIL if self._failed_commits == 1 else "", more)
+                      until, more)
         for conn, applied in kept:
             log.warning("%s: QEMU keeps what it was sent before the commit failed: %s",
                         conn.label, applied, extra=about(conn))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from migblockd.forwarding import Call
 from migblockd.qemu_facts import QemuUnavailable
+from migblockd.state import StateError
 from migblockd.systemd import format_status
 
 if TYPE_CHECKING:
@@ -196,7 +197,8 @@ class Turns:
         if exc is None:
             woken = self.core.committed(group)
         else:
-            woken = self.core.commit_failed(group, str(exc))
+            remedy = exc.remedy if isinstance(exc, StateError) else None
+            woken = self.core.commit_failed(group, str(exc), remedy)
         # The woken go first in the next turn: a change from a client that comes
         # before them in the turn would make their reads wait for another commit.
         first = {p: None for c in woken if (p := self.protocols.get(c)) is not None}

@@ -239,6 +239,27 @@ def test_failed_commits_in_a_row_say_what_to_do_once_and_are_bounded(
                                    "commit to /x/state.db: disk full)")
 
 
+def test_a_failures_own_remedy_replaces_the_disks_advice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Another program holding the database's write lock failed every commit, and
+    # the log told the operator to free disk space or read the kernel's log.
+    core = make()
+    a = connected(core, 1)
+    reason = "cannot commit to /x/state.db: database is locked (another program is writing to it)"
+    remedy = "close the program that holds /x/state.db open for writing"
+    with caplog.at_level(logging.INFO, logger="migblockd"):
+        for i in range(2):
+            run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x%d"}}'
+                % i)
+            core.commit_failed(taken(core), reason, remedy=remedy)
+            assert run(core, a)[-1]["error"]["desc"] == f"{reason}; nothing was changed"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"{reason}; 1 command(s) failed, their changes undone; every change fails until a "
+        f"commit succeeds: {remedy}",
+        f"{reason}; 1 command(s) failed, their changes undone"]
+
+
 def test_a_new_row_of_failed_commits_is_logged_after_commits_were_said_to_succeed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

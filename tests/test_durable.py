@@ -761,6 +761,44 @@ async def test_unwritable_state_stops_the_daemon(
     fixed.wait_for_log(restored_line(directory, 200))
 
 
+async def test_a_program_holding_the_write_lock_fails_commits_until_it_lets_go(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """An operator's sqlite3 shell left in a write transaction (``BEGIN IMMEDIATE;``)
+    makes every commit wait out SQLite's busy timeout and fail.  Before, the client
+    heard only "database is locked", and the log told the operator to free disk
+    space or read the kernel's log: nothing said another program held the file."""
+    directory = tmp_path / "state"
+    db = directory / "state.db"
+    daemon = start_daemon("--state-dir", str(directory), "--log-level", "info")
+    async with daemon.client() as c:
+        await add(c, "acknowledged before", id="before")
+        other = sqlite3.connect(db, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            reply = await c.execute("add-blocker", {"reason": "while held", "id": "held"})
+            why = f"cannot commit to {db}: database is locked (another program is writing to it)"
+            assert reply["error"] == {"class": "GenericError",
+                                      "desc": f"{why}; nothing was changed"}, reply
+            daemon.wait_for_log(
+                f"ERROR: {why}; 1 command(s) failed, their changes undone; every change fails "
+                f"until a commit succeeds: close the program that holds {db} open for "
+                "writing (an sqlite3 shell in a transaction?)")
+            assert await ids(c) == ["before"]
+        finally:
+            if other.in_transaction:
+                other.execute("ROLLBACK")
+            other.close()
+        # Let go: the next change succeeds, without a restart.
+        await add(c, "acknowledged after", id="after")
+        daemon.wait_for_log(f"commits succeed again, after 1 failed (the last: {why})")
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert await ids(c) == ["before", "after"]
+
+
 @pytest.mark.parametrize("case", ["log removed", "database replaced"])
 async def test_files_taken_away_under_the_running_daemon_are_not_written_to(
     start_daemon: Start, tmp_path: Path, case: str

@@ -34,7 +34,16 @@ _FULL, _CANTOPEN, _NOTADB, _AUTH = 13, 14, 26, 23
 
 class StateError(Exception):
     """The state directory or database cannot be used; ``str()`` is one line
-    naming the file and what to do about it."""
+    naming the file and what to do about it.
+
+    ``remedy``: for a failed commit, what the operator should do, when this
+    layer knows better than the daemon's general advice (which is about the
+    disk); the daemon logs it, and the client hears only ``str()``.
+    """
+
+    def __init__(self, message: str, remedy: str | None = None) -> None:
+        super().__init__(message)
+        self.remedy = remedy
 
 
 class Unsettled(StateError):
@@ -128,9 +137,18 @@ def commit_failed(path: Path, error: sqlite3.Error) -> StateError:
     """The error for a group of changes that did not reach ``path``."""
     why = _reason(error)
     code = getattr(error, "sqlite_errorcode", None)
-    if isinstance(code, int) and code & 0xFF == _IOERR and _no_space(path.parent):
+    primary = code & 0xFF if isinstance(code, int) else None
+    remedy = None
+    if primary == _IOERR and _no_space(path.parent):
         why += " (its file system is full)"
-    return StateError(f"cannot commit to {path}: {why}")
+    elif primary in (_BUSY, _LOCKED):
+        # The daemon has one connection, used by one thread: whoever holds the
+        # write lock past the busy timeout is another program (an operator's
+        # sqlite3 shell left in a transaction), and only closing it helps.
+        why += " (another program is writing to it)"
+        remedy = (f"close the program that holds {path} open for writing "
+                  "(an sqlite3 shell in a transaction?)")
+    return StateError(f"cannot commit to {path}: {why}", remedy)
 
 
 def owner_mismatch(path: Path, st: os.stat_result) -> tuple[str, str]:

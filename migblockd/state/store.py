@@ -9,8 +9,9 @@ The journal is WAL with ``synchronous=FULL``: a commit appends its pages to
 the WAL and syncs it once, so a group of changes costs about one ``fsync``
 and is durable when :meth:`Store.commit` returns (a commit that takes
 :data:`SLOW_COMMIT` or more is logged as slow).  A commit that fails (disk
-full, I/O error, read-only file system) leaves the file as it was, and the
-store keeps working: the next commit succeeds once the disk does.  Here too
+full, I/O error, read-only file system, another program holding the write
+lock past the busy timeout) leaves the file as it was, and the store keeps
+working: the next commit succeeds once the disk (or that program) does.  Here too
 is what makes that so: writing over a failed group's pages, cutting the log
 where the last good commit ends, and folding the log back on a nearly full
 disk.  When a failed sync left a group whole in the log and neither works (a

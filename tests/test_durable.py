@@ -14,6 +14,7 @@ mode bits as for any owner, as in test_state_store.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -797,6 +798,44 @@ async def test_a_program_holding_the_write_lock_fails_commits_until_it_lets_go(
     again = start_daemon("--state-dir", str(directory))
     async with again.client() as c:
         assert await ids(c) == ["before", "after"]
+
+
+@pytest.mark.skipif(shutil.which("sqlite3") is None,
+                    reason="needs the sqlite3 shell (apt install sqlite3)")
+async def test_a_stop_while_a_shell_reads_the_database_leaves_the_state_in_its_log(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """What docs/state.md says of backing up: SQLite folds the log back into
+    state.db only at the last connection's close, so a stop while a read-only
+    shell has the file open leaves the state in state.db and state.db-wal, and
+    state.db alone would be a backup without it.  The next start reads both."""
+    directory = tmp_path / "state"
+    db = directory / "state.db"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        await add(c, "only in the log", id="logged")
+    shell = subprocess.Popen(["sqlite3", "-readonly", str(db)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert shell.stdin is not None and shell.stdout is not None
+    try:
+        shell.stdin.write("SELECT id FROM blocker;\n")
+        shell.stdin.flush()
+        assert shell.stdout.readline() == "logged\n"
+        assert daemon.stop() == 0
+        assert (directory / "state.db-wal").stat().st_size > 0
+        alone = tmp_path / "alone.db"
+        shutil.copy(db, alone)
+        with contextlib.closing(sqlite3.connect(alone)) as copy:
+            assert copy.execute("SELECT id FROM blocker").fetchall() == []
+    finally:
+        shell.stdin.close()
+        shell.wait()
+    assert (directory / "state.db-wal").exists()  # a read-only shell cannot fold it back
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert await ids(c) == ["logged"]
+    assert again.stop() == 0
+    assert not (directory / "state.db-wal").exists()
 
 
 @pytest.mark.parametrize("case", ["log removed", "database replaced"])

@@ -117,22 +117,31 @@ class Handlers:
         return {}
 
     @staticmethod
-    def undone(conn: Connection, change: Change) -> None:
-        """The log line of a change its commit failed to keep (as its own line said
-        it was made): the blocker's id in its fields, as for the change itself."""
-        blocker = change.blocker
-        if blocker is not None:
-            did = "added" if change.kind == "add" else "deleted"
-            log.warning("%s: undone, the commit failed: %s blocker %s", conn.label, did,
-                        shown(blocker.id, quoted=False),
-                        extra=about(conn, blocker_id=blocker.id))
-        elif change.kind == "mode" and change.new != change.old:
+    def undone(conn: Connection, changes: list[Change]) -> None:
+        """The log lines of one command's changes its commit failed to keep, as its
+        own lines said they were made: each blocker (its id in the fields), and a
+        setting once, from what the command found to what it left.  A command may
+        name the events capability more than once, and its line said only that."""
+        settings: dict[str, tuple[object, object]] = {}  # kind: (old, new)
+        for change in changes:
+            blocker = change.blocker
+            if blocker is not None:
+                did = "added" if change.kind == "add" else "deleted"
+                log.warning("%s: undone, the commit failed: %s blocker %s", conn.label, did,
+                            shown(blocker.id, quoted=False),
+                            extra=about(conn, blocker_id=blocker.id))
+            elif change.kind in ("mode", "events"):
+                first = settings.get(change.kind, (change.old, None))[0]
+                settings[change.kind] = (first, change.new)
+        old, new = settings.get("mode", (None, None))
+        if new != old:
             log.warning("%s: undone, the commit failed: migration mode %s (back to %s)",
-                        conn.label, change.new, change.old, extra=about(conn))
-        elif change.kind == "events" and change.new != change.old:
+                        conn.label, new, old, extra=about(conn))
+        old, new = settings.get("events", (None, None))
+        if new != old:
             log.warning("%s: undone, the commit failed: migration capability events %s "
-                        "(back to %s)", conn.label, on_off(bool(change.new)),
-                        on_off(bool(change.old)), extra=about(conn))
+                        "(back to %s)", conn.label, on_off(bool(new)), on_off(bool(old)),
+                        extra=about(conn))
 
     @reads_state
     def query_blockers(self, conn: Connection, args: Args) -> object:

@@ -160,8 +160,7 @@ class Outcomes:
                         conn.label, applied, extra=about(conn))
         # The log said "added" and "deleted" as each ran: say which did not last.
         for conn, changes in reversed(undone):
-            for change in changes:
-                self.handlers.undone(conn, change)
+            self.handlers.undone(conn, changes)
         return self._wake(released)
 
     def _settle(self, stamp: int | None, *, failed: bool) -> None:

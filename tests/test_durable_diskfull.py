@@ -401,3 +401,31 @@ async def test_the_other_parameters_of_a_failed_mode_change_are_taken_back(
         assert (await c.ok("query-migrate-parameters"))["max-bandwidth"] == 5
     assert daemon.stop() == 0
     assert_clean_log(daemon)
+
+
+async def test_a_failed_commit_undoes_a_command_naming_events_twice_in_one_line(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
+) -> None:
+    """Found reviewing the events capability's lines: a command that names it more
+    than once gets one line for the list, but a failed commit logged each entry
+    undone, the last one saying it was back on while it was off."""
+    directory = small_tmpfs.mountpoint / "state"
+    db = directory / "state.db"
+    daemon = start_daemon("--state-dir", str(directory), python=small_tmpfs.python(tmp_path))
+    async with daemon.client() as c:
+        fill_all(small_tmpfs, db)
+        for states in ([True, False], [True, False, True]):
+            reply = await c.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "events", "state": state} for state in states]}, id=1)
+            assert reply["error"]["desc"].endswith("nothing was changed"), reply
+        assert await c.ok("query-migrate-capabilities") == [
+            {"capability": "events", "state": False}]
+    assert daemon.stop() == 0
+    said = [line.split(": ", 1)[1] for line in daemon.log().splitlines()
+            if "capability events" in line]
+    label = said[0].split(":")[0] if said else ""
+    assert said == [
+        f"{label}: migration capability events on (was off)",  # the second command's
+        f"{label}: undone, the commit failed: migration capability events on (back to off)",
+    ], said
+    assert_clean_log(daemon)

@@ -114,11 +114,34 @@ def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need
                     f"again (or run 'newgrp {group}') since being added to it")
         add = f"add {name} to it ('usermod -aG {group} {name}')" if name else "add the user to it"
         return f"{what}, and {who} is not in group {group}: {add}, then log in again"
-    verb = "search" if need == _SEARCH else "connect to"
-    hint = ("" if need == _SEARCH else
-            "; the daemon's --socket-mode and --socket-group (the socket unit's SocketMode= "
-            "and SocketGroup=) decide who may connect")
-    return f"{what}, which does not let {who} {verb} it{hint}"
+    if need == _SEARCH:
+        return (f"{what}, which does not let {who} search it: "
+                f"{_search_hint(path, st, uid, groups)}")
+    return (f"{what}, which does not let {who} connect to it; the daemon's --socket-mode and "
+            "--socket-group (the socket unit's SocketMode= and SocketGroup=) decide who may "
+            "connect")
+
+
+def _search_hint(directory: Path, st: os.stat_result, uid: int, groups: Collection[int]
+                 ) -> str:
+    """What lets ``uid`` (in ``groups``) through ``directory``, which it may not search.
+
+    Here the directory's group may not search it either (a group that may is named
+    by :func:`_why` with how to join it).  Its mode is its owner's to change, not
+    the daemon's, which makes only the socket's own directory, and searchable by
+    those its socket mode lets in: the way in is another user, the owner's word,
+    or a socket elsewhere.
+    """
+    if uid == st.st_uid:
+        return f"as its owner, run 'chmod u+x {directory}'"
+    admin = "root" if st.st_uid == 0 else f"{_user_name(st.st_uid)} (or root)"
+    if st.st_gid in groups:
+        opening = f"open it to its group ('chmod g+x {directory}')"
+    else:
+        opening = (f"open it to a group of this user's ('chgrp GROUP {directory}' and "
+                   f"'chmod g+x {directory}')")
+    return (f"run as a user it lets in, or have {admin} {opening}, or start the daemon "
+            "with a --socket outside it")
 
 
 def _member(name: str, uid: int, gid: int) -> bool:

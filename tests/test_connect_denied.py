@@ -155,3 +155,44 @@ def test_a_refusal_no_mode_explains_keeps_the_general_hint(shared: Path) -> None
         told = connect_failure(str(shared / "s.sock"), PermissionError(13, "Permission denied"))
     assert told == ("Permission denied (the daemon's socket is mode 0600 by default: run as "
                     "its user, or see its --socket-mode and --socket-group)")
+
+
+def test_a_directory_no_group_of_the_user_may_search_says_who_can_open_it(
+    package: Path, shared: Path, accounts: dict[str, Account]
+) -> None:
+    # A 0700 directory on the way (a --socket under a private directory): joining its
+    # group would not help.  It used to end at "which does not let uid N search it".
+    gid = accounts["mbt-admins"].gid
+    private = shared / "private"
+    private.mkdir()
+    os.chown(private, 0, gid)
+    private.chmod(0o700)
+    (private / "run").mkdir(mode=0o755)
+    alice = accounts["mbt-alice"]
+    with listening(private / "run" / "migblockd.sock", 0o666, gid):
+        path = str(private / "run" / "migblockd.sock")
+        told = probe(package, alice, path)
+        assert told == (
+            f"Permission denied: {private} is mode 0700, owner root, group mbt-admins, which "
+            f"does not let uid {alice.uid} (mbt-alice) search it: run as a user it lets in, "
+            f"or have root open it to a group of this user's ('chgrp GROUP {private}' and "
+            f"'chmod g+x {private}'), or start the daemon with a --socket outside it")
+        # In the directory's group, which may not search it either.
+        told = probe(package, alice, path, groups=(gid,))
+        assert told == (
+            f"Permission denied: {private} is mode 0700, owner root, group mbt-admins, which "
+            f"does not let uid {alice.uid} (mbt-alice) search it: run as a user it lets in, "
+            f"or have root open it to its group ('chmod g+x {private}'), or start the daemon "
+            "with a --socket outside it")
+        # Its owner, who took its own search permission away.
+        os.chown(private, alice.uid, gid)
+        private.chmod(0o600)
+        told = probe(package, alice, path)
+        assert told == (
+            f"Permission denied: {private} is mode 0600, owner mbt-alice, group mbt-admins, "
+            f"which does not let uid {alice.uid} (mbt-alice) search it: as its owner, run "
+            f"'chmod u+x {private}'")
+        # Open to its group, it lets a member in.
+        os.chown(private, 0, gid)
+        private.chmod(0o710)
+        assert probe(package, alice, path, groups=(gid,)) == "connected"

@@ -716,7 +716,9 @@ def test_permission_denied_says_what_to_do(daemon: DaemonProcess) -> None:
         assert result.stderr == (
             f"migblock-shell: cannot connect to {daemon.socket}: Permission denied: {closed} "
             f"is mode {mode:04o}, owner root, group root, which does not let uid 65534 "
-            "(nobody) search it\n")
+            "(nobody) search it: run as a user it lets in, or have root open it to a group "
+            f"of this user's ('chgrp GROUP {closed}' and 'chmod g+x {closed}'), or start the "
+            "daemon with a --socket outside it\n")
 
 
 def test_a_reason_the_locale_cannot_write_is_escaped_json(daemon: DaemonProcess) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import select
@@ -349,6 +350,44 @@ async def test_disconnecting_from_a_stopped_daemon_does_not_wait_for_it(
         daemon.signal(signal.SIGCONT)
     async with MigblockClient(daemon.socket) as other:
         assert await other.blockers() == []
+
+
+async def test_a_timeout_of_0_waits_as_the_daemons_0_does(daemon: DaemonProcess) -> None:
+    # As the daemon's --negotiation-timeout, --idle-timeout and --qemu-timeout: 0 is
+    # no bound.  It used to fail every connection at once, "no QMP greeting within 0s".
+    client = MigblockClient(daemon.socket, timeout=0)
+    assert client.timeout is None
+    daemon.signal(signal.SIGSTOP)  # no greeting for a while
+    try:
+        connecting = asyncio.ensure_future(client.connect())
+        await asyncio.sleep(1)
+        assert not connecting.done()
+    finally:
+        daemon.signal(signal.SIGCONT)
+    async with asyncio.timeout(PATIENCE):
+        await connecting
+    try:
+        assert await client.blockers() == []
+    finally:
+        await client.disconnect()
+
+
+@pytest.mark.parametrize(("path", "timeout", "refusal"), [
+    # connect() used to say "cannot connect to migblockd at : Invalid argument".
+    ("", 10.0, "path must be a socket's path, not ''"),
+    # The kernel reads the path up to the NUL: "No such file" for a path never given.
+    ("x\0.sock", 10.0, "path must be a socket's path, not 'x\\x00.sock'"),
+    # Each used to fail at connect(), "no QMP greeting within -1s" (or "nans").
+    ("x.sock", -1.0, "timeout must be a non-negative number of seconds (0 or None: no "
+                     "bound), not -1.0"),
+    ("x.sock", math.nan, "timeout must be a non-negative number of seconds (0 or None: no "
+                         "bound), not nan"),
+], ids=["empty", "nul", "negative", "nan"])
+def test_a_path_or_timeout_that_cannot_work_is_refused_at_once(
+        path: str, timeout: float, refusal: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        MigblockClient(path, timeout=timeout)
+    assert str(refused.value) == refusal
 
 
 def test_the_default_path_is_the_daemons_default_socket() -> None:

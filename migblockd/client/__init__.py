@@ -77,6 +77,7 @@ from qemu.qmp import (
     StateError,
 )
 
+from migblockd.client.arguments import socket_path, wait_bound
 from migblockd.client.errors import (
     ClientError,
     CommandError,
@@ -122,15 +123,17 @@ class MigblockClient(EventSource):
     stopped, or hung, sends neither), how long :meth:`disconnect` waits for the
     daemon to take what was sent (then it closes regardless), and how long the
     exit of a :meth:`holding` block that raised waits for its deletion's answer;
-    None waits forever.  Commands are not bounded: wrap them in
-    ``asyncio.timeout()``.
+    None or 0 waits forever (0 as for the daemon's own timeouts; the attribute is
+    None then).  Commands are not bounded: wrap them in ``asyncio.timeout()``.
+    An empty ``path``, or a negative or NaN ``timeout``, raises ``ValueError``.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  name: str = "migblockd.client", timeout: float | None = TIMEOUT) -> None:
-        self.path = os.fspath(path) if path is not None else str(default_socket_path())
+        self.path = socket_path(os.fspath(path)) if path is not None \
+            else str(default_socket_path())
         self.name = name
-        self.timeout = timeout
+        self.timeout = wait_bound(timeout)
         self._qmp: QMPLink | None = None
         self._watch: asyncio.Task[None] | None = None
         self._closing = False

@@ -694,6 +694,17 @@ def test_a_refused_connection_says_why(start_daemon: Any) -> None:
         "serving max-clients=1 clients; try again later")
 
 
+def test_an_empty_socket_is_a_usage_error_not_the_default(daemon: DaemonProcess) -> None:
+    # migblock-shell "$SOCK" with SOCK unset: it used to connect to the default
+    # socket, another daemon than the script meant, or fail with that one's error.
+    result = shell("", "-c", "query-version")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == [
+        "usage: migblock-shell [-h] [-p] [-v] [-c COMMAND] [--version] [SOCKET]",
+        "migblock-shell: error: argument SOCKET: must be a path, not ''"]
+    assert shell(str(daemon.socket), "-c", "query-version").returncode == 0
+
+
 def test_permission_denied_says_what_to_do(daemon: DaemonProcess) -> None:
     # The daemon's socket is 0600, its user root: another user is refused by the kernel.
     result = subprocess.run(

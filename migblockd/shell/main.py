@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from migblockd import __version__
 from migblockd.paths import default_socket_path
-from migblockd.shell.client import ClientError
+from migblockd.shell.client import GREETING_TIMEOUT, ClientError
 from migblockd.shell.helptext import load_docs
 from migblockd.shell.history import history_path
 from migblockd.shell.interrupt import Interrupts
@@ -28,24 +28,42 @@ query-qmp-schema, against which command and argument names are checked before a
 command is sent (raw JSON goes as typed, and so do the QEMU commands a gating daemon
 forwards, which query-commands lists).  Events are printed as they arrive.  History
 is kept in $XDG_STATE_HOME/migblockd/shell-history (without XDG_STATE_HOME,
-~/.local/state/migblockd/shell-history).  Ctrl-C drops the line, Ctrl-D quits.  If
-the daemon restarts, the shell reconnects on the next command.
+~/.local/state/migblockd/shell-history).  Ctrl-C drops the line, Ctrl-D quits; the
+other keys edit as in Emacs and bash (Esc then a key is Alt with that key: Alt-b and
+Alt-f move by words), and none of them ends the shell.  If the daemon restarts, the
+shell reconnects on the next command.
 """
 
 #: The default socket as the man page words it (the daemon's default, the same rule).
 SOCKET_DOC = "the daemon's own default, see --socket in migblockd(8)"
 
-EPILOG = """\
+EPILOG = f"""\
 scripting: when stdin is not a terminal, or with -c, the shell runs the commands and
 prints one JSON reply per line on stdout (events are not printed; errors in the input
 go to stderr).  Exit status: 0 if every command succeeded, 1 if any failed, 2 if the
-daemon could not be reached or the connection was lost.
+daemon could not be reached or the connection was lost (or the command line is wrong:
+an empty SOCKET, say, which is refused rather than taken for the default).
+
+connecting: the shell waits {GREETING_TIMEOUT:g} s for the daemon's greeting and its answer
+to qmp_capabilities (a stopped or hung daemon), then gives up; commands wait as long
+as the daemon takes (Ctrl-C abandons one).  A refused connection names the file that
+refuses it and what would let this user in: the group to join, who may open a
+directory, or the daemon's --socket-mode and --socket-group.
 
 examples:
   migblock-shell
   migblock-shell -c 'add-blocker reason="SEV: no migration" modes=normal,cpr-reboot'
   printf 'query-blockers\\nquery-migrate\\n' | migblock-shell /run/migblockd/migblockd.sock
 """
+
+
+def socket_path(text: str) -> str:
+    """SOCKET as given; an empty one is a usage error.  It is no path (connecting
+    fails with EINVAL), and taken for no argument, a script's unset ``"$SOCK"``
+    would reach the default daemon instead of the one it meant."""
+    if not text:
+        raise argparse.ArgumentTypeError("must be a path, not ''")
+    return text
 
 
 def build_parser(*, documented: bool = False) -> argparse.ArgumentParser:
@@ -62,8 +80,9 @@ def build_parser(*, documented: bool = False) -> argparse.ArgumentParser:
         "socket",
         nargs="?",
         default=None,
+        type=socket_path,
         metavar="SOCKET",
-        help=f"the daemon's QMP socket (default: {default})",
+        help=f"the daemon's QMP socket, not empty (default: {default})",
     )
     parser.add_argument(
         "-p", "--pretty", action="store_true", help="pretty-print replies and events"
@@ -92,7 +111,7 @@ async def _amain(args: argparse.Namespace, interrupts: Interrupts) -> int:
 
 
 async def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
-    socket = args.socket or str(default_socket_path())
+    socket = args.socket if args.socket is not None else str(default_socket_path())
     docs = load_docs()
     if args.command or sys.stdin is None or not sys.stdin.isatty():
         from migblockd.shell.script import run_script  # noqa: PLC0415

@@ -212,6 +212,34 @@ def test_json_nested_too_deeply_is_an_error_line_not_the_end_of_the_shell(
     assert shell.quit() == 0
 
 
+def test_escape_keys_edit_and_a_pasted_escape_is_shown_not_obeyed(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    """Esc alone, Esc then Enter, and Alt keys (Esc then the key) are editing keys at
+    the prompt (prompt_toolkit's Emacs bindings), and leave the shell running.  A
+    line that carries an ESC (pasted) is refused with the ESC written as ``\\x1b``:
+    it used to be written out as it was, and the terminal obeyed it (ESC [ A: the
+    message overwrote the line above)."""
+    shell = spawn_shell(daemon.socket)
+    shell.send("\x1b")
+    time.sleep(1)  # longer than prompt_toolkit waits for a key after a lone Esc
+    shell.send("\x1b\r")  # Alt-Enter: accepts the (empty) line, as Enter does
+    shell.expect(PROMPT)
+    # Alt-b back a word, Alt-f forward, Alt-Backspace deletes the word before.
+    shell.send("migrate\x1bbquery-\x1bf x\x1b\x7f\r")
+    shell.expect('{"return": {}}')
+    shell.expect(PROMPT)
+    shell.send("\x1b[200~help \x1b[A\x1b[201~\r")
+    shell.child.expect(r"help: the daemon has no command, event or type '[^\r\n]*'")
+    assert shell.child.after.endswith("'\\x1b[A'")
+    shell.expect(PROMPT)
+    shell.send("query-version\r")
+    shell.expect('{"return": {"qemu"')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+    assert "Traceback" not in shell.transcript()
+
+
 def _stopped_under(start_daemon: Callable[..., DaemonProcess],
                    spawn_shell: Callable[..., Shell]) -> tuple[DaemonProcess, Shell]:
     """A shell whose daemon stopped (it has said so), and that stopped daemon."""

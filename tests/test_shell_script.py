@@ -676,6 +676,20 @@ def test_ctrl_c_ends_a_script_waiting_for_its_next_line(
             proc.wait()
 
 
+def test_control_characters_a_message_quotes_are_escaped(daemon: DaemonProcess) -> None:
+    # Written as they were, an ESC [ 2 J in a script's line cleared the operator's
+    # terminal when the error quoted it, and the message hid what was wrong.
+    result = shell(str(daemon.socket), "-c", "\x1b[2Jquery-version",
+                   "-c", "add-blocker reason.\x9b=1", "-c", "help \u202e")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "migblock-shell: -c 1: error: unknown command '\\x1b[2Jquery-version'; did you mean "
+        "'query-version'?",
+        "migblock-shell: -c 2: error: unknown argument 'reason.\\x9b' for add-blocker: "
+        "'reason' is a string, not an object",
+        "migblock-shell: -c 3: help: the daemon has no command, event or type '\\u202e'"]
+
+
 def test_a_no_break_space_is_part_of_a_word(daemon: DaemonProcess) -> None:
     result = shell(str(daemon.socket), "-c", "add-blocker reason=Migration\u00a0impossible")
     assert result.returncode == 0, result.stderr

@@ -74,10 +74,24 @@ class Renderer:
         return self._paint(DIM, self.json(message))
 
     def error(self, text: str) -> str:
-        return self._paint(RED, text)
+        return self._paint(RED, visible(text))
 
     def notice(self, text: str) -> str:
-        return self._paint(DIM, text)
+        return self._paint(DIM, visible(text))
+
+
+def visible(text: str) -> str:
+    """A message with what Python's ``repr`` would escape so escaped (``\\x1b``).
+
+    Messages quote what was typed or read (an unknown command, argument or help
+    topic), and a line may carry control characters: pasted, typed after Esc
+    while a command ran, or read from a script.  Written as they are, they would
+    steer the terminal (an ESC [ A moves the cursor up and the message overwrites
+    the line above) and hide what is wrong with the line.  Newlines stay.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
 
 
 def _escape_unprintable(text: str) -> str:

@@ -13,7 +13,8 @@ Three rules keep the socket the daemon's own:
 * The socket never exists with wider permissions than asked, even for an
   instant, and nothing is changed by name afterwards: the umask is set around
   ``bind(2)``, and there is no ``chmod(path)``, which would follow a symlink
-  swapped in meanwhile.
+  swapped in meanwhile.  A directory made for the socket gets its group and
+  mode through a descriptor, for the same reason.
 """
 
 from __future__ import annotations
@@ -202,15 +203,18 @@ def make_socket_dir(directory: Path, socket_mode: int, group: int | None) -> Non
         try:
             os.mkdir(directory, 0o700)
         except FileExistsError:
-            created = False
+            pass
         else:
-            created = True
+            # Ours, made now: nobody else's to judge, and judged by name it might
+            # be something else already (check_socket_directory refuses a
+            # directory anyone else may change).
             _give_socket_dir(directory, socket_mode, group)
+            return
+        if directory != fallback_socket_dir():
+            return
         st = os.lstat(directory)
     except OSError as exc:
         raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
-    if created or directory != fallback_socket_dir():
-        return
     problem = None
     if not stat.S_ISDIR(st.st_mode):
         problem = "it is not a directory"
@@ -227,19 +231,44 @@ def make_socket_dir(directory: Path, socket_mode: int, group: int | None) -> Non
 def _give_socket_dir(directory: Path, socket_mode: int, group: int | None) -> None:
     """Give a directory just made its group and mode, or remove it: a directory left
     0700 would be taken as it is at the next start (an existing one is left alone),
-    and keep out the very group members the socket's mode lets in."""
+    and keep out the very group members the socket's mode lets in.
+
+    Through a descriptor, not by name: whoever may write to the parent (a shared
+    one, before :func:`check_socket_directory` refuses it) could swap the new
+    directory for a symlink meanwhile, and a chown or chmod by name would give the
+    symlink's target our group and mode.  What the descriptor opens must be a
+    directory of ours (no symlink is followed to it).
+    """
     try:
-        if group is not None:
-            try:
-                os.chown(directory, -1, group)
-            except OSError as exc:
-                raise StartupError(_not_given(directory, group, exc)) from None
-        os.chmod(directory, 0o700 | (0o010 if socket_mode & 0o070 else 0)
-                 | (0o001 if socket_mode & 0o007 else 0))
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise StartupError(_replaced(directory, exc.strerror)) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                raise StartupError(_replaced(directory, f"it belongs to {who(st.st_uid)}"))
+            if group is not None:
+                try:
+                    os.fchown(fd, -1, group)
+                except OSError as exc:
+                    raise StartupError(_not_given(directory, group, exc)) from None
+            os.fchmod(fd, 0o700 | (0o010 if socket_mode & 0o070 else 0)
+                      | (0o001 if socket_mode & 0o007 else 0))
+        finally:
+            os.close(fd)
     except BaseException:
+        # By name, but harmless: rmdir(2) follows no symlink, and removes only an
+        # empty directory.
         with contextlib.suppress(OSError):
             os.rmdir(directory)
         raise
+
+
+def _replaced(directory: Path, why: str | None) -> str:
+    return (f"cannot create {directory}: something else took its place as it was created "
+            f"({why}), so another user may write to {directory.parent}; choose another "
+            "--socket")
 
 
 def _not_given(path: Path, gid: int, exc: OSError) -> str:

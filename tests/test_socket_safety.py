@@ -10,6 +10,7 @@ uid 65534 (the tests run as root, which owns everything else here).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -24,7 +25,12 @@ from pathlib import Path
 import pytest
 from conftest import READY_LINE, DaemonProcess, spawn_daemon
 
-from migblockd.listen import StartupError, bind_socket, check_socket_directory
+from migblockd.listen import (
+    StartupError,
+    bind_socket,
+    check_socket_directory,
+    make_socket_dir,
+)
 
 NOBODY = 65534
 AS_ROOT = os.geteuid() == 0
@@ -211,6 +217,80 @@ def test_permissions_are_never_set_through_a_swapped_in_symlink(tmp_path: Path) 
     assert bound == 2000
     assert stat.S_IMODE(os.stat(victim).st_mode) == 0o600
     assert victim.read_text() == "secret"
+
+
+DIR_SWAPPER = """
+import os, sys
+directory, victim, aside = sys.argv[1:4]
+n = 0
+while True:
+    if os.path.islink(directory):
+        continue
+    try:
+        os.rename(directory, f"{aside}{n}")
+        n += 1
+        os.symlink(victim, directory)
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="giving a directory another group takes root")
+def test_a_new_directory_gets_its_mode_and_group_through_a_descriptor(tmp_path: Path) -> None:
+    # Another process with write access to the parent moves each directory the daemon
+    # makes aside and plants a symlink to a victim directory in its place, as fast as it
+    # can: a chown and chmod by name after mkdir(2) gave the victim the socket
+    # directory's group and mode (within the 2000 creations, in most runs here), or
+    # stopped the daemon with a reason that was not the one ("must be a member of
+    # the group").
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    victim.chmod(0o755)
+    before = os.stat(victim)
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    directory = parent / "run"
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    swapper = subprocess.Popen([sys.executable, "-c", textwrap.dedent(DIR_SWAPPER),
+                                str(directory), str(victim), str(aside / "d")])
+    left = tmp_path / "left"
+    left.mkdir()
+    made = refused = 0
+    try:
+        deadline = time.monotonic() + 60
+        while made < 2000 and time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError):
+                while True:  # what the last round left, and what the swapper planted since
+                    os.rename(directory, left / str(time.monotonic_ns()))
+            for d in aside.iterdir():
+                d.rename(left / d.name)
+            error: StartupError | None = None
+            try:
+                make_socket_dir(directory, 0o660, NOBODY)
+            except StartupError as exc:
+                error = exc
+            after = os.stat(victim)
+            assert (stat.S_IMODE(after.st_mode), after.st_gid) == (0o755, before.st_gid)
+            if error is not None:
+                # Swapped before the descriptor was opened: refused, nothing followed.
+                assert "something else took its place as it was created" in str(error), error
+                refused += 1
+                continue
+            made += 1
+            # What was made got its group and mode: where it is, or, moved aside after
+            # the descriptor was opened, there.
+            for d in [directory, *aside.iterdir()]:
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.lstat(d)
+                    if stat.S_ISDIR(st.st_mode):
+                        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o710, NOBODY), d
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert made == 2000, (made, refused)
+    after = os.stat(victim)
+    assert (stat.S_IMODE(after.st_mode), after.st_gid) == (0o755, before.st_gid)
 
 
 # --------------------------------------------------------------------------- one daemon per path

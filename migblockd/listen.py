@@ -27,7 +27,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from migblockd.paths import fallback_socket_dir
+from migblockd.paths import fallback_problem, fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.resolver import group_name, user_name, who
 from migblockd.trust import refusal
@@ -210,18 +210,11 @@ def make_socket_dir(directory: Path, socket_mode: int, group: int | None) -> Non
             # directory anyone else may change).
             _give_socket_dir(directory, socket_mode, group)
             return
-        if directory != fallback_socket_dir():
-            return
-        st = os.lstat(directory)
     except OSError as exc:
         raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
-    problem = None
-    if not stat.S_ISDIR(st.st_mode):
-        problem = "it is not a directory"
-    elif st.st_uid != os.geteuid():
-        problem = f"it belongs to {who(st.st_uid)}, not to the daemon's {who(os.geteuid())}"
-    elif st.st_mode & 0o022:
-        problem = f"other users may write to it (mode {stat.S_IMODE(st.st_mode):04o})"
+    if directory != fallback_socket_dir():
+        return
+    problem = fallback_problem(directory, "the daemon's")
     if problem is not None:
         raise StartupError(
             f"refusing to put the socket in {directory}: {problem}, so another user could "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -30,9 +31,66 @@ def default_socket_path() -> Path:
 
 def fallback_socket_dir() -> Path:
     """``${TMPDIR:-/tmp}/migblockd-UID``: in a directory every user can write to, so the
-    daemon refuses it unless it is its own (see ``migblockd.listen.make_socket_dir``)."""
+    daemon refuses it unless it is its own (see ``migblockd.listen.make_socket_dir``),
+    and the clients do not connect through it then (:func:`fallback_refusal`)."""
     tmp = os.environ.get("TMPDIR") or "/tmp"
     return Path(tmp) / f"migblockd-{os.geteuid()}"
+
+
+def fallback_problem(directory: Path, whose: str = "this user's") -> str | None:
+    """What makes ``directory``, the fallback socket directory, unsafe; None if nothing.
+
+    Another user may have made it first (its parent is everyone's), to listen there
+    in place of this user's daemon, or to replace the socket later: it must be a
+    directory (not a symlink to one), this user's, and writable by nobody else.
+    ``whose`` words this user in the answer (``the daemon's``).  A missing
+    directory has no problem: the daemon creates it, 0700.
+    """
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"it cannot be looked at ({exc.strerror})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    me = os.geteuid()
+    if st.st_uid != me:
+        return f"it belongs to {_who(st.st_uid)}, not to {whose} {_who(me)}"
+    if st.st_mode & 0o022:
+        return f"other users may write to it (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _who(uid: int) -> str:
+    """``uid 1001 (alice)``, as the daemon's ``resolver.who`` says it; here, since the
+    clients use this module, without the daemon's policy modules."""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def fallback_refusal(path: str, give: str, *, connected: bool = False) -> str | None:
+    """Why a client must not talk to the socket ``path``, or None.
+
+    Only a socket in the fallback directory is judged, as the daemon judges that
+    directory (:func:`fallback_problem`), since this user's daemon never listens
+    in one it would refuse; ``give`` says how to name another socket.  Judged
+    before connecting, and again once ``connected``: a directory that appeared
+    meanwhile must be there, and this user's.
+    """
+    directory = Path(os.path.abspath(path)).parent
+    if directory != fallback_socket_dir():
+        return None
+    problem = fallback_problem(directory, "your")
+    if problem is None and connected and not os.path.lexists(directory):
+        problem = "it was removed as the connection was made"
+    if problem is None:
+        return None
+    return (f"refusing {directory}: {problem}, so another user's program could be "
+            "listening there in place of your daemon; remove it, or set XDG_RUNTIME_DIR, "
+            f"or {give}")
 
 
 def default_state_dir() -> Path:

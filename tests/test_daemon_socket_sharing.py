@@ -4,6 +4,7 @@ decide here: clients are other uids under ``setpriv``."""
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -222,3 +223,87 @@ def test_a_safe_fallback_directory_is_used(
     second = start_daemon(socket=_fallback(tmpdir) / "migblockd.sock", env=env)  # reuses it
     assert second.stop() == 0
     assert os.lstat(_fallback(tmpdir)).st_uid == os.geteuid()
+
+
+CLIENT = """
+import asyncio
+from migblockd.client import ClientError, MigblockClient
+
+async def main() -> None:
+    try:
+        async with MigblockClient() as client:
+            print("added", (await client.add_blocker("caught")).id)
+    except ClientError as exc:
+        print(exc)
+
+asyncio.run(main())
+"""
+
+
+def test_the_clients_do_not_connect_through_a_fallback_directory_another_user_made(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path,
+        accounts: dict[str, Account]) -> None:
+    """Without XDG_RUNTIME_DIR, a user's shell and client connect to
+    ${TMPDIR:-/tmp}/migblockd-UID/migblockd.sock, where another user may run a daemon
+    first, in a directory of theirs, and catch the commands: before, the user's blocker
+    went to that daemon.  The clients judge the directory as the user's own daemon does."""
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    short_tmp.chmod(0o755)
+    tmpdir = short_tmp / "tmp"
+    tmpdir.mkdir()
+    tmpdir.chmod(0o1777)  # a shared temporary directory, as /tmp is
+    directory = tmpdir / f"migblockd-{alice.uid}"
+    sock = directory / "migblockd.sock"
+    env = {"PATH": os.environ["PATH"], "TMPDIR": str(tmpdir)}  # no XDG_RUNTIME_DIR
+
+    def as_uid(who: Account) -> str:
+        wrapper = tmp_path / f"python-as-{who.name}"
+        wrapper.write_text(f"#!/bin/sh\nexec setpriv --reuid={who.uid} --regid={who.gid} "
+                           f"--clear-groups {sys.executable} \"$@\"\n")
+        wrapper.chmod(0o755)
+        return str(wrapper)
+
+    def alice_runs(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([as_uid(alice), *argv], env=env, capture_output=True,
+                              text=True, timeout=60, cwd="/")
+
+    # bob's daemon, open to every user, where alice's default socket is: its
+    # directory is bob's, 0711.
+    impostor = start_daemon("--ephemeral", "--socket-mode", "0666", socket=sock, env=env,
+                            python=as_uid(bob))
+    assert os.lstat(directory).st_uid == bob.uid
+    problem = (f"refusing {directory}: it belongs to uid {bob.uid} (mbt-bob), not to your "
+               f"uid {alice.uid} (mbt-alice), so another user's program could be listening "
+               "there in place of your daemon; remove it, or set XDG_RUNTIME_DIR, or ")
+    shell = alice_runs("-m", "migblockd.shell", "-c", "add-blocker reason=caught")
+    assert (shell.returncode, shell.stdout) == (2, ""), shell
+    assert shell.stderr == (f"migblock-shell: cannot connect to {sock}: {problem}give the "
+                            "daemon's socket (migblock-shell SOCKET)\n")
+    client = alice_runs("-c", CLIENT)
+    assert client.returncode == 0, client.stderr
+    assert client.stdout == (f"cannot connect to migblockd at {sock}: {problem}pass the "
+                             "daemon's socket as MigblockClient's path\n")
+    assert impostor.received() == [], impostor.received()
+    assert impostor.stop() == 0
+
+    # alice's own daemon refuses the directory for the same reason, in its words.
+    refused = start_daemon("--ephemeral", socket=sock, env=env, python=as_uid(alice),
+                           wait=False)
+    assert refused.wait_exit() == 1
+    assert (f"refusing to put the socket in {directory}: it belongs to uid {bob.uid} "
+            f"(mbt-bob), not to the daemon's uid {alice.uid} (mbt-alice)") in refused.log()
+
+    # Made by alice's daemon, the directory is hers: her shell uses it, by default.
+    shutil.rmtree(directory)
+    own = start_daemon("--ephemeral", socket=sock, env=env, python=as_uid(alice))
+    shell = alice_runs("-m", "migblockd.shell", "-c", "add-blocker reason=mine id=mine")
+    assert shell.returncode == 0, shell.stderr
+    assert [b["id"] for b in json.loads(alice_runs(
+        "-m", "migblockd.shell", "-c", "query-blockers").stdout)["return"]] == ["mine"]
+    # ...until others may write to it: then neither connects, nor would a new daemon.
+    directory.chmod(0o777)
+    shell = alice_runs("-m", "migblockd.shell", "-c", "query-blockers")
+    assert shell.returncode == 2
+    assert (f"refusing {directory}: other users may write to it (mode 0777), so another "
+            "user's program could be listening there") in shell.stderr, shell.stderr
+    assert own.stop() == 0

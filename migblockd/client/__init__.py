@@ -92,6 +92,7 @@ from migblockd.paths import (
     before_greeting,
     connect_failure,
     default_socket_path,
+    fallback_refusal,
 )
 
 __all__ = [
@@ -112,12 +113,18 @@ __all__ = [
 #: negotiation by default: as long as ``migblock-shell`` does.
 TIMEOUT: Final = 10.0
 
+#: How to name a socket other than the default, in the refusal of an unsafe default.
+GIVE_PATH = "pass the daemon's socket as MigblockClient's path"
+
 
 class MigblockClient(EventSource):
     """A connection to migblockd.  ``async with MigblockClient(path) as client:``.
 
     ``path`` defaults to the daemon's default socket
-    (``migblockd.paths.default_socket_path()``); ``name`` names the connection in
+    (``migblockd.paths.default_socket_path()``); one in the fallback directory
+    under the shared temporary directory is refused when that directory is another
+    user's or others may write to it, as the daemon refuses it (another user's
+    program could be listening there).  ``name`` names the connection in
     ``qemu.qmp``'s logs.  ``timeout`` bounds how long :meth:`connect` waits for the
     daemon's greeting and its answer to ``qmp_capabilities`` (a daemon that is
     stopped, or hung, sends neither), how long :meth:`disconnect` waits for the
@@ -164,6 +171,12 @@ class MigblockClient(EventSource):
             if self.connected:
                 raise ClientError(f"already connected to {self.path}")
             await self.disconnect()  # what is left of a lost connection
+        # A default socket under the shared temporary directory may be someone
+        # else's, listening there to read what is sent: judged before connecting,
+        # and again before the first command (migblockd.paths.fallback_refusal).
+        refusal = fallback_refusal(self.path, GIVE_PATH)
+        if refusal is not None:
+            raise DisconnectedError(f"cannot connect to migblockd at {self.path}: {refusal}")
         qmp = QMPLink(self.name, self._deliver, self.timeout)
         try:
             async with asyncio.timeout(self.timeout):
@@ -189,6 +202,10 @@ class MigblockClient(EventSource):
                 why = str(exc)
             raise DisconnectedError(f"cannot connect to migblockd at {self.path}: {why}"
                                     ) from cause
+        refusal = fallback_refusal(self.path, GIVE_PATH, connected=True)
+        if refusal is not None:
+            await qmp.disconnect()
+            raise DisconnectedError(f"cannot connect to migblockd at {self.path}: {refusal}")
         self._qmp, self._closing = qmp, False
         self._watch = asyncio.create_task(self._watch_connection(qmp))
 

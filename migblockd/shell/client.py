@@ -15,12 +15,14 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from migblockd.paths import NO_GREETING, before_greeting, connect_failure
+from migblockd.paths import NO_GREETING, before_greeting, connect_failure, fallback_refusal
 
 GREETING_TIMEOUT = 10.0
 #: The longest line read: a 100,000-blocker listing with reasons of 1024
 #: characters, each escaped as ``\\uXXXX``, is about 600 MB.
 LINE_LIMIT = 1 << 30
+#: How to name a socket other than the default, in the refusal of an unsafe default.
+GIVE_SOCKET = "give the daemon's socket (migblock-shell SOCKET)"
 
 Message = dict[str, Any]
 
@@ -72,10 +74,20 @@ class QMPClient:
 
     async def connect(self, path: str) -> Message:
         """Connect and read the greeting; raises :class:`ConnectError`."""
+        # A default socket under the shared temporary directory may be someone
+        # else's, listening there to read what is sent: judged before and after
+        # (migblockd.paths.fallback_refusal).
+        refusal = fallback_refusal(path, GIVE_SOCKET)
+        if refusal is not None:
+            raise ConnectError(f"cannot connect to {path}: {refusal}")
         try:
             self._reader, self._writer = await asyncio.open_unix_connection(path, limit=LINE_LIMIT)
         except OSError as err:
             raise ConnectError(f"cannot connect to {path}: {connect_failure(path, err)}") from None
+        refusal = fallback_refusal(path, GIVE_SOCKET, connected=True)
+        if refusal is not None:
+            await self._abort()
+            raise ConnectError(f"cannot connect to {path}: {refusal}")
         try:
             line = await asyncio.wait_for(self._reader.readline(), GREETING_TIMEOUT)
         except TimeoutError:

@@ -111,6 +111,7 @@ class Core(Roster, Outcomes):
         self._failed_commits = 0
         self._failed_reason = ""
         self._said_succeeding = False
+        self._remedied = set()
         # Commands and events whose outcome waits for their commit: counted then.
         self._unsettled: list[tuple[int, str, int, bool, bool]] = []
         self._unsettled_events: list[tuple[int, Event]] = []

@@ -38,8 +38,8 @@ __all__ = ["Outcomes"]
 
 log = logging.getLogger("migblockd")
 
-#: What the first of failed commits in a row adds: what it means, then what to do
-#: (the failure's own remedy, or this, about the disk, which most failures are).
+#: What the first of failed commits in a row with a reason adds: what it means, then
+#: what to do (the failure's own remedy, or this, about the disk, which most are).
 _UNTIL = "; every change fails until a commit succeeds: "
 _REMEDY = ("free space on the state directory's file system, or look for its errors in "
            "the kernel's log")
@@ -65,6 +65,8 @@ class Outcomes:
     _failed_reason: str
     #: The log's last line on commits said they succeed again.
     _said_succeeding: bool
+    #: The reasons of this row of failed commits whose remedy the log has given.
+    _remedied: set[str]
 
     if TYPE_CHECKING:
         def _finish(self, conn: Connection) -> None: ...
@@ -94,6 +96,7 @@ class Outcomes:
                          self._failed_commits, self._failed_reason, more)
             self._said_succeeding = more is not None
             self._failed_commits = 0
+            self._remedied.clear()
         holding = self.ledger.holding
         released = []
         for conn in list(holding):
@@ -117,8 +120,9 @@ class Outcomes:
 
         Every change not yet on disk is undone (``group``'s and any made since),
         those commands' replies become errors saying ``reason``, their events are
-        dropped.  The log says ``reason`` and, for the first failure of a row,
-        ``remedy`` (what the operator should do; None: see to the disk).
+        dropped.  The log says ``reason`` and, the first time in a row of
+        failures that it says this ``reason``, ``remedy`` (what the operator should
+        do; None: see to the disk).
         Returns the connections whose next request may run now.
         """
         undone = [(conn, self.registry.undo(changes, alive=self.connections.__contains__))
@@ -142,7 +146,9 @@ class Outcomes:
             self._dirty[conn] = None
         self.ledger.holding.clear()
         # A client retrying on a full disk makes a failed commit of each retry:
-        # the first says what to do, the guard's throttle bounds the others.
+        # the first says what to do, the guard's throttle bounds the others.  A
+        # reason new within the row (the disk full, then another program's write
+        # lock) says its own remedy too: the first one's would not end it.
         self._failed_commits += 1
         self._failed_reason = reason
         more = self.guard.throttle.admit(("commit", reason), self.registry.clock.monotonic())
@@ -152,7 +158,10 @@ class Outcomes:
             more = more or ""
             self._said_succeeding = False
         if more is not None:
-            until = _UNTIL + (remedy or _REMEDY) if self._failed_commits == 1 else ""
+            until = ""
+            if reason not in self._remedied:
+                self._remedied.add(reason)
+                until = _UNTIL + (remedy or _REMEDY)
             log.error("%s; %d command(s) failed, their changes undone%s%s", reason, failed,
                       until, more)
         for conn, applied in kept:

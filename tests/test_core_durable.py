@@ -260,6 +260,35 @@ def test_a_failures_own_remedy_replaces_the_disks_advice(
         f"{reason}; 1 command(s) failed, their changes undone"]
 
 
+def test_a_new_reason_within_a_row_of_failed_commits_says_its_own_remedy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A full disk, then another program's write lock, in one row of failures: the
+    # lock's line said no more than the reason, and the operator, told to free
+    # space, never read what would end it.  Each reason says its remedy once a row.
+    core = make()
+    a = connected(core, 1)
+    full = "cannot commit to /x/state.db: disk I/O error (its file system is full)"
+    locked = ("cannot commit to /x/state.db: database is locked (another program is "
+              "writing to it)")
+    remedy = "close the program that holds /x/state.db open for writing"
+    with caplog.at_level(logging.INFO, logger="migblockd"):
+        for i, (reason, own) in enumerate([(full, None), (full, None), (locked, remedy),
+                                           (locked, remedy), (full, None)]):
+            run(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x%d"}}'
+                % i)
+            core.commit_failed(taken(core), reason, remedy=own)
+            run(core, a)
+    undone = "; 1 command(s) failed, their changes undone"
+    until = "; every change fails until a commit succeeds: "
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        full + undone + UNTIL,
+        full + undone,
+        locked + undone + until + remedy,
+        locked + undone,
+        full + undone]
+
+
 def test_a_new_row_of_failed_commits_is_logged_after_commits_were_said_to_succeed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -79,7 +79,7 @@ class Bridge:
         self.handlers = GateHandlers(contract, registry, self.facts,
                                      tuple(n for n in passthrough if n not in ours))
         self.link = QemuLink(path, on_event=self._event, on_state=self._state,
-                             on_gone=self._gone, timeout=timeout)
+                             on_gone=self._gone, on_silent=self._silent, timeout=timeout)
         self.facts.greeting_awaited = lambda: self.link.awaiting_greeting
         self.facts.timed_out = lambda: self.link.silent is not None
         self._core: Core | None = None
@@ -235,6 +235,11 @@ class Bridge:
                                  self._pid)
             facts.status = facts.blockers = None
             self._evented = False
+        self._wake()
+
+    def _silent(self) -> None:
+        """QEMU stopped answering, or answers again: what the status shows changed
+        (``facts.silent``), whoever's command told (migblockd's own, at connect)."""
         self._wake()
 
     def _gone(self) -> None:

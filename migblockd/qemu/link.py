@@ -152,7 +152,11 @@ class _Client(QMPClient):
             return
         answered = msg.get("id") in self._pending
         await super()._on_message(msg)  # wakes the execute() that waits for it
-        if answered:
+        if not answered and "id" in msg:
+            # The reply to a command given up on (qemu-timeout), dropped: late, but
+            # QEMU answers, and with nobody else asking it nothing else would say so.
+            link._answers()
+        elif answered:
             # Runs after the woken caller's turn, which was scheduled first; the
             # events up to the next reply wait with this one.
             link._after_replies.append([])
@@ -199,7 +203,8 @@ class QemuLink(Reconnecting):
 
     def __init__(self, path: str | os.PathLike[str], *, on_event: EventHandler | None = None,
                  on_state: StateHandler | None = None,
-                 on_gone: Callable[[], None] | None = None, min_delay: float = MIN_DELAY,
+                 on_gone: Callable[[], None] | None = None,
+                 on_silent: Callable[[], None] | None = None, min_delay: float = MIN_DELAY,
                  max_delay: float = MAX_DELAY, greeting_notice: float = GREETING_NOTICE,
                  timeout: float = TIMEOUT) -> None:
         self.path = Path(path)
@@ -211,6 +216,10 @@ class QemuLink(Reconnecting):
         self._on_state = on_state
         #: Called after each connection attempt that found nobody listening at ``path``.
         self._on_gone = on_gone
+        #: Called when ``silent`` starts or ends on a connection (a new connection ends
+        #: it too, which ``on_state`` tells): whoever shows it learns so at once, with
+        #: no command of a client's to wait for (the link's own, or a late reply).
+        self._on_silent = on_silent
         self._min_delay = min_delay
         self._max_delay = max_delay
         self._greeting_notice = greeting_notice
@@ -287,6 +296,7 @@ class QemuLink(Reconnecting):
                             "run it; further commands it leaves unanswered are not logged "
                             "until it answers", self.path, command, self.timeout)
                 self.silent = command
+                self._silent_changed()
             else:
                 log.debug("QEMU at %s did not answer '%s' within %g s either", self.path,
                           command, self.timeout)
@@ -312,6 +322,15 @@ class QemuLink(Reconnecting):
             log.info("QEMU at %s answers again (it had not answered '%s' within %g s)",
                      self.path, self.silent, self.timeout)
             self.silent = None
+            self._silent_changed()
+
+    def _silent_changed(self) -> None:
+        if self._on_silent is None:
+            return
+        try:
+            self._on_silent()
+        except Exception:
+            log.exception("internal error handling QEMU's silence (%r)", self.silent)
 
     async def close(self) -> None:
         """Stop reconnecting and disconnect; commands in flight raise QemuInterrupted."""

@@ -1,0 +1,105 @@
+"""systemd's ``STATUS=`` follows the link to a real QEMU 7.2, with no client asking.
+
+``systemctl status`` shows the last ``STATUS=``; the daemon sent one at the flush
+of a client's turn only, so what the link learnt by itself (QEMU left migblockd's own
+``query-migrate`` unanswered, QEMU answered again) waited for some client's request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DaemonProcess
+from faults import injecting
+from realqemu import Qemu
+from test_gate import connected
+
+#: How long a STATUS= may take to come: well past each test's qemu-timeout.
+WITHIN = 15.0
+
+
+@pytest.fixture
+def notify(short_tmp: Path) -> Iterator[socket.socket]:
+    """A notify socket, as systemd's: the daemon sends its assignments to it."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(short_tmp / "notify"))
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+def notify_env(receiver: socket.socket) -> dict[str, str]:
+    return {**os.environ, "NOTIFY_SOCKET": receiver.getsockname()}
+
+
+def qemu_status(receiver: socket.socket, wanted: Callable[[str], bool],
+                within: float = WITHIN) -> str:
+    """The QEMU part of the first ``STATUS=`` that ``wanted`` takes, within ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"no such STATUS= within {within:g} s")
+        receiver.settimeout(left)
+        try:
+            datagram = receiver.recv(4096).decode()
+        except TimeoutError:
+            raise AssertionError(f"no such STATUS= within {within:g} s") from None
+        for line in datagram.splitlines():
+            if line.startswith("STATUS=") and wanted(line.partition(", QEMU ")[2]):
+                return line.partition(", QEMU ")[2]
+
+
+async def test_status_says_qemu_left_migblockds_own_query_unanswered(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, notify: socket.socket,
+) -> None:
+    # On connecting, migblockd asks QEMU whether it migrates (query-migrate). QEMU
+    # slow to answer it: the link timed out and said so in its log and the metrics,
+    # while STATUS= went on saying "connected" until some client's request.
+    assert qemu.proc is not None
+    # Each message QEMU writes to a monitor takes 2 s: its query-migrate answer
+    # comes 1 s past the timeout (and the start serves before it connects).
+    async with injecting(qemu.proc.pid, "sendmsg", "delay_enter=2000000", "QEMU"):
+        d = start_daemon("--qemu", str(qemu.gate_socket), "--qemu-timeout", "1",
+                         env=notify_env(notify))
+        assert re.fullmatch(r"7\.\d+\.\d+ connected, not answering",
+                            qemu_status(notify, lambda qemu: "not answering" in qemu))
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} did not answer 'query-migrate' within 1 s")
+        # Its answer, late, says QEMU answers again.
+        assert re.fullmatch(r"7\.\d+\.\d+ connected", qemu_status(
+            notify, lambda qemu: "not answering" not in qemu))
+    assert d.stop() == 0
+
+
+async def test_status_says_a_stopped_qemu_answers_again_with_no_client_asking(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, notify: socket.socket,
+) -> None:
+    # A client's command timed out on a stopped QEMU. Continued, QEMU answered it
+    # (late, dropped); STATUS= and the metrics said "not answering" until a client
+    # sent QEMU another command.
+    assert qemu.proc is not None
+    d = start_daemon("--qemu", str(qemu.gate_socket), "--qemu-timeout", "1",
+                     env=notify_env(notify))
+    await connected(d)
+    async with d.client() as c:
+        qemu.proc.send_signal(signal.SIGSTOP)  # QEMU will not reply
+        try:
+            reply = await asyncio.wait_for(c.execute("query-migrate", id=1), 10)
+            assert "did not answer 'query-migrate' within 1 s" in reply["error"]["desc"]
+            assert qemu_status(notify, lambda qemu: "not answering" in qemu)
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+        assert re.fullmatch(r"7\.\d+\.\d+ connected", qemu_status(
+            notify, lambda qemu: "not answering" not in qemu))
+        d.wait_for_log(f"INFO: QEMU at {qemu.gate_socket} answers again (it had not "
+                       "answered 'query-migrate' within 1 s)")
+    assert d.stop() == 0

@@ -228,7 +228,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     try:
         await stop.wait()
     finally:
-        await notifier.stopping()
+        # (The drain's turns say what it waits for as that changes.)
+        await notifier.stopping(server.status_line())
         # Until the drain is over a signal must not kill the daemon (the default
         # action): that would cut off the replies it still owes.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -18,19 +18,24 @@ closes it too, as long as it goes on taking its last output
 
 A dropped client's requests still run (see ``ClientProtocol.drop``); only
 their replies are lost.  Both limits are documented in docs/service.md.
+
+Meanwhile ``STATUS=`` (``systemctl status``) says what the stop waits for
+(:func:`waiting_for`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from migblockd.connection import Connection
 from migblockd.core import Core
+from migblockd.systemd import plural
 
-__all__ = ["DRAIN_POLL", "QEMU_LIMIT", "SHUTDOWN_LIMIT", "SHUTDOWN_STALL", "drain"]
+__all__ = ["DRAIN_POLL", "QEMU_LIMIT", "SHUTDOWN_LIMIT", "SHUTDOWN_STALL", "drain",
+           "waiting_for"]
 
 #: A client that has taken none of its output for this long is dropped ...
 SHUTDOWN_STALL = 2.0
@@ -91,3 +96,28 @@ async def drain(loop: asyncio.AbstractEventLoop, core: Core,
                 protocol.drop(f"took none of its last replies for {SHUTDOWN_STALL:g}s "
                               "during shutdown")
         await asyncio.sleep(0)  # let the dropped ones go
+
+
+def waiting_for(core: Core, conns: Iterable[Connection], committing: bool) -> str:
+    """What a stop still waits for, in words for ``STATUS=`` ("": nothing).
+
+    The clients left, and for each whether what it is owed waits for QEMU, for
+    a commit (``committing``: one is due or under way), or for the client itself
+    to take its last replies and hang up; with no client left, the commit.
+    """
+    qemu = commit = replies = 0
+    for conn in conns:
+        if core.awaits_qemu(conn):
+            qemu += 1
+        elif core.awaiting(conn):
+            commit += 1
+        else:
+            replies += 1
+    parts = [part for n, part in (
+        (qemu, f"{qemu} for QEMU's answer"),
+        (commit, f"{commit} for a commit to disk"),
+        (replies, f"{replies} to take {'its' if replies == 1 else 'their'} last replies"),
+    ) if n]
+    if parts:
+        return f"waiting for {plural(qemu + commit + replies, 'client')} ({', '.join(parts)})"
+    return "waiting for a commit to disk" if committing else ""

@@ -91,7 +91,7 @@ class Server(Turns):
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline: float | None = None
-        self._status: Status | None = None
+        self._status: tuple[Status, str | None] | None = None
         self._all_gone = asyncio.Event()
 
     def _turned_away(self) -> None:

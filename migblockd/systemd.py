@@ -30,6 +30,7 @@ __all__ = [
     "format_status",
     "listen_sockets",
     "notify_address",
+    "plural",
     "watchdog_usec",
 ]
 
@@ -100,21 +101,27 @@ def watchdog_usec(env: Mapping[str, str] = os.environ) -> int | None:
 
 
 def format_status(blockers: int, clients: int, migration: str, qemu: str | None = None,
-                  state: str | None = None) -> str:
+                  state: str | None = None, stopping: str | None = None) -> str:
     """The one-line ``STATUS=`` summary, e.g. ``2 blockers, 1 client, migration: none``.
 
     ``qemu`` is the state of the link to a gated QEMU (``--qemu``), if any;
     ``state`` why the last commit to the state directory failed, while no later
-    one has succeeded (what ``systemctl status`` should show at once).
+    one has succeeded (what ``systemctl status`` should show at once);
+    ``stopping``, once the daemon stops, what the stop still waits for ("": nothing),
+    which comes first and says of the clients what there is to say.
     """
-
-    def plural(n: int, word: str) -> str:
-        return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
     line = f"{plural(blockers, 'blocker')}, {plural(clients, 'client')}, migration: {migration}"
+    if stopping is not None:
+        what = f": {stopping}" if stopping else ""
+        line = f"stopping{what}; {plural(blockers, 'blocker')}, migration: {migration}"
     if qemu is not None:
         line = f"{line}, QEMU {qemu}"
     return line if state is None else f"{line}, state: {state}"
+
+
+def plural(n: int, word: str) -> str:
+    """``1 client``, ``2 clients``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _one_line(text: str) -> str:
@@ -223,8 +230,14 @@ class Notifier:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         await self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
-    async def stopping(self) -> None:
-        await self.notify("STOPPING=1")
+    async def stopping(self, status: str | None = None) -> None:
+        """``STOPPING=1``, with what the stop waits for (``status``) if given."""
+        lines = ["STOPPING=1"]
+        if status is not None:
+            status = _one_line(status)
+            self._last_status = status
+            lines.append(f"STATUS={status}")
+        await self.notify(*lines)
 
     def start_watchdog(self) -> None:
         """Start pinging ``WATCHDOG=1`` every half timeout, if a watchdog is wanted.

@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from migblockd.drain import waiting_for
 from migblockd.forwarding import Call
 from migblockd.qemu_facts import QemuUnavailable
 from migblockd.state import StateError
@@ -72,7 +73,10 @@ class Turns:
     _committing: asyncio.Event
     _timer: asyncio.TimerHandle | None
     _timer_deadline: float | None
-    _status: Status | None
+    #: The status last reported, and what the stop waits for (None: not stopping).
+    _status: tuple[Status, str | None] | None
+    #: Shutdown has begun (the server's).
+    draining: bool
     _all_gone: asyncio.Event
 
     # -- turns -------------------------------------------------------------------
@@ -237,16 +241,24 @@ class Turns:
 
     # -- systemd status ------------------------------------------------------------
     def status_line(self) -> str:
-        return format_status(*self.core.status())
+        return format_status(*self.core.status(), stopping=self._stopping())
+
+    def _stopping(self) -> str | None:
+        """What the stop waits for; None while the daemon is not stopping."""
+        if not self.draining:
+            return None
+        return waiting_for(self.core, self.protocols,
+                           self._group is not None or self._commit_due())
 
     def _report_status(self) -> None:
         if not self.notifier.active:
             return
-        status = self.core.status()
+        status = (self.core.status(), self._stopping())
         if status == self._status:
             return
         self._status = status
-        task = self.loop.create_task(self.notifier.status(format_status(*status)))
+        task = self.loop.create_task(self.notifier.status(
+            format_status(*status[0], stopping=status[1])))
         task.add_done_callback(_log_task_failure)
 
 

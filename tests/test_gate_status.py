@@ -42,8 +42,9 @@ def notify_env(receiver: socket.socket) -> dict[str, str]:
 
 
 def qemu_status(receiver: socket.socket, wanted: Callable[[str], bool],
-                within: float = WITHIN) -> str:
-    """The QEMU part of the first ``STATUS=`` that ``wanted`` takes, within ``within`` s."""
+                within: float = WITHIN, prefix: str = "") -> str:
+    """The QEMU part of the first ``STATUS=`` that begins with ``prefix`` and whose
+    QEMU part ``wanted`` takes, within ``within`` s."""
     deadline = time.monotonic() + within
     while True:
         left = deadline - time.monotonic()
@@ -55,7 +56,7 @@ def qemu_status(receiver: socket.socket, wanted: Callable[[str], bool],
         except TimeoutError:
             raise AssertionError(f"no such STATUS= within {within:g} s") from None
         for line in datagram.splitlines():
-            if line.startswith("STATUS=") and wanted(line.partition(", QEMU ")[2]):
+            if line.startswith(f"STATUS={prefix}") and wanted(line.partition(", QEMU ")[2]):
                 return line.partition(", QEMU ")[2]
 
 
@@ -103,3 +104,28 @@ async def test_status_says_a_stopped_qemu_answers_again_with_no_client_asking(
         d.wait_for_log(f"INFO: QEMU at {qemu.gate_socket} answers again (it had not "
                        "answered 'query-migrate' within 1 s)")
     assert d.stop() == 0
+
+
+async def test_a_stop_waiting_for_a_stopped_qemu_says_so_in_its_status(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, notify: socket.socket,
+) -> None:
+    # systemctl status showed the running summary all through a stop that waited
+    # (up to 25 s) for a stopped QEMU's answer.
+    assert qemu.proc is not None
+    d = start_daemon("--qemu", str(qemu.gate_socket), "--qemu-timeout", "0",
+                     env=notify_env(notify))
+    await connected(d)
+    async with d.client() as c:
+        qemu.proc.send_signal(signal.SIGSTOP)  # QEMU will not reply
+        try:
+            await c.send({"execute": "query-migrate", "id": "q"})
+            d.wait_for_log('"execute":"query-migrate"')
+            d.signal(signal.SIGTERM)
+            assert re.fullmatch(r"7\.\d+\.\d+ connected", qemu_status(
+                notify, lambda qemu: True, prefix="stopping: waiting for 1 client (1 for "
+                "QEMU's answer); 0 blockers, migration: none"))
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+        assert "return" in await c.read_reply()
+    assert qemu_status(notify, lambda qemu: True, prefix="stopping; 0 blockers")
+    assert d.wait_exit() == 0

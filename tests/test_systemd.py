@@ -100,6 +100,12 @@ def test_watchdog_usec() -> None:
 def test_format_status() -> None:
     assert format_status(1, 1, "none") == "1 blocker, 1 client, migration: none"
     assert format_status(0, 2, "active") == "0 blockers, 2 clients, migration: active"
+    # Stopping, what the stop waits for comes first and speaks of the clients.
+    assert format_status(1, 1, "none", "7.2.22 connected", stopping="waiting for 1 client "
+                         "(1 for QEMU's answer)") == (
+        "stopping: waiting for 1 client (1 for QEMU's answer); 1 blocker, migration: none, "
+        "QEMU 7.2.22 connected")
+    assert format_status(2, 0, "none", stopping="") == "stopping; 2 blockers, migration: none"
 
 
 # --- Notifier ------------------------------------------------------------------------

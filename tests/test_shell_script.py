@@ -787,3 +787,35 @@ async def test_a_reply_over_the_shells_limit_is_named_as_its_own_doing(
                                    "this shell reads, so the shell closed the connection")
     finally:
         await client.close()
+
+
+def test_a_big_request_cut_off_by_the_daemons_end_says_only_the_shells_words(
+    start_daemon: Any,
+) -> None:
+    # A request bigger than the socket holds (64 KiB and more) was still being
+    # written when the daemon went: the reader failed its reply too, and asyncio
+    # printed "Future exception was never retrieved" and a traceback's last line
+    # under the shell's own message.
+    d = start_daemon("--ephemeral")
+    proc = subprocess.Popen([*SHELL, str(d.socket)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write(b"query-version\n")
+        proc.stdin.flush()
+        assert b'"package": "migblockd' in proc.stdout.readline()  # connected
+        d.signal(signal.SIGSTOP)  # reads nothing more: the big request stays unsent
+        proc.stdin.write(b"add-blocker reason=" + b"x" * 2_000_000 + b"\n")
+        proc.stdin.flush()
+        time.sleep(1)  # the shell writes it, and waits for the socket to take more
+        d.proc.kill()  # the daemon's end of the socket goes
+        d.proc.wait()
+        proc.stdin.close()
+        assert proc.wait(30) == 2
+        stderr = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert re.fullmatch(rf"migblock-shell: {re.escape(str(d.socket))}: connection lost: "
+                        r"\[Errno \d+\] [^\n]+\n", stderr), stderr

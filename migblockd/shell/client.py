@@ -157,6 +157,17 @@ class QMPClient:
         except (OSError, RuntimeError) as err:
             self._pending.pop(key, None)
             self._unanswered.pop(key, None)
+            # A request too big for the socket (64 KiB and more) is still being
+            # written when the daemon goes: the reader has failed its future too,
+            # which nobody would await (asyncio then prints "Future exception was
+            # never retrieved" at exit).  Its failure is the one said.
+            if future.done() and not future.cancelled():
+                lost = future.exception()
+                if lost is None:
+                    return future.result()  # answered before the rest failed to go
+                if isinstance(lost, ConnectionLost):
+                    raise lost from None
+            future.cancel()
             raise ConnectionLost(f"connection lost: {err}") from None
         try:
             return await future

@@ -37,16 +37,16 @@ import time
 from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.registry import CollectorRegistry
 
 from migblockd.config import HostPort
 from migblockd.exposition import MIN_INTERVAL, MetricsApp, gzip_wanted
 from migblockd.listen import StartupError, bind_socket
-from migblockd.logs import shown
 from migblockd.pidlock import PidLock
 from migblockd.preflight import not_the_qmp_socket, resolve_tcp
+from migblockd.scrape_request import RequestHandler
 
 __all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_DEADLINE", "REQUEST_TIMEOUT", "MetricsApp",
            "MetricsServer", "gzip_wanted"]
@@ -74,7 +74,7 @@ _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
          b"Content-Type: text/plain; charset=utf-8\r\n"
          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT))
 
-class _Handler(WSGIRequestHandler):
+class _Handler(RequestHandler):
     timeout = REQUEST_TIMEOUT
     server: _Server
 
@@ -90,10 +90,6 @@ class _Handler(WSGIRequestHandler):
         with contextlib.suppress(OSError):
             self.wfile.write(_BUSY)
         return False
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # The request line is the client's: escaped and cut, as every client string.
-        log.debug("metrics: %s", shown(format % args, quoted=False))
 
 
 class _Server(ThreadingMixIn, WSGIServer):

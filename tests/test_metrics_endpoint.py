@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import DaemonProcess, assert_clean_log
 from prometheus_client.registry import CollectorRegistry
+from qmpclient import blocking_client, encode
 from test_core import make
 from test_daemon_exhaustion import limited_python
 from test_metrics import UnixHTTPConnection, get, scrape
@@ -289,3 +293,63 @@ def test_at_exit_a_link_put_in_place_of_the_socket_is_left(
     assert d.stop() == 0
     assert endpoint_path.is_symlink()
     assert_clean_log(d)
+
+
+def test_a_scraper_that_stops_reading_is_a_line_of_the_log(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
+    # An answer larger than the socket's buffers, to a client that reads none of
+    # it: the write times out, and wsgiref printed a bare traceback on stderr.
+    # A network namespace of its own, with small TCP buffers, makes the answer
+    # larger than them, as a scraper across a network with a small window would.
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a network namespace whose TCP settings it changes")
+    if any(shutil.which(tool) is None for tool in ("unshare", "nsenter", "ip")):
+        pytest.skip("needs unshare and nsenter (util-linux), ip (iproute2) for a private network")
+    small = "4096 4096 4096"
+    wrapper = tmp_path / "python-small-tcp"
+    wrapper.write_text(
+        "#!/bin/sh\nexec unshare --net sh -c "
+        f"'ip link set lo up && echo {small} > /proc/sys/net/ipv4/tcp_wmem && "
+        f"echo {small} > /proc/sys/net/ipv4/tcp_rmem && "
+        f'exec {sys.executable} "$@"\' sh "$@"\n')
+    wrapper.chmod(0o755)
+    d = start_daemon("--metrics", "127.0.0.1:0", "--ephemeral", socket=short_tmp / "q.sock",
+                     python=str(wrapper))
+    port = d.wait_for_log(re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/")).group(1)
+    # Each command that has run adds its histogram to the answer: tens of kilobytes.
+    with blocking_client(d.socket) as qmp:
+        for command in ("query-version", "query-commands", "query-blockers", "query-migrate",
+                        "query-migrate-parameters", "query-migrate-capabilities"):
+            qmp.sendall(encode({"execute": command}))
+            assert b'"return"' in qmp.recv(1 << 20)
+    # Sends its request and reads nothing until its standard input closes.
+    silent = ("import socket, sys\n"
+              "s = socket.socket()\n"
+              "s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)\n"
+              f"s.connect(('127.0.0.1', {port}))\n"
+              "s.sendall(b'GET /metrics HTTP/1.1\\r\\n\\r\\n')\n"
+              "sys.stdin.read()\n")
+    client = subprocess.Popen(
+        ["nsenter", f"--net=/proc/{d.proc.pid}/ns/net", sys.executable, "-c", silent],
+        stdin=subprocess.PIPE)
+    try:
+        d.wait_for_log("metrics: answer not sent: TimeoutError",
+                       timeout=endpoint.REQUEST_TIMEOUT + 10)
+    finally:
+        assert client.stdin is not None
+        client.stdin.close()
+        client.wait(10)
+    assert scrape_tcp(d, int(port)) == 200  # the endpoint serves on
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+def scrape_tcp(d: DaemonProcess, port: int) -> int:
+    """The status of a GET from inside the daemon's network namespace."""
+    fetch = ("import http.client\n"
+             f"c = http.client.HTTPConnection('127.0.0.1', {port}, timeout=10)\n"
+             "c.request('GET', '/metrics')\n"
+             "print(c.getresponse().status)\n")
+    out = subprocess.run(["nsenter", f"--net=/proc/{d.proc.pid}/ns/net", sys.executable, "-c",
+                          fetch], capture_output=True, text=True, timeout=30, check=True)
+    return int(out.stdout)

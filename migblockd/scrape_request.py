@@ -10,10 +10,17 @@ otherwise:
   socket's buffers) is printed as a bare traceback on standard error, outside
   the log's format.  Here it is a line of the log: debug for the socket's
   errors (the client's doing), error for anything else (a bug).
+- Its header block may reach 100 lines of 64 KiB each: 6.4 MB per connection,
+  parsed by the ``email`` package in pure Python, on a thread that holds the
+  interpreter lock while it does, so the event loop waits (16 such clients, two
+  requests a second each, held QMP replies for up to 0.8 s, and grew the
+  process by 270 MB).  Here the block is at most ``MAX_HEADER_BYTES``; past it,
+  431.  A scraper's headers are a few hundred bytes.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -21,16 +28,20 @@ from wsgiref.simple_server import ServerHandler, WSGIRequestHandler
 
 from migblockd.logs import shown
 
-__all__ = ["MAX_REQUEST_LINE", "RequestHandler"]
+__all__ = ["MAX_HEADER_BYTES", "MAX_REQUEST_LINE", "RequestHandler"]
 
 log = logging.getLogger("migblockd")
 
 #: Bytes of the request line at most (wsgiref's own bound): past it, 414.
 MAX_REQUEST_LINE = 65536
+#: Bytes of the header lines together at most, the empty line that ends them
+#: included: past it, 431.  Prometheus sends a few hundred; a bearer token, a
+#: few thousand.
+MAX_HEADER_BYTES = 65536
 
 
 class RequestHandler(WSGIRequestHandler):
-    """wsgiref's handler of one request, that logs what goes wrong."""
+    """wsgiref's handler of one request, bounded in its header block, that logs what goes wrong."""
 
     def handle(self) -> None:
         # WSGIRequestHandler.handle (the same from Python 3.8 to 3.13), but for
@@ -48,9 +59,49 @@ class RequestHandler(WSGIRequestHandler):
         handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref's back pointer
         handler.run(self.server.get_app())  # type: ignore[attr-defined]
 
+    def parse_request(self) -> bool:
+        rfile = self.rfile
+        head = _Bounded(rfile, MAX_HEADER_BYTES)
+        self.rfile = head  # what http.server reads the header lines from
+        try:
+            parsed = super().parse_request()
+        finally:
+            self.rfile = rfile
+        if parsed and head.over:
+            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                            f"Request header fields over {MAX_HEADER_BYTES} bytes")
+            return False
+        return parsed
+
     def log_message(self, format: str, *args: Any) -> None:
         # The request line is the client's: escaped and cut, as every client string.
         log.debug("metrics: %s", shown(format % args, quoted=False))
+
+
+class _Bounded(io.BufferedIOBase):
+    """The request's header lines from ``raw``, ending early past ``limit`` bytes in all."""
+
+    def __init__(self, raw: io.BufferedIOBase, limit: int) -> None:
+        super().__init__()
+        self._raw = raw
+        self._left = limit
+        self.over = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readline(self, size: int | None = -1) -> bytes:
+        if self.over:
+            return b""
+        # One byte past what is left tells a block that ends exactly at the limit
+        # from one that goes on.
+        want = self._left + 1 if size is None or size < 0 else min(size, self._left + 1)
+        line = self._raw.readline(want)
+        self._left -= len(line)
+        if self._left < 0:
+            self.over = True
+            return b""  # the end of the headers, for http.client: parse_request says 431
+        return line
 
 
 class _ServerHandler(ServerHandler):

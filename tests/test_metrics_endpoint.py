@@ -31,6 +31,7 @@ from migblockd.config import Config
 from migblockd.daemon import open_metrics
 from migblockd.listen import StartupError
 from migblockd.scrape import MAX_SCRAPES, MetricsServer
+from migblockd.scrape_request import MAX_HEADER_BYTES
 
 
 @pytest.fixture
@@ -292,6 +293,42 @@ def test_at_exit_a_link_put_in_place_of_the_socket_is_left(
     assert scrape(endpoint_path).types["migblockd_build_info"] == "gauge"  # the daemon's
     assert d.stop() == 0
     assert endpoint_path.is_symlink()
+    assert_clean_log(d)
+
+
+def exchange(path: Path, request: bytes) -> bytes:
+    """``request`` sent whole on a new connection, and all that comes back."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(request)
+        return read_all(s)
+
+
+def test_a_header_block_past_the_limit_is_refused(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # wsgiref bounds each header line (64 KiB) and their number (100), not what they
+    # add up to: 6.4 MB a connection, parsed on a thread that holds the interpreter
+    # lock while the event loop waits for it.
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock")
+    line = b"GET /metrics HTTP/1.1\r\n"
+
+    def headers(size: int) -> bytes:
+        """Header lines of ``size`` bytes in all, the empty line that ends them included."""
+        each = b"X-Pad: " + b"a" * 1000 + b"\r\n"
+        count, rest = divmod(size - 2 - len(b"X-Last: \r\n"), len(each))
+        return each * count + b"X-Last: " + b"a" * rest + b"\r\n\r\n"
+
+    assert len(headers(MAX_HEADER_BYTES)) == MAX_HEADER_BYTES
+    answer = exchange(endpoint_path, line + headers(MAX_HEADER_BYTES))
+    assert answer.startswith(b"HTTP/1.0 200 "), answer[:200]
+    answer = exchange(endpoint_path, line + headers(MAX_HEADER_BYTES + 1))
+    assert answer.startswith(b"HTTP/1.0 431 "), answer[:200]
+    # One line past the limit too, under wsgiref's own bound on a line.
+    answer = exchange(endpoint_path, line + b"X-Big: " + b"a" * MAX_HEADER_BYTES + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 431 "), answer[:200]
+    assert d.stop() == 0
     assert_clean_log(d)
 
 

@@ -16,6 +16,9 @@ otherwise:
   requests a second each, held QMP replies for up to 0.8 s, and grew the
   process by 270 MB).  Here the block is at most ``MAX_HEADER_BYTES``; past it,
   431.  A scraper's headers are a few hundred bytes.
+- A request it cannot parse (no version, or ``HTTP/2.0``) is taken for
+  HTTP/0.9, and its error goes out with no status line: a client sees a
+  malformed answer, not a 400 or a 505.  Here every answer has one.
 """
 
 from __future__ import annotations
@@ -41,7 +44,12 @@ MAX_HEADER_BYTES = 65536
 
 
 class RequestHandler(WSGIRequestHandler):
-    """wsgiref's handler of one request, bounded in its header block, that logs what goes wrong."""
+    """wsgiref's handler of one request: its header block bounded, what goes wrong logged,
+    every answer in HTTP/1.0."""
+
+    # What an unparsable request line is taken for: the version its error is
+    # answered in (HTTP/0.9, the default, is answered without a status line).
+    default_request_version = "HTTP/1.0"
 
     def handle(self) -> None:
         # WSGIRequestHandler.handle (the same from Python 3.8 to 3.13), but for

@@ -305,6 +305,23 @@ def exchange(path: Path, request: bytes) -> bytes:
         return read_all(s)
 
 
+def test_requests_it_cannot_parse_get_a_status_line(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # wsgiref took them for HTTP/0.9 and sent its error page alone: a client saw a
+    # malformed answer, not a 400 or a 505.
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock")
+    for request, status in ((b"garbage\r\n\r\n", 400),
+                            (b"GET /metrics HTTP/1.1 extra\r\n\r\n", 400),
+                            (b"GET /metrics HTTP/2.0\r\n\r\n", 505),
+                            (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414)):
+        answer = exchange(endpoint_path, request)
+        assert answer.startswith(b"HTTP/1.0 %d " % status), (request[:40], answer[:200])
+    assert exchange(endpoint_path, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 200 ")
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
 def test_a_header_block_past_the_limit_is_refused(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
     # wsgiref bounds each header line (64 KiB) and their number (100), not what they

@@ -72,11 +72,19 @@ class _FileParser:
         self.line_pos = 0
         self.tok = _Token("", None, SourceInfo(fname, 1, 1))
         self.depth = 0  # of the object or array being read
+        self.col_at = (0, 0, 1)  # (line start, position, its column): see _info_at
 
     # --- lexer ---------------------------------------------------------
 
     def _info_at(self, pos: int) -> SourceInfo:
-        return SourceInfo(self.fname, self.line, _column(self.src[self.line_pos : pos]))
+        # The tokens of a line come in order: each column continues from the
+        # previous one, so that a line costs its length once, not once per
+        # token (an enum of thousands of values on one line took minutes).
+        if self.col_at[0] != self.line_pos or pos < self.col_at[1]:
+            self.col_at = (self.line_pos, self.line_pos, 1)
+        col = _column(self.src[self.col_at[1] : pos], self.col_at[2])
+        self.col_at = (self.line_pos, pos, col)
+        return SourceInfo(self.fname, self.line, col)
 
     def _error(self, pos: int, msg: str) -> QAPIError:
         return QAPIError(self._info_at(pos), msg)
@@ -304,9 +312,11 @@ class _FileParser:
         raise QAPIError(self.tok.info, "documentation comment must end with '##'")
 
 
-def _column(line_prefix: str) -> int:
-    """The 1-based column after ``line_prefix``, a tab reaching the next tab stop."""
-    col = 1
+def _column(line_prefix: str, col: int = 1) -> int:
+    """The 1-based column after ``line_prefix`` (which starts at column ``col``),
+    a tab reaching the next tab stop."""
+    if "\t" not in line_prefix:
+        return col + len(line_prefix)
     for ch in line_prefix:
         col = ((col - 1) // 8 + 1) * 8 + 1 if ch == "\t" else col + 1
     return col

@@ -1,0 +1,60 @@
+"""The generator's command line on hostile schema files: big, deep, oddly laid out.
+
+Each case runs the real ``migblockd-qapi-gen`` (as ``python -m``) on a file
+written here, and asks for what QEMU's generator gives: an answer in bounded
+time and, for a mistake, one ``FILE:LINE:COL: message`` line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+#: Seconds a case may take; the fixed code needs a few, the old one took minutes.
+LIMIT = 60
+
+
+def gen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "migblockd.qapi", *args],
+                          capture_output=True, text=True, check=False, timeout=LIMIT)
+
+
+def doc(symbol: str, members: list[str], returns: bool = False) -> str:
+    lines = [f"# @{m}: {m}." for m in members]
+    ret = ["#", "# Returns: it."] if returns else []
+    return "\n".join(["##", f"# @{symbol}:", "#", f"# {symbol}.", "#", *lines, *ret, "##"]) + "\n"
+
+
+def big_enum(values: int, one_line: bool) -> str:
+    names = [f"v{i}" for i in range(values)]
+    sep = ", " if one_line else ",\n  "
+    return doc("Big", names) + "{ 'enum': 'Big', 'data': [ " + sep.join(
+        f"'{n}'" for n in names) + " ] }\n"
+
+
+@pytest.mark.parametrize(("values", "one_line"), [(20000, True), (100000, False)])
+def test_a_huge_enum_is_read_in_linear_time(values: int, one_line: bool,
+                                            tmp_path: Path) -> None:
+    # Each token's column was counted from the start of its line (minutes for
+    # one long line of 20000 values), and each documented value was looked up
+    # in a list of all of them (a minute for 100000 values).
+    schema = tmp_path / "big.json"
+    schema.write_text(big_enum(values, one_line), encoding="utf-8")
+    result = gen("-o", str(tmp_path / "out"), str(schema))
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_an_error_at_the_end_of_a_long_line_has_its_column(tmp_path: Path) -> None:
+    # The column is counted as the line is read, tabs included.
+    schema = tmp_path / "big.json"
+    text = big_enum(20000, one_line=True).replace("'v19999' ]", "'v19999' 'x' ]")
+    text = text.replace("{ 'enum'", "\t{ 'enum'")
+    schema.write_text(text, encoding="utf-8")
+    line = text.splitlines()[-1]
+    col = 9 + len(line[1 : line.index("'x' ]")])  # the tab reaches column 9
+    result = gen("-o", str(tmp_path / "out"), str(schema))
+    assert result.returncode == 1
+    assert result.stderr == f"{schema}:{len(text.splitlines())}:{col}: expected ',' or ']'\n"

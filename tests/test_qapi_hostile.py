@@ -58,3 +58,25 @@ def test_an_error_at_the_end_of_a_long_line_has_its_column(tmp_path: Path) -> No
     result = gen("-o", str(tmp_path / "out"), str(schema))
     assert result.returncode == 1
     assert result.stderr == f"{schema}:{len(text.splitlines())}:{col}: expected ',' or ']'\n"
+
+
+@pytest.mark.parametrize("array", [False, True])
+def test_a_long_chain_of_structs_is_generated(array: bool, tmp_path: Path) -> None:
+    # Every struct holds the one before: the JSON Schema back end described a
+    # struct's members while describing the struct, one recursion per link,
+    # and a few hundred links ended in a RecursionError traceback.
+    parts = [doc("Link0", []) + "{ 'struct': 'Link0', 'data': {} }\n"]
+    for i in range(1, 3000):
+        prev = f"[ 'Link{i - 1}' ]" if array else f"'Link{i - 1}'"
+        parts.append(doc(f"Link{i}", ["prev"])
+                     + f"{{ 'struct': 'Link{i}', 'data': {{ 'prev': {prev} }} }}\n")
+    parts.append(doc("get-chain", [], returns=True)
+                 + "{ 'command': 'get-chain', 'returns': 'Link2999' }\n")
+    parts.append(doc("CHAINED", []) + "{ 'event': 'CHAINED', 'data': 'Link2999' }\n")
+    schema = tmp_path / "chain.json"
+    schema.write_text("\n".join(parts), encoding="utf-8")
+    out = tmp_path / "out"
+    result = gen("-o", str(out), str(schema))
+    assert (result.returncode, result.stderr) == (0, "")
+    returns = (out / "commands" / "get-chain.returns.json").read_text(encoding="utf-8")
+    assert '"Link0": {' in returns and '"Link2999": {' in returns

@@ -66,6 +66,10 @@ class _DocumentBuilder:
 
     def __init__(self) -> None:
         self.defs: dict[str, dict[str, Any]] = {}
+        # Structs reached but not yet described.  Describing one on the spot
+        # would recurse once per struct of a chain (each holding the next),
+        # and a few hundred of them ended in a RecursionError.
+        self.pending: list[ObjectType] = []
 
     def type_schema(self, typ: QAPIType) -> dict[str, Any]:
         if isinstance(typ, BuiltinType):
@@ -79,10 +83,9 @@ class _DocumentBuilder:
                 self.defs[typ.name] = {"type": "string", "enum": list(typ.value_names)}
             else:
                 assert isinstance(typ, ObjectType)
-                # Reserve the slot before descending so that a (future)
-                # recursive struct terminates.
+                # The slot is taken now, so that a recursive struct is queued once.
                 self.defs[typ.name] = {}
-                self.defs[typ.name] = self.object_schema(typ)
+                self.pending.append(typ)
         return {"$ref": f"#/$defs/{typ.name}"}
 
     def object_schema(self, typ: ObjectType | None) -> dict[str, Any]:
@@ -98,6 +101,9 @@ class _DocumentBuilder:
         return obj
 
     def document(self, title: str, body: dict[str, Any]) -> dict[str, Any]:
+        while self.pending:
+            typ = self.pending.pop()
+            self.defs[typ.name] = self.object_schema(typ)
         return {
             "$schema": DRAFT,
             "title": title,

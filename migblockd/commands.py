@@ -51,6 +51,25 @@ def reads_state(handler: H) -> H:
 MAX_DOWNTIME = 2000 * 1000
 
 
+#: The schema commands migblockd has a handler for: each is the method named
+#: after it (``add-blocker`` -> ``add_blocker``); ``qmp_capabilities`` is the
+#: session's own.  Listed rather than found by name alone: a schema command
+#: called ``table`` or ``migration-status`` found a method that is no handler,
+#: and ``migrate-cancel`` found ``migrate_cancel``'s.
+HANDLED = frozenset({
+    "query-version", "query-commands", "query-qmp-schema",
+    "add-blocker", "del-blocker", "query-blockers",
+    "migrate", "migrate_cancel", "query-migrate",
+    "migrate-set-parameters", "query-migrate-parameters",
+    "migrate-set-capabilities", "query-migrate-capabilities",
+})
+
+
+def has_handler(name: str) -> bool:
+    """Whether migblockd serves the schema command ``name`` (see :data:`HANDLED`)."""
+    return name in HANDLED or name == QMP_CAPABILITIES
+
+
 def version_info() -> dict[str, Any]:
     """``query-version``'s answer, also the greeting's ``version``."""
     major, minor, micro = (int(x) for x in __version__.split(".")[:3])
@@ -255,6 +274,14 @@ class Handlers:
         """The link to a gated QEMU, for the STATUS line: None when there is none."""
         return None
 
+    def handler(self, name: str) -> Handler | None:
+        """The handler of the schema command ``name``; None for ``qmp_capabilities``
+        and for a command migblockd does not serve."""
+        if name not in HANDLED:
+            return None
+        found: Handler = getattr(self, name.replace("-", "_"))
+        return found
+
     def table(self) -> dict[str, Command]:
         """One ``Command`` per schema command; validators are built here, once.
 
@@ -262,9 +289,9 @@ class Handlers:
         """
         table: dict[str, Command] = {}
         for name, spec in self.contract.commands.items():
-            handler: Handler | None = getattr(self, name.replace("-", "_"), None)
-            if handler is None and name != QMP_CAPABILITIES:
+            if not has_handler(name):  # the start refuses such a schema first (served.py)
                 raise LookupError(f"schema command {name!r} has no handler in migblockd.commands")
+            handler = self.handler(name)
             table[name] = Command(name, spec.allow_oob, ArgumentValidator(spec.arguments).check,
                                   handler)
         return table

@@ -16,6 +16,7 @@ from typing import Any
 
 from .qapi.builder import load_schema
 from .qapi.doc import SchemaDocs, build_docs
+from .qapi.error import SourceInfo
 from .qapi.introspect import introspect
 from .qapi.jsonschema import command_documents, event_documents
 
@@ -70,7 +71,10 @@ class Contract:
     ``commands`` and ``events`` are in schema order; ``enums`` maps every
     enum name to its values in schema order (``enums["MigMode"]``);
     ``introspection`` is the ``query-qmp-schema`` answer; ``docs`` is what the
-    shell needs for help and completion (see ``SchemaDocs``).
+    shell needs for help and completion (see ``SchemaDocs``).  ``root`` is the
+    root schema file and ``sources`` where each enum, struct, command and event
+    is defined, for messages about the schema that QAPI's rules alone do not
+    make (``migblockd.served``).
     """
 
     commands: Mapping[str, CommandSpec]
@@ -78,6 +82,8 @@ class Contract:
     enums: Mapping[str, tuple[str, ...]]
     introspection: list[dict[str, Any]]
     docs: SchemaDocs
+    root: Path
+    sources: Mapping[str, SourceInfo]
 
     @classmethod
     def load(cls, path: Path | None = None) -> Contract:
@@ -109,10 +115,17 @@ class Contract:
             for name, data in event_documents(schema).items()
         }
         enums = {name: enum.value_names for name, enum in schema.enums.items()}
+        sources: dict[str, SourceInfo] = {}
+        for named in (*schema.types.values(), *schema.commands.values(),
+                      *schema.events.values()):
+            assert named.info is not None  # only the implicit types have none
+            sources[named.name] = named.info
         return cls(
             commands=MappingProxyType(commands),
             events=MappingProxyType(events),
             enums=MappingProxyType(enums),
             introspection=introspect(schema),
             docs=docs,
+            root=path,
+            sources=MappingProxyType(sources),
         )

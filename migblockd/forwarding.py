@@ -97,8 +97,7 @@ class Forwarding(Handlers):
         # so exec-oob of them is refused as QEMU refuses it, and introspection says so.
         self.in_band_only = frozenset(
             name for name, spec in contract.commands.items()
-            if spec.allow_oob and inspect.isgeneratorfunction(
-                getattr(self, name.replace("-", "_"), None)))
+            if spec.allow_oob and inspect.isgeneratorfunction(self.handler(name)))
         self._introspection = [
             {k: v for k, v in entry.items() if k != "allow-oob"}
             if entry.get("meta-type") == "command" and entry["name"] in self.in_band_only

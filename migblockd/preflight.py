@@ -33,6 +33,7 @@ from migblockd.listen import StartupError, check_socket_directory, check_socket_
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import passthrough_warnings
 from migblockd.resolver import Resolver, group_id
+from migblockd.served import check_served
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory
 from migblockd.trust import distrust
@@ -42,14 +43,17 @@ __all__ = ["ignored", "load_contract", "not_the_qmp_socket", "passed_path", "pro
 
 
 def load_contract(path: Path | None) -> Contract:
-    """The schema ``--schema`` names (None: the installed one); StartupError when it cannot."""
+    """The schema ``--schema`` names (None: the installed one); StartupError when it
+    cannot be read, has a mistake or is not one the daemon can serve (:mod:`.served`)."""
     try:
-        return Contract.load(path)
+        contract = Contract.load(path)
     except QAPIError as exc:
         raise StartupError(f"bad schema: {exc}") from None
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise StartupError(f"cannot read the schema{where}: {exc.strerror or exc}") from None
+    check_served(contract)
+    return contract
 
 
 def socket_gid(group: str | None) -> int | None:

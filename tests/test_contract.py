@@ -10,7 +10,9 @@ from typing import Any
 import jsonschema
 import pytest
 
+from migblockd.commands import HANDLED, Handlers
 from migblockd.contract import CommandSpec, Contract, EventSpec, schema_dir
+from migblockd.gate import GateHandlers
 from migblockd.qapi.error import QAPIError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,3 +187,14 @@ def test_load_raises_qapierror_on_a_bad_schema(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("'modes': [ 'MigMode' ],", "'modes': [ 'Mode' ],"))
     with pytest.raises(QAPIError, match=r"migration\.json:\d+:\d+: member 'modes' of "):
         Contract.load(copy)
+
+
+def test_every_schema_command_has_its_handler(contract: Contract) -> None:
+    # HANDLED names what the start accepts; each name must be a method of both
+    # handler classes, and the shipped schema must need no other.
+    assert set(contract.commands) == HANDLED | {"qmp_capabilities"}
+    for cls in (Handlers, GateHandlers):
+        for name in HANDLED:
+            assert callable(getattr(cls, name.replace("-", "_"), None)), (cls, name)
+    assert contract.sources["MigMode"].fname.endswith("migration.json")
+    assert contract.root == schema_dir() / "migblockd.json"

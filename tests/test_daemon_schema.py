@@ -4,9 +4,12 @@ of the schema accepts, introspects and enforces a new migration mode with no cod
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import DaemonProcess
 from qemu_strings import DEFAULT_PARAMETERS, GENERIC
 
@@ -68,3 +71,106 @@ async def test_daemon_refuses_a_broken_schema_with_file_line_col(
     log = daemon.log()
     assert f"bad schema: {migration}:" in log
     assert "Traceback" not in log
+
+
+MIGMODE = "{ 'enum': 'MigMode',\n  'data': [ 'normal', 'cpr-reboot', 'cpr-transfer', 'cpr-exec' ] }"
+#: A command for each way a name finds no handler: none at all, a method of the
+#: handlers that is no handler, and the dashed twin of migrate_cancel.
+UNHANDLED = ("frobnicate", "migration-status", "migrate-cancel")
+
+
+def schema_edited(tmp_path: Path, edit: Callable[[str], str]) -> tuple[Path, Path]:
+    """A copy of the schema with ``edit`` applied to migration.json: (root, migration.json)."""
+    copy = tmp_path / "schema"
+    shutil.copytree(schema_dir(), copy, ignore=shutil.ignore_patterns("generated"))
+    migration = copy / "migration.json"
+    text = migration.read_text(encoding="utf-8")
+    assert text.count(MIGMODE) == 1
+    migration.write_text(edit(text), encoding="utf-8")
+    return copy / "migblockd.json", migration
+
+
+def line_of(path: Path, text: str) -> int:
+    source = path.read_text(encoding="utf-8")
+    return source[: source.index(text)].count("\n") + 1
+
+
+def command(name: str) -> str:
+    return f"\n##\n# @{name}:\n#\n# Not served.\n##\n{{ 'command': '{name}' }}\n"
+
+
+def refused_start(tmp_path: Path, start_daemon: Callable[..., DaemonProcess],
+                  root: Path) -> str:
+    """The one line of a daemon that refused to start with ``root``; it bound and made nothing."""
+    state = tmp_path / "state"
+    daemon = start_daemon("--schema", str(root), "--state-dir", str(state), wait=False)
+    assert daemon.proc.wait(30) == 1
+    log = daemon.log()
+    assert "Traceback" not in log
+    assert not daemon.socket.exists() and not state.exists()
+    (line,) = [line for line in log.splitlines() if " DEBUG: " not in line]
+    return line
+
+
+async def test_daemon_refuses_a_schema_without_migmode(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # Without it there are no modes to block: a KeyError traceback.
+    root, _ = schema_edited(tmp_path, lambda t: t.replace("MigMode", "MigModes"))
+    line = refused_start(tmp_path, start_daemon, root)
+    assert line.endswith(f" ERROR: bad schema: {root}: enum 'MigMode' is not defined; "
+                         "migblockd takes the migration modes from it")
+
+
+async def test_daemon_refuses_migmode_as_a_struct(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    struct = "{ 'struct': 'MigMode',\n  'data': { 'normal': 'str', 'cpr-reboot': 'str', " \
+             "'cpr-transfer': 'str', 'cpr-exec': 'str' } }"
+    # Its users take strings instead, so that only MigMode's kind is wrong.
+    root, migration = schema_edited(tmp_path, lambda t: t.replace(MIGMODE, "STRUCT").replace(
+        "'MigMode'", "'str'").replace("STRUCT", struct))
+    line = refused_start(tmp_path, start_daemon, root)
+    assert line.endswith(f" ERROR: bad schema: {migration}:{line_of(migration, struct)}:1: "
+                         "'MigMode' must be an enum (of the migration modes)")
+
+
+async def test_daemon_refuses_migmode_without_normal(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # The registry's ValueError escaped as a traceback.
+    root, migration = schema_edited(tmp_path, lambda t: t.replace(
+        "'data': [ 'normal', 'cpr-reboot'", "'data': [ 'cpr-reboot'").replace(
+        "# @normal: Classic live migration", "# Classic live migration"))
+    line = refused_start(tmp_path, start_daemon, root)
+    where = line_of(migration, "{ 'enum': 'MigMode'")
+    assert line.endswith(
+        f" ERROR: bad schema: {migration}:{where}:1: "
+        "enum 'MigMode' lacks value 'normal', the mode of a migration until "
+        "migrate-set-parameters sets another")
+
+
+@pytest.mark.parametrize("name", UNHANDLED)
+async def test_daemon_refuses_a_command_it_has_no_handler_for(
+    name: str, tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # frobnicate was a LookupError traceback once the state was open; the other
+    # two started, and each call was an internal error (a TypeError logged) or
+    # migrate_cancel's work under another name.
+    root, migration = schema_edited(tmp_path, lambda t: t + command(name))
+    line = refused_start(tmp_path, start_daemon, root)
+    where = line_of(migration, f"{{ 'command': '{name}' }}")
+    assert line.endswith(f" ERROR: bad schema: {migration}:{where}:1: "
+                         f"migblockd has no handler for command '{name}'")
+
+
+def test_check_config_says_what_the_start_would(tmp_path: Path) -> None:
+    root, migration = schema_edited(tmp_path, lambda t: t + command("frobnicate"))
+    result = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
+         "--socket", str(tmp_path / "s"), "--schema", str(root)],
+        capture_output=True, text=True, check=False, timeout=60)
+    where = line_of(migration, "{ 'command': 'frobnicate' }")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (f"migblockd: bad schema: {migration}:{where}:1: "
+                             "migblockd has no handler for command 'frobnicate'\n")

@@ -80,3 +80,13 @@ def test_a_long_chain_of_structs_is_generated(array: bool, tmp_path: Path) -> No
     assert (result.returncode, result.stderr) == (0, "")
     returns = (out / "commands" / "get-chain.returns.json").read_text(encoding="utf-8")
     assert '"Link0": {' in returns and '"Link2999": {' in returns
+
+
+def test_control_characters_in_a_message_are_escaped(tmp_path: Path) -> None:
+    # A stray token is quoted as the file holds it: NULs and a terminal's escape
+    # sequences went raw to stderr (and to the daemon's log).
+    schema = tmp_path / "nul.json"
+    schema.write_bytes(b"{ 'enum': 'Foo', 'data': [] }\n\x00\x1bc\n")
+    result = gen("-o", str(tmp_path / "out"), str(schema))
+    assert result.returncode == 1
+    assert result.stderr == f"{schema}:2:1: stray '\\x00\\x1bc'\n"

@@ -34,9 +34,24 @@ class QAPIError(Exception):
     """
 
     def __init__(self, info: SourceInfo, msg: str) -> None:
+        msg = _shown(msg)
         super().__init__(f"{info}: {msg}")
         self.info = info
         self.msg = msg
 
     def __str__(self) -> str:
         return f"{self.info}: {self.msg}"
+
+
+def _shown(msg: str) -> str:
+    """``msg`` with control and format characters escaped (``\\x1b``, ``\\ufeff``).
+
+    A message quotes what the file holds: a stray token, a doc comment's symbol
+    or member name, any of which may hold a NUL, an escape sequence a terminal
+    would obey or a byte order mark nobody can see.  The message goes to a
+    terminal and to the daemon's log, as one line a reader can trust.
+    """
+    if msg.isprintable():
+        return msg
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+                   for ch in msg)

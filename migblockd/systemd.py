@@ -209,12 +209,7 @@ class Notifier:
             self._failing = False
 
     async def ready(self, status: str | None = None) -> None:
-        lines = ["READY=1"]
-        if status is not None:
-            status = _one_line(status)
-            self._last_status = status
-            lines.append(f"STATUS={status}")
-        await self.notify(*lines)
+        await self._with_status("READY=1", status)
 
     async def status(self, text: str) -> None:
         """Send ``STATUS=text`` unless it is what was sent last."""
@@ -232,7 +227,11 @@ class Notifier:
 
     async def stopping(self, status: str | None = None) -> None:
         """``STOPPING=1``, with what the stop waits for (``status``) if given."""
-        lines = ["STOPPING=1"]
+        await self._with_status("STOPPING=1", status)
+
+    async def _with_status(self, assignment: str, status: str | None) -> None:
+        # In one datagram: systemd shows the new state and its status together.
+        lines = [assignment]
         if status is not None:
             status = _one_line(status)
             self._last_status = status

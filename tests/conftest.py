@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -197,6 +198,17 @@ def short_tmp() -> Iterator[Path]:
     path.mkdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def notify(short_tmp: Path) -> Iterator[socket.socket]:
+    """A notify socket, as systemd's: the daemon sends its assignments to it."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(short_tmp / "notify"))
+    try:
+        yield receiver
+    finally:
+        receiver.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,8 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
 from conftest import DaemonProcess
 from faults import injecting
 from realqemu import Qemu
@@ -24,17 +22,6 @@ from test_gate import connected
 
 #: How long a STATUS= may take to come: well past each test's qemu-timeout.
 WITHIN = 15.0
-
-
-@pytest.fixture
-def notify(short_tmp: Path) -> Iterator[socket.socket]:
-    """A notify socket, as systemd's: the daemon sends its assignments to it."""
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(short_tmp / "notify"))
-    try:
-        yield receiver
-    finally:
-        receiver.close()
 
 
 def notify_env(receiver: socket.socket) -> dict[str, str]:

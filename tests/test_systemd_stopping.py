@@ -14,25 +14,13 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from conftest import DaemonProcess, assert_clean_log
 
 #: How long a datagram may take to come.
 WITHIN = 10.0
-
-
-@pytest.fixture
-def notify(short_tmp: Path) -> Iterator[socket.socket]:
-    """A notify socket, as systemd's: the daemon sends its assignments to it."""
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(short_tmp / "notify"))
-    try:
-        yield receiver
-    finally:
-        receiver.close()
 
 
 def until(receiver: socket.socket, wanted: Callable[[dict[str, str]], bool],

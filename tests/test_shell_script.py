@@ -708,6 +708,29 @@ def test_a_refused_connection_says_why(start_daemon: Any) -> None:
         "serving max-clients=1 clients; try again later")
 
 
+def test_a_refusal_quoting_control_characters_is_printed_escaped(short_tmp: Path) -> None:
+    # Whatever listens at the socket writes the refusal's text: it must not
+    # clear the operator's screen or hide what it says.
+    path = short_tmp / "evil.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+
+        def refuse() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b'{"error": {"class": "GenericError", '
+                             b'"desc": "go away\\u001b[2J\\u009b1m"}}\r\n')
+
+        thread = threading.Thread(target=refuse)
+        thread.start()
+        result = shell(str(path), "-c", "query-version")
+        thread.join(10)
+    assert result.returncode == 2
+    assert result.stderr == (f"migblock-shell: {path}: migblockd refused the connection: "
+                             "go away\\x1b[2J\\x9b1m\n")
+
+
 def test_an_empty_socket_is_a_usage_error_not_the_default(daemon: DaemonProcess) -> None:
     # migblock-shell "$SOCK" with SOCK unset: it used to connect to the default
     # socket, another daemon than the script meant, or fail with that one's error.

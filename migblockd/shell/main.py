@@ -14,7 +14,7 @@ from migblockd.shell.client import GREETING_TIMEOUT, ClientError
 from migblockd.shell.helptext import load_docs
 from migblockd.shell.history import history_path
 from migblockd.shell.interrupt import Interrupts
-from migblockd.shell.render import Renderer
+from migblockd.shell.render import Renderer, visible
 
 DESCRIPTION = """\
 A QMP shell for migblockd, in the spirit of QEMU's qmp-shell.
@@ -150,7 +150,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         status = asyncio.run(_amain(args, interrupts))
     except ClientError as err:
         if sys.stderr is not None:  # closed (2>&-): print() would write to stdout
-            print(f"migblock-shell: {err}", file=sys.stderr)
+            # It may quote the peer (a refusal's text) or a path: neither may steer
+            # the terminal.
+            print(f"migblock-shell: {visible(str(err))}", file=sys.stderr)
         status = 2
     except asyncio.CancelledError:
         if not interrupts.count:

@@ -121,12 +121,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=16, help="changes per group")
     parser.add_argument("--standing", type=int, default=1000,
                         help="blockers already stored")
-    parser.add_argument("--dir", type=Path, help="where to put the state (default: a "
-                        "temporary directory)")
+    parser.add_argument("--dir", type=Path, help="an existing directory, on the disk to "
+                        "measure, to make the state's temporary directory in (default: the "
+                        "system's temporary directory)")
     parser.add_argument("--pause", type=float, default=0.0, metavar="SECONDS",
                         help="sleep after each commit, as the daemon's disk idles between "
                         "two (default: none)")
     args = parser.parse_args()
+    if args.dir is not None and not args.dir.is_dir():
+        parser.error(f"--dir {args.dir}: not an existing directory")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         directory = Path(tmp)
         commits, syncs, (user, system) = bench(directory, args.groups, args.size,

@@ -34,6 +34,7 @@ from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import passthrough_warnings
 from migblockd.resolver import Resolver, group_id
 from migblockd.served import check_served
+from migblockd.shapes import check_shapes
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory
 from migblockd.trust import distrust
@@ -44,7 +45,8 @@ __all__ = ["ignored", "load_contract", "not_the_qmp_socket", "passed_path", "pro
 
 def load_contract(path: Path | None) -> Contract:
     """The schema ``--schema`` names (None: the installed one); StartupError when it
-    cannot be read, has a mistake or is not one the daemon can serve (:mod:`.served`)."""
+    cannot be read, has a mistake or is not one the daemon can serve (:mod:`.served`,
+    :mod:`.shapes`)."""
     try:
         contract = Contract.load(path)
     except QAPIError as exc:
@@ -53,6 +55,8 @@ def load_contract(path: Path | None) -> Contract:
         where = f" {exc.filename}" if exc.filename else ""
         raise StartupError(f"cannot read the schema{where}: {exc.strerror or exc}") from None
     check_served(contract)
+    if path is not None:
+        check_shapes(contract)
     return contract
 
 

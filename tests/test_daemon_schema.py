@@ -174,3 +174,66 @@ def test_check_config_says_what_the_start_would(tmp_path: Path) -> None:
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == (f"migblockd: bad schema: {migration}:{where}:1: "
                              "migblockd has no handler for command 'frobnicate'\n")
+
+
+INTERNAL_DOC = ("# @internal: Ignore the daemon's only-migratable setting, like QEMU's\n"
+                "#     internal blockers.  Needs role operator.  Default: false.\n#\n")
+ADD_BLOCKER = "{ 'command': 'add-blocker',\n  'data': { 'reason': 'str',"
+#: Each edit of add-blocker or query-blockers the handlers cannot follow, with the
+#: command it changes, the part, and where in its JSON Schema the change is.
+RESHAPED = [
+    pytest.param(lambda t: t.replace(ADD_BLOCKER, ADD_BLOCKER.replace("'str'", "'int'")),
+                 "add-blocker", "arguments", "/properties/reason/type", id="argument-type"),
+    pytest.param(lambda t: t.replace("'*internal': 'bool',\n            '*id'", "'*id'").replace(
+        INTERNAL_DOC, ""), "add-blocker", "arguments", "/properties/internal",
+                 id="removed-member"),
+    pytest.param(lambda t: t.replace("'returns': [ 'BlockerInfo' ], 'allow-oob': true",
+                                     "'returns': [ 'MigrationInfo' ], 'allow-oob': true"),
+                 "query-blockers", "returns", "/items/$ref", id="changed-return"),
+]
+
+
+@pytest.mark.parametrize(("edit", "name", "part", "pointer"), RESHAPED)
+async def test_daemon_refuses_a_schema_that_reshapes_a_command(
+    edit: Callable[[str], str], name: str, part: str, pointer: str,
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # The handler reads the bundled arguments and returns the bundled reply: served,
+    # an int reason was an internal error, an internal flag was accepted by a schema
+    # that does not offer it, and every listing broke the schema clients were given.
+    root, migration = schema_edited(tmp_path, edit)
+    assert migration.read_text(encoding="utf-8") != (schema_dir() / "migration.json").read_text(
+        encoding="utf-8")
+    line = refused_start(tmp_path, start_daemon, root)
+    where = line_of(migration, f"{{ 'command': '{name}'")
+    assert line.endswith(f" ERROR: bad schema: {migration}:{where}:1: command '{name}' "
+                         f"changes its {part} (at {pointer}); migblockd's handler takes "
+                         "and returns the bundled schema's")
+
+
+async def test_daemon_refuses_a_schema_without_qmp_capabilities(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    root, _ = schema_edited(tmp_path, lambda t: t)
+    control = root.parent / "control.json"
+    text = control.read_text(encoding="utf-8")
+    negotiate = "{ 'command': 'qmp_capabilities',\n  'data': { '*enable': [ 'QMPCapability' ] } }"
+    assert text.count(negotiate) == 1
+    start = text.rindex("##\n# @qmp_capabilities:", 0, text.index(negotiate))
+    control.write_text(text[:start] + text[text.index(negotiate) + len(negotiate):],
+                       encoding="utf-8")
+    line = refused_start(tmp_path, start_daemon, root)
+    assert line.endswith(f" ERROR: bad schema: {root}: command 'qmp_capabilities' is not "
+                         "defined; without it no client can leave capabilities negotiation")
+
+
+def test_a_schema_that_reorders_members_or_drops_commands_is_served(tmp_path: Path) -> None:
+    # Neither changes what a handler takes or returns.
+    root, _ = schema_edited(tmp_path, lambda t: t.replace(
+        "'*internal': 'bool',\n            '*id': 'str'",
+        "'*id': 'str',\n            '*internal': 'bool'"))
+    result = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
+         "--socket", str(tmp_path / "s"), "--schema", str(root)],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")

@@ -65,10 +65,15 @@ class MetricsApp:
             return _plain(start_response, "405 Method Not Allowed", "use GET",
                           [("Allow", "GET, HEAD")])
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        headers = [("Content-Type", content_type)]
+        gzipped = gzip_wanted(environ.get("HTTP_ACCEPT_ENCODING", ""))
+        if gzipped:
+            headers.append(("Content-Encoding", "gzip"))
         if method == "HEAD":
             # HTTP's general-purpose servers take HEAD (RFC 9110, 9.1): an uptime
-            # probe's.  Its headers without building the body, which costs the loop.
-            start_response("200 OK", [("Content-Type", content_type)])
+            # probe's.  The GET's headers (9.3.2), without building the body, which
+            # costs the loop.
+            start_response("200 OK", headers)
             # Not [], for which wsgiref says "Content-Length: 0": a HEAD answer must
             # not give a length other than the GET's (RFC 9110, 8.6), and that one is
             # not known without the build.  wsgiref gives none for an iterator.
@@ -82,10 +87,8 @@ class MetricsApp:
         except Exception:
             log.exception("metrics: cannot build the answer")
             return _plain(start_response, "500 Internal Server Error", "internal error")
-        headers = [("Content-Type", content_type)]
-        if gzip_wanted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+        if gzipped:
             output = gzip.compress(output)
-            headers.append(("Content-Encoding", "gzip"))
         start_response("200 OK", headers)
         return [output]
 

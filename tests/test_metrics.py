@@ -276,6 +276,17 @@ async def test_tcp_on_a_port_the_kernel_picks(
     # No length rather than a wrong one (RFC 9110, 8.6: the GET's, or none).
     assert b"Content-Length" not in head, answer
     assert rest == b"", answer
+    assert b"Content-Encoding" not in head, answer
+    # Asked for gzip, HEAD says what the GET would (RFC 9110, 9.3.2): a cache or a
+    # probe that compares the two must not see the encoding change.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
+        answer = b""
+        while chunk := raw.recv(4096):
+            answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n"), answer
+    assert b"\r\nContent-Encoding: gzip" in head and rest == b"", answer
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         raw.sendall(b"GET / what HTTP/1.1\r\n\r\n")
         assert raw.recv(4096).startswith(b"HTTP/1.0 400")

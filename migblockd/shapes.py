@@ -12,6 +12,12 @@ ignored, a member it needs missing (an internal error at each call), a reply
 that breaks the schema clients were given.  So the start refuses it, at the
 command's definition, as QEMU's generator points at a mistake.
 
+Events are the daemon's to send, whatever a schema says: every event the
+bundled schema defines must be defined, with the same data.  An event left
+out would still reach clients told it does not exist, and one with other data
+would carry members its definition does not have.  Events only the replacement
+defines are never sent, as a QEMU built without a device never sends its events.
+
 ``qmp_capabilities`` must be there: without it no client leaves capabilities
 negotiation (qemu/qemu ``monitor/qmp.c`` serves nothing else until then).
 """
@@ -34,12 +40,13 @@ _PROSE = frozenset({"title", "description", "$comment"})
 
 
 def check_shapes(contract: Contract) -> None:
-    """StartupError (``bad schema: ...``) when ``contract`` shapes a command otherwise
-    than the bundled schema does, or lacks ``qmp_capabilities``."""
+    """StartupError (``bad schema: ...``) when ``contract`` shapes a command or an event
+    otherwise than the bundled schema does, lacks one of its events, or lacks
+    ``qmp_capabilities``."""
     if NEGOTIATE not in contract.commands:
         raise StartupError(f"bad schema: {contract.root}: command '{NEGOTIATE}' is not "
                            "defined; without it no client can leave capabilities negotiation")
-    bundled = _bundled()
+    bundled = _bundled().commands
     for name, spec in contract.commands.items():
         if name not in bundled:  # a handler the bundled schema does not offer
             continue
@@ -51,11 +58,26 @@ def check_shapes(contract: Contract) -> None:
                                   "migblockd's handler takes and returns the bundled "
                                   "schema's")
                 raise StartupError(f"bad schema: {error}")
+    _check_events(contract)
+
+
+def _check_events(contract: Contract) -> None:
+    for name, sent in _bundled().events.items():
+        defined = contract.events.get(name)
+        if defined is None:
+            raise StartupError(f"bad schema: {contract.root}: event '{name}' is not defined, "
+                               "yet migblockd sends it; define it as the bundled schema does")
+        where = _difference(_shape(sent.data), _shape(defined.data), "")
+        if where is not None:
+            error = QAPIError(contract.sources[name],
+                              f"event '{name}' changes its data (at {where or '/'}); "
+                              "migblockd sends the bundled schema's")
+            raise StartupError(f"bad schema: {error}")
 
 
 @functools.cache
-def _bundled() -> dict[str, CommandSpec]:
-    return dict(Contract.load().commands)
+def _bundled() -> Contract:
+    return Contract.load()
 
 
 def _document(spec: CommandSpec, part: str) -> Any:

@@ -237,3 +237,52 @@ def test_a_schema_that_reorders_members_or_drops_commands_is_served(tmp_path: Pa
          "--socket", str(tmp_path / "s"), "--schema", str(root)],
         capture_output=True, text=True, check=False, timeout=60)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+PASS_EVENT = ("##\n# @MIGRATION_PASS:\n#\n# Emitted by QEMU at the start of each pass over guest "
+              "memory, when\n# the events migration capability is on; relayed with --qemu only."
+              "\n#\n# @pass: The number of the pass, from 1.\n#\n# Since: 0.2\n##\n"
+              "{ 'event': 'MIGRATION_PASS',\n  'data': { 'pass': 'int' } }\n\n")
+DELETED_DATA = "'data': { 'id': 'str', 'cause': 'BlockerDeletedCause' } }"
+
+
+async def test_daemon_refuses_a_schema_that_reshapes_an_event(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # Served, every deletion sent a string id that the schema clients were given
+    # said is an integer.
+    root, migration = schema_edited(tmp_path, lambda t: t.replace(
+        DELETED_DATA, DELETED_DATA.replace("'id': 'str'", "'id': 'int'")))
+    line = refused_start(tmp_path, start_daemon, root)
+    where = line_of(migration, "{ 'event': 'BLOCKER_DELETED'")
+    assert line.endswith(f" ERROR: bad schema: {migration}:{where}:1: event 'BLOCKER_DELETED' "
+                         "changes its data (at /properties/id/type); migblockd sends the "
+                         "bundled schema's")
+
+
+def test_a_schema_without_an_event_the_daemon_sends_is_refused(tmp_path: Path) -> None:
+    # Served, QEMU's passes were relayed as an event that introspection denied.
+    def drop(text: str) -> str:
+        assert text.count(PASS_EVENT) == 1
+        return text.replace(PASS_EVENT, "")
+
+    root, _ = schema_edited(tmp_path, drop)
+    result = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
+         "--socket", str(tmp_path / "s"), "--schema", str(root)],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (f"migblockd: bad schema: {root}: event 'MIGRATION_PASS' is not "
+                             "defined, yet migblockd sends it; define it as the bundled "
+                             "schema does\n")
+
+
+def test_a_schema_may_define_events_the_daemon_never_sends(tmp_path: Path) -> None:
+    extra = ("\n##\n# @FROBNICATED:\n#\n# Never sent.\n#\n# @how: How.\n#\n# Since: 0.2\n##\n"
+             "{ 'event': 'FROBNICATED', 'data': { 'how': 'int' } }\n")
+    root, _ = schema_edited(tmp_path, lambda t: t + extra)
+    result = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
+         "--socket", str(tmp_path / "s"), "--schema", str(root)],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")

@@ -27,7 +27,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from migblockd.paths import fallback_problem, fallback_socket_dir
+from migblockd.paths import fallback_problem, fallback_remedy, fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.resolver import group_name, user_name, who
 from migblockd.trust import refusal
@@ -218,7 +218,8 @@ def make_socket_dir(directory: Path, socket_mode: int, group: int | None) -> Non
     if problem is not None:
         raise StartupError(
             f"refusing to put the socket in {directory}: {problem}, so another user could "
-            "replace the socket; remove it, or set XDG_RUNTIME_DIR, or choose another --socket")
+            f"replace the socket; {fallback_remedy(directory)}, or set XDG_RUNTIME_DIR, or "
+            "choose another --socket")
 
 
 def _give_socket_dir(directory: Path, socket_mode: int, group: int | None) -> None:

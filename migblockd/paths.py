@@ -62,6 +62,19 @@ def fallback_problem(directory: Path, whose: str = "this user's") -> str | None:
     return None
 
 
+def fallback_remedy(directory: Path) -> str:
+    """How to get rid of ``directory``: removing it is this user's to do only when
+    it is theirs or the user is root (its parent, like /tmp, is sticky: an entry's
+    owner and root alone may remove it)."""
+    try:
+        owner = os.lstat(directory).st_uid
+    except OSError:
+        return "remove it"
+    if owner == os.geteuid() or os.geteuid() == 0:
+        return "remove it"
+    return f"ask {_who(owner)} or root to remove it"
+
+
 def _who(uid: int) -> str:
     """``uid 1001 (alice)``, as the daemon's ``resolver.who`` says it; here, since the
     clients use this module, without the daemon's policy modules."""
@@ -89,8 +102,8 @@ def fallback_refusal(path: str, give: str, *, connected: bool = False) -> str | 
     if problem is None:
         return None
     return (f"refusing {directory}: {problem}, so another user's program could be "
-            "listening there in place of your daemon; remove it, or set XDG_RUNTIME_DIR, "
-            f"or {give}")
+            f"listening there in place of your daemon; {fallback_remedy(directory)}, or set "
+            f"XDG_RUNTIME_DIR, or {give}")
 
 
 def default_state_dir() -> Path:

@@ -204,8 +204,10 @@ def test_an_unsafe_fallback_directory_is_refused(
         "TMPDIR": str(tmpdir)}
     daemon = start_daemon(socket=directory / "migblockd.sock", env=env, wait=False)
     assert daemon.wait_exit() == 1
+    # Run as root, which may remove any of them.
     assert (f"refusing to put the socket in {directory}: {problem}, so another user could "
-            "replace the socket") in daemon.log(), daemon.log()
+            "replace the socket; remove it, or set XDG_RUNTIME_DIR, or choose another "
+            "--socket\n") in daemon.log(), daemon.log()
     assert not (directory / "migblockd.sock").exists()
     assert "Traceback" not in daemon.log()
 
@@ -274,7 +276,8 @@ def test_the_clients_do_not_connect_through_a_fallback_directory_another_user_ma
     assert os.lstat(directory).st_uid == bob.uid
     problem = (f"refusing {directory}: it belongs to uid {bob.uid} (mbt-bob), not to your "
                f"uid {alice.uid} (mbt-alice), so another user's program could be listening "
-               "there in place of your daemon; remove it, or set XDG_RUNTIME_DIR, or ")
+               f"there in place of your daemon; ask uid {bob.uid} (mbt-bob) or root to "
+               "remove it, or set XDG_RUNTIME_DIR, or ")
     shell = alice_runs("-m", "migblockd.shell", "-c", "add-blocker reason=caught")
     assert (shell.returncode, shell.stdout) == (2, ""), shell
     assert shell.stderr == (f"migblock-shell: cannot connect to {sock}: {problem}give the "
@@ -290,8 +293,11 @@ def test_the_clients_do_not_connect_through_a_fallback_directory_another_user_ma
     refused = start_daemon("--ephemeral", socket=sock, env=env, python=as_uid(alice),
                            wait=False)
     assert refused.wait_exit() == 1
+    # The sticky directory lets only bob and root remove his directory: the advice says so.
     assert (f"refusing to put the socket in {directory}: it belongs to uid {bob.uid} "
-            f"(mbt-bob), not to the daemon's uid {alice.uid} (mbt-alice)") in refused.log()
+            f"(mbt-bob), not to the daemon's uid {alice.uid} (mbt-alice), so another user "
+            f"could replace the socket; ask uid {bob.uid} (mbt-bob) or root to remove it, or "
+            "set XDG_RUNTIME_DIR, or choose another --socket\n") in refused.log()
 
     # Made by alice's daemon, the directory is hers: her shell uses it, by default.
     shutil.rmtree(directory)

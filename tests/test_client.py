@@ -352,10 +352,13 @@ async def test_disconnecting_from_a_stopped_daemon_does_not_wait_for_it(
         assert await other.blockers() == []
 
 
-async def test_a_timeout_of_0_waits_as_the_daemons_0_does(daemon: DaemonProcess) -> None:
+@pytest.mark.parametrize("timeout", [0, math.inf], ids=["0", "inf"])
+async def test_a_timeout_of_0_waits_as_the_daemons_0_does(
+        daemon: DaemonProcess, timeout: float) -> None:
     # As the daemon's --negotiation-timeout, --idle-timeout and --qemu-timeout: 0 is
     # no bound.  It used to fail every connection at once, "no QMP greeting within 0s".
-    client = MigblockClient(daemon.socket, timeout=0)
+    # Infinity is no bound by its name too: the attribute kept inf, where None says so.
+    client = MigblockClient(daemon.socket, timeout=timeout)
     assert client.timeout is None
     daemon.signal(signal.SIGSTOP)  # no greeting for a while
     try:

@@ -130,8 +130,9 @@ class MigblockClient(EventSource):
     stopped, or hung, sends neither), how long :meth:`disconnect` waits for the
     daemon to take what was sent (then it closes regardless), and how long the
     exit of a :meth:`holding` block that raised waits for its deletion's answer;
-    None or 0 waits forever (0 as for the daemon's own timeouts; the attribute is
-    None then).  Commands are not bounded: wrap them in ``asyncio.timeout()``.
+    None, 0 or infinity waits forever (0 as for the daemon's own timeouts; the
+    attribute is None then).  Commands are not bounded: wrap them in
+    ``asyncio.timeout()``.
     An empty ``path``, or a negative or NaN ``timeout``, raises ``ValueError``.
     """
 

@@ -26,11 +26,12 @@ def wait_bound(timeout: float | None) -> float | None:
 
     0 is no bound, as for the daemon's own timeouts (``--negotiation-timeout``,
     ``--idle-timeout``, ``--qemu-timeout``: "0: forever"): a bound of nothing would
-    fail every connection at once, before the daemon could greet it.
+    fail every connection at once, before the daemon could greet it.  Infinity is
+    no bound too, and None says so.
     """
     if timeout is None:
         return None
     if math.isnan(timeout) or timeout < 0:
         raise ValueError(f"timeout must be a non-negative number of seconds (0 or None: "
                          f"no bound), not {timeout!r}")
-    return None if timeout == 0 else float(timeout)
+    return None if timeout == 0 or math.isinf(timeout) else float(timeout)

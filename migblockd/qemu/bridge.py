@@ -282,7 +282,7 @@ class Bridge:
     async def _receiving(self, info: object) -> bool:
         """The migration ``query-migrate`` shows (``info``) is an incoming one."""
         try:
-            state = await self.link.execute("query-status")
+            state = await self.link.execute("query-status", for_client=False)
         except QemuLinkError:
             return False
         runstate = state.get("status") if isinstance(state, dict) else None
@@ -294,7 +294,7 @@ class Bridge:
         first met) would otherwise send none of the events they asked for."""
         path = self.link.path
         try:
-            info = await self.link.execute("query-migrate")
+            info = await self.link.execute("query-migrate", for_client=False)
         except QemuLinkError as exc:
             log.warning("QEMU at %s: cannot learn its migration status: %s", path, exc)
             return
@@ -314,7 +314,7 @@ class Bridge:
         if self.handlers.registry.events_enabled:
             try:
                 await self.link.execute("migrate-set-capabilities", {"capabilities": [
-                    {"capability": "events", "state": True}]})
+                    {"capability": "events", "state": True}]}, for_client=False)
             except QemuLinkError as exc:
                 log.warning("QEMU at %s: cannot set the events capability clients asked "
                             "for: %s", path, exc)

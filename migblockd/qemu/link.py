@@ -262,9 +262,10 @@ class QemuLink(Reconnecting):
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"QEMU link {self.path}")
 
-    async def execute(self, command: str, arguments: Mapping[str, object] | None = None
-                      ) -> object:
-        """Run ``command`` in QEMU and return QEMU's ``return`` value.
+    async def execute(self, command: str, arguments: Mapping[str, object] | None = None,
+                      *, for_client: bool = True) -> object:
+        """Run ``command`` in QEMU and return QEMU's ``return`` value; ``for_client``
+        False: migblockd's own, which no client waits for (the log says so).
 
         Raises QemuCommandError (QEMU's error, verbatim), QemuNotConnected (nothing was
         sent), QemuInterrupted (sent, but the connection was lost before the reply),
@@ -292,9 +293,11 @@ class QemuLink(Reconnecting):
             # first says so, the others wait for QEMU's next answer, which is logged.
             if self.silent is None:
                 log.warning("QEMU at %s did not answer '%s' within %g s (stopped, or busy "
-                            "with a long command?); the client was told, QEMU may still "
-                            "run it; further commands it leaves unanswered are not logged "
-                            "until it answers", self.path, command, self.timeout)
+                            "with a long command?); %s, QEMU may still run it; further "
+                            "commands it leaves unanswered are not logged until it answers",
+                            self.path, command, self.timeout,
+                            "the client was told" if for_client else
+                            "migblockd sent it for itself")
                 self.silent = command
                 self._silent_changed()
             else:

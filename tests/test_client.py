@@ -417,6 +417,26 @@ async def test_holding_adds_a_connection_scoped_blocker_for_the_block(
         assert deleted.blocker is None
 
 
+async def test_holding_does_not_delete_another_blocker_that_took_its_id(
+        daemon: DaemonProcess) -> None:
+    # Someone deleted the block's blocker and added another with its id: the block's
+    # end deleted that one, and migration was unblocked while its owner meant to block it.
+    async with MigblockClient(daemon.socket) as agent, \
+            MigblockClient(daemon.socket) as operator:
+        heard = agent.events("BLOCKER_ADDED")
+        async with agent.holding("dump in progress", id="dump") as blocker:
+            assert (await next_event(heard)).blocker == blocker
+            await operator.del_blocker("dump")
+            theirs = await operator.add_blocker("maintenance", id="dump")
+            # Heard of, as it would be long before a real block ends.
+            assert (await next_event(heard)).blocker == theirs
+        assert await operator.blockers() == [theirs]
+        # A block whose blocker was deleted and not replaced ends quietly too.
+        async with agent.holding("dump in progress", id="dump2"):
+            await operator.del_blocker("dump2")
+        assert await operator.blockers() == [theirs]
+
+
 async def test_holding_releases_its_blocker_when_the_block_raises(
         daemon: DaemonProcess) -> None:
     async with MigblockClient(daemon.socket) as client:

@@ -12,6 +12,7 @@ import pwd
 import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -472,3 +473,46 @@ def test_a_client_refused_in_a_loop_costs_the_log_a_burst_of_lines(
     assert len(refused) == BURST, refused
     assert " WARNING: " in refused[-1]
     assert refused[-1].endswith("[more like it within 10 s are counted, not logged]")
+
+
+HOLDING = """\
+import asyncio, sys
+from migblockd.client import CommandError, MigblockClient
+
+async def main() -> None:
+    async with MigblockClient(sys.argv[1]) as client:
+        try:
+            async with client.holding("agent: dump in progress"):
+                print("held", flush=True)
+                await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            print("released", flush=True)
+        except CommandError as exc:
+            print(f"refused: {exc}", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_a_holding_block_whose_deletion_is_refused_raises(
+        serve: Callable[..., DaemonProcess], accounts: dict[str, Account]) -> None:
+    """migblockd.client's holding() ended quietly when the daemon refused its deletion,
+    and the blocker stayed, blocking migration, for as long as the agent's connection."""
+    daemon = serve()
+    alice = accounts["mbt-alice"]  # default-role: client, until the reload below
+    agent = subprocess.Popen(
+        ["setpriv", f"--reuid={alice.uid}", f"--regid={alice.gid}", "--clear-groups",
+         sys.executable, "-c", HOLDING, str(daemon.socket)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd="/")
+    try:
+        assert agent.stdout is not None
+        assert agent.stdout.readline() == "held\n", agent.stderr
+        reload(daemon, POLICY.replace('default-role = "client"', 'default-role = "observer"'))
+        out, err = agent.communicate("\n", timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert (agent.returncode, out) == (0, (
+        f"refused: Permission denied: del-blocker needs role client, but uid {alice.uid} "
+        "(mbt-alice) has role observer\n")), err

@@ -62,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -84,7 +85,7 @@ from migblockd.client.errors import (
     DisconnectedError,
     EventsLostError,
 )
-from migblockd.client.events import MAX_UNREAD, EventSource, EventStream
+from migblockd.client.events import MAX_UNREAD, EventSource, EventStream, HeldId
 from migblockd.client.link import QMPLink, Refused
 from migblockd.client.values import Blocker, BlockerOwner, Event
 from migblockd.paths import (
@@ -107,6 +108,8 @@ __all__ = [
     "EventsLostError",
     "MigblockClient",
 ]
+
+log = logging.getLogger("migblockd.client")
 
 
 #: How long :meth:`MigblockClient.connect` waits for the greeting and the
@@ -146,6 +149,7 @@ class MigblockClient(EventSource):
         self._watch: asyncio.Task[None] | None = None
         self._closing = False
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self._held_ids: list[HeldId] = []  # the ids holding() blocks chose
         # Two connect() at once would each open a connection, and the one not kept
         # would live on unseen, delivering every event to the streams a second time.
         self._connecting = asyncio.Lock()
@@ -328,17 +332,24 @@ class MigblockClient(EventSource):
         """``async with client.holding(reason) as blocker:`` block migration meanwhile.
 
         Adds a ``scope: connection`` blocker on entry and deletes it on exit.  If
-        someone deleted it meanwhile there is nothing to delete.  If the connection
+        someone deleted it meanwhile there is nothing to delete, even if another
+        blocker has its ``id`` by then (the events tell).  A deletion the daemon
+        refuses otherwise (the client's role lowered by a reload, a failed commit)
+        raises :class:`CommandError`: the blocker is still there.  If the connection
         was lost meanwhile, the daemon has already dropped the blocker: the exit
         raises :class:`DisconnectedError`, unless the block raised an exception,
         and deletes nothing, even if the client has connected again (another
         blocker may have the id by then).  When the block raised, the exit waits
         at most ``timeout`` seconds for the deletion's answer, then raises the
-        block's exception; the deletion, sent, runs when the daemon does.  If the
-        entry is cancelled (the caller's timeout) after the request was sent, the
-        daemon may still add the blocker: it is deleted when its answer comes.
+        block's exception (a refused deletion is logged); the deletion, sent, runs
+        when the daemon does.  If the entry is cancelled (the caller's timeout)
+        after the request was sent, the daemon may still add the blocker: it is
+        deleted when its answer comes.
         """
         held_on = self._qmp  # the blocker lasts as long as this connection
+        # From before the add: its own event comes before its answer.  (A generated id
+        # is never given again: only a chosen one can be another blocker's later.)
+        held = self._hold_id(id) if id is not None else None
         adding = asyncio.ensure_future(self.add_blocker(
             reason, modes=modes, internal=internal, id=id, scope="connection"))
         try:
@@ -347,42 +358,69 @@ class MigblockClient(EventSource):
             # Added after all, the blocker would block migration for as long as this
             # connection lives, with no block left to end it.
             self._undoing.add(adding)
-            adding.add_done_callback(lambda done: self._undo_add(done, held_on))
+            adding.add_done_callback(lambda done: self._undo_add(done, held_on, held))
+            raise
+        except BaseException:
+            self._unheld(held)
             raise
         try:
-            yield blocker
-        except BaseException:
-            if self._qmp is held_on:
-                # The caller's own timeout may be what ended the block, and a daemon
-                # that does not answer (stopped) would hold it here forever.  The
-                # deletion is sent regardless: the daemon runs it when it runs again.
-                with contextlib.suppress(DisconnectedError, TimeoutError):
-                    async with asyncio.timeout(self.timeout):
-                        await self._release(blocker)
-            raise
-        if self._qmp is not held_on or not self.connected:
-            # Lost, whether or not connected again since: the daemon dropped the blocker
-            # with that connection, and there is nothing to delete.
-            assert held_on is not None  # the blocker was added through it
-            raise DisconnectedError(self._lost(
-                held_on, f" while it held blocker {blocker.id!r}, which the daemon "
-                "dropped with it"))
-        await self._release(blocker)
+            try:
+                yield blocker
+            except BaseException:
+                if self._qmp is held_on:
+                    # The caller's own timeout may be what ended the block, and a daemon
+                    # that does not answer (stopped) would hold it here forever.  The
+                    # deletion is sent regardless: the daemon runs it when it runs again.
+                    with contextlib.suppress(DisconnectedError, TimeoutError):
+                        async with asyncio.timeout(self.timeout):
+                            await self._release(blocker, held, quiet=True)
+                raise
+            if self._qmp is not held_on or not self.connected:
+                # Lost, whether or not connected again since: the daemon dropped the
+                # blocker with that connection, and there is nothing to delete.
+                assert held_on is not None  # the blocker was added through it
+                raise DisconnectedError(self._lost(
+                    held_on, f" while it held blocker {blocker.id!r}, which the daemon "
+                    "dropped with it"))
+            await self._release(blocker, held)
+        finally:
+            self._unheld(held)
 
-    async def _release(self, blocker: Blocker) -> None:
-        with contextlib.suppress(CommandError):  # deleted by someone else meanwhile
+    async def _release(self, blocker: Blocker, held: HeldId | None, *,
+                       quiet: bool = False) -> None:
+        """Delete ``blocker`` unless it is gone; ``quiet``: log a refusal, not raise it."""
+        if held is not None and held.deleted_since_added(blocker):
+            return  # and its id may be another blocker's by now
+        try:
             await self.del_blocker(blocker)
+        except CommandError as exc:
+            if exc.desc == f"Blocker '{blocker.id}' not found":
+                return  # deleted by someone else meanwhile
+            if not quiet:
+                raise
+            log.warning("blocker %r stays: the daemon refused to delete it (%s)",
+                        blocker.id, exc.desc)
 
-    def _undo_add(self, adding: asyncio.Future[Blocker], held_on: QMPLink | None) -> None:
+    def _unheld(self, held: HeldId | None) -> None:
+        if held is not None:
+            self._unhold_id(held)
+
+    def _undo_add(self, adding: asyncio.Future[Blocker], held_on: QMPLink | None,
+                  held: HeldId | None) -> None:
         """Delete what the add of a :meth:`holding` whose entry was cancelled added."""
         self._undoing.discard(adding)
-        if adding.cancelled() or adding.exception() is not None:
-            return  # not added (or not known to be: then its connection is gone)
-        if self._qmp is held_on:  # otherwise it went with its connection
-            deleting = asyncio.ensure_future(self._forget(adding.result()))
-            self._undoing.add(deleting)
-            deleting.add_done_callback(self._undoing.discard)
+        if adding.cancelled() or adding.exception() is not None or self._qmp is not held_on:
+            # Not added (or not known to be: then its connection is gone), or gone
+            # with its connection.
+            self._unheld(held)
+            return
+        deleting = asyncio.ensure_future(self._forget(adding.result(), held))
+        self._undoing.add(deleting)
+        deleting.add_done_callback(self._undoing.discard)
 
-    async def _forget(self, blocker: Blocker) -> None:
-        with contextlib.suppress(ClientError):  # not connected any more: already gone
-            await self._release(blocker)
+    async def _forget(self, blocker: Blocker, held: HeldId | None) -> None:
+        try:
+            with contextlib.suppress(DisconnectedError):  # not connected: already gone
+                await self._release(blocker, held, quiet=True)
+        finally:
+            self._unheld(held)

@@ -19,6 +19,7 @@ sets, and what of the client it reads is named there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from collections.abc import Iterable
@@ -27,11 +28,13 @@ from typing import Final
 from qemu.qmp import Message
 
 from migblockd.client.errors import ClientError, DisconnectedError, EventsLostError
-from migblockd.client.values import Event
+from migblockd.client.values import Blocker, Event
 
-__all__ = ["MAX_UNREAD", "EventSource", "EventStream"]
+__all__ = ["MAX_UNREAD", "EventSource", "EventStream", "HeldId"]
 
 log = logging.getLogger("migblockd.client")
+
+_BLOCKER_EVENTS: Final = frozenset({"BLOCKER_ADDED", "BLOCKER_DELETED"})
 
 
 class _End:
@@ -102,11 +105,41 @@ class EventStream:
         self.close()
 
 
+class HeldId:
+    """What the daemon said of an id a :meth:`~migblockd.client.MigblockClient.holding`
+    block chose: its ``BLOCKER_ADDED`` and ``BLOCKER_DELETED`` events, in order.
+
+    Someone else may delete the block's blocker and add another of the same id: the
+    block must then delete nothing.  The daemon sends every client each change before
+    it answers whoever made it, so by the time the block ends, those events have
+    arrived, unless the change is made in the very moment the deletion is sent.
+    """
+
+    __slots__ = ("_events", "id")
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+        self._events: list[Event] = []
+
+    def deleted_since_added(self, blocker: Blocker) -> bool:
+        """Whether ``blocker`` was deleted after its ``BLOCKER_ADDED`` (False when
+        that event was not seen: then only the deletion's answer can tell)."""
+        added = False
+        for event in self._events:
+            if not added:
+                with contextlib.suppress(ClientError):
+                    added = event.blocker == blocker
+            elif event.name == "BLOCKER_DELETED":
+                return True
+        return False
+
+
 class EventSource:
     """The event streams of :class:`~migblockd.client.MigblockClient` (a base class of it)."""
 
     # Its own state; MigblockClient.__init__ sets it, with the rest.
     _streams: weakref.WeakSet[EventStream]
+    _held_ids: list[HeldId]
     # The client's, which it reads.
     path: str
 
@@ -139,6 +172,19 @@ class EventSource:
             return
         for stream in list(self._streams):
             stream._put(event)
+        if self._held_ids and event.name in _BLOCKER_EVENTS:
+            for held in self._held_ids:
+                if event.data.get("id") == held.id:
+                    held._events.append(event)
+
+    def _hold_id(self, id: str) -> HeldId:
+        """Keep what the daemon says of ``id`` from now on, until :meth:`_unhold_id`."""
+        held = HeldId(id)
+        self._held_ids.append(held)
+        return held
+
+    def _unhold_id(self, held: HeldId) -> None:
+        self._held_ids.remove(held)
 
     def _end_streams(self, lost: str | None) -> None:
         end = _End() if lost is None else _End(DisconnectedError, lost)

@@ -173,18 +173,23 @@ def connect_failure(path: str, err: OSError) -> str:
 
     The kernel answers ECONNREFUSED both for a path that is not a socket (a
     directory, a regular file) and for a socket file nobody listens on (a daemon
-    that died without removing it); say which.
+    that died without removing it); say which.  It answers EACCES for a path that
+    is not a socket too, when this user may not write to it (the state directory,
+    say): that is no matter of the socket's permissions.
     """
     reason = err.strerror or str(err)
     if isinstance(err, FileNotFoundError):
         return reason + (_system_hint(path) or _others_hint(path))
-    if isinstance(err, ConnectionRefusedError):
+    if isinstance(err, (ConnectionRefusedError, PermissionError)):
         try:
-            mode = os.stat(path).st_mode
+            mode: int | None = os.stat(path).st_mode
         except OSError:
-            return reason
-        if not stat.S_ISSOCK(mode):
+            mode = None
+        if mode is not None and not stat.S_ISSOCK(mode):
             return "not a socket"
+    if isinstance(err, ConnectionRefusedError):
+        if mode is None:
+            return reason
         return f"{reason} (no daemon is listening on this socket)"
     if isinstance(err, PermissionError):
         why = explain(path)

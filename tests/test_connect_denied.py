@@ -196,3 +196,17 @@ def test_a_directory_no_group_of_the_user_may_search_says_who_can_open_it(
         os.chown(private, 0, gid)
         private.chmod(0o710)
         assert probe(package, alice, path, groups=(gid,)) == "connected"
+
+
+def test_a_path_that_is_not_a_socket_is_named_so_whatever_its_mode(
+    package: Path, shared: Path, accounts: dict[str, Account]
+) -> None:
+    # The kernel refuses a path the user may not write before it finds it is no socket:
+    # the state directory given for the socket was blamed on the socket's permissions.
+    (shared / "state").mkdir(mode=0o700)
+    (shared / "migblockd.toml").touch(mode=0o600)
+    alice = accounts["mbt-alice"]
+    assert probe(package, alice, str(shared / "state")) == "not a socket"
+    assert probe(package, alice, str(shared / "migblockd.toml")) == "not a socket"
+    (shared / "open.toml").touch(mode=0o666)  # the case ECONNREFUSED always told
+    assert probe(package, alice, str(shared / "open.toml")) == "not a socket"

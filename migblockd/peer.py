@@ -19,7 +19,8 @@ from collections.abc import Iterator
 
 from migblockd.registry import Owner
 
-__all__ = ["discard_unread", "hung_up", "leftovers", "peer_owner", "unread", "unsent"]
+__all__ = ["discard_unread", "hung_up", "leftovers", "lost_words", "peer_owner", "unread",
+           "unsent"]
 
 LEFTOVER_CHUNK = 64 * 1024
 
@@ -95,6 +96,22 @@ def hung_up(transport: asyncio.BaseTransport) -> bool:
     except (OSError, ValueError):
         return False
     return any(mask & select.POLLHUP for _, mask in ready)
+
+
+def lost_words(exc: Exception | None) -> str:
+    """Why a connection ended, for its "disconnected" line: the kernel's words, except
+    where they read as a failure and are none.
+
+    A Unix socket closed with data in its receive queue resets its peer
+    (``unix_release_sock()``, net/unix/af_unix.c), and a write after the close finds
+    a broken pipe: so ends a client that hangs up while events still come to it,
+    which is how most end.
+    """
+    if exc is None:
+        return ""
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return f"it hung up with output unread ({exc.strerror})"
+    return str(exc)
 
 
 def unread(transport: asyncio.BaseTransport) -> int:

@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import re
+import select
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -767,3 +769,31 @@ async def test_event_shape_and_event_before_reply(module_daemon: DaemonProcess) 
         assert ev["event"] == "BLOCKER_ADDED" and ev["data"]["id"] == "ev-order"
         ev = await other.read()
         assert ev["event"] == "BLOCKER_DELETED" and ev["data"]["id"] == "ev-order"
+
+
+def test_a_client_that_hangs_up_with_events_unread_is_logged_as_such(
+        daemon: DaemonProcess) -> None:
+    # How most clients end: events still coming.  The kernel resets the daemon's end,
+    # and the log said "disconnected: [Errno 104] Connection reset by peer", which
+    # reads as a failure.
+    def negotiated() -> tuple[socket.socket, Any]:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(daemon.socket))
+        lines = sock.makefile("rb")
+        assert b'"QMP"' in lines.readline()
+        sock.sendall(b'{"execute": "qmp_capabilities"}')
+        assert lines.readline() == b'{"return": {}}\r\n'
+        return sock, lines
+
+    quiet, quiet_lines = negotiated()
+    other, lines = negotiated()
+    other.sendall(b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x"}}')
+    assert b'"BLOCKER_ADDED"' in lines.readline() and b'"return"' in lines.readline()
+    assert select.select([quiet], [], [], 30)[0]  # the event reached it, unread
+    quiet_lines.close()
+    quiet.close()
+    daemon.wait_for_log(" disconnected: it hung up with output unread "
+                        "(Connection reset by peer)")
+    lines.close()
+    other.close()
+    assert "Errno" not in daemon.log()

@@ -632,7 +632,8 @@ def test_json_nested_too_deeply_is_an_input_error_and_the_script_goes_on(
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "migblock-shell: line 1: error: 'modes': invalid JSON value " + "[" * 77
-        + "...: nested too deeply (quote it to send a string)",
+        + "...: nested too deeply (write the list as modes=a,b, or as JSON with its strings "
+        'quoted, modes=["a", "b"])',
         "migblock-shell: line 2: error: invalid JSON: nested too deeply",
     ]
     assert [list(r) for r in replies(result.stdout)] == [["return"]]

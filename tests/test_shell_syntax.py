@@ -62,6 +62,16 @@ def test_invalid_json_value_is_an_error_that_says_how_to_send_a_string() -> None
     assert args("cmd reason='[WIP] disk'") == {"reason": "[WIP] disk"}
 
 
+def test_an_invalid_json_list_says_how_to_write_a_list() -> None:
+    # Quoting it, as the general hint said, sends one string the daemon refuses.
+    with pytest.raises(ParseError) as bad:
+        parse_line("add-blocker reason=x modes=[normal]",
+                   lambda command, path: "list-of-strings")
+    assert str(bad.value).endswith(
+        "(write the list as modes=a,b, or as JSON with its strings quoted, "
+        'modes=["a", "b"])')
+
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [

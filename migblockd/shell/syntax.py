@@ -260,8 +260,14 @@ def convert_value(word: Word, hint: ValueHint = None) -> Any:
             return loads(text)
         except ValueError as err:
             shown = text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+            if hint in ("list", "list-of-strings") and text.startswith("["):
+                # A list of names ([normal]): quoting the whole sends one string.
+                how = (f'write the list as {word.key}=a,b, or as JSON with its strings '
+                       f'quoted, {word.key}=["a", "b"]')
+            else:
+                how = "quote it to send a string"
             raise ParseError(
-                f"'{word.key}': invalid JSON value {shown}: {err} (quote it to send a string)"
+                f"'{word.key}': invalid JSON value {shown}: {err} ({how})"
             ) from None
     if word.quoted or hint == "string":
         return text

@@ -231,6 +231,50 @@ async def test_a_gate_met_during_an_incoming_migration_sets_the_events_capabilit
     assert_clean_log(d)
 
 
+async def test_a_gate_met_during_a_migration_sets_the_events_capability_once_it_ends(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Path,
+) -> None:
+    """Reported: QEMU refuses capabilities while it migrates, and the events capability
+    clients had asked for was never set afterwards: every later migration migblockd
+    forwarded sent no MIGRATION event, while migblockd's state said events were on."""
+    source, target, incoming = source_and_target(qemu_factory)
+    state = ("--state-dir", str(tmp_path / "state"))
+    first = start_daemon("--qemu", str(source.gate_socket), *state)
+    await connected(first)
+    async with first.client() as c:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+    assert first.stop() == 0
+    async with target.monitor() as dst, source.monitor() as src:
+        await src.ok("migrate-set-capabilities", {"capabilities": [
+            {"capability": "events", "state": False}]})  # as a QEMU starts
+        await migrate_slowly(src, dst, incoming)
+        d = start_daemon("--qemu", str(source.gate_socket), *state)
+        d.wait_for_log(f"QEMU at {source.gate_socket} is migrating (status active); the "
+                       "events capability clients asked for is owed")
+        await src.ok("migrate_cancel")
+
+        async def cancelled() -> bool:
+            return bool((await src.ok("query-migrate")).get("status") == "cancelled")
+
+        await wait_until(cancelled, "the first migration cancelled")
+        async with d.client() as c:
+            await c.ok("migrate-set-parameters", {"max-bandwidth": 1 << 30})
+            await c.ok("migrate", {"uri": SINK})
+
+            async def completed() -> bool:
+                c.events.extend(m for m in await c.sync() if m.get("event") == "MIGRATION")
+                return any(e["data"]["status"] == "completed" for e in c.events)
+
+            await wait_until(completed, "MIGRATION events of the migration migblockd forwarded")
+        assert [e["data"]["status"] for e in c.events][:1] == ["setup"]
+        caps = await src.ok("query-migrate-capabilities")
+        assert {"capability": "events", "state": True} in caps
+    d.wait_for_log(f"QEMU at {source.gate_socket}: set the events capability clients "
+                   "asked for")
+    assert_clean_log(d)
+
+
 async def test_a_postcopy_destination_takes_blockers_as_qemu_does(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
     tmp_path: Path,

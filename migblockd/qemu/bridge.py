@@ -43,6 +43,10 @@ log = logging.getLogger("migblockd")
 #: anyway (a QEMU whose monitor serves another client does not greet).
 FIRST_CONTACT: Final = 5.0
 
+#: What the log adds when the events capability clients asked for is owed to a QEMU.
+OWED: Final = ("; the events capability clients asked for is owed: migblockd sets it once "
+               "QEMU is not migrating, before it forwards the next migrate at the latest")
+
 #: QEMU's events that migblockd's clients hear about.
 RELAYED: Final = frozenset({"MIGRATION", "MIGRATION_PASS"})
 
@@ -92,6 +96,10 @@ class Bridge:
         self._connection = 0
         #: Whether the connected QEMU has sent a MIGRATION event (its events capability on).
         self._evented = False
+        #: Whether the events capability clients asked for is still to be set on the
+        #: connected QEMU: it was migrating when migblockd connected (QEMU takes no
+        #: capability then), or setting it failed.  Recomputed on each connection.
+        self._events_owed = False
         #: The connected QEMU's process id, kept once the link is lost (None: unknown).
         self._pid: int | None = None
         #: A migration whose QEMU the link lost: its last status, whether that QEMU
@@ -137,8 +145,10 @@ class Bridge:
         # What a QEMU just connected to does, and the events capability, are settled
         # first: a migrate sent meanwhile would start a migration without the events
         # clients asked for (QEMU refuses capabilities while it migrates).
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
+        await self._settled()
+        if self._events_due(call):
+            await self._set_events()
+            await self._settled()  # (a new connection meanwhile: its own set-up first)
         # Checked here, with no await before the send: the connection a call goes out
         # on is the one that answers it (lost meanwhile, it fails: QemuInterrupted).
         if pin is not None:
@@ -164,6 +174,42 @@ class Bridge:
             raise QemuUnavailable(str(exc)) from None
         self._answered(sent)
         return result
+
+    async def _settled(self) -> None:
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    def _events_due(self, call: Call) -> bool:
+        """Whether the events capability still owed is to be set before ``call``: once
+        QEMU's migration is seen to have ended (an event, a ``query-migrate``), and
+        before any new migration at the latest (the gate's ``migrate`` has asked QEMU
+        whether one runs first).  Not before a resume, which goes on with the paused
+        migration QEMU has its capabilities for, nor while QEMU answers nothing."""
+        if not self._events_owed or not self.facts.connected or self.link.silent is not None:
+            return False
+        if call.name == "migrate":
+            return call.args.get("resume") is not True
+        return self.facts.status not in RUNNING_STATUSES
+
+    async def _set_events(self) -> None:
+        """Set the events capability clients asked for (kept in the registry) on the
+        connected QEMU; a failure is warned of and leaves it owed, to be tried again
+        before the next command forwarded once QEMU is not migrating."""
+        path = self.link.path
+        if not self.handlers.registry.events_enabled:  # a client turned it off meanwhile
+            self._events_owed = False
+            return
+        try:
+            await self.link.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "events", "state": True}]}, for_client=False)
+        except QemuLinkError as exc:
+            self._events_owed = True
+            log.warning("QEMU at %s: cannot set the events capability clients asked for: "
+                        "%s; migblockd tries again before it forwards the next migrate",
+                        path, exc)
+        else:
+            self._events_owed = False
+            log.info("QEMU at %s: set the events capability clients asked for", path)
 
     def _restarted(self, pid: int | None) -> QemuRestarted:
         """Why a command whose earlier calls went to QEMU process ``pid`` (on another
@@ -230,9 +276,10 @@ class Bridge:
                             "its outcome is unknown; query-migrate says it once QEMU is back",
                             self.link.path, facts.status or "not seen yet")
                 facts.awaiting = False
-                self._cut_off = (facts.status or "not seen yet",
-                                 self._evented or self.handlers.registry.events_enabled,
-                                 self._pid)
+                # (An owed capability: that QEMU was sent none for this migration.)
+                evented = self._evented or (self.handlers.registry.events_enabled
+                                            and not self._events_owed)
+                self._cut_off = (facts.status or "not seen yet", evented, self._pid)
             facts.status = facts.blockers = None
             self._evented = False
         self._wake()
@@ -293,10 +340,14 @@ class Bridge:
         clients set: QEMU starts with ``events`` off, and a QEMU restarted (or
         first met) would otherwise send none of the events they asked for."""
         path = self.link.path
+        wanted = self.handlers.registry.events_enabled
+        # Owed until set on this QEMU (whatever the connection before it had).
+        self._events_owed = wanted
         try:
             info = await self.link.execute("query-migrate", for_client=False)
         except QemuLinkError as exc:
-            log.warning("QEMU at %s: cannot learn its migration status: %s", path, exc)
+            log.warning("QEMU at %s: cannot learn its migration status: %s%s", path, exc,
+                        OWED if wanted else "")
             return
         status = info.get("status") if isinstance(info, dict) else None
         self.facts.status = status if isinstance(status, str) else None
@@ -308,18 +359,13 @@ class Bridge:
             log.info("QEMU at %s is receiving a migration (status %s)", path,
                      self.facts.status)
         elif self.facts.status in RUNNING_STATUSES:
-            # (QEMU refuses capabilities now; it has the ones it was migrating with.)
-            log.info("QEMU at %s is migrating (status %s)", path, self.facts.status)
+            # QEMU refuses capabilities while it migrates (qmp_migrate_set_capabilities(),
+            # migration/migration.c): set once that migration is seen to have ended.
+            log.info("QEMU at %s is migrating (status %s)%s", path, self.facts.status,
+                     OWED if wanted else "")
             return
-        if self.handlers.registry.events_enabled:
-            try:
-                await self.link.execute("migrate-set-capabilities", {"capabilities": [
-                    {"capability": "events", "state": True}]}, for_client=False)
-            except QemuLinkError as exc:
-                log.warning("QEMU at %s: cannot set the events capability clients asked "
-                            "for: %s", path, exc)
-            else:
-                log.info("QEMU at %s: set the events capability clients asked for", path)
+        if wanted:
+            await self._set_events()
 
 
 def process_exited(pid: int) -> bool:

@@ -118,7 +118,8 @@ class QemuFacts:
     awaiting: bool = False
     resumed: int = 0
     learnt: bool = False
-    #: Whether QEMU accepted the connection and its greeting is awaited (the link's).
+    #: Whether QEMU accepted the connection and the link's set-up waits for it (its
+    #: greeting, or its first answers: a busy main loop) (the link's).
     greeting_awaited: Callable[[], bool] = _never
     #: Whether a command forwarded on this connection timed out and QEMU has
     #: answered none since (the link's: it logs when that starts and ends).
@@ -131,7 +132,7 @@ class QemuFacts:
 
     @property
     def present(self) -> bool:
-        """A QEMU is there: connected, or it accepted the connection and has not greeted."""
+        """A QEMU is there: connected, or it accepted the connection (not set up yet)."""
         return self.connected or self.greeting_awaited()
 
     def knows(self, command: str, argument: str | None = None) -> bool:

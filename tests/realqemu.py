@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -154,6 +155,19 @@ class Qemu:
         if self.proc is not None:
             self.proc.wait(timeout=30)
 
+    def stop(self, timeout: float = START_TIMEOUT) -> None:
+        """SIGSTOP QEMU; return once every thread of it has stopped (the signal is
+        sent at once, but a thread stops only when it next runs: until then QEMU's
+        monitor I/O thread may still greet a client)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.proc.pid}/task")
+        deadline = time.monotonic() + timeout
+        while not all(_stopped(stat) for stat in tasks.glob("*/stat")):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"QEMU did not stop within {timeout} s")
+            time.sleep(0.01)
+
     def restart(self, timeout: float = START_TIMEOUT) -> None:
         """Kill QEMU and start a new one on the same socket paths."""
         self.kill()
@@ -169,6 +183,15 @@ class Qemu:
             yield client
         finally:
             await client.close()
+
+
+def _stopped(stat: Path) -> bool:
+    """Whether the thread whose ``/proc/PID/task/TID/stat`` this is has stopped (or gone)."""
+    try:
+        text = stat.read_text()
+    except FileNotFoundError:
+        return True
+    return text[text.rindex(")") + 2] in "tT"  # the state, after the name in parentheses
 
 
 async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> None:

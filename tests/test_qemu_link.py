@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -353,7 +354,7 @@ async def test_a_silent_qemu_is_not_said_to_serve_another_client_before_the_noti
     ago, or stopped) was said to serve another client at once, with nobody else
     connected.  That guess comes with the greeting notice, not before."""
     assert qemu.proc is not None
-    qemu.proc.send_signal(signal.SIGSTOP)  # accepts (the kernel's backlog), never greets
+    qemu.stop()  # accepts (the kernel's backlog), never greets
     try:
         async with running_link(qemu.gate_socket, greeting_notice=600) as (link, _):
             await wait_until(lambda: link.awaiting_greeting, "connection accepted")
@@ -366,6 +367,48 @@ async def test_a_silent_qemu_is_not_said_to_serve_another_client_before_the_noti
             await connected(link)
     finally:
         qemu.proc.send_signal(signal.SIGCONT)
+
+
+def drain(fd: int) -> None:
+    """Read the pipe ``fd`` to its end."""
+    os.set_blocking(fd, True)
+    while os.read(fd, 1 << 20):
+        pass
+
+
+async def test_a_greeted_qemu_whose_main_loop_is_busy_is_not_said_to_serve_another_client(
+        qemu_factory: Callable[..., Qemu], caplog: pytest.LogCaptureFixture) -> None:
+    """Reported: "has not greeted (... is another one connected?)" for a QEMU that had
+    greeted, its main loop busy (here dumping the guest's memory into a pipe nobody
+    reads): the monitor's I/O thread greets, the main loop answers qmp_capabilities."""
+    qemu = qemu_factory(memory="64M")
+    fifo = qemu.workdir / "dump.fifo"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # QEMU's open() of it returns at once
+    try:
+        async with qemu.monitor() as mon:
+            await mon.send({"execute": "dump-guest-memory",
+                            "arguments": {"paging": False, "protocol": f"file:{fifo}"}})
+            # The dump has begun: the main loop writes 64 MiB into a pipe that holds 64 kiB.
+            await wait_until(lambda: select.select([fd], [], [], 0)[0], "the dump writing")
+            async with running_link(qemu.gate_socket, greeting_notice=0.2) as (link, _):
+                await wait_until(lambda: logged(caplog, "has not answered qmp_capabilities"),
+                                 "the notice")
+                with pytest.raises(QemuNotConnected) as refused:
+                    await link.execute("query-migrate")
+                assert str(refused.value) == (
+                    f"Not connected to QEMU's monitor at '{qemu.gate_socket}': QEMU has "
+                    "greeted but does not answer qmp_capabilities (its main loop is busy or "
+                    "stopped)")
+                assert link.awaiting_greeting  # QEMU is there
+                await asyncio.to_thread(drain, fd)
+                await connected(link)
+    finally:
+        os.close(fd)
+    assert logged(caplog, "has not answered qmp_capabilities") == [
+        f"QEMU at {qemu.gate_socket} greeted but has not answered qmp_capabilities after "
+        "0.2 s (its main loop is busy or stopped); still waiting"]
+    assert not logged(caplog, "greeted after")
 
 
 @pytest.mark.parametrize(("option", "why"), [

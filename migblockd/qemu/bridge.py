@@ -40,7 +40,8 @@ __all__ = ["Bridge", "passthrough_warnings", "process_exited"]
 log = logging.getLogger("migblockd")
 
 #: How long the daemon waits at start for QEMU's first answer before serving
-#: anyway (a QEMU whose monitor serves another client does not greet).
+#: anyway (a QEMU whose monitor serves another client does not greet; one whose main
+#: loop is busy does not answer).
 FIRST_CONTACT: Final = 5.0
 
 #: What the log adds when the events capability clients asked for is owed to a QEMU.

@@ -51,6 +51,7 @@ from migblockd.qemu.reconnect import (
     GREETING_NOTICE,
     MAX_DELAY,
     MIN_DELAY,
+    NEGOTIATING,
     NOT_GREETED,
     LinkState,
     Reconnecting,
@@ -173,6 +174,11 @@ class _Client(QMPClient):
         self._link._greeting_awaited()
         await super()._establish_session()
 
+    async def _negotiate(self) -> None:
+        # The library calls it once the greeting has come: qmp_capabilities is awaited.
+        self._link._greeted()
+        await super()._negotiate()
+
     def _cb_inbound(self, msg: Message) -> Message:
         if log.isEnabledFor(logging.DEBUG):
             _trace(self._link.path, "<-", bytes(msg))
@@ -226,8 +232,11 @@ class QemuLink(Reconnecting):
         #: Connection attempts that failed since the link last connected (or started).
         self.attempts = 0
         self._state: LinkState = "disconnected"
-        #: QEMU accepted the connection and its greeting is awaited: QEMU is there.
+        #: QEMU accepted the connection and the session is not up yet (its greeting,
+        #: then its answers, are awaited): QEMU is there.
         self.awaiting_greeting = False
+        #: QEMU has greeted on the connection being set up.
+        self.greeted = False
         self._reason = "not connected yet"
         self._logged_reason: str | None = None
         self._info: QemuInfo | None = None
@@ -361,6 +370,13 @@ class QemuLink(Reconnecting):
         self._reason = NOT_GREETED
         # Still "disconnected" (the state's callers count on that), but QEMU is there.
         self.awaiting_greeting = True
+        self.greeted = False
+
+    def _greeted(self) -> None:
+        # No longer "has not greeted": QEMU's I/O thread greets even while its main loop,
+        # which answers qmp_capabilities, is busy; nor may another client be blamed.
+        self.greeted = True
+        self._reason = NEGOTIATING
 
     def _not_connected(self) -> QemuNotConnected:
         if self._state == "connected":  # the reader saw the end; _run has yet to notice

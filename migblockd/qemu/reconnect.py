@@ -7,8 +7,9 @@ reconnects at once when a connection is lost, so that a new QEMU listening on th
 socket is found by itself.  A connection is up once QEMU has greeted and answered
 ``query-qmp-schema`` (what the gate learns of it, :class:`~migblockd.qemu.info.QemuInfo`);
 a greeting that takes :data:`GREETING_NOTICE` seconds is worth a warning, as QEMU serves
-one client per monitor.  It logs once per change of state (not once per attempt) and tells
-the caller of each change through ``on_state``.
+one client per monitor, and so is a greeted QEMU that leaves ``qmp_capabilities``
+unanswered that long (its main loop is busy).  It logs once per change of state (not once
+per attempt) and tells the caller of each change through ``on_state``.
 
 It is apart from :mod:`migblockd.qemu.link`, which holds what is done over a connection
 that is up (commands, their errors and QEMU's events, in QEMU's order) and the
@@ -32,8 +33,8 @@ from qemu.qmp.qmp_client import GreetingError
 
 from migblockd.qemu.info import QemuInfo
 
-__all__ = ["ANOTHER_CLIENT", "GREETING_NOTICE", "MAX_DELAY", "MIN_DELAY", "NOT_GREETED",
-           "LinkState", "Reconnecting", "StateHandler"]
+__all__ = ["ANOTHER_CLIENT", "GREETING_NOTICE", "MAX_DELAY", "MIN_DELAY", "NEGOTIATING",
+           "NOT_ANSWERING", "NOT_GREETED", "LinkState", "Reconnecting", "StateHandler"]
 
 log = logging.getLogger("migblockd.qemu")
 
@@ -48,6 +49,13 @@ GREETING_NOTICE = 5.0
 #: Why a client waits, until GREETING_NOTICE; then ANOTHER_CLIENT is the guess.
 NOT_GREETED = "QEMU accepted the connection but has not greeted yet"
 ANOTHER_CLIENT = "QEMU serves one client per monitor: is another one connected?"
+#: Why a client waits once QEMU has greeted, until GREETING_NOTICE; then NOT_ANSWERING.
+#: QEMU's monitor I/O thread greets (``monitor_qmp_event()``); its main loop runs the
+#: commands, qmp_capabilities too (``monitor_qmp_dispatcher_co()``, both in
+#: monitor/qmp.c): a QEMU that greets and does not answer is busy, not held.
+NEGOTIATING = "QEMU has greeted; migblockd is negotiating (qmp_capabilities)"
+NOT_ANSWERING = ("QEMU has greeted but does not answer qmp_capabilities (its main loop is "
+                 "busy or stopped)")
 
 
 #: What QEMU's human monitor says first (``monitor/hmp.c``, ``monitor_event()``).
@@ -100,6 +108,7 @@ class Reconnecting:
     _greeting_notice: float
     _state: LinkState
     awaiting_greeting: bool
+    greeted: bool
     _reason: str
     _logged_reason: str | None
     _info: QemuInfo | None
@@ -169,6 +178,12 @@ class Reconnecting:
 
 
     def _greeting_late(self) -> None:
+        if self.greeted:
+            self._reason = NOT_ANSWERING
+            log.warning("QEMU at %s greeted but has not answered qmp_capabilities after %g s "
+                        "(its main loop is busy or stopped); still waiting", self.path,
+                        self._greeting_notice)
+            return
         if self.awaiting_greeting:
             self._reason = f"{NOT_GREETED} ({ANOTHER_CLIENT})"
         log.warning("QEMU at %s accepted the connection but has not greeted after %g s "
@@ -176,7 +191,7 @@ class Reconnecting:
 
     def _set_up(self, info: QemuInfo) -> None:
         self._state, self._info, self._reason = "connected", info, "connected"
-        self.awaiting_greeting = False
+        self.awaiting_greeting = self.greeted = False
         self._logged_reason = None
         # A command the last connection left unanswered says nothing of this one
         # (a new QEMU, often): its first timeout is a warning, its answers no return.
@@ -188,7 +203,7 @@ class Reconnecting:
     def _set_down(self, reason: str, *, lost: bool) -> None:
         changed = self._state != "disconnected"
         self._state, self._info, self._reason = "disconnected", None, reason
-        self.awaiting_greeting = False
+        self.awaiting_greeting = self.greeted = False
         if lost:
             log.warning("lost the connection to QEMU at %s: %s; reconnecting", self.path, reason)
         elif reason != self._logged_reason:

@@ -168,6 +168,26 @@ def _others_hint(path: str) -> str:
     return f" (sockets in {directory}: {shown}; give one's path)"
 
 
+#: What a path that is not a socket is, by its file type (``stat.S_IFMT``).
+_FILE_TYPES = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory",
+               stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device"}
+
+
+def not_a_socket(path: str | os.PathLike[str]) -> str | None:
+    """``not a socket (a directory)`` and the like when ``path`` is there and is not a
+    socket (connecting to it fails with ECONNREFUSED, as to a socket nobody listens
+    on); None when it is a socket, or cannot be looked at."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    kind = _FILE_TYPES.get(stat.S_IFMT(mode))
+    return f"not a socket ({kind})" if kind is not None else "not a socket"
+
+
 def connect_failure(path: str, err: OSError) -> str:
     """Why connecting to ``path`` failed, in the operator's terms.
 

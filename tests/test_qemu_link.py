@@ -327,6 +327,27 @@ async def test_link_started_before_qemu_connects_when_it_appears(
     assert rec.states == ["connected", "closed"]
 
 
+@pytest.mark.parametrize(("make", "kind"), [
+    (lambda path: path.write_text("not QEMU\n"), "a regular file"),
+    (lambda path: path.mkdir(), "a directory"),
+])
+async def test_a_path_that_is_not_a_socket_is_named_so_not_a_qemu_that_is_down(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, make: Callable[[Path], object],
+        kind: str) -> None:
+    """Reported: "Connection refused", the kernel's answer for a path that is not a
+    socket as for a socket nobody listens on, which reads as "QEMU is down"."""
+    path = tmp_path / "vm1.qmp"
+    make(path)
+    async with running_link(path, min_delay=0.01, max_delay=0.05) as (link, _):
+        await wait_until(lambda: link.attempts >= 3, "three attempts")
+        with pytest.raises(QemuNotConnected) as refused:
+            await link.execute("query-migrate")
+        assert str(refused.value) == (
+            f"Not connected to QEMU's monitor at '{path}': not a socket ({kind})")
+    assert logged(caplog, "not available") == [
+        f"QEMU at {path} is not available: not a socket ({kind}); retrying"]
+
+
 async def test_link_waits_while_another_client_holds_the_monitor(
         qemu: Qemu, caplog: pytest.LogCaptureFixture) -> None:
     other = await RawClient.connect(qemu.gate_socket)

@@ -31,6 +31,7 @@ from qemu.qmp import ConnectError, ExecuteError, QMPClient, Runstate
 from qemu.qmp.message import DeserializationError
 from qemu.qmp.qmp_client import GreetingError
 
+from migblockd.paths import not_a_socket
 from migblockd.qemu.info import QemuInfo
 
 __all__ = ["ANOTHER_CLIENT", "GREETING_NOTICE", "MAX_DELAY", "MIN_DELAY", "NEGOTIATING",
@@ -62,10 +63,18 @@ NOT_ANSWERING = ("QEMU has greeted but does not answer qmp_capabilities (its mai
 _HMP_BANNER = re.compile(rb"QEMU \S+ monitor - type 'help' for more information")
 
 
-def _reason(exc: BaseException) -> str:
-    """Why a connection attempt failed or a connection ended, for one log line."""
+def _reason(exc: BaseException, path: Path | None = None) -> str:
+    """Why a connection attempt (to ``path``) failed or a connection ended, for one
+    log line."""
     if isinstance(exc, ConnectError):
         exc = exc.exc
+    if isinstance(exc, ConnectionRefusedError) and path is not None:
+        # The kernel refuses a path that is not a socket as it refuses a socket that
+        # nobody listens on (unix_find_bsd(), net/unix/af_unix.c): say which, or
+        # --qemu naming a regular file or a directory reads as a QEMU that is down.
+        odd = not_a_socket(path)
+        if odd is not None:
+            return odd
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     if isinstance(exc, EOFError):
@@ -124,7 +133,7 @@ class Reconnecting:
                 info = await self._connect()
             except Exception as exc:  # every kind of failure means: try again later
                 self.attempts += 1
-                self._set_down(_reason(exc), lost=False)
+                self._set_down(_reason(exc, self.path), lost=False)
                 if _nobody_listens(exc) and self._on_gone is not None:
                     try:
                         self._on_gone()

@@ -201,14 +201,13 @@ def connect_failure(path: str, err: OSError) -> str:
     if isinstance(err, FileNotFoundError):
         return reason + (_system_hint(path) or _others_hint(path))
     if isinstance(err, (ConnectionRefusedError, PermissionError)):
-        try:
-            mode: int | None = os.stat(path).st_mode
-        except OSError:
-            mode = None
-        if mode is not None and not stat.S_ISSOCK(mode):
-            return "not a socket"
+        other = not_a_socket(path)
+        if other is not None:
+            return other
     if isinstance(err, ConnectionRefusedError):
-        if mode is None:
+        try:
+            os.stat(path)
+        except OSError:
             return reason
         return f"{reason} (no daemon is listening on this socket)"
     if isinstance(err, PermissionError):

@@ -219,7 +219,8 @@ async def test_connecting_to_what_is_not_a_listening_socket_says_which(
         dead.bind(str(stale))  # bound, never listening: a daemon that died
     with pytest.raises(DisconnectedError) as not_socket:
         await MigblockClient(plain).connect()
-    assert str(not_socket.value) == f"cannot connect to migblockd at {plain}: not a socket"
+    assert str(not_socket.value) == (f"cannot connect to migblockd at {plain}: not a socket "
+                                     "(a regular file)")
     with pytest.raises(DisconnectedError) as nobody:
         await MigblockClient(stale).connect()
     assert str(nobody.value) == (f"cannot connect to migblockd at {stale}: Connection refused "

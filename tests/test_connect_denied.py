@@ -206,7 +206,8 @@ def test_a_path_that_is_not_a_socket_is_named_so_whatever_its_mode(
     (shared / "state").mkdir(mode=0o700)
     (shared / "migblockd.toml").touch(mode=0o600)
     alice = accounts["mbt-alice"]
-    assert probe(package, alice, str(shared / "state")) == "not a socket"
-    assert probe(package, alice, str(shared / "migblockd.toml")) == "not a socket"
+    assert probe(package, alice, str(shared / "state")) == "not a socket (a directory)"
+    assert probe(package, alice, str(shared / "migblockd.toml")) == (
+        "not a socket (a regular file)")
     (shared / "open.toml").touch(mode=0o666)  # the case ECONNREFUSED always told
-    assert probe(package, alice, str(shared / "open.toml")) == "not a socket"
+    assert probe(package, alice, str(shared / "open.toml")) == "not a socket (a regular file)"

@@ -480,11 +480,12 @@ def test_help_option_explains_syntax_and_exit_codes() -> None:
 
 def test_a_path_that_is_not_a_socket_says_so(tmp_path: Path) -> None:
     # The kernel says "Connection refused" for a directory or a regular file.
-    for path in (tmp_path, tmp_path / "file"):
+    for path, kind in ((tmp_path, "a directory"), (tmp_path / "file", "a regular file")):
         path.touch()
         result = shell(str(path), "-c", "query-version")
         assert result.returncode == 2
-        assert result.stderr == f"migblock-shell: cannot connect to {path}: not a socket\n"
+        assert result.stderr == (f"migblock-shell: cannot connect to {path}: not a socket "
+                                 f"({kind})\n")
 
 
 def test_a_stale_socket_file_says_nobody_listens(tmp_path: Path) -> None:

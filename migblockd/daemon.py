@@ -35,6 +35,7 @@ from migblockd.persistence import restore, to_store
 from migblockd.preflight import (
     kept_out_notes,
     load_contract,
+    not_its_own_socket,
     passed_path,
     passthrough_unused,
     socket_gid,
@@ -73,6 +74,8 @@ async def run(config: Config, cli: dict[str, Any], *,
         # settings --check-config was told not to judge.
         raise StartupError("--socket-activated: systemd passed no socket (start the "
                            "daemon through its socket unit)")
+    if config.qemu is not None:
+        not_its_own_socket(config.qemu, qmp_socket_path(config, sock))
     claim = claim_own_socket(config) if sock is None else None
     store = None
     try:
@@ -151,11 +154,6 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         # Encoded and joined before the first poll, not during it (100,000 blockers:
         # about 70 ms of the only thread).
         core.handlers.listings.get(None).parts()
-    if config.qemu is not None and (
-            os.path.realpath(config.qemu) == os.path.realpath(qmp_socket_path(config, sock))):
-        # Gating itself, every forwarded command would wait for itself until qemu-timeout.
-        raise StartupError(f"--qemu {config.qemu}: that is migblockd's own socket; --qemu "
-                           "names the QMP monitor of the QEMU to gate (its -qmp)")
 
     def commit(changes: list[Change]) -> None:
         assert store is not None

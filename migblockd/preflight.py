@@ -4,13 +4,15 @@ A setting can be well formed and still stop the daemon at its start: a
 ``socket-group`` that names no group, a ``schema`` that cannot be read, a
 ``metrics`` host that does not resolve, a socket path too long for AF_UNIX,
 taken by a file that is not a socket, or in a directory others may change, a
-``state-dir`` that is not a directory or that others may change.
+``state-dir`` that is not a directory or that others may change, a ``qemu``
+that is migblockd's own socket.
 ``--check-config`` must not call such settings valid, and a reload, which
 applies none of them, must not let the operator learn of them only when the
 next restart fails: :func:`problems` finds them with the very functions the
 start-up uses (:func:`load_contract`, :func:`socket_gid`, :func:`resolve_tcp`,
 ``listen.check_socket_path`` and ``check_socket_directory``,
-``state.directory.check_existing_directory``), so both say what the start would.
+``state.directory.check_existing_directory``, :func:`not_its_own_socket`), so
+both say what the start would.
 
 What only binding can tell (a port or a path in use, a directory that cannot
 be made) is left to the start: checked while a daemon runs, the daemon's own
@@ -39,8 +41,8 @@ from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory
 from migblockd.trust import distrust
 
-__all__ = ["ignored", "load_contract", "not_the_qmp_socket", "passed_path", "problems",
-           "resolve_tcp", "socket_gid"]
+__all__ = ["ignored", "load_contract", "not_its_own_socket", "not_the_qmp_socket",
+           "passed_path", "problems", "resolve_tcp", "socket_gid"]
 
 
 def load_contract(path: Path | None) -> Contract:
@@ -96,6 +98,15 @@ def not_the_qmp_socket(address: Path, qmp_socket: Path) -> None:
                            "address of their own")
 
 
+def not_its_own_socket(qemu: Path, qmp_socket: Path) -> None:
+    """StartupError when ``--qemu`` is migblockd's own QMP socket, also through a
+    symlink: gating itself, every forwarded command would wait for itself until
+    ``qemu-timeout``."""
+    if os.path.realpath(qemu) == os.path.realpath(qmp_socket):
+        raise StartupError(f"--qemu {qemu}: that is migblockd's own socket; --qemu names "
+                           "the QMP monitor of the QEMU to gate (its -qmp)")
+
+
 def problems(config: Config, *, socket_passed: bool = False, passed: Path | None = None,
              as_daemon: bool = False,
              keys: Collection[str] | None = None) -> list[tuple[str, str]]:
@@ -104,27 +115,31 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
     ``socket_passed``: systemd passes the socket, so ``socket-group`` is the
     socket unit's and not used; ``passed``: that socket's path, when known (a
     reload knows it, ``--check-config`` does not), which a Unix ``metrics``
-    address must not be.  ``as_daemon``: this process is the daemon (a reload),
+    address and ``qemu`` must not be.  ``as_daemon``: this process is the daemon (a reload),
     whose user the trust rule is about.  ``keys``: check only these settings
     (keys as in the file, ``socket-group``); all by default.
     """
-    def wanted(key: str) -> bool:
-        return keys is None or key in keys
-
+    qmp_socket = config.socket if not socket_passed else passed
     found: list[tuple[str, str]] = []
-    checks: list[tuple[str, Callable[[], object]]] = [
-        ("schema", lambda: load_contract(config.schema)),
-        ("socket", lambda: None if socket_passed
+    # (the settings a check judges, the check): reported under the first of
+    # them that is wanted, the one whose edit a reload names.
+    checks: list[tuple[tuple[str, ...], Callable[[], object]]] = [
+        (("schema",), lambda: load_contract(config.schema)),
+        (("socket",), lambda: None if socket_passed
          else _socket_at(config.socket, "--socket", as_daemon)),
-        ("socket-group", lambda: None if socket_passed else socket_gid(config.socket_group)),
-        ("metrics", lambda: _metrics(config, config.socket if not socket_passed else passed,
-                                     as_daemon)),
-        ("state-dir", lambda: None if config.ephemeral or config.state_dir is None
+        (("socket-group",), lambda: None if socket_passed else socket_gid(config.socket_group)),
+        (("metrics",), lambda: _metrics(config, qmp_socket, as_daemon)),
+        (("state-dir",), lambda: None if config.ephemeral or config.state_dir is None
          else check_existing_directory(config.state_dir,
                                        trust=_judgeable(config.state_dir, as_daemon))),
+        # A passed socket's path is the socket unit's, not this setting's to change.
+        (("qemu",) if socket_passed else ("qemu", "socket"),
+         lambda: None if config.qemu is None or qmp_socket is None
+         else not_its_own_socket(config.qemu, qmp_socket)),
     ]
-    for key, check in checks:
-        if wanted(key):
+    for judged, check in checks:
+        key = next((k for k in judged if keys is None or k in keys), None)
+        if key is not None:
             try:
                 check()
             except (StartupError, StateError) as exc:

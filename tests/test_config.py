@@ -463,6 +463,24 @@ def test_check_config_refuses_a_socket_directory_others_may_change(tmp_path: Pat
     assert f"ERROR: {proc.stderr.removeprefix('migblockd: ')}" in start.stderr
 
 
+def test_check_config_refuses_a_qemu_that_is_the_daemons_own_socket(tmp_path: Path) -> None:
+    # Reproduced first: --check-config said "valid", and the start refused it.
+    own, alias, state = tmp_path / "s.sock", tmp_path / "alias.sock", tmp_path / "state"
+    alias.symlink_to(own)
+    for qemu in (own, alias):
+        args = ["--socket", str(own), "--state-dir", str(state), "--qemu", str(qemu)]
+        message = (f"--qemu {qemu}: that is migblockd's own socket; --qemu names the QMP "
+                   "monitor of the QEMU to gate (its -qmp)")
+        proc = check_config(*args)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+        start = subprocess.run([sys.executable, "-m", "migblockd", *args],
+                               capture_output=True, text=True, timeout=30)
+        assert start.returncode == 1
+        assert f"ERROR: {message}\n" in start.stderr
+    # Refused before the socket's lock or the state directory was made.
+    assert sorted(tmp_path.iterdir()) == [alias]
+
+
 @pytest.mark.parametrize("kind", ["file", "shared"])
 def test_check_config_refuses_a_state_directory_the_start_would(tmp_path: Path,
                                                                 kind: str) -> None:
@@ -622,6 +640,25 @@ async def test_a_reload_says_when_the_next_start_would_fail(
     async with d.client() as c:
         await c.ok("query-version")
     assert d.log().count("the next start would fail") == 1
+    assert d.stop() == 0
+
+
+async def test_a_reload_says_a_qemu_that_is_its_own_socket_would_fail(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first: the reload said only "qemu changed, which only a restart
+    # applies", and the restart refused it.
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(path), "--ephemeral")
+    path.write_text(f'log-level = "info"\nqemu = "{d.socket}"\n')
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("WARNING: reload: qemu changed, which only a restart applies")
+    d.wait_for_log(f"WARNING: reload: with qemu as the file now sets it, the next start would "
+                   f"fail: --qemu {d.socket}: that is migblockd's own socket; --qemu names the "
+                   "QMP monitor of the QEMU to gate (its -qmp)\n")
+    async with d.client() as c:  # still serving, not gating itself
+        await c.ok("query-version")
     assert d.stop() == 0
 
 

@@ -201,6 +201,11 @@ async def test_daemon_under_systemd_socket_activate(
         proc.send_signal(signal.SIGHUP)
         await wait_stderr("WARNING: reload: with metrics as the file now sets it, the next "
                           f"start would fail: --metrics {sock_path}: that is the QMP socket")
+        # So is the passed socket as the QEMU to gate.
+        config.write_text(f'log-level = "debug"\nqemu = "{sock_path}"\n')
+        proc.send_signal(signal.SIGHUP)
+        await wait_stderr("WARNING: reload: with qemu as the file now sets it, the next start "
+                          f"would fail: --qemu {sock_path}: that is migblockd's own socket")
         await client.close()
 
         # -- SIGTERM: STOPPING=1, exit 0, the passed socket stays ---------------------

@@ -4,8 +4,9 @@ A setting can be well formed and still stop the daemon at its start: a
 ``socket-group`` that names no group, a ``schema`` that cannot be read, a
 ``metrics`` host that does not resolve, a socket path too long for AF_UNIX,
 taken by a file that is not a socket, or in a directory others may change, a
-``state-dir`` that is not a directory or that others may change, a ``qemu``
-that is migblockd's own socket.
+``state-dir`` that is not a directory or that others may change (or, still to
+be made, is under a directory others may change), a ``qemu`` that is
+migblockd's own socket.
 ``--check-config`` must not call such settings valid, and a reload, which
 applies none of them, must not let the operator learn of them only when the
 next restart fails: :func:`problems` finds them with the very functions the
@@ -237,7 +238,7 @@ def _judgeable(directory: Path, as_daemon: bool) -> bool:
     if as_daemon or os.geteuid() != 0:
         return True
     try:
-        found = distrust(directory)
+        found = distrust(directory, to_be_made=True)  # a state directory may be made
     except OSError:
         return True  # the check itself says what it could not examine
     return found is None or found.owner is None

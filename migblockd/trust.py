@@ -51,13 +51,19 @@ class Distrust:
     mode: int | None = None
 
 
-def distrust(directory: Path) -> Distrust | None:
+def distrust(directory: Path, *, to_be_made: bool = False) -> Distrust | None:
     """The first reason not to trust ``directory``, or None.
+
+    ``to_be_made``: ``directory`` may be missing, to be made (0700) by the
+    caller: what exists of the path is judged, each directory of it as one
+    above ``directory`` (sticky passes), before anything is made there, and
+    ``arrived`` is where the path would lead.  What cannot be made (a file on
+    the way) is the making's to say.
 
     Raises OSError (its ``filename`` the path that could not be examined).
     """
     trusted = (os.geteuid(), 0)
-    met, arrived = _walk(directory)
+    met, arrived = _walk(directory, to_be_made=to_be_made)
     for place, st in met.items():
         itself = place == arrived
         if st.st_uid not in trusted:
@@ -74,10 +80,14 @@ def distrust(directory: Path) -> Distrust | None:
 _MAX_SYMLINKS = 40
 
 
-def _walk(path: Path) -> tuple[dict[Path, os.stat_result], Path]:
+def _walk(path: Path, *,
+          to_be_made: bool = False) -> tuple[dict[Path, os.stat_result], Path]:
     """What the kernel meets resolving ``path`` (every directory from ``/`` on,
     and every symlink, each with its ``lstat``, in the order met) and the
     directory it arrives at.
+
+    ``to_be_made``: the walk ends at the first name missing (or below a file),
+    and arrives where the rest of the path would lead.
 
     Raises OSError as ``lstat`` and ``readlink`` do (ELOOP for a symlink loop).
     """
@@ -91,7 +101,12 @@ def _walk(path: Path) -> tuple[dict[Path, os.stat_result], Path]:
             here = here.parent  # met already: the walk came down through it
             continue
         place = here / name
-        st = met[place] if place in met else os.lstat(place)
+        try:
+            st = met[place] if place in met else os.lstat(place)
+        except (FileNotFoundError, NotADirectoryError):
+            if not to_be_made:
+                raise
+            return met, here.joinpath(name, *reversed(pending))
         met[place] = st
         if not stat.S_ISLNK(st.st_mode):
             here = place
@@ -106,13 +121,15 @@ def _walk(path: Path) -> tuple[dict[Path, os.stat_result], Path]:
     return met, here
 
 
-def refusal(directory: Path, *, kind: str, asset: str, option: str) -> str | None:
+def refusal(directory: Path, *, kind: str, asset: str, option: str,
+            to_be_made: bool = False) -> str | None:
     """Why ``directory`` (a ``kind``, such as "state directory") is refused, in
     words that say what is at stake (``asset``) and what to do (``option``), or None.
+    ``to_be_made`` as for :func:`distrust`.
 
     Raises OSError as :func:`distrust` does.
     """
-    found = distrust(directory)
+    found = distrust(directory, to_be_made=to_be_made)
     if found is None:
         return None
     arrived = found.arrived

@@ -481,7 +481,7 @@ def test_check_config_refuses_a_qemu_that_is_the_daemons_own_socket(tmp_path: Pa
     assert sorted(tmp_path.iterdir()) == [alias]
 
 
-@pytest.mark.parametrize("kind", ["file", "shared"])
+@pytest.mark.parametrize("kind", ["file", "shared", "missing under shared"])
 def test_check_config_refuses_a_state_directory_the_start_would(tmp_path: Path,
                                                                 kind: str) -> None:
     state = tmp_path / "state"
@@ -489,20 +489,31 @@ def test_check_config_refuses_a_state_directory_the_start_would(tmp_path: Path,
         state.write_text("")
         message = (f"state directory {state} is not a directory; move it away, or choose "
                    "another --state-dir")
-    else:
+    elif kind == "shared":
         state.mkdir()
         state.chmod(0o777)
         message = (f"refusing to keep state in {state}: state directory {state} is "
                    "writable by others (mode 0777), so they could replace the database; "
                    f"chmod go-w {state}, or choose another --state-dir")
+    else:
+        # Reproduced first: "valid", and the start made it, refused it and left it.
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        shared.chmod(0o777)
+        state = shared / "state"
+        message = (f"refusing to keep state in {state}: {shared}, above state directory "
+                   f"{state}, is writable by others (mode 0777), so they could replace the "
+                   f"database; chmod go-w {shared}, or choose another --state-dir")
+    made = sorted(tmp_path.iterdir())
     args = ["--socket", str(tmp_path / "s.sock"), "--state-dir", str(state)]
     proc = check_config(*args)
     assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
-    assert sorted(tmp_path.iterdir()) == [state]  # nothing made, nothing locked
+    assert sorted(tmp_path.iterdir()) == made  # nothing made, nothing locked
     start = subprocess.run([sys.executable, "-m", "migblockd", *args],
                            capture_output=True, text=True, timeout=30)
     assert start.returncode == 1
     assert f"ERROR: {message}\n" in start.stderr
+    assert os.path.lexists(state) == (kind != "missing under shared")
     # Ephemeral, the directory is not used, so nothing to refuse.
     assert check_config(*args, "--ephemeral").returncode == 0
 
@@ -519,6 +530,9 @@ def test_check_config_as_root_takes_the_daemon_users_own_directories(short_tmp: 
         os.chown(directory, 65534, 65534)
     args = ["--socket", str(run / "q.sock"), "--state-dir", str(state)]
     assert check_config(*args).returncode == 0
+    # One that user's start would make there, too.
+    assert check_config("--socket", str(run / "q.sock"),
+                        "--state-dir", str(state / "vm1")).returncode == 0
     # The daemon's user itself gets the same answer, and so does its start.
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     proc = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--check-config",

@@ -1381,11 +1381,21 @@ def test_a_directory_others_could_change_is_refused(tmp_path: Path) -> None:
         f"others (mode 0777), so they could replace the database; chmod go-w {open_dir}, "
         "or choose another --state-dir")
     assert not (open_dir / "state.db").exists()
-    below = open_dir / "state"  # created 0700, but under a directory others may write
-    with pytest.raises(StateError) as refused:
-        Store.open(below)
-    assert f"{open_dir}, above state directory {below}, is writable by others" in str(
-        refused.value)
+    # Missing, under a directory others may write: refused before it is made.
+    # (Reproduced first: made 0700, then refused, and left behind.)
+    for below in (open_dir / "state", open_dir / "a" / "state"):
+        with pytest.raises(StateError) as refused:
+            Store.open(below)
+        assert str(refused.value) == (
+            f"refusing to keep state in {below}: {open_dir}, above state directory {below}, "
+            "is writable by others (mode 0777), so they could replace the database; "
+            f"chmod go-w {open_dir}, or choose another --state-dir")
+    assert sorted(open_dir.iterdir()) == []
+    # Sticky, others may add entries but not take ours: made there, and accepted.
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    Store.open(sticky / "state").close()
     if os.geteuid() == 0:
         theirs = tmp_path / "theirs"
         theirs.mkdir(mode=0o700)

@@ -1,5 +1,9 @@
 """The state directory: made 0700 when missing, and held to sshd's StrictModes.
 
+A missing one is made only where it would pass: what exists of its path is
+judged first, as the directories above it are once it exists, so that a start
+that would refuse it neither makes it nor leaves it behind.
+
 The directory, and the directory ``state.db`` links to if it is a link, must
 be changeable by nobody but this user and root: anyone else could swap the
 database that the next start restores.  The database file itself is checked
@@ -20,6 +24,8 @@ DATABASE_NAME = "state.db"
 
 
 def make_directory(directory: Path) -> None:
+    if not os.path.lexists(directory):
+        _check_trusted(directory, directory, "state directory", to_be_made=True)
     try:
         # Missing parents are made 0700 too: with mkdir's own, the umask's mode
         # (0775 under umask 002) would fail the directory check that follows.
@@ -45,11 +51,13 @@ def _not_a_directory(directory: Path) -> StateError:
 
 def check_existing_directory(directory: Path, *, trust: bool = True) -> None:
     """What :func:`make_directory` and :func:`check_directory` (unless not ``trust``)
-    would refuse in a directory that is already there, found without making,
-    locking or opening anything (``--check-config``); one still to be made is the
-    start's to judge."""
+    would refuse, found without making, locking or opening anything
+    (``--check-config``): of a directory still to be made, the directories above
+    it that exist; whether it can be made is the start's to find out."""
     directory = Path(directory).absolute()
     if not os.path.lexists(directory):
+        if trust:
+            _check_trusted(directory, directory, "state directory", to_be_made=True)
         return
     if not directory.is_dir():
         raise _not_a_directory(directory)
@@ -83,9 +91,11 @@ def check_directory(directory: Path) -> None:
     _check_trusted(directory, target, f"the directory of {DATABASE_NAME}'s target")
 
 
-def _check_trusted(directory: Path, place: Path, kind: str) -> None:
+def _check_trusted(directory: Path, place: Path, kind: str, *,
+                   to_be_made: bool = False) -> None:
     try:
-        why = refusal(place, kind=kind, asset="the database", option="--state-dir")
+        why = refusal(place, kind=kind, asset="the database", option="--state-dir",
+                      to_be_made=to_be_made)
     except OSError as e:
         raise StateError(f"cannot check state directory {directory}: "
                          f"{e.filename}: {e.strerror}") from None

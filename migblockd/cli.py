@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from migblockd import __version__
-from migblockd.config import Config, ConfigError, build
+from migblockd.config import Config, ConfigError, build, read_settings
 from migblockd.options import Where, add_arguments, table
 
 DESCRIPTION = """\
@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None, hangups: list[int] | None = None) ->
         signal.signal(signal.SIGHUP, lambda signum, _frame: hangups.append(signum))
     cli, check_only = command_line(argv)
     try:
-        config = build(cli)
+        file = read_settings(cli)
+        config = build(cli, file)
     except ConfigError as exc:
         sys.exit(f"migblockd: {exc}")
     if check_only:
@@ -132,7 +133,7 @@ def main(argv: Sequence[str] | None = None, hangups: list[int] | None = None) ->
     installed = logs.setup(config.logging_level, config.log_format)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(run(config, cli, reload_asked=lambda: bool(hangups)))
+            runner.run(run(config, cli, reload_asked=lambda: bool(hangups), file=file))
     except StartupError as exc:
         logging.getLogger("migblockd").error("%s", exc)
         sys.exit(1)

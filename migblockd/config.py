@@ -39,7 +39,7 @@ from migblockd.paths import NoDefault, default_socket_path, default_state_dir
 from migblockd.qmp.limits import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
 
 __all__ = ["LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "HostPort",
-           "build", "read_file"]
+           "build", "read_file", "read_settings"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -292,16 +292,22 @@ def read_file(path: Path) -> dict[str, Any]:
     return settings_file.read_file(path, Config)
 
 
-def build(cli: dict[str, Any]) -> Config:
+def read_settings(cli: dict[str, Any]) -> dict[str, Any]:
+    """What the file named by ``cli['config']`` sets (field name -> checked value);
+    nothing without one."""
+    path = cli.get("config")
+    return {} if path is None else read_file(Path(path))
+
+
+def build(cli: dict[str, Any], file: dict[str, Any] | None = None) -> Config:
     """Defaults < the file named by ``cli['config']`` < the command line.
 
     ``cli`` is what ``migblockd.cli.options()`` returns: field name -> value
-    already parsed and checked, or None for an option not given.
+    already parsed and checked, or None for an option not given.  ``file``: what
+    the file sets, when the caller has read it (:func:`read_settings`) to know
+    that too; read here otherwise.
     """
-    settings: dict[str, Any] = {}
-    path = cli.get("config")
-    if path is not None:
-        settings.update(read_file(Path(path)))
+    settings = dict(read_settings(cli) if file is None else file)
     settings.update({k: v for k, v in cli.items() if v is not None})
     try:
         return Config(**settings)

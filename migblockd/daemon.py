@@ -55,11 +55,13 @@ log = logging.getLogger("migblockd")
 
 
 async def run(config: Config, cli: dict[str, Any], *,
-              reload_asked: Callable[[], bool] = lambda: False) -> None:
+              reload_asked: Callable[[], bool] = lambda: False,
+              file: dict[str, Any] | None = None) -> None:
     """Start, serve until SIGTERM/SIGINT, stop.  Raises StartupError when it cannot start.
 
     ``reload_asked()``: whether a SIGHUP came before the event loop handled
-    it; the reload is done once the daemon is ready.
+    it; the reload is done once the daemon is ready.  ``file``: what the
+    configuration file set when ``config`` was built (``config.read_settings``).
     """
     contract = load_contract(config.schema)
     # The socket before the state: a daemon that cannot serve (another one holds
@@ -85,7 +87,8 @@ async def run(config: Config, cli: dict[str, Any], *,
             migration_time=config.migration_time,
         )
         store = open_state(config, registry)
-        await serve(config, cli, contract, registry, store, reload_asked, sock, claim)
+        await serve(config, cli, contract, registry, store, reload_asked, sock, claim,
+                    file=file)
     finally:
         if store is not None:
             store.close()
@@ -137,7 +140,8 @@ def open_state(config: Config, registry: Registry) -> Store | None:
 
 async def serve(config: Config, cli: dict[str, Any], contract: Contract, registry: Registry,
                 store: Store | None, reload_asked: Callable[[], bool],
-                sock: socket.socket | None, claim: Claim | None) -> None:
+                sock: socket.socket | None, claim: Claim | None, *,
+                file: dict[str, Any] | None = None) -> None:
     bridge = None
     if (unused := passthrough_unused(config)) is not None:
         log.warning("%s", unused)
@@ -170,7 +174,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
 
     notifier = await Notifier.open()
     server = Server(config, cli, core, notifier, commit if store is not None else None,
-                    bridge.forward if bridge is not None else None)
+                    bridge.forward if bridge is not None else None, file=file)
     metrics = None
     try:
         metrics = open_metrics(config, core, sock)

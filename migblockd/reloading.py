@@ -8,21 +8,25 @@ so, because a reload that silently ignored an edited ``socket-mode`` would
 leave the operator believing it applied.  With a socket that systemd passed,
 the socket unit owns its path, mode and group (``ListenStream=``,
 ``SocketMode=``, ``SocketGroup=``): a restart would not apply those either.
+An edit to a setting that the command line also sets changes nothing, and the
+log says that too, with the value that wins: otherwise the operator reads
+"nothing changed" after editing the file and cannot tell why.
 
-:func:`plan` decides, with no I/O; ``Server.reload`` applies the result to the
-core and logs :meth:`Reload.messages`.
+:func:`outvoted` and :func:`plan` decide, with no I/O; ``Server.reload``
+applies the result to the core and logs :meth:`Reload.messages`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from migblockd.config import RELOADABLE, Config
 from migblockd.options import table
 
-__all__ = ["Reload", "plan"]
+__all__ = ["Reload", "outvoted", "plan"]
 
 #: Settings of the listening socket: with a passed socket, the socket unit's.
 _SOCKET_KEYS = ("socket", "socket-mode", "socket-group")
@@ -38,17 +42,20 @@ class Reload:
     restart_only: list[str]
     #: Keys that changed but belong to the socket unit that passed the socket.
     unit_owned: list[str]
+    #: (key, the command line's value as shown) for each setting the file
+    #: changed but the command line sets.
+    outvoted: list[tuple[str, str]] = field(default_factory=list)
 
     def messages(self) -> list[tuple[int, str]]:
         """The log lines a reload gives, as (level, text)."""
         if self.config.config is None and not (self.changed or self.restart_only
-                                                or self.unit_owned):
+                                                or self.unit_owned or self.outvoted):
             # The operator who sends SIGHUP has usually just edited a file; one the
             # daemon was never told of must not look read ("nothing changed").
             return [(logging.WARNING, "reload: nothing to re-read: this migblockd was "
                      "started without --config, so its settings are its command line's")]
         described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in self.changed.items())
-        ignored = self.restart_only or self.unit_owned
+        ignored = self.restart_only or self.unit_owned or self.outvoted
         lines = [(logging.INFO, "reloaded configuration: " + (described or (
             "no setting a reload applies changed" if ignored else "nothing changed")))]
         if self.restart_only:
@@ -58,16 +65,32 @@ class Reload:
             lines.append((logging.WARNING, f"reload: {', '.join(self.unit_owned)} changed, "
                           "which the socket unit sets (ListenStream=, SocketMode=, "
                           "SocketGroup=); the daemon serves the socket systemd passed"))
+        lines += [(logging.WARNING, f"reload: {key} changed in the file, but the command line "
+                   f"sets it ({value}); the command line wins") for key, value in self.outvoted]
         return lines
 
 
-def plan(running: Config, fresh: Config, *, socket_passed: bool) -> Reload:
-    """What reloading from ``running`` to ``fresh`` does."""
+def outvoted(cli: Mapping[str, Any], before: Mapping[str, Any],
+             now: Mapping[str, Any]) -> list[str]:
+    """The settings (field names) that the file, read ``before`` and ``now``
+    (field name -> value), changed, and that the command line ``cli`` sets."""
+    return [o.name for o in table(Config) if cli.get(o.name) is not None
+            and before.get(o.name) != now.get(o.name)]
+
+
+def plan(running: Config, fresh: Config, *, socket_passed: bool,
+         overridden: Sequence[str] = ()) -> Reload:
+    """What reloading from ``running`` to ``fresh`` does.  ``overridden``: the
+    settings (field names) whose edit in the file the command line outvotes
+    (:func:`outvoted`)."""
     changed = {k: getattr(fresh, k) for k in RELOADABLE
                if getattr(fresh, k) != getattr(running, k)}
     later = [o.key for o in table(Config) if o.name not in RELOADABLE
              and getattr(fresh, o.name) != getattr(running, o.name)]
     unit_owned = [k for k in later if socket_passed and k in _SOCKET_KEYS]
+    options = {o.name: o for o in table(Config)}
     return Reload(config=running.replace(**changed), changed=changed,
                   restart_only=[k for k in later if k not in unit_owned],
-                  unit_owned=unit_owned)
+                  unit_owned=unit_owned,
+                  outvoted=[(options[name].key, options[name].show(getattr(fresh, name)))
+                            for name in overridden])

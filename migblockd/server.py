@@ -28,7 +28,7 @@ from typing import Any
 
 from migblockd.accept import Acceptor, fit_descriptor_limit
 from migblockd.adapter import ClientProtocol, read_buffer
-from migblockd.config import Config, ConfigError, build
+from migblockd.config import Config, ConfigError, build, read_settings
 from migblockd.connection import Connection
 from migblockd.core import Core, Status
 from migblockd.disk import DiskThread
@@ -38,7 +38,7 @@ from migblockd.listen import Claim, bind_claimed
 from migblockd.pidlock import PidLock
 from migblockd.preflight import ignored, passed_path, problems
 from migblockd.registry import Change
-from migblockd.reloading import plan
+from migblockd.reloading import outvoted, plan
 from migblockd.systemd import Notifier
 from migblockd.timeouts import Timeouts
 from migblockd.turns import Forward, Turns
@@ -61,9 +61,13 @@ class Server(Turns):
 
     def __init__(self, config: Config, cli: dict[str, Any], core: Core,
                  notifier: Notifier, commit: Commit | None = None,
-                 forward: Forward | None = None) -> None:
+                 forward: Forward | None = None, *,
+                 file: dict[str, Any] | None = None) -> None:
         self.config = config
         self.cli = cli
+        #: What the configuration file set when last read (``config.read_settings``):
+        #: a reload compares it to say which edits the command line outvotes.
+        self.file: dict[str, Any] = {} if file is None else file
         self.core = core
         self.notifier = notifier
         self.forward = forward
@@ -168,7 +172,8 @@ class Server(Turns):
     async def reload(self) -> None:
         await self.notifier.reloading()
         try:
-            fresh = build(self.cli)
+            file = read_settings(self.cli)
+            fresh = build(self.cli, file)
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
         except Exception:
@@ -176,7 +181,9 @@ class Server(Turns):
             log.exception("reload failed, keeping the running configuration")
         else:
             # own_socket is None: serving the socket systemd passed.
-            reload = plan(self.config, fresh, socket_passed=self.own_socket is None)
+            reload = plan(self.config, fresh, socket_passed=self.own_socket is None,
+                          overridden=outvoted(self.cli, self.file, file))
+            self.file = file
             self.config = reload.config
             self.core.configure(self.config.limits)
             self.core.admission.max_clients = self.config.max_clients

@@ -262,6 +262,30 @@ async def test_a_reload_names_the_changes_that_wait_for_a_restart(
     assert d.stop() == 0
 
 
+async def test_a_reload_says_which_edits_the_command_line_outvotes(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first: the reload said only "nothing changed", and the operator
+    # who had edited the file could not tell why.
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\nmax-clients = 50\n')
+    d = start_daemon("--config", str(path), "--ephemeral", "--log-level", "info",
+                     "--max-clients", "50")
+    path.write_text('log-level = "debug"\nmax-clients = 10\nmax-clients-per-uid = 3\n')
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("INFO: reloaded configuration: max-clients-per-uid=3\n")
+    d.wait_for_log("WARNING: reload: log-level changed in the file, but the command line sets "
+                   "it (info); the command line wins\n")
+    d.wait_for_log("WARNING: reload: max-clients changed in the file, but the command line "
+                   "sets it (50); the command line wins\n")
+    # Compared with the file as the last reload read it: said once, not at every reload.
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("INFO: reloaded configuration: nothing changed\n")
+    assert d.log().count("the command line wins") == 2
+    assert " DEBUG: " not in d.log()
+    assert d.stop() == 0
+
+
 async def test_reloaded_input_limits_apply_to_open_connections(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

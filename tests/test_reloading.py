@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from migblockd.config import Config
-from migblockd.reloading import plan
+from migblockd.reloading import outvoted, plan
 
 
 def test_nothing_changed() -> None:
@@ -63,3 +63,30 @@ def test_with_a_passed_socket_its_settings_are_the_socket_units() -> None:
     assert level == logging.WARNING
     assert text.startswith("reload: socket, socket-mode changed, which the socket unit sets")
     assert text.endswith("the daemon serves the socket systemd passed")
+
+
+def test_an_edit_the_command_line_outvotes_is_named_with_the_value_that_wins() -> None:
+    # Reproduced first: started with --log-level info --max-clients 50, the file
+    # edited to debug and 10, and the reload said only "nothing changed".
+    file = Path("/etc/migblockd/migblockd.toml")
+    cli = {"config": file, "log_level": "info",
+           "max_clients": 50, "migration_time": 2.5, "only_migratable": None}
+    before = {"log_level": "info", "only_migratable": True}
+    now = {"log_level": "debug", "max_clients": 10, "migration_time": 2.5,
+           "only_migratable": False}
+    # Not one the file left as it was, nor one the command line does not set.
+    # In --help's order, as the other lines name settings.
+    assert outvoted(cli, before, now) == ["migration_time", "log_level", "max_clients"]
+    assert outvoted(cli, now, now) == []
+    running = Config(config=file, max_clients=50, migration_time=2.5)
+    reload = plan(running, running, socket_passed=False,
+                  overridden=["migration_time", "log_level", "max_clients"])
+    assert reload.config == running
+    assert reload.messages() == [
+        (logging.INFO, "reloaded configuration: no setting a reload applies changed"),
+        (logging.WARNING, "reload: migration-time changed in the file, but the command line "
+                          "sets it (2.5); the command line wins"),
+        (logging.WARNING, "reload: log-level changed in the file, but the command line sets "
+                          "it (info); the command line wins"),
+        (logging.WARNING, "reload: max-clients changed in the file, but the command line "
+                          "sets it (50); the command line wins")]

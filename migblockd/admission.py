@@ -48,16 +48,15 @@ class Admission:
         per-uid bound like root and the daemon's own user.
         """
         if served >= self.max_clients:
-            return "max-clients", (f"migblockd is already serving max-clients="
-                                   f"{self.max_clients} clients; try again later")
+            serving = _serving(served, "max-clients", self.max_clients)
+            return "max-clients", f"migblockd is {serving}; try again later"
         limit = self.max_clients_per_uid
         if limit and not admin and not exempt_from_uid_limit(owner, self.daemon_uid):
             uid = owner.uid if owner is not None else None
             if self._per_uid[uid] >= limit:
                 whose = who(uid) if uid is not None else "peers without credentials"
-                return "max-clients-per-uid", (
-                    f"migblockd is already serving max-clients-per-uid={limit} clients "
-                    f"of {whose}; try again later")
+                serving = _serving(self._per_uid[uid], "max-clients-per-uid", limit, whose)
+                return "max-clients-per-uid", f"migblockd is {serving}; try again later"
         return None
 
     def admit(self, owner: Owner | None) -> None:
@@ -68,3 +67,12 @@ class Admission:
         self._per_uid[uid] -= 1
         if self._per_uid[uid] <= 0:
             del self._per_uid[uid]
+
+
+def _serving(served: int, key: str, limit: int, whose: str | None = None) -> str:
+    """``already serving max-clients=2 clients``, or, when a reload has lowered
+    the bound below the clients it keeps serving, how many there are."""
+    of = "" if whose is None else f" of {whose}"
+    if served == limit:
+        return f"already serving {key}={limit} clients{of}"
+    return f"serving {served} clients{of}, {key}={limit}"

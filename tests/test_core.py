@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from migblockd.admission import Admission
 from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
@@ -138,6 +139,25 @@ def test_past_max_clients_a_connection_gets_one_error_line_and_no_slot() -> None
         "desc": "migblockd is already serving max-clients=2 clients; try again later"}}]
     core.receive_data(extra, b'{"execute": "qmp_capabilities"}')
     assert core.execute(extra, 32) == 0  # a refused connection runs nothing
+
+
+def test_past_a_bound_a_reload_lowered_the_refusal_says_how_many_are_served() -> None:
+    # Reported: "already serving max-clients=2 clients" while 5 were served.
+    registry = Registry(CONTRACT.enums["MigMode"], migration_time=1.0, clock=FakeClock())
+    core = Core(CONTRACT, registry, LIMITS,
+                admission=Admission(1024, 4, daemon_uid=0))
+    for _ in range(4):
+        connected(core, 7)
+    connected(core, 8)
+    core.admission.max_clients_per_uid = 1  # as a reload does; nobody is turned out
+    extra = core.connect(Owner(1, 7, 7))
+    assert extra.refused
+    assert lines(core.data_to_send(extra))[0]["error"]["desc"] == (
+        f"migblockd is serving 4 clients of {who(7)}, max-clients-per-uid=1; try again later")
+    core.admission.max_clients = 2
+    extra = core.connect(Owner(1, 9, 9))
+    assert lines(core.data_to_send(extra))[0]["error"]["desc"] == (
+        "migblockd is serving 5 clients, max-clients=2; try again later")
 
 
 def test_turns_are_bounded_and_replies_keep_their_order() -> None:

@@ -7,10 +7,12 @@ import contextlib
 import os
 import re
 import selectors
+import signal
 import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from conftest import DaemonProcess, assert_clean_log, owner_info
@@ -292,6 +294,27 @@ async def test_max_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
         d.wait_for_log("disconnected")
         async with d.client() as c:  # a slot is free again
             assert (await c.execute("query-version", id="c"))["id"] == "c"
+    assert_clean_log(d)
+
+
+async def test_max_clients_lowered_by_a_reload_below_those_served(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reported: a newcomer heard "already serving max-clients=2 clients" while 3 were.
+    path = tmp_path / "m.toml"
+    path.write_text("max-clients = 5\n")
+    d = start_daemon("--config", str(path))
+    async with d.client() as a, d.client() as b, d.client() as c:
+        path.write_text("max-clients = 2\n")
+        d.signal(signal.SIGHUP)
+        d.wait_for_log("reloaded configuration: max-clients=2")
+        async with d.client(negotiate=False, read_greeting=False) as extra:
+            rest = await extra.read_to_eof()
+        assert [strict_loads(line) for line in rest.splitlines()] == [{"error": {
+            "class": "GenericError",
+            "desc": "migblockd is serving 3 clients, max-clients=2; try again later"}}]
+        for client in (a, b, c):  # kept, not turned out
+            await client.ok("query-version")
     assert_clean_log(d)
 
 

@@ -87,6 +87,10 @@ def claim_socket(path: Path, mode: int, group: int | None = None, *,
     restores) anything.  Only the socket's directory and lock file are made.
     """
     check_socket_path(path, option)
+    if not path.parent.is_dir():
+        # What exists of the path is judged before anything is made there: refused
+        # only once made, the directories would be left behind.
+        check_socket_directory(path.parent, option, to_be_made=True)
     make_socket_dir(path.parent, mode, group)
     check_socket_directory(path.parent, option)
     lock = lock_socket(path, option)
@@ -292,11 +296,14 @@ def _answers(path: Path) -> bool:
 # --------------------------------------------------------------------------- the directory
 
 
-def check_socket_directory(directory: Path, option: str = "--socket") -> None:
+def check_socket_directory(directory: Path, option: str = "--socket", *,
+                           to_be_made: bool = False) -> None:
     """Refuse a socket directory that anyone but this user and root could change
-    (:mod:`migblockd.trust` has the rule); ``option`` named the socket."""
+    (:mod:`migblockd.trust` has the rule); ``option`` named the socket.
+    ``to_be_made``: it may be missing, and what exists of its path is judged."""
     try:
-        why = refusal(directory, kind="socket directory", asset="the socket", option=option)
+        why = refusal(directory, kind="socket directory", asset="the socket", option=option,
+                      to_be_made=to_be_made)
     except OSError as exc:
         raise StartupError(f"cannot check socket directory {directory}: "
                            f"{exc.filename}: {exc.strerror}") from None

@@ -221,9 +221,9 @@ def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool) -> None:
 
 def _socket_at(path: Path, option: str, as_daemon: bool) -> None:
     check_socket_path(path, option)
-    # One still to be made is the start's to judge.
-    if path.parent.is_dir() and _judgeable(path.parent, as_daemon):
-        check_socket_directory(path.parent, option)
+    if _judgeable(path.parent, as_daemon):
+        # One still to be made is judged by what exists of its path, as the start does.
+        check_socket_directory(path.parent, option, to_be_made=not path.parent.is_dir())
 
 
 def _judgeable(directory: Path, as_daemon: bool) -> bool:

@@ -87,6 +87,32 @@ def test_a_directory_others_may_write_to_is_refused(
             f"{directory}, or choose another --socket") in log, log
 
 
+def test_a_missing_socket_directory_is_judged_before_it_is_made(
+    start_daemon: Callable[..., DaemonProcess], top: Path,
+) -> None:
+    # The start made open/sub/run (0700), refused it for open's mode, and left it
+    # behind; --check-config called it valid.
+    (top / "open").mkdir()
+    (top / "open").chmod(0o777)
+    sock = top / "open" / "sub" / "run" / "migblockd.sock"
+    log = refused(start_daemon, sock)
+    why = (f"{top}/open, above socket directory {sock.parent}, is writable by others (mode "
+           "0777), so they could replace the socket")
+    assert f"refusing to serve from {sock.parent}: {why}" in log, log
+    assert not (top / "open" / "sub").exists()
+    check = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral", "--socket",
+         str(sock)], capture_output=True, text=True, check=False, timeout=60)
+    assert check.returncode == 1 and why in check.stderr, check
+    assert not (top / "open" / "sub").exists()
+    # Sticky, as /tmp is: made and served.
+    (top / "open").chmod(0o1777)
+    check = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral", "--socket",
+         str(sock)], capture_output=True, text=True, check=False, timeout=60)
+    assert check.returncode == 0, check
+
+
 def test_a_directory_above_that_others_may_write_to_is_refused(top: Path) -> None:
     (top / "open" / "mine").mkdir(parents=True)
     (top / "open").chmod(0o777)

@@ -34,6 +34,7 @@ from migblockd.qemu_facts import (
     QemuError,
     QemuFacts,
     QemuRestarted,
+    QemuSilent,
     QemuUnavailable,
     check_runstate,
     incoming,
@@ -301,6 +302,12 @@ class GateHandlers(Forwarding):
                 runstate = yield from self._runstate()
                 check_runstate(runstate)
             self.registry.check_migrate()  # the current mode's newest blocker
+        except QemuSilent as exc:
+            # Its words name migblockd's own question, which the client never sent.
+            refused = QemuSilent(f"migrate was not sent: QEMU did not answer migblockd's "
+                                 f"check of whether it may migrate ({exc})")
+            self._refused(conn, refused, uri=uri)
+            raise refused from None
         except (BlockerError, QMPError, QemuError, QemuUnavailable) as exc:
             self._refused(conn, exc, uri=uri)
             raise

@@ -35,8 +35,9 @@ from migblockd.qmp.qdict import unvisited_order
 from migblockd.registry import RUNNING_STATUSES
 
 __all__ = [
-    "ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuRestarted", "QemuUnavailable",
-    "check_runstate", "incoming", "not_understood", "reasons_of", "status_of",
+    "ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuRestarted", "QemuSilent",
+    "QemuUnavailable", "check_runstate", "incoming", "not_understood", "reasons_of",
+    "status_of",
 ]
 
 #: What QEMU's ``migrate_prepare()`` (``migration/migration.c``) answers in these run
@@ -62,6 +63,10 @@ class QemuError(Exception):
 
 class QemuUnavailable(Exception):
     """No answer from QEMU (not connected, or the connection broke); ``str()`` says why."""
+
+
+class QemuSilent(QemuUnavailable):
+    """QEMU did not answer a call within ``--qemu-timeout``; it may still run it."""
 
 
 class QemuRestarted(QemuUnavailable):

@@ -495,8 +495,13 @@ async def test_a_stopped_qemu_gets_a_timeout_error_instead_of_a_hang(
             assert reply == error(GENERIC, f"QEMU's monitor at '{qemu.gate_socket}' did not "
                                   "answer 'query-migrate' within 1 s; it may still run it", "q")
             reply = await asyncio.wait_for(c.execute("migrate", {"uri": SINK}, id="m"), 10)
-            assert reply["error"]["class"] == GENERIC and late.fullmatch(
-                reply["error"]["desc"]), reply
+            # Its words named migblockd's own query as if the client had sent it.
+            refusal = "migrate was not sent: QEMU did not answer migblockd's check of " \
+                "whether it may migrate ("
+            desc = reply["error"]["desc"]
+            assert reply["error"]["class"] == GENERIC and desc.startswith(refusal) and (
+                late.fullmatch(desc[len(refusal):-1])), reply
+            assert f"migrate to '{SINK}' refused: \"{refusal}" in d.log()
             # The blocker commands, which ask QEMU first, answer too (no hang).
             for command, args in (("add-blocker", {"reason": SEV, "id": "sev"}),
                                   ("query-blockers", {})):

@@ -29,6 +29,7 @@ from migblockd.qemu_facts import (
     QemuError,
     QemuFacts,
     QemuRestarted,
+    QemuSilent,
     QemuUnavailable,
     incoming,
 )
@@ -170,7 +171,7 @@ class Bridge:
             if name == "migrate" and self.facts.connected:
                 # Still in QEMU's queue: QEMU may start that migration when it gets to it.
                 self.facts.unanswered, self._unanswered = True, sent
-            raise QemuUnavailable(str(exc)) from None
+            raise QemuSilent(str(exc)) from None
         except QemuLinkError as exc:
             raise QemuUnavailable(str(exc)) from None
         self._answered(sent)

@@ -40,6 +40,7 @@ from migblockd.registry import Registry
 QUERY_MIGRATE = '"execute":"query-migrate"'
 CONTRACT = Contract.load()
 EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
+EVENTS_OFF = {"capabilities": [{"capability": "events", "state": False}]}
 
 
 async def gated(start_daemon: Callable[..., DaemonProcess], qemu: Qemu) -> DaemonProcess:
@@ -202,6 +203,16 @@ async def test_the_events_capability_outlives_a_restarted_qemu(
     assert_clean_log(d)
 
 
+async def events_stored(start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+                        state: tuple[str, ...]) -> None:
+    """A migblockd on ``state``, gating ``qemu``, whose client turned events on: stopped."""
+    first = start_daemon("--qemu", str(qemu.gate_socket), *state)
+    await connected(first)
+    async with first.client() as c:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+    assert first.stop() == 0
+
+
 async def test_a_gate_met_during_an_incoming_migration_sets_the_events_capability(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
     tmp_path: Path,
@@ -210,14 +221,9 @@ async def test_a_gate_met_during_an_incoming_migration_sets_the_events_capabilit
     # it then, and the VM, once here, migrated on with no MIGRATION event for anyone.
     source, target, incoming = source_and_target(qemu_factory)
     state = ("--state-dir", str(tmp_path / "state"))
-    first = start_daemon("--qemu", str(target.gate_socket), *state)
-    await connected(first)
-    async with first.client() as c:
-        await c.ok("migrate-set-capabilities", EVENTS_ON)
-    assert first.stop() == 0
+    await events_stored(start_daemon, target, state)
     async with target.monitor() as dst, source.monitor() as src:
-        await dst.ok("migrate-set-capabilities", {"capabilities": [
-            {"capability": "events", "state": False}]})  # as a QEMU starts
+        await dst.ok("migrate-set-capabilities", EVENTS_OFF)  # as a QEMU starts
         await migrate_slowly(src, dst, incoming)
         d = start_daemon("--qemu", str(target.gate_socket), *state)
         d.wait_for_log(f"QEMU at {target.gate_socket} is receiving a migration (status "
@@ -240,14 +246,9 @@ async def test_a_gate_met_during_a_migration_sets_the_events_capability_once_it_
     forwarded sent no MIGRATION event, while migblockd's state said events were on."""
     source, target, incoming = source_and_target(qemu_factory)
     state = ("--state-dir", str(tmp_path / "state"))
-    first = start_daemon("--qemu", str(source.gate_socket), *state)
-    await connected(first)
-    async with first.client() as c:
-        await c.ok("migrate-set-capabilities", EVENTS_ON)
-    assert first.stop() == 0
+    await events_stored(start_daemon, source, state)
     async with target.monitor() as dst, source.monitor() as src:
-        await src.ok("migrate-set-capabilities", {"capabilities": [
-            {"capability": "events", "state": False}]})  # as a QEMU starts
+        await src.ok("migrate-set-capabilities", EVENTS_OFF)  # as a QEMU starts
         await migrate_slowly(src, dst, incoming)
         d = start_daemon("--qemu", str(source.gate_socket), *state)
         d.wait_for_log(f"QEMU at {source.gate_socket} is migrating (status active); the "

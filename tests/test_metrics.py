@@ -264,29 +264,29 @@ async def test_tcp_on_a_port_the_kernel_picks(
     # What else an HTTP client may send: an answer, no traceback.
     status, _, _ = get(http.client.HTTPConnection("127.0.0.1", port, timeout=10), method="POST")
     assert status == 405
+    def head(headers: bytes = b"") -> tuple[bytes, bytes, bytes]:
+        """A HEAD request's answer: (it all, its header block, what follows)."""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+            answer = b""
+            while chunk := raw.recv(4096):
+                answer += chunk
+        block, _, rest = answer.partition(b"\r\n\r\n")
+        return answer, block, rest
+
     # An uptime probe's HEAD: the GET's status and type, no body.
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        raw.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        answer = b""
-        while chunk := raw.recv(4096):
-            answer += chunk
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200 OK\r\n"), answer
-    assert b"\r\nContent-Type: text/plain; version=0.0.4" in head, answer
+    answer, head_block, rest = head()
+    assert head_block.startswith(b"HTTP/1.0 200 OK\r\n"), answer
+    assert b"\r\nContent-Type: text/plain; version=0.0.4" in head_block, answer
     # No length rather than a wrong one (RFC 9110, 8.6: the GET's, or none).
-    assert b"Content-Length" not in head, answer
+    assert b"Content-Length" not in head_block, answer
     assert rest == b"", answer
-    assert b"Content-Encoding" not in head, answer
+    assert b"Content-Encoding" not in head_block, answer
     # Asked for gzip, HEAD says what the GET would (RFC 9110, 9.3.2): a cache or a
     # probe that compares the two must not see the encoding change.
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        raw.sendall(b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n")
-        answer = b""
-        while chunk := raw.recv(4096):
-            answer += chunk
-    head, _, rest = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200 OK\r\n"), answer
-    assert b"\r\nContent-Encoding: gzip" in head and rest == b"", answer
+    answer, head_block, rest = head(b"Accept-Encoding: gzip\r\n")
+    assert head_block.startswith(b"HTTP/1.0 200 OK\r\n"), answer
+    assert b"\r\nContent-Encoding: gzip" in head_block and rest == b"", answer
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         raw.sendall(b"GET / what HTTP/1.1\r\n\r\n")
         assert raw.recv(4096).startswith(b"HTTP/1.0 400")

@@ -479,44 +479,28 @@ async def test_close_interrupts_a_command_in_flight(qemu: Qemu) -> None:
         assert error.reason == "the link is closed"
 
 
-async def test_migblockds_own_command_unanswered_is_not_said_to_be_told_to_a_client(
-        qemu: Qemu, caplog: pytest.LogCaptureFixture) -> None:
-    # The query-migrate and query-status the link's owner sends when QEMU connects
-    # have no client: the warning said "the client was told" all the same.
-    assert qemu.proc is not None
-    async with running_link(qemu.gate_socket, timeout=0.5) as (link, _):
-        await connected(link)
-        qemu.proc.send_signal(signal.SIGSTOP)  # QEMU will not reply
-        try:
-            with pytest.raises(QemuTimedOut):
-                await asyncio.wait_for(link.execute("query-migrate", for_client=False), 30)
-            assert logged(caplog, "did not answer") == [
-                f"QEMU at {qemu.gate_socket} did not answer 'query-migrate' within 0.5 s "
-                "(stopped, or busy with a long command?); migblockd sent it for itself, "
-                "QEMU may still run it; further commands it leaves unanswered are not "
-                "logged until it answers"]
-        finally:
-            qemu.proc.send_signal(signal.SIGCONT)
-        assert await link.execute("query-version") == link.version
-
-
+# migblockd's own commands (the query-migrate and query-status it sends when QEMU
+# connects) have no client: the warning said "the client was told" all the same.
+@pytest.mark.parametrize(("for_client", "whose"), [
+    (True, "the client was told"), (False, "migblockd sent it for itself")],
+    ids=["client's", "migblockd's own"])
 async def test_a_stopped_qemu_times_out_and_the_link_stays_connected(
-        qemu: Qemu, caplog: pytest.LogCaptureFixture) -> None:
+        qemu: Qemu, caplog: pytest.LogCaptureFixture, for_client: bool, whose: str) -> None:
     assert qemu.proc is not None
     async with running_link(qemu.gate_socket, timeout=0.5) as (link, rec):
         await connected(link)
         qemu.proc.send_signal(signal.SIGSTOP)  # QEMU will not reply
         try:
             with pytest.raises(QemuTimedOut) as late:
-                await asyncio.wait_for(link.execute("query-migrate"), 30)
+                await asyncio.wait_for(
+                    link.execute("query-migrate", for_client=for_client), 30)
             assert isinstance(late.value, QemuLinkError)
             assert str(late.value) == (f"QEMU's monitor at '{qemu.gate_socket}' did not "
                                        "answer 'query-migrate' within 0.5 s; it may still run it")
             assert logged(caplog, "did not answer") == [
                 f"QEMU at {qemu.gate_socket} did not answer 'query-migrate' within 0.5 s "
-                "(stopped, or busy with a long command?); the client was told, QEMU may "
-                "still run it; further commands it leaves unanswered are not logged until "
-                "it answers"]
+                f"(stopped, or busy with a long command?); {whose}, QEMU may still run it; "
+                "further commands it leaves unanswered are not logged until it answers"]
             assert link.silent == "query-migrate"
             assert link.state == "connected"  # not a lost connection
         finally:

@@ -95,6 +95,7 @@ from migblockd.paths import (
     default_socket_path,
     fallback_refusal,
 )
+from migblockd.registry.errors import NotFound  # the daemon's words for it
 
 __all__ = [
     "MAX_UNREAD",
@@ -361,7 +362,7 @@ class MigblockClient(EventSource):
             adding.add_done_callback(lambda done: self._undo_add(done, held_on, held))
             raise
         except BaseException:
-            self._unheld(held)
+            self._unhold_id(held)
             raise
         try:
             try:
@@ -384,7 +385,7 @@ class MigblockClient(EventSource):
                     "dropped with it"))
             await self._release(blocker, held)
         finally:
-            self._unheld(held)
+            self._unhold_id(held)
 
     async def _release(self, blocker: Blocker, held: HeldId | None, *,
                        quiet: bool = False) -> None:
@@ -394,16 +395,12 @@ class MigblockClient(EventSource):
         try:
             await self.del_blocker(blocker)
         except CommandError as exc:
-            if exc.desc == f"Blocker '{blocker.id}' not found":
+            if exc.desc == str(NotFound(blocker.id)):
                 return  # deleted by someone else meanwhile
             if not quiet:
                 raise
             log.warning("blocker %r stays: the daemon refused to delete it (%s)",
                         blocker.id, exc.desc)
-
-    def _unheld(self, held: HeldId | None) -> None:
-        if held is not None:
-            self._unhold_id(held)
 
     def _undo_add(self, adding: asyncio.Future[Blocker], held_on: QMPLink | None,
                   held: HeldId | None) -> None:
@@ -412,7 +409,7 @@ class MigblockClient(EventSource):
         if adding.cancelled() or adding.exception() is not None or self._qmp is not held_on:
             # Not added (or not known to be: then its connection is gone), or gone
             # with its connection.
-            self._unheld(held)
+            self._unhold_id(held)
             return
         deleting = asyncio.ensure_future(self._forget(adding.result(), held))
         self._undoing.add(deleting)
@@ -423,4 +420,4 @@ class MigblockClient(EventSource):
             with contextlib.suppress(DisconnectedError):  # not connected: already gone
                 await self._release(blocker, held, quiet=True)
         finally:
-            self._unheld(held)
+            self._unhold_id(held)

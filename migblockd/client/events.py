@@ -183,8 +183,9 @@ class EventSource:
         self._held_ids.append(held)
         return held
 
-    def _unhold_id(self, held: HeldId) -> None:
-        self._held_ids.remove(held)
+    def _unhold_id(self, held: HeldId | None) -> None:
+        if held is not None:
+            self._held_ids.remove(held)
 
     def _end_streams(self, lost: str | None) -> None:
         end = _End() if lost is None else _End(DisconnectedError, lost)

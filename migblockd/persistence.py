@@ -22,6 +22,7 @@ stored ``id-floor`` (above it, the same id would be generated again).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from migblockd import state
@@ -80,20 +81,20 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
     settings = snapshot.settings
     mode = settings.get(MODE, DEFAULT_MODE)
     if type(mode) is not str:
-        raise ValueError(f"stored mode {mode!r} is not the name of a mode; {_EDITED}")
+        raise ValueError(f"stored mode {_json(mode)} is not the name of a mode; {_EDITED}")
     if mode not in known:
-        raise ValueError(f"stored mode {mode!r} is not one the schema defines; use a --schema "
+        raise ValueError(f"stored mode {_json(mode)} is not one the schema defines; use a --schema "
                          "that defines it, or move the state directory away to start from "
                          "scratch")
     floor = settings.get(ID_FLOOR, 0)
     if type(floor) is not int or floor < 0:
-        raise ValueError(f"stored id-floor {floor!r} is not a count of ids; {_EDITED}")
+        raise ValueError(f"stored id-floor {_json(floor)} is not a count of ids; {_EDITED}")
     events = settings.get(EVENTS, False)
     if type(events) is not bool:
-        raise ValueError(f"stored events {events!r} is not true or false; {_EDITED}")
+        raise ValueError(f"stored events {_json(events)} is not true or false; {_EDITED}")
     blockers: list[Blocker] = []
     for row in snapshot.blockers:
-        _check_values(row, floor)
+        _check_values(row, floor if ID_FLOOR in settings else None)
         unknown = [mode for mode in row.modes if mode not in known]
         if unknown:
             raise ValueError(f"stored blocker {row.id!r} blocks modes the schema does not "
@@ -117,14 +118,23 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
     registry.restore(blockers, mode=str(mode), events=events, id_floor=floor)
 
 
-def _check_values(row: state.BlockerRow, floor: int) -> None:
-    """Raise ValueError, naming the blocker, for a value no daemon writes."""
+def _json(value: object) -> str:
+    """A stored setting's value as the file holds it (JSON), for a message."""
+    return json.dumps(value, ensure_ascii=True)
+
+
+def _check_values(row: state.BlockerRow, floor: int | None) -> None:
+    """Raise ValueError, naming the blocker, for a value no daemon writes;
+    ``floor`` is the stored id-floor (None: the file has none, so 0)."""
     cut = row.id if len(row.id) <= MAX_ID_LENGTH else row.id[:MAX_ID_LENGTH] + "..."
     where = f"stored blocker {cut!a}"  # an edited id may hold anything
     serial = row.id.removeprefix(GENERATED_PREFIX)
     if serial != row.id:  # generated: "#blocker" and the serial, as IdSource writes it
         valid = serial.isascii() and serial.isdigit() and (serial == "0" or serial[0] != "0")
         # Compared as digits: int() refuses strings of more than 4300 of them.
+        if valid and floor is None:
+            raise ValueError(f"{where} has a generated id but no id-floor is stored, so the "
+                             f"daemon would generate it again; {_EDITED}")
         if valid and (len(serial), serial) >= (len(str(floor)), str(floor)):
             raise ValueError(f"{where} has a generated id at or past the stored id-floor "
                              f"{floor}, so the daemon would generate it again; {_EDITED}")

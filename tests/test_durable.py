@@ -615,20 +615,24 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
                        "from a backup, or move it away to start from scratch"),
     "id-floor not a number": (edited("INSERT OR REPLACE INTO setting VALUES "
                                      "('id-floor', '\"abc\"')"),
-                              "{db}: stored id-floor 'abc' is not a count of ids; " + EDITED),
+                              "{db}: stored id-floor \"abc\" is not a count of ids; " + EDITED),
+    # Shown as the file holds them (JSON), not as Python writes them.
+    "events not true or false": (edited("INSERT OR REPLACE INTO setting VALUES "
+                                        "('events', '\"yes\"')"),
+                                 "{db}: stored events \"yes\" is not true or false; " + EDITED),
     "same seq twice": (edited("UPDATE blocker SET seq = 0 WHERE id = 'b1'",
                               "UPDATE blocker SET seq = 0 WHERE id = 'b0'"),
                        "{db}: stored blockers 'b0' and 'b1' have the same seq 0, so their "
                        "order is lost; " + EDITED),
     "unknown mode": (edited("INSERT OR REPLACE INTO setting VALUES ('mode', '\"warp\"')"),
-                     "{db}: stored mode 'warp' is not one the schema defines; use a --schema "
+                     "{db}: stored mode \"warp\" is not one the schema defines; use a --schema "
                      "that defines it, or move the state directory away to start from "
                      "scratch"),
     # Before, a TypeError with a traceback (a list is not hashable).
     "mode a list": (edited("INSERT OR REPLACE INTO setting VALUES ('mode', '[\"normal\"]')"),
-                    "{db}: stored mode ['normal'] is not the name of a mode; " + EDITED),
+                    "{db}: stored mode [\"normal\"] is not the name of a mode; " + EDITED),
     "mode an object": (edited("INSERT OR REPLACE INTO setting VALUES ('mode', '{\"a\": 1}')"),
-                       "{db}: stored mode {{'a': 1}} is not the name of a mode; " + EDITED),
+                       "{db}: stored mode {{\"a\": 1}} is not the name of a mode; " + EDITED),
     # Out of range, each served as it was before (an add after the huge seq failed
     # to commit, an add-time past year 9999 broke clients' dates).
     "added after 9999": (edited("UPDATE blocker SET added = 1e300 WHERE id = 'b3'"),
@@ -655,11 +659,19 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
     "id not an id": (edited("UPDATE blocker SET id = 'b 1' WHERE id = 'b1'"),
                      "{db}: stored blocker 'b 1' has an id that no client may choose and the "
                      "daemon does not generate; " + EDITED),
-    "generated id past the floor": (edited("UPDATE blocker SET id = '#blocker5' "
+    "generated id past the floor": (edited("INSERT OR REPLACE INTO setting VALUES "
+                                           "('id-floor', '5')",
+                                           "UPDATE blocker SET id = '#blocker5' "
                                            "WHERE id = 'b1'"),
                                     "{db}: stored blocker '#blocker5' has a generated id at "
-                                    "or past the stored id-floor 0, so the daemon would "
+                                    "or past the stored id-floor 5, so the daemon would "
                                     "generate it again; " + EDITED),
+    # Before, "the stored id-floor 0", which the file did not hold.
+    "generated id, no floor": (edited("DELETE FROM setting WHERE key = 'id-floor'",
+                                      "UPDATE blocker SET id = '#blocker5' WHERE id = 'b1'"),
+                               "{db}: stored blocker '#blocker5' has a generated id but no "
+                               "id-floor is stored, so the daemon would generate it again; "
+                               + EDITED),
     "garbage": (garbage, "{db} is not a migblockd state database (file is not a database); "
                          "move it away to start from scratch"),
     "damaged page": (damage_a_page, "{db} is corrupt ("),
@@ -795,6 +807,37 @@ async def test_a_program_holding_the_write_lock_fails_commits_until_it_lets_go(
         daemon.wait_for_log(f"commits succeed again, after 1 failed (the last: {why})")
     assert daemon.stop() == 0
     assert_clean_log(daemon)
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert await ids(c) == ["before", "after"]
+
+
+async def test_a_trigger_added_by_hand_fails_commits_with_its_own_advice(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A trigger that refuses the daemon's writes, added with a shell while it runs:
+    each change fails, is undone, and the log says to undo the edit.  Before, it
+    told the operator to free disk space or read the kernel's log."""
+    directory = tmp_path / "state"
+    db = directory / "state.db"
+    daemon = start_daemon("--state-dir", str(directory), "--log-level", "info")
+    async with daemon.client() as c:
+        await add(c, "acknowledged before", id="before")
+        edited("CREATE TRIGGER no_adds BEFORE INSERT ON blocker "
+               "BEGIN SELECT RAISE(ABORT, 'no more blockers'); END")(db)
+        reply = await c.execute("add-blocker", {"reason": "refused", "id": "refused"})
+        why = f"cannot commit to {db}: no more blockers"
+        assert reply["error"] == {"class": "GenericError",
+                                  "desc": f"{why}; nothing was changed"}, reply
+        daemon.wait_for_log(
+            f"ERROR: {why}; 1 command(s) failed, their changes undone; every change fails "
+            f"until a commit succeeds: {db} refuses what the daemon writes, so it was "
+            "changed by hand? undo the change (a trigger or constraint added with an "
+            "sqlite3 shell?), or stop the daemon and restore it from a backup")
+        assert await ids(c) == ["before"]
+        edited("DROP TRIGGER no_adds")(db)
+        await add(c, "acknowledged after", id="after")
+    assert daemon.stop() == 0
     again = start_daemon("--state-dir", str(directory))
     async with again.client() as c:
         assert await ids(c) == ["before", "after"]

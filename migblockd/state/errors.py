@@ -30,6 +30,7 @@ __all__ = [
 # Primary result codes (the low byte of an extended code), from sqlite3.h.
 _PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT = 3, 5, 6, 8, 10, 11
 _FULL, _CANTOPEN, _NOTADB, _AUTH = 13, 14, 26, 23
+_ERROR, _CONSTRAINT = 1, 19
 
 
 class StateError(Exception):
@@ -148,6 +149,13 @@ def commit_failed(path: Path, error: sqlite3.Error) -> StateError:
         why += " (another program is writing to it)"
         remedy = (f"close the program that holds {path} open for writing "
                   "(an sqlite3 shell in a transaction?)")
+    elif primary in (_CONSTRAINT, _ERROR):
+        # The daemon's own statements fit the schema it made: a refusal, or a
+        # statement the file no longer understands, means the schema was edited
+        # (a trigger, a constraint, a table changed), and no free space would help.
+        remedy = (f"{path} refuses what the daemon writes, so it was changed by hand? "
+                  "undo the change (a trigger or constraint added with an sqlite3 shell?), "
+                  "or stop the daemon and restore it from a backup")
     return StateError(f"cannot commit to {path}: {why}", remedy)
 
 

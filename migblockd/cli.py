@@ -105,7 +105,12 @@ def main(argv: Sequence[str] | None = None, hangups: list[int] | None = None) ->
     if check_only:
         # Well formed is not enough: what would stop the start (an unknown
         # socket-group, an unreadable schema) is an error here too.
-        from migblockd.preflight import ignored, problems, warnings  # noqa: PLC0415 - keeps --help fast
+        from migblockd.preflight import (  # noqa: PLC0415 - keeps --help fast
+            ignored,
+            problems,
+            unjudged,
+            warnings,
+        )
 
         # --socket-activated: judged as the daemon the units start, which serves the
         # socket systemd passes and uses none of the settings of its own socket.
@@ -113,6 +118,7 @@ def main(argv: Sequence[str] | None = None, hangups: list[int] | None = None) ->
         if found:
             sys.exit("\n".join(f"migblockd: {why}" for _, why in found))
         for note in [*ignored(config, socket_passed=config.socket_activated),
+                     *unjudged(config, socket_passed=config.socket_activated),
                      *warnings(config)]:
             print(f"migblockd: {note}", file=sys.stderr)
         print(checked(config, cli.get("config")))

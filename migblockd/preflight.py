@@ -40,7 +40,7 @@ from migblockd.served import check_served
 from migblockd.shapes import check_shapes
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory
-from migblockd.trust import distrust
+from migblockd.trust import distrust, named_uid
 
 __all__ = ["ignored", "load_contract", "not_its_own_socket", "not_the_qmp_socket",
            "passed_path", "problems", "resolve_tcp", "socket_gid"]
@@ -233,12 +233,44 @@ def _judgeable(directory: Path, as_daemon: bool) -> bool:
     The rule trusts root and the daemon's own user.  Root, checking the file for
     a daemon that runs as its own user (``--check-config`` under the units), does
     not know that user: a directory owned by another uid may well be the
-    daemon's (``/var/lib/migblockd``), so it is left to the start, not refused.
+    daemon's (``/var/lib/migblockd``), so it is left to the start, not refused
+    (:func:`unjudged` says so).
     """
-    if as_daemon or os.geteuid() != 0:
-        return True
+    return as_daemon or _foreign_owner(directory) is None
+
+
+def _foreign_owner(directory: Path) -> tuple[Path, int] | None:
+    """Where root, not the daemon, meets another uid's directory on the way to
+    ``directory``, and that uid; None when this process is not root or meets none."""
+    if os.geteuid() != 0:
+        return None
     try:
         found = distrust(directory, to_be_made=True)  # a state directory may be made
     except OSError:
-        return True  # the check itself says what it could not examine
-    return found is None or found.owner is None
+        return None  # the check itself says what it could not examine
+    if found is None or found.owner is None:
+        return None
+    return found.place, found.owner
+
+
+def unjudged(config: Config, *, socket_passed: bool) -> list[str]:
+    """What ``--check-config``, run as root, leaves to the start, each as one line:
+    a directory of another uid on the way to the socket, the metrics socket or the
+    state directory.  A daemon running as that uid trusts it; one running as root
+    refuses it, and only the start knows which it is."""
+    places: list[tuple[str, Path]] = []
+    if not socket_passed:
+        places.append(("--socket", config.socket.parent))
+    if isinstance(config.metrics, Path):
+        places.append(("--metrics", config.metrics.parent))
+    if not config.ephemeral and config.state_dir is not None:
+        places.append(("--state-dir", config.state_dir))
+    lines = []
+    for option, directory in places:
+        foreign = _foreign_owner(directory)
+        if foreign is not None:
+            place, uid = foreign
+            lines.append(f"{option}: {place} belongs to {named_uid(uid)}, not judged here: "
+                         f"a daemon running as that user may use it, one running as root "
+                         f"refuses it")
+    return lines

@@ -72,6 +72,21 @@ def test_a_directory_owned_by_another_user_is_refused(
     log = refused(start_daemon, directory / "migblockd.sock")
     assert (f"refusing to serve from {directory}: socket directory {directory} is owned by "
             f"uid {NOBODY} (nobody), not by this user (uid 0) or root") in log, log
+    # Root's --check-config cannot tell whether the daemon will run as root or as
+    # that user (the units' User=): it calls the settings valid, and says what it
+    # left to the start.  Before, it said nothing of it, and a start as root failed.
+    state = top / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, NOBODY, NOBODY)
+    check = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--socket",
+         str(directory / "migblockd.sock"), "--state-dir", str(state / "sub")],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert check.returncode == 0, check
+    assert check.stderr.splitlines() == [
+        f"migblockd: {option}: {place} belongs to uid {NOBODY} (nobody), not judged here: a "
+        "daemon running as that user may use it, one running as root refuses it"
+        for option, place in (("--socket", directory), ("--state-dir", state))], check
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o702])

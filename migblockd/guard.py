@@ -10,7 +10,10 @@ requests sent together all wait, and each must count the ones before it.
 A refusal is a ``GenericError`` whose desc says what was refused and why (the
 command, the uid, the role it has and the one it needs; for ``del-blocker``,
 whose blocker it is; for ``migrate``, the kind of URI or channel and what QEMU
-would do with it), and a warning in the log with the peer's pid and uid.
+would do with it), and a warning in the log with the peer's pid and uid: at most
+a burst of them per uid, command and class of refusal (:func:`refusal_kind`) in a
+window (:mod:`migblockd.logs.throttle`), so that a client repeating one refused
+request in a loop neither floods the journal nor hides its other refusals.
 
 An ``add-blocker`` with ``internal: true`` needs ``operator``: such a blocker is
 exempt from ``--only-migratable`` (QEMU's ``migrate_add_blocker_internal()``,
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, NoReturn
 
 from migblockd.access import Policy, Quotas, Role, needed_role
@@ -47,8 +50,8 @@ from migblockd.qmp.errors import QMPError
 from migblockd.registry import Owner, Registry
 from migblockd.resolver import Resolver, clear_caches, user_name, who
 
-__all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "policy_warnings", "same_uid",
-           "whose"]
+__all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "policy_warnings", "refusal_kind",
+           "same_uid", "whose"]
 
 log = logging.getLogger("migblockd")
 
@@ -88,6 +91,13 @@ class OverQuota(QMPError):
 class NotOwner(AccessDenied):
     """A ``del-blocker`` of a blocker another uid added (judged, like a quota, by
     what the registry holds)."""
+
+
+def refusal_kind(name: str, refusal: type[BaseException]) -> tuple[str, str, str]:
+    """The throttle's kind of a refusal's log line: the command and the class that
+    refused it (:class:`NotOwner`, :class:`OverQuota`, ``DuplicateId``...).  Both are
+    the code's (a command of the table), so there are few kinds."""
+    return ("refused", name, refusal.__name__)
 
 
 def whose(owner: Owner | None) -> str:
@@ -273,15 +283,17 @@ class Guard:
     def _who(conn: Connection) -> str:
         return who(None if conn.owner is None else conn.owner.uid)
 
-    def bounded(self, kind: str, owner: Owner | None) -> str | None:
+    def bounded(self, kind: Hashable, owner: Owner | None) -> str | None:
         """Whether a line of ``kind`` about ``owner``'s uid goes out now, and what
         it adds: :meth:`migblockd.logs.throttle.Throttle.admit` of the guard's throttle."""
-        return self.throttle.admit((kind, None if owner is None else owner.uid),
+        return self.throttle.admit(kind, None if owner is None else owner.uid,
                                    self.registry.clock.monotonic())
 
     def _refuse(self, conn: Connection, name: str, desc: str, kind: type[QMPError]) -> NoReturn:
-        # desc names blocker ids, which clients choose: shown() bounds them.
-        more = self.bounded("refused", conn.owner)
+        # desc names blocker ids, which clients choose: shown() bounds them.  Each
+        # command's refusals of each class are bounded apart: a loop of refused
+        # migrates must not hide the same uid's del-blocker of another's blocker.
+        more = self.bounded(refusal_kind(name, kind), conn.owner)
         if more is not None:
             log.warning("%s: refused %s: %s%s", conn.label, name,
                         shown(desc, 400, quoted=False), more, extra=about(conn))

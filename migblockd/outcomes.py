@@ -90,7 +90,7 @@ class Outcomes:
         self._settle(group.stamp, failed=False)
         if self._failed_commits:
             # Bounded too: a disk at the edge of full can fail every other commit.
-            more = self.guard.throttle.admit(("commit", None), self.registry.clock.monotonic())
+            more = self.guard.throttle.admit("commit", None, self.registry.clock.monotonic())
             if more is not None:
                 log.info("commits succeed again, after %d failed (the last: %s)%s",
                          self._failed_commits, self._failed_reason, more)
@@ -151,7 +151,7 @@ class Outcomes:
         # lock) says its own remedy too: the first one's would not end it.
         self._failed_commits += 1
         self._failed_reason = reason
-        more = self.guard.throttle.admit(("commit", reason), self.registry.clock.monotonic())
+        more = self.guard.throttle.admit("commit", reason, self.registry.clock.monotonic())
         if self._failed_commits == 1 and self._said_succeeding:
             # The log's last word on commits said they succeed: the first of a new
             # row goes out whatever its reason's window holds (as many as those).

@@ -119,7 +119,7 @@ class Roster:
             # past a burst, neither is logged, the admins' excepted.  Its changes
             # and refusals still name it.
             more = "" if admin else self.connection_lines.admit(
-                ("connected", None if owner is None else owner.uid),
+                "connected", None if owner is None else owner.uid,
                 self.registry.clock.monotonic())
             if more is None:
                 conn.quiet = True

@@ -195,6 +195,30 @@ def test_refusals_a_client_repeats_are_logged_a_burst_at_a_time(
     assert core.stats.connections_refused["max-clients"] == BURST + 40
 
 
+def test_each_kind_of_refusal_is_bounded_and_counted_on_its_own_lines(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # One key per uid for every refusal once let a loop of refused migrates hide
+    # the uid's del-blocker of root's blocker, and put the count of the unlogged
+    # migrates on the line of a del-blocker.
+    core, clock = make()
+    feed(core, connected(core, 0), b'{"execute": "add-blocker", '
+                                   b'"arguments": {"reason": "r", "id": "vfio0"}}')
+    client = connected(core, 1000)
+    migrate = b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}}'
+    delete = b'{"execute": "del-blocker", "arguments": {"id": "vfio0"}}'
+    with caplog.at_level(logging.WARNING, "migblockd"):
+        for _ in range(BURST + 3):
+            feed(core, client, migrate)
+        feed(core, client, delete)
+        assert "refused del-blocker: Permission denied" in caplog.messages[-1]
+        clock.advance(WINDOW)
+        feed(core, client, delete)
+        assert caplog.messages[-1].endswith("has role client")  # none of its kind unlogged
+        feed(core, client, migrate)
+        assert "refused migrate:" in caplog.messages[-1]
+        assert caplog.messages[-1].endswith("[3 more like it were not logged]")
+
+
 def test_a_user_connecting_in_a_loop_costs_the_log_a_burst_of_lines(
         caplog: pytest.LogCaptureFixture) -> None:
     # Measured: uid 65534 connecting in a loop made two info lines a connection,

@@ -475,6 +475,36 @@ def test_a_client_refused_in_a_loop_costs_the_log_a_burst_of_lines(
     assert refused[-1].endswith("[more like it within 10 s are counted, not logged]")
 
 
+def test_a_refusal_repeated_in_a_loop_does_not_hide_another_kind_of_refusal(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # A uid's refused migrates once used up the burst of all its refusals: its
+    # attempt to delete root's blocker, right after, was not logged for 10 s.
+    daemon = serve()
+    root = connect(daemon, 0, 0)
+    root.ok("add-blocker", {"reason": "VFIO 0000:01:00.0", "id": "vfio0"})
+    bob = accounts["mbt-bob"]
+    b = connect(daemon, bob)  # default-role: client
+    for _ in range(BURST + 5):
+        assert b.error("migrate", {"uri": "tcp:h:1"}).startswith(
+            "Permission denied: migrate needs role operator")
+    assert b.error("del-blocker", {"id": "vfio0"}).startswith(
+        "Permission denied: del-blocker of blocker 'vfio0', which belongs to uid 0 (root)")
+    assert b.error("add-blocker", {"reason": "x", "internal": True}).startswith(
+        "Permission denied: add-blocker with internal: true needs role operator")
+    root.ok("add-blocker", {"reason": "r", "id": "after"})
+    daemon.wait_for_log("added blocker after")  # the log has every line before it
+    log = daemon.log().splitlines()
+    assert len([line for line in log if "refused migrate:" in line]) == BURST
+    deleting = [line for line in log if "refused del-blocker:" in line]
+    assert len(deleting) == 1, deleting
+    assert (f"uid {bob.uid}, gid {bob.gid}): refused del-blocker: Permission denied: "
+            "del-blocker of blocker 'vfio0', which belongs to uid 0 (root)") in deleting[0]
+    assert deleting[0].endswith("has role client")  # no count of another kind's lines
+    assert len([line for line in log if "refused add-blocker:" in line]) == 1
+    assert ids(root) == ["vfio0", "after"]
+
+
 HOLDING = """\
 import asyncio, sys
 from migblockd.client import CommandError, MigblockClient

@@ -7,12 +7,19 @@ would make thousands a second (measured: a connect loop at ``max-clients``,
 3,800 warnings a second), and journald, past its rate limit
 (``RateLimitBurst=``, 10,000 per 30 s by default), then drops the daemon's
 lines wholesale, the real problems with them.  So, per key (a kind of line
-and the uid it is about), at most :data:`BURST` lines go out in a window of
-:data:`WINDOW` seconds; the last of them says that more will be counted, not
-logged, and the first line of a later window says how many were.  This is
-the Linux kernel's printk rate limit (``___ratelimit()`` in lib/ratelimit.c:
-``N callbacks suppressed``) and journald's own, per key.  The metrics count
-every one of them.
+and what it is about, the uid of a client), at most :data:`BURST` lines go out
+in a window of :data:`WINDOW` seconds; the last of them says that more will be
+counted, not logged, and the first line of a later window says how many were.
+This is the Linux kernel's printk rate limit (``___ratelimit()`` in
+lib/ratelimit.c: ``N callbacks suppressed``) and journald's own, per key.
+
+Kinds are apart so that a flood of one does not hide another: ten refused
+``migrate`` requests must not silence the same uid's refused ``del-blocker`` of
+root's blocker.  A kind is one the code names (a command and the class of its
+refusal, say), never a string a client chose: there are few of them.  What a
+line is about is not so bounded (any uid may connect), so at most :data:`KEYS`
+are followed apart; past them, a kind's lines about all the others share one
+window, still apart from the other kinds'.
 
 Decided without I/O: the caller passes the time (its clock's monotonic
 seconds) and writes the line itself.
@@ -29,7 +36,8 @@ __all__ = ["BURST", "KEYS", "WINDOW", "Throttle"]
 BURST = 10
 #: ... of this many seconds.
 WINDOW = 10.0
-#: Keys followed at once; past them (a flood from that many uids), the rest share one.
+#: Keys followed apart at once; past them (a flood from that many uids), a kind's
+#: lines about the rest share one key (so at most KEYS + one per kind).
 KEYS = 256
 _OTHERS = ("others",)
 
@@ -52,16 +60,18 @@ class Throttle:
         self.keys = keys
         self._windows: dict[Hashable, _Window] = {}
 
-    def admit(self, key: Hashable, now: float) -> str | None:
-        """Whether a line of ``key`` goes out at ``now``: None if not (it is
-        counted), else what to append to it: ``""``, or a sentence that says
-        the next ones are counted, or how many were not logged before it."""
+    def admit(self, kind: Hashable, about: Hashable, now: float) -> str | None:
+        """Whether a line of ``kind`` about ``about`` (a uid, say) goes out at
+        ``now``: None if not (it is counted), else what to append to it: ``""``,
+        or a sentence that says the next ones are counted, or how many were not
+        logged before it."""
         windows = self._windows
+        key = (kind, about)
         current = windows.get(key)
         if current is None and len(windows) >= self.keys:
             self._forget(now)
             if len(windows) >= self.keys:
-                key = _OTHERS
+                key = (kind, _OTHERS)
                 current = windows.get(key)
         said = ""
         if current is None or now - current.start >= self.window:

@@ -196,6 +196,38 @@ def test_every_counter_and_gauge_after_a_scripted_session() -> None:
     assert buckets[-1][1] == 11 and seconds > 0
 
 
+def test_refusals_of_other_commands_than_add_and_migrate_count_as_their_errors() -> None:
+    # service.md once said the *_refused_total families count every refusal the log
+    # bounds: a del-blocker of another uid's blocker, or a command refused for the
+    # role, is counted by none of them, only as its command's error.
+    core, _ = make()
+    admin, client, observer = connect(core, ADMIN), connect(core, CLIENT), connect(core, OBSERVER)
+    assert outcome(run(core, admin, add("root's", id="vfio0", modes=["normal"]))) == ["ok"]
+    assert [desc.split(":")[0] for desc in outcome(run(
+        core, client, {"execute": "del-blocker", "arguments": {"id": "vfio0"}},
+        {"execute": "migrate-set-parameters", "arguments": {"mode": "cpr-reboot"}},
+        {"execute": "migrate_cancel"}))] == ["Permission denied"] * 3
+    assert outcome(run(core, observer, {"execute": "del-blocker",
+                                        "arguments": {"id": "vfio0"}}))[0].startswith(
+        "Permission denied: del-blocker needs role client")
+    expected = baseline(COMMANDS, durable=core.durable)
+    expected.update({
+        key("migblockd_blockers", source="migblockd", mode="normal"): 1,
+        key("migblockd_blockers_added_total"): 1,
+        key("migblockd_clients"): 3,
+        key("migblockd_connections_total"): 3,
+        key("migblockd_protocol_replies_total"): 3,
+    })
+    commands(expected, "add-blocker", ok=1)
+    commands(expected, "del-blocker", error=2)
+    commands(expected, "migrate-set-parameters", error=1)
+    commands(expected, "migrate_cancel", error=1)
+    metrics = scrape(core)
+    plain = metrics.plain()
+    del plain[key("migblockd_blocked_since_seconds")]  # vfio0's: not this test's concern
+    assert plain == expected
+
+
 def test_blocked_since_is_the_oldest_blocker_of_the_current_mode() -> None:
     core, clock = make()
     admin = connect(core, ADMIN)

@@ -100,6 +100,8 @@ class Core(Roster, Outcomes):
         # The schema's commands; the others (forwarded to QEMU) are the admins'.
         self.guard = Guard(contract.commands, registry, policy if policy is not None else Policy(),
                            quotas if quotas is not None else Quotas())
+        # One throttle for every refusal's line, the guard's and the registry's.
+        self.handlers.bounded = self.guard.bounded
         self.greeting: dict[str, Any] = {
             "QMP": {"version": version_info(), "capabilities": ["oob"]}
         }

@@ -219,6 +219,34 @@ def test_each_kind_of_refusal_is_bounded_and_counted_on_its_own_lines(
         assert caplog.messages[-1].endswith("[3 more like it were not logged]")
 
 
+def test_the_registrys_refusals_are_bounded_as_the_guards_are(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Logged for every request once: a client looping on a duplicate id (or on a
+    # blocked migrate) flooded the journal.  Admins' are bounded too, as the guard's.
+    core, clock = make()
+    root, client = connected(core, 0), connected(core, 1000)
+    feed(core, root, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "vfio0"}}')
+    duplicate = b'{"execute": "add-blocker", "arguments": {"reason": "x", "id": "vfio0"}}'
+    with caplog.at_level(logging.INFO, "migblockd"):
+        for _ in range(BURST + 4):
+            feed(core, client, duplicate)
+            feed(core, root, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}}')
+        duplicates = [r for r in caplog.records if "refused blocker: " in r.getMessage()]
+        blocked = [r for r in caplog.records if "refused by blocker vfio0" in r.getMessage()]
+        assert len(duplicates) == len(blocked) == BURST
+        assert duplicates[-1].getMessage().endswith(
+            "[more like it within 10 s are counted, not logged]")
+        clock.advance(WINDOW)
+        feed(core, client, duplicate)
+    last = caplog.records[-1]
+    assert last.getMessage().endswith(
+        "refused blocker: \"Duplicate blocker ID 'vfio0', which belongs to uid 0 (root)\""
+        " [4 more like it were not logged]")
+    assert last.levelno == logging.INFO
+    assert last.fields["blocker_id"] == "vfio0"  # type: ignore[attr-defined]
+    assert last.fields["peer_uid"] == 1000  # type: ignore[attr-defined]
+
+
 def test_a_user_connecting_in_a_loop_costs_the_log_a_burst_of_lines(
         caplog: pytest.LogCaptureFixture) -> None:
     # Measured: uid 65534 connecting in a loop made two info lines a connection,

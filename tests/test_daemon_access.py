@@ -8,6 +8,7 @@ a real TOML file, changed and re-read with a real SIGHUP.
 
 from __future__ import annotations
 
+import json
 import pwd
 import re
 import signal
@@ -503,6 +504,36 @@ def test_a_refusal_repeated_in_a_loop_does_not_hide_another_kind_of_refusal(
     assert deleting[0].endswith("has role client")  # no count of another kind's lines
     assert len([line for line in log if "refused add-blocker:" in line]) == 1
     assert ids(root) == ["vfio0", "after"]
+
+
+def test_a_client_flooding_registry_refusals_costs_the_log_a_burst_of_lines(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # The registry's refusals (a duplicate id here) were logged for every request:
+    # one client pipelining 2,000 duplicate add-blockers wrote 2,000 lines in 0.2 s.
+    daemon = serve()
+    root = connect(daemon, 0, 0)
+    root.ok("add-blocker", {"reason": "root's", "id": "disk0"})
+    b = connect(daemon, accounts["mbt-bob"])  # default-role: client
+    flood = 500
+    request = {"execute": "add-blocker", "arguments": {"reason": "x", "id": "disk0"}}
+    assert b.proc.stdin is not None
+    b.proc.stdin.write((json.dumps(request) + "\n").encode() * flood)
+    b.proc.stdin.flush()
+    for _ in range(flood):
+        assert b.read()["error"]["desc"].startswith("Duplicate blocker ID 'disk0', which "
+                                                     "belongs to uid 0 (root)")
+    # Another kind of refusal of the same uid is not hidden by the flood.
+    assert b.error("add-blocker", {"reason": "x", "modes": []}) == (
+        "Parameter 'modes' expects a non-empty list")
+    root.ok("add-blocker", {"reason": "r", "id": "after"})
+    daemon.wait_for_log("added blocker after")  # the log has every line before it
+    log = daemon.log().splitlines()
+    duplicates = [line for line in log if "refused blocker: \"Duplicate blocker ID" in line]
+    assert len(duplicates) == BURST, duplicates[-2:]
+    assert all(" INFO: " in line for line in duplicates)
+    assert duplicates[-1].endswith("[more like it within 10 s are counted, not logged]")
+    assert len([line for line in log if "refused blocker: \"Parameter 'modes'" in line]) == 1
 
 
 HOLDING = """\

@@ -774,6 +774,17 @@ async def test_unwritable_state_stops_the_daemon(
     fixed.wait_for_log(restored_line(directory, 200))
 
 
+async def add_refused_at_commit(c: RawClient, daemon: DaemonProcess, why: str, advice: str) -> None:
+    """An add whose commit fails with ``why``: its error, the log's first line of
+    the failure with ``advice``, and nothing changed but the blocker "before"."""
+    reply = await c.execute("add-blocker", {"reason": "refused at commit", "id": "refused"})
+    assert reply["error"] == {"class": "GenericError",
+                              "desc": f"{why}; nothing was changed"}, reply
+    daemon.wait_for_log(f"ERROR: {why}; 1 command(s) failed, their changes undone; every "
+                        f"change fails until a commit succeeds: {advice}")
+    assert await ids(c) == ["before"]
+
+
 async def test_a_program_holding_the_write_lock_fails_commits_until_it_lets_go(
     start_daemon: Start, tmp_path: Path
 ) -> None:
@@ -789,15 +800,10 @@ async def test_a_program_holding_the_write_lock_fails_commits_until_it_lets_go(
         other = sqlite3.connect(db, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
-            reply = await c.execute("add-blocker", {"reason": "while held", "id": "held"})
             why = f"cannot commit to {db}: database is locked (another program is writing to it)"
-            assert reply["error"] == {"class": "GenericError",
-                                      "desc": f"{why}; nothing was changed"}, reply
-            daemon.wait_for_log(
-                f"ERROR: {why}; 1 command(s) failed, their changes undone; every change fails "
-                f"until a commit succeeds: close the program that holds {db} open for "
-                "writing (an sqlite3 shell in a transaction?)")
-            assert await ids(c) == ["before"]
+            await add_refused_at_commit(c, daemon, why, (
+                f"close the program that holds {db} open for writing (an sqlite3 shell in a "
+                "transaction?)"))
         finally:
             if other.in_transaction:
                 other.execute("ROLLBACK")
@@ -825,16 +831,10 @@ async def test_a_trigger_added_by_hand_fails_commits_with_its_own_advice(
         await add(c, "acknowledged before", id="before")
         edited("CREATE TRIGGER no_adds BEFORE INSERT ON blocker "
                "BEGIN SELECT RAISE(ABORT, 'no more blockers'); END")(db)
-        reply = await c.execute("add-blocker", {"reason": "refused", "id": "refused"})
-        why = f"cannot commit to {db}: no more blockers"
-        assert reply["error"] == {"class": "GenericError",
-                                  "desc": f"{why}; nothing was changed"}, reply
-        daemon.wait_for_log(
-            f"ERROR: {why}; 1 command(s) failed, their changes undone; every change fails "
-            f"until a commit succeeds: {db} refuses what the daemon writes, so it was "
-            "changed by hand? undo the change (a trigger or constraint added with an "
-            "sqlite3 shell?), or stop the daemon and restore it from a backup")
-        assert await ids(c) == ["before"]
+        await add_refused_at_commit(c, daemon, f"cannot commit to {db}: no more blockers", (
+            f"{db} refuses what the daemon writes, so it was changed by hand? undo the "
+            "change (a trigger or constraint added with an sqlite3 shell?), or stop the "
+            "daemon and restore it from a backup"))
         edited("DROP TRIGGER no_adds")(db)
         await add(c, "acknowledged after", id="after")
     assert daemon.stop() == 0

@@ -15,7 +15,8 @@ again; ``benchmarks/bench_metrics.py`` measured add/del throughput falling
 to a half, or a quarter, under a client scraping back to back.  On the loop,
 a scrape costs the loop exactly its own time, sees one consistent state, and
 needs nothing to be safe across threads.  A wedged loop shows as failed
-scrapes (503 after ``RENDER_TIMEOUT``).
+scrapes (503 after ``RENDER_TIMEOUT``), and failed probes: a HEAD waits for a
+turn of the loop as the GET does, though it builds nothing.
 
 Answers are spaced ``MIN_INTERVAL`` apart (a faster scraper waits), so
 scraping never takes more than a few percent of the loop, however eager the
@@ -62,35 +63,51 @@ class MetricsApp:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
         if method not in ("GET", "HEAD"):
-            return _plain(start_response, "405 Method Not Allowed", "use GET",
-                          [("Allow", "GET, HEAD")])
+            refused, allow, text = _plain("405 Method Not Allowed", "use GET",
+                                          [("Allow", "GET, HEAD")])
+            start_response(refused, allow)
+            return [text]
+        # HTTP's general-purpose servers take HEAD (RFC 9110, 9.1): an uptime
+        # probe's.  Its answer is the GET's (9.3.2), so it waits for the event
+        # loop as the GET does: a wedged or stopping daemon is not healthy.  Only
+        # the body of a 200 is not built, which costs the loop.
+        status, headers, body = self._answer(environ, build=method == "GET")
+        if method == "GET":
+            assert body is not None  # built
+            start_response(status, headers)
+            return [body]
+        if body is not None:
+            # What the GET's length would be (wsgiref sets it for a body of one block).
+            headers.append(("Content-Length", str(len(body))))
+        start_response(status, headers)
+        # Not [], for which wsgiref says "Content-Length: 0": a HEAD answer must not
+        # give a length other than the GET's (RFC 9110, 8.6), and a 200's is not
+        # known without the build.  wsgiref gives none for an iterator.
+        return iter([b""])
+
+    def _answer(self, environ: dict[str, Any], *,
+                build: bool) -> tuple[str, list[tuple[str, str]], bytes | None]:
+        """The GET's status, headers and body; without ``build``, the body of a 200
+        is None, not built (the loop still runs a turn for it, or the 503 says why not)."""
         encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
         headers = [("Content-Type", content_type)]
         gzipped = gzip_wanted(environ.get("HTTP_ACCEPT_ENCODING", ""))
         if gzipped:
             headers.append(("Content-Encoding", "gzip"))
-        if method == "HEAD":
-            # HTTP's general-purpose servers take HEAD (RFC 9110, 9.1): an uptime
-            # probe's.  The GET's headers (9.3.2), without building the body, which
-            # costs the loop.
-            start_response("200 OK", headers)
-            # Not [], for which wsgiref says "Content-Length: 0": a HEAD answer must
-            # not give a length other than the GET's (RFC 9110, 8.6), and that one is
-            # not known without the build.  wsgiref gives none for an iterator.
-            return iter([b""])
         names = parse_qs(environ.get("QUERY_STRING", "")).get("name[]")
         source: Collector = self.registry if names is None else _Only(self.registry, names)
         try:
-            output = self._on_loop(lambda: encoder(source))
+            output = self._on_loop(lambda: encoder(source) if build else b"")
         except _NoAnswer as exc:
-            return _plain(start_response, "503 Service Unavailable", str(exc))
+            return _plain("503 Service Unavailable", str(exc))
         except Exception:
             log.exception("metrics: cannot build the answer")
-            return _plain(start_response, "500 Internal Server Error", "internal error")
+            return _plain("500 Internal Server Error", "internal error")
+        if not build:
+            return "200 OK", headers, None
         if gzipped:
             output = gzip.compress(output)
-        start_response("200 OK", headers)
-        return [output]
+        return "200 OK", headers, output
 
     def _on_loop(self, make: Callable[[], bytes]) -> bytes:
         with self._lock:
@@ -162,7 +179,8 @@ class _Only(Collector):
                 yield family
 
 
-def _plain(start_response: StartResponse, status: str, text: str,
-           headers: list[tuple[str, str]] | None = None) -> list[bytes]:
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), *(headers or [])])
-    return [f"{text}\n".encode()]
+def _plain(status: str, text: str, headers: list[tuple[str, str]] | None = None,
+           ) -> tuple[str, list[tuple[str, str]], bytes]:
+    """An answer of ``text`` in plain text: its status, headers and body."""
+    return (status, [("Content-Type", "text/plain; charset=utf-8"), *(headers or [])],
+            f"{text}\n".encode())

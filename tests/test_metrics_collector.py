@@ -365,6 +365,41 @@ def test_the_answer_is_built_on_the_event_loop_or_not_at_all(
     assert call(app) == ("503 Service Unavailable", b"migblockd is stopping\n")
 
 
+def answer(app: MetricsApp, method: str) -> tuple[str, dict[str, str], bytes]:
+    """One WSGI request to ``app``: its status line, headers and body."""
+    got: list[tuple[str, list[tuple[str, str]]]] = []
+    body = b"".join(app({"REQUEST_METHOD": method, "QUERY_STRING": "",
+                         "HTTP_ACCEPT_ENCODING": "gzip"},
+                        lambda status, headers: got.append((status, headers))))
+    return got[0][0], dict(got[0][1]), body
+
+
+def test_head_answers_with_the_gets_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An uptime probe's HEAD said 200 whatever the loop did: a wedged or stopping
+    # daemon looked healthy to it.
+    core, _ = make()
+    loop = asyncio.new_event_loop()
+    ran = threading.Thread(target=loop.run_forever)
+    ran.start()
+    try:
+        app = MetricsApp(metrics_registry(core), loop)
+        status, headers, body = answer(app, "HEAD")
+        assert (status, headers.get("Content-Encoding"), body) == ("200 OK", "gzip", b"")
+        assert "Content-Length" not in headers  # not built: not known
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        ran.join()
+    monkeypatch.setattr(exposition, "RENDER_TIMEOUT", 0.05)
+    for why in (b"migblockd's event loop did not answer in time\n", b"migblockd is stopping\n"):
+        get = answer(app, "GET")
+        assert get[0] == "503 Service Unavailable" and get[2] == why
+        status, headers, body = answer(app, "HEAD")
+        # The GET's status and headers, its length included; no body.
+        assert (status, body) == (get[0], b"")
+        assert headers == {**get[1], "Content-Length": str(len(why))}
+        loop.close()  # the daemon stopping, for the second round
+
+
 def test_a_qemu_is_unresponsive_only_while_connected() -> None:
     # The link knows a forwarded command timed out; a QEMU that is gone is
     # disconnected, not unresponsive, until its next connection says otherwise.

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
+from faults import injecting
 from prometheus_client.registry import CollectorRegistry
 from qmpclient import blocking_client, encode
 from test_core import make
 from test_daemon_exhaustion import limited_python
 from test_metrics import UnixHTTPConnection, get, scrape
 
+from migblockd import exposition
 from migblockd import scrape as endpoint
 from migblockd.config import Config
 from migblockd.daemon import open_metrics
@@ -407,3 +409,52 @@ def scrape_tcp(d: DaemonProcess, port: int) -> int:
     out = subprocess.run(["nsenter", f"--net=/proc/{d.proc.pid}/ns/net", sys.executable, "-c",
                           fetch], capture_output=True, text=True, timeout=30, check=True)
     return int(out.stdout)
+
+
+def head_of(answer: bytes) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """An answer's status line, header fields (Date and Server left out), and body."""
+    block, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = block.split(b"\r\n")
+    fields = dict(line.split(b": ", 1) for line in lines)
+    return status, {k: v for k, v in fields.items() if k not in (b"Date", b"Server")}, body
+
+
+async def test_head_on_a_wedged_loop_says_what_the_get_would(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # HEAD said 200 without asking the loop: an uptime probe saw a wedged daemon
+    # as healthy.  Every return of the loop's epoll_wait held past RENDER_TIMEOUT
+    # wedges it (the endpoint's thread polls, with poll()).
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock")
+    head = b"HEAD /metrics HTTP/1.0\r\nAccept-Encoding: gzip\r\n\r\n"
+    status, fields, body = head_of(exchange(endpoint_path, head))
+    assert (status, body) == (b"HTTP/1.0 200 OK", b""), fields
+    assert fields[b"Content-Encoding"] == b"gzip" and b"Content-Length" not in fields
+    held = int((exposition.RENDER_TIMEOUT + 2) * 1_000_000)
+    async with injecting(d.proc.pid, "epoll_wait", f"delay_exit={held}", "the daemon"):
+        answer = await asyncio.to_thread(exchange, endpoint_path, head)
+    why = b"migblockd's event loop did not answer in time\n"
+    assert head_of(answer) == (b"HTTP/1.0 503 Service Unavailable",
+                               {b"Content-Type": b"text/plain; charset=utf-8",
+                                b"Content-Length": b"%d" % len(why)}, b""), answer
+    # The loop turns again: so does the probe.
+    assert head_of(exchange(endpoint_path, head))[0] == b"HTTP/1.0 200 OK"
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+def test_head_while_stopping_says_what_the_get_would(short_tmp: Path) -> None:
+    # The daemon's loop closed, its endpoint not yet (a connection whose request
+    # was read meanwhile): the GET's 503, for the probe too.
+    loop = asyncio.new_event_loop()
+    path = short_tmp / "m.sock"
+    metrics = MetricsServer.open(path, CollectorRegistry(), short_tmp / "q.sock", loop)
+    metrics.start()
+    loop.close()
+    try:
+        get = head_of(exchange(path, b"GET /metrics HTTP/1.0\r\n\r\n"))
+        head = head_of(exchange(path, b"HEAD /metrics HTTP/1.0\r\n\r\n"))
+    finally:
+        metrics.close()
+    assert get[0] == b"HTTP/1.0 503 Service Unavailable" and get[2] == b"migblockd is stopping\n"
+    assert head == (get[0], get[1], b"")

@@ -93,10 +93,22 @@ def passed_path(passed: socket.socket) -> Path | None:
 
 
 def not_the_qmp_socket(address: Path, qmp_socket: Path) -> None:
-    """StartupError when a Unix ``--metrics`` address is the QMP socket's path."""
-    if os.path.abspath(address) == os.path.abspath(qmp_socket):
+    """StartupError when a Unix ``--metrics`` address is the QMP socket's path, also
+    through a symlinked directory: the two would take the same lock, and the
+    start would take its own QMP socket for another daemon's."""
+    if _socket_place(address) == _socket_place(qmp_socket):
         raise StartupError(f"--metrics {address}: that is the QMP socket; metrics need an "
                            "address of their own")
+
+
+def _socket_place(path: Path) -> str:
+    """Where a socket at ``path`` is: its directory's real path and its name.
+
+    The directory's only: the socket may not exist yet (of a directory still to
+    be made, what exists of its path is resolved), and a symlink at the name
+    itself is no socket, which the start refuses as such (``check_socket_path``).
+    """
+    return os.path.join(os.path.realpath(path.parent), path.name)
 
 
 def not_its_own_socket(qemu: Path, qmp_socket: Path) -> None:

@@ -505,6 +505,26 @@ def test_check_config_refuses_a_qemu_that_is_the_daemons_own_socket(tmp_path: Pa
     assert sorted(tmp_path.iterdir()) == [alias]
 
 
+def test_check_config_refuses_metrics_at_the_qmp_socket_through_a_symlink(
+        tmp_path: Path) -> None:
+    # Reproduced first: --check-config said "valid", and the start took its own
+    # QMP socket's lock for another daemon's ("another migblockd (pid <its own>)").
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir(mode=0o700)
+    link.symlink_to(real.name)
+    metrics = link / "q.sock"
+    args = ["--ephemeral", "--socket", str(real / "q.sock"), "--metrics", str(metrics)]
+    message = f"--metrics {metrics}: that is the QMP socket; metrics need an address of their own"
+    proc = check_config(*args)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+    start = subprocess.run([sys.executable, "-m", "migblockd", *args],
+                           capture_output=True, text=True, timeout=30)
+    assert start.returncode == 1
+    assert f"ERROR: {message}\n" in start.stderr
+    # No socket left (the lock file of the QMP socket stays, as after any start refused).
+    assert [p.name for p in real.iterdir()] == ["q.sock.lock"]
+
+
 @pytest.mark.parametrize("kind", ["file", "shared", "missing under shared"])
 def test_check_config_refuses_a_state_directory_the_start_would(tmp_path: Path,
                                                                 kind: str) -> None:

@@ -219,6 +219,27 @@ def test_the_endpoint_never_takes_a_passed_qmp_socket(short_tmp: Path) -> None:
     assert sorted(p.name for p in short_tmp.iterdir()) == ["passed.sock"]  # no lock left
 
 
+def test_the_endpoint_never_takes_a_passed_qmp_socket_through_a_symlink(
+        short_tmp: Path) -> None:
+    # Its own passed socket was "another daemon already listening", and the
+    # metrics' lock file was left behind.
+    real, link = short_tmp / "real", short_tmp / "link"
+    real.mkdir(mode=0o700)
+    link.symlink_to(real.name)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as passed:
+        passed.bind(str(real / "passed.sock"))
+        passed.listen()
+        core, _ = make()
+        config = Config().replace(metrics=link / "passed.sock")
+
+        async def attempt() -> None:
+            open_metrics(config, core, passed)
+
+        with pytest.raises(StartupError, match="that is the QMP socket"):
+            asyncio.run(attempt())
+    assert sorted(p.name for p in real.iterdir()) == ["passed.sock"]  # no lock left
+
+
 def test_silent_clients_do_not_lock_a_scraper_out(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
     # As many connections as the endpoint serves, silent or trickling, and

@@ -19,6 +19,10 @@ otherwise:
 - A request it cannot parse (no version, or ``HTTP/2.0``) is taken for
   HTTP/0.9, and its error goes out with no status line: a client sees a
   malformed answer, not a 400 or a 505.  Here every answer has one.
+- An empty line before the request line, which RFC 9112 (2.2) asks a server
+  to ignore, is taken for an empty request line, and the connection closed
+  without an answer.  Here empty lines are skipped, within the request line's
+  bound; empty lines and then the end of the request get a 400.
 """
 
 from __future__ import annotations
@@ -53,12 +57,20 @@ class RequestHandler(WSGIRequestHandler):
 
     def handle(self) -> None:
         # WSGIRequestHandler.handle (the same from Python 3.8 to 3.13), but for
-        # the ServerHandler that logs.
-        self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
-        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+        # the empty lines before the request line, and the ServerHandler that logs.
+        skipped, line = self._past_empty_lines()
+        if skipped + len(line) > MAX_REQUEST_LINE:
             self.requestline = self.request_version = self.command = ""
             self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
             return
+        if not line:
+            if skipped:
+                # Empty lines, then the end: not a request.  A client that shut
+                # down its side only may still read the answer.
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(HTTPStatus.BAD_REQUEST, "No request line")
+            return  # nothing at all: nobody to answer (http.server's choice too)
+        self.raw_requestline = line
         if not self.parse_request():
             return
         # The socket's files, as wsgiref passes them (typeshed wants IO[bytes] there).
@@ -66,6 +78,23 @@ class RequestHandler(WSGIRequestHandler):
                                  self.get_stderr(), self.get_environ(), multithread=False)
         handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref's back pointer
         handler.run(self.server.get_app())  # type: ignore[attr-defined]
+
+    def _past_empty_lines(self) -> tuple[int, bytes]:
+        """(bytes of empty lines skipped, the line after them: b"" at the end).
+
+        RFC 9112 (2.2): a server SHOULD ignore at least one empty line before the
+        request line; http.server takes the first line for the request line, and
+        closed the connection on an empty one without a word.  The empty lines
+        count towards ``MAX_REQUEST_LINE``, so a client cannot keep the thread
+        reading them for ever (the socket's timeout and the connection's deadline
+        bound the wait for each).
+        """
+        skipped = 0
+        while True:
+            line = self.rfile.readline(MAX_REQUEST_LINE + 1 - skipped)
+            if line not in (b"\r\n", b"\n") or skipped + len(line) > MAX_REQUEST_LINE:
+                return skipped, line
+            skipped += len(line)
 
     def parse_request(self) -> bool:
         rfile = self.rfile

@@ -33,7 +33,7 @@ from migblockd.config import Config
 from migblockd.daemon import open_metrics
 from migblockd.listen import StartupError
 from migblockd.scrape import MAX_SCRAPES, MetricsServer
-from migblockd.scrape_request import MAX_HEADER_BYTES
+from migblockd.scrape_request import MAX_HEADER_BYTES, MAX_REQUEST_LINE
 
 
 @pytest.fixture
@@ -341,6 +341,33 @@ def test_requests_it_cannot_parse_get_a_status_line(
         answer = exchange(endpoint_path, request)
         assert answer.startswith(b"HTTP/1.0 %d " % status), (request[:40], answer[:200])
     assert exchange(endpoint_path, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 200 ")
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+def test_empty_lines_before_the_request_line_are_skipped(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # RFC 9112 (2.2): a server SHOULD ignore at least one empty line before the
+    # request line.  wsgiref took it for the request line, and closed the
+    # connection without a word.
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock")
+    request = b"GET /metrics HTTP/1.0\r\n\r\n"
+    for before in (b"\r\n", b"\r\n\n\r\n"):
+        answer = exchange(endpoint_path, before + request)
+        assert answer.startswith(b"HTTP/1.0 200 "), (before, answer[:200])
+    # Empty lines, then the end of what the client sends: an answer, not silence.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(endpoint_path))
+        s.sendall(b"\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.0 400 "), answer[:200]
+    # They count towards the request line's bound: a client cannot keep the thread
+    # reading them.
+    answer = exchange(endpoint_path, b"\r\n" * (MAX_REQUEST_LINE // 2 + 1) + request)
+    assert answer.startswith(b"HTTP/1.0 414 "), answer[:200]
     assert d.stop() == 0
     assert_clean_log(d)
 

@@ -35,6 +35,7 @@ from migblockd.guard import policy_warnings
 from migblockd.listen import StartupError, check_socket_directory, check_socket_path
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import passthrough_warnings
+from migblockd.regular import NotRegularFile
 from migblockd.resolver import Resolver, group_id
 from migblockd.served import check_served
 from migblockd.shapes import check_shapes
@@ -54,6 +55,8 @@ def load_contract(path: Path | None) -> Contract:
         contract = Contract.load(path)
     except QAPIError as exc:
         raise StartupError(f"bad schema: {exc}") from None
+    except NotRegularFile as exc:
+        raise StartupError(f"{exc}; --schema takes a QAPI schema file") from None
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
         raise StartupError(f"cannot read the schema{where}: {exc.strerror or exc}") from None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from migblockd.options import ConfigError, Option, Where, table
+from migblockd.regular import NotRegularFile, read_regular
 from migblockd.resolver import who
 
 __all__ = ["TOO_DEEP", "check_trusted", "read_file"]
@@ -30,22 +31,12 @@ TOO_DEEP = "arrays or tables nested too deeply to read"
 def read_file(path: Path, settings: type) -> dict[str, Any]:
     """Read a TOML configuration file into field name -> checked value."""
     try:
-        # O_NONBLOCK: opening a FIFO would wait for a writer, with the daemon's
-        # event loop (a reload) stuck behind it; sshd opens authorized_keys so.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            check_trusted(path, st)
-            if not stat.S_ISREG(st.st_mode):
-                raise ConfigError(f"{path} is not a regular file; --config takes a TOML file")
-            # A regular file: no writer to wait for.  Blocking again, as a network
-            # file system may honour O_NONBLOCK on reads (EAGAIN mid-file).
-            os.set_blocking(fd, True)
-            with open(fd, "rb", closefd=False) as f:
-                text = f.read().decode()
-        finally:
-            os.close(fd)
+        # Not open(): a FIFO would hold the daemon's event loop (a reload) until
+        # someone wrote to it.
+        text = read_regular(path, lambda st: check_trusted(path, st)).decode()
         raw = tomllib.loads(text)
+    except NotRegularFile:
+        raise ConfigError(f"{path} is not a regular file; --config takes a TOML file") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:

@@ -9,15 +9,18 @@ skipped where strace is missing or may not trace (no ptrace).
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from realqemu import wait_until
 
-__all__ = ["injecting", "traced"]
+__all__ = ["injecting", "opened", "stopped_at_open", "traced"]
 
 #: How long strace gets to detach after SIGTERM before it is killed.
 DETACH_TIMEOUT = 10.0
@@ -59,3 +62,27 @@ async def injecting(pid: int, syscalls: str, inject: str, what: str,
             # then waits for one of its threads forever.  Killed, it lets go of it.
             strace.kill()
             strace.wait()
+
+
+def stopped_at_open(path: Path, workdir: Path, what: str) -> str:
+    """A ``python`` for ``spawn_daemon`` that runs the daemon under strace, which
+    stops it (SIGSTOP) as it opens ``path``, until it is sent SIGCONT; strace
+    stays attached, and lets every signal through.  :func:`opened` says when."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip(f"needs strace, to hold {what} (apt install strace)")
+    wrapper = workdir / "python-stopped-at-open"
+    # -D: strace runs as a grandchild, so that the daemon keeps the pid spawned.
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"exec {shlex.quote(strace)} -D -f -qq -o /dev/null -e trace=openat "
+        f"-P {shlex.quote(str(path))} -e inject=openat:signal=SIGSTOP "
+        f'{shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def opened(pid: int, path: Path) -> bool:
+    """``pid`` holds ``path`` open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.path.realpath(fd) == str(path) for fd in fds.iterdir())

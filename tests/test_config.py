@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log, wait_ready
+from faults import opened, stopped_at_open
+from realqemu import wait_until
 
 from migblockd.cli import options
 from migblockd.config import Config, ConfigError, build
@@ -310,7 +312,7 @@ async def test_reloaded_input_limits_apply_to_open_connections(
     assert d.stop() == 0
 
 
-def test_a_sighup_while_starting_is_a_reload_once_ready(
+async def test_a_sighup_while_starting_is_a_reload_once_ready(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:
     # Reproduced first: SIGHUP's default action killed a daemon still starting
@@ -318,16 +320,15 @@ def test_a_sighup_while_starting_is_a_reload_once_ready(
     schema = tmp_path / "schema"
     shutil.copytree(ROOT / "schema", schema)
     root = schema / "migblockd.json"
-    text = root.read_bytes()
-    root.unlink()
-    os.mkfifo(root)  # the daemon waits in its start-up until the test writes the schema
     path = tmp_path / "m.toml"
     path.write_text("max-clients = 5\n")
-    d = start_daemon("--config", str(path), "--schema", str(schema), "--ephemeral", wait=False)
-    with root.open("wb") as fifo:  # opened once the daemon opens it to read
-        path.write_text("max-clients = 7\n")
-        d.signal(signal.SIGHUP)
-        fifo.write(text)
+    # Held in its start-up, stopped as it opens the schema, until the test continues it.
+    d = start_daemon("--config", str(path), "--schema", str(schema), "--ephemeral", wait=False,
+                     python=stopped_at_open(root, tmp_path, "the daemon's start"))
+    await wait_until(lambda: opened(d.proc.pid, root), "the daemon at the schema")
+    path.write_text("max-clients = 7\n")
+    d.signal(signal.SIGHUP)
+    d.signal(signal.SIGCONT)
     wait_ready(d)
     d.wait_for_log("reloading: SIGHUP received while starting")
     d.wait_for_log("reloaded configuration: max-clients=7")
@@ -385,6 +386,31 @@ async def test_a_fifo_in_place_of_the_file_is_refused_at_reload(
     d.signal(signal.SIGHUP)
     d.wait_for_log(f"reload failed, keeping the running configuration: {path} is not a "
                    "regular file; --config takes a TOML file")
+    async with d.client() as c:
+        await c.ok("query-version")
+    assert d.stop() == 0
+
+
+async def test_a_fifo_as_the_schema_is_refused_at_reload(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path, notify: socket.socket,
+) -> None:
+    # Reproduced first: the reload's check of the schema waited for a writer, so
+    # systemd heard RELOADING=1 and never READY=1, and after SIGTERM the daemon
+    # logged "stopped" but did not exit until someone wrote to the FIFO.
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(path), "--ephemeral",
+                     env={**os.environ, "NOTIFY_SOCKET": notify.getsockname()})
+    fifo = tmp_path / "schema.json"
+    os.mkfifo(fifo, 0o600)
+    path.write_text(f'log-level = "info"\nschema = "{fifo}"\n')
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(f"WARNING: reload: with schema as the file now sets it, the next start "
+                   f"would fail: {fifo} is not a regular file; --schema takes a QAPI schema "
+                   "file\n")
+    notify.settimeout(20)
+    got = [notify.recv(4096).decode().split("\n")[0] for _ in range(3)]
+    assert got == ["READY=1", "RELOADING=1", "READY=1"]
     async with d.client() as c:
         await c.ok("query-version")
     assert d.stop() == 0

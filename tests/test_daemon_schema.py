@@ -3,6 +3,7 @@ of the schema accepts, introspects and enforces a new migration mode with no cod
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -286,3 +287,42 @@ def test_a_schema_may_define_events_the_daemon_never_sends(tmp_path: Path) -> No
          "--socket", str(tmp_path / "s"), "--schema", str(root)],
         capture_output=True, text=True, check=False, timeout=60)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def fifo_in_the_schema(tmp_path: Path, where: str) -> tuple[Path, str]:
+    """A schema whose root, or a file it includes, is a FIFO nobody writes to:
+    (the root, the error that refuses it)."""
+    if where == "root":
+        root = tmp_path / "migblockd.json"
+        os.mkfifo(root, 0o600)
+        return root, f"{root} is not a regular file; --schema takes a QAPI schema file"
+    root, migration = schema_edited(tmp_path, lambda t: t)
+    migration.unlink()
+    os.mkfifo(migration, 0o600)
+    directive = "{ 'include': 'migration.json' }"
+    line = line_of(root, directive)
+    column = directive.index("'migration.json'") + 1
+    return root, (f"bad schema: {root}:{line}:{column}: include file '{migration}' is not a "
+                  "regular file")
+
+
+@pytest.mark.parametrize("where", ["root", "include"])
+def test_a_fifo_in_the_schema_is_refused_at_start_without_waiting_for_a_writer(
+    where: str, tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # Reproduced first: the start waited for a writer, before READY=1, saying nothing.
+    root, message = fifo_in_the_schema(tmp_path, where)
+    line = refused_start(tmp_path, start_daemon, root)
+    assert line.endswith(f" ERROR: {message}")
+
+
+@pytest.mark.parametrize("where", ["root", "include"])
+def test_check_config_refuses_a_fifo_in_the_schema(where: str, tmp_path: Path) -> None:
+    # Reproduced first: --check-config waited for a writer, saying nothing.
+    root, message = fifo_in_the_schema(tmp_path, where)
+    result = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
+         "--socket", str(tmp_path / "s"), "--schema", str(root)],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"migblockd: {message}\n"

@@ -7,6 +7,7 @@ time and, for a mistake, one ``FILE:LINE:COL: message`` line, never a traceback.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,14 @@ def test_control_characters_in_a_message_are_escaped(tmp_path: Path) -> None:
     result = gen("-o", str(tmp_path / "out"), str(schema))
     assert result.returncode == 1
     assert result.stderr == f"{schema}:2:1: stray '\\x00\\x1bc'\n"
+
+
+def test_a_fifo_included_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    # QEMU's generator opens it as a file, and waits for a writer.
+    schema = tmp_path / "root.json"
+    schema.write_text("{ 'include': 'sub.json' }\n")
+    os.mkfifo(tmp_path / "sub.json", 0o600)
+    result = gen("-o", str(tmp_path / "out"), str(schema))
+    assert result.returncode == 1
+    assert result.stderr == (f"{schema}:1:14: include file '{tmp_path / 'sub.json'}' is not a "
+                             "regular file\n")

@@ -20,6 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..regular import NotRegularFile, read_regular
 from .doccomment import Doc, parse_doc
 from .error import QAPIError, SourceInfo
 from .tree import Definition, ParseResult, PosDict, PosList, Pragmas, Value
@@ -53,8 +54,9 @@ class _FileParser:
         self.result = result
         self.included = included
         self.chain = chain
-        with open(fname, "rb") as fp:
-            raw = fp.read()
+        # Not open(): a FIFO would hold the daemon's start (or reload) until
+        # someone wrote to it, as it holds QEMU's generator.
+        raw = read_regular(fname)
         try:
             # Newlines as Python's text mode reads them, as QEMU's parser does.
             self.src = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
@@ -208,6 +210,8 @@ class _FileParser:
         self.result.modules.append(incl)
         try:
             sub = _FileParser(incl, self.result, self.included, (*self.chain, absname))
+        except NotRegularFile:
+            raise QAPIError(info, f"include file '{incl}' is not a regular file") from None
         except OSError as err:
             raise QAPIError(info, f"can't read include file '{incl}': {err.strerror}") from err
         sub.parse()
@@ -326,8 +330,9 @@ def parse_schema(fname: str | os.PathLike[str]) -> ParseResult:
     """Read a root schema file and everything it includes.
 
     Raises ``QAPIError`` for mistakes in the source and ``OSError`` when the
-    root file itself cannot be read (an unreadable include is a ``QAPIError``
-    at the include directive).
+    root file itself cannot be read (``NotRegularFile`` when it is a FIFO, a
+    directory...; an unreadable include is a ``QAPIError`` at the include
+    directive).
     """
     path = os.fspath(fname)
     result = ParseResult([], [path], Pragmas())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -31,6 +32,7 @@ from migblockd.adapter import ClientProtocol, read_buffer
 from migblockd.config import Config, ConfigError, build, read_settings
 from migblockd.connection import Connection
 from migblockd.core import Core, Status
+from migblockd.detached import detached
 from migblockd.disk import DiskThread
 from migblockd.drain import drain
 from migblockd.ledger import Group
@@ -199,13 +201,16 @@ class Server(Turns):
             for level, line in reload.messages():
                 log.log(level, "%s", line)
             # Not applied now, so not seen now: said before a restart finds out.  On a
-            # thread: resolving a metrics host name may wait for DNS.
-            found = await asyncio.to_thread(problems, fresh,
-                                            socket_passed=self.own_socket is None,
-                                            passed=self.passed, as_daemon=True,
-                                            keys=reload.restart_only) \
+            # thread: resolving a metrics host name may wait for DNS, reading a schema
+            # on a network file system for the server; one that never returns must
+            # not keep the daemon from exiting (migblockd.detached).
+            check = functools.partial(problems, fresh, socket_passed=self.own_socket is None,
+                                      passed=self.passed, as_daemon=True,
+                                      keys=reload.restart_only)
+            found = await detached(check, "migblockd-reload-check") \
                 if reload.restart_only else []
             for key, why in found:
                 log.warning("reload: with %s as the file now sets it, the next start "
                             "would fail: %s", key, why)
+        # Nothing once the stop has begun (the notifier sends no READY=1 after STOPPING=1).
         await self.notifier.ready(self.status_line())

@@ -153,6 +153,8 @@ class Notifier:
         # Log the first failure loudly and its repetitions (every watchdog
         # ping while the receiver is gone) quietly, until a send works again.
         self._failing = False
+        #: STOPPING=1 was sent: no READY=1 or RELOADING=1 may follow it.
+        self._stopping = False
 
     @classmethod
     async def open(cls, env: Mapping[str, str] = os.environ) -> Notifier:
@@ -209,7 +211,10 @@ class Notifier:
             self._failing = False
 
     async def ready(self, status: str | None = None) -> None:
-        await self._with_status("READY=1", status)
+        """``READY=1``, unless the stop has begun: a reload that ends during the
+        drain would take systemd's view of the unit back from stopping."""
+        if not self._stopping:
+            await self._with_status("READY=1", status)
 
     async def status(self, text: str) -> None:
         """Send ``STATUS=text`` unless it is what was sent last."""
@@ -222,11 +227,14 @@ class Notifier:
     async def reloading(self) -> None:
         # Type=notify-reload (systemd 253+) requires MONOTONIC_USEC with
         # RELOADING=1 so that it can tell this reload from an earlier one.
+        if self._stopping:
+            return
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         await self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
     async def stopping(self, status: str | None = None) -> None:
         """``STOPPING=1``, with what the stop waits for (``status``) if given."""
+        self._stopping = True
         await self._with_status("STOPPING=1", status)
 
     async def _with_status(self, assignment: str, status: str | None) -> None:

@@ -14,7 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -36,17 +36,19 @@ def traced(pid: int) -> bool:
 
 @contextlib.asynccontextmanager
 async def injecting(pid: int, syscalls: str, inject: str, what: str,
-                    *also: str) -> AsyncIterator[None]:
+                    *also: str, paths: Sequence[Path] = ()) -> AsyncIterator[None]:
     """strace on every thread of ``pid``, injecting ``inject`` into ``syscalls``
     (``delay_enter=``, ``error=``), and each of ``also`` (``"SYSCALLS:INJECT"``),
-    for as long as the block runs; ``what`` names the process in a skip."""
+    for as long as the block runs; ``what`` names the process in a skip.  With
+    ``paths``, only into the calls that name one of them (strace's ``-P``)."""
     if shutil.which("strace") is None:
         pytest.skip(f"needs strace, to make {what} misbehave (apt install strace)")
     faults = (f"{syscalls}:{inject}", *also)
     names = dict.fromkeys(name for fault in faults for name in fault.split(":")[0].split(","))
     strace = subprocess.Popen(
         ["strace", "-f", "-qq", "-p", str(pid), "-e", f"trace={','.join(names)}",
-         *(arg for fault in faults for arg in ("-e", f"inject={fault}"))],
+         *(arg for fault in faults for arg in ("-e", f"inject={fault}")),
+         *(arg for path in paths for arg in ("-P", str(path)))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         await wait_until(lambda: traced(pid) or strace.poll() is not None, "strace attached")

@@ -1,0 +1,135 @@
+"""A reload whose check blocks, under a stop: the real daemon, held by strace.
+
+A reload runs its restart-only checks (reading a changed schema, resolving a
+``metrics`` host) off the event loop.  A check that does not return (a file
+system that hangs) must neither keep the stopped daemon alive nor, ending
+during the stop, tell systemd ``READY=1`` after ``STOPPING=1``.  strace holds
+the check's ``openat`` of the schema (and only that call) for as long as the
+test needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from conftest import DaemonProcess, assert_clean_log
+from faults import injecting, opened
+from realqemu import wait_until
+from test_systemd_stopping import until
+
+Start = Callable[..., DaemonProcess]
+
+#: How long strace holds the check's open: longer than any wait of the test.
+HOLD_USEC = 600 * 1_000_000
+
+
+def ended(pid: int) -> bool:
+    """``pid`` has exited (a zombie: a thread that strace holds is not reaped yet)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def broken_schema(tmp_path: Path) -> Path:
+    """A schema that a check, once it has read it, says would fail the next start."""
+    root = tmp_path / "broken.json"
+    root.write_text("{ 'enum': 'MigMode' }\n")
+    return root
+
+
+def reloading_with(config: Path, schema: Path) -> None:
+    config.write_text(f'log-level = "info"\nschema = "{schema}"\n')
+
+
+@contextmanager
+def lingering(path: Path) -> Iterator[None]:
+    """A client that, once the stop has half-closed its connection, keeps sending
+    (blanks, which the daemon discards): the stop waits for it, for at most the
+    drain's 30 s, until the block ends."""
+    done = threading.Event()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))
+    sock.recv(65536)  # the greeting
+    sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+    sock.recv(65536)
+
+    def keep_sending() -> None:
+        while not done.wait(0.1):
+            sock.send(b" ")
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sender.join()
+        sock.close()
+
+
+async def test_a_reload_blocked_in_its_check_does_not_keep_the_stopped_daemon_alive(
+    start_daemon: Start, tmp_path: Path,
+) -> None:
+    # Reproduced first: "stopped" was logged, and the process lived on (the end of
+    # asyncio.run joins the thread the check ran on) until the check returned.
+    root = broken_schema(tmp_path)
+    config = tmp_path / "m.toml"
+    config.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(config), "--ephemeral")
+    async with injecting(d.proc.pid, "openat", f"delay_exit={HOLD_USEC}", "the daemon",
+                         paths=[root]):
+        reloading_with(config, root)
+        d.signal(signal.SIGHUP)
+        await wait_until(lambda: opened(d.proc.pid, root), "the reload's check at the schema")
+        d.signal(signal.SIGTERM)
+        d.wait_for_log("INFO: stopped")
+        # Exited, with the check still held.
+        await wait_until(lambda: ended(d.proc.pid), "the daemon's exit")
+    assert d.wait_exit() == 0
+    # Had the check ended, it would have said the schema is broken.
+    assert "the next start would fail" not in d.log()
+    assert_clean_log(d)
+
+
+async def test_a_reload_that_ends_during_the_stop_says_nothing_more_to_systemd(
+    start_daemon: Start, tmp_path: Path, notify: socket.socket,
+) -> None:
+    # Reproduced first: the reload's READY=1 came after STOPPING=1, which tells
+    # systemd that the stopping service runs again.
+    root = broken_schema(tmp_path)
+    config = tmp_path / "m.toml"
+    config.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(config), "--ephemeral",
+                     env={**os.environ, "NOTIFY_SOCKET": notify.getsockname()})
+    seen: list[dict[str, str]] = []
+    until(notify, lambda f: f.get("READY") == "1", seen)
+    with lingering(d.socket):
+        async with injecting(d.proc.pid, "openat", f"delay_exit={HOLD_USEC}", "the daemon",
+                             paths=[root]):
+            reloading_with(config, root)
+            d.signal(signal.SIGHUP)
+            await wait_until(lambda: opened(d.proc.pid, root),
+                             "the reload's check at the schema")
+            until(notify, lambda f: f.get("RELOADING") == "1", seen)
+            d.signal(signal.SIGTERM)
+            until(notify, lambda f: f.get("STOPPING") == "1", seen)
+        # strace gone, the check goes on, and ends while the client holds the stop.
+        await wait_until(lambda: "the next start would fail: bad schema" in d.log(),
+                         "the reload's check to end")
+    assert d.wait_exit() == 0
+    log = d.log()
+    assert log.index("the next start would fail") < log.index("INFO: stopped")
+    notify.setblocking(False)
+    after: list[str] = []
+    while True:
+        try:
+            after.append(notify.recv(4096).decode())
+        except BlockingIOError:
+            break
+    assert not [datagram for datagram in after if "READY=1" in datagram.splitlines()], after
+    assert_clean_log(d)

@@ -50,5 +50,8 @@ def write(files: dict[str, str], directory: Path, patterns: Sequence[str]) -> No
     for rel, text in files.items():
         path = directory / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
+        data = text.encode("utf-8")
+        # Bytes, not text: a committed file that is not UTF-8 (saved as UTF-16 by an
+        # editor, say) is stale like any other, and is replaced, not decoded.
+        if not path.is_file() or path.read_bytes() != data:
+            path.write_bytes(data)

@@ -105,6 +105,26 @@ def test_stale_copy_fails_check_with_a_diff(tmp_path: Path) -> None:
     )
 
 
+def test_a_generated_file_not_in_utf8_is_stale_and_rewritten(tmp_path: Path) -> None:
+    out = tmp_path / "generated"
+    schema = str(SCHEMA / "migblockd.json")
+    assert gen("-o", str(out), schema).returncode == 0
+    target = out / "qmp-schema.json"
+    # What an editor that saves as UTF-16 leaves: not UTF-8, from its first byte (a BOM).
+    target.write_bytes(target.read_text(encoding="utf-8").encode("utf-16"))
+
+    result = gen("--check", "-o", str(out), schema)
+    assert result.returncode == 1
+    assert "+++ b/qmp-schema.json" in result.stdout
+    assert "are stale; run migblockd-qapi-gen" in result.stderr
+
+    # Doing what the check says repairs it, without a word.
+    result = gen("-o", str(out), schema)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert target.read_bytes() == (SCHEMA / "generated" / "qmp-schema.json").read_bytes()
+    assert gen("--check", "-o", str(out), schema).returncode == 0
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 

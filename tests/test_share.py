@@ -127,6 +127,24 @@ def test_write_replaces_stale_files_and_leaves_other_programs_alone(tmp_path: Pa
     assert result.stdout.startswith("--- a/man/man8/migblockd.8\n+++ b/man/man8/migblockd.8\n")
 
 
+def test_a_file_not_in_utf8_is_stale_and_rewritten(tmp_path: Path) -> None:
+    out = tmp_path / "share"
+    assert share("-o", str(out)).returncode == 0
+    page = out / "man" / "man8" / "migblockd.8"
+    fresh = page.read_bytes()
+    page.write_bytes(fresh.decode("utf-8").encode("utf-16"))  # an editor's UTF-16
+
+    result = share("--check", "-o", str(out))
+    assert result.returncode == 1
+    assert "+++ b/man/man8/migblockd.8" in result.stdout
+    assert "are stale" in result.stderr
+
+    result = share("-o", str(out))
+    assert (result.returncode, result.stderr) == (0, "")
+    assert page.read_bytes() == fresh
+    assert share("--check", "-o", str(out)).returncode == 0
+
+
 def test_an_installed_package_must_be_told_where_to_write(tmp_path: Path) -> None:
     copy = tmp_path / "site"
     shutil.copytree(ROOT / "migblockd", copy / "migblockd",

@@ -2,8 +2,9 @@
 
 Mirrors the part of QEMU's ``scripts/qapi/expr.py`` (and the checks of its
 ``schema.py``) that migblockd's subset of the language needs.  Unions,
-alternates, conditionals and features are not part of the subset and are
-rejected as unknown keys.
+alternates, conditionals and features are not part of the subset: a union or
+an alternate is refused as a metatype the subset does not support, ``if`` and
+``features`` as unknown keys.
 
 Checks done here, each reported as ``FILE:LINE:COL: message`` at the offending
 key or value: unknown keys and missing keys, malformed values, bad names,
@@ -44,6 +45,9 @@ _META_KEYS: dict[str, tuple[set[str], set[str]]] = {
     "command": ({"command"}, {"data", "returns", "allow-oob"}),
     "event": ({"event"}, {"data"}),
 }
+#: QAPI metatypes outside migblockd's subset: valid QAPI, so they are named as
+#: unsupported rather than taken for an expression without a metatype.
+_UNSUPPORTED_METAS = ("union", "alternate")
 
 
 def load_schema(fname: str | Path) -> Schema:
@@ -131,7 +135,7 @@ class _Builder:
 
     def _check_shape(self, defn: Definition) -> tuple[str, str]:
         expr = defn.expr
-        metas = [k for k in expr if k in _META_KEYS]
+        metas = [k for k in expr if k in _META_KEYS or k in _UNSUPPORTED_METAS]
         if not metas:
             raise QAPIError(expr.info, "expression is missing metatype")
         if len(metas) > 1:
@@ -139,6 +143,9 @@ class _Builder:
                 expr.key_info[metas[1]], f"expression has more than one metatype: {metas[1]}"
             )
         meta = metas[0]
+        if meta in _UNSUPPORTED_METAS:
+            raise QAPIError(expr.key_info[meta],
+                            f"metatype '{meta}' is not supported by migblockd's QAPI subset")
         name = expr[meta]
         if not isinstance(name, str):
             raise QAPIError(expr.value_info[meta], f"'{meta}' requires a string name")

@@ -130,7 +130,10 @@ class _FileParser:
                 self.line += 1
                 self.line_pos = self.cursor
             elif not ch.isspace():
-                match = re.match(r"[^\[\]{}:,\s'\"]+", src[pos:])
+                # Up to the next structural character, space or single quote; a
+                # double quote is part of the token (QEMU's parser.py since its
+                # "Fix crash on stray double quote character"), so '"Foo"' shows whole.
+                match = re.match(r"[^\[\]{}:,\s']+", src[pos:])
                 stray = match.group(0) if match else ch
                 raise self._error(pos, f"stray '{stray}'")
 

@@ -152,7 +152,10 @@ class _DocBuilder:
         kind, name, lines, info = self.cur
         text = _dedent_join(lines)
         if not text:
-            raise QAPIError(info, f"empty doc section '{name}'")
+            # QEMU's wording since 9.0 ("text required after '@foo:'"), at the
+            # section's first line.
+            label = f"@{name}" if kind == "arg" else name
+            raise QAPIError(info, f"text required after '{label}:'")
         if kind == "arg":
             self.doc.args[name] = ArgDoc(name, text, info)
         else:

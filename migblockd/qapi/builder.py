@@ -112,7 +112,7 @@ class _Builder:
             elif meta == "enum":
                 enum = self.schema.types[name]
                 assert isinstance(enum, EnumType)
-                self._check_doc_names(defn.doc, [v.name for v in enum.values], defn, "value")
+                self._check_doc_names(defn.doc, [v.name for v in enum.values])
             self._check_doc_sections(meta, defn)
         return self.schema
 
@@ -290,12 +290,18 @@ class _Builder:
 
     @staticmethod
     def _check_doc_args(doc: Doc, members: list[Member], defn: Definition) -> None:
-        _Builder._check_doc_names(doc, [m.name for m in members], defn, "member")
+        _Builder._check_doc_names(doc, [m.name for m in members])
 
     @staticmethod
-    def _check_doc_names(doc: Doc, names: list[str], defn: Definition, role: str) -> None:
+    def _check_doc_names(doc: Doc, names: list[str]) -> None:
+        """Every ``@name:`` of ``doc`` is one of ``names``.  QEMU's QAPIDoc.check()
+        words it the same for enum values (which it calls members too), naming
+        them all at the first."""
         known = set(names)  # a list would make an enum of n values cost n * n
         bogus = [a for a in doc.args if a not in known]
+        if len(bogus) == 1:
+            raise QAPIError(doc.args[bogus[0]].info,
+                            f"documented member '{bogus[0]}' does not exist")
         if bogus:
-            arg = doc.args[bogus[0]]
-            raise QAPIError(arg.info, f"documented {role} '{bogus[0]}' does not exist")
+            raise QAPIError(doc.args[bogus[0]].info,
+                            "documented members '{}' do not exist".format("', '".join(bogus)))

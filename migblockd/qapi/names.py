@@ -1,5 +1,5 @@
 """The naming rules of QEMU's QAPI (``scripts/qapi/expr.py``): what a definition,
-a member and an enum value may be called.
+a member and an enum value may be called.  None may start with ``q-`` or ``q_``.
 
 Errors point at the name, worded as QEMU words them where it has the rule.
 """
@@ -24,13 +24,19 @@ _EXCEPTION_RE = re.compile(r"[a-z][a-z0-9_-]*$")
 _VALID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*$")
 
 
+def _valid(name: str) -> bool:
+    """QEMU's check_name_str(): a valid name whose C name (``-`` as ``_``) does
+    not start with ``q_``, the prefix QEMU's generated C reserves for itself."""
+    return bool(_VALID_RE.match(name)) and not name.replace("-", "_").startswith("q_")
+
+
 def check_definition_name(meta: str, name: str, info: SourceInfo,
                           exceptions: Collection[str]) -> None:
     """An enum or struct in CamelCase, an event in upper case, a command in lower
     case (with ``_`` where the ``command-name-exceptions`` pragma allows it); never
     ending in ``List``, QEMU's name for an array of the type."""
     what = f"{meta} '{name}'"
-    if not _VALID_RE.match(name):
+    if not _valid(name):
         raise QAPIError(info, f"{what} has an invalid name")
     if meta in ("enum", "struct"):
         if not _CAMEL_RE.match(name):
@@ -52,7 +58,7 @@ def check_definition_name(meta: str, name: str, info: SourceInfo,
 def check_member_name(name: str, what: str, info: SourceInfo) -> None:
     """A member in lower case, and not one of the names QEMU's C reserves
     (``has_NAME`` for an optional member, ``u`` for a union's variants)."""
-    if not _VALID_RE.match(name):
+    if not _valid(name):
         raise QAPIError(info, f"{what} has an invalid name")
     if not _LOWER_RE.match(name):
         raise QAPIError(info, f"name of {what} must not use uppercase or '_'")
@@ -62,7 +68,7 @@ def check_member_name(name: str, what: str, info: SourceInfo) -> None:
 
 def check_value_name(value: str, enum: str, info: SourceInfo) -> None:
     """An enum value in lower case (digits first allowed, as QEMU allows)."""
-    if not _VALID_RE.match("d" + value if value[:1].isdigit() else value):
+    if not _valid("d" + value if value[:1].isdigit() else value):
         raise QAPIError(info, f"value '{value}' of enum '{enum}' has an invalid name")
     if not _VALUE_RE.match(value):
         raise QAPIError(info, f"value '{value}' of enum '{enum}' must not use uppercase or '_'")

@@ -145,6 +145,17 @@ def test_a_file_not_in_utf8_is_stale_and_rewritten(tmp_path: Path) -> None:
     assert share("--check", "-o", str(out)).returncode == 0
 
 
+def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    # Before, a NotADirectoryError traceback.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    result = share("-o", str(blocker))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"python -m migblockd.share: can't write to '{blocker}': ")
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_an_installed_package_must_be_told_where_to_write(tmp_path: Path) -> None:
     copy = tmp_path / "site"
     shutil.copytree(ROOT / "migblockd", copy / "migblockd",

@@ -85,5 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         return 0
-    write(files, output_dir)
+    try:
+        write(files, output_dir)
+    except OSError as err:
+        # One line, as migblockd-qapi-gen says it: a directory that cannot be made
+        # (a file in the way) or written (permissions) is the user's to fix.
+        print(f"{PROG}: can't write to '{output_dir}': {err.filename}: {err.strerror}",
+              file=sys.stderr)
+        return 1
     return 0

@@ -513,6 +513,16 @@ def test_check_config_refuses_a_socket_directory_others_may_change(tmp_path: Pat
     assert f"ERROR: {proc.stderr.removeprefix('migblockd: ')}" in start.stderr
 
 
+def refused_alike(args: list[str], message: str) -> None:
+    """``--check-config`` and the start with ``args`` both refuse them with ``message``."""
+    proc = check_config(*args)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+    start = subprocess.run([sys.executable, "-m", "migblockd", *args],
+                           capture_output=True, text=True, timeout=30)
+    assert start.returncode == 1
+    assert f"ERROR: {message}\n" in start.stderr
+
+
 def test_check_config_refuses_a_qemu_that_is_the_daemons_own_socket(tmp_path: Path) -> None:
     # Reproduced first: --check-config said "valid", and the start refused it.
     own, alias, state = tmp_path / "s.sock", tmp_path / "alias.sock", tmp_path / "state"
@@ -521,12 +531,7 @@ def test_check_config_refuses_a_qemu_that_is_the_daemons_own_socket(tmp_path: Pa
         args = ["--socket", str(own), "--state-dir", str(state), "--qemu", str(qemu)]
         message = (f"--qemu {qemu}: that is migblockd's own socket; --qemu names the QMP "
                    "monitor of the QEMU to gate (its -qmp)")
-        proc = check_config(*args)
-        assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
-        start = subprocess.run([sys.executable, "-m", "migblockd", *args],
-                               capture_output=True, text=True, timeout=30)
-        assert start.returncode == 1
-        assert f"ERROR: {message}\n" in start.stderr
+        refused_alike(args, message)
     # Refused before the socket's lock or the state directory was made.
     assert sorted(tmp_path.iterdir()) == [alias]
 
@@ -541,12 +546,7 @@ def test_check_config_refuses_metrics_at_the_qmp_socket_through_a_symlink(
     metrics = link / "q.sock"
     args = ["--ephemeral", "--socket", str(real / "q.sock"), "--metrics", str(metrics)]
     message = f"--metrics {metrics}: that is the QMP socket; metrics need an address of their own"
-    proc = check_config(*args)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
-    start = subprocess.run([sys.executable, "-m", "migblockd", *args],
-                           capture_output=True, text=True, timeout=30)
-    assert start.returncode == 1
-    assert f"ERROR: {message}\n" in start.stderr
+    refused_alike(args, message)
     # No socket left (the lock file of the QMP socket stays, as after any start refused).
     assert [p.name for p in real.iterdir()] == ["q.sock.lock"]
 

@@ -8,8 +8,10 @@ Prometheus would store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -343,20 +345,27 @@ def call(app: MetricsApp, method: str = "GET") -> tuple[str, bytes]:
     return statuses[0], body
 
 
-def test_the_answer_is_built_on_the_event_loop_or_not_at_all(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def app_on_a_running_loop() -> Iterator[tuple[MetricsApp, asyncio.AbstractEventLoop]]:
+    """A fresh core's metrics app, and its event loop, running on a thread until the
+    block ends (then stopped, not closed: a wedged loop, for what follows)."""
     core, _ = make()
     loop = asyncio.new_event_loop()
     ran = threading.Thread(target=loop.run_forever)
     ran.start()
     try:
-        app = MetricsApp(metrics_registry(core), loop)
-        status, body = call(app)
-        assert status == "200 OK" and b"migblockd_clients 0.0" in body
-        assert call(app, "POST")[0] == "405 Method Not Allowed"
+        yield MetricsApp(metrics_registry(core), loop), loop
     finally:
         loop.call_soon_threadsafe(loop.stop)
         ran.join()
+
+
+def test_the_answer_is_built_on_the_event_loop_or_not_at_all(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with app_on_a_running_loop() as (app, loop):
+        status, body = call(app)
+        assert status == "200 OK" and b"migblockd_clients 0.0" in body
+        assert call(app, "POST")[0] == "405 Method Not Allowed"
     # A loop that does not run (wedged): the scraper hears so, after a while.
     monkeypatch.setattr(exposition, "RENDER_TIMEOUT", 0.05)
     assert call(app) == ("503 Service Unavailable",
@@ -377,18 +386,10 @@ def answer(app: MetricsApp, method: str) -> tuple[str, dict[str, str], bytes]:
 def test_head_answers_with_the_gets_status(monkeypatch: pytest.MonkeyPatch) -> None:
     # An uptime probe's HEAD said 200 whatever the loop did: a wedged or stopping
     # daemon looked healthy to it.
-    core, _ = make()
-    loop = asyncio.new_event_loop()
-    ran = threading.Thread(target=loop.run_forever)
-    ran.start()
-    try:
-        app = MetricsApp(metrics_registry(core), loop)
+    with app_on_a_running_loop() as (app, loop):
         status, headers, body = answer(app, "HEAD")
         assert (status, headers.get("Content-Encoding"), body) == ("200 OK", "gzip", b"")
         assert "Content-Length" not in headers  # not built: not known
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        ran.join()
     monkeypatch.setattr(exposition, "RENDER_TIMEOUT", 0.05)
     for why in (b"migblockd's event loop did not answer in time\n", b"migblockd is stopping\n"):
         get = answer(app, "GET")

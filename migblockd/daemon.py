@@ -196,6 +196,16 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         # drop anyone for --max-output either.
         server.draining = True
         stop.set()
+        # At once, not when the stop gets to it: a SIGHUP sent with the SIGTERM
+        # would otherwise start a reload during the stop.
+        ignore_signals()
+
+    def ignore_signals() -> None:
+        # Until the drain is over a signal must not kill the daemon (the default
+        # action): that would cut off the replies it still owes.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, log.info, "received %s while stopping: ignored",
+                                    sig.name)
 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
@@ -222,7 +232,15 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     # Not before: a reload says READY=1 when it is done, and systemd would take
     # that for the end of a start-up still waiting for QEMU (until then the entry
     # point's handler keeps the request).
-    loop.add_signal_handler(signal.SIGHUP, spawn, loop, tasks, server.reload)
+    def on_hangup() -> None:
+        # A SIGHUP read from the signal pipe together with a SIGTERM was handed to
+        # this handler before on_stop swapped the handlers: ignored here, as after.
+        if stop.is_set():
+            log.info("received SIGHUP while stopping: ignored")
+        else:
+            spawn(loop, tasks, server.reload)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     if reload_asked():
         log.info("reloading: SIGHUP received while starting")
         spawn(loop, tasks, server.reload)
@@ -230,13 +248,9 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     try:
         await stop.wait()
     finally:
+        ignore_signals()
         # (The drain's turns say what it waits for as that changes.)
         await notifier.stopping(server.status_line())
-        # Until the drain is over a signal must not kill the daemon (the default
-        # action): that would cut off the replies it still owes.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, log.info, "received %s while stopping: ignored",
-                                    sig.name)
         await server.stop()
         if bridge is not None:
             await bridge.close()

@@ -196,6 +196,30 @@ async def test_signals_during_the_drain_do_not_cut_it_short(
     assert_clean_log(d)
 
 
+async def test_a_sighup_sent_with_the_sigterm_reloads_nothing(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first: the SIGHUP handler stayed in place until the stop got to
+    # its own, so a SIGHUP sent right after SIGTERM reloaded during the stop (and
+    # told systemd RELOADING=1 after STOPPING=1).
+    d = start_daemon("--state-dir", str(tmp_path / "state"), "--log-level", "info")
+    client = await RawClient.connect(d.socket)
+    client.send_raw(b"".join(encode({"execute": "query-version", "id": i})
+                             for i in range(5000)))  # unread: the drain waits for it
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGHUP):
+        d.signal(sig)
+    d.wait_for_log("received SIGHUP while stopping: ignored")
+    with contextlib.suppress(EOFError, ConnectionError):
+        while True:
+            await client.read_line()
+    await client.close()
+    assert d.wait_exit() == 0
+    after = d.log().split("received SIGTERM", 1)[1]
+    assert [line for line in after.splitlines()
+            if "reload" in line and "ignored" not in line] == [], after
+    assert_clean_log(d)
+
+
 async def nudge_until_dropped(d: DaemonProcess) -> None:
     """Add blockers from other clients until the first client, which reads
     nothing, is dropped for the events they send it (max-output=1).

@@ -100,7 +100,7 @@ class _Builder:
                         defn.expr.value_info["data"], f"'data' of struct '{name}' must be an object"
                     )
                 struct.members = self._make_members(data, defn.doc, "member", name)
-                self._check_doc_args(defn.doc, struct.members, defn)
+                self._check_doc_args(defn.doc, struct.members)
             elif meta == "command":
                 cmd = self._make_command(name, defn)
                 self.schema.commands[name] = cmd
@@ -244,7 +244,7 @@ class _Builder:
         assert defn.doc is not None
         expr = defn.expr
         if "data" not in expr:
-            self._check_doc_args(defn.doc, [], defn)
+            self._check_doc_args(defn.doc, [])
             return None
         data = expr["data"]
         info = expr.value_info["data"]
@@ -255,12 +255,12 @@ class _Builder:
                 raise QAPIError(info, f"{what} must be an object or name a struct, not '{data}'")
             # The struct documents its own members; the command's doc may not
             # repeat them (QEMU's rule too).
-            self._check_doc_args(defn.doc, [], defn)
+            self._check_doc_args(defn.doc, [])
             return typ
         if not isinstance(data, PosDict):
             raise QAPIError(info, f"{what} should be an object or type name")
         members = self._make_members(data, defn.doc, "parameter", name)
-        self._check_doc_args(defn.doc, members, defn)
+        self._check_doc_args(defn.doc, members)
         if not members:
             return None
         return ObjectType(f"q_obj_{name}-arg", members, defn.doc, defn.info, implicit=True)
@@ -289,7 +289,7 @@ class _Builder:
         return Event(name, self._object_data(name, "event", defn), defn.doc, defn.info)
 
     @staticmethod
-    def _check_doc_args(doc: Doc, members: list[Member], defn: Definition) -> None:
+    def _check_doc_args(doc: Doc, members: list[Member]) -> None:
         _Builder._check_doc_names(doc, [m.name for m in members])
 
     @staticmethod
@@ -299,9 +299,8 @@ class _Builder:
         them all at the first."""
         known = set(names)  # a list would make an enum of n values cost n * n
         bogus = [a for a in doc.args if a not in known]
-        if len(bogus) == 1:
-            raise QAPIError(doc.args[bogus[0]].info,
-                            f"documented member '{bogus[0]}' does not exist")
         if bogus:
+            listed = "', '".join(bogus)
             raise QAPIError(doc.args[bogus[0]].info,
-                            "documented members '{}' do not exist".format("', '".join(bogus)))
+                            f"documented member '{listed}' does not exist" if len(bogus) == 1
+                            else f"documented members '{listed}' do not exist")

@@ -232,15 +232,16 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     # Not before: a reload says READY=1 when it is done, and systemd would take
     # that for the end of a start-up still waiting for QEMU (until then the entry
     # point's handler keeps the request).
-    def on_hangup() -> None:
-        # A SIGHUP read from the signal pipe together with a SIGTERM was handed to
-        # this handler before on_stop swapped the handlers: ignored here, as after.
+    async def reload_unless_stopping() -> None:
+        # The first step of a task runs after every callback of the turn that
+        # spawned it: a SIGTERM pending with the SIGHUP, which the kernel hands
+        # over after it (lower numbers first), has had on_stop run by now.
         if stop.is_set():
             log.info("received SIGHUP while stopping: ignored")
         else:
-            spawn(loop, tasks, server.reload)
+            await server.reload()
 
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    loop.add_signal_handler(signal.SIGHUP, spawn, loop, tasks, reload_unless_stopping)
     if reload_asked():
         log.info("reloading: SIGHUP received while starting")
         spawn(loop, tasks, server.reload)

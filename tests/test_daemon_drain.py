@@ -203,20 +203,46 @@ async def test_a_sighup_sent_with_the_sigterm_reloads_nothing(
     # its own, so a SIGHUP sent right after SIGTERM reloaded during the stop (and
     # told systemd RELOADING=1 after STOPPING=1).
     d = start_daemon("--state-dir", str(tmp_path / "state"), "--log-level", "info")
+
+    def back_to_back() -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGHUP):
+            d.signal(sig)
+    await sighup_with_sigterm(d, back_to_back)
+
+
+async def test_a_sighup_pending_with_the_sigterm_reloads_nothing(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Both pending when the daemon next runs: the kernel hands over the
+    # lower-numbered SIGHUP first, so its handler runs before the SIGTERM's.
+    d = start_daemon("--state-dir", str(tmp_path / "state"), "--log-level", "info")
+
+    def both_pending() -> None:
+        d.signal(signal.SIGSTOP)
+        d.signal(signal.SIGTERM)
+        d.signal(signal.SIGHUP)
+        d.signal(signal.SIGCONT)
+    await sighup_with_sigterm(d, both_pending)
+
+
+async def sighup_with_sigterm(d: DaemonProcess, send: Callable[[], None]) -> None:
+    """Have ``send`` signal the daemon a SIGTERM and SIGHUP(s) while a client it
+    owes replies to holds the drain open; the SIGHUP must be ignored."""
     client = await RawClient.connect(d.socket)
     client.send_raw(b"".join(encode({"execute": "query-version", "id": i})
                              for i in range(5000)))  # unread: the drain waits for it
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGHUP):
-        d.signal(sig)
+    await client.read_line()  # the daemon is at them; the rest stay unread
+    send()
     d.wait_for_log("received SIGHUP while stopping: ignored")
     with contextlib.suppress(EOFError, ConnectionError):
         while True:
             await client.read_line()
     await client.close()
     assert d.wait_exit() == 0
-    after = d.log().split("received SIGTERM", 1)[1]
-    assert [line for line in after.splitlines()
-            if "reload" in line and "ignored" not in line] == [], after
+    log = d.log()
+    assert "RELOADING" not in log
+    assert [line for line in log.splitlines()
+            if "reload" in line and "ignored" not in line] == [], log
     assert_clean_log(d)
 
 

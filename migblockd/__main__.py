@@ -1,20 +1,20 @@
 """``python -m migblockd`` and the ``migblockd`` command: the daemon.
 
-SIGHUP is caught first, before the daemon's modules load (a third of a second,
-longer on a busy machine): its default action would end a daemon asked to
-reload while it starts.  The request is kept, and carried out once the daemon
-is ready (``migblockd.daemon``).
+SIGHUP, SIGTERM and SIGINT are caught first, before the daemon's modules load
+(a third of a second, longer on a busy machine): what comes before the event
+loop handles them is kept and acted on once the start gets to it
+(``migblockd.early``).
 """
 
-import signal
+from migblockd.early import EarlySignals
 
 
 def main() -> None:
-    hangups: list[int] = []
-    signal.signal(signal.SIGHUP, lambda signum, _frame: hangups.append(signum))
-    from migblockd.cli import main as run  # noqa: PLC0415 - after the handler, on purpose
+    early = EarlySignals()
+    early.install()
+    from migblockd.cli import main as run  # noqa: PLC0415 - after the handlers, on purpose
 
-    run(hangups=hangups)
+    run(early=early)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from typing import Any
 
 from migblockd import __version__
 from migblockd.config import Config, ConfigError, build, read_settings
+from migblockd.early import EarlySignals
 from migblockd.options import Where, add_arguments, table
 
 DESCRIPTION = """\
@@ -87,15 +87,12 @@ def checked(config: Config, path: str | None) -> str:
     return f"migblockd: {source}: valid; {sock}, {state}"
 
 
-def main(argv: Sequence[str] | None = None, hangups: list[int] | None = None) -> None:
-    """Run the daemon.  ``hangups``: the SIGHUPs the caller's handler (already
-    installed, migblockd.__main__'s) has kept; without it, one is installed here."""
-    # Until the event loop takes SIGHUP over, its default action would kill a
-    # daemon asked to reload while it starts (restoring its blockers can take
-    # seconds): the request is kept, and carried out once the daemon is ready.
-    if hangups is None:
-        hangups = []
-        signal.signal(signal.SIGHUP, lambda signum, _frame: hangups.append(signum))
+def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -> None:
+    """Run the daemon.  ``early``: the handlers of the signals that come while it
+    starts (``migblockd.early``), installed by the caller; without it, here."""
+    if early is None:
+        early = EarlySignals()
+        early.install()
     cli, check_only = command_line(argv)
     try:
         file = read_settings(cli)
@@ -103,6 +100,7 @@ def main(argv: Sequence[str] | None = None, hangups: list[int] | None = None) ->
     except ConfigError as exc:
         sys.exit(f"migblockd: {exc}")
     if check_only:
+        early.uninstall()
         # Well formed is not enough: what would stop the start (an unknown
         # socket-group, an unreadable schema) is an error here too.
         from migblockd.preflight import (  # noqa: PLC0415 - keeps --help fast
@@ -139,7 +137,8 @@ def main(argv: Sequence[str] | None = None, hangups: list[int] | None = None) ->
     installed = logs.setup(config.logging_level, config.log_format)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(run(config, cli, reload_asked=lambda: bool(hangups), file=file))
+            runner.run(run(config, cli, reload_asked=early.reload, stop_asked=early.stop,
+                           file=file))
     except StartupError as exc:
         logging.getLogger("migblockd").error("%s", exc)
         sys.exit(1)

@@ -56,12 +56,15 @@ log = logging.getLogger("migblockd")
 
 async def run(config: Config, cli: dict[str, Any], *,
               reload_asked: Callable[[], bool] = lambda: False,
+              stop_asked: Callable[[], str | None] = lambda: None,
               file: dict[str, Any] | None = None) -> None:
     """Start, serve until SIGTERM/SIGINT, stop.  Raises StartupError when it cannot start.
 
     ``reload_asked()``: whether a SIGHUP came before the event loop handled
-    it; the reload is done once the daemon is ready.  ``file``: what the
-    configuration file set when ``config`` was built (``config.read_settings``).
+    it; the reload is done once the daemon is ready.  ``stop_asked()``: the
+    name of a SIGTERM or SIGINT that came before, if one did; the start then
+    ends after the restore, serving nobody.  ``file``: what the configuration
+    file set when ``config`` was built (``config.read_settings``).
     """
     contract = load_contract(config.schema)
     # The socket before the state: a daemon that cannot serve (another one holds
@@ -87,8 +90,13 @@ async def run(config: Config, cli: dict[str, Any], *,
             migration_time=config.migration_time,
         )
         store = open_state(config, registry)
-        await serve(config, cli, contract, registry, store, reload_asked, sock, claim,
-                    file=file)
+        if (name := stop_asked()) is not None:
+            # Not sooner: the restore is not cut short (it may be migrating an
+            # older database forward), and the log says what it found.
+            log.info("received %s while starting: stopping before serving", name)
+            return
+        await serve(config, cli, contract, registry, store, reload_asked, stop_asked,
+                    sock, claim, file=file)
     finally:
         if store is not None:
             store.close()
@@ -140,6 +148,7 @@ def open_state(config: Config, registry: Registry) -> Store | None:
 
 async def serve(config: Config, cli: dict[str, Any], contract: Contract, registry: Registry,
                 store: Store | None, reload_asked: Callable[[], bool],
+                stop_asked: Callable[[], str | None],
                 sock: socket.socket | None, claim: Claim | None, *,
                 file: dict[str, Any] | None = None) -> None:
     bridge = None
@@ -209,6 +218,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    if (name := stop_asked()) is not None:
+        on_stop(name)  # came after run() looked, before these handlers
     if bridge is not None:
         # Clients wait (in the listen backlog) until migblockd knows whether QEMU migrates.
         bridge.start(core, server.schedule)

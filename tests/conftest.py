@@ -104,6 +104,12 @@ class DaemonProcess:
             self.proc.send_signal(signal.SIGTERM)
         return self.wait_exit(timeout)
 
+    def kill(self) -> None:
+        """SIGKILL, unless it has exited: a test's cleanup."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
 
 def spawn_daemon(
     workdir: Path, *args: str, socket: Path | None = None, wait: bool = True,

@@ -11,6 +11,7 @@ installed copy (and its packaged schema) is what runs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import re
@@ -29,6 +30,9 @@ import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log, wait_ready
 from qmpclient import encode, strict_loads
 
+from migblockd.cli import command_line
+from migblockd.config import build
+from migblockd.daemon import run
 from migblockd.paths import default_socket_path
 
 
@@ -203,24 +207,38 @@ async def test_stale_socket_is_replaced(spawn: Callable[..., DaemonProcess], pyt
 # Runs the daemon as `python -m migblockd` or as the installed `migblockd` command,
 # and sends it SIGHUP at one precise moment: while its modules are being imported
 # (the first import of migblockd.config), before any of its code has run.
-HANGUP_WHILE_IMPORTING = r"""
+SIGNAL_WHILE_IMPORTING = r"""
 import importlib.abc, importlib.metadata, os, runpy, signal, sys
 
-class SendHangup(importlib.abc.MetaPathFinder):
+class SendSignal(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "migblockd.config":
             sys.meta_path.remove(self)
-            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(os.getpid(), getattr(signal, SIGNAL))
         return None
 
-how, sys.argv = sys.argv[1], ["migblockd", *sys.argv[2:]]
-sys.meta_path.insert(0, SendHangup())
+SIGNAL, how, sys.argv = sys.argv[1], sys.argv[2], ["migblockd", *sys.argv[3:]]
+sys.meta_path.insert(0, SendSignal())
 if how == "-m":
     runpy.run_module("migblockd", run_name="__main__", alter_sys=True)
 else:
     (script,) = importlib.metadata.entry_points(group="console_scripts", name="migblockd")
     script.load()()
 """
+
+
+def start_signalled_while_importing(tmp_path: Path, sig: str, how: str,
+                                    *args: str) -> DaemonProcess:
+    """The daemon as ``python -m migblockd`` or its script, sent ``sig`` (a name)
+    while its modules load."""
+    log_path = tmp_path / "daemon.log"
+    sock = tmp_path / "migblockd.sock"
+    argv = [sys.executable, "-c", SIGNAL_WHILE_IMPORTING, sig, how, "--socket", str(sock),
+            "--state-dir", str(tmp_path / "state"), *args]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                cwd=tmp_path)
+    return DaemonProcess(sock, proc, log_path, argv)
 
 
 @pytest.mark.parametrize("how", ["-m", "script"])
@@ -231,22 +249,50 @@ def test_a_sighup_while_the_modules_load_is_kept_not_fatal(
     SIGHUP then must not end it (its default action), but be applied once ready."""
     config = tmp_path / "migblockd.toml"
     config.write_text('log-level = "info"\n')
-    log_path = tmp_path / "daemon.log"
-    sock = tmp_path / "migblockd.sock"
-    argv = [sys.executable, "-c", HANGUP_WHILE_IMPORTING, how, "--socket", str(sock),
-            "--state-dir", str(tmp_path / "state"), "--config", str(config)]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                cwd=tmp_path)
-    daemon = DaemonProcess(sock, proc, log_path, argv)
+    daemon = start_signalled_while_importing(tmp_path, "SIGHUP", how, "--config", str(config))
     try:
         daemon.wait_for_log("reloading: SIGHUP received while starting", 20)
         daemon.wait_for_log("reloaded configuration: nothing changed", 20)
         assert daemon.stop() == 0, daemon.log()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        daemon.kill()
+
+
+@pytest.mark.parametrize(("sig", "how"), [("SIGTERM", "-m"), ("SIGINT", "-m"),
+                                          ("SIGTERM", "script")])
+def test_a_stop_while_the_modules_load_ends_the_start_cleanly(
+    tmp_path: Path, sig: str, how: str
+) -> None:
+    # Before: SIGTERM ended it by its default action, without a line; SIGINT
+    # printed a KeyboardInterrupt traceback.
+    daemon = start_signalled_while_importing(tmp_path, sig, how)
+    try:
+        assert daemon.wait_exit(20) == 0, daemon.log()
+    finally:
+        daemon.kill()
+    assert f"received {sig} while starting: stopping before serving" in daemon.log()
+    assert "ready on" not in daemon.log()
+    assert not daemon.socket.exists()
+    assert_clean_log(daemon)
+    # Nothing left held: the next start takes the same socket and state.
+    again = start_signalled_while_importing(tmp_path, "SIGHUP", "-m")
+    try:
+        again.wait_for_log("reloading: SIGHUP received while starting", 20)
+        assert again.stop() == 0, again.log()
+    finally:
+        again.kill()
+
+
+def test_a_stop_while_checking_the_configuration_takes_its_default_action(
+    tmp_path: Path
+) -> None:
+    # --check-config starts nothing: a SIGTERM ends it as it would any program.
+    daemon = start_signalled_while_importing(tmp_path, "SIGTERM", "-m", "--check-config")
+    try:
+        assert daemon.wait_exit(20) == -signal.SIGTERM, daemon.log()
+    finally:
+        daemon.kill()
+    assert "valid" not in daemon.log()
 
 
 # --------------------------------------------------------------------------- shutdown
@@ -381,3 +427,19 @@ def test_a_socket_path_too_long_for_af_unix_says_so(
     assert (f"cannot bind {path}: AF_UNIX path too long ({size} bytes; the limit is 107); "
             "choose a shorter --socket\n") in d.log(), d.log()
     assert "Traceback" not in d.log()
+
+
+async def test_a_stop_that_comes_after_the_restore_is_seen_once_the_loop_handles_signals(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # In process: the window is too short to hit with a real signal. run() asks
+    # after the restore (nothing yet), serve() once the loop's handlers are in.
+    cli, _ = command_line(["--socket", str(tmp_path / "s.sock"),
+                           "--state-dir", str(tmp_path / "state"), "--log-level", "info"])
+    answers = iter([None, "SIGTERM"])
+    with caplog.at_level(logging.INFO, "migblockd"):
+        await asyncio.wait_for(run(build(cli, None), cli, stop_asked=lambda: next(answers)),
+                               30)
+    assert "received SIGTERM" in caplog.messages
+    assert caplog.messages[-1] == "stopped"
+    assert not (tmp_path / "s.sock").exists()

@@ -26,6 +26,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -335,6 +336,45 @@ async def test_sighup_while_restoring_a_large_state_reloads_once_serving(
     assert_clean_log(daemon)
     with Store.open(directory) as store:
         assert len(store.load().blockers) == 100_001
+
+
+def start_restoring(start_daemon: Start, tmp_path: Path, count: int = 100_000,
+                    ) -> tuple[DaemonProcess, Path]:
+    """A daemon started on a state of ``count`` blockers, returned once it holds the
+    state's lock and has not yet said it restored them (a few seconds' restore)."""
+    directory = tmp_path / "state"
+    with Store.open(directory) as store:
+        store.commit([Put(BlockerRow(f"b{n}", "r", ("normal",), False, None, 1.5e9, n))
+                      for n in range(count)])
+    daemon = start_daemon("--state-dir", str(directory), "--max-blockers", str(2 * count),
+                          wait=False)
+    lock = directory / "lock"
+    while not (lock.exists() and lock.read_text().strip() == str(daemon.proc.pid)):
+        assert daemon.proc.poll() is None, daemon.log()
+        time.sleep(0.001)
+    assert restored_line(directory, count) not in daemon.log()
+    return daemon, directory
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_while_restoring_ends_the_start_after_the_restore(
+    start_daemon: Start, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Before, SIGTERM ended the daemon without a log line (its default action,
+    the handler not yet installed), SIGINT with status 130 and none either."""
+    daemon, directory = start_restoring(start_daemon, tmp_path)
+    daemon.signal(sig)
+    assert daemon.wait_exit(60) == 0, daemon.log()
+    log = daemon.log()
+    restored = log.index(restored_line(directory, 100_000))
+    assert log.index(f"received {sig.name} while starting: stopping before serving") > restored
+    assert "ready on" not in log
+    assert not daemon.socket.exists()
+    assert_clean_log(daemon)
+    # Released as at any clean exit (an emptied lock file), the state as it was.
+    assert (directory / "lock").read_text() == ""
+    with Store.open(directory) as store:
+        assert len(store.load().blockers) == 100_000
 
 
 # ----------------------------------------------------------------- backup, start over

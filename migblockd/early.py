@@ -1,0 +1,58 @@
+"""Signals that come while the daemon starts, before its event loop handles them.
+
+Loading the daemon's modules takes a third of a second, and restoring a large
+state seconds.  Until the event loop installs its handlers, the default actions
+would apply: SIGHUP and SIGTERM end the process without a log line (and for
+SIGHUP that is wrong: systemd sends it to reload), SIGINT raises
+KeyboardInterrupt wherever the main thread is, printing a traceback.
+
+So the entry point installs these handlers first, before it imports anything
+else.  They only keep what came: a SIGHUP is carried out as a reload once the
+daemon is ready; a SIGTERM or SIGINT stops the start once the restore is over
+(so a stop never interrupts the restore's reads or its migration of an older
+database), without serving.  That is a wait of seconds at most: 100,000
+blockers restore in about three; SIGKILL does not wait.
+"""
+
+import signal
+from types import FrameType
+
+_STOPS = (signal.SIGTERM, signal.SIGINT)
+
+
+class EarlySignals:
+    """What came; :meth:`install` makes this the handler of SIGHUP, SIGTERM and SIGINT."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def install(self) -> None:
+        for sig in (signal.SIGHUP, *_STOPS):
+            signal.signal(sig, self._keep)
+
+    def _keep(self, signum: int, _frame: FrameType | None) -> None:
+        self.received.append(signum)
+
+    def reload(self) -> bool:
+        """Whether a SIGHUP came."""
+        return signal.SIGHUP in self.received
+
+    def stop(self) -> str | None:
+        """The name of the first SIGTERM or SIGINT that came, if one did."""
+        for signum in self.received:
+            if signum in _STOPS:
+                return signal.Signals(signum).name
+        return None
+
+    def uninstall(self) -> None:
+        """Default actions again; a stop that came is acted on now, as it would
+        have been (for a program that does not start the daemon: --check-config)."""
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if (name := self.stop()) is not None:
+            signum = signal.Signals[name]
+            # SIG_DFL for SIGINT too: ended by the signal, as a shell expects,
+            # rather than by a KeyboardInterrupt raised wherever the thread is.
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)

@@ -252,7 +252,9 @@ class Config:
     schema: Path | None = option(
         None, parse=FilePath(), metavar="FILE",
         default_doc="the schema installed with migblockd",
-        help="QAPI schema to serve",
+        help="QAPI schema to serve (a file, or a directory holding migblockd.json); refused, "
+        "as the --config file is, when others may write it or a file it includes, or a user "
+        "other than root and the daemon's owns one",
     )
     config: Path | None = option(
         None, parse=FilePath(), metavar="FILE", where=Where.COMMAND_LINE,

@@ -19,6 +19,7 @@ from .qapi.doc import SchemaDocs, build_docs
 from .qapi.error import SourceInfo
 from .qapi.introspect import introspect
 from .qapi.jsonschema import command_documents, event_documents
+from .qapi.parser import Vet
 
 __all__ = ["CommandSpec", "Contract", "EventSpec", "SchemaDocs", "schema_dir"]
 
@@ -86,11 +87,14 @@ class Contract:
     sources: Mapping[str, SourceInfo]
 
     @classmethod
-    def load(cls, path: Path | None = None) -> Contract:
+    def load(cls, path: Path | None = None, vet: Vet | None = None) -> Contract:
         """Parse the schema and derive everything from it.
 
         ``path`` is the root schema file, or a directory holding
         ``migblockd.json``; default ``schema_dir() / "migblockd.json"``.
+        ``vet`` is called with each file's name and its opened descriptor's
+        status before the file is read, the root and every include, and may
+        refuse it by raising (``migblockd.qapi.parser.Vet``).
         Raises ``migblockd.qapi.QAPIError`` when the schema has a mistake and
         ``OSError`` when the root file cannot be read.
         """
@@ -98,7 +102,7 @@ class Contract:
             path = schema_dir()
         if path.is_dir():
             path = path / SCHEMA_FILE
-        schema = load_schema(path)
+        schema = load_schema(path, vet)
         docs = build_docs(schema)
         commands = {
             name: CommandSpec(

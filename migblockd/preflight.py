@@ -42,6 +42,7 @@ from migblockd.shapes import check_shapes
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory
 from migblockd.trust import distrust, named_uid
+from migblockd.trusted_file import UntrustedFile, check_trusted
 
 __all__ = ["ignored", "load_contract", "not_its_own_socket", "not_the_qmp_socket",
            "passed_path", "problems", "resolve_tcp", "socket_gid"]
@@ -49,10 +50,14 @@ __all__ = ["ignored", "load_contract", "not_its_own_socket", "not_the_qmp_socket
 
 def load_contract(path: Path | None) -> Contract:
     """The schema ``--schema`` names (None: the installed one); StartupError when it
-    cannot be read, has a mistake or is not one the daemon can serve (:mod:`.served`,
-    :mod:`.shapes`)."""
+    cannot be read, has a mistake, is not one the daemon can serve (:mod:`.served`,
+    :mod:`.shapes`) or, given, could have been written (it or a file it includes)
+    by someone but root and the daemon's user (:mod:`.trusted_file`)."""
     try:
-        contract = Contract.load(path)
+        # The installed schema is not judged: it is part of the installed code.
+        contract = Contract.load(path, None if path is None else _vet_schema_file)
+    except UntrustedFile as exc:
+        raise StartupError(str(exc)) from None
     except QAPIError as exc:
         raise StartupError(f"bad schema: {exc}") from None
     except NotRegularFile as exc:
@@ -64,6 +69,11 @@ def load_contract(path: Path | None) -> Contract:
     if path is not None:
         check_shapes(contract)
     return contract
+
+
+def _vet_schema_file(name: str, st: os.stat_result) -> None:
+    check_trusted(name, st, "schema file",
+                  "the commands the daemon serves, their arguments and the migration modes")
 
 
 def socket_gid(group: str | None) -> int | None:

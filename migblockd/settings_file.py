@@ -4,25 +4,24 @@ Each key is an option's name without ``--`` (``log-level``; an underscore
 stands for a dash), checked by the same parse function as the command line's
 argument (:mod:`migblockd.options`), so both accept the same things and say the
 same about what they refuse.  Like sshd's StrictModes, a file that anyone but
-root and the daemon's user could have written is refused (:func:`check_trusted`):
-whoever writes it sets the log level, the socket's mode and the limits.
+root and the daemon's user could have written is refused
+(:mod:`migblockd.trusted_file`): whoever writes it sets the log level, the
+socket's mode and the limits.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 import re
-import stat
 import tomllib
 from pathlib import Path
 from typing import Any
 
 from migblockd.options import ConfigError, Option, Where, table
 from migblockd.regular import NotRegularFile, read_regular
-from migblockd.resolver import who
+from migblockd.trusted_file import check_trusted
 
-__all__ = ["TOO_DEEP", "check_trusted", "read_file"]
+__all__ = ["TOO_DEEP", "read_file"]
 
 #: A file (or a value) that tomllib cannot read without running out of stack.
 TOO_DEEP = "arrays or tables nested too deeply to read"
@@ -33,7 +32,8 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
     try:
         # Not open(): a FIFO would hold the daemon's event loop (a reload) until
         # someone wrote to it.
-        text = read_regular(path, lambda st: check_trusted(path, st)).decode()
+        text = read_regular(path, lambda st: check_trusted(
+            path, st, "configuration file", "the daemon's settings")).decode()
         raw = tomllib.loads(text)
     except NotRegularFile:
         raise ConfigError(f"{path} is not a regular file; --config takes a TOML file") from None
@@ -118,23 +118,3 @@ def _misplaced(table: str, value: object, settings: dict[str, Option]) -> str:
         if hint:
             return hint
     return ""
-
-
-def check_trusted(path: Path, st: os.stat_result) -> None:
-    """Refuse a settings file that anyone but root and this user could have written.
-
-    sshd's StrictModes, for the daemon's configuration: whoever can write the
-    file sets the log level (debug logs every message on the wire), the socket's
-    mode and the limits, at the next start or reload.  ``st`` is the opened
-    file's own status, so the file checked is the file read.
-    """
-    uid = os.geteuid()
-    if st.st_uid not in (0, uid):
-        # Said with names and the fix: at 3 a.m. "uid 1000" alone leaves both to find.
-        owners = "root" if uid == 0 else f"root or the daemon's user, {who(uid)},"
-        raise ConfigError(f"{path}: refusing a configuration file owned by {who(st.st_uid)}: "
-                          f"only {owners} may own it, since its owner sets the daemon's "
-                          f"settings; chown root {path}")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ConfigError(f"{path}: refusing a configuration file others may write (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}); chmod go-w {path}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -326,3 +327,76 @@ def test_check_config_refuses_a_fifo_in_the_schema(where: str, tmp_path: Path) -
         capture_output=True, text=True, check=False, timeout=60)
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == f"migblockd: {message}\n"
+
+
+NOBODY = 65534
+#: Where the schema's file that others could have written is, and how: (where, how).
+UNTRUSTED = [
+    pytest.param("root", "owner", id="root-owned-by-another-user",
+                 marks=pytest.mark.skipif(os.geteuid() != 0,
+                                          reason="giving a file to another user takes root")),
+    pytest.param("include", "owner", id="include-owned-by-another-user",
+                 marks=pytest.mark.skipif(os.geteuid() != 0,
+                                          reason="giving a file to another user takes root")),
+    pytest.param("root", "mode", id="root-group-writable"),
+    pytest.param("include", "mode", id="include-world-writable"),
+]
+
+
+def untrusted_schema(tmp_path: Path, where: str, how: str) -> tuple[Path, str]:
+    """A copy of the schema whose root, or a file it includes, another user owns or
+    others may write: (the root, the refusal).  Otherwise a schema the daemon serves."""
+    root, migration = schema_edited(tmp_path, lambda t: t)
+    target = root if where == "root" else migration
+    if how == "owner":
+        os.chown(target, NOBODY, NOBODY)
+        return root, (f"{target}: refusing a schema file owned by uid 65534 (nobody): only "
+                      "root may own it, since its owner sets the commands the daemon serves, "
+                      f"their arguments and the migration modes; chown root {target}")
+    mode = 0o664 if where == "root" else 0o646
+    target.chmod(mode)
+    return root, (f"{target}: refusing a schema file others may write (mode {mode:04o}); "
+                  f"chmod go-w {target}")
+
+
+@pytest.mark.parametrize(("where", "how"), UNTRUSTED)
+def test_a_schema_others_could_have_written_is_refused_at_start(
+    where: str, how: str, tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # Reproduced first: the daemon served it, so whoever could write it chose the
+    # commands' arguments and MigMode's values, which the --config file's rule forbids.
+    root, message = untrusted_schema(tmp_path, where, how)
+    line = refused_start(tmp_path, start_daemon, root)
+    assert line.endswith(f" ERROR: {message}")
+
+
+@pytest.mark.parametrize(("where", "how"), UNTRUSTED)
+def test_check_config_refuses_a_schema_others_could_have_written(
+    where: str, how: str, tmp_path: Path
+) -> None:
+    root, message = untrusted_schema(tmp_path, where, how)
+    # Given as the directory holding migblockd.json, the files judged are the same.
+    result = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
+         "--socket", str(tmp_path / "s"), "--schema", str(root.parent)],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"migblockd: {message}\n"
+
+
+@pytest.mark.parametrize(("where", "how"), UNTRUSTED)
+async def test_a_reload_says_a_schema_others_could_have_written_would_stop_the_start(
+    where: str, how: str, tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(config), "--ephemeral")
+    root, message = untrusted_schema(tmp_path, where, how)
+    config.write_text(f'log-level = "info"\nschema = "{root}"\n')
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("WARNING: reload: schema changed, which only a restart applies")
+    d.wait_for_log("WARNING: reload: with schema as the file now sets it, the next start "
+                   f"would fail: {message}\n")
+    async with d.client() as c:  # still serving the schema it started with
+        await c.ok("query-version")
+    assert d.stop() == 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from .doccomment import Doc
 from .error import QAPIError, SourceInfo
 from .names import check_definition_name, check_member_name, check_value_name
-from .parser import parse_schema
+from .parser import Vet, parse_schema
 from .schema import (
     BUILTIN_JSON_TYPES,
     ArrayType,
@@ -50,9 +50,10 @@ _META_KEYS: dict[str, tuple[set[str], set[str]]] = {
 _UNSUPPORTED_METAS = ("union", "alternate")
 
 
-def load_schema(fname: str | Path) -> Schema:
-    """Parse and check a root schema file; raises ``QAPIError`` on mistakes."""
-    return build_schema(parse_schema(fname))
+def load_schema(fname: str | Path, vet: Vet | None = None) -> Schema:
+    """Parse and check a root schema file; raises ``QAPIError`` on mistakes.
+    ``vet`` judges each file before it is read (``parse_schema``)."""
+    return build_schema(parse_schema(fname, vet))
 
 
 def build_schema(parsed: ParseResult) -> Schema:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..regular import NotRegularFile, read_regular
@@ -31,6 +32,12 @@ from .tree import Definition, ParseResult, PosDict, PosList, Pragmas, Value
 #: RecursionError traceback.
 MAX_NESTING = 32
 MAX_INCLUDE_DEPTH = 32
+
+#: Called with a file's name and its opened descriptor's status before the file
+#: is read (the root and each include), to refuse it by raising: the daemon holds
+#: a schema it was given to the rule its configuration file obeys
+#: (``migblockd.trusted_file``).
+Vet = Callable[[str, os.stat_result], None]
 
 
 @dataclass
@@ -49,14 +56,16 @@ class _FileParser:
         result: ParseResult,
         included: set[str],
         chain: tuple[str, ...],
+        vet: Vet | None = None,
     ) -> None:
         self.fname = fname
         self.result = result
         self.included = included
         self.chain = chain
+        self.vet = vet
         # Not open(): a FIFO would hold the daemon's start (or reload) until
         # someone wrote to it, as it holds QEMU's generator.
-        raw = read_regular(fname)
+        raw = read_regular(fname, None if vet is None else lambda st: vet(fname, st))
         try:
             # Newlines as Python's text mode reads them, as QEMU's parser does.
             self.src = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
@@ -212,7 +221,8 @@ class _FileParser:
         self.included.add(absname)
         self.result.modules.append(incl)
         try:
-            sub = _FileParser(incl, self.result, self.included, (*self.chain, absname))
+            sub = _FileParser(incl, self.result, self.included, (*self.chain, absname),
+                              self.vet)
         except NotRegularFile:
             raise QAPIError(info, f"include file '{incl}' is not a regular file") from None
         except OSError as err:
@@ -329,17 +339,18 @@ def _column(line_prefix: str, col: int = 1) -> int:
     return col
 
 
-def parse_schema(fname: str | os.PathLike[str]) -> ParseResult:
+def parse_schema(fname: str | os.PathLike[str], vet: Vet | None = None) -> ParseResult:
     """Read a root schema file and everything it includes.
 
     Raises ``QAPIError`` for mistakes in the source and ``OSError`` when the
     root file itself cannot be read (``NotRegularFile`` when it is a FIFO, a
     directory...; an unreadable include is a ``QAPIError`` at the include
-    directive).
+    directive).  ``vet`` is called for each file, the root and every include,
+    before it is read; what it raises goes to the caller as it is.
     """
     path = os.fspath(fname)
     result = ParseResult([], [path], Pragmas())
     absname = os.path.abspath(path)
-    parser = _FileParser(path, result, {absname}, (absname,))
+    parser = _FileParser(path, result, {absname}, (absname,), vet)
     parser.parse()
     return result

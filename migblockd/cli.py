@@ -93,12 +93,17 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
     if early is None:
         early = EarlySignals()
         early.install()
-    cli, check_only = command_line(argv)
     try:
-        file = read_settings(cli)
-        config = build(cli, file)
-    except ConfigError as exc:
-        sys.exit(f"migblockd: {exc}")
+        cli, check_only = command_line(argv)  # exits for --help, --version, a bad option
+        try:
+            file = read_settings(cli)
+            config = build(cli, file)
+        except ConfigError as exc:
+            sys.exit(f"migblockd: {exc}")
+    except SystemExit:
+        # Not a daemon after all: a stop that came is acted on as by any program.
+        early.uninstall()
+        raise
     if check_only:
         early.uninstall()
         # Well formed is not enough: what would stop the start (an unknown

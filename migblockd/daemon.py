@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,11 +195,13 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    serving = False
     tasks: set[asyncio.Task[None]] = set()
 
     def on_stop(signame: str) -> None:
         if not stop.is_set():
-            log.info("received %s", signame)
+            log.info("received %s%s", signame,
+                     "" if serving else " while starting: stopping before serving")
         # From now on every client is owed its replies: the turns that still run
         # before the drain proper (a commit releasing a burst of events) must not
         # drop anyone for --max-output either.
@@ -216,47 +218,41 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
             loop.add_signal_handler(sig, log.info, "received %s while stopping: ignored",
                                     sig.name)
 
-    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-    if (name := stop_asked()) is not None:
-        on_stop(name)  # came after run() looked, before these handlers
-    if bridge is not None:
-        # Clients wait (in the listen backlog) until migblockd knows whether QEMU migrates.
-        bridge.start(core, server.schedule)
-        await bridge.first_contact()
-    await notifier.ready(server.status_line())
-    await server.serve()
-    if metrics is not None:
-        metrics.start()
-    if bridge is not None:
-        gating = f"gating the QEMU at {config.qemu}"
-    else:
-        gating = f"migration-time {config.migration_time:g}s"
-    where = "the passed socket" if server.own_socket is None else str(config.socket)
-    # A reload names the policy it applies; the start names the one it serves
-    # with, so that the log alone says who may do what (docs/access.md).
-    log.info("access: %s", config.access)
-    log.info("migblockd %s ready on %s (only-migratable %s, %s)", __version__, where,
-             "on" if config.only_migratable else "off", gating)
-    if config.event_loop != "asyncio":
-        log.info("event loop: %s", config.event_loop)
-    # Not before: a reload says READY=1 when it is done, and systemd would take
-    # that for the end of a start-up still waiting for QEMU (until then the entry
-    # point's handler keeps the request).
-    async def reload_unless_stopping() -> None:
+    async def reload_unless_stopping(why: str = "") -> None:
         # The first step of a task runs after every callback of the turn that
         # spawned it: a SIGTERM pending with the SIGHUP, which the kernel hands
         # over after it (lower numbers first), has had on_stop run by now.
         if stop.is_set():
             log.info("received SIGHUP while stopping: ignored")
-        else:
-            await server.reload()
+            return
+        if why:
+            log.info("%s", why)
+        await server.reload()
 
-    loop.add_signal_handler(signal.SIGHUP, spawn, loop, tasks, reload_unless_stopping)
-    if reload_asked():
-        log.info("reloading: SIGHUP received while starting")
-        spawn(loop, tasks, server.reload)
-    notifier.start_watchdog()
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    if (name := stop_asked()) is not None:
+        on_stop(name)  # came after run() looked, before these handlers
+    if bridge is not None and not stop.is_set():
+        # Clients wait (in the listen backlog) until migblockd knows whether QEMU
+        # migrates; a stop does not wait for that.
+        bridge.start(core, server.schedule)
+        await until_stopped(bridge.first_contact(), stop)
+    if not stop.is_set():
+        await notifier.ready(server.status_line())
+        await server.serve()
+        serving = True
+        if metrics is not None:
+            metrics.start()
+        log_ready(config, server, bridge is not None)
+        # Not before: a reload says READY=1 when it is done, and systemd would take
+        # that for the end of a start-up still waiting for QEMU (until then the entry
+        # point's handler keeps the request).
+        loop.add_signal_handler(signal.SIGHUP, spawn, loop, tasks, reload_unless_stopping)
+        if reload_asked():
+            spawn(loop, tasks, lambda: reload_unless_stopping(
+                "reloading: SIGHUP received while starting"))
+        notifier.start_watchdog()
     try:
         await stop.wait()
     finally:
@@ -296,6 +292,34 @@ def qmp_socket_path(config: Config, passed: socket.socket | None) -> Path:
     """Where migblockd's QMP socket is: systemd's passed socket's path, else --socket."""
     path = None if passed is None else passed_path(passed)
     return config.socket if path is None else path
+
+
+def log_ready(config: Config, server: Server, gated: bool) -> None:
+    """The start's last lines: what the daemon serves, where, with what policy."""
+    gating = (f"gating the QEMU at {config.qemu}" if gated
+              else f"migration-time {config.migration_time:g}s")
+    where = "the passed socket" if server.own_socket is None else str(config.socket)
+    # A reload names the policy it applies; the start names the one it serves
+    # with, so that the log alone says who may do what (docs/access.md).
+    log.info("access: %s", config.access)
+    log.info("migblockd %s ready on %s (only-migratable %s, %s)", __version__, where,
+             "on" if config.only_migratable else "off", gating)
+    if config.event_loop != "asyncio":
+        log.info("event loop: %s", config.event_loop)
+
+
+async def until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    """Run ``work`` until it ends or ``stop`` is set, whichever comes first."""
+    done = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (done, stopped):
+            task.cancel()
+        await asyncio.gather(done, stopped, return_exceptions=True)
+    if not done.cancelled():
+        done.result()  # its exception, if it raised one
 
 
 def spawn(loop: asyncio.AbstractEventLoop, tasks: set[asyncio.Task[None]],

@@ -720,6 +720,30 @@ async def test_a_migrate_answered_late_then_a_silent_qemu_takes_no_blocker(
     assert_clean_log(d)
 
 
+async def test_a_stop_while_waiting_for_qemus_first_answer_serves_nobody(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    # Reported: the stop waited out the 5 s for QEMU's first answer, then said
+    # "ready on", told systemd READY=1, accepted, and carried out a SIGHUP that
+    # had come while starting, all during the stop.
+    assert qemu.proc is not None
+    qemu.proc.send_signal(signal.SIGSTOP)  # there, but answers nothing
+    try:
+        d = start_daemon("--qemu", str(qemu.gate_socket), "--log-level", "info", wait=False)
+        d.wait_for_log("listening on")
+        d.signal(signal.SIGHUP)
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit(30) == 0
+    finally:
+        qemu.proc.send_signal(signal.SIGCONT)
+    log = d.log()
+    assert "received SIGTERM while starting: stopping before serving" in log
+    for never in ("ready on", "serving anyway", "reload"):
+        assert never not in log.replace("received SIGHUP while stopping: ignored", ""), log
+    assert not d.socket.exists()
+    assert_clean_log(d)
+
+
 async def test_a_restarted_gate_takes_no_blocker_from_a_silent_qemu_it_never_heard(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
     tmp_path: Path,

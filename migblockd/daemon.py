@@ -239,9 +239,9 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         bridge.start(core, server.schedule)
         await until_stopped(bridge.first_contact(), stop)
     if not stop.is_set():
+        serving = True  # a stop from here on is one of a daemon that said it serves
         await notifier.ready(server.status_line())
         await server.serve()
-        serving = True
         if metrics is not None:
             metrics.start()
         log_ready(config, server, bridge is not None)

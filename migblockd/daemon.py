@@ -53,6 +53,9 @@ __all__ = ["StartupError", "run"]
 
 log = logging.getLogger("migblockd")
 
+#: Logged for a SIGTERM or SIGINT that came before the daemon served anyone.
+STOPPED_STARTING = "received %s while starting: stopping before serving"
+
 
 async def run(config: Config, cli: dict[str, Any], *,
               reload_asked: Callable[[], bool] = lambda: False,
@@ -93,7 +96,7 @@ async def run(config: Config, cli: dict[str, Any], *,
         if (name := stop_asked()) is not None:
             # Not sooner: the restore is not cut short (it may be migrating an
             # older database forward), and the log says what it found.
-            log.info("received %s while starting: stopping before serving", name)
+            log.info(STOPPED_STARTING, name)
             return
         await serve(config, cli, contract, registry, store, reload_asked, stop_asked,
                     sock, claim, file=file)
@@ -200,8 +203,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
 
     def on_stop(signame: str) -> None:
         if not stop.is_set():
-            log.info("received %s%s", signame,
-                     "" if serving else " while starting: stopping before serving")
+            log.info("received %s" if serving else STOPPED_STARTING, signame)
         # From now on every client is owed its replies: the turns that still run
         # before the drain proper (a commit releasing a burst of events) must not
         # drop anyone for --max-output either.

@@ -39,19 +39,20 @@ class EarlySignals:
 
     def stop(self) -> str | None:
         """The name of the first SIGTERM or SIGINT that came, if one did."""
-        for signum in self.received:
-            if signum in _STOPS:
-                return signal.Signals(signum).name
-        return None
+        first = self._first_stop()
+        return None if first is None else first.name
+
+    def _first_stop(self) -> signal.Signals | None:
+        return next((signal.Signals(s) for s in self.received if s in _STOPS), None)
 
     def uninstall(self) -> None:
         """Default actions again; a stop that came is acted on now, as it would
-        have been (for a program that does not start the daemon: --check-config)."""
+        have been (for a run that starts no daemon: --check-config, --help, --version,
+        a bad option)."""
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        if (name := self.stop()) is not None:
-            signum = signal.Signals[name]
+        if (signum := self._first_stop()) is not None:
             # SIG_DFL for SIGINT too: ended by the signal, as a shell expects,
             # rather than by a KeyboardInterrupt raised wherever the thread is.
             signal.signal(signum, signal.SIG_DFL)

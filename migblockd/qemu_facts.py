@@ -129,6 +129,10 @@ class QemuFacts:
     #: Whether a command forwarded on this connection timed out and QEMU has
     #: answered none since (the link's: it logs when that starts and ends).
     timed_out: Callable[[], bool] = _never
+    #: The link to a QEMU that was migrating was lost, and that QEMU has neither
+    #: answered again nor been found to have exited: its migration may still run,
+    #: whatever the link's state (the adapter's).
+    cut_off: bool = False
 
     @property
     def silent(self) -> bool:
@@ -165,14 +169,22 @@ class QemuFacts:
         return None
 
     def may_migrate(self) -> bool:
-        """Whether QEMU, there but not answering now, may be migrating: nothing
-        said whether it does since migblockd started, or a
-        ``migrate`` handed to it is unanswered, or one it took has not been seen
-        to end (``awaiting``: with the events capability off, nothing reports its
-        start, and ``status`` may be what QEMU said before it), or the last status
-        it reported (an event, a ``query-migrate``) is that of a migration running."""
-        return self.present and (self.busy or self.unanswered or self.awaiting
-                                 or not self.learnt or self.status in RUNNING_STATUSES)
+        """Whether QEMU, not answering now, may be migrating.
+
+        A QEMU that is there: nothing said whether it does since migblockd
+        started, or a ``migrate`` handed to it is unanswered, or one it took has
+        not been seen to end (``awaiting``: with the events capability off,
+        nothing reports its start, and ``status`` may be what QEMU said before
+        it), or the last status it reported (an event, a ``query-migrate``) is
+        that of a migration running.  Whether it is there or not: the link was
+        lost during its migration (``cut_off``).  A lost connection ends no
+        migration: QEMU migrates on while its monitor waits for a new client
+        (``monitor_qmp_event()``, ``monitor/qmp.c``), and until it answers again
+        or is found to have exited, a blocker added would not stop that one.
+        """
+        return self.cut_off or (self.present and (
+            self.busy or self.unanswered or self.awaiting or not self.learnt
+            or self.status in RUNNING_STATUSES))
 
     def saw(self, info: object) -> None:
         """QEMU answered ``query-migrate`` with ``info``."""

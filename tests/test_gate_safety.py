@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -344,7 +345,185 @@ async def test_a_migration_cut_off_by_qemus_death_is_in_the_log(
         qemu.kill()
         d.wait_for_log(f"QEMU at {qemu.gate_socket} went away during a migration (last status "
                        "active): its outcome is unknown")
+        # Once nobody listens on QEMU's monitor, its migration has ended with it.
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} has exited")
         await c.ok("add-blocker", {"reason": SEV})  # as while QEMU is away
+    assert d.log().count("went away during a migration") == 1
+    assert_clean_log(d)
+
+
+class Relay:
+    """The wire between migblockd and a real QEMU's monitor, with a cut in it.
+
+    Bytes pass both ways until :meth:`cut`, which drops every connection while
+    QEMU goes on (as a broken socket would).  While :meth:`hold` is in force a
+    new connection is accepted but not carried on to QEMU, so that its greeting
+    waits: QEMU is there, and has not answered yet.  It runs in a thread of its
+    own: the tests' helpers that read the daemon's log block their loop.
+    """
+
+    def __init__(self, target: Path, path: Path) -> None:
+        self.target, self.path = target, path
+        self.accepted = 0
+        #: Once set, what QEMU sends after it was sent a ``migrate`` is kept from
+        #: migblockd: its reply (and events) never arrive.
+        self.mute_after_migrate = False
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),),
+                                        daemon=True)
+
+    def __enter__(self) -> Relay:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._call(self._stop.set)
+        self._thread.join(10)
+
+    def hold(self) -> None:
+        self._call(self._open.clear)
+
+    def release(self) -> None:
+        self._call(self._open.set)
+
+    def cut(self) -> None:
+        self._call(self._cut)
+
+    def _call(self, what: Callable[[], object]) -> None:
+        self._loop.call_soon_threadsafe(what)
+
+    def _cut(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._open, self._stop = asyncio.Event(), asyncio.Event()
+        self._open.set()
+        self._writers: list[asyncio.StreamWriter] = []
+        server = await asyncio.start_unix_server(self._carry, str(self.path))
+        self._ready.set()
+        await self._stop.wait()
+        self._cut()
+        server.close()
+
+    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._writers.append(writer)
+        await self._open.wait()
+        if writer.transport.is_closing():
+            return
+        qemu_reader, qemu_writer = await asyncio.open_unix_connection(str(self.target))
+        self._writers.append(qemu_writer)
+
+        muted = False
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                       upstream: bool) -> None:
+            nonlocal muted
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    if not upstream and muted:
+                        continue
+                    dst.write(data)
+                    await dst.drain()
+                    if upstream and self.mute_after_migrate and b'"execute":"migrate",' in data:
+                        muted = True
+            dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, qemu_writer, True), pipe(qemu_reader, writer, False))
+
+
+async def test_a_lost_link_to_a_migrating_qemu_refuses_blockers_until_qemu_answers(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Path,
+) -> None:
+    """Reported: the connection to QEMU's monitor was lost while QEMU migrated (it
+    migrates on: a monitor's client is not its migration), and until QEMU answered
+    on the new one, ``add-blocker`` was acknowledged, the link having forgotten the
+    migration: a blocker that stops nothing, while QEMU migrates."""
+    qemu = qemu_factory(memory="1G")
+    with Relay(qemu.gate_socket, tmp_path / "relay.sock") as relay:
+        d = start_daemon("--qemu", str(relay.path))
+        await connected(d)
+        async with d.client() as c, qemu.monitor() as mon:
+            await c.ok("migrate-set-capabilities", EVENTS_ON)
+            await start_slow_migration(c)
+            d.wait_for_log("QEMU migration status: active")
+            relay.hold()
+            relay.cut()
+            d.wait_for_log(f"QEMU at {relay.path} went away during a migration (last status "
+                           "active): its outcome is unknown; query-migrate says it once QEMU "
+                           "is back, and until then (or until QEMU is found to have exited) "
+                           "add-blocker is refused")
+            await wait_until(lambda: relay.accepted == 2, "migblockd connecting again")
+            assert (await mon.ok("query-migrate"))["status"] == "active"
+            # QEMU is there (the connection is accepted) and has not greeted yet.
+            assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=1)
+                    == error(GENERIC, BUSY_SEV, 1))
+            relay.release()
+            await wait_until(lambda: d.log().count("connected to QEMU 7.") == 2,
+                             "migblockd connected again")
+            # QEMU answers, and it migrates still.
+            assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=2)
+                    == error(GENERIC, BUSY_SEV, 2))
+            assert await c.ok("query-blockers") == []
+            await c.ok("migrate_cancel")
+
+            async def cancelled() -> bool:
+                return bool((await mon.ok("query-migrate"))["status"] == "cancelled")
+
+            await wait_until(cancelled, "the migration cancelled")
+            await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+    assert d.log().count("went away during a migration") == 1
+    assert_clean_log(d)
+
+
+async def test_a_migrate_whose_reply_the_lost_link_never_brought_refuses_blockers(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Path,
+) -> None:
+    """The same with the ``events`` capability off, the link lost after QEMU took a
+    ``migrate`` and before its reply came: nothing said that it migrates, and the
+    command's failure (reported before the link's loss) left nothing awaited."""
+    qemu = qemu_factory(memory="1G")
+    with Relay(qemu.gate_socket, tmp_path / "relay.sock") as relay:
+        d = start_daemon("--qemu", str(relay.path))
+        await connected(d)
+        async with d.client() as c, qemu.monitor() as mon:
+            await c.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
+            relay.mute_after_migrate = True
+            migrate = asyncio.ensure_future(c.execute("migrate", {"uri": SINK}, id=1))
+
+            async def active() -> bool:
+                return bool((await mon.ok("query-migrate")).get("status") == "active")
+
+            await wait_until(active, "QEMU migrating")
+            relay.mute_after_migrate = False
+            relay.hold()
+            relay.cut()
+            assert await migrate == error(
+                GENERIC, f"The connection to QEMU's monitor at '{relay.path}' was lost "
+                "before QEMU replied to 'migrate'", 1)
+            d.wait_for_log(f"QEMU at {relay.path} went away during a migration (last status "
+                           "not seen yet)")
+            await wait_until(lambda: relay.accepted == 2, "migblockd connecting again")
+            assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=2)
+                    == error(GENERIC, BUSY_SEV, 2))
+            relay.release()
+            await wait_until(lambda: d.log().count("connected to QEMU 7.") == 2,
+                             "migblockd connected again")
+            assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=3)
+                    == error(GENERIC, BUSY_SEV, 3))
+            await c.ok("migrate_cancel")
+
+            async def cancelled() -> bool:
+                return bool((await mon.ok("query-migrate"))["status"] == "cancelled")
+
+            await wait_until(cancelled, "the migration cancelled")
+            await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
     assert d.log().count("went away during a migration") == 1
     assert_clean_log(d)
 

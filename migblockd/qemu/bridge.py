@@ -23,7 +23,13 @@ from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.forwarding import Call
 from migblockd.gate import GateHandlers
-from migblockd.qemu.link import QemuCommandError, QemuLink, QemuLinkError, QemuTimedOut
+from migblockd.qemu.link import (
+    QemuCommandError,
+    QemuInterrupted,
+    QemuLink,
+    QemuLinkError,
+    QemuTimedOut,
+)
 from migblockd.qemu.reconnect import LinkState
 from migblockd.qemu_facts import (
     QemuError,
@@ -104,10 +110,20 @@ class Bridge:
         self._events_owed = False
         #: The connected QEMU's process id, kept once the link is lost (None: unknown).
         self._pid: int | None = None
-        #: A migration whose QEMU the link lost: its last status, whether that QEMU
-        #: sent MIGRATION events, and its process id (None: none lost, or QEMU answered
-        #: again).
-        self._cut_off: tuple[str, bool, int | None] | None = None
+        self._lost: tuple[str, bool, int | None] | None = None  # see _cut_off
+
+    @property
+    def _cut_off(self) -> tuple[str, bool, int | None] | None:
+        """A migration whose QEMU the link lost: its last status, whether that QEMU
+        sent MIGRATION events, and its process id (None: none lost, or QEMU answered
+        again, or it has exited).  The facts say whether there is one: until then
+        ``add-blocker`` is refused as while QEMU migrates."""
+        return self._lost
+
+    @_cut_off.setter
+    def _cut_off(self, lost: tuple[str, bool, int | None] | None) -> None:
+        self._lost = lost
+        self.facts.cut_off = lost is not None
 
     def start(self, core: Core, wake: Callable[[], None]) -> None:
         """Connect (and keep reconnecting); ``wake()`` makes the server flush and report."""
@@ -161,12 +177,18 @@ class Bridge:
                 # checks: its status, run state and mode), which say nothing of this one.
                 raise self._restarted(pin.pid)
         self._sent += 1
-        sent = self._sent
+        sent, connection = self._sent, self._connection
         try:
             result = await self.link.execute(name, args)
         except QemuCommandError as exc:
             self._answered(sent)
             raise QemuError(exc.error_class, exc.desc) from None
+        except QemuInterrupted as exc:
+            if name == "migrate" and self._cut_off is None and connection == self._connection:
+                # Sent, and lost before QEMU replied (this failure may come before the
+                # link's loss is reported): QEMU may have started it, and migrate on.
+                self._lose_migration()
+            raise QemuUnavailable(str(exc)) from None
         except QemuTimedOut as exc:
             if name == "migrate" and self.facts.connected:
                 # Still in QEMU's queue: QEMU may start that migration when it gets to it.
@@ -271,20 +293,27 @@ class Bridge:
             task.add_done_callback(self._tasks.discard)
         else:
             # (Not when migblockd closes the link itself, stopping: QEMU is still there.)
-            if state == "disconnected" and (facts.status in RUNNING_STATUSES
-                                            or facts.awaiting):
-                # No MIGRATION event will follow from this QEMU: say so once.
-                log.warning("QEMU at %s went away during a migration (last status %s): "
-                            "its outcome is unknown; query-migrate says it once QEMU is back",
-                            self.link.path, facts.status or "not seen yet")
-                facts.awaiting = False
-                # (An owed capability: that QEMU was sent none for this migration.)
-                evented = self._evented or (self.handlers.registry.events_enabled
-                                            and not self._events_owed)
-                self._cut_off = (facts.status or "not seen yet", evented, self._pid)
+            if state == "disconnected" and self._cut_off is None and (
+                    facts.status in RUNNING_STATUSES or facts.awaiting):
+                self._lose_migration()
             facts.status = facts.blockers = None
             self._evented = False
         self._wake()
+
+    def _lose_migration(self) -> None:
+        """The link lost the QEMU that migrates (or may: a ``migrate`` it was sent went
+        unanswered): no MIGRATION event will follow from it on this connection, and
+        until it answers again or is found to have exited it may migrate on."""
+        facts = self.facts
+        log.warning("QEMU at %s went away during a migration (last status %s): its outcome "
+                    "is unknown; query-migrate says it once QEMU is back, and until then "
+                    "(or until QEMU is found to have exited) add-blocker is refused",
+                    self.link.path, facts.status or "not seen yet")
+        facts.awaiting = False
+        # (An owed capability: that QEMU was sent none for this migration.)
+        evented = self._evented or (self.handlers.registry.events_enabled
+                                    and not self._events_owed)
+        self._cut_off = (facts.status or "not seen yet", evented, self._pid)
 
     def _silent(self) -> None:
         """QEMU stopped answering, or answers again: what the status shows changed

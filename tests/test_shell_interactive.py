@@ -23,6 +23,7 @@ from conftest import ROOT, DaemonProcess
 from qmpclient import qemu_qmp_client
 
 from migblockd import __version__
+from migblockd.shell.interrupt import Interrupts
 
 PROMPT = "(migblockd)"  # prompt_toolkit draws the trailing space as a cursor move
 ESCAPES = r"(?:\x1b\[[0-9;?]*[A-Za-z]|\s)*"
@@ -289,6 +290,40 @@ def test_ctrl_c_while_waiting_for_a_reply_returns_to_the_prompt(
     shell.expect("query-bl")
     shell.send(CTRL_C)
     assert shell.quit() == 0
+
+
+async def test_a_ctrl_c_taken_after_its_command_ended_does_not_end_the_shell() -> None:
+    """Reported: Ctrl-C pressed while a 20,000-blocker reply was read and printed ended
+    the interactive shell (status 130), where it returns to the prompt.  The loop took
+    the signal after the command's task had ended (inside its ``abandoning`` block,
+    or just after it): it is dropped, as at the prompt.  Real SIGINTs, through the
+    loop's handler; outside the interactive loop (connecting, scripts) the first
+    still ends the shell."""
+    interrupts = Interrupts()
+    reached_the_end = asyncio.Event()
+
+    async def shell() -> None:
+        interrupts.install()  # this task is the one a Ctrl-C cancels
+        try:
+            with interrupts.interactive():
+                command = asyncio.ensure_future(asyncio.sleep(0))
+                await command
+                with interrupts.abandoning(command):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    await asyncio.sleep(0.05)  # the loop reads the signal
+                os.kill(os.getpid(), signal.SIGINT)  # between two commands
+                await asyncio.sleep(0.05)
+            assert interrupts.count == 0 and interrupts.abandoned is None
+            reached_the_end.set()
+            os.kill(os.getpid(), signal.SIGINT)
+            await asyncio.sleep(5)
+        finally:
+            interrupts.uninstall()
+
+    task = asyncio.create_task(shell())
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert reached_the_end.is_set() and interrupts.count == 1
 
 
 def _sockets(pid: int) -> int:

@@ -17,7 +17,11 @@ for itself while its prompt runs, and leaves Python's handler behind when the
 line is read: the loop's is taken again for each command).  Otherwise the
 first Ctrl-C cancels the main task (the shell closes its connection and exits
 with status 130) and a second one, should closing hang, raises
-KeyboardInterrupt at once.
+KeyboardInterrupt at once.  Except between the interactive shell's commands
+(:meth:`Interrupts.interactive`): a Ctrl-C the loop takes after a command's
+task has ended (it came while a big reply was read and printed, say) is
+dropped, as one at the prompt that follows drops the line; no key but Ctrl-D
+ends the interactive shell.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Interrupts:
         self.abandoned: asyncio.Task[Any] | None = None
         #: Ctrl-Cs that went to the shell itself rather than to a command.
         self.count = 0
+        self._interactive = False
 
     def install(self) -> None:
         """Take SIGINT for the running loop; call from the main task.  Where the
@@ -63,6 +68,16 @@ class Interrupts:
         finally:
             self._command = None
 
+    @contextlib.contextmanager
+    def interactive(self) -> Iterator[None]:
+        """Within this block (the interactive shell's prompt and commands), a Ctrl-C
+        that no running command takes is dropped."""
+        self._interactive = True
+        try:
+            yield
+        finally:
+            self._interactive = False
+
     def _take(self) -> None:
         if self._main is None:
             return
@@ -75,6 +90,8 @@ class Interrupts:
             self.abandoned = command
             command.cancel()
             return
+        if self._interactive:
+            return  # the prompt comes back, or is there: nothing to end
         self.count += 1
         if self.count == 1 and self._main is not None and not self._main.done():
             self._main.cancel()

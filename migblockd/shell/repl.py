@@ -82,7 +82,7 @@ class Interactive:
             complete_while_typing=False,
         )
         try:
-            with patch_stdout(raw=True):
+            with patch_stdout(raw=True), self.interrupts.interactive():
                 while True:
                     try:
                         line = await session.prompt_async(PROMPT)

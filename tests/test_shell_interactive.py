@@ -231,7 +231,7 @@ def test_escape_keys_edit_and_a_pasted_escape_is_shown_not_obeyed(
     shell.expect('{"return": {}}')
     shell.expect(PROMPT)
     shell.send("\x1b[200~help \x1b[A\x1b[201~\r")
-    shell.child.expect(r"help: the daemon has no command, event or type '[^\r\n]*'")
+    shell.child.expect(r"error: help: the daemon has no command, event or type '[^\r\n]*'")
     assert shell.child.after.endswith("'\\x1b[A'")
     shell.expect(PROMPT)
     shell.send("query-version\r")

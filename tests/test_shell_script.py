@@ -263,7 +263,7 @@ def test_help_in_scripting_mode(daemon: DaemonProcess) -> None:
     close = shell(str(daemon.socket), "-c", "help blocker")
     assert close.returncode == 1
     assert close.stderr == (
-        "migblock-shell: -c 1: help: the daemon has no command, event or type 'blocker';"
+        "migblock-shell: -c 1: error: help: the daemon has no command, event or type 'blocker';"
         " did you mean 'add-blocker', 'del-blocker' or 'query-blockers'?\n"
     )
 
@@ -578,7 +578,7 @@ def test_stderr_is_coloured_only_when_stderr_is_a_terminal(daemon: DaemonProcess
     status, terminal, out = _run_with_a_terminal(argv, "stderr")
     assert status == 1
     assert b"\x1b[1;31merror: unterminated ' quote" in terminal
-    assert b"\x1b[1;31mhelp: the daemon has no command, event or type 'nope'" in terminal
+    assert b"\x1b[1;31merror: help: the daemon has no command, event or type 'nope'" in terminal
     assert out == b""
 
 
@@ -689,7 +689,7 @@ def test_control_characters_a_message_quotes_are_escaped(daemon: DaemonProcess) 
         "'query-version'?",
         "migblock-shell: -c 2: error: unknown argument 'reason.\\x9b' for add-blocker: "
         "'reason' is a string, not an object",
-        "migblock-shell: -c 3: help: the daemon has no command, event or type '\\u202e'"]
+        "migblock-shell: -c 3: error: help: the daemon has no command, event or type '\\u202e'"]
 
 
 def test_a_no_break_space_is_part_of_a_word(daemon: DaemonProcess) -> None:

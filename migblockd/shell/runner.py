@@ -67,7 +67,7 @@ class Runner:
             return True
         text = helptext.help_text(schema, self.docs, topic)
         if text is None:
-            self.err(self._messages.error(helptext.unknown_command(schema, topic)))
+            self.err(self._messages.error(f"error: {helptext.unknown_command(schema, topic)}"))
             return False
         self.out(text)
         return True

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import DaemonProcess, assert_clean_log
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 from qemu_strings import GENERIC, SEV, error
 from qmpclient import RawClient
 from realqemu import Qemu, QemuMonitor, migrate_slowly, source_and_target, wait_until
@@ -400,6 +401,52 @@ async def test_clients_and_passthrough_against_a_gating_daemon(
         await qmp.disconnect()
     async with d.client() as c:
         assert (await c.ok("query-version"))["package"].startswith("migblockd")
+    assert_clean_log(d)
+
+
+def xp(quadwords: int) -> dict[str, str]:
+    """HMP's ``xp`` of ``quadwords`` 8-byte words of guest memory: QEMU's reply is about
+    29.5 bytes per word, a size the test chooses."""
+    return {"command-line": f"xp /{quadwords}xg 0"}
+
+
+async def test_a_big_passthrough_reply_arrives_whole_and_a_bigger_one_is_named(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Any,
+) -> None:
+    # Reported: qemu.qmp reads lines of at most 10 MiB, and a longer reply dropped the
+    # link with asyncio's words ("Separator is not found, and chunk exceed the limit").
+    qemu = qemu_factory(memory="128M")  # xp reads guest memory: 128 MiB of it
+    config = tmp_path / "gate.toml"
+    config.write_text('qemu-passthrough = ["human-monitor-command"]\n')
+    d = gate(start_daemon, qemu, "--config", str(config), "--qemu-timeout", "0")
+    await connected(d)
+    qmp = QMPClient("gate-test", readbuflen=1 << 30)
+    await qmp.connect(str(d.socket))
+    try:
+        dump = await qmp.execute("human-monitor-command", xp(450_000))  # 13 MB of text
+        assert isinstance(dump, str) and len(dump) > 10 << 20
+        lines = dump.splitlines()
+        assert len(lines) == 225_000
+        assert lines[-1] == "000000000036ee70: 0x0000000000000000 0x0000000000000000"
+        # Past migblockd's limit (64 MiB: 2,300,000 words are 67.8 MB), in plain words.
+        with pytest.raises(ExecuteError) as caught:
+            await qmp.execute("human-monitor-command", xp(2_300_000))
+        assert caught.value.error.error.desc == (
+            "QEMU's reply to 'human-monitor-command' was larger than 67108864 bytes, the "
+            f"most migblockd reads from QEMU: migblockd dropped the connection to QEMU's "
+            f"monitor at '{qemu.gate_socket}' and reconnects; QEMU did run the command")
+        d.wait_for_log(
+            f"lost the connection to QEMU at {qemu.gate_socket}: QEMU's reply to "
+            "'human-monitor-command' was larger than 67108864 bytes, the most migblockd "
+            "reads from QEMU; migblockd dropped the connection; reconnecting")
+        await wait_until(lambda: d.log().count("connected to QEMU 7.") == 2,
+                         "migblockd connected to QEMU again")
+        status = await qmp.execute("human-monitor-command", {"command-line": "info status"})
+        assert status == "VM status: paused (prelaunch)\r\n"  # the same QEMU, still there
+    finally:
+        await qmp.disconnect()
+    assert "Separator" not in d.log()
     assert_clean_log(d)
 
 

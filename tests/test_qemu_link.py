@@ -304,6 +304,42 @@ async def test_qemu_killed_then_restarted(qemu: Qemu, caplog: pytest.LogCaptureF
     assert len(logged(caplog, "connected to QEMU")) == 2
 
 
+async def test_a_reply_too_long_to_read_is_named_and_the_link_reconnects(
+        qemu_factory: Callable[..., Qemu], caplog: pytest.LogCaptureFixture) -> None:
+    # HMP's xp prints 29.5 bytes per 8-byte word of guest memory: 2,300,000 words are a
+    # 67.8 MB reply, past READ_LIMIT (64 MiB); 450,000 are 13 MB, past qemu.qmp's 10 MiB.
+    qemu = qemu_factory(memory="128M")
+    path = qemu.gate_socket
+    async with running_link(path, timeout=0) as (link, rec):
+        await connected(link)
+        dump = await link.execute("human-monitor-command", {"command-line": "xp /450000xg 0"})
+        assert isinstance(dump, str) and len(dump) > 10 << 20
+        big = asyncio.create_task(
+            link.execute("human-monitor-command", {"command-line": "xp /2300000xg 0"}))
+        after = asyncio.create_task(link.execute("query-status"))  # sent after it
+        with pytest.raises(QemuInterrupted) as own:
+            await big
+        assert str(own.value) == (
+            "QEMU's reply to 'human-monitor-command' was larger than 67108864 bytes, the "
+            f"most migblockd reads from QEMU: migblockd dropped the connection to QEMU's "
+            f"monitor at '{path}' and reconnects; QEMU did run the command")
+        with pytest.raises(QemuInterrupted) as other:
+            await after
+        assert str(other.value) == (
+            f"migblockd dropped the connection to QEMU's monitor at '{path}' before QEMU "
+            "replied to 'query-status': QEMU's reply to 'human-monitor-command' was larger "
+            "than 67108864 bytes (a command sent before it), the most migblockd reads from "
+            "QEMU; it reconnects")
+        await wait_until(lambda: rec.states == ["connected", "disconnected", "connected"],
+                         "the link connected again")
+        assert await link.execute("query-status") == {"status": "prelaunch",
+                                                       "singlestep": False, "running": False}
+    assert logged(caplog, "lost the connection") == [
+        f"lost the connection to QEMU at {path}: QEMU's reply to 'human-monitor-command' "
+        "was larger than 67108864 bytes, the most migblockd reads from QEMU; migblockd "
+        "dropped the connection; reconnecting"]
+
+
 async def _not_connected_error(link: QemuLink) -> QemuNotConnected:
     with pytest.raises(QemuNotConnected) as exc:
         await link.execute("query-migrate")

@@ -467,6 +467,50 @@ async def test_a_gating_daemon_started_before_qemu_connects_when_it_appears(
     assert_clean_log(d)
 
 
+async def test_a_qemu_path_that_can_never_work_is_a_warning(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Any,
+) -> None:
+    # Reported: logged at info only, so at --log-level warning (or journalctl -p
+    # warning) the daemon said nothing while migrate never reached QEMU.
+    qemu = qemu_factory(start=False)
+    hmp = qemu.workdir / "hmp.sock"
+    qemu.args = ("-monitor", f"unix:{hmp},server=on,wait=off")
+    qemu.start()
+    regular = tmp_path / "vm1.qmp"
+    regular.write_text("")
+    # QEMU's QMP monitor, which the daemon's user may not connect to: root without
+    # CAP_DAC_OVERRIDE, and a socket whose owner (root) has no write permission.
+    qemu.gate_socket.chmod(0)
+    no_override = tmp_path / "python-no-dac-override"
+    no_override.write_text("#!/bin/sh\nexec setpriv --bounding-set=-dac_override,"
+                           f"-dac_read_search {sys.executable} \"$@\"\n")
+    no_override.chmod(0o755)
+    python = sys.executable if os.geteuid() != 0 else str(no_override)
+    for path, why in (
+            (regular, "not a socket (a regular file)"),
+            (hmp, "this is QEMU's human monitor (HMP: -monitor, or -mon mode=readline), "
+                  "not QMP: give migblockd a -qmp monitor"),
+            (qemu.gate_socket, "Permission denied")):
+        d = start_daemon("--qemu", str(path), "--log-level", "warning", "--ephemeral",
+                         wait=False, python=python)
+        d.wait_for_log(f"WARNING: QEMU at {path} is not available: {why}; retrying")
+        d.signal(signal.SIGTERM)
+        assert d.wait_exit() == 0
+        assert d.log().count("is not available") == 1  # once, not once per attempt
+        assert_clean_log(d)
+    # A QEMU that is not there yet is no warning: QEMU may start after migblockd.
+    d = start_daemon("--qemu", str(tmp_path / "absent.qmp"), "--log-level", "warning",
+                     wait=False)
+    await wait_until(d.socket.exists, "the daemon's socket")
+    async with d.client() as c:  # greeted: migblockd has tried QEMU once (gate.md)
+        assert await c.ok("query-blockers") == []
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert "is not available" not in d.log()
+    assert_clean_log(d)
+
+
 def test_a_daemon_told_to_gate_its_own_socket_refuses_to_start(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Any,
 ) -> None:

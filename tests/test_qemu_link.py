@@ -75,6 +75,12 @@ def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
             and text in r.getMessage()]
 
 
+def levels(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    """The levels of the link's log lines that contain ``text``, in order."""
+    return [r.levelname for r in caplog.records
+            if r.name == "migblockd.qemu" and text in r.getMessage()]
+
+
 @pytest.fixture(autouse=True)
 def _quiet_and_tidy(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Every test: qemu.qmp logs nothing (the link speaks for it) and asyncio has no complaint
@@ -294,6 +300,7 @@ async def test_qemu_killed_then_restarted(qemu: Qemu, caplog: pytest.LogCaptureF
         assert len(logged(caplog, "lost the connection to QEMU")) == 1
         assert logged(caplog, "is not available") == [
             f"QEMU at {qemu.gate_socket} is not available: Connection refused; retrying"]
+        assert levels(caplog, "is not available") == ["INFO"]  # QEMU may come back
         later = await _not_connected_error(link)
         assert later.reason == "Connection refused"
 
@@ -357,6 +364,7 @@ async def test_link_started_before_qemu_connects_when_it_appears(
                               "No such file or directory")
         assert logged(caplog, "is not available") == [
             f"QEMU at {qemu.gate_socket} is not available: No such file or directory; retrying"]
+        assert levels(caplog, "is not available") == ["INFO"]  # QEMU is yet to start
         await asyncio.to_thread(qemu.start)
         await connected(link)
         assert await link.execute("query-migrate") == {}
@@ -382,6 +390,8 @@ async def test_a_path_that_is_not_a_socket_is_named_so_not_a_qemu_that_is_down(
             f"Not connected to QEMU's monitor at '{path}': not a socket ({kind})")
     assert logged(caplog, "not available") == [
         f"QEMU at {path} is not available: not a socket ({kind}); retrying"]
+    # No QEMU will ever answer there: at info level, --log-level warning said nothing.
+    assert levels(caplog, "not available") == ["WARNING"]
 
 
 async def test_link_waits_while_another_client_holds_the_monitor(
@@ -493,6 +503,7 @@ async def test_a_monitor_migblockd_cannot_read_is_named_as_the_reason_in_one_lin
         assert str(refused.value) == f"Not connected to QEMU's monitor at '{path}': {why}"
     assert logged(caplog, "not available") == [
         f"QEMU at {path} is not available: {why}; retrying"]
+    assert levels(caplog, "not available") == ["WARNING"]  # a wrong --qemu, for good
 
 
 async def test_close_interrupts_a_command_in_flight(qemu: Qemu) -> None:

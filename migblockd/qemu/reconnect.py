@@ -9,7 +9,9 @@ socket is found by itself.  A connection is up once QEMU has greeted and answere
 a greeting that takes :data:`GREETING_NOTICE` seconds is worth a warning, as QEMU serves
 one client per monitor, and so is a greeted QEMU that leaves ``qmp_capabilities``
 unanswered that long (its main loop is busy).  It logs once per change of state (not once
-per attempt) and tells the caller of each change through ``on_state``.
+per attempt) and tells the caller of each change through ``on_state``: at info level while
+QEMU is not there yet, as a warning when ``--qemu`` names something that is not a QMP
+monitor migblockd can use (:func:`_misconfigured`), which no QEMU start will mend.
 
 It is apart from :mod:`migblockd.qemu.link`, which holds what is done over a connection
 that is up (commands, their errors and QEMU's events, in QEMU's order) and the
@@ -63,24 +65,25 @@ NOT_ANSWERING = ("QEMU has greeted but does not answer qmp_capabilities (its mai
 _HMP_BANNER = re.compile(rb"QEMU \S+ monitor - type 'help' for more information")
 
 
-def _reason(exc: BaseException, path: Path | None = None) -> str:
-    """Why a connection attempt (to ``path``) failed or a connection ended, for one
-    log line."""
+def _misconfigured(exc: BaseException, path: Path | None = None) -> str | None:
+    """Why a connection attempt (to ``path``) failed, when ``--qemu`` names something
+    that is not a QMP monitor migblockd can use: no QEMU starting or restarting there
+    mends that, so it is worth a warning (a QEMU that is not there yet is not).  None
+    for any other failure."""
     if isinstance(exc, ConnectError):
         exc = exc.exc
-    if isinstance(exc, ConnectionRefusedError) and path is not None:
+    if isinstance(exc, (ConnectionRefusedError, PermissionError)) and path is not None:
         # The kernel refuses a path that is not a socket as it refuses a socket that
-        # nobody listens on (unix_find_bsd(), net/unix/af_unix.c): say which, or
-        # --qemu naming a regular file or a directory reads as a QEMU that is down.
+        # nobody listens on, or with EACCES when the path is not writable
+        # (unix_find_bsd(), net/unix/af_unix.c): say which, or --qemu naming a regular
+        # file or a directory reads as a QEMU that is down.
         odd = not_a_socket(path)
         if odd is not None:
             return odd
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    if isinstance(exc, EOFError):
-        return "QEMU closed the connection"
-    if isinstance(exc, ExecuteError):
-        return f"query-qmp-schema failed: {exc}"
+    if isinstance(exc, PermissionError):
+        # QEMU creates its socket as its user and umask say: migblockd's user is not
+        # allowed to connect, and a new QEMU will not allow it either.
+        return exc.strerror or str(exc)
     if isinstance(exc, GreetingError) and isinstance(exc.exc, DeserializationError):
         if exc.exc.raw.rstrip() == b"{":
             # A pretty-printing monitor spreads every message over lines; QMP clients
@@ -91,6 +94,23 @@ def _reason(exc: BaseException, path: Path | None = None) -> str:
         if _HMP_BANNER.match(exc.exc.raw):
             return ("this is QEMU's human monitor (HMP: -monitor, or -mon mode=readline), "
                     "not QMP: give migblockd a -qmp monitor")
+    return None
+
+
+def _reason(exc: BaseException, path: Path | None = None) -> str:
+    """Why a connection attempt (to ``path``) failed or a connection ended, for one
+    log line."""
+    wrong = _misconfigured(exc, path)
+    if wrong is not None:
+        return wrong
+    if isinstance(exc, ConnectError):
+        exc = exc.exc
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, EOFError):
+        return "QEMU closed the connection"
+    if isinstance(exc, ExecuteError):
+        return f"query-qmp-schema failed: {exc}"
     # One line: the log's, and the client's error (qemu.qmp's own texts span lines).
     return " ".join((str(exc) or type(exc).__name__).split())
 
@@ -133,7 +153,8 @@ class Reconnecting:
                 info = await self._connect()
             except Exception as exc:  # every kind of failure means: try again later
                 self.attempts += 1
-                self._set_down(_reason(exc, self.path), lost=False)
+                self._set_down(_reason(exc, self.path), lost=False,
+                               misconfigured=_misconfigured(exc, self.path) is not None)
                 if _nobody_listens(exc) and self._on_gone is not None:
                     try:
                         self._on_gone()
@@ -209,14 +230,17 @@ class Reconnecting:
         log.info("connected to QEMU %s at %s", info.version_string, self.path)
         self._notify_state()
 
-    def _set_down(self, reason: str, *, lost: bool) -> None:
+    def _set_down(self, reason: str, *, lost: bool, misconfigured: bool = False) -> None:
         changed = self._state != "disconnected"
         self._state, self._info, self._reason = "disconnected", None, reason
         self.awaiting_greeting = self.greeted = False
         if lost:
             log.warning("lost the connection to QEMU at %s: %s; reconnecting", self.path, reason)
         elif reason != self._logged_reason:
-            log.info("QEMU at %s is not available: %s; retrying", self.path, reason)
+            # A --qemu that cannot work must show at --log-level warning (and in
+            # journalctl -p warning): migrate never reaches QEMU meanwhile.
+            log.log(logging.WARNING if misconfigured else logging.INFO,
+                    "QEMU at %s is not available: %s; retrying", self.path, reason)
         self._logged_reason = reason
         self._tried.set()
         if changed:

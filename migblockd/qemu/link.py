@@ -25,7 +25,7 @@ It is built on ``qemu.qmp``'s ``QMPClient``, adjusted in four ways (see ``_Clien
   clients' traffic;
 * it reads messages of up to :data:`READ_LIMIT`, not the library's 10 MiB, and one longer
   than that, which ends the connection (the library can do nothing else with it), is named
-  for what it is: the reply to which command, of what size (:class:`_TooLong`).
+  for what it is: the reply to which command, of what size (:mod:`.too_long`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 from qemu.qmp import (
     ExecInterruptedError,
@@ -62,6 +60,7 @@ from migblockd.qemu.reconnect import (
     Reconnecting,
     StateHandler,
 )
+from migblockd.qemu.too_long import READ_LIMIT, Interrupted, ReplyTooLong, TooLong
 
 __all__ = [
     "EventHandler",
@@ -81,15 +80,6 @@ EventHandler = Callable[[str, Mapping[str, object], Mapping[str, object]], None]
 
 #: How long :meth:`QemuLink.execute` waits for QEMU's reply by default (0: forever).
 TIMEOUT = 10.0
-
-#: The longest message read from QEMU; ``qemu.qmp``'s own limit is 10 MiB.  QEMU puts no
-#: limit on what it sends: its largest QMP reply is ``query-qmp-schema`` (~200 kB), but a
-#: passed-through ``human-monitor-command`` (an ``xp`` dump of guest memory, say) can be
-#: far longer.  64 MiB is QEMU's own limit on one message it reads (``MAX_TOKEN_SIZE``,
-#: ``qobject/json-streamer.c``), and what one reply costs the daemon stays bounded: it
-#: holds a few copies of it (read, parsed, and written to the client) at once.
-READ_LIMIT: Final = 64 << 20
-
 
 class QemuLinkError(Exception):
     """Base of the errors :meth:`QemuLink.execute` raises."""
@@ -135,53 +125,6 @@ class QemuCommandError(QemuLinkError):
         self.desc = desc
 
 
-@dataclass(frozen=True)
-class _TooLong:
-    """QEMU sent a message longer than the link reads, which ended the connection."""
-
-    #: The command whose reply it was (QEMU answers in order); None: no reply was owed.
-    command: str | None
-    limit: int
-    #: The ids of the commands sent on that connection and not answered when it ended,
-    #: oldest (the one whose reply it was) first.
-    unanswered: tuple[str, ...]
-
-    def what(self) -> str:
-        if self.command is None:
-            return f"QEMU sent a message larger than {self.limit} bytes"
-        return f"QEMU's reply to '{self.command}' was larger than {self.limit} bytes"
-
-    def reason(self) -> str:
-        """Why the connection ended: the log's, and the next commands' until it is up."""
-        return (f"{self.what()}, the most migblockd reads from QEMU; migblockd dropped the "
-                "connection")
-
-    def interrupted(self, command: str, path: Path, *, own: bool) -> str:
-        """The error of ``command``, one of those it interrupted; ``own``: the reply
-        was its own."""
-        if own:
-            return (f"{self.what()}, the most migblockd reads from QEMU: migblockd dropped "
-                    f"the connection to QEMU's monitor at '{path}' and reconnects; QEMU "
-                    "did run the command")
-        return (f"migblockd dropped the connection to QEMU's monitor at '{path}' before "
-                f"QEMU replied to '{command}': {self.what()} (a command sent before it), "
-                "the most migblockd reads from QEMU; it reconnects")
-
-
-class _ReplyTooLong(Exception):
-    """The reader's failure on a message over the limit, in plain words (asyncio's are
-    \"Separator is not found, and chunk exceed the limit\")."""
-
-
-class _Interrupted(ExecInterruptedError):
-    """A command's reply will not come: the connection ended on a message too long."""
-
-    def __init__(self, too_long: _TooLong, *, own: bool) -> None:
-        super().__init__(too_long.what())
-        self.too_long = too_long
-        self.own = own
-
-
 # Outside the logging hierarchy and enabled for no level: the library's records are never
 # even created, so no configuration of the root logger can bring them back.
 _SILENT = logging.Logger("qemu.qmp (silenced by migblockd.qemu)", logging.CRITICAL + 1)
@@ -189,17 +132,14 @@ _SILENT = logging.Logger("qemu.qmp (silenced by migblockd.qemu)", logging.CRITIC
 
 class _Client(QMPClient):
     def __init__(self, link: QemuLink) -> None:
-        super().__init__()
-        # The reader's line limit is an attribute: ``_limit`` in qemu.qmp 0.0.3,
-        # ``readbuflen`` from 0.0.4 on, whose constructor takes it (qemu/qmp/protocol.py).
-        self.readbuflen = self._limit = READ_LIMIT
+        super().__init__(readbuflen=READ_LIMIT)
         self._link = link
         #: The commands sent on this connection that QEMU has not answered (a command
         #: given up on included: its reply still comes), by id, oldest first.  QEMU
         #: answers in the order it was sent them: migblockd sends it no exec-oob.
         self._unanswered: dict[str, str] = {}
         #: The message too long that ended the last connection to end so.
-        self._too_long: _TooLong | None = None
+        self._too_long: TooLong | None = None
 
     # The library picks its logger when its name is set (in its __init__): pick ours.
     @property
@@ -256,8 +196,8 @@ class _Client(QMPClient):
             return await super()._readline()
         except ValueError:  # asyncio's StreamReader: no line feed within the limit
             oldest = next(iter(self._unanswered.values()), None)
-            self._too_long = _TooLong(oldest, self.readbuflen, tuple(self._unanswered))
-            raise _ReplyTooLong(self._too_long.reason()) from None
+            self._too_long = TooLong(oldest, self.readbuflen, tuple(self._unanswered))
+            raise ReplyTooLong(self._too_long.reason()) from None
 
     async def _reply(self, msg_id: str | None) -> Message:
         try:
@@ -266,7 +206,7 @@ class _Client(QMPClient):
             too_long = self._too_long
             if too_long is None or msg_id not in too_long.unanswered:
                 raise
-            raise _Interrupted(too_long, own=msg_id == too_long.unanswered[0]) from None
+            raise Interrupted(too_long, own=msg_id == too_long.unanswered[0]) from None
 
     async def _establish_session(self) -> None:
         # The socket is connected: what is awaited now is QEMU's greeting.
@@ -416,7 +356,7 @@ class QemuLink(Reconnecting):
         except ExecuteError as exc:
             self._answers()
             raise QemuCommandError(exc.error_class, exc.error.error.desc) from None
-        except _Interrupted as exc:
+        except Interrupted as exc:
             raise QemuInterrupted(exc.too_long.interrupted(command, self.path,
                                                            own=exc.own)) from None
         except ExecInterruptedError as exc:

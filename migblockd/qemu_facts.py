@@ -130,8 +130,9 @@ class QemuFacts:
     #: answered none since (the link's: it logs when that starts and ends).
     timed_out: Callable[[], bool] = _never
     #: The link to a QEMU that was migrating was lost, and that QEMU has neither
-    #: answered again nor been found to have exited: its migration may still run,
-    #: whatever the link's state (the adapter's).
+    #: answered a ``query-migrate`` since (a connection made again is not enough: it
+    #: may be lost again before QEMU says) nor been found to have exited: its
+    #: migration may still run, whatever the link's state (the adapter's).
     cut_off: bool = False
 
     @property
@@ -190,6 +191,7 @@ class QemuFacts:
         """QEMU answered ``query-migrate`` with ``info``."""
         if isinstance(info, dict):
             self.learnt = True
+            self.cut_off = False  # QEMU has said whether it migrates
             self.blockers = len(reasons_of(info))
             status = status_of(info)
             self.status = status

@@ -368,6 +368,8 @@ class Relay:
         #: Once set, what QEMU sends after it was sent a ``migrate`` is kept from
         #: migblockd: its reply (and events) never arrive.
         self.mute_after_migrate = False
+        #: What migblockd sends that contains these bytes is kept from QEMU.
+        self.swallow: bytes | None = None
         self._ready = threading.Event()
         self._thread = threading.Thread(target=asyncio.run, args=(self._serve(),),
                                         daemon=True)
@@ -427,6 +429,8 @@ class Relay:
                 while data := await src.read(65536):
                     if not upstream and muted:
                         continue
+                    if upstream and self.swallow is not None and self.swallow in data:
+                        continue
                     dst.write(data)
                     await dst.drain()
                     if upstream and self.mute_after_migrate and b'"execute":"migrate",' in data:
@@ -478,6 +482,43 @@ async def test_a_lost_link_to_a_migrating_qemu_refuses_blockers_until_qemu_answe
             await wait_until(cancelled, "the migration cancelled")
             await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
     assert d.log().count("went away during a migration") == 1
+    assert_clean_log(d)
+
+
+async def test_a_link_made_again_is_not_enough_until_qemu_says_what_it_does(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Path,
+) -> None:
+    """Reported (on the fix above): the cut-off ended once the new connection was up,
+    before QEMU had answered a query-migrate on it.  When QEMU left that unanswered
+    (busy, stopped; here the relay keeps it from QEMU), add-blocker's own query-migrate
+    timed out and the blocker was added while QEMU migrated."""
+    qemu = qemu_factory(memory="1G")
+    with Relay(qemu.gate_socket, tmp_path / "relay.sock") as relay:
+        d = start_daemon("--qemu", str(relay.path), "--qemu-timeout", "1")
+        await connected(d)
+        async with d.client() as c, qemu.monitor() as mon:
+            await c.ok("migrate-set-capabilities", EVENTS_ON)
+            await start_slow_migration(c)
+            d.wait_for_log("QEMU migration status: active")
+            relay.swallow = b'"execute":"query-migrate"'
+            relay.cut()
+            d.wait_for_log(f"QEMU at {relay.path} went away during a migration")
+            await wait_until(lambda: d.log().count("connected to QEMU 7.") == 2,
+                             "migblockd connected again")
+            assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=1)
+                    == error(GENERIC, BUSY_SEV, 1))
+            assert (await mon.ok("query-migrate"))["status"] == "active"
+            relay.swallow = None
+            assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=2)
+                    == error(GENERIC, BUSY_SEV, 2))
+            await c.ok("migrate_cancel")
+
+            async def cancelled() -> bool:
+                return bool((await mon.ok("query-migrate"))["status"] == "cancelled")
+
+            await wait_until(cancelled, "the migration cancelled")
+            await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
     assert_clean_log(d)
 
 

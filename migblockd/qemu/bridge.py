@@ -110,20 +110,11 @@ class Bridge:
         self._events_owed = False
         #: The connected QEMU's process id, kept once the link is lost (None: unknown).
         self._pid: int | None = None
-        self._lost: tuple[str, bool, int | None] | None = None  # see _cut_off
-
-    @property
-    def _cut_off(self) -> tuple[str, bool, int | None] | None:
-        """A migration whose QEMU the link lost: its last status, whether that QEMU
-        sent MIGRATION events, and its process id (None: none lost, or QEMU answered
-        again, or it has exited).  The facts say whether there is one: until then
-        ``add-blocker`` is refused as while QEMU migrates."""
-        return self._lost
-
-    @_cut_off.setter
-    def _cut_off(self, lost: tuple[str, bool, int | None] | None) -> None:
-        self._lost = lost
-        self.facts.cut_off = lost is not None
+        #: A migration whose QEMU the link lost: its last status, whether that QEMU
+        #: sent MIGRATION events, and its process id (None: none lost, or QEMU answered
+        #: again, or it has exited).  Kept for the migration's last event; whether
+        #: QEMU may migrate on is the facts' ``cut_off``, until QEMU says otherwise.
+        self._cut_off: tuple[str, bool, int | None] | None = None
 
     def start(self, core: Core, wake: Callable[[], None]) -> None:
         """Connect (and keep reconnecting); ``wake()`` makes the server flush and report."""
@@ -184,7 +175,7 @@ class Bridge:
             self._answered(sent)
             raise QemuError(exc.error_class, exc.desc) from None
         except QemuInterrupted as exc:
-            if name == "migrate" and self._cut_off is None and connection == self._connection:
+            if name == "migrate" and not self.facts.cut_off and connection == self._connection:
                 # Sent, and lost before QEMU replied (this failure may come before the
                 # link's loss is reported): QEMU may have started it, and migrate on.
                 self._lose_migration()
@@ -293,7 +284,7 @@ class Bridge:
             task.add_done_callback(self._tasks.discard)
         else:
             # (Not when migblockd closes the link itself, stopping: QEMU is still there.)
-            if state == "disconnected" and self._cut_off is None and (
+            if state == "disconnected" and not facts.cut_off and (
                     facts.status in RUNNING_STATUSES or facts.awaiting):
                 self._lose_migration()
             facts.status = facts.blockers = None
@@ -314,6 +305,7 @@ class Bridge:
         evented = self._evented or (self.handlers.registry.events_enabled
                                     and not self._events_owed)
         self._cut_off = (facts.status or "not seen yet", evented, self._pid)
+        facts.cut_off = True  # until a query-migrate answers, or QEMU has exited
 
     def _silent(self) -> None:
         """QEMU stopped answering, or answers again: what the status shows changed
@@ -330,6 +322,7 @@ class Bridge:
         ``cancelled`` for one that was being cancelled, if that QEMU sent MIGRATION
         events at all (its ``events`` capability was on).
         """
+        self.facts.cut_off = False  # whatever it ran has ended with it
         if self._cut_off is None:
             return
         self._cut_off_ended(f"QEMU at {self.link.path} has exited (nobody listens on its "
@@ -348,6 +341,7 @@ class Bridge:
         send the clients the migration's last event."""
         assert self._cut_off is not None
         (cut_off, evented, _), self._cut_off = self._cut_off, None
+        self.facts.cut_off = False
         # QEMU ends a cancelling migration (migrate_cancel, or its own quit) cancelled,
         # whatever else happens (migrate_fd_cleanup(), migration/migration.c).
         ending = "cancelled" if cut_off == "cancelling" else "failed"

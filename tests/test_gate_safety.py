@@ -27,7 +27,7 @@ from conftest import ROOT, DaemonProcess, assert_clean_log
 from faults import injecting
 from qemu_strings import GENERIC, MDEV, SEV, VFIO, error
 from qmpclient import RawClient
-from realqemu import Qemu, migrate_slowly, source_and_target, wait_until
+from realqemu import Qemu, QemuMonitor, migrate_slowly, source_and_target, wait_until
 from test_gate import SINK, connected, gate
 
 from migblockd.contract import Contract
@@ -352,6 +352,17 @@ async def test_a_migration_cut_off_by_qemus_death_is_in_the_log(
     assert_clean_log(d)
 
 
+async def cancel_then_add(c: RawClient, mon: QemuMonitor) -> None:
+    """Cancel QEMU's migration; once QEMU says it is cancelled, a blocker is added."""
+    await c.ok("migrate_cancel")
+
+    async def cancelled() -> bool:
+        return bool((await mon.ok("query-migrate"))["status"] == "cancelled")
+
+    await wait_until(cancelled, "the migration cancelled")
+    await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+
+
 class Relay:
     """The wire between migblockd and a real QEMU's monitor, with a cut in it.
 
@@ -474,13 +485,7 @@ async def test_a_lost_link_to_a_migrating_qemu_refuses_blockers_until_qemu_answe
             assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=2)
                     == error(GENERIC, BUSY_SEV, 2))
             assert await c.ok("query-blockers") == []
-            await c.ok("migrate_cancel")
-
-            async def cancelled() -> bool:
-                return bool((await mon.ok("query-migrate"))["status"] == "cancelled")
-
-            await wait_until(cancelled, "the migration cancelled")
-            await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+            await cancel_then_add(c, mon)
     assert d.log().count("went away during a migration") == 1
     assert_clean_log(d)
 
@@ -512,13 +517,7 @@ async def test_a_link_made_again_is_not_enough_until_qemu_says_what_it_does(
             relay.swallow = None
             assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=2)
                     == error(GENERIC, BUSY_SEV, 2))
-            await c.ok("migrate_cancel")
-
-            async def cancelled() -> bool:
-                return bool((await mon.ok("query-migrate"))["status"] == "cancelled")
-
-            await wait_until(cancelled, "the migration cancelled")
-            await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+            await cancel_then_add(c, mon)
     assert_clean_log(d)
 
 
@@ -558,13 +557,7 @@ async def test_a_migrate_whose_reply_the_lost_link_never_brought_refuses_blocker
                              "migblockd connected again")
             assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=3)
                     == error(GENERIC, BUSY_SEV, 3))
-            await c.ok("migrate_cancel")
-
-            async def cancelled() -> bool:
-                return bool((await mon.ok("query-migrate"))["status"] == "cancelled")
-
-            await wait_until(cancelled, "the migration cancelled")
-            await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+            await cancel_then_add(c, mon)
     assert d.log().count("went away during a migration") == 1
     assert_clean_log(d)
 

@@ -180,8 +180,9 @@ class QemuFacts:
         that of a migration running.  Whether it is there or not: the link was
         lost during its migration (``cut_off``).  A lost connection ends no
         migration: QEMU migrates on while its monitor waits for a new client
-        (``monitor_qmp_event()``, ``monitor/qmp.c``), and until it answers again
-        or is found to have exited, a blocker added would not stop that one.
+        (``monitor_qmp_event()``, ``monitor/qmp.c``), and until it answers a
+        ``query-migrate`` or is found to have exited, a blocker added would not
+        stop that one.
         """
         return self.cut_off or (self.present and (
             self.busy or self.unanswered or self.awaiting or not self.learnt

@@ -294,7 +294,7 @@ class Bridge:
     def _lose_migration(self) -> None:
         """The link lost the QEMU that migrates (or may: a ``migrate`` it was sent went
         unanswered): no MIGRATION event will follow from it on this connection, and
-        until it answers again or is found to have exited it may migrate on."""
+        until it answers a query-migrate or is found to have exited it may migrate on."""
         facts = self.facts
         log.warning("QEMU at %s went away during a migration (last status %s): its outcome "
                     "is unknown; query-migrate says it once QEMU is back, and until then "

@@ -153,8 +153,9 @@ class Reconnecting:
                 info = await self._connect()
             except Exception as exc:  # every kind of failure means: try again later
                 self.attempts += 1
-                self._set_down(_reason(exc, self.path), lost=False,
-                               misconfigured=_misconfigured(exc, self.path) is not None)
+                wrong = _misconfigured(exc, self.path)
+                self._set_down(wrong or _reason(exc, self.path), lost=False,
+                               misconfigured=wrong is not None)
                 if _nobody_listens(exc) and self._on_gone is not None:
                     try:
                         self._on_gone()

@@ -342,11 +342,13 @@ async def test_a_migration_cut_off_by_qemus_death_is_in_the_log(
         await c.ok("migrate-set-capabilities", EVENTS_ON)
         await start_slow_migration(c)
         d.wait_for_log("QEMU migration status: active")
+        assert qemu.proc is not None
+        pid = qemu.proc.pid
         qemu.kill()
         d.wait_for_log(f"QEMU at {qemu.gate_socket} went away during a migration (last status "
                        "active): its outcome is unknown")
-        # Once nobody listens on QEMU's monitor, its migration has ended with it.
-        d.wait_for_log(f"QEMU at {qemu.gate_socket} has exited")
+        # Once its process has exited, its migration has ended with it.
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited")
         await c.ok("add-blocker", {"reason": SEV})  # as while QEMU is away
     assert d.log().count("went away during a migration") == 1
     assert_clean_log(d)
@@ -574,14 +576,16 @@ async def test_a_client_awaiting_the_end_of_a_migration_whose_qemu_died_hears_fa
         await c.ok("migrate-set-capabilities", EVENTS_ON)
         await start_slow_migration(c)
         d.wait_for_log("QEMU migration status: active")
+        assert qemu.proc is not None
+        pid = qemu.proc.pid
         qemu.kill()
         statuses: list[str] = []
         while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
             statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
         assert statuses == ["setup", "active", "failed"]
-        d.wait_for_log(f"QEMU at {qemu.gate_socket} has exited (nobody listens on its "
-                       "monitor): the migration it ran (last status active) cannot complete; "
-                       "clients are sent MIGRATION failed")
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration it "
+                       "ran (last status active) cannot complete; clients are sent MIGRATION "
+                       "failed")
         # Said once, however often the link finds QEMU still gone.
         await asyncio.sleep(1)
         assert await watcher.sync() == []
@@ -597,9 +601,9 @@ async def test_a_migration_whose_qemu_was_restarted_at_once_ends_failed_for_its_
 ) -> None:
     """Reported: a new QEMU listening on the monitor before the link tried it (a fast
     restart) hid the old one's death; its migration never ended for the clients that
-    waited for its last MIGRATION event.  The new QEMU is a new process: the old one's
-    migration ends ``failed`` as when nobody listens, also while the old one's parent
-    has yet to reap it (a zombie has exited all the same)."""
+    waited for its last MIGRATION event.  The old QEMU's process has exited: its
+    migration ends ``failed``, also while the old one's parent has yet to reap it (a
+    zombie has exited all the same)."""
     qemu = qemu_factory(memory="1G")
     restarted = qemu_factory(name="restarted")
     d = await gated(start_daemon, qemu)
@@ -620,13 +624,91 @@ async def test_a_migration_whose_qemu_was_restarted_at_once_ends_failed_for_its_
         while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
             statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
         assert statuses == ["setup", "active", "failed"]
-        d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {old}) has exited, a new one (pid "
-                       f"{new}) answering on its monitor: the migration it ran (last status "
-                       "active) cannot complete; clients are sent MIGRATION failed")
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {old}) has exited: the migration it "
+                       "ran (last status active) cannot complete; clients are sent MIGRATION "
+                       "failed")
+        await wait_until(lambda: d.log().count("connected to QEMU 7.") == 2,
+                         f"migblockd connected to the new QEMU (pid {new})")
         # The new QEMU's own state, not the old one's: it migrates nothing.
         assert await c.ok("query-migrate") == {}
         await c.ok("add-blocker", {"reason": SEV})
     assert "nobody listens" not in d.log()
+    assert_clean_log(d)
+
+
+async def test_a_lost_migration_ends_when_its_qemu_exits_whatever_holds_the_monitor_path(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Path,
+) -> None:
+    """Reported: a migration the link lost ended only when the link found nobody
+    listening on the monitor's path, or a new QEMU answering there.  A path held by
+    something else (a listener that never greets, as a QEMU whose monitor has a
+    client already) kept the dead QEMU's migration "running" for good: every
+    add-blocker was refused, and its clients never heard its last event.  Its end is
+    the process's exit, which the kernel tells (a pidfd) whatever owns the path."""
+    qemu = qemu_factory(memory="1G")
+    d = await gated(start_daemon, qemu)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as holder:
+        held = tmp_path / "held.sock"
+        holder.bind(str(held))
+        holder.listen()  # accepts into its backlog; greets nobody
+        async with d.client() as c, d.client() as watcher:
+            await c.ok("migrate-set-capabilities", EVENTS_ON)
+            await start_slow_migration(c)
+            d.wait_for_log("QEMU migration status: active")
+            assert qemu.proc is not None
+            pid = qemu.proc.pid
+            held.rename(qemu.gate_socket)  # QEMU's monitor path, from now on the holder's
+            qemu.kill()
+            statuses: list[str] = []
+            while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
+                statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
+            assert statuses == ["setup", "active", "failed"]
+            d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration "
+                           "it ran (last status active) cannot complete; clients are sent "
+                           "MIGRATION failed")
+            await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+            assert [b["id"] for b in await c.ok("query-blockers")] == ["sev"]
+    assert d.log().count("has exited") == 1
+    assert "nobody listens" not in d.log()
+    assert_clean_log(d)
+
+
+async def test_nobody_listening_ends_no_lost_migration_while_its_process_runs(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Path,
+) -> None:
+    """Reported: a migration the link lost was taken to have ended as soon as nobody
+    listened on the monitor's path (removed, or no longer listened on), though the
+    process behind it ran on: add-blocker was acknowledged while QEMU migrated.  Here
+    the relay is QEMU's end of the monitor, and its process (this test's) runs on
+    after it stops listening, as QEMU does; QEMU itself migrates on behind it."""
+    qemu = qemu_factory(memory="1G")
+    relay_path = tmp_path / "relay.sock"
+    with contextlib.ExitStack() as relaying:
+        relaying.enter_context(Relay(qemu.gate_socket, relay_path))
+        d = start_daemon("--qemu", str(relay_path))
+        await connected(d)
+        async with d.client() as c, qemu.monitor() as mon:
+            await c.ok("migrate-set-capabilities", EVENTS_ON)
+            await start_slow_migration(c)
+            d.wait_for_log("QEMU migration status: active")
+            relaying.close()  # its connections cut, nobody listening on its path
+            d.wait_for_log(f"QEMU at {relay_path} is not available")
+            assert (await mon.ok("query-migrate"))["status"] == "active"
+            assert (await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=1)
+                    == error(GENERIC, BUSY_SEV, 1))
+            assert await c.ok("query-blockers") == []
+            d.wait_for_log(f"nobody listens on QEMU's monitor at {relay_path}, but the QEMU "
+                           f"process it lost (pid {os.getpid()}) is still running and may be "
+                           "migrating: add-blocker stays refused until it answers there or "
+                           "exits")
+            with Relay(qemu.gate_socket, relay_path):
+                await wait_until(lambda: d.log().count("connected to QEMU 7.") == 2,
+                                 "migblockd connected again")
+                await cancel_then_add(c, mon)
+    assert d.log().count("nobody listens on QEMU's monitor") == 1
+    assert "has exited" not in d.log()
     assert_clean_log(d)
 
 
@@ -642,7 +724,7 @@ def test_a_zombie_qemu_of_another_user_counts_as_exited_where_proc_hides_it() ->
     zombie = subprocess.Popen(["true"])  # root's; not waited for until the end
     try:
         os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # exited, left a zombie
-        judge = ("from migblockd.qemu.bridge import process_exited; "
+        judge = ("from migblockd.qemu.process import process_exited; "
                  f"print(process_exited({zombie.pid}))")
         hidden = subprocess.run(
             ["unshare", "--mount", "sh", "-c",

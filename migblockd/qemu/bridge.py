@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import select
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,6 +28,7 @@ from migblockd.qemu.link import (
     QemuLinkError,
     QemuTimedOut,
 )
+from migblockd.qemu.process import ProcessWatch
 from migblockd.qemu.reconnect import LinkState
 from migblockd.qemu_facts import (
     QemuError,
@@ -42,7 +41,7 @@ from migblockd.qemu_facts import (
 from migblockd.qmp.encoding import timestamp
 from migblockd.registry import RUNNING_STATUSES, Registry
 
-__all__ = ["Bridge", "passthrough_warnings", "process_exited"]
+__all__ = ["Bridge", "passthrough_warnings"]
 
 log = logging.getLogger("migblockd")
 
@@ -110,11 +109,19 @@ class Bridge:
         self._events_owed = False
         #: The connected QEMU's process id, kept once the link is lost (None: unknown).
         self._pid: int | None = None
-        #: A migration whose QEMU the link lost: its last status, whether that QEMU
-        #: sent MIGRATION events, and its process id (None: none lost, or QEMU answered
-        #: again, or it has exited).  Kept for the migration's last event; whether
-        #: QEMU may migrate on is the facts' ``cut_off``, until QEMU says otherwise.
-        self._cut_off: tuple[str, bool, int | None] | None = None
+        #: The process of the QEMU connected, or last connected (None: its id unknown).
+        self._process: ProcessWatch | None = None
+        #: Whether its exit is awaited: the link lost it with the facts' ``cut_off``
+        #: set, which its exit ends.
+        self._watching = False
+        #: Whether the log has said that nobody listens at the monitor's path while
+        #: that process runs on (said once per loss).
+        self._alive_said = False
+        #: A migration whose QEMU the link lost: its last status, and whether that
+        #: QEMU sent MIGRATION events (None: none lost, or QEMU answered again, or
+        #: it has exited).  Kept for the migration's last event; whether QEMU may
+        #: migrate on is the facts' ``cut_off``, until QEMU says otherwise.
+        self._cut_off: tuple[str, bool] | None = None
 
     def start(self, core: Core, wake: Callable[[], None]) -> None:
         """Connect (and keep reconnecting); ``wake()`` makes the server flush and report."""
@@ -147,6 +154,10 @@ class Bridge:
         for task in self._tasks:
             task.cancel()
         await self.link.close()
+        self._watching = False
+        if self._process is not None:
+            self._process.close()
+            self._process = None
 
     async def forward(self, call: Call) -> object:
         """Run ``call`` on QEMU: its return value, or the gate's errors."""
@@ -267,12 +278,13 @@ class Bridge:
             assert info is not None
             self._connection += 1
             self._pid = info.pid
-            if self._cut_off is not None and self._exited(self._cut_off[2], info.pid):
-                # Restarted before the link found nobody listening: the same end.
-                self._cut_off_ended(f"QEMU at {self.link.path} (pid {self._cut_off[2]}) "
-                                    f"has exited, a new one (pid {info.pid}) answering on "
-                                    "its monitor")
+            if self._watching and self._process is not None and self._process.exited():
+                self._process_exited()  # a new QEMU on the path before the exit was seen
+            self._watching = False
             self._cut_off = None  # QEMU answers: its query-migrate says how that one ended
+            if self._process is not None:
+                self._process.close()
+            self._process = ProcessWatch(info.pid) if info.pid is not None else None
         facts.unanswered = False  # a new connection: QEMU holds nothing sent before
         facts.commands = info.commands if info is not None and facts.connected else {}
         facts.required = info.required if info is not None and facts.connected else {}
@@ -287,6 +299,8 @@ class Bridge:
             if state == "disconnected" and not facts.cut_off and (
                     facts.status in RUNNING_STATUSES or facts.awaiting):
                 self._lose_migration()
+            if state == "disconnected" and facts.cut_off:
+                self._watch_for_exit()
             facts.status = facts.blockers = None
             self._evented = False
         self._wake()
@@ -304,43 +318,78 @@ class Bridge:
         # (An owed capability: that QEMU was sent none for this migration.)
         evented = self._evented or (self.handlers.registry.events_enabled
                                     and not self._events_owed)
-        self._cut_off = (facts.status or "not seen yet", evented, self._pid)
+        self._cut_off = (facts.status or "not seen yet", evented)
         facts.cut_off = True  # until a query-migrate answers, or QEMU has exited
+        if not facts.connected:  # the link's loss was reported first
+            self._watch_for_exit()
 
     def _silent(self) -> None:
         """QEMU stopped answering, or answers again: what the status shows changed
         (``facts.silent``), whoever's command told (migblockd's own, at connect)."""
         self._wake()
 
-    def _gone(self) -> None:
-        """Nobody listens on QEMU's monitor: the QEMU the link lost has exited.
-
-        If it was migrating, that migration cannot end now in any status QEMU would
-        report, and its clients would wait for a last ``MIGRATION`` event forever: they
-        get ``failed``, the status QEMU gives a migration that ended without completing
-        other than by ``migrate_cancel`` (``MigrationStatus``, qapi/migration.json), or
-        ``cancelled`` for one that was being cancelled, if that QEMU sent MIGRATION
-        events at all (its ``events`` capability was on).
-        """
-        self.facts.cut_off = False  # whatever it ran has ended with it
-        if self._cut_off is None:
+    def _watch_for_exit(self) -> None:
+        """The link lost its QEMU while it may migrate: that QEMU's exit ends that
+        (unknown process: the link's finding nobody listening does)."""
+        process = self._process
+        if self._watching or process is None or not process.telling:
             return
-        self._cut_off_ended(f"QEMU at {self.link.path} has exited (nobody listens on its "
-                            "monitor)")
+        self._watching, self._alive_said = True, False
+        process.on_exit(self._process_exited)
 
-    @staticmethod
-    def _exited(old: int | None, new: int | None) -> bool:
-        """Whether the QEMU process ``old`` has exited, a new one (``new``) answering on
-        its monitor: a QEMU restarted at once, which the link never found missing."""
-        if old is None or new is None or old == new:
-            return False  # the same QEMU answers again (or nothing tells them apart)
-        return process_exited(old)
+    def _process_exited(self) -> None:
+        """The QEMU whose migration the link lost has exited: whatever it ran has
+        ended with it, whatever now owns its monitor's path."""
+        if not self._watching or self._process is None:
+            return
+        self._watching = False
+        self._process.stop()
+        self._ended(f"QEMU at {self.link.path} (pid {self._process.pid}) has exited")
+
+    def _gone(self) -> None:
+        """Nobody listens on QEMU's monitor.
+
+        The QEMU the link lost has exited, or (when its process is known) it runs on
+        and its monitor's path was removed or no longer listened on: its migration
+        goes on, and so does the cut-off.
+        """
+        process = self._process
+        if self._watching and process is not None:
+            if process.exited():
+                self._process_exited()
+            elif not self._alive_said:
+                self._alive_said = True
+                log.warning("nobody listens on QEMU's monitor at %s, but the QEMU process "
+                            "it lost (pid %d) is still running and may be migrating: "
+                            "add-blocker stays refused until it answers there or exits",
+                            self.link.path, process.pid)
+            return
+        self._ended(f"QEMU at {self.link.path} has exited (nobody listens on its monitor)")
+
+    def _ended(self, why: str) -> None:
+        """The QEMU the link lost has exited (``why``): it migrates no more."""
+        facts = self.facts
+        if self._cut_off is not None:
+            self._cut_off_ended(why)
+        elif facts.cut_off:
+            # Lost again before it answered on a connection made again.
+            facts.cut_off = False
+            log.warning("%s: the migration it may have run has ended with it", why)
+            self._wake()
 
     def _cut_off_ended(self, why: str) -> None:
         """The QEMU whose migration the link lost has exited (``why``): say so, and
-        send the clients the migration's last event."""
+        send the clients the migration's last event.
+
+        That migration cannot end now in any status QEMU would report, and its
+        clients would wait for a last ``MIGRATION`` event forever: they get
+        ``failed``, the status QEMU gives a migration that ended without completing
+        other than by ``migrate_cancel`` (``MigrationStatus``, qapi/migration.json),
+        or ``cancelled`` for one that was being cancelled, if that QEMU sent
+        MIGRATION events at all (its ``events`` capability was on).
+        """
         assert self._cut_off is not None
-        (cut_off, evented, _), self._cut_off = self._cut_off, None
+        (cut_off, evented), self._cut_off = self._cut_off, None
         self.facts.cut_off = False
         # QEMU ends a cancelling migration (migrate_cancel, or its own quit) cancelled,
         # whatever else happens (migrate_fd_cleanup(), migration/migration.c).
@@ -349,7 +398,7 @@ class Bridge:
                     cut_off, f"; clients are sent MIGRATION {ending}" if evented else "")
         if evented and self._core is not None:
             self._core.relay("MIGRATION", {"status": ending}, timestamp(time.time()))
-            self._wake()
+        self._wake()
 
     async def _receiving(self, info: object) -> bool:
         """The migration ``query-migrate`` shows (``info``) is an incoming one."""
@@ -391,25 +440,3 @@ class Bridge:
             return
         if wanted:
             await self._set_events()
-
-
-def process_exited(pid: int) -> bool:
-    """Whether process ``pid`` has exited, reaped or not (a zombie has exited too).
-
-    A pidfd says so whoever's the process is: /proc would not, where the units'
-    ``ProtectProc=invisible`` hides other users' processes (QEMU's, as a rule), and
-    ``kill(pid, 0)`` on one of those is refused, zombie or not.  The pidfd is
-    readable once the process has exited (``pidfd_open(2)``).
-    """
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True  # exited and reaped
-    except OSError:
-        return False  # cannot tell (a kernel older than 5.3, say)
-    try:
-        poll = select.poll()
-        poll.register(fd, select.POLLIN)
-        return bool(poll.poll(0))
-    finally:
-        os.close(fd)

@@ -241,6 +241,27 @@ def test_escape_keys_edit_and_a_pasted_escape_is_shown_not_obeyed(
     assert "Traceback" not in shell.transcript()
 
 
+def test_a_pasted_block_runs_each_command_in_turn(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    """Several lines pasted at once arrive as one entry (bracketed paste).  Reported:
+    they were read as one command, and the shell said ``expected key=value, got
+    'query-blockers'``.  Each line runs, in order, as bash runs a pasted block; a raw
+    JSON request pasted pretty-printed runs whole."""
+    shell = spawn_shell(daemon.socket)
+    shell.send("\x1b[200~add-blocker reason=pasted id=p\r"
+               '{\r  "execute": "query-blockers"\r}\r'
+               "\r"
+               "del-blocker id=p\rquery-blockers\x1b[201~\r")
+    shell.expect('{"return": {"id": "p", "reason": "pasted"')
+    shell.expect('{"return": [{"id": "p", "reason": "pasted"')
+    shell.expect('{"return": {}}')
+    shell.expect('{"return": []}')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+    assert "error" not in shell.transcript()
+
+
 def _stopped_under(start_daemon: Callable[..., DaemonProcess],
                    spawn_shell: Callable[..., Shell]) -> tuple[DaemonProcess, Shell]:
     """A shell whose daemon stopped (it has said so), and that stopped daemon."""

@@ -9,6 +9,7 @@ import pytest
 
 from migblockd.contract import Contract
 from migblockd.shell.render import Renderer
+from migblockd.shell.repl import entered_commands
 from migblockd.shell.schema import Schema
 from migblockd.shell.syntax import Help, Nothing, ParseError, Request, parse_line, tokenize
 
@@ -255,3 +256,15 @@ def test_the_renderer_shows_invisible_characters_escaped(reason: str, pretty: bo
     assert "\\u" in shown
     assert json.loads(shown) == value  # still the JSON the daemon sent
     shown.encode("utf-8")  # printable: no lone surrogate left to fail the terminal
+
+
+@pytest.mark.parametrize(("entered", "commands"), [
+    ("query-version", ["query-version"]),
+    ('{"execute": "x"} trailing', ['{"execute": "x"} trailing']),  # one line: as typed
+    ("a\nb x=1\n", ["a", "b x=1", ""]),
+    ('{\n "execute": "q"\n}\nnext', ['{\n "execute": "q"\n}', "next"]),
+    ('{"execute":\nnext', ['{"execute":\nnext']),  # never parses: sent, for its error
+])
+def test_what_is_entered_at_once_is_split_into_commands(entered: str,
+                                                        commands: list[str]) -> None:
+    assert entered_commands(entered) == commands

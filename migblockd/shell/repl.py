@@ -5,6 +5,7 @@ line being typed is redrawn intact below them."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +29,37 @@ def _say(text: str) -> None:
     # sys.stdout is looked up at call time: inside patch_stdout it is the proxy
     # that prints above the prompt.
     print(text, file=sys.stdout, flush=True)
+
+
+def entered_commands(text: str) -> list[str]:
+    """The commands in what was entered at one prompt.
+
+    A paste of several lines arrives as one entry (the terminal's bracketed paste,
+    which prompt_toolkit turns on): each line is a command, as bash runs them,
+    except that a raw JSON request runs on across lines until it parses (a request
+    pasted pretty-printed).  One that never does is sent as pasted, for the error.
+    """
+    commands: list[str] = []
+    pending: list[str] = []
+    for line in text.split("\n"):
+        if pending or (line.lstrip().startswith("{") and not _parses(line)):
+            pending.append(line)
+            if _parses("\n".join(pending)):
+                commands.append("\n".join(pending))
+                pending = []
+        else:
+            commands.append(line)
+    if pending:
+        commands.append("\n".join(pending))
+    return commands
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def open_history(path: Path | None) -> History:
@@ -90,15 +122,17 @@ class Interactive:
                         continue  # Ctrl-C drops the line
                     except EOFError:
                         break  # Ctrl-D
-                    await self._run_interruptibly(line)
+                    for command in entered_commands(line):
+                        if not await self._run_interruptibly(command):
+                            break  # Ctrl-C stops what was pasted, too
         finally:
             await self.connection.close()
         return 0
 
-    async def _run_interruptibly(self, line: str) -> None:
+    async def _run_interruptibly(self, line: str) -> bool:
         """Run ``line``; Ctrl-C while it runs (a daemon that does not answer, a
         reconnection that hangs) abandons it and returns to the prompt instead of
-        ending the shell.
+        ending the shell.  Whether it ran to its end (not interrupted).
 
         At the prompt prompt_toolkit reads Ctrl-C as a key; while a command runs
         the terminal is in cooked mode and Ctrl-C is SIGINT (:mod:`.interrupt`).
@@ -118,6 +152,8 @@ class Interactive:
                         " its reply will not be shown"
                     )
                 )
+                return False
+        return True
 
     async def _run(self, line: str) -> None:
         if not line.strip() or line.lstrip().startswith("#"):

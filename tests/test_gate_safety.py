@@ -277,6 +277,42 @@ async def test_a_gate_met_during_a_migration_sets_the_events_capability_once_it_
     assert_clean_log(d)
 
 
+async def test_an_events_capability_qemu_did_not_take_is_set_before_the_next_migrate(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, tmp_path: Path,
+) -> None:
+    """Setting the events capability clients asked for can fail (QEMU silent, here:
+    the relay keeps the command from it); it stays owed and is set before the next
+    migrate migblockd forwards, which then sends its MIGRATION events."""
+    state = ("--state-dir", str(tmp_path / "state"))
+    await events_stored(start_daemon, qemu, state)
+    async with qemu.monitor() as mon:
+        await mon.ok("migrate-set-capabilities", EVENTS_OFF)  # as a QEMU starts
+        with Relay(qemu.gate_socket, tmp_path / "relay.sock") as relay:
+            relay.swallow = b'"execute":"migrate-set-capabilities"'
+            d = start_daemon("--qemu", str(relay.path), "--qemu-timeout", "1", *state)
+            d.wait_for_log(f"QEMU at {relay.path}: cannot set the events capability clients "
+                           "asked for: ")
+            d.wait_for_log("migblockd tries again before it forwards the next migrate")
+            relay.swallow = None
+            async with d.client() as c:
+                await c.ok("query-migrate")  # QEMU answers again
+                assert {"capability": "events", "state": False} in await mon.ok(
+                    "query-migrate-capabilities")
+                await c.ok("migrate-set-parameters", {"max-bandwidth": 1 << 30})
+                await c.ok("migrate", {"uri": SINK})
+                d.wait_for_log(f"QEMU at {relay.path}: set the events capability clients "
+                               "asked for")
+
+                async def completed() -> bool:
+                    c.events.extend(m for m in await c.sync() if m.get("event") == "MIGRATION")
+                    return any(e["data"]["status"] == "completed" for e in c.events)
+
+                await wait_until(completed, "MIGRATION events of the migration forwarded")
+            assert [e["data"]["status"] for e in c.events][:1] == ["setup"]
+    assert d.log().count(": set the events capability clients asked for") == 1
+    assert d.log().count("cannot set the events capability") == 1
+
+
 async def test_a_postcopy_destination_takes_blockers_as_qemu_does(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
     tmp_path: Path,

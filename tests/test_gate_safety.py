@@ -401,6 +401,15 @@ async def cancel_then_add(c: RawClient, mon: QemuMonitor) -> None:
     await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
 
 
+async def migration_statuses(watcher: RawClient) -> list[str]:
+    """The statuses of the MIGRATION events ``watcher`` hears, up to the last one
+    (``completed``, ``failed`` or ``cancelled``)."""
+    statuses: list[str] = []
+    while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
+        statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
+    return statuses
+
+
 class Relay:
     """The wire between migblockd and a real QEMU's monitor, with a cut in it.
 
@@ -615,10 +624,7 @@ async def test_a_client_awaiting_the_end_of_a_migration_whose_qemu_died_hears_fa
         assert qemu.proc is not None
         pid = qemu.proc.pid
         qemu.kill()
-        statuses: list[str] = []
-        while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
-            statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
-        assert statuses == ["setup", "active", "failed"]
+        assert await migration_statuses(watcher) == ["setup", "active", "failed"]
         d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration it "
                        "ran (last status active) cannot complete; clients are sent MIGRATION "
                        "failed")
@@ -656,10 +662,7 @@ async def test_a_migration_whose_qemu_was_restarted_at_once_ends_failed_for_its_
             qemu.kill()
         else:
             qemu.proc.send_signal(signal.SIGKILL)  # not waited for (reaped at teardown)
-        statuses: list[str] = []
-        while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
-            statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
-        assert statuses == ["setup", "active", "failed"]
+        assert await migration_statuses(watcher) == ["setup", "active", "failed"]
         d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {old}) has exited: the migration it "
                        "ran (last status active) cannot complete; clients are sent MIGRATION "
                        "failed")
@@ -696,10 +699,7 @@ async def test_a_lost_migration_ends_when_its_qemu_exits_whatever_holds_the_moni
             pid = qemu.proc.pid
             held.rename(qemu.gate_socket)  # QEMU's monitor path, from now on the holder's
             qemu.kill()
-            statuses: list[str] = []
-            while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
-                statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
-            assert statuses == ["setup", "active", "failed"]
+            assert await migration_statuses(watcher) == ["setup", "active", "failed"]
             d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration "
                            "it ran (last status active) cannot complete; clients are sent "
                            "MIGRATION failed")
@@ -790,10 +790,7 @@ async def test_a_migration_cancelled_by_qemus_quit_ends_cancelled_for_its_client
         await mon.send({"execute": "quit"})
         assert qemu.proc is not None
         qemu.proc.wait(timeout=30)
-        statuses: list[str] = []
-        while not statuses or statuses[-1] not in ("completed", "failed", "cancelled"):
-            statuses.append((await watcher.wait_event("MIGRATION"))["data"]["status"])
-        assert statuses == ["setup", "active", "cancelling", "cancelled"]
+        assert await migration_statuses(watcher) == ["setup", "active", "cancelling", "cancelled"]
         d.wait_for_log("the migration it ran (last status cancelling) cannot complete; "
                        "clients are sent MIGRATION cancelled")
     assert_clean_log(d)

@@ -29,6 +29,7 @@ import asyncio
 import concurrent.futures
 import gzip
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +39,9 @@ from urllib.parse import parse_qs
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from migblockd.logs import shown
+from migblockd.scrape_request import log_failure
 
 __all__ = ["MIN_INTERVAL", "RENDER_TIMEOUT", "MetricsApp", "gzip_wanted"]
 
@@ -49,6 +53,10 @@ MIN_INTERVAL = 0.1
 RENDER_TIMEOUT = 5.0
 
 StartResponse = Callable[..., Any]
+
+#: The text format 0.0.4: what prometheus_client answers when the scraper asks for
+#: nothing else (its name for the content type differs between its versions).
+_PLAIN = choose_encoder("")
 
 
 class MetricsApp:
@@ -71,7 +79,12 @@ class MetricsApp:
         # probe's.  Its answer is the GET's (9.3.2), so it waits for the event
         # loop as the GET does: a wedged or stopping daemon is not healthy.  Only
         # the body of a 200 is not built, which costs the loop.
-        status, headers, body = self._answer(environ, build=method == "GET")
+        try:
+            status, headers, body = self._answer(environ, build=method == "GET")
+        except Exception:
+            # A bug, which any client may set off once per request: throttled.
+            log_failure("cannot build the answer", sys.exc_info())
+            status, headers, body = _plain("500 Internal Server Error", "internal error")
         if method == "GET":
             assert body is not None  # built
             start_response(status, headers)
@@ -89,7 +102,7 @@ class MetricsApp:
                 build: bool) -> tuple[str, list[tuple[str, str]], bytes | None]:
         """The GET's status, headers and body; without ``build``, the body of a 200
         is None, not built (the loop still runs a turn for it, or the 503 says why not)."""
-        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        encoder, content_type = _encoder(environ.get("HTTP_ACCEPT", ""))
         headers = [("Content-Type", content_type)]
         gzipped = gzip_wanted(environ.get("HTTP_ACCEPT_ENCODING", ""))
         if gzipped:
@@ -100,9 +113,6 @@ class MetricsApp:
             output = self._on_loop(lambda: encoder(source) if build else b"")
         except _NoAnswer as exc:
             return _plain("503 Service Unavailable", str(exc))
-        except Exception:
-            log.exception("metrics: cannot build the answer")
-            return _plain("500 Internal Server Error", "internal error")
         if not build:
             return "200 OK", headers, None
         if gzipped:
@@ -135,6 +145,28 @@ class MetricsApp:
             finally:
                 future.cancel()
                 self._ready = time.monotonic() + MIN_INTERVAL
+
+
+def _encoder(accept: str) -> tuple[Callable[[Collector], bytes], str]:
+    """prometheus_client's encoder for ``accept``, and the Content-Type it answers with;
+    for an ``Accept`` it cannot use, the text format 0.0.4's, as a Prometheus server
+    answers.
+
+    ``choose_encoder`` raises TypeError for a version it cannot compare
+    (``version=x``, ``version=1.x.0``), and copies the version the client sent
+    into the Content-Type, a folded line (CR LF, then a space) included.
+    """
+    try:
+        encoder, content_type = choose_encoder(accept)
+    except Exception as exc:
+        log.debug("metrics: Accept %s not understood (%r): the text format 0.0.4",
+                  shown(accept), exc)
+        return _PLAIN
+    if not (content_type.isascii() and content_type.isprintable()):
+        log.debug("metrics: Accept %s would be answered with control characters in the "
+                  "Content-Type: the text format 0.0.4", shown(accept))
+        return _PLAIN
+    return encoder, content_type
 
 
 def gzip_wanted(accept_encoding: str) -> bool:

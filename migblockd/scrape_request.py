@@ -23,19 +23,27 @@ otherwise:
   to ignore, is taken for an empty request line, and the connection closed
   without an answer.  Here empty lines are skipped, within the request line's
   bound; empty lines and then the end of the request get a 400.
+- A failure of its own (a bug) is logged with its traceback each time, and a
+  client that repeats the request that causes it writes the log as fast as it
+  can send it.  Here :func:`log_failure` logs one traceback per kind of failure
+  each ``FAILURE_WINDOW`` seconds, and counts the rest.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
+import time
 from http import HTTPStatus
 from typing import Any
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler
 
 from migblockd.logs import shown
+from migblockd.logs.throttle import Throttle
 
-__all__ = ["MAX_HEADER_BYTES", "MAX_REQUEST_LINE", "RequestHandler"]
+__all__ = ["FAILURE_WINDOW", "MAX_HEADER_BYTES", "MAX_REQUEST_LINE", "RequestHandler",
+           "log_failure"]
 
 log = logging.getLogger("migblockd")
 
@@ -45,6 +53,30 @@ MAX_REQUEST_LINE = 65536
 #: included: past it, 431.  Prometheus sends a few hundred; a bearer token, a
 #: few thousand.
 MAX_HEADER_BYTES = 65536
+#: Seconds in which one failure of a kind is logged with its traceback; the
+#: rest are counted, and the next line says how many there were.
+FAILURE_WINDOW = 60.0
+
+# Shared by the endpoint's threads (one per connection): the throttle is not
+# safe across threads by itself.
+_failures = Throttle(burst=1, window=FAILURE_WINDOW)
+_failures_lock = threading.Lock()
+
+
+def log_failure(what: str, exc_info: Any) -> None:
+    """Log ``what`` failed at the error level, with the traceback of ``exc_info``,
+    once per ``FAILURE_WINDOW`` (the rest at the debug level, without it).
+
+    A failure while building or sending an answer is a bug, but one any client
+    may set off at will, once per request: unthrottled, a client repeating the
+    request filled the log with tracebacks (2 KB each, hundreds a second).
+    """
+    with _failures_lock:
+        said = _failures.admit(what, None, time.monotonic())
+    if said is None:
+        log.debug("metrics: %s: %r", what, exc_info[1])
+    else:
+        log.error("metrics: %s%s", what, said, exc_info=exc_info)
 
 
 class RequestHandler(WSGIRequestHandler):
@@ -149,4 +181,4 @@ class _ServerHandler(ServerHandler):
             # (wsgiref keeps quiet about a reset or a broken pipe, not the rest).
             log.debug("metrics: answer not sent: %r", error)
         else:
-            log.error("metrics: cannot answer", exc_info=exc_info)
+            log_failure("cannot answer", exc_info)

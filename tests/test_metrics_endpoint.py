@@ -14,14 +14,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
 from faults import injecting
-from prometheus_client.registry import CollectorRegistry
+from metricstext import Scrape
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
 from qmpclient import blocking_client, encode
 from test_core import make
 from test_daemon_exhaustion import limited_python
@@ -511,3 +514,62 @@ def test_head_while_stopping_says_what_the_get_would(short_tmp: Path) -> None:
         metrics.close()
     assert get[0] == b"HTTP/1.0 503 Service Unavailable" and get[2] == b"migblockd is stopping\n"
     assert head == (get[0], get[1], b"")
+
+
+def test_an_accept_header_it_cannot_use_gets_the_text_format(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # prometheus_client's choose_encoder raised TypeError for a version it could
+    # not compare: a 500, and an error with its traceback in the log, per request.
+    # A folded version line went into the answer's Content-Type as it came.
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock")
+    for accept in (b"text/plain; version=x", b"application/openmetrics-text; version=abc",
+                   b"text/plain; version=1.x.0",
+                   b"application/openmetrics-text; version=1.0.1\r\n .2"):
+        for method in (b"GET", b"HEAD"):
+            answer = exchange(endpoint_path,
+                              method + b" /metrics HTTP/1.1\r\nAccept: " + accept + b"\r\n\r\n")
+            status, fields, body = head_of(answer)
+            assert status == b"HTTP/1.0 200 OK", (accept, answer[:300])
+            assert fields[b"Content-Type"] == b"text/plain; version=0.0.4; charset=utf-8", (
+                accept, fields)
+            if method == b"GET":
+                assert Scrape.parse(body.decode()).types["migblockd_build_info"] == "gauge"
+    assert d.stop() == 0
+    assert not [line for line in d.log().splitlines()
+                if "metrics: " in line and " DEBUG: " not in line
+                and "serving Prometheus metrics" not in line], d.log()[-3000:]
+    assert_clean_log(d)
+
+
+def test_a_failure_to_build_the_answer_is_logged_once_a_window(
+        short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A failure that any request sets off (a bug) logged a traceback per request.
+    class Broken(Collector):
+        def collect(self) -> Iterable[Metric]:
+            raise RuntimeError("a collector's bug")
+
+    caplog.set_level(logging.DEBUG, logger="migblockd")
+    registry = CollectorRegistry()
+    registry.register(Broken())
+    loop = asyncio.new_event_loop()
+    turning = threading.Thread(target=loop.run_forever, daemon=True)
+    turning.start()
+    path = short_tmp / "m.sock"
+    metrics = MetricsServer.open(path, registry, short_tmp / "q.sock", loop)
+    metrics.start()
+    try:
+        for _ in range(5):
+            answer = exchange(path, b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.0 500 "), answer[:200]
+    finally:
+        metrics.close()
+        loop.call_soon_threadsafe(loop.stop)
+        turning.join(10)
+        loop.close()
+    errors = [r for r in caplog.records if r.levelno > logging.INFO]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert errors[0].exc_info is not None and "a collector's bug" in caplog.text
+    assert errors[0].getMessage().startswith("metrics: cannot build the answer [more like it ")
+    failed = [r for r in caplog.records if "cannot build the answer" in r.getMessage()]
+    assert len(failed) == 5, [r.getMessage() for r in failed]

@@ -18,7 +18,9 @@ otherwise:
   431.  A scraper's headers are a few hundred bytes.
 - A request it cannot parse (no version, or ``HTTP/2.0``) is taken for
   HTTP/0.9, and its error goes out with no status line: a client sees a
-  malformed answer, not a 400 or a 505.  Here every answer has one.
+  malformed answer, not a 400 or a 505.  A request that says ``HTTP/0.9`` is
+  answered that way, with no status line nor headers.  Here every answer has
+  them, and a version below 1.0 gets a 505, as one past 1.x does.
 - An empty line before the request line, which RFC 9112 (2.2) asks a server
   to ignore, is taken for an empty request line, and the connection closed
   without an answer.  Here empty lines are skipped, within the request line's
@@ -129,6 +131,19 @@ class RequestHandler(WSGIRequestHandler):
             skipped += len(line)
 
     def parse_request(self) -> bool:
+        version = _version(self.raw_requestline)
+        if version is not None and version < (1, 0):
+            # http.server takes it, and wsgiref then answers without a status line
+            # nor headers (a body alone, or nothing for a HEAD), which a client
+            # cannot tell from a broken answer.  Refused as http.server refuses
+            # HTTP/2.0, but in HTTP/1.0.
+            self.command = ""
+            self.request_version = self.default_request_version
+            self.close_connection = True
+            self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+            self.send_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+                            f"Invalid HTTP version ({version[0]}.{version[1]})")
+            return False
         rfile = self.rfile
         head = _Bounded(rfile, MAX_HEADER_BYTES)
         self.rfile = head  # what http.server reads the header lines from
@@ -145,6 +160,20 @@ class RequestHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # The request line is the client's: escaped and cut, as every client string.
         log.debug("metrics: %s", shown(format % args, quoted=False))
+
+
+def _version(line: bytes) -> tuple[int, int] | None:
+    """The version a request line says, as http.server reads it (the last of three
+    words or more, ``HTTP/`` and two numbers); None if it says none it can read."""
+    words = str(line, "iso-8859-1").split()
+    if len(words) < 3 or not words[-1].startswith("HTTP/"):
+        return None
+    numbers = words[-1][len("HTTP/"):].split(".")
+    # ASCII digits only: "²" is a digit to isdigit(), not to int().
+    if len(numbers) != 2 or not all(n.isascii() and n.isdigit() and len(n) <= 10
+                                    for n in numbers):
+        return None
+    return int(numbers[0]), int(numbers[1])
 
 
 class _Bounded(io.BufferedIOBase):

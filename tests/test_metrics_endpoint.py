@@ -339,12 +339,18 @@ def exchange(path: Path, request: bytes) -> bytes:
 def test_requests_it_cannot_parse_get_a_status_line(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
     # wsgiref took them for HTTP/0.9 and sent its error page alone: a client saw a
-    # malformed answer, not a 400 or a 505.
+    # malformed answer, not a 400 or a 505.  One that said HTTP/0.9 got its answer
+    # so: the metrics, or the 405's text, alone, and nothing at all for a HEAD.
     endpoint_path = short_tmp / "metrics.sock"
     d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock")
     for request, status in ((b"garbage\r\n\r\n", 400),
                             (b"GET /metrics HTTP/1.1 extra\r\n\r\n", 400),
                             (b"GET /metrics HTTP/2.0\r\n\r\n", 505),
+                            (b"GET /metrics HTTP/0.9\r\n\r\n", 505),
+                            (b"HEAD /metrics HTTP/0.9\r\n\r\n", 505),
+                            (b"POST /metrics HTTP/0.9\r\n\r\n", 505),
+                            (b"GET /metrics HTTP/0.5\r\n\r\n", 505),
+                            (b"GET /metrics HTTP/\xb2.0\r\n\r\n", 400),  # a digit to isdigit()
                             (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414)):
         answer = exchange(endpoint_path, request)
         assert answer.startswith(b"HTTP/1.0 %d " % status), (request[:40], answer[:200])

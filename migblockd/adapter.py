@@ -249,6 +249,9 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
             limit = self.server.config.max_output
             # While draining nobody is dropped for it: they are owed these replies.
             if self.outbox.put(pieces, size, events) > limit and not self.server.draining:
+                # Counted here only: the metric is for this drop, not those of a
+                # timeout's linger or of shutdown.
+                self.core.stats.dropped += 1
                 self.drop(f"more than max-output={limit} bytes of unread events")
                 return
             self.watch_loss()

@@ -81,7 +81,6 @@ class Ending:
         if self.conn is None or self.transport is None or self.dropped:
             return
         log.warning("%s: dropped: %s", self.conn.label, why, extra=about(self.conn))
-        self.core.stats.dropped += 1
         self.dropped = True
         self.transport.abort()
         self.watch_loss()

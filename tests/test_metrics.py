@@ -369,3 +369,34 @@ def test_stopping_is_not_held_up_by_an_idle_scraper(
 ])
 def test_gzip_only_when_asked_with_a_weight(header: str, wanted: bool) -> None:
     assert gzip_wanted(header) is wanted
+
+
+async def test_only_drops_for_max_output_are_counted_as_dropped(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # Every drop was counted: a client that never negotiated nor read its greeting,
+    # closed by --negotiation-timeout and then dropped for not taking its last
+    # replies, counted as one disconnected past --max-output.
+    endpoint = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint), "--negotiation-timeout", "0.5",
+                     "--max-output", "1", "--ephemeral", socket=short_tmp / "qmp.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(str(d.socket))  # reads nothing, sends nothing
+        d.wait_for_log("dropped: took none of its last replies", timeout=30)
+    assert scrape(endpoint).value("migblockd_clients_dropped_total") == 0
+    # A drop for --max-output still counts: replies fill the non-reader's socket,
+    # then an event stays unread and the next one is one too many.
+    async with d.client() as a:
+        non_reader = await asyncio.to_thread(blocking_client, d.socket)
+        try:
+            non_reader.sendall(encode({"execute": "query-qmp-schema"}) * SCHEMA_REQUESTS)
+            await scrape_until(endpoint, lambda s: s.value(
+                "migblockd_commands_total", command="query-qmp-schema", result="ok")
+                == SCHEMA_REQUESTS, "the non-reader's requests ran")
+            for wake in ("wake", "wake2"):
+                await a.ok("add-blocker", {"reason": "wake", "id": wake})
+            d.wait_for_log("dropped: more than max-output=1 bytes of unread events")
+        finally:
+            non_reader.close()
+    assert scrape(endpoint).value("migblockd_clients_dropped_total") == 1
+    assert d.stop() == 0
+    assert_clean_log(d)

@@ -180,7 +180,7 @@ class DaemonCollector(Collector):
                                 value=len(core.connections))
         yield CounterMetricFamily(
             "migblockd_connections",
-            "Connections accepted (those turned away at max-clients included)",
+            "Connections accepted (those turned away included)",
             value=stats.connections)
         yield _by_reason("migblockd_connections_refused",
                          "Connections turned away, by reason: max-clients, "

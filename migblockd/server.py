@@ -101,6 +101,9 @@ class Server(Turns):
         self._all_gone = asyncio.Event()
 
     def _turned_away(self) -> None:
+        # Accepted (with the reserve descriptor) and told why, as a connection
+        # turned away at max-clients is: counted among the connections too.
+        self.core.stats.connections += 1
         self.core.stats.connections_refused["descriptors"] += 1
 
     # -- life cycle ----------------------------------------------------------------

@@ -156,7 +156,7 @@ class Stats:
         self.blockers_deleted = dict.fromkeys(DELETE_CAUSES, 0)
         self.blockers_refused = dict.fromkeys(ADD_REFUSALS, 0)
         self.migrations_refused = dict.fromkeys(MIGRATE_REFUSALS, 0)
-        self.connections = 0  # accepted, including those refused at max-clients
+        self.connections = 0  # accepted, including those turned away
         #: Connections turned away, by why (CONNECTION_REFUSALS).
         self.connections_refused = dict.fromkeys(CONNECTION_REFUSALS, 0)
         self.dropped = 0  # disconnected past max-output

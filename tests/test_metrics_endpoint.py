@@ -202,9 +202,12 @@ def test_out_of_descriptors_a_waiting_scrape_does_not_spin(
             c.close()
     status, _, _ = get(UnixHTTPConnection(endpoint_path))
     assert status == 200
-    # Those turned away meanwhile are counted.
-    assert scrape(endpoint_path).value("migblockd_connections_refused_total",
-                                       reason="descriptors") == turned_away
+    # Those turned away meanwhile are counted, among the connections too (accepted
+    # and told why, as at max-clients): every client, served or not.
+    found = scrape(endpoint_path)
+    assert found.value("migblockd_connections_refused_total",
+                       reason="descriptors") == turned_away
+    assert found.value("migblockd_connections_total") == len(clients)
     assert d.stop() == 0
     assert_clean_log(d)
 

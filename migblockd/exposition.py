@@ -15,8 +15,9 @@ again; ``benchmarks/bench_metrics.py`` measured add/del throughput falling
 to a half, or a quarter, under a client scraping back to back.  On the loop,
 a scrape costs the loop exactly its own time, sees one consistent state, and
 needs nothing to be safe across threads.  A wedged loop shows as failed
-scrapes (503 after ``RENDER_TIMEOUT``), and failed probes: a HEAD waits for a
-turn of the loop as the GET does, though it builds nothing.
+scrapes (503 ``RENDER_TIMEOUT`` after the request, however many wait with it),
+and failed probes: a HEAD waits for a turn of the loop as the GET does, though
+it builds nothing.
 
 Answers are spaced ``MIN_INTERVAL`` apart (a faster scraper waits), so
 scraping never takes more than a few percent of the loop, however eager the
@@ -49,10 +50,14 @@ log = logging.getLogger("migblockd")
 
 #: Seconds from one answer to the next at the least: bounds what scraping costs.
 MIN_INTERVAL = 0.1
-#: Seconds the event loop has to build an answer before the scraper gets a 503.
+#: Seconds from a request to its 503 when the event loop has not built the answer
+#: by then (waits for the answers before it included).
 RENDER_TIMEOUT = 5.0
 
 StartResponse = Callable[..., Any]
+
+_LATE = "migblockd's event loop did not answer in time"
+_STOPPING = "migblockd is stopping"
 
 #: The text format 0.0.4: what prometheus_client answers when the scraper asks for
 #: nothing else (its name for the content type differs between its versions).
@@ -67,6 +72,8 @@ class MetricsApp:
         self.loop = loop
         self._lock = threading.Lock()
         self._ready = 0.0  # time.monotonic() from which the next answer may start
+        # Set when the loop starts the last render given up on, if it has not yet.
+        self._unstarted: threading.Event | None = None
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -120,31 +127,57 @@ class MetricsApp:
         return "200 OK", headers, output
 
     def _on_loop(self, make: Callable[[], bytes]) -> bytes:
-        with self._lock:
-            wait = self._ready - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        # RENDER_TIMEOUT counts from the request, its wait for the scrapes before
+        # it included: on a wedged loop, scrapes that came together each waited a
+        # whole RENDER_TIMEOUT for their own render in turn (503s at 5, 10, 15 s).
+        deadline = time.monotonic() + RENDER_TIMEOUT
+        if not self._lock.acquire(timeout=RENDER_TIMEOUT):
+            raise _NoAnswer(_LATE)
+        try:
+            return self._render(make, deadline)
+        finally:
+            self._lock.release()
 
-            def run() -> None:
-                if not future.set_running_or_notify_cancel():
-                    return  # given up on
-                try:
-                    future.set_result(make())
-                except Exception as exc:
-                    future.set_exception(exc)
+    def _render(self, make: Callable[[], bytes], deadline: float) -> bytes:
+        """``make()`` run on the loop, by ``deadline``; under ``_lock``."""
+        if self.loop.is_closed():
+            raise _NoAnswer(_STOPPING)
+        unstarted = self._unstarted
+        if unstarted is not None:
+            # The loop has not started a render given up on before: one queued
+            # behind it would not start either, and each scrape of a wedged loop
+            # would leave one more for it to run once it turns.
+            if not unstarted.wait(max(0.0, deadline - time.monotonic())):
+                raise _NoAnswer(_LATE)
+            self._unstarted = None
+        wait = self._ready - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+        started = threading.Event()
 
+        def run() -> None:
+            started.set()
+            if not future.set_running_or_notify_cancel():
+                return  # given up on
             try:
-                self.loop.call_soon_threadsafe(run)
-            except RuntimeError:  # the loop is closed: the daemon is stopping
-                raise _NoAnswer("migblockd is stopping") from None
-            try:
-                return future.result(RENDER_TIMEOUT)
-            except TimeoutError:
-                raise _NoAnswer("migblockd's event loop did not answer in time") from None
-            finally:
-                future.cancel()
-                self._ready = time.monotonic() + MIN_INTERVAL
+                future.set_result(make())
+            except Exception as exc:
+                future.set_exception(exc)
+
+        try:
+            self.loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the loop is closed: the daemon is stopping
+            raise _NoAnswer(_STOPPING) from None
+        try:
+            return future.result(max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            if not started.is_set():
+                self._unstarted = started
+            raise _NoAnswer(_LATE) from None
+        finally:
+            future.cancel()
+            self._ready = time.monotonic() + MIN_INTERVAL
 
 
 def _encoder(accept: str) -> tuple[Callable[[Collector], bytes], str]:

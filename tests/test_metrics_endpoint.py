@@ -6,6 +6,7 @@ file descriptors."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVarTuple
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
@@ -582,3 +584,66 @@ def test_a_failure_to_build_the_answer_is_logged_once_a_window(
     assert errors[0].getMessage().startswith("metrics: cannot build the answer [more like it ")
     failed = [r for r in caplog.records if "cannot build the answer" in r.getMessage()]
     assert len(failed) == 5, [r.getMessage() for r in failed]
+
+
+_Ts = TypeVarTuple("_Ts")
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    """An event loop that counts what other threads hand it."""
+
+    handed = 0
+
+    def call_soon_threadsafe(self, callback: Callable[[*_Ts], object], *args: *_Ts,
+                             context: contextvars.Context | None = None) -> asyncio.Handle:
+        self.handed += 1
+        return super().call_soon_threadsafe(callback, *args, context=context)
+
+
+def test_scrapes_of_a_wedged_loop_each_get_their_503_in_time(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each scrape waited for the one before it to give up, then queued its own
+    # render behind it for a whole RENDER_TIMEOUT: scrapes that came together got
+    # their 503s one RENDER_TIMEOUT apart, and the loop had one render more to
+    # skip per scrape once it turned.  Now a scrape waits behind a render given up
+    # on for its own time only, and queues nothing behind it.
+    monkeypatch.setattr(exposition, "RENDER_TIMEOUT", 1.0)
+    loop = _CountingLoop()
+    turning = threading.Thread(target=loop.run_forever, daemon=True)
+    turning.start()
+    wedged, release = threading.Event(), threading.Event()
+
+    def wedge() -> None:
+        wedged.set()
+        release.wait(60)
+
+    loop.call_soon_threadsafe(wedge)
+    path = short_tmp / "m.sock"
+    metrics = MetricsServer.open(path, CollectorRegistry(), short_tmp / "q.sock", loop)
+    metrics.start()
+    answers: list[bytes] = []
+    try:
+        assert wedged.wait(10)
+        handed = loop.handed
+        scrapers = [threading.Thread(target=lambda: answers.append(
+            exchange(path, b"GET /metrics HTTP/1.0\r\n\r\n"))) for _ in range(4)]
+        for t in scrapers:
+            t.start()
+        for t in scrapers:
+            t.join(30)
+        renders = loop.handed - handed
+        release.set()
+        # The loop turns again: so do the scrapes.
+        assert exchange(path, b"GET /metrics HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200 ")
+    finally:
+        release.set()
+        metrics.close()
+        loop.call_soon_threadsafe(loop.stop)
+        turning.join(10)
+        loop.close()
+    assert len(answers) == 4
+    for answer in answers:
+        status, _, body = head_of(answer)
+        assert (status, body) == (b"HTTP/1.0 503 Service Unavailable",
+                                  b"migblockd's event loop did not answer in time\n"), answer
+    assert renders == 1

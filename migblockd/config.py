@@ -89,12 +89,29 @@ class ListenAddress(Kind[Path | HostPort]):
                 host = host[1:-1]
             valid_host = host.isprintable() and " " not in host
             if host and valid_host and port.isascii() and port.isdigit() and int(port) < 65536:
+                _resolvable(host, value)
                 return HostPort(host, int(port))
         raise ValueError("must be host:port (TCP, such as 127.0.0.1:9715) or an absolute "
                          f"path (a Unix socket), not {describe(value)}")
 
     def show(self, value: Path | HostPort) -> str:
         return str(value)
+
+
+def _resolvable(host: str, value: str) -> None:
+    """ValueError for a host that ``getaddrinfo`` cannot even be asked about.
+
+    Python hands a host name to the resolver encoded with the IDNA codec, which
+    refuses an empty label (``a..b``, ``.a``) or one over 63 characters with a
+    UnicodeError: refused here, with the setting's name, rather than met by the
+    start (or a reload's check) as an exception no message was written for.
+    """
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(f"must be host:port with a host that is an IP address or a DNS "
+                         f"name (labels of 1 to 63 characters between single dots), not "
+                         f"{describe(value)}") from None
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,9 @@ def resolve_tcp(address: HostPort) -> tuple[Any, ...]:
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise StartupError(f"--metrics {address}: {exc.strerror}") from None
+    except UnicodeError:  # the IDNA codec's: a host that ListenAddress did not check
+        raise StartupError(f"--metrics {address}: not a host name the resolver can be "
+                           "asked about (an empty label, or one over 63 characters)") from None
     return infos[0]
 
 

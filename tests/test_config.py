@@ -20,7 +20,10 @@ from faults import opened, stopped_at_open
 from realqemu import wait_until
 
 from migblockd.cli import options
-from migblockd.config import Config, ConfigError, build
+from migblockd.config import Config, ConfigError, HostPort, build
+from migblockd.kinds import describe
+from migblockd.listen import StartupError
+from migblockd.preflight import resolve_tcp
 
 
 def test_defaults() -> None:
@@ -465,6 +468,61 @@ def test_check_config_refuses_what_would_stop_the_start(tmp_path: Path, text: st
                            capture_output=True, text=True, timeout=30)
     assert start.returncode == 1
     assert f"ERROR: {proc.stderr.removeprefix('migblockd: ')}" in start.stderr
+
+
+#: What a metrics host that Python's IDNA codec refuses is told.
+UNASKABLE = ("metrics must be host:port with a host that is an IP address or a DNS name "
+             "(labels of 1 to 63 characters between single dots), not ")
+
+
+@pytest.mark.parametrize("host", ["a..b", ".a", "a" * 64])
+def test_a_metrics_host_the_resolver_cannot_be_asked_about_is_one_line(tmp_path: Path,
+                                                                       host: str) -> None:
+    # Reproduced first: --check-config and the start each ended in a traceback
+    # ("UnicodeError: encoding with 'idna' codec failed"), not in one line.
+    path = tmp_path / "m.toml"
+    path.write_text(f'metrics = "{host}:9715"\n')
+    path.chmod(0o600)
+    args = ("--config", str(path), "--socket", str(tmp_path / "s.sock"), "--ephemeral")
+    message = f"migblockd: {path}: {UNASKABLE}{describe(f'{host}:9715')}\n"
+    proc = check_config(*args)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", message)
+    start = subprocess.run([sys.executable, "-m", "migblockd", *args],
+                           capture_output=True, text=True, timeout=30)
+    assert (start.returncode, start.stderr) == (1, message)
+    assert sorted(tmp_path.iterdir()) == [path]  # nothing was made
+
+
+def test_resolving_a_host_the_codec_refuses_is_a_startup_error() -> None:
+    # A HostPort made in code, not parsed: the start's own resolve says so in words.
+    with pytest.raises(StartupError, match=r"^--metrics a\.\.b:9715: not a host name the "
+                       r"resolver can be asked about"):
+        resolve_tcp(HostPort("a..b", 9715))
+
+
+async def test_a_reload_refuses_a_metrics_host_the_resolver_cannot_be_asked_about(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path, notify: socket.socket,
+) -> None:
+    # Reproduced first: the reload applied max-clients = 1, its check of the
+    # metrics host raised UnicodeError ("Task exception was never retrieved"), and
+    # systemd heard RELOADING=1 and never READY=1: the unit stayed "reloading".
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(path), "--ephemeral",
+                     env={**os.environ, "NOTIFY_SOCKET": notify.getsockname()})
+    path.write_text('log-level = "info"\nmax-clients = 1\nmetrics = "a..b:9715"\n')
+    d.signal(signal.SIGHUP)
+    notify.settimeout(20)
+    got = [notify.recv(4096).decode().split("\n")[0] for _ in range(3)]
+    assert got == ["READY=1", "RELOADING=1", "READY=1"]
+    d.wait_for_log(f"ERROR: reload failed, keeping the running configuration: {path}: "
+                   f"{UNASKABLE}'a..b:9715'\n")
+    async with d.client() as a, d.client() as b:  # max-clients = 1 was not applied
+        await a.ok("query-version")
+        await b.ok("query-version")
+    assert d.log().count("ERROR") == 1
+    assert d.stop() == 0
+    assert_clean_log(d)
 
 
 @pytest.mark.parametrize("setting", ["socket", "metrics"])

@@ -25,6 +25,8 @@ __all__ = ["TOO_DEEP", "read_file"]
 
 #: A file (or a value) that tomllib cannot read without running out of stack.
 TOO_DEEP = "arrays or tables nested too deeply to read"
+#: Where tomllib says a mistake on a last line that has no newline is.
+_AT_END = "(at end of document)"
 
 
 def read_file(path: Path, settings: type) -> dict[str, Any]:
@@ -43,7 +45,7 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are "
                           "UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}{_where(str(exc), text)}") from None
+        raise ConfigError(f"{path}: {_explained(str(exc), text)}") from None
     except RecursionError:  # tomllib recurses once per level of [ and {
         raise ConfigError(f"{path}: {TOO_DEEP}") from None
     # Underscores are accepted for dashes (max_clients), as they always were.
@@ -78,27 +80,34 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
     return values
 
 
-def _where(message: str, text: str) -> str:
-    """The line a TOML error points at, and what tomllib's terse words mean.
+def _explained(message: str, text: str) -> str:
+    """A TOML error with the line it points at, and what tomllib's terse words mean.
 
     tomllib says where (``at line 21, column 20``) but not what is there, and
     says ``Cannot overwrite a value`` for a key given twice: what an operator
     who appends ``log-level = "debug"`` to the shipped file, which sets it
-    already, gets.
+    already, gets.  A mistake on a last line without a newline is ``at end of
+    document``, which is given the number of that line, the last that is not
+    blank.
     """
-    found = re.search(r"\(at line (\d+), column \d+\)$", message)
-    if not found:
-        return ""
     lines = text.splitlines()
-    number = int(found.group(1))
+    found = re.search(r"\(at line (\d+), column \d+\)$", message)
+    if found:
+        number = int(found.group(1))
+    elif message.endswith(_AT_END):
+        number = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+        if number:
+            message = f"{message.removesuffix(_AT_END)}(at end of document, line {number})"
+    else:
+        return message
     if not 1 <= number <= len(lines):
-        return ""
+        return message
     line = lines[number - 1].strip()
     shown = line if len(line) <= 80 else line[:77] + "..."
     where = f": {shown!r}" if shown else ""
     if message.startswith(("Cannot overwrite a value", "Cannot declare")):
-        return f"{where}: a key (or table) given twice; give each once"
-    return where
+        return f"{message}{where}: a key (or table) given twice; give each once"
+    return f"{message}{where}"
 
 
 def _misplaced(table: str, value: object, settings: dict[str, Option]) -> str:

@@ -81,6 +81,12 @@ def test_bad_file(tmp_path: Path, text: str, message: str) -> None:
          "Cannot declare ('access',) twice (at line 3, column 8): '[access]': a key (or "
          "table) given twice; give each once"),
         ("log-level = \n", "Invalid value (at line 1, column 13): 'log-level ='"),
+        # The last line without a newline: tomllib says only "at end of document".
+        ('log-level = "info"\nlog-level = "debug"',
+         "Cannot overwrite a value (at end of document, line 2): 'log-level = \"debug\"': a "
+         "key (or table) given twice; give each once"),
+        ("max-clients = 3\nlog-level = ", "Invalid value (at end of document, line 2): "
+         "'log-level ='"),
         ("max_client = 3\n", "unknown setting 'max_client'; did you mean 'max-clients'?"),
         ("colour = 1\n", "unknown setting 'colour'"),
     ],

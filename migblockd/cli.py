@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from migblockd import __version__
-from migblockd.config import Config, ConfigError, build, read_settings
+from migblockd.config import Config, ConfigError, Sources, build, read_settings
 from migblockd.early import EarlySignals
 from migblockd.options import Where, add_arguments, table
 
@@ -117,7 +117,8 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
 
         # --socket-activated: judged as the daemon the units start, which serves the
         # socket systemd passes and uses none of the settings of its own socket.
-        found = problems(config, socket_passed=config.socket_activated)
+        found = problems(config, socket_passed=config.socket_activated,
+                         sources=Sources.of(cli, file))
         if found:
             sys.exit("\n".join(f"migblockd: {why}" for _, why in found))
         for note in [*ignored(config, socket_passed=config.socket_activated),

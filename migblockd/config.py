@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,8 @@ from migblockd.options import ConfigError, Where, flag, option
 from migblockd.paths import NoDefault, default_socket_path, default_state_dir
 from migblockd.qmp.limits import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "HostPort",
-           "build", "read_file", "read_settings"]
+__all__ = ["COMMAND_LINE", "LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "Config", "ConfigError",
+           "HostPort", "Sources", "build", "read_file", "read_settings"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
@@ -316,6 +317,46 @@ def read_settings(cli: dict[str, Any]) -> dict[str, Any]:
     nothing without one."""
     path = cli.get("config")
     return {} if path is None else read_file(Path(path))
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where the settings came from, for a message that names one.
+
+    A setting the file sets, and the command line does not, is named as the
+    file's other errors name it (``/etc/migblockd/migblockd.toml: socket-group``):
+    an operator told ``--socket-group`` looks for an option nobody gave.  Any
+    other, given on the command line or left to its default, by its option.
+    """
+
+    #: The ``--config`` file (None: none, or what it set is not known).
+    file: Path | None = None
+    #: Field names of the settings the file sets and the command line does not.
+    from_file: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, cli: Mapping[str, Any], file: Mapping[str, Any] | None) -> Sources:
+        """``cli`` as :func:`build` takes it; ``file``: what the file set
+        (:func:`read_settings`)."""
+        path = cli.get("config")
+        if path is None or not file:
+            return cls()
+        return cls(Path(path), frozenset(k for k in file if cli.get(k) is None))
+
+    def named(self, name: str) -> str:
+        """The setting (a field name) as a message's subject: ``FILE: metrics``, ``--metrics``."""
+        key = name.replace("_", "-")
+        return f"{self.file}: {key}" if name in self.from_file else f"--{key}"
+
+    def choice(self, name: str) -> str:
+        """The setting as what to change ("choose another ..."): ``socket in FILE``,
+        ``--socket``."""
+        key = name.replace("_", "-")
+        return f"{key} in {self.file}" if name in self.from_file else f"--{key}"
+
+
+#: Every setting named by its option: where nothing came from a file, or it is not known.
+COMMAND_LINE = Sources()
 
 
 def build(cli: dict[str, Any], file: dict[str, Any] | None = None) -> Config:

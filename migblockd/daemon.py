@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from migblockd import __version__
 from migblockd.admission import Admission
-from migblockd.config import Config
+from migblockd.config import COMMAND_LINE, Config, Sources
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.listen import Claim, StartupError, claim_socket
@@ -84,7 +84,8 @@ async def run(config: Config, cli: dict[str, Any], *,
                            "daemon through its socket unit)")
     if config.qemu is not None:
         not_its_own_socket(config.qemu, qmp_socket_path(config, sock))
-    claim = claim_own_socket(config) if sock is None else None
+    sources = Sources.of(cli, file)
+    claim = claim_own_socket(config, sources) if sock is None else None
     store = None
     try:
         registry = Registry(
@@ -107,9 +108,12 @@ async def run(config: Config, cli: dict[str, Any], *,
             claim.lock.release()  # a no-op once the server has released it
 
 
-def claim_own_socket(config: Config) -> Claim:
-    """``--socket``'s directory made and its lock taken; a busy socket refused."""
-    claim = claim_socket(config.socket, config.socket_mode, socket_gid(config.socket_group))
+def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE) -> Claim:
+    """``--socket``'s directory made and its lock taken; a busy socket refused.
+    ``sources``: where the settings came from, which the errors name."""
+    claim = claim_socket(config.socket, config.socket_mode,
+                         socket_gid(config.socket_group, sources.named("socket_group")),
+                         option=sources.choice("socket"))
     for note in kept_out_notes(config, socket_passed=False):
         log.warning("%s", note)
     return claim
@@ -189,7 +193,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
                     bridge.forward if bridge is not None else None, file=file)
     metrics = None
     try:
-        metrics = open_metrics(config, core, sock)
+        metrics = open_metrics(config, core, sock, Sources.of(cli, file))
         await server.start(sock, claim)
     except BaseException:
         await notifier.close()
@@ -274,12 +278,13 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         log.info("stopped")
 
 
-def open_metrics(config: Config, core: Core,
-                 passed: socket.socket | None = None) -> MetricsServer | None:
+def open_metrics(config: Config, core: Core, passed: socket.socket | None = None,
+                 sources: Sources = COMMAND_LINE) -> MetricsServer | None:
     """The metrics endpoint, bound but not serving yet (None without ``--metrics``).
 
     ``passed`` is the QMP socket systemd passed, if any: its path, not ``--socket``,
-    is the one the endpoint must not take."""
+    is the one the endpoint must not take.  ``sources``: where the settings came
+    from, which the errors name."""
     if config.metrics is None:
         return None
     # prometheus_client and the HTTP server load only when asked for: start-up time.
@@ -287,7 +292,8 @@ def open_metrics(config: Config, core: Core,
     from migblockd.scrape import MetricsServer  # noqa: PLC0415
 
     return MetricsServer.open(config.metrics, metrics_registry(core),
-                              qmp_socket_path(config, passed), asyncio.get_running_loop())
+                              qmp_socket_path(config, passed), asyncio.get_running_loop(),
+                              sources)
 
 
 def qmp_socket_path(config: Config, passed: socket.socket | None) -> Path:

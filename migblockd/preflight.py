@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from migblockd.config import Config, HostPort
+from migblockd.config import COMMAND_LINE, Config, HostPort, Sources
 from migblockd.contract import Contract
 from migblockd.denied import kept_out
 from migblockd.guard import policy_warnings
@@ -76,25 +76,29 @@ def _vet_schema_file(name: str, st: os.stat_result) -> None:
                   "the commands the daemon serves, their arguments and the migration modes")
 
 
-def socket_gid(group: str | None) -> int | None:
-    """``--socket-group`` as a gid (None: not given); StartupError when no group has that name."""
+def socket_gid(group: str | None, setting: str = "--socket-group") -> int | None:
+    """``--socket-group`` as a gid (None: not given); StartupError when no group has that name.
+
+    ``setting``: how the message names it (:meth:`Sources.named`)."""
     if group is None:
         return None
     gid = group_id(group)
     if gid is None:
-        raise StartupError(f"--socket-group: there is no group named {group!r}")
+        raise StartupError(f"{setting}: there is no group named {group!r}")
     return gid
 
 
-def resolve_tcp(address: HostPort) -> tuple[Any, ...]:
-    """``getaddrinfo``'s first answer for a TCP ``--metrics`` address; StartupError when none."""
+def resolve_tcp(address: HostPort, setting: str = "--metrics") -> tuple[Any, ...]:
+    """``getaddrinfo``'s first answer for a TCP ``--metrics`` address; StartupError when none.
+
+    ``setting``: how the message names it (:meth:`Sources.named`)."""
     try:
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise StartupError(f"--metrics {address}: {exc.strerror}") from None
+        raise StartupError(f"{setting} {address}: {exc.strerror}") from None
     except UnicodeError:  # the IDNA codec's: a host that ListenAddress did not check
-        raise StartupError(f"--metrics {address}: not a host name the resolver can be "
+        raise StartupError(f"{setting} {address}: not a host name the resolver can be "
                            "asked about (an empty label, or one over 63 characters)") from None
     return infos[0]
 
@@ -108,12 +112,13 @@ def passed_path(passed: socket.socket) -> Path | None:
     return None
 
 
-def not_the_qmp_socket(address: Path, qmp_socket: Path) -> None:
+def not_the_qmp_socket(address: Path, qmp_socket: Path, setting: str = "--metrics") -> None:
     """StartupError when a Unix ``--metrics`` address is the QMP socket's path, also
     through a symlinked directory: the two would take the same lock, and the
-    start would take its own QMP socket for another daemon's."""
+    start would take its own QMP socket for another daemon's.  ``setting``: how
+    the message names it (:meth:`Sources.named`)."""
     if _socket_place(address) == _socket_place(qmp_socket):
-        raise StartupError(f"--metrics {address}: that is the QMP socket; metrics need an "
+        raise StartupError(f"{setting} {address}: that is the QMP socket; metrics need an "
                            "address of their own")
 
 
@@ -137,8 +142,8 @@ def not_its_own_socket(qemu: Path, qmp_socket: Path) -> None:
 
 
 def problems(config: Config, *, socket_passed: bool = False, passed: Path | None = None,
-             as_daemon: bool = False,
-             keys: Collection[str] | None = None) -> list[tuple[str, str]]:
+             as_daemon: bool = False, keys: Collection[str] | None = None,
+             sources: Sources = COMMAND_LINE) -> list[tuple[str, str]]:
     """(key, why) for each setting that would stop a start with ``config``.
 
     ``socket_passed``: systemd passes the socket, so ``socket-group`` is the
@@ -146,7 +151,8 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
     reload knows it, ``--check-config`` does not), which a Unix ``metrics``
     address and ``qemu`` must not be.  ``as_daemon``: this process is the daemon (a reload),
     whose user the trust rule is about.  ``keys``: check only these settings
-    (keys as in the file, ``socket-group``); all by default.
+    (keys as in the file, ``socket-group``); all by default.  ``sources``: where
+    the settings came from, which the messages name.
     """
     qmp_socket = config.socket if not socket_passed else passed
     found: list[tuple[str, str]] = []
@@ -155,9 +161,10 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
     checks: list[tuple[tuple[str, ...], Callable[[], object]]] = [
         (("schema",), lambda: load_contract(config.schema)),
         (("socket",), lambda: None if socket_passed
-         else _socket_at(config.socket, "--socket", as_daemon)),
-        (("socket-group",), lambda: None if socket_passed else socket_gid(config.socket_group)),
-        (("metrics",), lambda: _metrics(config, qmp_socket, as_daemon)),
+         else _socket_at(config.socket, sources.choice("socket"), as_daemon)),
+        (("socket-group",), lambda: None if socket_passed
+         else socket_gid(config.socket_group, sources.named("socket_group"))),
+        (("metrics",), lambda: _metrics(config, qmp_socket, as_daemon, sources)),
         (("state-dir",), lambda: None if config.ephemeral or config.state_dir is None
          else check_existing_directory(config.state_dir,
                                        trust=_judgeable(config.state_dir, as_daemon))),
@@ -236,18 +243,20 @@ def passthrough_unused(config: Config) -> str | None:
             "is no QEMU to forward to without qemu (--qemu SOCKET)")
 
 
-def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool) -> None:
+def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool,
+             sources: Sources) -> None:
     """``qmp_socket``: where the QMP socket is (None: systemd's, at a path not known here)."""
     address = config.metrics
     if isinstance(address, HostPort):
-        resolve_tcp(address)
+        resolve_tcp(address, sources.named("metrics"))
     elif address is not None:
-        _socket_at(address, "--metrics", as_daemon)
+        _socket_at(address, sources.choice("metrics"), as_daemon)
         if qmp_socket is not None:
-            not_the_qmp_socket(address, qmp_socket)
+            not_the_qmp_socket(address, qmp_socket, sources.named("metrics"))
 
 
 def _socket_at(path: Path, option: str, as_daemon: bool) -> None:
+    """``option``: what the messages say to change (:meth:`Sources.choice`)."""
     check_socket_path(path, option)
     if _judgeable(path.parent, as_daemon):
         # One still to be made is judged by what exists of its path, as the start does.

@@ -41,7 +41,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.registry import CollectorRegistry
 
-from migblockd.config import HostPort
+from migblockd.config import COMMAND_LINE, HostPort, Sources
 from migblockd.exposition import MIN_INTERVAL, MetricsApp, gzip_wanted
 from migblockd.listen import StartupError, bind_socket
 from migblockd.pidlock import PidLock
@@ -233,19 +233,20 @@ class MetricsServer:
 
     @classmethod
     def open(cls, address: Path | HostPort, registry: CollectorRegistry, qmp_socket: Path,
-             loop: asyncio.AbstractEventLoop) -> MetricsServer:
+             loop: asyncio.AbstractEventLoop, sources: Sources = COMMAND_LINE) -> MetricsServer:
         """Bind ``address`` (not serving yet: :meth:`start`).  StartupError when it cannot.
 
-        ``loop`` is the event loop that builds the answers (see above).
+        ``loop`` is the event loop that builds the answers (see above); ``sources``:
+        where ``address`` came from, which the errors name.
         """
         app = MetricsApp(registry, loop)
         if isinstance(address, Path):
-            not_the_qmp_socket(address, qmp_socket)
-            bound = bind_socket(address, 0o600, option="--metrics")
+            not_the_qmp_socket(address, qmp_socket, sources.named("metrics"))
+            bound = bind_socket(address, 0o600, option=sources.choice("metrics"))
             bound.sock.setblocking(True)
             return cls(bound.sock, f"http+unix://{address}", app, (address, bound.inode),
                        bound.lock)
-        sock = _listen_tcp(address)
+        sock = _listen_tcp(address, sources.named("metrics"))
         host, port = sock.getsockname()[:2]
         shown = str(HostPort(host, port))
         return cls(sock, f"http://{shown}/metrics", app, None)
@@ -272,8 +273,8 @@ class MetricsServer:
             self._lock.release()
 
 
-def _listen_tcp(address: HostPort) -> socket.socket:
-    family, kind, proto, _, sockaddr = resolve_tcp(address)
+def _listen_tcp(address: HostPort, setting: str) -> socket.socket:
+    family, kind, proto, _, sockaddr = resolve_tcp(address, setting)
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -281,6 +282,6 @@ def _listen_tcp(address: HostPort) -> socket.socket:
         sock.listen(16)
     except OSError as exc:
         sock.close()
-        raise StartupError(f"--metrics {address}: cannot listen: {exc.strerror or exc}") \
+        raise StartupError(f"{setting} {address}: cannot listen: {exc.strerror or exc}") \
             from None
     return sock

@@ -29,7 +29,7 @@ from typing import Any
 
 from migblockd.accept import Acceptor, fit_descriptor_limit
 from migblockd.adapter import ClientProtocol, read_buffer
-from migblockd.config import Config, ConfigError, build, read_settings
+from migblockd.config import Config, ConfigError, Sources, build, read_settings
 from migblockd.connection import Connection
 from migblockd.core import Core, Status
 from migblockd.detached import detached
@@ -224,7 +224,7 @@ class Server(Turns):
         # not keep the daemon from exiting (migblockd.detached).
         check = functools.partial(problems, fresh, socket_passed=self.own_socket is None,
                                   passed=self.passed, as_daemon=True,
-                                  keys=reload.restart_only)
+                                  keys=reload.restart_only, sources=Sources.of(self.cli, file))
         try:
             found = await detached(check, "migblockd-reload-check")
         except Exception:

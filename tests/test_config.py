@@ -452,11 +452,13 @@ def test_check_config_gives_the_error_a_start_would(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("text", "message"), [
+    # Named as the file sets it, not as an option nobody gave.
     ('socket-group = "no-such-group-here"\n',
-     "--socket-group: there is no group named 'no-such-group-here'"),
+     "{path}: socket-group: there is no group named 'no-such-group-here'"),
     ('schema = "/nonexistent/migblockd.json"\n',
      "cannot read the schema /nonexistent/migblockd.json: No such file or directory"),
-    ('metrics = "no-such-host.invalid:9715"\n', "--metrics no-such-host.invalid:9715: "),
+    ('metrics = "no-such-host.invalid:9715"\n', "{path}: metrics no-such-host.invalid:9715: "),
+    ('metrics = "[:1"\n', "{path}: metrics [:1: "),
 ])
 def test_check_config_refuses_what_would_stop_the_start(tmp_path: Path, text: str,
                                                          message: str) -> None:
@@ -468,12 +470,27 @@ def test_check_config_refuses_what_would_stop_the_start(tmp_path: Path, text: st
     args = ("--config", str(path), "--socket", str(tmp_path / "s.sock"), "--ephemeral")
     proc = check_config(*args)
     assert (proc.returncode, proc.stdout) == (1, "")
-    assert proc.stderr.startswith(f"migblockd: {message}")
+    assert proc.stderr.startswith(f"migblockd: {message.format(path=path)}")
     assert sorted(tmp_path.iterdir()) == [path]  # nothing was made
     start = subprocess.run([sys.executable, "-m", "migblockd", *args],
                            capture_output=True, text=True, timeout=30)
     assert start.returncode == 1
     assert f"ERROR: {proc.stderr.removeprefix('migblockd: ')}" in start.stderr
+
+
+def test_a_setting_is_named_where_it_came_from(tmp_path: Path) -> None:
+    # Reproduced first: a socket-group or metrics from the file was named as the
+    # option (--socket-group), which the operator had not given.  Where the
+    # command line gives it too, it wins, and is named as its option.
+    path = tmp_path / "m.toml"
+    path.write_text('socket-group = "no-such-group-here"\nmetrics = "[:1"\n')
+    path.chmod(0o600)
+    proc = check_config("--config", str(path), "--ephemeral", "--socket",
+                        str(tmp_path / "s.sock"), "--socket-group", "no-such-group-either")
+    assert (proc.returncode, proc.stdout) == (1, "")
+    group, metrics = proc.stderr.splitlines()
+    assert group == "migblockd: --socket-group: there is no group named 'no-such-group-either'"
+    assert metrics.startswith(f"migblockd: {path}: metrics [:1: ")
 
 
 #: What a metrics host that Python's IDNA codec refuses is told.
@@ -543,9 +560,9 @@ def test_check_config_refuses_a_socket_path_a_start_could_not_bind(tmp_path: Pat
     others = [] if setting == "socket" else ["--socket", str(tmp_path / "s")]
     proc = check_config("--config", str(path), "--ephemeral", *others)
     assert (proc.returncode, proc.stdout) == (1, "")
-    # Each says which setting to change.
+    # Each says which setting to change, where it is set.
     assert proc.stderr == (f"migblockd: {taken} exists and is not a socket; refusing to replace "
-                           f"it (move it away, or choose another --{setting})\n")
+                           f"it (move it away, or choose another {setting} in {path})\n")
     long = tmp_path / ("x" * 120)
     proc = check_config("--ephemeral", *others, f"--{setting}", str(long))
     assert proc.returncode == 1
@@ -713,7 +730,8 @@ def test_check_config_socket_activated_leaves_the_socket_to_the_socket_unit(
         args = ["--config", str(path), "--ephemeral", "--socket", str(where)]
         strict = check_config(*args)
         assert (strict.returncode, strict.stdout) == (1, ""), strict
-        assert "--socket-group: there is no group named 'no-such-group-here'" in strict.stderr
+        assert (f"{path}: socket-group: there is no group named 'no-such-group-here'"
+                in strict.stderr)
         activated = check_config("--socket-activated", *args)
         assert (activated.returncode, activated.stderr) == (0, IGNORED_SOCKET + IGNORED_GROUP)
         assert activated.stdout == (f"migblockd: {path} and the command line: valid; socket "
@@ -779,7 +797,7 @@ async def test_a_reload_says_when_the_next_start_would_fail(
     d.signal(signal.SIGHUP)
     d.wait_for_log("WARNING: reload: socket-group changed, which only a restart applies")
     d.wait_for_log("WARNING: reload: with socket-group as the file now sets it, the next "
-                   "start would fail: --socket-group: there is no group named "
+                   f"start would fail: {path}: socket-group: there is no group named "
                    "'no-such-group-here'")
     # One that would start says nothing more.
     path.write_text('log-level = "info"\nsocket-group = "0"\n')

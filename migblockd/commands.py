@@ -125,15 +125,8 @@ class Handlers:
                 owner=conn.owner,
                 connection=conn,
             )
-        except DuplicateId as exc:
-            held = self.registry.get(exc.id)
-            if held is not None and not same_uid(held.owner, conn.owner):
-                exc = DuplicateId(exc.id, whose(held.owner))
-            self._refused(conn, exc, blocker_id=exc.id)
-            raise exc from None
         except BlockerError as exc:
-            self._refused(conn, exc, blocker_id=args.get("id"))
-            raise
+            raise self._add_refused(conn, exc, args) from None
         logs.info(log, "%s: added blocker %s (%s): %s", conn.label,
                   shown(blocker.id, quoted=False), ",".join(blocker.modes), shown(blocker.reason),
                   extra=about(conn, blocker_id=blocker.id))
@@ -193,6 +186,18 @@ class Handlers:
             raise
         log.info("%s: migration to %s started", conn.label, shown(where), extra=about(conn))
         return {}
+
+    def _add_refused(self, conn: Connection, exc: BlockerError, args: Args) -> BlockerError:
+        """What a refused ``add-blocker`` answers, its line logged: the gated path
+        (:mod:`migblockd.gate`) and this one say a refusal alike.  A duplicate of
+        another uid's id names its holder: the plain form tells an agent re-adding
+        after a reconnection that the id is already its own."""
+        if isinstance(exc, DuplicateId):
+            held = self.registry.get(exc.id)
+            if held is not None and not same_uid(held.owner, conn.owner):
+                exc = DuplicateId(exc.id, whose(held.owner))
+        self._refused(conn, exc, blocker_id=args.get("id"))
+        return exc
 
     def _refused(self, conn: Connection, exc: Exception, *, uri: str | None = None,
                  blocker_id: str | None = None) -> None:

@@ -154,7 +154,9 @@ class GateHandlers(Forwarding):
                             pass  # busy, as said
                     if running or self.qemu.busy:
                         raise MigrationBusy(args["reason"])
-        except (BlockerError, QemuRestarted) as exc:
+        except BlockerError as exc:
+            raise self._add_refused(conn, exc, args) from None
+        except QemuRestarted as exc:
             self._refused(conn, exc, blocker_id=args.get("id"))
             raise
         return super().add_blocker(conn, args)

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from conftest import DaemonProcess, assert_clean_log
 from otheruids import NAMELESS_GID, NAMELESS_UID, NAMELESS_UID2, Account, UidClient
+from realqemu import Qemu
 
 from migblockd.logs.throttle import BURST
 
@@ -126,6 +127,25 @@ def test_a_client_cannot_delete_another_uids_blocker_but_its_owner_can(
 
     a.ok("del-blocker", {"id": "alice-b"})  # its owner may
     assert ids(root) == ["root-b"]
+    assert_clean_log(daemon)
+
+
+def test_a_gating_daemon_names_the_holder_of_another_uids_id_too(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account], qemu: Qemu) -> None:
+    # The gate judged add-blocker before asking QEMU and answered the plain duplicate,
+    # which tells an agent re-adding after a reconnection that the id is its own.
+    daemon = serve(POLICY, "--qemu", str(qemu.gate_socket))
+    daemon.wait_for_log("connected to QEMU 7.")
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    a, b = connect(daemon, alice), connect(daemon, bob)
+    a.ok("add-blocker", {"reason": "alice's", "id": "disk0"})
+    assert b.error("add-blocker", {"reason": "bob's", "id": "disk0"}) == (
+        f"Duplicate blocker ID 'disk0', which belongs to uid {alice.uid} (mbt-alice)")
+    assert a.error("add-blocker", {"reason": "again", "id": "disk0"}) == (
+        "Duplicate blocker ID 'disk0'")
+    daemon.wait_for_log(f"(pid {b.pid}, uid {bob.uid}, gid {bob.gid}): refused blocker: "
+                        "\"Duplicate blocker ID 'disk0', which belongs to uid")
     assert_clean_log(daemon)
 
 

@@ -17,7 +17,8 @@ elsewhere), and a directory the path only seems to name is not judged.
 
 The socket directory (whoever could write there could bind an impostor that
 clients trust) and the state directory (whoever could write there could
-replace the database the daemon restores) are held to it.
+replace the database the daemon restores) are held to it, and so is the path
+of the ``--config`` and ``--schema`` files (:mod:`migblockd.trusted_file`).
 """
 
 from __future__ import annotations

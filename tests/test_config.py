@@ -171,6 +171,65 @@ def test_a_daemon_of_its_own_user_names_it_among_the_owners_it_takes(short_tmp: 
         f"owner sets the daemon's settings; chown root {path}\n"))
 
 
+def in_a_directory_others_may_write(path: Path) -> str:
+    return (f"{path.parent}, above configuration file {path}, is writable by others (mode "
+            f"0777), so they could replace it and so set the daemon's settings; chmod go-w "
+            f"{path.parent}, or choose another place for it")
+
+
+def test_a_file_in_a_directory_others_may_write_is_refused(short_tmp: Path) -> None:
+    # Reproduced first: the file alone was judged, so whoever could write its directory
+    # could put any root-owned file in its place (an empty one: default-role client).
+    etc = short_tmp / "etc"
+    etc.mkdir()
+    path = etc / "m.toml"
+    path.write_text('log-level = "debug"\n')
+    etc.chmod(0o777)
+    args = ["--config", str(path), "--ephemeral", "--socket", str(short_tmp / "s")]
+    for proc in (check_config(*args),
+                 subprocess.run([sys.executable, "-m", "migblockd", *args],
+                                capture_output=True, text=True, timeout=30)):
+        assert (proc.returncode, proc.stderr) == (
+            1, f"migblockd: {in_a_directory_others_may_write(path)}\n")
+    # Sticky, as /tmp: others may add names there, not rename root's.
+    etc.chmod(0o1777)
+    assert check_config(*args).returncode == 0
+    # A link from a trusted place is judged by where it leads, too.
+    etc.chmod(0o777)
+    link = short_tmp / "link.toml"
+    link.symlink_to(path)
+    proc = check_config("--config", str(link), "--ephemeral", "--socket", str(short_tmp / "s"))
+    assert (proc.returncode, proc.stderr) == (1, (
+        f"migblockd: {etc}, above configuration file {link} (which is {path}), is "
+        f"writable by others (mode 0777), so they could replace it and so set the daemon's "
+        f"settings; chmod go-w {etc}, or choose another place for it\n"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="another user's swap takes root to set up")
+async def test_a_file_another_user_swapped_through_its_directory_is_refused_at_reload(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+) -> None:
+    short_tmp.chmod(0o755)
+    etc = short_tmp / "etc"
+    etc.mkdir()
+    path = etc / "m.toml"
+    path.write_text('max-clients = 1\n')
+    empty = short_tmp / "empty"
+    empty.touch()
+    d = start_daemon("--config", str(path), "--ephemeral")
+    etc.chmod(0o777)
+    # nobody puts a root-owned file of no settings in its place.
+    subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+                    f"mv {path} {etc}/old && ln -s {empty} {path}"], check=True, timeout=30)
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(f"ERROR: reload failed, keeping the running configuration: {etc}, on the "
+                   f"way to configuration file {path} (which is {empty}), is writable by "
+                   "others (mode 0777), so they could replace it and so set the daemon's "
+                   f"settings; chmod go-w {etc}, or choose another place for it\n")
+    assert "reloaded configuration" not in d.log()
+    assert d.stop() == 0
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ('[access]\ndefault-role = "observer"\nmax-blockers = 5\n',
      "access has an unknown key 'max-blockers' \\(it takes default-role, users, groups\\); "

@@ -340,6 +340,8 @@ UNTRUSTED = [
                                           reason="giving a file to another user takes root")),
     pytest.param("root", "mode", id="root-group-writable"),
     pytest.param("include", "mode", id="include-world-writable"),
+    # Whoever may write the directory could put any root-owned file in their place.
+    pytest.param("root", "directory", id="directory-world-writable"),
 ]
 
 
@@ -353,6 +355,12 @@ def untrusted_schema(tmp_path: Path, where: str, how: str) -> tuple[Path, str]:
         return root, (f"{target}: refusing a schema file owned by uid 65534 (nobody): only "
                       "root may own it, since its owner sets the commands the daemon serves, "
                       f"their arguments and the migration modes; chown root {target}")
+    if how == "directory":
+        root.parent.chmod(0o777)
+        return root, (f"{root.parent}, above schema file {root}, is writable by others (mode "
+                      "0777), so they could replace it and so set the commands the daemon "
+                      f"serves, their arguments and the migration modes; chmod go-w "
+                      f"{root.parent}, or choose another place for it")
     mode = 0o664 if where == "root" else 0o646
     target.chmod(mode)
     return root, (f"{target}: refusing a schema file others may write (mode {mode:04o}); "

@@ -191,7 +191,8 @@ class Guard:
         needed, extra = self._rules.get(name, _FORWARDED)
         if role < needed:
             self._refuse(conn, name, f"Permission denied: {name} needs role {needed}, "
-                         f"but {self._who(conn)} has role {role}", AccessDenied)
+                         f"but {self._who(conn)} has role {role}", AccessDenied,
+                         target=_target(name, args))
         if extra is not None:
             extra(conn, role, args)
 
@@ -248,7 +249,7 @@ class Guard:
         self._refuse(conn, "del-blocker",
                      f"Permission denied: del-blocker of blocker '{blocker.id}', which "
                      f"belongs to {whose(owner)}, needs role {Role.ADMIN}, but {self._who(conn)} "
-                     f"has role {role}", NotOwner)
+                     f"has role {role}", NotOwner, blocker_id=blocker.id)
 
     def _check_migrate(self, conn: Connection, role: Role, args: Args) -> None:
         # exec: runs a command through /bin/sh as QEMU's user, file: writes wherever
@@ -259,24 +260,24 @@ class Guard:
         if isinstance(uri, str):
             for prefix, what in _ADMIN_URIS:
                 if uri.startswith(prefix):
-                    self._refuse_migrate(conn, role, what)
+                    self._refuse_migrate(conn, role, what, args)
         channels = args.get("channels")
         if channels is None:
             return
         if not isinstance(channels, list):  # the schema says a list: defensive only
-            self._refuse_migrate(conn, role, _UNJUDGED_CHANNEL)
+            self._refuse_migrate(conn, role, _UNJUDGED_CHANNEL, args)
         for channel in channels:
             addr = channel.get("addr") if isinstance(channel, dict) else None
             transport = addr.get("transport") if isinstance(addr, dict) else None
             if not isinstance(transport, str):
-                self._refuse_migrate(conn, role, _UNJUDGED_CHANNEL)
+                self._refuse_migrate(conn, role, _UNJUDGED_CHANNEL, args)
             needs_admin = _ADMIN_TRANSPORTS.get(transport)
             if needs_admin is not None:
-                self._refuse_migrate(conn, role, needs_admin)
+                self._refuse_migrate(conn, role, needs_admin, args)
 
-    def _refuse_migrate(self, conn: Connection, role: Role, what: str) -> NoReturn:
+    def _refuse_migrate(self, conn: Connection, role: Role, what: str, args: Args) -> NoReturn:
         self._refuse(conn, "migrate", f"Permission denied: {what}, but {self._who(conn)} "
-                     f"has role {role}", AccessDenied)
+                     f"has role {role}", AccessDenied, target=_target("migrate", args))
 
     # -- wording -----------------------------------------------------------------------
     @staticmethod
@@ -289,12 +290,30 @@ class Guard:
         return self.throttle.admit(kind, None if owner is None else owner.uid,
                                    self.registry.clock.monotonic())
 
-    def _refuse(self, conn: Connection, name: str, desc: str, kind: type[QMPError]) -> NoReturn:
+    def _refuse(self, conn: Connection, name: str, desc: str, kind: type[QMPError], *,
+                target: str = "", blocker_id: str | None = None) -> NoReturn:
+        """Log (bounded) and raise the refusal ``desc`` of ``name``.  ``target``, after
+        the command's name, says what it was aimed at when ``desc`` does not (the
+        URI an audit of refused ``exec:`` migrates looks for); ``blocker_id`` puts the
+        line in that blocker's history (its journal field)."""
         # desc names blocker ids, which clients choose: shown() bounds them.  Each
         # command's refusals of each class are bounded apart: a loop of refused
         # migrates must not hide the same uid's del-blocker of another's blocker.
         more = self.bounded(refusal_kind(name, kind), conn.owner)
         if more is not None:
-            log.warning("%s: refused %s: %s%s", conn.label, name,
-                        shown(desc, 400, quoted=False), more, extra=about(conn))
+            log.warning("%s: refused %s%s: %s%s", conn.label, name, target,
+                        shown(desc, 400, quoted=False), more,
+                        extra=about(conn, blocker_id=blocker_id))
         raise kind(desc)
+
+
+def _target(name: str, args: Args) -> str:
+    """What a refused ``migrate`` was aimed at, for its log line: its URI and its
+    channels, those given (shown, bounded: clients choose them); nothing for other
+    commands."""
+    if name != "migrate":
+        return ""
+    uri, channels = args.get("uri"), args.get("channels")
+    # Both, when both are given: the refusal may be a channel's.
+    return ("" if uri is None else f" to {shown(uri)}") + (
+        "" if channels is None else f" with channels {shown(channels, quoted=False)}")

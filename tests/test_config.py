@@ -459,6 +459,14 @@ async def test_a_fifo_in_place_of_the_file_is_refused_at_reload(
     assert d.stop() == 0
 
 
+def notifying(start_daemon: Callable[..., DaemonProcess], config: Path,
+              notify: socket.socket) -> DaemonProcess:
+    """A daemon on ``config`` (written now), telling ``notify`` as it would systemd."""
+    config.write_text('log-level = "info"\n')
+    return start_daemon("--config", str(config), "--ephemeral",
+                        env={**os.environ, "NOTIFY_SOCKET": notify.getsockname()})
+
+
 async def test_a_fifo_as_the_schema_is_refused_at_reload(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path, notify: socket.socket,
 ) -> None:
@@ -466,9 +474,7 @@ async def test_a_fifo_as_the_schema_is_refused_at_reload(
     # systemd heard RELOADING=1 and never READY=1, and after SIGTERM the daemon
     # logged "stopped" but did not exit until someone wrote to the FIFO.
     path = tmp_path / "m.toml"
-    path.write_text('log-level = "info"\n')
-    d = start_daemon("--config", str(path), "--ephemeral",
-                     env={**os.environ, "NOTIFY_SOCKET": notify.getsockname()})
+    d = notifying(start_daemon, path, notify)
     fifo = tmp_path / "schema.json"
     os.mkfifo(fifo, 0o600)
     path.write_text(f'log-level = "info"\nschema = "{fifo}"\n')
@@ -589,9 +595,7 @@ async def test_a_reload_refuses_a_metrics_host_the_resolver_cannot_be_asked_abou
     # metrics host raised UnicodeError ("Task exception was never retrieved"), and
     # systemd heard RELOADING=1 and never READY=1: the unit stayed "reloading".
     path = tmp_path / "m.toml"
-    path.write_text('log-level = "info"\n')
-    d = start_daemon("--config", str(path), "--ephemeral",
-                     env={**os.environ, "NOTIFY_SOCKET": notify.getsockname()})
+    d = notifying(start_daemon, path, notify)
     path.write_text('log-level = "info"\nmax-clients = 1\nmetrics = "a..b:9715"\n')
     d.signal(signal.SIGHUP)
     notify.settimeout(20)

@@ -47,6 +47,18 @@ def reloading_with(config: Path, schema: Path) -> None:
     config.write_text(f'log-level = "info"\nschema = "{schema}"\n')
 
 
+def ready(start_daemon: Start, config: Path, notify: socket.socket
+          ) -> tuple[DaemonProcess, list[dict[str, str]]]:
+    """A daemon on ``config`` (written now), notifying ``notify``, once it said READY=1;
+    and what it has said."""
+    config.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(config), "--ephemeral",
+                     env={**os.environ, "NOTIFY_SOCKET": notify.getsockname()})
+    seen: list[dict[str, str]] = []
+    until(notify, lambda f: f.get("READY") == "1", seen)
+    return d, seen
+
+
 @contextmanager
 def lingering(path: Path) -> Iterator[None]:
     """A client that, once the stop has half-closed its connection, keeps sending
@@ -104,11 +116,7 @@ async def test_a_reload_that_ends_during_the_stop_says_nothing_more_to_systemd(
     # systemd that the stopping service runs again.
     root = broken_schema(tmp_path)
     config = tmp_path / "m.toml"
-    config.write_text('log-level = "info"\n')
-    d = start_daemon("--config", str(config), "--ephemeral",
-                     env={**os.environ, "NOTIFY_SOCKET": notify.getsockname()})
-    seen: list[dict[str, str]] = []
-    until(notify, lambda f: f.get("READY") == "1", seen)
+    d, seen = ready(start_daemon, config, notify)
     with lingering(d.socket):
         async with injecting(d.proc.pid, "openat", f"delay_exit={HOLD_USEC}", "the daemon",
                              paths=[root]):
@@ -144,11 +152,7 @@ async def test_a_reload_whose_check_fails_still_tells_systemd_it_is_ready(
     # systemd heard RELOADING=1 and never READY=1, the unit stuck "reloading".
     # Here no thread can be made for the check: strace fails every clone.
     config = tmp_path / "m.toml"
-    config.write_text('log-level = "info"\n')
-    d = start_daemon("--config", str(config), "--ephemeral",
-                     env={**os.environ, "NOTIFY_SOCKET": notify.getsockname()})
-    seen: list[dict[str, str]] = []
-    until(notify, lambda f: f.get("READY") == "1", seen)
+    d, seen = ready(start_daemon, config, notify)
     async with injecting(d.proc.pid, "clone,clone3", "error=EAGAIN", "the daemon"):
         config.write_text('log-level = "info"\nmax-clients = 1\nmigration-time = 9\n')
         d.signal(signal.SIGHUP)

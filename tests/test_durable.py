@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log, flip_bit, owner_info
-from otheruids import bare_uid
+from otheruids import Account, bare_uid
 from qmpclient import RawClient
 
 from migblockd.state import BlockerRow, Put, Store
@@ -812,6 +812,53 @@ async def test_unwritable_state_stops_the_daemon(
     db.chmod(0o600)
     fixed = start_daemon("--state-dir", str(directory), python=unprivileged_python(tmp_path))
     fixed.wait_for_log(restored_line(directory, 200))
+
+
+def python_as(tmp_path: Path, account: Account) -> str:
+    """An interpreter path that runs this one as ``account`` (its uid and primary
+    group, no other groups): the daemon of a user other than root."""
+    wrapper = tmp_path / f"python-as-{account.name}"
+    wrapper.write_text(f"#!/bin/sh\nexec setpriv --reuid={account.uid} --regid={account.gid} "
+                       f"--clear-groups {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+#: What a daemon run through :func:`python_as` is given: no $HOME of root's.
+AS_USER_ENV = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as another user")
+def test_a_state_directory_of_root_the_daemon_may_not_search_names_the_chown(
+    start_daemon: Start, tmp_path: Path, short_tmp: Path, accounts: dict[str, Account]
+) -> None:
+    """Root's and 0700: trusted (root may change anything anyway), but closed to
+    the daemon's user.  Before, the advice was `chmod u+rwx`, which the owner's
+    bits already allowed; the start and --check-config give the same line."""
+    olga = accounts["mbt-olga"]
+    short_tmp.chmod(0o755)
+    state, run = short_tmp / "state", short_tmp / "run"
+    state.mkdir(mode=0o700)
+    run.mkdir(mode=0o700)
+    os.chown(run, olga.uid, olga.gid)
+    python = python_as(tmp_path, olga)
+    args = ["--state-dir", str(state), "--log-level", "info"]
+    expected = (f"cannot look in state directory {state}: Permission denied (it belongs to "
+                f"uid 0 (root), mode 0700, and this daemon runs as uid {olga.uid} (mbt-olga)); "
+                f"chown mbt-olga: {state}, or choose another --state-dir")
+    daemon = start_daemon(*args, socket=run / "s.sock", wait=False, env=AS_USER_ENV,
+                          python=python)
+    assert daemon.wait_exit() == 1
+    assert only_line(daemon) == expected
+    checked = subprocess.run([python, "-m", "migblockd", "--check-config", "--socket",
+                              str(run / "s.sock"), *args], env=AS_USER_ENV,
+                             capture_output=True, text=True, timeout=30)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (
+        1, "", f"migblockd: {expected}\n")
+    # Done as it says, the same daemon starts there.
+    os.chown(state, olga.uid, olga.gid)
+    fixed = start_daemon(*args, socket=run / "s.sock", env=AS_USER_ENV, python=python)
+    fixed.wait_for_log(f"created {state}/state.db")
 
 
 async def add_refused_at_commit(c: RawClient, daemon: DaemonProcess, why: str, advice: str) -> None:

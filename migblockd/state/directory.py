@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from migblockd.state.errors import StateError
+from migblockd.state.errors import StateError, owner_mismatch
 from migblockd.trust import refusal
 
 __all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory", "make_directory"]
@@ -75,8 +75,8 @@ def check_directory(directory: Path) -> None:
     try:
         linked = database.is_symlink()
     except OSError as e:  # a directory this user may not search (mode 0 or 0600)
-        raise StateError(f"cannot look in state directory {directory}: {e.strerror}; "
-                         f"chmod u+rwx {directory}, or choose another --state-dir") from None
+        raise StateError(f"cannot look in state directory {directory}: {e.strerror}"
+                         f"{_search_fix(directory)}, or choose another --state-dir") from None
     if not linked:
         return
     try:
@@ -89,6 +89,20 @@ def check_directory(directory: Path) -> None:
                          "reachable by this user, or choose another --state-dir") from None
     target = Path(os.path.realpath(database)).parent
     _check_trusted(directory, target, f"the directory of {DATABASE_NAME}'s target")
+
+
+def _search_fix(directory: Path) -> str:
+    """What lets this user look in ``directory``: its mode, when it is this user's;
+    else its owner (root's, as the trust rule has it: a directory made as root,
+    or chowned back), which a chmod of the owner's bits would not change."""
+    try:
+        st = directory.stat()
+    except OSError:
+        return f"; chmod u+rwx {directory}"
+    if st.st_uid == os.geteuid():
+        return f"; chmod u+rwx {directory}"
+    held, fix = owner_mismatch(directory, st)
+    return f" ({held}); {fix}"
 
 
 def _check_trusted(directory: Path, place: Path, kind: str, *,

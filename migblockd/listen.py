@@ -297,13 +297,14 @@ def _answers(path: Path) -> bool:
 
 
 def check_socket_directory(directory: Path, option: str = "--socket", *,
-                           to_be_made: bool = False) -> None:
+                           to_be_made: bool = False, owner: int | None = None) -> None:
     """Refuse a socket directory that anyone but this user and root could change
     (:mod:`migblockd.trust` has the rule); ``option`` named the socket.
-    ``to_be_made``: it may be missing, and what exists of its path is judged."""
+    ``to_be_made``: it may be missing, and what exists of its path is judged.
+    ``owner``: a uid trusted as this user is (:func:`migblockd.trust.distrust`)."""
     try:
         why = refusal(directory, kind="socket directory", asset="the socket", option=option,
-                      to_be_made=to_be_made)
+                      to_be_made=to_be_made, owner=owner)
     except OSError as exc:
         raise StartupError(f"cannot check socket directory {directory}: "
                            f"{exc.filename}: {exc.strerror}") from None

@@ -167,7 +167,7 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
         (("metrics",), lambda: _metrics(config, qmp_socket, as_daemon, sources)),
         (("state-dir",), lambda: None if config.ephemeral or config.state_dir is None
          else check_existing_directory(config.state_dir,
-                                       trust=_judgeable(config.state_dir, as_daemon))),
+                                       owner=_daemon_user(config.state_dir, as_daemon))),
         # A passed socket's path is the socket unit's, not this setting's to change.
         (("qemu",) if socket_passed else ("qemu", "socket"),
          lambda: None if config.qemu is None or qmp_socket is None
@@ -258,22 +258,28 @@ def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool,
 def _socket_at(path: Path, option: str, as_daemon: bool) -> None:
     """``option``: what the messages say to change (:meth:`Sources.choice`)."""
     check_socket_path(path, option)
-    if _judgeable(path.parent, as_daemon):
-        # One still to be made is judged by what exists of its path, as the start does.
-        check_socket_directory(path.parent, option, to_be_made=not path.parent.is_dir())
+    # One still to be made is judged by what exists of its path, as the start does.
+    check_socket_directory(path.parent, option, to_be_made=not path.parent.is_dir(),
+                           owner=_daemon_user(path.parent, as_daemon))
 
 
-def _judgeable(directory: Path, as_daemon: bool) -> bool:
-    """Whether this process can apply the trust rule (:mod:`migblockd.trust`) to
-    ``directory`` as the daemon would.
+def _daemon_user(directory: Path, as_daemon: bool) -> int | None:
+    """The uid to judge ``directory`` for besides this process's and root's, as
+    the trust rule (:mod:`migblockd.trust`) does for the daemon's own user.
 
-    The rule trusts root and the daemon's own user.  Root, checking the file for
-    a daemon that runs as its own user (``--check-config`` under the units), does
-    not know that user: a directory owned by another uid may well be the
-    daemon's (``/var/lib/migblockd``), so it is left to the start, not refused
-    (:func:`unjudged` says so).
+    Root, checking the file for a daemon that runs as its own user
+    (``--check-config`` under the units), does not know that user: a directory
+    owned by another uid may well be the daemon's (``/var/lib/migblockd``).  So
+    the first such owner on the way is taken for the daemon's user, its
+    ownership left to the start (:func:`unjudged` says so), and the rest of the
+    path judged as that daemon would: a mode that lets others write is refused
+    whoever the daemon runs as, and so is a second owner, whom no one user's
+    daemon trusts beside the first.
     """
-    return as_daemon or _foreign_owner(directory) is None
+    if as_daemon:
+        return None
+    foreign = _foreign_owner(directory)
+    return None if foreign is None else foreign[1]
 
 
 def _foreign_owner(directory: Path) -> tuple[Path, int] | None:

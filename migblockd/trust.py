@@ -52,18 +52,21 @@ class Distrust:
     mode: int | None = None
 
 
-def distrust(directory: Path, *, to_be_made: bool = False) -> Distrust | None:
+def distrust(directory: Path, *, to_be_made: bool = False,
+             owner: int | None = None) -> Distrust | None:
     """The first reason not to trust ``directory``, or None.
 
     ``to_be_made``: ``directory`` may be missing, to be made (0700) by the
     caller: what exists of the path is judged, each directory of it as one
     above ``directory`` (sticky passes), before anything is made there, and
     ``arrived`` is where the path would lead.  What cannot be made (a file on
-    the way) is the making's to say.
+    the way) is the making's to say.  ``owner``: a uid trusted as this
+    process's is, judging for a daemon that runs as that user (root's
+    ``--check-config``).
 
     Raises OSError (its ``filename`` the path that could not be examined).
     """
-    trusted = (os.geteuid(), 0)
+    trusted = (os.geteuid(), 0) if owner is None else (os.geteuid(), 0, owner)
     met, arrived = _walk(directory, to_be_made=to_be_made)
     for place, st in met.items():
         itself = place == arrived
@@ -123,14 +126,14 @@ def _walk(path: Path, *,
 
 
 def refusal(directory: Path, *, kind: str, asset: str, option: str,
-            to_be_made: bool = False) -> str | None:
+            to_be_made: bool = False, owner: int | None = None) -> str | None:
     """Why ``directory`` (a ``kind``, such as "state directory") is refused, in
     words that say what is at stake (``asset``) and what to do (``option``), or None.
-    ``to_be_made`` as for :func:`distrust`.
+    ``to_be_made`` and ``owner`` as for :func:`distrust`.
 
     Raises OSError as :func:`distrust` does.
     """
-    found = distrust(directory, to_be_made=to_be_made)
+    found = distrust(directory, to_be_made=to_be_made, owner=owner)
     if found is None:
         return None
     arrived = found.arrived
@@ -144,8 +147,10 @@ def refusal(directory: Path, *, kind: str, asset: str, option: str,
     else:
         what = f"{found.place}, on the way to {named},"
     if found.owner is not None:
+        # Judged for another user too: a daemon running as either refuses the other's.
+        also = "" if owner is None else f", {named_uid(owner)}"
         return (f"{what} is owned by {named_uid(found.owner)}, not by this user "
-                f"(uid {os.geteuid()}) or root, so its owner could replace {asset}; "
+                f"(uid {os.geteuid()}){also} or root, so its owner could replace {asset}; "
                 f"choose another {option}")
     return (f"{what} is writable by others (mode {found.mode:04o}), so they could replace "
             f"{asset}; chmod go-w {found.place}, or choose another {option}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log, wait_ready
 from faults import opened, stopped_at_open
+from otheruids import Account
 from realqemu import wait_until
 
 from migblockd.cli import options
@@ -756,6 +757,62 @@ def test_check_config_as_root_takes_the_daemon_users_own_directories(short_tmp: 
     os.chown(state, 0, 0)
     state.chmod(0o777)
     assert "writable by others (mode 0777)" in check_config(*args).stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root checks for a daemon of another uid")
+@pytest.mark.parametrize("kind", ["state", "state to be made", "socket"])
+def test_check_config_as_root_judges_the_modes_of_the_daemon_users_directories(
+        short_tmp: Path, accounts: dict[str, Account], kind: str) -> None:
+    # Reproduced first: a directory of the daemon's user that others may write was
+    # "valid" to root's --check-config (its owner left to the start), and that
+    # user's start refused it for its mode, as every daemon's would.
+    olga = accounts["mbt-olga"]
+    short_tmp.chmod(0o755)
+    state, run = short_tmp / "state", short_tmp / "run"
+    for directory in (state, run):
+        directory.mkdir(mode=0o700)
+        os.chown(directory, olga.uid, olga.gid)
+    shared = run if kind == "socket" else state
+    shared.chmod(0o777)
+    args = ["--socket", str(run / "q.sock"),
+            "--state-dir", str(state / "vm1" if kind == "state to be made" else state)]
+    if kind == "socket":
+        message = (f"refusing to serve from {run}: socket directory {run} is writable by "
+                   f"others (mode 0777), so they could replace the socket; chmod go-w {run}, "
+                   "or choose another --socket")
+    elif kind == "state":
+        message = (f"refusing to keep state in {state}: state directory {state} is writable "
+                   f"by others (mode 0777), so they could replace the database; chmod go-w "
+                   f"{state}, or choose another --state-dir")
+    else:
+        message = (f"refusing to keep state in {state}/vm1: {state}, above state directory "
+                   f"{state}/vm1, is writable by others (mode 0777), so they could replace "
+                   f"the database; chmod go-w {state}, or choose another --state-dir")
+    proc = check_config(*args)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+    as_olga = ["setpriv", f"--reuid={olga.uid}", f"--regid={olga.gid}", "--clear-groups"]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+    start = subprocess.run([*as_olga, sys.executable, "-m", "migblockd", *args], env=env,
+                           capture_output=True, text=True, timeout=30)
+    assert start.returncode == 1
+    assert f"ERROR: {message}\n" in start.stderr
+    assert sorted(state.iterdir()) == []  # nothing made
+    # Fixed as it says: valid, its owner still left to the start.
+    shared.chmod(0o700)
+    proc = check_config(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "belongs to uid" in proc.stderr
+    if kind == "state to be made":
+        # A second user's directory on the way: no one user's daemon trusts both.
+        theirs = state / "vm1"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, accounts["mbt-bob"].uid, accounts["mbt-bob"].gid)
+        proc = check_config(*args)
+        assert (proc.returncode, proc.stderr) == (1, (
+            f"migblockd: refusing to keep state in {theirs}: state directory {theirs} is "
+            f"owned by uid {accounts['mbt-bob'].uid} (mbt-bob), not by this user (uid 0), "
+            f"uid {olga.uid} (mbt-olga) or root, so its owner could replace the database; "
+            "choose another --state-dir\n"))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs a directory this uid cannot search")

@@ -49,28 +49,28 @@ def _not_a_directory(directory: Path) -> StateError:
                       "move it away, or choose another --state-dir")
 
 
-def check_existing_directory(directory: Path, *, trust: bool = True) -> None:
-    """What :func:`make_directory` and :func:`check_directory` (unless not ``trust``)
-    would refuse, found without making, locking or opening anything
-    (``--check-config``): of a directory still to be made, the directories above
-    it that exist; whether it can be made is the start's to find out."""
+def check_existing_directory(directory: Path, *, owner: int | None = None) -> None:
+    """What :func:`make_directory` and :func:`check_directory` would refuse, found
+    without making, locking or opening anything (``--check-config``): of a
+    directory still to be made, the directories above it that exist; whether it
+    can be made is the start's to find out.  ``owner``: a uid trusted as this
+    user is (:func:`migblockd.trust.distrust`)."""
     directory = Path(directory).absolute()
     if not os.path.lexists(directory):
-        if trust:
-            _check_trusted(directory, directory, "state directory", to_be_made=True)
+        _check_trusted(directory, directory, "state directory", to_be_made=True, owner=owner)
         return
     if not directory.is_dir():
         raise _not_a_directory(directory)
-    if trust:
-        check_directory(directory)
+    check_directory(directory, owner=owner)
 
 
-def check_directory(directory: Path) -> None:
-    """Refuse a directory that anyone but this user and root could change: they
-    could swap the database that the next start restores.  The same for the
-    directory that ``state.db`` links to, if it is a link: SQLite keeps the
-    database's log and index beside the file the link leads to."""
-    _check_trusted(directory, directory, "state directory")
+def check_directory(directory: Path, *, owner: int | None = None) -> None:
+    """Refuse a directory that anyone but this user and root (and ``owner``, if
+    given) could change: they could swap the database that the next start
+    restores.  The same for the directory that ``state.db`` links to, if it is
+    a link: SQLite keeps the database's log and index beside the file the link
+    leads to."""
+    _check_trusted(directory, directory, "state directory", owner=owner)
     database = directory / DATABASE_NAME
     try:
         linked = database.is_symlink()
@@ -88,7 +88,8 @@ def check_directory(directory: Path) -> None:
                          f"{os.readlink(database)}: {e.strerror}; make where it leads "
                          "reachable by this user, or choose another --state-dir") from None
     target = Path(os.path.realpath(database)).parent
-    _check_trusted(directory, target, f"the directory of {DATABASE_NAME}'s target")
+    _check_trusted(directory, target, f"the directory of {DATABASE_NAME}'s target",
+                   owner=owner)
 
 
 def _search_fix(directory: Path) -> str:
@@ -106,10 +107,10 @@ def _search_fix(directory: Path) -> str:
 
 
 def _check_trusted(directory: Path, place: Path, kind: str, *,
-                   to_be_made: bool = False) -> None:
+                   to_be_made: bool = False, owner: int | None = None) -> None:
     try:
         why = refusal(place, kind=kind, asset="the database", option="--state-dir",
-                      to_be_made=to_be_made)
+                      to_be_made=to_be_made, owner=owner)
     except OSError as e:
         raise StateError(f"cannot check state directory {directory}: "
                          f"{e.filename}: {e.strerror}") from None

@@ -13,6 +13,17 @@ from migblockd.denied import explain
 SYSTEM_SOCKET = Path("/run/migblockd/migblockd.sock")
 
 
+def make_private_directory(directory: Path) -> None:
+    """``mkdir -p directory``, every directory it makes mode 0700: with mkdir's own,
+    the missing parents get the umask's mode (0775 under umask 002), and the
+    daemon then refuses a state directory below them (others could write there:
+    :mod:`migblockd.trust`).  Raises OSError as mkdir does (FileExistsError:
+    what is in the way is not a directory)."""
+    for missing in reversed([d for d in directory.parents if not d.exists()]):
+        missing.mkdir(mode=0o700, exist_ok=True)
+    directory.mkdir(mode=0o700, exist_ok=True)
+
+
 def default_socket_path() -> Path:
     """The socket the daemon listens on and the shell connects to by default.
 

@@ -11,6 +11,7 @@ import pwd
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import ROOT, DaemonProcess
+from otheruids import Account
 from qmpclient import qemu_qmp_client
 
 from migblockd import __version__
@@ -435,6 +437,53 @@ def test_no_home_keeps_the_history_in_memory(tmp_path: Path) -> None:
         "warning: history not saved (no home directory: set HOME or XDG_STATE_HOME)",
         "None InMemoryHistory"]
 
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as another user")
+def test_the_history_leaves_the_daemons_default_state_directory_usable(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path, short_tmp: Path,
+    accounts: dict[str, Account]
+) -> None:
+    """The shell's history is kept in the daemon's default state directory
+    (``~/.local/state/migblockd``).  Before, the shell made the missing
+    ``~/.local`` and ``~/.local/state`` with the umask's mode (0775 under umask
+    002), and the daemon then refused to keep its state there ("writable by
+    others")."""
+    olga = accounts["mbt-olga"]
+    short_tmp.chmod(0o755)
+    home, run = short_tmp / "home", short_tmp / "run"
+    for directory in (home, run):
+        directory.mkdir(mode=0o750)
+        os.chown(directory, olga.uid, olga.gid)
+    as_olga = tmp_path / "as-olga"
+    as_olga.write_text(f"#!/bin/sh\numask 002\nexec setpriv --reuid={olga.uid} "
+                       f"--regid={olga.gid} --clear-groups {sys.executable} \"$@\"\n")
+    as_olga.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "HOME": str(home),
+           "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1"}
+    daemon = start_daemon("--ephemeral", socket=run / "s.sock", env=env, python=str(as_olga))
+    child = pexpect.spawn(str(as_olga), ["-m", "migblockd.shell", str(daemon.socket)],
+                          env=env, encoding="utf-8", timeout=30, dimensions=(40, 200))
+    child.logfile_read = io.StringIO()
+    shell = Shell(child, home / ".local" / "state")
+    try:
+        shell.expect(PROMPT)
+        shell.send("query-version\r")
+        shell.expect('{"return": {"qemu"')
+        shell.expect(PROMPT)
+        assert shell.quit() == 0
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+    assert daemon.stop() == 0
+    state = home / ".local" / "state" / "migblockd"
+    assert "+query-version" in (state / "shell-history").read_text()
+    for made in (home / ".local", home / ".local" / "state", state):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+    # The daemon of the same user, under the same umask, keeps its state there.
+    durable = start_daemon("--state-dir", str(state), socket=run / "s.sock", env=env,
+                           python=str(as_olga))
+    durable.wait_for_log(f"created {state}/state.db")
 
 
 @pytest.mark.parametrize("breakage", ["a directory in its place", "its directory removed"])

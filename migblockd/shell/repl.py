@@ -13,6 +13,7 @@ from prompt_toolkit import PromptSession
 from prompt_toolkit.history import History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 
+from migblockd.paths import make_private_directory
 from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell.client import ConnectError, ConnectionLost, Message
 from migblockd.shell.completion import ShellCompleter
@@ -67,7 +68,10 @@ def open_history(path: Path | None) -> History:
         _say("warning: history not saved (no home directory: set HOME or XDG_STATE_HOME)")
         return InMemoryHistory()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Its missing parents 0700 too (~/.local, ~/.local/state): the daemon's
+        # default state directory is below them, and refused under any that
+        # others may write, as the umask's 0775 would let them.
+        make_private_directory(path.parent)
         path.touch(exist_ok=True)
     except OSError as err:
         _say(not_saved(path, err))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from migblockd.paths import make_private_directory
 from migblockd.state.errors import StateError, owner_mismatch
 from migblockd.trust import refusal
 
@@ -29,9 +30,7 @@ def make_directory(directory: Path) -> None:
     try:
         # Missing parents are made 0700 too: with mkdir's own, the umask's mode
         # (0775 under umask 002) would fail the directory check that follows.
-        for missing in reversed([d for d in directory.parents if not d.exists()]):
-            missing.mkdir(mode=0o700, exist_ok=True)
-        directory.mkdir(mode=0o700, exist_ok=True)
+        make_private_directory(directory)
     except FileExistsError as e:  # exists, and is not a directory
         raise _not_a_directory(directory) from e
     except OSError as e:

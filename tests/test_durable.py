@@ -861,6 +861,42 @@ def test_a_state_directory_of_root_the_daemon_may_not_search_names_the_chown(
     fixed.wait_for_log(f"created {state}/state.db")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as another user")
+def test_a_directory_on_the_way_the_daemon_may_not_search_is_named_with_the_fix(
+    start_daemon: Start, tmp_path: Path, short_tmp: Path, accounts: dict[str, Account]
+) -> None:
+    """Before, `cannot check state directory D: P: Permission denied`, and nothing
+    to do; the start and --check-config give the same line."""
+    olga = accounts["mbt-olga"]
+    short_tmp.chmod(0o755)
+    closed, run = short_tmp / "closed", short_tmp / "run"
+    closed.mkdir(mode=0o700)
+    run.mkdir(mode=0o700)
+    os.chown(run, olga.uid, olga.gid)
+    state = closed / "sub" / "state"
+    python = python_as(tmp_path, olga)
+    args = ["--state-dir", str(state), "--log-level", "info"]
+    expected = (f"cannot check state directory {state}: {closed}/sub: Permission denied; "
+                f"this daemon, running as uid {olga.uid} (mbt-olga), may not search {closed} "
+                f"(uid 0 (root)'s, mode 0700): let it (chmod o+x {closed}, say), or choose "
+                "another --state-dir")
+    daemon = start_daemon(*args, socket=run / "s.sock", wait=False, env=AS_USER_ENV,
+                          python=python)
+    assert daemon.wait_exit() == 1
+    assert only_line(daemon) == expected
+    checked = subprocess.run([python, "-m", "migblockd", "--check-config", "--socket",
+                              str(run / "s.sock"), *args], env=AS_USER_ENV,
+                             capture_output=True, text=True, timeout=30)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (
+        1, "", f"migblockd: {expected}\n")
+    # Done as it says (and the rest made as that user may), the daemon starts there.
+    closed.chmod(0o701)
+    (closed / "sub").mkdir(mode=0o700)
+    os.chown(closed / "sub", olga.uid, olga.gid)
+    fixed = start_daemon(*args, socket=run / "s.sock", env=AS_USER_ENV, python=python)
+    fixed.wait_for_log(f"created {state}/state.db")
+
+
 async def add_refused_at_commit(c: RawClient, daemon: DaemonProcess, why: str, advice: str) -> None:
     """An add whose commit fails with ``why``: its error, the log's first line of
     the failure with ``advice``, and nothing changed but the blocker "before"."""

@@ -288,6 +288,54 @@ async def test_full_disk_at_start_stops_the_daemon(
     assert_clean_log(daemon)
 
 
+async def test_a_read_only_file_system_at_start_says_how_to_make_it_writable(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
+) -> None:
+    """As the units' ProtectSystem=strict leaves every path outside
+    StateDirectory=: before, "fix its permissions" for a state.db linked there,
+    "create it" for a directory to be made there, "make D writable by this user"
+    for one that is there, when no permission was wrong."""
+    python = small_tmpfs.python(tmp_path)
+    volume = small_tmpfs.mountpoint / "volume"
+    first = start_daemon("--state-dir", str(volume), python=python)
+    async with first.client() as c:
+        await c.ok("add-blocker", {"reason": "kept", "id": "kept"})
+    assert first.stop() == 0
+    linked = tmp_path / "linked"
+    linked.mkdir(mode=0o700)
+    (linked / "state.db").symlink_to(volume / "state.db")
+    subprocess.run([*small_tmpfs.enter, "--", "mount", "-o", "remount,ro",
+                    str(small_tmpfs.mountpoint)], check=True)
+    strict = ("(the units' ProtectSystem=strict makes every path outside StateDirectory= "
+              "read-only), or choose another --state-dir")
+    new = small_tmpfs.mountpoint / "new"
+    for directory, line in [
+        (linked, f"cannot read and write {linked}/state.db: Read-only file system; remount "
+                 f"that file system read-write, or, under systemd, add {volume} to "
+                 f"ReadWritePaths= {strict}"),
+        (volume, f"cannot open {volume}/lock: Read-only file system; remount that file "
+                 f"system read-write, or, under systemd, add {volume} to ReadWritePaths= "
+                 f"{strict}"),
+        (new, f"cannot create state directory {new}: Read-only file system; remount that "
+              f"file system read-write, or, under systemd, make {new} and add it to "
+              f"ReadWritePaths= {strict}"),
+    ]:
+        refused = start_daemon("--state-dir", str(directory), "--log-level", "info",
+                               python=python, wait=False)
+        assert refused.wait_exit() == 1
+        lines = refused.log().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].endswith(f"ERROR: {line}"), lines[0]
+        assert_clean_log(refused)
+    # Remounted read-write, as the line says: the link's daemon finds what was kept.
+    subprocess.run([*small_tmpfs.enter, "--", "mount", "-o", "remount,rw",
+                    str(small_tmpfs.mountpoint)], check=True)
+    again = start_daemon("--state-dir", str(linked), python=python)
+    async with again.client() as c:
+        assert [b["id"] for b in await c.ok("query-blockers")] == ["kept"]
+    assert again.stop() == 0
+
+
 @pytest.mark.parametrize("small_tmpfs", ["size=1m,nr_inodes=16"], indirect=True)
 async def test_no_free_inode_at_start_says_so(
     start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace

@@ -945,8 +945,11 @@ def test_commit_on_a_full_file_system_fails_and_recovers(tmp_path: Path) -> None
     full, ro = (json.loads(line) for line in proc.stdout.splitlines())
     check_disk_full_report(full, f"cannot commit to {directory}/state.db: "
                                  "database or disk is full")
-    assert ro["error"] == (f"cannot open {directory}/lock: Read-only file system; make "
-                           f"{directory} writable by this user, or choose another --state-dir")
+    assert ro["error"] == (f"cannot open {directory}/lock: Read-only file system; remount "
+                           "that file system read-write, or, under systemd, add "
+                           f"{directory} to ReadWritePaths= (the units' ProtectSystem=strict "
+                           "makes every path outside StateDirectory= read-only), or choose "
+                           "another --state-dir")
 
 
 

@@ -12,12 +12,14 @@ when it is opened (:mod:`migblockd.state.opening`).
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 from migblockd.paths import make_private_directory
-from migblockd.state.errors import StateError, owner_mismatch
-from migblockd.trust import refusal
+from migblockd.state.errors import StateError, owner_mismatch, read_only
+from migblockd.trust import named_uid, refusal
 
 __all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory", "make_directory"]
 
@@ -34,8 +36,10 @@ def make_directory(directory: Path) -> None:
     except FileExistsError as e:  # exists, and is not a directory
         raise _not_a_directory(directory) from e
     except OSError as e:
+        fix = (read_only(directory, to_be_made=True) if e.errno == errno.EROFS
+               else "create it")
         raise StateError(f"cannot create state directory {directory}: {e.strerror}; "
-                         "create it, or choose another --state-dir") from e
+                         f"{fix}, or choose another --state-dir") from e
 
 
 def _not_a_directory(directory: Path) -> StateError:
@@ -105,6 +109,26 @@ def _search_fix(directory: Path) -> str:
     return f" ({held}); {fix}"
 
 
+def _check_fix(e: OSError) -> str:
+    """What to do when the path to a state directory could not be examined: a
+    directory on the way that this user may not search (the one holding the
+    name that could not be looked up), or a loop of symbolic links."""
+    if e.errno != errno.EACCES or not e.filename:
+        return "choose another --state-dir"
+    closed = Path(os.fsdecode(e.filename)).parent
+    try:
+        st = closed.stat()
+    except OSError:
+        return f"let this user search {closed}, or choose another --state-dir"
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == os.geteuid():
+        return (f"this user may not search {closed} (mode {mode:04o}): chmod u+x {closed}, "
+                "or choose another --state-dir")
+    return (f"this daemon, running as {named_uid(os.geteuid())}, may not search {closed} "
+            f"({named_uid(st.st_uid)}'s, mode {mode:04o}): let it (chmod o+x {closed}, say), "
+            "or choose another --state-dir")
+
+
 def _check_trusted(directory: Path, place: Path, kind: str, *,
                    to_be_made: bool = False, owner: int | None = None) -> None:
     try:
@@ -112,6 +136,6 @@ def _check_trusted(directory: Path, place: Path, kind: str, *,
                       to_be_made=to_be_made, owner=owner)
     except OSError as e:
         raise StateError(f"cannot check state directory {directory}: "
-                         f"{e.filename}: {e.strerror}") from None
+                         f"{e.filename}: {e.strerror}; {_check_fix(e)}") from None
     if why is not None:
         raise StateError(f"refusing to keep state in {directory}: {why}")

@@ -25,6 +25,7 @@ __all__ = [
     "no_space",
     "one_line",
     "owner_mismatch",
+    "read_only",
 ]
 
 # Primary result codes (the low byte of an extended code), from sqlite3.h.
@@ -171,3 +172,14 @@ def owner_mismatch(path: Path, st: os.stat_result) -> tuple[str, str]:
         name = str(uid)
     return (f"it belongs to {named_uid(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}, "
             f"and this daemon runs as {named_uid(uid)}", f"chown {name}: {path}")
+
+
+def read_only(place: Path, *, to_be_made: bool = False) -> str:
+    """What to do about ``place`` (a directory the daemon writes in, or makes when
+    ``to_be_made``) on a file system mounted read-only.  Under the units that is
+    what ``ProtectSystem=strict`` does to every path but ``StateDirectory=``'s:
+    a ``--state-dir`` elsewhere, or a ``state.db`` linked to another volume."""
+    what = f"make {place} and add it" if to_be_made else f"add {place}"
+    return (f"remount that file system read-write, or, under systemd, {what} to "
+            "ReadWritePaths= (the units' ProtectSystem=strict makes every path outside "
+            "StateDirectory= read-only)")

@@ -22,7 +22,7 @@ import stat
 from pathlib import Path
 
 from migblockd.pidlock import Held, LockFailed, PidLock
-from migblockd.state.errors import StateError, owner_mismatch
+from migblockd.state.errors import StateError, owner_mismatch, read_only
 
 __all__ = ["LOCK_NAME", "DatabaseLock", "lock_database", "lock_directory"]
 
@@ -49,6 +49,9 @@ def lock_directory(directory: Path) -> PidLock:
             # (a directory chowned to the daemon's user without -R, say).
             raise StateError(f"cannot open {path}: {exc.strerror} ({_whose(path)}, or "
                              "choose another --state-dir") from None
+        if exc.opening and exc.errno == errno.EROFS:
+            raise StateError(f"cannot open {path}: {exc.strerror}; {read_only(directory)}, "
+                             "or choose another --state-dir") from None
         if exc.opening:
             raise StateError(f"cannot open {path}: {exc.strerror}; make {directory} writable "
                              "by this user, or choose another --state-dir") from None

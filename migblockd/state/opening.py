@@ -16,6 +16,7 @@ once, at start, and none of it on the commit path but :func:`connect` and
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
@@ -24,7 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from migblockd.state import schema
-from migblockd.state.errors import StateError, describe_open_error, one_line, owner_mismatch
+from migblockd.state.errors import (
+    StateError,
+    describe_open_error,
+    one_line,
+    owner_mismatch,
+    read_only,
+)
 from migblockd.state.lock import DatabaseLock, lock_database
 from migblockd.state.logcheck import check_log
 from migblockd.trust import named_uid
@@ -185,11 +192,14 @@ def _check_companion(each: Path, path: Path) -> None:
 
 
 def _fix(each: Path, st: os.stat_result, e: OSError) -> str:
-    """What to do about a file this user may not open: whose it is, when not ours.
+    """What to do about a file this user may not open: whose it is, when not ours;
+    its file system, when that is read-only.
 
     The usual case is a restore done as root with ``cp``: the copy is root's,
     and "fix its permissions" does not say that the owner is what is wrong.
     """
+    if e.errno == errno.EROFS:  # a link to another volume, read-only under the units
+        return f"; {read_only(Path(os.path.realpath(each)).parent)}"
     if not isinstance(e, PermissionError) or st.st_uid == os.geteuid():
         return "; fix its permissions"
     held, fix = owner_mismatch(each, st)

@@ -133,17 +133,12 @@ def open_state(config: Config, registry: Registry) -> Store | None:
         return None
     assert config.state_dir is not None  # config.build() leaves it out only when ephemeral
     try:
-        store = Store.open(config.state_dir)
+        # Restored before the database is opened for writing: a stored blocker or
+        # setting that this start refuses leaves the files as they were.
+        store = Store.open(config.state_dir,
+                           restore=lambda snapshot: restore(registry, snapshot))
     except StateError as exc:
         raise StartupError(str(exc)) from None
-    try:
-        restore(registry, store.load())
-    except StateError as exc:  # names the file itself
-        store.close()
-        raise StartupError(str(exc)) from None
-    except ValueError as exc:
-        store.close()
-        raise StartupError(f"{store.path}: {exc}") from None
     count = len(registry)
     log.info("restored %d %s from %s", count, "blocker" if count == 1 else "blockers",
              store.path)

@@ -1164,9 +1164,21 @@ def schema_without_cpr_exec(directory: Path) -> Path:
     return directory / "migblockd.json"
 
 
+def end(daemon: DaemonProcess, how: str) -> None:
+    """Stop ``daemon`` (SIGTERM: its log folded into state.db and removed) or kill
+    it (SIGKILL: the log and its index left for the next start to read)."""
+    if how == "SIGTERM":
+        assert daemon.stop() == 0
+    else:
+        kill(daemon)
+
+
 def assert_start_refused(start_daemon: Start, directory: Path, line: str, *args: str) -> None:
     """A daemon on ``directory`` with ``args`` stops at start with ``line`` alone, and
-    leaves the state files as they were."""
+    leaves the state files as they were: state.db, and the log and its index
+    that a killed daemon left (the refusal comes after the database was read,
+    and a connection that may write would rebuild the index, and fold the log
+    into state.db when it closes)."""
     before = digest(directory)
     refused = start_daemon("--state-dir", str(directory), *args, "--log-level", "info",
                            wait=False)
@@ -1175,15 +1187,16 @@ def assert_start_refused(start_daemon: Start, directory: Path, line: str, *args:
     assert digest(directory) == before
 
 
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 async def test_blocker_of_a_mode_the_schema_dropped_stops_the_daemon(
-    start_daemon: Start, tmp_path: Path
+    start_daemon: Start, tmp_path: Path, how: str
 ) -> None:
     """Dropping it could let through a migration it was there to stop."""
     directory = tmp_path / "state"
     daemon = start_daemon("--state-dir", str(directory))
     async with daemon.client() as c:
         await add(c, "exec only", id="x", modes=["cpr-exec", "normal"])
-    assert daemon.stop() == 0
+    end(daemon, how)
     schema = schema_without_cpr_exec(tmp_path / "schema")
     assert_start_refused(
         start_daemon, directory,
@@ -1192,18 +1205,24 @@ async def test_blocker_of_a_mode_the_schema_dropped_stops_the_daemon(
         "start from scratch", "--schema", str(schema))
 
 
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 async def test_a_blocker_only_migratable_refuses_stops_the_daemon_it_was_turned_on_for(
-    start_daemon: Start, tmp_path: Path
+    start_daemon: Start, tmp_path: Path, how: str
 ) -> None:
     """QEMU never holds one under -only-migratable; dropping it could let a migration
-    through.  Those it accepts (internal, or not of the normal mode) come back."""
+    through.  Those it accepts (internal, or not of the normal mode) come back.
+    Killed, the daemon leaves its blockers in the log: the refused start reads them
+    there and leaves the log, its index and state.db byte for byte as they were."""
     directory = tmp_path / "state"
     daemon = start_daemon("--state-dir", str(directory))
     async with daemon.client() as c:
         await add(c, "dump in progress", id="dump", internal=True)
         await add(c, "reboot only", id="reboot", modes=["cpr-reboot"])
         await add(c, "VFIO device", id="vfio")
-    assert daemon.stop() == 0
+    end(daemon, how)
+    if how == "SIGKILL":
+        assert (directory / "state.db-wal").stat().st_size > 0
+        assert (directory / "state.db-shm").exists()
     assert_start_refused(
         start_daemon, directory,
         f"{directory}/state.db: stored blocker 'vfio' blocks the normal mode and is not "

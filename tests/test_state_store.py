@@ -454,6 +454,38 @@ def test_a_log_whose_index_is_gone_after_a_crash_is_replayed_whole(tmp_path: Pat
     assert [r.id for r in reopened(tmp_path).blockers] == [f"b{i}" for i in range(20)]
 
 
+def files_of(directory: Path) -> dict[str, bytes]:
+    """The database's files (not the lock) by name, with their content."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "lock"}
+
+
+def refuse(snapshot: Snapshot) -> None:
+    raise ValueError(f"{len(snapshot.blockers)} blockers, all refused")
+
+
+@pytest.mark.parametrize("left", ["log and index", "log only", "nothing"])
+def test_what_restore_refuses_leaves_the_files_as_they_were(tmp_path: Path, left: str) -> None:
+    """Read before the database is opened for writing: such a connection rebuilds
+    the index after a crash, and its closing folds the log into state.db."""
+    killed_after_commits(tmp_path, 20)
+    if left == "log only":
+        (tmp_path / "state.db-shm").unlink()
+    elif left == "nothing":
+        Store.open(tmp_path).close()
+    before = files_of(tmp_path)
+    assert ("state.db-wal" in before) == (left != "nothing")
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path, restore=refuse)
+    assert str(refused.value) == f"{tmp_path}/state.db: 20 blockers, all refused"
+    after = files_of(tmp_path)
+    if left == "log only":
+        # Nothing on disk says what the log holds but the log: SQLite reads it
+        # whole, making its index (a new file) as it does.
+        assert after.pop("state.db-shm")
+    assert after == before
+    assert [r.id for r in reopened(tmp_path).blockers] == [f"b{i}" for i in range(20)]
+
+
 def test_database_of_another_program_is_refused(tmp_path: Path) -> None:
     other = sqlite3.connect(tmp_path / "state.db")
     other.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT)")

@@ -2,12 +2,16 @@
 
 The database, its log and the log's index are held to sshd's StrictModes, as
 their directory is (:mod:`migblockd.state.directory`).  Then the file is
-checked before anything is written to it: it must be ours
-(``application_id``), of a format this version reads (``user_version``), and
-pass ``PRAGMA quick_check``.  A new database is made whole under another name
-and then renamed; an older one is copied to
-``state.db.format-N`` and migrated in one transaction.  Bad state stops the
-daemon with a :class:`StateError`; it is never replaced.
+checked before anything is written to it, through a view that writes nothing
+(:func:`_view`): it must be ours (``application_id``), of a format this
+version reads (``user_version``), and pass ``PRAGMA quick_check``; and what it
+holds must pass the caller's ``examine`` (the daemon restores it: a stored
+value it refuses).  Only then is it opened for writing, which after a crash
+rebuilds the log's index, and whose closing folds the log into the database:
+a refused start leaves the files as they were.  A new database is made whole
+under another name and then renamed; an older one is copied to
+``state.db.format-N`` and migrated in one transaction (and examined then).
+Bad state stops the daemon with a :class:`StateError`; it is never replaced.
 
 Apart from committing (:mod:`migblockd.state.store`) because all of it runs
 once, at start, and none of it on the commit path but :func:`connect` and
@@ -21,8 +25,9 @@ import logging
 import os
 import sqlite3
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from migblockd.state import schema
 from migblockd.state.errors import (
@@ -61,25 +66,66 @@ def configure(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous = FULL")
 
 
-def check_and_open(path: Path, migrations: Sequence[schema.Migration]
-                   ) -> tuple[sqlite3.Connection, DatabaseLock]:
-    """The database, checked (created, migrated), and the lock on its file, taken
-    before SQLite opens it: release the lock after closing the connection."""
+#: What the caller checks the database's content with (a connection in a
+#: transaction-free state, reading only): StateError refuses the database.
+Examine = Callable[[sqlite3.Connection], None]
+
+
+def check_and_open(path: Path, migrations: Sequence[schema.Migration],
+                   examine: Examine | None = None) -> tuple[sqlite3.Connection, DatabaseLock]:
+    """The database, checked (created, migrated, and its content passed to
+    ``examine``), and the lock on its file, taken before SQLite opens it:
+    release the lock after closing the connection."""
     if _check_file(path):
         _create(path, migrations)
     lock = lock_database(path)
+    try:
+        version = _check_before_writing(path, migrations, examine)
+    except BaseException:
+        lock.release()
+        raise
     try:
         conn = connect(path)
     except sqlite3.Error as e:
         lock.release()
         raise StateError(describe_open_error(path, e)) from e
     try:
-        _check_and_migrate(conn, path, migrations)
+        _open_for_writing(conn, path, version, migrations)
+        if version < len(migrations) and examine is not None:
+            examine(conn)  # only now in the format it reads
     except BaseException:
         conn.close()
         lock.release()
         raise
     return conn, lock
+
+
+def _view(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the database that writes no file, for what the
+    start checks before it opens it for writing.
+
+    Read-only is not enough: after a crash the first connection rebuilds the
+    log's index (``state.db-shm``) in place, and with no log it makes one.  So
+    with no log (or an empty one) the database file alone is read
+    (``immutable``), and with a log and its index the index is opened read-only
+    (``readonly_shm``: SQLite then reads the log into memory rather than
+    rebuild the index).  A log whose index is gone is left to SQLite, which
+    makes the index anew from it (the log and the database are not written).
+    """
+    real = os.path.realpath(path)
+    try:
+        logged = os.stat(real + "-wal").st_size > 0
+    except FileNotFoundError:
+        logged = False
+    if not logged:
+        params = "mode=ro&immutable=1"
+    elif os.path.lexists(real + "-shm"):
+        params = "mode=ro&readonly_shm=1"
+    else:
+        params = "mode=ro"
+    return sqlite3.connect(f"file:{quote(str(path))}?{params}", uri=True,
+                           timeout=_BUSY_TIMEOUT, isolation_level=None,
+                           check_same_thread=False)
 
 
 def _check_file(path: Path) -> bool:
@@ -238,14 +284,19 @@ def _create(path: Path, migrations: Sequence[schema.Migration]) -> None:
     _sync_directory(path.parent)
 
 
-def _check_and_migrate(conn: sqlite3.Connection, path: Path,
-                       migrations: Sequence[schema.Migration]) -> None:
-    """Identify, check and (if new or older) migrate the database, reading
-    before writing anything, so that a file we refuse is left untouched."""
+def _check_before_writing(path: Path, migrations: Sequence[schema.Migration],
+                          examine: Examine | None) -> int:
+    """Identify and check the database through :func:`_view`, and let ``examine``
+    read it when it is of the current format, before anything writes to it, so
+    that a file we refuse is left as it was; its format."""
     current = len(migrations)
     try:
+        conn = _view(path)
+    except sqlite3.Error as e:
+        raise StateError(describe_open_error(path, e)) from e
+    try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
         objects = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         fresh = app_id == 0 and version == 0 and objects == 0
         if not fresh and app_id != schema.APPLICATION_ID:
@@ -265,6 +316,22 @@ def _check_and_migrate(conn: sqlite3.Connection, path: Path,
             found = one_line("\n".join(problems).replace("*** in database main ***", ""))
             raise StateError(f"{path} is corrupt ({found}); restore it from a backup, "
                              "or move it away to start from scratch")
+        if version == current and examine is not None:
+            examine(conn)
+    except sqlite3.Error as e:
+        raise StateError(describe_open_error(path, e)) from e
+    finally:
+        conn.close()
+    return version
+
+
+def _open_for_writing(conn: sqlite3.Connection, path: Path, version: int,
+                      migrations: Sequence[schema.Migration]) -> None:
+    """Put the checked database (of format ``version``) in WAL mode and migrate it
+    if new or older; else prove it writable."""
+    current = len(migrations)
+    fresh = version == 0  # format 0 passed the check only empty
+    try:
         configure(conn)
         if version < current:
             if fresh:  # made by an older migblockd that created it in place

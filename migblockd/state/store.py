@@ -2,7 +2,8 @@
 
 :meth:`Store.open` takes the directory's lock before it touches the
 database, then checks the file, and locks it (:mod:`migblockd.state.lock`),
-before writing anything to it (:mod:`migblockd.state.opening`).  Bad state stops the daemon with a
+and has the caller restore what it holds, before writing anything to it
+(:mod:`migblockd.state.opening`).  Bad state stops the daemon with a
 :class:`StateError`; it is never replaced.
 
 The journal is WAL with ``synchronous=FULL``: a commit appends its pages to
@@ -31,7 +32,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from migblockd.pidlock import PidLock
@@ -91,12 +92,18 @@ class Store:
 
     @classmethod
     def open(cls, directory: Path,
-             migrations: Sequence[schema.Migration] = schema.MIGRATIONS) -> Store:
+             migrations: Sequence[schema.Migration] = schema.MIGRATIONS, *,
+             restore: Callable[[Snapshot], None] | None = None) -> Store:
         """Lock ``directory`` (made 0700 if missing) and open its database,
         creating it when new and migrating it when older.
 
         ``migrations`` is the format's history (:data:`schema.MIGRATIONS`);
-        tests pass a longer one to play a future version.
+        tests pass a longer one to play a future version.  ``restore`` is given
+        everything stored (as :meth:`load` reads it) before anything is written
+        to the database; a StateError or ValueError it raises refuses it, and
+        leaves the files as they were (but a database migrated from an older
+        format: the copy as it was is kept).  A ValueError says what is wrong
+        with a stored value, and is reported as ``PATH: why``.
         """
         # Absolute, so that the log and every message say where the state is: a
         # relative --state-dir depends on the working directory the daemon started in.
@@ -106,8 +113,18 @@ class Store:
         check_directory(directory)
         lock = lock_directory(directory)
         path = directory / DATABASE_NAME
+
+        def examine(conn: sqlite3.Connection) -> None:
+            if restore is None:
+                return
+            snapshot = _read(conn, path)
+            try:
+                restore(snapshot)
+            except ValueError as exc:
+                raise StateError(f"{path}: {exc}") from None
+
         try:
-            conn, database_lock = check_and_open(path, migrations)
+            conn, database_lock = check_and_open(path, migrations, examine)
         except BaseException:
             lock.release()
             raise
@@ -115,30 +132,7 @@ class Store:
 
     def load(self) -> Snapshot:
         """Everything stored: blockers oldest first, and the settings."""
-        conn = self._connection()
-        try:
-            conn.execute("BEGIN")  # both reads from one snapshot
-            try:
-                rows = conn.execute(schema.SELECT_BLOCKERS_SQL).fetchall()
-                settings = conn.execute(schema.SELECT_SETTINGS_SQL).fetchall()
-            finally:
-                conn.execute("COMMIT")
-        except sqlite3.OperationalError as e:
-            if str(e).startswith("Could not decode"):  # text that is not UTF-8
-                column = str(e).split("'")[1] if str(e).count("'") >= 2 else "?"
-                raise StateError(f"{self.path} is corrupt (text in column {column!r} is not "
-                                 "UTF-8); restore it from a backup, or move it away to "
-                                 "start from scratch") from e
-            raise StateError(describe_open_error(self.path, e)) from e
-        except sqlite3.Error as e:
-            raise StateError(describe_open_error(self.path, e)) from e
-        try:
-            blockers = [schema.decode_row(row) for row in rows]
-            decoded = dict(schema.decode_setting(key, value) for key, value in settings)
-        except ValueError as e:
-            raise StateError(f"{self.path} is corrupt ({one_line(str(e))}); restore it from "
-                             "a backup, or move it away to start from scratch") from e
-        return Snapshot(blockers=blockers, settings=decoded)
+        return _read(self._connection(), self.path)
 
     def commit(self, changes: Sequence[Change]) -> None:
         """Apply ``changes`` in order, in one transaction: all or nothing,
@@ -335,6 +329,33 @@ class Store:
             self._conn = None
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+
+def _read(conn: sqlite3.Connection, path: Path) -> Snapshot:
+    """Everything the database at ``path`` stores, read through ``conn``."""
+    try:
+        conn.execute("BEGIN")  # both reads from one snapshot
+        try:
+            rows = conn.execute(schema.SELECT_BLOCKERS_SQL).fetchall()
+            settings = conn.execute(schema.SELECT_SETTINGS_SQL).fetchall()
+        finally:
+            conn.execute("COMMIT")
+    except sqlite3.OperationalError as e:
+        if str(e).startswith("Could not decode"):  # text that is not UTF-8
+            column = str(e).split("'")[1] if str(e).count("'") >= 2 else "?"
+            raise StateError(f"{path} is corrupt (text in column {column!r} is not "
+                             "UTF-8); restore it from a backup, or move it away to "
+                             "start from scratch") from e
+        raise StateError(describe_open_error(path, e)) from e
+    except sqlite3.Error as e:
+        raise StateError(describe_open_error(path, e)) from e
+    try:
+        blockers = [schema.decode_row(row) for row in rows]
+        decoded = dict(schema.decode_setting(key, value) for key, value in settings)
+    except ValueError as e:
+        raise StateError(f"{path} is corrupt ({one_line(str(e))}); restore it from "
+                         "a backup, or move it away to start from scratch") from e
+    return Snapshot(blockers=blockers, settings=decoded)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

@@ -828,6 +828,20 @@ def python_as(tmp_path: Path, account: Account) -> str:
 AS_USER_ENV = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
 
 
+def refused_as_user(start_daemon: Start, python: str, socket: Path, args: list[str],
+                    expected: str) -> None:
+    """The daemon run by ``python`` (another user's) refuses to start with ``args`` on
+    one line, ``expected``, and its --check-config says the same."""
+    daemon = start_daemon(*args, socket=socket, wait=False, env=AS_USER_ENV, python=python)
+    assert daemon.wait_exit() == 1
+    assert only_line(daemon) == expected
+    checked = subprocess.run([python, "-m", "migblockd", "--check-config", "--socket",
+                              str(socket), *args], env=AS_USER_ENV,
+                             capture_output=True, text=True, timeout=30)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (
+        1, "", f"migblockd: {expected}\n")
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as another user")
 def test_a_state_directory_of_root_the_daemon_may_not_search_names_the_chown(
     start_daemon: Start, tmp_path: Path, short_tmp: Path, accounts: dict[str, Account]
@@ -846,15 +860,7 @@ def test_a_state_directory_of_root_the_daemon_may_not_search_names_the_chown(
     expected = (f"cannot look in state directory {state}: Permission denied (it belongs to "
                 f"uid 0 (root), mode 0700, and this daemon runs as uid {olga.uid} (mbt-olga)); "
                 f"chown mbt-olga: {state}, or choose another --state-dir")
-    daemon = start_daemon(*args, socket=run / "s.sock", wait=False, env=AS_USER_ENV,
-                          python=python)
-    assert daemon.wait_exit() == 1
-    assert only_line(daemon) == expected
-    checked = subprocess.run([python, "-m", "migblockd", "--check-config", "--socket",
-                              str(run / "s.sock"), *args], env=AS_USER_ENV,
-                             capture_output=True, text=True, timeout=30)
-    assert (checked.returncode, checked.stdout, checked.stderr) == (
-        1, "", f"migblockd: {expected}\n")
+    refused_as_user(start_daemon, python, run / "s.sock", args, expected)
     # Done as it says, the same daemon starts there.
     os.chown(state, olga.uid, olga.gid)
     fixed = start_daemon(*args, socket=run / "s.sock", env=AS_USER_ENV, python=python)
@@ -880,15 +886,7 @@ def test_a_directory_on_the_way_the_daemon_may_not_search_is_named_with_the_fix(
                 f"this daemon, running as uid {olga.uid} (mbt-olga), may not search {closed} "
                 f"(uid 0 (root)'s, mode 0700): let it (chmod o+x {closed}, say), or choose "
                 "another --state-dir")
-    daemon = start_daemon(*args, socket=run / "s.sock", wait=False, env=AS_USER_ENV,
-                          python=python)
-    assert daemon.wait_exit() == 1
-    assert only_line(daemon) == expected
-    checked = subprocess.run([python, "-m", "migblockd", "--check-config", "--socket",
-                              str(run / "s.sock"), *args], env=AS_USER_ENV,
-                             capture_output=True, text=True, timeout=30)
-    assert (checked.returncode, checked.stdout, checked.stderr) == (
-        1, "", f"migblockd: {expected}\n")
+    refused_as_user(start_daemon, python, run / "s.sock", args, expected)
     # Done as it says (and the rest made as that user may), the daemon starts there.
     closed.chmod(0o701)
     (closed / "sub").mkdir(mode=0o700)

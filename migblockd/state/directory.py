@@ -30,9 +30,7 @@ def make_directory(directory: Path) -> None:
     if not os.path.lexists(directory):
         _check_trusted(directory, directory, "state directory", to_be_made=True)
     try:
-        # Missing parents are made 0700 too: with mkdir's own, the umask's mode
-        # (0775 under umask 002) would fail the directory check that follows.
-        make_private_directory(directory)
+        make_private_directory(directory)  # its missing parents 0700 too
     except FileExistsError as e:  # exists, and is not a directory
         raise _not_a_directory(directory) from e
     except OSError as e:

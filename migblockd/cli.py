@@ -117,12 +117,13 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
 
         # --socket-activated: judged as the daemon the units start, which serves the
         # socket systemd passes and uses none of the settings of its own socket.
-        found = problems(config, socket_passed=config.socket_activated,
-                         sources=Sources.of(cli, file))
+        sources = Sources.of(cli, file)
+        found = problems(config, socket_passed=config.socket_activated, sources=sources)
         if found:
             sys.exit("\n".join(f"migblockd: {why}" for _, why in found))
         for note in [*ignored(config, socket_passed=config.socket_activated),
-                     *unjudged(config, socket_passed=config.socket_activated),
+                     *unjudged(config, socket_passed=config.socket_activated,
+                               sources=sources),
                      *warnings(config)]:
             print(f"migblockd: {note}", file=sys.stderr)
         print(checked(config, cli.get("config")))

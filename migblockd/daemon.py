@@ -82,9 +82,9 @@ async def run(config: Config, cli: dict[str, Any], *,
         # settings --check-config was told not to judge.
         raise StartupError("--socket-activated: systemd passed no socket (start the "
                            "daemon through its socket unit)")
-    if config.qemu is not None:
-        not_its_own_socket(config.qemu, qmp_socket_path(config, sock))
     sources = Sources.of(cli, file)
+    if config.qemu is not None:
+        not_its_own_socket(config.qemu, qmp_socket_path(config, sock), sources)
     claim = claim_own_socket(config, sources) if sock is None else None
     store = None
     try:

@@ -132,13 +132,14 @@ def _socket_place(path: Path) -> str:
     return os.path.join(os.path.realpath(path.parent), path.name)
 
 
-def not_its_own_socket(qemu: Path, qmp_socket: Path) -> None:
+def not_its_own_socket(qemu: Path, qmp_socket: Path, sources: Sources = COMMAND_LINE) -> None:
     """StartupError when ``--qemu`` is migblockd's own QMP socket, also through a
     symlink: gating itself, every forwarded command would wait for itself until
-    ``qemu-timeout``."""
+    ``qemu-timeout``.  ``sources``: where ``qemu`` came from, which the message names."""
     if os.path.realpath(qemu) == os.path.realpath(qmp_socket):
-        raise StartupError(f"--qemu {qemu}: that is migblockd's own socket; --qemu names "
-                           "the QMP monitor of the QEMU to gate (its -qmp)")
+        raise StartupError(f"{sources.named('qemu')} {qemu}: that is migblockd's own socket; "
+                           f"{sources.choice('qemu')} names the QMP monitor of the QEMU to "
+                           "gate (its -qmp)")
 
 
 def problems(config: Config, *, socket_passed: bool = False, passed: Path | None = None,
@@ -171,7 +172,7 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
         # A passed socket's path is the socket unit's, not this setting's to change.
         (("qemu",) if socket_passed else ("qemu", "socket"),
          lambda: None if config.qemu is None or qmp_socket is None
-         else not_its_own_socket(config.qemu, qmp_socket)),
+         else not_its_own_socket(config.qemu, qmp_socket, sources)),
     ]
     for judged, check in checks:
         key = next((k for k in judged if keys is None or k in keys), None)
@@ -296,24 +297,26 @@ def _foreign_owner(directory: Path) -> tuple[Path, int] | None:
     return found.place, found.owner
 
 
-def unjudged(config: Config, *, socket_passed: bool) -> list[str]:
+def unjudged(config: Config, *, socket_passed: bool,
+             sources: Sources = COMMAND_LINE) -> list[str]:
     """What ``--check-config``, run as root, leaves to the start, each as one line:
     a directory of another uid on the way to the socket, the metrics socket or the
     state directory.  A daemon running as that uid trusts it; one running as root
-    refuses it, and only the start knows which it is."""
+    refuses it, and only the start knows which it is.  ``sources``: where each
+    setting came from, which its line names."""
     places: list[tuple[str, Path]] = []
     if not socket_passed:
-        places.append(("--socket", config.socket.parent))
+        places.append(("socket", config.socket.parent))
     if isinstance(config.metrics, Path):
-        places.append(("--metrics", config.metrics.parent))
+        places.append(("metrics", config.metrics.parent))
     if not config.ephemeral and config.state_dir is not None:
-        places.append(("--state-dir", config.state_dir))
+        places.append(("state_dir", config.state_dir))
     lines = []
-    for option, directory in places:
+    for setting, directory in places:
         foreign = _foreign_owner(directory)
         if foreign is not None:
             place, uid = foreign
-            lines.append(f"{option}: {place} belongs to {named_uid(uid)}, not judged here: "
-                         f"a daemon running as that user may use it, one running as root "
-                         f"refuses it")
+            lines.append(f"{sources.named(setting)}: {place} belongs to {named_uid(uid)}, "
+                         "not judged here: a daemon running as that user may use it, one "
+                         "running as root refuses it")
     return lines

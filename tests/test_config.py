@@ -681,6 +681,18 @@ def test_check_config_refuses_a_qemu_that_is_the_daemons_own_socket(tmp_path: Pa
     assert sorted(tmp_path.iterdir()) == [alias]
 
 
+def test_a_qemu_from_the_file_that_is_the_daemons_own_socket_is_named_as_the_files(
+        tmp_path: Path) -> None:
+    # Reproduced first: both said "--qemu S: ...; --qemu names ...", an option
+    # nobody had given.
+    own, state, path = tmp_path / "s.sock", tmp_path / "state", tmp_path / "m.toml"
+    path.write_text(f'qemu = "{own}"\n')
+    path.chmod(0o600)
+    refused_alike(["--config", str(path), "--socket", str(own), "--state-dir", str(state)],
+                  f"{path}: qemu {own}: that is migblockd's own socket; qemu in {path} names "
+                  "the QMP monitor of the QEMU to gate (its -qmp)")
+
+
 def test_check_config_refuses_metrics_at_the_qmp_socket_through_a_symlink(
         tmp_path: Path) -> None:
     # Reproduced first: --check-config said "valid", and the start took its own
@@ -941,8 +953,8 @@ async def test_a_reload_says_a_qemu_that_is_its_own_socket_would_fail(
     d.signal(signal.SIGHUP)
     d.wait_for_log("WARNING: reload: qemu changed, which only a restart applies")
     d.wait_for_log(f"WARNING: reload: with qemu as the file now sets it, the next start would "
-                   f"fail: --qemu {d.socket}: that is migblockd's own socket; --qemu names the "
-                   "QMP monitor of the QEMU to gate (its -qmp)\n")
+                   f"fail: {path}: qemu {d.socket}: that is migblockd's own socket; qemu in "
+                   f"{path} names the QMP monitor of the QEMU to gate (its -qmp)\n")
     async with d.client() as c:  # still serving, not gating itself
         await c.ok("query-version")
     assert d.stop() == 0

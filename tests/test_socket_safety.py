@@ -87,6 +87,19 @@ def test_a_directory_owned_by_another_user_is_refused(
         f"migblockd: {option}: {place} belongs to uid {NOBODY} (nobody), not judged here: a "
         "daemon running as that user may use it, one running as root refuses it"
         for option, place in (("--socket", directory), ("--state-dir", state))], check
+    # A setting from the file is named as the file's, not as an option nobody gave.
+    config = top / "m.toml"
+    config.write_text(f'state-dir = "{state / "sub"}"\n')
+    config.chmod(0o600)
+    check = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--config", str(config),
+         "--socket", str(top / "own" / "migblockd.sock")],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert check.returncode == 0, check
+    assert check.stderr.splitlines() == [
+        f"migblockd: {config}: state-dir: {state} belongs to uid {NOBODY} (nobody), not "
+        "judged here: a daemon running as that user may use it, one running as root "
+        "refuses it"], check
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770, 0o702])

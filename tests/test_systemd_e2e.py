@@ -206,7 +206,8 @@ async def test_daemon_under_systemd_socket_activate(
         config.write_text(f'log-level = "debug"\nqemu = "{sock_path}"\n')
         proc.send_signal(signal.SIGHUP)
         await wait_stderr("WARNING: reload: with qemu as the file now sets it, the next start "
-                          f"would fail: --qemu {sock_path}: that is migblockd's own socket")
+                          f"would fail: {config}: qemu {sock_path}: that is migblockd's own "
+                          f"socket; qemu in {config} names")
         await client.close()
 
         # -- SIGTERM: STOPPING=1, exit 0, the passed socket stays ---------------------

@@ -643,6 +643,20 @@ def test_release_uses_identity_not_equality() -> None:
     assert len(registry) == 1
 
 
+def test_release_is_oldest_first_after_a_delete_was_undone() -> None:
+    # Reproduced first: a delete taken back by a failed commit put its blocker
+    # back last among its connection's, and BLOCKER_DELETED for k1, k2, k0 followed.
+    registry, _ = make()
+    conn: list[int] = []
+    for name in ("k0", "k1", "k2"):
+        registry.add(SEV, id=name, scope="connection", connection=conn)
+    registry.take_changes()
+    registry.delete("k0")
+    registry.undo(registry.take_changes(), alive=lambda connection: True)
+    assert [b.id for b in registry.blockers()] == ["k0", "k1", "k2"]
+    assert [b.id for b in registry.release(conn)] == ["k0", "k1", "k2"]
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

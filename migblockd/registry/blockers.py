@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 __all__ = ["Blocker", "BlockerStore", "Chain", "Owner"]
 
@@ -205,7 +206,9 @@ class BlockerStore:
     def owned_by(self, connection: object) -> list[Blocker]:
         """The connection-scoped blockers ``connection`` added, oldest first."""
         owned = self._by_connection.get(id(connection))
-        return list(owned.values()) if owned else []
+        # By seq, not by insertion: a delete a failed commit took back puts its
+        # blocker back last here, though it stays the oldest.
+        return sorted(owned.values(), key=attrgetter("seq")) if owned else []
 
     def chain(self, mode: str | None) -> Chain:
         """The list of ``mode`` (None: every blocker).  KeyError for an unknown mode."""

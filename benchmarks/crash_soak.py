@@ -13,7 +13,8 @@ SIGKILL (or, one time in five, SIGABRT, which is what systemd's watchdog
 sends); sometimes the restarted daemon is killed again while it starts.  The
 daemon is then started on the same state directory and must say it is ready;
 its blockers and mode are checked against what the clients were told
-(:mod:`benchmarks.crashmodel`).  The report gives the kills, kills/s, what
+(:mod:`benchmarks.crashmodel`): every reply that reached a client, those it
+reads after the kill included.  The report gives the kills, kills/s, what
 happened to the changes in flight, and every violation; the exit status is 1
 if there was any.  Daemon logs of a round with a violation are kept.
 """
@@ -29,6 +30,7 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -106,8 +108,10 @@ class Report:
 class Client:
     """One connection's turn in a round: random changes, each recorded in the ledger."""
 
-    def __init__(self, number: int, ledger: Ledger, rng: random.Random, round_no: int) -> None:
+    def __init__(self, number: int, ledger: Ledger, rng: random.Random, round_no: int,
+                 window: int | None = None) -> None:
         self.number = number
+        self.window = window  # requests in flight; None: a random 1 to 4
         self.ledger = ledger
         self.rng = rng
         self.round = round_no
@@ -161,25 +165,42 @@ class Client:
         elif "return" not in reply:
             self.ledger.violations.append(f"query-blockers failed: {reply}")
 
-    async def run(self, socket: Path) -> None:
-        """Until the daemon dies: whatever is in flight then stays unanswered."""
+    async def run(self, path: Path) -> None:
+        """Until the daemon dies: whatever is in flight then stays unanswered.
+
+        Every complete reply that arrived is recorded, also after a send failed:
+        a killed daemon's last replies can still be in the receive buffer, and
+        the changes they acknowledge must then be found after the restart.  A
+        failed send only stops the sending; reading goes on until the end of
+        the stream (or the reset that follows the buffered data)."""
+        loop = asyncio.get_running_loop()
+        # A plain socket, not asyncio streams: a stream's transport stops reading
+        # once a write fails, and its reader raises the error even when complete
+        # lines are buffered.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        lines = Lines(loop, sock)
         try:
-            reader, writer = await asyncio.open_unix_connection(str(socket), limit=1 << 24)
-        except OSError:
-            return
-        try:
-            await reader.readline()  # the greeting
-            writer.write(b'{"execute": "qmp_capabilities"}\n')
-            if not (await reader.readline()).endswith(b"\n"):
+            try:
+                await loop.sock_connect(sock, str(path))
+            except OSError:
                 return
-            window = self.rng.randint(1, 4)
+            if await lines.next() is None:  # the greeting
+                return
+            sending = await lines.send(b'{"execute": "qmp_capabilities"}\n')
+            if await lines.next() is None:
+                return
+            window = self.window or self.rng.randint(1, 4)
             while True:
-                while len(self.inflight) < window:
-                    writer.write(json.dumps(self.next_request()).encode() + b"\n")
-                await writer.drain()
-                line = await reader.readline()
-                if not line.endswith(b"\n"):
-                    return  # the daemon is gone; a partial line acknowledges nothing
+                if sending:
+                    batch = []
+                    while len(self.inflight) < window:
+                        batch.append(json.dumps(self.next_request()).encode() + b"\n")
+                    if batch:
+                        sending = await lines.send(b"".join(batch))
+                line = await lines.next()
+                if line is None:
+                    return  # the daemon is gone
                 message = json.loads(line)
                 if "event" in message:
                     continue
@@ -187,10 +208,41 @@ class Client:
                     self.ledger.violations.append(f"a reply to no request: {message}")
                     return
                 self.answered(message)
-        except (ConnectionError, OSError):
-            return
         finally:
-            writer.close()
+            sock.close()
+
+
+class Lines:
+    """A socket's complete lines, and sends that report failure instead of raising."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.buffer = bytearray()
+
+    async def next(self) -> bytes | None:
+        """The next complete line; None at the end of the stream or a reset (a
+        partial line left then acknowledges nothing)."""
+        while (end := self.buffer.find(b"\n")) < 0:
+            try:
+                data = await self.loop.sock_recv(self.sock, 1 << 16)
+            except OSError:
+                return None
+            if not data:
+                return None
+            self.buffer += data
+        line = bytes(self.buffer[:end + 1])
+        del self.buffer[:end + 1]
+        return line
+
+    async def send(self, data: bytes) -> bool:
+        """False if the peer is gone (the requests count as sent: some may have
+        reached it)."""
+        try:
+            await self.loop.sock_sendall(self.sock, data)
+        except OSError:
+            return False
+        return True
 
 
 async def observe(socket: Path) -> tuple[list[dict[str, Any]], str]:

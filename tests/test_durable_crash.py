@@ -10,8 +10,11 @@ here too, and a daemon that forgets (``--ephemeral``) must be caught.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +22,7 @@ from typing import Any
 
 from conftest import ROOT
 
-from benchmarks.crash_soak import soak
+from benchmarks.crash_soak import Client, soak
 from benchmarks.crashmodel import Ledger
 
 MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
@@ -66,6 +69,65 @@ def test_the_soak_runs_from_the_command_line(short_tmp: Path) -> None:
     assert report["kills"] >= 3
     assert report["violations"] == []
     assert report["kills_per_second"] > 0
+
+
+async def answer_two_then_die(listener: socket.socket,
+                              answered: list[dict[str, Any]]) -> None:
+    """Greet, negotiate, then answer the first two requests in one write and close
+    with the rest unanswered: what the client sees of a daemon killed just then."""
+    loop = asyncio.get_running_loop()
+    conn, _ = await loop.sock_accept(listener)
+    with conn:
+        buffer = b""
+
+        async def request() -> dict[str, Any]:
+            nonlocal buffer
+            while b"\n" not in buffer:
+                buffer += await loop.sock_recv(conn, 1 << 16)
+            line, buffer = buffer.split(b"\n", 1)
+            return dict(json.loads(line))
+
+        await loop.sock_sendall(conn, b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+        await request()
+        await loop.sock_sendall(conn, b'{"return": {}}\r\n')
+        replies = b""
+        for n in range(2):
+            req = await request()
+            args = req.get("arguments", {})
+            adding = req["execute"] == "add-blocker"
+            result = {"id": args.get("id", f"#blocker{n}")} if adding else {}
+            replies += json.dumps({"return": result, "id": req["id"]}).encode() + b"\r\n"
+            answered.append(req)
+        # The write and the close in one step (no await between): the client's next
+        # requests find the peer gone, with both replies still unread.
+        assert conn.send(replies) == len(replies)
+
+
+async def test_replies_read_after_the_daemon_died_are_recorded(short_tmp: Path) -> None:
+    """A reply that arrived is an acknowledgement, even when sending the next
+    request fails because the daemon is gone; otherwise a lost acknowledged add
+    would pass for an unanswered one."""
+    path = short_tmp / "fake.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    listener.setblocking(False)
+    answered: list[dict[str, Any]] = []
+    ledger = Ledger(MODES)
+    client = Client(1, ledger, random.Random(1), 0, window=4)
+    with listener:
+        server = asyncio.create_task(answer_two_then_die(listener, answered))
+        await asyncio.wait_for(client.run(path), 10)
+        await server
+    assert [req["execute"] for req in answered] == ["add-blocker", "add-blocker"]
+    assert ledger.counts["add acknowledged"] == 2
+    assert not {req["id"] for req in answered} & set(client.inflight)
+    # The second reply came after the send that failed: nothing was sent after it,
+    # so the add it acknowledged must still be there after the "restart".
+    last = ledger.adds[answered[1]["arguments"]["reason"]]
+    assert last.status == "present" and last.durable  # (so with random.Random(1))
+    ledger.check([], "normal", "r0")
+    assert f"r0: acknowledged add {last.id} ({last.tag!r}) is gone" in ledger.violations
 
 
 # -- the model's rules, on made-up observations -----------------------------------------

@@ -26,9 +26,10 @@ starting ``{"return"`` a success, anything else an error (both servers put
 in an error, as QEMU does).  Versions of migblockd before the event order was
 QEMU's put ``event`` first: ``benchmarks.ab`` still compares them.
 
-Only replies received inside the measurement window (after the warm-up) are
-counted; afterwards every connection finishes its request in flight (an added
-blocker is still deleted, uncounted) and closes.
+Only replies received inside the measurement window (after the warm-up) count
+towards the rate and the latencies; afterwards every connection finishes its
+request in flight (an added blocker is still deleted, uncounted) and closes.  An
+error reply counts whenever it comes, warm-up and wind-down included.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Result:
     p50_us: float = 0.0
     p99_us: float = 0.0
     max_us: float = 0.0
-    errors: int = 0            # replies that were not successes (must stay 0)
+    errors: int = 0            # replies that were not successes, in or out of the window
     events: int = 0            # event lines read and discarded in the window
     first_error: str = ""
     client_cpu: float = 0.0    # CPU seconds of this process per second of window (0..1)
@@ -103,11 +104,12 @@ class Meter:
         self.cpu_used = time.process_time() - self.cpu_start
 
     def reply(self, line: bytes, sent_ns: int) -> None:
-        if not self.measuring:
-            return
-        self.latencies.append(time.perf_counter_ns() - sent_ns)
+        # An error fails the run whenever it comes; only the figures of speed are
+        # limited to the window.
         if not line.startswith(b'{"return"'):
             self.error(line)
+        if self.measuring:
+            self.latencies.append(time.perf_counter_ns() - sent_ns)
 
     def error(self, line: bytes) -> None:
         self.errors += 1

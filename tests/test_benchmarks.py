@@ -48,6 +48,44 @@ async def test_loadgen_against_the_floor_in_process(tmp_path: Path) -> None:
         server.close()
 
 
+async def first_request_fails(reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+    """The floor, except that each connection's first request after negotiating
+    (but a ``query-blockers``, which the scale poller would fail on by itself)
+    gets an error reply: in the warm-up, as the load generators start at once."""
+    writer.write(floor.GREETING)
+    failed = False
+    try:
+        while line := await reader.readline():
+            request = json.loads(line)
+            if not failed and request["execute"] not in ("qmp_capabilities", "query-blockers"):
+                failed = True
+                writer.write(b'{"error": {"class": "GenericError", "desc": "no"}, "id": %s}\r\n'
+                             % json.dumps(request.get("id")).encode())
+            else:
+                writer.write(floor.reply_for(line))
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def test_an_error_reply_outside_the_window_still_counts(tmp_path: Path) -> None:
+    """Replies outside the measurement window count for no rate or latency, but an
+    error among them must fail the run all the same."""
+    path = str(tmp_path / "failing.sock")
+    server = await asyncio.start_unix_server(first_request_fails, path)
+    try:
+        result = await loadgen.measure(path, "adddel", 2, 0.3, 0.1)
+        assert result.errors == 2, result
+        assert result.first_error.startswith('{"error"'), result
+        with pytest.raises(RuntimeError, match="observer: 2 error replies"):
+            await scale.under_load(path, 2, 0.3, 0.1)
+    finally:
+        server.close()
+
+
 async def test_ceiling_fans_add_del_events_out_to_every_client(tmp_path: Path) -> None:
     """An add/del reaches every connected client as an event, ahead of the requester's reply;
     other commands get only their reply."""

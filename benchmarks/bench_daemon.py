@@ -49,10 +49,11 @@ from typing import Any
 from benchmarks import scale
 from benchmarks.ceiling import uvloop_available
 from benchmarks.report import (
+    BASELINE_FALL,
     Check,
     Outcome,
     Scenario,
-    baseline_lines,
+    baseline_checks,
     checks,
     cpu_table,
     fmt_ms,
@@ -294,7 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where the durable daemons' state directories go (default: a new "
                              "temporary directory); its file system decides what a commit costs")
     parser.add_argument("--baseline", type=Path, metavar="FILE",
-                        help="an earlier run's --json file: print each ratio next to it")
+                        help="an earlier run's --json file: each ratio of this run is a target, "
+                             f"not met if it fell by more than {BASELINE_FALL:.0%} of its value "
+                             "there")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also save the results here")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 3 when a target is not met")
@@ -376,19 +379,21 @@ def run(args: argparse.Namespace) -> int:
         print()
         print("\n".join(scale_lines(scaled)))
         found += scale_checks(scaled)
-    all_met = all(c.met for c in found)
+    against = baseline_checks(outcomes, baseline) if baseline is not None else []
+    all_met = all(c.met for c in (*found, *against))
+    width = max((len(c.what) for c in (*found, *against)), default=0)
     if found:
-        width = max(len(c.what) for c in found)
         print("\ntargets (same run):")
         print("\n".join(c.line(width) for c in found))
+    if baseline is not None:
+        print(f"\ntargets against {args.baseline} (each ratio at least "
+              f"{1 - BASELINE_FALL:.0%} of its value there):")
+        print("\n".join(c.line(width) for c in against) or "  (no ratio in common)")
     busy = starved(outcomes)
     if busy:
         print(f"\nwarning: the machine was busy: neither server nor load generator kept its "
               f"core busy in {', '.join(busy)}; throughput ratios then measure the scheduler "
               f"more than the servers: compare the CPU ratios, or run again on a quiet machine")
-    if baseline is not None and outcomes:
-        print(f"\nratios: {args.baseline} -> this run")
-        print("\n".join(baseline_lines(outcomes, baseline) or ["  (none in common)"]))
     print(f"\ntotal {elapsed:.0f} s")
 
     if args.json is not None:
@@ -405,6 +410,8 @@ def run(args: argparse.Namespace) -> int:
             "scale": scaled,
             "targets": [{"what": c.what, "value": c.value, "goal": c.goal, "met": c.met}
                         for c in found],
+            "baseline_targets": [{"what": c.what, "value": c.value, "goal": c.goal,
+                                  "met": c.met} for c in against],
             "all_targets_met": all_met,
             "machine_busy": busy,
         }

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 
 from benchmarks import ceiling, floor, loadgen, scale
-from benchmarks.report import Outcome, Scenario, starved
+from benchmarks.report import Outcome, Scenario, baseline_checks, starved
 
 
 def test_floor_reply_echoes_the_id() -> None:
@@ -137,6 +137,49 @@ def test_ratios_are_medians_of_per_round_ratios() -> None:
                                  for name, values in rates.items()})
     assert outcome.ratio("daemon", "ceiling") == 0.5  # of 0.5, 0.1 and 0.9
     assert outcome.median("daemon", "rate") == 50
+
+
+def test_a_ratio_that_fell_beyond_the_noise_is_a_target_not_met() -> None:
+    """Against an earlier run, each ratio in common must keep 70 % of its value there."""
+    scenario = Scenario("adddel-16", "add+del @16", "adddel", 16, "req/s",
+                        ("floor", "ceiling", "daemon"))
+    outcome = Outcome(scenario, {"floor": [{"rate": 1000}], "ceiling": [{"rate": 500}],
+                                 "daemon": [{"rate": 200}]})
+    earlier = {"scenarios": [
+        {"key": "adddel-16", "ratios": {"daemon/floor": 0.25, "daemon/ceiling": 0.6}},
+        {"key": "query-16", "ratios": {"daemon/floor": 0.9}},  # not run this time
+    ]}
+    found = {c.what: c for c in baseline_checks([outcome], earlier)}
+    assert set(found) == {"add+del @16: daemon / floor (was 0.25, -20%)",
+                          "add+del @16: daemon / ceiling (was 0.60, -33%)"}
+    fell_a_little = found["add+del @16: daemon / floor (was 0.25, -20%)"]
+    assert (fell_a_little.value, fell_a_little.goal, fell_a_little.met) == ("0.20", ">= 0.17",
+                                                                            True)
+    fell_a_lot = found["add+del @16: daemon / ceiling (was 0.60, -33%)"]
+    assert (fell_a_lot.value, fell_a_lot.goal, fell_a_lot.met) == ("0.40", ">= 0.42", False)
+
+
+def test_check_fails_on_a_ratio_far_below_the_baseline(tmp_path: Path) -> None:
+    """``--baseline`` with ``--check`` exits 3 when a ratio fell beyond the margin."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    first, earlier = tmp_path / "first.json", tmp_path / "earlier.json"
+    argv = [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1"]
+
+    def bench(*more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*argv, *more], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    proc = bench("--json", str(first))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(first.read_text())
+    report["scenarios"][0]["ratios"]["daemon/floor"] *= 10  # a run ten times better
+    earlier.write_text(json.dumps(report))
+    proc = bench("--baseline", str(earlier), "--check")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"targets against {earlier}" in proc.stdout
+    assert "query-blockers @1: daemon / floor (was" in proc.stdout
+    assert "NOT MET" in proc.stdout
 
 
 def test_a_busy_machine_is_told_apart() -> None:

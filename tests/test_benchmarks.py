@@ -11,12 +11,14 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ROOT
 
 from benchmarks import ceiling, floor, loadgen, scale
-from benchmarks.report import Outcome, Scenario, baseline_checks, starved
+from benchmarks.bench_daemon import scale_checks
+from benchmarks.report import Outcome, Scenario, baseline_checks, checks, starved
 
 
 def test_floor_reply_echoes_the_id() -> None:
@@ -180,6 +182,28 @@ def test_check_fails_on_a_ratio_far_below_the_baseline(tmp_path: Path) -> None:
     assert f"targets against {earlier}" in proc.stdout
     assert "query-blockers @1: daemon / floor (was" in proc.stdout
     assert "NOT MET" in proc.stdout
+
+
+def test_a_target_near_its_goal_is_shown_with_the_digits_that_tell() -> None:
+    """Rounded to the usual digits, a value near its goal would look equal to it:
+    "2.0ms < 2.0ms MET" (or NOT MET).  More digits are shown then."""
+    scenario = Scenario("adddel-16", "add+del @16", "adddel", 16, "req/s",
+                        ("floor", "daemon"), ratio_targets=(("daemon", "floor", 0.8),),
+                        p99_targets=(("daemon", 2000.0),))
+
+    def shown(rate: float, p99_us: float) -> list[tuple[str, str, bool]]:
+        runs: dict[str, list[dict[str, Any]]] = {
+            "floor": [{"rate": 1000, "p99_us": 0}], "daemon": [{"rate": rate, "p99_us": p99_us}]}
+        return [(c.value, c.goal, c.met) for c in checks([Outcome(scenario, runs)])]
+
+    assert shown(900, 1500) == [("0.90", ">= 0.80", True), ("1.5ms", "< 2.0ms", True)]
+    assert shown(801, 1960) == [("0.801", ">= 0.800", True), ("1.96ms", "< 2.00ms", True)]
+    assert shown(799, 2040) == [("0.799", ">= 0.800", False), ("2.04ms", "< 2.00ms", False)]
+    assert shown(800, 2000) == [("0.80", ">= 0.80", True), ("2.0ms", "< 2.0ms", False)]
+    scaled = scale_checks({"after_change": {"p99_us": 99_960.0},
+                           "observers": {"clients": 16, "p99_us": 10_030.0}, "dropped": 0})
+    assert [(c.value, c.goal, c.met) for c in scaled] == [
+        ("99.96ms", "< 100.00ms", True), ("10.03ms", "< 10.00ms", False), ("0", "= 0", True)]
 
 
 def test_a_busy_machine_is_told_apart() -> None:

@@ -3,7 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.crash_soak --minutes 10    # a long soak
-    .venv/bin/python -m benchmarks.crash_soak --kills 50      # what the test suite runs
+    .venv/bin/python -m benchmarks.crash_soak --rounds 50     # what the test suite runs
 
 Each round, ``--clients`` connections add blockers (generated ids and their
 own, daemon- and connection-scoped, some internal, various modes), delete
@@ -329,7 +329,8 @@ class Soak:
         self.round_logs = [current]
         return True
 
-    async def run(self, kills: int | None, seconds: float | None) -> Report:
+    async def run(self, kills: int | None, rounds: int | None,
+                  seconds: float | None) -> Report:
         begin = time.monotonic()
         # A SIGABRT would dump core, and the soak kills thousands of daemons:
         # they inherit a zero core size from here.
@@ -338,6 +339,7 @@ class Soak:
         try:
             ok = await self.start()
             while ok and not (kills is not None and self.report.kills >= kills) and not (
+                    rounds is not None and self.report.rounds >= rounds) and not (
                     seconds is not None and time.monotonic() - begin >= seconds):
                 ok = await self.round()
         finally:
@@ -354,16 +356,19 @@ class Soak:
         return report
 
 
-async def soak(workdir: Path, *, kills: int | None = None, seconds: float | None = None,
-               clients: int = 4, seed: int | None = None, daemon_args: Sequence[str] = (),
+async def soak(workdir: Path, *, kills: int | None = None, rounds: int | None = None,
+               seconds: float | None = None, clients: int = 4, seed: int | None = None,
+               daemon_args: Sequence[str] = (),
                delay: tuple[float, float] = (0.0, MAX_DELAY)) -> Report:
     """Run the soak in ``workdir`` (a short path: the socket lives there) until
-    ``kills`` kills or ``seconds`` seconds, whichever comes first.  Each round's
-    clients run for a random time within ``delay`` (seconds) before the kill."""
+    ``kills`` kills (those of a starting daemon included), ``rounds`` rounds (each
+    ends in one kill under the clients' load) or ``seconds`` seconds, whichever
+    comes first.  Each round's clients run for a random time within ``delay``
+    (seconds) before the kill."""
     if seed is None:
         seed = random.randrange(1 << 32)
     runner = Soak(workdir, clients=clients, seed=seed, daemon_args=daemon_args, delay=delay)
-    report = await runner.run(kills, seconds)
+    report = await runner.run(kills, rounds, seconds)
     if report.violations:
         report.logs = str(workdir)
     return report
@@ -374,20 +379,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     until = parser.add_mutually_exclusive_group()
     until.add_argument("--minutes", type=float, help="run this long (default: 1)")
-    until.add_argument("--kills", type=int, help="stop after this many kills")
+    until.add_argument("--kills", type=int,
+                       help="stop after this many kills, of starting daemons included")
+    until.add_argument("--rounds", type=int,
+                       help="stop after this many rounds: kills under the clients' load")
     parser.add_argument("--clients", type=int, default=4, help="client connections (4)")
     parser.add_argument("--seed", type=int, help="random seed (default: a random one)")
     parser.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                         help="an extra daemon argument (repeatable)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also save the report here")
     args = parser.parse_args(argv)
-    seconds = None if args.kills is not None else 60 * (args.minutes or 1.0)
+    counted = args.kills is not None or args.rounds is not None
+    seconds = None if counted else 60 * (args.minutes or 1.0)
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     workdir = Path(tempfile.mkdtemp(prefix="crash-soak-", dir="/tmp"))
     print(f"crash soak: seed {seed}, {args.clients} clients, Python "
           f"{sys.version.split()[0]}, {os.cpu_count()} cores, in {workdir}", flush=True)
-    report = asyncio.run(soak(workdir, kills=args.kills, seconds=seconds, clients=args.clients,
-                              seed=seed, daemon_args=args.daemon_arg))
+    report = asyncio.run(soak(workdir, kills=args.kills, rounds=args.rounds, seconds=seconds,
+                              clients=args.clients, seed=seed, daemon_args=args.daemon_arg))
     print(f"{report.kills} kills ({', '.join(f'{n} {s}' for s, n in report.by_signal.items())}; "
           f"{report.kills_while_starting} while starting) in {report.rounds} rounds, "
           f"{report.seconds:.1f} s: {report.kills_per_second:.2f} kills/s")

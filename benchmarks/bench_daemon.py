@@ -61,6 +61,7 @@ from benchmarks.report import (
     latency_table,
     ms_check,
     rate_table,
+    read_baseline,
     scenario_json,
     starved,
 )
@@ -333,9 +334,9 @@ def run(args: argparse.Namespace) -> int:
     if not chosen and not with_scale:
         raise BenchError(f"no scenario matches {args.only}")
     baseline = None
-    if args.baseline is not None:
+    if args.baseline is not None:  # before the run, which a bad file would waste
         try:
-            baseline = json.loads(args.baseline.read_text())
+            baseline = read_baseline(args.baseline.read_text())
         except (OSError, ValueError) as exc:
             raise BenchError(f"cannot read --baseline {args.baseline}: {exc}") from exc
     server_cpus, client_cpus = pinning(args.pin)

@@ -8,6 +8,7 @@ the same machine).  With an even number of rounds the lower median is taken.
 
 from __future__ import annotations
 
+import json
 import operator
 import statistics
 from collections.abc import Callable, Sequence
@@ -243,11 +244,36 @@ def scenario_json(o: Outcome) -> dict[str, Any]:
 BASELINE_FALL = 0.30
 
 
-def baseline_checks(outcomes: Sequence[Outcome], baseline: dict[str, Any]) -> list[Check]:
+#: An earlier run's ratios: (scenario key, "daemon/floor") -> value.
+Baseline = dict[tuple[str, str], float]
+
+
+def read_baseline(text: str) -> Baseline:
+    """The ratios of an earlier run's ``--json`` file; ValueError (one line) if
+    ``text`` is not such a file."""
+    shape = ('not a --json file of this benchmark (an object whose "scenarios" each have '
+             'a "key" and "ratios" of numbers)')
+    data = json.loads(text)
+    scenarios = data.get("scenarios") if isinstance(data, dict) else None
+    if not isinstance(scenarios, list):
+        raise ValueError(shape)
+    out: Baseline = {}
+    for scenario in scenarios:
+        if not isinstance(scenario, dict):
+            raise ValueError(shape)
+        key, ratios = scenario.get("key"), scenario.get("ratios")
+        if not isinstance(key, str) or not isinstance(ratios, dict):
+            raise ValueError(shape)
+        for name, value in ratios.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(shape)
+            out[key, name] = float(value)
+    return out
+
+
+def baseline_checks(outcomes: Sequence[Outcome], before: Baseline) -> list[Check]:
     """Each ratio this run shares with an earlier run's ``--json`` file: met unless it
     fell by more than :data:`BASELINE_FALL` of the earlier value."""
-    before = {(s["key"], name): float(value) for s in baseline.get("scenarios", [])
-              for name, value in s.get("ratios", {}).items()}
     out = []
     for o in outcomes:
         for a, b in o.scenario.ratios():

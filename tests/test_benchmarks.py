@@ -18,7 +18,7 @@ from conftest import ROOT
 
 from benchmarks import ceiling, floor, loadgen, scale
 from benchmarks.bench_daemon import scale_checks
-from benchmarks.report import Outcome, Scenario, baseline_checks, checks, starved
+from benchmarks.report import Outcome, Scenario, baseline_checks, checks, read_baseline, starved
 
 
 def test_floor_reply_echoes_the_id() -> None:
@@ -151,7 +151,7 @@ def test_a_ratio_that_fell_beyond_the_noise_is_a_target_not_met() -> None:
         {"key": "adddel-16", "ratios": {"daemon/floor": 0.25, "daemon/ceiling": 0.6}},
         {"key": "query-16", "ratios": {"daemon/floor": 0.9}},  # not run this time
     ]}
-    found = {c.what: c for c in baseline_checks([outcome], earlier)}
+    found = {c.what: c for c in baseline_checks([outcome], read_baseline(json.dumps(earlier)))}
     assert set(found) == {"add+del @16: daemon / floor (was 0.25, -20%)",
                           "add+del @16: daemon / ceiling (was 0.60, -33%)"}
     fell_a_little = found["add+del @16: daemon / floor (was 0.25, -20%)"]
@@ -204,6 +204,33 @@ def test_a_target_near_its_goal_is_shown_with_the_digits_that_tell() -> None:
                            "observers": {"clients": 16, "p99_us": 10_030.0}, "dropped": 0})
     assert [(c.value, c.goal, c.met) for c in scaled] == [
         ("99.96ms", "< 100.00ms", True), ("10.03ms", "< 10.00ms", False), ("0", "= 0", True)]
+
+
+@pytest.mark.parametrize("text", [
+    "[]", "{}", '{"scenarios": {}}', '{"scenarios": [[]]}', '{"scenarios": [{"key": 1}]}',
+    '{"scenarios": [{"key": "q", "ratios": {"daemon/floor": "0.5"}}]}', "{nope",
+])
+def test_a_baseline_that_is_no_report_is_refused(text: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        read_baseline(text)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_bad_baseline_is_refused_before_the_run(tmp_path: Path) -> None:
+    """Valid JSON that is no report of this benchmark: one line, and nothing run."""
+    bad, out = tmp_path / "bad.json", tmp_path / "out.json"
+    bad.write_text("[]\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1",
+         "--baseline", str(bad), "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith(f"bench_daemon: cannot read --baseline {bad}: not a --json "
+                                  "file of this benchmark"), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "round 1" not in proc.stdout and not out.exists()
 
 
 def test_a_busy_machine_is_told_apart() -> None:

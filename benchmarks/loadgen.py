@@ -44,6 +44,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from benchmarks.servers import process_cpu_seconds
+
 SCENARIOS = ("query", "adddel", "connect")
 #: How an event line starts: QEMU's order, and older migblockd's.
 _EVENT_HEADS = (b'{"timestamp"', b'{"event"')
@@ -70,6 +72,7 @@ class Result:
     events: int = 0            # event lines read and discarded in the window
     first_error: str = ""
     client_cpu: float = 0.0    # CPU seconds of this process per second of window (0..1)
+    server_cpu: float = 0.0    # the same of the --server-pid process (0 without it)
 
 
 def percentile(sorted_values: Sequence[int], fraction: float) -> int:
@@ -83,7 +86,10 @@ def percentile(sorted_values: Sequence[int], fraction: float) -> int:
 class Meter:
     """The shared measurement window and what falls inside it."""
 
-    def __init__(self) -> None:
+    def __init__(self, server_pid: int | None = None) -> None:
+        self.server_pid = server_pid
+        self.server_start = 0.0
+        self.server_used = 0.0
         self.measuring = False
         self.stopping = False
         self.latencies: list[int] = []
@@ -97,11 +103,15 @@ class Meter:
     def begin(self) -> float:
         self.measuring = True
         self.cpu_start = time.process_time()
+        if self.server_pid is not None:
+            self.server_start = process_cpu_seconds(self.server_pid)
         return time.perf_counter()
 
     def end(self) -> None:
         self.measuring = False
         self.cpu_used = time.process_time() - self.cpu_start
+        if self.server_pid is not None:
+            self.server_used = process_cpu_seconds(self.server_pid) - self.server_start
 
     def reply(self, line: bytes, sent_ns: int) -> None:
         # An error fails the run whenever it comes; only the figures of speed are
@@ -324,8 +334,8 @@ async def run_connect(path: str, connectors: int, warmup: float, duration: float
 
 
 async def measure(path: str, scenario: str, clients: int, warmup: float,
-                  duration: float) -> Result:
-    meter = Meter()
+                  duration: float, server_pid: int | None = None) -> Result:
+    meter = Meter(server_pid)
     if scenario == "connect":
         window = await run_connect(path, clients, warmup, duration, meter)
     else:
@@ -346,6 +356,7 @@ async def measure(path: str, scenario: str, clients: int, warmup: float,
         events=meter.events,
         first_error=meter.first_error,
         client_cpu=meter.cpu_used / window if window > 0 else 0.0,
+        server_cpu=meter.server_used / window if window > 0 else 0.0,
     )
 
 
@@ -360,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="connections (connectors for 'connect')")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--server-pid", type=int, metavar="PID",
+                        help="also report this process's CPU use over the window (Linux)")
     args = parser.parse_args(argv)
     if not 1 <= args.clients <= 1000:
         parser.error("--clients must be between 1 and 1000")
@@ -367,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--warmup must be in [0, 60] and --duration in (0, 300]")
     try:
         result = asyncio.run(
-            measure(args.socket, args.scenario, args.clients, args.warmup, args.duration))
+            measure(args.socket, args.scenario, args.clients, args.warmup, args.duration,
+                    args.server_pid))
     except (OSError, RuntimeError, TimeoutError) as exc:
         print(f"loadgen: {args.scenario} on {args.socket}: {exc!r}", file=sys.stderr)
         return 1

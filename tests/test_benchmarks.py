@@ -50,6 +50,21 @@ async def test_loadgen_against_the_floor_in_process(tmp_path: Path) -> None:
         server.close()
 
 
+async def test_loadgen_measures_the_servers_cpu_over_its_window(tmp_path: Path) -> None:
+    """With ``--server-pid`` the load generator reads the server's CPU time when the
+    window opens and closes.  Here the server is this very process, whose CPU time
+    over the window the load generator also measures itself: both agree (to the
+    tick of /proc), start-up and warm-up left out of both."""
+    path = str(tmp_path / "floor.sock")
+    server = await asyncio.start_unix_server(floor.handle, path)
+    try:
+        result = await loadgen.measure(path, "query", 2, 0.2, 0.5, server_pid=os.getpid())
+    finally:
+        server.close()
+    assert result.server_cpu > 0, result
+    assert abs(result.server_cpu - result.client_cpu) < 0.1, result
+
+
 async def first_request_fails(reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
     """The floor, except that each connection's first request after negotiating

@@ -8,11 +8,13 @@ import logging
 import sys
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from migblockd import __version__
 from migblockd.config import Config, ConfigError, Sources, build, read_settings
 from migblockd.early import EarlySignals
+from migblockd.kinds import Integer
 from migblockd.options import Where, add_arguments, table
 
 DESCRIPTION = """\
@@ -60,14 +62,42 @@ def parser(*, documented: bool = False) -> argparse.ArgumentParser:
         help="check the settings (the --config file, then the command line) as a start "
              "or a SIGHUP would read them and exit: 0 if they are valid, non-zero with "
              "the error otherwise; nothing is started or created")
+    p.add_argument(
+        "--running-pid", metavar="PID", type=_pid,
+        help="with --check-config, as systemctl reload runs it (ExecReload=): also refuse "
+             "when the daemon PID started with another MIGBLOCKD_OPTIONS than this "
+             "command's environment holds, since a reload re-reads only the file the "
+             "daemon's own options name and a restart applies new ones; a PID whose "
+             "environment cannot be read fails the check too")
     add_arguments(p, Config, documented=documented)
     return p
 
 
-def command_line(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], bool]:
-    """:func:`options`, and whether ``--check-config`` asks only for a check."""
-    given = dict(vars(parser().parse_args(argv)))
-    return given, given.pop("check_config")
+def _pid(text: str) -> int:
+    try:
+        return Integer(minimum=1)(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Check:
+    """``--check-config``: check the settings and exit rather than start."""
+
+    #: ``--running-pid``: the daemon whose options the settings must be.
+    running_pid: int | None = None
+
+
+def command_line(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], Check | None]:
+    """:func:`options`, and the :class:`Check` that ``--check-config`` asks for instead
+    of a start (None: start)."""
+    p = parser()
+    given = dict(vars(p.parse_args(argv)))
+    check_only, running_pid = given.pop("check_config"), given.pop("running_pid")
+    if running_pid is not None and not check_only:
+        # A daemon told it would only be ignored: a reload's check, not a start.
+        p.error("--running-pid is for --check-config only (as ExecReload= runs it)")
+    return given, Check(running_pid) if check_only else None
 
 
 def options(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -94,7 +124,18 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
         early = EarlySignals()
         early.install()
     try:
-        cli, check_only = command_line(argv)  # exits for --help, --version, a bad option
+        cli, check = command_line(argv)  # exits for --help, --version, a bad option
+        if check is not None and check.running_pid is not None:
+            # First: with other options than the daemon's, the files they name are
+            # not what a reload would read, and judging them says nothing of it.
+            from migblockd.running import Unknown, refusal  # noqa: PLC0415 - keeps --help fast
+
+            try:
+                why = refusal(check.running_pid)
+            except Unknown as exc:
+                why = str(exc)
+            if why is not None:
+                sys.exit(f"migblockd: {why}")
         try:
             file = read_settings(cli)
             config = build(cli, file)
@@ -104,7 +145,7 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
         # Not a daemon after all: a stop that came is acted on as by any program.
         early.uninstall()
         raise
-    if check_only:
+    if check is not None:
         early.uninstall()
         # Well formed is not enough: what would stop the start (an unknown
         # socket-group, an unreadable schema) is an error here too.

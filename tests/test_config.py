@@ -917,6 +917,95 @@ def test_socket_activated_without_a_passed_socket_does_not_start(tmp_path: Path)
     assert sorted(tmp_path.iterdir()) == []
 
 
+def running_check(pid: int, options: str | None, *args: str,
+                  as_user: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The units' reload check, ``--check-config --running-pid PID``, with
+    ``MIGBLOCKD_OPTIONS`` set to ``options`` (None: unset) and its words given."""
+    env = {k: v for k, v in os.environ.items() if k != "MIGBLOCKD_OPTIONS"}
+    if options is not None:
+        env["MIGBLOCKD_OPTIONS"] = options
+    return subprocess.run([*(as_user or []), sys.executable, "-m", "migblockd", "--check-config",
+                           "--running-pid", str(pid), *(options or "").split(), *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+
+RESTART = (": a reload keeps the options the daemon started with, and re-reads only the file "
+           "they name; a restart of its unit (systemctl restart) applies the new ones\n")
+
+
+def test_the_reload_check_refuses_options_the_daemon_did_not_start_with(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first under systemd --user: a drop-in changed MIGBLOCKD_OPTIONS, the
+    # check judged the new file and passed, and the daemon re-read its old one.
+    old, new = tmp_path / "old.toml", tmp_path / "new.toml"
+    old.write_text('log-level = "info"\n')
+    new.write_text('max-clients = "many"\n')  # not judged: the options are refused first
+    for path in (old, new):
+        path.chmod(0o600)
+    started = f"--config {old} --ephemeral"
+    d = start_daemon(*started.split(), env={**os.environ, "MIGBLOCKD_OPTIONS": started})
+    pid = d.proc.pid
+    changed = running_check(pid, f"--config {new} --ephemeral")
+    assert (changed.returncode, changed.stdout) == (1, ""), changed
+    assert changed.stderr == (f"migblockd: MIGBLOCKD_OPTIONS is '--config {new} --ephemeral' "
+                              f"now, but the daemon (pid {pid}) started with '{started}'"
+                              + RESTART)
+    unset = running_check(pid, None, "--ephemeral")
+    assert unset.stderr == (f"migblockd: MIGBLOCKD_OPTIONS is not set now, but the daemon "
+                            f"(pid {pid}) started with '{started}'" + RESTART), unset
+    # The same words, however spaced: the same command line, judged as ever.
+    same = running_check(pid, f"\t--config  {old}   --ephemeral ")
+    assert (same.returncode, same.stderr) == (0, ""), same
+    assert same.stdout.startswith(f"migblockd: {old} and the command line: valid;")
+    assert d.stop() == 0
+
+
+def test_the_reload_check_refuses_options_a_daemon_started_without(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MIGBLOCKD_OPTIONS"}
+    d = start_daemon("--ephemeral", env=env)
+    given = running_check(d.proc.pid, "--ephemeral")
+    assert (given.returncode, given.stderr) == (1, (
+        f"migblockd: MIGBLOCKD_OPTIONS is '--ephemeral' now, but the daemon (pid "
+        f"{d.proc.pid}) started without MIGBLOCKD_OPTIONS" + RESTART)), given
+    # Neither has it: the same options.
+    assert running_check(d.proc.pid, None, "--ephemeral").returncode == 0
+    assert d.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a daemon of another uid takes root")
+def test_a_reload_check_that_cannot_read_the_daemons_options_fails(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # A check that cannot tell whether the reload would apply its options must
+    # not pass: root's daemon, checked by another uid; then one that has exited.
+    d = start_daemon("--ephemeral", env={**os.environ, "MIGBLOCKD_OPTIONS": "--ephemeral"})
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    other = running_check(d.proc.pid, "--ephemeral", as_user=as_nobody)
+    assert (other.returncode, other.stdout) == (1, ""), other
+    assert other.stderr == (f"migblockd: --running-pid {d.proc.pid}: cannot read "
+                            f"/proc/{d.proc.pid}/environ as uid 65534: Permission denied; run "
+                            "the check as the daemon's user (as ExecReload= does) or as root\n")
+    assert d.stop() == 0
+    gone = running_check(d.proc.pid, "--ephemeral")
+    assert (gone.returncode, gone.stderr) == (1, (
+        f"migblockd: --running-pid {d.proc.pid}: there is no process {d.proc.pid} (has the "
+        "daemon exited?)\n")), gone
+
+
+def test_running_pid_is_for_the_check_only(tmp_path: Path) -> None:
+    # A daemon told --running-pid would only ignore it.
+    start = subprocess.run([sys.executable, "-m", "migblockd", "--running-pid", "1",
+                            "--ephemeral", "--socket", str(tmp_path / "s.sock")],
+                           capture_output=True, text=True, timeout=30)
+    assert start.returncode == 2
+    assert start.stderr.endswith("migblockd: error: --running-pid is for --check-config only "
+                                 "(as ExecReload= runs it)\n"), start.stderr
+    assert sorted(tmp_path.iterdir()) == []
+
+
 async def test_a_reload_says_when_the_next_start_would_fail(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

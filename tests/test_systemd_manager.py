@@ -397,6 +397,40 @@ async def test_reload_applies_a_good_file_and_refuses_a_bad_one(manager: Manager
     assert manager.daemon_log().count("reloaded configuration") == 1, manager.log()
 
 
+async def test_reload_refuses_options_the_daemon_did_not_start_with(manager: Manager) -> None:
+    # Reproduced first: the operator pointed MIGBLOCKD_OPTIONS at another file in a
+    # drop-in, and the old one went bad; the check judged the new file and passed,
+    # systemctl reload exited 0, and the daemon re-read the old one (its own
+    # command line's), refused it in its log only and applied nothing new.
+    await add_blocker(manager, "o1")
+    pid = manager.wait_for("migblockd.service", "start", is_running)["MainPID"]
+    (manager.base / "new.toml").write_text("max-reason-length = 16\n")
+    (manager.base / "new.toml").chmod(0o644)
+    manager.drop_in("migblockd.service",
+                    f'[Service]\nEnvironment="MIGBLOCKD_OPTIONS=--config {INSIDE}/new.toml"\n')
+    manager.write_config('max-reason-length = "lots"\n')
+    refused = manager.systemctl("reload", "migblockd.service", check=False)
+    assert refused.returncode != 0, refused
+    # Read by the check as the daemon's user, in the unit's sandbox (ProtectProc=).
+    assert (f"migblockd: MIGBLOCKD_OPTIONS is '--config {INSIDE}/new.toml' now, but the "
+            f"daemon (pid {pid}) started with '--config {INSIDE}/migblockd.toml': a reload "
+            "keeps the options the daemon started with, and re-reads only the file they "
+            "name; a restart of its unit (systemctl restart) applies the new ones\n"
+            ) in manager.daemon_log(), manager.log()
+    after = manager.wait_for("migblockd.service", "state", is_running)
+    assert after["MainPID"] == pid, after
+    # Never signalled: the daemon logged no reload, and the new file is not applied.
+    assert not [line for line in manager.daemon_log().splitlines()
+                if f"migblockd[{pid}]" in line and "reload" in line], manager.log()
+    assert not await reason_refused(manager, 40)
+    # The restart the line names applies the new options.
+    manager.systemctl("restart", "migblockd.service")
+    manager.wait_for("migblockd.service", "restart", is_running)
+    assert await reason_refused(manager, 40)
+    assert "o1" in await blocker_ids(manager)
+    manager.systemctl("reload", "migblockd.service")
+
+
 async def test_blockers_survive_restart_and_sigkill(manager: Manager) -> None:
     await add_blocker(manager, "d1")
     first = manager.wait_for("migblockd.service", "start", is_running)

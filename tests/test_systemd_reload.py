@@ -113,7 +113,9 @@ class Service:
         env = dict(self.env, MAINPID=str(self.proc.pid))
         said = ""
         for line in values(parse_unit(self.unit), "Service", "ExecReload"):
+            # The unit's environment as it is now, with $MAINPID, as systemd passes it.
             done = subprocess.run(as_unit_user(expand(line, env)), cwd=ROOT,
+                                  env={**os.environ, **env},
                                   capture_output=True, text=True, timeout=TIMEOUT)
             said += done.stdout + done.stderr
             if done.returncode != 0:
@@ -160,7 +162,7 @@ def service(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Service
     with log_path.open("wb") as log, listener:
         proc = subprocess.Popen(socket_activated(as_unit_user(start), listener.fileno()),
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT,
-                                pass_fds=(listener.fileno(),))
+                                env={**os.environ, **env}, pass_fds=(listener.fileno(),))
     svc = Service(unit, env, proc, log_path, run / "q.sock")
     try:
         svc.wait_for_log("ready on the passed socket")
@@ -180,7 +182,8 @@ def test_the_config_path_is_declared_once() -> None:
         assert values(service, "Service", "ExecStart") == [
             f"{INSTALLED} --socket-activated $MIGBLOCKD_OPTIONS"]
         assert values(service, "Service", "ExecReload") == [
-            f"{INSTALLED} --check-config --socket-activated $MIGBLOCKD_OPTIONS",
+            f"{INSTALLED} --check-config --socket-activated --running-pid $MAINPID "
+            "$MIGBLOCKD_OPTIONS",
             "/bin/kill -HUP $MAINPID"]
 
 
@@ -220,3 +223,31 @@ async def test_a_bad_file_fails_the_reload_and_the_daemon_serves_on(
     assert "reload" not in service.log(), service.log()
     assert await service.clients_served(2) == 1
     assert service.proc.poll() is None
+
+
+async def test_options_changed_since_the_start_fail_the_reload(
+    service: Service, short_tmp: Path,
+) -> None:
+    # Reproduced first under systemd --user: a drop-in pointed MIGBLOCKD_OPTIONS at
+    # another file, the check judged that one and passed, and the daemon re-read
+    # its own, so nothing of the change applied and systemctl reload said 0.
+    started = service.env["MIGBLOCKD_OPTIONS"]
+    other = short_tmp / "other.toml"
+    other.write_text('log-level = "info"\nmax-clients = 2\n')
+    other.chmod(0o644)
+    config = started.split()[1]
+    service.env["MIGBLOCKD_OPTIONS"] = started.replace(config, str(other))
+    status, said = service.reload()
+    assert status != 0
+    assert said == (f"migblockd: MIGBLOCKD_OPTIONS is '{service.env['MIGBLOCKD_OPTIONS']}' "
+                    f"now, but the daemon (pid {service.proc.pid}) started with '{started}': "
+                    "a reload keeps the options the daemon started with, and re-reads only "
+                    "the file they name; a restart of its unit (systemctl restart) applies "
+                    "the new ones\n")
+    assert "reload" not in service.log(), service.log()
+    assert await service.clients_served(2) == 1
+    # The same words, spaced otherwise, are the same command line.
+    service.env["MIGBLOCKD_OPTIONS"] = f"  {started.replace(' ', chr(9) + ' ')} "
+    status, said = service.reload()
+    assert status == 0, said
+    service.wait_for_log("reloaded configuration")

@@ -174,6 +174,26 @@ async def test_reload_and_stop_touch_one_instance(instances: Manager) -> None:
     assert await blocker_ids(instances, socket_path(instances, "vm1")) == {"a1"}
 
 
+async def test_an_instances_changed_options_fail_its_reload_only(instances: Manager) -> None:
+    # The template's ExecReload= check reads its own daemon's environment, in its
+    # sandbox; vm2, started with the options it has, reloads.
+    await add_blocker(instances, "a1", socket_path(instances, "vm1"))
+    await add_blocker(instances, "b1", socket_path(instances, "vm2"))
+    vm1 = running(instances, "vm1")["MainPID"]
+    (instances.base / "config/systemd/user" / f"{service('vm1')}.d/config.conf").write_text(
+        f'[Service]\nEnvironment="MIGBLOCKD_OPTIONS=--config {INSIDE}/vm2.toml"\n')
+    instances.systemctl("daemon-reload")
+    assert instances.systemctl("reload", service("vm1"), check=False).returncode != 0
+    assert (f"migblockd: MIGBLOCKD_OPTIONS is '--config {INSIDE}/vm2.toml' now, but the "
+            f"daemon (pid {vm1}) started with '--config {INSIDE}/vm1.toml': ") in \
+        instances.daemon_log(), instances.log()
+    instances.systemctl("reload", service("vm2"))
+    instances.wait_for(service("vm2"), "reload", lambda s: is_running(s)
+                       and "reloaded configuration" in instances.daemon_log())
+    assert instances.daemon_log().count("reloaded configuration") == 1, instances.log()
+    assert running(instances, "vm1")["MainPID"] == vm1
+
+
 def documented_metrics_drop_in() -> tuple[str, str]:
     """docs/service.md's drop-in for the template's metrics: its file name and text."""
     blocks = re.findall(r"```ini\n(.*?)```", SERVICE_MD.read_text(), re.S)

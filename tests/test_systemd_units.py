@@ -192,9 +192,11 @@ def test_the_service_is_what_the_issue_asks_for() -> None:
     assert service["Type"] == "notify"
     assert service["NotifyAccess"] == "main"
     assert shlex.split(service["ExecStart"])[0] == INSTALLED
-    # The reload checks the settings as the daemon's user first: a bad file fails it.
+    # The reload checks the settings as the daemon's user first: a bad file fails it, and
+    # so do options the running daemon did not start with.
     assert service["ExecReload"].split("\n") == [
-        f"{INSTALLED} --check-config --socket-activated $MIGBLOCKD_OPTIONS",
+        f"{INSTALLED} --check-config --socket-activated --running-pid $MAINPID "
+        "$MIGBLOCKD_OPTIONS",
         "/bin/kill -HUP $MAINPID"]
     assert service["Restart"] == "on-failure"
     assert service["WatchdogSec"]

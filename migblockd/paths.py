@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
+import socket
 import stat
 from pathlib import Path
 
@@ -199,6 +201,31 @@ def not_a_socket(path: str | os.PathLike[str]) -> str | None:
     return f"not a socket ({kind})" if kind is not None else "not a socket"
 
 
+#: Why a connection could not even wait for the daemon to take it.
+NOT_ACCEPTING = ("the daemon is not accepting connections (its queue of pending "
+                 "connections is full: is it stopped or hung?)")
+
+
+def connect_unix(path: str) -> socket.socket:
+    """A non-blocking socket connected to the Unix socket ``path``, for the clients
+    to hand to asyncio; raises OSError as connect() does.
+
+    asyncio's own connect takes EAGAIN for "in progress", as it is on a TCP
+    socket; on a Unix socket it means the listener's queue is full (a daemon
+    stopped or hung, taking no connection), and no connection is in progress:
+    the first read then failed with EINVAL.  Said here (:func:`connect_failure`).
+    A Unix socket connects at once or not at all, so this does not block.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def connect_failure(path: str, err: OSError) -> str:
     """Why connecting to ``path`` failed, in the operator's terms.
 
@@ -209,6 +236,8 @@ def connect_failure(path: str, err: OSError) -> str:
     say): that is no matter of the socket's permissions.
     """
     reason = err.strerror or str(err)
+    if err.errno == errno.EAGAIN:
+        return NOT_ACCEPTING
     if isinstance(err, FileNotFoundError):
         return reason + (_system_hint(path) or _others_hint(path))
     if isinstance(err, (ConnectionRefusedError, PermissionError)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from otheruids import accounts, uid_client_script  # noqa: F401  (fixtures: othe
 from qmpclient import RawClient, qmp_client, qmp_clients
 from realqemu import qemu, qemu_factory  # noqa: F401  (fixtures: a real QEMU, see realqemu.py)
 
+from migblockd.listen import LISTEN_BACKLOG
 from migblockd.resolver import user_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +88,42 @@ class DaemonProcess:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    @contextlib.contextmanager
+    def stopped_with_full_backlog(self) -> Iterator[None]:
+        """The daemon stopped (SIGSTOP), its socket's queue of pending connections
+        filled (its listen backlog, then EAGAIN), for the block; then the queued
+        connections are closed, the daemon continued, and the queue has room again."""
+        queued: list[socket.socket] = []
+        self.signal(signal.SIGSTOP)
+        try:
+            for _ in range(LISTEN_BACKLOG + 100):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    sock.connect(str(self.socket))
+                except BlockingIOError:
+                    sock.close()
+                    break
+                queued.append(sock)
+            else:
+                raise AssertionError(f"{len(queued)} connections queued, and no EAGAIN")
+            yield
+        finally:
+            for sock in queued:
+                sock.close()
+            self.signal(signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while True:  # until the daemon has taken enough of the queue for one more
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.setblocking(False)
+                try:
+                    probe.connect(str(self.socket))
+                    return
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise AssertionError("the daemon's queue stayed full") from None
+            time.sleep(0.01)
 
     def wait_exit(self, timeout: float = 10.0) -> int:
         """The exit status; fails the test (killing the daemon) if it does not exit in time."""

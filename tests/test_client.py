@@ -314,6 +314,26 @@ async def test_connecting_to_a_stopped_daemon_gives_up_after_the_timeout(
         await client.disconnect()
 
 
+async def test_a_stopped_daemon_whose_queue_is_full_is_named(daemon: DaemonProcess) -> None:
+    # The kernel refuses a connection to a listener whose queue is full (EAGAIN);
+    # the library's connect took that for "in progress", and then failed reading
+    # the greeting.
+    with daemon.stopped_with_full_backlog():
+        client = MigblockClient(daemon.socket, timeout=PATIENCE)
+        with pytest.raises(DisconnectedError) as full:
+            async with asyncio.timeout(PATIENCE):
+                await client.connect()
+    assert str(full.value) == (
+        f"cannot connect to migblockd at {daemon.socket}: the daemon is not accepting "
+        "connections (its queue of pending connections is full: is it stopped or hung?)")
+    async with asyncio.timeout(PATIENCE):
+        await client.connect()  # the same client, once the daemon runs again
+    try:
+        assert await client.blockers() == []
+    finally:
+        await client.disconnect()
+
+
 async def test_a_command_cut_short_by_disconnect_says_so(daemon: DaemonProcess) -> None:
     # It used to say that the connection "was lost", as if the daemon had failed.
     client = MigblockClient(daemon.socket)

@@ -289,6 +289,24 @@ def test_reconnects_after_the_daemon_restarts(
     assert shell.quit() == 0
 
 
+def test_reconnecting_to_a_daemon_whose_queue_is_full_says_so(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    first, shell = _stopped_under(start_daemon, spawn_shell)
+    second = start_daemon(socket=first.socket)
+    with second.stopped_with_full_backlog():
+        shell.send("query-version\r")
+        shell.expect(f"error: cannot connect to {first.socket}: the daemon is not accepting "
+                     "connections (its queue of pending connections is full: is it stopped "
+                     "or hung?)")
+        shell.expect(PROMPT)
+    shell.send("query-blockers\r")
+    shell.expect("Reconnected to migblockd")
+    shell.expect('{"return": []}')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+
 def test_ctrl_c_while_waiting_for_a_reply_returns_to_the_prompt(
     daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
 ) -> None:

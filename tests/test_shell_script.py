@@ -401,6 +401,17 @@ def test_a_daemon_that_exits_before_taking_the_connection_is_named_with_its_log(
         "migblockd)\n")
 
 
+def test_a_stopped_daemon_whose_queue_is_full_is_named(daemon: DaemonProcess) -> None:
+    # It said "reading the greeting failed: [Errno 22] Invalid argument": asyncio
+    # takes a Unix socket's EAGAIN (the listener's queue is full) for "in progress".
+    with daemon.stopped_with_full_backlog():
+        result = shell(str(daemon.socket), "-c", "query-version")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"migblock-shell: cannot connect to {daemon.socket}: the daemon is not accepting "
+        "connections (its queue of pending connections is full: is it stopped or hung?)\n")
+
+
 def test_daemon_going_away_mid_script_is_exit_status_2(daemon: DaemonProcess) -> None:
     proc = subprocess.Popen(
         [*SHELL, str(daemon.socket)],

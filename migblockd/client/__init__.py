@@ -92,6 +92,7 @@ from migblockd.paths import (
     NO_GREETING,
     before_greeting,
     connect_failure,
+    connect_unix,
     default_socket_path,
     fallback_refusal,
 )
@@ -183,10 +184,19 @@ class MigblockClient(EventSource):
         refusal = fallback_refusal(self.path, GIVE_PATH)
         if refusal is not None:
             raise DisconnectedError(f"cannot connect to migblockd at {self.path}: {refusal}")
+        try:
+            sock = connect_unix(self.path)  # the library's own connect: see connect_unix
+        except OSError as exc:
+            raise DisconnectedError(f"cannot connect to migblockd at {self.path}: "
+                                    f"{connect_failure(self.path, exc)}") from exc
         qmp = QMPLink(self.name, self._deliver, self.timeout)
         try:
-            async with asyncio.timeout(self.timeout):
-                await qmp.connect(self.path)  # cancelled, it closes what it opened
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await qmp.connect(sock)  # cancelled, it closes what it opened
+            except BaseException:
+                sock.close()  # failed before the library had made a stream of it
+                raise
         except TimeoutError:
             what = ("no QMP greeting" if qmp.greeting is None
                     else "no answer to qmp_capabilities")

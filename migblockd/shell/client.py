@@ -15,7 +15,13 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from migblockd.paths import NO_GREETING, before_greeting, connect_failure, fallback_refusal
+from migblockd.paths import (
+    NO_GREETING,
+    before_greeting,
+    connect_failure,
+    connect_unix,
+    fallback_refusal,
+)
 
 GREETING_TIMEOUT = 10.0
 #: The longest line read: a 100,000-blocker listing with reasons of 1024
@@ -81,9 +87,15 @@ class QMPClient:
         if refusal is not None:
             raise ConnectError(f"cannot connect to {path}: {refusal}")
         try:
-            self._reader, self._writer = await asyncio.open_unix_connection(path, limit=LINE_LIMIT)
+            sock = connect_unix(path)
         except OSError as err:
             raise ConnectError(f"cannot connect to {path}: {connect_failure(path, err)}") from None
+        try:
+            self._reader, self._writer = await asyncio.open_unix_connection(
+                sock=sock, limit=LINE_LIMIT)
+        except BaseException:
+            sock.close()
+            raise
         refusal = fallback_refusal(path, GIVE_SOCKET, connected=True)
         if refusal is not None:
             await self._abort()

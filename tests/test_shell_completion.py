@@ -119,6 +119,13 @@ def test_json_list_offers_quoted_values(schema: Schema) -> None:
     offered = texts(schema, 'add-blocker modes=["normal",')
     assert '"normal"' not in offered
     assert '"cpr-reboot"' in offered
+    # A Python literal, as qmp-shell takes it: in its own quotes.
+    assert applied(schema, "add-blocker modes=['normal', 'cpr-e") == [
+        "add-blocker modes=['normal', 'cpr-exec'"
+    ]
+    offered = texts(schema, "add-blocker modes=['normal', '")
+    assert "'normal'" not in offered
+    assert "'cpr-reboot'" in offered
 
 
 def test_scalar_enum_and_boolean_values(schema: Schema) -> None:

@@ -40,7 +40,14 @@ def test_command_without_arguments_has_no_arguments_member() -> None:
         ("false", False),
         ("null", None),
         ("hello", "hello"),
-        ("True", "True"),  # JSON only, no Python literals
+        # What qmp-shell takes for a boolean or an integer, and JSON does not.
+        ("True", True),
+        ("FALSE", False),
+        ("+5", 5),
+        ("007", 7),
+        ("1_000", 1000),
+        ("None", "None"),  # a Python literal only inside brackets, as in qmp-shell
+        ("\u0663", "\u0663"),  # int() reads an ARABIC-INDIC DIGIT THREE: not here
         ("NaN", "NaN"),  # not JSON
         ("Infinity", "Infinity"),
         ("", ""),
@@ -61,6 +68,33 @@ def test_invalid_json_value_is_an_error_that_says_how_to_send_a_string() -> None
     with pytest.raises(ParseError, match="quote it to send a string"):
         parse_line("cmd reason=[WIP]")
     assert args("cmd reason='[WIP] disk'") == {"reason": "[WIP] disk"}
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("{'a': True, 'b': [None, False, 'x ]'], \"c\": -1.5}",
+     {"a": True, "b": [None, False, "x ]"], "c": -1.5}),
+    ("[true, false, null, 'it\\'s']", [True, False, None, "it's"]),  # qmp-shell's FuzzyJSON
+    ("[(1, 2), +3]", [[1, 2], 3]),
+])
+def test_a_python_literal_is_taken_where_json_is_not(value: str, expected: Any) -> None:
+    # qmp-shell reads a bracketed value that is not JSON as a Python literal.
+    assert args(f"cmd k={value}") == {"k": expected}
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("{'a': 1, 'a': 2}", "invalid value {'a': 1, 'a': 2}: duplicate key 'a'"),
+    ("['a', -1e400]", "invalid value ['a', -1e400]: number 1e400 is out of range"),
+    ("{1, 2}", "invalid value {1, 2}: {1, 2} is a set, not a JSON value"),
+    ("{1: 'a'}", "invalid value {1: 'a'}: key 1 is not a string"),
+    ("[b'x']", "invalid value [b'x']: b'x' is not a JSON value"),
+    # Neither JSON nor a literal (no name is evaluated): JSON's reason.
+    ("[x for x in y]", "invalid JSON value [x for x in y]: Expecting value"),
+    ("[__import__('os')]", "invalid JSON value [__import__('os')]: Expecting value"),
+])
+def test_a_python_literal_json_cannot_say_as_typed_is_refused(value: str, why: str) -> None:
+    with pytest.raises(ParseError) as refused:
+        parse_line(f"cmd k={value}")
+    assert str(refused.value).startswith(f"'k': {why}")
 
 
 def test_an_invalid_json_list_says_how_to_write_a_list() -> None:
@@ -93,6 +127,20 @@ def test_an_invalid_json_list_says_how_to_write_a_list() -> None:
 )
 def test_shell_quoting(line: str, expected: dict[str, Any]) -> None:
     assert args(line) == expected
+
+
+def test_list_advice_is_for_lists_of_names_only(schema: Schema) -> None:
+    # A list of objects written as a list of names would not do either: the
+    # advice was "write the list as capabilities=a,b".
+    for value in ('[{"capability":"events","capability":"events"}]',
+                  '[{capability: "events", "state": true}]'):
+        with pytest.raises(ParseError) as bad:
+            parse_line(f"migrate-set-capabilities capabilities={value}", schema.hint)
+        assert "write the list" not in str(bad.value)
+        assert "quote it" not in str(bad.value)
+    assert str(bad.value) == (
+        """'capabilities': invalid JSON value [{capability: "events", "state": true}]: """
+        "Expecting property name enclosed in double quotes: line 1 column 3 (char 2)")
 
 
 def test_quoted_reason_keeps_no_quote_characters() -> None:
@@ -179,6 +227,9 @@ def test_help_empty_and_comment_lines() -> None:
 
 def test_schema_keeps_string_arguments_strings(schema: Schema) -> None:
     assert args("add-blocker reason=1234 id=true", schema) == {"reason": "1234", "id": "true"}
+    # qmp-shell would send id=True as a boolean, which the daemon refuses.
+    assert args("add-blocker reason=+5 id=True", schema) == {"reason": "+5", "id": "True"}
+    assert args("add-blocker reason=x internal=FALSE", schema)["internal"] is False
     # Arguments that are not strings are still converted.
     assert args("add-blocker reason=x internal=true", schema) == {
         "reason": "x",

@@ -141,12 +141,16 @@ def _json_list_items(
     item = raw[cut + 1 :]
     stripped = item.lstrip()
     item_start = value_start + cut + 1 + len(item) - len(stripped)
-    chosen = set(re.findall(r'"((?:[^"\\]|\\.)*)"', raw[:cut]))
+    chosen = {a or b for a, b in re.findall(
+        r'"((?:[^"\\]|\\.)*)"|\'((?:[^\'\\]|\\.)*)\'', raw[:cut])}
     if not is_string:
         return [Candidate(c, item_start) for c in choices if c.startswith(stripped)]
-    prefix = stripped.removeprefix('"')
+    # In the quotes the item was begun with: a Python literal's '...' too (qmp-shell's).
+    quote = "'" if stripped.startswith("'") else '"'
+    prefix = stripped.removeprefix(quote)
     return [
-        Candidate(f'"{c}"', item_start) for c in choices if c.startswith(prefix) and c not in chosen
+        Candidate(f"{quote}{c}{quote}", item_start)
+        for c in choices if c.startswith(prefix) and c not in chosen
     ]
 
 

@@ -19,9 +19,11 @@ from migblockd.shell.render import Renderer, visible
 DESCRIPTION = """\
 A QMP shell for migblockd, in the spirit of QEMU's qmp-shell.
 
-Type commands as  COMMAND key=value ...  (values that parse as JSON are JSON, others
-are strings; quote with '...' or "..." to force a string; dotted keys build nested
-objects: a.b=1 a.c=2; list arguments also take a,b,c), or a raw JSON request starting
+Type commands as  COMMAND key=value ...  (values that parse as JSON are JSON, as are
+True and False in any case, and a bracketed Python literal such as {'a': True}, as
+qmp-shell takes them; others are strings, and so are the values of string arguments;
+quote with '...' or "..." to force a string; dotted keys build nested objects:
+a.b=1 a.c=2; list arguments also take a,b,c), or a raw JSON request starting
 with '{'.  'help' lists the daemon's commands, 'help COMMAND' documents one.  Tab
 completes command names, argument names and enum values, all taken from the daemon's
 query-qmp-schema, against which command and argument names are checked before a

@@ -12,10 +12,14 @@ next character.  A value is converted like this:
 
 * a quoted value (any part of it quoted or escaped) is always a string, so
   ``id="42"`` sends the string ``"42"``;
-* an unquoted value that starts with ``{`` or ``[`` is JSON and runs to its matching
-  bracket (it may contain spaces and JSON strings); it must be valid JSON;
-* an unquoted value that parses as a JSON number, ``true``, ``false`` or ``null`` is
-  taken as such, anything else is a string;
+* an unquoted value that starts with ``{`` or ``[`` runs to its matching bracket (it
+  may contain spaces, and strings in ``"`` or ``'``); it must be JSON, or else a
+  Python literal of JSON's shapes, as qmp-shell takes it (``{'a': True}``, with
+  ``true``, ``false`` and ``null`` as well as ``True``, ``False`` and ``None``);
+* an unquoted value that parses as a JSON number, ``null``, ``true`` or ``false``
+  (in any case: ``True``, ``FALSE``), or as an integer Python's ``int()`` reads
+  (``+5``, ``007``, ``1_000``) is taken as such, as qmp-shell does; anything else is
+  a string;
 * when the schema is known (see :class:`Hints`), an unquoted value of a member whose
   type is a string or enum stays a string (``reason=1234`` sends ``"1234"``), and an
   unquoted value of a list-typed member is split at commas
@@ -27,6 +31,7 @@ Dotted keys build nested objects: ``a.b=1 a.c=2 d=3`` gives
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from collections.abc import Callable
@@ -134,24 +139,91 @@ def loads(text: str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+class _NotLiteral(ValueError):
+    """Python syntax, but no literal value."""
+
+
+_FUZZY_NAMES: dict[str, Any] = {"true": True, "false": False, "null": None}
+
+
+def _python_value(node: ast.expr, source: str) -> Any:
+    """The JSON value of a Python literal's syntax tree, as qmp-shell reads a value
+    that is not JSON (its FuzzyJSON: ``true``, ``false`` and ``null`` are names for
+    ``True``, ``False`` and ``None``).  Raises :class:`_NotLiteral` for what is no
+    literal (a bare word: ``[normal]``), ValueError for a literal that JSON cannot
+    say as typed (a key given twice, a set)."""
+    if isinstance(node, ast.Constant):
+        value = node.value
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValueError(f"number {_typed(node, source)} is out of range")
+            return value
+        raise ValueError(f"{_typed(node, source)} is not a JSON value")
+    if isinstance(node, ast.Name) and node.id in _FUZZY_NAMES:
+        return _FUZZY_NAMES[node.id]
+    if (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
+            and isinstance(node.operand, ast.Constant)
+            and type(node.operand.value) in (int, float)):
+        number = _python_value(node.operand, source)
+        return -number if isinstance(node.op, ast.USub) else number
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_python_value(item, source) for item in node.elts]
+    if isinstance(node, ast.Dict):
+        found: dict[str, Any] = {}
+        for key_node, item in zip(node.keys, node.values, strict=True):
+            if key_node is None:
+                raise _NotLiteral  # {**x}
+            key = _python_value(key_node, source)
+            if not isinstance(key, str):
+                raise ValueError(f"key {_typed(key_node, source)} is not a string")
+            if key in found:
+                raise ValueError(f"duplicate key '{key}'")
+            found[key] = _python_value(item, source)
+        return found
+    if isinstance(node, ast.Set):
+        raise ValueError(f"{_typed(node, source)} is a set, not a JSON value")
+    raise _NotLiteral
+
+
+def _typed(node: ast.expr, source: str) -> str:
+    """``node`` as it was typed."""
+    return ast.get_source_segment(source, node) or ast.unparse(node)
+
+
+def _python_literal(text: str) -> Any:
+    """``text`` as a Python literal (:func:`_python_value`); raises _NotLiteral
+    when it is none, ValueError when JSON cannot say it."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise _NotLiteral from None
+    try:
+        return _python_value(tree.body, text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def _scan_json_chunk(line: str, pos: int) -> tuple[int, bool]:
     """Scan a bracketed JSON chunk starting at ``line[pos]`` (``{`` or ``[``).
 
     Returns the offset just after the matching bracket and whether it was closed.
-    Brackets inside JSON strings are skipped.
+    Brackets inside strings are skipped: JSON's, and the ``'...'`` of a Python
+    literal (a ``'`` outside a string is no JSON either).
     """
     depth = 0
-    in_string = False
+    quote: str | None = None
     i = pos
     while i < len(line):
         c = line[i]
-        if in_string:
+        if quote is not None:
             if c == "\\":
                 i += 1
-            elif c == '"':
-                in_string = False
-        elif c == '"':
-            in_string = True
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
         elif c in "{[":
             depth += 1
         elif c in "}]":
@@ -256,19 +328,29 @@ def convert_value(word: Word, hint: ValueHint = None) -> Any:
     """The JSON value of ``word``'s value, following the rules in the module doc."""
     text = word.value
     if word.json:
+        what = "invalid JSON value"
         try:
             return loads(text)
+        except json.JSONDecodeError as err:  # not JSON's syntax: maybe Python's
+            why = str(err)
+        except ValueError as err:  # JSON, that cannot be sent as typed
+            raise ParseError(f"'{word.key}': {what} {_shown(text)}: {err}") from None
+        try:
+            return _python_literal(text)
+        except _NotLiteral:
+            pass
         except ValueError as err:
-            shown = text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
-            if hint in ("list", "list-of-strings") and text.startswith("["):
-                # A list of names ([normal]): quoting the whole sends one string.
-                how = (f'write the list as {word.key}=a,b, or as JSON with its strings '
-                       f'quoted, {word.key}=["a", "b"]')
-            else:
-                how = "quote it to send a string"
-            raise ParseError(
-                f"'{word.key}': invalid JSON value {shown}: {err} ({how})"
-            ) from None
+            # Python's syntax, so not meant as JSON: the reason is Python's.
+            what, why = "invalid value", str(err)
+        if hint == "list-of-strings" and text.startswith("["):
+            # A list of names ([normal]): quoting the whole sends one string.
+            how = (f' (write the list as {word.key}=a,b, or as JSON with its strings '
+                   f'quoted, {word.key}=["a", "b"])')
+        elif hint == "list":
+            how = ""  # neither a string nor a list of names would do
+        else:
+            how = " (quote it to send a string)"
+        raise ParseError(f"'{word.key}': {what} {_shown(text)}: {why}{how}")
     if word.quoted or hint == "string":
         return text
     if hint in ("list", "list-of-strings"):
@@ -281,12 +363,27 @@ def convert_value(word: Word, hint: ValueHint = None) -> Any:
     return _scalar(text)
 
 
+def _shown(text: str) -> str:
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
 def _scalar(text: str) -> Any:
     try:
         value = loads(text)
     except ValueError:
-        return text
-    return text if isinstance(value, (dict, list)) else value
+        pass
+    else:
+        return text if isinstance(value, (dict, list)) else value
+    # What qmp-shell takes for a number or a boolean and JSON does not.
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if text.isascii():
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _insert(root: dict[str, Any], assigned: set[tuple[str, ...]], key: str, value: Any) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import ROOT, DaemonProcess
+from fakeqmp import GREETING, serving
 from otheruids import Account
 from qmpclient import qemu_qmp_client
 
@@ -62,7 +63,8 @@ class Shell:
 def spawn_shell(tmp_path: Path) -> Iterator[Callable[..., Shell]]:
     children: list[pexpect.spawn] = []
 
-    def spawn(socket: Path, *args: str) -> Shell:
+    def spawn(socket: Path, *args: str,
+              connected: str = f"Connected to migblockd {__version__} ") -> Shell:
         env = dict(os.environ)
         env.pop("NO_COLOR", None)
         env.update(
@@ -81,7 +83,7 @@ def spawn_shell(tmp_path: Path) -> Iterator[Callable[..., Shell]]:
         child.logfile_read = io.StringIO()  # the whole transcript, for assertions
         children.append(child)
         shell = Shell(child, tmp_path / "state")
-        shell.expect(f"Connected to migblockd {__version__} ")
+        shell.expect(connected)
         shell.expect(PROMPT)
         return shell
 
@@ -240,6 +242,34 @@ def test_escape_keys_edit_and_a_pasted_escape_is_shown_not_obeyed(
     shell.expect('{"return": {"qemu"')
     shell.expect(PROMPT)
     assert shell.quit() == 0
+    assert "Traceback" not in shell.transcript()
+
+
+def test_a_greeting_that_would_steer_the_terminal_is_shown_escaped(
+    tmp_path: Path, spawn_shell: Callable[..., Shell]
+) -> None:
+    # "Connected to ..." printed the server's package as it was: its ESC [ 2 J
+    # cleared the operator's screen.  (migblockd's greeting never holds one.)
+    path = tmp_path / "not-migblockd.sock"
+    greeting = {"QMP": {**GREETING["QMP"], "version": {
+        **GREETING["QMP"]["version"], "package": "evil\x1b[2J\x1b[31mred\u009b"}}}
+    with serving(path, greeting):
+        shell = spawn_shell(path, connected="Connected to evil\\x1b[2J\\x1b[31mred\\x9b "
+                            "(QMP server version 9.2.0)")
+        assert shell.quit() == 0
+    assert "\x1b[2J" not in shell.transcript()
+    assert "\x9b" not in shell.transcript()
+
+
+def test_a_greeting_whose_version_is_not_qemus_shape_is_shown_as_unknown(
+    tmp_path: Path, spawn_shell: Callable[..., Shell]
+) -> None:
+    # Its "qemu" a string: the shell ended with a traceback.
+    path = tmp_path / "not-migblockd.sock"
+    greeting = {"QMP": {"version": {"qemu": "x", "package": 5}, "capabilities": []}}
+    with serving(path, greeting):
+        shell = spawn_shell(path, connected="Connected to 5 (QMP server version ?.?.?)")
+        assert shell.quit() == 0
     assert "Traceback" not in shell.transcript()
 
 

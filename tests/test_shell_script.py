@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProcess
+from fakeqmp import GREETING, serving
 
 from migblockd.shell import client as shell_client
 
@@ -363,6 +364,37 @@ def test_a_socket_that_does_not_speak_qmp_is_exit_status_2(
     assert result.returncode == 2
     assert message in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("greeting", "returns", "why"), [
+    ({"QMP": {"version": 1, "capabilities": []}}, {},
+     "the server did not send a QMP greeting"),
+    ({"QMP": {"version": {}}}, {}, "the server did not send a QMP greeting"),
+    (GREETING, {"query-qmp-schema": [
+        {"name": "x", "meta-type": "command", "arg-type": "0", "ret-type": "0"}, 7]},
+     "the server's answer to query-qmp-schema is malformed: entry 1 is not an object"),
+    (GREETING, {"query-qmp-schema": [
+        {"name": "x", "meta-type": "command", "arg-type": "0", "ret-type": "0"},
+        {"name": "0", "meta-type": "object", "members": [{"name": "a"}]}]},
+     "the server's answer to query-qmp-schema is malformed: entry 1 (object '0'): 'members' "
+     "is not a list of objects with a string 'name' and a string 'type'"),
+    (GREETING, {"query-qmp-schema": {}},
+     "the server's answer to query-qmp-schema is malformed: not a list"),
+    (GREETING, {"query-commands": [{"name": "x"}, None]},
+     "the server's answer to query-commands is malformed: not a list of objects with a "
+     "string 'name'"),
+], ids=["version-not-an-object", "no-capabilities", "entry-not-an-object",
+        "member-not-an-object", "schema-not-a-list", "command-not-an-object"])
+def test_a_server_whose_answers_are_not_qmps_shape_is_one_line_and_exit_status_2(
+    tmp_path: Path, greeting: object, returns: dict[str, object], why: str
+) -> None:
+    # Answers migblockd never gives; a QEMU-like server that gave them made the
+    # shell fail with a traceback (at once, or at the first command it checked).
+    path = tmp_path / "broken.sock"
+    with serving(path, greeting, returns):
+        result = shell(str(path), "-c", "x a=1")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"migblock-shell: {path}: {why}\n"
 
 
 def test_a_server_that_greets_and_never_negotiates_is_exit_status_2(tmp_path: Path) -> None:

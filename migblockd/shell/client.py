@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 from migblockd.paths import (
     NO_GREETING,
@@ -43,6 +43,15 @@ class ConnectError(ClientError):
 
 class ConnectionLost(ClientError):
     """The server closed the connection (or it broke) while we needed it."""
+
+
+def _is_greeting(message: Any) -> TypeGuard[Message]:
+    """Whether ``message`` is QMP's greeting, as ``qemu.qmp`` (and so
+    ``migblockd.client``) judges it: ``QMP`` an object, its ``version`` an object
+    and its ``capabilities`` a list."""
+    qmp = message.get("QMP") if isinstance(message, dict) else None
+    return (isinstance(qmp, dict) and isinstance(qmp.get("version"), dict)
+            and isinstance(qmp.get("capabilities"), list))
 
 
 def _id_key(value: Any) -> str:
@@ -120,7 +129,7 @@ class QMPClient:
             # Turned away (max-clients...): one error line in place of the greeting.
             await self._abort()
             raise ConnectError(f"{path}: migblockd refused the connection: {refusal['desc']}")
-        if not isinstance(greeting, dict) or not isinstance(greeting.get("QMP"), dict):
+        if not _is_greeting(greeting):
             await self._abort()
             what = before_greeting(None) if not line else NO_GREETING
             raise ConnectError(f"{path}: {what}")

@@ -7,16 +7,39 @@ from collections.abc import Callable
 from typing import Any
 
 from migblockd.shell.client import ConnectError, ConnectionLost, Message, QMPClient
-from migblockd.shell.schema import Schema
+from migblockd.shell.schema import Schema, SchemaError
 
 
 def describe_greeting(greeting: Message) -> str:
-    """``migblockd 0.1.0 (QMP server version 0.1.0)`` from a greeting."""
-    version = greeting.get("QMP", {}).get("version", {})
-    qemu = version.get("qemu", {})
+    """``migblockd 0.1.0 (QMP server version 0.1.0)`` from a greeting (whose
+    ``QMP.version`` :class:`QMPClient` has checked is an object)."""
+    version = greeting["QMP"]["version"]
+    qemu = version.get("qemu")
+    if not isinstance(qemu, dict):  # not QMP's shape, but only shown: as unknown
+        qemu = {}
     triple = ".".join(str(qemu.get(k, "?")) for k in ("major", "minor", "micro"))
     package = str(version.get("package", "")).strip()
     return f"{package} (QMP server version {triple})" if package else f"QMP server {triple}"
+
+
+def _command_names(answer: Any) -> list[str]:
+    """The names in ``query-commands``'s answer; ValueError when it is not a list of
+    objects with a string ``name``."""
+    if not isinstance(answer, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) for c in answer):
+        raise ValueError("not a list of objects with a string 'name'")
+    return [c["name"] for c in answer]
+
+
+def _schema(reply: Message, names: list[str]) -> Schema:
+    """The schema a ``query-qmp-schema`` reply describes; SchemaError when the
+    answer is not a list of SchemaInfo objects."""
+    if "return" not in reply:
+        return Schema.empty()
+    infos: Any = reply["return"]
+    if not isinstance(infos, list):
+        raise SchemaError("not a list")
+    return Schema(infos, names)
 
 
 class Connection:
@@ -52,14 +75,23 @@ class Connection:
                 listed = await client.execute({"execute": "query-commands"})
             except (ConnectError, ConnectionLost) as err:
                 raise ConnectError(f"{self.path}: {err}") from None
+            # An error instead (a server without them) leaves the shell without a
+            # schema: it then sends what is typed unchecked.  An answer of the wrong
+            # shape is a broken server, said in one line rather than a traceback.
+            try:
+                names = _command_names(listed["return"]) if "return" in listed else []
+            except ValueError as err:
+                raise ConnectError(f"{self.path}: the server's answer to query-commands "
+                                   f"is malformed: {err}") from None
+            try:
+                schema = _schema(reply, names)
+            except SchemaError as err:
+                raise ConnectError(f"{self.path}: the server's answer to query-qmp-schema "
+                                   f"is malformed: {err}") from None
         except BaseException:  # also Ctrl-C (cancellation) in the interactive shell
             await client.close()
             raise
-        infos: Any = reply.get("return")
-        commands: Any = listed.get("return")
-        names = [str(c.get("name")) for c in commands if isinstance(c, dict)] \
-            if isinstance(commands, list) else []
-        self.schema = Schema(infos, names) if isinstance(infos, list) else Schema.empty()
+        self.schema = schema
         self.greeting = greeting
         self._client = client
         return greeting

@@ -20,7 +20,7 @@ from migblockd.shell.completion import ShellCompleter
 from migblockd.shell.connection import Connection, describe_greeting
 from migblockd.shell.history import SessionFallbackHistory, not_saved
 from migblockd.shell.interrupt import Interrupts
-from migblockd.shell.render import Renderer
+from migblockd.shell.render import Renderer, visible
 from migblockd.shell.runner import Runner
 
 PROMPT = "(migblockd) "
@@ -108,7 +108,9 @@ class Interactive:
     async def start(self) -> None:
         """Connect for the first time; ConnectError propagates (exit status 2)."""
         greeting = await self.connection.open()
-        print(f"Connected to {describe_greeting(greeting)} at {self.connection.path}")
+        # The greeting is the peer's text, which may be any server's: it must not
+        # steer the terminal, as the "Reconnected to" notice must not.
+        print(visible(f"Connected to {describe_greeting(greeting)} at {self.connection.path}"))
         print("Type 'help' for the commands; Tab completes; Ctrl-D quits.")
 
     async def loop(self) -> int:

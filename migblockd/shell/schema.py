@@ -8,7 +8,7 @@ masked (``"0"``, ``"1"``, ...), so types are described by their structure
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,17 +43,68 @@ class CommandInfo:
     allow_oob: bool
 
 
+class SchemaError(ValueError):
+    """A ``query-qmp-schema`` answer that is not a list of SchemaInfo objects;
+    ``str()`` says where, in one line."""
+
+
+Shape = tuple[str, Callable[[object], bool]]
+"""What a member must be: in words, and the test."""
+
+_STRING: Shape = ("a string", lambda value: isinstance(value, str))
+_STRINGS: Shape = ("a list of strings",
+                   lambda value: isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _objects_with(*keys: str) -> Shape:
+    """A list of objects whose ``keys`` are strings."""
+    return ("a list of objects with " + " and ".join(f"a string '{k}'" for k in keys),
+            lambda value: isinstance(value, list) and all(
+                isinstance(m, Mapping) and all(isinstance(m.get(k), str) for k in keys)
+                for m in value))
+
+
+#: The members of a SchemaInfo the shell reads, by meta-type.
+_SHAPES: dict[str, dict[str, Shape]] = {
+    "builtin": {"json-type": _STRING},
+    "enum": {"members": _objects_with("name"), "values": _STRINGS},
+    "array": {"element-type": _STRING},
+    "object": {"members": _objects_with("name", "type")},
+    "alternate": {"members": _objects_with("type")},
+    "command": {"arg-type": _STRING, "ret-type": _STRING},
+    "event": {"arg-type": _STRING},
+}
+
+
+def _check(index: int, info: object) -> None:
+    """Raise SchemaError unless ``info`` has SchemaInfo's shape where the shell reads it.
+
+    Only a broken server answers otherwise (QEMU's introspection, and migblockd's,
+    are generated from their schemas), and the shell would fail on it later, at
+    the first Tab or ``help`` that reaches the bad entry."""
+    if not isinstance(info, Mapping):
+        raise SchemaError(f"entry {index} is not an object")
+    name, meta = info.get("name"), info.get("meta-type")
+    if not isinstance(name, str) or not isinstance(meta, str):
+        raise SchemaError(f"entry {index} has no string 'name' and 'meta-type'")
+    for key, (what, fits) in _SHAPES.get(meta, {}).items():
+        if key in info and not fits(info[key]):  # a missing one reads as nothing
+            raise SchemaError(f"entry {index} ({meta} {name!r}): '{key}' is not {what}")
+
+
 class Schema:
     """An index over a list of SchemaInfo objects."""
 
     def __init__(self, infos: Sequence[Mapping[str, Any]], listed: Iterable[str] = ()) -> None:
         """``listed``: the names ``query-commands`` answered, which include the
-        commands the daemon forwards to QEMU without describing them."""
+        commands the daemon forwards to QEMU without describing them.  Raises
+        :class:`SchemaError` for an entry that is not SchemaInfo's shape."""
         self._types: dict[str, Mapping[str, Any]] = {}
         self.commands: dict[str, CommandInfo] = {}
         self.events: dict[str, str] = {}
         """Event name -> the type of its data."""
-        for info in infos:
+        for index, info in enumerate(infos):
+            _check(index, info)
             name = str(info.get("name", ""))
             meta = info.get("meta-type")
             if meta == "command":

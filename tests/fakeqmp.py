@@ -1,0 +1,70 @@
+"""A QMP server that is not migblockd, for the clients' handling of what migblockd
+never sends: a greeting or an answer of the wrong shape, or text that would steer
+a terminal.  Threads, so that a test may run the client as a child process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["GREETING", "INTROSPECTION", "serving"]
+
+#: A greeting of the right shape, as QEMU's.
+GREETING: dict[str, Any] = {
+    "QMP": {"version": {"qemu": {"major": 9, "minor": 2, "micro": 0}, "package": ""},
+            "capabilities": []}}
+
+
+#: What the shell asks for once connected, answered as by a server that has no commands.
+INTROSPECTION: dict[str, object] = {"query-qmp-schema": [], "query-commands": []}
+
+
+def _serve(conn: socket.socket, greeting: object, returns: Mapping[str, object]) -> None:
+    # The client may go at any point (it gives up on what it was sent).
+    with conn, conn.makefile("rwb") as stream, contextlib.suppress(OSError):
+        stream.write(json.dumps(greeting).encode() + b"\r\n")
+        stream.flush()
+        for line in stream:
+            request = json.loads(line)
+            reply = {"return": returns.get(request.get("execute"), {})}
+            if "id" in request:
+                reply["id"] = request["id"]
+            stream.write(json.dumps(reply).encode() + b"\r\n")
+            stream.flush()
+
+
+def _accept(server: socket.socket, greeting: object, returns: Mapping[str, object]) -> None:
+    while True:
+        try:
+            conn, _ = server.accept()
+        except OSError:  # closed: the test is over
+            return
+        threading.Thread(target=_serve, args=(conn, greeting, returns), daemon=True).start()
+
+
+@contextlib.contextmanager
+def serving(path: Path, greeting: object = None,
+            returns: Mapping[str, object] | None = None) -> Iterator[None]:
+    """Listen on ``path`` for the block: greet each client with ``greeting``
+    (default :data:`GREETING`), then answer each request with ``{"return": R}``,
+    R being ``returns[command]`` (by default :data:`INTROSPECTION`'s, else ``{}``),
+    and its ``id``."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen()
+    thread = threading.Thread(
+        target=_accept, daemon=True,
+        args=(server, GREETING if greeting is None else greeting,
+              {**INTROSPECTION, **(returns or {})}))
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join()

@@ -294,6 +294,22 @@ def test_a_pasted_block_runs_each_command_in_turn(
     assert "error" not in shell.transcript()
 
 
+def test_a_pasted_request_that_never_parses_leaves_the_lines_after_it_to_run(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    """Reported: a pasted raw JSON line that never parsed took every line after it
+    into one request, and they all went unrun behind its error."""
+    shell = spawn_shell(daemon.socket)
+    shell.send('\x1b[200~{"execute": "query-version"\r'
+               "add-blocker reason=after-bad-json id=abj\r"
+               "query-migrate\x1b[201~\r")
+    shell.expect("error: invalid JSON: Expecting ',' delimiter")
+    shell.expect('{"return": {"id": "abj", "reason": "after-bad-json"')
+    shell.expect('{"return": {"blocked-reasons": ["after-bad-json"]')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+
 def _stopped_under(start_daemon: Callable[..., DaemonProcess],
                    spawn_shell: Callable[..., Shell]) -> tuple[DaemonProcess, Shell]:
     """A shell whose daemon stopped (it has said so), and that stopped daemon."""

@@ -314,7 +314,11 @@ def test_the_renderer_shows_invisible_characters_escaped(reason: str, pretty: bo
     ('{"execute": "x"} trailing', ['{"execute": "x"} trailing']),  # one line: as typed
     ("a\nb x=1\n", ["a", "b x=1", ""]),
     ('{\n "execute": "q"\n}\nnext', ['{\n "execute": "q"\n}', "next"]),
-    ('{"execute":\nnext', ['{"execute":\nnext']),  # never parses: sent, for its error
+    # Its brace never closes: the line alone, for its error; the next runs.
+    ('{"execute":\nnext\nlast', ['{"execute":', "next", "last"]),
+    # Closed but not JSON: the whole of it, for its error.
+    ('{\n "execute": "q",,\n}\nnext', ['{\n "execute": "q",,\n}', "next"]),
+    ('{\n "a": "}{\\""\n}\nnext', ['{\n "a": "}{\\""\n}', "next"]),  # in strings
 ])
 def test_what_is_entered_at_once_is_split_into_commands(entered: str,
                                                         commands: list[str]) -> None:

@@ -37,22 +37,47 @@ def entered_commands(text: str) -> list[str]:
 
     A paste of several lines arrives as one entry (the terminal's bracketed paste,
     which prompt_toolkit turns on): each line is a command, as bash runs them,
-    except that a raw JSON request runs on across lines until it parses (a request
-    pasted pretty-printed).  One that never does is sent as pasted, for the error.
+    except that a raw JSON request runs on across lines to the line where its
+    outer brace closes (a request pasted pretty-printed), and is one command there
+    whether or not it parses (its error names it).  One whose brace never closes
+    is the one line, for its error; the lines after it run as their own commands.
     """
+    lines = text.split("\n")
     commands: list[str] = []
-    pending: list[str] = []
-    for line in text.split("\n"):
-        if pending or (line.lstrip().startswith("{") and not _parses(line)):
-            pending.append(line)
-            if _parses("\n".join(pending)):
-                commands.append("\n".join(pending))
-                pending = []
-        else:
-            commands.append(line)
-    if pending:
-        commands.append("\n".join(pending))
+    i = 0
+    while i < len(lines):
+        end = i
+        if lines[i].lstrip().startswith("{") and not _parses(lines[i]):
+            end = _closing_line(lines, i)
+        commands.append("\n".join(lines[i : end + 1]))
+        i = end + 1
     return commands
+
+
+def _closing_line(lines: list[str], first: int) -> int:
+    """The line where the JSON object opening ``lines[first]`` closes, or ``first``
+    when it never does.  Braces and brackets inside JSON strings do not count."""
+    depth = 0
+    in_string = escaped = False
+    for index in range(first, len(lines)):
+        for c in lines[index]:
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                elif c == '"':
+                    in_string = False
+            elif c == '"':
+                in_string = True
+            elif c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    return index
+        in_string = escaped = False  # JSON strings do not span lines
+    return first
 
 
 def _parses(text: str) -> bool:

@@ -85,6 +85,8 @@ def fallback_remedy(directory: Path) -> str:
         return "remove it"
     if owner == os.geteuid() or os.geteuid() == 0:
         return "remove it"
+    if owner == 0:
+        return "ask root to remove it"
     return f"ask {_who(owner)} or root to remove it"
 
 

@@ -313,3 +313,33 @@ def test_the_clients_do_not_connect_through_a_fallback_directory_another_user_ma
     assert (f"refusing {directory}: other users may write to it (mode 0777), so another "
             "user's program could be listening there") in shell.stderr, shell.stderr
     assert own.stop() == 0
+
+
+def test_a_fallback_directory_root_made_is_roots_to_remove(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path,
+        accounts: dict[str, Account]) -> None:
+    """The advice named root twice: "ask uid 0 (root) or root to remove it"."""
+    alice = accounts["mbt-alice"]
+    short_tmp.chmod(0o755)
+    tmpdir = short_tmp / "tmp"
+    tmpdir.mkdir()
+    tmpdir.chmod(0o1777)
+    directory = tmpdir / f"migblockd-{alice.uid}"
+    directory.mkdir(mode=0o700)  # root's: this test runs as root
+    wrapper = tmp_path / "python-as-alice"
+    wrapper.write_text(f"#!/bin/sh\nexec setpriv --reuid={alice.uid} --regid={alice.gid} "
+                       f"--clear-groups {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "TMPDIR": str(tmpdir)}  # no XDG_RUNTIME_DIR
+    shell = subprocess.run([str(wrapper), "-m", "migblockd.shell", "-c", "query-version"],
+                           env=env, capture_output=True, text=True, timeout=60, cwd="/")
+    assert shell.returncode == 2
+    assert (f"refusing {directory}: it belongs to uid 0 (root), not to your uid {alice.uid} "
+            "(mbt-alice), so another user's program could be listening there in place of "
+            "your daemon; ask root to remove it, or set XDG_RUNTIME_DIR, or give the "
+            "daemon's socket (migblock-shell SOCKET)\n") in shell.stderr, shell.stderr
+    refused = start_daemon("--ephemeral", socket=directory / "migblockd.sock", env=env,
+                           python=str(wrapper), wait=False)
+    assert refused.wait_exit() == 1
+    assert "could replace the socket; ask root to remove it, or set XDG_RUNTIME_DIR" \
+        in refused.log(), refused.log()

@@ -9,7 +9,7 @@ nothing else there.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 __all__ = ["diffs", "existing", "write"]
@@ -23,8 +23,10 @@ def existing(directory: Path, patterns: Sequence[str]) -> dict[str, str]:
     for pattern in patterns:
         for path in sorted(directory.glob(pattern)):
             if path.is_file():
-                found[path.relative_to(directory).as_posix()] = path.read_text(
-                    encoding="utf-8", errors="replace")
+                # Decoded from bytes: read_text() would turn CRLF into LF, and a
+                # file converted to CRLF would then pass for fresh.
+                found[path.relative_to(directory).as_posix()] = path.read_bytes().decode(
+                    "utf-8", errors="replace")
     return dict(sorted(found.items()))
 
 
@@ -35,11 +37,22 @@ def diffs(files: dict[str, str], directory: Path, patterns: Sequence[str]) -> li
     for rel in sorted(set(files) | set(old_files)):
         old, new = old_files.get(rel), files.get(rel)
         if old != new:
-            out.append("".join(difflib.unified_diff(
+            out.append("".join(_marked(difflib.unified_diff(
                 (old or "").splitlines(keepends=True), (new or "").splitlines(keepends=True),
                 fromfile=f"a/{rel}" if old is not None else "/dev/null",
-                tofile=f"b/{rel}" if new is not None else "/dev/null")))
+                tofile=f"b/{rel}" if new is not None else "/dev/null"))))
     return out
+
+
+def _marked(lines: Iterable[str]) -> Iterator[str]:
+    """Diff lines as ``diff -u`` and ``git diff`` write them: a file's last line with
+    no newline is followed by a marker that says so, so that patch(1) can apply it
+    and the change stays visible."""
+    for line in lines:
+        if line.endswith("\n"):
+            yield line
+        else:
+            yield line + "\n\\ No newline at end of file\n"
 
 
 def write(files: dict[str, str], directory: Path, patterns: Sequence[str]) -> None:

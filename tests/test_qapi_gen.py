@@ -125,6 +125,32 @@ def test_a_generated_file_not_in_utf8_is_stale_and_rewritten(tmp_path: Path) -> 
     assert gen("--check", "-o", str(out), schema).returncode == 0
 
 
+def test_a_generated_file_with_crlf_or_no_final_newline_is_stale(tmp_path: Path) -> None:
+    # Reproduced first: a file converted to CRLF passed --check (it was read as
+    # text, which folds CRLF), and one without its final newline gave a diff
+    # ending "-}+}" on one line, which patch(1) refuses.
+    out = tmp_path / "generated"
+    schema = str(SCHEMA / "migblockd.json")
+    assert gen("-o", str(out), schema).returncode == 0
+    crlf = out / "commands" / "del-blocker.arguments.json"
+    crlf.write_bytes(crlf.read_bytes().replace(b"\n", b"\r\n"))
+    result = gen("--check", "-o", str(out), schema)
+    assert result.returncode == 1
+    assert "+++ b/commands/del-blocker.arguments.json" in result.stdout
+
+    assert gen("-o", str(out), schema).returncode == 0
+    cut = out / "commands" / "add-blocker.arguments.json"
+    cut.write_bytes(cut.read_bytes().removesuffix(b"\n"))
+    result = gen("--check", "-o", str(out), schema)
+    assert result.returncode == 1
+    assert result.stdout.endswith("-}\n\\ No newline at end of file\n+}\n"), result.stdout
+    # The diff applies: patch(1) turns the committed file back into the fresh one.
+    patched = subprocess.run(["patch", "-p1", "-d", str(out)], input=result.stdout,
+                             capture_output=True, text=True, check=False)
+    assert patched.returncode == 0, patched.stdout + patched.stderr
+    assert gen("--check", "-o", str(out), schema).returncode == 0
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 

@@ -6,8 +6,9 @@ from the operating system (systemd's ``systemd-analyze``,
 ``systemd-socket-activate`` and its service manager; util-linux's ``unshare``
 and ``nsenter``; iproute2's ``ip``; a real QEMU, ``qemu-system-x86_64``, and its
 ``qemu-img``; ``man`` and ``zsh`` for the man pages and completion scripts;
-util-linux's ``setpriv`` for clients of other uids; the ``sqlite3`` shell; and
-``strace`` for fault injection) are installed with apt-get when missing and we
+util-linux's ``setpriv`` for clients of other uids; the ``sqlite3`` shell;
+``strace`` for fault injection; and ``patch``, which the diffs of stale generated
+files must satisfy) are installed with apt-get when missing and we
 are root;
 otherwise the run stops with a message saying what to install.
 """
@@ -42,6 +43,8 @@ SYSTEM_TOOLS = {
     "sqlite3": "sqlite3",
     # Fault injection: a disk that fails under the daemon, a QEMU that stalls.
     "strace": "strace",
+    # The diffs of stale generated files must apply with patch(1).
+    "patch": "patch",
 }
 
 

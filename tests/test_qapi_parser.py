@@ -45,7 +45,7 @@ KEY_MESSAGES = {
     "bad-duplicate-definition.json": "16:11: 'En' is already defined",
     "bad-member-undocumented.json": "8:42: member 'b' of 'Foo' lacks documentation",
     "bad-documented-member-missing.json": "8:1: documented member 'b' does not exist",
-    "bad-definition-undocumented.json": "1:1: definition of 'En' lacks documentation",
+    "bad-definition-undocumented.json": "1:1: documentation comment required",
     "bad-stray-after-tab.json": "1:17: stray 'Foo'",
     "bad-missing-comma.json": "2:3: expected ',' or '}'",
     "bad-doc-unterminated.json": "3:1: documentation comment must end with '##'",

@@ -137,12 +137,9 @@ class _Builder:
     def _check_shape(self, defn: Definition) -> tuple[str, str]:
         expr = defn.expr
         metas = [k for k in expr if k in _META_KEYS or k in _UNSUPPORTED_METAS]
-        if not metas:
-            raise QAPIError(expr.info, "expression is missing metatype")
-        if len(metas) > 1:
-            raise QAPIError(
-                expr.key_info[metas[1]], f"expression has more than one metatype: {metas[1]}"
-            )
+        if len(metas) != 1:
+            raise QAPIError(expr.info, "expression must have exactly one key 'enum', "
+                            "'struct', 'union', 'alternate', 'command', 'event'")
         meta = metas[0]
         if meta in _UNSUPPORTED_METAS:
             raise QAPIError(expr.key_info[meta],
@@ -160,7 +157,9 @@ class _Builder:
             raise QAPIError(expr.info, f"{what} misses key '{missing[0]}'")
         check_definition_name(meta, name, expr.value_info[meta],
                               self.parsed.pragmas.command_name_exceptions)
-        if name in self.defined or name in BUILTIN_JSON_TYPES:
+        if name in BUILTIN_JSON_TYPES:
+            raise QAPIError(expr.value_info[meta], f"built-in type '{name}' is already defined")
+        if name in self.defined:
             raise QAPIError(expr.value_info[meta], f"'{name}' is already defined")
         self.defined[name] = (meta, expr.info)
         self._check_doc_symbol(defn, name)
@@ -169,12 +168,9 @@ class _Builder:
     @staticmethod
     def _check_doc_symbol(defn: Definition, name: str) -> None:
         if defn.doc is None:
-            raise QAPIError(defn.info, f"definition of '{name}' lacks documentation")
+            raise QAPIError(defn.info, "documentation comment required")
         if defn.doc.symbol != name:
-            raise QAPIError(
-                defn.info,
-                f"definition of '{name}' follows documentation for '{defn.doc.symbol}'",
-            )
+            raise QAPIError(defn.info, f"documentation comment is for '{defn.doc.symbol}'")
 
     # --- pass 2 ----------------------------------------------------------
 

@@ -107,7 +107,11 @@ class _DocBuilder:
                 raise QAPIError(info, "name required after '@'")
             return
         if doc.symbol is None:
-            # Free-form prose: keep it (headings etc.), but it documents nothing.
+            # Free-form prose: keep it (headings etc.), but it documents nothing,
+            # so a member's line here is a mistake, as QEMU's parser says.
+            if at := _ARG_RE.match(line):
+                raise QAPIError(
+                    info, f"'@{at.group(1)}:' not allowed in free-form documentation")
             self.body.append(line)
             return
         arg = _ARG_RE.match(line)

@@ -1,6 +1,7 @@
 """What the daemon needs of a ``--schema`` beyond QEMU's rules.
 
-``migblockd-qapi-gen`` takes any schema QEMU's generator would.  The daemon
+``migblockd-qapi-gen`` takes any schema of its QAPI subset (docs/schema.md) that
+QEMU's generator would take too, whatever its commands.  The daemon
 serves only one that has an enum ``MigMode`` holding ``normal`` (the mode a
 migration is in until ``migrate-set-parameters`` changes it, QEMU's default)
 and whose commands are all ones it has a handler for

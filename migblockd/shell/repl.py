@@ -20,6 +20,7 @@ from migblockd.shell.completion import ShellCompleter
 from migblockd.shell.connection import Connection, describe_greeting
 from migblockd.shell.history import SessionFallbackHistory, not_saved
 from migblockd.shell.interrupt import Interrupts
+from migblockd.shell.literal import scan_brackets
 from migblockd.shell.render import Renderer, visible
 from migblockd.shell.runner import Runner
 
@@ -56,28 +57,10 @@ def entered_commands(text: str) -> list[str]:
 
 def _closing_line(lines: list[str], first: int) -> int:
     """The line where the JSON object opening ``lines[first]`` closes, or ``first``
-    when it never does.  Braces and brackets inside JSON strings do not count."""
-    depth = 0
-    in_string = escaped = False
-    for index in range(first, len(lines)):
-        for c in lines[index]:
-            if in_string:
-                if escaped:
-                    escaped = False
-                elif c == "\\":
-                    escaped = True
-                elif c == '"':
-                    in_string = False
-            elif c == '"':
-                in_string = True
-            elif c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return index
-        in_string = escaped = False  # JSON strings do not span lines
-    return first
+    when it never does."""
+    text = "\n".join(lines[first:])
+    end, closed = scan_brackets(text, text.index("{"))
+    return first + text.count("\n", 0, end) if closed else first
 
 
 def _parses(text: str) -> bool:

@@ -31,12 +31,13 @@ Dotted keys build nested objects: ``a.b=1 a.c=2 d=3`` gives
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from migblockd.shell.literal import NotLiteral, python_literal, scan_brackets
 
 #: What separates words: ASCII blanks, as a POSIX shell splits (a no-break space
 #: inside a reason is part of it).
@@ -139,101 +140,6 @@ def loads(text: str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-class _NotLiteral(ValueError):
-    """Python syntax, but no literal value."""
-
-
-_FUZZY_NAMES: dict[str, Any] = {"true": True, "false": False, "null": None}
-
-
-def _python_value(node: ast.expr, source: str) -> Any:
-    """The JSON value of a Python literal's syntax tree, as qmp-shell reads a value
-    that is not JSON (its FuzzyJSON: ``true``, ``false`` and ``null`` are names for
-    ``True``, ``False`` and ``None``).  Raises :class:`_NotLiteral` for what is no
-    literal (a bare word: ``[normal]``), ValueError for a literal that JSON cannot
-    say as typed (a key given twice, a set)."""
-    if isinstance(node, ast.Constant):
-        value = node.value
-        if value is None or isinstance(value, (bool, int, str)):
-            return value
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                raise ValueError(f"number {_typed(node, source)} is out of range")
-            return value
-        raise ValueError(f"{_typed(node, source)} is not a JSON value")
-    if isinstance(node, ast.Name) and node.id in _FUZZY_NAMES:
-        return _FUZZY_NAMES[node.id]
-    if (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
-            and isinstance(node.operand, ast.Constant)
-            and type(node.operand.value) in (int, float)):
-        number = _python_value(node.operand, source)
-        return -number if isinstance(node.op, ast.USub) else number
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_python_value(item, source) for item in node.elts]
-    if isinstance(node, ast.Dict):
-        found: dict[str, Any] = {}
-        for key_node, item in zip(node.keys, node.values, strict=True):
-            if key_node is None:
-                raise _NotLiteral  # {**x}
-            key = _python_value(key_node, source)
-            if not isinstance(key, str):
-                raise ValueError(f"key {_typed(key_node, source)} is not a string")
-            if key in found:
-                raise ValueError(f"duplicate key '{key}'")
-            found[key] = _python_value(item, source)
-        return found
-    if isinstance(node, ast.Set):
-        raise ValueError(f"{_typed(node, source)} is a set, not a JSON value")
-    raise _NotLiteral
-
-
-def _typed(node: ast.expr, source: str) -> str:
-    """``node`` as it was typed."""
-    return ast.get_source_segment(source, node) or ast.unparse(node)
-
-
-def _python_literal(text: str) -> Any:
-    """``text`` as a Python literal (:func:`_python_value`); raises _NotLiteral
-    when it is none, ValueError when JSON cannot say it."""
-    try:
-        tree = ast.parse(text, mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        raise _NotLiteral from None
-    try:
-        return _python_value(tree.body, text)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
-def _scan_json_chunk(line: str, pos: int) -> tuple[int, bool]:
-    """Scan a bracketed JSON chunk starting at ``line[pos]`` (``{`` or ``[``).
-
-    Returns the offset just after the matching bracket and whether it was closed.
-    Brackets inside strings are skipped: JSON's, and the ``'...'`` of a Python
-    literal (a ``'`` outside a string is no JSON either).
-    """
-    depth = 0
-    quote: str | None = None
-    i = pos
-    while i < len(line):
-        c = line[i]
-        if quote is not None:
-            if c == "\\":
-                i += 1
-            elif c == quote:
-                quote = None
-        elif c in "\"'":
-            quote = c
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1, True
-        i += 1
-    return len(line), False
-
-
 def tokenize(line: str, *, partial: bool = False) -> list[Word]:
     """Split ``line`` into words.
 
@@ -297,7 +203,7 @@ def tokenize(line: str, *, partial: bool = False) -> list[Word]:
                     pos += 2
                 word.quoted = True
             elif c in "{[" and word.key is not None and not buf and not word.quoted:
-                end, closed = _scan_json_chunk(line, pos)
+                end, closed = scan_brackets(line, pos)
                 if not closed:
                     if not partial:
                         raise ParseError(
@@ -336,8 +242,8 @@ def convert_value(word: Word, hint: ValueHint = None) -> Any:
         except ValueError as err:  # JSON, that cannot be sent as typed
             raise ParseError(f"'{word.key}': {what} {_shown(text)}: {err}") from None
         try:
-            return _python_literal(text)
-        except _NotLiteral:
+            return python_literal(text)
+        except NotLiteral:
             pass
         except ValueError as err:
             # Python's syntax, so not meant as JSON: the reason is Python's.

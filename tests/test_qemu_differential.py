@@ -317,6 +317,30 @@ def test_a_request_after_a_lexical_error_runs(module_qemu: Qemu, module_daemon: 
     same_outcome(module_qemu, module_daemon, [data[i : i + 1] for i in range(len(data))])
 
 
+_PRETTY = json.dumps({"execute": "query-version", "arguments": {
+    "capabilities": [{"capability": "events", "state": False}]}, "id": 1}, indent=2).encode()
+#: A pretty-printed request with one fault its parser finds: QEMU's parser sees the
+#: message once its brackets balance, and answers it once.
+PRETTY = [
+    _PRETTY.replace(b'"events",', b'"events"'),
+    _PRETTY.replace(b'"capability":', b'"capability"'),
+    _PRETTY.replace(b"    ]\n", b"    ],\n"),
+    _PRETTY.replace(b'"state": false', b'"state": false nope'),
+    _PRETTY.replace(b"\n    ]", b"\n    }"),
+    _PRETTY.replace(b"      }", b'      }\n      {"capability": "x"}'),
+]
+
+
+@pytest.mark.parametrize("data", PRETTY, ids=range(len(PRETTY)))
+def test_a_pretty_printed_bad_request_gets_one_error(module_qemu: Qemu,
+                                                     module_daemon: DaemonProcess,
+                                                     data: bytes) -> None:
+    data += b"\n"
+    same_answers(module_qemu, module_daemon, data)
+    pieces = [data[i : i + 1] for i in range(len(data))]
+    assert answers(module_daemon.socket, pieces) == answers(module_qemu.test_socket, data)
+
+
 # -- a seeded generator of hostile requests -----------------------------------------
 # Requests made from the envelope's members, with values and bytes QEMU's lexer and
 # parser refuse or take oddly, glued two to a write or split at odd offsets, sent

@@ -516,7 +516,7 @@ LINE_START_REQUEST = [
     (b'{"execute": "query-version",\n', "key is not a string in object"),
     (b'{"execute": "query-version"\n', "expected separator in dict"),
     (b"[1, 2\n", "expected separator in list"),
-    (b'{"execute": "query-version", "arguments": {"a": [1\n  ', "expected separator in list"),
+    (b'{"execute": "query-version", "arguments": {"a": [1\n', "expected separator in list"),
 ]
 
 
@@ -533,6 +533,54 @@ def test_a_request_that_begins_a_line_runs_after_an_unfinished_message(
     for cut in range(1, len(data)):
         assert decode(data[:cut], data[cut:]) == expected, cut
     assert decode(*[data[i : i + 1] for i in range(len(data))]) == expected
+
+
+PRETTY = json.dumps({"execute": "migrate-set-capabilities", "arguments": {
+    "capabilities": [{"capability": "events", "state": False}]}, "id": 1}, indent=2).encode()
+#: One fault each in a pretty-printed request, and QEMU 7.2's one error for it:
+#: its parser sees the message whole once its brackets balance.
+PRETTY_FAULTS = [
+    (PRETTY.replace(b'"events",', b'"events"'), "expected separator in dict"),
+    (PRETTY.replace(b'"capability":', b'"capability"'), "missing : in object pair"),
+    (PRETTY.replace(b"    ]\n", b"    ],\n"), "expecting value"),
+    (PRETTY.replace(b'"state": false', b'"state": false nope'), "expected separator in dict"),
+    (PRETTY.replace(b"\n    ]", b"\n    }"), "expected separator in list"),
+    (PRETTY.replace(b"      }", b'      }\n      {"capability": "x"}'),
+     "expected separator in list"),
+    (PRETTY.replace(b'"execute"', b"'execute'"), "single-quoted strings are not supported"),
+    (PRETTY.replace(b'"state": false', b'"state": ' + b"[" * 64 + b"\n"),
+     "JSON nesting depth limit exceeded"),
+]
+
+
+@pytest.mark.parametrize("bad,reason", PRETTY_FAULTS, ids=[r for _, r in PRETTY_FAULTS])
+def test_a_pretty_printed_bad_request_gets_one_error(bad: bytes, reason: str) -> None:
+    # Its lines after the one with the error are skipped with it, up to its last
+    # bracket, not answered each as garbage (a client that matches replies to
+    # requests in order would misread every later reply), however split.
+    data = bad + b"\n" + CMD
+    prefix = "" if reason.startswith("JSON nesting") else "JSON parse error, "
+    expected = [ParseError(prefix + reason), CMD_VALUE]
+    assert decode(data) == expected
+    for cut in range(1, len(data)):
+        assert decode(data[:cut], data[cut:]) == expected, cut
+    assert decode(*[data[i : i + 1] for i in range(len(data))]) == expected
+
+
+def test_an_indented_brace_after_an_error_is_part_of_the_bad_message() -> None:
+    # A pretty-printed request indents its inner lines: "{" there goes on with
+    # it (the "," before it lost), and only a "{" at a line's start, where a
+    # line-based client's next request begins, ends the skipping.
+    bad = b'{"execute": "query-version", "arguments": {"a": [1\n  ' + CMD + b"\n"
+    later = CMD.replace(b"1}", b"2}")
+    assert decode(bad + later) == [ParseError("JSON parse error, expected separator in list"),
+                                   {"execute": "query-blockers", "id": 2}]
+
+
+def test_a_reset_byte_ends_the_skipping_of_a_bad_request_s_lines() -> None:
+    bad = PRETTY.replace(b'"events",', b'"events"').split(b"      }")[0]
+    assert decode(bad + b"     \x04" + CMD) == [
+        ParseError("JSON parse error, expected separator in dict"), CMD_VALUE]
 
 
 def test_a_brace_where_a_value_may_begin_continues_the_message() -> None:

@@ -31,6 +31,7 @@ STRUCTURE = re.compile(
     rb"(?:[^\"{}\[\]'" + RESET_CLASS + rb']++|"' + STRING_CHARS + rb'")*+'
 )
 STRING_BODY = re.compile(STRING_CHARS)
+_WHOLE_STRING = re.compile(rb'"' + STRING_CHARS + rb'"')
 
 
 def _nested(depth: int) -> bytes:
@@ -98,6 +99,13 @@ def open_brackets(stack: bytearray | bytes) -> Open:
     """The counts of a scan's stack of expected closers (``}`` or ``]`` each)."""
     braces = stack.count(0x7D)
     return braces, len(stack) - braces
+
+
+def brackets_open(text: bytes) -> Open:
+    """The counts of brackets open at the end of ``text``, a valid beginning of
+    a JSON value (its strings whole)."""
+    flat = _WHOLE_STRING.sub(b"", text)
+    return flat.count(b"{") - flat.count(b"}"), flat.count(b"[") - flat.count(b"]")
 
 
 def counted(counts: Open, bracket: int) -> Open:

@@ -15,16 +15,22 @@ in QEMU's wording.  Then the decoder resynchronises:
   only its content is wrong), its end is known, and decoding simply goes on
   after it, so ``{bad}{good}`` with no newline still runs ``good``.
 * When a message's structure is lost (a mismatched closing bracket, a limit
-  overrun, a single quote), the rest of that message is skipped, its brackets
-  counted as QEMU's streamer counts them (``json-streamer.c``: braces and
-  square brackets apart, see :func:`~migblockd.qmp.patterns.message_over`),
-  and decoding goes on after its last one.
+  overrun, a single quote), or its complete lines hold an error of QEMU's
+  parser (below), the rest of that message is skipped, its brackets counted
+  as QEMU's streamer counts them (``json-streamer.c``: braces and square
+  brackets apart, see :func:`~migblockd.qmp.patterns.message_over`), and
+  decoding goes on after its last one.  Its lines go with it: a
+  pretty-printed request gets one error, as in QEMU, whose parser sees a
+  message whole once its brackets balance.  Only a line that begins with a
+  "{", no blank before it, ends the skipping sooner: a line-based client's
+  next request begins there (a pretty-printed request indents its inner
+  lines).
 * Garbage at the top level (a stray closing bracket, a comma, a bad keyword or
   number) is skipped up to where a request can begin: the next ``{`` outside
   a string (QEMU's lexer reads a string there).  If the
   message that ``{`` begins runs on past a line feed, the ``{`` was garbage
   too, and decoding resumes after the line feed.
-* Either way, a line feed or a *reset byte* ends the skipping: an ASCII
+* A line feed ends the skipping of garbage, and a *reset byte* ends any: an ASCII
   control character other than ``\\t``, ``\\r``, ``\\n``, or one of the bytes
   ``0xFE``/``0xFF`` that cannot occur in UTF-8.  The QMP spec
   (``docs/interop/qmp-spec.rst``) documents sending such a byte as the way for
@@ -33,10 +39,7 @@ in QEMU's wording.  Then the decoder resynchronises:
   the rest of a message that a reset byte broke is not a second message.
 
 * A message whose brackets never balance would swallow every request after
-  it, so the first 4 KiB of an unfinished message are parsed at each line
-  feed, with the ``{`` that begins the next line: an error found there is
-  reported at once, and decoding resumes at that ``{`` when the error is
-  there (a line-based client's next request), else after the line feed.
+  it: :mod:`migblockd.qmp.lines` checks its lines as they arrive.
 
 None of this waits for a line feed: ``qemu.qmp`` never sends one, and QEMU
 answers its next request after any bad one.  Decoding resumes where QEMU's
@@ -48,12 +51,10 @@ from __future__ import annotations
 from typing import Final
 
 from migblockd.qmp.characters import RAW
-from migblockd.qmp.lexer import lexical_error, lexical_failure_bytes, lexical_progress, stray
+from migblockd.qmp.lexer import lexical_failure_bytes, lexical_progress
 from migblockd.qmp.patterns import (
     BACKSLASH,
-    BLANKS,
     BLANKS_AND_RESETS,
-    CONTROL,
     LF,
     QUOTE,
     RECOVERY_END,
@@ -64,16 +65,12 @@ from migblockd.qmp.patterns import (
     match_end,
     message_over,
 )
-from migblockd.qmp.wording import ParseError, prefix_error
+from migblockd.qmp.wording import ParseError
 
 # The decoder's modes: scanning a message (or waiting for one), or skipping
 # what is left of a bad one.  The scan and this module both switch between them.
-IDLE, STRUCT, SCALAR_MODE, SKIP, AFTER_RESET, SKIP_TOP, SKIP_REST = range(7)
-SKIPPING: Final = frozenset({SKIP, AFTER_RESET, SKIP_TOP, SKIP_REST})
-
-_LINE_CHECK_WINDOW: Final = 4096
-#: :meth:`Resync._lines_verdict`: nothing found, go on as planned.
-SOUND: Final = object()
+IDLE, STRUCT, SCALAR_MODE, SKIP, AFTER_RESET, SKIP_TOP, SKIP_REST, SKIP_LINE = range(8)
+SKIPPING: Final = frozenset({SKIP, AFTER_RESET, SKIP_TOP, SKIP_REST, SKIP_LINE})
 
 
 class Resync:
@@ -105,7 +102,8 @@ class Resync:
         """A message broken with ``counts`` brackets open (in a string, if
         ``in_string``): skip from ``pos`` to its end, counting brackets as QEMU's
         streamer does, so that a client that sends no line feeds (``qemu.qmp``)
-        is not cut off."""
+        is not cut off, nor one that sends its requests pretty-printed
+        (:meth:`_next_line`)."""
         self._skip_from(pos)
         if message_over(counts) and not in_string:
             self._mode = IDLE  # its last bracket was the bad one: it is over
@@ -115,6 +113,31 @@ class Resync:
         self._skip_open = counts
         self._in_string = in_string
 
+    def _next_line(self, buf: bytearray, n: int) -> bool:
+        """SKIP_LINE: a line of a bad message skipped across lines ended; False if
+        the input ends first.
+
+        A "{" that begins the next line, blanks before it none, is where a
+        line-based client's next request begins, and decoding resumes there;
+        anything else is more of the bad message, up to its last bracket.  A
+        pretty-printed request indents its inner lines, so its lines after an
+        error are skipped with it, and it gets one error, as in QEMU, whose
+        parser sees a message only once its brackets balance."""
+        p = self._scan
+        if p >= n:
+            return False
+        c = buf[p]
+        if c == 0x7B:
+            self._skip_from(p)
+            self._mode = IDLE
+        elif c == LF:
+            self._scan = p + 1
+        elif c in RESET_BYTES:
+            self._resync_at(buf, p)
+        else:
+            self._mode = SKIP_REST
+        return True
+
     def _resync_at(self, buf: bytearray, i: int) -> None:
         """Decoding resumes at ``buf[i]``: after a line feed, at a reset byte (a run
         of them is one bad message), or at a "{" found in garbage (tentatively:
@@ -122,6 +145,7 @@ class Resync:
         c = buf[i]
         self._in_string = False
         self._recovering = False
+
         self._tentative = c == 0x7B
         self._mode = AFTER_RESET if c in RESET_BYTES else IDLE
         self._start = self._scan = i + 1 if c == LF else i
@@ -172,6 +196,7 @@ class Resync:
                 if m is None:
                     return n
                 self._recovering = False
+
                 pos = m.start()
             m = RESYNC_TOP_QUOTE_OR_RESET.search(buf, pos)
             if m is None:
@@ -253,151 +278,3 @@ class Resync:
         self._stack.clear()
         self._in_string = False
         self._recovering = False
-    def _lines_verdict(self, buf: bytearray, end: int) -> object:
-        """Before reporting an error at ``end`` (or waiting for more input): None if
-        the message was garbage and is skipped (go on), its lines' own error if
-        they hold an earlier one, else :data:`SOUND`.  Every path runs this, so
-        the outcome does not depend on how the input was split."""
-        if self._garbage_line(buf, end):
-            return None
-        error = self._check_lines(buf, end)
-        return SOUND if error is None else error
-
-    def _garbage_line(self, buf: bytearray, end: int) -> bool:
-        """Skip the message if a "{" found in garbage began it (see SKIP_TOP) and it
-        runs on past a line feed before ``end``: that "{" was garbage too, and a
-        line-based client's next request follows the line feed.  Without line
-        feeds nothing changes.  Applied wherever the message's lines are checked,
-        so that the outcome does not depend on how the input was split."""
-        if not self._tentative:
-            return False
-        lf = buf.find(b"\n", self._start, end)
-        if lf < 0:
-            return False
-        self._skip_from(lf)
-        return True
-
-    def _check_lines(self, buf: bytearray, end: int) -> ParseError | None:
-        """Catch a syntax error in the complete lines of a message.
-
-        The regex scan only tracks brackets, so ``{"execute": "x" garbage``
-        followed by a newline and the next request would otherwise wait for a
-        closing brace that never comes, swallowing every request after it.
-        So whenever a message spans a line feed, what it holds up to the last
-        one is parsed: an error inside (not at the end, where input merely ran
-        out) is reported at once, and decoding resynchronises at the line feed
-        after it.  The same rule applies when the message turns out bad in
-        other ways, so the outcome does not depend on how input was split.
-
-        A "{" that begins the line after the last line feed is checked with
-        them: where the message cannot go on with it, that "{" is a line-based
-        client's next request, and decoding resumes there rather than after
-        its line (``[1, 2`` then a request on the next line: one error, and
-        the request runs, however the input was split).
-
-        Only the first ``_LINE_CHECK_WINDOW`` bytes of a message are checked
-        this way: requests are short, and a peer trickling a huge multi-line
-        message cannot make the checks cost more than that per line.
-        """
-        start = self._start
-        window = min(end, start + _LINE_CHECK_WINDOW)
-        stop = lf = buf.rfind(b"\n", max(start, self._checked), window)
-        if lf >= 0:
-            brace = match_end(BLANKS, buf, lf + 1, window)
-            if brace < window and buf[brace] == 0x7B:
-                stop = brace + 1
-        if stop <= self._checked:
-            return None
-        checked, self._checked = self._checked, stop
-        found = prefix_error(buf, start, stop)
-        if found is None:
-            return None  # a valid beginning, to be continued
-        if (lexed := self._lexed_before_lines(buf, checked, lf)) is not None:
-            return lexed
-        desc, skip = found
-        if skip < stop and buf[skip] == 0x7B and self._begins_line(buf, skip):
-            self._skip_from(skip)
-            self._mode = IDLE  # not skipping after all: a request begins here
-        else:
-            self._skip_from(min(skip, lf))
-        return ParseError(desc)
-
-    def _lexed_before(self, buf: bytearray, end: int) -> ParseError | None:
-        """The error of QEMU's lexer, as :meth:`_lexer_failed`, if it fails before
-        ``end`` (not at a number ``end`` cuts short): the input up to there came
-        before, and a message begun in garbage, whose lexing waits
-        (:meth:`_lexer_failed_so_far`), excepted."""
-        if self._tentative:
-            return None
-        found = lexical_failure_bytes(bytes(buf[self._start : end]))
-        return None if found is None else self._lexer_failed(buf, self._start,
-                                                             self._start + found[1])
-
-    def _lexed_before_lines(self, buf: bytearray, checked: int, lf: int) -> ParseError | None:
-        """The error of QEMU's lexer, as :meth:`_lexer_failed`, when it fails in the
-        message's lines before the line feed at ``lf`` and no line before the byte
-        it fails at holds an error (``checked``: where the lines were checked to
-        before).  Input that came a byte at a time met that byte before the line
-        feed, and the lexer's error was answered then, decoding going on after it
-        as in QEMU: judging the lines first instead skipped a request glued after
-        the error (``{`` and a byte that is not ASCII, then a request and a line
-        feed) when the line came in one read."""
-        start = self._start
-        found = lexical_failure_bytes(bytes(buf[start:lf]))
-        if found is None:
-            return None
-        fail = start + found[1] - 1  # the byte it fails at (that cut a number short)
-        if fail >= lf:
-            return None
-        # A line feed that cuts a number short came before the lexer read it.
-        before = buf.rfind(b"\n", max(start, checked), fail + 1)
-        if before >= 0:
-            stop = before
-            if before < fail:
-                brace = match_end(BLANKS, buf, before + 1, fail)
-                stop = brace + 1 if brace < fail and buf[brace] == 0x7B else before
-            if prefix_error(buf, start, stop) is not None:
-                return None  # a line before it was answered first
-        return self._lexer_failed(buf, start, fail + 1)
-
-    def _begins_line(self, buf: bytearray, pos: int) -> bool:
-        """``buf[pos]`` is the first byte but blanks of a line inside the message."""
-        lf = buf.rfind(b"\n", self._start, pos)
-        return lf >= 0 and match_end(BLANKS, buf, lf + 1, pos) == pos
-
-    def _bad_byte(self, buf: bytearray, p: int, token: int = -1) -> object:
-        """A control character (or 0xFE/0xFF) where JSON allows none: the message is
-        lost.  ``token``: where the string it is in began; QEMU's lexer names the
-        token so far (``stray '"tab\t'``).  None: it was garbage, skipped."""
-        if (verdict := self._lines_verdict(buf, p)) is not SOUND:
-            return verdict
-        # QEMU's lexer fails at the first token it cannot read, which may come
-        # before this one (its parser, which the scan stands in for, never ran).
-        # Before the quote or the byte: it failed as that came, and reads on from
-        # there, as when the input comes a byte at a time (``[+{...}`` then 0xFF:
-        # the request in between runs).
-        if (lexed := self._lexed_before(buf, token if token >= 0 else p)) is not None:
-            return lexed
-        # With the quote or the byte itself: a number before it is cut short there.
-        earlier = lexical_error(bytes(buf[self._start : (token if token >= 0 else p) + 1]))
-        if token < 0:
-            # Skipping starts at the byte itself: a reset byte is its own
-            # resynchronisation point.
-            self._skip_from(p)
-            return ParseError(earlier or stray(bytes(buf[p : p + 1])))
-        # QEMU's lexer fails at the string's first control character: a \t or
-        # \r, which the scan lets by, may come before the byte it stopped at.
-        first = CONTROL.search(buf, token, p)
-        end = first.start() if first else p
-        error = ParseError(earlier or stray(bytes(buf[token : end + 1])))
-        self._skip_from(p)
-        if buf[p] == LF:
-            # The line feed broke a string, not the message: unless a request
-            # begins the next line, what follows is the rest of it (the string's
-            # end, "}") up to where a request can begin, as QEMU's lexer skips it.
-            # Read as a new string, it would swallow a request glued after it
-            # (qemu.qmp sends no line feeds).  As after a reset byte.
-            self._mode = AFTER_RESET
-            self._recovering = True  # from QEMU's lexer's error at the line feed
-            self._start = self._scan = p + 1
-        return error  # else a reset byte: its own resynchronisation point

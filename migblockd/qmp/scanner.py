@@ -13,7 +13,8 @@ deeper than ``max_nesting`` (never a ``RecursionError``).
 
 The scan is apart from the decoder's interface (:mod:`migblockd.qmp.framing`:
 buffering, lookahead, end of input) and from the recovery after a bad message
-(:mod:`migblockd.qmp.resync`), which it calls on its error paths.
+(:mod:`migblockd.qmp.resync`, and :mod:`migblockd.qmp.lines` for the lines of
+one that is unfinished), which it calls on its error paths.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from migblockd.qmp.lexer import (
     stray,
 )
 from migblockd.qmp.limits import count_tokens
+from migblockd.qmp.lines import SOUND, LineCheck
 from migblockd.qmp.patterns import (
     APOSTROPHE,
     BACKSLASH,
@@ -57,11 +59,10 @@ from migblockd.qmp.resync import (
     IDLE,
     SCALAR_MODE,
     SKIP,
+    SKIP_LINE,
     SKIP_REST,
     SKIP_TOP,
-    SOUND,
     STRUCT,
-    Resync,
 )
 from migblockd.qmp.wording import (
     NESTING_EXCEEDED,
@@ -85,7 +86,7 @@ class _NeedData:
 NEED_DATA: Final = _NeedData()
 
 
-class Scanner(Resync):
+class Scanner(LineCheck):
     """:class:`~migblockd.qmp.framing.StreamDecoder`'s scan, mode by mode.
 
     The state it works on is set by ``StreamDecoder.__init__``.
@@ -235,8 +236,14 @@ class Scanner(Resync):
                 if stop == MESSAGE_END:
                     self._mode = IDLE
                     self._start = self._scan
+                elif buf[self._scan] == LF:
+                    self._mode = SKIP_LINE
+                    self._scan += 1
                 else:
                     self._resync_at(buf, self._scan)
+            elif mode == SKIP_LINE:
+                if not self._next_line(buf, n):
+                    return NEED_DATA
             else:  # AFTER_RESET (or a line feed that broke a string)
                 # A run of reset bytes is one bad message, however it was split
                 # across reads, so swallow the rest of the run.  What follows

@@ -335,15 +335,25 @@ def _first_not_a_character(text: str, end: int) -> int:
     return high
 
 
-def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
-    """The error in ``buf[start:lf]``, the complete lines of an unfinished message
-    (and the "{" that begins the next, if any).
+@dataclass(frozen=True, slots=True)
+class LineError:
+    """What :func:`prefix_error` found in an unfinished message's lines."""
 
-    None when those lines are a valid beginning of a JSON value; else QEMU's
-    desc and the offset in ``buf`` from which the rest of the message is
-    skipped (where the error was found, or the line feed of the first line a
-    line-by-line check would have refused).
-    """
+    desc: str  #: QEMU's words
+    #: The offset in the buffer from which the rest of the message is skipped:
+    #: where the error was found, or the line feed of the first line a
+    #: line-by-line check would have refused.
+    skip: int
+    #: The error is QEMU's lexer's: its streamer forgets the message there and
+    #: reads what follows as new input.  Else its parser's, which sees the
+    #: message whole once its brackets balance.
+    lexical: bool
+
+
+def prefix_error(buf: bytearray, start: int, lf: int) -> LineError | None:
+    """The error in ``buf[start:lf]``, the complete lines of an unfinished message
+    (and the "{" that begins the next, if any); None when those lines are a
+    valid beginning of a JSON value."""
     text = buf[start:lf].decode("utf-8", RAW)
     try:
         DECODER.raw_decode(apostrophes(text, SAME_LENGTH))
@@ -364,9 +374,10 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
             line_end = text.find("\n", exc.pos)
             scope = (text[: line_end + 1] if line_end >= 0
                      else text + "\n" if buf[lf : lf + 1] == b"\n" else text)
-        desc = first_lexical_error(scope) or PARSE_ERROR_PREFIX + _qemu_reason(
-            exc.msg, text, exc.pos)
-        return desc, start + len(text[: exc.pos].encode("utf-8", RAW))
+        lexical = first_lexical_error(scope)
+        desc = lexical or PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
+        return LineError(desc, start + len(text[: exc.pos].encode("utf-8", RAW)),
+                         lexical is not None)
     except (Reject, ValueError, RecursionError):
         pass
     else:  # pragma: no cover - a complete value would have ended the scan
@@ -392,4 +403,5 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> tuple[str, int] | None:
         else:
             hi = mid
     skip = feeds[lo] if lo < len(feeds) else lf
-    return desc_or_none or PARSE_ERROR_PREFIX + "expecting value", skip
+    return LineError(desc_or_none or PARSE_ERROR_PREFIX + "expecting value", skip,
+                     desc_or_none is not None and desc_or_none == first_lexical_error(text))

@@ -136,6 +136,11 @@ class _FileParser:
                 self.tok = _Token("b", False, self._info_at(pos))
                 return
             elif ch == "\n":
+                if self.cursor == len(src):
+                    # The end of input is the last newline, on the last line, as
+                    # in QEMU's parser.py: an error there names no line past it.
+                    self.tok = _Token("", None, self._info_at(pos))
+                    return
                 self.line += 1
                 self.line_pos = self.cursor
             elif not ch.isspace():

@@ -93,7 +93,7 @@ async def run(config: Config, cli: dict[str, Any], *,
             only_migratable=config.only_migratable,
             migration_time=config.migration_time,
         )
-        store = open_state(config, registry)
+        store = open_state(config, registry, sources)
         if (name := stop_asked()) is not None:
             # Not sooner: the restore is not cut short (it may be migrating an
             # older database forward), and the log says what it found.
@@ -119,8 +119,10 @@ def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE) -> Claim:
     return claim
 
 
-def open_state(config: Config, registry: Registry) -> Store | None:
-    """The state directory, locked, with what it holds restored into ``registry``."""
+def open_state(config: Config, registry: Registry,
+               sources: Sources = COMMAND_LINE) -> Store | None:
+    """The state directory, locked, with what it holds restored into ``registry``.
+    ``sources``: where the settings came from, which the errors name."""
     if config.ephemeral:
         log.info("state: ephemeral: blockers live in memory only, a restart forgets them")
         try:
@@ -138,7 +140,7 @@ def open_state(config: Config, registry: Registry) -> Store | None:
         store = Store.open(config.state_dir,
                            restore=lambda snapshot: restore(registry, snapshot))
     except StateError as exc:
-        raise StartupError(str(exc)) from None
+        raise StartupError(exc.naming(sources.choice("state_dir"))) from None
     count = len(registry)
     log.info("restored %d %s from %s", count, "blocker" if count == 1 else "blockers",
              store.path)

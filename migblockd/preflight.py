@@ -179,7 +179,9 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
         if key is not None:
             try:
                 check()
-            except (StartupError, StateError) as exc:
+            except StateError as exc:
+                found.append((key, exc.naming(sources.choice("state_dir"))))
+            except StartupError as exc:
                 found.append((key, str(exc)))
             except OSError as exc:  # a directory on the way this user may not search
                 found.append((key, f"cannot examine {exc.filename or key}: "

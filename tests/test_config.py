@@ -693,6 +693,23 @@ def test_a_qemu_from_the_file_that_is_the_daemons_own_socket_is_named_as_the_fil
                   "the QMP monitor of the QEMU to gate (its -qmp)")
 
 
+def test_a_state_dir_from_the_file_is_named_as_the_files(tmp_path: Path) -> None:
+    # Reproduced first: both said "or choose another --state-dir", an option
+    # nobody had given.
+    state, path = tmp_path / "state", tmp_path / "m.toml"
+    state.write_text("")
+    path.write_text(f'state-dir = "{state}"\n')
+    path.chmod(0o600)
+    refused_alike(["--config", str(path), "--socket", str(tmp_path / "s.sock")],
+                  f"state directory {state} is not a directory; move it away, or choose "
+                  f"another state-dir in {path}")
+    # Given on the command line, it is the option that is named.
+    refused_alike(["--config", str(path), "--socket", str(tmp_path / "s.sock"),
+                   "--state-dir", str(state)],
+                  f"state directory {state} is not a directory; move it away, or choose "
+                  "another --state-dir")
+
+
 def test_check_config_refuses_metrics_at_the_qmp_socket_through_a_symlink(
         tmp_path: Path) -> None:
     # Reproduced first: --check-config said "valid", and the start took its own

@@ -12,6 +12,7 @@ import pwd
 import sqlite3
 import stat
 from pathlib import Path
+from typing import Final
 
 from migblockd.trust import named_uid
 
@@ -34,6 +35,10 @@ _FULL, _CANTOPEN, _NOTADB, _AUTH = 13, 14, 26, 23
 _ERROR, _CONSTRAINT = 1, 19
 
 
+#: How this package's messages name the setting that chose the directory.
+STATE_DIR_OPTION: Final = "--state-dir"
+
+
 class StateError(Exception):
     """The state directory or database cannot be used; ``str()`` is one line
     naming the file and what to do about it.
@@ -46,6 +51,12 @@ class StateError(Exception):
     def __init__(self, message: str, remedy: str | None = None) -> None:
         super().__init__(message)
         self.remedy = remedy
+
+    def naming(self, choice: str) -> str:
+        """``str()``, the setting to change named as ``choice`` (``state-dir in
+        FILE`` when the ``--config`` file set it: see ``Sources.choice``).  This
+        layer knows the directory, not where it was given."""
+        return str(self).replace(STATE_DIR_OPTION, choice)
 
 
 class Unsettled(StateError):

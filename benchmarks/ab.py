@@ -9,9 +9,11 @@ spends per request moves less, and its best over several runs less still.  So
 this runs the load generator against the daemon of checkout A, then B, then B,
 then A..., each time a fresh daemon (``python -m migblockd`` started in that
 directory, so that its own code runs; durable in a new state directory unless
-``--ephemeral``), and reads the daemon's user + system CPU from /proc before
-and after.  It prints every run and, per side, the best and the median CPU per
-request and rate; the best is the figure to compare.
+``--ephemeral``), and has the load generator read the daemon's user + system
+CPU from /proc over its measurement window (``--server-pid``), the window its
+requests are counted in: not the connections' set-up, nor the requests still
+in flight when it closes.  It prints every run and, per side, the best and the
+median CPU per request and rate; the best is the figure to compare.
 
 Pinned like the main benchmark: the daemon on one core, the load generator on
 another.  Both checkouts must accept ``--socket`` and ``--state-dir`` (or
@@ -50,18 +52,19 @@ def measure(side: str, checkout: Path, args: argparse.Namespace, workdir: Path,
     daemon = Server(side, [sys.executable, "-m", "migblockd", "--socket", str(sock), *state],
                     sock, workdir / f"{side}{number}.log", cwd=checkout)
     daemon.start(server_cpus)
+    assert daemon.proc is not None
     try:
-        before = daemon.cpu_seconds()
         result = run_json(["-m", "benchmarks.loadgen", "--socket", str(sock),
                            "--scenario", args.scenario, "--clients", str(args.clients),
-                           "--warmup", "0", "--duration", str(args.duration)],
+                           "--warmup", "0", "--duration", str(args.duration),
+                           "--server-pid", str(daemon.proc.pid)],
                           client_cpus, args.duration + 60, f"{side} run {number}", daemon)
-        used = daemon.cpu_seconds() - before
     finally:
         daemon.stop()
     if not result["requests"] or result["errors"]:
         raise BenchError(f"{side} run {number}: {result['requests']} requests, "
                          f"{result['errors']} errors ({result['first_error']})")
+    used = result["server_cpu"] * result["seconds"]  # CPU seconds over the window
     return Run(side, result["rate"], result["p99_us"], used / result["requests"] * 1e6)
 
 

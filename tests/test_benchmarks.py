@@ -277,6 +277,24 @@ def test_blocking_lines_counts_a_big_line_without_keeping_it() -> None:
         sender.join()
 
 
+def test_ab_compares_the_daemons_cpu_over_the_measured_window(tmp_path: Path) -> None:
+    """``benchmarks.ab`` runs both sides and reports each run's CPU per request,
+    which the load generator reads over its window (``--server-pid``): a run
+    without it would read no CPU at all."""
+    out = tmp_path / "ab.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab", "--a", str(ROOT), "--b", str(ROOT), "--runs",
+         "1", "--duration", "0.5", "--ephemeral", "--scenario", "query", "--clients", "2",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = json.loads(out.read_text())
+    assert sorted(r["side"] for r in runs) == ["A", "B"]
+    for run in runs:
+        assert run["rate"] > 0 and run["cpu_us"] > 0, run
+    assert "A: CPU per request best" in proc.stdout
+
+
 def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     """``--quick`` starts the daemon and the floor, runs every scenario and prints the report."""
     out = tmp_path / "bench.json"

@@ -20,6 +20,7 @@ Three rules keep the socket the daemon's own:
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -30,7 +31,7 @@ from pathlib import Path
 from migblockd.paths import fallback_problem, fallback_remedy, fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.resolver import group_name, user_name, who
-from migblockd.trust import refusal
+from migblockd.trust import named_uid, refusal
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "StartupError",
            "bind_claimed", "bind_socket", "check_socket_directory", "check_socket_path",
@@ -327,4 +328,20 @@ def lock_socket(socket_path: Path, option: str = "--socket") -> PidLock:
             f"{option})") from None
     except LockFailed as exc:
         what = "open the socket's lock file" if exc.opening else "lock"
-        raise StartupError(f"cannot {what} {path}: {exc.strerror}") from None
+        raise StartupError(f"cannot {what} {path}: {exc.strerror}; "
+                           f"{_lock_remedy(path, exc, option)}") from None
+
+
+def _lock_remedy(path: Path, exc: LockFailed, option: str) -> str:
+    """What to do when ``SOCKET.lock`` cannot be opened or locked: whose file or
+    directory is in the way (a socket directory made by root for a daemon that
+    runs as another user, say), else another socket path."""
+    if exc.opening and exc.errno in (errno.EACCES, errno.EPERM):
+        place, fix = (path, "remove it") if path.is_file() else (path.parent, "let this user "
+                                                                  "write in it")
+        with contextlib.suppress(OSError):
+            st = place.stat()
+            return (f"{place} belongs to {named_uid(st.st_uid)}, mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}, and this daemon runs as "
+                    f"{named_uid(os.geteuid())}: {fix}, or choose another {option}")
+    return f"choose another {option}"

@@ -788,6 +788,36 @@ def test_check_config_as_root_takes_the_daemon_users_own_directories(short_tmp: 
     assert "writable by others (mode 0777)" in check_config(*args).stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="root makes the directories of another uid")
+def test_a_socket_directory_the_daemon_may_not_write_in_is_named_with_its_owner(
+        short_tmp: Path) -> None:
+    # Reproduced first: "cannot open the socket's lock file ...: Permission denied",
+    # and not a word of whose directory it is or what to do.
+    short_tmp.chmod(0o755)
+    run, state = short_tmp / "run", short_tmp / "state"
+    run.mkdir(mode=0o755)  # root's
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    proc = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--socket",
+                           str(run / "q.sock"), "--state-dir", str(state)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert (f"ERROR: cannot open the socket's lock file {run}/q.sock.lock: Permission "
+            f"denied; {run} belongs to uid 0 (root), mode 0755, and this daemon runs as uid "
+            "65534 (nobody): let this user write in it, or choose another --socket\n"
+            ) in proc.stderr, proc.stderr
+    # A lock file root left there: it is the file that is in the way.
+    run.chmod(0o777)
+    (run / "q.sock.lock").touch(mode=0o644)
+    run.chmod(0o755)
+    proc = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--socket",
+                           str(run / "q.sock"), "--state-dir", str(state)],
+                          capture_output=True, text=True, timeout=30)
+    assert (f"{run}/q.sock.lock belongs to uid 0 (root), mode 0644, and this daemon runs as "
+            "uid 65534 (nobody): remove it, or choose another --socket\n") in proc.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="root checks for a daemon of another uid")
 @pytest.mark.parametrize("kind", ["state", "state to be made", "socket"])
 def test_check_config_as_root_judges_the_modes_of_the_daemon_users_directories(

@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "temporary directory); its file system decides what a commit costs")
     parser.add_argument("--baseline", type=Path, metavar="FILE",
                         help="an earlier run's --json file: each ratio of this run is a target, "
-                             f"not met if it fell by more than {BASELINE_FALL:.0%} of its value "
+                             f"not met if it fell by more than {BASELINE_FALL:.0%}% of its value "
                              "there")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also save the results here")
     parser.add_argument("--check", action="store_true",

@@ -248,6 +248,23 @@ def test_a_bad_baseline_is_refused_before_the_run(tmp_path: Path) -> None:
     assert "round 1" not in proc.stdout and not out.exists()
 
 
+BENCHMARK_COMMANDS = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py")
+                            if path.stem != "__init__" and "__main__" in path.read_text())
+
+
+@pytest.mark.parametrize("module", BENCHMARK_COMMANDS)
+def test_every_benchmark_explains_its_options(module: str) -> None:
+    """``--help`` is how the documented commands are learnt: it must print, not
+    fail on a help text that argparse reads as a format (a bare ``%``)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:") and proc.stderr == "", proc.stdout + proc.stderr
+
+
 def test_a_busy_machine_is_told_apart() -> None:
     """With many closed-loop clients, the floor or its load generator should keep a core
     busy; when neither does, other processes had the cores, and the report says so."""

@@ -817,6 +817,21 @@ def test_a_lock_file_of_another_user_names_its_owner_and_the_chown(
         f"{directory}/lock, or choose another --state-dir")
 
 
+def test_a_state_directory_to_be_made_in_another_user_s_directory_names_the_owner(
+        request: pytest.FixtureRequest) -> None:
+    """The default for an account whose home does not exist (nobody's is
+    /nonexistent), or a --state-dir under a directory made by root: before, the
+    message said only "create it", not whose directory is in the way, nor how
+    to make one this user may keep state in."""
+    directory, error = open_error_as_nobody(request, lambda directory: None)
+    parent = directory.parent  # root's, mode 0755
+    assert error == (
+        f"cannot create state directory {directory}: Permission denied ({parent} belongs "
+        f"to uid 0 (root), mode 0755, and this daemon runs as uid {NOBODY} (nobody)); as "
+        f"root, make it for this user: install -d -m 0700 -o nobody {directory}, or choose "
+        "another --state-dir")
+
+
 def test_a_lock_file_this_user_may_not_write_names_the_chmod(tmp_path: Path) -> None:
     directory = tmp_path / "state"
     filled(directory, 1)
@@ -853,8 +868,9 @@ def test_read_only_state_directory_is_refused(tmp_path: Path) -> None:
 def test_state_directory_that_cannot_be_created_is_refused(tmp_path: Path) -> None:
     tmp_path.chmod(0o500)
     assert open_error(tmp_path / "state", unprivileged=True) == (
-        f"cannot create state directory {tmp_path}/state: Permission denied; create it, "
-        "or choose another --state-dir")
+        f"cannot create state directory {tmp_path}/state: Permission denied (this user may "
+        f"not write in {tmp_path}, mode 0500); chmod u+w {tmp_path}, or choose another "
+        "--state-dir")
     tmp_path.chmod(0o700)
     (tmp_path / "file").write_text("")
     with pytest.raises(StateError, match=r"state directory .*/file is not a directory; "):

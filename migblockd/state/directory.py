@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 
 from migblockd.paths import make_private_directory
-from migblockd.state.errors import StateError, owner_mismatch, read_only
+from migblockd.state.errors import StateError, account, owner_mismatch, read_only
 from migblockd.trust import named_uid, refusal
 
 __all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory", "make_directory"]
@@ -34,10 +34,31 @@ def make_directory(directory: Path) -> None:
     except FileExistsError as e:  # exists, and is not a directory
         raise _not_a_directory(directory) from e
     except OSError as e:
-        fix = (read_only(directory, to_be_made=True) if e.errno == errno.EROFS
-               else "create it")
-        raise StateError(f"cannot create state directory {directory}: {e.strerror}; "
-                         f"{fix}, or choose another --state-dir") from e
+        if e.errno == errno.EROFS:
+            why = f"; {read_only(directory, to_be_made=True)}"
+        else:
+            why = _create_fix(directory, e)
+        raise StateError(f"cannot create state directory {directory}: {e.strerror}{why}, "
+                         "or choose another --state-dir") from e
+
+
+def _create_fix(directory: Path, e: OSError) -> str:
+    """What lets this user make ``directory`` when it may not write in the
+    directory the first missing one goes in (the default ``~/.local/state`` of an
+    account whose home is ``/nonexistent``, a parent made by root): whose that is."""
+    if e.errno not in (errno.EACCES, errno.EPERM) or not e.filename:
+        return "; create it"
+    place = Path(os.fsdecode(e.filename)).parent
+    try:
+        st = place.stat()
+    except OSError:
+        return "; create it"
+    mode, me = stat.S_IMODE(st.st_mode), os.geteuid()
+    if st.st_uid == me:
+        return f" (this user may not write in {place}, mode {mode:04o}); chmod u+w {place}"
+    return (f" ({place} belongs to {named_uid(st.st_uid)}, mode {mode:04o}, and this daemon "
+            f"runs as {named_uid(me)}); as {account(st.st_uid)}, make it for this user: "
+            f"install -d -m 0700 -o {account(me)} {directory}")
 
 
 def _not_a_directory(directory: Path) -> StateError:

@@ -19,6 +19,7 @@ from migblockd.trust import named_uid
 __all__ = [
     "StateError",
     "Unsettled",
+    "account",
     "commit_failed",
     "describe_open_error",
     "free_space",
@@ -177,12 +178,17 @@ def owner_mismatch(path: Path, st: os.stat_result) -> tuple[str, str]:
     because another user owns it (a copy made as root, a directory chowned
     without ``-R``), where "fix its permissions" would not say what is wrong."""
     uid = os.geteuid()
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = str(uid)
     return (f"it belongs to {named_uid(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}, "
-            f"and this daemon runs as {named_uid(uid)}", f"chown {name}: {path}")
+            f"and this daemon runs as {named_uid(uid)}", f"chown {account(uid)}: {path}")
+
+
+def account(uid: int) -> str:
+    """The name ``uid`` is known by, for a command line (``chown``, ``install -o``);
+    the number when the user database has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def read_only(place: Path, *, to_be_made: bool = False) -> str:

@@ -5,8 +5,8 @@ A setting can be well formed and still stop the daemon at its start: a
 ``metrics`` host that does not resolve, a socket path too long for AF_UNIX,
 taken by a file that is not a socket, or in a directory others may change, a
 ``state-dir`` that is not a directory or that others may change (or, still to
-be made, is under a directory others may change), a ``qemu`` that is
-migblockd's own socket.
+be made, is under a directory others may change, or one this user may not
+write in), a ``qemu`` that is migblockd's own socket.
 ``--check-config`` must not call such settings valid, and a reload, which
 applies none of them, must not let the operator learn of them only when the
 next restart fails: :func:`problems` finds them with the very functions the
@@ -15,9 +15,10 @@ start-up uses (:func:`load_contract`, :func:`socket_gid`, :func:`resolve_tcp`,
 ``state.directory.check_existing_directory``, :func:`not_its_own_socket`), so
 both say what the start would.
 
-What only binding can tell (a port or a path in use, a directory that cannot
-be made) is left to the start: checked while a daemon runs, the daemon's own
-socket would look taken.
+What only binding can tell (a port or a path in use) is left to the start:
+checked while a daemon runs, the daemon's own socket would look taken.  So is
+whether a socket directory can be made, and, for root checking for a daemon
+that runs as another user, a state directory.
 """
 
 from __future__ import annotations

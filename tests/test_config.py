@@ -818,6 +818,42 @@ def test_a_socket_directory_the_daemon_may_not_write_in_is_named_with_its_owner(
             "uid 65534 (nobody): remove it, or choose another --socket\n") in proc.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
+def test_check_config_refuses_a_state_directory_this_user_could_not_make(
+        short_tmp: Path) -> None:
+    # Reproduced first: nobody's --check-config said "valid" for a state directory
+    # to be made in root's directory (nobody's default is under /nonexistent), and
+    # nobody's start failed on it.
+    short_tmp.chmod(0o755)
+    run, parent = short_tmp / "run", short_tmp / "root-s"
+    run.mkdir(mode=0o700)
+    os.chown(run, 65534, 65534)
+    parent.mkdir(mode=0o755)  # root's
+    state = parent / "state" / "deeper"
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    args = ["--socket", str(run / "q.sock"), "--state-dir", str(state)]
+    message = (f"cannot create state directory {state}: Permission denied ({parent} belongs "
+               "to uid 0 (root), mode 0755, and this daemon runs as uid 65534 (nobody)); as "
+               f"root, make it for this user: install -d -m 0700 -o nobody {state}, or choose "
+               "another --state-dir")
+    checked = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--check-config",
+                              *args], capture_output=True, text=True, timeout=30)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (
+        1, "", f"migblockd: {message}\n")
+    started = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", *args],
+                             capture_output=True, text=True, timeout=30)
+    assert started.returncode == 1
+    assert f"ERROR: {message}\n" in started.stderr, started.stderr
+    # Made as the message says, both find it fine.
+    subprocess.run(["install", "-d", "-m", "0700", "-o", "nobody", str(state)], check=True)
+    checked = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--check-config",
+                              *args], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    # Root may make it there: valid for root, who is not refused.
+    assert check_config("--socket", str(run / "r.sock"), "--state-dir",
+                        str(parent / "other")).returncode == 0
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="root checks for a daemon of another uid")
 @pytest.mark.parametrize("kind", ["state", "state to be made", "socket"])
 def test_check_config_as_root_judges_the_modes_of_the_daemon_users_directories(

@@ -34,12 +34,37 @@ def make_directory(directory: Path) -> None:
     except FileExistsError as e:  # exists, and is not a directory
         raise _not_a_directory(directory) from e
     except OSError as e:
-        if e.errno == errno.EROFS:
-            why = f"; {read_only(directory, to_be_made=True)}"
-        else:
-            why = _create_fix(directory, e)
-        raise StateError(f"cannot create state directory {directory}: {e.strerror}{why}, "
-                         "or choose another --state-dir") from e
+        raise _cannot_create(directory, e) from e
+
+
+def _cannot_create(directory: Path, e: OSError) -> StateError:
+    if e.errno == errno.EROFS:
+        why = f"; {read_only(directory, to_be_made=True)}"
+    else:
+        why = _create_fix(directory, e)
+    return StateError(f"cannot create state directory {directory}: {e.strerror}{why}, "
+                      "or choose another --state-dir")
+
+
+def _check_creatable(directory: Path) -> None:
+    """Raise the StateError :func:`make_directory` would, when this user could not
+    make ``directory``: the directory its first missing one goes in is on a
+    read-only file system, or not one this user may write in."""
+    first = directory
+    for parent in directory.parents:
+        if os.path.lexists(parent):
+            break
+        first = parent
+    place = first.parent
+    if not place.is_dir():
+        return  # in the way: the start says what is (not a directory, a loop)
+    if os.statvfs(place).f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    elif not os.access(place, os.W_OK | os.X_OK, effective_ids=True):
+        code = errno.EACCES
+    else:
+        return
+    raise _cannot_create(directory, OSError(code, os.strerror(code), str(first)))
 
 
 def _create_fix(directory: Path, e: OSError) -> str:
@@ -74,12 +99,15 @@ def _not_a_directory(directory: Path) -> StateError:
 def check_existing_directory(directory: Path, *, owner: int | None = None) -> None:
     """What :func:`make_directory` and :func:`check_directory` would refuse, found
     without making, locking or opening anything (``--check-config``): of a
-    directory still to be made, the directories above it that exist; whether it
-    can be made is the start's to find out.  ``owner``: a uid trusted as this
-    user is (:func:`migblockd.trust.distrust`)."""
+    directory still to be made, the directories above it that exist, and whether
+    this user may make it there.  ``owner``: a uid trusted as this user is
+    (:func:`migblockd.trust.distrust`): root checking for a daemon that runs as
+    that user, whose permissions it does not have, leaves making it to the start."""
     directory = Path(directory).absolute()
     if not os.path.lexists(directory):
         _check_trusted(directory, directory, "state directory", to_be_made=True, owner=owner)
+        if owner is None:  # else root checks for the daemon's user, which it cannot play
+            _check_creatable(directory)
         return
     if not directory.is_dir():
         raise _not_a_directory(directory)

@@ -35,7 +35,7 @@ from migblockd.trust import named_uid, refusal
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "StartupError",
            "bind_claimed", "bind_socket", "check_socket_directory", "check_socket_path",
-           "claim_socket", "make_socket_dir", "stale_socket"]
+           "check_socket_writable", "claim_socket", "make_socket_dir", "stale_socket"]
 
 log = logging.getLogger("migblockd")
 
@@ -92,7 +92,7 @@ def claim_socket(path: Path, mode: int, group: int | None = None, *,
         # What exists of the path is judged before anything is made there: refused
         # only once made, the directories would be left behind.
         check_socket_directory(path.parent, option, to_be_made=True)
-    make_socket_dir(path.parent, mode, group)
+    make_socket_dir(path.parent, mode, group, option)
     check_socket_directory(path.parent, option)
     lock = lock_socket(path, option)
     try:
@@ -193,7 +193,8 @@ def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socke
     return sock
 
 
-def make_socket_dir(directory: Path, socket_mode: int, group: int | None) -> None:
+def make_socket_dir(directory: Path, socket_mode: int, group: int | None,
+                    option: str = "--socket") -> None:
     """Create the socket's directory if it is missing; refuse an unsafe fallback directory.
 
     A directory we create is searchable by exactly whom ``socket_mode`` lets
@@ -216,7 +217,7 @@ def make_socket_dir(directory: Path, socket_mode: int, group: int | None) -> Non
             _give_socket_dir(directory, socket_mode, group)
             return
     except OSError as exc:
-        raise StartupError(f"cannot create {directory}: {exc.strerror}") from None
+        raise StartupError(_cannot_create(directory, exc, option)) from None
     if directory != fallback_socket_dir():
         return
     problem = fallback_problem(directory, "the daemon's")
@@ -327,9 +328,12 @@ def lock_socket(socket_path: Path, option: str = "--socket") -> PidLock:
             f"refusing to start a second one (stop it first, or choose another "
             f"{option})") from None
     except LockFailed as exc:
-        what = "open the socket's lock file" if exc.opening else "lock"
-        raise StartupError(f"cannot {what} {path}: {exc.strerror}; "
-                           f"{_lock_remedy(path, exc, option)}") from None
+        raise StartupError(_lock_failed(path, exc, option)) from None
+
+
+def _lock_failed(path: Path, exc: LockFailed, option: str) -> str:
+    what = "open the socket's lock file" if exc.opening else "lock"
+    return f"cannot {what} {path}: {exc.strerror}; {_lock_remedy(path, exc, option)}"
 
 
 def _lock_remedy(path: Path, exc: LockFailed, option: str) -> str:
@@ -339,9 +343,71 @@ def _lock_remedy(path: Path, exc: LockFailed, option: str) -> str:
     if exc.opening and exc.errno in (errno.EACCES, errno.EPERM):
         place, fix = (path, "remove it") if path.is_file() else (path.parent, "let this user "
                                                                   "write in it")
-        with contextlib.suppress(OSError):
-            st = place.stat()
-            return (f"{place} belongs to {named_uid(st.st_uid)}, mode "
-                    f"{stat.S_IMODE(st.st_mode):04o}, and this daemon runs as "
-                    f"{named_uid(os.geteuid())}: {fix}, or choose another {option}")
+        whose = _whose(place)
+        if whose is not None:
+            return f"{whose}: {fix}, or choose another {option}"
     return f"choose another {option}"
+
+
+def _cannot_create(directory: Path, exc: OSError, option: str) -> str:
+    """Why the socket's ``directory`` (or a missing one above it) could not be
+    made, and, when this user may not write where it goes, whose directory that is."""
+    whose = None
+    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
+        whose = _whose(Path(os.fsdecode(exc.filename)).parent)
+    if whose is None:
+        return f"cannot create {directory}: {exc.strerror}"
+    return (f"cannot create {directory}: {exc.strerror}; {whose}: let this user write in it, "
+            f"or choose another {option}")
+
+
+def _whose(place: Path) -> str | None:
+    """``PLACE belongs to uid 0 (root), mode 0755, and this daemon runs as ...``
+    (None when it cannot be told)."""
+    try:
+        st = place.stat()
+    except OSError:
+        return None
+    return (f"{place} belongs to {named_uid(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}, "
+            f"and this daemon runs as {named_uid(os.geteuid())}")
+
+
+def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
+    """The StartupError a start by this user would give at ``socket_path``, found
+    without making, opening or binding anything (``--check-config``): a
+    directory it could not make on the way, a lock file it could not open, a
+    directory it could not take the lock or bind the socket in."""
+    directory = socket_path.parent
+    if not directory.is_dir():
+        first = directory
+        for parent in directory.parents:
+            if os.path.lexists(parent):
+                break
+            first = parent
+        if not first.parent.is_dir():
+            return  # in the way: the start says what is
+        code = _denied(first.parent, os.W_OK | os.X_OK)
+        if code:
+            raise StartupError(_cannot_create(directory, OSError(
+                code, os.strerror(code), str(first)), option))
+        return
+    lock = socket_path.with_name(socket_path.name + ".lock")
+    code = (_denied(lock, os.R_OK | os.W_OK) if os.path.isfile(lock)
+            else _denied(directory, os.W_OK | os.X_OK))
+    if code:
+        raise StartupError(_lock_failed(lock, LockFailed(
+            os.strerror(code), opening=True, errno=code), option))
+    code = _denied(directory, os.W_OK | os.X_OK)
+    if code:
+        raise StartupError(f"cannot bind {socket_path}: {os.strerror(code)}")
+
+
+def _denied(place: Path, access: int) -> int:
+    """The errno that opening or making something in ``place`` with ``access``
+    would fail with for this process's user (0: none that can be told beforehand)."""
+    try:
+        if os.statvfs(place).f_flag & os.ST_RDONLY and access & os.W_OK:
+            return errno.EROFS
+    except OSError:
+        return 0
+    return 0 if os.access(place, access, effective_ids=True) else errno.EACCES

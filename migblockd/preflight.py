@@ -5,8 +5,8 @@ A setting can be well formed and still stop the daemon at its start: a
 ``metrics`` host that does not resolve, a socket path too long for AF_UNIX,
 taken by a file that is not a socket, or in a directory others may change, a
 ``state-dir`` that is not a directory or that others may change (or, still to
-be made, is under a directory others may change, or one this user may not
-write in), a ``qemu`` that is migblockd's own socket.
+be made, is under a directory others may change), a socket or state directory
+this user may not make or write in, a ``qemu`` that is migblockd's own socket.
 ``--check-config`` must not call such settings valid, and a reload, which
 applies none of them, must not let the operator learn of them only when the
 next restart fails: :func:`problems` finds them with the very functions the
@@ -16,9 +16,9 @@ start-up uses (:func:`load_contract`, :func:`socket_gid`, :func:`resolve_tcp`,
 both say what the start would.
 
 What only binding can tell (a port or a path in use) is left to the start:
-checked while a daemon runs, the daemon's own socket would look taken.  So is
-whether a socket directory can be made, and, for root checking for a daemon
-that runs as another user, a state directory.
+checked while a daemon runs, the daemon's own socket would look taken.  So is,
+for root checking for a daemon that runs as another user, whether that user
+may make and write the directories: root cannot play it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,12 @@ from migblockd.config import COMMAND_LINE, Config, HostPort, Sources
 from migblockd.contract import Contract
 from migblockd.denied import kept_out
 from migblockd.guard import policy_warnings
-from migblockd.listen import StartupError, check_socket_directory, check_socket_path
+from migblockd.listen import (
+    StartupError,
+    check_socket_directory,
+    check_socket_path,
+    check_socket_writable,
+)
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import passthrough_warnings
 from migblockd.regular import NotRegularFile
@@ -263,8 +268,11 @@ def _socket_at(path: Path, option: str, as_daemon: bool) -> None:
     """``option``: what the messages say to change (:meth:`Sources.choice`)."""
     check_socket_path(path, option)
     # One still to be made is judged by what exists of its path, as the start does.
+    owner = _daemon_user(path.parent, as_daemon)
     check_socket_directory(path.parent, option, to_be_made=not path.parent.is_dir(),
-                           owner=_daemon_user(path.parent, as_daemon))
+                           owner=owner)
+    if owner is None:  # else root checks for the daemon's user, which it cannot play
+        check_socket_writable(path, option)
 
 
 def _daemon_user(directory: Path, as_daemon: bool) -> int | None:

@@ -819,6 +819,56 @@ def test_a_socket_directory_the_daemon_may_not_write_in_is_named_with_its_owner(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
+@pytest.mark.parametrize("kind", ["in root's", "to be made in root's", "lock left",
+                                  "metrics in root's"])
+def test_check_config_refuses_a_socket_this_user_could_not_bind(short_tmp: Path,
+                                                                 kind: str) -> None:
+    # Reproduced first: nobody's --check-config said "valid" for a socket in root's
+    # directory (or one to be made there), and nobody's start failed on it.
+    short_tmp.chmod(0o755)
+    run, state = short_tmp / "run", short_tmp / "state"
+    run.mkdir(mode=0o755)  # root's
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    theirs = short_tmp / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    whose = (f"{run} belongs to uid 0 (root), mode 0755, and this daemon runs as uid 65534 "
+             "(nobody): let this user write in it")
+    sock = run / "q.sock"
+    args = ["--socket", str(sock), "--state-dir", str(state)]
+    if kind == "in root's":
+        message = (f"cannot open the socket's lock file {sock}.lock: Permission denied; "
+                   f"{whose}, or choose another --socket")
+    elif kind == "to be made in root's":
+        sock = run / "sub" / "q.sock"
+        args[1] = str(sock)
+        message = f"cannot create {run}/sub: Permission denied; {whose}, or choose another --socket"
+    elif kind == "lock left":
+        # A lock file nobody may write, left by an earlier start as nobody when the
+        # directory was still its: the lock is taken, and the bind fails.
+        Path(f"{sock}.lock").touch(mode=0o600)
+        os.chown(f"{sock}.lock", 65534, 65534)
+        message = f"cannot bind {sock}: Permission denied"
+    else:
+        args = ["--socket", str(theirs / "q.sock"), "--state-dir", str(state),
+                "--metrics", str(run / "metrics.sock")]
+        message = (f"cannot open the socket's lock file {run}/metrics.sock.lock: Permission "
+                   f"denied; {whose}, or choose another --metrics")
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    checked = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--check-config",
+                              *args], capture_output=True, text=True, timeout=30)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (
+        1, "", f"migblockd: {message}\n")
+    started = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", *args],
+                             capture_output=True, text=True, timeout=30)
+    assert started.returncode == 1
+    assert f"ERROR: {message}\n" in started.stderr, started.stderr
+    # Root may bind there: valid for root.
+    assert check_config(*args).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
 def test_check_config_refuses_a_state_directory_this_user_could_not_make(
         short_tmp: Path) -> None:
     # Reproduced first: nobody's --check-config said "valid" for a state directory

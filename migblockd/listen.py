@@ -32,6 +32,7 @@ from migblockd.paths import fallback_problem, fallback_remedy, fallback_socket_d
 from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.resolver import group_name, user_name, who
 from migblockd.trust import named_uid, refusal
+from migblockd.writable import denied, first_missing
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "StartupError",
            "bind_claimed", "bind_socket", "check_socket_directory", "check_socket_path",
@@ -379,35 +380,20 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
     directory it could not take the lock or bind the socket in."""
     directory = socket_path.parent
     if not directory.is_dir():
-        first = directory
-        for parent in directory.parents:
-            if os.path.lexists(parent):
-                break
-            first = parent
+        first = first_missing(directory)
         if not first.parent.is_dir():
             return  # in the way: the start says what is
-        code = _denied(first.parent, os.W_OK | os.X_OK)
+        code = denied(first.parent, os.W_OK | os.X_OK)
         if code:
             raise StartupError(_cannot_create(directory, OSError(
                 code, os.strerror(code), str(first)), option))
         return
     lock = socket_path.with_name(socket_path.name + ".lock")
-    code = (_denied(lock, os.R_OK | os.W_OK) if os.path.isfile(lock)
-            else _denied(directory, os.W_OK | os.X_OK))
+    code = (denied(lock, os.R_OK | os.W_OK) if os.path.isfile(lock)
+            else denied(directory, os.W_OK | os.X_OK))
     if code:
         raise StartupError(_lock_failed(lock, LockFailed(
             os.strerror(code), opening=True, errno=code), option))
-    code = _denied(directory, os.W_OK | os.X_OK)
+    code = denied(directory, os.W_OK | os.X_OK)
     if code:
         raise StartupError(f"cannot bind {socket_path}: {os.strerror(code)}")
-
-
-def _denied(place: Path, access: int) -> int:
-    """The errno that opening or making something in ``place`` with ``access``
-    would fail with for this process's user (0: none that can be told beforehand)."""
-    try:
-        if os.statvfs(place).f_flag & os.ST_RDONLY and access & os.W_OK:
-            return errno.EROFS
-    except OSError:
-        return 0
-    return 0 if os.access(place, access, effective_ids=True) else errno.EACCES

@@ -496,6 +496,25 @@ def check_config(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=30)
 
 
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    """``migblockd ARGS`` run as nobody (a start, or ``--check-config``)."""
+    return subprocess.run([*AS_NOBODY, sys.executable, "-m", "migblockd", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def root_run_nobody_state(short_tmp: Path) -> tuple[Path, Path]:
+    """A socket directory of root's (0755) and a state directory of nobody's (0700)."""
+    short_tmp.chmod(0o755)
+    run, state = short_tmp / "run", short_tmp / "state"
+    run.mkdir(mode=0o755)
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    return run, state
+
+
 def test_check_config_says_valid_and_starts_nothing(tmp_path: Path) -> None:
     path = tmp_path / "m.toml"
     path.write_text(f'log-level = "debug"\nstate-dir = "{tmp_path / "state"}"\n')
@@ -778,9 +797,7 @@ def test_check_config_as_root_takes_the_daemon_users_own_directories(short_tmp: 
     assert check_config("--socket", str(run / "q.sock"),
                         "--state-dir", str(state / "vm1")).returncode == 0
     # The daemon's user itself gets the same answer, and so does its start.
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    proc = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--check-config",
-                           *args], capture_output=True, text=True, timeout=30)
+    proc = as_nobody("--check-config", *args)
     assert (proc.returncode, proc.stderr) == (0, "")
     # Root's own directory, which others may write, is refused.
     os.chown(state, 0, 0)
@@ -793,15 +810,8 @@ def test_a_socket_directory_the_daemon_may_not_write_in_is_named_with_its_owner(
         short_tmp: Path) -> None:
     # Reproduced first: "cannot open the socket's lock file ...: Permission denied",
     # and not a word of whose directory it is or what to do.
-    short_tmp.chmod(0o755)
-    run, state = short_tmp / "run", short_tmp / "state"
-    run.mkdir(mode=0o755)  # root's
-    state.mkdir(mode=0o700)
-    os.chown(state, 65534, 65534)
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    proc = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--socket",
-                           str(run / "q.sock"), "--state-dir", str(state)],
-                          capture_output=True, text=True, timeout=30)
+    run, state = root_run_nobody_state(short_tmp)
+    proc = as_nobody("--socket", str(run / "q.sock"), "--state-dir", str(state))
     assert proc.returncode == 1
     assert (f"ERROR: cannot open the socket's lock file {run}/q.sock.lock: Permission "
             f"denied; {run} belongs to uid 0 (root), mode 0755, and this daemon runs as uid "
@@ -811,9 +821,7 @@ def test_a_socket_directory_the_daemon_may_not_write_in_is_named_with_its_owner(
     run.chmod(0o777)
     (run / "q.sock.lock").touch(mode=0o644)
     run.chmod(0o755)
-    proc = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--socket",
-                           str(run / "q.sock"), "--state-dir", str(state)],
-                          capture_output=True, text=True, timeout=30)
+    proc = as_nobody("--socket", str(run / "q.sock"), "--state-dir", str(state))
     assert (f"{run}/q.sock.lock belongs to uid 0 (root), mode 0644, and this daemon runs as "
             "uid 65534 (nobody): remove it, or choose another --socket\n") in proc.stderr
 
@@ -825,11 +833,7 @@ def test_check_config_refuses_a_socket_this_user_could_not_bind(short_tmp: Path,
                                                                  kind: str) -> None:
     # Reproduced first: nobody's --check-config said "valid" for a socket in root's
     # directory (or one to be made there), and nobody's start failed on it.
-    short_tmp.chmod(0o755)
-    run, state = short_tmp / "run", short_tmp / "state"
-    run.mkdir(mode=0o755)  # root's
-    state.mkdir(mode=0o700)
-    os.chown(state, 65534, 65534)
+    run, state = root_run_nobody_state(short_tmp)
     theirs = short_tmp / "theirs"
     theirs.mkdir(mode=0o700)
     os.chown(theirs, 65534, 65534)
@@ -855,13 +859,10 @@ def test_check_config_refuses_a_socket_this_user_could_not_bind(short_tmp: Path,
                 "--metrics", str(run / "metrics.sock")]
         message = (f"cannot open the socket's lock file {run}/metrics.sock.lock: Permission "
                    f"denied; {whose}, or choose another --metrics")
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    checked = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--check-config",
-                              *args], capture_output=True, text=True, timeout=30)
+    checked = as_nobody("--check-config", *args)
     assert (checked.returncode, checked.stdout, checked.stderr) == (
         1, "", f"migblockd: {message}\n")
-    started = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", *args],
-                             capture_output=True, text=True, timeout=30)
+    started = as_nobody(*args)
     assert started.returncode == 1
     assert f"ERROR: {message}\n" in started.stderr, started.stderr
     # Root may bind there: valid for root.
@@ -880,24 +881,20 @@ def test_check_config_refuses_a_state_directory_this_user_could_not_make(
     os.chown(run, 65534, 65534)
     parent.mkdir(mode=0o755)  # root's
     state = parent / "state" / "deeper"
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     args = ["--socket", str(run / "q.sock"), "--state-dir", str(state)]
     message = (f"cannot create state directory {state}: Permission denied ({parent} belongs "
                "to uid 0 (root), mode 0755, and this daemon runs as uid 65534 (nobody)); as "
                f"root, make it for this user: install -d -m 0700 -o nobody {state}, or choose "
                "another --state-dir")
-    checked = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--check-config",
-                              *args], capture_output=True, text=True, timeout=30)
+    checked = as_nobody("--check-config", *args)
     assert (checked.returncode, checked.stdout, checked.stderr) == (
         1, "", f"migblockd: {message}\n")
-    started = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", *args],
-                             capture_output=True, text=True, timeout=30)
+    started = as_nobody(*args)
     assert started.returncode == 1
     assert f"ERROR: {message}\n" in started.stderr, started.stderr
-    # Made as the message says, both find it fine.
+    # Made as the message says, the check finds it fine.
     subprocess.run(["install", "-d", "-m", "0700", "-o", "nobody", str(state)], check=True)
-    checked = subprocess.run([*as_nobody, sys.executable, "-m", "migblockd", "--check-config",
-                              *args], capture_output=True, text=True, timeout=30)
+    checked = as_nobody("--check-config", *args)
     assert checked.returncode == 0, checked.stderr
     # Root may make it there: valid for root, who is not refused.
     assert check_config("--socket", str(run / "r.sock"), "--state-dir",
@@ -1115,8 +1112,7 @@ def test_a_reload_check_that_cannot_read_the_daemons_options_fails(
     # A check that cannot tell whether the reload would apply its options must
     # not pass: root's daemon, checked by another uid; then one that has exited.
     d = start_daemon("--ephemeral", env={**os.environ, "MIGBLOCKD_OPTIONS": "--ephemeral"})
-    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    other = running_check(d.proc.pid, "--ephemeral", as_user=as_nobody)
+    other = running_check(d.proc.pid, "--ephemeral", as_user=AS_NOBODY)
     assert (other.returncode, other.stdout) == (1, ""), other
     assert other.stderr == (f"migblockd: --running-pid {d.proc.pid}: cannot read "
                             f"/proc/{d.proc.pid}/environ as uid 65534: Permission denied; run "

@@ -20,6 +20,7 @@ from pathlib import Path
 from migblockd.paths import make_private_directory
 from migblockd.state.errors import StateError, account, owner_mismatch, read_only
 from migblockd.trust import named_uid, refusal
+from migblockd.writable import denied, first_missing
 
 __all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory", "make_directory"]
 
@@ -50,21 +51,12 @@ def _check_creatable(directory: Path) -> None:
     """Raise the StateError :func:`make_directory` would, when this user could not
     make ``directory``: the directory its first missing one goes in is on a
     read-only file system, or not one this user may write in."""
-    first = directory
-    for parent in directory.parents:
-        if os.path.lexists(parent):
-            break
-        first = parent
-    place = first.parent
-    if not place.is_dir():
+    first = first_missing(directory)
+    if not first.parent.is_dir():
         return  # in the way: the start says what is (not a directory, a loop)
-    if os.statvfs(place).f_flag & os.ST_RDONLY:
-        code = errno.EROFS
-    elif not os.access(place, os.W_OK | os.X_OK, effective_ids=True):
-        code = errno.EACCES
-    else:
-        return
-    raise _cannot_create(directory, OSError(code, os.strerror(code), str(first)))
+    code = denied(first.parent, os.W_OK | os.X_OK)
+    if code:
+        raise _cannot_create(directory, OSError(code, os.strerror(code), str(first)))
 
 
 def _create_fix(directory: Path, e: OSError) -> str:

@@ -505,6 +505,16 @@ def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=30)
 
 
+def assert_check_and_start_refuse(args: list[str], message: str) -> None:
+    """nobody's ``--check-config`` and nobody's start refuse ``args`` in the same words."""
+    checked = as_nobody("--check-config", *args)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (
+        1, "", f"migblockd: {message}\n")
+    started = as_nobody(*args)
+    assert started.returncode == 1
+    assert f"ERROR: {message}\n" in started.stderr, started.stderr
+
+
 def root_run_nobody_state(short_tmp: Path) -> tuple[Path, Path]:
     """A socket directory of root's (0755) and a state directory of nobody's (0700)."""
     short_tmp.chmod(0o755)
@@ -859,12 +869,7 @@ def test_check_config_refuses_a_socket_this_user_could_not_bind(short_tmp: Path,
                 "--metrics", str(run / "metrics.sock")]
         message = (f"cannot open the socket's lock file {run}/metrics.sock.lock: Permission "
                    f"denied; {whose}, or choose another --metrics")
-    checked = as_nobody("--check-config", *args)
-    assert (checked.returncode, checked.stdout, checked.stderr) == (
-        1, "", f"migblockd: {message}\n")
-    started = as_nobody(*args)
-    assert started.returncode == 1
-    assert f"ERROR: {message}\n" in started.stderr, started.stderr
+    assert_check_and_start_refuse(args, message)
     # Root may bind there: valid for root.
     assert check_config(*args).returncode == 0
 
@@ -886,12 +891,7 @@ def test_check_config_refuses_a_state_directory_this_user_could_not_make(
                "to uid 0 (root), mode 0755, and this daemon runs as uid 65534 (nobody)); as "
                f"root, make it for this user: install -d -m 0700 -o nobody {state}, or choose "
                "another --state-dir")
-    checked = as_nobody("--check-config", *args)
-    assert (checked.returncode, checked.stdout, checked.stderr) == (
-        1, "", f"migblockd: {message}\n")
-    started = as_nobody(*args)
-    assert started.returncode == 1
-    assert f"ERROR: {message}\n" in started.stderr, started.stderr
+    assert_check_and_start_refuse(args, message)
     # Made as the message says, the check finds it fine.
     subprocess.run(["install", "-d", "-m", "0700", "-o", "nobody", str(state)], check=True)
     checked = as_nobody("--check-config", *args)

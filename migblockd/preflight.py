@@ -2,7 +2,8 @@
 
 A setting can be well formed and still stop the daemon at its start: a
 ``socket-group`` that names no group, a ``schema`` that cannot be read, a
-``metrics`` host that does not resolve, a socket path too long for AF_UNIX,
+``metrics`` host that does not resolve, or a port below 1024 this user may not
+bind, a socket path too long for AF_UNIX,
 taken by a file that is not a socket, or in a directory others may change, a
 ``state-dir`` that is not a directory or that others may change (or, still to
 be made, is under a directory others may change), a socket or state directory
@@ -10,7 +11,8 @@ this user may not make or write in, a ``qemu`` that is migblockd's own socket.
 ``--check-config`` must not call such settings valid, and a reload, which
 applies none of them, must not let the operator learn of them only when the
 next restart fails: :func:`problems` finds them with the very functions the
-start-up uses (:func:`load_contract`, :func:`socket_gid`, :func:`resolve_tcp`,
+start-up uses (:func:`load_contract`, :func:`socket_gid`, ``tcp.resolve_tcp`` and
+``check_port``,
 ``listen.check_socket_path`` and ``check_socket_directory``,
 ``state.directory.check_existing_directory``, :func:`not_its_own_socket`), so
 both say what the start would.
@@ -27,7 +29,6 @@ import os
 import socket
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
 
 from migblockd.config import COMMAND_LINE, Config, HostPort, Sources
 from migblockd.contract import Contract
@@ -47,11 +48,12 @@ from migblockd.served import check_served
 from migblockd.shapes import check_shapes
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory
+from migblockd.tcp import check_port, resolve_tcp
 from migblockd.trust import distrust, named_uid
 from migblockd.trusted_file import UntrustedFile, check_trusted
 
 __all__ = ["ignored", "load_contract", "not_its_own_socket", "not_the_qmp_socket",
-           "passed_path", "problems", "resolve_tcp", "socket_gid"]
+           "passed_path", "problems", "socket_gid"]
 
 
 def load_contract(path: Path | None) -> Contract:
@@ -92,21 +94,6 @@ def socket_gid(group: str | None, setting: str = "--socket-group") -> int | None
     if gid is None:
         raise StartupError(f"{setting}: there is no group named {group!r}")
     return gid
-
-
-def resolve_tcp(address: HostPort, setting: str = "--metrics") -> tuple[Any, ...]:
-    """``getaddrinfo``'s first answer for a TCP ``--metrics`` address; StartupError when none.
-
-    ``setting``: how the message names it (:meth:`Sources.named`)."""
-    try:
-        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise StartupError(f"{setting} {address}: {exc.strerror}") from None
-    except UnicodeError:  # the IDNA codec's: a host that ListenAddress did not check
-        raise StartupError(f"{setting} {address}: not a host name the resolver can be "
-                           "asked about (an empty label, or one over 63 characters)") from None
-    return infos[0]
 
 
 def passed_path(passed: socket.socket) -> Path | None:
@@ -258,6 +245,7 @@ def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool,
     address = config.metrics
     if isinstance(address, HostPort):
         resolve_tcp(address, sources.named("metrics"))
+        check_port(address, sources.named("metrics"))
     elif address is not None:
         _socket_at(address, sources.choice("metrics"), as_daemon)
         if qmp_socket is not None:

@@ -45,8 +45,9 @@ from migblockd.config import COMMAND_LINE, HostPort, Sources
 from migblockd.exposition import MIN_INTERVAL, MetricsApp, gzip_wanted
 from migblockd.listen import StartupError, bind_socket
 from migblockd.pidlock import PidLock
-from migblockd.preflight import not_the_qmp_socket, resolve_tcp
+from migblockd.preflight import not_the_qmp_socket
 from migblockd.scrape_request import RequestHandler
+from migblockd.tcp import cannot_listen, resolve_tcp
 
 __all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_DEADLINE", "REQUEST_TIMEOUT", "MetricsApp",
            "MetricsServer", "gzip_wanted"]
@@ -282,6 +283,7 @@ def _listen_tcp(address: HostPort, setting: str) -> socket.socket:
         sock.listen(16)
     except OSError as exc:
         sock.close()
-        raise StartupError(f"{setting} {address}: cannot listen: {exc.strerror or exc}") \
-            from None
+        if exc.errno is None:
+            raise StartupError(f"{setting} {address}: cannot listen: {exc}") from None
+        raise StartupError(cannot_listen(address, setting, exc.errno)) from None
     return sock

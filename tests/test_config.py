@@ -24,7 +24,7 @@ from migblockd.cli import options
 from migblockd.config import Config, ConfigError, HostPort, build
 from migblockd.kinds import describe
 from migblockd.listen import StartupError
-from migblockd.preflight import resolve_tcp
+from migblockd.tcp import resolve_tcp
 
 
 def test_defaults() -> None:

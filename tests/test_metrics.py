@@ -313,6 +313,61 @@ def test_the_endpoint_never_takes_the_qmp_socket_nor_a_live_one(
     assert first.stop() == 0
 
 
+def test_a_port_in_use_says_who_to_ask_and_what_to_do(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # Before: "cannot listen: Address already in use", and nothing about what to do.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = start_daemon("--metrics", f"127.0.0.1:{port}", "--ephemeral",
+                         socket=short_tmp / "q.sock", wait=False)
+        assert d.wait_exit() == 1
+    d.wait_for_log(f"ERROR: --metrics 127.0.0.1:{port}: cannot listen: Address already in "
+                   "use; another program (another migblockd, say) listens on that port (`ss "
+                   f"-ltnp 'sport = :{port}'` names it): stop it, or choose another port\n")
+    assert not (short_tmp / "q.sock").exists()
+
+
+def test_an_address_of_no_interface_here_is_named_so(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    d = start_daemon("--metrics", "192.0.2.1:9715", "--ephemeral",  # TEST-NET-1 (RFC 5737)
+                     socket=short_tmp / "q.sock", wait=False)
+    assert d.wait_exit() == 1
+    d.wait_for_log("ERROR: --metrics 192.0.2.1:9715: cannot listen: Cannot assign requested "
+                   "address; no interface of this machine has that address (`ip -brief "
+                   "address` lists theirs): choose one of them, or 127.0.0.1\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
+def test_a_port_below_1024_is_refused_to_a_daemon_that_may_not_bind_it(
+        short_tmp: Path) -> None:
+    # Reproduced first: --check-config said "valid", and the start said only
+    # "cannot listen: Permission denied".
+    short_tmp.chmod(0o755)
+    run = short_tmp / "run"
+    run.mkdir(mode=0o700)
+    os.chown(run, 65534, 65534)
+    args = ["--socket", str(run / "q.sock"), "--ephemeral", "--metrics", "127.0.0.1:80"]
+    message = ("--metrics 127.0.0.1:80: cannot listen: Permission denied; a port below 1024 "
+               "takes the CAP_NET_BIND_SERVICE capability, which this daemon, running as uid "
+               "65534 (nobody), does not have: choose a port of 1024 or more")
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                 sys.executable, "-m", "migblockd"]
+    checked = subprocess.run([*as_nobody, "--check-config", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (
+        1, "", f"migblockd: {message}\n")
+    started = subprocess.run([*as_nobody, *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+    assert started.returncode == 1
+    assert f"ERROR: {message}\n" in started.stderr, started.stderr
+    # Root has the capability: valid.
+    root = subprocess.run([sys.executable, "-m", "migblockd", "--check-config", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert root.returncode == 0, root.stderr
+
+
 def test_a_bad_address_is_refused_before_anything_starts() -> None:
     proc = subprocess.run([sys.executable, "-m", "migblockd", "--metrics", "9715"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)

@@ -1,0 +1,89 @@
+"""A TCP ``--metrics`` address: what it resolves to, and whether this user may listen there.
+
+The start listens where :func:`resolve_tcp` says; ``--check-config`` and a
+reload's check of the next start ask the same, and :func:`check_port` what
+the kernel would refuse this user without binding anything (a port in use is
+the start's to find: a running daemon's own would look taken).  A listen that
+fails is told with what to do about it (:func:`cannot_listen`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from migblockd.config import HostPort
+from migblockd.listen import StartupError
+from migblockd.trust import named_uid
+
+__all__ = ["cannot_listen", "check_port", "resolve_tcp"]
+
+
+def resolve_tcp(address: HostPort, setting: str = "--metrics") -> tuple[Any, ...]:
+    """``getaddrinfo``'s first answer for a TCP ``--metrics`` address; StartupError when none.
+
+    ``setting``: how the message names it (:meth:`Sources.named`)."""
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"{setting} {address}: {exc.strerror}") from None
+    except UnicodeError:  # the IDNA codec's: a host that ListenAddress did not check
+        raise StartupError(f"{setting} {address}: not a host name the resolver can be "
+                           "asked about (an empty label, or one over 63 characters)") from None
+    return infos[0]
+
+
+def cannot_listen(address: HostPort, setting: str, code: int) -> str:
+    """The start's message when listening on a TCP ``--metrics`` address fails with
+    errno ``code``, with what to do about the usual causes; ``setting`` names it."""
+    why = f"{setting} {address}: cannot listen: {os.strerror(code)}"
+    if code == errno.EADDRINUSE:
+        return (f"{why}; another program (another migblockd, say) listens on that port "
+                f"(`ss -ltnp 'sport = :{address.port}'` names it): stop it, or choose "
+                "another port")
+    if code == errno.EACCES and address.port and address.port < _unprivileged_start():
+        return (f"{why}; a port below {_unprivileged_start()} takes the "
+                f"CAP_NET_BIND_SERVICE capability, which this daemon, running as "
+                f"{named_uid(os.geteuid())}, does not have: choose a port of "
+                f"{_unprivileged_start()} or more")
+    if code == errno.EADDRNOTAVAIL:
+        return (f"{why}; no interface of this machine has that address (`ip -brief "
+                "address` lists theirs): choose one of them, or 127.0.0.1")
+    return why
+
+
+def check_port(address: HostPort, setting: str = "--metrics") -> None:
+    """StartupError when this process may not listen on ``address``'s port: one
+    below ``net.ipv4.ip_unprivileged_port_start`` (1024) without the
+    CAP_NET_BIND_SERVICE capability, which every user but root lacks (and root
+    too, in a unit that drops it).  Told without binding: a port in use is left
+    to the start, since a running daemon's own would look taken."""
+    if address.port and address.port < _unprivileged_start() and not _binds_low_ports():
+        raise StartupError(cannot_listen(address, setting, errno.EACCES))
+
+
+def _unprivileged_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _binds_low_ports() -> bool:
+    """Whether this process has CAP_NET_BIND_SERVICE (True when it cannot be told)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return True
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> _CAP_NET_BIND_SERVICE & 1)
+    return True
+
+
+#: capability.h: the capability to bind ports below ip_unprivileged_port_start.
+_CAP_NET_BIND_SERVICE = 10

@@ -268,9 +268,11 @@ async def nudge_until_dropped(d: DaemonProcess) -> None:
     raise AssertionError(f"the first client was never dropped:\n{d.log()[-3000:]}")
 
 
-def send_all_it_can(sock: socket.socket, data: bytes) -> int:
+def send_all_it_can(sock: socket.socket, data: bytes, at_least: int = 0) -> int:
     """Send ``data`` without blocking until all is sent, the daemon takes no more
-    for a while, or it hangs up; how many bytes it took."""
+    for a while, or it hangs up; how many bytes it took.  Until ``at_least`` are
+    taken, "a while" is long: a daemon slow to read its next chunk (a loaded
+    machine, a slower Python) has not stopped reading."""
     sock.setblocking(False)
     sent = 0
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
@@ -278,7 +280,8 @@ def send_all_it_can(sock: socket.socket, data: bytes) -> int:
             try:
                 sent += sock.send(data[sent:sent + 65536])
             except BlockingIOError:
-                if not select.select([], [sock], [], 0.5)[1]:
+                patience = 10.0 if sent <= at_least else 0.5
+                if not select.select([], [sock], [], patience)[1]:
                     break  # the daemon reads no more: the rest waits in its socket
     return sent
 
@@ -295,7 +298,7 @@ async def test_a_client_dropped_for_max_output_still_has_its_last_words_run(
     head = b"".join(encode({"execute": "query-qmp-schema", "id": i}) for i in range(40))
     adds = [encode({"execute": "add-blocker", "arguments": {"reason": REASON, "id": f"l{i}"}})
             for i in range(600)]
-    sent = send_all_it_can(sock, head + b"".join(adds))
+    sent = send_all_it_can(sock, head + b"".join(adds), at_least=256 * 1024)
     # The whole messages the daemon took are what it said before the drop (the
     # drop may come while it is still sending).
     said, end = set(), len(head)

@@ -166,7 +166,11 @@ def stale_socket(path: Path, option: str) -> bool:
 def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socket:
     if stale_socket(path, option):
         log.info("removing stale socket %s", path)
-        path.unlink()
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise StartupError(f"cannot remove the stale socket {path}: {exc.strerror}; "
+                               f"remove it, or choose another {option}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # The socket is created with exactly ``mode`` (0777 less the umask), and
     # never chmod()ed by name afterwards.
@@ -221,6 +225,12 @@ def make_socket_dir(directory: Path, socket_mode: int, group: int | None,
         raise StartupError(_cannot_create(directory, exc, option)) from None
     if directory != fallback_socket_dir():
         return
+    _check_fallback(directory)
+
+
+def _check_fallback(directory: Path) -> None:
+    """Refuse the per-user fallback under the shared temporary directory unless it
+    is this user's and writable by nobody else (see :func:`make_socket_dir`)."""
     problem = fallback_problem(directory, "the daemon's")
     if problem is not None:
         raise StartupError(
@@ -379,6 +389,10 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
     directory it could not make on the way, a lock file it could not open, a
     directory it could not take the lock or bind the socket in."""
     directory = socket_path.parent
+    if os.path.lexists(directory) and not directory.is_dir():
+        return  # in the way (a file, a dangling link): the start says what is
+    if directory.is_dir() and directory == fallback_socket_dir():
+        _check_fallback(directory)  # the start refuses it before it tries to write there
     if not directory.is_dir():
         first = first_missing(directory)
         if not first.parent.is_dir():
@@ -389,8 +403,14 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
                 code, os.strerror(code), str(first)), option))
         return
     lock = socket_path.with_name(socket_path.name + ".lock")
-    code = (denied(lock, os.R_OK | os.W_OK) if os.path.isfile(lock)
-            else denied(directory, os.W_OK | os.X_OK))
+    if os.path.islink(lock):
+        code = errno.ELOOP  # opened with O_NOFOLLOW
+    elif os.path.isdir(lock):
+        code = errno.EISDIR
+    elif os.path.isfile(lock):
+        code = denied(lock, os.R_OK | os.W_OK)
+    else:
+        code = denied(directory, os.W_OK | os.X_OK)
     if code:
         raise StartupError(_lock_failed(lock, LockFailed(
             os.strerror(code), opening=True, errno=code), option))

@@ -45,11 +45,12 @@ def cannot_listen(address: HostPort, setting: str, code: int) -> str:
         return (f"{why}; another program (another migblockd, say) listens on that port "
                 f"(`ss -ltnp 'sport = :{address.port}'` names it): stop it, or choose "
                 "another port")
-    if code == errno.EACCES and address.port and address.port < _unprivileged_start():
-        return (f"{why}; a port below {_unprivileged_start()} takes the "
-                f"CAP_NET_BIND_SERVICE capability, which this daemon, running as "
-                f"{named_uid(os.geteuid())}, does not have: choose a port of "
-                f"{_unprivileged_start()} or more")
+    if code == errno.EACCES and address.port and _privileged(address.port):
+        start = _unprivileged_start()
+        return (f"{why}; a port below {start} takes the CAP_NET_BIND_SERVICE capability, "
+                f"which this daemon, running as {named_uid(os.geteuid())}, does not have: "
+                f"choose a port of {start} or more, or grant it (under systemd, "
+                "AmbientCapabilities=CAP_NET_BIND_SERVICE)")
     if code == errno.EADDRNOTAVAIL:
         return (f"{why}; no interface of this machine has that address (`ip -brief "
                 "address` lists theirs): choose one of them, or 127.0.0.1")
@@ -58,19 +59,26 @@ def cannot_listen(address: HostPort, setting: str, code: int) -> str:
 
 def check_port(address: HostPort, setting: str = "--metrics") -> None:
     """StartupError when this process may not listen on ``address``'s port: one
-    below ``net.ipv4.ip_unprivileged_port_start`` (1024) without the
+    below ``net.ipv4.ip_unprivileged_port_start`` (1024 by default) without the
     CAP_NET_BIND_SERVICE capability, which every user but root lacks (and root
     too, in a unit that drops it).  Told without binding: a port in use is left
     to the start, since a running daemon's own would look taken."""
-    if address.port and address.port < _unprivileged_start() and not _binds_low_ports():
+    if address.port and _privileged(address.port) and not _binds_low_ports():
         raise StartupError(cannot_listen(address, setting, errno.EACCES))
 
 
-def _unprivileged_start() -> int:
+def _privileged(port: int) -> bool:
+    """Whether ``port`` is below the sysctl's start; False when it cannot be read
+    (the units' ``ProcSubset=pid`` hides ``/proc/sys``): the start then finds out."""
+    start = _unprivileged_start()
+    return start is not None and port < start
+
+
+def _unprivileged_start() -> int | None:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
     except (OSError, ValueError):
-        return 1024
+        return None
 
 
 def _binds_low_ports() -> bool:

@@ -838,7 +838,7 @@ def test_a_socket_directory_the_daemon_may_not_write_in_is_named_with_its_owner(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
 @pytest.mark.parametrize("kind", ["in root's", "to be made in root's", "lock left",
-                                  "metrics in root's"])
+                                  "stale socket", "metrics in root's"])
 def test_check_config_refuses_a_socket_this_user_could_not_bind(short_tmp: Path,
                                                                  kind: str) -> None:
     # Reproduced first: nobody's --check-config said "valid" for a socket in root's
@@ -864,6 +864,24 @@ def test_check_config_refuses_a_socket_this_user_could_not_bind(short_tmp: Path,
         Path(f"{sock}.lock").touch(mode=0o600)
         os.chown(f"{sock}.lock", 65534, 65534)
         message = f"cannot bind {sock}: Permission denied"
+    elif kind == "stale socket":
+        # Left by a start as nobody when the directory was still its: the lock is
+        # taken, and removing the socket fails (the start ended in a traceback).
+        Path(f"{sock}.lock").touch(mode=0o600)
+        os.chown(f"{sock}.lock", 65534, 65534)
+        with socket.socket(socket.AF_UNIX) as stale:
+            stale.bind(str(sock))
+        sock.chmod(0o777)  # nobody may try it: nothing answers, so it is stale
+        args = ["--socket", str(sock), "--state-dir", str(state)]
+        checked = as_nobody("--check-config", *args)
+        assert (checked.returncode, checked.stderr) == (
+            1, f"migblockd: cannot bind {sock}: Permission denied\n")
+        started = as_nobody(*args)
+        assert started.returncode == 1
+        assert (f"ERROR: cannot remove the stale socket {sock}: Permission denied; remove "
+                "it, or choose another --socket\n") in started.stderr, started.stderr
+        assert "Traceback" not in started.stderr
+        return
     else:
         args = ["--socket", str(theirs / "q.sock"), "--state-dir", str(state),
                 "--metrics", str(run / "metrics.sock")]
@@ -872,6 +890,58 @@ def test_check_config_refuses_a_socket_this_user_could_not_bind(short_tmp: Path,
     assert_check_and_start_refuse(args, message)
     # Root may bind there: valid for root.
     assert check_config(*args).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
+@pytest.mark.parametrize("kind", ["a file", "a dangling link", "lock a link", "lock a directory",
+                                  "fallback of root's"])
+def test_check_config_says_what_the_start_says_of_what_is_in_the_socket_s_way(
+        short_tmp: Path, kind: str) -> None:
+    # Found by review: the check said "cannot create ...; let this user write in it"
+    # (or "valid") where the start met something else, and for a fallback socket
+    # directory of root's it advised the unsafe fix the start refuses.
+    run, state = root_run_nobody_state(short_tmp)
+    mine = short_tmp / "mine"
+    mine.mkdir(mode=0o700)
+    os.chown(mine, 65534, 65534)
+    env = dict(os.environ)
+    if kind == "a file":
+        (run / "f").write_text("")
+        sock = run / "f" / "q.sock"
+    elif kind == "a dangling link":
+        (run / "gone").symlink_to("/nonexistent")
+        sock = run / "gone" / "q.sock"
+    elif kind == "lock a link":
+        sock = mine / "q.sock"
+        (mine / "target").touch()
+        os.chown(mine / "target", 65534, 65534)
+        os.symlink(mine / "target", f"{sock}.lock")
+        os.lchown(f"{sock}.lock", 65534, 65534)
+    elif kind == "lock a directory":
+        sock = mine / "q.sock"
+        os.mkdir(f"{sock}.lock")
+        os.chown(f"{sock}.lock", 65534, 65534)
+    else:
+        tmpdir = short_tmp / "tmp"
+        tmpdir.mkdir(mode=0o1777)
+        tmpdir.chmod(0o1777)
+        (tmpdir / "migblockd-65534").mkdir(mode=0o755)  # root's, where nobody's goes
+        env["TMPDIR"] = str(tmpdir)
+        env.pop("XDG_RUNTIME_DIR", None)
+        sock = tmpdir / "migblockd-65534" / "migblockd.sock"
+    args = ["--state-dir", str(state)] if kind == "fallback of root's" else [
+        "--socket", str(sock), "--state-dir", str(state)]
+
+    def run_as_nobody(*more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*AS_NOBODY, sys.executable, "-m", "migblockd", *more, *args],
+                              capture_output=True, text=True, timeout=30, env=env)
+
+    checked, started = run_as_nobody("--check-config"), run_as_nobody()
+    assert started.returncode == 1, started.stderr
+    said = started.stderr.split(" ERROR: ", 1)[1].split("\n", 1)[0]
+    assert (checked.returncode, checked.stderr) == (1, f"migblockd: {said}\n") or (
+        kind in ("a file", "a dangling link") and checked.returncode == 0), checked.stderr
+    assert "let this user write in it" not in checked.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")

@@ -348,10 +348,13 @@ def test_a_port_below_1024_is_refused_to_a_daemon_that_may_not_bind_it(
     run = short_tmp / "run"
     run.mkdir(mode=0o700)
     os.chown(run, 65534, 65534)
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    assert start > 80, "this host lets every user bind port 80: nothing to refuse here"
     args = ["--socket", str(run / "q.sock"), "--ephemeral", "--metrics", "127.0.0.1:80"]
-    message = ("--metrics 127.0.0.1:80: cannot listen: Permission denied; a port below 1024 "
-               "takes the CAP_NET_BIND_SERVICE capability, which this daemon, running as uid "
-               "65534 (nobody), does not have: choose a port of 1024 or more")
+    message = (f"--metrics 127.0.0.1:80: cannot listen: Permission denied; a port below "
+               f"{start} takes the CAP_NET_BIND_SERVICE capability, which this daemon, "
+               f"running as uid 65534 (nobody), does not have: choose a port of {start} or "
+               "more, or grant it (under systemd, AmbientCapabilities=CAP_NET_BIND_SERVICE)")
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                  sys.executable, "-m", "migblockd"]
     checked = subprocess.run([*as_nobody, "--check-config", *args], cwd=ROOT,
@@ -366,6 +369,14 @@ def test_a_port_below_1024_is_refused_to_a_daemon_that_may_not_bind_it(
     root = subprocess.run([sys.executable, "-m", "migblockd", "--check-config", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert root.returncode == 0, root.stderr
+    # Where /proc/sys is hidden (the units' ProcSubset=pid) the limit cannot be
+    # read: the check does not refuse what it cannot tell (the sysctl may be 0).
+    hidden = subprocess.run(
+        ["unshare", "--mount", "sh", "-c",
+         'mount -t proc -o subset=pid proc /proc && exec "$@"', "sh",
+         *as_nobody, "--check-config", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (hidden.returncode, hidden.stderr) == (0, ""), hidden.stderr
 
 
 def test_a_bad_address_is_refused_before_anything_starts() -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 from migblockd.paths import fallback_problem, fallback_remedy, fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.resolver import group_name, user_name, who
-from migblockd.trust import named_uid, refusal
+from migblockd.trust import ownership, refusal
 from migblockd.writable import denied, first_missing
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "StartupError",
@@ -379,8 +379,7 @@ def _whose(place: Path) -> str | None:
         st = place.stat()
     except OSError:
         return None
-    return (f"{place} belongs to {named_uid(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}, "
-            f"and this daemon runs as {named_uid(os.geteuid())}")
+    return f"{place} {ownership(st)}"
 
 
 def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:

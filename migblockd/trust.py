@@ -30,7 +30,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Distrust", "distrust", "named_uid", "refusal"]
+__all__ = ["Distrust", "distrust", "named_uid", "ownership", "refusal"]
 
 #: Group and world write bits.
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -154,6 +154,13 @@ def refusal(directory: Path, *, kind: str, asset: str, option: str,
                 f"choose another {option}")
     return (f"{what} is writable by others (mode {found.mode:04o}), so they could replace "
             f"{asset}; chmod go-w {found.place}, or choose another {option}")
+
+
+def ownership(st: os.stat_result) -> str:
+    """``belongs to uid 0 (root), mode 0755, and this daemon runs as uid 65534
+    (nobody)``: what a message says of a file or directory in the daemon's way."""
+    return (f"belongs to {named_uid(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}, "
+            f"and this daemon runs as {named_uid(os.geteuid())}")
 
 
 def named_uid(uid: int) -> str:

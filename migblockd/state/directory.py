@@ -19,7 +19,7 @@ from pathlib import Path
 
 from migblockd.paths import make_private_directory
 from migblockd.state.errors import StateError, account, owner_mismatch, read_only
-from migblockd.trust import named_uid, refusal
+from migblockd.trust import named_uid, ownership, refusal
 from migblockd.writable import denied, first_missing
 
 __all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory", "make_directory"]
@@ -73,8 +73,7 @@ def _create_fix(directory: Path, e: OSError) -> str:
     mode, me = stat.S_IMODE(st.st_mode), os.geteuid()
     if st.st_uid == me:
         return f" (this user may not write in {place}, mode {mode:04o}); chmod u+w {place}"
-    return (f" ({place} belongs to {named_uid(st.st_uid)}, mode {mode:04o}, and this daemon "
-            f"runs as {named_uid(me)}); as {account(st.st_uid)}, make it for this user: "
+    return (f" ({place} {ownership(st)}); as {account(st.st_uid)}, make it for this user: "
             f"install -d -m 0700 -o {account(me)} {directory}")
 
 

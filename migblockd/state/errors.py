@@ -10,11 +10,10 @@ from __future__ import annotations
 import os
 import pwd
 import sqlite3
-import stat
 from pathlib import Path
 from typing import Final
 
-from migblockd.trust import named_uid
+from migblockd.trust import ownership
 
 __all__ = [
     "StateError",
@@ -178,8 +177,7 @@ def owner_mismatch(path: Path, st: os.stat_result) -> tuple[str, str]:
     because another user owns it (a copy made as root, a directory chowned
     without ``-R``), where "fix its permissions" would not say what is wrong."""
     uid = os.geteuid()
-    return (f"it belongs to {named_uid(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}, "
-            f"and this daemon runs as {named_uid(uid)}", f"chown {account(uid)}: {path}")
+    return f"it {ownership(st)}", f"chown {account(uid)}: {path}"
 
 
 def account(uid: int) -> str:

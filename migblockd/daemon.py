@@ -29,7 +29,7 @@ from migblockd.admission import Admission
 from migblockd.config import COMMAND_LINE, Config, Sources
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.listen import Claim, StartupError, claim_socket
+from migblockd.listen import Claim, claim_socket
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
 from migblockd.preflight import (
@@ -43,6 +43,7 @@ from migblockd.preflight import (
 from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
+from migblockd.startup import StartupError
 from migblockd.state import StateError, Store, Unsettled
 from migblockd.systemd import ActivationError, Notifier, activated_listener
 

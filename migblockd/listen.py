@@ -3,7 +3,7 @@
 Three rules keep the socket the daemon's own:
 
 * Its directory is one that nobody but the daemon's user and root can change
-  (:func:`check_socket_directory`): whoever can write there could rename the
+  (:mod:`migblockd.socketdir`): whoever can write there could rename the
   socket away and bind an impostor in its place, which clients would trust.
 * One daemon per socket path: an exclusive ``flock`` on ``PATH.lock``, beside
   the socket, is taken before anything else (:func:`lock_socket`), so of two
@@ -28,25 +28,30 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from migblockd.paths import fallback_problem, fallback_remedy, fallback_socket_dir
+from migblockd.paths import fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
-from migblockd.resolver import group_name, user_name, who
-from migblockd.trust import ownership, refusal
+from migblockd.socketdir import (
+    cannot_create,
+    check_fallback,
+    check_socket_directory,
+    make_socket_dir,
+    not_given,
+    socket_dir_exists,
+    whose,
+)
+from migblockd.startup import StartupError
+from migblockd.trust import unsearchable
 from migblockd.writable import denied, first_missing
 
-__all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "StartupError",
-           "bind_claimed", "bind_socket", "check_socket_directory", "check_socket_path",
-           "check_socket_writable", "claim_socket", "make_socket_dir", "stale_socket"]
+__all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "bind_claimed",
+           "bind_socket", "check_socket_path", "check_socket_writable", "claim_socket",
+           "stale_socket"]
 
 log = logging.getLogger("migblockd")
 
 LISTEN_BACKLOG = 1024
 #: sun_path is 108 bytes on Linux, one of them the terminating NUL.
 UNIX_PATH_MAX = 107
-
-
-class StartupError(Exception):
-    """The daemon cannot start; ``str()`` is the one-line reason for the log."""
 
 
 @dataclass
@@ -89,7 +94,7 @@ def claim_socket(path: Path, mode: int, group: int | None = None, *,
     restores) anything.  Only the socket's directory and lock file are made.
     """
     check_socket_path(path, option)
-    if not path.parent.is_dir():
+    if not socket_dir_exists(path.parent, option):
         # What exists of the path is judged before anything is made there: refused
         # only once made, the directories would be left behind.
         check_socket_directory(path.parent, option, to_be_made=True)
@@ -190,106 +195,12 @@ def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socke
             sock.close()
             with contextlib.suppress(OSError):
                 path.unlink()
-            raise StartupError(_not_given(path, group, exc)) from None
+            raise StartupError(not_given(path, group, exc)) from None
     # Listening at once: a client (or a second daemon probing) that comes before
     # we accept waits in the backlog instead of finding a "stale" socket.
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
-
-
-def make_socket_dir(directory: Path, socket_mode: int, group: int | None,
-                    option: str = "--socket") -> None:
-    """Create the socket's directory if it is missing; refuse an unsafe fallback directory.
-
-    A directory we create is searchable by exactly whom ``socket_mode`` lets
-    connect (0700, plus x for the group and for others as the mode grants them:
-    a 0666 socket in a 0700 directory would be unreachable), and belongs to
-    ``group`` when given.  The non-root fallback under the shared temporary
-    directory may have been made by another user to catch our clients, so it
-    must be ours and writable by nobody else.
-    """
-    try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            pass
-        else:
-            # Ours, made now: nobody else's to judge, and judged by name it might
-            # be something else already (check_socket_directory refuses a
-            # directory anyone else may change).
-            _give_socket_dir(directory, socket_mode, group)
-            return
-    except OSError as exc:
-        raise StartupError(_cannot_create(directory, exc, option)) from None
-    if directory != fallback_socket_dir():
-        return
-    _check_fallback(directory)
-
-
-def _check_fallback(directory: Path) -> None:
-    """Refuse the per-user fallback under the shared temporary directory unless it
-    is this user's and writable by nobody else (see :func:`make_socket_dir`)."""
-    problem = fallback_problem(directory, "the daemon's")
-    if problem is not None:
-        raise StartupError(
-            f"refusing to put the socket in {directory}: {problem}, so another user could "
-            f"replace the socket; {fallback_remedy(directory)}, or set XDG_RUNTIME_DIR, or "
-            "choose another --socket")
-
-
-def _give_socket_dir(directory: Path, socket_mode: int, group: int | None) -> None:
-    """Give a directory just made its group and mode, or remove it: a directory left
-    0700 would be taken as it is at the next start (an existing one is left alone),
-    and keep out the very group members the socket's mode lets in.
-
-    Through a descriptor, not by name: whoever may write to the parent (a shared
-    one, before :func:`check_socket_directory` refuses it) could swap the new
-    directory for a symlink meanwhile, and a chown or chmod by name would give the
-    symlink's target our group and mode.  What the descriptor opens must be a
-    directory of ours (no symlink is followed to it).
-    """
-    try:
-        try:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise StartupError(_replaced(directory, exc.strerror)) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-                raise StartupError(_replaced(directory, f"it belongs to {who(st.st_uid)}"))
-            if group is not None:
-                try:
-                    os.fchown(fd, -1, group)
-                except OSError as exc:
-                    raise StartupError(_not_given(directory, group, exc)) from None
-            os.fchmod(fd, 0o700 | (0o010 if socket_mode & 0o070 else 0)
-                      | (0o001 if socket_mode & 0o007 else 0))
-        finally:
-            os.close(fd)
-    except BaseException:
-        # By name, but harmless: rmdir(2) follows no symlink, and removes only an
-        # empty directory.
-        with contextlib.suppress(OSError):
-            os.rmdir(directory)
-        raise
-
-
-def _replaced(directory: Path, why: str | None) -> str:
-    return (f"cannot create {directory}: something else took its place as it was created "
-            f"({why}), so another user may write to {directory.parent}; choose another "
-            "--socket")
-
-
-def _not_given(path: Path, gid: int, exc: OSError) -> str:
-    """Why ``path`` could not be given to --socket-group ``gid``, and what to run."""
-    name = group_name(gid) or str(gid)
-    uid = os.geteuid()
-    user = user_name(uid)
-    run = f": usermod -aG {name} {user}, then start it again" if user is not None else ""
-    return (f"cannot give {path} to group {name}: {exc.strerror} (the daemon's user, "
-            f"{who(uid)}, must be a member of the group{run})")
 
 
 def _answers(path: Path) -> bool:
@@ -304,25 +215,6 @@ def _answers(path: Path) -> bool:
     finally:
         probe.close()
     return True
-
-
-# --------------------------------------------------------------------------- the directory
-
-
-def check_socket_directory(directory: Path, option: str = "--socket", *,
-                           to_be_made: bool = False, owner: int | None = None) -> None:
-    """Refuse a socket directory that anyone but this user and root could change
-    (:mod:`migblockd.trust` has the rule); ``option`` named the socket.
-    ``to_be_made``: it may be missing, and what exists of its path is judged.
-    ``owner``: a uid trusted as this user is (:func:`migblockd.trust.distrust`)."""
-    try:
-        why = refusal(directory, kind="socket directory", asset="the socket", option=option,
-                      to_be_made=to_be_made, owner=owner)
-    except OSError as exc:
-        raise StartupError(f"cannot check socket directory {directory}: "
-                           f"{exc.filename}: {exc.strerror}") from None
-    if why is not None:
-        raise StartupError(f"refusing to serve from {directory}: {why}")
 
 
 # --------------------------------------------------------------------------- the lock
@@ -351,35 +243,16 @@ def _lock_remedy(path: Path, exc: LockFailed, option: str) -> str:
     """What to do when ``SOCKET.lock`` cannot be opened or locked: whose file or
     directory is in the way (a socket directory made by root for a daemon that
     runs as another user, say), else another socket path."""
+    if (exc.opening and exc.errno == errno.EACCES
+            and not os.access(path.parent, os.X_OK, effective_ids=True)):
+        return unsearchable(path.parent, option)
     if exc.opening and exc.errno in (errno.EACCES, errno.EPERM):
         place, fix = (path, "remove it") if path.is_file() else (path.parent, "let this user "
                                                                   "write in it")
-        whose = _whose(place)
-        if whose is not None:
-            return f"{whose}: {fix}, or choose another {option}"
+        owned = whose(place)
+        if owned is not None:
+            return f"{owned}: {fix}, or choose another {option}"
     return f"choose another {option}"
-
-
-def _cannot_create(directory: Path, exc: OSError, option: str) -> str:
-    """Why the socket's ``directory`` (or a missing one above it) could not be
-    made, and, when this user may not write where it goes, whose directory that is."""
-    whose = None
-    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
-        whose = _whose(Path(os.fsdecode(exc.filename)).parent)
-    if whose is None:
-        return f"cannot create {directory}: {exc.strerror}"
-    return (f"cannot create {directory}: {exc.strerror}; {whose}: let this user write in it, "
-            f"or choose another {option}")
-
-
-def _whose(place: Path) -> str | None:
-    """``PLACE belongs to uid 0 (root), mode 0755, and this daemon runs as ...``
-    (None when it cannot be told)."""
-    try:
-        st = place.stat()
-    except OSError:
-        return None
-    return f"{place} {ownership(st)}"
 
 
 def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
@@ -388,17 +261,18 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
     directory it could not make on the way, a lock file it could not open, a
     directory it could not take the lock or bind the socket in."""
     directory = socket_path.parent
-    if os.path.lexists(directory) and not directory.is_dir():
+    is_dir = socket_dir_exists(directory, option)
+    if os.path.lexists(directory) and not is_dir:
         return  # in the way (a file, a dangling link): the start says what is
-    if directory.is_dir() and directory == fallback_socket_dir():
-        _check_fallback(directory)  # the start refuses it before it tries to write there
-    if not directory.is_dir():
+    if is_dir and directory == fallback_socket_dir():
+        check_fallback(directory)  # the start refuses it before it tries to write there
+    if not is_dir:
         first = first_missing(directory)
         if not first.parent.is_dir():
             return  # in the way: the start says what is
         code = denied(first.parent, os.W_OK | os.X_OK)
         if code:
-            raise StartupError(_cannot_create(directory, OSError(
+            raise StartupError(cannot_create(directory, OSError(
                 code, os.strerror(code), str(first)), option))
         return
     lock = socket_path.with_name(socket_path.name + ".lock")

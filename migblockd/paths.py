@@ -44,7 +44,7 @@ def default_socket_path() -> Path:
 
 def fallback_socket_dir() -> Path:
     """``${TMPDIR:-/tmp}/migblockd-UID``: in a directory every user can write to, so the
-    daemon refuses it unless it is its own (see ``migblockd.listen.make_socket_dir``),
+    daemon refuses it unless it is its own (see ``migblockd.socketdir.make_socket_dir``),
     and the clients do not connect through it then (:func:`fallback_refusal`)."""
     tmp = os.environ.get("TMPDIR") or "/tmp"
     return Path(tmp) / f"migblockd-{os.geteuid()}"

@@ -34,18 +34,15 @@ from migblockd.config import COMMAND_LINE, Config, HostPort, Sources
 from migblockd.contract import Contract
 from migblockd.denied import kept_out
 from migblockd.guard import policy_warnings
-from migblockd.listen import (
-    StartupError,
-    check_socket_directory,
-    check_socket_path,
-    check_socket_writable,
-)
+from migblockd.listen import check_socket_path, check_socket_writable
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import passthrough_warnings
 from migblockd.regular import NotRegularFile
 from migblockd.resolver import Resolver, group_id
 from migblockd.served import check_served
 from migblockd.shapes import check_shapes
+from migblockd.socketdir import check_socket_directory, socket_dir_exists
+from migblockd.startup import StartupError
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory
 from migblockd.tcp import check_port, resolve_tcp
@@ -255,10 +252,10 @@ def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool,
 def _socket_at(path: Path, option: str, as_daemon: bool) -> None:
     """``option``: what the messages say to change (:meth:`Sources.choice`)."""
     check_socket_path(path, option)
+    exists = socket_dir_exists(path.parent, option)
     # One still to be made is judged by what exists of its path, as the start does.
     owner = _daemon_user(path.parent, as_daemon)
-    check_socket_directory(path.parent, option, to_be_made=not path.parent.is_dir(),
-                           owner=owner)
+    check_socket_directory(path.parent, option, to_be_made=not exists, owner=owner)
     if owner is None:  # else root checks for the daemon's user, which it cannot play
         check_socket_writable(path, option)
 

@@ -43,10 +43,11 @@ from prometheus_client.registry import CollectorRegistry
 
 from migblockd.config import COMMAND_LINE, HostPort, Sources
 from migblockd.exposition import MIN_INTERVAL, MetricsApp, gzip_wanted
-from migblockd.listen import StartupError, bind_socket
+from migblockd.listen import bind_socket
 from migblockd.pidlock import PidLock
 from migblockd.preflight import not_the_qmp_socket
 from migblockd.scrape_request import RequestHandler
+from migblockd.startup import StartupError
 from migblockd.tcp import cannot_listen, resolve_tcp
 
 __all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_DEADLINE", "REQUEST_TIMEOUT", "MetricsApp",

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from migblockd.commands import has_handler
 from migblockd.contract import Contract
-from migblockd.listen import StartupError
 from migblockd.qapi.error import QAPIError
 from migblockd.registry import DEFAULT_MODE
+from migblockd.startup import StartupError
 
 __all__ = ["MIG_MODE", "check_served"]
 

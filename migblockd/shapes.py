@@ -28,9 +28,9 @@ import functools
 from typing import Any
 
 from migblockd.contract import CommandSpec, Contract
-from migblockd.listen import StartupError
 from migblockd.qapi.error import QAPIError
 from migblockd.served import MIG_MODE
+from migblockd.startup import StartupError
 
 __all__ = ["check_shapes"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from migblockd.config import HostPort
-from migblockd.listen import StartupError
+from migblockd.startup import StartupError
 from migblockd.trust import named_uid
 
 __all__ = ["cannot_listen", "check_port", "resolve_tcp"]

@@ -30,7 +30,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Distrust", "distrust", "named_uid", "ownership", "refusal"]
+__all__ = ["Distrust", "distrust", "named_uid", "ownership", "refusal", "search_fix",
+           "unsearchable"]
 
 #: Group and world write bits.
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -170,3 +171,34 @@ def named_uid(uid: int) -> str:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except KeyError:
         return f"uid {uid}"
+
+
+def search_fix(e: OSError, option: str) -> str:
+    """What to do when a path given by ``option`` could not be examined
+    (``e``): let this user search the directory on the way that it may not
+    (the one holding the name that could not be looked up), or, for another
+    error (a loop of symbolic links), choose another path."""
+    if e.errno != errno.EACCES or not e.filename:
+        return f"choose another {option}"
+    named = Path(os.path.abspath(os.fsdecode(e.filename)))
+    # The name may be the whole path (stat), not where the lookup stopped (lstat
+    # of each part): the first directory from / on that this user may not search.
+    closed = next((p for p in reversed(named.parents)
+                   if not os.access(p, os.X_OK, effective_ids=True)), named.parent)
+    return unsearchable(closed, option)
+
+
+def unsearchable(closed: Path, option: str) -> str:
+    """``this daemon, running as ..., may not search CLOSED (...): let it ...``:
+    what lets this user through ``closed``, a directory it may not search."""
+    try:
+        st = closed.stat()
+    except OSError:
+        return f"let this user search {closed}, or choose another {option}"
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == os.geteuid():
+        return (f"this user may not search {closed} (mode {mode:04o}): chmod u+x {closed}, "
+                f"or choose another {option}")
+    return (f"this daemon, running as {named_uid(os.geteuid())}, may not search {closed} "
+            f"({named_uid(st.st_uid)}'s, mode {mode:04o}): let it (chmod o+x {closed}, say), "
+            f"or choose another {option}")

@@ -19,7 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from migblockd.listen import StartupError, stale_socket
+from migblockd.listen import stale_socket
+from migblockd.startup import StartupError
 
 __all__ = ["main"]
 

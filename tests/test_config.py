@@ -23,7 +23,7 @@ from realqemu import wait_until
 from migblockd.cli import options
 from migblockd.config import Config, ConfigError, HostPort, build
 from migblockd.kinds import describe
-from migblockd.listen import StartupError
+from migblockd.startup import StartupError
 from migblockd.tcp import resolve_tcp
 
 
@@ -945,6 +945,42 @@ def test_check_config_says_what_the_start_says_of_what_is_in_the_socket_s_way(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
+@pytest.mark.parametrize("option", ["--socket", "--metrics"])
+@pytest.mark.parametrize("where", ["below", "in"])
+def test_a_socket_behind_a_directory_this_user_may_not_search_is_named(
+        short_tmp: Path, option: str, where: str) -> None:
+    # Reproduced first: the start ended in a PermissionError traceback (from
+    # Path.is_dir() and from the lock's remedy), on every Python; the check said
+    # "cannot examine".  Both now name the directory and what lets the daemon in.
+    state = root_run_nobody_state(short_tmp)[1]
+    closed = short_tmp / "closed"
+    closed.mkdir(mode=0o700)  # root's
+    (closed / "sub").mkdir(mode=0o755)
+    sock = closed / "sub" / "q.sock" if where == "below" else closed / "q.sock"
+    mine = short_tmp / "mine"
+    mine.mkdir(mode=0o700)
+    os.chown(mine, 65534, 65534)
+    args = ["--state-dir", str(state)]
+    args += (["--socket", str(sock)] if option == "--socket"
+             else ["--socket", str(mine / "q.sock"), "--metrics", str(sock)])
+    fix = (f"this daemon, running as uid 65534 (nobody), may not search {closed} (uid 0 "
+           f"(root)'s, mode 0700): let it (chmod o+x {closed}, say), or choose another "
+           f"{option}")
+    if where == "below":
+        message = (f"cannot check socket directory {sock.parent}: {sock.parent}: Permission "
+                   f"denied; {fix}")
+    else:
+        message = f"cannot open the socket's lock file {sock}.lock: Permission denied; {fix}"
+    assert_check_and_start_refuse(args, message)
+    assert "Traceback" not in as_nobody(*args).stderr
+    # Let in as it says, nobody's check goes past it (to the next refusal: root's
+    # directory, which nobody may not write in).
+    closed.chmod(0o701)
+    checked = as_nobody("--check-config", *args)
+    assert "may not search" not in checked.stderr, checked.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
 def test_check_config_refuses_a_state_directory_this_user_could_not_make(
         short_tmp: Path) -> None:
     # Reproduced first: nobody's --check-config said "valid" for a state directory
@@ -1036,8 +1072,11 @@ def test_check_config_says_what_it_cannot_examine(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("migblockd: cannot examine /tmp/"), proc.stderr
-    assert "Permission denied" in proc.stderr
+    assert proc.stderr.startswith(f"migblockd: cannot check socket directory {tmp_path}: "
+                                  f"{tmp_path}: Permission denied; this daemon, running as "
+                                  "uid 65534 (nobody), may not search /tmp/"), proc.stderr
+    # The state directory there too, in its own words.
+    assert f"cannot check state directory {tmp_path / 'state'}: " in proc.stderr
 
 
 IGNORED_GROUP = ("migblockd: socket activation: --socket-group is ignored (the socket "

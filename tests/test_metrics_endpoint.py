@@ -36,9 +36,9 @@ from migblockd import exposition
 from migblockd import scrape as endpoint
 from migblockd.config import Config
 from migblockd.daemon import open_metrics
-from migblockd.listen import StartupError
 from migblockd.scrape import MAX_SCRAPES, MetricsServer
 from migblockd.scrape_request import MAX_HEADER_BYTES, MAX_REQUEST_LINE
+from migblockd.startup import StartupError
 
 
 @pytest.fixture

@@ -25,12 +25,9 @@ from pathlib import Path
 import pytest
 from conftest import READY_LINE, DaemonProcess, spawn_daemon
 
-from migblockd.listen import (
-    StartupError,
-    bind_socket,
-    check_socket_directory,
-    make_socket_dir,
-)
+from migblockd.listen import bind_socket
+from migblockd.socketdir import check_socket_directory, make_socket_dir
+from migblockd.startup import StartupError
 
 NOBODY = 65534
 AS_ROOT = os.geteuid() == 0

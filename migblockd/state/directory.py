@@ -19,7 +19,7 @@ from pathlib import Path
 
 from migblockd.paths import make_private_directory
 from migblockd.state.errors import StateError, account, owner_mismatch, read_only
-from migblockd.trust import named_uid, ownership, refusal
+from migblockd.trust import ownership, refusal, search_fix
 from migblockd.writable import denied, first_missing
 
 __all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory", "make_directory"]
@@ -147,26 +147,6 @@ def _search_fix(directory: Path) -> str:
     return f" ({held}); {fix}"
 
 
-def _check_fix(e: OSError) -> str:
-    """What to do when the path to a state directory could not be examined: a
-    directory on the way that this user may not search (the one holding the
-    name that could not be looked up), or a loop of symbolic links."""
-    if e.errno != errno.EACCES or not e.filename:
-        return "choose another --state-dir"
-    closed = Path(os.fsdecode(e.filename)).parent
-    try:
-        st = closed.stat()
-    except OSError:
-        return f"let this user search {closed}, or choose another --state-dir"
-    mode = stat.S_IMODE(st.st_mode)
-    if st.st_uid == os.geteuid():
-        return (f"this user may not search {closed} (mode {mode:04o}): chmod u+x {closed}, "
-                "or choose another --state-dir")
-    return (f"this daemon, running as {named_uid(os.geteuid())}, may not search {closed} "
-            f"({named_uid(st.st_uid)}'s, mode {mode:04o}): let it (chmod o+x {closed}, say), "
-            "or choose another --state-dir")
-
-
 def _check_trusted(directory: Path, place: Path, kind: str, *,
                    to_be_made: bool = False, owner: int | None = None) -> None:
     try:
@@ -174,6 +154,6 @@ def _check_trusted(directory: Path, place: Path, kind: str, *,
                       to_be_made=to_be_made, owner=owner)
     except OSError as e:
         raise StateError(f"cannot check state directory {directory}: "
-                         f"{e.filename}: {e.strerror}; {_check_fix(e)}") from None
+                         f"{e.filename}: {e.strerror}; {search_fix(e, '--state-dir')}") from None
     if why is not None:
         raise StateError(f"refusing to keep state in {directory}: {why}")

@@ -1,0 +1,173 @@
+"""The socket's directory: made for the socket, judged before it is trusted.
+
+Whoever can write in the directory that holds the socket could rename the
+socket away and bind an impostor in its place, which clients would trust.  So
+the daemon serves only from a directory that nobody but its user and root can
+change (:func:`check_socket_directory`; :mod:`migblockd.trust` has the rule).
+A directory it makes itself gets its group and mode through a descriptor, never
+by name (:func:`make_socket_dir`), and the per-user fallback under the shared
+temporary directory, which another user may have made first to catch our
+clients, must be this user's and writable by nobody else.  Each refusal names
+what is in the way and what lets the daemon in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from pathlib import Path
+
+from migblockd.paths import fallback_problem, fallback_remedy, fallback_socket_dir
+from migblockd.resolver import group_name, user_name, who
+from migblockd.startup import StartupError
+from migblockd.trust import ownership, refusal, search_fix
+
+__all__ = ["cannot_create", "check_fallback", "check_socket_directory", "make_socket_dir",
+           "not_given", "socket_dir_exists", "whose"]
+
+
+def check_socket_directory(directory: Path, option: str = "--socket", *,
+                           to_be_made: bool = False, owner: int | None = None) -> None:
+    """Refuse a socket directory that anyone but this user and root could change
+    (:mod:`migblockd.trust` has the rule); ``option`` named the socket.
+    ``to_be_made``: it may be missing, and what exists of its path is judged.
+    ``owner``: a uid trusted as this user is (:func:`migblockd.trust.distrust`)."""
+    try:
+        why = refusal(directory, kind="socket directory", asset="the socket", option=option,
+                      to_be_made=to_be_made, owner=owner)
+    except OSError as exc:
+        raise StartupError(_cannot_check(directory, exc, option)) from None
+    if why is not None:
+        raise StartupError(f"refusing to serve from {directory}: {why}")
+
+
+def socket_dir_exists(directory: Path, option: str) -> bool:
+    """Whether the socket's ``directory`` is there; a directory on the way
+    that this user may not search is refused, saying which."""
+    try:
+        return directory.is_dir()
+    except OSError as exc:
+        raise StartupError(_cannot_check(directory, exc, option)) from None
+
+
+def _cannot_check(directory: Path, exc: OSError, option: str) -> str:
+    return (f"cannot check socket directory {directory}: {exc.filename}: {exc.strerror}; "
+            f"{search_fix(exc, option)}")
+
+
+def make_socket_dir(directory: Path, socket_mode: int, group: int | None,
+                    option: str = "--socket") -> None:
+    """Create the socket's directory if it is missing; refuse an unsafe fallback directory.
+
+    A directory we create is searchable by exactly whom ``socket_mode`` lets
+    connect (0700, plus x for the group and for others as the mode grants them:
+    a 0666 socket in a 0700 directory would be unreachable), and belongs to
+    ``group`` when given.  The non-root fallback under the shared temporary
+    directory may have been made by another user to catch our clients, so it
+    must be ours and writable by nobody else.
+    """
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            # Ours, made now: nobody else's to judge, and judged by name it might
+            # be something else already (check_socket_directory refuses a
+            # directory anyone else may change).
+            _give_socket_dir(directory, socket_mode, group)
+            return
+    except OSError as exc:
+        raise StartupError(cannot_create(directory, exc, option)) from None
+    if directory != fallback_socket_dir():
+        return
+    check_fallback(directory)
+
+
+def check_fallback(directory: Path) -> None:
+    """Refuse the per-user fallback under the shared temporary directory unless it
+    is this user's and writable by nobody else (see :func:`make_socket_dir`)."""
+    problem = fallback_problem(directory, "the daemon's")
+    if problem is not None:
+        raise StartupError(
+            f"refusing to put the socket in {directory}: {problem}, so another user could "
+            f"replace the socket; {fallback_remedy(directory)}, or set XDG_RUNTIME_DIR, or "
+            "choose another --socket")
+
+
+def _give_socket_dir(directory: Path, socket_mode: int, group: int | None) -> None:
+    """Give a directory just made its group and mode, or remove it: a directory left
+    0700 would be taken as it is at the next start (an existing one is left alone),
+    and keep out the very group members the socket's mode lets in.
+
+    Through a descriptor, not by name: whoever may write to the parent (a shared
+    one, before :func:`check_socket_directory` refuses it) could swap the new
+    directory for a symlink meanwhile, and a chown or chmod by name would give the
+    symlink's target our group and mode.  What the descriptor opens must be a
+    directory of ours (no symlink is followed to it).
+    """
+    try:
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise StartupError(_replaced(directory, exc.strerror)) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                raise StartupError(_replaced(directory, f"it belongs to {who(st.st_uid)}"))
+            if group is not None:
+                try:
+                    os.fchown(fd, -1, group)
+                except OSError as exc:
+                    raise StartupError(not_given(directory, group, exc)) from None
+            os.fchmod(fd, 0o700 | (0o010 if socket_mode & 0o070 else 0)
+                      | (0o001 if socket_mode & 0o007 else 0))
+        finally:
+            os.close(fd)
+    except BaseException:
+        # By name, but harmless: rmdir(2) follows no symlink, and removes only an
+        # empty directory.
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+        raise
+
+
+def _replaced(directory: Path, why: str | None) -> str:
+    return (f"cannot create {directory}: something else took its place as it was created "
+            f"({why}), so another user may write to {directory.parent}; choose another "
+            "--socket")
+
+
+def not_given(path: Path, gid: int, exc: OSError) -> str:
+    """Why ``path`` could not be given to --socket-group ``gid``, and what to run."""
+    name = group_name(gid) or str(gid)
+    uid = os.geteuid()
+    user = user_name(uid)
+    run = f": usermod -aG {name} {user}, then start it again" if user is not None else ""
+    return (f"cannot give {path} to group {name}: {exc.strerror} (the daemon's user, "
+            f"{who(uid)}, must be a member of the group{run})")
+
+
+def cannot_create(directory: Path, exc: OSError, option: str) -> str:
+    """Why the socket's ``directory`` (or a missing one above it) could not be
+    made, and, when this user may not write where it goes, whose directory that is."""
+    owned = None
+    if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
+        owned = whose(Path(os.fsdecode(exc.filename)).parent)
+    if owned is None:
+        return f"cannot create {directory}: {exc.strerror}"
+    return (f"cannot create {directory}: {exc.strerror}; {owned}: let this user write in it, "
+            f"or choose another {option}")
+
+
+def whose(place: Path) -> str | None:
+    """``PLACE belongs to uid 0 (root), mode 0755, and this daemon runs as ...``
+    (None when it cannot be told)."""
+    try:
+        st = place.stat()
+    except OSError:
+        return None
+    return f"{place} {ownership(st)}"

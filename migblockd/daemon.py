@@ -30,7 +30,7 @@ from migblockd.config import COMMAND_LINE, Config, Sources
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.listen import Claim, claim_socket
-from migblockd.paths import NoDefault, default_state_dir
+from migblockd.paths import NoDefault, default_state_dir, home_problem
 from migblockd.persistence import restore, to_store
 from migblockd.preflight import (
     kept_out_notes,
@@ -141,7 +141,8 @@ def open_state(config: Config, registry: Registry,
         store = Store.open(config.state_dir,
                            restore=lambda snapshot: restore(registry, snapshot))
     except StateError as exc:
-        raise StartupError(exc.naming(sources.choice("state_dir"))) from None
+        raise StartupError(home_problem(config.state_dir)
+                           or exc.naming(sources.choice("state_dir"))) from None
     count = len(registry)
     log.info("restored %d %s from %s", count, "blocker" if count == 1 else "blockers",
              store.path)

@@ -35,6 +35,7 @@ from migblockd.contract import Contract
 from migblockd.denied import kept_out
 from migblockd.guard import policy_warnings
 from migblockd.listen import check_socket_path, check_socket_writable
+from migblockd.paths import home_problem
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import passthrough_warnings
 from migblockd.regular import NotRegularFile
@@ -170,7 +171,8 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
             try:
                 check()
             except StateError as exc:
-                found.append((key, exc.naming(sources.choice("state_dir"))))
+                home = None if config.state_dir is None else home_problem(config.state_dir)
+                found.append((key, home or exc.naming(sources.choice("state_dir"))))
             except StartupError as exc:
                 found.append((key, str(exc)))
             except OSError as exc:  # a directory on the way this user may not search

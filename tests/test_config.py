@@ -981,6 +981,44 @@ def test_a_socket_behind_a_directory_this_user_may_not_search_is_named(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
+@pytest.mark.parametrize("home", ["missing", "root's"])
+def test_a_default_state_directory_under_a_home_not_this_user_s_says_so(
+        short_tmp: Path, home: str) -> None:
+    # Reproduced first: nobody's default state directory is under its home,
+    # /nonexistent, and the start advised "install -d ... /nonexistent/.local/...";
+    # with the HOME that su and setpriv keep (root's), it advised a chown of root's
+    # own state directory to nobody.  Both now say the home is the cause.
+    run = short_tmp / "run"
+    short_tmp.chmod(0o755)
+    run.mkdir(mode=0o700)
+    os.chown(run, 65534, 65534)
+    if home == "missing":
+        where = short_tmp / "nonexistent"
+        why = "which does not exist (an account without a home, such as nobody)"
+        fix = "give --state-dir DIR, a directory this user may write, or --ephemeral"
+    else:
+        where = short_tmp / "root-home"
+        (where / ".local" / "state" / "migblockd").mkdir(mode=0o700, parents=True)
+        where.chmod(0o755)
+        why = ("which belongs to uid 0 (root), mode 0755, and this daemon runs as uid 65534 "
+               "(nobody) (a HOME kept from another user, as su and setpriv keep it?)")
+        fix = "set HOME to this user's home, or give --state-dir DIR, or --ephemeral"
+    default = where / ".local" / "state" / "migblockd"
+    message = (f"the default state directory {default} is under HOME ({where}), {why}; "
+               f"{fix} to keep nothing")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("STATE_DIRECTORY", "XDG_STATE_HOME")} | {"HOME": str(where)}
+    args = ["--socket", str(run / "q.sock")]
+    for check in (["--check-config"], []):
+        proc = subprocess.run([*AS_NOBODY, sys.executable, "-m", "migblockd", *check, *args],
+                              capture_output=True, text=True, timeout=30, env=env)
+        assert proc.returncode == 1
+        assert (f"migblockd: {message}\n" if check else f"ERROR: {message}\n") in proc.stderr, (
+            proc.stderr)
+    assert not (default / "lock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
 def test_check_config_refuses_a_state_directory_this_user_could_not_make(
         short_tmp: Path) -> None:
     # Reproduced first: nobody's --check-config said "valid" for a state directory

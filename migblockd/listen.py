@@ -41,7 +41,7 @@ from migblockd.socketdir import (
 )
 from migblockd.startup import StartupError
 from migblockd.trust import unsearchable
-from migblockd.writable import denied, first_missing
+from migblockd.writable import attribute_fix, denied, first_missing
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "bind_claimed",
            "bind_socket", "check_socket_path", "check_socket_writable", "claim_socket",
@@ -174,8 +174,9 @@ def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socke
         try:
             path.unlink()
         except OSError as exc:
+            fix = attribute_fix(path.parent, option) if exc.errno == errno.EPERM else None
             raise StartupError(f"cannot remove the stale socket {path}: {exc.strerror}; "
-                               f"remove it, or choose another {option}") from None
+                               f"{fix or f'remove it, or choose another {option}'}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # The socket is created with exactly ``mode`` (0777 less the umask), and
     # never chmod()ed by name afterwards.
@@ -184,7 +185,7 @@ def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socke
         sock.bind(os.fspath(path))
     except OSError as exc:
         sock.close()
-        raise StartupError(f"cannot bind {path}: {exc.strerror or exc}") from None
+        raise StartupError(_cannot_bind(path, exc, option)) from None
     finally:
         os.umask(old)
     if group is not None:
@@ -243,6 +244,10 @@ def _lock_remedy(path: Path, exc: LockFailed, option: str) -> str:
     """What to do when ``SOCKET.lock`` cannot be opened or locked: whose file or
     directory is in the way (a socket directory made by root for a daemon that
     runs as another user, say), else another socket path."""
+    if exc.opening and exc.errno == errno.EPERM:
+        fix = attribute_fix(path, option) or attribute_fix(path.parent, option)
+        if fix is not None:
+            return fix
     if (exc.opening and exc.errno == errno.EACCES
             and not os.access(path.parent, os.X_OK, effective_ids=True)):
         return unsearchable(path.parent, option)
@@ -289,4 +294,9 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
             os.strerror(code), opening=True, errno=code), option))
     code = denied(directory, os.W_OK | os.X_OK)
     if code:
-        raise StartupError(f"cannot bind {socket_path}: {os.strerror(code)}")
+        raise StartupError(_cannot_bind(socket_path, OSError(code, os.strerror(code)), option))
+
+
+def _cannot_bind(path: Path, exc: OSError, option: str) -> str:
+    fix = attribute_fix(path.parent, option) if exc.errno == errno.EPERM else None
+    return f"cannot bind {path}: {exc.strerror or exc}" + (f"; {fix}" if fix else "")

@@ -23,6 +23,7 @@ from migblockd.paths import fallback_problem, fallback_remedy, fallback_socket_d
 from migblockd.resolver import group_name, user_name, who
 from migblockd.startup import StartupError
 from migblockd.trust import ownership, refusal, search_fix
+from migblockd.writable import attribute_fix
 
 __all__ = ["cannot_create", "check_fallback", "check_socket_directory", "make_socket_dir",
            "not_given", "socket_dir_exists", "whose"]
@@ -154,6 +155,10 @@ def not_given(path: Path, gid: int, exc: OSError) -> str:
 def cannot_create(directory: Path, exc: OSError, option: str) -> str:
     """Why the socket's ``directory`` (or a missing one above it) could not be
     made, and, when this user may not write where it goes, whose directory that is."""
+    if exc.errno == errno.EPERM and exc.filename:
+        fix = attribute_fix(Path(os.fsdecode(exc.filename)).parent, option)
+        if fix is not None:
+            return f"cannot create {directory}: {exc.strerror}; {fix}"
     owned = None
     if exc.errno in (errno.EACCES, errno.EPERM) and exc.filename:
         owned = whose(Path(os.fsdecode(exc.filename)).parent)

@@ -6,15 +6,30 @@ start would, without making, opening or binding anything: whether ``mkdir``,
 read-only file system.  ``access(2)`` with the effective ids answers as those
 calls would, for this user; root, checking for a daemon that runs as another
 user, cannot play that user, and leaves it to the start.
+
+A file or directory marked immutable (``chattr +i``) refuses every write with
+``EPERM``, root's too, and an append-only one (``chattr +a``) every removal
+and rename: no mode or owner explains that, so the messages name the attribute
+(:func:`attribute_fix`).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import struct
 from pathlib import Path
 
-__all__ = ["denied", "first_missing"]
+__all__ = ["attribute", "attribute_fix", "denied", "first_missing"]
+
+#: ioctl(2) request for a file's inode flags (``lsattr``): FS_IOC_GETFLAGS.
+_FS_IOC_GETFLAGS = 0x80086601
+#: The flags that refuse writes whatever the mode: (bit, name, chattr letter, what it stops).
+_ATTRIBUTES = (
+    (0x10, "immutable", "i", "from changing it"),
+    (0x20, "append-only", "a", "from removing or renaming anything in it"),
+)
 
 
 def denied(place: Path, access: int) -> int:
@@ -26,7 +41,42 @@ def denied(place: Path, access: int) -> int:
             return errno.EROFS
     except OSError:
         return 0
+    if access & os.W_OK and (found := attribute(place)) is not None and found[0] == "immutable":
+        return errno.EPERM
     return 0 if os.access(place, access, effective_ids=True) else errno.EACCES
+
+
+def attribute(place: Path) -> tuple[str, str, str] | None:
+    """``place``'s attribute that refuses writes whatever its mode, as (name,
+    chattr letter, what it stops): immutable first; None when it has neither,
+    or when that cannot be told (not there, not readable, a file system
+    without such flags)."""
+    try:
+        fd = os.open(place, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(4))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    flags = struct.unpack("I", raw)[0]
+    return next(((name, letter, stops) for bit, name, letter, stops in _ATTRIBUTES
+                 if flags & bit), None)
+
+
+def attribute_fix(place: Path, option: str | None) -> str | None:
+    """``PLACE is immutable (chattr +i), which keeps even root from changing it:
+    chattr -i PLACE, or choose another OPTION`` (without that last part when
+    ``option`` is None); None when ``place`` has no such attribute."""
+    found = attribute(place)
+    if found is None:
+        return None
+    name, letter, stops = found
+    other = "" if option is None else f", or choose another {option}"
+    return (f"{place} is {name} (chattr +{letter}), which keeps even root {stops}: "
+            f"chattr -{letter} {place}{other}")
 
 
 def first_missing(directory: Path) -> Path:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 from migblockd.paths import make_private_directory
 from migblockd.state.errors import StateError, account, owner_mismatch, read_only
+from migblockd.state.lock import check_lockable
 from migblockd.trust import ownership, refusal, search_fix
-from migblockd.writable import denied, first_missing
+from migblockd.writable import attribute_fix, denied, first_missing
 
 __all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory", "make_directory"]
 
@@ -41,6 +42,9 @@ def make_directory(directory: Path) -> None:
 def _cannot_create(directory: Path, e: OSError) -> StateError:
     if e.errno == errno.EROFS:
         why = f"; {read_only(directory, to_be_made=True)}"
+    elif e.errno == errno.EPERM and e.filename and (fix := attribute_fix(
+            Path(os.fsdecode(e.filename)).parent, "--state-dir")):
+        return StateError(f"cannot create state directory {directory}: {e.strerror}; {fix}")
     else:
         why = _create_fix(directory, e)
     return StateError(f"cannot create state directory {directory}: {e.strerror}{why}, "
@@ -103,6 +107,8 @@ def check_existing_directory(directory: Path, *, owner: int | None = None) -> No
     if not directory.is_dir():
         raise _not_a_directory(directory)
     check_directory(directory, owner=owner)
+    if owner is None:  # as above
+        check_lockable(directory)
 
 
 def check_directory(directory: Path, *, owner: int | None = None) -> None:

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.state.errors import StateError, owner_mismatch, read_only
+from migblockd.writable import attribute_fix, denied
 
-__all__ = ["LOCK_NAME", "DatabaseLock", "lock_database", "lock_directory"]
+__all__ = ["LOCK_NAME", "DatabaseLock", "check_lockable", "lock_database", "lock_directory"]
 
 LOCK_NAME = "lock"
 
@@ -38,25 +39,48 @@ def lock_directory(directory: Path) -> PidLock:
         raise StateError(f"state directory {directory} is locked by another migblockd "
                          f"({held.holder}); stop it, or use another --state-dir") from None
     except LockFailed as exc:
-        if exc.opening and path.is_symlink():
-            raise StateError(f"{path} is a symbolic link, which migblockd never follows; "
-                             "remove it (the daemon makes its lock file itself)") from None
-        if exc.opening and path.exists() and not path.is_file():
-            raise StateError(f"{path} is not a regular file; remove it "
-                             "(the daemon makes its lock file itself)") from None
-        if exc.opening and exc.errno == errno.EACCES and path.is_file():
-            # The file is in the way, not the directory: say so, and whose it is
-            # (a directory chowned to the daemon's user without -R, say).
-            raise StateError(f"cannot open {path}: {exc.strerror} ({_whose(path)}, or "
-                             "choose another --state-dir") from None
-        if exc.opening and exc.errno == errno.EROFS:
-            raise StateError(f"cannot open {path}: {exc.strerror}; {read_only(directory)}, "
-                             "or choose another --state-dir") from None
         if exc.opening:
-            raise StateError(f"cannot open {path}: {exc.strerror}; make {directory} writable "
-                             "by this user, or choose another --state-dir") from None
+            raise _open_failed(directory, path, exc) from None
         raise StateError(f"cannot lock {path}: {exc.strerror}; "
                          "choose another --state-dir") from None
+
+
+def check_lockable(directory: Path) -> None:
+    """The StateError :func:`lock_directory` would raise for a lock file it could
+    not open, found without opening anything (``--check-config``): one this
+    user may not read and write, or a directory it may not make it in."""
+    path = directory / LOCK_NAME
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+        code = errno.ELOOP  # refused for what it is, whatever the errno
+    elif os.path.isfile(path):
+        code = denied(path, os.R_OK | os.W_OK)
+    else:
+        code = denied(directory, os.W_OK | os.X_OK)
+    if code:
+        raise _open_failed(directory, path, LockFailed(os.strerror(code), opening=True,
+                                                       errno=code))
+
+
+def _open_failed(directory: Path, path: Path, exc: LockFailed) -> StateError:
+    if path.is_symlink():
+        return StateError(f"{path} is a symbolic link, which migblockd never follows; "
+                          "remove it (the daemon makes its lock file itself)")
+    if path.exists() and not path.is_file():
+        return StateError(f"{path} is not a regular file; remove it "
+                          "(the daemon makes its lock file itself)")
+    if exc.errno == errno.EACCES and path.is_file():
+        # The file is in the way, not the directory: say so, and whose it is
+        # (a directory chowned to the daemon's user without -R, say).
+        return StateError(f"cannot open {path}: {exc.strerror} ({_whose(path)}, or "
+                          "choose another --state-dir")
+    if exc.errno == errno.EROFS:
+        return StateError(f"cannot open {path}: {exc.strerror}; {read_only(directory)}, "
+                          "or choose another --state-dir")
+    if exc.errno == errno.EPERM and (
+            fix := attribute_fix(path, "--state-dir") or attribute_fix(directory, "--state-dir")):
+        return StateError(f"cannot open {path}: {exc.strerror}; {fix}")
+    return StateError(f"cannot open {path}: {exc.strerror}; make {directory} writable "
+                      "by this user, or choose another --state-dir")
 
 
 class DatabaseLock:

@@ -40,6 +40,7 @@ from migblockd.state.errors import (
 from migblockd.state.lock import DatabaseLock, lock_database
 from migblockd.state.logcheck import check_log
 from migblockd.trust import named_uid
+from migblockd.writable import attribute_fix
 
 __all__ = ["check_and_open", "configure", "connect"]
 
@@ -246,6 +247,8 @@ def _fix(each: Path, st: os.stat_result, e: OSError) -> str:
     """
     if e.errno == errno.EROFS:  # a link to another volume, read-only under the units
         return f"; {read_only(Path(os.path.realpath(each)).parent)}"
+    if e.errno == errno.EPERM and (fix := attribute_fix(each, None)):
+        return f"; {fix}"
     if not isinstance(e, PermissionError) or st.st_uid == os.geteuid():
         return "; fix its permissions"
     held, fix = owner_mismatch(each, st)

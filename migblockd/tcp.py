@@ -52,8 +52,9 @@ def cannot_listen(address: HostPort, setting: str, code: int) -> str:
                 f"choose a port of {start} or more, or grant it (under systemd, "
                 "AmbientCapabilities=CAP_NET_BIND_SERVICE)")
     if code == errno.EADDRNOTAVAIL:
+        loopback = "[::1]" if ":" in address.host else "127.0.0.1"  # the same family
         return (f"{why}; no interface of this machine has that address (`ip -brief "
-                "address` lists theirs): choose one of them, or 127.0.0.1")
+                f"address` lists theirs): choose one of them, or {loopback}")
     return why
 
 

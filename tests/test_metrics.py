@@ -329,14 +329,19 @@ def test_a_port_in_use_says_who_to_ask_and_what_to_do(
     assert not (short_tmp / "q.sock").exists()
 
 
+@pytest.mark.parametrize(("address", "loopback"), [
+    ("192.0.2.1:9715", "127.0.0.1"),  # TEST-NET-1 (RFC 5737)
+    ("[2001:db8::1]:9715", "[::1]"),  # documentation prefix (RFC 3849): not IPv4's loopback
+])
 def test_an_address_of_no_interface_here_is_named_so(
-        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
-    d = start_daemon("--metrics", "192.0.2.1:9715", "--ephemeral",  # TEST-NET-1 (RFC 5737)
-                     socket=short_tmp / "q.sock", wait=False)
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, address: str,
+        loopback: str) -> None:
+    d = start_daemon("--metrics", address, "--ephemeral", socket=short_tmp / "q.sock",
+                     wait=False)
     assert d.wait_exit() == 1
-    d.wait_for_log("ERROR: --metrics 192.0.2.1:9715: cannot listen: Cannot assign requested "
+    d.wait_for_log(f"ERROR: --metrics {address}: cannot listen: Cannot assign requested "
                    "address; no interface of this machine has that address (`ip -brief "
-                   "address` lists theirs): choose one of them, or 127.0.0.1\n")
+                   f"address` lists theirs): choose one of them, or {loopback}\n")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")

@@ -10,6 +10,7 @@ fails is told with what to do about it (:func:`cannot_listen`).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
 from pathlib import Path
@@ -47,6 +48,12 @@ def cannot_listen(address: HostPort, setting: str, code: int) -> str:
                 "another port")
     if code == errno.EACCES and address.port and _privileged(address.port):
         start = _unprivileged_start()
+        if _has_capability() and _network_not_ours():
+            return (f"{why}; a port below {start} takes the CAP_NET_BIND_SERVICE capability "
+                    "in the user namespace that owns the network namespace, and this "
+                    "daemon has it only in a user namespace of its own (unshare --user "
+                    f"without --net?): choose a port of {start} or more, or start it "
+                    "outside that user namespace")
         return (f"{why}; a port below {start} takes the CAP_NET_BIND_SERVICE capability, "
                 f"which this daemon, running as {named_uid(os.geteuid())}, does not have: "
                 f"choose a port of {start} or more, or grant it (under systemd, "
@@ -83,7 +90,39 @@ def _unprivileged_start() -> int | None:
 
 
 def _binds_low_ports() -> bool:
-    """Whether this process has CAP_NET_BIND_SERVICE (True when it cannot be told)."""
+    """Whether this process has CAP_NET_BIND_SERVICE where it counts, in the
+    network namespace's own user namespace (True when it cannot be told)."""
+    return _has_capability() and not _network_not_ours()
+
+
+def _network_not_ours() -> bool:
+    """Whether this process's network namespace belongs to an ancestor of its
+    user namespace (``unshare --user`` without ``--net``, a rootless container
+    sharing the host's network): the capabilities it holds in its own user
+    namespace do not count there.  False when it cannot be told."""
+    try:
+        fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        owner = fcntl.ioctl(fd, _NS_GET_USERNS)
+    except PermissionError:
+        return True  # ioctl_ns(2): the owner is outside this user namespace
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    try:
+        return os.fstat(owner).st_ino != os.stat("/proc/self/ns/user").st_ino
+    except OSError:
+        return False
+    finally:
+        os.close(owner)
+
+
+def _has_capability() -> bool:
+    """Whether this process has CAP_NET_BIND_SERVICE in its own user namespace
+    (True when it cannot be told)."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
@@ -96,3 +135,5 @@ def _binds_low_ports() -> bool:
 
 #: capability.h: the capability to bind ports below ip_unprivileged_port_start.
 _CAP_NET_BIND_SERVICE = 10
+#: linux/nsfs.h: _IO(0xb7, 0x1), the user namespace that owns a namespace.
+_NS_GET_USERNS = 0xB701

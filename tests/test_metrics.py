@@ -384,6 +384,37 @@ def test_a_port_below_1024_is_refused_to_a_daemon_that_may_not_bind_it(
     assert (hidden.returncode, hidden.stderr) == (0, ""), hidden.stderr
 
 
+def test_a_low_port_in_a_network_another_user_namespace_owns_is_refused(
+        short_tmp: Path) -> None:
+    # Reproduced first: under `unshare --user --map-root-user` (a rootless
+    # container sharing the host's network) CapEff is full, so --check-config said
+    # "valid", and the start said the daemon lacked the capability it has.
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    assert start > 80, "this host lets every user bind port 80: nothing to refuse here"
+    args = ["--socket", str(short_tmp / "q.sock"), "--ephemeral", "--metrics", "127.0.0.1:80"]
+    message = (f"--metrics 127.0.0.1:80: cannot listen: Permission denied; a port below "
+               f"{start} takes the CAP_NET_BIND_SERVICE capability in the user namespace "
+               "that owns the network namespace, and this daemon has it only in a user "
+               "namespace of its own (unshare --user without --net?): choose a port of "
+               f"{start} or more, or start it outside that user namespace")
+    inside = ["unshare", "--user", "--map-root-user", sys.executable, "-m", "migblockd"]
+    checked = subprocess.run([*inside, "--check-config", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (
+        1, "", f"migblockd: {message}\n")
+    started = subprocess.run([*inside, *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+    assert started.returncode == 1
+    assert f"ERROR: {message}\n" in started.stderr, started.stderr
+    # With a network of its own user namespace, the capability counts: it serves.
+    own = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--net", "sh", "-c",
+         'ip link set lo up && exec "$@"', "sh", sys.executable, "-m", "migblockd",
+         "--check-config", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (own.returncode, own.stderr) == (0, ""), own.stderr
+
+
 def test_a_bad_address_is_refused_before_anything_starts() -> None:
     proc = subprocess.run([sys.executable, "-m", "migblockd", "--metrics", "9715"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)

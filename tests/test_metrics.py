@@ -344,6 +344,18 @@ def test_an_address_of_no_interface_here_is_named_so(
                    f"address` lists theirs): choose one of them, or {loopback}\n")
 
 
+def assert_check_and_start_refuse(daemon: list[str], args: list[str], message: str) -> None:
+    """``DAEMON --check-config ARGS`` and ``DAEMON ARGS`` refuse in the same words."""
+    checked = subprocess.run([*daemon, "--check-config", *args], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert (checked.returncode, checked.stdout, checked.stderr) == (
+        1, "", f"migblockd: {message}\n")
+    started = subprocess.run([*daemon, *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
+    assert started.returncode == 1
+    assert f"ERROR: {message}\n" in started.stderr, started.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
 def test_a_port_below_1024_is_refused_to_a_daemon_that_may_not_bind_it(
         short_tmp: Path) -> None:
@@ -362,14 +374,7 @@ def test_a_port_below_1024_is_refused_to_a_daemon_that_may_not_bind_it(
                "more, or grant it (under systemd, AmbientCapabilities=CAP_NET_BIND_SERVICE)")
     as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                  sys.executable, "-m", "migblockd"]
-    checked = subprocess.run([*as_nobody, "--check-config", *args], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
-    assert (checked.returncode, checked.stdout, checked.stderr) == (
-        1, "", f"migblockd: {message}\n")
-    started = subprocess.run([*as_nobody, *args], cwd=ROOT, capture_output=True, text=True,
-                             timeout=60)
-    assert started.returncode == 1
-    assert f"ERROR: {message}\n" in started.stderr, started.stderr
+    assert_check_and_start_refuse(as_nobody, args, message)
     # Root has the capability: valid.
     root = subprocess.run([sys.executable, "-m", "migblockd", "--check-config", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -398,14 +403,7 @@ def test_a_low_port_in_a_network_another_user_namespace_owns_is_refused(
                "namespace of its own (unshare --user without --net?): choose a port of "
                f"{start} or more, or start it outside that user namespace")
     inside = ["unshare", "--user", "--map-root-user", sys.executable, "-m", "migblockd"]
-    checked = subprocess.run([*inside, "--check-config", *args], cwd=ROOT,
-                             capture_output=True, text=True, timeout=60)
-    assert (checked.returncode, checked.stdout, checked.stderr) == (
-        1, "", f"migblockd: {message}\n")
-    started = subprocess.run([*inside, *args], cwd=ROOT, capture_output=True, text=True,
-                             timeout=60)
-    assert started.returncode == 1
-    assert f"ERROR: {message}\n" in started.stderr, started.stderr
+    assert_check_and_start_refuse(inside, args, message)
     # With a network of its own user namespace, the capability counts: it serves.
     own = subprocess.run(
         ["unshare", "--user", "--map-root-user", "--net", "sh", "-c",

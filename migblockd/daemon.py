@@ -30,7 +30,7 @@ from migblockd.config import COMMAND_LINE, Config, Sources
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.listen import Claim, claim_socket
-from migblockd.paths import NoDefault, default_state_dir, home_problem
+from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
 from migblockd.preflight import (
     kept_out_notes,
@@ -45,6 +45,7 @@ from migblockd.registry import Change, Registry
 from migblockd.server import Server
 from migblockd.startup import StartupError
 from migblockd.state import StateError, Store, Unsettled
+from migblockd.state.directory import home_problem
 from migblockd.systemd import ActivationError, Notifier, activated_listener
 
 if TYPE_CHECKING:

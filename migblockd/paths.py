@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import pwd
@@ -11,7 +10,6 @@ import stat
 from pathlib import Path
 
 from migblockd.denied import explain
-from migblockd.trust import ownership
 
 #: The socket of ``migblockd.socket``, the systemd units' daemon (and root's default).
 SYSTEM_SOCKET = Path("/run/migblockd/migblockd.sock")
@@ -147,41 +145,6 @@ def default_state_dir() -> Path:
                         "and the user database has no home directory for it; give "
                         "--state-dir, or set XDG_STATE_HOME") from None
     return home / ".local" / "state" / "migblockd"
-
-
-def home_problem(directory: Path) -> str | None:
-    """Why ``directory``, when it is the default state directory under ``$HOME``
-    and could not be used, is the home's fault, in place of the remedy the
-    failure alone would suggest (``install -d`` under ``/nonexistent``, a
-    ``chown`` of root's own state): a home that does not exist (nobody's), or
-    one that is another user's (``su`` and ``setpriv`` keep the caller's
-    ``HOME``).  None otherwise, as for a default directory of this user's."""
-    if (os.environ.get("STATE_DIRECTORY") or os.geteuid() == 0
-            or os.path.isabs(os.environ.get("XDG_STATE_HOME", ""))):
-        return None
-    try:
-        home = Path.home()
-        if directory != home / ".local" / "state" / "migblockd":
-            return None
-        st = os.stat(home)
-    except RuntimeError:
-        return None
-    except FileNotFoundError:
-        return (f"the default state directory {directory} is under HOME ({home}), which "
-                "does not exist (an account without a home, such as nobody); give "
-                "--state-dir DIR, a directory this user may write, or --ephemeral to keep "
-                "nothing")
-    except OSError:
-        return None
-    if st.st_uid == os.geteuid():
-        return None
-    with contextlib.suppress(OSError):
-        if os.lstat(directory).st_uid == os.geteuid():
-            return None  # this user's own: what failed is not the home's doing
-    return (f"the default state directory {directory} is under HOME ({home}), which "
-            f"{ownership(st)} (a HOME kept from another user, as su and setpriv keep "
-            "it?); set HOME to this user's home, or give --state-dir DIR, or --ephemeral "
-            "to keep nothing")
 
 
 class NoDefault(ValueError):

@@ -35,7 +35,6 @@ from migblockd.contract import Contract
 from migblockd.denied import kept_out
 from migblockd.guard import policy_warnings
 from migblockd.listen import check_socket_path, check_socket_writable
-from migblockd.paths import home_problem
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import passthrough_warnings
 from migblockd.regular import NotRegularFile
@@ -45,7 +44,7 @@ from migblockd.shapes import check_shapes
 from migblockd.socketdir import check_socket_directory, socket_dir_exists
 from migblockd.startup import StartupError
 from migblockd.state import StateError
-from migblockd.state.directory import check_existing_directory
+from migblockd.state.directory import check_existing_directory, home_problem
 from migblockd.tcp import check_port, resolve_tcp
 from migblockd.trust import distrust, named_uid
 from migblockd.trusted_file import UntrustedFile, check_trusted

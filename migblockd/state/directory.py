@@ -12,18 +12,20 @@ when it is opened (:mod:`migblockd.state.opening`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from pathlib import Path
 
-from migblockd.paths import make_private_directory
+from migblockd.paths import NoDefault, default_state_dir, make_private_directory
 from migblockd.state.errors import StateError, account, owner_mismatch, read_only
 from migblockd.state.lock import check_lockable
 from migblockd.trust import ownership, refusal, search_fix
 from migblockd.writable import attribute_fix, denied, first_missing
 
-__all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory", "make_directory"]
+__all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory", "home_problem",
+           "make_directory"]
 
 DATABASE_NAME = "state.db"
 
@@ -163,3 +165,38 @@ def _check_trusted(directory: Path, place: Path, kind: str, *,
                          f"{e.filename}: {e.strerror}; {search_fix(e, '--state-dir')}") from None
     if why is not None:
         raise StateError(f"refusing to keep state in {directory}: {why}")
+
+
+def home_problem(directory: Path) -> str | None:
+    """Why ``directory``, when it is the default state directory under ``$HOME``
+    and could not be used, is the home's fault, in place of the remedy the
+    failure alone would suggest (``install -d`` under ``/nonexistent``, a
+    ``chown`` of root's own state): a home that does not exist (nobody's), or
+    one that is another user's (``su`` and ``setpriv`` keep the caller's
+    ``HOME``).  None otherwise, as for a default directory of this user's."""
+    if (os.environ.get("STATE_DIRECTORY") or os.geteuid() == 0
+            or os.path.isabs(os.environ.get("XDG_STATE_HOME", ""))):
+        return None
+    try:
+        if directory != default_state_dir():
+            return None
+        home = Path.home()
+        st = os.stat(home)
+    except (NoDefault, RuntimeError):
+        return None
+    except FileNotFoundError:
+        return (f"the default state directory {directory} is under HOME ({home}), which "
+                "does not exist (an account without a home, such as nobody); give "
+                "--state-dir DIR, a directory this user may write, or --ephemeral to keep "
+                "nothing")
+    except OSError:
+        return None
+    if st.st_uid == os.geteuid():
+        return None
+    with contextlib.suppress(OSError):
+        if os.lstat(directory).st_uid == os.geteuid():
+            return None  # this user's own: what failed is not the home's doing
+    return (f"the default state directory {directory} is under HOME ({home}), which "
+            f"{ownership(st)} (a HOME kept from another user, as su and setpriv keep "
+            "it?); set HOME to this user's home, or give --state-dir DIR, or --ephemeral "
+            "to keep nothing")

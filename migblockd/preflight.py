@@ -11,9 +11,9 @@ this user may not make or write in, a ``qemu`` that is migblockd's own socket.
 ``--check-config`` must not call such settings valid, and a reload, which
 applies none of them, must not let the operator learn of them only when the
 next restart fails: :func:`problems` finds them with the very functions the
-start-up uses (:func:`load_contract`, :func:`socket_gid`, ``tcp.resolve_tcp`` and
-``check_port``,
-``listen.check_socket_path`` and ``check_socket_directory``,
+start-up uses (:func:`load_contract`, :func:`socket_gid`, ``tcp.check_address``
+(the start's ``resolve_tcp``, and an address of no interface here) and
+``check_port``, ``listen.check_socket_path`` and ``socketdir.check_socket_directory``,
 ``state.directory.check_existing_directory``, :func:`not_its_own_socket`), so
 both say what the start would.
 
@@ -45,7 +45,7 @@ from migblockd.socketdir import check_socket_directory, socket_dir_exists
 from migblockd.startup import StartupError
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory, home_problem
-from migblockd.tcp import check_port, resolve_tcp
+from migblockd.tcp import check_address, check_port
 from migblockd.trust import distrust, named_uid
 from migblockd.trusted_file import UntrustedFile, check_trusted
 
@@ -242,7 +242,7 @@ def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool,
     """``qmp_socket``: where the QMP socket is (None: systemd's, at a path not known here)."""
     address = config.metrics
     if isinstance(address, HostPort):
-        resolve_tcp(address, sources.named("metrics"))
+        check_address(address, sources.named("metrics"))
         check_port(address, sources.named("metrics"))
     elif address is not None:
         _socket_at(address, sources.choice("metrics"), as_daemon)

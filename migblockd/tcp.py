@@ -2,7 +2,7 @@
 
 The start listens where :func:`resolve_tcp` says; ``--check-config`` and a
 reload's check of the next start ask the same, and :func:`check_port` what
-the kernel would refuse this user without binding anything (a port in use is
+the kernel would refuse this user without listening anywhere (a port in use is
 the start's to find: a running daemon's own would look taken).  A listen that
 fails is told with what to do about it (:func:`cannot_listen`).
 """
@@ -20,7 +20,7 @@ from migblockd.config import HostPort
 from migblockd.startup import StartupError
 from migblockd.trust import named_uid
 
-__all__ = ["cannot_listen", "check_port", "resolve_tcp"]
+__all__ = ["cannot_listen", "check_address", "check_port", "resolve_tcp"]
 
 
 def resolve_tcp(address: HostPort, setting: str = "--metrics") -> tuple[Any, ...]:
@@ -63,6 +63,21 @@ def cannot_listen(address: HostPort, setting: str, code: int) -> str:
         return (f"{why}; no interface of this machine has that address (`ip -brief "
                 f"address` lists theirs): choose one of them, or {loopback}")
     return why
+
+
+def check_address(address: HostPort, setting: str = "--metrics") -> None:
+    """StartupError when no interface of this machine has ``address``'s host.
+
+    Asked of the kernel by binding a socket to that host and port 0, at once
+    closed: no port is taken from anyone (the daemon's own included, while it
+    runs), and nothing is listened on."""
+    family, kind, proto, _, sockaddr = resolve_tcp(address, setting)
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind((sockaddr[0], 0, *sockaddr[2:]))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise StartupError(cannot_listen(address, setting, exc.errno)) from None
 
 
 def check_port(address: HostPort, setting: str = "--metrics") -> None:

@@ -339,9 +339,16 @@ def test_an_address_of_no_interface_here_is_named_so(
     d = start_daemon("--metrics", address, "--ephemeral", socket=short_tmp / "q.sock",
                      wait=False)
     assert d.wait_exit() == 1
-    d.wait_for_log(f"ERROR: --metrics {address}: cannot listen: Cannot assign requested "
-                   "address; no interface of this machine has that address (`ip -brief "
-                   f"address` lists theirs): choose one of them, or {loopback}\n")
+    message = (f"--metrics {address}: cannot listen: Cannot assign requested address; no "
+               "interface of this machine has that address (`ip -brief address` lists "
+               f"theirs): choose one of them, or {loopback}")
+    d.wait_for_log(f"ERROR: {message}\n")
+    # The check says it too (before, "valid"), without listening there.
+    checked = subprocess.run([sys.executable, "-m", "migblockd", "--check-config",
+                              "--metrics", address, "--ephemeral", "--socket",
+                              str(short_tmp / "q.sock")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (checked.returncode, checked.stderr) == (1, f"migblockd: {message}\n")
 
 
 def assert_check_and_start_refuse(daemon: list[str], args: list[str], message: str) -> None:

@@ -242,8 +242,12 @@ def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool,
     """``qmp_socket``: where the QMP socket is (None: systemd's, at a path not known here)."""
     address = config.metrics
     if isinstance(address, HostPort):
-        check_address(address, sources.named("metrics"))
-        check_port(address, sources.named("metrics"))
+        # In the order the kernel's bind checks them, so that the first refusal is
+        # the start's: IPv6 looks at the port first, IPv4 at the address.
+        checks = (check_port, check_address) if ":" in address.host else (
+            check_address, check_port)
+        for check in checks:
+            check(address, sources.named("metrics"))
     elif address is not None:
         _socket_at(address, sources.choice("metrics"), as_daemon)
         if qmp_socket is not None:

@@ -180,9 +180,10 @@ def search_fix(e: OSError, option: str) -> str:
     error (a loop of symbolic links), choose another path."""
     if e.errno != errno.EACCES or not e.filename:
         return f"choose another {option}"
-    named = Path(os.path.abspath(os.fsdecode(e.filename)))
+    named = Path(os.path.realpath(os.fsdecode(e.filename)))
     # The name may be the whole path (stat), not where the lookup stopped (lstat
-    # of each part): the first directory from / on that this user may not search.
+    # of each part), and through symlinks: the first directory from / on, where
+    # they lead, that this user may not search.
     closed = next((p for p in reversed(named.parents)
                    if not os.access(p, os.X_OK, effective_ids=True)), named.parent)
     return unsearchable(closed, option)

@@ -25,10 +25,12 @@ __all__ = ["attribute", "attribute_fix", "denied", "first_missing"]
 
 #: ioctl(2) request for a file's inode flags (``lsattr``): FS_IOC_GETFLAGS.
 _FS_IOC_GETFLAGS = 0x80086601
-#: The flags that refuse writes whatever the mode: (bit, name, chattr letter, what it stops).
+#: The flags that refuse writes whatever the mode: (bit, name, chattr letter, what it
+#: stops in a directory, in a file).
 _ATTRIBUTES = (
-    (0x10, "immutable", "i", "from changing it"),
-    (0x20, "append-only", "a", "from removing or renaming anything in it"),
+    (0x10, "immutable", "i", "from changing it", "from changing it"),
+    (0x20, "append-only", "a", "from removing or renaming anything in it",
+     "from writing it anywhere but at its end"),
 )
 
 
@@ -41,8 +43,9 @@ def denied(place: Path, access: int) -> int:
             return errno.EROFS
     except OSError:
         return 0
-    if access & os.W_OK and (found := attribute(place)) is not None and found[0] == "immutable":
-        return errno.EPERM
+    if access & os.W_OK and (found := attribute(place)) is not None and (
+            found[0] == "immutable" or not os.path.isdir(place)):
+        return errno.EPERM  # an append-only file: opened for writing, not appending
     return 0 if os.access(place, access, effective_ids=True) else errno.EACCES
 
 
@@ -62,7 +65,9 @@ def attribute(place: Path) -> tuple[str, str, str] | None:
     finally:
         os.close(fd)
     flags = struct.unpack("I", raw)[0]
-    return next(((name, letter, stops) for bit, name, letter, stops in _ATTRIBUTES
+    in_dir = os.path.isdir(place)
+    return next(((name, letter, in_dir_stops if in_dir else in_file_stops)
+                 for bit, name, letter, in_dir_stops, in_file_stops in _ATTRIBUTES
                  if flags & bit), None)
 
 

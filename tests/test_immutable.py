@@ -94,6 +94,28 @@ def test_a_stale_socket_in_an_append_only_directory(short_tmp: Path,
                    f"{fix(run, '--socket', 'a')}", checked=False)
 
 
+@pytest.mark.parametrize("option", ["--socket", "--state-dir"])
+def test_a_lock_file_that_is_append_only(short_tmp: Path, marked: list[Path],
+                                         option: str) -> None:
+    # Found by review: the check said valid (only immutable counted), the start
+    # refused; and the words spoke of a directory.
+    place = short_tmp / "place"
+    place.mkdir(mode=0o700)
+    if option == "--socket":
+        lock = place / "q.sock.lock"
+        args = ["--ephemeral", "--socket", str(place / "q.sock")]
+        opening = f"cannot open the socket's lock file {lock}"
+    else:
+        lock = place / "lock"
+        args = ["--socket", str(short_tmp / "q.sock"), "--state-dir", str(place)]
+        opening = f"cannot open {lock}"
+    lock.touch(mode=0o600)
+    chattr(marked, "+a", lock)
+    assert_refused(args, f"{opening}: Operation not permitted; {lock} is append-only "
+                         "(chattr +a), which keeps even root from writing it anywhere but "
+                         f"at its end: chattr -a {lock}, or choose another {option}")
+
+
 def test_a_state_directory_that_is_immutable(short_tmp: Path, marked: list[Path]) -> None:
     state = short_tmp / "state"
     state.mkdir(mode=0o700)

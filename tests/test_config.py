@@ -1021,6 +1021,31 @@ def test_a_default_state_directory_under_a_home_not_this_user_s_says_so(
     assert not (default / "lock").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as another user")
+def test_a_system_account_s_own_root_owned_home_is_not_taken_for_a_borrowed_one(
+        short_tmp: Path) -> None:
+    # Found by review: Debian's daemon account (uid 1) has /usr/sbin, root's, for
+    # its home; "set HOME to this user's home" changed nothing there.
+    home = pwd.getpwuid(1).pw_dir
+    assert os.stat(home).st_uid == 0, "uid 1's home is its own here: nothing to tell"
+    short_tmp.chmod(0o755)
+    run = short_tmp / "run"
+    run.mkdir(mode=0o700)
+    os.chown(run, 1, 1)
+    default = Path(home) / ".local" / "state" / "migblockd"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("STATE_DIRECTORY", "XDG_STATE_HOME")} | {"HOME": home}
+    proc = subprocess.run(["setpriv", "--reuid=1", "--regid=1", "--clear-groups", sys.executable,
+                           "-m", "migblockd", "--check-config", "--socket",
+                           str(run / "q.sock")],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"migblockd: cannot create state directory {default}: "
+                                  "Permission denied ("), proc.stderr
+    assert f"install -d -m 0700 -o {pwd.getpwuid(1).pw_name} {default}" in proc.stderr
+    assert "HOME" not in proc.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
 def test_check_config_refuses_a_state_directory_this_user_could_not_make(
         short_tmp: Path) -> None:

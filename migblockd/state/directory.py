@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -193,6 +194,9 @@ def home_problem(directory: Path) -> str | None:
         return None
     if st.st_uid == os.geteuid():
         return None
+    with contextlib.suppress(KeyError):
+        if pwd.getpwuid(os.geteuid()).pw_dir == str(home):
+            return None  # its own home, root's (a system account's): not borrowed
     with contextlib.suppress(OSError):
         if os.lstat(directory).st_uid == os.geteuid():
             return None  # this user's own: what failed is not the home's doing

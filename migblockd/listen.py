@@ -45,7 +45,7 @@ from migblockd.writable import attribute_fix, denied, first_missing
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "bind_claimed",
            "bind_socket", "check_socket_path", "check_socket_writable", "claim_socket",
-           "stale_socket"]
+           "stale_socket", "unbind"]
 
 log = logging.getLogger("migblockd")
 
@@ -125,6 +125,23 @@ def bind_claimed(claim: Claim) -> Listening:
         claim.lock.release()
         raise
     return Listening(sock, inode, claim.lock)
+
+
+def unbind(path: Path, inode: int) -> None:
+    """Remove the socket this daemon bound at ``path`` (``inode``), at its stop.
+
+    Only while it is still ours: another daemon may have replaced it meanwhile.
+    One it cannot remove is said, not raised: the rest of the stop goes on, and
+    the next start meets it as a stale socket."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        fix = attribute_fix(path.parent, None) if exc.errno == errno.EPERM else None
+        log.error("cannot remove the socket %s: %s%s", path, exc.strerror,
+                  f"; {fix}" if fix else "")
 
 
 def check_socket_path(path: Path, option: str = "--socket") -> None:

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import socket
 import sys
 import threading
@@ -43,7 +42,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from migblockd.config import COMMAND_LINE, HostPort, Sources
 from migblockd.exposition import MIN_INTERVAL, MetricsApp, gzip_wanted
-from migblockd.listen import bind_socket
+from migblockd.listen import bind_socket, unbind
 from migblockd.pidlock import PidLock
 from migblockd.preflight import not_the_qmp_socket
 from migblockd.scrape_request import RequestHandler
@@ -266,11 +265,7 @@ class MetricsServer:
             self._httpd.shutdown()
         self._httpd.server_close()
         if self.own_socket is not None:
-            path, inode = self.own_socket
-            with contextlib.suppress(FileNotFoundError):
-                # Only ours: it may have been replaced, by a symbolic link to ours too.
-                if os.lstat(path).st_ino == inode:
-                    path.unlink()
+            unbind(*self.own_socket)
         if self._lock is not None:
             self._lock.release()
 

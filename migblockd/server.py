@@ -18,10 +18,8 @@ written (:mod:`migblockd.drain` says how long that may take).  Accepting
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +34,7 @@ from migblockd.detached import detached
 from migblockd.disk import DiskThread
 from migblockd.drain import drain
 from migblockd.ledger import Group
-from migblockd.listen import Claim, bind_claimed
+from migblockd.listen import Claim, bind_claimed, unbind
 from migblockd.pidlock import PidLock
 from migblockd.preflight import ignored, passed_path, problems
 from migblockd.registry import Change
@@ -166,11 +164,7 @@ class Server(Turns):
         """Remove the socket we bound, then give up its lock (never the other way round)."""
         if self.own_socket is None:
             return
-        path, inode = self.own_socket
-        with contextlib.suppress(FileNotFoundError):
-            # Only our own: another daemon may have replaced it in the meantime.
-            if os.lstat(path).st_ino == inode:
-                path.unlink()
+        unbind(*self.own_socket)
         if self._socket_lock is not None:
             self._socket_lock.release()
 

@@ -23,7 +23,7 @@ from migblockd.paths import fallback_problem, fallback_remedy, fallback_socket_d
 from migblockd.resolver import group_name, user_name, who
 from migblockd.startup import StartupError
 from migblockd.trust import ownership, refusal, search_fix
-from migblockd.writable import attribute_fix
+from migblockd.writable import attribute, attribute_fix
 
 __all__ = ["cannot_create", "check_fallback", "check_socket_directory", "make_socket_dir",
            "not_given", "socket_dir_exists", "whose"]
@@ -42,6 +42,13 @@ def check_socket_directory(directory: Path, option: str = "--socket", *,
         raise StartupError(_cannot_check(directory, exc, option)) from None
     if why is not None:
         raise StartupError(f"refusing to serve from {directory}: {why}")
+    found = attribute(directory)
+    if found is not None and found[0] == "append-only":
+        # It could bind there, but never unlink: the socket would outlive the
+        # daemon, and the next start could not replace it.
+        raise StartupError(f"refusing to serve from {directory}: the daemon could not "
+                           f"remove its socket when it stops, nor the next start a stale "
+                           f"one; {attribute_fix(directory, option)}")
 
 
 def socket_dir_exists(directory: Path, option: str) -> bool:

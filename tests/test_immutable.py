@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,18 +81,72 @@ def test_a_socket_directory_that_is_immutable(short_tmp: Path, marked: list[Path
     assert migblockd("--check-config", *args).returncode == 0
 
 
-def test_a_stale_socket_in_an_append_only_directory(short_tmp: Path,
-                                                    marked: list[Path]) -> None:
+def append_only_refusal(run: Path, option: str) -> str:
+    return (f"refusing to serve from {run}: the daemon could not remove its socket when "
+            f"it stops, nor the next start a stale one; {fix(run, option, 'a')}")
+
+
+@pytest.mark.parametrize("option", ["--socket", "--metrics"])
+def test_a_socket_directory_that_is_append_only(short_tmp: Path, marked: list[Path],
+                                                option: str) -> None:
+    # Found by review: a daemon started there once, then its stop ended in a
+    # traceback (unlink: EPERM), and every later start refused the stale socket
+    # that the check called valid.
     run = short_tmp / "run"
     run.mkdir(mode=0o755)
-    with socket.socket(socket.AF_UNIX) as stale:
-        stale.bind(str(run / "q.sock"))
-    (run / "q.sock.lock").touch()
+    other = ["--metrics", str(short_tmp / "m.sock")] if option == "--socket" else [
+        "--socket", str(short_tmp / "q.sock")]
+    args = ["--ephemeral", *other, option, str(run / "x.sock")]
     chattr(marked, "+a", run)
-    # Only binding tells that the socket is stale: the check leaves it to the start.
-    assert_refused(["--ephemeral", "--socket", str(run / "q.sock")],
-                   f"cannot remove the stale socket {run}/q.sock: Operation not permitted; "
-                   f"{fix(run, '--socket', 'a')}", checked=False)
+    assert_refused(args, append_only_refusal(run, option))
+    assert list(run.iterdir()) == []  # refused before the lock file was made
+    # With a stale socket in it too: the same words, from the check as well.
+    subprocess.run(["chattr", "-a", str(run)], check=True)
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(run / "x.sock"))
+    (run / "x.sock.lock").touch()
+    subprocess.run(["chattr", "+a", str(run)], check=True)
+    assert_refused(args, append_only_refusal(run, option))
+
+
+@pytest.mark.parametrize("option", ["--socket", "--metrics"])
+def test_a_socket_directory_made_append_only_while_serving(short_tmp: Path,
+                                                           marked: list[Path],
+                                                           option: str) -> None:
+    run = short_tmp / "run"
+    run.mkdir(mode=0o755)
+    path = run / "x.sock"
+    other = ["--metrics", str(short_tmp / "m.sock")] if option == "--socket" else [
+        "--socket", str(short_tmp / "q.sock")]
+    qmp = path if option == "--socket" else short_tmp / "q.sock"
+    daemon = subprocess.Popen([sys.executable, "-m", "migblockd", "--ephemeral", *other,
+                               option, str(path)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (qmp.exists() and path.exists()):
+            assert daemon.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(qmp))
+            assert client.recv(4096).startswith(b'{"QMP"')  # ready, serving
+        chattr(marked, "+a", run)
+        daemon.terminate()
+        _, stderr = daemon.communicate(timeout=30)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+    # The stop goes on to its end, says what it left and why, and exits cleanly.
+    assert "Traceback" not in stderr, stderr
+    assert daemon.returncode == 0, stderr
+    assert (f"ERROR: cannot remove the socket {path}: Operation not permitted; "
+            f"{run} is append-only (chattr +a), which keeps even root from removing or "
+            f"renaming anything in it: chattr -a {run}\n") in stderr, stderr
+    assert stderr.rstrip().endswith("INFO: stopped"), stderr
+    # Its lock was given up all the same; the next start names the attribute.
+    assert_refused(["--ephemeral", *other, option, str(path)],
+                   append_only_refusal(run, option))
 
 
 @pytest.mark.parametrize("option", ["--socket", "--state-dir"])

@@ -789,8 +789,8 @@ async def test_unwritable_state_stops_the_daemon(
                     "or choose another --state-dir")
     elif case == "read-only directory":
         directory.chmod(0o500)  # SQLite cannot create its log next to the database
-        expected = (f"cannot write {db} (attempt to write a readonly database); make it and "
-                    f"{directory} writable by this user, or choose another --state-dir")
+        expected = (f"cannot create {db}-wal: Permission denied; make {directory} "
+                    "writable by this user, or choose another --state-dir")
     elif case == "unsearchable directory":
         directory.chmod(0)
         expected = (f"cannot look in state directory {directory}: Permission denied; "

@@ -187,14 +187,59 @@ def test_a_state_directory_that_is_immutable(short_tmp: Path, marked: list[Path]
 def test_a_state_database_that_is_immutable(short_tmp: Path, marked: list[Path]) -> None:
     state = short_tmp / "state"
     args = ["--socket", str(short_tmp / "q.sock"), "--state-dir", str(state)]
+    make_state(state)
+    database = state / "state.db"
+    chattr(marked, "+i", database)
+    # The check opens no database: the start says it.
+    assert_refused(args, f"cannot read and write {database}: Operation not permitted; "
+                         f"{fix(database, '--state-dir')}", checked=False)
+
+
+def make_state(state: Path) -> None:
     made = subprocess.run([sys.executable, "-c",
                            "import sys; from pathlib import Path; "
                            "from migblockd.state import Store; "
                            "Store.open(Path(sys.argv[1]), restore=lambda s: None).close()",
                            str(state)], capture_output=True, text=True, timeout=30)
     assert made.returncode == 0, made.stderr
-    database = state / "state.db"
-    chattr(marked, "+i", database)
-    # The check opens no database: the start says it.
-    assert_refused(args, f"cannot read and write {database}: Operation not permitted; "
-                         f"{fix(database, '--state-dir')}", checked=False)
+
+
+@pytest.mark.parametrize("held", ["lock and database", "lock only"])
+def test_a_used_state_directory_made_immutable(short_tmp: Path, marked: list[Path],
+                                               held: str) -> None:
+    # Found by review: with its lock there, the check said valid and the start
+    # gave SQLite's "unable to open database file" with advice to make the
+    # directory writable by this user (root).  SQLite makes the log at every
+    # start after a clean stop; the database, when there is none.
+    state = short_tmp / "state"
+    make_state(state)
+    assert sorted(p.name for p in state.iterdir()) == ["lock", "state.db"]
+    missing = state / "state.db-wal"
+    if held == "lock only":
+        (state / "state.db").unlink()
+        missing = state / "state.db"
+    chattr(marked, "+i", state)
+    args = ["--socket", str(short_tmp / "q.sock"), "--state-dir", str(state)]
+    assert_refused(args, f"cannot create {missing}: Operation not permitted; "
+                         f"{fix(state, '--state-dir')}")
+    subprocess.run(["chattr", "-i", str(state)], check=True)
+    assert migblockd("--check-config", *args).returncode == 0
+
+
+def test_a_state_directory_that_is_append_only(short_tmp: Path, marked: list[Path]) -> None:
+    # Found by review: the first start failed on a "disk I/O error" (SQLite could
+    # not remove the new database's journal) and left state.db.new behind, which
+    # every later start asked to "move away", as the attribute forbids.
+    state = short_tmp / "state"
+    state.mkdir(mode=0o700)
+    chattr(marked, "+a", state)
+    args = ["--socket", str(short_tmp / "q.sock"), "--state-dir", str(state)]
+    assert_refused(args, f"refusing to keep state in {state}: SQLite could not rename or "
+                         f"remove its files in {state}; {fix(state, '--state-dir', 'a')}")
+    assert list(state.iterdir()) == []
+    # A used one, likewise (its stop could not remove the log).
+    subprocess.run(["chattr", "-a", str(state)], check=True)
+    make_state(state)
+    subprocess.run(["chattr", "+a", str(state)], check=True)
+    assert_refused(args, f"refusing to keep state in {state}: SQLite could not rename or "
+                         f"remove its files in {state}; {fix(state, '--state-dir', 'a')}")

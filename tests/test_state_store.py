@@ -857,8 +857,8 @@ def test_read_only_state_directory_is_refused(tmp_path: Path) -> None:
     filled(directory, 1)
     directory.chmod(0o500)  # SQLite cannot create the WAL next to the database
     assert open_error(directory, unprivileged=True) == (
-        f"cannot write {directory}/state.db (attempt to write a readonly database); make it "
-        f"and {directory} writable by this user, or choose another --state-dir")
+        f"cannot create {directory}/state.db-wal: Permission denied; make {directory} "
+        "writable by this user, or choose another --state-dir")
     (directory / "lock").unlink()
     assert open_error(directory, unprivileged=True) == (
         f"cannot open {directory}/lock: Permission denied; make {directory} writable by this "

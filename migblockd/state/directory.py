@@ -23,10 +23,10 @@ from migblockd.paths import NoDefault, default_state_dir, make_private_directory
 from migblockd.state.errors import StateError, account, owner_mismatch, read_only
 from migblockd.state.lock import check_lockable
 from migblockd.trust import ownership, refusal, search_fix
-from migblockd.writable import attribute_fix, denied, first_missing
+from migblockd.writable import attribute, attribute_fix, denied, first_missing
 
-__all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory", "home_problem",
-           "make_directory"]
+__all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory",
+           "check_file_room", "home_problem", "make_directory"]
 
 DATABASE_NAME = "state.db"
 
@@ -112,6 +112,34 @@ def check_existing_directory(directory: Path, *, owner: int | None = None) -> No
     check_directory(directory, owner=owner)
     if owner is None:  # as above
         check_lockable(directory)
+        check_file_room(directory / DATABASE_NAME)
+
+
+def check_file_room(database: Path) -> None:
+    """Refuse a directory where the database, its log or the log's index is
+    missing and could not be made.
+
+    SQLite makes the log (``state.db-wal``) and its index beside the file
+    ``database`` is or links to at every start after a clean stop, which
+    removes them, and says only "unable to open database file" when it cannot.
+    Nothing is made here (``--check-config`` runs this too)."""
+    if os.path.islink(database) and not os.path.exists(database):
+        return  # a link to nothing: refused for that, as such
+    real = Path(os.path.realpath(database))
+    missing = next((each for each in (real, *(real.with_name(real.name + suffix)
+                                              for suffix in ("-wal", "-shm")))
+                    if not os.path.lexists(each)), None)
+    if missing is None:
+        return
+    code = denied(real.parent, os.W_OK | os.X_OK)
+    if not code:
+        return
+    fix = attribute_fix(real.parent, "--state-dir") if code == errno.EPERM else None
+    if code == errno.EROFS:
+        fix = f"{read_only(real.parent)}, or choose another --state-dir"
+    elif fix is None:
+        fix = f"make {real.parent} writable by this user, or choose another --state-dir"
+    raise StateError(f"cannot create {missing}: {os.strerror(code)}; {fix}")
 
 
 def check_directory(directory: Path, *, owner: int | None = None) -> None:
@@ -166,6 +194,12 @@ def _check_trusted(directory: Path, place: Path, kind: str, *,
                          f"{e.filename}: {e.strerror}; {search_fix(e, '--state-dir')}") from None
     if why is not None:
         raise StateError(f"refusing to keep state in {directory}: {why}")
+    found = None if to_be_made else attribute(place)
+    if found is not None and found[0] == "append-only":
+        # SQLite renames a new database into place and removes its log at each stop.
+        raise StateError(f"refusing to keep state in {directory}: SQLite could not rename "
+                         f"or remove its files in {place}; "
+                         f"{attribute_fix(place, '--state-dir')}")
 
 
 def home_problem(directory: Path) -> str | None:

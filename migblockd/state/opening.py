@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from migblockd.state import schema
+from migblockd.state.directory import check_file_room
 from migblockd.state.errors import (
     StateError,
     describe_open_error,
@@ -146,6 +147,7 @@ def _check_file(path: Path) -> bool:
         if os.path.lexists(wal):
             raise StateError(f"{wal} exists without {path.name}; put {path.name} back, or "
                              "move the whole directory away to start from scratch") from None
+        check_file_room(path)
         return True
     except OSError as e:
         raise StateError(f"cannot read {path}: {e.strerror}; fix its permissions, "
@@ -166,6 +168,7 @@ def _check_file(path: Path) -> bool:
     # Before SQLite opens it: the first connection after a crash rebuilds the
     # index from the log, and what the index said the log held is gone.
     check_log(log_file, index_file)
+    check_file_room(path)
     return False
 
 

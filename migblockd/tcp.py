@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -58,6 +59,15 @@ def cannot_listen(address: HostPort, setting: str, code: int) -> str:
                 f"which this daemon, running as {named_uid(os.geteuid())}, does not have: "
                 f"choose a port of {start} or more, or grant it (under systemd, "
                 "AmbientCapabilities=CAP_NET_BIND_SERVICE)")
+    if code == errno.EINVAL and _unscoped_link_local(address.host):
+        owner = next((name for _, name in socket.if_nameindex()
+                      if _has_address(f"{address.host}%{name}")), None)
+        if owner is None:
+            return (f"{why}; {address.host} is a link-local address, which no interface of "
+                    "this machine has (`ip -brief address` lists theirs): choose one of "
+                    "them with its interface ([fe80::...%eth0]), or [::1]")
+        return (f"{why}; {address.host} is a link-local address, which every interface "
+                f"may have: name the interface, as [{address.host}%{owner}]:{address.port}")
     if code == errno.EADDRNOTAVAIL:
         loopback = "[::1]" if ":" in address.host else "127.0.0.1"  # the same family
         return (f"{why}; no interface of this machine has that address (`ip -brief "
@@ -76,8 +86,29 @@ def check_address(address: HostPort, setting: str = "--metrics") -> None:
         try:
             probe.bind((sockaddr[0], 0, *sockaddr[2:]))
         except OSError as exc:
-            if exc.errno == errno.EADDRNOTAVAIL:
+            # EINVAL: a link-local IPv6 address without its interface.
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):
                 raise StartupError(cannot_listen(address, setting, exc.errno)) from None
+
+
+def _unscoped_link_local(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return isinstance(ip, ipaddress.IPv6Address) and ip.is_link_local and not ip.scope_id
+
+
+def _has_address(host: str) -> bool:
+    """Whether ``host`` (an IPv6 address with its interface) is one of this machine's."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host, 0, socket.AF_INET6, socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(sockaddr)
+    except OSError:
+        return False
+    return True
 
 
 def check_port(address: HostPort, setting: str = "--metrics") -> None:

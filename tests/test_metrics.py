@@ -364,6 +364,27 @@ def assert_check_and_start_refuse(daemon: list[str], args: list[str], message: s
     assert f"ERROR: {message}\n" in started.stderr, started.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes a network namespace")
+def test_a_link_local_address_is_asked_for_its_interface(short_tmp: Path) -> None:
+    # Found by review: without its interface (%lo) the check said valid and the
+    # start said only "cannot listen: Invalid argument".  In a network namespace
+    # of its own, whose loopback alone has the address.
+    netns = ["unshare", "--net", "sh", "-c", "ip link set lo up && ip address add "
+             'fe80::1234/64 dev lo nodad && exec "$@"', "sh", sys.executable, "-m", "migblockd"]
+    args = ["--socket", str(short_tmp / "q.sock"), "--ephemeral", "--metrics"]
+    assert_check_and_start_refuse(netns, [*args, "[fe80::1234]:9715"], (
+        "--metrics [fe80::1234]:9715: cannot listen: Invalid argument; fe80::1234 is a "
+        "link-local address, which every interface may have: name the interface, as "
+        "[fe80::1234%lo]:9715"))
+    assert_check_and_start_refuse(netns, [*args, "[fe80::99]:9715"], (
+        "--metrics [fe80::99]:9715: cannot listen: Invalid argument; fe80::99 is a "
+        "link-local address, which no interface of this machine has (`ip -brief address` "
+        "lists theirs): choose one of them with its interface ([fe80::...%eth0]), or [::1]"))
+    named = subprocess.run([*netns, "--check-config", *args, "[fe80::1234%lo]:9715"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert named.returncode == 0, named.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
 def test_a_port_below_1024_is_refused_to_a_daemon_that_may_not_bind_it(
         short_tmp: Path) -> None:

@@ -248,7 +248,11 @@ class MetricsServer:
             return cls(bound.sock, f"http+unix://{address}", app, (address, bound.inode),
                        bound.lock)
         sock = _listen_tcp(address, sources.named("metrics"))
-        host, port = sock.getsockname()[:2]
+        name = sock.getsockname()
+        host, port = name[:2]
+        if len(name) == 4 and name[3] and "%" not in host:  # link-local: its interface
+            with contextlib.suppress(OSError):
+                host = f"{host}%{socket.if_indextoname(name[3])}"
         shown = str(HostPort(host, port))
         return cls(sock, f"http://{shown}/metrics", app, None)
 

@@ -9,6 +9,7 @@ fails is told with what to do about it (:func:`cannot_listen`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -59,15 +60,9 @@ def cannot_listen(address: HostPort, setting: str, code: int) -> str:
                 f"which this daemon, running as {named_uid(os.geteuid())}, does not have: "
                 f"choose a port of {start} or more, or grant it (under systemd, "
                 "AmbientCapabilities=CAP_NET_BIND_SERVICE)")
-    if code == errno.EINVAL and _unscoped_link_local(address.host):
-        owner = next((name for _, name in socket.if_nameindex()
-                      if _has_address(f"{address.host}%{name}")), None)
-        if owner is None:
-            return (f"{why}; {address.host} is a link-local address, which no interface of "
-                    "this machine has (`ip -brief address` lists theirs): choose one of "
-                    "them with its interface ([fe80::...%eth0]), or [::1]")
-        return (f"{why}; {address.host} is a link-local address, which every interface "
-                f"may have: name the interface, as [{address.host}%{owner}]:{address.port}")
+    if code in (errno.EINVAL, errno.ENODEV, errno.EADDRNOTAVAIL) and (
+            advice := _link_local_advice(address, code)):
+        return f"{why}; {advice}"
     if code == errno.EADDRNOTAVAIL:
         loopback = "[::1]" if ":" in address.host else "127.0.0.1"  # the same family
         return (f"{why}; no interface of this machine has that address (`ip -brief "
@@ -86,29 +81,68 @@ def check_address(address: HostPort, setting: str = "--metrics") -> None:
         try:
             probe.bind((sockaddr[0], 0, *sockaddr[2:]))
         except OSError as exc:
-            # EINVAL: a link-local IPv6 address without its interface.
-            if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):
+            # EINVAL: a link-local IPv6 address without its interface; ENODEV:
+            # with a number that is no interface.
+            if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.ENODEV):
                 raise StartupError(cannot_listen(address, setting, exc.errno)) from None
 
 
-def _unscoped_link_local(host: str) -> bool:
+def _link_local_advice(address: HostPort, code: int) -> str | None:
+    """What to do about a link-local IPv6 address (``fe80::/10``, which each
+    interface may have) that the kernel would not listen on: one without its
+    interface (``EINVAL``), with a number that is no interface (``ENODEV``), or
+    with an interface that does not have it (``EADDRNOTAVAIL``).  None for any
+    other address, and for the last when no interface has it."""
     try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return isinstance(ip, ipaddress.IPv6Address) and ip.is_link_local and not ip.scope_id
+        family, _, _, _, sockaddr = resolve_tcp(address)
+    except StartupError:
+        return None
+    if family != socket.AF_INET6:
+        return None
+    ip = ipaddress.IPv6Address(sockaddr[0].partition("%")[0])
+    if not ip.is_link_local:
+        return None
+    owners = _interfaces_with(ip)
+    scoped = f"[{ip}%{owners[0]}]:{address.port}" if owners else None
+    scope = sockaddr[3]
+    if not scope:
+        if scoped is None:
+            return (f"{ip} is a link-local address, which no interface of this machine "
+                    "has (`ip -brief address` lists theirs): choose one of them with its "
+                    "interface ([fe80::...%eth0]), or [::1]")
+        return (f"{ip} is a link-local address, which every interface may have: name "
+                f"the interface, as {scoped}")
+    if code == errno.ENODEV:
+        return (f"interface {scope} is none of this machine's: " + (
+            f"{ip} is on {owners[0]}, as {scoped}" if scoped else
+            "`ip -brief address` lists them"))
+    if scoped is None:
+        return None
+    with contextlib.suppress(OSError):
+        scope = socket.if_indextoname(scope)
+    return f"{ip} is not on interface {scope} but on {owners[0]}: name that one, as {scoped}"
 
 
-def _has_address(host: str) -> bool:
-    """Whether ``host`` (an IPv6 address with its interface) is one of this machine's."""
+#: /proc/net/if_inet6's flags of an address that cannot be listened on yet, or ever:
+#: IFA_F_TENTATIVE (duplicate address detection running), IFA_F_DADFAILED.
+_UNUSABLE = 0x40 | 0x08
+
+
+def _interfaces_with(ip: ipaddress.IPv6Address) -> list[str]:
+    """The interfaces that have ``ip``, as the kernel lists them (where /proc is
+    hidden, none: a bind would not tell under ``ip_nonlocal_bind``)."""
     try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            host, 0, socket.AF_INET6, socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.bind(sockaddr)
+        lines = Path("/proc/self/net/if_inet6").read_text().splitlines()
     except OSError:
-        return False
-    return True
+        return []
+    names = []
+    for line in lines:
+        fields = line.split()
+        with contextlib.suppress(ValueError, IndexError):
+            if (ipaddress.IPv6Address(int(fields[0], 16)) == ip
+                    and not int(fields[4], 16) & _UNUSABLE):
+                names.append(fields[5])
+    return names
 
 
 def check_port(address: HostPort, setting: str = "--metrics") -> None:

@@ -364,25 +364,67 @@ def assert_check_and_start_refuse(daemon: list[str], args: list[str], message: s
     assert f"ERROR: {message}\n" in started.stderr, started.stderr
 
 
+#: A network namespace of its own with two interfaces, v0 and v1 (a veth pair),
+#: and a link-local address on v0 alone; ``NONLOCAL=1``: with
+#: net.ipv6.ip_nonlocal_bind, under which a bind no longer tells who has it.
+LINK_LOCAL_NETNS = ["unshare", "--net", "sh", "-c",
+                    "ip link set lo up && ip link add v0 type veth peer name v1 && "
+                    "ip link set v0 up && ip link set v1 up && "
+                    "ip address add fe80::1/64 dev v0 nodad && "
+                    '{ [ -z "$NONLOCAL" ] || sysctl -qw net.ipv6.ip_nonlocal_bind=1; } && '
+                    'exec "$@"', "sh", sys.executable, "-m", "migblockd"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="makes a network namespace")
-def test_a_link_local_address_is_asked_for_its_interface(short_tmp: Path) -> None:
-    # Found by review: without its interface (%lo) the check said valid and the
-    # start said only "cannot listen: Invalid argument".  In a network namespace
-    # of its own, whose loopback alone has the address.
-    netns = ["unshare", "--net", "sh", "-c", "ip link set lo up && ip address add "
-             'fe80::1234/64 dev lo nodad && exec "$@"', "sh", sys.executable, "-m", "migblockd"]
+@pytest.mark.parametrize("nonlocal_bind", ["", "1"])
+def test_a_link_local_address_is_asked_for_its_interface(
+        short_tmp: Path, monkeypatch: pytest.MonkeyPatch, nonlocal_bind: str) -> None:
+    # Found by review: without its interface the check said valid and the start
+    # said only "cannot listen: Invalid argument"; then that the advice named
+    # the wrong interface, or none, for the cases below.
+    monkeypatch.setenv("NONLOCAL", nonlocal_bind)
     args = ["--socket", str(short_tmp / "q.sock"), "--ephemeral", "--metrics"]
-    assert_check_and_start_refuse(netns, [*args, "[fe80::1234]:9715"], (
-        "--metrics [fe80::1234]:9715: cannot listen: Invalid argument; fe80::1234 is a "
-        "link-local address, which every interface may have: name the interface, as "
-        "[fe80::1234%lo]:9715"))
-    assert_check_and_start_refuse(netns, [*args, "[fe80::99]:9715"], (
-        "--metrics [fe80::99]:9715: cannot listen: Invalid argument; fe80::99 is a "
-        "link-local address, which no interface of this machine has (`ip -brief address` "
-        "lists theirs): choose one of them with its interface ([fe80::...%eth0]), or [::1]"))
-    named = subprocess.run([*netns, "--check-config", *args, "[fe80::1234%lo]:9715"],
+    for address, advice in [
+        ("[fe80::1]:9715", "Invalid argument; fe80::1 is a link-local address, which every "
+                           "interface may have: name the interface, as [fe80::1%v0]:9715"),
+        ("[fe80::1%0]:9715", "Invalid argument; fe80::1 is a link-local address, which "
+                             "every interface may have: name the interface, as "
+                             "[fe80::1%v0]:9715"),
+        ("[fe80::99]:9715", "Invalid argument; fe80::99 is a link-local address, which no "
+                            "interface of this machine has (`ip -brief address` lists "
+                            "theirs): choose one of them with its interface "
+                            "([fe80::...%eth0]), or [::1]"),
+        ("[fe80::1%99]:9715", "No such device; interface 99 is none of this machine's: "
+                              "fe80::1 is on v0, as [fe80::1%v0]:9715"),
+        ("[fe80::1%v1]:9715", "Cannot assign requested address; fe80::1 is not on "
+                              "interface v1 but on v0: name that one, as [fe80::1%v0]:9715"),
+    ]:
+        if nonlocal_bind and "%v1" in address:
+            continue  # binds: the kernel is told not to check
+        assert_check_and_start_refuse(LINK_LOCAL_NETNS, [*args, address],
+                                      f"--metrics {address}: cannot listen: {advice}")
+    named = subprocess.run([*LINK_LOCAL_NETNS, "--check-config", *args, "[fe80::1%v0]:9715"],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert named.returncode == 0, named.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes a network namespace")
+def test_a_link_local_address_is_logged_with_its_interface(short_tmp: Path) -> None:
+    daemon = subprocess.Popen([*LINK_LOCAL_NETNS, "--socket", str(short_tmp / "q.sock"),
+                               "--ephemeral", "--metrics", "[fe80::1%v0]:0"],
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    assert daemon.stderr is not None
+    try:
+        for line in daemon.stderr:
+            if "metrics: serving" in line or "ERROR" in line:
+                break
+    finally:
+        daemon.terminate()
+        daemon.communicate(timeout=30)
+    # The kernel's answer carries the interface as a number: the log names it, as
+    # a client must (before, http://[fe80::1]:PORT/metrics, which none can reach).
+    assert re.search(r"metrics: serving Prometheus metrics on "
+                     r"http://\[fe80::1%v0\]:\d+/metrics$", line.rstrip()), line
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")

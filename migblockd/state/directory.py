@@ -117,7 +117,8 @@ def check_existing_directory(directory: Path, *, owner: int | None = None) -> No
 
 def check_file_room(database: Path) -> None:
     """Refuse a directory where the database, its log or the log's index is
-    missing and could not be made.
+    missing and could not be made (the database, also where it could not be
+    renamed into place: an append-only directory).
 
     SQLite makes the log (``state.db-wal``) and its index beside the file
     ``database`` is or links to at every start after a clean stop, which
@@ -131,6 +132,11 @@ def check_file_room(database: Path) -> None:
                     if not os.path.lexists(each)), None)
     if missing is None:
         return
+    found = attribute(real.parent) if missing == real else None
+    if found is not None and found[0] == "append-only":
+        # Making files there is allowed; the rename that puts a new one in place is not.
+        raise StateError(f"cannot create {real} (made under another name, then renamed "
+                         f"into place); {attribute_fix(real.parent, '--state-dir')}")
     code = denied(real.parent, os.W_OK | os.X_OK)
     if not code:
         return
@@ -194,12 +200,6 @@ def _check_trusted(directory: Path, place: Path, kind: str, *,
                          f"{e.filename}: {e.strerror}; {search_fix(e, '--state-dir')}") from None
     if why is not None:
         raise StateError(f"refusing to keep state in {directory}: {why}")
-    found = None if to_be_made else attribute(place)
-    if found is not None and found[0] == "append-only":
-        # SQLite renames a new database into place and removes its log at each stop.
-        raise StateError(f"refusing to keep state in {directory}: SQLite could not rename "
-                         f"or remove its files in {place}; "
-                         f"{attribute_fix(place, '--state-dir')}")
 
 
 def home_problem(directory: Path) -> str | None:

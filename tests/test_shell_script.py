@@ -151,6 +151,23 @@ def test_unknown_names_fail_the_run_and_are_never_sent(daemon: DaemonProcess) ->
     assert daemon.received() == negotiation * 2 + ["query-blockers"]
 
 
+def test_a_pasted_megabyte_is_quoted_cut(daemon: DaemonProcess) -> None:
+    # Found by review: the whole name came back in the error, after seconds of
+    # looking for a command like it.
+    name = "x" * 1_000_000
+    piped = shell(str(daemon.socket), stdin=f"{name}\nhelp {name}\n"
+                                            f"add-blocker reason=r {name}=1\nquery-blockers\n")
+    cut = f"'{'x' * 64}... (1,000,000 characters)'"
+    assert piped.returncode == 1
+    assert piped.stderr.splitlines() == [
+        f"migblock-shell: line 1: error: unknown command {cut}; 'help' lists the commands",
+        f"migblock-shell: line 2: error: help: the daemon has no command, event or type {cut}",
+        f"migblock-shell: line 3: error: unknown argument {cut} for add-blocker (its "
+        "arguments: reason, modes, internal, id, scope)",
+    ]
+    assert replies(piped.stdout) == [{"return": []}]
+
+
 def test_a_member_of_what_is_not_an_object_is_refused_before_sending(
     daemon: DaemonProcess,
 ) -> None:

@@ -193,6 +193,20 @@ def test_bad_lines_give_one_line_errors(line: str, message: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def test_a_line_of_a_hundred_thousand_keys_is_built_whole() -> None:
+    # Found by review: each key was compared with every key before it, so such a
+    # line (pasted, about 1 MB) held the shell for minutes, deaf to Ctrl-C.
+    count = 100_000
+    keys = " ".join(f"k{i}.v={i}" for i in range(count))
+    assert args(f"cmd {keys}") == {f"k{i}": {"v": i} for i in range(count)}
+    for tail, message in [(f"k{count - 1}.v=0", f"'k{count - 1}.v' is given more than once"),
+                          ("k7=0", "'k7' is given a value and also used for 'k7.v'"),
+                          ("k7.v.w=0", "'k7.v' is given a value and also used for 'k7.v.w'")]:
+        with pytest.raises(ParseError) as info:
+            parse_line(f"cmd {keys} {tail}")
+        assert str(info.value) == message
+
+
 def test_raw_json_line_is_sent_as_is() -> None:
     line = ' {"execute": "add-blocker", "arguments": {"reason": "x"}, "id": [1]}'
     assert parse_line(line) == Request(

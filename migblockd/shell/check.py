@@ -33,15 +33,32 @@ _MARGIN = 0.1
 def suggestions(word: str, candidates: Sequence[str], limit: int = 5) -> list[str]:
     """The candidates ``word`` was probably meant to be: the closest matches
     (difflib's ratio) first, then those containing it (``help blocker``, ``add``)."""
-    scored = sorted(
-        (-ratio, c)
-        for c in candidates
-        if (ratio := difflib.SequenceMatcher(None, word, c).ratio()) >= _CUTOFF
-    )
+    scored = sorted((-ratio, c) for c in candidates if (ratio := _likeness(word, c)) >= _CUTOFF)
     close = [c for score, c in scored if -score >= -scored[0][0] - _MARGIN][:3]
     if len(word) >= 3:
         close += [c for c in candidates if word in c and c not in close]
     return close[:limit]
+
+
+#: The longest name a message quotes whole: a pasted megabyte is cut, not echoed.
+_SHOWN = 64
+
+
+def shown(name: str) -> str:
+    """``name`` as a message quotes it: cut after ``_SHOWN`` characters, saying so."""
+    if len(name) <= _SHOWN:
+        return name
+    return f"{name[:_SHOWN]}... ({len(name):,} characters)"
+
+
+def _likeness(word: str, candidate: str) -> float:
+    """difflib's ratio, or 0 when its cheap upper bounds are below the cutoff (as
+    ``difflib.get_close_matches`` does): the full ratio of a pasted megabyte
+    against each name would take seconds."""
+    matcher = difflib.SequenceMatcher(None, word, candidate)
+    if matcher.real_quick_ratio() < _CUTOFF or matcher.quick_ratio() < _CUTOFF:
+        return 0.0
+    return matcher.ratio()
 
 
 def _phrase(choices: Sequence[str]) -> str:
@@ -124,12 +141,13 @@ def check_request(schema: Schema, message: dict[str, Any]) -> str | None:
     info = schema.commands.get(name)
     if info is None:
         hint = did_you_mean(name, schema.command_names()) or "; 'help' lists the commands"
-        return f"unknown command '{name}'{hint}"
+        return f"unknown command '{shown(name)}'{hint}"
     found = _unknown(schema, info.arg_type, message.get("arguments", {}), "")
     if found is None:
         return None
     parent, key, names, scalar = found
     prefix = f"{parent}." if parent else ""
+    key = shown(key)
     if scalar is not None:
         return f"unknown argument '{prefix}{key}' for {name}: '{parent}' is {scalar}, not an object"
     close = suggestions(key, names)

@@ -16,7 +16,7 @@ import textwrap
 
 from migblockd.contract import Contract
 from migblockd.qapi.doc import DefinitionDoc, MemberDoc, SchemaDocs, ValueDoc
-from migblockd.shell.check import did_you_mean
+from migblockd.shell.check import did_you_mean, shown
 from migblockd.shell.schema import Member, Schema
 
 SHELL_HELP = """\
@@ -130,4 +130,4 @@ def help_text(schema: Schema, docs: SchemaDocs, name: str) -> str | None:
 
 def unknown_command(schema: Schema, name: str) -> str:
     hint = did_you_mean(name, [*schema.command_names(), *sorted(schema.events)])
-    return f"help: the daemon has no command, event or type '{name}'{hint}"
+    return f"help: the daemon has no command, event or type '{shown(name)}'{hint}"

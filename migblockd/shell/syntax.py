@@ -35,7 +35,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from migblockd.shell.literal import NotLiteral, python_literal, scan_brackets
 
@@ -292,19 +292,25 @@ def _scalar(text: str) -> Any:
     return text
 
 
-def _insert(root: dict[str, Any], assigned: set[tuple[str, ...]], key: str, value: Any) -> None:
+def _insert(root: dict[str, Any], given: dict[tuple[str, ...], tuple[str, ...]], key: str,
+            value: Any) -> None:
+    """Put ``value`` at ``key``'s dotted path in ``root``.  ``given`` maps each path
+    given so far, and each proper prefix of one, to the path that made it: a
+    conflict is found in time linear in the key's length, whatever the number
+    of keys before it (a pasted line may hold thousands)."""
     path = tuple(key.split("."))
     if any(part == "" for part in path):
         raise ParseError(f"bad key '{key}': empty name between dots")
-    for other in assigned:
+    if (other := given.get(path)) is not None:
         if other == path:
             raise ParseError(f"'{key}' is given more than once")
-        if other[: len(path)] == path or path[: len(other)] == other:
-            short, long_ = sorted((other, path), key=len)
-            raise ParseError(
-                f"'{'.'.join(short)}' is given a value and also used for '{'.'.join(long_)}'"
-            )
-    assigned.add(path)
+        _conflict(path, other)
+    for end in range(1, len(path)):
+        if given.get(path[:end]) == path[:end]:  # a prefix given a value of its own
+            _conflict(path[:end], path)
+    for end in range(1, len(path)):
+        given.setdefault(path[:end], path)
+    given[path] = path
     node = root
     for part in path[:-1]:
         child = node.setdefault(part, {})
@@ -313,10 +319,15 @@ def _insert(root: dict[str, Any], assigned: set[tuple[str, ...]], key: str, valu
     node[path[-1]] = value
 
 
+def _conflict(short: tuple[str, ...], long_: tuple[str, ...]) -> NoReturn:
+    raise ParseError(f"'{'.'.join(short)}' is given a value and also used for "
+                     f"'{'.'.join(long_)}'")
+
+
 def build_arguments(command: str, words: list[Word], hints: Hints | None = None) -> dict[str, Any]:
     """The ``arguments`` object for ``command`` from its ``key=value`` words."""
     arguments: dict[str, Any] = {}
-    assigned: set[tuple[str, ...]] = set()
+    placed: dict[tuple[str, ...], tuple[str, ...]] = {}
     for given in words:
         word = given
         if word.key is None and "=" in word.value and word.quoted:
@@ -329,7 +340,7 @@ def build_arguments(command: str, words: list[Word], hints: Hints | None = None)
             raise ParseError(f"missing key before '=' in '={word.value}'")
         path = tuple(word.key.split("."))
         hint = hints(command, path) if hints is not None else None
-        _insert(arguments, assigned, word.key, convert_value(word, hint))
+        _insert(arguments, placed, word.key, convert_value(word, hint))
     return arguments
 
 

@@ -578,3 +578,39 @@ def test_a_history_file_that_fails_is_named_once_and_the_shell_goes_on(
     seen = shell.transcript()
     assert seen.count(f"warning: history not saved ({history}: {reason})") == 1
     assert "Traceback" not in seen
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/null", "no home"])
+def test_a_history_file_that_is_no_file_is_not_opened(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        kind: str) -> None:
+    # Found by review: a FIFO in the history's place blocked the shell on its open
+    # for good (deaf to Ctrl-C and Ctrl-D), a link to /dev/zero fed it without end,
+    # and a HOME that did not exist was made, as root, with the history under it.
+    from migblockd.shell.history import history_path  # noqa: PLC0415
+    from migblockd.shell.repl import open_history  # noqa: PLC0415
+
+    home = tmp_path / "home"
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(home if kind != "no home" else tmp_path / "none" / "x"))
+    path = history_path()
+    assert path is not None
+    if kind != "no home":
+        path.parent.mkdir(parents=True)
+        if kind == "fifo":
+            os.mkfifo(path)
+        else:
+            path.symlink_to(kind)
+    history = open_history(path)  # before, a file history, whose first load blocked
+    said = capsys.readouterr().out
+    if kind == "/dev/null":  # the usual way to keep none: taken as a file
+        assert said == ""
+        assert type(history).__name__ == "SessionFallbackHistory"
+        return
+    assert type(history).__name__ == "InMemoryHistory"
+    if kind == "no home":
+        assert said == (f"warning: history not saved ({tmp_path}/none/x: the home directory "
+                        "does not exist)\n")
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert said == f"warning: history not saved ({path}: not a regular file)\n"

@@ -4,6 +4,7 @@ a file it can no longer read or write."""
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -23,6 +24,28 @@ def history_path() -> Path | None:
     except RuntimeError:
         return None
     return home / ".local" / "state" / "migblockd" / "shell-history"
+
+
+def history_problem(path: Path) -> str | None:
+    """Why ``path`` (from :func:`history_path`) cannot keep the history, told before
+    anything is made or opened; None when only trying can tell.
+
+    A home that does not exist is not made (bash does not make one for its
+    history either; ``XDG_STATE_HOME``'s directories are, as the XDG spec asks).
+    A FIFO, a device or a socket in the file's place would block the shell on its
+    open or feed it without end (``/dev/zero``): only a regular file serves, and
+    ``/dev/null``, the usual way to keep no history."""
+    if not os.path.isabs(os.environ.get("XDG_STATE_HOME", "")):
+        home = path.parents[3]  # HOME/.local/state/migblockd/shell-history
+        if not home.is_dir():
+            return f"{home}: the home directory does not exist"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if stat.S_ISREG(st.st_mode) or os.path.samestat(st, os.stat(os.devnull)):
+        return None
+    return f"{path}: not a regular file"
 
 
 def not_saved(path: Path, err: OSError) -> str:

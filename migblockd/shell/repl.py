@@ -18,7 +18,7 @@ from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell.client import ConnectError, ConnectionLost, Message
 from migblockd.shell.completion import ShellCompleter
 from migblockd.shell.connection import Connection, describe_greeting
-from migblockd.shell.history import SessionFallbackHistory, not_saved
+from migblockd.shell.history import SessionFallbackHistory, history_problem, not_saved
 from migblockd.shell.interrupt import Interrupts
 from migblockd.shell.literal import scan_brackets
 from migblockd.shell.render import Renderer, visible
@@ -74,6 +74,9 @@ def _parses(text: str) -> bool:
 def open_history(path: Path | None) -> History:
     if path is None:
         _say("warning: history not saved (no home directory: set HOME or XDG_STATE_HOME)")
+        return InMemoryHistory()
+    if (problem := history_problem(path)) is not None:
+        _say(f"warning: history not saved ({problem})")
         return InMemoryHistory()
     try:
         # Its missing parents 0700 too (~/.local, ~/.local/state): the daemon's

@@ -614,3 +614,24 @@ def test_a_history_file_that_is_no_file_is_not_opened(
         assert list(tmp_path.iterdir()) == []
     else:
         assert said == f"warning: history not saved ({path}: not a regular file)\n"
+
+
+def test_a_terminal_whose_output_goes_to_a_file_gets_a_clean_transcript(
+        daemon: DaemonProcess, tmp_path: Path) -> None:
+    # Found by review: `migblock-shell | tee session.log` from a terminal ran the
+    # prompt into the pipe, and every reply came after lines of bare carriage
+    # returns and indentation, on screen and in the log.
+    log = tmp_path / "session.log"
+    env = {**os.environ, "TERM": "xterm", "XDG_STATE_HOME": str(tmp_path / "state")}
+    child = pexpect.spawn("sh", ["-c", '"$0" -m migblockd.shell "$1" > "$2"',
+                                 sys.executable, str(daemon.socket), str(log)],
+                          env=env, encoding="utf-8", timeout=30)
+    try:
+        child.sendline("query-blockers")
+        child.sendline("add-bloker reason=x")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 1  # the second line, as a script's
+    assert log.read_text() == '{"return": []}\n'

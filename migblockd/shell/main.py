@@ -115,7 +115,10 @@ async def _amain(args: argparse.Namespace, interrupts: Interrupts) -> int:
 async def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
     socket = args.socket if args.socket is not None else str(default_socket_path())
     docs = load_docs()
-    if args.command or sys.stdin is None or not sys.stdin.isatty():
+    # Interactive only between two terminals: with its output in a pipe or a file
+    # (`| tee session.log`), the prompt's redrawing would litter the transcript.
+    if (args.command or sys.stdin is None or not sys.stdin.isatty()
+            or sys.stdout is None or not sys.stdout.isatty()):
         from migblockd.shell.script import run_script  # noqa: PLC0415
 
         renderer = Renderer.for_stream(sys.stdout, args.pretty)

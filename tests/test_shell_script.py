@@ -920,3 +920,40 @@ def test_a_big_request_cut_off_by_the_daemons_end_says_only_the_shells_words(
             proc.wait()
     assert re.fullmatch(rf"migblock-shell: {re.escape(str(d.socket))}: connection lost: "
                         r"\[Errno \d+\] [^\n]+\n", stderr), stderr
+
+
+@pytest.mark.parametrize("when", ["between lines", "awaiting the reply"])
+def test_a_lost_connection_names_its_line_and_whether_it_was_sent(
+        start_daemon: Any, when: str) -> None:
+    # Found by review: either way the script said only "PATH: the server closed
+    # the connection", where the interactive shell says whether the command ran.
+    d = start_daemon("--ephemeral")
+    proc = subprocess.Popen([*SHELL, str(d.socket)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write("query-blockers\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"return": []}
+        if when == "between lines":
+            assert d.stop() == 0  # its clients closed, the shell's too
+            time.sleep(0.5)  # for the shell to read the end of its connection
+        else:
+            d.signal(signal.SIGSTOP)  # reads nothing, answers nothing
+        proc.stdin.write("add-blocker reason=x\n")
+        proc.stdin.flush()
+        if when == "awaiting the reply":
+            time.sleep(0.5)  # for the request to be sent
+            d.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2
+    outcome = ("was not sent" if when == "between lines"
+               else "may or may not have taken effect")
+    # Killed with the request unread, the daemon's socket is reset rather than closed.
+    reason = ("the server closed the connection" if when == "between lines"
+              else "connection lost: [Errno 104] Connection reset by peer")
+    assert err == f"migblock-shell: line 2: {d.socket}: {reason}; the command {outcome}\n"

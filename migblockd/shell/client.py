@@ -42,7 +42,14 @@ class ConnectError(ClientError):
 
 
 class ConnectionLost(ClientError):
-    """The server closed the connection (or it broke) while we needed it."""
+    """The server closed the connection (or it broke) while we needed it.
+
+    ``sent``: whether the request it cut short had gone out (or begun to): its
+    outcome is then unknown; not sent, it took no effect."""
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 def _is_greeting(message: Any) -> TypeGuard[Message]:
@@ -159,7 +166,7 @@ class QMPClient:
         Raises :class:`ConnectionLost` when the connection is gone or goes away first.
         """
         if not self.connected or self._writer is None:
-            raise ConnectionLost(self.lost_reason)
+            raise ConnectionLost(self.lost_reason, sent=False)
         message = dict(message)
         if "id" not in message:
             message["id"] = f"shell-{next(self._ids)}"

@@ -109,7 +109,7 @@ class Connection:
         Raises ConnectionLost when not connected or when the connection drops.
         """
         if self._client is None:
-            raise ConnectionLost("not connected")
+            raise ConnectionLost("not connected", sent=False)
         reply = await self._client.execute(message)
         if "id" not in message:
             reply = {k: v for k, v in reply.items() if k != "id"}

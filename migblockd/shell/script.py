@@ -133,7 +133,12 @@ async def run_script(
             if not await runner.run_line(line):
                 failed = True
     except ConnectionLost as err:
-        raise ConnectionLost(f"{path}: {err}") from None
+        # Which line, and whether it ran: the lines before it did, those after did not.
+        outcome = ("the command may or may not have taken effect" if err.sent
+                   else "the command was not sent")
+        where = "-c" if commands else "line"
+        raise ConnectionLost(f"{where} {number}: {path}: {err}; {outcome}",
+                             sent=err.sent) from None
     except OutputFailed as err:
         to_stderr(f"migblock-shell: cannot write the replies to stdout: {err}")
         _drop_stdout()

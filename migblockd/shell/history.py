@@ -43,7 +43,8 @@ def history_problem(path: Path) -> str | None:
         st = os.stat(path)
     except OSError:
         return None
-    if stat.S_ISREG(st.st_mode) or os.path.samestat(st, os.stat(os.devnull)):
+    if (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)  # the open says "Is a directory"
+            or os.path.samestat(st, os.stat(os.devnull))):
         return None
     return f"{path}: not a regular file"
 

@@ -635,3 +635,32 @@ def test_a_terminal_whose_output_goes_to_a_file_gets_a_clean_transcript(
         child.close()
     assert child.exitstatus == 1  # the second line, as a script's
     assert log.read_text() == '{"return": []}\n'
+
+
+def test_ctrl_z_suspends_the_shell_as_in_bash(daemon: DaemonProcess, tmp_path: Path) -> None:
+    # Found by review: Ctrl-Z put a literal ^Z in the line (then "unknown command
+    # '\x1aquery-version'"), where qmp-shell (readline) suspends.  Under a real
+    # job-control shell: stopped, then brought back with fg.
+    env = {**os.environ, "TERM": "xterm", "PS1": "$ ", "PROMPT_TOOLKIT_NO_CPR": "1",
+           "XDG_STATE_HOME": str(tmp_path / "state")}
+    env.pop("NO_COLOR", None)
+    bash = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], env=env, encoding="utf-8",
+                         timeout=30, dimensions=(24, 200))
+    try:
+        bash.expect_exact("$ ")
+        bash.sendline(f"{sys.executable} -m migblockd.shell {daemon.socket}")
+        bash.expect_exact("Ctrl-D quits.")
+        bash.expect_exact(PROMPT)
+        bash.send("\x1a")
+        bash.expect("Stopped")
+        bash.expect_exact("$ ")
+        bash.sendline("fg")
+        bash.send("query-version\r")
+        bash.expect_exact('"qemu"')
+        assert "unknown command" not in bash.before
+        bash.send(CTRL_D)
+        bash.expect_exact("$ ")
+        bash.sendline("echo status=$?")
+        bash.expect_exact("status=0")
+    finally:
+        bash.close(force=True)

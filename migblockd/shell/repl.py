@@ -129,6 +129,7 @@ class Interactive:
             history=open_history(self.history_path),
             completer=ShellCompleter(lambda: self.connection.schema),
             complete_while_typing=False,
+            enable_suspend=True,  # Ctrl-Z, as in bash and readline: not a literal ^Z
         )
         try:
             with patch_stdout(raw=True), self.interrupts.interactive():

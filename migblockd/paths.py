@@ -117,8 +117,8 @@ def fallback_refusal(path: str, give: str, *, connected: bool = False) -> str | 
     if problem is None:
         return None
     return (f"refusing {directory}: {problem}, so another user's program could be "
-            f"listening there in place of your daemon; {fallback_remedy(directory)}, or set "
-            f"XDG_RUNTIME_DIR, or {give}")
+            f"listening there in place of your daemon; {fallback_remedy(directory)}, or "
+            f"use a socket outside it: {give}, or set XDG_RUNTIME_DIR (for the default one)")
 
 
 def default_state_dir() -> Path:

@@ -277,11 +277,12 @@ def test_the_clients_do_not_connect_through_a_fallback_directory_another_user_ma
     problem = (f"refusing {directory}: it belongs to uid {bob.uid} (mbt-bob), not to your "
                f"uid {alice.uid} (mbt-alice), so another user's program could be listening "
                f"there in place of your daemon; ask uid {bob.uid} (mbt-bob) or root to "
-               "remove it, or set XDG_RUNTIME_DIR, or ")
+               "remove it, or use a socket outside it: ")
     shell = alice_runs("-m", "migblockd.shell", "-c", "add-blocker reason=caught")
     assert (shell.returncode, shell.stdout) == (2, ""), shell
-    assert shell.stderr == (f"migblock-shell: cannot connect to {sock}: {problem}give a "
-                            "socket outside it (migblock-shell SOCKET)\n")
+    assert shell.stderr == (f"migblock-shell: cannot connect to {sock}: {problem}give its "
+                            "path (migblock-shell SOCKET), or set XDG_RUNTIME_DIR (for the "
+                            "default one)\n")
     # Named on the command line, the same socket is refused in the same words:
     # "give the daemon's socket" would have asked for what was just given
     # (found by review).
@@ -289,8 +290,9 @@ def test_the_clients_do_not_connect_through_a_fallback_directory_another_user_ma
     assert (named.returncode, named.stderr) == (2, shell.stderr), named
     client = alice_runs("-c", CLIENT)
     assert client.returncode == 0, client.stderr
-    assert client.stdout == (f"cannot connect to migblockd at {sock}: {problem}pass a "
-                             "socket outside it as MigblockClient's path\n")
+    assert client.stdout == (f"cannot connect to migblockd at {sock}: {problem}pass its "
+                             "path as MigblockClient's path, or set XDG_RUNTIME_DIR (for the "
+                             "default one)\n")
     assert impostor.received() == [], impostor.received()
     assert impostor.stop() == 0
 
@@ -341,8 +343,9 @@ def test_a_fallback_directory_root_made_is_roots_to_remove(
     assert shell.returncode == 2
     assert (f"refusing {directory}: it belongs to uid 0 (root), not to your uid {alice.uid} "
             "(mbt-alice), so another user's program could be listening there in place of "
-            "your daemon; ask root to remove it, or set XDG_RUNTIME_DIR, or give a "
-            "socket outside it (migblock-shell SOCKET)\n") in shell.stderr, shell.stderr
+            "your daemon; ask root to remove it, or use a socket outside it: give its "
+            "path (migblock-shell SOCKET), or set XDG_RUNTIME_DIR (for the default one)\n"
+            ) in shell.stderr, shell.stderr
     refused = start_daemon("--ephemeral", socket=directory / "migblockd.sock", env=env,
                            python=str(wrapper), wait=False)
     assert refused.wait_exit() == 1

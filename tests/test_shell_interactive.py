@@ -580,7 +580,7 @@ def test_a_history_file_that_fails_is_named_once_and_the_shell_goes_on(
     assert "Traceback" not in seen
 
 
-@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/null", "no home"])
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/null", "no home", "home a file"])
 def test_a_history_file_that_is_no_file_is_not_opened(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         kind: str) -> None:
@@ -592,10 +592,14 @@ def test_a_history_file_that_is_no_file_is_not_opened(
 
     home = tmp_path / "home"
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
-    monkeypatch.setenv("HOME", str(home if kind != "no home" else tmp_path / "none" / "x"))
+    if kind == "home a file":
+        home.write_text("")
+    elif kind == "no home":
+        home = tmp_path / "none" / "x"
+    monkeypatch.setenv("HOME", str(home))
     path = history_path()
     assert path is not None
-    if kind != "no home":
+    if kind not in ("no home", "home a file"):
         path.parent.mkdir(parents=True)
         if kind == "fifo":
             os.mkfifo(path)
@@ -612,6 +616,9 @@ def test_a_history_file_that_is_no_file_is_not_opened(
         assert said == (f"warning: history not saved ({tmp_path}/none/x: the home directory "
                         "does not exist)\n")
         assert list(tmp_path.iterdir()) == []
+    elif kind == "home a file":  # found by review: said "does not exist"
+        assert said == (f"warning: history not saved ({home}: the home directory is not a "
+                        "directory)\n")
     else:
         assert said == f"warning: history not saved ({path}: not a regular file)\n"
 

@@ -119,7 +119,7 @@ log = logging.getLogger("migblockd.client")
 TIMEOUT: Final = 10.0
 
 #: How to name a socket other than the default, in the refusal of an unsafe default.
-GIVE_PATH = "pass a socket outside it as MigblockClient's path"
+GIVE_PATH = "pass its path as MigblockClient's path"
 
 
 class MigblockClient(EventSource):

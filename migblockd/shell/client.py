@@ -28,7 +28,7 @@ GREETING_TIMEOUT = 10.0
 #: characters, each escaped as ``\\uXXXX``, is about 600 MB.
 LINE_LIMIT = 1 << 30
 #: How to name a socket other than the default, in the refusal of an unsafe default.
-GIVE_SOCKET = "give a socket outside it (migblock-shell SOCKET)"
+GIVE_SOCKET = "give its path (migblock-shell SOCKET)"
 
 Message = dict[str, Any]
 

@@ -38,7 +38,8 @@ def history_problem(path: Path) -> str | None:
     if not os.path.isabs(os.environ.get("XDG_STATE_HOME", "")):
         home = path.parents[3]  # HOME/.local/state/migblockd/shell-history
         if not home.is_dir():
-            return f"{home}: the home directory does not exist"
+            return (f"{home}: the home directory is not a directory" if os.path.lexists(home)
+                    else f"{home}: the home directory does not exist")
     try:
         st = os.stat(path)
     except OSError:

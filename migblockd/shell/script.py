@@ -1,4 +1,5 @@
-"""The scripting mode: commands from ``-c`` or from a non-terminal stdin.
+"""The scripting mode: commands from ``-c``, or from stdin when stdin or stdout is
+not a terminal (``migblock-shell | tee log`` reads the lines typed as a script).
 
 stdout gets exactly one JSON reply per request, one per line (``help`` prints its
 text there too).  Parse errors go to stderr with the line number; ``-v`` echoes the

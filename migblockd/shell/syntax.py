@@ -292,31 +292,46 @@ def _scalar(text: str) -> Any:
     return text
 
 
-def _insert(root: dict[str, Any], given: dict[tuple[str, ...], tuple[str, ...]], key: str,
-            value: Any) -> None:
-    """Put ``value`` at ``key``'s dotted path in ``root``.  ``given`` maps each path
-    given so far, and each proper prefix of one, to the path that made it: a
-    conflict is found in time linear in the key's length, whatever the number
-    of keys before it (a pasted line may hold thousands)."""
+class _Given:
+    """The keys given so far, as a tree: a name maps to the path given a value
+    there (a leaf), or to the :class:`_Given` of the names under it, which knows
+    the first path that made it (for the message)."""
+
+    __slots__ = ("first", "names")
+
+    def __init__(self, first: tuple[str, ...]) -> None:
+        self.first = first
+        self.names: dict[str, _Given | tuple[str, ...]] = {}
+
+
+def _insert(root: dict[str, Any], given: _Given, key: str, value: Any) -> None:
+    """Put ``value`` at ``key``'s dotted path in ``root``, refusing a key given
+    twice, or given a value and also used as a prefix.  Linear in the key's
+    length, whatever the number of keys before it or the parts in it (a pasted
+    line may hold thousands of either)."""
     path = tuple(key.split("."))
     if any(part == "" for part in path):
         raise ParseError(f"bad key '{key}': empty name between dots")
-    if (other := given.get(path)) is not None:
-        if other == path:
-            raise ParseError(f"'{key}' is given more than once")
-        _conflict(path, other)
-    for end in range(1, len(path)):
-        if given.get(path[:end]) == path[:end]:  # a prefix given a value of its own
-            _conflict(path[:end], path)
-    for end in range(1, len(path)):
-        given.setdefault(path[:end], path)
-    given[path] = path
-    node = root
+    node = given
+    for depth, part in enumerate(path[:-1]):
+        below = node.names.get(part)
+        if below is None:
+            below = node.names[part] = _Given(path)
+        elif not isinstance(below, _Given):  # a value given to this prefix
+            _conflict(path[: depth + 1], path)
+        node = below
+    there = node.names.get(path[-1])
+    if isinstance(there, _Given):
+        _conflict(path, there.first)
+    if there is not None:
+        raise ParseError(f"'{key}' is given more than once")
+    node.names[path[-1]] = path
+    target = root
     for part in path[:-1]:
-        child = node.setdefault(part, {})
-        assert isinstance(child, dict)  # guaranteed by the prefix checks above
-        node = child
-    node[path[-1]] = value
+        child = target.setdefault(part, {})
+        assert isinstance(child, dict)  # guaranteed by the checks above
+        target = child
+    target[path[-1]] = value
 
 
 def _conflict(short: tuple[str, ...], long_: tuple[str, ...]) -> NoReturn:
@@ -327,7 +342,7 @@ def _conflict(short: tuple[str, ...], long_: tuple[str, ...]) -> NoReturn:
 def build_arguments(command: str, words: list[Word], hints: Hints | None = None) -> dict[str, Any]:
     """The ``arguments`` object for ``command`` from its ``key=value`` words."""
     arguments: dict[str, Any] = {}
-    placed: dict[tuple[str, ...], tuple[str, ...]] = {}
+    placed = _Given(())
     for given in words:
         word = given
         if word.key is None and "=" in word.value and word.quoted:

@@ -304,14 +304,13 @@ class _Given:
         self.names: dict[str, _Given | tuple[str, ...]] = {}
 
 
-def _insert(root: dict[str, Any], given: _Given, key: str, value: Any) -> None:
-    """Put ``value`` at ``key``'s dotted path in ``root``, refusing a key given
+def _insert(root: dict[str, Any], given: _Given, path: tuple[str, ...], value: Any) -> None:
+    """Put ``value`` at the dotted key ``path`` in ``root``, refusing a key given
     twice, or given a value and also used as a prefix.  Linear in the key's
     length, whatever the number of keys before it or the parts in it (a pasted
     line may hold thousands of either)."""
-    path = tuple(key.split("."))
     if any(part == "" for part in path):
-        raise ParseError(f"bad key '{key}': empty name between dots")
+        raise ParseError(f"bad key '{'.'.join(path)}': empty name between dots")
     node = given
     for depth, part in enumerate(path[:-1]):
         below = node.names.get(part)
@@ -324,7 +323,7 @@ def _insert(root: dict[str, Any], given: _Given, key: str, value: Any) -> None:
     if isinstance(there, _Given):
         _conflict(path, there.first)
     if there is not None:
-        raise ParseError(f"'{key}' is given more than once")
+        raise ParseError(f"'{'.'.join(path)}' is given more than once")
     node.names[path[-1]] = path
     target = root
     for part in path[:-1]:
@@ -355,7 +354,7 @@ def build_arguments(command: str, words: list[Word], hints: Hints | None = None)
             raise ParseError(f"missing key before '=' in '={word.value}'")
         path = tuple(word.key.split("."))
         hint = hints(command, path) if hints is not None else None
-        _insert(arguments, placed, word.key, convert_value(word, hint))
+        _insert(arguments, placed, path, convert_value(word, hint))
     return arguments
 
 

@@ -140,11 +140,11 @@ def check_file_room(database: Path) -> None:
     code = denied(real.parent, os.W_OK | os.X_OK)
     if not code:
         return
-    fix = attribute_fix(real.parent, "--state-dir") if code == errno.EPERM else None
     if code == errno.EROFS:
         fix = f"{read_only(real.parent)}, or choose another --state-dir"
-    elif fix is None:
-        fix = f"make {real.parent} writable by this user, or choose another --state-dir"
+    else:
+        fix = ((attribute_fix(real.parent, "--state-dir") if code == errno.EPERM else None)
+               or f"make {real.parent} writable by this user, or choose another --state-dir")
     raise StateError(f"cannot create {missing}: {os.strerror(code)}; {fix}")
 
 

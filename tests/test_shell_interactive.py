@@ -671,3 +671,37 @@ def test_ctrl_z_suspends_the_shell_as_in_bash(daemon: DaemonProcess, tmp_path: P
         bash.expect_exact("status=0")
     finally:
         bash.close(force=True)
+
+
+def test_a_dumb_terminal_gets_plain_lines_and_no_control_sequences(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    # Found in use: with TERM=dumb (an Emacs shell buffer) prompt_toolkit reads
+    # line by line, but every reply still came wrapped in the sequences that
+    # print above a prompt, and errors and events in colour codes.
+    env = {**os.environ, "TERM": "dumb", "XDG_STATE_HOME": str(tmp_path / "state")}
+    env.pop("NO_COLOR", None)
+    child = pexpect.spawn(sys.executable, ["-m", "migblockd.shell", str(daemon.socket)],
+                          env=env, encoding="utf-8", timeout=30)
+    child.logfile_read = io.StringIO()
+    try:
+        child.expect_exact("Ctrl-D quits.")
+        child.expect_exact("(migblockd) ")
+        child.send("query-blockers\r")
+        child.expect_exact('query-blockers\r\r\n{"return": []}\r\n(migblockd) ')
+        child.send("nosuch\r")
+        child.expect_exact("error: unknown command 'nosuch'; 'help' lists the commands\r\n"
+                           "(migblockd) ")
+        asyncio.run(_add_blocker_from_another_client(daemon.socket, "dumb-event"))
+        child.expect_exact('"event": "BLOCKER_ADDED"')
+        child.expect_exact('"reason": "dumb-event"')
+        child.send(CTRL_D)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    log = child.logfile_read
+    assert isinstance(log, io.StringIO)
+    after_greeting = log.getvalue().split("Ctrl-D quits.", 1)[1]
+    # prompt_toolkit's own cursor reset before the first prompt is all there is.
+    assert re.findall(r"\x1b\[[0-9;?]*[A-Za-z]", after_greeting) == ["\x1b[?12l", "\x1b[?25h"]

@@ -614,13 +614,15 @@ def test_a_stdout_that_cannot_be_written_is_one_line_and_stops_the_script(
     assert replies(listed.stdout) == [{"return": []}]
 
 
-def _run_with_a_terminal(argv: list[str], terminal: str) -> tuple[int, bytes, bytes]:
-    """Run ``argv`` with ``terminal`` ("stdout" or "stderr") on a pseudo-terminal and
-    the other stream on a pipe; returns the status, the terminal's and the pipe's
-    bytes."""
+def _run_with_a_terminal(argv: list[str], terminal: str,
+                         term: str = "xterm") -> tuple[int, bytes, bytes]:
+    """Run ``argv`` with ``terminal`` ("stdout" or "stderr") on a pseudo-terminal of
+    type ``term`` and the other stream on a pipe; returns the status, the terminal's
+    and the pipe's bytes."""
     master, slave = pty.openpty()
     pipe = subprocess.PIPE
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env["TERM"] = term
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -657,6 +659,11 @@ def test_stderr_is_coloured_only_when_stderr_is_a_terminal(daemon: DaemonProcess
     assert b"\x1b[1;31merror: unterminated ' quote" in terminal
     assert b"\x1b[1;31merror: help: the daemon has no command, event or type 'nope'" in terminal
     assert out == b""
+    # A dumb terminal shows no colour: the same errors, plain.
+    status, terminal, out = _run_with_a_terminal(argv, "stderr", term="dumb")
+    assert status == 1
+    assert b"error: unterminated ' quote" in terminal
+    assert b"\x1b" not in terminal
 
 
 def test_a_line_that_is_not_utf8_is_an_error_and_the_script_goes_on(

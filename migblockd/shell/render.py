@@ -1,6 +1,7 @@
 """How replies, events, requests and messages look on the screen.
 
-Colour is used only when the output is a terminal (and ``NO_COLOR`` is unset):
+Colour is used only when the output is a terminal that shows it (``TERM`` is not
+``dumb``) and ``NO_COLOR`` is unset:
 errors in bold red, events in cyan, echoed requests dimmed.
 """
 
@@ -12,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from prompt_toolkit.utils import is_dumb_terminal
+
 RED = "\x1b[1;31m"
 CYAN = "\x1b[36m"
 DIM = "\x1b[2m"
@@ -19,8 +22,9 @@ RESET = "\x1b[0m"
 
 
 def use_colour(stream: TextIO) -> bool:
-    """Colour only on a terminal, and never when ``NO_COLOR`` is set."""
-    if os.environ.get("NO_COLOR"):
+    """Colour only on a terminal, and never when ``NO_COLOR`` is set or the
+    terminal is dumb (prompt_toolkit's test: ``TERM`` is ``dumb`` or ``unknown``)."""
+    if os.environ.get("NO_COLOR") or is_dumb_terminal():
         return False
     try:
         return stream.isatty()

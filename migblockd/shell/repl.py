@@ -5,6 +5,7 @@ line being typed is redrawn intact below them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from prompt_toolkit import PromptSession
 from prompt_toolkit.history import History, InMemoryHistory
 from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.utils import is_dumb_terminal
 
 from migblockd.paths import make_private_directory
 from migblockd.qapi.doc import SchemaDocs
@@ -131,8 +133,12 @@ class Interactive:
             complete_while_typing=False,
             enable_suspend=True,  # Ctrl-Z, as in bash and readline: not a literal ^Z
         )
+        # A dumb terminal (TERM=dumb, as in an Emacs shell buffer) has no cursor
+        # to move: prompt_toolkit reads it line by line, and printing above the
+        # prompt would only add control sequences (and print late, after it).
+        above = contextlib.nullcontext() if is_dumb_terminal() else patch_stdout(raw=True)
         try:
-            with patch_stdout(raw=True), self.interrupts.interactive():
+            with above, self.interrupts.interactive():
                 while True:
                     try:
                         line = await session.prompt_async(PROMPT)

@@ -96,6 +96,30 @@ def test_raw_json_request_keeps_its_own_id(daemon: DaemonProcess) -> None:
     assert replies(result.stdout) == [{"return": [], "id": {"mine": [1]}}]
 
 
+def test_a_request_pretty_printed_in_a_file_runs_whole(daemon: DaemonProcess) -> None:
+    # Found in use: `migblock-shell < request.json` with the request as
+    # json.dumps(indent=4) writes it sent each of its lines as a command.
+    request = {"execute": "add-blocker", "arguments": {"id": "kept", "reason": "a } in [it"}}
+    script = "\n".join([
+        "query-version",
+        json.dumps(request, indent=4),   # lines 2-8
+        '{"execute":',                   # line 9: its brace never closes
+        "query-blockers",                # line 10: runs all the same
+        '{ "execute": "query-blockers",,',  # lines 11-12: closed, not JSON
+        "}",
+        "{",                             # line 13: open at the end of the input
+    ]) + "\n"
+    result = shell(str(daemon.socket), stdin=script)
+    assert result.returncode == 1
+    version, added, listed = replies(result.stdout)
+    assert "qemu" in version["return"]
+    assert added["return"]["id"] == "kept"
+    assert [b["reason"] for b in listed["return"]] == ["a } in [it"]
+    lines = [line.split(": error: ")[0] for line in result.stderr.splitlines()]
+    assert lines == ["migblock-shell: line 9", "migblock-shell: line 11",
+                     "migblock-shell: line 13"], result.stderr
+
+
 def test_failed_command_makes_exit_status_1_but_the_rest_still_runs(daemon: DaemonProcess) -> None:
     result = shell(str(daemon.socket), stdin="del-blocker id=nope\nadd-blocker reason=after\n")
     assert result.returncode == 1

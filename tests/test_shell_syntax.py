@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from migblockd.contract import Contract
+from migblockd.shell.entries import MAX_CHARS, MAX_LINES, Entries, entered_commands
 from migblockd.shell.render import Renderer
-from migblockd.shell.repl import entered_commands
 from migblockd.shell.schema import Schema
 from migblockd.shell.syntax import Help, Nothing, ParseError, Request, parse_line, tokenize
 
@@ -357,3 +357,34 @@ def test_the_renderer_shows_invisible_characters_escaped(reason: str, pretty: bo
 def test_what_is_entered_at_once_is_split_into_commands(entered: str,
                                                         commands: list[str]) -> None:
     assert entered_commands(entered) == commands
+
+
+def test_entries_number_each_command_by_its_first_line() -> None:
+    entries = Entries()
+    assert entries.feed("query-version") == [(1, "query-version")]
+    assert entries.feed("{") == []
+    assert entries.feed(' "execute": "a\\') == []  # a backslash at the end of a line
+    assert entries.feed('}"') == []  # escapes the line feed: still in the string
+    assert entries.feed('}') == [(2, '{\n "execute": "a\\\n}"\n}')]
+    assert entries.feed("next") == [(6, "next")]
+    assert entries.end() == []
+
+
+def test_a_brace_left_open_holds_at_most_max_lines_then_the_rest_is_read_again() -> None:
+    entries = Entries()
+    assert entries.feed('{"execute":') == []
+    assert entries.feed("{") == []  # a request of its own, inside the first's window
+    for _ in range(MAX_LINES - 2):
+        assert entries.feed("x") == []
+    # The first one's window is full: it is its line alone; the second opens again.
+    assert entries.feed("}") == [(1, '{"execute":'), (2, "{\n" + "x\n" * (MAX_LINES - 2) + "}")]
+    assert entries.feed("{") == []
+    assert entries.end() == [(MAX_LINES + 2, "{")]
+
+
+def test_a_brace_left_open_holds_at_most_max_chars() -> None:
+    entries = Entries()
+    assert entries.feed("{") == []
+    assert entries.feed("a" * (MAX_CHARS // 2)) == []
+    assert entries.feed("b" * (MAX_CHARS // 2)) == [
+        (1, "{"), (2, "a" * (MAX_CHARS // 2)), (3, "b" * (MAX_CHARS // 2))]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from typing import Any
 
-__all__ = ["NotLiteral", "python_literal", "scan_brackets"]
+__all__ = ["Brackets", "NotLiteral", "python_literal", "scan_brackets"]
 
 
 class NotLiteral(ValueError):
@@ -80,30 +81,54 @@ def python_literal(text: str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def scan_brackets(line: str, pos: int) -> tuple[int, bool]:
-    """Scan a bracketed value starting at ``line[pos]`` (``{`` or ``[``).
+# What can change a scan's state; everything between is skipped at C speed.
+_SIGNIFICANT = re.compile(r"[\\\"'{}\[\]]")
 
-    Returns the offset just after the matching bracket and whether it was closed.
+
+class Brackets:
+    """A scan for where a bracketed value closes, fed in pieces (a request
+    pretty-printed over several lines): its depth, and the quote it is in.
+
     Brackets inside strings are skipped: JSON's, and the ``'...'`` of a Python
     literal (a ``'`` outside a string is no JSON either).
     """
-    depth = 0
-    quote: str | None = None
-    i = pos
-    while i < len(line):
-        c = line[i]
-        if quote is not None:
-            if c == "\\":
-                i += 1
-            elif c == quote:
-                quote = None
-        elif c in "\"'":
-            quote = c
-        elif c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1, True
-        i += 1
-    return len(line), False
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.quote: str | None = None
+        self._escaped = False  # the last piece ended in a string's backslash
+
+    def newline(self) -> None:
+        """A line feed between two pieces: it is what a backslash before it escapes."""
+        self._escaped = False
+
+    def feed(self, text: str, pos: int = 0) -> int | None:
+        """Scan ``text`` from ``pos``: the offset just after the bracket that
+        closes the value, or None while it is still open."""
+        i = pos + 1 if self._escaped else pos
+        self._escaped = False
+        while (found := _SIGNIFICANT.search(text, i)) is not None:
+            c, i = found.group(), found.end()
+            if self.quote is not None:
+                if c == "\\":
+                    if i == len(text):
+                        self._escaped = True
+                    i += 1
+                elif c == self.quote:
+                    self.quote = None
+            elif c in "\"'":
+                self.quote = c
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i
+        return None
+
+
+def scan_brackets(line: str, pos: int) -> tuple[int, bool]:
+    """Scan a bracketed value starting at ``line[pos]`` (``{`` or ``[``): the
+    offset just after the matching bracket and whether it was closed."""
+    end = Brackets().feed(line, pos)
+    return (len(line), False) if end is None else (end, True)

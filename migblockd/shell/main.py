@@ -42,10 +42,11 @@ SOCKET_DOC = "the daemon's own default, see --socket in migblockd(8)"
 EPILOG = f"""\
 scripting: when stdin or stdout is not a terminal (migblock-shell | tee log), or with
 -c, the shell runs the commands and prints one JSON reply per line on stdout (events
-are not printed; errors in the input go to stderr).  Exit status: 0 if every command
-succeeded, 1 if any failed, 2 if the daemon could not be reached or the connection was
-lost (or the command line is wrong: an empty SOCKET, say, which is refused rather than
-taken for the default).
+are not printed; errors in the input go to stderr; a raw JSON request may span lines,
+to where its outer brace closes: migblock-shell < request.json).  Exit status: 0 if
+every command succeeded, 1 if any failed, 2 if the daemon could not be reached or the
+connection was lost (or the command line is wrong: an empty SOCKET, say, which is
+refused rather than taken for the default).
 
 connecting: the shell waits {GREETING_TIMEOUT:g} s for the daemon's greeting and its answer
 to qmp_capabilities (a stopped or hung daemon), then gives up; commands wait as long

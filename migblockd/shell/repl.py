@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 from pathlib import Path
 
@@ -20,9 +19,9 @@ from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell.client import ConnectError, ConnectionLost, Message
 from migblockd.shell.completion import ShellCompleter
 from migblockd.shell.connection import Connection, describe_greeting
+from migblockd.shell.entries import entered_commands
 from migblockd.shell.history import SessionFallbackHistory, history_problem, not_saved
 from migblockd.shell.interrupt import Interrupts
-from migblockd.shell.literal import scan_brackets
 from migblockd.shell.render import Renderer, visible
 from migblockd.shell.runner import Runner
 
@@ -33,44 +32,6 @@ def _say(text: str) -> None:
     # sys.stdout is looked up at call time: inside patch_stdout it is the proxy
     # that prints above the prompt.
     print(text, file=sys.stdout, flush=True)
-
-
-def entered_commands(text: str) -> list[str]:
-    """The commands in what was entered at one prompt.
-
-    A paste of several lines arrives as one entry (the terminal's bracketed paste,
-    which prompt_toolkit turns on): each line is a command, as bash runs them,
-    except that a raw JSON request runs on across lines to the line where its
-    outer brace closes (a request pasted pretty-printed), and is one command there
-    whether or not it parses (its error names it).  One whose brace never closes
-    is the one line, for its error; the lines after it run as their own commands.
-    """
-    lines = text.split("\n")
-    commands: list[str] = []
-    i = 0
-    while i < len(lines):
-        end = i
-        if lines[i].lstrip().startswith("{") and not _parses(lines[i]):
-            end = _closing_line(lines, i)
-        commands.append("\n".join(lines[i : end + 1]))
-        i = end + 1
-    return commands
-
-
-def _closing_line(lines: list[str], first: int) -> int:
-    """The line where the JSON object opening ``lines[first]`` closes, or ``first``
-    when it never does."""
-    text = "\n".join(lines[first:])
-    end, closed = scan_brackets(text, text.index("{"))
-    return first + text.count("\n", 0, end) if closed else first
-
-
-def _parses(text: str) -> bool:
-    try:
-        json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return True
 
 
 def open_history(path: Path | None) -> History:

@@ -2,7 +2,8 @@
 not a terminal (``migblock-shell | tee log`` reads the lines typed as a script).
 
 stdout gets exactly one JSON reply per request, one per line (``help`` prints its
-text there too).  Parse errors go to stderr with the line number; ``-v`` echoes the
+text there too).  A raw JSON request may span lines, as at the prompt
+(:mod:`migblockd.shell.entries`).  Parse errors go to stderr with the line number; ``-v`` echoes the
 requests to stderr.  Events are not printed.  The exit status is 0 when everything
 succeeded, 1 when any line failed; connection failures raise ConnectError /
 ConnectionLost, which :mod:`migblockd.shell.main` turns into exit status 2; a
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell.client import ConnectionLost
 from migblockd.shell.connection import Connection
+from migblockd.shell.entries import Entries
 from migblockd.shell.render import Renderer
 from migblockd.shell.runner import Runner
 
@@ -95,9 +97,20 @@ async def stdin_lines() -> AsyncIterator[str]:
         wanted.release()
 
 
-async def _listed(commands: Sequence[str]) -> AsyncIterator[str]:
-    for command in commands:
-        yield command
+async def _numbered(commands: Sequence[str]) -> AsyncIterator[tuple[int, str]]:
+    """The commands to run, each with its number: the ``-c`` ones as given, else
+    stdin's, a request pretty-printed over several lines being one (numbered by
+    its first line)."""
+    if commands:
+        for number, command in enumerate(commands, 1):
+            yield number, command
+        return
+    entries = Entries()
+    async for line in stdin_lines():
+        for found in entries.feed(line):
+            yield found
+    for found in entries.end():
+        yield found
 
 
 async def run_script(
@@ -127,10 +140,9 @@ async def run_script(
         messages=messages,
     )
     failed = False
-    lines = _listed(commands) if commands else stdin_lines()
     try:
-        async for line in lines:
-            number += 1
+        async for found in _numbered(commands):
+            number, line = found  # report's and the lost connection's line
             if not await runner.run_line(line):
                 failed = True
     except ConnectionLost as err:

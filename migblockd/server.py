@@ -38,7 +38,7 @@ from migblockd.listen import Claim, bind_claimed, unbind
 from migblockd.pidlock import PidLock
 from migblockd.preflight import ignored, passed_path, problems
 from migblockd.registry import Change
-from migblockd.reloading import outvoted, plan
+from migblockd.reloading import Reload, outvoted, plan
 from migblockd.systemd import Notifier
 from migblockd.timeouts import Timeouts
 from migblockd.turns import Forward, Turns
@@ -207,7 +207,19 @@ class Server(Turns):
         # Also re-reads the user and group databases; open connections get
         # their new role at their next request.
         self.core.configure_access(self.config.access, self.config.quotas)
-        logging.getLogger().setLevel(self.config.logging_level)
+        # The reload's own report passes the more verbose of the two levels: one
+        # that lowers the level to "error" must still say it was read, and what
+        # it did not apply; one that raises it from "error" must say so too.
+        root = logging.getLogger()
+        root.setLevel(min(root.level, self.config.logging_level))
+        try:
+            await self._report(reload, fresh, file)
+        finally:
+            root.setLevel(self.config.logging_level)
+
+    async def _report(self, reload: Reload, fresh: Config, file: dict[str, Any]) -> None:
+        """Log what ``reload`` applied and ignored, and whether the settings it
+        did not apply would fail the next start."""
         for level, line in reload.messages():
             log.log(level, "%s", line)
         if not reload.restart_only:

@@ -152,9 +152,11 @@ class DaemonProcess:
 def spawn_daemon(
     workdir: Path, *args: str, socket: Path | None = None, wait: bool = True,
     env: dict[str, str] | None = None, python: str = sys.executable,
-    cwd: Path | None = None,
+    cwd: Path | None = None, log_level: str | None = "debug",
 ) -> DaemonProcess:
     """Start the daemon; by default wait until it logs that it is ready.
+
+    ``log_level=None`` leaves the level to the daemon's configuration file.
 
     Unless ``args`` name a state directory (or ``--ephemeral``), each daemon
     gets a fresh one under ``workdir``: durable state is the default, and
@@ -170,8 +172,8 @@ def spawn_daemon(
     loop = os.environ.get("MIGBLOCKD_TEST_EVENT_LOOP")
     if loop and not any(a.startswith("--event-loop") for a in args):
         state = [*state, "--event-loop", loop]
-    argv = [python, "-m", "migblockd", "--socket", str(sock), "--log-level", "debug",
-            *state, *args]
+    level = ["--log-level", log_level] if log_level is not None else []
+    argv = [python, "-m", "migblockd", "--socket", str(sock), *level, *state, *args]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

@@ -333,6 +333,34 @@ async def test_a_reload_names_the_changes_that_wait_for_a_restart(
     assert d.stop() == 0
 
 
+async def test_a_reload_that_lowers_the_log_level_still_reports_itself(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Found by review: the new level was set before the reload's own lines were
+    # logged, so with "error" not one line said the file was read, nor that the
+    # socket mode waits for a restart, nor that the next start would fail.
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(path), "--ephemeral", log_level=None)
+    missing = tmp_path / "nonexistent.json"
+    path.write_text(f'log-level = "error"\nsocket-mode = "0660"\nschema = "{missing}"\n')
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("INFO: reloaded configuration: log-level=error")
+    d.wait_for_log("WARNING: reload: socket-mode, schema changed, which only a restart applies")
+    d.wait_for_log(f"WARNING: reload: with schema as the file now sets it, the next start "
+                   f"would fail: cannot read the schema {missing}")
+    # The level applies once the report is out: a client's change logs nothing now.
+    async with d.client() as c:
+        await c.ok("add-blocker", {"id": "quiet", "reason": "r"})
+        await c.ok("query-version")
+    # Raised back from "error": the report says so, at the level it comes to.
+    path.write_text('log-level = "info"\n')
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("INFO: reloaded configuration: log-level=info")
+    assert "quiet" not in d.log()
+    assert d.stop() == 0
+
+
 async def test_a_reload_says_which_edits_the_command_line_outvotes(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

@@ -25,7 +25,7 @@ from migblockd.connection import Connection
 from migblockd.ending import LINGER, Ending
 from migblockd.logs import WIRE_LIMIT, shown
 from migblockd.outbox import HIGH_WATER, Outbox
-from migblockd.peer import hung_up, lost_words, peer_owner
+from migblockd.peer import hung_up, lost_words, ordinary_loss, peer_owner
 from migblockd.roster import BATCH
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
             # before may still sit unread in the socket, and takes effect all the same.
             self.read_leftovers(conn)
         self.server.protocols.pop(conn, None)
-        self.core.disconnect(conn, lost_words(exc))
+        self.core.disconnect(conn, lost_words(exc), ordinary=ordinary_loss(exc))
         self.core.take_output(conn)  # nobody to read it: let go, not joined
         self.server.schedule()
 

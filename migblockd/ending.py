@@ -80,7 +80,9 @@ class Ending:
         (see :meth:`connection_lost`); only the replies are lost."""
         if self.conn is None or self.transport is None or self.dropped:
             return
-        log.warning("%s: dropped: %s", self.conn.label, why, extra=about(self.conn))
+        more = self.core.guard.bounded("dropped", self.conn.owner)
+        if more is not None:
+            log.warning("%s: dropped: %s%s", self.conn.label, why, more, extra=about(self.conn))
         self.dropped = True
         self.transport.abort()
         self.watch_loss()

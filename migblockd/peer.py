@@ -19,8 +19,8 @@ from collections.abc import Iterator
 
 from migblockd.registry import Owner
 
-__all__ = ["discard_unread", "hung_up", "leftovers", "lost_words", "peer_owner", "unread",
-           "unsent"]
+__all__ = ["discard_unread", "hung_up", "leftovers", "lost_words", "ordinary_loss",
+           "peer_owner", "unread", "unsent"]
 
 LEFTOVER_CHUNK = 64 * 1024
 
@@ -98,6 +98,10 @@ def hung_up(transport: asyncio.BaseTransport) -> bool:
     return any(mask & select.POLLHUP for _, mask in ready)
 
 
+#: How a client's end reads when it hangs up with output unread.
+_HANGUPS = (ConnectionResetError, BrokenPipeError)
+
+
 def lost_words(exc: Exception | None) -> str:
     """Why a connection ended, for its "disconnected" line: the kernel's words, except
     where they read as a failure and are none.
@@ -109,9 +113,16 @@ def lost_words(exc: Exception | None) -> str:
     """
     if exc is None:
         return ""
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+    if isinstance(exc, _HANGUPS):
         return f"it hung up with output unread ({exc.strerror})"
     return str(exc)
+
+
+def ordinary_loss(exc: Exception | None) -> bool:
+    """Whether a connection lost with ``exc`` ended as clients end (see
+    :func:`lost_words`), no failure: its line is bounded as a plain one is."""
+    return exc is None or isinstance(exc, _HANGUPS)
+
 
 
 def unread(transport: asyncio.BaseTransport) -> int:

@@ -149,8 +149,9 @@ class Roster:
                     blocker.cache = None
             self.handlers.listings.reset()
 
-    def disconnect(self, conn: Connection, reason: str = "") -> None:
-        """The connection is gone: run what it sent, then release its blockers.
+    def disconnect(self, conn: Connection, reason: str = "", *, ordinary: bool = True) -> None:
+        """The connection is gone (``ordinary``: as clients end, whatever
+        ``reason`` says): run what it sent, then release its blockers.
 
         Everything received is executed though no answer can be delivered
         (unlike QEMU); a request waiting for a commit runs once it is done,
@@ -160,7 +161,9 @@ class Roster:
         if conn not in self.connections or conn.closed:
             return
         conn.closed = True
-        if reason or not conn.quiet:
+        # A client that connects and hangs up in a loop, before reading what it
+        # was sent, ends each connection with a reason: bounded all the same.
+        if not conn.quiet or not ordinary:
             logs.info(log, "%s disconnected%s", conn.label, f": {reason}" if reason else "",
                       extra=about(conn))
         self._finish(conn)
@@ -204,7 +207,10 @@ class Roster:
         what is queued; the caller reads no more and closes it once :meth:`settled`."""
         conn.session.fail(None, QMPError(reason))
         self._dirty[conn] = None
-        log.warning("%s: closing: %s", conn.label, reason, extra=about(conn))
+        # Idle connections opened in a loop: the same line each, every timeout.
+        more = self.guard.bounded("closing", conn.owner)
+        if more is not None:
+            log.warning("%s: closing: %s%s", conn.label, reason, more, extra=about(conn))
 
     # -- input -----------------------------------------------------------------
     def receive_data(self, conn: Connection, data: bytes | memoryview) -> None:

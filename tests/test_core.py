@@ -268,6 +268,33 @@ def test_a_user_connecting_in_a_loop_costs_the_log_a_burst_of_lines(
     assert caplog.messages[-1].endswith(" connected [50 more like it were not logged]")
 
 
+def test_hanging_up_unread_or_timing_out_in_a_loop_costs_the_log_a_burst_of_lines(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Found by review: a client that hangs up before reading its greeting ends
+    # with a reason ("it hung up with output unread"), which skipped the bound:
+    # 3,100 lines in 3.4 s from one uid; and each idle connection's "closing"
+    # line was never bounded at all.
+    core, _ = make()
+    hangup = "it hung up with output unread (Connection reset by peer)"
+    with caplog.at_level(logging.INFO, "migblockd"):
+        for _ in range(CONNECTION_BURST + 50):
+            core.disconnect(connected(core, 1000, negotiate=False), hangup)
+        for _ in range(BURST + 50):
+            conn = connected(core, 1000, negotiate=False)
+            core.expel(conn, "Capabilities negotiation not completed within "
+                             "negotiation-timeout=10s")
+            core.disconnect(conn)
+        # A loss that is no client's ordinary end is always said.
+        core.disconnect(connected(core, 1000, negotiate=False), "Bad file descriptor",
+                        ordinary=False)
+    ended = [m for m in caplog.messages if hangup in m]
+    closing = [m for m in caplog.messages if ": closing: " in m]
+    assert len(ended) == CONNECTION_BURST
+    assert len(closing) == BURST
+    assert closing[-1].endswith("[more like it within 10 s are counted, not logged]")
+    assert caplog.messages[-1].endswith("disconnected: Bad file descriptor")
+
+
 def test_a_user_reconnecting_to_send_each_oversized_request_is_logged_a_burst_at_a_time(
         caplog: pytest.LogCaptureFixture) -> None:
     # The limit's line is once a connection: a new connection for each request made

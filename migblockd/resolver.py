@@ -14,7 +14,11 @@ How a uid gets its role (:meth:`Resolver.role`):
 3. else the highest role among the ``groups`` entries for any of its groups:
    the gid the kernel reported for the connection, the user's primary group
    and its supplementary groups in the group database;
-4. else ``default-role``.
+4. else ``default-role``;
+5. and a subordinate uid (``/etc/subuid``, see subuid(5)) that no ``users``
+   entry names gets at most what the user it belongs to gets: that user can
+   ``setuid()`` to it in a user namespace of their own (``newuidmap``), and must
+   not shed a role the policy lowered for them by doing so.
 
 A connection whose credentials the kernel did not give has ``default-role``.
 """
@@ -38,10 +42,14 @@ __all__ = [
     "group_id",
     "group_name",
     "groups_of",
+    "subordinate_ranges",
     "user_name",
     "who",
 ]
 
+
+#: Where shadow-utils grants subordinate uids (subuid(5)).
+SUBUID_FILE: Final = "/etc/subuid"
 
 #: Distinct (uid, gid) pairs remembered before the cache starts over: a bound,
 #: not a tuning knob (each entry is a few dozen bytes).
@@ -59,16 +67,20 @@ class Resolver:
 
     policy: Policy
     daemon_uid: int
+    #: Where the subordinate uids are granted (read once, as the databases' names are).
+    subuid_file: str = SUBUID_FILE
     _users_by_id: dict[int, Role] = field(init=False, repr=False)
     _users_by_name: dict[str, Role] = field(init=False, repr=False)
     _groups_by_id: dict[int, Role] = field(init=False, repr=False)
     _groups_by_name: dict[str, Role] = field(init=False, repr=False)
     _cache: dict[tuple[int, int | None], Role] = field(init=False, repr=False)
+    _subordinate: list[tuple[int, int, str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._users_by_id, self._users_by_name = _split(self.policy.users)
         self._groups_by_id, self._groups_by_name = _split(self.policy.groups)
         self._cache = {}
+        self._subordinate = subordinate_ranges(self.subuid_file)
 
     def role(self, uid: int | None, gid: int | None = None) -> Role:
         """The role of a peer with this uid (and, from ``SO_PEERCRED``, gid).
@@ -90,7 +102,7 @@ class Resolver:
                 self._cache[key] = role
         return role
 
-    def _resolve(self, uid: int, gid: int | None) -> Role:
+    def _resolve(self, uid: int, gid: int | None, *, own: bool = False) -> Role:
         if uid in (0, self.daemon_uid):
             return Role.ADMIN
         role = self._users_by_id.get(uid)
@@ -100,11 +112,23 @@ class Resolver:
                 role = self._users_by_name.get(name)
         if role is not None:
             return role
+        role = self.policy.default_role
         if self._groups_by_id or self._groups_by_name:
             roles = [r for g in groups_of(uid, gid) if (r := self._group_role(g)) is not None]
             if roles:
-                return max(roles)
-        return self.policy.default_role
+                role = max(roles)
+        if not own:
+            owner = self.owner_of(uid)
+            if owner is not None and owner != uid:
+                role = min(role, self._resolve(owner, None, own=True))
+        return role
+
+    def owner_of(self, uid: int) -> int | None:
+        """The uid of the user that ``/etc/subuid`` grants ``uid`` to, or None."""
+        for start, count, key in self._subordinate:
+            if start <= uid < start + count:
+                return int(key) if is_number(key) else _uid_of(key)
+        return None
 
     def _group_role(self, gid: int) -> Role | None:
         role = self._groups_by_id.get(gid)
@@ -143,6 +167,23 @@ class Resolver:
         missing = [f"user {n!r}" for n in self._users_by_name if _uid_of(n) is None]
         missing += [f"group {n!r}" for n in self._groups_by_name if group_id(n) is None]
         return missing
+
+
+def subordinate_ranges(path: str) -> list[tuple[int, int, str]]:
+    """The ranges of subordinate uids in ``path`` (subuid(5): ``user:start:count``,
+    the user by name or number) as (start, count, user); none when it cannot be
+    read (no such file: nobody has any)."""
+    ranges = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                user, _, rest = line.strip().partition(":")
+                start, _, count = rest.partition(":")
+                if user and start.isdigit() and count.isdigit():
+                    ranges.append((int(start), int(count), user))
+    except OSError:
+        pass
+    return ranges
 
 
 def _split(pairs: Iterable[tuple[str, Role]]) -> tuple[dict[int, Role], dict[str, Role]]:

@@ -10,6 +10,7 @@ that uid and gid, and only the group database can add supplementary groups.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import grp
 import json
@@ -40,6 +41,8 @@ USERS: dict[str, tuple[str, ...]] = {
     "mbt-dave": (),
     "mbt-olga": (),
 }
+#: Subordinate uids (/etc/subuid) of mbt-olga: hers to setuid() to in a user namespace.
+OLGA_SUBUIDS = range(3_800_000, 3_800_100)
 #: uids and a gid that no database names (a uid the policy only knows by number).
 NAMELESS_UID = 3_999_998
 NAMELESS_UID2 = 3_999_997
@@ -92,6 +95,14 @@ def bare_uid() -> int:
     raise AssertionError("every uid from 23456 to 23999 has an account")
 
 
+def _has_subuids(user: str, start: int) -> bool:
+    try:
+        with open("/etc/subuid", encoding="utf-8") as lines:
+            return any(line.split(":")[:2] == [user, str(start)] for line in lines)
+    except FileNotFoundError:
+        return False
+
+
 def _member(user: str, group: str) -> bool:
     return user in grp.getgrnam(group).gr_mem
 
@@ -108,6 +119,12 @@ def ensure_accounts() -> dict[str, Account]:
         for group in groups:
             _run_until(functools.partial(_member, user, group),
                        ["usermod", "--append", "--groups", group, user])
+    first, last = OLGA_SUBUIDS[0], OLGA_SUBUIDS[-1]
+    # usermod grants ranges only in a file that exists (a container may have none).
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open("/etc/subuid", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    _run_until(functools.partial(_has_subuids, "mbt-olga", first),
+               ["usermod", "--add-subuids", f"{first}-{last}", "mbt-olga"])
     accounts = {}
     for user in USERS:
         entry = pwd.getpwnam(user)

@@ -153,6 +153,23 @@ def test_users_by_number_and_by_name(accounts: dict[str, Account]) -> None:
         f"user 'mbt-alice' role operator and its uid {alice.uid} role client"]
 
 
+def test_a_subordinate_uid_gets_at_most_its_owners_role(
+        accounts: dict[str, Account], tmp_path: Path) -> None:
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    subuid = tmp_path / "subuid"
+    # By name and by number, as subuid(5) allows; a broken line is skipped.
+    subuid.write_text(f"mbt-alice:5000000:10\n{bob.uid}:5000100:10\nbroken\nx:y:z\n")
+    r = Resolver(Policy.of(CLIENT, users={"mbt-alice": OBSERVER, bob.uid: ADMIN,
+                                          5000001: OPERATOR}), DAEMON_UID, str(subuid))
+    assert r.role(5000000, 5000000) is OBSERVER       # alice's: not more than hers
+    assert r.role(5000001, 5000001) is OPERATOR       # an entry of its own decides
+    assert r.role(5000105, 5000105) is CLIENT         # bob's: not more than the default
+    assert r.role(5000010, 5000010) is CLIENT         # past alice's range
+    assert r.owner_of(5000009) == alice.uid
+    assert Resolver(Policy.of(CLIENT, users={"mbt-alice": OBSERVER}), DAEMON_UID,
+                    str(tmp_path / "none")).role(5000000, 5000000) is CLIENT
+
+
 EXHAUSTED = """
 import json, os, resource, sys
 from migblockd.access import Policy, Role

@@ -21,7 +21,14 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
-from otheruids import NAMELESS_GID, NAMELESS_UID, NAMELESS_UID2, Account, UidClient
+from otheruids import (
+    NAMELESS_GID,
+    NAMELESS_UID,
+    NAMELESS_UID2,
+    OLGA_SUBUIDS,
+    Account,
+    UidClient,
+)
 from realqemu import Qemu
 
 from migblockd.logs.throttle import BURST
@@ -217,6 +224,25 @@ def test_an_observer_can_query_but_cannot_add_delete_or_migrate(
             f"Permission denied: {command} needs role {needs}, {denied}")
     assert [b["id"] for b in o.ok("query-blockers")] == ["x"]
     assert o.ok("query-migrate-capabilities") == [{"capability": "events", "state": False}]
+
+
+def test_a_subordinate_uid_gets_no_more_than_the_user_it_belongs_to(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Found by review: mbt-olga, an observer, setuid() to one of her subordinate
+    # uids in a user namespace (newuidmap) and had default-role client there.
+    # setpriv gives the daemon the same SO_PEERCRED without the namespace.
+    daemon = serve()
+    sub = OLGA_SUBUIDS[7]
+    assert connect(daemon, sub, sub).error("add-blocker", {"reason": "r"}) == (
+        f"Permission denied: add-blocker needs role client, but uid {sub} has role observer")
+    # A uid outside her range still gets default-role; an admin's subordinate
+    # uids, no more than default-role either (below).
+    outside = OLGA_SUBUIDS[-1] + 1
+    connect(daemon, outside, outside).ok("add-blocker", {"reason": "r", "id": "outside"})
+    reload(daemon, POLICY.replace('mbt-olga = "observer"', 'mbt-olga = "admin"'))
+    assert connect(daemon, sub, sub).error("migrate", {"uri": "tcp:h:1"}) == (
+        f"Permission denied: migrate needs role operator, but uid {sub} has role client")
 
 
 def test_the_start_logs_the_policy_it_serves_with(

@@ -39,6 +39,7 @@ from migblockd.preflight import (
     passed_path,
     passthrough_unused,
     socket_gid,
+    socket_group_notes,
 )
 from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
@@ -116,7 +117,8 @@ def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE) -> Claim:
     claim = claim_socket(config.socket, config.socket_mode,
                          socket_gid(config.socket_group, sources.named("socket_group")),
                          option=sources.choice("socket"))
-    for note in kept_out_notes(config, socket_passed=False):
+    for note in (socket_group_notes(config, socket_passed=False)
+                 + kept_out_notes(config, socket_passed=False)):
         log.warning("%s", note)
     return claim
 

@@ -122,6 +122,7 @@ def policy_warnings(resolver: Resolver) -> list[str]:
     lines += [f"access: the policy gives {entry}: the entry by number applies (a user's uid "
               "is looked up before its name); give the user one entry"
               for entry in resolver.shadowed()]
+    lines += [f"access: the policy gives {entry}" for entry in resolver.named_like_numbers()]
     return lines
 
 

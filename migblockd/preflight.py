@@ -38,7 +38,7 @@ from migblockd.listen import check_socket_path, check_socket_writable
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import passthrough_warnings
 from migblockd.regular import NotRegularFile
-from migblockd.resolver import Resolver, group_id
+from migblockd.resolver import Resolver, group_id, named_like
 from migblockd.served import check_served
 from migblockd.shapes import check_shapes
 from migblockd.socketdir import check_socket_directory, socket_dir_exists
@@ -200,6 +200,17 @@ def ignored(config: Config, *, socket_passed: bool) -> list[str]:
             for differs, option, directive in given if differs]
 
 
+def socket_group_notes(config: Config, *, socket_passed: bool) -> list[str]:
+    """A ``socket-group`` by number that is also the name of another group: the
+    start logs it as a warning and ``--check-config`` prints it (not an error: the
+    number may be what was meant)."""
+    group = config.socket_group
+    if socket_passed or group is None or (other := named_like(group, "group")) is None:
+        return []
+    return [f"socket-group {group} is read as gid {group}, but a group is named {group!r} "
+            f"(gid {other}); to mean that group, give {other}"]
+
+
 def kept_out_notes(config: Config, *, socket_passed: bool) -> list[str]:
     """A directory on the way to the socket that keeps out whom ``socket-mode``
     lets connect (:func:`migblockd.denied.kept_out`), as one line: the start logs
@@ -225,7 +236,8 @@ def warnings(config: Config) -> list[str]:
         lines += [] if (unused := passthrough_unused(config)) is None else [unused]
     else:
         lines += passthrough_warnings(config.qemu_passthrough, load_contract(config.schema))
-    return lines + kept_out_notes(config, socket_passed=config.socket_activated)
+    return (lines + socket_group_notes(config, socket_passed=config.socket_activated)
+            + kept_out_notes(config, socket_passed=config.socket_activated))
 
 
 def passthrough_unused(config: Config) -> str | None:

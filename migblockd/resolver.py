@@ -42,6 +42,7 @@ __all__ = [
     "group_id",
     "group_name",
     "groups_of",
+    "named_like",
     "subordinate_ranges",
     "user_name",
     "who",
@@ -162,6 +163,19 @@ class Resolver:
                 shadowed.append(f"user {name!r} role {role} and its uid {uid} role {by_number}")
         return shadowed
 
+    def named_like_numbers(self) -> list[str]:
+        """Entries by number that are also the name of another user or group (to
+        warn: the entry applies to the id, not to the one so named)."""
+        found = []
+        for kind, pairs in (("user", self.policy.users), ("group", self.policy.groups)):
+            for key, role in pairs:
+                other = named_like(key, kind)
+                if other is not None:
+                    found.append(f"{kind} {key!r} role {role}: a number is read as an id, "
+                                 f"but a {kind} is named {key!r} (id {other}); to mean "
+                                 f"that {kind}, give {other}")
+        return found
+
     def unknown_names(self) -> list[str]:
         """Names in the policy that the user and group databases do not know (to warn)."""
         missing = [f"user {n!r}" for n in self._users_by_name if _uid_of(n) is None]
@@ -261,6 +275,20 @@ def group_id(name: str) -> int | None:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         return None
+
+
+def named_like(number: str, kind: str) -> int | None:
+    """The id of the ``kind`` ("user" or "group") *named* ``number``, when that is
+    not the number itself: the daemon reads a number as an id (as systemd's
+    ``SocketGroup=`` does), where chown(1) tries the name first."""
+    if not is_number(number):
+        return None
+    try:
+        found = (pwd.getpwnam(number).pw_uid if kind == "user"
+                 else grp.getgrnam(number).gr_gid)
+    except KeyError:
+        return None
+    return None if found == int(number) else found
 
 
 def _uid_of(name: str) -> int | None:

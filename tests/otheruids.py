@@ -41,6 +41,8 @@ USERS: dict[str, tuple[str, ...]] = {
     "mbt-dave": (),
     "mbt-olga": (),
 }
+#: A group whose name is a number that is not its gid (groupadd allows it).
+NUMBER_NAMED_GROUP = "3999996"
 #: Subordinate uids (/etc/subuid) of mbt-olga: hers to setuid() to in a user namespace.
 OLGA_SUBUIDS = range(3_800_000, 3_800_100)
 #: uids and a gid that no database names (a uid the policy only knows by number).
@@ -110,7 +112,7 @@ def _member(user: str, group: str) -> bool:
 def ensure_accounts() -> dict[str, Account]:
     """The test users and groups, created when missing."""
     shell = "/usr/sbin/nologin" if os.path.exists("/usr/sbin/nologin") else "/bin/false"
-    for group in GROUPS:
+    for group in (*GROUPS, NUMBER_NAMED_GROUP):
         _run_until(functools.partial(_group_exists, group), ["groupadd", "--system", group])
     for user, groups in USERS.items():
         _run_until(functools.partial(_user_exists, user),

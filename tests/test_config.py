@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log, wait_ready
 from faults import opened, stopped_at_open
-from otheruids import Account
+from otheruids import NUMBER_NAMED_GROUP, Account
 from realqemu import wait_until
 
 from migblockd.cli import options
@@ -1379,6 +1380,31 @@ async def test_a_reload_says_a_qemu_that_is_its_own_socket_would_fail(
     async with d.client() as c:  # still serving, not gating itself
         await c.ok("query-version")
     assert d.stop() == 0
+
+
+def test_a_group_named_by_a_number_that_a_group_also_is_named_is_warned_of(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+    accounts: dict[str, Account],
+) -> None:
+    # Found by review: with a group *named* "2002" (gid 5002), groups = {"2002" =
+    # "admin"} and --socket-group 2002 meant gid 2002, which no group has, and
+    # --check-config said "valid" without a word; chown(1) would take the name.
+    named = NUMBER_NAMED_GROUP
+    gid = grp.getgrnam(named).gr_gid
+    path = tmp_path / "m.toml"
+    path.write_text(f'socket-group = "{named}"\n[access]\ngroups = {{ "{named}" = "admin" }}\n')
+    warnings = [f"access: the policy gives group '{named}' role admin: a number is read as "
+                f"an id, but a group is named '{named}' (id {gid}); to mean that group, "
+                f"give {gid}",
+                f"socket-group {named} is read as gid {named}, but a group is named "
+                f"'{named}' (gid {gid}); to mean that group, give {gid}"]
+    proc = check_config("--config", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "".join(f"migblockd: {line}\n" for line in warnings)
+    daemon = start_daemon("--config", str(path), "--ephemeral")
+    for line in warnings:
+        assert f"WARNING: {line}\n" in daemon.log()
+    assert daemon.socket.stat().st_gid == int(named)  # the number, as systemd reads it
 
 
 def test_check_config_prints_what_the_start_would_warn_of(

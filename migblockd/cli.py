@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from migblockd import __version__
@@ -108,13 +110,27 @@ def options(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def checked(config: Config, path: str | None) -> str:
     """What ``--check-config`` says of settings that are valid."""
     source = f"{path} and the command line" if path else "the command line (no --config file)"
-    state = ("state in memory only (ephemeral)" if config.ephemeral
-             else f"state in {config.state_dir}")
+    state = ("state in memory only (ephemeral)" if config.ephemeral or config.state_dir is None
+             else f"state in {config.state_dir}{_awaiting(config.state_dir)}")
     # The check runs outside the daemon (ExecReload=), where nothing is passed: it
     # can say whose socket it is, not its path.
     sock = ("socket passed by systemd (the socket unit's ListenStream=)"
             if config.socket_activated else f"socket {config.socket}")
     return f"migblockd: {source}: valid; {sock}, {state}"
+
+
+def _awaiting(directory: Path) -> str:
+    """What a start makes in ``directory`` when it holds no database yet: said, since
+    the check does not know the running daemon, whose state may be elsewhere (a
+    ``state-dir`` edited, mistyped, or on a volume not mounted) and would not be
+    restored."""
+    from migblockd.state.directory import holds_database  # noqa: PLC0415 - keeps --help fast
+
+    if holds_database(directory):
+        return ""
+    if not os.path.lexists(directory):
+        return ", which does not exist yet: a start makes it, with an empty state database"
+    return ", which holds no state database yet: a start creates an empty one"
 
 
 def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -> None:

@@ -14,19 +14,28 @@ log says that too, with the value that wins: otherwise the operator reads
 
 :func:`outvoted` and :func:`plan` decide, with no I/O; ``Server.reload``
 applies the result to the core and logs :meth:`Reload.messages`.
+
+A ``state-dir`` moved, or ``ephemeral`` turned on, is not an error the next start
+would stop on, yet it would start without the blockers this daemon keeps:
+migration no longer blocked, with nothing but "created ...: there was no state
+database" to say why.  :func:`next_state` says so at the reload, with what the
+next start will find, while the blockers can still be moved.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from migblockd.config import RELOADABLE, Config
 from migblockd.options import table
+from migblockd.state.directory import DATABASE_NAME, holds_database
 
-__all__ = ["Reload", "outvoted", "plan"]
+__all__ = ["Reload", "next_state", "outvoted", "plan"]
 
 #: Settings of the listening socket: with a passed socket, the socket unit's.
 _SOCKET_KEYS = ("socket", "socket-mode", "socket-group")
@@ -94,3 +103,39 @@ def plan(running: Config, fresh: Config, *, socket_passed: bool,
                   unit_owned=unit_owned,
                   outvoted=[(options[name].key, options[name].show(getattr(fresh, name)))
                             for name in overridden])
+
+
+def next_state(running: Config, fresh: Config, stored: int) -> str | None:
+    """What the next start does with the state of ``running``, which keeps
+    ``stored`` daemon-scoped blockers, when ``fresh`` (as the file now sets it)
+    keeps none (``ephemeral``) or keeps it elsewhere (``state-dir``); None when
+    it restores that state.  Looks in the new directory: run it off the loop."""
+    if running.ephemeral or running.state_dir is None:
+        return None  # nothing kept, nothing left behind
+    where = running.state_dir / DATABASE_NAME
+    # With no blocker, still its settings and the counter of generated ids.
+    kept = f"state kept in {where} (no blockers now)" if stored == 0 else (
+        f"{stored} blocker kept in {where}" if stored == 1 else
+        f"{stored} blockers kept in {where}")
+    if fresh.ephemeral or fresh.state_dir is None:
+        return (f"with ephemeral as the file now sets it, the next start keeps nothing "
+                f"and ignores the {kept}")
+    new = fresh.state_dir
+    if new == running.state_dir or _same_directory(new, running.state_dir):
+        return None
+    if holds_database(new):
+        return (f"with state-dir as the file now sets it, the next start restores "
+                f"{new / DATABASE_NAME}, not the {kept}")
+    them = "them" if stored > 1 else "it"
+    return (f"with state-dir as the file now sets it, the next start finds no database in "
+            f"{new} and will not restore the {kept} (it creates an empty one); to keep "
+            f"{them}, stop the daemon, move {DATABASE_NAME} and its {DATABASE_NAME}-wal, if "
+            f"there, from {running.state_dir} to {new}, then start it")
+
+
+def _same_directory(one: Path, other: Path) -> bool:
+    """Two paths to one directory (through a link): the next start finds the same state."""
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # the new one is not there yet: another directory
+        return False

@@ -38,7 +38,7 @@ from migblockd.listen import Claim, bind_claimed, unbind
 from migblockd.pidlock import PidLock
 from migblockd.preflight import ignored, passed_path, problems
 from migblockd.registry import Change
-from migblockd.reloading import Reload, outvoted, plan
+from migblockd.reloading import Reload, next_state, outvoted, plan
 from migblockd.systemd import Notifier
 from migblockd.timeouts import Timeouts
 from migblockd.turns import Forward, Turns
@@ -231,8 +231,17 @@ class Server(Turns):
         check = functools.partial(problems, fresh, socket_passed=self.own_socket is None,
                                   passed=self.passed, as_daemon=True,
                                   keys=reload.restart_only, sources=Sources.of(self.cli, file))
+        # Counted here: the registry is the loop's.  Those are what the disk keeps.
+        stored = sum(1 for b in self.core.registry.blockers() if b.scope == "daemon")
+        ahead = functools.partial(next_state, self.config, fresh, stored)
+
+        def look_ahead() -> tuple[list[tuple[str, str]], str | None]:
+            found = check()
+            # A directory the next start refuses is said as such, not as empty.
+            return found, None if any(key == "state-dir" for key, _ in found) else ahead()
+
         try:
-            found = await detached(check, "migblockd-reload-check")
+            found, fate = await detached(look_ahead, "migblockd-reload-check")
         except Exception:
             # The settings are applied by now: only the look ahead failed (a bug, or
             # no thread to run it on), and the reload is not undone for it.
@@ -243,3 +252,5 @@ class Server(Turns):
         for key, why in found:
             log.warning("reload: with %s as the file now sets it, the next start "
                         "would fail: %s", key, why)
+        if fate is not None:
+            log.warning("reload: %s", fate)

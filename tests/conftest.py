@@ -152,7 +152,7 @@ class DaemonProcess:
 def spawn_daemon(
     workdir: Path, *args: str, socket: Path | None = None, wait: bool = True,
     env: dict[str, str] | None = None, python: str = sys.executable,
-    cwd: Path | None = None, log_level: str | None = "debug",
+    cwd: Path | None = None, log_level: str | None = "debug", own_state: bool = True,
 ) -> DaemonProcess:
     """Start the daemon; by default wait until it logs that it is ready.
 
@@ -160,13 +160,15 @@ def spawn_daemon(
 
     Unless ``args`` name a state directory (or ``--ephemeral``), each daemon
     gets a fresh one under ``workdir``: durable state is the default, and
-    daemons must not share one by accident.
+    daemons must not share one by accident.  ``own_state=False``: none, for a
+    daemon whose ``--config`` file sets ``state-dir`` (a ``--state-dir`` would
+    outvote it).
     """
     sock = socket if socket is not None else workdir / "migblockd.sock"
     stamp = time.monotonic_ns()
     log_path = workdir / f"daemon-{stamp}.log"
     state: list[str] = []
-    if not any(a.startswith("--state-dir") or a == "--ephemeral" for a in args):
+    if own_state and not any(a.startswith("--state-dir") or a == "--ephemeral" for a in args):
         state = ["--state-dir", str(workdir / f"state-{stamp}")]
     # MIGBLOCKD_TEST_EVENT_LOOP=uvloop runs every daemon on uvloop (test_uvloop.py does).
     loop = os.environ.get("MIGBLOCKD_TEST_EVENT_LOOP")

@@ -561,7 +561,9 @@ def test_check_config_says_valid_and_starts_nothing(tmp_path: Path) -> None:
     proc = check_config("--config", str(path), "--socket", str(tmp_path / "s.sock"))
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout == (f"migblockd: {path} and the command line: valid; socket "
-                           f"{tmp_path / 's.sock'}, state in {tmp_path / 'state'}\n")
+                           f"{tmp_path / 's.sock'}, state in {tmp_path / 'state'}, which "
+                           "does not exist yet: a start makes it, with an empty state "
+                           "database\n")
     assert sorted(tmp_path.iterdir()) == [path]  # no state directory, no socket
 
 

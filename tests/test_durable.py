@@ -1240,6 +1240,65 @@ async def test_a_blocker_only_migratable_refuses_stops_the_daemon_it_was_turned_
 # ----------------------------------------------------------------- --ephemeral
 
 
+def check_config(config: Path, socket: Path) -> str:
+    checked = subprocess.run([sys.executable, "-m", "migblockd", "--check-config", "--config",
+                              str(config), "--socket", str(socket)],
+                             capture_output=True, text=True, timeout=30)
+    assert (checked.returncode, checked.stderr) == (0, ""), checked.stderr
+    return checked.stdout
+
+
+async def test_a_state_dir_moved_by_a_reload_is_said_to_leave_the_blockers_behind(
+        start_daemon: Start, tmp_path: Path) -> None:
+    # Found by review: with state-dir edited (or ephemeral turned on) the check
+    # said only "valid", the reload only "state-dir changed, which only a restart
+    # applies", and the restart created an empty database: migration no longer
+    # blocked by the blockers kept in the old one.
+    old, new = tmp_path / "old", tmp_path / "new"
+    config = tmp_path / "m.toml"
+    config.write_text(f'state-dir = "{old}"\n')
+    config.chmod(0o600)
+    d = start_daemon("--config", str(config), own_state=False)
+    d.wait_for_log(restored_line(old, 0))
+    kept = f"the 2 blockers kept in {old}/state.db"
+    async with d.client() as c:
+        await add(c, "kept", id="a")
+        await add(c, "kept too", id="b")
+        await add(c, "not stored", id="c", scope="connection")  # not counted
+        config.write_text(f'state-dir = "{new}"\n')
+        assert check_config(config, d.socket) == (
+            f"migblockd: {config} and the command line: valid; socket {d.socket}, state in "
+            f"{new}, which does not exist yet: a start makes it, with an empty state "
+            "database\n")
+        d.signal(signal.SIGHUP)
+        d.wait_for_log("WARNING: reload: state-dir changed, which only a restart applies\n")
+        d.wait_for_log(
+            f"WARNING: reload: with state-dir as the file now sets it, the next start finds no "
+            f"database in {new} and will not restore {kept} (it creates an empty one); to "
+            "keep them, stop the daemon, move state.db and its state.db-wal, if there, from "
+            f"{old} to {new}, then start it\n")
+        new.mkdir(mode=0o700)
+        assert check_config(config, d.socket).endswith(
+            f"state in {new}, which holds no state database yet: a start creates an empty "
+            "one\n")
+        config.write_text(f'state-dir = "{old}"\nephemeral = true\n')
+        d.signal(signal.SIGHUP)
+        d.wait_for_log("WARNING: reload: with ephemeral as the file now sets it, the next "
+                       f"start keeps nothing and ignores {kept}\n")
+    # Done as the warning says, the next start in the new directory restores them.
+    config.write_text(f'state-dir = "{new}"\n')
+    assert d.stop() == 0
+    for name in ("state.db", "state.db-wal"):
+        if (old / name).exists():
+            (old / name).rename(new / name)
+    assert check_config(config, d.socket).endswith(f"state in {new}\n")
+    again = start_daemon("--config", str(config), own_state=False)
+    again.wait_for_log(restored_line(new, 2))
+    async with again.client() as c:
+        assert await ids(c) == ["a", "b"]
+    assert_clean_log(d)
+
+
 async def test_ephemeral_forgets_on_restart(start_daemon: Start, tmp_path: Path) -> None:
     unused = tmp_path / "unused"
     first = start_daemon("--ephemeral", "--state-dir", str(unused))

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from migblockd.config import Config
-from migblockd.reloading import outvoted, plan
+from migblockd.reloading import next_state, outvoted, plan
 
 
 def test_nothing_changed() -> None:
@@ -90,3 +90,29 @@ def test_an_edit_the_command_line_outvotes_is_named_with_the_value_that_wins() -
                           "it (info); the command line wins"),
         (logging.WARNING, "reload: max-clients changed in the file, but the command line "
                           "sets it (50); the command line wins")]
+
+
+def test_the_next_start_with_another_state_dir_or_none(tmp_path: Path) -> None:
+    # What a reload says the next start does with the state it keeps (the daemon
+    # test, in test_durable, has the missing directory and ephemeral).
+    old, other, link = tmp_path / "old", tmp_path / "other", tmp_path / "link"
+    old.mkdir()
+    other.mkdir()
+    link.symlink_to(old)
+    running = Config(state_dir=old)
+    assert next_state(running, Config(state_dir=old), 3) is None
+    assert next_state(running, Config(state_dir=link), 3) is None  # the same directory
+    assert next_state(Config(ephemeral=True, state_dir=old), Config(state_dir=other), 3) is None
+    assert next_state(running, Config(state_dir=other), 1) == (
+        f"with state-dir as the file now sets it, the next start finds no database in {other} "
+        f"and will not restore the 1 blocker kept in {old}/state.db (it creates an empty one); "
+        f"to keep it, stop the daemon, move state.db and its state.db-wal, if there, from "
+        f"{old} to {other}, then start it")
+    # No blocker: still its settings and the counter of generated ids.
+    assert next_state(running, Config(state_dir=other, ephemeral=True), 0) == (
+        "with ephemeral as the file now sets it, the next start keeps nothing and ignores "
+        f"the state kept in {old}/state.db (no blockers now)")
+    (other / "state.db").touch()
+    assert next_state(running, Config(state_dir=other), 2) == (
+        f"with state-dir as the file now sets it, the next start restores {other}/state.db, "
+        f"not the 2 blockers kept in {old}/state.db")

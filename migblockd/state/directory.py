@@ -26,7 +26,7 @@ from migblockd.trust import ownership, refusal, search_fix
 from migblockd.writable import attribute, attribute_fix, denied, first_missing
 
 __all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory",
-           "check_file_room", "home_problem", "make_directory"]
+           "check_file_room", "holds_database", "home_problem", "make_directory"]
 
 DATABASE_NAME = "state.db"
 
@@ -113,6 +113,13 @@ def check_existing_directory(directory: Path, *, owner: int | None = None) -> No
     if owner is None:  # as above
         check_lockable(directory)
         check_file_room(directory / DATABASE_NAME)
+
+
+def holds_database(directory: Path) -> bool:
+    """Whether a start with ``directory`` finds a database there rather than
+    creating an empty one: anything named ``state.db`` counts, since the start
+    refuses what is not a database (a link to nothing) rather than replace it."""
+    return os.path.lexists(directory / DATABASE_NAME)
 
 
 def check_file_room(database: Path) -> None:

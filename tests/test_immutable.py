@@ -11,7 +11,9 @@ CAP_LINUX_IMMUTABLE), and ``--check-config`` where it can tell beforehand.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from conftest import DaemonProcess
+
+from migblockd.state.schema import MIGRATIONS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chattr +i needs root")
 
@@ -256,3 +260,90 @@ async def test_a_state_directory_that_is_append_only(
         assert daemon.stop() == 0
         assert listed == [f"b{i}" for i in range(round_ + 1)]
         assert "Traceback" not in daemon.log()
+
+
+def empty_database(database: Path) -> None:
+    """A SQLite file with nothing in it, of format 0: as an older migblockd made it."""
+    conn = sqlite3.connect(database)
+    conn.execute("VACUUM")  # writes its first page
+    conn.close()
+    database.chmod(0o600)
+
+
+def refused_migration(state: Path, version: int, current: int, made: str = "") -> str:
+    return (f"cannot migrate {state}/state.db from format {version}{made} to {current}: "
+            f"the migration removes the journals it writes in {state}; "
+            f"{fix(state, '--state-dir', 'a')}")
+
+
+def test_an_append_only_state_directory_refuses_an_empty_database(
+        short_tmp: Path, marked: list[Path]) -> None:
+    # Found by review: the start failed on a "disk I/O error" (SQLite could not
+    # remove the journal it wrote to turn the file to WAL) and left it there.
+    state = short_tmp / "state"
+    state.mkdir(mode=0o700)
+    empty_database(state / "state.db")
+    before = (state / "state.db").read_bytes()
+    chattr(marked, "+a", state)
+    args = ["--socket", str(short_tmp / "q.sock"), "--state-dir", str(state)]
+    assert_refused(args, refused_migration(state, 0, 1, " (empty, as an older migblockd "
+                                                        "made it)"))
+    assert sorted(p.name for p in state.iterdir()) == ["lock", "state.db"]  # nothing written
+    assert (state / "state.db").read_bytes() == before
+    # Unmarked, the same start migrates it and serves.
+    subprocess.run(["chattr", "-a", str(state)], check=True)
+    assert migblockd("--check-config", *args).returncode == 0
+
+
+def test_an_append_only_state_directory_refuses_a_migration(
+        short_tmp: Path, marked: list[Path]) -> None:
+    # Found by review: the copy kept before migrating (state.db.format-1) was left
+    # with its journal, and the next start asked to "move it away", as the
+    # attribute forbids.  The daemon's format is 1, so a later one is played by
+    # the store with one more step, in a process of its own.
+    state = short_tmp / "state"
+    make_state(state)
+    chattr(marked, "+a", state)
+    for _ in range(2):  # and again: nothing left behind to refuse instead
+        migrated = subprocess.run(
+            [sys.executable, "-c",
+             "import sys; from pathlib import Path; "
+             "from migblockd.state import StateError, Store; "
+             "from migblockd.state.schema import MIGRATIONS\n"
+             "def step(conn): conn.execute('CREATE TABLE extra (x)')\n"
+             "try: Store.open(Path(sys.argv[1]), (*MIGRATIONS, step), "
+             "restore=lambda s: None).close()\n"
+             "except StateError as e: sys.exit(str(e))",
+             str(state)], capture_output=True, text=True, timeout=30)
+        assert (migrated.returncode, migrated.stderr) == (
+            1, refused_migration(state, 1, 2) + "\n")
+        assert sorted(p.name for p in state.iterdir()) == ["lock", "state.db"]
+
+
+def test_an_append_only_state_directory_whose_format_is_in_the_log_is_not_refused(
+        short_tmp: Path, marked: list[Path], start_daemon: Callable[..., DaemonProcess]) -> None:
+    # The check reads the format without opening the database: as a crash leaves
+    # it, the file says format 0 and its log the migration to 1, which the start
+    # reads and needs no migration for.
+    state, work = short_tmp / "state", short_tmp / "work"
+    state.mkdir(mode=0o700)
+    work.mkdir()
+    empty_database(work / "state.db")
+    conn = sqlite3.connect(work / "state.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("BEGIN")
+    MIGRATIONS[0](conn)
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+    conn.execute("COMMIT")
+    for name in ("state.db", "state.db-wal"):  # not folded back yet
+        shutil.copy(work / name, state / name)
+    conn.close()
+    assert (state / "state.db").read_bytes()[60:64] == bytes(4)  # format 0 in the file
+    chattr(marked, "+a", state)
+    args = ["--socket", str(short_tmp / "q.sock"), "--state-dir", str(state)]
+    checked = migblockd("--check-config", *args)
+    assert (checked.returncode, checked.stderr) == (0, ""), checked.stderr
+    daemon = start_daemon("--state-dir", str(state), socket=short_tmp / "q.sock")
+    daemon.wait_for_log(f"restored 0 blockers from {state}/state.db")
+    assert daemon.stop() == 0

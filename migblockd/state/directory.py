@@ -20,13 +20,16 @@ import stat
 from pathlib import Path
 
 from migblockd.paths import NoDefault, default_state_dir, make_private_directory
+from migblockd.state import schema
 from migblockd.state.errors import StateError, account, owner_mismatch, read_only
 from migblockd.state.lock import check_lockable
+from migblockd.state.logcheck import stored_format
 from migblockd.trust import ownership, refusal, search_fix
 from migblockd.writable import attribute, attribute_fix, denied, first_missing
 
 __all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory",
-           "check_file_room", "holds_database", "home_problem", "make_directory"]
+           "check_file_room", "check_migration_room", "holds_database", "home_problem",
+           "make_directory"]
 
 DATABASE_NAME = "state.db"
 
@@ -113,6 +116,7 @@ def check_existing_directory(directory: Path, *, owner: int | None = None) -> No
     if owner is None:  # as above
         check_lockable(directory)
         check_file_room(directory / DATABASE_NAME)
+        _check_stored_format(directory / DATABASE_NAME)
 
 
 def holds_database(directory: Path) -> bool:
@@ -153,6 +157,49 @@ def check_file_room(database: Path) -> None:
         fix = ((attribute_fix(real.parent, "--state-dir") if code == errno.EPERM else None)
                or f"make {real.parent} writable by this user, or choose another --state-dir")
     raise StateError(f"cannot create {missing}: {os.strerror(code)}; {fix}")
+
+
+def check_migration_room(database: Path, version: int, current: int) -> None:
+    """Refuse to migrate ``database`` from format ``version`` to ``current`` where
+    the migration would write in an append-only directory, before anything is
+    written: SQLite removes the journal it writes there (to turn a database of
+    format 0 to WAL, to fill the copy kept as ``state.db.format-N``), which the
+    attribute forbids, so it would fail half done ("disk I/O error") and leave
+    files that no later start could remove or move away."""
+    if version >= current:
+        return
+    place = _append_only(database, version)
+    if place is None:
+        return
+    made = " (empty, as an older migblockd made it)" if version == 0 else ""
+    raise StateError(f"cannot migrate {database} from format {version}{made} to {current}: "
+                     f"the migration removes the journals it writes in {place}; "
+                     f"{attribute_fix(place, '--state-dir')}")
+
+
+def _append_only(database: Path, version: int) -> Path | None:
+    """The first append-only directory a migration from ``version`` writes in: the
+    one holding the file ``database`` is or links to (SQLite's journals), and for
+    a format above 0 the one holding ``database`` (the copy kept beside it)."""
+    real = Path(os.path.realpath(database)).parent
+    places = (real,) if version == 0 else dict.fromkeys((database.parent, real))
+    return next((place for place in places
+                 if (found := attribute(place)) is not None and found[0] == "append-only"),
+                None)
+
+
+def _check_stored_format(database: Path) -> None:
+    """:func:`check_migration_room` for ``--check-config``, which opens no database:
+    its format read from its header (only where a directory is append-only).  One
+    of another program's is left to the start, which refuses it as such."""
+    if not os.path.isfile(database) or _append_only(database, 1) is None:
+        return
+    stored = stored_format(database)
+    if stored is None:
+        return
+    app_id, version = stored
+    if app_id == schema.APPLICATION_ID or (app_id, version) == (0, 0):
+        check_migration_room(database, version, len(schema.MIGRATIONS))
 
 
 def check_directory(directory: Path, *, owner: int | None = None) -> None:

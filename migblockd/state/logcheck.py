@@ -27,6 +27,10 @@ unix-excl VFS) leaves when it opens the database after the crash: it folds the
 log into the database, then removes or empties it, and leaves the index as it
 was.  Nothing on disk tells that from a log removed by hand, so the refusal
 says both, and what to do then.
+
+:func:`stored_format` reads the log too, for ``--check-config``, which opens no
+database but must tell a database that needs a migration: its format is in
+the first page, which the log's last commit may hold newer than the file.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from pathlib import Path
 
 from migblockd.state.errors import StateError
 
-__all__ = ["check_log"]
+__all__ = ["check_log", "stored_format"]
 
 # The index's header (two copies, 48 bytes each, in the machine's byte order),
 # then the checkpoint's: how many frames are in the database already.
@@ -49,6 +53,9 @@ _BACKFILLED = struct.Struct("=I")
 _LOG_HEADER = struct.Struct(">IIII8sII")
 _MAGIC = 0x377F0682  # | 1: checksums of big-endian words
 _FRAME = struct.Struct(">II8sII")
+# In the database's first page (its file header): user_version, then application_id.
+_FORMAT = struct.Struct(">I4xI")
+_FORMAT_AT = 60
 _GONE, _EMPTY = "it is missing", "it is empty"
 
 
@@ -74,6 +81,54 @@ def check_log(log: Path, index: Path) -> None:
                      "restore the state directory from a backup, or remove "
                      f"{index} to start with what the log still holds (the rest is lost)"
                      f"{folded}")
+
+
+def stored_format(database: Path) -> tuple[int, int] | None:
+    """The database's (``application_id``, ``user_version``) as SQLite would read
+    them, without opening it: from its first page as the log's last commit holds
+    it (a migration not yet folded back when a crash came), else from the file;
+    None when they cannot be read."""
+    real = os.path.realpath(database)
+    try:
+        with open(real, "rb") as f:
+            first = f.read(_FORMAT_AT + _FORMAT.size)
+    except OSError:
+        return None
+    first = _committed_first_page(Path(real + "-wal")) or first
+    if len(first) < _FORMAT_AT + _FORMAT.size:
+        return None
+    version, app_id = _FORMAT.unpack_from(first, _FORMAT_AT)
+    return app_id, version
+
+
+def _committed_first_page(log: Path) -> bytes | None:
+    """The database's first page as the last commit in ``log`` that wrote it has it,
+    reading the frames as SQLite's recovery does: up to the first that is cut
+    short, not of this log or fails its checksum."""
+    try:
+        with open(log, "rb") as f:
+            header = f.read(_LOG_HEADER.size)
+            if len(header) < _LOG_HEADER.size:
+                return None
+            magic, _, page, _, salts, sum1, sum2 = _LOG_HEADER.unpack(header)
+            if (magic | 1 != _MAGIC | 1 or page < 512 or page > 65536 or page & (page - 1)
+                    or _checksum(header[:24], bool(magic & 1), 0, 0) != (sum1, sum2)):
+                return None
+            chained, pending, committed = (sum1, sum2), None, None
+            while len(head := f.read(_FRAME.size)) == _FRAME.size:
+                data = f.read(page)
+                number, commit, frame_salts, sum1, sum2 = _FRAME.unpack(head)
+                if len(data) < page or frame_salts != salts:
+                    break
+                chained = _checksum(head[:8] + data, magic & 1 == 1, *chained)
+                if chained != (sum1, sum2):
+                    break
+                pending = data if number == 1 else pending
+                if commit:  # the last frame of a transaction: what it wrote counts
+                    committed, pending = pending or committed, None
+    except OSError:
+        return None
+    return committed
 
 
 def _recorded(index: Path) -> tuple[int, int, bytes] | None:

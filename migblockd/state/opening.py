@@ -10,7 +10,9 @@ value it refuses).  Only then is it opened for writing, which after a crash
 rebuilds the log's index, and whose closing folds the log into the database:
 a refused start leaves the files as they were.  A new database is made whole
 under another name and then renamed; an older one is copied to
-``state.db.format-N`` and migrated in one transaction (and examined then).
+``state.db.format-N`` and migrated in one transaction (and examined then),
+unless its directory is append-only, which would fail the migration half
+done (:func:`check_migration_room`).
 Bad state stops the daemon with a :class:`StateError`; it is never replaced.
 
 Apart from committing (:mod:`migblockd.state.store`) because all of it runs
@@ -30,7 +32,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from migblockd.state import schema
-from migblockd.state.directory import check_file_room
+from migblockd.state.directory import check_file_room, check_migration_room
 from migblockd.state.errors import (
     StateError,
     describe_open_error,
@@ -83,6 +85,7 @@ def check_and_open(path: Path, migrations: Sequence[schema.Migration],
     lock = lock_database(path)
     try:
         version = _check_before_writing(path, migrations, examine)
+        check_migration_room(path, version, len(migrations))
     except BaseException:
         lock.release()
         raise

@@ -1042,6 +1042,39 @@ async def test_files_taken_away_under_the_running_daemon_are_not_written_to(
         await add(c, "after the restart", id="after")
 
 
+@pytest.mark.parametrize("how", ["backup copied over it", "truncated"])
+async def test_a_database_written_over_under_the_running_daemon_is_not_written_to(
+    start_daemon: Start, tmp_path: Path, how: str
+) -> None:
+    """The same file (its inode kept) written by another program: ``cp backup.db
+    state.db``, ``truncate -s 0 state.db``.  Before, later changes were acknowledged
+    into it, the log said nothing, and the next start found the file corrupt.  Now
+    every commit fails, the log saying what to do (not the disk's advice)."""
+    directory = tmp_path / "state"
+    db = directory / "state.db"
+    daemon = start_daemon("--state-dir", str(directory), "--log-level", "info")
+    async with daemon.client() as c:
+        await add(c, "acknowledged before", id="before")
+        db.chmod(0o600)  # no write: commits go on
+        if how == "truncated":
+            os.truncate(db, 0)
+        else:
+            backup = tmp_path / "backup.db"
+            with contextlib.closing(sqlite3.connect(backup)) as conn:
+                conn.execute("CREATE TABLE t (x)")
+                conn.executemany("INSERT INTO t VALUES (?)", [("x" * 1000,)] * 100)
+                conn.commit()
+            shutil.copyfile(backup, db)  # as cp does: the same file, written over
+        why = (f"cannot commit to {db}: another program wrote to it since the daemon's last "
+               "commit (a file copied over it, or it was truncated?), and what the daemon "
+               "commits now would be mixed with what that program wrote")
+        await add_refused_at_commit(c, daemon, why, (
+            f"stop the daemon, then restore {db} from a backup: the stop folds the daemon's "
+            "log into the file, over what that program wrote"))
+        reply = await c.execute("add-blocker", {"reason": "not acknowledged", "id": "no"})
+        assert reply["error"]["desc"] == f"{why}; nothing was changed", reply
+
+
 async def test_a_log_left_beside_a_link_to_the_database_stops_the_daemon(
     start_daemon: Start, tmp_path: Path
 ) -> None:

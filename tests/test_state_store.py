@@ -187,6 +187,57 @@ def test_online_backup_of_a_running_store_is_a_state_directory(tmp_path: Path) -
                                                        {"mode": "cpr-reboot"})
 
 
+def written_over(db: Path, how: str) -> None:
+    """Another program writing to the database in place (its inode kept)."""
+    if how == "backup copied over it":
+        backup = db.with_name("backup.db")
+        with contextlib.closing(sqlite3.connect(backup)) as conn:
+            conn.execute("CREATE TABLE t (x)")
+            conn.executemany("INSERT INTO t VALUES (?)", [("x" * 1000,)] * 100)
+            conn.commit()
+        shutil.copyfile(backup, db)  # as cp does: the same file, written over
+    else:
+        os.truncate(db, 0)
+
+
+@pytest.mark.parametrize("how", ["backup copied over it", "truncated"])
+def test_a_database_written_over_by_another_program_takes_no_commit(
+    tmp_path: Path, how: str
+) -> None:
+    """Before, SQLite went on committing into a file copied over or truncated under
+    it, every commit succeeded, and the next start found the file corrupt.  The
+    store's own writes to the file (the log folded back into it, once long enough)
+    do not count, nor do another program's (an operator's ``PRAGMA wal_checkpoint``,
+    which writes what the store committed), nor a chmod (which changes the inode's
+    change time)."""
+    db = tmp_path / "state.db"
+    with Store.open(tmp_path) as store:
+        sizes = set()
+        for seq in range(800):  # past SQLite's 1000 pages of log: it is folded back
+            store.commit([Put(row(f"b{seq}", seq, reason="x" * 200))])
+            sizes.add(db.stat().st_size)
+        assert len(sizes) > 1  # the store itself wrote to the database
+        for mode in ("PASSIVE", "TRUNCATE"):
+            store.commit([Put(row(f"before {mode}", 900 + len(mode), reason="x" * 3000))])
+            with contextlib.closing(sqlite3.connect(db)) as other:
+                assert other.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0] == 0
+            store.commit([Put(row(f"after {mode}", 910 + len(mode)))])
+        db.chmod(0o400)
+        db.chmod(0o600)
+        store.commit([Put(row("after chmod", 800))])
+        written_over(db, how)
+        for seq in (801, 802):  # and so on, until a restart
+            with pytest.raises(StateError) as refused:
+                store.commit([Put(row("refused", seq))])
+            assert str(refused.value) == (
+                f"cannot commit to {db}: another program wrote to it since the daemon's "
+                "last commit (a file copied over it, or it was truncated?), and what the "
+                "daemon commits now would be mixed with what that program wrote")
+            assert refused.value.remedy == (
+                f"stop the daemon, then restore {db} from a backup: the stop folds the "
+                "daemon's log into the file, over what that program wrote")
+
+
 # ----------------------------------------------------------------- the lock
 
 

@@ -73,8 +73,8 @@ _IOERR_FSYNC = 10 | (4 << 8)
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
-    __slots__ = ("_conn", "_database_lock", "_files", "_lock", "_log", "_opened", "directory",
-                 "path")
+    __slots__ = ("_conn", "_database_lock", "_files", "_folded", "_left", "_lock", "_log",
+                 "_opened", "directory", "path")
 
     def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection,
                  database_lock: DatabaseLock) -> None:
@@ -89,6 +89,10 @@ class Store:
         self._conn: sqlite3.Connection | None = conn
         # The database and log files SQLite has open (the log: once it exists).
         self._opened = (_identity(self.path), _identity(self._log))
+        # The database's size and time of change as the daemon last left it, and
+        # how far the log had been folded back into it then.
+        self._left = _left(self.path)
+        self._folded = _folded(self._log)
 
     @classmethod
     def open(cls, directory: Path,
@@ -143,6 +147,16 @@ class Store:
         batches = _batches(changes)  # encoded first: a bad value fails before BEGIN
         self._check_files()
         try:
+            self._commit(batches, len(changes), started)
+        finally:
+            # A commit may write the database (SQLite folds the log back into it
+            # once it is long enough), and so may what a failed one does.
+            self._leave(_left(self.path))
+
+    def _commit(self, batches: Sequence[tuple[str, list[schema.Params]]], count: int,
+                started: float) -> None:
+        """:meth:`commit`'s work, once the files are known to be the daemon's."""
+        try:
             self._apply(batches)
         except sqlite3.Error as e:
             failed: sqlite3.Error | None = e
@@ -175,8 +189,7 @@ class Store:
         if took >= SLOW_COMMIT:
             log.warning("a commit to %s took %.1f s (%d change%s): its disk or the machine is "
                         "slow, and the clients whose changes it carried waited as long for "
-                        "their replies",
-                        self.path, took, len(changes), "" if len(changes) == 1 else "s")
+                        "their replies", self.path, took, count, "" if count == 1 else "s")
 
     def _check_files(self) -> None:
         """Refuse to commit to files that the next start would not read.
@@ -185,15 +198,29 @@ class Store:
         their names: a state.db replaced (a backup restored, a copy linked to)
         or a log removed ("cleaning up") while the daemon runs would take every
         change acknowledged from then on, and the next start would not find
-        them.  Checked before each group, not after: a group found afterwards
-        to be in such a file could be reported neither failed nor done.
+        them.  Nor does it notice the file it has open written by another
+        program (a backup copied over it, the file truncated): what it commits
+        then goes into pages it no longer knows, and the next start finds a
+        corrupt file.  Checked before each group, not after: a group found
+        afterwards to be in such a file could be reported neither failed nor done.
         """
         database, log_file = self._opened
-        if _identity(self.path) not in (database, _HIDDEN):
+        identity, left = _look(self.path)
+        if identity not in (database, _HIDDEN):
             raise StateError(f"cannot commit to {self.path}: it is not the file the daemon "
                              "opened (it was replaced, moved or removed), and the next start "
                              "would not read what is committed now; put that file back, or "
                              "restart the daemon to use this one")
+        # Not when either look was refused (a directory's mode changed meanwhile).
+        if None not in (left, self._left) and left != self._left:
+            if not self._folded_since():
+                raise StateError(
+                    f"cannot commit to {self.path}: another program wrote to it since the "
+                    "daemon's last commit (a file copied over it, or it was truncated?), and "
+                    "what the daemon commits now would be mixed with what that program wrote",
+                    f"stop the daemon, then restore {self.path} from a backup: the stop "
+                    "folds the daemon's log into the file, over what that program wrote")
+            self._leave(left)
         now = _identity(self._log)
         if log_file is None:
             self._opened = (database, now)  # made since: SQLite makes it at the first read
@@ -203,6 +230,31 @@ class Store:
                              "one it has open, which the next start would not find; stop the "
                              "daemon (not with SIGKILL: a clean stop folds that log into "
                              "the database) and start it again")
+
+    def _leave(self, left: tuple[int, int] | None) -> None:
+        """Remember the database as the daemon (or SQLite) leaves it.  The log's
+        index is read only when the file changed, which a commit rarely does:
+        that keeps the check of every other commit to one ``stat``."""
+        if left != self._left:
+            self._left = left
+            self._folded = _folded(self._log)
+
+    def _folded_since(self) -> bool:
+        """Whether the database was written since the daemon last left it by
+        another SQLite connection folding the log back into it (an operator's
+        ``PRAGMA wal_checkpoint``): the same pages the daemon committed.
+
+        The log's index says how far the log has been folded back, and which
+        log it is (its salt, new each time the log starts over).  Another fold
+        changes that and leaves some of the log folded, or, cut to nothing, no
+        log at all; a commit of the daemon that starts the log over leaves none
+        of it folded.  (A file copied over the database and the log folded back
+        too, both since the daemon's last commit, pass for a fold.)"""
+        now = _folded(self._log)
+        if now is None or now == self._folded:
+            return False
+        _, backfilled, frames = now
+        return backfilled > 0 or frames == 0
 
     def _apply(self, batches: Sequence[tuple[str, list[schema.Params]]]) -> None:
         """One transaction; rolled back if it fails."""
@@ -362,13 +414,43 @@ def _identity(path: Path) -> tuple[int, int] | None:
     """Which file ``path`` names (following links): device and inode; None: none;
     :data:`_HIDDEN` when this user may no longer look (a directory's mode changed),
     which the open files do not mind."""
+    return _look(path)[0]
+
+
+def _left(path: Path) -> tuple[int, int] | None:
+    """The size and time of last change of the file at ``path`` (None: not to be
+    told): any write changes one or the other, a chmod neither (as it does the
+    inode's change time)."""
+    return _look(path)[1]
+
+
+def _look(path: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """:func:`_identity` and :func:`_left` of ``path``, from one ``stat``."""
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        return None, None
     except OSError:
-        return _HIDDEN
-    return st.st_dev, st.st_ino
+        return _HIDDEN, None
+    return (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
+
+
+def _folded(log_file: Path) -> tuple[int, int, int] | None:
+    """From the index of ``log_file`` (https://sqlite.org/walformat.html): the log's
+    salt, how many of its frames have been folded back into the database, and
+    how many it holds; None when there is no index to read."""
+    try:
+        with open(log_file.with_name(log_file.name.removesuffix("-wal") + "-shm"),
+                  "rb") as index:
+            header = index.read(100)
+    except OSError:
+        return None
+    if len(header) < 100:
+        return None
+    salt = int.from_bytes(header[32:40], sys.byteorder)
+    frames = int.from_bytes(header[16:20], sys.byteorder)
+    backfilled = int.from_bytes(header[96:100], sys.byteorder)
+    return salt, backfilled, frames
 
 
 def _batches(changes: Sequence[Change]) -> list[tuple[str, list[schema.Params]]]:

@@ -1032,6 +1032,13 @@ async def test_files_taken_away_under_the_running_daemon_are_not_written_to(
             reply = await c.execute("add-blocker", {"reason": "not acknowledged", "id": "no"})
             assert reply["error"]["desc"].startswith(expected), reply
         assert await ids(c) == ["before"]
+        # The log's advice is the case's, not the disk's.
+        advice = (f"put the file the daemon opened back as {db}, or restart the daemon to "
+                  "use the one there now" if case == "database replaced" else
+                  "stop the daemon (not with SIGKILL: a clean stop folds that log into the "
+                  "database) and start it again")
+        daemon.wait_for_log(f"ERROR: {expected}; 1 command(s) failed, their changes undone; "
+                            f"every change fails until a commit succeeds: {advice}\n")
     assert daemon.stop() == 0
     again = start_daemon("--state-dir", str(directory))
     async with again.client() as c:
@@ -1073,6 +1080,46 @@ async def test_a_database_written_over_under_the_running_daemon_is_not_written_t
             "log into the file, over what that program wrote"))
         reply = await c.execute("add-blocker", {"reason": "not acknowledged", "id": "no"})
         assert reply["error"]["desc"] == f"{why}; nothing was changed", reply
+
+
+async def test_a_database_removed_under_the_running_daemon_can_be_copied_back_as_told(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """``rm state.db`` while the daemon runs.  Before, clients were told to put the
+    file back (it has no name left to be put back by) or restart, the log added
+    the disk's advice, and a restart either refused (a log without its database)
+    or, from scratch, dropped every blocker.  Now commits fail, and the log says
+    how to copy the state out of the file the daemon still holds: done as it says,
+    the next start restores every acknowledged blocker."""
+    directory = tmp_path / "state"
+    db, wal = directory / "state.db", directory / "state.db-wal"
+    daemon = start_daemon("--state-dir", str(directory), "--log-level", "info")
+    async with daemon.client() as c:
+        for n in range(600):  # past SQLite's 1000 pages of log: some in state.db, some not
+            await add(c, "x" * 1000, id=f"b{n}")
+        assert db.stat().st_size > 100 * 4096 and wal.stat().st_size > 0
+        db.unlink()
+        why = (f"cannot commit to {db}: it was removed (or moved away) while the daemon ran, "
+               "and the next start would not read what is committed now")
+        reply = await c.execute("add-blocker", {"reason": "not acknowledged", "id": "no"})
+        assert reply["error"]["desc"] == f"{why}; nothing was changed", reply
+        line = daemon.wait_for_log(re.compile(
+            re.escape(f"ERROR: {why}; 1 command(s) failed, their changes undone; every change "
+                      "fails until a commit succeeds: move it back if it was moved; else its "
+                      "blockers are still in the file the daemon holds open: before stopping "
+                      "the daemon, copy it and its log out (") + r"(cp -p /proc/\d+/fd/\d+ "
+            + re.escape(f"{db}.rescued && cp -p {wal} {db}.rescued-wal") + r")"
+            + re.escape(f"), then stop it, rename the copies to {db} and {wal}, and start it "
+                        "again\n")))
+        subprocess.run(line[1], shell=True, check=True)
+        assert len(await ids(c)) == 600
+    assert daemon.stop() == 0
+    (directory / "state.db.rescued").rename(db)
+    (directory / "state.db.rescued-wal").rename(wal)
+    again = start_daemon("--state-dir", str(directory))
+    again.wait_for_log(restored_line(directory, 600))
+    async with again.client() as c:
+        assert await ids(c) == [f"b{n}" for n in range(600)]
 
 
 async def test_a_log_left_beside_a_link_to_the_database_stops_the_daemon(

@@ -92,6 +92,12 @@ class DatabaseLock:
     def __init__(self, fd: int) -> None:
         self._fd: int | None = fd
 
+    @property
+    def fd(self) -> int | None:
+        """The descriptor holding the file open (None once released): the way back
+        to its blockers when the file is removed while the daemon runs."""
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

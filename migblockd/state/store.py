@@ -206,11 +206,15 @@ class Store:
         """
         database, log_file = self._opened
         identity, left = _look(self.path)
+        if identity is None:
+            raise self._removed()
         if identity not in (database, _HIDDEN):
             raise StateError(f"cannot commit to {self.path}: it is not the file the daemon "
                              "opened (it was replaced, moved or removed), and the next start "
                              "would not read what is committed now; put that file back, or "
-                             "restart the daemon to use this one")
+                             "restart the daemon to use this one",
+                             f"put the file the daemon opened back as {self.path}, or "
+                             "restart the daemon to use the one there now")
         # Not when either look was refused (a directory's mode changed meanwhile).
         if None not in (left, self._left) and left != self._left:
             if not self._folded_since():
@@ -225,11 +229,35 @@ class Store:
         if log_file is None:
             self._opened = (database, now)  # made since: SQLite makes it at the first read
         elif now not in (log_file, _HIDDEN):
+            restart = ("stop the daemon (not with SIGKILL: a clean stop folds that log into "
+                       "the database) and start it again")
             raise StateError(f"cannot commit to {self.path}: its log {self._log} was removed "
                              "or replaced while the daemon ran, and SQLite writes on to the "
-                             "one it has open, which the next start would not find; stop the "
-                             "daemon (not with SIGKILL: a clean stop folds that log into "
-                             "the database) and start it again")
+                             "one it has open, which the next start would not find; "
+                             f"{restart}", restart)
+
+    def _removed(self) -> StateError:
+        """The error for a database removed while the daemon runs.
+
+        Neither the client's "put that file back" (a removed file has no name
+        to link it back by) nor a restart would do: the stop folds the log into
+        the removed file, and the next start makes an empty one.  What was
+        committed is still there, in the file this process holds open (the
+        database lock's descriptor) and its log: copied out while commits are
+        refused, which is while neither changes, the two are the state.
+        """
+        fd = self._database_lock.fd if self._database_lock is not None else None
+        message = (f"cannot commit to {self.path}: it was removed (or moved away) while the "
+                   "daemon ran, and the next start would not read what is committed now")
+        if fd is None:
+            return StateError(message)
+        rescued = self.path.with_name(self.path.name + ".rescued")
+        copy = f"cp -p /proc/{os.getpid()}/fd/{fd} {rescued} && cp -p {self._log} {rescued}-wal"
+        return StateError(message, (
+            "move it back if it was moved; else its blockers are still in the file the "
+            f"daemon holds open: before stopping the daemon, copy it and its log out ({copy}), "
+            f"then stop it, rename the copies to {self.path} and {self.path}-wal, and start "
+            "it again"))
 
     def _leave(self, left: tuple[int, int] | None) -> None:
         """Remember the database as the daemon (or SQLite) leaves it.  The log's

@@ -33,6 +33,7 @@ from migblockd.qemu_facts import (
     ModeMismatch,
     QemuError,
     QemuFacts,
+    QemuLost,
     QemuRestarted,
     QemuSilent,
     QemuUnavailable,
@@ -135,9 +136,19 @@ class GateHandlers(Forwarding):
             if self.qemu.connected:
                 try:
                     info = yield Call("query-migrate", {})
+                except QemuSilent as exc:
+                    if self.qemu.may_migrate():
+                        raise MigrationBusy(args["reason"]) from None
+                    # Connected but silent, and not known to migrate: nor known not
+                    # to.  A migration that another monitor's client started since
+                    # migblockd last asked (the events capability off) says nothing
+                    # here, and would outlive the blocker, as QEMU refuses to let it.
+                    refused = QemuSilent(f"the blocker was not added: QEMU did not answer "
+                                         f"migblockd's check of whether it migrates ({exc})")
+                    self._refused(conn, refused, blocker_id=args.get("id"))
+                    raise refused from None
                 except QemuUnavailable:
-                    # Gone meanwhile: as while QEMU is away.  Connected but silent: a
-                    # migration it may be running would outlive the blocker.
+                    # Gone meanwhile: as while QEMU is away (unless it was migrating).
                     if self.qemu.may_migrate():
                         raise MigrationBusy(args["reason"]) from None
                 else:
@@ -170,6 +181,9 @@ class GateHandlers(Forwarding):
         if self.qemu.connected:
             try:
                 info = yield Call("query-migrate", {})
+            except QemuSilent as exc:
+                raise QemuSilent(f"whether QEMU has a blocker '{id}' cannot be told: QEMU "
+                                 f"did not answer migblockd's query-migrate ({exc})") from None
             except QemuUnavailable:
                 pass  # gone meanwhile: query-blockers would list none of QEMU's
             else:
@@ -192,8 +206,13 @@ class GateHandlers(Forwarding):
             return ours
         try:
             info = yield Call("query-migrate", {})
+        except QemuSilent as exc:
+            # Connected, and silent: its blockers are there, unlisted; "[]" of a
+            # QEMU with blockers would say that nothing blocks migration.
+            raise QemuSilent(f"QEMU's own blockers cannot be listed: QEMU did not answer "
+                             f"migblockd's query-migrate ({exc})") from None
         except QemuUnavailable:
-            return ours
+            return ours  # gone meanwhile: as while QEMU is away
         self.qemu.saw(info)
         theirs = ", ".join(encode(self._qemu_blocker(n, reason))
                            for n, reason in enumerate(reasons_of(info), start=1))
@@ -310,6 +329,11 @@ class GateHandlers(Forwarding):
                                  f"check of whether it may migrate ({exc})")
             self._refused(conn, refused, uri=uri)
             raise refused from None
+        except QemuLost as exc:
+            lost = QemuLost(f"migrate was not sent: the connection to QEMU was lost during "
+                            f"migblockd's check of whether it may migrate ({exc})")
+            self._refused(conn, lost, uri=uri)
+            raise lost from None
         except (BlockerError, QMPError, QemuError, QemuUnavailable) as exc:
             self._refused(conn, exc, uri=uri)
             raise

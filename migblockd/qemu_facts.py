@@ -69,6 +69,10 @@ class QemuSilent(QemuUnavailable):
     """QEMU did not answer a call within ``--qemu-timeout``; it may still run it."""
 
 
+class QemuLost(QemuUnavailable):
+    """The connection to QEMU was lost after a call was sent, before its reply."""
+
+
 class QemuRestarted(QemuUnavailable):
     """A command's later call was not sent: the QEMU connection that answered its
     earlier ones is gone, and another one is (or none is) there now.  What the

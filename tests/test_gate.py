@@ -651,7 +651,8 @@ async def test_a_stopped_qemu_is_logged_once_and_shown_in_the_status_line(
         said = [line for line in d.log().splitlines() if " did not answer " in line]
         assert [line.partition(" WARNING: ")[2] for line in said if " WARNING: " in line] == [
             f"QEMU at {qemu.gate_socket} did not answer 'query-migrate' within 1 s (stopped, "
-            "or busy with a long command?); the client was told, QEMU may still run it; "
+            "or busy with a long command?); the client's command that sent it failed, QEMU may "
+            "still run it; "
             "further commands it leaves unanswered are not logged until it answers"], said
     finally:
         receiver.close()

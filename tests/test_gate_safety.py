@@ -935,6 +935,65 @@ async def test_a_silent_qemu_last_seen_migrating_takes_no_blocker(
     assert_clean_log(d)
 
 
+async def test_a_silent_qemu_migrating_unbeknown_to_migblockd_takes_no_blocker(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    """Found by review: a migration started on QEMU's other monitor (the events
+    capability off: nothing told migblockd), then QEMU stopped answering.  The
+    status migblockd last saw was from before it ("none"), so add-blocker's
+    timed-out question took the blocker, and the migration completed past it."""
+    qemu = qemu_factory(memory="1G")
+    assert qemu.proc is not None
+    d = gate(start_daemon, qemu, "--qemu-timeout", "1")
+    await connected(d)
+    async with d.client() as c, qemu.monitor() as mon:
+        assert (await c.ok("query-migrate")).get("status") is None  # seen: none
+        await start_slow_migration(mon)
+        qemu.proc.send_signal(signal.SIGSTOP)
+        try:
+            added = await c.execute("add-blocker", {"reason": SEV, "id": "late"}, id=1)
+            listed = await c.execute("query-blockers", id=2)
+            deleted = await c.execute("del-blocker", {"id": "qemu:1"}, id=3)
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+        silent = (f"QEMU's monitor at '{qemu.gate_socket}' did not answer 'query-migrate' "
+                  "within 1 s; it may still run it")
+        assert added == error(GENERIC, "the blocker was not added: QEMU did not answer "
+                              f"migblockd's check of whether it migrates ({silent})", 1)
+        # Not "[]": QEMU's own blockers are there, unlisted.
+        assert listed == error(GENERIC, "QEMU's own blockers cannot be listed: QEMU did "
+                               f"not answer migblockd's query-migrate ({silent})", 2)
+        assert deleted == error(GENERIC, "whether QEMU has a blocker 'qemu:1' cannot be "
+                                f"told: QEMU did not answer migblockd's query-migrate "
+                                f"({silent})", 3)
+        # Answering again, QEMU says it migrates: from then on, QEMU's own refusal.
+        assert (await c.ok("query-migrate"))["status"] in {"setup", "active"}
+        await refused_while_stopped(qemu, c, canceller=mon)
+    d.wait_for_log('refused blocker: "the blocker was not added: QEMU did not answer')
+    assert_clean_log(d)
+
+
+async def test_a_migrate_whose_check_loses_qemu_says_it_was_not_sent(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """Found by review: QEMU killed while migrate waited for its check's answer: the
+    client heard of a query-migrate it never sent, and not whether its migrate went."""
+    assert qemu.proc is not None
+    d = gate(start_daemon, qemu, "--qemu-timeout", "0")
+    await connected(d)
+    async with d.client() as c:
+        qemu.proc.send_signal(signal.SIGSTOP)
+        await c.send({"execute": "migrate", "arguments": {"uri": SINK}, "id": "m"})
+        d.wait_for_log("<- b'{\"execute\": \"migrate\"")
+        qemu.proc.kill()
+        reply = await c.read_reply()
+    assert reply == error(GENERIC, "migrate was not sent: the connection to QEMU was lost "
+                          "during migblockd's check of whether it may migrate (The connection "
+                          f"to QEMU's monitor at '{qemu.gate_socket}' was lost before QEMU "
+                          "replied to 'query-migrate')", "m")
+    assert d.stop() == 0
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt install strace)")
 async def test_a_migrate_qemu_has_not_answered_yet_takes_no_blocker(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,

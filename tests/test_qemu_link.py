@@ -529,7 +529,7 @@ async def test_close_interrupts_a_command_in_flight(qemu: Qemu) -> None:
 # migblockd's own commands (the query-migrate and query-status it sends when QEMU
 # connects) have no client: the warning said "the client was told" all the same.
 @pytest.mark.parametrize(("for_client", "whose"), [
-    (True, "the client was told"), (False, "migblockd sent it for itself")],
+    (True, "the client's command that sent it failed"), (False, "migblockd sent it for itself")],
     ids=["client's", "migblockd's own"])
 async def test_a_stopped_qemu_times_out_and_the_link_stays_connected(
         qemu: Qemu, caplog: pytest.LogCaptureFixture, for_client: bool, whose: str) -> None:

@@ -33,6 +33,7 @@ from migblockd.qemu.reconnect import LinkState
 from migblockd.qemu_facts import (
     QemuError,
     QemuFacts,
+    QemuLost,
     QemuRestarted,
     QemuSilent,
     QemuUnavailable,
@@ -190,7 +191,7 @@ class Bridge:
                 # Sent, and lost before QEMU replied (this failure may come before the
                 # link's loss is reported): QEMU may have started it, and migrate on.
                 self._lose_migration()
-            raise QemuUnavailable(str(exc)) from None
+            raise QemuLost(str(exc)) from None
         except QemuTimedOut as exc:
             if name == "migrate" and self.facts.connected:
                 # Still in QEMU's queue: QEMU may start that migration when it gets to it.

@@ -345,7 +345,7 @@ class QemuLink(Reconnecting):
                             "with a long command?); %s, QEMU may still run it; further "
                             "commands it leaves unanswered are not logged until it answers",
                             self.path, command, self.timeout,
-                            "the client was told" if for_client else
+                            "the client's command that sent it failed" if for_client else
                             "migblockd sent it for itself")
                 self.silent = command
                 self._silent_changed()

@@ -33,9 +33,9 @@ from migblockd.listen import Claim, claim_socket
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
 from migblockd.preflight import (
+    check_qemu,
     kept_out_notes,
     load_contract,
-    not_its_own_socket,
     passed_path,
     passthrough_unused,
     socket_gid,
@@ -87,7 +87,7 @@ async def run(config: Config, cli: dict[str, Any], *,
                            "daemon through its socket unit)")
     sources = Sources.of(cli, file)
     if config.qemu is not None:
-        not_its_own_socket(config.qemu, qmp_socket_path(config, sock), sources)
+        check_qemu(config.qemu, qmp_socket_path(config, sock), sources)
     claim = claim_own_socket(config, sources) if sock is None else None
     store = None
     try:

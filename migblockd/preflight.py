@@ -34,7 +34,7 @@ from migblockd.config import COMMAND_LINE, Config, HostPort, Sources
 from migblockd.contract import Contract
 from migblockd.denied import kept_out
 from migblockd.guard import policy_warnings
-from migblockd.listen import check_socket_path, check_socket_writable
+from migblockd.listen import UNIX_PATH_MAX, check_socket_path, check_socket_writable
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import passthrough_warnings
 from migblockd.regular import NotRegularFile
@@ -49,7 +49,7 @@ from migblockd.tcp import check_address, check_port
 from migblockd.trust import distrust, named_uid
 from migblockd.trusted_file import UntrustedFile, check_trusted
 
-__all__ = ["ignored", "load_contract", "not_its_own_socket", "not_the_qmp_socket",
+__all__ = ["check_qemu", "ignored", "load_contract", "not_its_own_socket", "not_the_qmp_socket",
            "passed_path", "problems", "socket_gid"]
 
 
@@ -122,6 +122,19 @@ def _socket_place(path: Path) -> str:
     return os.path.join(os.path.realpath(path.parent), path.name)
 
 
+def check_qemu(qemu: Path, qmp_socket: Path | None, sources: Sources = COMMAND_LINE) -> None:
+    """StartupError for a ``--qemu`` where no QEMU can ever be: a path too long for
+    AF_UNIX (QEMU refuses to listen on one too, so retrying would never end), or
+    migblockd's own socket (``qmp_socket``, when known: :func:`not_its_own_socket`)."""
+    size = len(os.fsencode(qemu))
+    if size > UNIX_PATH_MAX:
+        raise StartupError(f"{sources.named('qemu')} {qemu}: AF_UNIX path too long ({size} "
+                           f"bytes; the limit is {UNIX_PATH_MAX}), where no QEMU can listen; "
+                           f"choose a shorter {sources.choice('qemu')}")
+    if qmp_socket is not None:
+        not_its_own_socket(qemu, qmp_socket, sources)
+
+
 def not_its_own_socket(qemu: Path, qmp_socket: Path, sources: Sources = COMMAND_LINE) -> None:
     """StartupError when ``--qemu`` is migblockd's own QMP socket, also through a
     symlink: gating itself, every forwarded command would wait for itself until
@@ -161,8 +174,7 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
                                        owner=_daemon_user(config.state_dir, as_daemon))),
         # A passed socket's path is the socket unit's, not this setting's to change.
         (("qemu",) if socket_passed else ("qemu", "socket"),
-         lambda: None if config.qemu is None or qmp_socket is None
-         else not_its_own_socket(config.qemu, qmp_socket, sources)),
+         lambda: None if config.qemu is None else check_qemu(config.qemu, qmp_socket, sources)),
     ]
     for judged, check in checks:
         key = next((k for k in judged if keys is None or k in keys), None)

@@ -39,13 +39,15 @@ class Admission:
         self.daemon_uid = daemon_uid
         self._per_uid: Counter[int | None] = Counter()
 
-    def refusal(self, owner: Owner | None, served: int, *,
-                admin: bool = False) -> tuple[str, str] | None:
+    def refusal(self, owner: Owner | None, served: int, *, admin: bool = False,
+                counted: int | None = None) -> tuple[str, str] | None:
         """Why a new connection from ``owner`` cannot be served, or None if it can:
         which limit (``max-clients``, ``max-clients-per-uid``) and the client's message.
 
         ``admin``: the access policy makes ``owner`` an admin, exempt from the
-        per-uid bound like root and the daemon's own user.
+        per-uid bound like root and the daemon's own user.  ``counted``: the uid
+        the bound counts it under, when not its own (the user a subordinate uid
+        belongs to).
         """
         if served >= self.max_clients:
             serving = _serving(served, "max-clients", self.max_clients)
@@ -53,20 +55,23 @@ class Admission:
         limit = self.max_clients_per_uid
         if limit and not admin and not exempt_from_uid_limit(owner, self.daemon_uid):
             uid = owner.uid if owner is not None else None
-            if self._per_uid[uid] >= limit:
-                whose = who(uid) if uid is not None else "peers without credentials"
-                serving = _serving(self._per_uid[uid], "max-clients-per-uid", limit, whose)
+            key = uid if counted is None else counted
+            if self._per_uid[key] >= limit:
+                whose = ("peers without credentials" if key is None else who(key)
+                         if key == uid else f"{who(key)} and its subordinate uids")
+                serving = _serving(self._per_uid[key], "max-clients-per-uid", limit, whose)
                 return "max-clients-per-uid", f"migblockd is {serving}; try again later"
         return None
 
-    def admit(self, owner: Owner | None) -> None:
-        self._per_uid[owner.uid if owner is not None else None] += 1
+    def admit(self, counted: int | None) -> None:
+        """A connection counted under ``counted`` (a uid; None: no credentials) is served."""
+        self._per_uid[counted] += 1
 
-    def release(self, owner: Owner | None) -> None:
-        uid = owner.uid if owner is not None else None
-        self._per_uid[uid] -= 1
-        if self._per_uid[uid] <= 0:
-            del self._per_uid[uid]
+    def release(self, counted: int | None) -> None:
+        """A connection admitted under ``counted`` has gone."""
+        self._per_uid[counted] -= 1
+        if self._per_uid[counted] <= 0:
+            del self._per_uid[counted]
 
 
 def _serving(served: int, key: str, limit: int, whose: str | None = None) -> str:

@@ -39,8 +39,8 @@ class Connection:
     which clears it); None until then.
     """
 
-    __slots__ = ("answer", "closed", "label", "number", "owner", "pin", "quiet", "refused",
-                 "role", "session", "suspended", "waiting")
+    __slots__ = ("answer", "closed", "counted", "label", "number", "owner", "pin", "quiet",
+                 "refused", "role", "session", "suspended", "waiting")
 
     def __init__(self, number: int, owner: Owner | None, session: Session) -> None:
         self.number = number
@@ -55,6 +55,8 @@ class Connection:
         self.answer: tuple[object, BaseException | None] | None = None
         self.pin: Pin | None = None
         self.role: Role | None = None
+        #: The uid its slot counts against (--max-clients-per-uid), fixed at admission.
+        self.counted = None if owner is None else owner.uid
         if owner is None:
             self.label = f"client {number}"
         else:

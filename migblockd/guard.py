@@ -146,6 +146,7 @@ class Guard:
         self.policy = policy
         self.quotas = quotas
         self.resolver = Resolver(policy, self.daemon_uid)
+        self._share_counts()
         # A client may repeat a refused request in a loop: its lines are bounded.
         self.throttle = Throttle()
         self._warn_about_policy()
@@ -163,11 +164,26 @@ class Guard:
         self.policy = policy
         self.quotas = quotas
         self.resolver = Resolver(policy, self.daemon_uid)
+        self._share_counts()
         for conn in connections:
             conn.role = None
         self._warn_about_policy()
         return {uid for uid in self.registry.owners()
                 if uid is not None and user_name(uid) != known.get(uid)}
+
+    def _share_counts(self) -> None:
+        # A user can setuid() to any of their subordinate uids in a user namespace
+        # of their own: what those hold is the user's, for the quotas.
+        resolver = self.resolver
+        self.registry.share_counts(resolver.owner_of if resolver.has_subordinates else None)
+
+    def counted_uid(self, owner: Owner | None) -> int | None:
+        """The uid whose per-uid limits ``owner``'s connections and blockers count
+        against: the user a subordinate uid belongs to, else its own."""
+        if owner is None:
+            return None
+        user = self.resolver.owner_of(owner.uid) if self.resolver.has_subordinates else None
+        return owner.uid if user is None else user
 
     def _warn_about_policy(self) -> None:
         for line in policy_warnings(self.resolver):
@@ -231,10 +247,15 @@ class Guard:
         if role < Role.ADMIN:
             owner = conn.owner
             uid = None if owner is None else owner.uid
-            owned = registry.count_owned(uid)
+            owned = registry.count_held(uid)
             if owned >= quotas.max_blockers_per_uid:
+                user = self.counted_uid(owner)
+                if user == uid and owned == registry.count_owned(uid):
+                    whom = f"{who(uid)}: it owns"
+                else:
+                    whom = f"{who(user)} and its subordinate uids: they own"
                 self._refuse(conn, "add-blocker",
-                             f"Too many migration blockers for {who(uid)}: it owns {owned}, "
+                             f"Too many migration blockers for {whom} {owned}, "
                              f"max-blockers-per-uid is {quotas.max_blockers_per_uid}",
                              OverQuota)
 

@@ -25,8 +25,10 @@ A connection whose credentials the kernel did not give has ``default-role``.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import grp
+import itertools
 import os
 import pwd
 from collections.abc import Callable, Iterable
@@ -75,13 +77,26 @@ class Resolver:
     _groups_by_id: dict[int, Role] = field(init=False, repr=False)
     _groups_by_name: dict[str, Role] = field(init=False, repr=False)
     _cache: dict[tuple[int, int | None], Role] = field(init=False, repr=False)
-    _subordinate: list[tuple[int, int, str]] = field(init=False, repr=False)
+    #: The subordinate ranges as (first, past the last, owner's uid), sorted.
+    _subordinate: list[tuple[int, int, int]] = field(init=False, repr=False)
+    _starts: list[int] = field(init=False, repr=False)
+    _overlapping: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._users_by_id, self._users_by_name = _split(self.policy.users)
         self._groups_by_id, self._groups_by_name = _split(self.policy.groups)
         self._cache = {}
-        self._subordinate = subordinate_ranges(self.subuid_file)
+        # Owners' names looked up once (a reload reads the file again): a quota
+        # asks at every add-blocker.  A range of an unknown user is nobody's.
+        ranges = []
+        for start, count, key in subordinate_ranges(self.subuid_file):
+            owner = int(key) if is_number(key) else _uid_of(key)
+            if owner is not None and count > 0:
+                ranges.append((start, start + count, owner))
+        self._subordinate = sorted(ranges)
+        self._starts = [start for start, _, _ in self._subordinate]
+        self._overlapping = any(later[0] < earlier[1] for earlier, later
+                                in itertools.pairwise(self._subordinate))
 
     def role(self, uid: int | None, gid: int | None = None) -> Role:
         """The role of a peer with this uid (and, from ``SO_PEERCRED``, gid).
@@ -125,11 +140,24 @@ class Resolver:
         return role
 
     def owner_of(self, uid: int) -> int | None:
-        """The uid of the user that ``/etc/subuid`` grants ``uid`` to, or None."""
-        for start, count, key in self._subordinate:
-            if start <= uid < start + count:
-                return int(key) if is_number(key) else _uid_of(key)
+        """The uid of the user that ``/etc/subuid`` grants ``uid`` to (not ``uid``
+        itself), or None.  Overlapping ranges: the one that starts last."""
+        at = bisect.bisect_right(self._starts, uid) - 1
+        # Ranges rarely overlap (useradd never makes them so); when they do, an
+        # earlier one may hold uid too.
+        while at >= 0:
+            start, end, owner = self._subordinate[at]
+            if start <= uid < end:
+                return owner if owner != uid else None
+            if not self._overlapping:
+                return None
+            at -= 1
         return None
+
+    @property
+    def has_subordinates(self) -> bool:
+        """Whether any user has subordinate uids (else nobody's count is shared)."""
+        return bool(self._subordinate)
 
     def _group_role(self, gid: int) -> Role | None:
         role = self._groups_by_id.get(gid)

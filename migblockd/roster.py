@@ -102,7 +102,9 @@ class Roster:
         conn = Connection(self._numbers, owner, Session(self.table, self.greeting, self.limits))
         self.stats.connections += 1
         admin = self.guard.role_of(conn) is Role.ADMIN
-        refusal = self.admission.refusal(owner, len(self.connections), admin=admin)
+        conn.counted = self.guard.counted_uid(owner)
+        refusal = self.admission.refusal(owner, len(self.connections), admin=admin,
+                                         counted=conn.counted)
         if refusal is not None:
             limit, desc = refusal
             self.stats.connections_refused[limit] += 1
@@ -114,7 +116,7 @@ class Roster:
                 log.warning("%s: refused: %s%s", conn.label, desc, more, extra=about(conn))
         else:
             self.connections[conn] = None
-            self.admission.admit(owner)
+            self.admission.admit(conn.counted)
             # A user connecting in a loop made two lines a connection (3,900 a second):
             # past a burst, neither is logged, the admins' excepted.  Its changes
             # and refusals still name it.
@@ -191,7 +193,7 @@ class Roster:
         """Free ``conn``'s slot (once) and release its connection-scoped blockers."""
         if conn in self.connections:
             del self.connections[conn]
-            self.admission.release(conn.owner)
+            self.admission.release(conn.counted)
         released = self.registry.release(conn)
         if released:
             ids = [b.id for b in released]

@@ -245,6 +245,33 @@ def test_a_subordinate_uid_gets_no_more_than_the_user_it_belongs_to(
         f"Permission denied: migrate needs role operator, but uid {sub} has role client")
 
 
+def test_a_users_subordinate_uids_share_its_per_uid_limits(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Found by review: each subordinate uid had limits of its own, so one user
+    # held 65,536 times max-blockers-per-uid (up to max-blockers, which then
+    # refused even root) and as many times max-clients-per-uid.
+    config = ("max-blockers-per-uid = 2\nmax-clients-per-uid = 3\n"
+              + POLICY.replace('mbt-olga = "observer"', 'mbt-olga = "client"'))
+    daemon = serve(config)
+    olga, bob = accounts["mbt-olga"], accounts["mbt-bob"]
+    first, second, third = OLGA_SUBUIDS[1], OLGA_SUBUIDS[2], OLGA_SUBUIDS[3]
+    connect(daemon, first, first).ok("add-blocker", {"reason": "r", "id": "a"})
+    connect(daemon, second, second).ok("add-blocker", {"reason": "r", "id": "b"})
+    hers = f"uid {olga.uid} (mbt-olga) and its subordinate uids"
+    own = connect(daemon, olga)  # her third connection, theirs together
+    assert own.error("add-blocker", {"reason": "r"}) == (
+        f"Too many migration blockers for {hers}: they own 2, max-blockers-per-uid is 2")
+    refused = connect(daemon, third, third, negotiate=False)
+    assert refused.greeting == {"error": {"class": "GenericError", "desc": (
+        f"migblockd is already serving max-clients-per-uid=3 clients of {hers}; "
+        "try again later")}}
+    connect(daemon, bob).ok("add-blocker", {"reason": "r", "id": "bob"})  # his own count
+    # A deletion (here an admin's) frees the count for all of them.
+    connect(daemon, 0, 0).ok("del-blocker", {"id": "a"})
+    own.ok("add-blocker", {"reason": "r", "id": "hers"})
+
+
 def test_the_start_logs_the_policy_it_serves_with(
         serve: Callable[..., DaemonProcess]) -> None:
     daemon = serve(POLICY.replace('default-role = "client"', 'default-role = "observer"'))

@@ -715,3 +715,26 @@ def test_version_counts_additions_and_removals_only() -> None:
     assert registry.version == start + 1
     registry.delete("a")
     assert registry.version == start + 2
+
+
+def test_a_users_subordinate_uids_blockers_count_for_the_user_too() -> None:
+    registry, _ = make()
+    alice, sub1, sub2, bob = 1000, 100_001, 100_002, 1001
+
+    def owner_of(uid: int) -> int | None:
+        return alice if 100_000 <= uid < 100_100 else None
+
+    registry.add(SEV, id="early", owner=Owner(1, sub1, sub1))  # before the mapping is known
+    registry.share_counts(owner_of)
+    registry.add(VFIO, id="a", owner=Owner(1, alice, alice))
+    registry.add(DUMP, id="s", owner=Owner(1, sub2, sub2))
+    registry.add(MDEV, id="b", owner=Owner(1, bob, bob))
+    assert [registry.count_held(u) for u in (alice, sub1, sub2, bob)] == [3, 3, 3, 1]
+    assert [registry.count_owned(u) for u in (alice, sub1, sub2, bob)] == [1, 1, 1, 1]
+    registry.delete("early")
+    assert registry.count_held(alice) == registry.count_held(sub2) == 2
+    registry.delete("s")
+    assert registry.count_held(sub1) == 1  # alice's own
+    registry.share_counts(None)  # a reload that finds no subordinate uids
+    assert registry.count_held(sub1) == 0
+    assert registry.count_held(None) == 0

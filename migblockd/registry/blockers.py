@@ -17,7 +17,7 @@ collector tracks, whatever the number of modes.  This module knows no rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -142,7 +142,8 @@ class BlockerStore:
     caller (the registry): ids are unique, modes known.
     """
 
-    __slots__ = ("_all", "_by_connection", "_by_id", "_chains", "_index", "_per_uid")
+    __slots__ = ("_all", "_by_connection", "_by_id", "_chains", "_index", "_owner_of",
+                 "_per_owner", "_per_uid")
 
     def __init__(self, modes: Sequence[str]) -> None:
         self._all = Chain(0)
@@ -156,6 +157,19 @@ class BlockerStore:
         # How many blockers each owner uid holds (None: no known owner), kept
         # here where every addition and removal passes, for O(1) quotas.
         self._per_uid: dict[int | None, int] = {}
+        # And how many the subordinate uids of each user hold (see share_counts).
+        self._owner_of: Callable[[int], int | None] | None = None
+        self._per_owner: dict[int, int] = {}
+
+    def share_counts(self, owner_of: Callable[[int], int | None] | None) -> None:
+        """Count the blockers of each subordinate uid for the user it belongs to
+        too (``owner_of``: that user's uid, or None; None: no user has any)."""
+        self._owner_of = owner_of
+        self._per_owner = {}
+        if owner_of is not None:
+            for uid, held in self._per_uid.items():
+                if uid is not None and (owner := owner_of(uid)) is not None:
+                    self._per_owner[owner] = self._per_owner.get(owner, 0) + held
 
     def add(self, b: Blocker) -> None:
         """Index ``b`` as the newest blocker (or, by ``seq``, where it belongs)."""
@@ -171,6 +185,10 @@ class BlockerStore:
         self._by_id[b.id] = b
         uid = None if b.owner is None else b.owner.uid
         self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+        if self._owner_of is not None and uid is not None:
+            owner = self._owner_of(uid)
+            if owner is not None:
+                self._per_owner[owner] = self._per_owner.get(owner, 0) + 1
         if b.connection is not None:
             self._by_connection.setdefault(id(b.connection), {})[b.id] = b
 
@@ -185,6 +203,14 @@ class BlockerStore:
             self._per_uid[uid] = left
         else:
             del self._per_uid[uid]
+        if self._owner_of is not None and uid is not None:
+            owner = self._owner_of(uid)
+            if owner is not None:
+                shared = self._per_owner[owner] - 1
+                if shared:
+                    self._per_owner[owner] = shared
+                else:
+                    del self._per_owner[owner]
         if b.connection is not None:
             key = id(b.connection)
             owned = self._by_connection[key]
@@ -198,6 +224,17 @@ class BlockerStore:
     def count_owned(self, uid: int | None) -> int:
         """How many blockers ``uid`` owns (None: those with no known owner)."""
         return self._per_uid.get(uid, 0)
+
+    def count_held(self, uid: int | None) -> int:
+        """How many blockers count against ``uid``'s quota: those of the user a
+        subordinate uid belongs to and of all its subordinate uids (see
+        :meth:`share_counts`), else :meth:`count_owned`'s."""
+        if self._owner_of is None or uid is None:
+            return self.count_owned(uid)
+        user = self._owner_of(uid)
+        if user is None:
+            user = uid
+        return self._per_uid.get(user, 0) + self._per_owner.get(user, 0)
 
     def owners(self) -> list[int | None]:
         """The uids that own blockers (None: blockers with no known owner)."""

@@ -225,6 +225,16 @@ class Registry(MigrationControl):
         """How many registered blockers were added by ``uid`` (None: by no known uid).  O(1)."""
         return self._store.count_owned(uid)
 
+    def share_counts(self, owner_of: Callable[[int], int | None] | None) -> None:
+        """Count each subordinate uid's blockers for the user it belongs to too,
+        as ``owner_of`` says (None: nobody's are shared); :meth:`count_held`."""
+        self._store.share_counts(owner_of)
+
+    def count_held(self, uid: int | None) -> int:
+        """How many blockers count against ``uid``'s quota: its own, or, for a user
+        with subordinate uids (or one of them), the user's and all of theirs.  O(1)."""
+        return self._store.count_held(uid)
+
     def owners(self) -> list[int | None]:
         """The uids that own registered blockers (None: for those with no known owner)."""
         return self._store.owners()

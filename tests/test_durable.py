@@ -1049,9 +1049,12 @@ async def test_files_taken_away_under_the_running_daemon_are_not_written_to(
         await add(c, "after the restart", id="after")
 
 
-@pytest.mark.parametrize("how", ["backup copied over it", "truncated"])
+@pytest.mark.parametrize(("how", "what"), [
+    ("backup copied over it", "it is another program's database now: a file copied over it?"),
+    ("truncated", "it is 0 bytes long, too short for a database: truncated?"),
+])
 async def test_a_database_written_over_under_the_running_daemon_is_not_written_to(
-    start_daemon: Start, tmp_path: Path, how: str
+    start_daemon: Start, tmp_path: Path, how: str, what: str
 ) -> None:
     """The same file (its inode kept) written by another program: ``cp backup.db
     state.db``, ``truncate -s 0 state.db``.  Before, later changes were acknowledged
@@ -1073,8 +1076,8 @@ async def test_a_database_written_over_under_the_running_daemon_is_not_written_t
                 conn.commit()
             shutil.copyfile(backup, db)  # as cp does: the same file, written over
         why = (f"cannot commit to {db}: another program wrote to it since the daemon's last "
-               "commit (a file copied over it, or it was truncated?), and what the daemon "
-               "commits now would be mixed with what that program wrote")
+               f"commit ({what}), and what the daemon commits now would be mixed with what "
+               "that program wrote")
         await add_refused_at_commit(c, daemon, why, (
             f"stop the daemon, then restore {db} from a backup: the stop folds the daemon's "
             "log into the file, over what that program wrote"))

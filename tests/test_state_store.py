@@ -13,6 +13,7 @@ EFBIG) and, where mount namespaces are available, a real small tmpfs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -187,8 +188,9 @@ def test_online_backup_of_a_running_store_is_a_state_directory(tmp_path: Path) -
                                                        {"mode": "cpr-reboot"})
 
 
-def written_over(db: Path, how: str) -> None:
-    """Another program writing to the database in place (its inode kept)."""
+def written_over(db: Path, how: str, early: Path) -> None:
+    """Another program writing to the database in place (its inode kept); ``early``:
+    a copy of it made when it was smaller."""
     if how == "backup copied over it":
         backup = db.with_name("backup.db")
         with contextlib.closing(sqlite3.connect(backup)) as conn:
@@ -196,43 +198,72 @@ def written_over(db: Path, how: str) -> None:
             conn.executemany("INSERT INTO t VALUES (?)", [("x" * 1000,)] * 100)
             conn.commit()
         shutil.copyfile(backup, db)  # as cp does: the same file, written over
+    elif how == "an older copy written over it":
+        shutil.copyfile(early, db)
     else:
         os.truncate(db, 0)
 
 
-@pytest.mark.parametrize("how", ["backup copied over it", "truncated"])
+@pytest.mark.parametrize(("how", "why"), [
+    ("backup copied over it", "it is another program's database now: a file copied over it?"),
+    ("an older copy written over it", "it is {size} bytes long, smaller than the {largest} "
+                                      "the daemon left: truncated, or an older copy written "
+                                      "over it?"),
+    ("truncated", "it is 0 bytes long, too short for a database: truncated?"),
+])
 def test_a_database_written_over_by_another_program_takes_no_commit(
-    tmp_path: Path, how: str
+    tmp_path: Path, how: str, why: str
 ) -> None:
     """Before, SQLite went on committing into a file copied over or truncated under
     it, every commit succeeded, and the next start found the file corrupt.  The
     store's own writes to the file (the log folded back into it, once long enough)
-    do not count, nor do another program's (an operator's ``PRAGMA wal_checkpoint``,
-    which writes what the store committed), nor a chmod (which changes the inode's
+    do not count, nor do another SQLite connection's (an operator's ``PRAGMA
+    wal_checkpoint``, which writes what the store committed, also followed by a
+    reader, which rewrites the log's index), nor a chmod (which changes the inode's
     change time)."""
     db = tmp_path / "state.db"
+    early = tmp_path / "early.db"
     with Store.open(tmp_path) as store:
+        store.commit([Put(row("b", 0))])
+        with contextlib.closing(sqlite3.connect(db)) as conn, \
+                contextlib.closing(sqlite3.connect(early)) as copy:
+            conn.backup(copy)
+
+        def folded_by_others(first: int) -> None:
+            for n, (mode, read_after) in enumerate(itertools.product(
+                    ("PASSIVE", "TRUNCATE"), (False, True))):
+                seq = first + 2 * n
+                store.commit([Put(row(f"before {seq}", seq, reason="x" * 3000))])
+                with contextlib.closing(sqlite3.connect(db)) as other:
+                    assert other.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0] == 0
+                if read_after:
+                    # Found by review: the sqlite3 shell reading after it (as an
+                    # operator does) rewrote the log's index, and every later
+                    # commit was refused.
+                    subprocess.run(["sqlite3", str(db), ".tables"], check=True,
+                                   capture_output=True, timeout=30)
+                store.commit([Put(row(f"after {seq}", seq + 1))])
+
+        folded_by_others(1000)
         sizes = set()
-        for seq in range(800):  # past SQLite's 1000 pages of log: it is folded back
+        for seq in range(1, 800):  # past SQLite's 1000 pages of log: it is folded back
             store.commit([Put(row(f"b{seq}", seq, reason="x" * 200))])
             sizes.add(db.stat().st_size)
         assert len(sizes) > 1  # the store itself wrote to the database
-        for mode in ("PASSIVE", "TRUNCATE"):
-            store.commit([Put(row(f"before {mode}", 900 + len(mode), reason="x" * 3000))])
-            with contextlib.closing(sqlite3.connect(db)) as other:
-                assert other.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0] == 0
-            store.commit([Put(row(f"after {mode}", 910 + len(mode)))])
+        folded_by_others(1100)
         db.chmod(0o400)
         db.chmod(0o600)
         store.commit([Put(row("after chmod", 800))])
-        written_over(db, how)
+        largest = db.stat().st_size
+        written_over(db, how, early)
+        expected = why.format(size=db.stat().st_size, largest=largest)
         for seq in (801, 802):  # and so on, until a restart
             with pytest.raises(StateError) as refused:
                 store.commit([Put(row("refused", seq))])
             assert str(refused.value) == (
                 f"cannot commit to {db}: another program wrote to it since the daemon's "
-                "last commit (a file copied over it, or it was truncated?), and what the "
-                "daemon commits now would be mixed with what that program wrote")
+                f"last commit ({expected}), and what the daemon commits now would be mixed "
+                "with what that program wrote")
             assert refused.value.remedy == (
                 f"stop the daemon, then restore {db} from a backup: the stop folds the "
                 "daemon's log into the file, over what that program wrote")

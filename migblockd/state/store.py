@@ -73,7 +73,7 @@ _IOERR_FSYNC = 10 | (4 << 8)
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
-    __slots__ = ("_conn", "_database_lock", "_files", "_folded", "_left", "_lock", "_log",
+    __slots__ = ("_conn", "_database_lock", "_files", "_largest", "_left", "_lock", "_log",
                  "_opened", "directory", "path")
 
     def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection,
@@ -90,9 +90,9 @@ class Store:
         # The database and log files SQLite has open (the log: once it exists).
         self._opened = (_identity(self.path), _identity(self._log))
         # The database's size and time of change as the daemon last left it, and
-        # how far the log had been folded back into it then.
+        # the largest it has been: SQLite never shrinks it here (no auto_vacuum).
         self._left = _left(self.path)
-        self._folded = _folded(self._log)
+        self._largest = 0 if self._left is None else self._left[0]
 
     @classmethod
     def open(cls, directory: Path,
@@ -216,15 +216,17 @@ class Store:
                              f"put the file the daemon opened back as {self.path}, or "
                              "restart the daemon to use the one there now")
         # Not when either look was refused (a directory's mode changed meanwhile).
-        if None not in (left, self._left) and left != self._left:
-            if not self._folded_since():
+        if left is not None and self._left is not None and left != self._left:
+            fd = None if self._database_lock is None else self._database_lock.fd
+            written = _written_over(fd, left[0], self._largest)
+            if written is not None:
                 raise StateError(
                     f"cannot commit to {self.path}: another program wrote to it since the "
-                    "daemon's last commit (a file copied over it, or it was truncated?), and "
-                    "what the daemon commits now would be mixed with what that program wrote",
+                    f"daemon's last commit ({written}), and what the daemon commits now "
+                    "would be mixed with what that program wrote",
                     f"stop the daemon, then restore {self.path} from a backup: the stop "
                     "folds the daemon's log into the file, over what that program wrote")
-            self._leave(left)
+            self._leave(left)  # another SQLite connection folding the log back, say
         now = _identity(self._log)
         if log_file is None:
             self._opened = (database, now)  # made since: SQLite makes it at the first read
@@ -260,29 +262,10 @@ class Store:
             "it again"))
 
     def _leave(self, left: tuple[int, int] | None) -> None:
-        """Remember the database as the daemon (or SQLite) leaves it.  The log's
-        index is read only when the file changed, which a commit rarely does:
-        that keeps the check of every other commit to one ``stat``."""
-        if left != self._left:
-            self._left = left
-            self._folded = _folded(self._log)
-
-    def _folded_since(self) -> bool:
-        """Whether the database was written since the daemon last left it by
-        another SQLite connection folding the log back into it (an operator's
-        ``PRAGMA wal_checkpoint``): the same pages the daemon committed.
-
-        The log's index says how far the log has been folded back, and which
-        log it is (its salt, new each time the log starts over).  Another fold
-        changes that and leaves some of the log folded, or, cut to nothing, no
-        log at all; a commit of the daemon that starts the log over leaves none
-        of it folded.  (A file copied over the database and the log folded back
-        too, both since the daemon's last commit, pass for a fold.)"""
-        now = _folded(self._log)
-        if now is None or now == self._folded:
-            return False
-        _, backfilled, frames = now
-        return backfilled > 0 or frames == 0
+        """Remember the database as the daemon (or SQLite) leaves it."""
+        self._left = left
+        if left is not None and left[0] > self._largest:
+            self._largest = left[0]
 
     def _apply(self, batches: Sequence[tuple[str, list[schema.Params]]]) -> None:
         """One transaction; rolled back if it fails."""
@@ -463,22 +446,44 @@ def _look(path: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
     return (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
 
 
-def _folded(log_file: Path) -> tuple[int, int, int] | None:
-    """From the index of ``log_file`` (https://sqlite.org/walformat.html): the log's
-    salt, how many of its frames have been folded back into the database, and
-    how many it holds; None when there is no index to read."""
+def _written_over(fd: int | None, size: int, largest: int) -> str | None:
+    """How the database (open as ``fd``), now ``size`` bytes, shows that a program
+    other than SQLite wrote to it, or None when it does not.
+
+    Other SQLite connections write to it too, and rightly: an operator's ``PRAGMA
+    wal_checkpoint`` folds what the daemon committed back into it (and any later
+    connection rewrites the log's index, so that leaves no trace to tell it by).
+    So only what no SQLite write here does counts: the file shorter than its
+    header, no SQLite header, another application's id, or the file smaller than
+    it has been (without auto_vacuum SQLite never shrinks it; an operator's
+    ``VACUUM`` would, and is taken for this).  A copy of an older backup of this
+    database, no smaller than the file was, passes: the next start then finds
+    what it can.
+    """
+    if size < _HEADER_SIZE:
+        return f"it is {size} bytes long, too short for a database: truncated?"
+    if fd is None:
+        return None
     try:
-        with open(log_file.with_name(log_file.name.removesuffix("-wal") + "-shm"),
-                  "rb") as index:
-            header = index.read(100)
+        # Read through the descriptor the database lock keeps open, never a new
+        # one: closing any descriptor of the file drops every POSIX lock this
+        # process holds on it, SQLite's included, and another connection would
+        # then take itself for the last one and remove the log.
+        header = os.pread(fd, _HEADER_SIZE, 0)
     except OSError:
-        return None
-    if len(header) < 100:
-        return None
-    salt = int.from_bytes(header[32:40], sys.byteorder)
-    frames = int.from_bytes(header[16:20], sys.byteorder)
-    backfilled = int.from_bytes(header[96:100], sys.byteorder)
-    return salt, backfilled, frames
+        return None  # not to be read now: the commit tells
+    if not header.startswith(b"SQLite format 3\0"):
+        return "it is no longer an SQLite database"
+    if int.from_bytes(header[68:72], "big") != schema.APPLICATION_ID:
+        return "it is another program's database now: a file copied over it?"
+    if size < largest:
+        return (f"it is {size} bytes long, smaller than the {largest} the daemon left: "
+                "truncated, or an older copy written over it?")
+    return None
+
+
+#: An SQLite database file's header (https://sqlite.org/fileformat.html).
+_HEADER_SIZE = 100
 
 
 def _batches(changes: Sequence[Change]) -> list[tuple[str, list[schema.Params]]]:

@@ -24,18 +24,31 @@ GREETING: dict[str, Any] = {
 INTROSPECTION: dict[str, object] = {"query-qmp-schema": [], "query-commands": []}
 
 
+def _requests(conn: socket.socket) -> Iterator[dict[str, Any]]:
+    """The JSON objects the client sends, as QEMU reads them: a stream, with or
+    without line feeds between them (qemu.qmp sends none)."""
+    decoder = json.JSONDecoder()
+    pending = ""
+    while chunk := conn.recv(65536):
+        pending += chunk.decode()
+        while pending.strip():
+            try:
+                request, end = decoder.raw_decode(pending.lstrip())
+            except ValueError:
+                break  # not whole yet
+            pending = pending.lstrip()[end:]
+            yield request
+
+
 def _serve(conn: socket.socket, greeting: object, returns: Mapping[str, object]) -> None:
     # The client may go at any point (it gives up on what it was sent).
-    with conn, conn.makefile("rwb") as stream, contextlib.suppress(OSError):
-        stream.write(json.dumps(greeting).encode() + b"\r\n")
-        stream.flush()
-        for line in stream:
-            request = json.loads(line)
-            reply = {"return": returns.get(request.get("execute"), {})}
+    with conn, contextlib.suppress(OSError):
+        conn.sendall(json.dumps(greeting).encode() + b"\r\n")
+        for request in _requests(conn):
+            reply = {"return": returns.get(str(request.get("execute")), {})}
             if "id" in request:
                 reply["id"] = request["id"]
-            stream.write(json.dumps(reply).encode() + b"\r\n")
-            stream.flush()
+            conn.sendall(json.dumps(reply).encode() + b"\r\n")
 
 
 def _accept(server: socket.socket, greeting: object, returns: Mapping[str, object]) -> None:

@@ -9,7 +9,9 @@ import re
 import select
 import signal
 import socket
+import subprocess
 import sys
+import textwrap
 from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
@@ -17,6 +19,7 @@ from types import MappingProxyType
 
 import pytest
 from conftest import DaemonProcess
+from fakeqmp import serving
 
 from migblockd.client import (
     MAX_UNREAD,
@@ -639,6 +642,50 @@ async def test_connects_at_once_make_one_connection(daemon: DaemonProcess) -> No
         await client.disconnect()
 
 
+async def test_a_disconnect_during_a_connect_closes_what_it_opens(
+        daemon: DaemonProcess) -> None:
+    # Found by review: disconnect() while another task connected returned at once,
+    # and the connection it made stayed open, with its blockers, past the shutdown.
+    client = MigblockClient(daemon.socket)
+    connecting = asyncio.create_task(client.connect())
+    await asyncio.sleep(0)  # the connect is under way
+    await client.disconnect()
+    await connecting
+    assert not client.connected
+    async with MigblockClient(daemon.socket) as other:
+        assert await other.blockers() == []
+
+
+def test_a_client_connected_in_one_event_loop_is_refused_in_another(
+        daemon: DaemonProcess) -> None:
+    # Found by review: used from a second asyncio.run(), a call hung for good,
+    # disconnect() raised RuntimeError ("Event loop is closed"), connected stayed
+    # True, and the connection-scoped blocker stayed until the process exited.
+    client = MigblockClient(daemon.socket)
+
+    async def first() -> None:
+        await client.connect()
+        await client.add_blocker("held by the first loop", id="L1", scope="connection")
+
+    async def second() -> list[str]:
+        assert not client.connected  # its loop has ended
+        with pytest.raises(ClientError, match="is connected in another event loop"):
+            await asyncio.wait_for(client.blockers(), PATIENCE)
+        await client.disconnect()  # never raises: the daemon sees the connection end
+        async with MigblockClient(daemon.socket) as other:
+            async with asyncio.timeout(PATIENCE):
+                while [b.id for b in await other.blockers()] == ["L1"]:
+                    await asyncio.sleep(0.05)
+        await client.connect()  # disconnected, it may be used here now
+        try:
+            return [b.id for b in await client.blockers()]
+        finally:
+            await client.disconnect()
+
+    asyncio.run(first())
+    assert asyncio.run(second()) == []
+
+
 async def test_event_streams_filter_by_name_and_end_when_the_client_disconnects(
         daemon: DaemonProcess) -> None:
     client = MigblockClient(daemon.socket)
@@ -697,3 +744,70 @@ async def test_a_stream_left_unread_ends_at_its_bound_and_the_connection_stays(
         fresh = client.events("BLOCKER_DELETED")
         await client.del_blocker("c0")
         assert (await next_event(fresh)).data["id"] == "c0"
+
+
+GOOD_BLOCKER = {"id": "x", "reason": "r", "modes": ["normal"], "internal": False,
+                "scope": "daemon", "added": {"seconds": 1, "microseconds": 0},
+                "owner": {"pid": 1, "uid": 2, "gid": 3}}
+
+
+@pytest.mark.parametrize("change", [
+    {"added": {"seconds": 10**18, "microseconds": 0}},     # OSError (EOVERFLOW) once
+    {"added": {"seconds": 0, "microseconds": -10**18}},    # OverflowError once
+    {"modes": "normal"},                                    # once the tuple of its letters
+    {"modes": {"normal": 1}},                               # once its keys
+    {"internal": "no"},                                     # once bool("no"), True
+    {"owner": {"pid": "x", "uid": None, "gid": [1]}},       # once kept as given
+    {"owner": {"pid": True, "uid": 2, "gid": 3}},
+    {"owner": "root"},
+])
+def test_a_blocker_not_of_the_schemas_shape_is_a_client_error(change: dict[str, object]) -> None:
+    # Found by review: these gave a Blocker whose values were not of its types,
+    # or raised OSError / OverflowError, outside the documented ClientError.
+    assert Blocker.from_qmp(GOOD_BLOCKER).owner is not None
+    with pytest.raises(ClientError, match="not a BlockerInfo"):
+        Blocker.from_qmp({**GOOD_BLOCKER, **change})
+
+
+@pytest.mark.parametrize("timestamp", [
+    {"seconds": 10**18, "microseconds": 0}, {"seconds": 0, "microseconds": -10**18},
+    {"seconds": 1.5, "microseconds": 0}, "now",
+])
+def test_an_event_with_a_time_out_of_range_is_a_client_error(timestamp: object) -> None:
+    # Found by review: an OSError from such an event ended qemu.qmp's reader, and the
+    # connection with it (and its connection-scoped blockers); a ClientError is
+    # logged and the event skipped.
+    with pytest.raises(ClientError, match="not a QMP event"):
+        Event.from_qmp({"event": "X", "data": {}, "timestamp": timestamp})
+
+
+async def test_a_listing_of_the_wrong_shape_raises_client_error(short_tmp: Path) -> None:
+    path = short_tmp / "fake.sock"
+    bad = {**GOOD_BLOCKER, "added": {"seconds": 10**18, "microseconds": 0}}
+    with serving(path, returns={"query-blockers": [bad]}):
+        async with MigblockClient(str(path)) as client:
+            with pytest.raises(ClientError, match="not a BlockerInfo"):
+                await client.blockers()
+
+
+def test_an_agent_type_checks_against_the_installed_package(tmp_path: Path) -> None:
+    # Found by review: without a py.typed marker mypy --strict refused the import
+    # ("missing library stubs or py.typed marker") and saw every value as Any.
+    agent = tmp_path / "agent.py"
+    agent.write_text(textwrap.dedent("""\
+        from migblockd.client import MigblockClient
+
+        async def main() -> None:
+            async with MigblockClient("/run/migblockd/migblockd.sock") as client:
+                async with client.holding("maintenance") as blocker:
+                    reveal_type(blocker)
+                    length: int = blocker.reason  # a str: mypy must say so
+        """))
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "agent.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    out = proc.stdout
+    assert 'Revealed type is "migblockd.client.values.Blocker"' in out, out
+    assert 'Incompatible types in assignment (expression has type "str", variable has ' \
+        'type "int")' in out, out
+    assert "import-untyped" not in out and "missing library stubs" not in out, out

@@ -50,9 +50,15 @@ lost.  It keeps events until they are read, at most ``max_unread`` of them
 :class:`EventsLostError` once the events it kept have been read.  The daemon
 disconnects a client that leaves events unread past its ``--max-output``; this
 library reads them all as they come, so that its replies are never stuck behind
-them, and the bound is kept here instead, per stream.  A reader that takes
-what arrived each time it runs stays far below it: the events of one socket read
-are fewer than a thousand.  A stream that is no longer used is dropped with its last
+them, and the bound is kept here instead, per stream.  Events come in bursts: the
+library hands over all it has received in one turn of the event loop (some 1,500
+when a peer's 6,000 connection-scoped blockers are released at once), and a reader
+that awaits something between events falls behind by that many a turn; one that
+must not lose any in a burst of tens of thousands (one client's connection-scoped
+blockers released together) gives ``max_unread`` room for them.  A client belongs
+to the event loop it connects in (each ``asyncio.run()`` is one): used connected
+from another, it raises :class:`ClientError`, and :meth:`MigblockClient.disconnect`
+there ends its connection.  A stream that is no longer used is dropped with its last
 reference (or close it: ``async with client.events() as stream``).  Only streams
 keep events: a client without one stores none.
 """
@@ -64,6 +70,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import weakref
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
@@ -158,18 +165,39 @@ class MigblockClient(EventSource):
         # The adds of holding() blocks whose entry was cancelled, and the deletions of
         # what they added: kept here, since the event loop keeps only weak references.
         self._undoing: set[asyncio.Future[Any]] = set()
+        # The event loop it was first used in: asyncio's streams, tasks and locks
+        # belong to one, and the client with them (see _in_its_loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: socket.socket | None = None
 
     # -- connection
 
     @property
     def connected(self) -> bool:
-        """Whether the connection is up: connected, negotiated, neither closed nor lost."""
-        return self._qmp is not None and self._qmp.runstate == Runstate.RUNNING
+        """Whether the connection is up: connected, negotiated, neither closed nor lost
+        (nor left behind by the event loop it was made in, which has ended)."""
+        return (self._qmp is not None and self._qmp.runstate == Runstate.RUNNING
+                and self._loop is not None and not self._loop.is_closed())
+
+    def _in_its_loop(self) -> None:
+        """Raise :class:`ClientError` when called, connected, from an event loop other
+        than the one the client connected in (each ``asyncio.run()`` makes one): what
+        it waits on there would never be woken, and the call would hang."""
+        running = asyncio.get_running_loop()
+        if self._loop is running:
+            return
+        if self._loop is None or (self._qmp is None and not self._undoing):
+            # Not connected: nothing of the other loop's is left to use.
+            self._loop, self._connecting = running, asyncio.Lock()
+        else:
+            raise ClientError(f"this client of migblockd at {self.path} is connected in "
+                              "another event loop: use it there, or disconnect() it first")
 
     async def connect(self) -> None:
         """Connect, read the greeting and negotiate capabilities (again, after a
         connection was lost).  One call at a time connects: a call made meanwhile
         waits for it, then raises :class:`ClientError` if it succeeded."""
+        self._in_its_loop()
         async with self._connecting:
             await self._connect()
 
@@ -177,7 +205,7 @@ class MigblockClient(EventSource):
         if self._qmp is not None:
             if self.connected:
                 raise ClientError(f"already connected to {self.path}")
-            await self.disconnect()  # what is left of a lost connection
+            await self._disconnect()  # what is left of a lost connection
         # A default socket under the shared temporary directory may be someone
         # else's, listening there to read what is sent: judged before connecting,
         # and again before the first command (migblockd.paths.fallback_refusal).
@@ -222,7 +250,7 @@ class MigblockClient(EventSource):
         if refusal is not None:
             await qmp.disconnect()
             raise DisconnectedError(f"cannot connect to migblockd at {self.path}: {refusal}")
-        self._qmp, self._closing = qmp, False
+        self._qmp, self._closing, self._sock = qmp, False, sock
         self._watch = asyncio.create_task(self._watch_connection(qmp))
 
     async def _watch_connection(self, qmp: QMPLink) -> None:
@@ -245,8 +273,24 @@ class MigblockClient(EventSource):
 
         Never raises: a connection lost earlier has already been reported by the
         commands, streams and :meth:`holding` that were using it.  What the daemon
-        has not taken within ``timeout`` seconds (it is stopped) is not sent.
+        has not taken within ``timeout`` seconds (it is stopped) is not sent.  A
+        :meth:`connect` under way is let finish first (within ``timeout``), then
+        closed: a shutdown racing a reconnection must not leave the connection,
+        and its blockers, behind.
         """
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            # Nothing of the loop it was made in can be awaited here (it may be
+            # closed): its socket is shut down, so that the daemon ends the
+            # connection and releases its blockers; the rest goes with that loop.
+            self._qmp = None
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+            return
+        async with self._connecting:
+            await self._disconnect()
+
+    async def _disconnect(self) -> None:
         qmp, self._qmp = self._qmp, None
         if qmp is None:
             return
@@ -280,6 +324,7 @@ class MigblockClient(EventSource):
         (nothing is sent then).  Cancelled (``asyncio.timeout()``) after it was sent,
         the command still runs; its answer is dropped.
         """
+        self._in_its_loop()
         if self._qmp is None:
             raise DisconnectedError(f"not connected to migblockd at {self.path}")
         if arguments is not None:

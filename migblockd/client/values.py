@@ -12,12 +12,17 @@ from migblockd.client.errors import ClientError
 __all__ = ["Blocker", "BlockerOwner", "Event"]
 
 
-def _time(value: Mapping[str, Any]) -> datetime:
+#: What a value that is not the shape the schema gives raises while it is read:
+#: ``OverflowError`` and ``OSError`` (``EOVERFLOW``) from a time out of datetime's range.
+_NOT_ITS_SHAPE = (KeyError, TypeError, ValueError, AttributeError, OverflowError, OSError)
+
+
+def _time(value: object) -> datetime:
     """A QMP ``{"seconds": S, "microseconds": US}`` as an aware UTC datetime."""
-    seconds, micro = value["seconds"], value["microseconds"]
-    if not isinstance(seconds, int) or not isinstance(micro, int):
+    if not isinstance(value, Mapping):
         raise TypeError(f"not a timestamp: {value!r}")
-    return datetime.fromtimestamp(seconds, UTC) + timedelta(microseconds=micro)
+    return datetime.fromtimestamp(_int(value["seconds"]), UTC) + timedelta(
+        microseconds=_int(value["microseconds"]))
 
 
 @dataclass(frozen=True)
@@ -58,22 +63,39 @@ class Blocker:
         """A ``BlockerInfo`` object as the daemon sends it (unknown members are ignored)."""
         try:
             owner, added = data.get("owner"), data.get("added")
+            if owner is not None and not isinstance(owner, Mapping):
+                raise TypeError(f"owner {owner!r} is not an object")
+            modes = data["modes"]
+            if not isinstance(modes, list):
+                raise TypeError(f"modes {modes!r} is not a list")
             return cls(
                 id=_str(data["id"]), reason=_str(data["reason"]),
-                modes=tuple(_str(m) for m in data["modes"]), internal=bool(data["internal"]),
+                modes=tuple(_str(m) for m in modes), internal=_bool(data["internal"]),
                 scope=_str(data["scope"]), added=None if added is None else _time(added),
                 owner=None if owner is None else BlockerOwner(
-                    pid=owner["pid"], uid=owner["uid"], gid=owner["gid"],
+                    pid=_int(owner["pid"]), uid=_int(owner["uid"]), gid=_int(owner["gid"]),
                     user=None if owner.get("user") is None else _str(owner["user"])),
                 source=_str(data.get("source", "migblockd")),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except _NOT_ITS_SHAPE as exc:
             raise ClientError(f"not a BlockerInfo: {data!r} ({exc!r})") from None
 
 
 def _str(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{value!r} is not a string")
+    return value
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{value!r} is not a boolean")
     return value
 
 
@@ -96,7 +118,7 @@ class Event:
                 raise TypeError("data is not an object")
             return cls(name=_str(message["event"]), data=dict(data),
                        timestamp=_time(message["timestamp"]))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except _NOT_ITS_SHAPE as exc:
             raise ClientError(f"not a QMP event: {dict(message)!r} ({exc!r})") from None
 
     @property

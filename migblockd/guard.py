@@ -309,7 +309,8 @@ class Guard:
     def bounded(self, kind: Hashable, owner: Owner | None) -> str | None:
         """Whether a line of ``kind`` about ``owner``'s uid goes out now, and what
         it adds: :meth:`migblockd.logs.throttle.Throttle.admit` of the guard's throttle."""
-        return self.throttle.admit(kind, None if owner is None else owner.uid,
+        # A user's subordinate uids share its window, as they share its limits.
+        return self.throttle.admit(kind, self.counted_uid(owner),
                                    self.registry.clock.monotonic())
 
     def _refuse(self, conn: Connection, name: str, desc: str, kind: type[QMPError], *,

@@ -123,13 +123,13 @@ def _socket_place(path: Path) -> str:
 
 
 def check_qemu(qemu: Path, qmp_socket: Path | None, sources: Sources = COMMAND_LINE) -> None:
-    """StartupError for a ``--qemu`` where no QEMU can ever be: a path too long for
-    AF_UNIX (QEMU refuses to listen on one too, so retrying would never end), or
+    """StartupError for a ``--qemu`` that migblockd can never reach: a path too long
+    for it to connect to (retrying would never end, whatever QEMU does there), or
     migblockd's own socket (``qmp_socket``, when known: :func:`not_its_own_socket`)."""
     size = len(os.fsencode(qemu))
     if size > UNIX_PATH_MAX:
         raise StartupError(f"{sources.named('qemu')} {qemu}: AF_UNIX path too long ({size} "
-                           f"bytes; the limit is {UNIX_PATH_MAX}), where no QEMU can listen; "
+                           f"bytes; migblockd connects to paths of at most {UNIX_PATH_MAX}); "
                            f"choose a shorter {sources.choice('qemu')}")
     if qmp_socket is not None:
         not_its_own_socket(qemu, qmp_socket, sources)

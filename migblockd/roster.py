@@ -121,8 +121,7 @@ class Roster:
             # past a burst, neither is logged, the admins' excepted.  Its changes
             # and refusals still name it.
             more = "" if admin else self.connection_lines.admit(
-                "connected", None if owner is None else owner.uid,
-                self.registry.clock.monotonic())
+                "connected", conn.counted, self.registry.clock.monotonic())
             if more is None:
                 conn.quiet = True
             else:

@@ -744,13 +744,13 @@ def test_check_config_refuses_a_qemu_that_is_the_daemons_own_socket(tmp_path: Pa
 def test_a_qemu_path_too_long_for_a_unix_socket_is_refused_by_check_and_start(
         tmp_path: Path) -> None:
     # Found by review: --check-config said "valid", and the daemon retried forever,
-    # logging "AF_UNIX path too long" at info only, where QEMU cannot listen either.
+    # logging "AF_UNIX path too long" at info only: it can never connect there.
     qemu = tmp_path / ("q" * (120 - len(str(tmp_path))))
     size = len(str(qemu))
     args = ["--socket", str(tmp_path / "s.sock"), "--state-dir", str(tmp_path / "state"),
             "--qemu", str(qemu)]
-    refused_alike(args, f"--qemu {qemu}: AF_UNIX path too long ({size} bytes; the limit is "
-                        "107), where no QEMU can listen; choose a shorter --qemu")
+    refused_alike(args, f"--qemu {qemu}: AF_UNIX path too long ({size} bytes; migblockd "
+                        "connects to paths of at most 107); choose a shorter --qemu")
     assert sorted(tmp_path.iterdir()) == []  # refused before anything was made
 
 

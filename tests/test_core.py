@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.logs.throttle import BURST, WINDOW
 from migblockd.registry import FakeClock, Owner, Registry
-from migblockd.resolver import user_name, who
+from migblockd.resolver import Resolver, user_name, who
 from migblockd.roster import CONNECTION_BURST
 
 CONTRACT = Contract.load()
@@ -293,6 +294,26 @@ def test_hanging_up_unread_or_timing_out_in_a_loop_costs_the_log_a_burst_of_line
     assert len(closing) == BURST
     assert closing[-1].endswith("[more like it within 10 s are counted, not logged]")
     assert caplog.messages[-1].endswith("disconnected: Bad file descriptor")
+
+
+def test_a_users_subordinate_uids_share_its_log_windows(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    # Found by review: the limits were shared, the log's bounds were not: each of a
+    # user's 65,536 subordinate uids had a window of its own.
+    subuid = tmp_path / "subuid"
+    subuid.write_text("1000:200000:65536\n")
+    core, _ = make()
+    core.guard.resolver = Resolver(core.guard.policy, core.guard.daemon_uid, str(subuid))
+    with caplog.at_level(logging.INFO, "migblockd"):
+        for n in range(CONNECTION_BURST + 50):
+            core.disconnect(connected(core, 200000 + n, negotiate=False))
+        for n in range(BURST + 5):
+            conn = connected(core, 200000 + n, negotiate=False)
+            core.expel(conn, "Capabilities negotiation not completed within "
+                             "negotiation-timeout=10s")
+    assert len([m for m in caplog.messages if m.endswith(" connected")
+                or " connected [" in m]) == CONNECTION_BURST
+    assert len([m for m in caplog.messages if ": closing: " in m]) == BURST
 
 
 def test_a_user_reconnecting_to_send_each_oversized_request_is_logged_a_burst_at_a_time(

@@ -42,7 +42,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from migblockd.config import COMMAND_LINE, HostPort, Sources
 from migblockd.exposition import MIN_INTERVAL, MetricsApp, gzip_wanted
-from migblockd.listen import bind_socket, unbind
+from migblockd.listen import LISTEN_BACKLOG, bind_socket, unbind
 from migblockd.pidlock import PidLock
 from migblockd.preflight import not_the_qmp_socket
 from migblockd.scrape_request import RequestHandler
@@ -81,6 +81,9 @@ class _Handler(RequestHandler):
 
     def parse_request(self) -> bool:
         if not super().parse_request():
+            # Answered with an error: no longer a connection still sending its
+            # request, whose closing would make room (it is being answered).
+            self.server.request_complete(self.request)
             return False
         # The request is complete: from now on this connection awaits its answer,
         # and is no longer the one closed to make room for another.
@@ -280,7 +283,10 @@ def _listen_tcp(address: HostPort, setting: str) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(sockaddr)
-        sock.listen(16)
+        # The QMP socket's backlog: connections cut and made again as fast as
+        # they are cut fill a short queue, and a scraper's SYN is then dropped
+        # and retried only seconds later.
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         if exc.errno is None:

@@ -20,7 +20,11 @@ otherwise:
   HTTP/0.9, and its error goes out with no status line: a client sees a
   malformed answer, not a 400 or a 505.  A request that says ``HTTP/0.9`` is
   answered that way, with no status line nor headers.  Here every answer has
-  them, and a version below 1.0 gets a 505, as one past 1.x does.
+  them, and a version below 1.0 gets a 505 (HTTP/0.9's ``GET /metrics``, with
+  no version, too), as one past 1.x does.
+- Its error pages repeat the request line it could not parse, twice: an answer
+  larger than the request, which a client that does not read it leaves
+  blocking the thread.  Here an error's message is cut.
 - An empty line before the request line, which RFC 9112 (2.2) asks a server
   to ignore, is taken for an empty request line, and the connection closed
   without an answer.  Here empty lines are skipped, within the request line's
@@ -55,6 +59,8 @@ MAX_REQUEST_LINE = 65536
 #: included: past it, 431.  Prometheus sends a few hundred; a bearer token, a
 #: few thousand.
 MAX_HEADER_BYTES = 65536
+#: Characters of an error's message at most (it may quote the client's request).
+_MESSAGE_MAX = 100
 #: Seconds in which one failure of a kind is logged with its traceback; the
 #: rest are counted, and the next line says how many there were.
 FAILURE_WINDOW = 60.0
@@ -157,6 +163,16 @@ class RequestHandler(WSGIRequestHandler):
             return False
         return parsed
 
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        # http.server repeats what it could not parse in the reason phrase and
+        # again in the page, as repr(): 65 KB of NULs came back as 520 KB, more
+        # than a socket's buffer, and a client that did not read held the thread
+        # (and the slot) writing for REQUEST_TIMEOUT.  The status says enough.
+        if message is not None and len(message) > _MESSAGE_MAX:
+            message = f"{message[:_MESSAGE_MAX]}..."
+        super().send_error(code, message, explain)
+
     def log_message(self, format: str, *args: Any) -> None:
         # The request line is the client's: escaped and cut, as every client string.
         log.debug("metrics: %s", shown(format % args, quoted=False))
@@ -164,8 +180,11 @@ class RequestHandler(WSGIRequestHandler):
 
 def _version(line: bytes) -> tuple[int, int] | None:
     """The version a request line says, as http.server reads it (the last of three
-    words or more, ``HTTP/`` and two numbers); None if it says none it can read."""
+    words or more, ``HTTP/`` and two numbers; two words are HTTP/0.9's simple
+    request, ``GET /metrics``); None if it says none it can read."""
     words = str(line, "iso-8859-1").split()
+    if len(words) == 2:
+        return 0, 9
     if len(words) < 3 or not words[-1].startswith("HTTP/"):
         return None
     numbers = words[-1][len("HTTP/"):].split(".")

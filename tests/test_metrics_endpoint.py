@@ -355,13 +355,45 @@ def test_requests_it_cannot_parse_get_a_status_line(
                             (b"HEAD /metrics HTTP/0.9\r\n\r\n", 505),
                             (b"POST /metrics HTTP/0.9\r\n\r\n", 505),
                             (b"GET /metrics HTTP/0.5\r\n\r\n", 505),
+                            # HTTP/0.9's simple request: once a 200, though 0.9 gets 505.
+                            (b"GET /metrics\r\n\r\n", 505),
                             (b"GET /metrics HTTP/\xb2.0\r\n\r\n", 400),  # a digit to isdigit()
                             (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414)):
         answer = exchange(endpoint_path, request)
         assert answer.startswith(b"HTTP/1.0 %d " % status), (request[:40], answer[:200])
     assert exchange(endpoint_path, b"GET /metrics HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.0 200 ")
+    # Found by review: the 400 repeated the line twice, as repr(): 65 KB of NULs
+    # came back as 520 KB, which a client that does not read left blocking the
+    # thread, and its slot, for the socket's timeout.
+    answer = exchange(endpoint_path, b"\x00" * 65000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 400 Bad request syntax ("), answer[:100]
+    assert len(answer) < 2000, len(answer)
     assert d.stop() == 0
     assert_clean_log(d)
+
+
+def test_reconnecting_clients_do_not_fill_the_tcp_endpoints_queue(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # Found by review: the TCP endpoint listened with a backlog of 16 (the Unix
+    # one and the QMP socket, 1024): clients reconnecting as fast as they were
+    # cut filled it, and a scraper's connection waited seconds for a SYN retry.
+    # With the daemon stopped nothing is accepted: what the queue holds shows.
+    d = start_daemon("--metrics", "127.0.0.1:0", "--ephemeral", socket=short_tmp / "q.sock")
+    port = int(d.wait_for_log(re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/")).group(1))
+    queued = []
+    d.proc.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(64):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(2)
+            s.connect(("127.0.0.1", port))  # timed out once past the 17th
+            queued.append(s)
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+        for s in queued:
+            s.close()
+    assert len(queued) == 64
+    assert d.stop() == 0
 
 
 def test_empty_lines_before_the_request_line_are_skipped(

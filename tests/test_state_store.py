@@ -269,6 +269,37 @@ def test_a_database_written_over_by_another_program_takes_no_commit(
                 "daemon's log into the file, over what that program wrote")
 
 
+def posix_locks(*files: Path) -> set[str]:
+    """The names of ``files`` on which this process holds a POSIX lock (/proc/locks)."""
+    inodes = {os.stat(f).st_ino: f.name for f in files}
+    held = set()
+    with open("/proc/locks", encoding="ascii") as locks:
+        for line in locks:
+            words = line.split()
+            if words[1] == "POSIX" and words[4] == str(os.getpid()):
+                inode = int(words[5].split(":")[2])
+                if inode in inodes:
+                    held.add(inodes[inode])
+    return held
+
+
+def test_cutting_the_log_keeps_sqlites_locks(tmp_path: Path) -> None:
+    # Found by review: the index was read with open() and close(), and closing a
+    # descriptor drops every POSIX lock the process holds on the file, SQLite's
+    # included: an operator's sqlite3 then took itself for the first connection,
+    # rebuilt the index under the daemon's mapping of it, and the daemon died of
+    # SIGBUS (3 runs in 3).
+    db, index = tmp_path / "state.db", tmp_path / "state.db-shm"
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("a", 1))])
+        assert posix_locks(db, index) == {"state.db", "state.db-shm"}
+        assert store._cut_log()
+        assert posix_locks(db, index) == {"state.db", "state.db-shm"}
+        store.commit([Put(row("b", 2))])
+        assert store._cut_log()  # the descriptor kept is read again
+        assert posix_locks(db, index) == {"state.db", "state.db-shm"}
+
+
 # ----------------------------------------------------------------- the lock
 
 

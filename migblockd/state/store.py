@@ -73,8 +73,8 @@ _IOERR_FSYNC = 10 | (4 << 8)
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
-    __slots__ = ("_conn", "_database_lock", "_files", "_largest", "_left", "_lock", "_log",
-                 "_opened", "directory", "path")
+    __slots__ = ("_conn", "_database_lock", "_files", "_index", "_largest", "_left", "_lock",
+                 "_log", "_opened", "directory", "path")
 
     def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection,
                  database_lock: DatabaseLock) -> None:
@@ -93,6 +93,8 @@ class Store:
         # the largest it has been: SQLite never shrinks it here (no auto_vacuum).
         self._left = _left(self.path)
         self._largest = 0 if self._left is None else self._left[0]
+        #: The log's index, once read (see _index_header).
+        self._index: int | None = None
 
     @classmethod
     def open(cls, directory: Path,
@@ -320,8 +322,7 @@ class Store:
         without a block written."""
         real = os.path.realpath(self.path)
         try:
-            with open(f"{real}-shm", "rb") as index:
-                header = index.read(20)
+            header = self._index_header(f"{real}-shm")
             if len(header) < 20:
                 return False
             code = int.from_bytes(header[14:16], sys.byteorder)  # 65536 is 1
@@ -332,6 +333,21 @@ class Store:
         except OSError:
             return False
         return True
+
+    def _index_header(self, path: str) -> bytes:
+        """The first bytes of the log's index at ``path``, read through a descriptor
+        kept open until :meth:`close`: closing one would drop every POSIX lock this
+        process holds on the file, SQLite's included (its connection may still be
+        open), and an operator's ``sqlite3`` would then rebuild the index under
+        the daemon's mapping of it (SIGBUS)."""
+        st = os.stat(path)
+        if self._index is None or os.fstat(self._index)[1:3] != (st.st_ino, st.st_dev):
+            # Another file (SQLite made it anew): no lock of this process is on the
+            # old one's inode through SQLite any more, so it may be closed.
+            old, self._index = self._index, os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if old is not None:
+                os.close(old)
+        return os.pread(self._index, 20, 0)
 
     def _fold_log(self, mode: str) -> bool:
         """Copy the log back into the database, so that the next commit writes
@@ -354,6 +370,9 @@ class Store:
             # the next open replays it.
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+        if self._index is not None:  # after the connection, as the lock below
+            os.close(self._index)
+            self._index = None
         if self._database_lock is not None:  # after the connection: see state.lock
             self._database_lock.release()
             self._database_lock = None

@@ -650,10 +650,28 @@ async def test_a_disconnect_during_a_connect_closes_what_it_opens(
     connecting = asyncio.create_task(client.connect())
     await asyncio.sleep(0)  # the connect is under way
     await client.disconnect()
-    await connecting
+    outcome = (await asyncio.gather(connecting, return_exceptions=True))[0]
+    assert outcome is None or isinstance(outcome, DisconnectedError), outcome
     assert not client.connected
     async with MigblockClient(daemon.socket) as other:
         assert await other.blockers() == []
+
+
+async def test_a_disconnect_does_not_wait_for_a_daemon_that_never_greets(
+        short_tmp: Path) -> None:
+    # Found by review: with timeout=None, disconnect() waited for good behind a
+    # connect to a socket whose server never greeted (a stopped daemon).
+    path = short_tmp / "silent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen()  # the kernel takes the connection; nobody greets
+        client = MigblockClient(path, timeout=None)
+        connecting = asyncio.create_task(client.connect())
+        await asyncio.sleep(0.2)
+        await asyncio.wait_for(client.disconnect(), PATIENCE)
+        with pytest.raises(DisconnectedError, match=r"disconnect\(\) was called meanwhile"):
+            await asyncio.wait_for(connecting, PATIENCE)
+        assert not client.connected
 
 
 def test_a_client_connected_in_one_event_loop_is_refused_in_another(

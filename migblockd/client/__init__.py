@@ -169,6 +169,8 @@ class MigblockClient(EventSource):
         # belong to one, and the client with them (see _in_its_loop).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
+        #: The connection being made, while connect() waits for it.
+        self._attempt: asyncio.Future[None] | None = None
 
     # -- connection
 
@@ -221,10 +223,21 @@ class MigblockClient(EventSource):
         try:
             try:
                 async with asyncio.timeout(self.timeout):
-                    await qmp.connect(sock)  # cancelled, it closes what it opened
+                    # A future of its own, which disconnect() may cancel.
+                    self._attempt = asyncio.ensure_future(qmp.connect(sock))
+                    try:
+                        await self._attempt  # cancelled, it closes what it opened
+                    finally:
+                        self._attempt = None
             except BaseException:
                 sock.close()  # failed before the library had made a stream of it
                 raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task's own cancellation, not disconnect()'s
+            raise DisconnectedError(f"cannot connect to migblockd at {self.path}: "
+                                    "disconnect() was called meanwhile") from None
         except TimeoutError:
             what = ("no QMP greeting" if qmp.greeting is None
                     else "no answer to qmp_capabilities")
@@ -274,9 +287,9 @@ class MigblockClient(EventSource):
         Never raises: a connection lost earlier has already been reported by the
         commands, streams and :meth:`holding` that were using it.  What the daemon
         has not taken within ``timeout`` seconds (it is stopped) is not sent.  A
-        :meth:`connect` under way is let finish first (within ``timeout``), then
-        closed: a shutdown racing a reconnection must not leave the connection,
-        and its blockers, behind.
+        :meth:`connect` under way is cancelled (it raises :class:`DisconnectedError`):
+        a shutdown racing a reconnection must neither leave the connection, and its
+        blockers, behind, nor wait for a daemon that does not greet.
         """
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
             # Nothing of the loop it was made in can be awaited here (it may be
@@ -287,6 +300,8 @@ class MigblockClient(EventSource):
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)
             return
+        if self._attempt is not None:
+            self._attempt.cancel()
         async with self._connecting:
             await self._disconnect()
 

@@ -74,6 +74,9 @@ class MetricsApp:
         self._ready = 0.0  # time.monotonic() from which the next answer may start
         # Set when the loop starts the last render given up on, if it has not yet.
         self._unstarted: threading.Event | None = None
+        #: Set when the daemon stops: scrapes still waiting for their turn get
+        #: their 503 at once, rather than the end of the process in its place.
+        self.stopping = threading.Event()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -140,7 +143,7 @@ class MetricsApp:
 
     def _render(self, make: Callable[[], bytes], deadline: float) -> bytes:
         """``make()`` run on the loop, by ``deadline``; under ``_lock``."""
-        if self.loop.is_closed():
+        if self.loop.is_closed() or self.stopping.is_set():
             raise _NoAnswer(_STOPPING)
         unstarted = self._unstarted
         if unstarted is not None:
@@ -151,8 +154,8 @@ class MetricsApp:
                 raise _NoAnswer(_LATE)
             self._unstarted = None
         wait = self._ready - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
+        if wait > 0 and self.stopping.wait(wait):
+            raise _NoAnswer(_STOPPING)
         future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
         started = threading.Event()
 

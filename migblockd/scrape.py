@@ -65,6 +65,8 @@ EVICT_WAIT = 1.0
 REQUEST_TIMEOUT = 10.0
 #: Seconds a metrics connection may last in all, however steadily it trickles.
 REQUEST_DEADLINE = 30.0
+#: Seconds a stop waits for the scrapes under way to be answered.
+STOP_WAIT = 2.0
 #: Seconds between attempts to accept while the process is out of descriptors.
 EXHAUSTED_PAUSE = 0.1
 #: Seconds between two warnings that every connection was busy (the rest: debug).
@@ -122,6 +124,8 @@ class _Server(ThreadingMixIn, WSGIServer):
         # last warning, and when the next warning may come (serve_forever's thread).
         self._crowded = [0, 0]
         self._warn_from = 0.0
+        # The threads answering a connection, which a stop lets finish (bounded).
+        self.handlers: set[threading.Thread] = set()
 
     def _crowding(self, closed: int, refused: int) -> None:
         """Count a connection closed to make room, or refused: a few silent or
@@ -200,11 +204,14 @@ class _Server(ThreadingMixIn, WSGIServer):
         deadline = threading.Timer(REQUEST_DEADLINE, _cut, (request,))
         deadline.daemon = True
         deadline.start()
+        me = threading.current_thread()
+        self.handlers.add(me)
         try:
             super().process_request_thread(request, client_address)
         finally:
             deadline.cancel()
             self._forget(request)
+            self.handlers.discard(me)
 
     def _forget(self, request: socket.socket) -> None:
         with self._sending_lock:
@@ -231,6 +238,7 @@ class MetricsServer:
         self.where = where
         self.own_socket = own_socket
         self._lock = lock
+        self._app = app
         self._httpd = _Server(sock, port, app)
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         name="migblockd-metrics", daemon=True)
@@ -264,12 +272,19 @@ class MetricsServer:
         log.info("metrics: serving Prometheus metrics on %s", self.where)
 
     def close(self) -> None:
-        """Stop serving (at once: blocks only for a scrape being written) and clean up."""
+        """Stop serving and clean up: the scrapes under way are answered (a 503 for
+        those still waiting for their turn), for STOP_WAIT seconds at most."""
+        self._app.stopping.set()
         if self._thread.is_alive():
             # Wakes the server's select() now rather than at its next poll.
             with contextlib.suppress(OSError):
                 self._httpd.socket.shutdown(socket.SHUT_RDWR)
             self._httpd.shutdown()
+        # Daemon threads: the end of the process would close their connections
+        # with nothing said.  Copied: each removes itself as it ends.
+        until = time.monotonic() + STOP_WAIT
+        for handler in list(self._httpd.handlers):
+            handler.join(max(0.0, until - time.monotonic()))
         self._httpd.server_close()
         if self.own_socket is not None:
             unbind(*self.own_socket)

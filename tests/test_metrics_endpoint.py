@@ -396,6 +396,30 @@ def test_reconnecting_clients_do_not_fill_the_tcp_endpoints_queue(
     assert d.stop() == 0
 
 
+def test_scrapes_waiting_when_the_daemon_stops_get_an_answer(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # Found by review: of 10 scrapes sent together, SIGTERM 0.25 s later, 3 got
+    # their metrics and 7 the end of the connection, nothing said: the process
+    # ended with the threads that waited for their turn (answers are spaced).
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock")
+    statuses: list[bytes] = []
+
+    def one() -> None:
+        statuses.append(exchange(endpoint_path, b"GET /metrics HTTP/1.0\r\n\r\n")[:12])
+
+    scrapers = [threading.Thread(target=one) for _ in range(10)]
+    for t in scrapers:
+        t.start()
+    time.sleep(0.25)  # a few answered: spaced by MIN_INTERVAL
+    assert d.stop() == 0
+    for t in scrapers:
+        t.join()
+    assert b"" not in statuses, statuses
+    assert set(statuses) <= {b"HTTP/1.0 200", b"HTTP/1.0 503"}, statuses
+    assert b"HTTP/1.0 503" in statuses, statuses  # those still waiting
+
+
 def test_empty_lines_before_the_request_line_are_skipped(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
     # RFC 9112 (2.2): a server SHOULD ignore at least one empty line before the

@@ -51,6 +51,7 @@ from migblockd.state.errors import (
 from migblockd.state.lock import DatabaseLock, lock_directory
 from migblockd.state.opening import check_and_open, configure, connect
 from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
+from migblockd.state.watch import Watched
 
 __all__ = ["SLOW_COMMIT", "Store"]
 
@@ -64,8 +65,6 @@ SLOW_COMMIT = 1.0
 # Free space below which the log is emptied after every commit: twice what
 # SQLite lets it grow to by itself (1000 pages of 4 KiB).
 _LOG_ROOM = 8 << 20
-# A file that this user may not look at any more: see _identity.
-_HIDDEN = (-1, -1)
 # SQLITE_IOERR_FSYNC (sqlite3.h): a write that was made, then not synced.
 _IOERR_FSYNC = 10 | (4 << 8)
 
@@ -73,8 +72,8 @@ _IOERR_FSYNC = 10 | (4 << 8)
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
-    __slots__ = ("_conn", "_database_lock", "_files", "_index", "_largest", "_left", "_lock",
-                 "_log", "_opened", "directory", "path")
+    __slots__ = ("_conn", "_database_lock", "_files", "_lock", "_log", "_watched",
+                 "directory", "path")
 
     def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection,
                  database_lock: DatabaseLock) -> None:
@@ -87,14 +86,7 @@ class Store:
         self._lock: PidLock | None = lock
         self._database_lock: DatabaseLock | None = database_lock
         self._conn: sqlite3.Connection | None = conn
-        # The database and log files SQLite has open (the log: once it exists).
-        self._opened = (_identity(self.path), _identity(self._log))
-        # The database's size and time of change as the daemon last left it, and
-        # the largest it has been: SQLite never shrinks it here (no auto_vacuum).
-        self._left = _left(self.path)
-        self._largest = 0 if self._left is None else self._left[0]
-        #: The log's index, once read (see _index_header).
-        self._index: int | None = None
+        self._watched = Watched(self.path, self._log)
 
     @classmethod
     def open(cls, directory: Path,
@@ -147,13 +139,11 @@ class Store:
             return
         started = time.monotonic()
         batches = _batches(changes)  # encoded first: a bad value fails before BEGIN
-        self._check_files()
+        self._watched.check(None if self._database_lock is None else self._database_lock.fd)
         try:
             self._commit(batches, len(changes), started)
         finally:
-            # A commit may write the database (SQLite folds the log back into it
-            # once it is long enough), and so may what a failed one does.
-            self._leave(_left(self.path))
+            self._watched.committed()
 
     def _commit(self, batches: Sequence[tuple[str, list[schema.Params]]], count: int,
                 started: float) -> None:
@@ -192,82 +182,6 @@ class Store:
             log.warning("a commit to %s took %.1f s (%d change%s): its disk or the machine is "
                         "slow, and the clients whose changes it carried waited as long for "
                         "their replies", self.path, took, count, "" if count == 1 else "s")
-
-    def _check_files(self) -> None:
-        """Refuse to commit to files that the next start would not read.
-
-        SQLite goes on writing to the files it has open whatever happens to
-        their names: a state.db replaced (a backup restored, a copy linked to)
-        or a log removed ("cleaning up") while the daemon runs would take every
-        change acknowledged from then on, and the next start would not find
-        them.  Nor does it notice the file it has open written by another
-        program (a backup copied over it, the file truncated): what it commits
-        then goes into pages it no longer knows, and the next start finds a
-        corrupt file.  Checked before each group, not after: a group found
-        afterwards to be in such a file could be reported neither failed nor done.
-        """
-        database, log_file = self._opened
-        identity, left = _look(self.path)
-        if identity is None:
-            raise self._removed()
-        if identity not in (database, _HIDDEN):
-            raise StateError(f"cannot commit to {self.path}: it is not the file the daemon "
-                             "opened (it was replaced, moved or removed), and the next start "
-                             "would not read what is committed now; put that file back, or "
-                             "restart the daemon to use this one",
-                             f"put the file the daemon opened back as {self.path}, or "
-                             "restart the daemon to use the one there now")
-        # Not when either look was refused (a directory's mode changed meanwhile).
-        if left is not None and self._left is not None and left != self._left:
-            fd = None if self._database_lock is None else self._database_lock.fd
-            written = _written_over(fd, left[0], self._largest)
-            if written is not None:
-                raise StateError(
-                    f"cannot commit to {self.path}: another program wrote to it since the "
-                    f"daemon's last commit ({written}), and what the daemon commits now "
-                    "would be mixed with what that program wrote",
-                    f"stop the daemon, then restore {self.path} from a backup: the stop "
-                    "folds the daemon's log into the file, over what that program wrote")
-            self._leave(left)  # another SQLite connection folding the log back, say
-        now = _identity(self._log)
-        if log_file is None:
-            self._opened = (database, now)  # made since: SQLite makes it at the first read
-        elif now not in (log_file, _HIDDEN):
-            restart = ("stop the daemon (not with SIGKILL: a clean stop folds that log into "
-                       "the database) and start it again")
-            raise StateError(f"cannot commit to {self.path}: its log {self._log} was removed "
-                             "or replaced while the daemon ran, and SQLite writes on to the "
-                             "one it has open, which the next start would not find; "
-                             f"{restart}", restart)
-
-    def _removed(self) -> StateError:
-        """The error for a database removed while the daemon runs.
-
-        Neither the client's "put that file back" (a removed file has no name
-        to link it back by) nor a restart would do: the stop folds the log into
-        the removed file, and the next start makes an empty one.  What was
-        committed is still there, in the file this process holds open (the
-        database lock's descriptor) and its log: copied out while commits are
-        refused, which is while neither changes, the two are the state.
-        """
-        fd = self._database_lock.fd if self._database_lock is not None else None
-        message = (f"cannot commit to {self.path}: it was removed (or moved away) while the "
-                   "daemon ran, and the next start would not read what is committed now")
-        if fd is None:
-            return StateError(message)
-        rescued = self.path.with_name(self.path.name + ".rescued")
-        copy = f"cp -p /proc/{os.getpid()}/fd/{fd} {rescued} && cp -p {self._log} {rescued}-wal"
-        return StateError(message, (
-            "move it back if it was moved; else its blockers are still in the file the "
-            f"daemon holds open: before stopping the daemon, copy it and its log out ({copy}), "
-            f"then stop it, rename the copies to {self.path} and {self.path}-wal, and start "
-            "it again"))
-
-    def _leave(self, left: tuple[int, int] | None) -> None:
-        """Remember the database as the daemon (or SQLite) leaves it."""
-        self._left = left
-        if left is not None and left[0] > self._largest:
-            self._largest = left[0]
 
     def _apply(self, batches: Sequence[tuple[str, list[schema.Params]]]) -> None:
         """One transaction; rolled back if it fails."""
@@ -320,34 +234,18 @@ class Store:
         """Cut the log where its last good commit ends, as the header of its index
         says (https://sqlite.org/walformat.html): the failed group's frames go
         without a block written."""
-        real = os.path.realpath(self.path)
         try:
-            header = self._index_header(f"{real}-shm")
+            header = self._watched.index_header()
             if len(header) < 20:
                 return False
             code = int.from_bytes(header[14:16], sys.byteorder)  # 65536 is 1
             page = (code & 0xFF00) | ((code & 1) << 16)
             frames = int.from_bytes(header[16:20], sys.byteorder)
             # 32 bytes of header, then frames of 24 bytes and a page; none: nothing.
-            os.truncate(f"{real}-wal", 32 + frames * (24 + page) if frames else 0)
+            os.truncate(self._log, 32 + frames * (24 + page) if frames else 0)
         except OSError:
             return False
         return True
-
-    def _index_header(self, path: str) -> bytes:
-        """The first bytes of the log's index at ``path``, read through a descriptor
-        kept open until :meth:`close`: closing one would drop every POSIX lock this
-        process holds on the file, SQLite's included (its connection may still be
-        open), and an operator's ``sqlite3`` would then rebuild the index under
-        the daemon's mapping of it (SIGBUS)."""
-        st = os.stat(path)
-        if self._index is None or os.fstat(self._index)[1:3] != (st.st_ino, st.st_dev):
-            # Another file (SQLite made it anew): no lock of this process is on the
-            # old one's inode through SQLite any more, so it may be closed.
-            old, self._index = self._index, os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            if old is not None:
-                os.close(old)
-        return os.pread(self._index, 20, 0)
 
     def _fold_log(self, mode: str) -> bool:
         """Copy the log back into the database, so that the next commit writes
@@ -370,9 +268,7 @@ class Store:
             # the next open replays it.
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-        if self._index is not None:  # after the connection, as the lock below
-            os.close(self._index)
-            self._index = None
+        self._watched.close()  # after the connection, as the lock below
         if self._database_lock is not None:  # after the connection: see state.lock
             self._database_lock.release()
             self._database_lock = None
@@ -390,7 +286,7 @@ class Store:
         if self._lock is None:
             raise StateError(f"{self.path} is closed")
         if self._conn is None:  # dropped after a failure it could not roll back
-            self._opened = (self._opened[0], None)  # the log may be made again
+            self._watched.reconnecting()
             try:
                 self._conn = connect(self.path)
                 configure(self._conn)
@@ -438,71 +334,6 @@ def _read(conn: sqlite3.Connection, path: Path) -> Snapshot:
         raise StateError(f"{path} is corrupt ({one_line(str(e))}); restore it from "
                          "a backup, or move it away to start from scratch") from e
     return Snapshot(blockers=blockers, settings=decoded)
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    """Which file ``path`` names (following links): device and inode; None: none;
-    :data:`_HIDDEN` when this user may no longer look (a directory's mode changed),
-    which the open files do not mind."""
-    return _look(path)[0]
-
-
-def _left(path: Path) -> tuple[int, int] | None:
-    """The size and time of last change of the file at ``path`` (None: not to be
-    told): any write changes one or the other, a chmod neither (as it does the
-    inode's change time)."""
-    return _look(path)[1]
-
-
-def _look(path: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
-    """:func:`_identity` and :func:`_left` of ``path``, from one ``stat``."""
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None, None
-    except OSError:
-        return _HIDDEN, None
-    return (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
-
-
-def _written_over(fd: int | None, size: int, largest: int) -> str | None:
-    """How the database (open as ``fd``), now ``size`` bytes, shows that a program
-    other than SQLite wrote to it, or None when it does not.
-
-    Other SQLite connections write to it too, and rightly: an operator's ``PRAGMA
-    wal_checkpoint`` folds what the daemon committed back into it (and any later
-    connection rewrites the log's index, so that leaves no trace to tell it by).
-    So only what no SQLite write here does counts: the file shorter than its
-    header, no SQLite header, another application's id, or the file smaller than
-    it has been (without auto_vacuum SQLite never shrinks it; an operator's
-    ``VACUUM`` would, and is taken for this).  A copy of an older backup of this
-    database, no smaller than the file was, passes: the next start then finds
-    what it can.
-    """
-    if size < _HEADER_SIZE:
-        return f"it is {size} bytes long, too short for a database: truncated?"
-    if fd is None:
-        return None
-    try:
-        # Read through the descriptor the database lock keeps open, never a new
-        # one: closing any descriptor of the file drops every POSIX lock this
-        # process holds on it, SQLite's included, and another connection would
-        # then take itself for the last one and remove the log.
-        header = os.pread(fd, _HEADER_SIZE, 0)
-    except OSError:
-        return None  # not to be read now: the commit tells
-    if not header.startswith(b"SQLite format 3\0"):
-        return "it is no longer an SQLite database"
-    if int.from_bytes(header[68:72], "big") != schema.APPLICATION_ID:
-        return "it is another program's database now: a file copied over it?"
-    if size < largest:
-        return (f"it is {size} bytes long, smaller than the {largest} the daemon left: "
-                "truncated, or an older copy written over it?")
-    return None
-
-
-#: An SQLite database file's header (https://sqlite.org/fileformat.html).
-_HEADER_SIZE = 100
 
 
 def _batches(changes: Sequence[Change]) -> list[tuple[str, list[schema.Params]]]:

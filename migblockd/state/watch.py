@@ -1,0 +1,193 @@
+"""The files SQLite has open for a :class:`~migblockd.state.store.Store`, watched.
+
+SQLite goes on writing to the files it has open whatever happens to their
+names: a state.db replaced (a backup restored, a copy linked to) or a log
+removed ("cleaning up") while the daemon runs would take every change
+acknowledged from then on, and the next start would not find them.  Nor does it
+notice the file it has open written by another program (a backup copied over
+it, the file truncated): what it commits then goes into pages it no longer
+knows, and the next start finds a corrupt file.  :meth:`Watched.check` runs
+before each group (not after: a group found afterwards to be in such a file
+could be reported neither failed nor done) and raises :class:`StateError` for
+each case, with the advice that fits it.
+
+What it reads of the files it reads through descriptors kept open, never new
+ones: closing any descriptor of a file drops every POSIX lock this process holds
+on it, SQLite's included, and another connection (an operator's ``sqlite3``)
+would then take itself for the only one: remove the log, or rebuild its index
+under the daemon's mapping of it (SIGBUS).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from migblockd.state import schema
+from migblockd.state.errors import StateError
+
+__all__ = ["Watched"]
+
+# A file that this user may not look at any more: see _look.
+_HIDDEN = (-1, -1)
+#: An SQLite database file's header (https://sqlite.org/fileformat.html).
+_HEADER_SIZE = 100
+
+
+class Watched:
+    """The database at ``path`` and its log ``log`` (its real path's), as opened."""
+
+    __slots__ = ("_index", "_largest", "_left", "_opened", "log", "path")
+
+    def __init__(self, path: Path, log: Path) -> None:
+        self.path = path
+        self.log = log
+        identity, left = _look(path)
+        # The database and log files SQLite has open (the log: once it exists).
+        self._opened = (identity, _look(log)[0])
+        # The database's size and time of change as the daemon last left it, and
+        # the largest it has been: SQLite never shrinks it here (no auto_vacuum).
+        self._left = left
+        self._largest = 0 if left is None else left[0]
+        #: The log's index, once read (see index_header).
+        self._index: int | None = None
+
+    def check(self, fd: int | None) -> None:
+        """Refuse (StateError) to commit to files that the next start would not
+        read, or that another program wrote to; ``fd``: the database, as the
+        database lock holds it open (None: not to be read)."""
+        database, log_file = self._opened
+        identity, left = _look(self.path)
+        if identity is None:
+            raise self._removed(fd)
+        if identity not in (database, _HIDDEN):
+            raise StateError(f"cannot commit to {self.path}: it is not the file the daemon "
+                             "opened (it was replaced, moved or removed), and the next start "
+                             "would not read what is committed now; put that file back, or "
+                             "restart the daemon to use this one",
+                             f"put the file the daemon opened back as {self.path}, or "
+                             "restart the daemon to use the one there now")
+        # Not when either look was refused (a directory's mode changed meanwhile).
+        if left is not None and self._left is not None and left != self._left:
+            written = _written_over(fd, left[0], self._largest)
+            if written is not None:
+                raise StateError(
+                    f"cannot commit to {self.path}: another program wrote to it since the "
+                    f"daemon's last commit ({written}), and what the daemon commits now "
+                    "would be mixed with what that program wrote",
+                    f"stop the daemon, then restore {self.path} from a backup: the stop "
+                    "folds the daemon's log into the file, over what that program wrote")
+            self._leave(left)  # another SQLite connection folding the log back, say
+        now = _look(self.log)[0]
+        if log_file is None:
+            self._opened = (database, now)  # made since: SQLite makes it at the first read
+        elif now not in (log_file, _HIDDEN):
+            restart = ("stop the daemon (not with SIGKILL: a clean stop folds that log into "
+                       "the database) and start it again")
+            raise StateError(f"cannot commit to {self.path}: its log {self.log} was removed "
+                             "or replaced while the daemon ran, and SQLite writes on to the "
+                             "one it has open, which the next start would not find; "
+                             f"{restart}", restart)
+
+    def committed(self) -> None:
+        """A commit (or what a failed one did) may have written the database: SQLite
+        folds the log back into it once the log is long enough."""
+        self._leave(_look(self.path)[1])
+
+    def reconnecting(self) -> None:
+        """The connection is made again: it may make the log anew."""
+        self._opened = (self._opened[0], None)
+
+    def index_header(self) -> bytes:
+        """The first bytes of the log's index (``state.db-shm``), read through a
+        descriptor kept open until :meth:`close`."""
+        path = self.log.with_name(self.log.name.removesuffix("-wal") + "-shm")
+        st = os.stat(path)
+        if self._index is None or os.fstat(self._index)[1:3] != (st.st_ino, st.st_dev):
+            # Another file (SQLite made it anew): no lock of this process is on the
+            # old one's inode through SQLite any more, so it may be closed.
+            old, self._index = self._index, os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if old is not None:
+                os.close(old)
+        return os.pread(self._index, 20, 0)
+
+    def close(self) -> None:
+        """Let go of the index's descriptor: after SQLite's connection is closed."""
+        if self._index is not None:
+            os.close(self._index)
+            self._index = None
+
+    def _leave(self, left: tuple[int, int] | None) -> None:
+        """Remember the database as the daemon (or SQLite) leaves it."""
+        self._left = left
+        if left is not None and left[0] > self._largest:
+            self._largest = left[0]
+
+    def _removed(self, fd: int | None) -> StateError:
+        """The error for a database removed while the daemon runs.
+
+        Neither the client's "put that file back" (a removed file has no name
+        to link it back by) nor a restart would do: the stop folds the log into
+        the removed file, and the next start makes an empty one.  What was
+        committed is still there, in the file this process holds open (the
+        database lock's descriptor) and its log: copied out while commits are
+        refused, which is while neither changes, the two are the state.
+        """
+        message = (f"cannot commit to {self.path}: it was removed (or moved away) while the "
+                   "daemon ran, and the next start would not read what is committed now")
+        if fd is None:
+            return StateError(message)
+        rescued = self.path.with_name(self.path.name + ".rescued")
+        copy = f"cp -p /proc/{os.getpid()}/fd/{fd} {rescued} && cp -p {self.log} {rescued}-wal"
+        return StateError(message, (
+            "move it back if it was moved; else its blockers are still in the file the "
+            f"daemon holds open: before stopping the daemon, copy it and its log out ({copy}), "
+            f"then stop it, rename the copies to {self.path} and {self.path}-wal, and start "
+            "it again"))
+
+
+def _look(path: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """Which file ``path`` names (following links), as device and inode, and its
+    size and time of last change (any write changes one or the other, a chmod
+    neither, as it does the inode's change time), from one ``stat``.  None, None:
+    there is none; :data:`_HIDDEN`, None: this user may no longer look (a
+    directory's mode changed), which the open files do not mind."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except OSError:
+        return _HIDDEN, None
+    return (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
+
+
+def _written_over(fd: int | None, size: int, largest: int) -> str | None:
+    """How the database (open as ``fd``), now ``size`` bytes, shows that a program
+    other than SQLite wrote to it, or None when it does not.
+
+    Other SQLite connections write to it too, and rightly: an operator's ``PRAGMA
+    wal_checkpoint`` folds what the daemon committed back into it (and any later
+    connection rewrites the log's index, so that leaves no trace to tell it by).
+    So only what no SQLite write here does counts: the file shorter than its
+    header, no SQLite header, another application's id, or the file smaller than
+    it has been (without auto_vacuum SQLite never shrinks it; an operator's
+    ``VACUUM`` would, and is taken for this).  A copy of an older backup of this
+    database, no smaller than the file was, passes: the next start then finds
+    what it can.
+    """
+    if size < _HEADER_SIZE:
+        return f"it is {size} bytes long, too short for a database: truncated?"
+    if fd is None:
+        return None
+    try:
+        header = os.pread(fd, _HEADER_SIZE, 0)  # never a new descriptor: see above
+    except OSError:
+        return None  # not to be read now: the commit tells
+    if not header.startswith(b"SQLite format 3\0"):
+        return "it is no longer an SQLite database"
+    if int.from_bytes(header[68:72], "big") != schema.APPLICATION_ID:
+        return "it is another program's database now: a file copied over it?"
+    if size < largest:
+        return (f"it is {size} bytes long, smaller than the {largest} the daemon left: "
+                "truncated, or an older copy written over it?")
+    return None

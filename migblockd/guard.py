@@ -247,9 +247,9 @@ class Guard:
         if role < Role.ADMIN:
             owner = conn.owner
             uid = None if owner is None else owner.uid
-            owned = registry.count_held(uid)
+            user = self.counted_uid(owner)
+            owned = registry.count_held(user)
             if owned >= quotas.max_blockers_per_uid:
-                user = self.counted_uid(owner)
                 if user == uid and owned == registry.count_owned(uid):
                     whom = f"{who(uid)}: it owns"
                 else:

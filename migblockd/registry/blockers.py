@@ -225,16 +225,11 @@ class BlockerStore:
         """How many blockers ``uid`` owns (None: those with no known owner)."""
         return self._per_uid.get(uid, 0)
 
-    def count_held(self, uid: int | None) -> int:
-        """How many blockers count against ``uid``'s quota: those of the user a
-        subordinate uid belongs to and of all its subordinate uids (see
-        :meth:`share_counts`), else :meth:`count_owned`'s."""
-        if self._owner_of is None or uid is None:
-            return self.count_owned(uid)
-        user = self._owner_of(uid)
-        if user is None:
-            user = uid
-        return self._per_uid.get(user, 0) + self._per_owner.get(user, 0)
+    def count_held(self, user: int | None) -> int:
+        """How many blockers ``user`` and its subordinate uids own (see
+        :meth:`share_counts`): what counts against its quota."""
+        shared = 0 if user is None else self._per_owner.get(user, 0)
+        return self._per_uid.get(user, 0) + shared
 
     def owners(self) -> list[int | None]:
         """The uids that own blockers (None: blockers with no known owner)."""

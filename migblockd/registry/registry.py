@@ -230,10 +230,10 @@ class Registry(MigrationControl):
         as ``owner_of`` says (None: nobody's are shared); :meth:`count_held`."""
         self._store.share_counts(owner_of)
 
-    def count_held(self, uid: int | None) -> int:
-        """How many blockers count against ``uid``'s quota: its own, or, for a user
-        with subordinate uids (or one of them), the user's and all of theirs.  O(1)."""
-        return self._store.count_held(uid)
+    def count_held(self, user: int | None) -> int:
+        """How many blockers ``user`` and its subordinate uids own (as
+        :meth:`share_counts` was told): what counts against its quota.  O(1)."""
+        return self._store.count_held(user)
 
     def owners(self) -> list[int | None]:
         """The uids that own registered blockers (None: for those with no known owner)."""

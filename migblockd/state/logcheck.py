@@ -107,20 +107,17 @@ def _committed_first_page(log: Path) -> bytes | None:
     short, not of this log or fails its checksum."""
     try:
         with open(log, "rb") as f:
-            header = f.read(_LOG_HEADER.size)
-            if len(header) < _LOG_HEADER.size:
+            valid = _valid_header(f.read(_LOG_HEADER.size))
+            if valid is None:
                 return None
-            magic, _, page, _, salts, sum1, sum2 = _LOG_HEADER.unpack(header)
-            if (magic | 1 != _MAGIC | 1 or page < 512 or page > 65536 or page & (page - 1)
-                    or _checksum(header[:24], bool(magic & 1), 0, 0) != (sum1, sum2)):
-                return None
-            chained, pending, committed = (sum1, sum2), None, None
+            big, page, salts, chained = valid
+            pending, committed = None, None
             while len(head := f.read(_FRAME.size)) == _FRAME.size:
                 data = f.read(page)
                 number, commit, frame_salts, sum1, sum2 = _FRAME.unpack(head)
                 if len(data) < page or frame_salts != salts:
                     break
-                chained = _checksum(head[:8] + data, magic & 1 == 1, *chained)
+                chained = _checksum(head[:8] + data, big, *chained)
                 if chained != (sum1, sum2):
                     break
                 pending = data if number == 1 else pending
@@ -161,20 +158,20 @@ def _missing(log: Path, frames: int, salts: bytes) -> tuple[int, str] | None:
             header = f.read(_LOG_HEADER.size)
             if len(header) < _LOG_HEADER.size:
                 return 0, _EMPTY if not header else "its header is cut short"
-            magic, _, page, _, its_salts, sum1, sum2 = _LOG_HEADER.unpack(header)
-            if (magic | 1 != _MAGIC | 1 or page < 512 or page > 65536 or page & (page - 1)
-                    or _checksum(header[:24], bool(magic & 1), 0, 0) != (sum1, sum2)):
+            valid = _valid_header(header)
+            if valid is None:
                 return 0, "its header is damaged"
+            # Each frame's checksum goes on from the one before, the header's first.
+            big, page, its_salts, chained = valid
             if its_salts != salts:
                 return None  # begun again since the index was written: see the module's doc
             whole = (size - _LOG_HEADER.size) // (_FRAME.size + page)
-            chained = sum1, sum2  # each frame's checksum goes on from the one before
             for n in range(min(frames, whole)):
                 head = f.read(_FRAME.size)
                 number, _, frame_salts, sum1, sum2 = _FRAME.unpack(head)
                 if number == 0 or frame_salts != salts:
                     return n, f"frame {n + 1} of {frames} is not one of its frames"
-                chained = _checksum(head[:8] + f.read(page), magic & 1 == 1, *chained)
+                chained = _checksum(head[:8] + f.read(page), big, *chained)
                 if chained != (sum1, sum2):
                     return n, f"frame {n + 1} of {frames} is damaged"
     except FileNotFoundError:
@@ -184,6 +181,19 @@ def _missing(log: Path, frames: int, salts: bytes) -> tuple[int, str] | None:
     if whole < frames:
         return whole, f"it holds {whole} of the {frames} frames"
     return None
+
+
+def _valid_header(header: bytes) -> tuple[bool, int, bytes, tuple[int, int]] | None:
+    """The log's header, when whole and sound: whether its checksums read the words
+    big-endian, its page size, its salts and its own checksum; None otherwise."""
+    if len(header) < _LOG_HEADER.size:
+        return None
+    magic, _, page, _, salts, sum1, sum2 = _LOG_HEADER.unpack(header)
+    big = magic & 1 == 1
+    if (magic | 1 != _MAGIC | 1 or page < 512 or page > 65536 or page & (page - 1)
+            or _checksum(header[:24], big, 0, 0) != (sum1, sum2)):
+        return None
+    return big, page, salts, (sum1, sum2)
 
 
 def _checksum(data: bytes, big: bool, s1: int, s2: int) -> tuple[int, int]:

@@ -317,6 +317,57 @@ def test_a_request_after_a_lexical_error_runs(module_qemu: Qemu, module_daemon: 
     same_outcome(module_qemu, module_daemon, [data[i : i + 1] for i in range(len(data))])
 
 
+def same_outcome_but_first_error(qemu: Qemu, daemon: DaemonProcess,
+                                 data: bytes | Sequence[bytes]) -> None:
+    """As :func:`same_outcome`, the errors' wording aside: after a closer that does
+    not match, migblockd names it where QEMU names a lexical error further on
+    (docs/protocol.md)."""
+    def masked(stream: bytes) -> list[object]:
+        return [{"error": "..."} if isinstance(v, dict) and "error" in v and "id" not in v
+                else v for v in outcome(stream)]
+    theirs = answers(qemu.test_socket, data)
+    ours = answers(daemon.socket, data)
+    assert masked(ours) == masked(theirs), (theirs, ours)
+
+
+_R = b'{"execute": "query-version", "id": "R"}'
+#: Bad messages after which QEMU's streamer starts over where migblockd once waited
+#: (for a bracket, or a line feed) or began a request QEMU does not run.
+RESTARTS = [
+    # A closer that does not match, then a token QEMU's lexer fails at: its streamer
+    # forgets the message there, the "[" still open with it.
+    b'{"a": [}+' + _R,
+    b'{"a": [}@' + _R,
+    b'{"a": [}01 ' + _R,
+    b'{"a": [}\xc3\xa9' + _R,
+    b'{"a": [} + ' + _R,
+    # A reset byte, then a quote: QEMU's lexer skips to the "{" in the string, and
+    # its errors in the "message" that begins there put it back in step.
+    b'\x1b"{"' + _R,
+    b'\x01"{"' + _R,
+    b'\x1b"a\\q"x"{"' + _R,
+    b'\x1b x"{"' + _R,
+    # Garbage, then "[": an array begins, which is no request, whatever it holds.
+    b'x[' + _R + b']',
+    b'][' + _R + b']',
+    b'\x01[' + _R + b']',
+    b'\xff[' + _R + b']',
+    b'x [1, ' + _R + b']',
+    # A stray closer, then a token that takes the "{" with it.
+    b']-' + _R,
+    b'}-' + _R,
+    b']1.' + _R,
+]
+
+
+@pytest.mark.parametrize("data", RESTARTS, ids=[repr(c)[2:-1] for c in RESTARTS])
+def test_where_qemu_starts_over(module_qemu: Qemu, module_daemon: DaemonProcess,
+                                data: bytes) -> None:
+    same_outcome_but_first_error(module_qemu, module_daemon, data)
+    same_outcome_but_first_error(module_qemu, module_daemon,
+                                 [data[i : i + 1] for i in range(len(data))])
+
+
 _PRETTY = json.dumps({"execute": "query-version", "arguments": {
     "capabilities": [{"capability": "events", "state": False}]}, "id": 1}, indent=2).encode()
 #: A pretty-printed request with one fault its parser finds: QEMU's parser sees the

@@ -21,7 +21,7 @@ from typing import Final
 
 from migblockd.qmp.limits import Limits
 from migblockd.qmp.patterns import Open
-from migblockd.qmp.resync import IDLE, SKIPPING
+from migblockd.qmp.resync import IDLE, SKIP_LINE, SKIP_REST, SKIPPING
 from migblockd.qmp.scanner import NEED_DATA, Scanner
 from migblockd.qmp.wording import ParseError
 
@@ -77,14 +77,14 @@ class StreamDecoder(Scanner):
         """Buffer ``data``; nothing is parsed yet.  Input after EOF is ignored."""
         if self._eof or not data:
             return
-        keep = self._scan if self._mode in SKIPPING else self._start
+        keep = self._keep()
         if keep >= _COMPACT_AT or (keep and keep == len(self._buf)):
             del self._buf[:keep]
             self._start -= keep
             self._scan -= keep
             self._string_start -= keep
             self._checked = max(0, self._checked - keep)
-            self._lexed = max(0, self._lexed - keep)
+            self._lexed = self._lexed - keep if self._lexed >= 0 else -1
         self._buf += data
         self._fresh = True
 
@@ -96,8 +96,17 @@ class StreamDecoder(Scanner):
     @property
     def buffered(self) -> int:
         """Bytes received but not yet consumed (for the server's input bounds)."""
-        keep = self._scan if self._mode in SKIPPING else self._start
-        return len(self._buf) - keep
+        return len(self._buf) - self._keep()
+
+    def _keep(self) -> int:
+        """The first byte still needed: the message's, or where skipping goes on;
+        or, while skipping the rest of a broken message, where lexing it goes on
+        (:meth:`~migblockd.qmp.resync.Resync._rest_lexed`), if that is before."""
+        if self._mode not in SKIPPING:
+            return self._start
+        if self._mode in (SKIP_REST, SKIP_LINE) and 0 <= self._lexed < self._scan:
+            return self._lexed
+        return self._scan
 
     # -- output --------------------------------------------------------------
     def has_message(self) -> bool:

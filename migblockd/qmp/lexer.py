@@ -131,6 +131,19 @@ def _number_failure(text: str, start: int) -> tuple[str, int] | int:
     return len(text)
 
 
+def number_token(data: bytes) -> tuple[int, bool] | None:
+    """QEMU's lexer on the number that begins ``data``: where its token ends, and
+    whether that token is an error (it then takes the byte the lexer failed at,
+    a ``{`` included); None when ``data`` ends first (more input may make it
+    either).  Bytes, as the lexer reads them: one that is not ASCII ends or
+    breaks a number as any other byte."""
+    text = data.decode("ascii", "replace")
+    found = _number_failure(text, 0)
+    if isinstance(found, int):
+        return None if found == len(text) else (found, False)
+    return found[1] + 1, True
+
+
 def first_token_end(token: bytes) -> int | None:
     """Where QEMU's lexer ends the first token of ``token``, a run of bytes with
     no delimiter, if that token is a whole number or a run of lower-case

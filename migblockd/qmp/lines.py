@@ -47,14 +47,20 @@ class LineCheck(Resync):
         return SOUND if error is None else error
 
     def _garbage_line(self, buf: bytearray, end: int) -> bool:
-        """Skip the message if a "{" found in garbage began it (see SKIP_TOP) and it
-        runs on past a line feed before ``end``: that "{" was garbage too, and a
-        line-based client's next request follows the line feed.  Without line
+        """Skip the message if a "{" found in garbage began it (see SKIP_TOP) and
+        QEMU's lexer fails in it, or it runs on past a line feed, before ``end``:
+        that "{" was garbage too (:meth:`_garbage_lexed`), and a line-based
+        client's next request follows the line feed.  Without line
         feeds nothing changes.  Applied wherever the message's lines are checked,
         so that the outcome does not depend on how the input was split."""
         if not self._tentative:
             return False
         lf = buf.find(b"\n", self._start, end)
+        stop = end if lf < 0 else lf
+        if self._in_string:
+            stop = min(stop, self._string_start)  # the scan checks the string's bytes
+        if self._garbage_lexed(buf, stop):
+            return True
         if lf < 0:
             return False
         self._skip_from(lf)

@@ -57,6 +57,23 @@ RESYNC_TOP = re.compile(rb"[{\n]")
 # The same, or a quote (where a string in the garbage begins), or a reset byte
 # (see migblockd.qmp.resync).
 RESYNC_TOP_QUOTE_OR_RESET = re.compile(rb'[{\n"' + RESET_CLASS + rb"]")
+# Garbage at the top level, token by token as QEMU's lexer reads it
+# (qobject/json-lexer.c): blanks but the line feed, closers and separators,
+# keywords, whole strings (no control character in them: the lexer fails at
+# one) and numbers it ends cleanly.  Each must be followed by a byte that ends
+# it: a keyword or number at the end of the input may go on ("1." then "{": the
+# "{" is in the lexer's error, and begins no request).
+GARBAGE_STRING_BODY = re.compile(rb'(?:[^"\\\x00-\x1f\xfe\xff]++|\\[^\x00-\x1f\xfe\xff])*+')
+GARBAGE_TOKENS = re.compile(
+    rb"(?:[ \t\r]++|[}\],:]|[a-z]++(?=[^a-z])|\"" + GARBAGE_STRING_BODY.pattern + rb"\""
+    rb"|-?+(?:0(?=[^.0-9])|(?:0\.[0-9]++|[1-9][0-9]*+(?:\.[0-9]++)?+)"
+    rb"(?:[eE][-+]?+[0-9]++)?+(?=[^.eE0-9])))*+")
+# A run of what may be a number, and the byte after it: all QEMU's lexer reads
+# of one before it ends or fails.
+NUMBER_RUN = re.compile(rb"[-+0-9.eE]*+")
+# Where a message may begin after garbage, and a line feed.
+GARBAGE_STOPS: Final = frozenset(b"{[\n")
+NUMBER_START: Final = frozenset(b"-0123456789")
 # Where QEMU's lexer stops skipping after an error (IN_RECOVERY): a structural
 # character, or a control character but the tab.
 RECOVERY_END = re.compile(rb"[{}\[\],:\n\r" + RESET_CLASS + rb"]")

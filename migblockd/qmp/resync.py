@@ -26,10 +26,13 @@ in QEMU's wording.  Then the decoder resynchronises:
   next request begins there (a pretty-printed request indents its inner
   lines).
 * Garbage at the top level (a stray closing bracket, a comma, a bad keyword or
-  number) is skipped up to where a request can begin: the next ``{`` outside
-  a string (QEMU's lexer reads a string there).  If the
-  message that ``{`` begins runs on past a line feed, the ``{`` was garbage
-  too, and decoding resumes after the line feed.
+  number) is skipped up to where a message can begin: the next ``{`` or ``[``
+  that QEMU's lexer reads as a token (not in a string, nor in a number's
+  error).  If the message that it begins runs on past a line feed, or QEMU's
+  lexer fails in it, it was garbage too, and decoding resumes after the line
+  feed, or as QEMU's lexer recovers.
+* A token QEMU's lexer cannot read in the rest of a broken message ends it
+  there, brackets still open or not, as QEMU's streamer forgets the message.
 * A line feed ends the skipping of garbage, and a *reset byte* ends any: an ASCII
   control character other than ``\\t``, ``\\r``, ``\\n``, or one of the bytes
   ``0xFE``/``0xFF`` that cannot occur in UTF-8.  The QMP spec
@@ -51,16 +54,19 @@ from __future__ import annotations
 from typing import Final
 
 from migblockd.qmp.characters import RAW
-from migblockd.qmp.lexer import lexical_failure_bytes, lexical_progress
+from migblockd.qmp.lexer import lexical_failure_bytes, lexical_progress, number_token
 from migblockd.qmp.patterns import (
     BACKSLASH,
     BLANKS_AND_RESETS,
+    GARBAGE_STOPS,
+    GARBAGE_STRING_BODY,
+    GARBAGE_TOKENS,
     LF,
+    NUMBER_RUN,
+    NUMBER_START,
     QUOTE,
     RECOVERY_END,
     RESET_BYTES,
-    RESYNC_TOP_QUOTE_OR_RESET,
-    STRING_BODY,
     Open,
     match_end,
     message_over,
@@ -70,6 +76,8 @@ from migblockd.qmp.wording import ParseError
 # The decoder's modes: scanning a message (or waiting for one), or skipping
 # what is left of a bad one.  The scan and this module both switch between them.
 IDLE, STRUCT, SCALAR_MODE, SKIP, AFTER_RESET, SKIP_TOP, SKIP_REST, SKIP_LINE = range(8)
+#: How much of a broken message's rest :meth:`Resync._rest_lexed` lexes.
+_LEX_WINDOW: Final = 1 << 16
 SKIPPING: Final = frozenset({SKIP, AFTER_RESET, SKIP_TOP, SKIP_REST, SKIP_LINE})
 
 
@@ -98,13 +106,16 @@ class Resync:
         self._skip_from(pos)
         self._mode = SKIP_TOP
 
-    def _skip_rest(self, pos: int, counts: Open, in_string: bool = False) -> None:
+    def _skip_rest(self, pos: int, counts: Open, in_string: bool = False, *,
+                   lex: bool = False) -> None:
         """A message broken with ``counts`` brackets open (in a string, if
         ``in_string``): skip from ``pos`` to its end, counting brackets as QEMU's
         streamer does, so that a client that sends no line feeds (``qemu.qmp``)
         is not cut off, nor one that sends its requests pretty-printed
-        (:meth:`_next_line`)."""
+        (:meth:`_next_line`).  With ``lex`` (``pos`` is between two tokens),
+        also up to where QEMU's lexer fails in it (:meth:`_rest_lexed`)."""
         self._skip_from(pos)
+        self._lexed = pos if lex else -1
         if message_over(counts) and not in_string:
             self._mode = IDLE  # its last bracket was the bad one: it is over
             self._start = pos
@@ -146,7 +157,7 @@ class Resync:
         self._in_string = False
         self._recovering = False
 
-        self._tentative = c == 0x7B
+        self._tentative = c in b"{["
         self._mode = AFTER_RESET if c in RESET_BYTES else IDLE
         self._start = self._scan = i + 1 if c == LF else i
 
@@ -181,41 +192,54 @@ class Resync:
         return True
 
     def _garbage_end(self, buf: bytearray, n: int) -> int | None:
-        """Where garbage from ``_scan`` ends, strings read whole as QEMU's lexer
-        reads them: at the next "{" or line feed outside a string, or ``n``;
-        None if the input ran out in a string (``_scan`` is where to go on).
-        Without this, the "{" of ``] "{x"}`` began a message that swallowed
-        the request after it, which QEMU runs."""
+        """Where garbage from ``_scan`` ends, read token by token as QEMU's lexer
+        reads it at the top level: at the next "{" or "[" it reads as a token
+        (a message begins there), or line feed; ``n`` when the input ran out
+        between tokens; None when it ran out in a token, a string or a number
+        that may go on (``_scan`` is where to go on).  A "{" in a string begins
+        nothing (``] "{x"}``), nor one the lexer's error takes (``1.{``, ``-{``),
+        and after its error the lexer skips to a structural or control
+        character (``IN_RECOVERY``, ``qobject/json-lexer.c``), a quote on the
+        way beginning no string.  Skipping only to the next "{" ran a request
+        that QEMU reads inside an array (``x[`` + request + ``]``)."""
         pos = self._garbage_string_end(buf, n, self._scan) if self._in_string else self._scan
         while pos is not None:
             if self._recovering:
-                # After its error QEMU's lexer skips to a structural character
-                # or a control one (IN_RECOVERY, qobject/json-lexer.c): a quote
-                # before it begins no string.
                 m = RECOVERY_END.search(buf, pos)
                 if m is None:
                     return n
                 self._recovering = False
-
                 pos = m.start()
-            m = RESYNC_TOP_QUOTE_OR_RESET.search(buf, pos)
-            if m is None:
+            pos = match_end(GARBAGE_TOKENS, buf, pos)
+            if pos >= n:
                 return n
-            c = buf[m.start()]
-            if c in RESET_BYTES:
-                self._recovering = True  # an error of QEMU's lexer too
-                pos = m.start() + 1
-            elif c == QUOTE:
-                pos = self._garbage_string_end(buf, n, m.start() + 1)
+            c = buf[pos]
+            if c in GARBAGE_STOPS:
+                return pos
+            if c == QUOTE:
+                pos = self._garbage_string_end(buf, n, pos + 1)
+            elif c in NUMBER_START:
+                token = number_token(bytes(buf[pos : match_end(NUMBER_RUN, buf, pos) + 1]))
+                if token is None:
+                    self._scan = pos
+                    return None
+                pos += token[0]
+                self._recovering = token[1]
+            elif 0x61 <= c <= 0x7A:
+                self._scan = pos  # a keyword that may go on
+                return None
             else:
-                return m.start()
+                # A byte no token begins with, or one a string may not hold: an
+                # error of QEMU's lexer, a reset byte's included.
+                self._recovering = True
+                pos += 1
         return None
 
     def _garbage_string_end(self, buf: bytearray, n: int, pos: int) -> int | None:
         """Past the string whose body goes on at ``pos``: after its closing quote,
-        or at the line feed or reset byte that breaks it (QEMU's lexer fails
-        there and reads on); None when the input runs out first."""
-        p = match_end(STRING_BODY, buf, pos)
+        or at the byte that breaks it, a control character (QEMU's lexer fails
+        there); None when the input runs out first."""
+        p = match_end(GARBAGE_STRING_BODY, buf, pos)
         if p >= n or (buf[p] == BACKSLASH and p + 1 >= n):
             self._in_string = True
             self._scan = p
@@ -223,7 +247,7 @@ class Resync:
         self._in_string = False
         if buf[p] == QUOTE:
             return p + 1
-        return p + (buf[p] == BACKSLASH)  # at the line feed or reset byte that broke it
+        return p + (buf[p] == BACKSLASH)  # at the byte that broke it
 
     def _lexer_failed(self, buf: bytearray, start: int, end: int) -> ParseError | None:
         """The error of QEMU's lexer in ``buf[start:end]``, if it fails there; then
@@ -270,6 +294,52 @@ class Resync:
             self._lexed = start + len(text[:progress].encode("utf-8", RAW))
             return None
         return self._lexer_failed(buf, start, end)
+
+    def _rest_lexed(self, buf: bytearray, end: int) -> int:
+        """Skipping the rest of a broken message up to ``end``: the byte after the
+        one QEMU's lexer fails at before ``end``, if it does (a reset byte and a
+        line feed aside: the skipping stops at them anyway); else -1.  There its
+        streamer forgets the message, brackets still open included
+        (``qobject/json-streamer.c``), and answers the next request: counting on
+        (``{"a": [}`` then ``+`` and a request leaves a ``[`` open) swallowed
+        every request after it.  Lexing goes on from where it stopped at the
+        last call; past ``_LEX_WINDOW`` bytes of a broken message it stops (the
+        brackets alone decide then), so a huge one costs no more than that."""
+        start = self._lexed
+        if start < 0 or end <= start:
+            return -1
+        if end - start > _LEX_WINDOW:
+            self._lexed = -1
+            return -1
+        text = bytes(buf[start:end]).decode("utf-8", RAW)
+        progress = lexical_progress(text)
+        if isinstance(progress, int):
+            self._lexed = start + len(text[:progress].encode("utf-8", RAW))
+            return -1
+        after = start + len(text[: progress[1] - 1].encode("utf-8", RAW)) + 1
+        return -1 if buf[after - 1] in RESET_BYTES or buf[after - 1] == LF else after
+
+    def _garbage_lexed(self, buf: bytearray, end: int) -> bool:
+        """A message begun by a "{" or "[" found in garbage (tentative): whether
+        QEMU's lexer fails in it before ``end``; then it was garbage too, and the
+        skipping goes on after the byte the lexer failed at, as QEMU's lexer
+        recovers (its streamer forgets the message there, brackets and all).
+        No second error: the garbage has had its one.  Lexing goes on from where
+        it stopped at the last call (``_lexed``).  Without this, a reset byte,
+        then a quote and ``{`` (``\\x1b"{"``), began a message whose quotes were out
+        of step with the requests after it, and swallowed them up to a line feed,
+        where QEMU's lexer failed in them and answered the next."""
+        start = max(self._lexed, self._start)
+        if end <= start:
+            return False
+        text = bytes(buf[start:end]).decode("utf-8", RAW)
+        progress = lexical_progress(text)
+        if isinstance(progress, int):
+            self._lexed = start + len(text[:progress].encode("utf-8", RAW))
+            return False
+        self._skip_to_top(start + len(text[: progress[1] - 1].encode("utf-8", RAW)) + 1)
+        self._recovering = True
+        return True
 
     def _skip_from(self, pos: int) -> None:
         self._tentative = False

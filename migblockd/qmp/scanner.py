@@ -38,6 +38,7 @@ from migblockd.qmp.patterns import (
     CLOSERS,
     FAST_DEPTH,
     FAST_MESSAGE,
+    GARBAGE_STOPS,
     LF,
     MESSAGE_END,
     OPENERS,
@@ -229,8 +230,15 @@ class Scanner(LineCheck):
                 if not self._skip_garbage(buf, n):
                     return NEED_DATA
             elif mode == SKIP_REST:
-                self._scan, self._skip_open, self._in_string, stop = skip_broken(
+                scan, self._skip_open, self._in_string, stop = skip_broken(
                     buf, n, self._scan, self._skip_open, self._in_string)
+                failed = self._rest_lexed(buf, n if stop is None else scan)
+                if failed >= 0:
+                    # QEMU's streamer forgets the message at its lexer's error.
+                    self._skip_to_top(failed)
+                    self._recovering = True
+                    continue
+                self._scan = scan
                 if stop is None:
                     return NEED_DATA
                 if stop == MESSAGE_END:
@@ -263,7 +271,7 @@ class Scanner(LineCheck):
                 if end == n:
                     return NEED_DATA
                 c = buf[end]
-                if c in (0x7B, LF):
+                if c in GARBAGE_STOPS:  # a "{", a "[" or a line feed
                     self._mode = IDLE
                 elif c not in RESET_BYTES:
                     # The rest of what the reset (or the line feed) broke: as
@@ -340,7 +348,7 @@ class Scanner(LineCheck):
                                 return lexed
                             desc = describe_error(bytes(buf[self._start : p + 1]))
                             # The bad closer still closes a level, as in QEMU's streamer.
-                            self._skip_rest(p + 1, counted(open_brackets(stack), c))
+                            self._skip_rest(p + 1, counted(open_brackets(stack), c), lex=True)
                             return ParseError(desc or PARSE_ERROR_PREFIX + "expecting value")
                         stack.pop()
                         if not stack:

@@ -265,7 +265,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         await stop.wait()
     finally:
         ignore_signals()
-        # (The drain's turns say what it waits for as that changes.)
+        # (The drain's turns say what it waits for as that changes.)  Never waits
+        # for the receiver: a full NOTIFY_SOCKET does not hold up the stop.
         await notifier.stopping(server.status_line())
         await server.stop()
         if bridge is not None:

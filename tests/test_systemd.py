@@ -286,6 +286,110 @@ async def test_a_wedged_loop_stops_the_pings(short_tmp: Path) -> None:
         sock.close()
 
 
+def fill(path: Path) -> int:
+    """Fill the receive queue of the datagram socket bound at ``path`` (which nobody
+    reads) until the kernel refuses more; the number of datagrams it took."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+        count = 0
+        while True:
+            try:
+                sender.sendto(b"FILLER=1", socket.MSG_DONTWAIT, str(path))
+            except BlockingIOError:
+                return count
+            count += 1
+
+
+async def read_all(sock: socket.socket) -> list[str]:
+    """Every datagram in the queue, once there is one (the event loop runs meanwhile)."""
+    async with asyncio.timeout(RECV_TIMEOUT):
+        while not (got := drain(sock)):
+            await asyncio.sleep(0.01)
+    return got
+
+
+async def test_a_full_notify_socket_holds_the_latest_state_and_never_blocks(
+        short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Nobody reads NOTIFY_SOCKET (PID 1 busy with a long daemon-reload): its queue
+    is full.  Each notification returns at once; the latest state is kept, in one
+    message, and arrives once the queue has room; one warning, one info line."""
+    path = short_tmp / "notify"
+    sock = plain_receiver(path)
+    try:
+        fillers = fill(path)
+        assert fillers > 0
+        caplog.set_level(logging.DEBUG, logger="migblockd.systemd")
+        notifier = await Notifier.open({"NOTIFY_SOCKET": str(path)})
+        # None of these may wait for the receiver (asyncio's transport used to
+        # buffer them, spin on sendto() and, past 64 KiB, block every send).
+        async with asyncio.timeout(RECV_TIMEOUT):
+            await notifier.ready("a")
+            await notifier.status("b")
+            await notifier.reloading()
+            await notifier.status("c")
+            await notifier.ready("d")
+        full = [r for r in caplog.records if "is full (nobody reads it)" in r.getMessage()]
+        assert [r.levelno for r in full] == [logging.WARNING], caplog.text
+        assert full[0].getMessage().startswith(f"sd_notify: NOTIFY_SOCKET {path} is full")
+        assert drain(sock) == ["FILLER=1"] * fillers
+        # The retry timer delivers it: the READY=1 that ends the reload together with
+        # that reload's RELOADING=1 and MONOTONIC_USEC (systemd 253+ reads the pair as a
+        # reload begun and done), and the latest STATUS=; nothing else.
+        [held] = await read_all(sock)
+        fields = dict(line.split("=", 1) for line in held.split("\n"))
+        assert fields.keys() == {"RELOADING", "MONOTONIC_USEC", "READY", "STATUS"}, held
+        assert held.index("READY=1") > held.index("RELOADING=1")
+        assert fields["STATUS"] == "d"
+        assert "has room again" in caplog.text
+        # Messages go at once again.
+        await notifier.status("e")
+        assert await read_all(sock) == ["STATUS=e"]
+
+        # A stop with the queue full is not held up; STOPPING=1 replaces the READY=1
+        # still held back, and arrives once there is room.
+        fill(path)
+        async with asyncio.timeout(RECV_TIMEOUT):
+            await notifier.ready("f")
+            await notifier.stopping("stopping")
+        assert drain(sock) == ["FILLER=1"] * fillers
+        assert await read_all(sock) == ["STOPPING=1\nSTATUS=stopping"]
+        warned = [r for r in caplog.records if "is full (nobody reads it)" in r.getMessage()]
+        assert len(warned) == 2, caplog.text  # once per episode of a full queue
+        await notifier.close()
+    finally:
+        sock.close()
+
+
+async def test_a_full_notify_socket_drops_pings_and_close_tries_once(
+        short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Watchdog pings that find the queue full are dropped, not kept; at close,
+    what is held back gets one last attempt, which does not wait."""
+    path = short_tmp / "notify"
+    sock = plain_receiver(path)
+    try:
+        fillers = fill(path)
+        caplog.set_level(logging.INFO, logger="migblockd.systemd")
+        notifier = await Notifier.open({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "20000"})
+        notifier.start_watchdog()
+        await notifier.status("s")
+        await asyncio.sleep(0.2)  # some 20 pings, every one finding the queue full
+        assert drain(sock) == ["FILLER=1"] * fillers
+        got = await read_all(sock)
+        # The STATUS= held back, with the ping that found room, or before the next.
+        assert got[0] in ("STATUS=s\nWATCHDOG=1", "STATUS=s"), got
+        assert set(got[1:]) <= {"WATCHDOG=1"}, got
+
+        fill(path)
+        await notifier.stopping("bye")
+        async with asyncio.timeout(RECV_TIMEOUT):
+            await notifier.close()
+        assert f"NOTIFY_SOCKET {path} still full at exit" in caplog.text
+        assert drain(sock) == ["FILLER=1"] * fillers  # and nothing after close
+        await asyncio.sleep(0.1)
+        assert drain(sock) == []
+    finally:
+        sock.close()
+
+
 # --- socket activation -------------------------------------------------------------------
 
 # The child puts the sockets it inherited where a service manager would (fd 3,

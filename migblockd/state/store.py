@@ -67,13 +67,46 @@ SLOW_COMMIT = 1.0
 _LOG_ROOM = 8 << 20
 # SQLITE_IOERR_FSYNC (sqlite3.h): a write that was made, then not synced.
 _IOERR_FSYNC = 10 | (4 << 8)
+# The log's pages that a group which adds blockers must leave room for on the
+# disk: what a group of deletes writes to the log (a leaf of the table, the
+# pages a rebalance touches, the freelist's, the header's), so that deleting
+# blockers always works on a disk that adds filled, and frees pages for more.
+_KEPT_PAGES = 16
+# Pages a group writes besides those it adds or takes from the freelist: the
+# header, the freelist's, a parent and a sibling a split changes; and one more for
+# each row (the leaf it goes in).  Rebalances can touch more: the kept pages absorb that.
+_TOUCHED_PAGES = 4
+# The log's header, and the header of each of its frames (https://sqlite.org/walformat.html).
+_LOG_HEADER, _FRAME_HEADER = 32, 24
+
+
+class _NoRoom(Exception):
+    """A group that adds blockers would leave less free space than :data:`_KEPT_PAGES`
+    of the log: its transaction is rolled back before it commits."""
+
+    def __init__(self, free: int, needed: int, kept: int) -> None:
+        super().__init__(free, needed, kept)
+        self.free, self.needed, self.kept = free, needed, kept
+
+    def error(self, path: Path) -> StateError:
+        remedy = ("delete blockers (deletes may use the space kept for them, and free pages "
+                  "for new blockers), or free space on the state directory's file system")
+        if self.needed > self.free:
+            return StateError(f"cannot commit to {path}: database or disk is full", remedy)
+        return StateError(f"cannot commit to {path}: database or disk is full ({_kib(self.free)} "
+                          f"free, and the last {_kib(self.kept)} are kept for deleting "
+                          "blockers)", remedy)
+
+
+def _kib(size: int) -> str:
+    return f"{max(0, size) // 1024} KiB"
 
 
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
-    __slots__ = ("_conn", "_database_lock", "_files", "_lock", "_log", "_watched",
-                 "directory", "path")
+    __slots__ = ("_conn", "_database", "_database_lock", "_files", "_fold_failed", "_folded",
+                 "_lock", "_log", "_page_size", "_watched", "directory", "path")
 
     def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection,
                  database_lock: DatabaseLock) -> None:
@@ -81,12 +114,19 @@ class Store:
         self.path = directory / DATABASE_NAME
         # Where the database and its log really are (state.db may be a link),
         # on the file system whose free space matters.
-        self._files = Path(os.path.realpath(self.path)).parent
-        self._log = Path(os.path.realpath(self.path) + "-wal")
+        self._database = Path(os.path.realpath(self.path))
+        self._files = self._database.parent
+        self._log = Path(f"{self._database}-wal")
         self._lock: PidLock | None = lock
         self._database_lock: DatabaseLock | None = database_lock
         self._conn: sqlite3.Connection | None = conn
         self._watched = Watched(self.path, self._log)
+        self._page_size: int = conn.execute("PRAGMA page_size").fetchone()[0]
+        # The log is known to be folded back whole (so the next commit writes it
+        # from its start, over space it already has); unknown at start.
+        self._folded = False
+        # The last fold after a commit failed (said once in the log, until one works).
+        self._fold_failed = False
 
     @classmethod
     def open(cls, directory: Path,
@@ -148,17 +188,25 @@ class Store:
     def _commit(self, batches: Sequence[tuple[str, list[schema.Params]]], count: int,
                 started: float) -> None:
         """:meth:`commit`'s work, once the files are known to be the daemon's."""
+        if not self._folded and free_space(self._files) < _LOG_ROOM:
+            # After a start (a crash's log is read whole, as if none of it were
+            # folded yet), or a fold that failed: so that this commit writes the
+            # log from its start, over space it has, rather than after its end.
+            self._fold_log("PASSIVE")
         try:
             self._apply(batches)
-        except sqlite3.Error as e:
-            failed: sqlite3.Error | None = e
+        except (sqlite3.Error, _NoRoom) as e:
+            failed: sqlite3.Error | _NoRoom | None = e
             # The log may be what fills the disk: empty it, and try once more.
-            if no_space(e, self._files) and self._fold_log("TRUNCATE"):
+            if (isinstance(e, _NoRoom) or no_space(e, self._files)) and (
+                    self._fold_log("TRUNCATE")):
                 try:
                     self._apply(batches)
                     failed = None
-                except sqlite3.Error as again:
+                except (sqlite3.Error, _NoRoom) as again:
                     failed = again
+            if isinstance(failed, _NoRoom):
+                raise failed.error(self.path) from None
             if failed is not None:
                 # A full disk too: the seal's page goes where the failed group's
                 # first one is, in a block the log already has.
@@ -176,24 +224,96 @@ class Store:
             # back and written again from its start: on a disk with less room
             # than that it would take the last of it, leave the database none
             # to grow into, and no commit would succeed again.
-            self._fold_log("PASSIVE")
+            self._fold_after_commit()
+        else:
+            self._folded = False
         took = time.monotonic() - started
         if took >= SLOW_COMMIT:
             log.warning("a commit to %s took %.1f s (%d change%s): its disk or the machine is "
                         "slow, and the clients whose changes it carried waited as long for "
                         "their replies", self.path, took, count, "" if count == 1 else "s")
 
+    def _fold_after_commit(self) -> None:
+        """Fold the log back after a commit; say so when that fails, once in a row."""
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            row: tuple[int, int, int] = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as e:
+            self._folded = False
+            if not self._fold_failed:
+                self._fold_failed = True
+                # The commit is on disk all the same, in the log.
+                log.warning("cannot fold the log %s back into %s (%s): the changes are "
+                            "safe in the log, which grows with each commit until this "
+                            "succeeds; free space on its file system", self._log,
+                            self.path, one_line(str(e)))
+            return
+        # Not folded whole (another program reading an older state): not an error.
+        busy, frames, folded = row
+        self._folded = busy == 0 and frames == folded
+        if self._fold_failed:
+            self._fold_failed = False
+            log.info("the log %s is folded back into %s again", self._log, self.path)
+
     def _apply(self, batches: Sequence[tuple[str, list[schema.Params]]]) -> None:
         """One transaction; rolled back if it fails."""
         conn = self._connection()
+        puts = sum(len(params) for sql, params in batches if sql == schema.PUT_SQL)
         try:
             conn.execute("BEGIN IMMEDIATE")
+            before = _pages(conn) if puts else None
             for sql, params in batches:
                 conn.executemany(sql, params)
+            if before is not None:
+                self._check_room(conn, before, puts)
             conn.execute("COMMIT")
         except BaseException:  # also e.g. OverflowError: an integer too large for SQLite
             self._abandon(conn)
             raise
+
+    def _check_room(self, conn: sqlite3.Connection, before: tuple[int, int],
+                    puts: int) -> None:
+        """Raise :class:`_NoRoom` unless the group in ``conn``'s transaction, which
+        adds ``puts`` rows to a database of ``before`` pages (all, free), leaves
+        room on the disk for a group of deletes (:data:`_KEPT_PAGES` of the log).
+
+        It needs room twice: for its pages in the log, where they do not fit in
+        space the log has, and, to fold the log back, for the database to grow
+        into.  Without the second a commit could take the last of the disk and
+        leave the log unfoldable: then every commit, a delete too, would need the
+        log to grow, and fail.  So the group must fit, the database's growth with
+        it (and a few pages more, for a bound that falls short); and what stays
+        for deletes after it, free space and a folded log's (which the next commit
+        writes over from its start), must be the kept pages at least: the log's
+        growth is for deletes too, the database's never comes back.  Deletes need
+        no room of their own (the pages they free go to the table's freelist), and
+        are never refused here: they may use what is kept for them.
+        """
+        pages, free_pages = _pages(conn)
+        size = self._page_size
+        frames = max(0, pages - before[0]) + max(0, before[1] - free_pages) + (
+            _TOUCHED_PAGES + puts)
+        written = _LOG_HEADER + frames * (_FRAME_HEADER + size)
+        log_size = _size(self._log)
+        reusable = log_size
+        if not self._folded:
+            # After what the log holds, as its index says (https://sqlite.org/walformat.html).
+            try:
+                held = int.from_bytes(self._watched.index_header()[16:20], sys.byteorder)
+            except OSError:
+                held = log_size // (_FRAME_HEADER + size) + 1
+            written += held * (_FRAME_HEADER + size)
+            reusable = 0
+        grows = max(0, pages * size - _size(self._database))
+        needed = max(0, written - log_size) + grows
+        if needed == 0:
+            return
+        kept = _LOG_HEADER + _KEPT_PAGES * (_FRAME_HEADER + size)
+        free = free_space(self._files)
+        if free - needed < _TOUCHED_PAGES * size or free + reusable - grows < kept:
+            raise _NoRoom(free, needed, kept)
 
     def _seal(self) -> bool:
         """Write over what a commit that failed with an I/O error left in the log.
@@ -255,9 +375,13 @@ class Store:
         if self._conn is None:
             return False
         try:
-            busy: int = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
+            row: tuple[int, int, int] = self._conn.execute(
+                f"PRAGMA wal_checkpoint({mode})").fetchone()
         except sqlite3.Error:
+            self._folded = False
             return False
+        busy, frames, folded = row
+        self._folded = busy == 0 and frames == folded
         return busy == 0
 
     def close(self) -> None:
@@ -307,6 +431,21 @@ class Store:
             self._conn = None
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+
+
+def _pages(conn: sqlite3.Connection) -> tuple[int, int]:
+    """The database's size in pages, and how many of them are free, as ``conn`` sees it."""
+    pages: int = conn.execute("PRAGMA page_count").fetchone()[0]
+    free: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return pages, free
+
+
+def _size(path: Path) -> int:
+    """The size of the file at ``path``; 0 if there is none."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
 
 
 def _read(conn: sqlite3.Connection, path: Path) -> Snapshot:

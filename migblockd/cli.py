@@ -188,6 +188,11 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
 
     from migblockd import logs  # noqa: PLC0415 - keeps --help fast
     from migblockd.daemon import StartupError, run  # noqa: PLC0415
+    from migblockd.systemd import Activation  # noqa: PLC0415
+
+    # Before the log and the event loop open descriptors of their own, which a
+    # $LISTEN_FDS counting more than were passed would take for passed ones.
+    activation = Activation()
 
     loop_factory = None
     if config.event_loop == "uvloop":
@@ -202,7 +207,7 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(run(config, cli, reload_asked=early.reload, stop_asked=early.stop,
-                           file=file))
+                           file=file, activation=activation))
     except StartupError as exc:
         logging.getLogger("migblockd").error("%s", exc)
         sys.exit(1)

@@ -47,7 +47,7 @@ from migblockd.server import Server
 from migblockd.startup import StartupError
 from migblockd.state import StateError, Store, Unsettled
 from migblockd.state.directory import home_problem
-from migblockd.systemd import ActivationError, Notifier, activated_listener
+from migblockd.systemd import Activation, ActivationError, Notifier
 
 if TYPE_CHECKING:
     from migblockd.scrape import MetricsServer
@@ -63,7 +63,8 @@ STOPPED_STARTING = "received %s while starting: stopping before serving"
 async def run(config: Config, cli: dict[str, Any], *,
               reload_asked: Callable[[], bool] = lambda: False,
               stop_asked: Callable[[], str | None] = lambda: None,
-              file: dict[str, Any] | None = None) -> None:
+              file: dict[str, Any] | None = None,
+              activation: Activation | None = None) -> None:
     """Start, serve until SIGTERM/SIGINT, stop.  Raises StartupError when it cannot start.
 
     ``reload_asked()``: whether a SIGHUP came before the event loop handled
@@ -77,7 +78,7 @@ async def run(config: Config, cli: dict[str, Any], *,
     # the socket, systemd passed the wrong sockets) refuses before it creates or
     # restores a state directory.
     try:
-        sock = activated_listener()
+        sock = (activation if activation is not None else Activation()).listener()
     except ActivationError as exc:
         raise StartupError(f"socket activation: {exc}") from None
     if sock is None and config.socket_activated:

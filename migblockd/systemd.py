@@ -16,6 +16,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ __all__ = [
     "RETRY_FIRST",
     "RETRY_MAX",
     "SD_LISTEN_FDS_START",
+    "Activation",
     "ActivationError",
     "Notifier",
     "activated_listener",
@@ -455,16 +457,27 @@ def listen_sockets(
                 os.environ.pop(name, None)
 
 
-def _env_int(env: Mapping[str, str], name: str, minimum: int) -> int | None:
-    """``$name`` as an integer of at least ``minimum``; None when it is unset."""
+#: The largest ``int`` in C: sd_listen_fds(3) refuses a ``$LISTEN_FDS`` whose last
+#: descriptor would be past it, and a ``$LISTEN_PID`` is a ``pid_t``.
+_INT_MAX = 2**31 - 1
+
+
+def _env_int(env: Mapping[str, str], name: str, minimum: int,
+             maximum: int = _INT_MAX) -> int | None:
+    """``$name`` as an integer from ``minimum`` to ``maximum``; None when it is unset.
+
+    ASCII digits only, as libsystemd's ``safe_atoi`` reads them, less the signs and
+    blanks it lets ``strtol`` skip: ``int()`` would also take ``" 1_0"`` as 10, and
+    any Unicode digit.
+    """
     raw = env.get(name)
     if raw is None:
         return None
-    try:
-        value: int | None = int(raw)
-    except ValueError:
-        value = None
-    if value is None or value < minimum:
+    # The length first: int() of a long enough string of digits is slow, or refused.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(maximum)):
+        raise ActivationError(f"malformed {name}={raw!r}")
+    value = int(raw)
+    if not minimum <= value <= maximum:
         raise ActivationError(f"malformed {name}={raw!r}")
     return value
 
@@ -476,9 +489,27 @@ def _listen_sockets(env: Mapping[str, str]) -> list[tuple[str, socket.socket]]:
     if pid != os.getpid():
         # Inherited from a parent that was activated; not ours.
         return []
-    count = _env_int(env, "LISTEN_FDS", 0)
+    count = _env_int(env, "LISTEN_FDS", 0, _INT_MAX - SD_LISTEN_FDS_START)
     if not count:
         return []
+    # Before anything is made per descriptor: a count no process could have been
+    # passed (99999999999 asked for 800 MB of names first, then failed).
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit != resource.RLIM_INFINITY and SD_LISTEN_FDS_START + count > limit:
+        raise ActivationError(
+            f"LISTEN_FDS={count} counts descriptors {SD_LISTEN_FDS_START} to"
+            f" {SD_LISTEN_FDS_START + count - 1}, past this process's limit of {limit}"
+            " (RLIMIT_NOFILE): more than were passed"
+        )
+    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)
+    for fd in fds:
+        try:
+            os.set_inheritable(fd, False)  # FD_CLOEXEC
+        except OSError as exc:
+            # Most likely LISTEN_FDS counts more descriptors than were passed.
+            raise ActivationError(
+                f"LISTEN_FDS={count}, but descriptor {fd} was not passed: {exc.strerror}"
+            ) from None
     raw_names = env.get("LISTEN_FDNAMES")
     if raw_names is None:
         names = ["unknown"] * count
@@ -489,12 +520,6 @@ def _listen_sockets(env: Mapping[str, str]) -> list[tuple[str, socket.socket]]:
                 f"LISTEN_FDNAMES={raw_names!r} names {len(names)} descriptors,"
                 f" LISTEN_FDS={count}"
             )
-    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)
-    for fd in fds:
-        try:
-            os.set_inheritable(fd, False)  # FD_CLOEXEC
-        except OSError as exc:
-            raise ActivationError(f"passed descriptor {fd}: {exc.strerror}") from None
     result: list[tuple[str, socket.socket]] = []
     for name, fd in zip(names, fds, strict=True):
         try:
@@ -533,3 +558,29 @@ def activated_listener(
             f"passed socket {name!r} is {what}; need a listening AF_UNIX SOCK_STREAM socket"
         )
     return sock
+
+
+class Activation:
+    """:func:`activated_listener`, read when this is made: as the process starts,
+    before the daemon opens descriptors of its own (the event loop's, the log's).
+
+    A ``$LISTEN_FDS`` that counts more descriptors than were passed then finds the
+    first one missing, where read later it would find one of the daemon's and blame
+    it (``passed descriptor 4 (unknown): Socket operation on non-socket``).  What it
+    finds wrong is kept for :meth:`listener` to raise, once the log is set up.
+    """
+
+    def __init__(self, env: Mapping[str, str] = os.environ) -> None:
+        self._error: ActivationError | None = None
+        self._sock: socket.socket | None = None
+        try:
+            self._sock = activated_listener(env)
+        except ActivationError as exc:
+            self._error = exc
+
+    def listener(self) -> socket.socket | None:
+        """The passed listening socket, None when none was; raises the
+        :class:`ActivationError` found."""
+        if self._error is not None:
+            raise self._error
+        return self._sock

@@ -516,6 +516,20 @@ def test_not_activated(listener: socket.socket) -> None:
         ({"LISTEN_PID": "abc", "LISTEN_FDS": "1"}, "malformed LISTEN_PID"),
         ({"LISTEN_PID": "$PID", "LISTEN_FDS": "one"}, "malformed LISTEN_FDS"),
         ({"LISTEN_PID": "$PID", "LISTEN_FDS": "-1"}, "malformed LISTEN_FDS"),
+        # Digits only, as sd_listen_fds(3) reads them: not what int() also takes.
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": " 1_0"}, "malformed LISTEN_FDS"),
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": "+1"}, "malformed LISTEN_FDS"),
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": "1 "}, "malformed LISTEN_FDS"),
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": "\u0661"}, "malformed LISTEN_FDS"),  # Arabic 1
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": "9" * 5000}, "malformed LISTEN_FDS"),
+        # Past what libsystemd accepts (INT_MAX - SD_LISTEN_FDS_START), and past any
+        # descriptor limit: refused before anything is made per descriptor (it was
+        # a MemoryError, after 800 MB for 100000000).
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": "2147483645"}, "malformed LISTEN_FDS"),
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": "99999999999"}, "malformed LISTEN_FDS"),
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": "2147483644"}, "(RLIMIT_NOFILE)"),
+        ({"LISTEN_PID": "$PID", "LISTEN_FDS": "100000000"}, "(RLIMIT_NOFILE)"),
+        ({"LISTEN_PID": "99999999999", "LISTEN_FDS": "1"}, "malformed LISTEN_PID"),
         ({"LISTEN_PID": "$PID", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "a:b"}, "names 2"),
     ],
 )
@@ -535,6 +549,11 @@ def test_a_passed_descriptor_that_is_not_a_socket() -> None:
         os.close(r)
         os.close(w)
     assert "passed descriptor 3" in out["error"]
+
+
+def test_a_count_past_the_descriptors_passed(listener: socket.socket) -> None:
+    out = run_child([listener], {"LISTEN_PID": "$PID", "LISTEN_FDS": "2"})
+    assert out["error"] == "LISTEN_FDS=2, but descriptor 4 was not passed: Bad file descriptor"
 
 
 def test_activated_listener(listener: socket.socket) -> None:
@@ -595,3 +614,45 @@ def test_listen_sockets_under_systemd_socket_activate(short_tmp: Path) -> None:
             proc.wait()
     assert proc.returncode == 0, err
     assert json.loads(out) == [["migblockd", 3, str(path), False]]
+
+
+#: Puts descriptor argv[1] at 3, sets LISTEN_FDS=argv[2] and LISTEN_PID to this
+#: process, which the daemon exec'd in its place keeps.
+PASS_ONE = r"""
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=sys.argv[2])
+os.execv(sys.executable, [sys.executable, "-m", "migblockd", *sys.argv[3:]])
+"""
+
+
+@pytest.mark.parametrize(
+    ("count", "line"),
+    [
+        # It blamed the daemon's own descriptor (its event loop's): "passed
+        # descriptor 4 (unknown): Socket operation on non-socket".
+        ("2", "socket activation: LISTEN_FDS=2, but descriptor 4 was not passed: "
+              "Bad file descriptor"),
+        ("99999999999", "socket activation: malformed LISTEN_FDS='99999999999'"),
+        ("100000000", "socket activation: LISTEN_FDS=100000000 counts descriptors 3 to "
+                      "100000002, past this process's limit of"),
+    ],
+)
+@pytest.mark.parametrize("activated", [["--socket-activated"], []], ids=["activated", "plain"])
+def test_the_daemon_refuses_a_count_of_more_than_was_passed(
+    listener: socket.socket, short_tmp: Path, count: str, line: str, activated: list[str]
+) -> None:
+    """One line and exit 1, the state directory not made: not a MemoryError's traceback."""
+    state = short_tmp / "state"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", PASS_ONE, str(listener.fileno()), count, *activated,
+         "--socket", str(short_tmp / "own.sock"), "--state-dir", str(state)],
+        pass_fds=[listener.fileno()], env=clean, capture_output=True, text=True,
+        check=False, timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert f"ERROR: {line}" in lines[0]
+    assert not state.exists()

@@ -8,14 +8,45 @@ The registry never reads time itself.  It needs two clocks, like QEMU:
   that a wall-clock step (NTP, an administrator) cannot make a migration finish
   early or hang.  QEMU uses ``QEMU_CLOCK_REALTIME`` for ``total-time``, which is
   monotonic on Linux hosts as well.
+
+The wall times the daemon stores and reports are those from the epoch (1970) to
+the end of year 9999, which clients turn into dates (:data:`FIRST_TIME`,
+:data:`LAST_TIME`); the restore refuses a stored ``added`` outside them as a
+file edited by hand.  So the system clock's reading is clamped into them: a
+wall clock set before 1970 (or past 9999) stamps blockers with the range's end
+and logs one warning, rather than store what the next start refuses.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Final, Protocol
 
-__all__ = ["SYSTEM_CLOCK", "Clock", "FakeClock"]
+__all__ = ["FIRST_TIME", "LAST_TIME", "SYSTEM_CLOCK", "Clock", "FakeClock", "in_range",
+           "within_range"]
+
+log = logging.getLogger("migblockd")
+
+#: The epoch: the first wall time the daemon stores or reports.
+FIRST_TIME: Final = 0.0
+#: Year 10000 begins: the end of what a date holds (Python's datetime, the
+#: client's).  The wall times the daemon stores or reports are below it.
+LAST_TIME: Final = 253402300800.0
+#: The last second of year 9999, where a later clock is clamped: a time nearer
+#: LAST_TIME would round, in microseconds, to LAST_TIME itself.
+_LAST_SECOND = LAST_TIME - 1.0
+
+
+def in_range(when: float) -> bool:
+    """Whether ``when`` is a wall time the daemon may store: from 1970 to 9999."""
+    return FIRST_TIME <= when < LAST_TIME
+
+
+def within_range(when: float) -> float:
+    """``when``, or the nearest time the daemon stamps: the epoch, or the last second
+    of 9999 (for a time within a second of the range's end too)."""
+    return min(max(when, FIRST_TIME), _LAST_SECOND)
 
 
 class Clock(Protocol):
@@ -31,10 +62,26 @@ class Clock(Protocol):
 
 
 class _SystemClock:
-    __slots__ = ()
+    __slots__ = ("_out",)
+
+    def __init__(self) -> None:
+        #: The last reading was out of range (and the warning logged).
+        self._out = False
 
     def time(self) -> float:
-        return time.time()
+        """``time.time()``, clamped into the range (see the module's doc)."""
+        now = time.time()
+        stamp = within_range(now)
+        if stamp == now:
+            self._out = False
+            return now
+        if not self._out:
+            self._out = True
+            end = "1970-01-01 00:00:00" if now < FIRST_TIME else "9999-12-31 23:59:59"
+            log.warning("the wall clock reads %.6f seconds since the epoch, not a time from "
+                        "1970 to 9999: blockers and events are stamped %s UTC instead, until "
+                        "it is set right", now, end)
+        return stamp
 
     def monotonic(self) -> float:
         return time.monotonic()

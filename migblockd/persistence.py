@@ -10,7 +10,8 @@ A file edited by hand could hold values no daemon writes; each is refused
 with the blocker it is in, rather than served: the store checks that every
 value has its type, and here each is held to what it stands for.  ``added``
 is a wall-clock time as QMP timestamps carry it (whole seconds since the
-epoch, which clients turn into dates: 1970 to 9999).  ``seq`` is the order,
+epoch, which clients turn into dates: 1970 to 9999, ``migblockd.clock``'s range,
+into which the daemon clamps the clock it stamps them with).  ``seq`` is the order,
 numbered from 0 one add at a time and stored in SQLite's 64-bit INTEGER, so
 it stays below 2**62 and leaves room for the blockers added after it.  An
 owner is what ``SO_PEERCRED`` reports: a ``pid_t``, a ``uid_t`` and a
@@ -26,6 +27,7 @@ import json
 from collections.abc import Iterable
 
 from migblockd import state
+from migblockd.clock import in_range
 from migblockd.registry import DEFAULT_MODE, Blocker, BlockerError, Change, Owner, Registry
 from migblockd.registry.ids import GENERATED_PREFIX, MAX_ID_LENGTH, check_id
 
@@ -33,8 +35,6 @@ __all__ = ["restore", "to_store"]
 
 MODE, EVENTS, ID_FLOOR = "mode", "events", "id-floor"
 _EDITED = "restore the file from a backup, or move it away to start from scratch"
-#: Year 10000 begins: the end of what a date holds (Python's datetime, the client's).
-_LAST_TIME = 253402300800.0
 #: Beyond any seq a daemon hands out, and far enough below SQLite's 2**63 for the
 #: ones handed out after it.
 _LAST_SEQ = 1 << 62
@@ -154,7 +154,7 @@ def _check_values(row: state.BlockerRow, floor: int | None) -> None:
     if not 0 <= row.seq < _LAST_SEQ:
         raise ValueError(f"{where} has seq {row.seq}, outside the order's range (0 to "
                          f"{_LAST_SEQ - 1}); {_EDITED}")
-    if not 0 <= row.added < _LAST_TIME:
+    if not in_range(row.added):
         raise ValueError(f"{where} was added at {row.added!r}, which is not a time from 1970 "
                          f"to 9999 (seconds since the epoch); {_EDITED}")
     if row.owner is not None:

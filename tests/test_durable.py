@@ -240,6 +240,48 @@ async def test_restored_blockers_keep_their_owner_and_time(
         assert await blockers(c) == [original]
 
 
+#: Shifts the daemon's wall clock (``time.time``, which it reads its clock through)
+#: by $MIGBLOCKD_TEST_CLOCK_SHIFT seconds: loaded from PYTHONPATH at interpreter start.
+SHIFTED_CLOCK = """
+import os, time
+_real, _shift = time.time, float(os.environ["MIGBLOCKD_TEST_CLOCK_SHIFT"])
+time.time = lambda: _real() + _shift
+"""
+
+
+@pytest.mark.parametrize(("to", "stamp"),
+                         [(-10 * 86400.0, 0), (253402300800.0 + 86400, 253402300799)],
+                         ids=["before-1970", "after-9999"])
+async def test_a_wall_clock_out_of_range_stamps_what_the_restore_takes(
+    start_daemon: Start, tmp_path: Path, to: float, stamp: int
+) -> None:
+    """A clock set before 1970 stamped blockers with a negative ``added``, which the
+    next start refused as an edited file: now the stamp is the range's end, said
+    once in the log, and the restart restores them."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SHIFTED_CLOCK)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(site), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        MIGBLOCKD_TEST_CLOCK_SHIFT=str(to - time.time()))
+    directory = tmp_path / "state"
+    first = start_daemon("--state-dir", str(directory), env=env)
+    async with first.client() as c:
+        added = [await add(c, "early", id="early"), await add(c, "generated")]
+        assert [b["added"] for b in added] == [{"seconds": stamp, "microseconds": 0}] * 2
+        await c.ok("del-blocker", {"id": "early"})
+        added = [added[1], await add(c, "again", id="again")]
+    first.wait_for_log("not a time from 1970 to 9999: blockers and events are stamped "
+                       f"{'1970-01-01 00:00:00' if stamp == 0 else '9999-12-31 23:59:59'} "
+                       "UTC instead, until it is set right")
+    assert first.stop() == 0  # the log is whole once the daemon has exited
+    assert first.log().count("the wall clock reads") == 1, first.log()
+    second = start_daemon("--state-dir", str(directory))
+    second.wait_for_log(restored_line(directory, 2))
+    async with second.client() as c:
+        assert await blockers(c) == added
+
+
 # ----------------------------------------------------------------- signals
 
 

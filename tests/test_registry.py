@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from migblockd.clock import LAST_TIME, in_range, within_range
+from migblockd.qmp.encoding import timestamp
 from migblockd.registry import (
     MIGRATION_STATUSES,
     RUNNING_STATUSES,
@@ -740,3 +742,16 @@ def test_a_users_subordinate_uids_blockers_count_for_the_user_too() -> None:
     registry.add(SEV, id="again", owner=Owner(1, sub1, sub1))
     assert (registry.count_held(alice), registry.count_held(sub1)) == (1, 1)
     assert registry.count_held(None) == 0
+
+
+def test_the_clamped_wall_clock_is_a_time_the_restore_takes() -> None:
+    """What the system clock stamps (:func:`within_range`) is in the range that the
+    restore checks (:func:`in_range`), also once QMP rounds it to microseconds."""
+    for when in (-1e300, -863997.7, -1e-9, 0.0, 1.7e9, LAST_TIME - 1e-7, LAST_TIME, 1e300):
+        stamp = within_range(when)
+        assert in_range(stamp), when
+        assert 0 <= timestamp(stamp)["seconds"] < LAST_TIME, when
+    assert within_range(-863997.7) == 0.0
+    assert within_range(1.7e9 + 0.25) == 1.7e9 + 0.25
+    assert not in_range(-1e-9)
+    assert not in_range(LAST_TIME)

@@ -100,6 +100,14 @@ def refusal_kind(name: str, refusal: type[BaseException]) -> tuple[str, str, str
     return ("refused", name, refusal.__name__)
 
 
+#: The uids a line about quotas names; it counts the others.
+_NAMED = 5
+
+
+def _count(n: int) -> str:
+    return f"{n} blocker" if n == 1 else f"{n} blockers"
+
+
 def whose(owner: Owner | None) -> str:
     """Whose a blocker is, as refusals and the log say it: ``uid 1001 (alice)``."""
     return "no known uid" if owner is None else who(owner.uid)
@@ -150,6 +158,7 @@ class Guard:
         # A client may repeat a refused request in a loop: its lines are bounded.
         self.throttle = Throttle()
         self._warn_about_policy()
+        self._warn_about_quotas()
 
     def configure(self, policy: Policy, quotas: Quotas,
                   connections: Iterable[Connection] = ()) -> set[int]:
@@ -168,6 +177,7 @@ class Guard:
         for conn in connections:
             conn.role = None
         self._warn_about_policy()
+        self._warn_about_quotas()
         return {uid for uid in self.registry.owners()
                 if uid is not None and user_name(uid) != known.get(uid)}
 
@@ -180,14 +190,50 @@ class Guard:
     def counted_uid(self, owner: Owner | None) -> int | None:
         """The uid whose per-uid limits ``owner``'s connections and blockers count
         against: the user a subordinate uid belongs to, else its own."""
-        if owner is None:
-            return None
-        user = self.resolver.owner_of(owner.uid) if self.resolver.has_subordinates else None
-        return owner.uid if user is None else user
+        return None if owner is None else self._user_of(owner.uid)
+
+    def _user_of(self, uid: int) -> int:
+        user = self.resolver.owner_of(uid) if self.resolver.has_subordinates else None
+        return uid if user is None else user
 
     def _warn_about_policy(self) -> None:
         for line in policy_warnings(self.resolver):
             log.warning("%s", line)
+
+    def _warn_about_quotas(self) -> None:
+        for line in self.over_quotas():
+            log.warning("%s", line)
+
+    def over_quotas(self) -> list[str]:
+        """What the registry holds past the quotas (restored, or kept when a reload
+        lowered them): nothing is removed, but the adds they count are refused until
+        enough are deleted, which the operator should hear of before a refusal."""
+        quotas, registry = self.quotas, self.registry
+        lines = []
+        total = len(registry)
+        if total > quotas.max_blockers:
+            lines.append(f"{_count(total)} registered, more than max-blockers="
+                         f"{quotas.max_blockers}: adds are refused until "
+                         f"{total - quotas.max_blockers + 1} are deleted")
+        limit = quotas.max_blockers_per_uid
+        users = {None if uid is None else self._user_of(uid) for uid in registry.owners()}
+        over = sorted(((registry.count_held(user), user) for user in users
+                       if self.resolver.role(user) < Role.ADMIN
+                       and registry.count_held(user) > limit),
+                      key=lambda held: (-held[0], -1 if held[1] is None else held[1]))
+        if len(over) == 1:
+            held, user = over[0]
+            whose = (f"{who(user)} and its subordinate uids hold"
+                     if held != registry.count_owned(user) else f"{who(user)} holds")
+            lines.append(f"{whose} {_count(held)}, more than max-blockers-per-uid={limit}: "
+                         f"its adds are refused until {held - limit + 1} are deleted")
+        elif over:
+            shown_ = ", ".join(f"{who(user)} {held}" for held, user in over[:_NAMED])
+            more = f" and {len(over) - _NAMED} more" if len(over) > _NAMED else ""
+            lines.append(f"{len(over)} uids hold more than max-blockers-per-uid={limit} "
+                         f"blockers ({shown_}{more}): their adds are refused until they "
+                         "delete enough")
+        return lines
 
     def role_of(self, conn: Connection) -> Role:
         role = conn.role

@@ -240,6 +240,43 @@ async def test_restored_blockers_keep_their_owner_and_time(
         assert await blockers(c) == [original]
 
 
+async def test_a_state_past_the_quotas_is_restored_and_said_to_be(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Restored whole, and the log says at once that adds are refused (an operator
+    learnt it only from a refused add); a reload that lowers a quota below what is
+    held says so too."""
+    directory = tmp_path / "state"
+    alice, bob = 3_999_001, 3_999_002  # no admins: the daemon's policy is the default
+    with Store.open(directory) as store:
+        store.commit([Put(BlockerRow(f"b{n}", "r", ("normal",), False,
+                                     (100, alice if n < 7 else bob, 100), 1.5e9, n))
+                      for n in range(10)])
+    config = tmp_path / "migblockd.toml"
+    config.write_text("max-blockers = 5\nmax-blockers-per-uid = 4\n")
+    daemon = start_daemon("--state-dir", str(directory), "--config", str(config))
+    log = daemon.log()
+    assert restored_line(directory, 10) in log
+    assert ("WARNING: 10 blockers registered, more than max-blockers=5: adds are refused "
+            "until 6 are deleted") in log, log
+    assert (f"WARNING: uid {alice} holds 7 blockers, more than max-blockers-per-uid=4: its "
+            "adds are refused until 4 are deleted") in log, log
+    async with daemon.client() as c:
+        assert len(await ids(c)) == 10
+        refused = await c.execute("add-blocker", {"reason": "one more"})
+        assert "max-blockers is 5" in refused["error"]["desc"]
+        await c.ok("del-blocker", {"id": "b0"})
+    config.write_text("max-blockers = 20\nmax-blockers-per-uid = 1\n")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log("reloaded configuration: max-blockers=20, max-blockers-per-uid=1")
+    daemon.wait_for_log(f"WARNING: 2 uids hold more than max-blockers-per-uid=1 blockers "
+                        f"(uid {alice} 6, uid {bob} 3): their adds are refused until they "
+                        "delete enough")
+    assert daemon.log().count("more than max-blockers=5") == 1  # not over it now
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+
 #: Shifts the daemon's wall clock (``time.time``, which it reads its clock through)
 #: by $MIGBLOCKD_TEST_CLOCK_SHIFT seconds: loaded from PYTHONPATH at interpreter start.
 SHIFTED_CLOCK = """

@@ -68,7 +68,7 @@ from migblockd.stats import Stats
 
 __all__ = ["Core", "Status"]
 
-#: What :meth:`Core.status` returns: ``systemd.format_status``'s arguments.
+#: What :meth:`Core.status` returns: ``notify.format_status``'s arguments.
 Status = tuple[int, int, str, str | None, str | None]
 
 log = logging.getLogger("migblockd")

@@ -30,6 +30,7 @@ from migblockd.config import COMMAND_LINE, Config, Sources
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.listen import Claim, claim_socket
+from migblockd.notify import Notifier
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
 from migblockd.preflight import (
@@ -47,7 +48,7 @@ from migblockd.server import Server
 from migblockd.startup import StartupError
 from migblockd.state import StateError, Store, Unsettled
 from migblockd.state.directory import home_problem
-from migblockd.systemd import Activation, ActivationError, Notifier
+from migblockd.systemd import Activation, ActivationError
 
 if TYPE_CHECKING:
     from migblockd.scrape import MetricsServer

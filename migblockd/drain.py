@@ -32,7 +32,7 @@ from typing import Protocol
 
 from migblockd.connection import Connection
 from migblockd.core import Core
-from migblockd.systemd import plural
+from migblockd.notify import plural
 
 __all__ = ["DRAIN_POLL", "QEMU_LIMIT", "SHUTDOWN_LIMIT", "SHUTDOWN_STALL", "drain",
            "waiting_for"]

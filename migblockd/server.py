@@ -35,11 +35,11 @@ from migblockd.disk import DiskThread
 from migblockd.drain import drain
 from migblockd.ledger import Group
 from migblockd.listen import Claim, bind_claimed, unbind
+from migblockd.notify import Notifier
 from migblockd.pidlock import PidLock
 from migblockd.preflight import ignored, passed_path, problems
 from migblockd.registry import Change
 from migblockd.reloading import Reload, next_state, outvoted, plan
-from migblockd.systemd import Notifier
 from migblockd.timeouts import Timeouts
 from migblockd.turns import Forward, Turns
 

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 from migblockd.drain import waiting_for
 from migblockd.forwarding import Call
+from migblockd.notify import format_status
 from migblockd.qemu_facts import QemuUnavailable
 from migblockd.state import StateError
-from migblockd.systemd import format_status
 
 if TYPE_CHECKING:
     from migblockd.adapter import ClientProtocol
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from migblockd.core import Core, Status
     from migblockd.disk import DiskThread
     from migblockd.ledger import Group
+    from migblockd.notify import Notifier
     from migblockd.registry import Change
-    from migblockd.systemd import Notifier
 
 __all__ = ["Forward", "Turns"]
 

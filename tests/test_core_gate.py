@@ -18,10 +18,10 @@ from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.gate import Call, GateHandlers
+from migblockd.notify import format_status
 from migblockd.qemu_facts import QemuError, QemuFacts, QemuRestarted, QemuUnavailable
 from migblockd.registry import FakeClock, Owner, Registry
 from migblockd.resolver import who
-from migblockd.systemd import format_status
 
 CONTRACT = Contract.load()
 PATH = Path("/run/qemu/vm1.qmp")

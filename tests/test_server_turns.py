@@ -21,9 +21,9 @@ from migblockd.adapter import READ_SIZE, ClientProtocol
 from migblockd.config import Config
 from migblockd.contract import Contract
 from migblockd.core import Core
+from migblockd.notify import Notifier
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
-from migblockd.systemd import Notifier
 
 CONTRACT = Contract.load()
 

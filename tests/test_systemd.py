@@ -1,4 +1,4 @@
-"""migblockd.systemd with plain sockets: sd_notify, the watchdog, socket activation."""
+"""sd_notify, the watchdog and socket activation with plain sockets (notify.py, systemd.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any
 import asyncio_dgram
 import pytest
 
-from migblockd.systemd import (
+from migblockd.notify import (
     MIN_WATCHDOG_INTERVAL,
     Notifier,
     format_status,
@@ -188,7 +188,7 @@ async def test_send_failures_are_logged_not_raised(
 ) -> None:
     path = short_tmp / "notify"
     notifier = await Notifier.open({"NOTIFY_SOCKET": str(path)})
-    caplog.set_level(logging.DEBUG, logger="migblockd.systemd")
+    caplog.set_level(logging.DEBUG, logger="migblockd.notify")
     await notifier.ready()
     await notifier.status("nobody listens")
     failures = [r for r in caplog.records if r.getMessage().startswith("sd_notify 'READY=1")
@@ -236,7 +236,7 @@ async def test_a_watchdog_too_short_to_keep_is_not_a_busy_loop(
     path = short_tmp / "notify"
     sock = plain_receiver(path)
     try:
-        with caplog.at_level(logging.WARNING, logger="migblockd.systemd"):
+        with caplog.at_level(logging.WARNING, logger="migblockd.notify"):
             notifier = await Notifier.open({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1"})
             assert notifier.watchdog_interval == MIN_WATCHDOG_INTERVAL
             notifier.start_watchdog()
@@ -317,7 +317,7 @@ async def test_a_full_notify_socket_holds_the_latest_state_and_never_blocks(
     try:
         fillers = fill(path)
         assert fillers > 0
-        caplog.set_level(logging.DEBUG, logger="migblockd.systemd")
+        caplog.set_level(logging.DEBUG, logger="migblockd.notify")
         notifier = await Notifier.open({"NOTIFY_SOCKET": str(path)})
         # None of these may wait for the receiver (asyncio's transport used to
         # buffer them, spin on sendto() and, past 64 KiB, block every send).
@@ -367,7 +367,7 @@ async def test_a_full_notify_socket_drops_pings_and_close_tries_once(
     sock = plain_receiver(path)
     try:
         fillers = fill(path)
-        caplog.set_level(logging.INFO, logger="migblockd.systemd")
+        caplog.set_level(logging.INFO, logger="migblockd.notify")
         notifier = await Notifier.open({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "20000"})
         notifier.start_watchdog()
         await notifier.status("s")

@@ -51,6 +51,7 @@ from migblockd.state.errors import (
 from migblockd.state.lock import DatabaseLock, lock_directory
 from migblockd.state.opening import check_and_open, configure, connect
 from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
+from migblockd.state.room import NoRoom, Room, pages
 from migblockd.state.watch import Watched
 
 __all__ = ["SLOW_COMMIT", "Store"]
@@ -67,46 +68,11 @@ SLOW_COMMIT = 1.0
 _LOG_ROOM = 8 << 20
 # SQLITE_IOERR_FSYNC (sqlite3.h): a write that was made, then not synced.
 _IOERR_FSYNC = 10 | (4 << 8)
-# The log's pages that a group which adds blockers must leave room for on the
-# disk: what a group of deletes writes to the log (a leaf of the table, the
-# pages a rebalance touches, the freelist's, the header's), so that deleting
-# blockers always works on a disk that adds filled, and frees pages for more.
-_KEPT_PAGES = 16
-# Pages a group writes besides those it adds or takes from the freelist: the
-# header, the freelist's, a parent and a sibling a split changes; and one more for
-# each row (the leaf it goes in).  Rebalances can touch more: the kept pages absorb that.
-_TOUCHED_PAGES = 4
-# The log's header, and the header of each of its frames (https://sqlite.org/walformat.html).
-_LOG_HEADER, _FRAME_HEADER = 32, 24
-
-
-class _NoRoom(Exception):
-    """A group that adds blockers would leave less free space than :data:`_KEPT_PAGES`
-    of the log: its transaction is rolled back before it commits."""
-
-    def __init__(self, free: int, needed: int, kept: int) -> None:
-        super().__init__(free, needed, kept)
-        self.free, self.needed, self.kept = free, needed, kept
-
-    def error(self, path: Path) -> StateError:
-        remedy = ("delete blockers (deletes may use the space kept for them, and free pages "
-                  "for new blockers), or free space on the state directory's file system")
-        if self.needed > self.free:
-            return StateError(f"cannot commit to {path}: database or disk is full", remedy)
-        return StateError(f"cannot commit to {path}: database or disk is full ({_kib(self.free)} "
-                          f"free, and the last {_kib(self.kept)} are kept for deleting "
-                          "blockers)", remedy)
-
-
-def _kib(size: int) -> str:
-    return f"{max(0, size) // 1024} KiB"
-
-
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
     __slots__ = ("_conn", "_database", "_database_lock", "_files", "_fold_failed", "_folded",
-                 "_lock", "_log", "_page_size", "_watched", "directory", "path")
+                 "_lock", "_log", "_room", "_watched", "directory", "path")
 
     def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection,
                  database_lock: DatabaseLock) -> None:
@@ -121,7 +87,8 @@ class Store:
         self._database_lock: DatabaseLock | None = database_lock
         self._conn: sqlite3.Connection | None = conn
         self._watched = Watched(self.path, self._log)
-        self._page_size: int = conn.execute("PRAGMA page_size").fetchone()[0]
+        page_size: int = conn.execute("PRAGMA page_size").fetchone()[0]
+        self._room = Room(self._database, self._log, page_size, self._watched)
         # The log is known to be folded back whole (so the next commit writes it
         # from its start, over space it already has); unknown at start.
         self._folded = False
@@ -195,17 +162,17 @@ class Store:
             self._fold_log("PASSIVE")
         try:
             self._apply(batches)
-        except (sqlite3.Error, _NoRoom) as e:
-            failed: sqlite3.Error | _NoRoom | None = e
+        except (sqlite3.Error, NoRoom) as e:
+            failed: sqlite3.Error | NoRoom | None = e
             # The log may be what fills the disk: empty it, and try once more.
-            if (isinstance(e, _NoRoom) or no_space(e, self._files)) and (
+            if (isinstance(e, NoRoom) or no_space(e, self._files)) and (
                     self._fold_log("TRUNCATE")):
                 try:
                     self._apply(batches)
                     failed = None
-                except (sqlite3.Error, _NoRoom) as again:
+                except (sqlite3.Error, NoRoom) as again:
                     failed = again
-            if isinstance(failed, _NoRoom):
+            if isinstance(failed, NoRoom):
                 raise failed.error(self.path) from None
             if failed is not None:
                 # A full disk too: the seal's page goes where the failed group's
@@ -263,57 +230,15 @@ class Store:
         puts = sum(len(params) for sql, params in batches if sql == schema.PUT_SQL)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            before = _pages(conn) if puts else None
+            before = pages(conn) if puts else None
             for sql, params in batches:
                 conn.executemany(sql, params)
             if before is not None:
-                self._check_room(conn, before, puts)
+                self._room.check(conn, before, puts, folded=self._folded)
             conn.execute("COMMIT")
         except BaseException:  # also e.g. OverflowError: an integer too large for SQLite
             self._abandon(conn)
             raise
-
-    def _check_room(self, conn: sqlite3.Connection, before: tuple[int, int],
-                    puts: int) -> None:
-        """Raise :class:`_NoRoom` unless the group in ``conn``'s transaction, which
-        adds ``puts`` rows to a database of ``before`` pages (all, free), leaves
-        room on the disk for a group of deletes (:data:`_KEPT_PAGES` of the log).
-
-        It needs room twice: for its pages in the log, where they do not fit in
-        space the log has, and, to fold the log back, for the database to grow
-        into.  Without the second a commit could take the last of the disk and
-        leave the log unfoldable: then every commit, a delete too, would need the
-        log to grow, and fail.  So the group must fit, the database's growth with
-        it (and a few pages more, for a bound that falls short); and what stays
-        for deletes after it, free space and a folded log's (which the next commit
-        writes over from its start), must be the kept pages at least: the log's
-        growth is for deletes too, the database's never comes back.  Deletes need
-        no room of their own (the pages they free go to the table's freelist), and
-        are never refused here: they may use what is kept for them.
-        """
-        pages, free_pages = _pages(conn)
-        size = self._page_size
-        frames = max(0, pages - before[0]) + max(0, before[1] - free_pages) + (
-            _TOUCHED_PAGES + puts)
-        written = _LOG_HEADER + frames * (_FRAME_HEADER + size)
-        log_size = _size(self._log)
-        reusable = log_size
-        if not self._folded:
-            # After what the log holds, as its index says (https://sqlite.org/walformat.html).
-            try:
-                held = int.from_bytes(self._watched.index_header()[16:20], sys.byteorder)
-            except OSError:
-                held = log_size // (_FRAME_HEADER + size) + 1
-            written += held * (_FRAME_HEADER + size)
-            reusable = 0
-        grows = max(0, pages * size - _size(self._database))
-        needed = max(0, written - log_size) + grows
-        if needed == 0:
-            return
-        kept = _LOG_HEADER + _KEPT_PAGES * (_FRAME_HEADER + size)
-        free = free_space(self._files)
-        if free - needed < _TOUCHED_PAGES * size or free + reusable - grows < kept:
-            raise _NoRoom(free, needed, kept)
 
     def _seal(self) -> bool:
         """Write over what a commit that failed with an I/O error left in the log.
@@ -431,21 +356,6 @@ class Store:
             self._conn = None
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-
-
-def _pages(conn: sqlite3.Connection) -> tuple[int, int]:
-    """The database's size in pages, and how many of them are free, as ``conn`` sees it."""
-    pages: int = conn.execute("PRAGMA page_count").fetchone()[0]
-    free: int = conn.execute("PRAGMA freelist_count").fetchone()[0]
-    return pages, free
-
-
-def _size(path: Path) -> int:
-    """The size of the file at ``path``; 0 if there is none."""
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0
 
 
 def _read(conn: sqlite3.Connection, path: Path) -> Snapshot:

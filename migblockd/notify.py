@@ -1,0 +1,414 @@
+"""sd_notify and the watchdog: the daemon's state, as systemd's service manager reads it.
+
+Inert when the daemon does not run under systemd: without ``$NOTIFY_SOCKET``
+the notifier sends nothing, without ``$WATCHDOG_USEC`` it pings nothing.
+
+The protocol is implemented from its stable specifications (sd_notify(3),
+sd_watchdog_enabled(3)) rather than by linking libsystemd, so that the daemon
+has no native dependency.  Socket activation is :mod:`migblockd.systemd`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+
+import asyncio_dgram
+
+__all__ = [
+    "MIN_WATCHDOG_INTERVAL",
+    "RETRY_FIRST",
+    "RETRY_MAX",
+    "Notifier",
+    "format_status",
+    "notify_address",
+    "plural",
+    "watchdog_usec",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The shortest interval between two watchdog pings.  A ``$WATCHDOG_USEC`` so
+#: short that half of it is less (``WatchdogSec=1us``, a typo for ``1s``) is a
+#: deadline no process can keep, since systemd checks it on its own loop;
+#: pinging at half of it would turn the loop into a busy one (``WATCHDOG_USEC=1``
+#: meant a ping every half microsecond: one CPU, and the notify socket, kept
+#: busy).  Pinging every 10 ms instead costs nothing and keeps a watchdog of
+#: 20 ms or more exactly as asked.
+MIN_WATCHDOG_INTERVAL = 0.01
+#: A message a full ``$NOTIFY_SOCKET`` held back is retried after this many
+#: seconds, then after twice as long each time, up to :data:`RETRY_MAX`.
+RETRY_FIRST = 0.01
+RETRY_MAX = 1.0
+
+def notify_address(value: str) -> str | None:
+    """The AF_UNIX address for a ``$NOTIFY_SOCKET`` value, or None if unsupported.
+
+    ``/path`` is a filesystem socket; ``@name`` is Linux's abstract namespace,
+    which Python spells with a leading NUL.  Other forms (newer systemd's
+    ``vsock:``) are not AF_UNIX and the daemon may only use AF_UNIX.
+    """
+    if len(value) < 2:
+        return None
+    if value[0] == "/":
+        return value
+    if value[0] == "@":
+        return "\0" + value[1:]
+    return None
+
+
+def watchdog_usec(env: Mapping[str, str] = os.environ) -> int | None:
+    """The watchdog timeout in microseconds, as sd_watchdog_enabled(3) decides it.
+
+    None when ``$WATCHDOG_USEC`` is missing, not a positive integer, or when
+    ``$WATCHDOG_PID`` names another process (the watchdog is meant for it).
+    """
+    raw = env.get("WATCHDOG_USEC")
+    if raw is None:
+        return None
+    try:
+        usec = int(raw)
+    except ValueError:
+        logger.warning("ignoring malformed WATCHDOG_USEC=%r", raw)
+        return None
+    # USEC_INFINITY (2**64 - 1) means "no timeout" to systemd.
+    if usec <= 0 or usec >= 2**64 - 1:
+        logger.warning("ignoring out-of-range WATCHDOG_USEC=%r", raw)
+        return None
+    pid = env.get("WATCHDOG_PID")
+    if pid is not None:
+        try:
+            if int(pid) != os.getpid():
+                return None
+        except ValueError:
+            logger.warning("ignoring watchdog: malformed WATCHDOG_PID=%r", pid)
+            return None
+    return usec
+
+
+def format_status(blockers: int, clients: int, migration: str, qemu: str | None = None,
+                  state: str | None = None, stopping: str | None = None) -> str:
+    """The one-line ``STATUS=`` summary, e.g. ``2 blockers, 1 client, migration: none``.
+
+    ``qemu`` is the state of the link to a gated QEMU (``--qemu``), if any;
+    ``state`` why the last commit to the state directory failed, while no later
+    one has succeeded (what ``systemctl status`` should show at once);
+    ``stopping``, once the daemon stops, what the stop still waits for ("": nothing),
+    which comes first and says of the clients what there is to say.
+    """
+    line = f"{plural(blockers, 'blocker')}, {plural(clients, 'client')}, migration: {migration}"
+    if stopping is not None:
+        what = f": {stopping}" if stopping else ""
+        line = f"stopping{what}; {plural(blockers, 'blocker')}, migration: {migration}"
+    if qemu is not None:
+        line = f"{line}, QEMU {qemu}"
+    return line if state is None else f"{line}, state: {state}"
+
+
+def plural(n: int, word: str) -> str:
+    """``1 client``, ``2 clients``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _one_line(text: str) -> str:
+    # Each notify assignment is one line; a newline would start a new
+    # (possibly meaningful, e.g. "READY=1") assignment.
+    return " ".join(text.splitlines())
+
+
+def _coalesce(pending: Mapping[str, str], lines: Sequence[str], *,
+              keep_watchdog: bool) -> dict[str, str]:
+    """``pending`` (one line per name) updated with ``lines``, as one message.
+
+    A later value replaces an earlier one.  Of the states, systemd reads one per
+    message (``STOPPING=1`` wins over the others, ``READY=1`` over
+    ``RELOADING=1``: src/core/service.c), so a new state replaces the earlier
+    one, but for a ``READY=1`` that ends a ``RELOADING=1`` still held back: the
+    two go together with its ``MONOTONIC_USEC=``, which systemd (253+, in
+    reload-signal state) takes for a reload begun and done, where a ``READY=1``
+    alone would leave the unit reloading until its timeout.  ``RELOADING=1``
+    after ``READY=1`` is a new reload: the ``READY=1`` goes.  ``STOPPING=1``
+    drops the others.  ``WATCHDOG=1`` is kept only if ``keep_watchdog``: a ping
+    that cannot be sent now is worth nothing later.
+    """
+    message = dict(pending)
+    for line in lines:
+        name = line.partition("=")[0]
+        if name == "WATCHDOG" and not keep_watchdog:
+            continue
+        if name == "STOPPING":
+            for other in ("READY", "RELOADING", "MONOTONIC_USEC"):
+                message.pop(other, None)
+        elif name == "RELOADING":
+            message.pop("READY", None)
+        # Re-inserted at the end: READY=1 after the RELOADING=1 it ends.
+        message.pop(name, None)
+        message[name] = line
+    return message
+
+
+class Notifier:
+    """One sd_notify endpoint for the daemon's life.
+
+    The datagram socket is unconnected and every message is sent to the
+    address, like sd_notify(3) does: a receiver that re-creates its socket
+    keeps working, and a missing receiver costs a logged warning, never an
+    exception in the daemon.
+
+    Sending never waits.  Each message is one non-blocking ``sendto()``;
+    asyncio's transport (which would buffer a datagram the receiver's queue has
+    no room for and retry it whenever epoll says "writable", which it always
+    says of an unconnected AF_UNIX datagram socket: a busy loop, and past its
+    64 KiB high-water mark every send blocked) is never used to send.  When the
+    queue is full (nobody reads ``$NOTIFY_SOCKET``, or PID 1 is busy, e.g. in a
+    long ``daemon-reload``; the queue is the kernel's ``max_dgram_qlen`` datagrams,
+    shared by every service), what matters is kept, coalesced into one pending
+    message: the latest of ``READY=1``/``RELOADING=1``/``STOPPING=1`` (with
+    the ``MONOTONIC_USEC=`` of a ``RELOADING=1`` a ``READY=1`` ends) and the
+    latest ``STATUS=``.  It is retried on a timer backing off from
+    :data:`RETRY_FIRST` to :data:`RETRY_MAX`, and with every later message; a
+    ``WATCHDOG=1`` that cannot be sent is dropped (the next one goes).  One
+    warning when the queue is first found full, one info line when messages go
+    through again.  :meth:`close` makes one last non-blocking attempt.
+    """
+
+    def __init__(
+        self,
+        stream: asyncio_dgram.aio.DatagramServer | None,
+        address: str | None,
+        watchdog_usec: int | None,
+        sock: socket.socket | None = None,
+        display: str | None = None,
+    ) -> None:
+        self._stream = stream
+        #: The socket under ``stream``, which the messages are sent on.
+        self._sock = sock if stream is not None else None
+        self._address = address
+        #: ``$NOTIFY_SOCKET`` as given, for the log.
+        self._display = display if display is not None else address
+        self._watchdog_usec = watchdog_usec if stream is not None else None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._last_status: str | None = None
+        # Log the first failure loudly and its repetitions (every watchdog
+        # ping while the receiver is gone) quietly, until a send works again.
+        self._failing = False
+        #: STOPPING=1 was sent: no READY=1 or RELOADING=1 may follow it.
+        self._stopping = False
+        #: What a full queue held back, one line per name ("READY", "STATUS"...),
+        #: in the order to send them; empty when nothing waits.
+        self._pending: dict[str, str] = {}
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = RETRY_FIRST
+        #: Since the queue was found full: messages held back, pings dropped.
+        self._full = False
+        self._held = 0
+        self._dropped_pings = 0
+
+    @classmethod
+    async def open(cls, env: Mapping[str, str] = os.environ) -> Notifier:
+        raw = env.get("NOTIFY_SOCKET")
+        if not raw:
+            return cls(None, None, None)
+        address = notify_address(raw)
+        if address is None:
+            logger.warning("ignoring unsupported NOTIFY_SOCKET=%r", raw)
+            return cls(None, None, None)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            stream = await asyncio_dgram.from_socket(sock)
+        except (OSError, TypeError) as exc:
+            sock.close()
+            logger.warning("cannot open the sd_notify socket: %s", exc)
+            return cls(None, None, None)
+        # An unconnected socket always yields the "server" flavour.
+        assert isinstance(stream, asyncio_dgram.aio.DatagramServer)
+        logger.debug("sd_notify socket %s", raw)
+        return cls(stream, address, watchdog_usec(env), sock, raw)
+
+    @property
+    def active(self) -> bool:
+        """True when there is a ``$NOTIFY_SOCKET`` to talk to."""
+        return self._stream is not None
+
+    @property
+    def watchdog_interval(self) -> float | None:
+        """Seconds between watchdog pings (half the timeout, but not below
+        :data:`MIN_WATCHDOG_INTERVAL`), or None if no watchdog."""
+        if self._watchdog_usec is None:
+            return None
+        return max(self._watchdog_usec / 2 / 1_000_000, MIN_WATCHDOG_INTERVAL)
+
+    async def notify(self, *lines: str) -> None:
+        """Send the assignments as one datagram, at once: never waits for the
+        receiver.  Failures are logged, never raised; with a full queue the
+        state they carry is kept and sent later (see the class's docstring)."""
+        if self._stream is None or self._address is None or not lines:
+            return
+        self._deliver(lines)
+
+    def _deliver(self, lines: tuple[str, ...] | list[str]) -> None:
+        """One non-blocking attempt at what is pending plus ``lines``."""
+        message = _coalesce(self._pending, lines, keep_watchdog=True)
+        if not message:
+            return
+        payload = "\n".join(message.values()).encode()
+        error = self._sendto(payload)
+        if error is None:
+            self._delivered(payload)
+        elif isinstance(error, BlockingIOError) or error.errno == errno.ENOBUFS:
+            self._queue_full(lines, error)
+        else:
+            self._cancel_retry()
+            self._pending = {}
+            self._full = False
+            level = logging.DEBUG if self._failing else logging.WARNING
+            self._failing = True
+            logger.log(level, "sd_notify %r failed: %r", payload.decode(), error)
+
+    def _sendto(self, payload: bytes) -> OSError | None:
+        sock, address = self._sock, self._address
+        if sock is None or address is None:
+            return OSError(errno.EBADF, "the sd_notify socket is closed")
+        try:
+            # MSG_DONTWAIT: never a wait in the kernel for the receiver's queue.
+            # (libsystemd's sd_notify() sends each message once, with sendmsg() on
+            # a fresh blocking socket, and so waits in the kernel while the queue
+            # is full; it retries nothing and returns the error.  An event loop may
+            # not wait, hence the pending message and the timer here.)
+            sock.sendto(payload, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, address)
+        except OSError as exc:
+            return exc
+        return None
+
+    def _delivered(self, payload: bytes) -> None:
+        self._cancel_retry()
+        self._pending = {}
+        self._retry_delay = RETRY_FIRST
+        if self._full:
+            logger.info("sd_notify: NOTIFY_SOCKET %s has room again: sent %r (%d message(s) "
+                        "held back and sent as one, %d watchdog ping(s) dropped meanwhile)",
+                        self._display, payload.decode(), self._held, self._dropped_pings)
+            self._full = False
+        if self._failing:
+            logger.info("sd_notify works again")
+            self._failing = False
+
+    def _queue_full(self, lines: tuple[str, ...] | list[str], error: OSError) -> None:
+        self._pending = _coalesce(self._pending, lines, keep_watchdog=False)
+        pinged = any(line.startswith("WATCHDOG=") for line in lines)
+        if not self._full:
+            self._full = True
+            self._held = self._dropped_pings = 0
+            logger.warning(
+                "sd_notify: NOTIFY_SOCKET %s is full (nobody reads it): %s; keeping the "
+                "latest state and STATUS= to send when it has room (retried after %g s, "
+                "backing off to every %g s), dropping watchdog pings meanwhile",
+                self._display, error.strerror or error, RETRY_FIRST, RETRY_MAX)
+        if pinged:
+            self._dropped_pings += 1
+        if len(lines) > int(pinged):
+            self._held += 1
+        if self._pending and self._retry is None:
+            loop = asyncio.get_running_loop()
+            self._retry = loop.call_later(self._retry_delay, self._retry_pending)
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def _retry_pending(self) -> None:
+        self._retry = None
+        if self._pending and self._sock is not None:
+            self._deliver([])
+
+    def _cancel_retry(self) -> None:
+        retry, self._retry = self._retry, None
+        if retry is not None:
+            retry.cancel()
+
+    async def ready(self, status: str | None = None) -> None:
+        """``READY=1``, unless the stop has begun: a reload that ends during the
+        drain would take systemd's view of the unit back from stopping."""
+        if not self._stopping:
+            await self._with_status("READY=1", status)
+
+    async def status(self, text: str) -> None:
+        """Send ``STATUS=text`` unless it is what was sent last."""
+        text = _one_line(text)
+        if text == self._last_status:
+            return
+        self._last_status = text
+        await self.notify(f"STATUS={text}")
+
+    async def reloading(self) -> None:
+        # Type=notify-reload (systemd 253+) requires MONOTONIC_USEC with
+        # RELOADING=1 so that it can tell this reload from an earlier one.
+        if self._stopping:
+            return
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        await self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+    async def stopping(self, status: str | None = None) -> None:
+        """``STOPPING=1``, with what the stop waits for (``status``) if given.
+        Never waits for the receiver: a full queue does not hold up the stop."""
+        self._stopping = True
+        await self._with_status("STOPPING=1", status)
+
+    async def _with_status(self, assignment: str, status: str | None) -> None:
+        # In one datagram: systemd shows the new state and its status together.
+        lines = [assignment]
+        if status is not None:
+            status = _one_line(status)
+            self._last_status = status
+            lines.append(f"STATUS={status}")
+        await self.notify(*lines)
+
+    def start_watchdog(self) -> None:
+        """Start pinging ``WATCHDOG=1`` every half timeout, if a watchdog is wanted.
+
+        The pings come from a task on the running event loop, so a wedged loop
+        stops them and systemd kills and restarts the daemon.
+        """
+        interval = self.watchdog_interval
+        if interval is None or self._watchdog_task is not None:
+            return
+        usec = self._watchdog_usec
+        if usec is not None and usec / 2 / 1_000_000 < MIN_WATCHDOG_INTERVAL:
+            logger.warning("WATCHDOG_USEC=%d (%g s) is too short a watchdog to keep: pinging "
+                           "every %g s instead, and systemd may kill the daemon as unresponsive;"
+                           " set WatchdogSec= to 1s or more (the shipped unit says 30s)",
+                           usec, usec / 1_000_000, MIN_WATCHDOG_INTERVAL)
+        self._watchdog_task = asyncio.get_running_loop().create_task(
+            self._watchdog(interval), name="sd-watchdog"
+        )
+
+    async def _watchdog(self, interval: float) -> None:
+        logger.debug("watchdog: pinging every %.3g s", interval)
+        while True:
+            await self.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        """Stop the pings; what a full queue still holds back gets one last
+        non-blocking attempt (never a wait), then the socket is closed."""
+        task, self._watchdog_task = self._watchdog_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._cancel_retry()
+        if self._pending and self._sock is not None:
+            pending = "\n".join(self._pending.values())
+            self._deliver([])
+            if self._pending:
+                logger.warning("sd_notify: NOTIFY_SOCKET %s still full at exit: %r not "
+                               "delivered", self._display, pending)
+            self._cancel_retry()  # the attempt's own, which would outlive the socket
+            self._pending = {}
+        stream, self._stream = self._stream, None
+        self._sock = None
+        if stream is not None:
+            stream.close()

@@ -705,3 +705,57 @@ def test_a_dumb_terminal_gets_plain_lines_and_no_control_sequences(
     after_greeting = log.getvalue().split("Ctrl-D quits.", 1)[1]
     # prompt_toolkit's own cursor reset before the first prompt is all there is.
     assert re.findall(r"\x1b\[[0-9;?]*[A-Za-z]", after_greeting) == ["\x1b[?12l", "\x1b[?25h"]
+
+
+def _root_shell_in(socket: Path, env: dict[str, str]) -> Shell:
+    """migblock-shell as root (this process) with ``env`` over the usual one."""
+    full = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1", **env}
+    full.pop("XDG_STATE_HOME", None)
+    full.update(env)
+    child = pexpect.spawn(sys.executable, ["-m", "migblockd.shell", str(socket)], env=full,
+                          encoding="utf-8", timeout=30, dimensions=(40, 200))
+    child.logfile_read = io.StringIO()
+    return Shell(child, Path(env.get("XDG_STATE_HOME", env.get("HOME", "/"))))
+
+
+def _tree(top: Path) -> list[tuple[str, int, int, int]]:
+    """Every path below ``top``: name, owner, mode, size."""
+    found = []
+    for path in sorted(top.rglob("*")):
+        st = path.lstat()
+        found.append((str(path), st.st_uid, st.st_mode, st.st_size))
+    return found
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, in another user's home")
+def test_root_in_another_users_home_makes_nothing_there(
+    daemon: DaemonProcess, short_tmp: Path, accounts: dict[str, Account]
+) -> None:
+    """Reported: ``su`` (HOME still alice's) then migblock-shell made ~/.local,
+    ~/.local/state and ~/.local/state/migblockd root's, 0700, and the history file
+    in them: alice's own daemon could then not keep its state there."""
+    olga = accounts["mbt-olga"]
+    home = short_tmp / "home"
+    home.mkdir(mode=0o750)
+    os.chown(home, olga.uid, olga.gid)
+    (home / ".local").mkdir(mode=0o700)  # hers, half made: the nearest that exists
+    os.chown(home / ".local", olga.uid, olga.gid)
+    before = _tree(home)
+    shell = _root_shell_in(daemon.socket, {"HOME": str(home)})
+    try:
+        shell.expect(f"warning: history not saved ({home}/.local is mbt-olga's "
+                     f"(uid {olga.uid}), not this user's (root): set XDG_STATE_HOME to a "
+                     "directory of this user's)")
+        shell.expect(PROMPT)
+        shell.send("query-version\r")
+        shell.expect('{"return": {"qemu"')
+        shell.expect(PROMPT)
+        shell.send("\x1b[A\r")  # kept for the session
+        shell.expect('{"return": {"qemu"')
+        shell.expect(PROMPT)
+        assert shell.quit() == 0
+    finally:
+        if shell.child.isalive():
+            shell.child.terminate(force=True)
+    assert _tree(home) == before
+    assert shell.transcript().count("history not saved") == 1

@@ -4,6 +4,7 @@ a file it can no longer read or write."""
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -48,6 +49,37 @@ def history_problem(path: Path) -> str | None:
             or os.path.samestat(st, os.stat(os.devnull))):
         return None
     return f"{path}: not a regular file"
+
+
+def _whose(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def foreign_owner(path: Path) -> str | None:
+    """Why the shell must make nothing for ``path`` (its directories, the file), or
+    None when it may.
+
+    Run as root in another user's home (``su``, ``sudo -E``: ``$HOME`` still
+    theirs), the shell would make ``~/.local/state/migblockd`` and the file in
+    it root's, 0700, and that user's own daemon could then not keep its state
+    there.  So the nearest part of the path that exists (the file, or the
+    directory the first missing one would be made in) must be this user's, or
+    root's (``/tmp``, ``/var``: a place of the system's, not another user's)."""
+    euid = os.geteuid()
+    place = path  # the file itself when it exists: another user's is not written either
+    while not os.path.lexists(place) and place != place.parent:
+        place = place.parent
+    try:
+        owner = os.stat(place).st_uid
+    except OSError:
+        return None  # making it fails, and says why
+    if owner in (euid, 0):
+        return None
+    return (f"{place} is {_whose(owner)}'s (uid {owner}), not this user's ({_whose(euid)}):"
+            " set XDG_STATE_HOME to a directory of this user's")
 
 
 def not_saved(path: Path, err: OSError) -> str:

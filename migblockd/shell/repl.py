@@ -20,7 +20,12 @@ from migblockd.shell.client import ConnectError, ConnectionLost, Message
 from migblockd.shell.completion import ShellCompleter
 from migblockd.shell.connection import Connection, describe_greeting
 from migblockd.shell.entries import entered_commands
-from migblockd.shell.history import SessionFallbackHistory, history_problem, not_saved
+from migblockd.shell.history import (
+    SessionFallbackHistory,
+    foreign_owner,
+    history_problem,
+    not_saved,
+)
 from migblockd.shell.interrupt import Interrupts
 from migblockd.shell.render import Renderer, visible
 from migblockd.shell.runner import Runner
@@ -39,6 +44,9 @@ def open_history(path: Path | None) -> History:
         _say("warning: history not saved (no home directory: set HOME or XDG_STATE_HOME)")
         return InMemoryHistory()
     if (problem := history_problem(path)) is not None:
+        _say(f"warning: history not saved ({problem})")
+        return InMemoryHistory()
+    if (problem := foreign_owner(path)) is not None:
         _say(f"warning: history not saved ({problem})")
         return InMemoryHistory()
     try:

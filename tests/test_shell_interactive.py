@@ -759,3 +759,62 @@ def test_root_in_another_users_home_makes_nothing_there(
             shell.child.terminate(force=True)
     assert _tree(home) == before
     assert shell.transcript().count("history not saved") == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, with another user's history file")
+def test_another_users_history_file_is_read_and_never_written(
+    daemon: DaemonProcess, short_tmp: Path, accounts: dict[str, Account]
+) -> None:
+    """Reported: a history file that could be read but not written (another user's,
+    0644) was not read either: Up recalled nothing."""
+    olga = accounts["mbt-olga"]
+    state = short_tmp / "state"
+    (state / "migblockd").mkdir(parents=True)
+    history = state / "migblockd" / "shell-history"
+    history.write_text("\n# 2026-01-01 00:00:00\n+query-blockers\n"
+                       "\n# 2026-01-01 00:00:01\n+add-blocker reason=olgas id=olga\n")
+    for path in (state, state / "migblockd", history):
+        os.chown(path, olga.uid, olga.gid)
+    before = _tree(state)
+    shell = _root_shell_in(daemon.socket, {"XDG_STATE_HOME": str(state)})
+    try:
+        shell.expect(f"warning: history not saved ({history} is mbt-olga's (uid {olga.uid}),"
+                     " not this user's (root): set XDG_STATE_HOME to a directory of this"
+                     " user's)")
+        shell.expect(PROMPT)
+        shell.send("\x1b[A\r")  # her last entry
+        shell.expect('{"return": {"id": "olga", "reason": "olgas"')
+        shell.expect(PROMPT)
+        shell.send("\x1b[A\x1b[A\x1b[A\r")  # the one before: this session's is not hers
+        shell.expect('{"return": [{"id": "olga"')
+        shell.expect(PROMPT)
+        assert shell.quit() == 0
+    finally:
+        if shell.child.isalive():
+            shell.child.terminate(force=True)
+    assert _tree(state) == before
+    assert shell.transcript().count("history not saved") == 1
+
+
+def test_only_the_history_files_last_entries_are_loaded(tmp_path: Path) -> None:
+    """Reported: a 107 MB history took 1.2 s and 184 MB to load at each start.  Only
+    the last 1000 entries are loaded, read from the end of the file: here a file
+    of 8 GiB (sparse: before, read whole, one line of zeros) loads at once."""
+    from migblockd.shell.history import MAX_LOADED, SessionFallbackHistory  # noqa: PLC0415
+
+    path = tmp_path / "shell-history"
+    with open(path, "wb") as file:
+        file.truncate(8 << 30)
+        file.seek(0, os.SEEK_END)
+        for n in range(3000):
+            lines = "".join(f"+line {n}.{k}\n" for k in range(n % 3 + 1))
+            file.write(f"\n# 2026-01-01 00:00:00\n{lines}".encode())
+    said: list[str] = []
+    start = time.monotonic()
+    loaded = list(SessionFallbackHistory(path, said.append).load_history_strings())
+    assert time.monotonic() - start < 2
+    assert said == []
+    assert len(loaded) == MAX_LOADED == 1000
+    assert loaded[:2] == ["line 2999.0\nline 2999.1\nline 2999.2",  # newest first, whole
+                          "line 2998.0\nline 2998.1"]
+    assert loaded[-1] == "line 2000.0\nline 2000.1\nline 2000.2"

@@ -82,6 +82,24 @@ def foreign_owner(path: Path) -> str | None:
             " set XDG_STATE_HOME to a directory of this user's")
 
 
+def foreign_file(path: Path) -> str | None:
+    """Why an existing history file is read but never written: another user's, or
+    one this user may not write (the file is left as it is); None otherwise."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    euid = os.geteuid()
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    if st.st_uid != euid:
+        return (f"{path} is {_whose(st.st_uid)}'s (uid {st.st_uid}), not this user's"
+                f" ({_whose(euid)}): set XDG_STATE_HOME to a directory of this user's")
+    if not os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        return f"{path}: Permission denied"
+    return None
+
+
 def not_saved(path: Path, err: OSError) -> str:
     """The warning that the history goes unsaved for this session, and why."""
     return f"warning: history not saved ({path}: {err.strerror or err})"
@@ -96,11 +114,14 @@ class SessionFallbackHistory(FileHistory):
     accepts the line: each command then printed a traceback and waited for Enter.
     """
 
-    def __init__(self, path: Path, warn: Callable[[str], None]) -> None:
+    def __init__(self, path: Path, warn: Callable[[str], None], *, writable: bool = True
+                 ) -> None:
         super().__init__(str(path))
         self._path = path
         self._warn = warn
-        self._failed = False
+        #: Once set, nothing more is written (nor said): a failure, or a file that
+        #: is read only (:func:`foreign_file`, said when it was opened).
+        self._failed = not writable
 
     def _fail(self, err: OSError) -> None:
         if not self._failed:
@@ -109,7 +130,7 @@ class SessionFallbackHistory(FileHistory):
 
     def load_history_strings(self) -> Iterable[str]:
         try:
-            return list(super().load_history_strings())
+            return load_last_entries(self._path, MAX_LOADED)
         except OSError as err:
             self._fail(err)
             return []
@@ -121,3 +142,51 @@ class SessionFallbackHistory(FileHistory):
             super().store_string(string)
         except OSError as err:
             self._fail(err)
+
+
+#: How many entries of the history file are loaded (qmp-shell keeps 1024).
+MAX_LOADED = 1000
+
+
+def _entries(data: bytes) -> list[str]:
+    """The entries in ``data``, prompt_toolkit's FileHistory format (each line of
+    an entry ``+LINE``; anything else, a ``# date`` line, ends one), oldest first."""
+    entries: list[str] = []
+    lines: list[str] = []
+    for raw in data.splitlines(keepends=True):
+        line = raw.decode("utf-8", errors="replace")
+        if line.startswith("+"):
+            lines.append(line[1:])
+        elif lines:
+            entries.append("".join(lines)[:-1])
+            lines = []
+    if lines:
+        entries.append("".join(lines)[:-1])
+    return entries
+
+
+def load_last_entries(path: Path, limit: int) -> list[str]:
+    """The last ``limit`` entries of the history file, newest first, read from
+    its end: a history of a hundred megabytes took seconds and as much memory to
+    load whole at each start, for entries no one scrolls back to."""
+    with open(path, "rb") as file:
+        end = file.seek(0, os.SEEK_END)
+        size = 1 << 16
+        while True:
+            start = max(0, end - size)
+            file.seek(start)
+            data = file.read(end - start)
+            if start > 0:
+                # From the first line that is not an entry's: what comes before
+                # it may be the end of an entry whose start is not read.
+                cut = 0
+                while True:
+                    newline = data.find(b"\n", cut)
+                    if newline < 0 or not data.startswith(b"+", newline + 1):
+                        break
+                    cut = newline + 1
+                data = data[newline + 1:] if newline >= 0 else b""
+            entries = _entries(data)
+            if start == 0 or len(entries) > limit:
+                return entries[::-1][:limit]
+            size *= 4

@@ -30,8 +30,9 @@ query-qmp-schema, against which command and argument names are checked before a
 command is sent (raw JSON goes as typed, and so do the QEMU commands a gating daemon
 forwards, which query-commands lists).  Events are printed as they arrive.  History
 is kept in $XDG_STATE_HOME/migblockd/shell-history (without XDG_STATE_HOME,
-~/.local/state/migblockd/shell-history; in memory only where that file, or its
-nearest directory that exists, is another user's: nothing is made in their home).
+~/.local/state/migblockd/shell-history; its last 1000 entries are loaded; in memory
+only where that file, or its nearest directory that exists, is another user's: nothing
+is made in their home, and their file is read, not written).
 Ctrl-C drops the line, Ctrl-D quits; the other keys edit as in Emacs and bash (Esc
 then a key is Alt with that key: Alt-b and Alt-f move by words), and none of them
 ends the shell.  If the daemon restarts, the

@@ -22,6 +22,7 @@ from migblockd.shell.connection import Connection, describe_greeting
 from migblockd.shell.entries import entered_commands
 from migblockd.shell.history import (
     SessionFallbackHistory,
+    foreign_file,
     foreign_owner,
     history_problem,
     not_saved,
@@ -46,6 +47,10 @@ def open_history(path: Path | None) -> History:
     if (problem := history_problem(path)) is not None:
         _say(f"warning: history not saved ({problem})")
         return InMemoryHistory()
+    if (problem := foreign_file(path)) is not None:
+        # Read (Up recalls it), never written.
+        _say(f"warning: history not saved ({problem})")
+        return SessionFallbackHistory(path, _say, writable=False)
     if (problem := foreign_owner(path)) is not None:
         _say(f"warning: history not saved ({problem})")
         return InMemoryHistory()

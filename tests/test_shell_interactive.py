@@ -818,3 +818,25 @@ def test_only_the_history_files_last_entries_are_loaded(tmp_path: Path) -> None:
     assert loaded[:2] == ["line 2999.0\nline 2999.1\nline 2999.2",  # newest first, whole
                           "line 2998.0\nline 2998.1"]
     assert loaded[-1] == "line 2000.0\nline 2000.1\nline 2000.2"
+
+
+def test_ctrl_backslash_while_waiting_is_ctrl_c_and_ends_nothing(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    """Reported: Ctrl-\\ (SIGQUIT: the terminal is in cooked mode while a command
+    waits) killed the shell, whose docs say no key but Ctrl-D ends it."""
+    shell = spawn_shell(daemon.socket, "-v")
+    shell.send("\x1c")  # at the prompt: a key that does nothing
+    daemon.signal(signal.SIGSTOP)
+    try:
+        shell.send("query-blockers\r")
+        shell.expect('{"execute": "query-blockers"}')
+        shell.send("\x1c")
+        shell.expect("interrupted: a request already sent may still take effect")
+        shell.expect(PROMPT)
+    finally:
+        daemon.signal(signal.SIGCONT)
+    shell.send("query-version\r")
+    shell.expect('{"return": {"qemu"')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0

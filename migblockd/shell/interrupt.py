@@ -21,7 +21,8 @@ KeyboardInterrupt at once.  Except between the interactive shell's commands
 (:meth:`Interrupts.interactive`): a Ctrl-C the loop takes after a command's
 task has ended (it came while a big reply was read and printed, say) is
 dropped, as one at the prompt that follows drops the line; no key but Ctrl-D
-ends the interactive shell.
+ends the interactive shell.  There, Ctrl-\\ (SIGQUIT, while a command runs)
+is taken as Ctrl-C, rather than let its default action end the shell.
 """
 
 from __future__ import annotations
@@ -71,12 +72,23 @@ class Interrupts:
     @contextlib.contextmanager
     def interactive(self) -> Iterator[None]:
         """Within this block (the interactive shell's prompt and commands), a Ctrl-C
-        that no running command takes is dropped."""
+        that no running command takes is dropped, and Ctrl-\\ (SIGQUIT) is Ctrl-C.
+
+        While a command waits the terminal is in cooked mode, where Ctrl-\\ is
+        SIGQUIT, whose default action ended the shell (with a core dump); at the
+        prompt prompt_toolkit reads it as a key, which does nothing."""
         self._interactive = True
+        quit_taken = False
+        if self._main is not None:
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGQUIT, self._on_sigint)
+                quit_taken = True
         try:
             yield
         finally:
             self._interactive = False
+            if quit_taken:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGQUIT)
 
     def _take(self) -> None:
         if self._main is None:

@@ -53,9 +53,9 @@ refused rather than taken for the default).
 
 connecting: the shell waits {GREETING_TIMEOUT:g} s for the daemon's greeting and its answer
 to qmp_capabilities (a stopped or hung daemon), then gives up; commands wait as long
-as the daemon takes (Ctrl-C abandons one).  A refused connection names the file that
-refuses it and what would let this user in: the group to join, who may open a
-directory, or the daemon's --socket-mode and --socket-group.
+as the daemon takes (Ctrl-C, or Ctrl-\\, abandons one).  A refused connection names
+the file that refuses it and what would let this user in: the group to join, who may
+open a directory, or the daemon's --socket-mode and --socket-group.
 
 examples:
   migblock-shell

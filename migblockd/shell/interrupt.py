@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = ["Interrupts"]
@@ -47,6 +47,9 @@ class Interrupts:
         #: Ctrl-Cs that went to the shell itself rather than to a command.
         self.count = 0
         self._interactive = False
+        #: Called for a Ctrl-C (or Ctrl-\\) the interactive shell drops: a plain
+        #: prompt (a dumb terminal) is printed afresh, as the terminal drops the line.
+        self.on_dropped: Callable[[], None] | None = None
 
     def install(self) -> None:
         """Take SIGINT for the running loop; call from the main task.  Where the
@@ -103,6 +106,8 @@ class Interrupts:
             command.cancel()
             return
         if self._interactive:
+            if self.on_dropped is not None:
+                self.on_dropped()
             return  # the prompt comes back, or is there: nothing to end
         self.count += 1
         if self.count == 1 and self._main is not None and not self._main.done():

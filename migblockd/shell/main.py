@@ -35,7 +35,8 @@ only where that file, or its nearest directory that exists, is another user's: n
 is made in their home, and their file is read, not written).
 Ctrl-C drops the line, Ctrl-D quits; the other keys edit as in Emacs and bash (Esc
 then a key is Alt with that key: Alt-b and Alt-f move by words), and none of them
-ends the shell.  If the daemon restarts, the
+ends the shell.  On a dumb terminal (TERM=dumb) lines are read as the terminal edits
+them: no completion, no recall.  If the daemon restarts, the
 shell reconnects on the next command.
 """
 

@@ -5,7 +5,7 @@ line being typed is redrawn intact below them."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -66,6 +66,45 @@ def open_history(path: Path | None) -> History:
     return SessionFallbackHistory(path, _say)
 
 
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+class PlainLines:
+    """Lines from a terminal in cooked mode, read as the loop's other input is."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        #: What the terminal handed over without a newline yet (Ctrl-D mid-line).
+        self.pending = b""
+        #: Whether a line is being waited for (the prompt is on the screen).
+        self.waiting = False
+
+    async def readline(self) -> str | None:
+        """The next line, without its newline (decoded as a script's lines are:
+        bytes that are not UTF-8 get their own error); None at the end (Ctrl-D)."""
+        loop = asyncio.get_running_loop()
+        self.waiting = True
+        try:
+            while b"\n" not in self.pending:
+                ready: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(self.fd, _wake, ready)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(self.fd)
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    self.pending = b""
+                    return None
+                self.pending += chunk
+        finally:
+            self.waiting = False
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode("utf-8", "surrogateescape")
+
+
 class Interactive:
     def __init__(
         self, path: str, renderer: Renderer, docs: SchemaDocs, verbose: bool,
@@ -85,12 +124,23 @@ class Interactive:
         self.history_path = history
         #: Whether the line being run is still waiting for a connection (so unsent).
         self._connecting = False
+        #: The lines of a dumb terminal, read without prompt_toolkit.
+        self._plain: PlainLines | None = None
+
+    def _notify(self, text: str) -> None:
+        """Print ``text`` (an event, a lost connection) the moment it comes."""
+        if self._plain is not None and self._plain.waiting:
+            # At a plain prompt: on a line of its own, then the prompt again.
+            print(f"\n{text}\n{PROMPT}", end="", flush=True)
+        else:
+            _say(text)
 
     def _event(self, message: Message) -> None:
-        _say(self.renderer.event(message))
+        self._notify(self.renderer.event(message))
 
     def _lost(self) -> None:
-        _say(self.renderer.error("migblockd closed the connection; the next command reconnects"))
+        self._notify(
+            self.renderer.error("migblockd closed the connection; the next command reconnects"))
 
     async def start(self) -> None:
         """Connect for the first time; ConnectError propagates (exit status 2)."""
@@ -98,21 +148,20 @@ class Interactive:
         # The greeting is the peer's text, which may be any server's: it must not
         # steer the terminal, as the "Reconnected to" notice must not.
         print(visible(f"Connected to {describe_greeting(greeting)} at {self.connection.path}"))
-        print("Type 'help' for the commands; Tab completes; Ctrl-D quits.")
+        print("Type 'help' for the commands; Ctrl-D quits." if is_dumb_terminal() else
+              "Type 'help' for the commands; Tab completes; Ctrl-D quits.")
 
     async def loop(self) -> int:
+        if is_dumb_terminal():
+            return await self._plain_loop()
         session: PromptSession[str] = PromptSession(
             history=open_history(self.history_path),
             completer=ShellCompleter(lambda: self.connection.schema),
             complete_while_typing=False,
             enable_suspend=True,  # Ctrl-Z, as in bash and readline: not a literal ^Z
         )
-        # A dumb terminal (TERM=dumb, as in an Emacs shell buffer) has no cursor
-        # to move: prompt_toolkit reads it line by line, and printing above the
-        # prompt would only add control sequences (and print late, after it).
-        above = contextlib.nullcontext() if is_dumb_terminal() else patch_stdout(raw=True)
         try:
-            with above, self.interrupts.interactive():
+            with patch_stdout(raw=True), self.interrupts.interactive():
                 while True:
                     try:
                         line = await session.prompt_async(PROMPT)
@@ -124,6 +173,41 @@ class Interactive:
                         if not await self._run_interruptibly(command):
                             break  # Ctrl-C stops what was pasted, too
         finally:
+            await self.connection.close()
+        return 0
+
+    async def _plain_loop(self) -> int:
+        """A dumb terminal (``TERM=dumb``, as in an Emacs shell buffer) has no cursor
+        to move: the prompt is printed plainly and lines are read as the terminal
+        edits them (its cooked mode), with no completion nor recall.
+
+        prompt_toolkit's own dumb mode echoed only the last character typed after
+        each edit: the screen showed another line than the one that ran."""
+        history = open_history(self.history_path)  # kept, for a terminal that recalls it
+        reader = PlainLines(sys.stdin.fileno())
+
+        def dropped() -> None:  # Ctrl-C at the prompt: the terminal dropped the line
+            if reader.waiting:
+                reader.pending = b""
+                print(f"\n{PROMPT}", end="", flush=True)
+
+        self._plain = reader
+        self.interrupts.on_dropped = dropped
+        try:
+            with self.interrupts.interactive():
+                while True:
+                    print(PROMPT, end="", flush=True)
+                    line = await reader.readline()
+                    if line is None:
+                        print()  # Ctrl-D: the shell's prompt ends its line
+                        break
+                    if line.strip():
+                        history.append_string(line)
+                    for command in entered_commands(line):
+                        if not await self._run_interruptibly(command):
+                            break
+        finally:
+            self.interrupts.on_dropped = None
             await self.connection.close()
         return 0
 

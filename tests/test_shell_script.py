@@ -989,3 +989,38 @@ def test_a_lost_connection_names_its_line_and_whether_it_was_sent(
     reason = ("the server closed the connection" if when == "between lines"
               else "connection lost: [Errno 104] Connection reset by peer")
     assert err == f"migblock-shell: line 2: {d.socket}: {reason}; the command {outcome}\n"
+
+
+def test_timeout_ends_a_script_whose_daemon_stopped_answering(start_daemon: Any) -> None:
+    # Found by review: with a stopped daemon a script waited for ever (a cron
+    # job or a monitoring check piling up); --timeout bounds each command's wait.
+    d = start_daemon("--ephemeral")
+    proc = subprocess.Popen([*SHELL, "--timeout", "1.5", str(d.socket)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write("query-blockers\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline()) == {"return": []}
+        d.signal(signal.SIGSTOP)  # reads nothing, answers nothing
+        proc.stdin.write("add-blocker reason=x\nquery-blockers\n")
+        proc.stdin.close()
+        out, err = proc.stdout.read(), proc.stderr.read() if proc.stderr else ""
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        d.signal(signal.SIGCONT)
+    assert proc.returncode == 2
+    assert out == ""  # the third line never ran
+    assert err == (f"migblock-shell: line 2: {d.socket}: no reply within 1.5 s (--timeout); "
+                   "the command may or may not have taken effect\n")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_timeout_must_be_a_number_of_seconds(value: str) -> None:
+    result = shell("--timeout", value, "-c", "query-version")
+    assert result.returncode == 2
+    assert "argument --timeout: must be" in result.stderr

@@ -54,15 +54,28 @@ refused rather than taken for the default).
 
 connecting: the shell waits {GREETING_TIMEOUT:g} s for the daemon's greeting and its answer
 to qmp_capabilities (a stopped or hung daemon), then gives up; commands wait as long
-as the daemon takes (Ctrl-C, or Ctrl-\\, abandons one).  A refused connection names
-the file that refuses it and what would let this user in: the group to join, who may
-open a directory, or the daemon's --socket-mode and --socket-group.
+as the daemon takes (Ctrl-C, or Ctrl-\\, abandons one; in a script, --timeout bounds
+the wait, so that a cron job or a monitoring check fails with exit status 2 rather
+than hang).  A refused connection names the file that refuses it and what would let
+this user in: the group to join, who may open a directory, or the daemon's
+--socket-mode and --socket-group.
 
 examples:
   migblock-shell
   migblock-shell -c 'add-blocker reason="SEV: no migration" modes=normal,cpr-reboot'
   printf 'query-blockers\\nquery-migrate\\n' | migblock-shell /run/migblockd/migblockd.sock
 """
+
+
+def seconds(text: str) -> float:
+    """--timeout's value: a number of seconds above zero (and finite)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be above 0 (and below 1e9), not {text!r}")
+    return value
 
 
 def socket_path(text: str) -> str:
@@ -106,6 +119,13 @@ def build_parser(*, documented: bool = False) -> argparse.ArgumentParser:
         metavar="COMMAND",
         help="run COMMAND (repeatable) and exit instead of reading commands",
     )
+    parser.add_argument(
+        "--timeout",
+        type=seconds,
+        metavar="SECONDS",
+        help="in scripts: give up on a command that has no reply within SECONDS, exit "
+        "status 2 (default: wait as long as the daemon takes)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -132,7 +152,8 @@ async def _run(args: argparse.Namespace, interrupts: Interrupts) -> int:
         # stdout is (-c ... 2>errors.log must not get escape sequences).
         messages = Renderer.for_stream(sys.stderr, args.pretty)
         return await run_script(
-            socket, renderer, docs, args.verbose, args.command, messages=messages
+            socket, renderer, docs, args.verbose, args.command, messages=messages,
+            timeout=args.timeout,
         )
 
     from migblockd.shell.repl import Interactive  # noqa: PLC0415

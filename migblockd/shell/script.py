@@ -120,8 +120,12 @@ async def run_script(
     verbose: bool,
     commands: Sequence[str],
     messages: Renderer | None = None,
+    timeout: float | None = None,
 ) -> int:
-    """Run the commands; ``renderer`` is for stdout, ``messages`` for stderr."""
+    """Run the commands; ``renderer`` is for stdout, ``messages`` for stderr.
+    ``timeout``: the most seconds a command may wait for its reply (``--timeout``);
+    past it the run ends as when the connection is lost (exit status 2), the
+    command's outcome unknown."""
     connection = Connection(path)
     await connection.open()
     number = 0
@@ -143,7 +147,15 @@ async def run_script(
     try:
         async for found in _numbered(commands):
             number, line = found  # report's and the lost connection's line
-            if not await runner.run_line(line):
+            deadline = asyncio.timeout(timeout)
+            try:
+                async with deadline:
+                    ran = await runner.run_line(line)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                raise ConnectionLost(f"no reply within {timeout:g} s (--timeout)") from None
+            if not ran:
                 failed = True
     except ConnectionLost as err:
         # Which line, and whether it ran: the lines before it did, those after did not.

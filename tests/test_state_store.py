@@ -990,6 +990,18 @@ def test_state_directory_that_cannot_be_created_is_refused(tmp_path: Path) -> No
         Store.open(tmp_path / "file")
 
 
+def test_a_link_to_nothing_is_named_with_its_target(tmp_path: Path) -> None:
+    # Found by review: "is not a directory; move it away" named no link, and the
+    # fix is its target.
+    (tmp_path / "state").symlink_to(tmp_path / "gone" / "state")
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path / "state")
+    assert str(refused.value) == (
+        f"state directory {tmp_path}/state is a symbolic link to {tmp_path}/gone/state, "
+        "which does not exist; create that directory, or choose another --state-dir")
+    assert not (tmp_path / "gone").exists()  # nothing made on the way
+
+
 def test_the_database_given_as_the_directory_is_not_to_be_moved_away(tmp_path: Path) -> None:
     # Before: "is not a directory; move it away", which would have moved the state away.
     filled(tmp_path, 1)

@@ -93,6 +93,11 @@ def _not_a_directory(directory: Path) -> StateError:
         return StateError(f"state directory {directory} is a file, the database itself; "
                           f"--state-dir names the directory that holds it "
                           f"({directory.parent})")
+    if directory.is_symlink() and not directory.exists():
+        # A link to nothing: the fix is the link's target, not moving a file away.
+        return StateError(f"state directory {directory} is a symbolic link to "
+                          f"{os.readlink(directory)}, which does not exist; create that "
+                          "directory, or choose another --state-dir")
     return StateError(f"state directory {directory} is not a directory; "
                       "move it away, or choose another --state-dir")
 

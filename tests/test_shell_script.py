@@ -325,6 +325,10 @@ def test_help_in_scripting_mode(daemon: DaemonProcess) -> None:
         "migblock-shell: -c 1: error: help: the daemon has no command, event or type 'blocker';"
         " did you mean 'add-blocker', 'del-blocker' or 'query-blockers'?\n"
     )
+    # Found by review: the usage named commands only, where help takes events and types.
+    two = shell(str(daemon.socket), "-c", "help MigMode BLOCKER_ADDED")
+    assert two.stderr == "migblock-shell: -c 1: error: usage: help [COMMAND | EVENT | TYPE]\n"
+    assert "MigMode" in shell(str(daemon.socket), "-c", "help MigMode").stdout
 
 
 def test_connection_refused_is_one_line_and_exit_status_2(tmp_path: Path) -> None:

@@ -24,8 +24,10 @@ Syntax:  COMMAND key=value ...   (dotted keys nest: a.b=1 a.c=2)
          {"execute": ...}         (a raw JSON request)
          help [COMMAND | EVENT | TYPE]
 Values are JSON when they parse as JSON (42, true, null, [..], {..}), else strings;
-quote to force a string.  List arguments also take a,b,c.  Tab completes commands,
-argument names and enum values.  Ctrl-C drops the line, Ctrl-D exits."""
+a string argument's value is a string (reason=42 is "42") unless it begins with [
+or {, which must be JSON: quote to force a string (reason='[WIP] disk0').
+List arguments also take a,b,c.  Tab completes commands, argument names and enum
+values.  Ctrl-C drops the line, Ctrl-D exits."""
 
 
 #: What ``help`` says of a command the daemon forwards to QEMU (qemu-passthrough).

@@ -385,7 +385,7 @@ def parse_line(line: str, hints: Hints | None = None) -> Parsed:
     name = head.value
     if name == "help":
         if len(words) > 2 or any(w.key is not None for w in words[1:]):
-            raise ParseError("usage: help [COMMAND]")
+            raise ParseError("usage: help [COMMAND | EVENT | TYPE]")
         return Help(words[1].value if len(words) == 2 else None)
     arguments = build_arguments(name, words[1:], hints)
     message: dict[str, Any] = {"execute": name}

@@ -357,6 +357,14 @@ RESTARTS = [
     b']-' + _R,
     b'}-' + _R,
     b']1.' + _R,
+    # A string in garbage broken by a tab, a carriage return or a line feed: the
+    # lexer's error, after which a quote begins no string.
+    b']"\t"' + _R,
+    b']"a\tb"' + _R,
+    b']"\r"' + _R,
+    b'x"ab\ncd"' + _R,
+    # A single-quoted string at the top level: a "{" in it begins nothing.
+    b"'{'" + _R,
 ]
 
 

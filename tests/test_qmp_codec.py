@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migblockd.config import Config
-from migblockd.qmp import characters, encoding, lexer, patterns
+from migblockd.qmp import characters, encoding, lexer, patterns, resync
 from migblockd.qmp.encoding import Encoded, encode, encode_event, encode_line, encode_return
 from migblockd.qmp.errors import NO_ID
 from migblockd.qmp.framing import NEED_DATA, StreamDecoder
@@ -124,6 +124,14 @@ _messages = st.lists(
         st.just(b'"a\\q"'),
         st.just(b'{"a": [}'),
         st.just(b"+"),
+        st.just(b"'{'"),
+        st.just(b']"a\tb"'),
+        st.just(b'x"ab\ncd"'),
+        st.just(b"]" + b"1" * 80),
+        st.just(b'{"a": 0'),
+        st.just(b"123"),
+        st.just(b".5e"),
+        st.just(b"}"),
     ),
     max_size=12,
 )
@@ -157,12 +165,14 @@ class StepByStep(StreamDecoder):
     """Garbage at the top level skipped a byte at a time, as QEMU's lexer reads it
     (``qobject/json-lexer.c``): to the next "{" or "[" it reads as a token, line
     feed or reset byte (that reset byte's own state, and on); keywords, numbers
-    (their error taking the byte it failed at) and strings read whole; after an
-    error, skipping to a structural or control character (``IN_RECOVERY``)."""
+    (their error taking the byte it failed at) and strings read whole (a control
+    character, a line feed too, breaks one: the lexer's error); after an error,
+    skipping to a structural or control character (``IN_RECOVERY``)."""
 
     def _skip_garbage(self, buf: bytearray, n: int) -> bool:
         pos = self._scan
         state = "string" if self._in_string else "recovery" if self._recovering else "start"
+        quote = self._quote
         token = pos
         while pos < n:
             c = buf[pos]
@@ -176,8 +186,8 @@ class StepByStep(StreamDecoder):
                     self._resync_at(buf, pos)
                     return True
                 token = pos
-                if c == 0x22:
-                    state = "string"
+                if c in b"\"'":
+                    state, quote = "string", c
                 elif 0x61 <= c <= 0x7A:
                     state = "keyword"
                 elif c in b"-0123456789":
@@ -194,23 +204,28 @@ class StepByStep(StreamDecoder):
                     ended, failed = found
                     state = "recovery" if failed else "start"
                     pos = token + ended
+                    if failed and buf[pos - 1] in _STEP_RESETS:
+                        state, pos = "start", pos - 1  # a reset byte is one wherever it is
                     continue
             elif state == "string":
-                if c == 0x22:
+                if c == quote:
                     state = "start"
                 elif c == 0x5C:
                     state = "escape"
                 elif c < 0x20 or c > 0xFD:
-                    state = "start" if c == 0x0A or c in _STEP_RESETS else "recovery"
+                    # A reset byte is one wherever it is; a tab, a carriage
+                    # return or a line feed is the lexer's error.
+                    state = "start" if c in _STEP_RESETS else "recovery"
                     if state == "start":
                         continue
             elif state == "escape":
                 state = "string" if 0x20 <= c <= 0xFD else "start" if (
-                    c == 0x0A or c in _STEP_RESETS) else "recovery"
+                    c in _STEP_RESETS) else "recovery"
                 if state == "start":
                     continue
             pos += 1
         self._in_string = state in ("string", "escape")
+        self._quote = quote
         self._recovering = state == "recovery"
         # Where to go on: at a keyword or number that may go on, or at the
         # backslash of an escape that does.
@@ -1119,3 +1134,28 @@ def test_skipping_in_bulk_ends_where_a_bracket_at_a_time_does(
         assert (pos, stop) == (len(body), patterns.RESYNC_POINT)
     else:
         assert (pos, after, stop) == (*expected, patterns.MESSAGE_END)
+
+
+@pytest.mark.parametrize("before", [b'{"a": ', b'x{"a": ', b'{"a": [}', b"]"], ids=repr)
+def test_a_long_number_arriving_in_pieces_is_lexed_about_once(
+        before: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by review: a number of 1 MiB arriving 4 KiB at a time was lexed whole
+    # at every read (9 s of the event loop for one client's megabyte).
+    lexed = [0]
+    real_progress, real_token = resync.lexical_progress, resync.number_token
+
+    def progress(text: str) -> tuple[str, int] | int:
+        lexed[0] += len(text)
+        return real_progress(text)
+
+    def token(data: bytes) -> tuple[int, bool] | None:
+        lexed[0] += len(data)
+        return real_token(data)
+    monkeypatch.setattr(resync, "lexical_progress", progress)
+    monkeypatch.setattr(resync, "number_token", token)
+    size = 1 << 20
+    data = before + b"1" * size + b"}" + CMD
+    decoder = StreamDecoder(replace(LIMITS, max_message_size=2 * size))
+    out = decode_with(decoder, *[data[i : i + 4096] for i in range(0, len(data), 4096)])
+    assert out[-1] == CMD_VALUE
+    assert lexed[0] < 3 * size, lexed[0]

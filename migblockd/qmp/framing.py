@@ -53,12 +53,16 @@ class StreamDecoder(Scanner):
         self._stack = bytearray()  # expected closing brackets, innermost last
         self._in_string = False
         self._string_start = 0  # where the open string began (its quote)
+        self._quote = 0x22  # what the string open in garbage is quoted with
+        self._number_run = -1  # how far the number pending in garbage was read
         self._skip_open: Open = (0, 0)  # brackets open in the broken message being skipped
         self._tally = 0  # openers and strings of the message so far: tokens, at least
         # The message being scanned began at a "{" found in garbage (see _SKIP_TOP).
         self._tentative = False
         self._checked = 0  # end of the prefix _check_lines() last parsed
         self._lexed = 0  # where _lexer_failed_so_far() goes on lexing the message
+        # Lexed from _digits_from to _digits_end: a number that more digits only lengthen.
+        self._digits_from = self._digits_end = -1
         self._recovering = False  # SKIP_TOP as QEMU's lexer after an error (see Resync)
         self._eof = False
         self._ready: object = NEED_DATA  # one message of lookahead for has_message()
@@ -83,8 +87,14 @@ class StreamDecoder(Scanner):
             self._start -= keep
             self._scan -= keep
             self._string_start -= keep
+            self._number_run = self._number_run - keep if self._number_run >= keep else -1
             self._checked = max(0, self._checked - keep)
             self._lexed = self._lexed - keep if self._lexed >= 0 else -1
+            if self._digits_from >= keep:
+                self._digits_from -= keep
+                self._digits_end -= keep
+            else:
+                self._digits_from = -1
         self._buf += data
         self._fresh = True
 

@@ -64,8 +64,11 @@ RESYNC_TOP_QUOTE_OR_RESET = re.compile(rb'[{\n"' + RESET_CLASS + rb"]")
 # it: a keyword or number at the end of the input may go on ("1." then "{": the
 # "{" is in the lexer's error, and begins no request).
 GARBAGE_STRING_BODY = re.compile(rb'(?:[^"\\\x00-\x1f\xfe\xff]++|\\[^\x00-\x1f\xfe\xff])*+')
+# QEMU's lexer reads a single-quoted string too (which migblockd refuses in a request).
+GARBAGE_SQ_STRING_BODY = re.compile(rb"(?:[^'\\\x00-\x1f\xfe\xff]++|\\[^\x00-\x1f\xfe\xff])*+")
 GARBAGE_TOKENS = re.compile(
     rb"(?:[ \t\r]++|[}\],:]|[a-z]++(?=[^a-z])|\"" + GARBAGE_STRING_BODY.pattern + rb"\""
+    rb"|'" + GARBAGE_SQ_STRING_BODY.pattern + rb"'"
     rb"|-?+(?:0(?=[^.0-9])|(?:0\.[0-9]++|[1-9][0-9]*+(?:\.[0-9]++)?+)"
     rb"(?:[eE][-+]?+[0-9]++)?+(?=[^.eE0-9])))*+")
 # A run of what may be a number, and the byte after it: all QEMU's lexer reads
@@ -93,6 +96,8 @@ BLANKS = re.compile(rb"[ \t\r]*+")
 OPENERS: Final = {0x7B: 0x7D, 0x5B: 0x5D}  # { -> }, [ -> ]
 CLOSERS: Final = frozenset(b"}]")
 QUOTE: Final = 0x22
+#: What begins a string to QEMU's lexer.
+QUOTES: Final = frozenset(b"\"'")
 APOSTROPHE: Final = 0x27
 BACKSLASH: Final = 0x5C
 LF: Final = 0x0A

@@ -54,10 +54,17 @@ from __future__ import annotations
 from typing import Final
 
 from migblockd.qmp.characters import RAW
-from migblockd.qmp.lexer import lexical_failure_bytes, lexical_progress, number_token
+from migblockd.qmp.lexer import (
+    DIGIT_LOOP,
+    DIGITS,
+    lexical_failure_bytes,
+    lexical_progress,
+    number_token,
+)
 from migblockd.qmp.patterns import (
     BACKSLASH,
     BLANKS_AND_RESETS,
+    GARBAGE_SQ_STRING_BODY,
     GARBAGE_STOPS,
     GARBAGE_STRING_BODY,
     GARBAGE_TOKENS,
@@ -65,6 +72,7 @@ from migblockd.qmp.patterns import (
     NUMBER_RUN,
     NUMBER_START,
     QUOTE,
+    QUOTES,
     RECOVERY_END,
     RESET_BYTES,
     Open,
@@ -92,10 +100,14 @@ class Resync:
     _scan: int
     _stack: bytearray
     _in_string: bool
+    _quote: int
+    _number_run: int
     _skip_open: Open
     _tentative: bool
     _checked: int
     _lexed: int
+    _digits_from: int
+    _digits_end: int
     _string_start: int
     _recovering: bool
 
@@ -116,6 +128,7 @@ class Resync:
         also up to where QEMU's lexer fails in it (:meth:`_rest_lexed`)."""
         self._skip_from(pos)
         self._lexed = pos if lex else -1
+        self._digits_from = -1
         if message_over(counts) and not in_string:
             self._mode = IDLE  # its last bracket was the bad one: it is over
             self._start = pos
@@ -156,6 +169,7 @@ class Resync:
         c = buf[i]
         self._in_string = False
         self._recovering = False
+        self._number_run = -1
 
         self._tentative = c in b"{["
         self._mode = AFTER_RESET if c in RESET_BYTES else IDLE
@@ -203,6 +217,8 @@ class Resync:
         way beginning no string.  Skipping only to the next "{" ran a request
         that QEMU reads inside an array (``x[`` + request + ``]``)."""
         pos = self._garbage_string_end(buf, n, self._scan) if self._in_string else self._scan
+        # A number still arriving: on with it, not its digits matched again.
+        pending = self._number_run >= 0
         while pos is not None:
             if self._recovering:
                 m = RECOVERY_END.search(buf, pos)
@@ -210,19 +226,28 @@ class Resync:
                     return n
                 self._recovering = False
                 pos = m.start()
-            pos = match_end(GARBAGE_TOKENS, buf, pos)
+            if not pending:
+                pos = match_end(GARBAGE_TOKENS, buf, pos)
+            pending = False
             if pos >= n:
                 return n
             c = buf[pos]
             if c in GARBAGE_STOPS:
                 return pos
-            if c == QUOTE:
+            if c in QUOTES:
+                self._quote = c
                 pos = self._garbage_string_end(buf, n, pos + 1)
             elif c in NUMBER_START:
-                token = number_token(bytes(buf[pos : match_end(NUMBER_RUN, buf, pos) + 1]))
-                if token is None:
+                # Where the run of what may be the number ends: from where the last
+                # read left it, so that a long one arriving in pieces is read once.
+                run = match_end(NUMBER_RUN, buf, max(pos, self._number_run))
+                if run >= n:
                     self._scan = pos
+                    self._number_run = run
                     return None
+                self._number_run = -1
+                token = number_token(bytes(buf[pos : run + 1]))
+                assert token is not None  # the byte after the run ends it
                 pos += token[0]
                 self._recovering = token[1]
             elif 0x61 <= c <= 0x7A:
@@ -236,18 +261,25 @@ class Resync:
         return None
 
     def _garbage_string_end(self, buf: bytearray, n: int, pos: int) -> int | None:
-        """Past the string whose body goes on at ``pos``: after its closing quote,
-        or at the byte that breaks it, a control character (QEMU's lexer fails
-        there); None when the input runs out first."""
-        p = match_end(GARBAGE_STRING_BODY, buf, pos)
+        """Past the string (quoted with ``_quote``) whose body goes on at ``pos``:
+        after its closing quote, or after the control character that breaks it,
+        where QEMU's lexer fails and begins its recovery (``_recovering``), a line
+        feed's included (as a line feed breaking a string in a message); None when
+        the input runs out first.  A tab or a carriage return breaks it too: read
+        as blanks after it, a quote further on began a string that swallowed the
+        request glued after it."""
+        body = GARBAGE_STRING_BODY if self._quote == QUOTE else GARBAGE_SQ_STRING_BODY
+        p = match_end(body, buf, pos)
         if p >= n or (buf[p] == BACKSLASH and p + 1 >= n):
             self._in_string = True
             self._scan = p
             return None
         self._in_string = False
-        if buf[p] == QUOTE:
+        if buf[p] == self._quote:
             return p + 1
-        return p + (buf[p] == BACKSLASH)  # at the byte that broke it
+        p += buf[p] == BACKSLASH  # the byte after it is the one that breaks it
+        self._recovering = True
+        return p + 1
 
     def _lexer_failed(self, buf: bytearray, start: int, end: int) -> ParseError | None:
         """The error of QEMU's lexer in ``buf[start:end]``, if it fails there; then
@@ -286,12 +318,7 @@ class Resync:
         start = max(self._lexed, self._start)
         if self._in_string:
             end = min(end, self._string_start)
-        if end <= start:
-            return None
-        text = bytes(buf[start:end]).decode("utf-8", RAW)
-        progress = lexical_progress(text)
-        if isinstance(progress, int):
-            self._lexed = start + len(text[:progress].encode("utf-8", RAW))
+        if self._lex_on(buf, start, end) is None:
             return None
         return self._lexer_failed(buf, start, end)
 
@@ -311,12 +338,9 @@ class Resync:
         if end - start > _LEX_WINDOW:
             self._lexed = -1
             return -1
-        text = bytes(buf[start:end]).decode("utf-8", RAW)
-        progress = lexical_progress(text)
-        if isinstance(progress, int):
-            self._lexed = start + len(text[:progress].encode("utf-8", RAW))
+        after = self._lex_on(buf, start, end)
+        if after is None:
             return -1
-        after = start + len(text[: progress[1] - 1].encode("utf-8", RAW)) + 1
         return -1 if buf[after - 1] in RESET_BYTES or buf[after - 1] == LF else after
 
     def _garbage_lexed(self, buf: bytearray, end: int) -> bool:
@@ -329,19 +353,41 @@ class Resync:
         then a quote and ``{`` (``\\x1b"{"``), began a message whose quotes were out
         of step with the requests after it, and swallowed them up to a line feed,
         where QEMU's lexer failed in them and answered the next."""
-        start = max(self._lexed, self._start)
-        if end <= start:
+        after = self._lex_on(buf, max(self._lexed, self._start), end)
+        if after is None:
             return False
+        self._skip_to_top(after)
+        self._recovering = True
+        return True
+
+    def _lex_on(self, buf: bytearray, start: int, end: int) -> int | None:
+        """QEMU's lexer on ``buf[start:end]``, the tokens of a message from where
+        it stopped at the last call: the index after the byte it fails at, if it
+        does; else None, and ``_lexed`` is where to go on (after the last whole
+        token, before a number at the end, which more bytes may make an error).
+
+        Digits that only lengthen such a number (one past its first digit, or in
+        its fraction or exponent, where the lexer takes any number of them) are
+        not lexed again: a number of 1 MiB arriving 4 KiB at a time was, whole,
+        at every read (9 s of the loop)."""
+        if end <= start:
+            return None
+        if start == self._digits_from >= 0 and DIGITS.fullmatch(buf, self._digits_end, end):
+            self._digits_end = end
+            return None
         text = bytes(buf[start:end]).decode("utf-8", RAW)
         progress = lexical_progress(text)
         if isinstance(progress, int):
             self._lexed = start + len(text[:progress].encode("utf-8", RAW))
-            return False
-        self._skip_to_top(start + len(text[: progress[1] - 1].encode("utf-8", RAW)) + 1)
-        self._recovering = True
-        return True
+            growing = DIGIT_LOOP.fullmatch(text, progress) is not None
+            self._digits_from = self._lexed if growing else -1
+            self._digits_end = end
+            return None
+        self._digits_from = -1
+        return start + len(text[: progress[1] - 1].encode("utf-8", RAW)) + 1
 
     def _skip_from(self, pos: int) -> None:
+        self._number_run = -1
         self._tentative = False
         self._mode = SKIP
         self._scan = pos

@@ -152,6 +152,7 @@ class Scanner(LineCheck):
                     return NEED_DATA
                 c = buf[i]
                 self._checked = self._lexed = i
+                self._digits_from = -1
                 self._tally = 0
                 if c == 0x7B and self.max_nesting >= FAST_DEPTH:
                     m = FAST_MESSAGE.match(buf, i, min(n, i + self.max_message_size))
@@ -182,7 +183,11 @@ class Scanner(LineCheck):
                     self._skip_to_top(i + 1)
                     return ParseError(PARSE_ERROR_PREFIX + "expecting value")
                 elif c == APOSTROPHE:
+                    # QEMU's lexer reads a single-quoted string, a "{" in it
+                    # beginning nothing: the garbage begins inside it.
                     self._skip_to_top(i + 1)
+                    self._in_string = True
+                    self._quote = APOSTROPHE
                     return ParseError(SINGLE_QUOTE)
                 else:
                     self._mode = SCALAR_MODE

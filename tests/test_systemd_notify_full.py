@@ -27,25 +27,13 @@ from pathlib import Path
 
 from conftest import DaemonProcess, assert_clean_log
 from faults import traced
+from test_systemd import fill
 
 #: Pings every 0.1 s: few enough that a quiet daemon's sendto() calls are countable.
 WATCHDOG_USEC = 200_000
 #: How long the test watches the daemon's system calls (or its CPU time).
 WINDOW = 2.0
 WITHIN = 20.0
-
-
-def fill(path: Path) -> int:
-    """Fill the queue of the datagram socket bound at ``path`` until the kernel
-    refuses more; the number of datagrams it took."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
-        count = 0
-        while True:
-            try:
-                sender.sendto(b"FILLER=1", socket.MSG_DONTWAIT, str(path))
-            except BlockingIOError:
-                return count
-            count += 1
 
 
 def drain(sock: socket.socket) -> list[str]:

@@ -21,7 +21,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
@@ -478,92 +477,3 @@ async def test_a_failed_commit_undoes_a_command_naming_events_twice_in_one_line(
         f"{label}: undone, the commit failed: migration capability events on (back to off)",
     ], said
     assert_clean_log(daemon)
-
-
-async def _add_until_refused(c: Any) -> list[str]:
-    """Add blockers of about 1 KiB (pipelined bursts of 40, then one at a time)
-    until an add is refused for the full disk; the ids acknowledged."""
-    ids: list[str] = []
-    for burst in (40, 1):
-        while True:
-            for n in range(burst):
-                await c.send({"execute": "add-blocker", "id": n,
-                              "arguments": {"reason": f"{len(ids)}.{n} " + "x" * 900}})
-            replies = await c.read_replies(burst)
-            ids += [reply["return"]["id"] for reply in replies if "return" in reply]
-            refused = [reply["error"]["desc"] for reply in replies if "error" in reply]
-            if refused:
-                assert all("database or disk is full" in desc for desc in refused), refused
-                break
-    return ids
-
-
-def _folded(directory: Path, copy: Path) -> list[str]:
-    """The ids that ``state.db`` holds by itself, its log ignored: once the log
-    is folded back, every blocker; and the log is no longer than what a
-    group of deletes writes (the store's kept pages).  Read from a ``copy``:
-    SQLite resolves ``/proc/PID/root``."""
-    log_size = (directory / "state.db-wal").stat().st_size
-    assert log_size <= 32 + 16 * (4096 + 24), log_size
-    copy.write_bytes((directory / "state.db").read_bytes())
-    conn = sqlite3.connect(f"file:{copy}?immutable=1", uri=True)
-    try:
-        return [row[0] for row in conn.execute("SELECT id FROM blocker ORDER BY seq")]
-    finally:
-        conn.close()
-
-
-@pytest.mark.parametrize("small_tmpfs", ["size=256k"], indirect=True)
-async def test_a_disk_filled_by_adds_still_deletes_and_folds_its_log(
-    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
-) -> None:
-    """Found by review: adds that filled the state directory's file system left
-    the log holding pages the database had to grow by to fold them back, with no
-    room to grow: every command failed from then on, deletes too, also after a
-    restart, and the log stayed as it was.  The store keeps room for deletes:
-    adds are refused first, deletes succeed, the log folds back, and the pages
-    they free take new blockers; after a clean stop and after a SIGKILL alike."""
-    directory = small_tmpfs.mountpoint / "state"
-    db = directory / "state.db"
-    outside = small_tmpfs.outside(directory)
-    python = small_tmpfs.python(tmp_path)
-    daemon = start_daemon("--state-dir", str(directory), python=python)
-    async with daemon.client() as c:
-        ids = await _add_until_refused(c)
-        assert len(ids) >= 40, ids
-        for each in ids[:10]:
-            assert await c.ok("del-blocker", {"id": each}) == {}
-        ids = ids[10:]
-        assert _folded(outside, tmp_path / 'copy.db') == ids
-        # The freed pages take new blockers; the disk is filled again.
-        for n in range(5):
-            ids.append((await c.ok("add-blocker", {"reason": f"again {n} " + "x" * 900}))["id"])
-        assert _folded(outside, tmp_path / 'copy.db') == ids
-        ids += await _add_until_refused(c)
-    assert daemon.stop() == 0
-    assert_clean_log(daemon)
-    assert "cannot fold the log" not in daemon.log()
-
-    for how in ("stop", "kill"):
-        again = start_daemon("--state-dir", str(directory), python=python)
-        count = len(ids)
-        again.wait_for_log(f"restored {count} blocker{'s' if count != 1 else ''} from {db}")
-        async with again.client() as c:
-            assert [b["id"] for b in await c.ok("query-blockers")] == ids
-            for each in ids[:5]:
-                assert await c.ok("del-blocker", {"id": each}) == {}
-            ids = ids[5:]
-            assert _folded(outside, tmp_path / 'copy.db') == ids
-            ids.append((await c.ok("add-blocker", {"reason": "after " + "x" * 900}))["id"])
-            ids += await _add_until_refused(c)
-            assert [b["id"] for b in await c.ok("query-blockers")] == ids
-        if how == "stop":
-            assert again.stop() == 0
-        else:
-            again.proc.kill()
-            again.proc.wait()
-    last = start_daemon("--state-dir", str(directory), python=python)
-    last.wait_for_log(f"restored {len(ids)} blockers from {db}")
-    async with last.client() as c:
-        assert await c.ok("del-blocker", {"id": ids[0]}) == {}
-    assert last.stop() == 0

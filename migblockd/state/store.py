@@ -51,7 +51,6 @@ from migblockd.state.errors import (
 from migblockd.state.lock import DatabaseLock, lock_directory
 from migblockd.state.opening import check_and_open, configure, connect
 from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
-from migblockd.state.room import NoRoom, Room, pages
 from migblockd.state.watch import Watched
 
 __all__ = ["SLOW_COMMIT", "Store"]
@@ -68,11 +67,13 @@ SLOW_COMMIT = 1.0
 _LOG_ROOM = 8 << 20
 # SQLITE_IOERR_FSYNC (sqlite3.h): a write that was made, then not synced.
 _IOERR_FSYNC = 10 | (4 << 8)
+
+
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
-    __slots__ = ("_conn", "_database", "_database_lock", "_files", "_fold_failed", "_folded",
-                 "_lock", "_log", "_room", "_watched", "directory", "path")
+    __slots__ = ("_conn", "_database_lock", "_files", "_lock", "_log", "_watched",
+                 "directory", "path")
 
     def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection,
                  database_lock: DatabaseLock) -> None:
@@ -80,20 +81,12 @@ class Store:
         self.path = directory / DATABASE_NAME
         # Where the database and its log really are (state.db may be a link),
         # on the file system whose free space matters.
-        self._database = Path(os.path.realpath(self.path))
-        self._files = self._database.parent
-        self._log = Path(f"{self._database}-wal")
+        self._files = Path(os.path.realpath(self.path)).parent
+        self._log = Path(os.path.realpath(self.path) + "-wal")
         self._lock: PidLock | None = lock
         self._database_lock: DatabaseLock | None = database_lock
         self._conn: sqlite3.Connection | None = conn
         self._watched = Watched(self.path, self._log)
-        page_size: int = conn.execute("PRAGMA page_size").fetchone()[0]
-        self._room = Room(self._database, self._log, page_size, self._watched)
-        # The log is known to be folded back whole (so the next commit writes it
-        # from its start, over space it already has); unknown at start.
-        self._folded = False
-        # The last fold after a commit failed (said once in the log, until one works).
-        self._fold_failed = False
 
     @classmethod
     def open(cls, directory: Path,
@@ -155,25 +148,17 @@ class Store:
     def _commit(self, batches: Sequence[tuple[str, list[schema.Params]]], count: int,
                 started: float) -> None:
         """:meth:`commit`'s work, once the files are known to be the daemon's."""
-        if not self._folded and free_space(self._files) < _LOG_ROOM:
-            # After a start (a crash's log is read whole, as if none of it were
-            # folded yet), or a fold that failed: so that this commit writes the
-            # log from its start, over space it has, rather than after its end.
-            self._fold_log("PASSIVE")
         try:
             self._apply(batches)
-        except (sqlite3.Error, NoRoom) as e:
-            failed: sqlite3.Error | NoRoom | None = e
+        except sqlite3.Error as e:
+            failed: sqlite3.Error | None = e
             # The log may be what fills the disk: empty it, and try once more.
-            if (isinstance(e, NoRoom) or no_space(e, self._files)) and (
-                    self._fold_log("TRUNCATE")):
+            if no_space(e, self._files) and self._fold_log("TRUNCATE"):
                 try:
                     self._apply(batches)
                     failed = None
-                except (sqlite3.Error, NoRoom) as again:
+                except sqlite3.Error as again:
                     failed = again
-            if isinstance(failed, NoRoom):
-                raise failed.error(self.path) from None
             if failed is not None:
                 # A full disk too: the seal's page goes where the failed group's
                 # first one is, in a block the log already has.
@@ -191,50 +176,20 @@ class Store:
             # back and written again from its start: on a disk with less room
             # than that it would take the last of it, leave the database none
             # to grow into, and no commit would succeed again.
-            self._fold_after_commit()
-        else:
-            self._folded = False
+            self._fold_log("PASSIVE")
         took = time.monotonic() - started
         if took >= SLOW_COMMIT:
             log.warning("a commit to %s took %.1f s (%d change%s): its disk or the machine is "
                         "slow, and the clients whose changes it carried waited as long for "
                         "their replies", self.path, took, count, "" if count == 1 else "s")
 
-    def _fold_after_commit(self) -> None:
-        """Fold the log back after a commit; say so when that fails, once in a row."""
-        conn = self._conn
-        if conn is None:
-            return
-        try:
-            row: tuple[int, int, int] = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as e:
-            self._folded = False
-            if not self._fold_failed:
-                self._fold_failed = True
-                # The commit is on disk all the same, in the log.
-                log.warning("cannot fold the log %s back into %s (%s): the changes are "
-                            "safe in the log, which grows with each commit until this "
-                            "succeeds; free space on its file system", self._log,
-                            self.path, one_line(str(e)))
-            return
-        # Not folded whole (another program reading an older state): not an error.
-        busy, frames, folded = row
-        self._folded = busy == 0 and frames == folded
-        if self._fold_failed:
-            self._fold_failed = False
-            log.info("the log %s is folded back into %s again", self._log, self.path)
-
     def _apply(self, batches: Sequence[tuple[str, list[schema.Params]]]) -> None:
         """One transaction; rolled back if it fails."""
         conn = self._connection()
-        puts = sum(len(params) for sql, params in batches if sql == schema.PUT_SQL)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            before = pages(conn) if puts else None
             for sql, params in batches:
                 conn.executemany(sql, params)
-            if before is not None:
-                self._room.check(conn, before, puts, folded=self._folded)
             conn.execute("COMMIT")
         except BaseException:  # also e.g. OverflowError: an integer too large for SQLite
             self._abandon(conn)
@@ -300,13 +255,9 @@ class Store:
         if self._conn is None:
             return False
         try:
-            row: tuple[int, int, int] = self._conn.execute(
-                f"PRAGMA wal_checkpoint({mode})").fetchone()
+            busy: int = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
         except sqlite3.Error:
-            self._folded = False
             return False
-        busy, frames, folded = row
-        self._folded = busy == 0 and frames == folded
         return busy == 0
 
     def close(self) -> None:

@@ -135,7 +135,8 @@ def _coalesce(pending: Mapping[str, str], lines: Sequence[str], *,
     alone would leave the unit reloading until its timeout.  ``RELOADING=1``
     after ``READY=1`` is a new reload: the ``READY=1`` goes.  ``STOPPING=1``
     drops the others.  ``WATCHDOG=1`` is kept only if ``keep_watchdog``: a ping
-    that cannot be sent now is worth nothing later.
+    held back by a full queue is worth sending late (systemd's timer restarts
+    when it arrives); one to a receiver that is not there is not.
     """
     message = dict(pending)
     for line in lines:
@@ -170,12 +171,15 @@ class Notifier:
     long ``daemon-reload``; the queue is the kernel's ``max_dgram_qlen`` datagrams,
     shared by every service), what matters is kept, coalesced into one pending
     message: the latest of ``READY=1``/``RELOADING=1``/``STOPPING=1`` (with
-    the ``MONOTONIC_USEC=`` of a ``RELOADING=1`` a ``READY=1`` ends) and the
-    latest ``STATUS=``.  It is retried on a timer backing off from
-    :data:`RETRY_FIRST` to :data:`RETRY_MAX`, and with every later message; a
-    ``WATCHDOG=1`` that cannot be sent is dropped (the next one goes).  One
-    warning when the queue is first found full, one info line when messages go
-    through again.  :meth:`close` makes one last non-blocking attempt.
+    the ``MONOTONIC_USEC=`` of a ``RELOADING=1`` a ``READY=1`` ends), the
+    latest ``STATUS=``, and a ``WATCHDOG=1`` (late, it still restarts systemd's
+    timer; dropped, the next ping came half the watchdog's time later, with no
+    margin left).  It is retried on a timer backing off from
+    :data:`RETRY_FIRST` to :data:`RETRY_MAX`, and with every later message.  A
+    receiver that is not there (``ECONNREFUSED``) has the state kept and
+    retried alike.  One warning when the queue is first found full, one info
+    line when messages go through again.  :meth:`close` makes one last
+    non-blocking attempt.
     """
 
     def __init__(
@@ -205,10 +209,10 @@ class Notifier:
         self._pending: dict[str, str] = {}
         self._retry: asyncio.TimerHandle | None = None
         self._retry_delay = RETRY_FIRST
-        #: Since the queue was found full: messages held back, pings dropped.
+        #: Since the queue was found full: messages and pings held back.
         self._full = False
         self._held = 0
-        self._dropped_pings = 0
+        self._held_pings = 0
 
     @classmethod
     async def open(cls, env: Mapping[str, str] = os.environ) -> Notifier:
@@ -264,12 +268,15 @@ class Notifier:
         elif isinstance(error, BlockingIOError) or error.errno == errno.ENOBUFS:
             self._queue_full(lines, error)
         else:
-            self._cancel_retry()
-            self._pending = {}
+            # Nobody bound there now (ECONNREFUSED, ENOENT), or another error: the
+            # state is kept and tried again, as with a full queue, for a receiver
+            # that comes back (the STATUS= it was last sent is not sent twice).
+            self._pending = _coalesce(self._pending, lines, keep_watchdog=False)
             self._full = False
             level = logging.DEBUG if self._failing else logging.WARNING
             self._failing = True
             logger.log(level, "sd_notify %r failed: %r", payload.decode(), error)
+            self._schedule_retry()
 
     def _sendto(self, payload: bytes) -> OSError | None:
         sock, address = self._sock, self._address
@@ -292,28 +299,34 @@ class Notifier:
         self._retry_delay = RETRY_FIRST
         if self._full:
             logger.info("sd_notify: NOTIFY_SOCKET %s has room again: sent %r (%d message(s) "
-                        "held back and sent as one, %d watchdog ping(s) dropped meanwhile)",
-                        self._display, payload.decode(), self._held, self._dropped_pings)
+                        "and %d watchdog ping(s) held back and sent as one)",
+                        self._display, payload.decode(), self._held, self._held_pings)
             self._full = False
         if self._failing:
             logger.info("sd_notify works again")
             self._failing = False
 
     def _queue_full(self, lines: tuple[str, ...] | list[str], error: OSError) -> None:
-        self._pending = _coalesce(self._pending, lines, keep_watchdog=False)
+        # A watchdog ping is kept too: systemd resets its timer when a ping
+        # arrives, so one sent late is as good as one on time, where one dropped
+        # left the next, half the watchdog's time later, with no margin at all.
+        self._pending = _coalesce(self._pending, lines, keep_watchdog=True)
         pinged = any(line.startswith("WATCHDOG=") for line in lines)
         if not self._full:
             self._full = True
-            self._held = self._dropped_pings = 0
+            self._held = self._held_pings = 0
             logger.warning(
                 "sd_notify: NOTIFY_SOCKET %s is full (nobody reads it): %s; keeping the "
-                "latest state and STATUS= to send when it has room (retried after %g s, "
-                "backing off to every %g s), dropping watchdog pings meanwhile",
+                "latest state, STATUS= and watchdog ping to send when it has room (retried "
+                "after %g s, backing off to every %g s)",
                 self._display, error.strerror or error, RETRY_FIRST, RETRY_MAX)
         if pinged:
-            self._dropped_pings += 1
+            self._held_pings += 1
         if len(lines) > int(pinged):
             self._held += 1
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
         if self._pending and self._retry is None:
             loop = asyncio.get_running_loop()
             self._retry = loop.call_later(self._retry_delay, self._retry_pending)

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -197,12 +198,32 @@ async def test_send_failures_are_logged_not_raised(
     assert [r.levelno for r in failures] == [logging.WARNING, logging.DEBUG]
 
     # The socket is unconnected, so a receiver that appears (or is re-created)
-    # later gets the next message.
+    # later gets the next message, and with it the state it missed: found by
+    # review, the READY=1 that failed was lost, and a STATUS= equal to the last
+    # one tried was never sent again.
     stream = await asyncio_dgram.bind(str(path))
     try:
         await notifier.status("back")
-        assert await recv(stream) == "STATUS=back"
+        assert await recv(stream) == "READY=1\nSTATUS=back"
         assert "sd_notify works again" in caplog.text
+        await notifier.status("back")  # nothing new: nothing sent
+        await notifier.status("again")
+        assert await recv(stream) == "STATUS=again"
+    finally:
+        stream.close()
+        await notifier.close()
+
+
+async def test_a_receiver_that_comes_back_by_itself_gets_the_state(short_tmp: Path) -> None:
+    # Found by review: with nobody bound at NOTIFY_SOCKET, READY=1 and the last
+    # STATUS= were dropped; a receiver bound later (a notify proxy restarted)
+    # never learnt them.  They are kept and retried on the timer.
+    path = short_tmp / "notify"
+    notifier = await Notifier.open({"NOTIFY_SOCKET": str(path)})
+    await notifier.ready("up")
+    stream = await asyncio_dgram.bind(str(path))
+    try:
+        assert await recv(stream) == "READY=1\nSTATUS=up"  # no message of ours needed
     finally:
         stream.close()
         await notifier.close()
@@ -359,10 +380,12 @@ async def test_a_full_notify_socket_holds_the_latest_state_and_never_blocks(
         sock.close()
 
 
-async def test_a_full_notify_socket_drops_pings_and_close_tries_once(
+async def test_a_full_notify_socket_holds_a_ping_and_close_tries_once(
         short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Watchdog pings that find the queue full are dropped, not kept; at close,
-    what is held back gets one last attempt, which does not wait."""
+    """A watchdog ping that finds the queue full is held back with the state and
+    sent late (found by review: dropped, the next ping came a whole watchdog
+    interval after the last one systemd got, with no margin); at close, what is
+    held back gets one last attempt, which does not wait."""
     path = short_tmp / "notify"
     sock = plain_receiver(path)
     try:
@@ -374,9 +397,11 @@ async def test_a_full_notify_socket_drops_pings_and_close_tries_once(
         await asyncio.sleep(0.2)  # some 20 pings, every one finding the queue full
         assert drain(sock) == ["FILLER=1"] * fillers
         got = await read_all(sock)
-        # The STATUS= held back, with the ping that found room, or before the next.
-        assert got[0] in ("STATUS=s\nWATCHDOG=1", "STATUS=s"), got
+        # The STATUS= held back, and the ping held back with it.
+        assert got[0] == "STATUS=s\nWATCHDOG=1", got
         assert set(got[1:]) <= {"WATCHDOG=1"}, got
+        assert re.search(r"has room again: sent .* \(1 message\(s\) and [1-9][0-9]* watchdog "
+                         r"ping\(s\) held back and sent as one\)", caplog.text), caplog.text
 
         fill(path)
         await notifier.stopping("bye")

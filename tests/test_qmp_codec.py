@@ -1142,7 +1142,7 @@ def test_a_long_number_arriving_in_pieces_is_lexed_about_once(
     # Found by review: a number of 1 MiB arriving 4 KiB at a time was lexed whole
     # at every read (9 s of the event loop for one client's megabyte).
     lexed = [0]
-    real_progress, real_token = resync.lexical_progress, resync.number_token
+    real_progress, real_token = lexer.lexical_progress, lexer.number_token
 
     def progress(text: str) -> tuple[str, int] | int:
         lexed[0] += len(text)

@@ -50,13 +50,6 @@ FAST_DEPTH: Final = 3
 FAST_MESSAGE = re.compile(_nested(FAST_DEPTH))
 SCALAR = re.compile(rb"[^ \t\r\n{}\[\]\",:'" + STRING_BAD + rb"]++")
 RESYNC = re.compile(rb"[\n" + RESET_CLASS + rb"]")
-# Where a request can begin again after garbage at the top level: a "{" (QMP
-# requests are objects) or a line feed.  A reset byte restarts the skipping
-# (see migblockd.qmp.resync).
-RESYNC_TOP = re.compile(rb"[{\n]")
-# The same, or a quote (where a string in the garbage begins), or a reset byte
-# (see migblockd.qmp.resync).
-RESYNC_TOP_QUOTE_OR_RESET = re.compile(rb'[{\n"' + RESET_CLASS + rb"]")
 # Garbage at the top level, token by token as QEMU's lexer reads it
 # (qobject/json-lexer.c): blanks but the line feed, closers and separators,
 # keywords, whole strings (no control character in them: the lexer fails at

@@ -12,8 +12,8 @@ client disconnected (``StopAsyncIteration``), the connection lost
 (:class:`DisconnectedError`) or its bound passed (:class:`EventsLostError`).
 
 :class:`EventSource` is a part of :class:`~migblockd.client.MigblockClient` (a base
-class of it): the streams it feeds are its state, which the client's ``__init__``
-sets, and what of the client it reads is named there.
+class of it): the streams it feeds are its state, and what of the client it reads
+is named there.
 """
 
 from __future__ import annotations
@@ -137,11 +137,12 @@ class HeldId:
 class EventSource:
     """The event streams of :class:`~migblockd.client.MigblockClient` (a base class of it)."""
 
-    # Its own state; MigblockClient.__init__ sets it, with the rest.
-    _streams: weakref.WeakSet[EventStream]
-    _held_ids: list[HeldId]
     # The client's, which it reads.
     path: str
+
+    def __init__(self) -> None:
+        self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
+        self._held_ids: list[HeldId] = []  # the ids holding() blocks chose
 
     @property
     def connected(self) -> bool:

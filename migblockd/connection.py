@@ -39,8 +39,8 @@ class Connection:
     which clears it); None until then.
     """
 
-    __slots__ = ("answer", "closed", "counted", "label", "number", "owner", "pin", "quiet",
-                 "refused", "role", "session", "suspended", "waiting")
+    __slots__ = ("answer", "closed", "counted", "label", "number", "owner", "pin", "pooled",
+                 "quiet", "refused", "role", "session", "suspended", "waiting")
 
     def __init__(self, number: int, owner: Owner | None, session: Session) -> None:
         self.number = number
@@ -57,6 +57,9 @@ class Connection:
         self.role: Role | None = None
         #: The uid its slot counts against (--max-clients-per-uid), fixed at admission.
         self.counted = None if owner is None else owner.uid
+        #: Whether its slot counts against ``counted``'s bound: not an admin's, which is
+        #: exempt from it, and must not use up the bound of its subordinate uids either.
+        self.pooled = False
         if owner is None:
             self.label = f"client {number}"
         else:

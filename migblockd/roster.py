@@ -116,7 +116,9 @@ class Roster:
                 log.warning("%s: refused: %s%s", conn.label, desc, more, extra=about(conn))
         else:
             self.connections[conn] = None
-            self.admission.admit(conn.counted)
+            conn.pooled = not admin
+            if conn.pooled:
+                self.admission.admit(conn.counted)
             # A user connecting in a loop made two lines a connection (3,900 a second):
             # past a burst, neither is logged, the admins' excepted.  Its changes
             # and refusals still name it.
@@ -192,7 +194,8 @@ class Roster:
         """Free ``conn``'s slot (once) and release its connection-scoped blockers."""
         if conn in self.connections:
             del self.connections[conn]
-            self.admission.release(conn.counted)
+            if conn.pooled:
+                self.admission.release(conn.counted)
         released = self.registry.release(conn)
         if released:
             ids = [b.id for b in released]

@@ -272,6 +272,42 @@ def test_a_users_subordinate_uids_share_its_per_uid_limits(
     own.ok("add-blocker", {"reason": "r", "id": "hers"})
 
 
+def test_an_admins_own_connections_and_blockers_use_up_no_subordinate_uids_limits(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Found by review: an admin is exempt from the per-uid limits, but what it held
+    # still filled the count its subordinate uids are judged by (root's subordinate
+    # uids are every rootful container's): they were refused while owning nothing.
+    config = ("max-blockers-per-uid = 2\nmax-clients-per-uid = 2\n"
+              + POLICY.replace('mbt-olga = "observer"', 'mbt-olga = "admin"'))
+    daemon = serve(config)
+    olga = accounts["mbt-olga"]
+    first, second, third = OLGA_SUBUIDS[1], OLGA_SUBUIDS[2], OLGA_SUBUIDS[3]
+    admin = [connect(daemon, olga) for _ in range(3)]  # past the bound: exempt
+    for n in range(3):
+        admin[n].ok("add-blocker", {"reason": "r", "id": f"olga{n}"})
+    a, b = connect(daemon, first, first), connect(daemon, second, second)
+    a.ok("add-blocker", {"reason": "r", "id": "a"})
+    b.ok("add-blocker", {"reason": "r", "id": "b"})
+    # Only their own count: two connections and two blockers.
+    assert a.error("add-blocker", {"reason": "r"}) == (
+        f"Too many migration blockers for uid {olga.uid} (mbt-olga) and its subordinate "
+        "uids: they own 2, max-blockers-per-uid is 2")
+    refused = connect(daemon, third, third, negotiate=False)
+    assert refused.greeting == {"error": {"class": "GenericError", "desc": (
+        f"migblockd is already serving max-clients-per-uid=2 clients of uid {olga.uid} "
+        "(mbt-olga) and its subordinate uids; try again later")}}
+    # The admin's connections going frees none of theirs; one of theirs going does.
+    for client in admin:
+        client.close()
+        daemon.wait_for_log(f"(pid {client.pid}, uid {olga.uid}, gid {olga.gid}) disconnected")
+    assert "error" in connect(daemon, third, third, negotiate=False).greeting
+    b.ok("del-blocker", {"id": "b"})
+    b.close()
+    daemon.wait_for_log(f"(pid {b.pid}, uid {second}, gid {second}) disconnected")
+    connect(daemon, third, third).ok("add-blocker", {"reason": "r", "id": "c"})
+
+
 def test_the_start_logs_the_policy_it_serves_with(
         serve: Callable[..., DaemonProcess]) -> None:
     daemon = serve(POLICY.replace('default-role = "client"', 'default-role = "observer"'))

@@ -178,14 +178,17 @@ class GateHandlers(Forwarding):
             return super().del_blocker(conn, args)
         # Named as query-blockers names them: by position in QEMU's blocked-reasons.
         listed = 0
-        if self.qemu.connected:
+        if self.qemu.present:
             try:
                 info = yield Call("query-migrate", {})
             except QemuSilent as exc:
                 raise QemuSilent(f"whether QEMU has a blocker '{id}' cannot be told: QEMU "
                                  f"did not answer migblockd's query-migrate ({exc})") from None
-            except QemuUnavailable:
-                pass  # gone meanwhile: query-blockers would list none of QEMU's
+            except QemuUnavailable as exc:
+                if self.qemu.present:  # there, not answering: not set up yet
+                    raise QemuUnavailable(f"whether QEMU has a blocker '{id}' cannot be "
+                                          f"told: {exc}") from None
+                # Gone meanwhile: query-blockers would list none of QEMU's.
             else:
                 self.qemu.saw(info)
                 listed = len(reasons_of(info))
@@ -202,7 +205,7 @@ class GateHandlers(Forwarding):
         ours = super().query_blockers(conn, args)
         assert isinstance(ours, Parts)
         mode = args.get("mode")
-        if not self.qemu.connected or (mode is not None and mode != self.registry.mode):
+        if not self.qemu.present or (mode is not None and mode != self.registry.mode):
             return ours
         try:
             info = yield Call("query-migrate", {})
@@ -211,7 +214,11 @@ class GateHandlers(Forwarding):
             # QEMU with blockers would say that nothing blocks migration.
             raise QemuSilent(f"QEMU's own blockers cannot be listed: QEMU did not answer "
                              f"migblockd's query-migrate ({exc})") from None
-        except QemuUnavailable:
+        except QemuUnavailable as exc:
+            if self.qemu.present:
+                # There (it accepted the connection) and not set up yet: as silent.
+                raise QemuUnavailable(f"QEMU's own blockers cannot be listed: {exc}"
+                                      ) from None
             return ours  # gone meanwhile: as while QEMU is away
         self.qemu.saw(info)
         theirs = ", ".join(encode(self._qemu_blocker(n, reason))

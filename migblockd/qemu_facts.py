@@ -106,10 +106,11 @@ class QemuFacts:
     handed to QEMU ended, as QEMU's MIGRATION events or ``query-migrate``
     answers showed (``awaiting``: one was handed over and its end not seen).
 
-    ``learnt``: migblockd has heard from a QEMU
-    whether it migrates (a ``query-migrate`` answer, a ``MIGRATION`` event)
-    since it started.  Until then, a QEMU that is there may be migrating (one
-    migblockd handed over before a restart).
+    ``learnt``: migblockd has heard from QEMU whether it migrates (a
+    ``query-migrate`` answer, a ``MIGRATION`` event) since it last connected to
+    it.  Until then, a QEMU that is there may be migrating (one migblockd handed
+    over before a restart, or one that another client of QEMU's monitors started
+    while migblockd was not connected, or another QEMU's, on the same path).
     """
 
     path: Path
@@ -177,7 +178,7 @@ class QemuFacts:
         """Whether QEMU, not answering now, may be migrating.
 
         A QEMU that is there: nothing said whether it does since migblockd
-        started, or a ``migrate`` handed to it is unanswered, or one it took has
+        last connected to it, or a ``migrate`` handed to it is unanswered, or one it took has
         not been seen to end (``awaiting``: with the events capability off,
         nothing reports its start, and ``status`` may be what QEMU said before
         it), or the last status it reported (an event, a ``query-migrate``) is

@@ -688,7 +688,8 @@ async def test_a_lost_migration_ends_when_its_qemu_exits_whatever_holds_the_moni
     something else (a listener that never greets, as a QEMU whose monitor has a
     client already) kept the dead QEMU's migration "running" for good: every
     add-blocker was refused, and its clients never heard its last event.  Its end is
-    the process's exit, which the kernel tells (a pidfd) whatever owns the path."""
+    the process's exit, which the kernel tells (a pidfd) whatever owns the path.  (What
+    holds the path takes no blocker until it says whether it migrates, or goes.)"""
     qemu = qemu_factory(memory="1G")
     d = await gated(start_daemon, qemu)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as holder:
@@ -707,7 +708,16 @@ async def test_a_lost_migration_ends_when_its_qemu_exits_whatever_holds_the_moni
             d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration "
                            "it ran (last status active) cannot complete; clients are sent "
                            "MIGRATION failed")
-            await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+            # What holds the path now is there and has said nothing (as a QEMU whose
+            # monitor has a client already): it may be migrating, and takes no blocker.
+            refused = await c.execute("add-blocker", {"reason": SEV, "id": "sev"}, id=1)
+            assert refused == error(GENERIC, BUSY_SEV, 1)
+            holder.close()
+
+            async def added() -> bool:
+                return "return" in await c.execute("add-blocker", {"reason": SEV, "id": "sev"})
+
+            await wait_until(added, "a blocker taken once nothing holds the path")
             assert [b["id"] for b in await c.ok("query-blockers")] == ["sev"]
     assert d.log().count("has exited") == 1
     assert "nobody listens" not in d.log()
@@ -1322,3 +1332,51 @@ async def test_a_command_whose_connection_was_made_again_blames_no_restart(
         assert str(refused.value) == (
             f"The connection to QEMU at '{qemu.gate_socket}' was lost and made again while "
             "migblockd checked the command: nothing more of it was sent; try again")
+
+
+async def test_a_qemu_met_again_takes_no_blocker_on_what_the_one_before_said(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    """Found by review: migblockd had heard from a QEMU that it did not migrate; that
+    QEMU died, and another one, migrating, took the gate's path and did not greet
+    (stopped).  migblockd took an add-blocker on the first one's word, the second one
+    migrated on with the blocker listed, and query-blockers said QEMU had no blocker
+    of its own while it could not tell."""
+    first, second = qemu_factory(), qemu_factory(memory="1G")
+    assert second.proc is not None
+    d = gate(start_daemon, first)
+    await connected(d)
+    async with d.client() as c:
+        assert (await c.ok("query-migrate")).get("status") is None  # heard: none
+        async with second.monitor() as mon:
+            await start_slow_migration(mon)
+        second.proc.send_signal(signal.SIGSTOP)
+        try:
+            first.kill()
+            os.rename(second.gate_socket, first.gate_socket)
+
+            async def met() -> bool:
+                reply = await c.execute("query-migrate")
+                return "has not greeted yet" in reply.get("error", {}).get("desc", "")
+
+            await wait_until(met, "migblockd connected to the stopped QEMU")
+            added = await c.execute("add-blocker", {"reason": SEV, "id": "late"}, id=1)
+            listed = await c.execute("query-blockers", id=2)
+            deleted = await c.execute("del-blocker", {"id": "qemu:1"}, id=3)
+        finally:
+            second.proc.send_signal(signal.SIGCONT)
+        assert added == error(GENERIC, BUSY_SEV, 1)
+        unmet = (f"Not connected to QEMU's monitor at '{first.gate_socket}': QEMU accepted "
+                 "the connection but has not greeted yet")
+        assert listed == error(GENERIC, f"QEMU's own blockers cannot be listed: {unmet}", 2)
+        assert deleted == error(
+            GENERIC, f"whether QEMU has a blocker 'qemu:1' cannot be told: {unmet}", 3)
+
+        async def migrating() -> bool:
+            reply = await c.execute("query-migrate")
+            return reply.get("return", {}).get("status") in {"setup", "active"}
+
+        await wait_until(migrating, "the second QEMU answering that it migrates")
+        assert await c.ok("query-blockers") == []
+        await c.ok("migrate_cancel")
+    assert_clean_log(d)

@@ -303,6 +303,10 @@ class Bridge:
             if state == "disconnected" and facts.cut_off:
                 self._watch_for_exit()
             facts.status = facts.blockers = None
+            # What QEMU said is void: while migblockd is not connected, another
+            # client of its monitors may start a migration, and another QEMU may
+            # take the socket's path.  Until it answers again, it may be migrating.
+            facts.learnt = False
             self._evented = False
         self._wake()
 

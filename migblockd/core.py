@@ -115,7 +115,7 @@ class Core(Roster, Outcomes):
         self._said_succeeding = False
         self._remedied = set()
         # Commands and events whose outcome waits for their commit: counted then.
-        self._unsettled: list[tuple[int, str, int, bool, bool]] = []
+        self._unsettled: list[tuple[int, str, int, bool, bool, bool]] = []
         self._unsettled_events: list[tuple[int, Event]] = []
         self._calls: list[tuple[Connection, Call]] = []
         self.stats = Stats(name for name, cmd in self.table.items() if cmd.handler is not None)
@@ -372,12 +372,16 @@ class Core(Roster, Outcomes):
                               extra=about(conn))
                 error = internal_error(name)
                 session.fail(request, error, stamp, durable)
+        # Counted with the command's outcome, not by the handler: a counter that the
+        # handler's count is taken from could go down in between, while one waits.
+        starts = name == "migrate" and request.args.get("resume") is not True
         if stamp:
             # Its reply waits for the commit, and a durable one fails with it: its
             # outcome, and the time it took, are known then (outcomes.py).
-            self._unsettled.append((stamp, name, started, error is None, durable))
+            self._unsettled.append((stamp, name, started, error is None, durable, starts))
         else:
-            self.stats.command(name, perf_counter_ns() - started, error is None)
+            self.stats.command(name, perf_counter_ns() - started, error is None,
+                               starts=starts)
 
     def _publish(self, durable: bool) -> None:
         """Deliver the registry's queued events to every negotiated session."""

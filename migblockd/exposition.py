@@ -233,9 +233,12 @@ class _NoAnswer(Exception):
 
 
 class _Only(Collector):
-    """The families of ``registry`` named in ``names`` (by family or by sample name),
-    as prometheus_client's ``name[]`` filter: the collectors here describe nothing
-    in advance, so its own restricted registry would find none."""
+    """The samples of ``registry`` named in ``names``, in their families, as
+    prometheus_client's ``name[]`` filter answers (``RestrictedRegistry``): by
+    sample name (``migblockd_blockers_added_total``, not the family's
+    ``migblockd_blockers_added``; a histogram's ``_count`` without its buckets).
+    The collectors here describe nothing in advance, so its own restricted
+    registry would find none."""
 
     def __init__(self, registry: CollectorRegistry, names: list[str]) -> None:
         self.registry = registry
@@ -243,8 +246,11 @@ class _Only(Collector):
 
     def collect(self) -> Iterable[Metric]:
         for family in self.registry.collect():
-            if family.name in self.names or any(s.name in self.names for s in family.samples):
-                yield family
+            samples = [sample for sample in family.samples if sample.name in self.names]
+            if samples:
+                only = Metric(family.name, family.documentation, family.type, family.unit)
+                only.samples = samples
+                yield only
 
 
 def _plain(status: str, text: str, headers: list[tuple[str, str]] | None = None,

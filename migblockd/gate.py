@@ -283,8 +283,6 @@ class GateHandlers(Forwarding):
             raise
         finally:
             self.qemu.busy = False
-        if resume:
-            self.qemu.resumed += 1  # the same migration: not one more started
         log.info("%s: migration to %s %s QEMU", conn.label, uri,
                  "resumed by" if resume else "handed to", extra=about(conn))
         return result

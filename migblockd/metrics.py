@@ -153,12 +153,10 @@ class DaemonCollector(Collector):
     def _migrations(self) -> Iterator[Metric]:
         core = self.core
         stats = core.stats
-        started = stats.commands["migrate"].ok if "migrate" in stats.commands else 0
         handlers = core.handlers
-        if isinstance(handlers, GateHandlers):
-            started -= handlers.qemu.resumed  # accepted, but no new migration
         yield CounterMetricFamily("migblockd_migrations_started",
-                                  "Migrations started (migrate accepted)", value=started)
+                                  "Migrations started (migrate accepted)",
+                                  value=stats.migrations_started)
         yield _by_reason("migblockd_migrations_refused", "migrate refusals, by reason",
                          stats.migrations_refused)
         if isinstance(handlers, GateHandlers):

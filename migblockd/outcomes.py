@@ -58,7 +58,7 @@ class Outcomes:
     stats: Stats
     #: Commands whose replies wait for a commit: (stamp, name, started, ok, durable),
     #: and the events of durable ones: counted once the commit is done or has failed.
-    _unsettled: list[tuple[int, str, int, bool, bool]]
+    _unsettled: list[tuple[int, str, int, bool, bool, bool]]
     _unsettled_events: list[tuple[int, Event]]
     #: Commits failed since the last that succeeded, and the last one's reason.
     _failed_commits: int
@@ -180,9 +180,10 @@ class Outcomes:
         stats = self.stats
         left = []
         for entry in self._unsettled:
-            held, name, started, ok, durable = entry
+            held, name, started, ok, durable, starts = entry
             if stamp is None or held <= stamp:
-                stats.command(name, now - started, ok and not (failed and durable))
+                stats.command(name, now - started, ok and not (failed and durable),
+                              starts=starts)
             else:
                 left.append(entry)
         self._unsettled = left

@@ -126,7 +126,6 @@ class QemuFacts:
     blockers: int | None = None
     ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDINGS, 0))
     awaiting: bool = False
-    resumed: int = 0
     learnt: bool = False
     #: Whether QEMU accepted the connection and the link's set-up waits for it (its
     #: greeting, or its first answers: a busy main loop) (the link's).

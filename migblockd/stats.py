@@ -145,7 +145,7 @@ class Stats:
 
     __slots__ = ("blockers_added", "blockers_deleted", "blockers_refused", "commands",
                  "commit_failures", "commits", "connections", "connections_refused",
-                 "dropped", "migrations_refused", "protocol_replies")
+                 "dropped", "migrations_refused", "migrations_started", "protocol_replies")
 
     def __init__(self, commands: Iterable[str]) -> None:
         self.commands = {name: CommandStats() for name in commands}
@@ -155,6 +155,8 @@ class Stats:
         self.blockers_added = 0
         self.blockers_deleted = dict.fromkeys(DELETE_CAUSES, 0)
         self.blockers_refused = dict.fromkeys(ADD_REFUSALS, 0)
+        #: migrate accepted, a resume of a paused one not counted (the same migration).
+        self.migrations_started = 0
         self.migrations_refused = dict.fromkeys(MIGRATE_REFUSALS, 0)
         self.connections = 0  # accepted, including those turned away
         #: Connections turned away, by why (CONNECTION_REFUSALS).
@@ -163,11 +165,14 @@ class Stats:
         self.commits = Histogram(COMMIT_BUCKETS)
         self.commit_failures = 0
 
-    def command(self, name: str, ns: int, ok: bool) -> None:
-        """A command of the table was answered, ``ns`` after it started."""
+    def command(self, name: str, ns: int, ok: bool, *, starts: bool = False) -> None:
+        """A command of the table was answered, ``ns`` after it started; ``starts``:
+        it is a ``migrate`` that starts a migration if it succeeds (not a resume)."""
         stats = self.commands[name]
         if ok:
             stats.ok += 1
+            if starts:
+                self.migrations_started += 1
         else:
             stats.errors += 1
         latency = stats.latency  # Histogram.observe, inlined: this runs for every request

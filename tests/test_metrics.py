@@ -239,7 +239,8 @@ async def test_tcp_on_a_port_the_kernel_picks(
     metrics = scrape(("127.0.0.1", port))
     assert metrics.value("migblockd_clients") == 0
     assert "migblockd_commit_duration_seconds" not in metrics.types  # nothing is committed
-    async with d.client():
+    async with d.client() as c:
+        await c.ok("query-version")  # a command's latency, for the filter below
         assert scrape(("127.0.0.1", port)).value("migblockd_clients") == 1
     # What Prometheus asks for: OpenMetrics, gzip; and a filter by name.
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -254,6 +255,15 @@ async def test_tcp_on_a_port_the_kernel_picks(
     conn.close()
     assert body == ("# HELP migblockd_clients Clients connected now\n"
                     "# TYPE migblockd_clients gauge\nmigblockd_clients 0.0\n# EOF\n")
+    # The filter names samples, as prometheus_client's does: a histogram's _count
+    # without its buckets, and a counter by its _total, not by its family's name.
+    _, _, only = get(http.client.HTTPConnection("127.0.0.1", port, timeout=10),
+                     "/metrics?name[]=migblockd_command_duration_seconds_count"
+                     "&name[]=migblockd_blockers_added&name[]=migblockd_connections_total")
+    samples = [line.split("{")[0].split(" ")[0] for line in only.splitlines()
+               if not line.startswith("#")]
+    assert set(samples) == {"migblockd_command_duration_seconds_count",
+                            "migblockd_connections_total"}, only
     # gzip refused by its weight (RFC 9110, 12.5.3): the plain text.
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/metrics?name[]=migblockd_clients",

@@ -337,6 +337,52 @@ def test_gate_reports_the_link_qemus_own_blockers_and_how_its_migrations_end() -
 
 
 
+def test_migrations_started_never_goes_down_while_a_resume_waits_for_a_commit() -> None:
+    # Found by review: the counter was migrate's successes less the resumes the
+    # gate had counted; a resume's success is counted when its reply is released
+    # (after the commit another client's change holds it for), the resume at once:
+    # in between, a scrape saw the counter go down, which Prometheus takes for a
+    # restart of the daemon.
+    registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
+    facts = QemuFacts(Path("/run/vm.qmp"), connected=True, version="7.2.0",
+                      learnt=True, commands={"migrate": frozenset({"uri", "resume"})})
+    core = Core(CONTRACT, registry, Config().limits, durable=True,
+                policy=Policy.of(Role.ADMIN), handlers=GateHandlers(CONTRACT, registry, facts))
+    a, b = connect(core, ADMIN), connect(core, ADMIN + 1)
+
+    def answered(conn: Connection, request: dict[str, Any], *answers: object) -> None:
+        core.receive_data(conn, json.dumps(request).encode())
+        core.execute(conn, 32)
+        for answer in answers:
+            assert len(core.take_calls()) == 1
+            core.resume(conn, answer)
+
+    def commit() -> None:
+        group = core.take_group()
+        assert group is not None
+        core.committed(group)
+
+    answered(b, add("r", id="x", modes=["cpr-reboot"]), {})
+    commit()
+    answered(a, {"execute": "migrate", "arguments": {"uri": "tcp:h:1"}}, {}, {})
+    assert scrape(core).value("migblockd_migrations_started_total") == 1
+    core.data_to_send(a)
+    facts.saw_status("postcopy-paused")
+    answered(a, {"execute": "migrate", "arguments": {"uri": "tcp:h:2", "resume": True}})
+    # While QEMU runs the resume, a change (a delete: QEMU takes no blocker while
+    # paused) waits for its commit, and with it every reply answered meanwhile.
+    answered(b, {"execute": "del-blocker", "arguments": {"id": "x"}})
+    (_, call), = core.take_calls()
+    assert call.name == "migrate"
+    core.resume(a, {})
+    assert core.data_to_send(a) == b""  # held
+    assert scrape(core).value("migblockd_migrations_started_total") == 1
+    commit()
+    assert [m for m in lines(core.data_to_send(a)) if "event" not in m] == [{"return": {}}]
+    assert scrape(core).value("migblockd_migrations_started_total") == 1
+    assert core.stats.commands["migrate"].ok == 2
+
+
 def call(app: MetricsApp, method: str = "GET") -> tuple[str, bytes]:
     """One WSGI request to ``app``: its status line and body."""
     statuses: list[str] = []

@@ -13,7 +13,9 @@ How a uid gets its role (:meth:`Resolver.role`):
    so that one user can be given less (or more) than their groups;
 3. else the highest role among the ``groups`` entries for any of its groups:
    the gid the kernel reported for the connection, the user's primary group
-   and its supplementary groups in the group database;
+   and its supplementary groups in the group database.  A reported gid that is
+   none of those, and a subordinate gid of a user (``/etc/subgid``), gives at
+   most that user's role: the user can make it theirs with ``newgidmap``;
 4. else ``default-role``;
 5. and a subordinate uid (``/etc/subuid``, see subuid(5)) that no ``users``
    entry names gets at most what the user it belongs to gets: that user can
@@ -25,10 +27,8 @@ A connection whose credentials the kernel did not give has ``default-role``.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import grp
-import itertools
 import os
 import pwd
 from collections.abc import Callable, Iterable
@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from migblockd.access import Policy, Role, is_number
+from migblockd.subordinates import SUBGID_FILE, SUBUID_FILE, Subordinates
 
 __all__ = [
     "CACHE_SIZE",
@@ -45,14 +46,10 @@ __all__ = [
     "group_name",
     "groups_of",
     "named_like",
-    "subordinate_ranges",
     "user_name",
     "who",
 ]
 
-
-#: Where shadow-utils grants subordinate uids (subuid(5)).
-SUBUID_FILE: Final = "/etc/subuid"
 
 #: Distinct (uid, gid) pairs remembered before the cache starts over: a bound,
 #: not a tuning knob (each entry is a few dozen bytes).
@@ -70,33 +67,24 @@ class Resolver:
 
     policy: Policy
     daemon_uid: int
-    #: Where the subordinate uids are granted (read once, as the databases' names are).
+    #: Where the subordinate uids and gids are granted (read once, as the databases'
+    #: names are).
     subuid_file: str = SUBUID_FILE
+    subgid_file: str = SUBGID_FILE
     _users_by_id: dict[int, Role] = field(init=False, repr=False)
     _users_by_name: dict[str, Role] = field(init=False, repr=False)
     _groups_by_id: dict[int, Role] = field(init=False, repr=False)
     _groups_by_name: dict[str, Role] = field(init=False, repr=False)
     _cache: dict[tuple[int, int | None], Role] = field(init=False, repr=False)
-    #: The subordinate ranges as (first, past the last, owner's uid), sorted.
-    _subordinate: list[tuple[int, int, int]] = field(init=False, repr=False)
-    _starts: list[int] = field(init=False, repr=False)
-    _overlapping: bool = field(init=False, repr=False)
+    _subuids: Subordinates = field(init=False, repr=False)
+    _subgids: Subordinates = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._users_by_id, self._users_by_name = _split(self.policy.users)
         self._groups_by_id, self._groups_by_name = _split(self.policy.groups)
         self._cache = {}
-        # Owners' names looked up once (a reload reads the file again): a quota
-        # asks at every add-blocker.  A range of an unknown user is nobody's.
-        ranges = []
-        for start, count, key in subordinate_ranges(self.subuid_file):
-            owner = int(key) if is_number(key) else _uid_of(key)
-            if owner is not None and count > 0:
-                ranges.append((start, start + count, owner))
-        self._subordinate = sorted(ranges)
-        self._starts = [start for start, _, _ in self._subordinate]
-        self._overlapping = any(later[0] < earlier[1] for earlier, later
-                                in itertools.pairwise(self._subordinate))
+        self._subuids = Subordinates(self.subuid_file, _uid_of)
+        self._subgids = Subordinates(self.subgid_file, _uid_of)
 
     def role(self, uid: int | None, gid: int | None = None) -> Role:
         """The role of a peer with this uid (and, from ``SO_PEERCRED``, gid).
@@ -130,7 +118,16 @@ class Resolver:
             return role
         role = self.policy.default_role
         if self._groups_by_id or self._groups_by_name:
-            roles = [r for g in groups_of(uid, gid) if (r := self._group_role(g)) is not None]
+            listed = groups_of(uid, None)
+            roles = [r for g in listed if (r := self._group_role(g)) is not None]
+            if gid is not None and gid not in listed:
+                reported = self._group_role(gid)
+                if reported is not None:
+                    owner = self._subgids.owner_of(gid)
+                    if owner is not None:
+                        # Not a member: the owner's by newgidmap, maybe.
+                        reported = min(reported, self._resolve(owner, None, own=True))
+                    roles.append(reported)
             if roles:
                 role = max(roles)
         if not own:
@@ -141,23 +138,14 @@ class Resolver:
 
     def owner_of(self, uid: int) -> int | None:
         """The uid of the user that ``/etc/subuid`` grants ``uid`` to (not ``uid``
-        itself), or None.  Overlapping ranges: the one that starts last."""
-        at = bisect.bisect_right(self._starts, uid) - 1
-        # Ranges rarely overlap (useradd never makes them so); when they do, an
-        # earlier one may hold uid too.
-        while at >= 0:
-            start, end, owner = self._subordinate[at]
-            if start <= uid < end:
-                return owner if owner != uid else None
-            if not self._overlapping:
-                return None
-            at -= 1
-        return None
+        itself), or None."""
+        owner = self._subuids.owner_of(uid)
+        return owner if owner != uid else None
 
     @property
     def has_subordinates(self) -> bool:
         """Whether any user has subordinate uids (else nobody's count is shared)."""
-        return bool(self._subordinate)
+        return bool(self._subuids)
 
     def _group_role(self, gid: int) -> Role | None:
         role = self._groups_by_id.get(gid)
@@ -209,23 +197,6 @@ class Resolver:
         missing = [f"user {n!r}" for n in self._users_by_name if _uid_of(n) is None]
         missing += [f"group {n!r}" for n in self._groups_by_name if group_id(n) is None]
         return missing
-
-
-def subordinate_ranges(path: str) -> list[tuple[int, int, str]]:
-    """The ranges of subordinate uids in ``path`` (subuid(5): ``user:start:count``,
-    the user by name or number) as (start, count, user); none when it cannot be
-    read (no such file: nobody has any)."""
-    ranges = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as lines:
-            for line in lines:
-                user, _, rest = line.strip().partition(":")
-                start, _, count = rest.partition(":")
-                if user and start.isdigit() and count.isdigit():
-                    ranges.append((int(start), int(count), user))
-    except OSError:
-        pass
-    return ranges
 
 
 def _split(pairs: Iterable[tuple[str, Role]]) -> tuple[dict[int, Role], dict[str, Role]]:

@@ -45,6 +45,8 @@ USERS: dict[str, tuple[str, ...]] = {
 NUMBER_NAMED_GROUP = "3999996"
 #: Subordinate uids (/etc/subuid) of mbt-olga: hers to setuid() to in a user namespace.
 OLGA_SUBUIDS = range(3_800_000, 3_800_100)
+#: And her subordinate gids (/etc/subgid), hers to setgid() to there.
+OLGA_SUBGIDS = range(3_800_000, 3_800_100)
 #: uids and a gid that no database names (a uid the policy only knows by number).
 NAMELESS_UID = 3_999_998
 NAMELESS_UID2 = 3_999_997
@@ -97,9 +99,9 @@ def bare_uid() -> int:
     raise AssertionError("every uid from 23456 to 23999 has an account")
 
 
-def _has_subuids(user: str, start: int) -> bool:
+def _has_subordinates(path: str, user: str, start: int) -> bool:
     try:
-        with open("/etc/subuid", encoding="utf-8") as lines:
+        with open(path, encoding="utf-8") as lines:
             return any(line.split(":")[:2] == [user, str(start)] for line in lines)
     except FileNotFoundError:
         return False
@@ -121,12 +123,13 @@ def ensure_accounts() -> dict[str, Account]:
         for group in groups:
             _run_until(functools.partial(_member, user, group),
                        ["usermod", "--append", "--groups", group, user])
-    first, last = OLGA_SUBUIDS[0], OLGA_SUBUIDS[-1]
-    # usermod grants ranges only in a file that exists (a container may have none).
-    with contextlib.suppress(FileExistsError):
-        os.close(os.open("/etc/subuid", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-    _run_until(functools.partial(_has_subuids, "mbt-olga", first),
-               ["usermod", "--add-subuids", f"{first}-{last}", "mbt-olga"])
+    for path, ids, option in (("/etc/subuid", OLGA_SUBUIDS, "--add-subuids"),
+                              ("/etc/subgid", OLGA_SUBGIDS, "--add-subgids")):
+        # usermod grants ranges only in a file that exists (a container may have none).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        _run_until(functools.partial(_has_subordinates, path, "mbt-olga", ids[0]),
+                   ["usermod", option, f"{ids[0]}-{ids[-1]}", "mbt-olga"])
     accounts = {}
     for user in USERS:
         entry = pwd.getpwnam(user)

@@ -170,6 +170,31 @@ def test_a_subordinate_uid_gets_at_most_its_owners_role(
                     str(tmp_path / "none")).role(5000000, 5000000) is CLIENT
 
 
+def test_a_subordinate_gid_reported_for_a_connection_gives_at_most_its_owners_role(
+        accounts: dict[str, Account], tmp_path: Path) -> None:
+    # Found by review: a user can make the gid the kernel reports any gid of their
+    # /etc/subgid range (newgidmap), and a groups entry for such a gid gave its role.
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    subgid = tmp_path / "subgid"
+    subgid.write_text(f"mbt-alice:5000000:10\n{bob.uid}:5000100:10\n")
+    policy = Policy.of(CLIENT, users={"mbt-alice": OBSERVER},
+                       groups={5000005: ADMIN, 5000105: OPERATOR, 5000200: OPERATOR,
+                               alice.gid: OPERATOR})
+    r = Resolver(policy, DAEMON_UID, str(tmp_path / "none"), str(subgid))
+    assert r.role(alice.uid, 5000005) is OBSERVER  # her entry decides (step 2)
+    assert r.role(bob.uid, 5000105) is CLIENT      # his own gid: no more than his role
+    assert r.role(bob.uid, 5000005) is OBSERVER    # alice's: no more than hers
+    assert r.role(bob.uid, 5000200) is OPERATOR    # nobody's: the gid's entry
+    # A group the user is a member of in the database gives its role whatever the
+    # gid reported (here bob reports one of alice's subordinate gids).
+    assert Resolver(Policy.of(CLIENT, groups={bob.gid: OPERATOR, 5000005: ADMIN}),
+                    DAEMON_UID, str(tmp_path / "none"), str(subgid)
+                    ).role(bob.uid, 5000005) is OPERATOR
+    # Without the file, the reported gid's entry, as before.
+    assert Resolver(policy, DAEMON_UID, str(tmp_path / "none"), str(tmp_path / "none")
+                    ).role(bob.uid, 5000005) is ADMIN
+
+
 EXHAUSTED = """
 import json, os, resource, sys
 from migblockd.access import Policy, Role

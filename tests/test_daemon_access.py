@@ -25,6 +25,7 @@ from otheruids import (
     NAMELESS_GID,
     NAMELESS_UID,
     NAMELESS_UID2,
+    OLGA_SUBGIDS,
     OLGA_SUBUIDS,
     Account,
     UidClient,
@@ -243,6 +244,25 @@ def test_a_subordinate_uid_gets_no_more_than_the_user_it_belongs_to(
     reload(daemon, POLICY.replace('mbt-olga = "observer"', 'mbt-olga = "admin"'))
     assert connect(daemon, sub, sub).error("migrate", {"uri": "tcp:h:1"}) == (
         f"Permission denied: migrate needs role operator, but uid {sub} has role client")
+
+
+def test_a_gid_of_a_users_subordinate_range_gives_no_more_than_that_user_gets(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Found by review: the gid the kernel reports can be any of the user's
+    # /etc/subgid range (newgidmap), and a groups entry for such a gid gave its
+    # role.  setpriv gives the daemon the same SO_PEERCRED without the namespace.
+    gid = OLGA_SUBGIDS[5]
+    policy = POLICY.replace('mbt-olga = "observer", ', "")  # she has default-role
+    daemon = serve(policy.replace("groups = {", f"groups = {{ {gid} = \"admin\", "))
+    olga = accounts["mbt-olga"]
+    assert connect(daemon, olga, gid).error("migrate", {"uri": "tcp:h:1"}) == (
+        f"Permission denied: migrate needs role operator, but uid {olga.uid} (mbt-olga) "
+        "has role client")
+    # Outside every range, the reported gid's entry gives its role.
+    outside = OLGA_SUBGIDS[-1] + 1
+    reload(daemon, POLICY.replace("groups = {", f"groups = {{ {outside} = \"operator\", "))
+    connect(daemon, NAMELESS_UID, outside).ok("migrate-set-parameters", {"mode": "normal"})
 
 
 def test_a_users_subordinate_uids_share_its_per_uid_limits(

@@ -1,0 +1,84 @@
+"""Subordinate uids and gids (subuid(5), subgid(5)): whose each one is.
+
+Shadow-utils grants users ranges of ids in ``/etc/subuid`` and ``/etc/subgid``
+(Debian's ``useradd`` gives every new user 65,536 of each).  A user can become any
+of them in a user namespace of their own (``newuidmap``, ``newgidmap``), and the
+kernel's ``SO_PEERCRED`` then reports that uid, or gid, for the user's
+connections.  So access control (:mod:`migblockd.resolver`) gives such an id no
+more than its owner gets, and the quotas (:mod:`migblockd.guard`) count what a
+subordinate uid holds as its owner's.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Callable
+from typing import Final
+
+from migblockd.access import is_number
+
+__all__ = ["SUBGID_FILE", "SUBUID_FILE", "Subordinates", "subordinate_ranges"]
+
+#: Where shadow-utils grants subordinate uids (subuid(5)).
+SUBUID_FILE: Final = "/etc/subuid"
+#: And subordinate gids (subgid(5)).
+SUBGID_FILE: Final = "/etc/subgid"
+
+
+class Subordinates:
+    """The ranges one file grants, looked up by id.
+
+    ``uid_of`` turns an owner's name into its uid (None: no such user, whose
+    ranges are nobody's).  Names are looked up once, here: a quota asks at
+    every ``add-blocker``, and a reload reads the file again.
+    """
+
+    __slots__ = ("_overlapping", "_ranges", "_starts")
+
+    def __init__(self, path: str, uid_of: Callable[[str], int | None]) -> None:
+        ranges = []
+        for start, count, key in subordinate_ranges(path):
+            owner = int(key) if is_number(key) else uid_of(key)
+            if owner is not None and count > 0:
+                ranges.append((start, start + count, owner))
+        #: (first, past the last, owner's uid), sorted.
+        self._ranges = sorted(ranges)
+        self._starts = [start for start, _, _ in self._ranges]
+        self._overlapping = any(later[0] < earlier[1] for earlier, later
+                                in itertools.pairwise(self._ranges))
+
+    def owner_of(self, id: int) -> int | None:
+        """The uid of the user granted ``id``, or None.  Overlapping ranges: the one
+        that starts last."""
+        at = bisect.bisect_right(self._starts, id) - 1
+        # Ranges rarely overlap (useradd never makes them so); when they do, an
+        # earlier one may hold id too.
+        while at >= 0:
+            start, end, owner = self._ranges[at]
+            if start <= id < end:
+                return owner
+            if not self._overlapping:
+                return None
+            at -= 1
+        return None
+
+    def __bool__(self) -> bool:
+        return bool(self._ranges)
+
+
+def subordinate_ranges(path: str) -> list[tuple[int, int, str]]:
+    """The ranges in ``path`` (``user:start:count``, the user by name or number)
+    as (start, count, user); none when it cannot be read (no such file: nobody
+    has any)."""
+    ranges = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                user, _, rest = line.strip().partition(":")
+                start, _, count = rest.partition(":")
+                if user and start.isdigit() and count.isdigit():
+                    ranges.append((int(start), int(count), user))
+    except OSError:
+        pass
+    return ranges

@@ -95,6 +95,11 @@ class RequestHandler(WSGIRequestHandler):
     # answered in (HTTP/0.9, the default, is answered without a status line).
     default_request_version = "HTTP/1.0"
 
+    def version_string(self) -> str:
+        # The Server header of an error's answer: the interpreter's version is
+        # nobody's business (any local user can reach a TCP endpoint).
+        return "migblockd"
+
     def handle(self) -> None:
         # WSGIRequestHandler.handle (the same from Python 3.8 to 3.13), but for
         # the empty lines before the request line, and the ServerHandler that logs.
@@ -222,6 +227,8 @@ class _Bounded(io.BufferedIOBase):
 
 
 class _ServerHandler(ServerHandler):
+    server_software = "migblockd"  # the Server header: no interpreter version
+
     def log_exception(self, exc_info: Any) -> None:
         error = exc_info[1]
         if isinstance(error, OSError):

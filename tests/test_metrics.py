@@ -275,6 +275,17 @@ async def test_tcp_on_a_port_the_kernel_picks(
     # What else an HTTP client may send: an answer, no traceback.
     status, _, _ = get(http.client.HTTPConnection("127.0.0.1", port, timeout=10), method="POST")
     assert status == 405
+    # The Server header names no interpreter version, in an answer or an error.
+    for request in (b"GET /metrics HTTP/1.0\r\n\r\n", b"GET /metrics HTTP/1.0 x\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            raw.sendall(request)
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+        servers = [line for line in answer.split(b"\r\n\r\n")[0].split(b"\r\n")
+                   if line.lower().startswith(b"server:")]
+        assert servers == [b"Server: migblockd"], answer[:300]
+
     def head(headers: bytes = b"") -> tuple[bytes, bytes, bytes]:
         """A HEAD request's answer: (it all, its header block, what follows)."""
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:

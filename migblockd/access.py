@@ -202,7 +202,7 @@ class AccessTable(Kind[Policy]):
             raise ValueError(f"must be a table ([access]), not {describe(value)}")
         unknown = [k for k in value if k.replace("_", "-") not in _KEYS]
         if unknown:
-            raise ValueError(f"has an unknown key {unknown[0]!r} "
+            raise ValueError(f"has an unknown key {describe(unknown[0])} "
                              f"(it takes {', '.join(_KEYS)})")
         raw: dict[str, object] = {}
         given: dict[str, str] = {}

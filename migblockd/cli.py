@@ -11,7 +11,7 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from migblockd import __version__
 from migblockd.config import Config, ConfigError, Sources, build, read_settings
@@ -133,6 +133,13 @@ def _awaiting(directory: Path) -> str:
     return ", which holds no state database yet: a start creates an empty one"
 
 
+def _fail(*lines: str) -> NoReturn:
+    """Exit 1 with ``lines``, errors, on stderr (marked as the log marks them)."""
+    from migblockd.logs.journal import for_stderr  # noqa: PLC0415 - keeps --help fast
+
+    sys.exit(for_stderr(logging.ERROR, lines))
+
+
 def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -> None:
     """Run the daemon.  ``early``: the handlers of the signals that come while it
     starts (``migblockd.early``), installed by the caller; without it, here."""
@@ -151,12 +158,12 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
             except Unknown as exc:
                 why = str(exc)
             if why is not None:
-                sys.exit(f"migblockd: {why}")
+                _fail(why)
         try:
             file = read_settings(cli)
             config = build(cli, file)
         except ConfigError as exc:
-            sys.exit(f"migblockd: {exc}")
+            _fail(str(exc))
     except SystemExit:
         # Not a daemon after all: a stop that came is acted on as by any program.
         early.uninstall()
@@ -177,12 +184,14 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
         sources = Sources.of(cli, file)
         found = problems(config, socket_passed=config.socket_activated, sources=sources)
         if found:
-            sys.exit("\n".join(f"migblockd: {why}" for _, why in found))
-        for note in [*ignored(config, socket_passed=config.socket_activated),
-                     *unjudged(config, socket_passed=config.socket_activated,
-                               sources=sources),
-                     *warnings(config)]:
-            print(f"migblockd: {note}", file=sys.stderr)
+            _fail(*(why for _, why in found))
+        notes = [*ignored(config, socket_passed=config.socket_activated),
+                 *unjudged(config, socket_passed=config.socket_activated, sources=sources),
+                 *warnings(config)]
+        if notes:
+            from migblockd.logs.journal import for_stderr  # noqa: PLC0415 - keeps --help fast
+
+            print(for_stderr(logging.WARNING, notes), file=sys.stderr)
         print(checked(config, cli.get("config")))
         return
 
@@ -199,8 +208,8 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
         try:
             import uvloop  # noqa: PLC0415 - optional
         except ImportError:
-            sys.exit("migblockd: --event-loop uvloop needs the uvloop package "
-                     "(pip install 'migblockd[uvloop]')")
+            _fail("--event-loop uvloop needs the uvloop package "
+                  "(pip install 'migblockd[uvloop]')")
         loop_factory = uvloop.new_event_loop
 
     installed = logs.setup(config.logging_level, config.log_format)

@@ -19,16 +19,21 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["detached"]
+__all__ = ["NoThread", "detached"]
 
 T = TypeVar("T")
+
+
+class NoThread(RuntimeError):
+    """No thread could be started for the call (out of processes or memory): it
+    did not run."""
 
 
 async def detached(call: Callable[[], T], name: str) -> T:
     """``call()``'s result (or exception), computed on a daemon thread named ``name``.
 
     Cancelling the awaiting task abandons the call: it runs on, and its
-    outcome is dropped.
+    outcome is dropped.  :class:`NoThread` when no thread could be started.
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
@@ -47,5 +52,8 @@ async def detached(call: Callable[[], T], name: str) -> T:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(settle, hand)
 
-    threading.Thread(target=body, name=name, daemon=True).start()
+    try:
+        threading.Thread(target=body, name=name, daemon=True).start()
+    except RuntimeError as exc:
+        raise NoThread(f"{exc} for {name}") from exc
     return await future

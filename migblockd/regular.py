@@ -14,7 +14,7 @@ import os
 import stat
 from collections.abc import Callable
 
-__all__ = ["NotRegularFile", "read_regular"]
+__all__ = ["NotRegularFile", "TooLarge", "read_regular"]
 
 
 class NotRegularFile(OSError):
@@ -31,9 +31,19 @@ class NotRegularFile(OSError):
         return f"{self.filename} is not a regular file"
 
 
+class TooLarge(OSError):
+    """``filename`` has more than ``limit`` bytes."""
+
+    def __init__(self, path: str | os.PathLike[str], limit: int) -> None:
+        super().__init__(None, f"larger than {limit} bytes", os.fspath(path))
+        self.limit = limit
+
+
 def read_regular(path: str | os.PathLike[str],
-                 vet: Callable[[os.stat_result], None] | None = None) -> bytes:
-    """The bytes of ``path``; NotRegularFile, at once, when it is not a regular file.
+                 vet: Callable[[os.stat_result], None] | None = None,
+                 limit: int | None = None) -> bytes:
+    """The bytes of ``path``; NotRegularFile, at once, when it is not a regular file,
+    and TooLarge when it has more than ``limit`` bytes (only so many are read).
 
     ``vet`` is called first with the opened file's status (whose file it
     is, its mode), and may refuse it by raising.
@@ -49,6 +59,12 @@ def read_regular(path: str | os.PathLike[str],
         # file system may honour O_NONBLOCK on reads (EAGAIN mid-file).
         os.set_blocking(fd, True)
         with open(fd, "rb", closefd=False) as f:
-            return f.read()
+            if limit is None:
+                return f.read()
+            # Read, not fstat'ed: a file may grow meanwhile.
+            data = f.read(limit + 1)
+            if len(data) > limit:
+                raise TooLarge(path, limit)
+            return data
     finally:
         os.close(fd)

@@ -30,7 +30,7 @@ from migblockd.adapter import ClientProtocol, read_buffer
 from migblockd.config import Config, ConfigError, Sources, build, read_settings
 from migblockd.connection import Connection
 from migblockd.core import Core, Status
-from migblockd.detached import detached
+from migblockd.detached import NoThread, detached
 from migblockd.disk import DiskThread
 from migblockd.drain import drain
 from migblockd.ledger import Group
@@ -94,6 +94,9 @@ class Server(Turns):
         self.losing: set[ClientProtocol] = set()
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
+        # Reloads run one at a time, in the order the SIGHUPs came: each reads the
+        # file on a thread, and an earlier file must not be applied after a later one.
+        self._reloads = asyncio.Lock()
         self._timer_deadline: float | None = None
         self._status: tuple[Status, str | None] | None = None
         self._all_gone = asyncio.Event()
@@ -171,7 +174,8 @@ class Server(Turns):
     async def reload(self) -> None:
         await self.notifier.reloading()
         try:
-            await self._reload()
+            async with self._reloads:
+                await self._reload()
         except Exception:
             # A bug: said here, not left to asyncio's "Task exception was never retrieved".
             log.exception("reload failed while applying the settings (some may be applied)")
@@ -183,14 +187,28 @@ class Server(Turns):
             await self.notifier.ready(self.status_line())
 
     async def _reload(self) -> None:
-        try:
+        def read() -> tuple[dict[str, Any], Config]:
             file = read_settings(self.cli)
-            fresh = build(self.cli, file)
+            return file, build(self.cli, file)
+
+        try:
+            # On a thread: a file on a network file system that does not answer
+            # (and the user and group look-ups) must not hold the event loop, and
+            # every client with it.
+            try:
+                file, fresh = await detached(read, "migblockd-reload-read")
+            except NoThread:
+                file, fresh = read()  # here, then, rather than not at all
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
         except Exception:  # a bug
             log.exception("reload failed, keeping the running configuration")
+            return
+        if self.draining:
+            # The stop began while the file was read: nothing is applied to a
+            # daemon that is draining.
+            log.info("reload: stopping, so the configuration read is not applied")
             return
         # own_socket is None: serving the socket systemd passed.
         reload = plan(self.config, fresh, socket_passed=self.own_socket is None,
@@ -210,18 +228,25 @@ class Server(Turns):
         # The reload's own report passes the more verbose of the two levels: one
         # that lowers the level to "error" must still say it was read, and what
         # it did not apply; one that raises it from "error" must say so too.
+        # Only its own lines: the root logger's level, lowered while the report
+        # waits for its look ahead, would let every other line through meanwhile.
         root = logging.getLogger()
-        root.setLevel(min(root.level, self.config.logging_level))
-        try:
-            await self._report(reload, fresh, file)
-        finally:
-            root.setLevel(self.config.logging_level)
+        threshold = min(root.level, self.config.logging_level)
+        root.setLevel(self.config.logging_level)
+        await self._report(reload, fresh, file, threshold)
 
-    async def _report(self, reload: Reload, fresh: Config, file: dict[str, Any]) -> None:
+    async def _report(self, reload: Reload, fresh: Config, file: dict[str, Any],
+                      threshold: int) -> None:
         """Log what ``reload`` applied and ignored, and whether the settings it
-        did not apply would fail the next start."""
+        did not apply would fail the next start: each line that passes
+        ``threshold``, whatever the loggers' level."""
+        def say(level: int, msg: str, *args: object) -> None:
+            if level >= threshold:
+                log.handle(log.makeRecord(log.name, level, __file__, 0, msg, args, None))
+
         for level, line in reload.messages():
-            log.log(level, "%s", line)
+            say(level, "%s", line)
+
         if not reload.restart_only:
             return
         # Not applied now, so not seen now: said before a restart finds out.  On a
@@ -250,7 +275,7 @@ class Server(Turns):
                           ", ".join(reload.restart_only))
             return
         for key, why in found:
-            log.warning("reload: with %s as the file now sets it, the next start "
-                        "would fail: %s", key, why)
+            say(logging.WARNING, "reload: with %s as the file now sets it, the next start "
+                "would fail: %s", key, why)
         if fate is not None:
-            log.warning("reload: %s", fate)
+            say(logging.WARNING, "reload: %s", fate)

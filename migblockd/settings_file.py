@@ -17,11 +17,17 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from migblockd.kinds import describe
 from migblockd.options import ConfigError, Option, Where, table
-from migblockd.regular import NotRegularFile, read_regular
+from migblockd.regular import NotRegularFile, TooLarge, read_regular
 from migblockd.trusted_file import check_trusted
 
-__all__ = ["TOO_DEEP", "read_file"]
+__all__ = ["MAX_SIZE", "TOO_DEEP", "read_file"]
+
+#: The largest configuration file read: a policy naming tens of thousands of users
+#: fits; more is a mistake (a log, an image), which would take the memory and,
+#: on a reload, the event loop's time to read.
+MAX_SIZE = 1 << 20
 
 #: A file (or a value) that tomllib cannot read without running out of stack.
 TOO_DEEP = "arrays or tables nested too deeply to read"
@@ -35,8 +41,11 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
         # Not open(): a FIFO would hold the daemon's event loop (a reload) until
         # someone wrote to it.
         text = read_regular(path, lambda st: check_trusted(
-            path, st, "configuration file", "the daemon's settings")).decode()
+            path, st, "configuration file", "the daemon's settings"), MAX_SIZE).decode()
         raw = tomllib.loads(text)
+    except TooLarge:
+        raise ConfigError(f"{path} is larger than {MAX_SIZE // 1024} KiB, which no "
+                          "configuration file needs; --config takes a TOML file") from None
     except NotRegularFile:
         raise ConfigError(f"{path} is not a regular file; --config takes a TOML file") from None
     except OSError as exc:
@@ -57,7 +66,8 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
         if o is None:
             near = difflib.get_close_matches(key.replace("_", "-"), list(by_key), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
-            raise ConfigError(f"{path}: unknown setting {key!r}{hint}")
+            # Cut as a value is: the key is the file's text, of any length.
+            raise ConfigError(f"{path}: unknown setting {describe(key)}{hint}")
         if Where.FILE not in o.where:
             raise ConfigError(f"{path}: {key} can only be given on the command line")
         if o.name in given:

@@ -15,6 +15,7 @@ unit listening there starts its service.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         stale_socket(Path(args[0]), "ListenStream=")
     except StartupError as exc:
-        sys.exit(f"migblockd: {exc}")
+        from migblockd.logs.journal import for_stderr  # noqa: PLC0415 - only when it fails
+
+        sys.exit(for_stderr(logging.ERROR, [str(exc)]))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ def test_file_then_command_line(tmp_path: Path) -> None:
     [
         ("colour = 1\n", "unknown setting 'colour'"),
         ("limits = 1\n", "unknown setting 'limits'"),
+        # A key of any length is cut as a value is (found by review: 100 KB lines).
+        ("k" * 100_000 + " = 1\n", "unknown setting 'k{35}\\.\\.\\.'$"),
         ('max-clients = "many"\n', "max-clients must be an integer"),
         ('log-level = "loud"\n', "log-level must be one of debug, info, warning, error"),
         ('socket-mode = "rw"\n', "socket-mode must be an octal mode"),
@@ -359,6 +361,28 @@ async def test_a_reload_that_lowers_the_log_level_still_reports_itself(
     d.signal(signal.SIGHUP)
     d.wait_for_log("INFO: reloaded configuration: log-level=info")
     assert "quiet" not in d.log()
+    assert d.stop() == 0
+
+
+async def test_a_configuration_file_past_1_mib_is_refused_at_start_and_at_reload(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Found by review: a reload read a 200 MB file on the event loop (every client
+    # waited 2 s), and the start took it (414 MB of memory).
+    path = tmp_path / "m.toml"
+    huge = 'log-level = "info"\n' + "# padding\n" * 110_000
+    path.write_text(huge)
+    with pytest.raises(ConfigError, match=r"m\.toml is larger than 1024 KiB, which no "
+                       "configuration file needs"):
+        build(options(["--config", str(path)]))
+    path.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(path), "--ephemeral", log_level=None)
+    path.write_text(huge)
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("ERROR: reload failed, keeping the running configuration: "
+                   f"{path} is larger than 1024 KiB")
+    async with d.client() as c:
+        await c.ok("query-version")
     assert d.stop() == 0
 
 

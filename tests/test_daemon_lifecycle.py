@@ -51,6 +51,34 @@ def spawn(
 # --------------------------------------------------------------------------- socket file
 
 
+async def test_closed_standard_descriptors_are_held_open_on_dev_null(tmp_path: Path) -> None:
+    # Found by review: started with 2>&- (or 0-2 all closed), descriptor 2 became
+    # the next file the daemon opened (an epoll descriptor, one end of the log
+    # writer's own wake-up socket pair), and the log was written into it.
+    sock = tmp_path / "s.sock"
+    proc = subprocess.Popen(
+        ["sh", "-c", 'exec "$@" <&- >&- 2>&-', "sh", sys.executable, "-m", "migblockd",
+         "--socket", str(sock), "--ephemeral"], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no socket"
+            await asyncio.sleep(0.05)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(sock))
+            s.sendall(b'{"execute": "qmp_capabilities"}{"execute": "query-version"}')
+            answered = b""
+            while answered.count(b"\n") < 3:
+                answered += s.recv(4096)
+        assert b'"qemu"' in answered
+        assert [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in (0, 1, 2)] == [
+            "/dev/null"] * 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+
+
 def test_socket_mode_default_0600(start_daemon: Callable[..., DaemonProcess]) -> None:
     d = start_daemon()
     st = os.stat(d.socket)

@@ -70,6 +70,26 @@ def daemons() -> Iterator[list[DaemonProcess]]:
             d.proc.wait()
 
 
+def test_a_start_refused_for_its_settings_says_so_at_error_priority_in_the_journal(
+        tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+    # Found by review: a bad file stopped the start with a line written before the
+    # log was set up, with no priority: journald took it for info, and
+    # `journalctl -p err` did not show the most common failure at start.
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max-clients = -1\n")
+    d = start(tmp_path, "--config", str(bad), journal=True)
+    daemons.append(d)
+    assert d.proc.wait(30) == 1
+    lines = d.log().splitlines()
+    assert lines and all(line.startswith("<3>migblockd: ") for line in lines), lines
+    assert "max-clients" in lines[0]
+    # Not the journal: as before, no mark.
+    d = start(tmp_path, "--config", str(bad))
+    daemons.append(d)
+    assert d.proc.wait(30) == 1
+    assert d.log().startswith("migblockd: ")
+
+
 # --------------------------------------------------------------------------- a stuck stderr
 
 

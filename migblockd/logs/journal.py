@@ -34,8 +34,10 @@ from collections.abc import Iterable, Mapping
 
 import asyncio_dgram
 
+from migblockd.logs.formats import priority
+
 __all__ = ["DEFAULT_SOCKET", "MAX_ENTRY", "SOCKET_ENV", "JournalSender", "encode_entry",
-           "encode_field", "socket_path", "stderr_is_journal"]
+           "encode_field", "for_stderr", "socket_path", "stderr_is_journal"]
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"
 #: Overrides :data:`DEFAULT_SOCKET`; for the tests.
@@ -47,6 +49,15 @@ MAX_ENTRY = 64 * 1024
 _TRUNCATED = b"... [truncated]"
 _KEY = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 _LENGTH = struct.Struct("<Q")
+
+
+def for_stderr(levelno: int, lines: Iterable[str]) -> str:
+    """``lines`` as ``migblockd: LINE``, for stderr before the log is set up (a bad
+    option, a bad file), each marked with the priority of ``levelno`` (``<3>``,
+    sd-daemon(3)) when stderr is the journal, as the log's lines are: so that
+    ``journalctl -p err`` shows why a start, or a reload's check, failed."""
+    mark = f"<{priority(levelno)}>" if stderr_is_journal() else ""
+    return "\n".join(f"{mark}migblockd: {line}" for line in lines)
 
 
 def stderr_is_journal(env: Mapping[str, str] = os.environ, fd: int = 2) -> bool:

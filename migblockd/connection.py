@@ -58,7 +58,8 @@ class Connection:
         #: The uid its slot counts against (--max-clients-per-uid), fixed at admission.
         self.counted = None if owner is None else owner.uid
         #: Whether its slot counts against ``counted``'s bound: not an admin's, which is
-        #: exempt from it, and must not use up the bound of its subordinate uids either.
+        #: exempt from it, and must not use up the bound of its subordinate uids either
+        #: (set at admission, and again as a reload changes the role).
         self.pooled = False
         if owner is None:
             self.label = f"client {number}"

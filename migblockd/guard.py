@@ -185,7 +185,21 @@ class Guard:
         # A user can setuid() to any of their subordinate uids in a user namespace
         # of their own: what those hold is the user's, for the quotas.
         resolver = self.resolver
-        self.registry.share_counts(resolver.owner_of if resolver.has_subordinates else None)
+
+        # Decided once per uid until the next reload: a blocker's removal must find
+        # it counted where its addition counted it (a look-up that failed once
+        # would answer otherwise the next time).
+        decided: dict[int, int | None] = {}
+
+        def shared_with(uid: int) -> int | None:
+            if uid not in decided:
+                # Not an admin's: what an admin holds counts against nobody.
+                owner = resolver.owner_of(uid)
+                decided[uid] = (None if owner is None or resolver.role(uid) is Role.ADMIN
+                                else owner)
+            return decided[uid]
+
+        self.registry.share_counts(shared_with if resolver.has_subordinates else None)
 
     def counted_uid(self, owner: Owner | None) -> int | None:
         """The uid whose per-uid limits ``owner``'s connections and blockers count

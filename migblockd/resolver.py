@@ -123,17 +123,17 @@ class Resolver:
             if gid is not None and gid not in listed:
                 reported = self._group_role(gid)
                 if reported is not None:
-                    owner = self._subgids.owner_of(gid)
-                    if owner is not None:
-                        # Not a member: the owner's by newgidmap, maybe.
+                    # Not a member: the gid may be an owner's by newgidmap.
+                    for owner in self._subgids.owners_of(gid):
                         reported = min(reported, self._resolve(owner, None, own=True))
                     roles.append(reported)
             if roles:
                 role = max(roles)
         if not own:
-            owner = self.owner_of(uid)
-            if owner is not None and owner != uid:
-                role = min(role, self._resolve(owner, None, own=True))
+            # Every user whose range holds it can setuid() to it.
+            for owner in self._subuids.owners_of(uid):
+                if owner != uid:
+                    role = min(role, self._resolve(owner, None, own=True))
         return role
 
     def owner_of(self, uid: int) -> int | None:

@@ -146,11 +146,26 @@ class Roster:
         ``query-blockers`` shows every blocker of a uid under its name of now.
         """
         renamed = self.guard.configure(policy, quotas, self.connections)
+        self._repool()
         if renamed:
             for blocker in self.registry.blockers():
                 if blocker.owner is not None and blocker.owner.uid in renamed:
                     blocker.cache = None
             self.handlers.listings.reset()
+
+    def _repool(self) -> None:
+        """Count each connection against its uid's bound as its role now says: one
+        admitted as an admin and demoted counts from now on (else its uid would
+        hold more connections than the bound), one promoted no longer does.  None
+        is turned out for it, as for a lowered bound."""
+        for conn in self.connections:
+            pooled = self.guard.role_of(conn) is not Role.ADMIN
+            if pooled != conn.pooled:
+                conn.pooled = pooled
+                if pooled:
+                    self.admission.admit(conn.counted)
+                else:
+                    self.admission.release(conn.counted)
 
     def disconnect(self, conn: Connection, reason: str = "", *, ordinary: bool = True) -> None:
         """The connection is gone (``ordinary``: as clients end, whatever

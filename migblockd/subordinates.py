@@ -50,18 +50,27 @@ class Subordinates:
 
     def owner_of(self, id: int) -> int | None:
         """The uid of the user granted ``id``, or None.  Overlapping ranges: the one
-        that starts last."""
+        that starts last (the user whose count a subordinate uid shares)."""
+        owners = self.owners_of(id)
+        return owners[0] if owners else None
+
+    def owners_of(self, id: int) -> list[int]:
+        """The uids of every user granted ``id``, the range that starts last first:
+        each of them can make it theirs, so a cap takes the least of their roles."""
         at = bisect.bisect_right(self._starts, id) - 1
+        owners = []
         # Ranges rarely overlap (useradd never makes them so); when they do, an
         # earlier one may hold id too.
         while at >= 0:
             start, end, owner = self._ranges[at]
             if start <= id < end:
-                return owner
-            if not self._overlapping:
-                return None
+                owners.append(owner)
+                if not self._overlapping:
+                    break
+            elif not self._overlapping:
+                break
             at -= 1
-        return None
+        return owners
 
     def __bool__(self) -> bool:
         return bool(self._ranges)

@@ -195,6 +195,23 @@ def test_a_subordinate_gid_reported_for_a_connection_gives_at_most_its_owners_ro
                     ).role(bob.uid, 5000005) is ADMIN
 
 
+def test_an_id_in_overlapping_ranges_gets_at_most_the_least_of_its_owners_roles(
+        accounts: dict[str, Account], tmp_path: Path) -> None:
+    # Found by review: only the range that starts last was looked at, so a gid (or
+    # uid) also in an admin's range took the admin's cap, whoever else could use it.
+    alice, carol = accounts["mbt-alice"], accounts["mbt-carol"]
+    ranges = tmp_path / "ranges"
+    ranges.write_text("mbt-alice:5000000:100\nmbt-carol:5000050:100\n")
+    policy = Policy.of(CLIENT, users={"mbt-carol": ADMIN, 5000060: ADMIN},
+                       groups={5000060: ADMIN, 5000120: ADMIN})
+    r = Resolver(policy, DAEMON_UID, str(ranges), str(ranges))
+    assert r.role(alice.uid, 5000060) is CLIENT   # alice's and carol's: the least
+    assert r.role(alice.uid, 5000120) is ADMIN    # carol's only
+    assert r.role(5000070, 5000070) is CLIENT     # a uid of both, named by nobody
+    assert r.role(5000060, 5000060) is ADMIN      # named: its entry decides (step 2)
+    assert r.owner_of(5000070) == carol.uid       # the count: the last range's user
+
+
 EXHAUSTED = """
 import json, os, resource, sys
 from migblockd.access import Policy, Role

@@ -328,6 +328,56 @@ def test_an_admins_own_connections_and_blockers_use_up_no_subordinate_uids_limit
     connect(daemon, third, third).ok("add-blocker", {"reason": "r", "id": "c"})
 
 
+def test_an_admin_demoted_by_a_reload_counts_against_the_per_uid_bound_again(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Found by review: whether a connection counted was decided at admission, so an
+    # admin's three connections, demoted by a reload, let that user open two more
+    # past max-clients-per-uid=2 (and a promoted one's kept filling the bound).
+    config = "max-clients-per-uid = 2\n" + POLICY
+    daemon = serve(config.replace('mbt-olga = "observer"', 'mbt-olga = "admin"'))
+    olga = accounts["mbt-olga"]
+    held = [connect(daemon, olga) for _ in range(3)]
+    reload(daemon, config.replace('mbt-olga = "observer"', 'mbt-olga = "client"'))
+    refused = connect(daemon, olga, negotiate=False)
+    assert refused.greeting == {"error": {"class": "GenericError", "desc": (
+        f"migblockd is serving 3 clients of uid {olga.uid} (mbt-olga), "
+        "max-clients-per-uid=2; try again later")}}
+    # Promoted again: none of hers counts.
+    reload(daemon, config.replace('mbt-olga = "observer"', 'mbt-olga = "admin"'))
+    more = connect(daemon, olga)
+    reload(daemon, config.replace('mbt-olga = "observer"', 'mbt-olga = "client"'))
+    for client in [*held, more]:
+        client.close()
+        daemon.wait_for_log(f"(pid {client.pid}, uid {olga.uid}, gid {olga.gid}) disconnected")
+    # All four gone, the count is back to nothing: two connections, then a refusal.
+    first, second = connect(daemon, olga), connect(daemon, olga)
+    assert "error" in connect(daemon, olga, negotiate=False).greeting
+    first.ok("query-version")
+    second.ok("query-version")
+
+
+def test_an_admin_subordinate_uids_blockers_use_up_no_limit_of_its_owner(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Found by review: a subordinate uid made admin (by number) is exempt, but what
+    # it held still counted against its owner and the other subordinate uids.
+    admin_sub = OLGA_SUBUIDS[0]
+    config = "max-blockers-per-uid = 2\n" + POLICY.replace(
+        'mbt-olga = "observer"', f'mbt-olga = "client", {admin_sub} = "admin"')
+    daemon = serve(config)
+    olga = accounts["mbt-olga"]
+    admin = connect(daemon, admin_sub, admin_sub)
+    for n in range(3):
+        admin.ok("add-blocker", {"reason": "r", "id": f"sub{n}"})
+    connect(daemon, olga).ok("add-blocker", {"reason": "r", "id": "hers"})
+    other = connect(daemon, OLGA_SUBUIDS[1], OLGA_SUBUIDS[1])
+    other.ok("add-blocker", {"reason": "r", "id": "theirs"})
+    assert other.error("add-blocker", {"reason": "r"}) == (
+        f"Too many migration blockers for uid {olga.uid} (mbt-olga) and its subordinate "
+        "uids: they own 2, max-blockers-per-uid is 2")
+
+
 def test_the_start_logs_the_policy_it_serves_with(
         serve: Callable[..., DaemonProcess]) -> None:
     daemon = serve(POLICY.replace('default-role = "client"', 'default-role = "observer"'))

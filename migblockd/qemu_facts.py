@@ -194,6 +194,10 @@ class QemuFacts:
 
     def saw(self, info: object) -> None:
         """QEMU answered ``query-migrate`` with ``info``."""
+        if not self.connected:
+            # The answer of a connection lost since: it says nothing of the QEMU
+            # that may be there now (what it said was forgotten with the link).
+            return
         if isinstance(info, dict):
             self.learnt = True
             self.cut_off = False  # QEMU has said whether it migrates

@@ -47,6 +47,9 @@ __all__ = ["Commit", "Forward", "Server"]
 
 log = logging.getLogger("migblockd")
 
+#: Seconds a reload waits for the one before to have read its file before it says so.
+TURN_WARNING = 5.0
+
 Commit = Callable[[list[Change]], None]
 
 
@@ -174,8 +177,15 @@ class Server(Turns):
     async def reload(self) -> None:
         await self.notifier.reloading()
         try:
-            async with self._reloads:
-                await self._reload()
+            await self._take_turn()
+            try:
+                applied = await self._reload()
+            finally:
+                self._reloads.release()
+            # Past the lock: the look ahead may wait on a thread that never returns
+            # (a resolver, a network file system), and the next reload must not.
+            if applied is not None:
+                await self._report(*applied)
         except Exception:
             # A bug: said here, not left to asyncio's "Task exception was never retrieved".
             log.exception("reload failed while applying the settings (some may be applied)")
@@ -186,7 +196,19 @@ class Server(Turns):
             # STOPPING=1).
             await self.notifier.ready(self.status_line())
 
-    async def _reload(self) -> None:
+    async def _take_turn(self) -> None:
+        """Wait until the reloads before this one have read and applied their file."""
+        try:
+            await asyncio.wait_for(self._reloads.acquire(), TURN_WARNING)
+        except TimeoutError:
+            log.warning("reload: waiting for the reload before, which has been reading %s "
+                        "for more than %g s (its file system or the user and group "
+                        "databases do not answer)", self.cli.get("config"), TURN_WARNING)
+            await self._reloads.acquire()
+
+    async def _reload(self) -> tuple[Reload, Config, dict[str, Any], int] | None:
+        """Read the file and apply it; what :meth:`_report` says of it (None: not
+        applied, and said why)."""
         def read() -> tuple[dict[str, Any], Config]:
             file = read_settings(self.cli)
             return file, build(self.cli, file)
@@ -201,15 +223,15 @@ class Server(Turns):
                 file, fresh = read()  # here, then, rather than not at all
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
-            return
+            return None
         except Exception:  # a bug
             log.exception("reload failed, keeping the running configuration")
-            return
+            return None
         if self.draining:
             # The stop began while the file was read: nothing is applied to a
             # daemon that is draining.
             log.info("reload: stopping, so the configuration read is not applied")
-            return
+            return None
         # own_socket is None: serving the socket systemd passed.
         reload = plan(self.config, fresh, socket_passed=self.own_socket is None,
                       overridden=outvoted(self.cli, self.file, file))
@@ -233,7 +255,7 @@ class Server(Turns):
         root = logging.getLogger()
         threshold = min(root.level, self.config.logging_level)
         root.setLevel(self.config.logging_level)
-        await self._report(reload, fresh, file, threshold)
+        return reload, fresh, file, threshold
 
     async def _report(self, reload: Reload, fresh: Config, file: dict[str, Any],
                       threshold: int) -> None:

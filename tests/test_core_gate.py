@@ -577,3 +577,21 @@ def test_a_command_whose_qemu_was_restarted_between_its_calls_says_so() -> None:
     core.resume(a, error=QemuRestarted(restarted))
     assert feed(core, a) == [{"id": 1, "error": {"class": "GenericError", "desc": restarted}}]
     assert len(core.registry) == 0
+
+
+def test_an_answer_handled_after_its_connection_was_lost_teaches_nothing() -> None:
+    # Found by review: QEMU's answer to add-blocker's check, handled in the turn
+    # after the link's loss was (which forgets what QEMU said), set "learnt" again:
+    # the next QEMU on the path, silent, took blockers on the old one's word.
+    core, facts = make()
+    a = connected(core)
+    feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "x"}}')
+    assert [call.name for _, call in core.take_calls()] == ["query-migrate"]
+    facts.connected, facts.learnt = False, False  # lost, as the bridge says
+    facts.greeting_awaited = lambda: True  # and something accepted the next connection
+    core.resume(a, {})  # the old QEMU's answer: not migrating
+    assert feed(core, a)[-1]["return"]["id"] == "x"  # asked before: as if added before
+    assert not facts.learnt
+    reply = feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r"}}')
+    assert reply[-1]["error"]["desc"].startswith("disallowing migration blocker")
+    assert core.take_calls() == []

@@ -168,3 +168,50 @@ async def test_a_reload_whose_check_fails_still_tells_systemd_it_is_ready(
     d.signal(signal.SIGHUP)
     d.wait_for_log("the next start would fail: bad schema")
     assert d.stop() == 0
+
+
+async def test_a_reload_held_in_its_check_keeps_no_later_reload_waiting(
+    start_daemon: Start, tmp_path: Path,
+) -> None:
+    # Found by review: the look ahead of one reload, held (a resolver, a network
+    # file system), kept every later reload from applying its file, silently.
+    root = broken_schema(tmp_path)
+    config = tmp_path / "m.toml"
+    config.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(config), "--ephemeral")
+    async with injecting(d.proc.pid, "openat", f"delay_exit={HOLD_USEC}", "the daemon",
+                         paths=[root]):
+        reloading_with(config, root)
+        d.signal(signal.SIGHUP)
+        await wait_until(lambda: opened(d.proc.pid, root), "the reload's check at the schema")
+        config.write_text(f'log-level = "info"\nschema = "{root}"\nmax-clients = 50\n')
+        d.signal(signal.SIGHUP)
+        d.wait_for_log("INFO: reloaded configuration: max-clients=50\n")
+        d.signal(signal.SIGTERM)
+        d.wait_for_log("INFO: stopped")
+    assert_clean_log(d)
+
+
+async def test_a_reload_whose_file_is_held_keeps_clients_served_and_the_next_says_why(
+    start_daemon: Start, tmp_path: Path,
+) -> None:
+    # Found by review: the file was read on the event loop, every client waiting
+    # for it (2 s for a 200 MB file; a hung network file system: until the
+    # watchdog).  Now on a thread; a later reload waits for it, and says so.
+    config = tmp_path / "m.toml"
+    config.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(config), "--ephemeral")
+    async with injecting(d.proc.pid, "openat", f"delay_exit={HOLD_USEC}", "the daemon",
+                         paths=[config]):
+        config.write_text('log-level = "info"\nmax-clients = 50\n')
+        d.signal(signal.SIGHUP)
+        await wait_until(lambda: opened(d.proc.pid, config), "the reload's read of its file")
+        async with d.client() as c:
+            await c.ok("add-blocker", {"id": "served", "reason": "r"})
+        d.signal(signal.SIGHUP)
+        d.wait_for_log(f"WARNING: reload: waiting for the reload before, which has been "
+                       f"reading {config} for more than 5 s")
+        d.signal(signal.SIGTERM)
+        d.wait_for_log("INFO: stopped")
+    assert "reloaded configuration" not in d.log()
+    assert_clean_log(d)

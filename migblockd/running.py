@@ -43,9 +43,12 @@ def started_with(pid: int) -> str | None:
         raise Unknown(f"--running-pid {pid}: there is no process {pid} (has the daemon "
                       "exited?)") from None
     except OSError as exc:
-        raise Unknown(f"--running-pid {pid}: cannot read {path} as uid {os.geteuid()}: "
+        uid = os.geteuid()
+        # Root too may be refused (a process of another user namespace, ptrace rules).
+        also = "" if uid == 0 else " or as root"
+        raise Unknown(f"--running-pid {pid}: cannot read {path} as uid {uid}: "
                       f"{exc.strerror}; run the check as the daemon's user (as ExecReload= "
-                      "does) or as root") from None
+                      f"does){also}") from None
     if not environ:
         # A zombie's, or a kernel thread's: nothing to compare with.
         raise Unknown(f"--running-pid {pid}: process {pid} shows no environment (has the "

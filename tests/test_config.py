@@ -1360,6 +1360,13 @@ def test_a_reload_check_that_cannot_read_the_daemons_options_fails(
     assert other.stderr == (f"migblockd: --running-pid {d.proc.pid}: cannot read "
                             f"/proc/{d.proc.pid}/environ as uid 65534: Permission denied; run "
                             "the check as the daemon's user (as ExecReload= does) or as root\n")
+    # Root refused too (here pid 1 of a container, another user namespace's): no
+    # advice to run it as root.
+    if not os.access("/proc/1/environ", os.R_OK):
+        root = running_check(1, "--ephemeral")
+        assert root.stderr == ("migblockd: --running-pid 1: cannot read /proc/1/environ as "
+                               "uid 0: Permission denied; run the check as the daemon's user "
+                               "(as ExecReload= does)\n"), root
     assert d.stop() == 0
     gone = running_check(d.proc.pid, "--ephemeral")
     assert (gone.returncode, gone.stderr) == (1, (

@@ -100,6 +100,9 @@ class Server(Turns):
         # Reloads run one at a time, in the order the SIGHUPs came: each reads the
         # file on a thread, and an earlier file must not be applied after a later one.
         self._reloads = asyncio.Lock()
+        #: Reloads applied so far: a report whose look ahead ends after a later
+        #: reload applied its file would speak of settings no longer there.
+        self._applied = 0
         self._timer_deadline: float | None = None
         self._status: tuple[Status, str | None] | None = None
         self._all_gone = asyncio.Event()
@@ -255,6 +258,7 @@ class Server(Turns):
         root = logging.getLogger()
         threshold = min(root.level, self.config.logging_level)
         root.setLevel(self.config.logging_level)
+        self._applied += 1
         return reload, fresh, file, threshold
 
     async def _report(self, reload: Reload, fresh: Config, file: dict[str, Any],
@@ -287,6 +291,7 @@ class Server(Turns):
             # A directory the next start refuses is said as such, not as empty.
             return found, None if any(key == "state-dir" for key, _ in found) else ahead()
 
+        applied = self._applied
         try:
             found, fate = await detached(look_ahead, "migblockd-reload-check")
         except Exception:
@@ -295,6 +300,10 @@ class Server(Turns):
             log.exception("reload: applied, but checking whether the next start would "
                           "fail with %s as the file now sets it failed",
                           ", ".join(reload.restart_only))
+            return
+        if self._applied != applied:
+            log.debug("reload: a later reload applied its file while this one looked "
+                      "ahead: what it found is not said")
             return
         for key, why in found:
             say(logging.WARNING, "reload: with %s as the file now sets it, the next start "

@@ -1352,8 +1352,11 @@ async def test_a_qemu_met_again_takes_no_blocker_on_what_the_one_before_said(
             await start_slow_migration(mon)
         second.proc.send_signal(signal.SIGSTOP)
         try:
-            first.kill()
+            # The path first, then the kill: a connection made again at once to the
+            # dying QEMU's socket (its backlog, then reset) would be taken for one to
+            # the second QEMU, which then is not tried before the add.
             os.rename(second.gate_socket, first.gate_socket)
+            first.kill()
 
             async def met() -> bool:
                 reply = await c.execute("query-migrate")
@@ -1368,9 +1371,11 @@ async def test_a_qemu_met_again_takes_no_blocker_on_what_the_one_before_said(
         assert added == error(GENERIC, BUSY_SEV, 1)
         unmet = (f"Not connected to QEMU's monitor at '{first.gate_socket}': QEMU accepted "
                  "the connection but has not greeted yet")
-        assert listed == error(GENERIC, f"QEMU's own blockers cannot be listed: {unmet}", 2)
-        assert deleted == error(
-            GENERIC, f"whether QEMU has a blocker 'qemu:1' cannot be told: {unmet}", 3)
+        # (After 5 s of it, a busy machine's, the reason adds a question: startswith.)
+        assert listed["error"]["desc"].startswith(
+            f"QEMU's own blockers cannot be listed: {unmet}"), listed
+        assert deleted["error"]["desc"].startswith(
+            f"whether QEMU has a blocker 'qemu:1' cannot be told: {unmet}"), deleted
 
         async def migrating() -> bool:
             reply = await c.execute("query-migrate")

@@ -428,6 +428,8 @@ class Bridge:
             log.warning("QEMU at %s: cannot learn its migration status: %s%s", path, exc,
                         OWED if wanted else "")
             return
+        if not self.facts.connected:
+            return  # lost since: the answer says nothing of what may be there now
         status = info.get("status") if isinstance(info, dict) else None
         self.facts.status = status if isinstance(status, str) else None
         self.facts.saw(info)

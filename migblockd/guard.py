@@ -309,7 +309,7 @@ class Guard:
             uid = None if owner is None else owner.uid
             user = self.counted_uid(owner)
             owned = registry.count_held(user)
-            if user != uid and user is not None and self.resolver.role(user) is Role.ADMIN:
+            if user != uid and self.resolver.role(user) is Role.ADMIN:
                 # An admin's own blockers are exempt, and must not use up the quota
                 # of its subordinate uids (root's are every rootful container's).
                 owned -= registry.count_owned(user)

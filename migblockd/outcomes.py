@@ -56,8 +56,9 @@ class Outcomes:
     guard: Guard
     _dirty: dict[Connection, None]
     stats: Stats
-    #: Commands whose replies wait for a commit: (stamp, name, started, ok, durable),
-    #: and the events of durable ones: counted once the commit is done or has failed.
+    #: Commands whose replies wait for a commit: (stamp, name, started, ok, durable,
+    #: starts: a migrate that starts a migration), and the events of durable ones:
+    #: counted once the commit is done or has failed.
     _unsettled: list[tuple[int, str, int, bool, bool, bool]]
     _unsettled_events: list[tuple[int, Event]]
     #: Commits failed since the last that succeeded, and the last one's reason.

@@ -15,7 +15,8 @@ How a uid gets its role (:meth:`Resolver.role`):
    the gid the kernel reported for the connection, the user's primary group
    and its supplementary groups in the group database.  A reported gid that is
    none of those, and a subordinate gid of a user (``/etc/subgid``), gives at
-   most that user's role: the user can make it theirs with ``newgidmap``;
+   most that user's role (of each such user, when ranges overlap): the user can
+   make it theirs with ``newgidmap``;
 4. else ``default-role``;
 5. and a subordinate uid (``/etc/subuid``, see subuid(5)) that no ``users``
    entry names gets at most what the user it belongs to gets: that user can

@@ -272,7 +272,6 @@ class Server(Turns):
 
         for level, line in reload.messages():
             say(level, "%s", line)
-
         if not reload.restart_only:
             return
         # Not applied now, so not seen now: said before a restart finds out.  On a

@@ -16,8 +16,8 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 from conftest import DaemonProcess, assert_clean_log
@@ -60,6 +60,23 @@ def ready(start_daemon: Start, config: Path, notify: socket.socket
     return d, seen
 
 
+@asynccontextmanager
+async def check_held(start_daemon: Start, tmp_path: Path
+                     ) -> AsyncIterator[tuple[DaemonProcess, Path, Path]]:
+    """A daemon (its config file, and a broken schema) whose reload's check strace
+    holds at the schema's open, for the block: (daemon, config, schema)."""
+    root = broken_schema(tmp_path)
+    config = tmp_path / "m.toml"
+    config.write_text('log-level = "info"\n')
+    d = start_daemon("--config", str(config), "--ephemeral")
+    async with injecting(d.proc.pid, "openat", f"delay_exit={HOLD_USEC}", "the daemon",
+                         paths=[root]):
+        reloading_with(config, root)
+        d.signal(signal.SIGHUP)
+        await wait_until(lambda: opened(d.proc.pid, root), "the reload's check at the schema")
+        yield d, config, root
+
+
 @contextmanager
 def lingering(path: Path) -> Iterator[None]:
     """A client that, once the stop has half-closed its connection, keeps sending
@@ -91,15 +108,7 @@ async def test_a_reload_blocked_in_its_check_does_not_keep_the_stopped_daemon_al
 ) -> None:
     # Reproduced first: "stopped" was logged, and the process lived on (the end of
     # asyncio.run joins the thread the check ran on) until the check returned.
-    root = broken_schema(tmp_path)
-    config = tmp_path / "m.toml"
-    config.write_text('log-level = "info"\n')
-    d = start_daemon("--config", str(config), "--ephemeral")
-    async with injecting(d.proc.pid, "openat", f"delay_exit={HOLD_USEC}", "the daemon",
-                         paths=[root]):
-        reloading_with(config, root)
-        d.signal(signal.SIGHUP)
-        await wait_until(lambda: opened(d.proc.pid, root), "the reload's check at the schema")
+    async with check_held(start_daemon, tmp_path) as (d, _, _):
         d.signal(signal.SIGTERM)
         d.wait_for_log("INFO: stopped")
         # Exited, with the check still held.
@@ -176,15 +185,7 @@ async def test_a_reload_held_in_its_check_keeps_no_later_reload_waiting(
 ) -> None:
     # Found by review: the look ahead of one reload, held (a resolver, a network
     # file system), kept every later reload from applying its file, silently.
-    root = broken_schema(tmp_path)
-    config = tmp_path / "m.toml"
-    config.write_text('log-level = "info"\n')
-    d = start_daemon("--config", str(config), "--ephemeral")
-    async with injecting(d.proc.pid, "openat", f"delay_exit={HOLD_USEC}", "the daemon",
-                         paths=[root]):
-        reloading_with(config, root)
-        d.signal(signal.SIGHUP)
-        await wait_until(lambda: opened(d.proc.pid, root), "the reload's check at the schema")
+    async with check_held(start_daemon, tmp_path) as (d, config, root):
         config.write_text(f'log-level = "info"\nschema = "{root}"\nmax-clients = 50\n')
         d.signal(signal.SIGHUP)
         d.wait_for_log("INFO: reloaded configuration: max-clients=50\n")

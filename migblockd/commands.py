@@ -219,7 +219,9 @@ class Handlers:
             log.info("%s: migrate to %s refused: %s%s", conn.label, shown(uri), shown(exc),
                      more, extra=about(conn))
         else:
-            log.info("%s: refused blocker: %s%s", conn.label, shown(exc), more,
+            # Quoted: the id may be the very thing refused (not an identifier).
+            named = "" if blocker_id is None else " " + shown(blocker_id)
+            log.info("%s: refused blocker%s: %s%s", conn.label, named, shown(exc), more,
                      extra=about(conn, blocker_id=blocker_id))
 
     def migrate_cancel(self, conn: Connection, args: Args) -> object:

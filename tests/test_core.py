@@ -232,7 +232,7 @@ def test_the_registrys_refusals_are_bounded_as_the_guards_are(
         for _ in range(BURST + 4):
             feed(core, client, duplicate)
             feed(core, root, b'{"execute": "migrate", "arguments": {"uri": "tcp:h:1"}}')
-        duplicates = [r for r in caplog.records if "refused blocker: " in r.getMessage()]
+        duplicates = [r for r in caplog.records if "refused blocker 'vfio0': " in r.getMessage()]
         blocked = [r for r in caplog.records if "refused by blocker vfio0" in r.getMessage()]
         assert len(duplicates) == len(blocked) == BURST
         assert duplicates[-1].getMessage().endswith(
@@ -241,7 +241,7 @@ def test_the_registrys_refusals_are_bounded_as_the_guards_are(
         feed(core, client, duplicate)
     last = caplog.records[-1]
     assert last.getMessage().endswith(
-        "refused blocker: \"Duplicate blocker ID 'vfio0', which belongs to uid 0 (root)\""
+        "refused blocker 'vfio0': \"Duplicate blocker ID 'vfio0', which belongs to uid 0 (root)\""
         " [4 more like it were not logged]")
     assert last.levelno == logging.INFO
     assert last.fields["blocker_id"] == "vfio0"  # type: ignore[attr-defined]

@@ -130,8 +130,8 @@ def test_a_client_cannot_delete_another_uids_blocker_but_its_owner_can(
         f"Duplicate blocker ID 'alice-b', which belongs to uid {alice.uid} (mbt-alice)")
     assert connect(daemon, alice).error("add-blocker", {"reason": "again", "id": "alice-b"}) == (
         "Duplicate blocker ID 'alice-b'")
-    daemon.wait_for_log(f"(pid {b.pid}, uid {bob.uid}, gid {bob.gid}): refused blocker: "
-                        "\"Duplicate blocker ID 'alice-b', which belongs to uid")
+    daemon.wait_for_log(f"(pid {b.pid}, uid {bob.uid}, gid {bob.gid}): refused blocker "
+                        "'alice-b': \"Duplicate blocker ID 'alice-b', which belongs to uid")
 
     a.ok("del-blocker", {"id": "alice-b"})  # its owner may
     assert ids(root) == ["root-b"]
@@ -152,8 +152,8 @@ def test_a_gating_daemon_names_the_holder_of_another_uids_id_too(
         f"Duplicate blocker ID 'disk0', which belongs to uid {alice.uid} (mbt-alice)")
     assert a.error("add-blocker", {"reason": "again", "id": "disk0"}) == (
         "Duplicate blocker ID 'disk0'")
-    daemon.wait_for_log(f"(pid {b.pid}, uid {bob.uid}, gid {bob.gid}): refused blocker: "
-                        "\"Duplicate blocker ID 'disk0', which belongs to uid")
+    daemon.wait_for_log(f"(pid {b.pid}, uid {bob.uid}, gid {bob.gid}): refused blocker "
+                        "'disk0': \"Duplicate blocker ID 'disk0', which belongs to uid")
     assert_clean_log(daemon)
 
 
@@ -736,7 +736,7 @@ def test_a_client_flooding_registry_refusals_costs_the_log_a_burst_of_lines(
     root.ok("add-blocker", {"reason": "r", "id": "after"})
     daemon.wait_for_log("added blocker after")  # the log has every line before it
     log = daemon.log().splitlines()
-    duplicates = [line for line in log if "refused blocker: \"Duplicate blocker ID" in line]
+    duplicates = [line for line in log if "refused blocker 'disk0': \"Duplicate blocker ID" in line]
     assert len(duplicates) == BURST, duplicates[-2:]
     assert all(" INFO: " in line for line in duplicates)
     assert duplicates[-1].endswith("[more like it within 10 s are counted, not logged]")

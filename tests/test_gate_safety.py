@@ -366,7 +366,7 @@ async def test_what_the_gate_refuses_and_forwards_is_in_the_log(
         assert (await c.execute("migrate", {"uri": SINK}, id=2)
                 == error(GENERIC, "There's a migration process in progress", 2))
         await c.ok("migrate_cancel")
-    d.wait_for_log("refused blocker: \"Duplicate blocker ID 'sev'\"")
+    d.wait_for_log("refused blocker 'sev': \"Duplicate blocker ID 'sev'\"")
     d.wait_for_log(f"migrate to '{SINK}' refused: \"There's a migration process in progress\"")
     d.wait_for_log("migrate_cancel sent to QEMU")
     assert_clean_log(d)
@@ -979,7 +979,7 @@ async def test_a_silent_qemu_migrating_unbeknown_to_migblockd_takes_no_blocker(
         # Answering again, QEMU says it migrates: from then on, QEMU's own refusal.
         assert (await c.ok("query-migrate"))["status"] in {"setup", "active"}
         await refused_while_stopped(qemu, c, canceller=mon)
-    d.wait_for_log('refused blocker: "the blocker was not added: QEMU did not answer')
+    d.wait_for_log("refused blocker 'late': \"the blocker was not added: QEMU did not answer")
     assert_clean_log(d)
 
 

@@ -640,6 +640,38 @@ async def test_a_client_awaiting_the_end_of_a_migration_whose_qemu_died_hears_fa
     assert_clean_log(d)
 
 
+async def test_a_migration_met_by_a_restarted_migblockd_ends_failed_for_its_clients(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Path,
+) -> None:
+    """migblockd is restarted (killed, here) while QEMU migrates with events on, and
+    QEMU is then killed.  Reported: the new migblockd relayed that migration's events,
+    but took the capability for one still to set (QEMU takes none while it migrates),
+    and its clients never heard the migration's end."""
+    qemu = qemu_factory(memory="1G")
+    state = str(tmp_path / "state")
+    d = gate(start_daemon, qemu, "--state-dir", state)
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        await start_slow_migration(c)
+    d.wait_for_log("QEMU migration status: active")
+    d.proc.kill()
+    d.proc.wait()
+    again = gate(start_daemon, qemu, "--state-dir", state)
+    again.wait_for_log(f"QEMU at {qemu.gate_socket} is migrating (status active)\n")
+    assert "capability clients asked for is owed" not in again.log()
+    async with again.client() as watcher:
+        assert qemu.proc is not None
+        pid = qemu.proc.pid
+        qemu.kill()
+        assert await migration_statuses(watcher) == ["failed"]
+    again.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration "
+                       "it ran (last status active) cannot complete; clients are sent "
+                       "MIGRATION failed")
+    assert_clean_log(again)
+
+
 @pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
 async def test_a_migration_whose_qemu_was_restarted_at_once_ends_failed_for_its_clients(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],

@@ -102,7 +102,8 @@ class Bridge:
         #: The link's connections to QEMU, numbered: one more each time it connects (a
         #: restarted QEMU, or the same one again); what a command's calls are pinned to.
         self._connection = 0
-        #: Whether the connected QEMU has sent a MIGRATION event (its events capability on).
+        #: Whether the connected QEMU sends MIGRATION events: it has sent one, or said
+        #: that its events capability is on.
         self._evented = False
         #: Whether the events capability clients asked for is still to be set on the
         #: connected QEMU: it was migrating when migblockd connected (QEMU takes no
@@ -414,6 +415,20 @@ class Bridge:
         runstate = state.get("status") if isinstance(state, dict) else None
         return isinstance(runstate, str) and incoming(info, runstate)
 
+    async def _events_on(self) -> bool:
+        """Whether the QEMU connected now has its ``events`` capability on (False: off,
+        or it cannot be told).  QEMU answers this query while it migrates; a migration
+        it runs with events on sends MIGRATION events that clients hear, so its end
+        must be told them even when the link loses that QEMU."""
+        connection = self._connection
+        try:
+            caps = await self.link.execute("query-migrate-capabilities", for_client=False)
+        except QemuLinkError:
+            return False
+        if connection != self._connection or not self.facts.connected:
+            return False  # another connection's QEMU, or none
+        return isinstance(caps, list) and {"capability": "events", "state": True} in caps
+
     async def _learn_status(self) -> None:
         """What a QEMU just connected to is doing, and the capability migblockd's
         clients set: QEMU starts with ``events`` off, and a QEMU restarted (or
@@ -441,9 +456,13 @@ class Bridge:
                      self.facts.status)
         elif self.facts.status in RUNNING_STATUSES:
             # QEMU refuses capabilities while it migrates (qmp_migrate_set_capabilities(),
-            # migration/migration.c): set once that migration is seen to have ended.
+            # migration/migration.c): set once that migration is seen to have ended,
+            # unless QEMU has it on already (a restarted migblockd set it before).
+            if await self._events_on():
+                self._evented = True  # its migration's last event is owed to clients
+                self._events_owed = False
             log.info("QEMU at %s is migrating (status %s)%s", path, self.facts.status,
-                     OWED if wanted else "")
+                     OWED if self._events_owed else "")
             return
         if wanted:
             await self._set_events()

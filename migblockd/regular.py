@@ -45,16 +45,18 @@ def read_regular(path: str | os.PathLike[str],
     """The bytes of ``path``; NotRegularFile, at once, when it is not a regular file,
     and TooLarge when it has more than ``limit`` bytes (only so many are read).
 
-    ``vet`` is called first with the opened file's status (whose file it
-    is, its mode), and may refuse it by raising.
+    ``vet`` is then called with the opened regular file's status (whose file
+    it is, its mode), and may refuse it by raising: after the file's type, so
+    that what is not a file at all (``/dev/null``, ``/tmp``) is called so, and
+    not given advice on its mode.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        if vet is not None:
-            vet(st)
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile(path)
+        if vet is not None:
+            vet(st)
         # A regular file: no writer to wait for.  Blocking again, as a network
         # file system may honour O_NONBLOCK on reads (EAGAIN mid-file).
         os.set_blocking(fd, True)

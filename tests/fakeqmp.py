@@ -12,7 +12,16 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GREETING", "INTROSPECTION", "serving"]
+__all__ = ["GREETING", "INTROSPECTION", "Raw", "serving"]
+
+
+class Raw(str):
+    """JSON text sent as it is: what Python's ``json`` could not write (a value
+    nested deeper than it recurses)."""
+
+
+def _encoded(value: object) -> str:
+    return value if isinstance(value, Raw) else json.dumps(value)
 
 #: A greeting of the right shape, as QEMU's.
 GREETING: dict[str, Any] = {
@@ -43,12 +52,11 @@ def _requests(conn: socket.socket) -> Iterator[dict[str, Any]]:
 def _serve(conn: socket.socket, greeting: object, returns: Mapping[str, object]) -> None:
     # The client may go at any point (it gives up on what it was sent).
     with conn, contextlib.suppress(OSError):
-        conn.sendall(json.dumps(greeting).encode() + b"\r\n")
+        conn.sendall(_encoded(greeting).encode() + b"\r\n")
         for request in _requests(conn):
-            reply = {"return": returns.get(str(request.get("execute")), {})}
-            if "id" in request:
-                reply["id"] = request["id"]
-            conn.sendall(json.dumps(reply).encode() + b"\r\n")
+            returned = _encoded(returns.get(str(request.get("execute")), {}))
+            tail = f', "id": {json.dumps(request["id"])}' if "id" in request else ""
+            conn.sendall(f'{{"return": {returned}{tail}}}\r\n'.encode())
 
 
 def _accept(server: socket.socket, greeting: object, returns: Mapping[str, object]) -> None:

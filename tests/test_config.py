@@ -495,6 +495,31 @@ def test_a_fifo_is_refused_at_start_without_waiting_for_a_writer(tmp_path: Path)
         f"migblockd: {path} is not a regular file; --config takes a TOML file")
 
 
+def test_what_is_not_a_file_is_called_so_whatever_its_mode(tmp_path: Path) -> None:
+    # Reported: a FIFO, /dev/null or /tmp that others may write got "refusing a ...
+    # file others may write; chmod go-w /dev/null", advice that breaks the system.
+    fifo = tmp_path / "open.toml"
+    os.mkfifo(fifo)
+    fifo.chmod(0o666)
+    includer = tmp_path / "includer.json"
+    includer.write_text("{ 'include': '/tmp' }\n")
+    check = [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral"]
+    said = {}
+    for option, path in (("--config", fifo), ("--schema", "/dev/null"),
+                         ("--schema", includer)):
+        proc = subprocess.run([*check, option, str(path)], capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode == 1
+        said[str(path)] = proc.stderr
+    assert said == {
+        str(fifo): f"migblockd: {fifo} is not a regular file; --config takes a TOML file\n",
+        "/dev/null": "migblockd: /dev/null is not a regular file; --schema takes a QAPI "
+                     "schema file\n",
+        str(includer): f"migblockd: bad schema: {includer}:1:14: include file '/tmp' is not "
+                       "a regular file\n",
+    }
+
+
 async def test_a_fifo_in_place_of_the_file_is_refused_at_reload(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

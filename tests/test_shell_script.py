@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProcess
-from fakeqmp import GREETING, serving
+from fakeqmp import GREETING, Raw, serving
 
 from migblockd.shell import client as shell_client
 
@@ -440,6 +440,26 @@ def test_a_server_whose_answers_are_not_qmps_shape_is_one_line_and_exit_status_2
         result = shell(str(path), "-c", "x a=1")
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == f"migblock-shell: {path}: {why}\n"
+
+
+DEEP = Raw("[" * 100_000 + "]" * 100_000)
+
+
+@pytest.mark.parametrize(("greeting", "returns", "why"), [
+    (DEEP, {}, "{path}: the server did not send a QMP greeting"),
+    (GREETING, {"query-version": DEEP},
+     "-c 1: {path}: a message from the daemon was nested deeper than this shell reads, so "
+     "the shell closed the connection; the command may or may not have taken effect"),
+], ids=["greeting", "reply"])
+def test_a_server_nesting_its_json_too_deeply_is_one_line_and_exit_status_2(
+    tmp_path: Path, greeting: object, returns: dict[str, object], why: str
+) -> None:
+    # Reported: a RecursionError's traceback, and exit status 1.
+    path = tmp_path / "deep.sock"
+    with serving(path, greeting, returns):
+        result = shell(str(path), "-c", "query-version")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"migblock-shell: {why.format(path=path)}\n"
 
 
 def test_a_server_that_greets_and_never_negotiates_is_exit_status_2(tmp_path: Path) -> None:

@@ -7,7 +7,9 @@ included from" preamble, which our flat error format has no room for).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Final
 
 
 @dataclass(frozen=True)
@@ -43,14 +45,31 @@ class QAPIError(Exception):
         return f"{self.info}: {self.msg}"
 
 
+#: The longest word (a name, a stray token, a path) a message quotes whole.
+WORD_LIMIT: Final = 256
+_LONG_WORD: Final = re.compile(rf"\S{{{WORD_LIMIT + 1},}}")
+
+
+def _cut(match: re.Match[str]) -> str:
+    word = match[0]
+    left = word[0] if word[0] in "'\"" else ""
+    right = left if left and word.endswith(left) else ""
+    inner = word[len(left):len(word) - len(right)]
+    return f"{left}{inner[:WORD_LIMIT]}...{right} ({len(inner):,} characters)"
+
+
 def _shown(msg: str) -> str:
-    """``msg`` with control and format characters escaped (``\\x1b``, ``\\ufeff``).
+    """``msg`` with control and format characters escaped (``\\x1b``, ``\\ufeff``),
+    and each word longer than :data:`WORD_LIMIT` cut, saying so.
 
     A message quotes what the file holds: a stray token, a doc comment's symbol
     or member name, any of which may hold a NUL, an escape sequence a terminal
-    would obey or a byte order mark nobody can see.  The message goes to a
-    terminal and to the daemon's log, as one line a reader can trust.
+    would obey or a byte order mark nobody can see, or be a megabyte long.  The
+    message goes to a terminal and to the daemon's log, as one line a reader can
+    trust and read.
     """
+    if len(msg) > WORD_LIMIT:
+        msg = _LONG_WORD.sub(_cut, msg)
     if msg.isprintable():
         return msg
     return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")

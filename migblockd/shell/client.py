@@ -129,7 +129,7 @@ class QMPClient:
             raise ConnectError(f"{path}: reading the greeting failed: {err}") from None
         try:
             greeting = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # not QMP: named below
             greeting = None
         refusal = greeting.get("error") if isinstance(greeting, dict) else None
         if isinstance(refusal, dict) and isinstance(refusal.get("desc"), str):
@@ -251,6 +251,11 @@ class QMPClient:
                     message = json.loads(line)
                 except ValueError:
                     continue  # never happens with migblockd; don't die on it
+                except RecursionError:
+                    # Nor this; skipped, it could be the answer a command waits for.
+                    reason = ("a message from the daemon was nested deeper than this "
+                              "shell reads, so the shell closed the connection")
+                    break
                 if isinstance(message, dict):
                     self._dispatch(message)
         finally:

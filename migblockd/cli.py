@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -220,9 +221,13 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
     except StartupError as exc:
         logging.getLogger("migblockd").error("%s", exc)
         sys.exit(1)
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+    except KeyboardInterrupt:  # a second Ctrl-C as the event loop closes
         sys.exit(130)
     finally:
+        # Closed, the event loop gave the signals their default actions back; a
+        # second SIGTERM would now end the stop with the log's last lines unwritten.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         # What is still queued is written now, within a bound: a stuck
         # stderr does not keep the daemon from exiting.
         installed.close()

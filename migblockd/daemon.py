@@ -278,8 +278,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         for task in tasks:
             task.cancel()
         await notifier.close()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        # The handlers stay: what follows (the store closed, the log's last lines
+        # written) is still the stop, and the loop's close takes them away.
         log.info("stopped")
 
 

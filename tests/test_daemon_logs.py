@@ -216,8 +216,12 @@ async def test_an_undrained_stderr_pipe_stops_nothing(tmp_path: Path,
     assert "Traceback" not in log
 
 
+@pytest.mark.parametrize("again", [None, signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["once", "then-sigterm", "then-sigint", "then-sighup"])
 async def test_sigterm_stops_the_daemon_while_stderr_is_stuck(
-        tmp_path: Path, daemons: list[DaemonProcess]) -> None:
+        tmp_path: Path, daemons: list[DaemonProcess], again: signal.Signals | None) -> None:
+    # Reported (again): a second signal while the log's last lines waited for the
+    # stuck stderr, the drain over, killed the daemon by its default action.
     pipe = Pipe()
     try:
         d = start(tmp_path, "--log-level", "info", stderr=pipe.write_fd)
@@ -237,6 +241,12 @@ async def test_sigterm_stops_the_daemon_while_stderr_is_stuck(
             await c.ok("query-blockers")
         # ...and still stops, with nothing read from its stderr.
         d.signal(signal.SIGTERM)
+        if again is not None:
+            deadline = time.monotonic() + 20
+            while d.socket.exists():  # removed as the drain ends: then the last lines
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            d.signal(again)
         assert d.wait_exit() == 0
         assert not d.socket.exists()
     finally:

@@ -1,6 +1,7 @@
 """What is written to one client, and when: slices, backpressure, and max-output.
 
-Output reaches the transport in slices of at most :data:`SLICE` bytes,
+Output reaches the transport in slices of at most :data:`SLICE` bytes (a
+bigger piece is cut),
 :data:`BURST` slices per callback at most, and a slice only while the
 transport's own buffer is below :data:`HIGH_WATER`: a 35 MB listing goes out
 piece by piece as the client reads it, and no copy of the whole answer is ever
@@ -43,7 +44,7 @@ class Outbox:
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self.transport = transport
-        self._backlog: deque[bytes] = deque()
+        self._backlog: deque[bytes | memoryview] = deque()
         self._backlog_bytes = 0
         self._enqueued = 0  # bytes ever given to put()
         self._marks: deque[tuple[int, int]] = deque()  # (stream offset, event bytes)
@@ -102,8 +103,16 @@ class Outbox:
         for _ in range(BURST):
             if not backlog or transport.get_write_buffer_size() > HIGH_WATER:
                 return False
-            batch = [backlog.popleft()]
-            size = len(batch[0])
+            first = backlog.popleft()
+            if len(first) > SLICE:
+                # A listing's segment (up to megabytes) is shared by every client
+                # it is owed to: cut, not copied, or each transport would keep
+                # its own copy of what the kernel did not take at once.
+                view = memoryview(first)
+                backlog.appendleft(view[SLICE:])
+                first = view[:SLICE]
+            batch = [first]
+            size = len(first)
             while backlog and size + len(backlog[0]) <= SLICE:
                 piece = backlog.popleft()
                 batch.append(piece)

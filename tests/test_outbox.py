@@ -92,6 +92,18 @@ async def test_a_big_reply_goes_out_in_slices_as_the_peer_reads(pair: Pair) -> N
     assert await pair.read_all() == b"".join(reply)
 
 
+async def test_a_piece_bigger_than_a_slice_is_handed_over_a_slice_at_a_time(
+        pair: Pair) -> None:
+    # Reported: a listing's segment of 6.6 MB went to the transport whole, and
+    # Python 3.11's asyncio copies what the kernel does not take into its own
+    # buffer: 50 clients that never read made 300 MB of copies of one listing.
+    segment = bytes(range(256)) * (3 * SLICE // 256 + 1)
+    assert put(pair, [segment, b"\r\n"], 0) == 0
+    assert pair.transport.get_write_buffer_size() <= SLICE
+    assert pair.outbox.waiting
+    assert await pair.read_all() == segment + b"\r\n"
+
+
 async def test_a_peer_that_reads_as_fast_as_we_write_gets_a_slice_per_call(
         wide_pair: Pair) -> None:
     # The kernel takes more than a slice and the peer reads everything between

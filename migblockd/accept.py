@@ -30,6 +30,7 @@ import resource
 import socket
 from collections.abc import Callable
 
+from migblockd.peer import LEFTOVER_CHUNK, received
 from migblockd.qmp.encoding import encode_error
 from migblockd.qmp.errors import NO_ID, QMPError
 
@@ -239,6 +240,8 @@ class Acceptor:
             with conn, contextlib.suppress(OSError):
                 conn.setblocking(False)
                 conn.send(OUT_OF_DESCRIPTORS)
+                for _ in received(conn, LEFTOVER_CHUNK):  # closed unread, it would reset
+                    pass
             refused += 1
             self._turned_away()
             self._reserve = self._open_reserve()

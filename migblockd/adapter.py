@@ -77,9 +77,18 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         self.connected_at = self.server.loop.time()
         self.conn = conn = self.core.connect(peer_owner(transport))
         if conn.refused:
-            transport.write(self.core.data_to_send(conn))
-            transport.close()
             self.conn = None
+            transport.write(self.core.data_to_send(conn))
+            # Half-closed, not closed: a client that sent a request at once would be
+            # reset by a close with it unread, or its write would fail, and either
+            # makes an asyncio stream raise before it gives the line.  What it
+            # sends is read away (data_received) until it closes, LINGER at most.
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError):
+                transport.close()
+            else:
+                self.server.loop.call_later(LINGER, transport.close)
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.outbox = Outbox(transport)

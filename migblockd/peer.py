@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from migblockd.registry import Owner
 
 __all__ = ["discard_unread", "hung_up", "leftovers", "lost_words", "ordinary_loss",
-           "peer_owner", "unread", "unsent"]
+           "peer_owner", "received", "unread", "unsent"]
 
 LEFTOVER_CHUNK = 64 * 1024
 
@@ -58,22 +58,28 @@ def leftovers(transport: asyncio.BaseTransport, budget: int) -> Iterator[bytes]:
     except OSError:
         return
     with dup:
-        dup.setblocking(False)
-        for last in (False, True):
-            while budget > 0:
-                try:
-                    data = dup.recv(LEFTOVER_CHUNK)
-                except OSError:
-                    break
-                if not data:
-                    break
-                budget -= len(data)
-                yield data
-            if not last:
-                # No more may come (the peer's writes fail from now on): then what
-                # is read, or counted as unread, is all it ever sent.
-                with contextlib.suppress(OSError):
-                    dup.shutdown(socket.SHUT_RD)
+        yield from received(dup, budget)
+
+
+def received(sock: socket.socket, budget: int) -> Iterator[bytes]:
+    """What the peer has sent on ``sock`` and nobody read, at most about ``budget``
+    bytes; ``sock`` is left shut for reading (and non-blocking)."""
+    sock.setblocking(False)
+    for last in (False, True):
+        while budget > 0:
+            try:
+                data = sock.recv(LEFTOVER_CHUNK)
+            except OSError:
+                break
+            if not data:
+                break
+            budget -= len(data)
+            yield data
+        if not last:
+            # No more may come (the peer's writes fail from now on): then what
+            # is read, or counted as unread, is all it ever sent.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
 
 
 def discard_unread(transport: asyncio.BaseTransport, budget: int = 4 << 20) -> int:

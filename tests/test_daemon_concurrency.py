@@ -297,6 +297,31 @@ async def test_max_clients(start_daemon: Callable[..., DaemonProcess]) -> None:
     assert_clean_log(d)
 
 
+async def refusal_read_after_sending(path: Path) -> bytes:
+    """The first line a client that sends a request at once, as it connects, reads
+    (with asyncio's streams, as a script would)."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(b'{"execute": "qmp_capabilities"}\n')
+        await asyncio.sleep(0.05)  # the daemon has refused it by now
+        return await reader.readline()
+    finally:
+        writer.close()
+
+
+async def test_a_client_past_max_clients_that_sent_at_once_still_reads_why(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    # Reported: closed with the request unread, the connection was reset, and the
+    # client's stream raised ConnectionResetError (or BrokenPipeError) instead of
+    # giving the line.
+    d = start_daemon("--max-clients", "1")
+    async with d.client():
+        lines = [await refusal_read_after_sending(d.socket) for _ in range(10)]
+    assert {strict_loads(line)["error"]["desc"] for line in lines} == {
+        "migblockd is already serving max-clients=1 clients; try again later"}
+    assert_clean_log(d)
+
+
 async def test_max_clients_lowered_by_a_reload_below_those_served(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

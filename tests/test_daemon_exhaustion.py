@@ -9,8 +9,10 @@ tracebacks (36 MB) in 9 s.  The limit here is a real ``RLIMIT_NOFILE`` set by
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import signal
 import socket
 import sys
 import time
@@ -105,6 +107,38 @@ async def test_out_of_descriptors_clients_are_refused_not_hung(
     assert d.stop() == 0
     assert_clean_log(d)
     assert len(d.log()) < 100_000
+
+
+async def test_a_client_refused_for_descriptors_that_sent_at_once_still_reads_why(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reported: closed with the client's request unread, the connection was reset,
+    # and an asyncio stream raised ConnectionResetError instead of giving the line.
+    d = start_daemon("--log-level", "info", python=limited_python(tmp_path, 64))
+    held = []
+    while True:  # take every descriptor the daemon has for clients
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(d.socket))
+        if "QMP" not in strict_loads(first_line(s)):
+            s.close()
+            break
+        held.append(s)
+    d.proc.send_signal(signal.SIGSTOP)  # each request is in its socket before the accept
+    try:
+        opened = [await asyncio.open_unix_connection(str(d.socket)) for _ in range(10)]
+        for _, writer in opened:
+            writer.write(b'{"execute": "qmp_capabilities"}\n')
+            await writer.drain()
+    finally:
+        d.proc.send_signal(signal.SIGCONT)
+    for reader, writer in opened:
+        assert strict_loads(await asyncio.wait_for(reader.readline(), 10)) == OUT_OF_DESCRIPTORS
+        writer.close()
+    for s in held:
+        s.close()
+    assert d.stop() == 0
+    assert_clean_log(d)
 
 
 def test_the_units_leave_room_for_max_clients() -> None:

@@ -75,6 +75,31 @@ def test_golden_output_of_the_good_case() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(("redirect", "said"), [
+    (">/dev/full", "cannot write the diff to stdout: No space left on device\n"),
+    (">&-", "cannot write the diff to stdout: stdout is closed\n"),
+    ("| head -c 10 >/dev/null", ""),
+], ids=["full", "closed", "reader-gone"])
+def test_a_diff_stdout_cannot_take_is_one_line_not_a_traceback(
+        tmp_path: Path, redirect: str, said: str) -> None:
+    copy = tmp_path / "schema"
+    shutil.copytree(SCHEMA, copy)
+    for generated in (copy / "generated" / "commands").iterdir():
+        generated.write_text("{}\n" * 20_000, encoding="utf-8")  # a diff bigger than a pipe
+    command = (f"{sys.executable} -m migblockd.qapi --check {copy / 'migblockd.json'} "
+               f"{redirect}; echo status=$?")
+    if redirect.startswith("|"):
+        command = (f"set -o pipefail; {sys.executable} -m migblockd.qapi --check "
+                   f"{copy / 'migblockd.json'} {redirect}; echo status=$?")
+    result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True,
+                            text=True, check=False)
+    assert result.stdout == "status=1\n"
+    stale = " file(s) in "
+    lines = result.stderr.splitlines(keepends=True)
+    assert lines[-1].startswith("migblockd-qapi-gen: ") and stale in lines[-1]
+    assert "".join(lines[:-1]) == ("migblockd-qapi-gen: " + said if said else "")
+
+
 def test_stale_copy_fails_check_with_a_diff(tmp_path: Path) -> None:
     copy = tmp_path / "schema"
     shutil.copytree(SCHEMA, copy)

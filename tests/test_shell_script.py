@@ -192,6 +192,36 @@ def test_a_pasted_megabyte_is_quoted_cut(daemon: DaemonProcess) -> None:
     assert replies(piped.stdout) == [{"return": []}]
 
 
+def test_an_integer_is_sent_as_typed_however_long(daemon: DaemonProcess) -> None:
+    # Found by review: 4,301 digits or more were sent as a string when typed bare, and
+    # refused with Python's advice (sys.set_int_max_str_digits) in brackets.
+    digits = "1" * 5000
+    result = shell(str(daemon.socket), "-v",
+                   "-c", f"migrate-set-parameters downtime-limit={digits}",
+                   "-c", f"add-blocker reason=x internal=[{digits}]")
+    sent = [line for line in result.stderr.splitlines() if line.startswith("{")]
+    assert f'"downtime-limit": {digits}}}' in sent[0]
+    assert f'"internal": [{digits}]' in sent[1]
+    # The daemon's answer: its own bound on what it reads.
+    assert [r["error"]["desc"] for r in replies(result.stdout)] == [
+        "JSON parse error, number out of range"] * 2
+
+
+def test_a_pasted_word_is_quoted_cut_in_syntax_errors(daemon: DaemonProcess) -> None:
+    # Found by review: these errors quoted a 100 KB word whole.
+    word = "w" * 100_000
+    cut = "w" * 77 + "..."
+    piped = shell(str(daemon.socket), stdin=f"add-blocker {word}\nadd-blocker ={word}\n"
+                                            f"add-blocker reason=x {word}.=1\n{word}=1\n")
+    assert piped.returncode == 1
+    assert piped.stderr.splitlines() == [
+        f"migblock-shell: line 1: error: expected key=value, got '{cut}'",
+        f"migblock-shell: line 2: error: missing key before '=' in '={cut}'",
+        f"migblock-shell: line 3: error: bad key '{cut}': empty name between dots",
+        f"migblock-shell: line 4: error: expected a command name first, got '{cut}'",
+    ]
+
+
 def test_a_member_of_what_is_not_an_object_is_refused_before_sending(
     daemon: DaemonProcess,
 ) -> None:
@@ -442,6 +472,26 @@ def test_a_server_whose_answers_are_not_qmps_shape_is_one_line_and_exit_status_2
     assert result.stderr == f"migblock-shell: {path}: {why}\n"
 
 
+def test_help_escapes_the_servers_names(tmp_path: Path) -> None:
+    # Found by review: a command or member name with a terminal's escape sequences
+    # in it (a server that is not migblockd) reached the terminal raw.
+    evil, member = "evil\x1b[2J\x1b[31mcmd", "x\x1b]0;pwned\x07"
+    schema = [{"name": evil, "meta-type": "command", "arg-type": "a", "ret-type": "r"},
+              {"name": "a", "meta-type": "object",
+               "members": [{"name": member, "type": "str"}]},
+              {"name": "r", "meta-type": "object", "members": []},
+              {"name": "str", "meta-type": "builtin", "json-type": "string"}]
+    path = tmp_path / "evil.sock"
+    with serving(path, GREETING, {"query-qmp-schema": schema,
+                                  "query-commands": [{"name": evil}]}):
+        overview = shell(str(path), "-c", "help")
+        topic = shell(str(path), "-c", f"help {evil}")
+    assert (overview.returncode, topic.returncode) == (0, 0), (overview.stderr, topic.stderr)
+    assert "evil\\x1b[2J\\x1b[31mcmd" in overview.stdout
+    assert "x\\x1b]0;pwned\\x07" in topic.stdout
+    assert "\x1b" not in overview.stdout + topic.stdout
+
+
 DEEP = Raw("[" * 100_000 + "]" * 100_000)
 
 
@@ -450,8 +500,15 @@ DEEP = Raw("[" * 100_000 + "]" * 100_000)
     (GREETING, {"query-version": DEEP},
      "-c 1: {path}: a message from the daemon was nested deeper than this shell reads, so "
      "the shell closed the connection; the command may or may not have taken effect"),
-], ids=["greeting", "reply"])
-def test_a_server_nesting_its_json_too_deeply_is_one_line_and_exit_status_2(
+    (GREETING, {"query-version": Raw('{"a": NaN}')},
+     "-c 1: {path}: a message from the daemon held NaN, which JSON has not, so the shell "
+     "closed the connection; the command may or may not have taken effect"),
+    (GREETING, {"query-version": Raw('{"a": ' + "1" * 5000 + "}")},
+     "-c 1: {path}: a message from the daemon held an integer of 5,000 digits, more than "
+     "this shell reads, so the shell closed the connection; the command may or may not "
+     "have taken effect"),
+], ids=["greeting", "reply", "nan", "digits"])
+def test_a_server_nesting_its_json_too_deeply_or_not_json_is_one_line_and_exit_status_2(
     tmp_path: Path, greeting: object, returns: dict[str, object], why: str
 ) -> None:
     # Reported: a RecursionError's traceback, and exit status 1.
@@ -654,10 +711,25 @@ def test_a_stdout_that_cannot_be_written_is_one_line_and_stops_the_script(
         ["sh", "-c", f'exec "$@" {redirect}', "sh", *SHELL, str(daemon.socket),
          "-c", "query-version", "-c", "add-blocker reason=unseen id=unseen"],
         capture_output=True, text=True, timeout=60, check=False)
-    reason = "stdout is closed" if stdout == "closed" else "No space left on device"
+    reason = ("stdout is closed; no command was run" if stdout == "closed"
+              else "No space left on device")
     assert (proc.returncode, proc.stderr) == (
         1, f"migblock-shell: cannot write the replies to stdout: {reason}\n")
     # The script stopped: its next command, whose reply would be lost too, never ran.
+    listed = shell(str(daemon.socket), "-c", "query-blockers")
+    assert replies(listed.stdout) == [{"return": []}]
+
+
+def test_started_with_stdout_closed_the_shell_runs_no_command(daemon: DaemonProcess) -> None:
+    # Reported: the first command ran (a blocker added) before the shell found that
+    # its reply could not be written, and nothing said that it had run.
+    proc = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", *SHELL, str(daemon.socket),
+         "-c", "add-blocker reason=unseen id=unseen"],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert (proc.returncode, proc.stderr) == (
+        1, "migblock-shell: cannot write the replies to stdout: stdout is closed; no "
+        "command was run\n")
     listed = shell(str(daemon.socket), "-c", "query-blockers")
     assert replies(listed.stdout) == [{"return": []}]
 

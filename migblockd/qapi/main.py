@@ -15,7 +15,9 @@ with exit status 1.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         diffs = check(files, output_dir)
         if diffs:
-            sys.stdout.write("".join(diffs))
+            _show("".join(diffs))
             print(
                 f"{PROG}: {len(diffs)} file(s) in {output_dir} are stale; run {PROG}",
                 file=sys.stderr,
@@ -162,3 +164,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _show(diff: str) -> None:
+    """Write ``diff`` to stdout; a reader gone (``| head``) ends it quietly, and a
+    stdout that cannot take it (closed, a full disk) is one line on stderr."""
+    try:
+        if sys.stdout is None:
+            raise OSError(errno.EBADF, "stdout is closed")
+        sys.stdout.write(diff)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    except OSError as err:
+        print(f"{PROG}: cannot write the diff to stdout: {err.strerror or err}",
+              file=sys.stderr)
+    else:
+        return
+    if sys.stdout is not None:
+        # What failed is still in its buffer: the interpreter's last flush would
+        # fail on it again ("Exception ignored ...").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

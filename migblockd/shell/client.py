@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import json
 from collections.abc import Callable
-from typing import Any, TypeGuard
+from typing import Any, Final, TypeGuard
 
 from migblockd.paths import (
     NO_GREETING,
@@ -63,6 +63,27 @@ def _is_greeting(message: Any) -> TypeGuard[Message]:
 
 def _id_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class NotANumber(Exception):
+    """A server's message held ``NaN`` or ``Infinity`` (Python reads them, JSON has
+    no such values), or an integer longer than :data:`MAX_DIGITS`."""
+
+
+def _no_such_number(name: str) -> object:
+    raise NotANumber(f"{name}, which JSON has not")
+
+
+#: The most digits of an integer read from the server: the daemon's own bound on
+#: what it reads (Python's default), so that a server cannot make the shell,
+#: which lifts that bound for what the operator types, convert a megabyte of them.
+MAX_DIGITS: Final = 4300
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise NotANumber(f"an integer of {len(text):,} digits, more than this shell reads")
+    return int(text)
 
 
 class QMPClient:
@@ -128,8 +149,8 @@ class QMPClient:
             await self._abort()
             raise ConnectError(f"{path}: reading the greeting failed: {err}") from None
         try:
-            greeting = json.loads(line)
-        except (ValueError, RecursionError):  # not QMP: named below
+            greeting = json.loads(line, parse_constant=_no_such_number, parse_int=_bounded_int)
+        except (ValueError, RecursionError, NotANumber):  # not QMP: named below
             greeting = None
         refusal = greeting.get("error") if isinstance(greeting, dict) else None
         if isinstance(refusal, dict) and isinstance(refusal.get("desc"), str):
@@ -248,9 +269,15 @@ class QMPClient:
                 if not line.strip():
                     continue
                 try:
-                    message = json.loads(line)
+                    message = json.loads(line, parse_constant=_no_such_number,
+                                         parse_int=_bounded_int)
                 except ValueError:
                     continue  # never happens with migblockd; don't die on it
+                except NotANumber as err:
+                    # Nor this; printed, it would make the script's output no JSON.
+                    reason = (f"a message from the daemon held {err}, so the shell "
+                              "closed the connection")
+                    break
                 except RecursionError:
                     # Nor this; skipped, it could be the answer a command waits for.
                     reason = ("a message from the daemon was nested deeper than this "

@@ -11,7 +11,7 @@ from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell import helptext
 from migblockd.shell.check import check_request
 from migblockd.shell.connection import Connection
-from migblockd.shell.render import Renderer
+from migblockd.shell.render import Renderer, visible
 from migblockd.shell.syntax import Help, ParseError, Request, parse_line
 
 Write = Callable[[str], None]
@@ -62,12 +62,14 @@ class Runner:
 
     def _help(self, topic: str | None) -> bool:
         schema = self.connection.schema
+        # The names are the server's (query-qmp-schema, query-commands): escaped like
+        # its replies, so that a name cannot steer the terminal.
         if topic is None:
-            self.out(helptext.overview(schema, self.docs))
+            self.out(visible(helptext.overview(schema, self.docs)))
             return True
         text = helptext.help_text(schema, self.docs, topic)
         if text is None:
             self.err(self._messages.error(f"error: {helptext.unknown_command(schema, topic)}"))
             return False
-        self.out(text)
+        self.out(visible(text))
         return True

@@ -126,6 +126,12 @@ async def run_script(
     ``timeout``: the most seconds a command may wait for its reply (``--timeout``);
     past it the run ends as when the connection is lost (exit status 2), the
     command's outcome unknown."""
+    if sys.stdout is None:
+        # Started with stdout closed (>&-): every reply would be lost, and a command
+        # that changes something would do so unseen.  Nothing is sent.
+        to_stderr("migblock-shell: cannot write the replies to stdout: stdout is closed; "
+                  "no command was run")
+        return 1
     connection = Connection(path)
     await connection.open()
     number = 0

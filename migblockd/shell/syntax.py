@@ -240,7 +240,7 @@ def convert_value(word: Word, hint: ValueHint = None) -> Any:
         except json.JSONDecodeError as err:  # not JSON's syntax: maybe Python's
             why = str(err)
         except ValueError as err:  # JSON, that cannot be sent as typed
-            raise ParseError(f"'{word.key}': {what} {_shown(text)}: {err}") from None
+            raise ParseError(f"'{_shown(str(word.key))}': {what} {_shown(text)}: {err}") from None
         try:
             return python_literal(text)
         except NotLiteral:
@@ -256,7 +256,7 @@ def convert_value(word: Word, hint: ValueHint = None) -> Any:
             how = ""  # neither a string nor a list of names would do
         else:
             how = " (quote it to send a string)"
-        raise ParseError(f"'{word.key}': {what} {_shown(text)}: {why}{how}")
+        raise ParseError(f"'{_shown(str(word.key))}': {what} {_shown(text)}: {why}{how}")
     if word.quoted or hint == "string":
         return text
     if hint in ("list", "list-of-strings"):
@@ -310,7 +310,7 @@ def _insert(root: dict[str, Any], given: _Given, path: tuple[str, ...], value: A
     length, whatever the number of keys before it or the parts in it (a pasted
     line may hold thousands of either)."""
     if any(part == "" for part in path):
-        raise ParseError(f"bad key '{'.'.join(path)}': empty name between dots")
+        raise ParseError(f"bad key '{_shown('.'.join(path))}': empty name between dots")
     node = given
     for depth, part in enumerate(path[:-1]):
         below = node.names.get(part)
@@ -323,7 +323,7 @@ def _insert(root: dict[str, Any], given: _Given, path: tuple[str, ...], value: A
     if isinstance(there, _Given):
         _conflict(path, there.first)
     if there is not None:
-        raise ParseError(f"'{'.'.join(path)}' is given more than once")
+        raise ParseError(f"'{_shown('.'.join(path))}' is given more than once")
     node.names[path[-1]] = path
     target = root
     for part in path[:-1]:
@@ -334,8 +334,8 @@ def _insert(root: dict[str, Any], given: _Given, path: tuple[str, ...], value: A
 
 
 def _conflict(short: tuple[str, ...], long_: tuple[str, ...]) -> NoReturn:
-    raise ParseError(f"'{'.'.join(short)}' is given a value and also used for "
-                     f"'{'.'.join(long_)}'")
+    raise ParseError(f"'{_shown('.'.join(short))}' is given a value and also used for "
+                     f"'{_shown('.'.join(long_))}'")
 
 
 def build_arguments(command: str, words: list[Word], hints: Hints | None = None) -> dict[str, Any]:
@@ -349,9 +349,9 @@ def build_arguments(command: str, words: list[Word], hints: Hints | None = None)
             key, _, value = word.value.partition("=")
             word = Word(word.start, key=key, value=value, quoted=True)
         if word.key is None:
-            raise ParseError(f"expected key=value, got '{word.value}'")
+            raise ParseError(f"expected key=value, got '{_shown(word.value)}'")
         if word.key == "":
-            raise ParseError(f"missing key before '=' in '={word.value}'")
+            raise ParseError(f"missing key before '=' in '={_shown(word.value)}'")
         path = tuple(word.key.split("."))
         hint = hints(command, path) if hints is not None else None
         _insert(arguments, placed, path, convert_value(word, hint))
@@ -381,7 +381,7 @@ def parse_line(line: str, hints: Hints | None = None) -> Parsed:
     head = words[0]
     if head.key is not None:
         first = line[head.start :].split(maxsplit=1)[0]
-        raise ParseError(f"expected a command name first, got '{first}'")
+        raise ParseError(f"expected a command name first, got '{_shown(first)}'")
     name = head.value
     if name == "help":
         if len(words) > 2 or any(w.key is not None for w in words[1:]):

@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -377,6 +378,66 @@ def test_ctrl_c_while_waiting_for_a_reply_returns_to_the_prompt(
     shell.expect("query-bl")
     shell.send(CTRL_C)
     assert shell.quit() == 0
+
+
+async def test_what_a_command_says_is_written_before_the_next_prompt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found under load: twice a test waited 30 s for the prompt after "error: cannot
+    connect".  The shell printed through ``patch_stdout``'s proxy, whose thread,
+    finding no prompt running (a command was), wrote straight to the terminal, but
+    only when it got to it: on a busy machine after the next prompt was drawn.  The
+    text then stood below the prompt, which was never drawn again.  That thread is
+    held back here until the next prompt is on the screen."""
+    from prompt_toolkit.application import create_app_session  # noqa: PLC0415
+    from prompt_toolkit.data_structures import Size  # noqa: PLC0415
+    from prompt_toolkit.input import create_pipe_input  # noqa: PLC0415
+    from prompt_toolkit.output.vt100 import Vt100_Output  # noqa: PLC0415
+    from prompt_toolkit.patch_stdout import StdoutProxy  # noqa: PLC0415
+
+    from migblockd.qapi.doc import SchemaDocs  # noqa: PLC0415
+    from migblockd.shell.render import Renderer  # noqa: PLC0415
+    from migblockd.shell.repl import Interactive  # noqa: PLC0415
+
+    monkeypatch.setenv("TERM", "xterm")
+    monkeypatch.setenv("PROMPT_TOOLKIT_NO_CPR", "1")
+    release = threading.Event()
+    write_and_flush = StdoutProxy._write_and_flush
+
+    def held_back(self: StdoutProxy, loop: asyncio.AbstractEventLoop | None, text: str) -> None:
+        release.wait(10)
+        write_and_flush(self, loop, text)
+
+    monkeypatch.setattr(StdoutProxy, "_write_and_flush", held_back)
+    screen = tmp_path / "terminal"
+    with (screen.open("w") as terminal, create_pipe_input() as keys,
+          create_app_session(input=keys, output=Vt100_Output(
+              terminal, lambda: Size(rows=40, columns=200), term="xterm")) as session):
+        shell = Interactive(str(tmp_path / "no-daemon.sock"), Renderer(), SchemaDocs.empty(),
+                            verbose=False, history=tmp_path / "history")
+        running = asyncio.ensure_future(shell.loop())
+
+        async def next_prompt(after: object) -> object:
+            """The prompt run after ``after``, once it is drawn (at its start)."""
+            for _ in range(1000):
+                app = session.app
+                if app is not None and app.is_running and app.future is not after:
+                    return app.future
+                await asyncio.sleep(0.01)
+            raise AssertionError("no prompt")
+
+        try:
+            first = await next_prompt(None)
+            keys.send_text("query-version\r")
+            await next_prompt(first)
+            seen = screen.read_text()
+        finally:
+            release.set()
+            keys.send_text(CTRL_D)
+            await asyncio.wait_for(running, 10)
+    assert "error: cannot connect to" in seen, seen
+    # The prompt drawn after the error, on the screen to type at.
+    assert seen.rindex(PROMPT) > seen.index("error: cannot connect to"), seen
 
 
 async def test_a_ctrl_c_taken_after_its_command_ended_does_not_end_the_shell() -> None:

@@ -1,6 +1,6 @@
 """The interactive mode: a prompt_toolkit prompt with completion and history, and
-events printed above the prompt the moment they arrive (``patch_stdout``), so the
-line being typed is redrawn intact below them."""
+events printed above the prompt the moment they arrive, so the line being typed is
+redrawn intact below them."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
+from prompt_toolkit.application import get_app_or_none, get_app_session, run_in_terminal
 from prompt_toolkit.history import History, InMemoryHistory
-from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.patch_stdout import StdoutProxy, patch_stdout
 from prompt_toolkit.utils import is_dumb_terminal
 
 from migblockd.paths import make_private_directory
@@ -35,9 +36,32 @@ PROMPT = "(migblockd) "
 
 
 def _say(text: str) -> None:
-    # sys.stdout is looked up at call time: inside patch_stdout it is the proxy
-    # that prints above the prompt.
-    print(text, file=sys.stdout, flush=True)
+    """Print ``text`` on a line of its own: at once, or above the prompt if one is
+    on the screen.  Called from the event loop, which draws the prompt.
+
+    Not through ``patch_stdout``'s proxy (``sys.stdout`` inside it), whose own
+    thread writes what it is given when it gets to it: above the prompt if it
+    finds one running, else straight to the terminal.  A thread that found none
+    (a command was running) and was then held back (a busy machine) wrote its
+    text after the next prompt was drawn, below it, and the prompt was not drawn
+    again: the operator was left with no prompt, and a test waited for it."""
+    if not isinstance(sys.stdout, StdoutProxy):  # no prompt_toolkit prompt in this run
+        print(text, file=sys.stdout, flush=True)
+        return
+    output = get_app_session().output  # where the prompt is drawn, as the proxy writes
+
+    def write() -> None:  # as the proxy's thread does (raw: the colours kept)
+        output.enable_autowrap()
+        output.write_raw(text + "\n")
+        output.flush()
+
+    app = get_app_or_none()
+    if app is not None and app.is_running:
+        # The prompt erased, the text written, the prompt drawn again below it; a
+        # line said after this one waits for it.
+        run_in_terminal(write)
+    else:
+        write()
 
 
 def open_history(path: Path | None) -> History:
@@ -161,6 +185,8 @@ class Interactive:
             enable_suspend=True,  # Ctrl-Z, as in bash and readline: not a literal ^Z
         )
         try:
+            # The shell's own output does not go through the proxy (_say); what else
+            # writes to sys.stdout or sys.stderr (a warning) still keeps off the prompt.
             with patch_stdout(raw=True), self.interrupts.interactive():
                 while True:
                     try:

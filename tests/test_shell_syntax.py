@@ -312,6 +312,9 @@ def test_partial_tokenize_reports_what_is_open() -> None:
     # A byte that is not UTF-8, as Python reads it from a terminal or a script.
     (b"add-blocker reason=\xff".decode("utf-8", "surrogateescape"),
      "not valid UTF-8 (byte 0xff at column 20)"),
+    # A request pretty-printed over lines is one entry: the byte's own line is named.
+    (b'{"execute": "add-blocker",\n "arguments": {"reason": "\xff"}}'.decode(
+        "utf-8", "surrogateescape"), "not valid UTF-8 (byte 0xff at line 2 column 27)"),
 ])
 def test_what_cannot_be_sent_as_typed_is_refused(line: str, why: str) -> None:
     with pytest.raises(ParseError) as refused:

@@ -367,8 +367,11 @@ def parse_line(line: str, hints: Hints | None = None) -> Parsed:
         line.encode()
     except UnicodeEncodeError as err:  # bytes that were not UTF-8, kept by surrogateescape
         bad = line[err.start].encode("utf-8", "surrogateescape")
-        raise ParseError(f"not valid UTF-8 (byte 0x{bad.hex()} at column {err.start + 1})"
-                         ) from None
+        # A request pretty-printed over several lines arrives joined: its line too.
+        row = line.count("\n", 0, err.start)
+        column = err.start - (line.rfind("\n", 0, err.start) + 1) + 1
+        where = f"line {row + 1} column {column}" if row else f"column {column}"
+        raise ParseError(f"not valid UTF-8 (byte 0x{bad.hex()} at {where})") from None
     if stripped.startswith("{"):
         try:
             raw = loads(stripped)

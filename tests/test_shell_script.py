@@ -1047,9 +1047,12 @@ def test_a_big_request_cut_off_by_the_daemons_end_says_only_the_shells_words(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert re.fullmatch(rf"migblock-shell: line \d+: {re.escape(str(d.socket))}: connection "
-                        r"lost: \[Errno \d+\] [^\n;]+; the command may or may not have taken "
-                        r"effect\n", stderr), stderr
+    # The kernel's words once the write had begun; on a loaded machine the daemon may
+    # go before it began (asyncio's words), or before the shell sent anything.
+    assert re.fullmatch(rf"migblock-shell: line \d+: {re.escape(str(d.socket))}: (connection "
+                        r"lost: (\[Errno \d+\] [^\n;]+|Connection lost)|the server closed the "
+                        r"connection); the command may or may not have taken effect\n",
+                        stderr), stderr
 
 
 @pytest.mark.parametrize("when", ["between lines", "awaiting the reply"])

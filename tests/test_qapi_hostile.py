@@ -93,15 +93,16 @@ def test_control_characters_in_a_message_are_escaped(tmp_path: Path) -> None:
     assert result.stderr == f"{schema}:2:1: stray '\\x00\\x1bc'\n"
 
 
-def test_a_megabyte_name_is_quoted_cut(tmp_path: Path) -> None:
-    # Reported: the error line quoted all of it, and so did the daemon's log.
+@pytest.mark.parametrize("name", ["x" * 1_000_000, "x " * 500_000])
+def test_a_megabyte_name_is_quoted_cut(tmp_path: Path, name: str) -> None:
+    # Reported: the error line quoted all of it, and so did the daemon's log; then,
+    # of a name with spaces in it, each word was judged alone.
     schema = tmp_path / "long.json"
-    name = "x" * 1_000_000
     schema.write_text(doc("Ss", ["a"]) + f"{{ 'struct': 'Ss', 'data': {{ 'a': '{name}' }} }}\n")
     result = gen("-o", str(tmp_path / "out"), str(schema))
     assert result.returncode == 1
     assert result.stderr == (f"{schema}:8:34: member 'a' of 'Ss' uses unknown type "
-                             f"'{'x' * 256}...' (1,000,000 characters)\n")
+                             f"'{name[:256]}...' (1,000,000 characters)\n")
 
 
 def test_a_fifo_included_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:

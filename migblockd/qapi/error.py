@@ -47,7 +47,8 @@ class QAPIError(Exception):
 
 #: The longest word (a name, a stray token, a path) a message quotes whole.
 WORD_LIMIT: Final = 256
-_LONG_WORD: Final = re.compile(rf"\S{{{WORD_LIMIT + 1},}}")
+#: A quoted name may hold spaces: it is one word all the same.
+_LONG_WORD: Final = re.compile(rf"'[^']{{{WORD_LIMIT + 1},}}'|\S{{{WORD_LIMIT + 1},}}")
 
 
 def _cut(match: re.Match[str]) -> str:

@@ -112,6 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     return parser
 
+def _show(diff: str) -> None:
+    """Write ``diff`` to stdout; a reader gone (``| head``) ends it quietly, and a
+    stdout that cannot take it (closed, a full disk) is one line on stderr."""
+    try:
+        if sys.stdout is None:
+            raise OSError(errno.EBADF, "stdout is closed")
+        sys.stdout.write(diff)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    except OSError as err:
+        print(f"{PROG}: cannot write the diff to stdout: {err.strerror or err}",
+              file=sys.stderr)
+    else:
+        return
+    if sys.stdout is not None:
+        # What failed is still in its buffer: the interpreter's last flush would
+        # fail on it again ("Exception ignored ...").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (also when used as a console script)."""
@@ -165,25 +187,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     sys.exit(main())
 
-
-def _show(diff: str) -> None:
-    """Write ``diff`` to stdout; a reader gone (``| head``) ends it quietly, and a
-    stdout that cannot take it (closed, a full disk) is one line on stderr."""
-    try:
-        if sys.stdout is None:
-            raise OSError(errno.EBADF, "stdout is closed")
-        sys.stdout.write(diff)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        pass
-    except OSError as err:
-        print(f"{PROG}: cannot write the diff to stdout: {err.strerror or err}",
-              file=sys.stderr)
-    else:
-        return
-    if sys.stdout is not None:
-        # What failed is still in its buffer: the interpreter's last flush would
-        # fail on it again ("Exception ignored ...").
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)

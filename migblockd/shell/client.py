@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 from collections.abc import Callable
-from typing import Any, Final, TypeGuard
+from typing import Any, TypeGuard
 
 from migblockd.paths import (
     NO_GREETING,
@@ -22,6 +23,7 @@ from migblockd.paths import (
     connect_unix,
     fallback_refusal,
 )
+from migblockd.shell.syntax import MAX_DIGITS
 
 GREETING_TIMEOUT = 10.0
 #: The longest line read: a 100,000-blocker listing with reasons of 1024
@@ -67,20 +69,24 @@ def _id_key(value: Any) -> str:
 
 class NotANumber(Exception):
     """A server's message held ``NaN`` or ``Infinity`` (Python reads them, JSON has
-    no such values), or an integer longer than :data:`MAX_DIGITS`."""
+    no such values), a number beyond a double's range, or an integer longer than
+    :data:`~migblockd.shell.syntax.MAX_DIGITS`."""
 
 
 def _no_such_number(name: str) -> object:
     raise NotANumber(f"{name}, which JSON has not")
 
 
-#: The most digits of an integer read from the server: the daemon's own bound on
-#: what it reads (Python's default), so that a server cannot make the shell,
-#: which lifts that bound for what the operator types, convert a megabyte of them.
-MAX_DIGITS: Final = 4300
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Python reads inf, which JSON cannot say
+        raise NotANumber(f"{text[:20]}, a number beyond a double's range")
+    return value
 
 
 def _bounded_int(text: str) -> int:
+    # The daemon's own bound on what it reads: a megabyte of digits would take the
+    # shell seconds to convert.
     if len(text.lstrip("-")) > MAX_DIGITS:
         raise NotANumber(f"an integer of {len(text):,} digits, more than this shell reads")
     return int(text)
@@ -149,7 +155,8 @@ class QMPClient:
             await self._abort()
             raise ConnectError(f"{path}: reading the greeting failed: {err}") from None
         try:
-            greeting = json.loads(line, parse_constant=_no_such_number, parse_int=_bounded_int)
+            greeting = json.loads(line, parse_constant=_no_such_number, parse_int=_bounded_int,
+                                  parse_float=_finite)
         except (ValueError, RecursionError, NotANumber):  # not QMP: named below
             greeting = None
         refusal = greeting.get("error") if isinstance(greeting, dict) else None
@@ -270,7 +277,7 @@ class QMPClient:
                     continue
                 try:
                     message = json.loads(line, parse_constant=_no_such_number,
-                                         parse_int=_bounded_int)
+                                         parse_int=_bounded_int, parse_float=_finite)
                 except ValueError:
                     continue  # never happens with migblockd; don't die on it
                 except NotANumber as err:

@@ -177,9 +177,6 @@ def _stdout_gone() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    # An integer the operator types is sent as typed, however long, for the daemon
-    # to judge; what the daemon sends is held to its own bound (client.py).
-    sys.set_int_max_str_digits(0)
     interrupts = Interrupts()
     try:
         status = asyncio.run(_amain(args, interrupts))

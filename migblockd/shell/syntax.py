@@ -126,16 +126,34 @@ def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
+#: The most digits of an integer: the daemon's bound on what it reads (Python's
+#: default), which also keeps the shell's conversions from taking seconds.
+MAX_DIGITS = 4300
+
+
+class TooManyDigits(ValueError):
+    """An integer longer than :data:`MAX_DIGITS`: refused here, not sent as a string."""
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:
+        raise TooManyDigits(f"an integer of {digits:,} digits, more than the daemon reads "
+                            f"({MAX_DIGITS:,})")
+    return int(text)
+
+
 def loads(text: str) -> Any:
     """``json.loads`` that refuses what the daemon would: ``NaN`` and
     ``Infinity`` (not JSON), a number too large for a double (Python would
-    send it on as ``Infinity``), and an object with a key twice (Python would
-    keep the last one).  A value nested deeper than Python's decoder recurses
-    (about a thousand levels) is refused as well, rather than ending the shell
-    with a RecursionError."""
+    send it on as ``Infinity``), an integer of more than :data:`MAX_DIGITS`
+    digits, and an object with a key twice (Python would keep the last one).
+    A value nested deeper than Python's decoder recurses (about a thousand
+    levels) is refused as well, rather than ending the shell with a
+    RecursionError."""
     try:
         return json.loads(text, parse_constant=_strict_constant, parse_float=_finite,
-                          object_pairs_hook=_unique)
+                          parse_int=_bounded_int, object_pairs_hook=_unique)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
@@ -276,6 +294,8 @@ def _shown(text: str) -> str:
 def _scalar(text: str) -> Any:
     try:
         value = loads(text)
+    except TooManyDigits as err:
+        raise ParseError(str(err)) from None  # typed as a number: not sent as a string
     except ValueError:
         pass
     else:

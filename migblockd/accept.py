@@ -48,7 +48,8 @@ RETRY_DELAY = 1.0
 EPISODE_QUIET = 1.0
 #: Descriptors the daemon needs besides its clients' (standard streams, the
 #: event loop's, the listening socket and its lock, SQLite's, sd_notify's,
-#: the reserve), with room to spare.  ``LimitNOFILE=`` in the units is
+#: the reserve, QEMU's link and pidfd, and the refused connections that linger,
+#: adapter.REFUSALS_LINGERING), with room to spare.  ``LimitNOFILE=`` in the units is
 #: ``--max-clients`` plus this, rounded up.
 OWN_DESCRIPTORS = 64
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})

@@ -25,18 +25,29 @@ from migblockd.connection import Connection
 from migblockd.ending import LINGER, Ending
 from migblockd.logs import WIRE_LIMIT, shown
 from migblockd.outbox import HIGH_WATER, Outbox
-from migblockd.peer import hung_up, lost_words, ordinary_loss, peer_owner
+from migblockd.peer import (
+    LEFTOVER_CHUNK,
+    discard_unread,
+    hung_up,
+    lost_words,
+    ordinary_loss,
+    peer_owner,
+)
 from migblockd.roster import BATCH
 
 if TYPE_CHECKING:
     from migblockd.server import Server
 
-__all__ = ["BATCH", "LINGER", "READ_SIZE", "ClientProtocol", "read_buffer"]
+__all__ = ["BATCH", "LINGER", "READ_SIZE", "REFUSALS_LINGERING", "ClientProtocol",
+           "read_buffer"]
 
 log = logging.getLogger("migblockd")
 
 #: The most one read takes from a socket: asyncio's own read size.
 READ_SIZE = 256 * 1024
+#: Refused connections that may linger at once, each on a descriptor of the
+#: daemon's own reserve (accept.OWN_DESCRIPTORS has room for them).
+REFUSALS_LINGERING = 16
 
 
 def read_buffer() -> memoryview:
@@ -68,6 +79,8 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         #: Since when the peer has left a message unfinished (see migblockd.timeouts).
         self.unfinished_since: float | None = None
         self.outbox: Outbox | None = None
+        #: A refused connection lingering for its peer to close (_turn_away).
+        self.refusal_lingering = False
 
     # -- asyncio.BufferedProtocol --------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,22 +92,39 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         if conn.refused:
             self.conn = None
             transport.write(self.core.data_to_send(conn))
-            # Half-closed, not closed: a client that sent a request at once would be
-            # reset by a close with it unread, or its write would fail, and either
-            # makes an asyncio stream raise before it gives the line.  What it
-            # sends is read away (data_received) until it closes, LINGER at most.
-            try:
-                transport.write_eof()
-            except (OSError, RuntimeError):
-                transport.close()
-            else:
-                self.server.loop.call_later(LINGER, transport.close)
+            self._turn_away(transport)
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.outbox = Outbox(transport)
         self.server.protocols[conn] = self
         self.server.timeouts.watch()
         self.server.schedule()
+
+    def _turn_away(self, transport: asyncio.Transport) -> None:
+        """End a refused connection, its one line written.
+
+        Half-closed, not closed, while few others linger: a client that sent a
+        request at once would be reset by a close with it unread, or its write
+        would fail, and either makes an asyncio stream raise before it gives the
+        line.  What it sends is read away (data_received) until it closes,
+        LINGER at most.  Each lingers on a descriptor the daemon's own reserve
+        (accept.OWN_DESCRIPTORS) pays for, so a user flooding the socket past its
+        bound cannot take the served clients' descriptors: beyond
+        REFUSALS_LINGERING, what came is read away and the connection closed.
+        """
+        server = self.server
+        if server.refusals_lingering < REFUSALS_LINGERING:
+            try:
+                transport.write_eof()
+            except (OSError, RuntimeError):
+                pass
+            else:
+                server.refusals_lingering += 1
+                self.refusal_lingering = True
+                server.loop.call_later(LINGER, transport.close)
+                return
+        discard_unread(transport, LEFTOVER_CHUNK)
+        transport.close()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.server.read_buffer
@@ -137,6 +167,9 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.losing.discard(self)
         self.server.acceptor_freed()
+        if self.refusal_lingering:
+            self.refusal_lingering = False
+            self.server.refusals_lingering -= 1
         conn = self.conn
         if conn is None:
             return

@@ -95,6 +95,8 @@ class Server(Turns):
         self.draining = False
         self._runnable: dict[ClientProtocol, None] = {}  # an ordered set
         self.losing: set[ClientProtocol] = set()
+        #: Connections turned away that linger until their peer closes (adapter.py).
+        self.refusals_lingering = 0
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         # Reloads run one at a time, in the order the SIGHUPs came: each reads the

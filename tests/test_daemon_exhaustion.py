@@ -14,12 +14,14 @@ import json
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from conftest import ROOT, DaemonProcess, assert_clean_log
+from otheruids import client_python
 from qmpclient import strict_loads
 
 from migblockd.accept import OWN_DESCRIPTORS
@@ -137,6 +139,44 @@ async def test_a_client_refused_for_descriptors_that_sent_at_once_still_reads_wh
         writer.close()
     for s in held:
         s.close()
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+FLOOD = """
+import socket, sys, time
+held = []
+for _ in range(int(sys.argv[2])):  # opened, never closed: each refused at once
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    held.append(s)
+print(len(held), flush=True)
+sys.stdin.read()  # held until the test is done
+"""
+
+
+def test_a_uid_flooding_past_its_bound_leaves_descriptors_for_others(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path, short_tmp: Path,
+) -> None:
+    # Found by review: each refused connection lingered 2 s on a descriptor, so one
+    # uid at its --max-clients-per-uid bound could exhaust them, root locked out.
+    short_tmp.chmod(0o755)
+    d = start_daemon("--socket-mode", "0666", "--ephemeral", "--max-clients", "100",
+                     "--max-clients-per-uid", "2", socket=short_tmp / "s.sock",
+                     python=limited_python(tmp_path, 256))
+    flood = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", client_python(),
+         "-I", "-c", FLOOD, str(d.socket), "400"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert flood.stdout is not None and flood.stdout.readline() == "400\n"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as root:
+            root.settimeout(10)
+            root.connect(str(d.socket))
+            assert "QMP" in strict_loads(first_line(root))
+    finally:
+        flood.communicate("", timeout=30)
+    assert "out of file descriptors" not in d.log()
     assert d.stop() == 0
     assert_clean_log(d)
 

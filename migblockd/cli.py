@@ -224,8 +224,8 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
     except KeyboardInterrupt:  # a second Ctrl-C as the event loop closes
         sys.exit(130)
     finally:
-        # Closed, the event loop gave the signals their default actions back; a
-        # second SIGTERM would now end the stop with the log's last lines unwritten.
+        # A stop left them ignored (daemon.serve); so does a start that failed: a
+        # second SIGTERM must not end the exit with the log's last lines unwritten.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
         # What is still queued is written now, within a bound: a stuck

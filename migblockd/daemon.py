@@ -68,6 +68,8 @@ async def run(config: Config, cli: dict[str, Any], *,
               activation: Activation | None = None) -> None:
     """Start, serve until SIGTERM/SIGINT, stop.  Raises StartupError when it cannot start.
 
+    A stop leaves SIGTERM, SIGINT and SIGHUP ignored: the process is to exit.
+
     ``reload_asked()``: whether a SIGHUP came before the event loop handled
     it; the reload is done once the daemon is ready.  ``stop_asked()``: the
     name of a SIGTERM or SIGINT that came before, if one did; the start then
@@ -278,8 +280,12 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         for task in tasks:
             task.cancel()
         await notifier.close()
-        # The handlers stay: what follows (the store closed, the log's last lines
-        # written) is still the stop, and the loop's close takes them away.
+        # What follows (the store closed, the log's last lines written) is still the
+        # stop: the signals stay ignored until the process exits.  The loop's close
+        # would give them their default actions back, so its handlers go now.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
         log.info("stopped")
 
 

@@ -466,9 +466,18 @@ async def test_a_stop_that_comes_after_the_restore_is_seen_once_the_loop_handles
     cli, _ = command_line(["--socket", str(tmp_path / "s.sock"),
                            "--state-dir", str(tmp_path / "state"), "--log-level", "info"])
     answers = iter([None, "SIGTERM"])
-    with caplog.at_level(logging.INFO, "migblockd"):
-        await asyncio.wait_for(run(build(cli, None), cli, reload_asked=lambda: True,
-                                   stop_asked=lambda: next(answers)), 30)
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    before = {sig: signal.getsignal(sig) for sig in stops}
+    try:
+        with caplog.at_level(logging.INFO, "migblockd"):
+            await asyncio.wait_for(run(build(cli, None), cli, reload_asked=lambda: True,
+                                       stop_asked=lambda: next(answers)), 30)
+        # The stop leaves them ignored, for the process to exit.
+        assert {sig: signal.getsignal(sig) for sig in stops} == dict.fromkeys(
+            stops, signal.SIG_IGN)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     assert "received SIGTERM while starting: stopping before serving" in caplog.messages
     assert not [m for m in caplog.messages if "ready on" in m or "reload" in m]
     assert caplog.messages[-1] == "stopped"

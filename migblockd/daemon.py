@@ -24,11 +24,12 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from migblockd import __version__
+from migblockd import __version__, signalmask
 from migblockd.admission import Admission
 from migblockd.config import COMMAND_LINE, Config, Sources
 from migblockd.contract import Contract
 from migblockd.core import Core
+from migblockd.detached import NoThread, detached
 from migblockd.listen import Claim, claim_socket
 from migblockd.notify import Notifier
 from migblockd.paths import NoDefault, default_state_dir
@@ -276,16 +277,22 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         if bridge is not None:
             await bridge.close()
         if metrics is not None:
-            await loop.run_in_executor(None, metrics.close)  # waits for a scrape in progress
+            try:  # waits for a scrape in progress
+                await detached(metrics.close, "migblockd-metrics-close")
+            except NoThread:
+                metrics.close()
         for task in tasks:
             task.cancel()
         await notifier.close()
         # What follows (the store closed, the log's last lines written) is still the
         # stop: the signals stay ignored until the process exits.  The loop's close
-        # would give them their default actions back, so its handlers go now.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-            signal.signal(sig, signal.SIG_IGN)
+        # would give them their default actions back, so its handlers go now, with
+        # the signals blocked (no other thread takes them: signalmask).
+        with signalmask.stops_blocked():
+            for sig in signalmask.STOPS:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
+        await asyncio.sleep(0)  # what the handlers queued before they went is said first
         log.info("stopped")
 
 

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
+from migblockd import signalmask
+
 __all__ = ["NoThread", "detached"]
 
 T = TypeVar("T")
@@ -53,7 +55,7 @@ async def detached(call: Callable[[], T], name: str) -> T:
             loop.call_soon_threadsafe(settle, hand)
 
     try:
-        threading.Thread(target=body, name=name, daemon=True).start()
+        signalmask.start(threading.Thread(target=body, name=name, daemon=True))
     except RuntimeError as exc:
         raise NoThread(f"{exc} for {name}") from exc
     return await future

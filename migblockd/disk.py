@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from migblockd import signalmask
+
 __all__ = ["DiskThread"]
 
 T = TypeVar("T")
@@ -36,7 +38,7 @@ class DiskThread(Generic[T]):
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="migblockd-commit",
                                             daemon=True)
-            self._thread.start()
+            signalmask.start(self._thread)
         self._queue.put((item,))
 
     def stop(self) -> None:

@@ -40,6 +40,7 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.registry import CollectorRegistry
 
+from migblockd import signalmask
 from migblockd.config import COMMAND_LINE, HostPort, Sources
 from migblockd.exposition import MIN_INTERVAL, MetricsApp, gzip_wanted
 from migblockd.listen import LISTEN_BACKLOG, bind_socket, unbind
@@ -268,7 +269,7 @@ class MetricsServer:
         return cls(sock, f"http://{shown}/metrics", app, None)
 
     def start(self) -> None:
-        self._thread.start()
+        signalmask.start(self._thread)
         log.info("metrics: serving Prometheus metrics on %s", self.where)
 
     def close(self) -> None:

@@ -38,6 +38,7 @@ import select
 import threading
 from typing import Protocol
 
+from migblockd import signalmask
 from migblockd.logs.formats import message, priority, record_fields
 from migblockd.logs.journal import JournalSender, encode_entry
 
@@ -93,7 +94,7 @@ class Writer:
         self.native = False
 
     def start(self) -> None:
-        self._thread.start()
+        signalmask.start(self._thread)
         self._started.wait()
 
     # -- any thread ------------------------------------------------------------

@@ -38,8 +38,8 @@ from migblockd.roster import BATCH
 if TYPE_CHECKING:
     from migblockd.server import Server
 
-__all__ = ["BATCH", "LINGER", "READ_SIZE", "REFUSALS_LINGERING", "ClientProtocol",
-           "read_buffer"]
+__all__ = ["BATCH", "LINGER", "READ_SIZE", "REFUSALS_LINGERING", "REFUSALS_LINGERING_PER_UID",
+           "ClientProtocol", "read_buffer"]
 
 log = logging.getLogger("migblockd")
 
@@ -48,6 +48,9 @@ READ_SIZE = 256 * 1024
 #: Refused connections that may linger at once, each on a descriptor of the
 #: daemon's own reserve (accept.OWN_DESCRIPTORS has room for them).
 REFUSALS_LINGERING = 16
+#: ... and of them, of one uid: a client that is refused keeps trying a few times
+#: at most, and more is a flood, which must not leave others' refusals none.
+REFUSALS_LINGERING_PER_UID = 2
 
 
 def read_buffer() -> memoryview:
@@ -81,6 +84,7 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         self.outbox: Outbox | None = None
         #: A refused connection lingering for its peer to close (_turn_away).
         self.refusal_lingering = False
+        self.refused_uid: int | None = None
 
     # -- asyncio.BufferedProtocol --------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -92,7 +96,7 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         if conn.refused:
             self.conn = None
             transport.write(self.core.data_to_send(conn))
-            self._turn_away(transport)
+            self._turn_away(transport, None if conn.owner is None else conn.owner.uid)
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.outbox = Outbox(transport)
@@ -100,7 +104,7 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         self.server.timeouts.watch()
         self.server.schedule()
 
-    def _turn_away(self, transport: asyncio.Transport) -> None:
+    def _turn_away(self, transport: asyncio.Transport, uid: int | None) -> None:
         """End a refused connection, its one line written.
 
         Half-closed, not closed, while few others linger: a client that sent a
@@ -111,16 +115,20 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         (accept.OWN_DESCRIPTORS) pays for, so a user flooding the socket past its
         bound cannot take the served clients' descriptors: beyond
         REFUSALS_LINGERING, what came is read away and the connection closed.
+        Nor take every lingering, others' refusals left to be reset: one uid
+        (``uid``, the peer's) lingers REFUSALS_LINGERING_PER_UID at most.
         """
         server = self.server
-        if server.refusals_lingering < REFUSALS_LINGERING:
+        lingering = server.refusals_lingering
+        if lingering.total() < REFUSALS_LINGERING \
+                and lingering[uid] < REFUSALS_LINGERING_PER_UID:
             try:
                 transport.write_eof()
             except (OSError, RuntimeError):
                 pass
             else:
-                server.refusals_lingering += 1
-                self.refusal_lingering = True
+                lingering[uid] += 1
+                self.refusal_lingering, self.refused_uid = True, uid
                 server.loop.call_later(LINGER, transport.close)
                 return
         discard_unread(transport, LEFTOVER_CHUNK)
@@ -169,7 +177,10 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         self.server.acceptor_freed()
         if self.refusal_lingering:
             self.refusal_lingering = False
-            self.server.refusals_lingering -= 1
+            lingering = self.server.refusals_lingering
+            lingering[self.refused_uid] -= 1
+            if not lingering[self.refused_uid]:
+                del lingering[self.refused_uid]
         conn = self.conn
         if conn is None:
             return

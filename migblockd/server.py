@@ -21,6 +21,7 @@ import asyncio
 import functools
 import logging
 import socket
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,9 @@ class Server(Turns):
         self.draining = False
         self._runnable: dict[ClientProtocol, None] = {}  # an ordered set
         self.losing: set[ClientProtocol] = set()
-        #: Connections turned away that linger until their peer closes (adapter.py).
-        self.refusals_lingering = 0
+        #: Connections turned away that linger until their peer closes, by peer uid
+        #: (adapter.py).
+        self.refusals_lingering: Counter[int | None] = Counter()
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         # Reloads run one at a time, in the order the SIGHUPs came: each reads the

@@ -181,6 +181,38 @@ def test_a_uid_flooding_past_its_bound_leaves_descriptors_for_others(
     assert_clean_log(d)
 
 
+async def test_a_uid_flooding_past_its_bound_leaves_others_refusals_readable(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+) -> None:
+    # Found by review: the 16 refused connections that may linger were anyone's, so
+    # one uid holding 16 refusals made everyone else's refusal a reset again.
+    short_tmp.chmod(0o755)
+    d = start_daemon("--socket-mode", "0666", "--ephemeral", "--max-clients", "3",
+                     "--max-clients-per-uid", "2", socket=short_tmp / "s.sock")
+    flood = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", client_python(),
+         "-I", "-c", FLOOD, str(d.socket), "32"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert flood.stdout is not None and flood.stdout.readline() == "32\n"
+        d.wait_for_log("refused: migblockd is already serving max-clients-per-uid=2")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
+            held.connect(str(d.socket))  # the last slot: root's next ones are refused
+            assert "QMP" in strict_loads(first_line(held))
+            for _ in range(3):  # each sends a request without reading first
+                reader, writer = await asyncio.open_unix_connection(str(d.socket))
+                await asyncio.sleep(0.05)  # refused by now: only a lingering end reads
+                writer.write(b'{"execute": "qmp_capabilities"}\n')
+                await writer.drain()
+                line = await asyncio.wait_for(reader.readline(), 10)
+                writer.close()
+                assert strict_loads(line)["error"]["desc"] == (
+                    "migblockd is already serving max-clients=3 clients; try again later")
+    finally:
+        flood.communicate("", timeout=30)
+    assert d.stop() == 0
+
+
 def test_the_units_leave_room_for_max_clients() -> None:
     for unit in ("migblockd.service", "migblockd@.service"):
         text = (ROOT / "systemd" / unit).read_text()

@@ -80,15 +80,17 @@ def _no_such_number(name: str) -> object:
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e400: Python reads inf, which JSON cannot say
-        raise NotANumber(f"{text[:20]}, a number beyond a double's range")
+        shown = text if len(text) <= 20 else f"{text[:20]}... ({len(text):,} characters)"
+        raise NotANumber(f"{shown}, a number beyond a double's range")
     return value
 
 
 def _bounded_int(text: str) -> int:
     # The daemon's own bound on what it reads: a megabyte of digits would take the
     # shell seconds to convert.
-    if len(text.lstrip("-")) > MAX_DIGITS:
-        raise NotANumber(f"an integer of {len(text):,} digits, more than this shell reads")
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:
+        raise NotANumber(f"an integer of {digits:,} digits, more than this shell reads")
     return int(text)
 
 

@@ -10,6 +10,7 @@ tracebacks (36 MB) in 9 s.  The limit here is a real ``RLIMIT_NOFILE`` set by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from conftest import ROOT, DaemonProcess, assert_clean_log
@@ -155,6 +156,21 @@ sys.stdin.read()  # held until the test is done
 """
 
 
+@contextlib.contextmanager
+def flooding(d: DaemonProcess, count: int) -> Iterator[None]:
+    """Uid 65534 holds ``count`` connections to ``d`` for the block: past its bound,
+    refused at once, and never closed."""
+    flood = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", client_python(),
+         "-I", "-c", FLOOD, str(d.socket), str(count)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert flood.stdout is not None and flood.stdout.readline() == f"{count}\n"
+        yield
+    finally:
+        flood.communicate("", timeout=30)
+
+
 def test_a_uid_flooding_past_its_bound_leaves_descriptors_for_others(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path, short_tmp: Path,
 ) -> None:
@@ -164,18 +180,10 @@ def test_a_uid_flooding_past_its_bound_leaves_descriptors_for_others(
     d = start_daemon("--socket-mode", "0666", "--ephemeral", "--max-clients", "100",
                      "--max-clients-per-uid", "2", socket=short_tmp / "s.sock",
                      python=limited_python(tmp_path, 256))
-    flood = subprocess.Popen(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", client_python(),
-         "-I", "-c", FLOOD, str(d.socket), "400"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
-    try:
-        assert flood.stdout is not None and flood.stdout.readline() == "400\n"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as root:
-            root.settimeout(10)
-            root.connect(str(d.socket))
-            assert "QMP" in strict_loads(first_line(root))
-    finally:
-        flood.communicate("", timeout=30)
+    with flooding(d, 400), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as root:
+        root.settimeout(10)
+        root.connect(str(d.socket))
+        assert "QMP" in strict_loads(first_line(root))
     assert "out of file descriptors" not in d.log()
     assert d.stop() == 0
     assert_clean_log(d)
@@ -189,12 +197,7 @@ async def test_a_uid_flooding_past_its_bound_leaves_others_refusals_readable(
     short_tmp.chmod(0o755)
     d = start_daemon("--socket-mode", "0666", "--ephemeral", "--max-clients", "3",
                      "--max-clients-per-uid", "2", socket=short_tmp / "s.sock")
-    flood = subprocess.Popen(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", client_python(),
-         "-I", "-c", FLOOD, str(d.socket), "32"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
-    try:
-        assert flood.stdout is not None and flood.stdout.readline() == "32\n"
+    with flooding(d, 32):
         d.wait_for_log("refused: migblockd is already serving max-clients-per-uid=2")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
             held.connect(str(d.socket))  # the last slot: root's next ones are refused
@@ -208,8 +211,6 @@ async def test_a_uid_flooding_past_its_bound_leaves_others_refusals_readable(
                 writer.close()
                 assert strict_loads(line)["error"]["desc"] == (
                     "migblockd is already serving max-clients=3 clients; try again later")
-    finally:
-        flood.communicate("", timeout=30)
     assert d.stop() == 0
 
 

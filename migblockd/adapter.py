@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING, cast
 
 from migblockd.connection import Connection
@@ -177,10 +178,7 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         self.server.acceptor_freed()
         if self.refusal_lingering:
             self.refusal_lingering = False
-            lingering = self.server.refusals_lingering
-            lingering[self.refused_uid] -= 1
-            if not lingering[self.refused_uid]:
-                del lingering[self.refused_uid]
+            self.server.refusals_lingering -= Counter((self.refused_uid,))
         conn = self.conn
         if conn is None:
             return

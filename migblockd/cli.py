@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from migblockd import __version__
+from migblockd import __version__, signalmask
 from migblockd.config import Config, ConfigError, Sources, build, read_settings
 from migblockd.early import EarlySignals
 from migblockd.kinds import Integer
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
     finally:
         # A stop left them ignored (daemon.serve); so does a start that failed: a
         # second SIGTERM must not end the exit with the log's last lines unwritten.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in signalmask.STOPS:
             signal.signal(sig, signal.SIG_IGN)
         # What is still queued is written now, within a bound: a stuck
         # stderr does not keep the daemon from exiting.

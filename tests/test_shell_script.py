@@ -449,6 +449,8 @@ def test_a_socket_that_does_not_speak_qmp_is_exit_status_2(
 DEEP = Raw("[" * 100_000 + "]" * 100_000)
 #: The end of the line of a command sent to a server that then broke the connection.
 LOST = "; the command may or may not have taken effect"
+#: Why: a message the shell holds to what it would send itself.
+UNREAD = "a message from the daemon cannot be read ({}), so the shell closed the connection"
 
 
 @pytest.mark.parametrize(("greeting", "returns", "why"), [
@@ -473,17 +475,14 @@ LOST = "; the command may or may not have taken effect"
     # exit status 1, before.
     (DEEP, {}, "{path}: the server did not send a QMP greeting"),
     (GREETING, {"query-version": DEEP},
-     "-c 1: {path}: a message from the daemon was nested deeper than this shell reads, so "
-     "the shell closed the connection" + LOST),
+     "-c 1: {path}: " + UNREAD.format("nested too deeply") + LOST),
     (GREETING, {"query-version": Raw('{"a": NaN}')},
-     "-c 1: {path}: a message from the daemon held NaN, which JSON has not, so the shell "
-     "closed the connection" + LOST),
+     "-c 1: {path}: " + UNREAD.format("NaN is not JSON") + LOST),
     (GREETING, {"query-version": Raw('{"a": ' + "1" * 5000 + "}")},
-     "-c 1: {path}: a message from the daemon held an integer of 5,000 digits, more than "
-     "this shell reads, so the shell closed the connection" + LOST),
+     "-c 1: {path}: " + UNREAD.format(
+         "an integer of 5,000 digits, more than the daemon reads (4,300)") + LOST),
     (GREETING, {"query-version": Raw('{"a": -1e400}')},
-     "-c 1: {path}: a message from the daemon held -1e400, a number beyond a double's "
-     "range, so the shell closed the connection" + LOST),
+     "-c 1: {path}: " + UNREAD.format("number -1e400 is out of range") + LOST),
 ], ids=["version-not-an-object", "no-capabilities", "entry-not-an-object",
         "member-not-an-object", "schema-not-a-list", "command-not-an-object",
         "deep-greeting", "deep-reply", "nan", "digits", "beyond-a-double"])

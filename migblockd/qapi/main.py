@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     return parser
 
+
 def _show(diff: str) -> None:
     """Write ``diff`` to stdout; a reader gone (``| head``) ends it quietly, and a
     stdout that cannot take it (closed, a full disk) is one line on stderr."""
@@ -186,4 +187,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -113,7 +113,7 @@ def _strict_constant(name: str) -> Any:
 def _finite(text: str) -> float:
     value = float(text)
     if math.isinf(value):
-        raise ValueError(f"number {text} is out of range")
+        raise ValueError(f"number {_shown(text)} is out of range")
     return value
 
 

@@ -4,6 +4,9 @@ Sans-I/O, as the core that uses it: :class:`Admission` counts the connections
 served per peer uid and words the refusal of one too many.  Without a per-uid
 bound one local user could open every slot (1,024 idle connections locked
 everyone out); administrators are exempt from it, not from ``max_clients``.
+Users that together fill the slots would still lock out the administrator who
+comes to see why, and to delete a stale blocker: as PostgreSQL keeps
+``superuser_reserved_connections``, the last few slots are the administrators'.
 """
 
 from __future__ import annotations
@@ -13,11 +16,24 @@ from collections import Counter
 from migblockd.registry import Owner
 from migblockd.resolver import who
 
-__all__ = ["Admission", "exempt_from_uid_limit"]
+__all__ = ["ADMIN_SLOTS_MAX", "Admission", "admin_slots", "exempt_from_uid_limit"]
+
+#: The most slots of ``--max-clients`` kept for administrators: enough for an
+#: operator's shell, a script and the metrics scraper; as few as fit, since
+#: everyone else loses them.
+ADMIN_SLOTS_MAX = 8
+
+
+def admin_slots(max_clients: int) -> int:
+    """How many of ``max_clients`` slots only administrators may take: an eighth,
+    at most :data:`ADMIN_SLOTS_MAX`, so that a daemon of fewer than 8 slots (a
+    test's, a tiny one's) keeps none and serves everyone alike."""
+    return min(ADMIN_SLOTS_MAX, max_clients // 8)
 
 
 def exempt_from_uid_limit(owner: Owner | None, daemon_uid: int) -> bool:
-    """Whether ``owner``'s connections are exempt from ``--max-clients-per-uid``.
+    """Whether ``owner``'s connections are exempt from ``--max-clients-per-uid``
+    (and may take the slots kept for administrators).
 
     The administrators: root and the daemon's own user.  (Access control may
     name more; this is the one place that decides.)  A peer whose credentials
@@ -45,15 +61,22 @@ class Admission:
         which limit (``max-clients``, ``max-clients-per-uid``) and the client's message.
 
         ``admin``: the access policy makes ``owner`` an admin, exempt from the
-        per-uid bound like root and the daemon's own user.  ``counted``: the uid
+        per-uid bound like root and the daemon's own user, and served in the
+        slots kept for them (:func:`admin_slots`).  ``counted``: the uid
         the bound counts it under, when not its own (the user a subordinate uid
         belongs to).
         """
         if served >= self.max_clients:
             serving = _serving(served, "max-clients", self.max_clients)
             return "max-clients", f"migblockd is {serving}; try again later"
+        privileged = admin or exempt_from_uid_limit(owner, self.daemon_uid)
+        kept = admin_slots(self.max_clients)
+        if not privileged and served >= self.max_clients - kept:
+            return "max-clients", (
+                f"migblockd is serving {served} clients, max-clients={self.max_clients} "
+                f"of which the last {kept} are kept for administrators; try again later")
         limit = self.max_clients_per_uid
-        if limit and not admin and not exempt_from_uid_limit(owner, self.daemon_uid):
+        if limit and not privileged:
             uid = owner.uid if owner is not None else None
             key = uid if counted is None else counted
             if self._per_uid[key] >= limit:

@@ -142,6 +142,36 @@ def test_past_max_clients_a_connection_gets_one_error_line_and_no_slot() -> None
     assert core.execute(extra, 32) == 0  # a refused connection runs nothing
 
 
+def test_the_last_slots_are_kept_for_administrators() -> None:
+    # Reported: users that together held every slot kept root out, who came to
+    # delete the stale blocker they were waiting on.
+    core, _ = make(max_clients=16)  # an eighth: 2 kept
+    for uid in range(1000, 1014):
+        connected(core, uid)
+    late = core.connect(Owner(1, 1014, 1014))
+    assert late.refused
+    assert lines(core.data_to_send(late)) == [{"error": {"class": "GenericError", "desc": (
+        "migblockd is serving 14 clients, max-clients=16 of which the last 2 are kept "
+        "for administrators; try again later")}}]
+    assert core.stats.connections_refused["max-clients"] == 1
+    connected(core, 0), connected(core, 0)  # root takes them
+    over = core.connect(Owner(1, 0, 0))
+    assert over.refused and lines(core.data_to_send(over))[0]["error"]["desc"] == (
+        "migblockd is already serving max-clients=16 clients; try again later")
+
+
+@pytest.mark.parametrize(("max_clients", "kept"), [(1, 0), (7, 0), (8, 1), (63, 7),
+                                                   (64, 8), (1024, 8)])
+def test_an_eighth_of_the_slots_at_most_8_are_kept(max_clients: int, kept: int) -> None:
+    core, _ = make(max_clients=max_clients)
+    for uid in range(1000, 1000 + max_clients - kept):
+        connected(core, uid)
+    assert core.connect(Owner(1, 2000, 2000)).refused
+    for _ in range(kept):
+        connected(core, 0)
+    assert len(core.connections) == max_clients
+
+
 def test_past_a_bound_a_reload_lowered_the_refusal_says_how_many_are_served() -> None:
     # Reported: "already serving max-clients=2 clients" while 5 were served.
     registry = Registry(CONTRACT.enums["MigMode"], migration_time=1.0, clock=FakeClock())

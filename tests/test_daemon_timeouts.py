@@ -247,6 +247,57 @@ async def test_a_user_the_policy_makes_admin_is_exempt_from_the_per_uid_limit(
     assert_clean_log(d)
 
 
+HOLDING = """
+import socket, sys
+socks = []
+while True:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(sys.argv[1])
+    line = b""
+    while not line.endswith(b"\\n"):
+        line += s.recv(1)
+    print(line.decode().strip(), flush=True)
+    if b"QMP" not in line:
+        break
+    socks.append(s)
+sys.stdin.read()  # the connections stay open until the test lets go
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+async def test_users_holding_every_slot_they_may_still_leave_root_its_own(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+) -> None:
+    # Reported: with the defaults, 8 users of 128 connections each locked root out.
+    short_tmp.chmod(0o755)
+    d = start_daemon("--max-clients", "16", "--max-clients-per-uid", "0",
+                     "--socket-mode", "0666", socket=short_tmp / "m.sock")
+    nobody = subprocess.Popen(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         "/usr/bin/python3", "-c", textwrap.dedent(HOLDING), str(d.socket)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert nobody.stdout is not None
+        served = 0
+        while "QMP" in (message := strict_loads(nobody.stdout.readline())):
+            served += 1
+        assert served == 14
+        assert message == {"error": {"class": "GenericError", "desc": (
+            "migblockd is serving 14 clients, max-clients=16 of which the last 2 are "
+            "kept for administrators; try again later")}}
+        async with d.clients(2) as mine:  # root's, while nobody holds the rest
+            assert (await mine[1].execute("query-version", id="in"))["id"] == "in"
+            async with d.client(negotiate=False, read_greeting=False) as extra:
+                assert strict_loads(await extra.read_to_eof())["error"]["desc"] == (
+                    "migblockd is already serving max-clients=16 clients; try again later")
+    finally:
+        nobody.communicate(timeout=30)
+    d.wait_for_log("of which the last 2 are kept for administrators")
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
 async def test_a_reload_applies_the_timeouts_and_the_per_uid_limit(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

@@ -97,7 +97,7 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         if conn.refused:
             self.conn = None
             transport.write(self.core.data_to_send(conn))
-            self._turn_away(transport, None if conn.owner is None else conn.owner.uid)
+            self._turn_away(transport, conn.counted)
             return
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.outbox = Outbox(transport)
@@ -117,7 +117,9 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         bound cannot take the served clients' descriptors: beyond
         REFUSALS_LINGERING, what came is read away and the connection closed.
         Nor take every lingering, others' refusals left to be reset: one uid
-        (``uid``, the peer's) lingers REFUSALS_LINGERING_PER_UID at most.
+        lingers REFUSALS_LINGERING_PER_UID at most, counted as its per-uid limits
+        are (``uid``: a subordinate uid's owner's), or a rootless container's
+        8 subordinate uids would hold all of them.
         """
         server = self.server
         lingering = server.refusals_lingering

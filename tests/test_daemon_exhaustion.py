@@ -18,11 +18,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log
-from otheruids import client_python
+from otheruids import OLGA_SUBUIDS, Account, client_python
 from qmpclient import strict_loads
 
 from migblockd.accept import OWN_DESCRIPTORS
@@ -157,18 +158,20 @@ sys.stdin.read()  # held until the test is done
 
 
 @contextlib.contextmanager
-def flooding(d: DaemonProcess, count: int) -> Iterator[None]:
-    """Uid 65534 holds ``count`` connections to ``d`` for the block: past its bound,
-    refused at once, and never closed."""
-    flood = subprocess.Popen(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", client_python(),
+def flooding(d: DaemonProcess, count: int, uids: Sequence[int] = (65534,)) -> Iterator[None]:
+    """Each of ``uids`` holds ``count`` connections to ``d`` for the block: past
+    its bound, refused at once, and never closed."""
+    floods = [subprocess.Popen(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", client_python(),
          "-I", "-c", FLOOD, str(d.socket), str(count)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/") for uid in uids]
     try:
-        assert flood.stdout is not None and flood.stdout.readline() == f"{count}\n"
+        for flood in floods:
+            assert flood.stdout is not None and flood.stdout.readline() == f"{count}\n"
         yield
     finally:
-        flood.communicate("", timeout=30)
+        for flood in floods:
+            flood.communicate("", timeout=30)
 
 
 def test_a_uid_flooding_past_its_bound_leaves_descriptors_for_others(
@@ -189,15 +192,18 @@ def test_a_uid_flooding_past_its_bound_leaves_descriptors_for_others(
     assert_clean_log(d)
 
 
+@pytest.mark.parametrize("subordinates", [False, True], ids=["one-uid", "its-subuids"])
 async def test_a_uid_flooding_past_its_bound_leaves_others_refusals_readable(
     start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+    accounts: dict[str, Account], subordinates: bool,
 ) -> None:
     # Found by review: the 16 refused connections that may linger were anyone's, so
-    # one uid holding 16 refusals made everyone else's refusal a reset again.
+    # one uid holding 16 refusals made everyone else's refusal a reset again; and
+    # then a user's 8 subordinate uids (a rootless container's) still held all 16.
     short_tmp.chmod(0o755)
     d = start_daemon("--socket-mode", "0666", "--ephemeral", "--max-clients", "3",
                      "--max-clients-per-uid", "2", socket=short_tmp / "s.sock")
-    with flooding(d, 32):
+    with flooding(d, 32) if not subordinates else flooding(d, 4, OLGA_SUBUIDS[:8]):
         d.wait_for_log("refused: migblockd is already serving max-clients-per-uid=2")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as held:
             held.connect(str(d.socket))  # the last slot: root's next ones are refused

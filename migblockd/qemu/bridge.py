@@ -5,7 +5,8 @@ link (:mod:`migblockd.qemu.link`) talks to it.  This module does the rest:
 it keeps :class:`~migblockd.qemu_facts.QemuFacts` current as the link connects and
 disconnects, turns the link's errors into the gate's (QEMU's refusals
 verbatim; anything else "not connected"), and hands QEMU's ``MIGRATION`` and
-``MIGRATION_PASS`` events to the core in the order QEMU sent them.
+``MIGRATION_PASS`` events to the core in the order QEMU sent them (and the last one
+owed of a migration whose QEMU the link lost: :mod:`migblockd.qemu.lost_migration`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from migblockd.qemu.link import (
     QemuLinkError,
     QemuTimedOut,
 )
-from migblockd.qemu.process import ProcessWatch
+from migblockd.qemu.lost_migration import LostMigration
 from migblockd.qemu.reconnect import LinkState
 from migblockd.qemu_facts import (
     QemuError,
@@ -90,8 +91,11 @@ class Bridge:
         self.facts = QemuFacts(path)
         self.handlers = GateHandlers(contract, registry, self.facts,
                                      tuple(n for n in passthrough if n not in ours))
+        self._lost = LostMigration(Path(path), self.facts, evented=self._sends_events,
+                                   on_end=self._lost_ended)
         self.link = QemuLink(path, on_event=self._event, on_state=self._state,
-                             on_gone=self._gone, on_silent=self._silent, timeout=timeout)
+                             on_gone=self._lost.gone, on_silent=self._silent,
+                             timeout=timeout)
         self.facts.greeting_awaited = lambda: self.link.awaiting_greeting
         self.facts.timed_out = lambda: self.link.silent is not None
         self._core: Core | None = None
@@ -111,19 +115,6 @@ class Bridge:
         self._events_owed = False
         #: The connected QEMU's process id, kept once the link is lost (None: unknown).
         self._pid: int | None = None
-        #: The process of the QEMU connected, or last connected (None: its id unknown).
-        self._process: ProcessWatch | None = None
-        #: Whether its exit is awaited: the link lost it with the facts' ``cut_off``
-        #: set, which its exit ends.
-        self._watching = False
-        #: Whether the log has said that nobody listens at the monitor's path while
-        #: that process runs on (said once per loss).
-        self._alive_said = False
-        #: A migration whose QEMU the link lost: its last status, and whether that
-        #: QEMU sent MIGRATION events (None: none lost, or QEMU answered again, or
-        #: it has exited).  Kept for the migration's last event; whether QEMU may
-        #: migrate on is the facts' ``cut_off``, until QEMU says otherwise.
-        self._cut_off: tuple[str, bool] | None = None
 
     def start(self, core: Core, wake: Callable[[], None]) -> None:
         """Connect (and keep reconnecting); ``wake()`` makes the server flush and report."""
@@ -156,10 +147,7 @@ class Bridge:
         for task in self._tasks:
             task.cancel()
         await self.link.close()
-        self._watching = False
-        if self._process is not None:
-            self._process.close()
-            self._process = None
+        self._lost.close()
 
     async def forward(self, call: Call) -> object:
         """Run ``call`` on QEMU: its return value, or the gate's errors."""
@@ -191,7 +179,7 @@ class Bridge:
             if name == "migrate" and not self.facts.cut_off and connection == self._connection:
                 # Sent, and lost before QEMU replied (this failure may come before the
                 # link's loss is reported): QEMU may have started it, and migrate on.
-                self._lose_migration()
+                self._lost.lose()
             raise QemuLost(str(exc)) from None
         except QemuTimedOut as exc:
             if name == "migrate" and self.facts.connected:
@@ -280,13 +268,7 @@ class Bridge:
             assert info is not None
             self._connection += 1
             self._pid = info.pid
-            if self._watching and self._process is not None and self._process.exited():
-                self._process_exited()  # a new QEMU on the path before the exit was seen
-            self._watching = False
-            self._cut_off = None  # QEMU answers: its query-migrate says how that one ended
-            if self._process is not None:
-                self._process.close()
-            self._process = ProcessWatch(info.pid) if info.pid is not None else None
+            self._lost.connected(info.pid)
         facts.unanswered = False  # a new connection: QEMU holds nothing sent before
         facts.commands = info.commands if info is not None and facts.connected else {}
         facts.required = info.required if info is not None and facts.connected else {}
@@ -298,11 +280,8 @@ class Bridge:
             task.add_done_callback(self._tasks.discard)
         else:
             # (Not when migblockd closes the link itself, stopping: QEMU is still there.)
-            if state == "disconnected" and not facts.cut_off and (
-                    facts.status in RUNNING_STATUSES or facts.awaiting):
-                self._lose_migration()
-            if state == "disconnected" and facts.cut_off:
-                self._watch_for_exit()
+            if state == "disconnected":
+                self._lost.disconnected()
             facts.status = facts.blockers = None
             # What QEMU said is void: while migblockd is not connected, another
             # client of its monitors may start a migration, and another QEMU may
@@ -311,98 +290,21 @@ class Bridge:
             self._evented = False
         self._wake()
 
-    def _lose_migration(self) -> None:
-        """The link lost the QEMU that migrates (or may: a ``migrate`` it was sent went
-        unanswered): no MIGRATION event will follow from it on this connection, and
-        until it answers a query-migrate or is found to have exited it may migrate on."""
-        facts = self.facts
-        log.warning("QEMU at %s went away during a migration (last status %s): its outcome "
-                    "is unknown; query-migrate says it once QEMU is back, and until then "
-                    "(or until QEMU is found to have exited) add-blocker is refused",
-                    self.link.path, facts.status or "not seen yet")
-        facts.awaiting = False
-        # (An owed capability: that QEMU was sent none for this migration.)
-        evented = self._evented or (self.handlers.registry.events_enabled
-                                    and not self._events_owed)
-        self._cut_off = (facts.status or "not seen yet", evented)
-        facts.cut_off = True  # until a query-migrate answers, or QEMU has exited
-        if not facts.connected:  # the link's loss was reported first
-            self._watch_for_exit()
-
     def _silent(self) -> None:
         """QEMU stopped answering, or answers again: what the status shows changed
         (``facts.silent``), whoever's command told (migblockd's own, at connect)."""
         self._wake()
 
-    def _watch_for_exit(self) -> None:
-        """The link lost its QEMU while it may migrate: that QEMU's exit ends that
-        (unknown process: the link's finding nobody listening does)."""
-        process = self._process
-        if self._watching or process is None or not process.telling:
-            return
-        self._watching, self._alive_said = True, False
-        process.on_exit(self._process_exited)
+    def _sends_events(self) -> bool:
+        """Whether the connected QEMU's migration sends MIGRATION events."""
+        # (An owed capability: that QEMU was sent none for this migration.)
+        return self._evented or (self.handlers.registry.events_enabled
+                                 and not self._events_owed)
 
-    def _process_exited(self) -> None:
-        """The QEMU whose migration the link lost has exited: whatever it ran has
-        ended with it, whatever now owns its monitor's path."""
-        if not self._watching or self._process is None:
-            return
-        self._watching = False
-        self._process.stop()
-        self._ended(f"QEMU at {self.link.path} (pid {self._process.pid}) has exited")
-
-    def _gone(self) -> None:
-        """Nobody listens on QEMU's monitor.
-
-        The QEMU the link lost has exited, or (when its process is known) it runs on
-        and its monitor's path was removed or no longer listened on: its migration
-        goes on, and so does the cut-off.
-        """
-        process = self._process
-        if self._watching and process is not None:
-            if process.exited():
-                self._process_exited()
-            elif not self._alive_said:
-                self._alive_said = True
-                log.warning("nobody listens on QEMU's monitor at %s, but the QEMU process "
-                            "it lost (pid %d) is still running and may be migrating: "
-                            "add-blocker stays refused until it answers there or exits",
-                            self.link.path, process.pid)
-            return
-        self._ended(f"QEMU at {self.link.path} has exited (nobody listens on its monitor)")
-
-    def _ended(self, why: str) -> None:
-        """The QEMU the link lost has exited (``why``): it migrates no more."""
-        facts = self.facts
-        if self._cut_off is not None:
-            self._cut_off_ended(why)
-        elif facts.cut_off:
-            # Lost again before it answered on a connection made again.
-            facts.cut_off = False
-            log.warning("%s: the migration it may have run has ended with it", why)
-            self._wake()
-
-    def _cut_off_ended(self, why: str) -> None:
-        """The QEMU whose migration the link lost has exited (``why``): say so, and
-        send the clients the migration's last event.
-
-        That migration cannot end now in any status QEMU would report, and its
-        clients would wait for a last ``MIGRATION`` event forever: they get
-        ``failed``, the status QEMU gives a migration that ended without completing
-        other than by ``migrate_cancel`` (``MigrationStatus``, qapi/migration.json),
-        or ``cancelled`` for one that was being cancelled, if that QEMU sent
-        MIGRATION events at all (its ``events`` capability was on).
-        """
-        assert self._cut_off is not None
-        (cut_off, evented), self._cut_off = self._cut_off, None
-        self.facts.cut_off = False
-        # QEMU ends a cancelling migration (migrate_cancel, or its own quit) cancelled,
-        # whatever else happens (migrate_fd_cleanup(), migration/migration.c).
-        ending = "cancelled" if cut_off == "cancelling" else "failed"
-        log.warning("%s: the migration it ran (last status %s) cannot complete%s", why,
-                    cut_off, f"; clients are sent MIGRATION {ending}" if evented else "")
-        if evented and self._core is not None:
+    def _lost_ended(self, ending: str | None) -> None:
+        """The QEMU whose migration the link lost has exited: the clients are sent
+        that migration's last event (``MIGRATION`` ``ending``; None: none is owed)."""
+        if ending is not None and self._core is not None:
             self._core.relay("MIGRATION", {"status": ending}, timestamp(time.time()))
         self._wake()
 

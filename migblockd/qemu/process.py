@@ -8,9 +8,9 @@ zombie has exited too (``pidfd_open(2)``).  ``/proc`` would not do: the units'
 ``kill(pid, 0)`` on one of those is refused, zombie or not.
 
 Whether a lost QEMU has exited is what ends a migration that the link lost
-(:mod:`migblockd.qemu.bridge`): nothing at the monitor's path tells it, which may
-be held by another client, replaced by something that is not QEMU, or removed
-while QEMU runs on.
+(:mod:`migblockd.qemu.lost_migration`): nothing at the monitor's path tells it,
+which may be held by another client, replaced by something that is not QEMU, or
+removed while QEMU runs on.
 """
 
 from __future__ import annotations

@@ -1,0 +1,169 @@
+"""A migration whose QEMU the link lost: watched until that QEMU exits or answers.
+
+When the link loses the QEMU that migrates (its connection ends, or a ``migrate``
+it was sent goes unanswered), nothing more is heard of that migration on that
+connection: no ``MIGRATION`` event ends it for the clients that wait for one,
+and QEMU may migrate on past any blocker added meanwhile.  So the facts'
+``cut_off`` is set, and holds until that QEMU answers a ``query-migrate`` again
+(:mod:`migblockd.qemu_facts`) or is found to have exited: its process's exit
+(:mod:`migblockd.qemu.process`), or nobody listening at its monitor's path when
+the process is not known.  Its exit ends the migration without the event QEMU
+would have sent, so the clients are sent one (``failed``, or ``cancelled``) if
+that QEMU sent them events at all.
+
+The bridge (:mod:`migblockd.qemu.bridge`) owns one :class:`LostMigration` and
+tells it of the link's connections and losses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from migblockd.qemu.process import ProcessWatch
+from migblockd.qemu_facts import QemuFacts
+from migblockd.registry import RUNNING_STATUSES
+
+__all__ = ["LostMigration"]
+
+log = logging.getLogger("migblockd")
+
+
+class LostMigration:
+    """The migration of the QEMU at ``path`` that the link lost, if any.
+
+    ``evented()`` says whether the connected QEMU's migration sends MIGRATION
+    events; ``on_end(status)`` is called once that QEMU is found to have exited,
+    with the status of the migration's last event owed to the clients (None: none).
+    """
+
+    def __init__(self, path: Path, facts: QemuFacts, *, evented: Callable[[], bool],
+                 on_end: Callable[[str | None], None]) -> None:
+        self._path = path
+        self._facts = facts
+        self._evented = evented
+        self._on_end = on_end
+        #: The process of the QEMU connected, or last connected (None: its id unknown).
+        self._process: ProcessWatch | None = None
+        #: Whether its exit is awaited: the link lost it with the facts' ``cut_off``
+        #: set, which its exit ends.
+        self._watching = False
+        #: Whether the log has said that nobody listens at the monitor's path while
+        #: that process runs on (said once per loss).
+        self._alive_said = False
+        #: A migration whose QEMU the link lost: its last status, and whether that
+        #: QEMU sent MIGRATION events (None: none lost, or QEMU answered again, or
+        #: it has exited).  Kept for the migration's last event; whether QEMU may
+        #: migrate on is the facts' ``cut_off``, until QEMU says otherwise.
+        self._cut_off: tuple[str, bool] | None = None
+
+    def connected(self, pid: int | None) -> None:
+        """The link connected to QEMU process ``pid`` (None: unknown)."""
+        if self._watching and self._process is not None and self._process.exited():
+            self._process_exited()  # a new QEMU on the path before the exit was seen
+        self._watching = False
+        self._cut_off = None  # QEMU answers: its query-migrate says how that one ended
+        if self._process is not None:
+            self._process.close()
+        self._process = ProcessWatch(pid) if pid is not None else None
+
+    def disconnected(self) -> None:
+        """The link lost its QEMU (migblockd did not close it): a migration it runs, or
+        may run, is lost with it, and that QEMU's exit is watched for."""
+        facts = self._facts
+        if not facts.cut_off and (facts.status in RUNNING_STATUSES or facts.awaiting):
+            self.lose()
+        if facts.cut_off:
+            self._watch_for_exit()
+
+    def close(self) -> None:
+        self._watching = False
+        if self._process is not None:
+            self._process.close()
+            self._process = None
+
+    def lose(self) -> None:
+        """The link lost the QEMU that migrates (or may: a ``migrate`` it was sent went
+        unanswered): no MIGRATION event will follow from it on this connection, and
+        until it answers a query-migrate or is found to have exited it may migrate on."""
+        facts = self._facts
+        log.warning("QEMU at %s went away during a migration (last status %s): its outcome "
+                    "is unknown; query-migrate says it once QEMU is back, and until then "
+                    "(or until QEMU is found to have exited) add-blocker is refused",
+                    self._path, facts.status or "not seen yet")
+        facts.awaiting = False
+        self._cut_off = (facts.status or "not seen yet", self._evented())
+        facts.cut_off = True  # until a query-migrate answers, or QEMU has exited
+        if not facts.connected:  # the link's loss was reported first
+            self._watch_for_exit()
+
+    def gone(self) -> None:
+        """Nobody listens on QEMU's monitor (the link's ``on_gone``).
+
+        The QEMU the link lost has exited, or (when its process is known) it runs on
+        and its monitor's path was removed or no longer listened on: its migration
+        goes on, and so does the cut-off.
+        """
+        process = self._process
+        if self._watching and process is not None:
+            if process.exited():
+                self._process_exited()
+            elif not self._alive_said:
+                self._alive_said = True
+                log.warning("nobody listens on QEMU's monitor at %s, but the QEMU process "
+                            "it lost (pid %d) is still running and may be migrating: "
+                            "add-blocker stays refused until it answers there or exits",
+                            self._path, process.pid)
+            return
+        self._ended(f"QEMU at {self._path} has exited (nobody listens on its monitor)")
+
+    def _watch_for_exit(self) -> None:
+        """The link lost its QEMU while it may migrate: that QEMU's exit ends that
+        (unknown process: the link's finding nobody listening does)."""
+        process = self._process
+        if self._watching or process is None or not process.telling:
+            return
+        self._watching, self._alive_said = True, False
+        process.on_exit(self._process_exited)
+
+    def _process_exited(self) -> None:
+        """The QEMU whose migration the link lost has exited: whatever it ran has
+        ended with it, whatever now owns its monitor's path."""
+        if not self._watching or self._process is None:
+            return
+        self._watching = False
+        self._process.stop()
+        self._ended(f"QEMU at {self._path} (pid {self._process.pid}) has exited")
+
+    def _ended(self, why: str) -> None:
+        """The QEMU the link lost has exited (``why``): it migrates no more."""
+        facts = self._facts
+        if self._cut_off is not None:
+            self._cut_off_ended(why)
+        elif facts.cut_off:
+            # Lost again before it answered on a connection made again.
+            facts.cut_off = False
+            log.warning("%s: the migration it may have run has ended with it", why)
+            self._on_end(None)
+
+    def _cut_off_ended(self, why: str) -> None:
+        """The QEMU whose migration the link lost has exited (``why``): say so, and
+        send the clients the migration's last event.
+
+        That migration cannot end now in any status QEMU would report, and its
+        clients would wait for a last ``MIGRATION`` event forever: they get
+        ``failed``, the status QEMU gives a migration that ended without completing
+        other than by ``migrate_cancel`` (``MigrationStatus``, qapi/migration.json),
+        or ``cancelled`` for one that was being cancelled, if that QEMU sent
+        MIGRATION events at all (its ``events`` capability was on).
+        """
+        assert self._cut_off is not None
+        (cut_off, evented), self._cut_off = self._cut_off, None
+        self._facts.cut_off = False
+        # QEMU ends a cancelling migration (migrate_cancel, or its own quit) cancelled,
+        # whatever else happens (migrate_fd_cleanup(), migration/migration.c).
+        ending = "cancelled" if cut_off == "cancelling" else "failed"
+        log.warning("%s: the migration it ran (last status %s) cannot complete%s", why,
+                    cut_off, f"; clients are sent MIGRATION {ending}" if evented else "")
+        self._on_end(ending if evented else None)

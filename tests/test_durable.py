@@ -1196,6 +1196,15 @@ async def test_a_database_removed_under_the_running_daemon_can_be_copied_back_as
         subprocess.run(line[1], shell=True, check=True)
         assert len(await ids(c)) == 600
     assert daemon.stop() == 0
+    # SQLite does not fold the log into a file whose name is gone: the clean stop
+    # leaves it, and the start refuses it rather than replay it into a new database.
+    assert not db.exists() and wal.stat().st_size > 0
+    assert_start_refused(
+        start_daemon, directory,
+        f"{wal} exists without state.db; put back the state.db it is the log of (the file "
+        "moved away, or the copy the daemon's log said to take while it ran), not a backup, "
+        "into which SQLite would replay it; or move the whole directory away to restore a "
+        "backup or to start from scratch")
     (directory / "state.db.rescued").rename(db)
     (directory / "state.db.rescued-wal").rename(wal)
     again = start_daemon("--state-dir", str(directory))

@@ -425,9 +425,11 @@ def test_log_without_its_database_is_refused(tmp_path: Path) -> None:
     (tmp_path / "saved-wal").rename(tmp_path / "state.db-wal")
     with pytest.raises(StateError) as refused:
         Store.open(tmp_path)
-    assert str(refused.value) == (f"{tmp_path}/state.db-wal exists without state.db; put "
-                                  "state.db back, or move the whole directory away to start "
-                                  "from scratch")
+    assert str(refused.value) == (
+        f"{tmp_path}/state.db-wal exists without state.db; put back the state.db it is the "
+        "log of (the file moved away, or the copy the daemon's log said to take while it "
+        "ran), not a backup, into which SQLite would replay it; or move the whole directory "
+        "away to restore a backup or to start from scratch")
     assert not (tmp_path / "state.db").exists()
 
 

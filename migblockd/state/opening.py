@@ -146,10 +146,16 @@ def _check_file(path: Path) -> bool:
             raise StateError(f"{path} is a symbolic link to {os.readlink(path)}, which does "
                              "not exist; make it reachable (a file system not mounted?), or "
                              "remove the link to start from scratch") from None
-        # SQLite would replay a leftover log into the new, empty database.
+        # SQLite would replay a leftover log into the new, empty database, or into
+        # a backup put in its place: it cannot tell that the log is another file's.
+        # A database removed under the daemon leaves this too (SQLite does not fold
+        # the log into a file whose name is gone), and its copy is the way back.
         if os.path.lexists(wal):
-            raise StateError(f"{wal} exists without {path.name}; put {path.name} back, or "
-                             "move the whole directory away to start from scratch") from None
+            raise StateError(
+                f"{wal} exists without {path.name}; put back the {path.name} it is the log "
+                "of (the file moved away, or the copy the daemon's log said to take while "
+                "it ran), not a backup, into which SQLite would replay it; or move the "
+                "whole directory away to restore a backup or to start from scratch") from None
         check_file_room(path)
         return True
     except OSError as e:

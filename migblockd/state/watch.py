@@ -127,8 +127,9 @@ class Watched:
         """The error for a database removed while the daemon runs.
 
         Neither the client's "put that file back" (a removed file has no name
-        to link it back by) nor a restart would do: the stop folds the log into
-        the removed file, and the next start makes an empty one.  What was
+        to link it back by) nor a restart would do: SQLite does not fold the log
+        into a file whose name is gone, so the stop leaves the log, which holds
+        only the latest changes, and the next start refuses it.  What was
         committed is still there, in the file this process holds open (the
         database lock's descriptor) and its log: copied out while commits are
         refused, which is while neither changes, the two are the state.

@@ -34,6 +34,7 @@ from typing import Any
 from migblockd.config import RELOADABLE, Config
 from migblockd.options import table
 from migblockd.state.directory import DATABASE_NAME, holds_database
+from migblockd.trust import named_uid
 
 __all__ = ["Reload", "next_state", "outvoted", "plan"]
 
@@ -127,10 +128,20 @@ def next_state(running: Config, fresh: Config, stored: int) -> str | None:
         return (f"with state-dir as the file now sets it, the next start restores "
                 f"{new / DATABASE_NAME}, not the {kept}")
     them = "them" if stored > 1 else "it"
+    moved = f"{DATABASE_NAME} and its {DATABASE_NAME}-wal, if there, from {running.state_dir}"
+    if os.path.lexists(new):
+        return (f"with state-dir as the file now sets it, the next start finds no database "
+                f"in {new} and will not restore the {kept} (it creates an empty one); to "
+                f"keep {them}, stop the daemon, move {moved} to {new}, then start it")
+    # "mv state.db /srv/migblockd" would make the database that name, which the start
+    # then refuses as no directory; and one made by hand must pass the start's rule
+    # (migblockd.trust), as one the start makes does.
     return (f"with state-dir as the file now sets it, the next start finds no database in "
-            f"{new} and will not restore the {kept} (it creates an empty one); to keep "
-            f"{them}, stop the daemon, move {DATABASE_NAME} and its {DATABASE_NAME}-wal, if "
-            f"there, from {running.state_dir} to {new}, then start it")
+            f"{new}, which does not exist yet, and will not restore the {kept} (it makes "
+            f"the directory, with an empty database); to keep {them}, stop the daemon, make "
+            f"{new} as a start would (mode 0700, owned by {named_uid(os.geteuid())}, the "
+            "user the daemon runs as; any directory made above it writable by no one else), "
+            f"move {moved} into {new}, then start it")
 
 
 def _same_directory(one: Path, other: Path) -> bool:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import pwd
 import random
 import re
 import shlex
@@ -1445,13 +1446,23 @@ async def test_a_state_dir_moved_by_a_reload_is_said_to_leave_the_blockers_behin
         d.wait_for_log("WARNING: reload: state-dir changed, which only a restart applies\n")
         d.wait_for_log(
             f"WARNING: reload: with state-dir as the file now sets it, the next start finds no "
-            f"database in {new} and will not restore {kept} (it creates an empty one); to "
-            "keep them, stop the daemon, move state.db and its state.db-wal, if there, from "
-            f"{old} to {new}, then start it\n")
+            f"database in {new}, which does not exist yet, and will not restore {kept} (it "
+            "makes the directory, with an empty database); to keep them, stop the daemon, "
+            f"make {new} as a start would (mode 0700, owned by uid {os.geteuid()} "
+            f"({pwd.getpwuid(os.geteuid()).pw_name}), the user the daemon runs as; any "
+            "directory made above it writable by no one else), move state.db and its "
+            f"state.db-wal, if there, from {old} into {new}, then start it\n")
         new.mkdir(mode=0o700)
         assert check_config(config, d.socket).endswith(
             f"state in {new}, which holds no state database yet: a start creates an empty "
             "one\n")
+        # Made, and still empty: moving the files "to" it is moving them into it.
+        d.signal(signal.SIGHUP)
+        d.wait_for_log(
+            f"WARNING: reload: with state-dir as the file now sets it, the next start finds no "
+            f"database in {new} and will not restore {kept} (it creates an empty one); to "
+            "keep them, stop the daemon, move state.db and its state.db-wal, if there, from "
+            f"{old} to {new}, then start it\n")
         config.write_text(f'state-dir = "{old}"\nephemeral = true\n')
         d.signal(signal.SIGHUP)
         d.wait_for_log("WARNING: reload: with ephemeral as the file now sets it, the next "

@@ -7,6 +7,8 @@ real SIGHUP; these pin each branch of the decision.
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 from pathlib import Path
 
 from migblockd.config import Config
@@ -94,7 +96,7 @@ def test_an_edit_the_command_line_outvotes_is_named_with_the_value_that_wins() -
 
 def test_the_next_start_with_another_state_dir_or_none(tmp_path: Path) -> None:
     # What a reload says the next start does with the state it keeps (the daemon
-    # test, in test_durable, has the missing directory and ephemeral).
+    # test, in test_durable, has them as the log says them to the operator).
     old, other, link = tmp_path / "old", tmp_path / "other", tmp_path / "link"
     old.mkdir()
     other.mkdir()
@@ -108,6 +110,19 @@ def test_the_next_start_with_another_state_dir_or_none(tmp_path: Path) -> None:
         f"and will not restore the 1 blocker kept in {old}/state.db (it creates an empty one); "
         f"to keep it, stop the daemon, move state.db and its state.db-wal, if there, from "
         f"{old} to {other}, then start it")
+    # Found by review: with a directory not made yet, "move state.db ... to NEW"
+    # done as written (mv) made the database the file NEW, and the next start
+    # refused it as no directory.
+    missing = tmp_path / "missing" / "state"
+    user = f"uid {os.geteuid()} ({pwd.getpwuid(os.geteuid()).pw_name})"
+    assert next_state(running, Config(state_dir=missing), 3) == (
+        f"with state-dir as the file now sets it, the next start finds no database in "
+        f"{missing}, which does not exist yet, and will not restore the 3 blockers kept in "
+        f"{old}/state.db (it makes the directory, with an empty database); to keep them, "
+        f"stop the daemon, make {missing} as a start would (mode 0700, owned by {user}, "
+        "the user the daemon runs as; any directory made above it writable by no one "
+        "else), move state.db and its state.db-wal, if there, from "
+        f"{old} into {missing}, then start it")
     # No blocker: still its settings and the counter of generated ids.
     assert next_state(running, Config(state_dir=other, ephemeral=True), 0) == (
         "with ephemeral as the file now sets it, the next start keeps nothing and ignores "

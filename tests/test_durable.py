@@ -1165,15 +1165,15 @@ async def test_a_database_written_over_under_the_running_daemon_is_not_written_t
         assert reply["error"]["desc"] == f"{why}; nothing was changed", reply
 
 
-async def test_a_database_removed_under_the_running_daemon_can_be_copied_back_as_told(
+async def test_a_database_removed_under_the_running_daemon_is_saved_by_the_stop(
     start_daemon: Start, tmp_path: Path
 ) -> None:
     """``rm state.db`` while the daemon runs.  Before, clients were told to put the
-    file back (it has no name left to be put back by) or restart, the log added
-    the disk's advice, and a restart either refused (a log without its database)
-    or, from scratch, dropped every blocker.  Now commits fail, and the log says
-    how to copy the state out of the file the daemon still holds: done as it says,
-    the next start restores every acknowledged blocker."""
+    file back (it has no name left to be put back by) or restart, and a restart
+    refused the log left without its database: the blockers were gone with the
+    file unless the operator had copied it out of /proc first.  Now commits fail,
+    and the stop saves the file the daemon still holds: renamed as the next start
+    says, it restores every acknowledged blocker."""
     directory = tmp_path / "state"
     db, wal = directory / "state.db", directory / "state.db-wal"
     daemon = start_daemon("--state-dir", str(directory), "--log-level", "info")
@@ -1186,32 +1186,75 @@ async def test_a_database_removed_under_the_running_daemon_can_be_copied_back_as
                "and the next start would not read what is committed now")
         reply = await c.execute("add-blocker", {"reason": "not acknowledged", "id": "no"})
         assert reply["error"]["desc"] == f"{why}; nothing was changed", reply
-        line = daemon.wait_for_log(re.compile(
-            re.escape(f"ERROR: {why}; 1 command(s) failed, their changes undone; every change "
-                      "fails until a commit succeeds: move it back if it was moved; else its "
-                      "blockers are still in the file the daemon holds open: before stopping "
-                      "the daemon, copy it and its log out (") + r"(cp -p /proc/\d+/fd/\d+ "
-            + re.escape(f"{db}.rescued && cp -p {wal} {db}.rescued-wal") + r")"
-            + re.escape(f"), then stop it, rename the copies to {db} and {wal}, and start it "
-                        "again\n")))
-        subprocess.run(line[1], shell=True, check=True)
+        daemon.wait_for_log(
+            f"ERROR: {why}; 1 command(s) failed, their changes undone; every change fails "
+            "until a commit succeeds: move it back if it was moved; else stop the daemon, "
+            "which saves its blockers from the file it holds open as "
+            f"{db}.rescued-TIME, and rename that to {db} before starting it again\n")
         assert len(await ids(c)) == 600
     assert daemon.stop() == 0
-    # SQLite does not fold the log into a file whose name is gone: the clean stop
-    # leaves it, and the start refuses it rather than replay it into a new database.
-    assert not db.exists() and wal.stat().st_size > 0
+    [copy] = directory.glob("state.db.rescued-*")
+    assert re.fullmatch(r"state\.db\.rescued-\d{8}T\d{6}Z", copy.name), copy
+    assert copy.stat().st_mode & 0o777 == 0o600
+    assert f"WARNING: stopping: {db} was removed while the daemon ran: what it kept (600 " \
+        f"blockers) is saved as {copy}; rename that to {db} to use it; its log is emptied, " \
+        "so that the next start replays nothing into another file; the next start refuses " \
+        "the log left without state.db\n" in daemon.log()
+    # The log is left (SQLite does not remove it), empty: the start refuses it.
+    assert not db.exists() and wal.stat().st_size == 0
     assert_start_refused(
         start_daemon, directory,
-        f"{wal} exists without state.db; put back the state.db it is the log of (the file "
-        "moved away, or the copy the daemon's log said to take while it ran), not a backup, "
-        "into which SQLite would replay it; or move the whole directory away to restore a "
-        "backup or to start from scratch")
-    (directory / "state.db.rescued").rename(db)
-    (directory / "state.db.rescued-wal").rename(wal)
+        f"{wal} exists without state.db, which was removed while the daemon "
+        f"ran; the stop saved what it kept as {copy}: rename that to {db} to use it, or "
+        "move the whole directory away to restore a backup or to start from scratch")
+    copy.rename(db)
     again = start_daemon("--state-dir", str(directory))
     again.wait_for_log(restored_line(directory, 600))
     async with again.client() as c:
         assert await ids(c) == [f"b{n}" for n in range(600)]
+
+
+async def test_a_database_replaced_under_the_running_daemon_gets_no_replay_of_its_log(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A backup restored under the running daemon (as the refusal of commits to a
+    replaced state.db says: restart to use it).  Before, the clean stop left the
+    daemon's log beside the restored file, and the next start replayed it into
+    that file: the backup's blockers were gone, replaced by the old daemon's, and
+    no line said so."""
+    directory = tmp_path / "state"
+    db = directory / "state.db"
+    first = start_daemon("--state-dir", str(directory))
+    async with first.client() as c:
+        await add(c, "in the backup", id="backed-up")
+    assert first.stop() == 0
+    backup = tmp_path / "backup.db"
+    shutil.copy2(db, backup)
+    daemon = start_daemon("--state-dir", str(directory), "--log-level", "info")
+    async with daemon.client() as c:
+        for n in range(3):
+            await add(c, "after the backup", id=f"later{n}")
+        staged = directory / "staged.db"
+        shutil.copy2(backup, staged)
+        staged.rename(db)  # as a restore does: the file replaced whole
+        reply = await c.execute("add-blocker", {"reason": "not acknowledged", "id": "no"})
+        assert "it is not the file the daemon opened" in reply["error"]["desc"], reply
+    assert daemon.stop() == 0
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert await ids(c) == ["backed-up"]
+        await add(c, "after the restore", id="new")
+    assert again.stop() == 0
+    [copy] = directory.glob("state.db.rescued-*")
+    assert f"WARNING: stopping: {db} was replaced while the daemon ran: what it kept (4 " \
+        f"blockers) is saved as {copy}; rename that to {db} to use it; its log is emptied, " \
+        "so that the next start replays nothing into another file; the next start uses the " \
+        "file there now\n" in daemon.log()
+    # The saved copy is whole: what the replaced file held, its log's changes included.
+    copy.rename(db)
+    last = start_daemon("--state-dir", str(directory))
+    async with last.client() as c:
+        assert await ids(c) == ["backed-up", "later0", "later1", "later2"]
 
 
 async def test_a_log_left_beside_a_link_to_the_database_stops_the_daemon(

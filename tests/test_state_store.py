@@ -427,9 +427,8 @@ def test_log_without_its_database_is_refused(tmp_path: Path) -> None:
         Store.open(tmp_path)
     assert str(refused.value) == (
         f"{tmp_path}/state.db-wal exists without state.db; put back the state.db it is the "
-        "log of (the file moved away, or the copy the daemon's log said to take while it "
-        "ran), not a backup, into which SQLite would replay it; or move the whole directory "
-        "away to restore a backup or to start from scratch")
+        "log of (the file moved away), not a backup, into which SQLite would replay it; "
+        "or move the whole directory away to restore a backup or to start from scratch")
     assert not (tmp_path / "state.db").exists()
 
 
@@ -1596,3 +1595,54 @@ def test_missing_parents_are_made_private_whatever_the_umask(tmp_path: Path) -> 
         os.umask(old)
     for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "state"):
         assert d.stat().st_mode & 0o777 == 0o700, d
+
+
+# A state.db removed under the store, on a file system with no room for its copy.
+REMOVED_ON_A_FULL_DISK = """
+    import io, json, logging, os
+    from pathlib import Path
+    from migblockd.state import BlockerRow, Put, Store
+
+    directory, mnt = Path(DIRECTORY), Path(MOUNTPOINT)
+    lines = io.StringIO()
+    logging.getLogger("migblockd").addHandler(logging.StreamHandler(lines))
+    store = Store.open(directory)
+    store.commit([Put(BlockerRow(f"b{n}", "x" * 500, ("normal",), False, None, 1.5, n))
+                  for n in range(100)])
+    (directory / "state.db").unlink()
+    with open(mnt / "filler", "wb", buffering=0) as filler:
+        try:
+            while True:
+                filler.write(bytes(4096))
+        except OSError:
+            pass
+    store.close()
+    print(json.dumps({"log": lines.getvalue(), "files": sorted(os.listdir(directory)),
+                      "wal": os.path.getsize(directory / "state.db-wal")}))
+"""
+
+
+def test_a_removed_database_that_cannot_be_saved_at_the_close_is_said_to_be_lost(
+        tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    directory = mnt / "state"
+    script = tmp_path / "removed.py"
+    script.write_text(textwrap.dedent(REMOVED_ON_A_FULL_DISK).replace(
+        "DIRECTORY", repr(str(directory))).replace("MOUNTPOINT", repr(str(mnt))))
+    shell = f"mount -t tmpfs -o size=512k tmpfs {mnt} && {sys.executable} {script}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([*unshare_mount(), "sh", "-c", shell], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    db = directory / "state.db"
+    log = report["log"]
+    assert log.startswith(f"stopping: {db} was removed while the daemon ran: what it kept "
+                          f"could not be saved ({db}.rescued-"), log
+    assert log.endswith(": database or disk is full) and is lost; its log is emptied, so "
+                        "that the next start replays nothing into another file; the next "
+                        "start refuses the log left without state.db\n"), log
+    # No half copy left behind; the log, emptied, stays for the start to refuse.
+    assert report["files"] == ["lock", "state.db-shm", "state.db-wal"], report
+    assert report["wal"] == 0

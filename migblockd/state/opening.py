@@ -42,6 +42,7 @@ from migblockd.state.errors import (
 )
 from migblockd.state.lock import DatabaseLock, lock_database
 from migblockd.state.logcheck import check_log
+from migblockd.state.rescue import rescued_copies
 from migblockd.trust import named_uid
 from migblockd.writable import attribute_fix
 
@@ -148,14 +149,22 @@ def _check_file(path: Path) -> bool:
                              "remove the link to start from scratch") from None
         # SQLite would replay a leftover log into the new, empty database, or into
         # a backup put in its place: it cannot tell that the log is another file's.
-        # A database removed under the daemon leaves this too (SQLite does not fold
-        # the log into a file whose name is gone), and its copy is the way back.
+        # A database removed under a daemon leaves this too (SQLite does not fold
+        # the log into a file whose name is gone): the copy its stop saved
+        # (migblockd.state.rescue) is the way back; killed, it saved none.
+        copies = rescued_copies(path)
+        if os.path.lexists(wal) and copies:
+            raise StateError(
+                f"{wal} exists without {path.name}, which was removed while "
+                f"the daemon ran; the stop saved what it kept as {copies[-1]}: rename that "
+                f"to {path} to use it, or move the whole directory away to restore a "
+                "backup or to start from scratch") from None
         if os.path.lexists(wal):
             raise StateError(
                 f"{wal} exists without {path.name}; put back the {path.name} it is the log "
-                "of (the file moved away, or the copy the daemon's log said to take while "
-                "it ran), not a backup, into which SQLite would replay it; or move the "
-                "whole directory away to restore a backup or to start from scratch") from None
+                "of (the file moved away), not a backup, into which SQLite would replay it; "
+                "or move the whole directory away to restore a backup or to start from "
+                "scratch") from None
         check_file_room(path)
         return True
     except OSError as e:

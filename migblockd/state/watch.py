@@ -25,6 +25,7 @@ from pathlib import Path
 
 from migblockd.state import schema
 from migblockd.state.errors import StateError
+from migblockd.state.rescue import RESCUED
 
 __all__ = ["Watched"]
 
@@ -89,6 +90,14 @@ class Watched:
                              "one it has open, which the next start would not find; "
                              f"{restart}", restart)
 
+    def departed(self) -> bool | None:
+        """Whether the database opened has left ``path``, and another file is there
+        (True) or none (False); None: it is still there, or not to be looked at."""
+        identity, _ = _look(self.path)
+        if identity in (self._opened[0], _HIDDEN):
+            return None
+        return identity is not None
+
     def committed(self) -> None:
         """A commit (or what a failed one did) may have written the database: SQLite
         folds the log back into it once the log is long enough."""
@@ -127,24 +136,21 @@ class Watched:
         """The error for a database removed while the daemon runs.
 
         Neither the client's "put that file back" (a removed file has no name
-        to link it back by) nor a restart would do: SQLite does not fold the log
-        into a file whose name is gone, so the stop leaves the log, which holds
-        only the latest changes, and the next start refuses it.  What was
-        committed is still there, in the file this process holds open (the
-        database lock's descriptor) and its log: copied out while commits are
-        refused, which is while neither changes, the two are the state.
+        to link it back by) nor a restart alone would do: SQLite does not fold
+        the log into a file whose name is gone, and the next start refuses the
+        log without its database.  What was committed is still in the file this
+        process holds open (the database lock's descriptor), which the stop
+        saves (:mod:`migblockd.state.rescue`).
         """
         message = (f"cannot commit to {self.path}: it was removed (or moved away) while the "
                    "daemon ran, and the next start would not read what is committed now")
         if fd is None:
             return StateError(message)
-        rescued = self.path.with_name(self.path.name + ".rescued")
-        copy = f"cp -p /proc/{os.getpid()}/fd/{fd} {rescued} && cp -p {self.log} {rescued}-wal"
         return StateError(message, (
-            "move it back if it was moved; else its blockers are still in the file the "
-            f"daemon holds open: before stopping the daemon, copy it and its log out ({copy}), "
-            f"then stop it, rename the copies to {self.path} and {self.path}-wal, and start "
-            "it again"))
+            "move it back if it was moved; else stop the daemon, which saves its blockers "
+            "from the file it holds open as "
+            f"{self.path.with_name(self.path.name + RESCUED)}TIME, and rename that to "
+            f"{self.path} before starting it again"))
 
 
 def _look(path: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:

@@ -53,7 +53,7 @@ def parser(*, documented: bool = False) -> argparse.ArgumentParser:
     ``documented``: show defaults as the documentation words them, not as computed
     here (see ``migblockd.options.help_text``); ``python -m migblockd.share`` uses it.
     """
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="migblockd",
         description=DESCRIPTION,
         epilog=epilog(),
@@ -74,6 +74,21 @@ def parser(*, documented: bool = False) -> argparse.ArgumentParser:
              "environment cannot be read fails the check too")
     add_arguments(p, Config, documented=documented)
     return p
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's, its errors marked as the other lines before the log are: a bad
+    option value in ``MIGBLOCKD_OPTIONS`` stops the units' start and fails their
+    reload's check, and ``journalctl -p err`` must show why.  ``--help`` and
+    ``--version`` go to stdout unmarked: they are no log."""
+
+    def error(self, message: str) -> NoReturn:
+        from migblockd.logs.journal import marked  # noqa: PLC0415 - keeps --help fast
+
+        # What argparse's own error() writes (the usage, then the message), which it
+        # writes unmarked and the usage apart.
+        text = f"{self.format_usage()}{self.prog}: error: {message}"
+        self.exit(2, marked(logging.ERROR, text.splitlines()) + "\n")
 
 
 def _pid(text: str) -> int:

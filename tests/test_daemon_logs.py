@@ -90,6 +90,51 @@ def test_a_start_refused_for_its_settings_says_so_at_error_priority_in_the_journ
     assert d.log().startswith("migblockd: ")
 
 
+@pytest.mark.parametrize("args", [
+    ["--socket-mode", "9999"],
+    ["--max-clients", "-5", "--ephemeral"],
+    # A reload's check (ExecReload=), and argparse's error() called by migblockd itself.
+    ["--check-config", "--max-clients", "many"],
+    ["--running-pid", "1"],
+])
+def test_a_bad_option_value_says_so_at_error_priority_in_the_journal(
+        tmp_path: Path, daemons: list[DaemonProcess], args: list[str]) -> None:
+    # Found by review: argparse wrote its usage and its error unmarked, so journald
+    # took them for info, and `journalctl -p err` did not say why a MIGBLOCKD_OPTIONS
+    # of a drop-in stopped the start or failed a reload's check.  journald reads a
+    # priority per line: the usage's lines are marked too.
+    d = start(tmp_path, *args, journal=True)
+    daemons.append(d)
+    assert d.proc.wait(30) == 2
+    lines = d.log().splitlines()
+    assert all(line.startswith("<3>") for line in lines), lines
+    assert lines[0].startswith("<3>usage: migblockd [-h] [--version]"), lines
+    assert lines[-1].startswith("<3>migblockd: error: "), lines
+    # Not the journal: argparse's words as they were, unmarked.
+    d = start(tmp_path, *args)
+    daemons.append(d)
+    assert d.proc.wait(30) == 2
+    assert [f"<3>{line}" for line in d.log().splitlines()] == lines
+
+
+@pytest.mark.parametrize("option", ["--help", "--version"])
+def test_help_and_version_are_no_log_lines(tmp_path: Path, option: str) -> None:
+    # On stdout, which under systemd is the journal's stream as stderr is: still
+    # unmarked (journald's default priority), since they are no log.
+    out = tmp_path / "journal"
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    with out.open("wb") as stream:
+        st = os.fstat(stream.fileno())
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        proc = subprocess.run([sys.executable, "-m", "migblockd", option],
+                              stdin=subprocess.DEVNULL, stdout=stream, stderr=stream,
+                              env=env, timeout=30)
+    assert proc.returncode == 0
+    text = out.read_text()
+    assert text.startswith("usage: migblockd " if option == "--help" else "migblockd "), text
+    assert "<" not in "".join(line[:1] for line in text.splitlines()), text
+
+
 # --------------------------------------------------------------------------- a stuck stderr
 
 

@@ -37,7 +37,7 @@ import asyncio_dgram
 from migblockd.logs.formats import priority
 
 __all__ = ["DEFAULT_SOCKET", "MAX_ENTRY", "SOCKET_ENV", "JournalSender", "encode_entry",
-           "encode_field", "for_stderr", "socket_path", "stderr_is_journal"]
+           "encode_field", "for_stderr", "marked", "socket_path", "stderr_is_journal"]
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"
 #: Overrides :data:`DEFAULT_SOCKET`; for the tests.
@@ -53,11 +53,18 @@ _LENGTH = struct.Struct("<Q")
 
 def for_stderr(levelno: int, lines: Iterable[str]) -> str:
     """``lines`` as ``migblockd: LINE``, for stderr before the log is set up (a bad
-    option, a bad file), each marked with the priority of ``levelno`` (``<3>``,
-    sd-daemon(3)) when stderr is the journal, as the log's lines are: so that
-    ``journalctl -p err`` shows why a start, or a reload's check, failed."""
+    file, a setting the start refuses), :func:`marked`."""
+    return marked(levelno, (f"migblockd: {line}" for line in lines))
+
+
+def marked(levelno: int, lines: Iterable[str]) -> str:
+    """``lines``, for stderr before the log is set up, each marked with the priority
+    of ``levelno`` (``<3>``, sd-daemon(3)) when stderr is the journal, as the log's
+    lines are: so that ``journalctl -p err`` shows why a start, or a reload's check,
+    failed.  Each line, since journald reads a priority per line: an unmarked one
+    (argparse's usage above its error) would be info."""
     mark = f"<{priority(levelno)}>" if stderr_is_journal() else ""
-    return "\n".join(f"{mark}migblockd: {line}" for line in lines)
+    return "\n".join(f"{mark}{line}" for line in lines)
 
 
 def stderr_is_journal(env: Mapping[str, str] = os.environ, fd: int = 2) -> bool:

@@ -7,20 +7,29 @@ bind, a socket path too long for AF_UNIX,
 taken by a file that is not a socket, or in a directory others may change, a
 ``state-dir`` that is not a directory or that others may change (or, still to
 be made, is under a directory others may change), a socket or state directory
-this user may not make or write in, a ``qemu`` that is migblockd's own socket.
+this user may not make or write in, a ``state.db`` there (or its log) that
+others may write, this user may not open, or that is empty or no database, a
+``qemu`` that is migblockd's own socket.
 ``--check-config`` must not call such settings valid, and a reload, which
 applies none of them, must not let the operator learn of them only when the
 next restart fails: :func:`problems` finds them with the very functions the
 start-up uses (:func:`load_contract`, :func:`socket_gid`, ``tcp.check_address``
 (the start's ``resolve_tcp``, and an address of no interface here) and
 ``check_port``, ``listen.check_socket_path`` and ``socketdir.check_socket_directory``,
-``state.directory.check_existing_directory``, :func:`not_its_own_socket`), so
-both say what the start would.
+``state.directory.check_existing_directory`` and, for the files in it,
+``state.opening.check_existing_database``, :func:`not_its_own_socket`), so
+both say what the start would.  The database is judged without SQLite, which
+could make files or take locks beside the running daemon.
 
 What only binding can tell (a port or a path in use) is left to the start:
-checked while a daemon runs, the daemon's own socket would look taken.  So is,
-for root checking for a daemon that runs as another user, whether that user
-may make and write the directories: root cannot play it.
+checked while a daemon runs, the daemon's own socket would look taken.  So is
+what only SQLite tells of the database (another program's, a damaged one), and
+its log's frames, which a running daemon's commits change as they are read.  So
+is, for root checking for a daemon that runs as another user, whether that user
+may make and write the directories, and open the database: root cannot play it.
+And the daemon's own look ahead at a reload judges no database: the directory
+may hold the one it has open, and closing any descriptor of that file would drop
+the locks SQLite holds on it.
 """
 
 from __future__ import annotations
@@ -171,7 +180,8 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
         (("metrics",), lambda: _metrics(config, qmp_socket, as_daemon, sources)),
         (("state-dir",), lambda: None if config.ephemeral or config.state_dir is None
          else check_existing_directory(config.state_dir,
-                                       owner=_daemon_user(config.state_dir, as_daemon))),
+                                       owner=_daemon_user(config.state_dir, as_daemon),
+                                       database=not as_daemon)),
         # A passed socket's path is the socket unit's, not this setting's to change.
         (("qemu",) if socket_passed else ("qemu", "socket"),
          lambda: None if config.qemu is None else check_qemu(config.qemu, qmp_socket, sources)),

@@ -884,6 +884,136 @@ def test_check_config_refuses_a_state_directory_the_start_would(tmp_path: Path,
     assert check_config(*args, "--ephemeral").returncode == 0
 
 
+def make_state(state: Path) -> Path:
+    """A state directory holding a database as a daemon leaves it (0600); its path."""
+    made = subprocess.run([sys.executable, "-c",
+                           "import sys; from pathlib import Path; "
+                           "from migblockd.state import Store; "
+                           "Store.open(Path(sys.argv[1]), restore=lambda s: None).close()",
+                           str(state)], capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0, made.stderr
+    return state / "state.db"
+
+
+def contents(directory: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Each file in ``directory``: its mode, owner and bytes."""
+    return {p.name: (p.lstat().st_mode, p.lstat().st_uid, p.read_bytes())
+            for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("kind", ["shared", "log shared", "empty", "not a database"])
+def test_check_config_refuses_a_state_database_the_start_would(tmp_path: Path,
+                                                               kind: str) -> None:
+    # Reproduced first: "valid" for each, and the start refused the database.
+    state = tmp_path / "state"
+    database = make_state(state)
+    if kind == "shared":
+        database.chmod(0o666)
+        message = (f"refusing to keep state in {state}: {database} is writable by others "
+                   f"(mode 0666), so they could change the blockers; chmod go-w {database}, "
+                   "or choose another --state-dir")
+    elif kind == "log shared":
+        log = state / "state.db-wal"
+        log.touch(mode=0o600)
+        log.chmod(0o666)
+        message = (f"refusing to keep state in {state}: {log} is writable by others "
+                   f"(mode 0666), so they could change the blockers; chmod go-w {log}, "
+                   "or choose another --state-dir")
+    elif kind == "empty":
+        database.write_bytes(b"")
+        message = (f"{database} is empty (0 bytes): it was truncated; restore it from a "
+                   "backup, or move it away to start from scratch")
+    else:
+        database.write_bytes(os.urandom(4096))
+        message = (f"{database} is not a migblockd state database (file is not a "
+                   "database); move it away to start from scratch")
+    args = ["--socket", str(tmp_path / "s.sock"), "--state-dir", str(state)]
+    before = contents(state)
+    proc = check_config(*args)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+    assert contents(state) == before  # nothing made, changed or left behind
+    start = subprocess.run([sys.executable, "-m", "migblockd", *args],
+                           capture_output=True, text=True, timeout=30)
+    assert start.returncode == 1
+    assert f"ERROR: {message}\n" in start.stderr, start.stderr
+
+
+def test_check_config_beside_the_running_daemon_changes_nothing(
+        tmp_path: Path, start_daemon: Callable[..., DaemonProcess]) -> None:
+    # As ExecReload= runs it: the database open, its log and index there, all
+    # judged without SQLite, which could rebuild the index or take locks.
+    state = tmp_path / "state"
+    d = start_daemon("--state-dir", str(state))
+    assert (state / "state.db-wal").exists() and (state / "state.db-shm").exists()
+    names = sorted(p.name for p in state.iterdir())
+    proc = check_config("--socket", str(d.socket), "--state-dir", str(state))
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert sorted(p.name for p in state.iterdir()) == names
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root makes a file another uid may not open")
+def test_check_config_refuses_a_state_database_this_user_may_not_open(
+        short_tmp: Path) -> None:
+    # Reproduced first: nobody's check said "valid" for a database restored with
+    # cp as root, and nobody's start refused it.
+    run, state = root_run_nobody_state(short_tmp)
+    os.chown(run, 65534, 65534)
+    os.chown(state, 0, 0)
+    database = make_state(state)  # root's, 0600, as cp leaves a copy
+    for path in (state, state / "lock"):
+        os.chown(path, 65534, 65534)
+    assert_check_and_start_refuse(
+        ["--socket", str(run / "q.sock"), "--state-dir", str(state)],
+        f"cannot read and write {database}: Permission denied (it belongs to uid 0 (root), "
+        "mode 0600, and this daemon runs as uid 65534 (nobody): a copy made as root "
+        f"belongs to root); chown nobody: {database}, or choose another --state-dir")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root checks for a daemon of another uid")
+def test_check_config_as_root_judges_the_daemon_users_database_as_its_start(
+        short_tmp: Path, accounts: dict[str, Account]) -> None:
+    # Root does not know the daemon's user: the database of the directory's owner
+    # is that user's, its access left to the start, as the directory's is; its
+    # mode and a second owner are refused, as that user's start refuses them.
+    olga, bob = accounts["mbt-olga"], accounts["mbt-bob"]
+    short_tmp.chmod(0o755)
+    run = short_tmp / "run"
+    run.mkdir(mode=0o700)
+    state = short_tmp / "state"
+    database = make_state(state)
+    for path in (run, state, state / "lock", database):
+        os.chown(path, olga.uid, olga.gid)
+    args = ["--socket", str(run / "q.sock"), "--state-dir", str(state)]
+    proc = check_config(*args)
+    assert proc.returncode == 0, proc.stderr
+    as_olga = ["setpriv", f"--reuid={olga.uid}", f"--regid={olga.gid}", "--clear-groups"]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
+
+    def start() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*as_olga, sys.executable, "-m", "migblockd", *args], env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    database.chmod(0o660)
+    message = (f"refusing to keep state in {state}: {database} is writable by others "
+               f"(mode 0660), so they could change the blockers; chmod go-w {database}, "
+               "or choose another --state-dir")
+    proc = check_config(*args)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+    assert f"ERROR: {message}\n" in start().stderr
+    database.chmod(0o600)
+    os.chown(database, bob.uid, bob.gid)
+    proc = check_config(*args)
+    assert (proc.returncode, proc.stderr) == (1, (
+        f"migblockd: refusing to keep state in {state}: {database} is owned by uid "
+        f"{bob.uid} (mbt-bob), not by this user (uid 0), uid {olga.uid} (mbt-olga) or root, "
+        "so its owner could change the blockers; chown it, or choose another --state-dir\n"))
+    assert (f"ERROR: refusing to keep state in {state}: {database} is owned by uid {bob.uid} "
+            f"(mbt-bob), not by this user (uid {olga.uid}) or root, so its owner could change "
+            "the blockers; chown it, or choose another --state-dir\n") in start().stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="root checks for a daemon of another uid")
 def test_check_config_as_root_takes_the_daemon_users_own_directories(short_tmp: Path) -> None:
     # As service.md has it: root checks the file of a daemon that runs as its own

@@ -102,13 +102,20 @@ def _not_a_directory(directory: Path) -> StateError:
                       "move it away, or choose another --state-dir")
 
 
-def check_existing_directory(directory: Path, *, owner: int | None = None) -> None:
+def check_existing_directory(directory: Path, *, owner: int | None = None,
+                             database: bool = True) -> None:
     """What :func:`make_directory` and :func:`check_directory` would refuse, found
     without making, locking or opening anything (``--check-config``): of a
     directory still to be made, the directories above it that exist, and whether
     this user may make it there.  ``owner``: a uid trusted as this user is
     (:func:`migblockd.trust.distrust`): root checking for a daemon that runs as
-    that user, whose permissions it does not have, leaves making it to the start."""
+    that user, whose permissions it does not have, leaves making it to the start.
+
+    ``database``: also what the start refuses of ``state.db``, its log and index
+    (:func:`migblockd.state.opening.check_existing_database`), which opens them (not
+    with SQLite): never in the daemon itself (a reload's look ahead), where the
+    directory may hold its own database, and closing a descriptor of that file
+    would drop every lock it holds on it, SQLite's included."""
     directory = Path(directory).absolute()
     if not os.path.lexists(directory):
         _check_trusted(directory, directory, "state directory", to_be_made=True, owner=owner)
@@ -120,6 +127,14 @@ def check_existing_directory(directory: Path, *, owner: int | None = None) -> No
     check_directory(directory, owner=owner)
     if owner is None:  # as above
         check_lockable(directory)
+    if database:
+        # In the start's order: its lock, the files, then the room for SQLite's.
+        from migblockd.state.opening import (  # noqa: PLC0415 - opening imports this module
+            check_existing_database,
+        )
+
+        check_existing_database(directory / DATABASE_NAME, owner=owner)
+    if owner is None:
         check_file_room(directory / DATABASE_NAME)
         _check_stored_format(directory / DATABASE_NAME)
 

@@ -46,7 +46,7 @@ from migblockd.state.rescue import rescued_copies
 from migblockd.trust import named_uid
 from migblockd.writable import attribute_fix
 
-__all__ = ["check_and_open", "configure", "connect"]
+__all__ = ["check_and_open", "check_existing_database", "configure", "connect"]
 
 log = logging.getLogger("migblockd")
 
@@ -137,7 +137,32 @@ def _view(path: Path) -> sqlite3.Connection:
 def _check_file(path: Path) -> bool:
     """Refuse files we cannot read and write, with the system's reason, which
     SQLite would report only as "unable to open database file" (or blame on
-    the database when it is its log).  True: there is no database yet."""
+    the database when it is its log): :func:`check_existing_database`, then the
+    log's frames and the room for the files SQLite makes.  True: there is no
+    database yet."""
+    if check_existing_database(path):
+        check_file_room(path)
+        return True
+    real = Path(os.path.realpath(path))
+    # Before SQLite opens it: the first connection after a crash rebuilds the
+    # index from the log, and what the index said the log held is gone.
+    check_log(*(real.with_name(real.name + suffix) for suffix in ("-wal", "-shm")))
+    check_file_room(path)
+    return False
+
+
+def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
+    """What the start refuses of the database, its log and the log's index before
+    SQLite opens them (what they are, their owner, mode and access, the file's
+    first bytes), found with stat(2), open(2) and a plain read, without SQLite and
+    without making or locking anything: ``--check-config`` runs it beside the
+    daemon, where SQLite could make the index or take the file's locks.  Not the
+    log's frames (:func:`check_log`): a running daemon's log changes as it is read.
+
+    ``owner``: a uid whose files are trusted as this user's, as
+    :func:`migblockd.state.directory.check_existing_directory`'s: root checking for
+    a daemon that runs as that user, whose access it leaves to the start.  True:
+    there is no database yet."""
     wal = path.with_name(path.name + "-wal")
     try:
         st = path.stat()
@@ -165,7 +190,6 @@ def _check_file(path: Path) -> bool:
                 "of (the file moved away), not a backup, into which SQLite would replay it; "
                 "or move the whole directory away to restore a backup or to start from "
                 "scratch") from None
-        check_file_room(path)
         return True
     except OSError as e:
         raise StateError(f"cannot read {path}: {e.strerror}; fix its permissions, "
@@ -181,12 +205,8 @@ def _check_file(path: Path) -> bool:
     log_file, index_file = (real.with_name(real.name + suffix) for suffix in ("-wal", "-shm"))
     _check_left_log(wal, path, real, log_file)
     for each in (path, log_file, index_file):
-        _check_companion(each, path)
+        _check_companion(each, path, owner)
     _check_header(path)
-    # Before SQLite opens it: the first connection after a crash rebuilds the
-    # index from the log, and what the index said the log held is gone.
-    check_log(log_file, index_file)
-    check_file_room(path)
     return False
 
 
@@ -224,9 +244,10 @@ def _check_left_log(wal: Path, path: Path, real: Path, log_file: Path) -> None:
                      "back in place of the link")
 
 
-def _check_companion(each: Path, path: Path) -> None:
+def _check_companion(each: Path, path: Path, owner: int | None) -> None:
     """``each`` (the database, its log or the log's index) must be a regular file
-    this user can read and write, if it exists."""
+    this user (or ``owner``: :func:`check_existing_database`) can read and write,
+    if it exists."""
     try:
         st = each.lstat()
     except FileNotFoundError:
@@ -241,15 +262,20 @@ def _check_companion(each: Path, path: Path) -> None:
         st = each.stat()  # the file a link leads to: its owner and mode count
     # As for the directory (sshd's StrictModes): whoever else may write the file
     # could change what the next start restores.
-    if st.st_uid not in (os.geteuid(), 0):
+    if st.st_uid not in (os.geteuid(), 0, owner):
+        # Judged for ``owner`` too, as the trust rule words it: a daemon running as
+        # either refuses the other's.
+        also = "" if owner is None else f", {named_uid(owner)}"
         raise StateError(f"refusing to keep state in {path.parent}: {each} is owned by "
                          f"{named_uid(st.st_uid)}, not by this user (uid {os.geteuid()})"
-                         " or root, so its owner could change the blockers; chown it, or "
-                         "choose another --state-dir")
+                         f"{also} or root, so its owner could change the blockers; chown it, "
+                         "or choose another --state-dir")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StateError(f"refusing to keep state in {path.parent}: {each} is writable by "
                          f"others (mode {stat.S_IMODE(st.st_mode):04o}), so they could change "
                          f"the blockers; chmod go-w {each}, or choose another --state-dir")
+    if owner is not None:
+        return  # root opens what that user's daemon may not: its access is the start's
     try:
         # The log and its index are SQLite's to create: a link there is not theirs.
         nofollow = os.O_NOFOLLOW if each != path else 0

@@ -61,34 +61,69 @@ def kept_out(path: Path, mode: int, gid: int) -> str | None:
     member of ``gid`` (or any user, for the others' bits) who owns none of the
     directories; None when nothing on the way keeps them out, or when the mode
     lets nobody else connect.
+
+    One line names every directory on the way that keeps anyone out, everyone
+    kept out, and what lets them all in, so that following it once is enough:
+    named one directory and one class at a time, each fix would only earn the
+    next start another warning (the others after the group's ``g+x``).
     """
+    if not mode & 0o022:
+        return None
     group = _group_name(gid)
-    for bit, whom in ((0o020, f"the members of group {group}"), (0o002, "every user")):
-        if not mode & bit:
+    blocked: list[tuple[Path, os.stat_result, str]] = []
+    refused = {"members": False, "others": False}
+    for directory in reversed(path.parents):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            break  # made by the start, as the mode says; or not ours to judge
+        members = bool(mode & 0o020) and not _allows(st, -1, {gid}, _SEARCH)
+        others = bool(mode & 0o002) and not _allows(st, -1, set(), _SEARCH)
+        if not (members or others):
             continue
-        groups = {gid} if bit == 0o020 else set()
-        for directory in reversed(path.parents):
-            try:
-                st = os.stat(directory)
-            except OSError:
-                return None  # made by the start, as the mode says; or not ours to judge
-            if _allows(st, -1, groups, _SEARCH):
-                continue
-            what = (f"{directory} is mode {stat.S_IMODE(st.st_mode):04o}, owner "
-                    f"{_user_name(st.st_uid)}, group {_group_name(st.st_gid)}")
-            if groups and st.st_gid == gid:
-                fix = f"chmod g+x {directory}"
-            elif groups and directory == path.parent:
-                fix = f"chgrp {group} {directory} and chmod g+x {directory}"
-            else:
-                fix = f"chmod o+x {directory}"
-            if directory == path.parent:
-                fix += " (or remove it: the daemon creates it searchable for them)"
-            else:  # not the daemon's to make: loosening it may not be the operator's call
-                fix += ", or choose a --socket outside it"
-            return (f"socket mode {mode:04o} lets {whom} connect to {path}, but {what}, "
-                    f"which they may not search, so they cannot connect; {fix}")
-    return None
+        refused["members"] |= members
+        refused["others"] |= others
+        blocked.append((directory, st, _opening(directory, st, path, gid, members, others)))
+    if not blocked:
+        return None
+    if refused["members"] and refused["others"]:
+        whom = "every user"
+    elif refused["members"]:
+        whom = f"the members of group {group}"
+    elif mode & 0o020:  # the group's members get through: only the rest are kept out
+        whom = f"every user outside group {group}"
+    else:
+        whom = "every user"
+    what = ", and ".join(f"{d} is mode {stat.S_IMODE(st.st_mode):04o}, owner "
+                        f"{_user_name(st.st_uid)}, group {_group_name(st.st_gid)}"
+                        for d, st, _ in blocked)
+    fix = " and ".join(opening for _, _, opening in blocked)
+    top = blocked[0][0]
+    if top == path.parent:
+        fix += " (or remove it: the daemon creates it searchable for them)"
+    else:  # not the daemon's to make: loosening it may not be the operator's call
+        fix += ", or choose a --socket outside " + ("it" if len(blocked) == 1 else str(top))
+    return (f"socket mode {mode:04o} lets {whom} connect to {path}, but {what}, "
+            f"which they may not search, so they cannot connect; {fix}")
+
+
+def _opening(directory: Path, st: os.stat_result, path: Path, gid: int, members: bool,
+             others: bool) -> str:
+    """The command that lets through ``directory`` whom it keeps out.
+
+    The kernel judges a member of its group by the group's bits alone, whatever
+    the others' allow: a 0666 socket in a root:root 0700 directory needs both.
+    """
+    if members and st.st_gid != gid and not others:
+        # Only the group is let in, so the socket's own directory is given the
+        # group rather than opened to everyone; one above is not the daemon's, and
+        # its group may be there for other reasons: the others' search bit leaves it.
+        if directory == path.parent:
+            return f"chgrp {_group_name(gid)} {directory} and chmod g+x {directory}"
+        return f"chmod o+x {directory}"
+    # A member outside the directory's group goes by the others' bits, as the rest do.
+    classes = ("g" if members and st.st_gid == gid else "") + ("o" if others else "")
+    return f"chmod {classes}+x {directory}"
 
 
 def _allows(st: os.stat_result, uid: int, groups: Collection[int], need: int) -> bool:

@@ -18,6 +18,7 @@ import pytest
 from otheruids import Account, client_python
 
 import migblockd
+from migblockd.denied import kept_out
 from migblockd.paths import connect_failure
 
 CHECKOUT = Path(migblockd.__file__).resolve().parent
@@ -196,6 +197,62 @@ def test_a_directory_no_group_of_the_user_may_search_says_who_can_open_it(
         os.chown(private, 0, gid)
         private.chmod(0o710)
         assert probe(package, alice, path, groups=(gid,)) == "connected"
+
+
+@pytest.mark.parametrize("where", ["own", "above", "both"])
+@pytest.mark.parametrize("group", ["socket", "other"])
+@pytest.mark.parametrize("dir_mode", [0o700, 0o701, 0o710, 0o711], ids=oct)
+@pytest.mark.parametrize("mode", [0o660, 0o666, 0o606], ids=oct)
+def test_the_warning_of_a_directory_that_keeps_them_out_is_followed_once(
+    package: Path, shared: Path, accounts: dict[str, Account], mode: int, dir_mode: int,
+    group: str, where: str
+) -> None:
+    """The start's warning (denied.kept_out) names everyone the socket's mode lets in
+    that an existing directory keeps out, and what it names to run lets them all in.
+    It named the group's members alone for a 0666 socket in a root:root 0700
+    directory, whose g+x left every other user out until the next start said so."""
+    gid = accounts["mbt-sock"].gid
+    dir_gid = gid if group == "socket" else accounts["mbt-admins"].gid
+    above = shared / "up"
+    own = above / "run"
+    own.mkdir(parents=True)
+    for directory, at in ((above, "above"), (own, "own")):
+        if where in (at, "both"):
+            os.chown(directory, 0, dir_gid)
+            directory.chmod(dir_mode)
+        else:
+            directory.chmod(0o711)
+    path = own / "s.sock"
+    alice = accounts["mbt-alice"]  # owns none of the directories
+    let_in = {whom: groups for whom, bit, groups in (("members", 0o020, (gid,)),
+                                                     ("others", 0o002, ())) if mode & bit}
+    with listening(path, mode, gid):
+        refused = {whom for whom, groups in let_in.items()
+                   if probe(package, alice, str(path), groups=groups) != "connected"}
+        warning = kept_out(path, mode, gid)
+        if not refused:
+            assert warning is None
+            return
+        assert warning is not None
+        if refused == {"members", "others"}:
+            whom = "every user"
+        elif refused == {"members"}:
+            whom = "the members of group mbt-sock"
+        else:
+            whom = "every user outside group mbt-sock" if "members" in let_in else "every user"
+        assert warning.startswith(f"socket mode {mode:04o} lets {whom} connect to {path}, "
+                                  "but "), warning
+        _, fix = warning.split(", which they may not search, so they cannot connect; ")
+        if where == "own":
+            fix = fix.removesuffix(" (or remove it: the daemon creates it searchable for them)")
+        else:
+            fix = fix.removesuffix(f", or choose a --socket outside "
+                                   f"{'it' if where == 'above' else above}")
+        assert "(or" not in fix and ", or" not in fix, warning
+        subprocess.run(fix.replace(" and ", " && "), shell=True, check=True)
+        for whom, groups in let_in.items():
+            assert probe(package, alice, str(path), groups=groups) == "connected", (whom, warning)
+        assert kept_out(path, mode, gid) is None
 
 
 def test_a_path_that_is_not_a_socket_is_named_so_whatever_its_mode(

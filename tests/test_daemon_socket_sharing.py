@@ -108,7 +108,8 @@ def test_an_existing_directory_that_keeps_the_group_out_is_named_at_start(
     os.chown(socket.parent, -1, gid)
     socket.parent.chmod(0o710)
     assert nobody(socket, groups=(gid,)).ok("query-version")["package"].startswith("migblockd ")
-    # One above the socket's own is named too, with another --socket as the way out.
+    # One above the socket's own is named too, with another --socket as the way out,
+    # and so is every other on the way that keeps them out (run/, to every user).
     assert daemon.stop() == 0
     short_tmp.chmod(0o700)
     above = subprocess.run([sys.executable, "-m", "migblockd", "--check-config",
@@ -116,8 +117,10 @@ def test_an_existing_directory_that_keeps_the_group_out_is_named_at_start(
                            capture_output=True, text=True, timeout=60)
     assert above.stderr == (
         f"migblockd: socket mode 0606 lets every user connect to {socket}, but {short_tmp} "
-        "is mode 0700, owner root, group root, which they may not search, so they cannot "
-        f"connect; chmod o+x {short_tmp}, or choose a --socket outside it\n")
+        f"is mode 0700, owner root, group root, and {socket.parent} is mode 0710, owner "
+        "root, group mbt-sock, which they may not search, so they cannot connect; chmod "
+        f"o+x {short_tmp} and chmod o+x {socket.parent}, or choose a --socket outside "
+        f"{short_tmp}\n")
     short_tmp.chmod(0o755)
     # A directory that lets them in, or a mode that lets nobody else in, is not named.
     for again in (args, ("--socket-mode", "0600")):
@@ -125,6 +128,23 @@ def test_an_existing_directory_that_keeps_the_group_out_is_named_at_start(
                                 "--socket", str(socket), *again],
                                capture_output=True, text=True, timeout=60)
         assert (quiet.returncode, quiet.stderr) == (0, "")
+
+
+def test_a_directory_that_keeps_out_the_group_and_every_user_is_named_once(
+        short_tmp: Path) -> None:
+    """A 0666 socket (its group root's) in root's 0700 directory: the warning named the
+    group's members and g+x, and after that the next start named every user and o+x."""
+    short_tmp.chmod(0o755)
+    socket = short_tmp / "run" / "s.sock"
+    socket.parent.mkdir(mode=0o700)
+    checked = subprocess.run([sys.executable, "-m", "migblockd", "--check-config",
+                              "--socket", str(socket), "--socket-mode", "0666"],
+                             capture_output=True, text=True, timeout=60)
+    assert checked.stderr == (
+        f"migblockd: socket mode 0666 lets every user connect to {socket}, but "
+        f"{socket.parent} is mode 0700, owner root, group root, which they may not search, "
+        f"so they cannot connect; chmod go+x {socket.parent} (or remove it: the daemon "
+        "creates it searchable for them)\n")
 
 
 def test_an_unknown_socket_group_stops_the_daemon_with_a_clear_message(

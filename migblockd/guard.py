@@ -403,4 +403,4 @@ def _target(name: str, args: Args) -> str:
     uri, channels = args.get("uri"), args.get("channels")
     # Both, when both are given: the refusal may be a channel's.
     return ("" if uri is None else f" to {shown(uri)}") + (
-        "" if channels is None else f" with channels {shown(channels, quoted=False)}")
+        "" if channels is None else f" with channels {shown(channels)}")

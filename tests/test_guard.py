@@ -163,7 +163,7 @@ def test_an_operator_may_not_make_qemu_run_a_command_or_write_a_file(
     # The line says where to, which the refusal's words do not: the URI an audit of
     # refused exec: migrates looks for, or the channels.
     target = (f"to {arguments['uri']!r}" if "uri" in arguments
-              else f"with channels {arguments['channels']!r}")
+              else "with channels " + json.dumps(arguments["channels"], separators=(",", ":")))
     assert caplog.messages == [f"client 1 (pid 7, uid {OPERATOR}, gid {OPERATOR}): "
                                f"refused migrate {target}: {desc}"]
     assert core.registry.status is None  # no migration started
@@ -172,6 +172,27 @@ def test_an_operator_may_not_make_qemu_run_a_command_or_write_a_file(
     assert run(core, connected(core, ADMIN), "migrate", **arguments) == {"return": {}}
     assert refused(core, connected(core, CLIENT), "migrate", **arguments) == (
         f"Permission denied: migrate needs role operator, but uid {CLIENT} has role client")
+
+
+def test_a_refused_migrates_channels_are_logged_as_the_json_sent(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Reproduced first: they were a Python repr, [{'channel-type': 'main', 'addr': ...}].
+    core, _ = make()
+    client = connected(core, CLIENT)
+    far = {"channel-type": "main", "addr": {"transport": "socket", "type": "inet",
+                                            "host": "h\u00e9" + "x" * 300, "port": "1"}}
+    with caplog.at_level(logging.WARNING, "migblockd"):
+        refused(core, client, "migrate", channels=[TCP_CHANNEL])
+        refused(core, client, "migrate", channels=[far])
+    refusal = f"Permission denied: migrate needs role operator, but uid {CLIENT} has role client"
+    sent = ('[{"channel-type":"main","addr":{"transport":"socket","type":"inet","host":"h\\u00e9'
+            + "x" * 300)
+    assert caplog.messages == [
+        f"client 1 (pid 7, uid {CLIENT}, gid {CLIENT}): refused migrate with channels "
+        '[{"channel-type":"main","addr":{"transport":"socket","type":"inet","host":"h",'
+        f'"port":"1"}}}}]: {refusal}',
+        f"client 1 (pid 7, uid {CLIENT}, gid {CLIENT}): refused migrate with channels "
+        f"{sent[:200]}...: {refusal}"]
 
 
 @pytest.mark.parametrize("arguments", [

@@ -178,6 +178,17 @@ def test_shown_escapes_and_truncates() -> None:
     assert shown(b"\n" * 5000, 10) == repr(b"\n" * 10) + "... (5000 bytes)"
 
 
+def test_shown_gives_a_commands_arguments_as_the_compact_json_sent() -> None:
+    # A refused migrate's channels were a Python repr ([{'channel-type': 'main', ...}]),
+    # not the JSON the client sent: JSON's escapes are enough for one line, and another
+    # layer (ascii()) would double its backslashes.
+    assert shown([{"channel-type": "main", "addr": {"port": "1", "up": True, "n": None}}]) == (
+        '[{"channel-type":"main","addr":{"port":"1","up":true,"n":null}}]')
+    assert shown({"host": "h\n2026-01-01 CRITICAL forged\u2028\x7f\u00e9\"'\\"}) == (
+        '{"host":"h\\n2026-01-01 CRITICAL forged\\u2028\\u007f\\u00e9\\"\'\\\\"}')
+    assert shown(["x" * 300]) == '["' + "x" * 198 + "..."
+
+
 def test_about_a_connection_and_a_blocker() -> None:
     conn = Conn(7, Owner(pid=1, uid=2, gid=3))
     assert about(conn, blocker_id="b", other=None) == {"fields": {

@@ -15,6 +15,7 @@ Two rules hold for every record the daemon logs about a client:
 
 from __future__ import annotations
 
+import json
 from typing import Any, Protocol
 
 from migblockd.registry import Owner
@@ -38,12 +39,19 @@ def shown(value: object, limit: int = SHOWN_LIMIT, *, quoted: bool = True) -> st
     Strings are shown as :func:`ascii` shows them, quotes included unless
     ``quoted`` is false (for identifiers, which the registry has already
     restricted to letters, digits and ``-._#``, so only truncation applies);
-    ``bytes`` (wire messages) as ``b'...'`` with their total size when cut.
+    ``bytes`` (wire messages) as ``b'...'`` with their total size when cut;
+    lists and dicts (a migrate's ``channels``) as the compact JSON the client
+    sent, not a Python repr: JSON's own escapes leave nothing but printable
+    ASCII (DEL escaped too), and :func:`ascii` on top would double every
+    backslash the client sent.
     """
     if isinstance(value, bytes | bytearray):
         if len(value) <= limit:
             return repr(bytes(value))
         return f"{bytes(value[:limit])!r}... ({len(value)} bytes)"
+    if isinstance(value, list | dict):
+        text = json.dumps(value, separators=(",", ":"), default=str).replace("\x7f", "\\u007f")
+        return text if len(text) <= limit else text[:limit] + "..."
     s = str(value)
     text = ascii(s if len(s) <= limit else s[:limit] + "...")
     return text if quoted else text[1:-1]

@@ -15,7 +15,8 @@ the rest of the daemon shares of the answers, with no handler in it:
   input visitor words them (:meth:`QemuFacts.argument_error`);
 * QEMU's errors: its own error reply (:class:`QemuError`, relayed verbatim),
   no answer (:class:`QemuUnavailable`; :class:`QemuRestarted` when the
-  connection changed between a command's calls), the refusals QEMU's
+  connection changed between a command's calls, :class:`QemuGivenUp` when
+  migblockd stopped waiting for it), the refusals QEMU's
   ``migrate_prepare()`` (``migration/migration.c``) gives in some run states,
   and migblockd's refusal of a migration in a mode QEMU would not use
   (:class:`ModeMismatch`).  :mod:`migblockd.failures` turns them into the
@@ -35,9 +36,9 @@ from migblockd.qmp.qdict import unvisited_order
 from migblockd.registry import RUNNING_STATUSES
 
 __all__ = [
-    "ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuRestarted", "QemuSilent",
-    "QemuUnavailable", "check_runstate", "incoming", "not_understood", "reasons_of",
-    "status_of",
+    "ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuGivenUp", "QemuRestarted",
+    "QemuSilent", "QemuUnavailable", "check_runstate", "incoming", "not_understood",
+    "reasons_of", "status_of",
 ]
 
 #: What QEMU's ``migrate_prepare()`` (``migration/migration.c``) answers in these run
@@ -67,6 +68,15 @@ class QemuUnavailable(Exception):
 
 class QemuSilent(QemuUnavailable):
     """QEMU did not answer a call within ``--qemu-timeout``; it may still run it."""
+
+
+class QemuGivenUp(QemuSilent):
+    """migblockd stopped before QEMU answered a call (the drain gave up on it).
+
+    QEMU did not answer, as with :class:`QemuSilent`, not "QEMU is gone": its
+    blockers, its migration, are still there.  A handler fails with it as it is,
+    changing nothing, whatever it would have made of a silent QEMU: its client
+    hears the stop's words, and the stop does not wait for it to ask again."""
 
 
 class QemuLost(QemuUnavailable):

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from migblockd.drain import waiting_for
 from migblockd.forwarding import Call
 from migblockd.notify import format_status
-from migblockd.qemu_facts import QemuUnavailable
+from migblockd.qemu_facts import QemuGivenUp
 from migblockd.state import StateError
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ class Turns:
         try:
             value = await self.forward(call)
         except asyncio.CancelledError:
-            self.core.resume(conn, error=QemuUnavailable(
+            self.core.resume(conn, error=QemuGivenUp(
                 "migblockd stopped before QEMU answered; the command may or may not have "
                 "taken effect"))
             protocol = self.protocols.get(conn)

@@ -19,7 +19,13 @@ from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.gate import Call, GateHandlers
 from migblockd.notify import format_status
-from migblockd.qemu_facts import QemuError, QemuFacts, QemuRestarted, QemuUnavailable
+from migblockd.qemu_facts import (
+    QemuError,
+    QemuFacts,
+    QemuGivenUp,
+    QemuRestarted,
+    QemuUnavailable,
+)
 from migblockd.registry import FakeClock, Owner, Registry
 from migblockd.resolver import who
 
@@ -253,6 +259,47 @@ def test_adds_that_got_no_answer_from_qemu_count_against_the_quotas_too() -> Non
         core.resume(conn, error=QemuUnavailable("QEMU's monitor did not answer"))
     assert core.registry.count_owned(1000) == 2
     assert core.stats.blockers_refused["quota"] == 2
+
+
+#: What turns.py resumes a command with when the stop gives up on its call.
+GIVEN_UP = ("migblockd stopped before QEMU answered; the command may or may not have "
+            "taken effect")
+
+
+def test_commands_given_up_at_the_stop_fail_in_its_words_and_change_nothing() -> None:
+    """Reported: an add-blocker given up on at the stop added its blocker, as while
+    QEMU is away.  QEMU did not answer; whatever a silent or absent QEMU would have made
+    of each command (an addition, a busy refusal, a list without QEMU's blockers), each
+    fails with the stop's words."""
+    core, facts = make()
+    a, b = connected(core), connected(core)
+    requests = [
+        b'{"execute": "add-blocker", "arguments": {"reason": "r", "id": "w"}, "id": 1}',
+        b'{"execute": "query-blockers", "id": 1}',
+        b'{"execute": "del-blocker", "arguments": {"id": "qemu:1"}, "id": 1}',
+        b'{"execute": "migrate-set-parameters", "arguments": {"mode": "cpr-reboot", '
+        b'"max-bandwidth": 1}, "id": 1}',
+    ]
+    for learnt in (True, False):  # False: QEMU may be migrating
+        facts.learnt = learnt
+        for request in requests:
+            assert feed(core, a, request) == []
+            (_, call), = core.take_calls()
+            core.resume(a, error=QemuGivenUp(GIVEN_UP))
+            assert feed(core, a) == [
+                {"id": 1, "error": {"class": "GenericError", "desc": GIVEN_UP}}], request
+    # Its query-status given up on, an add that QEMU's query-migrate found busy
+    # (or incoming) is not told busy either.
+    feed(core, a, requests[0])
+    core.take_calls()
+    core.resume(a, {"status": "active"})
+    (_, call), = core.take_calls()
+    assert call == Call("query-status", {})
+    core.resume(a, error=QemuGivenUp(GIVEN_UP))
+    assert feed(core, a) == [{"id": 1, "error": {"class": "GenericError", "desc": GIVEN_UP}}]
+    assert len(core.registry) == 0 and core.registry.mode == "normal"
+    assert lines(core.data_to_send(b)) == []  # no BLOCKER_ADDED
+    assert core.stats.blockers_refused["qemu-unavailable"] == 3
 
 
 def test_the_status_line_shows_the_link_to_qemu() -> None:

@@ -1248,6 +1248,49 @@ async def test_stopping_while_a_silent_qemu_holds_a_command_answers_its_client(
     assert_clean_log(d)
 
 
+async def test_stopping_while_a_silent_qemu_holds_the_blocker_commands_changes_nothing(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, tmp_path: Path,
+) -> None:
+    """As above, with an add-blocker, a query-blockers and a del-blocker of QEMU's own
+    waiting for QEMU's query-migrate.  Reported: 25 s into the drain the add-blocker,
+    given up on, added its blocker (as while QEMU is away) and was answered, its
+    BLOCKER_ADDED sent and the blocker committed: the next start restored it."""
+    assert qemu.proc is not None
+    state = str(tmp_path / "state")
+    d = gate(start_daemon, qemu, "--qemu-timeout", "0", "--state-dir", state)
+    await connected(d)
+    given_up = error(GENERIC, "migblockd stopped before QEMU answered; the command may or "
+                     "may not have taken effect", "x")
+    async with d.clients(3) as clients:
+        asked = d.log().count(QUERY_MIGRATE)
+        qemu.proc.send_signal(signal.SIGSTOP)
+        try:
+            requests: list[dict[str, Any]] = [
+                {"execute": "add-blocker", "arguments": {"id": "w", "reason": SEV}},
+                {"execute": "query-blockers"},
+                {"execute": "del-blocker", "arguments": {"id": "qemu:1"}}]
+            for c, request in zip(clients, requests, strict=True):
+                await c.send({**request, "id": "x"})
+            await wait_until(lambda: d.log().count(QUERY_MIGRATE) >= asked + 3,
+                             "each command asking QEMU's query-migrate")
+            d.proc.send_signal(signal.SIGTERM)
+            # Each hears its error and nothing else (no BLOCKER_ADDED), then the close.
+            heard = [await c.read_to_eof(60) for c in clients]
+        finally:
+            qemu.proc.send_signal(signal.SIGCONT)
+    assert [[json.loads(line) for line in got.splitlines()] for got in heard] == [
+        [given_up]] * 3
+    assert d.wait_exit(60) == 0
+    d.wait_for_log("stopping: giving up on 3 command(s) still waiting for QEMU")
+    assert "added blocker" not in d.log()
+    assert_clean_log(d)
+    again = gate(start_daemon, qemu, "--state-dir", state)
+    again.wait_for_log("restored 0 blockers from ")
+    await connected(again)
+    async with again.client() as c:
+        assert await c.ok("query-blockers") == []
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (apt install strace)")
 async def test_a_migrate_checked_with_one_qemu_is_not_sent_to_the_next(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],

@@ -27,13 +27,17 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # The journal's module is imported only on failure: this runs before every start.
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        sys.exit("usage: python -m migblockd.vacant PATH")
+        from migblockd.logs.journal import marked  # noqa: PLC0415
+
+        # An ExecStartPre= edited wrong: an error in the journal, not info.
+        sys.exit(marked(logging.ERROR, ["usage: python -m migblockd.vacant PATH"]))
     try:
         stale_socket(Path(args[0]), "ListenStream=")
     except StartupError as exc:
-        from migblockd.logs.journal import for_stderr  # noqa: PLC0415 - only when it fails
+        from migblockd.logs.journal import for_stderr  # noqa: PLC0415
 
         sys.exit(for_stderr(logging.ERROR, [str(exc)]))
 

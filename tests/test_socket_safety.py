@@ -435,3 +435,15 @@ def test_the_socket_units_check_refuses_only_what_answers_or_is_no_socket(
         1, f"migblockd: {path} exists and is not a socket; refusing to replace it (move it "
            "away, or choose another ListenStream=)\n")
     assert vacant().stderr == "usage: python -m migblockd.vacant PATH\n"
+
+
+def test_the_socket_units_checks_usage_is_an_error_in_the_journal(tmp_path: Path) -> None:
+    # An ExecStartPre= edited wrong: journald took the unmarked line for info.
+    journal = tmp_path / "journal"
+    with journal.open("w") as stderr:
+        st = os.fstat(stderr.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}")
+        proc = subprocess.run([sys.executable, "-m", "migblockd.vacant"], stderr=stderr,
+                              env=env, timeout=30, check=False)
+    assert proc.returncode == 1
+    assert journal.read_text() == "<3>usage: python -m migblockd.vacant PATH\n"

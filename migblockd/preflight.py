@@ -17,7 +17,7 @@ start-up uses (:func:`load_contract`, :func:`socket_gid`, ``tcp.check_address``
 (the start's ``resolve_tcp``, and an address of no interface here) and
 ``check_port``, ``listen.check_socket_path`` and ``socketdir.check_socket_directory``,
 ``state.directory.check_existing_directory`` and, for the files in it,
-``state.opening.check_existing_database``, :func:`not_its_own_socket`), so
+``state.files.check_existing_database``, :func:`not_its_own_socket`), so
 both say what the start would.  The database is judged without SQLite, which
 could make files or take locks beside the running daemon.
 

@@ -7,7 +7,7 @@ that would refuse it neither makes it nor leaves it behind.
 The directory, and the directory ``state.db`` links to if it is a link, must
 be changeable by nobody but this user and root: anyone else could swap the
 database that the next start restores.  The database file itself is checked
-when it is opened (:mod:`migblockd.state.opening`).
+before SQLite opens it (:mod:`migblockd.state.files`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from migblockd.paths import NoDefault, default_state_dir, make_private_directory
 from migblockd.state import schema
 from migblockd.state.errors import StateError, account, owner_mismatch, read_only
+from migblockd.state.files import check_existing_database
 from migblockd.state.lock import check_lockable
 from migblockd.state.logcheck import stored_format
 from migblockd.trust import ownership, refusal, search_fix
@@ -112,7 +113,7 @@ def check_existing_directory(directory: Path, *, owner: int | None = None,
     that user, whose permissions it does not have, leaves making it to the start.
 
     ``database``: also what the start refuses of ``state.db``, its log and index
-    (:func:`migblockd.state.opening.check_existing_database`), which opens them (not
+    (:func:`migblockd.state.files.check_existing_database`), which opens them (not
     with SQLite): never in the daemon itself (a reload's look ahead), where the
     directory may hold its own database, and closing a descriptor of that file
     would drop every lock it holds on it, SQLite's included."""
@@ -129,10 +130,6 @@ def check_existing_directory(directory: Path, *, owner: int | None = None,
         check_lockable(directory)
     if database:
         # In the start's order: its lock, the files, then the room for SQLite's.
-        from migblockd.state.opening import (  # noqa: PLC0415 - opening imports this module
-            check_existing_database,
-        )
-
         check_existing_database(directory / DATABASE_NAME, owner=owner)
     if owner is None:
         check_file_room(directory / DATABASE_NAME)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -259,6 +260,38 @@ async def test_a_state_directory_that_is_append_only(
         assert daemon.stop() == 0
         assert listed == [f"b{i}" for i in range(round_ + 1)]
         assert "Traceback" not in daemon.log()
+
+
+def test_a_reload_looking_at_an_append_only_state_directory_keeps_sqlites_locks(
+        short_tmp: Path, marked: list[Path],
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    # Found by review: a reload whose state-dir names the daemon's own directory
+    # another way read the database's format, where the directory is append-only,
+    # through a descriptor of its own; closing it dropped every POSIX lock the
+    # daemon held on the file, SQLite's included, so another connection (an
+    # operator's sqlite3) would take itself for the only one.
+    state = short_tmp / "state"
+    state.mkdir(mode=0o700)
+    make_state(state)
+    chattr(marked, "+a", state)
+    (short_tmp / "link").symlink_to(state)
+    config = short_tmp / "m.toml"
+    config.write_text(f'state-dir = "{state}"\nlog-level = "info"\n')
+    daemon = start_daemon("--config", str(config), socket=short_tmp / "q.sock",
+                          own_state=False)
+    inode = (state / "state.db").stat().st_ino
+
+    def sqlites_locks() -> list[str]:
+        return [line for line in Path("/proc/locks").read_text().splitlines()
+                if " POSIX " in line and f" {daemon.proc.pid} " in line
+                and line.split()[5].endswith(f":{inode}")]
+
+    assert sqlites_locks()
+    config.write_text(f'state-dir = "{short_tmp / "link"}"\nlog-level = "info"\n')
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log("reload: state-dir changed, which only a restart applies")
+    assert sqlites_locks()
+    assert daemon.stop() == 0
 
 
 def empty_database(database: Path) -> None:

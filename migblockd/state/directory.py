@@ -133,7 +133,8 @@ def check_existing_directory(directory: Path, *, owner: int | None = None,
         check_existing_database(directory / DATABASE_NAME, owner=owner)
     if owner is None:
         check_file_room(directory / DATABASE_NAME)
-        _check_stored_format(directory / DATABASE_NAME)
+        if database:  # it reads the file: as above, never in the daemon itself
+            _check_stored_format(directory / DATABASE_NAME)
 
 
 def holds_database(directory: Path) -> bool:

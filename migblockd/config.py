@@ -210,7 +210,8 @@ class Config:
         factory=default_state_dir, parse=FilePath(), metavar="DIR",
         default_doc="`$STATE_DIRECTORY` (set by systemd's `StateDirectory=`), else "
         "`/var/lib/migblockd` as root, else `${XDG_STATE_HOME:-~/.local/state}/migblockd`",
-        help="where the blockers and the migration settings are kept across restarts "
+        help="where the blockers, the migration mode and the events capability are kept "
+        "across restarts "
         "(SQLite, created with mode 0700); one daemon per directory",
     )
     ephemeral: bool = flag(

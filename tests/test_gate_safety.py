@@ -29,6 +29,7 @@ from qemu_strings import GENERIC, MDEV, SEV, VFIO, error
 from qmpclient import RawClient
 from realqemu import Qemu, QemuMonitor, migrate_slowly, source_and_target, wait_until
 from test_gate import SINK, connected, gate
+from test_metrics import scrape
 
 from migblockd.contract import Contract
 from migblockd.forwarding import Call, Pin
@@ -615,12 +616,16 @@ async def test_a_migrate_whose_reply_the_lost_link_never_brought_refuses_blocker
 
 async def test_a_client_awaiting_the_end_of_a_migration_whose_qemu_died_hears_failed(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    short_tmp: Path,
 ) -> None:
     """SIGKILLed mid-migration, QEMU sends no last MIGRATION event.  Reported: a client
     waiting for one (completed, failed, cancelled) waited forever.  Once the link finds
-    nobody listening on QEMU's monitor, it hears ``failed``."""
+    nobody listening on QEMU's monitor, it hears ``failed``; and the metrics count it
+    as ended (reported: started 1, ended 0, for ever after)."""
     qemu = qemu_factory(memory="1G")
-    d = await gated(start_daemon, qemu)
+    endpoint = short_tmp / "metrics.sock"
+    d = gate(start_daemon, qemu, "--metrics", str(endpoint))
+    await connected(d)
     async with d.client() as c, d.client() as watcher:
         await c.ok("migrate-set-capabilities", EVENTS_ON)
         await start_slow_migration(c)
@@ -636,6 +641,9 @@ async def test_a_client_awaiting_the_end_of_a_migration_whose_qemu_died_hears_fa
         await asyncio.sleep(1)
         assert await watcher.sync() == []
         assert (await c.sync())[-1]["data"] == {"status": "failed"}
+    metrics = scrape(endpoint)
+    assert metrics.value("migblockd_migrations_started_total") == 1
+    assert metrics.value("migblockd_migrations_ended_total", status="failed") == 1
     assert d.log().count("has exited") == 1
     assert_clean_log(d)
 

@@ -52,11 +52,12 @@ class LostMigration:
         #: Whether the log has said that nobody listens at the monitor's path while
         #: that process runs on (said once per loss).
         self._alive_said = False
-        #: A migration whose QEMU the link lost: its last status, and whether that
-        #: QEMU sent MIGRATION events (None: none lost, or QEMU answered again, or
-        #: it has exited).  Kept for the migration's last event; whether QEMU may
-        #: migrate on is the facts' ``cut_off``, until QEMU says otherwise.
-        self._cut_off: tuple[str, bool] | None = None
+        #: A migration whose QEMU the link lost: its last status, whether that
+        #: QEMU sent MIGRATION events, and whether migblockd handed it over and
+        #: awaited its end (None: none lost, or QEMU answered again, or it has
+        #: exited).  Kept for the migration's last event, and its count; whether
+        #: QEMU may migrate on is the facts' ``cut_off``, until QEMU says otherwise.
+        self._cut_off: tuple[str, bool, bool] | None = None
 
     def connected(self, pid: int | None) -> None:
         """The link connected to QEMU process ``pid`` (None: unknown)."""
@@ -92,8 +93,8 @@ class LostMigration:
                     "is unknown; query-migrate says it once QEMU is back, and until then "
                     "(or until QEMU is found to have exited) add-blocker is refused",
                     self._path, facts.status or "not seen yet")
-        facts.awaiting = False
-        self._cut_off = (facts.status or "not seen yet", self._evented())
+        awaited, facts.awaiting = facts.awaiting, False
+        self._cut_off = (facts.status or "not seen yet", self._evented(), awaited)
         facts.cut_off = True  # until a query-migrate answers, or QEMU has exited
         if not facts.connected:  # the link's loss was reported first
             self._watch_for_exit()
@@ -159,11 +160,13 @@ class LostMigration:
         MIGRATION events at all (its ``events`` capability was on).
         """
         assert self._cut_off is not None
-        (cut_off, evented), self._cut_off = self._cut_off, None
+        (cut_off, evented, awaited), self._cut_off = self._cut_off, None
         self._facts.cut_off = False
         # QEMU ends a cancelling migration (migrate_cancel, or its own quit) cancelled,
         # whatever else happens (migrate_fd_cleanup(), migration/migration.c).
         ending = "cancelled" if cut_off == "cancelling" else "failed"
+        if awaited:  # one migblockd handed over: it ended, as its clients are told
+            self._facts.ended[ending] += 1
         log.warning("%s: the migration it ran (last status %s) cannot complete%s", why,
                     cut_off, f"; clients are sent MIGRATION {ending}" if evented else "")
         self._on_end(ending if evented else None)

@@ -65,28 +65,32 @@ OUT_OF_DESCRIPTORS = refusal_line(
     "try again later")
 
 
-def fit_descriptor_limit(max_clients: int) -> None:
+def fit_descriptor_limit(max_clients: int) -> int | None:
     """Make room for ``max_clients`` clients in ``RLIMIT_NOFILE``, or say why not.
 
     The soft limit is raised toward the hard one when it is too low (no
     privilege needed); when even the hard limit is too low, one warning says
-    so: clients past it are refused for want of descriptors, not hung.
+    so: clients past it are refused for want of descriptors, not hung.  About
+    how many clients the descriptors allow then (None: ``max_clients``), for
+    the admission to keep the admins' slots below that (migblockd.admission).
     """
     needed = max_clients + OWN_DESCRIPTORS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
-        return
+        return None
     target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
     if target > soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (OSError, ValueError):
             target = soft
-    if target < needed:
-        log.warning("RLIMIT_NOFILE is %d, too low for max-clients=%d (about %d descriptors): "
-                    "clients past about %d are refused for want of descriptors; raise "
-                    "LimitNOFILE= (or ulimit -n)", target, max_clients, needed,
-                    max(0, target - _open_descriptors()))
+    if target >= needed:
+        return None
+    room = max(0, target - _open_descriptors())
+    log.warning("RLIMIT_NOFILE is %d, too low for max-clients=%d (about %d descriptors): "
+                "clients past about %d are refused for want of descriptors; raise "
+                "LimitNOFILE= (or ulimit -n)", target, max_clients, needed, room)
+    return room
 
 
 def _open_descriptors() -> int:

@@ -53,6 +53,11 @@ class Admission:
         self.max_clients = max_clients
         self.max_clients_per_uid = max_clients_per_uid
         self.daemon_uid = daemon_uid
+        #: About how many clients the file descriptors allow, when fewer than
+        #: ``max_clients`` (``RLIMIT_NOFILE``: accept.fit_descriptor_limit): the
+        #: admins' slots are kept below that, or users could take every
+        #: descriptor before they reached them.
+        self.room: int | None = None
         self._per_uid: Counter[int | None] = Counter()
 
     def refusal(self, owner: Owner | None, served: int, *, admin: bool = False,
@@ -70,11 +75,14 @@ class Admission:
             serving = _serving(served, "max-clients", self.max_clients)
             return "max-clients", f"migblockd is {serving}; try again later"
         privileged = admin or exempt_from_uid_limit(owner, self.daemon_uid)
-        kept = admin_slots(self.max_clients)
-        if not privileged and served >= self.max_clients - kept:
-            return "max-clients", (
-                f"migblockd is serving {served} clients, max-clients={self.max_clients} "
-                f"of which the last {kept} are kept for administrators; try again later")
+        room = self.max_clients if self.room is None else min(self.max_clients, self.room)
+        kept = admin_slots(room)
+        if not privileged and served >= room - kept:
+            allowed = (f"max-clients={self.max_clients}" if room == self.max_clients else
+                       f"the file descriptors allow about {room}")
+            last = "the last one is" if kept == 1 else f"the last {kept} are"
+            return "max-clients", (f"migblockd is serving {served} clients, {allowed} of which "
+                                   f"{last} kept for administrators; try again later")
         limit = self.max_clients_per_uid
         if limit and not privileged:
             uid = owner.uid if owner is not None else None

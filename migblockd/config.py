@@ -165,8 +165,8 @@ class Config:
     )
     max_clients: int = option(
         1024, parse=Integer(minimum=1), metavar="N", reloadable=True,
-        help="connections served at once, of which the last eighth (8 at most) only "
-        "admins may take; more get one error line saying so, are closed and logged",
+        help="connections served at once, of which the last ones (an eighth, at most 8) "
+        "only admins may take; more get one error line saying so, are closed and logged",
     )
     max_clients_per_uid: int = option(
         128, parse=Integer(minimum=0), metavar="N", reloadable=True,

@@ -135,7 +135,7 @@ class Server(Turns):
             log.info("listening on %s (mode %04o%s)", self.config.socket,
                      self.config.socket_mode, "" if group is None else f", group {group}")
         sock.setblocking(False)
-        fit_descriptor_limit(self.config.max_clients)
+        self.core.admission.room = fit_descriptor_limit(self.config.max_clients)
         self.acceptor = Acceptor(self.loop, sock, lambda: ClientProtocol(self),
                                  lambda: len(self.protocols), self._turned_away)
 
@@ -250,7 +250,7 @@ class Server(Turns):
         self.timeouts.configure(negotiation=self.config.negotiation_timeout,
                                 idle=self.config.idle_timeout)
         if "max_clients" in reload.changed:
-            fit_descriptor_limit(self.config.max_clients)
+            self.core.admission.room = fit_descriptor_limit(self.config.max_clients)
         # Also re-reads the user and group databases; open connections get
         # their new role at their next request.
         self.core.configure_access(self.config.access, self.config.quotas)

@@ -172,6 +172,31 @@ def test_an_eighth_of_the_slots_at_most_8_are_kept(max_clients: int, kept: int) 
     assert len(core.connections) == max_clients
 
 
+def test_the_admins_slots_are_kept_below_what_the_descriptors_allow() -> None:
+    # Found by review: under an RLIMIT_NOFILE lower than max-clients needs, the
+    # slots kept for admins sat above what the descriptors allowed, and one user
+    # took every descriptor: root was refused "out of file descriptors".
+    core, _ = make(max_clients=1024)
+    core.admission.room = 20  # as accept.fit_descriptor_limit estimates it
+    for uid in range(1000, 1018):
+        connected(core, uid)
+    late = core.connect(Owner(1, 2000, 2000))
+    assert lines(core.data_to_send(late))[0]["error"]["desc"] == (
+        "migblockd is serving 18 clients, the file descriptors allow about 20 of which "
+        "the last 2 are kept for administrators; try again later")
+    connected(core, 0), connected(core, 0)
+
+
+def test_one_slot_kept_is_said_so() -> None:
+    core, _ = make(max_clients=9)
+    for uid in range(1000, 1008):
+        connected(core, uid)
+    late = core.connect(Owner(1, 2000, 2000))
+    assert lines(core.data_to_send(late))[0]["error"]["desc"] == (
+        "migblockd is serving 8 clients, max-clients=9 of which the last one is kept for "
+        "administrators; try again later")
+
+
 def test_past_a_bound_a_reload_lowered_the_refusal_says_how_many_are_served() -> None:
     # Reported: "already serving max-clients=2 clients" while 5 were served.
     registry = Registry(CONTRACT.enums["MigMode"], migration_time=1.0, clock=FakeClock())

@@ -25,6 +25,7 @@ import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log
 from otheruids import OLGA_SUBUIDS, Account, client_python
 from qmpclient import strict_loads
+from test_daemon_timeouts import HOLDING
 
 from migblockd.accept import OWN_DESCRIPTORS
 from migblockd.config import Config
@@ -226,3 +227,43 @@ def test_the_units_leave_room_for_max_clients() -> None:
         match = re.search(r"(?m)^LimitNOFILE=(\d+)$", text)
         assert match is not None, unit
         assert int(match.group(1)) >= Config().max_clients + OWN_DESCRIPTORS, unit
+
+
+def test_a_user_taking_every_descriptor_still_leaves_root_its_slots(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path, short_tmp: Path,
+) -> None:
+    # Found by review: under a descriptor limit too low for --max-clients, the slots
+    # kept for admins sat above what the descriptors allowed: one user took them
+    # all, and root was refused "out of file descriptors".
+    short_tmp.chmod(0o755)
+    d = start_daemon("--socket-mode", "0666", "--ephemeral", "--max-clients-per-uid", "0",
+                     socket=short_tmp / "s.sock", python=limited_python(tmp_path, 150))
+    room = re.search(r"clients past about (\d+) are refused", d.log())
+    assert room is not None
+    held = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", client_python(),
+         "-I", "-c", HOLDING, str(d.socket)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert held.stdout is not None
+        served = 0
+        while "QMP" in (message := strict_loads(held.stdout.readline())):
+            served += 1
+        kept = min(8, int(room.group(1)) // 8)
+        assert message == {"error": {"class": "GenericError", "desc": (
+            f"migblockd is serving {served} clients, the file descriptors allow about "
+            f"{room.group(1)} of which the last {kept} are kept for administrators; try "
+            "again later")}}
+        mine = []
+        for _ in range(kept):  # root's, while that user holds the rest
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(str(d.socket))
+            mine.append(s)
+            assert "QMP" in strict_loads(first_line(s))
+        for s in mine:
+            s.close()
+    finally:
+        held.communicate("", timeout=30)
+    assert "out of file descriptors" not in d.log()
+    assert d.stop() == 0

@@ -109,6 +109,12 @@ async def run(config: Config, cli: dict[str, Any], *,
             return
         await serve(config, cli, contract, registry, store, reload_asked, stop_asked,
                     sock, claim, file=file)
+        # Closing the store is still the stop (it may save a state.db that left its
+        # name, and say so): "stopped" comes after it, the stop's last line.
+        closing, store = store, None
+        if closing is not None:
+            closing.close()
+        log.info("stopped")
     finally:
         if store is not None:
             store.close()
@@ -293,7 +299,6 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, signal.SIG_IGN)
         await asyncio.sleep(0)  # what the handlers queued before they went is said first
-        log.info("stopped")
 
 
 def open_metrics(config: Config, core: Core, passed: socket.socket | None = None,

@@ -1190,16 +1190,20 @@ async def test_a_database_removed_under_the_running_daemon_is_saved_by_the_stop(
             f"ERROR: {why}; 1 command(s) failed, their changes undone; every change fails "
             "until a commit succeeds: move it back if it was moved; else stop the daemon, "
             "which saves its blockers from the file it holds open as "
-            f"{db}.rescued-TIME, and rename that to {db} before starting it again\n")
+            f"{db}.rescued-TIME, and rename that to {db} before starting it again; if its "
+            "file system is full, copy them out before the stop instead (cp -p /proc/")
         assert len(await ids(c)) == 600
     assert daemon.stop() == 0
     [copy] = directory.glob("state.db.rescued-*")
     assert re.fullmatch(r"state\.db\.rescued-\d{8}T\d{6}Z", copy.name), copy
     assert copy.stat().st_mode & 0o777 == 0o600
-    assert f"WARNING: stopping: {db} was removed while the daemon ran: what it kept (600 " \
-        f"blockers) is saved as {copy}; rename that to {db} to use it; its log is emptied, " \
-        "so that the next start replays nothing into another file; the next start refuses " \
-        "the log left without state.db\n" in daemon.log()
+    warning = (f"WARNING: stopping: {db} was removed while the daemon ran: what it kept (600 "
+               f"blockers) is saved as {copy}, which the next start names; rename that to "
+               f"{db} to use it; its log is emptied, so that the next start replays nothing "
+               "into another file\n")
+    # Said before "stopped", which ends the stop's lines.
+    assert daemon.log().endswith(warning + daemon.log().rsplit("\n", 2)[-2] + "\n")
+    assert daemon.log().rstrip("\n").endswith("INFO: stopped")
     # The log is left (SQLite does not remove it), empty: the start refuses it.
     assert not db.exists() and wal.stat().st_size == 0
     assert_start_refused(
@@ -1247,10 +1251,15 @@ async def test_a_database_replaced_under_the_running_daemon_gets_no_replay_of_it
     assert again.stop() == 0
     [copy] = directory.glob("state.db.rescued-*")
     assert f"WARNING: stopping: {db} was replaced while the daemon ran: what it kept (4 " \
-        f"blockers) is saved as {copy}; rename that to {db} to use it; its log is emptied, " \
-        "so that the next start replays nothing into another file; the next start uses the " \
-        "file there now\n" in daemon.log()
-    # The saved copy is whole: what the replaced file held, its log's changes included.
+        f"blockers) is saved as {copy}; the next start uses the file there now; to use the " \
+        "copy instead, stop the daemon, move state.db, state.db-wal and state.db-shm away, " \
+        f"and rename the copy to {db}; its log is emptied, so that the next start replays " \
+        "nothing into another file\n" in daemon.log()
+    # The saved copy is whole: what the replaced file held, its log's changes included;
+    # used as the line says (the restored file's log moved away with it).
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        if (directory / name).exists():
+            (directory / name).rename(tmp_path / name)
     copy.rename(db)
     last = start_daemon("--state-dir", str(directory))
     async with last.client() as c:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from migblockd.state import (
     StateError,
     Store,
 )
+from migblockd.state.rescue import rescued_copies
 from migblockd.state.schema import APPLICATION_ID, MIGRATIONS
 
 NOBODY = 65534  # the uid that default_state_dir() is asked about as a user
@@ -1641,8 +1643,104 @@ def test_a_removed_database_that_cannot_be_saved_at_the_close_is_said_to_be_lost
     assert log.startswith(f"stopping: {db} was removed while the daemon ran: what it kept "
                           f"could not be saved ({db}.rescued-"), log
     assert log.endswith(": database or disk is full) and is lost; its log is emptied, so "
-                        "that the next start replays nothing into another file; the next "
-                        "start refuses the log left without state.db\n"), log
+                        "that the next start replays nothing into another file\n"), log
     # No half copy left behind; the log, emptied, stays for the start to refuse.
     assert report["files"] == ["lock", "state.db-shm", "state.db-wal"], report
     assert report["wal"] == 0
+
+
+def test_a_log_a_kill_left_without_its_database_names_no_earlier_copy(
+        tmp_path: Path) -> None:
+    # Found by review: the start named a copy an earlier stop had saved, as if the
+    # daemon just killed had saved it; renamed into place, the killed daemon's log
+    # was replayed into that older state, and an acknowledged blocker was lost.
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("old", 1))])
+    stale = tmp_path / "state.db.rescued-20200101T000000Z"
+    shutil.copy(tmp_path / "state.db", stale)
+    (tmp_path / "state.db").unlink()
+    with Store.open(tmp_path):
+        pass
+    killed_after_commits(tmp_path, 3)
+    (tmp_path / "state.db").unlink()
+    assert (tmp_path / "state.db-wal").stat().st_size > 0
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path}/state.db-wal exists without state.db; put back the state.db it is the "
+        "log of (the file moved away), not a backup, into which SQLite would replay it; "
+        "or move the whole directory away to restore a backup or to start from scratch")
+
+
+def test_copies_saved_in_the_same_second_do_not_collide(tmp_path: Path) -> None:
+    # Found by review: the second stop's copy, made exclusively under the same
+    # name, failed with "File exists", and what it kept was lost.
+    now = time.time()
+    taken = {time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now + d)) for d in (0, 1, 2)}
+    for stamp in taken:  # an earlier stop's copies, this second's and the next ones'
+        (tmp_path / f"state.db.rescued-{stamp}").write_text("an earlier copy")
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("kept", 1))])
+        (tmp_path / "state.db").unlink()
+    [copy] = [each for each in rescued_copies(tmp_path / "state.db")
+              if each.name.removeprefix("state.db.rescued-") not in taken]
+    stamp, _, n = copy.name.removeprefix("state.db.rescued-").partition("-")
+    assert stamp in taken and n == "2", copy
+    assert all((tmp_path / f"state.db.rescued-{each}").read_text() == "an earlier copy"
+               for each in taken)
+    copy.rename(tmp_path / "state.db")
+    with Store.open(tmp_path) as store:
+        assert [b.id for b in store.load().blockers] == ["kept"]
+
+
+HIDDEN_AND_REMOVED = """
+    import io, json, logging, os
+    from pathlib import Path
+    from migblockd.state import BlockerRow, Put, StateError, Store
+
+    directory = Path(DIRECTORY)
+    lines = io.StringIO()
+    logging.getLogger("migblockd").addHandler(logging.StreamHandler(lines))
+    store = Store.open(directory)
+    store.commit([Put(BlockerRow("kept", "r", ("normal",), False, None, 1.5, 1))])
+    (directory / "state.db").unlink()
+    directory.chmod(0)
+    try:
+        store.commit([Put(BlockerRow("lost", "r", ("normal",), False, None, 1.5, 2))])
+        refused = None
+    except StateError as e:
+        refused = str(e)
+    store.close()
+    print(json.dumps({"refused": refused, "log": lines.getvalue()}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the store as another user")
+def test_a_database_removed_in_a_directory_that_cannot_be_looked_in_is_refused(
+        short_tmp: Path) -> None:
+    # Found by review: with the state directory made unsearchable (mode 000), the
+    # check could not look at state.db and took it for still there: a blocker was
+    # acknowledged into the removed file, and the stop neither saved nor said it.
+    directory = short_tmp / "state"
+    directory.mkdir(mode=0o700)
+    os.chown(directory, 65534, 65534)
+    short_tmp.chmod(0o755)
+    script = short_tmp / "hidden.py"
+    script.write_text(textwrap.dedent(HIDDEN_AND_REMOVED).replace(
+        "DIRECTORY", repr(str(directory))))
+    script.chmod(0o644)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=60, cwd="/")
+    directory.chmod(0o700)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    db = directory / "state.db"
+    assert report["refused"] == (
+        f"cannot commit to {db}: it was removed (or moved away) while the daemon ran, and "
+        "the next start would not read what is committed now"), report
+    assert report["log"].startswith(
+        f"stopping: {db} was removed while the daemon ran: what it kept could not be saved "
+        f"({db}.rescued-"), report
+    assert "Permission denied) and is lost" in report["log"], report

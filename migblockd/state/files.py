@@ -67,9 +67,11 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
         # a backup put in its place: it cannot tell that the log is another file's.
         # A database removed under a daemon leaves this too (SQLite does not fold
         # the log into a file whose name is gone): the copy its stop saved
-        # (migblockd.state.rescue) is the way back; killed, it saved none.
-        copies = rescued_copies(path)
-        if os.path.lexists(wal) and copies:
+        # (migblockd.state.rescue) is the way back, and the log it emptied says
+        # that it stopped so.  A log with frames was left by one killed, which
+        # saved nothing: a copy of an earlier stop's would be another state.
+        copies = rescued_copies(path) if _emptied(wal) else []
+        if copies:
             raise StateError(
                 f"{wal} exists without {path.name}, which was removed while "
                 f"the daemon ran; the stop saved what it kept as {copies[-1]}: rename that "
@@ -99,6 +101,14 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
         _check_companion(each, path, owner)
     _check_header(path)
     return False
+
+
+def _emptied(wal: Path) -> bool:
+    """Whether ``wal`` is a log left empty (as a stop that saved a copy leaves it)."""
+    try:
+        return wal.lstat().st_size == 0
+    except OSError:
+        return False
 
 
 def _check_header(path: Path) -> None:

@@ -36,17 +36,25 @@ RESCUED = ".rescued-"
 
 def rescued_copies(path: Path) -> list[Path]:
     """The copies a stop saved of the database at ``path``, newest last."""
-    return sorted(path.parent.glob(path.name + RESCUED + "*"))
+    return sorted(path.parent.glob(path.name + RESCUED + "*"), key=_saved_at)
 
 
-def let_go(conn: sqlite3.Connection, path: Path, linked: bool, replaced: bool) -> None:
+def _saved_at(copy: Path) -> tuple[str, int]:
+    """When ``copy`` was saved, from its name: its time, then its number in that second."""
+    stamp, _, n = copy.name.rpartition(RESCUED)[2].partition("-")
+    return stamp, int(n) if n.isdecimal() else 1
+
+
+def let_go(conn: sqlite3.Connection, path: Path, replaced: bool, linked: bool) -> None:
     """Ready ``conn``, the database that left ``path`` while the daemon ran, for
     its close: saved when no name holds it (``linked`` False), and its log
     emptied.  ``replaced``: another file is at ``path`` now."""
     if linked:
-        saved = "the file moved away holds every change the daemon acknowledged"
+        # Not said where: the daemon knows the file, not the name it has now.
+        saved = ("the file it opened, under the name it has now, holds every change the "
+                 "daemon acknowledged")
     else:
-        saved = _save(conn, path)
+        saved = _save(conn, path, replaced)
     # TRUNCATE: the log, at its name still, must replay nothing into another file.
     try:
         busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
@@ -56,23 +64,15 @@ def let_go(conn: sqlite3.Connection, path: Path, linked: bool, replaced: bool) -
         emptied = "its log is emptied" if busy == 0 else (
             "its log could not be emptied (another program reads the database)")
     what = "replaced" if replaced else "moved away" if linked else "removed"
-    next_start = ("the next start uses the file there now" if replaced else
-                  f"the next start refuses the log left without {path.name}")
     log.warning("stopping: %s was %s while the daemon ran: %s; %s, so that the next start "
-                "replays nothing into another file; %s", path, what, saved, emptied,
-                next_start)
+                "replays nothing into another file", path, what, saved, emptied)
 
 
-def _save(conn: sqlite3.Connection, path: Path) -> str:
+def _save(conn: sqlite3.Connection, path: Path, replaced: bool) -> str:
     """Copy the database ``conn`` has open beside ``path``; what became of it."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    copy = path.with_name(path.name + RESCUED + stamp)
-    try:
-        # Made first, so that it is the daemon's user's, mode 0600, and not a
-        # file already there.
-        os.close(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-    except OSError as e:
-        return f"what it kept could not be saved ({copy}: {e.strerror or e}) and is lost"
+    copy, made = _made(path)
+    if made is not None:
+        return f"what it kept could not be saved ({copy}: {made}) and is lost"
     try:
         target = sqlite3.connect(copy)
         try:
@@ -89,5 +89,31 @@ def _save(conn: sqlite3.Connection, path: Path) -> str:
         with contextlib.suppress(OSError):
             os.unlink(copy)
         return f"what it kept could not be saved ({copy}: {e}) and is lost"
-    return (f"what it kept ({blockers} blocker{'' if blockers == 1 else 's'}) is saved as "
-            f"{copy}; rename that to {path} to use it")
+    kept = f"{blockers} blocker{'' if blockers == 1 else 's'}"
+    if replaced:
+        # The file there now may have a log of its own, which SQLite would replay
+        # into the copy renamed in its place.
+        return (f"what it kept ({kept}) is saved as {copy}; the next start uses the file "
+                f"there now; to use the copy instead, stop the daemon, move {path.name}, "
+                f"{path.name}-wal and {path.name}-shm away, and rename the copy to {path}")
+    return (f"what it kept ({kept}) is saved as {copy}, which the next start names; "
+            f"rename that to {path} to use it")
+
+
+def _made(path: Path) -> tuple[Path, str | None]:
+    """A new file for the copy of the database at ``path``: its name, and why it could
+    not be made (None: it was).  Made first, and exclusively, so that it is the
+    daemon's user's, mode 0600, and no file already there (a copy an earlier stop
+    saved in the same second, or the operator's)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for n in range(1, 100):
+        copy = path.with_name(path.name + RESCUED + stamp + ("" if n == 1 else f"-{n}"))
+        try:
+            os.close(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o600))
+        except FileExistsError:
+            continue
+        except OSError as e:
+            return copy, e.strerror or str(e)
+        return copy, None
+    return copy, "too many copies saved in this second"

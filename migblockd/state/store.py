@@ -265,10 +265,10 @@ class Store:
         """Close the database (SQLite folds the WAL back into it) and release the locks."""
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            replaced = self._watched.departed()
-            if replaced is not None:  # SQLite would leave its log to the next start
-                fd = None if self._database_lock is None else self._database_lock.fd
-                let_go(conn, self.path, _linked(fd), replaced)
+            fd = None if self._database_lock is None else self._database_lock.fd
+            departed = self._watched.departed(fd)
+            if departed is not None:  # SQLite would leave its log to the next start
+                let_go(conn, self.path, *departed)
             # What is committed is in the WAL even if folding it back fails:
             # the next open replays it.
             with contextlib.suppress(sqlite3.Error):
@@ -312,17 +312,6 @@ class Store:
             self._conn = None
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-
-
-def _linked(fd: int | None) -> bool:
-    """Whether a name still holds the file open as ``fd`` (None: unknown, taken
-    for no: a copy too many costs less than a state lost)."""
-    if fd is None:
-        return False
-    try:
-        return os.fstat(fd).st_nlink > 0
-    except OSError:
-        return False
 
 
 def _read(conn: sqlite3.Connection, path: Path) -> Snapshot:

@@ -59,7 +59,8 @@ class Watched:
         database lock holds it open (None: not to be read)."""
         database, log_file = self._opened
         identity, left = _look(self.path)
-        if identity is None:
+        # Where the directory may no longer be looked in, the descriptor tells.
+        if identity is None or (identity == _HIDDEN and not _linked(fd, identity)):
             raise self._removed(fd)
         if identity not in (database, _HIDDEN):
             raise StateError(f"cannot commit to {self.path}: it is not the file the daemon "
@@ -90,13 +91,15 @@ class Watched:
                              "one it has open, which the next start would not find; "
                              f"{restart}", restart)
 
-    def departed(self) -> bool | None:
-        """Whether the database opened has left ``path``, and another file is there
-        (True) or none (False); None: it is still there, or not to be looked at."""
+    def departed(self, fd: int | None) -> tuple[bool, bool] | None:
+        """Whether the database opened (``fd``, as :meth:`check`'s) has left ``path``:
+        whether another file is there, and whether a name still holds the one
+        opened; None: it is still there."""
         identity, _ = _look(self.path)
-        if identity in (self._opened[0], _HIDDEN):
+        linked = _linked(fd, identity)
+        if identity == self._opened[0] or (identity == _HIDDEN and linked):
             return None
-        return identity is not None
+        return identity not in (None, _HIDDEN), linked
 
     def committed(self) -> None:
         """A commit (or what a failed one did) may have written the database: SQLite
@@ -140,17 +143,34 @@ class Watched:
         the log into a file whose name is gone, and the next start refuses the
         log without its database.  What was committed is still in the file this
         process holds open (the database lock's descriptor), which the stop
-        saves (:mod:`migblockd.state.rescue`).
+        saves (:mod:`migblockd.state.rescue`) where there is room: on a full
+        disk only a copy taken before, to another, keeps it.
         """
         message = (f"cannot commit to {self.path}: it was removed (or moved away) while the "
                    "daemon ran, and the next start would not read what is committed now")
         if fd is None:
             return StateError(message)
+        copy = f"cp -p /proc/{os.getpid()}/fd/{fd} DIR/{self.path.name}"
         return StateError(message, (
             "move it back if it was moved; else stop the daemon, which saves its blockers "
             "from the file it holds open as "
             f"{self.path.with_name(self.path.name + RESCUED)}TIME, and rename that to "
-            f"{self.path} before starting it again"))
+            f"{self.path} before starting it again; if its file system is full, copy them "
+            f"out before the stop instead ({copy} && cp -p {self.log} DIR/"
+            f"{self.path.name}-wal, to a directory DIR with room), and put those in place"))
+
+
+def _linked(fd: int | None, identity: tuple[int, int] | None) -> bool:
+    """Whether a name still holds the database open as ``fd``, which ``identity``
+    (the path's, as :func:`_look` gives it) may or may not be: it tells even where
+    the directory may no longer be looked in.  Without ``fd``, whether the path
+    names a file at all."""
+    if fd is None:
+        return identity is not None
+    try:
+        return os.fstat(fd).st_nlink > 0
+    except OSError:
+        return identity is not None
 
 
 def _look(path: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:

@@ -286,6 +286,11 @@ RECOVERY = [
     b'[{"c": 01]{"execute": "query-version", "id": 2}',
     b'{"a": [01, \'x\'}{"execute": "query-version", "id": 2}',
     b'{"a": [+, {"execute": "query-version", "id": 3}}',
+    # What is left of the broken message after a request in it is garbage with an
+    # error of its own, as QEMU answers it (one for each of its tokens).
+    b'{"a": [+, {"execute": "query-version", "id": 3}, "b": 1]}',
+    b'{"a": [+, {"execute": "query-version", "id": 3}, [1, 2]]}',
+    b'{"a": {"b": [-x, {"execute": "query-version", "id": 3}]}}',
     b'{"a": {+}}{"execute": "query-version", "id": 2}',
     # A string after garbage is one to QEMU's lexer: a "{" in it begins nothing.
     b'] "{x"}{"execute": "query-version", "id": 5}',

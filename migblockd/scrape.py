@@ -72,6 +72,9 @@ STOP_WAIT = 2.0
 EXHAUSTED_PAUSE = 0.1
 #: Seconds between two warnings that every connection was busy (the rest: debug).
 CROWDED_WARNING = 60.0
+#: Seconds from the first connection crowded out to the warning: a burst of
+#: scrapers is counted whole, not as its first one.
+CROWDED_GRACE = 1.0
 #: What a connection past MAX_SCRAPES is told before it is closed.
 _BUSY_TEXT = b"too many scrapes at once; retry\n"
 _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
@@ -122,27 +125,42 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._sending: dict[socket.socket, float] = {}
         self._sending_lock = threading.Lock()
         # Connections closed or refused because every slot was busy, since the
-        # last warning, and when the next warning may come (serve_forever's thread).
+        # last warning; when the next warning may come, and when it is due (None:
+        # nothing to say).  serve_forever's thread only.
         self._crowded = [0, 0]
         self._warn_from = 0.0
+        self._warn_at: float | None = None
         # The threads answering a connection, which a stop lets finish (bounded).
         self.handlers: set[threading.Thread] = set()
 
     def _crowding(self, closed: int, refused: int) -> None:
         """Count a connection closed to make room, or refused: a few silent or
         hostile clients can keep a real scraper out, so the log says so, at
-        most every CROWDED_WARNING seconds."""
+        most every CROWDED_WARNING seconds (:meth:`service_actions`)."""
         self._crowded[0] += closed
         self._crowded[1] += refused
-        now = time.monotonic()
-        if now < self._warn_from:
+        if self._warn_at is None:
+            self._warn_at = max(time.monotonic() + CROWDED_GRACE, self._warn_from)
+
+    def service_actions(self) -> None:
+        """serve_forever's turn (every half second): say what was crowded out, when
+        due, so that what a warning promises ("next count in 60 s at most") holds
+        without another crowding to bring it out."""
+        super().service_actions()
+        if self._warn_at is not None and time.monotonic() >= self._warn_at:
+            self.say_crowded()
+
+    def say_crowded(self) -> None:
+        """Warn of the connections crowded out since the last warning, if any (also
+        at the stop: serve_forever no longer runs)."""
+        if self._warn_at is None:
             return
-        self._warn_from = now + CROWDED_WARNING
+        self._warn_at, self._warn_from = None, time.monotonic() + CROWDED_WARNING
         closed, refused = self._crowded
         self._crowded = [0, 0]
-        log.warning("metrics: all %d connections were busy: %d closed before they sent a "
-                    "request, %d refused (a scraper may have failed; next count in %g s "
-                    "at most)", MAX_SCRAPES, closed, refused, CROWDED_WARNING)
+        log.warning("metrics: all %d connections were busy: %d closed to make room before "
+                    "their request was read, %d refused (a scraper may have failed; next "
+                    "count in %g s at most)", MAX_SCRAPES, closed, refused, CROWDED_WARNING)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         try:
@@ -281,6 +299,7 @@ class MetricsServer:
             with contextlib.suppress(OSError):
                 self._httpd.socket.shutdown(socket.SHUT_RDWR)
             self._httpd.shutdown()
+        self._httpd.say_crowded()
         # Daemon threads: the end of the process would close their connections
         # with nothing said.  Copied: each removes itself as it ends.
         until = time.monotonic() + STOP_WAIT

@@ -65,14 +65,16 @@ OUT_OF_DESCRIPTORS = refusal_line(
     "try again later")
 
 
-def fit_descriptor_limit(max_clients: int) -> int | None:
+def fit_descriptor_limit(max_clients: int, serving: int = 0) -> int | None:
     """Make room for ``max_clients`` clients in ``RLIMIT_NOFILE``, or say why not.
 
     The soft limit is raised toward the hard one when it is too low (no
     privilege needed); when even the hard limit is too low, one warning says
     so: clients past it are refused for want of descriptors, not hung.  About
     how many clients the descriptors allow then (None: ``max_clients``), for
-    the admission to keep the admins' slots below that (migblockd.admission).
+    the admission to keep the admins' slots below that (migblockd.admission):
+    ``serving``, the connections open now (a reload's), hold descriptors that
+    are theirs, not the daemon's own.
     """
     needed = max_clients + OWN_DESCRIPTORS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -86,7 +88,7 @@ def fit_descriptor_limit(max_clients: int) -> int | None:
             target = soft
     if target >= needed:
         return None
-    room = max(0, target - _open_descriptors())
+    room = max(0, target - (_open_descriptors() - serving))
     log.warning("RLIMIT_NOFILE is %d, too low for max-clients=%d (about %d descriptors): "
                 "clients past about %d are refused for want of descriptors; raise "
                 "LimitNOFILE= (or ulimit -n)", target, max_clients, needed, room)

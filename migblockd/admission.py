@@ -80,9 +80,10 @@ class Admission:
         if not privileged and served >= room - kept:
             allowed = (f"max-clients={self.max_clients}" if room == self.max_clients else
                        f"the file descriptors allow about {room}")
-            last = "the last one is" if kept == 1 else f"the last {kept} are"
-            return "max-clients", (f"migblockd is serving {served} clients, {allowed} of which "
-                                   f"{last} kept for administrators; try again later")
+            last = ("" if not kept else " of which the last one is kept for administrators"
+                    if kept == 1 else f" of which the last {kept} are kept for administrators")
+            return "max-clients", (f"migblockd is serving {served} clients, {allowed}{last}; "
+                                   "try again later")
         limit = self.max_clients_per_uid
         if limit and not privileged:
             uid = owner.uid if owner is not None else None

@@ -250,7 +250,10 @@ class Server(Turns):
         self.timeouts.configure(negotiation=self.config.negotiation_timeout,
                                 idle=self.config.idle_timeout)
         if "max_clients" in reload.changed:
-            self.core.admission.room = fit_descriptor_limit(self.config.max_clients)
+            # Every connection open holds a descriptor, refused ones lingering too.
+            self.core.admission.room = fit_descriptor_limit(
+                self.config.max_clients,
+                len(self.protocols) + self.refusals_lingering.total())
         # Also re-reads the user and group databases; open connections get
         # their new role at their next request.
         self.core.configure_access(self.config.access, self.config.quotas)

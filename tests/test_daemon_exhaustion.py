@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
@@ -267,3 +268,24 @@ def test_a_user_taking_every_descriptor_still_leaves_root_its_slots(
         held.communicate("", timeout=30)
     assert "out of file descriptors" not in d.log()
     assert d.stop() == 0
+
+
+ROOM = """
+import json, resource, socket
+from migblockd.accept import fit_descriptor_limit
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+before = fit_descriptor_limit(150)
+held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(90)]
+print(json.dumps([before, fit_descriptor_limit(150, serving=90), fit_descriptor_limit(150)]))
+"""
+
+
+def test_the_room_a_reload_estimates_leaves_out_the_clients_served() -> None:
+    # Found by review: a reload raising max-clients while 90 clients were served
+    # counted their descriptors as the daemon's own, and capped non-admins at 79
+    # where about 170 fit, for the life of the daemon.
+    proc = subprocess.run([sys.executable, "-c", ROOM], capture_output=True, text=True,
+                          timeout=30, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    before, serving, unaware = json.loads(proc.stdout)
+    assert serving == before and unaware == before - 90, (before, serving, unaware)

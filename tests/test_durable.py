@@ -1197,10 +1197,10 @@ async def test_a_database_removed_under_the_running_daemon_is_saved_by_the_stop(
     [copy] = directory.glob("state.db.rescued-*")
     assert re.fullmatch(r"state\.db\.rescued-\d{8}T\d{6}Z", copy.name), copy
     assert copy.stat().st_mode & 0o777 == 0o600
-    warning = (f"WARNING: stopping: {db} was removed while the daemon ran: what it kept (600 "
-               f"blockers) is saved as {copy}, which the next start names; rename that to "
-               f"{db} to use it; its log is emptied, so that the next start replays nothing "
-               "into another file\n")
+    warning = (f"WARNING: stopping: {db} was removed while the daemon ran: its log is "
+               "emptied, so that the next start replays nothing into another file; what it "
+               f"kept (600 blockers) is saved as {copy}, which the next start names; rename "
+               f"that to {db} to use it\n")
     # Said before "stopped", which ends the stop's lines.
     assert daemon.log().endswith(warning + daemon.log().rsplit("\n", 2)[-2] + "\n")
     assert daemon.log().rstrip("\n").endswith("INFO: stopped")
@@ -1250,11 +1250,11 @@ async def test_a_database_replaced_under_the_running_daemon_gets_no_replay_of_it
         await add(c, "after the restore", id="new")
     assert again.stop() == 0
     [copy] = directory.glob("state.db.rescued-*")
-    assert f"WARNING: stopping: {db} was replaced while the daemon ran: what it kept (4 " \
-        f"blockers) is saved as {copy}; the next start uses the file there now; to use the " \
-        "copy instead, stop the daemon, move state.db, state.db-wal and state.db-shm away, " \
-        f"and rename the copy to {db}; its log is emptied, so that the next start replays " \
-        "nothing into another file\n" in daemon.log()
+    assert f"WARNING: stopping: {db} was replaced while the daemon ran: its log is " \
+        "emptied, so that the next start replays nothing into another file; what it kept " \
+        f"(4 blockers) is saved as {copy}; the next start uses the file there now; to use " \
+        "the copy instead, stop the daemon, move state.db, state.db-wal and state.db-shm " \
+        f"away, and rename the copy to {db}\n" in daemon.log()
     # The saved copy is whole: what the replaced file held, its log's changes included;
     # used as the line says (the restored file's log moved away with it).
     for name in ("state.db", "state.db-wal", "state.db-shm"):

@@ -1640,30 +1640,34 @@ def test_a_removed_database_that_cannot_be_saved_at_the_close_is_said_to_be_lost
     report = json.loads(proc.stdout.splitlines()[-1])
     db = directory / "state.db"
     log = report["log"]
-    assert log.startswith(f"stopping: {db} was removed while the daemon ran: what it kept "
-                          f"could not be saved ({db}.rescued-"), log
-    assert log.endswith(": database or disk is full) and is lost; its log is emptied, so "
-                        "that the next start replays nothing into another file\n"), log
+    assert log.startswith(f"stopping: {db} was removed while the daemon ran: its log is "
+                          "emptied, so that the next start replays nothing into another "
+                          f"file; what it kept could not be saved ({db}.rescued-"), log
+    assert log.endswith(": database or disk is full) and is lost\n"), log
     # No half copy left behind; the log, emptied, stays for the start to refuse.
     assert report["files"] == ["lock", "state.db-shm", "state.db-wal"], report
     assert report["wal"] == 0
 
 
+@pytest.mark.parametrize("log", ["with its frames", "emptied since"])
 def test_a_log_a_kill_left_without_its_database_names_no_earlier_copy(
-        tmp_path: Path) -> None:
+        tmp_path: Path, log: str) -> None:
     # Found by review: the start named a copy an earlier stop had saved, as if the
     # daemon just killed had saved it; renamed into place, the killed daemon's log
     # was replayed into that older state, and an acknowledged blocker was lost.
+    # Then again for a log emptied after that copy (an operator's checkpoint, or
+    # the daemon's own on a full disk) before the kill.
     with Store.open(tmp_path) as store:
         store.commit([Put(row("old", 1))])
     stale = tmp_path / "state.db.rescued-20200101T000000Z"
     shutil.copy(tmp_path / "state.db", stale)
-    (tmp_path / "state.db").unlink()
-    with Store.open(tmp_path):
-        pass
+    os.utime(stale, (1.5e9, 1.5e9))
     killed_after_commits(tmp_path, 3)
     (tmp_path / "state.db").unlink()
-    assert (tmp_path / "state.db-wal").stat().st_size > 0
+    wal = tmp_path / "state.db-wal"
+    assert wal.stat().st_size > 0
+    if log == "emptied since":
+        os.truncate(wal, 0)
     with pytest.raises(StateError) as refused:
         Store.open(tmp_path)
     assert str(refused.value) == (
@@ -1672,15 +1676,44 @@ def test_a_log_a_kill_left_without_its_database_names_no_earlier_copy(
         "or move the whole directory away to restore a backup or to start from scratch")
 
 
+def test_a_saved_copy_is_never_left_behind_by_a_start(tmp_path: Path) -> None:
+    # Found by review: with the emptied log removed, or state.db a link whose
+    # target was removed, the next start made an empty database (once the link
+    # was removed, as told), never naming the copy that held every blocker.
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("kept", 1))])
+        (tmp_path / "state.db").unlink()
+    [copy] = rescued_copies(tmp_path / "state.db")
+    for each in ("state.db-wal", "state.db-shm"):
+        (tmp_path / each).unlink()
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path}/state.db does not exist; a stop saved what its daemon kept of it as "
+        f"{copy}: rename that to {tmp_path}/state.db to use it, or move it away to start "
+        "from scratch")
+    (tmp_path / "state.db").symlink_to(tmp_path / "gone.db")
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path}/state.db is a symbolic link to {tmp_path}/gone.db, which does not "
+        f"exist; a stop saved what its daemon kept of it as {copy}; make it reachable (a "
+        "file system not mounted?), or remove the link to start from scratch")
+    (tmp_path / "state.db").unlink()
+    copy.rename(tmp_path / "state.db")
+    with Store.open(tmp_path) as store:
+        assert [b.id for b in store.load().blockers] == ["kept"]
+
+
 def test_copies_saved_in_the_same_second_do_not_collide(tmp_path: Path) -> None:
     # Found by review: the second stop's copy, made exclusively under the same
     # name, failed with "File exists", and what it kept was lost.
-    now = time.time()
-    taken = {time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now + d)) for d in (0, 1, 2)}
-    for stamp in taken:  # an earlier stop's copies, this second's and the next ones'
-        (tmp_path / f"state.db.rescued-{stamp}").write_text("an earlier copy")
     with Store.open(tmp_path) as store:
         store.commit([Put(row("kept", 1))])
+        now = time.time()
+        taken = {time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now + d)) for d in (0, 1, 2)}
+        for stamp in taken:  # an earlier stop's copies, this second's and the next ones'
+            (tmp_path / f"state.db.rescued-{stamp}").write_text("an earlier copy")
         (tmp_path / "state.db").unlink()
     [copy] = [each for each in rescued_copies(tmp_path / "state.db")
               if each.name.removeprefix("state.db.rescued-") not in taken]
@@ -1741,6 +1774,7 @@ def test_a_database_removed_in_a_directory_that_cannot_be_looked_in_is_refused(
         f"cannot commit to {db}: it was removed (or moved away) while the daemon ran, and "
         "the next start would not read what is committed now"), report
     assert report["log"].startswith(
-        f"stopping: {db} was removed while the daemon ran: what it kept could not be saved "
+        f"stopping: {db} was removed while the daemon ran: its log is emptied, so that the "
+        f"next start replays nothing into another file; what it kept could not be saved "
         f"({db}.rescued-"), report
     assert "Permission denied) and is lost" in report["log"], report

@@ -58,20 +58,24 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
     try:
         st = path.stat()
     except FileNotFoundError:
+        # A copy a stop saved of a state.db that left its name (migblockd.state.rescue)
+        # is the state: never a start without it, empty, nor one that ignores it.
+        copies = rescued_copies(path)
+        saved = (f"; a stop saved what its daemon kept of it as {copies[-1]}"
+                 if copies else "")
         if path.is_symlink():
             # Say, a volume not mounted yet: starting empty would drop its state.
             raise StateError(f"{path} is a symbolic link to {os.readlink(path)}, which does "
-                             "not exist; make it reachable (a file system not mounted?), or "
-                             "remove the link to start from scratch") from None
+                             f"not exist{saved}; make it reachable (a file system not "
+                             "mounted?), or remove the link to start from scratch") from None
         # SQLite would replay a leftover log into the new, empty database, or into
         # a backup put in its place: it cannot tell that the log is another file's.
         # A database removed under a daemon leaves this too (SQLite does not fold
-        # the log into a file whose name is gone): the copy its stop saved
-        # (migblockd.state.rescue) is the way back, and the log it emptied says
-        # that it stopped so.  A log with frames was left by one killed, which
-        # saved nothing: a copy of an earlier stop's would be another state.
-        copies = rescued_copies(path) if _emptied(wal) else []
-        if copies:
+        # the log into a file whose name is gone).  A stop that saved a copy left
+        # the log empty before it made the copy; a log with frames, or emptied
+        # after the copy (by the daemon on a full disk, by an operator), is of a
+        # daemon killed since: a copy then holds an earlier state.
+        if copies and _emptied_before(wal, copies[-1]):
             raise StateError(
                 f"{wal} exists without {path.name}, which was removed while "
                 f"the daemon ran; the stop saved what it kept as {copies[-1]}: rename that "
@@ -83,6 +87,10 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
                 "of (the file moved away), not a backup, into which SQLite would replay it; "
                 "or move the whole directory away to restore a backup or to start from "
                 "scratch") from None
+        if copies:
+            raise StateError(
+                f"{path} does not exist{saved}: rename that to {path} to use it, or move it "
+                "away to start from scratch") from None
         return True
     except OSError as e:
         raise StateError(f"cannot read {path}: {e.strerror}; fix its permissions, "
@@ -103,12 +111,14 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
     return False
 
 
-def _emptied(wal: Path) -> bool:
-    """Whether ``wal`` is a log left empty (as a stop that saved a copy leaves it)."""
+def _emptied_before(wal: Path, copy: Path) -> bool:
+    """Whether ``wal`` is a log left empty, and not written since ``copy`` was made:
+    as a stop that saved that copy leaves it."""
     try:
-        return wal.lstat().st_size == 0
+        log, made = wal.lstat(), copy.lstat()
     except OSError:
         return False
+    return log.st_size == 0 and log.st_mtime_ns <= made.st_mtime_ns
 
 
 def _check_header(path: Path) -> None:

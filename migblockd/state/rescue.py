@@ -9,12 +9,14 @@ database's (a silent mix of two states, or a corrupt file).  And a file
 removed, or replaced by a rename, is gone for good once the daemon lets go of
 it, with every blocker it acknowledged.
 
-So before closing such a database the daemon copies it, if no name holds it
-any more, to ``state.db.rescued-TIME`` beside it (SQLite's online backup,
-through the connection that has it open: the log's changes included), and
-folds the log into the file it belongs to and empties it, through the same
-connection, so that the log left at the name replays nothing.  A file moved
-away (still linked) is thus whole where it went.
+So before closing such a database the daemon first folds the log into the file
+it belongs to and empties it, through the connection that has that file open:
+from then on the log left at the name replays nothing, however the rest of the
+stop ends (a second kill, a timeout).  Then, if no name holds the file any
+more, it copies it to ``state.db.rescued-TIME`` beside it (SQLite's online
+backup through the same connection), made whole under a name of its own and
+linked into place, so that a copy by that name is always whole.  A file moved
+away (still linked) is whole where it went.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -32,29 +35,24 @@ log = logging.getLogger("migblockd")
 
 #: What a copy's name adds to the database's, before its time.
 RESCUED = ".rescued-"
+#: A copy's time (UTC, to the second), and its number within that second.
+_STAMP = re.compile(r"(\d{8}T\d{6}Z)(?:-(\d+))?")
 
 
 def rescued_copies(path: Path) -> list[Path]:
-    """The copies a stop saved of the database at ``path``, newest last."""
-    return sorted(path.parent.glob(path.name + RESCUED + "*"), key=_saved_at)
-
-
-def _saved_at(copy: Path) -> tuple[str, int]:
-    """When ``copy`` was saved, from its name: its time, then its number in that second."""
-    stamp, _, n = copy.name.rpartition(RESCUED)[2].partition("-")
-    return stamp, int(n) if n.isdecimal() else 1
+    """The copies a stop saved of the database at ``path``, oldest first."""
+    found = []
+    for each in path.parent.glob(path.name + RESCUED + "*"):
+        stamp = _STAMP.fullmatch(each.name.removeprefix(path.name + RESCUED))
+        if stamp is not None:  # not a copy being made (.partial), nor its journal
+            found.append((stamp.group(1), int(stamp.group(2) or 1), each))
+    return [each for *_, each in sorted(found)]
 
 
 def let_go(conn: sqlite3.Connection, path: Path, replaced: bool, linked: bool) -> None:
     """Ready ``conn``, the database that left ``path`` while the daemon ran, for
-    its close: saved when no name holds it (``linked`` False), and its log
-    emptied.  ``replaced``: another file is at ``path`` now."""
-    if linked:
-        # Not said where: the daemon knows the file, not the name it has now.
-        saved = ("the file it opened, under the name it has now, holds every change the "
-                 "daemon acknowledged")
-    else:
-        saved = _save(conn, path, replaced)
+    its close: its log emptied, then the file saved when no name holds it
+    (``linked`` False).  ``replaced``: another file is at ``path`` now."""
     # TRUNCATE: the log, at its name still, must replay nothing into another file.
     try:
         busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
@@ -63,31 +61,36 @@ def let_go(conn: sqlite3.Connection, path: Path, replaced: bool, linked: bool) -
     else:
         emptied = "its log is emptied" if busy == 0 else (
             "its log could not be emptied (another program reads the database)")
+    if linked:
+        # Not said where: the daemon knows the file, not the name it has now.
+        saved = "the file it opened is under another name now: move it back to use it"
+    else:
+        saved = _save(conn, path, replaced)
     what = "replaced" if replaced else "moved away" if linked else "removed"
-    log.warning("stopping: %s was %s while the daemon ran: %s; %s, so that the next start "
-                "replays nothing into another file", path, what, saved, emptied)
+    log.warning("stopping: %s was %s while the daemon ran: %s, so that the next start "
+                "replays nothing into another file; %s", path, what, emptied, saved)
 
 
 def _save(conn: sqlite3.Connection, path: Path, replaced: bool) -> str:
     """Copy the database ``conn`` has open beside ``path``; what became of it."""
-    copy, made = _made(path)
+    copy, partial, made = _made(path)
     if made is not None:
         return f"what it kept could not be saved ({copy}: {made}) and is lost"
     try:
-        target = sqlite3.connect(copy)
+        target = sqlite3.connect(partial)
         try:
             conn.backup(target)
             blockers = target.execute("SELECT count(*) FROM blocker").fetchone()[0]
         finally:
             target.close()
-        directory = os.open(copy.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)  # the copy's name too must outlive a crash
-        finally:
-            os.close(directory)
+        _sync(partial)
+        os.link(partial, copy)  # never over another file
+        os.unlink(partial)
+        _sync(copy.parent)  # the copy's name too must outlive a crash
     except (sqlite3.Error, OSError) as e:
-        with contextlib.suppress(OSError):
-            os.unlink(copy)
+        for each in (partial, partial.with_name(partial.name + "-journal")):
+            with contextlib.suppress(OSError):
+                os.unlink(each)
         return f"what it kept could not be saved ({copy}: {e}) and is lost"
     kept = f"{blockers} blocker{'' if blockers == 1 else 's'}"
     if replaced:
@@ -100,20 +103,32 @@ def _save(conn: sqlite3.Connection, path: Path, replaced: bool) -> str:
             f"rename that to {path} to use it")
 
 
-def _made(path: Path) -> tuple[Path, str | None]:
-    """A new file for the copy of the database at ``path``: its name, and why it could
-    not be made (None: it was).  Made first, and exclusively, so that it is the
-    daemon's user's, mode 0600, and no file already there (a copy an earlier stop
-    saved in the same second, or the operator's)."""
+def _made(path: Path) -> tuple[Path, Path, str | None]:
+    """Names for the copy of the database at ``path``, and the file it is made in
+    (made exclusively: the daemon's user's, mode 0600); why that could not be
+    made (None: it was).  Neither is a file already there: a copy an earlier
+    stop saved in the same second, or the operator's."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     for n in range(1, 100):
         copy = path.with_name(path.name + RESCUED + stamp + ("" if n == 1 else f"-{n}"))
+        partial = copy.with_name(copy.name + ".partial")
+        if os.path.lexists(copy):
+            continue
         try:
-            os.close(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                              0o600))
         except FileExistsError:
             continue
         except OSError as e:
-            return copy, e.strerror or str(e)
-        return copy, None
-    return copy, "too many copies saved in this second"
+            return copy, partial, e.strerror or str(e)
+        return copy, partial, None
+    return copy, partial, "too many copies saved in this second"
+
+
+def _sync(path: Path) -> None:
+    """fsync ``path`` (a file SQLite has let go of, or a directory)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

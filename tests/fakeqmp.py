@@ -12,12 +12,21 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GREETING", "INTROSPECTION", "Raw", "serving"]
+__all__ = ["GREETING", "INTROSPECTION", "SILENT", "Raw", "serving"]
 
 
 class Raw(str):
     """JSON text sent as it is: what Python's ``json`` could not write (a value
     nested deeper than it recurses)."""
+
+
+class _Silent:
+    """The type of :data:`SILENT`."""
+
+
+#: Returned for a command: it is read and never answered (a server hung on it); as
+#: the greeting, none is sent.
+SILENT = _Silent()
 
 
 def _encoded(value: object) -> str:
@@ -52,9 +61,13 @@ def _requests(conn: socket.socket) -> Iterator[dict[str, Any]]:
 def _serve(conn: socket.socket, greeting: object, returns: Mapping[str, object]) -> None:
     # The client may go at any point (it gives up on what it was sent).
     with conn, contextlib.suppress(OSError):
-        conn.sendall(_encoded(greeting).encode() + b"\r\n")
+        if greeting is not SILENT:
+            conn.sendall(_encoded(greeting).encode() + b"\r\n")
         for request in _requests(conn):
-            returned = _encoded(returns.get(str(request.get("execute")), {}))
+            answer = returns.get(str(request.get("execute")), {})
+            if answer is SILENT:
+                continue
+            returned = _encoded(answer)
             tail = f', "id": {json.dumps(request["id"])}' if "id" in request else ""
             conn.sendall(f'{{"return": {returned}{tail}}}\r\n'.encode())
 
@@ -72,9 +85,10 @@ def _accept(server: socket.socket, greeting: object, returns: Mapping[str, objec
 def serving(path: Path, greeting: object = None,
             returns: Mapping[str, object] | None = None) -> Iterator[None]:
     """Listen on ``path`` for the block: greet each client with ``greeting``
-    (default :data:`GREETING`), then answer each request with ``{"return": R}``,
-    R being ``returns[command]`` (by default :data:`INTROSPECTION`'s, else ``{}``),
-    and its ``id``."""
+    (default :data:`GREETING`; :data:`SILENT`: none), then answer each request with
+    ``{"return": R}``, R being ``returns[command]`` (by default
+    :data:`INTROSPECTION`'s, else ``{}``), and its ``id``; nothing when R is
+    :data:`SILENT`."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen()

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from conftest import ROOT, DaemonProcess
-from fakeqmp import GREETING, serving
+from conftest import ROOT, DaemonProcess, quick_shell
+from fakeqmp import GREETING, SILENT, serving
 from otheruids import Account
 from qmpclient import qemu_qmp_client
 
@@ -65,7 +65,9 @@ def spawn_shell(tmp_path: Path) -> Iterator[Callable[..., Shell]]:
     children: list[pexpect.spawn] = []
 
     def spawn(socket: Path, *args: str,
-              connected: str = f"Connected to migblockd {__version__} ") -> Shell:
+              connected: str = f"Connected to migblockd {__version__} ",
+              bound: float | None = None) -> Shell:
+        """``bound``: the seconds each wait of connecting is given (quick_shell)."""
         env = dict(os.environ)
         env.pop("NO_COLOR", None)
         env.update(
@@ -73,9 +75,11 @@ def spawn_shell(tmp_path: Path) -> Iterator[Callable[..., Shell]]:
             XDG_STATE_HOME=str(tmp_path / "state"),
             PROMPT_TOOLKIT_NO_CPR="1",  # the pty does not answer cursor position requests
         )
+        program = (quick_shell(bound) if bound is not None
+                   else [sys.executable, "-m", "migblockd.shell"])
         child = pexpect.spawn(
-            sys.executable,
-            ["-m", "migblockd.shell", str(socket), *args],
+            program[0],
+            [*program[1:], str(socket), *args],
             env=env,
             encoding="utf-8",
             timeout=30,
@@ -312,10 +316,11 @@ def test_a_pasted_request_that_never_parses_leaves_the_lines_after_it_to_run(
 
 
 def _stopped_under(start_daemon: Callable[..., DaemonProcess],
-                   spawn_shell: Callable[..., Shell]) -> tuple[DaemonProcess, Shell]:
+                   spawn_shell: Callable[..., Shell],
+                   bound: float | None = None) -> tuple[DaemonProcess, Shell]:
     """A shell whose daemon stopped (it has said so), and that stopped daemon."""
     first = start_daemon()
-    shell = spawn_shell(first.socket)
+    shell = spawn_shell(first.socket, bound=bound)
     first.stop()
     shell.expect("migblockd closed the connection; the next command reconnects")
     return first, shell
@@ -347,6 +352,27 @@ def test_reconnecting_to_a_daemon_whose_queue_is_full_says_so(
                      "connections (its queue of pending connections is full: is it stopped "
                      "or hung?)")
         shell.expect(PROMPT)
+    shell.send("query-blockers\r")
+    shell.expect("Reconnected to migblockd")
+    shell.expect('{"return": []}')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+
+@pytest.mark.parametrize("silent", ["qmp_capabilities", "query-qmp-schema", "query-commands"])
+def test_reconnecting_to_a_server_that_never_answers_gives_up_and_the_shell_goes_on(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell], silent: str
+) -> None:
+    # Found by review: after the greeting, only qmp_capabilities had a bound; a
+    # restarted daemon that hung on the queries the shell makes next held the
+    # command (and the prompt) until Ctrl-C.
+    first, shell = _stopped_under(start_daemon, spawn_shell, bound=0.5)
+    first.socket.unlink(missing_ok=True)
+    with serving(first.socket, GREETING, {silent: SILENT}):
+        shell.send("query-version\r")
+        shell.expect(f"error: {first.socket}: no answer to {silent} within 0.5s")
+        shell.expect(PROMPT)
+    start_daemon(socket=first.socket)
     shell.send("query-blockers\r")
     shell.expect("Reconnected to migblockd")
     shell.expect('{"return": []}')

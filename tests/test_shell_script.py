@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess
-from fakeqmp import GREETING, Raw, serving
+from conftest import DaemonProcess, quick_shell
+from fakeqmp import GREETING, SILENT, Raw, serving
 
 from migblockd.shell import client as shell_client
 
@@ -527,10 +527,7 @@ def test_a_server_that_greets_and_never_negotiates_is_exit_status_2(tmp_path: Pa
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(str(path))
         server.listen()
-        # The shell's own timeout, made short; what it does when it passes is the point.
-        quick = ("from migblockd.shell import client; client.GREETING_TIMEOUT = 0.5; "
-                 "from migblockd.shell.main import main; main()")
-        proc = subprocess.Popen([sys.executable, "-c", quick, str(path), "-c", "query-version"],
+        proc = subprocess.Popen([*quick_shell(0.5), str(path), "-c", "query-version"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             conn, _ = server.accept()
@@ -543,6 +540,41 @@ def test_a_server_that_greets_and_never_negotiates_is_exit_status_2(tmp_path: Pa
     assert proc.returncode == 2
     assert out == ""
     assert err == f"migblock-shell: {path}: no answer to qmp_capabilities within 0.5s\n"
+
+
+@pytest.mark.parametrize("timeout", [[], ["--timeout", "30"]], ids=["bound", "longer-timeout"])
+@pytest.mark.parametrize("command", ["query-qmp-schema", "query-commands"])
+def test_a_server_that_never_answers_what_the_shell_asks_on_connecting_is_exit_status_2(
+    tmp_path: Path, command: str, timeout: list[str]
+) -> None:
+    # Found by review: a daemon that greeted and negotiated, then answered neither of
+    # the queries the shell makes before the first command, held a script for ever,
+    # --timeout or not.  It is as broken as one that does not greet; a longer
+    # --timeout does not make the shell wait longer on it.
+    path = tmp_path / "mute.sock"
+    with serving(path, GREETING, {command: SILENT}):
+        result = subprocess.run([*quick_shell(0.5), *timeout, str(path), "-c", "query-version"],
+                                capture_output=True, text=True, timeout=30, check=False)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"migblock-shell: {path}: no answer to {command} within 0.5s\n"
+
+
+@pytest.mark.parametrize("silent", ["greeting", "qmp_capabilities", "query-qmp-schema",
+                                    "query-commands"])
+def test_timeout_bounds_each_wait_of_connecting_too(tmp_path: Path, silent: str) -> None:
+    # Found by review: `--timeout 5` against a daemon that never answered
+    # query-commands printed nothing and was killed at 20 s; the greeting and
+    # qmp_capabilities waited their 10 s whatever --timeout said.
+    path = tmp_path / "mute.sock"
+    greeting = SILENT if silent == "greeting" else GREETING
+    started = time.monotonic()
+    with serving(path, greeting, {silent: SILENT}):
+        result = subprocess.run([*SHELL, "--timeout", "1", str(path), "-c", "query-version"],
+                                capture_output=True, text=True, timeout=30, check=False)
+    assert time.monotonic() - started < shell_client.GREETING_TIMEOUT
+    what = "no QMP greeting" if silent == "greeting" else f"no answer to {silent}"
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"migblock-shell: {path}: {what} within 1 s (--timeout)\n"
 
 
 def test_a_daemon_that_exits_before_taking_the_connection_is_named_with_its_log(

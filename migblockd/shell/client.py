@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 from migblockd.paths import (
@@ -66,17 +67,39 @@ def _id_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+@dataclass(frozen=True)
+class OpeningWait:
+    """How long each wait of a connection's opening lasts (the greeting, then each
+    answer the shell asks for before the first command), and how its messages say so."""
+
+    seconds: float
+    said: str
+
+    @classmethod
+    def bounded(cls, timeout: float | None) -> OpeningWait:
+        """:data:`GREETING_TIMEOUT`, or a script's ``--timeout`` when that is shorter:
+        past it the daemon is broken (stopped, hung), and a script's --timeout
+        promises it ends its run rather than wait longer than that on anything."""
+        if timeout is not None and timeout < GREETING_TIMEOUT:
+            return cls(timeout, f"{timeout:g} s (--timeout)")
+        return cls(GREETING_TIMEOUT, f"{GREETING_TIMEOUT:g}s")
+
+
 class QMPClient:
     """One connection. ``on_event(message)`` and ``on_lost()`` are called from the
-    reader task; ``on_lost`` is called once when the server goes away unexpectedly."""
+    reader task; ``on_lost`` is called once when the server goes away unexpectedly.
+    ``timeout``: a script's ``--timeout``, which bounds the opening too
+    (:meth:`OpeningWait.bounded`)."""
 
     def __init__(
         self,
         on_event: Callable[[Message], None] | None = None,
         on_lost: Callable[[], None] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self._on_event = on_event
         self._on_lost = on_lost
+        self._opening = OpeningWait.bounded(timeout)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -118,10 +141,10 @@ class QMPClient:
             await self._abort()
             raise ConnectError(f"cannot connect to {path}: {refusal}")
         try:
-            line = await asyncio.wait_for(self._reader.readline(), GREETING_TIMEOUT)
+            line = await asyncio.wait_for(self._reader.readline(), self._opening.seconds)
         except TimeoutError:
             await self._abort()
-            raise ConnectError(f"{path}: no QMP greeting within {GREETING_TIMEOUT:g}s") from None
+            raise ConnectError(f"{path}: no QMP greeting within {self._opening.said}") from None
         except ConnectionResetError as err:
             await self._abort()
             raise ConnectError(f"{path}: {before_greeting(err)}") from None
@@ -147,19 +170,25 @@ class QMPClient:
 
     async def negotiate(self) -> None:
         """Send ``qmp_capabilities``; raises :class:`ConnectError` if refused, or
-        unanswered within :data:`GREETING_TIMEOUT` (a daemon stopped or hung after
-        its greeting), as ``migblockd.client`` does."""
-        try:
-            async with asyncio.timeout(GREETING_TIMEOUT):
-                reply = await self.execute({"execute": "qmp_capabilities"})
-        except ConnectionLost as err:
-            raise ConnectError(str(err)) from None
-        except TimeoutError:
-            raise ConnectError(
-                f"no answer to qmp_capabilities within {GREETING_TIMEOUT:g}s") from None
+        unanswered in time (:meth:`ask`), as ``migblockd.client`` does."""
+        reply = await self.ask("qmp_capabilities")
         if "error" in reply:
             desc = reply["error"].get("desc", reply["error"])
             raise ConnectError(f"capabilities negotiation failed: {desc}")
+
+    async def ask(self, command: str) -> Message:
+        """The reply to ``command`` (no arguments), asked for while opening the
+        connection; raises :class:`ConnectError` when the connection goes, or when
+        no answer comes within the greeting's bound (:class:`OpeningWait`): a daemon
+        that greets and then answers nothing (stopped, hung) is as broken as one
+        that does not greet, and a script must not wait on it for ever."""
+        try:
+            async with asyncio.timeout(self._opening.seconds):
+                return await self.execute({"execute": command})
+        except ConnectionLost as err:
+            raise ConnectError(str(err)) from None
+        except TimeoutError:
+            raise ConnectError(f"no answer to {command} within {self._opening.said}") from None
 
     async def execute(self, message: Message) -> Message:
         """Send ``message`` (an ``id`` is added when it has none) and wait for its reply.

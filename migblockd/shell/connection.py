@@ -50,10 +50,13 @@ class Connection:
         path: str,
         on_event: Callable[[Message], None] | None = None,
         on_lost: Callable[[], None] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.path = path
         self._on_event = on_event
         self._on_lost = on_lost
+        #: A script's --timeout, which bounds each wait of the opening too.
+        self._timeout = timeout
         self._client: QMPClient | None = None
         self.schema = Schema.empty()
         self.greeting: Message = {}
@@ -63,16 +66,18 @@ class Connection:
         return self._client is not None and self._client.connected
 
     async def open(self) -> Message:
-        """Connect, negotiate and fetch ``query-qmp-schema``; raises ConnectError."""
+        """Connect, negotiate and fetch ``query-qmp-schema``; raises ConnectError,
+        also when a wait of it passes its bound
+        (:class:`~migblockd.shell.client.OpeningWait`)."""
         await self.close()
-        client = QMPClient(self._on_event, self._on_lost)
+        client = QMPClient(self._on_event, self._on_lost, self._timeout)
         try:
             greeting = await client.connect(self.path)  # its errors name the path
             try:
                 await client.negotiate()
-                reply = await client.execute({"execute": "query-qmp-schema"})
+                reply = await client.ask("query-qmp-schema")
                 # Also the commands forwarded to QEMU, which introspection leaves out.
-                listed = await client.execute({"execute": "query-commands"})
+                listed = await client.ask("query-commands")
             except (ConnectError, ConnectionLost) as err:
                 raise ConnectError(f"{self.path}: {err}") from None
             # An error instead (a server without them) leaves the shell without a

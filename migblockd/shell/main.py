@@ -52,13 +52,14 @@ every command succeeded, 1 if any failed, 2 if the daemon could not be reached o
 connection was lost (or the command line is wrong: an empty SOCKET, say, which is
 refused rather than taken for the default).
 
-connecting: the shell waits {GREETING_TIMEOUT:g} s for the daemon's greeting and its answer
-to qmp_capabilities (a stopped or hung daemon), then gives up; commands wait as long
-as the daemon takes (Ctrl-C, or Ctrl-\\, abandons one; in a script, --timeout bounds
-the wait, so that a cron job or a monitoring check fails with exit status 2 rather
-than hang).  A refused connection names the file that refuses it and what would let
-this user in: the group to join, who may open a directory, or the daemon's
---socket-mode and --socket-group.
+connecting: the shell waits {GREETING_TIMEOUT:g} s for the daemon's greeting, and as long
+for each of its answers to qmp_capabilities, query-qmp-schema and query-commands (a
+stopped or hung daemon; in a script, --timeout SECONDS when that is shorter), then
+gives up (exit status 2); commands wait as long as the daemon takes (Ctrl-C, or
+Ctrl-\\, abandons one; in a script, --timeout bounds the wait, so that a cron job or
+a monitoring check fails with exit status 2 rather than hang).  A refused connection
+names the file that refuses it and what would let this user in: the group to join,
+who may open a directory, or the daemon's --socket-mode and --socket-group.
 
 examples:
   migblock-shell
@@ -124,7 +125,8 @@ def build_parser(*, documented: bool = False) -> argparse.ArgumentParser:
         type=seconds,
         metavar="SECONDS",
         help="in scripts: give up on a command that has no reply within SECONDS, exit "
-        "status 2 (default: wait as long as the daemon takes)",
+        "status 2 (default: wait as long as the daemon takes); below "
+        f"{GREETING_TIMEOUT:g}, SECONDS bounds each wait of connecting too",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser

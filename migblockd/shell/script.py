@@ -125,14 +125,15 @@ async def run_script(
     """Run the commands; ``renderer`` is for stdout, ``messages`` for stderr.
     ``timeout``: the most seconds a command may wait for its reply (``--timeout``);
     past it the run ends as when the connection is lost (exit status 2), the
-    command's outcome unknown."""
+    command's outcome unknown.  Each wait of connecting, too, when shorter than
+    its own bound (ConnectError, exit status 2)."""
     if sys.stdout is None:
         # Started with stdout closed (>&-): every reply would be lost, and a command
         # that changes something would do so unseen.  Nothing is sent.
         to_stderr("migblock-shell: cannot write the replies to stdout: stdout is closed; "
                   "no command was run")
         return 1
-    connection = Connection(path)
+    connection = Connection(path, timeout=timeout)
     await connection.open()
     number = 0
 

@@ -537,12 +537,15 @@ def test_ctrl_c_while_reconnecting_says_nothing_was_sent(
     assert shell.quit() == 0
 
 
+@pytest.mark.parametrize("typed", ["query-version", '{"execute": "query-version"}'],
+                         ids=["command", "raw-json-without-id"])
 def test_the_late_answer_to_an_abandoned_request_is_not_the_next_ones(
-    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell], typed: str
 ) -> None:
     # A request over --max-message-size is answered without its id (the daemon, like
     # QEMU, could not read it), in request order.  Abandoned with Ctrl-C, its answer
-    # still comes, and must not be shown as the reply to the command typed next.
+    # still comes, and must not be shown as the reply to the command typed next; nor
+    # to a raw request, sent as typed, without an id, whose answer has none either.
     daemon = start_daemon("--ephemeral", "--max-message-size", "1024")
     shell = spawn_shell(daemon.socket, "-v")
     daemon.signal(signal.SIGSTOP)  # both requests reach it before it answers either
@@ -552,7 +555,7 @@ def test_the_late_answer_to_an_abandoned_request_is_not_the_next_ones(
         shell.send(CTRL_C)
         shell.expect("interrupted: a request already sent may still take effect")
         shell.expect(PROMPT)
-        shell.send("query-version\r")
+        shell.send(f"{typed}\r")
         shell.expect('{"execute": "query-version"}')
     finally:
         daemon.signal(signal.SIGCONT)

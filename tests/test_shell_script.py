@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -94,6 +95,60 @@ def test_raw_json_request_keeps_its_own_id(daemon: DaemonProcess) -> None:
     result = shell(str(daemon.socket), "-c", '{"execute": "query-blockers", "id": {"mine": [1]}}')
     assert result.returncode == 0, result.stderr
     assert replies(result.stdout) == [{"return": [], "id": {"mine": [1]}}]
+
+
+#: Raw requests whose bytes matter: JSON that Python reads and the daemon, like QEMU,
+#: does not (0e5); a number Python would write another way (1E2, 1.50, -0); blanks
+#: and an order of members Python would not keep; over several lines.
+AS_TYPED = [
+    '{"execute":"query-version","arguments":{"a":0e5}}',
+    '{ "id" : 1E2 ,\t"execute" :"query-version"}',
+    '{"arguments": {}, "id": [1.50, -0, "\\u00e9"], "execute": "query-blockers"}',
+    '{\n  "execute": "query-version",\n  "id": 7\n}',
+]
+
+
+def test_a_raw_request_is_sent_as_typed_and_answered_as_its_bytes_are(
+    daemon: DaemonProcess,
+) -> None:
+    # Found by review: the shell parsed a raw request and wrote it again, so
+    # {"a": 0e5}, which the daemon refuses ("JSON parse error"), went as {"a": 0.0},
+    # and "id": 1E2 as 100.0: not what a client that typed those bytes gets.
+    result = shell(str(daemon.socket), "-v", stdin="".join(f"{t}\n" for t in AS_TYPED))
+
+    async def direct() -> list[dict[str, Any]]:
+        async with daemon.client() as client:
+            for text in AS_TYPED:
+                client.send_raw(text.encode() + b"\n")
+            return await client.read_replies(len(AS_TYPED))
+
+    expected = asyncio.run(direct())
+    assert expected[0] == {"error": {"class": "GenericError",
+                                     "desc": "JSON parse error, expected separator in dict"}}
+    assert expected[1]["id"] == 100.0  # the daemon's echo of what it read
+    assert result.returncode == 1  # the first is an error reply
+    assert replies(result.stdout) == expected
+    assert result.stderr == "".join(f"{t}\n" for t in AS_TYPED)  # -v shows what is sent
+    log = daemon.log()
+    for text in AS_TYPED:
+        assert f" <- {(text + chr(10)).encode()!r}" in log
+
+
+def test_raw_json_the_shell_cannot_send_as_typed_is_still_refused(daemon: DaemonProcess) -> None:
+    refused = ['{"execute": "query-version", "id": 1, "id": 2}',
+               '{"execute": "query-version", "id": NaN}',
+               '{"execute": "query-version", "id": 1e400}',
+               '{"execute": "query-version", "id": ' + "9" * 5000 + "}",
+               '{"execute": "query-version"} {"execute": "query-blockers"}']
+    result = shell(str(daemon.socket), *[a for text in refused for a in ("-c", text)])
+    assert (result.returncode, result.stdout) == (1, "")
+    assert [line.split(": ", 3)[2:] for line in result.stderr.splitlines()] == [
+        ["error", "invalid JSON: duplicate key 'id'"],
+        ["error", "invalid JSON: NaN is not JSON"],
+        ["error", "invalid JSON: number 1e400 is out of range"],
+        ["error", "invalid JSON: an integer of 5,000 digits, more than the daemon reads (4,300)"],
+        ["error", "invalid JSON: Extra data: line 1 column 30 (char 29)"]]
+    assert daemon.received() == ["qmp_capabilities", "query-qmp-schema", "query-commands"]
 
 
 def test_a_request_pretty_printed_in_a_file_runs_whole(daemon: DaemonProcess) -> None:
@@ -274,7 +329,7 @@ def test_raw_json_and_type_errors_are_left_to_the_daemon(daemon: DaemonProcess) 
         "Parameter 'reason' is missing",
         "Invalid parameter type for 'internal', expected: boolean",
     ]
-    daemon.wait_for_log('"arguments":{"reson":"x"}')  # sent as typed
+    daemon.wait_for_log(repr(b'{"execute": "add-blocker", "arguments": {"reson": "x"}}\n'))
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -231,22 +232,49 @@ def test_a_key_of_a_hundred_thousand_parts_is_built_whole() -> None:
 def test_raw_json_line_is_sent_as_is() -> None:
     line = ' {"execute": "add-blocker", "arguments": {"reason": "x"}, "id": [1]}'
     assert parse_line(line) == Request(
-        {"execute": "add-blocker", "arguments": {"reason": "x"}, "id": [1]}, raw=True
+        {"execute": "add-blocker", "arguments": {"reason": "x"}, "id": [1]}, text=line.strip()
     )
 
 
 def test_raw_json_is_not_validated_locally() -> None:
     # The daemon is the judge of what a request may contain.
     parsed = parse_line('{"execute": 42, "foo": 1}')
-    assert parsed == Request({"execute": 42, "foo": 1}, raw=True)
+    assert parsed == Request({"execute": 42, "foo": 1}, text='{"execute": 42, "foo": 1}')
+
+
+@pytest.mark.parametrize("text", [
+    '{"execute":"query-version","arguments":{"a":0e5}}',  # Python's 0.0; QEMU's error
+    '{ "id" : 1E2 ,\t"execute" :"query-version"}',
+    '{"execute": "x", "arguments": {"b": 1.50, "a": -0, "c": "\\u00e9\\/"}}',
+    '{\n    "execute": "query-blockers",\r\n    "id": 7\n}',
+    '{"execute": "x", "id": "\\ud800"}',  # a lone surrogate, escaped: for the daemon to judge
+])
+def test_raw_json_is_sent_as_typed_whitespace_order_and_numbers_included(text: str) -> None:
+    # Found by review: the request was parsed and written again, so {"a": 0e5}, which
+    # the daemon refuses as QEMU does, went as {"a": 0.0}, and "id": 1E2 as 100.0.
+    parsed = parse_line(f"  {text}  ")
+    assert isinstance(parsed, Request) and parsed.raw
+    assert parsed.text == text
+    assert parsed.message == json.loads(text)
 
 
 @pytest.mark.parametrize(
     ("line", "message"),
-    [('{"execute": ', "invalid JSON"), ('{"a": NaN}', "invalid JSON")],
+    [('{"execute": ', "invalid JSON"),
+     ('{"a": NaN}', "invalid JSON: NaN is not JSON"),
+     ('{"a": 1, "a": 2}', "invalid JSON: duplicate key 'a'"),
+     ('{"a": 1e400}', "invalid JSON: number 1e400 is out of range"),
+     ('{"a": ' + "1" * 5000 + "}", "invalid JSON: an integer of 5,000 digits"),
+     ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "invalid JSON: nested too deeply"),
+     ('{"a": 1} {"b": 2}', "invalid JSON: Extra data"),
+     ('{"a": 01}', "invalid JSON"),
+     ('{"a": "\x01"}', "invalid JSON: Invalid control character"),
+     ('{"a": 1}\udcff', "not valid UTF-8"),
+     ('{"a": "\udcff"}', "not valid UTF-8")],
 )
 def test_raw_json_errors(line: str, message: str) -> None:
-    with pytest.raises(ParseError, match=message):
+    # What the shell refused before it sent raw JSON as typed, it still refuses.
+    with pytest.raises(ParseError, match=re.escape(message)):
         parse_line(line)
 
 

@@ -1,7 +1,8 @@
 """A small asyncio QMP client for a Unix socket.
 
 The server writes one JSON object per line (ending in ``\\r\\n``).  Requests are sent
-as compact JSON carrying an ``id``; replies are matched to requests by ``id``, and
+as compact JSON carrying an ``id`` (a raw one as typed, with its own ``id`` or none);
+replies are matched to requests by ``id`` (a reply without one by its turn), and
 events, which may arrive between replies, go to a callback in arrival order (so an
 event caused by a command is seen before that command's reply).
 """
@@ -190,25 +191,34 @@ class QMPClient:
         except TimeoutError:
             raise ConnectError(f"no answer to {command} within {self._opening.said}") from None
 
-    async def execute(self, message: Message) -> Message:
+    async def execute(self, message: Message, text: str | None = None) -> Message:
         """Send ``message`` (an ``id`` is added when it has none) and wait for its reply.
+
+        ``text``: ``message`` as the operator typed it (UTF-8), sent as it is, with no
+        ``id`` added; a reply without one is taken for it in its turn, as the
+        daemon, like QEMU, answers in order.
 
         Raises :class:`ConnectionLost` when the connection is gone or goes away first.
         """
         if not self.connected or self._writer is None:
             raise ConnectionLost(self.lost_reason, sent=False)
-        message = dict(message)
-        if "id" not in message:
-            message["id"] = f"shell-{next(self._ids)}"
-        key = _id_key(message["id"])
+        if text is not None:
+            # A key no reply's id can have (not JSON): only its turn matches it.
+            key = _id_key(message["id"]) if "id" in message else f"typed {next(self._ids)}"
+            encoded = (text + "\n").encode()
+        else:
+            message = dict(message)
+            if "id" not in message:
+                message["id"] = f"shell-{next(self._ids)}"
+            key = _id_key(message["id"])
+            data = json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n"
+            try:
+                encoded = data.encode()
+            except UnicodeEncodeError:  # a lone surrogate, typed as "\ud800": sent so
+                encoded = (json.dumps(message, separators=(",", ":")) + "\n").encode()
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
         self._unanswered[key] = None
-        data = json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n"
-        try:
-            encoded = data.encode()
-        except UnicodeEncodeError:  # a lone surrogate, typed as "\ud800": sent so
-            encoded = (json.dumps(message, separators=(",", ":")) + "\n").encode()
         try:
             self._writer.write(encoded)
             await self._writer.drain()

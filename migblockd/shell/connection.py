@@ -108,14 +108,15 @@ class Connection:
         await self.open()
         return True
 
-    async def execute(self, message: Message) -> Message:
+    async def execute(self, message: Message, text: str | None = None) -> Message:
         """Run one request; the shell's own ``id`` is removed from the reply.
+        ``text``: the request as typed, which is what is sent (QMPClient.execute).
 
         Raises ConnectionLost when not connected or when the connection drops.
         """
         if self._client is None:
             raise ConnectionLost("not connected", sent=False)
-        reply = await self._client.execute(message)
+        reply = await self._client.execute(message, text)
         if "id" not in message:
             reply = {k: v for k, v in reply.items() if k != "id"}
         return reply

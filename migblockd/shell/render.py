@@ -74,7 +74,12 @@ class Renderer:
     def event(self, message: dict[str, Any]) -> str:
         return self._paint(CYAN, self.json(message))
 
-    def request(self, message: dict[str, Any]) -> str:
+    def request(self, message: dict[str, Any] | str) -> str:
+        """A request as sent: one the shell built, or the text of a raw one, which
+        is sent as typed and so shown (escaped as replies are)."""
+        if isinstance(message, str):
+            text = message if message.isprintable() else _escape_unprintable(message, "\n\t")
+            return self._paint(DIM, text)
         return self._paint(DIM, self.json(message))
 
     def error(self, text: str) -> str:
@@ -98,18 +103,19 @@ def visible(text: str) -> str:
     return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
 
 
-def _escape_unprintable(text: str) -> str:
+def _escape_unprintable(text: str, kept: str = "\n") -> str:
     """``text`` (JSON) with what Python's ``repr`` would escape shown as ``\\uXXXX``.
 
     What another client wrote (a blocker's reason) must neither steer the
     terminal nor hide from the operator: json.dumps leaves C1 controls (U+009B
     is CSI), bidirectional overrides, zero-width and other format characters,
     line separators and lone surrogates as they are.  Two ids that differ by a
-    U+200B would otherwise look the same.  Indentation's newlines stay.
+    U+200B would otherwise look the same.  Indentation's newlines stay, and the
+    characters of ``kept``.
     """
     out = []
     for char in text:
-        if char.isprintable() or char == "\n":
+        if char.isprintable() or char in kept:
             out.append(char)
             continue
         code = ord(char)

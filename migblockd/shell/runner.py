@@ -55,8 +55,9 @@ class Runner:
                 self.err(self._messages.error(f"error: {problem}"))
                 return False
         if self.echo is not None:
-            self.echo(self._messages.request(parsed.message))
-        reply = await self.connection.execute(parsed.message)
+            self.echo(self._messages.request(
+                parsed.message if parsed.text is None else parsed.text))
+        reply = await self.connection.execute(parsed.message, parsed.text)
         self.out(self.renderer.reply(reply))
         return "error" not in reply
 

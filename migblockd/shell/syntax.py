@@ -57,10 +57,16 @@ class ParseError(ValueError):
 
 @dataclass(frozen=True)
 class Request:
-    """A QMP request to send. ``raw`` is true when the operator typed the JSON."""
+    """A QMP request to send.  ``text``: the JSON the operator typed (a raw request),
+    which is what is sent, byte for byte; ``message`` is what it parses to, for the
+    reply's ``id``.  ``None`` for a request the shell built."""
 
     message: dict[str, Any]
-    raw: bool = False
+    text: str | None = None
+
+    @property
+    def raw(self) -> bool:
+        return self.text is not None
 
 
 @dataclass(frozen=True)
@@ -393,13 +399,17 @@ def parse_line(line: str, hints: Hints | None = None) -> Parsed:
         where = f"line {row + 1} column {column}" if row else f"column {column}"
         raise ParseError(f"not valid UTF-8 (byte 0x{bad.hex()} at {where})") from None
     if stripped.startswith("{"):
+        # Parsed for its id, and to refuse what the shell cannot read (a key twice,
+        # NaN), as after '=': the text itself is sent.  Written again, JSON that
+        # Python reads and the daemon, like QEMU, does not (0e5) would reach it as
+        # other JSON than the operator typed.
         try:
             raw = loads(stripped)
         except ValueError as err:
             raise ParseError(f"invalid JSON: {err}") from None
         if not isinstance(raw, dict):
             raise ParseError("a raw JSON request must be an object")
-        return Request(raw, raw=True)
+        return Request(raw, text=stripped)
     words = tokenize(line)
     head = words[0]
     if head.key is not None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DaemonProcess
+from test_config import make_state
 
 from migblockd.state.schema import MIGRATIONS
 
@@ -198,15 +199,6 @@ def test_a_state_database_that_is_immutable(short_tmp: Path, marked: list[Path])
     # The check opens it as the start does (not with SQLite): it says it too.
     assert_refused(args, f"cannot read and write {database}: Operation not permitted; "
                          f"{fix(database, '--state-dir')}")
-
-
-def make_state(state: Path) -> None:
-    made = subprocess.run([sys.executable, "-c",
-                           "import sys; from pathlib import Path; "
-                           "from migblockd.state import Store; "
-                           "Store.open(Path(sys.argv[1]), restore=lambda s: None).close()",
-                           str(state)], capture_output=True, text=True, timeout=30)
-    assert made.returncode == 0, made.stderr
 
 
 @pytest.mark.parametrize("held", ["lock and database", "lock only"])

@@ -1266,6 +1266,37 @@ async def test_a_database_replaced_under_the_running_daemon_gets_no_replay_of_it
         assert await ids(c) == ["backed-up", "later0", "later1", "later2"]
 
 
+async def test_a_restore_under_the_daemon_is_not_undone_by_a_kill_after_it_is_seen(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Found by review: the daemon's log stayed beside a backup restored under it
+    until its stop; killed before (a watchdog, the OOM killer), the next start
+    replayed that log into the restored file.  The first commit refused for the
+    replacement now folds the log into the file the daemon opened."""
+    directory = tmp_path / "state"
+    db, wal = directory / "state.db", directory / "state.db-wal"
+    daemon = start_daemon("--state-dir", str(directory))
+    async with daemon.client() as c:
+        await add(c, "in the backup", id="backed-up")
+        backup = tmp_path / "backup.db"
+        with contextlib.closing(sqlite3.connect(db)) as source, \
+                contextlib.closing(sqlite3.connect(backup)) as target:
+            source.backup(target)
+        for n in range(20):
+            await add(c, "x" * 1000, id=f"later{n}")
+        assert wal.stat().st_size > 0
+        staged = directory / "staged.db"
+        shutil.copy2(backup, staged)
+        staged.rename(db)
+        reply = await c.execute("add-blocker", {"reason": "not acknowledged", "id": "no"})
+        assert "it is not the file the daemon opened" in reply["error"]["desc"], reply
+        assert wal.stat().st_size == 0
+    kill(daemon)
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert await ids(c) == ["backed-up"]
+
+
 async def test_a_log_left_beside_a_link_to_the_database_stops_the_daemon(
     start_daemon: Start, tmp_path: Path
 ) -> None:

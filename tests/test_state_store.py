@@ -1686,19 +1686,21 @@ def test_a_saved_copy_is_never_left_behind_by_a_start(tmp_path: Path) -> None:
     [copy] = rescued_copies(tmp_path / "state.db")
     for each in ("state.db-wal", "state.db-shm"):
         (tmp_path / each).unlink()
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(copy.stat().st_mtime))
+    saved = (f"a stop saved what a daemon kept as {copy} ({when}), which may be older "
+             "than the state.db there was")
     with pytest.raises(StateError) as refused:
         Store.open(tmp_path)
     assert str(refused.value) == (
-        f"{tmp_path}/state.db does not exist; a stop saved what its daemon kept of it as "
-        f"{copy}: rename that to {tmp_path}/state.db to use it, or move it away to start "
-        "from scratch")
+        f"{tmp_path}/state.db does not exist; {saved}: rename that to {tmp_path}/state.db "
+        "to use it, or move the copies (state.db.rescued-*) away to start from scratch")
     (tmp_path / "state.db").symlink_to(tmp_path / "gone.db")
     with pytest.raises(StateError) as refused:
         Store.open(tmp_path)
     assert str(refused.value) == (
         f"{tmp_path}/state.db is a symbolic link to {tmp_path}/gone.db, which does not "
-        f"exist; a stop saved what its daemon kept of it as {copy}; make it reachable (a "
-        "file system not mounted?), or remove the link to start from scratch")
+        f"exist; {saved}; make it reachable (a file system not mounted?), or remove the "
+        "link to start from scratch")
     (tmp_path / "state.db").unlink()
     copy.rename(tmp_path / "state.db")
     with Store.open(tmp_path) as store:
@@ -1778,3 +1780,80 @@ def test_a_database_removed_in_a_directory_that_cannot_be_looked_in_is_refused(
         f"next start replays nothing into another file; what it kept could not be saved "
         f"({db}.rescued-"), report
     assert "Permission denied) and is lost" in report["log"], report
+
+
+def test_the_copy_a_stop_saved_is_named_whatever_the_clock_did(tmp_path: Path) -> None:
+    # Found by review: the start named the copy whose name sorted last; one saved
+    # while the clock was a day ahead sorted after the one the stop had just saved,
+    # and renamed into place, it brought back an older state.
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("old", 1))])
+        ahead = tmp_path / "state.db.rescued-20991231T000000Z"
+        shutil.copy(tmp_path / "state.db", ahead)
+        os.utime(ahead, (time.time() + 86400, time.time() + 86400))
+        store.commit([Put(row("new", 2))])
+        (tmp_path / "state.db").unlink()
+    [saved] = [c for c in rescued_copies(tmp_path / "state.db") if c != ahead]
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert f"the stop saved what it kept as {saved}: " in str(refused.value), refused.value
+    saved.rename(tmp_path / "state.db")
+    with Store.open(tmp_path) as store:
+        assert [b.id for b in store.load().blockers] == ["old", "new"]
+
+
+READER_HOLDS = """
+    import io, json, logging, os, sqlite3, shutil
+    from pathlib import Path
+    from migblockd.state import BlockerRow, Put, Store
+
+    directory = Path(DIRECTORY)
+    lines = io.StringIO()
+    logging.getLogger("migblockd").addHandler(logging.StreamHandler(lines))
+    store = Store.open(directory)
+    store.commit([Put(BlockerRow("backed-up", "r", ("normal",), False, None, 1.5, 1))])
+    backup = directory.parent / "backup.db"
+    with sqlite3.connect(directory / "state.db") as source, sqlite3.connect(backup) as target:
+        source.backup(target)
+    store.commit([Put(BlockerRow("later", "r", ("normal",), False, None, 1.5, 2))])
+    reader = sqlite3.connect(directory / "state.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM blocker").fetchone()  # holds the log back
+    staged = directory / "staged.db"
+    shutil.copy(backup, staged)
+    staged.rename(directory / "state.db")
+    store.close()
+    print(json.dumps({"log": lines.getvalue(), "files": sorted(os.listdir(directory))}))
+"""
+
+
+def test_a_log_a_reader_keeps_from_being_emptied_is_removed_from_beside_a_restore(
+        tmp_path: Path) -> None:
+    # Found by review: a program reading the replaced file kept the stop from
+    # emptying its log, which the stop said it had done; the next start replayed
+    # it into the restored backup.
+    directory = tmp_path / "state"
+    script = tmp_path / "reader.py"
+    script.write_text(textwrap.dedent(READER_HOLDS).replace(
+        "DIRECTORY", repr(str(directory))))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    db = directory / "state.db"
+    assert report["log"].startswith(
+        f"stopping: {db} was replaced while the daemon ran: its log, which could not be "
+        "emptied (another program reads the database), is removed from there, so that the "
+        "next start replays nothing into another file; what it kept (2 blockers) is saved "
+        "as "), report
+    assert "state.db-wal" not in report["files"], report
+    with Store.open(directory) as store:
+        assert [b.id for b in store.load().blockers] == ["backed-up"]
+    [copy] = rescued_copies(db)
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        if (directory / name).exists():
+            (directory / name).rename(tmp_path / name)
+    copy.rename(db)
+    with Store.open(directory) as store:
+        assert [b.id for b in store.load().blockers] == ["backed-up", "later"]

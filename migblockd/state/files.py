@@ -25,13 +25,15 @@ them from :mod:`migblockd.state.opening`, which then lets SQLite open the file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+import time
 from pathlib import Path
 
 from migblockd.state.errors import StateError, owner_mismatch, read_only
-from migblockd.state.rescue import rescued_copies
+from migblockd.state.rescue import RESCUED, rescued_copies
 from migblockd.trust import named_uid
 from migblockd.writable import attribute_fix
 
@@ -61,8 +63,12 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
         # A copy a stop saved of a state.db that left its name (migblockd.state.rescue)
         # is the state: never a start without it, empty, nor one that ignores it.
         copies = rescued_copies(path)
-        saved = (f"; a stop saved what its daemon kept of it as {copies[-1]}"
-                 if copies else "")
+        saved = ""
+        if copies:
+            # Which stop saved it, the start cannot tell: it says when.
+            saved = (f"; a stop saved what a daemon kept as {copies[-1]} "
+                     f"({_when(copies[-1])}), which may be older than the {path.name} "
+                     "there was")
         if path.is_symlink():
             # Say, a volume not mounted yet: starting empty would drop its state.
             raise StateError(f"{path} is a symbolic link to {os.readlink(path)}, which does "
@@ -75,10 +81,11 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
         # the log empty before it made the copy; a log with frames, or emptied
         # after the copy (by the daemon on a full disk, by an operator), is of a
         # daemon killed since: a copy then holds an earlier state.
-        if copies and _emptied_before(wal, copies[-1]):
+        copy = _saved_with(wal, copies)
+        if copy is not None:
             raise StateError(
                 f"{wal} exists without {path.name}, which was removed while "
-                f"the daemon ran; the stop saved what it kept as {copies[-1]}: rename that "
+                f"the daemon ran; the stop saved what it kept as {copy}: rename that "
                 f"to {path} to use it, or move the whole directory away to restore a "
                 "backup or to start from scratch") from None
         if os.path.lexists(wal):
@@ -89,8 +96,8 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
                 "scratch") from None
         if copies:
             raise StateError(
-                f"{path} does not exist{saved}: rename that to {path} to use it, or move it "
-                "away to start from scratch") from None
+                f"{path} does not exist{saved}: rename that to {path} to use it, or move "
+                f"the copies ({path.name}{RESCUED}*) away to start from scratch") from None
         return True
     except OSError as e:
         raise StateError(f"cannot read {path}: {e.strerror}; fix its permissions, "
@@ -111,14 +118,31 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
     return False
 
 
-def _emptied_before(wal: Path, copy: Path) -> bool:
-    """Whether ``wal`` is a log left empty, and not written since ``copy`` was made:
-    as a stop that saved that copy leaves it."""
+def _saved_with(wal: Path, copies: list[Path]) -> Path | None:
+    """The copy the stop that left ``wal`` saved, if it left it as such a stop does:
+    empty, and not written since.  The first copy made after the log was emptied
+    (by time of change, not by name: a clock set back since orders names wrong)."""
     try:
-        log, made = wal.lstat(), copy.lstat()
+        log = wal.lstat()
     except OSError:
-        return False
-    return log.st_size == 0 and log.st_mtime_ns <= made.st_mtime_ns
+        return None
+    if log.st_size != 0:
+        return None
+    made = []
+    for copy in copies:
+        with contextlib.suppress(OSError):
+            if (changed := copy.lstat().st_mtime_ns) >= log.st_mtime_ns:
+                made.append((changed, copy))
+    return min(made)[1] if made else None
+
+
+def _when(copy: Path) -> str:
+    """When ``copy`` was made, as its time of change says (UTC)."""
+    try:
+        changed = copy.lstat().st_mtime
+    except OSError:
+        return "when, unknown"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(changed))
 
 
 def _check_header(path: Path) -> None:

@@ -22,11 +22,13 @@ away (still linked) is whole where it went.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["RESCUED", "let_go", "rescued_copies"]
@@ -49,18 +51,28 @@ def rescued_copies(path: Path) -> list[Path]:
     return [each for *_, each in sorted(found)]
 
 
-def let_go(conn: sqlite3.Connection, path: Path, replaced: bool, linked: bool) -> None:
+def let_go(conn: sqlite3.Connection, path: Path, replaced: bool, linked: bool, *,
+           discard_log: Callable[[], bool]) -> None:
     """Ready ``conn``, the database that left ``path`` while the daemon ran, for
     its close: its log emptied, then the file saved when no name holds it
-    (``linked`` False).  ``replaced``: another file is at ``path`` now."""
+    (``linked`` False).  ``replaced``: another file is at ``path`` now.
+    ``discard_log()`` removes the log from beside the name, if it is still the
+    daemon's: for one that another program's reading keeps from being emptied."""
     # TRUNCATE: the log, at its name still, must replay nothing into another file.
     try:
         busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
     except sqlite3.Error as e:
-        emptied = f"its log could not be emptied ({e})"
+        why: str | None = str(e)
     else:
-        emptied = "its log is emptied" if busy == 0 else (
-            "its log could not be emptied (another program reads the database)")
+        why = None if busy == 0 else "another program reads the database"
+    if why is None:
+        emptied = "its log is emptied"
+    elif discard_log():
+        # The copy below reads what the log holds through the connection.
+        emptied = f"its log, which could not be emptied ({why}), is removed from there"
+    else:
+        emptied = (f"its log could not be emptied ({why}): move {path.name}-wal and "
+                   f"{path.name}-shm away before the next start")
     if linked:
         # Not said where: the daemon knows the file, not the name it has now.
         saved = "the file it opened is under another name now: move it back to use it"
@@ -77,20 +89,27 @@ def _save(conn: sqlite3.Connection, path: Path, replaced: bool) -> str:
     if made is not None:
         return f"what it kept could not be saved ({copy}: {made}) and is lost"
     try:
+        # Counted through the daemon's connection: opening the copy to count would
+        # make its log and index, which a nearly full disk may not have room for.
+        blockers = conn.execute("SELECT count(*) FROM blocker").fetchone()[0]
         target = sqlite3.connect(partial)
         try:
             conn.backup(target)
-            blockers = target.execute("SELECT count(*) FROM blocker").fetchone()[0]
         finally:
             target.close()
         _sync(partial)
-        os.link(partial, copy)  # never over another file
-        os.unlink(partial)
+        try:
+            os.link(partial, copy)  # never over another file
+            os.unlink(partial)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+                raise
+            os.rename(partial, copy)  # a file system without hard links: named, free
         _sync(copy.parent)  # the copy's name too must outlive a crash
     except (sqlite3.Error, OSError) as e:
-        for each in (partial, partial.with_name(partial.name + "-journal")):
+        for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(OSError):
-                os.unlink(each)
+                os.unlink(partial.with_name(partial.name + suffix))
         return f"what it kept could not be saved ({copy}: {e}) and is lost"
     kept = f"{blockers} blocker{'' if blockers == 1 else 's'}"
     if replaced:
@@ -112,7 +131,10 @@ def _made(path: Path) -> tuple[Path, Path, str | None]:
     for n in range(1, 100):
         copy = path.with_name(path.name + RESCUED + stamp + ("" if n == 1 else f"-{n}"))
         partial = copy.with_name(copy.name + ".partial")
-        if os.path.lexists(copy):
+        # Nor beside what a stop killed while it made one left: SQLite would
+        # read a log left there into the new copy.
+        if any(os.path.lexists(copy.with_name(copy.name + suffix)) for suffix in
+               ("", ".partial-wal", ".partial-shm", ".partial-journal")):
             continue
         try:
             os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,

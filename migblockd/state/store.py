@@ -140,7 +140,16 @@ class Store:
             return
         started = time.monotonic()
         batches = _batches(changes)  # encoded first: a bad value fails before BEGIN
-        self._watched.check(None if self._database_lock is None else self._database_lock.fd)
+        fd = None if self._database_lock is None else self._database_lock.fd
+        try:
+            self._watched.check(fd)
+        except StateError:
+            if self._watched.departed(fd) is not None:
+                # Its log, left at the name, would be replayed into the file there at
+                # the next start, should this daemon be killed before its stop folds
+                # it (migblockd.state.rescue): folded into its own file now.
+                self._fold_log("TRUNCATE")
+            raise
         try:
             self._commit(batches, len(changes), started)
         finally:
@@ -268,7 +277,7 @@ class Store:
             fd = None if self._database_lock is None else self._database_lock.fd
             departed = self._watched.departed(fd)
             if departed is not None:  # SQLite would leave its log to the next start
-                let_go(conn, self.path, *departed)
+                let_go(conn, self.path, *departed, discard_log=self._watched.discard_log)
             # What is committed is in the WAL even if folding it back fails:
             # the next open replays it.
             with contextlib.suppress(sqlite3.Error):

@@ -20,6 +20,7 @@ under the daemon's mapping of it (SIGBUS).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -100,6 +101,23 @@ class Watched:
         if identity == self._opened[0] or (identity == _HIDDEN and linked):
             return None
         return identity not in (None, _HIDDEN), linked
+
+    def discard_log(self) -> bool:
+        """Remove the log and its index from beside the database's name, if the log
+        is still the one the daemon opened: whether it was.  For a database that
+        left its name, whose log another program's reading kept from being
+        emptied: the next start must not replay it into the file there."""
+        log_file = self._opened[1]
+        if log_file is None or _look(self.log)[0] != log_file:
+            return False
+        index = self.log.with_name(self.log.name.removesuffix("-wal") + "-shm")
+        try:
+            os.unlink(self.log)
+        except OSError:
+            return False
+        with contextlib.suppress(OSError):
+            os.unlink(index)
+        return True
 
     def committed(self) -> None:
         """A commit (or what a failed one did) may have written the database: SQLite

@@ -150,17 +150,18 @@ class _Server(ThreadingMixIn, WSGIServer):
         if self._warn_at is not None and time.monotonic() >= self._warn_at:
             self.say_crowded()
 
-    def say_crowded(self) -> None:
+    def say_crowded(self, *, last: bool = False) -> None:
         """Warn of the connections crowded out since the last warning, if any (also
-        at the stop: serve_forever no longer runs)."""
+        at the stop, ``last``: serve_forever no longer runs)."""
         if self._warn_at is None:
             return
         self._warn_at, self._warn_from = None, time.monotonic() + CROWDED_WARNING
         closed, refused = self._crowded
         self._crowded = [0, 0]
+        more = "" if last else f"; next count in {CROWDED_WARNING:g} s at most"
         log.warning("metrics: all %d connections were busy: %d closed to make room before "
-                    "their request was read, %d refused (a scraper may have failed; next "
-                    "count in %g s at most)", MAX_SCRAPES, closed, refused, CROWDED_WARNING)
+                    "their request was read, %d refused (a scraper may have failed%s)",
+                    MAX_SCRAPES, closed, refused, more)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         try:
@@ -299,7 +300,7 @@ class MetricsServer:
             with contextlib.suppress(OSError):
                 self._httpd.socket.shutdown(socket.SHUT_RDWR)
             self._httpd.shutdown()
-        self._httpd.say_crowded()
+        self._httpd.say_crowded(last=True)
         # Daemon threads: the end of the process would close their connections
         # with nothing said.  Copied: each removes itself as it ends.
         until = time.monotonic() + STOP_WAIT

@@ -566,6 +566,32 @@ def test_the_late_answer_to_an_abandoned_request_is_not_the_next_ones(
     assert shell.quit() == 0
 
 
+def test_an_id_still_awaited_is_refused_for_the_next_request(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    # Found by review: a raw request abandoned with Ctrl-C, then another with the
+    # same id (the habitual "id": 1), was shown the first one's reply, and its own
+    # was dropped: the replies cannot be told apart.
+    daemon = start_daemon("--ephemeral")
+    shell = spawn_shell(daemon.socket)
+    daemon.signal(signal.SIGSTOP)  # the first request waits for its reply
+    try:
+        shell.send('{"execute": "query-version", "id": 1}\r')
+        shell.send(CTRL_C)
+        shell.expect("interrupted: a request already sent may still take effect")
+        shell.expect(PROMPT)
+        shell.send('{"execute": "add-blocker", "arguments": {"reason": "r"}, "id": 1}\r')
+        shell.expect("error: id 1 is still awaited by an earlier request, whose reply has "
+                     "not come; give this one another id")
+        shell.expect(PROMPT)
+    finally:
+        daemon.signal(signal.SIGCONT)
+    shell.send('{"execute": "query-blockers", "id": 2}\r')
+    shell.expect('{"return": [], "id": 2}')  # nothing was added
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+
 def test_no_home_keeps_the_history_in_memory(tmp_path: Path) -> None:
     """A bare uid (no $HOME, no account): before, the shell died with a traceback
     (Path.home()) before it connected."""

@@ -1670,10 +1670,13 @@ def test_a_log_a_kill_left_without_its_database_names_no_earlier_copy(
         os.truncate(wal, 0)
     with pytest.raises(StateError) as refused:
         Store.open(tmp_path)
+    # Named for what it is: a copy of when, which may be older.
     assert str(refused.value) == (
-        f"{tmp_path}/state.db-wal exists without state.db; put back the state.db it is the "
-        "log of (the file moved away), not a backup, into which SQLite would replay it; "
-        "or move the whole directory away to restore a backup or to start from scratch")
+        f"{tmp_path}/state.db-wal exists without state.db; a stop saved what a daemon kept "
+        f"as {stale} (2017-07-14 02:40:00 UTC), which may be older than the state.db there "
+        "was; put back the state.db it is the log of (the file moved away), not a backup, "
+        "into which SQLite would replay it; or move the whole directory away to restore a "
+        "backup or to start from scratch")
 
 
 def test_a_saved_copy_is_never_left_behind_by_a_start(tmp_path: Path) -> None:

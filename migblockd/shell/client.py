@@ -191,6 +191,11 @@ class QMPClient:
         except TimeoutError:
             raise ConnectError(f"no answer to {command} within {self._opening.said}") from None
 
+    def awaits(self, id: Any) -> bool:
+        """Whether a request with ``id`` has had no reply yet (one abandoned, say):
+        a second one with that id could not be told from it by its reply."""
+        return _id_key(id) in self._unanswered
+
     async def execute(self, message: Message, text: str | None = None) -> Message:
         """Send ``message`` (an ``id`` is added when it has none) and wait for its reply.
 

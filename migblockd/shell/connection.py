@@ -108,6 +108,10 @@ class Connection:
         await self.open()
         return True
 
+    def awaits(self, id: object) -> bool:
+        """Whether a request with ``id`` still awaits its reply (QMPClient.awaits)."""
+        return self._client is not None and self._client.awaits(id)
+
     async def execute(self, message: Message, text: str | None = None) -> Message:
         """Run one request; the shell's own ``id`` is removed from the reply.
         ``text``: the request as typed, which is what is sent (QMPClient.execute).

@@ -4,6 +4,7 @@ and the scripting modes."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,13 @@ class Runner:
             if problem is not None:
                 self.err(self._messages.error(f"error: {problem}"))
                 return False
+        if "id" in parsed.message and self.connection.awaits(parsed.message["id"]):
+            # Its reply could not be told from the earlier one's, which would be
+            # shown as this one's (and this one's dropped).
+            self.err(self._messages.error(
+                f"error: id {visible(json.dumps(parsed.message['id']))} is still awaited by an "
+                "earlier request, whose reply has not come; give this one another id"))
+            return False
         if self.echo is not None:
             self.echo(self._messages.request(
                 parsed.message if parsed.text is None else parsed.text))

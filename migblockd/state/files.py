@@ -90,10 +90,10 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
                 "backup or to start from scratch") from None
         if os.path.lexists(wal):
             raise StateError(
-                f"{wal} exists without {path.name}; put back the {path.name} it is the log "
-                "of (the file moved away), not a backup, into which SQLite would replay it; "
-                "or move the whole directory away to restore a backup or to start from "
-                "scratch") from None
+                f"{wal} exists without {path.name}{saved}; put back the {path.name} it is "
+                "the log of (the file moved away), not a backup, into which SQLite would "
+                "replay it; or move the whole directory away to restore a backup or to start "
+                "from scratch") from None
         if copies:
             raise StateError(
                 f"{path} does not exist{saved}: rename that to {path} to use it, or move "

@@ -1860,3 +1860,69 @@ def test_a_log_a_reader_keeps_from_being_emptied_is_removed_from_beside_a_restor
     copy.rename(db)
     with Store.open(directory) as store:
         assert [b.id for b in store.load().blockers] == ["backed-up", "later"]
+
+
+MOVED_WHILE_READ = """
+    import io, json, logging, os, sqlite3
+    from pathlib import Path
+    from migblockd.state import BlockerRow, Put, StateError, Store
+
+    directory = Path(DIRECTORY)
+    lines = io.StringIO()
+    logging.getLogger("migblockd").addHandler(logging.StreamHandler(lines))
+    store = Store.open(directory)
+    store.commit([Put(BlockerRow("b0", "r", ("normal",), False, None, 1.5, 1))])
+    reader = sqlite3.connect(directory / "state.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM blocker").fetchone()  # holds the log back
+    for n in (1, 2):
+        store.commit([Put(BlockerRow(f"acked{n}", "r", ("normal",), False, None, 1.5, n + 1))])
+    (directory / "state.db").rename(directory.parent / "state.db.old")
+    sizes = []
+    for n in (3, 4):  # refused: each tries to fold the log, which the reader holds back
+        try:
+            store.commit([Put(BlockerRow("no", "r", ("normal",), False, None, 1.5, 9))])
+        except StateError:
+            pass
+        sizes.append(os.path.getsize(directory / "state.db-wal"))
+        if n == 3 and not STAYS:
+            reader.execute("COMMIT")  # lets go: the next refusal folds it
+    store.close()
+    print(json.dumps({"log": lines.getvalue(), "sizes": sizes,
+                      "files": sorted(os.listdir(directory))}))
+"""
+
+
+@pytest.mark.parametrize("stays", [False, True], ids=["reader-leaves", "reader-stays"])
+def test_a_database_moved_away_while_read_loses_nothing_at_the_stop(
+        tmp_path: Path, stays: bool) -> None:
+    # Found by review: a moved-away state.db still has a name, so the stop made no
+    # copy; a reader kept its log from being emptied, and the stop removed the log
+    # all the same: moved back, the file held none of the acknowledged blockers.
+    directory = tmp_path / "state"
+    script = tmp_path / "moved.py"
+    script.write_text(textwrap.dedent(MOVED_WHILE_READ).replace(
+        "DIRECTORY", repr(str(directory))).replace("STAYS", repr(stays)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    db = directory / "state.db"
+    assert report["log"].startswith(f"stopping: {db} was moved away while the daemon ran: "), report
+    acknowledged = ["b0", "acked1", "acked2"]
+    if stays:
+        # Never folded: the file moved away lacks the log's changes, which the copy has,
+        # and the log, removed, replays nothing.
+        assert report["sizes"][0] > 0 and report["sizes"][1] > 0, report
+        [copy] = rescued_copies(db)
+        assert "state.db-wal" not in report["files"], report
+        copy.rename(db)
+    else:
+        # The first refusal could not fold the log (a reader), the next one did: the
+        # file moved away holds every acknowledged change.
+        assert report["sizes"] == [report["sizes"][0], 0] and report["sizes"][0] > 0, report
+        assert rescued_copies(db) == []
+        (tmp_path / "state.db.old").rename(db)
+    with Store.open(directory) as store:
+        assert [b.id for b in store.load().blockers] == acknowledged

@@ -66,9 +66,11 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
         saved = ""
         if copies:
             # Which stop saved it, the start cannot tell: it says when.
+            others = (f", the newest by name of {len(copies)} copies there (compare their "
+                      "times: a clock set back orders names wrong)" if len(copies) > 1 else "")
             saved = (f"; a stop saved what a daemon kept as {copies[-1]} "
-                     f"({_when(copies[-1])}), which may be older than the {path.name} "
-                     "there was")
+                     f"({_when(copies[-1])}){others}, which may be older than the "
+                     f"{path.name} there was")
         if path.is_symlink():
             # Say, a volume not mounted yet: starting empty would drop its state.
             raise StateError(f"{path} is a symbolic link to {os.readlink(path)}, which does "

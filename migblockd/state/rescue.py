@@ -55,9 +55,11 @@ def let_go(conn: sqlite3.Connection, path: Path, replaced: bool, linked: bool, *
            discard_log: Callable[[], bool]) -> None:
     """Ready ``conn``, the database that left ``path`` while the daemon ran, for
     its close: its log emptied, then the file saved when no name holds it
-    (``linked`` False).  ``replaced``: another file is at ``path`` now.
-    ``discard_log()`` removes the log from beside the name, if it is still the
-    daemon's: for one that another program's reading keeps from being emptied."""
+    (``linked`` False), or when the log could not be emptied (the file, wherever
+    it went, lacks what the log holds).  ``replaced``: another file is at
+    ``path`` now.  ``discard_log()`` removes the log from beside the name, if it
+    is still the daemon's: once saved, one another program's reading keeps from
+    being emptied must not be replayed into the file there."""
     # TRUNCATE: the log, at its name still, must replay nothing into another file.
     try:
         busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
@@ -65,29 +67,31 @@ def let_go(conn: sqlite3.Connection, path: Path, replaced: bool, linked: bool, *
         why: str | None = str(e)
     else:
         why = None if busy == 0 else "another program reads the database"
+    if linked and why is None:
+        # Not said where: the daemon knows the file, not the name it has now.
+        saved, copied = ("the file it opened is under another name now: move it back to "
+                         "use it"), False
+    else:
+        # Read through the connection: the log's changes are in the copy.
+        saved, copied = _save(conn, path, replaced)
     if why is None:
         emptied = "its log is emptied"
-    elif discard_log():
-        # The copy below reads what the log holds through the connection.
+    elif copied and discard_log():
         emptied = f"its log, which could not be emptied ({why}), is removed from there"
     else:
         emptied = (f"its log could not be emptied ({why}): move {path.name}-wal and "
                    f"{path.name}-shm away before the next start")
-    if linked:
-        # Not said where: the daemon knows the file, not the name it has now.
-        saved = "the file it opened is under another name now: move it back to use it"
-    else:
-        saved = _save(conn, path, replaced)
     what = "replaced" if replaced else "moved away" if linked else "removed"
     log.warning("stopping: %s was %s while the daemon ran: %s, so that the next start "
                 "replays nothing into another file; %s", path, what, emptied, saved)
 
 
-def _save(conn: sqlite3.Connection, path: Path, replaced: bool) -> str:
-    """Copy the database ``conn`` has open beside ``path``; what became of it."""
+def _save(conn: sqlite3.Connection, path: Path, replaced: bool) -> tuple[str, bool]:
+    """Copy the database ``conn`` has open beside ``path``: what became of it, and
+    whether the copy was made."""
     copy, partial, made = _made(path)
     if made is not None:
-        return f"what it kept could not be saved ({copy}: {made}) and is lost"
+        return f"what it kept could not be saved ({copy}: {made}) and is lost", False
     try:
         # Counted through the daemon's connection: opening the copy to count would
         # make its log and index, which a nearly full disk may not have room for.
@@ -110,16 +114,17 @@ def _save(conn: sqlite3.Connection, path: Path, replaced: bool) -> str:
         for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(OSError):
                 os.unlink(partial.with_name(partial.name + suffix))
-        return f"what it kept could not be saved ({copy}: {e}) and is lost"
+        return f"what it kept could not be saved ({copy}: {e}) and is lost", False
     kept = f"{blockers} blocker{'' if blockers == 1 else 's'}"
     if replaced:
         # The file there now may have a log of its own, which SQLite would replay
         # into the copy renamed in its place.
         return (f"what it kept ({kept}) is saved as {copy}; the next start uses the file "
                 f"there now; to use the copy instead, stop the daemon, move {path.name}, "
-                f"{path.name}-wal and {path.name}-shm away, and rename the copy to {path}")
+                f"{path.name}-wal and {path.name}-shm away, and rename the copy to {path}"
+                ), True
     return (f"what it kept ({kept}) is saved as {copy}, which the next start names; "
-            f"rename that to {path} to use it")
+            f"rename that to {path} to use it"), True
 
 
 def _made(path: Path) -> tuple[Path, Path, str | None]:

@@ -73,8 +73,8 @@ _IOERR_FSYNC = 10 | (4 << 8)
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
-    __slots__ = ("_conn", "_database_lock", "_files", "_lock", "_log", "_watched",
-                 "directory", "path")
+    __slots__ = ("_conn", "_database_lock", "_files", "_folded", "_lock", "_log",
+                 "_watched", "directory", "path")
 
     def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection,
                  database_lock: DatabaseLock) -> None:
@@ -88,6 +88,8 @@ class Store:
         self._database_lock: DatabaseLock | None = database_lock
         self._conn: sqlite3.Connection | None = conn
         self._watched = Watched(self.path, self._log)
+        #: Whether the log of a database that left its name is folded (commit).
+        self._folded = False
 
     @classmethod
     def open(cls, directory: Path,
@@ -144,11 +146,12 @@ class Store:
         try:
             self._watched.check(fd)
         except StateError:
-            if self._watched.departed(fd) is not None:
+            if not self._folded and self._watched.departed(fd) is not None:
                 # Its log, left at the name, would be replayed into the file there at
                 # the next start, should this daemon be killed before its stop folds
-                # it (migblockd.state.rescue): folded into its own file now.
-                self._fold_log("TRUNCATE")
+                # it (migblockd.state.rescue): folded into its own file now, once,
+                # and without waiting for a reader (each refused commit would wait).
+                self._folded = self._fold_now()
             raise
         try:
             self._commit(batches, len(changes), started)
@@ -256,6 +259,23 @@ class Store:
         except OSError:
             return False
         return True
+
+    def _fold_now(self) -> bool:
+        """:meth:`_fold_log` with ``TRUNCATE``, failing at once rather than waiting
+        out the busy timeout when another program reads the database."""
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            timeout = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+            conn.execute("PRAGMA busy_timeout = 0")
+        except sqlite3.Error:
+            return False
+        try:
+            return self._fold_log("TRUNCATE")
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute(f"PRAGMA busy_timeout = {timeout}")
 
     def _fold_log(self, mode: str) -> bool:
         """Copy the log back into the database, so that the next commit writes

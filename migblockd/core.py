@@ -57,6 +57,7 @@ from migblockd.ledger import Ledger
 from migblockd.logs import about
 from migblockd.logs.throttle import Throttle
 from migblockd.outcomes import Outcomes
+from migblockd.qemu_facts import QemuGivenUp
 from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.envelope import Request
 from migblockd.qmp.errors import QMPError
@@ -204,6 +205,14 @@ class Core(Roster, Outcomes):
         conn.suspended = conn.waiting = conn.answer = None
         value, error = answer
         started = self._started.pop(conn, 0)
+        if isinstance(error, QemuGivenUp):
+            # The stop gave up waiting for QEMU: the command ends in the stop's words,
+            # its handler closed rather than told, since it would make of the silence
+            # what it makes of a silent or an absent QEMU (an add, a busy refusal).
+            gen.close()
+            self.stats.refused(request.command.name, error)
+            self._complete(conn, request, None, qmp_error(error), started)
+            return
         try:
             # The handler may go on to its change, answered or not (add-blocker adds
             # while QEMU is away): counted as of now.

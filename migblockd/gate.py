@@ -33,7 +33,6 @@ from migblockd.qemu_facts import (
     ModeMismatch,
     QemuError,
     QemuFacts,
-    QemuGivenUp,
     QemuLost,
     QemuRestarted,
     QemuSilent,
@@ -137,8 +136,6 @@ class GateHandlers(Forwarding):
             if self.qemu.connected:
                 try:
                     info = yield Call("query-migrate", {})
-                except QemuGivenUp:
-                    raise  # refused in the stop's words, below
                 except QemuSilent as exc:
                     if self.qemu.may_migrate():
                         raise MigrationBusy(args["reason"]) from None
@@ -164,17 +161,13 @@ class GateHandlers(Forwarding):
                             running = not incoming(info, (yield from self._runstate()))
                         except QemuRestarted:
                             raise  # not to be judged by the next QEMU: try again
-                        except QemuGivenUp:
-                            raise  # refused in the stop's words, below
                         except QemuUnavailable:
                             pass  # busy, as said
                     if running or self.qemu.busy:
                         raise MigrationBusy(args["reason"])
         except BlockerError as exc:
             raise self._add_refused(conn, exc, args) from None
-        except (QemuRestarted, QemuGivenUp) as exc:
-            # In their own words, whatever QEMU's state would have made of a silent or
-            # an absent QEMU: a command given up on at the stop adds nothing either.
+        except QemuRestarted as exc:
             self._refused(conn, exc, blocker_id=args.get("id"))
             raise
         return super().add_blocker(conn, args)
@@ -188,8 +181,6 @@ class GateHandlers(Forwarding):
         if self.qemu.present:
             try:
                 info = yield Call("query-migrate", {})
-            except QemuGivenUp:
-                raise  # the stop's words, as every command given up on has them
             except QemuSilent as exc:
                 raise QemuSilent(f"whether QEMU has a blocker '{id}' cannot be told: QEMU "
                                  f"did not answer migblockd's query-migrate ({exc})") from None
@@ -218,8 +209,6 @@ class GateHandlers(Forwarding):
             return ours
         try:
             info = yield Call("query-migrate", {})
-        except QemuGivenUp:
-            raise  # the stop's words, as every command given up on has them
         except QemuSilent as exc:
             # Connected, and silent: its blockers are there, unlisted; "[]" of a
             # QEMU with blockers would say that nothing blocks migration.
@@ -339,9 +328,6 @@ class GateHandlers(Forwarding):
                 runstate = yield from self._runstate()
                 check_runstate(runstate)
             self.registry.check_migrate()  # the current mode's newest blocker
-        except QemuGivenUp as exc:
-            self._refused(conn, exc, uri=uri)
-            raise  # the stop's words, as every command given up on has them
         except QemuSilent as exc:
             # Its words name migblockd's own question, which the client never sent.
             refused = QemuSilent(f"migrate was not sent: QEMU did not answer migblockd's "

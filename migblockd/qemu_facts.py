@@ -70,13 +70,13 @@ class QemuSilent(QemuUnavailable):
     """QEMU did not answer a call within ``--qemu-timeout``; it may still run it."""
 
 
-class QemuGivenUp(QemuSilent):
+class QemuGivenUp(QemuUnavailable):
     """migblockd stopped before QEMU answered a call (the drain gave up on it).
 
-    QEMU did not answer, as with :class:`QemuSilent`, not "QEMU is gone": its
-    blockers, its migration, are still there.  A handler fails with it as it is,
-    changing nothing, whatever it would have made of a silent QEMU: its client
-    hears the stop's words, and the stop does not wait for it to ask again."""
+    No handler sees it: the core closes the command's handler and fails the
+    command with it (``Core._go_on``), changing nothing, whatever the handler
+    would have made of a silent or an absent QEMU: its client hears the stop's
+    words, and the stop does not wait for it to ask QEMU again."""
 
 
 class QemuLost(QemuUnavailable):

@@ -1805,124 +1805,91 @@ def test_the_copy_a_stop_saved_is_named_whatever_the_clock_did(tmp_path: Path) -
         assert [b.id for b in store.load().blockers] == ["old", "new"]
 
 
-READER_HOLDS = """
-    import io, json, logging, os, sqlite3, shutil
-    from pathlib import Path
-    from migblockd.state import BlockerRow, Put, Store
-
-    directory = Path(DIRECTORY)
-    lines = io.StringIO()
-    logging.getLogger("migblockd").addHandler(logging.StreamHandler(lines))
-    store = Store.open(directory)
-    store.commit([Put(BlockerRow("backed-up", "r", ("normal",), False, None, 1.5, 1))])
-    backup = directory.parent / "backup.db"
-    with sqlite3.connect(directory / "state.db") as source, sqlite3.connect(backup) as target:
-        source.backup(target)
-    store.commit([Put(BlockerRow("later", "r", ("normal",), False, None, 1.5, 2))])
-    reader = sqlite3.connect(directory / "state.db", isolation_level=None)
+def reading(database: Path) -> sqlite3.Connection:
+    """Another program's connection to ``database``, in a read transaction: it holds
+    the log back from being emptied until it ends."""
+    reader = sqlite3.connect(database, isolation_level=None)
     reader.execute("BEGIN")
-    reader.execute("SELECT count(*) FROM blocker").fetchone()  # holds the log back
-    staged = directory / "staged.db"
-    shutil.copy(backup, staged)
-    staged.rename(directory / "state.db")
-    store.close()
-    print(json.dumps({"log": lines.getvalue(), "files": sorted(os.listdir(directory))}))
-"""
+    reader.execute("SELECT count(*) FROM blocker").fetchone()
+    return reader
 
 
 def test_a_log_a_reader_keeps_from_being_emptied_is_removed_from_beside_a_restore(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Found by review: a program reading the replaced file kept the stop from
     # emptying its log, which the stop said it had done; the next start replayed
     # it into the restored backup.
     directory = tmp_path / "state"
-    script = tmp_path / "reader.py"
-    script.write_text(textwrap.dedent(READER_HOLDS).replace(
-        "DIRECTORY", repr(str(directory))))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.splitlines()[-1])
     db = directory / "state.db"
-    assert report["log"].startswith(
+    store = Store.open(directory)
+    store.commit([Put(row("backed-up", 1))])
+    backup = tmp_path / "backup.db"
+    with contextlib.closing(sqlite3.connect(db)) as source, \
+            contextlib.closing(sqlite3.connect(backup)) as target:
+        source.backup(target)
+    store.commit([Put(row("later", 2))])
+    reader = reading(db)
+    staged = directory / "staged.db"
+    shutil.copy(backup, staged)
+    staged.rename(db)
+    with caplog.at_level("WARNING", "migblockd"):
+        store.close()
+    reader.close()
+    assert caplog.messages[-1].startswith(
         f"stopping: {db} was replaced while the daemon ran: its log, which could not be "
         "emptied (another program reads the database), is removed from there, so that the "
         "next start replays nothing into another file; what it kept (2 blockers) is saved "
-        "as "), report
-    assert "state.db-wal" not in report["files"], report
-    with Store.open(directory) as store:
-        assert [b.id for b in store.load().blockers] == ["backed-up"]
+        "as "), caplog.messages
+    assert not (directory / "state.db-wal").exists()
+    with Store.open(directory) as again:
+        assert [b.id for b in again.load().blockers] == ["backed-up"]
     [copy] = rescued_copies(db)
     for name in ("state.db", "state.db-wal", "state.db-shm"):
         if (directory / name).exists():
             (directory / name).rename(tmp_path / name)
     copy.rename(db)
-    with Store.open(directory) as store:
-        assert [b.id for b in store.load().blockers] == ["backed-up", "later"]
-
-
-MOVED_WHILE_READ = """
-    import io, json, logging, os, sqlite3
-    from pathlib import Path
-    from migblockd.state import BlockerRow, Put, StateError, Store
-
-    directory = Path(DIRECTORY)
-    lines = io.StringIO()
-    logging.getLogger("migblockd").addHandler(logging.StreamHandler(lines))
-    store = Store.open(directory)
-    store.commit([Put(BlockerRow("b0", "r", ("normal",), False, None, 1.5, 1))])
-    reader = sqlite3.connect(directory / "state.db", isolation_level=None)
-    reader.execute("BEGIN")
-    reader.execute("SELECT count(*) FROM blocker").fetchone()  # holds the log back
-    for n in (1, 2):
-        store.commit([Put(BlockerRow(f"acked{n}", "r", ("normal",), False, None, 1.5, n + 1))])
-    (directory / "state.db").rename(directory.parent / "state.db.old")
-    sizes = []
-    for n in (3, 4):  # refused: each tries to fold the log, which the reader holds back
-        try:
-            store.commit([Put(BlockerRow("no", "r", ("normal",), False, None, 1.5, 9))])
-        except StateError:
-            pass
-        sizes.append(os.path.getsize(directory / "state.db-wal"))
-        if n == 3 and not STAYS:
-            reader.execute("COMMIT")  # lets go: the next refusal folds it
-    store.close()
-    print(json.dumps({"log": lines.getvalue(), "sizes": sizes,
-                      "files": sorted(os.listdir(directory))}))
-"""
+    with Store.open(directory) as again:
+        assert [b.id for b in again.load().blockers] == ["backed-up", "later"]
 
 
 @pytest.mark.parametrize("stays", [False, True], ids=["reader-leaves", "reader-stays"])
 def test_a_database_moved_away_while_read_loses_nothing_at_the_stop(
-        tmp_path: Path, stays: bool) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, stays: bool) -> None:
     # Found by review: a moved-away state.db still has a name, so the stop made no
     # copy; a reader kept its log from being emptied, and the stop removed the log
     # all the same: moved back, the file held none of the acknowledged blockers.
     directory = tmp_path / "state"
-    script = tmp_path / "moved.py"
-    script.write_text(textwrap.dedent(MOVED_WHILE_READ).replace(
-        "DIRECTORY", repr(str(directory))).replace("STAYS", repr(stays)))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout.splitlines()[-1])
-    db = directory / "state.db"
-    assert report["log"].startswith(f"stopping: {db} was moved away while the daemon ran: "), report
-    acknowledged = ["b0", "acked1", "acked2"]
+    db, wal = directory / "state.db", directory / "state.db-wal"
+    store = Store.open(directory)
+    store.commit([Put(row("b0", 1))])
+    reader = reading(db)
+    for n in (1, 2):
+        store.commit([Put(row(f"acked{n}", n + 1))])
+    db.rename(tmp_path / "state.db.old")
+    sizes = []
+    for n in (3, 4):  # refused: each tries to fold the log, which the reader holds back
+        with pytest.raises(StateError):
+            store.commit([Put(row("no", 9))])
+        sizes.append(wal.stat().st_size)
+        if n == 3 and not stays:
+            reader.execute("COMMIT")  # lets go: the next refusal folds it
+    with caplog.at_level("WARNING", "migblockd"):
+        store.close()
+    reader.close()
+    assert caplog.messages[-1].startswith(
+        f"stopping: {db} was moved away while the daemon ran: "), caplog.messages
     if stays:
         # Never folded: the file moved away lacks the log's changes, which the copy has,
         # and the log, removed, replays nothing.
-        assert report["sizes"][0] > 0 and report["sizes"][1] > 0, report
+        assert sizes[0] > 0 and sizes[1] > 0, sizes
         [copy] = rescued_copies(db)
-        assert "state.db-wal" not in report["files"], report
+        assert not wal.exists()
         copy.rename(db)
     else:
         # The first refusal could not fold the log (a reader), the next one did: the
         # file moved away holds every acknowledged change.
-        assert report["sizes"] == [report["sizes"][0], 0] and report["sizes"][0] > 0, report
+        assert sizes[0] > 0 and sizes[1] == 0, sizes
         assert rescued_copies(db) == []
         (tmp_path / "state.db.old").rename(db)
-    with Store.open(directory) as store:
-        assert [b.id for b in store.load().blockers] == acknowledged
+    with Store.open(directory) as again:
+        assert [b.id for b in again.load().blockers] == ["b0", "acked1", "acked2"]

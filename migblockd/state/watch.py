@@ -60,10 +60,11 @@ class Watched:
         database lock holds it open (None: not to be read)."""
         database, log_file = self._opened
         identity, left = _look(self.path)
-        # Where the directory may no longer be looked in, the descriptor tells.
-        if identity is None or (identity == _HIDDEN and not _linked(fd, identity)):
-            raise self._removed(fd)
-        if identity not in (database, _HIDDEN):
+        departure = self._departure(identity, fd)
+        if departure is not None:
+            replaced, _ = departure
+            if not replaced:
+                raise self._removed(fd)
             raise StateError(f"cannot commit to {self.path}: it is not the file the daemon "
                              "opened (it was replaced, moved or removed), and the next start "
                              "would not read what is committed now; put that file back, or "
@@ -96,9 +97,17 @@ class Watched:
         """Whether the database opened (``fd``, as :meth:`check`'s) has left ``path``:
         whether another file is there, and whether a name still holds the one
         opened; None: it is still there."""
-        identity, _ = _look(self.path)
+        return self._departure(_look(self.path)[0], fd)
+
+    def _departure(self, identity: tuple[int, int] | None,
+                   fd: int | None) -> tuple[bool, bool] | None:
+        """:meth:`departed`, the path's identity looked up; the descriptor is asked
+        only then (never on a commit's way), and tells where the directory may no
+        longer be looked in."""
+        if identity == self._opened[0]:
+            return None
         linked = _linked(fd, identity)
-        if identity == self._opened[0] or (identity == _HIDDEN and linked):
+        if identity == _HIDDEN and linked:
             return None
         return identity not in (None, _HIDDEN), linked
 

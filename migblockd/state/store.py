@@ -26,7 +26,6 @@ caller must serialise all calls (one worker thread, or one at a time).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sqlite3
@@ -42,16 +41,15 @@ from migblockd.state.errors import (
     StateError,
     Unsettled,
     commit_failed,
-    describe_open_error,
     free_space,
     io_error,
     no_space,
-    one_line,
 )
 from migblockd.state.lock import DatabaseLock, lock_directory
 from migblockd.state.opening import check_and_open, configure, connect
-from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
+from migblockd.state.records import Change, Snapshot
 from migblockd.state.rescue import let_go
+from migblockd.state.rows import Statements, read_snapshot, statements
 from migblockd.state.watch import Watched
 
 __all__ = ["SLOW_COMMIT", "Store"]
@@ -118,7 +116,7 @@ class Store:
         def examine(conn: sqlite3.Connection) -> None:
             if restore is None:
                 return
-            snapshot = _read(conn, path)
+            snapshot = read_snapshot(conn, path)
             try:
                 restore(snapshot)
             except ValueError as exc:
@@ -133,7 +131,7 @@ class Store:
 
     def load(self) -> Snapshot:
         """Everything stored: blockers oldest first, and the settings."""
-        return _read(self._connection(), self.path)
+        return read_snapshot(self._connection(), self.path)
 
     def commit(self, changes: Sequence[Change]) -> None:
         """Apply ``changes`` in order, in one transaction: all or nothing,
@@ -141,7 +139,7 @@ class Store:
         if not changes:
             return
         started = time.monotonic()
-        batches = _batches(changes)  # encoded first: a bad value fails before BEGIN
+        batches = statements(changes)  # encoded first: a bad value fails before BEGIN
         fd = None if self._database_lock is None else self._database_lock.fd
         try:
             self._watched.check(fd)
@@ -158,7 +156,7 @@ class Store:
         finally:
             self._watched.committed()
 
-    def _commit(self, batches: Sequence[tuple[str, list[schema.Params]]], count: int,
+    def _commit(self, batches: Statements, count: int,
                 started: float) -> None:
         """:meth:`commit`'s work, once the files are known to be the daemon's."""
         try:
@@ -196,7 +194,7 @@ class Store:
                         "slow, and the clients whose changes it carried waited as long for "
                         "their replies", self.path, took, count, "" if count == 1 else "s")
 
-    def _apply(self, batches: Sequence[tuple[str, list[schema.Params]]]) -> None:
+    def _apply(self, batches: Statements) -> None:
         """One transaction; rolled back if it fails."""
         conn = self._connection()
         try:
@@ -341,57 +339,3 @@ class Store:
             self._conn = None
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-
-
-def _read(conn: sqlite3.Connection, path: Path) -> Snapshot:
-    """Everything the database at ``path`` stores, read through ``conn``."""
-    try:
-        conn.execute("BEGIN")  # both reads from one snapshot
-        try:
-            rows = conn.execute(schema.SELECT_BLOCKERS_SQL).fetchall()
-            settings = conn.execute(schema.SELECT_SETTINGS_SQL).fetchall()
-        finally:
-            conn.execute("COMMIT")
-    except sqlite3.OperationalError as e:
-        if str(e).startswith("Could not decode"):  # text that is not UTF-8
-            column = str(e).split("'")[1] if str(e).count("'") >= 2 else "?"
-            raise StateError(f"{path} is corrupt (text in column {column!r} is not "
-                             "UTF-8); restore it from a backup, or move it away to "
-                             "start from scratch") from e
-        raise StateError(describe_open_error(path, e)) from e
-    except sqlite3.Error as e:
-        raise StateError(describe_open_error(path, e)) from e
-    try:
-        blockers = [schema.decode_row(row) for row in rows]
-        decoded = dict(schema.decode_setting(key, value) for key, value in settings)
-    except ValueError as e:
-        raise StateError(f"{path} is corrupt ({one_line(str(e))}); restore it from "
-                         "a backup, or move it away to start from scratch") from e
-    return Snapshot(blockers=blockers, settings=decoded)
-
-
-def _batches(changes: Sequence[Change]) -> list[tuple[str, list[schema.Params]]]:
-    """The group as at most three ``executemany``: the rows to delete, to put,
-    and the settings.  Only each id's (and each key's) last change counts, as
-    applying them in order would leave it; rows of different ids do not
-    interact, so the order between them does not matter."""
-    rows: dict[str, Put | Delete] = {}
-    settings: dict[str, object] = {}
-    for change in changes:
-        if isinstance(change, (Put, Delete)):
-            key = change.row.id if isinstance(change, Put) else change.id
-            rows[key] = change
-        elif isinstance(change, Setting):
-            settings[change.key] = change.value
-        else:
-            raise TypeError(f"not a state change: {change!r}")
-    deletes: list[schema.Params] = [(change.id,) for change in rows.values()
-                                    if isinstance(change, Delete)]
-    puts = [schema.encode_row(change.row) for change in rows.values()
-            if isinstance(change, Put)]
-    values: list[schema.Params] = [
-        (key, json.dumps(value, ensure_ascii=False, allow_nan=False))
-        for key, value in settings.items()]
-    return [(sql, params) for sql, params in ((schema.DELETE_SQL, deletes),
-                                              (schema.PUT_SQL, puts),
-                                              (schema.SETTING_SQL, values)) if params]

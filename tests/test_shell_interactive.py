@@ -46,6 +46,13 @@ class Shell:
     def send(self, text: str) -> None:
         self.child.send(text)
 
+    def sent(self, line: str) -> None:
+        """Type ``line`` and wait until the shell has sent it (needs ``-v``): a Ctrl-C
+        typed sooner can reach the prompt, still reading, as the next line's."""
+        self.child.send(line + "\r")
+        self.child.expect_exact("\x1b[?2004l")  # the prompt is done with the line
+        self.child.expect_exact('{"execute"')  # -v: the request as it is sent
+
     def transcript(self) -> str:
         """Everything the shell wrote to the terminal so far."""
         log = self.child.logfile_read
@@ -573,10 +580,10 @@ def test_an_id_still_awaited_is_refused_for_the_next_request(
     # same id (the habitual "id": 1), was shown the first one's reply, and its own
     # was dropped: the replies cannot be told apart.
     daemon = start_daemon("--ephemeral")
-    shell = spawn_shell(daemon.socket)
+    shell = spawn_shell(daemon.socket, "-v")
     daemon.signal(signal.SIGSTOP)  # the first request waits for its reply
     try:
-        shell.send('{"execute": "query-version", "id": 1}\r')
+        shell.sent('{"execute": "query-version", "id": 1}')
         shell.send(CTRL_C)
         shell.expect("interrupted: a request already sent may still take effect")
         shell.expect(PROMPT)
@@ -588,6 +595,37 @@ def test_an_id_still_awaited_is_refused_for_the_next_request(
         daemon.signal(signal.SIGCONT)
     shell.send('{"execute": "query-blockers", "id": 2}\r')
     shell.expect('{"return": [], "id": 2}')  # nothing was added
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+
+def test_an_id_the_shell_makes_is_never_one_a_typed_request_awaits(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    # Found by review: the shell numbers its own requests "shell-N" (qmp_capabilities,
+    # query-qmp-schema and query-commands take 1 to 3).  A raw request typed with the
+    # next one, abandoned with Ctrl-C, and the next command got the same id: the first
+    # request's reply was shown as the command's, and the command's own was dropped.
+    daemon = start_daemon("--ephemeral")
+    shell = spawn_shell(daemon.socket, "-v")
+    daemon.signal(signal.SIGSTOP)  # the typed request waits for its reply
+    try:
+        shell.sent('{"execute": "query-blockers", "id": "shell-4"}')
+        shell.send(CTRL_C)
+        shell.expect("interrupted: a request already sent may still take effect")
+        shell.expect(PROMPT)
+        shell.sent("add-blocker reason=mine id=b1")
+        # Not a timing assertion: should the daemon wake before the request reaches
+        # it, the typed one is answered first and the test passes without the fix.
+        time.sleep(0.3)
+    finally:
+        daemon.signal(signal.SIGCONT)
+    # The typed request's reply ({"return": []}) is not the command's to show.
+    shown = shell.child.expect([r'"return": \{"id": "b1"', r'"return": \[\]'])
+    assert shown == 0, shell.transcript()[-2000:]
+    shell.expect(PROMPT)
+    shell.send("query-blockers\r")
+    shell.expect('"id": "b1"')
     shell.expect(PROMPT)
     assert shell.quit() == 0
 

@@ -1211,3 +1211,17 @@ def test_timeout_must_be_a_number_of_seconds(value: str) -> None:
     result = shell("--timeout", value, "-c", "query-version")
     assert result.returncode == 2
     assert "argument --timeout: must be" in result.stderr
+
+
+def test_an_id_that_qemu_writes_back_in_its_own_form_is_still_matched(qemu: Path) -> None:
+    # QEMU parses 1E2 as a double and writes it back with %.17g, as 100: the shell
+    # waited for "100.0" for ever.  It matches ids by value.
+    result = shell(str(qemu), "--timeout", "20",
+                   "-c", '{"execute": "query-version", "id": 1E2}',
+                   "-c", '{"execute": "query-status", "id": [0.5, {"n": 2.0}]}',
+                   "-c", "query-version")
+    assert result.returncode == 0, result.stderr
+    first, second, third = replies(result.stdout)
+    assert first["id"] == 100 and "qemu" in first["return"]
+    assert second["id"] == [0.5, {"n": 2}] and "status" in second["return"]
+    assert "qemu" in third["return"] and "id" not in third

@@ -65,7 +65,20 @@ def _is_greeting(message: Any) -> TypeGuard[Message]:
 
 
 def _id_key(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    """``value`` as the text every writer of it gives the same: a server may write an
+    id back in a form of its own (QEMU writes ``1E2``, parsed as a double, as ``100``
+    with ``%.17g``; migblockd as ``100.0``), so a number is its value, not its text."""
+    return json.dumps(_by_value(value), sort_keys=True, separators=(",", ":"))
+
+
+def _by_value(value: Any) -> Any:
+    if type(value) is float and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_by_value(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _by_value(item) for key, item in value.items()}
+    return value
 
 
 @dataclass(frozen=True)
@@ -214,7 +227,7 @@ class QMPClient:
         else:
             message = dict(message)
             if "id" not in message:
-                message["id"] = f"shell-{next(self._ids)}"
+                message["id"] = self._fresh_id()
             key = _id_key(message["id"])
             data = json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n"
             try:
@@ -246,6 +259,14 @@ class QMPClient:
             return await future
         finally:
             self._pending.pop(key, None)
+
+    def _fresh_id(self) -> str:
+        """An id of the shell's own, and not one a request typed with that id (its
+        reply not come, Ctrl-C having abandoned it) still awaits."""
+        while True:
+            id = f"shell-{next(self._ids)}"
+            if _id_key(id) not in self._unanswered:
+                return id
 
     async def close(self) -> None:
         """Close the connection (no ``on_lost`` callback)."""

@@ -8,6 +8,10 @@ so is one just added to it (``usermod -aG``) from a session that started before,
 whose process does not have the group yet.  "Permission denied" alone says none
 of this; :func:`explain` names the file, its mode, owner and group, and what
 would let this process in.
+
+A directory with an access ACL (acl(5)) is judged by its entries, as the kernel
+judges it: there the mode's group bits are only the ACL's mask, and ``chmod g+x``
+changes nothing but the mask, so what lets a group in is ``setfacl``.
 """
 
 from __future__ import annotations
@@ -16,12 +20,20 @@ import grp
 import os
 import pwd
 import stat
+import struct
 from collections.abc import Collection
 from pathlib import Path
 
 __all__ = ["explain", "kept_out"]
 
 _SEARCH, _WRITE = 1, 2  # the permission bits of one class (other's; shifted for the rest)
+
+# An access ACL as Linux stores it (include/uapi/linux/posix_acl_xattr.h): version 2,
+# then (tag, perm, id) entries, little-endian; the tags (include/uapi/linux/posix_acl.h).
+_ACL_XATTR = "system.posix_acl_access"
+_USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+Acl = tuple[tuple[int, int, int], ...]
 
 
 def explain(path: str, uid: int | None = None, groups: Collection[int] | None = None) -> str | None:
@@ -39,14 +51,14 @@ def explain(path: str, uid: int | None = None, groups: Collection[int] | None = 
     target = Path(os.path.abspath(path))
     try:
         for directory in reversed(target.parents):
-            st = os.stat(directory)
-            if not _allows(st, uid, groups, _SEARCH):
-                return _why(directory, st, uid, groups, _SEARCH)
-        st = os.stat(target)
+            st, acl = os.stat(directory), _acl(directory)
+            if not _allows(st, uid, groups, _SEARCH, acl):
+                return _why(directory, st, uid, groups, _SEARCH, acl)
+        st, acl = os.stat(target), _acl(target)
     except OSError:
         return None
-    if not _allows(st, uid, groups, _WRITE):
-        return _why(target, st, uid, groups, _WRITE)
+    if not _allows(st, uid, groups, _WRITE, acl):
+        return _why(target, st, uid, groups, _WRITE, acl)
     return None
 
 
@@ -70,20 +82,22 @@ def kept_out(path: Path, mode: int, gid: int) -> str | None:
     if not mode & 0o022:
         return None
     group = _group_name(gid)
-    blocked: list[tuple[Path, os.stat_result, str]] = []
+    blocked: list[tuple[Path, os.stat_result, Acl, str]] = []
     refused = {"members": False, "others": False}
     for directory in reversed(path.parents):
         try:
             st = os.stat(directory)
         except OSError:
             break  # made by the start, as the mode says; or not ours to judge
-        members = bool(mode & 0o020) and not _allows(st, -1, {gid}, _SEARCH)
-        others = bool(mode & 0o002) and not _allows(st, -1, set(), _SEARCH)
+        acl = _acl(directory)
+        members = bool(mode & 0o020) and not _allows(st, -1, {gid}, _SEARCH, acl)
+        others = bool(mode & 0o002) and not _allows(st, -1, set(), _SEARCH, acl)
         if not (members or others):
             continue
         refused["members"] |= members
         refused["others"] |= others
-        blocked.append((directory, st, _opening(directory, st, path, gid, members, others)))
+        blocked.append((directory, st, acl,
+                        _opening(directory, st, acl, path, gid, members, others)))
     if not blocked:
         return None
     if refused["members"] and refused["others"]:
@@ -94,10 +108,8 @@ def kept_out(path: Path, mode: int, gid: int) -> str | None:
         whom = f"every user outside group {group}"
     else:
         whom = "every user"
-    what = ", and ".join(f"{d} is mode {stat.S_IMODE(st.st_mode):04o}, owner "
-                        f"{_user_name(st.st_uid)}, group {_group_name(st.st_gid)}"
-                        for d, st, _ in blocked)
-    fix = " and ".join(opening for _, _, opening in blocked)
+    what = ", and ".join(_described(d, st, acl) for d, st, acl, _ in blocked)
+    fix = " and ".join(opening for _, _, _, opening in blocked)
     top = blocked[0][0]
     if top == path.parent:
         fix += " (or remove it: the daemon creates it searchable for them)"
@@ -107,13 +119,20 @@ def kept_out(path: Path, mode: int, gid: int) -> str | None:
             f"which they may not search, so they cannot connect; {fix}")
 
 
-def _opening(directory: Path, st: os.stat_result, path: Path, gid: int, members: bool,
-             others: bool) -> str:
+def _opening(directory: Path, st: os.stat_result, acl: Acl, path: Path, gid: int,
+             members: bool, others: bool) -> str:
     """The command that lets through ``directory`` whom it keeps out.
 
     The kernel judges a member of its group by the group's bits alone, whatever
     the others' allow: a 0666 socket in a root:root 0700 directory needs both.
+    Under an ACL, by the group entries that name a group of theirs, if any: an
+    entry of its own for the socket's group lets them in (``setfacl -m`` makes
+    the mask let it through too), and touches no one else's.
     """
+    if acl and members:
+        named = next((perm for tag, perm, id in acl if tag == _GROUP and id == gid), 0)
+        grant = f"setfacl -m g:{_group_name(gid)}:{_letters(named | _SEARCH)} {directory}"
+        return grant + (f" and chmod o+x {directory}" if others else "")
     if members and st.st_gid != gid and not others:
         # Only the group is let in, so the socket's own directory is given the
         # group rather than opened to everyone; one above is not the daemon's, and
@@ -126,24 +145,62 @@ def _opening(directory: Path, st: os.stat_result, path: Path, gid: int, members:
     return f"chmod {classes}+x {directory}"
 
 
-def _allows(st: os.stat_result, uid: int, groups: Collection[int], need: int) -> bool:
+def _allows(st: os.stat_result, uid: int, groups: Collection[int], need: int,
+            acl: Acl = ()) -> bool:
+    """Whether the kernel lets ``uid`` (in ``groups``) do ``need`` (posix_acl_permission()
+    in fs/posix_acl.c, or the mode alone without an ACL)."""
     if uid == 0:  # root is let through (CAP_DAC_OVERRIDE)
         return True
     if uid == st.st_uid:
-        bits = st.st_mode >> 6
-    elif st.st_gid in groups:
-        bits = st.st_mode >> 3
-    else:
-        bits = st.st_mode
-    return bool(bits & need)
+        return bool(st.st_mode >> 6 & need)
+    if not acl:
+        bits = st.st_mode >> 3 if st.st_gid in groups else st.st_mode
+        return bool(bits & need)
+    mask = next((perm for tag, perm, _ in acl if tag == _MASK), 7)
+    named = [perm for tag, perm, id in acl if tag == _USER and id == uid]
+    if named:
+        return bool(named[0] & mask & need)
+    matched = [perm for tag, perm, id in acl
+               if (tag == _GROUP_OBJ and st.st_gid in groups) or (tag == _GROUP and id in groups)]
+    if matched:  # one of them must let it; the others' entry no longer counts
+        return any(perm & mask & need for perm in matched)
+    return bool(st.st_mode & need)  # the others' entry is the mode's others' bits
 
 
-def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need: int) -> str:
+def _acl(path: Path) -> Acl:
+    """The entries of ``path``'s access ACL; none for a file that has only its mode."""
+    try:
+        raw = os.getxattr(path, _ACL_XATTR)
+    except OSError:  # ENODATA: the mode alone; ENOTSUP: a file system without ACLs
+        return ()
+    if len(raw) < 4 or (len(raw) - 4) % 8 or int.from_bytes(raw[:4], "little") != 2:
+        return ()
+    return tuple(struct.iter_unpack("<HHI", raw[4:]))
+
+
+def _group_bits(st: os.stat_result, acl: Acl) -> int:
+    """What the file's own group may do: under an ACL its entry, through the mask."""
+    if not acl:
+        return st.st_mode >> 3 & 7
+    mask = next((perm for tag, perm, _ in acl if tag == _MASK), 7)
+    return next((perm for tag, perm, _ in acl if tag == _GROUP_OBJ), 0) & mask
+
+
+def _letters(perm: int) -> str:
+    return "".join(c for c, bit in (("r", 4), ("w", 2), ("x", 1)) if perm & bit)
+
+
+def _described(path: Path, st: os.stat_result, acl: Acl) -> str:
+    return (f"{path} is mode {stat.S_IMODE(st.st_mode):04o}" + (", with an ACL" if acl else "")
+            + f", owner {_user_name(st.st_uid)}, group {_group_name(st.st_gid)}")
+
+
+def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need: int,
+         acl: Acl) -> str:
     group = _group_name(st.st_gid)
-    what = (f"{path} is mode {stat.S_IMODE(st.st_mode):04o}, owner {_user_name(st.st_uid)}, "
-            f"group {group}")
+    what = _described(path, st, acl)
     who = f"uid {uid}" + (f" ({name})" if (name := _account(uid)) else "")
-    if uid != st.st_uid and st.st_gid not in groups and (st.st_mode >> 3) & need:
+    if uid != st.st_uid and st.st_gid not in groups and _group_bits(st, acl) & need:
         if name and _member(name, uid, st.st_gid):
             return (f"{what}; {who} is in group {group}, but this process is not: log in "
                     f"again (or run 'newgrp {group}') since being added to it")
@@ -151,14 +208,14 @@ def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need
         return f"{what}, and {who} is not in group {group}: {add}, then log in again"
     if need == _SEARCH:
         return (f"{what}, which does not let {who} search it: "
-                f"{_search_hint(path, st, uid, groups)}")
+                f"{_search_hint(path, st, uid, groups, acl)}")
     return (f"{what}, which does not let {who} connect to it; the daemon's --socket-mode and "
             "--socket-group (the socket unit's SocketMode= and SocketGroup=) decide who may "
             "connect")
 
 
-def _search_hint(directory: Path, st: os.stat_result, uid: int, groups: Collection[int]
-                 ) -> str:
+def _search_hint(directory: Path, st: os.stat_result, uid: int, groups: Collection[int],
+                 acl: Acl) -> str:
     """What lets ``uid`` (in ``groups``) through ``directory``, which it may not search.
 
     Here the directory's group may not search it either (a group that may is named
@@ -170,7 +227,10 @@ def _search_hint(directory: Path, st: os.stat_result, uid: int, groups: Collecti
     if uid == st.st_uid:
         return f"as its owner, run 'chmod u+x {directory}'"
     admin = "root" if st.st_uid == 0 else f"{_user_name(st.st_uid)} (or root)"
-    if st.st_gid in groups:
+    if acl:  # chmod g+x would change only the mask
+        opening = (f"grant a group of this user's the search ('setfacl -m g:GROUP:x "
+                   f"{directory}')")
+    elif st.st_gid in groups:
         opening = f"open it to its group ('chmod g+x {directory}')"
     else:
         opening = (f"open it to a group of this user's ('chgrp GROUP {directory}' and "

@@ -255,6 +255,51 @@ def test_the_warning_of_a_directory_that_keeps_them_out_is_followed_once(
         assert kept_out(path, mode, gid) is None
 
 
+@pytest.mark.parametrize("mode", [0o660, 0o666], ids=oct)
+@pytest.mark.parametrize("acl", [
+    # Another group's entry: chgrp and chmod g+x left the group's own entry closed.
+    ("root", 0o700, "g:mbt-admins:rx"),
+    # The mode says 0750 (the mask), but the group's own entry lets no one through.
+    ("mbt-sock", 0o750, "g::-,g:mbt-admins:rx"),
+    # An entry of the socket's group's own, without search: the others' bits no
+    # longer count for its members.
+    ("root", 0o711, "g:mbt-sock:r"),
+], ids=["other-group", "own-entry-closed", "named-entry-closed"])
+def test_a_directory_with_an_acl_is_judged_by_its_entries(
+    package: Path, shared: Path, accounts: dict[str, Account], mode: int,
+    acl: tuple[str, int, str]
+) -> None:
+    """Found by review: under an access ACL the mode's group bits are the mask, so
+    the start's warning missed a directory that kept the group out, or named a
+    ``chmod g+x`` that changed only the mask.  The kernel refuses here, and the
+    warning's fix, run as it is written, lets everyone in."""
+    owner_group, dir_mode, entries = acl
+    gid = accounts["mbt-sock"].gid
+    own = shared / "run"
+    own.mkdir()
+    os.chown(own, 0, grp.getgrnam(owner_group).gr_gid)
+    own.chmod(dir_mode)
+    subprocess.run(["setfacl", "-m", entries, str(own)], check=True)
+    path = own / "s.sock"
+    alice = accounts["mbt-alice"]
+    with listening(path, mode, gid):
+        refusal = probe(package, alice, str(path), groups=(gid,))
+        assert refusal != "connected"  # the kernel keeps the group's members out
+        assert f"{own} is mode " in refusal and ", with an ACL, " in refusal, refusal
+        assert "setfacl -m g:GROUP:x" in refusal or "usermod" in refusal, refusal
+        warning = kept_out(path, mode, gid)
+        assert warning is not None
+        assert "with an ACL" in warning, warning
+        _, fix = warning.split(", which they may not search, so they cannot connect; ")
+        fix = fix.removesuffix(" (or remove it: the daemon creates it searchable for them)")
+        assert "chmod g+x" not in fix, warning
+        subprocess.run(fix.replace(" and ", " && "), shell=True, check=True)
+        assert probe(package, alice, str(path), groups=(gid,)) == "connected", warning
+        if mode & 0o002:
+            assert probe(package, alice, str(path)) == "connected", warning
+        assert kept_out(path, mode, gid) is None
+
+
 def test_a_path_that_is_not_a_socket_is_named_so_whatever_its_mode(
     package: Path, shared: Path, accounts: dict[str, Account]
 ) -> None:

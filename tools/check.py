@@ -7,10 +7,10 @@ from the operating system (systemd's ``systemd-analyze``,
 and ``nsenter``; iproute2's ``ip``; a real QEMU, ``qemu-system-x86_64``, and its
 ``qemu-img``; ``man`` and ``zsh`` for the man pages and completion scripts;
 util-linux's ``setpriv`` for clients of other uids; the ``sqlite3`` shell;
-``strace`` for fault injection; and ``patch``, which the diffs of stale generated
-files must satisfy) are installed with apt-get when missing and we
-are root;
-otherwise the run stops with a message saying what to install.
+``strace`` for fault injection; ``patch``, which the diffs of stale generated
+files must satisfy; and ``setfacl``, for directories with an ACL) are installed
+with apt-get when missing and we are root; otherwise the run stops with a
+message saying what to install.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ SYSTEM_TOOLS = {
     "strace": "strace",
     # The diffs of stale generated files must apply with patch(1).
     "patch": "patch",
+    # A socket directory with an access ACL, as the daemon's warning says to fix it.
+    "setfacl": "acl",
 }
 
 

@@ -101,6 +101,18 @@ class _Handler(RequestHandler):
             self.wfile.write(_BUSY)
         return False
 
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        if self.server.closed_for_room(self.request):
+            # What was read of its request before it was cut is no request to
+            # judge: a request line cut short looks like HTTP/0.9's (a 505), or
+            # one with a bad version (a 400).  Told to retry, as one read whole is.
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.wfile.write(_BUSY)
+            return
+        super().send_error(code, message, explain)
+
 
 class _Server(ThreadingMixIn, WSGIServer):
     """A wsgiref server on a socket bound elsewhere (TCP or Unix), bounded in threads."""
@@ -123,6 +135,8 @@ class _Server(ThreadingMixIn, WSGIServer):
         self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
         # Connections still sending their request, oldest first (dicts keep order).
         self._sending: dict[socket.socket, float] = {}
+        # Connections closed to make room, until their thread ends.
+        self._closed_for_room: set[socket.socket] = set()
         self._sending_lock = threading.Lock()
         # Connections closed or refused because every slot was busy, since the
         # last warning; when the next warning may come, and when it is due (None:
@@ -181,6 +195,11 @@ class _Server(ThreadingMixIn, WSGIServer):
         with self._sending_lock:
             return self._sending.pop(request, None) is not None
 
+    def closed_for_room(self, request: socket.socket) -> bool:
+        """Whether ``request`` was closed to make room for another."""
+        with self._sending_lock:
+            return request in self._closed_for_room
+
     def _make_room(self) -> bool:
         """Close the oldest connection still sending its request; True when a slot is free."""
         with self._sending_lock:
@@ -188,6 +207,7 @@ class _Server(ThreadingMixIn, WSGIServer):
                 return False
             oldest = next(iter(self._sending))
             since = self._sending.pop(oldest)
+            self._closed_for_room.add(oldest)
         log.debug("metrics: closing a connection that has not sent its request in %.1f s, "
                   "to serve a new one", time.monotonic() - since)
         self._crowding(1, 0)
@@ -236,6 +256,7 @@ class _Server(ThreadingMixIn, WSGIServer):
     def _forget(self, request: socket.socket) -> None:
         with self._sending_lock:
             self._sending.pop(request, None)
+            self._closed_for_room.discard(request)
         self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:

@@ -111,6 +111,31 @@ def test_a_connection_past_the_limit_is_told_to_retry(server: Path) -> None:
             s.close()
 
 
+@pytest.mark.parametrize("part", [b"GET /metr", b"GET /metrics HTT", b"\r\n"])
+def test_a_connection_closed_to_make_room_mid_request_is_told_to_retry(
+        server: Path, part: bytes) -> None:
+    # Closed to make room with part of its request line read: what was read was
+    # judged as a request, and the client told its HTTP version was invalid
+    # (0.9, for two words), its version bad, or that it sent no request line.
+    oldest = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    oldest.settimeout(10)
+    oldest.connect(str(server))
+    oldest.sendall(part)
+    held = [oldest]
+    try:
+        time.sleep(0.1)  # the oldest
+        for _ in range(MAX_SCRAPES - 1):
+            held.append(trickler(server))
+        time.sleep(0.3)  # the server has taken them all
+        late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        held.append(late)
+        late.connect(str(server))
+        assert_busy(read_all(oldest))
+    finally:
+        for s in held:
+            s.close()
+
+
 def test_a_trickling_client_is_cut_at_the_deadline(
         server: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(endpoint, "REQUEST_DEADLINE", 1.0)

@@ -86,14 +86,19 @@ class ListenAddress(Kind[Path | HostPort]):
             return Path(value)
         if isinstance(value, str) and ":" in value:
             host, _, port = value.rpartition(":")
-            if host.startswith("[") and host.endswith("]"):
+            bracketed = host.startswith("[") and host.endswith("]")
+            if bracketed:
                 host = host[1:-1]
-            valid_host = host.isprintable() and " " not in host
+            # A colon outside brackets leaves the port in doubt ("::9715": every
+            # address, or "::" and 9715?), and is a URL's scheme in "http://h:9715".
+            valid_host = (host.isprintable() and " " not in host
+                          and (bracketed or ":" not in host))
             if host and valid_host and port.isascii() and port.isdigit() and int(port) < 65536:
                 _resolvable(host, value)
                 return HostPort(host, int(port))
-        raise ValueError("must be host:port (TCP, such as 127.0.0.1:9715) or an absolute "
-                         f"path (a Unix socket), not {describe(value)}")
+        raise ValueError("must be host:port (TCP, such as 127.0.0.1:9715, or [::1]:9715 with "
+                         "an IPv6 address in brackets) or an absolute path (a Unix socket), "
+                         f"not {describe(value)}")
 
     def show(self, value: Path | HostPort) -> str:
         return str(value)

@@ -531,8 +531,24 @@ def test_a_bad_address_is_refused_before_anything_starts() -> None:
     proc = subprocess.run([sys.executable, "-m", "migblockd", "--metrics", "9715"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert ("argument --metrics: must be host:port (TCP, such as 127.0.0.1:9715) or an "
-            "absolute path (a Unix socket), not '9715'") in proc.stderr
+    assert ("argument --metrics: must be host:port (TCP, such as 127.0.0.1:9715, or "
+            "[::1]:9715 with an IPv6 address in brackets) or an absolute path (a Unix "
+            "socket), not '9715'") in proc.stderr
+
+
+@pytest.mark.parametrize("address", ["::9715", "::1:9715", "fe80::1", "http://127.0.0.1:9715"])
+def test_an_ipv6_address_without_brackets_is_refused(address: str, tmp_path: Path) -> None:
+    # Taken apart at its last colon: "::1:9715" served on [::1]:9715, but "::9715"
+    # (every address, port 9715) was "--metrics [:]:9715: Name or service not known",
+    # an IPv6 address without a port a port of its last group, and a URL's scheme part
+    # of its host ("[http://127.0.0.1]:9715").
+    proc = subprocess.run([sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
+                           "--socket", str(tmp_path / "q.sock"), "--metrics", address],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert ("argument --metrics: must be host:port (TCP, such as 127.0.0.1:9715, or "
+            "[::1]:9715 with an IPv6 address in brackets) or an absolute path (a Unix "
+            f"socket), not {address!r}") in proc.stderr
 
 
 async def test_gate_qemus_blockers_link_and_migration_outcomes(

@@ -44,6 +44,7 @@ from migblockd import signalmask
 from migblockd.config import COMMAND_LINE, HostPort, Sources
 from migblockd.exposition import MIN_INTERVAL, MetricsApp, gzip_wanted
 from migblockd.listen import LISTEN_BACKLOG, bind_socket, unbind
+from migblockd.logs.throttle import Throttle
 from migblockd.pidlock import PidLock
 from migblockd.preflight import not_the_qmp_socket
 from migblockd.scrape_request import RequestHandler
@@ -222,31 +223,56 @@ class _Server(ThreadingMixIn, WSGIServer):
             log.debug("metrics: %d scrapes in progress; refusing another connection",
                       MAX_SCRAPES)
             self._crowding(0, 1)
-            with contextlib.suppress(OSError):
-                request.settimeout(0)  # what fits in the socket's buffer, never a wait
-                request.send(_BUSY)
-                # Closed with its request unread, the socket would send a reset,
-                # which can reach the client before the answer and discard it.
-                while request.recv(65536):
-                    pass
-            self.shutdown_request(request)
+            self._turn_away(request)
             return
         with self._sending_lock:
             self._sending[request] = time.monotonic()
         try:
             super().process_request(request, client_address)
+        except RuntimeError as exc:  # no thread to serve it
+            self._forget(request)
+            self._no_thread("serve a connection", exc, request)
         except BaseException:
             self._forget(request)
             raise
 
+    def _no_thread(self, what: str, exc: RuntimeError, request: socket.socket) -> None:
+        """No thread could be started to ``what`` (RLIMIT_NPROC, a cgroup's
+        ``pids.max``): ``request`` is told to retry, and the log says why, at most
+        once every CROWDED_WARNING seconds (a shortage lasts, and every
+        connection meets it)."""
+        with _no_thread_lock:
+            said = _no_threads.admit(what, None, time.monotonic())
+        if said is not None:
+            log.warning("metrics: no thread to %s (%s): told to retry%s", what, exc, said)
+        self._turn_away(request)
+
+    def _turn_away(self, request: socket.socket) -> None:
+        """Tell ``request`` to retry, and close it."""
+        with contextlib.suppress(OSError):
+            request.settimeout(0)  # what fits in the socket's buffer, never a wait
+            request.send(_BUSY)
+            # Closed with its request unread, the socket would send a reset,
+            # which can reach the client before the answer and discard it.
+            while request.recv(65536):
+                pass
+        self.shutdown_request(request)
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        me = threading.current_thread()
+        self.handlers.add(me)
         # REQUEST_TIMEOUT bounds each wait; this bounds them all together.
         deadline = threading.Timer(REQUEST_DEADLINE, _cut, (request,))
         deadline.daemon = True
-        deadline.start()
-        me = threading.current_thread()
-        self.handlers.add(me)
         try:
+            try:
+                deadline.start()
+            except RuntimeError as exc:
+                # Served without its deadline, a trickling client could hold the
+                # slot for ever.  Uncaught, this left the slot taken and the
+                # client unanswered.
+                self._no_thread("time a connection's deadline", exc, request)
+                return
             super().process_request_thread(request, client_address)
         finally:
             deadline.cancel()
@@ -262,6 +288,11 @@ class _Server(ThreadingMixIn, WSGIServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that went away or timed out: nothing to report beyond debug.
         log.debug("metrics: request failed: %r", sys.exc_info()[1])
+
+
+# Warnings that no thread could be started for a connection (Server._no_thread).
+_no_threads = Throttle(burst=1, window=CROWDED_WARNING)
+_no_thread_lock = threading.Lock()
 
 
 def _cut(request: socket.socket) -> None:

@@ -6,6 +6,7 @@ file descriptors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
@@ -189,6 +190,80 @@ def test_process_metrics_under_proc_subset_pid(
     assert found.value("process_open_fds") > 0
     started = found.value("process_start_time_seconds")
     assert abs(started - time.time()) < 600, started  # a date, not seconds since boot
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+#: A uid no process here runs as (its RLIMIT_NPROC counts its threads alone).
+THREADLESS_UID = 3_999_989
+
+
+def test_out_of_threads_a_connection_costs_no_slot(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
+    # Reproduced first: a connection whose thread started, but not the timer of
+    # its deadline (RLIMIT_NPROC, a cgroup's pids.max), printed a bare traceback,
+    # was never answered nor closed, and kept its slot: after 16 such, every
+    # scrape got a 503 until a restart.
+    if os.geteuid() != 0:
+        pytest.skip("runs the daemon as another uid, and lowers its limit")
+    if shutil.which("prlimit") is None or shutil.which("setpriv") is None:
+        pytest.skip("needs prlimit and setpriv (util-linux)")
+    short_tmp.chmod(0o755)
+    run = short_tmp / "run"
+    run.mkdir(mode=0o700)
+    os.chown(run, THREADLESS_UID, THREADLESS_UID)
+    wrapper = tmp_path / "python-other-uid"
+    wrapper.write_text(f"#!/bin/sh\nexec setpriv --reuid={THREADLESS_UID} "
+                       f'--regid={THREADLESS_UID} --clear-groups {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    endpoint_path = run / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=run / "q.sock",
+                     python=str(wrapper))
+    pid = d.proc.pid
+
+    def limit(threads: str) -> None:
+        # As its uid: root may lack CAP_SYS_RESOURCE (a container).  The soft limit
+        # only, which it may raise again.
+        subprocess.run(["setpriv", f"--reuid={THREADLESS_UID}", f"--regid={THREADLESS_UID}",
+                        "--clear-groups", "prlimit", f"--pid={pid}", f"--nproc={threads}:"],
+                       check=True)
+
+    soft = next(line.split()[3] for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                if line.startswith("Max processes"))
+    # One thread more than it has: a connection's, not its deadline's.
+    limit(str(len(os.listdir(f"/proc/{pid}/task")) + 1))
+    try:
+        for _ in range(MAX_SCRAPES):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(endpoint.REQUEST_TIMEOUT / 2)  # unanswered, it failed here
+                s.connect(str(endpoint_path))
+                answer = b""
+                # Turned away at once, perhaps before its request is sent, or read:
+                # told to retry all the same.
+                with contextlib.suppress(BrokenPipeError):
+                    s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := s.recv(4096):
+                        answer += chunk
+                assert_busy(answer)
+    finally:
+        limit(soft)
+    # Every slot is free: as many silent connections as there are slots close none
+    # to make room.
+    held = []
+    try:
+        for _ in range(MAX_SCRAPES):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(endpoint_path))
+            held.append(s)
+        status, _, _ = get(UnixHTTPConnection(endpoint_path))
+    finally:
+        for s in held:
+            s.close()
+    assert status == 200
+    assert d.log().count("metrics: closing a connection") == 1  # the scrape's, past 16
+    d.wait_for_log("WARNING: metrics: no thread to time a connection's deadline (can't "
+                   "start new thread): told to retry [more like it within 60 s are counted")
     assert d.stop() == 0
     assert_clean_log(d)
 

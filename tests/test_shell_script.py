@@ -1225,3 +1225,28 @@ def test_an_id_that_qemu_writes_back_in_its_own_form_is_still_matched(qemu: Path
     assert first["id"] == 100 and "qemu" in first["return"]
     assert second["id"] == [0.5, {"n": 2}] and "status" in second["return"]
     assert "qemu" in third["return"] and "id" not in third
+
+
+def test_an_integer_id_qemu_holds_as_a_double_is_still_matched(qemu: Path) -> None:
+    # Found by review: QEMU keeps an integer as one only while it fits int64_t or
+    # uint64_t, and writes any other back as a double (18446744073709551617 as
+    # 1.8446744073709552e+19): the shell waited for its reply until --timeout.
+    result = shell(str(qemu), "--timeout", "20",
+                   "-c", '{"execute": "query-version", "id": 18446744073709551617}',
+                   "-c", '{"execute": "query-version", "id": [-9223372036854775809]}',
+                   "-c", '{"execute": "query-version", "id": 18446744073709551615}')
+    assert result.returncode == 0, result.stderr
+    first, second, third = replies(result.stdout)
+    assert first["id"] == 2.0 ** 64 and "qemu" in first["return"]
+    assert second["id"] == [-(2.0 ** 63)] and "qemu" in second["return"]
+    assert third["id"] == 18446744073709551615 and "qemu" in third["return"]
+
+
+def test_an_integer_id_past_a_double_is_matched_as_migblockd_echoes_it(
+    daemon: DaemonProcess,
+) -> None:
+    # migblockd echoes such an id as it came; matched all the same.
+    result = shell(str(daemon.socket), "--timeout", "20",
+                   "-c", '{"execute": "query-version", "id": 18446744073709551617}')
+    assert result.returncode == 0, result.stderr
+    assert replies(result.stdout)[0]["id"] == 18446744073709551617

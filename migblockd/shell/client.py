@@ -71,7 +71,16 @@ def _id_key(value: Any) -> str:
     return json.dumps(_by_value(value), sort_keys=True, separators=(",", ":"))
 
 
+#: The integers QEMU keeps as integers (``int64_t``, or ``uint64_t`` when not
+#: negative); any other it parses as a double, and writes back as one
+#: (``parse_literal()`` in qobject/json-parser.c: ``1e+20`` for 100000000000000000001).
+_QEMU_INTEGERS = range(-(1 << 63), 1 << 64)
+
+
 def _by_value(value: Any) -> Any:
+    if type(value) is int and value not in _QEMU_INTEGERS:
+        with contextlib.suppress(OverflowError):  # past a double: QEMU writes inf
+            value = float(value)
     if type(value) is float and value.is_integer():
         return int(value)
     if isinstance(value, list):

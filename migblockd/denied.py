@@ -126,12 +126,12 @@ def _opening(directory: Path, st: os.stat_result, acl: Acl, path: Path, gid: int
     The kernel judges a member of its group by the group's bits alone, whatever
     the others' allow: a 0666 socket in a root:root 0700 directory needs both.
     Under an ACL, by the group entries that name a group of theirs, if any: an
-    entry of its own for the socket's group lets them in (``setfacl -m`` makes
-    the mask let it through too), and touches no one else's.
+    entry of its own for the socket's group lets them in, with the search added
+    to the mask (:func:`_grant`).
     """
     if acl and members:
-        named = next((perm for tag, perm, id in acl if tag == _GROUP and id == gid), 0)
-        grant = f"setfacl -m g:{_group_name(gid)}:{_letters(named | _SEARCH)} {directory}"
+        grant = _grant(directory, acl, f"g:{_group_name(gid)}",
+                       next((perm for tag, perm, id in acl if tag == _GROUP and id == gid), 0))
         return grant + (f" and chmod o+x {directory}" if others else "")
     if members and st.st_gid != gid and not others:
         # Only the group is let in, so the socket's own directory is given the
@@ -143,6 +143,21 @@ def _opening(directory: Path, st: os.stat_result, acl: Acl, path: Path, gid: int
     # A member outside the directory's group goes by the others' bits, as the rest do.
     classes = ("g" if members and st.st_gid == gid else "") + ("o" if others else "")
     return f"chmod {classes}+x {directory}"
+
+
+def _grant(directory: Path, acl: Acl, qualifier: str, perm: int) -> str:
+    """The ``setfacl`` that adds the search to ``qualifier``'s entry (``perm`` now).
+
+    With the mask given: otherwise setfacl recomputes it as the union of every
+    entry it limits, and a named entry the mask kept from writing (a ``chmod
+    g-w`` under an ACL) could then write, replace the socket, and the directory
+    would be writable by others for the next start.  The mask gains the search
+    alone; absent, the group's own entry is what it was."""
+    mask = next((p for tag, p, _ in acl if tag == _MASK), None)
+    if mask is None:
+        mask = next((p for tag, p, _ in acl if tag == _GROUP_OBJ), 0)
+    return (f"setfacl -m {qualifier}:{_letters(perm | _SEARCH)},m::{_letters(mask | _SEARCH)}"
+            f" {directory}")
 
 
 def _allows(st: os.stat_result, uid: int, groups: Collection[int], need: int,
@@ -228,8 +243,8 @@ def _search_hint(directory: Path, st: os.stat_result, uid: int, groups: Collecti
         return f"as its owner, run 'chmod u+x {directory}'"
     admin = "root" if st.st_uid == 0 else f"{_user_name(st.st_uid)} (or root)"
     if acl:  # chmod g+x would change only the mask
-        opening = (f"grant a group of this user's the search ('setfacl -m g:GROUP:x "
-                   f"{directory}')")
+        opening = (f"grant a group of this user's the search "
+                   f"('{_grant(directory, acl, 'g:GROUP', 0)}')")
     elif st.st_gid in groups:
         opening = f"open it to its group ('chmod g+x {directory}')"
     else:

@@ -264,7 +264,10 @@ def test_the_warning_of_a_directory_that_keeps_them_out_is_followed_once(
     # An entry of the socket's group's own, without search: the others' bits no
     # longer count for its members.
     ("root", 0o711, "g:mbt-sock:r"),
-], ids=["other-group", "own-entry-closed", "named-entry-closed"])
+    # Found by review: a named entry the mask keeps from writing.  A setfacl -m
+    # that recomputes the mask (the union of the entries) let bob write there.
+    ("root", 0o750, "u:mbt-bob:rwx,m::rx"),
+], ids=["other-group", "own-entry-closed", "named-entry-closed", "masked-user"])
 def test_a_directory_with_an_acl_is_judged_by_its_entries(
     package: Path, shared: Path, accounts: dict[str, Account], mode: int,
     acl: tuple[str, int, str]
@@ -293,8 +296,18 @@ def test_a_directory_with_an_acl_is_judged_by_its_entries(
         _, fix = warning.split(", which they may not search, so they cannot connect; ")
         fix = fix.removesuffix(" (or remove it: the daemon creates it searchable for them)")
         assert "chmod g+x" not in fix, warning
+        mask = own.stat().st_mode & 0o070
         subprocess.run(fix.replace(" and ", " && "), shell=True, check=True)
         assert probe(package, alice, str(path), groups=(gid,)) == "connected", warning
+        # Only the search was added for the rest: the mask gained it alone, so
+        # no named entry may now write there (replace the socket), and the
+        # daemon's next start still finds a directory others may not write.
+        assert own.stat().st_mode & 0o070 == mask | 0o010, warning
+        bob = accounts["mbt-bob"]
+        wrote = subprocess.run(["setpriv", f"--reuid={bob.uid}", f"--regid={bob.gid}",
+                                "--clear-groups", "touch", str(own / "bob")],
+                               capture_output=True, timeout=60, cwd="/")
+        assert wrote.returncode != 0 and not (own / "bob").exists(), warning
         if mode & 0o002:
             assert probe(package, alice, str(path)) == "connected", warning
         assert kept_out(path, mode, gid) is None

@@ -193,12 +193,16 @@ def _acl(path: Path) -> Acl:
     return tuple(struct.iter_unpack("<HHI", raw[4:]))
 
 
-def _group_bits(st: os.stat_result, acl: Acl) -> int:
-    """What the file's own group may do: under an ACL its entry, through the mask."""
+def _letting(st: os.stat_result, acl: Acl, need: int) -> list[int]:
+    """The groups whose members the file lets do ``need``: its own group by the
+    group's bits; under an ACL, each group entry that does through the mask, the
+    groups named in it first (put there to let them in)."""
     if not acl:
-        return st.st_mode >> 3 & 7
+        return [st.st_gid] if st.st_mode >> 3 & need else []
     mask = next((perm for tag, perm, _ in acl if tag == _MASK), 7)
-    return next((perm for tag, perm, _ in acl if tag == _GROUP_OBJ), 0) & mask
+    found = [id for tag, perm, id in acl if tag == _GROUP and perm & mask & need]
+    own = next((perm for tag, perm, _ in acl if tag == _GROUP_OBJ), 0)
+    return found + ([st.st_gid] if own & mask & need else [])
 
 
 def _letters(perm: int) -> str:
@@ -212,11 +216,26 @@ def _described(path: Path, st: os.stat_result, acl: Acl) -> str:
 
 def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need: int,
          acl: Acl) -> str:
-    group = _group_name(st.st_gid)
     what = _described(path, st, acl)
     who = f"uid {uid}" + (f" ({name})" if (name := _account(uid)) else "")
-    if uid != st.st_uid and st.st_gid not in groups and _group_bits(st, acl) & need:
-        if name and _member(name, uid, st.st_gid):
+    entry = next((perm for tag, perm, id in acl if tag == _USER and id == uid), None)
+    if uid != st.st_uid and entry is not None:
+        # The user's own entry decides, whatever the groups: joining one changes nothing.
+        if need == _WRITE:
+            return (f"{what}, whose entry for {who} does not let it connect (the socket "
+                    f"takes its ACL from the default ACL of {path.parent} at each start)")
+        admin = "root" if st.st_uid == 0 else f"{_user_name(st.st_uid)} (or root)"
+        return (f"{what}, whose entry for {who} does not let it search it: have {admin} "
+                f"run '{_grant(path, acl, f'u:{name or uid}', entry)}', or start the "
+                "daemon with a --socket outside it")
+    letting = [gid for gid in _letting(st, acl, need) if gid not in groups]
+    if uid != st.st_uid and letting:
+        joined = [gid for gid in letting if name and _member(name, uid, gid)]
+        gid = (joined or letting)[0]
+        group = _group_name(gid)
+        if gid != st.st_gid:
+            what += f", whose ACL lets group {group} in"
+        if joined:
             return (f"{what}; {who} is in group {group}, but this process is not: log in "
                     f"again (or run 'newgrp {group}') since being added to it")
         add = f"add {name} to it ('usermod -aG {group} {name}')" if name else "add the user to it"

@@ -313,6 +313,45 @@ def test_a_directory_with_an_acl_is_judged_by_its_entries(
         assert kept_out(path, mode, gid) is None
 
 
+def test_under_an_acl_the_entry_that_decides_is_the_one_named(
+    package: Path, shared: Path, accounts: dict[str, Account]
+) -> None:
+    """Found by review: a refused client was told to join the directory's own group,
+    whatever its ACL said: alice, whose own entry keeps her out (and whom no group
+    can let in), dave, whom the entry of the socket's group would let in, and carol,
+    in that group's database but not in this process, who only had to log in again."""
+    sock, admins = accounts["mbt-sock"].gid, accounts["mbt-admins"].gid
+    run = shared / "run"
+    run.mkdir()
+    run.chmod(0o750)
+    subprocess.run(["setfacl", "-m", "u:mbt-alice:r,g:mbt-sock:rx,g:mbt-admins:x", str(run)],
+                   check=True)
+    path = run / "s.sock"
+    alice, carol, dave = accounts["mbt-alice"], accounts["mbt-carol"], accounts["mbt-dave"]
+    with listening(path, 0o666, sock):
+        told = probe(package, alice, str(path), groups=(sock,))
+        fix = f"setfacl -m u:mbt-alice:rx,m::rx {run}"
+        assert told == (
+            f"Permission denied: {run} is mode 0750, with an ACL, owner root, group root, "
+            f"whose entry for uid {alice.uid} (mbt-alice) does not let it search it: have "
+            f"root run '{fix}', or start the daemon with a --socket outside it"), told
+        assert probe(package, dave, str(path)) == (
+            f"Permission denied: {run} is mode 0750, with an ACL, owner root, group root, "
+            f"whose ACL lets group mbt-sock in, and uid {dave.uid} (mbt-dave) is not in "
+            "group mbt-sock: add mbt-dave to it ('usermod -aG mbt-sock mbt-dave'), then "
+            "log in again")
+        assert probe(package, carol, str(path)) == (
+            f"Permission denied: {run} is mode 0750, with an ACL, owner root, group root, "
+            f"whose ACL lets group mbt-admins in; uid {carol.uid} (mbt-carol) is in group "
+            "mbt-admins, but this process is not: log in again (or run 'newgrp "
+            "mbt-admins') since being added to it")
+        # What each is told lets them in, as the kernel has it.
+        assert probe(package, dave, str(path), groups=(sock,)) == "connected"
+        assert probe(package, carol, str(path), groups=(admins,)) == "connected"
+        subprocess.run(fix, shell=True, check=True)
+        assert probe(package, alice, str(path), groups=(sock,)) == "connected"
+
+
 def test_a_path_that_is_not_a_socket_is_named_so_whatever_its_mode(
     package: Path, shared: Path, accounts: dict[str, Account]
 ) -> None:

@@ -222,8 +222,7 @@ def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need
     if uid != st.st_uid and entry is not None:
         # The user's own entry decides, whatever the groups: joining one changes nothing.
         if need == _WRITE:
-            return (f"{what}, whose entry for {who} does not let it connect (the socket "
-                    f"takes its ACL from the default ACL of {path.parent} at each start)")
+            return f"{what}, whose entry for {who} does not let it connect {_inherited(path)}"
         admin = "root" if st.st_uid == 0 else f"{_user_name(st.st_uid)} (or root)"
         return (f"{what}, whose entry for {who} does not let it search it: have {admin} "
                 f"run '{_grant(path, acl, f'u:{name or uid}', entry)}', or start the "
@@ -243,9 +242,18 @@ def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need
     if need == _SEARCH:
         return (f"{what}, which does not let {who} search it: "
                 f"{_search_hint(path, st, uid, groups, acl)}")
+    if acl:
+        return f"{what}, whose ACL does not let {who} connect to it {_inherited(path)}"
     return (f"{what}, which does not let {who} connect to it; the daemon's --socket-mode and "
             "--socket-group (the socket unit's SocketMode= and SocketGroup=) decide who may "
             "connect")
+
+
+def _inherited(path: Path) -> str:
+    """Where a socket's ACL comes from: whatever its mode, its group's entry and
+    the named ones are those of the directory's default ACL (acl(5))."""
+    return (f"(a socket takes its ACL from the default ACL of its directory, whatever "
+            f"--socket-mode says: 'getfacl {path.parent}' shows it)")
 
 
 def _search_hint(directory: Path, st: os.stat_result, uid: int, groups: Collection[int],

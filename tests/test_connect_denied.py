@@ -352,6 +352,32 @@ def test_under_an_acl_the_entry_that_decides_is_the_one_named(
         assert probe(package, alice, str(path), groups=(sock,)) == "connected"
 
 
+def test_a_socket_with_the_acl_of_its_directorys_default_is_told_so(
+    package: Path, shared: Path, accounts: dict[str, Account]
+) -> None:
+    """Found by review: a socket bound in a directory with a default ACL takes that
+    ACL (its group's entry too, whatever the mode's group bits), and the client it
+    kept out was told that --socket-mode and --socket-group decide who may connect."""
+    sock = accounts["mbt-sock"].gid
+    run = shared / "run"
+    run.mkdir()
+    run.chmod(0o755)
+    subprocess.run(["setfacl", "-m", "d:u:mbt-dave:r,d:g::rx", str(run)], check=True)
+    path = run / "s.sock"
+    alice, dave = accounts["mbt-alice"], accounts["mbt-dave"]
+    inherited = ("(a socket takes its ACL from the default ACL of its directory, whatever "
+                 f"--socket-mode says: 'getfacl {run}' shows it)")
+    with listening(path, 0o660, sock):
+        assert probe(package, alice, str(path), groups=(sock,)) == (
+            f"Permission denied: {path} is mode 0660, with an ACL, owner root, group "
+            f"mbt-sock, whose ACL does not let uid {alice.uid} (mbt-alice) connect to it "
+            f"{inherited}")
+        assert probe(package, dave, str(path)) == (
+            f"Permission denied: {path} is mode 0660, with an ACL, owner root, group "
+            f"mbt-sock, whose entry for uid {dave.uid} (mbt-dave) does not let it connect "
+            f"{inherited}")
+
+
 def test_a_path_that_is_not_a_socket_is_named_so_whatever_its_mode(
     package: Path, shared: Path, accounts: dict[str, Account]
 ) -> None:

@@ -168,7 +168,7 @@ def _allows(st: os.stat_result, uid: int, groups: Collection[int], need: int,
         return True
     if uid == st.st_uid:
         return bool(st.st_mode >> 6 & need)
-    if not acl:
+    if not _consulted(st, acl):
         bits = st.st_mode >> 3 if st.st_gid in groups else st.st_mode
         return bool(bits & need)
     mask = next((perm for tag, perm, _ in acl if tag == _MASK), 7)
@@ -180,6 +180,13 @@ def _allows(st: os.stat_result, uid: int, groups: Collection[int], need: int,
     if matched:  # one of them must let it; the others' entry no longer counts
         return any(perm & mask & need for perm in matched)
     return bool(st.st_mode & need)  # the others' entry is the mode's others' bits
+
+
+def _consulted(st: os.stat_result, acl: Acl) -> bool:
+    """Whether the kernel reads the ACL at all: not when its mask (the mode's group
+    bits) is empty, when it judges by the mode alone, so that a named entry's user
+    is let in as the others are (acl_permission_check() in fs/namei.c)."""
+    return bool(acl) and bool(st.st_mode & 0o070)
 
 
 def _acl(path: Path) -> Acl:
@@ -197,7 +204,7 @@ def _letting(st: os.stat_result, acl: Acl, need: int) -> list[int]:
     """The groups whose members the file lets do ``need``: its own group by the
     group's bits; under an ACL, each group entry that does through the mask, the
     groups named in it first (put there to let them in)."""
-    if not acl:
+    if not _consulted(st, acl):
         return [st.st_gid] if st.st_mode >> 3 & need else []
     mask = next((perm for tag, perm, _ in acl if tag == _MASK), 7)
     found = [id for tag, perm, id in acl if tag == _GROUP and perm & mask & need]
@@ -219,7 +226,7 @@ def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need
     what = _described(path, st, acl)
     who = f"uid {uid}" + (f" ({name})" if (name := _account(uid)) else "")
     entry = next((perm for tag, perm, id in acl if tag == _USER and id == uid), None)
-    if uid != st.st_uid and entry is not None:
+    if uid != st.st_uid and entry is not None and _consulted(st, acl):
         # The user's own entry decides, whatever the groups: joining one changes nothing.
         if need == _WRITE:
             return f"{what}, whose entry for {who} does not let it connect {_inherited(path)}"
@@ -242,7 +249,7 @@ def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need
     if need == _SEARCH:
         return (f"{what}, which does not let {who} search it: "
                 f"{_search_hint(path, st, uid, groups, acl)}")
-    if acl:
+    if _consulted(st, acl):
         return f"{what}, whose ACL does not let {who} connect to it {_inherited(path)}"
     return (f"{what}, which does not let {who} connect to it; the daemon's --socket-mode and "
             "--socket-group (the socket unit's SocketMode= and SocketGroup=) decide who may "

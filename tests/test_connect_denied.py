@@ -352,6 +352,24 @@ def test_under_an_acl_the_entry_that_decides_is_the_one_named(
         assert probe(package, alice, str(path), groups=(sock,)) == "connected"
 
 
+def test_an_acl_whose_mask_is_empty_is_not_read_by_the_kernel(
+    package: Path, shared: Path, accounts: dict[str, Account]
+) -> None:
+    """Found by review: with the mask (the mode's group bits) empty the kernel judges
+    by the mode alone (acl_permission_check() in fs/namei.c), and the others' search
+    lets the socket group's members in; the start warned that it kept them out."""
+    sock = accounts["mbt-sock"].gid
+    run = shared / "run"
+    run.mkdir()
+    run.chmod(0o711)
+    subprocess.run(["setfacl", "-m", "u:mbt-alice:rwx,g:mbt-sock:rwx,m::-", str(run)],
+                   check=True)
+    path = run / "s.sock"
+    with listening(path, 0o666, sock):
+        assert probe(package, accounts["mbt-alice"], str(path), groups=(sock,)) == "connected"
+        assert kept_out(path, 0o666, sock) is None
+
+
 def test_a_socket_with_the_acl_of_its_directorys_default_is_told_so(
     package: Path, shared: Path, accounts: dict[str, Account]
 ) -> None:

@@ -20,20 +20,15 @@ import grp
 import os
 import pwd
 import stat
-import struct
 from collections.abc import Collection
 from pathlib import Path
+
+from migblockd import acl as acls
+from migblockd.acl import Acl, read_acl
 
 __all__ = ["explain", "kept_out"]
 
 _SEARCH, _WRITE = 1, 2  # the permission bits of one class (other's; shifted for the rest)
-
-# An access ACL as Linux stores it (include/uapi/linux/posix_acl_xattr.h): version 2,
-# then (tag, perm, id) entries, little-endian; the tags (include/uapi/linux/posix_acl.h).
-_ACL_XATTR = "system.posix_acl_access"
-_USER_OBJ, _USER, _GROUP_OBJ, _GROUP, _MASK, _OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
-
-Acl = tuple[tuple[int, int, int], ...]
 
 
 def explain(path: str, uid: int | None = None, groups: Collection[int] | None = None) -> str | None:
@@ -51,10 +46,10 @@ def explain(path: str, uid: int | None = None, groups: Collection[int] | None = 
     target = Path(os.path.abspath(path))
     try:
         for directory in reversed(target.parents):
-            st, acl = os.stat(directory), _acl(directory)
+            st, acl = os.stat(directory), read_acl(directory)
             if not _allows(st, uid, groups, _SEARCH, acl):
                 return _why(directory, st, uid, groups, _SEARCH, acl)
-        st, acl = os.stat(target), _acl(target)
+        st, acl = os.stat(target), read_acl(target)
     except OSError:
         return None
     if not _allows(st, uid, groups, _WRITE, acl):
@@ -89,7 +84,7 @@ def kept_out(path: Path, mode: int, gid: int) -> str | None:
             st = os.stat(directory)
         except OSError:
             break  # made by the start, as the mode says; or not ours to judge
-        acl = _acl(directory)
+        acl = read_acl(directory)
         members = bool(mode & 0o020) and not _allows(st, -1, {gid}, _SEARCH, acl)
         others = bool(mode & 0o002) and not _allows(st, -1, set(), _SEARCH, acl)
         if not (members or others):
@@ -131,7 +126,7 @@ def _opening(directory: Path, st: os.stat_result, acl: Acl, path: Path, gid: int
     """
     if acl and members:
         grant = _grant(directory, acl, f"g:{_group_name(gid)}",
-                       next((perm for tag, perm, id in acl if tag == _GROUP and id == gid), 0))
+                       next((perm for tag, perm, id in acl if tag == acls.GROUP and id == gid), 0))
         return grant + (f" and chmod o+x {directory}" if others else "")
     if members and st.st_gid != gid and not others:
         # Only the group is let in, so the socket's own directory is given the
@@ -153,9 +148,9 @@ def _grant(directory: Path, acl: Acl, qualifier: str, perm: int) -> str:
     g-w`` under an ACL) could then write, replace the socket, and the directory
     would be writable by others for the next start.  The mask gains the search
     alone; absent, the group's own entry is what it was."""
-    mask = next((p for tag, p, _ in acl if tag == _MASK), None)
+    mask = next((p for tag, p, _ in acl if tag == acls.MASK), None)
     if mask is None:
-        mask = next((p for tag, p, _ in acl if tag == _GROUP_OBJ), 0)
+        mask = next((p for tag, p, _ in acl if tag == acls.GROUP_OBJ), 0)
     return (f"setfacl -m {qualifier}:{_letters(perm | _SEARCH)},m::{_letters(mask | _SEARCH)}"
             f" {directory}")
 
@@ -171,12 +166,13 @@ def _allows(st: os.stat_result, uid: int, groups: Collection[int], need: int,
     if not _consulted(st, acl):
         bits = st.st_mode >> 3 if st.st_gid in groups else st.st_mode
         return bool(bits & need)
-    mask = next((perm for tag, perm, _ in acl if tag == _MASK), 7)
-    named = [perm for tag, perm, id in acl if tag == _USER and id == uid]
+    mask = next((perm for tag, perm, _ in acl if tag == acls.MASK), 7)
+    named = [perm for tag, perm, id in acl if tag == acls.USER and id == uid]
     if named:
         return bool(named[0] & mask & need)
     matched = [perm for tag, perm, id in acl
-               if (tag == _GROUP_OBJ and st.st_gid in groups) or (tag == _GROUP and id in groups)]
+               if (tag == acls.GROUP_OBJ and st.st_gid in groups)
+               or (tag == acls.GROUP and id in groups)]
     if matched:  # one of them must let it; the others' entry no longer counts
         return any(perm & mask & need for perm in matched)
     return bool(st.st_mode & need)  # the others' entry is the mode's others' bits
@@ -189,26 +185,15 @@ def _consulted(st: os.stat_result, acl: Acl) -> bool:
     return bool(acl) and bool(st.st_mode & 0o070)
 
 
-def _acl(path: Path) -> Acl:
-    """The entries of ``path``'s access ACL; none for a file that has only its mode."""
-    try:
-        raw = os.getxattr(path, _ACL_XATTR)
-    except OSError:  # ENODATA: the mode alone; ENOTSUP: a file system without ACLs
-        return ()
-    if len(raw) < 4 or (len(raw) - 4) % 8 or int.from_bytes(raw[:4], "little") != 2:
-        return ()
-    return tuple(struct.iter_unpack("<HHI", raw[4:]))
-
-
 def _letting(st: os.stat_result, acl: Acl, need: int) -> list[int]:
     """The groups whose members the file lets do ``need``: its own group by the
     group's bits; under an ACL, each group entry that does through the mask, the
     groups named in it first (put there to let them in)."""
     if not _consulted(st, acl):
         return [st.st_gid] if st.st_mode >> 3 & need else []
-    mask = next((perm for tag, perm, _ in acl if tag == _MASK), 7)
-    found = [id for tag, perm, id in acl if tag == _GROUP and perm & mask & need]
-    own = next((perm for tag, perm, _ in acl if tag == _GROUP_OBJ), 0)
+    mask = next((perm for tag, perm, _ in acl if tag == acls.MASK), 7)
+    found = [id for tag, perm, id in acl if tag == acls.GROUP and perm & mask & need]
+    own = next((perm for tag, perm, _ in acl if tag == acls.GROUP_OBJ), 0)
     return found + ([st.st_gid] if own & mask & need else [])
 
 
@@ -225,7 +210,7 @@ def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need
          acl: Acl) -> str:
     what = _described(path, st, acl)
     who = f"uid {uid}" + (f" ({name})" if (name := _account(uid)) else "")
-    entry = next((perm for tag, perm, id in acl if tag == _USER and id == uid), None)
+    entry = next((perm for tag, perm, id in acl if tag == acls.USER and id == uid), None)
     if uid != st.st_uid and entry is not None and _consulted(st, acl):
         # The user's own entry decides, whatever the groups: joining one changes nothing.
         if need == _WRITE:
@@ -258,9 +243,12 @@ def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need
 
 def _inherited(path: Path) -> str:
     """Where a socket's ACL comes from: whatever its mode, its group's entry and
-    the named ones are those of the directory's default ACL (acl(5))."""
+    the named ones are those of the directory's default ACL (acl(5)).  The daemon
+    drops it from a socket it binds (:func:`migblockd.acl.mode_only`); systemd's
+    socket unit binds the socket itself."""
     return (f"(a socket takes its ACL from the default ACL of its directory, whatever "
-            f"--socket-mode says: 'getfacl {path.parent}' shows it)")
+            f"its mode: 'getfacl {path.parent}' shows it; the daemon drops it from a "
+            f"socket it binds, not from one the socket unit binds)")
 
 
 def _search_hint(directory: Path, st: os.stat_result, uid: int, groups: Collection[int],

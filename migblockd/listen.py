@@ -13,8 +13,10 @@ Three rules keep the socket the daemon's own:
 * The socket never exists with wider permissions than asked, even for an
   instant, and nothing is changed by name afterwards: the umask is set around
   ``bind(2)``, and there is no ``chmod(path)``, which would follow a symlink
-  swapped in meanwhile.  A directory made for the socket gets its group and
-  mode through a descriptor, for the same reason.
+  swapped in meanwhile.  An ACL that the directory's default ACL gave the socket
+  is dropped before ``listen(2)``, before which nobody can connect.  A directory
+  made for the socket gets its group and mode through a descriptor, for the same
+  reason.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from migblockd.acl import mode_only
 from migblockd.paths import fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.socketdir import (
@@ -195,8 +198,9 @@ def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socke
             raise StartupError(f"cannot remove the stale socket {path}: {exc.strerror}; "
                                f"{fix or f'remove it, or choose another {option}'}") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # The socket is created with exactly ``mode`` (0777 less the umask), and
-    # never chmod()ed by name afterwards.
+    # The socket is created with exactly ``mode`` (0777 less the umask; with a
+    # default ACL in the directory, made the mode again below), and never
+    # chmod()ed by name afterwards.
     old = os.umask(0o777 & ~mode)
     try:
         sock.bind(os.fspath(path))
@@ -214,6 +218,20 @@ def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socke
             with contextlib.suppress(OSError):
                 path.unlink()
             raise StartupError(not_given(path, group, exc)) from None
+    try:
+        # A default ACL of the directory took the umask's place: its entries would
+        # let in whom the mode never named (and its mask could keep the group out).
+        if mode_only(path, mode):
+            log.info("%s took the default ACL of its directory; the socket's mode "
+                     "(%04o) alone decides who may connect", path, mode)
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise StartupError(f"cannot drop the ACL {path} took from the default ACL of its "
+                           f"directory: {exc.strerror}; remove that default ACL "
+                           f"('setfacl -k {path.parent}'), or choose another {option}"
+                           ) from None
     # Listening at once: a client (or a second daemon probing) that comes before
     # we accept waits in the backlog instead of finding a "stale" socket.
     sock.listen(LISTEN_BACKLOG)

@@ -478,6 +478,71 @@ async def test_a_greeted_qemu_whose_main_loop_is_busy_is_not_said_to_serve_anoth
     assert not logged(caplog, "greeted after")
 
 
+@contextlib.asynccontextmanager
+async def stopping_relay(qemu: Qemu, marker: bytes) -> AsyncIterator[Path]:
+    """A socket that relays to QEMU's gate monitor, and stops QEMU (SIGSTOP) when the
+    link's bytes it relays hold ``marker``, before QEMU reads them: QEMU stopped at a
+    step of the link's set-up that no signal could be timed to."""
+    path = qemu.workdir / "relay.sock"
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   stop: bool) -> None:
+        while data := await reader.read(1 << 20):
+            if stop and marker in data:
+                qemu.stop()
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    writers: list[asyncio.StreamWriter] = []
+    relays: list[asyncio.Future[tuple[BaseException | None, BaseException | None]]] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(str(qemu.gate_socket))
+        writers.extend((writer, up_writer))
+        both = asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False),
+                              return_exceptions=True)
+        relays.append(both)
+        await both
+
+    server = await asyncio.start_unix_server(relay, str(path))
+    try:
+        yield path
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        await asyncio.gather(*relays)
+        await server.wait_closed()
+
+
+async def test_a_qemu_that_stops_before_it_answers_query_qmp_schema_is_said_to(
+        qemu: Qemu, caplog: pytest.LogCaptureFixture) -> None:
+    """Reported: QEMU stopped (or its main loop busy) after it answered qmp_capabilities
+    and before query-qmp-schema: the link waited for ever, with no line in the log, and
+    clients were told that migblockd "is still reading its commands"."""
+    assert qemu.proc is not None
+    try:
+        async with stopping_relay(qemu, b"query-qmp-schema") as path, \
+                running_link(path, greeting_notice=0.2) as (link, _):
+            await wait_until(lambda: logged(caplog, "query-qmp-schema after"), "the notice")
+            with pytest.raises(QemuNotConnected) as refused:
+                await link.execute("query-migrate")
+            assert str(refused.value) == (
+                f"Not connected to QEMU's monitor at '{path}': QEMU has greeted but does "
+                "not answer query-qmp-schema (its main loop is busy or stopped)")
+            assert link.awaiting_greeting  # QEMU is there
+            qemu.proc.send_signal(signal.SIGCONT)
+            await connected(link)
+    finally:
+        qemu.proc.send_signal(signal.SIGCONT)
+    assert logged(caplog, "query-qmp-schema after") == [
+        f"QEMU at {path} has not answered query-qmp-schema after 0.2 s (its main loop is "
+        "busy or stopped); still waiting"]
+    assert levels(caplog, "query-qmp-schema after") == ["WARNING"]
+    assert not logged(caplog, "has not greeted")
+
+
 @pytest.mark.parametrize(("option", "why"), [
     # Reported: "Did not understand Greeting: Failed to deserialize QMP message.",
     # then, on a line of its own, the bytes it could not read.

@@ -7,11 +7,12 @@ reconnects at once when a connection is lost, so that a new QEMU listening on th
 socket is found by itself.  A connection is up once QEMU has greeted and answered
 ``query-qmp-schema`` (what the gate learns of it, :class:`~migblockd.qemu.info.QemuInfo`);
 a greeting that takes :data:`GREETING_NOTICE` seconds is worth a warning, as QEMU serves
-one client per monitor, and so is a greeted QEMU that leaves ``qmp_capabilities``
-unanswered that long (its main loop is busy).  It logs once per change of state (not once
-per attempt) and tells the caller of each change through ``on_state``: at info level while
-QEMU is not there yet, as a warning when ``--qemu`` names something that is not a QMP
-monitor migblockd can use (:func:`_misconfigured`), which no QEMU start will mend.
+one client per monitor, and so is a greeted QEMU that leaves ``qmp_capabilities``, or
+then ``query-qmp-schema``, unanswered that long (its main loop is busy or stopped).  It
+logs once per change of state (not once per attempt) and tells the caller of each change
+through ``on_state``: at info level while QEMU is not there yet, as a warning when
+``--qemu`` names something that is not a QMP monitor migblockd can use
+(:func:`_misconfigured`), which no QEMU start will mend.
 
 It is apart from :mod:`migblockd.qemu.link`, which holds what is done over a connection
 that is up (commands, their errors and QEMU's events, in QEMU's order) and the
@@ -37,7 +38,8 @@ from migblockd.paths import not_a_socket
 from migblockd.qemu.info import QemuInfo
 
 __all__ = ["ANOTHER_CLIENT", "GREETING_NOTICE", "MAX_DELAY", "MIN_DELAY", "NEGOTIATING",
-           "NOT_ANSWERING", "NOT_GREETED", "LinkState", "Reconnecting", "StateHandler"]
+           "NOT_ANSWERING", "NOT_GREETED", "READING_SCHEMA", "SCHEMA_UNANSWERED", "LinkState",
+           "Reconnecting", "StateHandler"]
 
 log = logging.getLogger("migblockd.qemu")
 
@@ -59,6 +61,13 @@ ANOTHER_CLIENT = "QEMU serves one client per monitor: is another one connected?"
 NEGOTIATING = "QEMU has greeted; migblockd is negotiating (qmp_capabilities)"
 NOT_ANSWERING = ("QEMU has greeted but does not answer qmp_capabilities (its main loop is "
                  "busy or stopped)")
+#: Why a client waits once QEMU has answered qmp_capabilities, until GREETING_NOTICE;
+#: then SCHEMA_UNANSWERED: its main loop answers query-qmp-schema too, and may have
+#: stopped (or begun a long command) in between.
+READING_SCHEMA = ("QEMU has greeted; migblockd is still reading its commands "
+                  "(query-qmp-schema)")
+SCHEMA_UNANSWERED = ("QEMU has greeted but does not answer query-qmp-schema (its main loop "
+                     "is busy or stopped)")
 
 
 #: What QEMU's human monitor says first (``monitor/hmp.c``, ``monitor_event()``).
@@ -170,14 +179,15 @@ class Reconnecting:
             self._set_down(await self._session_end(), lost=True)
 
     async def _connect(self) -> QemuInfo:
-        notice = asyncio.get_running_loop().call_later(self._greeting_notice,
-                                                       self._greeting_late)
+        loop = asyncio.get_running_loop()
+        notice = loop.call_later(self._greeting_notice, self._greeting_late)
         try:
             await self._client.connect(str(self.path))
             notice.cancel()
-            # Up in a moment (QEMU's schema is some 200 kB): not silent, not held.
-            self._reason = ("QEMU has greeted; migblockd is still reading its commands "
-                            "(query-qmp-schema)")
+            # Up in a moment (QEMU's schema is some 200 kB): not silent, not held; unless
+            # QEMU stopped since it answered qmp_capabilities, which the notice says.
+            self._reason = READING_SCHEMA
+            notice = loop.call_later(self._greeting_notice, self._schema_late)
             greeting = self._client.greeting
             version = greeting.QMP.version if greeting is not None else {}
             schema = await self._client.execute("query-qmp-schema")
@@ -219,6 +229,11 @@ class Reconnecting:
             self._reason = f"{NOT_GREETED} ({ANOTHER_CLIENT})"
         log.warning("QEMU at %s accepted the connection but has not greeted after %g s "
                     "(%s); still waiting", self.path, self._greeting_notice, ANOTHER_CLIENT)
+
+    def _schema_late(self) -> None:
+        self._reason = SCHEMA_UNANSWERED
+        log.warning("QEMU at %s has not answered query-qmp-schema after %g s (its main loop "
+                    "is busy or stopped); still waiting", self.path, self._greeting_notice)
 
     def _set_up(self, info: QemuInfo) -> None:
         self._state, self._info, self._reason = "connected", info, "connected"

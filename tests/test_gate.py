@@ -204,6 +204,27 @@ async def test_with_no_blocker_the_real_migration_completes_and_events_are_relay
     assert_clean_log(d)
 
 
+async def test_a_failed_migration_is_logged_with_qemus_reason(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """Reported: a migration that failed left "QEMU migration status: failed" in the
+    log, at info level, and nothing of why: what QEMU's query-migrate says
+    (error-desc), which the next migration replaces."""
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    nowhere = qemu.workdir / "nobody-listens.sock"
+    async with d.client() as c:
+        await c.ok("migrate-set-capabilities",
+                   {"capabilities": [{"capability": "events", "state": True}]})
+        assert await c.ok("migrate", {"uri": f"unix:{nowhere}"}) == {}
+        line = d.wait_for_log(re.compile(r"WARNING: QEMU at .* the migration failed: .*"))
+        assert line.group(0) == (
+            f"WARNING: QEMU at {qemu.gate_socket}: the migration failed: Failed to connect "
+            f"to '{nowhere}': No such file or directory")
+        assert (await c.ok("query-migrate"))["status"] == "failed"
+    assert_clean_log(d)
+
+
 async def test_add_blocker_is_refused_while_qemu_migrates(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
 ) -> None:

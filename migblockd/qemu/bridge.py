@@ -68,6 +68,15 @@ UNGATED: Final = {
 }
 
 
+def failure_of(info: object) -> str | None:
+    """Why the migration that ``query-migrate``'s answer ``info`` shows failed (None: it
+    shows none that failed)."""
+    if not isinstance(info, dict) or info.get("status") != "failed":
+        return None
+    desc = info.get("error-desc")
+    return desc if isinstance(desc, str) else "QEMU does not say why"
+
+
 def passthrough_warnings(passthrough: tuple[str, ...], contract: Contract) -> list[str]:
     """What the start warns of in ``qemu-passthrough`` (and ``--check-config`` prints)."""
     lines = []
@@ -101,6 +110,8 @@ class Bridge:
         self._core: Core | None = None
         self._wake: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Questions of migblockd's own that nothing waits for (why a migration failed).
+        self._asides: set[asyncio.Task[None]] = set()
         self._sent = 0  # commands forwarded so far
         self._unanswered = 0  # which of them is the unanswered migrate (facts.unanswered)
         #: The link's connections to QEMU, numbered: one more each time it connects (a
@@ -144,7 +155,7 @@ class Bridge:
                             "away)", self.link.path, timeout)
 
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in (*self._tasks, *self._asides):
             task.cancel()
         await self.link.close()
         self._lost.close()
@@ -258,8 +269,25 @@ class Bridge:
             self.facts.learnt = True
             self._evented = True
             log.info("QEMU migration status: %s", self.facts.status)
+            if status == "failed":
+                task = asyncio.get_running_loop().create_task(self._why_failed())
+                self._asides.add(task)
+                task.add_done_callback(self._asides.discard)
         self._core.relay(name, dict(data), dict(timestamp))
         self._wake()
+
+    async def _why_failed(self) -> None:
+        """Log why QEMU's migration failed: its MIGRATION event does not say, its
+        ``query-migrate`` does (``error-desc``), until the next migration replaces it."""
+        path, connection = self.link.path, self._connection
+        try:
+            info = await self.link.execute("query-migrate", for_client=False)
+        except QemuLinkError as exc:
+            log.warning("QEMU at %s: the migration failed; why cannot be told: %s", path, exc)
+            return
+        if connection != self._connection or failure_of(info) is None:
+            return  # another QEMU's answer, or another migration's
+        log.warning("QEMU at %s: the migration failed: %s", path, failure_of(info))
 
     def _state(self, state: LinkState) -> None:
         facts, info = self.facts, self.link.info

@@ -89,12 +89,17 @@ class LostMigration:
         unanswered): no MIGRATION event will follow from it on this connection, and
         until it answers a query-migrate or is found to have exited it may migrate on."""
         facts = self._facts
-        log.warning("QEMU at %s went away during a migration (last status %s): its outcome "
-                    "is unknown; query-migrate says it once QEMU is back, and until then "
-                    "(or until QEMU is found to have exited) add-blocker is refused",
-                    self._path, facts.status or "not seen yet")
+        evented = self._evented()
+        # Without MIGRATION events, the last status is that of the last query-migrate
+        # (or none): the migration may have ended since, unseen.
+        log.warning("QEMU at %s went away %s (last status %s%s): its outcome is unknown; "
+                    "query-migrate says it once QEMU is back, and until then (or until QEMU "
+                    "is found to have exited) add-blocker is refused", self._path,
+                    "during a migration" if evented else "while it may have been migrating",
+                    facts.status or "not seen yet", "" if evented else
+                    "; QEMU sends no MIGRATION events, so the end of a migration goes unseen")
         awaited, facts.awaiting = facts.awaiting, False
-        self._cut_off = (facts.status or "not seen yet", self._evented(), awaited)
+        self._cut_off = (facts.status or "not seen yet", evented, awaited)
         facts.cut_off = True  # until a query-migrate answers, or QEMU has exited
         if not facts.connected:  # the link's loss was reported first
             self._watch_for_exit()
@@ -157,16 +162,27 @@ class LostMigration:
         ``failed``, the status QEMU gives a migration that ended without completing
         other than by ``migrate_cancel`` (``MigrationStatus``, qapi/migration.json),
         or ``cancelled`` for one that was being cancelled, if that QEMU sent
-        MIGRATION events at all (its ``events`` capability was on).
+        MIGRATION events at all (its ``events`` capability was on).  Without them the
+        last status is that of a ``query-migrate`` (or none): the migration may have
+        completed since, unseen, so how it ended is neither told nor counted.
         """
         assert self._cut_off is not None
         (cut_off, evented, awaited), self._cut_off = self._cut_off, None
         self._facts.cut_off = False
+        if not evented:
+            # Its last status is what a query-migrate said (if anything did) before the
+            # migration went on, perhaps to complete, unseen: how it ended is unknown,
+            # neither counted nor told (its clients were sent no event of it).
+            log.warning("%s: the migration it may have run (last status %s) may have ended "
+                        "before it did; how, nobody said: QEMU sent no MIGRATION events (its "
+                        "events capability off)", why, cut_off)
+            self._on_end(None)
+            return
         # QEMU ends a cancelling migration (migrate_cancel, or its own quit) cancelled,
         # whatever else happens (migrate_fd_cleanup(), migration/migration.c).
         ending = "cancelled" if cut_off == "cancelling" else "failed"
         if awaited:  # one migblockd handed over: it ended, as its clients are told
             self._facts.ended[ending] += 1
-        log.warning("%s: the migration it ran (last status %s) cannot complete%s", why,
-                    cut_off, f"; clients are sent MIGRATION {ending}" if evented else "")
-        self._on_end(ending if evented else None)
+        log.warning("%s: the migration it ran (last status %s) cannot complete; clients are "
+                    "sent MIGRATION %s", why, cut_off, ending)
+        self._on_end(ending)

@@ -256,7 +256,9 @@ class GateHandlers(Forwarding):
         # Awaiting its end from now: QEMU's events may tell it before the reply comes.
         # A refused resume leaves the paused migration as awaited as it was.
         awaited = self.qemu.awaiting and resume
+        uncounted = self.qemu.uncounted and awaited
         self.qemu.busy = self.qemu.awaiting = True
+        self.qemu.uncounted = uncounted
         try:
             result = yield Call("migrate", args)
         except QemuError as exc:
@@ -274,6 +276,9 @@ class GateHandlers(Forwarding):
             # Still connected, it has it (unanswered): awaited until its end is seen,
             # for once QEMU has run it and goes silent, the status last seen is older.
             self.qemu.awaiting = awaited or self.qemu.unanswered
+            # Not counted as started, nor is its end: QEMU may refuse it yet, and the
+            # end its query-migrate shows may then be an earlier migration's.
+            self.qemu.uncounted = uncounted if awaited else self.qemu.unanswered
             log.warning("%s: migrate to %s handed to QEMU, with no answer (%s); whether it "
                         "started, query-migrate says", conn.label, uri, shown(exc),
                         extra=about(conn))

@@ -114,7 +114,10 @@ class QemuFacts:
     in the latest ``query-migrate`` answer migblockd saw (None: none seen
     since it connected); ``ended`` counts how the migrations migblockd
     handed to QEMU ended, as QEMU's MIGRATION events or ``query-migrate``
-    answers showed (``awaiting``: one was handed over and its end not seen).
+    answers showed (``awaiting``: one was handed over and its end not seen;
+    ``uncounted``: that one is a ``migrate`` QEMU left unanswered, which was not
+    counted as started, QEMU may have refused, and whose end QEMU's status may
+    not be: an earlier migration's ``completed`` looks the same).
 
     ``learnt``: migblockd has heard from QEMU whether it migrates (a
     ``query-migrate`` answer, a ``MIGRATION`` event) since it last connected to
@@ -136,6 +139,7 @@ class QemuFacts:
     blockers: int | None = None
     ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDINGS, 0))
     awaiting: bool = False
+    uncounted: bool = False
     learnt: bool = False
     #: Whether QEMU accepted the connection and the link's set-up waits for it (its
     #: greeting, or its first answers: a busy main loop) (the link's).
@@ -217,14 +221,15 @@ class QemuFacts:
             if not self.busy:  # else the answer may predate the migrate in flight
                 self.saw_status(status)
                 if status is None:  # QEMU has run no migration: none handed over started
-                    self.awaiting = False
+                    self.awaiting = self.uncounted = False
 
     def saw_status(self, status: object) -> None:
         """QEMU said its migration's status is ``status`` (an event or ``query-migrate``)."""
         if self.awaiting and status in ENDINGS:
             assert isinstance(status, str)
-            self.ended[status] += 1
-            self.awaiting = False
+            if not self.uncounted:
+                self.ended[status] += 1
+            self.awaiting = self.uncounted = False
 
 
 def not_understood(command: str, answer: object) -> QemuUnavailable:

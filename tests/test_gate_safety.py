@@ -30,6 +30,7 @@ from qmpclient import RawClient
 from realqemu import Qemu, QemuMonitor, migrate_slowly, source_and_target, wait_until
 from test_gate import SINK, connected, gate
 from test_metrics import scrape
+from test_qemu_link import stopping_relay
 
 from migblockd.contract import Contract
 from migblockd.forwarding import Call, Pin
@@ -681,6 +682,39 @@ async def test_a_qemu_without_events_that_quits_after_its_migration_is_not_said_
     metrics = scrape(endpoint)
     assert metrics.value("migblockd_migrations_started_total") == 1
     assert metrics.value("migblockd_migrations_ended_total", status="failed") == 0
+    assert_clean_log(d)
+
+
+async def test_a_migrate_left_unanswered_that_qemu_refused_is_not_counted_as_ended(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path,
+) -> None:
+    """QEMU stopped as it was sent a ``migrate``, which timed out, then refused it
+    (paused by the migration before).  Reported: the next ``query-migrate`` showed
+    that earlier migration's end, ``completed``, which counted as this one's: one
+    migration ended of none started through migblockd."""
+    endpoint = short_tmp / "metrics.sock"
+    async with stopping_relay(qemu, b'"execute":"migrate",') as path:
+        d = start_daemon("--qemu", str(path), "--qemu-timeout", "1", "--metrics",
+                         str(endpoint))
+        await wait_until(lambda: "connected to QEMU 7." in d.log(), "migblockd connected")
+        async with d.client() as c, qemu.monitor() as mon:
+            await mon.ok("migrate", {"uri": SINK})  # not through migblockd: not counted
+
+            async def completed() -> bool:
+                return bool((await c.ok("query-migrate")).get("status") == "completed")
+
+            await wait_until(completed, "QEMU's migration completed")
+            reply = await c.execute("migrate", {"uri": SINK}, id=1)
+            assert reply["error"]["desc"].endswith("did not answer 'migrate' within 1 s; it "
+                                                   "may still run it")
+            assert qemu.proc is not None
+            qemu.proc.send_signal(signal.SIGCONT)  # QEMU refuses it: "Can't migrate..."
+            assert (await c.ok("query-migrate"))["status"] == "completed"  # the earlier one
+            assert (await mon.ok("query-status"))["status"] == "postmigrate"
+    metrics = scrape(endpoint)
+    assert metrics.value("migblockd_migrations_started_total") == 0
+    for status in ("completed", "failed", "cancelled"):
+        assert metrics.value("migblockd_migrations_ended_total", status=status) == 0
     assert_clean_log(d)
 
 

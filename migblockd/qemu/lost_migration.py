@@ -98,7 +98,8 @@ class LostMigration:
                     "during a migration" if evented else "while it may have been migrating",
                     facts.status or "not seen yet", "" if evented else
                     "; QEMU sends no MIGRATION events, so the end of a migration goes unseen")
-        awaited, facts.awaiting = facts.awaiting, False
+        awaited = facts.awaiting and not facts.uncounted
+        facts.awaiting = facts.uncounted = False
         self._cut_off = (facts.status or "not seen yet", evented, awaited)
         facts.cut_off = True  # until a query-migrate answers, or QEMU has exited
         if not facts.connected:  # the link's loss was reported first

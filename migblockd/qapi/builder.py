@@ -147,22 +147,24 @@ class _Builder:
         name = expr[meta]
         if not isinstance(name, str):
             raise QAPIError(expr.value_info[meta], f"'{meta}' requires a string name")
+        # QEMU's order (check_expr() in scripts/qapi/expr.py): the name, the doc
+        # comment, then the keys, missing ones before unknown ones (check_keys()).
+        check_definition_name(meta, name, expr.value_info[meta],
+                              self.parsed.pragmas.command_name_exceptions)
+        self._check_doc_symbol(defn, name)
         required, optional = _META_KEYS[meta]
         what = _describe(meta, name)
-        for key in expr:
-            if key not in required | optional:
-                raise QAPIError(expr.key_info[key], f"{what} has unknown key '{key}'")
         missing = sorted(required - set(expr))
         if missing:
             raise QAPIError(expr.info, f"{what} misses key '{missing[0]}'")
-        check_definition_name(meta, name, expr.value_info[meta],
-                              self.parsed.pragmas.command_name_exceptions)
+        for key in expr:
+            if key not in required | optional:
+                raise QAPIError(expr.key_info[key], f"{what} has unknown key '{key}'")
         if name in BUILTIN_JSON_TYPES:
             raise QAPIError(expr.value_info[meta], f"built-in type '{name}' is already defined")
         if name in self.defined:
             raise QAPIError(expr.value_info[meta], f"'{name}' is already defined")
         self.defined[name] = (meta, expr.info)
-        self._check_doc_symbol(defn, name)
         return meta, name
 
     @staticmethod

@@ -121,6 +121,14 @@ class _Builder:
     def _check_doc_sections(meta: str, defn: Definition) -> None:
         """QEMU's QAPIDoc.check_expr(): sections that only some definitions may have."""
         assert defn.doc is not None
+        if defn.doc.features:
+            # No definition has features in the subset, so every one documented
+            # is one that does not exist (QEMU's QAPIDoc.check() words it so).
+            bogus = list(defn.doc.features)
+            listed = "', '".join(bogus)
+            raise QAPIError(defn.doc.features[bogus[0]].info,
+                            f"documented feature '{listed}' does not exist" if len(bogus) == 1
+                            else f"documented features '{listed}' do not exist")
         returns, errors = defn.doc.section("Returns"), defn.doc.section("Errors")
         if meta == "command":
             if returns is not None and "returns" not in defn.expr:

@@ -57,6 +57,8 @@ class Doc:
     symbol: str | None = None
     body: str = ""
     args: dict[str, ArgDoc] = field(default_factory=dict)
+    #: ``@name: text`` after a ``Features:`` line (QEMU's feature documentation).
+    features: dict[str, ArgDoc] = field(default_factory=dict)
     sections: list[SectionDoc] = field(default_factory=list)
 
     def section(self, tag: str) -> SectionDoc | None:
@@ -86,6 +88,7 @@ class _DocBuilder:
         # "arg" or "section"; None while still in the body.
         self.cur: tuple[str, str, list[str], SourceInfo] | None = None
         self.seen_tagged = ""
+        self.in_features = False
 
     def build(self, lines: list[tuple[str, SourceInfo]]) -> Doc:
         for raw, info in lines:
@@ -116,7 +119,11 @@ class _DocBuilder:
             return
         arg = _ARG_RE.match(line)
         tag = _TAG_RE.match(line)
-        if arg:
+        if line == "Features:" and not self.seen_tagged and not self.in_features:
+            # QEMU's line that starts the features' descriptions.
+            self._close()
+            self.in_features = True
+        elif arg:
             if self.seen_tagged:
                 raise QAPIError(
                     info, f"'@{arg.group(1)}:' can't follow '{self.seen_tagged}' section"
@@ -124,10 +131,12 @@ class _DocBuilder:
             name = arg.group(1)
             if not name:
                 raise QAPIError(info, "invalid parameter name")
-            if name in doc.args or (self.cur is not None and self.cur[:2] == ("arg", name)):
+            kind = "feature" if self.in_features else "arg"
+            known = doc.features if self.in_features else doc.args
+            if name in known or (self.cur is not None and self.cur[:2] == (kind, name)):
                 raise QAPIError(info, f"'{name}' parameter name duplicated")
             self._close()
-            self.cur = ("arg", name, [line[arg.end() :].strip()], info)
+            self.cur = (kind, name, [line[arg.end() :].strip()], info)
         elif tag:
             name = tag.group(1)
             if name in ("Returns", "Since", "Errors") and (
@@ -158,10 +167,12 @@ class _DocBuilder:
         if not text:
             # QEMU's wording since 9.0 ("text required after '@foo:'"), at the
             # section's first line.
-            label = f"@{name}" if kind == "arg" else name
+            label = name if kind == "section" else f"@{name}"
             raise QAPIError(info, f"text required after '{label}:'")
         if kind == "arg":
             self.doc.args[name] = ArgDoc(name, text, info)
+        elif kind == "feature":
+            self.doc.features[name] = ArgDoc(name, text, info)
         else:
             self.doc.sections.append(SectionDoc(name, text, info))
         self.cur = None

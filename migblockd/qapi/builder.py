@@ -65,6 +65,16 @@ def _describe(meta: str, name: str) -> str:
     return f"{meta} '{name}'"
 
 
+def _type_described(typ: QAPIType) -> str:
+    """QEMU's ``describe()`` of a type (``scripts/qapi/schema.py``): ``built-in
+    type 'str'``, ``enum type 'En'``, ``array type ['str']``."""
+    if isinstance(typ, ArrayType):
+        return f"array type ['{typ.element.name}']"
+    meta = ("built-in" if isinstance(typ, BuiltinType)
+            else "enum" if isinstance(typ, EnumType) else "struct")
+    return f"{meta} type '{typ.name}'"
+
+
 class _Builder:
     def __init__(self, parsed: ParseResult) -> None:
         self.parsed = parsed
@@ -283,7 +293,7 @@ class _Builder:
             ret_type = self._resolve(expr["returns"], info, what)
             elem = ret_type.element if isinstance(ret_type, ArrayType) else ret_type
             if not isinstance(elem, ObjectType):
-                raise QAPIError(info, f"{what} cannot take type '{ret_type.spelling()}'")
+                raise QAPIError(info, f"{what} cannot take {_type_described(ret_type)}")
         oob = expr.get("allow-oob", False)
         if oob is not True and "allow-oob" in expr:
             raise QAPIError(

@@ -210,6 +210,10 @@ CHARACTERS = [
     b'{"execute": "query-version", "id": [1, 2], "x": "\\ufdd0", "id": 2}',
     b'{"execute": "query-version", "id": {"a": 1, "a": 2}, "x": "\\uffff"}',
     b'{"execute": "query-version", "id": [1e400, "\\uffff"]}',
+    # ... in an array's element read whole, too (parse_array()).
+    b'{"execute": "query-version", "id": [{"a": 1, "a": 2}, "\\uffff"]}',
+    b'{"execute": "query-version", "id": [[{"": [], "": []}], "\xf4\x8f\xbf\xbf"]}',
+    b'{"execute": "query-version", "id": [{"a": 1, "a": 2} "\\ud800"]}',
     # A repeated key whose pair is whole comes before a byte that is not UTF-8 and
     # before a bad keyword, which are its parser's errors; a backslash before such
     # a byte is an escape it refuses.

@@ -432,6 +432,14 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         (b'{"a": 1, "a": 2, "b": "\\ud800" 3}', "JSON parse error, duplicate key"),
         (b'{"a": 1, "a": [1 2]}', "JSON parse error, expected separator in list"),
         (b'{"a": 1, "a": x}', "JSON parse error, invalid keyword 'x'"),
+        # ... in an object already closed in an array still open: QEMU's
+        # parse_array() read that element whole before the next one.
+        (b'{"id": [{"a": 1, "a": 2}, "\\uffff"]}', "JSON parse error, duplicate key"),
+        (b'{"id": [[{"a": 1, "a": 2}], "\xef\xbf\xbf"]}', "JSON parse error, duplicate key"),
+        (b'{"id": [{"a": 1, "a": 2} "\\ud800"]}', "JSON parse error, duplicate key"),
+        (b'[{"a": 1, "a": 2}, "\\udc00"]', "JSON parse error, duplicate key"),
+        (b'{"id": [{"a": "\\uffff", "a": 2}]}',
+         "JSON parse error, \\uffff is not a valid Unicode character"),
         # QEMU parses only a complete message, lexing it as it comes: its lexer's
         # errors come first, wherever they are (qobject/json-streamer.c).
         (b'{"a": x, "b": 1.}', "JSON parse error, stray '1.}'"),

@@ -118,20 +118,22 @@ _KEYS: Final = re.compile(r'"([^"\\]*+(?:\\.[^"\\]*+)*+)"\s*+:')
 
 
 def duplicate_before(text: str, pos: int) -> bool:
-    """Whether an object still open at ``pos`` repeats a key in the pairs it
-    has read whole.  QEMU's parser refuses a repeated key as soon as it has
-    read the pair's value (``parse_pair()``), before whatever error comes
-    after it; Python's json sees the keys only once the object is closed.  An
-    object holding the container the error is in is still reading its last
-    pair's value: that pair is not whole."""
+    """Whether an object or array still open at ``pos`` repeats a key in the
+    pairs or elements it has read whole.  QEMU's parser refuses a repeated key
+    as soon as it has read the pair's value (``parse_pair()``), before whatever
+    error comes after it; Python's json sees the keys only once the object is
+    closed.  A container holding the one the error is in is still reading its
+    last pair's value or element: that one is not whole."""
     keys = _KEYS.findall(text, 0, pos)
     if len(set(keys)) == len(keys) and not any("\\" in key for key in keys):
         return False  # no key written twice, nor escaped: none is repeated
     opened = _open_containers(text, pos)
     ends = [*opened[1:], pos] if opened else []
     for start, end in zip(opened, ends, strict=True):
-        if text[start] != "{":
-            continue
+        # An array's elements before its last comma are whole too: a repeated
+        # key in one of them was met before the error (parse_array() reads
+        # each element as it comes).
+        closer = "}" if text[start] == "{" else "]"
         pairs = text[start:end]
         depth, comma = 0, 0
         for m in _PAIR_TOKENS.finditer(pairs):
@@ -143,7 +145,7 @@ def duplicate_before(text: str, pos: int) -> bool:
         # The innermost may end with a whole pair; else the pairs before its last comma.
         for whole in ([pairs] if end == pos else []) + ([pairs[:comma]] if comma else []):
             try:
-                DECODER.raw_decode(apostrophes(whole + "}", SAME_LENGTH))
+                DECODER.raw_decode(apostrophes(whole + closer, SAME_LENGTH))
             except Reject as exc:
                 if exc.desc == PARSE_ERROR_PREFIX + "duplicate key":
                     return True

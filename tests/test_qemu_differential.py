@@ -161,6 +161,11 @@ APOSTROPHES = [
     b'{"execute": "query-version", "id": "it\\\'s"}',
     b'{"execute": "query-version", "id": "a\\\\\'b"}',
     b'{"execute": "query-version", "id": {"it\\\'s": 1, "it\'s": 2}}',
+    # ... before what else is wrong after them
+    b'{"execute": "query-version", "id": {"it\\\'s": 1, "it\'s": 2, "k": "\\uffff"}}',
+    b'{"execute": "query-version", "id": {"it\\\'s": 1, "it\'s": 2, "k": truex}}',
+    b'{"execute": "query-version", "id": {"it\\\'s": 1, "it\'s": 2 "k": 1}}',
+    b'{"execute": "query-version", "id": [{"it\\\'s": 1, "it\'s": 2}, "\\ud800"]}',
     b'{"execute": "query-version",\n "id": "\\\'"}',
     b'{"execute": "query-version", "id": "\\\'\\q"}',
 ]

@@ -500,6 +500,12 @@ def test_an_escaped_apostrophe_is_an_apostrophe() -> None:
     # QEMU's parse_string() (qobject/json-parser.c) takes \' in any string.
     assert decode(b'{"a": "it\\\'s", "b\\\'": "\\\\\'"}') == [{"a": "it's", "b'": "\\'"}]
     assert decode(b'{"a\\\'": 1, "a\'": 2}') == [ParseError("JSON parse error, duplicate key")]
+    # ... also where another error follows the repeated key: it comes first
+    for after in (b'"\\uffff"', b"truex", b"[1 2]"):
+        assert decode(b'{"a\\\'": 1, "a\'": 2, "b": ' + after + b"}") == [
+            ParseError("JSON parse error, duplicate key")]
+    assert decode(b'{"a\\\'": 1, "a\'": 2 "b": 1}') == [
+        ParseError("JSON parse error, duplicate key")]
     # lines of an unfinished message with one are a valid beginning
     assert decode(b'{"a": "\\\'",\n', b'"b": 1}') == [{"a": "'", "b": 1}]
 

@@ -22,7 +22,7 @@ from migblockd.qmp.characters import ESCAPE
 from migblockd.qmp.lexer import PARSE_ERROR_PREFIX, keyword_error, stray
 
 __all__ = [
-    "DECODER", "SAME_LENGTH", "STRING", "ZERO_EXPONENT", "Reject", "apostrophes",
+    "DECODER", "SAME_CHARACTER", "SAME_LENGTH", "STRING", "ZERO_EXPONENT", "Reject", "apostrophes",
     "duplicate_before", "innermost_container",
 ]
 
@@ -70,6 +70,9 @@ DECODER: Final = json.JSONDecoder(
 #: ``\\'`` as an escape of the same length that Python takes: where only the
 #: positions of errors matter, and the client's own text is quoted.
 SAME_LENGTH: Final = "\\/"
+#: ``\\'`` as the escape of the very character: where keys must compare as
+#: QEMU's parser compares them (``"it\\'s"`` and ``"it's"`` are one key).
+SAME_CHARACTER: Final = "\\u0027"
 
 
 def apostrophes(text: str, escape: str) -> str:
@@ -145,7 +148,7 @@ def duplicate_before(text: str, pos: int) -> bool:
         # The innermost may end with a whole pair; else the pairs before its last comma.
         for whole in ([pairs] if end == pos else []) + ([pairs[:comma]] if comma else []):
             try:
-                DECODER.raw_decode(apostrophes(whole + closer, SAME_LENGTH))
+                DECODER.raw_decode(apostrophes(whole + closer, SAME_CHARACTER))
             except Reject as exc:
                 if exc.desc == PARSE_ERROR_PREFIX + "duplicate key":
                     return True

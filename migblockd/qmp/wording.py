@@ -34,6 +34,7 @@ from migblockd.qmp.characters import (
 )
 from migblockd.qmp.decoder import (
     DECODER,
+    SAME_CHARACTER,
     SAME_LENGTH,
     STRING,
     ZERO_EXPONENT,
@@ -67,10 +68,11 @@ class ParseError:
 
 def _viable(text: str) -> bool:
     """Whether ``text`` can still begin a valid JSON value."""
+    parsed = apostrophes(text, SAME_CHARACTER)  # "it\\'s" and "it's" are one key
     try:
-        DECODER.raw_decode(apostrophes(text, SAME_LENGTH))
+        DECODER.raw_decode(parsed)
     except json.JSONDecodeError as exc:
-        return exc.pos >= len(text.rstrip())
+        return exc.pos >= len(parsed.rstrip())
     except (Reject, ValueError, RecursionError):
         return False
     return True
@@ -116,7 +118,7 @@ def decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> ob
                 return value  # its error is the message's, C0 80 being a character
         return ParseError(lexical or _bad_utf8(text, exc.start) or describe_error(text)
                           or PARSE_ERROR_PREFIX + _BAD_UTF8)
-    parsed = apostrophes(text, "\\u0027") if "\\'" in text else text
+    parsed = apostrophes(text, SAME_CHARACTER) if "\\'" in text else text
     try:
         value, end = DECODER.raw_decode(parsed)
     except Reject as exc:  # the parse itself is exact: "it\\'s" and "it's" are one key

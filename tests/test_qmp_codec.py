@@ -449,6 +449,17 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         (b'{"a": [1 2], "b": -x\n', "JSON parse error, stray '-x'"),
         (b"01\n", "JSON parse error, stray '01'"),
         (b'{"a": 1e400}', "JSON parse error, number out of range"),
+        # QEMU reads such a number as infinity and reads on: an error it finds
+        # after it is the one named, in the message's lines too.
+        (b'{"id": [1e400, "\xc3x"]}', "JSON parse error, invalid UTF-8 sequence in string"),
+        (b'{"id": [-1e400 1]}', "JSON parse error, expected separator in list"),
+        (b'{"id": [1e400, {"a": 1, "a": 2}]}', "JSON parse error, duplicate key"),
+        (b'{"id": {"a": 1e400, "b": truex}}', "JSON parse error, invalid keyword 'truex'"),
+        (b'{"id": [' + b"9" * 5000 + b" 1]}", "JSON parse error, expected separator in list"),
+        (b'{"id": [1e400,\n truex]}\n', "JSON parse error, invalid keyword 'truex'"),
+        (b'{"a": -1e400, "b": nul, "\\uffff": 1}', "JSON parse error, invalid keyword 'nul'"),
+        (b'{"a": [1e400, 0e5], "\\uffff": 1}', "JSON parse error, expected separator in list"),
+        (b'{"id": [1e400,\n 1]}\n', "JSON parse error, number out of range"),
         (b'{"a": "tab\there"}', "JSON parse error, stray '\"tab\t'"),
         (b"tru\n", "JSON parse error, invalid keyword 'tru'"),
         (b"}\n", "JSON parse error, expecting value"),

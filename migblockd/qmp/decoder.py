@@ -22,8 +22,19 @@ from migblockd.qmp.characters import ESCAPE
 from migblockd.qmp.lexer import PARSE_ERROR_PREFIX, keyword_error, stray
 
 __all__ = [
-    "DECODER", "SAME_CHARACTER", "SAME_LENGTH", "STRING", "ZERO_EXPONENT", "Reject", "apostrophes",
-    "duplicate_before", "innermost_container",
+    "DECODER",
+    "OUT_OF_RANGE",
+    "SAME_CHARACTER",
+    "SAME_LENGTH",
+    "STRING",
+    "ZERO_EXPONENT",
+    "Reject",
+    "apostrophes",
+    "duplicate_before",
+    "finite_numbers",
+    "finite_numbers_bytes",
+    "innermost_container",
+    "read_on",
 ]
 
 
@@ -49,12 +60,15 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 ZERO_EXPONENT: Final = "zero exponent"
 
 
+OUT_OF_RANGE: Final = PARSE_ERROR_PREFIX + "number out of range"
+
+
 def _parse_float(text: str) -> float:
     if text[text[0] == "-"] == "0" and text[1 + (text[0] == "-")] in "eE":
         raise Reject(ZERO_EXPONENT)
     value = float(text)
     if value - value != 0.0:  # inf (1e400); NaN cannot come from a JSON number
-        raise Reject(PARSE_ERROR_PREFIX + "number out of range")
+        raise Reject(OUT_OF_RANGE)
     return value
 
 
@@ -93,6 +107,51 @@ def apostrophes(text: str, escape: str) -> str:
 #: matches what the plain one does.
 STRING: Final = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
 _CONTAINER_TOKENS: Final = re.compile(rf"{STRING}|[\[\]{{}}]")
+
+#: A number outside strings (a string is skipped whole; one left open, to the end of
+#: the text: trying again at each escaped quote in it would cost quadratic time).
+_NUMBER: Final = r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][-+]?[0-9]++)?"
+_STRING_TO_END: Final = r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)'
+_STRING_OR_NUMBER: Final = re.compile(rf"(?s){_STRING_TO_END}|{_NUMBER}")
+_STRING_OR_NUMBER_BYTES: Final = re.compile(rf"(?s){_STRING_TO_END}|{_NUMBER}".encode())
+
+
+def _finite_number(token: str) -> str:
+    if token[0] == '"' or float(token) - float(token) == 0.0:
+        return token
+    return "0." + "0" * (len(token) - 2)  # "1e309" is the shortest infinity
+
+
+def finite_numbers(text: str) -> str:
+    """``text`` with each number QEMU's parser reads as infinity (``1e400``, and an
+    integer past a double's range, which Python refuses past 4300 digits) written
+    as a finite one of the same length.  QEMU's parser goes on past such a number,
+    so the error it finds in the message, if any, is elsewhere."""
+    return _STRING_OR_NUMBER.sub(lambda m: _finite_number(m.group()), text)
+
+
+def read_on(text: str) -> None:
+    """``DECODER.raw_decode(text)``, reading on past a number out of a double's
+    range as QEMU's parser does: for where errors are, not for the value."""
+    try:
+        DECODER.raw_decode(text)
+    except Reject as exc:
+        if exc.desc != OUT_OF_RANGE:
+            raise
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        pass
+    else:
+        return
+    DECODER.raw_decode(finite_numbers(text))
+
+
+def finite_numbers_bytes(data: bytes) -> bytes:
+    """:func:`finite_numbers` of what is to be read as UTF-8."""
+    return _STRING_OR_NUMBER_BYTES.sub(
+        lambda m: _finite_number(m.group().decode("ascii")).encode("ascii")
+        if m.group()[:1] != b'"' else m.group(), data)
 
 
 def innermost_container(text: str, pos: int) -> str:
@@ -148,7 +207,7 @@ def duplicate_before(text: str, pos: int) -> bool:
         # The innermost may end with a whole pair; else the pairs before its last comma.
         for whole in ([pairs] if end == pos else []) + ([pairs[:comma]] if comma else []):
             try:
-                DECODER.raw_decode(apostrophes(whole + closer, SAME_CHARACTER))
+                read_on(apostrophes(whole + closer, SAME_CHARACTER))
             except Reject as exc:
                 if exc.desc == PARSE_ERROR_PREFIX + "duplicate key":
                     return True

@@ -34,6 +34,7 @@ from migblockd.qmp.characters import (
 )
 from migblockd.qmp.decoder import (
     DECODER,
+    OUT_OF_RANGE,
     SAME_CHARACTER,
     SAME_LENGTH,
     STRING,
@@ -41,7 +42,10 @@ from migblockd.qmp.decoder import (
     Reject,
     apostrophes,
     duplicate_before,
+    finite_numbers,
+    finite_numbers_bytes,
     innermost_container,
+    read_on,
 )
 from migblockd.qmp.lexer import (
     KEYWORD,
@@ -70,7 +74,7 @@ def _viable(text: str) -> bool:
     """Whether ``text`` can still begin a valid JSON value."""
     parsed = apostrophes(text, SAME_CHARACTER)  # "it\\'s" and "it's" are one key
     try:
-        DECODER.raw_decode(parsed)
+        read_on(parsed)
     except json.JSONDecodeError as exc:
         return exc.pos >= len(parsed.rstrip())
     except (Reject, ValueError, RecursionError):
@@ -95,6 +99,22 @@ def _nul_escape(m: re.Match[bytes]) -> bytes:
 def decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> object:
     """Parse one complete message: its JSON value, or a :class:`ParseError`.
 
+    A number out of a double's range is refused (docs/protocol.md) only when the
+    message has no error that QEMU's parser, which reads it as infinity and goes
+    on, finds: that one is reported.
+    """
+    item = _decode_message(data, max_tokens)
+    if isinstance(item, ParseError) and item.desc == OUT_OF_RANGE:
+        finite = finite_numbers_bytes(bytes(data))
+        if finite != data and isinstance(other := _decode_message(finite, max_tokens),
+                                          ParseError):
+            return other
+    return item
+
+
+def _decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> object:
+    """Parse one complete message: its JSON value, or a :class:`ParseError`.
+
     With ``max_tokens``, a message that is no JSON value and has more tokens
     than that is refused for them, as QEMU's streamer refuses it before its
     parser runs, and before the wording of any other error re-reads it: that
@@ -113,7 +133,7 @@ def decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> ob
             # Modified UTF-8's U+0000, which QEMU takes in a string
             # (mod_utf8_codepoint(), util/unicode.c): as the escape json takes.
             escaped = _MODIFIED_NUL.sub(_nul_escape, bytes(data))
-            value = decode_message(escaped) if escaped != data else None
+            value = _decode_message(escaped) if escaped != data else None
             if value is not None and (not isinstance(value, ParseError) or _is_utf8(escaped)):
                 return value  # its error is the message's, C0 80 being a character
         return ParseError(lexical or _bad_utf8(text, exc.start) or describe_error(text)
@@ -126,6 +146,8 @@ def decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> ob
             return ParseError(TOKEN_COUNT_EXCEEDED)
         if exc.desc is ZERO_EXPONENT:
             return ParseError(describe_error(text) or PARSE_ERROR_PREFIX + "expecting value")
+        if exc.desc == OUT_OF_RANGE:  # decode_message() looks past it
+            return ParseError(first_lexical_error(text) or OUT_OF_RANGE)
         return ParseError(first_lexical_error(text) or _character_first(text, exc.desc)
                           or exc.desc)
     except (ValueError, RecursionError):
@@ -245,7 +267,7 @@ def describe_error(data: str | bytes) -> str | None:
     except json.JSONDecodeError as exc:
         return PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
     except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
-        return PARSE_ERROR_PREFIX + "number out of range"
+        return OUT_OF_RANGE
     if end != len(text):
         kw = KEYWORD.match(text)
         if kw:
@@ -358,7 +380,8 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> LineError | None:
     valid beginning of a JSON value."""
     text = buf[start:lf].decode("utf-8", RAW)
     try:
-        DECODER.raw_decode(apostrophes(text, SAME_LENGTH))
+        # QEMU's parser reads on past 1e400: it is refused once the message is whole.
+        read_on(apostrophes(text, SAME_LENGTH))
     except json.JSONDecodeError as exc:
         if exc.pos >= len(text.rstrip()):
             return None
@@ -391,7 +414,7 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> LineError | None:
     # that line feed with a logarithmic number of parses: trying them one by
     # one costs a parse per line, quadratic in the window, and a peer could
     # stall the whole daemon for seconds with a few hundred KiB of such lines.
-    desc_or_none = describe_error(text)
+    desc_or_none = describe_error(finite_numbers(text))
     feeds: list[int] = []
     at = buf.find(b"\n", start, lf)
     while 0 <= at < lf:

@@ -224,6 +224,9 @@ CHARACTERS = [
     # a byte is an escape it refuses.
     b'{"execute": "x", "execute": "x", "arguments": ["\xc3x"]}',
     b'{"execute": "x", "arguments": ["\xc3x"], "execute": "x"}',
+    b'{"execute": "x", "id": ["\\uffff", {"a": 1, "a": 2}, "\xc3x"]}',
+    b'{"execute": "x", "id": [{"k": "\\ud800", "a": 1, "a": 2}, "\xc3x"]}',
+    b'{"execute": "x", "id": [{"it\\\'s": 1, "it\'s": 2}, "\xc3x"]}',
     b'{"execute": "x", "execute": "x", "arguments": truex}',
     b'{"execute": "x", "id": "\\\xc0\x80u"}',
     b'{"execute": "x", "id": "\\\\\\\xc3x"}',

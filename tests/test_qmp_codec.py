@@ -485,6 +485,13 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
          "JSON parse error, duplicate key"),
         (b'{"id": "\\\xc0\x80u"}', "JSON parse error, invalid escape sequence in string"),
         (b'{"a": [1 "\xc3"]}', "JSON parse error, expected separator in list"),
+        # ... but a string that is no character before that key comes first, and
+        # a key escaped as \' repeats its plain twin.
+        (b'{"id": ["\\uffff", {"a": 1, "a": 2}, "\xc3x"]}',
+         "JSON parse error, \\uffff is not a valid Unicode character"),
+        (b'{"id": [{"k": "\\ud800", "a": 1, "a": 2}, "\xc3x"]}',
+         "JSON parse error, \\ud800 is not a valid Unicode character"),
+        (b'{"id": [{"a\\\'": 1, "a\'": 2}, "\xc3x"]}', "JSON parse error, duplicate key"),
         # A lone surrogate named while a later \u escape is cut short: no crash
         # (it dropped the connection), and QEMU 7.2's words.
         (b'{"id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',

@@ -187,6 +187,21 @@ def _character_first(text: str, refused: str) -> str | None:
 
 
 _DUPLICATE_KEY: Final = PARSE_ERROR_PREFIX + "duplicate key"
+
+
+def _repeated_key_first(text: str) -> str | None:
+    """QEMU's error for ``text`` when json's hook refused a repeated key in it,
+    None for any other refusal (the rest of the error path words those)."""
+    try:
+        read_on(apostrophes(text, SAME_CHARACTER))
+    except Reject as exc:
+        if exc.desc == _DUPLICATE_KEY:
+            return _character_first(text, exc.desc) or exc.desc
+    except (ValueError, RecursionError):
+        pass
+    return None
+
+
 _LITERALS: Final = frozenset({"true", "false", "null"})
 
 
@@ -211,10 +226,14 @@ def _bad_utf8(text: str, first: int) -> str | None:
     """QEMU's error for the string with the first byte that is not UTF-8, at
     ``first``, if its parser gets that far: nothing before the string is wrong."""
     before = _BEFORE_OPEN_STRING.match(text, 0, first)
+    if before is None or before.end() >= first:
+        return None
     # With a string where this one begins (its parser refuses a string token
     # where none may be, "1 "x"", before it reads the string).
-    if before is None or before.end() >= first or not _viable(text[: before.end()] + '""'):
-        return None
+    if not _viable(prefix := text[: before.end()] + '""'):
+        # A repeated key in an object read whole before the string is its error,
+        # unless a string before that key is no character.
+        return _repeated_key_first(prefix)
     # An escape QEMU reads first may be the error: one of a lone surrogate or a
     # noncharacter, in this string or an earlier one (json takes them, so the
     # prefix is viable), as parse_string() (json-parser.c) reads characters in

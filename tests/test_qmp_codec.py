@@ -492,6 +492,12 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         (b'{"id": [{"k": "\\ud800", "a": 1, "a": 2}, "\xc3x"]}',
          "JSON parse error, \\ud800 is not a valid Unicode character"),
         (b'{"id": [{"a\\\'": 1, "a\'": 2}, "\xc3x"]}', "JSON parse error, duplicate key"),
+        # C0 80 is U+0000 to QEMU, also where other bytes are not UTF-8.
+        (b'{"id": {"\xc0\x80": "\\ud800", "k": "\xc3x"}}',
+         "JSON parse error, \\ud800 is not a valid Unicode character"),
+        (b'{"id": {"\xc0\x80": nul, "k": "\xc3x"}}', "JSON parse error, invalid keyword 'nul'"),
+        (b'{"id": ["\xc0\x80", "\\q", "\xc3x"]}',
+         "JSON parse error, invalid escape sequence in string"),
         # A lone surrogate named while a later \u escape is cut short: no crash
         # (it dropped the connection), and QEMU 7.2's words.
         (b'{"id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',

@@ -134,7 +134,7 @@ def _decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> o
             # (mod_utf8_codepoint(), util/unicode.c): as the escape json takes.
             escaped = _MODIFIED_NUL.sub(_nul_escape, bytes(data))
             value = _decode_message(escaped) if escaped != data else None
-            if value is not None and (not isinstance(value, ParseError) or _is_utf8(escaped)):
+            if value is not None:
                 return value  # its error is the message's, C0 80 being a character
         return ParseError(lexical or _bad_utf8(text, exc.start) or describe_error(text)
                           or PARSE_ERROR_PREFIX + _BAD_UTF8)
@@ -212,14 +212,6 @@ def _too_many_tokens(text: str, max_tokens: int | None) -> bool:
 
 
 _BAD_UTF8: Final = "invalid UTF-8 sequence in string"
-
-
-def _is_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def _bad_utf8(text: str, first: int) -> str | None:

@@ -227,6 +227,8 @@ CHARACTERS = [
     b'{"execute": "x", "id": ["\\uffff", {"a": 1, "a": 2}, "\xc3x"]}',
     b'{"execute": "x", "id": [{"k": "\\ud800", "a": 1, "a": 2}, "\xc3x"]}',
     b'{"execute": "x", "id": [{"it\\\'s": 1, "it\'s": 2}, "\xc3x"]}',
+    b'{"execute": "x", "id": ["\xe4\xb8\xad\xe6\x96\x87", "\\ud800", "\xc3x"]}',
+    b'{"execute": "x", "id": {"\xc3\xa9\xc3\xa9\xc3\xa9": "\\uffff", "k": "\xc3x"}}',
     b'{"execute": "x", "id": {"\xc0\x80": "\\ud800", "k": "\xc3x"}}',
     b'{"execute": "x", "id": {"\xc0\x80": nul, "k": "\xc3x"}}',
     b'{"execute": "x", "id": ["\xc0\x80", "\\q", "\xc3x"]}',

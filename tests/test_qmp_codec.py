@@ -492,6 +492,11 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         (b'{"id": [{"k": "\\ud800", "a": 1, "a": 2}, "\xc3x"]}',
          "JSON parse error, \\ud800 is not a valid Unicode character"),
         (b'{"id": [{"a\\\'": 1, "a\'": 2}, "\xc3x"]}', "JSON parse error, duplicate key"),
+        # ... after characters of more than a byte, too.
+        (b'{"id": ["\xe4\xb8\xad\xe6\x96\x87", "\\ud800", "\xc3x"]}',
+         "JSON parse error, \\ud800 is not a valid Unicode character"),
+        (b'{"id": {"\xc3\xa9\xc3\xa9\xc3\xa9": "\\uffff", "k": "\xc3x"}}',
+         "JSON parse error, \\uffff is not a valid Unicode character"),
         # C0 80 is U+0000 to QEMU, also where other bytes are not UTF-8.
         (b'{"id": {"\xc0\x80": "\\ud800", "k": "\xc3x"}}',
          "JSON parse error, \\ud800 is not a valid Unicode character"),

@@ -136,7 +136,9 @@ def _decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> o
             value = _decode_message(escaped) if escaped != data else None
             if value is not None:
                 return value  # its error is the message's, C0 80 being a character
-        return ParseError(lexical or _bad_utf8(text, exc.start) or describe_error(text)
+        # exc.start counts bytes; before it, each character is whole UTF-8.
+        first = len(data[: exc.start].decode("utf-8"))
+        return ParseError(lexical or _bad_utf8(text, first) or describe_error(text)
                           or PARSE_ERROR_PREFIX + _BAD_UTF8)
     parsed = apostrophes(text, SAME_CHARACTER) if "\\'" in text else text
     try:

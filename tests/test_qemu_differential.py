@@ -233,6 +233,8 @@ CHARACTERS = [
     b'{"execute": "x", "id": {"\xc0\x80": nul, "k": "\xc3x"}}',
     b'{"execute": "x", "id": ["\xc0\x80", "\\q", "\xc3x"]}',
     b'{"execute": "x", "execute": "x", "arguments": truex}',
+    # ... but not one whose value is a keyword that begins as a literal.
+    b'{"execute": "x", "id": {"a": [], "a": truex}}',
     b'{"execute": "x", "id": "\\\xc0\x80u"}',
     b'{"execute": "x", "id": "\\\\\\\xc3x"}',
     # A string token where none may be is refused before its bytes are read.

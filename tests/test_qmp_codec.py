@@ -432,6 +432,8 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         (b'{"a": 1, "a": 2, "b": "\\ud800" 3}', "JSON parse error, duplicate key"),
         (b'{"a": 1, "a": [1 2]}', "JSON parse error, expected separator in list"),
         (b'{"a": 1, "a": x}', "JSON parse error, invalid keyword 'x'"),
+        (b'{"a": [], "a": truex}', "JSON parse error, invalid keyword 'truex'"),
+        (b'{"a": 1, "a": nullx,\n "b": 2}', "JSON parse error, invalid keyword 'nullx'"),
         # ... in an object already closed in an array still open: QEMU's
         # parse_array() read that element whole before the next one.
         (b'{"id": [{"a": 1, "a": 2}, "\\uffff"]}', "JSON parse error, duplicate key"),

@@ -320,6 +320,11 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
         # (a repeated key whose pair is whole, say) comes first.
         if lexical is not None and not lexical.startswith("invalid keyword"):
             return lexical
+        if lexical is not None:
+            # json read the keyword's start as a literal ("true" of "truex"): QEMU's
+            # parser fails at the keyword, before the pair it ends is whole.
+            while pos and text[pos - 1].isascii() and text[pos - 1].isalpha():
+                pos -= 1
     # QEMU's parser reads each string as it meets it, and each key once its
     # pair's value is read: one of those before the error is where it stops.
     if "\\u" in text or not text.isascii():

@@ -499,6 +499,14 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
          "JSON parse error, \\ud800 is not a valid Unicode character"),
         (b'{"id": {"\xc3\xa9\xc3\xa9\xc3\xa9": "\\uffff", "k": "\xc3x"}}',
          "JSON parse error, \\uffff is not a valid Unicode character"),
+        # ... in an unfinished message's lines too, checked at each line feed.
+        (b'{"id": [{"\xc3": 0e5,\n "b": 1}]}\n',
+         "JSON parse error, invalid UTF-8 sequence in string"),
+        (b'{"id": [["\xc3x"],\n 1 2,\n 3]}\n',
+         "JSON parse error, invalid UTF-8 sequence in string"),
+        (b'{"id": [{"a": 0.5,\n "k": "\\uffff", "a": 1},\n 1]}\n',
+         "JSON parse error, \\uffff is not a valid Unicode character"),
+        (b'{"id": {"\xc0\x80": 1, "b": [,\n]}}\n', "JSON parse error, expecting value"),
         # C0 80 is U+0000 to QEMU, also where other bytes are not UTF-8.
         (b'{"id": {"\xc0\x80": "\\ud800", "k": "\xc3x"}}',
          "JSON parse error, \\ud800 is not a valid Unicode character"),

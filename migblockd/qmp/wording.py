@@ -274,6 +274,8 @@ def describe_error(data: str | bytes) -> str | None:
     try:
         value, end = DECODER.raw_decode(apostrophes(text, SAME_LENGTH))
     except Reject as exc:
+        if exc.desc == _DUPLICATE_KEY:  # unless a string before it is no character
+            return _character_first(text, exc.desc) or exc.desc
         return _zero_exponent(text) if exc.desc is ZERO_EXPONENT else exc.desc
     except RecursionError:
         return NESTING_EXCEEDED
@@ -418,7 +420,8 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> LineError | None:
             scope = (text[: line_end + 1] if line_end >= 0
                      else text + "\n" if buf[lf : lf + 1] == b"\n" else text)
         lexical = first_lexical_error(scope)
-        desc = lexical or PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
+        desc = (lexical or _bad_utf8_before(bytes(buf[start:lf]), text, exc.pos)
+                or PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos))
         return LineError(desc, start + len(text[: exc.pos].encode("utf-8", RAW)),
                          lexical is not None)
     except (Reject, ValueError, RecursionError):
@@ -446,5 +449,23 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> LineError | None:
         else:
             hi = mid
     skip = feeds[lo] if lo < len(feeds) else lf
-    return LineError(desc_or_none or PARSE_ERROR_PREFIX + "expecting value", skip,
-                     desc_or_none is not None and desc_or_none == first_lexical_error(text))
+    its_lexer = desc_or_none is not None and desc_or_none == first_lexical_error(text)
+    if not its_lexer:
+        desc_or_none = _bad_utf8_before(bytes(buf[start:lf]), text, None) or desc_or_none
+    return LineError(desc_or_none or PARSE_ERROR_PREFIX + "expecting value", skip, its_lexer)
+
+
+def _bad_utf8_before(data: bytes, text: str, pos: int | None) -> str | None:
+    """QEMU's error for the first string of ``text`` (``data`` decoded) with bytes
+    that are not UTF-8, if its parser meets that string before the error json
+    found at ``pos`` (None: a hook's, whose position is not known: the string
+    is met first if what precedes it is a valid beginning)."""
+    # C0 80 is U+0000 to QEMU: two bytes, and two characters of ``text``.
+    probe = data.replace(b"\xc0\x80", b"\0\0")
+    try:
+        probe.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        first = len(probe[: exc.start].decode("utf-8"))
+        if pos is None or first < pos:
+            return _bad_utf8(text, first)
+    return None

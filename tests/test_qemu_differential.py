@@ -418,6 +418,23 @@ RESTARTS = [
 ]
 
 
+#: A bad escape on a complete line of a message that goes on: one error, and the
+#: request glued after the message runs.
+BAD_ESCAPE_LINES = [
+    b'{"execute": "query-version", "id": "\\u", "x": "{"\n}' + _R,
+    b'{"execute": "query-version", "id": "\\u", "x": {\n}}' + _R,
+    b'{"execute": "query-version", "id": ["\\q"], "x": "]"\n}' + _R,
+]
+
+
+@pytest.mark.parametrize("data", BAD_ESCAPE_LINES, ids=[repr(c)[2:60] for c in BAD_ESCAPE_LINES])
+def test_a_bad_escape_in_a_line_then_a_request(module_qemu: Qemu, module_daemon: DaemonProcess,
+                                                data: bytes) -> None:
+    same_answers(module_qemu, module_daemon, data)
+    pieces = [data[i : i + 1] for i in range(len(data))]
+    assert answers(module_daemon.socket, pieces) == answers(module_qemu.test_socket, data)
+
+
 @pytest.mark.parametrize("data", RESTARTS, ids=[repr(c)[2:-1] for c in RESTARTS])
 def test_where_qemu_starts_over(module_qemu: Qemu, module_daemon: DaemonProcess,
                                 data: bytes) -> None:

@@ -523,6 +523,20 @@ def test_parse_error_wording(data: bytes, desc: str) -> None:
     assert decode(data) == [ParseError(desc)]
 
 
+@pytest.mark.parametrize("bad", [
+    b'{"id": "\\u", "x": "{"\n}',
+    b'{"id": "\\u", "x": {\n}}',
+    b'{"id": ["\\q"], "x": "]"\n}',
+    b'{"id": "a\\u12", "x": "b"\n, "y": "{"}',
+])
+def test_a_bad_escape_on_a_line_of_a_message_takes_its_string_whole(bad: bytes) -> None:
+    # The rest of the message was skipped from inside the string, whose closing
+    # quote then opened one: the request glued after it went with it (or the
+    # message's last closer got an error of its own).
+    out = decode(bad + b'{"id": 2}')
+    assert len(out) == 2 and isinstance(out[0], ParseError) and out[1] == {"id": 2}, out
+
+
 def test_valid_edge_values_are_accepted() -> None:
     assert decode(b'{"a": 1e300, "b": -0.5, "c": 18446744073709551615, "d": "\\ud83d\\ude00"}') == [
         {"a": 1e300, "b": -0.5, "c": 18446744073709551615, "d": "\U0001f600"}

@@ -422,8 +422,13 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> LineError | None:
         lexical = first_lexical_error(scope)
         desc = (lexical or _bad_utf8_before(bytes(buf[start:lf]), text, exc.pos)
                 or PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos))
-        return LineError(desc, start + len(text[: exc.pos].encode("utf-8", RAW)),
-                         lexical is not None)
+        at = exc.pos
+        if lexical is None:
+            # Skipped whole from the string the error is in, if in one (a bad escape):
+            # from inside it, its closing quote would be taken for an opening one.
+            before = _BEFORE_OPEN_STRING.match(text, 0, at)
+            at = before.end() if before is not None else at
+        return LineError(desc, start + len(text[:at].encode("utf-8", RAW)), lexical is not None)
     except (Reject, ValueError, RecursionError):
         pass
     else:  # pragma: no cover - a complete value would have ended the scan

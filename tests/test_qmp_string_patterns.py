@@ -31,9 +31,10 @@ _NUMBER = (r"|-?(?:0(?![.0-9])"
 
 #: The patterns as they were, one character per step: the reference.
 PLAIN: dict[str, str] = {
-    "decoder._CONTAINER_TOKENS": r'"(?:[^"\\]|\\.)*"|[\[\]{}]',
-    "decoder._PAIR_TOKENS": r'"(?:[^"\\]|\\.)*"|[\[\]{},]',
-    "decoder._KEYS": r'"((?:[^"\\]|\\.)*+)"\s*+:',
+    # A string left open (the text ends in it) is one token, to the end.
+    "decoder._CONTAINER_TOKENS": r'(?s)"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[\[\]{}]',
+    "decoder._PAIR_TOKENS": r'(?s)"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[\[\]{},]',
+    "decoder._STRINGS": r'(?s)"((?:[^"\\]|\\.)*+)(?:("\s*+:)|"|\\?\Z)',
     "lexer._TOKENS": (
         r"(?:([ \t\r\n]+|[{}\[\]:,]|[a-z]+"
         rf'|"(?:[^"\\{_NOT_IN_STRING}]|\\[^{_NOT_IN_STRING}])*"'
@@ -54,7 +55,7 @@ PLAIN: dict[str, str] = {
 CURRENT: dict[str, re.Pattern[str]] = {
     "decoder._CONTAINER_TOKENS": decoder._CONTAINER_TOKENS,
     "decoder._PAIR_TOKENS": decoder._PAIR_TOKENS,
-    "decoder._KEYS": decoder._KEYS,
+    "decoder._STRINGS": decoder._STRINGS,
     "lexer._TOKENS": lexer._TOKENS,
     'lexer._STRING_SO_FAR["\\""]': lexer._STRING_SO_FAR['"'],
     "lexer._STRING_SO_FAR[\"'\"]": lexer._STRING_SO_FAR["'"],

@@ -27,6 +27,7 @@ __all__ = [
     "SAME_CHARACTER",
     "SAME_LENGTH",
     "STRING",
+    "STRING_OR_REST",
     "ZERO_EXPONENT",
     "Reject",
     "apostrophes",
@@ -106,14 +107,17 @@ def apostrophes(text: str, escape: str) -> str:
 #: escape before it, so there is one way to read it, and the possessive form
 #: matches what the plain one does.
 STRING: Final = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
-_CONTAINER_TOKENS: Final = re.compile(rf"{STRING}|[\[\]{{}}]")
+#: A string, or one left open (the text ends in it): to the end of the text.  A
+#: search that failed at a string left open would try again at each quote in it,
+#: escaped ones too, each time reading on to its end: quadratic time, seconds of
+#: the only thread for 32 KiB of \".  (With the flag ``(?s)``.)
+STRING_OR_REST: Final = r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)'
+_CONTAINER_TOKENS: Final = re.compile(rf"(?s){STRING_OR_REST}|[\[\]{{}}]")
 
-#: A number outside strings (a string is skipped whole; one left open, to the end of
-#: the text: trying again at each escaped quote in it would cost quadratic time).
+#: A number outside strings (a string is skipped whole, one left open too).
 _NUMBER: Final = r"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][-+]?[0-9]++)?"
-_STRING_TO_END: Final = r'"[^"\\]*+(?:\\.[^"\\]*+)*+(?:"|\\?\Z)'
-_STRING_OR_NUMBER: Final = re.compile(rf"(?s){_STRING_TO_END}|{_NUMBER}")
-_STRING_OR_NUMBER_BYTES: Final = re.compile(rf"(?s){_STRING_TO_END}|{_NUMBER}".encode())
+_STRING_OR_NUMBER: Final = re.compile(rf"(?s){STRING_OR_REST}|{_NUMBER}")
+_STRING_OR_NUMBER_BYTES: Final = re.compile(rf"(?s){STRING_OR_REST}|{_NUMBER}".encode())
 
 
 def _finite_number(token: str) -> str:
@@ -172,11 +176,12 @@ def _open_containers(text: str, pos: int) -> list[int]:
 
 
 #: What tells a pair from the next in an object: strings skipped whole.
-_PAIR_TOKENS: Final = re.compile(rf"{STRING}|[\[\]{{}},]")
+_PAIR_TOKENS: Final = re.compile(rf"(?s){STRING_OR_REST}|[\[\]{{}},]")
 
 
-#: Every key's text: a string with a colon after it.
-_KEYS: Final = re.compile(r'"([^"\\]*+(?:\\.[^"\\]*+)*+)"\s*+:')
+#: Every string's text, and (group 2) whether a colon follows it: a key.  Every
+#: string, not only keys, so that a search never begins inside one.
+_STRINGS: Final = re.compile(r'(?s)"([^"\\]*+(?:\\.[^"\\]*+)*+)(?:("\s*+:)|"|\\?\Z)')
 
 
 def duplicate_before(text: str, pos: int) -> bool:
@@ -186,7 +191,7 @@ def duplicate_before(text: str, pos: int) -> bool:
     error comes after it; Python's json sees the keys only once the object is
     closed.  A container holding the one the error is in is still reading its
     last pair's value or element: that one is not whole."""
-    keys = _KEYS.findall(text, 0, pos)
+    keys = [m.group(1) for m in _STRINGS.finditer(text, 0, pos) if m.group(2)]
     if len(set(keys)) == len(keys) and not any("\\" in key for key in keys):
         return False  # no key written twice, nor escaped: none is repeated
     opened = _open_containers(text, pos)

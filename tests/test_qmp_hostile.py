@@ -25,7 +25,7 @@ from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.qmp import decoder, patterns, resync, scanner, wording
+from migblockd.qmp import decoder, patterns, resync, scanner, unfinished, wording
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.framing import StreamDecoder
 from migblockd.qmp.limits import Limits, count_tokens
@@ -158,7 +158,7 @@ def test_a_bad_message_then_a_newline_never_swallows_the_next_command(
         # Only a message that is already bad must give way at the newline; a
         # valid beginning ({"a": ) legitimately swallows what follows.
         pending = bytes(decoder._buf[decoder._start:]).decode("utf-8", "replace")
-        if wording._viable(pending):
+        if wording.viable(pending):
             return
     out = world.feed(s, b"\n" + PROBE)
     assert out and out[-1].get("id") == "probe" and "return" in out[-1], (bursts, out)
@@ -175,7 +175,7 @@ def test_a_refusal_late_in_a_long_multiline_message_costs_few_parses(
     Before: one parse of the whole prefix per line feed, about 0.1 s per 4 KiB
     message, so 64 of them in one 260 KiB write held the daemon for 3 s.
     """
-    calls = count_calls(monkeypatch, wording, "_viable")
+    calls = count_calls(monkeypatch, unfinished, "viable")
     world = Daemonless()
     s = world.session()
     bad = b'{"x":' + b"\n" * 4000 + b"NaN\n"

@@ -48,7 +48,7 @@ PLAIN: dict[str, str] = {
         rf'|"[^"\\{_NOT_IN_STRING}]*+(?:\\[^{_NOT_IN_STRING}][^"\\{_NOT_IN_STRING}]*+)*+"'
         rf"|'[^'\\{_NOT_IN_STRING}]*+(?:\\[^{_NOT_IN_STRING}][^'\\{_NOT_IN_STRING}]*+)*+'"
         rf"{_NUMBER})"),
-    "wording._BEFORE_OPEN_STRING": r'(?:[^"]++|"(?:[^"\\]|\\.)*+")*+',
+    "wording.BEFORE_OPEN_STRING": r'(?:[^"]++|"(?:[^"\\]|\\.)*+")*+',
     "wording._ZERO_EXPONENT_AT": r'"(?:[^"\\]|\\.)*"|(?<![0-9.])-?0([eE])',
 }
 
@@ -60,7 +60,7 @@ CURRENT: dict[str, re.Pattern[str]] = {
     'lexer._STRING_SO_FAR["\\""]': lexer._STRING_SO_FAR['"'],
     "lexer._STRING_SO_FAR[\"'\"]": lexer._STRING_SO_FAR["'"],
     "lexer._ONE_TOKEN": lexer._ONE_TOKEN,
-    "wording._BEFORE_OPEN_STRING": wording._BEFORE_OPEN_STRING,
+    "wording.BEFORE_OPEN_STRING": wording.BEFORE_OPEN_STRING,
     "wording._ZERO_EXPONENT_AT": wording._ZERO_EXPONENT_AT,
 }
 PAIRS = [(name, re.compile(PLAIN[name]), CURRENT[name]) for name in PLAIN]
@@ -69,7 +69,7 @@ UNROLLED = [name for name in PLAIN if name != "lexer._ONE_TOKEN"]
 #: How the code runs each pattern: anchored, or scanning the whole text.
 ANCHORED = {"lexer._TOKENS", "lexer._ONE_TOKEN",
             *(n for n in PLAIN if n.startswith("lexer._STRING")),
-            "wording._BEFORE_OPEN_STRING"}
+            "wording.BEFORE_OPEN_STRING"}
 
 Found = list[tuple[tuple[int, int], tuple[str | None, ...]]]
 

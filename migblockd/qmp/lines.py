@@ -23,7 +23,8 @@ from typing import Final
 from migblockd.qmp.lexer import lexical_error, lexical_failure_bytes, stray
 from migblockd.qmp.patterns import CONTROL, LF, brackets_open
 from migblockd.qmp.resync import AFTER_RESET, IDLE, Resync
-from migblockd.qmp.wording import ParseError, prefix_error
+from migblockd.qmp.unfinished import prefix_error
+from migblockd.qmp.wording import ParseError
 
 _LINE_CHECK_WINDOW: Final = 4096
 #: :meth:`LineCheck._lines_verdict`: nothing found, go on as planned.

@@ -7,8 +7,8 @@ and a handful of limit messages.  migblockd parses each message with Python's
 messages onto QEMU's.  Its parser's words are here; its lexer's, which come
 first, are :mod:`migblockd.qmp.lexer`'s, and what QEMU takes for no character
 in a string is :mod:`migblockd.qmp.characters`'.  This module is what framing
-calls once a message is complete, and (:func:`prefix_error`) on the complete
-lines of one that is not.
+calls once a message is complete; on the complete lines of one that is not, it
+calls :mod:`migblockd.qmp.unfinished`, which words its errors with this one's.
 
 Python's ``json`` would accept ``NaN``, ``Infinity`` and turn ``1e400`` into
 ``inf``, none of which can be written back as JSON (QEMU echoes ``1e400`` as
@@ -42,7 +42,6 @@ from migblockd.qmp.decoder import (
     Reject,
     apostrophes,
     duplicate_before,
-    finite_numbers,
     finite_numbers_bytes,
     innermost_container,
     read_on,
@@ -70,7 +69,7 @@ class ParseError:
     desc: str
 
 
-def _viable(text: str) -> bool:
+def viable(text: str) -> bool:
     """Whether ``text`` can still begin a valid JSON value."""
     parsed = apostrophes(text, SAME_CHARACTER)  # "it\\'s" and "it's" are one key
     try:
@@ -138,7 +137,7 @@ def _decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> o
                 return value  # its error is the message's, C0 80 being a character
         # exc.start counts bytes; before it, each character is whole UTF-8.
         first = len(data[: exc.start].decode("utf-8"))
-        return ParseError(lexical or _bad_utf8(text, first) or describe_error(text)
+        return ParseError(lexical or bad_utf8(text, first) or describe_error(text)
                           or PARSE_ERROR_PREFIX + _BAD_UTF8)
     parsed = apostrophes(text, SAME_CHARACTER) if "\\'" in text else text
     try:
@@ -216,15 +215,15 @@ def _too_many_tokens(text: str, max_tokens: int | None) -> bool:
 _BAD_UTF8: Final = "invalid UTF-8 sequence in string"
 
 
-def _bad_utf8(text: str, first: int) -> str | None:
+def bad_utf8(text: str, first: int) -> str | None:
     """QEMU's error for the string with the first byte that is not UTF-8, at
     ``first``, if its parser gets that far: nothing before the string is wrong."""
-    before = _BEFORE_OPEN_STRING.match(text, 0, first)
+    before = BEFORE_OPEN_STRING.match(text, 0, first)
     if before is None or before.end() >= first:
         return None
     # With a string where this one begins (its parser refuses a string token
     # where none may be, "1 "x"", before it reads the string).
-    if not _viable(prefix := text[: before.end()] + '""'):
+    if not viable(prefix := text[: before.end()] + '""'):
         # A repeated key in an object read whole before the string is its error,
         # unless a string before that key is no character.
         return _repeated_key_first(prefix)
@@ -257,7 +256,7 @@ _ESCAPED: Final = frozenset('"\\/bfnrt\'')
 
 #: Everything up to the opening quote of a string left open (complete strings
 #: and what is outside strings).
-_BEFORE_OPEN_STRING: Final = re.compile(rf'(?:[^"]++|{STRING})*+')
+BEFORE_OPEN_STRING: Final = re.compile(rf'(?:[^"]++|{STRING})*+')
 _VALUE_END = frozenset("}],:")
 
 
@@ -280,7 +279,7 @@ def describe_error(data: str | bytes) -> str | None:
     except RecursionError:
         return NESTING_EXCEEDED
     except json.JSONDecodeError as exc:
-        return PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos)
+        return PARSE_ERROR_PREFIX + qemu_reason(exc.msg, text, exc.pos)
     except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
         return OUT_OF_RANGE
     if end != len(text):
@@ -313,7 +312,7 @@ def _zero_exponent(text: str) -> str:
     return PARSE_ERROR_PREFIX + "expecting value"  # pragma: no cover - the hook saw one
 
 
-def _qemu_reason(msg: str, text: str, pos: int) -> str:
+def qemu_reason(msg: str, text: str, pos: int) -> str:
     lexical = None
     if msg.startswith(("Expecting value", "Expecting ','", "Illegal trailing comma",
                        "Expecting property name")):
@@ -361,7 +360,7 @@ def _qemu_reason(msg: str, text: str, pos: int) -> str:
         return "invalid escape sequence in string"
     if msg.startswith("Invalid control character"):
         # QEMU's lexer names the string token so far, from its opening quote.
-        before = _BEFORE_OPEN_STRING.match(text, 0, pos)  # matches, if only ""
+        before = BEFORE_OPEN_STRING.match(text, 0, pos)  # matches, if only ""
         start = before.end() if before is not None else pos
         return stray(text[start : pos + 1].encode("utf-8", RAW))[len(PARSE_ERROR_PREFIX) :]
     return msg[:1].lower() + msg[1:]
@@ -377,100 +376,3 @@ def _first_not_a_character(text: str, end: int) -> int:
         else:
             high = middle
     return high
-
-
-@dataclass(frozen=True, slots=True)
-class LineError:
-    """What :func:`prefix_error` found in an unfinished message's lines."""
-
-    desc: str  #: QEMU's words
-    #: The offset in the buffer from which the rest of the message is skipped:
-    #: where the error was found, or the line feed of the first line a
-    #: line-by-line check would have refused.
-    skip: int
-    #: The error is QEMU's lexer's: its streamer forgets the message there and
-    #: reads what follows as new input.  Else its parser's, which sees the
-    #: message whole once its brackets balance.
-    lexical: bool
-
-
-def prefix_error(buf: bytearray, start: int, lf: int) -> LineError | None:
-    """The error in ``buf[start:lf]``, the complete lines of an unfinished message
-    (and the "{" that begins the next, if any); None when those lines are a
-    valid beginning of a JSON value."""
-    text = buf[start:lf].decode("utf-8", RAW)
-    try:
-        # QEMU's parser reads on past 1e400: it is refused once the message is whole.
-        read_on(apostrophes(text, SAME_LENGTH))
-    except json.JSONDecodeError as exc:
-        if exc.pos >= len(text.rstrip()):
-            return None
-        # QEMU's parser never sees an unfinished message: what QEMU says of these
-        # lines is the error of its lexer, if they hold one in what is taken for
-        # this message: up to the end of the line decoding resumes after, or up to
-        # the "{" beginning a line it resumes at (what follows is the next request's).
-        line_start = text.rfind("\n", 0, exc.pos) + 1
-        if line_start and text.startswith("{", exc.pos) and not text[line_start : exc.pos].strip(
-                " \t\r"):
-            scope = text[: exc.pos]
-        else:
-            # With the line feed that ends the line: it ends a token cut short
-            # there too ("-\n", "1e\n").
-            line_end = text.find("\n", exc.pos)
-            scope = (text[: line_end + 1] if line_end >= 0
-                     else text + "\n" if buf[lf : lf + 1] == b"\n" else text)
-        lexical = first_lexical_error(scope)
-        desc = (lexical or _bad_utf8_before(bytes(buf[start:lf]), text, exc.pos)
-                or PARSE_ERROR_PREFIX + _qemu_reason(exc.msg, text, exc.pos))
-        at = exc.pos
-        if lexical is None:
-            # Skipped whole from the string the error is in, if in one (a bad escape):
-            # from inside it, its closing quote would be taken for an opening one.
-            before = _BEFORE_OPEN_STRING.match(text, 0, at)
-            at = before.end() if before is not None else at
-        return LineError(desc, start + len(text[:at].encode("utf-8", RAW)), lexical is not None)
-    except (Reject, ValueError, RecursionError):
-        pass
-    else:  # pragma: no cover - a complete value would have ended the scan
-        return None
-    # Refused by a hook (NaN, a duplicate key, ...), which knows no position:
-    # the first line feed whose prefix is refused is where a line-by-line
-    # check would have caught it.  Viability is monotonic (a prefix refused at
-    # one line feed is refused at every later one), so a binary search finds
-    # that line feed with a logarithmic number of parses: trying them one by
-    # one costs a parse per line, quadratic in the window, and a peer could
-    # stall the whole daemon for seconds with a few hundred KiB of such lines.
-    desc_or_none = describe_error(finite_numbers(text))
-    feeds: list[int] = []
-    at = buf.find(b"\n", start, lf)
-    while 0 <= at < lf:
-        feeds.append(at)
-        at = buf.find(b"\n", at + 1, lf)
-    lo, hi = 0, len(feeds)  # feeds[hi:] are refused, feeds[:lo] viable
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if _viable(buf[start : feeds[mid]].decode("utf-8", RAW)):
-            lo = mid + 1
-        else:
-            hi = mid
-    skip = feeds[lo] if lo < len(feeds) else lf
-    its_lexer = desc_or_none is not None and desc_or_none == first_lexical_error(text)
-    if not its_lexer:
-        desc_or_none = _bad_utf8_before(bytes(buf[start:lf]), text, None) or desc_or_none
-    return LineError(desc_or_none or PARSE_ERROR_PREFIX + "expecting value", skip, its_lexer)
-
-
-def _bad_utf8_before(data: bytes, text: str, pos: int | None) -> str | None:
-    """QEMU's error for the first string of ``text`` (``data`` decoded) with bytes
-    that are not UTF-8, if its parser meets that string before the error json
-    found at ``pos`` (None: a hook's, whose position is not known: the string
-    is met first if what precedes it is a valid beginning)."""
-    # C0 80 is U+0000 to QEMU: two bytes, and two characters of ``text``.
-    probe = data.replace(b"\xc0\x80", b"\0\0")
-    try:
-        probe.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        first = len(probe[: exc.start].decode("utf-8"))
-        if pos is None or first < pos:
-            return _bad_utf8(text, first)
-    return None

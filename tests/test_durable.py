@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log, flip_bit, owner_info
+from faults import injecting
 from otheruids import Account, bare_uid
 from qmpclient import RawClient
 
@@ -1374,6 +1375,41 @@ async def test_a_log_cut_after_a_kill_stops_the_daemon_rather_than_drop_blockers
         kept = await ids(c)
     assert kept == [f"b{n}" for n in range(len(kept))]
     assert len(kept) < 20
+
+
+async def test_a_kill_after_the_log_header_before_its_first_frame_restores(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """A daemon killed in its first commit after a clean stop, once SQLite has
+    written the log's 32-byte header and before its first frame (a real SIGKILL,
+    which strace sends as that frame's write begins), leaves a log that is a
+    header and nothing else.  Before, the start's read-only look at it
+    (``readonly_shm``) never settled: SQLite's recovery takes a log of exactly
+    its header's size for an empty one and skips its salts, so every try to
+    read found the log "changed"; after about 10 s the start failed with
+    ``SQLITE_PROTOCOL: locking protocol; move it away to start from scratch``,
+    advice that throws every acknowledged blocker away."""
+    directory = tmp_path / "state"
+    first = start_daemon("--state-dir", str(directory))
+    async with first.client() as c:
+        for n in range(5):
+            await add(c, f"acknowledged {n}", id=f"b{n}")
+    assert first.stop() == 0  # a clean stop removes the log: the next commit begins it
+    wal = directory / "state.db-wal"
+    second = start_daemon("--state-dir", str(directory))
+    async with injecting(second.proc.pid, "pwrite64", "signal=SIGKILL:when=2", "the daemon",
+                         paths=[wal]):
+        async with second.client() as c:
+            await c.send({"execute": "add-blocker",
+                          "arguments": {"reason": "never answered", "id": "unsure"}})
+            with pytest.raises((EOFError, ConnectionError)):
+                await c.read_reply()
+        assert second.wait_exit() == -signal.SIGKILL
+    assert wal.stat().st_size == 32
+    third = start_daemon("--state-dir", str(directory))
+    async with third.client() as c:
+        assert await ids(c) == [f"b{n}" for n in range(5)]
+    assert third.stop() == 0
 
 
 async def test_a_state_dir_through_a_symlink_and_dot_dot_is_judged_where_it_leads(

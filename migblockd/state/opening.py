@@ -43,6 +43,9 @@ log = logging.getLogger("migblockd")
 # How long a statement waits for another program holding the database (an
 # operator's sqlite3 shell) before failing with "database is locked".
 _BUSY_TIMEOUT = 5.0
+#: The log's header (https://sqlite.org/walformat.html): a log no longer than it
+#: holds no frame, so nothing the database file lacks.
+_LOG_HEADER_SIZE = 32
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -100,15 +103,19 @@ def _view(path: Path) -> sqlite3.Connection:
 
     Read-only is not enough: after a crash the first connection rebuilds the
     log's index (``state.db-shm``) in place, and with no log it makes one.  So
-    with no log (or an empty one) the database file alone is read
-    (``immutable``), and with a log and its index the index is opened read-only
-    (``readonly_shm``: SQLite then reads the log into memory rather than
-    rebuild the index).  A log whose index is gone is left to SQLite, which
+    with no log (or one without a frame: empty, or its header alone) the
+    database file alone is read (``immutable``), and with a log and its index
+    the index is opened read-only (``readonly_shm``: SQLite then reads the log
+    into memory rather than rebuild the index).  Not a header alone that way:
+    SQLite's recovery skips the salts of a log no longer than its header, the
+    read then finds them changed, and retries until it gives up with
+    ``SQLITE_PROTOCOL`` (after about 10 s); a kill in the first commit after a
+    clean stop leaves such a log.  A log whose index is gone is left to SQLite, which
     makes the index anew from it (the log and the database are not written).
     """
     real = os.path.realpath(path)
     try:
-        logged = os.stat(real + "-wal").st_size > 0
+        logged = os.stat(real + "-wal").st_size > _LOG_HEADER_SIZE
     except FileNotFoundError:
         logged = False
     if not logged:

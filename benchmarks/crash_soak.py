@@ -10,7 +10,9 @@ own, daemon- and connection-scoped, some internal, various modes), delete
 their own, run ``query-blockers`` and (the first client) change the mode, with
 up to four requests in flight each.  After a random delay the daemon gets
 SIGKILL (or, one time in five, SIGABRT, which is what systemd's watchdog
-sends); sometimes the restarted daemon is killed again while it starts.  The
+sends; one time in ten, SIGTERM, a clean stop, after which the first commit
+begins SQLite's log anew, a moment the kills would otherwise never reach);
+sometimes the restarted daemon is killed again while it starts.  The
 daemon is then started on the same state directory and must say it is ready;
 its blockers and mode are checked against what the clients were told
 (:mod:`benchmarks.crashmodel`): every reply that reached a client, those it
@@ -306,6 +308,15 @@ class Soak:
             return False
         return True
 
+    def ending(self) -> signal.Signals:
+        """The end of a round's daemon: mostly a kill; now and then a clean stop,
+        which removes the log, so that the next round's kill comes while the first
+        commit after a stop begins it anew."""
+        draw = self.rng.random()
+        if draw < 0.1:
+            return signal.SIGTERM
+        return signal.SIGABRT if draw < 0.28 else signal.SIGKILL
+
     async def round(self) -> bool:
         """Clients, a kill, a restart and the check; False if the soak must stop."""
         daemon = self.daemon
@@ -314,7 +325,7 @@ class Soak:
         clients = [Client(k, self.ledger, self.rng, number) for k in range(self.clients)]
         tasks = [asyncio.create_task(c.run(self.socket)) for c in clients]
         await asyncio.sleep(self.rng.uniform(*self.delay))
-        self.kill(daemon, signal.SIGABRT if self.rng.random() < 0.2 else signal.SIGKILL)
+        self.kill(daemon, self.ending())
         await asyncio.wait_for(asyncio.gather(*tasks), IO_TIMEOUT)
         self.report.rounds += 1
         if not await self.start():

@@ -8,13 +8,16 @@ may do what: :mod:`migblockd.denied` reads them to say why a client is refused.
 
 A new file takes the default ACL of its directory, if it has one, in place of
 the umask: a socket bound there would let in whom the directory's default
-names, whatever ``--socket-mode`` and ``--socket-group`` say.
+names, whatever ``--socket-mode`` and ``--socket-group`` say, and one naming no
+one still narrows its mode (its ``group::r-x`` keeps the group from writing).
 :func:`mode_only` makes the socket's permissions its mode again.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import TypeAlias
@@ -45,7 +48,8 @@ def read_acl(path: Path) -> Acl:
 
 def mode_only(path: Path, mode: int) -> bool:
     """Give ``path`` (not followed if a link) exactly ``mode``, dropping an access ACL it
-    was created with; whether it had one.  Raises OSError when it cannot be dropped.
+    was created with, or the mode a default ACL naming no one narrowed; whether either
+    was so.  Raises OSError when it cannot be made so.
 
     Written as the ACL that names no one, which the kernel stores as the mode alone
     (``posix_acl_update_mode()`` in fs/posix_acl.c): one system call, on the name,
@@ -53,8 +57,12 @@ def mode_only(path: Path, mode: int) -> bool:
     """
     try:
         os.getxattr(path, ACCESS, follow_symlinks=False)
-    except OSError:  # none (or no ACLs on this file system): the umask made the mode
-        return False
+    except OSError as exc:
+        # None, or no ACLs on this file system: the umask made the mode, unless a
+        # default ACL naming no one narrowed it (``g::r-x`` makes 0660 0640), which
+        # the new file keeps as its mode alone (posix_acl_create()).
+        if exc.errno != errno.ENODATA or stat.S_IMODE(os.lstat(path).st_mode) == mode:
+            return False
     minimal = struct.pack("<I", _VERSION) + b"".join(
         struct.pack("<HHI", tag, mode >> shift & 7, _UNDEFINED_ID)
         for tag, shift in ((USER_OBJ, 6), (GROUP_OBJ, 3), (OTHER, 0)))

@@ -97,6 +97,37 @@ def test_a_default_acl_of_the_directory_does_not_decide_who_connects(
     assert_clean_log(daemon)
 
 
+def test_a_default_acl_naming_no_one_does_not_narrow_the_mode(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+        accounts: dict[str, Account], uid_client_script: Path) -> None:
+    """Found by review: a default ACL of the owner's, group's and others' entries
+    alone gives a new socket no ACL of its own (the kernel stores it as the mode),
+    but its entries still narrow that mode: with ``g::r-x`` the socket was 0640,
+    its group's members refused, while the log said "mode 0660, group mbt-sock"."""
+    short_tmp.chmod(0o755)
+    run = short_tmp / "run"
+    run.mkdir()
+    gid = accounts["mbt-sock"].gid
+    os.chown(run, 0, gid)
+    run.chmod(0o711)
+    subprocess.run(["setfacl", "-d", "-m", "u::rwx,g::r-x,o::---", str(run)], check=True)
+    socket = run / "s.sock"
+    daemon = start_daemon("--socket-mode", "0660", "--socket-group", "mbt-sock", socket=socket)
+    alice = accounts["mbt-alice"]
+    member = UidClient(uid_client_script, socket, alice.uid, alice.gid, (gid,))
+    try:
+        assert member.connect_error is None, "the default ACL kept the group out"
+        assert member.ok("query-blockers") == []
+    finally:
+        member.close()
+    st = os.lstat(socket)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
+    assert (f"{socket} took the default ACL of its directory; the socket's mode (0660) "
+            "alone decides who may connect") in daemon.log()
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+
 @pytest.mark.parametrize(("mode", "dir_mode"), [
     ("0600", 0o700), ("0660", 0o710), ("0666", 0o711), ("0606", 0o701)],
     ids=["0600", "0660", "0666", "0606"])

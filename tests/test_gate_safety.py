@@ -35,6 +35,7 @@ from test_qemu_link import stopping_relay
 from migblockd.contract import Contract
 from migblockd.forwarding import Call, Pin
 from migblockd.qemu.bridge import Bridge
+from migblockd.qemu.lost_migration import EXIT_GRACE
 from migblockd.qemu.reconnect import LinkState
 from migblockd.qemu_facts import QemuRestarted
 from migblockd.registry import Registry
@@ -917,6 +918,33 @@ async def test_a_migration_cancelled_by_qemus_quit_ends_cancelled_for_its_client
         assert await migration_statuses(watcher) == ["setup", "active", "cancelling", "cancelled"]
         d.wait_for_log("the migration it ran (last status cancelling) cannot complete; "
                        "clients are sent MIGRATION cancelled")
+    assert_clean_log(d)
+
+
+async def test_a_qemu_that_quits_is_not_said_to_run_on_while_it_exits(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+) -> None:
+    """QEMU's ``quit`` closes and removes its monitor's socket, then exits once it has
+    let go of its memory.  Reported: the link, reconnecting at once, found nobody
+    listening while the process was still there, and the log warned that QEMU "is
+    still running and may be migrating" a few milliseconds before it said that QEMU
+    had exited.  Here QEMU's exit is held back half a second (strace), as a big
+    guest's would be."""
+    qemu = qemu_factory(memory="1G")
+    d = await gated(start_daemon, qemu)
+    async with d.client() as c, d.client() as watcher, qemu.monitor() as mon:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        await start_slow_migration(c)
+        d.wait_for_log("QEMU migration status: active")
+        assert qemu.proc is not None
+        async with injecting(qemu.proc.pid, "exit_group", "delay_enter=500000", "QEMU"):
+            await mon.send({"execute": "quit"})
+            await asyncio.to_thread(qemu.proc.wait, 30)
+        assert await migration_statuses(watcher) == ["setup", "active", "cancelling", "cancelled"]
+        d.wait_for_log("the migration it ran (last status cancelling) cannot complete; "
+                       "clients are sent MIGRATION cancelled")
+    await asyncio.sleep(EXIT_GRACE)  # what it would have said is past its grace
+    assert "nobody listens on QEMU's monitor" not in d.log(), d.log()[-3000:]
     assert_clean_log(d)
 
 

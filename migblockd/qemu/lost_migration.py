@@ -17,6 +17,7 @@ tells it of the link's connections and losses.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,11 @@ from migblockd.registry import RUNNING_STATUSES
 __all__ = ["LostMigration"]
 
 log = logging.getLogger("migblockd")
+
+#: Seconds a QEMU whose monitor nobody listens on any more is given to exit before
+#: the log says that it runs on: its ``quit`` closes and removes the monitor's
+#: socket first, and exits only once it has let go of the rest (its memory).
+EXIT_GRACE = 2.0
 
 
 class LostMigration:
@@ -50,8 +56,9 @@ class LostMigration:
         #: set, which its exit ends.
         self._watching = False
         #: Whether the log has said that nobody listens at the monitor's path while
-        #: that process runs on (said once per loss).
+        #: that process runs on (said once per loss), and its timer until it is.
         self._alive_said = False
+        self._alive_timer: asyncio.TimerHandle | None = None
         #: A migration whose QEMU the link lost: its last status, whether that
         #: QEMU sent MIGRATION events, and whether migblockd handed it over and
         #: awaited its end (None: none lost, or QEMU answered again, or it has
@@ -64,6 +71,7 @@ class LostMigration:
         if self._watching and self._process is not None and self._process.exited():
             self._process_exited()  # a new QEMU on the path before the exit was seen
         self._watching = False
+        self._cancel_alive_timer()
         self._cut_off = None  # QEMU answers: its query-migrate says how that one ended
         if self._process is not None:
             self._process.close()
@@ -80,6 +88,7 @@ class LostMigration:
 
     def close(self) -> None:
         self._watching = False
+        self._cancel_alive_timer()
         if self._process is not None:
             self._process.close()
             self._process = None
@@ -116,14 +125,29 @@ class LostMigration:
         if self._watching and process is not None:
             if process.exited():
                 self._process_exited()
-            elif not self._alive_said:
-                self._alive_said = True
-                log.warning("nobody listens on QEMU's monitor at %s, but the QEMU process "
-                            "it lost (pid %d) is still running and may be migrating: "
-                            "add-blocker stays refused until it answers there or exits",
-                            self._path, process.pid)
+            elif not self._alive_said and self._alive_timer is None:
+                self._alive_timer = asyncio.get_running_loop().call_later(
+                    EXIT_GRACE, self._still_running)
             return
         self._ended(f"QEMU at {self._path} has exited (nobody listens on its monitor)")
+
+    def _still_running(self) -> None:
+        """Nobody has listened on the monitor for :data:`EXIT_GRACE`, and the QEMU
+        process the link lost has not exited: say so, once per loss.  Not at once:
+        a QEMU that quits is found gone before it has exited."""
+        self._alive_timer = None
+        process = self._process
+        if not self._watching or process is None or process.exited() or self._alive_said:
+            return
+        self._alive_said = True
+        log.warning("nobody listens on QEMU's monitor at %s, but the QEMU process it lost "
+                    "(pid %d) is still running and may be migrating: add-blocker stays "
+                    "refused until it answers there or exits", self._path, process.pid)
+
+    def _cancel_alive_timer(self) -> None:
+        if self._alive_timer is not None:
+            self._alive_timer.cancel()
+            self._alive_timer = None
 
     def _watch_for_exit(self) -> None:
         """The link lost its QEMU while it may migrate: that QEMU's exit ends that
@@ -140,6 +164,7 @@ class LostMigration:
         if not self._watching or self._process is None:
             return
         self._watching = False
+        self._cancel_alive_timer()
         self._process.stop()
         self._ended(f"QEMU at {self._path} (pid {self._process.pid}) has exited")
 

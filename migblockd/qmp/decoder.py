@@ -134,21 +134,44 @@ def finite_numbers(text: str) -> str:
     return _STRING_OR_NUMBER.sub(lambda m: _finite_number(m.group()), text)
 
 
+def _read_on_float(text: str) -> float:
+    if text[text[0] == "-"] == "0" and text[1 + (text[0] == "-")] in "eE":
+        raise Reject(ZERO_EXPONENT)
+    return float(text)  # inf too: QEMU's parser reads on past it
+
+
+#: :data:`DECODER`, but taking a number out of a double's range (``1e400``) as
+#: QEMU's parser takes it; and with ``float`` for ``int``, an integer past 4300
+#: digits too (``int`` refuses it; ``float`` costs a call for each integer).
+_READ_ON: Final = json.JSONDecoder(
+    object_pairs_hook=_object_pairs, parse_float=_read_on_float,
+    parse_constant=_parse_constant)
+_READ_ON_LONG: Final = json.JSONDecoder(
+    object_pairs_hook=_object_pairs, parse_float=_read_on_float, parse_int=float,
+    parse_constant=_parse_constant)
+
+
 def read_on(text: str) -> None:
     """``DECODER.raw_decode(text)``, reading on past a number out of a double's
-    range as QEMU's parser does: for where errors are, not for the value."""
-    try:
-        DECODER.raw_decode(text)
-    except Reject as exc:
-        if exc.desc != OUT_OF_RANGE:
+    range as QEMU's parser does: for where errors are, not for the value.
+
+    A parse with other hooks, not a rewrite of the text (:func:`finite_numbers`):
+    the complete lines of an unfinished message are read at each line feed, and
+    a Python call for each of their numbers and strings made 4 KiB of ``1,``
+    lines after ``1e400`` cost most of a second of the only thread."""
+    for decoder in (DECODER, _READ_ON):
+        try:
+            decoder.raw_decode(text)
+        except Reject as exc:
+            if exc.desc != OUT_OF_RANGE:
+                raise
+        except json.JSONDecodeError:
             raise
-    except json.JSONDecodeError:
-        raise
-    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
-        pass
-    else:
-        return
-    DECODER.raw_decode(finite_numbers(text))
+        except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+            _READ_ON_LONG.raw_decode(text)
+            return
+        else:
+            return
 
 
 def finite_numbers_bytes(data: bytes) -> bytes:

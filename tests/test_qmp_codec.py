@@ -537,6 +537,22 @@ def test_a_bad_escape_on_a_line_of_a_message_takes_its_string_whole(bad: bytes) 
     assert len(out) == 2 and isinstance(out[0], ParseError) and out[1] == {"id": 2}, out
 
 
+@pytest.mark.parametrize("bad", [
+    b'{"id": 1 2,\n "y": "\n"}',
+    b'{"id": "\\q", "x": "b"\n, "y": "{\n"}',
+    b'{"id": "a\\u12",\n "y": "x\n"}',
+])
+@pytest.mark.parametrize("split", [False, True])
+def test_a_line_feed_in_a_string_of_a_skipped_rest_ends_the_skipping(bad: bytes,
+                                                                     split: bool) -> None:
+    # QEMU's lexer fails at the line feed and its streamer forgets the message;
+    # the skipping went on after it, its quotes out of step with the request
+    # glued after the message, which it swallowed up to the next line feed.
+    data = bad + b'{"id": 2}'
+    out = decode(*[data[i : i + 1] for i in range(len(data))]) if split else decode(data)
+    assert len(out) == 2 and isinstance(out[0], ParseError) and out[1] == {"id": 2}, out
+
+
 def test_valid_edge_values_are_accepted() -> None:
     assert decode(b'{"a": 1e300, "b": -0.5, "c": 18446744073709551615, "d": "\\ud83d\\ude00"}') == [
         {"a": 1e300, "b": -0.5, "c": 18446744073709551615, "d": "\U0001f600"}

@@ -148,7 +148,7 @@ def skip_broken(buf: bytearray, n: int, pos: int, counts: Open,
     streamer does.  Returns ``(pos, counts, in_string, stop)``: ``stop`` None when
     input ran out (go on from there later), :data:`MESSAGE_END` with ``pos`` after
     its last bracket, :data:`RESYNC_POINT` with ``pos`` at a line feed or a
-    reset byte."""
+    reset byte (``in_string`` then says whether it broke a string)."""
     while True:
         if in_string:
             p = match_end(STRING_BODY, buf, pos)
@@ -162,27 +162,27 @@ def skip_broken(buf: bytearray, n: int, pos: int, counts: Open,
                 if p + 1 >= n:
                     return p, counts, True, None  # the escape is split across reads
                 p += 1  # "\X" with X a line feed or a reset byte
-        else:
-            p = match_end(SKIP_BODY, buf, pos)
-            if p >= n:
-                return p, counts, False, None
-            c = buf[p]
-            if c == QUOTE:
-                in_string, pos = True, p + 1
-                continue
-            if c in OPENERS or c in CLOSERS:
-                end = match_end(FLAT, buf, p)
-                if end - p >= _BULK:
-                    counts, over = _count_run(buf, p, end, counts)
-                    if over < 0:
-                        pos = end
-                        continue
-                    return over, counts, False, MESSAGE_END
-                counts = counted(counts, c)
-                pos = p + 1
-                if not message_over(counts):
+            return p, counts, True, RESYNC_POINT
+        p = match_end(SKIP_BODY, buf, pos)
+        if p >= n:
+            return p, counts, False, None
+        c = buf[p]
+        if c == QUOTE:
+            in_string, pos = True, p + 1
+            continue
+        if c in OPENERS or c in CLOSERS:
+            end = match_end(FLAT, buf, p)
+            if end - p >= _BULK:
+                counts, over = _count_run(buf, p, end, counts)
+                if over < 0:
+                    pos = end
                     continue
-                return pos, counts, False, MESSAGE_END
+                return over, counts, False, MESSAGE_END
+            counts = counted(counts, c)
+            pos = p + 1
+            if not message_over(counts):
+                continue
+            return pos, counts, False, MESSAGE_END
         return p, counts, False, RESYNC_POINT
 
 

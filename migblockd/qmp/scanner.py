@@ -249,6 +249,16 @@ class Scanner(LineCheck):
                 if stop == MESSAGE_END:
                     self._mode = IDLE
                     self._start = self._scan
+                elif buf[self._scan] == LF and self._in_string:
+                    # QEMU's lexer fails at a line feed in a string, its streamer
+                    # forgets the message, and what follows is read as after a
+                    # line feed that broke a string at the top level: the rest of
+                    # this line's quotes begin no string, as they did here, out of
+                    # step with the request glued after them, which they swallowed.
+                    self._mode = AFTER_RESET
+                    self._recovering = True
+                    self._in_string = False
+                    self._start = self._scan = self._scan + 1
                 elif buf[self._scan] == LF:
                     self._mode = SKIP_LINE
                     self._scan += 1

@@ -313,6 +313,9 @@ def _zero_exponent(text: str) -> str:
 
 
 def qemu_reason(msg: str, text: str, pos: int) -> str:
+    """QEMU's words, without :data:`PARSE_ERROR_PREFIX`, for the error json raised
+    with ``msg`` at ``pos`` of ``text``: its lexer's at that token, or the first
+    error its parser meets in reading the tokens in order up to there."""
     lexical = None
     if msg.startswith(("Expecting value", "Expecting ','", "Illegal trailing comma",
                        "Expecting property name")):

@@ -25,7 +25,7 @@ from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.qmp import decoder, patterns, resync, scanner, unfinished, wording
+from migblockd.qmp import characters, decoder, patterns, resync, scanner, unfinished, wording
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.framing import StreamDecoder
 from migblockd.qmp.limits import Limits, count_tokens
@@ -208,6 +208,27 @@ def test_the_lines_after_a_number_out_of_range_are_not_rewritten_at_each_line_fe
                                 "desc": "JSON parse error, number out of range"}}
     assert out[-1]["id"] == "probe" and len(out) == 2, out
     assert len(calls) <= 1002, len(calls)  # the complete message's, once
+
+
+def test_where_a_string_is_no_character_is_found_in_one_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A repeated key, then a megabyte of surrogate pairs ending in a lone one, and
+    bytes that are not UTF-8 after it: which error QEMU meets first depends on where
+    the lone surrogate is.  Found by review: it was found by a search over prefixes,
+    each read escape by escape, about 20 reads of the whole string (seconds of the
+    daemon's loop for one request); now one read gives the place and the words."""
+    pairs = 20_000
+    calls = count_calls(monkeypatch, characters, "_code_point")
+    world = Daemonless()
+    s = world.session()
+    bad = (b'{"execute": "x", "id": {"a": 1, "a": 2, "b": "' + b"\\ud83d\\ude00" * pairs
+           + b'\\ud800", "c": "\xc3"}}')
+    out = world.feed(s, bad + PROBE)
+    assert out[0] == {"error": {"class": "GenericError",
+                                "desc": "JSON parse error, duplicate key"}}, out[0]
+    assert out[-1]["id"] == "probe" and len(out) == 2, out
+    assert len(calls) <= 3 * 2 * pairs, len(calls)
 
 
 #: About 1 MiB of short tokens, each bad in its own way at the end.

@@ -29,6 +29,7 @@ from migblockd.qmp.characters import (
     ESCAPE,
     RAW,
     SUSPECT_ESCAPE,
+    first_not_a_character,
     not_a_character,
     not_unicode,
 )
@@ -178,10 +179,10 @@ def _character_first(text: str, refused: str) -> str | None:
     double's range it does not refuse at all."""
     if "\\u" not in text and text.isascii():
         return None
-    desc = not_a_character(text)
-    if desc is None:
+    found = first_not_a_character(text)
+    if found is None:
         return None
-    at = _first_not_a_character(text, len(text))
+    at, desc = found
     if refused == _DUPLICATE_KEY and duplicate_before(text, at):
         return None
     return PARSE_ERROR_PREFIX + desc
@@ -238,9 +239,9 @@ def bad_utf8(text: str, first: int) -> str | None:
     # A backslash just before the byte escapes it: an escape QEMU refuses.
     cut = bad_escape == len(content) and (len(content) - len(content.rstrip("\\"))) % 2 == 1
     end = before.end() + bad_escape - cut
-    desc = not_a_character(text[:end])
-    if desc is not None:
-        at = _first_not_a_character(text, end)
+    found = first_not_a_character(text[:end])
+    if found is not None:
+        at, desc = found
         return PARSE_ERROR_PREFIX + ("duplicate key" if duplicate_before(text, at) else desc)
     if bad_escape < len(content):
         return None  # the rest of the error path words the bad escape
@@ -332,9 +333,9 @@ def qemu_reason(msg: str, text: str, pos: int) -> str:
     # QEMU's parser reads each string as it meets it, and each key once its
     # pair's value is read: one of those before the error is where it stops.
     if "\\u" in text or not text.isascii():
-        earlier = not_a_character(text[:pos])
-        if earlier is not None:
-            at = _first_not_a_character(text, pos)
+        found = first_not_a_character(text[:pos])
+        if found is not None:
+            at, earlier = found
             return "duplicate key" if duplicate_before(text, at) else earlier
     if duplicate_before(text, pos):
         return "duplicate key"
@@ -367,15 +368,3 @@ def qemu_reason(msg: str, text: str, pos: int) -> str:
         start = before.end() if before is not None else pos
         return stray(text[start : pos + 1].encode("utf-8", RAW))[len(PARSE_ERROR_PREFIX) :]
     return msg[:1].lower() + msg[1:]
-
-
-def _first_not_a_character(text: str, end: int) -> int:
-    """The shortest prefix of ``text[:end]`` with a string that is no character."""
-    low, high = 0, end  # not_a_character(text[:high]) is not None
-    while low < high:
-        middle = (low + high) // 2
-        if not_a_character(text[:middle]) is None:
-            low = middle + 1
-        else:
-            high = middle
-    return high

@@ -530,3 +530,20 @@ def test_generated_ids_cannot_be_chosen_or_clash() -> None:
     # Serial numbers are never reused, even after the blocker is gone.
     out = world.feed(s, b'{"execute": "add-blocker", "arguments": {"reason": "b"}}')
     assert out[-1]["return"]["id"] == "#blocker1"
+
+
+@pytest.mark.parametrize("last", [b'\\uDBFF', b'\\uDBFF\\uDFFF', b'\xef\xbf\xbe', b'\\uD800'])
+def test_a_repeated_key_after_valid_surrogate_pairs_is_named_before_a_later_bad_string(
+    last: bytes,
+) -> None:
+    """Checked against QEMU 7.2: a pair's high half alone is no character, so the
+    old search over prefixes (which took every longer prefix of a refused one to be
+    refused too) stopped inside the valid pair and named the later string, not the
+    repeated key that QEMU's parser meets first."""
+    world = Daemonless()
+    s = world.session()
+    bad = b'{"a": 1, "s": "\\uD800\\uDC00", "a": 2, "t": "' + last + b'"}'
+    out = world.feed(s, bad + PROBE)
+    assert out[0] == {"error": {"class": "GenericError",
+                                "desc": "JSON parse error, duplicate key"}}, out[0]
+    assert out[-1]["id"] == "probe" and len(out) == 2, out

@@ -22,8 +22,8 @@ import struct
 from pathlib import Path
 from typing import TypeAlias
 
-__all__ = ["GROUP", "GROUP_OBJ", "MASK", "OTHER", "USER", "USER_OBJ", "Acl", "mode_only",
-           "read_acl"]
+__all__ = ["GROUP", "GROUP_OBJ", "MASK", "OTHER", "USER", "USER_OBJ", "Acl", "entry",
+           "mode_only", "read_acl"]
 
 ACCESS = "system.posix_acl_access"
 # The entries' tags (include/uapi/linux/posix_acl.h).
@@ -44,6 +44,12 @@ def read_acl(path: Path) -> Acl:
     if len(raw) < 4 or (len(raw) - 4) % 8 or int.from_bytes(raw[:4], "little") != _VERSION:
         return ()
     return tuple(struct.iter_unpack("<HHI", raw[4:]))
+
+
+def entry(acl: Acl, tag: int, id: int | None = None) -> int | None:
+    """The permissions of ``acl``'s entry ``tag`` (for ``id``, of a named one); None
+    when it has none."""
+    return next((perm for t, perm, i in acl if t == tag and (id is None or i == id)), None)
 
 
 def mode_only(path: Path, mode: int) -> bool:

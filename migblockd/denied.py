@@ -126,7 +126,7 @@ def _opening(directory: Path, st: os.stat_result, acl: Acl, path: Path, gid: int
     """
     if acl and members:
         grant = _grant(directory, acl, f"g:{_group_name(gid)}",
-                       next((perm for tag, perm, id in acl if tag == acls.GROUP and id == gid), 0))
+                       acls.entry(acl, acls.GROUP, gid) or 0)
         return grant + (f" and chmod o+x {directory}" if others else "")
     if members and st.st_gid != gid and not others:
         # Only the group is let in, so the socket's own directory is given the
@@ -148,9 +148,9 @@ def _grant(directory: Path, acl: Acl, qualifier: str, perm: int) -> str:
     g-w`` under an ACL) could then write, replace the socket, and the directory
     would be writable by others for the next start.  The mask gains the search
     alone; absent, the group's own entry is what it was."""
-    mask = next((p for tag, p, _ in acl if tag == acls.MASK), None)
+    mask = acls.entry(acl, acls.MASK)
     if mask is None:
-        mask = next((p for tag, p, _ in acl if tag == acls.GROUP_OBJ), 0)
+        mask = acls.entry(acl, acls.GROUP_OBJ) or 0
     return (f"setfacl -m {qualifier}:{_letters(perm | _SEARCH)},m::{_letters(mask | _SEARCH)}"
             f" {directory}")
 
@@ -166,16 +166,22 @@ def _allows(st: os.stat_result, uid: int, groups: Collection[int], need: int,
     if not _consulted(st, acl):
         bits = st.st_mode >> 3 if st.st_gid in groups else st.st_mode
         return bool(bits & need)
-    mask = next((perm for tag, perm, _ in acl if tag == acls.MASK), 7)
-    named = [perm for tag, perm, id in acl if tag == acls.USER and id == uid]
-    if named:
-        return bool(named[0] & mask & need)
+    mask = _mask(acl)
+    named = acls.entry(acl, acls.USER, uid)
+    if named is not None:
+        return bool(named & mask & need)
     matched = [perm for tag, perm, id in acl
                if (tag == acls.GROUP_OBJ and st.st_gid in groups)
                or (tag == acls.GROUP and id in groups)]
     if matched:  # one of them must let it; the others' entry no longer counts
         return any(perm & mask & need for perm in matched)
     return bool(st.st_mode & need)  # the others' entry is the mode's others' bits
+
+
+def _mask(acl: Acl) -> int:
+    """What the mask lets through: everything where the ACL has none."""
+    mask = acls.entry(acl, acls.MASK)
+    return 7 if mask is None else mask
 
 
 def _consulted(st: os.stat_result, acl: Acl) -> bool:
@@ -191,9 +197,9 @@ def _letting(st: os.stat_result, acl: Acl, need: int) -> list[int]:
     groups named in it first (put there to let them in)."""
     if not _consulted(st, acl):
         return [st.st_gid] if st.st_mode >> 3 & need else []
-    mask = next((perm for tag, perm, _ in acl if tag == acls.MASK), 7)
+    mask = _mask(acl)
     found = [id for tag, perm, id in acl if tag == acls.GROUP and perm & mask & need]
-    own = next((perm for tag, perm, _ in acl if tag == acls.GROUP_OBJ), 0)
+    own = acls.entry(acl, acls.GROUP_OBJ) or 0
     return found + ([st.st_gid] if own & mask & need else [])
 
 
@@ -210,7 +216,7 @@ def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need
          acl: Acl) -> str:
     what = _described(path, st, acl)
     who = f"uid {uid}" + (f" ({name})" if (name := _account(uid)) else "")
-    entry = next((perm for tag, perm, id in acl if tag == acls.USER and id == uid), None)
+    entry = acls.entry(acl, acls.USER, uid)
     if uid != st.st_uid and entry is not None and _consulted(st, acl):
         # The user's own entry decides, whatever the groups: joining one changes nothing.
         if need == _WRITE:

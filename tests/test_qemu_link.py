@@ -32,7 +32,7 @@ from migblockd.qemu import (
     QemuLinkError,
     QemuNotConnected,
 )
-from migblockd.qemu.link import QemuTimedOut
+from migblockd.qemu.errors import QemuTimedOut
 
 EXEC_NULL = "exec:cat > /dev/null"
 EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}

@@ -1,14 +1,13 @@
 """Talking to a real QEMU: the QMP link to its monitor and what it learns about that QEMU."""
 
-from migblockd.qemu.info import QemuInfo
-from migblockd.qemu.link import (
-    EventHandler,
+from migblockd.qemu.errors import (
     QemuCommandError,
     QemuInterrupted,
-    QemuLink,
     QemuLinkError,
     QemuNotConnected,
 )
+from migblockd.qemu.info import QemuInfo
+from migblockd.qemu.link import EventHandler, QemuLink
 from migblockd.qemu.reconnect import LinkState, StateHandler
 
 __all__ = [

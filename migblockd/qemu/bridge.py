@@ -22,13 +22,13 @@ from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.forwarding import Call
 from migblockd.gate import GateHandlers
-from migblockd.qemu.link import (
+from migblockd.qemu.errors import (
     QemuCommandError,
     QemuInterrupted,
-    QemuLink,
     QemuLinkError,
     QemuTimedOut,
 )
+from migblockd.qemu.link import QemuLink
 from migblockd.qemu.lost_migration import LostMigration
 from migblockd.qemu.reconnect import LinkState
 from migblockd.qemu_facts import (

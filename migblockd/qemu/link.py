@@ -7,25 +7,9 @@ apart from what is done over a connection that is up, which is this module's.  T
 knows nothing of migblockd's registry: the caller gets QEMU's events through ``on_event``
 and state changes through ``on_state``, and sends commands with :meth:`QemuLink.execute`.
 
-It is built on ``qemu.qmp``'s ``QMPClient``, adjusted in four ways (see ``_Client``):
-
-* events are handed to ``on_event`` from the library's reader task, in QEMU's order
-  with its replies.  The reader handles QEMU's messages one at a time and passes a reply
-  to the ``execute()`` that waits for it, so an event QEMU sent before a reply (QEMU sends
-  an event caused by a command before that command's reply) reaches ``on_event`` before
-  ``execute()`` returns.  An event QEMU sent after a reply waits until the caller of that
-  ``execute()`` has taken the reply (the reader goes on reading at once, while the caller
-  resumes only at the loop's next turn), so that it reaches clients after the reply too:
-  ``MIGRATION active`` after ``migrate``'s return.  The library's own event queues are
-  bypassed: its default listener keeps every event in a history list, which grows for as
-  long as the connection lives;
-* the library's logging is silenced: it logs every failed connection attempt as an error
-  (and a traceback at debug level).  The link logs what matters itself;
-* the wire traffic is logged at debug level on the link's logger, as the server logs its
-  clients' traffic;
-* it reads messages of up to :data:`READ_LIMIT`, not the library's 10 MiB, and one longer
-  than that, which ends the connection (the library can do nothing else with it), is named
-  for what it is: the reply to which command, of what size (:mod:`.too_long`).
+It is built on ``qemu.qmp``'s ``QMPClient``, adjusted (:mod:`migblockd.qemu.client`) to
+hand QEMU's events over in QEMU's order with its replies, to log the wire traffic at debug
+level and nothing of the library's own, and to name a message too long for what it is.
 """
 
 from __future__ import annotations
@@ -42,13 +26,19 @@ from qemu.qmp import (
     ExecInterruptedError,
     ExecuteError,
     Message,
-    QMPClient,
     QMPError,
     Runstate,
     StateError,
 )
 
-from migblockd.peer import peer_owner
+from migblockd.qemu.client import LinkClient
+from migblockd.qemu.errors import (
+    QemuCommandError,
+    QemuInterrupted,
+    QemuLinkError,
+    QemuNotConnected,
+    QemuTimedOut,
+)
 from migblockd.qemu.info import QemuInfo
 from migblockd.qemu.reconnect import (
     GREETING_NOTICE,
@@ -60,17 +50,9 @@ from migblockd.qemu.reconnect import (
     Reconnecting,
     StateHandler,
 )
-from migblockd.qemu.too_long import READ_LIMIT, Interrupted, ReplyTooLong, TooLong
+from migblockd.qemu.too_long import Interrupted
 
-__all__ = [
-    "EventHandler",
-    "QemuCommandError",
-    "QemuInterrupted",
-    "QemuLink",
-    "QemuLinkError",
-    "QemuNotConnected",
-    "QemuTimedOut",
-]
+__all__ = ["EventHandler", "QemuLink"]
 
 log = logging.getLogger("migblockd.qemu")
 
@@ -80,165 +62,6 @@ EventHandler = Callable[[str, Mapping[str, object], Mapping[str, object]], None]
 
 #: How long :meth:`QemuLink.execute` waits for QEMU's reply by default (0: forever).
 TIMEOUT = 10.0
-
-class QemuLinkError(Exception):
-    """Base of the errors :meth:`QemuLink.execute` raises."""
-
-
-class QemuNotConnected(QemuLinkError):
-    """The command was not sent: there is no connection to QEMU."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"Not connected to QEMU's monitor at '{path}': {reason}")
-        self.path = path
-        self.reason = reason
-
-
-class QemuInterrupted(QemuLinkError):
-    """The connection was lost after the command was sent and before QEMU replied.
-
-    Whether the command took effect is unknown.
-    """
-
-
-class QemuTimedOut(QemuLinkError):
-    """QEMU did not reply within the link's timeout.
-
-    The link stays connected: QEMU may be stopped, or busy with a long command.  Whether
-    the command takes effect is unknown (QEMU may still run it); its late reply is dropped.
-    """
-
-    def __init__(self, path: Path, command: str, timeout: float) -> None:
-        super().__init__(f"QEMU's monitor at '{path}' did not answer '{command}' within "
-                         f"{timeout:g} s; it may still run it")
-        self.path = path
-        self.command = command
-        self.timeout = timeout
-
-
-class QemuCommandError(QemuLinkError):
-    """QEMU answered with an error; ``error_class`` and ``desc`` are QEMU's, verbatim."""
-
-    def __init__(self, error_class: str, desc: str) -> None:
-        super().__init__(desc)
-        self.error_class = error_class
-        self.desc = desc
-
-
-# Outside the logging hierarchy and enabled for no level: the library's records are never
-# even created, so no configuration of the root logger can bring them back.
-_SILENT = logging.Logger("qemu.qmp (silenced by migblockd.qemu)", logging.CRITICAL + 1)
-
-
-class _Client(QMPClient):
-    def __init__(self, link: QemuLink) -> None:
-        super().__init__(readbuflen=READ_LIMIT)
-        self._link = link
-        #: The commands sent on this connection that QEMU has not answered (a command
-        #: given up on included: its reply still comes), by id, oldest first.  QEMU
-        #: answers in the order it was sent them: migblockd sends it no exec-oob.
-        self._unanswered: dict[str, str] = {}
-        #: The message too long that ended the last connection to end so.
-        self._too_long: TooLong | None = None
-
-    # The library picks its logger when its name is set (in its __init__): pick ours.
-    @property
-    def name(self) -> str | None:
-        return self._name
-
-    @name.setter
-    def name(self, name: str | None) -> None:
-        self._name = name
-        self.logger = _SILENT
-
-    async def _on_message(self, msg: Message) -> None:
-        # Called by the reader task for each message, in QEMU's order (see the module doc).
-        link = self._link
-        if "event" in msg:
-            if link._after_replies:
-                link._after_replies[-1].append(msg)
-            else:
-                link._deliver(msg)
-            return
-        msg_id = msg.get("id")
-        if isinstance(msg_id, str):
-            self._unanswered.pop(msg_id, None)
-        answered = msg_id in self._pending
-        await super()._on_message(msg)  # wakes the execute() that waits for it
-        if not answered and "id" in msg:
-            # The reply to a command given up on (qemu-timeout), dropped: late, but
-            # QEMU answers, and with nobody else asking it nothing else would say so.
-            link._answers()
-        elif answered:
-            # Runs after the woken caller's turn, which was scheduled first; the
-            # events up to the next reply wait with this one.
-            link._after_replies.append([])
-            asyncio.get_running_loop().call_soon(link._deliver_after_reply)
-
-    def peer_pid(self) -> int | None:
-        """The connected QEMU's process id (0 from the kernel: not in our PID namespace)."""
-        writer = self._writer  # the library's stream (qemu/qmp/protocol.py)
-        owner = peer_owner(writer.transport) if writer is not None else None
-        return owner.pid if owner is not None and owner.pid > 0 else None
-
-    async def _issue(self, msg: Message) -> str | None:
-        msg_id, command = msg.get("id"), msg.get("execute")
-        if isinstance(msg_id, str):
-            self._unanswered[msg_id] = str(command)  # before the writer can send it
-        try:
-            return await super()._issue(msg)
-        except BaseException:
-            self._unanswered.pop(str(msg_id), None)  # not sent
-            raise
-
-    async def _readline(self) -> bytes:
-        try:
-            return await super()._readline()
-        except ValueError:  # asyncio's StreamReader: no line feed within the limit
-            oldest = next(iter(self._unanswered.values()), None)
-            self._too_long = TooLong(oldest, self.readbuflen, tuple(self._unanswered))
-            raise ReplyTooLong(self._too_long.reason()) from None
-
-    async def _reply(self, msg_id: str | None) -> Message:
-        try:
-            return await super()._reply(msg_id)
-        except ExecInterruptedError:
-            too_long = self._too_long
-            if too_long is None or msg_id not in too_long.unanswered:
-                raise
-            raise Interrupted(too_long, own=msg_id == too_long.unanswered[0]) from None
-
-    async def _establish_session(self) -> None:
-        # The socket is connected: what is awaited now is QEMU's greeting.
-        self._unanswered.clear()
-        self._link._greeting_awaited()
-        await super()._establish_session()
-
-    async def _negotiate(self) -> None:
-        # The library calls it once the greeting has come: qmp_capabilities is awaited.
-        self._link._greeted()
-        await super()._negotiate()
-
-    def _cb_inbound(self, msg: Message) -> Message:
-        if log.isEnabledFor(logging.DEBUG):
-            _trace(self._link.path, "<-", bytes(msg))
-        return msg
-
-    def _cb_outbound(self, msg: Message) -> Message:
-        if log.isEnabledFor(logging.DEBUG):
-            _trace(self._link.path, "->", bytes(msg))
-        return msg
-
-
-#: query-qmp-schema's reply is ~200 kB: the trace shows each message's beginning only.
-TRACE_LIMIT = 1000
-
-
-def _trace(path: Path, direction: str, data: bytes) -> None:
-    if len(data) <= TRACE_LIMIT:
-        log.debug("QEMU %s %s %r", path, direction, data)
-    else:
-        log.debug("QEMU %s %s %r... (%d bytes)", path, direction, data[:TRACE_LIMIT], len(data))
 
 
 class QemuLink(Reconnecting):
@@ -280,7 +103,7 @@ class QemuLink(Reconnecting):
         self._reason = "not connected yet"
         self._logged_reason: str | None = None
         self._info: QemuInfo | None = None
-        self._client = _Client(self)
+        self._client = LinkClient(self)
         self._peer_pid = self._client.peer_pid
         #: Events read after each reply whose caller has not run yet (see the module doc).
         self._after_replies: collections.deque[list[Message]] = collections.deque()

@@ -18,7 +18,8 @@ class of it): the command table in front of QEMU, where the pass-through
 commands go to QEMU as they are and the schema's commands that wait for QEMU are
 in-band only, as introspection says.  It is apart from :mod:`migblockd.gate`,
 which holds the rules of the commands migblockd itself answers for in front of
-QEMU (its blockers, QEMU's, and what ``migrate`` checks first).
+QEMU (its blockers, QEMU's, and the migration commands), and from
+:mod:`migblockd.start_checks` (what ``migrate`` checks first).
 """
 
 from __future__ import annotations

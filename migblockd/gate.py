@@ -12,7 +12,8 @@ QEMU's busy text while QEMU migrates.
 Handlers here are generators that ``yield Call(...)`` for each command for
 QEMU and ``yield SETTLE`` to wait for the changes other clients made meanwhile
 to be on disk: how the core drives them, the pass-through commands and the
-command table are :mod:`migblockd.forwarding`'s (a base class of
+command table are :mod:`migblockd.forwarding`'s, what ``migrate`` checks before
+QEMU is sent it is :mod:`migblockd.start_checks`'s (base classes of
 :class:`GateHandlers`).  What the handlers know of QEMU (:class:`QemuFacts`),
 how they read its answers and the errors it fails with are
 :mod:`migblockd.qemu_facts`'s.
@@ -21,23 +22,20 @@ how they read its answers and the errors it fails with are
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any, Final
 
 from migblockd.commands import Args, log, reads_state
 from migblockd.connection import Connection
 from migblockd.contract import Contract
-from migblockd.forwarding import SETTLE, Call, Forwarded, Forwarding, Settle, Step
+from migblockd.forwarding import SETTLE, Call, Forwarded, Settle, Step
 from migblockd.logs import about, shown
 from migblockd.qemu_facts import (
-    ModeMismatch,
     QemuError,
     QemuFacts,
-    QemuLost,
     QemuRestarted,
     QemuSilent,
     QemuUnavailable,
-    check_runstate,
     incoming,
     not_understood,
     reasons_of,
@@ -51,10 +49,10 @@ from migblockd.registry import (
     RUNNING_STATUSES,
     BlockerError,
     MigrationBusy,
-    MigrationInProgress,
     NotFound,
     Registry,
 )
+from migblockd.start_checks import StartChecks
 
 __all__ = ["QEMU_BLOCKER_PREFIX", "SETTLE", "Call", "Forwarded", "GateHandlers", "Settle"]
 
@@ -69,7 +67,7 @@ QEMU_BLOCKER_PREFIX: Final = "qemu:"
 PARSED_AS_QEMU: Final = ("migrate",)
 
 
-class GateHandlers(Forwarding):
+class GateHandlers(StartChecks):
     """The schema's commands in front of a real QEMU, plus the pass-through ones."""
 
     def __init__(self, contract: Contract, registry: Registry, qemu: QemuFacts,
@@ -291,93 +289,6 @@ class GateHandlers(Forwarding):
         log.info("%s: migration to %s %s QEMU", conn.label, uri,
                  "resumed by" if resume else "handed to", extra=about(conn))
         return result
-
-    def _check_start(self, conn: Connection, uri: str) -> Generator[Call | Settle, object, None]:
-        """Refuse a new migration, as QEMU would and for migblockd's blockers."""
-        try:
-            info = yield Call("query-migrate", {})
-            if not isinstance(info, dict):  # cannot tell whether one runs: do not start one
-                raise not_understood("query-migrate", info)
-            self.qemu.saw(info)
-            if self.qemu.busy:
-                raise MigrationInProgress()
-            running = status_of(info) in RUNNING_STATUSES
-            runstate = None
-            if running or self._may_refuse():
-                # QEMU judges its run state before any blocker (and an incoming
-                # migration shows in query-migrate as running too): the refusal,
-                # if any, is the one QEMU would give.
-                runstate = yield from self._runstate()
-                if running and not incoming(info, runstate):
-                    raise MigrationInProgress()
-                check_runstate(runstate)
-            mode = self.registry.mode
-            yield from self._check_mode()
-            while True:
-                # Another client's del-blocker may have run while QEMU answered: a
-                # migration let through by it would outlive its failed commit.
-                yield SETTLE
-                if self.qemu.busy:  # handed to QEMU while this one asked
-                    raise MigrationInProgress()
-                if self.registry.mode != mode:
-                    # Set meanwhile (and committed): the blockers consulted are the new
-                    # mode's, so QEMU must migrate in it, or a blocker of the mode QEMU
-                    # migrates in would not stop it.
-                    mode = self.registry.mode
-                    yield from self._check_mode()
-                    continue
-                if runstate is not None or not self._may_refuse():
-                    break
-                # A blocker came (or came back, its deletion undone) meanwhile:
-                # QEMU's run state still comes first.
-                runstate = yield from self._runstate()
-                check_runstate(runstate)
-            self.registry.check_migrate()  # the current mode's newest blocker
-        except QemuSilent as exc:
-            # Its words name migblockd's own question, which the client never sent.
-            refused = QemuSilent(f"migrate was not sent: QEMU did not answer migblockd's "
-                                 f"check of whether it may migrate ({exc})")
-            self._refused(conn, refused, uri=uri)
-            raise refused from None
-        except QemuLost as exc:
-            lost = QemuLost(f"migrate was not sent: the connection to QEMU was lost during "
-                            f"migblockd's check of whether it may migrate ({exc})")
-            self._refused(conn, lost, uri=uri)
-            raise lost from None
-        except (BlockerError, QMPError, QemuError, QemuUnavailable) as exc:
-            self._refused(conn, exc, uri=uri)
-            raise
-
-    def _may_refuse(self) -> bool:
-        """Whether migblockd's blockers or mode might refuse a migration now."""
-        registry = self.registry
-        return registry.newest() is not None or registry.mode != "normal"
-
-    def _runstate(self) -> Generator[Call, object, str]:
-        """QEMU's run state, as ``query-status`` names it."""
-        answer = yield Call("query-status", {})
-        status = answer.get("status") if isinstance(answer, dict) else None
-        if not isinstance(status, str):
-            raise not_understood("query-status", answer)
-        return status
-
-    def _check_mode(self) -> Generator[Call, object, None]:
-        """Refuse unless QEMU would migrate in migblockd's mode: the blockers
-        consulted are that mode's, and QEMU must not run another one.  A QEMU
-        older than 8.2 has no modes: it always migrates in ``normal``."""
-        mode = self.registry.mode
-        if self.qemu.knows("migrate-set-parameters", "mode"):
-            params = yield Call("query-migrate-parameters", {})
-            theirs = params.get("mode", "normal") if isinstance(params, dict) else None
-            if theirs != mode:
-                raise ModeMismatch(f"QEMU's migration mode is '{theirs}' but migblockd's is "
-                                   f"'{mode}': set the mode with migrate-set-parameters "
-                                   "through migblockd")
-        elif mode != "normal":
-            version = self.qemu.version or "the gated QEMU"
-            raise ModeMismatch(f"QEMU {version} has no migration modes (QEMU 8.2 added them) "
-                               f"and would migrate in mode 'normal', not '{mode}'; set mode "
-                               "'normal' with migrate-set-parameters first")
 
     def migrate_cancel(self, conn: Connection, args: Args) -> Step:
         result = yield Call("migrate_cancel", args)

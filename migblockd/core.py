@@ -19,11 +19,11 @@ simulated migration's transitions that are due, runs the handler, delivers the
 events it caused to every negotiated session (before the reply, QEMU's order),
 then queues the reply.  Whatever a handler raises becomes a reply in
 :meth:`Core._attempt`, worded by :mod:`migblockd.failures`.  This module holds
-that path and the requests that wait for QEMU; :class:`Core`'s two base classes
-hold the rest, and no state: :mod:`migblockd.roster` (the connections: admission,
-whose turn is worth giving, who has output, a gone one's last requests) and
-:mod:`migblockd.outcomes` (what a commit or a failed one does to the output held
-for it).
+that path; :class:`Core`'s three base classes hold the rest, and no state:
+:mod:`migblockd.roster` (the connections: admission, whose turn is worth giving,
+who has output, a gone one's last requests), :mod:`migblockd.outcomes` (what a
+commit or a failed one does to the output held for it) and :mod:`migblockd.calls`
+(the requests that wait for QEMU).
 
 Durability (``durable=True``): output is held until the changes it follows
 are on disk, and commands that read state wait for them (:mod:`migblockd.ledger`
@@ -39,26 +39,24 @@ Counting (:attr:`Core.stats`, for :mod:`migblockd.metrics`): outcomes and latenc
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from time import perf_counter_ns
 from types import GeneratorType
 from typing import Any
 
 from migblockd.access import Policy, Quotas
 from migblockd.admission import Admission
+from migblockd.calls import Calls
 from migblockd.commands import Handlers, version_info
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.failures import internal_error, qmp_error
-from migblockd.forwarding import Pin
-from migblockd.gate import SETTLE, Call, Forwarded
+from migblockd.gate import Call, Forwarded
 from migblockd.guard import Guard, NotOwner, OverQuota
 from migblockd.ledger import Ledger
 from migblockd.logs import about
 from migblockd.logs.throttle import Throttle
 from migblockd.outcomes import Outcomes
-from migblockd.qemu_facts import QemuGivenUp
-from migblockd.qmp.encoding import encode_line
 from migblockd.qmp.envelope import Request
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
@@ -74,11 +72,7 @@ Status = tuple[int, int, str, str | None, str | None]
 
 log = logging.getLogger("migblockd")
 
-#: A handler that talks to QEMU, paused at its latest ``yield Call(...)``.
-Suspended = Generator[object, object, object]
-
-
-class Core(Roster, Outcomes):
+class Core(Roster, Outcomes, Calls):
     """Sessions, registry and command table of one daemon (sans-I/O).
 
     ``limits`` bound each connection's input, ``admission`` how many connections
@@ -178,59 +172,6 @@ class Core(Roster, Outcomes):
             self._dirty[conn] = None
         return handled
 
-    # -- QEMU --------------------------------------------------------------------
-    def take_calls(self) -> list[tuple[Connection, Call]]:
-        """Commands for QEMU, each from a request suspended until :meth:`resume`."""
-        if not self._calls:
-            return []
-        calls, self._calls = self._calls, []
-        return calls
-
-    def resume(self, conn: Connection, value: object = None,
-               error: BaseException | None = None) -> None:
-        """QEMU answered ``conn``'s call (``value``), or could not (``error``)."""
-        assert conn.suspended is not None and conn.answer is None
-        conn.answer = (value, error)
-        self._go_on(conn)
-        if conn.closed and conn.waiting is None:
-            self._finish(conn)
-        elif conn.session.has_output():
-            self._dirty[conn] = None
-
-    def _go_on(self, conn: Connection) -> None:
-        """Drive ``conn``'s suspended request on with its answer (QEMU's, or None
-        after :data:`~migblockd.gate.SETTLE`)."""
-        gen, request, answer = conn.suspended, conn.waiting, conn.answer
-        assert gen is not None and request is not None and answer is not None
-        conn.suspended = conn.waiting = conn.answer = None
-        value, error = answer
-        started = self._started.pop(conn, 0)
-        if isinstance(error, QemuGivenUp):
-            # The stop gave up waiting for QEMU: the command ends in the stop's words,
-            # its handler closed rather than told, since it would make of the silence
-            # what it makes of a silent or an absent QEMU (an add, a busy refusal).
-            gen.close()
-            self.stats.refused(request.command.name, error)
-            self._complete(conn, request, None, qmp_error(error), started)
-            return
-        try:
-            # The handler may go on to its change, answered or not (add-blocker adds
-            # while QEMU is away): counted as of now.
-            self.guard.recheck(conn, request.command.name, request.args)
-        except QMPError as exc:
-            gen.close()
-            self._refused(conn, request, exc, started)
-        else:
-            self._drive(conn, request, gen, value, error, started)
-
-    def relay(self, name: str, data: dict[str, Any], timestamp: dict[str, Any]) -> None:
-        """An event from QEMU, for every negotiated client, with QEMU's own timestamp."""
-        # In QEMU's own order: timestamp, event, data (encode_event's).
-        event: dict[str, Any] = {"timestamp": timestamp, "event": name}
-        if data:
-            event["data"] = data
-        self._fan_out(encode_line(event), False)
-
     # -- time --------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """Monotonic time at which :meth:`tick` has work to do, if any."""
@@ -289,40 +230,6 @@ class Core(Roster, Outcomes):
         # Quotas and ownership are judged by what the registry holds.
         self._complete(conn, request, None, error, started,
                        isinstance(error, (OverQuota, NotOwner)))
-
-    def _drive(self, conn: Connection, request: Request, gen: Suspended, value: object,
-               error: BaseException | None, started: int) -> None:
-        """Run a handler that talks to QEMU up to its next call, or to its end."""
-        stop: list[object] = []
-
-        def step() -> object:
-            try:
-                return gen.throw(error) if error is not None else gen.send(value)
-            except StopIteration as done:
-                stop.append(done.value)
-                return None
-
-        while True:
-            call, failure, judged = self._attempt(conn, request, step)
-            if failure is not None or stop:
-                self._complete(conn, request, stop[0] if stop else None, failure, started,
-                               judged)
-                return
-            if call is not SETTLE or self.ledger.uncommitted:
-                break
-            value = error = None  # nothing to wait for: on at once
-        conn.waiting, conn.suspended = request, gen
-        self._started[conn] = started
-        if call is SETTLE:
-            conn.answer = (None, None)
-            self.ledger.waiting[conn] = None
-        else:
-            assert isinstance(call, Call)
-            # Every call of one command goes to the QEMU its first went to (the
-            # sender checks the pin they share).
-            if conn.pin is None:
-                conn.pin = Pin()
-            self._calls.append((conn, Call(call.name, call.args, conn.pin)))
 
     def _attempt(self, conn: Connection, request: Request,
                  run: Callable[[], object]) -> tuple[object, QMPError | None, bool]:

@@ -270,8 +270,8 @@ class Config:
     metrics: Path | HostPort | None = option(
         None, parse=ListenAddress(), metavar="ADDRESS", default_doc="none: no metrics",
         help="serve Prometheus metrics over HTTP on ADDRESS: host:port (TCP; an IPv6 host in "
-        "brackets, [::1]:9715; port 0 picks a free one, which the log names) or an absolute path (a Unix socket, mode 0600); "
-        "never the QMP socket (docs/metrics.md)",
+        "brackets, [::1]:9715; port 0 picks a free one, which the log names) or an absolute "
+        "path (a Unix socket, mode 0600); never the QMP socket (docs/metrics.md)",
     )
     schema: Path | None = option(
         None, parse=FilePath(), metavar="FILE",

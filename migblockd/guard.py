@@ -269,7 +269,7 @@ class Guard:
         if role < needed:
             self._refuse(conn, name, f"Permission denied: {name} needs role {needed}, "
                          f"but {self._who(conn)} has role {role}", AccessDenied,
-                         target=_target(name, args))
+                         target=_target(name, args), blocker_id=_blocker_id(name, args))
         if extra is not None:
             extra(conn, role, args)
 
@@ -395,12 +395,22 @@ class Guard:
 
 
 def _target(name: str, args: Args) -> str:
-    """What a refused ``migrate`` was aimed at, for its log line: its URI and its
-    channels, those given (shown, bounded: clients choose them); nothing for other
-    commands."""
+    """What a refused ``migrate`` or ``del-blocker`` was aimed at, for its log line: the
+    migrate's URI and its channels, those given, the del-blocker's id (shown, bounded:
+    clients choose them); nothing for other commands."""
+    blocker_id = _blocker_id(name, args)
+    if blocker_id is not None:
+        return f" of {shown(blocker_id)}"
     if name != "migrate":
         return ""
     uri, channels = args.get("uri"), args.get("channels")
     # Both, when both are given: the refusal may be a channel's.
     return ("" if uri is None else f" to {shown(uri)}") + (
         "" if channels is None else f" with channels {shown(channels)}")
+
+
+def _blocker_id(name: str, args: Args) -> str | None:
+    """The blocker a ``del-blocker`` refused for its role was aimed at, for its line's
+    ``blocker_id`` field (the blocker's history); None for other commands."""
+    blocker_id = args.get("id") if name == "del-blocker" else None
+    return blocker_id if isinstance(blocker_id, str) else None

@@ -684,6 +684,26 @@ def test_a_refusal_is_logged_with_what_it_was_aimed_at(
          '"args":["id"]}}]', None)]
 
 
+def test_a_del_blocker_refused_for_the_role_is_in_the_blockers_history(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Reproduced first: an observer's del-blocker was refused for its role with a
+    # line that named no blocker and had no blocker_id field, so the blocker's history
+    # (journalctl MIGBLOCKD_BLOCKER_ID=vfio0) missed the attempt, and nothing in the
+    # log said which blocker it was aimed at.
+    daemon = serve(POLICY, "--log-format", "json")
+    alice, olga = accounts["mbt-alice"], accounts["mbt-olga"]  # olga: observer
+    connect(daemon, alice).ok("add-blocker", {"reason": "alice's", "id": "vfio0"})
+    assert connect(daemon, olga).error("del-blocker", {"id": "vfio0"}) == (
+        f"Permission denied: del-blocker needs role client, but uid {olga.uid} (mbt-olga) "
+        "has role observer")
+    daemon.wait_for_log("refused del-blocker")
+    refused = [r for r in map(json.loads, daemon.log().splitlines())
+               if r.get("peer_uid") == olga.uid and ": refused " in r["message"]]
+    assert [(r["message"].split(": refused ")[1].split(": Permission denied")[0],
+             r.get("blocker_id")) for r in refused] == [("del-blocker of 'vfio0'", "vfio0")]
+
+
 def test_a_refusal_repeated_in_a_loop_does_not_hide_another_kind_of_refusal(
         serve: Callable[..., DaemonProcess], connect: ClientFactory,
         accounts: dict[str, Account]) -> None:

@@ -28,11 +28,11 @@ from migblockd.logs import WIRE_LIMIT, shown
 from migblockd.outbox import HIGH_WATER, Outbox
 from migblockd.peer import (
     LEFTOVER_CHUNK,
+    client_owner,
     discard_unread,
     hung_up,
     lost_words,
     ordinary_loss,
-    peer_owner,
 )
 from migblockd.roster import BATCH
 
@@ -93,7 +93,7 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.connected_at = self.server.loop.time()
-        self.conn = conn = self.core.connect(peer_owner(transport))
+        self.conn = conn = self.core.connect(client_owner(transport))
         if conn.refused:
             self.conn = None
             transport.write(self.core.data_to_send(conn))

@@ -10,6 +10,7 @@ import array
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import select
 import socket
@@ -19,14 +20,22 @@ from collections.abc import Iterator
 
 from migblockd.registry import Owner
 
-__all__ = ["discard_unread", "hung_up", "leftovers", "lost_words", "ordinary_loss",
-           "peer_owner", "received", "unread", "unsent"]
+__all__ = ["client_owner", "discard_unread", "hung_up", "leftovers", "lost_words",
+           "ordinary_loss", "peer_owner", "received", "unread", "unsent"]
 
 LEFTOVER_CHUNK = 64 * 1024
 
 #: struct ucred: pid_t is signed, uid_t and gid_t are not (4294967294 is a uid,
 #: nfsnobody's on some systems; read signed it was -2, which restore refuses).
 _PEERCRED = struct.Struct("=iII")
+
+
+def client_owner(transport: asyncio.BaseTransport) -> Owner | None:
+    """A client's credentials, as access control takes them (:func:`peer_owner`): None
+    also when the kernel reported the overflow uid in place of one this process's user
+    namespace does not map, which names no one."""
+    owner = peer_owner(transport)
+    return None if owner is None or owner.uid == _unmapped_uid() else owner
 
 
 def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:
@@ -39,6 +48,31 @@ def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:
         return None
     pid, uid, gid = _PEERCRED.unpack(raw)
     return Owner(pid=pid, uid=uid, gid=gid)
+
+
+#: Where the kernel says which uids this process's user namespace maps, and what it
+#: reports for the others (``from_kuid_munged()``, kernel/user_namespace.c).
+UID_MAP = "/proc/self/uid_map"
+OVERFLOW_UID = "/proc/sys/kernel/overflowuid"
+_ALL_UIDS = 2**32 - 1  # the initial namespace's one line: 0 0 4294967295
+
+
+@functools.cache
+def _unmapped_uid() -> int | None:
+    """The uid ``SO_PEERCRED`` reports for every peer whose uid this process's user
+    namespace does not map (the overflow uid, 65534), or None in a namespace that maps
+    them all (the host's).  In a user namespace of its own (a rootless container with
+    the socket shared to the host) every such peer, root included, would be one uid:
+    each could delete the others' blockers and use up their quotas."""
+    try:
+        with open(UID_MAP, encoding="ascii") as f:
+            mapped = sum(int(line.split()[2]) for line in f if line.strip())
+        if mapped >= _ALL_UIDS:
+            return None
+        with open(OVERFLOW_UID, encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def leftovers(transport: asyncio.BaseTransport, budget: int) -> Iterator[bytes]:

@@ -704,6 +704,35 @@ def test_a_del_blocker_refused_for_the_role_is_in_the_blockers_history(
              r.get("blocker_id")) for r in refused] == [("del-blocker of 'vfio0'", "vfio0")]
 
 
+def _own_user_namespace() -> bool:
+    return subprocess.run(["unshare", "--user", "--map-root-user", "true"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _own_user_namespace(), reason="no user namespaces here")
+def test_users_a_user_namespace_does_not_map_are_not_one_uid(
+        start_daemon: Callable[..., DaemonProcess], sockdir: Path, connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Reproduced first: a daemon in a user namespace that maps root alone (a rootless
+    # container, its socket shared with the host) was told uid 65534, the overflow uid,
+    # for every user it does not map: bob deleted alice's blocker as his own.
+    wrapper = sockdir / "python-in-userns"
+    wrapper.write_text(f'#!/bin/sh\nexec unshare --user --map-root-user {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    daemon = start_daemon("--socket-mode", "0666", "--ephemeral", socket=sockdir / "s.sock",
+                          python=str(wrapper))
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    added = connect(daemon, alice).ok("add-blocker", {"reason": "alice's", "id": "vfio0"})
+    assert "owner" not in added  # not uid 65534 (nobody)
+    assert connect(daemon, bob).error("del-blocker", {"id": "vfio0"}) == (
+        "Permission denied: del-blocker of blocker 'vfio0', which belongs to no known uid, "
+        "needs role admin, but a client whose uid the kernel did not report has role client")
+    root = connect(daemon, 0, 0)  # mapped: uid 0 there too
+    assert [b["id"] for b in root.ok("query-blockers")] == ["vfio0"]
+    root.ok("del-blocker", {"id": "vfio0"})
+    assert_clean_log(daemon)
+
+
 def test_a_refusal_repeated_in_a_loop_does_not_hide_another_kind_of_refusal(
         serve: Callable[..., DaemonProcess], connect: ClientFactory,
         accounts: dict[str, Account]) -> None:

@@ -226,9 +226,12 @@ def _why(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need
                 f"run '{_grant(path, acl, f'u:{name or uid}', entry)}', or start the "
                 "daemon with a --socket outside it")
     letting = [gid for gid in _letting(st, acl, need) if gid not in groups]
-    if uid != st.st_uid and letting:
-        joined = [gid for gid in letting if name and _member(name, uid, gid)]
-        gid = (joined or letting)[0]
+    joined = [gid for gid in letting if name and _member(name, uid, gid)]
+    # Never "join group root": that opens far more than the socket (a root:root
+    # /run/migblockd, made without the tmpfiles.d line, needs its group changed).
+    joinable = joined or [gid for gid in letting if gid != 0]
+    if uid != st.st_uid and joinable:
+        gid = joinable[0]
         group = _group_name(gid)
         if gid != st.st_gid:
             what += f", whose ACL lets group {group} in"

@@ -117,6 +117,35 @@ def test_a_directory_of_a_group_the_user_is_not_in_is_named_with_the_fix(
         assert probe(package, carol, str(run / "migblockd.sock"), groups=(gid,)) == "connected"
 
 
+def test_a_directory_of_group_root_is_not_fixed_by_joining_root(
+    package: Path, shared: Path, accounts: dict[str, Account]
+) -> None:
+    # Reproduced first: the units' /run/migblockd made by systemd's DirectoryMode=0750
+    # without the tmpfiles.d line is root:root, and a client was told to join group
+    # root ('usermod -aG root mbt-alice'), which gives far more than this socket.
+    run = shared / "run"
+    run.mkdir()
+    run.chmod(0o750)
+    gid = accounts["mbt-sock"].gid
+    with listening(run / "migblockd.sock", 0o660, gid):
+        alice = accounts["mbt-alice"]
+        told = probe(package, alice, str(run / "migblockd.sock"), groups=(gid,))
+        assert "usermod" not in told and "newgrp" not in told
+        assert told == (
+            f"Permission denied: {run} is mode 0750, owner root, group root, which does not "
+            f"let uid {alice.uid} (mbt-alice) search it: run as a user it lets in, or have "
+            f"root open it to a group of this user's ('chgrp GROUP {run}' and 'chmod g+x "
+            f"{run}'), or start the daemon with a --socket outside it")
+    # The socket itself of group root: its settings, not the group, are the way in.
+    with listening(shared / "s.sock", 0o660, 0):
+        told = probe(package, alice, str(shared / "s.sock"))
+    assert told == (
+        f"Permission denied: {shared}/s.sock is mode 0660, owner root, group root, which "
+        f"does not let uid {alice.uid} (mbt-alice) connect to it; the daemon's --socket-mode "
+        "and --socket-group (the socket unit's SocketMode= and SocketGroup=) decide who may "
+        "connect")
+
+
 def test_a_socket_its_mode_closes_says_which_settings_open_it(
     package: Path, shared: Path, accounts: dict[str, Account]
 ) -> None:

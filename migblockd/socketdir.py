@@ -131,8 +131,10 @@ def _give_socket_dir(directory: Path, socket_mode: int, group: int | None) -> No
                     os.fchown(fd, -1, group)
                 except OSError as exc:
                     raise StartupError(not_given(directory, group, exc)) from None
-            os.fchmod(fd, 0o700 | (0o010 if socket_mode & 0o070 else 0)
-                      | (0o001 if socket_mode & 0o007 else 0))
+            # Connecting takes write permission on the socket (unix(7)): a class
+            # that may only read it is let in no further than the directory.
+            os.fchmod(fd, 0o700 | (0o010 if socket_mode & 0o020 else 0)
+                      | (0o001 if socket_mode & 0o002 else 0))
         finally:
             os.close(fd)
     except BaseException:

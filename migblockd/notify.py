@@ -202,6 +202,8 @@ class Notifier:
         # Log the first failure loudly and its repetitions (every watchdog
         # ping while the receiver is gone) quietly, until a send works again.
         self._failing = False
+        #: Why the last send failed, when not for a full queue (nobody bound there).
+        self._unreachable: OSError | None = None
         #: STOPPING=1 was sent: no READY=1 or RELOADING=1 may follow it.
         self._stopping = False
         #: What a full queue held back, one line per name ("READY", "STATUS"...),
@@ -273,6 +275,7 @@ class Notifier:
             # that comes back (the STATUS= it was last sent is not sent twice).
             self._pending = _coalesce(self._pending, lines, keep_watchdog=False)
             self._full = False
+            self._unreachable = error
             level = logging.DEBUG if self._failing else logging.WARNING
             self._failing = True
             logger.log(level, "sd_notify %r failed: %r", payload.decode(), error)
@@ -416,9 +419,18 @@ class Notifier:
         if self._pending and self._sock is not None:
             pending = "\n".join(self._pending.values())
             self._deliver([])
-            if self._pending:
+            if self._pending and self._full:
                 logger.warning("sd_notify: NOTIFY_SOCKET %s still full at exit: %r not "
                                "delivered", self._display, pending)
+            elif self._pending:
+                # Not a full queue: nobody is bound there (a receiver gone, a path
+                # that names no socket), which "full" would send the reader looking
+                # for a busy manager that is not the cause.
+                error = self._unreachable
+                logger.warning("sd_notify: NOTIFY_SOCKET %s still unreachable at exit (%s): "
+                               "%r not delivered", self._display,
+                               (error.strerror or error) if error is not None else "unknown",
+                               pending)
             self._cancel_retry()  # the attempt's own, which would outlive the socket
             self._pending = {}
         stream, self._stream = self._stream, None

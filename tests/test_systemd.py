@@ -229,6 +229,26 @@ async def test_a_receiver_that_comes_back_by_itself_gets_the_state(short_tmp: Pa
         await notifier.close()
 
 
+async def test_a_receiver_not_there_at_exit_is_not_called_full(
+        short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Found by review: with nobody bound at NOTIFY_SOCKET, the daemon's last line
+    # but one said "NOTIFY_SOCKET ... still full at exit", sending the operator
+    # after a busy manager; the queue was never full, the receiver was not there.
+    caplog.set_level(logging.INFO, logger="migblockd.notify")
+    nothing = short_tmp / "nothing"  # no file at all: ENOENT
+    gone = short_tmp / "gone"  # a socket file nobody is bound to: ECONNREFUSED
+    plain_receiver(gone).close()
+    for path, why in ((nothing, "No such file or directory"), (gone, "Connection refused")):
+        caplog.clear()
+        notifier = await Notifier.open({"NOTIFY_SOCKET": str(path)})
+        await notifier.ready("up")
+        await notifier.stopping("bye")
+        await notifier.close()
+        assert "full" not in caplog.text, caplog.text
+        assert (f"sd_notify: NOTIFY_SOCKET {path} still unreachable at exit ({why}): "
+                "'STOPPING=1\\nSTATUS=bye' not delivered") in caplog.text, caplog.text
+
+
 async def test_watchdog_pings_at_half_the_timeout(receiver: tuple[str, Any]) -> None:
     address, stream = receiver
     env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())}

@@ -152,7 +152,12 @@ def activated_listener(
         names = ", ".join(name for name, _ in passed)
         for _, sock in passed:
             sock.close()
-        raise ActivationError(f"expected one socket, was passed {len(passed)}: {names}")
+        # ListenStream= and the like are lists: a drop-in's line without an empty one
+        # before it is added to the unit's, and the unit listens on both.
+        raise ActivationError(
+            f"expected one socket, was passed {len(passed)} ({names}): the daemon serves "
+            "one, so its socket unit must listen on one (a drop-in that changes its "
+            "ListenStream= starts with an empty ListenStream=, which resets the list)")
     name, sock = passed[0]
     listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:

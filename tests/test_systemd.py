@@ -624,6 +624,25 @@ def test_activated_listener_refuses_what_it_cannot_serve(
     assert "expected one socket, was passed 2" in out["error"]
 
 
+def test_two_listening_sockets_are_blamed_on_the_socket_unit(
+        listener: socket.socket, short_tmp: Path) -> None:
+    # Found by review: a drop-in of migblockd.socket that gave a new ListenStream=
+    # without an empty one first (ListenStream= is a list) had systemd pass both
+    # sockets, and the daemon, restarted until the start limit, said only "expected
+    # one socket, was passed 2: migblockd, migblockd", naming neither cause nor cure.
+    second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    second.bind(str(short_tmp / "moved.sock"))
+    second.listen()
+    with second:
+        out = run_child([listener, second], {"LISTEN_PID": "$PID", "LISTEN_FDS": "2",
+                                             "LISTEN_FDNAMES": "migblockd:migblockd"},
+                        call="activated_listener")
+    assert out["error"] == (
+        "expected one socket, was passed 2 (migblockd, migblockd): the daemon serves one, "
+        "so its socket unit must listen on one (a drop-in that changes its ListenStream= "
+        "starts with an empty ListenStream=, which resets the list)")
+
+
 @pytest.mark.skipif(
     shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate"
 )

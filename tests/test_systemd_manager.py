@@ -38,6 +38,7 @@ from qmpclient import RawClient
 #: Every wait on the manager or the daemon, in seconds.
 TIMEOUT = 60.0
 UNITS = ROOT / "systemd"
+SERVICE_MD = ROOT / "docs" / "service.md"
 #: Where the test's directory appears inside the namespace.
 INSIDE = "/run/migblockd-test"
 #: The socket unit's ListenStream=, used as shipped (/run is the namespace's own).
@@ -463,6 +464,37 @@ def stale_socket_at(path: Path) -> None:
         left.bind(os.fspath(path))
 
 
+def documented_socket_drop_in() -> str:
+    """docs/service.md's drop-in that moves migblockd.socket to /run/migblockd/moved.sock."""
+    blocks: list[str] = re.findall(r"```ini\n(.*?)```", SERVICE_MD.read_text(), re.S)
+    where, _, text = next(b for b in blocks if "migblockd.vacant" in b).partition("\n")
+    assert where == "# systemctl edit migblockd.socket", where
+    return text
+
+
+async def test_a_drop_in_that_adds_a_listen_stream_is_named(manager: Manager) -> None:
+    # Found by review: docs/service.md said to reset ExecStartPre= in a drop-in that
+    # moves the socket, not ListenStream=, which is a list too.  Without the reset
+    # the unit listened on both paths, systemd passed both, and the daemon failed
+    # every start until the start limit with "expected one socket, was passed 2:
+    # migblockd, migblockd", naming neither cause nor cure.
+    added = "[Socket]\n" + "\n".join(line for line in documented_socket_drop_in()
+                                      .splitlines() if line != "ListenStream=") + "\n"
+    manager.systemctl("stop", "migblockd.socket")
+    manager.drop_in("migblockd.socket", added)
+    manager.systemctl("start", "migblockd.socket")
+    hint = ("socket activation: expected one socket, was passed 2 (migblockd, migblockd): "
+            "the daemon serves one, so its socket unit must listen on one (a drop-in that "
+            "changes its ListenStream= starts with an empty ListenStream=, which resets "
+            "the list)")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as trigger:
+        trigger.connect(os.fspath(manager.socket))  # starts the service, which fails
+        deadline = time.monotonic() + TIMEOUT
+        while hint not in manager.daemon_log():
+            assert time.monotonic() < deadline, manager.log()
+            await asyncio.sleep(0.1)
+
+
 async def test_the_socket_unit_replaces_a_socket_nobody_answers_on(manager: Manager) -> None:
     # Reproduced first: after a ListenStream= changed in a drop-in and a daemon-reload
     # (which closes the old socket and leaves its file), the unit did not start
@@ -470,9 +502,7 @@ async def test_the_socket_unit_replaces_a_socket_nobody_answers_on(manager: Mana
     # removed by hand; nor after a crash left a file there.
     await add_blocker(manager, "s1")
     moved = "/run/migblockd/moved.sock"
-    manager.drop_in("migblockd.socket", "[Socket]\nListenStream=\nListenStream=" + moved
-                    + "\nExecStartPre=\nExecStartPre=/opt/migblockd/bin/python3 -m "
-                    "migblockd.vacant " + moved + "\n")
+    manager.drop_in("migblockd.socket", documented_socket_drop_in())
     assert manager.socket.exists()  # the reload closed it and left the file
     manager.systemctl("restart", "migblockd.socket")
     assert await blocker_ids(manager, manager.inside(moved)) == {"s1"}

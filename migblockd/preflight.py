@@ -59,7 +59,7 @@ from migblockd.trust import distrust, named_uid
 from migblockd.trusted_file import UntrustedFile, check_trusted
 
 __all__ = ["check_qemu", "ignored", "load_contract", "not_its_own_socket", "not_the_qmp_socket",
-           "passed_path", "problems", "socket_gid"]
+           "passed_name", "passed_path", "problems", "socket_gid"]
 
 
 def load_contract(path: Path | None) -> Contract:
@@ -109,6 +109,16 @@ def passed_path(passed: socket.socket) -> Path | None:
         if isinstance(name, str) and name.startswith("/"):
             return Path(name)
     return None
+
+
+def passed_name(passed: socket.socket) -> str:
+    """The address of the socket systemd passed, for the log, as its socket unit
+    writes it: a path, or ``@name`` in Linux's abstract namespace (``ListenStream=@name``),
+    which Python gives as bytes with a leading NUL."""
+    name = passed.getsockname()
+    if isinstance(name, bytes) and name.startswith(b"\0"):
+        return "@" + name[1:].decode(errors="backslashreplace")
+    return str(name)
 
 
 def not_the_qmp_socket(address: Path, qmp_socket: Path, setting: str = "--metrics") -> None:

@@ -38,7 +38,7 @@ from migblockd.ledger import Group
 from migblockd.listen import Claim, bind_claimed, unbind
 from migblockd.notify import Notifier
 from migblockd.pidlock import PidLock
-from migblockd.preflight import ignored, passed_path, problems
+from migblockd.preflight import ignored, passed_name, passed_path, problems
 from migblockd.registry import Change
 from migblockd.reloading import Reload, next_state, outvoted, plan
 from migblockd.timeouts import Timeouts
@@ -123,7 +123,7 @@ class Server(Turns):
         see serve()."""
         group = self.config.socket_group
         if sock is not None:
-            log.info("socket activation: serving the passed socket %s", sock.getsockname())
+            log.info("socket activation: serving the passed socket %s", passed_name(sock))
             self.passed = passed_path(sock)
             for note in ignored(self.config, socket_passed=True):
                 log.info("%s", note)

@@ -262,3 +262,34 @@ async def test_a_wrong_activation_is_refused_before_the_state_directory_is_made(
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_an_abstract_passed_socket_is_logged_as_its_unit_writes_it(
+        short_tmp: Path) -> None:
+    """``ListenStream=@name``: found by review, the log said ``serving the passed socket
+    b'\\x00name'`` (Python's bytes) where the socket unit and ``ss`` say ``@name``."""
+    name = f"migblockd-test-{short_tmp.name}"
+    log_path = short_tmp / "stderr.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", f"@{name}", sys.executable, "-m", "migblockd",
+             "--socket-activated", "--ephemeral"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while True:  # the first connection starts the daemon
+                try:
+                    reader, writer = await asyncio.open_unix_connection(f"\0{name}")
+                    break
+                except ConnectionRefusedError:
+                    await asyncio.sleep(0.01)
+            assert b'"QMP"' in await reader.readline()  # served on it
+            writer.close()
+        text = log_path.read_text(errors="replace")
+        assert f"INFO: socket activation: serving the passed socket @{name}\n" in text, text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 0, log_path.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

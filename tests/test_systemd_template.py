@@ -307,6 +307,36 @@ async def test_each_instance_gates_its_own_qemu(tmp_path: Path) -> None:
                 qemu.kill()
 
 
+async def test_a_monitor_in_tmp_is_out_of_the_sandboxs_sight(tmp_path: Path) -> None:
+    # Found by review: docs/gate.md said the units' sandbox "allows AF_UNIX, which is
+    # all the link needs"; a QEMU started with -qmp unix:/tmp/vm1.qmp (as QEMU's own
+    # examples do) was never reached, since PrivateTmp= gives the daemon a /tmp of
+    # its own, and the log said only that the socket was not there.  The page now
+    # says where the monitor may be; this is what it describes.
+    with user_manager(tmp_path) as manager:
+        install_templates(manager, configured=())
+        manager.inside("/tmp/qemu-vm1").mkdir()
+        qemu = ChildQemu(manager.inside("/tmp/qemu-vm1"))
+        try:
+            qemu.start()
+            qemu.gate_socket.chmod(0o666)
+            drop_ins = manager.base / f"config/systemd/user/{service('vm1')}.d"
+            drop_ins.mkdir()
+            (drop_ins / "override.conf").write_text(
+                f'[Service]\nEnvironment="MIGBLOCKD_OPTIONS=--config {INSIDE}/migblockd.toml '
+                '--qemu /tmp/qemu-vm1/gate.sock"\n')
+            manager.systemctl("daemon-reload")
+            manager.systemctl("start", socket_unit("vm1"))
+            await blocker_ids(manager, socket_path(manager, "vm1"))  # starts the daemon
+            assert running(manager, "vm1")["StatusText"].endswith(", QEMU not connected")
+            assert ("QEMU at /tmp/qemu-vm1/gate.sock is not available: No such file or "
+                    "directory; retrying") in manager.daemon_log(), manager.log()
+            text = (ROOT / "docs" / "gate.md").read_text()
+            assert "must not be in `/tmp` or `/var/tmp`" in " ".join(text.split())
+        finally:
+            qemu.kill()
+
+
 async def test_no_socket_unit_takes_over_a_path_another_serves(tmp_path: Path) -> None:
     # The instance named migblockd has the plain unit's path, /run/migblockd/migblockd.sock;
     # systemd unlinks whatever is at ListenStream= before it binds.

@@ -172,6 +172,26 @@ async def test_settings_alone_are_restored(start_daemon: Start, tmp_path: Path) 
         assert await blockers(c) == []
 
 
+async def test_a_state_directory_whose_name_is_not_utf8(start_daemon: Start,
+                                                        tmp_path: Path) -> None:
+    """Found by review: Linux names are bytes, and a --state-dir (or
+    $STATE_DIRECTORY) that is not UTF-8 stopped the start with a traceback
+    (UnicodeEncodeError, from the read-only look at the database before it is
+    opened), after it had created the database."""
+    directory = tmp_path / os.fsdecode(b"st\xffate")
+    first = start_daemon("--state-dir", str(directory))
+    async with first.client() as c:
+        await c.ok("add-blocker", {"reason": "kept", "id": "kept"})
+    assert first.stop() == 0
+    second = start_daemon("--state-dir", str(directory))
+    second.wait_for_log(re.compile(r"restored 1 blocker from "))
+    async with second.client() as c:
+        assert [b["id"] for b in await blockers(c)] == ["kept"]
+    assert second.stop() == 0
+    for daemon in (first, second):
+        assert "Traceback" not in daemon.log(), daemon.log()
+
+
 async def test_connection_scoped_blockers_are_not_restored(
     start_daemon: Start, tmp_path: Path
 ) -> None:

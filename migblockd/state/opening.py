@@ -124,7 +124,9 @@ def _view(path: Path) -> sqlite3.Connection:
         params = "mode=ro&readonly_shm=1"
     else:
         params = "mode=ro"
-    return sqlite3.connect(f"file:{quote(str(path))}?{params}", uri=True,
+    # The path's bytes, percent-encoded: one that is not UTF-8 (Linux allows any
+    # bytes; Python holds them as surrogates, which str.encode() refuses).
+    return sqlite3.connect(f"file:{quote(os.fsencode(path))}?{params}", uri=True,
                            timeout=_BUSY_TIMEOUT, isolation_level=None,
                            check_same_thread=False)
 

@@ -263,7 +263,10 @@ class Notifier:
         message = _coalesce(self._pending, lines, keep_watchdog=True)
         if not message:
             return
-        payload = "\n".join(message.values()).encode()
+        # UTF-8, as systemd reads it; the bytes of a name that is not (a state
+        # directory's, held as surrogates) are shown escaped (\xff), not a failed send.
+        payload = ("\n".join(message.values()).encode(errors="surrogateescape")
+                   .decode(errors="backslashreplace").encode())
         error = self._sendto(payload)
         if error is None:
             self._delivered(payload)

@@ -477,3 +477,43 @@ async def test_a_failed_commit_undoes_a_command_naming_events_twice_in_one_line(
         f"{label}: undone, the commit failed: migration capability events on (back to off)",
     ], said
     assert_clean_log(daemon)
+
+
+async def test_a_state_path_that_is_not_utf8_in_the_status_stops_cleanly(
+    start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace, short_tmp: Path
+) -> None:
+    # Found by review: a state directory whose name is not UTF-8 (Linux allows any
+    # bytes; Python keeps them as surrogates) put them in STATUS= once a commit
+    # failed, and sd_notify raised UnicodeEncodeError: every later STATUS= was
+    # lost, and at SIGTERM the STOPPING=1 raised before the drain, so the daemon
+    # exited 1 with a traceback and without answering what it had read.
+    directory = small_tmpfs.mountpoint / os.fsdecode(b"st\xffate")
+    db = directory / "state.db"
+    notify = short_tmp / "notify"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(notify))
+    receiver.settimeout(10)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify)}
+    daemon = start_daemon("--state-dir", str(directory), python=small_tmpfs.python(tmp_path),
+                          env=env)
+    shown = os.fsencode(db).decode(errors="backslashreplace")  # as systemd is sent it
+
+    def status_until(wanted: Callable[[str], bool]) -> str:
+        while True:
+            for line in receiver.recv(4096).decode().splitlines():
+                if line.startswith(("STATUS=", "STOPPING=")) and wanted(line):
+                    return line
+
+    try:
+        async with daemon.client() as c:
+            await c.ok("add-blocker", {"reason": "before", "id": "before"})
+            fill_all(small_tmpfs, db)
+            assert "error" in await c.execute("add-blocker", {"reason": "full", "id": "x"})
+            assert status_until(lambda line: "state:" in line) == (
+                "STATUS=1 blocker, 1 client, migration: none, state: cannot commit to "
+                f"{shown}: database or disk is full")
+            assert daemon.stop() == 0
+            assert status_until(lambda line: line == "STOPPING=1") == "STOPPING=1"
+    finally:
+        receiver.close()
+    assert "Traceback" not in daemon.log(), daemon.log()

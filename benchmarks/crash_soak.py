@@ -11,9 +11,12 @@ their own, run ``query-blockers`` and (the first client) change the mode, with
 up to four requests in flight each.  After a random delay the daemon gets
 SIGKILL (or, one time in five, SIGABRT, which is what systemd's watchdog
 sends; one time in ten, SIGTERM, a clean stop, after which the first commit
-begins SQLite's log anew, a moment the kills would otherwise never reach);
-sometimes the restarted daemon is killed again while it starts.  The
-daemon is then started on the same state directory and must say it is ready;
+begins SQLite's log anew, a moment the kills would otherwise never reach).
+The soak waits for the daemon's exit on a thread, so its clients go on reading
+meanwhile, as a stopping daemon expects of them; the exit must be the
+signal's (0 for SIGTERM).  Sometimes the restarted daemon is killed again
+while it starts.  The daemon is then started on the same state directory and
+must say it is ready;
 its blockers and mode are checked against what the clients were told
 (:mod:`benchmarks.crashmodel`): every reply that reached a client, those it
 reads after the kill included.  The report gives the kills, kills/s, what
@@ -77,10 +80,21 @@ class Daemon:
                 return f"the daemon was not ready within {START_TIMEOUT} s"
             await asyncio.sleep(0.01)
 
-    def kill(self, sig: int) -> None:
-        if self.proc.poll() is None:
+    async def kill(self, sig: int) -> str | None:
+        """Signal the daemon and wait for its exit, on a thread: the event loop,
+        and so the clients, keep running meanwhile (a stopping daemon waits for
+        them to take their last replies).  None if it exited as ``sig`` makes it
+        (0 for SIGTERM, a clean stop); else what it did instead."""
+        running = self.proc.poll() is None
+        if running:
             self.proc.send_signal(sig)
-        self.proc.wait()
+        status = await asyncio.to_thread(self.proc.wait)
+        expected = 0 if sig == signal.SIGTERM else -sig
+        if running and status == expected:
+            return None
+        if not running:
+            return f"the daemon had exited with {status} before its {signal.Signals(sig).name}"
+        return f"the daemon exited with {status} after {signal.Signals(sig).name}"
 
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
@@ -286,8 +300,10 @@ class Soak:
         self.daemon = Daemon(self.socket, self.state_dir, log_path, self.daemon_args)
         return self.daemon
 
-    def kill(self, daemon: Daemon, sig: int) -> None:
-        daemon.kill(sig)
+    async def kill(self, daemon: Daemon, sig: int, where: str) -> None:
+        why = await daemon.kill(sig)
+        if why is not None:
+            self.ledger.violations.append(f"{where}: {why}; its log:\n{daemon.log_tail()}")
         self.report.kills += 1
         name = signal.Signals(sig).name
         self.report.by_signal[name] = self.report.by_signal.get(name, 0) + 1
@@ -298,7 +314,7 @@ class Soak:
         daemon = self.spawn()
         if self.rng.random() < 0.15:
             await asyncio.sleep(self.rng.uniform(0.0, 0.6))
-            self.kill(daemon, signal.SIGKILL)
+            await self.kill(daemon, signal.SIGKILL, f"round {self.report.rounds}, starting")
             self.report.kills_while_starting += 1
             daemon = self.spawn()
         why = await daemon.ready()
@@ -325,7 +341,7 @@ class Soak:
         clients = [Client(k, self.ledger, self.rng, number) for k in range(self.clients)]
         tasks = [asyncio.create_task(c.run(self.socket)) for c in clients]
         await asyncio.sleep(self.rng.uniform(*self.delay))
-        self.kill(daemon, self.ending())
+        await self.kill(daemon, self.ending(), f"round {number}")
         await asyncio.wait_for(asyncio.gather(*tasks), IO_TIMEOUT)
         self.report.rounds += 1
         if not await self.start():
@@ -355,7 +371,7 @@ class Soak:
                 ok = await self.round()
         finally:
             if self.daemon is not None:
-                self.daemon.kill(signal.SIGKILL)
+                await self.daemon.kill(signal.SIGKILL)
             resource.setrlimit(resource.RLIMIT_CORE, cores)
         report = self.report
         report.seed = self.seed

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 
 from conftest import ROOT
 
-from benchmarks.crash_soak import Client, soak
+from benchmarks.crash_soak import Client, Daemon, soak
 from benchmarks.crashmodel import Ledger
 
 MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
@@ -72,6 +73,49 @@ def test_the_soak_runs_from_the_command_line(short_tmp: Path) -> None:
     assert report["rounds"] == 3 and report["kills"] >= 3
     assert report["violations"] == []
     assert report["kills_per_second"] > 0
+
+
+async def test_the_soak_waits_for_a_stopping_daemon_without_blocking(short_tmp: Path) -> None:
+    """A daemon stopped by SIGTERM answers its clients before it exits: the soak's
+    clients must go on reading while the soak waits for that exit."""
+    daemon = Daemon(short_tmp / "d.sock", short_tmp / "state", short_tmp / "d.log", [])
+    try:
+        assert await daemon.ready() is None
+        turns = 0
+
+        async def count_turns() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(count_turns())
+        await asyncio.sleep(0)
+        before = turns
+        assert await daemon.kill(signal.SIGTERM) is None, daemon.log_tail()
+        during = turns - before
+        ticker.cancel()
+        assert during > 0, "the event loop stood still while the daemon stopped"
+        assert "received SIGTERM" in daemon.log_tail()
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+async def test_the_soak_reports_a_daemon_that_exits_otherwise(short_tmp: Path) -> None:
+    daemon = Daemon(short_tmp / "d.sock", short_tmp / "state", short_tmp / "d.log", [])
+    try:
+        assert await daemon.ready() is None
+        # Killed when it should have stopped cleanly: not the exit SIGTERM makes.
+        daemon.proc.kill()
+        daemon.proc.wait()
+        assert await daemon.kill(signal.SIGTERM) == "the daemon had exited with -9 before " \
+            "its SIGTERM"
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
 
 
 async def answer_two_then_die(listener: socket.socket,

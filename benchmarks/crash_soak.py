@@ -10,18 +10,19 @@ own, daemon- and connection-scoped, some internal, various modes), delete
 their own, run ``query-blockers`` and (the first client) change the mode, with
 up to four requests in flight each.  After a random delay the daemon gets
 SIGKILL (or, one time in five, SIGABRT, which is what systemd's watchdog
-sends; one time in ten, SIGTERM, a clean stop, after which the first commit
-begins SQLite's log anew, a moment the kills would otherwise never reach).
-The soak waits for the daemon's exit on a thread, so its clients go on reading
-meanwhile, as a stopping daemon expects of them; the exit must be the
-signal's (0 for SIGTERM).  Sometimes the restarted daemon is killed again
+sends); every tenth round ends instead in SIGTERM, a clean stop, after which
+the first commit begins SQLite's log anew, a moment the kills would otherwise
+never reach.  The soak waits for the daemon's exit on a thread, so its clients
+go on reading meanwhile, as a stopping daemon expects of them; the exit must be
+the signal's (0 for SIGTERM).  Sometimes the restarted daemon is killed again
 while it starts.  The daemon is then started on the same state directory and
-must say it is ready;
-its blockers and mode are checked against what the clients were told
-(:mod:`benchmarks.crashmodel`): every reply that reached a client, those it
-reads after the kill included.  The report gives the kills, kills/s, what
-happened to the changes in flight, and every violation; the exit status is 1
-if there was any.  Daemon logs of a round with a violation are kept.
+must say it is ready; its blockers and mode are checked against what the
+clients were told (:mod:`benchmarks.crashmodel`): every reply that reached a
+client, those it reads after the kill included; after a clean stop, also that
+no change left unanswered was made (the daemon answers every request it read).
+The report gives the kills, kills/s, what happened to the changes in flight,
+how many were in flight at each kill, and every violation; the exit status is
+1 if there was any.  Daemon logs of a round with a violation are kept.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ START_TIMEOUT = 30.0
 IO_TIMEOUT = 10.0
 #: The longest a round's clients run before the kill.
 MAX_DELAY = 0.25
+#: One round in this many ends in a clean stop (SIGTERM) instead of a kill.
+CLEAN_EVERY = 10
 
 
 class Daemon:
@@ -107,6 +110,12 @@ class Report:
     by_signal: dict[str, int] = field(default_factory=dict)
     kills_while_starting: int = 0
     rounds: int = 0
+    #: Rounds by how many changes (adds, deletes, modes) were left unanswered at
+    #: the kill: the ones whose fate the restart decides.
+    unanswered_per_round: dict[int, int] = field(default_factory=dict)
+    #: Rounds whose kill came after a change was applied but before its reply
+    #: was read: the moment a kill must not turn into a loss.
+    rounds_cut_mid_change: int = 0
     seconds: float = 0.0
     counts: dict[str, int] = field(default_factory=dict)
     highest_generated_id: int = -1
@@ -324,14 +333,14 @@ class Soak:
             return False
         return True
 
-    def ending(self) -> signal.Signals:
-        """The end of a round's daemon: mostly a kill; now and then a clean stop,
-        which removes the log, so that the next round's kill comes while the first
+    def ending(self, number: int) -> signal.Signals:
+        """The end of round ``number``'s daemon: mostly a kill (SIGABRT one time in
+        five); every tenth round (the second, the twelfth...) a clean stop, which
+        removes the log, so that the next round's kill comes while the first
         commit after a stop begins it anew."""
-        draw = self.rng.random()
-        if draw < 0.1:
+        if number % CLEAN_EVERY == 1:
             return signal.SIGTERM
-        return signal.SIGABRT if draw < 0.28 else signal.SIGKILL
+        return signal.SIGABRT if self.rng.random() < 0.2 else signal.SIGKILL
 
     async def round(self) -> bool:
         """Clients, a kill, a restart and the check; False if the soak must stop."""
@@ -341,15 +350,35 @@ class Soak:
         clients = [Client(k, self.ledger, self.rng, number) for k in range(self.clients)]
         tasks = [asyncio.create_task(c.run(self.socket)) for c in clients]
         await asyncio.sleep(self.rng.uniform(*self.delay))
-        await self.kill(daemon, self.ending(), f"round {number}")
+        ending = self.ending(number)
+        where = f"round {number}"
+        await self.kill(daemon, ending, where)
         await asyncio.wait_for(asyncio.gather(*tasks), IO_TIMEOUT)
+        clean = ending == signal.SIGTERM
+        if clean:
+            # The soak's clients take their replies as they come: a stopping daemon
+            # has no reason to drop one, and one dropped loses its replies (while its
+            # requests still run), which would pass for a clean stop's fault.
+            dropped = [line for line in daemon.log_path.read_text(errors="replace").splitlines()
+                       if ": dropped: " in line]
+            if dropped:
+                self.ledger.violations.append(f"{where}: SIGTERM dropped a client that "
+                                              f"was reading: {dropped}")
+        unanswered = sum(1 for c in clients for kind, _ in c.inflight.values()
+                         if kind != "query")
+        hist = self.report.unanswered_per_round
+        hist[unanswered] = hist.get(unanswered, 0) + 1
         self.report.rounds += 1
         if not await self.start():
             return False
         listing, mode = await asyncio.wait_for(observe(self.socket), IO_TIMEOUT)
         assert self.daemon is not None
         current = self.daemon.log_path
-        if not self.ledger.check(listing, mode, f"round {number}"):
+        done_before = self.ledger.unanswered_done
+        violations = self.ledger.check(listing, mode, where, clean=clean)
+        if self.ledger.unanswered_done > done_before:
+            self.report.rounds_cut_mid_change += 1
+        if not violations:
             for log in self.round_logs:  # keep only the logs of rounds with violations
                 if log != current:
                     log.unlink()
@@ -431,6 +460,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for what, n in report.counts.items():
         print(f"  {what:28} {n:>9}")
     print(f"  {'highest generated id':28} {report.highest_generated_id:>9}")
+    print("rounds by the changes left unanswered at the kill: " + ", ".join(
+        f"{n}: {rounds}" for n, rounds in sorted(report.unanswered_per_round.items())))
+    print(f"rounds whose kill came between a change and its reply: "
+          f"{report.rounds_cut_mid_change}")
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     if report.violations:

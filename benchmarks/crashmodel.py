@@ -7,13 +7,15 @@ killed.  After the restart, :meth:`Ledger.check` compares the daemon's
 
 - an acknowledged add is there (same id, reason, modes, internal), unless
   its delete was acknowledged; an acknowledged delete did not come back;
-- an add or delete sent but not acknowledged may or may not have happened;
+- an add or delete sent but not acknowledged may or may not have happened
+  after a kill; after a clean stop (SIGTERM), which answers every request the
+  daemon read before it exits, it did not happen;
 - nothing else is there: no blocker nobody added, no connection-scoped one;
 - blockers that survived keep their order (oldest first), and come before
   every blocker added since, which are in the order each client sent them;
 - a generated id is never handed out twice (counting every id ever
   acknowledged or seen after a restart);
-- the mode is the last one acknowledged, or one sent after it.
+- the mode is the last one acknowledged, or (after a kill) one sent after it.
 
 Every add carries a unique reason (its *tag*), which identifies it even when
 its reply, and so its generated id, never arrived.  After a check the record
@@ -49,6 +51,10 @@ OUTCOMES = {
     (DELETING, False): "unanswered delete done",
 }
 
+#: The outcomes of changes sent but never answered that the daemon made: after
+#: a kill they may be, after a clean stop not.
+UNANSWERED_DONE = {"unanswered add done": "added", "unanswered delete done": "deleted"}
+
 
 @dataclass
 class Add:
@@ -80,6 +86,8 @@ class Ledger:
     order: list[str] = field(default_factory=list)  # tags, as the last check saw them
     violations: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    #: Unanswered changes found made, in all (after kills: allowed).
+    unanswered_done: int = 0
     _sent = 0
 
     def count(self, what: str, n: int = 1) -> None:
@@ -145,9 +153,12 @@ class Ledger:
         self.count("mode acknowledged")
 
     # -- after a restart ---------------------------------------------------------
-    def check(self, listing: list[dict[str, Any]], mode: str, where: str) -> int:
+    def check(self, listing: list[dict[str, Any]], mode: str, where: str, *,
+              clean: bool = False) -> int:
         """Compare a restarted daemon's blockers and mode with the record, then
-        take them as the new record.  Returns how many violations were found."""
+        take them as the new record.  ``clean``: the daemon before the restart
+        was stopped (SIGTERM), not killed, so nothing unanswered was made.
+        Returns how many violations were found."""
         found = len(self.violations)
         seen: dict[str, dict[str, Any]] = {}
         for info in listing:
@@ -164,12 +175,24 @@ class Ledger:
             elif add.status == PRESENT and add.durable:
                 self.violations.append(f"{where}: acknowledged add {add.id} ({tag!r}) is gone")
             if add.durable:
-                self.count(OUTCOMES[add.status, there is not None])
+                outcome = OUTCOMES[add.status, there is not None]
+                self.count(outcome)
+                if outcome in UNANSWERED_DONE:
+                    self.unanswered_done += 1
+                    if clean:
+                        self.violations.append(
+                            f"{where}: {add.id} ({tag!r}): {UNANSWERED_DONE[outcome]} "
+                            "before a clean stop, yet never answered")
+                elif clean and add.status in (SENT, DELETING):
+                    self.count("unanswered not done at stop")
             if there is None or not add.durable:
                 del self.adds[tag]
             else:
                 add.status = PRESENT
-        if mode != self.mode and mode not in self.unsure_modes:
+        if clean and mode != self.mode:
+            self.violations.append(f"{where}: mode {mode}, not {self.mode} (acknowledged), "
+                                   "after a clean stop")
+        elif mode != self.mode and mode not in self.unsure_modes:
             self.violations.append(f"{where}: mode {mode}, not {self.mode} (acknowledged) nor "
                                    f"any of {self.unsure_modes} (unanswered)")
         self.mode, self.unsure_modes = mode, []

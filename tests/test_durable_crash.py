@@ -1,11 +1,12 @@
 """Random crashes of the real daemon lose nothing that was acknowledged.
 
 The soak (benchmarks/crash_soak.py) kills the daemon (SIGKILL, sometimes
-SIGABRT as systemd's watchdog does, sometimes while it starts) at random
-moments while four clients add and delete blockers, restarts it on the same
-state directory, and checks the restored blockers and mode against what the
-clients were told (benchmarks/crashmodel.py).  The model's own rules are tested
-here too, and a daemon that forgets (``--ephemeral``) must be caught.
+SIGABRT as systemd's watchdog does, sometimes while it starts; every tenth
+round it stops it with SIGTERM instead) at random moments while four clients
+add and delete blockers, restarts it on the same state directory, and checks
+the restored blockers and mode against what the clients were told
+(benchmarks/crashmodel.py).  The model's own rules are tested here too, and a
+daemon that forgets (``--ephemeral``) must be caught.
 """
 
 from __future__ import annotations
@@ -27,15 +28,17 @@ from benchmarks.crash_soak import Client, Daemon, soak
 from benchmarks.crashmodel import Ledger
 
 MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
-#: Kills under the clients' load (each round ends in one); kills of a starting
-#: daemon come on top.
-ROUNDS = 50
+#: Kills under the clients' load (each round ends in one, every tenth a clean
+#: stop); kills of a starting daemon come on top.
+ROUNDS = 60
 
 
 def summary(report: Any) -> str:
-    return (f"seed {report.seed}, {report.kills} kills ({report.rounds} under load) in "
-            f"{report.seconds:.1f} s, "
-            f"{report.counts}; logs in {report.logs}; violations:\n"
+    return (f"seed {report.seed}, {report.kills} kills ({report.rounds} under load, "
+            f"{report.by_signal}) in {report.seconds:.1f} s, {report.counts}; rounds by the "
+            f"changes unanswered at the kill: {dict(sorted(report.unanswered_per_round.items()))}"
+            f", {report.rounds_cut_mid_change} cut between a change and its reply; "
+            f"logs in {report.logs}; violations:\n"
             + "\n".join(report.violations[:20]))
 
 
@@ -44,9 +47,14 @@ async def test_random_kills_lose_nothing_acknowledged(short_tmp: Path) -> None:
     assert report.violations == [], summary(report)
     assert report.rounds >= ROUNDS, summary(report)  # the daemon restarted every time
     assert report.by_signal.get("SIGKILL", 0) > 0
-    # The rounds did work: acknowledged adds and deletes, checked after restarts.
-    for what in ("acknowledged add kept", "acknowledged delete kept", "mode acknowledged"):
+    assert report.by_signal.get("SIGTERM", 0) == ROUNDS // 10, summary(report)
+    # The rounds did work: acknowledged adds and deletes, checked after restarts,
+    # and changes left unanswered by a clean stop, checked not to have been made.
+    for what in ("acknowledged add kept", "acknowledged delete kept", "mode acknowledged",
+                 "unanswered not done at stop"):
         assert report.counts.get(what, 0) > 0, summary(report)
+    # Each round checked what it left unanswered.
+    assert sum(report.unanswered_per_round.values()) == report.rounds, summary(report)
     print(f"crash soak: {summary(report)}")
 
 
@@ -286,6 +294,40 @@ def test_model_catches_a_changed_order() -> None:
         ledger.check([info(ledger, tag) for tag in order], "normal", "r1")
         assert len(ledger.violations) == 1, ledger.violations
         assert expected in ledger.violations[0]
+
+
+def test_model_after_a_clean_stop_nothing_unanswered_was_made() -> None:
+    """SIGTERM answers every request the daemon read before it exits: what stayed
+    unanswered was never read, so never made.  After a kill it may have been."""
+
+    def unanswered_changes() -> Ledger:
+        ledger = two_acknowledged()
+        ledger.sent_add("c", 0, None, None, False, "daemon")
+        ledger.sent_add("d", 1, "d", None, False, "daemon")
+        ledger.sent_delete(ledger.adds["a"])
+        ledger.sent_mode("cpr-exec")
+        return ledger
+
+    def made(ledger: Ledger) -> tuple[list[dict[str, Any]], str]:
+        return [info(ledger, "b"), info(ledger, "c", "#blocker5"), info(ledger, "d")], "cpr-exec"
+
+    def not_made(ledger: Ledger) -> tuple[list[dict[str, Any]], str]:
+        return [info(ledger, "a"), info(ledger, "b")], "normal"
+
+    for clean in (False, True):
+        ledger = unanswered_changes()
+        assert ledger.check(*not_made(ledger), "r0", clean=clean) == 0, ledger.violations
+    ledger = unanswered_changes()
+    assert ledger.check(*made(ledger), "r0") == 0, ledger.violations
+    assert ledger.unanswered_done == 3
+    ledger = unanswered_changes()
+    assert ledger.check(*made(ledger), "r0", clean=True) == 4
+    assert ledger.violations == [
+        "r0: #blocker0 ('a'): deleted before a clean stop, yet never answered",
+        "r0: #blocker5 ('c'): added before a clean stop, yet never answered",
+        "r0: d ('d'): added before a clean stop, yet never answered",
+        "r0: mode cpr-exec, not normal (acknowledged), after a clean stop",
+    ]
 
 
 def test_model_checks_the_mode() -> None:

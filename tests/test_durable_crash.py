@@ -67,6 +67,19 @@ async def test_the_soak_catches_a_daemon_that_forgets(short_tmp: Path) -> None:
     assert report.logs == str(short_tmp)
 
 
+async def test_the_soak_keeps_the_logs_of_a_round_whose_clients_saw_a_violation(
+        short_tmp: Path) -> None:
+    """A refused add is seen by its client during the round, not by the check after
+    the restart: the round's daemon log must be kept all the same."""
+    report = await soak(short_tmp, rounds=1, daemon_args=["--max-blockers", "1"])
+    assert any(" failed: " in v for v in report.violations), summary(report)
+    # The daemon that refused, and the one that restarted after it.
+    logs = sorted(short_tmp.glob("daemon-*.log"))
+    assert len(logs) >= 2, logs
+    assert any("added blocker" in log.read_text() for log in logs), \
+        [log.read_text()[-500:] for log in logs]
+
+
 def test_the_soak_runs_from_the_command_line(short_tmp: Path) -> None:
     out = short_tmp / "report.json"
     env = dict(os.environ)

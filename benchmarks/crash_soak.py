@@ -8,7 +8,8 @@ Run from the repository root::
 Each round, ``--clients`` connections add blockers (generated ids and their
 own, daemon- and connection-scoped, some internal, various modes), delete
 their own, run ``query-blockers`` and (the first client) change the mode, with
-up to four requests in flight each.  After a random delay the daemon gets
+up to four requests in flight each.  After a random delay, counted from when
+every client has negotiated (so that every kill finds changes in flight), the daemon gets
 SIGKILL (or, one time in five, SIGABRT, which is what systemd's watchdog
 sends); every tenth round ends instead in SIGTERM, a clean stop, after which
 the first commit begins SQLite's log anew, a moment the kills would otherwise
@@ -142,6 +143,9 @@ class Client:
         self.round = round_no
         self.sent = 0
         self.inflight: dict[int, tuple[str, Add | None]] = {}
+        #: Set once the connection is negotiated (or has failed): the round's
+        #: delay before the kill counts from then.
+        self.negotiated = asyncio.Event()
 
     def next_request(self) -> dict[str, Any]:
         rng, ledger = self.rng, self.ledger
@@ -215,6 +219,7 @@ class Client:
             sending = await lines.send(b'{"execute": "qmp_capabilities"}\n')
             if await lines.next() is None:
                 return
+            self.negotiated.set()  # its first requests go out before the next turn
             window = self.window or self.rng.randint(1, 4)
             while True:
                 if sending:
@@ -350,6 +355,13 @@ class Soak:
         found = len(self.ledger.violations)
         clients = [Client(k, self.ledger, self.rng, number) for k in range(self.clients)]
         tasks = [asyncio.create_task(c.run(self.socket)) for c in clients]
+        # From when every client has its requests in flight: a kill before that
+        # would find little or nothing to lose.
+        ready = [asyncio.create_task(c.negotiated.wait()) for c in clients]
+        for task, wait in zip(tasks, ready, strict=True):
+            await asyncio.wait([task, wait], timeout=IO_TIMEOUT,
+                               return_when=asyncio.FIRST_COMPLETED)
+            wait.cancel()
         await asyncio.sleep(self.rng.uniform(*self.delay))
         ending = self.ending(number)
         where = f"round {number}"

@@ -53,8 +53,9 @@ async def test_random_kills_lose_nothing_acknowledged(short_tmp: Path) -> None:
     for what in ("acknowledged add kept", "acknowledged delete kept", "mode acknowledged",
                  "unanswered not done at stop"):
         assert report.counts.get(what, 0) > 0, summary(report)
-    # Each round checked what it left unanswered.
+    # Each round checked what it left unanswered, never nothing.
     assert sum(report.unanswered_per_round.values()) == report.rounds, summary(report)
+    assert 0 not in report.unanswered_per_round, summary(report)
     print(f"crash soak: {summary(report)}")
 
 
@@ -65,6 +66,14 @@ async def test_the_soak_catches_a_daemon_that_forgets(short_tmp: Path) -> None:
     assert any(v.endswith("is gone") for v in report.violations), summary(report)
     assert any(v.endswith("handed out again") for v in report.violations), summary(report)
     assert report.logs == str(short_tmp)
+
+
+async def test_every_kill_finds_changes_in_flight(short_tmp: Path) -> None:
+    """The delay before a round's kill counts from when its clients have negotiated:
+    a kill that came before they sent anything would test nothing of this round."""
+    report = await soak(short_tmp, rounds=3, delay=(0.0, 0.0))
+    assert report.violations == [], summary(report)
+    assert 0 not in report.unanswered_per_round, summary(report)
 
 
 async def test_the_soak_keeps_the_logs_of_a_round_whose_clients_saw_a_violation(

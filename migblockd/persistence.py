@@ -31,7 +31,7 @@ from migblockd.clock import in_range
 from migblockd.registry import DEFAULT_MODE, Blocker, BlockerError, Change, Owner, Registry
 from migblockd.registry.ids import GENERATED_PREFIX, MAX_ID_LENGTH, check_id
 
-__all__ = ["restore", "to_store"]
+__all__ = ["only_migratable_refusal", "restore", "to_store"]
 
 MODE, EVENTS, ID_FLOOR = "mode", "events", "id-floor"
 _EDITED = "restore the file from a backup, or move it away to start from scratch"
@@ -101,10 +101,7 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
                              f"define ({', '.join(unknown)}); use a --schema that defines "
                              "them, or move the state directory away to start from scratch")
         if registry.only_migratable and not row.internal and DEFAULT_MODE in row.modes:
-            raise ValueError(f"stored blocker {row.id!r} blocks the {DEFAULT_MODE} mode and is "
-                             "not internal, which --only-migratable refuses; start without "
-                             "--only-migratable and delete it, or move the state directory "
-                             "away to start from scratch")
+            raise ValueError(_refused_by_only_migratable(row.id))
         owner = None if row.owner is None else Owner(*row.owner)
         modes = tuple(mode for mode in registry.modes if mode in row.modes)  # MigMode order
         blockers.append(Blocker(row.id, row.reason, modes, row.internal, "daemon",
@@ -116,6 +113,23 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
                              f"seq {row.seq}, so their order is lost; {_EDITED}")
         seqs[row.seq] = row.id
     registry.restore(blockers, mode=str(mode), events=events, id_floor=floor)
+
+
+def only_migratable_refusal(blockers: Iterable[Blocker]) -> str | None:
+    """Why a start with ``--only-migratable`` would refuse what a running daemon
+    keeps of ``blockers`` (its daemon-scoped ones, oldest first), in the words of
+    :func:`restore`; None when it would not.  A reload that turns the setting on
+    (applied only by a restart) says it while the blocker can still be deleted."""
+    for blocker in blockers:
+        if blocker.scope == "daemon" and not blocker.internal and DEFAULT_MODE in blocker.modes:
+            return _refused_by_only_migratable(blocker.id)
+    return None
+
+
+def _refused_by_only_migratable(id: str) -> str:
+    return (f"stored blocker {id!r} blocks the {DEFAULT_MODE} mode and is not internal, which "
+            "--only-migratable refuses; start without --only-migratable and delete it, or "
+            "move the state directory away to start from scratch")
 
 
 def _json(value: object) -> str:

@@ -37,10 +37,12 @@ from migblockd.drain import drain
 from migblockd.ledger import Group
 from migblockd.listen import Claim, bind_claimed, unbind
 from migblockd.notify import Notifier
+from migblockd.persistence import only_migratable_refusal
 from migblockd.pidlock import PidLock
 from migblockd.preflight import ignored, passed_name, passed_path, problems
 from migblockd.registry import Change
 from migblockd.reloading import Reload, next_state, outvoted, plan
+from migblockd.state.directory import DATABASE_NAME
 from migblockd.timeouts import Timeouts
 from migblockd.turns import Forward, Turns
 
@@ -289,8 +291,17 @@ class Server(Turns):
                                   passed=self.passed, as_daemon=True,
                                   keys=reload.restart_only, sources=Sources.of(self.cli, file))
         # Counted here: the registry is the loop's.  Those are what the disk keeps.
-        stored = sum(1 for b in self.core.registry.blockers() if b.scope == "daemon")
+        kept = self.core.registry.blockers()
+        stored = sum(1 for b in kept if b.scope == "daemon")
         ahead = functools.partial(next_state, self.config, fresh, stored)
+        # The state the next start restores, if it is this one: what it refuses then.
+        refused = None
+        kept_in = None if self.config.ephemeral else self.config.state_dir
+        if "only-migratable" in reload.restart_only and fresh.only_migratable \
+                and not fresh.ephemeral and kept_in is not None and fresh.state_dir == kept_in:
+            why = only_migratable_refusal(kept)
+            if why is not None:
+                refused = f"{kept_in.absolute() / DATABASE_NAME}: {why}"
 
         def look_ahead() -> tuple[list[tuple[str, str]], str | None]:
             found = check()
@@ -311,6 +322,8 @@ class Server(Turns):
             log.debug("reload: a later reload applied its file while this one looked "
                       "ahead: what it found is not said")
             return
+        if refused is not None:
+            found.append(("only-migratable", refused))
         for key, why in found:
             say(logging.WARNING, "reload: with %s as the file now sets it, the next start "
                 "would fail: %s", key, why)

@@ -1564,6 +1564,46 @@ async def test_a_reload_says_when_the_next_start_would_fail(
     assert d.stop() == 0
 
 
+async def test_a_reload_says_when_only_migratable_would_refuse_a_stored_blocker(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Found by review: turning only-migratable on in the file, the reload said only
+    # that a restart applies it (and --check-config "valid"); the restart then
+    # refused the state, which holds a blocker of the normal mode that is not
+    # internal, and the daemon did not start.
+    path = tmp_path / "m.toml"
+    path.write_text("only-migratable = false\n")
+    state = tmp_path / "kept"
+    d = start_daemon("--config", str(path), "--state-dir", str(state))
+    async with d.client() as c:
+        # Older than the one named below, and no start refuses them: one of another
+        # mode, an internal one, and one not kept (the connection's).
+        await c.ok("add-blocker", {"reason": "cpr only", "id": "c", "modes": ["cpr-reboot"]})
+        await c.ok("add-blocker", {"reason": "internal", "id": "i", "internal": True})
+        await c.ok("add-blocker", {"reason": "held", "id": "h", "scope": "connection"})
+        path.write_text("only-migratable = true\n")
+        d.signal(signal.SIGHUP)
+        d.wait_for_log("WARNING: reload: only-migratable changed, which only a restart applies")
+        await c.ok("add-blocker", {"reason": "plain", "id": "p", "modes": ["cpr-reboot",
+                                                                           "normal"]})
+        # The file unchanged, a reload says it again (the running setting is the old one).
+        d.signal(signal.SIGHUP)
+        refusal = (f"{state.absolute() / 'state.db'}: stored blocker 'p' blocks the normal "
+                   "mode and is not internal, which --only-migratable refuses; start without "
+                   "--only-migratable and delete it, or move the state directory away to "
+                   "start from scratch")
+        d.wait_for_log("WARNING: reload: with only-migratable as the file now sets it, the "
+                       f"next start would fail: {refusal}\n")
+    assert d.log().count("the next start would fail") == 1
+    assert d.stop() == 0
+    # What the restart says, word for word.
+    again = subprocess.run([sys.executable, "-m", "migblockd", "--config", str(path),
+                            "--state-dir", str(state), "--socket", str(tmp_path / "2.sock")],
+                           capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1
+    assert again.stderr.rstrip("\n").endswith(f"ERROR: {refusal}"), again.stderr
+
+
 async def test_a_reload_says_a_qemu_that_is_its_own_socket_would_fail(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

@@ -31,7 +31,7 @@ from migblockd.clock import in_range
 from migblockd.registry import DEFAULT_MODE, Blocker, BlockerError, Change, Owner, Registry
 from migblockd.registry.ids import GENERATED_PREFIX, MAX_ID_LENGTH, check_id
 
-__all__ = ["only_migratable_refusal", "restore", "to_store"]
+__all__ = ["only_migratable_refusal", "restore", "schema_refusal", "to_store"]
 
 MODE, EVENTS, ID_FLOOR = "mode", "events", "id-floor"
 _EDITED = "restore the file from a backup, or move it away to start from scratch"
@@ -83,9 +83,7 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
     if type(mode) is not str:
         raise ValueError(f"stored mode {_json(mode)} is not the name of a mode; {_EDITED}")
     if mode not in known:
-        raise ValueError(f"stored mode {_json(mode)} is not one the schema defines; use a --schema "
-                         "that defines it, or move the state directory away to start from "
-                         "scratch")
+        raise ValueError(_mode_not_defined(mode))
     floor = settings.get(ID_FLOOR, 0)
     if type(floor) is not int or floor < 0:
         raise ValueError(f"stored id-floor {_json(floor)} is not a count of ids; {_EDITED}")
@@ -97,9 +95,7 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
         _check_values(row, floor if ID_FLOOR in settings else None)
         unknown = [mode for mode in row.modes if mode not in known]
         if unknown:
-            raise ValueError(f"stored blocker {row.id!r} blocks modes the schema does not "
-                             f"define ({', '.join(unknown)}); use a --schema that defines "
-                             "them, or move the state directory away to start from scratch")
+            raise ValueError(_modes_not_defined(row.id, unknown))
         if registry.only_migratable and not row.internal and DEFAULT_MODE in row.modes:
             raise ValueError(_refused_by_only_migratable(row.id))
         owner = None if row.owner is None else Owner(*row.owner)
@@ -124,6 +120,31 @@ def only_migratable_refusal(blockers: Iterable[Blocker]) -> str | None:
         if blocker.scope == "daemon" and not blocker.internal and DEFAULT_MODE in blocker.modes:
             return _refused_by_only_migratable(blocker.id)
     return None
+
+
+def schema_refusal(blockers: Iterable[Blocker], mode: str, modes: Iterable[str]) -> str | None:
+    """Why a start with a schema whose MigMode has ``modes`` would refuse what a
+    running daemon keeps: its migration ``mode`` and its daemon-scoped ``blockers``
+    (oldest first), in the words of :func:`restore`; None when it would not."""
+    known = set(modes)
+    if mode not in known:
+        return _mode_not_defined(mode)
+    for blocker in blockers:
+        unknown = [m for m in blocker.modes if m not in known]
+        if blocker.scope == "daemon" and unknown:
+            return _modes_not_defined(blocker.id, unknown)
+    return None
+
+
+def _mode_not_defined(mode: str) -> str:
+    return (f"stored mode {_json(mode)} is not one the schema defines; use a --schema that "
+            "defines it, or move the state directory away to start from scratch")
+
+
+def _modes_not_defined(id: str, unknown: list[str]) -> str:
+    return (f"stored blocker {id!r} blocks modes the schema does not define "
+            f"({', '.join(unknown)}); use a --schema that defines them, or move the state "
+            "directory away to start from scratch")
 
 
 def _refused_by_only_migratable(id: str) -> str:

@@ -37,9 +37,9 @@ from migblockd.drain import drain
 from migblockd.ledger import Group
 from migblockd.listen import Claim, bind_claimed, unbind
 from migblockd.notify import Notifier
-from migblockd.persistence import only_migratable_refusal
+from migblockd.persistence import only_migratable_refusal, schema_refusal
 from migblockd.pidlock import PidLock
-from migblockd.preflight import ignored, passed_name, passed_path, problems
+from migblockd.preflight import ignored, load_contract, passed_name, passed_path, problems
 from migblockd.registry import Change
 from migblockd.reloading import Reload, next_state, outvoted, plan
 from migblockd.state.directory import DATABASE_NAME
@@ -294,17 +294,26 @@ class Server(Turns):
         kept = self.core.registry.blockers()
         stored = sum(1 for b in kept if b.scope == "daemon")
         ahead = functools.partial(next_state, self.config, fresh, stored)
-        # The state the next start restores, if it is this one: what it refuses then.
-        refused = None
+        # The state the next start restores, if it is this one: what it would refuse of
+        # it, in the start's words (read here: the registry is the loop's).
         kept_in = None if self.config.ephemeral else self.config.state_dir
-        if "only-migratable" in reload.restart_only and fresh.only_migratable \
-                and not fresh.ephemeral and kept_in is not None and fresh.state_dir == kept_in:
+        where = None if kept_in is None or fresh.ephemeral or fresh.state_dir != kept_in \
+            else kept_in.absolute() / DATABASE_NAME
+        mode = self.core.registry.mode
+        refused: list[tuple[str, str]] = []
+        if where is not None and "only-migratable" in reload.restart_only \
+                and fresh.only_migratable:
             why = only_migratable_refusal(kept)
             if why is not None:
-                refused = f"{kept_in.absolute() / DATABASE_NAME}: {why}"
+                refused.append(("only-migratable", f"{where}: {why}"))
 
         def look_ahead() -> tuple[list[tuple[str, str]], str | None]:
             found = check()
+            if where is not None and "schema" in reload.restart_only \
+                    and not any(key == "schema" for key, _ in found):
+                why = schema_refusal(kept, mode, load_contract(fresh.schema).enums["MigMode"])
+                if why is not None:
+                    found.append(("schema", f"{where}: {why}"))
             # A directory the next start refuses is said as such, not as empty.
             return found, None if any(key == "state-dir" for key, _ in found) else ahead()
 
@@ -322,8 +331,7 @@ class Server(Turns):
             log.debug("reload: a later reload applied its file while this one looked "
                       "ahead: what it found is not said")
             return
-        if refused is not None:
-            found.append(("only-migratable", refused))
+        found += refused
         for key, why in found:
             say(logging.WARNING, "reload: with %s as the file now sets it, the next start "
                 "would fail: %s", key, why)

@@ -408,3 +408,57 @@ async def test_a_reload_says_a_schema_others_could_have_written_would_stop_the_s
     async with d.client() as c:  # still serving the schema it started with
         await c.ok("query-version")
     assert d.stop() == 0
+
+
+def schema_without_cpr_exec(tmp_path: Path) -> Path:
+    """A copy of the schema whose MigMode has no cpr-exec (nor its doc)."""
+    def edit(text: str) -> str:
+        start = text.index("# @cpr-exec:")
+        text = text[:start] + text[text.index(DOC_ANCHOR, start) + 1:]
+        return text.replace(OLD, "'data': [ 'normal', 'cpr-reboot', 'cpr-transfer' ] }")
+    root, _ = schema_edited(tmp_path, edit)
+    return root
+
+
+@pytest.mark.parametrize("kept", ["blocker", "mode"])
+async def test_a_reload_says_a_schema_without_a_stored_mode_would_stop_the_start(
+    kept: str, tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # Found by review: a schema, set in the file, that drops a mode the state still
+    # names was said to apply at a restart only; the restart then refused the
+    # state database, and the daemon did not start.
+    config = tmp_path / "m.toml"
+    config.write_text('log-level = "info"\n')
+    state = tmp_path / "kept"
+    d = start_daemon("--config", str(config), "--state-dir", str(state))
+    root = schema_without_cpr_exec(tmp_path)
+    async with d.client() as c:
+        # Older than the one named below, and no start refuses them: one not kept
+        # (the connection's), one of a mode the schema keeps.
+        await c.ok("add-blocker", {"reason": "held", "id": "h", "modes": ["cpr-exec"],
+                                   "scope": "connection"})
+        await c.ok("add-blocker", {"reason": "other", "id": "o", "modes": ["cpr-reboot"]})
+        config.write_text(f'log-level = "info"\nschema = "{root}"\n')
+        d.signal(signal.SIGHUP)
+        d.wait_for_log("WARNING: reload: schema changed, which only a restart applies")
+        if kept == "blocker":
+            await c.ok("add-blocker", {"reason": "exec", "id": "x", "modes": ["cpr-exec"]})
+            why = ("stored blocker 'x' blocks modes the schema does not define (cpr-exec); "
+                   "use a --schema that defines them")
+        else:
+            await c.ok("migrate-set-parameters", {"mode": "cpr-exec"})
+            why = ('stored mode "cpr-exec" is not one the schema defines; use a --schema '
+                   "that defines it")
+        # The file unchanged, a reload says it again (the running schema is the old one).
+        d.signal(signal.SIGHUP)
+        refusal = (f"{state.absolute() / 'state.db'}: {why}, or move the state directory "
+                   "away to start from scratch")
+        d.wait_for_log("WARNING: reload: with schema as the file now sets it, the next start "
+                       f"would fail: {refusal}\n")
+    assert d.log().count("the next start would fail") == 1
+    assert d.stop() == 0
+    again = subprocess.run([sys.executable, "-m", "migblockd", "--config", str(config),
+                            "--state-dir", str(state), "--socket", str(tmp_path / "2.sock")],
+                           capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1
+    assert again.stderr.rstrip("\n").endswith(f"ERROR: {refusal}"), again.stderr

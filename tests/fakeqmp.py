@@ -69,7 +69,9 @@ def _serve(conn: socket.socket, greeting: object, returns: Mapping[str, object])
                 continue
             returned = _encoded(answer)
             tail = f', "id": {json.dumps(request["id"])}' if "id" in request else ""
-            conn.sendall(f'{{"return": {returned}{tail}}}\r\n'.encode())
+            # surrogateescape: a Raw's lone surrogates (U+DCE9) go as the bytes
+            # they stand for (0xE9), which are not UTF-8.
+            conn.sendall(f'{{"return": {returned}{tail}}}\r\n'.encode("utf-8", "surrogateescape"))
 
 
 def _accept(server: socket.socket, greeting: object, returns: Mapping[str, object]) -> None:

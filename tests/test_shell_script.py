@@ -553,6 +553,33 @@ def test_a_server_whose_answers_are_not_qmps_shape_is_one_line_and_exit_status_2
     assert result.stderr == f"migblock-shell: {why.format(path=path)}\n"
 
 
+def test_a_reply_that_is_not_json_ends_the_run_rather_than_wait_for_ever(
+    tmp_path: Path
+) -> None:
+    # Found by review: a line that was not JSON (or not UTF-8) was skipped, and the
+    # command waited for ever for the reply that line was.  (--timeout only bounds
+    # that wait here: the run ends at once.)
+    path = tmp_path / "broken.sock"
+    with serving(path, GREETING, {"query-version": Raw("not json")}):
+        result = shell(str(path), "--timeout", "30", "-c", "query-version")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (f"migblock-shell: -c 1: {path}: "
+                             + UNREAD.format("not JSON: Expecting value at column 12")
+                             + LOST + "\n")
+
+
+def test_bytes_that_are_not_utf8_in_a_reply_are_shown_as_qemu_writes_them(
+    tmp_path: Path
+) -> None:
+    # QEMU writes U+FFFD for them (quoted_str() in qobject/json-writer.c); the
+    # shell used to skip the whole reply, and its command waited for ever.
+    path = tmp_path / "latin1.sock"
+    with serving(path, GREETING, {"query-version": Raw('"caf\udce9"')}):
+        result = shell(str(path), "--timeout", "30", "-c", "query-version")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert replies(result.stdout) == [{"return": "caf\ufffd"}]
+
+
 def test_help_escapes_the_servers_names(tmp_path: Path) -> None:
     # Found by review: a command or member name with a terminal's escape sequences
     # in it (a server that is not migblockd) reached the terminal raw.

@@ -325,12 +325,15 @@ class QMPClient:
                 try:
                     # Held to what the shell sends: printed, a NaN would make the
                     # script's output no JSON, and a megabyte of digits take seconds.
-                    message = loads(line.decode())
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    continue  # never happens with migblockd; don't die on it
+                    # Bytes that are not UTF-8 read as U+FFFD, as QEMU writes them
+                    # (quoted_str() in qobject/json-writer.c).
+                    message = loads(line.decode("utf-8", "replace"))
                 except ValueError as err:
-                    # Nor this; skipped, it could be the answer a command waits for.
-                    reason = (f"a message from the daemon cannot be read ({err}), so the "
+                    # Never from migblockd.  Skipped, it could be the answer a command
+                    # waits for, which would then wait for ever.
+                    why = (f"not JSON: {err.msg} at column {err.colno}"
+                           if isinstance(err, json.JSONDecodeError) else str(err))
+                    reason = (f"a message from the daemon cannot be read ({why}), so the "
                               "shell closed the connection")
                     break
                 if isinstance(message, dict):

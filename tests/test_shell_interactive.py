@@ -22,7 +22,7 @@ from pathlib import Path
 import pexpect
 import pytest
 from conftest import ROOT, DaemonProcess, quick_shell
-from fakeqmp import GREETING, SILENT, serving
+from fakeqmp import GREETING, SILENT, Raw, serving
 from otheruids import Account
 from qmpclient import qemu_qmp_client
 
@@ -283,6 +283,23 @@ def test_a_greeting_whose_version_is_not_qemus_shape_is_shown_as_unknown(
         shell = spawn_shell(path, connected="Connected to 5 (QMP server version ?.?.?)")
         assert shell.quit() == 0
     assert "Traceback" not in shell.transcript()
+
+
+def test_a_reply_the_shell_cannot_read_is_said_to_be_the_shells_doing(
+    tmp_path: Path, spawn_shell: Callable[..., Shell]
+) -> None:
+    # Found by review: the shell closed the connection itself (a NaN in a reply, a
+    # reply over its limit) and said "migblockd closed the connection", sending the
+    # operator to a daemon whose log shows nothing; a script said the true reason.
+    path = tmp_path / "nan.sock"
+    with serving(path, GREETING, {"query-version": Raw('{"a": NaN}')}):
+        shell = spawn_shell(path, connected="Connected to QMP server 9.2.0")
+        shell.send("query-version\r")
+        shell.expect("a message from the daemon cannot be read (NaN is not JSON), so the "
+                     "shell closed the connection; the next command reconnects")
+        shell.expect(PROMPT)
+        assert shell.quit() == 0
+    assert "migblockd closed the connection" not in shell.transcript()
 
 
 def test_a_pasted_block_runs_each_command_in_turn(

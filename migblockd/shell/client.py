@@ -30,6 +30,9 @@ GREETING_TIMEOUT = 10.0
 #: The longest line read: a 100,000-blocker listing with reasons of 1024
 #: characters, each escaped as ``\\uXXXX``, is about 600 MB.
 LINE_LIMIT = 1 << 30
+#: Why a connection ended when the server ended it (QMPClient.lost_reason); any
+#: other reason is the shell's own doing or the socket's.
+SERVER_CLOSED = "the server closed the connection"
 #: How to name a socket other than the default, in the refusal of an unsafe default.
 GIVE_SOCKET = "give its path (migblock-shell SOCKET)"
 
@@ -305,7 +308,7 @@ class QMPClient:
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
-        reason = "the server closed the connection"
+        reason = SERVER_CLOSED
         try:
             while True:
                 try:

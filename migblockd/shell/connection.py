@@ -108,6 +108,11 @@ class Connection:
         await self.open()
         return True
 
+    @property
+    def lost_reason(self) -> str:
+        """Why the connection ended (:attr:`QMPClient.lost_reason`)."""
+        return self._client.lost_reason if self._client is not None else "not connected"
+
     def awaits(self, id: object) -> bool:
         """Whether a request with ``id`` still awaits its reply (QMPClient.awaits)."""
         return self._client is not None and self._client.awaits(id)

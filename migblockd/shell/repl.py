@@ -17,7 +17,7 @@ from prompt_toolkit.utils import is_dumb_terminal
 
 from migblockd.paths import make_private_directory
 from migblockd.qapi.doc import SchemaDocs
-from migblockd.shell.client import ConnectError, ConnectionLost, Message
+from migblockd.shell.client import SERVER_CLOSED, ConnectError, ConnectionLost, Message
 from migblockd.shell.completion import ShellCompleter
 from migblockd.shell.connection import Connection, describe_greeting
 from migblockd.shell.entries import entered_commands
@@ -163,8 +163,10 @@ class Interactive:
         self._notify(self.renderer.event(message))
 
     def _lost(self) -> None:
-        self._notify(
-            self.renderer.error("migblockd closed the connection; the next command reconnects"))
+        # The daemon's doing, or the shell's (a reply it cannot read): said as such.
+        why = self.connection.lost_reason
+        said = "migblockd closed the connection" if why == SERVER_CLOSED else why
+        self._notify(self.renderer.error(f"{said}; the next command reconnects"))
 
     async def start(self) -> None:
         """Connect for the first time; ConnectError propagates (exit status 2)."""

@@ -379,6 +379,37 @@ def test_nested_names_are_checked_where_the_schema_knows_them(qemu: Path) -> Non
     assert replies(union.stdout)[0]["error"]["desc"] == "Parameter 'sise' is unexpected"
 
 
+def test_device_add_takes_its_devices_properties_as_qemu_does(tmp_path: Path) -> None:
+    # Found by review: device_add's introspection lists driver, bus and id only,
+    # and the shell refused every property of the device (`unknown argument
+    # 'chassis_nr' for device_add`), which QEMU takes ('gen': false in its
+    # qapi/qdev.json) and qmp-shell sends.  A PC machine, for a PCI bus.
+    binary = shutil.which("qemu-system-x86_64")
+    assert binary is not None, "qemu-system-x86_64 is needed: apt-get install qemu-system-x86"
+    sock, pidfile = tmp_path / "pc.sock", tmp_path / "pc.pid"
+    subprocess.run(
+        [binary, "-machine", "pc", "-nodefaults", "-display", "none", "-S",
+         "-qmp", f"unix:{sock},server=on,wait=off", "-daemonize", "-pidfile", str(pidfile)],
+        check=True, stdin=subprocess.DEVNULL, timeout=60,
+    )  # fmt: skip
+    try:
+        result = shell(
+            str(sock),
+            "-c", "device_add driver=pci-bridge id=b0 chassis_nr=7",
+            "-c", "qom-get path=/machine/peripheral/b0 property=chassis_nr",
+            "-c", "device_add driver=pci-bridge id=b1 chasis_nr=8",
+        )  # fmt: skip
+    finally:
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    assert result.stderr == ""  # nothing refused by the shell: a typo is QEMU's to name
+    assert replies(result.stdout) == [
+        {"return": {}},
+        {"return": 7},
+        {"error": {"class": "GenericError",
+                   "desc": "Property 'pci-bridge.chasis_nr' not found"}},
+    ]
+
+
 def test_syntax_error_goes_to_stderr_with_the_line_number(daemon: DaemonProcess) -> None:
     result = shell(str(daemon.socket), stdin="query-version\nadd-blocker reason='open\n")
     assert result.returncode == 1

@@ -647,6 +647,29 @@ def test_an_id_the_shell_makes_is_never_one_a_typed_request_awaits(
     assert shell.quit() == 0
 
 
+def test_the_history_file_is_made_readable_by_its_user_alone(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell], tmp_path: Path
+) -> None:
+    # Found by review: it was made with the umask's mode (0644), where bash and
+    # readline (so qmp-shell) make theirs 0600; its directory, made by hand, may
+    # let others in.
+    state = tmp_path / "state" / "migblockd"
+    state.mkdir(parents=True, mode=0o755)
+    state.chmod(0o755)
+    old = os.umask(0o022)
+    try:
+        shell = spawn_shell(daemon.socket)
+    finally:
+        os.umask(old)
+    shell.send("query-version\r")
+    shell.expect('{"return": {"qemu"')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+    history = state / "shell-history"
+    assert "+query-version" in history.read_text()
+    assert stat.S_IMODE(history.stat().st_mode) == 0o600
+
+
 def test_no_home_keeps_the_history_in_memory(tmp_path: Path) -> None:
     """A bare uid (no $HOME, no account): before, the shell died with a traceback
     (Path.home()) before it connected."""

@@ -83,7 +83,9 @@ def open_history(path: Path | None) -> History:
         # default state directory is below them, and refused under any that
         # others may write, as the umask's 0775 would let them.
         make_private_directory(path.parent)
-        path.touch(exist_ok=True)
+        # 0600 as bash and readline (qmp-shell's) make theirs: a line may hold a
+        # secret (a password given to QEMU), whatever the directory's mode.
+        path.touch(mode=0o600, exist_ok=True)
     except OSError as err:
         _say(not_saved(path, err))
         return InMemoryHistory()

@@ -410,6 +410,37 @@ def test_device_add_takes_its_devices_properties_as_qemu_does(tmp_path: Path) ->
     ]
 
 
+@pytest.mark.parametrize(("monitor", "why"), [
+    (["-monitor", "unix:{sock},server=on,wait=off"],
+     "this is QEMU's human monitor (HMP: -monitor, or -mon mode=readline), not QMP: "
+     "give the shell a -qmp monitor"),
+    (["-chardev", "socket,id=m,path={sock},server=on,wait=off",
+      "-mon", "chardev=m,mode=control,pretty=on"],
+     "QEMU's monitor pretty-prints its JSON (-qmp-pretty, or -mon pretty=on), which the "
+     "shell cannot read: give it a monitor without it"),
+], ids=["hmp", "pretty"])
+def test_a_qemu_monitor_the_shell_cannot_use_is_named(
+    tmp_path: Path, monitor: list[str], why: str
+) -> None:
+    # Found by review: both were "the server did not send a QMP greeting", where
+    # migblockd's --qemu names them.
+    binary = shutil.which("qemu-system-x86_64")
+    assert binary is not None, "qemu-system-x86_64 is needed: apt-get install qemu-system-x86"
+    sock, pidfile = tmp_path / "monitor.sock", tmp_path / "qemu.pid"
+    subprocess.run(
+        [binary, "-machine", "none", "-nodefaults", "-display", "none", "-S",
+         *[arg.format(sock=sock) for arg in monitor],
+         "-daemonize", "-pidfile", str(pidfile)],
+        check=True, stdin=subprocess.DEVNULL, timeout=60,
+    )  # fmt: skip
+    try:
+        result = shell(str(sock), "-c", "query-version")
+    finally:
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"migblock-shell: {sock}: {why}\n"
+
+
 def test_syntax_error_goes_to_stderr_with_the_line_number(daemon: DaemonProcess) -> None:
     result = shell(str(daemon.socket), stdin="query-version\nadd-blocker reason='open\n")
     assert result.returncode == 1

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
@@ -56,6 +57,23 @@ class ConnectionLost(ClientError):
     def __init__(self, message: str, *, sent: bool = True) -> None:
         super().__init__(message)
         self.sent = sent
+
+
+#: What QEMU's human monitor says first (``monitor/hmp.c``, ``monitor_event()``).
+_HMP_BANNER = re.compile(rb"QEMU \S+ monitor - type 'help' for more information")
+
+
+def _not_qmp(line: bytes) -> str:
+    """Why the first line a server sent is no QMP greeting: one of QEMU's monitors
+    the shell cannot use is named, as migblockd's --qemu names it."""
+    if _HMP_BANNER.match(line):
+        return ("this is QEMU's human monitor (HMP: -monitor, or -mon mode=readline), "
+                "not QMP: give the shell a -qmp monitor")
+    if line.rstrip() == b"{":
+        # Every message spread over lines; QMP clients read one message per line.
+        return ("QEMU's monitor pretty-prints its JSON (-qmp-pretty, or -mon pretty=on), "
+                "which the shell cannot read: give it a monitor without it")
+    return NO_GREETING
 
 
 def _is_greeting(message: Any) -> TypeGuard[Message]:
@@ -188,7 +206,7 @@ class QMPClient:
             raise ConnectError(f"{path}: migblockd refused the connection: {refusal['desc']}")
         if not _is_greeting(greeting):
             await self._abort()
-            what = before_greeting(None) if not line else NO_GREETING
+            what = before_greeting(None) if not line else _not_qmp(line)
             raise ConnectError(f"{path}: {what}")
         self.greeting = greeting
         self._reader_task = asyncio.create_task(self._read_loop())

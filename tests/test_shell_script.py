@@ -74,6 +74,18 @@ def test_stdin_script_skips_blank_lines_and_comments(daemon: DaemonProcess) -> N
     assert migrate == {"return": {"blocked-reasons": ["x"]}}
 
 
+@pytest.mark.parametrize("first", ["query-version", '{"execute": "query-version"}'])
+def test_a_script_saved_on_windows_runs_as_written(daemon: DaemonProcess, first: str) -> None:
+    # Found by review: a byte order mark before the first line made it an unknown
+    # command ('\ufeffquery-version'), a raw request one too.  Line ends of CR LF
+    # were already read as line feeds.
+    result = shell(str(daemon.socket), stdin=f"\ufeff{first}\r\nquery-migrate\r\n")
+    assert (result.returncode, result.stderr) == (0, "")
+    version, migrate = replies(result.stdout)
+    assert version["return"]["package"].startswith("migblockd ")
+    assert migrate == {"return": {}}
+
+
 def test_values_typed_as_for_qmp_shell_are_sent_as_it_sends_them(daemon: DaemonProcess) -> None:
     # qmp-shell takes True and FALSE for booleans, and a Python literal where JSON
     # fails; the shell sent "True" as a string, and refused the literal.  A string

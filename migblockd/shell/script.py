@@ -106,7 +106,11 @@ async def _numbered(commands: Sequence[str]) -> AsyncIterator[tuple[int, str]]:
             yield number, command
         return
     entries = Entries()
-    async for line in stdin_lines():
+    first = True
+    async for read in stdin_lines():
+        # A byte order mark, as editors on Windows begin a file with (RFC 8259 lets
+        # a JSON reader ignore it): no part of the first command.
+        line, first = (read.removeprefix("\ufeff") if first else read), False
         for found in entries.feed(line):
             yield found
     for found in entries.end():

@@ -975,6 +975,50 @@ def test_root_in_another_users_home_makes_nothing_there(
     assert shell.transcript().count("history not saved") == 1
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, in another user's home")
+@pytest.mark.parametrize("linked", ["file", "directory"])
+def test_root_follows_no_link_of_another_user_in_their_home(
+    daemon: DaemonProcess, short_tmp: Path, accounts: dict[str, Account], linked: str
+) -> None:
+    """Found by review: after ``su`` or ``sudo -E``, a history file that alice had
+    linked to a file of root's (``/etc/sudoers``) was that file for the shell, root's,
+    and root's commands were appended to it; a link of hers in place of
+    ``~/.local/state`` had root make its history in the directory it names."""
+    olga = accounts["mbt-olga"]
+    home, roots = short_tmp / "home", short_tmp / "roots"
+    roots.mkdir(mode=0o700)
+    victim = roots / "config"
+    victim.write_text("root's own\n")
+    state = home / ".local" / "state"
+    (state / "migblockd").mkdir(parents=True, mode=0o700)
+    if linked == "file":
+        link = state / "migblockd" / "shell-history"
+        link.symlink_to(victim)
+    else:
+        shutil.rmtree(state)
+        link = state
+        link.symlink_to(roots)
+        (roots / "migblockd").mkdir(mode=0o700)
+    for path in (home, *home.rglob("*")):
+        os.lchown(path, olga.uid, olga.gid)
+    before = _tree(roots)
+    shell = _root_shell_in(daemon.socket, {"HOME": str(home)})
+    try:
+        shell.expect(f"warning: history not saved ({link} is mbt-olga's (uid {olga.uid}), "
+                     "not this user's (root): set XDG_STATE_HOME to a directory of this "
+                     "user's)")
+        shell.expect(PROMPT)
+        shell.send("query-version\r")
+        shell.expect('{"return": {"qemu"')
+        shell.expect(PROMPT)
+        assert shell.quit() == 0
+    finally:
+        if shell.child.isalive():
+            shell.child.terminate(force=True)
+    assert _tree(roots) == before
+    assert victim.read_text() == "root's own\n"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, with another user's history file")
 def test_another_users_history_file_is_read_and_never_written(
     daemon: DaemonProcess, short_tmp: Path, accounts: dict[str, Account]

@@ -72,14 +72,19 @@ def foreign_owner(path: Path) -> str | None:
     place = path  # the file itself when it exists: another user's is not written either
     while not os.path.lexists(place) and place != place.parent:
         place = place.parent
-    try:
-        owner = os.stat(place).st_uid
-    except OSError:
-        return None  # making it fails, and says why
-    if owner in (euid, 0):
-        return None
-    return (f"{place} is {_whose(owner)}'s (uid {owner}), not this user's ({_whose(euid)}):"
-            " set XDG_STATE_HOME to a directory of this user's")
+    # Each part as it is, not as a link leads: that user's link, there or on the way
+    # (the file linked to /etc/sudoers, ~/.local/state linked to a directory of
+    # root's), would have root write where that user points it.
+    for part in (place, *place.parents):
+        try:
+            st = os.lstat(part)
+        except OSError:
+            return None  # making it fails, and says why
+        owner = st.st_uid
+        if (part == place or stat.S_ISLNK(st.st_mode)) and owner not in (euid, 0):
+            return (f"{part} is {_whose(owner)}'s (uid {owner}), not this user's "
+                    f"({_whose(euid)}): set XDG_STATE_HOME to a directory of this user's")
+    return None
 
 
 def foreign_file(path: Path) -> str | None:

@@ -571,6 +571,48 @@ async def test_a_monitor_migblockd_cannot_read_is_named_as_the_reason_in_one_lin
     assert levels(caplog, "not available") == ["WARNING"]  # a wrong --qemu, for good
 
 
+@pytest.mark.parametrize(("first", "why"), [
+    # Reported: "Did not understand Greeting: Failed to deserialize QMP message. raw
+    # bytes were: b'SSH-2.0-OpenSSH_9.2\\r\\n'", at info level, as for a QEMU not
+    # started yet.
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "what listens there is not a QMP monitor (its first "
+     "line, b'SSH-2.0-OpenSSH_9.2\\r\\n', is not QEMU's greeting): give migblockd the "
+     "socket of QEMU's -qmp"),
+    # Reported: "Did not understand Greeting: \"'Greeting' object requires 'QMP'
+    # member\"".
+    (b'{"hello": 1}\r\n', "what listens there is not a QMP monitor (its first "
+     "message is JSON, but not QEMU's greeting): give migblockd the socket of QEMU's "
+     "-qmp"),
+], ids=["an SSH banner", "JSON that is not QMP"])
+async def test_a_listener_that_is_not_a_qmp_monitor_is_named_so_and_warned_of(
+        short_tmp: Path, caplog: pytest.LogCaptureFixture, first: bytes, why: str) -> None:
+    """--qemu naming the socket of another service (a typo, another VM's serial console
+    or agent channel): a warning saying what is wrong, not qemu.qmp's parser error."""
+
+    async def not_qemu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(first)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            await reader.read()
+        writer.close()
+
+    path = short_tmp / "not-qemu.sock"
+    server = await asyncio.start_unix_server(not_qemu, path)
+    try:
+        async with running_link(path, min_delay=0.01, max_delay=0.05) as (link, _):
+            await wait_until(lambda: link.attempts >= 3, "three attempts")
+            with pytest.raises(QemuNotConnected) as refused:
+                await link.execute("query-migrate")
+            assert str(refused.value) == f"Not connected to QEMU's monitor at '{path}': {why}"
+    finally:
+        server.close()
+        async with asyncio.timeout(10):
+            await server.wait_closed()
+    assert logged(caplog, "not available") == [
+        f"QEMU at {path} is not available: {why}; retrying"]
+    assert levels(caplog, "not available") == ["WARNING"]
+
+
 async def test_close_interrupts_a_command_in_flight(qemu: Qemu) -> None:
     assert qemu.proc is not None
     async with running_link(qemu.gate_socket) as (link, _):

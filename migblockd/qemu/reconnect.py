@@ -72,6 +72,8 @@ SCHEMA_UNANSWERED = ("QEMU has greeted but does not answer query-qmp-schema (its
 
 #: What QEMU's human monitor says first (``monitor/hmp.c``, ``monitor_event()``).
 _HMP_BANNER = re.compile(rb"QEMU \S+ monitor - type 'help' for more information")
+#: How much of what a listener that is not QEMU's monitor sent first the reason quotes.
+_SHOWN = 60
 
 
 def _misconfigured(exc: BaseException, path: Path | None = None) -> str | None:
@@ -103,6 +105,18 @@ def _misconfigured(exc: BaseException, path: Path | None = None) -> str | None:
         if _HMP_BANNER.match(exc.exc.raw):
             return ("this is QEMU's human monitor (HMP: -monitor, or -mon mode=readline), "
                     "not QMP: give migblockd a -qmp monitor")
+    if isinstance(exc, GreetingError):
+        # Something else listens there (another service's socket, a VM's serial console
+        # or agent channel): QEMU's monitor greets with {"QMP": ...} (monitor/qmp.c,
+        # qmp_greeting()).
+        if isinstance(exc.exc, DeserializationError):
+            raw = exc.exc.raw
+            shown = repr(raw[:_SHOWN]) + ("..." if len(raw) > _SHOWN else "")
+            first = f"its first line, {shown}, is not QEMU's greeting"
+        else:
+            first = "its first message is JSON, but not QEMU's greeting"
+        return (f"what listens there is not a QMP monitor ({first}): give migblockd "
+                "the socket of QEMU's -qmp")
     return None
 
 

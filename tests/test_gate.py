@@ -26,6 +26,7 @@ from qemu_strings import GENERIC, SEV, error
 from qmpclient import RawClient
 from realqemu import Qemu, QemuMonitor, migrate_slowly, source_and_target, wait_until
 
+from migblockd import __version__
 from migblockd.client import MigblockClient
 
 SINK = "exec:cat > /dev/null"
@@ -547,6 +548,29 @@ def test_a_daemon_told_to_gate_its_own_socket_refuses_to_start(
                        "QMP monitor of the QEMU to gate (its -qmp)")
         assert "connected to QEMU" not in d.log()
         assert_clean_log(d)
+
+
+async def test_a_daemon_told_to_gate_another_migblockd_says_so_and_gates_nothing(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Any,
+) -> None:
+    """--qemu naming another migblockd's socket (both serve QMP; the per-VM one is an easy
+    slip for the VM's -qmp). Reported: "connected to QEMU 0.1.0" in the log, and every
+    migrate refused with "The command query-status has not been found"."""
+    other = start_daemon("--ephemeral", socket=tmp_path / "other.sock")
+    d = start_daemon("--qemu", str(other.socket), "--ephemeral", "--log-level", "warning",
+                     socket=tmp_path / "vm1.sock", wait=False)
+    why = (f"that is a migblockd's socket (migblockd {__version__}), not QEMU's monitor: "
+           "give migblockd the socket of QEMU's -qmp")
+    d.wait_for_log(f"WARNING: QEMU at {other.socket} is not available: {why}; retrying")
+    await wait_until(d.socket.exists, "the daemon's socket")
+    async with d.client() as c:
+        assert await c.execute("migrate", {"uri": SINK}, id=1) == error(
+            GENERIC, f"Not connected to QEMU's monitor at '{other.socket}': {why}", 1)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert "connected to QEMU" not in d.log()
+    assert d.log().count("is not available") == 1  # once, not once per attempt
+    assert_clean_log(d)
 
 
 def test_migblock_shell_works_unchanged_against_a_gating_daemon(

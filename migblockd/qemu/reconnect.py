@@ -76,11 +76,17 @@ _HMP_BANNER = re.compile(rb"QEMU \S+ monitor - type 'help' for more information"
 _SHOWN = 60
 
 
+class NotQemu(Exception):
+    """A QMP server that greets, but is not QEMU: what it is, and what to do."""
+
+
 def _misconfigured(exc: BaseException, path: Path | None = None) -> str | None:
     """Why a connection attempt (to ``path``) failed, when ``--qemu`` names something
     that is not a QMP monitor migblockd can use: no QEMU starting or restarting there
     mends that, so it is worth a warning (a QEMU that is not there yet is not).  None
     for any other failure."""
+    if isinstance(exc, NotQemu):
+        return str(exc)
     if isinstance(exc, ConnectError):
         exc = exc.exc
     if isinstance(exc, (ConnectionRefusedError, PermissionError)) and path is not None:
@@ -204,6 +210,12 @@ class Reconnecting:
             notice = loop.call_later(self._greeting_notice, self._schema_late)
             greeting = self._client.greeting
             version = greeting.QMP.version if greeting is not None else {}
+            package = version.get("package")
+            if isinstance(package, str) and package.startswith("migblockd "):
+                # Another migblockd (its greeting's package, commands.py): it has no
+                # query-status, and its migrate is a simulation or another gate's.
+                raise NotQemu(f"that is a migblockd's socket ({package}), not QEMU's "
+                              "monitor: give migblockd the socket of QEMU's -qmp")
             schema = await self._client.execute("query-qmp-schema")
             info = QemuInfo.from_schema(version, schema)
             return dataclasses.replace(info, pid=self._peer_pid())

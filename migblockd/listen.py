@@ -39,6 +39,7 @@ from migblockd.socketdir import (
     check_socket_directory,
     make_socket_dir,
     not_given,
+    runtime_problem,
     socket_dir_exists,
     whose,
 )
@@ -97,12 +98,15 @@ def claim_socket(path: Path, mode: int, group: int | None = None, *,
     restores) anything.  Only the socket's directory and lock file are made.
     """
     check_socket_path(path, option)
-    if not socket_dir_exists(path.parent, option):
-        # What exists of the path is judged before anything is made there: refused
-        # only once made, the directories would be left behind.
-        check_socket_directory(path.parent, option, to_be_made=True)
-    make_socket_dir(path.parent, mode, group, option)
-    check_socket_directory(path.parent, option)
+    try:
+        if not socket_dir_exists(path.parent, option):
+            # What exists of the path is judged before anything is made there: refused
+            # only once made, the directories would be left behind.
+            check_socket_directory(path.parent, option, to_be_made=True)
+        make_socket_dir(path.parent, mode, group, option)
+        check_socket_directory(path.parent, option)
+    except StartupError as exc:
+        raise StartupError(runtime_problem(path) or str(exc)) from None
     lock = lock_socket(path, option)
     try:
         # What is at the path is refused now too; _bind() looks again, as

@@ -50,7 +50,7 @@ from migblockd.regular import NotRegularFile
 from migblockd.resolver import Resolver, group_id, named_like
 from migblockd.served import check_served
 from migblockd.shapes import check_shapes
-from migblockd.socketdir import check_socket_directory, socket_dir_exists
+from migblockd.socketdir import check_socket_directory, runtime_problem, socket_dir_exists
 from migblockd.startup import StartupError
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory, home_problem
@@ -301,12 +301,15 @@ def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool,
 def _socket_at(path: Path, option: str, as_daemon: bool) -> None:
     """``option``: what the messages say to change (:meth:`Sources.choice`)."""
     check_socket_path(path, option)
-    exists = socket_dir_exists(path.parent, option)
-    # One still to be made is judged by what exists of its path, as the start does.
-    owner = _daemon_user(path.parent, as_daemon)
-    check_socket_directory(path.parent, option, to_be_made=not exists, owner=owner)
-    if owner is None:  # else root checks for the daemon's user, which it cannot play
-        check_socket_writable(path, option)
+    try:
+        exists = socket_dir_exists(path.parent, option)
+        # One still to be made is judged by what exists of its path, as the start does.
+        owner = _daemon_user(path.parent, as_daemon)
+        check_socket_directory(path.parent, option, to_be_made=not exists, owner=owner)
+        if owner is None:  # else root checks for the daemon's user, which it cannot play
+            check_socket_writable(path, option)
+    except StartupError as exc:
+        raise StartupError(runtime_problem(path) or str(exc)) from None
 
 
 def _daemon_user(directory: Path, as_daemon: bool) -> int | None:

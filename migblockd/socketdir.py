@@ -26,7 +26,7 @@ from migblockd.trust import ownership, refusal, search_fix
 from migblockd.writable import attribute, attribute_fix
 
 __all__ = ["cannot_create", "check_fallback", "check_socket_directory", "make_socket_dir",
-           "not_given", "socket_dir_exists", "whose"]
+           "not_given", "runtime_problem", "socket_dir_exists", "whose"]
 
 
 def check_socket_directory(directory: Path, option: str = "--socket", *,
@@ -185,3 +185,29 @@ def whose(place: Path) -> str | None:
     except OSError:
         return None
     return f"{place} {ownership(st)}"
+
+
+def runtime_problem(socket_path: Path) -> str | None:
+    """Why ``socket_path``, when it is a non-root user's default socket under
+    ``$XDG_RUNTIME_DIR`` and its directory could not be used, is the runtime
+    directory's fault, in place of the remedy the failure alone would suggest (a
+    ``chmod`` of root's ``/run/user/0``, which ``su`` leaves in XDG_RUNTIME_DIR, or
+    letting this user write in ``/run/user``): one that does not exist, or another
+    user's.  None otherwise."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if (os.geteuid() == 0 or not os.path.isabs(runtime)
+            or socket_path != Path(runtime) / "migblockd" / "migblockd.sock"):
+        return None
+    where = f"the default socket {socket_path} is under XDG_RUNTIME_DIR ({runtime}), which"
+    try:
+        st = os.stat(runtime)
+    except FileNotFoundError:
+        return (f"{where} does not exist (systemd-logind makes it when this user logs in; "
+                "it was not made for this one); unset XDG_RUNTIME_DIR, or give --socket PATH")
+    except OSError:
+        return None
+    if st.st_uid == os.geteuid():
+        return None
+    return (f"{where} {ownership(st)} (an XDG_RUNTIME_DIR kept from another user, as su "
+            "keeps it?); set XDG_RUNTIME_DIR to this user's, or unset it, or give --socket "
+            "PATH")

@@ -1244,6 +1244,51 @@ def test_a_default_state_directory_under_a_home_not_this_user_s_says_so(
     assert not (default / "lock").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as nobody")
+@pytest.mark.parametrize("runtime", ["missing", "root's, 0700", "root's, 0755"])
+def test_a_default_socket_under_a_runtime_directory_not_this_user_s_says_so(
+        short_tmp: Path, runtime: str) -> None:
+    # Reproduced first: with the XDG_RUNTIME_DIR that su keeps (root's /run/user/0),
+    # the start advised "chmod o+x /run/user/0" (0700) or "let this user write in"
+    # root's runtime directory (0755); with one that does not exist (no session of
+    # this user's made it), "let this user write in" /run/user.
+    short_tmp.chmod(0o755)
+    state = short_tmp / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)
+    users = short_tmp / "user"
+    users.mkdir(mode=0o755)
+    if runtime == "missing":
+        where = users / "65534"
+        why = ("which does not exist (systemd-logind makes it when this user logs in; "
+               "it was not made for this one)")
+        fix = "unset XDG_RUNTIME_DIR, or give --socket PATH"
+    else:
+        where = users / "0"
+        where.mkdir(mode=0o700 if runtime == "root's, 0700" else 0o755)
+        mode = "0700" if runtime == "root's, 0700" else "0755"
+        why = (f"which belongs to uid 0 (root), mode {mode}, and this daemon runs as uid "
+               "65534 (nobody) (an XDG_RUNTIME_DIR kept from another user, as su keeps it?)")
+        fix = "set XDG_RUNTIME_DIR to this user's, or unset it, or give --socket PATH"
+    default = where / "migblockd" / "migblockd.sock"
+    message = f"the default socket {default} is under XDG_RUNTIME_DIR ({where}), {why}; {fix}"
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(where))
+    for check in (["--check-config"], []):
+        proc = subprocess.run([*AS_NOBODY, sys.executable, "-m", "migblockd", *check,
+                               "--state-dir", str(state)],
+                              capture_output=True, text=True, timeout=30, env=env)
+        assert proc.returncode == 1
+        assert (f"migblockd: {message}\n" if check else f"ERROR: {message}\n") in proc.stderr, (
+            proc.stderr)
+    assert not (where / "migblockd").exists()
+    # Another socket there, given by path, is judged as ever: not the default's fault.
+    proc = subprocess.run([*AS_NOBODY, sys.executable, "-m", "migblockd", "--check-config",
+                           "--state-dir", str(state), "--socket", str(where / "vm1.sock")],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 1
+    assert "XDG_RUNTIME_DIR" not in proc.stderr, proc.stderr
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the daemon as another user")
 def test_a_system_account_s_own_root_owned_home_is_not_taken_for_a_borrowed_one(
         short_tmp: Path) -> None:

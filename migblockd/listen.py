@@ -6,7 +6,8 @@ Three rules keep the socket the daemon's own:
   (:mod:`migblockd.socketdir`): whoever can write there could rename the
   socket away and bind an impostor in its place, which clients would trust.
 * One daemon per socket path: an exclusive ``flock`` on ``PATH.lock``, beside
-  the socket, is taken before anything else (:func:`lock_socket`), so of two
+  the socket, is taken before anything else (:func:`~migblockd.bindable.lock_socket`),
+  so of two
   daemons started together on a stale socket exactly one serves; the other
   refuses.  A socket file left by a daemon that died is replaced; one a live
   daemon answers on is not (the daemon refuses to start instead).
@@ -17,6 +18,12 @@ Three rules keep the socket the daemon's own:
   is dropped before ``listen(2)``, before which nobody can connect.  A directory
   made for the socket gets its group and mode through a descriptor, for the same
   reason.
+
+And a client that sees the socket finds it listening: it is bound by a staging name
+beside its own (``.NAME.binding``), given its group and ACL, made to listen, and only
+then linked to its name, so that a script that waits for the file and connects is
+never refused.  Where no staging name fits (AF_UNIX's length) or no hard link can be
+made, it is bound by its own name, and listens a moment after its file appears.
 """
 
 from __future__ import annotations
@@ -31,24 +38,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migblockd.acl import mode_only
-from migblockd.paths import fallback_socket_dir
-from migblockd.pidlock import Held, LockFailed, PidLock
+from migblockd.bindable import cannot_bind, lock_socket
+from migblockd.pidlock import PidLock
 from migblockd.socketdir import (
-    cannot_create,
-    check_fallback,
     check_socket_directory,
     make_socket_dir,
     not_given,
     runtime_problem,
     socket_dir_exists,
-    whose,
 )
 from migblockd.startup import StartupError
-from migblockd.trust import unsearchable
-from migblockd.writable import attribute_fix, denied, first_missing
+from migblockd.writable import attribute_fix
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "bind_claimed",
-           "bind_socket", "check_socket_path", "check_socket_writable", "claim_socket",
+           "bind_socket", "check_socket_path", "claim_socket",
            "stale_socket", "unbind"]
 
 log = logging.getLogger("migblockd")
@@ -72,7 +75,8 @@ def bind_socket(path: Path, mode: int, group: int | None = None, *,
     """Bind a listening socket at ``path``, refusing to steal one a live daemon serves.
 
     The socket file gets ``mode`` and, when given, the group ``group``, before
-    anyone can connect (we listen only after both are set).  ``option`` is the
+    anyone can connect (we listen only after both are set), and its name once it
+    listens.  ``option`` is the
     option that named ``path``, for the error messages.
     """
     return bind_claimed(claim_socket(path, mode, group, option=option))
@@ -201,43 +205,100 @@ def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socke
             fix = attribute_fix(path.parent, option) if exc.errno == errno.EPERM else None
             raise StartupError(f"cannot remove the stale socket {path}: {exc.strerror}; "
                                f"{fix or f'remove it, or choose another {option}'}") from None
+    staging = _staging(path)
+    if staging is None:
+        return _listen_at(path, path, mode, group, option)
+    sock = _listen_at(staging, path, mode, group, option)
+    try:
+        # Only now does the socket have its name: a client that sees it finds it
+        # listening (a script that waits for the file, then connects), never
+        # refusing, nor with the group and ACL it is being given.
+        os.link(staging, path)
+    except OSError as exc:
+        sock.close()
+        _drop_staging(staging)
+        if exc.errno == errno.EEXIST:  # put there since stale_socket() looked
+            raise StartupError(cannot_bind(path, OSError(
+                errno.EADDRINUSE, os.strerror(errno.EADDRINUSE)), option)) from None
+        # A file system with no hard links: bound by its name after all.
+        log.debug("cannot link %s to %s (%s): bound by its name", staging, path,
+                  exc.strerror)
+        return _listen_at(path, path, mode, group, option)
+    _drop_staging(staging)
+    return sock
+
+
+def _staging(path: Path) -> Path | None:
+    """The name the socket is bound by beside ``path`` until it is ready, or None when
+    it cannot be one (longer than AF_UNIX allows, or in the way): then it is bound by
+    ``path`` itself, and listens a moment after its file appears.  The lock on
+    ``path`` makes it one daemon's: one left by a daemon killed while it bound its
+    socket is removed."""
+    staging = path.with_name(f".{path.name}.binding")
+    if len(os.fsencode(staging)) > UNIX_PATH_MAX:
+        return None
+    try:
+        if not stat.S_ISSOCK(os.lstat(staging).st_mode):
+            return None
+    except FileNotFoundError:
+        return staging
+    except OSError:
+        return None
+    return staging if _drop_staging(staging) else None
+
+
+def _drop_staging(staging: Path) -> bool:
+    try:
+        staging.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", staging, exc.strerror)
+        return False
+    return True
+
+
+def _listen_at(where: Path, path: Path, mode: int, group: int | None,
+               option: str) -> socket.socket:
+    """A socket bound by ``where`` with ``mode``, ``group`` and no ACL of its
+    directory's, then listening; ``path`` is the name its messages give."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # The socket is created with exactly ``mode`` (0777 less the umask; with a
     # default ACL in the directory, made the mode again below), and never
     # chmod()ed by name afterwards.
     old = os.umask(0o777 & ~mode)
     try:
-        sock.bind(os.fspath(path))
+        sock.bind(os.fspath(where))
     except OSError as exc:
         sock.close()
-        raise StartupError(_cannot_bind(path, exc, option)) from None
+        raise StartupError(cannot_bind(path, exc, option)) from None
     finally:
         os.umask(old)
     if group is not None:
         try:
             # Not following a symbolic link: only the socket we just bound is ours to give.
-            os.chown(path, -1, group, follow_symlinks=False)
+            os.chown(where, -1, group, follow_symlinks=False)
         except OSError as exc:
             sock.close()
             with contextlib.suppress(OSError):
-                path.unlink()
+                where.unlink()
             raise StartupError(not_given(path, group, exc)) from None
     try:
         # A default ACL of the directory took the umask's place: its entries would
         # let in whom the mode never named (and its mask could keep the group out).
-        if mode_only(path, mode):
+        if mode_only(where, mode):
             log.info("%s took the default ACL of its directory; the socket's mode "
                      "(%04o) alone decides who may connect", path, mode)
     except OSError as exc:
         sock.close()
         with contextlib.suppress(OSError):
-            path.unlink()
+            where.unlink()
         raise StartupError(f"cannot drop the ACL {path} took from the default ACL of its "
                            f"directory: {exc.strerror}; remove that default ACL "
                            f"('setfacl -k {path.parent}'), or choose another {option}"
                            ) from None
-    # Listening at once: a client (or a second daemon probing) that comes before
-    # we accept waits in the backlog instead of finding a "stale" socket.
+    # Listening before it has its name (see _bind): a client that comes before we
+    # accept waits in the backlog instead of finding a "stale" socket.
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
@@ -255,87 +316,3 @@ def _answers(path: Path) -> bool:
     finally:
         probe.close()
     return True
-
-
-# --------------------------------------------------------------------------- the lock
-
-
-def lock_socket(socket_path: Path, option: str = "--socket") -> PidLock:
-    """The lock on ``SOCKET.lock`` that makes one daemon per socket path."""
-    path = socket_path.with_name(socket_path.name + ".lock")
-    try:
-        return PidLock.acquire(path)
-    except Held as held:
-        raise StartupError(
-            f"another migblockd ({held.holder}) is already serving {socket_path}; "
-            f"refusing to start a second one (stop it first, or choose another "
-            f"{option})") from None
-    except LockFailed as exc:
-        raise StartupError(_lock_failed(path, exc, option)) from None
-
-
-def _lock_failed(path: Path, exc: LockFailed, option: str) -> str:
-    what = "open the socket's lock file" if exc.opening else "lock"
-    return f"cannot {what} {path}: {exc.strerror}; {_lock_remedy(path, exc, option)}"
-
-
-def _lock_remedy(path: Path, exc: LockFailed, option: str) -> str:
-    """What to do when ``SOCKET.lock`` cannot be opened or locked: whose file or
-    directory is in the way (a socket directory made by root for a daemon that
-    runs as another user, say), else another socket path."""
-    if exc.opening and exc.errno == errno.EPERM:
-        fix = attribute_fix(path, option) or attribute_fix(path.parent, option)
-        if fix is not None:
-            return fix
-    if (exc.opening and exc.errno == errno.EACCES
-            and not os.access(path.parent, os.X_OK, effective_ids=True)):
-        return unsearchable(path.parent, option)
-    if exc.opening and exc.errno in (errno.EACCES, errno.EPERM):
-        place, fix = (path, "remove it") if path.is_file() else (path.parent, "let this user "
-                                                                  "write in it")
-        owned = whose(place)
-        if owned is not None:
-            return f"{owned}: {fix}, or choose another {option}"
-    return f"choose another {option}"
-
-
-def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
-    """The StartupError a start by this user would give at ``socket_path``, found
-    without making, opening or binding anything (``--check-config``): a
-    directory it could not make on the way, a lock file it could not open, a
-    directory it could not take the lock or bind the socket in."""
-    directory = socket_path.parent
-    is_dir = socket_dir_exists(directory, option)
-    if os.path.lexists(directory) and not is_dir:
-        return  # in the way (a file, a dangling link): the start says what is
-    if is_dir and directory == fallback_socket_dir():
-        check_fallback(directory)  # the start refuses it before it tries to write there
-    if not is_dir:
-        first = first_missing(directory)
-        if not first.parent.is_dir():
-            return  # in the way: the start says what is
-        code = denied(first.parent, os.W_OK | os.X_OK)
-        if code:
-            raise StartupError(cannot_create(directory, OSError(
-                code, os.strerror(code), str(first)), option))
-        return
-    lock = socket_path.with_name(socket_path.name + ".lock")
-    if os.path.islink(lock):
-        code = errno.ELOOP  # opened with O_NOFOLLOW
-    elif os.path.isdir(lock):
-        code = errno.EISDIR
-    elif os.path.isfile(lock):
-        code = denied(lock, os.R_OK | os.W_OK)
-    else:
-        code = denied(directory, os.W_OK | os.X_OK)
-    if code:
-        raise StartupError(_lock_failed(lock, LockFailed(
-            os.strerror(code), opening=True, errno=code), option))
-    code = denied(directory, os.W_OK | os.X_OK)
-    if code:
-        raise StartupError(_cannot_bind(socket_path, OSError(code, os.strerror(code)), option))
-
-
-def _cannot_bind(path: Path, exc: OSError, option: str) -> str:
-    fix = attribute_fix(path.parent, option) if exc.errno == errno.EPERM else None
-    return f"cannot bind {path}: {exc.strerror or exc}" + (f"; {fix}" if fix else "")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from realqemu import wait_until
 
-__all__ = ["injecting", "opened", "stopped_at_open", "traced"]
+__all__ = ["delayed", "injecting", "opened", "stopped_at_open", "traced"]
 
 #: How long strace gets to detach after SIGTERM before it is killed.
 DETACH_TIMEOUT = 10.0
@@ -79,6 +79,22 @@ def stopped_at_open(path: Path, workdir: Path, what: str) -> str:
         "#!/bin/sh\n"
         f"exec {shlex.quote(strace)} -D -f -qq -o /dev/null -e trace=openat "
         f"-P {shlex.quote(str(path))} -e inject=openat:signal=SIGSTOP "
+        f'{shlex.quote(sys.executable)} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def delayed(syscall: str, usec: int, workdir: Path, what: str) -> str:
+    """A ``python`` for ``spawn_daemon`` that runs the daemon under strace, which
+    holds each of its ``syscall`` calls back for ``usec`` microseconds before it runs."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip(f"needs strace, to hold {what} back (apt install strace)")
+    wrapper = workdir / f"python-delayed-{syscall}"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"exec {shlex.quote(strace)} -D -f -qq -o /dev/null -e trace={syscall} "
+        f"-e inject={syscall}:delay_enter={usec} "
         f'{shlex.quote(sys.executable)} "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import READY_LINE, DaemonProcess, spawn_daemon
+from faults import delayed
 
 from migblockd.listen import bind_socket
 from migblockd.socketdir import check_socket_directory, make_socket_dir
@@ -386,6 +387,55 @@ def test_two_daemons_started_together_on_a_stale_socket_never_both_serve(
                     d.proc.kill()
                     d.proc.wait()
         shutil.rmtree(workdir)
+
+
+def test_a_client_that_sees_the_socket_finds_it_listening(tmp_path: Path) -> None:
+    # Reproduced first: the socket's file appeared at bind(), and the daemon listened
+    # only once it had given it its group and ACL: a script that connected as soon as
+    # the file appeared was refused (ECONNREFUSED).  strace holds listen() back 2 s.
+    python = delayed("listen", 2_000_000, tmp_path, "the daemon's listen()")
+    daemon = spawn_daemon(tmp_path, "--ephemeral", wait=False, python=python)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.lexists(daemon.socket):
+            assert daemon.proc.poll() is None and time.monotonic() < deadline, daemon.log()
+            time.sleep(0.005)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(30)
+        probe.connect(str(daemon.socket))  # refused before the fix
+        assert probe.recv(4096).startswith(b'{"QMP"')
+        probe.close()
+        daemon.wait_for_log(READY_LINE)
+        assert sorted(p.name for p in daemon.socket.parent.iterdir()
+                      if p.name.startswith(".")) == []  # its staging name is gone
+        assert daemon.stop() == 0
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
+def test_a_staging_socket_left_by_a_killed_daemon_is_removed(tmp_path: Path) -> None:
+    staging = tmp_path / ".migblockd.sock.binding"
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(staging))
+    left.close()
+    daemon = spawn_daemon(tmp_path, "--ephemeral")
+    try:
+        assert not os.path.lexists(staging)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(30)
+        probe.connect(str(daemon.socket))
+        assert probe.recv(4096).startswith(b'{"QMP"')
+        probe.close()
+    finally:
+        assert daemon.stop() == 0
+    # Something else by that name is no socket of a daemon's: left as it is, and
+    # the socket bound by its own name.
+    staging.write_text("not mine")
+    again = spawn_daemon(tmp_path, "--ephemeral")
+    assert again.stop() == 0
+    assert staging.read_text() == "not mine"
 
 
 def test_the_refusal_names_the_live_daemon(start_daemon: Callable[..., DaemonProcess]) -> None:

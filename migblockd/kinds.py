@@ -118,8 +118,10 @@ class OctalMode(Kind[int]):
 
     def __call__(self, value: object) -> int:
         if isinstance(value, int) and not isinstance(value, bool):
-            raise ValueError(f'must be an octal mode in quotes, such as "0660" (a TOML '
-                             f'number is read as decimal), not the number {value}')
+            # Shown in octal too: whether it was spelled 400 or 0o620, that is
+            # what it would have meant.
+            raise ValueError(f'must be an octal mode in quotes, such as "0660", not a TOML '
+                             f'number ({value}, which is {value:#o})')
         if not (isinstance(value, str) and re.fullmatch(r"[0-7]+", value)
                 and int(value, 8) <= 0o777):
             raise ValueError(

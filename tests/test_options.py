@@ -159,11 +159,11 @@ def test_the_same_check_and_message_on_the_command_line_and_in_toml(
         ("only-migratable = \"yes\"\n", "only-migratable must be true or false, not 'yes'"),
         ("[socket]\nx = 1\n", "socket must be a path, not a table"),
         # Reported: 400 is decimal in TOML, 0o620, and the group could connect.
-        ("socket-mode = 400\n", 'socket-mode must be an octal mode in quotes, such as "0660" '
-                                 "(a TOML number is read as decimal), not the number 400"),
+        ("socket-mode = 400\n", 'socket-mode must be an octal mode in quotes, such as "0660", '
+                                 "not a TOML number (400, which is 0o620)"),
+        # Reported: told that a TOML number is read as decimal, of one spelled in octal.
         ("socket-mode = 0o640\n", 'socket-mode must be an octal mode in quotes, such as '
-                                   '"0660" (a TOML number is read as decimal), not the number '
-                                   "416"),
+                                   '"0660", not a TOML number (416, which is 0o640)'),
         ('qemu-passthrough = ["query status"]\n',
          "qemu-passthrough must be a list of command names, and 'query status' is not one"),
         ("max-reason-length = 0\n", "max-reason-length must be at least 1 character"),

@@ -117,7 +117,21 @@ def _explained(message: str, text: str) -> str:
     where = f": {shown!r}" if shown else ""
     if message.startswith(("Cannot overwrite a value", "Cannot declare")):
         return f"{message}{where}: a key (or table) given twice; give each once"
-    return f"{message}{where}"
+    return f"{message}{where}{_unquoted(line)}"
+
+
+def _unquoted(line: str) -> str:
+    """A hint for a line whose value is a bare word that TOML cannot read: a string
+    left unquoted (``log-level = debug``), or a mode (``socket-mode = 0660``, which
+    TOML refuses for its leading zero)."""
+    found = re.fullmatch(r"([\w.-]+)\s*=\s*([\w.:/@+-]+)\s*(?:#.*)?", line)
+    if found is None:
+        return ""
+    try:
+        tomllib.loads(f"v = {found.group(2)}")
+    except tomllib.TOMLDecodeError:
+        return f'; a string goes in quotes: {found.group(1)} = "{found.group(2)}"'
+    return ""
 
 
 def _misplaced(table: str, value: object, settings: dict[str, Option]) -> str:

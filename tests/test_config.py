@@ -85,6 +85,12 @@ def test_bad_file(tmp_path: Path, text: str, message: str) -> None:
          "Cannot declare ('access',) twice (at line 3, column 8): '[access]': a key (or "
          "table) given twice; give each once"),
         ("log-level = \n", "Invalid value (at line 1, column 13): 'log-level ='"),
+        # Reported: the parser's words alone, with no word of quotes.
+        ("log-level = debug\n", "Invalid value (at line 1, column 13): 'log-level = debug'; a "
+         'string goes in quotes: log-level = "debug"'),
+        ("socket-mode = 0660  # rw\n", "Expected newline or end of document after a statement "
+         "(at line 1, column 16): 'socket-mode = 0660  # rw'; a string goes in quotes: "
+         'socket-mode = "0660"'),
         # The last line without a newline: tomllib says only "at end of document".
         ('log-level = "info"\nlog-level = "debug"',
          "Cannot overwrite a value (at end of document, line 2): 'log-level = \"debug\"': a "

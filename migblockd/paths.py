@@ -166,6 +166,18 @@ def _system_hint(path: str) -> str:
             f"{SYSTEM_SOCKET}: give that path)")
 
 
+def _start_hint(path: str) -> str:
+    """How to start a daemon, for the default socket with none there and no other
+    socket beside it: an operator who has not started one yet, or whose socket unit
+    is stopped, gets more than "No such file or directory"."""
+    if path != str(default_socket_path()):
+        return ""
+    if os.geteuid() == 0:
+        return (" (no daemon listens there: start the systemd units' one with "
+                "'systemctl start migblockd.socket', or run migblockd)")
+    return " (no daemon listens there: start one with migblockd)"
+
+
 def _others_hint(path: str) -> str:
     """The sockets beside a missing ``path``: with one daemon per VM (the template
     units' ``/run/migblockd/vm1.sock``) there may be no daemon at the default path,
@@ -241,7 +253,7 @@ def connect_failure(path: str, err: OSError) -> str:
     if err.errno == errno.EAGAIN:
         return NOT_ACCEPTING
     if isinstance(err, FileNotFoundError):
-        return reason + (_system_hint(path) or _others_hint(path))
+        return reason + (_system_hint(path) or _others_hint(path) or _start_hint(path))
     if isinstance(err, (ConnectionRefusedError, PermissionError)):
         other = not_a_socket(path)
         if other is not None:

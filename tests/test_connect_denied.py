@@ -168,7 +168,8 @@ def test_a_user_without_a_daemon_of_their_own_is_told_where_the_units_one_is(
     system = shared / "run" / "migblockd.sock"
     alice = accounts["mbt-alice"]
     told = probe(package, alice, "", system=str(system))
-    assert told == "No such file or directory"  # no system daemon here either
+    # No system daemon here either: how to start one of their own.
+    assert told == "No such file or directory (no daemon listens there: start one with migblockd)"
     system.parent.mkdir()
     told = probe(package, alice, "", system=str(system))
     assert told == ("No such file or directory (this user's default socket; the daemon of "

@@ -534,12 +534,15 @@ def test_default_socket_comes_from_the_environment(tmp_path: Path) -> None:
         empty_run.mkdir()
         argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount --bind "$0" /run && exec "$@"', str(empty_run), *argv]
-        hint = ""
+        # Reported: "No such file or directory" alone, where no daemon was started.
+        hint = (" (no daemon listens there: start the systemd units' one with 'systemctl "
+                "start migblockd.socket', or run migblockd)")
     else:
         expected = tmp_path / "migblockd" / "migblockd.sock"
         hint = (" (this user's default socket; the daemon of the systemd units listens on "
                 "/run/migblockd/migblockd.sock: give that path)"
-                if os.path.isdir("/run/migblockd") else "")
+                if os.path.isdir("/run/migblockd") else
+                " (no daemon listens there: start one with migblockd)")
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env,
                             check=False)
     assert result.returncode == 2, result.stderr

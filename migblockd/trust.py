@@ -150,9 +150,12 @@ def refusal(directory: Path, *, kind: str, asset: str, option: str,
     if found.owner is not None:
         # Judged for another user too: a daemon running as either refuses the other's.
         also = "" if owner is None else f", {named_uid(owner)}"
+        # Its own owner may be a mistake (made by hand as another user, restored from a
+        # backup); one above it is the other user's place, not to be taken from them.
+        fix = "chown it, or " if found.itself else ""
         return (f"{what} is owned by {named_uid(found.owner)}, not by this user "
                 f"(uid {os.geteuid()}){also} or root, so its owner could replace {asset}; "
-                f"choose another {option}")
+                f"{fix}choose another {option}")
     return (f"{what} is writable by others (mode {found.mode:04o}), so they could replace "
             f"{asset}; chmod go-w {found.place}, or choose another {option}")
 

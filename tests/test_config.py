@@ -1400,7 +1400,7 @@ def test_check_config_as_root_judges_the_modes_of_the_daemon_users_directories(
             f"migblockd: refusing to keep state in {theirs}: state directory {theirs} is "
             f"owned by uid {accounts['mbt-bob'].uid} (mbt-bob), not by this user (uid 0), "
             f"uid {olga.uid} (mbt-olga) or root, so its owner could replace the database; "
-            "choose another --state-dir\n"))
+            "chown it, or choose another --state-dir\n"))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs a directory this uid cannot search")

@@ -1584,7 +1584,7 @@ def test_a_directory_others_could_change_is_refused(tmp_path: Path) -> None:
         assert str(refused.value) == (
             f"refusing to keep state in {theirs}: state directory {theirs} is owned by uid "
             "65534 (nobody), not by this user (uid 0) or root, so its owner could "
-            "replace the database; choose another --state-dir")
+            "replace the database; chown it, or choose another --state-dir")
     open_dir.chmod(0o700)
     Store.open(open_dir).close()  # fixed as the message says: accepted
 

@@ -12,12 +12,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GREETING", "INTROSPECTION", "SILENT", "Raw", "serving"]
+__all__ = ["GREETING", "INTROSPECTION", "SILENT", "Line", "Raw", "serving"]
 
 
 class Raw(str):
     """JSON text sent as it is: what Python's ``json`` could not write (a value
     nested deeper than it recurses)."""
+
+
+class Line(str):
+    """A whole line sent in place of a reply (``{"return": ...}``): what no QMP
+    server sends, such as JSON that is not an object."""
 
 
 class _Silent:
@@ -66,6 +71,9 @@ def _serve(conn: socket.socket, greeting: object, returns: Mapping[str, object])
         for request in _requests(conn):
             answer = returns.get(str(request.get("execute")), {})
             if answer is SILENT:
+                continue
+            if isinstance(answer, Line):
+                conn.sendall(answer.encode() + b"\r\n")
                 continue
             returned = _encoded(answer)
             tail = f', "id": {json.dumps(request["id"])}' if "id" in request else ""

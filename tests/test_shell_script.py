@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProcess, quick_shell
-from fakeqmp import GREETING, SILENT, Raw, serving
+from fakeqmp import GREETING, SILENT, Line, Raw, serving
 
 from migblockd.shell import client as shell_client
 
@@ -643,6 +643,22 @@ def test_a_reply_that_is_not_json_ends_the_run_rather_than_wait_for_ever(
     assert result.stderr == (f"migblock-shell: -c 1: {path}: "
                              + UNREAD.format("not JSON: Expecting value at column 12")
                              + LOST + "\n")
+
+
+@pytest.mark.parametrize("line", ["[1]", "42", '"return"', "null"])
+def test_a_reply_that_is_json_but_not_an_object_ends_the_run_rather_than_wait_for_ever(
+    tmp_path: Path, line: str
+) -> None:
+    # Found by review: JSON that is not an object was skipped as silently as text
+    # that is not JSON had been, and the command waited for ever for the reply that
+    # line was.  Every QMP message is an object; qemu.qmp ends the connection on one
+    # that is not (UnexpectedTypeError).
+    path = tmp_path / "array.sock"
+    with serving(path, GREETING, {"query-version": Line(line)}):
+        result = shell(str(path), "--timeout", "30", "-c", "query-version")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (f"migblock-shell: -c 1: {path}: "
+                             + UNREAD.format("not a JSON object") + LOST + "\n")
 
 
 def test_bytes_that_are_not_utf8_in_a_reply_are_shown_as_qemu_writes_them(

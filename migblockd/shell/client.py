@@ -357,8 +357,13 @@ class QMPClient:
                     reason = (f"a message from the daemon cannot be read ({why}), so the "
                               "shell closed the connection")
                     break
-                if isinstance(message, dict):
-                    self._dispatch(message)
+                if not isinstance(message, dict):
+                    # Every QMP message is an object (qemu.qmp ends the connection on
+                    # one that is not): skipped, it too could be an awaited answer.
+                    reason = ("a message from the daemon cannot be read (not a JSON "
+                              "object), so the shell closed the connection")
+                    break
+                self._dispatch(message)
         finally:
             self.lost_reason = reason
             self._fail_pending(reason)

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -114,6 +115,19 @@ def format_status(blockers: int, clients: int, migration: str, qemu: str | None 
 def plural(n: int, word: str) -> str:
     """``1 client``, ``2 clients``."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+#: Lone surrogates that stand for no byte (surrogateescape's are U+DC80..U+DCFF).
+_NOT_A_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+
+
+def _utf8(text: str) -> bytes:
+    """``text`` in UTF-8, as systemd reads it; never an error.  The bytes of a name
+    that is not UTF-8 (a state directory's, held as surrogates) are shown escaped
+    (``\\xff``); any other lone surrogate (JSON may spell one, as in a gated QEMU's
+    migration status) as Python writes it (``\\ud800``)."""
+    text = _NOT_A_BYTE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+    return text.encode(errors="surrogateescape").decode(errors="backslashreplace").encode()
 
 
 def _one_line(text: str) -> str:
@@ -263,10 +277,7 @@ class Notifier:
         message = _coalesce(self._pending, lines, keep_watchdog=True)
         if not message:
             return
-        # UTF-8, as systemd reads it; the bytes of a name that is not (a state
-        # directory's, held as surrogates) are shown escaped (\xff), not a failed send.
-        payload = ("\n".join(message.values()).encode(errors="surrogateescape")
-                   .decode(errors="backslashreplace").encode())
+        payload = _utf8("\n".join(message.values()))
         error = self._sendto(payload)
         if error is None:
             self._delivered(payload)

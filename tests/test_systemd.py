@@ -249,6 +249,23 @@ async def test_a_receiver_not_there_at_exit_is_not_called_full(
                 "'STOPPING=1\\nSTATUS=bye' not delivered") in caplog.text, caplog.text
 
 
+async def test_a_status_with_any_lone_surrogate_is_sent_escaped(
+        receiver: tuple[str, Any]) -> None:
+    # Found by review: STATUS= carries a gated QEMU's migration status as QEMU's
+    # query-migrate gave it, and JSON may spell a lone surrogate ("\ud800").  The
+    # escape for a non-UTF-8 name (surrogateescape) takes only U+DC80..U+DCFF: any
+    # other raised UnicodeEncodeError out of notify(), and at the start's READY=1
+    # the daemon exited with a traceback.
+    address, stream = receiver
+    notifier = await Notifier.open({"NOTIFY_SOCKET": address})
+    try:
+        await notifier.ready("migration: \ud800 \udfff in st\udcffate")
+        assert await recv(stream) == ("READY=1\nSTATUS=migration: \\ud800 \\udfff in "
+                                      "st\\xffate")
+    finally:
+        await notifier.close()
+
+
 async def test_watchdog_pings_at_half_the_timeout(receiver: tuple[str, Any]) -> None:
     address, stream = receiver
     env = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())}

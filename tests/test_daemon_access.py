@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, assert_clean_log
+from conftest import ROOT, DaemonProcess, assert_clean_log
 from otheruids import (
     NAMELESS_GID,
     NAMELESS_UID,
@@ -731,6 +731,28 @@ def test_users_a_user_namespace_does_not_map_are_not_one_uid(
     assert [b["id"] for b in root.ok("query-blockers")] == ["vfio0"]
     root.ok("del-blocker", {"id": "vfio0"})
     assert_clean_log(daemon)
+
+
+@pytest.mark.skipif(not _own_user_namespace(), reason="no user namespaces here")
+def test_users_a_user_namespace_does_not_map_share_the_quota_of_no_known_uid(
+        start_daemon: Callable[..., DaemonProcess], sockdir: Path, connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Found by review: docs/access.md said that taking the overflow uid for no uid
+    # kept those users from sharing one quota; they still share one, that of the
+    # clients whose uid the kernel did not report, which nothing can split.
+    wrapper = sockdir / "python-in-userns"
+    wrapper.write_text(f'#!/bin/sh\nexec unshare --user --map-root-user {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    daemon = start_daemon("--socket-mode", "0666", "--ephemeral", "--max-blockers-per-uid",
+                          "1", socket=sockdir / "s.sock", python=str(wrapper))
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    connect(daemon, alice).ok("add-blocker", {"reason": "alice's", "id": "vfio0"})
+    refused = connect(daemon, bob).error("add-blocker", {"reason": "bob's", "id": "vfio1"})
+    assert refused.startswith("Too many migration blockers for "), refused
+    text = " ".join((ROOT / "docs" / "access.md").read_text().split())
+    assert "they would share one quota" not in text
+    assert "they still share one quota, that of the clients whose uid the kernel did not " \
+        "report" in text
 
 
 def test_a_refusal_repeated_in_a_loop_does_not_hide_another_kind_of_refusal(

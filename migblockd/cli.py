@@ -208,7 +208,9 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
             from migblockd.logs.journal import for_stderr  # noqa: PLC0415 - keeps --help fast
 
             print(for_stderr(logging.WARNING, notes), file=sys.stderr)
-        print(checked(config, cli.get("config")))
+        # A name that is not UTF-8 (held as surrogates) escaped, as the log escapes it:
+        # stdout is strict under a UTF-8 locale other than C.UTF-8 (en_US.UTF-8).
+        print(checked(config, cli.get("config")).encode(errors="backslashreplace").decode())
         return
 
     from migblockd import logs  # noqa: PLC0415 - keeps --help fast

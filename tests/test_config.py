@@ -890,6 +890,23 @@ def test_check_config_refuses_a_state_directory_the_start_would(tmp_path: Path,
     assert check_config(*args, "--ephemeral").returncode == 0
 
 
+def test_check_config_names_a_state_directory_that_is_not_utf8(tmp_path: Path) -> None:
+    # Found by review: a --state-dir whose name is not UTF-8 (Linux names are bytes)
+    # starts since 13da10b, but --check-config, as ExecReload= runs it, printed its
+    # summary to a stdout that is strict under a UTF-8 locale other than C.UTF-8
+    # (en_US.UTF-8, as systemd passes from locale.conf): a UnicodeEncodeError
+    # traceback and exit status 1, so each reload of such a daemon failed.
+    state = tmp_path / os.fsdecode(b"st\xffate")
+    proc = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--socket",
+         str(tmp_path / "s.sock"), "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=30, errors="surrogateescape",
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
+    # Escaped as the log escapes it.
+    assert f"state in {tmp_path}/st\\udcffate, which does not exist yet" in proc.stdout
+
+
 def make_state(state: Path) -> Path:
     """A state directory holding a database as a daemon leaves it (0600); its path."""
     made = subprocess.run([sys.executable, "-c",

@@ -268,8 +268,7 @@ class Guard:
         needed, extra = self._rules.get(name, _FORWARDED)
         if role < needed:
             self._refuse(conn, name, f"Permission denied: {name} needs role {needed}, "
-                         f"but {self._who(conn)} has role {role}", AccessDenied,
-                         target=_target(name, args), blocker_id=_blocker_id(name, args))
+                         f"but {self._who(conn)} has role {role}", AccessDenied, args)
         if extra is not None:
             extra(conn, role, args)
 
@@ -291,19 +290,19 @@ class Guard:
             self._refuse(conn, "add-blocker",
                          f"Permission denied: add-blocker with internal: true needs role "
                          f"{Role.OPERATOR} (it is exempt from --only-migratable), but "
-                         f"{self._who(conn)} has role {role}", AccessDenied)
+                         f"{self._who(conn)} has role {role}", AccessDenied, args)
         quotas = self.quotas
         length = len(args["reason"])
         if length > quotas.max_reason_length:
             self._refuse(conn, "add-blocker",
                          f"Parameter 'reason' is too long: {length} characters, "
-                         f"max-reason-length is {quotas.max_reason_length}", OverQuota)
+                         f"max-reason-length is {quotas.max_reason_length}", OverQuota, args)
         registry = self.registry
         total = len(registry)
         if total >= quotas.max_blockers:
             self._refuse(conn, "add-blocker",
                          f"Too many migration blockers: {total} registered, "
-                         f"max-blockers is {quotas.max_blockers}", OverQuota)
+                         f"max-blockers is {quotas.max_blockers}", OverQuota, args)
         if role < Role.ADMIN:
             owner = conn.owner
             uid = None if owner is None else owner.uid
@@ -321,7 +320,7 @@ class Guard:
                 self._refuse(conn, "add-blocker",
                              f"Too many migration blockers for {whom} {owned}, "
                              f"max-blockers-per-uid is {quotas.max_blockers_per_uid}",
-                             OverQuota)
+                             OverQuota, args)
 
     def _check_del(self, conn: Connection, role: Role, args: Args) -> None:
         if role >= Role.ADMIN:
@@ -335,7 +334,7 @@ class Guard:
         self._refuse(conn, "del-blocker",
                      f"Permission denied: del-blocker of blocker '{blocker.id}', which "
                      f"belongs to {whose(owner)}, needs role {Role.ADMIN}, but {self._who(conn)} "
-                     f"has role {role}", NotOwner, blocker_id=blocker.id)
+                     f"has role {role}", NotOwner, args, named=True)
 
     def _check_migrate(self, conn: Connection, role: Role, args: Args) -> None:
         # exec: runs a command through /bin/sh as QEMU's user, file: writes wherever
@@ -363,7 +362,7 @@ class Guard:
 
     def _refuse_migrate(self, conn: Connection, role: Role, what: str, args: Args) -> NoReturn:
         self._refuse(conn, "migrate", f"Permission denied: {what}, but {self._who(conn)} "
-                     f"has role {role}", AccessDenied, target=_target("migrate", args))
+                     f"has role {role}", AccessDenied, args)
 
     # -- wording -----------------------------------------------------------------------
     @staticmethod
@@ -377,30 +376,38 @@ class Guard:
         return self.throttle.admit(kind, self.counted_uid(owner),
                                    self.registry.clock.monotonic())
 
-    def _refuse(self, conn: Connection, name: str, desc: str, kind: type[QMPError], *,
-                target: str = "", blocker_id: str | None = None) -> NoReturn:
-        """Log (bounded) and raise the refusal ``desc`` of ``name``.  ``target``, after
-        the command's name, says what it was aimed at when ``desc`` does not (the
-        URI an audit of refused ``exec:`` migrates looks for); ``blocker_id`` puts the
-        line in that blocker's history (its journal field)."""
+    def _refuse(self, conn: Connection, name: str, desc: str, kind: type[QMPError],
+                args: Args, *, named: bool = False) -> NoReturn:
+        """Log (bounded) and raise the refusal ``desc`` of ``name`` with ``args``.  The
+        line says after the command's name what it was aimed at (:func:`_target`: the
+        URI an audit of refused ``exec:`` migrates looks for), unless ``desc`` already
+        ``named`` it, and a blocker's id puts the line in that blocker's history (its
+        journal field)."""
         # desc names blocker ids, which clients choose: shown() bounds them.  Each
         # command's refusals of each class are bounded apart: a loop of refused
         # migrates must not hide the same uid's del-blocker of another's blocker.
         more = self.bounded(refusal_kind(name, kind), conn.owner)
         if more is not None:
-            log.warning("%s: refused %s%s: %s%s", conn.label, name, target,
-                        shown(desc, 400, quoted=False), more,
-                        extra=about(conn, blocker_id=blocker_id))
+            log.warning("%s: refused %s%s: %s%s", conn.label, name,
+                        "" if named else _target(name, args), shown(desc, 400, quoted=False),
+                        more, extra=about(conn, blocker_id=_blocker_id(name, args)))
         raise kind(desc)
 
 
 def _target(name: str, args: Args) -> str:
-    """What a refused ``migrate`` or ``del-blocker`` was aimed at, for its log line: the
-    migrate's URI and its channels, those given, the del-blocker's id (shown, bounded:
-    clients choose them); nothing for other commands."""
+    """What a refused command was aimed at, for its log line: a migrate's URI and its
+    channels, those given; the blocker id of an add-blocker or del-blocker; the
+    parameters or capabilities a migrate-set-* asked for; a human-monitor-command's
+    command line (shown, bounded: clients choose them); nothing for other commands."""
     blocker_id = _blocker_id(name, args)
     if blocker_id is not None:
         return f" of {shown(blocker_id)}"
+    if name == "migrate-set-parameters" and args:
+        return f" with {shown(args)}"  # checked against the schema: a few numbers
+    if name == "migrate-set-capabilities" and "capabilities" in args:
+        return f" with {shown(args['capabilities'])}"
+    if name == "human-monitor-command" and "command-line" in args:
+        return f" with command-line {shown(args['command-line'])}"
     if name != "migrate":
         return ""
     uri, channels = args.get("uri"), args.get("channels")
@@ -410,7 +417,8 @@ def _target(name: str, args: Args) -> str:
 
 
 def _blocker_id(name: str, args: Args) -> str | None:
-    """The blocker a ``del-blocker`` refused for its role was aimed at, for its line's
-    ``blocker_id`` field (the blocker's history); None for other commands."""
-    blocker_id = args.get("id") if name == "del-blocker" else None
+    """The blocker a refused ``add-blocker`` or ``del-blocker`` was aimed at, for its
+    line's ``blocker_id`` field (the blocker's history); None for other commands, and
+    for an add-blocker that lets the daemon choose the id."""
+    blocker_id = args.get("id") if name in ("add-blocker", "del-blocker") else None
     return blocker_id if isinstance(blocker_id, str) else None

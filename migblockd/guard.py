@@ -32,7 +32,7 @@ command's rule and an integer comparison; ``add-blocker`` adds a look-up of
 ``del-blocker`` by a non-admin one registry look-up, and a ``migrate`` by a
 non-admin two prefix tests on its URI and a few look-ups per channel.  A
 connection's role is resolved when it is accepted (admission asks whether it
-is an admin) and again at its first request after a reload.
+is an admin) and again at each reload, whose line names the uids whose role changed.
 """
 
 from __future__ import annotations
@@ -169,25 +169,32 @@ class Guard:
         self._warn_about_quotas()
 
     def configure(self, policy: Policy, quotas: Quotas,
-                  connections: Iterable[Connection] = ()) -> set[int]:
+                  connections: Iterable[Connection] = ()) -> tuple[set[int], list[str]]:
         """Apply a (re)loaded policy and quotas from the next request of every connection.
 
         The user and group databases are read afresh too: a user added to a
         group since gets that group's role after a reload.  Returns the uids
         that own blockers and whose user name is not the one known before
-        (renamed, created or removed since): their blockers show a stale one.
+        (renamed, created or removed since): their blockers show a stale one;
+        and, for the reload's line, each connected uid whose role changed
+        (``uid 1001 (alice) is operator (was client)``, once per change).
         """
+        before = {conn: self.role_of(conn) for conn in connections}
         known = clear_caches()
         self.policy = policy
         self.quotas = quotas
         self.resolver = Resolver(policy, self.daemon_uid)
         self._share_counts()
-        for conn in connections:
+        changes: dict[str, None] = {}  # in the connections' order, each once
+        for conn, was in before.items():
             conn.role = None
+            now = self.role_of(conn)
+            if now is not was:
+                changes[f"{self._who(conn)} is {now} (was {was})"] = None
         self._warn_about_policy()
         self._warn_about_quotas()
         return {uid for uid in self.registry.owners()
-                if uid is not None and user_name(uid) != known.get(uid)}
+                if uid is not None and user_name(uid) != known.get(uid)}, list(changes)
 
     def _share_counts(self) -> None:
         # A user can setuid() to any of their subordinate uids in a user namespace

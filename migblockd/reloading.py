@@ -40,6 +40,8 @@ __all__ = ["Reload", "next_state", "outvoted", "plan"]
 
 #: Settings of the listening socket: with a passed socket, the socket unit's.
 _SOCKET_KEYS = ("socket", "socket-mode", "socket-group")
+#: The uids whose new role a reload's line names; it counts the others.
+_ROLES_NAMED = 5
 
 
 @dataclass(frozen=True)
@@ -55,17 +57,33 @@ class Reload:
     #: (key, the command line's value as shown) for each setting the file
     #: changed but the command line sets.
     outvoted: list[tuple[str, str]] = field(default_factory=list)
+    #: Each connected uid whose role the reload changed, worded (:meth:`Guard.configure`):
+    #: the policy's doing, or the user and group databases' (re-read).
+    roles: list[str] = field(default_factory=list)
 
     def messages(self) -> list[tuple[int, str]]:
         """The log lines a reload gives, as (level, text)."""
+        roles = ", ".join(self.roles[:_ROLES_NAMED]) + (
+            f" and {len(self.roles) - _ROLES_NAMED} more" if len(self.roles) > _ROLES_NAMED
+            else "")
+        whose = ("the role of a connected uid" if len(self.roles) == 1
+                 else f"the roles of {len(self.roles)} connected uids")
         if self.config.config is None and not (self.changed or self.restart_only
                                                 or self.unit_owned or self.outvoted):
             # The operator who sends SIGHUP has usually just edited a file; one the
             # daemon was never told of must not look read ("nothing changed").
             return [(logging.WARNING, "reload: nothing to re-read: this migblockd was "
-                     "started without --config, so its settings are its command line's")]
+                     "started without --config, so its settings are its command line's")] + (
+                [(logging.INFO, f"reload: the user and group databases changed {whose}: "
+                  f"{roles}")] if self.roles else [])
         described = ", ".join(f"{k.replace('_', '-')}={v}" for k, v in self.changed.items())
         ignored = self.restart_only or self.unit_owned or self.outvoted
+        if described and self.roles:
+            described += f"; {whose} changed: {roles}"
+        elif self.roles:  # the databases, re-read, changed it
+            described = (("no setting a reload applies changed" if ignored else
+                          "no setting changed") + f", but {whose} did (the user and group "
+                         f"databases changed): {roles}")
         lines = [(logging.INFO, "reloaded configuration: " + (described or (
             "no setting a reload applies changed" if ignored else "nothing changed")))]
         if self.restart_only:

@@ -138,20 +138,22 @@ class Roster:
         for conn in self.connections:
             conn.session.configure(limits)
 
-    def configure_access(self, policy: Policy, quotas: Quotas) -> None:
-        """Apply a (re)loaded access policy and quotas (see :meth:`Guard.configure`).
+    def configure_access(self, policy: Policy, quotas: Quotas) -> list[str]:
+        """Apply a (re)loaded access policy and quotas (see :meth:`Guard.configure`);
+        returns each connected uid's change of role, worded for the reload's line.
 
         A blocker is encoded once, its owner's user name with it: those of a
         uid whose name the reload found changed are encoded again, so that
         ``query-blockers`` shows every blocker of a uid under its name of now.
         """
-        renamed = self.guard.configure(policy, quotas, self.connections)
+        renamed, roles = self.guard.configure(policy, quotas, self.connections)
         self._repool()
         if renamed:
             for blocker in self.registry.blockers():
                 if blocker.owner is not None and blocker.owner.uid in renamed:
                     blocker.cache = None
             self.handlers.listings.reset()
+        return roles
 
     def _repool(self) -> None:
         """Count each connection against its uid's bound as its role now says: one

@@ -18,6 +18,7 @@ written (:mod:`migblockd.drain` says how long that may take).  Accepting
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import socket
@@ -258,7 +259,9 @@ class Server(Turns):
                 len(self.protocols) + self.refusals_lingering.total())
         # Also re-reads the user and group databases; open connections get
         # their new role at their next request.
-        self.core.configure_access(self.config.access, self.config.quotas)
+        roles = self.core.configure_access(self.config.access, self.config.quotas)
+        if roles:
+            reload = dataclasses.replace(reload, roles=roles)
         # The reload's own report passes the more verbose of the two levels: one
         # that lowers the level to "error" must still say it was read, and what
         # it did not apply; one that raises it from "error" must say so too.

@@ -925,3 +925,53 @@ def test_a_default_role_of_admin_is_warned_of_at_check_config_start_and_reload(
     # Any other default says nothing.
     reload(daemon, '[access]\ndefault-role = "operator"\n')
     assert daemon.log().count(ADMIN_DEFAULT) == 2
+
+
+#: A uid that gets a name, and so a role, while the daemon runs (only during the test).
+PROMOTED_UID, PROMOTED = 3_999_991, "mbt-promoted"
+
+
+def _promoted() -> str | None:
+    try:
+        return pwd.getpwuid(PROMOTED_UID).pw_name
+    except KeyError:
+        return None
+
+
+def _remove_promoted() -> None:
+    if _promoted() is not None:
+        _until(lambda: _promoted() is None, ["userdel", "--force", PROMOTED])
+
+
+def test_a_reload_that_changes_a_connected_uids_role_says_whose_and_how(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Reproduced first: a user created (or renamed, or added to a group) between two
+    # SIGHUPs got another role, and the reload said "reloaded configuration: nothing
+    # changed".
+    _remove_promoted()  # a run that died half-way
+    config = f'[access]\nusers = {{ {PROMOTED} = "operator" }}\n'
+    daemon = serve(config)
+    c = connect(daemon, PROMOTED_UID, PROMOTED_UID)
+    connect(daemon, accounts["mbt-alice"]).ok("query-version")  # unchanged: not named
+    assert c.error("migrate-set-parameters", {"mode": "cpr-reboot"}).endswith(
+        f"uid {PROMOTED_UID} has role client")
+    _until(lambda: _promoted() == PROMOTED,
+           ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+            "--user-group", "--uid", str(PROMOTED_UID), PROMOTED])
+    try:
+        reload(daemon, config)
+        c.ok("migrate-set-parameters", {"mode": "cpr-reboot"})
+    finally:
+        _remove_promoted()
+    reload(daemon, config)
+    lines = [line.split(" INFO: ")[1] for line in daemon.log().splitlines()
+             if "reloaded configuration" in line]
+    assert lines == [
+        "reloaded configuration: no setting changed, but the role of a connected uid did "
+        f"(the user and group databases changed): uid {PROMOTED_UID} ({PROMOTED}) is "
+        "operator (was client)",
+        "reloaded configuration: no setting changed, but the role of a connected uid did "
+        f"(the user and group databases changed): uid {PROMOTED_UID} is client (was "
+        "operator)"]
+    assert_clean_log(daemon)

@@ -281,9 +281,9 @@ def test_a_reload_applies_to_the_next_request_of_open_connections() -> None:
     conn = connected(core, CLIENT)
     run(core, conn, "add-blocker", reason="r", id="x")
     assert conn.role is Role.CLIENT
-    core.guard.configure(Policy.of(Role.OBSERVER), Quotas(max_reason_length=1),
-                        core.connections)
-    assert conn.role is None  # resolved again at its next request
+    assert core.guard.configure(Policy.of(Role.OBSERVER), Quotas(max_reason_length=1),
+                               core.connections)[1] == [
+        f"uid {CLIENT} is observer (was client)"]  # resolved again, for the reload's line
     assert refused(core, conn, "del-blocker", id="x").endswith("has role observer")
     core.guard.configure(Policy.of(Role.OPERATOR), Quotas(max_reason_length=1),
                         core.connections)

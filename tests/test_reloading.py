@@ -6,6 +6,7 @@ real SIGHUP; these pin each branch of the decision.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pwd
@@ -21,6 +22,20 @@ def test_nothing_changed() -> None:
     assert reload.config == config
     assert reload.changed == {}
     assert reload.messages() == [(logging.INFO, "reloaded configuration: nothing changed")]
+
+
+def test_the_roles_a_reload_changed_are_named_bounded() -> None:
+    config = Config(config=Path("/etc/migblockd/migblockd.toml"))
+    roles = [f"uid {n} is operator (was client)" for n in range(1001, 1008)]
+    reload = dataclasses.replace(plan(config, config.replace(max_blockers=7),
+                                      socket_passed=False), roles=roles)
+    assert reload.messages() == [(logging.INFO, (
+        "reloaded configuration: max-blockers=7; the roles of 7 connected uids changed: "
+        + ", ".join(roles[:5]) + " and 2 more"))]
+    # Without a file, the databases were still read again.
+    bare = dataclasses.replace(plan(Config(), Config(), socket_passed=False), roles=roles[:1])
+    assert bare.messages()[1] == (logging.INFO, "reload: the user and group databases "
+                                  "changed the role of a connected uid: " + roles[0])
 
 
 def test_without_a_config_file_a_reload_says_it_has_nothing_to_read() -> None:

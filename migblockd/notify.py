@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
-import re
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import asyncio_dgram
 
+from migblockd.notify_delivery import RETRY_FIRST, Delivery
+
 __all__ = [
     "MIN_WATCHDOG_INTERVAL",
-    "RETRY_FIRST",
-    "RETRY_MAX",
     "Notifier",
     "format_status",
     "notify_address",
@@ -43,10 +41,6 @@ logger = logging.getLogger(__name__)
 #: busy).  Pinging every 10 ms instead costs nothing and keeps a watchdog of
 #: 20 ms or more exactly as asked.
 MIN_WATCHDOG_INTERVAL = 0.01
-#: A message a full ``$NOTIFY_SOCKET`` held back is retried after this many
-#: seconds, then after twice as long each time, up to :data:`RETRY_MAX`.
-RETRY_FIRST = 0.01
-RETRY_MAX = 1.0
 
 def notify_address(value: str) -> str | None:
     """The AF_UNIX address for a ``$NOTIFY_SOCKET`` value, or None if unsupported.
@@ -117,58 +111,13 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-#: Lone surrogates that stand for no byte (surrogateescape's are U+DC80..U+DCFF).
-_NOT_A_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
-
-
-def _utf8(text: str) -> bytes:
-    """``text`` in UTF-8, as systemd reads it; never an error.  The bytes of a name
-    that is not UTF-8 (a state directory's, held as surrogates) are shown escaped
-    (``\\xff``); any other lone surrogate (JSON may spell one, as in a gated QEMU's
-    migration status) as Python writes it (``\\ud800``)."""
-    text = _NOT_A_BYTE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
-    return text.encode(errors="surrogateescape").decode(errors="backslashreplace").encode()
-
-
 def _one_line(text: str) -> str:
     # Each notify assignment is one line; a newline would start a new
     # (possibly meaningful, e.g. "READY=1") assignment.
     return " ".join(text.splitlines())
 
 
-def _coalesce(pending: Mapping[str, str], lines: Sequence[str], *,
-              keep_watchdog: bool) -> dict[str, str]:
-    """``pending`` (one line per name) updated with ``lines``, as one message.
-
-    A later value replaces an earlier one.  Of the states, systemd reads one per
-    message (``STOPPING=1`` wins over the others, ``READY=1`` over
-    ``RELOADING=1``: src/core/service.c), so a new state replaces the earlier
-    one, but for a ``READY=1`` that ends a ``RELOADING=1`` still held back: the
-    two go together with its ``MONOTONIC_USEC=``, which systemd (253+, in
-    reload-signal state) takes for a reload begun and done, where a ``READY=1``
-    alone would leave the unit reloading until its timeout.  ``RELOADING=1``
-    after ``READY=1`` is a new reload: the ``READY=1`` goes.  ``STOPPING=1``
-    drops the others.  ``WATCHDOG=1`` is kept only if ``keep_watchdog``: a ping
-    held back by a full queue is worth sending late (systemd's timer restarts
-    when it arrives); one to a receiver that is not there is not.
-    """
-    message = dict(pending)
-    for line in lines:
-        name = line.partition("=")[0]
-        if name == "WATCHDOG" and not keep_watchdog:
-            continue
-        if name == "STOPPING":
-            for other in ("READY", "RELOADING", "MONOTONIC_USEC"):
-                message.pop(other, None)
-        elif name == "RELOADING":
-            message.pop("READY", None)
-        # Re-inserted at the end: READY=1 after the RELOADING=1 it ends.
-        message.pop(name, None)
-        message[name] = line
-    return message
-
-
-class Notifier:
+class Notifier(Delivery):
     """One sd_notify endpoint for the daemon's life.
 
     The datagram socket is unconnected and every message is sent to the
@@ -176,24 +125,11 @@ class Notifier:
     keeps working, and a missing receiver costs a logged warning, never an
     exception in the daemon.
 
-    Sending never waits.  Each message is one non-blocking ``sendto()``;
-    asyncio's transport (which would buffer a datagram the receiver's queue has
-    no room for and retry it whenever epoll says "writable", which it always
-    says of an unconnected AF_UNIX datagram socket: a busy loop, and past its
-    64 KiB high-water mark every send blocked) is never used to send.  When the
-    queue is full (nobody reads ``$NOTIFY_SOCKET``, or PID 1 is busy, e.g. in a
-    long ``daemon-reload``; the queue is the kernel's ``max_dgram_qlen`` datagrams,
-    shared by every service), what matters is kept, coalesced into one pending
-    message: the latest of ``READY=1``/``RELOADING=1``/``STOPPING=1`` (with
-    the ``MONOTONIC_USEC=`` of a ``RELOADING=1`` a ``READY=1`` ends), the
-    latest ``STATUS=``, and a ``WATCHDOG=1`` (late, it still restarts systemd's
-    timer; dropped, the next ping came half the watchdog's time later, with no
-    margin left).  It is retried on a timer backing off from
-    :data:`RETRY_FIRST` to :data:`RETRY_MAX`, and with every later message.  A
-    receiver that is not there (``ECONNREFUSED``) has the state kept and
-    retried alike.  One warning when the queue is first found full, one info
-    line when messages go through again.  :meth:`close` makes one last
-    non-blocking attempt.
+    What to say is the notifier's: the states (``READY=1``, ``RELOADING=1``,
+    ``STOPPING=1``, and none after ``STOPPING=1``), ``STATUS=`` (not sent twice
+    alike), the watchdog's pings.  How each message is sent is its base class's,
+    :class:`~migblockd.notify_delivery.Delivery`: never waiting for the receiver,
+    what a full queue holds back kept and retried, one last attempt at :meth:`close`.
     """
 
     def __init__(
@@ -267,97 +203,11 @@ class Notifier:
     async def notify(self, *lines: str) -> None:
         """Send the assignments as one datagram, at once: never waits for the
         receiver.  Failures are logged, never raised; with a full queue the
-        state they carry is kept and sent later (see the class's docstring)."""
+        state they carry is kept and sent later (see
+        :class:`~migblockd.notify_delivery.Delivery`)."""
         if self._stream is None or self._address is None or not lines:
             return
         self._deliver(lines)
-
-    def _deliver(self, lines: tuple[str, ...] | list[str]) -> None:
-        """One non-blocking attempt at what is pending plus ``lines``."""
-        message = _coalesce(self._pending, lines, keep_watchdog=True)
-        if not message:
-            return
-        payload = _utf8("\n".join(message.values()))
-        error = self._sendto(payload)
-        if error is None:
-            self._delivered(payload)
-        elif isinstance(error, BlockingIOError) or error.errno == errno.ENOBUFS:
-            self._queue_full(lines, error)
-        else:
-            # Nobody bound there now (ECONNREFUSED, ENOENT), or another error: the
-            # state is kept and tried again, as with a full queue, for a receiver
-            # that comes back (the STATUS= it was last sent is not sent twice).
-            self._pending = _coalesce(self._pending, lines, keep_watchdog=False)
-            self._full = False
-            self._unreachable = error
-            level = logging.DEBUG if self._failing else logging.WARNING
-            self._failing = True
-            logger.log(level, "sd_notify %r failed: %r", payload.decode(), error)
-            self._schedule_retry()
-
-    def _sendto(self, payload: bytes) -> OSError | None:
-        sock, address = self._sock, self._address
-        if sock is None or address is None:
-            return OSError(errno.EBADF, "the sd_notify socket is closed")
-        try:
-            # MSG_DONTWAIT: never a wait in the kernel for the receiver's queue.
-            # (libsystemd's sd_notify() sends each message once, with sendmsg() on
-            # a fresh blocking socket, and so waits in the kernel while the queue
-            # is full; it retries nothing and returns the error.  An event loop may
-            # not wait, hence the pending message and the timer here.)
-            sock.sendto(payload, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, address)
-        except OSError as exc:
-            return exc
-        return None
-
-    def _delivered(self, payload: bytes) -> None:
-        self._cancel_retry()
-        self._pending = {}
-        self._retry_delay = RETRY_FIRST
-        if self._full:
-            logger.info("sd_notify: NOTIFY_SOCKET %s has room again: sent %r (%d message(s) "
-                        "and %d watchdog ping(s) held back and sent as one)",
-                        self._display, payload.decode(), self._held, self._held_pings)
-            self._full = False
-        if self._failing:
-            logger.info("sd_notify works again")
-            self._failing = False
-
-    def _queue_full(self, lines: tuple[str, ...] | list[str], error: OSError) -> None:
-        # A watchdog ping is kept too: systemd resets its timer when a ping
-        # arrives, so one sent late is as good as one on time, where one dropped
-        # left the next, half the watchdog's time later, with no margin at all.
-        self._pending = _coalesce(self._pending, lines, keep_watchdog=True)
-        pinged = any(line.startswith("WATCHDOG=") for line in lines)
-        if not self._full:
-            self._full = True
-            self._held = self._held_pings = 0
-            logger.warning(
-                "sd_notify: NOTIFY_SOCKET %s is full (nobody reads it): %s; keeping the "
-                "latest state, STATUS= and watchdog ping to send when it has room (retried "
-                "after %g s, backing off to every %g s)",
-                self._display, error.strerror or error, RETRY_FIRST, RETRY_MAX)
-        if pinged:
-            self._held_pings += 1
-        if len(lines) > int(pinged):
-            self._held += 1
-        self._schedule_retry()
-
-    def _schedule_retry(self) -> None:
-        if self._pending and self._retry is None:
-            loop = asyncio.get_running_loop()
-            self._retry = loop.call_later(self._retry_delay, self._retry_pending)
-            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
-
-    def _retry_pending(self) -> None:
-        self._retry = None
-        if self._pending and self._sock is not None:
-            self._deliver([])
-
-    def _cancel_retry(self) -> None:
-        retry, self._retry = self._retry, None
-        if retry is not None:
-            retry.cancel()
 
     async def ready(self, status: str | None = None) -> None:
         """``READY=1``, unless the stop has begun: a reload that ends during the
@@ -429,24 +279,7 @@ class Notifier:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._cancel_retry()
-        if self._pending and self._sock is not None:
-            pending = "\n".join(self._pending.values())
-            self._deliver([])
-            if self._pending and self._full:
-                logger.warning("sd_notify: NOTIFY_SOCKET %s still full at exit: %r not "
-                               "delivered", self._display, pending)
-            elif self._pending:
-                # Not a full queue: nobody is bound there (a receiver gone, a path
-                # that names no socket), which "full" would send the reader looking
-                # for a busy manager that is not the cause.
-                error = self._unreachable
-                logger.warning("sd_notify: NOTIFY_SOCKET %s still unreachable at exit (%s): "
-                               "%r not delivered", self._display,
-                               (error.strerror or error) if error is not None else "unknown",
-                               pending)
-            self._cancel_retry()  # the attempt's own, which would outlive the socket
-            self._pending = {}
+        self._last_attempt()
         stream, self._stream = self._stream, None
         self._sock = None
         if stream is not None:

@@ -7,6 +7,9 @@ disconnects, turns the link's errors into the gate's (QEMU's refusals
 verbatim; anything else "not connected"), and hands QEMU's ``MIGRATION`` and
 ``MIGRATION_PASS`` events to the core in the order QEMU sent them (and the last one
 owed of a migration whose QEMU the link lost: :mod:`migblockd.qemu.lost_migration`).
+On each connection it learns what that QEMU is doing and sets the events capability
+clients asked for, or owes it while QEMU migrates: that is its base class's,
+:class:`~migblockd.qemu.events_capability.EventsCapability`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from migblockd.qemu.errors import (
     QemuLinkError,
     QemuTimedOut,
 )
+from migblockd.qemu.events_capability import EventsCapability
 from migblockd.qemu.link import QemuLink
 from migblockd.qemu.lost_migration import LostMigration
 from migblockd.qemu.reconnect import LinkState
@@ -38,10 +42,9 @@ from migblockd.qemu_facts import (
     QemuRestarted,
     QemuSilent,
     QemuUnavailable,
-    incoming,
 )
 from migblockd.qmp.encoding import timestamp
-from migblockd.registry import RUNNING_STATUSES, Registry
+from migblockd.registry import Registry
 
 __all__ = ["Bridge", "passthrough_warnings"]
 
@@ -51,10 +54,6 @@ log = logging.getLogger("migblockd")
 #: anyway (a QEMU whose monitor serves another client does not greet; one whose main
 #: loop is busy does not answer).
 FIRST_CONTACT: Final = 5.0
-
-#: What the log adds when the events capability clients asked for is owed to a QEMU.
-OWED: Final = ("; the events capability clients asked for is owed: migblockd sets it once "
-               "QEMU is not migrating, before it forwards the next migrate at the latest")
 
 #: QEMU's events that migblockd's clients hear about.
 RELAYED: Final = frozenset({"MIGRATION", "MIGRATION_PASS"})
@@ -89,7 +88,7 @@ def passthrough_warnings(passthrough: tuple[str, ...], contract: Contract) -> li
     return lines
 
 
-class Bridge:
+class Bridge(EventsCapability):
     """One gated QEMU: its facts, the handlers that consult them, and the link."""
 
     def __init__(self, path: Path, passthrough: tuple[str, ...], contract: Contract,
@@ -206,38 +205,6 @@ class Bridge:
         while self._tasks:
             await asyncio.wait(set(self._tasks))
 
-    def _events_due(self, call: Call) -> bool:
-        """Whether the events capability still owed is to be set before ``call``: once
-        QEMU's migration is seen to have ended (an event, a ``query-migrate``), and
-        before any new migration at the latest (the gate's ``migrate`` has asked QEMU
-        whether one runs first).  Not before a resume, which goes on with the paused
-        migration QEMU has its capabilities for, nor while QEMU answers nothing."""
-        if not self._events_owed or not self.facts.connected or self.link.silent is not None:
-            return False
-        if call.name == "migrate":
-            return call.args.get("resume") is not True
-        return self.facts.status not in RUNNING_STATUSES
-
-    async def _set_events(self) -> None:
-        """Set the events capability clients asked for (kept in the registry) on the
-        connected QEMU; a failure is warned of and leaves it owed, to be tried again
-        before the next command forwarded once QEMU is not migrating."""
-        path = self.link.path
-        if not self.handlers.registry.events_enabled:  # a client turned it off meanwhile
-            self._events_owed = False
-            return
-        try:
-            await self.link.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": "events", "state": True}]}, for_client=False)
-        except QemuLinkError as exc:
-            self._events_owed = True
-            log.warning("QEMU at %s: cannot set the events capability clients asked for: "
-                        "%s; migblockd tries again before it forwards the next migrate",
-                        path, exc)
-        else:
-            self._events_owed = False
-            log.info("QEMU at %s: set the events capability clients asked for", path)
-
     def _restarted(self, pid: int | None) -> QemuRestarted:
         """Why a command whose earlier calls went to QEMU process ``pid`` (on another
         connection) sends no more: QEMU was restarted, or only its connection was lost
@@ -323,12 +290,6 @@ class Bridge:
         (``facts.silent``), whoever's command told (migblockd's own, at connect)."""
         self._wake()
 
-    def _sends_events(self) -> bool:
-        """Whether the connected QEMU's migration sends MIGRATION events."""
-        # (An owed capability: that QEMU was sent none for this migration.)
-        return self._evented or (self.handlers.registry.events_enabled
-                                 and not self._events_owed)
-
     def _lost_ended(self, ending: str | None) -> None:
         """The QEMU whose migration the link lost has exited: the clients are sent
         that migration's last event (``MIGRATION`` ``ending``; None: none is owed)."""
@@ -336,63 +297,3 @@ class Bridge:
             self._core.relay("MIGRATION", {"status": ending}, timestamp(time.time()))
         self._wake()
 
-    async def _receiving(self, info: object) -> bool:
-        """The migration ``query-migrate`` shows (``info``) is an incoming one."""
-        try:
-            state = await self.link.execute("query-status", for_client=False)
-        except QemuLinkError:
-            return False
-        runstate = state.get("status") if isinstance(state, dict) else None
-        return isinstance(runstate, str) and incoming(info, runstate)
-
-    async def _events_on(self) -> bool:
-        """Whether the QEMU connected now has its ``events`` capability on (False: off,
-        or it cannot be told).  QEMU answers this query while it migrates; a migration
-        it runs with events on sends MIGRATION events that clients hear, so its end
-        must be told them even when the link loses that QEMU."""
-        connection = self._connection
-        try:
-            caps = await self.link.execute("query-migrate-capabilities", for_client=False)
-        except QemuLinkError:
-            return False
-        if connection != self._connection or not self.facts.connected:
-            return False  # another connection's QEMU, or none
-        return isinstance(caps, list) and {"capability": "events", "state": True} in caps
-
-    async def _learn_status(self) -> None:
-        """What a QEMU just connected to is doing, and the capability migblockd's
-        clients set: QEMU starts with ``events`` off, and a QEMU restarted (or
-        first met) would otherwise send none of the events they asked for."""
-        path = self.link.path
-        wanted = self.handlers.registry.events_enabled
-        # Owed until set on this QEMU (whatever the connection before it had).
-        self._events_owed = wanted
-        try:
-            info = await self.link.execute("query-migrate", for_client=False)
-        except QemuLinkError as exc:
-            log.warning("QEMU at %s: cannot learn its migration status: %s%s", path, exc,
-                        OWED if wanted else "")
-            return
-        if not self.facts.connected:
-            return  # lost since: the answer says nothing of what may be there now
-        status = info.get("status") if isinstance(info, dict) else None
-        self.facts.status = status if isinstance(status, str) else None
-        self.facts.saw(info)
-        self._wake()
-        if self.facts.status in RUNNING_STATUSES and await self._receiving(info):
-            # query-migrate shows an incoming migration too; QEMU takes capabilities
-            # then, and the events are for the migrations this VM makes afterwards.
-            log.info("QEMU at %s is receiving a migration (status %s)", path,
-                     self.facts.status)
-        elif self.facts.status in RUNNING_STATUSES:
-            # QEMU refuses capabilities while it migrates (qmp_migrate_set_capabilities(),
-            # migration/migration.c): set once that migration is seen to have ended,
-            # unless QEMU has it on already (a restarted migblockd set it before).
-            if await self._events_on():
-                self._evented = True  # its migration's last event is owed to clients
-                self._events_owed = False
-            log.info("QEMU at %s is migrating (status %s)%s", path, self.facts.status,
-                     OWED if self._events_owed else "")
-            return
-        if wanted:
-            await self._set_events()

@@ -10,33 +10,22 @@ why there, and how often).
 The address is ``host:port`` (TCP) or an absolute path, a Unix socket bound
 with the same care as the QMP socket (``migblockd.listen``: mode 0600 from
 the start, a live socket never taken over, a stale one replaced, our own
-removed at exit).  Abuse stays bounded: at most ``MAX_SCRAPES`` connections
-are served at once, a client that sends nothing is dropped after
-``REQUEST_TIMEOUT`` seconds, and one that trickles its request byte by byte
-after ``REQUEST_DEADLINE`` seconds in all.  Those bound what one connection
-holds, not what a client that reconnects as soon as it is cut holds: so a
-connection past the limit takes the place of the oldest one still sending
-its request (a scraper sends its request as soon as it connects, so only a
-silent or trickling client is ever in that state for long), and gets a 503
-only when every connection has sent its request and awaits its answer.  When
-the process is out of file descriptors, the server waits a moment between
-attempts to accept rather than spin.
+removed at exit).  What the server does with its connections (at most
+``MAX_SCRAPES`` at once, each within ``REQUEST_TIMEOUT`` and ``REQUEST_DEADLINE``,
+a silent one closed to make room for a new one) is
+:mod:`migblockd.scrape_connections`'s; this module binds the address, runs the
+server's thread, and stops it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
-from socketserver import ThreadingMixIn
-from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.registry import CollectorRegistry
 
@@ -44,261 +33,18 @@ from migblockd import signalmask
 from migblockd.config import COMMAND_LINE, HostPort, Sources
 from migblockd.exposition import MIN_INTERVAL, MetricsApp, gzip_wanted
 from migblockd.listen import LISTEN_BACKLOG, bind_socket, unbind
-from migblockd.logs.throttle import Throttle
 from migblockd.pidlock import PidLock
 from migblockd.preflight import not_the_qmp_socket
-from migblockd.scrape_request import RequestHandler
+from migblockd.scrape_connections import ScrapeServer
 from migblockd.startup import StartupError
 from migblockd.tcp import cannot_listen, resolve_tcp
 
-__all__ = ["MAX_SCRAPES", "MIN_INTERVAL", "REQUEST_DEADLINE", "REQUEST_TIMEOUT", "MetricsApp",
-           "MetricsServer", "gzip_wanted"]
+__all__ = ["MIN_INTERVAL", "STOP_WAIT", "MetricsApp", "MetricsServer", "gzip_wanted"]
 
 log = logging.getLogger("migblockd")
 
-#: Connections served at once.  Several scrapers may connect at the same moment,
-#: and one whose request its thread has not read yet looks like a silent client:
-#: a client must open this many in the moment between a scraper's connection and
-#: its request to crowd the scraper out.
-MAX_SCRAPES = 16
-#: Seconds to wait for a connection closed to make room to let go of its slot.
-EVICT_WAIT = 1.0
-#: Seconds a metrics client has to send its request (and to read the answer).
-REQUEST_TIMEOUT = 10.0
-#: Seconds a metrics connection may last in all, however steadily it trickles.
-REQUEST_DEADLINE = 30.0
 #: Seconds a stop waits for the scrapes under way to be answered.
 STOP_WAIT = 2.0
-#: Seconds between attempts to accept while the process is out of descriptors.
-EXHAUSTED_PAUSE = 0.1
-#: Seconds between two warnings that every connection was busy (the rest: debug).
-CROWDED_WARNING = 60.0
-#: Seconds from the first connection crowded out to the warning: a burst of
-#: scrapers is counted whole, not as its first one.
-CROWDED_GRACE = 1.0
-#: What a connection past MAX_SCRAPES is told before it is closed.
-_BUSY_TEXT = b"too many scrapes at once; retry\n"
-_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
-         b"Content-Type: text/plain; charset=utf-8\r\n"
-         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT))
-
-class _Handler(RequestHandler):
-    timeout = REQUEST_TIMEOUT
-    server: _Server
-
-    def parse_request(self) -> bool:
-        if not super().parse_request():
-            # Answered with an error: no longer a connection still sending its
-            # request, whose closing would make room (it is being answered).
-            self.server.request_complete(self.request)
-            return False
-        # The request is complete: from now on this connection awaits its answer,
-        # and is no longer the one closed to make room for another.
-        if self.server.request_complete(self.request):
-            return True
-        # Made room for another: a scraper whose request was not read in time
-        # (more connections at once than MAX_SCRAPES) is told to retry.
-        with contextlib.suppress(OSError):
-            self.wfile.write(_BUSY)
-        return False
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        if self.server.closed_for_room(self.request):
-            # What was read of its request before it was cut is no request to
-            # judge: a request line cut short looks like HTTP/0.9's (a 505), or
-            # one with a bad version (a 400).  Told to retry, as one read whole is.
-            self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.wfile.write(_BUSY)
-            return
-        super().send_error(code, message, explain)
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    """A wsgiref server on a socket bound elsewhere (TCP or Unix), bounded in threads."""
-
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, sock: socket.socket, port: int, app: Any) -> None:
-        # socketserver makes a socket of its own here, unbound: ours replaces it.
-        # Of our socket's family, not AF_INET: the units' RestrictAddressFamilies=AF_UNIX
-        # refuses any other (EAFNOSUPPORT), and a Unix endpoint must start there.
-        self.address_family = sock.family
-        super().__init__(("", 0), _Handler, bind_and_activate=False)
-        self.socket.close()
-        self.socket = sock
-        self.server_address = sock.getsockname()
-        self.server_name, self.server_port = "migblockd", port
-        self.setup_environ()
-        self.set_app(app)
-        self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
-        # Connections still sending their request, oldest first (dicts keep order).
-        self._sending: dict[socket.socket, float] = {}
-        # Connections closed to make room, until their thread ends.
-        self._closed_for_room: set[socket.socket] = set()
-        self._sending_lock = threading.Lock()
-        # Connections closed or refused because every slot was busy, since the
-        # last warning; when the next warning may come, and when it is due (None:
-        # nothing to say).  serve_forever's thread only.
-        self._crowded = [0, 0]
-        self._warn_from = 0.0
-        self._warn_at: float | None = None
-        # The threads answering a connection, which a stop lets finish (bounded).
-        self.handlers: set[threading.Thread] = set()
-
-    def _crowding(self, closed: int, refused: int) -> None:
-        """Count a connection closed to make room, or refused: a few silent or
-        hostile clients can keep a real scraper out, so the log says so, at
-        most every CROWDED_WARNING seconds (:meth:`service_actions`)."""
-        self._crowded[0] += closed
-        self._crowded[1] += refused
-        if self._warn_at is None:
-            self._warn_at = max(time.monotonic() + CROWDED_GRACE, self._warn_from)
-
-    def service_actions(self) -> None:
-        """serve_forever's turn (every half second): say what was crowded out, when
-        due, so that what a warning promises ("next count in 60 s at most") holds
-        without another crowding to bring it out."""
-        super().service_actions()
-        if self._warn_at is not None and time.monotonic() >= self._warn_at:
-            self.say_crowded()
-
-    def say_crowded(self, *, last: bool = False) -> None:
-        """Warn of the connections crowded out since the last warning, if any (also
-        at the stop, ``last``: serve_forever no longer runs)."""
-        if self._warn_at is None:
-            return
-        self._warn_at, self._warn_from = None, time.monotonic() + CROWDED_WARNING
-        closed, refused = self._crowded
-        self._crowded = [0, 0]
-        more = "" if last else f"; next count in {CROWDED_WARNING:g} s at most"
-        log.warning("metrics: all %d connections were busy: %d closed to make room before "
-                    "their request was read, %d refused (a scraper may have failed%s)",
-                    MAX_SCRAPES, closed, refused, more)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        try:
-            conn, address = self.socket.accept()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                # The connection stays queued and the socket readable: without a
-                # pause, serve_forever() would try again at once, for as long as
-                # the shortage lasts, on a whole core.
-                time.sleep(EXHAUSTED_PAUSE)
-            raise
-        # A Unix socket's peer has no address; wsgiref wants one for REMOTE_ADDR.
-        return conn, address if isinstance(address, tuple) else ("local", 0)
-
-    def request_complete(self, request: socket.socket) -> bool:
-        """Mark ``request`` as awaiting its answer; False if it was closed to make room."""
-        with self._sending_lock:
-            return self._sending.pop(request, None) is not None
-
-    def closed_for_room(self, request: socket.socket) -> bool:
-        """Whether ``request`` was closed to make room for another."""
-        with self._sending_lock:
-            return request in self._closed_for_room
-
-    def _make_room(self) -> bool:
-        """Close the oldest connection still sending its request; True when a slot is free."""
-        with self._sending_lock:
-            if not self._sending:
-                return False
-            oldest = next(iter(self._sending))
-            since = self._sending.pop(oldest)
-            self._closed_for_room.add(oldest)
-        log.debug("metrics: closing a connection that has not sent its request in %.1f s, "
-                  "to serve a new one", time.monotonic() - since)
-        self._crowding(1, 0)
-        with contextlib.suppress(OSError):
-            # Its thread reads what was sent, if anything, then the end at once:
-            # see _Handler.parse_request.  It lets go of its slot right after.
-            oldest.shutdown(socket.SHUT_RD)
-        return self._slots.acquire(timeout=EVICT_WAIT)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False) and not self._make_room():
-            log.debug("metrics: %d scrapes in progress; refusing another connection",
-                      MAX_SCRAPES)
-            self._crowding(0, 1)
-            self._turn_away(request)
-            return
-        with self._sending_lock:
-            self._sending[request] = time.monotonic()
-        try:
-            super().process_request(request, client_address)
-        except RuntimeError as exc:  # no thread to serve it
-            self._forget(request)
-            self._no_thread("serve a connection", exc, request)
-        except BaseException:
-            self._forget(request)
-            raise
-
-    def _no_thread(self, what: str, exc: RuntimeError, request: socket.socket) -> None:
-        """No thread could be started to ``what`` (RLIMIT_NPROC, a cgroup's
-        ``pids.max``): ``request`` is told to retry, and the log says why, at most
-        once every CROWDED_WARNING seconds (a shortage lasts, and every
-        connection meets it)."""
-        with _no_thread_lock:
-            said = _no_threads.admit(what, None, time.monotonic())
-        if said is not None:
-            log.warning("metrics: no thread to %s (%s): told to retry%s", what, exc, said)
-        self._turn_away(request)
-
-    def _turn_away(self, request: socket.socket) -> None:
-        """Tell ``request`` to retry, and close it."""
-        with contextlib.suppress(OSError):
-            request.settimeout(0)  # what fits in the socket's buffer, never a wait
-            request.send(_BUSY)
-            # Closed with its request unread, the socket would send a reset,
-            # which can reach the client before the answer and discard it.
-            while request.recv(65536):
-                pass
-        self.shutdown_request(request)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        me = threading.current_thread()
-        self.handlers.add(me)
-        # REQUEST_TIMEOUT bounds each wait; this bounds them all together.
-        deadline = threading.Timer(REQUEST_DEADLINE, _cut, (request,))
-        deadline.daemon = True
-        try:
-            try:
-                deadline.start()
-            except RuntimeError as exc:
-                # Served without its deadline, a trickling client could hold the
-                # slot for ever.  Uncaught, this left the slot taken and the
-                # client unanswered.
-                self._no_thread("time a connection's deadline", exc, request)
-                return
-            super().process_request_thread(request, client_address)
-        finally:
-            deadline.cancel()
-            self._forget(request)
-            self.handlers.discard(me)
-
-    def _forget(self, request: socket.socket) -> None:
-        with self._sending_lock:
-            self._sending.pop(request, None)
-            self._closed_for_room.discard(request)
-        self._slots.release()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that went away or timed out: nothing to report beyond debug.
-        log.debug("metrics: request failed: %r", sys.exc_info()[1])
-
-
-# Warnings that no thread could be started for a connection (Server._no_thread).
-_no_threads = Throttle(burst=1, window=CROWDED_WARNING)
-_no_thread_lock = threading.Lock()
-
-
-def _cut(request: socket.socket) -> None:
-    """End a connection past its deadline: its thread's read or write fails at once."""
-    with contextlib.suppress(OSError):
-        request.shutdown(socket.SHUT_RDWR)
 
 
 class MetricsServer:
@@ -311,7 +57,7 @@ class MetricsServer:
         self.own_socket = own_socket
         self._lock = lock
         self._app = app
-        self._httpd = _Server(sock, port, app)
+        self._httpd = ScrapeServer(sock, port, app)
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         name="migblockd-metrics", daemon=True)
 

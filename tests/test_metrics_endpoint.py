@@ -34,10 +34,11 @@ from test_daemon_exhaustion import limited_python
 from test_metrics import UnixHTTPConnection, get, scrape
 
 from migblockd import exposition
-from migblockd import scrape as endpoint
+from migblockd import scrape_connections as connections
 from migblockd.config import Config
 from migblockd.daemon import open_metrics
-from migblockd.scrape import MAX_SCRAPES, MetricsServer
+from migblockd.scrape import MetricsServer
+from migblockd.scrape_connections import MAX_SCRAPES
 from migblockd.scrape_request import MAX_HEADER_BYTES, MAX_REQUEST_LINE
 from migblockd.startup import StartupError
 
@@ -139,7 +140,7 @@ def test_a_connection_closed_to_make_room_mid_request_is_told_to_retry(
 
 def test_a_trickling_client_is_cut_at_the_deadline(
         server: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(endpoint, "REQUEST_DEADLINE", 1.0)
+    monkeypatch.setattr(connections, "REQUEST_DEADLINE", 1.0)
     with trickler(server) as s:
         s.settimeout(0.2)
         closed = False
@@ -235,7 +236,7 @@ def test_out_of_threads_a_connection_costs_no_slot(
     try:
         for _ in range(MAX_SCRAPES):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(endpoint.REQUEST_TIMEOUT / 2)  # unanswered, it failed here
+                s.settimeout(connections.REQUEST_TIMEOUT / 2)  # unanswered, it failed here
                 s.connect(str(endpoint_path))
                 answer = b""
                 # Turned away at once, perhaps before its request is sent, or read:
@@ -381,7 +382,7 @@ def test_silent_clients_do_not_lock_a_scraper_out(
         assert int(warned.group(1)) == d.log().count("metrics: closing a connection")
         # The oldest made room (the slot of the first scrape then served the
         # others), closed long before its timeout.
-        held[0].settimeout(endpoint.REQUEST_TIMEOUT / 2)
+        held[0].settimeout(connections.REQUEST_TIMEOUT / 2)
         assert read_all(held[0]) == b""
     finally:
         for s in held:
@@ -630,7 +631,7 @@ def test_a_scraper_that_stops_reading_is_a_line_of_the_log(
         stdin=subprocess.PIPE)
     try:
         d.wait_for_log("metrics: answer not sent: TimeoutError",
-                       timeout=endpoint.REQUEST_TIMEOUT + 10)
+                       timeout=connections.REQUEST_TIMEOUT + 10)
     finally:
         assert client.stdin is not None
         client.stdin.close()

@@ -13,12 +13,9 @@ time (the socket and the migration semantics are fixed for the daemon's life).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import json
 import logging
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,90 +31,25 @@ from migblockd.access import (
     Policy,
     Quotas,
 )
-from migblockd.kinds import FilePath, Integer, Kind, OctalMode, OneOf, Seconds, describe
+from migblockd.kinds import (
+    CommandNames,
+    FilePath,
+    HostPort,
+    Integer,
+    ListenAddress,
+    OctalMode,
+    OneOf,
+    Seconds,
+)
 from migblockd.options import ConfigError, Where, flag, option
 from migblockd.paths import NoDefault, default_socket_path, default_state_dir
 from migblockd.qmp.limits import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
 
 __all__ = ["COMMAND_LINE", "LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "Config", "ConfigError",
-           "HostPort", "Sources", "build", "read_file", "read_settings"]
+           "Sources", "build", "read_file", "read_settings"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
-
-
-class CommandNames(Kind[tuple[str, ...]]):
-    """A TOML list of QMP command names (``["query-status", "stop"]``)."""
-
-    toml_doc = 'a list of QMP command names, such as ["query-status", "stop"]'
-
-    def __call__(self, value: object) -> tuple[str, ...]:
-        if isinstance(value, str):  # a shown value: the same list in TOML syntax
-            with contextlib.suppress(tomllib.TOMLDecodeError):
-                value = tomllib.loads(f"v = {value}")["v"]
-        if not isinstance(value, list):
-            raise ValueError(f"must be a list of command names, not {describe(value)}")
-        for name in value:
-            if not (isinstance(name, str) and name and name.isprintable() and " " not in name):
-                raise ValueError(f"must be a list of command names, and {describe(name)} "
-                                 "is not one")
-        return tuple(dict.fromkeys(value))
-
-    def show(self, value: tuple[str, ...]) -> str:
-        return "[" + ", ".join(json.dumps(name) for name in value) + "]"
-
-
-@dataclass(frozen=True)
-class HostPort:
-    """A TCP address to listen on; ``port`` 0 lets the kernel choose one."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-class ListenAddress(Kind[Path | HostPort]):
-    """``host:port`` (``[::1]:9715`` for IPv6), or an absolute path for a Unix socket."""
-
-    def __call__(self, value: object) -> Path | HostPort:
-        if isinstance(value, str) and value.startswith("/") and "\0" not in value:
-            return Path(value)
-        if isinstance(value, str) and ":" in value:
-            host, _, port = value.rpartition(":")
-            bracketed = host.startswith("[") and host.endswith("]")
-            if bracketed:
-                host = host[1:-1]
-            # A colon outside brackets leaves the port in doubt ("::9715": every
-            # address, or "::" and 9715?), and is a URL's scheme in "http://h:9715".
-            valid_host = (host.isprintable() and " " not in host
-                          and (bracketed or ":" not in host))
-            if host and valid_host and port.isascii() and port.isdigit() and int(port) < 65536:
-                _resolvable(host, value)
-                return HostPort(host, int(port))
-        raise ValueError("must be host:port (TCP, such as 127.0.0.1:9715, or [::1]:9715 with "
-                         "an IPv6 address in brackets) or an absolute path (a Unix socket), "
-                         f"not {describe(value)}")
-
-    def show(self, value: Path | HostPort) -> str:
-        return str(value)
-
-
-def _resolvable(host: str, value: str) -> None:
-    """ValueError for a host that ``getaddrinfo`` cannot even be asked about.
-
-    Python hands a host name to the resolver encoded with the IDNA codec, which
-    refuses an empty label (``a..b``, ``.a``) or one over 63 characters with a
-    UnicodeError: refused here, with the setting's name, rather than met by the
-    start (or a reload's check) as an exception no message was written for.
-    """
-    try:
-        host.encode("idna")
-    except UnicodeError:
-        raise ValueError(f"must be host:port with a host that is an IP address or a DNS "
-                         f"name (labels of 1 to 63 characters between single dots), not "
-                         f"{describe(value)}") from None
 
 
 @dataclass(frozen=True)

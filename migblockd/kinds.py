@@ -4,18 +4,27 @@ Each kind takes the text of a command-line argument or the native value of a
 TOML key and returns the setting, or raises ValueError saying what it must
 be; ``show()`` gives the text that parses back to the same value (how
 ``--help`` and the README print defaults).
+
+Most are general (a number, a duration, a mode, a path, a choice); the last few
+are one setting's own: ``qemu-passthrough``'s list of command names, and
+``metrics``' address (:class:`HostPort`, which the endpoint and its checks in
+:mod:`migblockd.tcp` take, or a Unix socket's path).  The kinds of the access table
+and of a group name are :mod:`migblockd.access`'s, beside the policy they build.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-__all__ = ["Boolean", "FilePath", "Integer", "Kind", "OctalMode", "OneOf", "Seconds", "describe"]
+__all__ = ["Boolean", "CommandNames", "FilePath", "HostPort", "Integer", "Kind", "ListenAddress",
+           "OctalMode", "OneOf", "Seconds", "describe"]
 
 T = TypeVar("T")
 
@@ -174,3 +183,77 @@ class Boolean(Kind[bool]):
 
     def show(self, value: bool) -> str:
         return "on" if value else "off"
+
+
+class CommandNames(Kind[tuple[str, ...]]):
+    """A TOML list of QMP command names (``["query-status", "stop"]``)."""
+
+    toml_doc = 'a list of QMP command names, such as ["query-status", "stop"]'
+
+    def __call__(self, value: object) -> tuple[str, ...]:
+        if isinstance(value, str):  # a shown value: the same list in TOML syntax
+            with contextlib.suppress(tomllib.TOMLDecodeError):
+                value = tomllib.loads(f"v = {value}")["v"]
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list of command names, not {describe(value)}")
+        for name in value:
+            if not (isinstance(name, str) and name and name.isprintable() and " " not in name):
+                raise ValueError(f"must be a list of command names, and {describe(name)} "
+                                 "is not one")
+        return tuple(dict.fromkeys(value))
+
+    def show(self, value: tuple[str, ...]) -> str:
+        return "[" + ", ".join(json.dumps(name) for name in value) + "]"
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A TCP address to listen on; ``port`` 0 lets the kernel choose one."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class ListenAddress(Kind[Path | HostPort]):
+    """``host:port`` (``[::1]:9715`` for IPv6), or an absolute path for a Unix socket."""
+
+    def __call__(self, value: object) -> Path | HostPort:
+        if isinstance(value, str) and value.startswith("/") and "\0" not in value:
+            return Path(value)
+        if isinstance(value, str) and ":" in value:
+            host, _, port = value.rpartition(":")
+            bracketed = host.startswith("[") and host.endswith("]")
+            if bracketed:
+                host = host[1:-1]
+            # A colon outside brackets leaves the port in doubt ("::9715": every
+            # address, or "::" and 9715?), and is a URL's scheme in "http://h:9715".
+            valid_host = (host.isprintable() and " " not in host
+                          and (bracketed or ":" not in host))
+            if host and valid_host and port.isascii() and port.isdigit() and int(port) < 65536:
+                _resolvable(host, value)
+                return HostPort(host, int(port))
+        raise ValueError("must be host:port (TCP, such as 127.0.0.1:9715, or [::1]:9715 with "
+                         "an IPv6 address in brackets) or an absolute path (a Unix socket), "
+                         f"not {describe(value)}")
+
+    def show(self, value: Path | HostPort) -> str:
+        return str(value)
+
+
+def _resolvable(host: str, value: str) -> None:
+    """ValueError for a host that ``getaddrinfo`` cannot even be asked about.
+
+    Python hands a host name to the resolver encoded with the IDNA codec, which
+    refuses an empty label (``a..b``, ``.a``) or one over 63 characters with a
+    UnicodeError: refused here, with the setting's name, rather than met by the
+    start (or a reload's check) as an exception no message was written for.
+    """
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(f"must be host:port with a host that is an IP address or a DNS "
+                         f"name (labels of 1 to 63 characters between single dots), not "
+                         f"{describe(value)}") from None

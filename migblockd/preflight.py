@@ -40,10 +40,11 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from migblockd.bindable import check_socket_writable
-from migblockd.config import COMMAND_LINE, Config, HostPort, Sources
+from migblockd.config import COMMAND_LINE, Config, Sources
 from migblockd.contract import Contract
 from migblockd.denied import kept_out
 from migblockd.guard import policy_warnings
+from migblockd.kinds import HostPort
 from migblockd.listen import UNIX_PATH_MAX, check_socket_path
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import passthrough_warnings

@@ -30,8 +30,9 @@ from pathlib import Path
 from prometheus_client.registry import CollectorRegistry
 
 from migblockd import signalmask
-from migblockd.config import COMMAND_LINE, HostPort, Sources
+from migblockd.config import COMMAND_LINE, Sources
 from migblockd.exposition import MIN_INTERVAL, MetricsApp, gzip_wanted
+from migblockd.kinds import HostPort
 from migblockd.listen import LISTEN_BACKLOG, bind_socket, unbind
 from migblockd.pidlock import PidLock
 from migblockd.preflight import not_the_qmp_socket

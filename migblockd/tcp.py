@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from migblockd.config import HostPort
+from migblockd.kinds import HostPort
 from migblockd.startup import StartupError
 from migblockd.trust import named_uid
 

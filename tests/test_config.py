@@ -22,8 +22,8 @@ from otheruids import NUMBER_NAMED_GROUP, Account
 from realqemu import wait_until
 
 from migblockd.cli import options
-from migblockd.config import Config, ConfigError, HostPort, build
-from migblockd.kinds import describe
+from migblockd.config import Config, ConfigError, build
+from migblockd.kinds import HostPort, describe
 from migblockd.startup import StartupError
 from migblockd.tcp import resolve_tcp
 

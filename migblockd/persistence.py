@@ -28,7 +28,15 @@ from collections.abc import Iterable
 
 from migblockd import state
 from migblockd.clock import in_range
-from migblockd.registry import DEFAULT_MODE, Blocker, BlockerError, Change, Owner, Registry
+from migblockd.registry import (
+    DEFAULT_MODE,
+    Blocker,
+    BlockerError,
+    Change,
+    Owner,
+    Registry,
+    only_migratable_refuses,
+)
 from migblockd.registry.ids import GENERATED_PREFIX, MAX_ID_LENGTH, check_id
 
 __all__ = ["only_migratable_refusal", "restore", "schema_refusal", "to_store"]
@@ -96,7 +104,7 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
         unknown = [mode for mode in row.modes if mode not in known]
         if unknown:
             raise ValueError(_modes_not_defined(row.id, unknown))
-        if registry.only_migratable and not row.internal and DEFAULT_MODE in row.modes:
+        if registry.only_migratable and only_migratable_refuses(row.internal, row.modes):
             raise ValueError(_refused_by_only_migratable(row.id))
         owner = None if row.owner is None else Owner(*row.owner)
         modes = tuple(mode for mode in registry.modes if mode in row.modes)  # MigMode order
@@ -117,7 +125,7 @@ def only_migratable_refusal(blockers: Iterable[Blocker]) -> str | None:
     :func:`restore`; None when it would not.  A reload that turns the setting on
     (applied only by a restart) says it while the blocker can still be deleted."""
     for blocker in blockers:
-        if blocker.scope == "daemon" and not blocker.internal and DEFAULT_MODE in blocker.modes:
+        if blocker.scope == "daemon" and only_migratable_refuses(blocker.internal, blocker.modes):
             return _refused_by_only_migratable(blocker.id)
     return None
 

@@ -34,7 +34,7 @@ from migblockd.registry.migration import (
     SETUP_SHARE,
     URI_SCHEMES,
 )
-from migblockd.registry.registry import DEFAULT_MODE, SCOPES, Registry
+from migblockd.registry.registry import DEFAULT_MODE, SCOPES, Registry, only_migratable_refuses
 
 __all__ = [
     "DEFAULT_MODE",
@@ -67,4 +67,5 @@ __all__ = [
     "OnlyMigratable",
     "Owner",
     "Registry",
+    "only_migratable_refuses",
 ]

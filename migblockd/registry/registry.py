@@ -25,7 +25,7 @@ Versions followed: the blocker rules and per-mode lists are QEMU 8.2 to 10.2
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Final
 
 from migblockd.clock import SYSTEM_CLOCK, Clock
@@ -52,6 +52,16 @@ SCOPES: Final[tuple[str, ...]] = ("daemon", "connection")
 #: The ``mode`` migration parameter's default, and the mode that
 #: ``-only-migratable`` protects (``MIG_MODE_NORMAL`` in QEMU).
 DEFAULT_MODE: Final = "normal"
+
+
+def only_migratable_refuses(internal: bool, modes: Collection[str]) -> bool:
+    """Whether ``-only-migratable`` refuses a blocker: one that blocks the normal mode,
+    unless it is internal (``is_only_migratable()``, which
+    ``migrate_add_blocker_internal()`` skips, migration/migration.c).  The rule a
+    stored blocker is judged by at a start, and a reload by for the next one."""
+    return not internal and DEFAULT_MODE in modes
+
+
 #: QEMU's defaults for the parameters the simulation only reports.
 PARAMETER_DEFAULTS: Final[Mapping[str, object]] = {"max-bandwidth": 134217728,
                                                    "downtime-limit": 300}
@@ -187,7 +197,7 @@ class Registry(MigrationControl):
             check_id(id)
             if id in self._store:
                 raise DuplicateId(id)
-        if self._only_migratable and not internal and DEFAULT_MODE in wanted:
+        if self._only_migratable and only_migratable_refuses(internal, wanted):
             raise OnlyMigratable(reason)
         if self._migration.running:
             raise MigrationBusy(reason)

@@ -279,8 +279,17 @@ def _search_hint(directory: Path, st: os.stat_result, uid: int, groups: Collecti
     elif st.st_gid in groups:
         opening = f"open it to its group ('chmod g+x {directory}')"
     else:
-        opening = (f"open it to a group of this user's ('chgrp GROUP {directory}' and "
-                   f"'chmod g+x {directory}')")
+        # (Group root may search it, but joining root opens far more than the socket.)
+        steps = [f"'chgrp GROUP {directory}'"]
+        if not st.st_mode & stat.S_IXGRP:
+            steps.append(f"'chmod g+x {directory}'")
+        opening = f"open it to a group of this user's ({' and '.join(steps)})"
+    from migblockd.paths import SYSTEM_SOCKET  # noqa: PLC0415 (paths imports this module)
+
+    if directory == SYSTEM_SOCKET.parent:
+        # Made anew at each boot: a chgrp by hand lasts until the next one.
+        opening += (" (and, to keep it so after a reboot, install the tmpfiles.d line "
+                    f"migblockd ships: 'd {directory} 0750 root migblockd-clients -')")
     return (f"run as a user it lets in, or have {admin} {opening}, or start the daemon "
             "with a --socket outside it")
 

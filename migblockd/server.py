@@ -284,24 +284,29 @@ class Server(Turns):
 
         for level, line in reload.messages():
             say(level, "%s", line)
-        if not reload.restart_only:
-            return
+        # The state the next start restores, if it is this one: what it would refuse of
+        # it, in the start's words (read here: the registry is the loop's).
+        kept_in = None if self.config.ephemeral else self.config.state_dir
+        where = None if kept_in is None or fresh.ephemeral or fresh.state_dir != kept_in \
+            else kept_in.absolute() / DATABASE_NAME
+        keys = reload.restart_only
+        if not keys:
+            if where is None:
+                return
+            # The schema's files may have been edited in place, which changes no
+            # setting: the next start loads them as they are now.
+            keys = ["schema"]
         # Not applied now, so not seen now: said before a restart finds out.  On a
         # thread: resolving a metrics host name may wait for DNS, reading a schema
         # on a network file system for the server; one that never returns must
         # not keep the daemon from exiting (migblockd.detached).
         check = functools.partial(problems, fresh, socket_passed=self.own_socket is None,
                                   passed=self.passed, as_daemon=True,
-                                  keys=reload.restart_only, sources=Sources.of(self.cli, file))
+                                  keys=keys, sources=Sources.of(self.cli, file))
         # Counted here: the registry is the loop's.  Those are what the disk keeps.
         kept = self.core.registry.blockers()
         stored = sum(1 for b in kept if b.scope == "daemon")
         ahead = functools.partial(next_state, self.config, fresh, stored)
-        # The state the next start restores, if it is this one: what it would refuse of
-        # it, in the start's words (read here: the registry is the loop's).
-        kept_in = None if self.config.ephemeral else self.config.state_dir
-        where = None if kept_in is None or fresh.ephemeral or fresh.state_dir != kept_in \
-            else kept_in.absolute() / DATABASE_NAME
         mode = self.core.registry.mode
         refused: list[tuple[str, str]] = []
         if where is not None and "only-migratable" in reload.restart_only \
@@ -312,11 +317,12 @@ class Server(Turns):
 
         def look_ahead() -> tuple[list[tuple[str, str]], str | None]:
             found = check()
-            if where is not None and "schema" in reload.restart_only \
-                    and not any(key == "schema" for key, _ in found):
+            if where is not None and not any(key == "schema" for key, _ in found):
                 why = schema_refusal(kept, mode, load_contract(fresh.schema).enums["MigMode"])
                 if why is not None:
                     found.append(("schema", f"{where}: {why}"))
+            if not reload.restart_only:
+                return found, None
             # A directory the next start refuses is said as such, not as empty.
             return found, None if any(key == "state-dir" for key, _ in found) else ahead()
 
@@ -328,7 +334,7 @@ class Server(Turns):
             # no thread to run it on), and the reload is not undone for it.
             log.exception("reload: applied, but checking whether the next start would "
                           "fail with %s as the file now sets it failed",
-                          ", ".join(reload.restart_only))
+                          ", ".join(keys))
             return
         if self._applied != applied:
             log.debug("reload: a later reload applied its file while this one looked "
@@ -336,7 +342,11 @@ class Server(Turns):
             return
         found += refused
         for key, why in found:
-            say(logging.WARNING, "reload: with %s as the file now sets it, the next start "
-                "would fail: %s", key, why)
+            if key in reload.restart_only:
+                say(logging.WARNING, "reload: with %s as the file now sets it, the next "
+                    "start would fail: %s", key, why)
+            else:  # the schema's files, as they are now
+                say(logging.WARNING, "reload: with the %s as its files are now, the next "
+                    "start would fail: %s", key, why)
         if fate is not None:
             say(logging.WARNING, "reload: %s", fate)

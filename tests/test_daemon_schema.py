@@ -462,3 +462,36 @@ async def test_a_reload_says_a_schema_without_a_stored_mode_would_stop_the_start
                            capture_output=True, text=True, timeout=30)
     assert again.returncode == 1
     assert again.stderr.rstrip("\n").endswith(f"ERROR: {refusal}"), again.stderr
+
+
+async def test_a_reload_says_a_schema_edited_in_place_would_stop_the_start(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # Found by review: with the schema's files edited in place (no setting changed),
+    # a reload said "nothing changed", and the restart refused the state database.
+    root, migration = schema_edited(tmp_path, lambda text: text)
+    config = tmp_path / "m.toml"
+    config.write_text(f'log-level = "info"\nschema = "{root}"\n')
+    state = tmp_path / "kept"
+    d = start_daemon("--config", str(config), "--state-dir", str(state))
+    async with d.client() as c:
+        await c.ok("add-blocker", {"reason": "exec", "id": "x", "modes": ["cpr-exec"]})
+        d.signal(signal.SIGHUP)  # nothing changed, and nothing to say
+        d.wait_for_log("reloaded configuration: nothing changed")
+        (tmp_path / "edited").mkdir()
+        without = schema_without_cpr_exec(tmp_path / "edited").with_name("migration.json")
+        migration.write_text(without.read_text(encoding="utf-8"), encoding="utf-8")
+        d.signal(signal.SIGHUP)
+        refusal = (f"{state.absolute() / 'state.db'}: stored blocker 'x' blocks modes the "
+                   "schema does not define (cpr-exec); use a --schema that defines them, or "
+                   "move the state directory away to start from scratch")
+        d.wait_for_log("WARNING: reload: with the schema as its files are now, the next start "
+                       f"would fail: {refusal}\n")
+        await c.ok("query-version")  # still serving the schema it started with
+    assert d.log().count("the next start would fail") == 1
+    assert d.stop() == 0
+    again = subprocess.run([sys.executable, "-m", "migblockd", "--config", str(config),
+                            "--state-dir", str(state), "--socket", str(tmp_path / "2.sock")],
+                           capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1
+    assert again.stderr.rstrip("\n").endswith(f"ERROR: {refusal}"), again.stderr

@@ -225,8 +225,8 @@ def quick_shell(bound: float) -> list[str]:
     """``migblock-shell`` with the bound on each wait of its connecting (10 s) made
     ``bound`` seconds: what it does when the bound passes is the point, not its
     length."""
-    return [sys.executable, "-c", f"from migblockd.shell import client; "
-            f"client.GREETING_TIMEOUT = {bound}; from migblockd.shell.main import main; main()"]
+    return [sys.executable, "-c", f"from migblockd.shell import opening; "
+            f"opening.GREETING_TIMEOUT = {bound}; from migblockd.shell.main import main; main()"]
 
 
 def assert_clean_log(daemon: DaemonProcess) -> None:

@@ -25,6 +25,7 @@ from conftest import DaemonProcess, quick_shell
 from fakeqmp import GREETING, SILENT, Line, Raw, serving
 
 from migblockd.shell import client as shell_client
+from migblockd.shell import opening
 
 SHELL = [sys.executable, "-m", "migblockd.shell"]
 
@@ -746,7 +747,7 @@ def test_timeout_bounds_each_wait_of_connecting_too(tmp_path: Path, silent: str)
     with serving(path, greeting, {silent: SILENT}):
         result = subprocess.run([*SHELL, "--timeout", "1", str(path), "-c", "query-version"],
                                 capture_output=True, text=True, timeout=30, check=False)
-    assert time.monotonic() - started < shell_client.GREETING_TIMEOUT
+    assert time.monotonic() - started < opening.GREETING_TIMEOUT
     what = "no QMP greeting" if silent == "greeting" else f"no answer to {silent}"
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == f"migblock-shell: {path}: {what} within 1 s (--timeout)\n"

@@ -12,7 +12,8 @@ from migblockd.contract import Contract
 from migblockd.shell.entries import MAX_CHARS, MAX_LINES, Entries, entered_commands
 from migblockd.shell.render import Renderer
 from migblockd.shell.schema import Schema
-from migblockd.shell.syntax import Help, Nothing, ParseError, Request, parse_line, tokenize
+from migblockd.shell.syntax import Help, Nothing, Request, parse_line
+from migblockd.shell.words import ParseError, tokenize
 
 
 def args(line: str, schema: Schema | None = None) -> dict[str, Any]:

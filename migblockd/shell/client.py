@@ -13,39 +13,24 @@ import asyncio
 import contextlib
 import itertools
 import json
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
-from migblockd.paths import (
-    NO_GREETING,
-    before_greeting,
-    connect_failure,
-    connect_unix,
-    fallback_refusal,
+from migblockd.shell.opening import (
+    ClientError,
+    ConnectError,
+    Message,
+    OpeningWait,
+    open_qmp,
 )
 from migblockd.shell.syntax import loads
 
-GREETING_TIMEOUT = 10.0
 #: The longest line read: a 100,000-blocker listing with reasons of 1024
 #: characters, each escaped as ``\\uXXXX``, is about 600 MB.
 LINE_LIMIT = 1 << 30
 #: Why a connection ended when the server ended it (QMPClient.lost_reason); any
 #: other reason is the shell's own doing or the socket's.
 SERVER_CLOSED = "the server closed the connection"
-#: How to name a socket other than the default, in the refusal of an unsafe default.
-GIVE_SOCKET = "give its path (migblock-shell SOCKET)"
-
-Message = dict[str, Any]
-
-
-class ClientError(Exception):
-    """Base class; ``str()`` is a one-line message for the operator."""
-
-
-class ConnectError(ClientError):
-    """Could not connect, or the server did not greet / negotiate."""
 
 
 class ConnectionLost(ClientError):
@@ -57,32 +42,6 @@ class ConnectionLost(ClientError):
     def __init__(self, message: str, *, sent: bool = True) -> None:
         super().__init__(message)
         self.sent = sent
-
-
-#: What QEMU's human monitor says first (``monitor/hmp.c``, ``monitor_event()``).
-_HMP_BANNER = re.compile(rb"QEMU \S+ monitor - type 'help' for more information")
-
-
-def _not_qmp(line: bytes) -> str:
-    """Why the first line a server sent is no QMP greeting: one of QEMU's monitors
-    the shell cannot use is named, as migblockd's --qemu names it."""
-    if _HMP_BANNER.match(line):
-        return ("this is QEMU's human monitor (HMP: -monitor, or -mon mode=readline), "
-                "not QMP: give the shell a -qmp monitor")
-    if line.rstrip() == b"{":
-        # Every message spread over lines; QMP clients read one message per line.
-        return ("QEMU's monitor pretty-prints its JSON (-qmp-pretty, or -mon pretty=on), "
-                "which the shell cannot read: give it a monitor without it")
-    return NO_GREETING
-
-
-def _is_greeting(message: Any) -> TypeGuard[Message]:
-    """Whether ``message`` is QMP's greeting, as ``qemu.qmp`` (and so
-    ``migblockd.client``) judges it: ``QMP`` an object, its ``version`` an object
-    and its ``capabilities`` a list."""
-    qmp = message.get("QMP") if isinstance(message, dict) else None
-    return (isinstance(qmp, dict) and isinstance(qmp.get("version"), dict)
-            and isinstance(qmp.get("capabilities"), list))
 
 
 def _id_key(value: Any) -> str:
@@ -109,24 +68,6 @@ def _by_value(value: Any) -> Any:
     if isinstance(value, dict):
         return {key: _by_value(item) for key, item in value.items()}
     return value
-
-
-@dataclass(frozen=True)
-class OpeningWait:
-    """How long each wait of a connection's opening lasts (the greeting, then each
-    answer the shell asks for before the first command), and how its messages say so."""
-
-    seconds: float
-    said: str
-
-    @classmethod
-    def bounded(cls, timeout: float | None) -> OpeningWait:
-        """:data:`GREETING_TIMEOUT`, or a script's ``--timeout`` when that is shorter:
-        past it the daemon is broken (stopped, hung), and a script's --timeout
-        promises it ends its run rather than wait longer than that on anything."""
-        if timeout is not None and timeout < GREETING_TIMEOUT:
-            return cls(timeout, f"{timeout:g} s (--timeout)")
-        return cls(GREETING_TIMEOUT, f"{GREETING_TIMEOUT:g}s")
 
 
 class QMPClient:
@@ -164,50 +105,8 @@ class QMPClient:
 
     async def connect(self, path: str) -> Message:
         """Connect and read the greeting; raises :class:`ConnectError`."""
-        # A default socket under the shared temporary directory may be someone
-        # else's, listening there to read what is sent: judged before and after
-        # (migblockd.paths.fallback_refusal).
-        refusal = fallback_refusal(path, GIVE_SOCKET)
-        if refusal is not None:
-            raise ConnectError(f"cannot connect to {path}: {refusal}")
-        try:
-            sock = connect_unix(path)
-        except OSError as err:
-            raise ConnectError(f"cannot connect to {path}: {connect_failure(path, err)}") from None
-        try:
-            self._reader, self._writer = await asyncio.open_unix_connection(
-                sock=sock, limit=LINE_LIMIT)
-        except BaseException:
-            sock.close()
-            raise
-        refusal = fallback_refusal(path, GIVE_SOCKET, connected=True)
-        if refusal is not None:
-            await self._abort()
-            raise ConnectError(f"cannot connect to {path}: {refusal}")
-        try:
-            line = await asyncio.wait_for(self._reader.readline(), self._opening.seconds)
-        except TimeoutError:
-            await self._abort()
-            raise ConnectError(f"{path}: no QMP greeting within {self._opening.said}") from None
-        except ConnectionResetError as err:
-            await self._abort()
-            raise ConnectError(f"{path}: {before_greeting(err)}") from None
-        except (OSError, ValueError) as err:
-            await self._abort()
-            raise ConnectError(f"{path}: reading the greeting failed: {err}") from None
-        try:
-            greeting = loads(line.decode())
-        except ValueError:  # not QMP: named below
-            greeting = None
-        refusal = greeting.get("error") if isinstance(greeting, dict) else None
-        if isinstance(refusal, dict) and isinstance(refusal.get("desc"), str):
-            # Turned away (max-clients...): one error line in place of the greeting.
-            await self._abort()
-            raise ConnectError(f"{path}: migblockd refused the connection: {refusal['desc']}")
-        if not _is_greeting(greeting):
-            await self._abort()
-            what = before_greeting(None) if not line else _not_qmp(line)
-            raise ConnectError(f"{path}: {what}")
+        self._reader, self._writer, greeting = await open_qmp(
+            path, self._opening, LINE_LIMIT)
         self.greeting = greeting
         self._reader_task = asyncio.create_task(self._read_loop())
         return greeting
@@ -310,12 +209,6 @@ class QMPClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader_task
         self._fail_pending("connection closed")
-
-    async def _abort(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            with contextlib.suppress(OSError, RuntimeError):
-                await self._writer.wait_closed()
 
     def _fail_pending(self, reason: str) -> None:
         for future in self._pending.values():

@@ -27,7 +27,7 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 
 from migblockd.shell.schema import Schema
-from migblockd.shell.syntax import BLANKS, Word, tokenize
+from migblockd.shell.words import BLANKS, Word, tokenize
 
 BUILTINS = ("help",)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from migblockd.shell.client import ConnectError, ConnectionLost, Message, QMPClient
+from migblockd.shell.client import ConnectionLost, QMPClient
+from migblockd.shell.opening import ConnectError, Message
 from migblockd.shell.schema import Schema, SchemaError
 
 
@@ -68,7 +69,7 @@ class Connection:
     async def open(self) -> Message:
         """Connect, negotiate and fetch ``query-qmp-schema``; raises ConnectError,
         also when a wait of it passes its bound
-        (:class:`~migblockd.shell.client.OpeningWait`)."""
+        (:class:`~migblockd.shell.opening.OpeningWait`)."""
         await self.close()
         client = QMPClient(self._on_event, self._on_lost, self._timeout)
         try:

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 from migblockd import __version__
 from migblockd.paths import default_socket_path
-from migblockd.shell.client import GREETING_TIMEOUT, ClientError
 from migblockd.shell.helptext import load_docs
 from migblockd.shell.history import history_path
 from migblockd.shell.interrupt import Interrupts
+from migblockd.shell.opening import GREETING_TIMEOUT, ClientError
 from migblockd.shell.render import Renderer, visible
 
 DESCRIPTION = """\

@@ -17,7 +17,7 @@ from prompt_toolkit.utils import is_dumb_terminal
 
 from migblockd.paths import make_private_directory
 from migblockd.qapi.doc import SchemaDocs
-from migblockd.shell.client import SERVER_CLOSED, ConnectError, ConnectionLost, Message
+from migblockd.shell.client import SERVER_CLOSED, ConnectionLost
 from migblockd.shell.completion import ShellCompleter
 from migblockd.shell.connection import Connection, describe_greeting
 from migblockd.shell.entries import entered_commands
@@ -29,6 +29,7 @@ from migblockd.shell.history import (
     not_saved,
 )
 from migblockd.shell.interrupt import Interrupts
+from migblockd.shell.opening import ConnectError, Message
 from migblockd.shell.render import Renderer, visible
 from migblockd.shell.runner import Runner
 

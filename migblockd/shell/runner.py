@@ -13,7 +13,8 @@ from migblockd.shell import helptext
 from migblockd.shell.check import check_request
 from migblockd.shell.connection import Connection
 from migblockd.shell.render import Renderer, visible
-from migblockd.shell.syntax import Help, ParseError, Request, parse_line
+from migblockd.shell.syntax import Help, Request, parse_line
+from migblockd.shell.words import ParseError
 
 Write = Callable[[str], None]
 

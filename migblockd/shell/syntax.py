@@ -6,9 +6,8 @@ The syntax is qmp-shell's, with its rough edges fixed::
     help [COMMAND]
     {"execute": "...", "arguments": {...}}      (a raw JSON request)
 
-Words are split like a POSIX shell does: ``'single'`` quotes are literal,
-``"double"`` quotes honour ``\\"`` and ``\\\\``, a backslash outside quotes escapes the
-next character.  A value is converted like this:
+Words are split like a POSIX shell does (:mod:`migblockd.shell.words`).  A value is
+converted like this:
 
 * a quoted value (any part of it quoted or escaped) is always a string, so
   ``id="42"`` sends the string ``"42"``;
@@ -34,14 +33,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
-from migblockd.shell.literal import NotLiteral, python_literal, scan_brackets
-
-#: What separates words: ASCII blanks, as a POSIX shell splits (a no-break space
-#: inside a reason is part of it).
-BLANKS = frozenset(" \t\n\r\f\v")
+from migblockd.shell.literal import NotLiteral, python_literal
+from migblockd.shell.words import ParseError, Word, tokenize
 
 ValueHint = Literal["string", "list", "list-of-strings"] | None
 """What the schema says about a member: a string (or enum), a list (of strings), or
@@ -49,10 +45,6 @@ nothing useful (``None``)."""
 
 Hints = Callable[[str, tuple[str, ...]], ValueHint]
 """``hints(command, path)`` -> what the schema says about that argument."""
-
-
-class ParseError(ValueError):
-    """A line that cannot be turned into a request; ``str()`` is a one-line message."""
 
 
 @dataclass(frozen=True)
@@ -82,29 +74,6 @@ class Nothing:
 
 
 Parsed = Request | Help | Nothing
-
-
-@dataclass
-class Word:
-    """One shell word, as the tokenizer saw it.
-
-    ``key`` is the text before the first unquoted ``=`` (``None`` when there is no
-    such ``=``), ``value`` the text after it (or the whole word).  ``quoted`` tells
-    whether any part of the value was quoted or escaped, ``json`` whether the value
-    is an unquoted JSON chunk (starting with ``{`` or ``[``).  ``start`` is the offset
-    of the word in the line; ``raw_value_start`` the offset where the value begins.
-    ``open`` names what is still open at the end of an incomplete line: ``"'"``,
-    ``'"'``, ``"\\\\"`` or ``"json"`` (only in partial mode).
-    """
-
-    start: int
-    key: str | None = None
-    value: str = ""
-    quoted: bool = False
-    json: bool = False
-    raw_value_start: int = 0
-    open: str | None = None
-    _pieces: list[str] = field(default_factory=list, repr=False)
 
 
 #: How much of an invalid JSON value an error quotes: enough to recognise it,
@@ -162,96 +131,6 @@ def loads(text: str) -> Any:
                           parse_int=_bounded_int, object_pairs_hook=_unique)
     except RecursionError:
         raise ValueError("nested too deeply") from None
-
-
-def tokenize(line: str, *, partial: bool = False) -> list[Word]:
-    """Split ``line`` into words.
-
-    With ``partial`` (used for completion) an unterminated quote, escape or JSON chunk
-    ends the last word, whose ``open`` says what was left open; otherwise it is a
-    :class:`ParseError`.
-    """
-    words: list[Word] = []
-    pos = 0
-    n = len(line)
-    while True:
-        while pos < n and line[pos] in BLANKS:
-            pos += 1
-        if pos >= n:
-            return words
-        word = Word(start=pos, raw_value_start=pos)
-        buf: list[str] = []
-        while pos < n and line[pos] not in BLANKS:
-            c = line[pos]
-            if c == "'":
-                end = line.find("'", pos + 1)
-                if end < 0:
-                    if not partial:
-                        raise ParseError(f"unterminated ' quote at column {pos + 1}")
-                    buf.append(line[pos + 1 :])
-                    word.open = "'"
-                    pos = n
-                else:
-                    buf.append(line[pos + 1 : end])
-                    pos = end + 1
-                word.quoted = True
-            elif c == '"':
-                i = pos + 1
-                closed = False
-                while i < n:
-                    d = line[i]
-                    if d == "\\" and i + 1 < n and line[i + 1] in '"\\':
-                        buf.append(line[i + 1])
-                        i += 2
-                    elif d == '"':
-                        closed = True
-                        i += 1
-                        break
-                    else:
-                        buf.append(d)
-                        i += 1
-                if not closed:
-                    if not partial:
-                        raise ParseError(f'unterminated " quote at column {pos + 1}')
-                    word.open = '"'
-                pos = i
-                word.quoted = True
-            elif c == "\\":
-                if pos + 1 >= n:
-                    if not partial:
-                        raise ParseError("a backslash ends the line")
-                    word.open = "\\"
-                    pos = n
-                else:
-                    buf.append(line[pos + 1])
-                    pos += 2
-                word.quoted = True
-            elif c in "{[" and word.key is not None and not buf and not word.quoted:
-                end, closed = scan_brackets(line, pos)
-                if not closed:
-                    if not partial:
-                        raise ParseError(
-                            f"unterminated JSON value for '{word.key}' at column {pos + 1}"
-                        )
-                    word.open = "json"
-                buf.append(line[pos:end])
-                word.json = True
-                pos = end
-                if pos < n and line[pos] not in BLANKS and not partial:
-                    raise ParseError(
-                        f"unexpected text after the JSON value of '{word.key}' at column {pos + 1}"
-                    )
-            elif c == "=" and word.key is None:
-                word.key = "".join(buf)
-                buf = []
-                word.quoted = False
-                word.raw_value_start = pos + 1
-                pos += 1
-            else:
-                buf.append(c)
-                pos += 1
-        word.value = "".join(buf)
-        words.append(word)
 
 
 def convert_value(word: Word, hint: ValueHint = None) -> Any:

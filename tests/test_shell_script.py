@@ -392,6 +392,44 @@ def test_nested_names_are_checked_where_the_schema_knows_them(qemu: Path) -> Non
     assert replies(union.stdout)[0]["error"]["desc"] == "Parameter 'sise' is unexpected"
 
 
+def test_a_unions_members_are_typed_by_the_variant_its_tag_names(qemu: Path) -> None:
+    # Found by review: a union's members depend on its tag, so the shell had no
+    # type for them and sent data=1234 as an integer, which QEMU refuses
+    # ("Invalid parameter type for 'data', expected: string").  With the tag on the
+    # line, in any order, its variant's members are typed: nested unions (qcow2's
+    # encrypt, on 'format') and a union under an alternate (raw's file) too.
+    result = shell(
+        str(qemu), "-v",
+        "-c", "object-add qom-type=secret id=s1 data=1234",
+        "-c", "object-add data=5678 id=s2 qom-type=secret",
+        "-c", "blockdev-add driver=file node-name=f1 filename=1234",
+        "-c", "blockdev-add driver=raw node-name=r1 file.driver=file file.filename=1234",
+        "-c", "blockdev-add driver=qcow2 node-name=q1 file=f0 encrypt.format=luks"
+              " encrypt.key-secret=1234",
+        # Without its tag, a variant's member is read as before.
+        "-c", "object-add id=s3 data=1234",
+    )  # fmt: skip
+    sent = [json.loads(line)["arguments"] for line in result.stderr.splitlines()]
+    assert sent == [
+        {"qom-type": "secret", "id": "s1", "data": "1234"},
+        {"data": "5678", "id": "s2", "qom-type": "secret"},
+        {"driver": "file", "node-name": "f1", "filename": "1234"},
+        {"driver": "raw", "node-name": "r1", "file": {"driver": "file", "filename": "1234"}},
+        {"driver": "qcow2", "node-name": "q1", "file": "f0",
+         "encrypt": {"format": "luks", "key-secret": "1234"}},
+        {"id": "s3", "data": 1234},
+    ]
+    # QEMU took each as typed, and judged what the values mean.
+    assert [r.get("error", {}).get("desc") for r in replies(result.stdout)] == [
+        None,
+        None,
+        "Could not open '1234': No such file or directory",
+        "Could not open '1234': No such file or directory",
+        "Cannot find device='f0' nor node-name='f0'",
+        "Parameter 'qom-type' is missing",
+    ]
+
+
 def test_device_add_takes_its_devices_properties_as_qemu_does(tmp_path: Path) -> None:
     # Found by review: device_add's introspection lists driver, bus and id only,
     # and the shell refused every property of the device (`unknown argument
@@ -599,6 +637,13 @@ UNREAD = "a message from the daemon cannot be read ({}), so the shell closed the
         {"name": "0", "meta-type": "object", "members": [{"name": "a"}]}]},
      "{path}: the server's answer to query-qmp-schema is malformed: entry 1 (object '0'): "
      "'members' is not a list of objects with a string 'name' and a string 'type'"),
+    # A union's variants, which the shell reads to type the members of one.
+    (GREETING, {"query-qmp-schema": [
+        {"name": "x", "meta-type": "command", "arg-type": "0", "ret-type": "0"},
+        {"name": "0", "meta-type": "object", "members": [], "tag": "t",
+         "variants": [{"case": "a", "type": 1}]}]},
+     "{path}: the server's answer to query-qmp-schema is malformed: entry 1 (object '0'): "
+     "'variants' is not a list of objects with a string 'case' and a string 'type'"),
     (GREETING, {"query-qmp-schema": {}},
      "{path}: the server's answer to query-qmp-schema is malformed: not a list"),
     (GREETING, {"query-commands": [{"name": "x"}, None]},
@@ -617,7 +662,8 @@ UNREAD = "a message from the daemon cannot be read ({}), so the shell closed the
     (GREETING, {"query-version": Raw('{"a": -1e400}')},
      "-c 1: {path}: " + UNREAD.format("number -1e400 is out of range") + LOST),
 ], ids=["version-not-an-object", "no-capabilities", "entry-not-an-object",
-        "member-not-an-object", "schema-not-a-list", "command-not-an-object",
+        "member-not-an-object", "variant-not-an-object", "schema-not-a-list",
+        "command-not-an-object",
         "deep-greeting", "deep-reply", "nan", "digits", "beyond-a-double"])
 def test_a_server_whose_answers_are_not_qmps_shape_is_one_line_and_exit_status_2(
     tmp_path: Path, greeting: object, returns: dict[str, object], why: str

@@ -103,7 +103,7 @@ def test_an_invalid_json_list_says_how_to_write_a_list() -> None:
     # Quoting it, as the general hint said, sends one string the daemon refuses.
     with pytest.raises(ParseError) as bad:
         parse_line("add-blocker reason=x modes=[normal]",
-                   lambda command, path: "list-of-strings")
+                   lambda command, path, given: "list-of-strings")
     assert str(bad.value).endswith(
         "(write the list as modes=a,b, or as JSON with its strings quoted, "
         'modes=["a", "b"])')

@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from migblockd.shell.syntax import ValueHint
+from migblockd.shell.syntax import Given, ValueHint
+
+NOTHING: Given = {}
 
 _JSON_TYPE_WORDS = {
     "string": "string",
@@ -69,7 +71,8 @@ _SHAPES: dict[str, dict[str, Shape]] = {
     "builtin": {"json-type": _STRING},
     "enum": {"members": _objects_with("name"), "values": _STRINGS},
     "array": {"element-type": _STRING},
-    "object": {"members": _objects_with("name", "type")},
+    "object": {"members": _objects_with("name", "type"), "tag": _STRING,
+               "variants": _objects_with("case", "type")},
     "alternate": {"members": _objects_with("type")},
     "command": {"arg-type": _STRING, "ret-type": _STRING},
     "event": {"arg-type": _STRING},
@@ -100,6 +103,8 @@ class Schema:
         commands the daemon forwards to QEMU without describing them.  Raises
         :class:`SchemaError` for an entry that is not SchemaInfo's shape."""
         self._types: dict[str, Mapping[str, Any]] = {}
+        self._field_cache: dict[str, Mapping[str, str]] = {}
+        self._case_cache: dict[str, Mapping[str, str]] = {}
         self.commands: dict[str, CommandInfo] = {}
         self.events: dict[str, str] = {}
         """Event name -> the type of its data."""
@@ -188,22 +193,68 @@ class Schema:
             return "object"
         return None
 
-    def resolve(self, command: str, path: Sequence[str]) -> str | None:
-        """The type of the argument at ``path`` (dotted key split at dots)."""
+    def resolve(self, command: str, path: Sequence[str], given: Given = NOTHING) -> str | None:
+        """The type of the argument at ``path`` (dotted key split at dots); ``given``:
+        what the line gives (:data:`~migblockd.shell.syntax.Given`), where a union's
+        tag is looked up."""
         info = self.commands.get(command)
         if info is None:
             return None
-        type_name = info.arg_type
+        type_name: str | None = info.arg_type
         for part in path:
-            found = [m for m in self.members(type_name) if m.name == part]
-            if not found:
+            type_name = self._member_type(str(type_name), part, given)
+            if type_name is None:
                 return None
-            type_name = found[0].type
+            below = given.get(part)
+            given = below if isinstance(below, Mapping) else NOTHING
         return type_name
 
-    def hint(self, command: str, path: tuple[str, ...]) -> ValueHint:
+    def _member_type(self, type_name: str, name: str, given: Given) -> str | None:
+        """The type of member ``name`` of an object of ``type_name``: one of its own
+        or, for a union (QEMU's ``blockdev-add``, ``object-add``), of the variant
+        its tag's value in ``given`` names, and so on down a variant that is a
+        union too.  Below an alternate (``blockdev-add``'s ``file``), a dotted key
+        gives the value an object: its one object type's."""
+        info = self._types.get(type_name)
+        if info is not None and info.get("meta-type") == "alternate":
+            objects = [str(m["type"]) for m in info.get("members", [])
+                       if self.meta_type(str(m["type"])) == "object"]
+            type_name = objects[0] if len(objects) == 1 else type_name
+        seen: set[str] = set()
+        while type_name not in seen:  # a variant of its own: only a broken server's
+            seen.add(type_name)
+            found = self._fields(type_name).get(name)
+            if found is not None:
+                return found
+            tag = (self._types.get(type_name) or {}).get("tag")
+            case = given.get(tag) if isinstance(tag, str) else None
+            variant = self._cases(type_name).get(case) if isinstance(case, str) else None
+            if variant is None:
+                return None
+            type_name = variant
+        return None
+
+    def _fields(self, type_name: str) -> Mapping[str, str]:
+        """An object type's members' types by name (kept: a pasted line may ask
+        for them thousands of times)."""
+        fields = self._field_cache.get(type_name)
+        if fields is None:
+            fields = self._field_cache[type_name] = {
+                m.name: m.type for m in reversed(self.members(type_name))}
+        return fields
+
+    def _cases(self, type_name: str) -> Mapping[str, str]:
+        """A union's variant types by its tag's value (empty for other types)."""
+        cases = self._case_cache.get(type_name)
+        if cases is None:
+            variants = (self._types.get(type_name) or {}).get("variants", [])
+            cases = self._case_cache[type_name] = {
+                str(v["case"]): str(v["type"]) for v in reversed(variants)}
+        return cases
+
+    def hint(self, command: str, path: tuple[str, ...], given: Given = NOTHING) -> ValueHint:
         """What :mod:`migblockd.shell.syntax` needs to convert an unquoted value."""
-        type_name = self.resolve(command, path)
+        type_name = self.resolve(command, path, given)
         if type_name is None:
             return None
         json_type = self.json_type(type_name)

@@ -22,7 +22,8 @@ converted like this:
 * when the schema is known (see :class:`Hints`), an unquoted value of a member whose
   type is a string or enum stays a string (``reason=1234`` sends ``"1234"``), and an
   unquoted value of a list-typed member is split at commas
-  (``modes=normal,cpr-reboot`` sends ``["normal", "cpr-reboot"]``).
+  (``modes=normal,cpr-reboot`` sends ``["normal", "cpr-reboot"]``); a union's
+  members are known when its tag is given on the line too (:data:`Given`).
 
 Dotted keys build nested objects: ``a.b=1 a.c=2 d=3`` gives
 ``{"a": {"b": 1, "c": 2}, "d": 3}`` (qmp-shell puts ``d`` inside ``a``).
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
@@ -43,8 +44,13 @@ ValueHint = Literal["string", "list", "list-of-strings"] | None
 """What the schema says about a member: a string (or enum), a list (of strings), or
 nothing useful (``None``)."""
 
-Hints = Callable[[str, tuple[str, ...]], ValueHint]
-"""``hints(command, path)`` -> what the schema says about that argument."""
+Given = Mapping[str, Any]
+"""What a line's keys are given, as typed (not a JSON chunk's), in the objects its
+dotted keys build: where the schema finds the tag of a union, the value that says
+what its other members are."""
+
+Hints = Callable[[str, tuple[str, ...], Given], ValueHint]
+"""``hints(command, path, given)`` -> what the schema says about that argument."""
 
 
 @dataclass(frozen=True)
@@ -243,22 +249,46 @@ def _conflict(short: tuple[str, ...], long_: tuple[str, ...]) -> NoReturn:
                      f"'{_shown('.'.join(long_))}'")
 
 
+def _keyed(word: Word) -> Word:
+    """``word``, or for ``'key=some value'`` quoted as a whole, as a POSIX shell user
+    would, the word with that key."""
+    if word.key is None and "=" in word.value and word.quoted:
+        key, _, value = word.value.partition("=")
+        return Word(word.start, key=key, value=value, quoted=True)
+    return word
+
+
+def _given(words: list[Word]) -> dict[str, Any]:
+    """What the ``words`` give (:data:`Given`); a key given twice, or given a value
+    and used as a prefix too, is refused later (its first value is kept here)."""
+    tree: dict[str, Any] = {}
+    for word in words:
+        if not word.key or word.json:
+            continue
+        *parents, last = word.key.split(".")
+        node: Any = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node.setdefault(last, word.value)
+    return tree
+
+
 def build_arguments(command: str, words: list[Word], hints: Hints | None = None) -> dict[str, Any]:
     """The ``arguments`` object for ``command`` from its ``key=value`` words."""
     arguments: dict[str, Any] = {}
     placed = _Given(())
-    for given in words:
-        word = given
-        if word.key is None and "=" in word.value and word.quoted:
-            # 'key=some value' quoted as a whole, as a POSIX shell user would.
-            key, _, value = word.value.partition("=")
-            word = Word(word.start, key=key, value=value, quoted=True)
+    words = [_keyed(word) for word in words]
+    given = _given(words)  # a union's tag may come after the members it types
+    for word in words:
         if word.key is None:
             raise ParseError(f"expected key=value, got '{_shown(word.value)}'")
         if word.key == "":
             raise ParseError(f"missing key before '=' in '={_shown(word.value)}'")
         path = tuple(word.key.split("."))
-        hint = hints(command, path) if hints is not None else None
+        hint = hints(command, path, given) if hints is not None else None
         _insert(arguments, placed, path, convert_value(word, hint))
     return arguments
 

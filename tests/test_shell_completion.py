@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,7 @@ def test_help_wraps_long_summaries_under_themselves(schema: Schema) -> None:
 def test_help_for_a_command_shows_doc_arguments_types_and_optionality(schema: Schema) -> None:
     text = helptext.help_text(schema, helptext.load_docs(), "add-blocker")
     assert text is not None
-    assert "reason: str (required)" in text
+    assert "reason: string (required)" in text
     assert "modes: [MigMode] (optional)" in text
     assert "values: normal, cpr-reboot" in text
     assert "Returns:" in text
@@ -193,6 +194,23 @@ def test_help_for_a_command_shows_doc_arguments_types_and_optionality(schema: Sc
     assert text is not None
     assert "capabilities: [MigrationCapabilityStatus] (required)" in text
     assert "shape: list of (object {capability: one of: events, state: boolean})" in text
+
+
+def test_help_names_built_in_types_in_qemus_words(schema: Schema) -> None:
+    # Found by review: help wrote migblockd's own arguments as the schema spells
+    # them (reason: str, internal: bool) and those only introspection describes
+    # in QEMU's words (string, boolean), as in QEMU's QMP reference (doc_type()
+    # in its scripts/qapi/schema.py): one screen said both (owner's shape).
+    docs = helptext.load_docs()
+    names = [*schema.commands, *schema.events, *docs.types]
+    texts = [helptext.help_text(schema, docs, name) or "" for name in names]
+    spelled = re.compile(r": \[?(str|bool|int|int8|int16|int32|int64|uint8|uint16|uint32"
+                         r"|uint64|size|any)\b(?! JSON)")
+    found = [(n, m.group()) for n, t in zip(names, texts, strict=True) if (m := spelled.search(t))]
+    assert found == []
+    text = helptext.help_text(schema, docs, "add-blocker") or ""
+    assert "internal: boolean (optional)" in text
+    assert "modes: [MigMode] (optional)" in text
 
 
 def test_help_and_the_generator_render_the_same_model(schema: Schema) -> None:

@@ -200,7 +200,7 @@ def test_unknown_names_are_refused_with_a_suggestion_and_never_sent(
 def test_help_pretty_and_verbose(daemon: DaemonProcess, spawn_shell: Callable[..., Shell]) -> None:
     shell = spawn_shell(daemon.socket, "-p", "-v")
     shell.send("help add-blocker\r")
-    shell.expect("reason: str (required)")
+    shell.expect("reason: string (required)")
     shell.expect("modes: [MigMode] (optional)")
     shell.expect(PROMPT)
     shell.send("add-blocker reason=x\r")

@@ -518,7 +518,7 @@ def test_help_in_scripting_mode(daemon: DaemonProcess) -> None:
     result = shell(str(daemon.socket), "-c", "help", "-c", "help del-blocker")
     assert result.returncode == 0
     assert "add-blocker" in result.stdout
-    assert "id: str (required)" in result.stdout
+    assert "id: string (required)" in result.stdout
     bad = shell(str(daemon.socket), "-c", "help no-such-thing")
     assert bad.returncode == 1
     assert "no command, event or type 'no-such-thing'" in bad.stderr

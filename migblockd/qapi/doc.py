@@ -16,7 +16,30 @@ from types import MappingProxyType
 
 from .doccomment import Doc
 from .doctext import render
-from .schema import ArrayType, EnumType, Member, ObjectType, QAPIType, Schema
+from .schema import ArrayType, BuiltinType, EnumType, Member, ObjectType, QAPIType, Schema
+
+#: How the docs name a built-in type: by its values' JSON type, as QEMU's QMP
+#: reference does (``doc_type()`` in its scripts/qapi/schema.py), and as help
+#: describes the types only introspection knows (``str`` is ``string``).
+JSON_TYPE_WORDS = {
+    "string": "string",
+    "int": "integer",
+    "number": "number",
+    "boolean": "boolean",
+    "null": "null",
+    "object": "object",
+    "array": "array",
+    "value": "any JSON value",
+}
+
+
+def doc_spelling(typ: QAPIType) -> str:
+    """``typ`` as the docs write it: ``string``, ``[MigMode]``, ``BlockerInfo``."""
+    if isinstance(typ, BuiltinType):
+        return JSON_TYPE_WORDS[typ.json_type()]
+    if isinstance(typ, ArrayType):
+        return f"[{doc_spelling(typ.element)}]"
+    return typ.spelling()
 
 
 @dataclass(frozen=True)
@@ -32,7 +55,8 @@ class MemberDoc:
     """One argument of a command, member of event data or struct member, or
     one value of an enum (with ``type`` "").
 
-    ``type`` is the schema spelling (``str``, ``MigMode``, ``[MigMode]``), or,
+    ``type`` is the schema's spelling, built-in types in QEMU's words
+    (``string``, ``MigMode``, ``[MigMode]``: :func:`doc_spelling`), or,
     where only introspection knows the member, a description of its structure
     (``list of (one of: normal, cpr-reboot)``); ``values`` lists the allowed
     strings, with their docs, when the member is an enum or an array of an enum
@@ -145,7 +169,7 @@ def _enum_values(typ: QAPIType) -> tuple[ValueDoc, ...]:
 
 
 def _member_doc(m: Member) -> MemberDoc:
-    return MemberDoc(m.name, m.type.spelling(), m.optional, m.doc, _enum_values(m.type))
+    return MemberDoc(m.name, doc_spelling(m.type), m.optional, m.doc, _enum_values(m.type))
 
 
 def _definition(
@@ -163,7 +187,7 @@ def _definition(
         kind=kind,
         description=doc.body,
         members=members,
-        returns=returns.spelling() if returns is not None else None,
+        returns=doc_spelling(returns) if returns is not None else None,
         returns_text=ret_sec.text if ret_sec else "",
         allow_oob=allow_oob,
         sections=tuple((s.tag, s.text) for s in doc.sections if s.tag != "Returns"),

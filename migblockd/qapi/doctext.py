@@ -8,7 +8,7 @@ Layout::
         Description, indented, its line breaks kept.
 
     Arguments:
-        reason: str (required)
+        reason: string (required)
             What the argument is for.
         modes: [MigMode] (optional)
             ...

@@ -12,20 +12,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from migblockd.qapi.doc import JSON_TYPE_WORDS
 from migblockd.shell.syntax import Given, ValueHint
 
 NOTHING: Given = {}
-
-_JSON_TYPE_WORDS = {
-    "string": "string",
-    "int": "integer",
-    "number": "number",
-    "boolean": "boolean",
-    "null": "null",
-    "object": "object",
-    "array": "array",
-    "value": "any JSON value",
-}
 
 
 @dataclass(frozen=True)
@@ -274,7 +264,7 @@ class Schema:
             return "?"
         meta = info.get("meta-type")
         if meta == "builtin":
-            return _JSON_TYPE_WORDS.get(str(info.get("json-type")), str(info.get("json-type")))
+            return JSON_TYPE_WORDS.get(str(info.get("json-type")), str(info.get("json-type")))
         if meta == "enum":
             return "one of: " + ", ".join(self.enum_values(type_name) or [])
         if meta == "array":

@@ -430,6 +430,25 @@ def test_a_unions_members_are_typed_by_the_variant_its_tag_names(qemu: Path) -> 
     ]
 
 
+def test_help_wraps_what_introspection_describes_at_the_terminals_width(qemu: Path) -> None:
+    # Found by review: a type QEMU's introspection describes was one line, however
+    # long: query-block's Returns: was 885 characters, object-add's qom-type 600.
+    env = {**os.environ, "COLUMNS": "80"}
+    for command in ("query-block", "object-add"):
+        result = shell(str(qemu), "-c", f"help {command}", env=env)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert max(len(line) for line in lines) < 80
+        # Continued under itself, more deeply indented, nothing lost.
+        wide = shell(str(qemu), "-c", f"help {command}",
+                     env={**os.environ, "COLUMNS": "100000"}).stdout
+        assert result.stdout.split() == wide.split()
+        if command == "query-block":
+            returns = lines[lines.index(next(li for li in lines if li.startswith("Returns:"))):]
+            assert returns[0].startswith("Returns: list of (object {device: string")
+            assert returns[1].startswith("    ") and returns[1][4] != " "
+
+
 def test_device_add_takes_its_devices_properties_as_qemu_does(tmp_path: Path) -> None:
     # Found by review: device_add's introspection lists driver, bus and id only,
     # and the shell refused every property of the device (`unknown argument

@@ -121,13 +121,31 @@ def definition(schema: Schema, docs: SchemaDocs, name: str) -> DefinitionDoc | N
     return docs.types.get(name)
 
 
-def help_text(schema: Schema, docs: SchemaDocs, name: str) -> str | None:
-    """The help screen of ``name``; ``None`` when there is nothing by that name."""
+def help_text(
+    schema: Schema, docs: SchemaDocs, name: str, columns: int | None = None
+) -> str | None:
+    """The help screen of ``name``; ``None`` when there is nothing by that name.
+    Lines longer than the terminal (``columns``, by default its width) are wrapped
+    under themselves: a type only introspection describes is one line, however
+    long (QEMU's query-block returns one of 900 characters)."""
     if name in schema.forwarded:
         return (f"{name} (command, forwarded to QEMU)\n    {FORWARDED}\n    migblockd's "
                 "schema does not describe it, so the shell sends it unchecked.")
     doc = definition(schema, docs, name)
-    return None if doc is None else doc.text
+    if doc is None:
+        return None
+    if columns is None:
+        columns = shutil.get_terminal_size((100, 24)).columns
+    width = max(columns - 1, 40)
+    lines: list[str] = []
+    for line in doc.text.splitlines():
+        if len(line) <= width:
+            lines.append(line)
+            continue
+        indent = " " * (len(line) - len(line.lstrip()) + 4)
+        lines += textwrap.wrap(line, width, subsequent_indent=indent,
+                               break_long_words=False, break_on_hyphens=False)
+    return "\n".join(lines)
 
 
 def unknown_command(schema: Schema, name: str) -> str:

@@ -430,6 +430,29 @@ def test_a_unions_members_are_typed_by_the_variant_its_tag_names(qemu: Path) -> 
     ]
 
 
+def test_an_alternate_whose_only_scalar_is_a_string_takes_a_bare_value_as_one(
+    qemu: Path,
+) -> None:
+    # Found by review: blockdev-add's file is a BlockdevRef, an object or a node's
+    # name, and file=1234 went as an integer, which QEMU refuses ("Invalid parameter
+    # type for 'file', expected: BlockdevRef").  backing may also be null: it is
+    # still read by the plain rules.
+    result = shell(
+        str(qemu), "-v",
+        "-c", "blockdev-add driver=raw node-name=r2 file=1234",
+        "-c", "blockdev-add driver=qcow2 node-name=q2 file=f0 backing=null",
+    )  # fmt: skip
+    sent = [json.loads(line)["arguments"] for line in result.stderr.splitlines()]
+    assert sent == [
+        {"driver": "raw", "node-name": "r2", "file": "1234"},
+        {"driver": "qcow2", "node-name": "q2", "file": "f0", "backing": None},
+    ]
+    assert [r["error"]["desc"] for r in replies(result.stdout)] == [
+        "Cannot find device='1234' nor node-name='1234'",
+        "Cannot find device='f0' nor node-name='f0'",
+    ]
+
+
 def test_help_wraps_what_introspection_describes_at_the_terminals_width(qemu: Path) -> None:
     # Found by review: a type QEMU's introspection describes was one line, however
     # long: query-block's Returns: was 885 characters, object-add's qom-type 600.

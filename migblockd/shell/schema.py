@@ -255,6 +255,14 @@ class Schema:
             if element is not None and self.json_type(element) == "string":
                 return "list-of-strings"
             return "list"
+        if self.meta_type(type_name) == "alternate":
+            # A bare value is no object: when a string is the only scalar branch
+            # (blockdev-add's file: a node's name), it is one.
+            info = self._types[type_name]
+            scalars = [self.json_type(str(m["type"])) for m in info.get("members", [])
+                       if self.json_type(str(m["type"])) != "object"]
+            if scalars and all(t == "string" for t in scalars):
+                return "string"
         return None
 
     def describe(self, type_name: str, depth: int = 0) -> str:

@@ -26,6 +26,10 @@ matches case-sensitively), nor with ``channels`` that use the ``exec`` or
 ``file`` transport or that it cannot judge (a channel that is not an object
 with a string ``addr.transport``).  The rule applies with or without ``--qemu``.
 
+What counts against whom, and the quotas' refusals and warnings, are
+:mod:`migblockd.quota_rules`'s (a base class of :class:`Guard`); their lines are
+worded and logged here too.
+
 Cost per request, once a connection's role is known: one dict look-up for the
 command's rule and an integer comparison; ``add-blocker`` adds a look-up of
 ``internal`` and three comparisons (reason length, total count, the uid's count, each O(1)), a
@@ -47,6 +51,7 @@ from migblockd.connection import Connection
 from migblockd.logs import about, shown
 from migblockd.logs.throttle import Throttle
 from migblockd.qmp.errors import QMPError
+from migblockd.quota_rules import OverQuota, QuotaRules
 from migblockd.registry import Owner, Registry
 from migblockd.resolver import Resolver, clear_caches, user_name, who
 
@@ -84,10 +89,6 @@ class AccessDenied(QMPError):
     """The client's role does not allow this command (or this blocker)."""
 
 
-class OverQuota(QMPError):
-    """An ``add-blocker`` past a quota or a limit (count, per-uid count, reason length)."""
-
-
 class NotOwner(AccessDenied):
     """A ``del-blocker`` of a blocker another uid added (judged, like a quota, by
     what the registry holds)."""
@@ -98,14 +99,6 @@ def refusal_kind(name: str, refusal: type[BaseException]) -> tuple[str, str, str
     refused it (:class:`NotOwner`, :class:`OverQuota`, ``DuplicateId``...).  Both are
     the code's (a command of the table), so there are few kinds."""
     return ("refused", name, refusal.__name__)
-
-
-#: The uids a line about quotas names; it counts the others.
-_NAMED = 5
-
-
-def _count(n: int) -> str:
-    return f"{n} blocker" if n == 1 else f"{n} blockers"
 
 
 def whose(owner: Owner | None) -> str:
@@ -142,7 +135,7 @@ def policy_warnings(resolver: Resolver) -> list[str]:
     return lines
 
 
-class Guard:
+class Guard(QuotaRules):
     """The access policy and the quotas, applied to the requests of one daemon.
 
     ``commands`` are the names of the schema's commands (their rules are
@@ -196,73 +189,9 @@ class Guard:
         return {uid for uid in self.registry.owners()
                 if uid is not None and user_name(uid) != known.get(uid)}, list(changes)
 
-    def _share_counts(self) -> None:
-        # A user can setuid() to any of their subordinate uids in a user namespace
-        # of their own: what those hold is the user's, for the quotas.
-        resolver = self.resolver
-
-        # Decided once per uid until the next reload: a blocker's removal must find
-        # it counted where its addition counted it (a look-up that failed once
-        # would answer otherwise the next time).
-        decided: dict[int, int | None] = {}
-
-        def shared_with(uid: int) -> int | None:
-            if uid not in decided:
-                # Not an admin's: what an admin holds counts against nobody.
-                owner = resolver.owner_of(uid)
-                decided[uid] = (None if owner is None or resolver.role(uid) is Role.ADMIN
-                                else owner)
-            return decided[uid]
-
-        self.registry.share_counts(shared_with if resolver.has_subordinates else None)
-
-    def counted_uid(self, owner: Owner | None) -> int | None:
-        """The uid whose per-uid limits ``owner``'s connections and blockers count
-        against: the user a subordinate uid belongs to, else its own."""
-        return None if owner is None else self._user_of(owner.uid)
-
-    def _user_of(self, uid: int) -> int:
-        user = self.resolver.owner_of(uid) if self.resolver.has_subordinates else None
-        return uid if user is None else user
-
     def _warn_about_policy(self) -> None:
         for line in policy_warnings(self.resolver):
             log.warning("%s", line)
-
-    def _warn_about_quotas(self) -> None:
-        for line in self.over_quotas():
-            log.warning("%s", line)
-
-    def over_quotas(self) -> list[str]:
-        """What the registry holds past the quotas (restored, or kept when a reload
-        lowered them): nothing is removed, but the adds they count are refused until
-        enough are deleted, which the operator should hear of before a refusal."""
-        quotas, registry = self.quotas, self.registry
-        lines = []
-        total = len(registry)
-        if total > quotas.max_blockers:
-            lines.append(f"{_count(total)} registered, more than max-blockers="
-                         f"{quotas.max_blockers}: adds are refused until "
-                         f"{total - quotas.max_blockers + 1} are deleted")
-        limit = quotas.max_blockers_per_uid
-        users = {None if uid is None else self._user_of(uid) for uid in registry.owners()}
-        over = sorted(((registry.count_held(user), user) for user in users
-                       if self.resolver.role(user) < Role.ADMIN
-                       and registry.count_held(user) > limit),
-                      key=lambda held: (-held[0], -1 if held[1] is None else held[1]))
-        if len(over) == 1:
-            held, user = over[0]
-            whose = (f"{who(user)} and its subordinate uids hold"
-                     if held != registry.count_owned(user) else f"{who(user)} holds")
-            lines.append(f"{whose} {_count(held)}, more than max-blockers-per-uid={limit}: "
-                         f"its adds are refused until {held - limit + 1} are deleted")
-        elif over:
-            shown_ = ", ".join(f"{who(user)} {held}" for held, user in over[:_NAMED])
-            more = f" and {len(over) - _NAMED} more" if len(over) > _NAMED else ""
-            lines.append(f"{len(over)} uids hold more than max-blockers-per-uid={limit} "
-                         f"blockers ({shown_}{more}): their adds are refused until they "
-                         "delete enough")
-        return lines
 
     def role_of(self, conn: Connection) -> Role:
         role = conn.role
@@ -306,36 +235,7 @@ class Guard:
                          f"Permission denied: add-blocker with internal: true needs role "
                          f"{Role.OPERATOR} (it is exempt from --only-migratable), but "
                          f"{self._who(conn)} has role {role}", AccessDenied, args)
-        quotas = self.quotas
-        length = len(args["reason"])
-        if length > quotas.max_reason_length:
-            self._refuse(conn, "add-blocker",
-                         f"Parameter 'reason' is too long: {length} characters, "
-                         f"max-reason-length is {quotas.max_reason_length}", OverQuota, args)
-        registry = self.registry
-        total = len(registry)
-        if total >= quotas.max_blockers:
-            self._refuse(conn, "add-blocker",
-                         f"Too many migration blockers: {total} registered, "
-                         f"max-blockers is {quotas.max_blockers}", OverQuota, args)
-        if role < Role.ADMIN:
-            owner = conn.owner
-            uid = None if owner is None else owner.uid
-            user = self.counted_uid(owner)
-            owned = registry.count_held(user)
-            if user != uid and self.resolver.role(user) is Role.ADMIN:
-                # An admin's own blockers are exempt, and must not use up the quota
-                # of its subordinate uids (root's are every rootful container's).
-                owned -= registry.count_owned(user)
-            if owned >= quotas.max_blockers_per_uid:
-                if user == uid and owned == registry.count_owned(uid):
-                    whom = f"{who(uid)}: it owns"
-                else:
-                    whom = f"{who(user)} and its subordinate uids: they own"
-                self._refuse(conn, "add-blocker",
-                             f"Too many migration blockers for {whom} {owned}, "
-                             f"max-blockers-per-uid is {quotas.max_blockers_per_uid}",
-                             OverQuota, args)
+        self._check_quotas(conn, role, args)
 
     def _check_del(self, conn: Connection, role: Role, args: Args) -> None:
         if role >= Role.ADMIN:

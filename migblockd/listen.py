@@ -22,8 +22,9 @@ Three rules keep the socket the daemon's own:
 And a client that sees the socket finds it listening: it is bound by a staging name
 beside its own (``.NAME.binding``), given its group and ACL, made to listen, and only
 then linked to its name, so that a script that waits for the file and connects is
-never refused.  Where no staging name fits (AF_UNIX's length) or no hard link can be
-made, it is bound by its own name, and listens a moment after its file appears.
+never refused.  Where no staging name fits (AF_UNIX's length), something answers on it
+(another daemon's socket), or no hard link can be made, it is bound by its own name, and
+listens a moment after its file appears.
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ def _staging(path: Path) -> Path | None:
     it cannot be one (longer than AF_UNIX allows, or in the way): then it is bound by
     ``path`` itself, and listens a moment after its file appears.  The lock on
     ``path`` makes it one daemon's: one left by a daemon killed while it bound its
-    socket is removed."""
+    socket is removed, but not one something answers on (another daemon's
+    ``--socket`` or ``--metrics`` may be that name: it is no staging name then)."""
     staging = path.with_name(f".{path.name}.binding")
     if len(os.fsencode(staging)) > UNIX_PATH_MAX:
         return None
@@ -243,6 +245,8 @@ def _staging(path: Path) -> Path | None:
     except FileNotFoundError:
         return staging
     except OSError:
+        return None
+    if _answers(staging):
         return None
     return staging if _drop_staging(staging) else None
 

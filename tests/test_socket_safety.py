@@ -438,6 +438,24 @@ def test_a_staging_socket_left_by_a_killed_daemon_is_removed(tmp_path: Path) -> 
     assert staging.read_text() == "not mine"
 
 
+def test_a_live_socket_at_the_staging_name_is_not_taken(tmp_path: Path) -> None:
+    # Found by review: a daemon whose --socket (or --metrics) is another's staging
+    # name had its live socket unlinked by the other's start, and lost its clients.
+    staging = tmp_path / ".migblockd.sock.binding"
+    first = spawn_daemon(tmp_path, "--ephemeral", socket=staging)
+    second = spawn_daemon(tmp_path, "--ephemeral")
+    try:
+        for path in (staging, second.socket):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(30)
+            probe.connect(str(path))  # the first: FileNotFoundError before the fix
+            assert probe.recv(4096).startswith(b'{"QMP"')
+            probe.close()
+    finally:
+        assert second.stop() == 0
+        assert first.stop() == 0
+
+
 def test_the_refusal_names_the_live_daemon(start_daemon: Callable[..., DaemonProcess]) -> None:
     live = start_daemon()
     second = start_daemon(wait=False)

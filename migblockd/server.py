@@ -289,13 +289,14 @@ class Server(Turns):
         kept_in = None if self.config.ephemeral else self.config.state_dir
         where = None if kept_in is None or fresh.ephemeral or fresh.state_dir != kept_in \
             else kept_in.absolute() / DATABASE_NAME
-        keys = reload.restart_only
-        if not keys:
-            if where is None:
-                return
+        keys = list(reload.restart_only)
+        if where is not None and "schema" not in keys:
             # The schema's files may have been edited in place, which changes no
-            # setting: the next start loads them as they are now.
-            keys = ["schema"]
+            # setting: the next start loads them as they are now (and one it cannot
+            # load is said as such, not met below as a bug).
+            keys.append("schema")
+        if not keys:
+            return
         # Not applied now, so not seen now: said before a restart finds out.  On a
         # thread: resolving a metrics host name may wait for DNS, reading a schema
         # on a network file system for the server; one that never returns must

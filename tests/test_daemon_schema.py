@@ -495,3 +495,25 @@ async def test_a_reload_says_a_schema_edited_in_place_would_stop_the_start(
                            capture_output=True, text=True, timeout=30)
     assert again.returncode == 1
     assert again.stderr.rstrip("\n").endswith(f"ERROR: {refusal}"), again.stderr
+
+
+async def test_a_reload_that_changed_another_restart_only_setting_says_a_broken_schema(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # Found by review: with a restart-only setting changed (not the schema) and the
+    # schema's files broken in place, the look ahead loaded the schema outside its
+    # checks: a traceback ("checking whether the next start would fail ... failed")
+    # instead of the warning.
+    root, migration = schema_edited(tmp_path, lambda text: text)
+    config = tmp_path / "m.toml"
+    config.write_text(f'log-level = "info"\nschema = "{root}"\nsocket-mode = "0600"\n')
+    d = start_daemon("--config", str(config), "--state-dir", str(tmp_path / "kept"))
+    migration.write_text(migration.read_text(encoding="utf-8") + "{ garbage\n",
+                         encoding="utf-8")
+    config.write_text(config.read_text().replace('"0600"', '"0660"'))
+    d.signal(signal.SIGHUP)
+    d.wait_for_log("WARNING: reload: with the schema as its files are now, the next start "
+                   f"would fail: bad schema: {migration}:")
+    assert "Traceback" not in d.log()
+    assert "checking whether the next start would fail" not in d.log()
+    assert d.stop() == 0

@@ -130,7 +130,9 @@ def _unquoted(line: str) -> str:
     try:
         tomllib.loads(f"v = {found.group(2)}")
     except tomllib.TOMLDecodeError:
-        return f'; a string goes in quotes: {found.group(1)} = "{found.group(2)}"'
+        # Cut as the line shown before it is: a file may hold a line of 1 MiB.
+        hint = f'{found.group(1)} = "{found.group(2)}"'
+        return f"; a string goes in quotes: {hint if len(hint) <= 80 else hint[:77] + '...'}"
     return ""
 
 

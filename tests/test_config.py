@@ -91,6 +91,9 @@ def test_bad_file(tmp_path: Path, text: str, message: str) -> None:
         ("socket-mode = 0660  # rw\n", "Expected newline or end of document after a statement "
          "(at line 1, column 16): 'socket-mode = 0660  # rw'; a string goes in quotes: "
          'socket-mode = "0660"'),
+        # Found by review: the hint repeated a line of any length (300 kB of log line).
+        ("log-level = " + "d" * 300_000 + "\n", "Invalid value (at line 1, column 13): "
+         f"'log-level = {'d' * 65}...'; a string goes in quotes: log-level = \"{'d' * 64}..."),
         # The last line without a newline: tomllib says only "at end of document".
         ('log-level = "info"\nlog-level = "debug"',
          "Cannot overwrite a value (at end of document, line 2): 'log-level = \"debug\"': a "

@@ -181,12 +181,15 @@ def _start_hint(path: str) -> str:
 def _others_hint(path: str) -> str:
     """The sockets beside a missing ``path``: with one daemon per VM (the template
     units' ``/run/migblockd/vm1.sock``) there may be no daemon at the default path,
-    and "No such file or directory" alone does not say where the daemons are."""
+    and "No such file or directory" alone does not say where the daemons are.  Not
+    a daemon's staging name (``.NAME.binding``, :mod:`migblockd.listen`): one starting
+    links it to NAME in a moment, one killed meanwhile left it, and nobody answers."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         with os.scandir(directory) as entries:
             names = sorted(e.name for e in entries
-                           if stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode))
+                           if stat.S_ISSOCK(e.stat(follow_symlinks=False).st_mode)
+                           and not (e.name.startswith(".") and e.name.endswith(".binding")))
     except OSError:
         return ""
     if not names:

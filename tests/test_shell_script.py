@@ -604,6 +604,19 @@ def test_a_missing_socket_beside_others_names_them(short_tmp: Path) -> None:
         f"directory (sockets in {short_tmp}: vm1.sock, vm2.sock; give one's path)\n"))
 
 
+def test_a_staging_socket_is_not_named_as_a_daemons(short_tmp: Path) -> None:
+    # Found by review: a daemon killed between binding its socket by its staging name
+    # and linking it to its own left .NAME.binding, which the shell offered as a
+    # socket to give (nobody answers there; during a start it is NAME in a moment).
+    left = socket.socket(socket.AF_UNIX)
+    left.bind(str(short_tmp / ".migblockd.sock.binding"))
+    left.close()
+    result = shell(str(short_tmp / "migblockd.sock"), "-c", "query-version")
+    assert (result.returncode, result.stderr) == (2, (
+        f"migblock-shell: cannot connect to {short_tmp}/migblockd.sock: No such file or "
+        "directory\n"))
+
+
 def test_default_socket_comes_from_the_environment(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "XDG_RUNTIME_DIR": str(tmp_path)}
     argv = [*SHELL, "-c", "query-version"]

@@ -313,7 +313,8 @@ def _target(name: str, args: Args) -> str:
     """What a refused command was aimed at, for its log line: a migrate's URI and its
     channels, those given; the blocker id of an add-blocker or del-blocker; the
     parameters or capabilities a migrate-set-* asked for; a human-monitor-command's
-    command line (shown, bounded: clients choose them); nothing for other commands."""
+    HMP command, without its arguments; nothing for other commands.  Shown and
+    bounded: clients choose them."""
     blocker_id = _blocker_id(name, args)
     if blocker_id is not None:
         return f" of {shown(blocker_id)}"
@@ -321,8 +322,12 @@ def _target(name: str, args: Args) -> str:
         return f" with {shown(args)}"  # checked against the schema: a few numbers
     if name == "migrate-set-capabilities" and "capabilities" in args:
         return f" with {shown(args['capabilities'])}"
-    if name == "human-monitor-command" and "command-line" in args:
-        return f" with command-line {shown(args['command-line'])}"
+    if name == "human-monitor-command" and isinstance(args.get("command-line"), str):
+        # Its name only: HMP takes passwords and keys as arguments (set_password,
+        # object_add secret,data=...), which must not reach the journal.
+        words = args["command-line"].split(maxsplit=1)
+        rest = " (its arguments not logged, as they may hold secrets)" if len(words) > 1 else ""
+        return f" {shown(words[0]) if words else repr('')}{rest}"
     if name != "migrate":
         return ""
     uri, channels = args.get("uri"), args.get("channels")

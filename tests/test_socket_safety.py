@@ -69,7 +69,10 @@ def test_a_directory_owned_by_another_user_is_refused(
     os.chown(directory, NOBODY, NOBODY)
     log = refused(start_daemon, directory / "migblockd.sock")
     assert (f"refusing to serve from {directory}: socket directory {directory} is owned by "
-            f"uid {NOBODY} (nobody), not by this user (uid 0) or root") in log, log
+            f"uid {NOBODY} (nobody), not by this user (uid 0) or root, so its owner could "
+            "replace the socket; choose another --socket") in log, log
+    # Found by review: "chown it", as for a state directory, is no advice for what may
+    # be a user's home.
     # Root's --check-config cannot tell whether the daemon will run as root or as
     # that user (the units' User=): it calls the settings valid, and says what it
     # left to the start.  Before, it said nothing of it, and a start as root failed.

@@ -266,7 +266,7 @@ def _check_trusted(directory: Path, place: Path, kind: str, *,
                    to_be_made: bool = False, owner: int | None = None) -> None:
     try:
         why = refusal(place, kind=kind, asset="the database", option="--state-dir",
-                      to_be_made=to_be_made, owner=owner)
+                      to_be_made=to_be_made, owner=owner, mendable=place == directory)
     except OSError as e:
         raise StateError(f"cannot check state directory {directory}: "
                          f"{e.filename}: {e.strerror}; {search_fix(e, '--state-dir')}") from None

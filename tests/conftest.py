@@ -229,6 +229,15 @@ def quick_shell(bound: float) -> list[str]:
             f"opening.GREETING_TIMEOUT = {bound}; from migblockd.shell.main import main; main()"]
 
 
+def assert_start_refused(config: Path, state: Path, sock: Path, refusal: str) -> None:
+    """A start with ``config`` and ``state`` (on ``sock``) exits 1, its last line ``refusal``."""
+    again = subprocess.run([sys.executable, "-m", "migblockd", "--config", str(config),
+                            "--state-dir", str(state), "--socket", str(sock)],
+                           capture_output=True, text=True, timeout=30)
+    assert again.returncode == 1
+    assert again.stderr.rstrip("\n").endswith(f"ERROR: {refusal}"), again.stderr
+
+
 def assert_clean_log(daemon: DaemonProcess) -> None:
     """No Python traceback (or uncaught-exception report) anywhere in the daemon's log."""
     log = daemon.log()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, DaemonProcess, assert_clean_log, wait_ready
+from conftest import ROOT, DaemonProcess, assert_clean_log, assert_start_refused, wait_ready
 from faults import opened, stopped_at_open
 from otheruids import NUMBER_NAMED_GROUP, Account
 from realqemu import wait_until
@@ -1668,11 +1668,7 @@ async def test_a_reload_says_when_only_migratable_would_refuse_a_stored_blocker(
     assert d.log().count("the next start would fail") == 1
     assert d.stop() == 0
     # What the restart says, word for word.
-    again = subprocess.run([sys.executable, "-m", "migblockd", "--config", str(path),
-                            "--state-dir", str(state), "--socket", str(tmp_path / "2.sock")],
-                           capture_output=True, text=True, timeout=30)
-    assert again.returncode == 1
-    assert again.stderr.rstrip("\n").endswith(f"ERROR: {refusal}"), again.stderr
+    assert_start_refused(path, state, tmp_path / "2.sock", refusal)
 
 
 async def test_a_reload_says_a_qemu_that_is_its_own_socket_would_fail(

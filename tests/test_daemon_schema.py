@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess
+from conftest import DaemonProcess, assert_start_refused
 from qemu_strings import DEFAULT_PARAMETERS, GENERIC
 
 from migblockd.contract import schema_dir
@@ -457,11 +457,7 @@ async def test_a_reload_says_a_schema_without_a_stored_mode_would_stop_the_start
                        f"would fail: {refusal}\n")
     assert d.log().count("the next start would fail") == 1
     assert d.stop() == 0
-    again = subprocess.run([sys.executable, "-m", "migblockd", "--config", str(config),
-                            "--state-dir", str(state), "--socket", str(tmp_path / "2.sock")],
-                           capture_output=True, text=True, timeout=30)
-    assert again.returncode == 1
-    assert again.stderr.rstrip("\n").endswith(f"ERROR: {refusal}"), again.stderr
+    assert_start_refused(config, state, tmp_path / "2.sock", refusal)
 
 
 async def test_a_reload_says_a_schema_edited_in_place_would_stop_the_start(
@@ -490,11 +486,7 @@ async def test_a_reload_says_a_schema_edited_in_place_would_stop_the_start(
         await c.ok("query-version")  # still serving the schema it started with
     assert d.log().count("the next start would fail") == 1
     assert d.stop() == 0
-    again = subprocess.run([sys.executable, "-m", "migblockd", "--config", str(config),
-                            "--state-dir", str(state), "--socket", str(tmp_path / "2.sock")],
-                           capture_output=True, text=True, timeout=30)
-    assert again.returncode == 1
-    assert again.stderr.rstrip("\n").endswith(f"ERROR: {refusal}"), again.stderr
+    assert_start_refused(config, state, tmp_path / "2.sock", refusal)
 
 
 async def test_a_reload_that_changed_another_restart_only_setting_says_a_broken_schema(

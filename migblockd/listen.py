@@ -41,6 +41,7 @@ from pathlib import Path
 from migblockd.acl import mode_only
 from migblockd.bindable import cannot_bind, lock_socket
 from migblockd.pidlock import PidLock
+from migblockd.resolver import group_name, who
 from migblockd.socketdir import (
     check_socket_directory,
     make_socket_dir,
@@ -52,7 +53,7 @@ from migblockd.startup import StartupError
 from migblockd.writable import attribute_fix
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "bind_claimed",
-           "bind_socket", "check_socket_path", "claim_socket",
+           "bind_socket", "check_socket_path", "claim_socket", "file_access",
            "stale_socket", "unbind"]
 
 log = logging.getLogger("migblockd")
@@ -154,6 +155,23 @@ def unbind(path: Path, inode: int) -> None:
         fix = attribute_fix(path.parent, None) if exc.errno == errno.EPERM else None
         log.error("cannot remove the socket %s: %s%s", path, exc.strerror,
                   f"; {fix}" if fix else "")
+
+
+def file_access(path: Path) -> str:
+    """Who may connect to the socket file at ``path``, for the log: `` (mode 0660,
+    owner root, group migblockd)``, or why that is unknown.  For a socket systemd
+    passed, whose mode and group its socket unit set (``SocketMode=``,
+    ``SocketGroup=``), not the daemon's options: the operator asking why a user
+    is refused reads them here."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f" (its file cannot be examined: {exc.strerror})"
+    if not stat.S_ISSOCK(st.st_mode):
+        return " (no socket file is at that path now)"
+    group = group_name(st.st_gid)
+    return (f" (mode {stat.S_IMODE(st.st_mode):04o}, owner {who(st.st_uid)}, "
+            f"group {st.st_gid if group is None else group})")
 
 
 def check_socket_path(path: Path, option: str = "--socket") -> None:

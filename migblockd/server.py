@@ -36,7 +36,7 @@ from migblockd.detached import NoThread, detached
 from migblockd.disk import DiskThread
 from migblockd.drain import drain
 from migblockd.ledger import Group
-from migblockd.listen import Claim, bind_claimed, unbind
+from migblockd.listen import Claim, bind_claimed, file_access, unbind
 from migblockd.notify import Notifier
 from migblockd.persistence import only_migratable_refusal, schema_refusal
 from migblockd.pidlock import PidLock
@@ -126,8 +126,9 @@ class Server(Turns):
         see serve()."""
         group = self.config.socket_group
         if sock is not None:
-            log.info("socket activation: serving the passed socket %s", passed_name(sock))
             self.passed = passed_path(sock)
+            log.info("socket activation: serving the passed socket %s%s", passed_name(sock),
+                     "" if self.passed is None else file_access(self.passed))
             for note in ignored(self.config, socket_passed=True):
                 log.info("%s", note)
         else:

@@ -9,9 +9,11 @@ The test is the receiver of NOTIFY_SOCKET, an asyncio-dgram endpoint.
 from __future__ import annotations
 
 import asyncio
+import grp
 import itertools
 import json
 import os
+import pwd
 import shutil
 import signal
 import stat
@@ -160,7 +162,13 @@ async def test_daemon_under_systemd_socket_activate(
         assert ready_at[0] < receiver.timeline.index("greeting"), receiver.timeline
         ready = await receiver.expect(lambda f: f.get("READY") == "1", "READY=1")
         assert "STATUS" in ready
-        await wait_stderr("passed socket")
+        # Its mode, owner and group are the socket unit's, not the options': the log
+        # says what they are, for whoever asks why a user is refused.
+        st = os.stat(sock_path)
+        await wait_stderr(
+            f"socket activation: serving the passed socket {sock_path} (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid} "
+            f"({pwd.getpwuid(st.st_uid).pw_name}), group {grp.getgrgid(st.st_gid).gr_name})\n")
 
         # -- STATUS= follows the registry and the clients ---------------------------
         await client.ok("qmp_capabilities")

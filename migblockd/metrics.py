@@ -92,12 +92,15 @@ class DaemonCollector(Collector):
                 "migblockd_qemu_connected",
                 "1 while migblockd is connected to the gated QEMU's monitor, else 0",
                 value=1 if self.core.handlers.qemu.connected else 0)
-            # Connected says nothing of a stopped QEMU, whose commands all time out.
+            # Connected says nothing of a stopped QEMU, whose commands all time out;
+            # nor does not connected of one that accepted the connection and is silent
+            # (another client holds its monitor), whose adds are refused as busy.
             yield GaugeMetricFamily(
                 "migblockd_qemu_unresponsive",
                 "1 while the gated QEMU has answered no command since one timed out "
-                "(qemu-timeout), else 0",
-                value=1 if self.core.handlers.qemu.silent else 0)
+                "(qemu-timeout), or has not greeted or answered within 5 s of accepting "
+                "migblockd's connection, else 0",
+                value=1 if self.core.handlers.qemu.unresponsive else 0)
 
     # -- what is true now ------------------------------------------------------------
     def _state(self) -> Iterator[Metric]:

@@ -144,6 +144,9 @@ class QemuFacts:
     #: Whether QEMU accepted the connection and the link's set-up waits for it (its
     #: greeting, or its first answers: a busy main loop) (the link's).
     greeting_awaited: Callable[[], bool] = _never
+    #: Whether that set-up has waited for QEMU long enough for the log to say so
+    #: (GREETING_NOTICE): QEMU is there and silent (the link's).
+    set_up_late: Callable[[], bool] = _never
     #: Whether a command forwarded on this connection timed out and QEMU has
     #: answered none since (the link's: it logs when that starts and ends).
     timed_out: Callable[[], bool] = _never
@@ -157,6 +160,12 @@ class QemuFacts:
     def silent(self) -> bool:
         """QEMU is connected but answers nothing (stopped, wedged)."""
         return self.connected and self.timed_out()
+
+    @property
+    def unresponsive(self) -> bool:
+        """QEMU is there and answers nothing: connected and silent, or it accepted the
+        connection and has not greeted or answered its set-up in GREETING_NOTICE."""
+        return self.silent or self.set_up_late()
 
     @property
     def present(self) -> bool:

@@ -581,6 +581,34 @@ async def test_gate_qemus_blockers_link_and_migration_outcomes(
     assert d.stop() == 0
 
 
+async def test_a_qemu_there_that_never_greets_is_unresponsive(
+        start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path) -> None:
+    """Reported: a QEMU that accepts migblockd's connection and never greets (another
+    client holds its monitor, which QEMU serves one at a time; or it is stopped) gets
+    every add-blocker refused as busy, yet its metrics read as those of a QEMU that is
+    not running, where blockers are added: connected 0 and unresponsive 0."""
+    endpoint = short_tmp / "metrics.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as holder:
+        holder.settimeout(10)
+        holder.connect(str(qemu.gate_socket))
+        assert holder.recv(4096).startswith(b'{"QMP"')  # greeted: it holds the monitor
+        d = start_daemon("--qemu", str(qemu.gate_socket), "--metrics", str(endpoint),
+                         "--ephemeral")
+        d.wait_for_log("accepted the connection but has not greeted after")
+        metrics = scrape(endpoint)
+        assert metrics.value("migblockd_qemu_connected") == 0
+        assert metrics.value("migblockd_qemu_unresponsive") == 1
+        async with d.client() as c:
+            reply = await c.execute("add-blocker", {"reason": "r"})
+        assert reply["error"]["desc"] == (
+            "disallowing migration blocker (migration/snapshot in progress) for: r")
+    # Let go: QEMU greets migblockd's connection, waiting in its backlog.
+    await wait_until(lambda: scrape(endpoint).value("migblockd_qemu_connected") == 1,
+                     "migblockd connected to QEMU")
+    assert scrape(endpoint).value("migblockd_qemu_unresponsive") == 0
+    assert d.stop() == 0
+
+
 def test_stopping_is_not_held_up_by_an_idle_scraper(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
     endpoint = short_tmp / "metrics.sock"

@@ -105,6 +105,7 @@ class Bridge(EventsCapability):
                              on_gone=self._lost.gone, on_silent=self._silent,
                              timeout=timeout)
         self.facts.greeting_awaited = lambda: self.link.awaiting_greeting
+        self.facts.set_up_late = lambda: self.link.awaiting_greeting and self.link.late
         self.facts.timed_out = lambda: self.link.silent is not None
         self._core: Core | None = None
         self._wake: Callable[[], None] = lambda: None

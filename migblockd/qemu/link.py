@@ -100,6 +100,9 @@ class QemuLink(Reconnecting):
         self.awaiting_greeting = False
         #: QEMU has greeted on the connection being set up.
         self.greeted = False
+        #: The connection being set up has waited GREETING_NOTICE for QEMU (its
+        #: greeting, or its first answers), which the log warned of.
+        self.late = False
         self._reason = "not connected yet"
         self._logged_reason: str | None = None
         self._info: QemuInfo | None = None

@@ -167,6 +167,7 @@ class Reconnecting:
     _state: LinkState
     awaiting_greeting: bool
     greeted: bool
+    late: bool
     _reason: str
     _logged_reason: str | None
     _info: QemuInfo | None
@@ -200,6 +201,7 @@ class Reconnecting:
 
     async def _connect(self) -> QemuInfo:
         loop = asyncio.get_running_loop()
+        self.late = False
         notice = loop.call_later(self._greeting_notice, self._greeting_late)
         try:
             await self._client.connect(str(self.path))
@@ -245,6 +247,7 @@ class Reconnecting:
 
 
     def _greeting_late(self) -> None:
+        self.late = True
         if self.greeted:
             self._reason = NOT_ANSWERING
             log.warning("QEMU at %s greeted but has not answered qmp_capabilities after %g s "
@@ -257,13 +260,14 @@ class Reconnecting:
                     "(%s); still waiting", self.path, self._greeting_notice, ANOTHER_CLIENT)
 
     def _schema_late(self) -> None:
+        self.late = True
         self._reason = SCHEMA_UNANSWERED
         log.warning("QEMU at %s has not answered query-qmp-schema after %g s (its main loop "
                     "is busy or stopped); still waiting", self.path, self._greeting_notice)
 
     def _set_up(self, info: QemuInfo) -> None:
         self._state, self._info, self._reason = "connected", info, "connected"
-        self.awaiting_greeting = self.greeted = False
+        self.awaiting_greeting = self.greeted = self.late = False
         self._logged_reason = None
         # A command the last connection left unanswered says nothing of this one
         # (a new QEMU, often): its first timeout is a warning, its answers no return.
@@ -275,7 +279,7 @@ class Reconnecting:
     def _set_down(self, reason: str, *, lost: bool, misconfigured: bool = False) -> None:
         changed = self._state != "disconnected"
         self._state, self._info, self._reason = "disconnected", None, reason
-        self.awaiting_greeting = self.greeted = False
+        self.awaiting_greeting = self.greeted = self.late = False
         if lost:
             log.warning("lost the connection to QEMU at %s: %s; reconnecting", self.path, reason)
         elif reason != self._logged_reason:

@@ -38,7 +38,7 @@ from migblockd.pidlock import PidLock
 from migblockd.preflight import not_the_qmp_socket
 from migblockd.scrape_connections import ScrapeServer
 from migblockd.startup import StartupError
-from migblockd.tcp import cannot_listen, resolve_tcp
+from migblockd.tcp import cannot_listen, resolve_all
 
 __all__ = ["MIN_INTERVAL", "STOP_WAIT", "MetricsApp", "MetricsServer", "gzip_wanted"]
 
@@ -52,9 +52,12 @@ class MetricsServer:
     """The endpoint, serving ``registry`` until :meth:`close`."""
 
     def __init__(self, sock: socket.socket, where: str, app: MetricsApp,
-                 own_socket: tuple[Path, int] | None, lock: PidLock | None = None) -> None:
+                 own_socket: tuple[Path, int] | None, lock: PidLock | None = None,
+                 unserved: str = "") -> None:
         port = sock.getsockname()[1] if sock.family != socket.AF_UNIX else 0
         self.where = where
+        #: The host's other addresses, where nothing listens ("" for none).
+        self.unserved = unserved
         self.own_socket = own_socket
         self._lock = lock
         self._app = app
@@ -77,18 +80,25 @@ class MetricsServer:
             bound.sock.setblocking(True)
             return cls(bound.sock, f"http+unix://{address}", app, (address, bound.inode),
                        bound.lock)
-        sock = _listen_tcp(address, sources.named("metrics"))
+        sock, others = _listen_tcp(address, sources.named("metrics"))
         name = sock.getsockname()
         host, port = name[:2]
         if len(name) == 4 and name[3] and "%" not in host:  # link-local: its interface
             with contextlib.suppress(OSError):
                 host = f"{host}%{socket.if_indextoname(name[3])}"
         shown = str(HostPort(host, port))
-        return cls(sock, f"http://{shown}/metrics", app, None)
+        unserved = ", ".join(str(HostPort(other, port)) for other in others)
+        return cls(sock, f"http://{shown}/metrics", app, None, unserved=unserved)
 
     def start(self) -> None:
         signalmask.start(self._thread)
         log.info("metrics: serving Prometheus metrics on %s", self.where)
+        if self.unserved:
+            # localhost is [::1] first and 127.0.0.1 on most systems: a scraper
+            # told 127.0.0.1 would find nothing, with a log that names neither.
+            log.warning("metrics: nothing is served on %s, which the host name also "
+                        "resolves to: a name is served on its first address only (give "
+                        "the address itself to choose)", self.unserved)
 
     def close(self) -> None:
         """Stop serving and clean up: the scrapes under way are answered (a 503 for
@@ -112,8 +122,12 @@ class MetricsServer:
             self._lock.release()
 
 
-def _listen_tcp(address: HostPort, setting: str) -> socket.socket:
-    family, kind, proto, _, sockaddr = resolve_tcp(address, setting)
+def _listen_tcp(address: HostPort, setting: str) -> tuple[socket.socket, list[str]]:
+    """A socket listening on the first address of ``address``, and the others it
+    resolves to (distinct, in the resolver's order), where nothing listens."""
+    infos = resolve_all(address, setting)
+    family, kind, proto, _, sockaddr = infos[0]
+    others = list(dict.fromkeys(info[4][0] for info in infos if info[4][0] != sockaddr[0]))
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -127,4 +141,4 @@ def _listen_tcp(address: HostPort, setting: str) -> socket.socket:
         if exc.errno is None:
             raise StartupError(f"{setting} {address}: cannot listen: {exc}") from None
         raise StartupError(cannot_listen(address, setting, exc.errno)) from None
-    return sock
+    return sock, others

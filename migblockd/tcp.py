@@ -22,13 +22,19 @@ from migblockd.kinds import HostPort
 from migblockd.startup import StartupError
 from migblockd.trust import named_uid
 
-__all__ = ["cannot_listen", "check_address", "check_port", "resolve_tcp"]
+__all__ = ["cannot_listen", "check_address", "check_port", "resolve_all", "resolve_tcp"]
 
 
 def resolve_tcp(address: HostPort, setting: str = "--metrics") -> tuple[Any, ...]:
     """``getaddrinfo``'s first answer for a TCP ``--metrics`` address; StartupError when none.
 
     ``setting``: how the message names it (:meth:`Sources.named`)."""
+    return resolve_all(address, setting)[0]
+
+
+def resolve_all(address: HostPort, setting: str = "--metrics") -> list[tuple[Any, ...]]:
+    """``getaddrinfo``'s answers for a TCP ``--metrics`` address, in its order (a name
+    may have several: ``localhost``, ``[::1]`` and ``127.0.0.1``); StartupError when none."""
     try:
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
@@ -37,7 +43,7 @@ def resolve_tcp(address: HostPort, setting: str = "--metrics") -> tuple[Any, ...
     except UnicodeError:  # the IDNA codec's: a host that ListenAddress did not check
         raise StartupError(f"{setting} {address}: not a host name the resolver can be "
                            "asked about (an empty label, or one over 63 characters)") from None
-    return infos[0]
+    return infos
 
 
 def cannot_listen(address: HostPort, setting: str, code: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import http.client
 import logging
 import os
 import re
@@ -191,6 +192,37 @@ def test_process_metrics_under_proc_subset_pid(
     assert found.value("process_open_fds") > 0
     started = found.value("process_start_time_seconds")
     assert abs(started - time.time()) < 600, started  # a date, not seconds since boot
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+def test_a_host_name_of_several_addresses_names_those_not_served(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
+    # Reported: --metrics localhost:9715, where /etc/hosts gives localhost both ::1 and
+    # 127.0.0.1 (Debian's does), listened on [::1] alone: a scraper told 127.0.0.1:9715
+    # was refused, and the log named only the address served.
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
+    wrapper = tmp_path / "python-hosts"
+    wrapper.write_text(
+        "#!/bin/sh\nexec unshare --mount sh -c "
+        f"'mount --bind {hosts} /etc/hosts && "
+        f'exec {sys.executable} "$@"\' sh "$@"\n')
+    wrapper.chmod(0o755)
+    d = start_daemon("--metrics", "localhost:0", "--ephemeral", socket=short_tmp / "q.sock",
+                     python=str(wrapper))
+    served = d.wait_for_log(
+        re.compile(r"serving Prometheus metrics on http://(\S+):(\d+)/metrics"))
+    host, port = served.group(1), int(served.group(2))
+    assert host in ("[::1]", "127.0.0.1"), host
+    other = "127.0.0.1" if host == "[::1]" else "[::1]"
+    d.wait_for_log(f"metrics: nothing is served on {other}:{port}, which the host name "
+                   "also resolves to: a name is served on its first address only (give "
+                   "the address itself to choose)")
+    # As said: the first answers, the other refuses the connection.
+    assert get(http.client.HTTPConnection(host.strip("[]"), port, timeout=10))[0] == 200
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((other.strip("[]"), port), timeout=10).close()
     assert d.stop() == 0
     assert_clean_log(d)
 

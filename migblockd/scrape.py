@@ -102,13 +102,16 @@ class MetricsServer:
 
     def close(self) -> None:
         """Stop serving and clean up: the scrapes under way are answered (a 503 for
-        those still waiting for their turn), for STOP_WAIT seconds at most."""
+        those still waiting for their turn), for STOP_WAIT seconds at most; the
+        connections still sending their request are cut at once."""
         self._app.stopping.set()
         if self._thread.is_alive():
             # Wakes the server's select() now rather than at its next poll.
             with contextlib.suppress(OSError):
                 self._httpd.socket.shutdown(socket.SHUT_RDWR)
             self._httpd.shutdown()
+        # No scrape under way: only waited for, then cut by the end of the process.
+        self._httpd.cut_senders()
         self._httpd.say_crowded(last=True)
         # Daemon threads: the end of the process would close their connections
         # with nothing said.  Copied: each removes itself as it ends.

@@ -61,9 +61,17 @@ CROWDED_WARNING = 60.0
 CROWDED_GRACE = 1.0
 #: What a connection past MAX_SCRAPES is told before it is closed.
 _BUSY_TEXT = b"too many scrapes at once; retry\n"
-_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
-         b"Content-Type: text/plain; charset=utf-8\r\n"
-         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT))
+
+
+def _unavailable(text: bytes) -> bytes:
+    return (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(text), text))
+
+
+_BUSY = _unavailable(_BUSY_TEXT)
+#: What a connection still sending its request when the daemon stops is told.
+_STOPPING = _unavailable(b"migblockd is stopping\n")
 
 
 class _Handler(RequestHandler):
@@ -81,20 +89,22 @@ class _Handler(RequestHandler):
         if self.server.request_complete(self.request):
             return True
         # Made room for another: a scraper whose request was not read in time
-        # (more connections at once than MAX_SCRAPES) is told to retry.
+        # (more connections at once than MAX_SCRAPES) is told to retry; or cut by
+        # the stop, told so.
         with contextlib.suppress(OSError):
-            self.wfile.write(_BUSY)
+            self.wfile.write(self.server.cut_answer(self.request) or _BUSY)
         return False
 
     def send_error(self, code: int, message: str | None = None,
                    explain: str | None = None) -> None:
-        if self.server.closed_for_room(self.request):
+        cut = self.server.cut_answer(self.request)
+        if cut is not None:
             # What was read of its request before it was cut is no request to
             # judge: a request line cut short looks like HTTP/0.9's (a 505), or
-            # one with a bad version (a 400).  Told to retry, as one read whole is.
+            # one with a bad version (a 400).  Told what one read whole is.
             self.close_connection = True
             with contextlib.suppress(OSError):
-                self.wfile.write(_BUSY)
+                self.wfile.write(cut)
             return
         super().send_error(code, message, explain)
 
@@ -120,8 +130,9 @@ class ScrapeServer(ThreadingMixIn, WSGIServer):
         self._slots = threading.BoundedSemaphore(MAX_SCRAPES)
         # Connections still sending their request, oldest first (dicts keep order).
         self._sending: dict[socket.socket, float] = {}
-        # Connections closed to make room, until their thread ends.
-        self._closed_for_room: set[socket.socket] = set()
+        # Connections cut before their request was read (to make room, or by the
+        # stop), until their thread ends: what each is told.
+        self._cut: dict[socket.socket, bytes] = {}
         self._sending_lock = threading.Lock()
         # Connections closed or refused because every slot was busy, since the
         # last warning; when the next warning may come, and when it is due (None:
@@ -180,10 +191,23 @@ class ScrapeServer(ThreadingMixIn, WSGIServer):
         with self._sending_lock:
             return self._sending.pop(request, None) is not None
 
-    def closed_for_room(self, request: socket.socket) -> bool:
-        """Whether ``request`` was closed to make room for another."""
+    def cut_answer(self, request: socket.socket) -> bytes | None:
+        """What ``request``, cut before its request was read, is told (None: not cut)."""
         with self._sending_lock:
-            return request in self._closed_for_room
+            return self._cut.get(request)
+
+    def cut_senders(self) -> None:
+        """The stop (serve_forever has ended): cut the connections still sending their
+        request, which no scrape under way is (a silent client, or one trickling it),
+        rather than wait for them and then end the process with them unanswered.
+        Their threads read what was sent, then the end at once (see _make_room)."""
+        with self._sending_lock:
+            senders = list(self._sending)
+            self._sending.clear()
+            self._cut.update(dict.fromkeys(senders, _STOPPING))
+        for request in senders:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RD)
 
     def _make_room(self) -> bool:
         """Close the oldest connection still sending its request; True when a slot is free."""
@@ -192,7 +216,7 @@ class ScrapeServer(ThreadingMixIn, WSGIServer):
                 return False
             oldest = next(iter(self._sending))
             since = self._sending.pop(oldest)
-            self._closed_for_room.add(oldest)
+            self._cut[oldest] = _BUSY
         log.debug("metrics: closing a connection that has not sent its request in %.1f s, "
                   "to serve a new one", time.monotonic() - since)
         self._crowding(1, 0)
@@ -266,7 +290,7 @@ class ScrapeServer(ThreadingMixIn, WSGIServer):
     def _forget(self, request: socket.socket) -> None:
         with self._sending_lock:
             self._sending.pop(request, None)
-            self._closed_for_room.discard(request)
+            self._cut.pop(request, None)
         self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:

@@ -565,6 +565,29 @@ def test_scrapes_waiting_when_the_daemon_stops_get_an_answer(
     assert b"HTTP/1.0 503" in statuses, statuses  # those still waiting
 
 
+def test_a_request_still_being_sent_when_the_daemon_stops_is_answered_at_once(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # Found by review: the stop waited for a connection still sending its request (a
+    # silent one, which any local user may hold on TCP, or one trickling it) as for a
+    # scrape under way, STOP_WAIT (2 s) each stop, then ended the process with it
+    # unanswered.  It is cut at once, and told why if it sent anything.
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral", socket=short_tmp / "q.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as trickler:
+        for s in (silent, trickler):
+            s.settimeout(10)
+            s.connect(str(endpoint_path))
+        trickler.sendall(b"GET /metrics HTTP/1.1\r\n")  # the rest never comes
+        scrape(endpoint_path)  # accepted after them: both are being served
+        assert d.stop() == 0
+        answer = read_all(trickler)
+        assert answer.startswith(b"HTTP/1.0 503 "), answer
+        assert answer.endswith(b"\r\n\r\nmigblockd is stopping\n"), answer
+        assert read_all(silent) == b""  # nothing asked: nothing to answer
+    assert_clean_log(d)
+
+
 def test_empty_lines_before_the_request_line_are_skipped(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
     # RFC 9112 (2.2): a server SHOULD ignore at least one empty line before the

@@ -21,12 +21,17 @@ from migblockd.startup import StartupError
 from migblockd.trust import unsearchable
 from migblockd.writable import attribute_fix, denied, first_missing
 
-__all__ = ["cannot_bind", "check_socket_writable", "lock_failed", "lock_socket"]
+__all__ = ["cannot_bind", "check_socket_writable", "lock_failed", "lock_path", "lock_socket"]
+
+
+def lock_path(socket_path: Path) -> Path:
+    """``SOCKET.lock``, beside the socket: the file whose lock makes it one daemon's."""
+    return socket_path.with_name(socket_path.name + ".lock")
 
 
 def lock_socket(socket_path: Path, option: str = "--socket") -> PidLock:
     """The lock on ``SOCKET.lock`` that makes one daemon per socket path."""
-    path = socket_path.with_name(socket_path.name + ".lock")
+    path = lock_path(socket_path)
     try:
         return PidLock.acquire(path)
     except Held as held:
@@ -83,7 +88,7 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
             raise StartupError(cannot_create(directory, OSError(
                 code, os.strerror(code), str(first)), option))
         return
-    lock = socket_path.with_name(socket_path.name + ".lock")
+    lock = lock_path(socket_path)
     if os.path.islink(lock):
         code = errno.ELOOP  # opened with O_NOFOLLOW
     elif os.path.isdir(lock):

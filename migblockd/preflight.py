@@ -39,7 +39,7 @@ import socket
 from collections.abc import Callable, Collection
 from pathlib import Path
 
-from migblockd.bindable import check_socket_writable
+from migblockd.bindable import check_socket_writable, lock_path
 from migblockd.config import COMMAND_LINE, Config, Sources
 from migblockd.contract import Contract
 from migblockd.denied import kept_out
@@ -126,11 +126,20 @@ def passed_name(passed: socket.socket) -> str:
 def not_the_qmp_socket(address: Path, qmp_socket: Path, setting: str = "--metrics") -> None:
     """StartupError when a Unix ``--metrics`` address is the QMP socket's path, also
     through a symlinked directory: the two would take the same lock, and the
-    start would take its own QMP socket for another daemon's.  ``setting``: how
-    the message names it (:meth:`Sources.named`)."""
-    if _socket_place(address) == _socket_place(qmp_socket):
-        raise StartupError(f"{setting} {address}: that is the QMP socket; metrics need an "
-                           "address of their own")
+    start would take its own QMP socket for another daemon's.  Likewise when
+    either is the other's lock file: the start would make that file, find it no
+    socket where it binds, and leave it to fail every later start.  ``setting``:
+    how the message names it (:meth:`Sources.named`)."""
+    metrics, qmp = _socket_place(address), _socket_place(qmp_socket)
+    if metrics == qmp:
+        what = "that is the QMP socket"
+    elif metrics == _socket_place(lock_path(qmp_socket)):
+        what = "that is the QMP socket's lock file"
+    elif _socket_place(lock_path(address)) == qmp:
+        what = f"its lock file {lock_path(address)} is the QMP socket"
+    else:
+        return
+    raise StartupError(f"{setting} {address}: {what}; metrics need an address of their own")
 
 
 def _socket_place(path: Path) -> str:

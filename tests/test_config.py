@@ -856,6 +856,24 @@ def test_check_config_refuses_metrics_at_the_qmp_socket_through_a_symlink(
     assert [p.name for p in real.iterdir()] == ["q.sock.lock"]
 
 
+@pytest.mark.parametrize("metrics_name, qmp_name, what", [
+    ("q.sock.lock", "q.sock", "that is the QMP socket's lock file"),
+    ("m.sock", "m.sock.lock", "its lock file {metrics}.lock is the QMP socket"),
+], ids=["metrics-at-the-lock", "lock-at-the-qmp-socket"])
+def test_check_config_refuses_metrics_and_qmp_socket_at_each_others_lock(
+        tmp_path: Path, metrics_name: str, qmp_name: str, what: str) -> None:
+    # Found by review: --check-config said "valid"; the start made the lock file
+    # where the other socket was to be bound, refused it as "not a socket", and
+    # left it there to fail every later start the same way.
+    metrics, qmp = tmp_path / metrics_name, tmp_path / qmp_name
+    args = ["--ephemeral", "--socket", str(qmp), "--metrics", str(metrics)]
+    refused_alike(args, f"--metrics {metrics}: {what.format(metrics=metrics)}; metrics "
+                  "need an address of their own")
+    # Only the QMP socket's own lock is left, as after any start refused: no
+    # socket, nothing at the other's name.
+    assert [p.name for p in tmp_path.iterdir()] == [f"{qmp_name}.lock"]
+
+
 @pytest.mark.parametrize("kind", ["file", "shared", "missing under shared"])
 def test_check_config_refuses_a_state_directory_the_start_would(tmp_path: Path,
                                                                 kind: str) -> None:

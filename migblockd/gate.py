@@ -120,6 +120,9 @@ class GateHandlers(StartChecks):
             # Connected says nothing of a stopped QEMU: each command waits qemu-timeout.
             silent = ", not answering" if self.qemu.silent else ""
             return f"{self.qemu.version} connected{silent}".lstrip()
+        if self.qemu.set_up_late():
+            # Its adds are refused as busy, unlike those of a QEMU not running.
+            return "not answering (it accepted the connection)"
         return "not connected"
 
     # -- blockers -----------------------------------------------------------

@@ -116,3 +116,24 @@ async def test_a_stop_waiting_for_a_stopped_qemu_says_so_in_its_status(
         assert "return" in await c.read_reply()
     assert qemu_status(notify, lambda qemu: True, prefix="stopping; 0 blockers")
     assert d.wait_exit() == 0
+
+
+async def test_status_says_a_qemu_that_accepted_and_never_greets_is_not_answering(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, notify: socket.socket,
+) -> None:
+    # Found by the metrics review: a QEMU whose monitor another client holds accepts
+    # migblockd's connection and never greets; its adds are refused as busy, yet
+    # STATUS= said "not connected", as of a QEMU not running (whose adds succeed).
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as holder:
+        holder.settimeout(10)
+        holder.connect(str(qemu.gate_socket))
+        assert holder.recv(4096).startswith(b'{"QMP"')  # greeted: it holds the monitor
+        d = start_daemon("--qemu", str(qemu.gate_socket), "--ephemeral",
+                         env=notify_env(notify))
+        assert qemu_status(notify, lambda qemu: "not answering" in qemu) == (
+            "not answering (it accepted the connection)")
+        d.wait_for_log("accepted the connection but has not greeted after")
+    # Let go: QEMU greets migblockd's connection, waiting in its backlog.
+    assert re.fullmatch(r"7\.\d+\.\d+ connected", qemu_status(
+        notify, lambda qemu: "connected" in qemu))
+    assert d.stop() == 0

@@ -287,8 +287,9 @@ class Bridge(EventsCapability):
         self._wake()
 
     def _silent(self) -> None:
-        """QEMU stopped answering, or answers again: what the status shows changed
-        (``facts.silent``), whoever's command told (migblockd's own, at connect)."""
+        """QEMU stopped answering, or answers again, or a connection's set-up waited
+        past the notice for it: what the status shows changed (``facts.silent``,
+        ``facts.set_up_late``), whoever's command told (migblockd's own, at connect)."""
         self._wake()
 
     def _lost_ended(self, ending: str | None) -> None:

@@ -205,6 +205,9 @@ class QemuLink(Reconnecting):
             self.silent = None
             self._silent_changed()
 
+    def _late_changed(self) -> None:
+        self._silent_changed()
+
     def _silent_changed(self) -> None:
         if self._on_silent is None:
             return

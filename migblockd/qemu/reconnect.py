@@ -246,8 +246,12 @@ class Reconnecting:
             log.debug("QEMU %s: disconnected: %s", self.path, _reason(exc))
 
 
+    def _late_changed(self) -> None:
+        """The set-up became late (``late``): what the status shows changed."""
+
     def _greeting_late(self) -> None:
         self.late = True
+        self._late_changed()
         if self.greeted:
             self._reason = NOT_ANSWERING
             log.warning("QEMU at %s greeted but has not answered qmp_capabilities after %g s "
@@ -261,6 +265,7 @@ class Reconnecting:
 
     def _schema_late(self) -> None:
         self.late = True
+        self._late_changed()
         self._reason = SCHEMA_UNANSWERED
         log.warning("QEMU at %s has not answered query-qmp-schema after %g s (its main loop "
                     "is busy or stopped); still waiting", self.path, self._greeting_notice)

@@ -111,11 +111,18 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
         blockers.append(Blocker(row.id, row.reason, modes, row.internal, "daemon",
                                 owner, row.added, row.seq))
     seqs: dict[int, str] = {}
+    first_seq: dict[str, int] = {}  # by id: the seq of its first (oldest) row
     for row in snapshot.blockers:
         if row.seq in seqs:
             raise ValueError(f"stored blockers {seqs[row.seq]!r} and {row.id!r} have the same "
                              f"seq {row.seq}, so their order is lost; {_EDITED}")
         seqs[row.seq] = row.id
+        # Only a table rebuilt by hand without its primary key holds such rows: both
+        # would be served, and del-blocker would delete one of them, then neither.
+        if row.id in first_seq:
+            raise ValueError(f"stored blockers at seq {first_seq[row.id]} and {row.seq} have "
+                             f"the same id {row.id!r}, which names one blocker; {_EDITED}")
+        first_seq[row.id] = row.seq
     registry.restore(blockers, mode=str(mode), events=events, id_floor=floor)
 
 

@@ -765,6 +765,19 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
                               "UPDATE blocker SET seq = 0 WHERE id = 'b0'"),
                        "{db}: stored blockers 'b0' and 'b1' have the same seq 0, so their "
                        "order is lost; " + EDITED),
+    # A table rebuilt without its primary key: before, both rows were served, and
+    # del-blocker deleted both from the disk but left one listed, not to be deleted.
+    "same id twice": (edited("CREATE TABLE copy AS SELECT * FROM blocker",
+                             "DROP TABLE blocker",
+                             "CREATE TABLE blocker (id, seq, reason, modes, internal, "
+                             "owner_pid, owner_uid, owner_gid, added)",
+                             "INSERT INTO blocker SELECT * FROM copy",
+                             "DROP TABLE copy",
+                             "INSERT INTO blocker SELECT id, 1000, 'again', modes, internal, "
+                             "owner_pid, owner_uid, owner_gid, added FROM blocker "
+                             "WHERE id = 'b1'"),
+                      "{db}: stored blockers at seq 1 and 1000 have the same id 'b1', which "
+                      "names one blocker; " + EDITED),
     "unknown mode": (edited("INSERT OR REPLACE INTO setting VALUES ('mode', '\"warp\"')"),
                      "{db}: stored mode \"warp\" is not one the schema defines; use a --schema "
                      "that defines it, or move the state directory away to start from "

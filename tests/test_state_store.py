@@ -190,6 +190,50 @@ def test_online_backup_of_a_running_store_is_a_state_directory(tmp_path: Path) -
                                                        {"mode": "cpr-reboot"})
 
 
+#: An operator's sqlite3, the database put in rollback-journal mode, killed in a
+#: transaction big enough that SQLite wrote some of its pages into the file
+#: (once its cache is full) before the commit that never came.
+KILLED_IN_A_TRANSACTION = """
+    import os, sqlite3, sys
+    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+    conn.execute("PRAGMA journal_mode = DELETE")
+    conn.execute("PRAGMA cache_size = 2")
+    conn.execute("BEGIN")
+    conn.execute("DELETE FROM blocker WHERE id = 'kept'")
+    conn.execute("UPDATE setting SET value = '\\"normal\\"' WHERE key = 'mode'")
+    for n in range(3000):
+        conn.execute("INSERT INTO blocker VALUES (?, ?, ?, '[\\"normal\\"]', 0, NULL, NULL, "
+                     "NULL, 1.7e9)", (f"u{n}", 10 + n, "x" * 500))
+    os._exit(0)
+"""
+
+
+def test_a_transaction_a_killed_program_left_unfinished_is_rolled_back_before_the_restore(
+    tmp_path: Path
+) -> None:
+    """Before, the restore read the file alone and took the killed transaction's
+    pages in it (the blocker it deleted gone, the mode it set), and the opening for
+    writing then rolled them back: the daemon served what the disk did not hold."""
+    directory = tmp_path / "state"
+    committed = Snapshot([row("kept", 0), row("other", 1)], {"mode": "cpr-reboot"})
+    with Store.open(directory) as store:
+        store.commit([Put(r) for r in committed.blockers] + [Setting("mode", "cpr-reboot")])
+    db = directory / "state.db"
+    subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_IN_A_TRANSACTION), str(db)],
+                   check=True, timeout=60)
+    journal = directory / "state.db-journal"
+    assert journal.stat().st_size > 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True)) as c:
+        # What the file alone holds now: part of the transaction.
+        assert c.execute("SELECT count(*) FROM blocker WHERE id = 'kept'").fetchone()[0] == 0
+    restored: list[Snapshot] = []
+    with Store.open(directory, restore=restored.append) as store:
+        assert restored == [committed]
+        assert store.load() == committed
+    assert not journal.exists()
+    assert reopened(directory) == committed
+
+
 def written_over(db: Path, how: str, early: Path) -> None:
     """Another program writing to the database in place (its inode kept); ``early``:
     a copy of it made when it was smaller."""

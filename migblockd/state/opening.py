@@ -8,7 +8,9 @@ version reads (``user_version``), and pass ``PRAGMA quick_check``; and what it
 holds must pass the caller's ``examine`` (the daemon restores it: a stored
 value it refuses).  Only then is it opened for writing, which after a crash
 rebuilds the log's index, and whose closing folds the log into the database:
-a refused start leaves the files as they were.  A new database is made whole
+a refused start leaves the files as they were (but for a transaction that a
+program writing the file left unfinished in its rollback journal, rolled back
+first: :func:`_roll_back_unfinished`).  A new database is made whole
 under another name and then renamed; an older one is copied to
 ``state.db.format-N`` and migrated in one transaction (and examined then),
 unless its directory is append-only, which would fail the migration half
@@ -76,6 +78,7 @@ def check_and_open(path: Path, migrations: Sequence[schema.Migration],
         _create(path, migrations)
     lock = lock_database(path)
     try:
+        _roll_back_unfinished(path)
         version = _check_before_writing(path, migrations, examine)
         check_migration_room(path, version, len(migrations))
     except BaseException:
@@ -129,6 +132,48 @@ def _view(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{quote(os.fsencode(path))}?{params}", uri=True,
                            timeout=_BUSY_TIMEOUT, isolation_level=None,
                            check_same_thread=False)
+
+
+def _roll_back_unfinished(path: Path) -> None:
+    """Roll back what a program that wrote the database in rollback-journal mode
+    left unfinished: its journal (``state.db-journal``, beside the file a link leads
+    to) "hot", after a kill or a crash in a transaction.  Some of that transaction's
+    pages may be in the file already (SQLite writes them there before the commit
+    once its cache is full), and :func:`_view` reads the file alone: the restore
+    would take them, then the opening for writing roll them back, and the daemon
+    would serve blockers and settings the disk does not hold.  SQLite rolls it back
+    at the first read of a connection that may write; nothing is opened when there
+    is no such journal (none, empty, or its header zeroed, as SQLite leaves a
+    finished one), so that a start leaves the files as they were."""
+    journal = os.path.realpath(path) + "-journal"
+    if not _hot(journal):
+        return
+    conn = connect(path)
+    try:
+        conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.Error as e:
+        raise StateError(describe_open_error(path, e)) from e
+    finally:
+        conn.close()
+    if not _hot(journal):
+        log.warning("%s: rolled back a transaction that a program writing it left unfinished "
+                    "(its journal %s: an sqlite3 shell killed in a transaction, or a crash); "
+                    "nothing of that transaction is kept", path, journal)
+
+
+def _hot(journal: str) -> bool:
+    """Whether ``journal`` may hold a transaction to roll back, as SQLite tells
+    (``hasHotJournal()``, but for the locks): a file whose first byte is not 0."""
+    try:
+        fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # none (or not one SQLite would open either)
+    try:
+        return os.pread(fd, 1, 0) not in (b"", b"\0")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _check_file(path: Path) -> bool:

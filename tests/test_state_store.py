@@ -1241,6 +1241,66 @@ def test_a_log_that_fills_the_file_system_is_emptied(tmp_path: Path, linked: boo
 
 
 
+# A reader in a transaction (an operator's sqlite3 shell, read-only, after BEGIN)
+# while the store commits on a small file system: the log, which SQLite may not
+# write again from its start while the reader's snapshot needs it, fills it.
+A_READER_PINS_THE_LOG = """
+    import json, sqlite3
+    from pathlib import Path
+    from migblockd.state import BlockerRow, Put, Store, StateError
+
+    directory = Path(DIRECTORY)
+    store = Store.open(directory)
+    store.commit([Put(BlockerRow("first", "r", ("normal",), False, None, 1.5, 0))])
+    reader = sqlite3.connect(f"file:{directory}/state.db?mode=ro", uri=True,
+                             isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM blocker").fetchone()
+    error, remedy, added = None, None, 0
+    while added < 10000:
+        try:
+            store.commit([Put(BlockerRow(f"b{added}", "x" * 500, ("normal",), False, None,
+                                         1.5, added + 1))])
+        except StateError as e:
+            error, remedy = str(e), e.remedy
+            break
+        added += 1
+    reader.execute("COMMIT")
+    reader.close()
+    store.commit([Put(BlockerRow("after", "r", ("normal",), False, None, 1.5, 100000))])
+    kept = len(store.load().blockers)
+    store.close()
+    print(json.dumps({"error": error, "remedy": remedy, "added": added, "kept": kept}))
+"""
+
+
+def test_a_full_disk_that_a_readers_transaction_caused_says_so(tmp_path: Path) -> None:
+    """Before, the error and the log's advice were a full disk's (free space on it),
+    while the log grew only because a reader kept SQLite from writing it again from
+    its start: ending that read is what frees the space."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    directory = mnt / "state"
+    script = tmp_path / "reader.py"
+    script.write_text(textwrap.dedent(A_READER_PINS_THE_LOG).replace(
+        "DIRECTORY", repr(str(directory))))
+    shell = f"mount -t tmpfs -o size=256k tmpfs {mnt} && {sys.executable} {script}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([*unshare_mount(), "sh", "-c", shell], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    db = directory / "state.db"
+    assert report["error"] == (f"cannot commit to {db}: database or disk is full (another "
+                               f"program reading it keeps its log {db}-wal from being "
+                               "emptied)")
+    assert report["remedy"] == (f"end the read of the program that holds {db} open (an "
+                                "sqlite3 shell left in a transaction?): until it does, the "
+                                "log cannot be emptied, and grows with every commit")
+    # Once the read ended, the next commit found the room.
+    assert report["kept"] == report["added"] + 2
+
+
 @contextlib.contextmanager
 def traced(directory: Path, script: str,
            *strace: str) -> Iterator[tuple[subprocess.Popen[str], subprocess.Popen[str]]]:

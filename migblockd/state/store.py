@@ -163,13 +163,17 @@ class Store:
             self._apply(batches)
         except sqlite3.Error as e:
             failed: sqlite3.Error | None = e
+            read = False  # another program's reading kept the log from being emptied
             # The log may be what fills the disk: empty it, and try once more.
-            if no_space(e, self._files) and self._fold_log("TRUNCATE"):
-                try:
-                    self._apply(batches)
-                    failed = None
-                except sqlite3.Error as again:
-                    failed = again
+            if no_space(e, self._files):
+                busy = self._checkpoint("TRUNCATE")
+                read = busy == 1
+                if busy == 0:
+                    try:
+                        self._apply(batches)
+                        failed = None
+                    except sqlite3.Error as again:
+                        failed = again
             if failed is not None:
                 # A full disk too: the seal's page goes where the failed group's
                 # first one is, in a block the log already has.
@@ -181,7 +185,17 @@ class Store:
                                     "could be neither written over nor cut where its last "
                                     "good commit ends: the next start may find the "
                                     "changes") from failed
-                raise commit_failed(self.path, failed) from failed
+                error = commit_failed(self.path, failed)
+                if read and no_space(failed, self._files):
+                    # A reader's transaction keeps SQLite from writing the log again from
+                    # its start: it grew to fill the disk, and only ending that read helps.
+                    error = StateError(
+                        f"{error} (another program reading it keeps its log {self._log} "
+                        "from being emptied)",
+                        f"end the read of the program that holds {self.path} open (an "
+                        "sqlite3 shell left in a transaction?): until it does, the log "
+                        "cannot be emptied, and grows with every commit")
+                raise error from failed
         if free_space(self._files) < _LOG_ROOM:
             # Left to SQLite, the log grows to about 4 MiB before it is folded
             # back and written again from its start: on a disk with less room
@@ -280,13 +294,19 @@ class Store:
         it from its start (``PASSIVE``: as far as readers allow, without
         waiting), or also cut it to nothing, freeing its space (``TRUNCATE``:
         waiting for readers, as any statement does); whether that worked."""
+        return self._checkpoint(mode) == 0
+
+    def _checkpoint(self, mode: str) -> int | None:
+        """``PRAGMA wal_checkpoint(mode)``: 0 when it did all it is for, 1 when
+        another connection held it back (a reader in a transaction, which keeps the
+        log from being written again from its start); None when it failed."""
         if self._conn is None:
-            return False
+            return None
         try:
             busy: int = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()[0]
         except sqlite3.Error:
-            return False
-        return busy == 0
+            return None
+        return busy
 
     def close(self) -> None:
         """Close the database (SQLite folds the WAL back into it) and release the locks."""

@@ -850,13 +850,27 @@ def test_a_lock_that_is_a_link_is_refused_with_the_right_fix(tmp_path: Path) -> 
     assert not (tmp_path / "elsewhere").exists()
 
 
-def test_a_lock_that_is_a_directory_is_refused_with_the_right_fix(tmp_path: Path) -> None:
-    # Before: "Is a directory; make D writable by this user", which it was.
-    (tmp_path / "lock").mkdir()
+@pytest.mark.parametrize("kind", ["directory", "fifo", "device"])
+def test_a_lock_that_is_not_a_file_is_refused_with_the_right_fix(
+    tmp_path: Path, kind: str
+) -> None:
+    # Before: a directory, "Is a directory; make D writable by this user", which it
+    # was; a FIFO or a device (root's mknod) was opened read-write and served as the
+    # lock, where --check-config refused it as not a regular file.
+    lock = tmp_path / "lock"
+    if kind == "directory":
+        lock.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(lock, 0o600)
+    elif os.geteuid() == 0:
+        os.mknod(lock, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's
+    else:
+        pytest.skip("only root makes a device")
     with pytest.raises(StateError) as refused:
         Store.open(tmp_path)
     assert str(refused.value) == (f"{tmp_path}/lock is not a regular file; remove it (the "
                                   "daemon makes its lock file itself)")
+    assert sorted(os.listdir(tmp_path)) == ["lock"]
 
 
 def test_a_link_to_a_database_that_is_not_there_is_never_replaced(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ drops every ``fcntl`` lock the process holds on it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -33,6 +34,12 @@ LOCK_NAME = "lock"
 def lock_directory(directory: Path) -> PidLock:
     """The state directory's lock, or :class:`StateError` saying why not."""
     path = directory / LOCK_NAME
+    with contextlib.suppress(OSError):  # else the open says why
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            # Refused as --check-config refuses it (check_lockable), before it is
+            # opened: a FIFO or a device opens read-write, and would take the lock.
+            raise _open_failed(directory, path, LockFailed(
+                os.strerror(errno.EINVAL), opening=True, errno=errno.EINVAL))
     try:
         return PidLock.acquire(path)
     except Held as held:

@@ -95,6 +95,12 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
     floor = settings.get(ID_FLOOR, 0)
     if type(floor) is not int or floor < 0:
         raise ValueError(f"stored id-floor {_json(floor)} is not a count of ids; {_EDITED}")
+    if floor >= _LAST_SEQ:
+        # Ids are generated one per add, as seqs are: no daemon gets near, and one of
+        # thousands of digits fails every generated id (Python refuses to write it).
+        shown = _json(floor) if floor < 10**40 else f"of {len(str(floor))} digits"
+        raise ValueError(f"stored id-floor {shown} is past any count of ids a daemon hands "
+                         f"out (0 to {_LAST_SEQ - 1}); {_EDITED}")
     events = settings.get(EVENTS, False)
     if type(events) is not bool:
         raise ValueError(f"stored events {_json(events)} is not true or false; {_EDITED}")

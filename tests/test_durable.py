@@ -757,6 +757,13 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
     "id-floor not a number": (edited("INSERT OR REPLACE INTO setting VALUES "
                                      "('id-floor', '\"abc\"')"),
                               "{db}: stored id-floor \"abc\" is not a count of ids; " + EDITED),
+    # Before, served: every generated id then failed with Python's "Exceeds the limit
+    # (4300 digits) for integer string conversion", and the log said to free space.
+    "id-floor past any count": (edited("INSERT OR REPLACE INTO setting VALUES "
+                                       "('id-floor', '" + "9" * 4300 + "')"),
+                                "{db}: stored id-floor of 4300 digits is past any count of "
+                                "ids a daemon hands out (0 to 4611686018427387903); "
+                                + EDITED),
     # Shown as the file holds them (JSON), not as Python writes them.
     "events not true or false": (edited("INSERT OR REPLACE INTO setting VALUES "
                                         "('events', '\"yes\"')"),

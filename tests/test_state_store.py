@@ -45,6 +45,7 @@ from migblockd.state import (
     StateError,
     Store,
 )
+from migblockd.state.directory import check_existing_directory
 from migblockd.state.rescue import rescued_copies
 from migblockd.state.schema import APPLICATION_ID, MIGRATIONS
 
@@ -871,6 +872,33 @@ def test_a_lock_that_is_not_a_file_is_refused_with_the_right_fix(
     assert str(refused.value) == (f"{tmp_path}/lock is not a regular file; remove it (the "
                                   "daemon makes its lock file itself)")
     assert sorted(os.listdir(tmp_path)) == ["lock"]
+
+
+def test_a_lock_that_is_the_database_too_is_refused_and_left_alone(tmp_path: Path) -> None:
+    # Before, the start emptied it to write its pid: a lock that was a hard link to
+    # state.db took every blocker with it, and the start then refused the empty file.
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("kept", 0))])
+    (tmp_path / "lock").unlink()
+    os.link(tmp_path / "state.db", tmp_path / "lock")
+    before = (tmp_path / "state.db").read_bytes()
+    expected = (f"{tmp_path}/lock is {tmp_path}/state.db too (a hard link), which the daemon "
+                f"would empty to write its pid in its lock; remove {tmp_path}/lock (the "
+                "daemon makes its lock file itself)")
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path)
+    assert str(refused.value) == expected
+    with pytest.raises(StateError) as checked:
+        check_existing_directory(tmp_path)  # what --check-config runs
+    assert str(checked.value) == expected
+    assert (tmp_path / "state.db").read_bytes() == before
+    (tmp_path / "lock").unlink()  # as the line says
+    assert [r.id for r in reopened(tmp_path).blockers] == ["kept"]
+    # A lock of other names (a snapshot of the directory made with cp -al) serves.
+    snapshot = tmp_path.with_name(tmp_path.name + "-snapshot")
+    subprocess.run(["cp", "-al", str(tmp_path), str(snapshot)], check=True)
+    assert (tmp_path / "lock").stat().st_nlink == 2
+    assert [r.id for r in reopened(tmp_path).blockers] == ["kept"]
 
 
 def test_a_link_to_a_database_that_is_not_there_is_never_replaced(tmp_path: Path) -> None:

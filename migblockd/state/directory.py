@@ -23,7 +23,7 @@ from migblockd.paths import NoDefault, default_state_dir, make_private_directory
 from migblockd.state import schema
 from migblockd.state.errors import StateError, account, owner_mismatch, read_only
 from migblockd.state.files import check_existing_database
-from migblockd.state.lock import check_lockable
+from migblockd.state.lock import DATABASE_NAME, check_lockable
 from migblockd.state.logcheck import stored_format
 from migblockd.trust import ownership, refusal, search_fix
 from migblockd.writable import attribute, attribute_fix, denied, first_missing
@@ -31,8 +31,6 @@ from migblockd.writable import attribute, attribute_fix, denied, first_missing
 __all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory",
            "check_file_room", "check_migration_room", "holds_database", "home_problem",
            "make_directory"]
-
-DATABASE_NAME = "state.db"
 
 
 def make_directory(directory: Path) -> None:

@@ -26,9 +26,12 @@ from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.state.errors import StateError, owner_mismatch, read_only
 from migblockd.writable import attribute_fix, denied
 
-__all__ = ["LOCK_NAME", "DatabaseLock", "check_lockable", "lock_database", "lock_directory"]
+__all__ = ["DATABASE_NAME", "LOCK_NAME", "DatabaseLock", "check_lockable", "lock_database",
+           "lock_directory"]
 
 LOCK_NAME = "lock"
+#: The database's name in the state directory.
+DATABASE_NAME = "state.db"
 
 
 def lock_directory(directory: Path) -> PidLock:
@@ -40,6 +43,7 @@ def lock_directory(directory: Path) -> PidLock:
             # opened: a FIFO or a device opens read-write, and would take the lock.
             raise _open_failed(directory, path, LockFailed(
                 os.strerror(errno.EINVAL), opening=True, errno=errno.EINVAL))
+    _refuse_other_names(path)
     try:
         return PidLock.acquire(path)
     except Held as held:
@@ -60,12 +64,33 @@ def check_lockable(directory: Path) -> None:
     if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
         code = errno.ELOOP  # refused for what it is, whatever the errno
     elif os.path.isfile(path):
+        _refuse_other_names(path)
         code = denied(path, os.R_OK | os.W_OK)
     else:
         code = denied(directory, os.W_OK | os.X_OK)
     if code:
         raise _open_failed(directory, path, LockFailed(os.strerror(code), opening=True,
                                                        errno=code))
+
+
+def _refuse_other_names(path: Path) -> None:
+    """Refuse a lock file that is the database, its log or the log's index too
+    (a hard link): the holder empties it and writes its pid in it, which would
+    empty that file (``state.db``: every blocker).  Other names are left alone: a
+    snapshot of the directory made with ``cp -al`` links every file."""
+    with contextlib.suppress(OSError):  # none: made anew; else the open says why
+        lock = os.lstat(path)
+        if lock.st_nlink < 2:
+            return
+        database = os.path.realpath(path.with_name(DATABASE_NAME))
+        for each in (path.with_name(DATABASE_NAME), Path(database + "-wal"),
+                     Path(database + "-shm")):
+            with contextlib.suppress(OSError):
+                st = os.stat(each)
+                if (st.st_dev, st.st_ino) == (lock.st_dev, lock.st_ino):
+                    raise StateError(f"{path} is {each} too (a hard link), which the daemon "
+                                     "would empty to write its pid in its lock; remove "
+                                     f"{path} (the daemon makes its lock file itself)")
 
 
 def _open_failed(directory: Path, path: Path, exc: LockFailed) -> StateError:

@@ -294,6 +294,33 @@ async def test_a_server_that_ends_the_connection_early_is_named(
     assert str(ended.value) == f"cannot connect to migblockd at {path}: {why}"
 
 
+async def test_a_connection_closed_while_negotiating_says_the_daemons_reason(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    # Found by review: an agent whose event loop was busy past --negotiation-timeout
+    # was told "Failed to establish session: Negotiation failed: " (qemu.qmp's words
+    # for a failed assertion, with nothing after them), not the daemon's reason.
+    d = start_daemon("--ephemeral", "--negotiation-timeout", "0.5")
+    client = MigblockClient(d.socket)
+    connecting = asyncio.create_task(client.connect())
+    await asyncio.sleep(0)  # connected: the daemon's timeout runs from here
+    # The event loop held up (a busy agent) until the daemon has given up on it.
+    d.wait_for_log("closing: Capabilities negotiation not completed", timeout=PATIENCE)
+    with pytest.raises(DisconnectedError) as closed:
+        async with asyncio.timeout(PATIENCE):
+            await connecting
+    assert str(closed.value) == (
+        f"cannot connect to migblockd at {d.socket}: capabilities negotiation failed: "
+        "Capabilities negotiation not completed within negotiation-timeout=0.5s; closing "
+        "the connection")
+    assert not client.connected
+    async with asyncio.timeout(PATIENCE):
+        await client.connect()  # the same client, negotiating in time
+    try:
+        assert await client.blockers() == []
+    finally:
+        await client.disconnect()
+
+
 async def test_connecting_to_a_stopped_daemon_gives_up_after_the_timeout(
         daemon: DaemonProcess) -> None:
     # The kernel queues the connection of a SIGSTOPped daemon; its greeting never

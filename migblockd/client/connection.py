@@ -141,6 +141,10 @@ class Connection(EventSource):
         except ConnectError as exc:
             cause = exc.exc
             if isinstance(cause, Refused):
+                if cause.negotiating:
+                    raise DisconnectedError(f"cannot connect to migblockd at {self.path}: "
+                                            f"capabilities negotiation failed: {cause}"
+                                            ) from None
                 raise DisconnectedError(f"migblockd at {self.path} refused the connection: "
                                         f"{cause}") from None
             if isinstance(cause, (EOFError, ConnectionResetError)):

@@ -9,7 +9,7 @@ from typing import Final
 from qemu.qmp import Message, QMPClient, QMPError
 from qemu.qmp.error import ProtocolError
 from qemu.qmp.models import Greeting
-from qemu.qmp.qmp_client import GreetingError
+from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
 __all__ = ["READ_LIMIT", "QMPLink", "Refused"]
 
@@ -19,7 +19,12 @@ READ_LIMIT: Final = 1 << 30
 
 
 class Refused(QMPError):
-    """The daemon turned the connection away (one error line instead of a greeting)."""
+    """The daemon turned the connection away: one error line instead of a greeting,
+    or as the answer to ``qmp_capabilities`` (:attr:`negotiating`)."""
+
+    def __init__(self, desc: str, *, negotiating: bool = False) -> None:
+        super().__init__(desc)
+        self.negotiating = negotiating
 
 
 class QMPLink(QMPClient):
@@ -40,8 +45,9 @@ class QMPLink(QMPClient):
       caller has read the answer.
     * Lines up to :data:`READ_LIMIT`: the library's 10 MiB is less than a big
       ``query-blockers`` answer.
-    * A refusal in place of the greeting (``max-clients``...) is reported in
-      the daemon's words.
+    * A refusal in place of the greeting (``max-clients``...), or in answer to
+      ``qmp_capabilities`` (a connection that did not negotiate within the
+      daemon's ``--negotiation-timeout``), is reported in the daemon's words.
     * A line longer than that ends the connection (the library can do nothing
       else with it): :attr:`gave_up` says so, since the daemon did nothing wrong.
     * Disconnecting waits at most ``flush_timeout`` seconds (None: forever) for
@@ -104,6 +110,22 @@ class QMPLink(QMPClient):
                     await waiting.put(msg)
                 return
         await super()._on_message(msg)
+
+    async def _negotiate(self) -> None:
+        # The library's own asserts that the answer is no error: it reported the
+        # daemon's refusal as "Negotiation failed: " and nothing more (and under
+        # python -O took it for a success).
+        arguments: dict[str, list[str]] = {}
+        if self._greeting is not None and "oob" in self._greeting.QMP.capabilities:
+            arguments["enable"] = ["oob"]
+        await self._send(self.make_execute_msg("qmp_capabilities", arguments=arguments))
+        reply = await self._recv()
+        error = reply.get("error")
+        if isinstance(error, dict) and isinstance(error.get("desc"), str):
+            raise Refused(error["desc"], negotiating=True)
+        if "return" not in reply:
+            raise NegotiationError("Negotiation failed", ProtocolError(
+                f"not an answer to qmp_capabilities: {reply}"))
 
     async def _get_greeting(self) -> Greeting:
         msg = await self._recv()

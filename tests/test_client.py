@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import re
@@ -381,6 +382,27 @@ async def test_a_command_cut_short_by_disconnect_says_so(daemon: DaemonProcess) 
         daemon.signal(signal.SIGCONT)
     assert str(cut.value) == (f"the connection to migblockd at {daemon.socket} was closed "
                               "by disconnect() before the reply to query-version")
+
+
+async def test_the_answer_to_a_command_given_up_on_is_dropped_quietly(
+        daemon: DaemonProcess, caplog: pytest.LogCaptureFixture) -> None:
+    # Found by review: commands are to be bounded with asyncio.timeout(), and the answer
+    # that came after one was logged by qemu.qmp as "Unknown ID '__qmp#00000', message
+    # dropped.": a warning, and an error for a refusal, in every agent that logs.
+    async with MigblockClient(daemon.socket) as client:
+        daemon.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await client.blockers()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await client.del_blocker("nonexistent")  # answered with an error
+        finally:
+            daemon.signal(signal.SIGCONT)
+        async with asyncio.timeout(PATIENCE):
+            assert await client.blockers() == []  # answered after those two
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_disconnecting_from_a_stopped_daemon_does_not_wait_for_it(

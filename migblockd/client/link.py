@@ -41,8 +41,8 @@ class QMPLink(QMPClient):
       every ``scope: connection`` blocker.  The requests sent and not yet
       answered are kept here, in order: the library's own table forgets a
       request its caller gave up on (whose answer still comes, and must not
-      be taken for the next one's), and keeps one already answered until its
-      caller has read the answer.
+      be taken for the next one's, nor logged as a stranger's), and keeps one
+      already answered until its caller has read the answer.
     * Lines up to :data:`READ_LIMIT`: the library's 10 MiB is less than a big
       ``query-blockers`` answer.
     * A refusal in place of the greeting (``max-clients``...), or in answer to
@@ -101,7 +101,16 @@ class QMPLink(QMPClient):
     async def _on_message(self, msg: Message) -> None:
         if "event" not in msg:
             if "id" in msg:
-                self._unanswered.pop(str(msg["id"]), None)
+                msg_id = str(msg["id"])
+                if msg_id in self._unanswered:
+                    del self._unanswered[msg_id]
+                    if msg_id not in self._pending:
+                        # Its caller gave up (asyncio.timeout()), as the docstrings say
+                        # to bound a command: the library would log it as an unknown id,
+                        # a warning (an error for a refusal) in the agent's log.
+                        self.logger.debug("the answer to %s, given up on, is dropped",
+                                          msg_id)
+                        return
             elif "error" in msg and self._unanswered:
                 oldest = next(iter(self._unanswered))
                 del self._unanswered[oldest]

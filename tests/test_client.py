@@ -115,6 +115,20 @@ async def test_refusals_raise_command_error_with_the_daemons_class_and_desc(
         assert [b.id for b in await client.blockers()] == ["dup"]  # still connected
 
 
+async def test_arguments_nested_too_deep_to_encode_raise_client_error(
+        daemon: DaemonProcess) -> None:
+    # Found by review: json.dumps() raised RecursionError past Python's recursion
+    # limit, outside the documented ClientError.  The daemon (as QEMU, 1024 levels)
+    # would refuse such a request anyway.
+    deep: object = "normal"
+    for _ in range(sys.getrecursionlimit() + 10):
+        deep = [deep]
+    async with MigblockClient(daemon.socket) as client:
+        with pytest.raises(ClientError, match="arguments of add-blocker are not JSON"):
+            await client.execute("add-blocker", {"reason": "deep", "modes": deep})
+        assert await client.blockers() == []  # nothing was sent; still connected
+
+
 async def test_a_request_the_daemon_cannot_parse_fails_alone(
         start_daemon: Callable[..., DaemonProcess]) -> None:
     # The daemon answers what it cannot parse without the request's id, and goes on;

@@ -161,7 +161,7 @@ class MigblockClient(Connection):
             # connection; and the daemon, like QEMU, takes strict JSON in UTF-8 only (a
             # lone surrogate, as os.fsdecode() makes of a byte that is not UTF-8, is not).
             json.dumps(arguments, allow_nan=False, ensure_ascii=False).encode()
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # the last: nested too deep
             raise ClientError(f"arguments of {command} are not JSON: {exc}") from None
         qmp = self._qmp
         try:

@@ -129,6 +129,27 @@ async def test_arguments_nested_too_deep_to_encode_raise_client_error(
         assert await client.blockers() == []  # nothing was sent; still connected
 
 
+async def test_arguments_changed_after_the_call_neither_count_nor_drop_the_connection(
+        daemon: DaemonProcess) -> None:
+    # Found by review: execute() checked the arguments, then the library's writer task
+    # encoded them a turn later.  A list the caller changed meanwhile went out changed,
+    # and one it could no longer encode ended the connection (and its connection-scoped
+    # blockers), reported as "lost".
+    async with MigblockClient(daemon.socket) as client:
+        held = await client.add_blocker("held", scope="connection", id="held")
+        modes = ["normal"]
+        adding = asyncio.ensure_future(
+            client.execute("add-blocker", {"reason": "x", "id": "x", "modes": modes}))
+        await asyncio.sleep(0)  # execute() has checked the arguments and queued them
+        modes.append("cpr-reboot")
+        modes.append({"not JSON"})  # type: ignore[arg-type]
+        async with asyncio.timeout(PATIENCE):
+            added = await adding
+        assert added["modes"] == ["normal"]  # as they were when execute() was called
+        assert client.connected
+        assert [b.id for b in await client.blockers()] == [held.id, "x"]
+
+
 async def test_a_request_the_daemon_cannot_parse_fails_alone(
         start_daemon: Callable[..., DaemonProcess]) -> None:
     # The daemon answers what it cannot parse without the request's id, and goes on;

@@ -148,8 +148,10 @@ class MigblockClient(Connection):
         Raises :class:`CommandError` when the daemon answers with an error,
         :class:`DisconnectedError` when not connected or when the connection is lost
         before the answer, and :class:`ClientError` for arguments that are not JSON
-        (nothing is sent then).  Cancelled (``asyncio.timeout()``) after it was sent,
-        the command still runs; its answer is dropped.
+        (nothing is sent then).  ``arguments`` are sent as they are when it is called,
+        whatever the caller changes in them afterwards.  Cancelled
+        (``asyncio.timeout()``) after it was sent, the command still runs; its answer
+        is dropped.
         """
         self._in_its_loop()
         if self._qmp is None:
@@ -160,9 +162,14 @@ class MigblockClient(Connection):
             # The library serializes in its writer task, where a failure would drop the
             # connection; and the daemon, like QEMU, takes strict JSON in UTF-8 only (a
             # lone surrogate, as os.fsdecode() makes of a byte that is not UTF-8, is not).
-            json.dumps(arguments, allow_nan=False, ensure_ascii=False).encode()
+            text = json.dumps(arguments, allow_nan=False, ensure_ascii=False)
+            text.encode()
         except (TypeError, ValueError, RecursionError) as exc:  # the last: nested too deep
             raise ClientError(f"arguments of {command} are not JSON: {exc}") from None
+        if arguments is not None:
+            # A copy of what was checked: the writer task encodes it a turn later, when
+            # the caller may have changed what it passed.
+            arguments = json.loads(text)
         qmp = self._qmp
         try:
             return await qmp.execute(command, arguments)

@@ -545,6 +545,32 @@ async def test_holding_does_not_delete_another_blocker_that_took_its_id(
         assert await operator.blockers() == [theirs]
 
 
+async def test_holding_whose_event_loop_was_busy_does_not_delete_a_namesake(
+        daemon: DaemonProcess) -> None:
+    # Found by review: the block's exit decided from the events read so far, and an
+    # agent that blocks its event loop in the block (a virsh dump run with
+    # subprocess.run()) had read none of those of an operator's delete and re-add made
+    # meanwhile: the exit deleted the operator's blocker, unblocking migration.
+    def operator(command: str) -> None:  # blocking, as the agent's own work
+        subprocess.run([sys.executable, "-m", "migblockd.shell", str(daemon.socket),
+                        "-c", command],
+                       check=True, capture_output=True, timeout=PATIENCE)
+
+    async with MigblockClient(daemon.socket) as agent:
+        async with agent.holding("dump in progress", id="dump"):
+            operator("del-blocker id=dump")
+            operator('add-blocker reason="maintenance" id=dump')
+        assert [(b.id, b.reason) for b in await agent.blockers()] == [
+            ("dump", "maintenance")]
+        # The same on the way out of a block that raised.
+        with pytest.raises(LookupError):
+            async with agent.holding("dump in progress", id="dump2"):
+                operator("del-blocker id=dump2")
+                operator('add-blocker reason="maintenance 2" id=dump2')
+                raise LookupError("the body failed")
+        assert [b.reason for b in await agent.blockers()] == ["maintenance", "maintenance 2"]
+
+
 async def test_holding_releases_its_blocker_when_the_block_raises(
         daemon: DaemonProcess) -> None:
     async with MigblockClient(daemon.socket) as client:
@@ -565,13 +591,25 @@ async def test_holding_whose_block_raised_does_not_wait_forever_for_a_stopped_da
     client = MigblockClient(daemon.socket, timeout=0.5)
     await client.connect()
     try:
+        deleted = client.events("BLOCKER_DELETED")
         with pytest.raises(LookupError):
             async with asyncio.timeout(PATIENCE):
                 async with client.holding("dump in progress", id="dump"):
                     daemon.signal(signal.SIGSTOP)
                     raise LookupError("the body failed")
         daemon.signal(signal.SIGCONT)
-        assert await client.blockers() == []  # the deletion was sent, and ran first
+        # The deletion went on after the exit, and runs once the daemon does.
+        assert dict((await next_event(deleted)).data) == {"id": "dump", "cause": "command"}
+        # So does that of a block whose exit the agent's own timeout cut short.
+        block = client.holding("dump in progress", id="dump2")
+        await block.__aenter__()
+        daemon.signal(signal.SIGSTOP)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await block.__aexit__(None, None, None)
+        daemon.signal(signal.SIGCONT)
+        assert dict((await next_event(deleted)).data) == {"id": "dump2", "cause": "command"}
+        assert await client.blockers() == []
     finally:
         daemon.signal(signal.SIGCONT)
         await client.disconnect()

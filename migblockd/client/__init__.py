@@ -223,7 +223,10 @@ class MigblockClient(Connection):
 
         Adds a ``scope: connection`` blocker on entry and deletes it on exit.  If
         someone deleted it meanwhile there is nothing to delete, even if another
-        blocker has its ``id`` by then (the events tell).  A deletion the daemon
+        blocker has its ``id`` by then (the events tell; for a chosen ``id`` the exit
+        first asks ``query-version``, whose answer comes after every event the daemon
+        sent before it, also those not read yet because the block held up the event
+        loop, by a blocking call say).  A deletion the daemon
         refuses otherwise (the client's role lowered by a reload, a failed commit)
         raises :class:`CommandError`: the blocker is still there.  If the connection
         was lost meanwhile, the daemon has already dropped the blocker: the exit
@@ -231,8 +234,9 @@ class MigblockClient(Connection):
         and deletes nothing, even if the client has connected again (another
         blocker may have the id by then).  When the block raised, the exit waits
         at most ``timeout`` seconds for the deletion's answer, then raises the
-        block's exception (a refused deletion is logged); the deletion, sent, runs
-        when the daemon does.  If the entry is cancelled (the caller's timeout)
+        block's exception (a refused deletion is logged); the deletion goes on, and
+        runs when the daemon does, as it does when the exit itself is cancelled (the
+        caller's timeout).  If the entry is cancelled (the caller's timeout)
         after the request was sent, the daemon may still add the blocker: it is
         deleted when its answer comes.
         """
@@ -260,10 +264,11 @@ class MigblockClient(Connection):
                 if self._qmp is held_on:
                     # The caller's own timeout may be what ended the block, and a daemon
                     # that does not answer (stopped) would hold it here forever.  The
-                    # deletion is sent regardless: the daemon runs it when it runs again.
+                    # deletion goes on regardless: the daemon runs it when it runs again.
+                    releasing, held = self._start_release(blocker, held, quiet=True), None
                     with contextlib.suppress(DisconnectedError, TimeoutError):
                         async with asyncio.timeout(self.timeout):
-                            await self._release(blocker, held, quiet=True)
+                            await asyncio.shield(releasing)
                 raise
             if self._qmp is not held_on or not self.connected:
                 # Lost, whether or not connected again since: the daemon dropped the
@@ -272,15 +277,24 @@ class MigblockClient(Connection):
                 raise DisconnectedError(self._lost(
                     held_on, f" while it held blocker {blocker.id!r}, which the daemon "
                     "dropped with it"))
-            await self._release(blocker, held)
+            # Shielded: an exit cut short (the caller's timeout) still deletes.
+            releasing, held = self._start_release(blocker, held, quiet=False), None
+            await asyncio.shield(releasing)
         finally:
             self._unhold_id(held)
 
     async def _release(self, blocker: Blocker, held: HeldId | None, *,
                        quiet: bool = False) -> None:
         """Delete ``blocker`` unless it is gone; ``quiet``: log a refusal, not raise it."""
-        if held is not None and held.deleted_since_added(blocker):
-            return  # and its id may be another blocker's by now
+        if held is not None:
+            # The events of a change made while this client's event loop was busy (an
+            # agent's blocking call in the block) may not have been read yet.  The
+            # daemon sends each event before any later answer: one round trip, and
+            # they have been.
+            with contextlib.suppress(CommandError):
+                await self.execute("query-version")
+            if held.deleted_since_added(blocker):
+                return  # and its id may be another blocker's by now
         try:
             await self.del_blocker(blocker)
         except CommandError as exc:
@@ -291,6 +305,22 @@ class MigblockClient(Connection):
             log.warning("blocker %r stays: the daemon refused to delete it (%s)",
                         blocker.id, exc.desc)
 
+    def _start_release(self, blocker: Blocker, held: HeldId | None, *,
+                       quiet: bool) -> asyncio.Future[None]:
+        """:meth:`_release` in a task of its own, which goes on if whoever awaits it is
+        cancelled, and which lets go of ``held`` when it ends."""
+        releasing = asyncio.ensure_future(self._release(blocker, held, quiet=quiet))
+        self._undoing.add(releasing)
+
+        def released(task: asyncio.Future[None]) -> None:
+            self._undoing.discard(task)
+            self._unhold_id(held)
+            if not task.cancelled():
+                task.exception()  # raised to whoever awaited it; no one else to tell
+
+        releasing.add_done_callback(released)
+        return releasing
+
     def _undo_add(self, adding: asyncio.Future[Blocker], held_on: QMPLink | None,
                   held: HeldId | None) -> None:
         """Delete what the add of a :meth:`holding` whose entry was cancelled added."""
@@ -300,13 +330,4 @@ class MigblockClient(Connection):
             # with its connection.
             self._unhold_id(held)
             return
-        deleting = asyncio.ensure_future(self._forget(adding.result(), held))
-        self._undoing.add(deleting)
-        deleting.add_done_callback(self._undoing.discard)
-
-    async def _forget(self, blocker: Blocker, held: HeldId | None) -> None:
-        try:
-            with contextlib.suppress(DisconnectedError):  # not connected: already gone
-                await self._release(blocker, held, quiet=True)
-        finally:
-            self._unhold_id(held)
+        self._start_release(adding.result(), held, quiet=True)

@@ -111,8 +111,10 @@ class HeldId:
 
     Someone else may delete the block's blocker and add another of the same id: the
     block must then delete nothing.  The daemon sends every client each change before
-    it answers whoever made it, so by the time the block ends, those events have
-    arrived, unless the change is made in the very moment the deletion is sent.
+    it answers whoever made it, and before any later answer to this client: once the
+    block's exit has the answer to a request of its own, those events have been read
+    (not before: the block may have held up the event loop meanwhile), unless the
+    change is made in the very moment the deletion is sent.
     """
 
     __slots__ = ("_events", "id")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -824,6 +825,30 @@ def test_a_client_connected_in_one_event_loop_is_refused_in_another(
 
     asyncio.run(first())
     assert asyncio.run(second()) == []
+
+
+def test_a_disconnect_from_another_event_loop_closes_the_socket(
+        daemon: DaemonProcess) -> None:
+    # Found by review: the socket of a loop that had ended was shut down, not closed:
+    # its descriptor stayed open for as long as the client object lived.
+    client = MigblockClient(daemon.socket)
+
+    async def first() -> int:
+        await client.connect()
+        assert client._sock is not None
+        return os.fstat(client._sock.fileno()).st_ino
+
+    def open_sockets() -> set[str]:
+        links = set()
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the listing's own descriptor, gone
+                links.add(os.readlink(f"/proc/self/fd/{fd}"))
+        return links
+
+    inode = asyncio.run(first())
+    assert f"socket:[{inode}]" in open_sockets()
+    asyncio.run(client.disconnect())
+    assert f"socket:[{inode}]" not in open_sockets()
 
 
 async def test_event_streams_filter_by_name_and_end_when_the_client_disconnects(

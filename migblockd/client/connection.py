@@ -194,10 +194,13 @@ class Connection(EventSource):
             # Nothing of the loop it was made in can be awaited here (it may be
             # closed): its socket is shut down, so that the daemon ends the
             # connection and releases its blockers; the rest goes with that loop.
+            # A loop that has ended closes nothing any more: the socket is closed here.
             self._qmp = None
             if self._sock is not None:
                 with contextlib.suppress(OSError):
                     self._sock.shutdown(socket.SHUT_RDWR)
+                if self._loop.is_closed():
+                    self._sock.close()
             return
         if self._attempt is not None:
             self._attempt.cancel()

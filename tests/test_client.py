@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
@@ -825,6 +826,37 @@ def test_a_client_connected_in_one_event_loop_is_refused_in_another(
 
     asyncio.run(first())
     assert asyncio.run(second()) == []
+
+
+def test_a_stream_asked_for_in_another_event_loop_is_refused(daemon: DaemonProcess) -> None:
+    # Found by review: commands from another event loop raise ClientError, as the
+    # docstrings say of a client used connected from another; events() gave a stream
+    # that the first loop's reader fed from its own thread, which asyncio's queues
+    # do not allow.
+    client = MigblockClient(daemon.socket)
+    connected, done = threading.Event(), threading.Event()
+
+    async def owner() -> None:
+        async with client:
+            connected.set()
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+
+    async def elsewhere() -> None:
+        with pytest.raises(ClientError, match="is connected in another event loop"):
+            client.events()
+
+    thread = threading.Thread(target=asyncio.run, args=(owner(),))
+    thread.start()
+    try:
+        assert connected.wait(PATIENCE)
+        asyncio.run(elsewhere())
+        with pytest.raises(ClientError, match="is connected in another event loop"):
+            client.events()  # from no event loop at all
+    finally:
+        done.set()
+        thread.join(PATIENCE)
+    assert not thread.is_alive()
 
 
 def test_a_disconnect_from_another_event_loop_closes_the_socket(

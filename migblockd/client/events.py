@@ -150,14 +150,25 @@ class EventSource:
     def connected(self) -> bool:
         raise NotImplementedError
 
+    def _in_its_loop(self) -> None:
+        raise NotImplementedError
+
     def events(self, *names: str, max_unread: int | None = MAX_UNREAD) -> EventStream:
         """A stream of the events received from now on (only ``names`` if given).
 
         It keeps at most ``max_unread`` events unread (None: no bound, for a reader
         that is sure to keep up); one more ends it with :class:`EventsLostError`.
+        Asked for outside the event loop the client is connected in, it raises
+        :class:`ClientError`, as the commands do: that loop's reader feeds it.
         """
         if max_unread is not None and max_unread < 1:
             raise ValueError(f"max_unread must be at least 1, not {max_unread}")
+        if self.connected:
+            try:
+                self._in_its_loop()
+            except RuntimeError:  # no event loop at all in this thread
+                raise ClientError(f"this client of migblockd at {self.path} is connected "
+                                  "in another event loop: use it there") from None
         stream = EventStream(self, names, max_unread)
         if self.connected:
             self._streams.add(stream)

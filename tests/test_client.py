@@ -700,6 +700,20 @@ async def test_holding_reports_a_connection_lost_during_the_block(
         assert not client.connected
 
 
+async def test_holding_reports_a_connection_lost_while_its_event_loop_was_busy(
+        daemon: DaemonProcess) -> None:
+    # The loss not seen yet when the block ends (the block held up the event loop):
+    # the exit then learns of it from its own request, and says the same.
+    async with MigblockClient(daemon.socket) as client:
+        with pytest.raises(DisconnectedError) as lost:
+            async with client.holding("held until the daemon stops", id="held"):
+                daemon.signal(signal.SIGTERM)
+                assert daemon.wait_exit() == 0  # blocking: the loop reads nothing
+        assert str(lost.value) == (
+            f"the connection to migblockd at {daemon.socket} was lost while it held "
+            "blocker 'held', which the daemon dropped with it")
+
+
 async def test_a_client_whose_connection_was_lost_connects_again(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
     sock = short_tmp / "q.sock"

@@ -270,16 +270,19 @@ class MigblockClient(Connection):
                         async with asyncio.timeout(self.timeout):
                             await asyncio.shield(releasing)
                 raise
+            assert held_on is not None  # the blocker was added through it
+            dropped = f" while it held blocker {blocker.id!r}, which the daemon dropped with it"
             if self._qmp is not held_on or not self.connected:
                 # Lost, whether or not connected again since: the daemon dropped the
                 # blocker with that connection, and there is nothing to delete.
-                assert held_on is not None  # the blocker was added through it
-                raise DisconnectedError(self._lost(
-                    held_on, f" while it held blocker {blocker.id!r}, which the daemon "
-                    "dropped with it"))
+                raise DisconnectedError(self._lost(held_on, dropped))
             # Shielded: an exit cut short (the caller's timeout) still deletes.
             releasing, held = self._start_release(blocker, held, quiet=False), None
-            await asyncio.shield(releasing)
+            try:
+                await asyncio.shield(releasing)
+            except DisconnectedError as exc:
+                # Lost before the loop had seen it (the block held it up): as above.
+                raise DisconnectedError(self._lost(held_on, dropped)) from exc
         finally:
             self._unhold_id(held)
 

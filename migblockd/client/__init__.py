@@ -226,19 +226,18 @@ class MigblockClient(Connection):
         blocker has its ``id`` by then (the events tell; for a chosen ``id`` the exit
         first asks ``query-version``, whose answer comes after every event the daemon
         sent before it, also those not read yet because the block held up the event
-        loop, by a blocking call say).  A deletion the daemon
-        refuses otherwise (the client's role lowered by a reload, a failed commit)
-        raises :class:`CommandError`: the blocker is still there.  If the connection
-        was lost meanwhile, the daemon has already dropped the blocker: the exit
-        raises :class:`DisconnectedError`, unless the block raised an exception,
-        and deletes nothing, even if the client has connected again (another
-        blocker may have the id by then).  When the block raised, the exit waits
-        at most ``timeout`` seconds for the deletion's answer, then raises the
-        block's exception (a refused deletion is logged); the deletion goes on, and
-        runs when the daemon does, as it does when the exit itself is cancelled (the
-        caller's timeout).  If the entry is cancelled (the caller's timeout)
-        after the request was sent, the daemon may still add the blocker: it is
-        deleted when its answer comes.
+        loop, by a blocking call say).  A deletion the daemon refuses otherwise (the
+        client's role lowered by a reload, a failed commit) raises
+        :class:`CommandError`: the blocker is still there.  If the connection was lost
+        meanwhile, the daemon has already dropped the blocker: the exit raises
+        :class:`DisconnectedError`, unless the block raised an exception, and deletes
+        nothing, even if the client has connected again (another blocker may have the
+        id by then).  When the block raised, the exit waits at most ``timeout``
+        seconds for the deletion's answer, then raises the block's exception (a
+        refused deletion is logged); the deletion goes on, and runs when the daemon
+        does, as it does when the exit itself is cancelled (the caller's timeout).
+        If the entry is cancelled (the caller's timeout) after the request was sent,
+        the daemon may still add the blocker: it is deleted when its answer comes.
         """
         held_on = self._qmp  # the blocker lasts as long as this connection
         # From before the add: its own event comes before its answer.  (A generated id

@@ -676,6 +676,26 @@ async def test_a_stray_byte_alone_is_answered_at_once(module_daemon: DaemonProce
         assert (await c.execute("query-version", id="after"))["id"] == "after"
 
 
+async def test_a_lexical_error_before_the_nesting_limit_is_the_one_named(
+        module_daemon: DaemonProcess) -> None:
+    # QEMU's lexer fails at the "+" as it reads it, before its streamer counts
+    # the brackets after it: the message ends there (json-streamer.c), so the
+    # error is the stray, whether or not the brackets come in the same read.
+    async with module_daemon.client() as c:
+        for split in (False, True):
+            head, rest = b"[+", b"[" * 100
+            if split:
+                c.send_raw(head)
+                assert await c.read() == error(GENERIC, "JSON parse error, stray '+'")
+                msgs = await exchange(c, rest)
+            else:
+                msgs = await exchange(c, head + rest)
+                assert msgs[0] == error(GENERIC, "JSON parse error, stray '+'"), msgs
+                msgs = msgs[1:]
+            # What follows it is a message of its own, begun at the next "[".
+            assert msgs == [error(GENERIC, "JSON nesting depth limit exceeded")], msgs
+
+
 async def test_a_request_glued_after_a_string_broken_by_a_line_feed_runs(
         module_daemon: DaemonProcess) -> None:
     # QEMU's lexer skips the rest of the broken string (its closing quote too) to

@@ -345,6 +345,10 @@ class Scanner(LineCheck):
                         if len(stack) >= self.max_nesting:
                             if (verdict := self._lines_verdict(buf, p)) is not SOUND:
                                 return verdict
+                            # QEMU's lexer fails as the bytes arrive, before its
+                            # streamer counts this bracket: its error comes first.
+                            if (lexed := self._lexer_failed(buf, self._start, p + 1)) is not None:
+                                return lexed
                             self._skip_rest(p + 1, counted(open_brackets(stack), c))
                             return ParseError(NESTING_EXCEEDED)
                         stack.append(closer)

@@ -199,8 +199,12 @@ class Scanner(LineCheck):
                 limit = self._start + self.max_message_size
                 end = match_end(SCALAR, buf, self._start, min(n, limit + 1))
                 if end > limit:
-                    self._skip_to_top(limit)
-                    return ParseError(TOKEN_SIZE_EXCEEDED)
+                    if lexer_waits(buf, self._start, limit):
+                        self._skip_to_top(limit)
+                        return ParseError(TOKEN_SIZE_EXCEEDED)
+                    # QEMU's lexer ended the first token, or failed, within the
+                    # limit (``12\xac...``, ``@@@...``): as if the run stopped there.
+                    end = limit
                 if end == n and not self._eof and lexer_waits(buf, self._start, end):
                     return NEED_DATA  # a number or keyword ends at its delimiter
                 start = self._start

@@ -696,6 +696,24 @@ async def test_a_lexical_error_before_the_nesting_limit_is_the_one_named(
             assert msgs == [error(GENERIC, "JSON nesting depth limit exceeded")], msgs
 
 
+async def test_past_the_token_limit_a_later_lexical_error_is_not_the_one_named(
+        module_daemon: DaemonProcess) -> None:
+    # QEMU's streamer refuses the message at its 16,385th token; its lexer fails
+    # at the byte that is not ASCII only after that (json-streamer.c), whether
+    # or not that byte ends a read.
+    message = b'{"a": [' + b"1," * 9000 + b"\x80" + b"]}"
+    cut = message.index(b"\x80") + 1
+    async with module_daemon.client() as c:
+        for split in (False, True):
+            if split:
+                c.send_raw(message[:cut])
+                assert await c.read() == error(GENERIC, "JSON token count limit exceeded")
+                assert await exchange(c, message[cut:]) == []
+            else:
+                assert await exchange(c, message) == [
+                    error(GENERIC, "JSON token count limit exceeded")]
+
+
 async def test_a_request_glued_after_a_string_broken_by_a_line_feed_runs(
         module_daemon: DaemonProcess) -> None:
     # QEMU's lexer skips the rest of the broken string (its closing quote too) to

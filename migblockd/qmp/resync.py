@@ -59,6 +59,7 @@ from migblockd.qmp.lexer import (
     DIGITS,
     lexical_failure_bytes,
     lexical_progress,
+    more_tokens_than,
     number_token,
 )
 from migblockd.qmp.patterns import (
@@ -79,7 +80,7 @@ from migblockd.qmp.patterns import (
     match_end,
     message_over,
 )
-from migblockd.qmp.wording import ParseError
+from migblockd.qmp.wording import TOKEN_COUNT_EXCEEDED, ParseError
 
 # The decoder's modes: scanning a message (or waiting for one), or skipping
 # what is left of a bad one.  The scan and this module both switch between them.
@@ -110,6 +111,7 @@ class Resync:
     _digits_end: int
     _string_start: int
     _recovering: bool
+    max_tokens: int
 
     def _skip_to_top(self, pos: int) -> None:
         """Garbage at the top level: skip from ``pos`` to where a request can begin.
@@ -281,7 +283,8 @@ class Resync:
         self._recovering = True
         return p + 1
 
-    def _lexer_failed(self, buf: bytearray, start: int, end: int) -> ParseError | None:
+    def _lexer_failed(self, buf: bytearray, start: int, end: int,
+                      begun: int | None = None) -> ParseError | None:
         """The error of QEMU's lexer in ``buf[start:end]``, if it fails there; then
         decoding goes on as after garbage at the top level, from the byte after
         the one it failed at.  QEMU's streamer forgets the message at its lexer's
@@ -290,11 +293,21 @@ class Resync:
         ``qobject/json-lexer.c``): a request after it runs, whether or not the
         broken message's brackets ever balance.  Counting on with them instead
         (``{"a": [+, "b": 1}`` leaves a ``[`` open) swallowed every later
-        request up to a line feed."""
+        request up to a line feed.
+
+        ``begun``: where the message began, if before ``start``.  Past
+        ``max_tokens`` tokens before the byte it fails at, QEMU's streamer has
+        refused the message for them first (``json-streamer.c``), whatever
+        read brought that byte."""
         found = lexical_failure_bytes(bytes(buf[start:end]))
         if found is None:
             return None
         desc, after = found
+        first = start if begun is None else begun
+        fail = start + after - 1
+        if fail - first > self.max_tokens and more_tokens_than(
+                bytes(buf[first:fail]).decode("utf-8", RAW), self.max_tokens):
+            desc = TOKEN_COUNT_EXCEEDED
         self._skip_to_top(start + after)
         self._recovering = True
         return ParseError(desc)
@@ -320,7 +333,7 @@ class Resync:
             end = min(end, self._string_start)
         if self._lex_on(buf, start, end) is None:
             return None
-        return self._lexer_failed(buf, start, end)
+        return self._lexer_failed(buf, start, end, self._start)
 
     def _rest_lexed(self, buf: bytearray, end: int) -> int:
         """Skipping the rest of a broken message up to ``end``: the byte after the

@@ -3,7 +3,10 @@
 The wire, concurrency and hostile-input tests are run again, in a child pytest, with
 every daemon they start on uvloop.  (uvloop differs from asyncio where it matters here:
 its transports are no asyncio.Transport subclasses, and half-closes and aborted writes
-reach the protocol in its own order.)
+reach the protocol in its own order.)  So are the tests of how connections end, where
+those differences are met: the shutdown drain (half-close, lingering, a dropped
+client's last words), the timeouts (a line, then the close) and running out of
+descriptors (refusals that linger half-closed).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from collections.abc import Callable
 from conftest import ROOT, DaemonProcess
 
 WIRE_TESTS = ["tests/test_daemon_wire.py", "tests/test_daemon_concurrency.py",
-              "tests/test_daemon_hostile.py", "tests/test_daemon_blockers.py"]
+              "tests/test_daemon_hostile.py", "tests/test_daemon_blockers.py",
+              "tests/test_daemon_drain.py", "tests/test_daemon_timeouts.py",
+              "tests/test_daemon_exhaustion.py"]
 
 
 def test_the_wire_tests_pass_with_the_daemon_on_uvloop() -> None:

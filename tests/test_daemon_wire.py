@@ -391,6 +391,21 @@ async def test_exec_oob_among_pipelined_in_band_commands(module_daemon: DaemonPr
         assert position < 100, position
 
 
+async def test_exec_oob_looks_ahead_of_a_bounded_number_of_in_band_requests(
+        module_daemon: DaemonProcess) -> None:
+    # QEMU queues 8 in-band requests and stops reading while they wait
+    # (QMP_REQ_QUEUE_LEN_MAX): an exec-oob behind more is not seen before they
+    # run.  Parsing everything one read brought, to find it sooner, held every
+    # other client for seconds when that was 256 KiB of "[]" (128 Ki messages):
+    # the daemon looks 64 ahead (migblockd.qmp.session.LOOKAHEAD).
+    async with oob_client(module_daemon) as c:
+        c.send_raw(b"[]" * 1000 + encode({"exec-oob": "query-migrate", "id": "oob"}))
+        msgs = await c.read_until_reply("oob")
+        assert "return" in msgs[-1], msgs[-1]
+        assert len(msgs) - 1 >= 1000 - 64, len(msgs)
+        assert msgs[:-1] == [error(GENERIC, "QMP input must be a JSON object")] * (len(msgs) - 1)
+
+
 # --------------------------------------------------------------------------- output format
 
 

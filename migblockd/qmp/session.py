@@ -30,12 +30,12 @@ The protocol, as QEMU speaks it (``docs/interop/qmp-spec.rst``,
    had none (or was not an object).  Replies are lines ending in ``\\r\\n``.
 
 Ordering and OOB: in-band requests come out of :meth:`next_request` in arrival
-order.  Once OOB is enabled, each call first parses everything buffered and
-hands out the ``exec-oob`` requests among it first, ahead of in-band requests
-that arrived earlier but have not had their turn (QEMU's "out-of-band"
-promise).  Replies are written in the order they are given, so whoever runs
-the requests keeps in-band replies in request order by answering each before
-asking for the next.
+order.  Once OOB is enabled, each call first parses what is buffered, up to
+:data:`LOOKAHEAD` in-band requests waiting, and hands out the ``exec-oob``
+requests among it first, ahead of in-band requests that arrived earlier but
+have not had their turn (QEMU's "out-of-band" promise).  Replies are written
+in the order they are given, so whoever runs the requests keeps in-band
+replies in request order by answering each before asking for the next.
 
 The checks a request passes, and negotiation, are in
 :mod:`migblockd.qmp.envelope` (:class:`~migblockd.qmp.envelope.Envelope`, a
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from migblockd.qmp.encoding import encode_error, encode_line, encode_return
 from migblockd.qmp.envelope import NOT_AN_OBJECT, QMP_CAPABILITIES, Command, Envelope, Request
@@ -63,7 +63,14 @@ from migblockd.qmp.wording import (
     ParseError,
 )
 
-__all__ = ["Session"]
+__all__ = ["LOOKAHEAD", "Session"]
+
+#: In-band requests parsed ahead of their turn at most, while looking for OOB ones.
+#: QEMU's monitor queues 8 and stops reading while they wait (``monitor/qmp.c``,
+#: ``QMP_REQ_QUEUE_LEN_MAX``), so an ``exec-oob`` behind more is not seen before they
+#: run there either.  Parsing all a read brought at once took seconds of the only
+#: thread for 256 KiB of ``[]`` (128 Ki messages), every other client waiting.
+LOOKAHEAD: Final = 64
 
 #: The input limits' errors, and the setting each one enforces (at its value in force).
 _LIMITS: dict[str, Callable[[StreamDecoder], str]] = {
@@ -152,9 +159,10 @@ class Session(Envelope, Output):
         queue = self._queue
         if self.oob_enabled and decoder.has_message():
             # Out-of-band requests run the moment they are parsed, ahead of the
-            # in-band ones queued before them (QEMU's monitor does the same).
-            # Only what one read brought is buffered, so parsing it all is bounded.
-            while (item := decoder.next_message()) is not NEED_DATA:
+            # in-band ones queued before them (QEMU's monitor does the same), up
+            # to LOOKAHEAD of those: what one read brought may be 128 Ki messages.
+            while len(queue) < LOOKAHEAD \
+                    and (item := decoder.next_message()) is not NEED_DATA:
                 if type(item) is dict and "exec-oob" in item and "execute" not in item:
                     return self._check(item)
                 queue.append(item)

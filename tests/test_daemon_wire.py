@@ -729,6 +729,18 @@ async def test_past_the_token_limit_a_later_lexical_error_is_not_the_one_named(
                     error(GENERIC, "JSON token count limit exceeded")]
 
 
+async def test_past_the_token_limit_a_control_character_is_not_the_one_named(
+        module_daemon: DaemonProcess) -> None:
+    # A control character in a string (or a reset byte) is an error of QEMU's
+    # lexer, met after the token past the limit: the limit is named, as QEMU's
+    # streamer names it first (json-streamer.c); the request after it runs.
+    async with module_daemon.client() as c:
+        for bad in (b'"x\x01"', b"\x1b"):
+            message = b'{"a": [' + b"1," * 9000 + bad + b"]}"
+            assert await exchange(c, message) == [
+                error(GENERIC, "JSON token count limit exceeded")], bad
+
+
 async def test_a_request_glued_after_a_string_broken_by_a_line_feed_runs(
         module_daemon: DaemonProcess) -> None:
     # QEMU's lexer skips the rest of the broken string (its closing quote too) to

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from typing import Final
 
-from migblockd.qmp.lexer import lexical_error, lexical_failure_bytes, stray
+from migblockd.qmp.characters import RAW
+from migblockd.qmp.lexer import lexical_error, lexical_failure_bytes, more_tokens_than, stray
 from migblockd.qmp.patterns import CONTROL, LF, brackets_open
 from migblockd.qmp.resync import AFTER_RESET, IDLE, Resync
 from migblockd.qmp.unfinished import prefix_error
-from migblockd.qmp.wording import ParseError
+from migblockd.qmp.wording import TOKEN_COUNT_EXCEEDED, ParseError
 
 _LINE_CHECK_WINDOW: Final = 4096
 #: :meth:`LineCheck._lines_verdict`: nothing found, go on as planned.
@@ -151,6 +152,12 @@ class LineCheck(Resync):
                 return None  # a line before it was answered first
         return self._lexer_failed(buf, start, fail + 1)
 
+    def _past_token_limit(self, buf: bytearray, pos: int) -> bool:
+        """More than ``max_tokens`` tokens before ``buf[pos]``, where QEMU's lexer
+        fails: its streamer refused the message for them first (``json-streamer.c``)."""
+        return pos - self._start > self.max_tokens and more_tokens_than(
+            bytes(buf[self._start : pos]).decode("utf-8", RAW), self.max_tokens)
+
     def _begins_line(self, buf: bytearray, pos: int) -> bool:
         """``buf[pos]`` is the first byte of a line inside the message."""
         return pos > self._start and buf[pos - 1] == LF
@@ -170,6 +177,9 @@ class LineCheck(Resync):
             return lexed
         # With the quote or the byte itself: a number before it is cut short there.
         earlier = lexical_error(bytes(buf[self._start : (token if token >= 0 else p) + 1]))
+        # (None came before it: one here is at it, after the token past the limit.)
+        if self._past_token_limit(buf, token if token >= 0 else p):
+            earlier = TOKEN_COUNT_EXCEEDED
         if token < 0:
             # Skipping starts at the byte itself: a reset byte is its own
             # resynchronisation point.

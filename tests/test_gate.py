@@ -908,3 +908,25 @@ async def test_commands_that_wait_for_qemu_refuse_exec_oob_as_qemu_does(
     finally:
         await mon.close()
     assert_clean_log(d)
+
+
+async def test_a_stop_as_qemu_goes_away_logs_no_traceback(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """Reported: stopped in the moment QEMU closed its end of the monitor's connection
+    (a host's shutdown stops both), migblockd logged ``ERROR: _GatheringFuture
+    exception was never retrieved`` and an EOFError's traceback: the stop cancelled
+    the link while it was taking that connection down, and the library's gathered
+    error was left to the garbage collector."""
+    d = gate(start_daemon, qemu)
+    await connected(d)
+    # Both in one turn of the daemon's loop: QEMU's EOF, and the stop.
+    d.signal(signal.SIGSTOP)
+    try:
+        qemu.kill()
+        d.signal(signal.SIGTERM)
+    finally:
+        d.signal(signal.SIGCONT)
+    await asyncio.to_thread(d.proc.wait, 30)
+    assert "stopped" in d.log()
+    assert_clean_log(d)

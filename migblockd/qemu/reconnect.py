@@ -234,16 +234,31 @@ class Reconnecting:
         while self._client.runstate == Runstate.RUNNING:
             await self._client.runstate_changed()
         try:
-            await self._client.disconnect()
+            await self._disconnect()
         except Exception as exc:  # the reader's or writer's failure, re-raised
             return _reason(exc)
         return "the connection ended"
 
     async def _disconnect_quietly(self) -> None:
         try:
-            await self._client.disconnect()
+            await self._disconnect()
         except Exception as exc:  # the failure that ended the session: nothing left to do
             log.debug("QEMU %s: disconnected: %s", self.path, _reason(exc))
+
+    async def _disconnect(self) -> None:
+        """The library's ``disconnect()``, taken to its end even when the caller is
+        cancelled meanwhile (``close()`` cancels the link's task): it gathers its
+        reader's and writer's failures, and a gathering left unawaited is reported
+        by asyncio as an error never retrieved, traceback and all (a QEMU that closes
+        the connection as migblockd stops).  A cancellation is raised once it is done."""
+        ending = asyncio.ensure_future(self._client.disconnect())
+        try:
+            await asyncio.shield(ending)
+        except asyncio.CancelledError:
+            await asyncio.wait({ending})
+            if not ending.cancelled():
+                ending.exception()  # retrieved: the caller is gone, nothing to do with it
+            raise
 
 
     def _late_changed(self) -> None:

@@ -142,7 +142,8 @@ class QemuFacts:
     uncounted: bool = False
     learnt: bool = False
     #: Whether QEMU accepted the connection and the link's set-up waits for it (its
-    #: greeting, or its first answers: a busy main loop) (the link's).
+    #: greeting, or its first answers: a busy main loop), or the link dropped the
+    #: connection to a QEMU that runs on and has yet to connect again (the link's).
     greeting_awaited: Callable[[], bool] = _never
     #: Whether that set-up has waited for QEMU long enough for the log to say so
     #: (GREETING_NOTICE): QEMU is there and silent (the link's).

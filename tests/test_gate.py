@@ -930,3 +930,41 @@ async def test_a_stop_as_qemu_goes_away_logs_no_traceback(
     await asyncio.to_thread(d.proc.wait, 30)
     assert "stopped" in d.log()
     assert_clean_log(d)
+
+
+async def test_qemus_blockers_are_not_left_out_while_migblockd_reconnects_to_a_live_qemu(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    tmp_path: Any,
+) -> None:
+    """Reported: right after migblockd dropped its connection to QEMU over a reply too
+    long to read (QEMU running on, with a blocker of its own), ``query-blockers``
+    answered ``[]`` and ``add-blocker`` was taken as for a QEMU that is away, until
+    the link's next connection was accepted: QEMU was there all along."""
+    qemu = qemu_factory(memory="128M")
+    config = tmp_path / "gate.toml"
+    config.write_text('qemu-passthrough = ["human-monitor-command"]\n')
+    d = gate(start_daemon, qemu, "--config", str(config), "--qemu-timeout", "0",
+             "--log-level", "debug")
+    await connected(d)
+    async with qemu.monitor() as mon, d.client() as big, d.client() as c:
+        await mon.add_blocker("vdi1")
+        await big.send({"execute": "human-monitor-command", "arguments": xp(2_300_000),
+                        "id": "big"})
+        await wait_until(lambda: "xp /2300000xg" in d.log(), "the xp sent to QEMU")
+        # Queued behind the xp in QEMU; then, each as the one before is answered.
+        await c.send({"execute": "query-blockers", "id": 1})
+        for n in range(2, 12):
+            await c.send({"execute": "query-blockers", "id": n})
+        await c.send({"execute": "add-blocker", "arguments": {"reason": SEV, "id": "sev"},
+                      "id": "add"})
+        assert "larger than 67108864 bytes" in (await big.read_reply())["error"]["desc"]
+        for n in range(1, 12):
+            reply = await c.read_reply()
+            assert reply["id"] == n
+            if "return" in reply:  # QEMU's blocker listed, never left out
+                assert [b["id"] for b in reply["return"]] == ["qemu:1"], reply
+        added = await c.read_reply()
+        if "return" not in added:  # not told QEMU's state yet: refused as busy
+            assert added == error(GENERIC, "disallowing migration blocker (migration/"
+                                  f"snapshot in progress) for: {SEV}", "add")
+    assert_clean_log(d)

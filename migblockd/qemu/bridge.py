@@ -104,7 +104,8 @@ class Bridge(EventsCapability):
         self.link = QemuLink(path, on_event=self._event, on_state=self._state,
                              on_gone=self._lost.gone, on_silent=self._silent,
                              timeout=timeout)
-        self.facts.greeting_awaited = lambda: self.link.awaiting_greeting
+        # (A QEMU the link dropped is there too, until the link tries it again.)
+        self.facts.greeting_awaited = lambda: self.link.awaiting_greeting or self.link.dropped
         self.facts.set_up_late = lambda: self.link.awaiting_greeting and self.link.late
         self.facts.timed_out = lambda: self.link.silent is not None
         self._core: Core | None = None

@@ -98,6 +98,9 @@ class QemuLink(Reconnecting):
         #: QEMU accepted the connection and the session is not up yet (its greeting,
         #: then its answers, are awaited): QEMU is there.
         self.awaiting_greeting = False
+        #: migblockd dropped the connection to a QEMU that runs on (its message was too
+        #: long to read), and has not tried to connect again yet: QEMU is there.
+        self.dropped = False
         #: QEMU has greeted on the connection being set up.
         self.greeted = False
         #: The connection being set up has waited GREETING_NOTICE for QEMU (its
@@ -222,6 +225,7 @@ class QemuLink(Reconnecting):
             return
         was_connected = self._state == "connected"
         self._state, self._info, self._reason = "closed", None, "the link is closed"
+        self.dropped = False
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

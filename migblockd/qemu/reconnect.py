@@ -36,6 +36,7 @@ from qemu.qmp.qmp_client import GreetingError
 
 from migblockd.paths import not_a_socket
 from migblockd.qemu.info import QemuInfo
+from migblockd.qemu.too_long import ReplyTooLong
 
 __all__ = ["ANOTHER_CLIENT", "GREETING_NOTICE", "MAX_DELAY", "MIN_DELAY", "NEGOTIATING",
            "NOT_ANSWERING", "NOT_GREETED", "READING_SCHEMA", "SCHEMA_UNANSWERED", "LinkState",
@@ -166,6 +167,7 @@ class Reconnecting:
     _greeting_notice: float
     _state: LinkState
     awaiting_greeting: bool
+    dropped: bool
     greeted: bool
     late: bool
     _reason: str
@@ -236,6 +238,8 @@ class Reconnecting:
         try:
             await self._disconnect()
         except Exception as exc:  # the reader's or writer's failure, re-raised
+            # migblockd's own doing (a message too long to read): QEMU runs on.
+            self.dropped = isinstance(exc, ReplyTooLong)
             return _reason(exc)
         return "the connection ended"
 
@@ -287,7 +291,7 @@ class Reconnecting:
 
     def _set_up(self, info: QemuInfo) -> None:
         self._state, self._info, self._reason = "connected", info, "connected"
-        self.awaiting_greeting = self.greeted = self.late = False
+        self.awaiting_greeting = self.dropped = self.greeted = self.late = False
         self._logged_reason = None
         # A command the last connection left unanswered says nothing of this one
         # (a new QEMU, often): its first timeout is a warning, its answers no return.
@@ -300,6 +304,8 @@ class Reconnecting:
         changed = self._state != "disconnected"
         self._state, self._info, self._reason = "disconnected", None, reason
         self.awaiting_greeting = self.greeted = self.late = False
+        if not lost:  # an attempt's outcome: whatever it found, QEMU was tried again
+            self.dropped = False
         if lost:
             log.warning("lost the connection to QEMU at %s: %s; reconnecting", self.path, reason)
         elif reason != self._logged_reason:

@@ -44,7 +44,6 @@ from migblockd.state import BlockerRow, Put, Store
 
 QUERY = b'{"execute": "query-blockers", "id": "poll"}\n'
 HEAD = 16  # bytes kept of each line: enough to classify it
-ALL_MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
 
 
 def preload(directory: Path, count: int) -> None:
@@ -53,7 +52,7 @@ def preload(directory: Path, count: int) -> None:
     owner = (os.getpid(), os.getuid(), os.getgid())
     now = time.time()
     rows = [Put(BlockerRow(id=f"scale-{n:06d}", reason=SEED_BLOCKERS[n % len(SEED_BLOCKERS)][0],
-                           modes=ALL_MODES, internal=False, owner=owner, added=now, seq=n))
+                           modes=None, internal=False, owner=owner, added=now, seq=n))
             for n in range(count)]
     with Store.open(directory) as store:
         store.commit(rows)

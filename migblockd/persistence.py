@@ -17,6 +17,9 @@ it stays below 2**62 and leaves room for the blockers added after it.  An
 owner is what ``SO_PEERCRED`` reports: a ``pid_t``, a ``uid_t`` and a
 ``gid_t``.  ``modes`` name MigMode values, each once (QEMU keeps them as a
 bit set); their order is the schema's, which a new ``--schema`` may change.
+A blocker added for every mode is stored as such (``modes`` None), and comes
+back blocking every mode of the schema it is restored with: QEMU's
+``MIG_MODE_ALL``, which a mode added to MigMode since does not escape.
 The id is one a client may choose or one the daemon generated below the
 stored ``id-floor`` (above it, the same id would be generated again).
 """
@@ -60,7 +63,8 @@ def to_store(changes: Iterable[Change]) -> list[state.Change]:
             assert blocker is not None
             owner = blocker.owner
             out.append(state.Put(state.BlockerRow(
-                blocker.id, blocker.reason, blocker.modes, blocker.internal,
+                blocker.id, blocker.reason, None if blocker.every_mode else blocker.modes,
+                blocker.internal,
                 None if owner is None else (owner.pid, owner.uid, owner.gid),
                 blocker.added, blocker.seq)))
         elif change.kind == "delete":
@@ -107,15 +111,16 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
     blockers: list[Blocker] = []
     for row in snapshot.blockers:
         _check_values(row, floor if ID_FLOOR in settings else None)
-        unknown = [mode for mode in row.modes if mode not in known]
+        listed = registry.modes if row.modes is None else row.modes  # None: every mode
+        unknown = [mode for mode in listed if mode not in known]
         if unknown:
             raise ValueError(_modes_not_defined(row.id, unknown))
-        if registry.only_migratable and only_migratable_refuses(row.internal, row.modes):
+        if registry.only_migratable and only_migratable_refuses(row.internal, listed):
             raise ValueError(_refused_by_only_migratable(row.id))
         owner = None if row.owner is None else Owner(*row.owner)
-        modes = tuple(mode for mode in registry.modes if mode in row.modes)  # MigMode order
+        modes = tuple(mode for mode in registry.modes if mode in listed)  # MigMode order
         blockers.append(Blocker(row.id, row.reason, modes, row.internal, "daemon",
-                                owner, row.added, row.seq))
+                                owner, row.added, row.seq, every_mode=row.modes is None))
     seqs: dict[int, str] = {}
     first_seq: dict[str, int] = {}  # by id: the seq of its first (oldest) row
     for row in snapshot.blockers:
@@ -146,12 +151,13 @@ def only_migratable_refusal(blockers: Iterable[Blocker]) -> str | None:
 def schema_refusal(blockers: Iterable[Blocker], mode: str, modes: Iterable[str]) -> str | None:
     """Why a start with a schema whose MigMode has ``modes`` would refuse what a
     running daemon keeps: its migration ``mode`` and its daemon-scoped ``blockers``
-    (oldest first), in the words of :func:`restore`; None when it would not."""
+    (oldest first), in the words of :func:`restore`; None when it would not.
+    A blocker of every mode blocks every mode of any schema."""
     known = set(modes)
     if mode not in known:
         return _mode_not_defined(mode)
     for blocker in blockers:
-        unknown = [m for m in blocker.modes if m not in known]
+        unknown = [] if blocker.every_mode else [m for m in blocker.modes if m not in known]
         if blocker.scope == "daemon" and unknown:
             return _modes_not_defined(blocker.id, unknown)
     return None
@@ -205,7 +211,7 @@ def _check_values(row: state.BlockerRow, floor: int | None) -> None:
                          f"not generate; {_EDITED}")
     if not row.reason:
         raise ValueError(f"{where} has an empty reason; {_EDITED}")
-    if len(set(row.modes)) != len(row.modes):
+    if row.modes is not None and len(set(row.modes)) != len(row.modes):
         raise ValueError(f"{where} lists a mode twice ({', '.join(row.modes)}); {_EDITED}")
     if not 0 <= row.seq < _LAST_SEQ:
         raise ValueError(f"{where} has seq {row.seq}, outside the order's range (0 to "

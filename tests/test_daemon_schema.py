@@ -6,16 +6,22 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import DaemonProcess, assert_start_refused
 from qemu_strings import DEFAULT_PARAMETERS, GENERIC
+from qmpclient import RawClient
 
 from migblockd.contract import schema_dir
+from migblockd.state import BlockerRow, Put, Setting, Store
+from migblockd.state.schema import MIGRATIONS
 
 OLD = "'data': [ 'normal', 'cpr-reboot', 'cpr-transfer', 'cpr-exec' ] }"
 NEW = "'data': [ 'normal', 'cpr-reboot', 'cpr-transfer', 'cpr-exec', 'cpr-test' ] }"
@@ -508,4 +514,215 @@ async def test_a_reload_that_changed_another_restart_only_setting_says_a_broken_
                    f"would fail: bad schema: {migration}:")
     assert "Traceback" not in d.log()
     assert "checking whether the next start would fail" not in d.log()
+    assert d.stop() == 0
+
+
+# ------------------------------------------ stored blockers of every mode (MIG_MODE_ALL)
+
+MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
+
+
+async def migrate_refused_by(c: RawClient, mode: str) -> str | None:
+    """The reason a migrate in ``mode`` is refused with; None: nothing blocks it (the
+    migration that then starts is cancelled)."""
+    await c.ok("migrate-set-parameters", {"mode": mode})
+    reply = await c.execute("migrate", {"uri": "unix:/tmp/x"})
+    if "return" in reply:
+        await c.ok("migrate_cancel")
+        return None
+    assert reply["error"]["class"] == GENERIC, reply
+    desc: str = reply["error"]["desc"]
+    return desc
+
+
+def end(daemon: DaemonProcess, how: str) -> None:
+    if how == "SIGTERM":
+        assert daemon.stop() == 0
+    else:
+        daemon.proc.kill()
+        daemon.proc.wait()
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+async def test_a_stored_blocker_of_every_mode_blocks_a_mode_a_later_schema_adds(
+    how: str, tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # Found by review: the disk kept the modes of the schema of the day, so after
+    # a restart with a MigMode that gained one, a migration in it went through.
+    # QEMU's migrate_add_blocker() blocks MIG_MODE_ALL, whatever modes there are.
+    state = tmp_path / "state"
+    d = start_daemon("--state-dir", str(state))
+    async with d.client() as c:
+        await c.ok("add-blocker", {"id": "all", "reason": "never"})
+        await c.ok("add-blocker", {"id": "dump", "reason": "dumping", "internal": True})
+    end(d, how)
+    d = start_daemon("--state-dir", str(state), "--schema", str(schema_with_new_mode(tmp_path)))
+    async with d.client() as c:
+        assert [(b["id"], b["modes"]) for b in await c.ok("query-blockers")] == [
+            ("all", [*MODES, "cpr-test"]), ("dump", [*MODES, "cpr-test"])]
+        assert await migrate_refused_by(c, "cpr-test") == "dumping"
+        await c.ok("del-blocker", {"id": "dump"})
+        assert await migrate_refused_by(c, "cpr-test") == "never"
+        assert await c.ok("query-migrate") == {"blocked-reasons": ["never"]}
+        await c.ok("migrate-set-parameters", {"mode": "normal"})
+    end(d, how)
+    # Back to the schema without that mode: still every mode, and no refusal for a
+    # mode the blocker never named.
+    d = start_daemon("--state-dir", str(state))
+    async with d.client() as c:
+        assert [(b["id"], b["modes"]) for b in await c.ok("query-blockers")] == [
+            ("all", MODES)]
+        for mode in MODES:
+            await c.ok("migrate-set-parameters", {"mode": mode})
+            assert await c.ok("query-migrate") == {"blocked-reasons": ["never"]}
+    assert d.stop() == 0
+
+
+async def test_a_stored_list_of_every_mode_stays_that_list(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """As in QEMU, where migrate_add_blocker_modes() naming each mode is another call
+    than migrate_add_blocker(): the same modes at the time, not those added after."""
+    state = tmp_path / "state"
+    d = start_daemon("--state-dir", str(state))
+    async with d.client() as c:
+        await c.ok("add-blocker", {"id": "listed", "reason": "these four",
+                                   "modes": list(reversed(MODES))})
+    assert d.stop() == 0
+    d = start_daemon("--state-dir", str(state), "--schema", str(schema_with_new_mode(tmp_path)))
+    async with d.client() as c:
+        assert [b["modes"] for b in await c.ok("query-blockers")] == [MODES]
+        assert await migrate_refused_by(c, "cpr-test") is None
+        assert await migrate_refused_by(c, "cpr-exec") == "these four"
+        await c.ok("migrate-set-parameters", {"mode": "normal"})
+    assert d.stop() == 0
+    # And a schema without one of them still refuses it, as for any list.
+    (tmp_path / "without").mkdir()
+    config = tmp_path / "m.toml"
+    config.write_text(f'schema = "{schema_without_cpr_exec(tmp_path / "without")}"\n')
+    assert_start_refused(
+        config, state, tmp_path / "2.sock",
+        f"{state}/state.db: stored blocker 'listed' blocks modes the schema does not define "
+        "(cpr-exec); use a --schema that defines them, or move the state directory away to "
+        "start from scratch")
+
+
+def format_1_database(state: Path, rows: dict[str, list[str]]) -> None:
+    """A state directory as a migblockd of format 1 left it: ``rows`` are the blockers'
+    ids and stored modes, oldest first (played, as the store's migration tests play
+    formats, by opening it with the format's steps alone)."""
+    with Store.open(state, MIGRATIONS[:1]) as store:
+        store.commit([Put(BlockerRow(id, f"reason of {id}", tuple(modes), False, None,
+                                     1.7e9 + seq, seq)) for seq, (id, modes) in
+                      enumerate(rows.items())])
+        store.commit([Setting("id-floor", 0)])
+
+
+async def test_a_format_1_database_reads_a_list_of_every_mode_as_every_mode(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Format 1 stored a blocker of every mode as the list of the modes of its day,
+    as it stored a list naming each: which one a row was cannot be told, and the
+    reading that blocks more is the one for a gate."""
+    state = tmp_path / "state"
+    format_1_database(state, {
+        "all": MODES,
+        "shuffled": [MODES[2], MODES[0], MODES[3], MODES[1]],
+        # Under a --schema that had added a mode, "every mode" named it too.
+        "more": [*MODES, "cpr-test"],
+        "three": MODES[:3],
+        "one": ["normal"],
+    })
+    db = state / "state.db"
+    d = start_daemon("--state-dir", str(state), "--schema", str(schema_with_new_mode(tmp_path)))
+    d.wait_for_log(f"migrated {db} from format 1 to 2; the file as it was is kept as "
+                   f"{db}.format-1")
+    every = [*MODES, "cpr-test"]
+    async with d.client() as c:
+        assert [(b["id"], b["modes"]) for b in await c.ok("query-blockers")] == [
+            ("all", every), ("shuffled", every), ("more", every), ("three", MODES[:3]),
+            ("one", ["normal"])]
+        assert await migrate_refused_by(c, "cpr-test") == "reason of more"
+        await c.ok("migrate-set-parameters", {"mode": "normal"})
+    assert d.stop() == 0
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("SELECT id, modes FROM blocker ORDER BY seq").fetchall() == [
+            ("all", None), ("shuffled", None), ("more", None),
+            ("three", '["normal", "cpr-reboot", "cpr-transfer"]'), ("one", '["normal"]')]
+    finally:
+        conn.close()
+    kept = sqlite3.connect(f"{db}.format-1")
+    try:
+        assert kept.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert kept.execute("SELECT count(*) FROM blocker WHERE modes IS NULL").fetchone() == (0,)
+    finally:
+        kept.close()
+
+
+async def reload(d: DaemonProcess, c: RawClient, notify: socket.socket) -> None:
+    """SIGHUP, and wait for the reload's end as systemd hears it (READY=1 after
+    RELOADING=1, sent once the reload has said all it has to say, its look ahead
+    at the next start included), then for its lines in the log, which a thread
+    writes: up to a request of ``c`` made after it."""
+    d.signal(signal.SIGHUP)
+    notify.settimeout(20)
+    seen: list[str] = []
+    while seen[-2:] != ["RELOADING=1", "READY=1"]:
+        first = notify.recv(4096).decode().split("\n")[0]
+        if first.startswith(("RELOADING=", "READY=")):
+            seen.append(first)
+    mark = f"after-reload-{time.monotonic_ns()}"
+    await c.execute("query-version", id=mark)
+    d.wait_for_log(mark)
+
+
+async def test_a_reload_with_a_schema_that_adds_or_drops_a_mode_keeps_every_mode(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A schema that adds a mode is no reason to warn, and the restart blocks it; one
+    that drops a mode is no reason for a blocker of every mode to stop the start
+    (before, it named that blocker), but still is for a list that names the mode."""
+    config = tmp_path / "m.toml"
+    config.write_text('log-level = "info"\n')
+    state = tmp_path / "kept"
+    added = schema_with_new_mode(tmp_path)
+    (tmp_path / "without").mkdir()
+    dropped = schema_without_cpr_exec(tmp_path / "without")
+    refusal = (f"{state.absolute() / 'state.db'}: stored blocker 'listed' blocks modes the "
+               "schema does not define (cpr-exec); use a --schema that defines them, or move "
+               "the state directory away to start from scratch")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify"))
+        d = start_daemon("--config", str(config), "--state-dir", str(state),
+                         env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+        async with d.client() as c:
+            await c.ok("add-blocker", {"reason": "never", "id": "all"})
+            config.write_text(f'log-level = "info"\nschema = "{added}"\n')
+            await reload(d, c, notify)
+            config.write_text(f'log-level = "info"\nschema = "{dropped}"\n')
+            await reload(d, c, notify)
+            assert "the next start would fail" not in d.log()
+            await c.ok("add-blocker", {"reason": "these four", "id": "listed", "modes": MODES})
+            await reload(d, c, notify)
+            assert d.log().count("the next start would fail") == 1
+            d.wait_for_log("WARNING: reload: with schema as the file now sets it, the next "
+                           f"start would fail: {refusal}\n")
+            await c.ok("del-blocker", {"id": "listed"})
+            config.write_text(f'log-level = "info"\nschema = "{added}"\n')
+            await reload(d, c, notify)
+        assert d.stop() == 0
+    assert d.log().count("the next start would fail") == 1
+    assert d.log().count("WARNING: reload: schema changed, which only a restart applies") == 4
+    d = start_daemon("--config", str(config), "--state-dir", str(state))
+    async with d.client() as c:
+        assert [b["modes"] for b in await c.ok("query-blockers")] == [[*MODES, "cpr-test"]]
+        assert await migrate_refused_by(c, "cpr-test") == "never"
+        await c.ok("migrate-set-parameters", {"mode": "normal"})
+    assert d.stop() == 0
+    config.write_text(f'log-level = "info"\nschema = "{dropped}"\n')
+    d = start_daemon("--config", str(config), "--state-dir", str(state))
+    async with d.client() as c:
+        assert [b["modes"] for b in await c.ok("query-blockers")] == [MODES[:3]]
     assert d.stop() == 0

@@ -39,6 +39,7 @@ from otheruids import Account, bare_uid
 from qmpclient import RawClient
 
 from migblockd.state import BlockerRow, Put, Store
+from migblockd.state.schema import MIGRATIONS
 
 MODES = ["normal", "cpr-reboot", "cpr-transfer", "cpr-exec"]
 READY = " ready on "
@@ -719,7 +720,7 @@ def damage_a_page(db: Path) -> None:
 def newer_format(db: Path) -> None:
     conn = sqlite3.connect(db)
     try:
-        conn.execute("PRAGMA user_version = 2")
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     finally:
         conn.close()
 
@@ -836,8 +837,9 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
     "garbage": (garbage, "{db} is not a migblockd state database (file is not a database); "
                          "move it away to start from scratch"),
     "damaged page": (damage_a_page, "{db} is corrupt ("),
-    "newer format": (newer_format, "{db} was written by a newer migblockd (format 2; this one "
-                                   "reads up to 1); upgrade migblockd"),
+    "newer format": (newer_format, f"{{db}} was written by a newer migblockd (format "
+                                   f"{len(MIGRATIONS) + 1}; this one reads up to "
+                                   f"{len(MIGRATIONS)}); upgrade migblockd"),
     "another program's": (another_programs, "{db} is not a migblockd state database (it "
                                             "belongs to another program); move it away to "
                                             "start from scratch"),

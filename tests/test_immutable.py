@@ -310,8 +310,8 @@ def test_an_append_only_state_directory_refuses_an_empty_database(
     before = (state / "state.db").read_bytes()
     chattr(marked, "+a", state)
     args = ["--socket", str(short_tmp / "q.sock"), "--state-dir", str(state)]
-    assert_refused(args, refused_migration(state, 0, 1, " (empty, as an older migblockd "
-                                                        "made it)"))
+    assert_refused(args, refused_migration(state, 0, len(MIGRATIONS), " (empty, as an older "
+                                                                       "migblockd made it)"))
     assert sorted(p.name for p in state.iterdir()) == ["lock", "state.db"]  # nothing written
     assert (state / "state.db").read_bytes() == before
     # Unmarked, the same start migrates it and serves.
@@ -323,8 +323,8 @@ def test_an_append_only_state_directory_refuses_a_migration(
         short_tmp: Path, marked: list[Path]) -> None:
     # Found by review: the copy kept before migrating (state.db.format-1) was left
     # with its journal, and the next start asked to "move it away", as the
-    # attribute forbids.  The daemon's format is 1, so a later one is played by
-    # the store with one more step, in a process of its own.
+    # attribute forbids.  A format later than the daemon's is played by the store
+    # with one more step, in a process of its own.
     state = short_tmp / "state"
     make_state(state)
     chattr(marked, "+a", state)
@@ -340,7 +340,7 @@ def test_an_append_only_state_directory_refuses_a_migration(
              "except StateError as e: sys.exit(str(e))",
              str(state)], capture_output=True, text=True, timeout=30)
         assert (migrated.returncode, migrated.stderr) == (
-            1, refused_migration(state, 1, 2) + "\n")
+            1, refused_migration(state, len(MIGRATIONS), len(MIGRATIONS) + 1) + "\n")
         assert sorted(p.name for p in state.iterdir()) == ["lock", "state.db"]
 
 
@@ -357,7 +357,8 @@ def test_an_append_only_state_directory_whose_format_is_in_the_log_is_not_refuse
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     conn.execute("BEGIN")
-    MIGRATIONS[0](conn)
+    for step in MIGRATIONS:
+        step(conn)
     conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
     conn.execute("COMMIT")
     for name in ("state.db", "state.db-wal"):  # not folded back yet

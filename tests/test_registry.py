@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from migblockd import persistence, state
 from migblockd.clock import LAST_TIME, in_range, within_range
 from migblockd.qmp.encoding import timestamp
 from migblockd.registry import (
@@ -755,3 +756,42 @@ def test_the_clamped_wall_clock_is_a_time_the_restore_takes() -> None:
     assert within_range(1.7e9 + 0.25) == 1.7e9 + 0.25
     assert not in_range(-1e-9)
     assert not in_range(LAST_TIME)
+
+
+def test_a_blocker_of_every_mode_is_told_from_a_list_of_every_mode() -> None:
+    """QEMU's migrate_add_blocker() (MIG_MODE_ALL) and migrate_add_blocker_modes()
+    naming each mode block the same modes, but only the first is "every mode": what
+    the disk keeps (migblockd.persistence), so that a mode a later schema adds is
+    blocked by it and not by the list; undone and redone, it stays what it was."""
+    registry, _ = make()
+    every = registry.add(SEV, id="every")
+    listed = registry.add(VFIO, id="listed", modes=list(reversed(MODES)))
+    internal = registry.add(DUMP, id="dump", internal=True)
+    assert (every.modes, every.every_mode) == (MODES, True)
+    assert (listed.modes, listed.every_mode) == (MODES, False)
+    assert internal.every_mode
+    changes = registry.take_changes()
+    assert [p.row.modes for p in persistence.to_store(changes)
+            if isinstance(p, state.Put)] == [None, MODES, None]
+    registry.delete("every")
+    registry.undo(registry.take_changes(), alive=lambda connection: True)
+    assert registry.get("every") is every and every.every_mode
+    # Restored with a MigMode of one mode more, and of one mode less.
+    rows = [p.row for p in persistence.to_store(changes) if isinstance(p, state.Put)]
+    for modes in ((*MODES, "cpr-test"), MODES[:3]):
+        again = Registry(modes)
+        try:
+            persistence.restore(again, state.Snapshot(rows, {"id-floor": 0}))
+        except ValueError as e:
+            assert modes == MODES[:3]
+            assert str(e).startswith("stored blocker 'listed' blocks modes the schema does "
+                                     "not define (cpr-exec)")
+            rows = [r for r in rows if r.id != "listed"]
+            persistence.restore(again, state.Snapshot(rows, {"id-floor": 0}))
+        assert [(b.id, b.modes, b.every_mode) for b in again.blockers()] == [
+            (r.id, modes if r.modes is None else MODES, r.modes is None) for r in rows]
+    # Blockers of every mode alone: no schema refuses them.
+    assert persistence.schema_refusal(again.blockers(), "normal", MODES[:2]) is None
+    assert persistence.schema_refusal(registry.blockers(), "normal", MODES[:3]) == (
+        "stored blocker 'listed' blocks modes the schema does not define (cpr-exec); use a "
+        "--schema that defines them, or move the state directory away to start from scratch")

@@ -53,7 +53,7 @@ NOBODY = 65534  # the uid that default_state_dir() is asked about as a user
 
 
 def row(id: str, seq: int, *, reason: str = "Migration disabled: test",
-        modes: tuple[str, ...] = ("normal",), internal: bool = False,
+        modes: tuple[str, ...] | None = ("normal",), internal: bool = False,
         owner: tuple[int, int, int] | None = None, added: float = 1.7e9) -> BlockerRow:
     return BlockerRow(id=id, reason=reason, modes=modes, internal=internal, owner=owner,
                       added=added, seq=seq)
@@ -132,7 +132,7 @@ def test_new_store_is_empty_and_the_file_says_what_it_is(tmp_path: Path) -> None
     assert directory.stat().st_mode & 0o777 == 0o700
     db = sqlite3.connect(directory / "state.db")
     try:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
         assert db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
@@ -668,7 +668,7 @@ def test_newer_format_is_refused_and_left_alone(tmp_path: Path) -> None:
     with pytest.raises(StateError) as refused:
         Store.open(tmp_path)
     assert str(refused.value) == (f"{tmp_path}/state.db was written by a newer migblockd "
-                                  "(format 7; this one reads up to 1); upgrade migblockd")
+                                  "(format 7; this one reads up to 2); upgrade migblockd")
     db = sqlite3.connect(tmp_path / "state.db")
     assert db.execute("PRAGMA user_version").fetchone()[0] == 7
     db.close()
@@ -1547,10 +1547,14 @@ def test_a_commit_whose_sync_failed_on_a_full_disk_is_not_replayed(tmp_path: Pat
 # -------------------------------------------------------------- migrations
 
 
+#: The current format, and the next one the tests below play.
+NOW, NEXT = len(MIGRATIONS), len(MIGRATIONS) + 1
+
+
 def add_origin(conn: sqlite3.Connection) -> None:
-    """A format 2 that a later migblockd might define: where each blocker came from."""
+    """A format that a later migblockd might define: where each blocker came from."""
     conn.execute("ALTER TABLE blocker ADD COLUMN origin TEXT NOT NULL DEFAULT ''")
-    conn.execute("UPDATE blocker SET origin = 'format-1:' || id")
+    conn.execute(f"UPDATE blocker SET origin = 'format-{NOW}:' || id")
 
 
 def test_older_format_is_migrated_forward_with_a_backup(
@@ -1563,41 +1567,41 @@ def test_older_format_is_migrated_forward_with_a_backup(
             Store.open(tmp_path, migrations=(*MIGRATIONS, add_origin)).close()
     finally:
         os.umask(umask)
-    assert caplog.messages == [f"migrated {tmp_path}/state.db from format 1 to 2; the file "
-                               f"as it was is kept as {tmp_path}/state.db.format-1"]
+    assert caplog.messages == [f"migrated {tmp_path}/state.db from format {NOW} to {NEXT}; the "
+                               f"file as it was is kept as {tmp_path}/state.db.format-{NOW}"]
     with Store.open(tmp_path, migrations=(*MIGRATIONS, add_origin)) as store:
         assert [r.id for r in store.load().blockers] == ["b0", "b1", "b2"]
         store.commit([Put(row("b3", 3))])
     db = sqlite3.connect(tmp_path / "state.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == NEXT
     assert db.execute("SELECT id, origin FROM blocker ORDER BY seq").fetchall() == [
-        ("b0", "format-1:b0"), ("b1", "format-1:b1"), ("b2", "format-1:b2"), ("b3", "")]
+        (f"b{n}", f"format-{NOW}:b{n}") for n in range(3)] + [("b3", "")]
     db.close()
     # Not the umask's mode (0644 here): it holds the same blockers.
-    assert stat.S_IMODE((tmp_path / "state.db.format-1").stat().st_mode) == 0o600
-    backup = sqlite3.connect(tmp_path / "state.db.format-1")
-    assert backup.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert stat.S_IMODE((tmp_path / f"state.db.format-{NOW}").stat().st_mode) == 0o600
+    backup = sqlite3.connect(tmp_path / f"state.db.format-{NOW}")
+    assert backup.execute("PRAGMA user_version").fetchone()[0] == NOW
     assert backup.execute("SELECT count(*) FROM blocker").fetchone()[0] == 3
     backup.close()
-    # This migblockd (format 1) now refuses the migrated file rather than misread it,
-    # and says where the copy is.
+    # This migblockd now refuses the migrated file rather than misread it, and says
+    # where the copy is.
     with pytest.raises(StateError) as refused:
         Store.open(tmp_path)
     assert str(refused.value) == (
-        f"{tmp_path}/state.db was written by a newer migblockd (format 2; this one reads up "
-        f"to 1); upgrade migblockd, or go back to {tmp_path}/state.db.format-1, the copy the "
-        "upgrade kept (changes made since are lost)")
+        f"{tmp_path}/state.db was written by a newer migblockd (format {NEXT}; this one reads "
+        f"up to {NOW}); upgrade migblockd, or go back to {tmp_path}/state.db.format-{NOW}, the "
+        "copy the upgrade kept (changes made since are lost)")
 
 
 def test_what_is_in_the_way_of_the_copy_before_a_migration_is_named(tmp_path: Path) -> None:
     filled(tmp_path, 2)
-    (tmp_path / "state.db.format-1").mkdir()
+    (tmp_path / f"state.db.format-{NOW}").mkdir()
     with pytest.raises(StateError) as refused:
         Store.open(tmp_path, migrations=(*MIGRATIONS, add_origin))
-    assert str(refused.value) == (f"cannot remove {tmp_path}/state.db.format-1, left by an "
-                                  "earlier start, to make it again: Is a directory; move it "
-                                  "away")
-    assert [r.id for r in reopened(tmp_path).blockers] == ["b0", "b1"]  # still format 1
+    assert str(refused.value) == (f"cannot remove {tmp_path}/state.db.format-{NOW}, left by "
+                                  "an earlier start, to make it again: Is a directory; move "
+                                  "it away")
+    assert [r.id for r in reopened(tmp_path).blockers] == ["b0", "b1"]  # still the format
 
 
 def test_failed_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:
@@ -1609,14 +1613,114 @@ def test_failed_migration_leaves_the_file_as_it_was(tmp_path: Path) -> None:
 
     with pytest.raises(StateError) as refused:
         Store.open(tmp_path, migrations=(*MIGRATIONS, broken))
-    assert str(refused.value) == (f"cannot migrate {tmp_path}/state.db from format 1 to 2 "
-                                  "(no such column: no_such_column); it is unchanged: report "
-                                  "this, and use the migblockd that wrote it")
+    assert str(refused.value) == (f"cannot migrate {tmp_path}/state.db from format {NOW} to "
+                                  f"{NEXT} (no such column: no_such_column); it is unchanged: "
+                                  "report this, and use the migblockd that wrote it")
     assert [r.id for r in reopened(tmp_path).blockers] == ["b0", "b1"]
     db = sqlite3.connect(tmp_path / "state.db")
     columns = [c[1] for c in db.execute("PRAGMA table_info(blocker)")]
     db.close()
     assert "origin" not in columns
+
+
+# ------------------------------------------- format 2: blockers of every mode
+
+FOUR = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
+
+
+def format_1(directory: Path, rows: dict[str, str], *edits: str) -> None:
+    """A state directory of format 1 holding a blocker per ``rows`` item (id, the
+    ``modes`` column's text), then ``edits`` made as the sqlite3 shell makes them."""
+    with Store.open(directory, MIGRATIONS[:1]) as store:
+        store.commit([Put(row(id, seq)) for seq, id in enumerate(rows)])
+    db = sqlite3.connect(directory / "state.db", isolation_level=None)
+    try:
+        db.executemany("UPDATE blocker SET modes = ? WHERE id = ?",
+                       [(modes, id) for id, modes in rows.items()])
+        for edit in edits:
+            db.execute(edit)
+    finally:
+        db.close()
+
+
+def test_a_blocker_of_every_mode_is_stored_as_such(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("all", 0, modes=None)), Put(row("four", 1, modes=FOUR))])
+    assert [r.modes for r in reopened(tmp_path).blockers] == [None, FOUR]
+    db = sqlite3.connect(tmp_path / "state.db")
+    try:
+        assert db.execute("SELECT id, modes FROM blocker ORDER BY seq").fetchall() == [
+            ("all", None), ("four", json.dumps(list(FOUR)))]
+    finally:
+        db.close()
+
+
+def test_format_1_reads_a_list_of_every_mode_of_its_day_as_every_mode(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Format 1 kept "every mode" as the modes of its day, as it kept a list naming
+    them all: such a row is read as every mode, which blocks more."""
+    four = json.dumps(list(FOUR))
+    format_1(tmp_path, {
+        "all": four,
+        "reordered": json.dumps(list(reversed(FOUR))),
+        "custom": json.dumps([*FOUR, "cpr-test"]),  # a --schema with a mode more
+        "three": json.dumps(list(FOUR[:3])),
+        "twice": json.dumps([*FOUR, "normal"]),  # refused by the restore, as before
+        "spaced": '[ "normal","cpr-reboot" ,"cpr-transfer","cpr-exec"]',
+    })
+    with caplog.at_level("INFO", "migblockd"):
+        snapshot = reopened(tmp_path)
+    assert caplog.messages == [f"migrated {tmp_path}/state.db from format 1 to 2; the file "
+                               f"as it was is kept as {tmp_path}/state.db.format-1"]
+    assert [(r.id, r.modes) for r in snapshot.blockers] == [
+        ("all", None), ("reordered", None), ("custom", None), ("three", FOUR[:3]),
+        ("twice", (*FOUR, "normal")), ("spaced", None)]
+    backup = sqlite3.connect(tmp_path / "state.db.format-1")
+    try:
+        assert backup.execute("SELECT modes FROM blocker WHERE id = 'all'").fetchone() == (four,)
+    finally:
+        backup.close()
+    # Stored as every mode from now on, and NULL still refused where it must be.
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("new", 9, modes=None))])
+        with pytest.raises(StateError) as refused:
+            store.commit([Put(row("none", 10, modes=()))])
+        assert str(refused.value) == (f"cannot commit to {store.path}: "
+                                      "CHECK constraint failed: modes <> '[]'")
+
+
+@pytest.mark.parametrize(("modes", "why"), [
+    ("'normal'", "modes 'normal' is not a list of names"),
+    ("'[\"normal\", 1, \"cpr-reboot\", \"cpr-transfer\", \"cpr-exec\"]'",
+     "modes '[\"normal\", 1, \"cpr-reboot\", \"cpr-transfer\", \"cpr-exec\"]' is not a "
+     "list of names"),
+    ("7", "modes '7' is not a list of names"),  # TEXT affinity: stored as text
+    ("x'5b226e6f726d616c225d'", "modes b'[\"normal\"]' is not a list of names"),
+])
+def test_a_bad_format_1_row_is_migrated_as_it_is_and_refused(
+    tmp_path: Path, modes: str, why: str
+) -> None:
+    """A hand-edited value is copied as it is, and refused as format 1 refused it:
+    with the one line that names it, and the copy of the file as it was kept."""
+    format_1(tmp_path, {"b0": json.dumps(list(FOUR)), "b1": "[\"normal\"]"},
+             f"UPDATE blocker SET modes = {modes} WHERE id = 'b1'")
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path, restore=lambda snapshot: None)
+    assert str(refused.value) == (f"{tmp_path}/state.db is corrupt (blocker 'b1': {why}); "
+                                  "restore it from a backup, or move it away to start from "
+                                  "scratch")
+    assert (tmp_path / "state.db.format-1").exists()
+
+
+def test_a_format_1_row_whose_modes_are_not_utf8_is_refused(tmp_path: Path) -> None:
+    format_1(tmp_path, {"b0": json.dumps(list(FOUR))},
+             "UPDATE blocker SET modes = CAST(x'5b226e6f726dff225d' AS TEXT)")
+    with pytest.raises(StateError) as refused:
+        Store.open(tmp_path, restore=lambda snapshot: None)
+    assert str(refused.value) == (f"{tmp_path}/state.db is corrupt (text in column 'modes' is "
+                                  "not UTF-8); restore it from a backup, or move it away to "
+                                  "start from scratch")
 
 
 # ---------------------------------------------------------- default directory

@@ -36,7 +36,13 @@ class Owner:
 class Blocker:
     """One registered blocker.  Treat it as read-only: the store indexes it.
 
-    ``modes`` lists the modes it blocks in MigMode order.  ``internal`` only
+    ``modes`` lists the modes it blocks in MigMode order; ``every_mode`` says
+    that it was added for every mode (QEMU's ``MIG_MODE_ALL``, ``add-blocker``
+    without ``modes``), which ``modes`` then lists as the schema of now has
+    them: the disk keeps "every mode", so a restart with a schema that adds a
+    mode blocks that one too.  A list that names each mode is not that (in
+    QEMU ``migrate_add_blocker_modes()`` with each mode, not
+    ``migrate_add_blocker()``): it stays that list.  ``internal`` only
     exempts it from ``-only-migratable`` (QEMU's ``migrate_add_blocker_internal``
     is for QEMU's own temporary blockers, such as dump-guest-memory's).
     ``connection`` is the connection that added a ``scope: connection``
@@ -45,15 +51,16 @@ class Blocker:
     ``cache`` is free for the wire layer to keep this blocker's encoded form.
     """
 
-    __slots__ = ("_chains", "_newer", "_older", "added", "cache", "connection", "id",
-                 "internal", "modes", "owner", "reason", "scope", "seq")
+    __slots__ = ("_chains", "_newer", "_older", "added", "cache", "connection", "every_mode",
+                 "id", "internal", "modes", "owner", "reason", "scope", "seq")
 
     def __init__(self, id: str, reason: str, modes: tuple[str, ...], internal: bool,
                  scope: str, owner: Owner | None, added: float, seq: int,
-                 connection: object | None = None) -> None:
+                 connection: object | None = None, *, every_mode: bool = False) -> None:
         self.id = id
         self.reason = reason
         self.modes = modes
+        self.every_mode = every_mode
         self.internal = internal
         self.scope = scope
         self.owner = owner
@@ -66,7 +73,8 @@ class Blocker:
         self._newer: list[Blocker | None] = []
 
     def __repr__(self) -> str:
-        return (f"Blocker(id={self.id!r}, reason={self.reason!r}, modes={self.modes!r}, "
+        modes = "every" if self.every_mode else repr(self.modes)
+        return (f"Blocker(id={self.id!r}, reason={self.reason!r}, modes={modes}, "
                 f"internal={self.internal!r}, scope={self.scope!r}, seq={self.seq!r})")
 
 

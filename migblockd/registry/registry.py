@@ -148,7 +148,8 @@ class Registry(MigrationControl):
         them before a command has any effect; then QEMU's own order:
         :class:`OnlyMigratable` (only for a non-internal blocker whose modes include
         ``normal``), then :class:`MigrationBusy` (internal blockers too).  A refused
-        blocker is not registered.  ``modes=None`` means every mode; duplicates in
+        blocker is not registered.  ``modes=None`` means every mode
+        (:attr:`Blocker.every_mode`, kept as such on disk); duplicates in
         ``modes`` collapse, as in QEMU's bit set.  Queues BLOCKER_ADDED.
         """
         wanted = self.check_add(reason, modes=modes, internal=internal, id=id, scope=scope,
@@ -158,7 +159,8 @@ class Registry(MigrationControl):
             if reserve is not None:
                 self._journal.append(reserve)
         blocker = Blocker(id, reason, wanted, internal, scope, owner, self._clock.time(),
-                          self._seq, connection if scope == "connection" else None)
+                          self._seq, connection if scope == "connection" else None,
+                          every_mode=modes is None)
         self._seq += 1
         self._store.add(blocker)
         self._version += 1

@@ -16,7 +16,9 @@ __all__ = ["BlockerRow", "Change", "Delete", "Put", "Setting", "Snapshot"]
 class BlockerRow:
     """One daemon-scoped blocker.
 
-    ``modes`` lists the modes it blocks (never empty); ``owner`` is the
+    ``modes`` lists the modes it blocks (never empty), or is None for one
+    that blocks every mode (QEMU's ``MIG_MODE_ALL``): every mode of the schema
+    of the day, including those added after it was stored; ``owner`` is the
     ``(pid, uid, gid)`` of the client that added it, or None; ``added`` is
     the wall time it was added; ``seq`` ranks blockers by age (larger is
     newer), so the registry can rebuild its lists in the same order.
@@ -24,7 +26,7 @@ class BlockerRow:
 
     id: str
     reason: str
-    modes: tuple[str, ...]
+    modes: tuple[str, ...] | None
     internal: bool
     owner: tuple[int, int, int] | None
     added: float

@@ -20,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from migblockd.access import Role
+from migblockd.admitting import Admitting
 from migblockd.connection import Connection
 from migblockd.ending import LINGER, Ending
 from migblockd.logs import WIRE_LIMIT, shown
@@ -34,6 +37,7 @@ from migblockd.peer import (
     lost_words,
     ordinary_loss,
 )
+from migblockd.registry import Owner
 from migblockd.roster import BATCH
 
 if TYPE_CHECKING:
@@ -60,7 +64,7 @@ def read_buffer() -> memoryview:
     return memoryview(bytearray(READ_SIZE))
 
 
-class ClientProtocol(Ending, asyncio.BufferedProtocol):
+class ClientProtocol(Admitting, Ending, asyncio.BufferedProtocol):
     """The transport of one connection, and when to read from it."""
 
     def __init__(self, server: Server) -> None:
@@ -86,14 +90,28 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         #: A refused connection lingering for its peer to close (_turn_away).
         self.refusal_lingering = False
         self.refused_uid: int | None = None
+        #: Waiting for its role's look-up (migblockd.admitting): what cancels the wait,
+        #: what the client sent meanwhile, and its credentials.
+        self.judging: Callable[[], None] | None = None
+        self.early = bytearray()
+        self.owner: Owner | None = None
 
     # -- asyncio.BufferedProtocol --------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but quack alike.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        owner = client_owner(transport)
+        role = self.core.guard.judge.judged(owner)
+        if role is None:
+            assert owner is not None  # one without credentials needs no look-up
+            self.wait_for_role(transport, owner)
+            return
+        self.admit(transport, owner, role)
+
+    def admit(self, transport: asyncio.Transport, owner: Owner | None, role: Role) -> None:
         self.connected_at = self.server.loop.time()
-        self.conn = conn = self.core.connect(client_owner(transport))
+        self.conn = conn = self.core.connect(owner, role)
         if conn.refused:
             self.conn = None
             transport.write(self.core.data_to_send(conn))
@@ -146,6 +164,8 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         conn = self.conn
+        if self.held(data):
+            return
         if conn is None or self.lingering:
             self.discarded += len(data)
             return
@@ -160,6 +180,8 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         self.server.received(self)
 
     def eof_received(self) -> bool:
+        if (held := self.held_eof()) is not None:
+            return held
         if self.conn is None or self.lingering:
             return False  # asyncio closes the transport
         self.eof = self.peer_eof = True
@@ -176,6 +198,7 @@ class ClientProtocol(Ending, asyncio.BufferedProtocol):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_while_judged()
         self.server.losing.discard(self)
         self.server.acceptor_freed()
         if self.refusal_lingering:

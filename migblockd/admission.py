@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 
 from migblockd.registry import Owner
-from migblockd.resolver import who
+from migblockd.resolver import named as who
 
 __all__ = ["ADMIN_SLOTS_MAX", "Admission", "admin_slots", "exempt_from_uid_limit"]
 

@@ -97,6 +97,7 @@ class Core(Roster, Outcomes, Calls):
                            quotas if quotas is not None else Quotas())
         # One throttle for every refusal's line, the guard's and the registry's.
         self.handlers.bounded = self.guard.bounded
+        self.guard.judge.on_names = self.renamed
         self.greeting: dict[str, Any] = {
             "QMP": {"version": version_info(), "capabilities": ["oob"]}
         }

@@ -48,12 +48,14 @@ from typing import Any, NoReturn
 
 from migblockd.access import Policy, Quotas, Role, needed_role
 from migblockd.connection import Connection
+from migblockd.databases import caches, install
+from migblockd.judge import Judge, Prepared
 from migblockd.logs import about, shown
 from migblockd.logs.throttle import Throttle
 from migblockd.qmp.errors import QMPError
 from migblockd.quota_rules import OverQuota, QuotaRules
 from migblockd.registry import Owner, Registry
-from migblockd.resolver import Resolver, clear_caches, user_name, who
+from migblockd.resolver import Resolver, clear_caches, named, policy_warnings, user_name
 
 __all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "policy_warnings", "refusal_kind",
            "same_uid", "whose"]
@@ -103,36 +105,12 @@ def refusal_kind(name: str, refusal: type[BaseException]) -> tuple[str, str, str
 
 def whose(owner: Owner | None) -> str:
     """Whose a blocker is, as refusals and the log say it: ``uid 1001 (alice)``."""
-    return "no known uid" if owner is None else who(owner.uid)
+    return "no known uid" if owner is None else named(owner.uid)
 
 
 def same_uid(owner: Owner | None, other: Owner | None) -> bool:
     """Both are the same known uid: a blocker of one is the other's own."""
     return owner is not None and other is not None and owner.uid == other.uid
-
-
-def policy_warnings(resolver: Resolver) -> list[str]:
-    """What the start and each reload warn of in the access policy (and
-    ``--check-config`` prints): none stops the daemon, each is a policy that does
-    not do what it says."""
-    # Not an error: the user may be created later (it counts after a reload).
-    lines = [f"access: the policy names {name}, which does not exist"
-             for name in resolver.unknown_names()]
-    lines += [f"access: the policy gives {entry}, but root and the daemon's own user are "
-              "always admin" for entry in resolver.overruled()]
-    lines += [f"access: the policy gives {entry}: the entry by number applies (a user's uid "
-              "is looked up before its name); give the user one entry"
-              for entry in resolver.shadowed()]
-    lines += [f"access: the policy gives {entry}" for entry in resolver.named_like_numbers()]
-    if resolver.policy.default_role is Role.ADMIN:
-        # Access control is then off for whoever the socket's mode lets in (with 0666,
-        # every local user): said, as the other roles' limits are the point of a policy.
-        lines.append("access: default-role is admin: every user who can connect to the "
-                     "socket, and any client whose uid the kernel did not report, is an "
-                     "admin, who may migrate to an exec: URI (QEMU runs the command as its "
-                     "own user), run the commands forwarded to QEMU and delete any blocker; "
-                     "give admin in users or groups to those who need it instead")
-    return lines
 
 
 class Guard(QuotaRules):
@@ -155,6 +133,8 @@ class Guard(QuotaRules):
         self.policy = policy
         self.quotas = quotas
         self.resolver = Resolver(policy, self.daemon_uid)
+        self.judge = Judge(self)
+        self._look_up_owners()
         self._share_counts()
         # A client may repeat a refused request in a loop: its lines are bounded.
         self.throttle = Throttle()
@@ -177,6 +157,7 @@ class Guard(QuotaRules):
         self.policy = policy
         self.quotas = quotas
         self.resolver = Resolver(policy, self.daemon_uid)
+        self._look_up_owners()
         self._share_counts()
         changes: dict[str, None] = {}  # in the connections' order, each once
         for conn, was in before.items():
@@ -188,6 +169,46 @@ class Guard(QuotaRules):
         self._warn_about_quotas()
         return {uid for uid in self.registry.owners()
                 if uid is not None and user_name(uid) != known.get(uid)}, list(changes)
+
+    def _look_up_owners(self) -> None:
+        """At the start, before serving (or a reload without an event loop: tests):
+        the names of root, of the daemon's user and of the blockers' owners, and
+        the roles the quotas ask of the owners, looked up here."""
+        for uid in (0, self.daemon_uid):
+            user_name(uid)
+        for owner in self.registry.owners():
+            if owner is not None:
+                user_name(owner)
+                for key in {*self.resolver.keys_of(owner, None), (owner, None)}:
+                    self.resolver.role(*key)
+
+    def apply(self, prepared: Prepared, policy: Policy, quotas: Quotas,
+              connections: Iterable[Connection]) -> tuple[set[int], list[str], list[Connection]]:
+        """:meth:`configure` with what the reload looked up off the loop
+        (:meth:`Judge.prepare`), all at once.  Also returns the connections whose
+        new role it did not ask for (connected meanwhile): they are judged again."""
+        before = {conn: self.role_of(conn) for conn in connections}
+        known = install(prepared.resolver.facts)
+        self.policy, self.quotas, self.resolver = policy, quotas, prepared.resolver
+        self._share_counts()
+        changes: dict[str, None] = {}  # in the connections' order, each once
+        late = []
+        for conn, was in before.items():
+            owner = conn.owner
+            now = (self.resolver.known(None) if owner is None else
+                   self.resolver.known(owner.uid, owner.gid, provisional=True))
+            if now is None:
+                late.append(conn)
+                continue
+            conn.role = now
+            if now is not was:
+                changes[f"{self._who(conn)} is {now} (was {was})"] = None
+        for line in prepared.warnings:
+            log.warning("%s", line)
+        self._warn_about_quotas()
+        users = caches().users
+        return ({uid for uid in self.registry.owners()
+                 if uid is not None and users.get(uid) != known.get(uid)}, list(changes), late)
 
     def _warn_about_policy(self) -> None:
         for line in policy_warnings(self.resolver):
@@ -282,7 +303,7 @@ class Guard(QuotaRules):
     # -- wording -----------------------------------------------------------------------
     @staticmethod
     def _who(conn: Connection) -> str:
-        return who(None if conn.owner is None else conn.owner.uid)
+        return named(None if conn.owner is None else conn.owner.uid)
 
     def bounded(self, kind: Hashable, owner: Owner | None) -> str | None:
         """Whether a line of ``kind`` about ``owner``'s uid goes out now, and what

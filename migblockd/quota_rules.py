@@ -18,7 +18,8 @@ from migblockd.access import Quotas, Role
 from migblockd.connection import Connection
 from migblockd.qmp.errors import QMPError
 from migblockd.registry import Owner, Registry
-from migblockd.resolver import Resolver, who
+from migblockd.resolver import Resolver
+from migblockd.resolver import named as who
 
 __all__ = ["OverQuota", "QuotaRules"]
 
@@ -65,8 +66,7 @@ class QuotaRules:
             if uid not in decided:
                 # Not an admin's: what an admin holds counts against nobody.
                 owner = resolver.owner_of(uid)
-                decided[uid] = (None if owner is None or resolver.role(uid) is Role.ADMIN
-                                else owner)
+                decided[uid] = (None if owner is None or self._admin(uid) else owner)
             return decided[uid]
 
         self.registry.share_counts(shared_with if resolver.has_subordinates else None)
@@ -75,6 +75,12 @@ class QuotaRules:
         """The uid whose per-uid limits ``owner``'s connections and blockers count
         against: the user a subordinate uid belongs to, else its own."""
         return None if owner is None else self._user_of(owner.uid)
+
+    def _admin(self, uid: int | None) -> bool:
+        """Whether ``uid`` is an admin, as the databases said (looked up when its
+        connection came, at the start, or at the reload: never here, on the
+        loop); not known: not taken for one."""
+        return self.resolver.known(uid, provisional=True) is Role.ADMIN
 
     def _user_of(self, uid: int) -> int:
         user = self.resolver.owner_of(uid) if self.resolver.has_subordinates else None
@@ -98,7 +104,7 @@ class QuotaRules:
         limit = quotas.max_blockers_per_uid
         users = {None if uid is None else self._user_of(uid) for uid in registry.owners()}
         over = sorted(((registry.count_held(user), user) for user in users
-                       if self.resolver.role(user) < Role.ADMIN
+                       if not self._admin(user)
                        and registry.count_held(user) > limit),
                       key=lambda held: (-held[0], -1 if held[1] is None else held[1]))
         if len(over) == 1:
@@ -134,7 +140,7 @@ class QuotaRules:
             uid = None if owner is None else owner.uid
             user = self.counted_uid(owner)
             owned = registry.count_held(user)
-            if user != uid and self.resolver.role(user) is Role.ADMIN:
+            if user != uid and self._admin(user):
                 # An admin's own blockers are exempt, and must not use up the quota
                 # of its subordinate uids (root's are every rootful container's).
                 owned -= registry.count_owned(user)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from migblockd.databases import caches
 from migblockd.qmp.encoding import Encoded, encode, encode_event, timestamp
 from migblockd.registry import Blocker, Event
-from migblockd.resolver import user_name
 
 __all__ = ["blocker_info", "blocker_text", "event_data", "event_line"]
 
@@ -28,7 +28,9 @@ def blocker_info(blocker: Blocker) -> dict[str, Any]:
     owner = blocker.owner
     if owner is not None:
         who: dict[str, Any] = {"pid": owner.pid, "uid": owner.uid, "gid": owner.gid}
-        name = user_name(owner.uid)  # cached per uid
+        # As looked up when its client connected, at the start or at the last reload:
+        # never here (a database that does not answer must not hold a listing).
+        name = caches().users.get(owner.uid)
         if name is not None:
             who["user"] = name
         info["owner"] = who

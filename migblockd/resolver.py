@@ -28,33 +28,65 @@ A connection whose credentials the kernel did not give has ``default-role``.
 
 from __future__ import annotations
 
-import contextlib
-import grp
-import os
-import pwd
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Protocol
 
 from migblockd.access import Policy, Role, is_number
+from migblockd.databases import (
+    CACHE_SIZE,
+    Facts,
+    Live,
+    NeedsLookup,
+    Said,
+    caches,
+    clear_caches,
+    group_id,
+    group_name,
+    groups_of,
+    known_name,
+    learn,
+    named,
+    named_like,
+    uid_of,
+    user_name,
+    who,
+)
 from migblockd.subordinates import SUBGID_FILE, SUBUID_FILE, Subordinates
 
 __all__ = [
     "CACHE_SIZE",
+    "Facts",
+    "Key",
+    "Live",
+    "NeedsLookup",
     "Resolver",
     "clear_caches",
     "group_id",
     "group_name",
     "groups_of",
+    "known_name",
+    "learn",
+    "named",
     "named_like",
+    "policy_warnings",
     "user_name",
     "who",
 ]
 
 
-#: Distinct (uid, gid) pairs remembered before the cache starts over: a bound,
-#: not a tuning knob (each entry is a few dozen bytes).
-CACHE_SIZE: Final = 4096
+#: A role asked for: (uid, gid), the gid None when only the uid counts.
+Key = tuple[int, int | None]
+
+
+class Source(Protocol):
+    """Where a resolver's answers come from: the databases, or what they said."""
+
+    misses: int
+
+    def user(self, uid: int) -> str | None: ...
+    def group(self, gid: int) -> str | None: ...
+    def groups_of(self, uid: int) -> set[int]: ...
 
 
 @dataclass
@@ -72,11 +104,17 @@ class Resolver:
     #: names are).
     subuid_file: str = SUBUID_FILE
     subgid_file: str = SUBGID_FILE
+    #: What the databases said, that :meth:`known` reads: the process's, or a
+    #: reload's own until it applies them (:func:`migblockd.databases.install`).
+    facts: Facts = field(default_factory=caches, repr=False, compare=False)
     _users_by_id: dict[int, Role] = field(init=False, repr=False)
     _users_by_name: dict[str, Role] = field(init=False, repr=False)
     _groups_by_id: dict[int, Role] = field(init=False, repr=False)
     _groups_by_name: dict[str, Role] = field(init=False, repr=False)
-    _cache: dict[tuple[int, int | None], Role] = field(init=False, repr=False)
+    _cache: dict[Key, Role] = field(init=False, repr=False)
+    #: Answers that rest on a look-up that found nothing: not for the next
+    #: connection (judged afresh), but for what the quotas ask meanwhile.
+    _provisional: dict[Key, Role] = field(init=False, repr=False)
     _subuids: Subordinates = field(init=False, repr=False)
     _subgids: Subordinates = field(init=False, repr=False)
 
@@ -84,49 +122,103 @@ class Resolver:
         self._users_by_id, self._users_by_name = _split(self.policy.users)
         self._groups_by_id, self._groups_by_name = _split(self.policy.groups)
         self._cache = {}
-        self._subuids = Subordinates(self.subuid_file, _uid_of)
-        self._subgids = Subordinates(self.subgid_file, _uid_of)
+        self._provisional = {}
+        self._subuids = Subordinates(self.subuid_file, uid_of)
+        self._subgids = Subordinates(self.subgid_file, uid_of)
 
     def role(self, uid: int | None, gid: int | None = None) -> Role:
         """The role of a peer with this uid (and, from ``SO_PEERCRED``, gid).
 
-        An answer that rests on a lookup that found nothing is not kept: the
-        C library says "not found" when it could not look (out of file
-        descriptors), and such an answer must not outlive the moment.
+        An answer that rests on a lookup that found nothing is not kept for the
+        next connection: the C library says "not found" when it could not look
+        (out of file descriptors), and such an answer must not outlive the
+        moment (the quotas take it, :meth:`known` with ``provisional``).
         """
         if uid is None:
             return self.policy.default_role
         key = (uid, gid)
         role = self._cache.get(key)
         if role is None:
-            misses = _lookups.misses
-            role = self._resolve(uid, gid)
-            if _lookups.misses == misses:
-                if len(self._cache) >= CACHE_SIZE:
-                    self._cache.clear()
-                self._cache[key] = role
+            role, firm = self._answer(key, self.facts)
+            self.learn({key: (role, firm)})
         return role
 
-    def _resolve(self, uid: int, gid: int | None, *, own: bool = False) -> Role:
+    def known(self, uid: int | None, gid: int | None = None, *,
+              provisional: bool = False) -> Role | None:
+        """What :meth:`role` says, when it needs nothing the databases have not said
+        yet; else None (:meth:`answers` asks them, off the loop).  Never blocks:
+        the event loop's.  ``provisional``: an answer that rested on a look-up
+        that found nothing does too (not for a connection: each is judged afresh)."""
+        if uid is None:
+            return self.policy.default_role
+        key = (uid, gid)
+        role = self._cache.get(key)
+        if role is None:
+            if provisional and (role := self._provisional.get(key)) is not None:
+                return role
+            try:
+                role, _ = self._answer(key, Said(self.facts))
+            except NeedsLookup:
+                return None
+            self._keep(key, role)
+        return role
+
+    def answers(self, keys: Iterable[Key], source: Source) -> dict[Key, tuple[Role, bool]]:
+        """Each key's role from ``source``, and whether it is firm (no look-up found
+        nothing): off the loop, for :meth:`learn` to keep on it."""
+        return {key: self._answer(key, source) for key in keys}
+
+    def learn(self, answers: dict[Key, tuple[Role, bool]]) -> None:
+        """Keep what :meth:`answers` found."""
+        for key, (role, firm) in answers.items():
+            if firm:
+                self._provisional.pop(key, None)
+                self._keep(key, role)
+            else:
+                if len(self._provisional) >= CACHE_SIZE:
+                    self._provisional.clear()
+                self._provisional[key] = role
+
+    def keys_of(self, uid: int, gid: int | None) -> list[Key]:
+        """The roles asked about a connection of ``uid`` and ``gid``: its own and, for
+        a subordinate uid, those the quotas ask (the uid's alone, its user's)."""
+        keys: list[Key] = [(uid, gid)]
+        owner = self.owner_of(uid) if self._subuids else None
+        if owner is not None:
+            keys += [(uid, None), (owner, None)]
+        return keys
+
+    def _keep(self, key: Key, role: Role) -> None:
+        if len(self._cache) >= CACHE_SIZE:
+            self._cache.clear()
+        self._cache[key] = role
+
+    def _answer(self, key: Key, source: Source) -> tuple[Role, bool]:
+        misses = source.misses
+        role = self._resolve(key[0], key[1], source)
+        return role, source.misses == misses
+
+    def _resolve(self, uid: int, gid: int | None, source: Source, *,
+                 own: bool = False) -> Role:
         if uid in (0, self.daemon_uid):
             return Role.ADMIN
         role = self._users_by_id.get(uid)
         if role is None and self._users_by_name:
-            name = user_name(uid)
+            name = source.user(uid)
             if name is not None:
                 role = self._users_by_name.get(name)
         if role is not None:
             return role
         role = self.policy.default_role
         if self._groups_by_id or self._groups_by_name:
-            listed = groups_of(uid, None)
-            roles = [r for g in listed if (r := self._group_role(g)) is not None]
+            listed = source.groups_of(uid)
+            roles = [r for g in listed if (r := self._group_role(g, source)) is not None]
             if gid is not None and gid not in listed:
-                reported = self._group_role(gid)
+                reported = self._group_role(gid, source)
                 if reported is not None:
                     # Not a member: the gid may be an owner's by newgidmap.
                     for owner in self._subgids.owners_of(gid):
-                        reported = min(reported, self._resolve(owner, None, own=True))
+                        reported = min(reported, self._resolve(owner, None, source, own=True))
                     roles.append(reported)
             if roles:
                 role = max(roles)
@@ -134,7 +226,7 @@ class Resolver:
             # Every user whose range holds it can setuid() to it.
             for owner in self._subuids.owners_of(uid):
                 if owner != uid:
-                    role = min(role, self._resolve(owner, None, own=True))
+                    role = min(role, self._resolve(owner, None, source, own=True))
         return role
 
     def owner_of(self, uid: int) -> int | None:
@@ -148,13 +240,13 @@ class Resolver:
         """Whether any user has subordinate uids (else nobody's count is shared)."""
         return bool(self._subuids)
 
-    def _group_role(self, gid: int) -> Role | None:
+    def _group_role(self, gid: int, source: Source) -> Role | None:
         role = self._groups_by_id.get(gid)
         if self._groups_by_name:
             # Named by number and by name, a group has two entries: the higher
             # wins, as among the user's groups (unlike users, where one entry
             # is the more specific).
-            name = group_name(gid)
+            name = source.group(gid)
             by_name = None if name is None else self._groups_by_name.get(name)
             if by_name is not None and (role is None or by_name > role):
                 role = by_name
@@ -166,7 +258,7 @@ class Resolver:
         admins = {0, self.daemon_uid}
         return [f"user {key!r} role {role}" for key, role in self.policy.users
                 if role < Role.ADMIN
-                and (int(key) if is_number(key) else _uid_of(key)) in admins]
+                and (int(key) if is_number(key) else uid_of(key)) in admins]
 
     def shadowed(self) -> list[str]:
         """``users`` entries by name that an entry by number for the same uid
@@ -174,7 +266,7 @@ class Resolver:
         however specific it looks, since the number is looked up first)."""
         shadowed = []
         for name, role in self._users_by_name.items():
-            uid = _uid_of(name)
+            uid = uid_of(name)
             by_number = None if uid is None else self._users_by_id.get(uid)
             if by_number is not None and by_number != role and uid not in (0, self.daemon_uid):
                 shadowed.append(f"user {name!r} role {role} and its uid {uid} role {by_number}")
@@ -195,7 +287,7 @@ class Resolver:
 
     def unknown_names(self) -> list[str]:
         """Names in the policy that the user and group databases do not know (to warn)."""
-        missing = [f"user {n!r}" for n in self._users_by_name if _uid_of(n) is None]
+        missing = [f"user {n!r}" for n in self._users_by_name if uid_of(n) is None]
         missing += [f"group {n!r}" for n in self._groups_by_name if group_id(n) is None]
         return missing
 
@@ -211,113 +303,25 @@ def _split(pairs: Iterable[tuple[str, Role]]) -> tuple[dict[int, Role], dict[str
     return by_id, by_name
 
 
-# --------------------------------------------------------------------------- the databases
-
-
-class _Lookups:
-    """Names found in the user and group databases, kept; misses, only counted.
-
-    A miss is not kept: ``getpwuid()`` reports a failure to look (no file
-    descriptor left to open ``/etc/passwd``) as "no such user", and a cached
-    miss would outlive it until the next reload.
-    """
-
-    def __init__(self) -> None:
-        self.users: dict[int, str] = {}
-        self.groups: dict[int, str] = {}
-        self.misses = 0
-
-    def user(self, uid: int) -> str | None:
-        return self._name(self.users, uid, lambda: pwd.getpwuid(uid).pw_name)
-
-    def group(self, gid: int) -> str | None:
-        return self._name(self.groups, gid, lambda: grp.getgrgid(gid).gr_name)
-
-    def _name(self, cache: dict[int, str], key: int, look: Callable[[], str]) -> str | None:
-        name = cache.get(key)
-        if name is None:
-            try:
-                name = look()
-            except (KeyError, OverflowError):
-                self.misses += 1
-                return None
-            if len(cache) >= CACHE_SIZE:
-                cache.clear()
-            cache[key] = name
-        return name
-
-
-_lookups = _Lookups()
-
-
-def user_name(uid: int) -> str | None:
-    """The name of ``uid`` in the user database, or None."""
-    return _lookups.user(uid)
-
-
-def who(uid: int | None) -> str:
-    """A uid as refusals and the log name it: ``uid 65534 (nobody)``."""
-    if uid is None:
-        return "a client whose uid the kernel did not report"
-    name = user_name(uid)
-    return f"uid {uid} ({name})" if name is not None else f"uid {uid}"
-
-
-def group_name(gid: int) -> str | None:
-    return _lookups.group(gid)
-
-
-def group_id(name: str) -> int | None:
-    """A group given by name or decimal number, as a gid; None when there is no such name."""
-    if is_number(name):
-        return int(name)
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        return None
-
-
-def named_like(number: str, kind: str) -> int | None:
-    """The id of the ``kind`` ("user" or "group") *named* ``number``, when that is
-    not the number itself: the daemon reads a number as an id (as systemd's
-    ``SocketGroup=`` does), where chown(1) tries the name first."""
-    if not is_number(number):
-        return None
-    try:
-        found = (pwd.getpwnam(number).pw_uid if kind == "user"
-                 else grp.getgrnam(number).gr_gid)
-    except KeyError:
-        return None
-    return None if found == int(number) else found
-
-
-def _uid_of(name: str) -> int | None:
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        return None
-
-
-def groups_of(uid: int, gid: int | None) -> set[int]:
-    """``gid`` (the connection's), the user's primary group and its supplementary groups."""
-    gids = set() if gid is None else {gid}
-    try:
-        entry = pwd.getpwuid(uid)
-    except (KeyError, OverflowError):
-        _lookups.misses += 1
-        return gids
-    gids.add(entry.pw_gid)
-    with contextlib.suppress(OSError):
-        gids.update(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    return gids
-
-
-def clear_caches() -> dict[int, str]:
-    """Forget the names looked up so far (the databases may have changed).
-
-    Returns the user names known until now, for whoever showed them to tell
-    which are no longer right.
-    """
-    users, _lookups.users = _lookups.users, {}
-    _lookups.groups.clear()
-    return users
+def policy_warnings(resolver: Resolver) -> list[str]:
+    """What the start and each reload warn of in the access policy (and
+    ``--check-config`` prints): none stops the daemon, each is a policy that does
+    not do what it says."""
+    # Not an error: the user may be created later (it counts after a reload).
+    lines = [f"access: the policy names {name}, which does not exist"
+             for name in resolver.unknown_names()]
+    lines += [f"access: the policy gives {entry}, but root and the daemon's own user are "
+              "always admin" for entry in resolver.overruled()]
+    lines += [f"access: the policy gives {entry}: the entry by number applies (a user's uid "
+              "is looked up before its name); give the user one entry"
+              for entry in resolver.shadowed()]
+    lines += [f"access: the policy gives {entry}" for entry in resolver.named_like_numbers()]
+    if resolver.policy.default_role is Role.ADMIN:
+        # Access control is then off for whoever the socket's mode lets in (with 0666,
+        # every local user): said, as the other roles' limits are the point of a policy.
+        lines.append("access: default-role is admin: every user who can connect to the "
+                     "socket, and any client whose uid the kernel did not report, is an "
+                     "admin, who may migrate to an exec: URI (QEMU runs the command as its "
+                     "own user), run the commands forwarded to QEMU and delete any blocker; "
+                     "give admin in users or groups to those who need it instead")
+    return lines

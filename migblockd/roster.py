@@ -20,7 +20,9 @@ for what the commit's outcome does to them.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from migblockd import logs
@@ -29,6 +31,7 @@ from migblockd.admission import Admission
 from migblockd.commands import Handlers
 from migblockd.connection import Connection
 from migblockd.guard import Guard
+from migblockd.judge import Prepared
 from migblockd.ledger import Ledger
 from migblockd.logs import about, shown
 from migblockd.logs.throttle import Throttle
@@ -37,6 +40,7 @@ from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
 from migblockd.qmp.session import Session
 from migblockd.registry import Owner, Registry
+from migblockd.resolver import user_name
 from migblockd.stats import Stats
 
 __all__ = ["BATCH", "CONNECTION_BURST", "TURN_OUTPUT", "Roster", "held_full"]
@@ -91,8 +95,12 @@ class Roster:
         def _publish(self, durable: bool) -> None: ...
 
     # -- connections -----------------------------------------------------------
-    def connect(self, owner: Owner | None) -> Connection:
+    def connect(self, owner: Owner | None, role: Role | None = None) -> Connection:
         """A new connection; its greeting is pending at once.
+
+        ``role``: the one the guard judged (:class:`migblockd.judge.Judge`, off the
+        loop when it needed a look-up); without it, judged here (looked up, when
+        need be: not on a serving loop).
 
         Past the admission's limits the connection is ``refused``: its only
         output is an error line saying why, and the caller closes it after
@@ -101,6 +109,9 @@ class Roster:
         self._numbers += 1
         conn = Connection(self._numbers, owner, Session(self.table, self.greeting, self.limits))
         self.stats.connections += 1
+        conn.role = role
+        if role is None and owner is not None:
+            user_name(owner.uid)  # judged here: its name too, as the judge looks it up
         admin = self.guard.role_of(conn) is Role.ADMIN
         conn.counted = self.guard.counted_uid(owner)
         refusal = self.admission.refusal(owner, len(self.connections), admin=admin,
@@ -148,12 +159,39 @@ class Roster:
         """
         renamed, roles = self.guard.configure(policy, quotas, self.connections)
         self._repool()
-        if renamed:
-            for blocker in self.registry.blockers():
-                if blocker.owner is not None and blocker.owner.uid in renamed:
-                    blocker.cache = None
-            self.handlers.listings.reset()
+        self.renamed(renamed)
         return roles
+
+    def apply_access(self, prepared: Prepared, policy: Policy, quotas: Quotas) -> list[str]:
+        """:meth:`configure_access` with what a reload looked up off the loop
+        (:meth:`migblockd.guard.Guard.apply`)."""
+        renamed, roles, late = self.guard.apply(prepared, policy, quotas, self.connections)
+        self._repool()
+        self.renamed(renamed)
+        for conn in late:
+            assert conn.owner is not None  # one without credentials needs no look-up
+            self.guard.judge.wait(conn.owner, functools.partial(self._rejudged, conn))
+        return roles
+
+    def _rejudged(self, conn: Connection, role: Role | None) -> None:
+        """A connection that came while a reload looked up has its new role."""
+        if role is not None and conn in self.connections and role is not conn.role:
+            logs.info(log, "%s is %s (was %s): the reload's policy", conn.label, role, conn.role,
+                      extra=about(conn))
+            conn.role = role
+            self._repool()
+
+    def renamed(self, uids: Iterable[int]) -> None:
+        """The user names of ``uids`` are new (looked up, or changed at a reload): their
+        blockers are encoded again, so that ``query-blockers`` shows every blocker of a
+        uid under its name of now."""
+        uids = set(uids)
+        if not uids or not any(uid in uids for uid in self.registry.owners()):
+            return
+        for blocker in self.registry.blockers():
+            if blocker.owner is not None and blocker.owner.uid in uids:
+                blocker.cache = None
+        self.handlers.listings.reset()
 
     def _repool(self) -> None:
         """Count each connection against its uid's bound as its role now says: one

@@ -29,12 +29,14 @@ from typing import Any
 
 from migblockd.accept import Acceptor, fit_descriptor_limit
 from migblockd.adapter import ClientProtocol, read_buffer
+from migblockd.admitting import Admitting
 from migblockd.config import Config, ConfigError, Sources, build, read_settings
 from migblockd.connection import Connection
 from migblockd.core import Core, Status
 from migblockd.detached import NoThread, detached
 from migblockd.disk import DiskThread
 from migblockd.drain import drain
+from migblockd.guard import policy_warnings
 from migblockd.ledger import Group
 from migblockd.listen import Claim, bind_claimed, file_access, unbind
 from migblockd.notify import Notifier
@@ -99,6 +101,8 @@ class Server(Turns):
         self.draining = False
         self._runnable: dict[ClientProtocol, None] = {}  # an ordered set
         self.losing: set[ClientProtocol] = set()
+        #: Connections waiting for their role's look-up (migblockd.judge), not served yet.
+        self.judging: dict[Admitting, None] = {}
         #: Connections turned away that linger until their peer closes, by peer uid
         #: (adapter.py).
         self.refusals_lingering: Counter[int | None] = Counter()
@@ -160,6 +164,10 @@ class Server(Turns):
             await self.acceptor.close()  # connections accepted already get served too
         self.timeouts.stop()
         self.draining = True
+        for waiting in list(self.judging):
+            # Never greeted, nothing of theirs run: closed (their look-up may never end).
+            if waiting.transport is not None:
+                waiting.transport.abort()
         for protocol in list(self.protocols.values()):
             protocol.stop_reading()
             self.runnable(protocol)
@@ -243,6 +251,19 @@ class Server(Turns):
             # daemon that is draining.
             log.info("reload: stopping, so the configuration read is not applied")
             return None
+        try:
+            # The new policy's roles of the connected uids, and the names of the
+            # blockers' owners, are looked up afresh off the loop: clients are
+            # served meanwhile, under the running policy (migblockd.judge).
+            prepared = await self.core.guard.judge.prepare(
+                fresh.access, self.core.connections, policy_warnings)
+        except Exception as exc:  # no thread for it
+            log.error("reload failed, keeping the running configuration: the user and "
+                      "group databases could not be asked: %s", exc)
+            return None
+        if self.draining:
+            log.info("reload: stopping, so the configuration read is not applied")
+            return None
         # own_socket is None: serving the socket systemd passed.
         reload = plan(self.config, fresh, socket_passed=self.own_socket is None,
                       overridden=outvoted(self.cli, self.file, file))
@@ -258,9 +279,9 @@ class Server(Turns):
             self.core.admission.room = fit_descriptor_limit(
                 self.config.max_clients,
                 len(self.protocols) + self.refusals_lingering.total())
-        # Also re-reads the user and group databases; open connections get
-        # their new role at their next request.
-        roles = self.core.configure_access(self.config.access, self.config.quotas)
+        # With the user and group databases' answers, read afresh: open connections
+        # get their new role at their next request.
+        roles = self.core.apply_access(prepared, self.config.access, self.config.quotas)
         if roles:
             reload = dataclasses.replace(reload, roles=roles)
         # The reload's own report passes the more verbose of the two levels: one

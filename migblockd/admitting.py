@@ -1,0 +1,124 @@
+"""A connection whose role needs a look-up: held, ungreeted, until the look-up answers.
+
+Part of :class:`migblockd.adapter.ClientProtocol` (a base class of it, with no
+state of its own).  The guard's judge (:mod:`migblockd.judge`) says at once the
+role of root, of the daemon's own uid and of a uid whose answers are kept; any
+other connection waits here for its look-up, off the loop, before it is
+admitted (its role decides ``--max-clients-per-uid``), while everyone else is
+served.  It gets its greeting late, then; what it sends meanwhile is kept (one
+read's worth, then reading waits) and runs once it is admitted, and an EOF
+meanwhile counts then.  One that hangs up having sent nothing is let go at
+once; its look-up goes on, and its answer is kept.  As many as ``max-clients``
+wait at once, each on a descriptor; past that, a client that would wait too is
+turned away with a line saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from migblockd.accept import refusal_line
+from migblockd.access import Role
+from migblockd.peer import hung_up
+from migblockd.registry import Owner
+
+if TYPE_CHECKING:
+    from migblockd.connection import Connection
+    from migblockd.core import Core
+    from migblockd.server import Server
+
+__all__ = ["Admitting"]
+
+log = logging.getLogger("migblockd")
+
+
+class Admitting:
+    """A :class:`~migblockd.adapter.ClientProtocol`'s wait for its role."""
+
+    # The protocol's, set in ClientProtocol.__init__:
+    server: Server
+    core: Core
+    conn: Connection | None
+    transport: asyncio.Transport | None
+    read_paused: bool
+    peer_eof: bool
+    #: What cancels its wait for its role's look-up; None: not waiting.
+    judging: Callable[[], None] | None
+    early: bytearray  # what it sent meanwhile
+    owner: Owner | None
+
+    if TYPE_CHECKING:
+        def admit(self, transport: asyncio.Transport, owner: Owner | None,
+                  role: Role) -> None: ...
+        def _turn_away(self, transport: asyncio.Transport, uid: int | None) -> None: ...
+        def data_received(self, data: bytes | memoryview) -> None: ...
+        def eof_received(self) -> bool: ...
+
+    def wait_for_role(self, transport: asyncio.Transport, owner: Owner) -> None:
+        """Wait for the look-up ``owner``'s role needs, then :meth:`admit`."""
+        server = self.server
+        if len(server.judging) >= server.config.max_clients:
+            transport.write(refusal_line(
+                f"migblockd is waiting for the user and group databases to judge "
+                f"{len(server.judging)} clients; try again later"))
+            self._turn_away(transport, owner.uid)
+            return
+        server.judging[self] = None
+        self.owner = owner
+        self.judging = self.core.guard.judge.wait(owner, self._judged)
+
+    def _judged(self, role: Role | None) -> None:
+        """Its role is known (None: no look-up could be made)."""
+        self.judging = None
+        self.server.judging.pop(self, None)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if role is None:
+            transport.write(refusal_line("migblockd cannot look up the user and group "
+                                         "databases now; try again later"))
+            self._turn_away(transport, None if self.owner is None else self.owner.uid)
+            return
+        if self.read_paused:
+            transport.resume_reading()
+            self.read_paused = False
+        self.admit(transport, self.owner, role)
+        if self.early and self.conn is not None:
+            early, self.early = bytes(self.early), bytearray()
+            self.data_received(early)
+        if self.peer_eof and self.conn is not None:
+            self.eof_received()
+
+    def held(self, data: bytes | memoryview) -> bool:
+        """Keep ``data`` while it waits (True); past a read's worth, read no more."""
+        if self.judging is None:
+            return False
+        from migblockd.adapter import READ_SIZE  # noqa: PLC0415 - the adapter imports us
+        self.early += data
+        if len(self.early) >= READ_SIZE and self.transport is not None:
+            self.transport.pause_reading()
+            self.read_paused = True
+        return True
+
+    def held_eof(self) -> bool | None:
+        """Its EOF while it waits: keep the transport (True), or let it go (False:
+        it hung up having sent nothing); None: not waiting."""
+        if self.judging is None:
+            return None
+        if not self.early and self.transport is not None and hung_up(self.transport):
+            return False  # asyncio closes it: connection_lost ends the wait
+        self.peer_eof = True  # what it sent runs once it is admitted
+        return True
+
+    def lost_while_judged(self) -> None:
+        """Gone while its look-up runs: the look-up goes on (its answer is kept)."""
+        if self.judging is None:
+            return
+        self.judging()
+        self.judging = None
+        self.server.judging.pop(self, None)
+        log.debug("a client of uid %s hung up while waiting for its role's look-up",
+                  "?" if self.owner is None else self.owner.uid)

@@ -1,0 +1,182 @@
+"""Judging roles off the event loop: a connection's when it comes, every one's at a reload.
+
+Part of :class:`migblockd.guard.Guard` (its ``judge``).  What the user and group
+databases said is kept (:mod:`migblockd.databases`); a connection whose role
+(and user name) rests on nothing else is judged at once (:meth:`Judge.judged`:
+root's and the daemon's own uid's always are), and the others wait for a
+look-up on a worker thread (:meth:`Judge.wait`, :mod:`migblockd.lookups`)
+before they are admitted: their role decides ``--max-clients-per-uid``.
+Everyone else is served meanwhile.
+
+A reload (:meth:`Judge.prepare`) builds its resolver and asks the databases
+afresh on a worker thread, for the roles of the connected uids and of the
+blockers' owners and for their names, into facts of its own: the loop serves
+meanwhile, under the running policy, and :meth:`migblockd.guard.Guard.apply`
+puts the answers in place at once.  A client connected meanwhile whose new
+role the reload did not ask for gets it when its own look-up answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from migblockd.access import Policy, Role
+from migblockd.connection import Connection
+from migblockd.databases import Facts, Live, learn
+from migblockd.lookups import Lookups
+from migblockd.registry import Owner
+from migblockd.resolver import Key, Resolver
+
+if TYPE_CHECKING:
+    from migblockd.guard import Guard
+
+__all__ = ["Judge", "Prepared"]
+
+Answers = dict[Key, tuple[Role, bool]]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A reload's resolver, its answers in its own facts, and its policy's warnings."""
+
+    resolver: Resolver
+    warnings: list[str]
+
+
+class _Waiter:
+    __slots__ = ("cancelled", "owner", "then")
+
+    def __init__(self, owner: Owner, then: Callable[[Role | None], None]) -> None:
+        self.owner, self.then, self.cancelled = owner, then, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Judge:
+    """The guard's look-ups that must not hold the loop."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self.lookups = Lookups()
+        #: Called on the loop with the uids whose user name a look-up learned or
+        #: changed: blockers encoded without it are encoded again.
+        self.on_names: Callable[[list[int]], None] = lambda uids: None
+        self._reloads = 0
+
+    # -- a connection ------------------------------------------------------------------
+    def judged(self, owner: Owner | None) -> Role | None:
+        """The role of a connection of ``owner`` when nothing need be looked up for it
+        (its role, its user name, what the quotas ask of it); else None: :meth:`wait`."""
+        resolver = self.guard.resolver
+        if owner is None:
+            return resolver.policy.default_role
+        uid = owner.uid
+        if uid in (0, self.guard.daemon_uid):
+            return Role.ADMIN
+        role = resolver.known(uid, owner.gid)
+        if role is None or not resolver.facts.knows_name(uid):
+            return None
+        for key in resolver.keys_of(uid, owner.gid)[1:]:
+            if resolver.known(*key, provisional=True) is None:
+                return None
+        return role
+
+    def wait(self, owner: Owner, then: Callable[[Role | None], None]) -> Callable[[], None]:
+        """Look up what :meth:`judged` lacks, then ``then(role)`` on the loop (None: no
+        look-up could be made); returns what cancels the call (the look-up goes on)."""
+        waiter = _Waiter(owner, then)
+        self._ask(waiter)
+        return waiter.cancel
+
+    def _ask(self, waiter: _Waiter) -> None:
+        resolver = self.guard.resolver
+        uid, gid = waiter.owner.uid, waiter.owner.gid
+        future = self.lookups.ask(
+            ("role", id(resolver), uid, gid),
+            functools.partial(_look, resolver, resolver.keys_of(uid, gid), [uid]),
+            f"for uid {uid} (gid {gid})", f"clients of uid {uid} wait to be admitted")
+        future.add_done_callback(functools.partial(self._answered, resolver, waiter))
+
+    def _answered(self, resolver: Resolver, waiter: _Waiter,
+                  future: asyncio.Future[tuple[Answers, Live]]) -> None:
+        if future.cancelled():
+            return
+        failed = future.exception()
+        if failed is None:
+            answers, live = future.result()
+            self._learn(resolver, answers, live)
+        if waiter.cancelled:
+            return
+        if failed is not None:
+            waiter.then(None)
+        elif resolver is not self.guard.resolver:
+            self._ask(waiter)  # a reload applied meanwhile: its role is the new policy's
+        else:
+            waiter.then(answers[waiter.owner.uid, waiter.owner.gid][0])
+
+    def _learn(self, resolver: Resolver, answers: Answers, live: Live) -> None:
+        changed = learn(live)
+        if resolver is self.guard.resolver:
+            resolver.learn(answers)
+        if changed:
+            self.on_names(changed)
+
+    # -- a reload ----------------------------------------------------------------------
+    async def prepare(self, policy: Policy, connections: Iterable[Connection],
+                      warnings_of: Callable[[Resolver], list[str]]) -> Prepared:
+        """``policy``'s resolver, with what it says of ``connections`` (those there
+        once it is built) and of the blockers' owners looked up afresh: on a worker
+        thread, the loop serving on."""
+        self._reloads += 1
+        number = self._reloads
+        daemon_uid = self.guard.daemon_uid
+
+        def build(live: Live) -> tuple[Resolver, list[str]]:
+            live.doing = "reading the policy's users and groups (getpwnam, getgrnam)"
+            resolver = Resolver(policy, daemon_uid, facts=Facts())
+            return resolver, warnings_of(resolver)
+
+        resolver, warnings = await asyncio.shield(self.lookups.ask(
+            ("reload", number), build, "for a reload's policy", "the reload waits"))
+        keys, uids = self._needed(resolver, connections)
+        answers, live = await asyncio.shield(self.lookups.ask(
+            ("reload-roles", number), functools.partial(_look, resolver, keys, uids),
+            f"for a reload ({len(uids)} uids)",
+            "the reload waits (clients are served meanwhile, under the running policy)"))
+        learn(live, resolver.facts)
+        resolver.learn(answers)
+        return Prepared(resolver, warnings)
+
+    def _needed(self, resolver: Resolver,
+                connections: Iterable[Connection]) -> tuple[set[Key], list[int]]:
+        """The roles and names a reload asks for: the connections', and those of the
+        blockers' owners (their names for ``query-blockers``, their roles and their
+        users' for the quotas), and root's and the daemon's names."""
+        daemon_uid = self.guard.daemon_uid
+        keys: set[Key] = set()
+        uids: dict[int, None] = {0: None, daemon_uid: None}
+        for conn in connections:
+            if conn.owner is not None:
+                uid = conn.owner.uid
+                uids[uid] = None
+                if uid not in (0, daemon_uid):
+                    keys.update(resolver.keys_of(uid, conn.owner.gid))
+        for owner in self.guard.registry.owners():
+            if owner is not None:
+                uids[owner] = None
+                keys.update(resolver.keys_of(owner, None))
+                keys.add((owner, None))
+        return keys, list(uids)
+
+
+def _look(resolver: Resolver, keys: Iterable[Key], uids: Iterable[int],
+          live: Live) -> tuple[Answers, Live]:
+    """On a worker thread: the names of ``uids`` and ``resolver``'s ``keys``."""
+    for uid in uids:
+        live.user(uid)
+    return resolver.answers(keys, live), live

@@ -1,0 +1,270 @@
+"""A user or group database that does not answer holds only the clients waiting for it.
+
+The C library's own ``files`` service, made to hang: the daemon runs in a mount
+namespace of its own (``unshare --mount``), where ``/etc/group`` (or
+``/etc/passwd``) is a FIFO that nobody writes to, bound over the real file
+with ``nsenter``; ``open()`` in ``nss_files`` then blocks, as a call to a
+directory server out of reach would.  Nothing outside that namespace sees it.
+Clients are other uids under ``setpriv`` (:mod:`otheruids`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import DaemonProcess, assert_clean_log
+from otheruids import Account, UidClient, client_python
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("nsenter") is None,
+    reason="needs root, unshare and nsenter (a mount namespace of the daemon's own)")
+
+POLICY = '[access]\ngroups = { mbt-admins = "admin" }\n'
+
+
+@pytest.fixture
+def sockdir(short_tmp: Path) -> Path:
+    short_tmp.chmod(0o755)  # every test uid must reach the socket
+    return short_tmp
+
+
+class Hang:
+    """FIFOs bound over database files in the daemon's namespace: :meth:`hang`, :meth:`answer`."""
+
+    def __init__(self, daemon: DaemonProcess, where: Path) -> None:
+        self.daemon, self.where = daemon, where
+        self.bound: dict[str, Path] = {}
+
+    def _enter(self, *argv: str) -> None:
+        subprocess.run(["nsenter", "-t", str(self.daemon.proc.pid), "-m", *argv],
+                       check=True, timeout=10)
+
+    def hang(self, path: str) -> None:
+        fifo = self.where / f"{Path(path).name}-{time.monotonic_ns()}.fifo"
+        os.mkfifo(fifo)
+        self._enter("mount", "--bind", str(fifo), path)
+        self.bound[path] = fifo
+
+    def answer(self, path: str) -> None:
+        """The real file again for new look-ups; the one blocked in open() gets the
+        FIFO, which the C library reads as an empty file (it answers "no entry")."""
+        fifo = self.bound.pop(path)
+        self._enter("umount", "-l", path)
+        with contextlib.suppress(OSError):  # ENXIO: nobody waits in open()
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    def release(self) -> None:
+        for path in list(self.bound):
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                if self.daemon.proc.poll() is None:
+                    self._enter("umount", "-l", path)
+            self.bound.pop(path)
+
+
+@pytest.fixture
+def nss(start_daemon: Callable[..., DaemonProcess],
+        sockdir: Path) -> Iterator[Callable[..., tuple[DaemonProcess, Hang]]]:
+    hangs: list[Hang] = []
+
+    def start(policy: str = POLICY, *args: str) -> tuple[DaemonProcess, Hang]:
+        wrapper = sockdir / "python-in-mountns"
+        wrapper.write_text("#!/bin/sh\nexec unshare --mount --propagation private "
+                           f'{sys.executable} "$@"\n')
+        wrapper.chmod(0o755)
+        config = sockdir / "migblockd.toml"
+        config.write_text(policy)
+        daemon = start_daemon("--socket-mode", "0666", "--ephemeral", "--config", str(config),
+                              *args, socket=sockdir / "s.sock", python=str(wrapper))
+        hangs.append(Hang(daemon, sockdir))
+        return daemon, hangs[-1]
+
+    yield start
+    for hang in hangs:
+        hang.release()
+        hang.daemon.kill()
+
+
+@pytest.fixture
+def clients(uid_client_script: Path) -> Iterator[Callable[..., UidClient]]:
+    made: list[UidClient] = []
+
+    def make(daemon: DaemonProcess, uid: int, gid: int) -> UidClient:
+        client = UidClient(uid_client_script, daemon.socket, uid, gid)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+def wait_blocked_in_open(daemon: DaemonProcess) -> None:
+    """Until a thread of the daemon waits in open() for the FIFO's writer."""
+    deadline = time.monotonic() + 10
+    tasks = Path(f"/proc/{daemon.proc.pid}/task")
+    while time.monotonic() < deadline:
+        for task in tasks.iterdir():
+            with contextlib.suppress(OSError):
+                if (task / "wchan").read_text() in ("wait_for_partner", "fifo_open"):
+                    return
+        time.sleep(0.02)
+    raise AssertionError("no thread of the daemon waits in open()")
+
+
+#: A raw client: connects, sends its stdin and shuts its end for writing, prints all
+#: it is sent until the daemon closes.
+RAW = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall(sys.stdin.buffer.read())
+s.shutdown(socket.SHUT_WR)
+while data := s.recv(65536):
+    sys.stdout.buffer.write(data)
+"""
+
+
+def raw_client(daemon: DaemonProcess, uid: int, gid: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                             client_python(), "-I", "-c", RAW, str(daemon.socket)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
+
+
+def _in_background(make: Callable[[], UidClient]) -> Future[UidClient]:
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(make)
+    pool.shutdown(wait=False)
+    return future
+
+
+def test_a_group_database_that_does_not_answer_holds_only_its_clients(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account]) -> None:
+    # Reproduced first: the look-up ran on the event loop, and root waited for a
+    # greeting as long as the group database did not answer.
+    daemon, hang = nss()
+    carol = accounts["mbt-carol"]  # an admin by her group in the group database
+    root = clients(daemon, 0, 0)
+    root.ok("add-blocker", {"reason": "root's", "id": "r0"})
+    hang.hang("/etc/group")
+    waiting = _in_background(lambda: clients(daemon, carol.uid, carol.gid))
+    wait_blocked_in_open(daemon)
+    # A second client of hers waits for the same look-up, and hangs up meanwhile.
+    gone = raw_client(daemon, carol.uid, carol.gid)  # it waits for its stdin
+    # Root is served meanwhile: new connections, listings, changes.
+    started = time.monotonic()
+    other = clients(daemon, 0, 0)
+    assert [b["id"] for b in other.ok("query-blockers")] == ["r0"]
+    other.ok("add-blocker", {"reason": "another", "id": "r1"})
+    assert root.ok("query-version")["qemu"]
+    assert time.monotonic() - started < 5
+    assert not waiting.done()
+    daemon.wait_for_log(re.compile(
+        rf"have not answered for uid {carol.uid} \(gid {carol.gid}\) for \S+ s \(in "
+        rf"getgrouplist\('mbt-carol', {carol.gid}\)\): clients of uid {carol.uid} wait to be "
+        "admitted until they do"))
+    gone.kill()
+    gone.wait()
+    for pipe in (gone.stdin, gone.stdout):
+        assert pipe is not None
+        pipe.close()
+    daemon.wait_for_log(f"a client of uid {carol.uid} hung up while waiting for its role's "
+                        "look-up")
+    hang.answer("/etc/group")
+    admitted = waiting.result(timeout=10)
+    daemon.wait_for_log(f"the user and group databases answered for uid {carol.uid}")
+    assert daemon.log().count(f"have not answered for uid {carol.uid}") == 1
+    # Admitted with what the database said: a FIFO reads as no group, so she is a
+    # client until a reload reads the group database again.
+    assert admitted.error("del-blocker", {"id": "r0"}).endswith("has role client")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log(f"uid {carol.uid} (mbt-carol) is admin (was client)")
+    admitted.ok("del-blocker", {"id": "r0"})
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+
+def test_a_reload_whose_look_ups_hang_holds_no_client_nor_the_stop(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account]) -> None:
+    daemon, hang = nss()
+    carol = accounts["mbt-carol"]
+    root, her = clients(daemon, 0, 0), clients(daemon, carol.uid, carol.gid)
+    her.ok("add-blocker", {"reason": "carol's", "id": "c0"})
+    hang.hang("/etc/group")
+    daemon.signal(signal.SIGHUP)
+    wait_blocked_in_open(daemon)
+    # Served meanwhile, under the running policy: she is still an admin.
+    assert [b["id"] for b in root.ok("query-blockers")] == ["c0"]
+    assert clients(daemon, 0, 0).ok("query-blockers")[0]["owner"]["user"] == "mbt-carol"
+    her.ok("add-blocker", {"reason": "root's", "id": "r0"})
+    her.ok("del-blocker", {"id": "r0"})
+    daemon.wait_for_log("have not answered for a reload's policy")
+    daemon.signal(signal.SIGHUP)  # a second waits for the first, and says so
+    daemon.wait_for_log("reload: waiting for the reload before")
+    hang.answer("/etc/group")
+    daemon.wait_for_log(re.compile(r"reloaded configuration(.|\n)*reloaded configuration"))
+    her.ok("add-blocker", {"reason": "again", "id": "c1"})
+    # Hung again: the stop does not wait for it.
+    hang.hang("/etc/group")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log(re.compile(r"have not answered for a reload's policy(.|\n)*"
+                                   r"have not answered for a reload's policy"))
+    started = time.monotonic()
+    assert daemon.stop(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert_clean_log(daemon)
+
+
+def test_a_user_database_that_does_not_answer_holds_neither_root_nor_listings(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account]) -> None:
+    daemon, hang = nss()
+    carol, bob, admins = accounts["mbt-carol"], accounts["mbt-bob"], accounts["mbt-admins"]
+    root = clients(daemon, 0, 0)
+    root.ok("add-blocker", {"reason": "root's", "id": "r0"})
+    hang.hang("/etc/passwd")
+    # Her gid is mbt-admins': an admin whatever the user database says of her.
+    waiting = _in_background(lambda: clients(daemon, carol.uid, admins.gid))
+    wait_blocked_in_open(daemon)
+    # One that sends its requests (and its EOF) before its greeting has them run after it.
+    piped = raw_client(daemon, carol.uid, admins.gid)
+    assert piped.stdin is not None
+    piped.stdin.write(b'{"execute": "qmp_capabilities"}\n'
+                      b'{"execute": "add-blocker", "arguments": {"reason": "p", "id": "p0"}}\n')
+    piped.stdin.close()
+    (listed,) = clients(daemon, 0, 0).ok("query-blockers")
+    assert listed["owner"]["user"] == "root"
+    daemon.wait_for_log(f"(in getpwuid({carol.uid})): clients of uid {carol.uid} wait")
+    assert not waiting.done()
+    hang.answer("/etc/passwd")
+    waiting.result(timeout=10).ok("del-blocker", {"id": "r0"})
+    assert piped.wait(timeout=20) == 0 and piped.stdout is not None
+    out = piped.stdout.read()
+    piped.stdout.close()
+    greeting, negotiated, added = (message for message in map(json.loads, out.splitlines())
+                                   if "event" not in message)
+    assert "QMP" in greeting and negotiated == {"return": {}}
+    assert added["return"]["id"] == "p0"
+    # Hung again, for bob: the stop does not wait for his look-up.
+    hang.hang("/etc/passwd")
+    bobs = _in_background(lambda: clients(daemon, bob.uid, bob.gid))
+    daemon.wait_for_log(f"(in getpwuid({bob.uid})): clients of uid {bob.uid} wait")
+    started = time.monotonic()
+    assert daemon.stop(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    assert_clean_log(daemon)
+    with pytest.raises((AssertionError, EOFError)):
+        bobs.result(timeout=15)

@@ -268,3 +268,62 @@ def test_a_user_database_that_does_not_answer_holds_neither_root_nor_listings(
     assert_clean_log(daemon)
     with pytest.raises((AssertionError, EOFError)):
         bobs.result(timeout=15)
+
+
+#: Opens argv[2] connections, prints a line once all are made, then one line per
+#: greeting (or error) each gets, and holds them until its stdin closes.
+MANY = """
+import socket, sys
+socks = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    socks.append(s)
+print("connected", flush=True)
+for s in socks:
+    print(s.makefile("rb").readline().decode().strip(), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_clients_waiting_for_hung_look_ups_make_few_threads(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account]) -> None:
+    # The same look-up is one, however many clients wait for it; distinct ones run
+    # on a few threads at most, the others waiting their turn.
+    daemon, hang = nss(POLICY, "--max-clients", "300")
+    carol = accounts["mbt-carol"]
+    tasks = Path(f"/proc/{daemon.proc.pid}/task")
+    clients(daemon, 0, 0)
+    before = len(list(tasks.iterdir()))
+    hang.hang("/etc/group")
+    gids = range(3_999_900, 3_999_906)  # six groups: six look-ups of her uid
+    procs = [subprocess.Popen(["setpriv", f"--reuid={carol.uid}", f"--regid={gid}",
+                               "--clear-groups", client_python(), "-I", "-c", MANY,
+                               str(daemon.socket), "20"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
+             for gid in gids]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"connected\n"
+        wait_blocked_in_open(daemon)
+        daemon.wait_for_log("queued behind 4 look-ups that have not answered")
+        assert len(list(tasks.iterdir())) <= before + 4
+        # Served meanwhile.
+        assert clients(daemon, 0, 0).ok("query-blockers") == []
+        hang.answer("/etc/group")
+        for proc in procs:
+            assert proc.stdout is not None
+            greetings = [proc.stdout.readline() for _ in range(20)]
+            assert all(b'"QMP"' in line for line in greetings), greetings
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+    assert len(list(tasks.iterdir())) <= before + 4
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)

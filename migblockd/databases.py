@@ -39,7 +39,6 @@ __all__ = [
     "clear_caches",
     "group_id",
     "group_name",
-    "groups_of",
     "install",
     "known_name",
     "learn",
@@ -335,12 +334,6 @@ def uid_of(name: str) -> int | None:
         return pwd.getpwnam(name).pw_uid
     except KeyError:
         return None
-
-
-def groups_of(uid: int, gid: int | None) -> set[int]:
-    """``gid`` (the connection's), the user's primary group and its supplementary groups."""
-    gids = set() if gid is None else {gid}
-    return gids | _lookups.groups_of(uid)
 
 
 def clear_caches() -> dict[int, str]:

@@ -327,3 +327,37 @@ def test_clients_waiting_for_hung_look_ups_make_few_threads(
     assert len(list(tasks.iterdir())) <= before + 4
     assert daemon.stop() == 0
     assert_clean_log(daemon)
+
+
+def test_as_many_clients_as_max_clients_wait_for_look_ups(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account]) -> None:
+    # Each waiting client holds a descriptor: past max-clients, one is turned away
+    # with a line saying why, not left to hang.
+    daemon, hang = nss('[access]\ndefault-role = "client"\n', "--max-clients", "10")
+    carol = accounts["mbt-carol"]
+    hang.hang("/etc/passwd")
+    proc = subprocess.Popen(["setpriv", f"--reuid={carol.uid}", f"--regid={carol.gid}",
+                             "--clear-groups", client_python(), "-I", "-c", MANY,
+                             str(daemon.socket), "15"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"connected\n"
+        wait_blocked_in_open(daemon)
+        assert clients(daemon, 0, 0).ok("query-blockers") == []
+        hang.answer("/etc/passwd")
+        lines = [json.loads(proc.stdout.readline()) for _ in range(15)]
+    finally:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+    assert [line["error"]["desc"] for line in lines[10:]] == 5 * [
+        "migblockd is waiting for the user and group databases to judge 10 clients; "
+        "try again later"]
+    assert all("QMP" in line or "migblockd is serving" in line["error"]["desc"]
+               for line in lines[:10]), lines[:10]
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)

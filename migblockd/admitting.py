@@ -64,7 +64,9 @@ class Admitting:
             transport.write(refusal_line(
                 f"migblockd is waiting for the user and group databases to judge "
                 f"{len(server.judging)} clients; try again later"))
-            self._turn_away(transport, owner.uid)
+            # Lingering counted as its per-uid limits are: a user's subordinate uids
+            # must not hold every lingering refusal (adapter.REFUSALS_LINGERING).
+            self._turn_away(transport, self.core.guard.counted_uid(owner))
             return
         server.judging[self] = None
         self.owner = owner
@@ -80,7 +82,7 @@ class Admitting:
         if role is None:
             transport.write(refusal_line("migblockd cannot look up the user and group "
                                          "databases now; try again later"))
-            self._turn_away(transport, None if self.owner is None else self.owner.uid)
+            self._turn_away(transport, self.core.guard.counted_uid(self.owner))
             return
         if self.read_paused:
             transport.resume_reading()

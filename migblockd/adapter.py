@@ -95,6 +95,7 @@ class ClientProtocol(Admitting, Ending, asyncio.BufferedProtocol):
         self.judging: Callable[[], None] | None = None
         self.early = bytearray()
         self.owner: Owner | None = None
+        self.judged_as: int | None = None
 
     # -- asyncio.BufferedProtocol --------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

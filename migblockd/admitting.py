@@ -49,6 +49,7 @@ class Admitting:
     judging: Callable[[], None] | None
     early: bytearray  # what it sent meanwhile
     owner: Owner | None
+    judged_as: int | None  # the uid its waiting counts under
 
     if TYPE_CHECKING:
         def admit(self, transport: asyncio.Transport, owner: Owner | None,
@@ -60,22 +61,63 @@ class Admitting:
     def wait_for_role(self, transport: asyncio.Transport, owner: Owner) -> None:
         """Wait for the look-up ``owner``'s role needs, then :meth:`admit`."""
         server = self.server
-        if len(server.judging) >= server.config.max_clients:
-            transport.write(refusal_line(
-                f"migblockd is waiting for the user and group databases to judge "
-                f"{len(server.judging)} clients; try again later"))
+        counted = self.core.guard.counted_uid(owner)
+        refusal = self._no_room(counted)
+        if refusal is not None:
+            limit, what = refusal
+            desc = (f"migblockd is waiting for the user and group databases to judge "
+                    f"{what}; try again later")
+            core = self.core
+            core.stats.connections += 1
+            core.stats.connections_refused[limit] += 1
+            # A client may connect in a loop: the guard's throttle bounds these lines.
+            more = core.guard.bounded("connection", owner)
+            if more is not None:
+                log.warning("a client (pid %s, uid %s, gid %s): refused: %s%s",
+                            owner.pid, owner.uid, owner.gid, desc, more)
+            transport.write(refusal_line(desc))
             # Lingering counted as its per-uid limits are: a user's subordinate uids
             # must not hold every lingering refusal (adapter.REFUSALS_LINGERING).
-            self._turn_away(transport, self.core.guard.counted_uid(owner))
+            self._turn_away(transport, counted)
             return
         server.judging[self] = None
-        self.owner = owner
+        server.judging_per_uid[counted] += 1
+        self.owner, self.judged_as = owner, counted
         self.judging = self.core.guard.judge.wait(owner, self._judged)
+
+    def _no_room(self, counted: int | None) -> tuple[str, str] | None:
+        """Why a client counted under ``counted`` may not wait (None: it may): the
+        limit (``migblockd_connections_refused``' reason) and who waits.
+
+        The waiting hold descriptors as the served do: together they stay within
+        the clients' room, and, as its role is not known yet, one uid's waiting
+        within ``--max-clients-per-uid`` (an admin's clients past it are turned
+        away too, until its first look-up answers), or a flood of new
+        connections from one uid would take every descriptor before its first
+        look-up answered, where the bound turns it away once its role is known."""
+        server, admission = self.server, self.core.admission
+        room = admission.max_clients if admission.room is None else \
+            min(admission.max_clients, admission.room)
+        waiting = len(server.judging)
+        if waiting + len(server.protocols) >= room:
+            return "max-clients", f"{waiting} clients"
+        limit = admission.max_clients_per_uid
+        if limit and server.judging_per_uid[counted] >= limit:
+            return "max-clients-per-uid", (f"{server.judging_per_uid[counted]} clients of "
+                                           f"uid {counted}, max-clients-per-uid={limit}")
+        return None
+
+    def _done_waiting(self) -> None:
+        self.judging = None
+        server = self.server
+        if server.judging.pop(self, False) is None:
+            server.judging_per_uid[self.judged_as] -= 1
+            if server.judging_per_uid[self.judged_as] <= 0:
+                del server.judging_per_uid[self.judged_as]
 
     def _judged(self, role: Role | None) -> None:
         """Its role is known (None: no look-up could be made)."""
-        self.judging = None
-        self.server.judging.pop(self, None)
+        self._done_waiting()
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -120,7 +162,6 @@ class Admitting:
         if self.judging is None:
             return
         self.judging()
-        self.judging = None
-        self.server.judging.pop(self, None)
+        self._done_waiting()
         log.debug("a client of uid %s hung up while waiting for its role's look-up",
                   "?" if self.owner is None else self.owner.uid)

@@ -103,6 +103,8 @@ class Server(Turns):
         self.losing: set[ClientProtocol] = set()
         #: Connections waiting for their role's look-up (migblockd.judge), not served yet.
         self.judging: dict[Admitting, None] = {}
+        #: How many of them each uid has, counted as its per-uid limits are.
+        self.judging_per_uid: Counter[int | None] = Counter()
         #: Connections turned away that linger until their peer closes, by peer uid
         #: (adapter.py).
         self.refusals_lingering: Counter[int | None] = Counter()

@@ -137,3 +137,25 @@ async def test_status_says_a_qemu_that_accepted_and_never_greets_is_not_answerin
     assert re.fullmatch(r"7\.\d+\.\d+ connected", qemu_status(
         notify, lambda qemu: "connected" in qemu))
     assert d.stop() == 0
+
+
+async def test_status_says_not_connected_once_a_silent_qemu_that_never_greeted_is_gone(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, notify: socket.socket,
+) -> None:
+    # A set-up that went late ("not answering (it accepted the connection)") and then
+    # failed (QEMU killed) ends in the state it began in, disconnected: no change of
+    # state was told, and STATUS= went on saying QEMU was there and silent, while its
+    # adds now succeed as for any QEMU not running.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as holder:
+        holder.settimeout(10)
+        holder.connect(str(qemu.gate_socket))
+        assert holder.recv(4096).startswith(b'{"QMP"')  # greeted: it holds the monitor
+        d = start_daemon("--qemu", str(qemu.gate_socket), "--ephemeral",
+                         env=notify_env(notify))
+        assert qemu_status(notify, lambda qemu: "not answering" in qemu) == (
+            "not answering (it accepted the connection)")
+        qemu.kill()
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} is not available")
+        assert qemu_status(notify, lambda qemu: "not answering" not in qemu) == (
+            "not connected")
+    assert d.stop() == 0

@@ -266,7 +266,8 @@ class Reconnecting:
 
 
     def _late_changed(self) -> None:
-        """The set-up became late (``late``): what the status shows changed."""
+        """The set-up became late (``late``), or a late one failed: what the status
+        shows changed."""
 
     def _greeting_late(self) -> None:
         self.late = True
@@ -302,6 +303,9 @@ class Reconnecting:
 
     def _set_down(self, reason: str, *, lost: bool, misconfigured: bool = False) -> None:
         changed = self._state != "disconnected"
+        # A set-up that went late (QEMU there and silent) and then failed ends in the
+        # state it began in: no change of state, but what the status shows changed.
+        was_late = self.awaiting_greeting and self.late
         self._state, self._info, self._reason = "disconnected", None, reason
         self.awaiting_greeting = self.greeted = self.late = False
         if not lost:  # an attempt's outcome: whatever it found, QEMU was tried again
@@ -317,6 +321,8 @@ class Reconnecting:
         self._tried.set()
         if changed:
             self._notify_state()
+        elif was_late:
+            self._late_changed()
 
     def _notify_state(self) -> None:
         if self._on_state is None:

@@ -235,6 +235,31 @@ def test_a_transaction_a_killed_program_left_unfinished_is_rolled_back_before_th
     assert reopened(directory) == committed
 
 
+def test_a_rollback_journal_without_its_database_is_refused(tmp_path: Path) -> None:
+    """state.db moved away (as the refusals advise: "move it away to start from
+    scratch", or a backup put in its place) with its journal left hot: the start
+    made a new database and SQLite rolled the old journal back into it, writing
+    the old file's pages over the new one (or over the backup)."""
+    directory = tmp_path / "state"
+    with Store.open(directory) as store:
+        store.commit([Put(row("kept", 0)), Put(row("other", 1))])
+    db = directory / "state.db"
+    subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_IN_A_TRANSACTION), str(db)],
+                   check=True, timeout=60)
+    journal = directory / "state.db-journal"
+    before = journal.read_bytes()
+    db.rename(tmp_path / "moved-away.db")
+    with pytest.raises(StateError) as refused:
+        Store.open(directory)
+    assert str(refused.value) == (
+        f"{journal} exists without state.db, and holds a transaction to roll back; put "
+        "back the state.db it is the journal of (the file moved away), not a backup, into "
+        "which SQLite would roll it back; or move the whole directory away to restore a "
+        "backup or to start from scratch")
+    assert not db.exists()
+    assert journal.read_bytes() == before
+
+
 def written_over(db: Path, how: str, early: Path) -> None:
     """Another program writing to the database in place (its inode kept); ``early``:
     a copy of it made when it was smaller."""

@@ -37,7 +37,7 @@ from migblockd.state.rescue import RESCUED, rescued_copies
 from migblockd.trust import named_uid
 from migblockd.writable import attribute_fix
 
-__all__ = ["check_existing_database"]
+__all__ = ["check_existing_database", "hot_journal"]
 
 # The first bytes of every SQLite database file (its file format's header string).
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -96,6 +96,16 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
                 "the log of (the file moved away), not a backup, into which SQLite would "
                 "replay it; or move the whole directory away to restore a backup or to start "
                 "from scratch") from None
+        journal = path.with_name(path.name + "-journal")
+        if hot_journal(str(journal)):
+            # Likewise a rollback journal: SQLite rolls it back into whatever file
+            # takes the name, writing the old file's pages over it.
+            raise StateError(
+                f"{journal} exists without {path.name}, and holds a transaction to roll "
+                f"back{saved}; put back the {path.name} it is the journal of (the file "
+                "moved away), not a backup, into which SQLite would roll it back; or move "
+                "the whole directory away to restore a backup or to start from scratch"
+                ) from None
         if copies:
             raise StateError(
                 f"{path} does not exist{saved}: rename that to {path} to use it, or move "
@@ -118,6 +128,21 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
         _check_companion(each, path, owner)
     _check_header(path)
     return False
+
+
+def hot_journal(journal: str) -> bool:
+    """Whether ``journal`` may hold a transaction to roll back, as SQLite tells
+    (``hasHotJournal()``, but for the locks): a file whose first byte is not 0."""
+    try:
+        fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # none (or not one SQLite would open either)
+    try:
+        return os.pread(fd, 1, 0) not in (b"", b"\0")
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _saved_with(wal: Path, copies: list[Path]) -> Path | None:

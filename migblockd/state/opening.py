@@ -34,7 +34,7 @@ from urllib.parse import quote
 from migblockd.state import schema
 from migblockd.state.directory import check_file_room, check_migration_room
 from migblockd.state.errors import StateError, describe_open_error, one_line
-from migblockd.state.files import check_existing_database
+from migblockd.state.files import check_existing_database, hot_journal
 from migblockd.state.lock import DatabaseLock, lock_database
 from migblockd.state.logcheck import check_log
 
@@ -146,7 +146,7 @@ def _roll_back_unfinished(path: Path) -> None:
     is no such journal (none, empty, or its header zeroed, as SQLite leaves a
     finished one), so that a start leaves the files as they were."""
     journal = os.path.realpath(path) + "-journal"
-    if not _hot(journal):
+    if not hot_journal(journal):
         return
     conn = connect(path)
     try:
@@ -155,25 +155,10 @@ def _roll_back_unfinished(path: Path) -> None:
         raise StateError(describe_open_error(path, e)) from e
     finally:
         conn.close()
-    if not _hot(journal):
+    if not hot_journal(journal):
         log.warning("%s: rolled back a transaction that a program writing it left unfinished "
                     "(its journal %s: an sqlite3 shell killed in a transaction, or a crash); "
                     "nothing of that transaction is kept", path, journal)
-
-
-def _hot(journal: str) -> bool:
-    """Whether ``journal`` may hold a transaction to roll back, as SQLite tells
-    (``hasHotJournal()``, but for the locks): a file whose first byte is not 0."""
-    try:
-        fd = os.open(journal, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False  # none (or not one SQLite would open either)
-    try:
-        return os.pread(fd, 1, 0) not in (b"", b"\0")
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def _check_file(path: Path) -> bool:

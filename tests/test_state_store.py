@@ -260,6 +260,28 @@ def test_a_rollback_journal_without_its_database_is_refused(tmp_path: Path) -> N
     assert journal.read_bytes() == before
 
 
+def test_a_rollback_journal_the_start_cannot_open_is_named(tmp_path: Path) -> None:
+    """A hot journal SQLite may not open (a link, which it never follows, here; or
+    root's, 0600, for a daemon running as its own user) failed the start with "cannot
+    write D/state.db (unable to open database file); make it and D writable by this
+    user": both were."""
+    directory = tmp_path / "state"
+    with Store.open(directory) as store:
+        store.commit([Put(row("kept", 0))])
+    db = directory / "state.db"
+    subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_IN_A_TRANSACTION), str(db)],
+                   check=True, timeout=60)
+    journal = directory / "state.db-journal"
+    journal.rename(tmp_path / "journal")
+    journal.symlink_to(tmp_path / "journal")
+    with pytest.raises(StateError) as refused:
+        Store.open(directory)
+    assert str(refused.value) == (
+        f"{journal} is not a regular file, which SQLite would have to open as state.db's "
+        "rollback journal; put the journal itself there (a link is never followed), or "
+        "restore the directory from a backup")
+
+
 def written_over(db: Path, how: str, early: Path) -> None:
     """Another program writing to the database in place (its inode kept); ``early``:
     a copy of it made when it was smaller."""

@@ -124,7 +124,15 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
     real = Path(os.path.realpath(path))
     log_file, index_file = (real.with_name(real.name + suffix) for suffix in ("-wal", "-shm"))
     _check_left_log(wal, path, real, log_file)
-    for each in (path, log_file, index_file):
+    companions = [path, log_file, index_file]
+    journal = real.with_name(real.name + "-journal")
+    with contextlib.suppress(OSError):
+        # SQLite opens a rollback journal that is not empty (a hot one, to roll it back):
+        # one it may not open fails the start as "unable to open database file".
+        st = journal.lstat()
+        if st.st_size or not stat.S_ISREG(st.st_mode):
+            companions.append(journal)
+    for each in companions:
         _check_companion(each, path, owner)
     _check_header(path)
     return False
@@ -207,7 +215,8 @@ def _check_left_log(wal: Path, path: Path, real: Path, log_file: Path) -> None:
 
 
 def _check_companion(each: Path, path: Path, owner: int | None) -> None:
-    """``each`` (the database, its log or the log's index) must be a regular file
+    """``each`` (the database, its log, the log's index or a rollback journal that is
+    not empty) must be a regular file
     this user (or ``owner``: :func:`check_existing_database`) can read and write,
     if it exists."""
     try:
@@ -217,6 +226,10 @@ def _check_companion(each: Path, path: Path, owner: int | None) -> None:
     except OSError as e:
         raise StateError(f"cannot read {each}: {e.strerror}; fix its permissions, "
                          "or choose another --state-dir") from e
+    if each.name.endswith("-journal") and not stat.S_ISREG(st.st_mode):
+        raise StateError(f"{each} is not a regular file, which SQLite would have to open as "
+                         f"{path.name}'s rollback journal; put the journal itself there (a "
+                         "link is never followed), or restore the directory from a backup")
     if each != path and not stat.S_ISREG(st.st_mode):
         raise StateError(f"{each} is not a regular file; move it away (it is not "
                          f"{path.name}'s log), or restore the directory from a backup")

@@ -741,6 +741,19 @@ async def test_past_the_token_limit_a_control_character_is_not_the_one_named(
                 error(GENERIC, "JSON token count limit exceeded")], bad
 
 
+async def test_past_the_token_limit_the_nesting_or_a_parser_error_is_not_the_one_named(
+        module_daemon: DaemonProcess) -> None:
+    # QEMU's streamer checks the token count at each token before the nesting, and
+    # before its parser sees the message (json-streamer.c; QEMU 7.2 says "JSON token
+    # count limit exceeded" for 2 Mi tokens then 1100 brackets, and for 2 Mi tokens
+    # then a "}" closing a "["): past 16,384 tokens, those later errors are not it.
+    many = b'{"a": [' + b"1," * 9000
+    async with module_daemon.client() as c:
+        for message in (many + b"[" * 70 + b"]" * 70 + b"1]}", many + b"1}}"):
+            assert await exchange(c, message) == [
+                error(GENERIC, "JSON token count limit exceeded")]
+
+
 async def test_a_request_glued_after_a_string_broken_by_a_line_feed_runs(
         module_daemon: DaemonProcess) -> None:
     # QEMU's lexer skips the rest of the broken string (its closing quote too) to

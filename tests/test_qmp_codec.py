@@ -1267,3 +1267,31 @@ def test_a_long_number_arriving_in_pieces_is_lexed_about_once(
     out = decode_with(decoder, *[data[i : i + 4096] for i in range(0, len(data), 4096)])
     assert out[-1] == CMD_VALUE
     assert lexed[0] < 3 * size, lexed[0]
+
+
+@pytest.mark.parametrize("message, eof", [
+    (b"[1,1,1,1,1,1,[[[[", False),  # the bracket past max-nesting
+    (b"[1,[[", False),  # ... which is also the token past max-tokens
+    (b"[1,1,1}", False),  # a closer that does not match
+    (b"[1,1,1,'a']", False),  # a single-quoted string
+    (b"[1,1,1,1", True),  # the end of the input
+    (b"[1,1,1,1\n{", False),  # a line's request after an unfinished message
+])
+def test_past_the_token_limit_no_later_error_is_the_one_named(message: bytes,
+                                                               eof: bool) -> None:
+    # QEMU's streamer checks the token count at each token, before the nesting
+    # and before its parser sees the message (json-streamer.c): past max-tokens,
+    # the message is refused for its tokens, whatever error would come later.
+    # The daemon counts only brackets and strings as they come, and named the
+    # later error (JSON nesting depth limit exceeded, a parser's, premature EOI).
+    limits = Limits(max_message_size=1 << 20, max_nesting=2, max_tokens=4)
+    for chunks in ((message,), (message[:-1], message[-1:])):
+        got = errors(decode(*chunks, b" \n", eof=eof, limits=limits))
+        assert got[:1] == ["JSON token count limit exceeded"], (chunks, got)
+
+
+def test_at_the_token_limit_a_later_error_is_still_the_one_named() -> None:
+    limits = Limits(max_message_size=1 << 20, max_nesting=2, max_tokens=5)
+    assert errors(decode(b"[1,[[ \n", limits=limits)) == [NESTING_EXCEEDED]
+    assert errors(decode(b"[1,[", eof=True, limits=limits)) == [
+        "JSON parse error, premature EOI"]

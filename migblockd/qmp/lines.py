@@ -115,7 +115,10 @@ class LineCheck(Resync):
             # the error are skipped with it.
             skip = min(skip, lf)
             self._skip_rest(skip, brackets_open(bytes(buf[start:skip])))
-        return ParseError(found.desc)
+        # Past max_tokens tokens by the token in error, QEMU's streamer refused the
+        # message for them first (json-streamer.c).
+        return ParseError(TOKEN_COUNT_EXCEEDED if self._past_token_limit(buf, found.skip + 1)
+                          else found.desc)
 
     def _lexed_before(self, buf: bytearray, end: int) -> ParseError | None:
         """The error of QEMU's lexer, as :meth:`_lexer_failed`, if it fails before

@@ -354,7 +354,10 @@ class Scanner(LineCheck):
                             if (lexed := self._lexer_failed(buf, self._start, p + 1)) is not None:
                                 return lexed
                             self._skip_rest(p + 1, counted(open_brackets(stack), c))
-                            return ParseError(NESTING_EXCEEDED)
+                            # Its streamer counts tokens before it checks the nesting,
+                            # and openers alone are counted as they come here.
+                            return ParseError(TOKEN_COUNT_EXCEEDED if self._past_token_limit(
+                                buf, p + 1) else NESTING_EXCEEDED)
                         stack.append(closer)
                         self._scan = p + 1
                         # Openers and strings are tokens each: past the limit,
@@ -370,6 +373,8 @@ class Scanner(LineCheck):
                             if (lexed := self._lexer_failed(buf, self._start, p + 1)) is not None:
                                 return lexed
                             desc = describe_error(bytes(buf[self._start : p + 1]))
+                            if self._past_token_limit(buf, p + 1):
+                                desc = TOKEN_COUNT_EXCEEDED  # refused before it is parsed
                             # The bad closer still closes a level, as in QEMU's streamer.
                             self._skip_rest(p + 1, counted(open_brackets(stack), c), lex=True)
                             return ParseError(desc or PARSE_ERROR_PREFIX + "expecting value")
@@ -391,7 +396,8 @@ class Scanner(LineCheck):
                         if (lexed := self._lexer_failed(buf, self._start, p + 1)) is not None:
                             return lexed
                         self._skip_rest(p + 1, open_brackets(stack))
-                        return ParseError(SINGLE_QUOTE)
+                        return ParseError(TOKEN_COUNT_EXCEEDED if self._past_token_limit(
+                            buf, p) else SINGLE_QUOTE)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.
             if (verdict := self._lines_verdict(buf, self._scan)) is not SOUND:
@@ -405,5 +411,6 @@ class Scanner(LineCheck):
                 return ParseError(TOKEN_SIZE_EXCEEDED)
             if self._eof:
                 self._skip_from(n)
-                return ParseError(PARSE_ERROR_PREFIX + "premature EOI")
+                return ParseError(TOKEN_COUNT_EXCEEDED if self._past_token_limit(
+                    buf, n) else PARSE_ERROR_PREFIX + "premature EOI")
             return NEED_DATA

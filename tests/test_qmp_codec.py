@@ -1295,3 +1295,14 @@ def test_at_the_token_limit_a_later_error_is_still_the_one_named() -> None:
     assert errors(decode(b"[1,[[ \n", limits=limits)) == [NESTING_EXCEEDED]
     assert errors(decode(b"[1,[", eof=True, limits=limits)) == [
         "JSON parse error, premature EOI"]
+
+
+def test_past_the_token_limit_within_the_size_limit_the_token_limit_is_named() -> None:
+    # 1,1,... has more than max-tokens tokens long before max-message-size bytes:
+    # QEMU's streamer refuses it at the token past the limit; only a message that
+    # reaches the size with fewer tokens is refused for its size.
+    limits = Limits(max_message_size=64, max_nesting=2, max_tokens=4)
+    for message, desc in ((b"[" + b"1," * 40, "JSON token count limit exceeded"),
+                          (b'["' + b"x" * 80, TOKEN_SIZE_EXCEEDED)):
+        for chunks in ((message,), (message[:30], message[30:])):
+            assert errors(decode(*chunks, b'"]\n', limits=limits))[:1] == [desc], chunks

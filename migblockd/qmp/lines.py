@@ -105,6 +105,9 @@ class LineCheck(Resync):
         if (lexed := self._lexed_before_lines(buf, checked, lf)) is not None:
             return lexed
         skip = found.skip
+        # Past max_tokens tokens by the token in error, QEMU's streamer refused the
+        # message for them first (json-streamer.c).
+        desc = TOKEN_COUNT_EXCEEDED if self._past_token_limit(buf, skip + 1) else found.desc
         if skip < stop and buf[skip] == 0x7B and self._begins_line(buf, skip):
             self._skip_from(skip)
             self._mode = IDLE  # not skipping after all: a request begins here
@@ -115,10 +118,7 @@ class LineCheck(Resync):
             # the error are skipped with it.
             skip = min(skip, lf)
             self._skip_rest(skip, brackets_open(bytes(buf[start:skip])))
-        # Past max_tokens tokens by the token in error, QEMU's streamer refused the
-        # message for them first (json-streamer.c).
-        return ParseError(TOKEN_COUNT_EXCEEDED if self._past_token_limit(buf, found.skip + 1)
-                          else found.desc)
+        return ParseError(desc)
 
     def _lexed_before(self, buf: bytearray, end: int) -> ParseError | None:
         """The error of QEMU's lexer, as :meth:`_lexer_failed`, if it fails before

@@ -353,11 +353,12 @@ class Scanner(LineCheck):
                             # streamer counts this bracket: its error comes first.
                             if (lexed := self._lexer_failed(buf, self._start, p + 1)) is not None:
                                 return lexed
-                            self._skip_rest(p + 1, counted(open_brackets(stack), c))
                             # Its streamer counts tokens before it checks the nesting,
                             # and openers alone are counted as they come here.
-                            return ParseError(TOKEN_COUNT_EXCEEDED if self._past_token_limit(
+                            deepest = (TOKEN_COUNT_EXCEEDED if self._past_token_limit(
                                 buf, p + 1) else NESTING_EXCEEDED)
+                            self._skip_rest(p + 1, counted(open_brackets(stack), c))
+                            return ParseError(deepest)
                         stack.append(closer)
                         self._scan = p + 1
                         # Openers and strings are tokens each: past the limit,
@@ -395,9 +396,10 @@ class Scanner(LineCheck):
                         # before it, if any (a number cut short by it included).
                         if (lexed := self._lexer_failed(buf, self._start, p + 1)) is not None:
                             return lexed
+                        quoted = (TOKEN_COUNT_EXCEEDED if self._past_token_limit(buf, p)
+                                  else SINGLE_QUOTE)
                         self._skip_rest(p + 1, open_brackets(stack))
-                        return ParseError(TOKEN_COUNT_EXCEEDED if self._past_token_limit(
-                            buf, p) else SINGLE_QUOTE)
+                        return ParseError(quoted)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.
             if (verdict := self._lines_verdict(buf, self._scan)) is not SOUND:
@@ -405,12 +407,18 @@ class Scanner(LineCheck):
             if (lexed := self._lexer_failed_so_far(buf, self._scan)) is not None:
                 return lexed
             if limit <= n:
+                # Numbers, commas and colons are counted only once a message is whole:
+                # more than max-tokens of them within the size, QEMU's streamer refused
+                # the message for its tokens first (1,2,... has 16,385 by 32 KiB).
+                oversized = (TOKEN_COUNT_EXCEEDED if self._past_token_limit(buf, limit)
+                             else TOKEN_SIZE_EXCEEDED)
                 # From where the scan stopped: in a string that may be an escape's
                 # backslash, whose escaped quote must not end the string.
                 self._skip_rest(self._scan, open_brackets(stack), self._in_string)
-                return ParseError(TOKEN_SIZE_EXCEEDED)
+                return ParseError(oversized)
             if self._eof:
+                cut = (TOKEN_COUNT_EXCEEDED if self._past_token_limit(buf, n)
+                       else PARSE_ERROR_PREFIX + "premature EOI")
                 self._skip_from(n)
-                return ParseError(TOKEN_COUNT_EXCEEDED if self._past_token_limit(
-                    buf, n) else PARSE_ERROR_PREFIX + "premature EOI")
+                return ParseError(cut)
             return NEED_DATA

@@ -159,7 +159,7 @@ def unbind(path: Path, inode: int) -> None:
 
 def file_access(path: Path) -> str:
     """Who may connect to the socket file at ``path``, for the log: `` (mode 0660,
-    owner root, group migblockd)``, or why that is unknown.  For a socket systemd
+    owner uid 0 (root), group migblockd)``, or why that is unknown.  For a socket systemd
     passed, whose mode and group its socket unit set (``SocketMode=``,
     ``SocketGroup=``), not the daemon's options: the operator asking why a user
     is refused reads them here."""

@@ -48,7 +48,7 @@ from typing import Any, NoReturn
 
 from migblockd.access import Policy, Quotas, Role, needed_role
 from migblockd.connection import Connection
-from migblockd.databases import caches, install
+from migblockd.databases import NeedsLookup, Said, caches, install
 from migblockd.judge import Judge, Prepared
 from migblockd.logs import about, shown
 from migblockd.logs.throttle import Throttle
@@ -188,6 +188,10 @@ class Guard(QuotaRules):
         (:meth:`Judge.prepare`), all at once.  Also returns the connections whose
         new role it did not ask for (connected meanwhile): they are judged again."""
         before = {conn: self.role_of(conn) for conn in connections}
+        # What the running roles rest on: a connection the reload did not ask about
+        # has the new policy's role from it until its own look-up answers, never
+        # the old policy's (a demoted user must not stay an admin meanwhile).
+        said = Said(caches())
         known = install(prepared.resolver.facts)
         self.policy, self.quotas, self.resolver = policy, quotas, prepared.resolver
         self._share_counts()
@@ -198,8 +202,9 @@ class Guard(QuotaRules):
             now = (self.resolver.known(None) if owner is None else
                    self.resolver.known(owner.uid, owner.gid, provisional=True))
             if now is None:
+                assert owner is not None  # one without credentials needs no look-up
                 late.append(conn)
-                continue
+                now = self._meanwhile(owner, said)
             conn.role = now
             if now is not was:
                 changes[f"{self._who(conn)} is {now} (was {was})"] = None
@@ -209,6 +214,16 @@ class Guard(QuotaRules):
         users = caches().users
         return ({uid for uid in self.registry.owners()
                  if uid is not None and users.get(uid) != known.get(uid)}, list(changes), late)
+
+    def _meanwhile(self, owner: Owner, said: Said) -> Role:
+        """The new policy's role of a connection of ``owner`` from what the databases
+        said before the reload (judged again when its look-up answers); the least
+        role when they said too little."""
+        key = (owner.uid, owner.gid)
+        try:
+            return self.resolver.answers([key], said)[key][0]
+        except NeedsLookup:
+            return Role.OBSERVER
 
     def _warn_about_policy(self) -> None:
         for line in policy_warnings(self.resolver):

@@ -65,6 +65,15 @@ class Hang:
         with contextlib.suppress(OSError):  # ENXIO: nobody waits in open()
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
+    def swap(self, path: str) -> None:
+        """Another FIFO bound over ``path``, then the look-up blocked on the one before
+        answered: the next look-up of that file hangs."""
+        fifo = self.bound.pop(path)
+        self._enter("umount", "-l", path)
+        self.hang(path)
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
     def release(self) -> None:
         for path in list(self.bound):
             with contextlib.suppress(subprocess.SubprocessError, OSError):
@@ -354,4 +363,36 @@ def test_as_many_clients_as_max_clients_wait_for_look_ups(
     assert all("QMP" in line or "migblockd is serving" in line["error"]["desc"]
                for line in lines[:10]), lines[:10]
     assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+
+def test_a_client_that_came_while_a_reload_looked_up_has_the_new_policys_role(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account], sockdir: Path) -> None:
+    # Bob is an admin by his group, which the reload makes observer.  His second client
+    # comes while the reload's look-ups hang (its role judged at once, his answers
+    # kept); when they answer, the reload applies, and his new role needs a look-up
+    # that hangs: meanwhile he must not stay an admin under the new policy.
+    bob, carol = accounts["mbt-bob"], accounts["mbt-carol"]
+    daemon, hang = nss(f'[access]\ngroups = {{ {bob.gid} = "admin" }}\n')
+    root = clients(daemon, 0, 0)
+    root.ok("add-blocker", {"reason": "root's", "id": "r0"})
+    clients(daemon, bob.uid, bob.gid).close()  # his role and name are kept
+    clients(daemon, carol.uid, carol.gid)  # the reload looks up her groups
+    (sockdir / "migblockd.toml").write_text(f'[access]\ngroups = {{ {bob.gid} = "observer" }}\n')
+    hang.hang("/etc/group")
+    daemon.signal(signal.SIGHUP)
+    wait_blocked_in_open(daemon)  # reading the policy's groups
+    hang.swap("/etc/group")
+    daemon.wait_for_log("have not answered for a reload (")  # carol's groups
+    late = clients(daemon, bob.uid, bob.gid)
+    assert late.ok("query-version")["qemu"]  # admitted at once, under the running policy
+    hang.hang("/etc/passwd")  # his own look-up, when the reload applies, hangs
+    hang.answer("/etc/group")
+    daemon.wait_for_log("reloaded configuration")
+    assert late.error("del-blocker", {"id": "r0"}) == (
+        f"Permission denied: del-blocker needs role client, but uid {bob.uid} (mbt-bob) "
+        "has role observer")
+    assert [b["id"] for b in root.ok("query-blockers")] == ["r0"]
+    assert daemon.stop(timeout=10) == 0
     assert_clean_log(daemon)

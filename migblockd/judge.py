@@ -48,13 +48,15 @@ class Prepared:
 
 
 class _Waiter:
-    __slots__ = ("cancelled", "owner", "then")
+    __slots__ = ("cancelled", "leave", "owner", "then")
 
     def __init__(self, owner: Owner, then: Callable[[Role | None], None]) -> None:
         self.owner, self.then, self.cancelled = owner, then, False
+        self.leave: Callable[[], None] = lambda: None  # its look-up's, once asked
 
     def cancel(self) -> None:
         self.cancelled = True
+        self.leave()
 
 
 class Judge:
@@ -96,10 +98,12 @@ class Judge:
     def _ask(self, waiter: _Waiter) -> None:
         resolver = self.guard.resolver
         uid, gid = waiter.owner.uid, waiter.owner.gid
+        key = ("role", id(resolver), uid, gid)
         future = self.lookups.ask(
-            ("role", id(resolver), uid, gid),
+            key,
             functools.partial(_look, resolver, resolver.keys_of(uid, gid), [uid]),
             f"for uid {uid} (gid {gid})", f"clients of uid {uid} wait to be admitted")
+        waiter.leave = functools.partial(self.lookups.leave, key, future)
         future.add_done_callback(functools.partial(self._answered, resolver, waiter))
 
     def _answered(self, resolver: Resolver, waiter: _Waiter,

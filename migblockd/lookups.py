@@ -42,14 +42,16 @@ T = TypeVar("T")
 
 
 class _Job(Generic[T]):
-    __slots__ = ("future", "key", "live", "running", "started", "timer", "waits", "warned",
-                 "what", "work")
+    __slots__ = ("dropped", "future", "key", "live", "running", "started", "timer", "waiters",
+                 "waits", "warned", "what", "work")
 
     def __init__(self, key: Hashable, work: Callable[[Live], T], what: str, waits: str,
                  future: asyncio.Future[T]) -> None:
         self.key, self.work, self.what, self.waits, self.future = key, work, what, waits, future
         self.live = Live()
         self.running = False
+        self.dropped = False  # nobody waits for it any more, and no thread took it
+        self.waiters = 1
         self.warned = False
         self.started = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
@@ -72,6 +74,7 @@ class Lookups:
         looked up and who ``waits``, for the log."""
         job = self._jobs.get(key)
         if job is not None:
+            job.waiters += 1
             future: asyncio.Future[T] = job.future
             return future
         loop = asyncio.get_running_loop()
@@ -110,7 +113,9 @@ class Lookups:
             job = self._queue.get()
             with self._lock:
                 self._idle -= 1
-            job.running = True
+                if job.dropped:
+                    continue
+                job.running = True
             outcome: Callable[[], None]
             try:
                 outcome = functools.partial(job.future.set_result, job.work(job.live))
@@ -119,6 +124,22 @@ class Lookups:
             # Closed: the loop is gone (the daemon stops), and nobody waits any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, job.future, outcome)
+
+    def leave(self, key: Hashable, future: asyncio.Future[Any]) -> None:
+        """One who asked for ``key`` (and got ``future``) waits no more: a look-up
+        nobody waits for that no thread has taken yet is dropped (clients that hang
+        up while the databases do not answer must not fill the queue, nor the log)."""
+        job = self._jobs.get(key)
+        if job is None or job.future is not future:
+            return
+        job.waiters -= 1
+        if job.waiters > 0:
+            return
+        with self._lock:
+            if job.running:
+                return
+            job.dropped = True
+        job.future.cancel()
 
     def _slow(self, job: _Job[Any]) -> None:
         job.warned = True

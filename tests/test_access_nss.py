@@ -396,3 +396,37 @@ def test_a_client_that_came_while_a_reload_looked_up_has_the_new_policys_role(
     assert [b["id"] for b in root.ok("query-blockers")] == ["r0"]
     assert daemon.stop(timeout=10) == 0
     assert_clean_log(daemon)
+
+
+#: Connects, and hangs up at once.
+KNOCK = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+
+
+def test_look_ups_of_clients_that_hung_up_are_dropped_from_the_queue(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account]) -> None:
+    # A user who can connect with many gids (a rootless container's subordinate
+    # gids) and hangs up at once: each gid is a look-up of its own.  Those no
+    # thread took are dropped with their clients: not queued, not logged, without end.
+    daemon, hang = nss()
+    carol = accounts["mbt-carol"]
+    clients(daemon, 0, 0)
+    hang.hang("/etc/group")
+    gids = range(3_999_800, 3_999_830)
+    for gid in gids:
+        subprocess.run(["setpriv", f"--reuid={carol.uid}", f"--regid={gid}", "--clear-groups",
+                        client_python(), "-I", "-c", KNOCK, str(daemon.socket)],
+                       check=True, timeout=10, cwd="/")
+    deadline = time.monotonic() + 20
+    while daemon.log().count("hung up while waiting for its role's look-up") < len(gids):
+        assert time.monotonic() < deadline, daemon.log()[-2000:]
+        time.sleep(0.05)
+    staying = _in_background(lambda: clients(daemon, carol.uid, carol.gid))
+    daemon.wait_for_log(f"for uid {carol.uid} (gid {carol.gid}) for ")
+    warned = re.findall(r"have not answered for uid \d+ \(gid (\d+)\)", daemon.log())
+    # The look-ups the threads took (4 at most) are said, and the one a client waits for.
+    assert len(warned) <= 5, warned
+    hang.answer("/etc/group")
+    staying.result(timeout=10).ok("query-version")
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)

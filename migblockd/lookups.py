@@ -66,6 +66,7 @@ class Lookups:
         self._lock = threading.Lock()
         self._threads = 0
         self._idle = 0
+        self._queued = 0  # put in the queue, not taken by a thread yet
 
     def ask(self, key: Hashable, work: Callable[[Live], T], what: str,
             waits: str) -> asyncio.Future[T]:
@@ -82,11 +83,14 @@ class Lookups:
         self._jobs[key] = job
         job.timer = loop.call_later(SLOW, self._slow, job)
         job.future.add_done_callback(functools.partial(self._done, job))
-        self._queue.put(job)
         with self._lock:
-            start = self._idle == 0 and self._threads < THREADS
+            # A thread idle now may not have woken for the look-up before (asked in
+            # the same turn of the loop): one more unless each queued has its own.
+            self._queued += 1
+            start = self._idle < self._queued and self._threads < THREADS
             if start:
                 self._threads += 1
+        self._queue.put(job)
         if start:
             try:
                 signalmask.start(threading.Thread(
@@ -113,6 +117,7 @@ class Lookups:
             job = self._queue.get()
             with self._lock:
                 self._idle -= 1
+                self._queued -= 1
                 if job.dropped:
                     continue
                 job.running = True
@@ -144,7 +149,8 @@ class Lookups:
     def _slow(self, job: _Job[Any]) -> None:
         job.warned = True
         doing = (f"in {job.live.doing}" if job.running else
-                 f"queued behind {THREADS} look-ups that have not answered")
+                 f"queued behind {self._threads - self._idle} look-ups that have not "
+                 "answered")
         log.warning("the user and group databases have not answered %s for %g s (%s): %s "
                     "until they do", job.what, SLOW, doing, job.waits)
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -428,5 +429,56 @@ def test_look_ups_of_clients_that_hung_up_are_dropped_from_the_queue(
     assert len(warned) <= 5, warned
     hang.answer("/etc/group")
     staying.result(timeout=10).ok("query-version")
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+
+def _connected(daemon: DaemonProcess, uid: int, gid: int) -> subprocess.Popen[bytes]:
+    """A client of ``uid`` connected (not greeted yet: the daemon may be stopped)."""
+    proc = subprocess.Popen(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+                             client_python(), "-I", "-c", MANY, str(daemon.socket), "1"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"connected\n"
+    return proc
+
+
+def test_a_hung_look_up_holds_none_accepted_with_it(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account]) -> None:
+    # Found by review: accepted in one turn of the loop, carol's and bob's look-ups
+    # could both be given to the one thread idle then (when it had not woken for
+    # hers before his was asked); hers hung in the group database and his, which
+    # needs only the user database, waited behind it, said to be "queued behind 4
+    # look-ups", with 3 threads never started (tests/test_lookups.py, without a race).
+    carol, bob, dave = accounts["mbt-carol"], accounts["mbt-bob"], accounts["mbt-dave"]
+    daemon, hang = nss(f'[access]\nusers = {{ {bob.uid} = "client" }}\n'
+                       'groups = { mbt-admins = "admin" }\n')
+    clients(daemon, dave.uid, dave.gid)  # a look-up: its thread stays, idle
+    hang.hang("/etc/group")
+    procs = []
+    daemon.signal(signal.SIGSTOP)  # both wait in the socket's queue, accepted together
+    try:
+        procs += [_connected(daemon, carol.uid, carol.gid), _connected(daemon, bob.uid, bob.gid)]
+    finally:
+        daemon.signal(signal.SIGCONT)
+    try:
+        hers, his = procs
+        assert his.stdout is not None
+        ready, _, _ = select.select([his.stdout], [], [], 30)  # 30: a bound, not a measure
+        assert ready and b'"QMP"' in his.stdout.readline()  # greeted while her look-up hangs
+        wait_blocked_in_open(daemon)
+        daemon.wait_for_log(f"have not answered for uid {carol.uid} (gid {carol.gid})")
+        assert "queued behind" not in daemon.log()
+        hang.answer("/etc/group")
+        assert hers.stdout is not None
+        assert b'"QMP"' in hers.stdout.readline()
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
     assert daemon.stop() == 0
     assert_clean_log(daemon)

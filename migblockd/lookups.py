@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -42,7 +41,7 @@ T = TypeVar("T")
 
 
 class _Job(Generic[T]):
-    __slots__ = ("dropped", "future", "key", "live", "running", "started", "timer", "waiters",
+    __slots__ = ("future", "key", "live", "running", "started", "timer", "waiters",
                  "waits", "warned", "what", "work")
 
     def __init__(self, key: Hashable, work: Callable[[Live], T], what: str, waits: str,
@@ -50,7 +49,6 @@ class _Job(Generic[T]):
         self.key, self.work, self.what, self.waits, self.future = key, work, what, waits, future
         self.live = Live()
         self.running = False
-        self.dropped = False  # nobody waits for it any more, and no thread took it
         self.waiters = 1
         self.warned = False
         self.started = time.monotonic()
@@ -62,11 +60,13 @@ class Lookups:
 
     def __init__(self) -> None:
         self._jobs: dict[Hashable, _Job[Any]] = {}
-        self._queue: queue.SimpleQueue[_Job[Any]] = queue.SimpleQueue()
+        #: The queue: look-ups asked that no thread has taken yet, in order (a dict:
+        #: one nobody waits for any more leaves it, wherever it is).
+        self._queued: dict[_Job[Any], None] = {}
         self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
         self._threads = 0
         self._idle = 0
-        self._queued = 0  # put in the queue, not taken by a thread yet
 
     def ask(self, key: Hashable, work: Callable[[Live], T], what: str,
             waits: str) -> asyncio.Future[T]:
@@ -84,13 +84,13 @@ class Lookups:
         job.timer = loop.call_later(SLOW, self._slow, job)
         job.future.add_done_callback(functools.partial(self._done, job))
         with self._lock:
+            self._queued[job] = None
+            self._ready.notify()
             # A thread idle now may not have woken for the look-up before (asked in
             # the same turn of the loop): one more unless each queued has its own.
-            self._queued += 1
-            start = self._idle < self._queued and self._threads < THREADS
+            start = self._idle < len(self._queued) and self._threads < THREADS
             if start:
                 self._threads += 1
-        self._queue.put(job)
         if start:
             try:
                 signalmask.start(threading.Thread(
@@ -99,10 +99,12 @@ class Lookups:
             except RuntimeError as exc:
                 with self._lock:
                     self._threads -= 1
-                if self._threads == 0:
+                    alone = self._threads == 0
+                    if alone:
+                        del self._queued[job]
+                if alone:
                     # No thread at all (out of processes): here, then, rather than not
-                    # at all (as migblockd.detached's callers do).  Its copy in the
-                    # queue, if a thread ever takes it, settles nothing.
+                    # at all (as migblockd.detached's callers do).
                     log.debug("no thread for a look-up (%s): made on the event loop", exc)
                     try:
                         job.future.set_result(work(job.live))
@@ -112,14 +114,13 @@ class Lookups:
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
-            with self._lock:
+            with self._ready:
                 self._idle += 1
-            job = self._queue.get()
-            with self._lock:
+                while not self._queued:
+                    self._ready.wait()
                 self._idle -= 1
-                self._queued -= 1
-                if job.dropped:
-                    continue
+                job = next(iter(self._queued))
+                del self._queued[job]
                 job.running = True
             outcome: Callable[[], None]
             try:
@@ -143,7 +144,7 @@ class Lookups:
         with self._lock:
             if job.running:
                 return
-            job.dropped = True
+            self._queued.pop(job, None)
         job.future.cancel()
 
     def _slow(self, job: _Job[Any]) -> None:

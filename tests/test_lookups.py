@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 
-from migblockd.lookups import Lookups
+from migblockd.databases import Live
+from migblockd.lookups import THREADS, Lookups
 
 
 async def test_a_look_up_that_hangs_holds_none_asked_with_it_while_threads_are_free() -> None:
@@ -25,3 +28,34 @@ async def test_a_look_up_that_hangs_holds_none_asked_with_it_while_threads_are_f
     finally:
         release.set()
     assert await hung is True
+
+
+class _Work:
+    """A look-up's work, to tell when nothing holds it any more."""
+
+    def __call__(self, live: Live) -> str:
+        return "answered"
+
+
+async def test_a_queued_look_up_nobody_waits_for_leaves_the_queue() -> None:
+    # Found by review: with every thread hung, a look-up whose clients all hung up
+    # was dropped, but stayed in the queue, with all it holds, until a thread
+    # took it: a user with many subordinate gids, connecting and hanging up, grew
+    # the daemon's memory without bound.
+    lookups = Lookups()
+    release = threading.Event()
+    hung = [lookups.ask(("hung", n), lambda live: release.wait(), "a", "a")
+            for n in range(THREADS)]
+    try:
+        work = _Work()
+        gone = weakref.ref(work)
+        future = lookups.ask("left", work, "b", "b")
+        del work
+        lookups.leave("left", future)
+        assert future.cancelled()
+        await asyncio.sleep(0)  # its callbacks run
+        gc.collect()
+        assert gone() is None
+    finally:
+        release.set()
+    assert await asyncio.gather(*hung) == THREADS * [True]

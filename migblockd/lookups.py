@@ -159,12 +159,18 @@ class Lookups:
         self._jobs.pop(job.key, None)
         if job.timer is not None:
             job.timer.cancel()
-        if job.warned and not future.cancelled():
+        if future.cancelled():
+            return
+        failed = future.exception()
+        if job.warned:
             took = time.monotonic() - job.started
-            failed = future.exception()
             log.log(logging.INFO if failed is None else logging.WARNING,
                     "the user and group databases answered %s after %.1f s%s", job.what,
-                    took, "" if failed is None else f", but the look-up failed: {failed}")
+                    took, "" if failed is None else f", but the look-up failed: {failed!r}")
+        elif failed is not None:
+            # Else unsaid: its clients are only told to try again later.
+            log.warning("the look-up in the user and group databases %s failed: %r",
+                        job.what, failed)
 
 
 def _settle(future: asyncio.Future[Any], outcome: Callable[[], None]) -> None:

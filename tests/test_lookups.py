@@ -7,6 +7,8 @@ import gc
 import threading
 import weakref
 
+import pytest
+
 from migblockd.databases import Live
 from migblockd.lookups import THREADS, Lookups
 
@@ -59,3 +61,18 @@ async def test_a_queued_look_up_nobody_waits_for_leaves_the_queue() -> None:
     finally:
         release.set()
     assert await asyncio.gather(*hung) == THREADS * [True]
+
+
+async def test_a_look_up_that_fails_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    # Found by review: a look-up that raised (MemoryError from the C library's
+    # buffer, say) turned its clients away with "cannot look up the user and group
+    # databases now" and left nothing in the log, unless it had been slow.
+    def work(live: Live) -> str:
+        raise MemoryError
+
+    lookups = Lookups()
+    with pytest.raises(MemoryError):
+        await lookups.ask("k", work, "for uid 5 (gid 5)", "clients of uid 5 wait")
+    await asyncio.sleep(0)  # its callbacks run
+    assert ("the look-up in the user and group databases for uid 5 (gid 5) failed: "
+            "MemoryError()") in caplog.text

@@ -95,6 +95,11 @@ class Admission:
                 return "max-clients-per-uid", f"migblockd is {serving}; try again later"
         return None
 
+    def serving(self, counted: int | None) -> int:
+        """How many connections counted under ``counted`` are served and bound by the
+        per-uid limit (admins' are not)."""
+        return self._per_uid[counted]
+
     def admit(self, counted: int | None) -> None:
         """A connection counted under ``counted`` (a uid; None: no credentials) is served."""
         self._per_uid[counted] += 1

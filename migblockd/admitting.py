@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 from migblockd.accept import refusal_line
 from migblockd.access import Role
+from migblockd.admission import admin_slots
+from migblockd.notify import plural
 from migblockd.peer import hung_up
 from migblockd.registry import Owner
 
@@ -82,6 +84,7 @@ class Admitting:
             return
         server.judging[self] = None
         server.judging_per_uid[counted] += 1
+        self.core.waiting += 1
         self.owner, self.judged_as = owner, counted
         self.judging = self.core.guard.judge.wait(owner, self._judged)
 
@@ -89,28 +92,34 @@ class Admitting:
         """Why a client counted under ``counted`` may not wait (None: it may): the
         limit (``migblockd_connections_refused``' reason) and who waits.
 
-        The waiting hold descriptors as the served do: together they stay within
-        the clients' room, and, as its role is not known yet, one uid's waiting
-        within ``--max-clients-per-uid`` (an admin's clients past it are turned
-        away too, until its first look-up answers), or a flood of new
+        The waiting hold descriptors as the served do (the admission counts them
+        with the served): together they stay within the slots of non-admins, as
+        their roles are not known yet (an admin by a group is turned away too when
+        only the slots kept for admins are left, until its first look-up answers),
+        and one uid's waiting within ``--max-clients-per-uid``, or a flood of new
         connections from one uid would take every descriptor before its first
         look-up answered, where the bound turns it away once its role is known."""
         server, admission = self.server, self.core.admission
         room = admission.max_clients if admission.room is None else \
             min(admission.max_clients, admission.room)
         waiting = len(server.judging)
-        if waiting + len(server.protocols) >= room:
+        if waiting + len(self.core.connections) >= room - admin_slots(room):
             return "max-clients", f"{waiting} clients"
         limit = admission.max_clients_per_uid
-        if limit and server.judging_per_uid[counted] >= limit:
-            return "max-clients-per-uid", (f"{server.judging_per_uid[counted]} clients of "
-                                           f"uid {counted}, max-clients-per-uid={limit}")
+        # Those it has served count too: a subordinate uid not looked up yet may wait
+        # beside its user's served clients, and would be turned away once judged.
+        held, served = server.judging_per_uid[counted], admission.serving(counted)
+        if limit and held + served >= limit:
+            also = f" ({served} served)" if served else ""
+            return "max-clients-per-uid", (f"{plural(held, 'client')} of uid {counted}{also}, "
+                                           f"max-clients-per-uid={limit}")
         return None
 
     def _done_waiting(self) -> None:
         self.judging = None
         server = self.server
         if server.judging.pop(self, False) is None:
+            self.core.waiting -= 1
             server.judging_per_uid[self.judged_as] -= 1
             if server.judging_per_uid[self.judged_as] <= 0:
                 del server.judging_per_uid[self.judged_as]

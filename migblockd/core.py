@@ -102,6 +102,9 @@ class Core(Roster, Outcomes, Calls):
             "QMP": {"version": version_info(), "capabilities": ["oob"]}
         }
         self.connections: dict[Connection, None] = {}  # an ordered set
+        #: Connections waiting for their role's look-up (migblockd.admitting), not
+        #: served yet: they hold descriptors, so the admission counts them too.
+        self.waiting = 0
         self.connection_lines = Throttle(burst=CONNECTION_BURST)
         self._dirty: dict[Connection, None] = {}  # connections with output, in order
         self._numbers = 0

@@ -86,6 +86,7 @@ class Roster:
     stats: Stats
     ledger: Ledger
     connections: dict[Connection, None]  # an ordered set
+    waiting: int  # connections waiting for their role's look-up (the core's)
     connection_lines: Throttle  # the "connected" lines of each non-admin uid
     _dirty: dict[Connection, None]  # connections with output, in order
     _numbers: int
@@ -114,8 +115,8 @@ class Roster:
             user_name(owner.uid)  # judged here: its name too, as the judge looks it up
         admin = self.guard.role_of(conn) is Role.ADMIN
         conn.counted = self.guard.counted_uid(owner)
-        refusal = self.admission.refusal(owner, len(self.connections), admin=admin,
-                                         counted=conn.counted)
+        refusal = self.admission.refusal(owner, len(self.connections) + self.waiting,
+                                         admin=admin, counted=conn.counted)
         if refusal is not None:
             limit, desc = refusal
             self.stats.connections_refused[limit] += 1

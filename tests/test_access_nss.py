@@ -17,6 +17,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -336,8 +337,9 @@ def test_clients_waiting_for_hung_look_ups_make_few_threads(
 def test_as_many_clients_as_max_clients_wait_for_look_ups(
         nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
         accounts: dict[str, Account]) -> None:
-    # Each waiting client holds a descriptor: past max-clients, one is turned away
-    # with a line saying why, not left to hang.
+    # Each waiting client holds a descriptor: past the slots of non-admins (those of
+    # max-clients=10 but the one kept for admins: their roles are not known yet), one
+    # is turned away with a line saying why, not left to hang.
     daemon, hang = nss('[access]\ndefault-role = "client"\n', "--max-clients", "10")
     carol = accounts["mbt-carol"]
     hang.hang("/etc/passwd")
@@ -358,13 +360,59 @@ def test_as_many_clients_as_max_clients_wait_for_look_ups(
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
                 pipe.close()
-    assert [line["error"]["desc"] for line in lines[10:]] == 5 * [
-        "migblockd is waiting for the user and group databases to judge 10 clients; "
+    assert [line["error"]["desc"] for line in lines[9:]] == 6 * [
+        "migblockd is waiting for the user and group databases to judge 9 clients; "
         "try again later"]
     assert all("QMP" in line or "migblockd is serving" in line["error"]["desc"]
-               for line in lines[:10]), lines[:10]
+               for line in lines[:9]), lines[:9]
     assert daemon.stop() == 0
     assert_clean_log(daemon)
+
+
+def test_clients_waiting_for_look_ups_leave_the_admins_slots_and_count_as_served(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account]) -> None:
+    # Found by review: waiting clients were not counted as served, so root could be
+    # served max-clients more beside max-clients waiting, twice the descriptors the
+    # daemon budgets (the rest "out of file descriptors"), and they took the slots
+    # kept for admins.  max-clients=16 keeps 2 for admins: 14 of carol's wait, and
+    # root gets the 2 kept, then a refusal saying so.
+    daemon, hang = nss('[access]\ndefault-role = "client"\n', "--max-clients", "16")
+    carol = accounts["mbt-carol"]
+    hang.hang("/etc/passwd")
+    proc = subprocess.Popen(["setpriv", f"--reuid={carol.uid}", f"--regid={carol.gid}",
+                             "--clear-groups", client_python(), "-I", "-c", MANY,
+                             str(daemon.socket), "16"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"connected\n"
+        wait_blocked_in_open(daemon)
+        roots = []
+        for _ in range(3):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(str(daemon.socket))
+            roots.append(sock)
+        greetings = [json.loads(sock.makefile("rb").readline()) for sock in roots]
+        assert ["QMP" in g for g in greetings] == [True, True, False], greetings
+        assert greetings[2]["error"]["desc"] == (
+            "migblockd is already serving max-clients=16 clients; try again later")
+        for sock in roots:
+            sock.close()
+        hang.answer("/etc/passwd")
+        lines = [json.loads(proc.stdout.readline()) for _ in range(16)]
+    finally:
+        proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+    assert [line["error"]["desc"] for line in lines[14:]] == 2 * [
+        "migblockd is waiting for the user and group databases to judge 14 clients; "
+        "try again later"]
+    assert "out of file descriptors" not in daemon.log()
+    assert daemon.stop() == 0
 
 
 def test_a_client_that_came_while_a_reload_looked_up_has_the_new_policys_role(

@@ -64,11 +64,9 @@ class Admitting:
         """Wait for the look-up ``owner``'s role needs, then :meth:`admit`."""
         server = self.server
         counted = self.core.guard.counted_uid(owner)
-        refusal = self._no_room(counted)
+        refusal = self._no_room(owner, counted)
         if refusal is not None:
-            limit, what = refusal
-            desc = (f"migblockd is waiting for the user and group databases to judge "
-                    f"{what}; try again later")
+            limit, desc = refusal
             core = self.core
             core.stats.connections += 1
             core.stats.connections_refused[limit] += 1
@@ -88,9 +86,9 @@ class Admitting:
         self.owner, self.judged_as = owner, counted
         self.judging = self.core.guard.judge.wait(owner, self._judged)
 
-    def _no_room(self, counted: int | None) -> tuple[str, str] | None:
-        """Why a client counted under ``counted`` may not wait (None: it may): the
-        limit (``migblockd_connections_refused``' reason) and who waits.
+    def _no_room(self, owner: Owner, counted: int | None) -> tuple[str, str] | None:
+        """Why a client of ``owner``, counted under ``counted``, may not wait (None: it
+        may): the limit (``migblockd_connections_refused``' reason) and its message.
 
         The waiting hold descriptors as the served do (the admission counts them
         with the served): together they stay within the slots of non-admins, as
@@ -104,16 +102,21 @@ class Admitting:
             min(admission.max_clients, admission.room)
         waiting = len(server.judging)
         if waiting + len(self.core.connections) >= room - admin_slots(room):
-            return "max-clients", f"{waiting} clients"
+            return "max-clients", _waiting(f"{waiting} clients")
         limit = admission.max_clients_per_uid
         # Those it has served count too: a subordinate uid not looked up yet may wait
         # beside its user's served clients, and would be turned away once judged.
         held, served = server.judging_per_uid[counted], admission.serving(counted)
-        if limit and held + served >= limit:
-            also = f" ({served} served)" if served else ""
-            return "max-clients-per-uid", (f"{plural(held, 'client')} of uid {counted}{also}, "
-                                           f"max-clients-per-uid={limit}")
-        return None
+        if not limit or held + served < limit:
+            return None
+        if not held:
+            # Its served clients alone are at the bound: said as once it is judged.
+            said = admission.refusal(owner, 0, counted=counted)
+            if said is not None:
+                return said
+        also = f" ({served} served)" if served else ""
+        return "max-clients-per-uid", _waiting(
+            f"{plural(held, 'client')} of uid {counted}{also}, max-clients-per-uid={limit}")
 
     def _done_waiting(self) -> None:
         self.judging = None
@@ -174,3 +177,7 @@ class Admitting:
         self._done_waiting()
         log.debug("a client of uid %s hung up while waiting for its role's look-up",
                   "?" if self.owner is None else self.owner.uid)
+
+
+def _waiting(what: str) -> str:
+    return f"migblockd is waiting for the user and group databases to judge {what}; try again later"

@@ -293,8 +293,13 @@ async def test_an_abstract_passed_socket_is_logged_as_its_unit_writes_it(
                     await asyncio.sleep(0.01)
             assert b'"QMP"' in await reader.readline()  # served on it
             writer.close()
-        text = log_path.read_text(errors="replace")
-        assert f"INFO: socket activation: serving the passed socket @{name}\n" in text, text
+        # The daemon's log writer thread writes a line a moment after the fact: under
+        # load, after the greeting was read.
+        line = f"INFO: socket activation: serving the passed socket @{name}\n"
+        deadline = time.monotonic() + TIMEOUT
+        while line not in (text := log_path.read_text(errors="replace")):
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=TIMEOUT) == 0, log_path.read_text(errors="replace")
     finally:

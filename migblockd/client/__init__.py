@@ -70,6 +70,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final
@@ -166,6 +167,13 @@ class MigblockClient(Connection):
             text.encode()
         except (TypeError, ValueError, RecursionError) as exc:  # the last: nested too deep
             raise ClientError(f"arguments of {command} are not JSON: {exc}") from None
+        # From Python 3.12 the C encoder nests past the recursion limit, where the
+        # library's writer task, which also renders the message in Python, fails and
+        # drops the connection: bounded here, on every version alike.
+        limit = sys.getrecursionlimit() // 2
+        if text.count("[") + text.count("{") > limit and _deeper(arguments, limit):
+            raise ClientError(f"arguments of {command} are not JSON: nested deeper than "
+                              f"{limit} levels")
         if arguments is not None:
             # A copy of what was checked: the writer task encodes it a turn later, when
             # the caller may have changed what it passed.
@@ -333,3 +341,16 @@ class MigblockClient(Connection):
             self._unhold_id(held)
             return
         self._start_release(adding.result(), held, quiet=True)
+
+
+def _deeper(value: object, limit: int) -> bool:
+    """Whether ``value`` nests lists and objects deeper than ``limit`` (without recursion)."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= limit:
+                return True
+            stack.extend((child, depth + 1)
+                         for child in (item.values() if isinstance(item, dict) else item))
+    return False

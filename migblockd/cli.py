@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
     finally:
         # A stop left them ignored (daemon.serve); so does a start that failed: a
         # second SIGTERM must not end the exit with the log's last lines unwritten.
-        for sig in signalmask.STOPS:
+        for sig in signalmask.HANDLED:
             signal.signal(sig, signal.SIG_IGN)
         # What is still queued is written now, within a bound: a stuck
         # stderr does not keep the daemon from exiting.

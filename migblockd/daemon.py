@@ -9,7 +9,8 @@ before systemd hears we are ready.  SIGHUP reloads the
 configuration (one that comes while starting, once ready); SIGTERM and
 SIGINT stop: no new connections, every request already received answered,
 clients closed, the socket removed, ``STOPPING=1`` sent first; the metrics
-endpoint goes last, so a scrape sees the end.
+endpoint goes last, so a scrape sees the end.  SIGUSR1 and SIGUSR2 are
+ignored, and logged (``migblockd.early``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.detached import NoThread, detached
 from migblockd.listen import Claim, claim_socket
+from migblockd.logs.throttle import Throttle
 from migblockd.notify import Notifier
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
@@ -60,6 +62,9 @@ log = logging.getLogger("migblockd")
 
 #: Logged for a SIGTERM or SIGINT that came before the daemon served anyone.
 STOPPED_STARTING = "received %s while starting: stopping before serving"
+#: Logged for SIGUSR1 and SIGUSR2, which the daemon ignores (migblockd.early).
+IGNORED = ("received %s: ignored (migblockd gives it no meaning: SIGHUP reloads the "
+           "configuration, SIGTERM stops)%s")
 
 
 async def run(config: Config, cli: dict[str, Any], *,
@@ -248,8 +253,18 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
             log.info("%s", why)
         await server.reload()
 
+    # Sent in a loop (a script's mistake), each would be a line: bounded as a
+    # client's repeated refusals are.
+    ignored_lines = Throttle()
+
+    def on_unused(sig: signal.Signals) -> None:
+        if (more := ignored_lines.admit(sig, None, loop.time())) is not None:
+            log.warning(IGNORED, sig.name, more)
+
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    for sig in signalmask.UNUSED:
+        loop.add_signal_handler(sig, on_unused, sig)
     if (name := stop_asked()) is not None:
         on_stop(name)  # came after run() looked, before these handlers
     if bridge is not None and not stop.is_set():
@@ -295,7 +310,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         # would give them their default actions back, so its handlers go now, with
         # the signals blocked (no other thread takes them: signalmask).
         with signalmask.stops_blocked():
-            for sig in signalmask.STOPS:
+            for sig in signalmask.HANDLED:
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, signal.SIG_IGN)
         await asyncio.sleep(0)  # what the handlers queued before they went is said first

@@ -12,12 +12,20 @@ daemon is ready; a SIGTERM or SIGINT stops the start once the restore is over
 (so a stop never interrupts the restore's reads or its migration of an older
 database), without serving.  That is a wait of seconds at most: 100,000
 blockers restore in about three; SIGKILL does not wait.
+
+SIGUSR1 and SIGUSR2 mean nothing to the daemon, and their default action
+would end it without a line, leaving its socket behind: someone who sends one
+expecting a log reopened or a status dump (as other daemons do) would stop
+every blocker's enforcement instead.  They are ignored from here on, and the
+event loop says so once it handles them (``migblockd.daemon``).
 """
 
 import signal
 from types import FrameType
 
 _STOPS = (signal.SIGTERM, signal.SIGINT)
+#: Signals the daemon gives no meaning: ignored, never their default action (the end).
+UNUSED = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 class EarlySignals:
@@ -29,6 +37,8 @@ class EarlySignals:
     def install(self) -> None:
         for sig in (signal.SIGHUP, *_STOPS):
             signal.signal(sig, self._keep)
+        for sig in UNUSED:
+            signal.signal(sig, signal.SIG_IGN)
 
     def _keep(self, signum: int, _frame: FrameType | None) -> None:
         self.received.append(signum)
@@ -52,6 +62,8 @@ class EarlySignals:
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in UNUSED:
+            signal.signal(sig, signal.SIG_DFL)
         if (signum := self._first_stop()) is not None:
             # SIG_DFL for SIGINT too: ended by the signal, as a shell expects,
             # rather than by a KeyboardInterrupt raised wherever the thread is.

@@ -9,6 +9,8 @@ unwritten.  So the daemon's threads are started with the three blocked
 (:func:`start`: a thread inherits the mask of the thread that starts it), and
 the main thread blocks them while it hands them back (:func:`stops_blocked`):
 one pending then is dropped when ``SIG_IGN`` is set, as POSIX says.
+SIGUSR1 and SIGUSR2, which the loop handles only to say that they are ignored
+(``migblockd.early``), are handed back alike (:data:`HANDLED`).
 """
 
 from __future__ import annotations
@@ -19,15 +21,19 @@ import threading
 from collections.abc import Iterator
 from typing import Final
 
-__all__ = ["STOPS", "start", "stops_blocked"]
+from migblockd.early import UNUSED
+
+__all__ = ["HANDLED", "STOPS", "UNUSED", "start", "stops_blocked"]
 
 STOPS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: Every signal the event loop handles: the stop signals, and those it ignores.
+HANDLED: Final = (*STOPS, *UNUSED)
 
 
 @contextlib.contextmanager
 def stops_blocked() -> Iterator[None]:
-    """The calling thread blocks :data:`STOPS` for the block."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    """The calling thread blocks :data:`HANDLED` for the block."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     try:
         yield
     finally:
@@ -35,6 +41,6 @@ def stops_blocked() -> Iterator[None]:
 
 
 def start(thread: threading.Thread) -> None:
-    """Start ``thread`` with :data:`STOPS` blocked in it (and in the threads it starts)."""
+    """Start ``thread`` with :data:`HANDLED` blocked in it (and in the threads it starts)."""
     with stops_blocked():
         thread.start()

@@ -48,6 +48,7 @@ from migblockd.state import (
 from migblockd.state.directory import check_existing_directory
 from migblockd.state.rescue import rescued_copies
 from migblockd.state.schema import APPLICATION_ID, MIGRATIONS
+from migblockd.state.whose_log import note_for
 
 NOBODY = 65534  # the uid that default_state_dir() is asked about as a user
 
@@ -128,7 +129,9 @@ def test_new_store_is_empty_and_the_file_says_what_it_is(tmp_path: Path) -> None
     with Store.open(directory) as store:
         assert store.load() == Snapshot(blockers=[], settings={})
         assert store.path == directory / "state.db"
-        assert (directory / "lock").read_text() == f"{os.getpid()}\n"
+        # The pid, then which file it opened, for the next start (migblockd.state.whose_log).
+        assert (directory / "lock").read_text() == (
+            f"{os.getpid()}\n{note_for(directory / 'state.db')}\n")
     assert directory.stat().st_mode & 0o777 == 0o700
     db = sqlite3.connect(directory / "state.db")
     try:
@@ -406,7 +409,11 @@ def test_second_open_in_the_same_process_is_refused(tmp_path: Path) -> None:
                                       f"migblockd (pid {os.getpid()}); stop it, or use "
                                       "another --state-dir")
         assert store.load().blockers == [row("x", 1)]  # the holder is unharmed
-    assert (tmp_path / "lock").read_text() == ""  # and forgot the pid
+    # It forgot the pid, and kept its note (naming the log SQLite has removed since).
+    pid, note = (tmp_path / "lock").read_text().split("\n")[:2]
+    assert pid.strip() == ""
+    assert json.loads(note) == {**json.loads(note_for(tmp_path / "state.db")),
+                                "log": json.loads(note)["log"]}
     reopened(tmp_path)  # closing released it
 
 
@@ -526,7 +533,75 @@ def test_log_without_its_database_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "state.db").exists()
 
 
-def killed_after_commits(directory: Path, groups: int) -> None:
+def test_a_log_beside_a_database_replaced_under_its_killed_holder_is_refused(
+        tmp_path: Path) -> None:
+    """A backup put in place of state.db while its holder ran, which was then
+    killed before a commit: SQLite would replay the holder's log into the backup."""
+    backup = tmp_path / "backup.db"
+    directory = tmp_path / "state"
+    with Store.open(directory) as store:
+        store.commit([Put(row("backed-up", 1))])
+        with contextlib.closing(sqlite3.connect(directory / "state.db")) as source, \
+                contextlib.closing(sqlite3.connect(backup)) as target:
+            source.backup(target)
+    killed_after_commits(directory, 3, replaced_by=backup)
+    db, wal = directory / "state.db", directory / "state.db-wal"
+    before = files_of(directory)
+    note = (directory / "lock").read_text().split("\n")[1]
+    for _ in range(2):  # and again: the refusal leaves the note as it was
+        with pytest.raises(StateError) as refused:
+            Store.open(directory)
+        assert str(refused.value).startswith(
+            f"{db} is not the file that the last daemon here opened (it was replaced while "
+            f"that daemon ran, a backup restored under it, say, and the daemon was killed "
+            f"before it saw it), and {wal} holds that daemon's changes")
+        assert files_of(directory) == before
+        assert (directory / "lock").read_text().split("\n")[1] == note
+    wal.rename(tmp_path / "state.db-wal")
+    (directory / "state.db-shm").rename(tmp_path / "state.db-shm")
+    assert [r.id for r in reopened(directory).blockers] == ["backed-up"]
+
+
+def test_a_database_moved_away_and_back_after_a_kill_is_restored_with_its_log(
+        tmp_path: Path) -> None:
+    killed_after_commits(tmp_path, 3)
+    (tmp_path / "state.db").rename(tmp_path / "away.db")
+    (tmp_path / "away.db").rename(tmp_path / "state.db")
+    assert [r.id for r in reopened(tmp_path).blockers] == ["b0", "b1", "b2"]
+
+
+def test_a_database_moved_in_with_its_log_where_another_was_is_restored_with_it(
+        tmp_path: Path) -> None:
+    """As a reload's warning about a changed state-dir says: state.db and its log moved
+    into a directory that a daemon used before (its lock noting another file)."""
+    old, new, aside = tmp_path / "old", tmp_path / "new", tmp_path / "aside"
+    killed_after_commits(new, 1)
+    aside.mkdir()
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        (new / name).rename(aside / name)  # kept: no inode of theirs is handed out again
+    killed_after_commits(old, 3)
+    for name in ("state.db", "state.db-wal"):
+        (old / name).rename(new / name)
+    assert [r.id for r in reopened(new).blockers] == ["b0", "b1", "b2"]
+
+
+def test_a_lock_noted_by_an_older_migblockd_says_nothing_of_the_log(tmp_path: Path) -> None:
+    """A lock with the pid alone (as every migblockd before the note wrote it): the
+    log beside a replaced database is SQLite's to replay, as before."""
+    backup = tmp_path / "backup.db"
+    directory = tmp_path / "state"
+    with Store.open(directory) as store:
+        store.commit([Put(row("backed-up", 1))])
+        with contextlib.closing(sqlite3.connect(directory / "state.db")) as source, \
+                contextlib.closing(sqlite3.connect(backup)) as target:
+            source.backup(target)
+    killed_after_commits(directory, 3, replaced_by=backup)
+    (directory / "lock").write_text("4242\n")
+    assert [r.id for r in reopened(directory).blockers] == ["backed-up", "b0", "b1", "b2"]
+
+
+def killed_after_commits(directory: Path, groups: int, *,
+                         replaced_by: Path | None = None) -> None:
     """``directory`` as a SIGKILL leaves it after ``groups`` commits of a blocker each
     (``b0``, ``b1``...): all in the log (folded back only at about 4 MiB), which
     its index records."""
@@ -537,7 +612,12 @@ def killed_after_commits(directory: Path, groups: int) -> None:
         store = Store.open(Path({str(directory)!r}))
         for i in range({groups}):
             store.commit([Put(BlockerRow(f"b{{i}}", "r" * 300, ("normal",), False, None,
-                                         1.7e9, i))])
+                                         1.7e9, i + 10))])
+        replaced_by = {str(replaced_by) if replaced_by else None!r}
+        if replaced_by:  # a copy put in place whole, as a restore does
+            import shutil
+            shutil.copy2(replaced_by, store.path.with_name("staged"))
+            os.rename(store.path.with_name("staged"), store.path)
         os.kill(os.getpid(), signal.SIGKILL)
     """
     env = dict(os.environ, PYTHONPATH=str(ROOT))

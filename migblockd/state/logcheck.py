@@ -38,11 +38,12 @@ from __future__ import annotations
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from migblockd.state.errors import StateError
 
-__all__ = ["check_log", "stored_format"]
+__all__ = ["check_log", "holds_commits", "stored_format"]
 
 # The index's header (two copies, 48 bytes each, in the machine's byte order),
 # then the checkpoint's: how many frames are in the database already.
@@ -101,31 +102,43 @@ def stored_format(database: Path) -> tuple[int, int] | None:
     return app_id, version
 
 
+def holds_commits(log: Path) -> bool:
+    """Whether ``log`` holds a commit that SQLite's recovery would replay into the
+    database the name beside it leads to (False when it cannot be read)."""
+    return any(commit for _, commit, _ in _frames(log))
+
+
 def _committed_first_page(log: Path) -> bytes | None:
-    """The database's first page as the last commit in ``log`` that wrote it has it,
-    reading the frames as SQLite's recovery does: up to the first that is cut
-    short, not of this log or fails its checksum."""
+    """The database's first page as the last commit in ``log`` that wrote it has it."""
+    pending, committed = None, None
+    for number, commit, data in _frames(log):
+        pending = data if number == 1 else pending
+        if commit:  # the last frame of a transaction: what it wrote counts
+            committed, pending = pending or committed, None
+    return committed
+
+
+def _frames(log: Path) -> Iterator[tuple[int, int, bytes]]:
+    """Each frame of ``log`` (its page's number, its commit field, the page), read
+    as SQLite's recovery reads them: up to the first that is cut short, not of
+    this log or fails its checksum."""
     try:
         with open(log, "rb") as f:
             valid = _valid_header(f.read(_LOG_HEADER.size))
             if valid is None:
-                return None
+                return
             big, page, salts, chained = valid
-            pending, committed = None, None
             while len(head := f.read(_FRAME.size)) == _FRAME.size:
                 data = f.read(page)
                 number, commit, frame_salts, sum1, sum2 = _FRAME.unpack(head)
                 if len(data) < page or frame_salts != salts:
-                    break
+                    return
                 chained = _checksum(head[:8] + data, big, *chained)
                 if chained != (sum1, sum2):
-                    break
-                pending = data if number == 1 else pending
-                if commit:  # the last frame of a transaction: what it wrote counts
-                    committed, pending = pending or committed, None
+                    return
+                yield number, commit, data
     except OSError:
-        return None
-    return committed
+        return
 
 
 def _recorded(index: Path) -> tuple[int, int, bytes] | None:

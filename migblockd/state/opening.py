@@ -31,12 +31,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
+from migblockd.pidlock import PidLock
 from migblockd.state import schema
 from migblockd.state.directory import check_file_room, check_migration_room
 from migblockd.state.errors import StateError, describe_open_error, one_line
 from migblockd.state.files import check_existing_database, hot_journal
 from migblockd.state.lock import DatabaseLock, lock_database
 from migblockd.state.logcheck import check_log
+from migblockd.state.whose_log import check_whose_log, note_for
 
 __all__ = ["check_and_open", "configure", "connect"]
 
@@ -70,14 +72,21 @@ Examine = Callable[[sqlite3.Connection], None]
 
 
 def check_and_open(path: Path, migrations: Sequence[schema.Migration],
-                   examine: Examine | None = None) -> tuple[sqlite3.Connection, DatabaseLock]:
+                   examine: Examine | None = None, *, noting: PidLock | None = None,
+                   ) -> tuple[sqlite3.Connection, DatabaseLock]:
     """The database, checked (created, migrated, and its content passed to
     ``examine``), and the lock on its file, taken before SQLite opens it:
-    release the lock after closing the connection."""
+    release the lock after closing the connection.  ``noting``: the state
+    directory's lock, whose note says which file the last daemon opened (its log
+    is refused beside another) and is then made this file's, before SQLite
+    writes a frame of its log."""
     if _check_file(path):
         _create(path, migrations)
     lock = lock_database(path)
     try:
+        if noting is not None:
+            check_whose_log(path, noting.previous)
+            _note(noting, path)
         _roll_back_unfinished(path)
         version = _check_before_writing(path, migrations, examine)
         check_migration_room(path, version, len(migrations))
@@ -93,11 +102,23 @@ def check_and_open(path: Path, migrations: Sequence[schema.Migration],
         _open_for_writing(conn, path, version, migrations)
         if version < len(migrations) and examine is not None:
             examine(conn)  # only now in the format it reads
+        if noting is not None:
+            _note(noting, path)  # with the log SQLite has made by now
     except BaseException:
         conn.close()
         lock.release()
         raise
     return conn, lock
+
+
+def _note(lock: PidLock, path: Path) -> None:
+    try:
+        lock.note(note_for(path))
+    except OSError as e:
+        log.warning("cannot note in %s which file the daemon opens (%s): should %s be "
+                    "replaced while the daemon runs, and the daemon be killed before it "
+                    "commits again, the next start will not tell its log from the new "
+                    "file's", lock.path, e.strerror, path)
 
 
 def _view(path: Path) -> sqlite3.Connection:

@@ -123,7 +123,7 @@ class Store:
                 raise StateError(f"{path}: {exc}") from None
 
         try:
-            conn, database_lock = check_and_open(path, migrations, examine)
+            conn, database_lock = check_and_open(path, migrations, examine, noting=lock)
         except BaseException:
             lock.release()
             raise

@@ -7,8 +7,10 @@ until the server, which takes the calls (:meth:`Calls.take_calls`) and runs them
 link, hands back QEMU's answer (:meth:`Calls.resume`); ``SETTLE`` suspends it until the
 changes before it are committed.  Every call of one command goes to the QEMU its
 first went to (a :class:`~migblockd.forwarding.Pin`).  The access check is made again
-at each resumption: a reload may have narrowed it while QEMU answered.  QEMU's own
-events reach every client through :meth:`Calls.relay`.
+at each resumption, the role included: a reload may have narrowed it while QEMU
+answered; not once the command has sent QEMU a call that may change it (``migrate``
+itself, a forwarded setting, a pass-through), whose outcome is then QEMU's.  QEMU's
+own events reach every client through :meth:`Calls.relay`.
 """
 
 from __future__ import annotations
@@ -92,8 +94,10 @@ class Calls:
             return
         try:
             # The handler may go on to its change, answered or not (add-blocker adds
-            # while QEMU is away): counted as of now.
-            self.guard.recheck(conn, request.command.name, request.args)
+            # while QEMU is away): judged as of now, by the role a reload may have
+            # given meanwhile, unless QEMU was sent something that may change it.
+            if conn.pin is None or not conn.pin.changing:
+                self.guard.recheck(conn, request.command.name, request.args)
         except QMPError as exc:
             gen.close()
             self._refused(conn, request, exc, started)
@@ -140,4 +144,6 @@ class Calls:
             # sender checks the pin they share).
             if conn.pin is None:
                 conn.pin = Pin()
+            if not call.name.startswith("query-"):
+                conn.pin.changing = True
             self._calls.append((conn, Call(call.name, call.args, conn.pin)))

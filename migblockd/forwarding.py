@@ -47,10 +47,13 @@ class Pin:
     on (``None`` until then), and the process id of the QEMU at its other end.  The
     sender fills it in and refuses a later call once the connection is another: a
     handler decides each call on the answers to the earlier ones, which a restarted
-    QEMU (or a reconnected one) did not give."""
+    QEMU (or a reconnected one) did not give.  ``changing``: whether a call that may
+    change QEMU (any but a ``query-``) has gone out for the command: from then on
+    what QEMU did is the command's outcome."""
 
     connection: int | None = None
     pid: int | None = None
+    changing: bool = False
 
 
 @dataclass(frozen=True, slots=True)

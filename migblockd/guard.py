@@ -3,9 +3,10 @@
 :meth:`Guard.check` runs first in :meth:`migblockd.core.Core._run`, before the
 handler and before the simulated migration advances, so a refused request
 changes nothing and causes no event.  A request that waits for QEMU before its
-change (``add-blocker`` with ``--qemu`` asks whether QEMU migrates) has its
-quotas and ownership judged again when QEMU answers (:meth:`Guard.recheck`):
-requests sent together all wait, and each must count the ones before it.
+change (``add-blocker`` with ``--qemu`` asks whether QEMU migrates, ``migrate``
+asks several things) is judged again, role, quotas and ownership, each time it
+goes on (:meth:`Guard.recheck`): requests sent together all wait, and each must
+count the ones before it; and a reload meanwhile may have narrowed its role.
 
 A refusal is a ``GenericError`` whose desc says what was refused and why (the
 command, the uid, the role it has and the one it needs; for ``del-blocker``,
@@ -81,8 +82,6 @@ _ADMIN_TRANSPORTS: dict[str, str] = {
     "exec": f"migrate with a channel of transport exec needs role {Role.ADMIN} ({_RUNS})",
     "file": f"migrate with a channel of transport file needs role {Role.ADMIN} ({_WRITES})",
 }
-#: The commands whose extra rule reads the registry (:meth:`Guard.recheck`).
-_REJUDGED = frozenset({"add-blocker", "del-blocker"})
 _UNJUDGED_CHANNEL = (f"migrate with a channel that has no string addr.transport needs role "
                      f"{Role.ADMIN} (migblockd cannot tell what QEMU would do with it)")
 
@@ -253,14 +252,12 @@ class Guard(QuotaRules):
             extra(conn, role, args)
 
     def recheck(self, conn: Connection, name: str, args: Args) -> None:
-        """Judge again what depends on the registry (quotas, ownership) for a request
-        that waited for QEMU before its change: others may have added or deleted
-        blockers meanwhile, and each must count.  Its role check stands; these rules
-        see its role of now, which a reload meanwhile may have changed."""
-        if name in _REJUDGED:
-            _, extra = self._rules[name]
-            assert extra is not None
-            extra(conn, self.role_of(conn), args)
+        """Judge again, as :meth:`check` does, a request that waited for QEMU (or for a
+        commit) before its change: others may have added or deleted blockers
+        meanwhile, and each must count; and a reload may have changed its role,
+        which the reload's line has named, and which every rule sees (not one the
+        old role and another the new: an internal add refused, a plain one let in)."""
+        self.check(conn, name, args)
 
     # -- the rules of particular commands ------------------------------------------
     def _check_add(self, conn: Connection, role: Role, args: Args) -> None:

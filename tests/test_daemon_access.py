@@ -982,3 +982,44 @@ def test_a_reload_that_changes_a_connected_uids_role_says_whose_and_how(
         f"(the user and group databases changed): uid {PROMOTED_UID} is client (was "
         "operator)"]
     assert_clean_log(daemon)
+
+
+def test_a_command_waiting_for_qemu_goes_on_with_the_role_a_reload_gave_meanwhile(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account], qemu: Qemu) -> None:
+    """Found by the cross-feature review: a reload that demoted an operator while its
+    migrate waited for QEMU's answers to its checks (a stopped QEMU, a slow disk) let
+    that migrate reach QEMU all the same, after the reload had said the uid was a
+    client; so did a client's add-blocker after it was made an observer, while an
+    internal one was refused (the rules after the role check saw the new role, the
+    role check did not)."""
+    bob, alice = accounts["mbt-bob"], accounts["mbt-alice"]
+    granted = POLICY.replace('mbt-olga = "observer"', 'mbt-olga = "observer", mbt-bob = "operator"')
+    daemon = serve(granted, "--qemu", str(qemu.gate_socket), "--qemu-timeout", "60")
+    daemon.wait_for_log("connected to QEMU 7.")
+    b, a = connect(daemon, bob), connect(daemon, alice)
+    asked = daemon.log().count('"execute":"query-migrate"')
+    qemu.stop()  # its answers to the checks wait
+    try:
+        migrate = {"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:9"}}
+        add = {"execute": "add-blocker", "arguments": {"reason": "r", "id": "late"}}
+        for client, request in ((b, migrate), (a, add)):
+            assert client.proc.stdin is not None
+            client.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            client.proc.stdin.flush()
+        daemon.wait_for_log(re.compile(f'(?:.*"execute":"query-migrate".*\n){{{asked + 2}}}', re.S))
+        reload(daemon, POLICY.replace('mbt-olga = "observer"',
+                                      'mbt-olga = "observer", mbt-alice = "observer"'))
+        daemon.wait_for_log(f"uid {bob.uid} (mbt-bob) is client (was operator)")
+    finally:
+        assert qemu.proc is not None
+        qemu.proc.send_signal(signal.SIGCONT)
+    assert b.read() == {"error": {"class": "GenericError", "desc": (
+        f"Permission denied: migrate needs role operator, but uid {bob.uid} (mbt-bob) has "
+        "role client")}}
+    assert a.read() == {"error": {"class": "GenericError", "desc": (
+        f"Permission denied: add-blocker needs role client, but uid {alice.uid} (mbt-alice) "
+        "has role observer")}}
+    assert a.ok("query-blockers") == []
+    assert '"execute":"migrate"' not in daemon.log()  # never sent to QEMU
+    assert_clean_log(daemon)

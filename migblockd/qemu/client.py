@@ -1,6 +1,6 @@
 """``qemu.qmp``'s ``QMPClient`` as :class:`~migblockd.qemu.link.QemuLink` uses it.
 
-The link is built on the library's client, adjusted in four ways:
+The link is built on the library's client, adjusted in five ways:
 
 * events are handed to the link's ``on_event`` from the library's reader task, in
   QEMU's order with its replies.  The reader handles QEMU's messages one at a time and
@@ -16,6 +16,9 @@ The link is built on the library's client, adjusted in four ways:
   (and a traceback at debug level).  The link logs what matters itself;
 * the wire traffic is logged at debug level on the link's logger, as the server logs its
   clients' traffic;
+* it reads QEMU's messages as strict JSON: ``NaN``, ``Infinity`` or ``1e400`` make
+  a message garbage, which ends the connection as any other does
+  (:mod:`.garbage`), not a value that no client can be sent;
 * it reads messages of up to :data:`~migblockd.qemu.too_long.READ_LIMIT`, not the
   library's 10 MiB, and one longer than that, which ends the connection (the library can
   do nothing else with it), is named for what it is: the reply to which command, of what
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING
 from qemu.qmp import ExecInterruptedError, Message, QMPClient
 
 from migblockd.peer import peer_owner
+from migblockd.qemu.garbage import StrictMessage
 from migblockd.qemu.too_long import READ_LIMIT, Interrupted, ReplyTooLong, TooLong
 
 if TYPE_CHECKING:
@@ -120,6 +124,11 @@ class LinkClient(QMPClient):
             oldest = next(iter(self._unanswered.values()), None)
             self._too_long = TooLong(oldest, self.readbuflen, tuple(self._unanswered))
             raise ReplyTooLong(self._too_long.reason()) from None
+
+    async def _do_recv(self) -> Message:
+        # The library's, with QEMU's message read as strict JSON (.garbage): a number
+        # no client can be sent is refused as any garbage is, here.
+        return StrictMessage(await self._readline())
 
     async def _reply(self, msg_id: str | None) -> Message:
         try:

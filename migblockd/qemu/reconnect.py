@@ -35,6 +35,7 @@ from qemu.qmp.message import DeserializationError
 from qemu.qmp.qmp_client import GreetingError
 
 from migblockd.paths import not_a_socket
+from migblockd.qemu.garbage import garbage
 from migblockd.qemu.info import QemuInfo
 from migblockd.qemu.too_long import ReplyTooLong
 
@@ -240,7 +241,7 @@ class Reconnecting:
         except Exception as exc:  # the reader's or writer's failure, re-raised
             # migblockd's own doing (a message too long to read): QEMU runs on.
             self.dropped = isinstance(exc, ReplyTooLong)
-            return _reason(exc)
+            return garbage(exc) or _reason(exc)
         return "the connection ended"
 
     async def _disconnect_quietly(self) -> None:

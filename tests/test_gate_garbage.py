@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
-from qemu_strings import GENERIC, error
+from qemu_strings import GENERIC, SEV, error
 from realqemu import Qemu, wait_until
 
 #: QEMU's query-qmp-schema answer is some 200 kB: lines of up to this are relayed.
@@ -203,4 +203,48 @@ async def test_an_event_with_a_number_past_a_double_is_garbage_not_a_traceback(
             await wait_until(lambda: connections(d) == 2, "migblockd connected again")
             assert [m for m in await c.sync() if "event" in m] == []
     assert "QEMU migration status" not in d.log()  # nor taken for one
+    assert_clean_log(d)
+
+
+async def test_qemus_blockers_are_not_left_out_while_migblockd_reconnects_after_garbage(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path,
+    tmp_path: Path,
+) -> None:
+    """Reported: after migblockd dropped its connection over a message it could not
+    take, the peer, still there with its blockers, counted as away until the next
+    connection was accepted: query-blockers answered without QEMU's blocker, as it
+    did after a reply too long to read (fixed before)."""
+    async with relaying(short_tmp / "relay.sock", qemu) as relay, \
+            qemu.monitor() as mon:
+        await mon.add_blocker("vdi1")
+        relay.spoil["human-monitor-command"] = b"garbage"
+        d = gate(start_daemon, relay, tmp_path, "--qemu-timeout", "0")
+        await wait_until(lambda: connections(d) == 1, "migblockd connected")
+        async with d.client() as spoiled, d.client() as c:
+            await spoiled.send({"execute": "human-monitor-command", "arguments": INFO_STATUS,
+                                "id": "hmp"})
+            await wait_until(lambda: "human-monitor-command" in relay.commands,
+                             "the command sent to QEMU")
+            sent = len(relay.commands)
+            # The first waits for QEMU behind it; then each as the one before is answered.
+            for n in range(1, 12):
+                await c.send({"execute": "query-blockers", "id": n})
+            await c.send({"execute": "add-blocker", "arguments": {"reason": SEV, "id": "sev"},
+                          "id": "add"})
+            await wait_until(lambda: "query-migrate" in relay.commands[sent:],
+                             "query-blockers' question sent to QEMU")
+            relay.release.set()  # the garbage, in place of the command's reply
+            reply = await spoiled.read_reply()
+            assert "was lost before QEMU replied" in reply["error"]["desc"], reply
+            for n in range(1, 12):
+                reply = await c.read_reply()
+                assert reply["id"] == n
+                if "return" in reply:  # QEMU's blocker listed, never left out
+                    assert [b["id"] for b in reply["return"]] == ["qemu:1"], reply
+            added = await c.read_reply()
+            if "return" not in added:  # not told QEMU's state yet: refused as busy
+                assert added == error(GENERIC, "disallowing migration blocker (migration/"
+                                      f"snapshot in progress) for: {SEV}", "add")
+        d.wait_for_log(f"lost the connection to QEMU at {relay.path}: QEMU sent a message "
+                       "that is not JSON, b'garbage\\r\\n'; migblockd dropped the connection")
     assert_clean_log(d)

@@ -99,7 +99,8 @@ class QemuLink(Reconnecting):
         #: then its answers, are awaited): QEMU is there.
         self.awaiting_greeting = False
         #: migblockd dropped the connection to a QEMU that runs on (its message was too
-        #: long to read), and has not tried to connect again yet: QEMU is there.
+        #: long to read, or garbage), and has not tried to connect again yet: QEMU is
+        #: there.
         self.dropped = False
         #: QEMU has greeted on the connection being set up.
         self.greeted = False

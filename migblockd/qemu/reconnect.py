@@ -239,9 +239,11 @@ class Reconnecting:
         try:
             await self._disconnect()
         except Exception as exc:  # the reader's or writer's failure, re-raised
-            # migblockd's own doing (a message too long to read): QEMU runs on.
-            self.dropped = isinstance(exc, ReplyTooLong)
-            return garbage(exc) or _reason(exc)
+            # migblockd's own doing (a message too long to read, or one it could not
+            # take): whoever sent it runs on, and counts as there until tried again.
+            not_taken = garbage(exc)
+            self.dropped = not_taken is not None or isinstance(exc, ReplyTooLong)
+            return not_taken or _reason(exc)
         return "the connection ended"
 
     async def _disconnect_quietly(self) -> None:

@@ -421,6 +421,32 @@ async def test_a_command_cut_short_by_disconnect_says_so(daemon: DaemonProcess) 
                               "by disconnect() before the reply to query-version")
 
 
+async def test_a_lost_connections_errors_chain_the_sockets_error(
+        daemon: DaemonProcess) -> None:
+    # Reported: the cause chained was qemu.qmp's ExecInterruptedError or StateError,
+    # which says nothing of why; it is what ended the stream (its end, a reset).
+    client = MigblockClient(daemon.socket)
+    await client.connect()
+    stream = client.events()
+    daemon.signal(signal.SIGSTOP)  # the command waits for its answer
+    waiting = asyncio.ensure_future(client.execute("query-version"))
+    async with asyncio.timeout(PATIENCE):
+        while not client._qmp or not client._qmp._unanswered:  # until it is issued
+            await asyncio.sleep(0.01)
+    daemon.kill()  # SIGKILL: the kernel closes the daemon's end
+    with pytest.raises(DisconnectedError) as lost:
+        await waiting
+    cause = lost.value.__cause__
+    assert isinstance(cause, EOFError | ConnectionResetError), repr(cause)
+    with pytest.raises(DisconnectedError) as after:
+        await client.execute("query-version")  # not connected any more
+    assert after.value.__cause__ is cause
+    with pytest.raises(DisconnectedError) as ended:
+        await next_event(stream)
+    assert ended.value.__cause__ is cause
+    await client.disconnect()
+
+
 async def test_the_answer_to_a_command_given_up_on_is_dropped_quietly(
         daemon: DaemonProcess, caplog: pytest.LogCaptureFixture) -> None:
     # Found by review: commands are to be bounded with asyncio.timeout(), and the answer

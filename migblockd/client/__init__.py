@@ -21,7 +21,9 @@ Errors, all :class:`ClientError`:
 * :class:`DisconnectedError`: connecting failed (why, in the shell's words:
   a connection that ends before the greeting names the daemon's log; a daemon
   that turns the connection away says why), the client is not connected, or
-  the connection was lost (the cause is chained), also when this client ended
+  the connection was lost (chained to what ended it: ``EOFError`` at the end of
+  the stream, the socket's ``OSError`` such as ``ConnectionResetError``; later
+  errors of that connection chain the same), also when this client ended
   it, for a message longer than it reads (``link.READ_LIMIT``, 1 GiB: the
   message says so), or closed by :meth:`~MigblockClient.disconnect` while a
   command waited for its answer (the message says that too).  Whether a command
@@ -184,9 +186,11 @@ class MigblockClient(Connection):
         except ExecuteError as exc:
             raise CommandError(command, exc.error_class, exc.error.error.desc) from None
         except (ExecInterruptedError, StateError) as exc:
+            # Chained to what ended the connection (the socket's error, the stream's
+            # end), not to the library's report of it.
             raise DisconnectedError(self._lost(
                 qmp, f" before the reply to {command}" if isinstance(
-                    exc, ExecInterruptedError) else "")) from exc
+                    exc, ExecInterruptedError) else "")) from qmp.ended or exc
         except QMPError as exc:
             raise ClientError(f"the reply to {command} was not understood: {exc}") from exc
 
@@ -282,14 +286,15 @@ class MigblockClient(Connection):
             if self._qmp is not held_on or not self.connected:
                 # Lost, whether or not connected again since: the daemon dropped the
                 # blocker with that connection, and there is nothing to delete.
-                raise DisconnectedError(self._lost(held_on, dropped))
+                raise DisconnectedError(self._lost(held_on, dropped)) from held_on.ended
             # Shielded: an exit cut short (the caller's timeout) still deletes.
             releasing, held = self._start_release(blocker, held, quiet=False), None
             try:
                 await asyncio.shield(releasing)
             except DisconnectedError as exc:
                 # Lost before the loop had seen it (the block held it up): as above.
-                raise DisconnectedError(self._lost(held_on, dropped)) from exc
+                raise DisconnectedError(self._lost(held_on, dropped)
+                                        ) from held_on.ended or exc
         finally:
             self._unhold_id(held)
 

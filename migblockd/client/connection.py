@@ -168,7 +168,10 @@ class Connection(EventSource):
     async def _watch_connection(self, qmp: QMPLink) -> None:
         while qmp.runstate == Runstate.RUNNING:
             await qmp.runstate_changed()
-        self._end_streams(None if self._closing else self._lost(qmp))
+        if self._closing:
+            self._end_streams(None)
+        else:
+            self._end_streams(self._lost(qmp), qmp.ended)
 
     def _lost(self, qmp: QMPLink, before: str = "") -> str:
         """Why ``qmp`` is down: lost, or closed by this client."""

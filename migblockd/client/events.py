@@ -41,9 +41,12 @@ class _End:
     """Put in a stream's queue after its last event; ``error``, ``why`` say what the
     reader gets after it (``StopAsyncIteration`` when ``error`` is None)."""
 
-    def __init__(self, error: type[ClientError] | None = None, why: str = "") -> None:
+    def __init__(self, error: type[ClientError] | None = None, why: str = "",
+                 cause: BaseException | None = None) -> None:
         self.error = error
         self.why = why
+        #: What ended the connection, chained to the error.
+        self.cause = cause
 
 
 #: How many unread events a stream keeps by default: about the --max-output
@@ -89,7 +92,7 @@ class EventStream:
         if isinstance(item, _End):
             self._queue.put_nowait(item)  # an ended stream stays ended
             if item.error is not None:
-                raise item.error(item.why)
+                raise item.error(item.why) from item.cause
             raise StopAsyncIteration
         return item
 
@@ -201,8 +204,8 @@ class EventSource:
         if held is not None:
             self._held_ids.remove(held)
 
-    def _end_streams(self, lost: str | None) -> None:
-        end = _End() if lost is None else _End(DisconnectedError, lost)
+    def _end_streams(self, lost: str | None, cause: BaseException | None = None) -> None:
+        end = _End() if lost is None else _End(DisconnectedError, lost, cause)
         for stream in list(self._streams):
             stream._put(end)
         self._streams.clear()

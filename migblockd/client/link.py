@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from qemu.qmp import Message, QMPClient, QMPError
@@ -50,6 +50,9 @@ class QMPLink(QMPClient):
       daemon's ``--negotiation-timeout``), is reported in the daemon's words.
     * A line longer than that ends the connection (the library can do nothing
       else with it): :attr:`gave_up` says so, since the daemon did nothing wrong.
+    * What ended the connection (the stream's end, the socket's error) is kept
+      (:attr:`ended`), so that the client's errors chain it rather than the
+      library's report of it.
     * Disconnecting waits at most ``flush_timeout`` seconds (None: forever) for
       the daemon to take what was sent, then closes: a stopped daemon takes
       nothing, and the library would wait for it forever (and so would closing
@@ -66,6 +69,18 @@ class QMPLink(QMPClient):
         self.gave_up: str | None = None
         #: Whether the client closed it (``disconnect()``) while it was up.
         self.disconnected = False
+        #: What ended the reader or the writer, and so the connection (``EOFError``
+        #: at the stream's end, ``ConnectionResetError``...); None while it is up.
+        self.ended: BaseException | None = None
+
+    async def _bh_loop_forever(self, async_fn: Callable[[], Awaitable[None]],
+                               name: str) -> None:
+        try:
+            await super()._bh_loop_forever(async_fn, name)
+        except BaseException as exc:  # the library schedules the disconnect
+            if self.ended is None:
+                self.ended = exc
+            raise
 
     async def _bh_flush_writer(self) -> None:
         try:

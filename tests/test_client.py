@@ -674,6 +674,40 @@ async def test_holding_whose_entry_was_cancelled_leaves_no_blocker_behind(
         assert [b.id for b in await operator.blockers()] == ["taken"]
 
 
+async def test_holding_retried_at_once_after_its_cancelled_entry_gets_its_id(
+        daemon: DaemonProcess) -> None:
+    # Reported: the agent's timeout ends the entry while the daemon has the add, and
+    # the agent retries at once with the same id: the retry's add reached the daemon
+    # before the deletion of what the first added ("Duplicate blocker ID 'dump'"),
+    # which is sent only once the first add's answer comes.
+    async with MigblockClient(daemon.socket) as client:
+        daemon.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    async with client.holding("dump in progress", id="dump"):
+                        pytest.fail("the block ran")
+
+            async def retry() -> list[str]:
+                async with client.holding("dump in progress", id="dump") as blocker:
+                    assert blocker.id == "dump"
+                    return [b.id for b in await client.blockers()]
+
+            retrying = asyncio.ensure_future(retry())
+            # Time for the retry's add to be sent, had it not waited for the deletion
+            # (the daemon still stopped): nothing is judged by it.
+            for _ in range(50):
+                if client._qmp is None or len(client._qmp._unanswered) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            daemon.signal(signal.SIGCONT)
+        async with asyncio.timeout(PATIENCE):
+            assert await retrying == ["dump"]
+        assert await client.blockers() == []
+        assert client.connected
+
+
 async def test_holding_tolerates_a_blocker_deleted_by_someone_else(
         daemon: DaemonProcess) -> None:
     async with MigblockClient(daemon.socket) as client, \

@@ -250,7 +250,16 @@ class MigblockClient(Connection):
         does, as it does when the exit itself is cancelled (the caller's timeout).
         If the entry is cancelled (the caller's timeout) after the request was sent,
         the daemon may still add the blocker: it is deleted when its answer comes.
+        A block of the same ``id`` entered while such a deletion goes on (a retry)
+        waits for it before it adds its own, which the daemon would otherwise
+        refuse (``Duplicate blocker ID``).
         """
+        leaving = self._leaving.get(id) if id is not None else None
+        if leaving is not None:
+            # An earlier block's blocker of this id, being deleted (its block ended
+            # while the client's loop was busy, or its entry was cancelled): the
+            # daemon runs requests in order, and this add must come after that.
+            await asyncio.wait({leaving})
         held_on = self._qmp  # the blocker lasts as long as this connection
         # From before the add: its own event comes before its answer.  (A generated id
         # is never given again: only a chosen one can be another blocker's later.)
@@ -263,7 +272,11 @@ class MigblockClient(Connection):
             # Added after all, the blocker would block migration for as long as this
             # connection lives, with no block left to end it.
             self._undoing.add(adding)
-            adding.add_done_callback(lambda done: self._undo_add(done, held_on, held))
+            undone = asyncio.get_running_loop().create_future()
+            if id is not None:
+                self._mark_leaving(id, undone)
+            adding.add_done_callback(
+                lambda done: self._undo_add(done, held_on, held, undone))
             raise
         except BaseException:
             self._unhold_id(held)
@@ -320,12 +333,23 @@ class MigblockClient(Connection):
             log.warning("blocker %r stays: the daemon refused to delete it (%s)",
                         blocker.id, exc.desc)
 
+    def _mark_leaving(self, id: str, going: asyncio.Future[Any]) -> None:
+        """The blocker ``id`` is gone (or known never added) once ``going`` is done."""
+        self._leaving[id] = going
+
+        def gone(done: asyncio.Future[Any]) -> None:
+            if self._leaving.get(id) is done:
+                del self._leaving[id]
+
+        going.add_done_callback(gone)
+
     def _start_release(self, blocker: Blocker, held: HeldId | None, *,
                        quiet: bool) -> asyncio.Future[None]:
         """:meth:`_release` in a task of its own, which goes on if whoever awaits it is
         cancelled, and which lets go of ``held`` when it ends."""
         releasing = asyncio.ensure_future(self._release(blocker, held, quiet=quiet))
         self._undoing.add(releasing)
+        self._mark_leaving(blocker.id, releasing)
 
         def released(task: asyncio.Future[None]) -> None:
             self._undoing.discard(task)
@@ -337,15 +361,18 @@ class MigblockClient(Connection):
         return releasing
 
     def _undo_add(self, adding: asyncio.Future[Blocker], held_on: QMPLink | None,
-                  held: HeldId | None) -> None:
-        """Delete what the add of a :meth:`holding` whose entry was cancelled added."""
+                  held: HeldId | None, undone: asyncio.Future[None]) -> None:
+        """Delete what the add of a :meth:`holding` whose entry was cancelled added;
+        ``undone`` is done once that is over."""
         self._undoing.discard(adding)
         if adding.cancelled() or adding.exception() is not None or self._qmp is not held_on:
             # Not added (or not known to be: then its connection is gone), or gone
             # with its connection.
             self._unhold_id(held)
+            undone.set_result(None)
             return
-        self._start_release(adding.result(), held, quiet=True)
+        releasing = self._start_release(adding.result(), held, quiet=True)
+        releasing.add_done_callback(lambda _: undone.set_result(None))
 
 
 def _deeper(value: object, limit: int) -> bool:

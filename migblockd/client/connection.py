@@ -62,6 +62,10 @@ class Connection(EventSource):
         # what they added: kept here, since the event loop keeps only weak references.
         # Work of the loop the client is used in, as the connection is.
         self._undoing: set[asyncio.Future[Any]] = set()
+        # By id, the blocker a holding() block chose that is being deleted, or whose
+        # add is undone: a block of that id waits for it before its own add, which
+        # the daemon would otherwise run first ("Duplicate blocker ID").
+        self._leaving: dict[str, asyncio.Future[Any]] = {}
         # The event loop it was first used in: asyncio's streams, tasks and locks
         # belong to one, and the client with them (see _in_its_loop).
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -421,6 +421,38 @@ async def test_a_command_cut_short_by_disconnect_says_so(daemon: DaemonProcess) 
                               "by disconnect() before the reply to query-version")
 
 
+async def test_a_connection_the_daemon_closes_for_a_timeout_is_disconnected_with_its_words(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    # Reported: the daemon's last line (an error without an id: the message it had
+    # waited idle-timeout for was still unfinished) came as a CommandError of the
+    # oldest command, which says the connection stays usable; it had ended.
+    d = start_daemon("--ephemeral", "--idle-timeout", "1")
+    async with MigblockClient(d.socket) as client:
+        await client.add_blocker("held", scope="connection", id="held")
+        stream = client.events()
+        # More than the socket takes at once: the rest waits in the client's
+        # transport while its event loop is held up (an agent's blocking call).
+        waiting = asyncio.ensure_future(
+            client.execute("query-blockers", {"mode": "normal", "x": "y" * 900_000}))
+        async with asyncio.timeout(PATIENCE):
+            while (client._qmp is None or client._qmp._writer is None
+                   or not client._qmp._writer.transport.get_write_buffer_size()):
+                await asyncio.sleep(0.01)
+        d.wait_for_log("idle-timeout=1s; closing the connection")  # blocking
+        why = "Message left unfinished for idle-timeout=1s; closing the connection"
+        with pytest.raises(DisconnectedError) as closed:
+            await waiting
+        assert str(closed.value) == (f"migblockd at {d.socket} closed the connection before "
+                                     f"the reply to query-blockers: {why}")
+        assert isinstance(closed.value.__cause__, EOFError)  # the stream's end
+        assert not client.connected
+        with pytest.raises(DisconnectedError) as ended:
+            await next_event(stream)
+        assert str(ended.value) == f"migblockd at {d.socket} closed the connection: {why}"
+    async with MigblockClient(d.socket) as other:
+        assert await other.blockers() == []  # "held" went with its connection
+
+
 async def test_a_lost_connections_errors_chain_the_sockets_error(
         daemon: DaemonProcess) -> None:
     # Reported: the cause chained was qemu.qmp's ExecInterruptedError or StateError,

@@ -26,7 +26,10 @@ Errors, all :class:`ClientError`:
   errors of that connection chain the same), also when this client ended
   it, for a message longer than it reads (``link.READ_LIMIT``, 1 GiB: the
   message says so), or closed by :meth:`~MigblockClient.disconnect` while a
-  command waited for its answer (the message says that too).  Whether a command
+  command waited for its answer (the message says that too), and when the
+  daemon closed it saying why, after a message left unfinished for its
+  ``--idle-timeout`` (the message ends with the daemon's words: ``Message left
+  unfinished for idle-timeout=30s; closing the connection``).  Whether a command
   in flight when it was lost took effect is unknown.
 * :class:`EventsLostError`: an event stream's reader fell behind (see
   below); the stream ended, the connection did not.

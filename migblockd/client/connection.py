@@ -185,6 +185,8 @@ class Connection(EventSource):
         if qmp.gave_up is not None:
             return f"this client closed its connection to migblockd at {self.path}{before}: " \
                    f"{qmp.gave_up}"
+        if qmp.farewell is not None:
+            return f"migblockd at {self.path} closed the connection{before}: {qmp.farewell}"
         return f"the connection to migblockd at {self.path} was lost{before}"
 
     async def disconnect(self) -> None:

@@ -17,6 +17,11 @@ __all__ = ["READ_LIMIT", "QMPLink", "Refused"]
 #: 1024 characters, each escaped as ``\\uXXXX``, is about 600 MB.
 READ_LIMIT: Final = 1 << 30
 
+#: How the daemon's last line ends when it closes a connection, after the answers it
+#: owes (``--idle-timeout``: ``Timeouts.overdue()``, ``migblockd/timeouts.py``): an
+#: error without an ``id`` that answers no request, followed by the end of the stream.
+CLOSING: Final = "; closing the connection"
+
 
 class Refused(QMPError):
     """The daemon turned the connection away: one error line instead of a greeting,
@@ -50,6 +55,9 @@ class QMPLink(QMPClient):
       daemon's ``--negotiation-timeout``), is reported in the daemon's words.
     * A line longer than that ends the connection (the library can do nothing
       else with it): :attr:`gave_up` says so, since the daemon did nothing wrong.
+    * An error without an ``id`` that says the daemon closes the connection
+      (:data:`CLOSING`) answers no request: it is kept (:attr:`farewell`), and
+      the requests not answered end as the connection does, lost.
     * What ended the connection (the stream's end, the socket's error) is kept
       (:attr:`ended`), so that the client's errors chain it rather than the
       library's report of it.
@@ -69,6 +77,8 @@ class QMPLink(QMPClient):
         self.gave_up: str | None = None
         #: Whether the client closed it (``disconnect()``) while it was up.
         self.disconnected = False
+        #: The daemon's last line, when it closed the connection saying why.
+        self.farewell: str | None = None
         #: What ended the reader or the writer, and so the connection (``EOFError``
         #: at the stream's end, ``ConnectionResetError``...); None while it is up.
         self.ended: BaseException | None = None
@@ -126,6 +136,11 @@ class QMPLink(QMPClient):
                         self.logger.debug("the answer to %s, given up on, is dropped",
                                           msg_id)
                         return
+            elif "error" in msg and (farewell := _farewell(msg["error"])) is not None:
+                # Not the oldest request's answer: the connection's end, which the
+                # requests not answered hear of as lost (their outcome is unknown).
+                self.farewell = farewell
+                return
             elif "error" in msg and self._unanswered:
                 oldest = next(iter(self._unanswered))
                 del self._unanswered[oldest]
@@ -160,3 +175,9 @@ class QMPLink(QMPClient):
             return Greeting(msg)
         except (ProtocolError, KeyError, TypeError) as err:
             raise GreetingError("Did not understand Greeting", err) from err
+
+
+def _farewell(error: object) -> str | None:
+    """The daemon's last line, if an error without an ``id`` is one (:data:`CLOSING`)."""
+    desc = error.get("desc") if isinstance(error, dict) else None
+    return desc if isinstance(desc, str) and desc.endswith(CLOSING) else None

@@ -101,6 +101,13 @@ class DaemonCollector(Collector):
                 "(qemu-timeout), or has not greeted or answered within 5 s of accepting "
                 "migblockd's connection, else 0",
                 value=1 if self.core.handlers.qemu.unresponsive else 0)
+            # A link lost and made again between two scrapes shows in neither gauge.
+            yield _by_reason(
+                "migblockd_qemu_connections_lost",
+                "Connections to the gated QEMU's monitor that were up and were lost, by "
+                "who ended them: closed (QEMU: it exited, was restarted, or closed the "
+                "connection) or dropped (migblockd, over a message it could not take)",
+                dict(self.core.handlers.qemu.lost))
 
     # -- what is true now ------------------------------------------------------------
     def _state(self) -> Iterator[Metric]:

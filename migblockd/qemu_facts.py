@@ -156,6 +156,10 @@ class QemuFacts:
     #: may be lost again before QEMU says) nor been found to have exited: its
     #: migration may still run, whatever the link's state (the adapter's).
     cut_off: bool = False
+    #: Connections to QEMU that were up and were lost, by who ended them: ``closed``
+    #: (QEMU) or ``dropped`` (migblockd, over a message it could not take) (the
+    #: link's, for the metrics).
+    lost: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def silent(self) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log
+from fakeqmp import Line, serving
 from metricstext import Scrape, baseline, commands, key
 from otheruids import NAMELESS_GID, NAMELESS_UID, NAMELESS_UID2, UidClient
 from qmpclient import RawClient, blocking_client, encode, qmp_client
@@ -559,6 +560,10 @@ async def test_gate_qemus_blockers_link_and_migration_outcomes(
     d.wait_for_log("connected to QEMU 7.")
     metrics = scrape(endpoint)
     assert metrics.value("migblockd_qemu_connected") == 1
+    lost = "migblockd_qemu_connections_lost_total"
+    assert metrics.types["migblockd_qemu_connections_lost"] == "counter"
+    assert (metrics.value(lost, reason="closed"), metrics.value(lost, reason="dropped")) == (
+        0, 0)
     async with qemu.monitor() as mon, d.client() as c:
         await mon.add_blocker("vdi1")
         assert [b["source"] for b in await c.ok("query-blockers")] == ["qemu"]
@@ -576,8 +581,33 @@ async def test_gate_qemus_blockers_link_and_migration_outcomes(
     qemu.kill()
     await wait_until(lambda: scrape(endpoint).value("migblockd_qemu_connected") == 0,
                      "the link is down")
-    assert key("migblockd_blockers", source="qemu", mode="normal") not in scrape(
-        endpoint).samples
+    metrics = scrape(endpoint)
+    assert key("migblockd_blockers", source="qemu", mode="normal") not in metrics.samples
+    # Counted once, by who ended it (QEMU), before the gauge fell.
+    assert (metrics.value(lost, reason="closed"), metrics.value(lost, reason="dropped")) == (
+        1, 0)
+    qemu.start()
+    await wait_until(lambda: scrape(endpoint).value("migblockd_qemu_connected") == 1,
+                     "the link is up again")
+    qemu.kill()
+    await wait_until(lambda: scrape(endpoint).value(lost, reason="closed") == 2,
+                     "the second loss counted")
+    assert d.stop() == 0
+
+
+async def test_connections_the_gate_dropped_over_garbage_are_counted_as_dropped(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # A real QEMU sends no garbage: a fake peer answers query-migrate (the link's own
+    # question on connecting) with a line that is not JSON, on each connection.
+    endpoint, peer = short_tmp / "metrics.sock", short_tmp / "peer.sock"
+    with serving(peer, returns={"query-migrate": Line("not JSON")}):
+        d = start_daemon("--qemu", str(peer), "--metrics", str(endpoint), "--ephemeral")
+        lost = "migblockd_qemu_connections_lost_total"
+        metrics = await scrape_until(endpoint, lambda m: m.value(lost, reason="dropped") >= 2,
+                                     "two connections dropped")
+        assert metrics.value(lost, reason="closed") == 0
+    d.wait_for_log(f"lost the connection to QEMU at {peer}: QEMU sent a message that is "
+                   "not JSON, b'not JSON\\r\\n'; migblockd dropped the connection")
     assert d.stop() == 0
 
 

@@ -108,6 +108,7 @@ class Bridge(EventsCapability):
         self.facts.greeting_awaited = lambda: self.link.awaiting_greeting or self.link.dropped
         self.facts.set_up_late = lambda: self.link.awaiting_greeting and self.link.late
         self.facts.timed_out = lambda: self.link.silent is not None
+        self.facts.lost = self.link.losses  # counted as the link loses connections
         self._core: Core | None = None
         self._wake: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[None]] = set()

@@ -42,6 +42,7 @@ from migblockd.qemu.errors import (
 from migblockd.qemu.info import QemuInfo
 from migblockd.qemu.reconnect import (
     GREETING_NOTICE,
+    LOSSES,
     MAX_DELAY,
     MIN_DELAY,
     NEGOTIATING,
@@ -102,6 +103,8 @@ class QemuLink(Reconnecting):
         #: long to read, or garbage), and has not tried to connect again yet: QEMU is
         #: there.
         self.dropped = False
+        #: Connections that were up and were lost, by who ended them (LOSSES).
+        self.losses = dict.fromkeys(LOSSES, 0)
         #: QEMU has greeted on the connection being set up.
         self.greeted = False
         #: The connection being set up has waited GREETING_NOTICE for QEMU (its

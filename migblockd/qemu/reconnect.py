@@ -39,9 +39,9 @@ from migblockd.qemu.garbage import garbage
 from migblockd.qemu.info import QemuInfo
 from migblockd.qemu.too_long import ReplyTooLong
 
-__all__ = ["ANOTHER_CLIENT", "GREETING_NOTICE", "MAX_DELAY", "MIN_DELAY", "NEGOTIATING",
-           "NOT_ANSWERING", "NOT_GREETED", "READING_SCHEMA", "SCHEMA_UNANSWERED", "LinkState",
-           "Reconnecting", "StateHandler"]
+__all__ = ["ANOTHER_CLIENT", "GREETING_NOTICE", "LOSSES", "MAX_DELAY", "MIN_DELAY",
+           "NEGOTIATING", "NOT_ANSWERING", "NOT_GREETED", "READING_SCHEMA",
+           "SCHEMA_UNANSWERED", "LinkState", "Reconnecting", "StateHandler"]
 
 log = logging.getLogger("migblockd.qemu")
 
@@ -50,6 +50,10 @@ StateHandler = Callable[[LinkState], None]
 
 MIN_DELAY = 0.1
 MAX_DELAY = 5.0
+#: Who ended a connection that was up, as ``losses`` counts it: ``closed``, QEMU's
+#: end (it exited, was restarted, or closed its monitor's connection; a reset);
+#: ``dropped``, migblockd's, over a message it could not take (too long, garbage).
+LOSSES = ("closed", "dropped")
 #: QEMU serves one client per monitor socket; a second one is accepted by the kernel but
 #: gets no greeting until the first leaves.  Say so if the greeting takes this long.
 GREETING_NOTICE = 5.0
@@ -169,6 +173,7 @@ class Reconnecting:
     _state: LinkState
     awaiting_greeting: bool
     dropped: bool
+    losses: dict[str, int]
     greeted: bool
     late: bool
     _reason: str
@@ -314,6 +319,7 @@ class Reconnecting:
         if not lost:  # an attempt's outcome: whatever it found, QEMU was tried again
             self.dropped = False
         if lost:
+            self.losses["dropped" if self.dropped else "closed"] += 1
             log.warning("lost the connection to QEMU at %s: %s; reconnecting", self.path, reason)
         elif reason != self._logged_reason:
             # A --qemu that cannot work must show at --log-level warning (and in

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
+from fakeqmp import Line, serving
 from qemu_strings import GENERIC, SEV, error
 from realqemu import Qemu, wait_until
 
@@ -247,4 +248,25 @@ async def test_qemus_blockers_are_not_left_out_while_migblockd_reconnects_after_
                                       f"snapshot in progress) for: {SEV}", "add")
         d.wait_for_log(f"lost the connection to QEMU at {relay.path}: QEMU sent a message "
                        "that is not JSON, b'garbage\\r\\n'; migblockd dropped the connection")
+    assert_clean_log(d)
+
+
+async def test_a_peer_that_sends_garbage_on_every_connection_is_tried_again_with_backoff(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+) -> None:
+    """Reported: a peer that answers every connection with garbage (here, the link's
+    own query-migrate on connecting) had the link reconnect at once each time, with
+    a warning each: some 27 a second. After the first, a drop in a row waits as an
+    attempt that found nobody does, up to 5 s."""
+    peer = short_tmp / "peer.sock"
+    with serving(peer, returns={"query-migrate": Line("not JSON")}):
+        d = start_daemon("--qemu", str(peer))
+        for drops, wait in ((2, "0.1"), (3, "0.2"), (4, "0.4")):
+            d.wait_for_log(f"QEMU at {peer}: {drops} connections in a row dropped over "
+                           f"messages migblockd could not take; trying again in {wait} s")
+    # Each connection after the second waited for its attempt.
+    steps = ["lost" if "lost the connection" in line else "wait"
+             for line in d.log().splitlines()
+             if "lost the connection to QEMU" in line or "trying again in" in line]
+    assert steps[:7] == ["lost", "lost", "wait", "lost", "wait", "lost", "wait"], steps
     assert_clean_log(d)

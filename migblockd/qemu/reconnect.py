@@ -4,8 +4,10 @@ Part of :class:`migblockd.qemu.link.QemuLink` (a base class of it, with no state
 own).  migblockd may start before QEMU and outlive it.  The link keeps trying to connect,
 with capped exponential backoff (:data:`MIN_DELAY` doubling up to :data:`MAX_DELAY`), and
 reconnects at once when a connection is lost, so that a new QEMU listening on the same
-socket is found by itself.  A connection is up once QEMU has greeted and answered
-``query-qmp-schema`` (what the gate learns of it, :class:`~migblockd.qemu.info.QemuInfo`);
+socket is found by itself (with that backoff again from the second connection in a row
+that migblockd dropped over a message it could not take).  A connection is up once QEMU
+has greeted and answered ``query-qmp-schema`` (what the gate learns of it,
+:class:`~migblockd.qemu.info.QemuInfo`);
 a greeting that takes :data:`GREETING_NOTICE` seconds is worth a warning, as QEMU serves
 one client per monitor, and so is a greeted QEMU that leaves ``qmp_capabilities``, or
 then ``query-qmp-schema``, unanswered that long (its main loop is busy or stopped).  It
@@ -54,6 +56,9 @@ MAX_DELAY = 5.0
 #: end (it exited, was restarted, or closed its monitor's connection; a reset);
 #: ``dropped``, migblockd's, over a message it could not take (too long, garbage).
 LOSSES = ("closed", "dropped")
+#: Past this many drops in a row the wait is MAX_DELAY anyway: counting on would
+#: only overflow the float the wait is computed in.
+_DROPS_COUNTED = 32
 #: QEMU serves one client per monitor socket; a second one is accepted by the kernel but
 #: gets no greeting until the first leaves.  Say so if the greeting takes this long.
 GREETING_NOTICE = 5.0
@@ -186,6 +191,7 @@ class Reconnecting:
 
     async def _run(self) -> None:
         delay = self._min_delay
+        drops = 0  # connections in a row that migblockd dropped (see below)
         while True:
             try:
                 info = await self._connect()
@@ -206,6 +212,17 @@ class Reconnecting:
             self._set_up(info)
             # After a loss, try again at once: QEMU may already be back.
             self._set_down(await self._session_end(), lost=True)
+            # Not again and again at once, though: a peer that sends, on every
+            # connection, what migblockd cannot take (garbage, or a reply too long to
+            # read to the link's own question) would have the link reconnect, and warn,
+            # in a busy loop.  Until it tries again, that peer counts as there (dropped).
+            drops = min(drops + 1, _DROPS_COUNTED) if self.dropped else 0
+            if drops > 1:
+                wait = min(self._min_delay * 2 ** (drops - 2), self._max_delay)
+                log.info("QEMU at %s: %d connections in a row dropped over messages "
+                         "migblockd could not take; trying again in %g s", self.path,
+                         drops, wait)
+                await asyncio.sleep(wait)
 
     async def _connect(self) -> QemuInfo:
         loop = asyncio.get_running_loop()

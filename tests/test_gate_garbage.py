@@ -270,3 +270,24 @@ async def test_a_peer_that_sends_garbage_on_every_connection_is_tried_again_with
              if "lost the connection to QEMU" in line or "trying again in" in line]
     assert steps[:7] == ["lost", "lost", "wait", "lost", "wait", "lost", "wait"], steps
     assert_clean_log(d)
+
+
+@pytest.mark.parametrize("bad_id", ["[1]", '{"a": 1}', "7"])
+async def test_a_reply_whose_id_migblockd_never_gave_is_ignored_with_a_warning(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path, bad_id: str,
+) -> None:
+    """Reported: a reply whose id was a list or an object (qemu.qmp's ids are
+    strings) failed the library's look-up of it (unhashable type: 'list') and lost
+    the connection, with that for a reason. It answers nothing migblockd sent:
+    dropped, as QMP clients drop a reply of an unknown id, and said so."""
+    peer = short_tmp / "peer.sock"
+    line = f'{{"return": {{}}, "id": {bad_id}}}'
+    sent = (line + "\r\n").encode()  # as the peer sends it
+    with serving(peer, returns={"query-migrate": Line(line)}):
+        d = start_daemon("--qemu", str(peer))
+        d.wait_for_log(f"QEMU at {peer} sent a reply with an id migblockd never gave "
+                       f"({sent!r}), ignored")
+        assert "lost the connection" not in d.log()
+        assert d.stop() == 0
+    assert "unhashable" not in d.log()
+    assert_clean_log(d)

@@ -1,6 +1,6 @@
 """``qemu.qmp``'s ``QMPClient`` as :class:`~migblockd.qemu.link.QemuLink` uses it.
 
-The link is built on the library's client, adjusted in five ways:
+The link is built on the library's client, adjusted in six ways:
 
 * events are handed to the link's ``on_event`` from the library's reader task, in
   QEMU's order with its replies.  The reader handles QEMU's messages one at a time and
@@ -19,6 +19,9 @@ The link is built on the library's client, adjusted in five ways:
 * it reads QEMU's messages as strict JSON: ``NaN``, ``Infinity`` or ``1e400`` make
   a message garbage, which ends the connection as any other does
   (:mod:`.garbage`), not a value that no client can be sent;
+* a reply whose ``id`` is no string (the library's are) answers nothing migblockd
+  sent: it is dropped with a warning, where the library's look-up of a list or an
+  object would fail and end the connection;
 * it reads messages of up to :data:`~migblockd.qemu.too_long.READ_LIMIT`, not the
   library's 10 MiB, and one longer than that, which ends the connection (the library can
   do nothing else with it), is named for what it is: the reply to which command, of what
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING
 from qemu.qmp import ExecInterruptedError, Message, QMPClient
 
 from migblockd.peer import peer_owner
-from migblockd.qemu.garbage import StrictMessage
+from migblockd.qemu.garbage import StrictMessage, shown
 from migblockd.qemu.too_long import READ_LIMIT, Interrupted, ReplyTooLong, TooLong
 
 if TYPE_CHECKING:
@@ -87,6 +90,14 @@ class LinkClient(QMPClient):
                 link._deliver(msg)
             return
         msg_id = msg.get("id")
+        if "id" in msg and not isinstance(msg_id, str):
+            # The library's ids are strings: this answers nothing migblockd sent, and
+            # the library, looking it up, would fail on a list or an object (unhashable)
+            # and end the connection.  Dropped, as QMP clients drop a reply whose id is
+            # unknown (docs/interop/qmp-spec.rst, "Commands Responses").
+            log.warning("QEMU at %s sent a reply with an id migblockd never gave (%s), "
+                        "ignored", link.path, shown(bytes(msg)))
+            return
         if isinstance(msg_id, str):
             self._unanswered.pop(msg_id, None)
         answered = msg_id in self._pending

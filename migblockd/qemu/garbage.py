@@ -28,7 +28,7 @@ from qemu.qmp import Message
 from qemu.qmp.error import ProtocolError
 from qemu.qmp.message import DeserializationError, UnexpectedTypeError
 
-__all__ = ["SHOWN", "StrictMessage", "garbage"]
+__all__ = ["SHOWN", "StrictMessage", "garbage", "shown"]
 
 #: How much of a message the log line quotes.
 SHOWN: Final = 60
@@ -68,7 +68,8 @@ class StrictMessage(Message):
         return obj
 
 
-def _shown(raw: bytes) -> str:
+def shown(raw: bytes) -> str:
+    """``raw``'s first :data:`SHOWN` bytes, for one line of the log."""
     return repr(raw[:SHOWN]) + (f"... ({len(raw)} bytes)" if len(raw) > SHOWN else "")
 
 
@@ -79,12 +80,12 @@ def garbage(exc: BaseException) -> str | None:
         cause = exc.__cause__
         what = (f"not strict JSON ({cause})" if isinstance(cause, NotStrictJson)
                 else "not JSON")
-        return f"QEMU sent a message that is {what}, {_shown(exc.raw)}; {DROPPED}"
+        return f"QEMU sent a message that is {what}, {shown(exc.raw)}; {DROPPED}"
     if isinstance(exc, UnexpectedTypeError):
         text = json.dumps(exc.value).encode()  # its own values: JSON again
-        return f"QEMU sent JSON that is not an object, {_shown(text)}; {DROPPED}"
+        return f"QEMU sent JSON that is not an object, {shown(text)}; {DROPPED}"
     if isinstance(exc, ProtocolError):  # a message of the wrong shape (qmp_client.py)
         msg = getattr(exc, "msg", None)
-        shown = f", {_shown(bytes(msg))}" if isinstance(msg, Message) else ""
-        return f"{' '.join(exc.error_message.split())}{shown}; {DROPPED}"
+        quoted = f", {shown(bytes(msg))}" if isinstance(msg, Message) else ""
+        return f"{' '.join(exc.error_message.split())}{quoted}; {DROPPED}"
     return None

@@ -53,9 +53,6 @@ __all__ = ["Commit", "Forward", "Server"]
 
 log = logging.getLogger("migblockd")
 
-#: Seconds a reload waits for the one before to have read its file before it says so.
-TURN_WARNING = 5.0
-
 Commit = Callable[[list[Change]], None]
 
 
@@ -110,12 +107,19 @@ class Server(Turns):
         self.refusals_lingering: Counter[int | None] = Counter()
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
-        # Reloads run one at a time, in the order the SIGHUPs came: each reads the
-        # file on a thread, and an earlier file must not be applied after a later one.
-        self._reloads = asyncio.Lock()
-        #: Reloads applied so far: a report whose look ahead ends after a later
-        #: reload applied its file would speak of settings no longer there.
+        # Reloads are numbered in the order their SIGHUPs came, and none waits for
+        # another: each reads the file and asks the user and group databases on its
+        # own, so one whose file system or look-ups do not answer keeps no later one
+        # (the operator's fix, say) from applying.  The newest read wins: a reload
+        # that finishes after a later one applied its file applies nothing, since an
+        # earlier file must never be applied over a later one.
+        self._reloads_asked = 0
+        #: The number of the reload whose file is applied (0: none since the start).
+        #: A report whose look ahead ends after a later reload applied its file
+        #: would speak of settings no longer there.
         self._applied = 0
+        #: Reloads that have not applied their file nor given up yet (their numbers).
+        self._reloads_pending: set[int] = set()
         self._timer_deadline: float | None = None
         self._status: tuple[Status, str | None] | None = None
         self._all_gone = asyncio.Event()
@@ -196,15 +200,26 @@ class Server(Turns):
             self._socket_lock.release()
 
     async def reload(self) -> None:
+        # Numbered before the first await: in the order the signals came.
+        self._reloads_asked += 1
+        number = self._reloads_asked
+        before = len(self._reloads_pending)
+        self._reloads_pending.add(number)
         await self.notifier.reloading()
         try:
-            await self._take_turn()
+            if before:
+                log.info("reload: %s before this one %s not finished (reading %s, or "
+                         "waiting for the user and group databases); this one does not "
+                         "wait, and once it applies the file, %s nothing",
+                         "a reload" if before == 1 else f"{before} reloads",
+                         "has" if before == 1 else "have", self.cli.get("config"),
+                         "that one applies" if before == 1 else "those apply")
             try:
-                applied = await self._reload()
+                applied = await self._reload(number)
             finally:
-                self._reloads.release()
-            # Past the lock: the look ahead may wait on a thread that never returns
-            # (a resolver, a network file system), and the next reload must not.
+                self._reloads_pending.discard(number)
+            # The look ahead may wait on a thread that never returns (a resolver, a
+            # network file system): nothing waits for it.
             if applied is not None:
                 await self._report(*applied)
         except Exception:
@@ -217,19 +232,18 @@ class Server(Turns):
             # STOPPING=1).
             await self.notifier.ready(self.status_line())
 
-    async def _take_turn(self) -> None:
-        """Wait until the reloads before this one have read and applied their file."""
-        try:
-            await asyncio.wait_for(self._reloads.acquire(), TURN_WARNING)
-        except TimeoutError:
-            log.warning("reload: waiting for the reload before, which has been reading %s "
-                        "for more than %g s (its file system or the user and group "
-                        "databases do not answer)", self.cli.get("config"), TURN_WARNING)
-            await self._reloads.acquire()
+    def _superseded(self, number: int) -> bool:
+        """Whether a reload later than ``number`` applied its file: said, if so."""
+        if self._applied < number:
+            return False
+        log.info("reload: not applied: a later reload read the file again and applied it "
+                 "first (this one was held by its file system or the user and group "
+                 "databases)")
+        return True
 
-    async def _reload(self) -> tuple[Reload, Config, dict[str, Any], int] | None:
-        """Read the file and apply it; what :meth:`_report` says of it (None: not
-        applied, and said why)."""
+    async def _reload(self, number: int) -> tuple[Reload, Config, dict[str, Any], int] | None:
+        """Read the file and apply it, as reload ``number``; what :meth:`_report` says
+        of it (None: not applied, and said why)."""
         def read() -> tuple[dict[str, Any], Config]:
             file = read_settings(self.cli)
             return file, build(self.cli, file)
@@ -253,6 +267,8 @@ class Server(Turns):
             # daemon that is draining.
             log.info("reload: stopping, so the configuration read is not applied")
             return None
+        if self._superseded(number):
+            return None
         try:
             # The new policy's roles of the connected uids, and the names of the
             # blockers' owners, are looked up afresh off the loop: clients are
@@ -265,6 +281,8 @@ class Server(Turns):
             return None
         if self.draining:
             log.info("reload: stopping, so the configuration read is not applied")
+            return None
+        if self._superseded(number):
             return None
         # own_socket is None: serving the socket systemd passed.
         reload = plan(self.config, fresh, socket_passed=self.own_socket is None,
@@ -294,7 +312,7 @@ class Server(Turns):
         root = logging.getLogger()
         threshold = min(root.level, self.config.logging_level)
         root.setLevel(self.config.logging_level)
-        self._applied += 1
+        self._applied = number
         return reload, fresh, file, threshold
 
     async def _report(self, reload: Reload, fresh: Config, file: dict[str, Any],

@@ -67,6 +67,13 @@ class Hang:
         with contextlib.suppress(OSError):  # ENXIO: nobody waits in open()
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
+    def abandon(self, path: str) -> Path:
+        """The real file again for new look-ups, while the one blocked in open() keeps
+        waiting on the FIFO, which is returned: opened for writing, it answers."""
+        fifo = self.bound.pop(path)
+        self._enter("umount", "-l", path)
+        return fifo
+
     def swap(self, path: str) -> None:
         """Another FIFO bound over ``path``, then the look-up blocked on the one before
         answered: the next look-up of that file hangs."""
@@ -221,10 +228,13 @@ def test_a_reload_whose_look_ups_hang_holds_no_client_nor_the_stop(
     her.ok("add-blocker", {"reason": "root's", "id": "r0"})
     her.ok("del-blocker", {"id": "r0"})
     daemon.wait_for_log("have not answered for a reload's policy")
-    daemon.signal(signal.SIGHUP)  # a second waits for the first, and says so
-    daemon.wait_for_log("reload: waiting for the reload before")
+    daemon.signal(signal.SIGHUP)  # a second does not wait for the first, and says so
+    daemon.wait_for_log("reload: a reload before this one has not finished")
     hang.answer("/etc/group")
-    daemon.wait_for_log(re.compile(r"reloaded configuration(.|\n)*reloaded configuration"))
+    # Each is said applied, or not applied when the second applied first.
+    daemon.wait_for_log(re.compile(r"(reloaded configuration|reload: not applied)(.|\n)*"
+                                   r"(reloaded configuration|reload: not applied)"))
+    assert "reloaded configuration" in daemon.log()
     her.ok("add-blocker", {"reason": "again", "id": "c1"})
     # Hung again: the stop does not wait for it.
     hang.hang("/etc/group")
@@ -232,6 +242,45 @@ def test_a_reload_whose_look_ups_hang_holds_no_client_nor_the_stop(
     daemon.wait_for_log(re.compile(r"have not answered for a reload's policy(.|\n)*"
                                    r"have not answered for a reload's policy"))
     assert daemon.stop(timeout=10) == 0  # SIGTERM: stopped, not held by the look-up
+    assert_clean_log(daemon)
+
+
+def test_a_reload_whose_look_ups_hang_keeps_no_later_reload_from_applying(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account], sockdir: Path) -> None:
+    # Found by review: a second reload waited for the first, whose look-up hung in
+    # the group database, so no reload applied anything again until that look-up
+    # answered (an NFS /etc/group, a directory server: never, perhaps).  Here the
+    # first stays blocked in open() of a FIFO no one writes to, while the group
+    # database answers the look-ups made after it, as a server that came back does.
+    daemon, hang = nss()
+    carol = accounts["mbt-carol"]
+    her = clients(daemon, carol.uid, carol.gid)
+    her.ok("add-blocker", {"reason": "carol's", "id": "c0"})
+    config = sockdir / "migblockd.toml"
+    config.write_text(f"max-clients = 50\n{POLICY}")
+    hang.hang("/etc/group")
+    daemon.signal(signal.SIGHUP)
+    wait_blocked_in_open(daemon)
+    daemon.wait_for_log("have not answered for a reload's policy")
+    fifo = hang.abandon("/etc/group")
+    config.write_text(f"max-clients = 60\n{POLICY}")
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log("INFO: reload: a reload before this one has not finished")
+    daemon.wait_for_log("INFO: reloaded configuration: max-clients=60\n")
+    # Served under the new file's policy, from the group database as it answers now.
+    her.ok("add-blocker", {"reason": "again", "id": "c1"})
+    # The first one answers at last: what it read is older, and not applied.
+    with contextlib.suppress(OSError):
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    daemon.wait_for_log("INFO: reload: not applied: a later reload read the file again and "
+                        "applied it first")
+    assert "max-clients=50" not in daemon.log()
+    assert daemon.log().count("reloaded configuration") == 1
+    # Still the second file's: a reload of it changes nothing.
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log("INFO: reloaded configuration: nothing changed\n")
+    assert daemon.stop() == 0
     assert_clean_log(daemon)
 
 

@@ -29,7 +29,7 @@ returns the setting or raises ``ValueError`` with a message that reads after
 the option's name (``"must be at least 1"``).  A TOML string is read exactly as
 the command line reads it, so both accept the same things and say the same
 thing about what they refuse: argparse reports ``argument --max-clients: must
-be at least 1``, the file ``FILE: max-clients must be at least 1``.  Values are
+be at least 1``, the file ``FILE:LINE: max-clients must be at least 1``.  Values are
 checked there and only there: ``Config`` trusts what it is given.
 
 ``--help`` and ``--version`` are argparse's own actions: they configure

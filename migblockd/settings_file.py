@@ -3,7 +3,10 @@
 Each key is an option's name without ``--`` (``log-level``; an underscore
 stands for a dash), checked by the same parse function as the command line's
 argument (:mod:`migblockd.options`), so both accept the same things and say the
-same about what they refuse.  Like sshd's StrictModes, a file that anyone but
+same about what they refuse.  A refused setting is named with the line that
+gives it, ``FILE:LINE: key ...``, as QEMU's QAPI generator names a schema's
+mistakes: tomllib keeps no positions, so :func:`line_of` finds the line in the
+text.  Like sshd's StrictModes, a file that anyone but
 root and the daemon's user could have written is refused
 (:mod:`migblockd.trusted_file`): whoever writes it sets the log level, the
 socket's mode and the limits.
@@ -22,7 +25,7 @@ from migblockd.options import ConfigError, Option, Where, table
 from migblockd.regular import NotRegularFile, TooLarge, read_regular
 from migblockd.trusted_file import check_trusted
 
-__all__ = ["MAX_SIZE", "TOO_DEEP", "read_file"]
+__all__ = ["MAX_SIZE", "TOO_DEEP", "line_of", "read_file"]
 
 #: The largest configuration file read: a policy naming tens of thousands of users
 #: fits; more is a mistake (a log, an image), which would take the memory and,
@@ -62,32 +65,115 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
     values: dict[str, Any] = {}
     given: dict[str, str] = {}
     for key, value in raw.items():
+        # Found only when refused: the scan costs a pass over the text.
+        def at(key: str = key) -> str:
+            number = line_of(text, key)
+            return f"{path}:{number}" if number is not None else str(path)
+
         o = by_key.get(key.replace("_", "-"))
         if o is None:
             near = difflib.get_close_matches(key.replace("_", "-"), list(by_key), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             # Cut as a value is: the key is the file's text, of any length.
-            raise ConfigError(f"{path}: unknown setting {describe(key)}{hint}")
+            raise ConfigError(f"{at()}: unknown setting {describe(key)}{hint}")
         if Where.FILE not in o.where:
-            raise ConfigError(f"{path}: {key} can only be given on the command line")
+            raise ConfigError(f"{at()}: {key} can only be given on the command line")
         if o.name in given:
-            raise ConfigError(f"{path}: {key} is {given[o.name]} again (an underscore "
+            raise ConfigError(f"{at()}: {key} is {given[o.name]} again (an underscore "
                               "stands for a dash); give it once")
         given[o.name] = key
         try:
             values[o.name] = o.parse(value)
         except ValueError as exc:
-            raise ConfigError(f"{path}: {key} {exc}{_misplaced(key, value, by_key)}") from None
+            raise ConfigError(f"{at()}: {key} {exc}{_misplaced(key, value, by_key)}") from None
         except RecursionError:  # a string that a kind reads as TOML (access = "{...}")
-            raise ConfigError(f"{path}: {key} has {TOO_DEEP}") from None
+            raise ConfigError(f"{at()}: {key} has {TOO_DEEP}") from None
         if isinstance(values[o.name], Path) and not values[o.name].is_absolute():
             # As a leading ~ (kinds.FilePath): the file names one path wherever the
             # daemon starts, but a relative one follows the working directory (systemd
             # starts it in /), and a state-dir found elsewhere restores no blocker.
-            raise ConfigError(f"{path}: {key} must be an absolute path in the configuration "
+            raise ConfigError(f"{at()}: {key} must be an absolute path in the configuration "
                               f"file (a relative one is taken from the daemon's working "
                               f"directory, which differs between starts), not {value!r}")
     return values
+
+
+#: A key as TOML spells one: bare, "basic" or 'literal'.
+_KEY = r"""[A-Za-z0-9_-]++|"(?:[^"\\\n]|\\.)*+"|'[^'\n]*+'"""
+_KEY_LINE = re.compile(rf"\s*({_KEY})\s*[.=]")
+_HEADER = re.compile(rf"\s*\[\[?\s*({_KEY})\s*[.\]]")
+
+
+def line_of(text: str, key: str) -> int | None:
+    """The number of the line of ``text`` (a TOML document tomllib read) that gives
+    the top-level ``key``: ``key = ...``, ``key.sub = ...`` before the first table
+    header, or a header ``[key]``, ``[key.sub]``, ``[[key]]``; None if none does.
+
+    Lines inside a multi-line string or array are not the start of a key: the scan
+    follows TOML's strings, comments and brackets from line to line.
+    """
+    in_table = False
+    quote: str | None = None  # the delimiter of the multi-line string open
+    depth = 0  # brackets and braces open
+    # Not splitlines(): TOML ends a line at \n only, and a string may hold U+2028.
+    for number, line in enumerate(text.split("\n"), 1):
+        if quote is None and depth == 0:
+            header = _HEADER.match(line)
+            if header is not None:
+                in_table = True
+                if _unquoted_key(header.group(1)) == key:
+                    return number
+            elif not in_table and (found := _KEY_LINE.match(line)) is not None \
+                    and _unquoted_key(found.group(1)) == key:
+                return number
+        quote, depth = _scan(line, quote, depth)
+    return None
+
+
+def _unquoted_key(spelled: str) -> str:
+    if spelled[0] not in "\"'":
+        return spelled
+    try:
+        return next(iter(tomllib.loads(f"{spelled} = 0")))
+    except (tomllib.TOMLDecodeError, StopIteration):
+        return spelled
+
+
+#: What may change the state of the scan: a string, a comment sign, or a run of
+#: anything else (its brackets counted at once), and a quote left alone.  Regular
+#: expressions, never backtracking, not a loop over characters: a line may be 1 MiB.
+_TOKEN = re.compile(r'''"""|\'\'\'|"(?:[^"\\\n]|\\.)*+"|'[^'\n]*+'|["'#]|[^"'#]++''')
+#: The rest of a multi-line string, through its closing delimiter (the last of up
+#: to five quotes: two of them may be its text).
+_REST = {
+    '"""': re.compile(r'(?:[^"\\]|\\.|"(?!""))*+"""+'),
+    "'''": re.compile(r"(?:[^']|'(?!''))*+'''+"),
+}
+
+
+def _scan(line: str, quote: str | None, depth: int) -> tuple[str | None, int]:
+    """What is open at the end of ``line``: a multi-line string's delimiter, and
+    brackets, given what was open at its start."""
+    i = 0
+    while True:
+        if quote is not None:
+            rest = _REST[quote].match(line, i)
+            if rest is None:
+                return quote, depth  # the string goes on on the next line
+            i, quote = rest.end(), None
+        for token in _TOKEN.finditer(line, i):
+            text = token.group()
+            if text in _REST:
+                quote, i = text, token.end()
+                break
+            if text[0] not in "\"'#":
+                # tomllib read the file: its brackets balance, and never close more.
+                depth = max(depth + text.count("[") + text.count("{") - text.count("]")
+                            - text.count("}"), 0)
+            elif len(text) == 1:  # a comment, or a quote tomllib read as no string
+                return None, depth
+        else:
+            return None, depth
 
 
 def _explained(message: str, text: str) -> str:

@@ -109,7 +109,7 @@ def test_a_bad_access_table_names_what_is_wrong(tmp_path: Path, text: str,
                                                 message: str) -> None:
     path = tmp_path / "m.toml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=f"^{path}: {message}$"):
+    with pytest.raises(ConfigError, match=f"^{path}:1: {message}$"):
         read_file(path)
 
 

@@ -135,43 +135,44 @@ def test_the_same_check_and_message_on_the_command_line_and_in_toml(
     path.write_text(f'{key} = "{value}"\n')
     with pytest.raises(ConfigError) as caught:
         build(options(["--config", str(path)]))
-    assert str(caught.value) == f"{path}: {key} {message}"
+    assert str(caught.value) == f"{path}:1: {key} {message}"
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("max-clients = 1.5\n", "max-clients must be an integer, not 1.5"),
-        ("max-clients = true\n", "max-clients must be an integer, not true"),
-        ("log-level = [1]\n", "log-level must be one of debug, info, warning, error, not an array"),
-        ("schema = 3\n", "schema must be a path, not 3"),
+        ("max-clients = 1.5\n", "1: max-clients must be an integer, not 1.5"),
+        ("max-clients = true\n", "1: max-clients must be an integer, not true"),
+        ("log-level = [1]\n",
+         "1: log-level must be one of debug, info, warning, error, not an array"),
+        ("schema = 3\n", "1: schema must be a path, not 3"),
         # Reported: a directory named "~" made under the working directory.
-        ('state-dir = "~/.local/state/migblockd"\n', "state-dir must spell the home "
+        ('state-dir = "~/.local/state/migblockd"\n', "1: state-dir must spell the home "
          "directory out (nothing here expands ~), not '~/.local/state/migblockd'"),
         # Reproduced: the same file, a daemon started from another directory, and the
         # blockers kept under the first one's were not restored.
-        ('state-dir = "mb-state"\n', "state-dir must be an absolute path in the "
+        ('state-dir = "mb-state"\n', "1: state-dir must be an absolute path in the "
          "configuration file (a relative one is taken from the daemon's working directory, "
          "which differs between starts), not 'mb-state'"),
-        ('socket = "run/s.sock"\n', "socket must be an absolute path in the configuration "
+        ('socket = "run/s.sock"\n', "1: socket must be an absolute path in the configuration "
          "file (a relative one is taken from the daemon's working directory, which differs "
          "between starts), not 'run/s.sock'"),
-        ("only-migratable = \"yes\"\n", "only-migratable must be true or false, not 'yes'"),
-        ("[socket]\nx = 1\n", "socket must be a path, not a table"),
+        ("only-migratable = \"yes\"\n", "1: only-migratable must be true or false, not 'yes'"),
+        ("[socket]\nx = 1\n", "1: socket must be a path, not a table"),
         # Reported: 400 is decimal in TOML, 0o620, and the group could connect.
-        ("socket-mode = 400\n", 'socket-mode must be an octal mode in quotes, such as "0660", '
-                                 "not a TOML number (400, which is 0o620)"),
+        ("socket-mode = 400\n", '1: socket-mode must be an octal mode in quotes, such as '
+                                 '"0660", not a TOML number (400, which is 0o620)'),
         # Reported: told that a TOML number is read as decimal, of one spelled in octal.
-        ("socket-mode = 0o640\n", 'socket-mode must be an octal mode in quotes, such as '
+        ("socket-mode = 0o640\n", '1: socket-mode must be an octal mode in quotes, such as '
                                    '"0660", not a TOML number (416, which is 0o640)'),
         ('qemu-passthrough = ["query status"]\n',
-         "qemu-passthrough must be a list of command names, and 'query status' is not one"),
-        ("max-reason-length = 0\n", "max-reason-length must be at least 1 character"),
+         "1: qemu-passthrough must be a list of command names, and 'query status' is not one"),
+        ("max-reason-length = 0\n", "1: max-reason-length must be at least 1 character"),
         # Reported: a traceback (UnicodeDecodeError) at start, and on SIGHUP a task
         # that died before telling systemd READY=1.
-        ("max-clients = 3\n# \udcff\n", "not UTF-8 text (byte 18); TOML files are UTF-8"),
+        ("max-clients = 3\n# \udcff\n", " not UTF-8 text (byte 18); TOML files are UTF-8"),
         ("max-clients = 1\nmax_clients = 2\n",
-         "max_clients is max-clients again (an underscore stands for a dash); give it once"),
+         "2: max_clients is max-clients again (an underscore stands for a dash); give it once"),
     ],
 )
 def test_a_wrong_toml_type_names_the_key_and_what_is_expected(
@@ -181,7 +182,8 @@ def test_a_wrong_toml_type_names_the_key_and_what_is_expected(
     path.write_bytes(text.encode("utf-8", "surrogateescape"))  # \udcff: a byte 0xff
     with pytest.raises(ConfigError) as caught:
         read_file(path)
-    assert str(caught.value) == f"{path}: {message}"
+    # A setting is named with its line (FILE:LINE: ...), the file as a whole without one.
+    assert str(caught.value) == f"{path}:{message}"
 
 
 def test_toml_reads_a_string_as_the_command_line_does(tmp_path: Path) -> None:

@@ -245,8 +245,8 @@ def config_page() -> str:
                "max-clients = 100."),
         ".PP",
         escape("An unknown key, or a value of the wrong type or out of range, stops the "
-               "daemon at start with a message naming the file and the key "
-               "(FILE: max-clients must be at least 1). On SIGHUP such a file is refused "
+               "daemon at start with a message naming the file, the line and the key "
+               "(FILE:LINE: max-clients must be at least 1). On SIGHUP such a file is refused "
                "as a whole and the daemon keeps its settings."),
         ".PP",
         escape("A reload applies " + (", ".join(reloadable) if reloadable else "no setting")

@@ -186,7 +186,9 @@ def _explained(message: str, text: str) -> str:
     document``, which is given the number of that line, the last that is not
     blank.
     """
-    lines = text.splitlines()
+    # Not splitlines(): tomllib counts lines as TOML ends them, at \n only, and a
+    # comment or a string may hold U+2028 or U+0085.
+    lines = text.split("\n")
     found = re.search(r"\(at line (\d+), column \d+\)$", message)
     if found:
         number = int(found.group(1))

@@ -100,6 +100,9 @@ def test_bad_file(tmp_path: Path, text: str, message: str) -> None:
          "key (or table) given twice; give each once"),
         ("max-clients = 3\nlog-level = ", "Invalid value (at end of document, line 2): "
          "'log-level ='"),
+        # tomllib counts lines as TOML ends them, at \n only.
+        ("# a\u2028b\x85c\nlog-level = \n", "Invalid value (at line 2, column 13): "
+         "'log-level ='"),
     ],
 )
 def test_a_bad_file_names_its_line_and_what_to_do(tmp_path: Path, text: str,

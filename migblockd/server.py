@@ -44,6 +44,7 @@ from migblockd.persistence import only_migratable_refusal, schema_refusal
 from migblockd.pidlock import PidLock
 from migblockd.preflight import ignored, load_contract, passed_name, passed_path, problems
 from migblockd.registry import Change
+from migblockd.reload_order import ReloadOrder
 from migblockd.reloading import Reload, next_state, outvoted, plan
 from migblockd.state.directory import DATABASE_NAME
 from migblockd.timeouts import Timeouts
@@ -107,19 +108,7 @@ class Server(Turns):
         self.refusals_lingering: Counter[int | None] = Counter()
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
-        # Reloads are numbered in the order their SIGHUPs came, and none waits for
-        # another: each reads the file and asks the user and group databases on its
-        # own, so one whose file system or look-ups do not answer keeps no later one
-        # (the operator's fix, say) from applying.  The newest read wins: a reload
-        # that finishes after a later one applied its file applies nothing, since an
-        # earlier file must never be applied over a later one.
-        self._reloads_asked = 0
-        #: The number of the reload whose file is applied (0: none since the start).
-        #: A report whose look ahead ends after a later reload applied its file
-        #: would speak of settings no longer there.
-        self._applied = 0
-        #: Reloads that have not applied their file nor given up yet (their numbers).
-        self._reloads_pending: set[int] = set()
+        self._order = ReloadOrder(self.loop)
         self._timer_deadline: float | None = None
         self._status: tuple[Status, str | None] | None = None
         self._all_gone = asyncio.Event()
@@ -200,24 +189,21 @@ class Server(Turns):
             self._socket_lock.release()
 
     async def reload(self) -> None:
-        # Numbered before the first await: in the order the signals came.
-        self._reloads_asked += 1
-        number = self._reloads_asked
-        before = len(self._reloads_pending)
-        self._reloads_pending.add(number)
-        await self.notifier.reloading()
+        number = self._order.ask()  # before any await: in the order the signals came
+        if number is None:
+            return
         try:
-            if before:
-                log.info("reload: %s before this one %s not finished (reading %s, or "
-                         "waiting for the user and group databases); this one does not "
-                         "wait, and once it applies the file, %s nothing",
-                         "a reload" if before == 1 else f"{before} reloads",
-                         "has" if before == 1 else "have", self.cli.get("config"),
-                         "that one applies" if before == 1 else "those apply")
             try:
-                applied = await self._reload(number)
-            finally:
-                self._reloads_pending.discard(number)
+                await self._order.take_turn(str(self.cli.get("config")))
+                await self.notifier.reloading()
+                with self._order.reading():
+                    applied = await self._reload(number)
+            except asyncio.CancelledError:
+                # The stop ends the reloads it finds (migblockd.daemon): each is said,
+                # as every reload is, applied or not.
+                log.info("reload: stopping, so this reload is not carried out: the "
+                         "running configuration stays")
+                raise
             # The look ahead may wait on a thread that never returns (a resolver, a
             # network file system): nothing waits for it.
             if applied is not None:
@@ -231,15 +217,6 @@ class Server(Turns):
             # Nothing once the stop has begun (the notifier sends no READY=1 after
             # STOPPING=1).
             await self.notifier.ready(self.status_line())
-
-    def _superseded(self, number: int) -> bool:
-        """Whether a reload later than ``number`` applied its file: said, if so."""
-        if self._applied < number:
-            return False
-        log.info("reload: not applied: a later reload read the file again and applied it "
-                 "first (this one was held by its file system or the user and group "
-                 "databases)")
-        return True
 
     async def _reload(self, number: int) -> tuple[Reload, Config, dict[str, Any], int] | None:
         """Read the file and apply it, as reload ``number``; what :meth:`_report` says
@@ -267,7 +244,7 @@ class Server(Turns):
             # daemon that is draining.
             log.info("reload: stopping, so the configuration read is not applied")
             return None
-        if self._superseded(number):
+        if self._order.superseded(number):
             return None
         try:
             # The new policy's roles of the connected uids, and the names of the
@@ -282,7 +259,7 @@ class Server(Turns):
         if self.draining:
             log.info("reload: stopping, so the configuration read is not applied")
             return None
-        if self._superseded(number):
+        if self._order.superseded(number):
             return None
         # own_socket is None: serving the socket systemd passed.
         reload = plan(self.config, fresh, socket_passed=self.own_socket is None,
@@ -312,7 +289,7 @@ class Server(Turns):
         root = logging.getLogger()
         threshold = min(root.level, self.config.logging_level)
         root.setLevel(self.config.logging_level)
-        self._applied = number
+        self._order.applied = number
         return reload, fresh, file, threshold
 
     async def _report(self, reload: Reload, fresh: Config, file: dict[str, Any],
@@ -369,7 +346,7 @@ class Server(Turns):
             # A directory the next start refuses is said as such, not as empty.
             return found, None if any(key == "state-dir" for key, _ in found) else ahead()
 
-        applied = self._applied
+        applied = self._order.applied
         try:
             found, fate = await detached(look_ahead, "migblockd-reload-check")
         except Exception:
@@ -379,7 +356,7 @@ class Server(Turns):
                           "fail with %s as the file now sets it failed",
                           ", ".join(keys))
             return
-        if self._applied != applied:
+        if self._order.applied != applied:
             log.debug("reload: a later reload applied its file while this one looked "
                       "ahead: what it found is not said")
             return

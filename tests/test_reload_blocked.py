@@ -26,6 +26,8 @@ from faults import injecting, opened
 from realqemu import wait_until
 from test_systemd_stopping import until
 
+from migblockd.reload_order import HELD
+
 Start = Callable[..., DaemonProcess]
 
 #: How long strace holds the check's open: longer than any wait of the test.
@@ -216,8 +218,8 @@ async def test_a_reload_whose_file_is_held_keeps_clients_served_and_the_next_say
 ) -> None:
     # Found by review: the file was read on the event loop, every client waiting
     # for it (2 s for a 200 MB file; a hung network file system: until the
-    # watchdog).  Now on a thread; a later reload reads it anew, without waiting
-    # for the one before, and says so.
+    # watchdog).  Now on a thread; a later reload waits for it a while, then reads
+    # the file anew without it, and says so.
     config = tmp_path / "m.toml"
     config.write_text('log-level = "info"\n')
     d = start_daemon("--config", str(config), "--ephemeral")
@@ -229,9 +231,10 @@ async def test_a_reload_whose_file_is_held_keeps_clients_served_and_the_next_say
         async with d.client() as c:
             await c.ok("add-blocker", {"id": "served", "reason": "r"})
         d.signal(signal.SIGHUP)
-        d.wait_for_log(f"INFO: reload: a reload before this one has not finished (reading "
-                       f"{config}, or waiting for the user and group databases); this one "
-                       "does not wait, and once it applies the file, that one applies nothing")
+        d.wait_for_log(f"WARNING: reload: the reload before has been reading {config} or "
+                       f"asking the user and group databases for more than {HELD:g} s (they "
+                       "do not answer); this one does not wait for it, and once it applies "
+                       "the file, that one applies nothing")
         await wait_until(lambda: times_open(d.proc.pid, config) == 2,
                          "the second reload's read of its file")
         d.signal(signal.SIGTERM)

@@ -46,7 +46,11 @@ def fallback_socket_dir() -> Path:
     """``${TMPDIR:-/tmp}/migblockd-UID``: in a directory every user can write to, so the
     daemon refuses it unless it is its own (see ``migblockd.socketdir.make_socket_dir``),
     and the clients do not connect through it then (:func:`fallback_refusal`)."""
-    tmp = os.environ.get("TMPDIR") or "/tmp"
+    tmp = os.environ.get("TMPDIR", "")
+    if not os.path.isabs(tmp):
+        # A relative one would put the socket wherever the process was started,
+        # and the shell, started elsewhere, would not find it.
+        tmp = "/tmp"
     return Path(tmp) / f"migblockd-{os.geteuid()}"
 
 
@@ -132,6 +136,12 @@ def default_state_dir() -> Path:
     """
     systemd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     if systemd:
+        if not os.path.isabs(systemd):
+            # Never systemd's (it passes absolute paths): set by hand, it would be
+            # taken from wherever the daemon was started, as the file refuses it.
+            raise NoDefault(f"STATE_DIRECTORY is the relative path {systemd!r}; systemd's "
+                            "StateDirectory= sets an absolute one: set it to an absolute "
+                            "path, or give --state-dir")
         return Path(systemd)
     if os.geteuid() == 0:
         return Path("/var/lib/migblockd")

@@ -24,6 +24,7 @@ from realqemu import wait_until
 from migblockd.cli import options
 from migblockd.config import Config, ConfigError, build
 from migblockd.kinds import HostPort, describe
+from migblockd.paths import fallback_socket_dir
 from migblockd.startup import StartupError
 from migblockd.tcp import resolve_tcp
 
@@ -987,6 +988,35 @@ def test_check_config_names_a_state_directory_that_is_not_utf8(tmp_path: Path) -
     assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr
     # Escaped as the log escapes it.
     assert f"state in {tmp_path}/st\\udcffate, which does not exist yet" in proc.stdout
+
+
+def test_a_relative_state_directory_from_the_environment_is_refused(tmp_path: Path) -> None:
+    # Found by review: STATE_DIRECTORY=relstate (set by hand: systemd passes absolute
+    # paths) was taken from the working directory, 'state in relstate', although the
+    # file refuses a relative state-dir; a daemon started elsewhere found another.
+    env = {**os.environ, "STATE_DIRECTORY": "relstate"}
+    for check in (["--check-config"], []):
+        proc = subprocess.run(
+            [sys.executable, "-m", "migblockd", *check, "--socket", str(tmp_path / "s.sock")],
+            capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
+        assert proc.returncode == 1, proc.stderr
+        assert "STATE_DIRECTORY is the relative path 'relstate'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "relstate").exists()
+    # Ephemeral, nothing is kept, so nothing is refused.
+    proc = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral", "--socket",
+         str(tmp_path / "s.sock")], capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_relative_tmpdir_is_not_where_the_fallback_socket_goes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A relative TMPDIR put the fallback socket under whatever directory the daemon
+    # started in, where the shell, started elsewhere, did not look.
+    monkeypatch.setenv("TMPDIR", "reltmp")
+    assert fallback_socket_dir() == Path(f"/tmp/migblockd-{os.geteuid()}")
+    monkeypatch.setenv("TMPDIR", "/var/tmp")
+    assert fallback_socket_dir() == Path(f"/var/tmp/migblockd-{os.geteuid()}")
 
 
 def make_state(state: Path) -> Path:

@@ -65,6 +65,12 @@ class Kind(Generic[T]):
         return str(value)
 
 
+# What a number given as text may be: ASCII digits as written, not all that
+# int() and float() take (blanks around it, 1_000, Arabic-Indic digits, "inf").
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 @dataclass(frozen=True)
 class Integer(Kind[int]):
     """A whole number within ``[minimum, maximum]``; ``unit`` words the bound."""
@@ -77,8 +83,8 @@ class Integer(Kind[int]):
         number: int | None = None
         if isinstance(value, int) and not isinstance(value, bool):
             number = value
-        elif isinstance(value, str):
-            with contextlib.suppress(ValueError):
+        elif isinstance(value, str) and _INTEGER.fullmatch(value):
+            with contextlib.suppress(ValueError):  # past int()'s 4,300 digits
                 number = int(value)
         if number is None:
             raise ValueError(f"must be an integer, not {describe(value)}")
@@ -102,11 +108,9 @@ class Seconds(Kind[float]):
 
     def __call__(self, value: object) -> float:
         number: float = math.nan
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if ((isinstance(value, int | float) and not isinstance(value, bool))
+                or (isinstance(value, str) and _DECIMAL.fullmatch(value))):
             number = float(value)
-        elif isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                number = float(value)
         if not (math.isfinite(number) and number >= 0):
             raise ValueError(
                 f"must be a finite, non-negative number of seconds, not {describe(value)}")

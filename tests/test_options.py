@@ -143,6 +143,15 @@ def test_the_same_check_and_message_on_the_command_line_and_in_toml(
     [
         ("max-clients = 1.5\n", "1: max-clients must be an integer, not 1.5"),
         ("max-clients = true\n", "1: max-clients must be an integer, not true"),
+        # Found by review: what int() and float() take beyond ASCII digits passed,
+        # Arabic-Indic digits as 3, blanks and underscores ignored, "inf" as a number.
+        ('max-clients = "\u0663"\n', "1: max-clients must be an integer, not '\u0663'"),
+        ('max-clients = " 5 "\n', "1: max-clients must be an integer, not ' 5 '"),
+        ('max-clients = "1_000"\n', "1: max-clients must be an integer, not '1_000'"),
+        ('idle-timeout = "1_0"\n', "1: idle-timeout must be a finite, non-negative number "
+         "of seconds, not '1_0'"),
+        ('idle-timeout = "\u0665"\n', "1: idle-timeout must be a finite, non-negative "
+         "number of seconds, not '\u0665'"),
         ("log-level = [1]\n",
          "1: log-level must be one of debug, info, warning, error, not an array"),
         ("schema = 3\n", "1: schema must be a path, not 3"),

@@ -1248,13 +1248,47 @@ def test_an_empty_socket_is_a_usage_error_not_the_default(daemon: DaemonProcess)
     # migblock-shell "$SOCK" with SOCK unset: it used to connect to the default
     # socket, another daemon than the script meant, or fail with that one's error.
     result = shell("", "-c", "query-version")
-    assert (result.returncode, result.stdout) == (2, "")
+    assert (result.returncode, result.stdout) == (64, "")
     *usage, error = result.stderr.splitlines()
     assert " ".join(" ".join(usage).split()) == (
         "usage: migblock-shell [-h] [-p] [-v] [-c COMMAND] [--timeout SECONDS] [--version] "
         "[SOCKET]")
     assert error == "migblock-shell: error: argument SOCKET: must be a path, not ''"
     assert shell(str(daemon.socket), "-c", "query-version").returncode == 0
+
+
+def test_a_command_line_the_shell_cannot_run_is_not_a_daemon_that_is_down(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    # Found by review: a wrong command line exited 2, argparse's status, which
+    # the shell also gives for a daemon it cannot reach, so a monitoring check
+    # with a mistyped option ("--timeout 5s") reported a daemon down that was up.
+    # Each outcome has its own status: a command failed, the daemon cannot be
+    # reached, the command line is wrong (sysexits.h's EX_USAGE).
+    up = str(daemon.socket)
+    down = str(tmp_path / "no-daemon.sock")
+    statuses = {
+        "ran": shell(up, "-c", "query-version").returncode,
+        "failed": shell(up, "-c", "del-blocker id=none").returncode,
+        "unreachable": shell(down, "-c", "query-version").returncode,
+        "unreachable, with a --timeout": shell(down, "--timeout", "5",
+                                               "-c", "query-version").returncode,
+    }
+    for wrong in (("--timeout", "5s"), ("--timeout", "0"), ("--no-such-option",),
+                  ("",), (up, "extra-argument")):
+        result = shell(*wrong, "-c", "query-version")
+        assert result.stdout == ""
+        assert result.stderr.startswith("usage: migblock-shell "), result.stderr
+        assert result.stderr.splitlines()[-1].startswith("migblock-shell: error: ")
+        statuses[f"usage {wrong}"] = result.returncode
+    assert statuses == {
+        "ran": 0, "failed": 1, "unreachable": 2, "unreachable, with a --timeout": 2,
+        **{key: 64 for key in statuses if key.startswith("usage")},
+    }
+    # What the statuses mean is in --help.
+    assert "64 if the command line is wrong" in " ".join(shell("--help").stdout.split())
+    # Asking for help or the version is no mistake.
+    assert shell("--version").returncode == 0
 
 
 def test_permission_denied_says_what_to_do(daemon: DaemonProcess) -> None:
@@ -1431,7 +1465,7 @@ def test_timeout_ends_a_script_whose_daemon_stopped_answering(start_daemon: Any)
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
 def test_timeout_must_be_a_number_of_seconds(value: str) -> None:
     result = shell("--timeout", value, "-c", "query-version")
-    assert result.returncode == 2
+    assert result.returncode == 64  # a usage error
     assert "argument --timeout: must be" in result.stderr
 
 

@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from migblockd import __version__
 from migblockd.paths import default_socket_path
@@ -49,8 +50,8 @@ scripting: when stdin or stdout is not a terminal (migblock-shell | tee log), or
 are not printed; errors in the input go to stderr; a raw JSON request may span lines,
 to where its outer brace closes: migblock-shell < request.json).  Exit status: 0 if
 every command succeeded, 1 if any failed, 2 if the daemon could not be reached or the
-connection was lost (or the command line is wrong: an empty SOCKET, say, which is
-refused rather than taken for the default).
+connection was lost, 64 if the command line is wrong (an empty SOCKET, say, which is
+refused rather than taken for the default), 130 if Ctrl-C ended the run.
 
 connecting: the shell waits {GREETING_TIMEOUT:g} s for the daemon's greeting, and as long
 for each of its answers to qmp_capabilities, query-qmp-schema and query-commands (a
@@ -66,6 +67,20 @@ examples:
   migblock-shell -c 'add-blocker reason="SEV: no migration" modes=normal,cpr-reboot'
   printf 'query-blockers\\nquery-migrate\\n' | migblock-shell /run/migblockd/migblockd.sock
 """
+
+
+#: The exit status of a command line the shell cannot run: sysexits.h's EX_USAGE,
+#: not argparse's 2, which is the shell's status for a daemon it cannot reach.  A
+#: monitoring check with a mistyped option would otherwise report a daemon down.
+USAGE = 64
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, its usage errors ending with :data:`USAGE`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(USAGE, f"{self.prog}: error: {message}\n")
 
 
 def seconds(text: str) -> float:
@@ -92,7 +107,7 @@ def build_parser(*, documented: bool = False) -> argparse.ArgumentParser:
     """The command line; ``documented`` words the socket's default for the man page
     (the default computed here depends on who runs the shell)."""
     default = SOCKET_DOC if documented else default_socket_path()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="migblock-shell",
         description=DESCRIPTION,
         epilog=EPILOG,

@@ -295,6 +295,30 @@ def test_a_pasted_word_is_quoted_cut_in_syntax_errors(daemon: DaemonProcess) -> 
     ]
 
 
+def test_a_line_that_starts_with_no_command_shows_its_first_word_whole(
+    daemon: DaemonProcess,
+) -> None:
+    # Found by review: pasted from a web page, add-blocker<U+00A0>reason=x was
+    # refused as "expected a command name first, got 'add-blocker'": the message cut
+    # the word where Python sees a space and the shell, as a POSIX shell, does not,
+    # so it named a command as what was not one.  It cut a quoted key too.
+    result = shell(str(daemon.socket), "-c", "add-blocker\u00a0reason=x",
+                   "-c", "add-blocker\u2003reason=x internal=true",
+                   "-c", "'add blocker'=x reason=y", "-c", "query-blockers")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "migblock-shell: -c 1: error: expected a command name first, got "
+        "'add-blocker\\xa0reason=x' (U+00A0 NO-BREAK SPACE does not separate words: "
+        "type a space)",
+        "migblock-shell: -c 2: error: expected a command name first, got "
+        "'add-blocker\\u2003reason=x' (U+2003 EM SPACE does not separate words: "
+        "type a space)",
+        "migblock-shell: -c 3: error: expected a command name first, got "
+        "''add blocker'=x'",
+    ]
+    assert replies(result.stdout) == [{"return": []}]  # nothing was sent
+
+
 def test_a_member_of_what_is_not_an_object_is_refused_before_sending(
     daemon: DaemonProcess,
 ) -> None:

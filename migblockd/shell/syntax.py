@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
 from migblockd.shell.literal import NotLiteral, python_literal
-from migblockd.shell.words import ParseError, Word, tokenize
+from migblockd.shell.words import BLANKS, ParseError, Word, tokenize
 
 ValueHint = Literal["string", "list", "list-of-strings"] | None
 """What the schema says about a member: a string (or enum), a list (of strings), or
@@ -293,6 +294,21 @@ def build_arguments(command: str, words: list[Word], hints: Hints | None = None)
     return arguments
 
 
+def _first_word(line: str, words: list[Word]) -> str:
+    """The first word as typed, quoted, cut where the tokenizer cut it (its quotes
+    kept), and what else it holds that looks like a blank: a no-break space pasted
+    from a web page after the command's name would otherwise go unseen, or, were
+    the word cut there as ``str.split`` cuts, show a command's name as no name."""
+    end = words[1].start if len(words) > 1 else len(line)
+    text = line[words[0].start : end].rstrip("".join(BLANKS))
+    shown = f"'{_shown(text)}'"
+    space = next((c for c in text if c.isspace() and c not in BLANKS), None)
+    if space is None:
+        return shown
+    name = unicodedata.name(space, "a space")
+    return f"{shown} (U+{ord(space):04X} {name} does not separate words: type a space)"
+
+
 def parse_line(line: str, hints: Hints | None = None) -> Parsed:
     """Turn one input line into a :class:`Request`, :class:`Help` or :class:`Nothing`."""
     stripped = line.strip()
@@ -322,8 +338,7 @@ def parse_line(line: str, hints: Hints | None = None) -> Parsed:
     words = tokenize(line)
     head = words[0]
     if head.key is not None:
-        first = line[head.start :].split(maxsplit=1)[0]
-        raise ParseError(f"expected a command name first, got '{_shown(first)}'")
+        raise ParseError(f"expected a command name first, got {_first_word(line, words)}")
     name = head.value
     if name == "help":
         if len(words) > 2 or any(w.key is not None for w in words[1:]):

@@ -7,8 +7,10 @@ import contextlib
 import io
 import json
 import os
+import pty
 import pwd
 import re
+import select
 import shutil
 import signal
 import stat
@@ -1098,3 +1100,57 @@ def test_ctrl_backslash_while_waiting_is_ctrl_c_and_ends_nothing(
     shell.expect('{"return": {"qemu"')
     shell.expect(PROMPT)
     assert shell.quit() == 0
+
+
+def _read_until(fd: int, wanted: bytes) -> None:
+    """Read the terminal ``fd`` until ``wanted`` has been written to it."""
+    seen = b""
+    while wanted not in seen:
+        ready, _, _ = select.select([fd], [], [], 30)
+        assert ready, f"{wanted!r} not written; the terminal shows {seen[-500:]!r}"
+        seen += os.read(fd, 65536)
+
+
+@pytest.mark.parametrize("when", ["at the prompt", "while a command waits",
+                                  "on a dumb terminal"])
+def test_a_terminal_that_hangs_up_ends_the_session_in_one_line(
+    daemon: DaemonProcess, tmp_path: Path, when: str
+) -> None:
+    # Found by review: where SIGHUP does not end the shell (ignored, as nohup or a
+    # `trap '' HUP` leaves it), a terminal that hung up (its window closed, its ssh
+    # connection dropped) ended the shell with a traceback: each read and write of
+    # a hung-up terminal fails with EIO.
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "dumb" if when == "on a dumb terminal" else "xterm",
+           "PROMPT_TOOLKIT_NO_CPR": "1", "XDG_STATE_HOME": str(tmp_path / "state")}
+
+    # The terminal's own session (setsid --ctty), so that its hang-up is the
+    # kernel's, with SIGHUP ignored, which exec keeps.
+    argv = ["setsid", "--ctty", "--wait", "sh", "-c", "trap '' HUP; exec \"$@\"", "sh",
+            sys.executable, "-m", "migblockd.shell", str(daemon.socket), "-v"]
+    errors = tmp_path / "stderr"
+    with errors.open("wb") as stderr:
+        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=stderr, env=env)
+    os.close(slave)
+    try:
+        _read_until(master, PROMPT.encode())
+        if when == "while a command waits":
+            daemon.signal(signal.SIGSTOP)
+            os.write(master, b"query-version\r")
+            _read_until(master, b'{"execute": "query-version"}')  # -v: it was sent
+        else:
+            os.write(master, b"query-ver")
+            _read_until(master, b"query-ver")
+        os.close(master)  # the terminal hangs up
+        master = -1
+        daemon.signal(signal.SIGCONT)  # the reply comes, for a terminal that is gone
+        assert proc.wait(timeout=30) == 1
+    finally:
+        daemon.signal(signal.SIGCONT)
+        if master >= 0:
+            os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert errors.read_text() == (
+        "migblock-shell: the terminal hung up (Input/output error); the session ended\n")

@@ -5,9 +5,12 @@ redrawn intact below them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import get_app_or_none, get_app_session, run_in_terminal
@@ -91,6 +94,29 @@ def open_history(path: Path | None) -> History:
         _say(not_saved(path, err))
         return InMemoryHistory()
     return SessionFallbackHistory(path, _say)
+
+
+def _hung_up(err: OSError) -> None:
+    """Say on stderr that the terminal hung up, and let go of the terminal: the
+    interpreter's last flush of what is left for it would fail too ("Exception
+    ignored in: <stdout>")."""
+    try:
+        print(f"migblock-shell: the terminal hung up ({err.strerror}); the session ended",
+              file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):  # stderr is that terminal too, or closed
+        _to_devnull(sys.stderr)
+    _to_devnull(sys.stdout)  # the terminal: the shell is interactive only on one
+
+
+def _to_devnull(stream: TextIO | None) -> None:
+    if stream is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
 
 
 def _wake(ready: asyncio.Future[None]) -> None:
@@ -181,8 +207,23 @@ class Interactive:
               "Type 'help' for the commands; Tab completes; Ctrl-D quits.")
 
     async def loop(self) -> int:
-        if is_dumb_terminal():
-            return await self._plain_loop()
+        """Read and run commands until Ctrl-D; the exit status."""
+        try:
+            if is_dumb_terminal():
+                return await self._plain_loop()
+            return await self._prompt_loop()
+        except OSError as err:
+            if err.errno != errno.EIO:
+                raise
+            # The terminal hung up (its window closed, its ssh connection dropped)
+            # and SIGHUP did not end the shell (ignored: nohup, a trap): each read
+            # and write of it now fails with EIO.  The session is over; said where
+            # that can still be read (a stderr that is not that terminal), never as
+            # a traceback.
+            _hung_up(err)
+            return 1
+
+    async def _prompt_loop(self) -> int:
         session: PromptSession[str] = PromptSession(
             history=open_history(self.history_path),
             completer=ShellCompleter(lambda: self.connection.schema),

@@ -1154,3 +1154,41 @@ def test_a_terminal_that_hangs_up_ends_the_session_in_one_line(
             proc.wait()
     assert errors.read_text() == (
         "migblock-shell: the terminal hung up (Input/output error); the session ended\n")
+
+
+async def _add_blockers_until_dropped(daemon: DaemonProcess) -> None:
+    """Add blockers, each an event of about 1 KB, until the daemon has dropped a
+    client for leaving its events unread."""
+    async with qemu_qmp_client(daemon.socket, "busy-agent") as client:
+        for number in range(5000):
+            await client.execute("add-blocker", {"reason": f"{number} " + "x" * 900})
+            if number % 100 == 99 and "bytes of unread events" in daemon.log():
+                return
+    raise AssertionError(f"no client was dropped:\n{daemon.log()[-3000:]}")
+
+
+def test_events_past_max_output_while_suspended_cost_the_connection_as_documented(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    # docs/shell.md said that events that come while the shell is suspended
+    # (Ctrl-Z) are printed when it is brought back: only as many as the daemon
+    # keeps for a client that does not read (--max-output), past which it drops
+    # the connection.  The shell then says so and reconnects on the next command.
+    daemon = start_daemon("--max-output", "65536")
+    shell = spawn_shell(daemon.socket)
+    os.kill(shell.child.pid, signal.SIGSTOP)  # what Ctrl-Z does, without a job shell
+    try:
+        asyncio.run(_add_blockers_until_dropped(daemon))
+    finally:
+        os.kill(shell.child.pid, signal.SIGCONT)
+    shell.expect('"event": "BLOCKER_ADDED"')  # the first ones come...
+    shell.expect("migblockd closed the connection; the next command reconnects")
+    shell.expect(PROMPT)
+    shell.send("query-blockers\r")
+    shell.expect("Reconnected to migblockd")
+    shell.child.expect(r'\{"return": \[\{[^\r\n]*\r?\n')
+    added = len(json.loads(shell.child.after)["return"])
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+    shown = shell.transcript().count('"event": "BLOCKER_ADDED"')
+    assert 0 < shown < added  # ...the rest are lost

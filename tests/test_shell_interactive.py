@@ -1192,3 +1192,41 @@ def test_events_past_max_output_while_suspended_cost_the_connection_as_documente
     assert shell.quit() == 0
     shown = shell.transcript().count('"event": "BLOCKER_ADDED"')
     assert 0 < shown < added  # ...the rest are lost
+
+
+def test_a_lost_connection_names_the_blockers_that_went_with_it(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    # Found by review: a blocker added with scope=connection lives as long as the
+    # shell's connection.  When that ended (the daemon restarted, or dropped the
+    # shell for leaving its events unread), the shell said only "migblockd closed
+    # the connection; the next command reconnects" and reconnected without a word:
+    # an operator who had blocked migration for the night saw nothing to say that
+    # it was no longer blocked.  qmp-shell, which does not reconnect, at least ends.
+    first = start_daemon()
+    shell = spawn_shell(first.socket)
+    for line in ("add-blocker reason='night maintenance' id=night scope=connection",
+                 "add-blocker reason=brief id=brief scope=connection",
+                 "add-blocker reason=kept id=kept",
+                 "del-blocker id=brief",
+                 '{"execute": "add-blocker", "arguments": {"reason": "raw", '
+                 '"scope": "connection"}}'):
+        shell.send(line + "\r")
+        shell.child.expect(r'\{"return": [^\r\n]*\r?\n')
+        reply = json.loads(shell.child.after)
+        shell.expect(PROMPT)
+    raw = reply["return"]["id"]  # the daemon's
+    first.stop()
+    shell.expect("migblockd closed the connection; the blockers this shell added with "
+                 f"scope=connection went with it (night, {raw}): migration is no "
+                 "longer blocked by them; the next command reconnects")
+    shell.expect(PROMPT)
+    second = start_daemon(socket=first.socket)
+    shell.send("query-version\r")
+    shell.expect("Reconnected to migblockd")
+    shell.expect(PROMPT)
+    # The new connection holds none of them: its end names none.
+    second.stop()
+    shell.child.expect(r"migblockd closed the connection(.*?)\r?\n")
+    assert shell.child.match.group(1) == "; the next command reconnects\x1b[0m"
+    assert shell.quit() == 0

@@ -61,6 +61,10 @@ class Connection:
         self._client: QMPClient | None = None
         self.schema = Schema.empty()
         self.greeting: Message = {}
+        #: The ids of the blockers added with scope connection on this connection
+        #: that are still there, oldest first: they end with it, which the
+        #: interactive shell says, since it then reconnects as if nothing went.
+        self.held: dict[str, None] = {}
 
     @property
     def connected(self) -> bool:
@@ -71,7 +75,8 @@ class Connection:
         also when a wait of it passes its bound
         (:class:`~migblockd.shell.opening.OpeningWait`)."""
         await self.close()
-        client = QMPClient(self._on_event, self._on_lost, self._timeout)
+        self.held = {}
+        client = QMPClient(self._event, self._on_lost, self._timeout)
         try:
             greeting = await client.connect(self.path)  # its errors name the path
             try:
@@ -102,6 +107,13 @@ class Connection:
         self._client = client
         return greeting
 
+    def _event(self, message: Message) -> None:
+        data = message.get("data")
+        if message.get("event") == "BLOCKER_DELETED" and isinstance(data, dict):
+            self.held.pop(str(data.get("id")), None)
+        if self._on_event is not None:
+            self._on_event(message)
+
     async def ensure_open(self) -> bool:
         """Reconnect if needed; True when a new connection was made."""
         if self.connected:
@@ -127,6 +139,10 @@ class Connection:
         if self._client is None:
             raise ConnectionLost("not connected", sent=False)
         reply = await self._client.execute(message, text)
+        added = reply.get("return")
+        if (message.get("execute") == "add-blocker" and isinstance(added, dict)
+                and added.get("scope") == "connection" and isinstance(added.get("id"), str)):
+            self.held[added["id"]] = None
         if "id" not in message:
             reply = {k: v for k, v in reply.items() if k != "id"}
         return reply

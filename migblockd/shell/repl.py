@@ -195,6 +195,11 @@ class Interactive:
         # The daemon's doing, or the shell's (a reply it cannot read): said as such.
         why = self.connection.lost_reason
         said = "migblockd closed the connection" if why == SERVER_CLOSED else why
+        if held := self.connection.held:
+            # The next command reconnects as if nothing went: the operator must
+            # not go on believing that these still block migration.
+            said += (f"; the blockers this shell added with scope=connection went with it"
+                     f" ({', '.join(held)}): migration is no longer blocked by them")
         self._notify(self.renderer.error(f"{said}; the next command reconnects"))
 
     async def start(self) -> None:

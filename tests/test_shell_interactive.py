@@ -341,6 +341,25 @@ def test_a_pasted_request_that_never_parses_leaves_the_lines_after_it_to_run(
     assert shell.quit() == 0
 
 
+def test_a_pasted_qmp_shell_transaction_is_refused_whole(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    """Found by review: a qmp-shell transaction( ... ) block pasted from its docs ran
+    each action alone, at once, between two errors; none of it is sent now."""
+    shell = spawn_shell(daemon.socket)
+    shell.send("\x1b[200~transaction(\radd-blocker reason=t1 id=t1\r"
+               "add-blocker reason=t2 id=t2\r)\rquery-blockers\x1b[201~\r")
+    shell.expect("error: qmp-shell's transaction( ... ) block is not read by this shell: "
+                 "none of its lines was sent")
+    shell.expect('{"return": []}')
+    shell.expect(PROMPT)
+    shell.send("transaction(\r")  # typed: refused at once, before any action is typed
+    shell.expect("error: qmp-shell's transaction( ... ) block is not read")
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+    assert shell.transcript().count("error") == 2
+
+
 def _stopped_under(start_daemon: Callable[..., DaemonProcess],
                    spawn_shell: Callable[..., Shell],
                    bound: float | None = None) -> tuple[DaemonProcess, Shell]:

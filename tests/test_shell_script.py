@@ -319,6 +319,31 @@ def test_a_line_that_starts_with_no_command_shows_its_first_word_whole(
     assert replies(result.stdout) == [{"return": []}]  # nothing was sent
 
 
+def test_a_qmp_shell_transaction_block_is_refused_whole(daemon: DaemonProcess) -> None:
+    # Found by review: qmp-shell's transaction( ... ) block, pasted or in a script,
+    # had each of its actions run alone, at once, and not as one transaction: only
+    # its first and last lines were refused (unknown command 'transaction(' and ')').
+    # The whole block is refused now, and nothing of it sent.
+    script = ("transaction(\n"
+              "add-blocker reason=a id=ta\n"
+              "  add-blocker reason=b id=tb )\n"
+              "query-blockers\n"
+              "transaction( add-blocker reason=c id=tc )\n"
+              "transaction(\n"
+              "add-blocker reason=d id=td\n")  # never closed: to the end of the input
+    result = shell(str(daemon.socket), stdin=script)
+    refused = ("error: qmp-shell's transaction( ... ) block is not read by this shell: none "
+               "of its lines was sent (write transaction actions=[...], or a raw JSON "
+               "request)")
+    assert result.stderr.splitlines() == [
+        f"migblock-shell: line {number}: {refused}" for number in (1, 5, 6)]
+    assert replies(result.stdout) == [{"return": []}]
+    assert result.returncode == 1
+    typed = shell(str(daemon.socket), "-c", "transaction(", "-c", "query-blockers")
+    assert typed.stderr == f"migblock-shell: -c 1: {refused}\n"
+    assert replies(typed.stdout) == [{"return": []}]
+
+
 def test_a_member_of_what_is_not_an_object_is_refused_before_sending(
     daemon: DaemonProcess,
 ) -> None:

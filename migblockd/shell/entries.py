@@ -9,6 +9,10 @@ brace has not closed by the end of the input, nor within :data:`MAX_LINES` lines
 or :data:`MAX_CHARS` characters, is its first line alone, for its error, and the
 lines after it are read again as commands of their own: a missing brace costs
 one command, not the rest of the script, and never holds more than that much.
+
+A qmp-shell ``transaction(`` block is one command too, to the line that ends with
+``)`` (or to those limits, or the end of the input): the shell refuses it whole,
+since its actions, run one by one, would not be one transaction.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class Entries:
         self._open: list[tuple[int, str]] = []
         self._chars = 0
         self._brackets = Brackets()
+        #: Whether what is open is a qmp-shell ``transaction(`` block, not a brace.
+        self._transaction = False
 
     def feed(self, line: str) -> list[tuple[int, str]]:
         """The commands that ``line`` (without its line feed) completes."""
@@ -45,6 +51,8 @@ class Entries:
 
     def end(self) -> list[tuple[int, str]]:
         """The commands left at the end of the input."""
+        if self._transaction and self._open:
+            self._hand_open()  # its actions must not run alone
         while self._open:
             self._give_up()
         return self._handed()
@@ -57,13 +65,24 @@ class Entries:
         if self._open:
             self._open.append((number, line))
             self._chars += len(line) + 1
-            self._brackets.newline()
-            if self._brackets.feed(line) is not None:
-                self._ready.append((self._open[0][0], "\n".join(text for _, text in self._open)))
-                self._open = []
+            if self._closes(line):
+                self._hand_open()
             elif len(self._open) > MAX_LINES or self._chars > MAX_CHARS:
-                self._give_up()
+                if self._transaction:
+                    self._hand_open()
+                else:
+                    self._give_up()
+        elif line.split()[:1] == ["transaction("]:
+            # qmp-shell's transaction( ... ) block: refused whole (syntax.py), since
+            # its actions, each run alone, would not be one transaction.
+            if _closes_transaction(line.split()[1:]):
+                self._ready.append((number, line))  # on one line
+            else:
+                self._transaction = True
+                self._open = [(number, line)]
+                self._chars = len(line)
         elif line.lstrip().startswith("{") and not _parses(line):
+            self._transaction = False
             self._brackets = Brackets()
             if self._brackets.feed(line, line.index("{")) is None:
                 self._open = [(number, line)]
@@ -72,6 +91,16 @@ class Entries:
                 self._ready.append((number, line))  # closed, and not JSON: its error
         else:
             self._ready.append((number, line))
+
+    def _closes(self, line: str) -> bool:
+        if self._transaction:
+            return _closes_transaction(line.split())
+        self._brackets.newline()
+        return self._brackets.feed(line) is not None
+
+    def _hand_open(self) -> None:
+        self._ready.append((self._open[0][0], "\n".join(text for _, text in self._open)))
+        self._open = []
 
     def _give_up(self) -> None:
         # Taken again, the lines after it are fewer than the limits: this
@@ -89,6 +118,12 @@ def entered_commands(text: str) -> list[str]:
     entries = Entries()
     found = [command for line in text.split("\n") for _, command in entries.feed(line)]
     return found + [command for _, command in entries.end()]
+
+
+def _closes_transaction(words: list[str]) -> bool:
+    """Whether a line of these words ends a transaction( block, as qmp-shell reads
+    it: ``)`` alone, or after an action (``_build_cmd()`` in its qmp_shell.py)."""
+    return bool(words) and ")" in (words[0], words[-1])
 
 
 def _parses(text: str) -> bool:

@@ -335,6 +335,10 @@ def parse_line(line: str, hints: Hints | None = None) -> Parsed:
         if not isinstance(raw, dict):
             raise ParseError("a raw JSON request must be an object")
         return Request(raw, text=stripped)
+    if line.split()[:1] == ["transaction("]:  # the whole block (entries.py)
+        raise ParseError("qmp-shell's transaction( ... ) block is not read by this shell: "
+                         "none of its lines was sent (write transaction actions=[...], or "
+                         "a raw JSON request)")
     words = tokenize(line)
     head = words[0]
     if head.key is not None:

@@ -1249,3 +1249,30 @@ def test_a_lost_connection_names_the_blockers_that_went_with_it(
     shell.child.expect(r"migblockd closed the connection(.*?)\r?\n")
     assert shell.child.match.group(1) == "; the next command reconnects\x1b[0m"
     assert shell.quit() == 0
+
+
+def test_a_line_with_a_carriage_return_is_recalled_as_it_ran(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell], tmp_path: Path
+) -> None:
+    # Found by review: a line typed on a dumb terminal with a carriage return in it
+    # (Ctrl-V Ctrl-M, as its cooked mode lets one in) was saved whole, and recalled
+    # cut at the carriage return, where prompt_toolkit's file format ends entries at
+    # line feeds only: Up then Enter ran another command than the one that ran.
+    env = {**os.environ, "TERM": "dumb", "XDG_STATE_HOME": str(tmp_path / "state")}
+    dumb = pexpect.spawn(sys.executable, ["-m", "migblockd.shell", str(daemon.socket)],
+                         env=env, encoding="utf-8", timeout=30)
+    try:
+        dumb.expect_exact(PROMPT)
+        dumb.send("query-version\x16\rextra\n")  # Ctrl-V Ctrl-M: a carriage return
+        dumb.expect_exact("error: expected key=value, got 'extra'")
+        dumb.expect_exact(PROMPT)
+        dumb.sendeof()
+        dumb.expect(pexpect.EOF)
+    finally:
+        dumb.close(force=True)
+    shell = spawn_shell(daemon.socket)
+    shell.send("\x1b[A\r")  # Up, Enter: the line as it ran, with its error
+    shell.expect("error: expected key=value, got 'extra'")
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+    assert '"package"' not in shell.transcript()

@@ -158,7 +158,11 @@ def _entries(data: bytes) -> list[str]:
     an entry ``+LINE``; anything else, a ``# date`` line, ends one), oldest first."""
     entries: list[str] = []
     lines: list[str] = []
-    for raw in data.splitlines(keepends=True):
+    # Lines end at line feeds alone, as FileHistory reads them: bytes.splitlines
+    # also ends one at a carriage return, which a line typed on a dumb terminal
+    # may hold (Ctrl-V Ctrl-M), and the entry was recalled cut there.
+    *ended, last = data.split(b"\n")
+    for raw in [*(part + b"\n" for part in ended), *([last] if last else [])]:
         line = raw.decode("utf-8", errors="replace")
         if line.startswith("+"):
             lines.append(line[1:])

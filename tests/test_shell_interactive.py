@@ -1276,3 +1276,19 @@ def test_a_line_with_a_carriage_return_is_recalled_as_it_ran(
     shell.expect(PROMPT)
     assert shell.quit() == 0
     assert '"package"' not in shell.transcript()
+
+
+def test_exit_and_quit_say_how_the_shell_ends(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    # Found by review: at 3 a.m., exit or quit (bash's, Python's, HMP's q) was
+    # "unknown command 'exit'; 'help' lists the commands", and help does not say
+    # how to leave.  They are still not sent (migblockd has no such command; a
+    # gating daemon that forwards QEMU's quit sends it, as qmp-shell would).
+    shell = spawn_shell(daemon.socket)
+    for word in ("exit", "quit", "q", "logout"):
+        shell.send(word + "\r")
+        shell.expect(f"error: unknown command '{word}': the shell ends at Ctrl-D, or at "
+                     "the end of its input ('help' lists the commands)")
+        shell.expect(PROMPT)
+    assert shell.quit() == 0

@@ -69,6 +69,11 @@ def _phrase(choices: Sequence[str]) -> str:
     return f"; did you mean {listed}?"
 
 
+#: What is typed to leave another shell (bash's exit, Python's quit, HMP's q): not
+#: sent (no daemon of migblockd's has them) and answered with how this one ends.
+LEAVING = frozenset({"exit", "quit", "q", "logout"})
+
+
 def did_you_mean(word: str, candidates: Sequence[str]) -> str:
     """``"; did you mean 'a' or 'b'?"``, or "" when nothing is close."""
     return _phrase(suggestions(word, candidates))
@@ -149,6 +154,9 @@ def check_request(schema: Schema, message: dict[str, Any]) -> str | None:
     if info is not None and name in OPEN_ARGUMENTS:
         return None
     if info is None:
+        if name in LEAVING:
+            return (f"unknown command '{name}': the shell ends at Ctrl-D, or at the end of "
+                    "its input ('help' lists the commands)")
         hint = did_you_mean(name, schema.command_names()) or "; 'help' lists the commands"
         return f"unknown command '{shown(name)}'{hint}"
     found = _unknown(schema, info.arg_type, message.get("arguments", {}), "")

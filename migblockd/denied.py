@@ -76,7 +76,6 @@ def kept_out(path: Path, mode: int, gid: int) -> str | None:
     """
     if not mode & 0o022:
         return None
-    group = _group_name(gid)
     blocked: list[tuple[Path, os.stat_result, Acl, str]] = []
     refused = {"members": False, "others": False}
     for directory in reversed(path.parents):
@@ -95,6 +94,9 @@ def kept_out(path: Path, mode: int, gid: int) -> str | None:
                         _opening(directory, st, acl, path, gid, members, others)))
     if not blocked:
         return None
+    # Looked up only now, for the warning: each start judges the directories, and a
+    # group database that does not answer must not hold one that has nothing to say.
+    group = _group_name(gid)
     if refused["members"] and refused["others"]:
         whom = "every user"
     elif refused["members"]:

@@ -96,16 +96,27 @@ def nss(start_daemon: Callable[..., DaemonProcess],
         sockdir: Path) -> Iterator[Callable[..., tuple[DaemonProcess, Hang]]]:
     hangs: list[Hang] = []
 
-    def start(policy: str = POLICY, *args: str) -> tuple[DaemonProcess, Hang]:
+    def start(policy: str = POLICY, *args: str,
+              hung: tuple[str, ...] = ()) -> tuple[DaemonProcess, Hang]:
+        """The daemon in a namespace of its own; ``hung``: files that hang from its
+        start on (FIFOs bound over them before Python runs).  Ephemeral, unless
+        ``args`` name a state directory."""
+        fifos = {path: sockdir / f"{Path(path).name}-{time.monotonic_ns()}.fifo"
+                 for path in hung}
+        binds = "".join(f"mount --bind {fifo} {path} && " for path, fifo in fifos.items())
+        for fifo in fifos.values():
+            os.mkfifo(fifo)
         wrapper = sockdir / "python-in-mountns"
-        wrapper.write_text("#!/bin/sh\nexec unshare --mount --propagation private "
-                           f'{sys.executable} "$@"\n')
+        wrapper.write_text("#!/bin/sh\nexec unshare --mount --propagation private sh -c "
+                           f"'{binds}exec \"$0\" \"$@\"' {sys.executable} \"$@\"\n")
         wrapper.chmod(0o755)
         config = sockdir / "migblockd.toml"
         config.write_text(policy)
-        daemon = start_daemon("--socket-mode", "0666", "--ephemeral", "--config", str(config),
+        state = [] if any(a.startswith("--state-dir") for a in args) else ["--ephemeral"]
+        daemon = start_daemon("--socket-mode", "0666", *state, "--config", str(config),
                               *args, socket=sockdir / "s.sock", python=str(wrapper))
         hangs.append(Hang(daemon, sockdir))
+        hangs[-1].bound.update(fifos)
         return daemon, hangs[-1]
 
     yield start
@@ -577,5 +588,20 @@ def test_a_hung_look_up_holds_none_accepted_with_it(
             for pipe in (proc.stdin, proc.stdout):
                 if pipe is not None:
                     pipe.close()
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+
+def test_a_socket_mode_for_others_looks_up_no_group_when_no_directory_keeps_them_out(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account]) -> None:
+    # Found with the start's look-ups: with --socket-mode 0666, the start looked up
+    # the name of the daemon's group before binding, for a warning about the socket's
+    # directories that it then did not give: a hung group database held it for ever.
+    bob = accounts["mbt-bob"]
+    daemon, _ = nss('[access]\ndefault-role = "client"\n', hung=("/etc/group",))  # and ready
+    clients(daemon, 0, 0).ok("add-blocker", {"reason": "root's", "id": "r0"})
+    clients(daemon, bob.uid, bob.gid).ok("add-blocker", {"reason": "bob's", "id": "b0"})
+    assert "which they may not search" not in daemon.log()
     assert daemon.stop() == 0
     assert_clean_log(daemon)

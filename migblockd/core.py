@@ -78,13 +78,16 @@ class Core(Roster, Outcomes, Calls):
     ``limits`` bound each connection's input, ``admission`` how many connections
     are served (in all, per uid); ``policy`` and ``quotas`` who may run what (the
     ``guard``).  A reload changes any of them between requests.  ``durable``
-    holds output until its changes are committed (see above).
+    holds output until its changes are committed (see above).  ``deferred``: the
+    daemon's start, whose look-ups in the user and group databases run off the loop
+    (:meth:`~migblockd.roster.Roster.start_access`), not here.
     """
 
     def __init__(self, contract: Contract, registry: Registry, limits: Limits, *,
                  max_clients: int = 1024, admission: Admission | None = None,
                  durable: bool = False, handlers: Handlers | None = None,
-                 policy: Policy | None = None, quotas: Quotas | None = None) -> None:
+                 policy: Policy | None = None, quotas: Quotas | None = None,
+                 deferred: bool = False) -> None:
         self.contract = contract
         self.registry = registry
         self.limits = limits
@@ -94,7 +97,7 @@ class Core(Roster, Outcomes, Calls):
         self.table = self.handlers.table()
         # The schema's commands; the others (forwarded to QEMU) are the admins'.
         self.guard = Guard(contract.commands, registry, policy if policy is not None else Policy(),
-                           quotas if quotas is not None else Quotas())
+                           quotas if quotas is not None else Quotas(), deferred=deferred)
         # One throttle for every refusal's line, the guard's and the registry's.
         self.handlers.bounded = self.guard.bounded
         self.guard.judge.on_names = self.renamed

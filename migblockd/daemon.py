@@ -3,8 +3,10 @@
 Start-up: the schema (a bad one stops us before anything binds), the socket
 claimed (its lock taken, a busy one refused) or the one systemd passed checked,
 so that a daemon that cannot serve creates no state; then the state, the
-registry and the core, the metrics endpoint (``--metrics``) and the socket
-bound without accepting, ``READY=1``, then accepting: no client is served
+registry and the core, the start's look-ups in the user and group databases
+begun (off the loop: :meth:`migblockd.roster.Roster.start_access`), the metrics
+endpoint (``--metrics``) and the socket bound without accepting, the look-ups
+waited for (3 s at most), ``READY=1``, then accepting: no client is served
 before systemd hears we are ready.  SIGHUP reloads the
 configuration (one that comes while starting, once ready); SIGTERM and
 SIGINT stop: no new connections, every request already received answered,
@@ -33,6 +35,7 @@ from migblockd.core import Core
 from migblockd.detached import NoThread, detached
 from migblockd.listen import Claim, claim_socket
 from migblockd.logs.throttle import Throttle
+from migblockd.lookups import SLOW
 from migblockd.notify import Notifier
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
@@ -187,7 +190,11 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     core = Core(contract, registry, config.limits, admission=admission,
                 durable=store is not None,
                 handlers=bridge.handlers if bridge is not None else None,
-                policy=config.access, quotas=config.quotas)
+                policy=config.access, quotas=config.quotas, deferred=True)
+    # The policy's names and the restored owners' names and roles, off the loop from
+    # now: a user or group database that does not answer holds no start (root's
+    # clients are served, and the others wait, as at a reload: migblockd.judge).
+    looking = asyncio.ensure_future(core.start_access())
     if len(registry):
         # Encoded and joined before the first poll, not during it (100,000 blockers:
         # about 70 ms of the only thread).
@@ -214,6 +221,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         metrics = open_metrics(config, core, sock, Sources.of(cli, file))
         await server.start(sock, claim)
     except BaseException:
+        looking.cancel()
         await notifier.close()
         if metrics is not None:
             metrics.close()
@@ -275,6 +283,11 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         bridge.start(core, server.schedule)
         await until_stopped(bridge.first_contact(), stop)
     if not stop.is_set():
+        # The start's look-ups answer in milliseconds when the databases answer at
+        # all: waited for, so that such a start serves everyone as soon as it says it
+        # is ready, the owners' names and the policy's warnings already there.  One
+        # that does not answer holds the start no longer than it takes to be warned of.
+        await until_stopped(asyncio.wait({looking}, timeout=SLOW), stop)
         serving = True  # a stop from here on is one of a daemon that said it serves
         await notifier.ready(server.status_line())
         await server.serve()
@@ -305,6 +318,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
                 await detached(metrics.close, "migblockd-metrics-close")
             except NoThread:
                 metrics.close()
+        looking.cancel()  # a stop does not wait for a look-up
         for task in tasks:
             task.cancel()
         await notifier.close()
@@ -374,7 +388,7 @@ def log_ready(config: Config, server: Server, gated: bool) -> None:
         log.info("event loop: %s", config.event_loop)
 
 
-async def until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+async def until_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event) -> None:
     """Run ``work`` until it ends or ``stop`` is set, whichever comes first."""
     done = asyncio.ensure_future(work)
     stopped = asyncio.ensure_future(stop.wait())

@@ -121,7 +121,8 @@ class Guard(QuotaRules):
     """
 
     def __init__(self, commands: Iterable[str], registry: Registry, policy: Policy,
-                 quotas: Quotas, *, daemon_uid: int | None = None) -> None:
+                 quotas: Quotas, *, daemon_uid: int | None = None,
+                 deferred: bool = False) -> None:
         self.registry = registry
         self.daemon_uid = os.geteuid() if daemon_uid is None else daemon_uid
         extras: dict[str, Extra] = {"add-blocker": self._check_add,
@@ -131,12 +132,22 @@ class Guard(QuotaRules):
             name: (needed_role(name), extras.get(name)) for name in commands}
         self.policy = policy
         self.quotas = quotas
-        self.resolver = Resolver(policy, self.daemon_uid)
         self.judge = Judge(self)
-        self._look_up_owners()
-        self._share_counts()
         # A client may repeat a refused request in a loop: its lines are bounded.
         self.throttle = Throttle()
+        if deferred:
+            # The daemon's start: nothing looked up here (a database that does not
+            # answer would hold the start, root's clients too).  Until the judge's
+            # look-ups apply (migblockd.roster.Roster.start_access), only what needs
+            # none is judged: even /etc/subuid names its users (getpwnam()).
+            self.resolver = Resolver(policy, self.daemon_uid, subuid_file=os.devnull,
+                                     subgid_file=os.devnull)
+            self.judge.defer()
+            self._share_counts()
+            return
+        self.resolver = Resolver(policy, self.daemon_uid)
+        self._look_up_owners()
+        self._share_counts()
         self._warn_about_policy()
         self._warn_about_quotas()
 

@@ -14,12 +14,19 @@ blockers' owners and for their names, into facts of its own: the loop serves
 meanwhile, under the running policy, and :meth:`migblockd.guard.Guard.apply`
 puts the answers in place at once.  A client connected meanwhile whose new
 role the reload did not ask for gets it when its own look-up answers.
+
+The daemon's start is such a reload (:meth:`Judge.defer`, then :meth:`Judge.prepare`
+with ``start``): the daemon does not wait for the databases to answer (3 s at
+most: :mod:`migblockd.daemon`), and serves root and its own uid (their roles need
+nothing looked up), while every other client waits for the start's look-ups, then
+for its own; a reload waits for the start's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,6 +42,8 @@ if TYPE_CHECKING:
     from migblockd.guard import Guard
 
 __all__ = ["Judge", "Prepared"]
+
+log = logging.getLogger("migblockd")
 
 Answers = dict[Key, tuple[Role, bool]]
 
@@ -69,6 +78,25 @@ class Judge:
         #: changed: blockers encoded without it are encoded again.
         self.on_names: Callable[[list[int]], None] = lambda uids: None
         self._reloads = 0
+        #: Done once the start's look-ups are applied (None: the start made them).
+        self._start: asyncio.Future[None] | None = None
+
+    # -- the start ---------------------------------------------------------------------
+    def defer(self) -> None:
+        """The start looks up nothing on the loop: until :meth:`started`, only root,
+        the daemon's own uid and clients without credentials are judged; the others
+        wait (on the loop that runs now)."""
+        self._start = asyncio.get_running_loop().create_future()
+
+    @property
+    def starting(self) -> bool:
+        """The start's look-ups are not applied yet."""
+        return self._start is not None and not self._start.done()
+
+    def started(self) -> None:
+        """The start's look-ups are applied: the clients waiting for them ask their own."""
+        if self._start is not None and not self._start.done():
+            self._start.set_result(None)
 
     # -- a connection ------------------------------------------------------------------
     def judged(self, owner: Owner | None) -> Role | None:
@@ -80,6 +108,8 @@ class Judge:
         uid = owner.uid
         if uid in (0, self.guard.daemon_uid):
             return Role.ADMIN
+        if self.starting:
+            return None  # the start's resolver knows no one's users or groups yet
         role = resolver.known(uid, owner.gid)
         if role is None or not resolver.facts.knows_name(uid):
             return None
@@ -96,6 +126,20 @@ class Judge:
         return waiter.cancel
 
     def _ask(self, waiter: _Waiter) -> None:
+        start = self._start
+        if start is not None and not start.done():
+            # Asked with the start's resolver, its role would miss what the start
+            # looks up (/etc/subuid's users): asked once the start's answers apply.
+            def then(_: asyncio.Future[None]) -> None:
+                if not waiter.cancelled:
+                    self._ask(waiter)
+
+            def leave() -> None:
+                start.remove_done_callback(then)
+
+            start.add_done_callback(then)
+            waiter.leave = leave
+            return
         resolver = self.guard.resolver
         uid, gid = waiter.owner.uid, waiter.owner.gid
         key = ("role", id(resolver), uid, gid)
@@ -132,13 +176,22 @@ class Judge:
 
     # -- a reload ----------------------------------------------------------------------
     async def prepare(self, policy: Policy, connections: Iterable[Connection],
-                      warnings_of: Callable[[Resolver], list[str]]) -> Prepared:
+                      warnings_of: Callable[[Resolver], list[str]], *,
+                      start: bool = False) -> Prepared:
         """``policy``'s resolver, with what it says of ``connections`` (those there
         once it is built) and of the blockers' owners looked up afresh: on a worker
-        thread, the loop serving on."""
+        thread, the loop serving on.  ``start``: the start's (:meth:`defer`); a
+        reload's waits for it, else the start's policy would apply after it."""
+        if not start and self._start is not None and not self._start.done():
+            log.info("reload: waiting for the start's look-ups in the user and group "
+                     "databases")
+            await asyncio.shield(self._start)
         self._reloads += 1
         number = self._reloads
         daemon_uid = self.guard.daemon_uid
+        what = "the start" if start else "a reload"
+        waits = ("clients of uids other than 0 and the daemon's own wait to be admitted"
+                 if start else "the reload waits")
 
         def build(live: Live) -> tuple[Resolver, list[str]]:
             live.doing = "reading the policy's users and groups (getpwnam, getgrnam)"
@@ -146,11 +199,11 @@ class Judge:
             return resolver, warnings_of(resolver)
 
         resolver, warnings = await asyncio.shield(self.lookups.ask(
-            ("reload", number), build, "for a reload's policy", "the reload waits"))
+            ("reload", number), build, f"for {what}'s policy", waits))
         keys, uids = self._needed(resolver, connections)
         answers, live = await asyncio.shield(self.lookups.ask(
             ("reload-roles", number), functools.partial(_look, resolver, keys, uids),
-            f"for a reload ({len(uids)} uids)",
+            f"for {what} ({len(uids)} uids)", waits if start else
             "the reload waits (clients are served meanwhile, under the running policy)"))
         learn(live, resolver.facts)
         resolver.learn(answers)

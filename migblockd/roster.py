@@ -40,7 +40,7 @@ from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
 from migblockd.qmp.session import Session
 from migblockd.registry import Owner, Registry
-from migblockd.resolver import user_name
+from migblockd.resolver import policy_warnings, user_name
 from migblockd.stats import Stats
 
 __all__ = ["BATCH", "CONNECTION_BURST", "TURN_OUTPUT", "Roster", "held_full"]
@@ -173,6 +173,27 @@ class Roster:
             assert conn.owner is not None  # one without credentials needs no look-up
             self.guard.judge.wait(conn.owner, functools.partial(self._rejudged, conn))
         return roles
+
+    async def start_access(self) -> None:
+        """The start's look-ups, for a core made ``deferred``: the policy's names, and
+        the names and roles of the restored blockers' owners, asked off the loop and
+        applied at once when they answer, as a reload's are.  The daemon serves
+        meanwhile: root and its own uid at once, the others once these answer (then
+        their own look-ups)."""
+        guard = self.guard
+        policy, quotas = guard.policy, guard.quotas
+        try:
+            prepared = await guard.judge.prepare(policy, self.connections, policy_warnings,
+                                                 start=True)
+        except Exception:
+            # A bug (a look-up with no thread to run on is made on the loop already):
+            # looked up here, as the start did before, rather than judging no one.
+            log.exception("the start's look-ups in the user and group databases failed: "
+                          "made on the event loop")
+            self.configure_access(policy, quotas)
+        else:
+            self.apply_access(prepared, policy, quotas)
+        guard.judge.started()
 
     def _rejudged(self, conn: Connection, role: Role | None) -> None:
         """A connection that came while a reload looked up has its new role."""

@@ -592,6 +592,67 @@ def test_a_hung_look_up_holds_none_accepted_with_it(
     assert_clean_log(daemon)
 
 
+def test_a_start_whose_look_ups_hang_serves_root_and_holds_only_the_others(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account], sockdir: Path) -> None:
+    # Found by review: the start looked up the policy's names and each restored
+    # owner's name and role on the event loop, before serving anyone: with the group
+    # database hung, the daemon never said it was ready, root's clients left waiting.
+    carol, bob = accounts["mbt-carol"], accounts["mbt-bob"]
+    state = str(sockdir / "state")
+    first, _ = nss(POLICY, "--state-dir", state)
+    clients(first, carol.uid, carol.gid).ok("add-blocker", {"reason": "carol's", "id": "c0"})
+    clients(first, bob.uid, bob.gid).ok("add-blocker", {"reason": "bob's", "id": "b0"})
+    assert first.stop() == 0
+    daemon, hang = nss(POLICY, "--state-dir", state, hung=("/etc/group",))  # and ready
+    wait_blocked_in_open(daemon)
+    root = clients(daemon, 0, 0)
+    listed = root.ok("query-blockers")
+    assert [b["id"] for b in listed] == ["c0", "b0"]
+    # Their names are not looked up yet: shown once they are.
+    assert [b["owner"].get("user") for b in listed] == [None, None]
+    root.ok("add-blocker", {"reason": "root's", "id": "r0"})
+    waiting = _in_background(lambda: clients(daemon, carol.uid, carol.gid))
+    daemon.wait_for_log(re.compile(
+        r"have not answered for the start's policy for \S+ s \(in reading the policy's users "
+        r"and groups \(getpwnam, getgrnam\)\): clients of uids other than 0 and the "
+        "daemon's own wait to be admitted until they do"))
+    daemon.signal(signal.SIGHUP)  # a reload waits for the start's look-ups
+    daemon.wait_for_log("reload: waiting for the start's look-ups")
+    assert clients(daemon, 0, 0).ok("query-version")["qemu"]
+    assert not waiting.done()
+    hang.answer("/etc/group")
+    admitted = waiting.result(timeout=10)
+    admitted.ok("del-blocker", {"id": "r0"})  # an admin by her group, read once it answered
+    daemon.wait_for_log("reloaded configuration")
+    assert [(b["id"], b["owner"].get("user")) for b in root.ok("query-blockers")] == [
+        ("c0", "mbt-carol"), ("b0", "mbt-bob")]
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+
+def test_a_start_whose_look_ups_hang_is_stopped_without_waiting_for_them(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account]) -> None:
+    bob = accounts["mbt-bob"]
+    # /etc/subuid names its users: even the start's resolver looks one up.
+    daemon, _ = nss('[access]\nusers = { mbt-bob = "operator" }\n', hung=("/etc/passwd",))
+    daemon.wait_for_log("have not answered for the start's policy")
+    assert clients(daemon, 0, 0).ok("query-blockers") == []
+    his = _connected(daemon, bob.uid, bob.gid)
+    try:
+        assert daemon.stop(timeout=10) == 0  # SIGTERM: stopped, not held by the look-up
+        assert his.stdout is not None
+        assert his.stdout.readline() == b"\n"  # closed, never greeted
+    finally:
+        his.kill()
+        his.wait()
+        for pipe in (his.stdin, his.stdout):
+            if pipe is not None:
+                pipe.close()
+    assert_clean_log(daemon)
+
+
 def test_a_socket_mode_for_others_looks_up_no_group_when_no_directory_keeps_them_out(
         nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
         accounts: dict[str, Account]) -> None:

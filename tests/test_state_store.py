@@ -562,6 +562,30 @@ def test_a_log_beside_a_database_replaced_under_its_killed_holder_is_refused(
     assert [r.id for r in reopened(directory).blockers] == ["backed-up"]
 
 
+@pytest.mark.parametrize("garbage", [
+    b"[" * 100_000,  # nested past what json's decoder recurses
+    b'{"database": ' * 50_000,
+    b"\xff\xfe not JSON \x00",
+    b'["a", "list"]',
+    b"x" * 200_000,  # past what is read of the file
+], ids=["nested-arrays", "nested-objects", "bytes", "list", "huge"])
+def test_a_lock_file_whose_note_is_garbage_keeps_no_start_from_restoring(
+        tmp_path: Path, garbage: bytes) -> None:
+    """Found by the review of the lock's note: a lock file someone filled with
+    garbage that json takes for deeply nested JSON made every start fail with a
+    RecursionError traceback, and each start kept the garbage for the next one:
+    the service stayed down.  A note that cannot be read tells nothing, as no note
+    does; the log of the killed holder is its own file's, and replayed."""
+    killed_after_commits(tmp_path, 3)
+    lock = tmp_path / "lock"
+    lock.write_bytes(lock.read_bytes().split(b"\n", 1)[0] + b"\n" + garbage + b"\n")
+    assert [r.id for r in reopened(tmp_path).blockers] == ["b0", "b1", "b2"]
+    # The start wrote its own note over the garbage: the next one reads it.
+    pid, note = lock.read_text().split("\n")[:2]
+    assert pid.strip() == ""
+    assert json.loads(note)["database"] == str(tmp_path / "state.db")
+
+
 def test_a_database_moved_away_and_back_after_a_kill_is_restored_with_its_log(
         tmp_path: Path) -> None:
     killed_after_commits(tmp_path, 3)

@@ -93,6 +93,9 @@ def _read(previous: bytes) -> dict[str, object] | None:
         return None
     try:
         noted = json.loads(lines[1].decode("utf-8", "surrogateescape"))
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: garbage that json reads as arrays or objects nested past
+        # what its decoder recurses.  Unread, a note tells nothing, as no note does:
+        # a start that failed on it would keep it for the next one, for ever.
         return None
     return noted if isinstance(noted, dict) else None

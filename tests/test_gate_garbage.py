@@ -272,6 +272,37 @@ async def test_a_peer_that_sends_garbage_on_every_connection_is_tried_again_with
     assert_clean_log(d)
 
 
+async def test_a_connection_that_served_starts_the_count_of_drops_over(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path,
+    tmp_path: Path,
+) -> None:
+    """Found by the review of the backoff: the count of connections dropped in a row
+    was started over only by one that ended otherwise, so a QEMU whose connections
+    served for hours each, and then each sent one message migblockd could not take,
+    had the link wait before reconnecting from the second such drop on, and longer
+    with each, up to 5 s, the link down meanwhile.  A connection that carried a message
+    migblockd took once it was up is a good one: the next drop is the first again."""
+    async with relaying(short_tmp / "relay.sock", qemu) as relay:
+        d = gate(start_daemon, relay, tmp_path)
+        async with d.client() as c:
+            for n in range(1, 4):
+                def up(n: int = n) -> bool:
+                    return connections(d) == n
+
+                def lost(n: int = n) -> bool:
+                    return d.log().count("lost the connection to QEMU") == n
+
+                await wait_until(up, f"connection {n}")
+                # This connection serves: a client's command is answered through it.
+                reply = await c.execute("human-monitor-command", INFO_STATUS, id=n)
+                assert reply == {"return": "VM status: paused (prelaunch)\r\n", "id": n}
+                relay.send(b"garbage")
+                await wait_until(lost, f"connection {n} lost")
+            await wait_until(lambda: connections(d) == 4, "connected again")
+    assert "in a row dropped" not in d.log()
+    assert_clean_log(d)
+
+
 @pytest.mark.parametrize("bad_id", ["[1]", '{"a": 1}', "7"])
 async def test_a_reply_whose_id_migblockd_never_gave_is_ignored_with_a_warning(
     start_daemon: Callable[..., DaemonProcess], short_tmp: Path, bad_id: str,

@@ -83,6 +83,8 @@ class LinkClient(QMPClient):
     async def _on_message(self, msg: Message) -> None:
         # Called by the reader task for each message, in QEMU's order (see the module doc).
         link = self._link
+        if link.state == "connected":
+            link.served = True  # (the set-up's own answers come before it is up)
         if "event" in msg:
             if link._after_replies:
                 link._after_replies[-1].append(msg)

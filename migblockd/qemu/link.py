@@ -103,6 +103,9 @@ class QemuLink(Reconnecting):
         #: long to read, or garbage), and has not tried to connect again yet: QEMU is
         #: there.
         self.dropped = False
+        #: The connection up now (or the last one) carried a message migblockd took
+        #: once it was up: a drop that ends it is the first in a row again.
+        self.served = False
         #: Connections that were up and were lost, by who ended them (LOSSES).
         self.losses = dict.fromkeys(LOSSES, 0)
         #: QEMU has greeted on the connection being set up.

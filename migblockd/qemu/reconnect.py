@@ -178,6 +178,7 @@ class Reconnecting:
     _state: LinkState
     awaiting_greeting: bool
     dropped: bool
+    served: bool
     losses: dict[str, int]
     greeted: bool
     late: bool
@@ -216,7 +217,11 @@ class Reconnecting:
             # connection, what migblockd cannot take (garbage, or a reply too long to
             # read to the link's own question) would have the link reconnect, and warn,
             # in a busy loop.  Until it tries again, that peer counts as there (dropped).
-            drops = min(drops + 1, _DROPS_COUNTED) if self.dropped else 0
+            # A connection that served (QEMU's messages taken once it was up) starts
+            # the count over: QEMU sends nothing migblockd cannot take as a rule, and
+            # one drop after hours of service is the first, not one more in a row.
+            in_row = 1 if self.served else min(drops + 1, _DROPS_COUNTED)
+            drops = in_row if self.dropped else 0
             if drops > 1:
                 wait = min(self._min_delay * 2 ** (drops - 2), self._max_delay)
                 log.info("QEMU at %s: %d connections in a row dropped over messages "
@@ -318,6 +323,7 @@ class Reconnecting:
     def _set_up(self, info: QemuInfo) -> None:
         self._state, self._info, self._reason = "connected", info, "connected"
         self.awaiting_greeting = self.dropped = self.greeted = self.late = False
+        self.served = False
         self._logged_reason = None
         # A command the last connection left unanswered says nothing of this one
         # (a new QEMU, often): its first timeout is a warning, its answers no return.

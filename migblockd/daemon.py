@@ -246,10 +246,13 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     def ignore_signals() -> None:
         # Until the drain is over a signal must not kill the daemon (the default
         # action): that would cut off the replies it still owes.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, log.info, "received %s while stopping: ignored",
-                                    sig.name)
-        quiet_wakeup()
+        # asyncio's own handlers: a line that a full wakeup descriptor drops is no
+        # loss here.  Blocked meanwhile: none comes while its warning is set.
+        with signalmask.stops_blocked():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.add_signal_handler(sig, log.info, "received %s while stopping: "
+                                        "ignored", sig.name)
+            signalmask.quiet_wakeup()
 
     async def reload_unless_stopping(why: str = "") -> None:
         # The first step of a task runs after every callback of the turn that
@@ -270,11 +273,10 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         if (more := ignored_lines.admit(sig, None, loop.time())) is not None:
             log.warning(IGNORED, sig.name, more)
 
-    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    signalmask.handle(loop, signal.SIGTERM, on_stop, "SIGTERM")
+    signalmask.handle(loop, signal.SIGINT, on_stop, "SIGINT")
     for sig in signalmask.UNUSED:
-        loop.add_signal_handler(sig, on_unused, sig)
-    quiet_wakeup()
+        signalmask.handle(loop, sig, on_unused, sig)
     if (name := stop_asked()) is not None:
         on_stop(name)  # came after run() looked, before these handlers
     if bridge is not None and not stop.is_set():
@@ -297,8 +299,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         # Not before: a reload says READY=1 when it is done, and systemd would take
         # that for the end of a start-up still waiting for QEMU (until then the entry
         # point's handler keeps the request).
-        loop.add_signal_handler(signal.SIGHUP, spawn, loop, tasks, reload_unless_stopping)
-        quiet_wakeup()
+        signalmask.handle(loop, signal.SIGHUP, spawn, loop, tasks, reload_unless_stopping)
         if reload_asked():
             spawn(loop, tasks, lambda: reload_unless_stopping(
                 "reloading: SIGHUP received while starting"))
@@ -331,23 +332,6 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, signal.SIG_IGN)
         await asyncio.sleep(0)  # what the handlers queued before they went is said first
-
-
-def quiet_wakeup() -> None:
-    """No traceback on stderr for a signal that finds the event loop's wakeup
-    descriptor full.
-
-    asyncio's loop sets the descriptor (``signal.set_wakeup_fd``) at each
-    ``add_signal_handler``, with CPython's default of a warning when a signal's
-    byte does not fit: a flood of signals faster than the loop reads them (a
-    SIGHUP sent in a loop for a second) wrote 337 ``Exception ignored when
-    trying to write to the signal wakeup fd`` tracebacks among the log's lines.
-    The descriptor is set again, the same, without the warning (as uvloop sets
-    its own); the signals are blocked meanwhile, so none comes while there is none.
-    """
-    with signalmask.stops_blocked():
-        fd = signal.set_wakeup_fd(-1)
-        signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
 
 
 def open_metrics(config: Config, core: Core, passed: socket.socket | None = None,

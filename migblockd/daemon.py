@@ -303,7 +303,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         if reload_asked():
             spawn(loop, tasks, lambda: reload_unless_stopping(
                 "reloading: SIGHUP received while starting"))
-        notifier.start_watchdog()
+        notifier.start_watchdog(lambda: committing(server, store))
     try:
         await stop.wait()
     finally:
@@ -332,6 +332,15 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, signal.SIG_IGN)
         await asyncio.sleep(0)  # what the handlers queued before they went is said first
+
+
+def committing(server: Server, store: Store | None) -> tuple[str, float] | None:
+    """The commit under way, named, and how long it has taken: what keeps every
+    client of a daemon whose disk does not answer waiting, as the watchdog asks."""
+    took = server.committing_for()
+    if store is None or took is None:
+        return None
+    return f"the commit to {store.path}", took
 
 
 def open_metrics(config: Config, core: Core, passed: socket.socket | None = None,

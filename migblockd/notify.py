@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import asyncio_dgram
 
@@ -25,6 +25,7 @@ from migblockd.notify_delivery import RETRY_FIRST, Delivery
 __all__ = [
     "MIN_WATCHDOG_INTERVAL",
     "Notifier",
+    "Stalled",
     "format_status",
     "notify_address",
     "plural",
@@ -41,6 +42,11 @@ logger = logging.getLogger(__name__)
 #: busy).  Pinging every 10 ms instead costs nothing and keeps a watchdog of
 #: 20 ms or more exactly as asked.
 MIN_WATCHDOG_INTERVAL = 0.01
+
+#: What a daemon that serves nobody waits for, and for how many seconds so far
+#: (None: nothing), as :meth:`Notifier.start_watchdog` asks it.
+Stalled = Callable[[], "tuple[str, float] | None"]
+
 
 def notify_address(value: str) -> str | None:
     """The AF_UNIX address for a ``$NOTIFY_SOCKET`` value, or None if unsupported.
@@ -246,29 +252,46 @@ class Notifier(Delivery):
             lines.append(f"STATUS={status}")
         await self.notify(*lines)
 
-    def start_watchdog(self) -> None:
+    def start_watchdog(self, stalled: Stalled = lambda: None) -> None:
         """Start pinging ``WATCHDOG=1`` every half timeout, if a watchdog is wanted.
 
         The pings come from a task on the running event loop, so a wedged loop
-        stops them and systemd kills and restarts the daemon.
+        stops them and systemd kills and restarts the daemon.  A loop that turns
+        while the daemon serves nobody stops them too: ``stalled()``, asked before
+        each ping, names what every client waits for and for how many seconds it
+        has (a commit that does not return: every change waits for it, and every
+        read after one), or is None; once that is the watchdog's whole timeout, no
+        ping is sent until it ends.
         """
         interval = self.watchdog_interval
-        if interval is None or self._watchdog_task is not None:
-            return
         usec = self._watchdog_usec
-        if usec is not None and usec / 2 / 1_000_000 < MIN_WATCHDOG_INTERVAL:
+        if interval is None or usec is None or self._watchdog_task is not None:
+            return
+        if usec / 2 / 1_000_000 < MIN_WATCHDOG_INTERVAL:
             logger.warning("WATCHDOG_USEC=%d (%g s) is too short a watchdog to keep: pinging "
                            "every %g s instead, and systemd may kill the daemon as unresponsive;"
                            " set WatchdogSec= to 1s or more (the shipped unit says 30s)",
                            usec, usec / 1_000_000, MIN_WATCHDOG_INTERVAL)
         self._watchdog_task = asyncio.get_running_loop().create_task(
-            self._watchdog(interval), name="sd-watchdog"
+            self._watchdog(interval, usec / 1_000_000, stalled), name="sd-watchdog"
         )
 
-    async def _watchdog(self, interval: float) -> None:
+    async def _watchdog(self, interval: float, timeout: float, stalled: Stalled) -> None:
         logger.debug("watchdog: pinging every %.3g s", interval)
+        held: str | None = None  # what the pings are held back for
         while True:
-            await self.notify("WATCHDOG=1")
+            stall = stalled()
+            if stall is not None and stall[1] >= timeout:
+                if held is None:
+                    held = stall[0]
+                    logger.error("watchdog: %s has not returned for %.0f s (WatchdogSec=%g s):"
+                                 " no more pings until it does, so that systemd restarts a "
+                                 "daemon that serves nobody", held, stall[1], timeout)
+            else:
+                if held is not None:
+                    logger.warning("watchdog: %s returned: pinging again", held)
+                    held = None
+                await self.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
     async def close(self) -> None:

@@ -185,6 +185,14 @@ class Turns:
         """A change waits for a commit that nothing has started yet."""
         return self._disk is not None and self._group is None and self.core.has_uncommitted()
 
+    def committing_for(self) -> float | None:
+        """How many seconds the commit under way has taken so far (None: none is):
+        the watchdog asks (``daemon.serve``), since every change waits for it, and
+        every read after one."""
+        if self._group is None:
+            return None
+        return (time.perf_counter_ns() - self._group_started) / 1e9
+
     def _start_commit(self, wait: bool = True) -> None:
         assert self._disk is not None
         group = self._group = self.core.take_group(wait)

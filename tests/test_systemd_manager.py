@@ -458,6 +458,42 @@ async def test_watchdog_restarts_a_stopped_daemon(manager: Manager) -> None:
     assert "w1" in await blocker_ids(manager)
 
 
+
+def documented_recovery() -> list[list[str]]:
+    """docs/service.md's commands that bring back a socket unit its service's failed
+    starts took down, as systemctl's arguments."""
+    blocks: list[str] = re.findall(r"```sh\n(.*?)```", SERVICE_MD.read_text(), re.S)
+    block = next((b for b in blocks if "reset-failed" in b), None)
+    assert block is not None, "docs/service.md gives no commands to recover a failed start"
+    commands = [line.split() for line in block.splitlines() if line.strip()]
+    assert all(words[0] == "systemctl" for words in commands), commands
+    return [words[1:] for words in commands]
+
+
+async def test_a_failed_start_takes_the_socket_down_and_the_documented_steps_mend_it(
+        manager: Manager) -> None:
+    manager.write_config('max-clients = "many"\n')
+    # The client whose connection starts the daemon: never served, and let go.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
+        first.settimeout(TIMEOUT)
+        first.connect(os.fspath(manager.socket))
+        with contextlib.suppress(ConnectionResetError):
+            assert first.recv(4096) == b""
+    deadline = time.monotonic() + TIMEOUT
+    while manager.show("migblockd.socket", "Result")["Result"] != "service-start-limit-hit":
+        assert time.monotonic() < deadline, manager.log()
+        time.sleep(0.1)
+    service = manager.show("migblockd.service", "ActiveState", "Result")
+    assert service == {"ActiveState": "failed", "Result": "exit-code"}, service
+    assert not manager.socket.exists()
+    assert "max-clients must be an integer, not 'many'" in manager.daemon_log()
+    manager.write_config(GOOD_CONFIG)
+    for args in documented_recovery():
+        manager.systemctl(*args)
+    await add_blocker(manager, "back")
+    assert manager.wait_for("migblockd.service", "start", is_running)
+    assert "back" in await blocker_ids(manager)
+
 def stale_socket_at(path: Path) -> None:
     """A socket file nobody answers on, as a process that died leaves it."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:

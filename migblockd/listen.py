@@ -165,6 +165,13 @@ def file_access(path: Path) -> str:
     is refused reads them here."""
     try:
         st = os.stat(path)
+    except PermissionError:
+        # The shipped units' /run/migblockd (0750, root and migblockd-clients) keeps
+        # the daemon's own user out, as it should: say so, and where to look instead,
+        # rather than a bare "Permission denied" at every start.
+        return (f" (its directory {path.parent} keeps this daemon's user out, so who "
+                "may connect is not shown here: the socket unit's SocketUser=, "
+                "SocketGroup= and SocketMode= say)")
     except OSError as exc:
         return f" (its file cannot be examined: {exc.strerror})"
     if not stat.S_ISSOCK(st.st_mode):

@@ -360,6 +360,12 @@ async def test_socket_activation_serves_and_reports_status(manager: Manager) -> 
         assert re.search(rf"^Uid:\s+{uid}\s", status, re.MULTILINE), status
         state_dir = (manager.base / "config/migblockd").stat()
         assert (state_dir.st_uid, state_dir.st_mode & 0o777) == (uid, 0o700)
+        # /run/migblockd keeps the daemon's user out: the start says where to look
+        # for who may connect, not a bare "Permission denied".
+        assert ("INFO: socket activation: serving the passed socket "
+                f"{SOCKET} (its directory /run/migblockd keeps this daemon's user out, so "
+                "who may connect is not shown here: the socket unit's SocketUser=, "
+                "SocketGroup= and SocketMode= say)\n") in manager.daemon_log(), manager.log()
     finally:
         await c.close()
 

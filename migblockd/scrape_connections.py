@@ -91,8 +91,7 @@ class _Handler(RequestHandler):
         # Made room for another: a scraper whose request was not read in time
         # (more connections at once than MAX_SCRAPES) is told to retry; or cut by
         # the stop, told so.
-        with contextlib.suppress(OSError):
-            self.wfile.write(self.server.cut_answer(self.request) or _BUSY)
+        self._tell(self.server.cut_answer(self.request) or _BUSY)
         return False
 
     def send_error(self, code: int, message: str | None = None,
@@ -103,10 +102,17 @@ class _Handler(RequestHandler):
             # judge: a request line cut short looks like HTTP/0.9's (a 505), or
             # one with a bad version (a 400).  Told what one read whole is.
             self.close_connection = True
-            with contextlib.suppress(OSError):
-                self.wfile.write(cut)
+            self._tell(cut)
             return
         super().send_error(code, message, explain)
+
+    def _tell(self, answer: bytes) -> None:
+        """Send ``answer`` (a 503), its head alone to a HEAD: a body after a HEAD's
+        answer (RFC 9110, 9.3.2) is read by a client as the start of the next one."""
+        if self.command == "HEAD":
+            answer = answer[:answer.index(b"\r\n\r\n") + 4]
+        with contextlib.suppress(OSError):
+            self.wfile.write(answer)
 
 
 class ScrapeServer(ThreadingMixIn, WSGIServer):

@@ -73,9 +73,8 @@ def watchdog_usec(env: Mapping[str, str] = os.environ) -> int | None:
     raw = env.get("WATCHDOG_USEC")
     if raw is None:
         return None
-    try:
-        usec = int(raw)
-    except ValueError:
+    usec = _digits(raw)
+    if usec is None:
         logger.warning("ignoring malformed WATCHDOG_USEC=%r", raw)
         return None
     # USEC_INFINITY (2**64 - 1) means "no timeout" to systemd.
@@ -84,13 +83,22 @@ def watchdog_usec(env: Mapping[str, str] = os.environ) -> int | None:
         return None
     pid = env.get("WATCHDOG_PID")
     if pid is not None:
-        try:
-            if int(pid) != os.getpid():
-                return None
-        except ValueError:
+        number = _digits(pid)
+        if number is None:
             logger.warning("ignoring watchdog: malformed WATCHDOG_PID=%r", pid)
             return None
+        if number != os.getpid():
+            return None
     return usec
+
+
+def _digits(raw: str) -> int | None:
+    """``raw`` as systemd writes a number: ASCII digits, no more of them than a
+    64-bit number has.  ``int()`` would also take ``"1_0"`` as 10 and any Unicode
+    digit, both of which libsystemd's ``safe_atou64`` refuses."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 20:
+        return None
+    return int(raw)
 
 
 def format_status(blockers: int, clients: int, migration: str, qemu: str | None = None,

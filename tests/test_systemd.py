@@ -94,8 +94,12 @@ def test_watchdog_usec() -> None:
     # The watchdog belongs to another process (e.g. our parent was the main PID).
     assert watchdog_usec({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_usec({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "x"}) is None
-    for bad in ("", "abc", "0", "-5", str(2**64 - 1)):
+    for bad in ("", "abc", "0", "-5", str(2**64 - 1), "1" * 1000,
+                # int() takes these; libsystemd's safe_atou64 does not.
+                "1_000_000", "\u0661\u0660\u0660\u0660\u0660\u0660\u0660", "+1000000"):
         assert watchdog_usec({"WATCHDOG_USEC": bad}) is None, bad
+    for pid in (f"{me[0]}_{me[1:]}", "".join(chr(0x660 + int(d)) for d in me)):
+        assert watchdog_usec({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": pid}) is None, pid
 
 
 def test_format_status() -> None:

@@ -183,8 +183,6 @@ class _FileParser:
             if self.tok.kind == "#":
                 self._reject_pending(pending)
                 pending = self._get_doc()
-                if pending.symbol is None:
-                    pending = None  # free-form prose documents nothing
                 continue
             info = self.tok.info
             expr = self._get_expr()
@@ -196,6 +194,11 @@ class _FileParser:
             elif "pragma" in expr:
                 self._reject_pending(pending)
                 self._pragma(expr)
+            elif pending is not None and pending.symbol is None:
+                # Prose (a section heading, say) documents nothing, so the doc
+                # comment right before a definition must name it; QEMU's parser.py
+                # says so at the comment, whether or not docs are required.
+                raise QAPIError(pending.info, "definition documentation required")
             else:
                 self.result.definitions.append(Definition(expr, pending, self.fname))
             pending = None

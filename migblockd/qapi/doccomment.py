@@ -117,6 +117,11 @@ class _DocBuilder:
                     info, f"'@{at.group(1)}:' not allowed in free-form documentation")
             self.body.append(line)
             return
+        if line.startswith("="):
+            # A heading belongs to prose (a free-form block); in a definition's
+            # documentation QEMU's parser.py refuses it, as markup its doc
+            # generator cannot place.
+            raise QAPIError(info, "unexpected '=' markup in definition documentation")
         arg = _ARG_RE.match(line)
         tag = _TAG_RE.match(line)
         if line == "Features:" and not self.seen_tagged and not self.in_features:

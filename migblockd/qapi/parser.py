@@ -249,7 +249,10 @@ class _FileParser:
                 raise QAPIError(info, f"unknown pragma '{name}'")
             if not isinstance(value, PosList) or not all(isinstance(v, str) for v in value):
                 raise QAPIError(info, f"pragma {name} must be a list of strings")
-            self.result.pragmas.command_name_exceptions.extend(str(v) for v in value)
+            # Set, not added to: one value for the whole schema, the last one
+            # given, as QEMU's parser.py assigns it (its docs: "Setting the same
+            # pragma to different values in parts of the schema doesn't work").
+            self.result.pragmas.command_name_exceptions = [str(v) for v in value]
 
     def _get_expr(self) -> Value:
         tok = self.tok

@@ -58,7 +58,8 @@ class Pragmas:
 
     ``command-name-exceptions`` lists command names allowed to break the
     lower-case-with-dashes rule (QEMU's legacy ``qmp_capabilities`` and
-    ``migrate_cancel``), exactly as QEMU's pragma of the same name does.
+    ``migrate_cancel``), exactly as QEMU's pragma of the same name does: the
+    last value given holds for the whole schema.
     """
 
     command_name_exceptions: list[str] = field(default_factory=list)

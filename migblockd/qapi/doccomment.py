@@ -69,9 +69,11 @@ class Doc:
         return None
 
 
-def parse_doc(info: SourceInfo, lines: list[tuple[str, SourceInfo]]) -> Doc:
-    """The doc comment opened at ``info``, from its ``#`` lines between the ``##`` lines."""
-    return _DocBuilder(info).build(lines)
+def parse_doc(info: SourceInfo, lines: list[tuple[str, SourceInfo]],
+              end: SourceInfo) -> Doc:
+    """The doc comment opened at ``info`` and closed at ``end``, from its ``#``
+    lines between the ``##`` lines."""
+    return _DocBuilder(info).build(lines, end)
 
 
 class _DocBuilder:
@@ -90,12 +92,13 @@ class _DocBuilder:
         self.seen_tagged = ""
         self.in_features = False
 
-    def build(self, lines: list[tuple[str, SourceInfo]]) -> Doc:
+    def build(self, lines: list[tuple[str, SourceInfo]], end: SourceInfo) -> Doc:
         for raw, info in lines:
             text = raw[1:]
             if text and text[0] != " ":
                 raise QAPIError(info, "missing space after #")
             self._line(text[1:], info)
+        self._expect_features(end)
         self._close()
         self.doc.body = _dedent_join(self.body)
         return self.doc
@@ -124,6 +127,8 @@ class _DocBuilder:
             raise QAPIError(info, "unexpected '=' markup in definition documentation")
         arg = _ARG_RE.match(line)
         tag = _TAG_RE.match(line)
+        if line.strip() and not arg:
+            self._expect_features(info)
         if line == "Features:" and not self.seen_tagged and not self.in_features:
             # QEMU's line that starts the features' descriptions.
             self._close()
@@ -163,6 +168,13 @@ class _DocBuilder:
             self.cur = ("section", "", [line], info)
         else:
             raise QAPIError(info, f"unexpected de-indent (expected at least {_INDENT} spaces)")
+
+    def _expect_features(self, info: SourceInfo) -> None:
+        """After ``Features:`` the next line that is not blank, or the block's
+        end, must describe a feature (QEMU's parser.py since 9.0); else it was
+        taken into the description, above the members."""
+        if self.in_features and self.cur is None and not self.doc.features:
+            raise QAPIError(info, "feature descriptions expected")
 
     def _close(self) -> None:
         if self.cur is None:

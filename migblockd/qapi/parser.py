@@ -332,7 +332,7 @@ class _FileParser:
                     raise QAPIError(
                         self.tok.info, "junk after '##' at end of documentation comment"
                     )
-                doc = parse_doc(start.info, lines)
+                doc = parse_doc(start.info, lines, self.tok.info)
                 self.accept()
                 return doc
             lines.append((text, self.tok.info))

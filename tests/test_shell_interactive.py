@@ -1301,3 +1301,33 @@ def test_exit_and_quit_say_how_the_shell_ends(
                      "the end of its input ('help' lists the commands)")
         shell.expect(PROMPT)
     assert shell.quit() == 0
+
+
+def test_a_scope_connection_blocker_abandoned_with_ctrl_c_is_still_named_when_it_goes(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    # Found by review: add-blocker scope=connection abandoned with Ctrl-C while the
+    # daemon was slow still added the blocker, but its late reply was dropped unread:
+    # the shell did not know it held the blocker, and the notice of the lost
+    # connection, which names the blockers that went with it, left this one out.
+    daemon = start_daemon("--ephemeral")
+    shell = spawn_shell(daemon.socket, "-v")
+    daemon.signal(signal.SIGSTOP)  # the request waits for its reply
+    try:
+        shell.sent("add-blocker reason='late night' id=late scope=connection")
+        shell.send(CTRL_C)
+        shell.expect("interrupted: a request already sent may still take effect")
+        shell.expect(PROMPT)
+    finally:
+        daemon.signal(signal.SIGCONT)
+    # Replies come in order: once this one is shown, the abandoned one has come.
+    shell.send("query-version\r")
+    shell.expect('"package": "migblockd')
+    shell.expect(PROMPT)
+    daemon.stop()
+    shell.expect("migblockd closed the connection; the blockers this shell added with "
+                 "scope=connection went with it (late): migration is no longer blocked "
+                 "by them; the next command reconnects")
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+

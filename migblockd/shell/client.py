@@ -94,6 +94,9 @@ class QMPClient:
         # id, in request order; after Ctrl-C abandoned a request, its answer still
         # comes, and must not be taken for the next request's.
         self._unanswered: dict[str, None] = {}
+        #: What to do with the reply to a request abandoned with Ctrl-C, when it
+        #: comes (:meth:`execute`'s ``late``), by the request's key.
+        self._late: dict[str, Callable[[Message], None]] = {}
         self._ids = itertools.count(1)
         self._closing = False
         self.lost_reason = "not connected"
@@ -138,12 +141,15 @@ class QMPClient:
         a second one with that id could not be told from it by its reply."""
         return _id_key(id) in self._unanswered
 
-    async def execute(self, message: Message, text: str | None = None) -> Message:
+    async def execute(self, message: Message, text: str | None = None,
+                      late: Callable[[Message], None] | None = None) -> Message:
         """Send ``message`` (an ``id`` is added when it has none) and wait for its reply.
 
         ``text``: ``message`` as the operator typed it (UTF-8), sent as it is, with no
         ``id`` added; a reply without one is taken for it in its turn, as the
-        daemon, like QEMU, answers in order.
+        daemon, like QEMU, answers in order.  ``late``: called with the reply if it
+        comes after the wait for it was cancelled (Ctrl-C): the request took effect
+        all the same, and what it did may be the caller's to know.
 
         Raises :class:`ConnectionLost` when the connection is gone or goes away first.
         """
@@ -188,6 +194,8 @@ class QMPClient:
             return await future
         finally:
             self._pending.pop(key, None)
+            if late is not None and key in self._unanswered:
+                self._late[key] = late  # abandoned: its reply is still to come
 
     def _fresh_id(self) -> str:
         """An id of the shell's own, and not one a request typed with that id (its
@@ -216,6 +224,7 @@ class QMPClient:
                 future.set_exception(ConnectionLost(reason))
         self._pending.clear()
         self._unanswered.clear()
+        self._late.clear()
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
@@ -287,6 +296,9 @@ class QMPClient:
         if key is None:
             return
         self._unanswered.pop(key, None)
+        late = self._late.pop(key, None)
         future = self._pending.pop(key, None)
         if future is not None and not future.done():
             future.set_result(message)
+        elif late is not None:
+            late(message)

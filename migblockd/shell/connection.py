@@ -138,14 +138,21 @@ class Connection:
         """
         if self._client is None:
             raise ConnectionLost("not connected", sent=False)
-        reply = await self._client.execute(message, text)
+        # A reply that comes after Ctrl-C abandoned its request is noted too: the
+        # blocker it reports is held all the same, and goes with the connection.
+        reply = await self._client.execute(
+            message, text, late=lambda late: self._note(message, late))
+        self._note(message, reply)
+        if "id" not in message:
+            reply = {k: v for k, v in reply.items() if k != "id"}
+        return reply
+
+    def _note(self, message: Message, reply: Message) -> None:
+        """Keep the id of the blocker ``reply`` reports added with scope connection."""
         added = reply.get("return")
         if (message.get("execute") == "add-blocker" and isinstance(added, dict)
                 and added.get("scope") == "connection" and isinstance(added.get("id"), str)):
             self.held[added["id"]] = None
-        if "id" not in message:
-            reply = {k: v for k, v in reply.items() if k != "id"}
-        return reply
 
     async def close(self) -> None:
         if self._client is not None:

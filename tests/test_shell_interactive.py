@@ -1331,3 +1331,43 @@ def test_a_scope_connection_blocker_abandoned_with_ctrl_c_is_still_named_when_it
     shell.expect(PROMPT)
     assert shell.quit() == 0
 
+
+def test_ending_the_session_names_the_scope_connection_blockers_that_go_with_it(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    # Found by review: Ctrl-D ended a session that held blockers added with
+    # scope=connection without a word, though the daemon deletes them as the
+    # connection goes: migration was no longer blocked, and nothing said so.  A lost
+    # connection names them, and exit or quit, which say how the shell ends, did not
+    # say that either.
+    shell = spawn_shell(daemon.socket)
+    for line in ("add-blocker reason='night maintenance' id=night scope=connection",
+                 "add-blocker reason=kept id=kept"):
+        shell.send(line + "\r")
+        shell.expect('"return": {"id": ')
+        shell.expect(PROMPT)
+    shell.send("exit\r")
+    shell.expect("error: unknown command 'exit': the shell ends at Ctrl-D, or at the end of "
+                 "its input ('help' lists the commands); ending it deletes the blockers this "
+                 "shell added with scope=connection (night)")
+    shell.expect(PROMPT)
+    shell.send(CTRL_D)
+    shell.expect("the session ended; the blockers this shell added with scope=connection "
+                 "went with it (night): migration is no longer blocked by them")
+    shell.child.expect(pexpect.EOF)
+    shell.child.close()
+    assert shell.child.exitstatus == 0
+
+
+def test_ending_a_session_that_holds_no_blocker_says_nothing_of_them(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell]
+) -> None:
+    shell = spawn_shell(daemon.socket)
+    shell.send("add-blocker reason=kept id=kept\r")
+    shell.expect('"return": {"id": ')
+    shell.expect(PROMPT)
+    shell.send("exit\r")
+    shell.expect("('help' lists the commands)\x1b[0m\r\n")
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+    assert "scope=connection" not in shell.transcript()

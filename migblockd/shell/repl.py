@@ -250,8 +250,19 @@ class Interactive:
                         if not await self._run_interruptibly(command):
                             break  # Ctrl-C stops what was pasted, too
         finally:
-            await self.connection.close()
+            await self._end()
         return 0
+
+    async def _end(self) -> None:
+        """Close the connection, saying which blockers went with it."""
+        held = list(self.connection.held) if self.connection.connected else []
+        await self.connection.close()
+        if held:
+            # As when the connection is lost (_lost): the daemon has deleted them,
+            # and migration is no longer blocked by them.  Said once they are gone.
+            _say(self.renderer.error(
+                "the session ended; the blockers this shell added with scope=connection "
+                f"went with it ({', '.join(held)}): migration is no longer blocked by them"))
 
     async def _plain_loop(self) -> int:
         """A dumb terminal (``TERM=dumb``, as in an Emacs shell buffer) has no cursor
@@ -285,7 +296,7 @@ class Interactive:
                             break
         finally:
             self.interrupts.on_dropped = None
-            await self.connection.close()
+            await self._end()
         return 0
 
     async def _run_interruptibly(self, line: str) -> bool:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from migblockd.qapi.doc import SchemaDocs
 from migblockd.shell import helptext
-from migblockd.shell.check import check_request
+from migblockd.shell.check import LEAVING, check_request
 from migblockd.shell.connection import Connection
 from migblockd.shell.render import Renderer, visible
 from migblockd.shell.syntax import Help, Request, parse_line
@@ -54,6 +54,11 @@ class Runner:
         if not parsed.raw:
             problem = check_request(self.connection.schema, parsed.message)
             if problem is not None:
+                if parsed.message.get("execute") in LEAVING and self.connection.held:
+                    # Told how to end the shell, the operator must also be told what
+                    # ending it takes away.
+                    problem += ("; ending it deletes the blockers this shell added with "
+                                f"scope=connection ({', '.join(self.connection.held)})")
                 self.err(self._messages.error(f"error: {problem}"))
                 return False
         if "id" in parsed.message and self.connection.awaits(parsed.message["id"]):

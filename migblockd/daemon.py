@@ -51,6 +51,7 @@ from migblockd.preflight import (
 from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
+from migblockd.socketgroup import WAIT, Unanswered, within
 from migblockd.startup import StartupError
 from migblockd.state import StateError, Store, Unsettled
 from migblockd.state.directory import home_problem
@@ -136,8 +137,16 @@ def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE) -> Claim:
     claim = claim_socket(config.socket, config.socket_mode,
                          socket_gid(config.socket_group, sources.named("socket_group")),
                          option=sources.choice("socket"))
-    for note in (socket_group_notes(config, socket_passed=False)
-                 + kept_out_notes(config, socket_passed=False)):
+    try:
+        # Their look-ups are the databases' too: one that does not answer holds
+        # no start for a warning.
+        notes = within(lambda: socket_group_notes(config, socket_passed=False)
+                       + kept_out_notes(config, socket_passed=False))
+    except Unanswered:
+        notes = [f"socket-group: the group database did not answer within {WAIT:g} s: "
+                 "whether a group is named with the number given, or a directory keeps "
+                 "the group out of the socket, is not checked"]
+    for note in notes:
         log.warning("%s", note)
     return claim
 

@@ -49,10 +49,11 @@ from migblockd.listen import UNIX_PATH_MAX, check_socket_path
 from migblockd.qapi.error import QAPIError
 from migblockd.qemu.bridge import passthrough_warnings
 from migblockd.regular import NotRegularFile
-from migblockd.resolver import Resolver, group_id, named_like
+from migblockd.resolver import Resolver, named_like
 from migblockd.served import check_served
 from migblockd.shapes import check_shapes
 from migblockd.socketdir import check_socket_directory, runtime_problem, socket_dir_exists
+from migblockd.socketgroup import group_gid
 from migblockd.startup import StartupError
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory, home_problem
@@ -98,7 +99,7 @@ def socket_gid(group: str | None, setting: str = "--socket-group") -> int | None
     ``setting``: how the message names it (:meth:`Sources.named`)."""
     if group is None:
         return None
-    gid = group_id(group)
+    gid = group_gid(group, setting)  # a bounded wait: StartupError when it does not answer
     if gid is None:
         raise StartupError(f"{setting}: there is no group named {group!r}")
     return gid

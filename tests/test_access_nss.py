@@ -11,6 +11,7 @@ Clients are other uids under ``setpriv`` (:mod:`otheruids`).
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import re
@@ -96,11 +97,11 @@ def nss(start_daemon: Callable[..., DaemonProcess],
         sockdir: Path) -> Iterator[Callable[..., tuple[DaemonProcess, Hang]]]:
     hangs: list[Hang] = []
 
-    def start(policy: str = POLICY, *args: str,
-              hung: tuple[str, ...] = ()) -> tuple[DaemonProcess, Hang]:
+    def start(policy: str = POLICY, *args: str, hung: tuple[str, ...] = (),
+              wait: bool = True) -> tuple[DaemonProcess, Hang]:
         """The daemon in a namespace of its own; ``hung``: files that hang from its
         start on (FIFOs bound over them before Python runs).  Ephemeral, unless
-        ``args`` name a state directory."""
+        ``args`` name a state directory.  ``wait``: until it is ready."""
         fifos = {path: sockdir / f"{Path(path).name}-{time.monotonic_ns()}.fifo"
                  for path in hung}
         binds = "".join(f"mount --bind {fifo} {path} && " for path, fifo in fifos.items())
@@ -114,7 +115,8 @@ def nss(start_daemon: Callable[..., DaemonProcess],
         config.write_text(policy)
         state = [] if any(a.startswith("--state-dir") for a in args) else ["--ephemeral"]
         daemon = start_daemon("--socket-mode", "0666", *state, "--config", str(config),
-                              *args, socket=sockdir / "s.sock", python=str(wrapper))
+                              *args, socket=sockdir / "s.sock", python=str(wrapper),
+                              wait=wait)
         hangs.append(Hang(daemon, sockdir))
         hangs[-1].bound.update(fifos)
         return daemon, hangs[-1]
@@ -664,5 +666,44 @@ def test_a_socket_mode_for_others_looks_up_no_group_when_no_directory_keeps_them
     clients(daemon, 0, 0).ok("add-blocker", {"reason": "root's", "id": "r0"})
     clients(daemon, bob.uid, bob.gid).ok("add-blocker", {"reason": "bob's", "id": "b0"})
     assert "which they may not search" not in daemon.log()
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+
+def test_a_socket_group_the_database_does_not_answer_for_refuses_the_start_in_time(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], accounts: dict[str, Account]) -> None:
+    # Found by review: --socket-group was looked up on the main thread before the
+    # socket was bound, with no bound on the wait: with the group database hung the
+    # daemon never got ready, and its log did not say why, until systemd's
+    # TimeoutStartSec= killed it.  The socket cannot be given a group it does not
+    # know: the start is refused, saying so, after the wait every look-up is given.
+    daemon, _ = nss(POLICY, "--socket-group", "mbt-sock", hung=("/etc/group",), wait=False)
+    try:
+        status = daemon.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still starting:\n{daemon.log()[-3000:]}") from None
+    assert status == 1
+    assert daemon.log().rstrip("\n").endswith(
+        "ERROR: --socket-group: the group database did not answer (getgrnam('mbt-sock')) "
+        "within 3 s: the socket cannot be given a group it does not know, so the start is "
+        "refused; start again once the database answers, or give the group's number, which "
+        "needs no look-up")
+    assert not daemon.socket.exists()
+    assert_clean_log(daemon)
+
+
+def test_a_socket_group_by_number_starts_while_the_group_database_does_not_answer(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], clients: Callable[..., UidClient],
+        accounts: dict[str, Account]) -> None:
+    # What the refusal above advises: a number needs no look-up.  The warnings whose
+    # look-ups do not answer (a group named with that number, a directory that keeps
+    # the group out) are left out, and that is said.
+    gid = grp.getgrnam("mbt-sock").gr_gid
+    daemon, _ = nss(POLICY, "--socket-group", str(gid), hung=("/etc/group",))
+    assert os.stat(daemon.socket).st_gid == gid
+    daemon.wait_for_log("socket-group: the group database did not answer within 3 s: whether "
+                        "a group is named with the number given, or a directory keeps the "
+                        "group out of the socket, is not checked")
+    assert clients(daemon, 0, 0).ok("query-blockers") == []
     assert daemon.stop() == 0
     assert_clean_log(daemon)

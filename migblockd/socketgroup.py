@@ -1,0 +1,86 @@
+"""``--socket-group``'s look-ups at the start, each given a bounded wait.
+
+The start binds its own socket with the group it is given, so the group's gid
+must be known before the socket exists: unlike the access policy's names, which
+the start looks up off the event loop and is ready without (:mod:`.judge`),
+there is nothing to serve with meanwhile.  A group database that does not
+answer (an LDAP server out of reach, an NFS-mounted ``/etc/group``) held the
+start for ever: never ready, nothing in the log to say why, until systemd's
+``TimeoutStartSec=`` killed it.
+
+The look-up runs on a daemon thread of its own (one stuck in the C library
+keeps no process from exiting, as :mod:`.lookups`' do) and is waited for
+:data:`WAIT` seconds, the time after which every other look-up is said to be
+slow.  Past that the start is refused, naming the look-up: the socket cannot
+be given a group it does not know, and given no group, or another one, it
+would keep out, or let in, others than the operator asked.  A refused start is
+said at once and, under ``Restart=on-failure``, tried again; a number needs no
+look-up at all.  The warnings about the group (a number that is also a name,
+a directory that keeps the group out) are not worth a start: they are left out
+when their look-ups do not answer in time, and that is said.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Final, TypeVar
+
+from migblockd import signalmask
+from migblockd.lookups import SLOW
+from migblockd.resolver import group_id
+from migblockd.startup import StartupError
+
+__all__ = ["WAIT", "Unanswered", "group_gid", "within"]
+
+#: Seconds the start waits for a look-up of ``socket-group``.
+WAIT: Final = SLOW
+
+T = TypeVar("T")
+
+
+class Unanswered(Exception):
+    """A look-up that did not answer within its wait (it goes on, on its thread)."""
+
+
+def within(work: Callable[[], T], seconds: float = WAIT) -> T:
+    """``work()``'s result (or what it raised), run on a daemon thread of its own;
+    :class:`Unanswered` when it has not returned within ``seconds``."""
+    done = threading.Event()
+    outcome: list[tuple[bool, object]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as exc:  # handed to the waiter, which raises it
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    try:
+        # With the signals blocked, as every thread of the daemon's: they are the
+        # main thread's to take.
+        signalmask.start(threading.Thread(target=run, name="migblockd-socket-group",
+                                          daemon=True))
+    except RuntimeError:  # no thread to be had: asked here, unbounded, as before
+        return work()
+    if not done.wait(seconds):
+        raise Unanswered
+    answered, value = outcome[0]
+    if not answered:
+        assert isinstance(value, BaseException)
+        raise value
+    return value  # type: ignore[return-value]  # work()'s own
+
+
+def group_gid(group: str, setting: str) -> int | None:
+    """The gid of ``group`` (a name or a number); None when no group has that name.
+    StartupError when the group database has not answered within :data:`WAIT`."""
+    try:
+        return within(lambda: group_id(group))
+    except Unanswered:
+        raise StartupError(
+            f"{setting}: the group database did not answer (getgrnam({group!r})) within "
+            f"{WAIT:g} s: the socket cannot be given a group it does not know, so the start "
+            "is refused; start again once the database answers, or give the group's "
+            "number, which needs no look-up") from None

@@ -1555,3 +1555,16 @@ def test_an_integer_id_past_a_double_is_matched_as_migblockd_echoes_it(
                    "-c", '{"execute": "query-version", "id": 18446744073709551617}')
     assert result.returncode == 0, result.stderr
     assert replies(result.stdout)[0]["id"] == 18446744073709551617
+
+
+def test_help_help_says_what_help_does(daemon: DaemonProcess) -> None:
+    # Found by review: help help said "the daemon has no command, event or type
+    # 'help'", though help is a command of the shell's own, typed at its prompt.
+    result = shell(str(daemon.socket), "-c", "help help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:3] == [
+        "help [COMMAND | EVENT | TYPE] (the shell's own command, not sent to the daemon)",
+        "    Without a name, lists the daemon's commands with a summary each, and the",
+        "    shell's syntax; with one, documents that command, event or type.",
+    ]
+

@@ -30,6 +30,14 @@ List arguments also take a,b,c.  Tab completes commands, argument names and enum
 values.  Ctrl-C drops the line, Ctrl-D exits."""
 
 
+#: What ``help help`` says: help is the shell's, whatever the daemon has (a line
+#: that starts with help is never sent).
+HELP_HELP = """\
+help [COMMAND | EVENT | TYPE] (the shell's own command, not sent to the daemon)
+    Without a name, lists the daemon's commands with a summary each, and the
+    shell's syntax; with one, documents that command, event or type."""
+
+
 #: What ``help`` says of a command the daemon forwards to QEMU (qemu-passthrough).
 FORWARDED = "Forwarded to QEMU as it is; see QEMU's QMP reference for its arguments."
 
@@ -128,6 +136,8 @@ def help_text(
     Lines longer than the terminal (``columns``, by default its width) are wrapped
     under themselves: a type only introspection describes is one line, however
     long (QEMU's query-block returns one of 900 characters)."""
+    if name == "help":
+        return HELP_HELP
     if name in schema.forwarded:
         return (f"{name} (command, forwarded to QEMU)\n    {FORWARDED}\n    migblockd's "
                 "schema does not describe it, so the shell sends it unchecked.")

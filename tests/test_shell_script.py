@@ -1568,3 +1568,29 @@ def test_help_help_says_what_help_does(daemon: DaemonProcess) -> None:
         "    shell's syntax; with one, documents that command, event or type.",
     ]
 
+
+def test_a_no_break_space_before_another_argument_is_refused(daemon: DaemonProcess) -> None:
+    # Found by review: pasted from a web page, add-blocker reason=x<U+00A0>id=y sent
+    # the reason "x\u00a0id=y" and no id, without a word: the shell, as a POSIX shell,
+    # does not split words there, and qmp-shell, whose words are what its regular
+    # expression's \s (any Unicode space) separates, sends reason "x" and id "y".
+    # Which one was meant cannot be told: refused, and nothing sent.  A no-break space
+    # inside a value that is no other argument is still part of it, and one typed
+    # between quotes is always.
+    result = shell(str(daemon.socket), "-c", "add-blocker reason=x\u00a0id=y",
+                   "-c", "add-blocker reason=a id=b\u2003internal=true",
+                   "-c", "add-blocker reason='q\u00a0id=z' id=q",
+                   "-c", "add-blocker reason=Migration\u00a0impossible id=m",
+                   "-c", "query-blockers")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "migblock-shell: -c 1: error: 'reason=x\\xa0id=y': U+00A0 NO-BREAK SPACE does not "
+        "separate words, and what follows it reads as another argument: type a space, or "
+        "quote the value to keep it",
+        "migblock-shell: -c 2: error: 'id=b\\u2003internal=true': U+2003 EM SPACE does not "
+        "separate words, and what follows it reads as another argument: type a space, or "
+        "quote the value to keep it",
+    ]
+    listed = replies(result.stdout)[-1]["return"]
+    assert [(b["id"], b["reason"]) for b in listed] == [
+        ("q", "q\u00a0id=z"), ("m", "Migration\u00a0impossible")]

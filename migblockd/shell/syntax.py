@@ -309,6 +309,25 @@ def _first_word(line: str, words: list[Word]) -> str:
     return f"{shown} (U+{ord(space):04X} {name} does not separate words: type a space)"
 
 
+def _hidden_argument(line: str, word: Word) -> None:
+    """Refuse ``word`` when a space this shell does not split at (a no-break space
+    pasted from a web page) comes before what reads as another argument.
+
+    qmp-shell splits its words at any Unicode space (``\\s`` in ``_build_cmd()``
+    of QEMU's python/qemu/qmp/qmp_shell.py): ``reason=x<U+00A0>id=y`` is reason
+    ``x`` and id ``y`` there, and one reason of the whole here.  Which was meant
+    cannot be told, and either guess, taken in silence, adds a blocker other than
+    the one meant: refused.  Without an ``=`` after it, qmp-shell could only refuse
+    the line, and the space is part of the value (``reason=Migration<U+00A0>impossible``)."""
+    if word.key is None or word.loose < 0 or "=" not in line[word.loose : word.end]:
+        return
+    space = line[word.loose]
+    name = unicodedata.name(space, "a space")
+    raise ParseError(f"'{_shown(line[word.start : word.end])}': U+{ord(space):04X} {name} "
+                     "does not separate words, and what follows it reads as another "
+                     "argument: type a space, or quote the value to keep it")
+
+
 def parse_line(line: str, hints: Hints | None = None) -> Parsed:
     """Turn one input line into a :class:`Request`, :class:`Help` or :class:`Nothing`."""
     stripped = line.strip()
@@ -348,6 +367,8 @@ def parse_line(line: str, hints: Hints | None = None) -> Parsed:
         if len(words) > 2 or any(w.key is not None for w in words[1:]):
             raise ParseError("usage: help [COMMAND | EVENT | TYPE]")
         return Help(words[1].value if len(words) == 2 else None)
+    for word in words[1:]:
+        _hidden_argument(line, word)
     arguments = build_arguments(name, words[1:], hints)
     message: dict[str, Any] = {"execute": name}
     if arguments:

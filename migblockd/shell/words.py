@@ -44,6 +44,10 @@ class Word:
     json: bool = False
     raw_value_start: int = 0
     open: str | None = None
+    #: The offset in the line of the first space outside :data:`BLANKS` (a no-break
+    #: space) the word holds unquoted, -1 if none; ``end``: where the word ends.
+    loose: int = -1
+    end: int = 0
     _pieces: list[str] = field(default_factory=list, repr=False)
 
 
@@ -131,7 +135,10 @@ def tokenize(line: str, *, partial: bool = False) -> list[Word]:
                 word.raw_value_start = pos + 1
                 pos += 1
             else:
+                if word.loose < 0 and c.isspace():
+                    word.loose = pos  # not BLANKS: qmp-shell would split here
                 buf.append(c)
                 pos += 1
         word.value = "".join(buf)
+        word.end = pos
         words.append(word)

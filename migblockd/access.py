@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from migblockd.kinds import Kind, describe
+from migblockd.kinds import KeyedError, Kind, describe
 
 __all__ = [
     "DEFAULT_MAX_BLOCKERS",
@@ -157,31 +157,34 @@ def is_number(name: str) -> bool:
     return name.isascii() and name.isdigit()
 
 
-def _role(value: object, where: str) -> Role:
+def _role(value: object, where: str, keys: tuple[str, ...]) -> Role:
     if isinstance(value, str) and value in ROLE_NAMES:
         return Role[value.upper()]
-    raise ValueError(f"{where} must be one of {', '.join(ROLE_NAMES)}, not {describe(value)}")
+    raise KeyedError(f"{where} must be one of {', '.join(ROLE_NAMES)}, not {describe(value)}",
+                     keys)
 
 
-def _entries(value: object, where: str) -> tuple[tuple[str, Role], ...]:
+def _entries(value: object, where: str, spelled: str) -> tuple[tuple[str, Role], ...]:
+    """``spelled``: the key ``where`` as the file spells it."""
     if not isinstance(value, dict):
-        raise ValueError(f"{where} must be a table of names or numbers to roles, "
-                         f"not {describe(value)}")
+        raise KeyedError(f"{where} must be a table of names or numbers to roles, "
+                         f"not {describe(value)}", (spelled,))
     what = "uid" if where == "users" else "gid"
     pairs: dict[str, tuple[str, Role]] = {}
     for key, role in value.items():
         if not key or "\0" in key or key != key.strip():
-            raise ValueError(f"{where} has an invalid name {describe(key)}")
+            raise KeyedError(f"{where} has an invalid name {describe(key)}", (spelled, key))
         name = key
         if is_number(key):
             if int(key) > MAX_ID:  # no process has one: the entry could never apply
-                raise ValueError(f"{where}.{key} must be a {what} of at most {MAX_ID}")
+                raise KeyedError(f"{where}.{key} must be a {what} of at most {MAX_ID}",
+                                 (spelled, key))
             name = str(int(key))  # "0100" and "100": one uid
         if name in pairs:
             # Two roles for one uid: one of them would win without a word.
-            raise ValueError(f"{where}.{key} is {where}.{pairs[name][0]} again (both are "
-                             f"{what} {name}); give it once")
-        pairs[name] = (key, _role(role, f"{where}.{key}"))
+            raise KeyedError(f"{where}.{key} is {where}.{pairs[name][0]} again (both are "
+                             f"{what} {name}); give it once", (spelled, key))
+        pairs[name] = (key, _role(role, f"{where}.{key}", (spelled, key)))
     return tuple(sorted((name, role) for name, (_, role) in pairs.items()))
 
 
@@ -202,21 +205,21 @@ class AccessTable(Kind[Policy]):
             raise ValueError(f"must be a table ([access]), not {describe(value)}")
         unknown = [k for k in value if k.replace("_", "-") not in _KEYS]
         if unknown:
-            raise ValueError(f"has an unknown key {describe(unknown[0])} "
-                             f"(it takes {', '.join(_KEYS)})")
+            raise KeyedError(f"has an unknown key {describe(unknown[0])} "
+                             f"(it takes {', '.join(_KEYS)})", (unknown[0],))
         raw: dict[str, object] = {}
         given: dict[str, str] = {}
         for key, item in value.items():
             name = key.replace("_", "-")
             if name in given:
-                raise ValueError(f"{key} is {given[name]} again (an underscore stands for a "
-                                 "dash); give it once")
+                raise KeyedError(f"{key} is {given[name]} again (an underscore stands for a "
+                                 "dash); give it once", (key,))
             given[name] = key
             raw[name] = item
-        default = _role(raw["default-role"], "default-role") if "default-role" in raw \
-            else Role.CLIENT
-        return Policy(default, _entries(raw.get("users", {}), "users"),
-                      _entries(raw.get("groups", {}), "groups"))
+        default = (_role(raw["default-role"], "default-role", (given["default-role"],))
+                   if "default-role" in raw else Role.CLIENT)
+        return Policy(default, _entries(raw.get("users", {}), "users", given.get("users", "")),
+                      _entries(raw.get("groups", {}), "groups", given.get("groups", "")))
 
     def show(self, value: Policy) -> str:
         return str(value)

@@ -23,10 +23,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-__all__ = ["Boolean", "CommandNames", "FilePath", "HostPort", "Integer", "Kind", "ListenAddress",
-           "OctalMode", "OneOf", "Seconds", "describe"]
+__all__ = [
+    "Boolean",
+    "CommandNames",
+    "FilePath",
+    "HostPort",
+    "Integer",
+    "KeyedError",
+    "Kind",
+    "ListenAddress",
+    "OctalMode",
+    "OneOf",
+    "Seconds",
+    "describe",
+]
 
 T = TypeVar("T")
+
+
+class KeyedError(ValueError):
+    """A table's value refused for one of its keys: ``keys`` lead to it from the
+    table, as the file spells them, so that the file's error names that key's line
+    rather than the table's header (:func:`migblockd.settings_file.line_of`)."""
+
+    def __init__(self, message: str, keys: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 def describe(value: object) -> str:

@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from migblockd.kinds import describe
+from migblockd.kinds import KeyedError, describe
 from migblockd.options import ConfigError, Option, Where, table
 from migblockd.regular import NotRegularFile, TooLarge, read_regular
 from migblockd.trusted_file import check_trusted
@@ -66,8 +66,8 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
     given: dict[str, str] = {}
     for key, value in raw.items():
         # Found only when refused: the scan costs a pass over the text.
-        def at(key: str = key) -> str:
-            number = line_of(text, key)
+        def at(key: str = key, keys: tuple[str, ...] = ()) -> str:
+            number = line_of(text, key, *keys)
             return f"{path}:{number}" if number is not None else str(path)
 
         o = by_key.get(key.replace("_", "-"))
@@ -85,7 +85,10 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
         try:
             values[o.name] = o.parse(value)
         except ValueError as exc:
-            raise ConfigError(f"{at()}: {key} {exc}{_misplaced(key, value, by_key)}") from None
+            # A key of a table ([access]'s users.alice) is named with its own line.
+            keys = exc.keys if isinstance(exc, KeyedError) else ()
+            raise ConfigError(f"{at(key, keys)}: {key} {exc}"
+                              f"{_misplaced(key, value, by_key)}") from None
         except RecursionError:  # a string that a kind reads as TOML (access = "{...}")
             raise ConfigError(f"{at()}: {key} has {TOO_DEEP}") from None
         if isinstance(values[o.name], Path) and not values[o.name].is_absolute():
@@ -100,34 +103,51 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
 
 #: A key as TOML spells one: bare, "basic" or 'literal'.
 _KEY = r"""[A-Za-z0-9_-]++|"(?:[^"\\\n]|\\.)*+"|'[^'\n]*+'"""
-_KEY_LINE = re.compile(rf"\s*({_KEY})\s*[.=]")
-_HEADER = re.compile(rf"\s*\[\[?\s*({_KEY})\s*[.\]]")
+#: A dotted key (``a."b.c".d``), and the lines that give one: ``key = ...`` and a
+#: table's header, ``[key]`` or ``[[key]]``.
+_DOTTED = rf"(?:{_KEY})(?:\s*\.\s*(?:{_KEY}))*+"
+_KEY_LINE = re.compile(rf"\s*({_DOTTED})\s*=")
+_HEADER = re.compile(rf"\s*\[\[?\s*({_DOTTED})\s*\]")
+_PART = re.compile(_KEY)
 
 
-def line_of(text: str, key: str) -> int | None:
+def line_of(text: str, key: str, *within: str) -> int | None:
     """The number of the line of ``text`` (a TOML document tomllib read) that gives
-    the top-level ``key``: ``key = ...``, ``key.sub = ...`` before the first table
-    header, or a header ``[key]``, ``[key.sub]``, ``[[key]]``; None if none does.
+    the top-level ``key``, or the key ``within`` it (``access``, ``users``,
+    ``alice``): the line ``alice = ...`` below ``[access.users]``, ``users.alice =
+    ...`` below ``[access]``, ``access.users.alice = ...`` before any header.  When
+    no line gives that key (it is in an inline table, or has no line of its own),
+    the line that gives the deepest table holding it: ``users = { alice = ... }``,
+    or the header ``[access]``; None if no line gives even ``key``.
 
     Lines inside a multi-line string or array are not the start of a key: the scan
     follows TOML's strings, comments and brackets from line to line.
     """
-    in_table = False
+    wanted = (key, *within)
+    table: tuple[str, ...] = ()  # the table the lines are in, after its header
+    best: tuple[int, int] | None = None  # (keys of wanted given, line) so far
     quote: str | None = None  # the delimiter of the multi-line string open
     depth = 0  # brackets and braces open
     # Not splitlines(): TOML ends a line at \n only, and a string may hold U+2028.
     for number, line in enumerate(text.split("\n"), 1):
         if quote is None and depth == 0:
             header = _HEADER.match(line)
+            given = None
             if header is not None:
-                in_table = True
-                if _unquoted_key(header.group(1)) == key:
-                    return number
-            elif not in_table and (found := _KEY_LINE.match(line)) is not None \
-                    and _unquoted_key(found.group(1)) == key:
-                return number
+                table = given = _keys(header.group(1))
+            elif (found := _KEY_LINE.match(line)) is not None:
+                given = table + _keys(found.group(1))
+            if given is not None:
+                if given[:len(wanted)] == wanted:
+                    return number  # the key, or a table or key inside it
+                if wanted[:len(given)] == given and (best is None or len(given) > best[0]):
+                    best = (len(given), number)
         quote, depth = _scan(line, quote, depth)
-    return None
+    return None if best is None else best[1]
+
+
+def _keys(dotted: str) -> tuple[str, ...]:
+    return tuple(_unquoted_key(part.group()) for part in _PART.finditer(dotted))
 
 
 def _unquoted_key(spelled: str) -> str:

@@ -137,11 +137,26 @@ SHIPPED = Path(__file__).parent.parent / "systemd" / "migblockd.toml"
         # Lines as TOML ends them, at \n only (and \r\n).
         ("# a\u2028b\x85c\r\nmax-clients = 0\n", "2: max-clients must be at least 1"),
         ('log-level = "info"\n[access]\nmax-clients = 5\n',
-         "2: access has an unknown key 'max-clients' (it takes default-role, users, groups); "
+         "3: access has an unknown key 'max-clients' (it takes default-role, users, groups); "
          "TOML read max-clients as part of [access]: settings go before the first [table] "
          "header"),
         ('log-level = "info"\naccess.users.alice = "root"\n',
          "2: access users.alice must be one of observer, client, operator, admin"),
+        # Found by review: a key of a table below [access] was named with the line of
+        # the table's header, however far above it.
+        ('[access]\ndefault-role = "client"\n\n[access.users]\nroot = "admin"\n'
+         'alice = "bogus"\n',
+         "6: access users.alice must be one of observer, client, operator, admin"),
+        ('[access]\nusers = { root = "admin" }\ndefault_role = "nobody"\n',
+         "3: access default-role must be one of observer"),
+        ('[access]\nusers.root = "admin"\n\ngroups = { wheel = "admin", kvm = "nope" }\n',
+         "4: access groups.kvm must be one of observer"),  # no line of its own: its table's
+        ('[access.groups]\n"0100" = "admin"\n\n[access.users]\nbob = "client"\n'
+         '[access.groups.x]\n', "6: access groups.x must be one of observer"),
+        ('[access.users]\n"0100" = "admin"\n"100" = "client"\n',
+         "3: access users.100 is users.0100 again (both are uid 100); give it once"),
+        ('[access]\ndefault-role = "client"\ndefault_role = "admin"\n',
+         "3: access default_role is default-role again"),
         ("config = '/etc/x.toml'\n", "1: config can only be given on the command line"),
         ('state-dir = "state"\n', "1: state-dir must be an absolute path"),
     ],
@@ -299,23 +314,24 @@ async def test_a_file_another_user_swapped_through_its_directory_is_refused_at_r
 
 
 @pytest.mark.parametrize(("text", "message"), [
+    # Each named with its own line (not the header's, above it).
     ('[access]\ndefault-role = "observer"\nmax-blockers = 5\n',
-     "access has an unknown key 'max-blockers' \\(it takes default-role, users, groups\\); "
+     "3: access has an unknown key 'max-blockers' \\(it takes default-role, users, groups\\); "
      "TOML read max-blockers as part of \\[access\\]: settings go before the first \\[table\\] "
      "header"),
     # Read as a user named log-level, once with nothing to say why.
     ('[access.users]\nalice = "admin"\nlog_level = "debug"\n',
-     "access users.log_level must be one of observer, client, operator, admin, not 'debug'; "
+     "3: access users.log_level must be one of observer, client, operator, admin, not 'debug'; "
      "TOML read log_level as part of \\[access.users\\]: settings go before the first "
      "\\[table\\] header"),
     ('[access.users]\nalice = "boss"\n',
-     "access users.alice must be one of observer, client, operator, admin, not 'boss'"),
+     "2: access users.alice must be one of observer, client, operator, admin, not 'boss'"),
 ])
 def test_a_setting_below_a_table_header_is_said_to_belong_there(tmp_path: Path, text: str,
                                                                 message: str) -> None:
     path = tmp_path / "m.toml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=f"^{path}:1: {message}$"):
+    with pytest.raises(ConfigError, match=f"^{path}:{message}$"):
         build(options(["--config", str(path)]))
 
 

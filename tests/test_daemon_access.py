@@ -551,7 +551,8 @@ def test_a_reload_that_gives_one_uid_two_roles_keeps_the_running_policy(
     # "0999" = "admin" next to 999 = "observer" used to make the uid an admin without a word.
     path.write_text(f'[access]\nusers = {{ "0{alice.uid}" = "admin", {alice.uid} = "observer" }}\n')
     daemon.signal(signal.SIGHUP)
-    daemon.wait_for_log(f"reload failed, keeping the running configuration: {path}:1: access "
+    # Named with the line of the inline table that holds the entry, not [access]'s.
+    daemon.wait_for_log(f"reload failed, keeping the running configuration: {path}:2: access "
                         f"users.{alice.uid} is users.0{alice.uid} again (both are uid "
                         f"{alice.uid}); give it once")
     assert a.error("migrate-set-parameters", {"mode": "cpr-reboot"}).endswith(

@@ -11,7 +11,10 @@ clients waiting in the backlog hung.  Here:
   descriptor held in reserve for exactly that (close it, accept, write, close,
   reopen it): nobody hangs, and the backlog never fills;
 * the log gets one line when an episode starts and one when it ends (with how
-  many clients were refused), never one per attempt;
+  many clients were refused), never one per attempt: it ends once a descriptor
+  has been free for a while, whether or not a client comes to take it (a flood
+  that stops is followed by no client, as often as not), and a stop in the
+  middle of one says how many it refused;
 * if even the reserve cannot be had (the whole system is out), accepting
   pauses and resumes when one of our connections closes, or after a second.
 
@@ -147,6 +150,11 @@ class Acceptor:
             if timer is not None:
                 timer.cancel()
         self._sock.close()
+        if self.refused is not None:
+            # The episode's count would otherwise go unsaid.
+            log.warning("stopping: %d clients were refused since the file descriptors "
+                        "ran out", self.refused)
+            self.refused = None
         if self._reserve is not None:
             os.close(self._reserve)
             self._reserve = None
@@ -180,12 +188,18 @@ class Acceptor:
                               exc.strerror or exc, RETRY_DELAY)
                     self._pause_for_a_while()
                 return
-            if self.refused is not None and self._quiet is None:
-                self._quiet = self._loop.call_later(EPISODE_QUIET, self._episode_over)
+            if self.refused is not None:
+                self._await_quiet()
             made += self._serve(conn)
 
     def _episode_over(self) -> None:
         self._quiet = None
+        if self.refused is None:
+            return
+        if self._reserve is None or not self._spare_descriptor():
+            # Still out (the reserve aside): no client could be served yet.
+            self._quiet = self._loop.call_later(EPISODE_QUIET, self._episode_over)
+            return
         log.warning("file descriptors are available again: serving new clients "
                     "(%d refused meanwhile)", self.refused or 0)
         self.refused = None
@@ -241,6 +255,7 @@ class Acceptor:
             except (BlockingIOError, InterruptedError):
                 self.refused = refused
                 self._reserve = self._open_reserve()
+                self._await_quiet()
                 return  # nobody else waits
             except OSError:
                 break  # someone else took the descriptor
@@ -258,6 +273,23 @@ class Acceptor:
         # Not even one descriptor to refuse with: wait for one to come free.
         self.refused = refused
         self._pause_for_a_while()
+        self._await_quiet()
+
+    def _await_quiet(self) -> None:
+        """End the episode EPISODE_QUIET after it last ran out, once a descriptor is
+        free (looked at again each EPISODE_QUIET until one is), whether a client
+        comes for it or not."""
+        if self._quiet is None:
+            self._quiet = self._loop.call_later(EPISODE_QUIET, self._episode_over)
+
+    @staticmethod
+    def _spare_descriptor() -> bool:
+        """Whether a descriptor besides the reserve can be had now (one for a client)."""
+        try:
+            os.close(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            return False
+        return True
 
     def _pause_for_a_while(self) -> None:
         self._pause()

@@ -115,6 +115,63 @@ async def test_out_of_descriptors_clients_are_refused_not_hung(
     assert len(d.log()) < 100_000
 
 
+def refused_for_descriptors(d: DaemonProcess, count: int) -> tuple[list[socket.socket], int]:
+    """Connect ``count`` clients at once: those served (left open), and how many
+    were refused for want of descriptors (closed)."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(d.socket))
+        socks.append(s)
+    served, refused = [], 0
+    for s in socks:
+        if "QMP" in strict_loads(first_line(s)):
+            served.append(s)
+        else:
+            s.close()
+            refused += 1
+    assert served and refused, (len(served), refused)
+    return served, refused
+
+
+def test_the_end_of_an_episode_is_logged_though_no_client_comes_after_it(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reported: the end was logged only once a new client was served, so after a
+    # flood that simply stopped, the log's last word stayed "refusing new clients
+    # until one is free", with the count of those refused never said.
+    d = start_daemon("--log-level", "info", python=limited_python(tmp_path, 64))
+    d.wait_for_log("RLIMIT_NOFILE is 64")
+    served, refused = refused_for_descriptors(d, 120)
+    for s in served:
+        s.close()
+    d.wait_for_log(f"file descriptors are available again: serving new clients "
+                   f"({refused} refused meanwhile)")
+    assert d.log().count("out of file descriptors (") == 1
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+def test_a_stop_while_out_of_descriptors_says_how_many_were_refused(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    d = start_daemon("--log-level", "info", python=limited_python(tmp_path, 64))
+    d.wait_for_log("RLIMIT_NOFILE is 64")
+    served, refused = refused_for_descriptors(d, 120)
+    try:
+        assert d.stop() == 0
+    finally:
+        for s in served:
+            s.close()
+    log = d.log()
+    assert f"stopping: {refused} clients were refused since the file descriptors ran out" \
+        in log, log[-3000:]
+    # Still out of them all along: the episode never ended before the stop.
+    assert "available again" not in log
+    assert_clean_log(d)
+
+
 async def test_a_client_refused_for_descriptors_that_sent_at_once_still_reads_why(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

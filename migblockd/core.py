@@ -110,6 +110,7 @@ class Core(Roster, Outcomes, Calls):
         self.waiting = 0
         self.connection_lines = Throttle(burst=CONNECTION_BURST)
         self._dirty: dict[Connection, None] = {}  # connections with output, in order
+        self._finishing: dict[Connection, None] = {}  # gone, with requests to run
         self._numbers = 0
         self.ledger = Ledger()
         self._failed_commits = 0

@@ -8,9 +8,9 @@ timeout by :meth:`Roster.expel`; a reload reaches the open ones
 server asks which connections have work it can do now (:meth:`Roster.has_pending`,
 :meth:`Roster.blocked`, :meth:`Roster.awaiting`, :meth:`Roster.settled`) and which
 have output to write (:meth:`Roster.take_dirty`).  A connection gone still has
-what it sent run, :data:`BATCH` requests at a time, before its slot and its
-connection-scoped blockers are released (:meth:`Roster.disconnect`; at once, if it
-waits for QEMU's answer); running them
+what it sent run, :data:`BATCH` requests in each turn (:meth:`Roster.finish_turn`),
+before its slot and its connection-scoped blockers are released
+(:meth:`Roster.disconnect`; at once, if it waits for QEMU's answer); running them
 is the core's (:meth:`migblockd.core.Core.execute`).
 
 A connection whose replies wait for a commit stops once a turn's worth of them
@@ -89,6 +89,8 @@ class Roster:
     waiting: int  # connections waiting for their role's look-up (the core's)
     connection_lines: Throttle  # the "connected" lines of each non-admin uid
     _dirty: dict[Connection, None]  # connections with output, in order
+    #: Connections gone whose requests still run, a turn's worth each turn (_finish).
+    _finishing: dict[Connection, None]
     _numbers: int
 
     if TYPE_CHECKING:
@@ -249,11 +251,17 @@ class Roster:
         self._finish(conn)
 
     def _finish(self, conn: Connection) -> None:
-        # Its requests run, a turn's worth at a time, and their output is let go
-        # as it comes, never joined: a client that pipelined thousands of big
-        # answers and hung up would otherwise cost their sum in memory and copies.
-        while self.execute(conn, BATCH):
-            conn.session.take_output()
+        # Its requests run a turn's worth at a time, one batch now and one in each
+        # turn after (finish_turn), taking turns with the connections still served:
+        # all at once, 15,000 pipelined query-qmp-schema of a client that hung up
+        # held every other client for 13 s.  Their output is let go as it comes,
+        # never joined: their sum would cost memory and copies.
+        self._finishing.pop(conn, None)
+        self.execute(conn, BATCH)
+        conn.session.take_output()
+        if conn.waiting is None and conn.session.has_pending():
+            self._finishing[conn] = None
+            return
         if conn.waiting is not None:
             # Finished when its commit is done, or QEMU answers.  A wait for QEMU may
             # last (a stopped QEMU, with qemu-timeout 0 forever): the client is let go
@@ -266,6 +274,16 @@ class Roster:
         self.ledger.holding.pop(conn, None)
         self.ledger.cohort.pop(conn, None)
         self._let_go(conn)
+
+    @property
+    def finishing(self) -> bool:
+        """Connections gone have requests to run in the next turn (:meth:`finish_turn`)."""
+        return bool(self._finishing)
+
+    def finish_turn(self) -> None:
+        """A turn's worth of the requests of each connection gone that has more."""
+        for conn in list(self._finishing):
+            self._finish(conn)
 
     def _let_go(self, conn: Connection) -> None:
         """Free ``conn``'s slot (once) and release its connection-scoped blockers."""

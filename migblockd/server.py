@@ -167,13 +167,19 @@ class Server(Turns):
             protocol.stop_reading()
             self.runnable(protocol)
         await drain(self.loop, self.core, self.protocols, self._all_gone, self._give_up_on_qemu)
-        # What is still with QEMU belongs to clients the drain dropped: give up on it.
-        for task in self._forwarding:
-            task.cancel()
-        if self._forwarding:
-            await asyncio.wait(set(self._forwarding))
-        # Those dropped still had what they sent run: its changes go to disk too.
-        await self._commits_done()
+        while True:
+            # What is still with QEMU belongs to clients the drain dropped: give up on it.
+            for task in self._forwarding:
+                task.cancel()
+            if self._forwarding:
+                await asyncio.wait(set(self._forwarding))
+            # Those dropped still have what they sent run, a turn's worth each turn
+            # (their last reads wait for commits): its changes go to disk too.
+            await self._commits_done()
+            if not self.core.finishing and not self._forwarding:
+                break
+            self.schedule()
+            await asyncio.sleep(0)  # the turn runs their next batch
         if self._timer is not None:
             self._timer.cancel()
         if self._disk is not None:

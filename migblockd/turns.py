@@ -118,6 +118,8 @@ class Turns:
         for protocol in runnable:
             if protocol.pump():
                 self._runnable[protocol] = None
+        # Connections gone take their turn too: what they sent runs a batch a turn.
+        self.core.finish_turn()
         self._flush()
         for protocol in runnable:
             if protocol.eof:
@@ -126,6 +128,8 @@ class Turns:
             self.schedule()
 
     def _flush(self) -> None:
+        if self.core.finishing:
+            self.schedule()  # however this flush came: a commit, QEMU's answer, a turn
         protocols = self.protocols
         if self.forward is not None:
             for conn, call in self.core.take_calls():

@@ -233,6 +233,41 @@ async def test_command_then_immediate_close_takes_effect(module_daemon: DaemonPr
         assert not [b for b in await watcher.ok("query-blockers") if b["id"].startswith("hup")]
 
 
+async def test_a_client_that_hangs_up_takes_turns_with_the_others_for_its_last_requests(
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    # Reported: the requests a client left unread when it hung up all ran in one
+    # callback; 15,000 pipelined query-qmp-schema held every other client for 13 s.
+    d = start_daemon("--ephemeral", "--max-blockers", "10000", "--log-level", "info")
+    count = 2000
+    gone = blocking_client(d.socket)
+    gone.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    async with d.client() as watcher:
+        d.signal(signal.SIGSTOP)  # all of it in the socket before the daemon reads any
+        try:
+            gone.sendall(b"".join(encode({"execute": "add-blocker", "arguments": {
+                "reason": "gone", "id": f"gone{i}"}}) for i in range(count)))
+            gone.close()  # the first reply finds it gone: the rest are its last words
+            await watcher.send({"execute": "query-version", "id": 0})
+        finally:
+            d.signal(signal.SIGCONT)
+        stream: list[str] = []  # the ids of its events, and "reply" for each reply
+        asked = 0
+        while f"gone{count - 1}" not in stream:
+            message = await watcher.read()
+            if "event" in message:
+                stream.append(message["data"]["id"])
+            else:
+                stream.append("reply")
+                asked += 1
+                await watcher.send({"execute": "query-version", "id": asked})
+        # Well past the first turn's requests, the watcher was served between them.
+        first = stream.index(f"gone{count // 2}")
+        assert "reply" in stream[first:], stream[first:first + 100]
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
 async def test_half_close_still_gets_every_reply(module_daemon: DaemonProcess) -> None:
     data = b""
     for i in range(100):

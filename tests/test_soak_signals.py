@@ -43,6 +43,27 @@ async def test_sigusr1_and_sigusr2_are_ignored_and_said(start_daemon: Start) -> 
     assert_clean_log(d)
 
 
+async def test_sigusr_said_at_most_ten_times_in_ten_seconds(start_daemon: Start) -> None:
+    # docs/service.md promises "at most 10 lines per signal in 10 s": a loop of
+    # `kill -USR1` (a log rotation's script gone wrong) must not flood the journal.
+    d = start_daemon("--ephemeral")
+    said = "WARNING: received SIGUSR1: ignored"
+    async with d.client() as c:
+        for _ in range(15):
+            d.signal(signal.SIGUSR1)
+            # The reply comes once the loop has taken the signal (it is caught before
+            # the request is read), so the next one is not merged with it.
+            await c.ok("query-version")
+        d.signal(signal.SIGUSR2)  # delivered after any SIGUSR1 still pending
+        await c.ok("query-version")
+        d.wait_for_log("WARNING: received SIGUSR2: ignored")
+    lines = [line for line in d.log().splitlines() if said in line]
+    assert len(lines) == 10, d.log()
+    assert lines[-1].endswith("[more like it within 10 s are counted, not logged]"), lines
+    assert d.stop() == 0, d.log()
+    assert_clean_log(d)
+
+
 @pytest.mark.parametrize("sig", [s.name for s in UNUSED])
 def test_sigusr_while_the_modules_load_is_ignored(tmp_path: Path, sig: str) -> None:
     # Before the event loop handles them, too: the entry point ignores them first.

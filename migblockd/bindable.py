@@ -19,7 +19,7 @@ from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.socketdir import cannot_create, check_fallback, socket_dir_exists, whose
 from migblockd.startup import StartupError
 from migblockd.trust import unsearchable
-from migblockd.writable import attribute_fix, denied, first_missing
+from migblockd.writable import attribute_fix, denied, first_missing, in_the_way
 
 __all__ = ["cannot_bind", "check_socket_writable", "lock_failed", "lock_path", "lock_socket"]
 
@@ -76,13 +76,19 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
     directory = socket_path.parent
     is_dir = socket_dir_exists(directory, option)
     if os.path.lexists(directory) and not is_dir:
-        return  # in the way (a file, a dangling link): the start says what is
+        if os.path.exists(directory):  # a file, where the start opens the lock file
+            raise StartupError(lock_failed(lock_path(socket_path), LockFailed(
+                os.strerror(errno.ENOTDIR), opening=True, errno=errno.ENOTDIR), option))
+        return  # a dangling link: the start says what is
     if is_dir and directory == fallback_socket_dir():
         check_fallback(directory)  # the start refuses it before it tries to write there
     if not is_dir:
         first = first_missing(directory)
         if not first.parent.is_dir():
-            return  # in the way: the start says what is
+            if in_the_way(directory) is not None:  # a file above it
+                raise StartupError(cannot_create(directory, OSError(
+                    errno.ENOTDIR, os.strerror(errno.ENOTDIR)), option))
+            return  # a dangling link: the start says what is
         code = denied(first.parent, os.W_OK | os.X_OK)
         if code:
             raise StartupError(cannot_create(directory, OSError(

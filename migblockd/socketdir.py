@@ -23,7 +23,7 @@ from migblockd.paths import fallback_problem, fallback_remedy, fallback_socket_d
 from migblockd.resolver import group_name, user_name, who
 from migblockd.startup import StartupError
 from migblockd.trust import ownership, refusal, search_fix
-from migblockd.writable import attribute, attribute_fix
+from migblockd.writable import attribute, attribute_fix, in_the_way
 
 __all__ = ["cannot_create", "check_fallback", "check_socket_directory", "make_socket_dir",
            "not_given", "runtime_problem", "socket_dir_exists", "whose"]
@@ -164,6 +164,9 @@ def not_given(path: Path, gid: int, exc: OSError) -> str:
 def cannot_create(directory: Path, exc: OSError, option: str) -> str:
     """Why the socket's ``directory`` (or a missing one above it) could not be
     made, and, when this user may not write where it goes, whose directory that is."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and (blocker := in_the_way(directory)):
+        return (f"cannot create {directory}: {blocker} is not a directory; move it away, "
+                f"or choose another {option}")
     if exc.errno == errno.EPERM and exc.filename:
         fix = attribute_fix(Path(os.fsdecode(exc.filename)).parent, option)
         if fix is not None:

@@ -21,7 +21,7 @@ import os
 import struct
 from pathlib import Path
 
-__all__ = ["attribute", "attribute_fix", "denied", "first_missing"]
+__all__ = ["attribute", "attribute_fix", "denied", "first_missing", "in_the_way"]
 
 #: ioctl(2) request for a file's inode flags (``lsattr``): FS_IOC_GETFLAGS.
 _FS_IOC_GETFLAGS = 0x80086601
@@ -93,3 +93,15 @@ def first_missing(directory: Path) -> Path:
             break
         first = parent
     return first
+
+
+def in_the_way(directory: Path) -> Path | None:
+    """What exists on the way to the missing ``directory`` and is not a directory
+    (a file, or a link to one), under which ``mkdir -p`` cannot make it: the
+    start would fail there (ENOTDIR, or EEXIST from ``exist_ok``), so a check
+    says so too.  None when nothing is, or the directory exists; a dangling
+    link is left to the start, whose own error names it."""
+    if os.path.lexists(directory):
+        return None
+    blocker = first_missing(directory).parent
+    return blocker if os.path.exists(blocker) and not blocker.is_dir() else None

@@ -26,7 +26,7 @@ from migblockd.state.files import check_existing_database
 from migblockd.state.lock import DATABASE_NAME, check_lockable
 from migblockd.state.logcheck import stored_format
 from migblockd.trust import ownership, refusal, search_fix
-from migblockd.writable import attribute, attribute_fix, denied, first_missing
+from migblockd.writable import attribute, attribute_fix, denied, first_missing, in_the_way
 
 __all__ = ["DATABASE_NAME", "check_directory", "check_existing_directory",
            "check_file_room", "check_migration_room", "holds_database", "home_problem",
@@ -45,6 +45,9 @@ def make_directory(directory: Path) -> None:
 
 
 def _cannot_create(directory: Path, e: OSError) -> StateError:
+    if e.errno == errno.ENOTDIR and (blocker := in_the_way(directory)) is not None:
+        return StateError(f"cannot create state directory {directory}: {blocker} is not a "
+                          "directory; move it away, or choose another --state-dir")
     if e.errno == errno.EROFS:
         why = f"; {read_only(directory, to_be_made=True)}"
     elif e.errno == errno.EPERM and e.filename and (fix := attribute_fix(
@@ -62,7 +65,9 @@ def _check_creatable(directory: Path) -> None:
     read-only file system, or not one this user may write in."""
     first = first_missing(directory)
     if not first.parent.is_dir():
-        return  # in the way: the start says what is (not a directory, a loop)
+        if in_the_way(directory) is not None:  # a file above it: mkdir meets ENOTDIR
+            raise _cannot_create(directory, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+        return  # in the way: the start says what is (a dangling link, a loop)
     code = denied(first.parent, os.W_OK | os.X_OK)
     if code:
         raise _cannot_create(directory, OSError(code, os.strerror(code), str(first)))

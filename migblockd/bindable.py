@@ -16,7 +16,13 @@ from pathlib import Path
 
 from migblockd.paths import fallback_socket_dir
 from migblockd.pidlock import Held, LockFailed, PidLock
-from migblockd.socketdir import cannot_create, check_fallback, socket_dir_exists, whose
+from migblockd.socketdir import (
+    cannot_create,
+    check_fallback,
+    check_socket_directory,
+    socket_dir_exists,
+    whose,
+)
 from migblockd.startup import StartupError
 from migblockd.trust import unsearchable
 from migblockd.writable import attribute_fix, denied, first_missing, in_the_way
@@ -76,19 +82,21 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
     directory = socket_path.parent
     is_dir = socket_dir_exists(directory, option)
     if os.path.lexists(directory) and not is_dir:
-        if os.path.exists(directory):  # a file, where the start opens the lock file
-            raise StartupError(lock_failed(lock_path(socket_path), LockFailed(
-                os.strerror(errno.ENOTDIR), opening=True, errno=errno.ENOTDIR), option))
-        return  # a dangling link: the start says what is
+        # A file, where the start opens the lock file; a link to nothing, which the
+        # start's mkdir finds there and its judging of the directory refuses.
+        if not os.path.exists(directory):
+            check_socket_directory(directory, option)
+        raise StartupError(lock_failed(lock_path(socket_path), LockFailed(
+            os.strerror(errno.ENOTDIR), opening=True, errno=errno.ENOTDIR), option))
     if is_dir and directory == fallback_socket_dir():
         check_fallback(directory)  # the start refuses it before it tries to write there
     if not is_dir:
         first = first_missing(directory)
         if not first.parent.is_dir():
-            if in_the_way(directory) is not None:  # a file above it
+            if in_the_way(directory) is not None:  # a file, or a link to nothing, above it
                 raise StartupError(cannot_create(directory, OSError(
                     errno.ENOTDIR, os.strerror(errno.ENOTDIR)), option))
-            return  # a dangling link: the start says what is
+            return
         code = denied(first.parent, os.W_OK | os.X_OK)
         if code:
             raise StartupError(cannot_create(directory, OSError(

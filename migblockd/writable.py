@@ -96,12 +96,11 @@ def first_missing(directory: Path) -> Path:
 
 
 def in_the_way(directory: Path) -> Path | None:
-    """What exists on the way to the missing ``directory`` and is not a directory
-    (a file, or a link to one), under which ``mkdir -p`` cannot make it: the
-    start would fail there (ENOTDIR, or EEXIST from ``exist_ok``), so a check
-    says so too.  None when nothing is, or the directory exists; a dangling
-    link is left to the start, whose own error names it."""
+    """What is on the way to the missing ``directory`` and is not a directory (a
+    file, a link to one or to nothing), under which ``mkdir -p`` cannot make it:
+    the start would fail there (ENOTDIR, or EEXIST from ``exist_ok``), so a
+    check says so too.  None when nothing is, or the directory exists."""
     if os.path.lexists(directory):
         return None
-    blocker = first_missing(directory).parent
-    return blocker if os.path.exists(blocker) and not blocker.is_dir() else None
+    blocker = first_missing(directory).parent  # there, as first_missing() looks
+    return None if blocker.is_dir() else blocker

@@ -865,19 +865,27 @@ def refused_alike(args: list[str], message: str) -> None:
 
 
 @pytest.mark.parametrize("setting", ["socket", "metrics"])
-@pytest.mark.parametrize("where", ["in", "under", "deep under"])
+@pytest.mark.parametrize("where", ["in", "under", "deep under", "in a link to nothing",
+                                   "under a link to nothing"])
 def test_a_socket_in_or_under_a_file_is_refused_by_check_and_start(
     tmp_path: Path, setting: str, where: str
 ) -> None:
     # Found by checking README.md's list of what --check-config refuses: a socket
-    # whose directory, or a directory above it, is a regular file was "valid",
-    # and the start that followed exited 1.
+    # whose directory, or a directory above it, is a regular file (or a symbolic
+    # link to nothing) was "valid", and the start that followed exited 1.
     file = tmp_path / "file"
-    file.write_text("in the way\n")
+    if where.endswith("a link to nothing"):
+        file.symlink_to(tmp_path / "nowhere")
+    else:
+        file.write_text("in the way\n")
     if where == "in":
         path = file / "x.sock"
         message = (f"cannot open the socket's lock file {path}.lock: Not a directory; "
                    f"choose another --{setting}")
+    elif where == "in a link to nothing":
+        path = file / "x.sock"
+        message = (f"cannot check socket directory {file}: {tmp_path / 'nowhere'}: No such "
+                   f"file or directory; choose another --{setting}")
     else:
         directory = file / "sub" if where == "under" else file / "a" / "b"
         path = directory / "x.sock"
@@ -885,21 +893,26 @@ def test_a_socket_in_or_under_a_file_is_refused_by_check_and_start(
                    f"or choose another --{setting}")
     others = [] if setting == "socket" else ["--socket", str(tmp_path / "s.sock")]
     refused_alike(["--ephemeral", *others, f"--{setting}", str(path)], message)
-    assert file.read_text() == "in the way\n"
+    assert os.path.lexists(file) and not file.is_dir()
 
 
+@pytest.mark.parametrize("link", [False, True])
 @pytest.mark.parametrize("depth", [1, 2])
 def test_a_state_directory_under_a_file_is_refused_by_check_and_start(
-    tmp_path: Path, depth: int
+    tmp_path: Path, depth: int, link: bool
 ) -> None:
-    # Found alike: --check-config said "which does not exist yet: a start makes it".
+    # Found alike: --check-config said "which does not exist yet: a start makes it";
+    # under a link to nothing, the start named the state directory as not one.
     file = tmp_path / "file"
-    file.write_text("in the way\n")
+    if link:
+        file.symlink_to(tmp_path / "nowhere")
+    else:
+        file.write_text("in the way\n")
     state = file.joinpath(*["sub"] * depth)
     refused_alike(["--socket", str(tmp_path / "s.sock"), "--state-dir", str(state)],
                   f"cannot create state directory {state}: {file} is not a directory; "
                   "move it away, or choose another --state-dir")
-    assert file.read_text() == "in the way\n"
+    assert os.path.lexists(file) and not file.is_dir()
 
 
 def test_check_config_refuses_a_qemu_that_is_the_daemons_own_socket(tmp_path: Path) -> None:

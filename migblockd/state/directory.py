@@ -38,7 +38,9 @@ def make_directory(directory: Path) -> None:
         _check_trusted(directory, directory, "state directory", to_be_made=True)
     try:
         make_private_directory(directory)  # its missing parents 0700 too
-    except FileExistsError as e:  # exists, and is not a directory
+    except FileExistsError as e:  # it, or a link to nothing above it, is no directory
+        if in_the_way(directory) is not None:
+            raise _cannot_create(directory, OSError(errno.ENOTDIR, e.strerror)) from e
         raise _not_a_directory(directory) from e
     except OSError as e:
         raise _cannot_create(directory, e) from e
@@ -65,9 +67,9 @@ def _check_creatable(directory: Path) -> None:
     read-only file system, or not one this user may write in."""
     first = first_missing(directory)
     if not first.parent.is_dir():
-        if in_the_way(directory) is not None:  # a file above it: mkdir meets ENOTDIR
+        if in_the_way(directory) is not None:  # a file, or a link to nothing, above it
             raise _cannot_create(directory, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
-        return  # in the way: the start says what is (a dangling link, a loop)
+        return  # in the way: the start says what is (a loop)
     code = denied(first.parent, os.W_OK | os.X_OK)
     if code:
         raise _cannot_create(directory, OSError(code, os.strerror(code), str(first)))

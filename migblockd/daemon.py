@@ -254,14 +254,13 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
 
     def ignore_signals() -> None:
         # Until the drain is over a signal must not kill the daemon (the default
-        # action): that would cut off the replies it still owes.
-        # asyncio's own handlers: a line that a full wakeup descriptor drops is no
-        # loss here.  Blocked meanwhile: none comes while its warning is set.
-        with signalmask.stops_blocked():
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.add_signal_handler(sig, log.info, "received %s while stopping: "
-                                        "ignored", sig.name)
-            signalmask.quiet_wakeup()
+        # action): that would cut off the replies it still owes.  Through
+        # signalmask.handle, as the stop's own: the byte that the signal which
+        # stopped the daemon left in the wakeup descriptor, read after this, is
+        # then no new signal to say "ignored" of.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signalmask.handle(loop, sig, log.info, "received %s while stopping: ignored",
+                              sig.name)
 
     async def reload_unless_stopping(why: str = "") -> None:
         # The first step of a task runs after every callback of the turn that

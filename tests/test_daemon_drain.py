@@ -429,3 +429,20 @@ def test_a_client_still_sending_after_shutdown_is_waited_for(
     assert "dropped" not in d.log()
 
 
+
+
+async def test_one_sigterm_is_received_once(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first: the signal caught in Python ran the stop, which set the
+    # stopping handlers; the same signal's byte in the loop's wakeup descriptor,
+    # read after that, ran the new handler: "received SIGTERM while stopping:
+    # ignored" for a signal sent once.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        d = start_daemon("--state-dir", str(tmp_path / sig.name), "--log-level", "info")
+        d.signal(sig)
+        assert d.wait_exit() == 0
+        log = d.log()
+        assert f"received {sig.name}" in log, log
+        assert "while stopping" not in log, log
+        assert_clean_log(d)

@@ -202,9 +202,8 @@ class _Builder:
             raise QAPIError(info, f"'data' of enum '{name}' must be an array")
         values: list[EnumValue] = []
         seen: set[str] = set()
-        for value, vinfo in zip(data, data.item_info, strict=True):
-            if not isinstance(value, str):
-                raise QAPIError(vinfo, f"value of enum '{name}' must be a string")
+        for item, item_info in zip(data, data.item_info, strict=True):
+            value, vinfo = self._enum_value_name(item, item_info, name)
             check_value_name(value, name, vinfo)
             if value in seen:
                 raise QAPIError(vinfo, f"value '{value}' of enum '{name}' collides with "
@@ -215,6 +214,30 @@ class _Builder:
                 raise QAPIError(vinfo, f"value '{value}' of enum '{name}' lacks documentation")
             values.append(EnumValue(value, arg.text, vinfo))
         return EnumType(name, values, defn.doc, defn.info)
+
+    @staticmethod
+    def _enum_value_name(item: Value, info: SourceInfo, enum: str) -> tuple[str, SourceInfo]:
+        """The name of an enum value, written ``'a'`` or ``{ 'name': 'a' }``.
+
+        QEMU's check_enum() (``scripts/qapi/expr.py``) takes both forms, the
+        object one for a value's ``if`` and ``features``; neither is in the
+        subset, so those keys are unknown ones, as on a definition."""
+        if not isinstance(item, PosDict):
+            if not isinstance(item, str):
+                raise QAPIError(info, f"value of enum '{enum}' requires a string name")
+            return item, info
+        # QEMU's check_keys(): a missing key before an unknown one.
+        if "name" not in item:
+            raise QAPIError(item.info, f"value of enum '{enum}' misses key 'name'")
+        for key in item:
+            if key != "name":
+                raise QAPIError(item.key_info[key],
+                                f"value of enum '{enum}' has unknown key '{key}'")
+        name = item["name"]
+        if not isinstance(name, str):
+            raise QAPIError(item.value_info["name"],
+                            f"value of enum '{enum}' requires a string name")
+        return name, item.value_info["name"]
 
     def _make_members(self, data: PosDict, doc: Doc, role: str, owner: str) -> list[Member]:
         members: list[Member] = []

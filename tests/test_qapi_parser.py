@@ -13,6 +13,8 @@ import pytest
 
 from migblockd.qapi.builder import load_schema
 from migblockd.qapi.error import QAPIError
+from migblockd.qapi.introspect import introspect
+from migblockd.qapi.jsonschema import arguments_schema, integer_schema
 from migblockd.qapi.parser import MAX_INCLUDE_DEPTH, MAX_NESTING, parse_schema
 from migblockd.qapi.schema import ArrayType, EnumType, ObjectType
 
@@ -189,3 +191,79 @@ def test_what_follows_the_experimental_prefix_keeps_the_case_rules(
     with pytest.raises(QAPIError) as exc:
         load_schema(_one_definition(tmp_path, meta, name, member))
     assert exc.value.msg == message
+
+
+def _doc(name: str, *members: str) -> str:
+    lines = "".join(f"# @{m}: {m}\n" for m in members)
+    return f"##\n# @{name}:\n#\n# Text.\n#\n{lines}##\n"
+
+
+def test_a_list_name_is_the_array_qemu_defines_under_it(tmp_path: Path) -> None:
+    # QEMU names the array of T "TList" and defines it as a type like any
+    # other (scripts/qapi/schema.py): for each built-in type before the schema
+    # is read (_def_builtin_type()), for any other T wherever ['T'] is written
+    # (_make_array_type()), so 'strList' and 'PaintList' are names a member or
+    # a return may use.  migblockd's generator refused them as unknown types.
+    schema_file = tmp_path / "x.json"
+    schema_file.write_text(
+        _doc("Paint", "tags", "sizes", "nested")
+        + "{ 'struct': 'Paint', 'data': { 'tags': 'strList', 'sizes': [ 'uint8' ],"
+          " 'nested': 'strListList' } }\n"
+        + _doc("Shelf", "paints", "words")
+        + "{ 'struct': 'Shelf', 'data': { 'paints': [ 'Paint' ], 'words': [ 'strList' ] } }\n"
+        + _doc("list-paints") + "{ 'command': 'list-paints', 'returns': 'PaintList' }\n"
+        + _doc("list-sizes", "sizes")
+        + "{ 'command': 'list-sizes', 'data': { 'sizes': 'uint8List' } }\n")
+    schema = load_schema(schema_file)
+    paint, shelf = schema.types["Paint"], schema.types["Shelf"]
+    assert isinstance(paint, ObjectType) and isinstance(shelf, ObjectType)
+    tags, sizes, nested = (m.type for m in paint.members)
+    assert isinstance(tags, ArrayType) and tags.element is schema.builtins["str"]
+    # One array type, however it is written: the back ends see one type.
+    assert nested is shelf.members[1].type
+    assert isinstance(nested, ArrayType) and nested.element is tags
+    ret = schema.commands["list-paints"].ret_type
+    assert ret is shelf.members[0].type
+    assert isinstance(ret, ArrayType) and ret.element is paint
+    arg = schema.commands["list-sizes"].arg_type
+    assert arg is not None and arg.members[0].type is sizes
+    info = {e["name"]: e for e in introspect(schema)}
+    assert info["[str]"] == {"name": "[str]", "meta-type": "array", "element-type": "str"}
+    assert info["[[str]]"]["element-type"] == "[str]"
+    assert arguments_schema(arg, "t")["properties"]["sizes"] == {
+        "type": "array", "items": integer_schema("uint8")}
+
+
+def test_a_list_name_of_a_type_no_array_is_written_of_is_unknown(tmp_path: Path) -> None:
+    # QEMU defines "PaintList" only when ['Paint'] is written somewhere; then
+    # it is an unknown type, as any other undefined name.
+    schema_file = tmp_path / "x.json"
+    schema_file.write_text(
+        _doc("Paint", "a") + "{ 'struct': 'Paint', 'data': { 'a': 'str' } }\n"
+        + _doc("Shelf", "paints") + "{ 'struct': 'Shelf', 'data': { 'paints': 'PaintList' } }\n")
+    with pytest.raises(QAPIError) as exc:
+        load_schema(schema_file)
+    assert exc.value.msg == "member 'paints' of 'Shelf' uses unknown type 'PaintList'"
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING, MAX_NESTING + 1, 1100])
+def test_arrays_nested_by_list_names_keep_the_nesting_limit(depth: int, tmp_path: Path) -> None:
+    # Each ['strList...'] written makes one more "List" a name, so names nest
+    # arrays as deep as one likes.  Resolving them by recursion ended a long
+    # chain in a RecursionError, and so did the back ends, which recurse into
+    # an array's element: past the parser's nesting limit it is a mistake.
+    members = ", ".join(f"'m{i}': [ 'str{'List' * i}' ]" for i in range(depth))
+    schema_file = tmp_path / "x.json"
+    schema_file.write_text(
+        _doc("Paint", "deep", *(f"m{i}" for i in range(depth)))
+        + f"{{ 'struct': 'Paint', 'data': {{ 'deep': 'str{'List' * depth}', {members} }} }}\n")
+    if depth > MAX_NESTING:
+        with pytest.raises(QAPIError) as exc:
+            load_schema(schema_file)
+        assert exc.value.msg == (f"member 'deep' of 'Paint': array type nested "
+                                 f"more than {MAX_NESTING} levels deep")
+        return
+    paint = load_schema(schema_file).types["Paint"]
+    assert isinstance(paint, ObjectType)
+    assert paint.members[0].type is paint.members[-1].type
+    assert arguments_schema(paint, "t")["properties"]["deep"]["type"] == "array"

@@ -22,7 +22,7 @@ from pathlib import Path
 from .doccomment import Doc
 from .error import QAPIError, SourceInfo
 from .names import check_definition_name, check_member_name, check_value_name
-from .parser import Vet, parse_schema
+from .parser import MAX_NESTING, Vet, parse_schema
 from .schema import (
     BUILTIN_JSON_TYPES,
     ArrayType,
@@ -81,6 +81,9 @@ class _Builder:
         self.schema = Schema()
         self.schema.builtins = {n: BuiltinType(n) for n in BUILTIN_JSON_TYPES}
         self.arrays: dict[str, ArrayType] = {}
+        # The T of every ``['T']`` written anywhere in the schema (pass 1), for
+        # which the name ``TList`` means that array (see _lookup_array()).
+        self.written_arrays: set[str] = set()
         self.defined: dict[str, tuple[str, SourceInfo]] = {}
 
     def build(self) -> Schema:
@@ -90,6 +93,7 @@ class _Builder:
         for defn in self.parsed.definitions:
             meta, name = self._check_shape(defn)
             checked.append((meta, name, defn))
+            self._note_written_arrays(defn.expr)
         for meta, name, defn in checked:
             if meta == "enum":
                 self.schema.types[name] = self._make_enum(name, defn)
@@ -258,19 +262,66 @@ class _Builder:
             members.append(Member(name, typ, optional, arg.text, info))
         return members
 
+    def _note_written_arrays(self, expr: PosDict) -> None:
+        """Remember the element of each ``['T']`` of a definition's members and
+        return type, where QEMU's _make_array_type() defines the array ``TList``."""
+        data, returns = expr.get("data"), expr.get("returns")
+        written = list(data.values()) if isinstance(data, PosDict) else []
+        for value in [*written, returns]:
+            if isinstance(value, PosList) and len(value) == 1 and isinstance(value[0], str):
+                self.written_arrays.add(value[0])
+
+    def _lookup_array(self, name: str, info: SourceInfo, what: str) -> ArrayType | None:
+        """The array a type name ``TList`` means, as QEMU's lookup_type() finds it.
+
+        QEMU names the array of T ``TList`` and defines it as an entity like any
+        other (``scripts/qapi/schema.py``): for every built-in T before the
+        schema is read (_def_builtin_type(): ``strList``, ``intList``...), for
+        any other T where ``['T']`` is written, anywhere in the schema, since
+        types are resolved only once every definition is in.  Where neither
+        holds, ``TList`` is an unknown type there too.  (``['strList']`` makes
+        ``strListList`` a name, and so on: the suffixes are taken off in a loop,
+        not by recursion, which a long chain of them would exhaust.)"""
+        base, depth = name, 0
+        while base.endswith("List"):
+            element = base.removesuffix("List")
+            if element not in self.schema.builtins and element not in self.written_arrays:
+                break
+            base, depth = element, depth + 1
+        if depth == 0:
+            return None
+        typ = self._resolve(base, info, what)
+        for _ in range(depth):
+            typ = self._array_of(typ, info, what)
+        assert isinstance(typ, ArrayType)
+        return typ
+
+    def _array_of(self, element: QAPIType, info: SourceInfo, what: str) -> ArrayType:
+        """The one array type of ``element``, however it was written.
+
+        List names nest arrays where brackets cannot (``['strList']``); held to
+        the parser's nesting limit, they stay within what the back ends (which
+        recurse into an array's element) and JSON readers take."""
+        array = self.arrays.get(element.name)
+        if array is None:
+            levels, inner = 1, element
+            while isinstance(inner, ArrayType):
+                levels, inner = levels + 1, inner.element
+            if levels > MAX_NESTING:
+                raise QAPIError(info, f"{what}: array type nested more than {MAX_NESTING} "
+                                      "levels deep")
+            array = self.arrays[element.name] = ArrayType(element)
+        return array
+
     def _resolve(self, value: Value, info: SourceInfo, what: str) -> QAPIType:
         """The type a member's (or return's) type expression denotes."""
         if isinstance(value, PosList):
             if len(value) != 1 or not isinstance(value[0], str):
                 raise QAPIError(info, f"{what}: array type must contain single type name")
-            element = self._resolve(value[0], value.item_info[0], what)
-            array = self.arrays.get(element.name)
-            if array is None:
-                array = self.arrays[element.name] = ArrayType(element)
-            return array
+            return self._array_of(self._resolve(value[0], value.item_info[0], what), info, what)
         if not isinstance(value, str):
             raise QAPIError(info, f"{what} should be a type name")
-        typ = self.schema.lookup_type(value)
+        typ = self.schema.lookup_type(value) or self._lookup_array(value, info, what)
         if typ is None:
             if value in self.defined:
                 meta = self.defined[value][0]

@@ -320,7 +320,8 @@ class _Builder:
                 raise QAPIError(info, f"{what}: array type must contain single type name")
             return self._array_of(self._resolve(value[0], value.item_info[0], what), info, what)
         if not isinstance(value, str):
-            raise QAPIError(info, f"{what} should be a type name")
+            # QEMU's check_type_name_or_array() (scripts/qapi/expr.py), 8.1 on.
+            raise QAPIError(info, f"{what} should be a type name or array")
         typ = self.schema.lookup_type(value) or self._lookup_array(value, info, what)
         if typ is None:
             if value in self.defined:

@@ -87,13 +87,18 @@ class _Builder:
         self.defined: dict[str, tuple[str, SourceInfo]] = {}
 
     def build(self) -> Schema:
-        # Pass 1 checks each expression's shape and registers its name, so
-        # that pass 2 can resolve references to definitions made later.
+        # Pass 1 checks each expression's shape, then registers the names, so
+        # that pass 2 can resolve references to definitions made later.  As in
+        # QEMU, every expression's keys are checked (check_exprs() in
+        # scripts/qapi/expr.py) before a name defined twice is looked for
+        # (_def_definition() in schema.py, as QAPISchema defines them).
         checked: list[tuple[str, str, Definition]] = []
         for defn in self.parsed.definitions:
             meta, name = self._check_shape(defn)
             checked.append((meta, name, defn))
             self._note_written_arrays(defn.expr)
+        for meta, name, defn in checked:
+            self._define(meta, name, defn.expr)
         for meta, name, defn in checked:
             if meta == "enum":
                 self.schema.types[name] = self._make_enum(name, defn)
@@ -128,12 +133,13 @@ class _Builder:
                 enum = self.schema.types[name]
                 assert isinstance(enum, EnumType)
                 self._check_doc_names(defn.doc, [v.name for v in enum.values])
-            self._check_doc_sections(meta, defn)
+            self._check_doc_features(defn)
         return self.schema
 
     @staticmethod
-    def _check_doc_sections(meta: str, defn: Definition) -> None:
-        """QEMU's QAPIDoc.check_expr(): sections that only some definitions may have."""
+    def _check_doc_features(defn: Definition) -> None:
+        """The features part of QEMU's QAPIDoc.check(), run with the other
+        checks of a doc's names once the definition is made."""
         assert defn.doc is not None
         if defn.doc.features:
             # No definition has features in the subset, so every one documented
@@ -143,6 +149,13 @@ class _Builder:
             raise QAPIError(defn.doc.features[bogus[0]].info,
                             f"documented feature '{listed}' does not exist" if len(bogus) == 1
                             else f"documented features '{listed}' do not exist")
+
+    @staticmethod
+    def _check_doc_sections(meta: str, defn: Definition) -> None:
+        """QEMU's QAPIDoc.check_expr(): sections that only some definitions may
+        have.  QEMU's check_exprs() runs it right after the doc's symbol is
+        checked, before the keys are."""
+        assert defn.doc is not None
         returns, errors = defn.doc.section("Returns"), defn.doc.section("Errors")
         if meta == "command":
             if returns is not None and "returns" not in defn.expr:
@@ -169,11 +182,13 @@ class _Builder:
         name = expr[meta]
         if not isinstance(name, str):
             raise QAPIError(expr.value_info[meta], f"'{meta}' requires a string name")
-        # QEMU's order (check_expr() in scripts/qapi/expr.py): the name, the doc
-        # comment, then the keys, missing ones before unknown ones (check_keys()).
+        # QEMU's order (check_exprs() in scripts/qapi/expr.py): the name, the doc
+        # comment and its sections, then the keys, missing ones before unknown
+        # ones (check_keys()).
         check_definition_name(meta, name, expr.value_info[meta],
                               self.parsed.pragmas.command_name_exceptions)
         self._check_doc_symbol(defn, name)
+        self._check_doc_sections(meta, defn)
         required, optional = _META_KEYS[meta]
         what = _describe(meta, name)
         missing = sorted(required - set(expr))
@@ -182,12 +197,15 @@ class _Builder:
         for key in expr:
             if key not in required | optional:
                 raise QAPIError(expr.key_info[key], f"{what} has unknown key '{key}'")
+        return meta, name
+
+    def _define(self, meta: str, name: str, expr: PosDict) -> None:
+        """Register a definition's name, once (QEMU's _def_definition())."""
         if name in BUILTIN_JSON_TYPES:
             raise QAPIError(expr.value_info[meta], f"built-in type '{name}' is already defined")
         if name in self.defined:
             raise QAPIError(expr.value_info[meta], f"'{name}' is already defined")
         self.defined[name] = (meta, expr.info)
-        return meta, name
 
     @staticmethod
     def _check_doc_symbol(defn: Definition, name: str) -> None:

@@ -120,7 +120,7 @@ class _Builder:
                         defn.expr.value_info["data"], f"'data' of struct '{name}' must be an object"
                     )
                 struct.members = self._make_members(data, defn.doc, "member", name)
-                self._check_doc_args(defn.doc, struct.members)
+                defn.doc.check_names([m.name for m in struct.members])
             elif meta == "command":
                 cmd = self._make_command(name, defn)
                 self.schema.commands[name] = cmd
@@ -132,40 +132,9 @@ class _Builder:
             elif meta == "enum":
                 enum = self.schema.types[name]
                 assert isinstance(enum, EnumType)
-                self._check_doc_names(defn.doc, [v.name for v in enum.values])
-            self._check_doc_features(defn)
+                defn.doc.check_names([v.name for v in enum.values])
+            defn.doc.check_features()
         return self.schema
-
-    @staticmethod
-    def _check_doc_features(defn: Definition) -> None:
-        """The features part of QEMU's QAPIDoc.check(), run with the other
-        checks of a doc's names once the definition is made."""
-        assert defn.doc is not None
-        if defn.doc.features:
-            # No definition has features in the subset, so every one documented
-            # is one that does not exist (QEMU's QAPIDoc.check() words it so).
-            bogus = list(defn.doc.features)
-            listed = "', '".join(bogus)
-            raise QAPIError(defn.doc.features[bogus[0]].info,
-                            f"documented feature '{listed}' does not exist" if len(bogus) == 1
-                            else f"documented features '{listed}' do not exist")
-
-    @staticmethod
-    def _check_doc_sections(meta: str, defn: Definition) -> None:
-        """QEMU's QAPIDoc.check_expr(): sections that only some definitions may
-        have.  QEMU's check_exprs() runs it right after the doc's symbol is
-        checked, before the keys are."""
-        assert defn.doc is not None
-        returns, errors = defn.doc.section("Returns"), defn.doc.section("Errors")
-        if meta == "command":
-            if returns is not None and "returns" not in defn.expr:
-                raise QAPIError(returns.info,
-                                "'Returns' section, but command doesn't return anything")
-            return
-        if returns is not None:
-            raise QAPIError(returns.info, "'Returns' section is only valid for commands")
-        if errors is not None:
-            raise QAPIError(errors.info, "'Errors' section is only valid for commands")
 
     # --- pass 1 ----------------------------------------------------------
 
@@ -188,7 +157,8 @@ class _Builder:
         check_definition_name(meta, name, expr.value_info[meta],
                               self.parsed.pragmas.command_name_exceptions)
         self._check_doc_symbol(defn, name)
-        self._check_doc_sections(meta, defn)
+        assert defn.doc is not None
+        defn.doc.check_sections(meta, "returns" in expr)
         required, optional = _META_KEYS[meta]
         what = _describe(meta, name)
         missing = sorted(required - set(expr))
@@ -354,7 +324,7 @@ class _Builder:
         assert defn.doc is not None
         expr = defn.expr
         if "data" not in expr:
-            self._check_doc_args(defn.doc, [])
+            defn.doc.check_names([])
             return None
         data = expr["data"]
         info = expr.value_info["data"]
@@ -365,12 +335,12 @@ class _Builder:
                 raise QAPIError(info, f"{what} must be an object or name a struct, not '{data}'")
             # The struct documents its own members; the command's doc may not
             # repeat them (QEMU's rule too).
-            self._check_doc_args(defn.doc, [])
+            defn.doc.check_names([])
             return typ
         if not isinstance(data, PosDict):
             raise QAPIError(info, f"{what} should be an object or type name")
         members = self._make_members(data, defn.doc, "parameter", name)
-        self._check_doc_args(defn.doc, members)
+        defn.doc.check_names([m.name for m in members])
         if not members:
             return None
         return ObjectType(f"q_obj_{name}-arg", members, defn.doc, defn.info, implicit=True)
@@ -397,20 +367,3 @@ class _Builder:
     def _make_event(self, name: str, defn: Definition) -> Event:
         assert defn.doc is not None
         return Event(name, self._object_data(name, "event", defn), defn.doc, defn.info)
-
-    @staticmethod
-    def _check_doc_args(doc: Doc, members: list[Member]) -> None:
-        _Builder._check_doc_names(doc, [m.name for m in members])
-
-    @staticmethod
-    def _check_doc_names(doc: Doc, names: list[str]) -> None:
-        """Every ``@name:`` of ``doc`` is one of ``names``.  QEMU's QAPIDoc.check()
-        words it the same for enum values (which it calls members too), naming
-        them all at the first."""
-        known = set(names)  # a list would make an enum of n values cost n * n
-        bogus = [a for a in doc.args if a not in known]
-        if bogus:
-            listed = "', '".join(bogus)
-            raise QAPIError(doc.args[bogus[0]].info,
-                            f"documented member '{listed}' does not exist" if len(bogus) == 1
-                            else f"documented members '{listed}' do not exist")

@@ -68,6 +68,46 @@ class Doc:
                 return sec
         return None
 
+    # The checks of a doc against the definition it documents are the doc's,
+    # as in QEMU (QAPIDoc.check_expr() and QAPIDoc.check()).
+
+    def check_sections(self, meta: str, returns: bool) -> None:
+        """QEMU's QAPIDoc.check_expr(): sections only some definitions may have
+        (``returns``: whether the definition has a 'returns' key)."""
+        returns_sec, errors = self.section("Returns"), self.section("Errors")
+        if meta == "command":
+            if returns_sec is not None and not returns:
+                raise QAPIError(returns_sec.info,
+                                "'Returns' section, but command doesn't return anything")
+            return
+        if returns_sec is not None:
+            raise QAPIError(returns_sec.info, "'Returns' section is only valid for commands")
+        if errors is not None:
+            raise QAPIError(errors.info, "'Errors' section is only valid for commands")
+
+    def check_names(self, names: list[str]) -> None:
+        """Every ``@name:`` is one of ``names``.  QEMU's QAPIDoc.check() words it
+        the same for enum values (which it calls members too), naming them all
+        at the first."""
+        known = set(names)  # a list would make an enum of n values cost n * n
+        bogus = [a for a in self.args if a not in known]
+        if bogus:
+            listed = "', '".join(bogus)
+            raise QAPIError(self.args[bogus[0]].info,
+                            f"documented member '{listed}' does not exist" if len(bogus) == 1
+                            else f"documented members '{listed}' do not exist")
+
+    def check_features(self) -> None:
+        """The features part of QEMU's QAPIDoc.check(): no definition has
+        features in the subset, so every one documented is one that does not
+        exist (QEMU words it so)."""
+        if self.features:
+            bogus = list(self.features)
+            listed = "', '".join(bogus)
+            raise QAPIError(self.features[bogus[0]].info,
+                            f"documented feature '{listed}' does not exist" if len(bogus) == 1
+                            else f"documented features '{listed}' do not exist")
+
 
 def parse_doc(info: SourceInfo, lines: list[tuple[str, SourceInfo]],
               end: SourceInfo) -> Doc:

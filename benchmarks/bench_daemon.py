@@ -330,13 +330,20 @@ def run(args: argparse.Namespace) -> int:
     with_scale = wanted("scale")
     if not chosen and not with_scale:
         raise BenchError(f"no scenario matches {args.only}")
+    server_cpus, client_cpus = pinning(args.pin)
+    # What changes the ratios themselves, so a baseline must have been measured alike:
+    # pinning decides whether a server shares its core with its client (unpinned, the
+    # ratios come out far higher), the blockers present the size of every query-blockers
+    # answer, and the warm-up and window whether start-up costs fall into the figures
+    # (--quick takes 0.1 s and 0.3 s).  A scenario's key already names its clients.
+    settings = {"pinned": bool(server_cpus), "blockers": args.blockers,
+                "warmup": args.warmup, "duration": args.duration}
     baseline = None
     if args.baseline is not None:  # before the run, which a bad file would waste
         try:
-            baseline = read_baseline(args.baseline.read_text())
+            baseline = read_baseline(args.baseline.read_text(), settings)
         except (OSError, ValueError) as exc:
             raise BenchError(f"cannot read --baseline {args.baseline}: {exc}") from exc
-    server_cpus, client_cpus = pinning(args.pin)
     workdir = Path(tempfile.mkdtemp(prefix="migblockd-bench-"))
     state = Path(tempfile.mkdtemp(prefix="migblockd-bench-state-", dir=args.state_parent))
     cores = os.cpu_count() or 0
@@ -399,11 +406,8 @@ def run(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
             "implementation": platform.python_implementation(),
             "cores": cores,
-            "pinned": bool(server_cpus),
-            "duration": args.duration,
-            "warmup": args.warmup,
+            **settings,
             "rounds": args.rounds,
-            "blockers": args.blockers,
             "scenarios": [scenario_json(o) for o in outcomes],
             "scale": scaled,
             "targets": [{"what": c.what, "value": c.value, "goal": c.goal, "met": c.met}

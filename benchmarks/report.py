@@ -248,15 +248,21 @@ BASELINE_FALL = 0.30
 Baseline = dict[tuple[str, str], float]
 
 
-def read_baseline(text: str) -> Baseline:
+def read_baseline(text: str, settings: dict[str, Any] | None = None) -> Baseline:
     """The ratios of an earlier run's ``--json`` file; ValueError (one line) if
-    ``text`` is not such a file."""
+    ``text`` is not such a file, or if it records one of ``settings`` (this run's,
+    as its ``--json`` file names them) with another value: the 30 % margin is the
+    noise between runs measured alike, and says nothing of runs measured otherwise."""
     shape = ('not a --json file of this benchmark (an object whose "scenarios" each have '
              'a "key" and "ratios" of numbers)')
     data = json.loads(text)
     scenarios = data.get("scenarios") if isinstance(data, dict) else None
     if not isinstance(scenarios, list):
         raise ValueError(shape)
+    for name, now in (settings or {}).items():
+        if name in data and data[name] != now:
+            raise ValueError(f"measured with {name} {json.dumps(data[name])}, this run with "
+                             f"{json.dumps(now)}: its ratios are not comparable")
     out: Baseline = {}
     for scenario in scenarios:
         if not isinstance(scenario, dict):

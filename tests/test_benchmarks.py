@@ -248,6 +248,41 @@ def test_a_bad_baseline_is_refused_before_the_run(tmp_path: Path) -> None:
     assert "round 1" not in proc.stdout and not out.exists()
 
 
+def test_a_baseline_measured_otherwise_is_refused() -> None:
+    """The 30 % margin is the noise between runs measured alike: a baseline whose
+    pinning, blockers, warm-up or window differ from this run's measured other
+    ratios (a ``--quick`` run's @1 scenarios share the full run's keys), so
+    comparing them would call a change of settings a regression or a gain."""
+    settings = {"pinned": True, "blockers": 10, "warmup": 0.5, "duration": 2.5}
+    scenarios = [{"key": "query-1", "ratios": {"daemon/floor": 0.9}}]
+    alike = {**settings, "rounds": 1, "scenarios": scenarios}
+    assert read_baseline(json.dumps(alike), settings) == {("query-1", "daemon/floor"): 0.9}
+    for name, other in (("pinned", False), ("blockers", 0), ("warmup", 0.1),
+                        ("duration", 0.3)):
+        with pytest.raises(ValueError) as refused:
+            read_baseline(json.dumps({**alike, name: other}), settings)
+        assert str(refused.value) == (
+            f"measured with {name} {json.dumps(other)}, this run with "
+            f"{json.dumps(settings[name])}: its ratios are not comparable")
+
+
+def test_a_baseline_measured_otherwise_is_refused_before_the_run(tmp_path: Path) -> None:
+    """A report of a run with other blockers present: refused in one line, nothing run."""
+    other, out = tmp_path / "other.json", tmp_path / "out.json"
+    other.write_text(json.dumps({"blockers": 3, "scenarios": [
+        {"key": "query-1", "ratios": {"daemon/floor": 0.9}}]}))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1",
+         "--baseline", str(other), "--json", str(out), "--check"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr == (f"bench_daemon: cannot read --baseline {other}: measured with "
+                           "blockers 3, this run with 10: its ratios are not comparable\n")
+    assert "round 1" not in proc.stdout and not out.exists()
+
+
 BENCHMARK_COMMANDS = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py")
                             if path.stem != "__init__" and "__main__" in path.read_text())
 

@@ -393,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
     if baseline is not None:
         print(f"\ntargets against {args.baseline} (each ratio at least "
               f"{1 - BASELINE_FALL:.0%} of its value there):")
-        print("\n".join(c.line(width) for c in against) or "  (no ratio in common)")
+        print("\n".join(c.line(width) for c in against))
     busy = starved(outcomes)
     if busy:
         print(f"\nwarning: the machine was busy: neither server nor load generator kept its "

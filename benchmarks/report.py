@@ -279,7 +279,9 @@ def read_baseline(text: str, settings: dict[str, Any] | None = None) -> Baseline
 
 def baseline_checks(outcomes: Sequence[Outcome], before: Baseline) -> list[Check]:
     """Each ratio this run shares with an earlier run's ``--json`` file: met unless it
-    fell by more than :data:`BASELINE_FALL` of the earlier value."""
+    fell by more than :data:`BASELINE_FALL` of the earlier value.  A file that shares
+    none (other ``--clients``, other ``--only``) compared nothing: that is a target not
+    met, or ``--check`` would pass a run that was held to no baseline at all."""
     out = []
     for o in outcomes:
         for a, b in o.scenario.ratios():
@@ -290,4 +292,6 @@ def baseline_checks(outcomes: Sequence[Outcome], before: Baseline) -> list[Check
             change = f", {now / old - 1:+.0%}" if old > 0 else ""
             out.append(ratio_check(f"{o.scenario.label}: {a} / {b} (was {old:.2f}{change})",
                                    now, old * (1 - BASELINE_FALL)))
+    if not out:
+        out.append(Check("ratios in common with the baseline", "0", ">= 1", False))
     return out

@@ -176,6 +176,21 @@ def test_a_ratio_that_fell_beyond_the_noise_is_a_target_not_met() -> None:
     assert (fell_a_lot.value, fell_a_lot.goal, fell_a_lot.met) == ("0.40", ">= 0.42", False)
 
 
+def test_a_baseline_that_shares_no_ratio_is_a_target_not_met() -> None:
+    """A baseline of other scenarios (another ``--clients``: ``adddel-4`` is not
+    ``adddel-16``) holds the run to nothing; ``--check`` must not pass it as met."""
+    scenario = Scenario("adddel-16", "add+del @16", "adddel", 16, "req/s", ("floor", "daemon"))
+    outcome = Outcome(scenario, {"floor": [{"rate": 1000}], "daemon": [{"rate": 200}]})
+    other = read_baseline(json.dumps({"scenarios": [
+        {"key": "adddel-4", "ratios": {"daemon/floor": 0.2}}]}))
+    found = baseline_checks([outcome], other)
+    assert [(c.what, c.value, c.goal, c.met) for c in found] == [
+        ("ratios in common with the baseline", "0", ">= 1", False)]
+    same = read_baseline(json.dumps({"scenarios": [
+        {"key": "adddel-16", "ratios": {"daemon/floor": 0.2}}]}))
+    assert [c.met for c in baseline_checks([outcome], same)] == [True]
+
+
 def test_check_fails_on_a_ratio_far_below_the_baseline(tmp_path: Path) -> None:
     """``--baseline`` with ``--check`` exits 3 when a ratio fell beyond the margin."""
     env = dict(os.environ)

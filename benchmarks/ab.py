@@ -12,8 +12,11 @@ directory, so that its own code runs; durable in a new state directory unless
 ``--ephemeral``), and has the load generator read the daemon's user + system
 CPU from /proc over its measurement window (``--server-pid``), the window its
 requests are counted in: not the connections' set-up, nor the requests still
-in flight when it closes.  It prints every run and, per side, the best and the
-median CPU per request and rate; the best is the figure to compare.
+in flight when it closes.  It prints every run and, per side, the best, the
+median and the worst CPU per request and rate; the best is the figure to
+compare.  Last, a verdict: B's best against A's is called a difference only
+when it exceeds how far either side's own runs spread (worst over best), the
+noise of runs of one unchanged checkout.
 
 Pinned like the main benchmark: the daemon on one core, the load generator on
 another.  Both checkouts must accept ``--socket`` and ``--state-dir`` (or
@@ -68,12 +71,43 @@ def measure(side: str, checkout: Path, args: argparse.Namespace, workdir: Path,
     return Run(side, result["rate"], result["p99_us"], used / result["requests"] * 1e6)
 
 
+def cpu_per_request(runs: Sequence[Run], side: str) -> list[float]:
+    """The side's CPU per request of every run, best (least) first."""
+    return sorted(r.cpu_us for r in runs if r.side == side)
+
+
+def spread(cpu: Sequence[float]) -> float:
+    """How far the worst of a side's runs is above its best: the noise those runs show."""
+    return cpu[-1] / cpu[0] - 1 if cpu and cpu[0] > 0 else 0.0
+
+
 def summary(runs: Sequence[Run], side: str) -> str:
-    mine = [r for r in runs if r.side == side]
-    cpu = sorted(r.cpu_us for r in mine)
-    rate = sorted((r.rate for r in mine), reverse=True)
+    cpu = cpu_per_request(runs, side)
+    rate = sorted((r.rate for r in runs if r.side == side), reverse=True)
     return (f"{side}: CPU per request best {cpu[0]:.1f} us, median {statistics.median(cpu):.1f}"
-            f" us; rate best {rate[0]:,.0f}/s, median {statistics.median(rate):,.0f}/s")
+            f" us, worst {cpu[-1]:.1f} us (spread {spread(cpu):.0%}); rate best "
+            f"{rate[0]:,.0f}/s, median {statistics.median(rate):,.0f}/s")
+
+
+#: Fewest runs per side whose spread says anything of the noise: one run has none.
+LEAST_RUNS = 3
+
+
+def verdict(runs: Sequence[Run]) -> str:
+    """What the runs show: B's best CPU per request against A's, called a difference
+    only when it is larger than the spread of either side's own runs.  Two runs of
+    one checkout differ by that much with no change at all, so a smaller difference
+    is not told apart from the machine's noise."""
+    a, b = cpu_per_request(runs, "A"), cpu_per_request(runs, "B")
+    if min(len(a), len(b)) < LEAST_RUNS:
+        return (f"verdict: too few runs to tell a difference from the noise "
+                f"(--runs {LEAST_RUNS} or more)")
+    change, noise = b[0] / a[0] - 1, max(spread(a), spread(b))
+    if abs(change) <= noise:
+        return (f"verdict: no difference shown: B's best is {change:+.1%} of A's, inside "
+                f"the {noise:.1%} its runs spread")
+    return (f"verdict: B spends {abs(change):.1%} {'less' if change < 0 else 'more'} CPU per "
+            f"request than A (best against best), beyond the {noise:.1%} its runs spread")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(summary(runs, "A"))
     print(summary(runs, "B"))
+    print(verdict(runs))
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2) + "\n")
     return 0

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import ROOT
 
-from benchmarks import ceiling, floor, loadgen, scale
+from benchmarks import ab, ceiling, floor, loadgen, scale
 from benchmarks.bench_daemon import scale_checks
 from benchmarks.report import Outcome, Scenario, baseline_checks, checks, read_baseline, starved
 
@@ -344,6 +344,26 @@ def test_blocking_lines_counts_a_big_line_without_keeping_it() -> None:
         sender.join()
 
 
+def test_ab_calls_no_difference_inside_its_own_noise_a_win() -> None:
+    """Runs of one side spread by a few percent with nothing changed: a difference
+    between the sides' best that is no larger than that spread is no difference;
+    a larger one is, in its direction; with too few runs there is no spread to
+    judge by."""
+    def runs(a: list[float], b: list[float]) -> list[ab.Run]:
+        return ([ab.Run("A", 1000.0, 1.0, cpu) for cpu in a]
+                + [ab.Run("B", 1000.0, 1.0, cpu) for cpu in b])
+
+    # 118 against 124 us, but A's own runs went from 124 to 131 us: inside the noise.
+    inside = ab.verdict(runs([124.0, 126.0, 131.0], [118.0, 120.0, 122.0]))
+    assert inside.startswith("verdict: no difference shown: B's best is -4.8% of A's"), inside
+    beyond = ab.verdict(runs([135.0, 136.0, 137.0], [118.0, 119.0, 121.0]))
+    assert beyond.startswith("verdict: B spends 12.6% less CPU per request than A"), beyond
+    worse = ab.verdict(runs([100.0, 101.0, 102.0], [110.0, 111.0, 112.0]))
+    assert "B spends 10.0% more CPU" in worse, worse
+    assert ab.verdict(runs([124.0], [100.0])).startswith("verdict: too few runs"), "one run"
+    assert "spread 6%" in ab.summary(runs([124.0, 126.0, 131.0], [1.0]), "A")
+
+
 def test_ab_compares_the_daemons_cpu_over_the_measured_window(tmp_path: Path) -> None:
     """``benchmarks.ab`` runs both sides and reports each run's CPU per request,
     which the load generator reads over its window (``--server-pid``): a run
@@ -466,4 +486,5 @@ def test_ab_runs_both_checkouts_interleaved(tmp_path: Path) -> None:
     assert [r["side"] for r in runs] == ["A", "B", "B", "A"]
     assert all(r["rate"] > 0 and r["cpu_us"] > 0 for r in runs)
     assert proc.stdout.count("CPU per request best") == 2
+    assert "verdict: too few runs to tell a difference from the noise" in proc.stdout
     assert marks.read_text() == "B\nB\n"

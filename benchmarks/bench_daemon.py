@@ -335,9 +335,14 @@ def run(args: argparse.Namespace) -> int:
     # pinning decides whether a server shares its core with its client (unpinned, the
     # ratios come out far higher), the blockers present the size of every query-blockers
     # answer, and the warm-up and window whether start-up costs fall into the figures
-    # (--quick takes 0.1 s and 0.3 s).  A scenario's key already names its clients.
+    # (--quick takes 0.1 s and 0.3 s), the file system the durable daemon commits to
+    # (tmpfs or a disk: what its every change waits for) and the daemons' extra
+    # arguments (another log level, another event loop).  A scenario's key already
+    # names its clients.  The state directory is made below, in the same parent.
+    parent = args.state_parent if args.state_parent is not None else Path(tempfile.gettempdir())
     settings = {"pinned": bool(server_cpus), "blockers": args.blockers,
-                "warmup": args.warmup, "duration": args.duration}
+                "warmup": args.warmup, "duration": args.duration,
+                "state_file_system": file_system(parent), "daemon_args": args.daemon_arg}
     baseline = None
     if args.baseline is not None:  # before the run, which a bad file would waste
         try:
@@ -356,7 +361,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"pinning: {pinned}; ceiling on uvloop: "
           f"{'yes' if uvloop else 'no (not installed, or --no-uvloop)'}")
     extra = f"; extra arguments {shlex.join(args.daemon_arg)}" if args.daemon_arg else ""
-    print(f"daemon: default log level; durable state on {file_system(state)}{extra}")
+    print(f"daemon: default log level; durable state on {settings['state_file_system']}"
+          f"{extra}")
     print(f"{args.rounds} round(s) x {args.warmup:g} s warm-up + {args.duration:g} s measured "
           f"per scenario and server; medians over rounds; {args.blockers} blockers present",
           flush=True)

@@ -298,6 +298,35 @@ def test_a_baseline_measured_otherwise_is_refused_before_the_run(tmp_path: Path)
     assert "round 1" not in proc.stdout and not out.exists()
 
 
+def test_the_report_names_the_state_file_system_and_extra_arguments(tmp_path: Path) -> None:
+    """A durable daemon on tmpfs and one on a disk, or one run with ``--daemon-arg``,
+    measure other ratios; the ``--json`` report records both, as the printed report
+    does, and a baseline that differs in either is refused before the run."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    first, other = tmp_path / "first.json", tmp_path / "other.json"
+    argv = [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1",
+            "--state-parent", str(tmp_path)]
+
+    def bench(*more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*argv, *more], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+
+    proc = bench("--json", str(first))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(first.read_text())
+    assert report["daemon_args"] == []
+    assert f"durable state on {report['state_file_system']}\n" in proc.stdout
+    for name, value in (("state_file_system", "tmpfs (tmpfs on /elsewhere)"),
+                        ("daemon_args", ["--log-level", "warning"])):
+        other.write_text(json.dumps({**report, name: value}))
+        proc = bench("--baseline", str(other))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"bench_daemon: cannot read --baseline {other}: "
+                                      f"measured with {name} {json.dumps(value)}"), proc.stderr
+        assert "round 1" not in proc.stdout
+
+
 BENCHMARK_COMMANDS = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py")
                             if path.stem != "__init__" and "__main__" in path.read_text())
 

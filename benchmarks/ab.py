@@ -127,6 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-pin", action="store_true", help="do not pin to cores")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also save every run here")
     args = parser.parse_args(argv)
+    # The load generator's own bounds, checked here before any daemon starts; a side
+    # with no run has no best, median or worst to show.
+    if not (1 <= args.runs <= 100 and 0 < args.duration <= 300 and 1 <= args.clients <= 1000):
+        parser.error("need 1 <= --runs <= 100, 0 < --duration <= 300 and "
+                     "1 <= --clients <= 1000")
     for checkout in (args.a, args.b):
         if not (checkout / "migblockd" / "__main__.py").is_file():
             parser.error(f"{checkout} is not a migblockd checkout")

@@ -393,6 +393,18 @@ def test_ab_calls_no_difference_inside_its_own_noise_a_win() -> None:
     assert "spread 6%" in ab.summary(runs([124.0, 126.0, 131.0], [1.0]), "A")
 
 
+@pytest.mark.parametrize("bad", [["--runs", "0"], ["--duration", "0"], ["--clients", "0"]])
+def test_ab_refuses_a_run_it_cannot_measure(bad: list[str],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """No runs left each side with no best to print (a traceback after the run), and a
+    window or client count the load generator refuses failed only once a daemon had
+    started: a usage error, before anything runs."""
+    with pytest.raises(SystemExit) as usage:
+        ab.main(["--a", str(ROOT), "--b", str(ROOT), *bad])
+    assert usage.value.code == 2
+    assert "need 1 <= --runs <= 100" in capsys.readouterr().err
+
+
 def test_ab_compares_the_daemons_cpu_over_the_measured_window(tmp_path: Path) -> None:
     """``benchmarks.ab`` runs both sides and reports each run's CPU per request,
     which the load generator reads over its window (``--server-pid``): a run

@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from migblockd import __version__, signalmask
+from migblockd import __version__, logs, signalmask
 from migblockd.admission import Admission
 from migblockd.config import COMMAND_LINE, Config, Sources
 from migblockd.contract import Contract
@@ -301,6 +301,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         serving = True  # a stop from here on is one of a daemon that said it serves
         await notifier.ready(server.status_line())
         await server.serve()
+        logs.batching(True)
         if metrics is not None:
             metrics.start()
         log_ready(config, server, bridge is not None)
@@ -315,6 +316,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     try:
         await stop.wait()
     finally:
+        logs.batching(False)  # the stop's steps may block the loop too
         ignore_signals()
         # (The drain's turns say what it waits for as that changes.)  Never waits
         # for the receiver: a full NOTIFY_SOCKET does not hold up the stop.

@@ -28,7 +28,16 @@ from migblockd.logs.journal import socket_path, stderr_is_journal
 from migblockd.logs.quick import info, install
 from migblockd.logs.writer import CLOSE_TIMEOUT, OffLoopHandler, Writer
 
-__all__ = ["WIRE_LIMIT", "Logs", "about", "info", "setup", "shown"]
+__all__ = ["WIRE_LIMIT", "Logs", "about", "batching", "info", "setup", "shown"]
+
+
+def batching(on: bool) -> None:
+    """Leave the writer's wake-ups to the event loop's turns (``on``: the daemon
+    serves, and its loop turns), or wake it at each record (the start and the
+    stop, whose steps may block the loop: see ``Writer.batching``)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, OffLoopHandler):
+            handler.writer.batching = on
 
 
 @dataclass

@@ -92,6 +92,11 @@ class Writer:
                                         daemon=True)
         #: True while entries go to journald's native socket.
         self.native = False
+        #: True while the event loop runs its turns (the daemon serves): wake-ups are
+        #: then left to the loop, at most one per WAKE_INTERVAL.  Not before: the
+        #: start's steps block the loop (a restore, a look-up that does not answer),
+        #: and a line saying what the start waits for would wait with it.
+        self.batching = False
 
     def start(self) -> None:
         signalmask.start(self._thread)
@@ -108,6 +113,9 @@ class Writer:
             if self._signalled:
                 return
             self._signalled = True
+        if not self.batching:
+            self._signal()
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

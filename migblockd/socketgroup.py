@@ -9,20 +9,26 @@ start for ever: never ready, nothing in the log to say why, until systemd's
 ``TimeoutStartSec=`` killed it.
 
 The look-up runs on a daemon thread of its own (one stuck in the C library
-keeps no process from exiting, as :mod:`.lookups`' do) and is waited for
-:data:`WAIT` seconds, the time after which every other look-up is said to be
-slow.  Past that the start is refused, naming the look-up: the socket cannot
-be given a group it does not know, and given no group, or another one, it
-would keep out, or let in, others than the operator asked.  A refused start is
-said at once and, under ``Restart=on-failure``, tried again; a number needs no
+keeps no process from exiting, as :mod:`.lookups`' do).  After :data:`WAIT`
+seconds, the time after which every other look-up is said to be slow, the log
+says what the start waits for; after :data:`LIMIT` the start is refused, naming
+the look-up: the socket cannot be given a group it does not know, and given no
+group, or another one, it would keep out, or let in, others than the operator
+asked.  Not at :data:`WAIT`: a database that answers slowly is no broken one
+(sssd with its LDAP server away at boot answers from its cache once its own
+network timeouts, 6 to 8 s by default, have run out), and refusing it would
+take the service down for a start that was about to work.  A refused start
+is said and, under ``Restart=on-failure``, tried again; a number needs no
 look-up at all.  The warnings about the group (a number that is also a name,
-a directory that keeps the group out) are not worth a start: they are left out
-when their look-ups do not answer in time, and that is said.
+a directory that keeps the group out) are not worth a wait: they are left out
+when their look-ups do not answer within :data:`WAIT`, and that is said.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Final, TypeVar
 
@@ -31,10 +37,15 @@ from migblockd.lookups import SLOW
 from migblockd.resolver import group_id
 from migblockd.startup import StartupError
 
-__all__ = ["WAIT", "Unanswered", "group_gid", "within"]
+__all__ = ["LIMIT", "WAIT", "Unanswered", "group_gid", "within"]
 
-#: Seconds the start waits for a look-up of ``socket-group``.
+log = logging.getLogger("migblockd")
+
+#: Seconds after which the start says it waits for a look-up of ``socket-group``.
 WAIT: Final = SLOW
+#: Seconds after which it gives the look-up up, and the start with it: past a slow
+#: database's own timeouts, well within systemd's ``TimeoutStartSec=`` (90 s).
+LIMIT: Final = 20.0
 
 T = TypeVar("T")
 
@@ -43,9 +54,11 @@ class Unanswered(Exception):
     """A look-up that did not answer within its wait (it goes on, on its thread)."""
 
 
-def within(work: Callable[[], T], seconds: float = WAIT) -> T:
+def within(work: Callable[[], T], seconds: float = WAIT,
+           slow: Callable[[], object] | None = None) -> T:
     """``work()``'s result (or what it raised), run on a daemon thread of its own;
-    :class:`Unanswered` when it has not returned within ``seconds``."""
+    :class:`Unanswered` when it has not returned within ``seconds``.  ``slow`` is
+    called once if it has not returned within :data:`WAIT` (and ``seconds`` is more)."""
     done = threading.Event()
     outcome: list[tuple[bool, object]] = []
 
@@ -64,7 +77,10 @@ def within(work: Callable[[], T], seconds: float = WAIT) -> T:
                                           daemon=True))
     except RuntimeError:  # no thread to be had: asked here, unbounded, as before
         return work()
-    if not done.wait(seconds):
+    deadline = time.monotonic() + seconds
+    if slow is not None and seconds > WAIT and not done.wait(WAIT):
+        slow()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
         raise Unanswered
     answered, value = outcome[0]
     if not answered:
@@ -76,11 +92,15 @@ def within(work: Callable[[], T], seconds: float = WAIT) -> T:
 def group_gid(group: str, setting: str) -> int | None:
     """The gid of ``group`` (a name or a number); None when no group has that name.
     StartupError when the group database has not answered within :data:`WAIT`."""
+    def slow() -> None:
+        log.warning("%s: the group database has not answered (getgrnam(%r)) for %g s: "
+                    "the socket waits for its group, %g s at most", setting, group, WAIT, LIMIT)
+
     try:
-        return within(lambda: group_id(group))
+        return within(lambda: group_id(group), LIMIT, slow)
     except Unanswered:
         raise StartupError(
             f"{setting}: the group database did not answer (getgrnam({group!r})) within "
-            f"{WAIT:g} s: the socket cannot be given a group it does not know, so the start "
+            f"{LIMIT:g} s: the socket cannot be given a group it does not know, so the start "
             "is refused; start again once the database answers, or give the group's "
             "number, which needs no look-up") from None

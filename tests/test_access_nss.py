@@ -670,6 +670,16 @@ def test_a_socket_mode_for_others_looks_up_no_group_when_no_directory_keeps_them
     assert_clean_log(daemon)
 
 
+def refused_start(daemon: DaemonProcess) -> str:
+    """The log of ``daemon``, once its start has been refused (exit status 1)."""
+    try:
+        status = daemon.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still starting:\n{daemon.log()[-3000:]}") from None
+    assert status == 1, daemon.log()
+    return daemon.log()
+
+
 def test_a_socket_group_the_database_does_not_answer_for_refuses_the_start_in_time(
         nss: Callable[..., tuple[DaemonProcess, Hang]], accounts: dict[str, Account]) -> None:
     # Found by review: --socket-group was looked up on the main thread before the
@@ -678,12 +688,7 @@ def test_a_socket_group_the_database_does_not_answer_for_refuses_the_start_in_ti
     # TimeoutStartSec= killed it.  The socket cannot be given a group it does not
     # know: the start is refused, saying so, after the wait every look-up is given.
     daemon, _ = nss(POLICY, "--socket-group", "mbt-sock", hung=("/etc/group",), wait=False)
-    try:
-        status = daemon.proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"still starting:\n{daemon.log()[-3000:]}") from None
-    assert status == 1
-    log = daemon.log()
+    log = refused_start(daemon)
     assert ("--socket-group: the group database has not answered (getgrnam('mbt-sock')) for "
             "3 s: the socket waits for its group, 20 s at most\n") in log, log
     assert log.rstrip("\n").endswith(
@@ -710,12 +715,7 @@ def test_a_socket_group_the_database_answers_slowly_for_is_waited_for(
                         "20 s at most")
     assert not daemon.socket.exists()
     hang.answer("/etc/group")
-    try:
-        status = daemon.proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"still starting:\n{daemon.log()[-3000:]}") from None
-    assert status == 1
-    log = daemon.log()
+    log = refused_start(daemon)
     assert log.rstrip("\n").endswith("ERROR: --socket-group: there is no group named "
                                       "'mbt-sock'"), log
     assert "did not answer" not in log, log

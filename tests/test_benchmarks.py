@@ -21,6 +21,14 @@ from benchmarks.bench_daemon import scale_checks
 from benchmarks.report import Outcome, Scenario, baseline_checks, checks, read_baseline, starved
 
 
+def benchmarks_env() -> dict[str, str]:
+    """This environment, with the checkout first on ``PYTHONPATH``: ``-m benchmarks.X``
+    runs this checkout's benchmarks whatever the working directory."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
 def test_floor_reply_echoes_the_id() -> None:
     assert floor.reply_for(b'{"execute": "qmp_capabilities"}\n') == b'{"return": {}}\r\n'
     assert floor.reply_for(b'{"execute": "x", "id": {"a": [1]}}') == (
@@ -193,8 +201,7 @@ def test_a_baseline_that_shares_no_ratio_is_a_target_not_met() -> None:
 
 def test_check_fails_on_a_ratio_far_below_the_baseline(tmp_path: Path) -> None:
     """``--baseline`` with ``--check`` exits 3 when a ratio fell beyond the margin."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env = benchmarks_env()
     first, earlier = tmp_path / "first.json", tmp_path / "earlier.json"
     argv = [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1"]
 
@@ -250,8 +257,7 @@ def test_a_bad_baseline_is_refused_before_the_run(tmp_path: Path) -> None:
     """Valid JSON that is no report of this benchmark: one line, and nothing run."""
     bad, out = tmp_path / "bad.json", tmp_path / "out.json"
     bad.write_text("[]\n")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env = benchmarks_env()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1",
          "--baseline", str(bad), "--json", str(out)],
@@ -286,8 +292,7 @@ def test_a_baseline_measured_otherwise_is_refused_before_the_run(tmp_path: Path)
     other, out = tmp_path / "other.json", tmp_path / "out.json"
     other.write_text(json.dumps({"blockers": 3, "scenarios": [
         {"key": "query-1", "ratios": {"daemon/floor": 0.9}}]}))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env = benchmarks_env()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1",
          "--baseline", str(other), "--json", str(out), "--check"],
@@ -302,8 +307,7 @@ def test_the_report_names_the_state_file_system_and_extra_arguments(tmp_path: Pa
     """A durable daemon on tmpfs and one on a disk, or one run with ``--daemon-arg``,
     measure other ratios; the ``--json`` report records both, as the printed report
     does, and a baseline that differs in either is refused before the run."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env = benchmarks_env()
     first, other = tmp_path / "first.json", tmp_path / "other.json"
     argv = [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1",
             "--state-parent", str(tmp_path)]
@@ -335,8 +339,7 @@ BENCHMARK_COMMANDS = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.
 def test_every_benchmark_explains_its_options(module: str) -> None:
     """``--help`` is how the documented commands are learnt: it must print, not
     fail on a help text that argparse reads as a format (a bare ``%``)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env = benchmarks_env()
     proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--help"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
                           check=False)
@@ -426,8 +429,7 @@ def test_ab_compares_the_daemons_cpu_over_the_measured_window(tmp_path: Path) ->
 def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
     """``--quick`` starts the daemon and the floor, runs every scenario and prints the report."""
     out = tmp_path / "bench.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env = benchmarks_env()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--json", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180, check=False,
@@ -476,8 +478,7 @@ def test_quick_benchmark_end_to_end(tmp_path: Path) -> None:
 def test_a_short_soak_end_to_end(tmp_path: Path) -> None:
     """The soak runs every hostile pattern and reports; no speed is asserted."""
     out = tmp_path / "soak.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env = benchmarks_env()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.soak", "--duration", "8", "--warmup", "2",
          "--json", str(out)],
@@ -513,8 +514,7 @@ def test_ab_runs_both_checkouts_interleaved(tmp_path: Path) -> None:
     main = other / "migblockd" / "__main__.py"
     main.write_text(f"open({str(marks)!r}, 'a').write('B\\n')\n" + main.read_text())
     out = tmp_path / "ab.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env = benchmarks_env()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.ab", "--a", str(ROOT), "--b", str(other),
          "--scenario", "query", "--clients", "2", "--runs", "2", "--duration", "0.3",

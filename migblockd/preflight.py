@@ -53,7 +53,7 @@ from migblockd.resolver import Resolver, named_like
 from migblockd.served import check_served
 from migblockd.shapes import check_shapes
 from migblockd.socketdir import check_socket_directory, runtime_problem, socket_dir_exists
-from migblockd.socketgroup import group_gid
+from migblockd.socketgroup import WAIT, Unanswered, group_gid, within
 from migblockd.startup import StartupError
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory, home_problem
@@ -274,14 +274,28 @@ def warnings(config: Config) -> list[str]:
     """What a start with ``config`` would warn of, each as one line, for
     ``--check-config`` to print: names in the access policy that the databases do
     not know (a typo, or an account still to be made), the pass-through's, and a
-    directory that keeps out whom ``socket-mode`` lets in.  None stops a start."""
-    lines = policy_warnings(Resolver(config.access, os.geteuid()))
+    directory that keeps out whom ``socket-mode`` lets in.  None stops a start.
+
+    Those from the user and group databases are waited for :data:`WAIT` seconds at
+    most, as the start waits for its own: ``systemctl reload`` runs this first
+    (``ExecReload=``), and a database that does not answer held it until systemd's
+    timeout, for warnings that change nothing.  That they were not checked is said."""
+    def looked_up() -> tuple[list[str], list[str]]:
+        return (policy_warnings(Resolver(config.access, os.geteuid())),
+                socket_group_notes(config, socket_passed=config.socket_activated)
+                + kept_out_notes(config, socket_passed=config.socket_activated))
+
+    try:
+        lines, socket_notes = within(looked_up)
+    except Unanswered:
+        lines, socket_notes = [], [
+            f"the user and group databases did not answer within {WAIT:g} s: the names in "
+            "the access policy, and the socket's group and directories, are not checked"]
     if config.qemu is None:
         lines += [] if (unused := passthrough_unused(config)) is None else [unused]
     else:
         lines += passthrough_warnings(config.qemu_passthrough, load_contract(config.schema))
-    return (lines + socket_group_notes(config, socket_passed=config.socket_activated)
-            + kept_out_notes(config, socket_passed=config.socket_activated))
+    return lines + socket_notes
 
 
 def passthrough_unused(config: Config) -> str | None:

@@ -737,3 +737,29 @@ def test_a_socket_group_by_number_starts_while_the_group_database_does_not_answe
     assert clients(daemon, 0, 0).ok("query-blockers") == []
     assert daemon.stop() == 0
     assert_clean_log(daemon)
+
+
+def test_check_config_waits_for_the_databases_as_long_as_the_start(sockdir: Path) -> None:
+    # Found by review: --check-config, which `systemctl reload` runs first
+    # (ExecReload=), looked up the policy's names and the socket's group for its
+    # warnings with no bound: with the group database hung it never returned, and the
+    # reload waited for systemd's timeout.  Its warnings get the start's 3 s, and say
+    # they were not checked.
+    fifo = sockdir / "group.fifo"
+    os.mkfifo(fifo)
+    config = sockdir / "migblockd.toml"
+    config.write_text(POLICY)
+    argv = [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
+            "--config", str(config), "--socket", str(sockdir / "s.sock"),
+            "--socket-group", str(os.getgid())]
+    try:
+        proc = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f'mount --bind {fifo} /etc/group && exec "$0" "$@"', *argv],
+            capture_output=True, text=True, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("--check-config still waits for the group database") from None
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ("the user and group databases did not answer within 3 s: the names in the "
+            "access policy, and the socket's group and directories, are not checked"
+            in proc.stderr), proc.stderr

@@ -29,6 +29,16 @@ def benchmarks_env() -> dict[str, str]:
     return env
 
 
+def quick_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``bench_daemon --quick --only query-1`` with ``args``, run to its end: the
+    shortest run that makes a report, for the tests of what the command refuses
+    and records."""
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1",
+         *args], cwd=ROOT, env=benchmarks_env(), capture_output=True, text=True,
+        timeout=120, check=False)
+
+
 def test_floor_reply_echoes_the_id() -> None:
     assert floor.reply_for(b'{"execute": "qmp_capabilities"}\n') == b'{"return": {}}\r\n'
     assert floor.reply_for(b'{"execute": "x", "id": {"a": [1]}}') == (
@@ -201,20 +211,13 @@ def test_a_baseline_that_shares_no_ratio_is_a_target_not_met() -> None:
 
 def test_check_fails_on_a_ratio_far_below_the_baseline(tmp_path: Path) -> None:
     """``--baseline`` with ``--check`` exits 3 when a ratio fell beyond the margin."""
-    env = benchmarks_env()
     first, earlier = tmp_path / "first.json", tmp_path / "earlier.json"
-    argv = [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1"]
-
-    def bench(*more: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*argv, *more], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=120, check=False)
-
-    proc = bench("--json", str(first))
+    proc = quick_bench("--json", str(first))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(first.read_text())
     report["scenarios"][0]["ratios"]["daemon/floor"] *= 10  # a run ten times better
     earlier.write_text(json.dumps(report))
-    proc = bench("--baseline", str(earlier), "--check")
+    proc = quick_bench("--baseline", str(earlier), "--check")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert f"targets against {earlier}" in proc.stdout
     assert "query-blockers @1: daemon / floor (was" in proc.stdout
@@ -257,11 +260,7 @@ def test_a_bad_baseline_is_refused_before_the_run(tmp_path: Path) -> None:
     """Valid JSON that is no report of this benchmark: one line, and nothing run."""
     bad, out = tmp_path / "bad.json", tmp_path / "out.json"
     bad.write_text("[]\n")
-    env = benchmarks_env()
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1",
-         "--baseline", str(bad), "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    proc = quick_bench("--baseline", str(bad), "--json", str(out))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.startswith(f"bench_daemon: cannot read --baseline {bad}: not a --json "
                                   "file of this benchmark"), proc.stderr
@@ -292,11 +291,7 @@ def test_a_baseline_measured_otherwise_is_refused_before_the_run(tmp_path: Path)
     other, out = tmp_path / "other.json", tmp_path / "out.json"
     other.write_text(json.dumps({"blockers": 3, "scenarios": [
         {"key": "query-1", "ratios": {"daemon/floor": 0.9}}]}))
-    env = benchmarks_env()
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1",
-         "--baseline", str(other), "--json", str(out), "--check"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    proc = quick_bench("--baseline", str(other), "--json", str(out), "--check")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr == (f"bench_daemon: cannot read --baseline {other}: measured with "
                            "blockers 3, this run with 10: its ratios are not comparable\n")
@@ -307,16 +302,9 @@ def test_the_report_names_the_state_file_system_and_extra_arguments(tmp_path: Pa
     """A durable daemon on tmpfs and one on a disk, or one run with ``--daemon-arg``,
     measure other ratios; the ``--json`` report records both, as the printed report
     does, and a baseline that differs in either is refused before the run."""
-    env = benchmarks_env()
     first, other = tmp_path / "first.json", tmp_path / "other.json"
-    argv = [sys.executable, "-m", "benchmarks.bench_daemon", "--quick", "--only", "query-1",
-            "--state-parent", str(tmp_path)]
-
-    def bench(*more: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*argv, *more], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=120, check=False)
-
-    proc = bench("--json", str(first))
+    state = ("--state-parent", str(tmp_path))
+    proc = quick_bench(*state, "--json", str(first))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(first.read_text())
     assert report["daemon_args"] == []
@@ -324,7 +312,7 @@ def test_the_report_names_the_state_file_system_and_extra_arguments(tmp_path: Pa
     for name, value in (("state_file_system", "tmpfs (tmpfs on /elsewhere)"),
                         ("daemon_args", ["--log-level", "warning"])):
         other.write_text(json.dumps({**report, name: value}))
-        proc = bench("--baseline", str(other))
+        proc = quick_bench(*state, "--baseline", str(other))
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert proc.stderr.startswith(f"bench_daemon: cannot read --baseline {other}: "
                                       f"measured with {name} {json.dumps(value)}"), proc.stderr

@@ -114,10 +114,8 @@ class MetricsServer:
         self._httpd.cut_senders()
         self._httpd.say_crowded(last=True)
         # Daemon threads: the end of the process would close their connections
-        # with nothing said.  Copied: each removes itself as it ends.
-        until = time.monotonic() + STOP_WAIT
-        for handler in list(self._httpd.handlers):
-            handler.join(max(0.0, until - time.monotonic()))
+        # with nothing said.
+        self._httpd.pool.stop(time.monotonic() + STOP_WAIT)
         self._httpd.server_close()
         if self.own_socket is not None:
             unbind(*self.own_socket)

@@ -1,15 +1,18 @@
 """The metrics endpoint's HTTP server: its connections and their limits.
 
 Part of the endpoint (:mod:`migblockd.scrape`, which runs :class:`ScrapeServer`'s
-``serve_forever`` on a thread of its own): ``wsgiref``'s server with a thread per
-connection, each request read by :class:`~migblockd.scrape_request.RequestHandler`
-and answered by the endpoint's app.  A port that may face the network is open to
-clients that hold connections without asking anything: bounded here.
+``serve_forever`` on a thread of its own): ``wsgiref``'s server, each connection
+served by a worker of :class:`~migblockd.scrape_pool.Pool` (no thread of its
+own: see there why), its request read by
+:class:`~migblockd.scrape_request.RequestHandler` and answered by the endpoint's
+app.  A port that may face the network is open to clients that hold connections
+without asking anything: bounded here.
 
 At most ``MAX_SCRAPES`` connections are served at once, and as many requests
 parsed in each ``PARSE_WINDOW``; a client that sends nothing is dropped after
 ``REQUEST_TIMEOUT`` seconds, one that trickles its request after
-``REQUEST_DEADLINE`` seconds in all.  Those bound what one connection holds, not
+``REQUEST_DEADLINE`` seconds in all (watched on ``serve_forever``'s turn, not
+by a timer each).  Those bound what one connection holds, not
 what a client that reconnects as soon as it is cut holds: so a connection past
 the limit takes the place of the oldest one still sending its request (a
 scraper sends its request as soon as it connects, so only a silent or trickling
@@ -17,7 +20,7 @@ client is ever in that state for long), and gets a 503 only when every
 connection has sent its request and awaits its answer.  Out of file descriptors,
 the server waits a moment between attempts to accept rather than spin.  Scrapers
 crowded out are counted in the log (at most every ``CROWDED_WARNING`` seconds),
-and so is a connection no thread could be started for.
+and so is a connection no worker could be started for.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ import sys
 import threading
 import time
 from collections import deque
-from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from migblockd.logs.throttle import Throttle
+from migblockd.scrape_pool import Pool
 from migblockd.scrape_request import RequestHandler
 
 __all__ = ["MAX_SCRAPES", "REQUEST_DEADLINE", "REQUEST_TIMEOUT", "ScrapeServer"]
@@ -122,11 +125,9 @@ class _Handler(RequestHandler):
             self.wfile.write(answer)
 
 
-class ScrapeServer(ThreadingMixIn, WSGIServer):
-    """A wsgiref server on a socket bound elsewhere (TCP or Unix), bounded in threads."""
-
-    daemon_threads = True
-    block_on_close = False
+class ScrapeServer(WSGIServer):
+    """A wsgiref server on a socket bound elsewhere (TCP or Unix), served by a pool of
+    at most MAX_SCRAPES threads."""
 
     def __init__(self, sock: socket.socket, port: int, app: Any) -> None:
         # socketserver makes a socket of its own here, unbound: ours replaces it.
@@ -153,8 +154,9 @@ class ScrapeServer(ThreadingMixIn, WSGIServer):
         self._crowded = [0, 0]
         self._warn_from = 0.0
         self._warn_at: float | None = None
-        # The threads answering a connection, which a stop lets finish (bounded).
-        self.handlers: set[threading.Thread] = set()
+        self.pool = Pool(self._serve)
+        # When each connection must be over (REQUEST_DEADLINE), for service_actions.
+        self._deadlines: dict[socket.socket, float] = {}
         # When the latest parses started; those waiting, in order, each with its event.
         self._parses: deque[float] = deque(maxlen=MAX_SCRAPES)
         self._in_line: dict[socket.socket, threading.Event] = {}
@@ -170,12 +172,17 @@ class ScrapeServer(ThreadingMixIn, WSGIServer):
             self._warn_at = max(time.monotonic() + CROWDED_GRACE, self._warn_from)
 
     def service_actions(self) -> None:
-        """serve_forever's turn (every half second): say what was crowded out, when
-        due, so that what a warning promises ("next count in 60 s at most") holds
-        without another crowding to bring it out."""
+        """serve_forever's turn (every half second): cut the connections past their
+        deadline, and say what was crowded out when due (what a warning promises,
+        "next count in 60 s at most", holds without another crowding)."""
         super().service_actions()
-        if self._warn_at is not None and time.monotonic() >= self._warn_at:
+        now = time.monotonic()
+        if self._warn_at is not None and now >= self._warn_at:
             self.say_crowded()
+        with self._sending_lock:  # a worker forgets it before the close: not another's fd
+            for request in [r for r, at in self._deadlines.items() if now >= at]:
+                del self._deadlines[request]
+                _cut(request)
 
     def say_crowded(self, *, last: bool = False) -> None:
         """Warn of the connections crowded out since the last warning, if any (also
@@ -288,32 +295,45 @@ class ScrapeServer(ThreadingMixIn, WSGIServer):
         return self._slots.acquire(timeout=EVICT_WAIT)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        """serve_forever's: hand ``request`` to a worker with a slot, or turn it away."""
         if not self._slots.acquire(blocking=False) and not self._make_room():
             log.debug("metrics: %d scrapes in progress; refusing another connection",
                       MAX_SCRAPES)
             self._crowding(0, 1)
             self._turn_away(request)
             return
-        with self._sending_lock:
-            self._sending[request] = time.monotonic()
+        with self._sending_lock:  # REQUEST_TIMEOUT bounds each wait, the deadline all
+            self._sending[request] = now = time.monotonic()
+            self._deadlines[request] = now + REQUEST_DEADLINE
         try:
-            super().process_request(request, client_address)
-        except RuntimeError as exc:  # no thread to serve it
+            self.pool.hand((request, client_address))
+        except RuntimeError as exc:
+            # A slot held with no worker to serve it would never be freed.
             self._forget(request)
-            self._no_thread("serve a connection", exc, request)
-        except BaseException:
-            self._forget(request)
-            raise
+            self._no_thread(exc, request)
 
-    def _no_thread(self, what: str, exc: RuntimeError, request: socket.socket) -> None:
-        """No thread could be started to ``what`` (RLIMIT_NPROC, a cgroup's
-        ``pids.max``): ``request`` is told to retry, and the log says why, at most
-        once every CROWDED_WARNING seconds (a shortage lasts, and every
-        connection meets it)."""
+    def _serve(self, job: tuple[socket.socket, Any]) -> None:
+        """A worker's: serve one connection, then close it and free its slot."""
+        request, client_address = job
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            with self._sending_lock:
+                self._deadlines.pop(request, None)  # before the close: see service_actions
+            self.shutdown_request(request)
+            self._forget(request)
+
+    def _no_thread(self, exc: RuntimeError, request: socket.socket) -> None:
+        """No worker could be started to serve ``request`` (RLIMIT_NPROC, a cgroup's
+        ``pids.max``): it is told to retry, and the log says why, at most once
+        every CROWDED_WARNING seconds (a shortage lasts, and every connection meets it)."""
         with _no_thread_lock:
-            said = _no_threads.admit(what, None, time.monotonic())
+            said = _no_threads.admit("serve", None, time.monotonic())
         if said is not None:
-            log.warning("metrics: no thread to %s (%s): told to retry%s", what, exc, said)
+            log.warning("metrics: no thread to serve a connection (%s): told to retry%s",
+                        exc, said)
         self._turn_away(request)
 
     def _turn_away(self, request: socket.socket) -> None:
@@ -327,31 +347,11 @@ class ScrapeServer(ThreadingMixIn, WSGIServer):
                 pass
         self.shutdown_request(request)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        me = threading.current_thread()
-        self.handlers.add(me)
-        # REQUEST_TIMEOUT bounds each wait; this bounds them all together.
-        deadline = threading.Timer(REQUEST_DEADLINE, _cut, (request,))
-        deadline.daemon = True
-        try:
-            try:
-                deadline.start()
-            except RuntimeError as exc:
-                # Served without its deadline, a trickling client could hold the
-                # slot for ever.  Uncaught, this left the slot taken and the
-                # client unanswered.
-                self._no_thread("time a connection's deadline", exc, request)
-                return
-            super().process_request_thread(request, client_address)
-        finally:
-            deadline.cancel()
-            self._forget(request)
-            self.handlers.discard(me)
-
     def _forget(self, request: socket.socket) -> None:
         with self._sending_lock:
             self._sending.pop(request, None)
             self._cut.pop(request, None)
+            self._deadlines.pop(request, None)
         self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:

@@ -232,12 +232,10 @@ def test_a_host_name_of_several_addresses_names_those_not_served(
 THREADLESS_UID = 3_999_989
 
 
-def test_out_of_threads_a_connection_costs_no_slot(
-        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
-    # Reproduced first: a connection whose thread started, but not the timer of
-    # its deadline (RLIMIT_NPROC, a cgroup's pids.max), printed a bare traceback,
-    # was never answered nor closed, and kept its slot: after 16 such, every
-    # scrape got a 503 until a restart.
+def threadless_daemon(start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+                      tmp_path: Path) -> tuple[DaemonProcess, Path, Callable[[str], None], str]:
+    """A daemon with a metrics endpoint, run as THREADLESS_UID; its endpoint, a function
+    that sets its soft RLIMIT_NPROC, and the soft limit it started with."""
     if os.geteuid() != 0:
         pytest.skip("runs the daemon as another uid, and lowers its limit")
     if shutil.which("prlimit") is None or shutil.which("setpriv") is None:
@@ -264,8 +262,21 @@ def test_out_of_threads_a_connection_costs_no_slot(
 
     soft = next(line.split()[3] for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
                 if line.startswith("Max processes"))
-    # One thread more than it has: a connection's, not its deadline's.
-    limit(str(len(os.listdir(f"/proc/{pid}/task")) + 1))
+    return d, endpoint_path, limit, soft
+
+
+def test_out_of_threads_a_connection_costs_no_slot(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
+    # Reproduced first: a connection whose thread started, but not the timer of
+    # its deadline (RLIMIT_NPROC, a cgroup's pids.max), printed a bare traceback,
+    # was never answered nor closed, and kept its slot: after 16 such, every
+    # scrape got a 503 until a restart.  Served by a pool now, with no timer: a
+    # connection no worker could be started for must not keep its slot either.
+    d, endpoint_path, limit, soft = threadless_daemon(start_daemon, short_tmp, tmp_path)
+    pid = d.proc.pid
+    # No thread more than it has: none for a worker to serve a connection (the
+    # endpoint has none before its first connection).
+    limit(str(len(os.listdir(f"/proc/{pid}/task"))))
     try:
         for _ in range(MAX_SCRAPES):
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -296,7 +307,7 @@ def test_out_of_threads_a_connection_costs_no_slot(
             s.close()
     assert status == 200
     assert d.log().count("metrics: closing a connection") == 1  # the scrape's, past 16
-    d.wait_for_log("WARNING: metrics: no thread to time a connection's deadline (can't "
+    d.wait_for_log("WARNING: metrics: no thread to serve a connection (can't "
                    "start new thread): told to retry [more like it within 60 s are counted")
     assert d.stop() == 0
     assert_clean_log(d)
@@ -1017,3 +1028,51 @@ def test_requests_are_parsed_at_most_max_scrapes_a_window(
         for s in held:
             s.close()
     # The fixture's stop cuts those still waiting for their turn at once.
+
+
+def test_connections_churning_start_no_thread_each(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    # Found by review: a thread started and ended for each connection, and a
+    # timer thread for its deadline: 32 clients that only connected and closed
+    # took 60 to 70% of a core, the event loop's.  Served by a pool, the daemon
+    # starts at most MAX_SCRAPES threads for the endpoint, however many
+    # connections come and go: the threads seen in /proc/PID/task while 64
+    # clients churn are those it had before, and at most MAX_SCRAPES more.
+    endpoint_path = short_tmp / "metrics.sock"
+    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral",
+                     socket=short_tmp / "q.sock")
+    tasks = Path(f"/proc/{d.proc.pid}/task")
+    before = set(os.listdir(tasks))
+    seen = set(before)
+    stop = threading.Event()
+    done = [0] * 64
+
+    def churn(n: int) -> None:
+        while not stop.is_set() and done[n] < 20:
+            # Turned away (an OSError) when crowded.
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, \
+                    contextlib.suppress(OSError):
+                s.connect(str(endpoint_path))
+                if n % 2:  # half of them ask (answered at once), and read it
+                    s.settimeout(10)
+                    s.sendall(b"POST /metrics HTTP/1.1\r\n\r\n")
+                    read_all(s)
+            done[n] += 1
+
+    clients = [threading.Thread(target=churn, args=(n,)) for n in range(64)]
+    for client in clients:
+        client.start()
+    try:
+        while any(client.is_alive() for client in clients):
+            seen |= set(os.listdir(tasks))
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+    assert sum(done) == 64 * 20
+    started = seen - before
+    assert len(started) <= MAX_SCRAPES, f"{len(started)} threads started for 1,280 connections"
+    status, _, _ = get(UnixHTTPConnection(endpoint_path))
+    assert status == 200
+    assert d.stop() == 0
+    assert_clean_log(d)

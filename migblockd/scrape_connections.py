@@ -38,7 +38,7 @@ from wsgiref.simple_server import WSGIServer
 
 from migblockd.logs.throttle import Throttle
 from migblockd.scrape_pool import Pool
-from migblockd.scrape_request import RequestHandler
+from migblockd.scrape_request import RequestHandler, for_method, method_sent, unavailable
 
 __all__ = ["MAX_SCRAPES", "REQUEST_DEADLINE", "REQUEST_TIMEOUT", "ScrapeServer"]
 
@@ -68,15 +68,9 @@ CROWDED_GRACE = 1.0
 _BUSY_TEXT = b"too many scrapes at once; retry\n"
 
 
-def _unavailable(text: bytes) -> bytes:
-    return (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
-            b"Content-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(text), text))
-
-
-_BUSY = _unavailable(_BUSY_TEXT)
+_BUSY = unavailable(_BUSY_TEXT)
 #: What a connection still sending its request when the daemon stops is told.
-_STOPPING = _unavailable(b"migblockd is stopping\n")
+_STOPPING = unavailable(b"migblockd is stopping\n")
 
 
 class _Handler(RequestHandler):
@@ -117,12 +111,9 @@ class _Handler(RequestHandler):
         super().send_error(code, message, explain)
 
     def _tell(self, answer: bytes) -> None:
-        """Send ``answer`` (a 503), its head alone to a HEAD: a body after a HEAD's
-        answer (RFC 9110, 9.3.2) is read by a client as the start of the next one."""
-        if self.command == "HEAD":
-            answer = answer[:answer.index(b"\r\n\r\n") + 4]
+        """Send ``answer`` (a 503), its head alone to a HEAD (see for_method)."""
         with contextlib.suppress(OSError):
-            self.wfile.write(answer)
+            self.wfile.write(for_method(answer, self.command))
 
 
 class ScrapeServer(WSGIServer):
@@ -340,7 +331,9 @@ class ScrapeServer(WSGIServer):
         """Tell ``request`` to retry, and close it."""
         with contextlib.suppress(OSError):
             request.settimeout(0)  # what fits in the socket's buffer, never a wait
-            request.send(_BUSY)
+            # A HEAD already sent is told without the text: a body would be read
+            # as the next answer.  What comes later is not known, and gets it.
+            request.send(for_method(_BUSY, method_sent(request)))
             # Closed with its request unread, the socket would send a reset,
             # which can reach the client before the answer and discard it.
             while request.recv(65536):

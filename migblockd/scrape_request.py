@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 import threading
 import time
 from http import HTTPStatus
@@ -49,7 +50,7 @@ from migblockd.logs import shown
 from migblockd.logs.throttle import Throttle
 
 __all__ = ["FAILURE_WINDOW", "MAX_HEADER_BYTES", "MAX_REQUEST_LINE", "RequestHandler",
-           "log_failure"]
+           "for_method", "log_failure", "method_sent", "unavailable"]
 
 log = logging.getLogger("migblockd")
 
@@ -85,6 +86,36 @@ def log_failure(what: str, exc_info: Any) -> None:
         log.debug("metrics: %s: %r", what, exc_info[1])
     else:
         log.error("metrics: %s%s", what, said, exc_info=exc_info)
+
+
+def unavailable(text: bytes) -> bytes:
+    """A whole 503 answer of ``text``, to retry in a second."""
+    return (b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(text), text))
+
+
+def for_method(answer: bytes, method: str) -> bytes:
+    """``answer``, its head alone for a ``HEAD``: a body after a HEAD's answer (RFC
+    9110, 9.3.2) is read by a client as the start of the next one."""
+    if method == "HEAD":
+        return answer[:answer.index(b"\r\n\r\n") + 4]
+    return answer
+
+
+def method_sent(sock: socket.socket) -> str:
+    """The method of the request ``sock`` has received so far, left unread (non-blocking
+    ``sock``; "" if none is there yet): for an answer sent without reading it."""
+    try:
+        start = sock.recv(_PEEK, socket.MSG_PEEK)
+    except OSError:
+        return ""  # nothing yet (EAGAIN), or gone
+    line = start.lstrip(b"\r\n")  # the empty lines a request line may follow
+    return str(line, "iso-8859-1").partition(" ")[0] if b" " in line else ""
+
+
+#: Bytes of a request looked at for its method, its empty lines before included.
+_PEEK = 1024
 
 
 class RequestHandler(WSGIRequestHandler):

@@ -1076,3 +1076,48 @@ def test_connections_churning_start_no_thread_each(
     assert status == 200
     assert d.stop() == 0
     assert_clean_log(d)
+
+
+def test_a_head_turned_away_unread_gets_no_body(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
+    # Found by review: a connection turned away by the accepting thread, never
+    # read by a worker (none could be started; or every slot awaited its
+    # answer), got the 503's text after its head whatever it had sent: a HEAD's
+    # answer has no body (RFC 9110, 9.3.2), and a client that keeps the
+    # connection reads it as the start of the next answer.  A HEAD sent before
+    # the daemon accepts it (stopped meanwhile) is there to be seen.
+    d, endpoint_path, limit, soft = threadless_daemon(start_daemon, short_tmp, tmp_path)
+    pid = d.proc.pid
+    limit(str(len(os.listdir(f"/proc/{pid}/task"))))  # no worker can be started
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                s.connect(str(endpoint_path))
+                s.sendall(b"HEAD /metrics HTTP/1.1\r\nAccept: */*\r\n\r\n")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            status, fields, body = head_of(read_all(s))
+    finally:
+        limit(soft)
+    assert status == b"HTTP/1.0 503 Service Unavailable", (status, fields, body)
+    assert fields[b"Retry-After"] == b"1"
+    assert body == b"", body
+    # A GET turned away so still gets the text, which says why.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        limit(str(len(os.listdir(f"/proc/{pid}/task"))))
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                s.connect(str(endpoint_path))
+                s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert_busy(read_all(s))
+        finally:
+            limit(soft)
+    d.wait_for_log("WARNING: metrics: no thread to serve a connection")
+    assert d.stop() == 0
+    assert_clean_log(d)

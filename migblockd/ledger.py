@@ -103,6 +103,10 @@ class Ledger:
         """How many commands' changes are not on disk yet."""
         return len(self._pending)
 
+    def unsettled(self) -> list[Change]:
+        """Every change not on disk yet (its commit under way, or not taken), oldest first."""
+        return [change for _, _, changes in self._pending for change in changes]
+
     def record(self, conn: Connection, changes: list[Change]) -> None:
         """A command of ``conn`` made durable ``changes``: they get the open group's stamp."""
         self._stamp = self._grouped + 1  # the group after the one taken last

@@ -29,6 +29,7 @@ from migblockd import __version__
 from migblockd.core import Core
 from migblockd.gate import GateHandlers
 from migblockd.qemu_facts import ENDINGS
+from migblockd.registry import Blocker
 from migblockd.stats import Histogram
 
 __all__ = ["DaemonCollector", "metrics_registry"]
@@ -57,6 +58,53 @@ def metrics_registry(core: Core) -> CollectorRegistry:
     return registry
 
 
+class _Committed:
+    """The blockers and the migration mode as committed: the registry with the changes
+    whose commit is under way (or not begun) taken back, as a crash would take them.
+
+    With durable state a change is acknowledged only once it is on disk: its
+    reply, its events and every later command's waits for it, and a failed
+    commit undoes it.  A scrape that showed it sooner would report a blocker
+    no client has been told of, which a crash or a full disk then takes back
+    (a gauge up and down, an alert on nothing).  Counters already count at
+    the commit (the core's stats); these are the gauges' view.
+    """
+
+    def __init__(self, core: Core) -> None:
+        self.registry = registry = core.registry
+        self.mode = registry.mode
+        #: The blockers the changes touched, as on disk (None: not there).
+        self.touched: dict[str, Blocker | None] = {}
+        # Newest first, as Registry.undo takes them back (and skips what it skips).
+        for change in reversed(core.ledger.unsettled() if core.durable else []):
+            blocker = change.blocker
+            if change.kind == "mode":
+                self.mode = str(change.old)
+            elif change.kind == "add" and blocker is not None:
+                self.touched[blocker.id] = None
+            elif change.kind == "delete" and blocker is not None and (
+                    blocker.connection is None or blocker.connection in core.connections):
+                self.touched[blocker.id] = blocker
+
+    def count(self, mode: str) -> int:
+        """How many committed blockers block ``mode``."""
+        count = self.registry.count(mode)
+        for id, then in self.touched.items():
+            now = self.registry.get(id)
+            count += (then is not None and mode in then.modes) - (
+                now is not None and mode in now.modes)
+        return count
+
+    def oldest(self, mode: str) -> Blocker | None:
+        """The longest-registered committed blocker of ``mode``."""
+        if not self.touched:
+            return self.registry.oldest(mode)
+        kept = next((b for b in self.registry.blockers(mode) if b.id not in self.touched), None)
+        back = [b for b in self.touched.values() if b is not None and mode in b.modes]
+        return min((b for b in (kept, *back) if b is not None), key=lambda b: b.seq,
+                   default=None)
+
+
 def _buckets(histogram: Histogram) -> tuple[list[tuple[str, float]], float]:
     """Cumulative buckets (``+Inf`` last) and the sum in seconds, from one copy of the counts."""
     counts = list(histogram.counts)  # one read of each bucket: count == +Inf bucket
@@ -80,8 +128,9 @@ class DaemonCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._state()
-        yield from self._blockers()
+        committed = _Committed(self.core)
+        yield from self._state(committed)
+        yield from self._blockers(committed)
         yield from self._migrations()
         yield from self._clients()
         yield from self._commands()
@@ -110,13 +159,13 @@ class DaemonCollector(Collector):
                 dict(self.core.handlers.qemu.lost))
 
     # -- what is true now ------------------------------------------------------------
-    def _state(self) -> Iterator[Metric]:
+    def _state(self, committed: _Committed) -> Iterator[Metric]:
         info = GaugeMetricFamily("migblockd_build_info", "The running migblockd's version",
                                  labels=["version"])
         info.add_metric([__version__], 1)
         yield info
         registry = self.core.registry
-        current = registry.mode
+        current = committed.mode
         mode = GaugeMetricFamily(
             "migblockd_migration_mode",
             "The migration mode migrate uses (1) among the modes (0); set with "
@@ -125,22 +174,22 @@ class DaemonCollector(Collector):
             mode.add_metric([name], 1 if name == current else 0)
         yield mode
 
-    def _blockers(self) -> Iterator[Metric]:
+    def _blockers(self, committed: _Committed) -> Iterator[Metric]:
         core, registry = self.core, self.core.registry
-        current = registry.mode
+        current = committed.mode
         blockers = GaugeMetricFamily(
             "migblockd_blockers",
             "Blockers registered now, per mode they block; source=\"qemu\": QEMU's own "
             "(gate only), as of the latest query-migrate answer", labels=["source", "mode"])
         for mode in registry.modes:
-            blockers.add_metric(["migblockd", mode], registry.count(mode))
+            blockers.add_metric(["migblockd", mode], committed.count(mode))
         handlers = core.handlers
         if isinstance(handlers, GateHandlers):
             seen = handlers.qemu.blockers
             if handlers.qemu.connected and seen is not None:
                 blockers.add_metric(["qemu", current], seen)  # QEMU lists its current mode's
         yield blockers
-        oldest = registry.oldest()
+        oldest = committed.oldest(current)
         if oldest is not None:
             yield GaugeMetricFamily(
                 "migblockd_blocked_since_seconds",

@@ -457,3 +457,57 @@ def test_a_qemu_is_unresponsive_only_while_connected() -> None:
     assert facts.silent
     facts.timed_out = lambda: False
     assert not facts.silent
+
+
+def test_a_scrape_shows_no_change_before_its_commit() -> None:
+    # Found by review: with durable state a blocker is acknowledged only once
+    # its add is committed (the reply waits for it, a failed commit undoes it),
+    # and migblockd_blockers_added_total counted it then; but the gauges read
+    # the registry, where it is at once.  A scrape during the commit showed a
+    # blocker no client had been told of, that a crash or a full disk took back.
+    core, clock = make(durable=True)
+    a = connect(core, ADMIN)
+
+    def send(request: dict[str, Any]) -> None:
+        core.receive_data(a, json.dumps(request).encode())
+        core.execute(a, 32)
+
+    def commit(ok: bool = True) -> None:
+        group = core.take_group(wait=False)
+        assert group is not None
+        if ok:
+            core.committed(group)
+        else:
+            core.commit_failed(group, "No space left on device")
+        core.data_to_send(a)
+
+    def shown() -> tuple[float, float | None, float, float]:
+        metrics = scrape(core).plain()
+        return (metrics[key("migblockd_blockers", source="migblockd", mode="normal")],
+                metrics.get(key("migblockd_blocked_since_seconds")),
+                metrics[key("migblockd_migration_mode", mode="normal")],
+                metrics[key("migblockd_blockers_added_total")])
+
+    send(add("kept", id="kept"))
+    assert shown() == (0, None, 1, 0)  # its commit is under way
+    commit()
+    kept = core.registry.get("kept")
+    assert kept is not None
+    assert shown() == (1, kept.added, 1, 1)
+    clock.advance(1.0)
+    send(add("new", id="new"))
+    assert shown() == (1, kept.added, 1, 1)
+    commit(ok=False)  # a full disk: never added
+    assert shown() == (1, kept.added, 1, 1)
+    send(add("new", id="new"))
+    commit()
+    new = core.registry.get("new")
+    assert new is not None
+    send({"execute": "del-blocker", "arguments": {"id": "kept"}})
+    assert shown() == (2, kept.added, 1, 2)  # the delete may yet be taken back
+    commit()
+    assert shown() == (1, new.added, 1, 2)
+    send({"execute": "migrate-set-parameters", "arguments": {"mode": "cpr-reboot"}})
+    assert shown() == (1, new.added, 1, 2)  # still the mode on disk
+    commit()
+    assert shown()[2] == 0

@@ -6,8 +6,15 @@ would apply: SIGHUP and SIGTERM end the process without a log line (and for
 SIGHUP that is wrong: systemd sends it to reload), SIGINT raises
 KeyboardInterrupt wherever the main thread is, printing a traceback.
 
-So the entry point installs these handlers first, before it imports anything
-else.  They only keep what came: a SIGHUP is carried out as a reload once the
+So the entry point blocks these signals with its first line and installs these
+handlers next, before it imports anything else; then it unblocks them, and one
+that came in between, which the kernel kept pending, reaches the handler.  They
+are unblocked whoever blocked them: a parent may start the daemon with them
+blocked (``env --block-signal``) to close the window before the entry point's
+first line too (the interpreter's own start, some 30 ms), and a daemon that kept
+them blocked would never hear its SIGTERM.
+
+The handlers only keep what came: a SIGHUP is carried out as a reload once the
 daemon is ready; a SIGTERM or SIGINT stops the start once the restore is over
 (so a stop never interrupts the restore's reads or its migration of an older
 database), without serving.  That is a wait of seconds at most: 100,000
@@ -38,7 +45,10 @@ class EarlySignals:
         for sig in (signal.SIGHUP, *_STOPS):
             signal.signal(sig, self._keep)
         for sig in UNUSED:
-            signal.signal(sig, signal.SIG_IGN)
+            signal.signal(sig, signal.SIG_IGN)  # one pending is dropped, as POSIX says
+        # Blocked until now (the entry point's first line, or the parent's mask):
+        # one that came meanwhile is taken now, by the handler just set.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGHUP, *_STOPS, *UNUSED))
 
     def _keep(self, signum: int, _frame: FrameType | None) -> None:
         self.received.append(signum)

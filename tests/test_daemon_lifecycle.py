@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, DaemonProcess, assert_clean_log, wait_ready
+from conftest import ROOT, DaemonProcess, assert_clean_log, spawn_daemon, wait_ready
 from qmpclient import encode, strict_loads
 
 from migblockd.cli import command_line
@@ -233,19 +233,21 @@ async def test_stale_socket_is_replaced(spawn: Callable[..., DaemonProcess], pyt
 # --------------------------------------------------------------------------- SIGHUP
 
 # Runs the daemon as `python -m migblockd` or as the installed `migblockd` command,
-# and sends it SIGHUP at one precise moment: while its modules are being imported
-# (the first import of migblockd.config), before any of its code has run.
+# and sends it a signal at one precise moment: while its modules are being imported
+# (the first import of MODULE, migblockd.config unless said), before any of its
+# code has run.
 SIGNAL_WHILE_IMPORTING = r"""
 import importlib.abc, importlib.metadata, os, runpy, signal, sys
 
 class SendSignal(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "migblockd.config":
+        if name == MODULE:
             sys.meta_path.remove(self)
             os.kill(os.getpid(), getattr(signal, SIGNAL))
         return None
 
-SIGNAL, how, sys.argv = sys.argv[1], sys.argv[2], ["migblockd", *sys.argv[3:]]
+SIGNAL, MODULE, how = sys.argv[1:4]
+sys.argv = ["migblockd", *sys.argv[4:]]
 sys.meta_path.insert(0, SendSignal())
 if how == "-m":
     runpy.run_module("migblockd", run_name="__main__", alter_sys=True)
@@ -255,14 +257,14 @@ else:
 """
 
 
-def start_signalled_while_importing(tmp_path: Path, sig: str, how: str,
-                                    *args: str) -> DaemonProcess:
+def start_signalled_while_importing(tmp_path: Path, sig: str, how: str, *args: str,
+                                    module: str = "migblockd.config") -> DaemonProcess:
     """The daemon as ``python -m migblockd`` or its script, sent ``sig`` (a name)
-    while its modules load."""
+    while its modules load: as ``module`` is first imported."""
     log_path = tmp_path / "daemon.log"
     sock = tmp_path / "migblockd.sock"
-    argv = [sys.executable, "-c", SIGNAL_WHILE_IMPORTING, sig, how, "--socket", str(sock),
-            "--state-dir", str(tmp_path / "state"), *args]
+    argv = [sys.executable, "-c", SIGNAL_WHILE_IMPORTING, sig, module, how,
+            "--socket", str(sock), "--state-dir", str(tmp_path / "state"), *args]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 cwd=tmp_path)
@@ -309,6 +311,67 @@ def test_a_stop_while_the_modules_load_ends_the_start_cleanly(
         assert again.stop() == 0, again.log()
     finally:
         again.kill()
+
+
+@pytest.mark.parametrize("how", ["-m", "script"])
+def test_signals_before_the_handlers_are_set_are_kept_not_fatal(
+    tmp_path: Path, how: str
+) -> None:
+    # Found by the start-up signals review: the handlers were set once `signal` had
+    # loaded (enum with it, 14 ms and more): a SIGHUP or SIGUSR1 sent meanwhile (a
+    # log rotation's, an operator's racing a restart) ended the daemon by its
+    # default action.  They are blocked by the entry point's first line now.
+    config = tmp_path / "migblockd.toml"
+    config.write_text('log-level = "info"\n')
+    for sig in ("SIGUSR1", "SIGHUP"):
+        daemon = start_signalled_while_importing(tmp_path, sig, how, "--config", str(config),
+                                                 module="migblockd.early")
+        try:
+            wait_ready(daemon)
+            if sig == "SIGHUP":
+                daemon.wait_for_log("reloading: SIGHUP received while starting", 20)
+                daemon.wait_for_log("reloaded configuration: nothing changed", 20)
+            assert daemon.stop() == 0, daemon.log()
+        finally:
+            daemon.kill()
+        assert "received SIGUSR1" not in daemon.log()  # ignored, as they always are
+        assert_clean_log(daemon)
+    daemon = start_signalled_while_importing(tmp_path, "SIGTERM", how,
+                                             module="migblockd.early")
+    try:
+        assert daemon.wait_exit(20) == 0, daemon.log()
+    finally:
+        daemon.kill()
+    assert "received SIGTERM while starting: stopping before serving" in daemon.log()
+    assert "ready on" not in daemon.log()
+
+
+def test_signals_blocked_by_the_parent_are_taken_once_the_handlers_are_set(
+    tmp_path: Path
+) -> None:
+    # Found by the start-up signals review: what closes the window before the entry
+    # point's first line (the interpreter's own start) is a parent that blocks the
+    # signals (env --block-signal), and such a daemon kept them blocked: the SIGHUP
+    # sent before it ran was never carried out, and no SIGTERM ever stopped it.
+    # Here the signals are pending before the interpreter starts.
+    wrapper = tmp_path / "python-signals-blocked"
+    wrapper.write_text(
+        "#!/bin/sh\nexec env --block-signal=HUP,INT,TERM,USR1,USR2 sh -c "
+        f"'kill -HUP $$; kill -USR1 $$; exec \"$0\" \"$@\"' {sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    config = tmp_path / "migblockd.toml"
+    config.write_text('log-level = "info"\n')
+    daemon = spawn_daemon(tmp_path, "--config", str(config), python=str(wrapper),
+                          log_level=None)
+    try:
+        daemon.wait_for_log("reloading: SIGHUP received while starting", 20)
+        daemon.wait_for_log("reloaded configuration: nothing changed", 20)
+        assert daemon.stop(20) == 0, daemon.log()
+    finally:
+        daemon.kill()
+    assert "received SIGTERM" in daemon.log()
+    assert "received SIGUSR1" not in daemon.log()  # dropped: ignored from the start
+    assert_clean_log(daemon)
 
 
 @pytest.mark.parametrize("option", ["--check-config", "--version", "--no-such-option"])

@@ -52,7 +52,7 @@ from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
 from migblockd.socketgroup import WAIT, Unanswered, within
-from migblockd.startup import StartupError
+from migblockd.startup import StartupError, StoppedStarting
 from migblockd.state import StateError, Store, Unsettled
 from migblockd.state.directory import home_problem
 from migblockd.systemd import Activation, ActivationError
@@ -102,7 +102,15 @@ async def run(config: Config, cli: dict[str, Any], *,
     sources = Sources.of(cli, file)
     if config.qemu is not None:
         check_qemu(config.qemu, qmp_socket_path(config, sock), sources)
-    claim = claim_own_socket(config, sources) if sock is None else None
+    try:
+        # A stop that came while the modules loaded is acted on before the start
+        # waits for anything (the group database) or makes anything.
+        if (name := stop_asked()) is not None:
+            raise StoppedStarting(name)
+        claim = claim_own_socket(config, sources, stop_asked) if sock is None else None
+    except StoppedStarting as exc:
+        log.info(STOPPED_STARTING, str(exc))
+        return
     store = None
     try:
         registry = Registry(
@@ -110,6 +118,10 @@ async def run(config: Config, cli: dict[str, Any], *,
             only_migratable=config.only_migratable,
             migration_time=config.migration_time,
         )
+        if (name := stop_asked()) is not None:
+            # Came while the socket was claimed: no restore is begun for it.
+            log.info(STOPPED_STARTING, name)
+            return
         store = open_state(config, registry, sources)
         if (name := stop_asked()) is not None:
             # Not sooner: the restore is not cut short (it may be migrating an
@@ -131,17 +143,24 @@ async def run(config: Config, cli: dict[str, Any], *,
             claim.lock.release()  # a no-op once the server has released it
 
 
-def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE) -> Claim:
+def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE,
+                     stop_asked: Callable[[], str | None] = lambda: None) -> Claim:
     """``--socket``'s directory made and its lock taken; a busy socket refused.
-    ``sources``: where the settings came from, which the errors name."""
+    ``sources``: where the settings came from, which the errors name.
+    ``stop_asked``: as :func:`run`'s; a stop that comes while a look-up is waited
+    for raises StoppedStarting, with nothing claimed."""
     claim = claim_socket(config.socket, config.socket_mode,
-                         socket_gid(config.socket_group, sources.named("socket_group")),
+                         socket_gid(config.socket_group, sources.named("socket_group"),
+                                    stop_asked),
                          option=sources.choice("socket"))
     try:
         # Their look-ups are the databases' too: one that does not answer holds
-        # no start for a warning.
+        # no start for a warning, nor a stop.
         notes = within(lambda: socket_group_notes(config, socket_passed=False)
-                       + kept_out_notes(config, socket_passed=False))
+                       + kept_out_notes(config, socket_passed=False), stop=stop_asked)
+    except StoppedStarting:
+        claim.lock.release()
+        raise
     except Unanswered:
         notes = [f"socket-group: the group database did not answer within {WAIT:g} s: "
                  "whether a group is named with the number given, or a directory keeps "

@@ -93,13 +93,15 @@ def _vet_schema_file(name: str, st: os.stat_result) -> None:
                   "the commands the daemon serves, their arguments and the migration modes")
 
 
-def socket_gid(group: str | None, setting: str = "--socket-group") -> int | None:
+def socket_gid(group: str | None, setting: str = "--socket-group",
+               stop: Callable[[], str | None] | None = None) -> int | None:
     """``--socket-group`` as a gid (None: not given); StartupError when no group has that name.
 
-    ``setting``: how the message names it (:meth:`Sources.named`)."""
+    ``setting``: how the message names it (:meth:`Sources.named`); ``stop``: a
+    starting daemon's stop signal, which ends the wait for the look-up (``group_gid``)."""
     if group is None:
         return None
-    gid = group_gid(group, setting)  # a bounded wait: StartupError when it does not answer
+    gid = group_gid(group, setting, stop)  # bounded: StartupError when it does not answer
     if gid is None:
         raise StartupError(f"{setting}: there is no group named {group!r}")
     return gid

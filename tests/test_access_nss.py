@@ -763,3 +763,44 @@ def test_check_config_waits_for_the_databases_as_long_as_the_start(sockdir: Path
     assert ("the user and group databases did not answer within 3 s: the names in the "
             "access policy, and the socket's group and directories, are not checked"
             in proc.stderr), proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_while_the_socket_group_is_looked_up_ends_the_start_at_once(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], accounts: dict[str, Account],
+        sig: signal.Signals) -> None:
+    # Found by the start-up signals review: a SIGTERM that came while the start
+    # waited for the group database was kept, and acted on only after the wait,
+    # up to 20 s later, and then as a refused start (exit status 1) rather than
+    # the stop that was asked.
+    daemon, _ = nss(POLICY, "--socket-group", "mbt-sock", hung=("/etc/group",), wait=False)
+    wait_blocked_in_open(daemon)
+    daemon.signal(sig)
+    assert daemon.wait_exit(60) == 0, daemon.log()
+    log = daemon.log()
+    assert log.rstrip("\n").endswith(
+        f"received {sig.name} while starting: stopping before serving"), log
+    assert "did not answer" not in log and "has not answered" not in log, log
+    assert not daemon.socket.exists()
+    assert_clean_log(daemon)
+
+
+def test_a_stop_while_the_socket_groups_warnings_are_looked_up_ends_the_start_at_once(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], accounts: dict[str, Account],
+        sockdir: Path) -> None:
+    # Likewise for the look-ups of the warnings about a group given by number (3 s
+    # at most): the start went on after them, to end only once it was all but ready.
+    gid = grp.getgrnam("mbt-sock").gr_gid
+    daemon, _ = nss(POLICY, "--socket-group", str(gid), hung=("/etc/group",), wait=False)
+    wait_blocked_in_open(daemon)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(60) == 0, daemon.log()
+    log = daemon.log()
+    assert log.rstrip("\n").endswith(
+        "received SIGTERM while starting: stopping before serving"), log
+    assert "is not checked" not in log and "listening on" not in log, log
+    assert not daemon.socket.exists()
+    # Nothing left held: the socket's lock is free for the next start.
+    again, _ = nss(POLICY, "--socket-group", str(gid))
+    assert again.stop() == 0, again.log()
+    assert_clean_log(daemon)

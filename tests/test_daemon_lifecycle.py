@@ -524,17 +524,19 @@ async def test_a_stop_that_comes_after_the_restore_is_seen_once_the_loop_handles
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # In process: a real signal hits this window only now and then. run() asks
-    # after the restore (nothing yet), serve() once the loop's handlers are in;
-    # a SIGHUP had come while starting too.
+    # before the socket's claim, while it waits for look-ups, before and after the
+    # restore (nothing yet, the socket not bound), serve() once the loop's handlers
+    # are in (the socket bound: the stop came); a SIGHUP had come while starting too.
     cli, _ = command_line(["--socket", str(tmp_path / "s.sock"),
                            "--state-dir", str(tmp_path / "state"), "--log-level", "info"])
-    answers = iter([None, "SIGTERM"])
     stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     before = {sig: signal.getsignal(sig) for sig in stops}
     try:
         with caplog.at_level(logging.INFO, "migblockd"):
             await asyncio.wait_for(run(build(cli, None), cli, reload_asked=lambda: True,
-                                       stop_asked=lambda: next(answers)), 30)
+                                       stop_asked=lambda: "SIGTERM" if any(
+                                           m.startswith("listening on")
+                                           for m in caplog.messages) else None), 30)
         # The stop leaves them ignored, for the process to exit.
         assert {sig: signal.getsignal(sig) for sig in stops} == dict.fromkeys(
             stops, signal.SIG_IGN)

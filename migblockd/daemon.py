@@ -36,7 +36,7 @@ from migblockd.detached import NoThread, detached
 from migblockd.listen import Claim, claim_socket
 from migblockd.logs.throttle import Throttle
 from migblockd.lookups import SLOW
-from migblockd.notify import Notifier
+from migblockd.notify import Notifier, plural
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore, to_store
 from migblockd.preflight import (
@@ -48,6 +48,7 @@ from migblockd.preflight import (
     socket_gid,
     socket_group_notes,
 )
+from migblockd.progress import StartProgress
 from migblockd.qemu.bridge import Bridge
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
@@ -112,6 +113,9 @@ async def run(config: Config, cli: dict[str, Any], *,
         log.info(STOPPED_STARTING, str(exc))
         return
     store = None
+    # Before the restore, which may take longer than TimeoutStartSec= and says
+    # through it that it makes progress (migblockd.progress).
+    notifier = await Notifier.open()
     try:
         registry = Registry(
             contract.enums["MigMode"],
@@ -122,14 +126,15 @@ async def run(config: Config, cli: dict[str, Any], *,
             # Came while the socket was claimed: no restore is begun for it.
             log.info(STOPPED_STARTING, name)
             return
-        store = open_state(config, registry, sources)
+        progress = StartProgress(notifier)
+        store = open_state(config, registry, sources, progress)
         if (name := stop_asked()) is not None:
             # Not sooner: the restore is not cut short (it may be migrating an
             # older database forward), and the log says what it found.
             log.info(STOPPED_STARTING, name)
             return
         await serve(config, cli, contract, registry, store, reload_asked, stop_asked,
-                    sock, claim, file=file)
+                    sock, claim, notifier, progress, file=file)
         # Closing the store is still the stop (it may save a state.db that left its
         # name, and say so): "stopped" comes after it, the stop's last line.
         closing, store = store, None
@@ -137,6 +142,7 @@ async def run(config: Config, cli: dict[str, Any], *,
             closing.close()
         log.info("stopped")
     finally:
+        await notifier.close()  # serve() closed it already, but for a start refused
         if store is not None:
             store.close()
         if claim is not None:
@@ -170,10 +176,11 @@ def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE,
     return claim
 
 
-def open_state(config: Config, registry: Registry,
-               sources: Sources = COMMAND_LINE) -> Store | None:
+def open_state(config: Config, registry: Registry, sources: Sources = COMMAND_LINE,
+               progress: StartProgress | None = None) -> Store | None:
     """The state directory, locked, with what it holds restored into ``registry``.
-    ``sources``: where the settings came from, which the errors name."""
+    ``sources``: where the settings came from, which the errors name; ``progress``:
+    where to say how far the restore is."""
     if config.ephemeral:
         log.info("state: ephemeral: blockers live in memory only, a restart forgets them")
         try:
@@ -188,14 +195,20 @@ def open_state(config: Config, registry: Registry,
     try:
         # Restored before the database is opened for writing: a stored blocker or
         # setting that this start refuses leaves the files as they were.
+        if progress is not None:
+            progress.step(f"opening the state in {config.state_dir}")
+        checking = None if progress is None else progress.counting("restoring")
         store = Store.open(config.state_dir,
-                           restore=lambda snapshot: restore(registry, snapshot))
+                           restore=lambda snapshot: restore(registry, snapshot, checking),
+                           progress=None if progress is None else progress.counting("reading"))
     except StateError as exc:
         raise StartupError(home_problem(config.state_dir)
                            or exc.naming(sources.choice("state_dir"))) from None
     count = len(registry)
     log.info("restored %d %s from %s", count, "blocker" if count == 1 else "blockers",
              store.path)
+    if progress is not None:
+        progress.step(f"restored {plural(count, 'blocker')}: preparing to serve")
     # What was restored lives as long as the daemon: keep the collector off it.
     gc.collect()
     gc.freeze()
@@ -205,8 +218,8 @@ def open_state(config: Config, registry: Registry,
 async def serve(config: Config, cli: dict[str, Any], contract: Contract, registry: Registry,
                 store: Store | None, reload_asked: Callable[[], bool],
                 stop_asked: Callable[[], str | None],
-                sock: socket.socket | None, claim: Claim | None, *,
-                file: dict[str, Any] | None = None) -> None:
+                sock: socket.socket | None, claim: Claim | None, notifier: Notifier,
+                progress: StartProgress, *, file: dict[str, Any] | None = None) -> None:
     bridge = None
     if (unused := passthrough_unused(config)) is not None:
         log.warning("%s", unused)
@@ -226,6 +239,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     if len(registry):
         # Encoded and joined before the first poll, not during it (100,000 blockers:
         # about 70 ms of the only thread).
+        progress.step(f"encoding the listing of {plural(len(registry), 'blocker')}")
         core.handlers.listings.get(None).parts()
 
     def commit(changes: list[Change]) -> None:
@@ -241,7 +255,6 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
             logging.shutdown()
             os._exit(1)
 
-    notifier = await Notifier.open()
     server = Server(config, cli, core, notifier, commit if store is not None else None,
                     bridge.forward if bridge is not None else None, file=file)
     metrics = None

@@ -23,6 +23,7 @@ import asyncio_dgram
 from migblockd.notify_delivery import RETRY_FIRST, Delivery
 
 __all__ = [
+    "EXTEND_SEC",
     "MIN_WATCHDOG_INTERVAL",
     "Notifier",
     "Stalled",
@@ -42,6 +43,16 @@ logger = logging.getLogger(__name__)
 #: busy).  Pinging every 10 ms instead costs nothing and keeps a watchdog of
 #: 20 ms or more exactly as asked.
 MIN_WATCHDOG_INTERVAL = 0.01
+
+#: What each sign of progress of a long start gives it, past ``TimeoutStartSec=``
+#: (sd_notify(3)'s ``EXTEND_TIMEOUT_USEC=``, systemd 236 and later): a restore
+#: that goes on restoring is not killed for the size of its state, and one that
+#: stops for longer than this still is.  As long as systemd's default
+#: ``TimeoutStartSec=`` gives a whole start: the longest step between two signs
+#: (the restored blockers put in the registry, their first listing encoded) grows
+#: with the state, and took about 40 s for 1,000,000 blockers on a loaded 2-core
+#: machine.
+EXTEND_SEC = 90
 
 #: What a daemon that serves nobody waits for, and for how many seconds so far
 #: (None: nothing), as :meth:`Notifier.start_watchdog` asks it.
@@ -236,6 +247,20 @@ class Notifier(Delivery):
             return
         self._last_status = text
         await self.notify(f"STATUS={text}")
+
+    def extend(self, status: str) -> None:
+        """``EXTEND_TIMEOUT_USEC=`` (:data:`EXTEND_SEC`) and ``STATUS=status``, as one
+        message: the start makes progress, and ``systemctl status`` says which.
+
+        Not a coroutine: the restore calls it between rows, on the loop's thread
+        without returning to the loop.  Never waits for the receiver, as every
+        message; none once the stop has begun, whose bound is the drain's own."""
+        if self._stopping:
+            return
+        text = _one_line(status)
+        self._last_status = text
+        if self._stream is not None and self._address is not None:
+            self._deliver((f"EXTEND_TIMEOUT_USEC={EXTEND_SEC * 1_000_000}", f"STATUS={text}"))
 
     async def reloading(self) -> None:
         # Type=notify-reload (systemd 253+) requires MONOTONIC_USEC with

@@ -27,7 +27,7 @@ stored ``id-floor`` (above it, the same id would be generated again).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from migblockd import state
 from migblockd.clock import in_range
@@ -41,6 +41,7 @@ from migblockd.registry import (
     only_migratable_refuses,
 )
 from migblockd.registry.ids import GENERATED_PREFIX, MAX_ID_LENGTH, check_id
+from migblockd.state.rows import CHUNK
 
 __all__ = ["only_migratable_refusal", "restore", "schema_refusal", "to_store"]
 
@@ -76,8 +77,11 @@ def to_store(changes: Iterable[Change]) -> list[state.Change]:
     return out
 
 
-def restore(registry: Registry, snapshot: state.Snapshot) -> None:
-    """Give an empty registry what ``snapshot`` holds.
+def restore(registry: Registry, snapshot: state.Snapshot,
+            progress: Callable[[int, int], None] | None = None) -> None:
+    """Give an empty registry what ``snapshot`` holds.  ``progress`` is told how
+    many blockers have been checked, of how many, every
+    :data:`~migblockd.state.rows.CHUNK` (a long start says so: migblockd.progress).
 
     Raises ValueError (naming the blocker) when a stored blocker blocks a
     mode the schema no longer defines: dropping it silently could let a
@@ -109,7 +113,10 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
     if type(events) is not bool:
         raise ValueError(f"stored events {_json(events)} is not true or false; {_EDITED}")
     blockers: list[Blocker] = []
-    for row in snapshot.blockers:
+    total = len(snapshot.blockers)
+    for done, row in enumerate(snapshot.blockers):
+        if progress is not None and done % CHUNK == 0:
+            progress(done, total)
         _check_values(row, floor if ID_FLOOR in settings else None)
         listed = registry.modes if row.modes is None else row.modes  # None: every mode
         unknown = [mode for mode in listed if mode not in known]
@@ -134,6 +141,8 @@ def restore(registry: Registry, snapshot: state.Snapshot) -> None:
             raise ValueError(f"stored blockers at seq {first_seq[row.id]} and {row.seq} have "
                              f"the same id {row.id!r}, which names one blocker; {_EDITED}")
         first_seq[row.id] = row.seq
+    if progress is not None:
+        progress(total, total)
     registry.restore(blockers, mode=str(mode), events=events, id_floor=floor)
 
 

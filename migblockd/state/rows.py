@@ -13,26 +13,51 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
 from migblockd.state import schema
 from migblockd.state.errors import StateError, describe_open_error, one_line
-from migblockd.state.records import Change, Delete, Put, Setting, Snapshot
+from migblockd.state.records import BlockerRow, Change, Delete, Put, Setting, Snapshot
 
-__all__ = ["Statements", "read_snapshot", "statements"]
+__all__ = ["CHUNK", "Progress", "Statements", "read_snapshot", "statements"]
 
 #: SQL statements, each with the rows of parameters it is run with.
 Statements: TypeAlias = list[tuple[str, list[schema.Params]]]
 
 
-def read_snapshot(conn: sqlite3.Connection, path: Path) -> Snapshot:
-    """Everything the database at ``path`` stores, read through ``conn``."""
+#: Rows read and decoded between two calls of :func:`read_snapshot`'s ``progress``.
+CHUNK = 10_000
+
+#: ``progress(done, total)``: rows read so far, of how many.
+Progress: TypeAlias = Callable[[int, int], None]
+
+
+def read_snapshot(conn: sqlite3.Connection, path: Path,
+                  progress: Progress | None = None) -> Snapshot:
+    """Everything the database at ``path`` stores, read through ``conn``.
+
+    ``progress`` is told how many rows have been read, of how many, every
+    :data:`CHUNK` rows: a million take tens of seconds on a loaded machine, which
+    a start under systemd says it is making progress through (migblockd.progress).
+    """
+    blockers: list[BlockerRow] = []
     try:
-        conn.execute("BEGIN")  # both reads from one snapshot
+        conn.execute("BEGIN")  # both reads (and the count) from one snapshot
         try:
-            rows = conn.execute(schema.SELECT_BLOCKERS_SQL).fetchall()
+            total = (conn.execute(schema.COUNT_BLOCKERS_SQL).fetchone()[0]
+                     if progress is not None else 0)
+            if progress is not None:
+                progress(0, total)
+            cursor = conn.execute(schema.SELECT_BLOCKERS_SQL)
+            while rows := cursor.fetchmany(CHUNK):
+                try:
+                    blockers.extend(schema.decode_row(row) for row in rows)
+                except ValueError as e:
+                    raise _corrupt(path, e) from e
+                if progress is not None:
+                    progress(len(blockers), total)
             settings = conn.execute(schema.SELECT_SETTINGS_SQL).fetchall()
         finally:
             conn.execute("COMMIT")
@@ -46,12 +71,15 @@ def read_snapshot(conn: sqlite3.Connection, path: Path) -> Snapshot:
     except sqlite3.Error as e:
         raise StateError(describe_open_error(path, e)) from e
     try:
-        blockers = [schema.decode_row(row) for row in rows]
         decoded = dict(schema.decode_setting(key, value) for key, value in settings)
     except ValueError as e:
-        raise StateError(f"{path} is corrupt ({one_line(str(e))}); restore it from "
-                         "a backup, or move it away to start from scratch") from e
+        raise _corrupt(path, e) from e
     return Snapshot(blockers=blockers, settings=decoded)
+
+
+def _corrupt(path: Path, e: ValueError) -> StateError:
+    return StateError(f"{path} is corrupt ({one_line(str(e))}); restore it from "
+                      "a backup, or move it away to start from scratch")
 
 
 def statements(changes: Sequence[Change]) -> Statements:

@@ -33,6 +33,7 @@ from migblockd.state.records import BlockerRow
 
 __all__ = [
     "APPLICATION_ID",
+    "COUNT_BLOCKERS_SQL",
     "DELETE_SQL",
     "FORMAT_1_MODES",
     "MIGRATIONS",
@@ -136,6 +137,7 @@ DELETE_SQL: Final = "DELETE FROM blocker WHERE id = ?"
 SETTING_SQL: Final = "INSERT OR REPLACE INTO setting (key, value) VALUES (?, ?)"
 SELECT_BLOCKERS_SQL: Final = f"SELECT {_COLUMNS} FROM blocker ORDER BY seq, id"
 SELECT_SETTINGS_SQL: Final = "SELECT key, value FROM setting ORDER BY key"
+COUNT_BLOCKERS_SQL: Final = "SELECT count(*) FROM blocker"
 
 Params = tuple[object, ...]
 

@@ -49,7 +49,7 @@ from migblockd.state.lock import DatabaseLock, lock_directory
 from migblockd.state.opening import check_and_open, configure, connect
 from migblockd.state.records import Change, Snapshot
 from migblockd.state.rescue import let_go
-from migblockd.state.rows import Statements, read_snapshot, statements
+from migblockd.state.rows import Progress, Statements, read_snapshot, statements
 from migblockd.state.watch import Watched
 
 __all__ = ["SLOW_COMMIT", "Store"]
@@ -92,7 +92,8 @@ class Store:
     @classmethod
     def open(cls, directory: Path,
              migrations: Sequence[schema.Migration] = schema.MIGRATIONS, *,
-             restore: Callable[[Snapshot], None] | None = None) -> Store:
+             restore: Callable[[Snapshot], None] | None = None,
+             progress: Progress | None = None) -> Store:
         """Lock ``directory`` (made 0700 if missing) and open its database,
         creating it when new and migrating it when older.
 
@@ -102,7 +103,8 @@ class Store:
         to the database; a StateError or ValueError it raises refuses it, and
         leaves the files as they were (but a database migrated from an older
         format: the copy as it was is kept).  A ValueError says what is wrong
-        with a stored value, and is reported as ``PATH: why``.
+        with a stored value, and is reported as ``PATH: why``.  ``progress`` is
+        told how many rows have been read for it, of how many (:func:`read_snapshot`).
         """
         # Absolute, so that the log and every message say where the state is: a
         # relative --state-dir depends on the working directory the daemon started in.
@@ -116,7 +118,7 @@ class Store:
         def examine(conn: sqlite3.Connection) -> None:
             if restore is None:
                 return
-            snapshot = read_snapshot(conn, path)
+            snapshot = read_snapshot(conn, path, progress)
             try:
                 restore(snapshot)
             except ValueError as exc:

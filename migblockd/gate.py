@@ -206,7 +206,8 @@ class GateHandlers(StartChecks):
         ours = super().query_blockers(conn, args)
         assert isinstance(ours, Parts)
         mode = args.get("mode")
-        if not self.qemu.present or (mode is not None and mode != self.registry.mode):
+        if not self.qemu.present or (mode is not None and self.qemu.connected
+                                     and mode != self._qemu_mode()):
             return ours
         try:
             info = yield Call("query-migrate", {})
@@ -222,7 +223,10 @@ class GateHandlers(StartChecks):
                                       ) from None
             return ours  # gone meanwhile: as while QEMU is away
         self.qemu.saw(info)
-        theirs = ", ".join(encode(self._qemu_blocker(n, reason))
+        qemu_mode = self._qemu_mode()  # (of the QEMU that answered: connected now)
+        if mode is not None and mode != qemu_mode:
+            return ours
+        theirs = ", ".join(encode(self._qemu_blocker(n, reason, qemu_mode))
                            for n, reason in enumerate(reasons_of(info), start=1))
         if not theirs:
             return ours
@@ -231,12 +235,19 @@ class GateHandlers(StartChecks):
         between = [b", "] if len(head) > 1 else []
         return Parts([*head, *between, theirs.encode("ascii"), b"]"])
 
-    def _qemu_blocker(self, n: int, reason: str) -> dict[str, Any]:
+    def _qemu_mode(self) -> str:
+        """The mode of the blockers the connected QEMU's ``query-migrate`` lists: its
+        current mode's (QEMU 8.2 and later), which migblockd sets to its own.  A QEMU
+        older than 8.2 has no modes: its blockers refuse its one kind of migration,
+        ``normal``, whatever migblockd's mode (which stays migblockd's alone)."""
+        return self.registry.mode if self.qemu.knows("migrate-set-parameters",
+                                                     "mode") else "normal"
+
+    def _qemu_blocker(self, n: int, reason: str, mode: str) -> dict[str, Any]:
         # QEMU lists the blockers of its current mode; it says nothing of when
         # each was added, nor whether it is internal.
         return {"id": f"{QEMU_BLOCKER_PREFIX}{n}", "reason": reason,
-                "modes": [self.registry.mode], "internal": False, "scope": "daemon",
-                "source": "qemu"}
+                "modes": [mode], "internal": False, "scope": "daemon", "source": "qemu"}
 
     # -- migration ----------------------------------------------------------
     @reads_state

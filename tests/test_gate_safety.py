@@ -186,6 +186,34 @@ async def test_a_mode_qemu_does_not_have_is_refused_not_migrated_in_normal(
     assert_clean_log(d)
 
 
+async def test_qemus_own_blockers_are_listed_in_the_mode_qemu_migrates_in(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
+) -> None:
+    """Reported: with migblockd's mode set to cpr-reboot in front of QEMU 7.2, QEMU's
+    own blockers were listed as cpr-reboot ones, and `query-blockers` with mode
+    `normal` left them out, though they are what refuses QEMU 7.2's only migration,
+    a normal one (and `migrate` in mode normal was refused with their words)."""
+    d = await gated(start_daemon, qemu)
+    async with qemu.monitor() as mon, d.client() as c:
+        await mon.add_blocker("vdi1")
+        theirs = {"id": "qemu:1", "reason": mon.blocker_text("vdi1"), "modes": ["normal"],
+                  "internal": False, "scope": "daemon", "source": "qemu"}
+        await c.ok("add-blocker", {"reason": VFIO, "id": "cpr", "modes": ["cpr-reboot"]})
+        await c.ok("migrate-set-parameters", {"mode": "cpr-reboot"})
+        listing = await c.ok("query-blockers")
+        assert [b["id"] for b in listing] == ["cpr", "qemu:1"]
+        assert listing[1] == theirs
+        assert await c.ok("query-blockers", {"mode": "normal"}) == [theirs]
+        assert [b["id"] for b in await c.ok("query-blockers", {"mode": "cpr-reboot"})] \
+            == ["cpr"]
+        # Back in mode normal, QEMU's blocker is what refuses, as the listing said.
+        await c.ok("migrate-set-parameters", {"mode": "normal"})
+        assert await c.ok("query-blockers", {"mode": "normal"}) == [theirs]
+        reply = await c.execute("migrate", {"uri": SINK}, id=1)
+        assert reply == error(GENERIC, mon.blocker_text("vdi1"), 1)
+    assert_clean_log(d)
+
+
 async def test_the_events_capability_outlives_a_restarted_qemu(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu,
 ) -> None:

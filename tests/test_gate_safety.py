@@ -714,6 +714,52 @@ async def test_a_qemu_without_events_that_quits_after_its_migration_is_not_said_
     assert_clean_log(d)
 
 
+async def test_events_turned_off_through_migblockd_are_not_taken_for_on_at_qemus_exit(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    short_tmp: Path,
+) -> None:
+    """A migration with events on ends (cancelled); a client turns the events
+    capability off through migblockd; the next migration completes, unseen, and QEMU
+    then quits, as a migrated source does.  Reported: migblockd still took that QEMU
+    for one that sends MIGRATION events (it had sent some on that connection), told its
+    clients that the completed migration ended ``failed`` and counted it so."""
+    qemu = qemu_factory(memory="1G")
+    endpoint = short_tmp / "metrics.sock"
+    d = gate(start_daemon, qemu, "--metrics", str(endpoint))
+    await connected(d)
+    async with d.client() as c, d.client() as watcher, qemu.monitor() as mon:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        await start_slow_migration(c)
+        d.wait_for_log("QEMU migration status: active")
+        await c.ok("migrate_cancel")
+        assert await migration_statuses(watcher) == ["setup", "active", "cancelling",
+                                                     "cancelled"]
+        await c.ok("migrate-set-capabilities", EVENTS_OFF)
+        await c.ok("migrate-set-parameters", {"max-bandwidth": 134217728})  # QEMU's default
+        assert await c.ok("migrate", {"uri": SINK}) == {}
+
+        async def completed() -> bool:
+            return bool((await mon.ok("query-migrate")).get("status") == "completed")
+
+        await wait_until(completed, "QEMU's migration completed")
+        assert qemu.proc is not None
+        pid = qemu.proc.pid
+        await mon.ok("quit")
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration "
+                       "it may have run (last status cancelled) may have ended before it "
+                       "did; how, nobody said: QEMU sent no MIGRATION events (its events "
+                       "capability off)")
+        watcher.events.clear()
+        watcher.events.extend(m for m in await watcher.sync() if "event" in m)
+        assert heard(watcher) == []  # no "failed" for a migration that completed
+    assert "cannot complete" not in d.log()
+    metrics = scrape(endpoint)
+    assert metrics.value("migblockd_migrations_started_total") == 2
+    assert metrics.value("migblockd_migrations_ended_total", status="cancelled") == 1
+    assert metrics.value("migblockd_migrations_ended_total", status="failed") == 0
+    assert_clean_log(d)
+
+
 async def test_a_migrate_left_unanswered_that_qemu_refused_is_not_counted_as_ended(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path,
 ) -> None:

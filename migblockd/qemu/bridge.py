@@ -202,6 +202,8 @@ class Bridge(EventsCapability):
         except QemuLinkError as exc:
             raise QemuUnavailable(str(exc)) from None
         self._answered(sent)
+        if name == "migrate-set-capabilities" and connection == self._connection:
+            self._events_set(call)  # (a migration QEMU runs now sends what this says)
         return result
 
     async def _settled(self) -> None:

@@ -80,6 +80,16 @@ class EventsCapability:
             self._events_owed = False
             log.info("QEMU at %s: set the events capability clients asked for", path)
 
+    def _events_set(self, call: Call) -> None:
+        """A client's ``migrate-set-capabilities`` (``call``) succeeded: QEMU sends
+        MIGRATION events from now on as it set them, whatever it sent before on this
+        connection.  (QEMU takes no capability while it migrates: no migration whose
+        events clients heard goes on without them.)"""
+        for cap in call.args.get("capabilities", ()):
+            if isinstance(cap, dict) and cap.get("capability") == "events":
+                self._evented = cap.get("state") is True
+                self._events_owed = False  # set, or turned off: nothing to set any more
+
     def _sends_events(self) -> bool:
         """Whether the connected QEMU's migration sends MIGRATION events."""
         # (An owed capability: that QEMU was sent none for this migration.)

@@ -76,7 +76,7 @@ class GateHandlers(StartChecks):
         super().__init__(contract, registry, passthrough)
 
     def migration_status(self) -> str:
-        return self.qemu.status or "none"
+        return self.qemu.shown_status
 
     def table(self) -> dict[str, Command]:
         table = super().table()

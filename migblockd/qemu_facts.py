@@ -177,6 +177,16 @@ class QemuFacts:
         """A QEMU is there: connected, or it accepted the connection (not set up yet)."""
         return self.connected or self.greeting_awaited()
 
+    @property
+    def shown_status(self) -> str:
+        """The migration's status as the STATUS line says it.  A migration migblockd
+        handed over and has seen neither run nor end (the events capability off, and
+        no ``query-migrate`` since) is not given the status last seen, from before it
+        (``none``, or an earlier migration's ``completed``): QEMU may be migrating."""
+        if self.awaiting and self.status not in RUNNING_STATUSES:
+            return "handed to QEMU and not seen since (no MIGRATION events)"
+        return self.status or "none"
+
     def knows(self, command: str, argument: str | None = None) -> bool:
         if argument is None:
             return command in self.commands

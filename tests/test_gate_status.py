@@ -18,7 +18,7 @@ from collections.abc import Callable
 from conftest import DaemonProcess
 from faults import injecting
 from realqemu import Qemu
-from test_gate import connected
+from test_gate import SINK, connected
 
 #: How long a STATUS= may take to come: well past each test's qemu-timeout.
 WITHIN = 15.0
@@ -158,4 +158,43 @@ async def test_status_says_not_connected_once_a_silent_qemu_that_never_greeted_i
         d.wait_for_log(f"QEMU at {qemu.gate_socket} is not available")
         assert qemu_status(notify, lambda qemu: "not answering" not in qemu) == (
             "not connected")
+    assert d.stop() == 0
+
+
+def migration_status(receiver: socket.socket, wanted: Callable[[str], bool]) -> str:
+    """The migration part of the first ``STATUS=`` whose migration part ``wanted``
+    takes, within :data:`WITHIN` s."""
+    deadline = time.monotonic() + WITHIN
+    while (left := deadline - time.monotonic()) > 0:
+        receiver.settimeout(left)
+        try:
+            datagram = receiver.recv(4096).decode()
+        except TimeoutError:
+            break
+        for line in datagram.splitlines():
+            migration = line.partition(", migration: ")[2].partition(", QEMU ")[0]
+            if line.startswith("STATUS=") and wanted(migration):
+                return migration
+    raise AssertionError(f"no such STATUS= within {WITHIN:g} s")
+
+
+async def test_status_says_a_migration_handed_over_unseen_is_not_none(
+    start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
+    notify: socket.socket,
+) -> None:
+    """Reported: with the events capability off (QEMU's default), STATUS= said
+    ``migration: none`` all through a migration migblockd had handed to QEMU (and
+    after an earlier one, ``completed``): the status last seen, from before it."""
+    qemu = qemu_factory(memory="1G")
+    d = start_daemon("--qemu", str(qemu.gate_socket), env=notify_env(notify))
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("migrate-set-parameters", {"max-bandwidth": 100_000})
+        await c.ok("migrate", {"uri": SINK})
+        unseen = "handed to QEMU and not seen since (no MIGRATION events)"
+        assert migration_status(notify, lambda m: m != "none") == unseen
+        # Once QEMU has said what it does, the line says it.
+        assert (await c.ok("query-migrate"))["status"] == "active"
+        assert migration_status(notify, lambda m: m not in ("none", unseen)) == "active"
+        await c.ok("migrate_cancel")
     assert d.stop() == 0

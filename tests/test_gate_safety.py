@@ -760,6 +760,47 @@ async def test_events_turned_off_through_migblockd_are_not_taken_for_on_at_qemus
     assert_clean_log(d)
 
 
+async def test_events_turned_off_on_another_monitor_are_found_off_by_the_next_migrate(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path,
+) -> None:
+    """Clients asked for the events capability through migblockd; an operator turns it
+    off on another of QEMU's monitors; a migration handed to QEMU completes, unseen, and
+    QEMU then quits, as a migrated source does.  Reported: migblockd took that QEMU for
+    one that sends MIGRATION events, told its clients that the completed migration ended
+    ``failed`` and counted it so.  QEMU sends ``setup`` before it answers a migrate it
+    took when the capability is on: none came."""
+    endpoint = short_tmp / "metrics.sock"
+    d = gate(start_daemon, qemu, "--metrics", str(endpoint))
+    await connected(d)
+    async with d.client() as c, d.client() as watcher, qemu.monitor() as mon:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        await mon.ok("migrate-set-capabilities", EVENTS_OFF)
+        assert await c.ok("migrate", {"uri": SINK}) == {}
+
+        async def completed() -> bool:
+            return bool((await mon.ok("query-migrate")).get("status") == "completed")
+
+        await wait_until(completed, "QEMU's migration completed")
+        assert qemu.proc is not None
+        pid = qemu.proc.pid
+        await mon.ok("quit")
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration "
+                       "it may have run (last status not seen yet) may have ended before it "
+                       "did; how, nobody said: QEMU sent no MIGRATION events (its events "
+                       "capability off)")
+        assert [m for m in await watcher.sync() if "event" in m] == []
+    assert "cannot complete" not in d.log()
+    # Said as soon as it was seen: that QEMU's migrations go unseen, until it is set again.
+    assert d.log().index(f"QEMU at {qemu.gate_socket} took a migration without sending "
+                         "MIGRATION events: its events capability was turned off on another "
+                         "of its monitors; its end goes unseen; the events capability "
+                         "clients asked for is owed") < d.log().index("has exited")
+    metrics = scrape(endpoint)
+    assert metrics.value("migblockd_migrations_started_total") == 1
+    assert metrics.value("migblockd_migrations_ended_total", status="failed") == 0
+    assert_clean_log(d)
+
+
 async def test_a_migrate_left_unanswered_that_qemu_refused_is_not_counted_as_ended(
     start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path,
 ) -> None:

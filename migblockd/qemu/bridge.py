@@ -126,6 +126,8 @@ class Bridge(EventsCapability):
         #: connected QEMU: it was migrating when migblockd connected (QEMU takes no
         #: capability then), or setting it failed.  Recomputed on each connection.
         self._events_owed = False
+        #: MIGRATION events QEMU has sent, on any connection (whether a migrate's came).
+        self._migration_events = 0
         #: The connected QEMU's process id, kept once the link is lost (None: unknown).
         self._pid: int | None = None
 
@@ -182,7 +184,7 @@ class Bridge(EventsCapability):
                 # checks: its status, run state and mode), which say nothing of this one.
                 raise self._restarted(pin.pid)
         self._sent += 1
-        sent, connection = self._sent, self._connection
+        sent, connection, events = self._sent, self._connection, self._migration_events
         try:
             result = await self.link.execute(name, args)
         except QemuCommandError as exc:
@@ -202,8 +204,11 @@ class Bridge(EventsCapability):
         except QemuLinkError as exc:
             raise QemuUnavailable(str(exc)) from None
         self._answered(sent)
-        if name == "migrate-set-capabilities" and connection == self._connection:
-            self._events_set(call)  # (a migration QEMU runs now sends what this says)
+        if connection == self._connection:
+            if name == "migrate-set-capabilities":
+                self._events_set(call)  # (a migration QEMU runs now sends what this says)
+            elif name == "migrate" and call.args.get("resume") is not True:
+                self._migrate_taken(events != self._migration_events)
         return result
 
     async def _settled(self) -> None:
@@ -235,6 +240,7 @@ class Bridge(EventsCapability):
         if name not in RELAYED or self._core is None:
             return
         if name == "MIGRATION":
+            self._migration_events += 1
             status = data.get("status")
             self.facts.status = status if isinstance(status, str) else self.facts.status
             self.facts.saw_status(status)

@@ -58,7 +58,8 @@ class EventsCapability:
             return False
         if call.name == "migrate":
             return call.args.get("resume") is not True
-        return self.facts.status not in RUNNING_STATUSES
+        # (awaiting: one migblockd handed over without events has not been seen to end.)
+        return self.facts.status not in RUNNING_STATUSES and not self.facts.awaiting
 
     async def _set_events(self) -> None:
         """Set the events capability clients asked for (kept in the registry) on the
@@ -89,6 +90,20 @@ class EventsCapability:
             if isinstance(cap, dict) and cap.get("capability") == "events":
                 self._evented = cap.get("state") is True
                 self._events_owed = False  # set, or turned off: nothing to set any more
+
+    def _migrate_taken(self, evented: bool) -> None:
+        """QEMU took a new migration; ``evented``: a MIGRATION event came before its
+        reply.  QEMU sends ``setup`` before it answers a ``migrate`` it took, when its
+        events capability is on (``migrate_init()``, migration/migration.c): none came,
+        so the capability is off, turned off elsewhere (another of QEMU's monitors)
+        whatever clients asked for.  That migration's end goes unseen; the capability
+        is owed again, set once that migration is seen to have ended."""
+        if evented or self._events_owed or not self.handlers.registry.events_enabled:
+            return  # (owed: not set on this QEMU, as the log said when it could not be)
+        self._evented, self._events_owed = False, True
+        log.warning("QEMU at %s took a migration without sending MIGRATION events: its "
+                    "events capability was turned off on another of its monitors; its "
+                    "end goes unseen%s", self.link.path, OWED)
 
     def _sends_events(self) -> bool:
         """Whether the connected QEMU's migration sends MIGRATION events."""

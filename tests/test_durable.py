@@ -1267,6 +1267,48 @@ async def test_a_database_removed_under_the_running_daemon_is_saved_by_the_stop(
         assert await ids(c) == [f"b{n}" for n in range(600)]
 
 
+async def test_a_state_directory_removed_under_the_running_daemon_is_saved_by_the_stop(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """``rm -rf`` of the whole state directory while the daemon runs (starting from
+    scratch without stopping it first).  The commits refused said "stop the
+    daemon, which saves its blockers ... as D/state.db.rescued-TIME", but the
+    stop could not make the copy in a directory that was gone, and every
+    acknowledged blocker was lost, the next start beginning empty.  Now the stop
+    makes the directory again (0700) for the copy, and the next start names it."""
+    directory = tmp_path / "state"
+    db = directory / "state.db"
+    daemon = start_daemon("--state-dir", str(directory), "--log-level", "info")
+    async with daemon.client() as c:
+        for n in range(3):
+            await add(c, "kept", id=f"b{n}")
+        shutil.rmtree(directory)
+        reply = await c.execute("add-blocker", {"reason": "not acknowledged", "id": "no"})
+        assert reply["error"]["desc"].startswith(f"cannot commit to {db}: it was removed"), reply
+        daemon.wait_for_log(f"which saves its blockers from the file it holds open as "
+                            f"{db}.rescued-TIME")
+    assert daemon.stop() == 0
+    [copy] = directory.glob("state.db.rescued-*")
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert sorted(p.name for p in directory.iterdir()) == [copy.name]
+    assert copy.stat().st_mode & 0o777 == 0o600
+    daemon.wait_for_log(
+        f"WARNING: stopping: {db} was removed while the daemon ran: its log is emptied, so "
+        "that the next start replays nothing into another file; what it kept (3 blockers) "
+        f"is saved as {copy}, in {directory}, which was removed too and is made again for "
+        f"it; the next start names it; rename that to {db} to use it\n")
+    assert daemon.log().rstrip("\n").endswith("INFO: stopped")
+    refused = start_daemon("--state-dir", str(directory), wait=False)
+    assert refused.wait_exit() == 1
+    assert f"ERROR: {db} does not exist; a stop saved what a daemon kept as {copy}" in (
+        refused.log())
+    copy.rename(db)
+    again = start_daemon("--state-dir", str(directory))
+    again.wait_for_log(restored_line(directory, 3))
+    async with again.client() as c:
+        assert await ids(c) == ["b0", "b1", "b2"]
+
+
 async def test_a_database_replaced_under_the_running_daemon_gets_no_replay_of_its_log(
     start_daemon: Start, tmp_path: Path
 ) -> None:

@@ -16,7 +16,9 @@ stop ends (a second kill, a timeout).  Then, if no name holds the file any
 more, it copies it to ``state.db.rescued-TIME`` beside it (SQLite's online
 backup through the same connection), made whole under a name of its own and
 linked into place, so that a copy by that name is always whole.  A file moved
-away (still linked) is whole where it went.
+away (still linked) is whole where it went.  A state directory removed whole
+(``rm -rf``, starting from scratch without stopping the daemon) is made again
+for the copy: otherwise the copy, and every blocker acknowledged, is lost.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def let_go(conn: sqlite3.Connection, path: Path, replaced: bool, linked: bool, *
 def _save(conn: sqlite3.Connection, path: Path, replaced: bool) -> tuple[str, bool]:
     """Copy the database ``conn`` has open beside ``path``: what became of it, and
     whether the copy was made."""
+    remade = _remade(path.parent)
     copy, partial, made = _made(path)
     if made is not None:
         return f"what it kept could not be saved ({copy}: {made}) and is lost", False
@@ -123,8 +126,31 @@ def _save(conn: sqlite3.Connection, path: Path, replaced: bool) -> tuple[str, bo
                 f"there now; to use the copy instead, stop the daemon, move {path.name}, "
                 f"{path.name}-wal and {path.name}-shm away, and rename the copy to {path}"
                 ), True
+    if remade:
+        return (f"what it kept ({kept}) is saved as {copy}, in {copy.parent}, which was "
+                "removed too and is made again for it; the next start names it; rename that "
+                f"to {path} to use it"), True
     return (f"what it kept ({kept}) is saved as {copy}, which the next start names; "
             f"rename that to {path} to use it"), True
+
+
+def _remade(directory: Path) -> bool:
+    """Make the state ``directory`` again (mode 0700, as a start makes it) when it
+    is gone: whether it was made.  Removed whole while the daemon ran (``rm -rf``
+    to start from scratch without a stop first), it would otherwise take the only
+    copy of what the daemon acknowledged with it; made again, it holds the copy,
+    which the next start names rather than starting empty.  Only the directory
+    itself: the one above it was judged at the start, and one gone too is not
+    guessed at."""
+    if os.path.lexists(directory):
+        return False
+    try:
+        os.mkdir(directory, 0o700)
+    except OSError:
+        return False  # the copy's open then says why
+    with contextlib.suppress(OSError):
+        _sync(directory.parent)  # its name, as the copy's, must outlive a crash
+    return True
 
 
 def _made(path: Path) -> tuple[Path, Path, str | None]:

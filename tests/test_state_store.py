@@ -297,6 +297,12 @@ def written_over(db: Path, how: str, early: Path) -> None:
         shutil.copyfile(backup, db)  # as cp does: the same file, written over
     elif how == "an older copy written over it":
         shutil.copyfile(early, db)
+    elif how == "a backup of it copied over it":
+        # Found by review: a backup of the database itself (as docs/state.md makes
+        # one), as large as the file, passed every look at the file, and the
+        # commits after it mixed its pages with the log's: the next start found
+        # the file corrupt, every blocker acknowledged since the backup lost.
+        shutil.copyfile(db.with_name("self-backup.db"), db)
     else:
         os.truncate(db, 0)
 
@@ -307,6 +313,9 @@ def written_over(db: Path, how: str, early: Path) -> None:
                                       "the daemon left: truncated, or an older copy written "
                                       "over it?"),
     ("truncated", "it is 0 bytes long, too short for a database: truncated?"),
+    ("a backup of it copied over it", "not through SQLite, which leaves a mark in the log's "
+                                      "index when it writes there: a copy of a backup "
+                                      "written over it?"),
 ])
 def test_a_database_written_over_by_another_program_takes_no_commit(
     tmp_path: Path, how: str, why: str
@@ -350,6 +359,9 @@ def test_a_database_written_over_by_another_program_takes_no_commit(
         folded_by_others(1100)
         db.chmod(0o400)
         db.chmod(0o600)
+        with contextlib.closing(sqlite3.connect(db)) as conn, \
+                contextlib.closing(sqlite3.connect(db.with_name("self-backup.db"))) as copy:
+            conn.backup(copy)  # the whole database as it is: no smaller than the file
         store.commit([Put(row("after chmod", 800))])
         largest = db.stat().st_size
         written_over(db, how, early)

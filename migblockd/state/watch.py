@@ -21,7 +21,10 @@ under the daemon's mapping of it (SIGBUS).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import struct
+import time
 from pathlib import Path
 
 from migblockd.state import schema
@@ -34,12 +37,19 @@ __all__ = ["Watched"]
 _HIDDEN = (-1, -1)
 #: An SQLite database file's header (https://sqlite.org/fileformat.html).
 _HEADER_SIZE = 100
+#: The log's index up to the end of its checkpoint's counts (walformat.html).
+_MARKS_END = 132
+#: The byte of the log's index that SQLite's unix VFS locks while a connection folds
+#: the log back (UNIX_SHM_BASE, 120, plus WAL_CKPT_LOCK, 1: sqlite3.c).
+_CHECKPOINT_LOCK = 121
+#: How long, and how often, to wait for another connection's fold to end.
+_FOLD_WAIT, _FOLD_WAITS = 0.01, 500
 
 
 class Watched:
     """The database at ``path`` and its log ``log`` (its real path's), as opened."""
 
-    __slots__ = ("_index", "_largest", "_left", "_opened", "log", "path")
+    __slots__ = ("_index", "_largest", "_left", "_marks", "_opened", "log", "path")
 
     def __init__(self, path: Path, log: Path) -> None:
         self.path = path
@@ -53,6 +63,9 @@ class Watched:
         self._largest = 0 if left is None else left[0]
         #: The log's index, once read (see index_header).
         self._index: int | None = None
+        #: What of the log's index SQLite changes with each write to the database, as
+        #: the daemon last left it (see _index_marks); None: not known.
+        self._marks = self._index_marks()
 
     def check(self, fd: int | None) -> None:
         """Refuse (StateError) to commit to files that the next start would not
@@ -74,6 +87,13 @@ class Watched:
         # Not when either look was refused (a directory's mode changed meanwhile).
         if left is not None and self._left is not None and left != self._left:
             written = _written_over(fd, left[0], self._largest)
+            marks = self._index_marks() if self._marks is not None else None
+            if written is None and marks is not None and marks == self._marks:
+                # SQLite writes the database only to fold the log back into it, and
+                # says so in the log's index: a copy of this database's backup, as
+                # large as the file, passes every look at the file itself.
+                written = ("not through SQLite, which leaves a mark in the log's index "
+                           "when it writes there: a copy of a backup written over it?")
             if written is not None:
                 raise StateError(
                     f"cannot commit to {self.path}: another program wrote to it since the "
@@ -81,7 +101,10 @@ class Watched:
                     "would be mixed with what that program wrote",
                     f"stop the daemon, then restore {self.path} from a backup: the stop "
                     "folds the daemon's log into the file, over what that program wrote")
-            self._leave(left)  # another SQLite connection folding the log back, say
+            # Another SQLite connection folding the log back, say: the file as it is
+            # now, looked at after its marks, which a fold sets after writing the file.
+            self._leave(left if marks is None else _look(self.path)[1])
+            self._marks = marks
         now = _look(self.log)[0]
         if log_file is None:
             self._opened = (database, now)  # made since: SQLite makes it at the first read
@@ -131,15 +154,17 @@ class Watched:
     def committed(self) -> None:
         """A commit (or what a failed one did) may have written the database: SQLite
         folds the log back into it once the log is long enough."""
+        self._marks = self._index_marks()  # first: see check
         self._leave(_look(self.path)[1])
 
     def reconnecting(self) -> None:
         """The connection is made again: it may make the log anew."""
         self._opened = (self._opened[0], None)
+        self._marks = None
 
-    def index_header(self) -> bytes:
-        """The first bytes of the log's index (``state.db-shm``), read through a
-        descriptor kept open until :meth:`close`."""
+    def index_header(self, size: int = 20) -> bytes:
+        """The first ``size`` bytes of the log's index (``state.db-shm``), read
+        through a descriptor kept open until :meth:`close`."""
         path = self.log.with_name(self.log.name.removesuffix("-wal") + "-shm")
         st = os.stat(path)
         if self._index is None or os.fstat(self._index)[1:3] != (st.st_ino, st.st_dev):
@@ -148,7 +173,28 @@ class Watched:
             old, self._index = self._index, os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             if old is not None:
                 os.close(old)
-        return os.pread(self._index, 20, 0)
+        return os.pread(self._index, size, 0)
+
+    def _index_marks(self) -> bytes | None:
+        """What of the log's index (https://sqlite.org/walformat.html) any SQLite
+        connection's write to the database changes: the header (a log begun anew
+        takes new salts) and the checkpoint's count of frames folded back and of
+        frames it tried to fold (``nBackfill``, ``nBackfillAttempted``), not the
+        readers' marks, which a mere read moves.  None: not to be read."""
+        try:
+            index = self.index_header(_MARKS_END)
+            if len(index) < _MARKS_END:
+                return None
+            # A fold under way has written the file, and sets its count after: it
+            # holds the checkpoint lock until then (a busy timeout's worth at most).
+            for _ in range(_FOLD_WAITS):
+                if self._index is None or not _locked(self._index, _CHECKPOINT_LOCK):
+                    break
+                time.sleep(_FOLD_WAIT)
+            index = self.index_header(_MARKS_END)
+        except OSError:
+            return None
+        return index[:48] + index[96:100] + index[128:132] if len(index) == _MARKS_END else None
 
     def close(self) -> None:
         """Let go of the index's descriptor: after SQLite's connection is closed."""
@@ -213,6 +259,21 @@ def _look(path: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
     except OSError:
         return _HIDDEN, None
     return (st.st_dev, st.st_ino), (st.st_size, st.st_mtime_ns)
+
+
+def _locked(fd: int, byte: int) -> bool:
+    """Whether another process holds a POSIX lock on ``byte`` of the file open as
+    ``fd`` (``F_GETLK``: nothing is taken, so none of SQLite's locks is touched)."""
+    probe = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
+    except OSError:
+        return False
+    return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
+
+
+#: Linux's struct flock: l_type, l_whence, l_start, l_len, l_pid.
+_FLOCK = "hhqqi4x"
 
 
 def _written_over(fd: int | None, size: int, largest: int) -> str | None:

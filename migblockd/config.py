@@ -13,10 +13,11 @@ time (the socket and the migration semantics are fixed for the daemon's life).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from migblockd.kinds import (
 from migblockd.options import ConfigError, Where, flag, option
 from migblockd.paths import NoDefault, default_socket_path, default_state_dir
 from migblockd.qmp.limits import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
+from migblockd.startup import StartupError
 
 __all__ = ["COMMAND_LINE", "LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "Config", "ConfigError",
            "Sources", "build", "read_file", "read_settings"]
@@ -262,15 +264,19 @@ class Sources:
     """Where the settings came from, for a message that names one.
 
     A setting the file sets, and the command line does not, is named as the
-    file's other errors name it (``/etc/migblockd/migblockd.toml: socket-group``):
-    an operator told ``--socket-group`` looks for an option nobody gave.  Any
-    other, given on the command line or left to its default, by its option.
+    file's other errors name it, with the line that gives it
+    (``/etc/migblockd/migblockd.toml:12: socket-group``): an operator told
+    ``--socket-group`` looks for an option nobody gave, and one told only the file
+    searches it.  Any other, given on the command line or left to its default, by
+    its option.
     """
 
     #: The ``--config`` file (None: none, or what it set is not known).
     file: Path | None = None
     #: Field names of the settings the file sets and the command line does not.
     from_file: frozenset[str] = frozenset()
+    #: The line of the file that gives each setting (field name -> number).
+    lines: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, cli: Mapping[str, Any], file: Mapping[str, Any] | None) -> Sources:
@@ -279,18 +285,43 @@ class Sources:
         path = cli.get("config")
         if path is None or not file:
             return cls()
-        return cls(Path(path), frozenset(k for k in file if cli.get(k) is None))
+        lines = file.lines if isinstance(file, settings_file.FileSettings) else {}
+        return cls(Path(path), frozenset(k for k in file if cli.get(k) is None), lines)
 
     def named(self, name: str) -> str:
-        """The setting (a field name) as a message's subject: ``FILE: metrics``, ``--metrics``."""
+        """The setting (a field name) as a message's subject: ``FILE:LINE: metrics``,
+        ``--metrics``."""
         key = name.replace("_", "-")
-        return f"{self.file}: {key}" if name in self.from_file else f"--{key}"
+        if name not in self.from_file:
+            return f"--{key}"
+        line = self.lines.get(name)
+        return f"{self.file}: {key}" if line is None else f"{self.file}:{line}: {key}"
 
     def choice(self, name: str) -> str:
         """The setting as what to change ("choose another ..."): ``socket in FILE``,
         ``--socket``."""
         key = name.replace("_", "-")
         return f"{key} in {self.file}" if name in self.from_file else f"--{key}"
+
+    def located(self, name: str, message: str) -> str:
+        """``message``, about the setting ``name`` (a field name), led by the file's
+        line when the file set it: ``FILE:LINE: state-dir: ...``.
+
+        The start's lower layers know a path, not where it was given: they name the
+        setting only as what to change (:meth:`choice`), at the end.  A message that
+        leads with :meth:`named` already is left as it is; one from the command line
+        too, since it names its option already."""
+        if name not in self.from_file or message.startswith(self.named(name)):
+            return message
+        return f"{self.named(name)}: {message}"
+
+    @contextlib.contextmanager
+    def locating(self, name: str) -> Iterator[None]:
+        """A StartupError within, about the setting ``name``, :meth:`located`."""
+        try:
+            yield
+        except StartupError as exc:
+            raise StartupError(self.located(name, str(exc))) from None
 
 
 #: Every setting named by its option: where nothing came from a file, or it is not known.

@@ -87,7 +87,9 @@ async def run(config: Config, cli: dict[str, Any], *,
     ends after the restore, serving nobody.  ``file``: what the configuration
     file set when ``config`` was built (``config.read_settings``).
     """
-    contract = load_contract(config.schema)
+    sources = Sources.of(cli, file)
+    with sources.locating("schema"):
+        contract = load_contract(config.schema)
     # The socket before the state: a daemon that cannot serve (another one holds
     # the socket, systemd passed the wrong sockets) refuses before it creates or
     # restores a state directory.
@@ -100,7 +102,6 @@ async def run(config: Config, cli: dict[str, Any], *,
         # settings --check-config was told not to judge.
         raise StartupError("--socket-activated: systemd passed no socket (start the "
                            "daemon through its socket unit)")
-    sources = Sources.of(cli, file)
     if config.qemu is not None:
         check_qemu(config.qemu, qmp_socket_path(config, sock), sources)
     try:
@@ -155,10 +156,10 @@ def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE,
     ``sources``: where the settings came from, which the errors name.
     ``stop_asked``: as :func:`run`'s; a stop that comes while a look-up is waited
     for raises StoppedStarting, with nothing claimed."""
-    claim = claim_socket(config.socket, config.socket_mode,
-                         socket_gid(config.socket_group, sources.named("socket_group"),
-                                    stop_asked),
-                         option=sources.choice("socket"))
+    gid = socket_gid(config.socket_group, sources.named("socket_group"), stop_asked)
+    with sources.locating("socket"):
+        claim = claim_socket(config.socket, config.socket_mode, gid,
+                             option=sources.choice("socket"))
     try:
         # Their look-ups are the databases' too: one that does not answer holds
         # no start for a warning, nor a stop.
@@ -202,8 +203,8 @@ def open_state(config: Config, registry: Registry, sources: Sources = COMMAND_LI
                            restore=lambda snapshot: restore(registry, snapshot, checking),
                            progress=None if progress is None else progress.counting("reading"))
     except StateError as exc:
-        raise StartupError(home_problem(config.state_dir)
-                           or exc.naming(sources.choice("state_dir"))) from None
+        raise StartupError(sources.located("state_dir", home_problem(config.state_dir)
+                                           or exc.naming(sources.choice("state_dir")))) from None
     count = len(registry)
     log.info("restored %d %s from %s", count, "blocker" if count == 1 else "blockers",
              store.path)
@@ -398,9 +399,10 @@ def open_metrics(config: Config, core: Core, passed: socket.socket | None = None
     from migblockd.metrics import metrics_registry  # noqa: PLC0415
     from migblockd.scrape import MetricsServer  # noqa: PLC0415
 
-    return MetricsServer.open(config.metrics, metrics_registry(core),
-                              qmp_socket_path(config, passed), asyncio.get_running_loop(),
-                              sources)
+    with sources.locating("metrics"):
+        return MetricsServer.open(config.metrics, metrics_registry(core),
+                                  qmp_socket_path(config, passed), asyncio.get_running_loop(),
+                                  sources)
 
 
 def qmp_socket_path(config: Config, passed: socket.socket | None) -> Path:

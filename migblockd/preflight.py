@@ -217,12 +217,16 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
                 check()
             except StateError as exc:
                 home = None if config.state_dir is None else home_problem(config.state_dir)
-                found.append((key, home or exc.naming(sources.choice("state_dir"))))
+                why = home or exc.naming(sources.choice("state_dir"))
             except StartupError as exc:
-                found.append((key, str(exc)))
+                why = str(exc)
             except OSError as exc:  # a directory on the way this user may not search
-                found.append((key, f"cannot examine {exc.filename or key}: "
-                                   f"{exc.strerror or exc}"))
+                why = f"cannot examine {exc.filename or key}: {exc.strerror or exc}"
+            else:
+                continue
+            # The setting judged (the first: qemu's check judges it against socket),
+            # at its line when the file gives it, as the start names it.
+            found.append((key, sources.located(judged[0].replace("-", "_"), why)))
     return found
 
 

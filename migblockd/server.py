@@ -132,7 +132,8 @@ class Server(Turns):
                 log.info("%s", note)
         else:
             assert claim is not None, "the daemon claims --socket before it starts the server"
-            bound = bind_claimed(claim)
+            with Sources.of(self.cli, self.file).locating("socket"):
+                bound = bind_claimed(claim)
             sock, self._socket_lock = bound.sock, bound.lock
             self.own_socket = (self.config.socket, bound.inode)
             log.info("listening on %s (mode %04o%s)", self.config.socket,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from migblockd.options import ConfigError, Option, Where, table
 from migblockd.regular import NotRegularFile, TooLarge, read_regular
 from migblockd.trusted_file import check_trusted
 
-__all__ = ["MAX_SIZE", "TOO_DEEP", "line_of", "read_file"]
+__all__ = ["MAX_SIZE", "TOO_DEEP", "FileSettings", "first_lines", "line_of", "read_file"]
 
 #: The largest configuration file read: a policy naming tens of thousands of users
 #: fits; more is a mistake (a log, an image), which would take the memory and,
@@ -38,7 +39,25 @@ TOO_DEEP = "arrays or tables nested too deeply to read"
 _AT_END = "(at end of document)"
 
 
-def read_file(path: Path, settings: type) -> dict[str, Any]:
+class FileSettings(dict[str, Any]):
+    """What a configuration file sets (field name -> checked value), and where.
+
+    A dict, as before, so that every caller that compares or copies the settings
+    is unchanged; and the line of each, for what is found wrong with a value only
+    after the file was read (a ``socket-group`` that names no group): named
+    ``FILE:LINE: key`` as the mistakes found while reading are, since an operator
+    with a long file should not have to search it for the setting.
+    """
+
+    def __init__(self, values: dict[str, Any], path: Path, lines: dict[str, int]) -> None:
+        super().__init__(values)
+        #: The file, as the command line named it.
+        self.path = path
+        #: The line that gives each setting (field name -> number).
+        self.lines = lines
+
+
+def read_file(path: Path, settings: type) -> FileSettings:
     """Read a TOML configuration file into field name -> checked value."""
     try:
         # Not open(): a FIFO would hold the daemon's event loop (a reload) until
@@ -98,7 +117,10 @@ def read_file(path: Path, settings: type) -> dict[str, Any]:
             raise ConfigError(f"{at()}: {key} must be an absolute path in the configuration "
                               f"file (a relative one is taken from the daemon's working "
                               f"directory, which differs between starts), not {value!r}")
-    return values
+    # Field names: a key may be spelled with underscores.
+    lines = {by_key[key.replace("_", "-")].name: number
+             for key, number in first_lines(text).items() if key.replace("_", "-") in by_key}
+    return FileSettings(values, path, lines)
 
 
 #: A key as TOML spells one: bare, "basic" or 'literal'.
@@ -124,26 +146,39 @@ def line_of(text: str, key: str, *within: str) -> int | None:
     follows TOML's strings, comments and brackets from line to line.
     """
     wanted = (key, *within)
-    table: tuple[str, ...] = ()  # the table the lines are in, after its header
     best: tuple[int, int] | None = None  # (keys of wanted given, line) so far
+    for number, given in _given(text):
+        if given[:len(wanted)] == wanted:
+            return number  # the key, or a table or key inside it
+        if wanted[:len(given)] == given and (best is None or len(given) > best[0]):
+            best = (len(given), number)
+    return None if best is None else best[1]
+
+
+def first_lines(text: str) -> dict[str, int]:
+    """The line of ``text`` that gives each top-level key first (``line_of(text, key)``
+    for every key at once: one pass over a text that may be 1 MiB)."""
+    found: dict[str, int] = {}
+    for number, given in _given(text):
+        found.setdefault(given[0], number)
+    return found
+
+
+def _given(text: str) -> Iterator[tuple[int, tuple[str, ...]]]:
+    """Each line of ``text`` that gives a key or a table's header, with the keys
+    (the whole path, from the top) that it gives."""
+    table: tuple[str, ...] = ()  # the table the lines are in, after its header
     quote: str | None = None  # the delimiter of the multi-line string open
     depth = 0  # brackets and braces open
     # Not splitlines(): TOML ends a line at \n only, and a string may hold U+2028.
     for number, line in enumerate(text.split("\n"), 1):
         if quote is None and depth == 0:
-            header = _HEADER.match(line)
-            given = None
-            if header is not None:
-                table = given = _keys(header.group(1))
+            if (header := _HEADER.match(line)) is not None:
+                table = _keys(header.group(1))
+                yield number, table
             elif (found := _KEY_LINE.match(line)) is not None:
-                given = table + _keys(found.group(1))
-            if given is not None:
-                if given[:len(wanted)] == wanted:
-                    return number  # the key, or a table or key inside it
-                if wanted[:len(given)] == given and (best is None or len(given) > best[0]):
-                    best = (len(given), number)
+                yield number, table + _keys(found.group(1))
         quote, depth = _scan(line, quote, depth)
-    return None if best is None else best[1]
 
 
 def _keys(dotted: str) -> tuple[str, ...]:

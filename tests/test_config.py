@@ -431,7 +431,7 @@ async def test_a_reload_that_lowers_the_log_level_still_reports_itself(
     d.wait_for_log("INFO: reloaded configuration: log-level=error")
     d.wait_for_log("WARNING: reload: socket-mode, schema changed, which only a restart applies")
     d.wait_for_log(f"WARNING: reload: with schema as the file now sets it, the next start "
-                   f"would fail: cannot read the schema {missing}")
+                   f"would fail: {path}:3: schema: cannot read the schema {missing}")
     # The level applies once the report is out: a client's change logs nothing now.
     async with d.client() as c:
         await c.ok("add-blocker", {"id": "quiet", "reason": "r"})
@@ -646,8 +646,8 @@ async def test_a_fifo_as_the_schema_is_refused_at_reload(
     path.write_text(f'log-level = "info"\nschema = "{fifo}"\n')
     d.signal(signal.SIGHUP)
     d.wait_for_log(f"WARNING: reload: with schema as the file now sets it, the next start "
-                   f"would fail: {fifo} is not a regular file; --schema takes a QAPI schema "
-                   "file\n")
+                   f"would fail: {path}:2: schema: {fifo} is not a regular file; --schema "
+                   "takes a QAPI schema file\n")
     notify.settimeout(20)
     got = [notify.recv(4096).decode().split("\n")[0] for _ in range(3)]
     assert got == ["READY=1", "RELOADING=1", "READY=1"]
@@ -716,11 +716,12 @@ def test_check_config_gives_the_error_a_start_would(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "message"), [
     # Named as the file sets it, not as an option nobody gave.
     ('socket-group = "no-such-group-here"\n',
-     "{path}: socket-group: there is no group named 'no-such-group-here'"),
+     "{path}:1: socket-group: there is no group named 'no-such-group-here'"),
     ('schema = "/nonexistent/migblockd.json"\n',
-     "cannot read the schema /nonexistent/migblockd.json: No such file or directory"),
-    ('metrics = "no-such-host.invalid:9715"\n', "{path}: metrics no-such-host.invalid:9715: "),
-    ('metrics = "[:1"\n', "{path}: metrics [:1: "),
+     "{path}:1: schema: cannot read the schema /nonexistent/migblockd.json: No such file or "
+     "directory"),
+    ('metrics = "no-such-host.invalid:9715"\n', "{path}:1: metrics no-such-host.invalid:9715: "),
+    ('metrics = "[:1"\n', "{path}:1: metrics [:1: "),
 ])
 def test_check_config_refuses_what_would_stop_the_start(tmp_path: Path, text: str,
                                                          message: str) -> None:
@@ -752,7 +753,7 @@ def test_a_setting_is_named_where_it_came_from(tmp_path: Path) -> None:
     assert (proc.returncode, proc.stdout) == (1, "")
     group, metrics = proc.stderr.splitlines()
     assert group == "migblockd: --socket-group: there is no group named 'no-such-group-either'"
-    assert metrics.startswith(f"migblockd: {path}: metrics [:1: ")
+    assert metrics.startswith(f"migblockd: {path}:2: metrics [:1: ")
 
 
 #: What a metrics host that Python's IDNA codec refuses is told.
@@ -821,8 +822,9 @@ def test_check_config_refuses_a_socket_path_a_start_could_not_bind(tmp_path: Pat
     proc = check_config("--config", str(path), "--ephemeral", *others)
     assert (proc.returncode, proc.stdout) == (1, "")
     # Each says which setting to change, where it is set.
-    assert proc.stderr == (f"migblockd: {taken} exists and is not a socket; refusing to replace "
-                           f"it (move it away, or choose another {setting} in {path})\n")
+    assert proc.stderr == (f"migblockd: {path}:1: {setting}: {taken} exists and is not a "
+                           "socket; refusing to replace it (move it away, or choose another "
+                           f"{setting} in {path})\n")
     long = tmp_path / ("x" * 120)
     proc = check_config("--ephemeral", *others, f"--{setting}", str(long))
     assert proc.returncode == 1
@@ -949,7 +951,7 @@ def test_a_qemu_from_the_file_that_is_the_daemons_own_socket_is_named_as_the_fil
     path.write_text(f'qemu = "{own}"\n')
     path.chmod(0o600)
     refused_alike(["--config", str(path), "--socket", str(own), "--state-dir", str(state)],
-                  f"{path}: qemu {own}: that is migblockd's own socket; qemu in {path} names "
+                  f"{path}:1: qemu {own}: that is migblockd's own socket; qemu in {path} names "
                   "the QMP monitor of the QEMU to gate (its -qmp)")
 
 
@@ -961,13 +963,69 @@ def test_a_state_dir_from_the_file_is_named_as_the_files(tmp_path: Path) -> None
     path.write_text(f'state-dir = "{state}"\n')
     path.chmod(0o600)
     refused_alike(["--config", str(path), "--socket", str(tmp_path / "s.sock")],
-                  f"state directory {state} is not a directory; move it away, or choose "
-                  f"another state-dir in {path}")
+                  f"{path}:1: state-dir: state directory {state} is not a directory; move it "
+                  f"away, or choose another state-dir in {path}")
     # Given on the command line, it is the option that is named.
     refused_alike(["--config", str(path), "--socket", str(tmp_path / "s.sock"),
                    "--state-dir", str(state)],
                   f"state directory {state} is not a directory; move it away, or choose "
                   "another --state-dir")
+
+
+#: A file whose setting of interest is on its fifth line, below a comment, a blank
+#: line and another setting: the line named must be the setting's own.
+LEADING = '# migblockd\n\nlog-level = "info"\nmax-clients = 64\n'
+
+
+@pytest.mark.parametrize("setting", ["socket-group", "schema", "state-dir", "socket",
+                                     "metrics socket", "metrics host", "qemu"])
+def test_a_setting_from_the_file_is_named_with_its_line_by_check_and_start(
+        tmp_path: Path, setting: str) -> None:
+    # Reproduced first: each was named with the file and no line (socket-group,
+    # metrics, qemu) or with no place at all, the setting only at the end ("choose
+    # another state-dir in FILE") or not even that (the schema): an operator with a
+    # long file had to search it.  Now FILE:LINE: key, as the file's other errors.
+    path, sock, state = tmp_path / "m.toml", tmp_path / "s.sock", tmp_path / "state"
+    file = tmp_path / "file"
+    file.write_text("in the way\n")
+    value, message = {
+        "socket-group": ("no-such-group-here",
+                         "socket-group: there is no group named 'no-such-group-here'"),
+        "schema": (f"{tmp_path}/nonexistent.json",
+                   f"schema: cannot read the schema {tmp_path}/nonexistent.json: No such file "
+                   "or directory"),
+        "state-dir": (str(file), f"state-dir: state directory {file} is not a directory; "
+                      f"move it away, or choose another state-dir in {path}"),
+        "socket": (f"{file}/x.sock", f"socket: cannot open the socket's lock file "
+                   f"{file}/x.sock.lock: Not a directory; choose another socket in {path}"),
+        "metrics socket": (f"{file}/m.sock", f"metrics: cannot open the socket's lock file "
+                           f"{file}/m.sock.lock: Not a directory; choose another metrics in "
+                           f"{path}"),
+        "metrics host": ("[:1", "metrics [:1: "),
+        "qemu": (str(sock), f"qemu {sock}: that is migblockd's own socket; qemu in {path} "
+                 "names the QMP monitor of the QEMU to gate (its -qmp)"),
+    }[setting]
+    key = setting.split(maxsplit=1)[0]
+    path.write_text(f'{LEADING}{key} = "{value}"\n')
+    path.chmod(0o600)
+    # The file's setting, not the command line's.
+    others = [arg for k, v in (("socket", sock), ("state-dir", state)) if k != key
+              for arg in (f"--{k}", str(v))]
+    args = ["--config", str(path), *others]
+    expected = f"{path}:5: {message}"
+    proc = check_config(*args)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert proc.stderr.startswith(f"migblockd: {expected}"), proc.stderr
+    start = subprocess.run([sys.executable, "-m", "migblockd", *args],
+                           capture_output=True, text=True, timeout=30)
+    assert start.returncode == 1
+    assert f"ERROR: {proc.stderr.removeprefix('migblockd: ')}" in start.stderr
+    assert "ERROR: " + expected in start.stderr
+    # Given on the command line instead, it is the option that is named, no line.
+    path.write_text(LEADING)
+    proc = check_config(*args, f"--{key}", value)
+    assert (proc.returncode, proc.stdout) == (1, "")
+    assert str(path) not in proc.stderr, proc.stderr
 
 
 def test_check_config_refuses_metrics_at_the_qmp_socket_through_a_symlink(
@@ -1637,7 +1695,7 @@ def test_check_config_socket_activated_leaves_the_socket_to_the_socket_unit(
         args = ["--config", str(path), "--ephemeral", "--socket", str(where)]
         strict = check_config(*args)
         assert (strict.returncode, strict.stdout) == (1, ""), strict
-        assert (f"{path}: socket-group: there is no group named 'no-such-group-here'"
+        assert (f"{path}:1: socket-group: there is no group named 'no-such-group-here'"
                 in strict.stderr)
         activated = check_config("--socket-activated", *args)
         assert (activated.returncode, activated.stderr) == (0, IGNORED_SOCKET + IGNORED_GROUP)
@@ -1799,7 +1857,7 @@ async def test_a_reload_says_when_the_next_start_would_fail(
     d.signal(signal.SIGHUP)
     d.wait_for_log("WARNING: reload: socket-group changed, which only a restart applies")
     d.wait_for_log("WARNING: reload: with socket-group as the file now sets it, the next "
-                   f"start would fail: {path}: socket-group: there is no group named "
+                   f"start would fail: {path}:2: socket-group: there is no group named "
                    "'no-such-group-here'")
     # One that would start says nothing more.
     path.write_text('log-level = "info"\nsocket-group = "0"\n')
@@ -1859,7 +1917,7 @@ async def test_a_reload_says_a_qemu_that_is_its_own_socket_would_fail(
     d.signal(signal.SIGHUP)
     d.wait_for_log("WARNING: reload: qemu changed, which only a restart applies")
     d.wait_for_log(f"WARNING: reload: with qemu as the file now sets it, the next start would "
-                   f"fail: {path}: qemu {d.socket}: that is migblockd's own socket; qemu in "
+                   f"fail: {path}:2: qemu {d.socket}: that is migblockd's own socket; qemu in "
                    f"{path} names the QMP monitor of the QEMU to gate (its -qmp)\n")
     async with d.client() as c:  # still serving, not gating itself
         await c.ok("query-version")

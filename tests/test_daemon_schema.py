@@ -410,7 +410,7 @@ async def test_a_reload_says_a_schema_others_could_have_written_would_stop_the_s
     d.signal(signal.SIGHUP)
     d.wait_for_log("WARNING: reload: schema changed, which only a restart applies")
     d.wait_for_log("WARNING: reload: with schema as the file now sets it, the next start "
-                   f"would fail: {message}\n")
+                   f"would fail: {config}:2: schema: {message}\n")
     async with d.client() as c:  # still serving the schema it started with
         await c.ok("query-version")
     assert d.stop() == 0
@@ -511,7 +511,7 @@ async def test_a_reload_that_changed_another_restart_only_setting_says_a_broken_
     config.write_text(config.read_text().replace('"0600"', '"0660"'))
     d.signal(signal.SIGHUP)
     d.wait_for_log("WARNING: reload: with the schema as its files are now, the next start "
-                   f"would fail: bad schema: {migration}:")
+                   f"would fail: {config}:2: schema: bad schema: {migration}:")
     assert "Traceback" not in d.log()
     assert "checking whether the next start would fail" not in d.log()
     assert d.stop() == 0

@@ -98,7 +98,7 @@ def test_a_directory_owned_by_another_user_is_refused(
         capture_output=True, text=True, check=False, timeout=60)
     assert check.returncode == 0, check
     assert check.stderr.splitlines() == [
-        f"migblockd: {config}: state-dir: {state} belongs to uid {NOBODY} (nobody), not "
+        f"migblockd: {config}:1: state-dir: {state} belongs to uid {NOBODY} (nobody), not "
         "judged here: a daemon running as that user may use it, one running as root "
         "refuses it"], check
 

@@ -208,13 +208,13 @@ async def test_daemon_under_systemd_socket_activate(
         config.write_text(f'log-level = "debug"\nmetrics = "{sock_path}"\n')
         proc.send_signal(signal.SIGHUP)
         await wait_stderr("WARNING: reload: with metrics as the file now sets it, the next "
-                          f"start would fail: {config}: metrics {sock_path}: that is the QMP "
+                          f"start would fail: {config}:2: metrics {sock_path}: that is the QMP "
                           "socket")
         # So is the passed socket as the QEMU to gate.
         config.write_text(f'log-level = "debug"\nqemu = "{sock_path}"\n')
         proc.send_signal(signal.SIGHUP)
         await wait_stderr("WARNING: reload: with qemu as the file now sets it, the next start "
-                          f"would fail: {config}: qemu {sock_path}: that is migblockd's own "
+                          f"would fail: {config}:2: qemu {sock_path}: that is migblockd's own "
                           f"socket; qemu in {config} names")
         await client.close()
 

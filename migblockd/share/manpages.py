@@ -247,7 +247,11 @@ def config_page() -> str:
         escape("An unknown key, or a value of the wrong type or out of range, stops the "
                "daemon at start with a message naming the file, the line and the key "
                "(FILE:LINE: max-clients must be at least 1). On SIGHUP such a file is refused "
-               "as a whole and the daemon keeps its settings."),
+               "as a whole and the daemon keeps its settings. A value found wrong only when "
+               "used (a socket-group that names no group, a state-dir that is a file) stops "
+               "the start, and fails migblockd --check-config, at its line too "
+               "(FILE:LINE: socket-group: there is no group named 'kvm-users'); given on the "
+               "command line, it is named as the option (--socket-group: ...)."),
         ".PP",
         escape("A reload applies " + (", ".join(reloadable) if reloadable else "no setting")
                + "; the other settings take effect only when the daemon starts."),

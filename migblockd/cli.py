@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
             _fail(*(why for _, why in found))
         notes = [*ignored(config, socket_passed=config.socket_activated),
                  *unjudged(config, socket_passed=config.socket_activated, sources=sources),
-                 *warnings(config)]
+                 *warnings(config, sources)]
         if notes:
             from migblockd.logs.journal import for_stderr  # noqa: PLC0415 - keeps --help fast
 

@@ -277,6 +277,9 @@ class Sources:
     from_file: frozenset[str] = frozenset()
     #: The line of the file that gives each setting (field name -> number).
     lines: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    #: The first line that gives each key path inside a setting (``access``,
+    #: ``users``, ``alice``), or a key inside it.
+    entries: Mapping[tuple[str, ...], int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, cli: Mapping[str, Any], file: Mapping[str, Any] | None) -> Sources:
@@ -285,8 +288,10 @@ class Sources:
         path = cli.get("config")
         if path is None or not file:
             return cls()
-        lines = file.lines if isinstance(file, settings_file.FileSettings) else {}
-        return cls(Path(path), frozenset(k for k in file if cli.get(k) is None), lines)
+        if not isinstance(file, settings_file.FileSettings):
+            return cls(Path(path), frozenset(k for k in file if cli.get(k) is None))
+        return cls(Path(path), frozenset(k for k in file if cli.get(k) is None), file.lines,
+                   file.entries)
 
     def named(self, name: str) -> str:
         """The setting (a field name) as a message's subject: ``FILE:LINE: metrics``,
@@ -295,6 +300,19 @@ class Sources:
         if name not in self.from_file:
             return f"--{key}"
         line = self.lines.get(name)
+        return f"{self.file}: {key}" if line is None else f"{self.file}:{line}: {key}"
+
+    def entry(self, name: str, *keys: str) -> str:
+        """The key ``keys`` of the table setting ``name`` (``access``: ``users``,
+        ``alice``) as a message's subject: ``FILE:LINE: access`` with the entry's own
+        line (else the deepest table's holding it: an inline table's), ``access``
+        without a file."""
+        key = name.replace("_", "-")
+        if name not in self.from_file:
+            return key
+        wanted = (key, *keys)
+        line = next((self.entries[wanted[:end]] for end in range(len(wanted), 1, -1)
+                     if wanted[:end] in self.entries), self.lines.get(name))
         return f"{self.file}: {key}" if line is None else f"{self.file}:{line}: {key}"
 
     def choice(self, name: str) -> str:

@@ -18,6 +18,7 @@ ignored, and logged (``migblockd.early``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -236,7 +237,9 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     # The policy's names and the restored owners' names and roles, off the loop from
     # now: a user or group database that does not answer holds no start (root's
     # clients are served, and the others wait, as at a reload: migblockd.judge).
-    looking = asyncio.ensure_future(core.start_access())
+    # The policy's warnings name each entry at its line of the file.
+    looking = asyncio.ensure_future(core.start_access(
+        functools.partial(Sources.of(cli, file).entry, "access")))
     if len(registry):
         # Encoded and joined before the first poll, not during it (100,000 blockers:
         # about 70 ms of the only thread).

@@ -34,6 +34,7 @@ the locks SQLite holds on it.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Callable, Collection
@@ -276,7 +277,7 @@ def kept_out_notes(config: Config, *, socket_passed: bool) -> list[str]:
     return [] if why is None else [why]
 
 
-def warnings(config: Config) -> list[str]:
+def warnings(config: Config, sources: Sources = COMMAND_LINE) -> list[str]:
     """What a start with ``config`` would warn of, each as one line, for
     ``--check-config`` to print: names in the access policy that the databases do
     not know (a typo, or an account still to be made), the pass-through's, and a
@@ -287,7 +288,8 @@ def warnings(config: Config) -> list[str]:
     (``ExecReload=``), and a database that does not answer held it until systemd's
     timeout, for warnings that change nothing.  That they were not checked is said."""
     def looked_up() -> tuple[list[str], list[str]]:
-        return (policy_warnings(Resolver(config.access, os.geteuid())),
+        return (policy_warnings(Resolver(config.access, os.geteuid()),
+                                functools.partial(sources.entry, "access")),
                 socket_group_notes(config, socket_passed=config.socket_activated)
                 + kept_out_notes(config, socket_passed=config.socket_activated))
 

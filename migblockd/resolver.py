@@ -28,7 +28,7 @@ A connection whose credentials the kernel did not give has ``default-role``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -250,15 +250,15 @@ class Resolver:
                 role = by_name
         return role
 
-    def overruled(self) -> list[str]:
+    def overruled(self) -> list[Flagged]:
         """``users`` entries that give root or the daemon's user less than admin,
         which they always are (to warn: the policy does not do what it says)."""
         admins = {0, self.daemon_uid}
-        return [f"user {key!r} role {role}" for key, role in self.policy.users
+        return [(("users", key), f"user {key!r} role {role}") for key, role in self.policy.users
                 if role < Role.ADMIN
                 and (int(key) if is_number(key) else uid_of(key)) in admins]
 
-    def shadowed(self) -> list[str]:
+    def shadowed(self) -> list[Flagged]:
         """``users`` entries by name that an entry by number for the same uid
         overrides with another role (to warn: the name's entry never applies,
         however specific it looks, since the number is looked up first)."""
@@ -267,10 +267,11 @@ class Resolver:
             uid = uid_of(name)
             by_number = None if uid is None else self._users_by_id.get(uid)
             if by_number is not None and by_number != role and uid not in (0, self.daemon_uid):
-                shadowed.append(f"user {name!r} role {role} and its uid {uid} role {by_number}")
+                shadowed.append((("users", name), f"user {name!r} role {role} and its uid "
+                                 f"{uid} role {by_number}"))
         return shadowed
 
-    def named_like_numbers(self) -> list[str]:
+    def named_like_numbers(self) -> list[Flagged]:
         """Entries by number that are also the name of another user or group (to
         warn: the entry applies to the id, not to the one so named)."""
         found = []
@@ -278,15 +279,18 @@ class Resolver:
             for key, role in pairs:
                 other = named_like(key, kind)
                 if other is not None:
-                    found.append(f"{kind} {key!r} role {role}: a number is read as an id, "
-                                 f"but a {kind} is named {key!r} (id {other}); to mean "
-                                 f"that {kind}, give {other}")
+                    found.append(((f"{kind}s", key),
+                                  f"{kind} {key!r} role {role}: a number is read as an id, "
+                                  f"but a {kind} is named {key!r} (id {other}); to mean "
+                                  f"that {kind}, give {other}"))
         return found
 
-    def unknown_names(self) -> list[str]:
+    def unknown_names(self) -> list[Flagged]:
         """Names in the policy that the user and group databases do not know (to warn)."""
-        missing = [f"user {n!r}" for n in self._users_by_name if uid_of(n) is None]
-        missing += [f"group {n!r}" for n in self._groups_by_name if group_id(n) is None]
+        missing = [(("users", n), f"user {n!r}") for n in self._users_by_name
+                   if uid_of(n) is None]
+        missing += [(("groups", n), f"group {n!r}") for n in self._groups_by_name
+                    if group_id(n) is None]
         return missing
 
 
@@ -301,25 +305,39 @@ def _split(pairs: Iterable[tuple[str, Role]]) -> tuple[dict[int, Role], dict[str
     return by_id, by_name
 
 
-def policy_warnings(resolver: Resolver) -> list[str]:
+#: An entry of the policy (its table, ``users`` or ``groups``, and its key as the
+#: file gives it) and what is said of it.
+Flagged = tuple[tuple[str, str], str]
+
+
+def _unplaced(*keys: str) -> str:
+    return "access"
+
+
+def policy_warnings(resolver: Resolver,
+                    where: Callable[..., str] = _unplaced) -> list[str]:
     """What the start and each reload warn of in the access policy (and
     ``--check-config`` prints): none stops the daemon, each is a policy that does
-    not do what it says."""
+    not do what it says.  ``where(*keys)``: how a line names the entry ``keys`` of
+    the table (``users``, ``alice``): ``FILE:LINE: access`` from the file that
+    gives it (``Sources.entry``), so that a long policy need not be searched."""
     # Not an error: the user may be created later (it counts after a reload).
-    lines = [f"access: the policy names {name}, which does not exist"
-             for name in resolver.unknown_names()]
-    lines += [f"access: the policy gives {entry}, but root and the daemon's own user are "
-              "always admin" for entry in resolver.overruled()]
-    lines += [f"access: the policy gives {entry}: the entry by number applies (a user's uid "
-              "is looked up before its name); give the user one entry"
-              for entry in resolver.shadowed()]
-    lines += [f"access: the policy gives {entry}" for entry in resolver.named_like_numbers()]
+    lines = [f"{where(*keys)}: the policy names {name}, which does not exist"
+             for keys, name in resolver.unknown_names()]
+    lines += [f"{where(*keys)}: the policy gives {entry}, but root and the daemon's own "
+              "user are always admin" for keys, entry in resolver.overruled()]
+    lines += [f"{where(*keys)}: the policy gives {entry}: the entry by number applies (a "
+              "user's uid is looked up before its name); give the user one entry"
+              for keys, entry in resolver.shadowed()]
+    lines += [f"{where(*keys)}: the policy gives {entry}"
+              for keys, entry in resolver.named_like_numbers()]
     if resolver.policy.default_role is Role.ADMIN:
         # Access control is then off for whoever the socket's mode lets in (with 0666,
         # every local user): said, as the other roles' limits are the point of a policy.
-        lines.append("access: default-role is admin: every user who can connect to the "
-                     "socket, and any client whose uid the kernel did not report, is an "
-                     "admin, who may migrate to an exec: URI (QEMU runs the command as its "
-                     "own user), run the commands forwarded to QEMU and delete any blocker; "
-                     "give admin in users or groups to those who need it instead")
+        lines.append(f"{where('default-role')}: default-role is admin: every user who can "
+                     "connect to the socket, and any client whose uid the kernel did not "
+                     "report, is an admin, who may migrate to an exec: URI (QEMU runs the "
+                     "command as its own user), run the commands forwarded to QEMU and "
+                     "delete any blocker; give admin in users or groups to those who need it "
+                     "instead")
     return lines

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from migblockd import logs
@@ -176,16 +176,19 @@ class Roster:
             self.guard.judge.wait(conn.owner, functools.partial(self._rejudged, conn))
         return roles
 
-    async def start_access(self) -> None:
+    async def start_access(self, where: Callable[..., str] | None = None) -> None:
         """The start's look-ups, for a core made ``deferred``: the policy's names, and
         the names and roles of the restored blockers' owners, asked off the loop and
         applied at once when they answer, as a reload's are.  The daemon serves
         meanwhile: root and its own uid at once, the others once these answer (then
-        their own look-ups)."""
+        their own look-ups).  ``where``: how the policy's warnings name an entry
+        (:func:`migblockd.resolver.policy_warnings`), at its line of the file."""
         guard = self.guard
         policy, quotas = guard.policy, guard.quotas
         try:
-            prepared = await guard.judge.prepare(policy, self.connections, policy_warnings,
+            warnings_of = (policy_warnings if where is None
+                           else functools.partial(policy_warnings, where=where))
+            prepared = await guard.judge.prepare(policy, self.connections, warnings_of,
                                                  start=True)
         except Exception:
             # A bug (a look-up with no thread to run on is made on the loop already):

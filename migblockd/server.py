@@ -257,8 +257,11 @@ class Server(Turns):
             # The new policy's roles of the connected uids, and the names of the
             # blockers' owners, are looked up afresh off the loop: clients are
             # served meanwhile, under the running policy (migblockd.judge).
+            # Its warnings name an entry at its line in the file as now read.
             prepared = await self.core.guard.judge.prepare(
-                fresh.access, self.core.connections, policy_warnings)
+                fresh.access, self.core.connections, functools.partial(
+                    policy_warnings, where=functools.partial(
+                        Sources.of(self.cli, file).entry, "access")))
         except Exception as exc:  # no thread for it
             log.error("reload failed, keeping the running configuration: the user and "
                       "group databases could not be asked: %s", exc)

@@ -26,7 +26,7 @@ from migblockd.options import ConfigError, Option, Where, table
 from migblockd.regular import NotRegularFile, TooLarge, read_regular
 from migblockd.trusted_file import check_trusted
 
-__all__ = ["MAX_SIZE", "TOO_DEEP", "FileSettings", "first_lines", "line_of", "read_file"]
+__all__ = ["MAX_SIZE", "TOO_DEEP", "FileSettings", "key_lines", "line_of", "read_file"]
 
 #: The largest configuration file read: a policy naming tens of thousands of users
 #: fits; more is a mistake (a log, an image), which would take the memory and,
@@ -49,12 +49,16 @@ class FileSettings(dict[str, Any]):
     with a long file should not have to search it for the setting.
     """
 
-    def __init__(self, values: dict[str, Any], path: Path, lines: dict[str, int]) -> None:
+    def __init__(self, values: dict[str, Any], path: Path, lines: dict[str, int],
+                 entries: dict[tuple[str, ...], int] | None = None) -> None:
         super().__init__(values)
         #: The file, as the command line named it.
         self.path = path
         #: The line that gives each setting (field name -> number).
         self.lines = lines
+        #: The first line that gives each key path of a table (``access``, ``users``,
+        #: ``alice``), or a key inside it (:func:`key_lines`).
+        self.entries = {} if entries is None else entries
 
 
 def read_file(path: Path, settings: type) -> FileSettings:
@@ -117,10 +121,17 @@ def read_file(path: Path, settings: type) -> FileSettings:
             raise ConfigError(f"{at()}: {key} must be an absolute path in the configuration "
                               f"file (a relative one is taken from the daemon's working "
                               f"directory, which differs between starts), not {value!r}")
-    # Field names: a key may be spelled with underscores.
-    lines = {by_key[key.replace("_", "-")].name: number
-             for key, number in first_lines(text).items() if key.replace("_", "-") in by_key}
-    return FileSettings(values, path, lines)
+    # One pass over the text for every key.  Field names for the settings (a key
+    # may be spelled with underscores); the entries of the tables (access's users
+    # and groups), which a warning names with their own line, under the key with
+    # dashes.
+    found = key_lines(text)
+    lines = {by_key[given[0].replace("_", "-")].name: number
+             for given, number in found.items()
+             if len(given) == 1 and given[0].replace("_", "-") in by_key}
+    entries = {(given[0].replace("_", "-"), *given[1:]): number
+               for given, number in found.items() if len(given) > 1}
+    return FileSettings(values, path, lines, entries)
 
 
 #: A key as TOML spells one: bare, "basic" or 'literal'.
@@ -155,12 +166,14 @@ def line_of(text: str, key: str, *within: str) -> int | None:
     return None if best is None else best[1]
 
 
-def first_lines(text: str) -> dict[str, int]:
-    """The line of ``text`` that gives each top-level key first (``line_of(text, key)``
-    for every key at once: one pass over a text that may be 1 MiB)."""
-    found: dict[str, int] = {}
+def key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The first line of ``text`` that gives each key path, or a key inside it:
+    ``line_of(text, *path)`` for every path at once, one pass over a text that
+    may be 1 MiB."""
+    found: dict[tuple[str, ...], int] = {}
     for number, given in _given(text):
-        found.setdefault(given[0], number)
+        for end in range(1, len(given) + 1):
+            found.setdefault(given[:end], number)
     return found
 
 

@@ -150,8 +150,9 @@ def test_users_by_number_and_by_name(accounts: dict[str, Account]) -> None:
     twice = Resolver(Policy.of(users={"mbt-alice": OPERATOR, alice.uid: CLIENT,
                                       "mbt-bob": OBSERVER, bob.uid: OBSERVER}), DAEMON_UID)
     assert twice.role(alice.uid, alice.gid) is CLIENT
-    assert twice.shadowed() == [
-        f"user 'mbt-alice' role operator and its uid {alice.uid} role client"]
+    assert twice.shadowed() == [(
+        ("users", "mbt-alice"), f"user 'mbt-alice' role operator and its uid {alice.uid} "
+        "role client")]
 
 
 def test_a_subordinate_uid_gets_at_most_its_owners_role(
@@ -291,7 +292,8 @@ def test_the_cache_is_bounded() -> None:
 def test_names_the_databases_do_not_know_are_reported(accounts: dict[str, Account]) -> None:
     r = Resolver(Policy.of(users={"mbt-alice": ADMIN, "mbt-ghost": ADMIN, 5: ADMIN},
                            groups={"mbt-admins": ADMIN, "mbt-nogroup": ADMIN}), DAEMON_UID)
-    assert r.unknown_names() == ["user 'mbt-ghost'", "group 'mbt-nogroup'"]
+    assert r.unknown_names() == [(("users", "mbt-ghost"), "user 'mbt-ghost'"),
+                                 (("groups", "mbt-nogroup"), "group 'mbt-nogroup'")]
     assert group_id("mbt-admins") == accounts["mbt-admins"].gid
     assert group_id("12345") == 12345
     assert group_id("mbt-nogroup") is None

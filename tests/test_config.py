@@ -1935,8 +1935,8 @@ def test_a_group_named_by_a_number_that_a_group_also_is_named_is_warned_of(
     gid = grp.getgrnam(named).gr_gid
     path = tmp_path / "m.toml"
     path.write_text(f'socket-group = "{named}"\n[access]\ngroups = {{ "{named}" = "admin" }}\n')
-    warnings = [f"access: the policy gives group '{named}' role admin: a number is read as "
-                f"an id, but a group is named '{named}' (id {gid}); to mean that group, "
+    warnings = [f"{path}:3: access: the policy gives group '{named}' role admin: a number is "
+                f"read as an id, but a group is named '{named}' (id {gid}); to mean that group, "
                 f"give {gid}",
                 f"socket-group {named} is read as gid {named}, but a group is named "
                 f"'{named}' (gid {gid}); to mean that group, give {gid}"]
@@ -1949,6 +1949,37 @@ def test_a_group_named_by_a_number_that_a_group_also_is_named_is_warned_of(
     assert daemon.socket.stat().st_gid == int(named)  # the number, as systemd reads it
 
 
+async def test_an_access_entry_the_start_warns_of_is_named_with_its_line(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first: "access: the policy names user 'mbt-no-such-user', which does
+    # not exist", with neither file nor line, at start, at reload and from
+    # --check-config: an operator with a long [access] table had to search it.
+    path = tmp_path / "m.toml"
+    path.write_text(f'{LEADING}[access]\ndefault-role = "client"\n\n[access.users]\n'
+                    'root = "operator"\nmbt-no-such-user = "operator"\n'
+                    '[access.groups]\nmbt-no-such-group = "client"\n')
+    warnings = [f"{path}:10: access: the policy names user 'mbt-no-such-user', which does "
+                "not exist",
+                f"{path}:12: access: the policy names group 'mbt-no-such-group', which does "
+                "not exist",
+                f"{path}:9: access: the policy gives user 'root' role operator, but root and "
+                "the daemon's own user are always admin"]
+    proc = check_config("--config", str(path))
+    assert proc.returncode == 0
+    assert proc.stderr == "".join(f"migblockd: {line}\n" for line in warnings)
+    daemon = start_daemon("--config", str(path), "--ephemeral")
+    daemon.wait_for_log(f"WARNING: {warnings[0]}\n")
+    for line in warnings:
+        assert f"WARNING: {line}\n" in daemon.log()
+    # An entry of an inline table, at the reload: the line of the table.
+    path.write_text(f'{LEADING}\n[access]\nusers = {{ mbt-no-such-user = "operator" }}\n')
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log(f"WARNING: {path}:7: access: the policy names user "
+                        "'mbt-no-such-user', which does not exist\n")
+    assert daemon.stop() == 0
+
+
 def test_check_config_prints_what_the_start_would_warn_of(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:
@@ -1958,7 +1989,8 @@ def test_check_config_prints_what_the_start_would_warn_of(
     path = tmp_path / "m.toml"
     path.write_text('qemu-passthrough = ["query-status"]\n'
                     '[access]\nusers = { mbt-no-such-user = "operator" }\n')
-    warnings = ["access: the policy names user 'mbt-no-such-user', which does not exist",
+    warnings = [f"{path}:3: access: the policy names user 'mbt-no-such-user', which does "
+                "not exist",
                 "qemu-passthrough: query-status not forwarded: there is no QEMU to forward "
                 "to without qemu (--qemu SOCKET)"]
     proc = check_config("--config", str(path))

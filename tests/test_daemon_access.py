@@ -919,13 +919,15 @@ def test_a_default_role_of_admin_is_warned_of_at_check_config_start_and_reload(
     # and the start in silence, and then every local user could migrate to an exec: URI.
     config = '[access]\ndefault-role = "admin"\n'
     daemon = serve(config)
+    path = daemon.socket.parent / "migblockd.toml"
     checked = subprocess.run(
         [sys.executable, "-m", "migblockd", "--check-config", "--socket-mode", "0666",
-         "--config", str(daemon.socket.parent / "migblockd.toml")],
+         "--config", str(path)],
         capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0
-    assert f"migblockd: {ADMIN_DEFAULT}" in checked.stderr
-    daemon.wait_for_log(f"WARNING: {ADMIN_DEFAULT}")
+    # Named at the line of default-role, as a refused entry is.
+    assert f"migblockd: {path}:2: {ADMIN_DEFAULT}" in checked.stderr
+    daemon.wait_for_log(f"WARNING: {path}:2: {ADMIN_DEFAULT}")
     # What it warns of: a user no entry names runs a command as QEMU's user.
     connect(daemon, accounts["mbt-bob"]).ok("migrate", {"uri": "exec:true"})
     reload(daemon, config + "\n")

@@ -145,7 +145,7 @@ class ScrapeServer(WSGIServer):
         self._crowded = [0, 0]
         self._warn_from = 0.0
         self._warn_at: float | None = None
-        self.pool = Pool(self._serve)
+        self.pool = Pool(self._serve, MAX_SCRAPES)
         # When each connection must be over (REQUEST_DEADLINE), for service_actions.
         self._deadlines: dict[socket.socket, float] = {}
         # When the latest parses started; those waiting, in order, each with its event.

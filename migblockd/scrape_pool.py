@@ -7,9 +7,15 @@ connection, and a timer thread for its deadline, cost the daemon 60 to 70% of
 a core under 32 local clients that only connected and closed (some 1,000
 connections a second), on the core the event loop shares; at a fixed 900
 connections a second, a pool took a third of that.  A worker is started when
-the connections admitted outnumber the workers, so there are never more than
-the connections served at once (``MAX_SCRAPES``), and it stays for the next
+the connections admitted outnumber the workers, never more than the connections
+served at once (``MAX_SCRAPES``, the pool's ``most``), and it stays for the next
 ones: an idle endpoint keeps at most that many threads, asleep.
+
+``most`` is a bound of its own, not left to the count of jobs: a worker frees its
+connection's slot as the last thing it serves, a moment before it takes the next
+job, and a connection admitted in that moment finds every worker with a job.
+Counted alone, that started one more, kept for good (17 after seconds of churn);
+bounded, it waits the moment for the worker that freed its slot.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ __all__ = ["Pool"]
 class Pool:
     """Threads that run ``serve(job)`` for each job handed over, one job at a time each."""
 
-    def __init__(self, serve: Callable[[Any], None]) -> None:
+    def __init__(self, serve: Callable[[Any], None], most: int) -> None:
         self._serve = serve
+        self._most = most  # workers at most: as many jobs as the caller serves at once
         # Jobs handed over, oldest first; None: a worker's end, at the stop.
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
@@ -35,13 +42,14 @@ class Pool:
         self._lock = threading.Lock()
 
     def hand(self, job: Any) -> None:
-        """Have ``job`` served, by a new worker if every one has a job already.
+        """Have ``job`` served, by a new worker if every one has a job already and
+        there are fewer than ``most`` (else by the first to be free).
 
         RuntimeError when that worker cannot be started (RLIMIT_NPROC, a cgroup's
         ``pids.max``): ``job`` is not taken, and is the caller's to turn away."""
         with self._lock:
             self._held += 1
-            short = self._held > len(self._workers)
+            short = self._held > len(self._workers) and len(self._workers) < self._most
         if short:
             worker = threading.Thread(target=self._work, name="migblockd-metrics-worker",
                                       daemon=True)
@@ -53,7 +61,8 @@ class Pool:
                 raise
             with self._lock:
                 self._workers.append(worker)
-        # Each job held has a worker: the one served before it frees one for it.
+        # Each job held has a worker: the one served before it frees one for it (the
+        # caller holds at most ``most`` at once, one just freed included).
         self._jobs.put(job)
 
     def _work(self) -> None:

@@ -128,7 +128,7 @@ async def run(config: Config, cli: dict[str, Any], *,
             # Came while the socket was claimed: no restore is begun for it.
             log.info(STOPPED_STARTING, name)
             return
-        progress = StartProgress(notifier)
+        progress = StartProgress(notifier, stop_asked)
         store = open_state(config, registry, sources, progress)
         if (name := stop_asked()) is not None:
             # Not sooner: the restore is not cut short (it may be migrating an

@@ -262,6 +262,16 @@ class Notifier(Delivery):
         if self._stream is not None and self._address is not None:
             self._deliver((f"EXTEND_TIMEOUT_USEC={EXTEND_SEC * 1_000_000}", f"STATUS={text}"))
 
+    def say(self, status: str) -> None:
+        """``STATUS=status`` alone, at once: :meth:`extend`'s, for a start that no
+        longer asks for more time (a stop came while it restored)."""
+        text = _one_line(status)
+        if self._stopping or text == self._last_status:
+            return
+        self._last_status = text
+        if self._stream is not None and self._address is not None:
+            self._deliver((f"STATUS={text}",))
+
     async def reloading(self) -> None:
         # Type=notify-reload (systemd 253+) requires MONOTONIC_USEC with
         # RELOADING=1 so that it can tell this reload from an earlier one.

@@ -11,6 +11,7 @@ installed copy (and its packaged schema) is what runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -30,6 +31,7 @@ import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log, spawn_daemon, wait_ready
 from qmpclient import encode, strict_loads
 
+from benchmarks.scale import preload
 from migblockd.cli import command_line
 from migblockd.config import build
 from migblockd.daemon import run
@@ -547,3 +549,36 @@ async def test_a_stop_that_comes_after_the_restore_is_seen_once_the_loop_handles
     assert not [m for m in caplog.messages if "ready on" in m or "reload" in m]
     assert caplog.messages[-1] == "stopped"
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_stop_during_the_restore_asks_systemd_for_no_more_time(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+        notify: socket.socket) -> None:
+    # Found by review of the start's progress: a SIGTERM that came while a big
+    # state was restored (systemctl stop during a long start) was kept until the
+    # restore was over, as documented, but each step of the restore still sent
+    # EXTEND_TIMEOUT_USEC=, which systemd reads while it stops the unit as more
+    # time for the stop: TimeoutStopSec= was pushed back for as long as the
+    # restore lasted (minutes for a million blockers), under a STATUS= that said
+    # "restoring ... blockers", then "preparing to serve".  From the stop on, the
+    # start asks for no more time, and says it is stopping.
+    state = short_tmp / "state"
+    state.mkdir(mode=0o700)
+    preload(state, 100_000)
+    d = start_daemon("--state-dir", str(state), "--log-level", "info", wait=False,
+                     env=dict(os.environ, NOTIFY_SOCKET=str(short_tmp / "notify")))
+    notify.settimeout(30)
+    while "STATUS=reading 0 of 100000 blockers" not in (first := notify.recv(4096).decode()):
+        assert "restoring" not in first, first  # the reading is where the stop comes
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(60) == 0
+    notify.settimeout(0)
+    after = []
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            after.append(notify.recv(4096).decode())
+    # (A message or two of the reading may have been sent before the signal came.)
+    assert not [m for m in after if "restoring" in m or "preparing" in m], after
+    assert after[-1] == ("STATUS=stopping: SIGTERM received while starting; the start "
+                         "ends once the restore is over"), after
+    d.wait_for_log("received SIGTERM while starting: stopping before serving")

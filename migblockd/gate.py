@@ -236,12 +236,15 @@ class GateHandlers(StartChecks):
         return Parts([*head, *between, theirs.encode("ascii"), b"]"])
 
     def _qemu_mode(self) -> str:
-        """The mode of the blockers the connected QEMU's ``query-migrate`` lists: its
-        current mode's (QEMU 8.2 and later), which migblockd sets to its own.  A QEMU
-        older than 8.2 has no modes: its blockers refuse its one kind of migration,
-        ``normal``, whatever migblockd's mode (which stays migblockd's alone)."""
-        return self.registry.mode if self.qemu.knows("migrate-set-parameters",
-                                                     "mode") else "normal"
+        return self.qemu_mode(self.registry.mode)
+
+    def qemu_mode(self, ours: str) -> str:
+        """The mode of the blockers the connected QEMU's ``query-migrate`` lists, with
+        migblockd's mode ``ours``: its current mode's (QEMU 8.2 and later), which
+        migblockd sets to its own.  A QEMU older than 8.2 has no modes: its blockers
+        refuse its one kind of migration, ``normal``, whatever migblockd's mode (which
+        stays migblockd's alone).  (The metrics count them in this mode too.)"""
+        return ours if self.qemu.knows("migrate-set-parameters", "mode") else "normal"
 
     def _qemu_blocker(self, n: int, reason: str, mode: str) -> dict[str, Any]:
         # QEMU lists the blockers of its current mode; it says nothing of when

@@ -187,7 +187,8 @@ class DaemonCollector(Collector):
         if isinstance(handlers, GateHandlers):
             seen = handlers.qemu.blockers
             if handlers.qemu.connected and seen is not None:
-                blockers.add_metric(["qemu", current], seen)  # QEMU lists its current mode's
+                # As query-blockers lists them: QEMU's current mode's (normal before 8.2).
+                blockers.add_metric(["qemu", handlers.qemu_mode(current)], seen)
         yield blockers
         oldest = committed.oldest(current)
         if oldest is not None:

@@ -246,6 +246,29 @@ def test_blocked_since_is_the_oldest_blocker_of_the_current_mode() -> None:
     assert key("migblockd_blocked_since_seconds") not in scrape(core).samples
 
 
+def test_gate_counts_qemu_7_2s_own_blockers_in_the_mode_query_blockers_lists_them() -> None:
+    # Found by review of 295d206: query-blockers lists the blockers of a QEMU older
+    # than 8.2 (no modes: they refuse its only migration, a normal one) in mode
+    # normal, whatever migblockd's mode; the gauge still counted them under
+    # migblockd's mode, so that in mode cpr-reboot a scrape said a cpr-reboot
+    # blocker of QEMU's that query-blockers with mode cpr-reboot does not list.
+    registry = Registry(CONTRACT.enums["MigMode"], clock=FakeClock())
+    registry.restore([], mode="cpr-reboot", events=False, id_floor=0)
+    facts = QemuFacts(Path("/run/vm.qmp"), connected=True, version="7.2.0",
+                      commands={"migrate": frozenset({"uri"})})
+    core = Core(CONTRACT, registry, Config().limits, policy=Policy.of(Role.ADMIN),
+                handlers=GateHandlers(CONTRACT, registry, facts))
+    conn = connect(core, ADMIN)
+    run(core, conn, {"execute": "query-blockers"})
+    assert len(core.take_calls()) == 1
+    core.resume(conn, {"blocked-reasons": ["vdi"]})
+    [reply] = run(core, conn)
+    assert [b["modes"] for b in reply["return"]] == [["normal"]]
+    metrics = scrape(core)
+    assert metrics.value("migblockd_blockers", source="qemu", mode="normal") == 1
+    assert key("migblockd_blockers", source="qemu", mode="cpr-reboot") not in metrics.samples
+
+
 def test_commits_are_timed_and_failures_counted_only_with_durable_state() -> None:
     core, _ = make(durable=True)
     core.stats.commit(2_000_000, True)  # 2 ms, as the server reports a group commit

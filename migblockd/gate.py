@@ -206,8 +206,7 @@ class GateHandlers(StartChecks):
         ours = super().query_blockers(conn, args)
         assert isinstance(ours, Parts)
         mode = args.get("mode")
-        if not self.qemu.present or (mode is not None and self.qemu.connected
-                                     and mode != self._qemu_mode()):
+        if not self.qemu.present or (mode is not None and mode not in self._qemu_modes()):
             return ours
         try:
             info = yield Call("query-migrate", {})
@@ -237,6 +236,14 @@ class GateHandlers(StartChecks):
 
     def _qemu_mode(self) -> str:
         return self.qemu_mode(self.registry.mode)
+
+    def _qemu_modes(self) -> tuple[str, ...]:
+        """The modes QEMU's own blockers may be listed in: the connected QEMU's; of one
+        not set up yet (its version unknown), migblockd's or ``normal``.  Another
+        mode lists none of them, and needs no answer of a QEMU that may not give one."""
+        if self.qemu.connected:
+            return (self._qemu_mode(),)
+        return (self.registry.mode, "normal")
 
     def qemu_mode(self, ours: str) -> str:
         """The mode of the blockers the connected QEMU's ``query-migrate`` lists, with

@@ -642,3 +642,21 @@ def test_an_answer_handled_after_its_connection_was_lost_teaches_nothing() -> No
     reply = feed(core, a, b'{"execute": "add-blocker", "arguments": {"reason": "r"}}')
     assert reply[-1]["error"]["desc"].startswith("disallowing migration blocker")
     assert core.take_calls() == []
+
+
+def test_query_blockers_of_a_mode_no_qemu_lists_asks_no_qemu_not_set_up() -> None:
+    # Found by review of 295d206: while a QEMU that accepted the connection has not
+    # been set up (not greeted yet: a stopped or busy QEMU), query-blockers of a mode
+    # that neither migblockd's current mode nor normal (QEMU 7.2's only one) is, and
+    # so can list none of QEMU's blockers whatever QEMU it is, waited for QEMU's
+    # query-migrate, and failed with it ("QEMU's own blockers cannot be listed"),
+    # where before it answered at once with migblockd's.
+    core, facts = make(connected=False)
+    facts.greeting_awaited = lambda: True
+    a = connected(core)
+    reply = feed(core, a, b'{"execute": "query-blockers", "arguments": {"mode": "cpr-exec"}}')
+    assert reply == [{"return": []}]
+    assert core.take_calls() == []
+    # Of normal (the current mode here, and QEMU 7.2's), QEMU's are asked for.
+    assert feed(core, a, b'{"execute": "query-blockers", "arguments": {"mode": "normal"}}') == []
+    assert [call.name for _, call in core.take_calls()] == ["query-migrate"]

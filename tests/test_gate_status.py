@@ -172,8 +172,12 @@ def migration_status(receiver: socket.socket, wanted: Callable[[str], bool]) -> 
         except TimeoutError:
             break
         for line in datagram.splitlines():
+            # Not the start's progress (STATUS=opening the state in ...), which says
+            # nothing of a migration and would be read as the migration "".
+            if not line.startswith("STATUS=") or ", migration: " not in line:
+                continue
             migration = line.partition(", migration: ")[2].partition(", QEMU ")[0]
-            if line.startswith("STATUS=") and wanted(migration):
+            if wanted(migration):
                 return migration
     raise AssertionError(f"no such STATUS= within {WITHIN:g} s")
 

@@ -17,8 +17,10 @@ them blocked would never hear its SIGTERM.
 The handlers only keep what came: a SIGHUP is carried out as a reload once the
 daemon is ready; a SIGTERM or SIGINT stops the start once the restore is over
 (so a stop never interrupts the restore's reads or its migration of an older
-database), without serving.  That is a wait of seconds at most: 100,000
-blockers restore in about three; SIGKILL does not wait.
+database), without serving.  That is a wait of seconds for 100,000 blockers
+(about three), minutes for 1,000,000 on a loaded machine, which systemd's
+TimeoutStopSec= bounds (migblockd.progress asks no more time once a stop came);
+SIGKILL does not wait.
 
 SIGUSR1 and SIGUSR2 mean nothing to the daemon, and their default action
 would end it without a line, leaving its socket behind: someone who sends one

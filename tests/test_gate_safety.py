@@ -65,6 +65,19 @@ async def read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
     return message
 
 
+async def quit_once_migrated(qemu: Qemu, mon: QemuMonitor) -> int:
+    """Wait for QEMU's migration to complete, as its other monitor ``mon`` says, then
+    have QEMU quit, as a migrated source does; QEMU's pid."""
+    async def completed() -> bool:
+        return bool((await mon.ok("query-migrate")).get("status") == "completed")
+
+    await wait_until(completed, "QEMU's migration completed")
+    assert qemu.proc is not None
+    pid = qemu.proc.pid
+    await mon.ok("quit")
+    return pid
+
+
 def heard(c: RawClient) -> list[str]:
     """The statuses of the MIGRATION events ``c`` has read so far, in order (among
     its other events: MIGRATION_PASS, read while it awaited a reply)."""
@@ -691,14 +704,7 @@ async def test_a_qemu_without_events_that_quits_after_its_migration_is_not_said_
     await connected(d)
     async with d.client() as c, qemu.monitor() as mon:
         assert await c.ok("migrate", {"uri": SINK}) == {}
-
-        async def completed() -> bool:
-            return bool((await mon.ok("query-migrate")).get("status") == "completed")
-
-        await wait_until(completed, "QEMU's migration completed")
-        assert qemu.proc is not None
-        pid = qemu.proc.pid
-        await mon.ok("quit")
+        pid = await quit_once_migrated(qemu, mon)
         d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration "
                        "it may have run (last status not seen yet) may have ended before it "
                        "did; how, nobody said: QEMU sent no MIGRATION events (its events "
@@ -737,14 +743,7 @@ async def test_events_turned_off_through_migblockd_are_not_taken_for_on_at_qemus
         await c.ok("migrate-set-capabilities", EVENTS_OFF)
         await c.ok("migrate-set-parameters", {"max-bandwidth": 134217728})  # QEMU's default
         assert await c.ok("migrate", {"uri": SINK}) == {}
-
-        async def completed() -> bool:
-            return bool((await mon.ok("query-migrate")).get("status") == "completed")
-
-        await wait_until(completed, "QEMU's migration completed")
-        assert qemu.proc is not None
-        pid = qemu.proc.pid
-        await mon.ok("quit")
+        pid = await quit_once_migrated(qemu, mon)
         d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration "
                        "it may have run (last status cancelled) may have ended before it "
                        "did; how, nobody said: QEMU sent no MIGRATION events (its events "
@@ -776,14 +775,7 @@ async def test_events_turned_off_on_another_monitor_are_found_off_by_the_next_mi
         await c.ok("migrate-set-capabilities", EVENTS_ON)
         await mon.ok("migrate-set-capabilities", EVENTS_OFF)
         assert await c.ok("migrate", {"uri": SINK}) == {}
-
-        async def completed() -> bool:
-            return bool((await mon.ok("query-migrate")).get("status") == "completed")
-
-        await wait_until(completed, "QEMU's migration completed")
-        assert qemu.proc is not None
-        pid = qemu.proc.pid
-        await mon.ok("quit")
+        pid = await quit_once_migrated(qemu, mon)
         d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration "
                        "it may have run (last status not seen yet) may have ended before it "
                        "did; how, nobody said: QEMU sent no MIGRATION events (its events "

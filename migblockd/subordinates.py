@@ -18,7 +18,7 @@ from typing import Final
 
 from migblockd.access import is_number
 
-__all__ = ["SUBGID_FILE", "SUBUID_FILE", "Subordinates", "subordinate_ranges"]
+__all__ = ["SUBGID_FILE", "SUBUID_FILE", "Subordinates", "c_ulong", "subordinate_ranges"]
 
 #: Where shadow-utils grants subordinate uids (subuid(5)).
 SUBUID_FILE: Final = "/etc/subuid"
@@ -79,15 +79,49 @@ class Subordinates:
 def subordinate_ranges(path: str) -> list[tuple[int, int, str]]:
     """The ranges in ``path`` (``user:start:count``, the user by name or number)
     as (start, count, user); none when it cannot be read (no such file: nobody
-    has any)."""
+    has any).  The numbers are read as :func:`c_ulong` reads them, as newuidmap
+    does: a line it refuses grants nothing, and is skipped."""
     ranges = []
     try:
         with open(path, encoding="utf-8", errors="replace") as lines:
             for line in lines:
                 user, _, rest = line.strip().partition(":")
                 start, _, count = rest.partition(":")
-                if user and start.isdigit() and count.isdigit():
-                    ranges.append((int(start), int(count), user))
+                first, many = c_ulong(start), c_ulong(count)
+                if user and first is not None and many is not None:
+                    ranges.append((first, many, user))
     except OSError:
         pass
     return ranges
+
+
+#: What C's isspace() takes for a blank, in the C locale (strtoul() skips them).
+_C_BLANKS: Final = " \t\n\v\f\r"
+_ULONG_MAX: Final = 2**64 - 1
+_DIGITS: Final = {8: frozenset("01234567"), 10: frozenset("0123456789"),
+                  16: frozenset("0123456789abcdefABCDEF")}
+
+
+def c_ulong(text: str) -> int | None:
+    """``text`` as shadow-utils reads a subordinate range's start and count (its
+    ``getulong()``, ``str2ul()`` in later releases: ``strtoul()`` in base 0, the
+    whole field, no sign but ``+``, at most ``ULONG_MAX``), or None when it refuses it.
+
+    So ``0x100000`` is hexadecimal and ``0100000`` octal, as newuidmap grants
+    them: read as decimal, a hexadecimal range would be nobody's here, and its
+    uids would escape their owner's role and quotas.
+    """
+    rest = text.lstrip(_C_BLANKS)
+    if rest[:1] in ("+", "-"):
+        if rest[0] == "-":
+            return None  # strtoul_noneg(): a negative number is refused
+        rest = rest[1:]
+    base = 10
+    if rest[:2] in ("0x", "0X") and rest[2:3] and rest[2] in _DIGITS[16]:
+        base, rest = 16, rest[2:]
+    elif rest[:1] == "0":
+        base = 8
+    if not rest or not set(rest) <= _DIGITS[base]:
+        return None  # nothing read, or something left unread: refused
+    value = int(rest, base)
+    return value if value <= _ULONG_MAX else None

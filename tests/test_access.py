@@ -172,6 +172,33 @@ def test_a_subordinate_uid_gets_at_most_its_owners_role(
                     str(tmp_path / "none")).role(5000000, 5000000) is CLIENT
 
 
+def test_subordinate_ranges_are_read_as_newuidmap_reads_them(
+        accounts: dict[str, Account], tmp_path: Path) -> None:
+    # Found by review: shadow-utils reads a range's start and count with strtoul()
+    # in base 0 (lib/subordinateio.c, getulong()/str2ul()), so hexadecimal and
+    # octal ranges are granted by newuidmap; read as decimal only, a hexadecimal
+    # range was nobody's here, and its uids escaped the owner's role and quotas.
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    subuid = tmp_path / "subuid"
+    subuid.write_text(f"mbt-alice:0x4C4B40:0xA\n"       # 5000000, 10 uids
+                      f"{bob.uid}:023047400:012\n"      # octal: 5000960, 10 uids
+                      "mbt-carol: +5000200:10\n"        # strtoul skips blanks, takes +
+                      "mbt-dave:0x:10\nmbt-dave:5000300:-1\nmbt-dave:08:1\n"  # refused
+                      "mbt-dave:5000400:18446744073709551616\n")  # past ULONG_MAX
+    r = Resolver(Policy.of(CLIENT, users={"mbt-alice": OBSERVER, "mbt-carol": OBSERVER,
+                                          "mbt-dave": OBSERVER}),
+                 DAEMON_UID, str(subuid))
+    assert r.owner_of(5000009) == alice.uid
+    assert r.role(5000000, 5000000) is OBSERVER and r.role(5000009, 5000009) is OBSERVER
+    assert r.owner_of(5000010) is None
+    assert r.owner_of(5000960) == bob.uid and r.owner_of(5000969) == bob.uid
+    assert r.owner_of(23047400) is None and r.owner_of(5000970) is None
+    assert r.owner_of(5000200) == accounts["mbt-carol"].uid
+    assert r.role(5000200, 5000200) is OBSERVER
+    for uid in (0, 8, 5000300, 5000400):
+        assert r.owner_of(uid) is None
+
+
 def test_a_subordinate_gid_reported_for_a_connection_gives_at_most_its_owners_role(
         accounts: dict[str, Account], tmp_path: Path) -> None:
     # Found by review: a user can make the gid the kernel reports any gid of their

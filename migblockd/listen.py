@@ -54,7 +54,7 @@ from migblockd.writable import attribute_fix
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "bind_claimed",
            "bind_socket", "check_socket_path", "claim_socket", "file_access",
-           "stale_socket", "unbind"]
+           "open_to_everyone", "stale_socket", "unbind"]
 
 log = logging.getLogger("migblockd")
 
@@ -179,6 +179,19 @@ def file_access(path: Path) -> str:
     group = group_name(st.st_gid)
     return (f" (mode {stat.S_IMODE(st.st_mode):04o}, owner {who(st.st_uid)}, "
             f"group {st.st_gid if group is None else group})")
+
+
+def open_to_everyone(name: str, default_role: object) -> str:
+    """The start's warning for a passed socket ``name`` in the abstract namespace
+    (``ListenStream=@name``): it has no file, so the kernel's first gate, the
+    socket file's mode and group (docs/access.md), is not there, and every process
+    in the network namespace connects with ``default_role`` (unix(7))."""
+    return (f"the passed socket {name} is in Linux's abstract namespace, where no file "
+            "mode, owner or group keeps anyone out (unix(7)): every process in the "
+            "daemon's network namespace can connect, whatever the socket unit's "
+            "SocketMode= and SocketGroup= say, and has the access policy's default-role "
+            f"({default_role}); give ListenStream= a path, as the shipped migblockd.socket "
+            "does")
 
 
 def check_socket_path(path: Path, option: str = "--socket") -> None:

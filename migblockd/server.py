@@ -38,7 +38,7 @@ from migblockd.disk import DiskThread
 from migblockd.drain import drain
 from migblockd.guard import policy_warnings
 from migblockd.ledger import Group
-from migblockd.listen import Claim, bind_claimed, file_access, unbind
+from migblockd.listen import Claim, bind_claimed, file_access, open_to_everyone, unbind
 from migblockd.notify import Notifier
 from migblockd.persistence import only_migratable_refusal, schema_refusal
 from migblockd.pidlock import PidLock
@@ -128,6 +128,9 @@ class Server(Turns):
             self.passed = passed_path(sock)
             log.info("socket activation: serving the passed socket %s%s", passed_name(sock),
                      "" if self.passed is None else file_access(self.passed))
+            if self.passed is None:  # abstract: no file whose mode keeps anyone out
+                log.warning("%s", open_to_everyone(passed_name(sock),
+                                                   self.config.access.default_role))
             for note in ignored(self.config, socket_passed=True):
                 log.info("%s", note)
         else:

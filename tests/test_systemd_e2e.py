@@ -306,3 +306,53 @@ async def test_an_abstract_passed_socket_is_logged_as_its_unit_writes_it(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_an_abstract_passed_socket_is_warned_of_as_open_to_every_local_user(
+        short_tmp: Path) -> None:
+    """``ListenStream=@name``: found by review, an abstract socket has no file, so no
+    mode, owner or group keeps anyone out (unix(7)): every process in the network
+    namespace connects, and the start said so only as ``serving the passed socket
+    @name``, as if SocketMode= and SocketGroup= applied."""
+    name = f"migblockd-test-{short_tmp.name}"
+    log_path = short_tmp / "stderr.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", f"@{name}", sys.executable, "-m", "migblockd",
+             "--socket-activated", "--ephemeral"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while True:  # the first connection starts the daemon
+                try:
+                    reader, writer = await asyncio.open_unix_connection(f"\0{name}")
+                    break
+                except ConnectionRefusedError:
+                    await asyncio.sleep(0.01)
+            assert b'"QMP"' in await reader.readline()
+            writer.close()
+        # Another user, with no group in common with the daemon's, is served: the
+        # warning is no formality.
+        served = subprocess.run(
+            ["setpriv", "--reuid", "3999998", "--regid", "3999998", "--clear-groups",
+             sys.executable, "-I", "-c",
+             "import socket, sys; s = socket.socket(socket.AF_UNIX); "
+             f"s.connect('\\0{name}'); print(s.makefile().readline())"],
+            capture_output=True, text=True, timeout=TIMEOUT, check=True)
+        assert '"QMP"' in served.stdout
+        line = (f"WARNING: the passed socket @{name} is in Linux's abstract namespace, where "
+                "no file mode, owner or group keeps anyone out (unix(7)): every process in "
+                "the daemon's network namespace can connect, whatever the socket unit's "
+                "SocketMode= and SocketGroup= say, and has the access policy's "
+                "default-role (client); give ListenStream= a path, as the shipped "
+                "migblockd.socket does\n")
+        deadline = time.monotonic() + TIMEOUT
+        while line not in (text := log_path.read_text(errors="replace")):
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 0, log_path.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

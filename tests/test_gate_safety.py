@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -1673,3 +1674,57 @@ async def test_a_qemu_met_again_takes_no_blocker_on_what_the_one_before_said(
         assert await c.ok("query-blockers") == []
         await c.ok("migrate_cancel")
     assert_clean_log(d)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: QEMU runs as another uid")
+async def test_a_qemu_socket_another_user_could_have_put_there_is_not_taken_for_qemu(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    """Found by review: while QEMU is away its socket file is gone, and in a directory
+    others may write (/tmp's sticky bit keeps no one from making a new name) any local
+    user could listen at --qemu's path: migblockd took that user's process for QEMU,
+    believed its blocked-reasons and migration status, and forwarded the migrate
+    commands to it.  A real QEMU as another uid stands for that user's listener."""
+    short_tmp.chmod(0o755)
+    uid = 3_999_998  # no account: a local user like any other
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    own = short_tmp / "own"
+    own.mkdir()
+    os.chown(own, uid, uid)  # as libvirt's per-domain directory of QEMU's user
+    qemus = []
+    try:
+        for where in (shared, own):
+            qemus.append(subprocess.Popen(
+                ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
+                 "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                 "-qmp", f"unix:{where / 'qmp.sock'},server=on,wait=off"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+        for where in (shared, own):
+            sock = where / "qmp.sock"
+            await wait_until(sock.exists, f"QEMU listening at {sock}")
+
+        taken = start_daemon("--qemu", str(shared / "qmp.sock"), "--ephemeral",
+                             socket=short_tmp / "a.sock")
+        taken.wait_for_log(
+            f"QEMU at {shared / 'qmp.sock'} is not available: what listens there runs as "
+            f"uid {uid}, and {shared} others may write to it (mode 1777), so another user "
+            "could have put that socket there while QEMU was away", timeout=30)
+        c = await RawClient.connect(taken.socket)
+        try:
+            desc = (await c.execute("query-migrate"))["error"]["desc"]
+        finally:
+            await c.close()
+        assert "Not connected to QEMU's monitor" in desc, desc
+        assert "what listens there runs as" in desc, desc
+
+        # QEMU's user's own directory: that uid's QEMU is QEMU.
+        trusted = start_daemon("--qemu", str(own / "qmp.sock"), "--ephemeral",
+                               socket=short_tmp / "b.sock")
+        trusted.wait_for_log(re.compile(
+            rf"connected to QEMU 7\.[0-9.]+ at {re.escape(str(own / 'qmp.sock'))}\n"), timeout=30)
+    finally:
+        for qemu in qemus:
+            qemu.kill()
+            qemu.wait()

@@ -120,6 +120,12 @@ class LinkClient(QMPClient):
         owner = peer_owner(writer.transport) if writer is not None else None
         return owner.pid if owner is not None and owner.pid > 0 else None
 
+    def peer_uid(self) -> int | None:
+        """The uid the connected listener runs as (``SO_PEERCRED``), or None."""
+        writer = self._writer
+        owner = peer_owner(writer.transport) if writer is not None else None
+        return None if owner is None else owner.uid
+
     async def _issue(self, msg: Message) -> str | None:
         msg_id, command = msg.get("id"), msg.get("execute")
         if isinstance(msg_id, str):

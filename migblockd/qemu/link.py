@@ -118,6 +118,7 @@ class QemuLink(Reconnecting):
         self._info: QemuInfo | None = None
         self._client = LinkClient(self)
         self._peer_pid = self._client.peer_pid
+        self._peer_uid = self._client.peer_uid
         #: Events read after each reply whose caller has not run yet (see the module doc).
         self._after_replies: collections.deque[list[Message]] = collections.deque()
         self._task: asyncio.Task[None] | None = None

@@ -39,6 +39,7 @@ from qemu.qmp.qmp_client import GreetingError
 from migblockd.paths import not_a_socket
 from migblockd.qemu.garbage import garbage
 from migblockd.qemu.info import QemuInfo
+from migblockd.qemu.peer_trust import untrusted_listener
 from migblockd.qemu.too_long import ReplyTooLong
 
 __all__ = ["ANOTHER_CLIENT", "GREETING_NOTICE", "LOSSES", "MAX_DELAY", "MIN_DELAY",
@@ -189,6 +190,7 @@ class Reconnecting:
     _tried: asyncio.Event
     #: The process at the other end of the connection (the link's: its client knows).
     _peer_pid: Callable[[], int | None]
+    _peer_uid: Callable[[], int | None]
 
     async def _run(self) -> None:
         delay = self._min_delay
@@ -236,6 +238,9 @@ class Reconnecting:
         try:
             await self._client.connect(str(self.path))
             notice.cancel()
+            impostor = untrusted_listener(self.path, self._peer_uid())
+            if impostor is not None:  # before anything but qmp_capabilities is sent
+                raise NotQemu(impostor)
             # Up in a moment (QEMU's schema is some 200 kB): not silent, not held; unless
             # QEMU stopped since it answered qmp_capabilities, which the notice says.
             self._reason = READING_SCHEMA

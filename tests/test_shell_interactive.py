@@ -714,7 +714,7 @@ def test_no_home_keeps_the_history_in_memory(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
         "warning: history not saved (no home directory: set HOME or XDG_STATE_HOME)",
-        "None InMemoryHistory"]
+        "None SessionMemoryHistory"]
 
 
 
@@ -826,7 +826,7 @@ def test_a_history_file_that_is_no_file_is_not_opened(
         assert said == ""
         assert type(history).__name__ == "SessionFallbackHistory"
         return
-    assert type(history).__name__ == "InMemoryHistory"
+    assert type(history).__name__ == "SessionMemoryHistory"
     if kind == "no home":
         assert said == (f"warning: history not saved ({tmp_path}/none/x: the home directory "
                         "does not exist)\n")
@@ -1371,3 +1371,53 @@ def test_ending_a_session_that_holds_no_blocker_says_nothing_of_them(
     shell.expect(PROMPT)
     assert shell.quit() == 0
     assert "scope=connection" not in shell.transcript()
+
+
+def test_a_history_entry_too_long_to_edit_is_not_recalled(
+    daemon: DaemonProcess, spawn_shell: Callable[..., Shell], tmp_path: Path
+) -> None:
+    """Reported: a history file whose last entry was a pasted 50 MB line made the
+    first Up lay that line out for about seven minutes (prompt_toolkit draws a
+    recalled line whole at each key), the shell deaf to every key, Ctrl-C and
+    Ctrl-D too.  Such an entry is not loaded: Up recalls the one before it."""
+    history = tmp_path / "state" / "migblockd" / "shell-history"
+    history.parent.mkdir(parents=True, mode=0o700)
+    history.write_text("\n# 2026-01-01 00:00:00\n+query-version\n"
+                       f"\n# 2026-01-01 00:00:01\n+add-blocker reason={'x' * (50 << 20)}\n")
+    shell = spawn_shell(daemon.socket)
+    shell.send("\x1b[A")
+    shell.expect("query-version")
+    shell.send("\r")
+    shell.expect('{"return": {"qemu"')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+
+def test_a_line_too_long_to_edit_is_kept_out_of_the_history(tmp_path: Path) -> None:
+    """A line of more than MAX_ENTRY characters (pasted: no one types 64 KiB) is
+    neither written to the history file nor recalled in this session, which would
+    make the shell draw it whole at each key; nor is one the file already holds
+    loaded.  The lines around it are kept."""
+    from prompt_toolkit.history import History  # noqa: PLC0415
+
+    from migblockd.shell.history import (  # noqa: PLC0415
+        MAX_ENTRY,
+        SessionFallbackHistory,
+        SessionMemoryHistory,
+    )
+
+    longest, too_long = "x" * MAX_ENTRY, "y" * (MAX_ENTRY + 1)
+    path = tmp_path / "shell-history"
+    histories: list[History] = [SessionFallbackHistory(path, print), SessionMemoryHistory()]
+    for history in histories:
+        for line in ("query-version", too_long, longest, f"a\n{too_long}"):
+            history.append_string(line)
+        assert history.get_strings() == ["query-version", longest]
+    text = path.read_text()
+    assert "+query-version\n" in text and f"+{longest}\n" in text
+    assert "y" * 100 not in text
+
+    with open(path, "a") as file:  # as an earlier version wrote it
+        file.write(f"\n# 2026-01-01 00:00:00\n+{too_long}\n")
+    loaded = list(SessionFallbackHistory(path, print).load_history_strings())
+    assert loaded == [longest, "query-version"]

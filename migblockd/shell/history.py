@@ -9,7 +9,7 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from prompt_toolkit.history import FileHistory
+from prompt_toolkit.history import FileHistory, InMemoryHistory
 
 
 def history_path() -> Path | None:
@@ -135,10 +135,16 @@ class SessionFallbackHistory(FileHistory):
 
     def load_history_strings(self) -> Iterable[str]:
         try:
-            return load_last_entries(self._path, MAX_LOADED)
+            entries = load_last_entries(self._path, MAX_LOADED)
         except OSError as err:
             self._fail(err)
             return []
+        # Too long to recall: written by an earlier version, or by another program.
+        return [entry for entry in entries if recallable(entry)]
+
+    def append_string(self, string: str) -> None:
+        if recallable(string):
+            super().append_string(string)
 
     def store_string(self, string: str) -> None:
         if self._failed:
@@ -151,6 +157,26 @@ class SessionFallbackHistory(FileHistory):
 
 #: How many entries of the history file are loaded (qmp-shell keeps 1024).
 MAX_LOADED = 1000
+
+#: The longest entry kept in the history, in characters.  prompt_toolkit lays a
+#: recalled line out whole, and again at each key: 100 KB took a second and a
+#: half, a pasted 50 MB line seven minutes, the shell deaf to every key (Ctrl-C,
+#: Ctrl-D) meanwhile.  A line this long was pasted, not typed, and is not edited.
+MAX_ENTRY = 64 << 10
+
+
+def recallable(entry: str) -> bool:
+    """Whether ``entry`` is short enough to keep in the history (:data:`MAX_ENTRY`)."""
+    return len(entry) <= MAX_ENTRY
+
+
+class SessionMemoryHistory(InMemoryHistory):
+    """The history of a shell that keeps none in a file: as
+    :class:`SessionFallbackHistory`, no line too long to recall (:data:`MAX_ENTRY`)."""
+
+    def append_string(self, string: str) -> None:
+        if recallable(string):
+            super().append_string(string)
 
 
 def _entries(data: bytes) -> list[str]:

@@ -14,7 +14,7 @@ from typing import TextIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import get_app_or_none, get_app_session, run_in_terminal
-from prompt_toolkit.history import History, InMemoryHistory
+from prompt_toolkit.history import History
 from prompt_toolkit.patch_stdout import StdoutProxy, patch_stdout
 from prompt_toolkit.utils import is_dumb_terminal
 
@@ -26,6 +26,7 @@ from migblockd.shell.connection import Connection, describe_greeting
 from migblockd.shell.entries import entered_commands
 from migblockd.shell.history import (
     SessionFallbackHistory,
+    SessionMemoryHistory,
     foreign_file,
     foreign_owner,
     history_problem,
@@ -71,17 +72,17 @@ def _say(text: str) -> None:
 def open_history(path: Path | None) -> History:
     if path is None:
         _say("warning: history not saved (no home directory: set HOME or XDG_STATE_HOME)")
-        return InMemoryHistory()
+        return SessionMemoryHistory()
     if (problem := history_problem(path)) is not None:
         _say(f"warning: history not saved ({problem})")
-        return InMemoryHistory()
+        return SessionMemoryHistory()
     if (problem := foreign_file(path)) is not None:
         # Read (Up recalls it), never written.
         _say(f"warning: history not saved ({problem})")
         return SessionFallbackHistory(path, _say, writable=False)
     if (problem := foreign_owner(path)) is not None:
         _say(f"warning: history not saved ({problem})")
-        return InMemoryHistory()
+        return SessionMemoryHistory()
     try:
         # Its missing parents 0700 too (~/.local, ~/.local/state): the daemon's
         # default state directory is below them, and refused under any that
@@ -92,7 +93,7 @@ def open_history(path: Path | None) -> History:
         path.touch(mode=0o600, exist_ok=True)
     except OSError as err:
         _say(not_saved(path, err))
-        return InMemoryHistory()
+        return SessionMemoryHistory()
     return SessionFallbackHistory(path, _say)
 
 

@@ -1594,3 +1594,20 @@ def test_a_no_break_space_before_another_argument_is_refused(daemon: DaemonProce
     listed = replies(result.stdout)[-1]["return"]
     assert [(b["id"], b["reason"]) for b in listed] == [
         ("q", "q\u00a0id=z"), ("m", "Migration\u00a0impossible")]
+
+
+def test_a_raw_exec_oob_request_runs_as_in_qmp_shell(daemon: DaemonProcess) -> None:
+    """Found by the client review: qmp-shell's qemu.qmp enables OOB whenever the
+    greeting offers it, so a raw {"exec-oob": ...} request runs there; this shell
+    negotiated none, and the daemon refused every one (QMP input member 'exec-oob'
+    is unexpected), though `help` shows which commands allow it."""
+    result = shell(str(daemon.socket),
+                   "-c", '{"exec-oob": "query-migrate", "id": "fast"}',
+                   "-c", '{"exec-oob": "add-blocker", "id": 2, "arguments": {"reason": "x"}}',
+                   "-c", "query-blockers")
+    assert result.returncode == 1, result.stderr
+    replies = [json.loads(line) for line in result.stdout.splitlines()]
+    assert replies[0] == {"return": {}, "id": "fast"}  # no migration: as QEMU answers
+    assert replies[1] == {"id": 2, "error": {
+        "class": "GenericError", "desc": "The command add-blocker does not support OOB"}}
+    assert replies[2] == {"return": []}

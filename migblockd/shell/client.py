@@ -117,12 +117,18 @@ class QMPClient:
     async def negotiate(self) -> None:
         """Send ``qmp_capabilities``; raises :class:`ConnectError` if refused, or
         unanswered in time (:meth:`ask`), as ``migblockd.client`` does."""
-        reply = await self.ask("qmp_capabilities")
+        # OOB when the greeting offers it, as qemu.qmp (qmp-shell's) enables it: a
+        # raw {"exec-oob": ...} request then runs, as there, rather than being
+        # refused as unexpected.  The shell waits for each reply before sending
+        # the next request, so no reply overtakes another.
+        offered = self.greeting.get("QMP", {}).get("capabilities")
+        oob = isinstance(offered, list) and "oob" in offered
+        reply = await self.ask("qmp_capabilities", {"enable": ["oob"]} if oob else None)
         if "error" in reply:
             desc = reply["error"].get("desc", reply["error"])
             raise ConnectError(f"capabilities negotiation failed: {desc}")
 
-    async def ask(self, command: str) -> Message:
+    async def ask(self, command: str, arguments: Message | None = None) -> Message:
         """The reply to ``command`` (no arguments), asked for while opening the
         connection; raises :class:`ConnectError` when the connection goes, or when
         no answer comes within the greeting's bound (:class:`OpeningWait`): a daemon
@@ -130,7 +136,10 @@ class QMPClient:
         that does not greet, and a script must not wait on it for ever."""
         try:
             async with asyncio.timeout(self._opening.seconds):
-                return await self.execute({"execute": command})
+                request: Message = {"execute": command}
+                if arguments is not None:
+                    request["arguments"] = arguments
+                return await self.execute(request)
         except ConnectionLost as err:
             raise ConnectError(str(err)) from None
         except TimeoutError:

@@ -71,22 +71,23 @@ class RawClient:
             assert reply == {"return": {}}, reply
         return client
 
-    async def read_line(self) -> bytes:
-        line = await asyncio.wait_for(self.reader.readline(), TIMEOUT)
+    async def read_line(self, timeout: float = TIMEOUT) -> bytes:
+        line = await asyncio.wait_for(self.reader.readline(), timeout)
         if not line:
             raise EOFError("daemon closed the connection")
         return line
 
-    async def read(self) -> dict[str, Any]:
-        line = await self.read_line()
+    async def read(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        line = await self.read_line(timeout)
         assert line.endswith(b"\r\n"), line
         value: dict[str, Any] = strict_loads(line)
         return value
 
-    async def read_reply(self) -> dict[str, Any]:
-        """The next message that is not an event (events are kept in ``self.events``)."""
+    async def read_reply(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next message that is not an event (events are kept in ``self.events``);
+        ``timeout``: how long to wait for each line."""
         while True:
-            msg = await self.read()
+            msg = await self.read(timeout)
             if "event" in msg:
                 self.events.append(msg)
                 continue

@@ -310,9 +310,14 @@ class Sources:
         key = name.replace("_", "-")
         if name not in self.from_file:
             return key
-        wanted = (key, *keys)
-        line = next((self.entries[wanted[:end]] for end in range(len(wanted), 1, -1)
-                     if wanted[:end] in self.entries), self.lines.get(name))
+        wanted = [(key, *keys)]
+        if keys and "-" in keys[0]:
+            # The table's own keys take an underscore for a dash (default_role), as
+            # the settings do: the entries are kept as the file spells them.
+            wanted.append((key, keys[0].replace("-", "_"), *keys[1:]))
+        line = next((self.entries[spelled[:end]] for end in range(len(keys) + 1, 1, -1)
+                     for spelled in wanted if spelled[:end] in self.entries),
+                    self.lines.get(name))
         return f"{self.file}: {key}" if line is None else f"{self.file}:{line}: {key}"
 
     def choice(self, name: str) -> str:

@@ -1980,6 +1980,28 @@ async def test_an_access_entry_the_start_warns_of_is_named_with_its_line(
     assert daemon.stop() == 0
 
 
+async def test_a_default_role_spelled_with_an_underscore_is_named_at_its_own_line(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first: default_role = "admin" (an underscore for the dash, which the
+    # file takes) was named at the line of [access], not at its own, at start and at
+    # reload and from --check-config, while default-role was named at its own.
+    path = tmp_path / "m.toml"
+    path.write_text(f'{LEADING}[access]\n\ndefault_role = "admin"\n')
+    warning = (f"{path}:7: access: default-role is admin: every user who can connect to "
+               "the socket")
+    proc = check_config("--config", str(path))
+    assert proc.returncode == 0
+    assert proc.stderr.startswith(f"migblockd: {warning}"), proc.stderr
+    daemon = start_daemon("--config", str(path), "--ephemeral")
+    daemon.wait_for_log(f"WARNING: {warning}")
+    # A dotted key before any header, at the reload: its own line too.
+    path.write_text(f'{LEADING}\naccess.users.root = "admin"\n\naccess.default_role = "admin"\n')
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_for_log(f"WARNING: {path}:8: access: default-role is admin: ")
+    assert daemon.stop() == 0
+
+
 def test_check_config_prints_what_the_start_would_warn_of(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

@@ -320,6 +320,22 @@ class Sources:
                     self.lines.get(name))
         return f"{self.file}: {key}" if line is None else f"{self.file}:{line}: {key}"
 
+    def leading(self, name: str, message: str) -> str:
+        """``message``, which begins with the key of the setting ``name`` (a field
+        name: ``qemu-passthrough: ignoring ...``, ``socket-group 100 is read ...``),
+        with that key named at its line when the file sets it: ``FILE:LINE:
+        qemu-passthrough: ...``.  As it is otherwise: a setting only the file gives
+        has no option to be named by, and where it came from may not be known."""
+        key = name.replace("_", "-")
+        if not message.startswith((f"{key} ", f"{key}:")):
+            return message
+        return self.keyed(name) + message[len(key):]
+
+    def keyed(self, name: str) -> str:
+        """The setting (a field name) as a message that names it by its key names
+        it: ``FILE:LINE: socket-mode`` when the file sets it, else ``socket-mode``."""
+        return self.named(name) if name in self.from_file else name.replace("_", "-")
+
     def choice(self, name: str) -> str:
         """The setting as what to change ("choose another ..."): ``socket in FILE``,
         ``--socket``."""

@@ -50,7 +50,7 @@ from migblockd.preflight import (
     socket_group_notes,
 )
 from migblockd.progress import StartProgress
-from migblockd.qemu.bridge import Bridge
+from migblockd.qemu.bridge import Bridge, passthrough_warnings
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
 from migblockd.socketgroup import WAIT, Unanswered, within
@@ -223,11 +223,15 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
                 sock: socket.socket | None, claim: Claim | None, notifier: Notifier,
                 progress: StartProgress, *, file: dict[str, Any] | None = None) -> None:
     bridge = None
-    if (unused := passthrough_unused(config)) is not None:
+    # What is said of a setting of the file is said at its line there.
+    sources = Sources.of(cli, file)
+    if (unused := passthrough_unused(config, sources)) is not None:
         log.warning("%s", unused)
     if config.qemu is not None:
         bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry,
                         timeout=config.qemu_timeout)
+        for line in passthrough_warnings(config.qemu_passthrough, contract):
+            log.warning("%s", sources.leading("qemu_passthrough", line))
     admission = Admission(config.max_clients, config.max_clients_per_uid,
                           daemon_uid=os.geteuid())
     core = Core(contract, registry, config.limits, admission=admission,
@@ -239,7 +243,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     # clients are served, and the others wait, as at a reload: migblockd.judge).
     # The policy's warnings name each entry at its line of the file.
     looking = asyncio.ensure_future(core.start_access(
-        functools.partial(Sources.of(cli, file).entry, "access")))
+        functools.partial(sources.entry, "access")))
     if len(registry):
         # Encoded and joined before the first poll, not during it (100,000 blockers:
         # about 70 ms of the only thread).

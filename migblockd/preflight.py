@@ -300,19 +300,21 @@ def warnings(config: Config, sources: Sources = COMMAND_LINE) -> list[str]:
             f"the user and group databases did not answer within {WAIT:g} s: the names in "
             "the access policy, and the socket's group and directories, are not checked"]
     if config.qemu is None:
-        lines += [] if (unused := passthrough_unused(config)) is None else [unused]
+        lines += [] if (unused := passthrough_unused(config, sources)) is None else [unused]
     else:
-        lines += passthrough_warnings(config.qemu_passthrough, load_contract(config.schema))
+        lines += [sources.leading("qemu_passthrough", line) for line in
+                  passthrough_warnings(config.qemu_passthrough, load_contract(config.schema))]
     return lines + socket_notes
 
 
-def passthrough_unused(config: Config) -> str | None:
+def passthrough_unused(config: Config, sources: Sources = COMMAND_LINE) -> str | None:
     """``qemu-passthrough`` without ``qemu``: nothing to forward to, said (the start
-    logs it) rather than ignored in silence."""
+    logs it) rather than ignored in silence, at its line of the file (``sources``)."""
     if config.qemu is not None or not config.qemu_passthrough:
         return None
-    return (f"qemu-passthrough: {', '.join(config.qemu_passthrough)} not forwarded: there "
-            "is no QEMU to forward to without qemu (--qemu SOCKET)")
+    return sources.leading("qemu_passthrough", f"qemu-passthrough: "
+                           f"{', '.join(config.qemu_passthrough)} not forwarded: there is "
+                           "no QEMU to forward to without qemu (--qemu SOCKET)")
 
 
 def _metrics(config: Config, qmp_socket: Path | None, as_daemon: bool,

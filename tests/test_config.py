@@ -2002,6 +2002,38 @@ async def test_a_default_role_spelled_with_an_underscore_is_named_at_its_own_lin
     assert daemon.stop() == 0
 
 
+async def test_what_the_start_warns_of_in_qemu_passthrough_is_named_at_its_line(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Reproduced first: "qemu-passthrough: human-monitor-command lets admins migrate
+    # ...", with neither file nor line, at start and from --check-config, though the
+    # setting can only come from the file.
+    path = tmp_path / "m.toml"
+    path.write_text(f'{LEADING}qemu-passthrough = ["query-status"]\n')
+    unused = (f"{path}:5: qemu-passthrough: query-status not forwarded: there is no QEMU "
+              "to forward to without qemu (--qemu SOCKET)")
+    proc = check_config("--config", str(path))
+    assert (proc.returncode, proc.stderr) == (0, f"migblockd: {unused}\n")
+    daemon = start_daemon("--config", str(path), "--ephemeral")
+    assert f"WARNING: {unused}\n" in daemon.log()
+    assert daemon.stop() == 0
+    # With a QEMU to forward to (away: the start serves without it), its own warnings.
+    path.write_text(f'{LEADING}qemu = "{tmp_path}/qmp.sock"\n\n'
+                    'qemu-passthrough = [\n  "query-blockers",\n  "human-monitor-command",\n]\n')
+    warnings = [f"{path}:7: qemu-passthrough: ignoring query-blockers: migblockd's own "
+                "command(s)",
+                f"{path}:7: qemu-passthrough: human-monitor-command lets admins migrate or "
+                "snapshot the VM past migblockd's blockers (QEMU consults only its own for "
+                "its HMP migrate and savevm)"]
+    proc = check_config("--config", str(path))
+    assert (proc.returncode, proc.stderr) == (
+        0, "".join(f"migblockd: {line}\n" for line in warnings)), proc.stderr
+    daemon = start_daemon("--config", str(path), "--ephemeral")
+    for line in warnings:
+        assert f"WARNING: {line}\n" in daemon.log()
+    assert daemon.stop() == 0
+
+
 def test_check_config_prints_what_the_start_would_warn_of(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:
@@ -2013,8 +2045,8 @@ def test_check_config_prints_what_the_start_would_warn_of(
                     '[access]\nusers = { mbt-no-such-user = "operator" }\n')
     warnings = [f"{path}:3: access: the policy names user 'mbt-no-such-user', which does "
                 "not exist",
-                "qemu-passthrough: query-status not forwarded: there is no QEMU to forward "
-                "to without qemu (--qemu SOCKET)"]
+                f"{path}:1: qemu-passthrough: query-status not forwarded: there is no QEMU "
+                "to forward to without qemu (--qemu SOCKET)"]
     proc = check_config("--config", str(path))
     assert proc.returncode == 0
     assert proc.stderr == "".join(f"migblockd: {line}\n" for line in warnings)
@@ -2025,7 +2057,11 @@ def test_check_config_prints_what_the_start_would_warn_of(
     path.write_text('qemu = "/nonexistent/qmp.sock"\n'
                     'qemu-passthrough = ["query-blockers", "human-monitor-command"]\n')
     assert check_config("--config", str(path)).stderr == (
-        "migblockd: qemu-passthrough: ignoring query-blockers: migblockd's own command(s)\n"
-        "migblockd: qemu-passthrough: human-monitor-command lets admins migrate or snapshot "
+        f"migblockd: {path}:2: qemu-passthrough: ignoring query-blockers: migblockd's own "
+        "command(s)\n"
+        f"migblockd: {path}:2: qemu-passthrough: human-monitor-command lets admins migrate or "
+        "snapshot "
         "the VM past migblockd's blockers (QEMU consults only its own for its HMP migrate "
         "and savevm)\n")
+
+

@@ -403,10 +403,12 @@ async def test_clients_and_passthrough_against_a_gating_daemon(
                       '"human-monitor-command"]\n')
     d = gate(start_daemon, qemu, "--config", str(config))
     await connected(d)
-    assert "qemu-passthrough: ignoring query-version: migblockd's own command(s)" in d.log()
-    assert ("WARNING: qemu-passthrough: human-monitor-command lets admins migrate or "
-            "snapshot the VM past migblockd's blockers (QEMU consults only its own for "
-            "its HMP migrate and savevm)") in d.log()
+    # At the line of the file that gives it, the only place it can come from.
+    assert (f"{config}:1: qemu-passthrough: ignoring query-version: migblockd's own "
+            "command(s)") in d.log()
+    assert (f"WARNING: {config}:1: qemu-passthrough: human-monitor-command lets admins "
+            "migrate or snapshot the VM past migblockd's blockers (QEMU consults only its "
+            "own for its HMP migrate and savevm)") in d.log()
     assert "query-status lets" not in d.log()
     qmp = QMPClient("gate-test")
     await qmp.connect(str(d.socket))

@@ -77,7 +77,8 @@ def failure_of(info: object) -> str | None:
 
 
 def passthrough_warnings(passthrough: tuple[str, ...], contract: Contract) -> list[str]:
-    """What the start warns of in ``qemu-passthrough`` (and ``--check-config`` prints)."""
+    """What the start warns of in ``qemu-passthrough`` (and ``--check-config`` prints),
+    each led by the setting's key, which the caller names at its line of the file."""
     lines = []
     ours = [name for name in passthrough if name in contract.commands]
     if ours:
@@ -93,9 +94,8 @@ class Bridge(EventsCapability):
 
     def __init__(self, path: Path, passthrough: tuple[str, ...], contract: Contract,
                  registry: Registry, *, timeout: float) -> None:
+        # What passthrough_warnings() says of them, the start logs (at their line).
         ours = [name for name in passthrough if name in contract.commands]
-        for line in passthrough_warnings(passthrough, contract):
-            log.warning("%s", line)
         self.facts = QemuFacts(path)
         self.handlers = GateHandlers(contract, registry, self.facts,
                                      tuple(n for n in passthrough if n not in ours))

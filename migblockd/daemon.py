@@ -164,15 +164,17 @@ def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE,
     try:
         # Their look-ups are the databases' too: one that does not answer holds
         # no start for a warning, nor a stop.
-        notes = within(lambda: socket_group_notes(config, socket_passed=False)
-                       + kept_out_notes(config, socket_passed=False), stop=stop_asked)
+        notes = within(lambda: socket_group_notes(config, socket_passed=False, sources=sources)
+                       + kept_out_notes(config, socket_passed=False, sources=sources),
+                       stop=stop_asked)
     except StoppedStarting:
         claim.lock.release()
         raise
     except Unanswered:
-        notes = [f"socket-group: the group database did not answer within {WAIT:g} s: "
-                 "whether a group is named with the number given, or a directory keeps "
-                 "the group out of the socket, is not checked"]
+        notes = [sources.leading("socket_group", f"socket-group: the group database did not "
+                                 f"answer within {WAIT:g} s: whether a group is named with "
+                                 "the number given, or a directory keeps the group out of the "
+                                 "socket, is not checked")]
     for note in notes:
         log.warning("%s", note)
     return claim
@@ -228,10 +230,10 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
     if (unused := passthrough_unused(config, sources)) is not None:
         log.warning("%s", unused)
     if config.qemu is not None:
-        bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry,
-                        timeout=config.qemu_timeout)
         for line in passthrough_warnings(config.qemu_passthrough, contract):
             log.warning("%s", sources.leading("qemu_passthrough", line))
+        bridge = Bridge(config.qemu, config.qemu_passthrough, contract, registry,
+                        timeout=config.qemu_timeout)
     admission = Admission(config.max_clients, config.max_clients_per_uid,
                           daemon_uid=os.geteuid())
     core = Core(contract, registry, config.limits, admission=admission,

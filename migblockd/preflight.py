@@ -251,22 +251,27 @@ def ignored(config: Config, *, socket_passed: bool) -> list[str]:
             for differs, option, directive in given if differs]
 
 
-def socket_group_notes(config: Config, *, socket_passed: bool) -> list[str]:
+def socket_group_notes(config: Config, *, socket_passed: bool,
+                       sources: Sources = COMMAND_LINE) -> list[str]:
     """A ``socket-group`` by number that is also the name of another group: the
     start logs it as a warning and ``--check-config`` prints it (not an error: the
-    number may be what was meant)."""
+    number may be what was meant), at its line when the file sets it (``sources``)."""
     group = config.socket_group
     if socket_passed or group is None or (other := named_like(group, "group")) is None:
         return []
-    return [f"socket-group {group} is read as gid {group}, but a group is named {group!r} "
-            f"(gid {other}); to mean that group, give {other}"]
+    return [sources.leading("socket_group", f"socket-group {group} is read as gid {group}, "
+                            f"but a group is named {group!r} (gid {other}); to mean that "
+                            f"group, give {other}")]
 
 
-def kept_out_notes(config: Config, *, socket_passed: bool) -> list[str]:
+def kept_out_notes(config: Config, *, socket_passed: bool,
+                   sources: Sources = COMMAND_LINE) -> list[str]:
     """A directory on the way to the socket that keeps out whom ``socket-mode``
     lets connect (:func:`migblockd.denied.kept_out`), as one line: the start logs
-    it as a warning and ``--check-config`` prints it.  Not an error: the daemon's
-    own user and root still connect, and a directory's mode is its owner's call."""
+    it as a warning and ``--check-config`` prints it, led by the line of
+    ``socket-mode`` when the file sets it (``sources``): the mode is what lets
+    them in.  Not an error: the daemon's own user and root still connect, and a
+    directory's mode is its owner's call."""
     if socket_passed:
         return []
     try:
@@ -274,7 +279,7 @@ def kept_out_notes(config: Config, *, socket_passed: bool) -> list[str]:
     except StartupError:
         return []  # problems() says so
     why = kept_out(config.socket, config.socket_mode, os.getegid() if gid is None else gid)
-    return [] if why is None else [why]
+    return [] if why is None else [sources.located("socket_mode", why)]
 
 
 def warnings(config: Config, sources: Sources = COMMAND_LINE) -> list[str]:
@@ -290,8 +295,10 @@ def warnings(config: Config, sources: Sources = COMMAND_LINE) -> list[str]:
     def looked_up() -> tuple[list[str], list[str]]:
         return (policy_warnings(Resolver(config.access, os.geteuid()),
                                 functools.partial(sources.entry, "access")),
-                socket_group_notes(config, socket_passed=config.socket_activated)
-                + kept_out_notes(config, socket_passed=config.socket_activated))
+                socket_group_notes(config, socket_passed=config.socket_activated,
+                                   sources=sources)
+                + kept_out_notes(config, socket_passed=config.socket_activated,
+                                 sources=sources))
 
     try:
         lines, socket_notes = within(looked_up)

@@ -739,6 +739,20 @@ def test_a_socket_group_by_number_starts_while_the_group_database_does_not_answe
     assert_clean_log(daemon)
 
 
+def test_a_socket_group_of_the_file_the_database_does_not_answer_for_is_named_at_its_line(
+        nss: Callable[..., tuple[DaemonProcess, Hang]], accounts: dict[str, Account]) -> None:
+    # Reproduced first: "socket-group: the group database did not answer ...", with
+    # neither file nor line, though the file gave the socket-group.
+    gid = grp.getgrnam("mbt-sock").gr_gid
+    daemon, _ = nss(f'# migblockd\nsocket-group = "{gid}"\n{POLICY}', hung=("/etc/group",))
+    assert os.stat(daemon.socket).st_gid == gid
+    daemon.wait_for_log(f"WARNING: {daemon.socket.parent / 'migblockd.toml'}:2: socket-group: "
+                        "the group database did not answer within 3 s: whether a group is "
+                        "named with the number given")
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+
 def test_check_config_waits_for_the_databases_as_long_as_the_start(sockdir: Path) -> None:
     # Found by review: --check-config, which `systemctl reload` runs first
     # (ExecReload=), looked up the policy's names and the socket's group for its

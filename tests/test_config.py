@@ -1934,11 +1934,13 @@ def test_a_group_named_by_a_number_that_a_group_also_is_named_is_warned_of(
     named = NUMBER_NAMED_GROUP
     gid = grp.getgrnam(named).gr_gid
     path = tmp_path / "m.toml"
-    path.write_text(f'socket-group = "{named}"\n[access]\ngroups = {{ "{named}" = "admin" }}\n')
-    warnings = [f"{path}:3: access: the policy gives group '{named}' role admin: a number is "
+    path.write_text(f'{LEADING}socket-group = "{named}"\n[access]\n'
+                    f'groups = {{ "{named}" = "admin" }}\n')
+    # Each at the line of the file that gives it (the socket-group's had none).
+    warnings = [f"{path}:7: access: the policy gives group '{named}' role admin: a number is "
                 f"read as an id, but a group is named '{named}' (id {gid}); to mean that group, "
                 f"give {gid}",
-                f"socket-group {named} is read as gid {named}, but a group is named "
+                f"{path}:5: socket-group {named} is read as gid {named}, but a group is named "
                 f"'{named}' (gid {gid}); to mean that group, give {gid}"]
     proc = check_config("--config", str(path))
     assert proc.returncode == 0, proc.stderr
@@ -1947,6 +1949,33 @@ def test_a_group_named_by_a_number_that_a_group_also_is_named_is_warned_of(
     for line in warnings:
         assert f"WARNING: {line}\n" in daemon.log()
     assert daemon.socket.stat().st_gid == int(named)  # the number, as systemd reads it
+
+
+def test_a_directory_that_keeps_out_whom_the_files_socket_mode_lets_in_names_its_line(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+) -> None:
+    # Reproduced first: "socket mode 0606 lets every user connect to ..., but ... which
+    # they may not search", with neither file nor line, at start and from
+    # --check-config, though the mode that lets them in was the file's.
+    short_tmp.chmod(0o755)
+    socket_path = short_tmp / "run" / "s.sock"
+    socket_path.parent.mkdir(mode=0o700)
+    path = short_tmp / "m.toml"
+    path.write_text(f'{LEADING}socket = "{socket_path}"\nsocket-mode = "0606"\n')
+    warning = (f"{path}:6: socket-mode: socket mode 0606 lets every user connect to "
+               f"{socket_path}, but {socket_path.parent} is mode 0700, owner root, group "
+               "root, which they may not search, so they cannot connect; chmod o+x "
+               f"{socket_path.parent} (or remove it: the daemon creates it searchable for "
+               "them)")
+    proc = check_config("--config", str(path), "--ephemeral")
+    assert (proc.returncode, proc.stderr) == (0, f"migblockd: {warning}\n"), proc.stderr
+    daemon = start_daemon("--config", str(path), "--ephemeral", socket=socket_path)
+    assert f"WARNING: {warning}\n" in daemon.log()
+    assert daemon.stop() == 0
+    # Given on the command line, the mode is the message's own subject, as before.
+    proc = check_config("--config", str(path), "--ephemeral", "--socket-mode", "0606")
+    assert (proc.returncode, proc.stderr) == (
+        0, f"migblockd: {warning.removeprefix(f'{path}:6: socket-mode: ')}\n"), proc.stderr
 
 
 async def test_an_access_entry_the_start_warns_of_is_named_with_its_line(

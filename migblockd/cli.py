@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
         found = problems(config, socket_passed=config.socket_activated, sources=sources)
         if found:
             _fail(*(why for _, why in found))
-        notes = [*ignored(config, socket_passed=config.socket_activated),
+        notes = [*ignored(config, socket_passed=config.socket_activated, sources=sources),
                  *unjudged(config, socket_passed=config.socket_activated, sources=sources),
                  *warnings(config, sources)]
         if notes:

@@ -231,9 +231,11 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
     return found
 
 
-def ignored(config: Config, *, socket_passed: bool) -> list[str]:
+def ignored(config: Config, *, socket_passed: bool,
+            sources: Sources = COMMAND_LINE) -> list[str]:
     """The settings a start with ``config`` ignores, each as one line: the start
-    logs them (``Server.start``) and ``--check-config`` prints them.
+    logs them (``Server.start``) and ``--check-config`` prints them, each named as
+    it was given (``sources``): at its line when the file sets it.
 
     With a passed socket the daemon serves it as the socket unit made it, so the
     socket's path, mode and group given here are not used (nor is the group
@@ -244,11 +246,11 @@ def ignored(config: Config, *, socket_passed: bool) -> list[str]:
     if not socket_passed:
         return []
     defaults = Config()
-    given = [(config.socket != defaults.socket, "--socket", "ListenStream="),
-             (config.socket_mode != defaults.socket_mode, "--socket-mode", "SocketMode="),
-             (config.socket_group is not None, "--socket-group", "SocketGroup=")]
-    return [f"socket activation: {option} is ignored (the socket unit's {directive} applies)"
-            for differs, option, directive in given if differs]
+    given = [(config.socket != defaults.socket, "socket", "ListenStream="),
+             (config.socket_mode != defaults.socket_mode, "socket_mode", "SocketMode="),
+             (config.socket_group is not None, "socket_group", "SocketGroup=")]
+    return [f"socket activation: {sources.named(name)} is ignored (the socket unit's "
+            f"{directive} applies)" for differs, name, directive in given if differs]
 
 
 def socket_group_notes(config: Config, *, socket_passed: bool,

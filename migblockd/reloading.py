@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migblockd.config import RELOADABLE, Config
+from migblockd.config import COMMAND_LINE, RELOADABLE, Config, Sources
 from migblockd.options import table
 from migblockd.state.directory import DATABASE_NAME, holds_database
 from migblockd.trust import named_uid
@@ -60,6 +60,8 @@ class Reload:
     #: Each connected uid whose role the reload changed, worded (:meth:`Guard.configure`):
     #: the policy's doing, or the user and group databases' (re-read).
     roles: list[str] = field(default_factory=list)
+    #: Where the file read sets each setting, for the lines that name one.
+    sources: Sources = COMMAND_LINE
 
     def messages(self) -> list[tuple[int, str]]:
         """The log lines a reload gives, as (level, text)."""
@@ -90,7 +92,9 @@ class Reload:
             lines.append((logging.WARNING, f"reload: {', '.join(self.restart_only)} changed, "
                           "which only a restart applies"))
         if self.unit_owned:
-            lines.append((logging.WARNING, f"reload: {', '.join(self.unit_owned)} changed, "
+            # At its line, as the start and --check-config name it (preflight.ignored).
+            owned = ", ".join(self.sources.keyed(k.replace("-", "_")) for k in self.unit_owned)
+            lines.append((logging.WARNING, f"reload: {owned} changed, "
                           "which the socket unit sets (ListenStream=, SocketMode=, "
                           "SocketGroup=); the daemon serves the socket systemd passed"))
         lines += [(logging.WARNING, f"reload: {key} changed in the file, but the command line "
@@ -107,10 +111,11 @@ def outvoted(cli: Mapping[str, Any], before: Mapping[str, Any],
 
 
 def plan(running: Config, fresh: Config, *, socket_passed: bool,
-         overridden: Sequence[str] = ()) -> Reload:
+         overridden: Sequence[str] = (), sources: Sources = COMMAND_LINE) -> Reload:
     """What reloading from ``running`` to ``fresh`` does.  ``overridden``: the
     settings (field names) whose edit in the file the command line outvotes
-    (:func:`outvoted`)."""
+    (:func:`outvoted`); ``sources``: where the file that ``fresh`` was built from
+    sets each, which the messages name."""
     changed = {k: getattr(fresh, k) for k in RELOADABLE
                if getattr(fresh, k) != getattr(running, k)}
     later = [o.key for o in table(Config) if o.name not in RELOADABLE
@@ -121,7 +126,8 @@ def plan(running: Config, fresh: Config, *, socket_passed: bool,
                   restart_only=[k for k in later if k not in unit_owned],
                   unit_owned=unit_owned,
                   outvoted=[(options[name].key, options[name].show(getattr(fresh, name)))
-                            for name in overridden])
+                            for name in overridden],
+                  sources=sources)
 
 
 def next_state(running: Config, fresh: Config, stored: int) -> str | None:

@@ -131,7 +131,8 @@ class Server(Turns):
             if self.passed is None:  # abstract: no file whose mode keeps anyone out
                 log.warning("%s", open_to_everyone(passed_name(sock),
                                                    self.config.access.default_role))
-            for note in ignored(self.config, socket_passed=True):
+            for note in ignored(self.config, socket_passed=True,
+                                sources=Sources.of(self.cli, self.file)):
                 log.info("%s", note)
         else:
             assert claim is not None, "the daemon claims --socket before it starts the server"
@@ -276,7 +277,8 @@ class Server(Turns):
             return None
         # own_socket is None: serving the socket systemd passed.
         reload = plan(self.config, fresh, socket_passed=self.own_socket is None,
-                      overridden=outvoted(self.cli, self.file, file))
+                      overridden=outvoted(self.cli, self.file, file),
+                      sources=Sources.of(self.cli, file))
         self.file = file
         self.config = reload.config
         self.core.configure(self.config.limits)

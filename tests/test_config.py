@@ -1673,8 +1673,6 @@ def test_check_config_says_what_it_cannot_examine(tmp_path: Path) -> None:
     assert f"cannot check state directory {tmp_path / 'state'}: " in proc.stderr
 
 
-IGNORED_GROUP = ("migblockd: socket activation: --socket-group is ignored (the socket "
-                 "unit's SocketGroup= applies)\n")
 IGNORED_SOCKET = ("migblockd: socket activation: --socket is ignored (the socket unit's "
                   "ListenStream= applies)\n")
 
@@ -1698,7 +1696,10 @@ def test_check_config_socket_activated_leaves_the_socket_to_the_socket_unit(
         assert (f"{path}:1: socket-group: there is no group named 'no-such-group-here'"
                 in strict.stderr)
         activated = check_config("--socket-activated", *args)
-        assert (activated.returncode, activated.stderr) == (0, IGNORED_SOCKET + IGNORED_GROUP)
+        # The option given is named as such, the file's setting at its line.
+        assert (activated.returncode, activated.stderr) == (0, IGNORED_SOCKET + (
+            f"migblockd: socket activation: {path}:1: socket-group is ignored (the socket "
+            "unit's SocketGroup= applies)\n"))
         assert activated.stdout == (f"migblockd: {path} and the command line: valid; socket "
                                     "passed by systemd (the socket unit's ListenStream=), "
                                     "state in memory only (ephemeral)\n")
@@ -1713,13 +1714,21 @@ def test_check_config_socket_activated_names_each_socket_setting_it_ignores(
         tmp_path: Path) -> None:
     # An operator who sets the path or mode in the file, under the units, and then
     # looks for the socket there hears why it is not.
+    # Reproduced first: they were named "--socket" and "--socket-mode", options
+    # nobody gave, with no line of the file that gives them.
     path = tmp_path / "m.toml"
-    path.write_text(f'socket = "{tmp_path}/mine.sock"\nsocket-mode = "0660"\n')
+    path.write_text(f'{LEADING}socket = "{tmp_path}/mine.sock"\n\nsocket-mode = "0660"\n')
     path.chmod(0o600)
     proc = check_config("--socket-activated", "--ephemeral", "--config", str(path))
-    assert (proc.returncode, proc.stderr) == (0, IGNORED_SOCKET + (
-        "migblockd: socket activation: --socket-mode is ignored (the socket unit's "
+    assert (proc.returncode, proc.stderr) == (0, (
+        f"migblockd: socket activation: {path}:5: socket is ignored (the socket unit's "
+        "ListenStream= applies)\n"
+        f"migblockd: socket activation: {path}:7: socket-mode is ignored (the socket unit's "
         "SocketMode= applies)\n")), proc
+    # Given on the command line as well, the option wins, and is what is named.
+    proc = check_config("--socket-activated", "--ephemeral", "--config", str(path),
+                        "--socket", str(tmp_path / "mine.sock"))
+    assert proc.stderr.startswith(IGNORED_SOCKET), proc
     # The defaults, given in so many words, were not asked for by anyone else.
     path.write_text('socket-mode = "0600"\n')
     same = check_config("--socket-activated", "--ephemeral", "--config", str(path))

@@ -201,7 +201,8 @@ async def test_daemon_under_systemd_socket_activate(
         mark = len(stderr())
         await client.ok("query-blockers")
         await wait_stderr(" DEBUG: ", mark)
-        await wait_stderr("WARNING: reload: socket-mode changed, which the socket unit sets")
+        await wait_stderr(f"WARNING: reload: {config}:2: socket-mode changed, which the "
+                          "socket unit sets")
         assert "which only a restart applies" not in stderr()
         # The passed socket's path as the metrics address: the next start refuses it,
         # and the reload says so now (it knows the path; --socket is elsewhere).
@@ -350,6 +351,57 @@ async def test_an_abstract_passed_socket_is_warned_of_as_open_to_every_local_use
         while line not in (text := log_path.read_text(errors="replace")):
             assert time.monotonic() < deadline, text
             await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 0, log_path.read_text(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_the_socket_settings_a_passed_socket_replaces_are_named_at_their_lines(
+        short_tmp: Path) -> None:
+    """Reproduced first: the start said "socket activation: --socket-mode is ignored",
+    an option nobody gave, of the file's socket-mode, and a reload "reload: socket-mode
+    changed, which the socket unit sets", neither with the line that sets it."""
+    config = short_tmp / "m.toml"
+    config.write_text('# migblockd\n\nlog-level = "info"\nsocket-mode = "0660"\n'
+                      'socket-group = "0"\n')
+    log_path = short_tmp / "stderr.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", str(short_tmp / "s.sock"), sys.executable,
+             "-m", "migblockd", "--config", str(config), "--ephemeral"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT)
+
+    async def wait_log(line: str) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while line not in (text := log_path.read_text(errors="replace")):
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.02)
+
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while True:  # the first connection starts the daemon
+                try:
+                    reader, writer = await asyncio.open_unix_connection(
+                        str(short_tmp / "s.sock"))
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    await asyncio.sleep(0.01)
+            assert b'"QMP"' in await reader.readline()
+            writer.close()
+        await wait_log(f"INFO: socket activation: {config}:4: socket-mode is ignored (the "
+                       "socket unit's SocketMode= applies)\n")
+        await wait_log(f"INFO: socket activation: {config}:5: socket-group is ignored (the "
+                       "socket unit's SocketGroup= applies)\n")
+        # Edited, and moved: the reload names the line the file now gives it at.
+        config.write_text('# migblockd\n\nlog-level = "info"\nsocket-group = "0"\n\n'
+                          'socket-mode = "0666"\n')
+        proc.send_signal(signal.SIGHUP)
+        await wait_log(f"WARNING: reload: {config}:6: socket-mode changed, which the socket "
+                       "unit sets (ListenStream=, SocketMode=, SocketGroup=); the daemon "
+                       "serves the socket systemd passed\n")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=TIMEOUT) == 0, log_path.read_text(errors="replace")
     finally:

@@ -336,6 +336,14 @@ class Sources:
         it: ``FILE:LINE: socket-mode`` when the file sets it, else ``socket-mode``."""
         return self.named(name) if name in self.from_file else name.replace("_", "-")
 
+    def in_file(self, name: str) -> str:
+        """The setting (a field name) as the file gives it, also where the command
+        line outvotes it: ``FILE:LINE: max-clients``; the bare key when the file
+        does not give it (any more)."""
+        key = name.replace("_", "-")
+        line = self.lines.get(name)
+        return key if self.file is None or line is None else f"{self.file}:{line}: {key}"
+
     def choice(self, name: str) -> str:
         """The setting as what to change ("choose another ..."): ``socket in FILE``,
         ``--socket``."""

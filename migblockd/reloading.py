@@ -97,8 +97,10 @@ class Reload:
             lines.append((logging.WARNING, f"reload: {owned} changed, "
                           "which the socket unit sets (ListenStream=, SocketMode=, "
                           "SocketGroup=); the daemon serves the socket systemd passed"))
-        lines += [(logging.WARNING, f"reload: {key} changed in the file, but the command line "
-                   f"sets it ({value}); the command line wins") for key, value in self.outvoted]
+        # At its line, which the operator who edited the file looks at.
+        lines += [(logging.WARNING, f"reload: {self.sources.in_file(key.replace('-', '_'))} "
+                   f"changed in the file, but the command line sets it ({value}); the command "
+                   "line wins") for key, value in self.outvoted]
         return lines
 
 

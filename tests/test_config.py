@@ -475,13 +475,14 @@ async def test_a_reload_says_which_edits_the_command_line_outvotes(
     path.write_text('log-level = "info"\nmax-clients = 50\n')
     d = start_daemon("--config", str(path), "--ephemeral", "--log-level", "info",
                      "--max-clients", "50")
-    path.write_text('log-level = "debug"\nmax-clients = 10\nmax-clients-per-uid = 3\n')
+    path.write_text('# m\n\nlog-level = "debug"\n\nmax-clients = 10\nmax-clients-per-uid = 3\n')
     d.signal(signal.SIGHUP)
     d.wait_for_log("INFO: reloaded configuration: max-clients-per-uid=3\n")
-    d.wait_for_log("WARNING: reload: log-level changed in the file, but the command line sets "
-                   "it (info); the command line wins\n")
-    d.wait_for_log("WARNING: reload: max-clients changed in the file, but the command line "
-                   "sets it (50); the command line wins\n")
+    # Each at the line the operator edited (reproduced first: no file, no line).
+    d.wait_for_log(f"WARNING: reload: {path}:3: log-level changed in the file, but the command "
+                   "line sets it (info); the command line wins\n")
+    d.wait_for_log(f"WARNING: reload: {path}:5: max-clients changed in the file, but the "
+                   "command line sets it (50); the command line wins\n")
     # Compared with the file as the last reload read it: said once, not at every reload.
     d.signal(signal.SIGHUP)
     d.wait_for_log("INFO: reloaded configuration: nothing changed\n")

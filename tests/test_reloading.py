@@ -12,7 +12,7 @@ import os
 import pwd
 from pathlib import Path
 
-from migblockd.config import Config
+from migblockd.config import Config, Sources
 from migblockd.reloading import next_state, outvoted, plan
 
 
@@ -107,6 +107,12 @@ def test_an_edit_the_command_line_outvotes_is_named_with_the_value_that_wins() -
                           "it (info); the command line wins"),
         (logging.WARNING, "reload: max-clients changed in the file, but the command line "
                           "sets it (50); the command line wins")]
+    # Named at the line of the file that gives it, where the file is known.
+    reload = plan(running, running, socket_passed=False, overridden=["max_clients"],
+                  sources=Sources(Path("/etc/m.toml"), frozenset(), {"max_clients": 7}))
+    assert reload.messages()[1] == (
+        logging.WARNING, "reload: /etc/m.toml:7: max-clients changed in the file, but the "
+        "command line sets it (50); the command line wins")
 
 
 def test_the_next_start_with_another_state_dir_or_none(tmp_path: Path) -> None:

@@ -1,18 +1,17 @@
 """Checking parsed definitions and linking them into a :class:`~.schema.Schema`.
 
-Mirrors the part of QEMU's ``scripts/qapi/expr.py`` (and the checks of its
-``schema.py``) that migblockd's subset of the language needs.  Unions,
-alternates, conditionals and features are not part of the subset: a union or
-an alternate is refused as a metatype the subset does not support, ``if`` and
-``features`` as unknown keys.
+Mirrors the part of QEMU's ``scripts/qapi/schema.py`` that migblockd's subset
+of the language needs, after the first pass, which checks each definition
+alone (:mod:`.expr`, QEMU's ``expr.py``).  Unions, alternates, conditionals and
+features are not part of the subset.
 
 Checks done here, each reported as ``FILE:LINE:COL: message`` at the offending
-key or value: unknown keys and missing keys, malformed values, bad names,
-duplicate definitions and enum values, references to unknown types (or to
-things that are not types), and doc comments that are missing, name a
-different definition, leave a member undocumented or document a member that
-does not exist.  Naming rules are :mod:`.names`'s; the objects built are
-:mod:`.schema`'s, apart so that the back ends read the model without the checks.
+key or value: duplicate definitions (and a built-in type's name taken), enum
+values and members that collide, references to unknown types (or to things
+that are not types), types a command may not take or return, and doc comments
+that leave a member undocumented or document a member that does not exist.
+The objects built are :mod:`.schema`'s, apart so that the back ends read the
+model without the checks.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from .doccomment import Doc
 from .error import QAPIError, SourceInfo
-from .names import check_definition_name, check_member_name, check_value_name
+from .expr import check_definition, enum_value
 from .parser import MAX_NESTING, Vet, parse_schema
 from .schema import (
     BUILTIN_JSON_TYPES,
@@ -38,17 +37,6 @@ from .schema import (
 )
 from .tree import Definition, ParseResult, PosDict, PosList, Value
 
-_META_KEYS: dict[str, tuple[set[str], set[str]]] = {
-    # meta-type: (required keys, optional keys)
-    "enum": ({"enum", "data"}, set()),
-    "struct": ({"struct", "data"}, set()),
-    "command": ({"command"}, {"data", "returns", "allow-oob"}),
-    "event": ({"event"}, {"data"}),
-}
-#: QAPI metatypes outside migblockd's subset: valid QAPI, so they are named as
-#: unsupported rather than taken for an expression without a metatype.
-_UNSUPPORTED_METAS = ("union", "alternate")
-
 
 def load_schema(fname: str | Path, vet: Vet | None = None) -> Schema:
     """Parse and check a root schema file; raises ``QAPIError`` on mistakes.
@@ -59,10 +47,6 @@ def load_schema(fname: str | Path, vet: Vet | None = None) -> Schema:
 def build_schema(parsed: ParseResult) -> Schema:
     """Check parsed definitions and link them into a ``Schema``."""
     return _Builder(parsed).build()
-
-
-def _describe(meta: str, name: str) -> str:
-    return f"{meta} '{name}'"
 
 
 def _type_described(typ: QAPIType) -> str:
@@ -87,14 +71,15 @@ class _Builder:
         self.defined: dict[str, tuple[str, SourceInfo]] = {}
 
     def build(self) -> Schema:
-        # Pass 1 checks each expression's shape, then registers the names, so
-        # that pass 2 can resolve references to definitions made later.  As in
-        # QEMU, every expression's keys are checked (check_exprs() in
-        # scripts/qapi/expr.py) before a name defined twice is looked for
-        # (_def_definition() in schema.py, as QAPISchema defines them).
+        # Pass 1 checks each definition alone (.expr, QEMU's check_exprs()),
+        # then the names are registered, so that pass 2 can resolve references
+        # to definitions made later.  As in QEMU, every definition is checked
+        # before a name defined twice is looked for (_def_definition() in
+        # scripts/qapi/schema.py, as QAPISchema defines them).
         checked: list[tuple[str, str, Definition]] = []
+        exceptions = self.parsed.pragmas.command_name_exceptions
         for defn in self.parsed.definitions:
-            meta, name = self._check_shape(defn)
+            meta, name = check_definition(defn, exceptions)
             checked.append((meta, name, defn))
             self._note_written_arrays(defn.expr)
         for meta, name, defn in checked:
@@ -115,10 +100,7 @@ class _Builder:
                 struct = self.schema.types[name]
                 assert isinstance(struct, ObjectType)
                 data = defn.expr["data"]
-                if not isinstance(data, PosDict):
-                    raise QAPIError(
-                        defn.expr.value_info["data"], f"'data' of struct '{name}' must be an object"
-                    )
+                assert isinstance(data, PosDict)  # pass 1
                 struct.members = self._make_members(data, defn.doc, "member", name)
                 defn.doc.check_names([m.name for m in struct.members])
             elif meta == "command":
@@ -136,39 +118,6 @@ class _Builder:
             defn.doc.check_features()
         return self.schema
 
-    # --- pass 1 ----------------------------------------------------------
-
-    def _check_shape(self, defn: Definition) -> tuple[str, str]:
-        expr = defn.expr
-        metas = [k for k in expr if k in _META_KEYS or k in _UNSUPPORTED_METAS]
-        if len(metas) != 1:
-            raise QAPIError(expr.info, "expression must have exactly one key 'enum', "
-                            "'struct', 'union', 'alternate', 'command', 'event'")
-        meta = metas[0]
-        if meta in _UNSUPPORTED_METAS:
-            raise QAPIError(expr.key_info[meta],
-                            f"metatype '{meta}' is not supported by migblockd's QAPI subset")
-        name = expr[meta]
-        if not isinstance(name, str):
-            raise QAPIError(expr.value_info[meta], f"'{meta}' requires a string name")
-        # QEMU's order (check_exprs() in scripts/qapi/expr.py): the name, the doc
-        # comment and its sections, then the keys, missing ones before unknown
-        # ones (check_keys()).
-        check_definition_name(meta, name, expr.value_info[meta],
-                              self.parsed.pragmas.command_name_exceptions)
-        self._check_doc_symbol(defn, name)
-        assert defn.doc is not None
-        defn.doc.check_sections(meta, "returns" in expr)
-        required, optional = _META_KEYS[meta]
-        what = _describe(meta, name)
-        missing = sorted(required - set(expr))
-        if missing:
-            raise QAPIError(expr.info, f"{what} misses key '{missing[0]}'")
-        for key in expr:
-            if key not in required | optional:
-                raise QAPIError(expr.key_info[key], f"{what} has unknown key '{key}'")
-        return meta, name
-
     def _define(self, meta: str, name: str, expr: PosDict) -> None:
         """Register a definition's name, once (QEMU's _def_definition())."""
         if name in BUILTIN_JSON_TYPES:
@@ -177,26 +126,16 @@ class _Builder:
             raise QAPIError(expr.value_info[meta], f"'{name}' is already defined")
         self.defined[name] = (meta, expr.info)
 
-    @staticmethod
-    def _check_doc_symbol(defn: Definition, name: str) -> None:
-        if defn.doc is None:
-            raise QAPIError(defn.info, "documentation comment required")
-        if defn.doc.symbol != name:
-            raise QAPIError(defn.info, f"documentation comment is for '{defn.doc.symbol}'")
-
     # --- pass 2 ----------------------------------------------------------
 
     def _make_enum(self, name: str, defn: Definition) -> EnumType:
         assert defn.doc is not None
         data = defn.expr["data"]
-        info = defn.expr.value_info["data"]
-        if not isinstance(data, PosList):
-            raise QAPIError(info, f"'data' of enum '{name}' must be an array")
+        assert isinstance(data, PosList)  # pass 1
         values: list[EnumValue] = []
         seen: set[str] = set()
         for item, item_info in zip(data, data.item_info, strict=True):
-            value, vinfo = self._enum_value_name(item, item_info, name)
-            check_value_name(value, name, vinfo)
+            value, vinfo = enum_value(item, item_info, name)
             if value in seen:
                 raise QAPIError(vinfo, f"value '{value}' of enum '{name}' collides with "
                                        f"value '{value}'")
@@ -207,30 +146,6 @@ class _Builder:
             values.append(EnumValue(value, arg.text, vinfo))
         return EnumType(name, values, defn.doc, defn.info)
 
-    @staticmethod
-    def _enum_value_name(item: Value, info: SourceInfo, enum: str) -> tuple[str, SourceInfo]:
-        """The name of an enum value, written ``'a'`` or ``{ 'name': 'a' }``.
-
-        QEMU's check_enum() (``scripts/qapi/expr.py``) takes both forms, the
-        object one for a value's ``if`` and ``features``; neither is in the
-        subset, so those keys are unknown ones, as on a definition."""
-        if not isinstance(item, PosDict):
-            if not isinstance(item, str):
-                raise QAPIError(info, f"value of enum '{enum}' requires a string name")
-            return item, info
-        # QEMU's check_keys(): a missing key before an unknown one.
-        if "name" not in item:
-            raise QAPIError(item.info, f"value of enum '{enum}' misses key 'name'")
-        for key in item:
-            if key != "name":
-                raise QAPIError(item.key_info[key],
-                                f"value of enum '{enum}' has unknown key '{key}'")
-        name = item["name"]
-        if not isinstance(name, str):
-            raise QAPIError(item.value_info["name"],
-                            f"value of enum '{enum}' requires a string name")
-        return name, item.value_info["name"]
-
     def _make_members(self, data: PosDict, doc: Doc, role: str, owner: str) -> list[Member]:
         members: list[Member] = []
         seen: set[str] = set()
@@ -239,7 +154,6 @@ class _Builder:
             optional = key.startswith("*")
             name = key[1:] if optional else key
             what = f"{role} '{name}' of '{owner}'"
-            check_member_name(name, what, info)
             if name in seen:
                 raise QAPIError(info, f"{what} collides with {role} '{name}'")
             seen.add(name)
@@ -303,13 +217,10 @@ class _Builder:
 
     def _resolve(self, value: Value, info: SourceInfo, what: str) -> QAPIType:
         """The type a member's (or return's) type expression denotes."""
+        # Its shape is pass 1's (.expr): a name, or an array of one.
         if isinstance(value, PosList):
-            if len(value) != 1 or not isinstance(value[0], str):
-                raise QAPIError(info, f"{what}: array type must contain single type name")
             return self._array_of(self._resolve(value[0], value.item_info[0], what), info, what)
-        if not isinstance(value, str):
-            # QEMU's check_type_name_or_array() (scripts/qapi/expr.py), 8.1 on.
-            raise QAPIError(info, f"{what} should be a type name or array")
+        assert isinstance(value, str)
         typ = self.schema.lookup_type(value) or self._lookup_array(value, info, what)
         if typ is None:
             if value in self.defined:
@@ -337,8 +248,7 @@ class _Builder:
             # repeat them (QEMU's rule too).
             defn.doc.check_names([])
             return typ
-        if not isinstance(data, PosDict):
-            raise QAPIError(info, f"{what} should be an object or type name")
+        assert isinstance(data, PosDict)  # pass 1
         members = self._make_members(data, defn.doc, "parameter", name)
         defn.doc.check_names([m.name for m in members])
         if not members:
@@ -357,12 +267,8 @@ class _Builder:
             elem = ret_type.element if isinstance(ret_type, ArrayType) else ret_type
             if not isinstance(elem, ObjectType):
                 raise QAPIError(info, f"{what} cannot take {_type_described(ret_type)}")
-        oob = expr.get("allow-oob", False)
-        if oob is not True and "allow-oob" in expr:
-            raise QAPIError(
-                expr.value_info["allow-oob"], "flag 'allow-oob' may only use true value"
-            )
-        return Command(name, arg_type, ret_type, oob is True, defn.doc, defn.info)
+        # 'allow-oob' is true when given (pass 1).
+        return Command(name, arg_type, ret_type, "allow-oob" in expr, defn.doc, defn.info)
 
     def _make_event(self, name: str, defn: Definition) -> Event:
         assert defn.doc is not None

@@ -1,0 +1,148 @@
+"""The first pass over a schema's definitions: each one checked alone.
+
+QEMU checks every expression on its own first (check_exprs() in its
+``scripts/qapi/expr.py``: the name, the doc comment and its sections, the
+keys, then what each key holds: enum values, member names, the shapes of
+member and return types, the flags) and only then defines them
+(``QAPISchema._def_exprs()`` in ``schema.py``), where a name defined twice is
+found; what needs other definitions (a type named, two members' names that
+collide, a member's doc) is checked last.  So of a bad name and a name defined
+twice, the bad name is reported, wherever it is: :mod:`.builder` calls
+:func:`check_definition` for every definition before it defines any.
+
+Nothing here resolves a type name; a value this pass took has the shape the
+later passes expect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from .error import QAPIError, SourceInfo
+from .names import check_definition_name, check_member_name, check_value_name
+from .tree import Definition, PosDict, PosList, Value
+
+__all__ = ["check_definition", "enum_value"]
+
+_META_KEYS: dict[str, tuple[set[str], set[str]]] = {
+    # meta-type: (required keys, optional keys)
+    "enum": ({"enum", "data"}, set()),
+    "struct": ({"struct", "data"}, set()),
+    "command": ({"command"}, {"data", "returns", "allow-oob"}),
+    "event": ({"event"}, {"data"}),
+}
+#: QAPI metatypes outside migblockd's subset: valid QAPI, so they are named as
+#: unsupported rather than taken for an expression without a metatype.
+_UNSUPPORTED_METAS = ("union", "alternate")
+
+
+def check_definition(defn: Definition, exceptions: Collection[str]) -> tuple[str, str]:
+    """Check one definition as QEMU's check_exprs() does, in its order; return
+    its metatype and name.  ``exceptions``: the command-name-exceptions pragma."""
+    expr = defn.expr
+    metas = [k for k in expr if k in _META_KEYS or k in _UNSUPPORTED_METAS]
+    if len(metas) != 1:
+        raise QAPIError(expr.info, "expression must have exactly one key 'enum', "
+                        "'struct', 'union', 'alternate', 'command', 'event'")
+    meta = metas[0]
+    if meta in _UNSUPPORTED_METAS:
+        raise QAPIError(expr.key_info[meta],
+                        f"metatype '{meta}' is not supported by migblockd's QAPI subset")
+    name = expr[meta]
+    if not isinstance(name, str):
+        raise QAPIError(expr.value_info[meta], f"'{meta}' requires a string name")
+    check_definition_name(meta, name, expr.value_info[meta], exceptions)
+    if defn.doc is None:
+        raise QAPIError(defn.info, "documentation comment required")
+    if defn.doc.symbol != name:
+        raise QAPIError(defn.info, f"documentation comment is for '{defn.doc.symbol}'")
+    defn.doc.check_sections(meta, "returns" in expr)
+    # QEMU's check_keys(): a missing key before an unknown one.
+    required, optional = _META_KEYS[meta]
+    what = f"{meta} '{name}'"
+    missing = sorted(required - set(expr))
+    if missing:
+        raise QAPIError(expr.info, f"{what} misses key '{missing[0]}'")
+    for key in expr:
+        if key not in required | optional:
+            raise QAPIError(expr.key_info[key], f"{what} has unknown key '{key}'")
+    if meta == "enum":
+        _check_enum(name, expr)
+    elif meta == "struct":
+        data = expr["data"]
+        if not isinstance(data, PosDict):
+            raise QAPIError(expr.value_info["data"], f"'data' of struct '{name}' must be an object")
+        _check_members(data, "member", name)
+    else:
+        _check_arguments(meta, name, expr)
+    # QEMU's check_flags(), after what the keys hold.
+    if "allow-oob" in expr and expr["allow-oob"] is not True:
+        raise QAPIError(expr.value_info["allow-oob"], "flag 'allow-oob' may only use true value")
+    return meta, name
+
+
+def _check_enum(name: str, expr: PosDict) -> None:
+    """QEMU's check_enum(): an array of values, each a valid name.  That two
+    collide is found later, as QEMU's QAPISchemaEnumType.check() finds it."""
+    data = expr["data"]
+    if not isinstance(data, PosList):
+        raise QAPIError(expr.value_info["data"], f"'data' of enum '{name}' must be an array")
+    for item, item_info in zip(data, data.item_info, strict=True):
+        value, info = enum_value(item, item_info, name)
+        check_value_name(value, name, info)
+
+
+def enum_value(item: Value, info: SourceInfo, enum: str) -> tuple[str, SourceInfo]:
+    """The name of an enum value, written ``'a'`` or ``{ 'name': 'a' }``, and
+    where it is.
+
+    QEMU's check_enum() takes both forms, the object one for a value's ``if``
+    and ``features``; neither is in the subset, so those keys are unknown ones,
+    as on a definition."""
+    if not isinstance(item, PosDict):
+        if not isinstance(item, str):
+            raise QAPIError(info, f"value of enum '{enum}' requires a string name")
+        return item, info
+    if "name" not in item:
+        raise QAPIError(item.info, f"value of enum '{enum}' misses key 'name'")
+    for key in item:
+        if key != "name":
+            raise QAPIError(item.key_info[key], f"value of enum '{enum}' has unknown key '{key}'")
+    name = item["name"]
+    if not isinstance(name, str):
+        raise QAPIError(item.value_info["name"], f"value of enum '{enum}' requires a string name")
+    return name, item.value_info["name"]
+
+
+def _check_arguments(meta: str, name: str, expr: PosDict) -> None:
+    """QEMU's check_command() and check_event(): ``data`` is inline members or
+    a type's name, ``returns`` a type's name or an array of one."""
+    if "data" in expr:
+        data = expr["data"]
+        if isinstance(data, PosDict):
+            _check_members(data, "parameter", name)
+        elif not isinstance(data, str):
+            raise QAPIError(expr.value_info["data"],
+                            f"'data' of {meta} '{name}' should be an object or type name")
+    if "returns" in expr:
+        _check_type(expr["returns"], expr.value_info["returns"], f"'returns' of {meta} '{name}'")
+
+
+def _check_members(data: PosDict, role: str, owner: str) -> None:
+    """Each member's name (QEMU's check_type() with a dict) and the shape of
+    its type, member by member."""
+    for key, value in data.items():
+        name = key.removeprefix("*")
+        what = f"{role} '{name}' of '{owner}'"
+        check_member_name(name, what, data.key_info[key])
+        _check_type(value, data.value_info[key], what)
+
+
+def _check_type(value: Value, info: SourceInfo, what: str) -> None:
+    """A type's name or an array of one, ``['T']`` (QEMU's check_type() and,
+    since 8.1, its wording check_type_name_or_array())."""
+    if isinstance(value, PosList):
+        if len(value) != 1 or not isinstance(value[0], str):
+            raise QAPIError(info, f"{what}: array type must contain single type name")
+    elif not isinstance(value, str):
+        raise QAPIError(info, f"{what} should be a type name or array")

@@ -24,6 +24,7 @@ from .expr import check_definition, enum_value
 from .parser import MAX_NESTING, Vet, parse_schema
 from .schema import (
     BUILTIN_JSON_TYPES,
+    PREDEFINED_OUTSIDE_SUBSET,
     ArrayType,
     BuiltinType,
     Command,
@@ -122,6 +123,10 @@ class _Builder:
         """Register a definition's name, once (QEMU's _def_definition())."""
         if name in BUILTIN_JSON_TYPES:
             raise QAPIError(expr.value_info[meta], f"built-in type '{name}' is already defined")
+        if name in PREDEFINED_OUTSIDE_SUBSET:
+            # Only 'QType' can get here: 'q_empty' is an invalid name (pass 1).
+            raise QAPIError(expr.value_info[meta],
+                            f"{PREDEFINED_OUTSIDE_SUBSET[name]} is already defined")
         if name in self.defined:
             raise QAPIError(expr.value_info[meta], f"'{name}' is already defined")
         self.defined[name] = (meta, expr.info)
@@ -223,6 +228,10 @@ class _Builder:
         assert isinstance(value, str)
         typ = self.schema.lookup_type(value) or self._lookup_array(value, info, what)
         if typ is None:
+            if value in PREDEFINED_OUTSIDE_SUBSET:
+                # QEMU would find it; "unknown type" would say QEMU does not know it.
+                raise QAPIError(info, f"{what} uses {PREDEFINED_OUTSIDE_SUBSET[value]}, "
+                                      "which migblockd's QAPI subset does not support")
             if value in self.defined:
                 meta = self.defined[value][0]
                 raise QAPIError(info, f"{what} uses {meta} '{value}' as a type")

@@ -36,6 +36,16 @@ BUILTIN_JSON_TYPES: dict[str, str] = {
     "any": "value",
 }
 
+#: QEMU's other predefined types (_def_predefineds() in its scripts/qapi/schema.py),
+#: as its describe() names them: the enum of JSON types that its alternates use and
+#: the empty object of commands without arguments.  Neither is in migblockd's
+#: subset, yet their names are taken: QEMU refuses to define them again and would
+#: find them where a schema names them.
+PREDEFINED_OUTSIDE_SUBSET: dict[str, str] = {
+    "QType": "enum type 'QType'",
+    "q_empty": "struct type 'q_empty'",
+}
+
 
 class QAPIType:
     """Base of every type; ``name`` is the QAPI name (``"strList"`` for arrays)."""

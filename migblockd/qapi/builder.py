@@ -86,37 +86,60 @@ class _Builder:
         for meta, name, defn in checked:
             self._define(meta, name, defn.expr)
         for meta, name, defn in checked:
+            assert defn.doc is not None
             if meta == "enum":
                 self.schema.types[name] = self._make_enum(name, defn)
             elif meta == "struct":
                 # Members are filled in pass 2; the object must exist first
                 # so that other definitions can refer to it.
-                assert defn.doc is not None
                 self.schema.types[name] = ObjectType(name, [], defn.doc, defn.info)
-        order = {m: i for i, m in enumerate(self.parsed.modules)}
-        # QEMU visits entities module by module (stable within a module).
-        for meta, name, defn in sorted(checked, key=lambda c: order[c[2].module]):
+        # Pass 2 goes in source order, as QEMU's QAPISchema.check() does: each
+        # definition's types and collisions (its check()), then its members'
+        # docs (connect_doc()); the doc comments' own checks come once every
+        # definition is made (QAPIDoc.check()).
+        made: dict[str, Command | Event] = {}
+        documentable: list[tuple[Doc, list[str]]] = []
+        for meta, name, defn in checked:
             assert defn.doc is not None
+            if meta == "enum":
+                enum = self.schema.types[name]
+                assert isinstance(enum, EnumType)
+                self._check_enum(enum, defn.doc)
+                documentable.append((defn.doc, list(enum.value_names)))
+                continue
             if meta == "struct":
                 struct = self.schema.types[name]
                 assert isinstance(struct, ObjectType)
                 data = defn.expr["data"]
                 assert isinstance(data, PosDict)  # pass 1
-                struct.members = self._make_members(data, defn.doc, "member", name)
-                defn.doc.check_names([m.name for m in struct.members])
-            elif meta == "command":
-                cmd = self._make_command(name, defn)
-                self.schema.commands[name] = cmd
-                self.schema.entities.append(cmd)
-            elif meta == "event":
-                event = self._make_event(name, defn)
-                self.schema.events[name] = event
-                self.schema.entities.append(event)
-            elif meta == "enum":
-                enum = self.schema.types[name]
-                assert isinstance(enum, EnumType)
-                defn.doc.check_names([v.name for v in enum.values])
-            defn.doc.check_features()
+                struct.members = self._make_members(data, "member", name)
+                # The object whose members the doc comment documents.
+                documented: ObjectType | None = struct
+            else:
+                made[name] = (self._make_command(name, defn) if meta == "command"
+                              else self._make_event(name, defn))
+                documented = made[name].arg_type
+                if documented is not None and not documented.implicit:
+                    # The struct documents its own members; the command's doc
+                    # may not repeat them (QEMU's rule too).
+                    documented = None
+            members = documented.members if documented is not None else []
+            self._connect_docs(members, defn.doc, "member" if meta == "struct" else "parameter",
+                               name)
+            documentable.append((defn.doc, [m.name for m in members]))
+        for doc, names in documentable:
+            doc.check_names(names)
+            doc.check_features()
+        order = {m: i for i, m in enumerate(self.parsed.modules)}
+        # QEMU visits entities module by module (stable within a module).
+        for _, name, _ in sorted(checked, key=lambda c: order[c[2].module]):
+            entity = made.get(name)
+            if isinstance(entity, Command):
+                self.schema.commands[name] = entity
+            elif isinstance(entity, Event):
+                self.schema.events[name] = entity
+            if entity is not None:
+                self.schema.entities.append(entity)
         return self.schema
 
     def _define(self, meta: str, name: str, expr: PosDict) -> None:
@@ -133,25 +156,37 @@ class _Builder:
 
     # --- pass 2 ----------------------------------------------------------
 
-    def _make_enum(self, name: str, defn: Definition) -> EnumType:
+    @staticmethod
+    def _make_enum(name: str, defn: Definition) -> EnumType:
         assert defn.doc is not None
         data = defn.expr["data"]
         assert isinstance(data, PosList)  # pass 1
         values: list[EnumValue] = []
-        seen: set[str] = set()
         for item, item_info in zip(data, data.item_info, strict=True):
-            value, vinfo = enum_value(item, item_info, name)
-            if value in seen:
-                raise QAPIError(vinfo, f"value '{value}' of enum '{name}' collides with "
-                                       f"value '{value}'")
-            seen.add(value)
-            arg = defn.doc.args.get(value)
-            if arg is None:
-                raise QAPIError(vinfo, f"value '{value}' of enum '{name}' lacks documentation")
-            values.append(EnumValue(value, arg.text, vinfo))
+            value, info = enum_value(item, item_info, name)
+            values.append(EnumValue(value, "", info))  # its doc: _check_enum()
         return EnumType(name, values, defn.doc, defn.info)
 
-    def _make_members(self, data: PosDict, doc: Doc, role: str, owner: str) -> list[Member]:
+    @staticmethod
+    def _check_enum(enum: EnumType, doc: Doc) -> None:
+        """Values that collide (QEMU's QAPISchemaEnumType.check()), then each
+        value's doc (its connect_doc())."""
+        seen: set[str] = set()
+        for value in enum.values:
+            if value.name in seen:
+                raise QAPIError(value.info, f"value '{value.name}' of enum '{enum.name}' "
+                                            f"collides with value '{value.name}'")
+            seen.add(value.name)
+        for value in enum.values:
+            arg = doc.args.get(value.name)
+            if arg is None:
+                raise QAPIError(value.info,
+                                f"value '{value.name}' of enum '{enum.name}' lacks documentation")
+            value.doc = arg.text
+
+    def _make_members(self, data: PosDict, role: str, owner: str) -> list[Member]:
+        """Each member's type, then whether it collides with one before it,
+        member by member, as QEMU's QAPISchemaObjectType.check() goes."""
         members: list[Member] = []
         seen: set[str] = set()
         for key, value in data.items():
@@ -159,15 +194,22 @@ class _Builder:
             optional = key.startswith("*")
             name = key[1:] if optional else key
             what = f"{role} '{name}' of '{owner}'"
+            typ = self._resolve(value, data.value_info[key], what)
             if name in seen:
                 raise QAPIError(info, f"{what} collides with {role} '{name}'")
             seen.add(name)
-            typ = self._resolve(value, data.value_info[key], what)
-            arg = doc.args.get(name)
-            if arg is None:
-                raise QAPIError(info, f"{what} lacks documentation")
-            members.append(Member(name, typ, optional, arg.text, info))
+            members.append(Member(name, typ, optional, "", info))
         return members
+
+    @staticmethod
+    def _connect_docs(members: list[Member], doc: Doc, role: str, owner: str) -> None:
+        """Each member's doc, once the definition is checked (QEMU's connect_doc())."""
+        for member in members:
+            arg = doc.args.get(member.name)
+            if arg is None:
+                raise QAPIError(member.info, f"{role} '{member.name}' of '{owner}' "
+                                             "lacks documentation")
+            member.doc = arg.text
 
     def _note_written_arrays(self, expr: PosDict) -> None:
         """Remember the element of each ``['T']`` of a definition's members and
@@ -241,10 +283,8 @@ class _Builder:
     def _object_data(self, name: str, meta: str, defn: Definition) -> ObjectType | None:
         """The argument object of a command or event: a named struct, or an
         implicit type for inline members (None when there are none)."""
-        assert defn.doc is not None
         expr = defn.expr
         if "data" not in expr:
-            defn.doc.check_names([])
             return None
         data = expr["data"]
         info = expr.value_info["data"]
@@ -253,15 +293,12 @@ class _Builder:
             typ = self._resolve(data, info, what)
             if not isinstance(typ, ObjectType):
                 raise QAPIError(info, f"{what} must be an object or name a struct, not '{data}'")
-            # The struct documents its own members; the command's doc may not
-            # repeat them (QEMU's rule too).
-            defn.doc.check_names([])
             return typ
         assert isinstance(data, PosDict)  # pass 1
-        members = self._make_members(data, defn.doc, "parameter", name)
-        defn.doc.check_names([m.name for m in members])
+        members = self._make_members(data, "parameter", name)
         if not members:
             return None
+        assert defn.doc is not None
         return ObjectType(f"q_obj_{name}-arg", members, defn.doc, defn.info, implicit=True)
 
     def _make_command(self, name: str, defn: Definition) -> Command:

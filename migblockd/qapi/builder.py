@@ -292,7 +292,9 @@ class _Builder:
         if isinstance(data, str):
             typ = self._resolve(data, info, what)
             if not isinstance(typ, ObjectType):
-                raise QAPIError(info, f"{what} must be an object or name a struct, not '{data}'")
+                # QEMU's QAPISchemaCommand.check() and QAPISchemaEvent.check()
+                # ("command's 'data' cannot take ..."), worded as 'returns' is.
+                raise QAPIError(info, f"{what} cannot take {_type_described(typ)}")
             return typ
         assert isinstance(data, PosDict)  # pass 1
         members = self._make_members(data, "parameter", name)

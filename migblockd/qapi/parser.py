@@ -244,15 +244,7 @@ class _FileParser:
         if not isinstance(pragma, PosDict):
             raise QAPIError(expr.value_info["pragma"], "value of 'pragma' must be an object")
         for name, value in pragma.items():
-            info = pragma.key_info[name]
-            if name != "command-name-exceptions":
-                raise QAPIError(info, f"unknown pragma '{name}'")
-            if not isinstance(value, PosList) or not all(isinstance(v, str) for v in value):
-                raise QAPIError(info, f"pragma {name} must be a list of strings")
-            # Set, not added to: one value for the whole schema, the last one
-            # given, as QEMU's parser.py assigns it (its docs: "Setting the same
-            # pragma to different values in parts of the schema doesn't work").
-            self.result.pragmas.command_name_exceptions = [str(v) for v in value]
+            self.result.pragmas.take(name, value, pragma.key_info[name])
 
     def _get_expr(self) -> Value:
         tok = self.tok

@@ -12,9 +12,14 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from .doccomment import Doc
-from .error import SourceInfo
+from .error import QAPIError, SourceInfo
 
 __all__ = ["Definition", "ParseResult", "PosDict", "PosList", "Pragmas", "Value"]
+
+#: The pragmas QEMU's parser.py knows besides command-name-exceptions; of
+#: doc-required, the subset takes only true, the rule it holds every schema to.
+_UNSUPPORTED_PRAGMAS = ("doc-required", "command-returns-exceptions",
+                        "documentation-exceptions", "member-name-exceptions")
 
 #: A parsed value: the subset of JSON that QAPI allows (no numbers, no null).
 Value = Union[str, bool, "PosList", "PosDict"]
@@ -63,6 +68,28 @@ class Pragmas:
     """
 
     command_name_exceptions: list[str] = field(default_factory=list)
+
+    def take(self, name: str, value: Value, info: SourceInfo) -> None:
+        """Set pragma ``name`` (its key at ``info``), as QEMU's
+        ``QAPISchemaParser._pragma()`` does, or refuse it."""
+        if name == "doc-required":
+            if not isinstance(value, bool):
+                raise QAPIError(info, "pragma 'doc-required' must be boolean")
+            if value:
+                return  # what migblockd's generator requires anyway
+        if name in _UNSUPPORTED_PRAGMAS:
+            # QEMU's, so not "unknown": each lets a schema leave out a doc or
+            # break a naming or return rule the back ends rely on.
+            what = "'doc-required': false" if name == "doc-required" else f"'{name}'"
+            raise QAPIError(info, f"pragma {what} is not supported by migblockd's QAPI subset")
+        if name != "command-name-exceptions":
+            raise QAPIError(info, f"unknown pragma '{name}'")
+        if not isinstance(value, PosList) or not all(isinstance(v, str) for v in value):
+            raise QAPIError(info, f"pragma {name} must be a list of strings")
+        # Set, not added to: one value for the whole schema, the last one
+        # given, as QEMU's parser.py assigns it (its docs: "Setting the same
+        # pragma to different values in parts of the schema doesn't work").
+        self.command_name_exceptions = [str(v) for v in value]
 
 
 @dataclass

@@ -130,11 +130,11 @@ def _check_arguments(meta: str, name: str, expr: PosDict) -> None:
 
 def _check_members(data: PosDict, role: str, owner: str) -> None:
     """Each member's name (QEMU's check_type() with a dict) and the shape of
-    its type, member by member."""
+    its type, member by member.  Messages quote the key as written, ``*``
+    and all, as QEMU's do here (not where the member is made: see .builder)."""
     for key, value in data.items():
-        name = key.removeprefix("*")
-        what = f"{role} '{name}' of '{owner}'"
-        check_member_name(name, what, data.key_info[key])
+        what = f"{role} '{key}' of '{owner}'"
+        check_member_name(key.removeprefix("*"), what, data.key_info[key])
         _check_type(value, data.value_info[key], what)
 
 

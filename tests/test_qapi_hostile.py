@@ -114,3 +114,19 @@ def test_a_fifo_included_is_refused_without_waiting_for_a_writer(tmp_path: Path)
     assert result.returncode == 1
     assert result.stderr == (f"{schema}:1:14: include file '{tmp_path / 'sub.json'}' is not a "
                              "regular file\n")
+
+
+def test_a_directory_is_refused_in_qemus_words(tmp_path: Path) -> None:
+    # QEMU's generator open()s the file and says "Is a directory"; migblockd's
+    # said "not a regular file", its words for a FIFO, which QEMU waits on.
+    schema = tmp_path / "root.json"
+    schema.write_text("{ 'include': 'sub.json' }\n")
+    (tmp_path / "sub.json").mkdir()
+    result = gen("-o", str(tmp_path / "out"), str(schema))
+    assert result.returncode == 1
+    assert result.stderr == (f"{schema}:1:14: can't read include file "
+                             f"'{tmp_path / 'sub.json'}': Is a directory\n")
+    result = gen("-o", str(tmp_path / "out"), str(tmp_path / "sub.json"))
+    assert result.returncode == 1
+    assert result.stderr == ("migblockd-qapi-gen: can't read schema file "
+                             f"'{tmp_path / 'sub.json'}': Is a directory\n")

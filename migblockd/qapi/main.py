@@ -26,6 +26,7 @@ from typing import Any
 from migblockd import __version__
 from migblockd.generated import diffs
 from migblockd.generated import write as write_files
+from migblockd.regular import NotRegularFile
 
 from .builder import load_schema
 from .error import QAPIError
@@ -163,7 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 1
     except OSError as err:
-        print(f"{PROG}: can't read schema file '{args.schema}': {err.strerror}", file=sys.stderr)
+        # A directory is "not a regular file" to read_regular(); QEMU's
+        # generator, which open()s it, says what it is.
+        why = (os.strerror(errno.EISDIR) if isinstance(err, NotRegularFile)
+               and args.schema.is_dir() else err.strerror)
+        print(f"{PROG}: can't read schema file '{args.schema}': {why}", file=sys.stderr)
         return 1
     files = generate(schema)
     if args.check:

@@ -16,6 +16,7 @@ has a message for the same mistake.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable
@@ -232,6 +233,10 @@ class _FileParser:
             sub = _FileParser(incl, self.result, self.included, (*self.chain, absname),
                               self.vet)
         except NotRegularFile:
+            if os.path.isdir(incl):
+                # QEMU's open() fails on a directory, and says so: its words.
+                raise QAPIError(info, f"can't read include file '{incl}': "
+                                      f"{os.strerror(errno.EISDIR)}") from None
             raise QAPIError(info, f"include file '{incl}' is not a regular file") from None
         except OSError as err:
             raise QAPIError(info, f"can't read include file '{incl}': {err.strerror}") from err

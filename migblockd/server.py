@@ -385,3 +385,6 @@ class Server(Turns):
                     "start would fail: %s", key, why)
         if fate is not None:
             say(logging.WARNING, "reload: %s", fate)
+        if not found and fate is None:  # that the look ahead ran, and when it ended
+            say(logging.DEBUG, "reload: the next start would refuse nothing of %s as "
+                "the file now sets it", ", ".join(keys))

@@ -473,13 +473,17 @@ async def test_a_reload_says_a_schema_edited_in_place_would_stop_the_start(
     # a reload said "nothing changed", and the restart refused the state database.
     root, migration = schema_edited(tmp_path, lambda text: text)
     config = tmp_path / "m.toml"
-    config.write_text(f'log-level = "info"\nschema = "{root}"\n')
+    config.write_text(f'log-level = "debug"\nschema = "{root}"\n')
     state = tmp_path / "kept"
     d = start_daemon("--config", str(config), "--state-dir", str(state))
     async with d.client() as c:
         await c.ok("add-blocker", {"reason": "exec", "id": "x", "modes": ["cpr-exec"]})
         d.signal(signal.SIGHUP)  # nothing changed, and nothing to say
         d.wait_for_log("reloaded configuration: nothing changed")
+        # Its look ahead reads the schema's files on a thread: edited before it
+        # ends, they would be said by this reload too.
+        d.wait_for_log("DEBUG: reload: the next start would refuse nothing of schema as "
+                       "the file now sets it\n")
         (tmp_path / "edited").mkdir()
         without = schema_without_cpr_exec(tmp_path / "edited").with_name("migration.json")
         migration.write_text(without.read_text(encoding="utf-8"), encoding="utf-8")

@@ -110,7 +110,8 @@ def _open_descriptors() -> int:
 class Acceptor:
     """The listening socket's reader: accepts, and makes one protocol per connection.
 
-    ``clients()`` says how many clients are served (for the log).
+    ``clients()`` says how many clients are served (for the log): those whose
+    protocol's ``connection_made`` has come, which ``arrived()`` is told of.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
@@ -128,7 +129,13 @@ class Acceptor:
         self._reserve: int | None = self._open_reserve()
         #: Clients turned away in the current episode; None outside one.
         self.refused: int | None = None
-        self._pending: set[asyncio.Task[object]] = set()
+        #: uvloop's transports being made, each with its protocol.
+        self._pending: dict[asyncio.Task[object], asyncio.BaseProtocol] = {}
+        #: Protocols of connections accepted whose ``connection_made`` is still to
+        #: come: served, though ``clients()`` does not count them yet.  Not the
+        #: pending tasks: on uvloop a connection is in ``clients()`` for two loop
+        #: iterations before its task is done, and was counted twice.
+        self._arriving: set[asyncio.BaseProtocol] = set()
 
     # -- life cycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -162,6 +169,11 @@ class Acceptor:
             await asyncio.wait(list(self._pending))
         await asyncio.sleep(0)  # the connection_made callbacks _serve scheduled
 
+    def arrived(self, protocol: asyncio.BaseProtocol) -> None:
+        """``protocol``'s ``connection_made`` has come: ``clients()`` counts it now
+        (or it was refused, and is no client being served)."""
+        self._arriving.discard(protocol)
+
     def descriptor_freed(self) -> None:
         """One of our connections closed: try again if accepting is paused."""
         if self.refused is not None and not self._reading and not self._closed:
@@ -172,7 +184,6 @@ class Acceptor:
         if self._reserve is None:
             # The reserve comes before any new client: without it, nobody can be refused.
             self._reserve = self._open_reserve()
-        made = 0  # transports made in this batch: served, though not yet counted
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _ = self._sock.accept()
@@ -182,7 +193,7 @@ class Acceptor:
                 continue
             except OSError as exc:
                 if exc.errno in _EXHAUSTED:
-                    self._exhausted(exc, made)
+                    self._exhausted(exc)
                 else:
                     log.error("accept() failed: %s; trying again in %gs",
                               exc.strerror or exc, RETRY_DELAY)
@@ -190,7 +201,7 @@ class Acceptor:
                 return
             if self.refused is not None:
                 self._await_quiet()
-            made += self._serve(conn)
+            self._serve(conn)
 
     def _episode_over(self) -> None:
         self._quiet = None
@@ -204,35 +215,38 @@ class Acceptor:
                     "(%d refused meanwhile)", self.refused or 0)
         self.refused = None
 
-    def _serve(self, conn: socket.socket) -> bool:
-        """Serve ``conn``; True when its transport is made now (its protocol's
-        ``connection_made`` comes in a callback), False when a task makes it."""
+    def _serve(self, conn: socket.socket) -> None:
+        """Serve ``conn``: its protocol's ``connection_made`` comes in a callback."""
         # asyncio's selector loops make the transport at once, as their own
         # servers do underneath: connect_accepted_socket() would add a task and
         # two loop iterations per connection, about a tenth of a short
         # connection's CPU.  Other loops (uvloop) go the public way.
         make = getattr(self._loop, "_make_socket_transport", None)
         if make is not None:
-            conn.setblocking(False)
             try:
-                make(conn, self._factory())  # connection_made comes in a callback
+                conn.setblocking(False)
+                make(conn, protocol := self._factory())
             except BaseException:
                 conn.close()
                 raise
-            return True
-        task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
-        self._pending.add(task)
+            self._arriving.add(protocol)
+            return
+        protocol = self._factory()
+        task = self._loop.create_task(
+            self._loop.connect_accepted_socket(lambda: protocol, conn))
+        self._pending[task] = protocol
+        self._arriving.add(protocol)
         task.add_done_callback(self._made)
-        return False
 
     def _made(self, task: asyncio.Task[object]) -> None:
-        self._pending.discard(task)
+        # Its connection_made has come by now, or never will.
+        self._arriving.discard(self._pending.pop(task))
         if not task.cancelled() and task.exception() is not None:
             # The peer went away before its transport was made: nothing to serve.
             log.debug("a connection failed before it was served: %s", task.exception())
 
-    def _exhausted(self, exc: OSError, made: int) -> None:
-        """Out of descriptors, ``made`` transports into this batch of accepts."""
+    def _exhausted(self, exc: OSError) -> None:
+        """Out of descriptors."""
         if self._quiet is not None:  # still the same episode
             self._quiet.cancel()
             self._quiet = None
@@ -241,7 +255,7 @@ class Acceptor:
             refused = 0
             log.warning("out of file descriptors (%s) while serving %d clients: refusing "
                         "new clients until one is free", exc.strerror,
-                        self._clients() + len(self._pending) + made)
+                        self._clients() + len(self._arriving))
         for _ in range(ACCEPT_BATCH):
             if self._reserve is None:
                 self._reserve = self._open_reserve()

@@ -102,6 +102,7 @@ class ClientProtocol(Admitting, Ending, asyncio.BufferedProtocol):
         # uvloop's transports are not asyncio.Transport subclasses, but quack alike.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self.server.acceptor_arrived(self)  # a client as the roster counts them, or none
         owner = client_owner(transport)
         role = self.core.guard.judge.judged(owner)
         if role is None:

@@ -152,6 +152,11 @@ class Server(Turns):
         assert self.acceptor is not None
         self.acceptor.start()
 
+    def acceptor_arrived(self, protocol: ClientProtocol) -> None:
+        """``protocol``'s connection_made has come."""
+        if self.acceptor is not None:
+            self.acceptor.arrived(protocol)
+
     def acceptor_freed(self) -> None:
         """A connection's descriptor is about to be closed."""
         if self.acceptor is not None:

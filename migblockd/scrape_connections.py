@@ -17,7 +17,10 @@ what a client that reconnects as soon as it is cut holds: so a connection past
 the limit takes the place of the oldest one still sending its request (a
 scraper sends its request as soon as it connects, so only a silent or trickling
 client is ever in that state for long), and gets a 503 only when every
-connection has sent its request and awaits its answer.  Out of file descriptors,
+connection has sent its request and awaits its answer.  At most ``ACCEPT_BUDGET``
+connections are accepted in each ``ACCEPT_WINDOW``: the rest wait in the listen
+queue, where a client that connects and closes in a loop costs the daemon
+nothing (see ScrapeServer.accept_turn).  Out of file descriptors,
 the server waits a moment between attempts to accept rather than spin.  Scrapers
 crowded out are counted in the log (at most every ``CROWDED_WARNING`` seconds),
 and so is a connection no worker could be started for.
@@ -40,7 +43,8 @@ from migblockd.logs.throttle import Throttle
 from migblockd.scrape_pool import Pool
 from migblockd.scrape_request import RequestHandler, for_method, method_sent, unavailable
 
-__all__ = ["MAX_SCRAPES", "REQUEST_DEADLINE", "REQUEST_TIMEOUT", "ScrapeServer"]
+__all__ = ["ACCEPT_BUDGET", "ACCEPT_WINDOW", "MAX_SCRAPES", "REQUEST_DEADLINE",
+           "REQUEST_TIMEOUT", "ScrapeServer"]
 
 log = logging.getLogger("migblockd")
 
@@ -57,6 +61,15 @@ REQUEST_TIMEOUT = 10.0
 REQUEST_DEADLINE = 30.0
 #: Seconds in which MAX_SCRAPES requests are parsed at most (ScrapeServer.parse_turn).
 PARSE_WINDOW = 0.1
+#: Connections accepted in each ACCEPT_WINDOW at most (ScrapeServer.accept_turn).
+#: Each costs the daemon some 100 us of Python on two threads, and the event loop
+#: waits for the interpreter lock meanwhile: clients connecting and closing in a
+#: loop, 2,500 to 3,000 a second over a Unix socket, took most of a core and cut
+#: QMP round trips to a third or a half.  At 160 a second, 16 scrapers connecting
+#: at the same moment still go in at once.
+ACCEPT_BUDGET = 16
+#: Seconds in which ACCEPT_BUDGET connections are accepted at most.
+ACCEPT_WINDOW = 0.1
 #: Seconds between attempts to accept while the process is out of descriptors.
 EXHAUSTED_PAUSE = 0.1
 #: Seconds between two warnings that every connection was busy (the rest: debug).
@@ -152,6 +165,8 @@ class ScrapeServer(WSGIServer):
         self._parses: deque[float] = deque(maxlen=MAX_SCRAPES)
         self._in_line: dict[socket.socket, threading.Event] = {}
         self._parse_lock = threading.Lock()
+        # When the latest accepts were (accept_turn).  serve_forever's thread only.
+        self._accepts: deque[float] = deque(maxlen=ACCEPT_BUDGET)
 
     def _crowding(self, closed: int, refused: int) -> None:
         """Count a connection closed to make room, or refused: a few silent or
@@ -188,7 +203,32 @@ class ScrapeServer(WSGIServer):
                     "their request was read, %d refused (a scraper may have failed%s)",
                     MAX_SCRAPES, closed, refused, more)
 
+    def accept_turn(self) -> None:
+        """Wait until the next accept is within ACCEPT_BUDGET a window (on
+        serve_forever's thread, before each accept).
+
+        A thread of its own does not keep the endpoint off the event loop: the
+        loop waits for the interpreter lock while this thread and a worker run.
+        The connections past the budget wait in the listen queue (1,024 of
+        them), and past that a client's connect waits or fails in the kernel,
+        which costs the daemon nothing.  A scraper behind a flood waits its turn
+        there, as it is crowded out of a slot (see the module's docstring): the
+        flood costs the scrapers their answers, not the QMP clients theirs."""
+        accepts = self._accepts
+        if len(accepts) < ACCEPT_BUDGET:
+            return
+        wait = accepts[0] + ACCEPT_WINDOW - time.monotonic()
+        if wait <= 0:
+            return
+        said = _flooded.admit("accept", None, time.monotonic())
+        if said is not None:
+            log.warning("metrics: more than %d connections within %g s: the rest wait in "
+                        "the listen queue (a client connecting in a loop?)%s",
+                        ACCEPT_BUDGET, ACCEPT_WINDOW, said)
+        time.sleep(wait)
+
     def get_request(self) -> tuple[socket.socket, Any]:
+        self.accept_turn()
         try:
             conn, address = self.socket.accept()
         except OSError as exc:
@@ -198,6 +238,7 @@ class ScrapeServer(WSGIServer):
                 # the shortage lasts, on a whole core.
                 time.sleep(EXHAUSTED_PAUSE)
             raise
+        self._accepts.append(time.monotonic())
         # A Unix socket's peer has no address; wsgiref wants one for REMOTE_ADDR.
         return conn, address if isinstance(address, tuple) else ("local", 0)
 
@@ -355,6 +396,9 @@ class ScrapeServer(WSGIServer):
 # Warnings that no thread could be started for a connection (ScrapeServer._no_thread).
 _no_threads = Throttle(burst=1, window=CROWDED_WARNING)
 _no_thread_lock = threading.Lock()
+# Warnings that connections came faster than ACCEPT_BUDGET a window (accept_turn):
+# serve_forever's thread alone writes them, so no lock.
+_flooded = Throttle(burst=1, window=CROWDED_WARNING)
 
 
 def _cut(request: socket.socket) -> None:

@@ -1,4 +1,4 @@
-"""The metrics endpoint's worker threads: at most one per slot, started once, kept.
+"""The metrics endpoint's worker threads: at most one per slot, kept while used.
 
 Part of the endpoint (:mod:`migblockd.scrape_connections` hands each connection
 it admits to :class:`Pool`).  Why not a thread per connection, as
@@ -9,7 +9,11 @@ connections a second), on the core the event loop shares; at a fixed 900
 connections a second, a pool took a third of that.  A worker is started when
 the connections admitted outnumber the workers, never more than the connections
 served at once (``MAX_SCRAPES``, the pool's ``most``), and it stays for the next
-ones: an idle endpoint keeps at most that many threads, asleep.
+ones; one that has had no job for ``IDLE_WORKER`` seconds ends.  A burst of 16
+scrapers, or a flood, would otherwise leave 16 threads asleep for the rest of
+the daemon's life, each with its stack and its entry in every ``ps -L``; a
+scraper's next connection after such a pause pays one thread start (some
+100 us), which a pause that long makes nothing.
 
 ``most`` is a bound of its own, not left to the count of jobs: a worker frees its
 connection's slot as the last thing it serves, a moment before it takes the next
@@ -26,7 +30,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Pool"]
+__all__ = ["IDLE_WORKER", "Pool"]
+
+#: Seconds a worker waits for a job before it ends (a job then starts another).
+IDLE_WORKER = 30.0
 
 
 class Pool:
@@ -66,12 +73,29 @@ class Pool:
         self._jobs.put(job)
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=IDLE_WORKER)
+            except queue.Empty:
+                if self._retire():
+                    return
+                continue
+            if job is None:
+                return
             try:
                 self._serve(job)
             finally:
                 with self._lock:
                     self._held -= 1
+
+    def _retire(self) -> bool:
+        """End this idle worker unless a job handed over needs it: ``hand`` counts
+        the workers under the same lock, and starts one when they are too few."""
+        with self._lock:
+            if self._held >= len(self._workers):
+                return False  # a job is on its way to the queue: this one takes it
+            self._workers.remove(threading.current_thread())
+            return True
 
     def stop(self, until: float) -> None:
         """Let the workers serve the jobs handed over, then end, by ``until``

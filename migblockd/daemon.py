@@ -129,7 +129,13 @@ async def run(config: Config, cli: dict[str, Any], *,
             log.info(STOPPED_STARTING, name)
             return
         progress = StartProgress(notifier, stop_asked)
-        store = open_state(config, registry, sources, progress)
+        try:
+            store = open_state(config, registry, sources, progress, stop_asked)
+        except StoppedStarting as exc:
+            # Came while another program's write lock was waited for, after the
+            # restore: nothing was written.
+            log.info(STOPPED_STARTING, str(exc))
+            return
         if (name := stop_asked()) is not None:
             # Not sooner: the restore is not cut short (it may be migrating an
             # older database forward), and the log says what it found.
@@ -181,10 +187,13 @@ def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE,
 
 
 def open_state(config: Config, registry: Registry, sources: Sources = COMMAND_LINE,
-               progress: StartProgress | None = None) -> Store | None:
+               progress: StartProgress | None = None,
+               stop_asked: Callable[[], str | None] = lambda: None) -> Store | None:
     """The state directory, locked, with what it holds restored into ``registry``.
     ``sources``: where the settings came from, which the errors name; ``progress``:
-    where to say how far the restore is."""
+    where to say how far the restore is; ``stop_asked``: as :func:`run`'s, a stop
+    that comes while another program holds the database's write lock raises
+    StoppedStarting."""
     if config.ephemeral:
         log.info("state: ephemeral: blockers live in memory only, a restart forgets them")
         try:
@@ -204,7 +213,8 @@ def open_state(config: Config, registry: Registry, sources: Sources = COMMAND_LI
         checking = None if progress is None else progress.counting("restoring")
         store = Store.open(config.state_dir,
                            restore=lambda snapshot: restore(registry, snapshot, checking),
-                           progress=None if progress is None else progress.counting("reading"))
+                           progress=None if progress is None else progress.counting("reading"),
+                           stop=stop_asked)
     except StateError as exc:
         raise StartupError(sources.located("state_dir", home_problem(config.state_dir)
                                            or exc.naming(sources.choice("state_dir")))) from None

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, DaemonProcess, assert_clean_log, flip_bit, owner_info
+from conftest import ROOT, DaemonProcess, assert_clean_log, flip_bit, owner_info, wait_ready
 from faults import injecting
 from otheruids import Account, bare_uid
 from qmpclient import RawClient
@@ -483,6 +483,93 @@ async def test_a_stop_while_restoring_ends_the_start_after_the_restore(
     assert holder(directory / "lock") == ""
     with Store.open(directory) as store:
         assert len(store.load().blockers) == 100_000
+
+
+def start_waiting_for_writer(start_daemon: Start, directory: Path) -> DaemonProcess:
+    """A daemon started on ``directory``'s state while another program holds its
+    database's write lock, returned once it opens the database for writing (its log's
+    index open: the restore's view of the file opens none), where it waits for it."""
+    daemon = start_daemon("--state-dir", str(directory), wait=False)
+    while not has_open(daemon.proc.pid, "/state.db-shm"):
+        assert daemon.proc.poll() is None, daemon.log()
+        time.sleep(0.001)
+    return daemon
+
+
+def has_open(pid: int, suffix: str) -> bool:
+    """Whether process ``pid`` has a file open whose path ends with ``suffix``."""
+    with contextlib.suppress(FileNotFoundError):  # the process, or a descriptor, gone
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if os.readlink(fd).endswith(suffix):
+                    return True
+    return False
+
+
+def held(db: Path) -> sqlite3.Connection:
+    """A connection of this process, another program to the daemon, in a write
+    transaction on ``db``: an operator's sqlite3 shell after ``BEGIN IMMEDIATE;``."""
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_while_the_start_waits_for_another_programs_write_lock_is_a_stop(
+    start_daemon: Start, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Before, the start waited SQLite's busy timeout (5 s) out with the stop kept,
+    then ended as refused: exit status 1, "in use by another program"."""
+    directory = tmp_path / "state"
+    first = start_daemon("--state-dir", str(directory))
+    async with first.client() as c:
+        await add(c, "kept", id="kept")
+    assert first.stop() == 0
+    other = held(directory / "state.db")
+    try:
+        daemon = start_waiting_for_writer(start_daemon, directory)
+        daemon.signal(sig)
+        # While the other program still holds the lock.
+        assert daemon.wait_exit() == 0, daemon.log()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    log = daemon.log()
+    assert f"received {sig.name} while starting: stopping before serving" in log, log
+    assert "in use by another program" not in log and "ready on" not in log, log
+    assert not daemon.socket.exists()
+    assert_clean_log(daemon)
+    assert holder(directory / "lock") == ""
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert await ids(c) == ["kept"]
+
+
+async def test_a_start_waits_for_another_programs_write_lock_then_serves_or_is_refused(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """The start's wait for the write lock is SQLite's busy timeout still: a program
+    that lets go within it is waited for, one that does not refuses the start."""
+    directory = tmp_path / "state"
+    assert start_daemon("--state-dir", str(directory)).stop() == 0
+    db = directory / "state.db"
+    other = held(db)
+    daemon = start_waiting_for_writer(start_daemon, directory)
+    other.execute("ROLLBACK")
+    wait_ready(daemon)
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        refused = start_waiting_for_writer(start_daemon, directory)
+        assert refused.wait_exit(30) == 1, refused.log()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert refused.log().rstrip("\n").endswith(
+        f"ERROR: {db} is in use by another program (database is locked); close it "
+        "(a sqlite3 shell?) and start again"), refused.log()
+    assert_clean_log(refused)
 
 
 # ----------------------------------------------------------------- backup, start over

@@ -19,6 +19,7 @@ __all__ = [
     "StateError",
     "Unsettled",
     "account",
+    "busy",
     "commit_failed",
     "describe_open_error",
     "free_space",
@@ -131,6 +132,12 @@ def _no_inodes(directory: Path) -> bool:
     except OSError:
         return False
     return fs.f_files > 0 and (fs.f_ffree if os.geteuid() == 0 else fs.f_favail) == 0
+
+
+def busy(error: sqlite3.Error) -> bool:
+    """Whether ``error`` is another connection holding a lock (``database is locked``)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (_BUSY, _LOCKED)
 
 
 def io_error(error: sqlite3.Error) -> bool:

@@ -7,6 +7,10 @@ file are one state, whatever their names.  SQLite's own locks are not enough:
 two daemons could both read the same state and then take turns writing, each
 handing out the ids the other did and overwriting the other's rows.
 
+SQLite's own write lock, which another program may hold (an operator's ``sqlite3``
+shell in a transaction), is waited for at start by :func:`wait_for_writer`, in
+slices that a stop can end.
+
 The database's lock is a ``flock``, which on Linux does not touch the ``fcntl``
 locks SQLite takes on the same file.  Its descriptor must outlive the
 process's SQLite connections to the file: closing any descriptor of a file
@@ -19,19 +23,26 @@ import contextlib
 import errno
 import fcntl
 import os
+import sqlite3
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from migblockd.pidlock import Held, LockFailed, PidLock
-from migblockd.state.errors import StateError, owner_mismatch, read_only
+from migblockd.startup import StoppedStarting
+from migblockd.state.errors import StateError, busy, owner_mismatch, read_only
 from migblockd.writable import attribute_fix, denied
 
 __all__ = ["DATABASE_NAME", "LOCK_NAME", "DatabaseLock", "check_lockable", "lock_database",
-           "lock_directory"]
+           "lock_directory", "wait_for_writer"]
 
 LOCK_NAME = "lock"
 #: The database's name in the state directory.
 DATABASE_NAME = "state.db"
+#: Seconds between two looks at whether a stop was asked while the start waits for
+#: another program's write lock (:func:`wait_for_writer`).
+POLL = 0.1
 
 
 def lock_directory(directory: Path) -> PidLock:
@@ -183,3 +194,32 @@ def _whose(path: Path) -> str:
         return f"mode {stat.S_IMODE(st.st_mode):04o}); chmod u+rw {path}"
     held, fix = owner_mismatch(path, st)
     return f"{held}); {fix}"
+
+
+def wait_for_writer(conn: sqlite3.Connection, seconds: float,
+                    stop: Callable[[], str | None] | None) -> None:
+    """Wait, ``seconds`` at most (the connection's busy timeout, set back after),
+    until no other program holds the database's write lock (an operator's sqlite3
+    shell in a transaction), which the migration and the proof of writing both take;
+    sqlite3.Error (``database is locked``) when it still does.  In slices of
+    :data:`POLL`, looking at ``stop()`` between them (:class:`.StoppedStarting`):
+    SQLite's own wait is one call that no signal ends (the handler that keeps a
+    SIGTERM runs once it returns), so a stop asked meanwhile waited the busy timeout
+    out, and the start then ended as refused (exit 1), not as the stop asked for.
+    The lock is let go at once: what follows takes it again, with SQLite's own wait."""
+    deadline = time.monotonic() + seconds
+    conn.execute(f"PRAGMA busy_timeout = {int(POLL * 1000)}")
+    try:
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                if not busy(e) or time.monotonic() >= deadline:
+                    raise
+                if stop is not None and (name := stop()) is not None:
+                    raise StoppedStarting(name) from None
+                continue
+            conn.execute("ROLLBACK")
+            return
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")

@@ -36,7 +36,7 @@ from migblockd.state import schema
 from migblockd.state.directory import check_file_room, check_migration_room
 from migblockd.state.errors import StateError, describe_open_error, one_line
 from migblockd.state.files import check_existing_database, hot_journal
-from migblockd.state.lock import DatabaseLock, lock_database
+from migblockd.state.lock import DatabaseLock, lock_database, wait_for_writer
 from migblockd.state.logcheck import check_log
 from migblockd.state.whose_log import check_whose_log, note_for
 
@@ -73,13 +73,16 @@ Examine = Callable[[sqlite3.Connection], None]
 
 def check_and_open(path: Path, migrations: Sequence[schema.Migration],
                    examine: Examine | None = None, *, noting: PidLock | None = None,
+                   stop: Callable[[], str | None] | None = None,
                    ) -> tuple[sqlite3.Connection, DatabaseLock]:
     """The database, checked (created, migrated, and its content passed to
     ``examine``), and the lock on its file, taken before SQLite opens it:
     release the lock after closing the connection.  ``noting``: the state
     directory's lock, whose note says which file the last daemon opened (its log
     is refused beside another) and is then made this file's, before SQLite
-    writes a frame of its log."""
+    writes a frame of its log.  ``stop()``: the name of a SIGTERM or SIGINT that
+    came (``EarlySignals.stop``); one that comes while another program's write
+    lock is waited for raises :class:`.StoppedStarting`, nothing written."""
     if _check_file(path):
         _create(path, migrations)
     lock = lock_database(path)
@@ -99,7 +102,7 @@ def check_and_open(path: Path, migrations: Sequence[schema.Migration],
         lock.release()
         raise StateError(describe_open_error(path, e)) from e
     try:
-        _open_for_writing(conn, path, version, migrations)
+        _open_for_writing(conn, path, version, migrations, stop)
         if version < len(migrations) and examine is not None:
             examine(conn)  # only now in the format it reads
         if noting is not None:
@@ -273,13 +276,15 @@ def _check_before_writing(path: Path, migrations: Sequence[schema.Migration],
 
 
 def _open_for_writing(conn: sqlite3.Connection, path: Path, version: int,
-                      migrations: Sequence[schema.Migration]) -> None:
+                      migrations: Sequence[schema.Migration],
+                      stop: Callable[[], str | None] | None = None) -> None:
     """Put the checked database (of format ``version``) in WAL mode and migrate it
-    if new or older; else prove it writable."""
+    if new or older; else prove it writable.  ``stop``: as :func:`check_and_open`'s."""
     current = len(migrations)
     fresh = version == 0  # format 0 passed the check only empty
     try:
         configure(conn)
+        wait_for_writer(conn, _BUSY_TIMEOUT, stop)
         if version < current:
             if fresh:  # made by an older migblockd that created it in place
                 _migrate(conn, path, version, migrations)

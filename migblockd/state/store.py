@@ -93,7 +93,8 @@ class Store:
     def open(cls, directory: Path,
              migrations: Sequence[schema.Migration] = schema.MIGRATIONS, *,
              restore: Callable[[Snapshot], None] | None = None,
-             progress: Progress | None = None) -> Store:
+             progress: Progress | None = None,
+             stop: Callable[[], str | None] | None = None) -> Store:
         """Lock ``directory`` (made 0700 if missing) and open its database,
         creating it when new and migrating it when older.
 
@@ -105,6 +106,8 @@ class Store:
         format: the copy as it was is kept).  A ValueError says what is wrong
         with a stored value, and is reported as ``PATH: why``.  ``progress`` is
         told how many rows have been read for it, of how many (:func:`read_snapshot`).
+        ``stop()``: a starting daemon's stop signal, which ends the wait for another
+        program's write lock with :class:`.StoppedStarting` (:func:`check_and_open`).
         """
         # Absolute, so that the log and every message say where the state is: a
         # relative --state-dir depends on the working directory the daemon started in.
@@ -125,7 +128,8 @@ class Store:
                 raise StateError(f"{path}: {exc}") from None
 
         try:
-            conn, database_lock = check_and_open(path, migrations, examine, noting=lock)
+            conn, database_lock = check_and_open(path, migrations, examine, noting=lock,
+                                                  stop=stop)
         except BaseException:
             lock.release()
             raise

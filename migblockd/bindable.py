@@ -41,6 +41,13 @@ def lock_socket(socket_path: Path, option: str = "--socket") -> PidLock:
     try:
         return PidLock.acquire(path)
     except Held as held:
+        if held.stopping:
+            # Not "stop it first": it is stopping already, and its drain may take a
+            # while (30 s at most); told apart, the operator waits rather than kills.
+            raise StartupError(
+                f"another migblockd ({held.holder}) is stopping, and holds {socket_path} "
+                "until its stop is over (it drains its clients, 30 s at most); start "
+                f"again once it has exited, or choose another {option}") from None
         raise StartupError(
             f"another migblockd ({held.holder}) is already serving {socket_path}; "
             f"refusing to start a second one (stop it first, or choose another "

@@ -299,6 +299,12 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         # before the drain proper (a commit releasing a burst of events) must not
         # drop anyone for --max-output either.
         server.draining = True
+        if not stop.is_set():
+            # Before the drain, which may take a while: a second start refused the
+            # socket or the state directory meanwhile hears that this one is stopping.
+            for lock in (None if claim is None else claim.lock, store):
+                if lock is not None:
+                    lock.stopping()
         stop.set()
         # At once, not when the stop gets to it: a SIGHUP sent with the SIGTERM
         # would otherwise start a reload during the stop.

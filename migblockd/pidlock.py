@@ -8,6 +8,9 @@ the lock when the holder exits however it exits: there is never a stale lock
 to clean up after a crash.  The holder writes its pid in the file so that a
 refusal can say who holds it, and may add a note after it (:meth:`PidLock.note`)
 for the next holder, which finds what the last one wrote in :attr:`PidLock.previous`.
+A holder that is stopping says so on a line after them (:meth:`PidLock.stopping`):
+its stop may take a while (a drain of 30 s at most), and a second start refused
+meanwhile is to hear that the first is on its way out, not that it serves.
 The file itself is never removed: a holder
 that unlinked it on exit could leave a second process holding a lock on the
 removed file while a third takes one on a new file.
@@ -25,11 +28,13 @@ __all__ = ["Held", "LockFailed", "PidLock"]
 
 
 class Held(Exception):
-    """Another process holds the lock; ``holder`` is ``pid N`` (or ``pid unknown``)."""
+    """Another process holds the lock; ``holder`` is ``pid N`` (or ``pid unknown``);
+    ``stopping``: whether it has said that it is stopping (:meth:`PidLock.stopping`)."""
 
-    def __init__(self, holder: str) -> None:
+    def __init__(self, holder: str, *, stopping: bool = False) -> None:
         super().__init__(holder)
         self.holder = holder
+        self.stopping = stopping
 
 
 class LockFailed(Exception):
@@ -46,12 +51,13 @@ class LockFailed(Exception):
 class PidLock:
     """A held lock; :meth:`release` gives it up."""
 
-    __slots__ = ("_fd", "_pid", "path", "previous")
+    __slots__ = ("_fd", "_note", "_pid", "path", "previous")
 
     def __init__(self, path: Path, fd: int, previous: bytes = b"") -> None:
         self.path = path
         self._fd: int | None = fd
         self._pid = b""  # the pid as written before a note, while there is one
+        self._note = b""  # the note written after the pid, if any
         #: What the file held when the lock was taken: the last holder's pid and
         #: note (which it leaves behind when it is killed), or nothing.
         self.previous = previous
@@ -66,10 +72,10 @@ class PidLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = _holder(fd)
+            holder, stopping = _holder(fd)
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise Held(holder) from None
+                raise Held(holder, stopping=stopping) from None
             raise LockFailed(exc.strerror or str(exc), opening=False, errno=exc.errno) from None
         previous = b""
         with contextlib.suppress(OSError):
@@ -105,6 +111,19 @@ class PidLock:
         os.pwrite(self._fd, content, 0)
         os.ftruncate(self._fd, len(content))
         self._pid = pid if note else b""
+        self._note = note
+
+    def stopping(self) -> None:
+        """Say, on a line after the pid and the note (empty if there is none), that
+        the holder is stopping, for whoever is refused the lock until it lets go.
+        Best effort: a file that cannot be written leaves the refusal as it was.
+        The next holder drops the line (it keeps the note alone)."""
+        if self._fd is None:
+            return
+        pid = f"{os.getpid()}\n".encode()
+        with contextlib.suppress(OSError):
+            # Longer than what is there: one write, nothing to cut.
+            os.pwrite(self._fd, pid + self._note + b"\n" + _STOPPING + b"\n", 0)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -121,12 +140,18 @@ class PidLock:
 
 #: The most of a lock file read: a pid and a note, a path among them.
 _MOST = 1 << 16
+#: The line a holder that is stopping writes after its pid and its note.
+_STOPPING = b"stopping"
 
 
-def _holder(fd: int) -> str:
-    """``pid N`` as the holder wrote it (its first line), when it did."""
+def _holder(fd: int) -> tuple[str, bool]:
+    """``pid N`` as the holder wrote it (its first line), when it did, and whether
+    it says it is stopping (its third line)."""
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").split("\n", 1)[0].strip()
+        lines = os.pread(fd, _MOST, 0).split(b"\n")
     except OSError:
-        text = ""
-    return f"pid {text}" if text.isdigit() else "pid unknown"
+        lines = [b""]
+    text = lines[0].decode("ascii", "replace").strip()
+    if not text.isdigit():
+        return "pid unknown", False
+    return f"pid {text}", len(lines) > 2 and lines[2] == _STOPPING

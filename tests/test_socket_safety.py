@@ -13,11 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import READY_LINE, DaemonProcess, spawn_daemon
 from faults import delayed
+from qmpclient import blocking_client
 
 from migblockd.listen import bind_socket
 from migblockd.socketdir import check_socket_directory, make_socket_dir
@@ -471,6 +474,66 @@ def test_the_refusal_names_the_live_daemon(start_daemon: Callable[..., DaemonPro
     assert not live.socket.exists()
     assert live.socket.with_name(live.socket.name + ".lock").exists()
     again = start_daemon()
+    assert again.stop() == 0
+
+
+def test_a_start_refused_while_the_first_daemon_stops_says_it_is_stopping(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    """A first daemon whose stop takes a while (its drain waits for a client that
+    still sends, 30 s at most) holds its socket and state directory until it exits.
+    Before, a second start on either was told the first was "already serving" it and
+    to "stop it first", as though no stop had been asked."""
+    state = tmp_path / "state"
+    live = start_daemon("--state-dir", str(state))
+    client = blocking_client(live.socket)
+    sending = threading.Event()
+    sending.set()
+
+    def keep_sending() -> None:  # alive: the drain waits until it closes
+        with contextlib.suppress(OSError):
+            while sending.is_set():
+                client.sendall(b'{"execute": "query-version"}')
+                time.sleep(0.05)
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        live.signal(signal.SIGTERM)
+        live.wait_for_log("stopping: closing the socket and 1 client(s)")
+        same_socket = start_daemon(wait=False)
+        assert same_socket.wait_exit() == 1, same_socket.log()
+        same_state = start_daemon("--state-dir", str(state), socket=tmp_path / "other.sock",
+                                  wait=False)
+        assert same_state.wait_exit() == 1, same_state.log()
+        assert live.proc.poll() is None, live.log()  # still stopping, the while
+    finally:
+        sending.clear()
+        sender.join()
+        client.close()
+    assert live.wait_exit() == 0
+    assert same_socket.log().rstrip("\n").endswith(
+        f"ERROR: another migblockd (pid {live.proc.pid}) is stopping, and holds "
+        f"{live.socket} until its stop is over (it drains its clients, 30 s at most); "
+        "start again once it has exited, or choose another --socket"), same_socket.log()
+    assert same_state.log().rstrip("\n").endswith(
+        f"ERROR: state directory {state} is locked by another migblockd "
+        f"(pid {live.proc.pid}), which is stopping; start again once it has exited, or "
+        "use another --state-dir"), same_state.log()
+    # The line goes with the daemon (the state directory's lock file keeps its note,
+    # and the line after it, until the next holder writes its own): the next start
+    # takes both, and a start refused while it runs is told it serves.
+    again = start_daemon("--state-dir", str(state))
+    serving = start_daemon(wait=False)
+    assert serving.wait_exit() == 1
+    assert (f"another migblockd (pid {again.proc.pid}) is already serving {again.socket}"
+            in serving.log()), serving.log()
+    locked = start_daemon("--state-dir", str(state), socket=tmp_path / "other.sock",
+                          wait=False)
+    assert locked.wait_exit() == 1
+    assert (f"state directory {state} is locked by another migblockd (pid "
+            f"{again.proc.pid}); stop it, or use another --state-dir") in locked.log(), (
+                locked.log())
     assert again.stop() == 0
 
 

@@ -58,6 +58,10 @@ def lock_directory(directory: Path) -> PidLock:
     try:
         return PidLock.acquire(path)
     except Held as held:
+        if held.stopping:  # as a socket's lock says it (migblockd.bindable)
+            raise StateError(f"state directory {directory} is locked by another migblockd "
+                             f"({held.holder}), which is stopping; start again once it has "
+                             "exited, or use another --state-dir") from None
         raise StateError(f"state directory {directory} is locked by another migblockd "
                          f"({held.holder}); stop it, or use another --state-dir") from None
     except LockFailed as exc:

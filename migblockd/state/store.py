@@ -135,6 +135,12 @@ class Store:
             raise
         return cls(directory, lock, conn, database_lock)
 
+    def stopping(self) -> None:
+        """Say in the directory's lock file that this daemon is stopping, for a
+        start refused the directory meanwhile (:meth:`PidLock.stopping`)."""
+        if self._lock is not None:
+            self._lock.stopping()
+
     def load(self) -> Snapshot:
         """Everything stored: blockers oldest first, and the settings."""
         return read_snapshot(self._connection(), self.path)

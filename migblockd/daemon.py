@@ -50,7 +50,7 @@ from migblockd.preflight import (
     socket_group_notes,
 )
 from migblockd.progress import StartProgress
-from migblockd.qemu.bridge import Bridge, passthrough_warnings
+from migblockd.qemu.bridge import FIRST_CONTACT, Bridge, passthrough_warnings
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
 from migblockd.socketgroup import WAIT, Unanswered, within
@@ -349,7 +349,16 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         # Clients wait (in the listen backlog) until migblockd knows whether QEMU
         # migrates; a stop does not wait for that.
         bridge.start(core, server.schedule)
+        # Said, or systemctl status shows the restore's last step for as long as
+        # QEMU keeps the start waiting (a QEMU that accepts and does not answer).
+        # STATUS= alone: a wait this short needs no more of TimeoutStartSec=.
+        await notifier.status(f"waiting for QEMU at {config.qemu} to answer "
+                              f"({FIRST_CONTACT:g} s at most): serving once it says "
+                              "whether it migrates")
         await until_stopped(bridge.first_contact(), stop)
+        if not stop.is_set() and not looking.done():
+            # QEMU's wait is over, the look-ups' (3 s at most) not.
+            await notifier.status("preparing to serve")
     if not stop.is_set():
         # The start's look-ups answer in milliseconds when the databases answer at
         # all: waited for, so that such a start serves everyone as soon as it says it

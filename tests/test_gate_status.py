@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from conftest import DaemonProcess
 from faults import injecting
@@ -136,6 +137,41 @@ async def test_status_says_a_qemu_that_accepted_and_never_greets_is_not_answerin
     # Let go: QEMU greets migblockd's connection, waiting in its backlog.
     assert re.fullmatch(r"7\.\d+\.\d+ connected", qemu_status(
         notify, lambda qemu: "connected" in qemu))
+    assert d.stop() == 0
+
+
+async def test_status_says_the_start_waits_for_qemu_while_it_does(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, notify: socket.socket,
+    tmp_path: Path,
+) -> None:
+    # Found by the start/stop review: while the start waited for a QEMU that accepted
+    # and did not answer (5 s at most), systemctl status showed the restore's last
+    # step, "restored 0 blockers: preparing to serve", as if the daemon were busy
+    # with its state; a start with --ephemeral showed no status at all.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as holder:
+        holder.settimeout(10)
+        holder.connect(str(qemu.gate_socket))
+        assert holder.recv(4096).startswith(b'{"QMP"')  # greeted: it holds the monitor
+        d = start_daemon("--qemu", str(qemu.gate_socket), "--state-dir", str(tmp_path / "s"),
+                         wait=False, env=notify_env(notify))
+        statuses: list[tuple[bool, str]] = []
+        deadline = time.monotonic() + 60
+        while not statuses or not statuses[-1][0]:
+            notify.settimeout(max(0.0, deadline - time.monotonic()))
+            fields = dict(line.partition("=")[::2]
+                          for line in notify.recv(4096).decode().splitlines())
+            if "STATUS" in fields:
+                statuses.append((fields.get("READY") == "1", fields["STATUS"]))
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} is there but has not answered within 5 s")
+    said = [status for _, status in statuses]
+    waiting = (f"waiting for QEMU at {qemu.gate_socket} to answer (5 s at most): serving "
+               "once it says whether it migrates")
+    # The wait, said after the restore and before READY=1 (with its summary).
+    assert said.index(waiting) > said.index("restored 0 blockers: preparing to serve"), said
+    assert said[-1].endswith("QEMU not answering (it accepted the connection)"), said
+    # What follows it is the running summary, but for a last step of the start.
+    assert all(status == "preparing to serve" or ", migration: " in status
+               for status in said[said.index(waiting) + 1:]), said
     assert d.stop() == 0
 
 

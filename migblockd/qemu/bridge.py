@@ -46,7 +46,7 @@ from migblockd.qemu_facts import (
 from migblockd.qmp.encoding import timestamp
 from migblockd.registry import Registry
 
-__all__ = ["Bridge", "passthrough_warnings"]
+__all__ = ["FIRST_CONTACT", "Bridge", "passthrough_warnings"]
 
 log = logging.getLogger("migblockd")
 

@@ -230,9 +230,7 @@ class Notifier(Delivery):
         receiver.  Failures are logged, never raised; with a full queue the
         state they carry is kept and sent later (see
         :class:`~migblockd.notify_delivery.Delivery`)."""
-        if self._stream is None or self._address is None or not lines:
-            return
-        self._deliver(lines)
+        self._send(lines)
 
     async def ready(self, status: str | None = None) -> None:
         """``READY=1``, unless the stop has begun: a reload that ends during the
@@ -259,8 +257,7 @@ class Notifier(Delivery):
             return
         text = _one_line(status)
         self._last_status = text
-        if self._stream is not None and self._address is not None:
-            self._deliver((f"EXTEND_TIMEOUT_USEC={EXTEND_SEC * 1_000_000}", f"STATUS={text}"))
+        self._send((f"EXTEND_TIMEOUT_USEC={EXTEND_SEC * 1_000_000}", f"STATUS={text}"))
 
     def say(self, status: str) -> None:
         """``STATUS=status`` alone, at once: :meth:`extend`'s, for a start that no
@@ -269,8 +266,13 @@ class Notifier(Delivery):
         if self._stopping or text == self._last_status:
             return
         self._last_status = text
-        if self._stream is not None and self._address is not None:
-            self._deliver((f"STATUS={text}",))
+        self._send((f"STATUS={text}",))
+
+    def _send(self, lines: tuple[str, ...]) -> None:
+        # The one place that decides whether there is anyone to tell: the
+        # coroutines and the restore's calls, which may not wait, alike.
+        if self._stream is not None and self._address is not None and lines:
+            self._deliver(lines)
 
     async def reloading(self) -> None:
         # Type=notify-reload (systemd 253+) requires MONOTONIC_USEC with

@@ -247,16 +247,16 @@ class Config:
 RELOADABLE = options.reloadable(Config)
 
 
-def read_file(path: Path) -> dict[str, Any]:
+def read_file(path: Path) -> settings_file.FileSettings:
     """Read a TOML configuration file into field name -> checked value."""
     return settings_file.read_file(path, Config)
 
 
-def read_settings(cli: dict[str, Any]) -> dict[str, Any]:
-    """What the file named by ``cli['config']`` sets (field name -> checked value);
-    nothing without one."""
+def read_settings(cli: dict[str, Any]) -> settings_file.FileSettings:
+    """What the file named by ``cli['config']`` sets (field name -> checked value),
+    with the line of each; nothing without one."""
     path = cli.get("config")
-    return {} if path is None else read_file(Path(path))
+    return settings_file.FileSettings({}, None, {}) if path is None else read_file(Path(path))
 
 
 @dataclass(frozen=True)
@@ -282,14 +282,12 @@ class Sources:
     entries: Mapping[tuple[str, ...], int] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def of(cls, cli: Mapping[str, Any], file: Mapping[str, Any] | None) -> Sources:
+    def of(cls, cli: Mapping[str, Any], file: settings_file.FileSettings | None) -> Sources:
         """``cli`` as :func:`build` takes it; ``file``: what the file set
         (:func:`read_settings`)."""
         path = cli.get("config")
         if path is None or not file:
             return cls()
-        if not isinstance(file, settings_file.FileSettings):
-            return cls(Path(path), frozenset(k for k in file if cli.get(k) is None))
         return cls(Path(path), frozenset(k for k in file if cli.get(k) is None), file.lines,
                    file.entries)
 

@@ -53,6 +53,7 @@ from migblockd.progress import StartProgress
 from migblockd.qemu.bridge import FIRST_CONTACT, Bridge, passthrough_warnings
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
+from migblockd.settings_file import FileSettings
 from migblockd.socketgroup import WAIT, Unanswered, within
 from migblockd.startup import StartupError, StoppedStarting
 from migblockd.state import StateError, Store, Unsettled
@@ -76,7 +77,7 @@ IGNORED = ("received %s: ignored (migblockd gives it no meaning: SIGHUP reloads 
 async def run(config: Config, cli: dict[str, Any], *,
               reload_asked: Callable[[], bool] = lambda: False,
               stop_asked: Callable[[], str | None] = lambda: None,
-              file: dict[str, Any] | None = None,
+              file: FileSettings | None = None,
               activation: Activation | None = None) -> None:
     """Start, serve until SIGTERM/SIGINT, stop.  Raises StartupError when it cannot start.
 
@@ -233,7 +234,7 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
                 store: Store | None, reload_asked: Callable[[], bool],
                 stop_asked: Callable[[], str | None],
                 sock: socket.socket | None, claim: Claim | None, notifier: Notifier,
-                progress: StartProgress, *, file: dict[str, Any] | None = None) -> None:
+                progress: StartProgress, *, file: FileSettings | None = None) -> None:
     bridge = None
     # What is said of a setting of the file is said at its line there.
     sources = Sources.of(cli, file)

@@ -46,6 +46,7 @@ from migblockd.preflight import ignored, load_contract, passed_name, passed_path
 from migblockd.registry import Change
 from migblockd.reload_order import ReloadOrder
 from migblockd.reloading import Reload, next_state, outvoted, plan
+from migblockd.settings_file import FileSettings
 from migblockd.state.directory import DATABASE_NAME
 from migblockd.timeouts import Timeouts
 from migblockd.turns import Forward, Turns
@@ -69,12 +70,12 @@ class Server(Turns):
     def __init__(self, config: Config, cli: dict[str, Any], core: Core,
                  notifier: Notifier, commit: Commit | None = None,
                  forward: Forward | None = None, *,
-                 file: dict[str, Any] | None = None) -> None:
+                 file: FileSettings | None = None) -> None:
         self.config = config
         self.cli = cli
         #: What the configuration file set when last read (``config.read_settings``):
         #: a reload compares it to say which edits the command line outvotes.
-        self.file: dict[str, Any] = {} if file is None else file
+        self.file: FileSettings | None = file
         self.core = core
         self.notifier = notifier
         self.forward = forward
@@ -234,10 +235,10 @@ class Server(Turns):
             # STOPPING=1).
             await self.notifier.ready(self.status_line())
 
-    async def _reload(self, number: int) -> tuple[Reload, Config, dict[str, Any], int] | None:
+    async def _reload(self, number: int) -> tuple[Reload, Config, FileSettings, int] | None:
         """Read the file and apply it, as reload ``number``; what :meth:`_report` says
         of it (None: not applied, and said why)."""
-        def read() -> tuple[dict[str, Any], Config]:
+        def read() -> tuple[FileSettings, Config]:
             file = read_settings(self.cli)
             return file, build(self.cli, file)
 
@@ -282,7 +283,7 @@ class Server(Turns):
             return None
         # own_socket is None: serving the socket systemd passed.
         reload = plan(self.config, fresh, socket_passed=self.own_socket is None,
-                      overridden=outvoted(self.cli, self.file, file),
+                      overridden=outvoted(self.cli, self.file or {}, file),
                       sources=Sources.of(self.cli, file))
         self.file = file
         self.config = reload.config
@@ -312,7 +313,7 @@ class Server(Turns):
         self._order.applied = number
         return reload, fresh, file, threshold
 
-    async def _report(self, reload: Reload, fresh: Config, file: dict[str, Any],
+    async def _report(self, reload: Reload, fresh: Config, file: FileSettings,
                       threshold: int) -> None:
         """Log what ``reload`` applied and ignored, and whether the settings it
         did not apply would fail the next start: each line that passes

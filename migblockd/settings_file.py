@@ -49,10 +49,10 @@ class FileSettings(dict[str, Any]):
     with a long file should not have to search it for the setting.
     """
 
-    def __init__(self, values: dict[str, Any], path: Path, lines: dict[str, int],
+    def __init__(self, values: dict[str, Any], path: Path | None, lines: dict[str, int],
                  entries: dict[tuple[str, ...], int] | None = None) -> None:
         super().__init__(values)
-        #: The file, as the command line named it.
+        #: The file, as the command line named it (None: no file, which sets nothing).
         self.path = path
         #: The line that gives each setting (field name -> number).
         self.lines = lines

@@ -33,7 +33,7 @@ from migblockd.admission import Admission
 from migblockd.config import COMMAND_LINE, Config, Sources
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.detached import NoThread, detached
+from migblockd.detached import NoThread, Unanswered, detached, within
 from migblockd.listen import Claim, claim_socket
 from migblockd.logs.throttle import Throttle
 from migblockd.lookups import SLOW
@@ -54,7 +54,7 @@ from migblockd.qemu.bridge import FIRST_CONTACT, Bridge, passthrough_warnings
 from migblockd.registry import Change, Registry
 from migblockd.server import Server
 from migblockd.settings_file import FileSettings
-from migblockd.socketgroup import WAIT, Unanswered, within
+from migblockd.socketgroup import WAIT
 from migblockd.startup import StartupError, StoppedStarting
 from migblockd.state import StateError, Store, Unsettled
 from migblockd.state.directory import home_problem
@@ -173,7 +173,7 @@ def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE,
         # no start for a warning, nor a stop.
         notes = within(lambda: socket_group_notes(config, socket_passed=False, sources=sources)
                        + kept_out_notes(config, socket_passed=False, sources=sources),
-                       stop=stop_asked)
+                       "migblockd-socket-group", stop=stop_asked)
     except StoppedStarting:
         claim.lock.release()
         raise

@@ -44,6 +44,7 @@ from migblockd.bindable import check_socket_writable, lock_path
 from migblockd.config import COMMAND_LINE, Config, Sources
 from migblockd.contract import Contract
 from migblockd.denied import kept_out
+from migblockd.detached import Unanswered, within
 from migblockd.guard import policy_warnings
 from migblockd.kinds import HostPort
 from migblockd.listen import UNIX_PATH_MAX, check_socket_path
@@ -54,7 +55,7 @@ from migblockd.resolver import Resolver, named_like
 from migblockd.served import check_served
 from migblockd.shapes import check_shapes
 from migblockd.socketdir import check_socket_directory, runtime_problem, socket_dir_exists
-from migblockd.socketgroup import WAIT, Unanswered, group_gid, within
+from migblockd.socketgroup import WAIT, group_gid
 from migblockd.startup import StartupError
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory, home_problem
@@ -303,7 +304,7 @@ def warnings(config: Config, sources: Sources = COMMAND_LINE) -> list[str]:
                                  sources=sources))
 
     try:
-        lines, socket_notes = within(looked_up)
+        lines, socket_notes = within(looked_up, "migblockd-socket-group")
     except Unanswered:
         lines, socket_notes = [], [
             f"the user and group databases did not answer within {WAIT:g} s: the names in "

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migblockd.config import Config
-from migblockd.qmp import characters, encoding, lexer, patterns, resync
+from migblockd.qmp import characters, encoding, lexer, lexing, patterns, resync
 from migblockd.qmp.encoding import Encoded, encode, encode_event, encode_line, encode_return
 from migblockd.qmp.errors import NO_ID
 from migblockd.qmp.framing import NEED_DATA, StreamDecoder
@@ -1259,7 +1259,7 @@ def test_a_long_number_arriving_in_pieces_is_lexed_about_once(
     def token(data: bytes) -> tuple[int, bool] | None:
         lexed[0] += len(data)
         return real_token(data)
-    monkeypatch.setattr(resync, "lexical_progress", progress)
+    monkeypatch.setattr(lexing, "lexical_progress", progress)
     monkeypatch.setattr(resync, "number_token", token)
     size = 1 << 20
     data = before + b"1" * size + b"}" + CMD

@@ -111,7 +111,7 @@ class StreamDecoder(Scanner):
     def _keep(self) -> int:
         """The first byte still needed: the message's, or where skipping goes on;
         or, while skipping the rest of a broken message, where lexing it goes on
-        (:meth:`~migblockd.qmp.resync.Resync._rest_lexed`), if that is before."""
+        (:meth:`~migblockd.qmp.lexing.Lexing._rest_lexed`), if that is before."""
         if self._mode not in SKIPPING:
             return self._start
         if self._mode in (SKIP_REST, SKIP_LINE) and 0 <= self._lexed < self._scan:

@@ -22,8 +22,9 @@ from typing import Final
 
 from migblockd.qmp.characters import RAW
 from migblockd.qmp.lexer import lexical_error, lexical_failure_bytes, more_tokens_than, stray
+from migblockd.qmp.lexing import Lexing
 from migblockd.qmp.patterns import CONTROL, LF, brackets_open
-from migblockd.qmp.resync import AFTER_RESET, IDLE, Resync
+from migblockd.qmp.resync import AFTER_RESET, IDLE
 from migblockd.qmp.unfinished import prefix_error
 from migblockd.qmp.wording import TOKEN_COUNT_EXCEEDED, ParseError
 
@@ -32,7 +33,7 @@ _LINE_CHECK_WINDOW: Final = 4096
 SOUND: Final = object()
 
 
-class LineCheck(Resync):
+class LineCheck(Lexing):
     """The checks of an unfinished message's lines (see the module's docstring).
 
     The state it works on is set by ``StreamDecoder.__init__``.

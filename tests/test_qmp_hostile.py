@@ -25,7 +25,16 @@ from migblockd.config import Config
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
-from migblockd.qmp import characters, decoder, patterns, resync, scanner, unfinished, wording
+from migblockd.qmp import (
+    characters,
+    decoder,
+    patterns,
+    resync,
+    scanner,
+    structure,
+    unfinished,
+    wording,
+)
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.framing import StreamDecoder
 from migblockd.qmp.limits import Limits, count_tokens
@@ -305,7 +314,9 @@ def test_a_message_of_a_million_brackets_costs_few_steps_per_bracket(
     client waiting: the scan and the skipping of a broken message's rest took
     a step of Python per bracket.  Now the scan stops at the token limit and
     the rest is counted in bulk: its steps are bounded by the limit."""
+    # The scan between messages, and inside one.
     scanned = count_calls(monkeypatch, scanner, "match_end")
+    scanned_in = count_calls(monkeypatch, structure, "match_end")
     skipped = count_calls(monkeypatch, patterns, "match_end")
     walked = count_calls(monkeypatch, patterns, "counted")
     world = Daemonless()
@@ -313,7 +324,7 @@ def test_a_message_of_a_million_brackets_costs_few_steps_per_bracket(
     out = world.feed(s, bad + PROBE)
     assert "error" in out[0], out[0]
     assert out[-1]["id"] == "probe" and len(out) == 2, out
-    steps = len(scanned) + len(skipped) + len(walked)
+    steps = len(scanned) + len(scanned_in) + len(skipped) + len(walked)
     assert steps <= 6 * LIMITS.max_tokens, steps
 
 

@@ -33,6 +33,7 @@ from typing import Any, Final
 from migblockd.commands import Args, Handlers
 from migblockd.connection import Connection
 from migblockd.contract import Contract
+from migblockd.qmp.encoding import Encoded, encode
 from migblockd.qmp.envelope import Command
 from migblockd.registry import Registry
 
@@ -102,11 +103,11 @@ class Forwarding(Handlers):
         self.in_band_only = frozenset(
             name for name, spec in contract.commands.items()
             if spec.allow_oob and inspect.isgeneratorfunction(self.handler(name)))
-        self._introspection = [
+        self._introspection = Encoded(encode([
             {k: v for k, v in entry.items() if k != "allow-oob"}
             if entry.get("meta-type") == "command" and entry["name"] in self.in_band_only
             else entry
-            for entry in contract.introspection]
+            for entry in contract.introspection]))
 
     def table(self) -> dict[str, Command]:
         """The schema's commands, then the pass-through ones (QEMU checks their arguments)."""
@@ -124,9 +125,6 @@ class Forwarding(Handlers):
             return (yield Call(name, args))
 
         return run
-
-    def query_qmp_schema(self, conn: Connection, args: Args) -> object:
-        return self._introspection
 
 
 def _unchecked(args: Args) -> None:

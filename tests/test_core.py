@@ -15,6 +15,8 @@ from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.logs.throttle import BURST, WINDOW
+from migblockd.qmp import encoding
+from migblockd.qmp.encoding import encode_return
 from migblockd.registry import FakeClock, Owner, Registry
 from migblockd.resolver import Resolver, user_name, who
 from migblockd.roster import BATCH, CONNECTION_BURST
@@ -115,6 +117,35 @@ def test_what_a_closed_connection_sent_runs_and_its_answers_are_let_go() -> None
     assert a not in core.connections
     assert not a.session.has_output()
     assert core.registry.blockers()[-1].reason == "last"  # and everything it sent ran
+
+
+def test_the_schema_is_encoded_once_not_for_each_query_qmp_schema(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stop took 10 s now and then (test_daemon_drain on uvloop, and as long on
+    asyncio): it ran the query-qmp-schema a dropped client had pipelined, the
+    4,000 left unread up to the bound, and each encoded the whole schema again (half
+    a millisecond) for a reply nobody would read.  The answer never changes."""
+    core, _ = make()
+    live, gone = connected(core, 1), connected(core, 2)
+    schemas: list[object] = []
+    real = encoding.encode
+
+    def watched(obj: object) -> str:
+        if obj == CONTRACT.introspection:
+            schemas.append(obj)
+        return real(obj)
+
+    monkeypatch.setattr(encoding, "encode", watched)
+    core.receive_data(gone, b'{"execute": "query-qmp-schema"}' * 1000)
+    core.disconnect(gone)
+    while core.finishing:
+        core.finish_turn()
+    feed(core, live, b'{"execute": "query-qmp-schema", "id": "s"}')
+    assert schemas == []
+    # Byte for byte the line encoded for each request was: QEMU's escapes and all.
+    monkeypatch.undo()
+    assert core.data_to_send(live) == encode_return(CONTRACT.introspection, "s")
 
 
 def test_the_simulated_migration_moves_only_when_ticked() -> None:

@@ -89,7 +89,9 @@ class Reload:
         lines = [(logging.INFO, "reloaded configuration: " + (described or (
             "no setting a reload applies changed" if ignored else "nothing changed")))]
         if self.restart_only:
-            lines.append((logging.WARNING, f"reload: {', '.join(self.restart_only)} changed, "
+            # At the line the file now gives each, which the operator edited.
+            later = ", ".join(self.sources.keyed(k.replace("-", "_")) for k in self.restart_only)
+            lines.append((logging.WARNING, f"reload: {later} changed, "
                           "which only a restart applies"))
         if self.unit_owned:
             # At its line, as the start and --check-config name it (preflight.ignored).

@@ -404,14 +404,16 @@ async def test_a_reload_names_the_changes_that_wait_for_a_restart(
     d.signal(signal.SIGHUP)
     d.wait_for_log("reloaded configuration: max-clients=7")
     # Read, but not applied: said, rather than silently dropped.
-    d.wait_for_log("WARNING: reload: socket-mode, migration-time changed, which only a "
-                   "restart applies")
+    # Each at the line the file now gives it (reproduced first: the bare keys).
+    d.wait_for_log(f"WARNING: reload: {path}:4: socket-mode, {path}:3: migration-time changed, "
+                   "which only a restart applies")
     assert d.socket.stat().st_mode & 0o777 == 0o600
     # Only such changes: the info line does not say "nothing changed" above the warning.
     path.write_text('log-level = "info"\nmax-clients = 7\nmigration-time = 5\n')
     d.signal(signal.SIGHUP)
     d.wait_for_log("reloaded configuration: no setting a reload applies changed")
-    d.wait_for_log("WARNING: reload: migration-time changed, which only a restart applies")
+    d.wait_for_log(f"WARNING: reload: {path}:3: migration-time changed, which only a restart "
+                   "applies")
     assert "nothing changed" not in d.log()
     assert d.stop() == 0
 
@@ -429,7 +431,8 @@ async def test_a_reload_that_lowers_the_log_level_still_reports_itself(
     path.write_text(f'log-level = "error"\nsocket-mode = "0660"\nschema = "{missing}"\n')
     d.signal(signal.SIGHUP)
     d.wait_for_log("INFO: reloaded configuration: log-level=error")
-    d.wait_for_log("WARNING: reload: socket-mode, schema changed, which only a restart applies")
+    d.wait_for_log(f"WARNING: reload: {path}:2: socket-mode, {path}:3: schema changed, which "
+                   "only a restart applies")
     d.wait_for_log(f"WARNING: reload: with schema as the file now sets it, the next start "
                    f"would fail: {path}:3: schema: cannot read the schema {missing}")
     # The level applies once the report is out: a client's change logs nothing now.
@@ -1866,7 +1869,8 @@ async def test_a_reload_says_when_the_next_start_would_fail(
     d = start_daemon("--config", str(path), "--ephemeral")
     path.write_text('log-level = "info"\nsocket-group = "no-such-group-here"\n')
     d.signal(signal.SIGHUP)
-    d.wait_for_log("WARNING: reload: socket-group changed, which only a restart applies")
+    d.wait_for_log(f"WARNING: reload: {path}:2: socket-group changed, which only a restart "
+                   "applies")
     d.wait_for_log("WARNING: reload: with socket-group as the file now sets it, the next "
                    f"start would fail: {path}:2: socket-group: there is no group named "
                    "'no-such-group-here'")
@@ -1899,7 +1903,8 @@ async def test_a_reload_says_when_only_migratable_would_refuse_a_stored_blocker(
         await c.ok("add-blocker", {"reason": "held", "id": "h", "scope": "connection"})
         path.write_text("only-migratable = true\n")
         d.signal(signal.SIGHUP)
-        d.wait_for_log("WARNING: reload: only-migratable changed, which only a restart applies")
+        d.wait_for_log(f"WARNING: reload: {path}:1: only-migratable changed, which only a "
+                       "restart applies")
         await c.ok("add-blocker", {"reason": "plain", "id": "p", "modes": ["cpr-reboot",
                                                                            "normal"]})
         # The file unchanged, a reload says it again (the running setting is the old one).
@@ -1926,7 +1931,7 @@ async def test_a_reload_says_a_qemu_that_is_its_own_socket_would_fail(
     d = start_daemon("--config", str(path), "--ephemeral")
     path.write_text(f'log-level = "info"\nqemu = "{d.socket}"\n')
     d.signal(signal.SIGHUP)
-    d.wait_for_log("WARNING: reload: qemu changed, which only a restart applies")
+    d.wait_for_log(f"WARNING: reload: {path}:2: qemu changed, which only a restart applies")
     d.wait_for_log(f"WARNING: reload: with qemu as the file now sets it, the next start would "
                    f"fail: {path}:2: qemu {d.socket}: that is migblockd's own socket; qemu in "
                    f"{path} names the QMP monitor of the QEMU to gate (its -qmp)\n")

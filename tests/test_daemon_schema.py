@@ -408,7 +408,8 @@ async def test_a_reload_says_a_schema_others_could_have_written_would_stop_the_s
     root, message = untrusted_schema(tmp_path, where, how)
     config.write_text(f'log-level = "info"\nschema = "{root}"\n')
     d.signal(signal.SIGHUP)
-    d.wait_for_log("WARNING: reload: schema changed, which only a restart applies")
+    d.wait_for_log(f"WARNING: reload: {config}:2: schema changed, which only a restart "
+                   "applies")
     d.wait_for_log("WARNING: reload: with schema as the file now sets it, the next start "
                    f"would fail: {config}:2: schema: {message}\n")
     async with d.client() as c:  # still serving the schema it started with
@@ -446,7 +447,8 @@ async def test_a_reload_says_a_schema_without_a_stored_mode_would_stop_the_start
         await c.ok("add-blocker", {"reason": "other", "id": "o", "modes": ["cpr-reboot"]})
         config.write_text(f'log-level = "info"\nschema = "{root}"\n')
         d.signal(signal.SIGHUP)
-        d.wait_for_log("WARNING: reload: schema changed, which only a restart applies")
+        d.wait_for_log(f"WARNING: reload: {config}:2: schema changed, which only a restart "
+                       "applies")
         if kept == "blocker":
             await c.ok("add-blocker", {"reason": "exec", "id": "x", "modes": ["cpr-exec"]})
             why = ("stored blocker 'x' blocks modes the schema does not define (cpr-exec); "
@@ -718,7 +720,8 @@ async def test_a_reload_with_a_schema_that_adds_or_drops_a_mode_keeps_every_mode
             await reload(d, c, notify)
         assert d.stop() == 0
     assert d.log().count("the next start would fail") == 1
-    assert d.log().count("WARNING: reload: schema changed, which only a restart applies") == 4
+    assert d.log().count(f"WARNING: reload: {config}:2: schema changed, which only a restart "
+                         "applies") == 4
     d = start_daemon("--config", str(config), "--state-dir", str(state))
     async with d.client() as c:
         assert [b["modes"] for b in await c.ok("query-blockers")] == [[*MODES, "cpr-test"]]

@@ -1811,13 +1811,15 @@ async def test_a_state_dir_moved_by_a_reload_is_said_to_leave_the_blockers_behin
         await add(c, "kept", id="a")
         await add(c, "kept too", id="b")
         await add(c, "not stored", id="c", scope="connection")  # not counted
-        config.write_text(f'state-dir = "{new}"\n')
+        config.write_text(f'# moved\nstate-dir = "{new}"\n')
         assert check_config(config, d.socket) == (
             f"migblockd: {config} and the command line: valid; socket {d.socket}, state in "
             f"{new}, which does not exist yet: a start makes it, with an empty state "
             "database\n")
         d.signal(signal.SIGHUP)
-        d.wait_for_log("WARNING: reload: state-dir changed, which only a restart applies\n")
+        # At the line the operator edited (reproduced first: the bare key).
+        d.wait_for_log(f"WARNING: reload: {config}:2: state-dir changed, which only a restart "
+                       "applies\n")
         d.wait_for_log(
             f"WARNING: reload: with state-dir as the file now sets it, the next start finds no "
             f"database in {new}, which does not exist yet, and will not restore {kept} (it "

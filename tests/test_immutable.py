@@ -281,7 +281,7 @@ def test_a_reload_looking_at_an_append_only_state_directory_keeps_sqlites_locks(
     assert sqlites_locks()
     config.write_text(f'state-dir = "{short_tmp / "link"}"\nlog-level = "info"\n')
     daemon.signal(signal.SIGHUP)
-    daemon.wait_for_log("reload: state-dir changed, which only a restart applies")
+    daemon.wait_for_log(f"reload: {config}:1: state-dir changed, which only a restart applies")
     assert sqlites_locks()
     assert daemon.stop() == 0
 

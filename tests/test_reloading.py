@@ -63,6 +63,13 @@ def test_a_restart_only_setting_keeps_its_running_value_and_is_warned_of() -> No
     assert reload.restart_only == ["socket-mode"]
     assert reload.messages()[1] == (
         logging.WARNING, "reload: socket-mode changed, which only a restart applies")
+    # Each at the line of the file that now gives it; one it no longer gives, bare.
+    reload = plan(running, Config(socket_mode=0o660, migration_time=9), socket_passed=False,
+                  sources=Sources(Path("/etc/m.toml"), frozenset({"socket_mode"}),
+                                  {"socket_mode": 4}))
+    assert reload.messages()[1] == (
+        logging.WARNING, "reload: /etc/m.toml:4: socket-mode, migration-time changed, which "
+        "only a restart applies")
 
 
 def test_only_restart_only_changes_say_no_reloadable_setting_changed() -> None:

@@ -134,14 +134,30 @@ def plan(running: Config, fresh: Config, *, socket_passed: bool,
                   sources=sources)
 
 
-def next_state(running: Config, fresh: Config, stored: int) -> str | None:
+def next_state(running: Config, fresh: Config, stored: int,
+               sources: Sources = COMMAND_LINE) -> str | None:
     """What the next start does with the state of ``running``, which keeps
     ``stored`` daemon-scoped blockers, when ``fresh`` (as the file now sets it)
     keeps none (``ephemeral``) or keeps it elsewhere (``state-dir``); None when
-    it restores that state.  Looks in the new directory: run it off the loop."""
+    it restores that state.  Led by the line of the file that sets it
+    (``sources``).  Looks in the new directory: run it off the loop."""
     if running.ephemeral or running.state_dir is None:
         return None  # nothing kept, nothing left behind
-    where = running.state_dir / DATABASE_NAME
+    said = _fate(running.state_dir, fresh, stored)
+    if said is None:
+        return None
+    # The operator who edited the file is sent to the line edited, as by the line
+    # above it ("FILE:LINE: state-dir changed, ..."); a setting the file no longer
+    # gives (back to its default) has no line.
+    name = "ephemeral" if said.startswith("with ephemeral ") else "state_dir"
+    key = name.replace("_", "-")
+    named = sources.keyed(name)
+    return said if named == key else f"{named.removesuffix(key)}{said}"
+
+
+def _fate(old: Path, fresh: Config, stored: int) -> str | None:
+    """:func:`next_state`'s words, where the setting is not named at its line."""
+    where = old / DATABASE_NAME
     # With no blocker, still its settings and the counter of generated ids.
     kept = f"state kept in {where} (no blockers now)" if stored == 0 else (
         f"{stored} blocker kept in {where}" if stored == 1 else
@@ -150,13 +166,13 @@ def next_state(running: Config, fresh: Config, stored: int) -> str | None:
         return (f"with ephemeral as the file now sets it, the next start keeps nothing "
                 f"and ignores the {kept}")
     new = fresh.state_dir
-    if new == running.state_dir or _same_directory(new, running.state_dir):
+    if new == old or _same_directory(new, old):
         return None
     if holds_database(new):
         return (f"with state-dir as the file now sets it, the next start restores "
                 f"{new / DATABASE_NAME}, not the {kept}")
     them = "them" if stored > 1 else "it"
-    moved = f"{DATABASE_NAME} and its {DATABASE_NAME}-wal, if there, from {running.state_dir}"
+    moved = f"{DATABASE_NAME} and its {DATABASE_NAME}-wal, if there, from {old}"
     if os.path.lexists(new):
         return (f"with state-dir as the file now sets it, the next start finds no database "
                 f"in {new} and will not restore the {kept} (it creates an empty one); to "

@@ -347,7 +347,7 @@ class Server(Turns):
         # Counted here: the registry is the loop's.  Those are what the disk keeps.
         kept = self.core.registry.blockers()
         stored = sum(1 for b in kept if b.scope == "daemon")
-        ahead = functools.partial(next_state, self.config, fresh, stored)
+        ahead = functools.partial(next_state, self.config, fresh, stored, reload.sources)
         mode = self.core.registry.mode
         refused: list[tuple[str, str]] = []
         if where is not None and "only-migratable" in reload.restart_only \

@@ -1820,13 +1820,14 @@ async def test_a_state_dir_moved_by_a_reload_is_said_to_leave_the_blockers_behin
         # At the line the operator edited (reproduced first: the bare key).
         d.wait_for_log(f"WARNING: reload: {config}:2: state-dir changed, which only a restart "
                        "applies\n")
+        # And where it tells what the next start does with them (reproduced first too).
         d.wait_for_log(
-            f"WARNING: reload: with state-dir as the file now sets it, the next start finds no "
-            f"database in {new}, which does not exist yet, and will not restore {kept} (it "
-            "makes the directory, with an empty database); to keep them, stop the daemon, "
-            f"make {new} as a start would (mode 0700, owned by uid {os.geteuid()} "
-            f"({pwd.getpwuid(os.geteuid()).pw_name}), the user the daemon runs as; any "
-            "directory made above it writable by no one else), move state.db and its "
+            f"WARNING: reload: {config}:2: with state-dir as the file now sets it, the next "
+            f"start finds no database in {new}, which does not exist yet, and will not "
+            f"restore {kept} (it makes the directory, with an empty database); to keep them, "
+            f"stop the daemon, make {new} as a start would (mode 0700, owned by uid "
+            f"{os.geteuid()} ({pwd.getpwuid(os.geteuid()).pw_name}), the user the daemon runs "
+            "as; any directory made above it writable by no one else), move state.db and its "
             f"state.db-wal, if there, from {old} into {new}, then start it\n")
         new.mkdir(mode=0o700)
         assert check_config(config, d.socket).endswith(
@@ -1835,14 +1836,14 @@ async def test_a_state_dir_moved_by_a_reload_is_said_to_leave_the_blockers_behin
         # Made, and still empty: moving the files "to" it is moving them into it.
         d.signal(signal.SIGHUP)
         d.wait_for_log(
-            f"WARNING: reload: with state-dir as the file now sets it, the next start finds no "
-            f"database in {new} and will not restore {kept} (it creates an empty one); to "
-            "keep them, stop the daemon, move state.db and its state.db-wal, if there, from "
-            f"{old} to {new}, then start it\n")
+            f"WARNING: reload: {config}:2: with state-dir as the file now sets it, the next "
+            f"start finds no database in {new} and will not restore {kept} (it creates an "
+            "empty one); to keep them, stop the daemon, move state.db and its state.db-wal, "
+            f"if there, from {old} to {new}, then start it\n")
         config.write_text(f'state-dir = "{old}"\nephemeral = true\n')
         d.signal(signal.SIGHUP)
-        d.wait_for_log("WARNING: reload: with ephemeral as the file now sets it, the next "
-                       f"start keeps nothing and ignores {kept}\n")
+        d.wait_for_log(f"WARNING: reload: {config}:2: with ephemeral as the file now sets it, "
+                       f"the next start keeps nothing and ignores {kept}\n")
     # Done as the warning says, the next start in the new directory restores them.
     config.write_text(f'state-dir = "{new}"\n')
     assert d.stop() == 0

@@ -155,7 +155,16 @@ def test_the_next_start_with_another_state_dir_or_none(tmp_path: Path) -> None:
     assert next_state(running, Config(state_dir=other, ephemeral=True), 0) == (
         "with ephemeral as the file now sets it, the next start keeps nothing and ignores "
         f"the state kept in {old}/state.db (no blockers now)")
+    # Led by the line of the file that sets it, where the file is known.
+    sources = Sources(Path("/etc/m.toml"), frozenset({"ephemeral", "state_dir"}),
+                      {"state_dir": 3, "ephemeral": 5})
+    assert next_state(running, Config(state_dir=other, ephemeral=True), 0, sources) == (
+        "/etc/m.toml:5: with ephemeral as the file now sets it, the next start keeps nothing "
+        f"and ignores the state kept in {old}/state.db (no blockers now)")
     (other / "state.db").touch()
     assert next_state(running, Config(state_dir=other), 2) == (
         f"with state-dir as the file now sets it, the next start restores {other}/state.db, "
         f"not the 2 blockers kept in {old}/state.db")
+    assert next_state(running, Config(state_dir=other), 2, sources) == (
+        f"/etc/m.toml:3: with state-dir as the file now sets it, the next start restores "
+        f"{other}/state.db, not the 2 blockers kept in {old}/state.db")

@@ -202,8 +202,10 @@ def open_state(config: Config, registry: Registry, sources: Sources = COMMAND_LI
         except NoDefault:  # then it was given: there is no default to come from
             given = True
         if given:
-            # Given, yet unused: said, so that nobody believes it holds anything.
-            log.warning("state: ephemeral, so state-dir %s is not used", config.state_dir)
+            # Given, yet unused: said, so that nobody believes it holds anything; led
+            # by the line of the file that gives it, where the file does.
+            log.warning("state: %s %s is not used: the state is ephemeral",
+                        sources.keyed("state_dir"), config.state_dir)
         return None
     assert config.state_dir is not None  # config.build() leaves it out only when ephemeral
     try:

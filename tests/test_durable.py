@@ -1863,7 +1863,8 @@ async def test_ephemeral_forgets_on_restart(start_daemon: Start, tmp_path: Path)
     first = start_daemon("--ephemeral", "--state-dir", str(unused))
     first.wait_for_log("state: ephemeral: blockers live in memory only, a restart forgets them")
     # Given, yet unused: the log says so (a reviewer found it silently ignored).
-    first.wait_for_log(f"WARNING: state: ephemeral, so state-dir {unused} is not used")
+    first.wait_for_log(f"WARNING: state: state-dir {unused} is not used: the state is "
+                       "ephemeral\n")
     async with first.client() as c:
         await add(c, "in memory", id="mem")
         await c.ok("migrate-set-parameters", {"mode": "cpr-reboot"})
@@ -1875,6 +1876,20 @@ async def test_ephemeral_forgets_on_restart(start_daemon: Start, tmp_path: Path)
         assert await blockers(c) == []
         assert (await c.ok("query-migrate-parameters"))["mode"] == "normal"
         assert (await add(c, "again"))["id"] == "#blocker0"
+
+
+async def test_a_state_dir_the_file_gives_an_ephemeral_daemon_is_named_at_its_line(
+        start_daemon: Start, tmp_path: Path) -> None:
+    # Reproduced first: "state: ephemeral, so state-dir DIR is not used", no file, no
+    # line, though only the file gave it.
+    unused = tmp_path / "unused"
+    config = tmp_path / "m.toml"
+    config.write_text(f'# memory only\nephemeral = true\n\nstate-dir = "{unused}"\n')
+    d = start_daemon("--config", str(config), own_state=False)
+    d.wait_for_log(f"WARNING: state: {config}:4: state-dir {unused} is not used: the state is "
+                   "ephemeral\n")
+    assert d.stop() == 0
+    assert not unused.exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as a uid that has no account")

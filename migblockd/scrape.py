@@ -53,11 +53,13 @@ class MetricsServer:
 
     def __init__(self, sock: socket.socket, where: str, app: MetricsApp,
                  own_socket: tuple[Path, int] | None, lock: PidLock | None = None,
-                 unserved: str = "") -> None:
+                 unserved: str = "", setting: str = "metrics") -> None:
         port = sock.getsockname()[1] if sock.family != socket.AF_UNIX else 0
         self.where = where
         #: The host's other addresses, where nothing listens ("" for none).
         self.unserved = unserved
+        #: The setting as the warning about them names it (Sources.keyed).
+        self.setting = setting
         self.own_socket = own_socket
         self._lock = lock
         self._app = app
@@ -88,17 +90,19 @@ class MetricsServer:
                 host = f"{host}%{socket.if_indextoname(name[3])}"
         shown = str(HostPort(host, port))
         unserved = ", ".join(str(HostPort(other, port)) for other in others)
-        return cls(sock, f"http://{shown}/metrics", app, None, unserved=unserved)
+        return cls(sock, f"http://{shown}/metrics", app, None, unserved=unserved,
+                   setting=sources.keyed("metrics"))
 
     def start(self) -> None:
         signalmask.start(self._thread)
         log.info("metrics: serving Prometheus metrics on %s", self.where)
         if self.unserved:
             # localhost is [::1] first and 127.0.0.1 on most systems: a scraper
-            # told 127.0.0.1 would find nothing, with a log that names neither.
-            log.warning("metrics: nothing is served on %s, which the host name also "
-                        "resolves to: a name is served on its first address only (give "
-                        "the address itself to choose)", self.unserved)
+            # told 127.0.0.1 would find nothing, with a log that names neither.  Led
+            # by the line of the file that names the host, where the file does.
+            log.warning("%s: nothing is served on %s, which the host name also resolves "
+                        "to: a name is served on its first address only (give the address "
+                        "itself to choose)", self.setting, self.unserved)
 
     def close(self) -> None:
         """Stop serving and clean up: the scrapes under way are answered (a 503 for

@@ -197,11 +197,9 @@ def test_process_metrics_under_proc_subset_pid(
     assert_clean_log(d)
 
 
-def test_a_host_name_of_several_addresses_names_those_not_served(
-        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
-    # Reported: --metrics localhost:9715, where /etc/hosts gives localhost both ::1 and
-    # 127.0.0.1 (Debian's does), listened on [::1] alone: a scraper told 127.0.0.1:9715
-    # was refused, and the log named only the address served.
+def two_address_localhost(tmp_path: Path) -> str:
+    """A python that runs with an /etc/hosts giving localhost both 127.0.0.1 and ::1
+    (Debian's does; this machine's gives it one)."""
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
     wrapper = tmp_path / "python-hosts"
@@ -210,8 +208,16 @@ def test_a_host_name_of_several_addresses_names_those_not_served(
         f"'mount --bind {hosts} /etc/hosts && "
         f'exec {sys.executable} "$@"\' sh "$@"\n')
     wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_a_host_name_of_several_addresses_names_those_not_served(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
+    # Reported: --metrics localhost:9715, where /etc/hosts gives localhost both ::1 and
+    # 127.0.0.1 (Debian's does), listened on [::1] alone: a scraper told 127.0.0.1:9715
+    # was refused, and the log named only the address served.
     d = start_daemon("--metrics", "localhost:0", "--ephemeral", socket=short_tmp / "q.sock",
-                     python=str(wrapper))
+                     python=two_address_localhost(tmp_path))
     served = d.wait_for_log(
         re.compile(r"serving Prometheus metrics on http://(\S+):(\d+)/metrics"))
     host, port = served.group(1), int(served.group(2))
@@ -224,6 +230,25 @@ def test_a_host_name_of_several_addresses_names_those_not_served(
     assert get(http.client.HTTPConnection(host.strip("[]"), port, timeout=10))[0] == 200
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((other.strip("[]"), port), timeout=10).close()
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
+def test_a_host_name_the_file_gives_is_named_at_its_line_with_those_not_served(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
+    # Reproduced first: with metrics in the file, the warning began "metrics: nothing
+    # is served on ...", naming neither the file nor the line to change.
+    config = tmp_path / "m.toml"
+    config.write_text('# scraped by Prometheus\n\nmetrics = "localhost:0"\n')
+    d = start_daemon("--config", str(config), "--ephemeral", socket=short_tmp / "q.sock",
+                     python=two_address_localhost(tmp_path))
+    served = d.wait_for_log(
+        re.compile(r"serving Prometheus metrics on http://(\S+):(\d+)/metrics"))
+    host, port = served.group(1), int(served.group(2))
+    other = "127.0.0.1" if host == "[::1]" else "[::1]"
+    d.wait_for_log(f"WARNING: {config}:3: metrics: nothing is served on {other}:{port}, which "
+                   "the host name also resolves to: a name is served on its first address "
+                   "only (give the address itself to choose)\n")
     assert d.stop() == 0
     assert_clean_log(d)
 

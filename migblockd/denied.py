@@ -57,8 +57,9 @@ def explain(path: str, uid: int | None = None, groups: Collection[int] | None = 
     return None
 
 
-def kept_out(path: Path, mode: int, gid: int) -> str | None:
-    """What keeps out of ``path`` those its socket ``mode`` (group ``gid``) lets connect.
+def kept_out(path: Path, mode: int, gid: int, option: str = "--socket") -> str | None:
+    """What keeps out of ``path`` those its socket ``mode`` (group ``gid``) lets connect;
+    ``option``: the setting that gives ``path``, as what to change (``Sources.choice``).
 
     A directory on the way that they may not search refuses them whatever the
     socket's mode: one the daemon creates is made searchable for them, but one
@@ -111,7 +112,9 @@ def kept_out(path: Path, mode: int, gid: int) -> str | None:
     if top == path.parent:
         fix += " (or remove it: the daemon creates it searchable for them)"
     else:  # not the daemon's to make: loosening it may not be the operator's call
-        fix += ", or choose a --socket outside " + ("it" if len(blocked) == 1 else str(top))
+        # "a socket in FILE outside it" could read as outside the file: named then.
+        alone = len(blocked) == 1 and option.startswith("--")
+        fix += f", or choose a {option} outside " + ("it" if alone else str(top))
     return (f"socket mode {mode:04o} lets {whom} connect to {path}, but {what}, "
             f"which they may not search, so they cannot connect; {fix}")
 

@@ -281,7 +281,8 @@ def kept_out_notes(config: Config, *, socket_passed: bool,
         gid = socket_gid(config.socket_group)
     except StartupError:
         return []  # problems() says so
-    why = kept_out(config.socket, config.socket_mode, os.getegid() if gid is None else gid)
+    why = kept_out(config.socket, config.socket_mode, os.getegid() if gid is None else gid,
+                   sources.choice("socket"))
     return [] if why is None else [sources.located("socket_mode", why)]
 
 

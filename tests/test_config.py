@@ -1992,6 +1992,28 @@ def test_a_directory_that_keeps_out_whom_the_files_socket_mode_lets_in_names_its
     proc = check_config("--config", str(path), "--ephemeral", "--socket-mode", "0606")
     assert (proc.returncode, proc.stderr) == (
         0, f"migblockd: {warning.removeprefix(f'{path}:6: socket-mode: ')}\n"), proc.stderr
+    # One above the socket's own directory: the way out is another socket, which the
+    # file gives (reproduced first: "or choose a --socket outside it").
+    top = short_tmp / "top"
+    top.mkdir(mode=0o700)
+    (top / "run").mkdir(mode=0o755)
+    deeper = top / "run" / "s.sock"
+    path.write_text(f'{LEADING}socket = "{deeper}"\nsocket-mode = "0606"\n')
+    warning = (f"{path}:6: socket-mode: socket mode 0606 lets every user connect to {deeper}, "
+               f"but {top} is mode 0700, owner root, group root, which they may not search, "
+               f"so they cannot connect; chmod o+x {top}, or choose a socket in {path} "
+               f"outside {top}")
+    proc = check_config("--config", str(path), "--ephemeral")
+    assert (proc.returncode, proc.stderr) == (0, f"migblockd: {warning}\n"), proc.stderr
+    # Started with the file's socket alone (start_daemon would give a --socket).
+    log = short_tmp / "deeper.log"
+    argv = [sys.executable, "-m", "migblockd", "--config", str(path), "--ephemeral"]
+    with log.open("wb") as out:
+        daemon = DaemonProcess(deeper, subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                                        stdout=out, stderr=out), log, argv)
+    wait_ready(daemon)
+    assert f"WARNING: {warning}\n" in daemon.log()
+    assert daemon.stop() == 0
 
 
 async def test_an_access_entry_the_start_warns_of_is_named_with_its_line(

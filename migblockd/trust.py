@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["Distrust", "distrust", "named_uid", "ownership", "refusal", "search_fix",
-           "unsearchable"]
+           "unsearchable", "walk"]
 
 #: Group and world write bits.
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -68,7 +68,7 @@ def distrust(directory: Path, *, to_be_made: bool = False,
     Raises OSError (its ``filename`` the path that could not be examined).
     """
     trusted = (os.geteuid(), 0) if owner is None else (os.geteuid(), 0, owner)
-    met, arrived = _walk(directory, to_be_made=to_be_made)
+    met, arrived = walk(directory, to_be_made=to_be_made)
     for place, st in met.items():
         itself = place == arrived
         if st.st_uid not in trusted:
@@ -85,8 +85,8 @@ def distrust(directory: Path, *, to_be_made: bool = False,
 _MAX_SYMLINKS = 40
 
 
-def _walk(path: Path, *,
-          to_be_made: bool = False) -> tuple[dict[Path, os.stat_result], Path]:
+def walk(path: Path, *,
+         to_be_made: bool = False) -> tuple[dict[Path, os.stat_result], Path]:
     """What the kernel meets resolving ``path`` (every directory from ``/`` on,
     and every symlink, each with its ``lstat``, in the order met) and the
     directory it arrives at.

@@ -1728,3 +1728,45 @@ async def test_a_qemu_socket_another_user_could_have_put_there_is_not_taken_for_
         for qemu in qemus:
             qemu.kill()
             qemu.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: QEMU runs as another uid")
+async def test_a_directory_of_qemus_name_another_user_made_in_tmp_is_not_taken_for_qemus(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    """Found by review: a listener of a user who owns the socket's directory was QEMU,
+    above it a sticky directory passing; but in /tmp any user may make the directory
+    --qemu names (/tmp/vm1/qmp.sock) while it is missing, as themselves, and listen
+    there.  A real QEMU as another uid in a directory of its own in a 1777 one (as
+    /tmp) stands for that user."""
+    short_tmp.chmod(0o755)
+    uid = 3_999_997  # no account: a local user like any other
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    theirs = shared / "vm1"
+    theirs.mkdir()
+    os.chown(theirs, uid, uid)  # made by that user: mkdir /tmp/vm1
+    sock = theirs / "qmp.sock"
+    qemu = subprocess.Popen(
+        ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
+         "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_until(sock.exists, f"QEMU listening at {sock}")
+        d = start_daemon("--qemu", str(sock), "--ephemeral", socket=short_tmp / "a.sock")
+        d.wait_for_log(
+            f"QEMU at {sock} is not available: what listens there runs as uid {uid}, and "
+            f"{theirs}, of that user, is in {shared}, where others may make a name as "
+            "themselves (mode 1777), so another user could have put that socket there",
+            timeout=30)
+        c = await RawClient.connect(d.socket)
+        try:
+            desc = (await c.execute("query-migrate"))["error"]["desc"]
+        finally:
+            await c.close()
+        assert "Not connected to QEMU's monitor" in desc, desc
+        assert "where others may make a name as themselves" in desc, desc
+    finally:
+        qemu.kill()
+        qemu.wait()

@@ -13,15 +13,23 @@ user is taken for QEMU only where no one but root, migblockd's user and the
 listener's user could have put a socket (as libvirt's per-domain directories
 are).  Root's and migblockd's own user's listeners are trusted anywhere: nobody
 else can run as them.
+
+A sticky directory (``/tmp``) passes above a socket directory of root's or
+migblockd's user, whose names others may not rename; not above one of the
+listener's: in ``/tmp`` every user may make ``/tmp/vm1`` as themselves while it
+is missing (before QEMU's user made it, or after it was removed), and a
+directory of theirs is all the listener's uid says.  So nothing of the
+listener's user may be met on the way in a directory others may write.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from migblockd.databases import named
-from migblockd.trust import distrust
+from migblockd.trust import distrust, walk
 
 __all__ = ["untrusted_listener"]
 
@@ -38,14 +46,39 @@ def untrusted_listener(path: Path, uid: int | None) -> str | None:
     directory = Path(os.path.abspath(path)).parent
     try:
         found = distrust(directory, owner=uid)
+        planted = None if found is not None else _made_by_anyone(directory, uid)
     except OSError as exc:
         return f"{exc.filename or directory} cannot be examined ({exc.strerror})"
-    if found is None:
+    if found is not None:
+        why = (f"belongs to {named(found.owner)}" if found.owner is not None
+               else f"others may write to it (mode {found.mode:04o})")
+        where = f"{found.place} {why}"
+    elif planted is not None:
+        where = planted
+    else:
         return None
-    why = (f"belongs to {named(found.owner)}" if found.owner is not None
-           else f"others may write to it (mode {found.mode:04o})")
-    return (f"what listens there runs as {named(uid)}, and {found.place} {why}, so another "
+    return (f"what listens there runs as {named(uid)}, and {where}, so another "
             f"user could have put that socket there while QEMU was away: migblockd takes "
             f"a listener that is neither root nor its own user for QEMU only in a "
-            f"directory that no one but root, migblockd's user and QEMU's user may write; "
+            f"directory that no one but root, migblockd's user and QEMU's user may write "
+            f"or could have made; "
             f"put QEMU's -qmp socket in such a directory")
+
+
+def _made_by_anyone(directory: Path, uid: int) -> str | None:
+    """``/tmp/vm1, of that user, is in /tmp, where others may make a name as
+    themselves (mode 1777)``: a directory or symlink of ``uid`` met on the way to
+    ``directory`` where every user could have made their own; None if there is none.
+
+    Raises OSError as :func:`migblockd.trust.walk` does."""
+    met, _ = walk(directory)
+    for place, st in met.items():
+        # Each name is looked up in the directory met just before it (the walk's).
+        holder = met.get(place.parent)
+        if st.st_uid != uid or holder is None or place == place.parent:
+            continue
+        mode = stat.S_IMODE(holder.st_mode)
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return (f"{place}, of that user, is in {place.parent}, where others may make "
+                    f"a name as themselves (mode {mode:04o})")
+    return None

@@ -30,8 +30,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Distrust", "distrust", "named_uid", "ownership", "refusal", "search_fix",
-           "unsearchable", "walk"]
+__all__ = ["MAX_SYMLINKS", "Distrust", "distrust", "named_uid", "ownership", "refusal",
+           "search_fix", "unsearchable", "walk"]
 
 #: Group and world write bits.
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -82,7 +82,7 @@ def distrust(directory: Path, *, to_be_made: bool = False,
 
 
 # Linux's limit on the symlinks one lookup follows (ELOOP past it).
-_MAX_SYMLINKS = 40
+MAX_SYMLINKS = 40
 
 
 def walk(path: Path, *,
@@ -117,7 +117,7 @@ def walk(path: Path, *,
             here = place
             continue
         hops += 1
-        if hops > _MAX_SYMLINKS:
+        if hops > MAX_SYMLINKS:
             raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
         target = Path(os.readlink(place))
         if target.is_absolute():

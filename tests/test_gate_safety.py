@@ -1770,3 +1770,41 @@ async def test_a_directory_of_qemus_name_another_user_made_in_tmp_is_not_taken_f
     finally:
         qemu.kill()
         qemu.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: QEMU runs as another uid")
+async def test_a_qemu_path_that_is_a_symlink_into_tmp_is_judged_where_it_leads(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    """Found by review: only the directory --qemu names was judged, not where its last
+    name leads: root's /run/qemu/vm1.qmp, a symlink to /tmp/vm1.qmp, was QEMU's socket
+    whoever listened at /tmp/vm1.qmp.  So was --qemu /run/qemu/link/../vm1.qmp, folded
+    as written rather than as the kernel follows link.  A real QEMU as another uid
+    listening in a 1777 directory (as /tmp) stands for any local user."""
+    short_tmp.chmod(0o755)
+    uid = 3_999_996  # no account: a local user like any other
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    sock = shared / "vm1.qmp"
+    run = short_tmp / "run"  # root's, 0755: as /run/qemu
+    run.mkdir()
+    (run / "vm1.qmp").symlink_to(sock)
+    (shared / "sub").mkdir()
+    (run / "link").symlink_to(shared / "sub")  # link/.. is shared
+    qemu = subprocess.Popen(
+        ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
+         "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        await wait_until(sock.exists, f"QEMU listening at {sock}")
+        for name, given in (("a", run / "vm1.qmp"), ("b", f"{run}/link/../vm1.qmp")):
+            d = start_daemon("--qemu", str(given), "--ephemeral",
+                             socket=short_tmp / f"{name}.sock")
+            d.wait_for_log(
+                f"QEMU at {given} is not available: what listens there runs as uid {uid}, "
+                f"and {shared} others may write to it (mode 1777), so another user could "
+                "have put that socket there", timeout=30)
+    finally:
+        qemu.kill()
+        qemu.wait()

@@ -24,12 +24,13 @@ listener's user may be met on the way in a directory others may write.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 from migblockd.databases import named
-from migblockd.trust import distrust, walk
+from migblockd.trust import MAX_SYMLINKS, distrust, walk
 
 __all__ = ["untrusted_listener"]
 
@@ -43,19 +44,21 @@ def untrusted_listener(path: Path, uid: int | None) -> str | None:
     if uid is None:
         return (f"the kernel did not say which user listens at {path}, so it cannot be "
                 "told from another user's socket put there while QEMU was away")
-    directory = Path(os.path.abspath(path)).parent
     try:
-        found = distrust(directory, owner=uid)
-        planted = None if found is not None else _made_by_anyone(directory, uid)
+        where = None
+        for directory in _holding(path):
+            found = distrust(directory, owner=uid)
+            if found is not None:
+                why = (f"belongs to {named(found.owner)}" if found.owner is not None
+                       else f"others may write to it (mode {found.mode:04o})")
+                where = f"{found.place} {why}"
+            else:
+                where = _made_by_anyone(directory, uid)
+            if where is not None:
+                break
     except OSError as exc:
-        return f"{exc.filename or directory} cannot be examined ({exc.strerror})"
-    if found is not None:
-        why = (f"belongs to {named(found.owner)}" if found.owner is not None
-               else f"others may write to it (mode {found.mode:04o})")
-        where = f"{found.place} {why}"
-    elif planted is not None:
-        where = planted
-    else:
+        return f"{exc.filename or path} cannot be examined ({exc.strerror})"
+    if where is None:
         return None
     return (f"what listens there runs as {named(uid)}, and {where}, so another "
             f"user could have put that socket there while QEMU was away: migblockd takes "
@@ -63,6 +66,24 @@ def untrusted_listener(path: Path, uid: int | None) -> str | None:
             f"directory that no one but root, migblockd's user and QEMU's user may write "
             f"or could have made; "
             f"put QEMU's -qmp socket in such a directory")
+
+
+def _holding(path: Path) -> list[Path]:
+    """The directories the socket's name is looked up in: the one ``path`` names, and,
+    when its last name is a symlink, the one each link leads to in turn.  Not folded
+    as written (``link/../qmp.sock`` is above where link leads): each is walked as the
+    kernel walks it.
+
+    Raises OSError as ``readlink`` does (ELOOP past Linux's limit of links)."""
+    name = Path(os.getcwd(), path)
+    held = [name.parent]
+    for _ in range(MAX_SYMLINKS):
+        if not name.is_symlink():
+            return held
+        # Relative to the directory the link is in, as the kernel reached it.
+        name = Path(os.path.realpath(name.parent), os.readlink(name))
+        held.append(name.parent)
+    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
 
 
 def _made_by_anyone(directory: Path, uid: int) -> str | None:

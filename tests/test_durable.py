@@ -572,6 +572,47 @@ async def test_a_start_waits_for_another_programs_write_lock_then_serves_or_is_r
     assert_clean_log(refused)
 
 
+async def test_a_stop_while_a_reader_holds_a_rollback_journal_database_is_a_stop(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Found by review: the wait that a stop ends took the write lock only, and came
+    after the switch to WAL.  A state.db in rollback-journal mode (journal_mode set
+    back by an operator, a copy made by another tool) that another program only reads
+    in a transaction (a sqlite3 shell after BEGIN; SELECT ...): PRAGMA journal_mode =
+    WAL waited SQLite's busy timeout (5 s) with the SIGTERM kept, then the start ended
+    as refused, exit status 1, "in use by another program"."""
+    directory = tmp_path / "state"
+    first = start_daemon("--state-dir", str(directory))
+    async with first.client() as c:
+        await add(c, "kept", id="kept")
+    assert first.stop() == 0
+    db = directory / "state.db"
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as setting:
+        assert setting.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN")
+    other.execute("SELECT count(*) FROM blocker").fetchone()  # a shared lock, kept
+    try:
+        daemon = start_daemon("--state-dir", str(directory), wait=False)
+        # Once it reads the file (its stop is looked at from before then on); the
+        # restore's view or the wait: a stop in either is to end the start at once.
+        while not has_open(daemon.proc.pid, "/state.db"):
+            assert daemon.proc.poll() is None, daemon.log()
+            time.sleep(0.001)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit() == 0, daemon.log()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    log = daemon.log()
+    assert "received SIGTERM while starting: stopping before serving" in log, log
+    assert "in use by another program" not in log and "ready on" not in log, log
+    assert_clean_log(daemon)
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert await ids(c) == ["kept"]
+
+
 # ----------------------------------------------------------------- backup, start over
 
 

@@ -204,7 +204,8 @@ def wait_for_writer(conn: sqlite3.Connection, seconds: float,
                     stop: Callable[[], str | None] | None) -> None:
     """Wait, ``seconds`` at most (the connection's busy timeout, set back after),
     until no other program holds the database's write lock (an operator's sqlite3
-    shell in a transaction), which the migration and the proof of writing both take;
+    shell in a transaction), or, in rollback-journal mode, a read lock, which the
+    switch to WAL, the migration and the proof of writing all wait for;
     sqlite3.Error (``database is locked``) when it still does.  In slices of
     :data:`POLL`, looking at ``stop()`` between them (:class:`.StoppedStarting`):
     SQLite's own wait is one call that no signal ends (the handler that keeps a
@@ -216,7 +217,10 @@ def wait_for_writer(conn: sqlite3.Connection, seconds: float,
     try:
         while True:
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                # EXCLUSIVE: in rollback-journal mode (a file another tool left so)
+                # a reader holds up the switch to WAL and every commit as a writer
+                # does; in WAL mode it is IMMEDIATE, and readers hold up nothing.
+                conn.execute("BEGIN EXCLUSIVE")
             except sqlite3.Error as e:
                 if not busy(e) or time.monotonic() >= deadline:
                     raise

@@ -283,8 +283,10 @@ def _open_for_writing(conn: sqlite3.Connection, path: Path, version: int,
     current = len(migrations)
     fresh = version == 0  # format 0 passed the check only empty
     try:
-        configure(conn)
+        # Before the switch to WAL, which a reader of a file in rollback-journal mode
+        # holds up as a writer does (wait_for_writer).
         wait_for_writer(conn, _BUSY_TIMEOUT, stop)
+        configure(conn)
         if version < current:
             if fresh:  # made by an older migblockd that created it in place
                 _migrate(conn, path, version, migrations)

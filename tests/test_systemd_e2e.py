@@ -273,48 +273,14 @@ async def test_a_wrong_activation_is_refused_before_the_state_directory_is_made(
         proc.wait()
 
 
-async def test_an_abstract_passed_socket_is_logged_as_its_unit_writes_it(
+async def test_an_abstract_passed_socket_is_named_as_its_unit_writes_it_and_warned_of(
         short_tmp: Path) -> None:
-    """``ListenStream=@name``: found by review, the log said ``serving the passed socket
-    b'\\x00name'`` (Python's bytes) where the socket unit and ``ss`` say ``@name``."""
-    name = f"migblockd-test-{short_tmp.name}"
-    log_path = short_tmp / "stderr.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            ["systemd-socket-activate", "-l", f"@{name}", sys.executable, "-m", "migblockd",
-             "--socket-activated", "--ephemeral"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT)
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            while True:  # the first connection starts the daemon
-                try:
-                    reader, writer = await asyncio.open_unix_connection(f"\0{name}")
-                    break
-                except ConnectionRefusedError:
-                    await asyncio.sleep(0.01)
-            assert b'"QMP"' in await reader.readline()  # served on it
-            writer.close()
-        # The daemon's log writer thread writes a line a moment after the fact: under
-        # load, after the greeting was read.
-        line = f"INFO: socket activation: serving the passed socket @{name}\n"
-        deadline = time.monotonic() + TIMEOUT
-        while line not in (text := log_path.read_text(errors="replace")):
-            assert time.monotonic() < deadline, text
-            await asyncio.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=TIMEOUT) == 0, log_path.read_text(errors="replace")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-async def test_an_abstract_passed_socket_is_warned_of_as_open_to_every_local_user(
-        short_tmp: Path) -> None:
-    """``ListenStream=@name``: found by review, an abstract socket has no file, so no
-    mode, owner or group keeps anyone out (unix(7)): every process in the network
-    namespace connects, and the start said so only as ``serving the passed socket
-    @name``, as if SocketMode= and SocketGroup= applied."""
+    """``ListenStream=@name``, found by review twice: the log said ``serving the passed
+    socket b'\\x00name'`` (Python's bytes) where the socket unit and ``ss`` say
+    ``@name``; and an abstract socket has no file, so no mode, owner or group keeps
+    anyone out (unix(7)): every process in the network namespace connects, and the
+    start said so only as ``serving the passed socket @name``, as if SocketMode= and
+    SocketGroup= applied."""
     name = f"migblockd-test-{short_tmp.name}"
     log_path = short_tmp / "stderr.log"
     with log_path.open("wb") as log:
@@ -347,10 +313,13 @@ async def test_an_abstract_passed_socket_is_warned_of_as_open_to_every_local_use
                 "SocketMode= and SocketGroup= say, and has the access policy's "
                 "default-role (client); give ListenStream= a path, as the shipped "
                 "migblockd.socket does\n")
+        # The daemon's log writer thread writes a line a moment after the fact: under
+        # load, after the greeting was read.
         deadline = time.monotonic() + TIMEOUT
         while line not in (text := log_path.read_text(errors="replace")):
             assert time.monotonic() < deadline, text
             await asyncio.sleep(0.02)
+        assert f"INFO: socket activation: serving the passed socket @{name}\n" in text
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=TIMEOUT) == 0, log_path.read_text(errors="replace")
     finally:

@@ -1676,6 +1676,16 @@ async def test_a_qemu_met_again_takes_no_blocker_on_what_the_one_before_said(
     assert_clean_log(d)
 
 
+def qemu_as(uid: int, sock: Path) -> subprocess.Popen[bytes]:
+    """A real QEMU (no guest) run as ``uid``, with no groups, listening at ``sock``:
+    another local user's process at --qemu's path."""
+    return subprocess.Popen(
+        ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
+         "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: QEMU runs as another uid")
 async def test_a_qemu_socket_another_user_could_have_put_there_is_not_taken_for_qemu(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
@@ -1695,12 +1705,7 @@ async def test_a_qemu_socket_another_user_could_have_put_there_is_not_taken_for_
     qemus = []
     try:
         for where in (shared, own):
-            qemus.append(subprocess.Popen(
-                ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
-                 "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-                 "-qmp", f"unix:{where / 'qmp.sock'},server=on,wait=off"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL))
+            qemus.append(qemu_as(uid, where / "qmp.sock"))
         for where in (shared, own):
             sock = where / "qmp.sock"
             await wait_until(sock.exists, f"QEMU listening at {sock}")
@@ -1747,11 +1752,7 @@ async def test_a_directory_of_qemus_name_another_user_made_in_tmp_is_not_taken_f
     theirs.mkdir()
     os.chown(theirs, uid, uid)  # made by that user: mkdir /tmp/vm1
     sock = theirs / "qmp.sock"
-    qemu = subprocess.Popen(
-        ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
-         "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-         "-qmp", f"unix:{sock},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    qemu = qemu_as(uid, sock)
     try:
         await wait_until(sock.exists, f"QEMU listening at {sock}")
         d = start_daemon("--qemu", str(sock), "--ephemeral", socket=short_tmp / "a.sock")
@@ -1791,11 +1792,7 @@ async def test_a_qemu_path_that_is_a_symlink_into_tmp_is_judged_where_it_leads(
     (run / "vm1.qmp").symlink_to(sock)
     (shared / "sub").mkdir()
     (run / "link").symlink_to(shared / "sub")  # link/.. is shared
-    qemu = subprocess.Popen(
-        ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
-         "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-         "-qmp", f"unix:{sock},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    qemu = qemu_as(uid, sock)
     try:
         await wait_until(sock.exists, f"QEMU listening at {sock}")
         for name, given in (("a", run / "vm1.qmp"), ("b", f"{run}/link/../vm1.qmp")):

@@ -1148,6 +1148,20 @@ def test_a_head_turned_away_unread_gets_no_body(
     assert_clean_log(d)
 
 
+def patched_daemon(start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+                   tmp_path: Path, code: str) -> tuple[DaemonProcess, Path]:
+    """An in-memory daemon serving metrics at ``short_tmp``/metrics.sock, ``code`` run
+    in it first (a ``sitecustomize``: a constant of the daemon's set for the test)."""
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "sitecustomize.py").write_text(code)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(custom), os.environ.get("PYTHONPATH")])))
+    endpoint_path = short_tmp / "metrics.sock"
+    return start_daemon("--metrics", str(endpoint_path), "--ephemeral",
+                        socket=short_tmp / "q.sock", env=env), endpoint_path
+
+
 def test_a_connection_handed_as_a_worker_ends_its_last_starts_no_worker_more(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path, tmp_path: Path) -> None:
     # Found by review of the pool: a worker freed its connection's slot before it
@@ -1157,18 +1171,12 @@ def test_a_connection_handed_as_a_worker_ends_its_last_starts_no_worker_more(
     # The gap is a few bytecodes long; the daemon's interpreter switches threads
     # every microsecond here (a sitecustomize), so that the accepting thread runs
     # in it often: 17 workers within 3 seconds of churn, each time, before.
-    custom = tmp_path / "switchy"
-    custom.mkdir()
     # The accept budget is lifted: the race is the pool's, and 6,000 connections
     # accepted 16 a window would take 40 s.
-    (custom / "sitecustomize.py").write_text(
+    d, endpoint_path = patched_daemon(
+        start_daemon, short_tmp, tmp_path,
         "import sys\nsys.setswitchinterval(1e-6)\nimport migblockd.scrape_connections\n"
         "migblockd.scrape_connections.ACCEPT_BUDGET = 1 << 20\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(custom), os.environ.get("PYTHONPATH")])))
-    endpoint_path = short_tmp / "metrics.sock"
-    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral",
-                     socket=short_tmp / "q.sock", env=env)
     tasks = Path(f"/proc/{d.proc.pid}/task")
     before = set(os.listdir(tasks))
     seen = set(before)
@@ -1256,15 +1264,9 @@ def test_workers_idle_for_long_end(
     # Found by review: the workers started for a burst of connections were kept for
     # the daemon's life, 16 threads asleep after one burst.  One idle for
     # IDLE_WORKER seconds ends (0.5 s here, through a sitecustomize).
-    custom = tmp_path / "idle"
-    custom.mkdir()
-    (custom / "sitecustomize.py").write_text(
+    d, endpoint_path = patched_daemon(
+        start_daemon, short_tmp, tmp_path,
         "import migblockd.scrape_pool\nmigblockd.scrape_pool.IDLE_WORKER = 0.5\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(custom), os.environ.get("PYTHONPATH")])))
-    endpoint_path = short_tmp / "metrics.sock"
-    d = start_daemon("--metrics", str(endpoint_path), "--ephemeral",
-                     socket=short_tmp / "q.sock", env=env)
     tasks = Path(f"/proc/{d.proc.pid}/task")
     before = set(os.listdir(tasks))
     held = []

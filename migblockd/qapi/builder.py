@@ -16,6 +16,7 @@ model without the checks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from .doccomment import Doc
@@ -69,6 +70,10 @@ class _Builder:
         # The T of every ``['T']`` written anywhere in the schema (pass 1), for
         # which the name ``TList`` means that array (see _lookup_array()).
         self.written_arrays: set[str] = set()
+        # The T whose array QEMU has made, and so checked, by now in pass 2:
+        # a built-in's before the schema is read, another where ['T'] is
+        # first written (see _check_new_arrays()).
+        self.made_arrays: set[str] = set(BUILTIN_JSON_TYPES)
         self.defined: dict[str, tuple[str, SourceInfo]] = {}
 
     def build(self) -> Schema:
@@ -112,6 +117,7 @@ class _Builder:
                 assert isinstance(struct, ObjectType)
                 data = defn.expr["data"]
                 assert isinstance(data, PosDict)  # pass 1
+                self._check_new_arrays(data.values(), meta, name)
                 struct.members = self._make_members(data, "member", name)
                 # The object whose members the doc comment documents.
                 documented: ObjectType | None = struct
@@ -220,6 +226,23 @@ class _Builder:
             if isinstance(value, PosList) and len(value) == 1 and isinstance(value[0], str):
                 self.written_arrays.add(value[0])
 
+    def _check_new_arrays(self, values: Iterable[Value], meta: str, name: str) -> None:
+        """The element type of each ``['T']`` among ``values`` that no definition
+        before has written, checked before the definition that writes it.
+
+        QEMU makes the array type ``TList`` where ``['T']`` is first written, as
+        an entity of its own put before the definition (_make_array_type() in
+        ``scripts/qapi/schema.py``), and checks it there: so an unknown T is
+        reported before any other mistake of that definition, in the words of
+        QAPISchemaArrayType.check(), which names the definition, not the member
+        (``struct uses unknown type 'T'``, in struct 'Foo')."""
+        for value in values:
+            if isinstance(value, PosList) and value[0] not in self.made_arrays:
+                element = value[0]
+                assert isinstance(element, str)  # pass 1
+                self.made_arrays.add(element)
+                self._resolve(element, value.item_info[0], f"{meta} '{name}'")
+
     def _lookup_array(self, name: str, info: SourceInfo, what: str) -> ArrayType | None:
         """The array a type name ``TList`` means, as QEMU's lookup_type() finds it.
 
@@ -280,38 +303,47 @@ class _Builder:
             raise QAPIError(info, f"{what} uses unknown type '{value}'")
         return typ
 
-    def _object_data(self, name: str, meta: str, defn: Definition) -> ObjectType | None:
+    def _object_data(self, name: str, meta: str, defn: Definition,
+                     then: tuple[Value, ...] = ()) -> ObjectType | None:
         """The argument object of a command or event: a named struct, or an
-        implicit type for inline members (None when there are none)."""
+        implicit type for inline members (None when there are none).
+
+        In QEMU's order: inline members come with their arrays before anything
+        else of the definition, a named struct is resolved by the definition's
+        own check, after the arrays among ``then`` (a command's return)."""
         expr = defn.expr
-        if "data" not in expr:
-            return None
-        data = expr["data"]
+        data = expr.get("data")
+        implicit: ObjectType | None = None
+        if isinstance(data, PosDict):
+            self._check_new_arrays(data.values(), meta, name)
+            members = self._make_members(data, "parameter", name)
+            if members:
+                assert defn.doc is not None
+                implicit = ObjectType(f"q_obj_{name}-arg", members, defn.doc, defn.info,
+                                      implicit=True)
+        self._check_new_arrays(then, meta, name)
+        if not isinstance(data, str):
+            return implicit
         info = expr.value_info["data"]
         what = f"'data' of {meta} '{name}'"
-        if isinstance(data, str):
-            typ = self._resolve(data, info, what)
-            if not isinstance(typ, ObjectType):
-                # QEMU's QAPISchemaCommand.check() and QAPISchemaEvent.check()
-                # ("command's 'data' cannot take ..."), worded as 'returns' is.
-                raise QAPIError(info, f"{what} cannot take {_type_described(typ)}")
-            return typ
-        assert isinstance(data, PosDict)  # pass 1
-        members = self._make_members(data, "parameter", name)
-        if not members:
-            return None
-        assert defn.doc is not None
-        return ObjectType(f"q_obj_{name}-arg", members, defn.doc, defn.info, implicit=True)
+        typ = self._resolve(data, info, what)
+        if not isinstance(typ, ObjectType):
+            # QEMU's QAPISchemaCommand.check() and QAPISchemaEvent.check()
+            # ("command's 'data' cannot take ..."), worded as 'returns' is.
+            raise QAPIError(info, f"{what} cannot take {_type_described(typ)}")
+        return typ
 
     def _make_command(self, name: str, defn: Definition) -> Command:
         assert defn.doc is not None
         expr = defn.expr
-        arg_type = self._object_data(name, "command", defn)
+        returns = expr.get("returns")
+        arg_type = self._object_data(name, "command", defn,
+                                     () if returns is None else (returns,))
         ret_type: QAPIType | None = None
-        if "returns" in expr:
+        if returns is not None:
             info = expr.value_info["returns"]
             what = f"'returns' of command '{name}'"
-            ret_type = self._resolve(expr["returns"], info, what)
+            ret_type = self._resolve(returns, info, what)
             elem = ret_type.element if isinstance(ret_type, ArrayType) else ret_type
             if not isinstance(elem, ObjectType):
                 raise QAPIError(info, f"{what} cannot take {_type_described(ret_type)}")

@@ -271,3 +271,31 @@ def test_arrays_nested_by_list_names_keep_the_nesting_limit(depth: int, tmp_path
     assert isinstance(paint, ObjectType)
     assert paint.members[0].type is paint.members[-1].type
     assert arguments_schema(paint, "t")["properties"]["deep"]["type"] == "array"
+
+
+def test_an_empty_type_name_is_no_data_and_no_return_as_in_qemu(tmp_path: Path) -> None:
+    # QEMU's QAPISchemaCommand.check() and QAPISchemaEvent.check()
+    # (scripts/qapi/schema.py) resolve 'data' and 'returns' only when the name
+    # is true: '' is none, as a missing key is.  migblockd's generator refused
+    # "'data' of command 'foo' uses unknown type ''".
+    schema_file = tmp_path / "x.json"
+    schema_file.write_text(
+        _doc("foo") + "{ 'command': 'foo', 'data': '', 'returns': '' }\n"
+        + _doc("FOO") + "{ 'event': 'FOO', 'data': '' }\n")
+    schema = load_schema(schema_file)
+    foo, event = schema.commands["foo"], schema.events["FOO"]
+    assert (foo.arg_type, foo.ret_type, event.arg_type) == (None, None, None)
+    assert arguments_schema(foo.arg_type, "foo")["properties"] == {}
+    info = {e["name"]: e for e in introspect(schema)}
+    assert info[info["foo"]["arg-type"]] == {"name": info["foo"]["arg-type"],
+                                            "meta-type": "object", "members": []}
+    assert info[info["FOO"]["arg-type"]]["members"] == []
+
+
+def test_an_empty_type_name_of_a_member_is_an_unknown_type(tmp_path: Path) -> None:
+    # Where QEMU resolves the name whatever it is, '' is an unknown type there too.
+    schema_file = tmp_path / "x.json"
+    schema_file.write_text(_doc("Paint", "a") + "{ 'struct': 'Paint', 'data': { 'a': '' } }\n")
+    with pytest.raises(QAPIError) as exc:
+        load_schema(schema_file)
+    assert exc.value.msg == "member 'a' of 'Paint' uses unknown type ''"

@@ -322,7 +322,9 @@ class _Builder:
                 implicit = ObjectType(f"q_obj_{name}-arg", members, defn.doc, defn.info,
                                       implicit=True)
         self._check_new_arrays(then, meta, name)
-        if not isinstance(data, str):
+        if not isinstance(data, str) or not data:
+            # QEMU's check() of a command or event tests the name's truth:
+            # 'data': '' is no arguments, as no 'data' is.
             return implicit
         info = expr.value_info["data"]
         what = f"'data' of {meta} '{name}'"
@@ -340,7 +342,7 @@ class _Builder:
         arg_type = self._object_data(name, "command", defn,
                                      () if returns is None else (returns,))
         ret_type: QAPIType | None = None
-        if returns is not None:
+        if returns is not None and returns != "":  # '' is no return value, as in QEMU
             info = expr.value_info["returns"]
             what = f"'returns' of command '{name}'"
             ret_type = self._resolve(returns, info, what)

@@ -75,6 +75,8 @@ class _Builder:
         # first written (see _check_new_arrays()).
         self.made_arrays: set[str] = set(BUILTIN_JSON_TYPES)
         self.defined: dict[str, tuple[str, SourceInfo]] = {}
+        # QEMU's names of the implicit types of inline arguments, q_obj_NAME-arg.
+        self.implicit_names: set[str] = set()
 
     def build(self) -> Schema:
         # Pass 1 checks each definition alone (.expr, QEMU's check_exprs()),
@@ -159,6 +161,12 @@ class _Builder:
         if name in self.defined:
             raise QAPIError(expr.value_info[meta], f"'{name}' is already defined")
         self.defined[name] = (meta, expr.info)
+        data = expr.get("data")
+        if meta in ("command", "event") and isinstance(data, PosDict) and data:
+            # QEMU defines the type of inline arguments as an entity like any
+            # other (_make_implicit_object_type() in scripts/qapi/schema.py),
+            # and so finds its name where a schema writes it as a type.
+            self.implicit_names.add(f"q_obj_{name}-arg")
 
     # --- pass 2 ----------------------------------------------------------
 
@@ -293,9 +301,11 @@ class _Builder:
         assert isinstance(value, str)
         typ = self.schema.lookup_type(value) or self._lookup_array(value, info, what)
         if typ is None:
-            if value in PREDEFINED_OUTSIDE_SUBSET:
+            outside = PREDEFINED_OUTSIDE_SUBSET.get(value) or (
+                f"struct type '{value}'" if value in self.implicit_names else None)
+            if outside is not None:
                 # QEMU would find it; "unknown type" would say QEMU does not know it.
-                raise QAPIError(info, f"{what} uses {PREDEFINED_OUTSIDE_SUBSET[value]}, "
+                raise QAPIError(info, f"{what} uses {outside}, "
                                       "which migblockd's QAPI subset does not support")
             if value in self.defined:
                 meta = self.defined[value][0]

@@ -51,16 +51,6 @@ def build_schema(parsed: ParseResult) -> Schema:
     return _Builder(parsed).build()
 
 
-def _type_described(typ: QAPIType) -> str:
-    """QEMU's ``describe()`` of a type (``scripts/qapi/schema.py``): ``built-in
-    type 'str'``, ``enum type 'En'``, ``array type ['str']``."""
-    if isinstance(typ, ArrayType):
-        return f"array type ['{typ.element.name}']"
-    meta = ("built-in" if isinstance(typ, BuiltinType)
-            else "enum" if isinstance(typ, EnumType) else "struct")
-    return f"{meta} type '{typ.name}'"
-
-
 class _Builder:
     def __init__(self, parsed: ParseResult) -> None:
         self.parsed = parsed
@@ -342,7 +332,7 @@ class _Builder:
         if not isinstance(typ, ObjectType):
             # QEMU's QAPISchemaCommand.check() and QAPISchemaEvent.check()
             # ("command's 'data' cannot take ..."), worded as 'returns' is.
-            raise QAPIError(info, f"{what} cannot take {_type_described(typ)}")
+            raise QAPIError(info, f"{what} cannot take {typ.describe()}")
         return typ
 
     def _make_command(self, name: str, defn: Definition) -> Command:
@@ -358,7 +348,7 @@ class _Builder:
             ret_type = self._resolve(returns, info, what)
             elem = ret_type.element if isinstance(ret_type, ArrayType) else ret_type
             if not isinstance(elem, ObjectType):
-                raise QAPIError(info, f"{what} cannot take {_type_described(ret_type)}")
+                raise QAPIError(info, f"{what} cannot take {ret_type.describe()}")
         # 'allow-oob' is true when given (pass 1).
         return Command(name, arg_type, ret_type, "allow-oob" in expr, defn.doc, defn.info)
 

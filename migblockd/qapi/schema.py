@@ -60,12 +60,21 @@ class QAPIType:
         """How the type is written in the schema, for docs: ``str``, ``[MigMode]``."""
         return self.name
 
+    #: The metatype QEMU's describe() names (QAPISchemaType in its schema.py).
+    meta = "struct"
+
+    def describe(self) -> str:
+        """QEMU's ``describe()`` of a type, for messages: ``built-in type 'str'``,
+        ``enum type 'En'``, ``struct type 'Foo'``, ``array type ['str']``."""
+        return f"{self.meta} type '{self.name}'"
+
 
 @dataclass(eq=False)
 class BuiltinType(QAPIType):
     """One of QEMU's built-in types (``str``, ``int``, sized ints, ``any``...)."""
 
     name: str
+    meta = "built-in"
 
     def json_type(self) -> str:
         return BUILTIN_JSON_TYPES[self.name]
@@ -88,6 +97,7 @@ class EnumType(QAPIType):
     values: list[EnumValue]
     doc: Doc
     info: SourceInfo
+    meta = "enum"
 
     def json_type(self) -> str:
         return "string"
@@ -112,6 +122,9 @@ class ArrayType(QAPIType):
 
     def spelling(self) -> str:
         return f"[{self.element.spelling()}]"
+
+    def describe(self) -> str:
+        return f"array type ['{self.element.name}']"
 
 
 @dataclass(eq=False)

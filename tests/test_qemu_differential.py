@@ -307,6 +307,22 @@ def test_which_unexpected_argument(module_qemu: Qemu, module_daemon: DaemonProce
     same_answers(module_qemu, module_daemon, data)
 
 
+#: Of two bad arguments, the first in QEMU's member order is named: its
+#: MigrateSetParameters (qapi/migration.json) has mode after the limits, and
+#: QEMU 7.2, which has no mode, names an unexpected member only when nothing
+#: else is wrong: the limit, either way.
+MEMBER_ORDER = [
+    b'{"execute": "migrate-set-parameters", "arguments": {"mode": 5, "downtime-limit": "x"}}',
+    b'{"execute": "migrate-set-parameters", "arguments": {"mode": "x", "max-bandwidth": "y"}}',
+]
+
+
+@pytest.mark.parametrize("data", MEMBER_ORDER, ids=[c.decode() for c in MEMBER_ORDER])
+def test_which_bad_argument(module_qemu: Qemu, module_daemon: DaemonProcess,
+                            data: bytes) -> None:
+    same_answers(module_qemu, module_daemon, data)
+
+
 #: QEMU's parser reads an object's key as a value first (qobject/json-parser.c,
 #: parse_pair()): a literal is a value that is not a string, a bad keyword no value.
 KEYS = [

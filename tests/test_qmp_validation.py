@@ -331,6 +331,19 @@ def test_generated_migrate_set_capabilities_nested() -> None:
     )
 
 
+def test_generated_migrate_set_parameters_checks_in_qemus_member_order() -> None:
+    # QEMU's MigrateSetParameters (qapi/migration.json) has mode, added in 8.2,
+    # after max-bandwidth and downtime-limit; its input visitor checks the
+    # members in that order, so of two bad ones it names the limit.
+    schema = generated("migrate-set-parameters")
+    assert error(schema, {"mode": 5, "downtime-limit": "x"}) \
+        == "Parameter 'downtime-limit' expects uint64"
+    assert error(schema, {"mode": "x", "max-bandwidth": "y"}) \
+        == "Parameter 'max-bandwidth' expects uint64"
+    assert error(schema, {"mode": "x", "downtime-limit": 1}) \
+        == "Parameter 'mode' does not accept value 'x'"
+
+
 def test_every_generated_schema_compiles_and_reports_in_order() -> None:
     paths = sorted(GENERATED.glob("*.arguments.json"))
     if not paths:

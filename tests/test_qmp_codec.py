@@ -309,6 +309,18 @@ def test_the_byte_that_cuts_a_number_short_goes_with_it(cut: bytes) -> None:
         assert decode(stream[:at], stream[at:]) == whole, at
 
 
+@pytest.mark.parametrize("cut", [b"1e+", b"1e-", b"-", b"1.", b"1e", b"-0.5E"])
+def test_a_number_the_end_of_input_cuts_short_is_named_whole(cut: bytes) -> None:
+    # Where the input ends, QEMU's lexer (json_lexer_flush(), qobject/json-lexer.c)
+    # fails on a number that cannot end there with the token so far, as a byte
+    # that cuts it short would: "1e+" is "stray '1e+'", not "1e" nor "expecting value".
+    whole = [ParseError(f"JSON parse error, stray '{cut.decode()}'")]
+    assert decode(cut, eof=True) == whole
+    assert decode(CMD + cut, eof=True) == [CMD_VALUE, *whole]
+    for at in range(1, len(cut)):
+        assert decode(cut[:at], cut[at:], eof=True) == whole, at
+
+
 @pytest.mark.parametrize(("data", "desc"), [
     (b"@", "stray '@'"), (b"+", "stray '+'"), (b"T", "stray 'T'"), (b"01", "stray '01'"),
     (b"\x80", "stray '\ufffd'"),

@@ -144,6 +144,20 @@ def number_token(data: bytes) -> tuple[int, bool] | None:
     return found[1] + 1, True
 
 
+def number_cut_short(token: bytes) -> bool:
+    """Whether ``token`` is a number QEMU's lexer has begun but cannot end there
+    (``-``, ``1.``, ``1e``, ``1e+``).  At the end of the input its lexer fails on
+    it with the token so far (``json_lexer_flush()``, ``qobject/json-lexer.c``),
+    as it does at a byte that cuts the number short."""
+    state = "start"
+    for c in token.decode("ascii", "replace"):
+        following = _NUMBER[state].get(_number_class(c))
+        if following is None or following == "bad":
+            return False
+        state = following
+    return state not in _NUMBER_ENDS
+
+
 def first_token_end(token: bytes) -> int | None:
     """Where QEMU's lexer ends the first token of ``token``, a run of bytes with
     no delimiter, if that token is a whole number or a run of lower-case

@@ -28,6 +28,7 @@ from migblockd.qmp.lexer import (
     PARSE_ERROR_PREFIX,
     first_token_end,
     lexer_waits,
+    number_cut_short,
     stray,
 )
 from migblockd.qmp.patterns import (
@@ -160,6 +161,11 @@ class Scanner(Structure):
                                           or item.desc)
                     elif (lexed := self._lexer_failed(buf, start, end)) is not None:
                         return lexed  # QEMU's lexer failed: it skips on from there
+                    elif number_cut_short(bytes(buf[start:end])):
+                        # The input ended it: named whole, as a byte that cut it
+                        # short would be, not as Python's parser stops ("1e" of
+                        # "1e+", "expecting value" of "-").
+                        item = ParseError(stray(bytes(buf[start:end])))
                     # A bad top-level token: what follows up to a new request is too.
                     self._skip_to_top(end)
                 return item

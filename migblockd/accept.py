@@ -68,7 +68,8 @@ OUT_OF_DESCRIPTORS = refusal_line(
     "try again later")
 
 
-def fit_descriptor_limit(max_clients: int, serving: int = 0) -> int | None:
+def fit_descriptor_limit(max_clients: int, serving: int = 0,
+                         setting: str = "--max-clients") -> int | None:
     """Make room for ``max_clients`` clients in ``RLIMIT_NOFILE``, or say why not.
 
     The soft limit is raised toward the hard one when it is too low (no
@@ -77,7 +78,9 @@ def fit_descriptor_limit(max_clients: int, serving: int = 0) -> int | None:
     how many clients the descriptors allow then (None: ``max_clients``), for
     the admission to keep the admins' slots below that (migblockd.admission):
     ``serving``, the connections open now (a reload's), hold descriptors that
-    are theirs, not the daemon's own.
+    are theirs, not the daemon's own.  ``setting``: where ``max_clients`` came
+    from, as ``Sources.named`` says it (``FILE:LINE: max-clients``,
+    ``--max-clients``), which the warning leads with.
     """
     needed = max_clients + OWN_DESCRIPTORS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -92,9 +95,11 @@ def fit_descriptor_limit(max_clients: int, serving: int = 0) -> int | None:
     if target >= needed:
         return None
     room = max(0, target - (_open_descriptors() - serving))
-    log.warning("RLIMIT_NOFILE is %d, too low for max-clients=%d (about %d descriptors): "
+    # Led by where the bound was set, as the start's other messages about a
+    # setting are: the one to lower is at that line of the file, or that option.
+    log.warning("%s: RLIMIT_NOFILE is %d, too low for %d clients (about %d descriptors): "
                 "clients past about %d are refused for want of descriptors; raise "
-                "LimitNOFILE= (or ulimit -n)", target, max_clients, needed, room)
+                "LimitNOFILE= (or ulimit -n)", setting, target, max_clients, needed, room)
     return room
 
 

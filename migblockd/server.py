@@ -144,7 +144,9 @@ class Server(Turns):
             log.info("listening on %s (mode %04o%s)", self.config.socket,
                      self.config.socket_mode, "" if group is None else f", group {group}")
         sock.setblocking(False)
-        self.core.admission.room = fit_descriptor_limit(self.config.max_clients)
+        self.core.admission.room = fit_descriptor_limit(
+            self.config.max_clients,
+            setting=Sources.of(self.cli, self.file).named("max_clients"))
         self.acceptor = Acceptor(self.loop, sock, lambda: ClientProtocol(self),
                                  lambda: len(self.protocols), self._turned_away)
 
@@ -296,7 +298,8 @@ class Server(Turns):
             # Every connection open holds a descriptor, refused ones lingering too.
             self.core.admission.room = fit_descriptor_limit(
                 self.config.max_clients,
-                len(self.protocols) + self.refusals_lingering.total())
+                len(self.protocols) + self.refusals_lingering.total(),
+                reload.sources.named("max_clients"))
         # With the user and group databases' answers, read afresh: open connections
         # get their new role at their next request.
         roles = self.core.apply_access(prepared, self.config.access, self.config.quotas)

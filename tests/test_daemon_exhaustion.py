@@ -59,7 +59,7 @@ async def test_out_of_descriptors_clients_are_refused_not_hung(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:
     d = start_daemon("--log-level", "info", python=limited_python(tmp_path, 64))
-    d.wait_for_log("RLIMIT_NOFILE is 64, too low for max-clients=1024")
+    d.wait_for_log("--max-clients: RLIMIT_NOFILE is 64, too low for 1024 clients")
     found = re.search(r"clients past about (\d+) are refused", d.log())
     assert found is not None
     estimate = int(found.group(1))
@@ -365,6 +365,27 @@ def test_a_user_taking_every_descriptor_still_leaves_root_its_slots(
     finally:
         held.communicate("", timeout=30)
     assert "out of file descriptors" not in d.log()
+    assert d.stop() == 0
+
+
+def test_the_descriptor_warning_names_the_line_that_sets_max_clients(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    # Found by review: with max-clients from the file, the warning said
+    # "too low for max-clients=200", where the start's other messages about a
+    # setting of the file lead with FILE:LINE.  At start, and at a reload that
+    # raises it, the line is the file's of the time.
+    config = tmp_path / "migblockd.toml"
+    config.write_text('log-level = "info"\nmax-clients = 200\n')
+    d = start_daemon("--config", str(config), "--ephemeral",
+                     python=limited_python(tmp_path, 64))
+    d.wait_for_log(f"WARNING: {config}:2: max-clients: RLIMIT_NOFILE is 64, too low for "
+                   "200 clients (about 264 descriptors)")
+    config.write_text('log-level = "info"\n\n# more room\nmax-clients = 300\n')
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(f"WARNING: {config}:4: max-clients: RLIMIT_NOFILE is 64, too low for "
+                   "300 clients (about 364 descriptors)")
+    assert "too low for max-clients" not in d.log()
     assert d.stop() == 0
 
 

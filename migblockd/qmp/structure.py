@@ -114,6 +114,18 @@ class Structure(LineCheck):
             return lexed
         return item
 
+    def _earlier_error(self, buf: bytearray, p: int) -> object:
+        """The message is wrong at ``buf[p]`` (a bracket past the nesting, a closer
+        that matches none, a single quote): what is answered before that, else
+        :data:`SOUND`.  Its lines' verdict first (:meth:`_lines_verdict`; None: the
+        message was garbage, skipped), then QEMU's lexer's error up to and with
+        that byte: the lexer fails as the bytes arrive, before the streamer looks
+        at the bracket or the parser at the quote."""
+        if (verdict := self._lines_verdict(buf, p)) is not SOUND:
+            return verdict
+        lexed = self._lexer_failed(buf, self._start, p + 1)
+        return SOUND if lexed is None else lexed
+
     def _too_many_tokens(self, buf: bytearray, p: int) -> object:
         """The message has more than ``max_tokens`` tokens by ``buf[p]``, an opening
         bracket or a string's closing quote: refused as QEMU's streamer refuses
@@ -161,12 +173,10 @@ class Structure(LineCheck):
                     closer = OPENERS.get(c)
                     if closer is not None:
                         if len(stack) >= self.max_nesting:
-                            if (verdict := self._lines_verdict(buf, p)) is not SOUND:
-                                return verdict
                             # QEMU's lexer fails as the bytes arrive, before its
                             # streamer counts this bracket: its error comes first.
-                            if (lexed := self._lexer_failed(buf, self._start, p + 1)) is not None:
-                                return lexed
+                            if (earlier := self._earlier_error(buf, p)) is not SOUND:
+                                return earlier
                             # Its streamer counts tokens before it checks the nesting,
                             # and openers alone are counted as they come here.
                             deepest = (TOKEN_COUNT_EXCEEDED if self._past_token_limit(
@@ -183,10 +193,8 @@ class Structure(LineCheck):
                         continue
                     if c in CLOSERS:
                         if c != stack[-1]:
-                            if (verdict := self._lines_verdict(buf, p)) is not SOUND:
-                                return verdict
-                            if (lexed := self._lexer_failed(buf, self._start, p + 1)) is not None:
-                                return lexed
+                            if (earlier := self._earlier_error(buf, p)) is not SOUND:
+                                return earlier
                             desc = describe_error(bytes(buf[self._start : p + 1]))
                             if self._past_token_limit(buf, p + 1):
                                 desc = TOKEN_COUNT_EXCEEDED  # refused before it is parsed
@@ -204,12 +212,10 @@ class Structure(LineCheck):
                         self._scan = p + 1
                         continue
                     if c == APOSTROPHE:
-                        if (verdict := self._lines_verdict(buf, p)) is not SOUND:
-                            return verdict
                         # QEMU's lexer reads a single quote, so its error is one
                         # before it, if any (a number cut short by it included).
-                        if (lexed := self._lexer_failed(buf, self._start, p + 1)) is not None:
-                            return lexed
+                        if (earlier := self._earlier_error(buf, p)) is not SOUND:
+                            return earlier
                         quoted = (TOKEN_COUNT_EXCEEDED if self._past_token_limit(buf, p)
                                   else SINGLE_QUOTE)
                         self._skip_rest(p + 1, open_brackets(stack))

@@ -173,7 +173,7 @@ def claim_own_socket(config: Config, sources: Sources = COMMAND_LINE,
         # no start for a warning, nor a stop.
         notes = within(lambda: socket_group_notes(config, socket_passed=False, sources=sources)
                        + kept_out_notes(config, socket_passed=False, sources=sources),
-                       "migblockd-socket-group", stop=stop_asked)
+                       "migblockd-socket-notes", stop=stop_asked)
     except StoppedStarting:
         claim.lock.release()
         raise

@@ -305,7 +305,9 @@ def warnings(config: Config, sources: Sources = COMMAND_LINE) -> list[str]:
                                  sources=sources))
 
     try:
-        lines, socket_notes = within(looked_up, "migblockd-socket-group")
+        # Named for what it asks, the access policy's names as well as the socket's
+        # group: a thread dump of a check held by the databases says which.
+        lines, socket_notes = within(looked_up, "migblockd-check-lookups")
     except Unanswered:
         lines, socket_notes = [], [
             f"the user and group databases did not answer within {WAIT:g} s: the names in "

@@ -1,16 +1,25 @@
-"""The worker threads of :mod:`migblockd.lookups`, with work that blocks until told."""
+"""The worker threads of :mod:`migblockd.lookups`, with work that blocks until told, and
+the threads the start's and ``--check-config``'s look-ups are bounded on."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import sys
 import threading
 import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
 
 import pytest
 
+from migblockd.config import Config
+from migblockd.daemon import claim_own_socket
 from migblockd.databases import Live
 from migblockd.lookups import THREADS, Lookups
+from migblockd.preflight import warnings
 
 
 async def test_a_look_up_that_hangs_holds_none_asked_with_it_while_threads_are_free() -> None:
@@ -76,3 +85,34 @@ async def test_a_look_up_that_fails_is_said(caplog: pytest.LogCaptureFixture) ->
     await asyncio.sleep(0)  # its callbacks run
     assert ("the look-up in the user and group databases for uid 5 (gid 5) failed: "
             "MemoryError()") in caplog.text
+
+
+@pytest.fixture
+def thread_names() -> Iterator[list[str]]:
+    """The names of the threads started meanwhile, each as it begins to run."""
+    names: list[str] = []
+
+    def seen(frame: FrameType, event: str, arg: object) -> None:
+        sys.setprofile(None)  # once is enough: the name is known
+        names.append(threading.current_thread().name)
+
+    threading.setprofile(seen)
+    try:
+        yield names
+    finally:
+        threading.setprofile(None)
+
+
+def test_the_look_ups_of_a_check_and_a_start_are_named_for_what_they_ask(
+    thread_names: list[str], tmp_path: Path,
+) -> None:
+    # Found by review: --check-config asked the access policy's names on a thread
+    # named "migblockd-socket-group", as was the start's look-up of the socket's
+    # notes: a thread dump of either, held by the databases, said the socket's
+    # group was asked, which it may not have been.
+    config = dataclasses.replace(Config(), socket=tmp_path / "s.sock")
+    warnings(config)
+    claim_own_socket(config).lock.release()
+    assert "migblockd-socket-group" not in thread_names, thread_names
+    assert {"migblockd-check-lookups", "migblockd-socket-notes"} <= set(thread_names), (
+        thread_names)

@@ -1805,3 +1805,36 @@ async def test_a_qemu_path_that_is_a_symlink_into_tmp_is_judged_where_it_leads(
     finally:
         qemu.kill()
         qemu.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: QEMU runs as another uid")
+async def test_a_qemu_socket_directory_others_may_write_by_its_acl_names_the_entries(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    """Found by review: a directory of root's, 0755, that setfacl -m u:UID:rwx made
+    0775 for one more user was refused as "others may write to it (mode 0775)",
+    which reads as the group's write bit: under an ACL the group bits are the mask,
+    and the group (root's) may not write.  The refusal names the entries that let
+    others write.  A real QEMU as another uid, in a directory with a real ACL."""
+    short_tmp.chmod(0o755)
+    uid, other, group = 3_999_995, 3_999_994, 3_999_993  # no accounts: local users
+    shared = short_tmp / "acl"
+    shared.mkdir()
+    shared.chmod(0o755)
+    os.chown(shared, 0, 0)
+    subprocess.run(["setfacl", "-m", f"u:{uid}:rwx,u:{other}:rwx,g:{group}:rwx",
+                    str(shared)], check=True)
+    assert shared.stat().st_mode & 0o777 == 0o775  # the mask
+    sock = shared / "qmp.sock"
+    qemu = qemu_as(uid, sock)
+    try:
+        await wait_until(sock.exists, f"QEMU listening at {sock}")
+        d = start_daemon("--qemu", str(sock), "--ephemeral", socket=short_tmp / "a.sock")
+        d.wait_for_log(
+            f"QEMU at {sock} is not available: what listens there runs as uid {uid}, and "
+            f"{shared} has an ACL that lets uid {other}, uid {uid}, the members of gid "
+            f"{group} write to it (mode 0775, whose group bits are the ACL's mask), so "
+            "another user could have put that socket there while QEMU was away", timeout=30)
+        assert "others may write to it" not in d.log()
+    finally:
+        qemu.kill()
+        qemu.wait()

@@ -80,7 +80,7 @@ def leftovers(transport: asyncio.BaseTransport, budget: int) -> Iterator[bytes]:
 
     asyncio calls ``connection_lost`` before closing the socket, so the data is
     still there; a duplicate descriptor reads it without disturbing the
-    transport.  At most about ``budget`` bytes, so a peer cannot keep us here;
+    transport.  At most ``budget`` bytes, so a peer cannot keep us here;
     :func:`unread` then says what remains (the socket is shut for reading
     first, so nothing can arrive unseen after that).
     """
@@ -96,13 +96,15 @@ def leftovers(transport: asyncio.BaseTransport, budget: int) -> Iterator[bytes]:
 
 
 def received(sock: socket.socket, budget: int) -> Iterator[bytes]:
-    """What the peer has sent on ``sock`` and nobody read, at most about ``budget``
-    bytes; ``sock`` is left shut for reading (and non-blocking)."""
+    """What the peer has sent on ``sock`` and nobody read, at most ``budget`` bytes;
+    ``sock`` is left shut for reading (and non-blocking)."""
     sock.setblocking(False)
     for last in (False, True):
         while budget > 0:
             try:
-                data = sock.recv(LEFTOVER_CHUNK)
+                # No more than the budget left: a whole chunk past it read up to
+                # 64 KiB more than the bound the log names (128 KiB of a 68 KiB one).
+                data = sock.recv(min(LEFTOVER_CHUNK, budget))
             except OSError:
                 break
             if not data:

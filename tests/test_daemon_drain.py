@@ -12,13 +12,16 @@ what really happened.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import re
 import select
 import signal
 import socket
 import sqlite3
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +32,7 @@ from qmpclient import RawClient, blocking_client, encode, strict_loads
 
 from migblockd.adapter import LINGER
 from migblockd.drain import DRAIN_POLL, SHUTDOWN_STALL
+from migblockd.peer import received
 
 ADDERS = 3
 READERS = 12
@@ -336,6 +340,27 @@ async def test_what_is_past_the_bound_is_logged_not_silently_lost(
     sock.close()
     assert d.stop() == 0
     assert_clean_log(d)
+
+
+def test_what_is_read_after_a_drop_stops_at_the_bound() -> None:
+    # Found by review: the log named a 69632-byte bound (max-message-size 4096 + 64
+    # KiB), but the reads went on by whole 64 KiB chunks while any of it was left:
+    # 131072 bytes were read, and their requests run.  A real socket pair, with more
+    # than twice the bound in it.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        theirs.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while sent < 256 * 1024:
+                sent += theirs.send(b"x" * (256 * 1024 - sent))
+        assert sent > 2 * 69632, sent
+        read = sum(len(data) for data in received(ours, 69632))
+        left = array.array("i", [0])
+        fcntl.ioctl(ours.fileno(), termios.FIONREAD, left)
+    assert read == 69632 and left[0] == sent - read, (read, left[0], sent)
 
 
 async def test_a_client_taking_its_last_replies_slowly_gets_them_all(

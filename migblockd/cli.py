@@ -215,6 +215,7 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
 
     from migblockd import logs  # noqa: PLC0415 - keeps --help fast
     from migblockd.daemon import StartupError, run  # noqa: PLC0415
+    from migblockd.pidlock import say_stopping  # noqa: PLC0415
     from migblockd.systemd import Activation  # noqa: PLC0415
 
     # Before the log and the event loop open descriptors of their own, which a
@@ -230,6 +231,8 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
                   "(pip install 'migblockd[uvloop]')")
         loop_factory = uvloop.new_event_loop
 
+    # From the stop's signal on, the locks the start holds say that it is stopping.
+    early.when_stopping(say_stopping)
     installed = logs.setup(config.logging_level, config.log_format)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:

@@ -20,7 +20,11 @@ daemon is ready; a SIGTERM or SIGINT stops the start once the restore is over
 database), without serving.  That is a wait of seconds for 100,000 blockers
 (about three), minutes for 1,000,000 on a loaded machine, which systemd's
 TimeoutStopSec= bounds (migblockd.progress asks no more time once a stop came);
-SIGKILL does not wait.
+SIGKILL does not wait.  Meanwhile the daemon holds its socket's and its state
+directory's locks, and a second start is refused them: the first stop also has
+:meth:`EarlySignals.when_stopping`'s callback run at once (the locks then say
+that their holder is stopping, ``migblockd.pidlock``), not once the start gets
+to it.
 
 SIGUSR1 and SIGUSR2 mean nothing to the daemon, and their default action
 would end it without a line, leaving its socket behind: someone who sends one
@@ -30,6 +34,7 @@ event loop says so once it handles them (``migblockd.daemon``).
 """
 
 import signal
+from collections.abc import Callable
 from types import FrameType
 
 _STOPS = (signal.SIGTERM, signal.SIGINT)
@@ -42,6 +47,7 @@ class EarlySignals:
 
     def __init__(self) -> None:
         self.received: list[int] = []
+        self._on_stop: Callable[[], object] | None = None
 
     def install(self) -> None:
         for sig in (signal.SIGHUP, *_STOPS):
@@ -53,7 +59,26 @@ class EarlySignals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGHUP, *_STOPS, *UNUSED))
 
     def _keep(self, signum: int, _frame: FrameType | None) -> None:
+        first = signum in _STOPS and self._first_stop() is None
         self.received.append(signum)
+        if first:
+            self._stopping()
+
+    def when_stopping(self, callback: Callable[[], object]) -> None:
+        """Have ``callback`` run by the first SIGTERM or SIGINT's handler, in the main
+        thread between two of its steps; at once if one came already."""
+        self._on_stop = callback
+        if self._first_stop() is not None:
+            self._stopping()
+
+    def _stopping(self) -> None:
+        if self._on_stop is not None:
+            # Never raised into whatever the main thread was doing when the signal came
+            # (and not contextlib.suppress: this module loads before anything else).
+            try:  # noqa: SIM105
+                self._on_stop()
+            except Exception:
+                pass
 
     def reload(self) -> bool:
         """Whether a SIGHUP came."""

@@ -9,8 +9,11 @@ to clean up after a crash.  The holder writes its pid in the file so that a
 refusal can say who holds it, and may add a note after it (:meth:`PidLock.note`)
 for the next holder, which finds what the last one wrote in :attr:`PidLock.previous`.
 A holder that is stopping says so on a line after them (:meth:`PidLock.stopping`):
-its stop may take a while (a drain of 30 s at most), and a second start refused
-meanwhile is to hear that the first is on its way out, not that it serves.
+its stop may take a while (a drain of 30 s at most, or the rest of a restore of a
+big state when the stop came while it started), and a second start refused
+meanwhile is to hear that the first is on its way out, not that it serves.  The
+process's own stop says it in every lock it holds (:func:`say_stopping`), from
+the signal's handler, so that no step of the start has to be reached first.
 The file itself is never removed: a holder
 that unlinked it on exit could leave a second process holding a lock on the
 removed file while a third takes one on a new file.
@@ -24,7 +27,7 @@ import fcntl
 import os
 from pathlib import Path
 
-__all__ = ["Held", "LockFailed", "PidLock"]
+__all__ = ["Held", "LockFailed", "PidLock", "say_stopping"]
 
 
 class Held(Exception):
@@ -51,13 +54,14 @@ class LockFailed(Exception):
 class PidLock:
     """A held lock; :meth:`release` gives it up."""
 
-    __slots__ = ("_fd", "_note", "_pid", "path", "previous")
+    __slots__ = ("_fd", "_note", "_pid", "_said", "path", "previous")
 
     def __init__(self, path: Path, fd: int, previous: bytes = b"") -> None:
         self.path = path
         self._fd: int | None = fd
         self._pid = b""  # the pid as written before a note, while there is one
         self._note = b""  # the note written after the pid, if any
+        self._said = False  # whether the file is to say that the holder is stopping
         #: What the file held when the lock was taken: the last holder's pid and
         #: note (which it leaves behind when it is killed), or nothing.
         self.previous = previous
@@ -86,6 +90,9 @@ class PidLock:
         kept = previous.partition(b"\n")[2].partition(b"\n")[0]
         with contextlib.suppress(OSError):
             lock._write(kept)
+        _held.add(lock)
+        if _stopping:  # taken by a start whose stop came already: it ends after its step
+            lock.stopping()
         return lock
 
     def note(self, text: str) -> None:
@@ -112,31 +119,60 @@ class PidLock:
         os.ftruncate(self._fd, len(content))
         self._pid = pid if note else b""
         self._note = note
+        if self._said:
+            # The stop's signal came while this was written (its handler runs between
+            # any two steps of the main thread): the cut may have taken its line.
+            self._say()
 
     def stopping(self) -> None:
         """Say, on a line after the pid and the note (empty if there is none), that
-        the holder is stopping, for whoever is refused the lock until it lets go.
-        Best effort: a file that cannot be written leaves the refusal as it was.
-        The next holder drops the line (it keeps the note alone)."""
-        if self._fd is None:
+        the holder is stopping, for whoever is refused the lock until it lets go;
+        a note written later keeps the line.  Best effort: a file that cannot be
+        written leaves the refusal as it was.  The next holder drops the line (it
+        keeps the note alone)."""
+        self._said = True
+        self._say()
+
+    def _say(self) -> None:
+        fd = self._fd
+        if fd is None:
             return
         pid = f"{os.getpid()}\n".encode()
         with contextlib.suppress(OSError):
             # Longer than what is there: one write, nothing to cut.
-            os.pwrite(self._fd, pid + self._note + b"\n" + _STOPPING + b"\n", 0)
+            os.pwrite(fd, pid + self._note + b"\n" + _STOPPING + b"\n", 0)
 
     def release(self) -> None:
-        if self._fd is not None:
+        fd, self._fd = self._fd, None  # first: a stop's handler then writes nothing
+        _held.discard(self)
+        if fd is not None:
             # Forget our pid first, so that nobody refused later names a stale one;
             # a note stays for the next holder (blanks over the pid, in one write).
             with contextlib.suppress(OSError):
                 if self._pid:
-                    os.pwrite(self._fd, b" " * (len(self._pid) - 1), 0)
+                    os.pwrite(fd, b" " * (len(self._pid) - 1), 0)
                 else:
-                    os.ftruncate(self._fd, 0)
-            os.close(self._fd)  # closing the only descriptor drops the flock
-            self._fd = None
+                    os.ftruncate(fd, 0)
+            os.close(fd)  # closing the only descriptor drops the flock
 
+
+def say_stopping() -> None:
+    """Say in every lock this process holds, and in each it takes from now on, that
+    it is stopping (:meth:`PidLock.stopping`).  For the handler of the stop's signal
+    while a daemon starts (``migblockd.early``): it runs in the main thread between
+    two of its steps, whatever the start is doing (restoring a big state, which a
+    stop does not cut short), so a second start refused meanwhile hears at once that
+    this one is on its way out.  Once said, it holds for the rest of the process."""
+    global _stopping  # noqa: PLW0603 - the process's own stop, one per process
+    _stopping = True
+    for lock in list(_held):
+        lock.stopping()
+
+
+#: The locks this process holds (each leaves at its release), for :func:`say_stopping`.
+_held: set[PidLock] = set()
+#: Whether :func:`say_stopping` was called: a lock taken after it says so at once.
+_stopping = False
 
 #: The most of a lock file read: a pid and a note, a path among them.
 _MOST = 1 << 16

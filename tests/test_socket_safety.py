@@ -29,6 +29,7 @@ from conftest import READY_LINE, DaemonProcess, spawn_daemon
 from faults import delayed
 from qmpclient import blocking_client
 
+from benchmarks.scale import preload
 from migblockd.listen import bind_socket
 from migblockd.socketdir import check_socket_directory, make_socket_dir
 from migblockd.startup import StartupError
@@ -534,6 +535,61 @@ def test_a_start_refused_while_the_first_daemon_stops_says_it_is_stopping(
     assert (f"state directory {state} is locked by another migblockd (pid "
             f"{again.proc.pid}); stop it, or use another --state-dir") in locked.log(), (
                 locked.log())
+    assert again.stop() == 0
+
+
+
+def stopping_line(lock: Path) -> bool:
+    """Whether the lock file's holder says it is stopping (its third line)."""
+    lines = lock.read_bytes().split(b"\n")
+    return len(lines) > 2 and lines[2] == b"stopping"
+
+
+def test_a_stop_during_a_long_restore_is_said_in_the_locks_at_once(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+) -> None:
+    """Found by review of the stopping line: it was written by the event loop's stop
+    handler, which a start installs once its restore is over.  A SIGTERM while a
+    first daemon restored a big state (systemctl stop of a long start) left its locks
+    saying nothing, and a second start refused its socket or its state directory
+    meanwhile was told the first was "already serving" and to "stop it first"."""
+    state = short_tmp / "state"
+    state.mkdir(mode=0o700)
+    preload(state, 100_000)
+    first = start_daemon("--state-dir", str(state), socket=short_tmp / "a.sock", wait=False)
+    lock = state / "lock"
+    # The state directory's lock is taken just before the restore begins.
+    while not lock.read_bytes().startswith(f"{first.proc.pid}\n".encode()):
+        assert first.proc.poll() is None, first.log()
+        time.sleep(0.001)
+    first.signal(signal.SIGTERM)
+    socket_lock = short_tmp / "a.sock.lock"
+    while not (stopping_line(lock) and stopping_line(socket_lock)):
+        # Said while it still restores, not once it gets to its end.
+        assert first.proc.poll() is None, first.log()
+        time.sleep(0.001)
+    assert "restored" not in first.log(), first.log()
+    first.signal(signal.SIGSTOP)  # held where it is, its locks with it, for the refusals
+    try:
+        same_state = start_daemon("--state-dir", str(state), socket=short_tmp / "b.sock",
+                                  wait=False)
+        assert same_state.wait_exit(30) == 1, same_state.log()
+        same_socket = start_daemon(socket=short_tmp / "a.sock", wait=False)
+        assert same_socket.wait_exit(30) == 1, same_socket.log()
+    finally:
+        first.signal(signal.SIGCONT)
+    assert first.wait_exit(120) == 0, first.log()
+    assert "received SIGTERM while starting: stopping before serving" in first.log()
+    assert same_state.log().rstrip("\n").endswith(
+        f"ERROR: state directory {state} is locked by another migblockd "
+        f"(pid {first.proc.pid}), which is stopping; start again once it has exited, or "
+        "use another --state-dir"), same_state.log()
+    assert (f"ERROR: another migblockd (pid {first.proc.pid}) is stopping, and holds "
+            f"{short_tmp / 'a.sock'} until its stop is over") in same_socket.log(), (
+                same_socket.log())
+    # The next holder drops the line.
+    again = start_daemon("--state-dir", str(state), socket=short_tmp / "a.sock")
+    assert not stopping_line(lock) and not stopping_line(socket_lock)
     assert again.stop() == 0
 
 

@@ -304,8 +304,9 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         server.draining = True
         if not stop.is_set():
             # Before the drain, which may take a while: a second start refused the
-            # socket or the state directory meanwhile hears that this one is stopping.
-            for lock in (None if claim is None else claim.lock, store):
+            # socket, the state directory or the metrics socket meanwhile hears that
+            # this one is stopping.
+            for lock in (None if claim is None else claim.lock, store, metrics):
                 if lock is not None:
                     lock.stopping()
         stop.set()

@@ -104,6 +104,13 @@ class MetricsServer:
                         "to: a name is served on its first address only (give the address "
                         "itself to choose)", self.setting, self.unserved)
 
+    def stopping(self) -> None:
+        """Say in the lock of a Unix socket it serves that the daemon is stopping, for
+        a start refused the address meanwhile (:meth:`PidLock.stopping`); a TCP
+        address has no lock (the kernel's refusal says nothing of who holds it)."""
+        if self._lock is not None:
+            self._lock.stopping()
+
     def close(self) -> None:
         """Stop serving and clean up: the scrapes under way are answered (a 503 for
         those still waiting for their turn), for STOP_WAIT seconds at most; the

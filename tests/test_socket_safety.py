@@ -593,6 +593,44 @@ def test_a_stop_during_a_long_restore_is_said_in_the_locks_at_once(
     assert again.stop() == 0
 
 
+def test_a_start_refused_the_metrics_socket_of_a_stopping_daemon_says_it_is_stopping(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+) -> None:
+    """Found by review of the stopping line: the socket's and the state directory's
+    locks said it, the metrics socket's (--metrics PATH) not, so a second daemon that
+    shares only that address was told the first "is already serving" it, and to "stop
+    it first", while it drained."""
+    endpoint = short_tmp / "metrics.sock"
+    live = start_daemon("--metrics", str(endpoint), "--ephemeral", socket=short_tmp / "a.sock")
+    client = blocking_client(live.socket)
+    sending = threading.Event()
+    sending.set()
+
+    def keep_sending() -> None:  # alive: the drain waits until it closes
+        with contextlib.suppress(OSError):
+            while sending.is_set():
+                client.sendall(b'{"execute": "query-version"}')
+                time.sleep(0.05)
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        live.signal(signal.SIGTERM)
+        live.wait_for_log("stopping: closing the socket and 1 client(s)")
+        second = start_daemon("--metrics", str(endpoint), "--ephemeral",
+                              socket=short_tmp / "b.sock", wait=False)
+        assert second.wait_exit(30) == 1, second.log()
+        assert live.proc.poll() is None, live.log()  # still stopping, the while
+    finally:
+        sending.clear()
+        sender.join()
+        client.close()
+    assert live.wait_exit() == 0
+    assert second.log().rstrip("\n").endswith(
+        f"ERROR: another migblockd (pid {live.proc.pid}) is stopping, and holds "
+        f"{endpoint} until its stop is over (it drains its clients, 30 s at most); "
+        "start again once it has exited, or choose another --metrics"), second.log()
+
 def vacant(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "migblockd.vacant", *args],
                           capture_output=True, text=True, timeout=30, check=False)

@@ -84,17 +84,20 @@ def stopped_at_open(path: Path, workdir: Path, what: str) -> str:
     return str(wrapper)
 
 
-def delayed(syscall: str, usec: int, workdir: Path, what: str) -> str:
+def delayed(syscall: str, usec: int, workdir: Path, what: str,
+            paths: Sequence[Path] = ()) -> str:
     """A ``python`` for ``spawn_daemon`` that runs the daemon under strace, which
-    holds each of its ``syscall`` calls back for ``usec`` microseconds before it runs."""
+    holds each of its ``syscall`` calls back for ``usec`` microseconds before it runs;
+    with ``paths``, only the calls that name one of them (strace's ``-P``)."""
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip(f"needs strace, to hold {what} back (apt install strace)")
     wrapper = workdir / f"python-delayed-{syscall}"
+    only = "".join(f"-P {shlex.quote(str(path))} " for path in paths)
     wrapper.write_text(
         "#!/bin/sh\n"
         f"exec {shlex.quote(strace)} -D -f -qq -o /dev/null -e trace={syscall} "
-        f"-e inject={syscall}:delay_enter={usec} "
+        f"-e inject={syscall}:delay_enter={usec} {only}"
         f'{shlex.quote(sys.executable)} "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)

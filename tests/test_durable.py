@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, DaemonProcess, assert_clean_log, flip_bit, owner_info, wait_ready
-from faults import injecting
+from faults import delayed, injecting
 from otheruids import Account, bare_uid
 from qmpclient import RawClient
 
@@ -571,6 +571,74 @@ async def test_a_start_waits_for_another_programs_write_lock_then_serves_or_is_r
         "(a sqlite3 shell?) and start again"), refused.log()
     assert_clean_log(refused)
 
+
+def holds_write_lock(pid: int, index: Path) -> bool:
+    """Whether process ``pid`` holds the write lock of the database whose log's index
+    is ``index``: SQLite's fcntl lock on its byte 120 (os_unix.c: UNIX_SHM_BASE, then
+    WAL_WRITE_LOCK, slot 0), as the kernel lists it (``/proc/locks``)."""
+    with contextlib.suppress(FileNotFoundError):
+        st = index.stat()
+        wanted = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        for line in Path("/proc/locks").read_text().splitlines():
+            # "1: POSIX  ADVISORY  WRITE 4242 fd:01:1234 120 120" (a waiter's has "->").
+            fields = line.split()
+            if fields[1:6] == ["POSIX", "ADVISORY", "WRITE", str(pid), wanted] and (
+                    fields[6] == "120"):
+                return True
+    return False
+
+
+async def test_a_stop_while_another_program_retakes_the_write_lock_after_the_wait_is_a_stop(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """Found by review of the start's wait for another program's write lock: the wait,
+    in slices a stop ends, lets the lock go once it has it, and the start's next step
+    that takes it (the proof of writing, BEGIN IMMEDIATE) waited SQLite's own busy
+    timeout, 5 s in one C call with the SIGTERM kept.  A program that takes the lock
+    again in between (one that writes in a loop) had a stop then end the start as
+    refused: exit 1, "in use by another program".  strace holds each of the daemon's
+    fcntl calls on the log's index back (50 ms), so that the other program is the
+    first to take the lock the daemon let go, as it is now and then without it."""
+    directory = tmp_path / "state"
+    first = start_daemon("--state-dir", str(directory))
+    async with first.client() as c:
+        await add(c, "kept", id="kept")
+    assert first.stop() == 0
+    db = directory / "state.db"
+    index = directory / "state.db-shm"
+    python = delayed("fcntl", 50_000, tmp_path, "the daemon's locks", paths=[index])
+    other = sqlite3.connect(db, isolation_level=None, timeout=0, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        daemon = start_daemon("--state-dir", str(directory), wait=False, python=python)
+        while not has_open(daemon.proc.pid, "/state.db-shm"):
+            assert daemon.proc.poll() is None, daemon.log()
+            time.sleep(0.001)
+        other.execute("ROLLBACK")
+        # Once the daemon has the lock (its wait is over), taken again as soon as it
+        # lets it go, before its next step asks for it.
+        while not holds_write_lock(daemon.proc.pid, index):
+            assert daemon.proc.poll() is None, daemon.log()
+        while True:
+            with contextlib.suppress(sqlite3.OperationalError):
+                other.execute("BEGIN IMMEDIATE")
+                break
+        assert daemon.proc.poll() is None, daemon.log()
+        daemon.signal(signal.SIGTERM)
+        # While the other program still holds the lock: a stop, whichever step of
+        # the start it finds (a start whose steps all had the lock may serve by then).
+        assert daemon.wait_exit(30) == 0, daemon.log()
+    finally:
+        if other.in_transaction:
+            other.execute("ROLLBACK")
+        other.close()
+    log = daemon.log()
+    assert "received SIGTERM" in log, log
+    assert "in use by another program" not in log, log
+    assert_clean_log(daemon)
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert await ids(c) == ["kept"]
 
 async def test_a_stop_while_a_reader_holds_a_rollback_journal_database_is_a_stop(
     start_daemon: Start, tmp_path: Path

@@ -7,9 +7,9 @@ file are one state, whatever their names.  SQLite's own locks are not enough:
 two daemons could both read the same state and then take turns writing, each
 handing out the ids the other did and overwriting the other's rows.
 
-SQLite's own write lock, which another program may hold (an operator's ``sqlite3``
-shell in a transaction), is waited for at start by :func:`wait_for_writer`, in
-slices that a stop can end.
+SQLite's own locks, which another program may hold (an operator's ``sqlite3``
+shell in a transaction), are waited for at start, by each step that takes one, in
+slices that a stop can end (:func:`in_slices`).
 
 The database's lock is a ``flock``, which on Linux does not touch the ``fcntl``
 locks SQLite takes on the same file.  Its descriptor must outlive the
@@ -28,21 +28,24 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from migblockd.pidlock import Held, LockFailed, PidLock
 from migblockd.startup import StoppedStarting
 from migblockd.state.errors import StateError, busy, owner_mismatch, read_only
 from migblockd.writable import attribute_fix, denied
 
-__all__ = ["DATABASE_NAME", "LOCK_NAME", "DatabaseLock", "check_lockable", "lock_database",
-           "lock_directory", "wait_for_writer"]
+__all__ = ["DATABASE_NAME", "LOCK_NAME", "DatabaseLock", "check_lockable", "in_slices",
+           "lock_database", "lock_directory"]
 
 LOCK_NAME = "lock"
 #: The database's name in the state directory.
 DATABASE_NAME = "state.db"
 #: Seconds between two looks at whether a stop was asked while the start waits for
-#: another program's write lock (:func:`wait_for_writer`).
+#: another program's lock (:func:`in_slices`).
 POLL = 0.1
+
+_T = TypeVar("_T")
 
 
 def lock_directory(directory: Path) -> PidLock:
@@ -200,34 +203,30 @@ def _whose(path: Path) -> str:
     return f"{held}); {fix}"
 
 
-def wait_for_writer(conn: sqlite3.Connection, seconds: float,
-                    stop: Callable[[], str | None] | None) -> None:
-    """Wait, ``seconds`` at most (the connection's busy timeout, set back after),
-    until no other program holds the database's write lock (an operator's sqlite3
-    shell in a transaction), or, in rollback-journal mode, a read lock, which the
-    switch to WAL, the migration and the proof of writing all wait for;
-    sqlite3.Error (``database is locked``) when it still does.  In slices of
-    :data:`POLL`, looking at ``stop()`` between them (:class:`.StoppedStarting`):
+def in_slices(conn: sqlite3.Connection, seconds: float,
+              stop: Callable[[], str | None] | None, step: Callable[[], _T]) -> _T:
+    """``step()``, a step of the start that takes one of the database's locks (the
+    switch to WAL, which in rollback-journal mode waits for readers too; the
+    migration's or the proof of writing's ``BEGIN IMMEDIATE``), waiting ``seconds``
+    at most while another program holds it (an operator's sqlite3 shell in a
+    transaction); sqlite3.Error (``database is locked``) when it still does.  In
+    slices of :data:`POLL` (the connection's busy timeout meanwhile, set back to
+    ``seconds`` after), looking at ``stop()`` between them (:class:`.StoppedStarting`):
     SQLite's own wait is one call that no signal ends (the handler that keeps a
     SIGTERM runs once it returns), so a stop asked meanwhile waited the busy timeout
     out, and the start then ended as refused (exit 1), not as the stop asked for.
-    The lock is let go at once: what follows takes it again, with SQLite's own wait."""
+    Each step waits so, not a look before them: the other program may take the lock
+    again between the look and the step (one that writes in a loop)."""
     deadline = time.monotonic() + seconds
     conn.execute(f"PRAGMA busy_timeout = {int(POLL * 1000)}")
     try:
         while True:
             try:
-                # EXCLUSIVE: in rollback-journal mode (a file another tool left so)
-                # a reader holds up the switch to WAL and every commit as a writer
-                # does; in WAL mode it is IMMEDIATE, and readers hold up nothing.
-                conn.execute("BEGIN EXCLUSIVE")
+                return step()
             except sqlite3.Error as e:
                 if not busy(e) or time.monotonic() >= deadline:
                     raise
                 if stop is not None and (name := stop()) is not None:
                     raise StoppedStarting(name) from None
-                continue
-            conn.execute("ROLLBACK")
-            return
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")

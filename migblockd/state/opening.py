@@ -36,7 +36,7 @@ from migblockd.state import schema
 from migblockd.state.directory import check_file_room, check_migration_room
 from migblockd.state.errors import StateError, describe_open_error, one_line
 from migblockd.state.files import check_existing_database, hot_journal
-from migblockd.state.lock import DatabaseLock, lock_database, wait_for_writer
+from migblockd.state.lock import DatabaseLock, in_slices, lock_database
 from migblockd.state.logcheck import check_log
 from migblockd.state.whose_log import check_whose_log, note_for
 
@@ -282,23 +282,26 @@ def _open_for_writing(conn: sqlite3.Connection, path: Path, version: int,
     if new or older; else prove it writable.  ``stop``: as :func:`check_and_open`'s."""
     current = len(migrations)
     fresh = version == 0  # format 0 passed the check only empty
+
+    def begin() -> None:
+        in_slices(conn, _BUSY_TIMEOUT, stop, lambda: conn.execute("BEGIN IMMEDIATE"))
+
     try:
-        # Before the switch to WAL, which a reader of a file in rollback-journal mode
-        # holds up as a writer does (wait_for_writer).
-        wait_for_writer(conn, _BUSY_TIMEOUT, stop)
-        configure(conn)
+        # The switch to WAL, which a reader of a file in rollback-journal mode holds
+        # up as a writer does; in WAL mode it takes no lock.
+        in_slices(conn, _BUSY_TIMEOUT, stop, lambda: configure(conn))
         if version < current:
             if fresh:  # made by an older migblockd that created it in place
-                _migrate(conn, path, version, migrations)
+                _migrate(conn, path, version, migrations, begin)
                 _sync_directory(path.parent)
             else:
                 copy = _backup(conn, path, version)
-                _migrate(conn, path, version, migrations)
+                _migrate(conn, path, version, migrations, begin)
                 log.info("migrated %s from format %d to %d; the file as it was is kept as %s",
                          path, version, current, copy)
         else:
             # Prove the file is writable now rather than at the first commit.
-            conn.execute("BEGIN IMMEDIATE")
+            begin()
             conn.execute("ROLLBACK")
     except sqlite3.Error as e:
         raise StateError(describe_open_error(path, e)) from e
@@ -358,9 +361,14 @@ def _sync_directory(directory: Path) -> None:
 
 
 def _migrate(conn: sqlite3.Connection, path: Path, version: int,
-             migrations: Sequence[schema.Migration]) -> None:
-    """Run the steps from ``version`` up, all in one transaction."""
-    conn.execute("BEGIN IMMEDIATE")
+             migrations: Sequence[schema.Migration],
+             begin: Callable[[], None] | None = None) -> None:
+    """Run the steps from ``version`` up, all in one transaction, which ``begin()``
+    begins (a daemon's start waits for another program's lock in it: in_slices)."""
+    if begin is None:
+        conn.execute("BEGIN IMMEDIATE")
+    else:
+        begin()
     try:
         for step in range(version, len(migrations)):
             migrations[step](conn)

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from migblockd import __version__, signalmask
-from migblockd.config import Config, ConfigError, Sources, build, read_settings
+from migblockd.config import Config, ConfigError, build, read_settings
 from migblockd.early import EarlySignals
 from migblockd.kinds import Integer
 from migblockd.options import Where, add_arguments, table
+from migblockd.sources import Sources
 
 DESCRIPTION = """\
 Serve QEMU's migration blocker registry over QMP on a Unix socket.

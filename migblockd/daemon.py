@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from migblockd import __version__, logs, signalmask
 from migblockd.admission import Admission
-from migblockd.config import COMMAND_LINE, Config, Sources
+from migblockd.config import Config
 from migblockd.contract import Contract
 from migblockd.core import Core
 from migblockd.detached import NoThread, Unanswered, detached, within
@@ -55,6 +55,7 @@ from migblockd.registry import Change, Registry
 from migblockd.server import Server
 from migblockd.settings_file import FileSettings
 from migblockd.socketgroup import WAIT
+from migblockd.sources import COMMAND_LINE, Sources
 from migblockd.startup import StartupError, StoppedStarting
 from migblockd.state import StateError, Store, Unsettled
 from migblockd.state.directory import home_problem

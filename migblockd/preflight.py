@@ -41,7 +41,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 from migblockd.bindable import check_socket_writable, lock_path
-from migblockd.config import COMMAND_LINE, Config, Sources
+from migblockd.config import Config
 from migblockd.contract import Contract
 from migblockd.denied import kept_out
 from migblockd.detached import Unanswered, within
@@ -56,6 +56,7 @@ from migblockd.served import check_served
 from migblockd.shapes import check_shapes
 from migblockd.socketdir import check_socket_directory, runtime_problem, socket_dir_exists
 from migblockd.socketgroup import WAIT, group_gid
+from migblockd.sources import COMMAND_LINE, Sources
 from migblockd.startup import StartupError
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory, home_problem

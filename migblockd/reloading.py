@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from migblockd.config import COMMAND_LINE, RELOADABLE, Config, Sources
+from migblockd.config import RELOADABLE, Config
 from migblockd.options import table
+from migblockd.sources import COMMAND_LINE, Sources
 from migblockd.state.directory import DATABASE_NAME, holds_database
 from migblockd.trust import named_uid
 

@@ -30,13 +30,13 @@ from pathlib import Path
 from prometheus_client.registry import CollectorRegistry
 
 from migblockd import signalmask
-from migblockd.config import COMMAND_LINE, Sources
 from migblockd.exposition import MIN_INTERVAL, MetricsApp, gzip_wanted
 from migblockd.kinds import HostPort
 from migblockd.listen import LISTEN_BACKLOG, bind_socket, unbind
 from migblockd.pidlock import PidLock
 from migblockd.preflight import not_the_qmp_socket
 from migblockd.scrape_connections import ScrapeServer
+from migblockd.sources import COMMAND_LINE, Sources
 from migblockd.startup import StartupError
 from migblockd.tcp import cannot_listen, resolve_all
 

@@ -30,7 +30,7 @@ from typing import Any
 from migblockd.accept import Acceptor, fit_descriptor_limit
 from migblockd.adapter import ClientProtocol, read_buffer
 from migblockd.admitting import Admitting
-from migblockd.config import Config, ConfigError, Sources, build, read_settings
+from migblockd.config import Config, ConfigError, build, read_settings
 from migblockd.connection import Connection
 from migblockd.core import Core, Status
 from migblockd.detached import NoThread, detached
@@ -47,6 +47,7 @@ from migblockd.registry import Change
 from migblockd.reload_order import ReloadOrder
 from migblockd.reloading import Reload, next_state, outvoted, plan
 from migblockd.settings_file import FileSettings
+from migblockd.sources import Sources
 from migblockd.state.directory import DATABASE_NAME
 from migblockd.timeouts import Timeouts
 from migblockd.turns import Forward, Turns

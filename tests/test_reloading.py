@@ -12,8 +12,9 @@ import os
 import pwd
 from pathlib import Path
 
-from migblockd.config import Config, Sources
+from migblockd.config import Config
 from migblockd.reloading import next_state, outvoted, plan
+from migblockd.sources import Sources
 
 
 def test_nothing_changed() -> None:

@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
     except KeyboardInterrupt:  # a second Ctrl-C as the event loop closes
         sys.exit(130)
     finally:
-        # A stop left them ignored (daemon.serve); so does a start that failed: a
+        # A stop left them ignored (serving.serve); so does a start that failed: a
         # second SIGTERM must not end the exit with the log's last lines unwritten.
         for sig in signalmask.HANDLED:
             signal.signal(sig, signal.SIG_IGN)

@@ -30,7 +30,7 @@ SIGUSR1 and SIGUSR2 mean nothing to the daemon, and their default action
 would end it without a line, leaving its socket behind: someone who sends one
 expecting a log reopened or a status dump (as other daemons do) would stop
 every blocker's enforcement instead.  They are ignored from here on, and the
-event loop says so once it handles them (``migblockd.daemon``).
+event loop says so once it handles them (``migblockd.serving``).
 """
 
 import signal

@@ -17,7 +17,7 @@ role the reload did not ask for gets it when its own look-up answers.
 
 The daemon's start is such a reload (:meth:`Judge.defer`, then :meth:`Judge.prepare`
 with ``start``): the daemon does not wait for the databases to answer (3 s at
-most: :mod:`migblockd.daemon`), and serves root and its own uid (their roles need
+most: :mod:`migblockd.serving`), and serves root and its own uid (their roles need
 nothing looked up), while every other client waits for the start's look-ups, then
 for its own; a reload waits for the start's.
 """

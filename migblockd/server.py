@@ -219,7 +219,7 @@ class Server(Turns):
                 with self._order.reading():
                     applied = await self._reload(number)
             except asyncio.CancelledError:
-                # The stop ends the reloads it finds (migblockd.daemon): each is said,
+                # The stop ends the reloads it finds (migblockd.serving): each is said,
                 # as every reload is, applied or not.
                 log.info("reload: stopping, so this reload is not carried out: the "
                          "running configuration stays")

@@ -1,8 +1,12 @@
-"""The exceptions that end the daemon's start with a line for its log."""
+"""The exceptions that end the daemon's start with a line for its log, and the line
+of a stop that ends it."""
 
 from __future__ import annotations
 
-__all__ = ["StartupError", "StoppedStarting"]
+__all__ = ["STOPPED_STARTING", "StartupError", "StoppedStarting"]
+
+#: Logged for a SIGTERM or SIGINT that came before the daemon served anyone.
+STOPPED_STARTING = "received %s while starting: stopping before serving"
 
 
 class StartupError(Exception):

@@ -191,7 +191,7 @@ class Turns:
 
     def committing_for(self) -> float | None:
         """How many seconds the commit under way has taken so far (None: none is):
-        the watchdog asks (``daemon.serve``), since every change waits for it, and
+        the watchdog asks (``serving.serve``), since every change waits for it, and
         every read after one."""
         if self._group is None:
             return None

@@ -38,10 +38,10 @@ from test_metrics import UnixHTTPConnection, get, scrape
 from migblockd import exposition
 from migblockd import scrape_connections as connections
 from migblockd.config import Config
-from migblockd.daemon import open_metrics
 from migblockd.scrape import MetricsServer
 from migblockd.scrape_connections import MAX_SCRAPES
 from migblockd.scrape_request import MAX_HEADER_BYTES, MAX_REQUEST_LINE
+from migblockd.serving import open_metrics
 from migblockd.startup import StartupError
 
 

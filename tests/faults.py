@@ -105,5 +105,10 @@ def delayed(syscall: str, usec: int, workdir: Path, what: str,
 
 def opened(pid: int, path: Path) -> bool:
     """``pid`` holds ``path`` open."""
-    fds = Path(f"/proc/{pid}/fd")
-    return any(os.path.realpath(fd) == str(path) for fd in fds.iterdir())
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == str(path):
+                return True
+        except FileNotFoundError:  # closed since the listing: not this one
+            continue
+    return False

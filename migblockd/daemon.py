@@ -59,6 +59,22 @@ async def run(config: Config, cli: dict[str, Any], *,
     ends after the restore, serving nobody.  ``file``: what the configuration
     file set when ``config`` was built (``config.read_settings``).
     """
+    # First: a start refused at any step says why in STATUS=, which systemd keeps
+    # once the process has exited (else `systemctl status` of the failed unit shows
+    # the step it was at, "opening the state in ...", as if still under way).
+    notifier = await Notifier.open()
+    try:
+        await _run(config, cli, notifier, reload_asked, stop_asked, file, activation)
+    except StartupError as exc:
+        notifier.failed(str(exc))
+        raise
+    finally:
+        await notifier.close()  # serve() closed it already, but for a start refused
+
+
+async def _run(config: Config, cli: dict[str, Any], notifier: Notifier,
+               reload_asked: Callable[[], bool], stop_asked: Callable[[], str | None],
+               file: FileSettings | None, activation: Activation | None) -> None:
     sources = Sources.of(cli, file)
     with sources.locating("schema"):
         contract = load_contract(config.schema)
@@ -86,9 +102,6 @@ async def run(config: Config, cli: dict[str, Any], *,
         log.info(STOPPED_STARTING, str(exc))
         return
     store = None
-    # Before the restore, which may take longer than TimeoutStartSec= and says
-    # through it that it makes progress (migblockd.progress).
-    notifier = await Notifier.open()
     try:
         registry = Registry(
             contract.enums["MigMode"],
@@ -121,7 +134,6 @@ async def run(config: Config, cli: dict[str, Any], *,
             closing.close()
         log.info("stopped")
     finally:
-        await notifier.close()  # serve() closed it already, but for a start refused
         if store is not None:
             store.close()
         if claim is not None:

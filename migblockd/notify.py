@@ -268,6 +268,16 @@ class Notifier(Delivery):
         self._last_status = text
         self._send((f"STATUS={text}",))
 
+    def failed(self, why: str) -> None:
+        """``STATUS=failed to start: why``, at once: the last word of a start that
+        ends in an error.  systemd keeps a unit's last ``STATUS=`` after its process
+        exits, and ``systemctl status`` of the failed unit showed the step the start
+        was at (``opening the state in ...``) as if it were still under way
+        (sd_notify(3)'s example sends ``STATUS=Failed to start up: ...`` so)."""
+        text = _one_line(f"failed to start: {why}")
+        self._last_status = text
+        self._send((f"STATUS={text}",))
+
     def _send(self, lines: tuple[str, ...]) -> None:
         # The one place that decides whether there is anyone to tell: the
         # coroutines and the restore's calls, which may not wait, alike.

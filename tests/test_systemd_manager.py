@@ -536,6 +536,27 @@ async def test_a_failed_start_takes_the_socket_down_and_the_documented_steps_men
     assert manager.wait_for("migblockd.service", "start", is_running)
     assert "back" in await blocker_ids(manager)
 
+async def test_a_failed_start_says_why_in_its_status(manager: Manager) -> None:
+    # Reproduced first: a state.db that is no database failed every start, and
+    # `systemctl status` of the failed unit still said "opening the state in ...",
+    # the step the start was at, as if it were under way; the reason was in the log.
+    await add_blocker(manager, "f1")
+    manager.systemctl("stop", "migblockd.service")
+    # One start: Restart= would begin another, whose start clears the status.
+    manager.drop_in("migblockd.service", "[Service]\nRestart=no\n")
+    (manager.base / "config/migblockd/state.db").write_bytes(b"not a database\n" * 512)
+    manager.systemctl("start", "--no-block", "migblockd.service")
+    deadline = time.monotonic() + TIMEOUT
+    while (state := manager.show("migblockd.service", "ActiveState", "Result",
+                                 "StatusText"))["ActiveState"] != "failed":
+        assert time.monotonic() < deadline, f"{state}\n{manager.log()}"
+        time.sleep(0.1)
+    assert state["Result"] == "exit-code", state
+    assert state["StatusText"] == (
+        f"failed to start: {INSIDE}/config/migblockd/state.db is not a migblockd state "
+        "database (file is not a database); move it away to start from scratch"), state
+
+
 def stale_socket_at(path: Path) -> None:
     """A socket file nobody answers on, as a process that died leaves it."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:

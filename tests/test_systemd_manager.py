@@ -536,6 +536,30 @@ async def test_a_failed_start_takes_the_socket_down_and_the_documented_steps_men
     assert manager.wait_for("migblockd.service", "start", is_running)
     assert "back" in await blocker_ids(manager)
 
+#: How long each start takes in test_systemd_gives_up_on_starts_that_fail_slowly: what
+#: the interpreter's own start takes on a loaded machine (3 s), and a big state's restore
+#: longer.
+SLOW_START = 3
+
+
+async def test_systemd_gives_up_on_starts_that_fail_slowly(manager: Manager) -> None:
+    # Reproduced first: with a file the daemon refuses and starts slower than 2 s, the
+    # default start limit (5 starts in 10 s) was never reached: the daemon was started
+    # again every few seconds for ever, and the client that started it was never let
+    # go, where docs/service.md says systemd gives up after 5 tries.
+    manager.drop_in("migblockd.service", f"[Service]\nExecStartPre=/bin/sleep {SLOW_START}\n")
+    manager.write_config('max-clients = "many"\n')
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
+        first.settimeout(TIMEOUT)
+        first.connect(os.fspath(manager.socket))
+        with contextlib.suppress(ConnectionResetError):
+            assert first.recv(4096) == b""  # let go once systemd gives up
+    socket_unit = manager.show("migblockd.socket", "ActiveState", "Result")
+    assert socket_unit == {"ActiveState": "failed", "Result": "service-start-limit-hit"}, (
+        f"{socket_unit}\n{manager.log()}")
+    assert manager.daemon_log().count("max-clients must be an integer, not 'many'") == 5
+
+
 async def test_a_failed_start_says_why_in_its_status(manager: Manager) -> None:
     # Reproduced first: a state.db that is no database failed every start, and
     # `systemctl status` of the failed unit still said "opening the state in ...",

@@ -199,6 +199,11 @@ def test_the_service_is_what_the_issue_asks_for() -> None:
         "$MIGBLOCKD_OPTIONS",
         "/bin/kill -HUP $MAINPID"]
     assert service["Restart"] == "on-failure"
+    # The start limit counts 5 starts in a minute, not systemd's 10 s, which a start
+    # failing in 2 s or more (a loaded machine's) never reached.
+    for name in ("migblockd.service", "migblockd@.service"):
+        unit = parse_unit(UNITS / name)["Unit"]
+        assert (unit["StartLimitIntervalSec"], unit["StartLimitBurst"]) == ("60s", "5"), name
     assert service["WatchdogSec"]
     assert service["ProtectSystem"] == "strict"
     assert service["NoNewPrivileges"] == "yes"

@@ -21,7 +21,7 @@ import re
 import socket
 from collections.abc import Mapping, Sequence
 
-__all__ = ["RETRY_FIRST", "RETRY_MAX", "Delivery"]
+__all__ = ["MAX_MESSAGE", "RETRY_FIRST", "RETRY_MAX", "Delivery"]
 
 # The notifier's logger: its lines are one component's, whichever module words them.
 logger = logging.getLogger("migblockd.notify")
@@ -64,6 +64,14 @@ def _coalesce(pending: Mapping[str, str], lines: Sequence[str], *,
     return message
 
 
+#: The longest message systemd's manager takes: it reads each datagram into a buffer
+#: of ``NOTIFY_BUFFER_MAX`` (``PIPE_BUF``, 4096) bytes and ignores one that fills it
+#: whole, ``READY=1`` and all ("Received notify message exceeded maximum size.
+#: Ignoring.": ``manager_dispatch_notify_fd()`` in systemd's src/core/manager.c).
+MAX_MESSAGE = 4095
+#: What ends a ``STATUS=`` cut short to fit :data:`MAX_MESSAGE`.
+_CUT = b"..."
+
 #: Lone surrogates that stand for no byte (surrogateescape's are U+DC80..U+DCFF).
 _NOT_A_BYTE = re.compile("[\ud800-\udc7f\udd00-\udfff]")
 
@@ -75,6 +83,21 @@ def _utf8(text: str) -> bytes:
     migration status) as Python writes it (``\\ud800``)."""
     text = _NOT_A_BYTE.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
     return text.encode(errors="surrogateescape").decode(errors="backslashreplace").encode()
+
+
+def _payload(message: Mapping[str, str]) -> bytes:
+    """``message``'s lines as one datagram of :data:`MAX_MESSAGE` bytes at most: a
+    ``STATUS=`` that would make it longer (a gated QEMU's migration status is
+    whatever QEMU says) is cut, at a character, and ends ``...``.  The other lines
+    are a few dozen bytes together."""
+    lines = {name: _utf8(line) for name, line in message.items()}
+    payload = b"\n".join(lines.values())
+    status = lines.get("STATUS")
+    if len(payload) <= MAX_MESSAGE or status is None:
+        return payload
+    room = MAX_MESSAGE - (len(payload) - len(status)) - len(_CUT)
+    lines["STATUS"] = status[:room].decode(errors="ignore").encode() + _CUT
+    return b"\n".join(lines.values())
 
 
 class Delivery:
@@ -119,7 +142,7 @@ class Delivery:
         message = _coalesce(self._pending, lines, keep_watchdog=True)
         if not message:
             return
-        payload = _utf8("\n".join(message.values()))
+        payload = _payload(message)
         error = self._sendto(payload)
         if error is None:
             self._delivered(payload)

@@ -30,6 +30,9 @@ from migblockd.notify import (
 )
 
 RECV_TIMEOUT = 10.0
+#: The longest notification systemd's manager reads (src/core/manager.c: a datagram
+#: of NOTIFY_BUFFER_MAX, 4096 bytes, or more is ignored whole).
+MAX_MESSAGE = 4095
 
 
 # --- helpers ---------------------------------------------------------------------
@@ -266,6 +269,28 @@ async def test_a_status_with_any_lone_surrogate_is_sent_escaped(
         await notifier.ready("migration: \ud800 \udfff in st\udcffate")
         assert await recv(stream) == ("READY=1\nSTATUS=migration: \\ud800 \\udfff in "
                                       "st\\xffate")
+    finally:
+        await notifier.close()
+
+
+async def test_a_status_too_long_for_systemd_is_cut_to_fit(receiver: tuple[str, Any]) -> None:
+    # Found by review: systemd's manager reads a notification into 4096 bytes and
+    # ignores one that fills them, READY=1 and all; STATUS= was sent whole, however
+    # long (a gated QEMU's migration status is what QEMU says it is).
+    address, stream = receiver
+    notifier = await Notifier.open({"NOTIFY_SOCKET": address})
+    try:
+        await notifier.ready("migration: " + "\u00e9" * 3000)  # 2 bytes each
+        sent = (await asyncio.wait_for(stream.recv(), RECV_TIMEOUT))[0]
+        assert MAX_MESSAGE - 1 <= len(sent) <= MAX_MESSAGE, len(sent)
+        text = sent.decode()  # cut at a character, not inside one
+        assert text.startswith("READY=1\nSTATUS=migration: \u00e9\u00e9"), text[:40]
+        assert text.endswith("\u00e9..."), text[-10:]
+        notifier.extend("x" * 5000)
+        sent = (await asyncio.wait_for(stream.recv(), RECV_TIMEOUT))[0]
+        assert len(sent) == MAX_MESSAGE and sent.startswith(b"EXTEND_TIMEOUT_USEC="), sent[:40]
+        await notifier.status("short")
+        assert await recv(stream) == "STATUS=short"
     finally:
         await notifier.close()
 

@@ -581,6 +581,33 @@ async def test_a_failed_start_says_why_in_its_status(manager: Manager) -> None:
         "database (file is not a database); move it away to start from scratch"), state
 
 
+async def test_a_status_longer_than_systemd_reads_is_cut_to_fit(manager: Manager) -> None:
+    # Found by review: systemd ignores a notification of 4096 bytes or more whole
+    # ("Received notify message exceeded maximum size"), and the daemon sent STATUS=
+    # however long.  Here the failed start's own: 20 sockets passed, each named
+    # with the longest FileDescriptorName= systemd takes (255 characters), which the
+    # refusal lists; StatusText stayed empty.
+    name = "n" * 255
+    listen = "".join(f"ListenStream=/run/migblockd/s{i}.sock\n" for i in range(20))
+    manager.systemctl("stop", "migblockd.socket")
+    manager.drop_in("migblockd.socket", f"[Socket]\nListenStream=\n{listen}"
+                    f"FileDescriptorName={name}\n")
+    manager.drop_in("migblockd.service", "[Service]\nRestart=no\n")
+    manager.systemctl("start", "migblockd.socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as trigger:
+        trigger.connect(os.fspath(manager.inside("/run/migblockd/s0.sock")))
+        deadline = time.monotonic() + TIMEOUT
+        while (state := manager.show("migblockd.service", "ActiveState", "StatusText")
+               )["ActiveState"] != "failed":
+            assert time.monotonic() < deadline, f"{state}\n{manager.log()}"
+            time.sleep(0.1)
+    status = state["StatusText"]
+    assert status.startswith("failed to start: socket activation: expected one socket, was "
+                             f"passed 20 ({name}, {name}, "), status
+    assert status.endswith("..."), status
+    assert len(f"STATUS={status}".encode()) < 4096, len(status)
+
+
 def stale_socket_at(path: Path) -> None:
     """A socket file nobody answers on, as a process that died leaves it."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left:

@@ -637,6 +637,43 @@ def test_an_id_still_awaited_is_refused_for_the_next_request(
     assert shell.quit() == 0
 
 
+def test_an_exec_oob_without_id_is_refused_while_a_reply_is_awaited(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    # Found by the shell review: a reply without an id is taken for the oldest request
+    # not yet answered, which holds for in-band requests (answered in order), not
+    # for an exec-oob one, which the daemon, as QEMU, runs ahead of those queued.
+    # After a request abandoned with Ctrl-C, {"exec-oob": "query-blockers"} without
+    # an id got the abandoned query-version's reply shown as its own.
+    daemon = start_daemon("--ephemeral")
+    shell = spawn_shell(daemon.socket, "-v")
+    daemon.signal(signal.SIGSTOP)  # both requests reach it before it answers either
+    try:
+        shell.sent('{"execute": "query-version"}')
+        shell.send(CTRL_C)
+        shell.expect("interrupted: a request already sent may still take effect")
+        shell.expect(PROMPT)
+        shell.send('{"exec-oob": "query-blockers"}\r')
+        shell.expect("\x1b[?2004l")  # the prompt is done with the line
+        # Refused, or (before the fix) sent: -v shows it as it goes.
+        shown = shell.child.expect_exact([
+            "error: an exec-oob request without an id cannot be told from the earlier "
+            "request still awaited, whose reply has not come: give it an id",
+            '{"exec-oob"'])
+        assert shown == 0, shell.transcript()[-2000:]
+        shell.expect(PROMPT)
+    finally:
+        daemon.signal(signal.SIGCONT)
+    # The same request, now that nothing else is awaited, runs without an id.
+    shell.send('{"execute": "query-version", "id": "w"}\r')
+    shell.expect('"id": "w"}')
+    shell.expect(PROMPT)
+    shell.send('{"exec-oob": "query-blockers"}\r')
+    shell.expect('{"return": []}')
+    shell.expect(PROMPT)
+    assert shell.quit() == 0
+
+
 def test_an_id_the_shell_makes_is_never_one_a_typed_request_awaits(
     start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
 ) -> None:

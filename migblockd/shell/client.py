@@ -150,6 +150,11 @@ class QMPClient:
         a second one with that id could not be told from it by its reply."""
         return _id_key(id) in self._unanswered
 
+    @property
+    def awaiting(self) -> bool:
+        """Whether any request sent has had no reply yet (one abandoned, say)."""
+        return bool(self._unanswered)
+
     async def execute(self, message: Message, text: str | None = None,
                       late: Callable[[Message], None] | None = None) -> Message:
         """Send ``message`` (an ``id`` is added when it has none) and wait for its reply.

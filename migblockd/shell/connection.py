@@ -130,6 +130,11 @@ class Connection:
         """Whether a request with ``id`` still awaits its reply (QMPClient.awaits)."""
         return self._client is not None and self._client.awaits(id)
 
+    @property
+    def awaiting(self) -> bool:
+        """Whether a request sent still awaits its reply (QMPClient.awaiting)."""
+        return self._client is not None and self._client.awaiting
+
     async def execute(self, message: Message, text: str | None = None) -> Message:
         """Run one request; the shell's own ``id`` is removed from the reply.
         ``text``: the request as typed, which is what is sent (QMPClient.execute).

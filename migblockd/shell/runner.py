@@ -68,6 +68,19 @@ class Runner:
                 f"error: id {visible(json.dumps(parsed.message['id']))} is still awaited by an "
                 "earlier request, whose reply has not come; give this one another id"))
             return False
+        if ("exec-oob" in parsed.message and "id" not in parsed.message
+                and self.connection.awaiting):
+            # A reply without an id is taken for the oldest request not answered,
+            # as in-band replies come in order; an exec-oob one is run ahead of the
+            # requests queued (qmp-spec.rst: the client "needs to pass id with
+            # out-of-band commands"), so its reply would be taken for the earlier
+            # request's, and that one's, later, for its own.  The daemon, as QEMU,
+            # takes it without an id: the shell must refuse it, or send other
+            # bytes than were typed.
+            self.err(self._messages.error(
+                "error: an exec-oob request without an id cannot be told from the earlier "
+                "request still awaited, whose reply has not come: give it an id"))
+            return False
         if self.echo is not None:
             self.echo(self._messages.request(
                 parsed.message if parsed.text is None else parsed.text))

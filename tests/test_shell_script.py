@@ -26,6 +26,7 @@ from fakeqmp import GREETING, SILENT, Line, Raw, serving
 
 from migblockd.shell import client as shell_client
 from migblockd.shell import opening
+from migblockd.shell.syntax import MAX_LINE
 
 SHELL = [sys.executable, "-m", "migblockd.shell"]
 
@@ -186,6 +187,34 @@ def test_a_request_pretty_printed_in_a_file_runs_whole(daemon: DaemonProcess) ->
     lines = [line.split(": error: ")[0] for line in result.stderr.splitlines()]
     assert lines == ["migblock-shell: line 9", "migblock-shell: line 11",
                      "migblock-shell: line 13"], result.stderr
+
+
+def test_a_line_of_words_longer_than_the_daemon_takes_is_refused_unread(
+    daemon: DaemonProcess,
+) -> None:
+    """Found by the shell review: a 50 MB line of key=value words, pasted or in a
+    script, was read one character at a time (90 s), deaf to Ctrl-C, to build a
+    request the daemon refuses past its default --max-message-size (1 MiB).  Such a
+    line is refused before it is read; raw JSON is sent as typed, for the daemon to
+    judge, and a line of words within the bound runs."""
+    words = "add-blocker" + " reason=x" * 600_000
+    value = "add-blocker reason=" + "y" * MAX_LINE
+    raw = json.dumps({"execute": "add-blocker", "arguments": {"reason": "z" * MAX_LINE}})
+    within = "add-blocker id=b1" + " " * (MAX_LINE - 40) + "reason=w"  # read, sent small
+    result = shell(str(daemon.socket),
+                   stdin=f"{words}\n{value}\n{raw}\n{within}\nquery-blockers\n")
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"migblock-shell: line {n}: error: a line of {len(line):,} characters is more than "
+        "the 1,048,576 this shell reads as key=value words (the daemon's default "
+        "max-message-size, in bytes, past which it refuses a request): write it as a raw "
+        'JSON request ({"execute": ...}), which is sent as typed'
+        for n, line in [(1, words), (2, value)]]
+    refused, added, listed = replies(result.stdout)
+    assert refused == {"error": {"class": "GenericError",
+                                 "desc": "JSON token size limit exceeded"}}
+    assert added["return"]["id"] == "b1"
+    assert [b["id"] for b in listed["return"]] == ["b1"]
 
 
 def test_failed_command_makes_exit_status_1_but_the_rest_still_runs(daemon: DaemonProcess) -> None:
@@ -1426,7 +1455,8 @@ def test_a_big_request_cut_off_by_the_daemons_end_says_only_the_shells_words(
         proc.stdin.flush()
         assert b'"package": "migblockd' in proc.stdout.readline()  # connected
         d.signal(signal.SIGSTOP)  # reads nothing more: the big request stays unsent
-        proc.stdin.write(b"add-blocker reason=" + b"x" * 2_000_000 + b"\n")
+        # (Within MAX_LINE, past which the shell would refuse it unsent.)
+        proc.stdin.write(b"add-blocker reason=" + b"x" * 1_000_000 + b"\n")
         proc.stdin.flush()
         time.sleep(1)  # the shell writes it, and waits for the socket to take more
         d.proc.kill()  # the daemon's end of the socket goes

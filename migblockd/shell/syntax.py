@@ -140,6 +140,15 @@ def loads(text: str) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+#: The longest line read as ``key=value`` words, in characters: the daemon's
+#: default ``--max-message-size`` (bytes), past which a daemon so set refuses the
+#: request (``JSON token size limit exceeded``, QEMU's words).  Reading words costs
+#: Python steps for each (tokenizing, building, checking): a pasted 50 MB line held
+#: the shell, deaf to Ctrl-C, for minutes.  A raw JSON request is read by ``json``'s
+#: C scanner and sent as typed: its size is the daemon's to judge.
+MAX_LINE = 1 << 20
+
+
 def convert_value(word: Word, hint: ValueHint = None) -> Any:
     """The JSON value of ``word``'s value, following the rules in the module doc."""
     text = word.value
@@ -354,6 +363,11 @@ def parse_line(line: str, hints: Hints | None = None) -> Parsed:
         if not isinstance(raw, dict):
             raise ParseError("a raw JSON request must be an object")
         return Request(raw, text=stripped)
+    if len(stripped) > MAX_LINE:
+        raise ParseError(f"a line of {len(stripped):,} characters is more than the {MAX_LINE:,} "
+                         "this shell reads as key=value words (the daemon's default "
+                         "max-message-size, in bytes, past which it refuses a request): write "
+                         'it as a raw JSON request ({"execute": ...}), which is sent as typed')
     if line.split()[:1] == ["transaction("]:  # the whole block (entries.py)
         raise ParseError("qmp-shell's transaction( ... ) block is not read by this shell: "
                          "none of its lines was sent (write transaction actions=[...], or "

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import DaemonProcess, quick_shell
-from fakeqmp import GREETING, SILENT, Line, Raw, serving
+from fakeqmp import GREETING, INTROSPECTION, SILENT, Line, Raw, serving
 
 from migblockd.shell import client as shell_client
 from migblockd.shell import opening
@@ -1417,6 +1417,70 @@ def test_a_reason_the_locale_cannot_write_is_escaped_json(daemon: DaemonProcess)
     assert new["return"]["reason"] == "caf\u00e9"
 
 
+def test_a_raw_request_whose_command_is_no_string_is_the_daemons_to_refuse(
+    daemon: DaemonProcess,
+) -> None:
+    # The shell looks up a request's command to bound its answer (LISTINGS); one
+    # that is no string, a list (no key of a set), is sent as typed all the same.
+    result = shell(str(daemon.socket), "-c", '{"execute": ["query-blockers"], "id": 1}',
+                   "-c", "query-blockers")
+    assert result.returncode == 1, result.stderr
+    assert replies(result.stdout) == [
+        {"id": 1, "error": {"class": "GenericError",
+                            "desc": "QMP input member 'execute' must be a string"}},
+        {"return": []}]
+
+
+async def test_a_rogue_servers_endless_line_ends_the_run_at_the_shells_bound(
+    tmp_path: Path,
+) -> None:
+    """Found by the shell review: the shell read a line of up to 1 GiB from the server
+    it spoke to, whatever it waited for, holding it all.  A server that is not
+    migblockd (a socket planted in its place) sends one without end: the shell ends
+    the run at 10 MiB, qmp-shell's bound (qemu.qmp's, libvirt's), having stopped
+    reading there, while an answer that grows with the blockers (query-blockers,
+    here of 12 MiB) is still read whole."""
+    path = tmp_path / "rogue.sock"
+    sent = 0
+    listing = [{"id": f"b{n}", "reason": "r" * 1000} for n in range(12_000)]
+
+    async def rogue(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        writer.write(json.dumps(GREETING).encode() + b"\r\n")
+        while line := await reader.readline():
+            request = json.loads(line)
+            name = request["execute"]
+            if name == "query-version":
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(64):  # 64 MiB, and never a line feed
+                        writer.write(b"x" * (1 << 20))
+                        await writer.drain()
+                        sent += 1 << 20
+                    await reader.read()  # held open until the shell goes
+                break
+            answer = listing if name == "query-blockers" else INTROSPECTION.get(name, {})
+            writer.write(json.dumps({"return": answer, "id": request["id"]}).encode() + b"\r\n")
+        writer.close()
+
+    server = await asyncio.start_unix_server(rogue, path)
+    async with server:
+        proc = await asyncio.create_subprocess_exec(
+            *SHELL, str(path), "-c", "query-blockers", "-c", "query-version",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:  # it read on, waiting for the line to end
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 2, err
+    assert replies(out.decode()) == [{"return": listing}]
+    assert err.decode() == (
+        f"migblock-shell: -c 2: {path}: a message from the daemon was longer than the "
+        "10,485,760 bytes this shell reads, so the shell closed the connection" + LOST + "\n")
+    assert sent < 16 << 20  # its socket took no more than the bound and a few buffers
+
+
 async def test_a_reply_over_the_shells_limit_is_named_as_its_own_doing(
         daemon: DaemonProcess, monkeypatch: pytest.MonkeyPatch) -> None:
     # Over LINE_LIMIT (1 GiB; lowered here) the shell cannot read a reply and ends the
@@ -1433,7 +1497,7 @@ async def test_a_reply_over_the_shells_limit_is_named_as_its_own_doing(
             assert added["return"]["id"] == f"b{n}"
         with pytest.raises(shell_client.ConnectionLost) as lost:
             await client.execute({"execute": "query-blockers"})
-        assert str(lost.value) == ("a message from the daemon was longer than the 4096 bytes "
+        assert str(lost.value) == ("a message from the daemon was longer than the 4,096 bytes "
                                    "this shell reads, so the shell closed the connection")
     finally:
         await client.close()

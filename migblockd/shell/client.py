@@ -25,12 +25,29 @@ from migblockd.shell.opening import (
 )
 from migblockd.shell.syntax import loads
 
-#: The longest line read: a 100,000-blocker listing with reasons of 1024
-#: characters, each escaped as ``\\uXXXX``, is about 600 MB.
+#: The longest message read while no answer that grows with the blockers is
+#: awaited: qmp-shell's (qemu.qmp's ``_limit``, "10MB like libvirt default").  An
+#: event holds one blocker, the other answers are of a size fixed by the schema,
+#: and QEMU's, forwarded, are what libvirt reads within that bound.
+MESSAGE_LIMIT = 10 << 20
+#: The longest answer to the commands of :data:`LISTINGS`: a 100,000-blocker
+#: listing (the default max-blockers) with reasons of 1024 characters (the default
+#: max-reason-length), each escaped as ``\\uXXXX``, is about 600 MB.
 LINE_LIMIT = 1 << 30
+#: The commands whose answer lists every blocker (query-migrate: their reasons).
+LISTINGS = frozenset({"query-blockers", "query-migrate"})
+_CHUNK = 1 << 16  # asked of the socket at a time
 #: Why a connection ended when the server ended it (QMPClient.lost_reason); any
 #: other reason is the shell's own doing or the socket's.
 SERVER_CLOSED = "the server closed the connection"
+
+
+class _TooLong(Exception):
+    """A line longer than the bound of the moment (``limit``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
 
 
 class ConnectionLost(ClientError):
@@ -89,11 +106,15 @@ class QMPClient:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._pending: dict[str, asyncio.Future[Message]] = {}
-        # The ids sent and not yet answered, oldest first (an ordered set).  A request
-        # the daemon cannot parse (over --max-message-size...) is answered without its
-        # id, in request order; after Ctrl-C abandoned a request, its answer still
-        # comes, and must not be taken for the next request's.
-        self._unanswered: dict[str, None] = {}
+        # The ids sent and not yet answered, oldest first, each with whether its answer
+        # may be a listing (LISTINGS).  A request the daemon cannot parse (over
+        # --max-message-size...) is answered without its id, in request order; after
+        # Ctrl-C abandoned a request, its answer still comes, not the next request's.
+        self._unanswered: dict[str, bool] = {}
+        # What has been read of the line still to end (see _read_line), and how far
+        # it is known to hold no line feed.
+        self._buffer = bytearray()
+        self._scanned = 0
         #: What to do with the reply to a request abandoned with Ctrl-C, when it
         #: comes (:meth:`execute`'s ``late``), by the request's key.
         self._late: dict[str, Callable[[Message], None]] = {}
@@ -109,7 +130,7 @@ class QMPClient:
     async def connect(self, path: str) -> Message:
         """Connect and read the greeting; raises :class:`ConnectError`."""
         self._reader, self._writer, greeting = await open_qmp(
-            path, self._opening, LINE_LIMIT)
+            path, self._opening, MESSAGE_LIMIT)
         self.greeting = greeting
         self._reader_task = asyncio.create_task(self._read_loop())
         return greeting
@@ -185,7 +206,9 @@ class QMPClient:
                 encoded = (json.dumps(message, separators=(",", ":")) + "\n").encode()
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[key] = future
-        self._unanswered[key] = None
+        command = message.get("execute", message.get("exec-oob"))
+        # A raw request's may be no string (a list): the daemon's to refuse.
+        self._unanswered[key] = isinstance(command, str) and command in LISTINGS
         try:
             self._writer.write(encoded)
             await self._writer.drain()
@@ -240,16 +263,45 @@ class QMPClient:
         self._unanswered.clear()
         self._late.clear()
 
+    async def _read_line(self) -> bytes:
+        """The next line, what is left at the end of the input, or b"" after it.
+
+        Read in pieces, so that the line is held to the bound of the moment:
+        :data:`LINE_LIMIT` while an answer that may list every blocker is awaited,
+        :data:`MESSAGE_LIMIT` otherwise.  A server that sends a line without end
+        (not migblockd: a socket planted in its place) is cut off there, and
+        costs that much memory, not a gigabyte."""
+        assert self._reader is not None
+        buffer = self._buffer
+        while True:
+            end = buffer.find(b"\n", self._scanned)
+            limit = LINE_LIMIT if any(self._unanswered.values()) else MESSAGE_LIMIT
+            if (len(buffer) if end < 0 else end) > limit:
+                raise _TooLong(limit)
+            if end >= 0:
+                line = bytes(buffer[: end + 1])
+                del buffer[: end + 1]
+                self._scanned = 0
+                return line
+            self._scanned = len(buffer)
+            chunk = await self._reader.read(_CHUNK)
+            if not chunk:
+                line = bytes(buffer)
+                buffer.clear()
+                self._scanned = 0
+                return line
+            buffer += chunk
+
     async def _read_loop(self) -> None:
         assert self._reader is not None
         reason = SERVER_CLOSED
         try:
             while True:
                 try:
-                    line = await self._reader.readline()
-                except ValueError:  # asyncio's StreamReader: the line is over its limit
+                    line = await self._read_line()
+                except _TooLong as err:
                     # The daemon did nothing wrong: its log shows nothing, so say so.
-                    reason = (f"a message from the daemon was longer than the {LINE_LIMIT} "
+                    reason = (f"a message from the daemon was longer than the {err.limit:,} "
                               "bytes this shell reads, so the shell closed the connection")
                     break
                 except OSError as err:

@@ -5,7 +5,11 @@ owned by the daemon's effective uid or root and writable by nobody else, and
 every directory above it is owned by one of those two and writable by nobody
 else unless it is sticky (``/tmp``: others may add entries there but not
 rename ours).  A directory the daemon created itself (mode 0700) passes by
-construction.
+construction.  Under an access ACL (acl(5)) the mode's group bits are only its
+mask, and it is the entries that say who may write, as the kernel reads them
+(posix_acl_permission() in fs/posix_acl.c): a named user's entry that lets a
+trusted user write is not "others" (:func:`writers`).  A group is never
+trusted: who is in it is the group database's to say, and may change.
 
 What is checked is what the kernel meets when it opens the path: every
 directory it looks a name up in and every symlink it follows, in the order
@@ -24,17 +28,41 @@ of the ``--config`` and ``--schema`` files (:mod:`migblockd.trusted_file`).
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import pwd
 import stat
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MAX_SYMLINKS", "Distrust", "distrust", "named_uid", "ownership", "refusal",
-           "search_fix", "unsearchable", "walk"]
+from migblockd import acl as acls
+
+__all__ = ["MAX_SYMLINKS", "Distrust", "Writer", "distrust", "named_uid", "ownership",
+           "refusal", "search_fix", "unsearchable", "walk", "writers", "writers_named"]
 
 #: Group and world write bits.
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
+@dataclass(frozen=True, slots=True)
+class Writer:
+    """An entry of a directory's access ACL that lets someone not trusted write to it."""
+
+    tag: int
+    """:data:`migblockd.acl.USER`, ``GROUP_OBJ``, ``GROUP`` or ``OTHER``."""
+    id: int
+    """The uid or gid it names: the directory's group for ``GROUP_OBJ``; -1 for ``OTHER``."""
+    perm: int
+    """Its permissions, as the ACL holds them (before the mask)."""
+
+    @property
+    def without_write(self) -> str:
+        """The entry as ``setfacl -m`` takes it, less the write: ``u:1002:rx``."""
+        kind = {acls.USER: "u", acls.GROUP: "g", acls.GROUP_OBJ: "g"}.get(self.tag, "o")
+        who = str(self.id) if self.tag in (acls.USER, acls.GROUP) else ""
+        kept = "".join(c for c, bit in (("r", 4), ("x", 1)) if self.perm & bit)
+        return f"{kind}:{who}:{kept or '-'}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +70,7 @@ class Distrust:
     """Why ``place`` (the directory itself, or one met on the way to it) is not safe.
 
     Exactly one of ``owner`` (another uid owns it) and ``mode`` (others may
-    write it: its permission bits) is set.
+    write it: its permission bits, or under an ACL the entries in ``acl``) is set.
     """
 
     place: Path
@@ -51,6 +79,9 @@ class Distrust:
     """The directory the path leads to (symlinks followed, ``..`` taken)."""
     owner: int | None = None
     mode: int | None = None
+    acl: tuple[Writer, ...] = ()
+    """Where ``place`` has an access ACL the kernel reads, the entries that let others
+    write to it (``mode``'s group bits are then its mask); empty where the mode says so."""
 
 
 def distrust(directory: Path, *, to_be_made: bool = False,
@@ -75,10 +106,58 @@ def distrust(directory: Path, *, to_be_made: bool = False,
             return Distrust(place, itself, arrived, owner=st.st_uid)
         if stat.S_ISLNK(st.st_mode):
             continue  # its target is met further on the walk
-        sticky = bool(st.st_mode & stat.S_ISVTX) and not itself
-        if st.st_mode & _OTHERS_WRITE and not sticky:
-            return Distrust(place, itself, arrived, mode=stat.S_IMODE(st.st_mode))
+        if st.st_mode & stat.S_ISVTX and not itself:
+            continue
+        entries = writers(place, st, trusted)
+        if entries or (entries is None and st.st_mode & _OTHERS_WRITE):
+            return Distrust(place, itself, arrived, mode=stat.S_IMODE(st.st_mode),
+                            acl=entries or ())
     return None
+
+
+def writers(place: Path, st: os.stat_result,
+            trusted: Collection[int]) -> tuple[Writer, ...] | None:
+    """The entries of ``place``'s access ACL (``st``: its status) that let anyone
+    but the ``trusted`` uids write to it, as the kernel judges them; None where it
+    has no ACL the kernel reads, and its mode's bits alone say.
+
+    posix_acl_permission() in fs/posix_acl.c: a named user's entry, the owning
+    group's and a named group's count through the mask, the others' entry without
+    it.  ``setfacl -m u:UID:rx`` makes a 0755 directory 0775, its mask ``rwx``,
+    though nobody but its owner may write: its group bits alone would refuse it.
+    A mask that is empty (group bits 0) is not read: the kernel takes the mode
+    alone (acl_permission_check() in fs/namei.c), which then says the same.
+    """
+    acl = acls.read_acl(place) if st.st_mode & 0o070 else ()
+    if not acl:
+        return None
+    mask = acls.entry(acl, acls.MASK)
+    through = 7 if mask is None else mask
+    found = []
+    for tag, perm, id in acl:
+        if tag == acls.OTHER and perm & 2:
+            found.append(Writer(tag, -1, perm))
+        elif tag == acls.USER and perm & through & 2 and id not in trusted:
+            found.append(Writer(tag, id, perm))
+        elif tag in (acls.GROUP_OBJ, acls.GROUP) and perm & through & 2:
+            found.append(Writer(tag, st.st_gid if tag == acls.GROUP_OBJ else id, perm))
+    return tuple(found)
+
+
+def writers_named(found: Collection[Writer], user: Callable[[int], str],
+                  group: Callable[[int], str | None]) -> str:
+    """``uid 1002, the members of gid 100 (users), everyone``: who ``found`` let
+    write, users named by ``user`` and groups by ``group`` (None: no name)."""
+    named = []
+    for each in found:
+        if each.tag == acls.USER:
+            named.append(user(each.id))
+        elif each.tag == acls.OTHER:
+            named.append("everyone")
+        else:
+            name = group(each.id)
+            named.append(f"the members of gid {each.id}" + ("" if name is None else f" ({name})"))
+    return ", ".join(named)
 
 
 # Linux's limit on the symlinks one lookup follows (ELOOP past it).
@@ -159,6 +238,15 @@ def refusal(directory: Path, *, kind: str, asset: str, option: str,
         return (f"{what} is owned by {named_uid(found.owner)}, not by this user "
                 f"(uid {os.geteuid()}){also} or root, so its owner could replace {asset}; "
                 f"{fix}choose another {option}")
+    if found.acl:
+        # chmod go-w would take the write from the trusted users' entries too.  -n:
+        # left to itself, setfacl recomputes the mask from every entry, which could
+        # give an entry the mask keeps from reading or searching what it may not now.
+        entries = ",".join(each.without_write for each in found.acl)
+        return (f"{what} has an ACL that lets {writers_named(found.acl, named_uid, _gid_name)} "
+                f"write to it (mode {found.mode:04o}, whose group bits are the ACL's mask), "
+                f"so they could replace {asset}; setfacl -n -m {entries} {found.place}, or "
+                f"choose another {option}")
     return (f"{what} is writable by others (mode {found.mode:04o}), so they could replace "
             f"{asset}; chmod go-w {found.place}, or choose another {option}")
 
@@ -177,6 +265,13 @@ def named_uid(uid: int) -> str:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except KeyError:
         return f"uid {uid}"
+
+
+def _gid_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
 
 
 def search_fix(e: OSError, option: str) -> str:

@@ -1831,10 +1831,52 @@ async def test_a_qemu_socket_directory_others_may_write_by_its_acl_names_the_ent
         d = start_daemon("--qemu", str(sock), "--ephemeral", socket=short_tmp / "a.sock")
         d.wait_for_log(
             f"QEMU at {sock} is not available: what listens there runs as uid {uid}, and "
-            f"{shared} has an ACL that lets uid {other}, uid {uid}, the members of gid "
+            f"{shared} has an ACL that lets uid {other}, the members of gid "
             f"{group} write to it (mode 0775, whose group bits are the ACL's mask), so "
             "another user could have put that socket there while QEMU was away", timeout=30)
         assert "others may write to it" not in d.log()
     finally:
         qemu.kill()
         qemu.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: QEMU runs as another uid")
+async def test_a_qemu_socket_directory_whose_acl_lets_only_qemus_user_write_is_trusted(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    """Found by review: the refusal above was decided by the mode's group bits,
+    which under an ACL are only its mask: a directory of root's, 0755, that
+    ``setfacl -m u:OTHER:rx,m::rwx`` made 0775, where no one but root may write,
+    was refused, and so was one that lets QEMU's own user write (as libvirt's
+    per-domain directories do), and one of QEMU's user's made there.  The entries
+    decide, as the kernel reads them.  Real QEMUs as another uid, real ACLs."""
+    short_tmp.chmod(0o755)
+    uid, other = 3_999_992, 3_999_991  # no accounts: local users
+    reading = short_tmp / "reading"  # only a mask that would let write, no entry that does
+    writing = short_tmp / "writing"  # QEMU's user may write there, and made vm1 there
+    for directory in (reading, writing):
+        directory.mkdir()
+        directory.chmod(0o755)
+        subprocess.run(["setfacl", "-m", f"u:{uid}:rwx,u:{other}:rx", str(directory)],
+                       check=True)
+    (writing / "vm1").mkdir()
+    os.chown(writing / "vm1", uid, uid)
+    socks = [reading / "qmp.sock", writing / "qmp.sock", writing / "vm1" / "qmp.sock"]
+    qemus = [qemu_as(uid, sock) for sock in socks]
+    try:
+        for sock in socks:
+            await wait_until(sock.exists, f"QEMU listening at {sock}")
+        # Bound: now no entry of reading's lets anyone write, though its mask would.
+        subprocess.run(["setfacl", "-m", f"u:{uid}:rx,m::rwx", str(reading)], check=True)
+        for directory in (reading, writing):
+            assert directory.stat().st_mode & 0o777 == 0o775  # the mask
+        for n, sock in enumerate(socks):
+            d = start_daemon("--qemu", str(sock), "--ephemeral",
+                             socket=short_tmp / f"{n}.sock")
+            d.wait_for_log(re.compile(
+                rf"connected to QEMU 7\.[0-9.]+ at {re.escape(str(sock))}\n"), timeout=30)
+            assert "is not available" not in d.log()
+            d.stop()
+    finally:
+        for qemu in qemus:
+            qemu.kill()
+            qemu.wait()

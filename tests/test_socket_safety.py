@@ -120,6 +120,46 @@ def test_a_directory_others_may_write_to_is_refused(
             f"{directory}, or choose another --socket") in log, log
 
 
+@pytest.mark.skipif(not AS_ROOT, reason="starts the daemon as root, in a directory of root's")
+def test_a_directory_whose_acl_lets_only_trusted_users_write_is_served_from(
+    start_daemon: Callable[..., DaemonProcess], top: Path,
+) -> None:
+    """Found by review: under an access ACL the mode's group bits are only its
+    mask, and a 0755 directory that ``setfacl -m u:65534:rx,m::rwx`` made 0775,
+    where no one but root may write, was refused as "writable by others (mode
+    0775)".  It is judged by its entries, as the kernel judges them: one that lets
+    a user write is refused, named with the setfacl that takes the write away,
+    and after that setfacl the daemon serves there.  Real setfacl, a real daemon."""
+    directory = top / "acl"
+    directory.mkdir(mode=0o755)
+    directory.chmod(0o755)
+    sock = directory / "migblockd.sock"
+    # A named entry for root itself lets no one else write.
+    subprocess.run(["setfacl", "-m", f"u:{NOBODY}:rx,u:0:rwx,m::rwx", str(directory)],
+                   check=True)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o775  # the mask's bits
+    d = start_daemon(socket=sock)
+    blocking_client(sock).close()
+    d.stop()
+
+    subprocess.run(["setfacl", "-m", f"u:{NOBODY}:rwx,g::rwx", str(directory)], check=True)
+    log = refused(start_daemon, sock)
+    fix = f"setfacl -n -m u:{NOBODY}:rx,g::rx {directory}"
+    assert (f"refusing to serve from {directory}: socket directory {directory} has an ACL "
+            f"that lets uid {NOBODY} (nobody), the members of gid 0 (root) write to it (mode "
+            "0775, whose group bits are the ACL's mask), so they could replace the socket; "
+            f"{fix}, or choose another --socket") in log, log
+    subprocess.run(fix.split(), check=True)  # what the refusal says to do
+    d = start_daemon(socket=sock)
+    blocking_client(sock).close()
+
+    # The others' entry is not masked: it lets everyone write, whatever the mask.
+    subprocess.run(["setfacl", "-m", "o::rwx,m::rx", str(directory)], check=True)
+    with pytest.raises(StartupError, match=r"has an ACL that lets everyone write to it \(mode "
+                       r"0757, .*; setfacl -n -m o::rx "):
+        check_socket_directory(directory)
+
+
 def test_a_missing_socket_directory_is_judged_before_it_is_made(
     start_daemon: Callable[..., DaemonProcess], top: Path,
 ) -> None:

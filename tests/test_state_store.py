@@ -934,6 +934,35 @@ def test_a_database_linked_into_a_directory_others_may_write_is_refused(
     assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
 
 
+def test_a_state_directory_whose_acl_lets_only_trusted_users_write_is_used(
+    tmp_path: Path
+) -> None:
+    """Found by review: under an access ACL the mode's group bits are only its
+    mask, and a 0700 state directory that ``setfacl -m u:65534:rx,m::rwx`` made
+    0770, where no one but its owner may write, was refused as "writable by
+    others (mode 0770)".  Its entries decide, as the kernel reads them: one that
+    lets another user or a group write is refused, with the setfacl that stops it."""
+    directory = tmp_path / "state"
+    filled(directory, 2)
+    directory.chmod(0o700)
+    subprocess.run(["setfacl", "-m", f"u:65534:rx,u:{os.geteuid()}:rwx,m::rwx",
+                    str(directory)], check=True)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o770  # the mask's bits
+    assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
+
+    subprocess.run(["setfacl", "-m", "u:65534:rwx,g:65534:w", str(directory)], check=True)
+    with pytest.raises(StateError) as refused:
+        Store.open(directory)
+    fix = f"setfacl -n -m u:65534:rx,g:65534:- {directory}"
+    assert str(refused.value) == (
+        f"refusing to keep state in {directory}: state directory {directory} has an ACL "
+        "that lets uid 65534 (nobody), the members of gid 65534 (nogroup) write to it "
+        "(mode 0770, whose group bits are the ACL's mask), so they could replace the "
+        f"database; {fix}, or choose another --state-dir")
+    subprocess.run(fix.split(), check=True)  # what the refusal says to do
+    assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
+
+
 def test_the_log_beside_a_linked_databases_target_is_held_to_the_same_rules(
     tmp_path: Path
 ) -> None:

@@ -29,9 +29,8 @@ import os
 import stat
 from pathlib import Path
 
-from migblockd import acl as acls
 from migblockd.databases import caches, named
-from migblockd.trust import MAX_SYMLINKS, distrust, walk
+from migblockd.trust import MAX_SYMLINKS, Distrust, distrust, walk, writers, writers_named
 
 __all__ = ["untrusted_listener"]
 
@@ -51,7 +50,7 @@ def untrusted_listener(path: Path, uid: int | None) -> str | None:
             found = distrust(directory, owner=uid)
             if found is not None:
                 why = (f"belongs to {named(found.owner)}" if found.owner is not None
-                       else _writable(found.place, found.mode or 0))
+                       else _writable(found))
                 where = f"{found.place} {why}"
             else:
                 where = _made_by_anyone(directory, uid)
@@ -100,43 +99,28 @@ def _made_by_anyone(directory: Path, uid: int) -> str | None:
         if st.st_uid != uid or holder is None or place == place.parent:
             continue
         mode = stat.S_IMODE(holder.st_mode)
-        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        # Read as distrust() reads it: an ACL's entries for these users are not others.
+        entries = writers(place.parent, holder, (os.geteuid(), 0, uid))
+        if entries:
+            return (f"{place}, of that user, is in {place.parent}, whose ACL lets "
+                    f"{writers_named(entries, named, caches().groups.get)} make a name "
+                    f"there as themselves (mode {mode:04o}, whose group bits are the ACL's "
+                    "mask)")
+        if entries is None and mode & (stat.S_IWGRP | stat.S_IWOTH):
             return (f"{place}, of that user, is in {place.parent}, where others may make "
                     f"a name as themselves (mode {mode:04o})")
     return None
 
 
-def _writable(directory: Path, mode: int) -> str:
-    """Who else may write to ``directory``, of ``mode``: ``others may write to it
-    (mode 1777)``, or, under an access ACL (acl(5)), ``has an ACL that lets uid 1001
-    write to it (mode 0775, ...)``: the entries that let them.
+def _writable(found: Distrust) -> str:
+    """Who else may write to ``found.place``: ``others may write to it (mode 1777)``,
+    or, under an access ACL (acl(5)), ``has an ACL that lets uid 1001 write to it
+    (mode 0775, ...)``: the entries that let them, which only ``getfacl`` shows.
 
-    There the mode's group bits are only the ACL's mask, and it is the entries that
-    decide (posix_acl_permission() in fs/posix_acl.c): ``setfacl -m u:bob:rwx``
-    makes a 0755 directory 0775, and "others may write to it (mode 0775)" read as
-    the write bit of its group, which may not write, where one user may, whom only
-    ``getfacl`` shows.
-    Raises OSError as ``getxattr`` does on a directory that is gone."""
-    acl = acls.read_acl(directory)
-    if not acl or not mode & 0o070:  # an empty mask: the kernel reads the mode alone
-        return f"others may write to it (mode {mode:04o})"
-    mask = acls.entry(acl, acls.MASK)
-    through = 7 if mask is None else mask
-    groups = caches().groups
-    writers = []
-    for tag, perm, id in acl:
-        if tag == acls.OTHER and perm & 2:
-            writers.append("everyone")
-        elif tag in (acls.USER, acls.GROUP_OBJ, acls.GROUP) and perm & through & 2:
-            if tag == acls.USER:
-                writers.append(named(id))
-            else:
-                gid = os.stat(directory).st_gid if tag == acls.GROUP_OBJ else id
-                name = groups.get(gid)  # as known by now: never looked up on the loop
-                writers.append(f"the members of gid {gid}"
-                               + ("" if name is None else f" ({name})"))
-    if not writers:
-        return (f"has an ACL whose mask would let the entries it is given write to it "
-                f"(mode {mode:04o}, whose group bits are that mask), though none does now")
-    return (f"has an ACL that lets {', '.join(writers)} write to it (mode {mode:04o}, "
-            f"whose group bits are the ACL's mask)")
+    There the mode's group bits are only the ACL's mask: "others may write to it
+    (mode 0775)" read as the write bit of its group, which may not write.  Groups
+    are named as known by now: never looked up on the loop."""
+    if not found.acl:
+        return f"others may write to it (mode {found.mode or 0:04o})"
+    return (f"has an ACL that lets {writers_named(found.acl, named, caches().groups.get)} "
+            f"write to it (mode {found.mode or 0:04o}, whose group bits are the ACL's mask)")

@@ -963,6 +963,30 @@ def test_a_state_directory_whose_acl_lets_only_trusted_users_write_is_used(
     assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
 
 
+def test_a_database_whose_acl_lets_only_trusted_users_write_is_used(tmp_path: Path) -> None:
+    """Found by review: as for the directory, a database that ``setfacl -m
+    u:65534:r,m::rw`` made 0660, which nobody but its owner may write, was refused
+    as "writable by others (mode 0660)": its entries decide, and one that lets
+    another user write is refused, with the setfacl that stops it."""
+    directory = tmp_path / "state"
+    filled(directory, 2)
+    database = directory / "state.db"
+    subprocess.run(["setfacl", "-m", "u:65534:r,m::rw", str(database)], check=True)
+    assert stat.S_IMODE(database.stat().st_mode) == 0o660  # the mask's bits
+    assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
+
+    subprocess.run(["setfacl", "-m", "u:65534:rw", str(database)], check=True)
+    with pytest.raises(StateError) as refused:
+        Store.open(directory)
+    fix = f"setfacl -n -m u:65534:r {database}"
+    assert str(refused.value) == (
+        f"refusing to keep state in {directory}: {database} has an ACL that lets uid 65534 "
+        "(nobody) write to it (mode 0660, whose group bits are the ACL's mask), so they "
+        f"could change the blockers; {fix}, or choose another --state-dir")
+    subprocess.run(fix.split(), check=True)  # what the refusal says to do
+    assert [r.id for r in reopened(directory).blockers] == ["b0", "b1"]
+
+
 def test_the_log_beside_a_linked_databases_target_is_held_to_the_same_rules(
     tmp_path: Path
 ) -> None:

@@ -32,9 +32,10 @@ import stat
 import time
 from pathlib import Path
 
+from migblockd.databases import group_name
 from migblockd.state.errors import StateError, owner_mismatch, read_only
 from migblockd.state.rescue import RESCUED, rescued_copies
-from migblockd.trust import named_uid
+from migblockd.trust import named_uid, writers, writers_named
 from migblockd.writable import attribute_fix
 
 __all__ = ["check_existing_database", "hot_journal"]
@@ -245,7 +246,17 @@ def _check_companion(each: Path, path: Path, owner: int | None) -> None:
                          f"{named_uid(st.st_uid)}, not by this user (uid {os.geteuid()})"
                          f"{also} or root, so its owner could change the blockers; chown it, "
                          "or choose another --state-dir")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    # Under an access ACL its entries say who may write, as for the directory.
+    trusted = (os.geteuid(), 0) if owner is None else (os.geteuid(), 0, owner)
+    entries = writers(each, st, trusted)
+    if entries:
+        fix = ",".join(entry.without_write for entry in entries)
+        raise StateError(f"refusing to keep state in {path.parent}: {each} has an ACL that "
+                         f"lets {writers_named(entries, named_uid, group_name)} write to it "
+                         f"(mode {stat.S_IMODE(st.st_mode):04o}, whose group bits are the "
+                         f"ACL's mask), so they could change the blockers; setfacl -n -m "
+                         f"{fix} {each}, or choose another --state-dir")
+    if entries is None and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StateError(f"refusing to keep state in {path.parent}: {each} is writable by "
                          f"others (mode {stat.S_IMODE(st.st_mode):04o}), so they could change "
                          f"the blockers; chmod go-w {each}, or choose another --state-dir")

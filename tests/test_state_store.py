@@ -437,6 +437,39 @@ def test_second_open_from_another_process_is_refused(tmp_path: Path) -> None:
     assert open_error(tmp_path) is None
 
 
+def test_a_writer_of_a_rollback_journal_database_is_waited_for_in_slices(
+    tmp_path: Path,
+) -> None:
+    """Found by review of in_slices: the switch to WAL reads before it asks to write,
+    and SQLite calls no busy handler for a connection that reads and asks to write
+    (btree.c, sqlite3BtreeBeginTrans: it could wait on a writer that waits on it).
+    Against another program's write transaction on a state.db in rollback-journal
+    mode (an operator's sqlite3 shell after BEGIN; INSERT ...) each slice then failed
+    at once, and the start tried again in a loop that kept a CPU busy for the whole
+    wait (5 s): some 30,000 tries, not one a slice.  The stop is looked at after each
+    busy try, so its calls count the tries."""
+    with Store.open(tmp_path) as store:
+        store.commit([Put(row("kept", 1))])
+    db = tmp_path / "state.db"
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as setting:
+        assert setting.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+    looks = 0
+
+    def stop() -> str | None:
+        nonlocal looks
+        looks += 1
+        return None
+
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")  # the write lock, kept: readers go on
+        with pytest.raises(StateError, match="is in use by another program"):
+            Store.open(tmp_path, stop=stop)
+        other.execute("ROLLBACK")
+    # One try a slice of lock.POLL (0.1 s) over the wait (5 s), and the first.
+    assert 0 < looks <= 52, looks
+    assert reopened(tmp_path).blockers == [row("kept", 1)]
+
+
 def test_lock_of_a_killed_holder_is_free(tmp_path: Path) -> None:
     code = f"""
         import sys

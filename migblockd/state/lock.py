@@ -216,11 +216,17 @@ def in_slices(conn: sqlite3.Connection, seconds: float,
     SIGTERM runs once it returns), so a stop asked meanwhile waited the busy timeout
     out, and the start then ended as refused (exit 1), not as the stop asked for.
     Each step waits so, not a look before them: the other program may take the lock
-    again between the look and the step (one that writes in a loop)."""
+    again between the look and the step (one that writes in a loop).  A try that
+    fails sooner is followed by a sleep to the slice's end: SQLite calls no busy
+    handler for a connection that reads and asks to write (btree.c,
+    ``sqlite3BtreeBeginTrans``: it could be waiting on a writer that waits on it),
+    which the switch to WAL does, so against a writer of a rollback-journal file
+    each try fails at once, and tried again at once they would spin a CPU."""
     deadline = time.monotonic() + seconds
     conn.execute(f"PRAGMA busy_timeout = {int(POLL * 1000)}")
     try:
         while True:
+            began = time.monotonic()
             try:
                 return step()
             except sqlite3.Error as e:
@@ -228,5 +234,8 @@ def in_slices(conn: sqlite3.Connection, seconds: float,
                     raise
                 if stop is not None and (name := stop()) is not None:
                     raise StoppedStarting(name) from None
+            # A signal's handler runs meanwhile (the sleep goes on after it): the
+            # stop it keeps is looked at after the next try, a slice from now.
+            time.sleep(max(0.0, min(began + POLL, deadline) - time.monotonic()))
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")

@@ -137,10 +137,14 @@ class PidLock:
         fd = self._fd
         if fd is None:
             return
-        pid = f"{os.getpid()}\n".encode()
+        content = f"{os.getpid()}\n".encode() + self._note + b"\n" + _STOPPING + b"\n"
         with contextlib.suppress(OSError):
-            # Longer than what is there: one write, nothing to cut.
-            os.pwrite(fd, pid + self._note + b"\n" + _STOPPING + b"\n", 0)
+            os.pwrite(fd, content, 0)
+            # Cut to it: the note may be shorter than the one there.  The stop's
+            # handler, run between _write's cut and its taking the new note, writes
+            # the old note (and _write says it again after, with the new one): over
+            # a longer old one without a cut, the end of it stayed after the line.
+            os.ftruncate(fd, len(content))
 
     def release(self) -> None:
         fd, self._fd = self._fd, None  # first: a stop's handler then writes nothing

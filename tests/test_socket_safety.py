@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import READY_LINE, DaemonProcess, spawn_daemon
+from conftest import READY_LINE, ROOT, DaemonProcess, spawn_daemon
 from faults import delayed
 from qmpclient import blocking_client
 
@@ -670,6 +670,47 @@ def test_a_start_refused_the_metrics_socket_of_a_stopping_daemon_says_it_is_stop
         f"ERROR: another migblockd (pid {live.proc.pid}) is stopping, and holds "
         f"{endpoint} until its stop is over (it drains its clients, 30 s at most); "
         "start again once it has exited, or choose another --metrics"), second.log()
+
+def test_a_stop_that_comes_as_a_shorter_note_is_written_leaves_the_lock_file_whole(
+    tmp_path: Path,
+) -> None:
+    """Found by review of the stopping line said from the stop's signal handler, which
+    runs between any two steps of the main thread.  Run between a note's cut of the
+    lock file and the lock taking that note as its own, it wrote the note before with
+    the line after it; the new note, shorter, written over that with the line, left
+    the end of the old one behind (``PID\\nshort\\nstopping\\note than the next
+    one...``).  A real SIGTERM, to the start's own handler (migblockd.early, set as
+    migblockd.cli sets it), raised as the cut returns: the handler runs there."""
+    path = tmp_path / "lock"
+    code = f"""
+        import os, signal, sys
+        from pathlib import Path
+        from migblockd.early import EarlySignals
+        from migblockd.pidlock import PidLock, say_stopping
+        early = EarlySignals()
+        early.install()
+        early.when_stopping(say_stopping)
+        lock = PidLock.acquire(Path({str(path)!r}))
+        lock.note("a note longer than the next one, written first")
+        armed = True
+        def at_the_cut(frame, event, arg):
+            global armed
+            if armed and event == "c_return" and arg is os.ftruncate:
+                armed = False
+                signal.raise_signal(signal.SIGTERM)
+        sys.setprofile(at_the_cut)
+        lock.note("short")
+        sys.setprofile(None)
+        assert early.stop() == "SIGTERM" and not armed
+        # Ends holding it: the file stays as the stop left it.
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = child.communicate(timeout=60)
+    assert child.returncode == 0, output
+    assert path.read_bytes() == f"{child.pid}\nshort\nstopping\n".encode()
+
 
 def vacant(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "migblockd.vacant", *args],

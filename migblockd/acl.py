@@ -35,10 +35,11 @@ _UNDEFINED_ID = 0xFFFFFFFF  # the id of the entries that name no one (the owner'
 Acl: TypeAlias = tuple[tuple[int, int, int], ...]
 
 
-def read_acl(path: Path) -> Acl:
-    """The entries of ``path``'s access ACL; none for a file that has only its mode."""
+def read_acl(file: Path | int) -> Acl:
+    """The entries of the access ACL of ``file`` (a path, or a descriptor open on the
+    file: then the file judged is the file read); none for a file that has only its mode."""
     try:
-        raw = os.getxattr(path, ACCESS)
+        raw = os.getxattr(file, ACCESS)
     except OSError:  # ENODATA: the mode alone; ENOTSUP: a file system without ACLs
         return ()
     if len(raw) < 4 or (len(raw) - 4) % 8 or int.from_bytes(raw[:4], "little") != _VERSION:

@@ -92,8 +92,8 @@ class Contract:
 
         ``path`` is the root schema file, or a directory holding
         ``migblockd.json``; default ``schema_dir() / "migblockd.json"``.
-        ``vet`` is called with each file's name and its opened descriptor's
-        status before the file is read, the root and every include, and may
+        ``vet`` is called with each file's name, its opened descriptor and that
+        descriptor's status before the file is read, the root and every include, and may
         refuse it by raising (``migblockd.qapi.parser.Vet``).
         Raises ``migblockd.qapi.QAPIError`` when the schema has a mistake and
         ``OSError`` when the root file cannot be read.

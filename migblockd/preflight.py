@@ -91,8 +91,8 @@ def load_contract(path: Path | None) -> Contract:
     return contract
 
 
-def _vet_schema_file(name: str, st: os.stat_result) -> None:
-    check_trusted(name, st, "schema file",
+def _vet_schema_file(name: str, fd: int, st: os.stat_result) -> None:
+    check_trusted(name, fd, st, "schema file",
                   "the commands the daemon serves, their arguments and the migration modes")
 
 

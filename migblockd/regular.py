@@ -40,13 +40,14 @@ class TooLarge(OSError):
 
 
 def read_regular(path: str | os.PathLike[str],
-                 vet: Callable[[os.stat_result], None] | None = None,
+                 vet: Callable[[int, os.stat_result], None] | None = None,
                  limit: int | None = None) -> bytes:
     """The bytes of ``path``; NotRegularFile, at once, when it is not a regular file,
     and TooLarge when it has more than ``limit`` bytes (only so many are read).
 
-    ``vet`` is then called with the opened regular file's status (whose file
-    it is, its mode), and may refuse it by raising: after the file's type, so
+    ``vet`` is then called with the opened regular file's descriptor and status
+    (whose file it is, its mode; its ACL is read from the descriptor), and may
+    refuse it by raising: after the file's type, so
     that what is not a file at all (``/dev/null``, ``/tmp``) is called so, and
     not given advice on its mode.
     """
@@ -56,7 +57,7 @@ def read_regular(path: str | os.PathLike[str],
         if not stat.S_ISREG(st.st_mode):
             raise NotRegularFile(path)
         if vet is not None:
-            vet(st)
+            vet(fd, st)
         # A regular file: no writer to wait for.  Blocking again, as a network
         # file system may honour O_NONBLOCK on reads (EAGAIN mid-file).
         os.set_blocking(fd, True)

@@ -66,8 +66,8 @@ def read_file(path: Path, settings: type) -> FileSettings:
     try:
         # Not open(): a FIFO would hold the daemon's event loop (a reload) until
         # someone wrote to it.
-        text = read_regular(path, lambda st: check_trusted(
-            path, st, "configuration file", "the daemon's settings"), MAX_SIZE).decode()
+        text = read_regular(path, lambda fd, st: check_trusted(
+            path, fd, st, "configuration file", "the daemon's settings"), MAX_SIZE).decode()
         raw = tomllib.loads(text)
     except TooLarge:
         raise ConfigError(f"{path} is larger than {MAX_SIZE // 1024} KiB, which no "

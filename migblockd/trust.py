@@ -115,9 +115,10 @@ def distrust(directory: Path, *, to_be_made: bool = False,
     return None
 
 
-def writers(place: Path, st: os.stat_result,
+def writers(place: Path | int, st: os.stat_result,
             trusted: Collection[int]) -> tuple[Writer, ...] | None:
-    """The entries of ``place``'s access ACL (``st``: its status) that let anyone
+    """The entries of ``place``'s access ACL (``st``: its status; ``place`` a path, or a
+    descriptor open on it, as :func:`migblockd.acl.read_acl` takes) that let anyone
     but the ``trusted`` uids write to it, as the kernel judges them; None where it
     has no ACL the kernel reads, and its mode's bits alone say.
 

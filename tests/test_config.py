@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from migblockd.kinds import HostPort, describe
 from migblockd.paths import fallback_socket_dir
 from migblockd.startup import StartupError
 from migblockd.tcp import resolve_tcp
+from migblockd.trusted_file import UntrustedFile, check_trusted
 
 
 def test_defaults() -> None:
@@ -220,6 +222,71 @@ def test_a_file_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
                                   f"(mode {mode:04o}); chmod go-w {path}")
     path.chmod(0o644)
     assert build(options(["--config", str(path)])).log_level == "debug"
+
+
+def test_a_file_whose_acl_lets_only_trusted_users_write_is_read(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    """Found by review of the directories' ACL rule: under an access ACL the mode's
+    group bits are only its mask, and a file that ``setfacl -m u:65534:r,m::rw`` made
+    0664, which nobody but its owner may write, was refused as "others may write (mode
+    0664)" by --check-config, at start and at reload.  Its entries decide, as the
+    kernel reads them: one that lets another user or a group write is refused, with
+    the setfacl that takes the write away.  Real setfacl, the daemon as a process."""
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "info"\n')
+    path.chmod(0o644)
+    # A named entry for this user itself lets no one else write.
+    subprocess.run(["setfacl", "-m", f"u:65534:r,u:{os.geteuid()}:rw,m::rw", str(path)],
+                   check=True)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o664  # the mask's bits
+    check = [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral", "--socket",
+             str(tmp_path / "s.sock"), "--config", str(path)]
+    valid = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert valid.returncode == 0, valid.stderr
+    d = start_daemon("--config", str(path), "--ephemeral")
+
+    path.write_text('log-level = "debug"\n')
+    subprocess.run(["setfacl", "-m", "u:65534:rw,g::rw", str(path)], check=True)
+    gid = path.stat().st_gid
+    fix = f"setfacl -n -m u:65534:r,g::r {path}"
+    refusal = (f"{path}: refusing a configuration file with an ACL that lets uid 65534 "
+               f"(nobody), the members of gid {gid} ({grp.getgrgid(gid).gr_name}) write to "
+               f"it (mode 0664, whose group bits are the ACL's mask); {fix}")
+    d.signal(signal.SIGHUP)
+    d.wait_for_log(f"reload failed, keeping the running configuration: {refusal}\n")
+    refused = subprocess.run(check, capture_output=True, text=True, timeout=60)
+    assert (refused.returncode, refused.stderr) == (1, f"migblockd: {refusal}\n")
+    subprocess.run(fix.split(), check=True)  # what the refusal says to do
+    assert build(options(["--config", str(path)])).log_level == "debug"
+
+    # The others' entry is not masked: it lets everyone write, whatever the mask.
+    subprocess.run(["setfacl", "-m", "o::rw,m::r", str(path)], check=True)
+    with pytest.raises(ConfigError) as everyone:
+        build(options(["--config", str(path)]))
+    assert str(everyone.value) == (
+        f"{path}: refusing a configuration file with an ACL that lets everyone write to it "
+        f"(mode 0646, whose group bits are the ACL's mask); setfacl -n -m o::r {path}")
+    assert d.stop() == 0
+
+
+def test_the_acl_judged_is_the_one_of_the_file_opened(tmp_path: Path) -> None:
+    """The ACL is read from the descriptor the file is read through, not by name:
+    whatever the name holds by then is not the file read."""
+    path = tmp_path / "m.toml"
+    path.write_text('log-level = "debug"\n')
+    path.chmod(0o644)
+    subprocess.run(["setfacl", "-m", "u:65534:rw", str(path)], check=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        clean = tmp_path / "clean.toml"
+        clean.write_text('log-level = "info"\n')
+        clean.chmod(0o644)
+        os.replace(clean, path)  # the name now holds a file nobody else may write
+        with pytest.raises(UntrustedFile, match=r"^.* with an ACL that lets uid 65534 "):
+            check_trusted(path, fd, os.fstat(fd), "configuration file", "the daemon's settings")
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -346,6 +347,8 @@ UNTRUSTED = [
                                           reason="giving a file to another user takes root")),
     pytest.param("root", "mode", id="root-group-writable"),
     pytest.param("include", "mode", id="include-world-writable"),
+    # Judged by its entries, not its mask: one lets another user write.
+    pytest.param("include", "acl", id="include-acl-lets-another-user-write"),
     # Whoever may write the directory could put any root-owned file in their place.
     pytest.param("root", "directory", id="directory-world-writable"),
 ]
@@ -367,6 +370,12 @@ def untrusted_schema(tmp_path: Path, where: str, how: str) -> tuple[Path, str]:
                       "0777), so they could replace it and so set the commands the daemon "
                       f"serves, their arguments and the migration modes; chmod go-w "
                       f"{root.parent}, or choose another place for it")
+    if how == "acl":
+        target.chmod(0o644)
+        subprocess.run(["setfacl", "-m", f"u:{NOBODY}:rw", str(target)], check=True)
+        return root, (f"{target}: refusing a schema file with an ACL that lets uid {NOBODY} "
+                      "(nobody) write to it (mode 0664, whose group bits are the ACL's mask); "
+                      f"setfacl -n -m u:{NOBODY}:r {target}")
     mode = 0o664 if where == "root" else 0o646
     target.chmod(mode)
     return root, (f"{target}: refusing a schema file others may write (mode {mode:04o}); "
@@ -413,6 +422,29 @@ async def test_a_reload_says_a_schema_others_could_have_written_would_stop_the_s
     d.wait_for_log("WARNING: reload: with schema as the file now sets it, the next start "
                    f"would fail: {config}:2: schema: {message}\n")
     async with d.client() as c:  # still serving the schema it started with
+        await c.ok("query-version")
+    assert d.stop() == 0
+
+
+async def test_a_schema_whose_acl_lets_only_trusted_users_write_is_served(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Found by review of the directories' ACL rule: a schema file that ``setfacl -m
+    u:65534:r,m::rw`` made 0664, which nobody but its owner may write, was refused as
+    "others may write (mode 0664)": under an access ACL the mode's group bits are only
+    its mask, and the entries decide.  Real setfacl, the daemon as a process."""
+    root, migration = schema_edited(tmp_path, lambda t: t)
+    for each in (root, migration):
+        each.chmod(0o644)
+        subprocess.run(["setfacl", "-m", f"u:{NOBODY}:r,m::rw", str(each)], check=True)
+        assert stat.S_IMODE(each.stat().st_mode) == 0o664  # the mask's bits
+    check = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
+         "--socket", str(tmp_path / "s"), "--schema", str(root)],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert check.returncode == 0, check.stderr
+    d = start_daemon("--schema", str(root), "--ephemeral")
+    async with d.client() as c:
         await c.ok("query-version")
     assert d.stop() == 0
 

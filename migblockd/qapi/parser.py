@@ -34,11 +34,11 @@ from .tree import Definition, ParseResult, PosDict, PosList, Pragmas, Value
 MAX_NESTING = 32
 MAX_INCLUDE_DEPTH = 32
 
-#: Called with a file's name and its opened descriptor's status before the file
-#: is read (the root and each include), to refuse it by raising: the daemon holds
+#: Called with a file's name, its opened descriptor and that descriptor's status
+#: before the file is read (the root and each include), to refuse it by raising: the daemon holds
 #: a schema it was given to the rule its configuration file obeys
 #: (``migblockd.trusted_file``).
-Vet = Callable[[str, os.stat_result], None]
+Vet = Callable[[str, int, os.stat_result], None]
 
 
 @dataclass
@@ -66,7 +66,7 @@ class _FileParser:
         self.vet = vet
         # Not open(): a FIFO would hold the daemon's start (or reload) until
         # someone wrote to it, as it holds QEMU's generator.
-        raw = read_regular(fname, None if vet is None else lambda st: vet(fname, st))
+        raw = read_regular(fname, None if vet is None else lambda fd, st: vet(fname, fd, st))
         try:
             # Newlines as Python's text mode reads them, as QEMU's parser does.
             self.src = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")

@@ -10,6 +10,7 @@ import stat
 from pathlib import Path
 
 from migblockd.denied import explain
+from migblockd.trust import gid_name, writers, writers_named
 
 #: The socket of ``migblockd.socket``, the systemd units' daemon (and root's default).
 SYSTEM_SOCKET = Path("/run/migblockd/migblockd.sock")
@@ -59,8 +60,10 @@ def fallback_problem(directory: Path, whose: str = "this user's") -> str | None:
 
     Another user may have made it first (its parent is everyone's), to listen there
     in place of this user's daemon, or to replace the socket later: it must be a
-    directory (not a symlink to one), this user's, and writable by nobody else.
-    ``whose`` words this user in the answer (``the daemon's``).  A missing
+    directory (not a symlink to one), this user's, and writable by nobody else
+    (under an access ACL, by no entry but this user's and root's, as
+    :func:`migblockd.trust.writers` reads them: the mode's group bits are then only
+    the ACL's mask).  ``whose`` words this user in the answer (``the daemon's``).  A missing
     directory has no problem: the daemon creates it, 0700.
     """
     try:
@@ -74,7 +77,11 @@ def fallback_problem(directory: Path, whose: str = "this user's") -> str | None:
     me = os.geteuid()
     if st.st_uid != me:
         return f"it belongs to {_who(st.st_uid)}, not to {whose} {_who(me)}"
-    if st.st_mode & 0o022:
+    entries = writers(directory, st, (me, 0))
+    if entries:
+        return (f"its ACL lets {writers_named(entries, _who, gid_name)} write to it (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}, whose group bits are the ACL's mask)")
+    if entries is None and st.st_mode & 0o022:
         return f"other users may write to it (mode {stat.S_IMODE(st.st_mode):04o})"
     return None
 

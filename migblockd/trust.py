@@ -38,8 +38,9 @@ from pathlib import Path
 
 from migblockd import acl as acls
 
-__all__ = ["MAX_SYMLINKS", "Distrust", "Writer", "distrust", "named_uid", "ownership",
-           "refusal", "search_fix", "unsearchable", "walk", "writers", "writers_named"]
+__all__ = ["MAX_SYMLINKS", "Distrust", "Writer", "distrust", "gid_name", "named_uid",
+           "ownership", "refusal", "search_fix", "unsearchable", "walk", "writers",
+           "writers_named"]
 
 #: Group and world write bits.
 _OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -244,7 +245,7 @@ def refusal(directory: Path, *, kind: str, asset: str, option: str,
         # left to itself, setfacl recomputes the mask from every entry, which could
         # give an entry the mask keeps from reading or searching what it may not now.
         entries = ",".join(each.without_write for each in found.acl)
-        return (f"{what} has an ACL that lets {writers_named(found.acl, named_uid, _gid_name)} "
+        return (f"{what} has an ACL that lets {writers_named(found.acl, named_uid, gid_name)} "
                 f"write to it (mode {found.mode:04o}, whose group bits are the ACL's mask), "
                 f"so they could replace {asset}; setfacl -n -m {entries} {found.place}, or "
                 f"choose another {option}")
@@ -268,7 +269,8 @@ def named_uid(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _gid_name(gid: int) -> str | None:
+def gid_name(gid: int) -> str | None:
+    """The group database's name for ``gid``; None when it has none."""
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:

@@ -243,6 +243,13 @@ def _writable(mode: int) -> Callable[[Path], None]:
     return prepare
 
 
+def _acl(entries: str) -> Callable[[Path], None]:
+    def prepare(d: Path) -> None:
+        d.mkdir(mode=0o700)
+        subprocess.run(["setfacl", "-m", entries, str(d)], check=True)
+    return prepare
+
+
 def _symlink(d: Path) -> None:
     d.with_name("elsewhere").mkdir(mode=0o700)
     d.symlink_to("elsewhere")
@@ -253,8 +260,11 @@ def _symlink(d: Path) -> None:
                        f"{os.geteuid()} ({pwd.getpwuid(os.geteuid()).pw_name})"),
     (_writable(0o777), "other users may write to it (mode 0777)"),
     (_writable(0o770), "other users may write to it (mode 0770)"),
+    (_acl(f"u:{NOBODY}:rwx"), f"its ACL lets uid {NOBODY} (nobody) write to it (mode 0770, "
+                              "whose group bits are the ACL's mask)"),
     (_symlink, "it is not a directory"),
-], ids=["other-owner", "world-writable", "group-writable", "symlink"])
+], ids=["other-owner", "world-writable", "group-writable", "acl-lets-another-user-write",
+        "symlink"])
 def test_an_unsafe_fallback_directory_is_refused(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
         prepare: Callable[[Path], None], problem: str) -> None:
@@ -288,6 +298,43 @@ def test_a_safe_fallback_directory_is_used(
     second = start_daemon(socket=_fallback(tmpdir) / "migblockd.sock", env=env)  # reuses it
     assert second.stop() == 0
     assert os.lstat(_fallback(tmpdir)).st_uid == os.geteuid()
+
+
+def test_a_fallback_directory_whose_acl_lets_only_its_user_write_is_used(
+        start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
+    """Found by review of the directories' ACL rule: under an access ACL the mode's
+    group bits are only its mask, and a 0700 fallback directory that ``setfacl -m
+    u:65534:rx,m::rwx`` made 0770, which nobody but its user may write, was refused
+    as "other users may write to it (mode 0770)", by the daemon and by the clients.
+    Its entries decide, as the kernel reads them.  Real setfacl, the daemon and the
+    shell as processes."""
+    tmpdir = short_tmp / "tmp"
+    tmpdir.mkdir()
+    tmpdir.chmod(0o1777)
+    directory = _fallback(tmpdir)
+    _acl(f"u:{NOBODY}:rx,m::rwx")(directory)
+    assert stat.S_IMODE(os.lstat(directory).st_mode) == 0o770  # the mask's bits
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {
+        "TMPDIR": str(tmpdir)}
+    sock = directory / "migblockd.sock"
+    daemon = start_daemon("--ephemeral", socket=sock, env=env)
+
+    def shell() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "migblockd.shell", str(sock), "-c",
+                               "query-version"], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    served = shell()
+    assert served.returncode == 0, served.stderr
+    assert json.loads(served.stdout)["return"]["package"].startswith("migblockd ")
+    # An entry that lets another user write is refused, by the clients too.
+    subprocess.run(["setfacl", "-m", f"u:{NOBODY}:rwx", str(directory)], check=True)
+    refused = shell()
+    assert refused.returncode == 2
+    assert (f"refusing {directory}: its ACL lets uid {NOBODY} (nobody) write to it (mode "
+            "0770, whose group bits are the ACL's mask), so another user's program could be "
+            "listening there") in refused.stderr, refused.stderr
+    assert daemon.stop() == 0
 
 
 CLIENT = """

@@ -518,20 +518,15 @@ def test_the_refusal_names_the_live_daemon(start_daemon: Callable[..., DaemonPro
     assert again.stop() == 0
 
 
-def test_a_start_refused_while_the_first_daemon_stops_says_it_is_stopping(
-    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
-) -> None:
-    """A first daemon whose stop takes a while (its drain waits for a client that
-    still sends, 30 s at most) holds its socket and state directory until it exits.
-    Before, a second start on either was told the first was "already serving" it and
-    to "stop it first", as though no stop had been asked."""
-    state = tmp_path / "state"
-    live = start_daemon("--state-dir", str(state))
+@contextlib.contextmanager
+def stopping_slowly(live: DaemonProcess) -> Iterator[None]:
+    """``live`` told to stop (SIGTERM) for the block, its drain kept going by a
+    client that still sends: the drain waits until it closes, 30 s at most."""
     client = blocking_client(live.socket)
     sending = threading.Event()
     sending.set()
 
-    def keep_sending() -> None:  # alive: the drain waits until it closes
+    def keep_sending() -> None:
         with contextlib.suppress(OSError):
             while sending.is_set():
                 client.sendall(b'{"execute": "query-version"}')
@@ -542,16 +537,29 @@ def test_a_start_refused_while_the_first_daemon_stops_says_it_is_stopping(
     try:
         live.signal(signal.SIGTERM)
         live.wait_for_log("stopping: closing the socket and 1 client(s)")
+        yield
+    finally:
+        sending.clear()
+        sender.join()
+        client.close()
+
+
+def test_a_start_refused_while_the_first_daemon_stops_says_it_is_stopping(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
+) -> None:
+    """A first daemon whose stop takes a while (its drain waits for a client that
+    still sends, 30 s at most) holds its socket and state directory until it exits.
+    Before, a second start on either was told the first was "already serving" it and
+    to "stop it first", as though no stop had been asked."""
+    state = tmp_path / "state"
+    live = start_daemon("--state-dir", str(state))
+    with stopping_slowly(live):
         same_socket = start_daemon(wait=False)
         assert same_socket.wait_exit() == 1, same_socket.log()
         same_state = start_daemon("--state-dir", str(state), socket=tmp_path / "other.sock",
                                   wait=False)
         assert same_state.wait_exit() == 1, same_state.log()
         assert live.proc.poll() is None, live.log()  # still stopping, the while
-    finally:
-        sending.clear()
-        sender.join()
-        client.close()
     assert live.wait_exit() == 0
     assert same_socket.log().rstrip("\n").endswith(
         f"ERROR: another migblockd (pid {live.proc.pid}) is stopping, and holds "
@@ -642,34 +650,17 @@ def test_a_start_refused_the_metrics_socket_of_a_stopping_daemon_says_it_is_stop
     it first", while it drained."""
     endpoint = short_tmp / "metrics.sock"
     live = start_daemon("--metrics", str(endpoint), "--ephemeral", socket=short_tmp / "a.sock")
-    client = blocking_client(live.socket)
-    sending = threading.Event()
-    sending.set()
-
-    def keep_sending() -> None:  # alive: the drain waits until it closes
-        with contextlib.suppress(OSError):
-            while sending.is_set():
-                client.sendall(b'{"execute": "query-version"}')
-                time.sleep(0.05)
-
-    sender = threading.Thread(target=keep_sending)
-    sender.start()
-    try:
-        live.signal(signal.SIGTERM)
-        live.wait_for_log("stopping: closing the socket and 1 client(s)")
+    with stopping_slowly(live):
         second = start_daemon("--metrics", str(endpoint), "--ephemeral",
                               socket=short_tmp / "b.sock", wait=False)
         assert second.wait_exit(30) == 1, second.log()
         assert live.proc.poll() is None, live.log()  # still stopping, the while
-    finally:
-        sending.clear()
-        sender.join()
-        client.close()
     assert live.wait_exit() == 0
     assert second.log().rstrip("\n").endswith(
         f"ERROR: another migblockd (pid {live.proc.pid}) is stopping, and holds "
         f"{endpoint} until its stop is over (it drains its clients, 30 s at most); "
         "start again once it has exited, or choose another --metrics"), second.log()
+
 
 def test_a_stop_that_comes_as_a_shorter_note_is_written_leaves_the_lock_file_whole(
     tmp_path: Path,

@@ -49,7 +49,7 @@ def package() -> Iterator[Path]:
     where = Path(tempfile.mkdtemp(prefix="migblockd-denied-", dir="/tmp"))
     where.chmod(0o755)
     (where / "migblockd").mkdir(mode=0o755)
-    for name in ("__init__.py", "paths.py", "denied.py", "acl.py"):
+    for name in ("__init__.py", "paths.py", "denied.py", "trust.py", "acl.py"):
         shutil.copyfile(CHECKOUT / name, where / "migblockd" / name)
         (where / "migblockd" / name).chmod(0o644)
     yield where

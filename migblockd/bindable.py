@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from migblockd.paths import fallback_socket_dir
-from migblockd.pidlock import Held, LockFailed, PidLock
+from migblockd.pidlock import RESTORE_LEFT, Held, LockFailed, PidLock
 from migblockd.socketdir import (
     cannot_create,
     check_fallback,
@@ -41,6 +41,14 @@ def lock_socket(socket_path: Path, option: str = "--socket") -> PidLock:
     try:
         return PidLock.acquire(path)
     except Held as held:
+        if held.before_serving:
+            # Stopped while it started: no clients to drain, but a restore under way
+            # goes on to its end (migblockd.early), which for a big state is longer
+            # than any drain.
+            raise StartupError(
+                f"another migblockd ({held.holder}) is stopping before serving, and holds "
+                f"{socket_path} until its start is over (no clients to drain; {RESTORE_LEFT}"
+                f"); start again once it has exited, or choose another {option}") from None
         if held.stopping:
             # Not "stop it first": it is stopping already, and its drain may take a
             # while (30 s at most); told apart, the operator waits rather than kills.

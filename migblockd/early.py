@@ -23,8 +23,8 @@ TimeoutStopSec= bounds (migblockd.progress asks no more time once a stop came);
 SIGKILL does not wait.  Meanwhile the daemon holds its socket's and its state
 directory's locks, and a second start is refused them: the first stop also has
 :meth:`EarlySignals.when_stopping`'s callback run at once (the locks then say
-that their holder is stopping, ``migblockd.pidlock``), not once the start gets
-to it.
+that their holder is stopping before serving, ``migblockd.pidlock``), not once
+the start gets to it.
 
 SIGUSR1 and SIGUSR2 mean nothing to the daemon, and their default action
 would end it without a line, leaving its socket behind: someone who sends one

@@ -11,9 +11,11 @@ for the next holder, which finds what the last one wrote in :attr:`PidLock.previ
 A holder that is stopping says so on a line after them (:meth:`PidLock.stopping`):
 its stop may take a while (a drain of 30 s at most, or the rest of a restore of a
 big state when the stop came while it started), and a second start refused
-meanwhile is to hear that the first is on its way out, not that it serves.  The
-process's own stop says it in every lock it holds (:func:`say_stopping`), from
-the signal's handler, so that no step of the start has to be reached first.
+meanwhile is to hear that the first is on its way out, not that it serves, and
+what it waits for: a holder stopped before it served, which has no clients to
+drain, adds a line saying so.  The process's own stop says it in every lock it
+holds (:func:`say_stopping`), from the signal's handler, so that no step of the
+start has to be reached first.
 The file itself is never removed: a holder
 that unlinked it on exit could leave a second process holding a lock on the
 removed file while a third takes one on a new file.
@@ -27,17 +29,25 @@ import fcntl
 import os
 from pathlib import Path
 
-__all__ = ["Held", "LockFailed", "PidLock", "say_stopping"]
+__all__ = ["RESTORE_LEFT", "Held", "LockFailed", "PidLock", "say_stopping"]
+
+#: What a holder stopped before it served (:attr:`Held.before_serving`) still does
+#: before it lets go, in the words of the refusals of its socket and its state
+#: directory: the stop never cuts a restore short (``migblockd.early``).
+RESTORE_LEFT = "a restore of its state under way is finished first, minutes for a large one"
 
 
 class Held(Exception):
     """Another process holds the lock; ``holder`` is ``pid N`` (or ``pid unknown``);
-    ``stopping``: whether it has said that it is stopping (:meth:`PidLock.stopping`)."""
+    ``stopping``: whether it has said that it is stopping (:meth:`PidLock.stopping`),
+    and ``before_serving``: that it said so before it served (its start's stop)."""
 
-    def __init__(self, holder: str, *, stopping: bool = False) -> None:
+    def __init__(self, holder: str, *, stopping: bool = False,
+                 before_serving: bool = False) -> None:
         super().__init__(holder)
         self.holder = holder
         self.stopping = stopping
+        self.before_serving = stopping and before_serving
 
 
 class LockFailed(Exception):
@@ -61,7 +71,7 @@ class PidLock:
         self._fd: int | None = fd
         self._pid = b""  # the pid as written before a note, while there is one
         self._note = b""  # the note written after the pid, if any
-        self._said = False  # whether the file is to say that the holder is stopping
+        self._said = b""  # the lines saying that the holder is stopping, once it is
         #: What the file held when the lock was taken: the last holder's pid and
         #: note (which it leaves behind when it is killed), or nothing.
         self.previous = previous
@@ -76,10 +86,10 @@ class PidLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder, stopping = _holder(fd)
+            holder, stopping, before_serving = _holder(fd)
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise Held(holder, stopping=stopping) from None
+                raise Held(holder, stopping=stopping, before_serving=before_serving) from None
             raise LockFailed(exc.strerror or str(exc), opening=False, errno=exc.errno) from None
         previous = b""
         with contextlib.suppress(OSError):
@@ -92,7 +102,7 @@ class PidLock:
             lock._write(kept)
         _held.add(lock)
         if _stopping:  # taken by a start whose stop came already: it ends after its step
-            lock.stopping()
+            lock.stopping(before_serving=True)
         return lock
 
     def note(self, text: str) -> None:
@@ -124,20 +134,24 @@ class PidLock:
             # any two steps of the main thread): the cut may have taken its line.
             self._say()
 
-    def stopping(self) -> None:
+    def stopping(self, *, before_serving: bool = False) -> None:
         """Say, on a line after the pid and the note (empty if there is none), that
         the holder is stopping, for whoever is refused the lock until it lets go;
-        a note written later keeps the line.  Best effort: a file that cannot be
-        written leaves the refusal as it was.  The next holder drops the line (it
-        keeps the note alone)."""
-        self._said = True
+        a note written later keeps the line.  ``before_serving``: the stop came
+        before the holder served, so it has no clients to drain, and what keeps the
+        lock is the rest of its start (a restore under way); said on one more line,
+        after a ``stopping`` line as a drain's, so that a reader that knows only that
+        one still hears that the holder stops.  The last said holds.  Best effort: a
+        file that cannot be written leaves the refusal as it was.  The next holder
+        drops the lines (it keeps the note alone)."""
+        self._said = _STOPPING + b"\n" + (_BEFORE_SERVING + b"\n" if before_serving else b"")
         self._say()
 
     def _say(self) -> None:
         fd = self._fd
         if fd is None:
             return
-        content = f"{os.getpid()}\n".encode() + self._note + b"\n" + _STOPPING + b"\n"
+        content = f"{os.getpid()}\n".encode() + self._note + b"\n" + self._said
         with contextlib.suppress(OSError):
             os.pwrite(fd, content, 0)
             # Cut to it: the note may be shorter than the one there.  The stop's
@@ -162,15 +176,16 @@ class PidLock:
 
 def say_stopping() -> None:
     """Say in every lock this process holds, and in each it takes from now on, that
-    it is stopping (:meth:`PidLock.stopping`).  For the handler of the stop's signal
-    while a daemon starts (``migblockd.early``): it runs in the main thread between
-    two of its steps, whatever the start is doing (restoring a big state, which a
-    stop does not cut short), so a second start refused meanwhile hears at once that
-    this one is on its way out.  Once said, it holds for the rest of the process."""
+    it is stopping before serving (:meth:`PidLock.stopping`).  For the handler of the
+    stop's signal while a daemon starts (``migblockd.early``): it runs in the main
+    thread between two of its steps, whatever the start is doing (restoring a big
+    state, which a stop does not cut short), so a second start refused meanwhile
+    hears at once that this one is on its way out, once its start is over.  Once
+    said, it holds for the rest of the process."""
     global _stopping  # noqa: PLW0603 - the process's own stop, one per process
     _stopping = True
     for lock in list(_held):
-        lock.stopping()
+        lock.stopping(before_serving=True)
 
 
 #: The locks this process holds (each leaves at its release), for :func:`say_stopping`.
@@ -182,16 +197,19 @@ _stopping = False
 _MOST = 1 << 16
 #: The line a holder that is stopping writes after its pid and its note.
 _STOPPING = b"stopping"
+#: The line after it of a holder stopped before it served (its start's stop).
+_BEFORE_SERVING = b"before serving"
 
 
-def _holder(fd: int) -> tuple[str, bool]:
-    """``pid N`` as the holder wrote it (its first line), when it did, and whether
-    it says it is stopping (its third line)."""
+def _holder(fd: int) -> tuple[str, bool, bool]:
+    """``pid N`` as the holder wrote it (its first line), when it did, whether it
+    says it is stopping (its third line), and before it served (its fourth)."""
     try:
         lines = os.pread(fd, _MOST, 0).split(b"\n")
     except OSError:
         lines = [b""]
     text = lines[0].decode("ascii", "replace").strip()
     if not text.isdigit():
-        return "pid unknown", False
-    return f"pid {text}", len(lines) > 2 and lines[2] == _STOPPING
+        return "pid unknown", False, False
+    stopping = len(lines) > 2 and lines[2] == _STOPPING
+    return f"pid {text}", stopping, stopping and len(lines) > 3 and lines[3] == _BEFORE_SERVING

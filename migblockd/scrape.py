@@ -104,12 +104,13 @@ class MetricsServer:
                         "to: a name is served on its first address only (give the address "
                         "itself to choose)", self.setting, self.unserved)
 
-    def stopping(self) -> None:
-        """Say in the lock of a Unix socket it serves that the daemon is stopping, for
-        a start refused the address meanwhile (:meth:`PidLock.stopping`); a TCP
-        address has no lock (the kernel's refusal says nothing of who holds it)."""
+    def stopping(self, *, before_serving: bool = False) -> None:
+        """Say in the lock of a Unix socket it serves that the daemon is stopping
+        (before it served: ``before_serving``), for a start refused the address
+        meanwhile (:meth:`PidLock.stopping`); a TCP address has no lock (the
+        kernel's refusal says nothing of who holds it)."""
         if self._lock is not None:
-            self._lock.stopping()
+            self._lock.stopping(before_serving=before_serving)
 
     def close(self) -> None:
         """Stop serving and clean up: the scrapes under way are answered (a 503 for

@@ -130,10 +130,10 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
         if not stop.is_set():
             # Before the drain, which may take a while: a second start refused the
             # socket, the state directory or the metrics socket meanwhile hears that
-            # this one is stopping.
+            # this one is stopping, and whether it has clients to drain.
             for lock in (None if claim is None else claim.lock, store, metrics):
                 if lock is not None:
-                    lock.stopping()
+                    lock.stopping(before_serving=not serving)
         stop.set()
         # At once, not when the stop gets to it: a SIGHUP sent with the SIGTERM
         # would otherwise start a reload during the stop.

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from migblockd.pidlock import Held, LockFailed, PidLock
+from migblockd.pidlock import RESTORE_LEFT, Held, LockFailed, PidLock
 from migblockd.startup import StoppedStarting
 from migblockd.state.errors import StateError, busy, owner_mismatch, read_only
 from migblockd.writable import attribute_fix, denied
@@ -61,7 +61,12 @@ def lock_directory(directory: Path) -> PidLock:
     try:
         return PidLock.acquire(path)
     except Held as held:
-        if held.stopping:  # as a socket's lock says it (migblockd.bindable)
+        if held.before_serving:  # as a socket's lock says it (migblockd.bindable)
+            raise StateError(f"state directory {directory} is locked by another migblockd "
+                             f"({held.holder}), which is stopping before serving "
+                             f"({RESTORE_LEFT}); start again once it has exited, or use "
+                             "another --state-dir") from None
+        if held.stopping:
             raise StateError(f"state directory {directory} is locked by another migblockd "
                              f"({held.holder}), which is stopping; start again once it has "
                              "exited, or use another --state-dir") from None

@@ -135,11 +135,12 @@ class Store:
             raise
         return cls(directory, lock, conn, database_lock)
 
-    def stopping(self) -> None:
-        """Say in the directory's lock file that this daemon is stopping, for a
-        start refused the directory meanwhile (:meth:`PidLock.stopping`)."""
+    def stopping(self, *, before_serving: bool = False) -> None:
+        """Say in the directory's lock file that this daemon is stopping (before it
+        served: ``before_serving``), for a start refused the directory meanwhile
+        (:meth:`PidLock.stopping`)."""
         if self._lock is not None:
-            self._lock.stopping()
+            self._lock.stopping(before_serving=before_serving)
 
     def load(self) -> Snapshot:
         """Everything stored: blockers oldest first, and the settings."""

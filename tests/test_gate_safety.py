@@ -1676,14 +1676,24 @@ async def test_a_qemu_met_again_takes_no_blocker_on_what_the_one_before_said(
     assert_clean_log(d)
 
 
-def qemu_as(uid: int, sock: Path) -> subprocess.Popen[bytes]:
-    """A real QEMU (no guest) run as ``uid``, with no groups, listening at ``sock``:
-    another local user's process at --qemu's path."""
-    return subprocess.Popen(
+@contextlib.asynccontextmanager
+async def qemus_as(uid: int, *socks: Path) -> AsyncIterator[None]:
+    """Real QEMUs (no guest) run as ``uid``, with no groups, one listening at each of
+    ``socks`` for the block: another local user's processes at --qemu's paths."""
+    qemus = [subprocess.Popen(
         ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
          "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
          "-qmp", f"unix:{sock},server=on,wait=off"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for sock in socks]
+    try:
+        for sock in socks:
+            await wait_until(sock.exists, f"QEMU listening at {sock}")
+        yield
+    finally:
+        for qemu in qemus:
+            qemu.kill()
+            qemu.wait()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: QEMU runs as another uid")
@@ -1702,14 +1712,7 @@ async def test_a_qemu_socket_another_user_could_have_put_there_is_not_taken_for_
     own = short_tmp / "own"
     own.mkdir()
     os.chown(own, uid, uid)  # as libvirt's per-domain directory of QEMU's user
-    qemus = []
-    try:
-        for where in (shared, own):
-            qemus.append(qemu_as(uid, where / "qmp.sock"))
-        for where in (shared, own):
-            sock = where / "qmp.sock"
-            await wait_until(sock.exists, f"QEMU listening at {sock}")
-
+    async with qemus_as(uid, shared / "qmp.sock", own / "qmp.sock"):
         taken = start_daemon("--qemu", str(shared / "qmp.sock"), "--ephemeral",
                              socket=short_tmp / "a.sock")
         taken.wait_for_log(
@@ -1729,10 +1732,6 @@ async def test_a_qemu_socket_another_user_could_have_put_there_is_not_taken_for_
                                socket=short_tmp / "b.sock")
         trusted.wait_for_log(re.compile(
             rf"connected to QEMU 7\.[0-9.]+ at {re.escape(str(own / 'qmp.sock'))}\n"), timeout=30)
-    finally:
-        for qemu in qemus:
-            qemu.kill()
-            qemu.wait()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: QEMU runs as another uid")
@@ -1752,9 +1751,7 @@ async def test_a_directory_of_qemus_name_another_user_made_in_tmp_is_not_taken_f
     theirs.mkdir()
     os.chown(theirs, uid, uid)  # made by that user: mkdir /tmp/vm1
     sock = theirs / "qmp.sock"
-    qemu = qemu_as(uid, sock)
-    try:
-        await wait_until(sock.exists, f"QEMU listening at {sock}")
+    async with qemus_as(uid, sock):
         d = start_daemon("--qemu", str(sock), "--ephemeral", socket=short_tmp / "a.sock")
         d.wait_for_log(
             f"QEMU at {sock} is not available: what listens there runs as uid {uid}, and "
@@ -1768,9 +1765,6 @@ async def test_a_directory_of_qemus_name_another_user_made_in_tmp_is_not_taken_f
             await c.close()
         assert "Not connected to QEMU's monitor" in desc, desc
         assert "where others may make a name as themselves" in desc, desc
-    finally:
-        qemu.kill()
-        qemu.wait()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: QEMU runs as another uid")
@@ -1792,9 +1786,7 @@ async def test_a_qemu_path_that_is_a_symlink_into_tmp_is_judged_where_it_leads(
     (run / "vm1.qmp").symlink_to(sock)
     (shared / "sub").mkdir()
     (run / "link").symlink_to(shared / "sub")  # link/.. is shared
-    qemu = qemu_as(uid, sock)
-    try:
-        await wait_until(sock.exists, f"QEMU listening at {sock}")
+    async with qemus_as(uid, sock):
         for name, given in (("a", run / "vm1.qmp"), ("b", f"{run}/link/../vm1.qmp")):
             d = start_daemon("--qemu", str(given), "--ephemeral",
                              socket=short_tmp / f"{name}.sock")
@@ -1802,9 +1794,6 @@ async def test_a_qemu_path_that_is_a_symlink_into_tmp_is_judged_where_it_leads(
                 f"QEMU at {given} is not available: what listens there runs as uid {uid}, "
                 f"and {shared} others may write to it (mode 1777), so another user could "
                 "have put that socket there", timeout=30)
-    finally:
-        qemu.kill()
-        qemu.wait()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: QEMU runs as another uid")
@@ -1825,9 +1814,7 @@ async def test_a_qemu_socket_directory_others_may_write_by_its_acl_names_the_ent
                     str(shared)], check=True)
     assert shared.stat().st_mode & 0o777 == 0o775  # the mask
     sock = shared / "qmp.sock"
-    qemu = qemu_as(uid, sock)
-    try:
-        await wait_until(sock.exists, f"QEMU listening at {sock}")
+    async with qemus_as(uid, sock):
         d = start_daemon("--qemu", str(sock), "--ephemeral", socket=short_tmp / "a.sock")
         d.wait_for_log(
             f"QEMU at {sock} is not available: what listens there runs as uid {uid}, and "
@@ -1835,9 +1822,6 @@ async def test_a_qemu_socket_directory_others_may_write_by_its_acl_names_the_ent
             f"{group} write to it (mode 0775, whose group bits are the ACL's mask), so "
             "another user could have put that socket there while QEMU was away", timeout=30)
         assert "others may write to it" not in d.log()
-    finally:
-        qemu.kill()
-        qemu.wait()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: QEMU runs as another uid")
@@ -1861,10 +1845,7 @@ async def test_a_qemu_socket_directory_whose_acl_lets_only_qemus_user_write_is_t
     (writing / "vm1").mkdir()
     os.chown(writing / "vm1", uid, uid)
     socks = [reading / "qmp.sock", writing / "qmp.sock", writing / "vm1" / "qmp.sock"]
-    qemus = [qemu_as(uid, sock) for sock in socks]
-    try:
-        for sock in socks:
-            await wait_until(sock.exists, f"QEMU listening at {sock}")
+    async with qemus_as(uid, *socks):
         # Bound: now no entry of reading's lets anyone write, though its mask would.
         subprocess.run(["setfacl", "-m", f"u:{uid}:rx,m::rwx", str(reading)], check=True)
         for directory in (reading, writing):
@@ -1876,7 +1857,3 @@ async def test_a_qemu_socket_directory_whose_acl_lets_only_qemus_user_write_is_t
                 rf"connected to QEMU 7\.[0-9.]+ at {re.escape(str(sock))}\n"), timeout=30)
             assert "is not available" not in d.log()
             d.stop()
-    finally:
-        for qemu in qemus:
-            qemu.kill()
-            qemu.wait()

@@ -79,7 +79,8 @@ def load_contract(path: Path | None) -> Contract:
     except UntrustedFile as exc:
         raise StartupError(str(exc)) from None
     except QAPIError as exc:
-        raise StartupError(f"bad schema: {exc}") from None
+        # StartupError's one line: QEMU's second line of some messages joined to it.
+        raise StartupError(f"bad schema: {exc.line()}") from None
     except NotRegularFile as exc:
         raise StartupError(f"{exc}; --schema takes a QAPI schema file") from None
     except OSError as exc:

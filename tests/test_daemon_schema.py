@@ -185,6 +185,28 @@ def test_check_config_says_what_the_start_would(tmp_path: Path) -> None:
                              "migblockd has no handler for command 'frobnicate'\n")
 
 
+#: MigMode with keys QEMU's generator knows and migblockd's subset does not.
+MIGMODE_KEYED = MIGMODE.replace("'MigMode',", "'MigMode', 'prefix': 'MIG', 'if': 'X',")
+
+
+async def test_unknown_keys_stop_the_start_with_one_line(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    # QEMU's generator names every unknown key, and the valid ones on a second
+    # line; the daemon's start says both on its one line, as --check-config does.
+    root, migration = schema_edited(tmp_path, lambda t: t.replace(MIGMODE, MIGMODE_KEYED))
+    where = line_of(migration, MIGMODE_KEYED)
+    col = MIGMODE_KEYED.index("'prefix'") + 1
+    said = (f"bad schema: {migration}:{where}:{col}: enum 'MigMode' has unknown keys 'if', "
+            "'prefix'. Valid keys are 'data', 'enum'.")
+    assert refused_start(tmp_path, start_daemon, root).endswith(f" ERROR: {said}")
+    result = subprocess.run(
+        [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
+         "--socket", str(tmp_path / "s"), "--schema", str(root)],
+        capture_output=True, text=True, check=False, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"migblockd: {said}\n")
+
+
 INTERNAL_DOC = ("# @internal: Ignore the daemon's only-migratable setting, like QEMU's\n"
                 "#     internal blockers.  Needs role operator.  Default: false.\n#\n")
 ADD_BLOCKER = "{ 'command': 'add-blocker',\n  'data': { 'reason': 'str',"

@@ -2,7 +2,8 @@
 
 Each case runs the real ``migblockd-qapi-gen`` (as ``python -m``) on a file
 written here, and asks for what QEMU's generator gives: an answer in bounded
-time and, for a mistake, one ``FILE:LINE:COL: message`` line, never a traceback.
+time and, for a mistake, one ``FILE:LINE:COL: message`` line (with QEMU's second
+line where QEMU prints one), never a traceback.
 """
 
 from __future__ import annotations
@@ -103,6 +104,21 @@ def test_a_megabyte_name_is_quoted_cut(tmp_path: Path, name: str) -> None:
     assert result.returncode == 1
     assert result.stderr == (f"{schema}:8:34: member 'a' of 'Ss' uses unknown type "
                              f"'{name[:256]}...' (1,000,000 characters)\n")
+
+
+def test_thousands_of_unknown_keys_are_counted_not_all_listed(tmp_path: Path) -> None:
+    # QEMU's check_keys() lists every unknown key: 20,000 of them made one line
+    # of 240,000 characters, in the daemon's log too.
+    schema = tmp_path / "keys.json"
+    keys = ", ".join(f"'k{i:05}': true" for i in range(20000))
+    schema.write_text(doc("Ss", ["a"])
+                      + f"{{ 'struct': 'Ss', 'data': {{ 'a': 'str' }}, {keys} }}\n")
+    col = schema.read_text().splitlines()[-1].index("'k00000'") + 1
+    result = gen("-o", str(tmp_path / "out"), str(schema))
+    assert result.returncode == 1
+    listed = ", ".join(f"'k{i:05}'" for i in range(16))
+    assert result.stderr == (f"{schema}:8:{col}: struct 'Ss' has unknown keys {listed}, ... "
+                             "(20,000 keys)\nValid keys are 'data', 'struct'.\n")
 
 
 def test_a_fifo_included_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:

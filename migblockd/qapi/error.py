@@ -31,18 +31,28 @@ class SourceInfo:
 class QAPIError(Exception):
     """A mistake in a schema file (syntax or meaning).
 
-    ``str()`` is ``FILE:LINE:COL: message``; the parts stay available as
+    ``str()`` is ``FILE:LINE:COL: message``, and below it the ``hint`` when
+    there is one, on a line of its own as QEMU's generator prints it (``Valid
+    keys are 'data', 'struct'.``); :meth:`line` is the same on one line, for a
+    log or a status that must stay one.  The parts stay available as
     attributes for callers (tests, editors) that want them separately.
     """
 
-    def __init__(self, info: SourceInfo, msg: str) -> None:
+    def __init__(self, info: SourceInfo, msg: str, hint: str | None = None) -> None:
         msg = _shown(msg)
+        hint = None if hint is None else _shown(hint)
         super().__init__(f"{info}: {msg}")
         self.info = info
         self.msg = msg
+        self.hint = hint
 
     def __str__(self) -> str:
-        return f"{self.info}: {self.msg}"
+        return self.line() if self.hint is None else f"{self.info}: {self.msg}\n{self.hint}"
+
+    def line(self) -> str:
+        """``FILE:LINE:COL: message``, the hint after it as a sentence of its own."""
+        hint = "" if self.hint is None else f". {self.hint}"
+        return f"{self.info}: {self.msg}{hint}"
 
 
 #: The longest word (a name, a stray token, a path) a message quotes whole.

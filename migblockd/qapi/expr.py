@@ -16,13 +16,14 @@ later passes expect.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
+from typing import Final
 
 from .error import QAPIError, SourceInfo
 from .names import check_definition_name, check_member_name, check_value_name
 from .tree import Definition, PosDict, PosList, Value
 
-__all__ = ["check_definition", "enum_value"]
+__all__ = ["KEYS_LISTED", "check_definition", "check_keys", "enum_value"]
 
 _META_KEYS: dict[str, tuple[set[str], set[str]]] = {
     # meta-type: (required keys, optional keys)
@@ -34,6 +35,9 @@ _META_KEYS: dict[str, tuple[set[str], set[str]]] = {
 #: QAPI metatypes outside migblockd's subset: valid QAPI, so they are named as
 #: unsupported rather than taken for an expression without a metatype.
 _UNSUPPORTED_METAS = ("union", "alternate")
+#: The most keys a message lists.  QEMU's lists them all; a file with thousands
+#: would make a message nobody reads, and a megabyte line in the daemon's log.
+KEYS_LISTED: Final = 16
 
 
 def check_definition(defn: Definition, exceptions: Collection[str]) -> tuple[str, str]:
@@ -57,15 +61,7 @@ def check_definition(defn: Definition, exceptions: Collection[str]) -> tuple[str
     if defn.doc.symbol != name:
         raise QAPIError(defn.info, f"documentation comment is for '{defn.doc.symbol}'")
     defn.doc.check_sections(meta, "returns" in expr)
-    # QEMU's check_keys(): a missing key before an unknown one.
-    required, optional = _META_KEYS[meta]
-    what = f"{meta} '{name}'"
-    missing = sorted(required - set(expr))
-    if missing:
-        raise QAPIError(expr.info, f"{what} misses key '{missing[0]}'")
-    for key in expr:
-        if key not in required | optional:
-            raise QAPIError(expr.key_info[key], f"{what} has unknown key '{key}'")
+    check_keys(expr, f"{meta} '{name}'", *_META_KEYS[meta])
     if meta == "enum":
         _check_enum(name, expr)
     elif meta == "struct":
@@ -79,6 +75,38 @@ def check_definition(defn: Definition, exceptions: Collection[str]) -> tuple[str
     if "allow-oob" in expr and expr["allow-oob"] is not True:
         raise QAPIError(expr.value_info["allow-oob"], "flag 'allow-oob' may only use true value")
     return meta, name
+
+
+def check_keys(obj: PosDict, what: str, required: set[str], optional: set[str]) -> None:
+    """QEMU's check_keys(): the keys missing, else the keys unknown, all of them
+    in one message, sorted and quoted, with QEMU's second line naming the keys
+    the object may have (the subset's: QEMU's others are unknown to it).
+
+    A missing key is reported at the object, where QEMU reports both; unknown
+    keys at the first one written, where an editor should take its user."""
+    missing = required - obj.keys()
+    if missing:
+        raise QAPIError(obj.info, f"{what} misses key{_plural(missing)} {_listed(missing)}")
+    allowed = required | optional
+    unknown = [key for key in obj if key not in allowed]
+    if unknown:
+        raise QAPIError(obj.key_info[unknown[0]],
+                        f"{what} has unknown key{_plural(unknown)} {_listed(unknown)}",
+                        f"Valid keys are {_listed(allowed)}.")
+
+
+def _plural(keys: Collection[str]) -> str:
+    return "s" if len(keys) > 1 else ""
+
+
+def _listed(keys: Iterable[str]) -> str:
+    """``'a', 'b'``: sorted, as QEMU's pprint() lists them, cut after
+    :data:`KEYS_LISTED`, saying how many there are."""
+    ordered = sorted(keys)
+    listed = ", ".join(f"'{key}'" for key in ordered[:KEYS_LISTED])
+    if len(ordered) > KEYS_LISTED:
+        listed += f", ... ({len(ordered):,} keys)"
+    return listed
 
 
 def _check_enum(name: str, expr: PosDict) -> None:
@@ -103,11 +131,7 @@ def enum_value(item: Value, info: SourceInfo, enum: str) -> tuple[str, SourceInf
         if not isinstance(item, str):
             raise QAPIError(info, f"value of enum '{enum}' requires a string name")
         return item, info
-    if "name" not in item:
-        raise QAPIError(item.info, f"value of enum '{enum}' misses key 'name'")
-    for key in item:
-        if key != "name":
-            raise QAPIError(item.key_info[key], f"value of enum '{enum}' has unknown key '{key}'")
+    check_keys(item, f"value of enum '{enum}'", {"name"}, set())
     name = item["name"]
     if not isinstance(name, str):
         raise QAPIError(item.value_info["name"], f"value of enum '{enum}' requires a string name")

@@ -23,7 +23,7 @@ from pathlib import Path
 from .doccomment import Doc
 from .error import QAPIError, SourceInfo
 from .expr import check_definition, enum_value
-from .parser import MAX_NESTING, Vet, parse_schema
+from .parser import Vet, parse_schema
 from .schema import (
     BUILTIN_JSON_TYPES,
     PREDEFINED_OUTSIDE_SUBSET,
@@ -241,13 +241,22 @@ class _Builder:
         ``scripts/qapi/schema.py``), and checks it there: so an unknown T is
         reported before any other mistake of that definition, in the words of
         QAPISchemaArrayType.check(), which names the definition, not the member
-        (``struct uses unknown type 'T'``, in struct 'Foo')."""
+        (``struct uses unknown type 'T'``, in struct 'Foo').
+
+        There too QEMU asserts that T is no array: ``['strList']`` (``['FooList']``,
+        ``['Foo']`` written) ends its generator in an AssertionError.  Here it is
+        a mistake, in QEMU's words for a type a place cannot take, where
+        ``['TList']`` is written, which alone makes the name ``TListList``."""
         for value in values:
             if isinstance(value, PosList) and value[0] not in self.made_arrays:
                 element = value[0]
                 assert isinstance(element, str)  # pass 1
                 self.made_arrays.add(element)
-                self._resolve(element, value.item_info[0], f"{meta} '{name}'")
+                what = f"{meta} '{name}'"
+                typ = self._resolve(element, value.item_info[0], what)
+                if isinstance(typ, ArrayType):
+                    raise QAPIError(value.item_info[0], f"{what}: array type ['{element}'] "
+                                                        f"cannot take {typ.describe()}")
 
     def _lookup_array(self, name: str, info: SourceInfo, what: str) -> ArrayType | None:
         """The array a type name ``TList`` means, as QEMU's lookup_type() finds it.
@@ -259,7 +268,9 @@ class _Builder:
         types are resolved only once every definition is in.  Where neither
         holds, ``TList`` is an unknown type there too.  (``['strList']`` makes
         ``strListList`` a name, and so on: the suffixes are taken off in a loop,
-        not by recursion, which a long chain of them would exhaust.)"""
+        not by recursion, which a long chain of them would exhaust.  Such an
+        array of arrays is refused where ``['strList']`` is written, as QEMU
+        fails there: see _check_new_arrays().)"""
         base, depth = name, 0
         while base.endswith("List"):
             element = base.removesuffix("List")
@@ -275,24 +286,14 @@ class _Builder:
             # reports T where it checks that array (see _check_new_arrays()).
             typ = _Unchecked(base)
         for _ in range(depth):
-            typ = self._array_of(typ, info, what)
+            typ = self._array_of(typ)
         assert isinstance(typ, ArrayType)
         return typ
 
-    def _array_of(self, element: QAPIType, info: SourceInfo, what: str) -> ArrayType:
-        """The one array type of ``element``, however it was written.
-
-        List names nest arrays where brackets cannot (``['strList']``); held to
-        the parser's nesting limit, they stay within what the back ends (which
-        recurse into an array's element) and JSON readers take."""
+    def _array_of(self, element: QAPIType) -> ArrayType:
+        """The one array type of ``element``, however it was written."""
         array = self.arrays.get(element.name)
         if array is None:
-            levels, inner = 1, element
-            while isinstance(inner, ArrayType):
-                levels, inner = levels + 1, inner.element
-            if levels > MAX_NESTING:
-                raise QAPIError(info, f"{what}: array type nested more than {MAX_NESTING} "
-                                      "levels deep")
             array = self.arrays[element.name] = ArrayType(element)
         return array
 
@@ -300,7 +301,7 @@ class _Builder:
         """The type a member's (or return's) type expression denotes."""
         # Its shape is pass 1's (.expr): a name, or an array of one.
         if isinstance(value, PosList):
-            return self._array_of(self._resolve(value[0], value.item_info[0], what), info, what)
+            return self._array_of(self._resolve(value[0], value.item_info[0], what))
         assert isinstance(value, str)
         typ = self.schema.lookup_type(value) or self._lookup_array(value, info, what)
         if typ is None:

@@ -44,7 +44,8 @@ def test_bad_schema_reports_file_line_col(name: str, monkeypatch: pytest.MonkeyP
 # drift unnoticed on the cases that matter most.
 KEY_MESSAGES = {
     "bad-unknown-type.json": "10:48: member 'b' of 'Foo' uses unknown type 'Bogus'",
-    "bad-duplicate-definition.json": "16:11: 'En' is already defined",
+    "bad-duplicate-definition.json": ("16:11: 'En' is already defined\n"
+                                      "bad-duplicate-definition.json:8:11: previous definition"),
     "bad-member-undocumented.json": "8:42: member 'b' of 'Foo' lacks documentation",
     "bad-documented-member-missing.json": "8:1: documented member 'b' does not exist",
     "bad-definition-undocumented.json": "1:1: documentation comment required",
@@ -229,6 +230,25 @@ def test_a_list_name_is_the_array_qemu_defines_under_it(tmp_path: Path) -> None:
     assert info["[str]"] == {"name": "[str]", "meta-type": "array", "element-type": "str"}
     assert arguments_schema(arg, "t")["properties"]["sizes"] == {
         "type": "array", "items": integer_schema("uint8")}
+
+
+def test_a_name_defined_twice_points_back_at_the_first(tmp_path: Path) -> None:
+    # QEMU's QAPISchema._def_entity() (scripts/qapi/schema.py) adds a line
+    # saying where the first definition is (its tests/qapi-schema/
+    # redefined-type.err); migblockd's generator said only the second's place.
+    sub, root = tmp_path / "sub.json", tmp_path / "root.json"
+    sub.write_text(_doc("Paint", "a") + "{ 'struct': 'Paint', 'data': { 'a': 'str' } }\n")
+    root.write_text("{ 'include': 'sub.json' }\n"
+                    + _doc("Paint", "b") + "{ 'struct': 'Paint', 'data': { 'b': 'str' } }\n")
+    with pytest.raises(QAPIError) as exc:
+        load_schema(root)
+    assert (exc.value.msg, exc.value.hint) == ("'Paint' is already defined",
+                                               f"{sub}:8:13: previous definition")
+    assert str(exc.value) == (f"{root}:9:13: 'Paint' is already defined\n"
+                              f"{sub}:8:13: previous definition")
+    # One line, where one line is all there is room for (the daemon's start).
+    assert exc.value.line() == (f"{root}:9:13: 'Paint' is already defined. "
+                                f"{sub}:8:13: previous definition")
 
 
 def test_a_list_name_of_a_type_no_array_is_written_of_is_unknown(tmp_path: Path) -> None:

@@ -8,10 +8,9 @@ features are not part of the subset.
 Checks done here, each reported as ``FILE:LINE:COL: message`` at the offending
 key or value: duplicate definitions (and a built-in type's name taken), enum
 values and members that collide, references to unknown types (a command or
-event is none), types a command may not take or return, and doc comments
-that leave a member undocumented or document a member that does not exist.
-The objects built are :mod:`.schema`'s, apart so that the back ends read the
-model without the checks.
+event is none), arrays of arrays, types a command may not take or return, doc
+comments that leave a member undocumented or document one that does not exist.
+The objects built are :mod:`.schema`'s, apart so that the back ends need no checks.
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ class _Builder:
         # a built-in's before the schema is read, another where ['T'] is
         # first written (see _check_new_arrays()).
         self.made_arrays: set[str] = set(BUILTIN_JSON_TYPES)
-        self.defined: dict[str, tuple[str, SourceInfo]] = {}
+        self.defined: dict[str, SourceInfo] = {}  # where each name is defined
         # QEMU's names of the implicit types of inline arguments, q_obj_NAME-arg.
         self.implicit_names: set[str] = set()
 
@@ -149,7 +148,8 @@ class _Builder:
         return self.schema
 
     def _define(self, meta: str, name: str, expr: PosDict) -> None:
-        """Register a definition's name, once (QEMU's _def_definition())."""
+        """Register a definition's name, once (QEMU's _def_definition()); a second
+        is refused with QEMU's line pointing back at the first (its _def_entity())."""
         if name in BUILTIN_JSON_TYPES:
             raise QAPIError(expr.value_info[meta], f"built-in type '{name}' is already defined")
         if name in PREDEFINED_OUTSIDE_SUBSET:
@@ -157,8 +157,9 @@ class _Builder:
             raise QAPIError(expr.value_info[meta],
                             f"{PREDEFINED_OUTSIDE_SUBSET[name]} is already defined")
         if name in self.defined:
-            raise QAPIError(expr.value_info[meta], f"'{name}' is already defined")
-        self.defined[name] = (meta, expr.info)
+            raise QAPIError(expr.value_info[meta], f"'{name}' is already defined",
+                            f"{self.defined[name]}: previous definition")
+        self.defined[name] = expr.value_info[meta]
         data = expr.get("data")
         if meta in ("command", "event") and isinstance(data, PosDict) and data:
             # QEMU defines the type of inline arguments as an entity like any

@@ -272,6 +272,74 @@ async def test_crash_on_a_full_disk_restarts_and_serves(
     assert_clean_log(again)
 
 
+def limited_python(directory: Path, limit: int) -> str:
+    """An interpreter path that runs this one under a file size limit of ``limit``
+    bytes (RLIMIT_FSIZE, as ``ulimit -f`` or systemd's ``LimitFSIZE=`` sets it)."""
+    wrapper = directory / "python-limited"
+    wrapper.write_text(f"#!/bin/sh\nexec prlimit --fsize={limit}:unlimited -- "
+                       f"{sys.executable} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+async def test_a_file_size_limit_the_log_reaches_fails_no_commit(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """SQLite folds its log back into the database once it holds about 4 MiB: under
+    a smaller file size limit the log reached it first, and from then on every
+    change failed (deletes too, with the disk's advice) until a restart, on a disk
+    with room and a database far below the limit.  A database that reaches the
+    limit itself fails commits naming it, until the limit is raised."""
+    directory = tmp_path / "state"
+    db = directory / "state.db"
+    limit = 256 << 10
+    daemon = start_daemon("--state-dir", str(directory), "--max-reason-length", "4000",
+                          log_level="info", python=limited_python(tmp_path, limit))
+    async with daemon.client() as watcher, daemon.client() as c:
+        # A commit each, of a 4 KiB page at least: the log alone would take
+        # more than twice the limit.
+        added = [await c.ok("add-blocker", {"reason": f"agent {n}", "id": f"b{n}"})
+                 for n in range(150)]
+        for n in range(0, 150, 2):
+            assert await c.ok("del-blocker", {"id": f"b{n}"}) == {}
+        kept = added[1::2]
+        assert await c.ok("query-blockers") == kept
+        assert os.path.getsize(directory / "state.db-wal") <= limit
+
+        # Blockers of a page each until the database holds all the limit allows.
+        desc = (f"cannot commit to {db}: disk I/O error (the daemon's file size limit, "
+                f"{limit} bytes, is reached); nothing was changed")
+        for n in range(limit // 4096):
+            big = await c.execute("add-blocker", {"reason": "x" * 4000, "id": f"big{n}"})
+            if "error" in big:
+                break
+            kept.append(big["return"])
+        assert big == {"error": {"class": "GenericError", "desc": desc}}, big
+        assert await c.execute("del-blocker", {"id": "b1"}) == big
+        await watcher.sync()
+        watcher.events.clear()  # the adds that succeeded
+        daemon.wait_for_log(
+            f"{desc[:-len('; nothing was changed')]}; 1 command(s) failed, their changes "
+            "undone; every change fails until a commit succeeds: raise the daemon's file "
+            "size limit (LimitFSIZE= under systemd, ulimit -f in the shell that starts it; "
+            f"prlimit --pid {daemon.proc.pid} --fsize=unlimited raises it now)\n")
+        subprocess.run(["prlimit", "--pid", str(daemon.proc.pid), "--fsize=unlimited"],
+                       check=True)
+        assert await c.ok("del-blocker", {"id": "b1"}) == {}
+        assert (await watcher.wait_event("BLOCKER_DELETED"))["data"]["id"] == "b1"
+        assert await watcher.sync() == []
+        del kept[0]
+        assert await watcher.ok("query-blockers") == kept
+    assert daemon.stop() == 0
+    assert_clean_log(daemon)
+
+    again = start_daemon("--state-dir", str(directory), log_level="info")
+    again.wait_for_log(f"restored {len(kept)} blockers from {db}")
+    async with again.client() as c:
+        assert await c.ok("query-blockers") == kept
+    assert again.stop() == 0
+
+
 async def test_full_disk_at_start_stops_the_daemon(
     start_daemon: Start, tmp_path: Path, small_tmpfs: Namespace
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import resource
 import sqlite3
 from pathlib import Path
 from typing import Final
@@ -28,6 +29,7 @@ __all__ = [
     "one_line",
     "owner_mismatch",
     "read_only",
+    "size_limit",
 ]
 
 # Primary result codes (the low byte of an extended code), from sqlite3.h.
@@ -153,13 +155,40 @@ def no_space(error: sqlite3.Error, directory: Path) -> bool:
     return primary == _FULL or (primary == _IOERR and _no_space(directory))
 
 
-def commit_failed(path: Path, error: sqlite3.Error) -> StateError:
-    """The error for a group of changes that did not reach ``path``."""
+def size_limit(error: sqlite3.Error, *files: Path) -> int | None:
+    """The daemon's file size limit (RLIMIT_FSIZE: ``ulimit -f``, systemd's
+    ``LimitFSIZE=``) when ``error`` is an I/O error and one of ``files`` has
+    reached it, else None.  A write that would pass the limit is cut at it, and
+    the rest fails (EFBIG), which SQLite reports as an I/O error: the file is
+    then as long as the limit."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY or not io_error(error):
+        return None
+    for file in files:
+        try:
+            if os.stat(file).st_size >= limit:
+                return limit
+        except OSError:
+            continue
+    return None
+
+
+def commit_failed(path: Path, error: sqlite3.Error, limit: int | None = None) -> StateError:
+    """The error for a group of changes that did not reach ``path``; ``limit``:
+    the file size limit its files reached (:func:`size_limit`), if they did."""
     why = _reason(error)
     code = getattr(error, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
     remedy = None
-    if primary == _IOERR and _no_space(path.parent):
+    if limit is not None:
+        # Not the disk: the database holds all it may under the limit (its log, which
+        # cannot be emptied into it, takes no more; deletes fail too), or the group
+        # alone is more than the limit.
+        why += f" (the daemon's file size limit, {limit} bytes, is reached)"
+        remedy = ("raise the daemon's file size limit (LimitFSIZE= under systemd, ulimit -f "
+                  f"in the shell that starts it; prlimit --pid {os.getpid()} "
+                  "--fsize=unlimited raises it now)")
+    elif primary == _IOERR and _no_space(path.parent):
         why += " (its file system is full)"
     elif primary in (_BUSY, _LOCKED):
         # The daemon has one connection, used by one thread: whoever holds the

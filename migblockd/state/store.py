@@ -15,9 +15,10 @@ lock past the busy timeout) leaves the file as it was, and the store keeps
 working: the next commit succeeds once the disk (or that program) does.  Here too
 is what makes that so: writing over a failed group's pages, cutting the log
 where the last good commit ends, and folding the log back on a nearly full
-disk.  When a failed sync left a group whole in the log and neither works (a
-file system gone read-only), the commit raises :class:`Unsettled`: the next
-start may replay the group, so it can be reported neither failed nor done.
+disk (or at the daemon's file size limit).  When a failed sync left a group
+whole in the log and neither works (a file system gone read-only), the commit
+raises :class:`Unsettled`: the next start may replay the group, so it can be
+reported neither failed nor done.
 
 Threads: the connection is made with ``check_same_thread=False`` so that the
 daemon can open the store on one thread and use it from a worker thread; the
@@ -44,6 +45,7 @@ from migblockd.state.errors import (
     free_space,
     io_error,
     no_space,
+    size_limit,
 )
 from migblockd.state.lock import DatabaseLock, lock_directory
 from migblockd.state.opening import check_and_open, configure, connect
@@ -71,8 +73,8 @@ _IOERR_FSYNC = 10 | (4 << 8)
 class Store:
     """An open state directory.  Make one with :meth:`open`; :meth:`close` it."""
 
-    __slots__ = ("_conn", "_database_lock", "_files", "_folded", "_lock", "_log",
-                 "_watched", "directory", "path")
+    __slots__ = ("_conn", "_database", "_database_lock", "_files", "_folded", "_lock",
+                 "_log", "_watched", "directory", "path")
 
     def __init__(self, directory: Path, lock: PidLock, conn: sqlite3.Connection,
                  database_lock: DatabaseLock) -> None:
@@ -80,8 +82,9 @@ class Store:
         self.path = directory / DATABASE_NAME
         # Where the database and its log really are (state.db may be a link),
         # on the file system whose free space matters.
-        self._files = Path(os.path.realpath(self.path)).parent
-        self._log = Path(os.path.realpath(self.path) + "-wal")
+        self._database = Path(os.path.realpath(self.path))
+        self._files = self._database.parent
+        self._log = Path(f"{self._database}-wal")
         self._lock: PidLock | None = lock
         self._database_lock: DatabaseLock | None = database_lock
         self._conn: sqlite3.Connection | None = conn
@@ -177,8 +180,10 @@ class Store:
         except sqlite3.Error as e:
             failed: sqlite3.Error | None = e
             read = False  # another program's reading kept the log from being emptied
-            # The log may be what fills the disk: empty it, and try once more.
-            if no_space(e, self._files):
+            # The log may be what fills the disk, or what reaches the daemon's file
+            # size limit (SQLite empties it only once it holds about 4 MiB, so under
+            # a smaller limit it would fail every commit): empty it, and try once more.
+            if no_space(e, self._files) or size_limit(e, self._log) is not None:
                 busy = self._checkpoint("TRUNCATE")
                 read = busy == 1
                 if busy == 0:
@@ -188,6 +193,8 @@ class Store:
                     except sqlite3.Error as again:
                         failed = again
             if failed is not None:
+                # Before the seal, which may cut the log below the limit.
+                limit = size_limit(failed, self._log, self._database)
                 # A full disk too: the seal's page goes where the failed group's
                 # first one is, in a block the log already has.
                 if io_error(failed) and not self._seal() and (
@@ -198,7 +205,7 @@ class Store:
                                     "could be neither written over nor cut where its last "
                                     "good commit ends: the next start may find the "
                                     "changes") from failed
-                error = commit_failed(self.path, failed)
+                error = commit_failed(self.path, failed, limit)
                 if read and no_space(failed, self._files):
                     # A reader's transaction keeps SQLite from writing the log again from
                     # its start: it grew to fill the disk, and only ending that read helps.

@@ -479,6 +479,40 @@ async def test_a_lost_connections_errors_chain_the_sockets_error(
     await client.disconnect()
 
 
+async def test_a_daemon_killed_mid_reply_is_a_lost_connection_and_no_dump_in_the_log(
+        start_daemon: Callable[..., DaemonProcess], caplog: pytest.LogCaptureFixture) -> None:
+    # Found by review: the part of the reply sent before the kill, a line with no end,
+    # went to qemu.qmp's parser: DisconnectedError chained a DeserializationError, and
+    # the agent's log had an error line quoting that part whole (every blocker's reason,
+    # up to the client's 1 GiB).  The stream ended: EOFError, as for any other end.
+    d = start_daemon("--ephemeral", "--max-reason-length", "50000")
+    client = MigblockClient(d.socket)
+    await client.connect()
+    for n in range(100):  # a listing of 5 MB: more than the socket's buffers hold
+        await client.add_blocker("r" * 50_000, id=f"b{n}")
+    qmp, sock = client._qmp, client._sock
+    assert qmp is not None and sock is not None
+    listing = asyncio.ensure_future(client.blockers())
+    async with asyncio.timeout(PATIENCE):
+        while not qmp._unanswered or not qmp._outgoing.empty() or (
+                qmp._writer is not None and qmp._writer.transport.get_write_buffer_size()):
+            await asyncio.sleep(0.001)  # until the request has gone out
+    # The event loop held up (so nothing is read) until the answer has begun to
+    # arrive; the daemon is killed while the rest waits for room in the socket.
+    ready, _, _ = select.select([sock], [], [], PATIENCE)
+    assert ready
+    d.kill()
+    with pytest.raises(DisconnectedError) as lost:
+        async with asyncio.timeout(PATIENCE):
+            await listing
+    assert str(lost.value) == (f"the connection to migblockd at {d.socket} was lost before "
+                               "the reply to query-blockers")
+    assert isinstance(lost.value.__cause__, EOFError), repr(lost.value.__cause__)
+    await client.disconnect()
+    assert [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert not any("rrrr" in r.getMessage() for r in caplog.records)
+
+
 async def test_the_answer_to_a_command_given_up_on_is_dropped_quietly(
         daemon: DaemonProcess, caplog: pytest.LogCaptureFixture) -> None:
     # Found by review: commands are to be bounded with asyncio.timeout(), and the answer

@@ -55,6 +55,9 @@ class QMPLink(QMPClient):
       daemon's ``--negotiation-timeout``), is reported in the daemon's words.
     * A line longer than that ends the connection (the library can do nothing
       else with it): :attr:`gave_up` says so, since the daemon did nothing wrong.
+    * A message the end of the stream cuts short (the daemon killed while it wrote)
+      is that end, ``EOFError``: the library would take the part for a message it
+      cannot parse, and log it whole as an error.
     * An error without an ``id`` that says the daemon closes the connection
       (:data:`CLOSING`) answers no request: it is kept (:attr:`farewell`), and
       the requests not answered end as the connection does, lost.
@@ -104,11 +107,18 @@ class QMPLink(QMPClient):
 
     async def _readline(self) -> bytes:
         try:
-            return await super()._readline()
+            line = await super()._readline()
         except ValueError:  # asyncio's StreamReader: the line is over its limit
             self.gave_up = (f"a message from the daemon was longer than the "
                             f"{self.readbuflen} bytes this client reads")
             raise
+        if not line.endswith(b"\n"):
+            # The stream ended in the middle of a message (the daemon killed while it
+            # wrote an answer): the end of the stream, as the library reports one
+            # between messages.  Parsed, the part would be a DeserializationError,
+            # which the library logs as an error quoting it whole (up to READ_LIMIT).
+            raise EOFError(f"the connection ended {len(line)} bytes into a message")
+        return line
 
     async def _event_dispatch(self, msg: Message) -> None:
         self._deliver(msg)

@@ -21,8 +21,9 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
-from conftest import DaemonProcess
+from conftest import DaemonProcess, count_calls
 from fakeqmp import serving
+from qemu.qmp import Message
 
 from migblockd.client import (
     MAX_UNREAD,
@@ -511,6 +512,28 @@ async def test_a_daemon_killed_mid_reply_is_a_lost_connection_and_no_dump_in_the
     await client.disconnect()
     assert [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert not any("rrrr" in r.getMessage() for r in caplog.records)
+
+
+async def test_messages_are_rendered_for_the_log_only_when_it_shows_them(
+        daemon: DaemonProcess, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by review: qemu.qmp pretty-printed every message sent and received, in
+    # pure Python, for a debug line, whatever the log's level: a listing's answer
+    # (600 MB for 100,000 blockers) was rendered again, as much memory and more time.
+    rendered = count_calls(monkeypatch, Message, "__str__")
+    caplog.set_level(logging.INFO, logger="qemu.qmp")
+    async with MigblockClient(daemon.socket) as client, client.events() as stream:
+        await client.add_blocker("r" * 1000, id="big")
+        assert (await next_event(stream)).name == "BLOCKER_ADDED"
+        assert [b.id for b in await client.blockers()] == ["big"]
+        assert rendered == []
+        # Shown, a message is cut: the log is not a copy of every listing.
+        caplog.set_level(logging.DEBUG, logger="qemu.qmp")
+        assert [b.id for b in await client.blockers()] == ["big"]
+    traced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("<-- ")]
+    assert any('"big"' in line for line in traced), traced
+    assert max(map(len, traced)) < 1000 + 100
+    assert rendered == []
 
 
 async def test_the_answer_to_a_command_given_up_on_is_dropped_quietly(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -11,11 +12,14 @@ from qemu.qmp.error import ProtocolError
 from qemu.qmp.models import Greeting
 from qemu.qmp.qmp_client import GreetingError, NegotiationError
 
-__all__ = ["READ_LIMIT", "QMPLink", "Refused"]
+__all__ = ["READ_LIMIT", "TRACE_LIMIT", "QMPLink", "Refused"]
 
 #: The longest line a client reads: a 100,000-blocker listing with reasons of
 #: 1024 characters, each escaped as ``\\uXXXX``, is about 600 MB.
 READ_LIMIT: Final = 1 << 30
+
+#: Bytes of a message its debug line shows at most.
+TRACE_LIMIT: Final = 1000
 
 #: How the daemon's last line ends when it closes a connection, after the answers it
 #: owes (``--idle-timeout``: ``Timeouts.overdue()``, ``migblockd/timeouts.py``): an
@@ -64,6 +68,10 @@ class QMPLink(QMPClient):
     * What ended the connection (the stream's end, the socket's error) is kept
       (:attr:`ended`), so that the client's errors chain it rather than the
       library's report of it.
+    * A message is rendered for the log only when the log shows it, and cut to
+      :data:`TRACE_LIMIT` bytes: the library pretty-prints each one sent or
+      received, in pure Python, whatever the log's level (a listing's answer of
+      hundreds of MB, rendered again for nothing).
     * Disconnecting waits at most ``flush_timeout`` seconds (None: forever) for
       the daemon to take what was sent, then closes: a stopped daemon takes
       nothing, and the library would wait for it forever (and so would closing
@@ -119,6 +127,16 @@ class QMPLink(QMPClient):
             # which the library logs as an error quoting it whole (up to READ_LIMIT).
             raise EOFError(f"the connection ended {len(line)} bytes into a message")
         return line
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", _trace(msg))
+        return msg
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", _trace(msg))
+        return msg
 
     async def _event_dispatch(self, msg: Message) -> None:
         self._deliver(msg)
@@ -191,3 +209,11 @@ def _farewell(error: object) -> str | None:
     """The daemon's last line, if an error without an ``id`` is one (:data:`CLOSING`)."""
     desc = error.get("desc") if isinstance(error, dict) else None
     return desc if isinstance(desc, str) and desc.endswith(CLOSING) else None
+
+
+def _trace(msg: Message) -> str:
+    """``msg`` as sent, its first :data:`TRACE_LIMIT` bytes if longer."""
+    data = bytes(msg)
+    if len(data) <= TRACE_LIMIT:
+        return data.decode(errors="replace")
+    return f"{data[:TRACE_LIMIT].decode(errors='replace')}... ({len(data)} bytes)"

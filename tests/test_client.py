@@ -493,13 +493,15 @@ async def test_a_daemon_killed_mid_reply_is_a_lost_connection_and_no_dump_in_the
         await client.add_blocker("r" * 50_000, id=f"b{n}")
     qmp, sock = client._qmp, client._sock
     assert qmp is not None and sock is not None
+    d.signal(signal.SIGSTOP)  # it answers once this client no longer reads
     listing = asyncio.ensure_future(client.blockers())
     async with asyncio.timeout(PATIENCE):
         while not qmp._unanswered or not qmp._outgoing.empty() or (
                 qmp._writer is not None and qmp._writer.transport.get_write_buffer_size()):
-            await asyncio.sleep(0.001)  # until the request has gone out
+            await asyncio.sleep(0.01)  # until the request has gone out
     # The event loop held up (so nothing is read) until the answer has begun to
     # arrive; the daemon is killed while the rest waits for room in the socket.
+    d.signal(signal.SIGCONT)
     ready, _, _ = select.select([sock], [], [], PATIENCE)
     assert ready
     d.kill()

@@ -172,9 +172,9 @@ class MigblockClient(Connection):
             text.encode()
         except (TypeError, ValueError, RecursionError) as exc:  # the last: nested too deep
             raise ClientError(f"arguments of {command} are not JSON: {exc}") from None
-        # From Python 3.12 the C encoder nests past the recursion limit, where the
-        # library's writer task, which also renders the message in Python, fails and
-        # drops the connection: bounded here, on every version alike.
+        # From Python 3.12 the C encoder nests past the recursion limit, where 3.11's
+        # fails (above): bounded here, on every version alike (the daemon reads 256
+        # levels at most, --max-nesting).
         limit = sys.getrecursionlimit() // 2
         if text.count("[") + text.count("{") > limit and _deeper(arguments, limit):
             raise ClientError(f"arguments of {command} are not JSON: nested deeper than "

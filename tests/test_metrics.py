@@ -14,6 +14,7 @@ import gzip
 import http.client
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -608,6 +609,44 @@ async def test_connections_the_gate_dropped_over_garbage_are_counted_as_dropped(
         assert metrics.value(lost, reason="closed") == 0
     d.wait_for_log(f"lost the connection to QEMU at {peer}: QEMU sent a message that is "
                    "not JSON, b'not JSON\\r\\n'; migblockd dropped the connection")
+    assert d.stop() == 0
+
+
+async def test_a_qemu_killed_mid_reply_is_counted_as_closed_not_dropped(
+        start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path) -> None:
+    # Found by review: the part of a reply QEMU wrote before it was killed, a line with
+    # no end, was parsed as a message: "QEMU sent a message that is not JSON ...;
+    # migblockd dropped the connection", counted as dropped, as if QEMU ran on.
+    config, endpoint = short_tmp / "migblockd.toml", short_tmp / "metrics.sock"
+    config.write_text('qemu-passthrough = ["qom-get"]\n')
+    async with qemu.monitor() as mon:  # a property whose value the socket cannot hold
+        await mon.ok("object-add", {"qom-type": "authz-simple", "id": "big",
+                                    "identity": "x" * 500_000})
+    d = start_daemon("--config", str(config), "--qemu", str(qemu.gate_socket),
+                     "--metrics", str(endpoint), "--ephemeral")
+    d.wait_for_log("connected to QEMU 7.")
+    assert qemu.proc is not None
+    async with d.client() as c:
+        qemu.stop()  # it reads the request once migblockd no longer reads
+        await c.send({"execute": "qom-get", "id": 1,
+                      "arguments": {"path": "/objects/big", "property": "identity"}})
+        d.wait_for_log('-> b\'{"execute":"qom-get"')
+        d.signal(signal.SIGSTOP)
+        try:
+            qemu.proc.send_signal(signal.SIGCONT)
+            async with qemu.monitor() as mon:  # answered after the gate's request
+                await mon.ok("query-status")
+            qemu.kill()  # the rest of its answer waits for room in the socket
+        finally:
+            d.signal(signal.SIGCONT)
+        assert "error" in await c.read_reply()
+    lost = "migblockd_qemu_connections_lost_total"
+    metrics = await scrape_until(
+        endpoint, lambda m: m.value(lost, reason="closed") + m.value(lost, reason="dropped") > 0,
+        "the loss counted")
+    assert (metrics.value(lost, reason="closed"), metrics.value(lost, reason="dropped")) == (
+        1, 0)
+    assert "migblockd dropped the connection" not in d.log()
     assert d.stop() == 0
 
 

@@ -1,6 +1,6 @@
 """``qemu.qmp``'s ``QMPClient`` as :class:`~migblockd.qemu.link.QemuLink` uses it.
 
-The link is built on the library's client, adjusted in six ways:
+The link is built on the library's client, adjusted in seven ways:
 
 * events are handed to the link's ``on_event`` from the library's reader task, in
   QEMU's order with its replies.  The reader handles QEMU's messages one at a time and
@@ -25,7 +25,9 @@ The link is built on the library's client, adjusted in six ways:
 * it reads messages of up to :data:`~migblockd.qemu.too_long.READ_LIMIT`, not the
   library's 10 MiB, and one longer than that, which ends the connection (the library can
   do nothing else with it), is named for what it is: the reply to which command, of what
-  size (:mod:`.too_long`).
+  size (:mod:`.too_long`);
+* a message cut short by the end of the stream (QEMU killed while it wrote) is that
+  end, not garbage.
 
 The client and its link are one object in two classes: the client calls the link's
 private hooks (``_deliver``, ``_answers``, ``_greeting_awaited``, ``_greeted``) and
@@ -138,11 +140,17 @@ class LinkClient(QMPClient):
 
     async def _readline(self) -> bytes:
         try:
-            return await super()._readline()
+            line = await super()._readline()
         except ValueError:  # asyncio's StreamReader: no line feed within the limit
             oldest = next(iter(self._unanswered.values()), None)
             self._too_long = TooLong(oldest, self.readbuflen, tuple(self._unanswered))
             raise ReplyTooLong(self._too_long.reason()) from None
+        if not line.endswith(b"\n"):
+            # The stream ended in the middle of a message: QEMU was killed while it
+            # wrote a reply bigger than the socket holds.  Its end, as between two
+            # messages: parsed, the part would be garbage migblockd dropped QEMU over.
+            raise EOFError(f"the connection ended {len(line)} bytes into a message")
+        return line
 
     async def _do_recv(self) -> Message:
         # The library's, with QEMU's message read as strict JSON (.garbage): a number

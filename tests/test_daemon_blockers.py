@@ -36,8 +36,6 @@ from qemu_strings import (
 )
 from qmpclient import RawClient
 
-URI_ERRORS = ("Parameter 'uri' expects a valid migration protocol",)
-
 
 def err(desc: str, id: Any = NO_ID) -> dict[str, Any]:
     return error(GENERIC, desc, id)
@@ -511,7 +509,7 @@ async def test_uri_errors(module_daemon: DaemonProcess, uri: str) -> None:
         before = await c.ok("query-migrate")
         reply = await c.execute("migrate", {"uri": uri}, id="u")
         assert reply["id"] == "u" and reply["error"]["class"] == GENERIC, reply
-        assert reply["error"]["desc"] in (*URI_ERRORS, f"unknown migration protocol: {uri}")
+        assert reply["error"]["desc"] == f"unknown migration protocol: {uri}"
         assert await c.ok("query-migrate") == before
 
 

@@ -133,7 +133,7 @@ def test_every_counter_and_gauge_after_a_scripted_session() -> None:
         "disallowing migration blocker (--only-migratable) for: tpm",
         "Parameter 'id' expects an identifier", "Parameter 'modes' expects a non-empty list",
         "Parameter 'reason' is missing", "dump",
-        "Parameter 'uri' expects a valid migration protocol", "ok", "Blocker 'dump' not found",
+        "unknown migration protocol: nowhere", "ok", "Blocker 'dump' not found",
         "ok", "disallowing migration blocker (migration/snapshot in progress) for: late",
         "There's a migration process in progress", "ok", "ok"]
     assert outcome(run(core, client, add("mine", id="mine", modes=["cpr-transfer"]),

@@ -95,7 +95,8 @@ def channel(kind: str) -> dict[str, Any]:
 
 
 MAIN, CPR = channel("main"), channel("cpr")
-FILE_MAIN = {"channel-type": "main", "addr": {"transport": "file", "filename": "/var/lib/vm.state"}}
+FILE_MAIN = {"channel-type": "main",
+             "addr": {"transport": "file", "filename": "/var/lib/vm.state", "offset": 0}}
 
 
 CANCEL: Step = ("cancel",)
@@ -218,7 +219,6 @@ class Row:
 BUSY = "disallowing migration blocker (migration/snapshot in progress) for: "
 ONLY = "disallowing migration blocker (--only-migratable) for: "
 IN_PROGRESS = "There's a migration process in progress"
-BAD_URI = "Parameter 'uri' expects a valid migration protocol"
 NO_PAUSED = "Cannot resume if there is no paused migration"
 EITHER = "need either 'uri' or 'channels' argument"
 NO_CPR = "missing 'cpr' migration channel"
@@ -226,6 +226,11 @@ STREAMABLE = "Migration requires streamable transport (eg unix)"
 BAD_ID = "Parameter 'id' expects an identifier"
 LONG_ID = "Parameter 'id' expects an identifier of at most 128 characters"
 EMPTY_REASON = "Parameter 'reason' expects a non-empty string"
+
+
+def bad_uri(uri: str) -> str:
+    return f"unknown migration protocol: {uri}"
+
 
 ROWS = [
     # ---- add: modes
@@ -369,6 +374,20 @@ ROWS = [
         error=(InvalidDestination, "Channel list has no main entry")),
     Row("cpr-transfer needs a cpr channel", (mode("cpr-transfer"),), migrate(),
         error=(InvalidDestination, NO_CPR)),
+    # QEMU master's migrate_channels_parse(): the cpr channel before the main one,
+    # both before the transport (10.x looked at the transport first).
+    Row("the cpr channel is asked for before a file main one is refused",
+        (mode("cpr-transfer"),), migrate(None, channels=[FILE_MAIN]),
+        error=(InvalidDestination, NO_CPR)),
+    Row("duplicates are found before the cpr channel is asked for", (mode("cpr-transfer"),),
+        migrate(None, channels=[MAIN, MAIN]),
+        error=(InvalidDestination, "Channel list has more than one main entry")),
+    Row("a cpr channel alone in cpr-transfer mode has no main entry", (mode("cpr-transfer"),),
+        migrate(None, channels=[CPR]),
+        error=(InvalidDestination, "Channel list has no main entry")),
+    Row("duplicates are named in list order", (),
+        migrate(None, channels=[CPR, CPR, MAIN, MAIN]),
+        error=(InvalidDestination, "Channel list has more than one cpr entry")),
     Row("the cpr channel is checked before busy and blockers",
         (add(MDEV, modes=["cpr-transfer"]), migrate(), mode("cpr-transfer")),
         migrate(None, channels=[MAIN]), error=(InvalidDestination, NO_CPR)),
@@ -376,7 +395,7 @@ ROWS = [
         migrate(None, channels=[CPR, MAIN]), events=(mig("setup"),),
         query={"status": "setup"}),
     Row("the URI is checked before the cpr channel", (mode("cpr-transfer"),), migrate("bogus"),
-        error=(InvalidUri, BAD_URI)),
+        error=(InvalidUri, bad_uri("bogus"))),
     Row("cpr-transfer refuses a file URI before it asks for the cpr channel",
         (mode("cpr-transfer"),), migrate("file:/var/lib/vm.state"),
         error=(InvalidDestination, STREAMABLE)),
@@ -389,13 +408,16 @@ ROWS = [
         (EVENTS_ON, migrate(), tick(1.0), add(SEV)), migrate(),
         error=(MigrationBlocked, SEV), query={"status": "completed", "total-time": 1000,
                                               "setup-time": 100, "blocked-reasons": [SEV]}),
-    Row("unknown scheme", (), migrate("ftp://host"), error=(InvalidUri, BAD_URI), query={}),
-    Row("scheme is case sensitive", (), migrate("TCP:host:1"), error=(InvalidUri, BAD_URI)),
-    Row("bare scheme name without colon", (), migrate("tcp"), error=(InvalidUri, BAD_URI)),
+    Row("unknown scheme", (), migrate("ftp://host"), error=(InvalidUri, bad_uri("ftp://host")),
+        query={}),
+    Row("scheme is case sensitive", (), migrate("TCP:host:1"),
+        error=(InvalidUri, bad_uri("TCP:host:1"))),
+    Row("bare scheme name without colon", (), migrate("tcp"),
+        error=(InvalidUri, bad_uri("tcp"))),
     Row("URI is checked before busy (QEMU 8.2+)", (migrate(),), migrate("bogus"),
-        error=(InvalidUri, BAD_URI)),
+        error=(InvalidUri, bad_uri("bogus"))),
     Row("URI is checked before blockers (QEMU 8.2+)", (add(SEV),), migrate("bogus"),
-        error=(InvalidUri, BAD_URI)),
+        error=(InvalidUri, bad_uri("bogus"))),
     # QEMU's migrate_prepare(): a resume needs a paused postcopy migration, which
     # the simulation never has; its check comes after the URI's, before the rest.
     Row("resume with nothing paused", (), migrate(resume=True),
@@ -405,7 +427,7 @@ ROWS = [
     Row("resume is checked before busy", (migrate(),), migrate(resume=True),
         error=(NoPausedMigration, NO_PAUSED)),
     Row("URI is checked before resume", (), migrate("bogus", resume=True),
-        error=(InvalidUri, BAD_URI)),
+        error=(InvalidUri, bad_uri("bogus"))),
     Row("busy is checked before blockers", (migrate(), mode("cpr-exec")), migrate(),
         error=(MigrationInProgress, IN_PROGRESS)),
     Row("migrate while active", (migrate(), tick(0.5)), migrate(),

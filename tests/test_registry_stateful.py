@@ -29,12 +29,14 @@ URIS = ("tcp:h:1", "unix:/s", "exec:cat", "fd:3", "file:/f", "rdma:h:1", "vsock:
 SCHEMES = ("tcp:", "unix:", "exec:", "fd:", "file:", "rdma:", "vsock:")
 _ADDR = {"transport": "socket", "type": "unix", "path": "/run/dest.sock"}
 MAIN, CPR = ({"channel-type": t, "addr": _ADDR} for t in ("main", "cpr"))
-FILE_MAIN = {"channel-type": "main", "addr": {"transport": "file", "filename": "/f"}}
+FILE_MAIN = {"channel-type": "main",
+             "addr": {"transport": "file", "filename": "/f", "offset": 0}}
 # Where a migrate goes: a URI, or channels (QEMU 8.2+), or both, or neither.
 DESTINATIONS: tuple[tuple[str | None, list[dict[str, Any]] | None], ...] = (
     *((uri, None) for uri in URIS),
     (None, [MAIN]), (None, [MAIN, CPR]), (None, [CPR, MAIN]), (None, [CPR]), (None, []),
     (None, [MAIN, MAIN]), (None, None), ("tcp:h:1", [MAIN]), (None, [FILE_MAIN, CPR]),
+    (None, [FILE_MAIN]), (None, [CPR, CPR, MAIN, MAIN]),
 )
 RUNNING = {"setup", "active", "cancelling"}  # the statuses the simulation reaches
 CONNECTIONS = ("c1", "c2")
@@ -153,20 +155,25 @@ class Model:
         self.catch_up()
         if (uri is None) == (not channels):
             return "need either 'uri' or 'channels' argument"
+        # QEMU master's migration_channel_parse_input(), then
+        # migration_transport_compatible(); a URI in cpr-transfer mode as 10.x says.
         types = [c["channel-type"] for c in channels or []]
-        for kind in ("main", "cpr"):
-            if types.count(kind) > 1:
+        for index, kind in enumerate(types):
+            if kind in types[:index]:
                 return f"Channel list has more than one {kind} entry"
+        cpr_transfer = self.mode == "cpr-transfer"
+        if channels and cpr_transfer and "cpr" not in types:
+            return "missing 'cpr' migration channel"
         if channels and "main" not in types:
             return "Channel list has no main entry"
         if uri is not None and not any(uri.startswith(s) for s in SCHEMES):
-            return "Parameter 'uri' expects a valid migration protocol"
+            return f"unknown migration protocol: {uri}"
         to_file = (uri or "").startswith("file:") or any(
             c["channel-type"] == "main" and c["addr"].get("transport") == "file"
             for c in channels or [])
-        if self.mode == "cpr-transfer" and to_file:
+        if cpr_transfer and to_file:
             return "Migration requires streamable transport (eg unix)"
-        if self.mode == "cpr-transfer" and "cpr" not in types:
+        if cpr_transfer and uri is not None:
             return "missing 'cpr' migration channel"
         if self.status in RUNNING:
             return "There's a migration process in progress"

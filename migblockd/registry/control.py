@@ -12,10 +12,9 @@ hold the parameters and the migration; :class:`Registry`'s ``__init__`` sets
 them with the rest, and the registry's attributes it reads are named here.
 
 Versions followed: ``migration_is_running()`` is the 10.x set; ``migrate``
-checks its URI before anything else, as 8.2+ does (``migrate_uri_parse()``
-runs before ``migrate_prepare()``), but words the error as QEMU 7.2 did,
-``Parameter 'uri' expects a valid migration protocol``, which is the wording
-migblockd's schema documents.
+checks where to before anything else, in QEMU master's order and words
+(``migration_channel_parse_input()`` runs before ``migrate_prepare()``; an
+unknown URI scheme is ``unknown migration protocol: URI``, as since 8.2).
 """
 
 from __future__ import annotations

@@ -147,8 +147,10 @@ class InvalidDestination(BlockerError):
 
 
 class InvalidUri(BlockerError):
-    """A migration URI with no scheme QEMU knows."""
+    """A migration URI with no scheme QEMU knows (``migrate_uri_parse()``, QEMU 8.2
+    and later; 7.2 said ``Parameter 'uri' expects a valid migration protocol``, once
+    ``migrate_prepare()``'s checks had passed)."""
 
     def __init__(self, uri: str) -> None:
-        super().__init__("Parameter 'uri' expects a valid migration protocol")
+        super().__init__(f"unknown migration protocol: {uri}")
         self.uri = uri

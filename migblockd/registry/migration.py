@@ -60,24 +60,27 @@ RUNNING_STATUSES: Final[frozenset[str]] = frozenset(MIGRATION_STATUSES) - {
 #: the scheme: nothing is connected to, so what follows the colon is not parsed.
 URI_SCHEMES: Final[tuple[str, ...]] = ("tcp:", "unix:", "exec:", "fd:", "file:", "rdma:", "vsock:")
 
+_NO_CPR: Final = "missing 'cpr' migration channel"
 
 
 def check_destination(uri: str | None, channels: Sequence[Mapping[str, Any]] | None,
                       mode: str) -> None:
-    """``qmp_migrate()``'s checks of where to (QEMU 10, ``migration/migration.c``),
-    before ``migrate_prepare()``'s: exactly one of ``uri`` and ``channels`` (an
-    empty list is none, as in QEMU), at most one channel of each type and a
-    ``main`` one, the URI's scheme (:class:`InvalidUri`), and in ``cpr-transfer``
-    ``mode`` a main address that is not a file (a ``file:`` URI or ``transport:
-    file``), then a ``cpr`` channel.  The rest of a channel's address is QEMU's to
-    judge; the simulation goes nowhere.
+    """Where to, as QEMU's ``qmp_migrate()`` checks it before ``migrate_prepare()``
+    (``migration_channel_parse_input()`` in ``migration/channel.c``, then
+    ``migration_transport_compatible()`` in ``migration/migration.c``): exactly one
+    of ``uri`` and ``channels`` (an empty list is none, as in QEMU); of channels, at
+    most one of each type, in ``cpr-transfer`` ``mode`` a ``cpr`` one, then a
+    ``main`` one; of a URI, a scheme QEMU knows (:class:`InvalidUri`); then, in
+    ``cpr-transfer`` mode, a main address that is not a file (a ``file:`` URI or
+    ``transport: file``).  The rest of a channel's address, and of a URI after its
+    scheme, is QEMU's to judge: the simulation goes nowhere.
     """
     channels = channels or None
     if (uri is None) == (channels is None):
         raise InvalidDestination("need either 'uri' or 'channels' argument")
-    types: list[str] = []
     transport: object = None  # the main address's, as far as the simulation needs it
     if channels is not None:
+        types: list[str] = []
         for channel in channels:
             kind = str(channel["channel-type"])
             if kind in types:
@@ -86,6 +89,10 @@ def check_destination(uri: str | None, channels: Sequence[Mapping[str, Any]] | N
             addr = channel.get("addr")
             if kind == "main" and isinstance(addr, Mapping):
                 transport = addr.get("transport")
+        if mode == "cpr-transfer" and "cpr" not in types:
+            raise InvalidDestination(_NO_CPR)
+        # QEMU 10.0 and later dereference the absent main channel first (master's
+        # QAPI_CLONE() of NULL is NULL) and crash: its message is what it means.
         if "main" not in types:
             raise InvalidDestination("Channel list has no main entry")
     elif uri is not None:
@@ -96,8 +103,10 @@ def check_destination(uri: str | None, channels: Sequence[Mapping[str, Any]] | N
     # in place for a QEMU that runs at the same time, so the stream cannot go to a file.
     if mode == "cpr-transfer" and transport == "file":
         raise InvalidDestination("Migration requires streamable transport (eg unix)")
-    if mode == "cpr-transfer" and "cpr" not in types:
-        raise InvalidDestination("missing 'cpr' migration channel")
+    # A URI names no cpr channel.  QEMU 10.x says so here; master no longer checks,
+    # and asserts in cpr_state_save() once migrate_prepare() passed.
+    if mode == "cpr-transfer" and uri is not None:
+        raise InvalidDestination(_NO_CPR)
 
 
 #: Fraction of the migration time spent in ``setup`` before ``active``.  A real

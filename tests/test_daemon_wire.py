@@ -293,6 +293,11 @@ ARGUMENT_CASES: list[tuple[str, dict[str, Any], str]] = [
     # schema order, unexpected members only when nothing else is wrong.
     ("add-blocker", {"bogus": 1, "internal": "x", "reason": 5},
      "Invalid parameter type for 'reason', expected: string"),
+    # migrate's channels come second, as in QEMU 8.2 and later.
+    ("migrate", {"resume": "yes", "channels": [{"channel-type": "other", "addr": {}}]},
+     "Parameter 'channels[0].channel-type' does not accept value 'other'"),
+    ("migrate", {"detach": 1, "blk": 0, "channels": [{"channel-type": "main"}]},
+     "Parameter 'channels[0].addr' is missing"),
     ("add-blocker", {"scope": "bad", "internal": "x", "modes": [1]},
      "Parameter 'reason' is missing"),
     ("add-blocker", {"scope": "bad", "id": 3, "internal": 1, "modes": [2], "reason": "r"},

@@ -22,6 +22,7 @@ from migblockd.contract import Contract
 from migblockd.guard import refusal_kind, same_uid, whose
 from migblockd.listing import Listings
 from migblockd.logs import about, shown
+from migblockd.qmp.addresses import check_channels
 from migblockd.qmp.encoding import Encoded, Parts, encode
 from migblockd.qmp.envelope import QMP_CAPABILITIES, Command
 from migblockd.qmp.errors import QMPError
@@ -183,6 +184,8 @@ class Handlers:
     def migrate(self, conn: Connection, args: Args) -> object:
         uri = args.get("uri")
         where = uri if uri is not None else "its channels"
+        # QEMU's visitor judges the addresses before qmp_migrate() runs.
+        check_channels(args.get("channels"))
         try:
             self.registry.migrate(uri, args.get("resume", False), args.get("channels"))
         except BlockerError as exc:

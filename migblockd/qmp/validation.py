@@ -205,6 +205,13 @@ class ArgumentValidator:
             return f"Parameter '{path}' is invalid: {reason}"
         return f"Invalid arguments: {reason}"
 
+    def error_at(self, value: object, path: str) -> str | None:
+        """The desc of the first error in ``value`` as the schema's walk finds it, its
+        members named under ``path`` (``channels[0].addr``), or None when the walk
+        finds none: for a value nested in arguments that the schema took as ``any``,
+        checked later by a schema of its own (:mod:`migblockd.qmp.addresses`)."""
+        return self._walk(self.schema, value, path)
+
     def _resolve(self, schema: Mapping[str, Any]) -> Mapping[str, Any]:
         seen = 0
         while "$ref" in schema and seen < 64:

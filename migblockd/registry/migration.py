@@ -72,8 +72,9 @@ def check_destination(uri: str | None, channels: Sequence[Mapping[str, Any]] | N
     most one of each type, in ``cpr-transfer`` ``mode`` a ``cpr`` one, then a
     ``main`` one; of a URI, a scheme QEMU knows (:class:`InvalidUri`); then, in
     ``cpr-transfer`` mode, a main address that is not a file (a ``file:`` URI or
-    ``transport: file``).  The rest of a channel's address, and of a URI after its
-    scheme, is QEMU's to judge: the simulation goes nowhere.
+    ``transport: file``).  ``channels``' addresses are QEMU's QAPI shapes
+    (:mod:`migblockd.qmp.addresses` checked them); the rest of an address, and of a
+    URI after its scheme, is QEMU's to judge: the simulation goes nowhere.
     """
     channels = channels or None
     if (uri is None) == (channels is None):

@@ -19,6 +19,7 @@ from migblockd.config import Config, ConfigError, build, read_settings
 from migblockd.early import EarlySignals
 from migblockd.kinds import Integer
 from migblockd.options import Where, add_arguments, table
+from migblockd.reloader import WAIT, Failed, reload, watch
 from migblockd.sources import Sources
 
 DESCRIPTION = """\
@@ -73,6 +74,13 @@ def parser(*, documented: bool = False) -> argparse.ArgumentParser:
              "command's environment holds, since a reload re-reads only the file the "
              "daemon's own options name and a restart applies new ones; a PID whose "
              "environment cannot be read fails the check too")
+    p.add_argument(
+        "--reload", metavar="PID", type=_pid,
+        help="as systemctl reload runs it (ExecReload=): check the settings as "
+             "--check-config --running-pid PID does, then send the daemon PID SIGHUP and "
+             "wait until it has reloaded: 0 once it applied the file, non-zero with why "
+             "when the check or the daemon refused it, the daemon stopped, or it did not "
+             f"reload within {WAIT:g} s")
     add_arguments(p, Config, documented=documented)
     return p
 
@@ -105,6 +113,8 @@ class Check:
 
     #: ``--running-pid``: the daemon whose options the settings must be.
     running_pid: int | None = None
+    #: ``--reload``: then signal that daemon and wait for its reload.
+    reload: bool = False
 
 
 def command_line(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], Check | None]:
@@ -113,6 +123,12 @@ def command_line(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], Che
     p = parser()
     given = dict(vars(p.parse_args(argv)))
     check_only, running_pid = given.pop("check_config"), given.pop("running_pid")
+    reload_pid = given.pop("reload")
+    if reload_pid is not None:
+        if check_only or running_pid is not None:
+            p.error("--reload checks the settings itself, as --check-config --running-pid "
+                    "PID does: give it alone")
+        return given, Check(reload_pid, reload=True)
     if running_pid is not None and not check_only:
         # A daemon told it would only be ignored: a reload's check, not a start.
         p.error("--running-pid is for --check-config only (as ExecReload= runs it)")
@@ -150,6 +166,15 @@ def _awaiting(directory: Path) -> str:
     return ", which holds no state database yet: a start creates an empty one"
 
 
+def _reload(pid: int, pidfd: int) -> None:
+    """``--reload``'s signal and wait, once the check passed: its line, or exit 1."""
+    sys.stdout.flush()  # the check's line before the daemon's, in the journal too
+    try:
+        print(reload(pid, pidfd).encode(errors="backslashreplace").decode())
+    except Failed as exc:
+        _fail(str(exc))
+
+
 def _fail(*lines: str) -> NoReturn:
     """Exit 1 with ``lines``, errors, on stderr (marked as the log marks them)."""
     from migblockd.logs.journal import for_stderr  # noqa: PLC0415 - keeps --help fast
@@ -163,6 +188,7 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
     if early is None:
         early = EarlySignals()
         early.install()
+    pidfd = -1  # --reload's watch of the daemon
     try:
         cli, check = command_line(argv)  # exits for --help, --version, a bad option
         if check is not None and check.running_pid is not None:
@@ -170,8 +196,14 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
             # not what a reload would read, and judging them says nothing of it.
             from migblockd.running import Unknown, refusal  # noqa: PLC0415 - keeps --help fast
 
+            if check.reload:
+                try:
+                    pidfd = watch(check.running_pid)
+                except Failed as exc:
+                    _fail(str(exc))
             try:
-                why = refusal(check.running_pid)
+                why = refusal(check.running_pid, option="--reload" if check.reload
+                              else "--running-pid")
             except Unknown as exc:
                 why = str(exc)
             if why is not None:
@@ -212,9 +244,12 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
         # A name that is not UTF-8 (held as surrogates) escaped, as the log escapes it:
         # stdout is strict under a UTF-8 locale other than C.UTF-8 (en_US.UTF-8).
         print(checked(config, cli.get("config")).encode(errors="backslashreplace").decode())
+        if check.reload:
+            assert check.running_pid is not None
+            _reload(check.running_pid, pidfd)
         return
 
-    from migblockd import logs  # noqa: PLC0415 - keeps --help fast
+    from migblockd import logs, reload_record  # noqa: PLC0415 - keeps --help fast
     from migblockd.daemon import StartupError, run  # noqa: PLC0415
     from migblockd.pidlock import say_stopping  # noqa: PLC0415
     from migblockd.systemd import Activation  # noqa: PLC0415
@@ -232,9 +267,17 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
                   "(pip install 'migblockd[uvloop]')")
         loop_factory = uvloop.new_event_loop
 
-    # From the stop's signal on, the locks the start holds say that it is stopping.
-    early.when_stopping(say_stopping)
+    # From the stop's signal on, the locks the start holds say that it is stopping,
+    # and so does the record of reloads.
+    def stopping() -> None:
+        say_stopping()
+        reload_record.stopping()
+
+    early.when_stopping(stopping)
     installed = logs.setup(config.logging_level, config.log_format)
+    # A SIGHUP is caught and kept by now: `migblockd --reload` sends one only to a
+    # daemon that keeps this record (migblockd.reload_record).
+    reload_record.open_record()
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(run(config, cli, reload_asked=early.reload, stop_asked=early.stop,

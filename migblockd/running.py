@@ -1,9 +1,10 @@
 """Whether the daemon a reload's check is for started with the options the check reads.
 
 The units declare the daemon's command line once, as ``MIGBLOCKD_OPTIONS``;
-``systemctl reload`` runs ``migblockd --check-config --socket-activated
---running-pid $MAINPID $MIGBLOCKD_OPTIONS`` (ExecReload=) with the unit's
-environment as it is *now*, then sends the SIGHUP.  The daemon keeps the command
+``systemctl reload`` runs ``migblockd --reload $MAINPID --socket-activated
+$MIGBLOCKD_OPTIONS`` (ExecReload=) with the unit's environment as it is *now*,
+which checks the settings, then sends the SIGHUP (``--check-config --running-pid
+PID`` checks alone).  The daemon keeps the command
 line it started with: a SIGHUP re-reads only the file that one names.  So after
 a drop-in changed ``MIGBLOCKD_OPTIONS`` and a daemon-reload, the check would
 judge a file the daemon never reads, pass, and the reload would apply none of
@@ -33,25 +34,26 @@ class Unknown(Exception):
     """The daemon's options cannot be read; ``str()`` says why, in one line."""
 
 
-def started_with(pid: int) -> str | None:
-    """The ``MIGBLOCKD_OPTIONS`` process ``pid`` was started with (None: without it)."""
+def started_with(pid: int, option: str = "--running-pid") -> str | None:
+    """The ``MIGBLOCKD_OPTIONS`` process ``pid`` was started with (None: without it);
+    ``option``, which gave ``pid``, leads the errors."""
     path = f"/proc/{pid}/environ"
     try:
         with open(path, "rb") as f:
             environ = f.read()
     except (FileNotFoundError, ProcessLookupError):
-        raise Unknown(f"--running-pid {pid}: there is no process {pid} (has the daemon "
+        raise Unknown(f"{option} {pid}: there is no process {pid} (has the daemon "
                       "exited?)") from None
     except OSError as exc:
         uid = os.geteuid()
         # Root too may be refused (a process of another user namespace, ptrace rules).
         also = "" if uid == 0 else " or as root"
-        raise Unknown(f"--running-pid {pid}: cannot read {path} as uid {uid}: "
+        raise Unknown(f"{option} {pid}: cannot read {path} as uid {uid}: "
                       f"{exc.strerror}; run the check as the daemon's user (as ExecReload= "
                       f"does){also}") from None
     if not environ:
         # A zombie's, or a kernel thread's: nothing to compare with.
-        raise Unknown(f"--running-pid {pid}: process {pid} shows no environment (has the "
+        raise Unknown(f"{option} {pid}: process {pid} shows no environment (has the "
                       "daemon exited?)")
     prefix = os.fsencode(OPTIONS) + b"="
     for entry in environ.split(b"\0"):
@@ -70,10 +72,11 @@ def words(value: str) -> list[str]:
         return value.split()
 
 
-def refusal(pid: int, env: Mapping[str, str] = os.environ) -> str | None:
+def refusal(pid: int, env: Mapping[str, str] = os.environ,
+            option: str = "--running-pid") -> str | None:
     """Why a reload of the daemon ``pid`` would not apply the options in ``env``,
     in one line, or None when it started with them.  Raises :class:`Unknown`."""
-    theirs = started_with(pid)
+    theirs = started_with(pid, option)
     ours = env.get(OPTIONS)
     if (words(theirs) == words(ours) if theirs is not None and ours is not None
             else theirs is None and ours is None):

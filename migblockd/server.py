@@ -22,11 +22,13 @@ import dataclasses
 import functools
 import logging
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from migblockd import reload_record
 from migblockd.accept import Acceptor, fit_descriptor_limit
 from migblockd.adapter import ClientProtocol, read_buffer
 from migblockd.admitting import Admitting
@@ -212,10 +214,12 @@ class Server(Turns):
         number = self._order.ask()  # before any await: in the order the signals came
         if number is None:
             return
+        started = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         try:
             try:
                 await self._order.take_turn(str(self.cli.get("config")))
                 await self.notifier.reloading()
+                started = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
                 with self._order.reading():
                     applied = await self._reload(number)
             except asyncio.CancelledError:
@@ -226,11 +230,17 @@ class Server(Turns):
                 raise
             # The look ahead may wait on a thread that never returns (a resolver, a
             # network file system): nothing waits for it.
-            if applied is not None:
+            if isinstance(applied, str):
+                reload_record.ended(started, applied=False, line=applied)
+            elif applied is not None:
+                # Applied: a `migblockd --reload` waiting (systemctl reload) returns now.
+                reload_record.ended(started, applied=True, line=applied[0].messages()[0][1])
                 await self._report(*applied)
         except Exception:
             # A bug: said here, not left to asyncio's "Task exception was never retrieved".
             log.exception("reload failed while applying the settings (some may be applied)")
+            reload_record.ended(started, applied=False, line="reload failed while applying "
+                                "the settings (some may be applied): see the daemon's log")
         finally:
             # Whatever happened, systemd hears READY=1: without it the unit stays
             # "reloading" and the next `systemctl reload` waits for its timeout.
@@ -238,9 +248,10 @@ class Server(Turns):
             # STOPPING=1).
             await self.notifier.ready(self.status_line())
 
-    async def _reload(self, number: int) -> tuple[Reload, Config, FileSettings, int] | None:
+    async def _reload(self, number: int
+                      ) -> tuple[Reload, Config, FileSettings, int] | str | None:
         """Read the file and apply it, as reload ``number``; what :meth:`_report` says
-        of it (None: not applied, and said why)."""
+        of it, or why it failed (None: not applied, for the stop or a later reload)."""
         def read() -> tuple[FileSettings, Config]:
             file = read_settings(self.cli)
             return file, build(self.cli, file)
@@ -255,10 +266,10 @@ class Server(Turns):
                 file, fresh = read()  # here, then, rather than not at all
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
-            return None
+            return f"reload failed, keeping the running configuration: {exc}"
         except Exception:  # a bug
             log.exception("reload failed, keeping the running configuration")
-            return None
+            return "reload failed, keeping the running configuration: see the daemon's log"
         if self.draining:
             # The stop began while the file was read: nothing is applied to a
             # daemon that is draining.
@@ -276,9 +287,10 @@ class Server(Turns):
                     policy_warnings, where=functools.partial(
                         Sources.of(self.cli, file).entry, "access")))
         except Exception as exc:  # no thread for it
-            log.error("reload failed, keeping the running configuration: the user and "
-                      "group databases could not be asked: %s", exc)
-            return None
+            why = ("reload failed, keeping the running configuration: the user and group "
+                   f"databases could not be asked: {exc}")
+            log.error("%s", why)
+            return why
         if self.draining:
             log.info("reload: stopping, so the configuration read is not applied")
             return None

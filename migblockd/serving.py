@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from migblockd import __version__, logs, signalmask
+from migblockd import __version__, logs, reload_record, signalmask
 from migblockd.admission import Admission
 from migblockd.config import Config
 from migblockd.contract import Contract
@@ -134,6 +134,8 @@ async def serve(config: Config, cli: dict[str, Any], contract: Contract, registr
             for lock in (None if claim is None else claim.lock, store, metrics):
                 if lock is not None:
                     lock.stopping(before_serving=not serving)
+            # A `migblockd --reload` waiting hears that no reload is carried out now.
+            reload_record.stopping()
         stop.set()
         # At once, not when the stop gets to it: a SIGHUP sent with the SIGTERM
         # would otherwise start a reload during the stop.

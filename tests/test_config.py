@@ -1926,6 +1926,20 @@ def test_running_pid_is_for_the_check_only(tmp_path: Path) -> None:
     assert sorted(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("extra", [["--check-config"], ["--running-pid", "1"]])
+def test_reload_checks_on_its_own(tmp_path: Path, extra: list[str]) -> None:
+    # --reload is the check and the signal in one: a second check given with it
+    # would have to name the same daemon, so it is refused, and nothing is signalled.
+    both = subprocess.run([sys.executable, "-m", "migblockd", "--reload", "1", *extra,
+                           "--ephemeral", "--socket", str(tmp_path / "s.sock")],
+                          capture_output=True, text=True, timeout=30)
+    assert both.returncode == 2
+    assert both.stderr.endswith("migblockd: error: --reload checks the settings itself, as "
+                                "--check-config --running-pid PID does: give it alone\n"), \
+        both.stderr
+    assert sorted(tmp_path.iterdir()) == []
+
+
 async def test_a_reload_says_when_the_next_start_would_fail(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

@@ -388,11 +388,16 @@ async def test_reload_applies_a_good_file_and_refuses_a_bad_one(manager: Manager
     await add_blocker(manager, "r1")
     pid = manager.wait_for("migblockd.service", "start", is_running)["MainPID"]
     assert not await reason_refused(manager, 40)
-    manager.write_config("max-reason-length = 16\n")
+    manager.write_config('log-level = "debug"\nmax-reason-length = 16\n')
     assert manager.systemctl("reload", "migblockd.service").returncode == 0
-    # systemctl reload returns once kill has signalled; the daemon applies it next.
+    # Applied by the time systemctl reload returns (ExecReload= waits for the daemon,
+    # in the unit's sandbox): with kill -HUP last, this client could find the old
+    # settings, and its request was not logged.
+    assert await reason_refused(manager, 40), manager.log()
+    assert f"migblockd: pid {pid}: reloaded configuration: log-level=debug, " \
+        "max-reason-length=16\n" in manager.daemon_log(), manager.log()
     deadline = time.monotonic() + TIMEOUT
-    while not await reason_refused(manager, 40):
+    while '"reason": "' + "x" * 40 not in manager.daemon_log():
         assert time.monotonic() < deadline, manager.log()
         await asyncio.sleep(0.1)
     manager.write_config('max-reason-length = "lots"\n')
@@ -403,7 +408,49 @@ async def test_reload_applies_a_good_file_and_refuses_a_bad_one(manager: Manager
     assert "r1" in await blocker_ids(manager)
     assert await reason_refused(manager, 40)
     # The bad file stopped the reload before kill: one reload reached the daemon.
-    assert manager.daemon_log().count("reloaded configuration") == 1, manager.log()
+    assert manager.daemon_log().count("INFO: reloaded configuration") == 1, manager.log()
+
+
+def pending_signals(manager: Manager, pid: str) -> int:
+    """The signals pending for process ``pid`` of the namespace (its ShdPnd: mask)."""
+    status = manager.inside(f"/proc/{pid}/status").read_text()
+    found = re.search(r"^ShdPnd:\s+([0-9a-f]+)$", status, re.MULTILINE)
+    assert found is not None, status
+    return int(found[1], 16)
+
+
+async def test_reload_returns_once_a_held_daemon_has_applied_the_file(
+    manager: Manager,
+) -> None:
+    # Reproduced first: with ExecReload=/bin/kill -HUP $MAINPID last, the daemon
+    # stopped (SIGSTOP, as a loaded machine holds it), systemctl reload said 0 at
+    # once, and the daemon had applied nothing.
+    await add_blocker(manager, "h1")
+    pid = manager.wait_for("migblockd.service", "start", is_running)["MainPID"]
+    manager.write_config("max-reason-length = 16\n")
+    manager.systemctl("kill", "--kill-whom=main", "--signal=SIGSTOP", "migblockd.service")
+    reloading = subprocess.Popen(
+        ["nsenter", f"--target={manager.init_pid}", "--mount", "--pid", "--", "env",
+         f"XDG_RUNTIME_DIR={INSIDE}/runtime", "systemctl", "--user", "reload",
+         "migblockd.service"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # Checked and signalled: the SIGHUP waits in the held daemon.
+        deadline = time.monotonic() + TIMEOUT
+        while not pending_signals(manager, pid) & (1 << (signal.SIGHUP - 1)):
+            assert reloading.poll() is None, (reloading.communicate(), manager.log())
+            assert time.monotonic() < deadline, manager.log()
+            await asyncio.sleep(0.05)
+        # The reload job waits for the daemon, which cannot have reloaded.
+        jobs = manager.systemctl("list-jobs").stdout
+        assert re.search(r"migblockd\.service\s+reload\s+running", jobs), jobs
+        assert reloading.poll() is None
+    finally:
+        manager.systemctl("kill", "--kill-whom=main", "--signal=SIGCONT",
+                          "migblockd.service")
+    out, _ = reloading.communicate(timeout=TIMEOUT)
+    assert reloading.returncode == 0, (out, manager.log())
+    assert await reason_refused(manager, 40)
+    assert manager.wait_for("migblockd.service", "state", is_running)["MainPID"] == pid
 
 
 async def test_reload_refuses_options_the_daemon_did_not_start_with(manager: Manager) -> None:

@@ -14,14 +14,18 @@ from the unit's.  Not exercised: systemd's sandbox and its reload job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -181,22 +185,174 @@ def test_the_config_path_is_declared_once() -> None:
         # --socket-activated outside MIGBLOCKD_OPTIONS: a drop-in that sets it keeps it.
         assert values(service, "Service", "ExecStart") == [
             f"{INSTALLED} --socket-activated $MIGBLOCKD_OPTIONS"]
+        # One line, which checks, signals and waits: systemd 252 ends the reload job
+        # when it exits.
         assert values(service, "Service", "ExecReload") == [
-            f"{INSTALLED} --check-config --socket-activated --running-pid $MAINPID "
-            "$MIGBLOCKD_OPTIONS",
-            "/bin/kill -HUP $MAINPID"]
+            f"{INSTALLED} --reload $MAINPID --socket-activated $MIGBLOCKD_OPTIONS"]
 
 
 async def test_a_good_file_reloads(service: Service) -> None:
     # max-clients = 1 serves one client of two (the test below sees it).
     config = service.env["MIGBLOCKD_OPTIONS"].split()[1]
-    Path(config).write_text('log-level = "info"\nmax-clients = 2\n')
+    Path(config).write_text('log-level = "debug"\nmax-clients = 2\n')
     status, said = service.reload()
     assert status == 0, said
     assert "valid" in said
-    # The SIGHUP is applied a moment after kill exits.
-    service.wait_for_log("reloaded configuration: max-clients=2")
+    # Applied by the time the reload returns: with kill -HUP last, the clients that
+    # came right after it could find the old settings.
+    assert said.endswith(f"migblockd: pid {service.proc.pid}: reloaded configuration: "
+                         "log-level=debug, max-clients=2\n"), said
     assert await service.clients_served(2) == 2
+    # At debug, what goes on the wire is logged: their greetings were.
+    service.wait_for_log("-> b'{\"QMP\"")
+
+
+async def test_reloads_sent_together_each_return_once_applied(service: Service) -> None:
+    # Their signals come while a reload reads or waits, or arrive as one pending
+    # SIGHUP: joined, each still returns once a reload begun after its own signal
+    # has applied the file, which every one of them wrote.
+    [line] = values(parse_unit(service.unit), "Service", "ExecReload")
+    env = dict(service.env, MAINPID=str(service.proc.pid))
+    config = Path(service.env["MIGBLOCKD_OPTIONS"].split()[1])
+    config.write_text('log-level = "info"\nmax-clients = 2\n')
+    reloads = [subprocess.Popen(as_unit_user(expand(line, env)), cwd=ROOT,
+                                env={**os.environ, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    said = [r.communicate(timeout=TIMEOUT)[0] for r in reloads]
+    assert [r.returncode for r in reloads] == [0] * 4, said
+    for out in said:
+        assert re.search(rf"migblockd: pid {service.proc.pid}: reloaded configuration: "
+                         r"(max-clients=2|nothing changed)\n$", out), out
+    assert await service.clients_served(2) == 2
+
+
+def blocked_writing(pid: int) -> bool:
+    """Whether process ``pid`` waits in a write(2) to its stdout (``/proc/PID/syscall``:
+    the call's number, 1 on x86-64, then its first argument, the descriptor)."""
+    return Path(f"/proc/{pid}/syscall").read_text().startswith("1 0x1 ")
+
+
+def held_after_the_check(service: Service) -> tuple[subprocess.Popen[str], int]:
+    """The unit's ExecReload= started, and held between its check and its signal: its
+    stdout a pipe the test has filled, so that the check's line, written (flushed)
+    just before the signal, waits until the test reads; and the pipe's end to read."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"." * 512)
+    os.set_blocking(write_end, True)
+    [line] = values(parse_unit(service.unit), "Service", "ExecReload")
+    env = dict(service.env, MAINPID=str(service.proc.pid))
+    reloader = subprocess.Popen(as_unit_user(expand(line, env)), cwd=ROOT,
+                                env={**os.environ, **env}, stdout=write_end,
+                                stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    deadline = time.monotonic() + TIMEOUT
+    while not blocked_writing(reloader.pid):
+        assert reloader.poll() is None, reloader.communicate()
+        assert time.monotonic() < deadline, "the reload's check never wrote its line"
+        time.sleep(0.02)
+    return reloader, read_end
+
+
+def let_go(reloader: subprocess.Popen[str], read_end: int) -> tuple[int, str]:
+    """Read the held reload's stdout until it exits: its status, and what it wrote."""
+    with os.fdopen(read_end, "rb") as out:
+        said = out.read().decode().lstrip(".")
+    _, errors = reloader.communicate(timeout=TIMEOUT)
+    return reloader.returncode, said + errors
+
+
+async def test_a_file_the_daemon_refuses_fails_the_reload(service: Service) -> None:
+    # The file went bad between the check and the signal: only the daemon sees it.
+    # With kill -HUP last, systemctl reload said 0, and only the daemon's log said no.
+    config = Path(service.env["MIGBLOCKD_OPTIONS"].split()[1])
+    config.write_text('log-level = "info"\nmax-clients = 2\n')
+    reloader, read_end = held_after_the_check(service)
+    config.write_text('log-level = "info"\nmax-clients = "many"\n')
+    status, said = let_go(reloader, read_end)
+    assert status == 1, said
+    assert said.endswith(
+        f"migblockd: the daemon (pid {service.proc.pid}) did not apply the file: reload "
+        f"failed, keeping the running configuration: {config}:2: max-clients must be an "
+        "integer, not 'many'\n"), said
+    assert await service.clients_served(2) == 1
+    assert service.proc.poll() is None
+
+
+def test_a_daemon_gone_before_the_signal_fails_the_reload(service: Service) -> None:
+    reloader, read_end = held_after_the_check(service)
+    service.proc.terminate()
+    assert service.proc.wait(timeout=TIMEOUT) == 0
+    status, said = let_go(reloader, read_end)
+    assert status == 1, said
+    assert said.endswith(f"migblockd: the daemon (pid {service.proc.pid}) exited before it "
+                         "was signalled: nothing was reloaded\n"), said
+
+
+def test_a_daemon_stopping_when_signalled_fails_the_reload(service: Service) -> None:
+    # Its drain kept going by a client that still sends: the SIGHUP finds it stopping,
+    # which ignores it; the reload fails at once, rather than when the daemon exits.
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(str(service.socket))
+    sending = threading.Event()
+    sending.set()
+
+    def keep_sending() -> None:
+        with contextlib.suppress(OSError):
+            while sending.is_set():
+                client.sendall(b'{"execute": "query-version"}')
+                time.sleep(0.05)
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    try:
+        reloader, read_end = held_after_the_check(service)
+        service.proc.send_signal(signal.SIGTERM)
+        service.wait_for_log("stopping: closing the socket and 1 client(s)")
+        status, said = let_go(reloader, read_end)
+        assert status == 1, said
+        assert said.endswith(f"migblockd: the daemon (pid {service.proc.pid}) is stopping: "
+                             "the reload is not carried out\n"), said
+        assert service.proc.poll() is None  # still draining when the reload failed
+    finally:
+        sending.clear()
+        sender.join()
+        client.close()
+
+
+async def test_a_reload_sent_while_the_daemon_starts_waits_for_it(short_tmp: Path) -> None:
+    # systemd queues a reload job until the start is over; by hand, --reload waits for
+    # the daemon to catch SIGHUP (whose default action would end it), then for its
+    # reload, which the daemon carries out once it serves.
+    unit = UNITS / "migblockd.service"
+    config = short_tmp / "migblockd.toml"
+    config.write_text("max-clients = 2\n")
+    config.chmod(0o644)
+    short_tmp.chmod(0o755)
+    env = environment(unit)
+    env["MIGBLOCKD_OPTIONS"] = f"--config {config} --ephemeral --socket {short_tmp}/q.sock"
+    start = [w for w in expand(values(parse_unit(unit), "Service", "ExecStart")[0], env)
+             if w != "--socket-activated"]
+    os.chown(short_tmp, UID, GID)
+    with (short_tmp / "stderr.log").open("wb") as log:
+        proc = subprocess.Popen(as_unit_user(start), stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, cwd=ROOT, env={**os.environ, **env})
+    try:
+        [line] = values(parse_unit(unit), "Service", "ExecReload")
+        reload = [w for w in expand(line, dict(env, MAINPID=str(proc.pid)))
+                  if w != "--socket-activated"]
+        done = subprocess.run(as_unit_user(reload), cwd=ROOT, env={**os.environ, **env},
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, (done, (short_tmp / "stderr.log").read_text())
+        assert done.stdout.endswith(f"migblockd: pid {proc.pid}: reloaded configuration: "
+                                    "nothing changed\n"), done
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=TIMEOUT) == 0
 
 
 @pytest.mark.parametrize("problem", ["bad value", "unreadable by the unit's user"])
@@ -250,4 +406,4 @@ async def test_options_changed_since_the_start_fail_the_reload(
     service.env["MIGBLOCKD_OPTIONS"] = f"  {started.replace(' ', chr(9) + ' ')} "
     status, said = service.reload()
     assert status == 0, said
-    service.wait_for_log("reloaded configuration")
+    assert "reloaded configuration: nothing changed" in said, said

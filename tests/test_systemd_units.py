@@ -193,11 +193,9 @@ def test_the_service_is_what_the_issue_asks_for() -> None:
     assert service["NotifyAccess"] == "main"
     assert shlex.split(service["ExecStart"])[0] == INSTALLED
     # The reload checks the settings as the daemon's user first: a bad file fails it, and
-    # so do options the running daemon did not start with.
+    # so do options the running daemon did not start with; then it signals and waits.
     assert service["ExecReload"].split("\n") == [
-        f"{INSTALLED} --check-config --socket-activated --running-pid $MAINPID "
-        "$MIGBLOCKD_OPTIONS",
-        "/bin/kill -HUP $MAINPID"]
+        f"{INSTALLED} --reload $MAINPID --socket-activated $MIGBLOCKD_OPTIONS"]
     assert service["Restart"] == "on-failure"
     # The start limit counts 5 starts in a minute, not systemd's 10 s, which a start
     # failing in 2 s or more (a loaded machine's) never reached.

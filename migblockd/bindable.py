@@ -23,7 +23,7 @@ from migblockd.socketdir import (
     socket_dir_exists,
     whose,
 )
-from migblockd.startup import StartupError
+from migblockd.startup import StartupError, status_of
 from migblockd.trust import unsearchable
 from migblockd.writable import attribute_fix, denied, first_missing, in_the_way
 
@@ -61,7 +61,7 @@ def lock_socket(socket_path: Path, option: str = "--socket") -> PidLock:
             f"refusing to start a second one (stop it first, or choose another "
             f"{option})") from None
     except LockFailed as exc:
-        raise StartupError(lock_failed(path, exc, option)) from None
+        raise StartupError(lock_failed(path, exc, option), status_of(exc.errno)) from None
 
 
 def lock_failed(path: Path, exc: LockFailed, option: str) -> str:

@@ -21,6 +21,7 @@ from migblockd.kinds import Integer
 from migblockd.options import Where, add_arguments, table
 from migblockd.reloader import WAIT, Failed, reload, watch
 from migblockd.sources import Sources
+from migblockd.startup import EXIT_FAILURE, EXIT_NOTCONFIGURED, EXIT_STATUSES
 
 DESCRIPTION = """\
 Serve QEMU's migration blocker registry over QMP on a Unix socket.
@@ -46,7 +47,19 @@ def epilog() -> str:
         + f"  SIGHUP re-reads the file and applies {reloaded}; "
         "SIGTERM or SIGINT stops the daemon cleanly.  Under systemd the daemon reports "
         "readiness and status with sd_notify and accepts a socket passed by socket "
-        "activation.", break_on_hyphens=False) + "\n"
+        "activation.", break_on_hyphens=False) + "\n\n" + exit_statuses()
+
+
+def exit_statuses() -> str:
+    """The epilog's list of exit statuses, from :data:`EXIT_STATUSES`."""
+    restarted = " and ".join(str(s.code) for s in EXIT_STATUSES if s.restarted)
+    lines = [f"Exit status (as systemd names it; the units restart the daemon after "
+             f"{restarted} only):"]
+    for status in EXIT_STATUSES:
+        lines.append(textwrap.fill(f"{status.code} {status.name}: {status.meaning}",
+                                   initial_indent="  ", subsequent_indent="    ",
+                                   break_on_hyphens=False))
+    return "\n".join(lines) + "\n"
 
 
 def parser(*, documented: bool = False) -> argparse.ArgumentParser:
@@ -65,8 +78,9 @@ def parser(*, documented: bool = False) -> argparse.ArgumentParser:
     p.add_argument(
         "--check-config", action="store_true",
         help="check the settings (the --config file, then the command line) as a start "
-             "or a SIGHUP would read them and exit: 0 if they are valid, non-zero with "
-             "the error otherwise; nothing is started or created")
+             "or a SIGHUP would read them and exit: 0 if they are valid, 6 with what to "
+             "mend otherwise, 1 when it cannot tell (an I/O error reading the file, "
+             "--running-pid's daemon unreadable); nothing is started or created")
     p.add_argument(
         "--running-pid", metavar="PID", type=_pid,
         help="with --check-config, as systemctl reload runs it (ExecReload=): also refuse "
@@ -172,14 +186,16 @@ def _reload(pid: int, pidfd: int) -> None:
     try:
         print(reload(pid, pidfd).encode(errors="backslashreplace").decode())
     except Failed as exc:
-        _fail(str(exc))
+        _fail(str(exc), status=EXIT_FAILURE)
 
 
-def _fail(*lines: str) -> NoReturn:
-    """Exit 1 with ``lines``, errors, on stderr (marked as the log marks them)."""
+def _fail(*lines: str, status: int = EXIT_NOTCONFIGURED) -> NoReturn:
+    """Exit with ``status`` and ``lines``, errors, on stderr (marked as the log marks
+    them): by default, as for settings only an operator mends."""
     from migblockd.logs.journal import for_stderr  # noqa: PLC0415 - keeps --help fast
 
-    sys.exit(for_stderr(logging.ERROR, lines))
+    print(for_stderr(logging.ERROR, lines), file=sys.stderr)
+    sys.exit(status)
 
 
 def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -> None:
@@ -200,19 +216,20 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
                 try:
                     pidfd = watch(check.running_pid)
                 except Failed as exc:
-                    _fail(str(exc))
+                    _fail(str(exc), status=EXIT_FAILURE)
             try:
                 why = refusal(check.running_pid, option="--reload" if check.reload
                               else "--running-pid")
             except Unknown as exc:
-                why = str(exc)
+                # Not the settings' fault: the check could not be made.
+                _fail(str(exc), status=EXIT_FAILURE)
             if why is not None:
                 _fail(why)
         try:
             file = read_settings(cli)
             config = build(cli, file)
         except ConfigError as exc:
-            _fail(str(exc))
+            _fail(str(exc), status=EXIT_FAILURE if exc.passing else EXIT_NOTCONFIGURED)
     except SystemExit:
         # Not a daemon after all: a stop that came is acted on as by any program.
         early.uninstall()
@@ -284,7 +301,7 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
                            file=file, activation=activation))
     except StartupError as exc:
         logging.getLogger("migblockd").error("%s", exc)
-        sys.exit(1)
+        sys.exit(exc.status)
     except KeyboardInterrupt:  # a second Ctrl-C as the event loop closes
         sys.exit(130)
     finally:

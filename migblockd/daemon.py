@@ -34,7 +34,14 @@ from migblockd.serving import qmp_socket_path, serve
 from migblockd.settings_file import FileSettings
 from migblockd.socketgroup import WAIT
 from migblockd.sources import COMMAND_LINE, Sources
-from migblockd.startup import STOPPED_STARTING, StartupError, StoppedStarting
+from migblockd.startup import (
+    EXIT_FAILURE,
+    EXIT_NOTCONFIGURED,
+    STOPPED_STARTING,
+    NotConfigured,
+    StartupError,
+    StoppedStarting,
+)
 from migblockd.state import StateError, Store
 from migblockd.state.directory import home_problem
 from migblockd.systemd import Activation, ActivationError
@@ -84,12 +91,12 @@ async def _run(config: Config, cli: dict[str, Any], notifier: Notifier,
     try:
         sock = (activation if activation is not None else Activation()).listener()
     except ActivationError as exc:
-        raise StartupError(f"socket activation: {exc}") from None
+        raise NotConfigured(f"socket activation: {exc}") from None
     if sock is None and config.socket_activated:
         # Binding --socket instead would serve a path nobody connects to, with
         # settings --check-config was told not to judge.
-        raise StartupError("--socket-activated: systemd passed no socket (start the "
-                           "daemon through its socket unit)")
+        raise NotConfigured("--socket-activated: systemd passed no socket (start the "
+                            "daemon through its socket unit)")
     if config.qemu is not None:
         check_qemu(config.qemu, qmp_socket_path(config, sock), sources)
     try:
@@ -201,8 +208,12 @@ def open_state(config: Config, registry: Registry, sources: Sources = COMMAND_LI
                            progress=None if progress is None else progress.counting("reading"),
                            stop=stop_asked)
     except StateError as exc:
-        raise StartupError(sources.located("state_dir", home_problem(config.state_dir)
-                                           or exc.naming(sources.choice("state_dir")))) from None
+        home = home_problem(config.state_dir)
+        why = home or exc.naming(sources.choice("state_dir"))
+        # A directory or database to mend is not tried again (the units' restart);
+        # another daemon's lock, or the disk, may be gone by the next start.
+        status = EXIT_NOTCONFIGURED if home or exc.lasting else EXIT_FAILURE
+        raise StartupError(sources.located("state_dir", why), status) from None
     count = len(registry)
     log.info("restored %d %s from %s", count, "blocker" if count == 1 else "blockers",
              store.path)

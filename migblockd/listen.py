@@ -44,12 +44,12 @@ from migblockd.pidlock import PidLock
 from migblockd.resolver import group_name, who
 from migblockd.socketdir import (
     check_socket_directory,
+    in_runtime_dir,
     make_socket_dir,
     not_given,
-    runtime_problem,
     socket_dir_exists,
 )
-from migblockd.startup import StartupError
+from migblockd.startup import NotConfigured, StartupError, status_of
 from migblockd.writable import attribute_fix
 
 __all__ = ["LISTEN_BACKLOG", "UNIX_PATH_MAX", "Claim", "Listening", "bind_claimed",
@@ -112,7 +112,7 @@ def claim_socket(path: Path, mode: int, group: int | None = None, *,
         make_socket_dir(path.parent, mode, group, option)
         check_socket_directory(path.parent, option)
     except StartupError as exc:
-        raise StartupError(runtime_problem(path) or str(exc)) from None
+        raise in_runtime_dir(path, exc) from None
     lock = lock_socket(path, option)
     try:
         # What is at the path is refused now too; _bind() looks again, as
@@ -199,14 +199,14 @@ def check_socket_path(path: Path, option: str = "--socket") -> None:
     or something other than a socket there (never replaced); ``option`` named it."""
     size = len(os.fsencode(path))
     if size > UNIX_PATH_MAX:
-        raise StartupError(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
-                           f"the limit is {UNIX_PATH_MAX}); choose a shorter {option}")
+        raise NotConfigured(f"cannot bind {path}: AF_UNIX path too long ({size} bytes; "
+                            f"the limit is {UNIX_PATH_MAX}); choose a shorter {option}")
     try:
         st = os.lstat(path)
     except OSError:  # nothing there, or nothing to see yet: binding will tell
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(_not_a_socket(path, option))
+        raise NotConfigured(_not_a_socket(path, option))
 
 
 def _not_a_socket(path: Path, option: str) -> str:
@@ -226,7 +226,7 @@ def stale_socket(path: Path, option: str) -> bool:
     except FileNotFoundError:
         return False
     if not stat.S_ISSOCK(st.st_mode):
-        raise StartupError(_not_a_socket(path, option))
+        raise NotConfigured(_not_a_socket(path, option))
     if _answers(path):
         raise StartupError(
             f"another daemon is already listening on {path}; refusing to take over "
@@ -243,7 +243,8 @@ def _bind(path: Path, mode: int, group: int | None, option: str) -> socket.socke
         except OSError as exc:
             fix = attribute_fix(path.parent, option) if exc.errno == errno.EPERM else None
             raise StartupError(f"cannot remove the stale socket {path}: {exc.strerror}; "
-                               f"{fix or f'remove it, or choose another {option}'}") from None
+                               f"{fix or f'remove it, or choose another {option}'}",
+                               status_of(exc.errno)) from None
     staging = _staging(path)
     if staging is None:
         return _listen_at(path, path, mode, group, option)
@@ -313,7 +314,7 @@ def _listen_at(where: Path, path: Path, mode: int, group: int | None,
         sock.bind(os.fspath(where))
     except OSError as exc:
         sock.close()
-        raise StartupError(cannot_bind(path, exc, option)) from None
+        raise StartupError(cannot_bind(path, exc, option), status_of(exc.errno)) from None
     finally:
         os.umask(old)
     if group is not None:
@@ -324,7 +325,7 @@ def _listen_at(where: Path, path: Path, mode: int, group: int | None,
             sock.close()
             with contextlib.suppress(OSError):
                 where.unlink()
-            raise StartupError(not_given(path, group, exc)) from None
+            raise StartupError(not_given(path, group, exc), status_of(exc.errno)) from None
     try:
         # A default ACL of the directory took the umask's place: its entries would
         # let in whom the mode never named (and its mask could keep the group out).
@@ -337,8 +338,8 @@ def _listen_at(where: Path, path: Path, mode: int, group: int | None,
             where.unlink()
         raise StartupError(f"cannot drop the ACL {path} took from the default ACL of its "
                            f"directory: {exc.strerror}; remove that default ACL "
-                           f"('setfacl -k {path.parent}'), or choose another {option}"
-                           ) from None
+                           f"('setfacl -k {path.parent}'), or choose another {option}",
+                           status_of(exc.errno)) from None
     # Listening before it has its name (see _bind): a client that comes before we
     # accept waits in the backlog instead of finding a "stale" socket.
     sock.listen(LISTEN_BACKLOG)

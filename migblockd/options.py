@@ -65,7 +65,13 @@ END_MARKER = "<!-- options: end -->"
 
 
 class ConfigError(Exception):
-    """A setting is invalid; ``str()`` says which one and why."""
+    """A setting is invalid; ``str()`` says which one and why.  ``passing``: the
+    file could not be read for a cause a later start may not meet (an I/O error),
+    not for what it says or who may write it."""
+
+    def __init__(self, message: str, *, passing: bool = False) -> None:
+        super().__init__(message)
+        self.passing = passing
 
 
 class Where(enum.Flag):

@@ -54,10 +54,10 @@ from migblockd.regular import NotRegularFile
 from migblockd.resolver import Resolver, named_like
 from migblockd.served import check_served
 from migblockd.shapes import check_shapes
-from migblockd.socketdir import check_socket_directory, runtime_problem, socket_dir_exists
+from migblockd.socketdir import check_socket_directory, in_runtime_dir, socket_dir_exists
 from migblockd.socketgroup import WAIT, group_gid
 from migblockd.sources import COMMAND_LINE, Sources
-from migblockd.startup import StartupError
+from migblockd.startup import NotConfigured, StartupError, status_of
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory, home_problem
 from migblockd.tcp import check_address, check_port
@@ -77,15 +77,16 @@ def load_contract(path: Path | None) -> Contract:
         # The installed schema is not judged: it is part of the installed code.
         contract = Contract.load(path, None if path is None else _vet_schema_file)
     except UntrustedFile as exc:
-        raise StartupError(str(exc)) from None
+        raise NotConfigured(str(exc)) from None
     except QAPIError as exc:
-        # StartupError's one line: QEMU's second line of some messages joined to it.
-        raise StartupError(f"bad schema: {exc.line()}") from None
+        # NotConfigured's one line: QEMU's second line of some messages joined to it.
+        raise NotConfigured(f"bad schema: {exc.line()}") from None
     except NotRegularFile as exc:
-        raise StartupError(f"{exc}; --schema takes a QAPI schema file") from None
+        raise NotConfigured(f"{exc}; --schema takes a QAPI schema file") from None
     except OSError as exc:
         where = f" {exc.filename}" if exc.filename else ""
-        raise StartupError(f"cannot read the schema{where}: {exc.strerror or exc}") from None
+        raise StartupError(f"cannot read the schema{where}: {exc.strerror or exc}",
+                           status_of(exc.errno)) from None
     check_served(contract)
     if path is not None:
         check_shapes(contract)
@@ -107,7 +108,7 @@ def socket_gid(group: str | None, setting: str = "--socket-group",
         return None
     gid = group_gid(group, setting, stop)  # bounded: StartupError when it does not answer
     if gid is None:
-        raise StartupError(f"{setting}: there is no group named {group!r}")
+        raise NotConfigured(f"{setting}: there is no group named {group!r}")
     return gid
 
 
@@ -146,7 +147,7 @@ def not_the_qmp_socket(address: Path, qmp_socket: Path, setting: str = "--metric
         what = f"its lock file {lock_path(address)} is the QMP socket"
     else:
         return
-    raise StartupError(f"{setting} {address}: {what}; metrics need an address of their own")
+    raise NotConfigured(f"{setting} {address}: {what}; metrics need an address of their own")
 
 
 def _socket_place(path: Path) -> str:
@@ -165,9 +166,9 @@ def check_qemu(qemu: Path, qmp_socket: Path | None, sources: Sources = COMMAND_L
     migblockd's own socket (``qmp_socket``, when known: :func:`not_its_own_socket`)."""
     size = len(os.fsencode(qemu))
     if size > UNIX_PATH_MAX:
-        raise StartupError(f"{sources.named('qemu')} {qemu}: AF_UNIX path too long ({size} "
-                           f"bytes; migblockd connects to paths of at most {UNIX_PATH_MAX}); "
-                           f"choose a shorter {sources.choice('qemu')}")
+        raise NotConfigured(f"{sources.named('qemu')} {qemu}: AF_UNIX path too long ({size} "
+                            f"bytes; migblockd connects to paths of at most {UNIX_PATH_MAX}); "
+                            f"choose a shorter {sources.choice('qemu')}")
     if qmp_socket is not None:
         not_its_own_socket(qemu, qmp_socket, sources)
 
@@ -177,9 +178,9 @@ def not_its_own_socket(qemu: Path, qmp_socket: Path, sources: Sources = COMMAND_
     symlink: gating itself, every forwarded command would wait for itself until
     ``qemu-timeout``.  ``sources``: where ``qemu`` came from, which the message names."""
     if os.path.realpath(qemu) == os.path.realpath(qmp_socket):
-        raise StartupError(f"{sources.named('qemu')} {qemu}: that is migblockd's own socket; "
-                           f"{sources.choice('qemu')} names the QMP monitor of the QEMU to "
-                           "gate (its -qmp)")
+        raise NotConfigured(f"{sources.named('qemu')} {qemu}: that is migblockd's own socket; "
+                            f"{sources.choice('qemu')} names the QMP monitor of the QEMU to "
+                            "gate (its -qmp)")
 
 
 def problems(config: Config, *, socket_passed: bool = False, passed: Path | None = None,
@@ -360,7 +361,7 @@ def _socket_at(path: Path, option: str, as_daemon: bool) -> None:
         if owner is None:  # else root checks for the daemon's user, which it cannot play
             check_socket_writable(path, option)
     except StartupError as exc:
-        raise StartupError(runtime_problem(path) or str(exc)) from None
+        raise in_runtime_dir(path, exc) from None
 
 
 def _daemon_user(directory: Path, as_daemon: bool) -> int | None:

@@ -37,7 +37,7 @@ from migblockd.pidlock import PidLock
 from migblockd.preflight import not_the_qmp_socket
 from migblockd.scrape_connections import ScrapeServer
 from migblockd.sources import COMMAND_LINE, Sources
-from migblockd.startup import StartupError
+from migblockd.startup import StartupError, status_of
 from migblockd.tcp import cannot_listen, resolve_all
 
 __all__ = ["MIN_INTERVAL", "STOP_WAIT", "MetricsApp", "MetricsServer", "gzip_wanted"]
@@ -153,5 +153,6 @@ def _listen_tcp(address: HostPort, setting: str) -> tuple[socket.socket, list[st
         sock.close()
         if exc.errno is None:
             raise StartupError(f"{setting} {address}: cannot listen: {exc}") from None
-        raise StartupError(cannot_listen(address, setting, exc.errno)) from None
+        raise StartupError(cannot_listen(address, setting, exc.errno),
+                           status_of(exc.errno)) from None
     return sock, others

@@ -18,7 +18,7 @@ from migblockd.commands import has_handler
 from migblockd.contract import Contract
 from migblockd.qapi.error import QAPIError
 from migblockd.registry import DEFAULT_MODE
-from migblockd.startup import StartupError
+from migblockd.startup import NotConfigured
 
 __all__ = ["MIG_MODE", "check_served"]
 
@@ -31,7 +31,7 @@ def check_served(contract: Contract) -> None:
     modes = contract.enums.get(MIG_MODE)
     where = contract.sources.get(MIG_MODE)
     if where is None:
-        raise StartupError(f"bad schema: {contract.root}: enum '{MIG_MODE}' is not defined; "
+        raise NotConfigured(f"bad schema: {contract.root}: enum '{MIG_MODE}' is not defined; "
                            "migblockd takes the migration modes from it")
     if modes is None:
         _refuse(QAPIError(where, f"'{MIG_MODE}' must be an enum (of the migration modes)"))
@@ -45,4 +45,4 @@ def check_served(contract: Contract) -> None:
 
 
 def _refuse(error: QAPIError) -> None:
-    raise StartupError(f"bad schema: {error}")
+    raise NotConfigured(f"bad schema: {error}")

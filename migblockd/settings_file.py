@@ -24,6 +24,7 @@ from typing import Any
 from migblockd.kinds import KeyedError, describe
 from migblockd.options import ConfigError, Option, Where, table
 from migblockd.regular import NotRegularFile, TooLarge, read_regular
+from migblockd.startup import passing
 from migblockd.trusted_file import check_trusted
 
 __all__ = ["MAX_SIZE", "TOO_DEEP", "FileSettings", "key_lines", "line_of", "read_file"]
@@ -75,7 +76,8 @@ def read_file(path: Path, settings: type) -> FileSettings:
     except NotRegularFile:
         raise ConfigError(f"{path} is not a regular file; --config takes a TOML file") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {path}: {exc.strerror}",
+                          passing=passing(exc.errno)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); TOML files are "
                           "UTF-8") from None

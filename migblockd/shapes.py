@@ -30,7 +30,7 @@ from typing import Any
 from migblockd.contract import CommandSpec, Contract
 from migblockd.qapi.error import QAPIError
 from migblockd.served import MIG_MODE
-from migblockd.startup import StartupError
+from migblockd.startup import NotConfigured
 
 __all__ = ["check_shapes"]
 
@@ -44,7 +44,7 @@ def check_shapes(contract: Contract) -> None:
     otherwise than the bundled schema does, lacks one of its events, or lacks
     ``qmp_capabilities``."""
     if NEGOTIATE not in contract.commands:
-        raise StartupError(f"bad schema: {contract.root}: command '{NEGOTIATE}' is not "
+        raise NotConfigured(f"bad schema: {contract.root}: command '{NEGOTIATE}' is not "
                            "defined; without it no client can leave capabilities negotiation")
     bundled = _bundled().commands
     for name, spec in contract.commands.items():
@@ -57,7 +57,7 @@ def check_shapes(contract: Contract) -> None:
                                   f"command '{name}' changes its {part} (at {where or '/'}); "
                                   "migblockd's handler takes and returns the bundled "
                                   "schema's")
-                raise StartupError(f"bad schema: {error}")
+                raise NotConfigured(f"bad schema: {error}")
     _check_events(contract)
 
 
@@ -65,14 +65,14 @@ def _check_events(contract: Contract) -> None:
     for name, sent in _bundled().events.items():
         defined = contract.events.get(name)
         if defined is None:
-            raise StartupError(f"bad schema: {contract.root}: event '{name}' is not defined, "
+            raise NotConfigured(f"bad schema: {contract.root}: event '{name}' is not defined, "
                                "yet migblockd sends it; define it as the bundled schema does")
         where = _difference(_shape(sent.data), _shape(defined.data), "")
         if where is not None:
             error = QAPIError(contract.sources[name],
                               f"event '{name}' changes its data (at {where or '/'}); "
                               "migblockd sends the bundled schema's")
-            raise StartupError(f"bad schema: {error}")
+            raise NotConfigured(f"bad schema: {error}")
 
 
 @functools.cache

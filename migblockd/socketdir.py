@@ -21,12 +21,12 @@ from pathlib import Path
 
 from migblockd.paths import fallback_problem, fallback_remedy, fallback_socket_dir
 from migblockd.resolver import group_name, user_name, who
-from migblockd.startup import StartupError
+from migblockd.startup import NotConfigured, StartupError, status_of
 from migblockd.trust import ownership, refusal, search_fix
 from migblockd.writable import attribute, attribute_fix, in_the_way
 
-__all__ = ["cannot_create", "check_fallback", "check_socket_directory", "make_socket_dir",
-           "not_given", "runtime_problem", "socket_dir_exists", "whose"]
+__all__ = ["cannot_create", "check_fallback", "check_socket_directory", "in_runtime_dir",
+           "make_socket_dir", "not_given", "runtime_problem", "socket_dir_exists", "whose"]
 
 
 def check_socket_directory(directory: Path, option: str = "--socket", *,
@@ -39,14 +39,14 @@ def check_socket_directory(directory: Path, option: str = "--socket", *,
         why = refusal(directory, kind="socket directory", asset="the socket", option=option,
                       to_be_made=to_be_made, owner=owner)
     except OSError as exc:
-        raise StartupError(_cannot_check(directory, exc, option)) from None
+        raise StartupError(_cannot_check(directory, exc, option), status_of(exc.errno)) from None
     if why is not None:
-        raise StartupError(f"refusing to serve from {directory}: {why}")
+        raise NotConfigured(f"refusing to serve from {directory}: {why}")
     found = attribute(directory)
     if found is not None and found[0] == "append-only":
         # It could bind there, but never unlink: the socket would outlive the
         # daemon, and the next start could not replace it.
-        raise StartupError(f"refusing to serve from {directory}: the daemon could not "
+        raise NotConfigured(f"refusing to serve from {directory}: the daemon could not "
                            f"remove its socket when it stops, nor the next start a stale "
                            f"one; {attribute_fix(directory, option)}")
 
@@ -57,7 +57,7 @@ def socket_dir_exists(directory: Path, option: str) -> bool:
     try:
         return directory.is_dir()
     except OSError as exc:
-        raise StartupError(_cannot_check(directory, exc, option)) from None
+        raise StartupError(_cannot_check(directory, exc, option), status_of(exc.errno)) from None
 
 
 def _cannot_check(directory: Path, exc: OSError, option: str) -> str:
@@ -89,7 +89,7 @@ def make_socket_dir(directory: Path, socket_mode: int, group: int | None,
             _give_socket_dir(directory, socket_mode, group)
             return
     except OSError as exc:
-        raise StartupError(cannot_create(directory, exc, option)) from None
+        raise StartupError(cannot_create(directory, exc, option), status_of(exc.errno)) from None
     if directory != fallback_socket_dir():
         return
     check_fallback(directory)
@@ -100,7 +100,7 @@ def check_fallback(directory: Path) -> None:
     is this user's and writable by nobody else (see :func:`make_socket_dir`)."""
     problem = fallback_problem(directory, "the daemon's")
     if problem is not None:
-        raise StartupError(
+        raise NotConfigured(
             f"refusing to put the socket in {directory}: {problem}, so another user could "
             f"replace the socket; {fallback_remedy(directory)}, or set XDG_RUNTIME_DIR, or "
             "choose another --socket")
@@ -130,7 +130,8 @@ def _give_socket_dir(directory: Path, socket_mode: int, group: int | None) -> No
                 try:
                     os.fchown(fd, -1, group)
                 except OSError as exc:
-                    raise StartupError(not_given(directory, group, exc)) from None
+                    raise StartupError(not_given(directory, group, exc),
+                                       status_of(exc.errno)) from None
             # Connecting takes write permission on the socket (unix(7)): a class
             # that may only read it is let in no further than the directory.
             os.fchmod(fd, 0o700 | (0o010 if socket_mode & 0o020 else 0)
@@ -214,3 +215,11 @@ def runtime_problem(socket_path: Path) -> str | None:
     return (f"{where} {ownership(st)} (an XDG_RUNTIME_DIR kept from another user, as su "
             "keeps it?); set XDG_RUNTIME_DIR to this user's, or unset it, or give --socket "
             "PATH")
+
+
+def in_runtime_dir(socket_path: Path, exc: StartupError) -> StartupError:
+    """``exc``, a refusal of the socket's directory, as :func:`runtime_problem` says
+    it when the runtime directory is at fault: an environment to mend, which no
+    restart changes."""
+    why = runtime_problem(socket_path)
+    return exc if why is None else NotConfigured(why)

@@ -129,7 +129,7 @@ class Sources:
         try:
             yield
         except StartupError as exc:
-            raise StartupError(self.located(name, str(exc))) from None
+            raise exc.reworded(self.located(name, str(exc))) from None
 
 
 #: Every setting named by its option: where nothing came from a file, or it is not known.

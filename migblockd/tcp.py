@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from migblockd.kinds import HostPort
-from migblockd.startup import StartupError
+from migblockd.startup import (
+    EXIT_FAILURE,
+    EXIT_NOTCONFIGURED,
+    NotConfigured,
+    StartupError,
+    status_of,
+)
 from migblockd.trust import named_uid
 
 __all__ = ["cannot_listen", "check_address", "check_port", "resolve_all", "resolve_tcp"]
@@ -39,10 +45,14 @@ def resolve_all(address: HostPort, setting: str = "--metrics") -> list[tuple[Any
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise StartupError(f"{setting} {address}: {exc.strerror}") from None
+        # A resolver that may answer at the next start (one not reachable yet, at
+        # boot) is told from a name it does not know.
+        passing = exc.errno in (socket.EAI_AGAIN, socket.EAI_SYSTEM, socket.EAI_MEMORY)
+        raise StartupError(f"{setting} {address}: {exc.strerror}",
+                           EXIT_FAILURE if passing else EXIT_NOTCONFIGURED) from None
     except UnicodeError:  # the IDNA codec's: a host that ListenAddress did not check
-        raise StartupError(f"{setting} {address}: not a host name the resolver can be "
-                           "asked about (an empty label, or one over 63 characters)") from None
+        raise NotConfigured(f"{setting} {address}: not a host name the resolver can be "
+                            "asked about (an empty label, or one over 63 characters)") from None
     return infos
 
 
@@ -90,7 +100,8 @@ def check_address(address: HostPort, setting: str = "--metrics") -> None:
             # EINVAL: a link-local IPv6 address without its interface; ENODEV:
             # with a number that is no interface.
             if exc.errno in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.ENODEV):
-                raise StartupError(cannot_listen(address, setting, exc.errno)) from None
+                raise StartupError(cannot_listen(address, setting, exc.errno),
+                                   status_of(exc.errno)) from None
 
 
 def _link_local_advice(address: HostPort, code: int) -> str | None:
@@ -158,7 +169,7 @@ def check_port(address: HostPort, setting: str = "--metrics") -> None:
     too, in a unit that drops it).  Told without binding: a port in use is left
     to the start, since a running daemon's own would look taken."""
     if address.port and _privileged(address.port) and not _binds_low_ports():
-        raise StartupError(cannot_listen(address, setting, errno.EACCES))
+        raise NotConfigured(cannot_listen(address, setting, errno.EACCES))
 
 
 def _privileged(port: int) -> bool:

@@ -25,6 +25,7 @@ from realqemu import qemu, qemu_factory  # noqa: F401  (fixtures: a real QEMU, s
 
 from migblockd.listen import LISTEN_BACKLOG
 from migblockd.resolver import user_name
+from migblockd.startup import EXIT_NOTCONFIGURED
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = " ready on "
@@ -230,11 +231,12 @@ def quick_shell(bound: float) -> list[str]:
 
 
 def assert_start_refused(config: Path, state: Path, sock: Path, refusal: str) -> None:
-    """A start with ``config`` and ``state`` (on ``sock``) exits 1, its last line ``refusal``."""
+    """A start with ``config`` and ``state`` (on ``sock``) exits 6 (EXIT_NOTCONFIGURED: the
+    state it would restore needs an operator), its last line ``refusal``."""
     again = subprocess.run([sys.executable, "-m", "migblockd", "--config", str(config),
                             "--state-dir", str(state), "--socket", str(sock)],
                            capture_output=True, text=True, timeout=30)
-    assert again.returncode == 1
+    assert again.returncode == EXIT_NOTCONFIGURED
     assert again.stderr.rstrip("\n").endswith(f"ERROR: {refusal}"), again.stderr
 
 

@@ -26,7 +26,7 @@ from migblockd.cli import options
 from migblockd.config import Config, ConfigError, build
 from migblockd.kinds import HostPort, describe
 from migblockd.paths import fallback_socket_dir
-from migblockd.startup import StartupError
+from migblockd.startup import EXIT_FAILURE, EXIT_NOTCONFIGURED, StartupError
 from migblockd.tcp import resolve_tcp
 from migblockd.trusted_file import UntrustedFile, check_trusted
 
@@ -190,7 +190,7 @@ def test_missing_file_is_one_line_error(tmp_path: Path) -> None:
         [sys.executable, "-m", "migblockd", "--config", str(tmp_path / "nope.toml")],
         capture_output=True, text=True, timeout=30,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_NOTCONFIGURED
     assert proc.stderr.strip() == (
         f"migblockd: cannot read {tmp_path / 'nope.toml'}: No such file or directory"
     )
@@ -256,7 +256,7 @@ def test_a_file_whose_acl_lets_only_trusted_users_write_is_read(
     d.signal(signal.SIGHUP)
     d.wait_for_log(f"reload failed, keeping the running configuration: {refusal}\n")
     refused = subprocess.run(check, capture_output=True, text=True, timeout=60)
-    assert (refused.returncode, refused.stderr) == (1, f"migblockd: {refusal}\n")
+    assert (refused.returncode, refused.stderr) == (EXIT_NOTCONFIGURED, f"migblockd: {refusal}\n")
     subprocess.run(fix.split(), check=True)  # what the refusal says to do
     assert build(options(["--config", str(path)])).log_level == "debug"
 
@@ -298,7 +298,7 @@ def test_a_file_owned_by_another_user_is_refused_at_start(tmp_path: Path) -> Non
         [sys.executable, "-m", "migblockd", "--config", str(path)],
         capture_output=True, text=True, timeout=30,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_NOTCONFIGURED
     # Who owns it, who may, and what to run.
     assert proc.stderr.strip() == (f"migblockd: {path}: refusing a configuration file owned "
                                    "by uid 65534 (nobody): only root may own it, since its "
@@ -315,7 +315,7 @@ def test_a_daemon_of_its_own_user_names_it_among_the_owners_it_takes(short_tmp: 
     proc = subprocess.run(["setpriv", "--reuid=1", "--regid=1", "--clear-groups",
                            sys.executable, "-m", "migblockd", "--check-config", "--config",
                            str(path)], capture_output=True, text=True, timeout=30)
-    assert (proc.returncode, proc.stderr) == (1, (
+    assert (proc.returncode, proc.stderr) == (EXIT_NOTCONFIGURED, (
         f"migblockd: {path}: refusing a configuration file owned by uid 65534 (nobody): only "
         f"root or the daemon's user, uid 1 ({pwd.getpwuid(1).pw_name}), may own it, since its "
         f"owner sets the daemon's settings; chown root {path}\n"))
@@ -340,7 +340,7 @@ def test_a_file_in_a_directory_others_may_write_is_refused(short_tmp: Path) -> N
                  subprocess.run([sys.executable, "-m", "migblockd", *args],
                                 capture_output=True, text=True, timeout=30)):
         assert (proc.returncode, proc.stderr) == (
-            1, f"migblockd: {in_a_directory_others_may_write(path)}\n")
+            EXIT_NOTCONFIGURED, f"migblockd: {in_a_directory_others_may_write(path)}\n")
     # Sticky, as /tmp: others may add names there, not rename root's.
     etc.chmod(0o1777)
     assert check_config(*args).returncode == 0
@@ -349,7 +349,7 @@ def test_a_file_in_a_directory_others_may_write_is_refused(short_tmp: Path) -> N
     link = short_tmp / "link.toml"
     link.symlink_to(path)
     proc = check_config("--config", str(link), "--ephemeral", "--socket", str(short_tmp / "s"))
-    assert (proc.returncode, proc.stderr) == (1, (
+    assert (proc.returncode, proc.stderr) == (EXIT_NOTCONFIGURED, (
         f"migblockd: {etc}, above configuration file {link} (which is {path}), is "
         f"writable by others (mode 0777), so they could replace it and so set the daemon's "
         f"settings; chmod go-w {etc}, or choose another place for it\n"))
@@ -421,7 +421,7 @@ def test_a_file_nested_too_deeply_is_one_line_error(tmp_path: Path, text: str,
         [sys.executable, "-m", "migblockd", "--config", str(path)],
         capture_output=True, text=True, timeout=30,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_NOTCONFIGURED
     assert proc.stderr.strip() == f"migblockd: {path}{message}"
 
 
@@ -648,7 +648,7 @@ def test_a_fifo_is_refused_at_start_without_waiting_for_a_writer(tmp_path: Path)
         [sys.executable, "-m", "migblockd", "--config", str(path)],
         capture_output=True, text=True, timeout=30,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_NOTCONFIGURED
     assert proc.stderr.strip() == (
         f"migblockd: {path} is not a regular file; --config takes a TOML file")
 
@@ -667,7 +667,7 @@ def test_what_is_not_a_file_is_called_so_whatever_its_mode(tmp_path: Path) -> No
                          ("--schema", includer)):
         proc = subprocess.run([*check, option, str(path)], capture_output=True, text=True,
                               timeout=30)
-        assert proc.returncode == 1
+        assert proc.returncode == EXIT_NOTCONFIGURED
         said[str(path)] = proc.stderr
     assert said == {
         str(fifo): f"migblockd: {fifo} is not a regular file; --config takes a TOML file\n",
@@ -746,9 +746,9 @@ def assert_check_and_start_refuse(args: list[str], message: str) -> None:
     """nobody's ``--check-config`` and nobody's start refuse ``args`` in the same words."""
     checked = as_nobody("--check-config", *args)
     assert (checked.returncode, checked.stdout, checked.stderr) == (
-        1, "", f"migblockd: {message}\n")
+        EXIT_NOTCONFIGURED, "", f"migblockd: {message}\n")
     started = as_nobody(*args)
-    assert started.returncode == 1
+    assert started.returncode == EXIT_NOTCONFIGURED
     assert f"ERROR: {message}\n" in started.stderr, started.stderr
 
 
@@ -780,7 +780,7 @@ def test_check_config_gives_the_error_a_start_would(tmp_path: Path) -> None:
     path.write_text("max-clients = 0\n")
     path.chmod(0o600)
     proc = check_config("--config", str(path))
-    assert (proc.returncode, proc.stdout) == (1, "")
+    assert (proc.returncode, proc.stdout) == (EXIT_NOTCONFIGURED, "")
     assert proc.stderr == f"migblockd: {path}:1: max-clients must be at least 1\n"
     assert check_config("--ephemeral").stdout.endswith("state in memory only (ephemeral)\n")
 
@@ -804,12 +804,12 @@ def test_check_config_refuses_what_would_stop_the_start(tmp_path: Path, text: st
     path.chmod(0o600)
     args = ("--config", str(path), "--socket", str(tmp_path / "s.sock"), "--ephemeral")
     proc = check_config(*args)
-    assert (proc.returncode, proc.stdout) == (1, "")
+    assert (proc.returncode, proc.stdout) == (EXIT_NOTCONFIGURED, "")
     assert proc.stderr.startswith(f"migblockd: {message.format(path=path)}")
     assert sorted(tmp_path.iterdir()) == [path]  # nothing was made
     start = subprocess.run([sys.executable, "-m", "migblockd", *args],
                            capture_output=True, text=True, timeout=30)
-    assert start.returncode == 1
+    assert start.returncode == EXIT_NOTCONFIGURED
     assert f"ERROR: {proc.stderr.removeprefix('migblockd: ')}" in start.stderr
 
 
@@ -822,7 +822,7 @@ def test_a_setting_is_named_where_it_came_from(tmp_path: Path) -> None:
     path.chmod(0o600)
     proc = check_config("--config", str(path), "--ephemeral", "--socket",
                         str(tmp_path / "s.sock"), "--socket-group", "no-such-group-either")
-    assert (proc.returncode, proc.stdout) == (1, "")
+    assert (proc.returncode, proc.stdout) == (EXIT_NOTCONFIGURED, "")
     group, metrics = proc.stderr.splitlines()
     assert group == "migblockd: --socket-group: there is no group named 'no-such-group-either'"
     assert metrics.startswith(f"migblockd: {path}:2: metrics [:1: ")
@@ -844,10 +844,10 @@ def test_a_metrics_host_the_resolver_cannot_be_asked_about_is_one_line(tmp_path:
     args = ("--config", str(path), "--socket", str(tmp_path / "s.sock"), "--ephemeral")
     message = f"migblockd: {path}:1: {UNASKABLE}{describe(f'{host}:9715')}\n"
     proc = check_config(*args)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", message)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (EXIT_NOTCONFIGURED, "", message)
     start = subprocess.run([sys.executable, "-m", "migblockd", *args],
                            capture_output=True, text=True, timeout=30)
-    assert (start.returncode, start.stderr) == (1, message)
+    assert (start.returncode, start.stderr) == (EXIT_NOTCONFIGURED, message)
     assert sorted(tmp_path.iterdir()) == [path]  # nothing was made
 
 
@@ -892,14 +892,14 @@ def test_check_config_refuses_a_socket_path_a_start_could_not_bind(tmp_path: Pat
     # The QMP socket elsewhere when the metrics' is the one checked.
     others = [] if setting == "socket" else ["--socket", str(tmp_path / "s")]
     proc = check_config("--config", str(path), "--ephemeral", *others)
-    assert (proc.returncode, proc.stdout) == (1, "")
+    assert (proc.returncode, proc.stdout) == (EXIT_NOTCONFIGURED, "")
     # Each says which setting to change, where it is set.
     assert proc.stderr == (f"migblockd: {path}:1: {setting}: {taken} exists and is not a "
                            "socket; refusing to replace it (move it away, or choose another "
                            f"{setting} in {path})\n")
     long = tmp_path / ("x" * 120)
     proc = check_config("--ephemeral", *others, f"--{setting}", str(long))
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_NOTCONFIGURED
     assert proc.stderr == (f"migblockd: cannot bind {long}: AF_UNIX path too long "
                            f"({len(os.fsencode(long))} bytes; the limit is 107); choose a "
                            f"shorter --{setting}\n")
@@ -917,24 +917,25 @@ def test_check_config_refuses_a_socket_directory_others_may_change(tmp_path: Pat
     others = [] if setting == "socket" else ["--socket", str(tmp_path / "s")]
     args = ["--ephemeral", *others, f"--{setting}", str(shared / "x.sock")]
     proc = check_config(*args)
-    assert (proc.returncode, proc.stdout) == (1, "")
+    assert (proc.returncode, proc.stdout) == (EXIT_NOTCONFIGURED, "")
     assert proc.stderr == (f"migblockd: refusing to serve from {shared}: socket directory "
                            f"{shared} is writable by others (mode 0777), so they could "
                            f"replace the socket; chmod go-w {shared}, or choose another "
                            f"--{setting}\n")
     start = subprocess.run([sys.executable, "-m", "migblockd", *args],
                            capture_output=True, text=True, timeout=30)
-    assert start.returncode == 1
+    assert start.returncode == EXIT_NOTCONFIGURED
     assert f"ERROR: {proc.stderr.removeprefix('migblockd: ')}" in start.stderr
 
 
 def refused_alike(args: list[str], message: str) -> None:
     """``--check-config`` and the start with ``args`` both refuse them with ``message``."""
     proc = check_config(*args)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        EXIT_NOTCONFIGURED, "", f"migblockd: {message}\n")
     start = subprocess.run([sys.executable, "-m", "migblockd", *args],
                            capture_output=True, text=True, timeout=30)
-    assert start.returncode == 1
+    assert start.returncode == EXIT_NOTCONFIGURED
     assert f"ERROR: {message}\n" in start.stderr
 
 
@@ -1086,17 +1087,17 @@ def test_a_setting_from_the_file_is_named_with_its_line_by_check_and_start(
     args = ["--config", str(path), *others]
     expected = f"{path}:5: {message}"
     proc = check_config(*args)
-    assert (proc.returncode, proc.stdout) == (1, "")
+    assert (proc.returncode, proc.stdout) == (EXIT_NOTCONFIGURED, "")
     assert proc.stderr.startswith(f"migblockd: {expected}"), proc.stderr
     start = subprocess.run([sys.executable, "-m", "migblockd", *args],
                            capture_output=True, text=True, timeout=30)
-    assert start.returncode == 1
+    assert start.returncode == EXIT_NOTCONFIGURED
     assert f"ERROR: {proc.stderr.removeprefix('migblockd: ')}" in start.stderr
     assert "ERROR: " + expected in start.stderr
     # Given on the command line instead, it is the option that is named, no line.
     path.write_text(LEADING)
     proc = check_config(*args, f"--{key}", value)
-    assert (proc.returncode, proc.stdout) == (1, "")
+    assert (proc.returncode, proc.stdout) == (EXIT_NOTCONFIGURED, "")
     assert str(path) not in proc.stderr, proc.stderr
 
 
@@ -1159,11 +1160,12 @@ def test_check_config_refuses_a_state_directory_the_start_would(tmp_path: Path,
     made = sorted(tmp_path.iterdir())
     args = ["--socket", str(tmp_path / "s.sock"), "--state-dir", str(state)]
     proc = check_config(*args)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        EXIT_NOTCONFIGURED, "", f"migblockd: {message}\n")
     assert sorted(tmp_path.iterdir()) == made  # nothing made, nothing locked
     start = subprocess.run([sys.executable, "-m", "migblockd", *args],
                            capture_output=True, text=True, timeout=30)
-    assert start.returncode == 1
+    assert start.returncode == EXIT_NOTCONFIGURED
     assert f"ERROR: {message}\n" in start.stderr
     assert os.path.lexists(state) == (kind != "missing under shared")
     # Ephemeral, the directory is not used, so nothing to refuse.
@@ -1196,7 +1198,7 @@ def test_a_relative_state_directory_from_the_environment_is_refused(tmp_path: Pa
         proc = subprocess.run(
             [sys.executable, "-m", "migblockd", *check, "--socket", str(tmp_path / "s.sock")],
             capture_output=True, text=True, timeout=30, env=env, cwd=tmp_path)
-        assert proc.returncode == 1, proc.stderr
+        assert proc.returncode == EXIT_NOTCONFIGURED, proc.stderr
         assert "STATE_DIRECTORY is the relative path 'relstate'" in proc.stderr, proc.stderr
     assert not (tmp_path / "relstate").exists()
     # Ephemeral, nothing is kept, so nothing is refused.
@@ -1262,11 +1264,12 @@ def test_check_config_refuses_a_state_database_the_start_would(tmp_path: Path,
     args = ["--socket", str(tmp_path / "s.sock"), "--state-dir", str(state)]
     before = contents(state)
     proc = check_config(*args)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        EXIT_NOTCONFIGURED, "", f"migblockd: {message}\n")
     assert contents(state) == before  # nothing made, changed or left behind
     start = subprocess.run([sys.executable, "-m", "migblockd", *args],
                            capture_output=True, text=True, timeout=30)
-    assert start.returncode == 1
+    assert start.returncode == EXIT_NOTCONFIGURED
     assert f"ERROR: {message}\n" in start.stderr, start.stderr
 
 
@@ -1332,12 +1335,13 @@ def test_check_config_as_root_judges_the_daemon_users_database_as_its_start(
                f"(mode 0660), so they could change the blockers; chmod go-w {database}, "
                "or choose another --state-dir")
     proc = check_config(*args)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        EXIT_NOTCONFIGURED, "", f"migblockd: {message}\n")
     assert f"ERROR: {message}\n" in start().stderr
     database.chmod(0o600)
     os.chown(database, bob.uid, bob.gid)
     proc = check_config(*args)
-    assert (proc.returncode, proc.stderr) == (1, (
+    assert (proc.returncode, proc.stderr) == (EXIT_NOTCONFIGURED, (
         f"migblockd: refusing to keep state in {state}: {database} is owned by uid "
         f"{bob.uid} (mbt-bob), not by this user (uid 0), uid {olga.uid} (mbt-olga) or root, "
         "so its owner could change the blockers; chown it, or choose another --state-dir\n"))
@@ -1377,7 +1381,7 @@ def test_a_socket_directory_the_daemon_may_not_write_in_is_named_with_its_owner(
     # and not a word of whose directory it is or what to do.
     run, state = root_run_nobody_state(short_tmp)
     proc = as_nobody("--socket", str(run / "q.sock"), "--state-dir", str(state))
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_NOTCONFIGURED
     assert (f"ERROR: cannot open the socket's lock file {run}/q.sock.lock: Permission "
             f"denied; {run} belongs to uid 0 (root), mode 0755, and this daemon runs as uid "
             "65534 (nobody): let this user write in it, or choose another --socket\n"
@@ -1430,9 +1434,9 @@ def test_check_config_refuses_a_socket_this_user_could_not_bind(short_tmp: Path,
         args = ["--socket", str(sock), "--state-dir", str(state)]
         checked = as_nobody("--check-config", *args)
         assert (checked.returncode, checked.stderr) == (
-            1, f"migblockd: cannot bind {sock}: Permission denied\n")
+            EXIT_NOTCONFIGURED, f"migblockd: cannot bind {sock}: Permission denied\n")
         started = as_nobody(*args)
-        assert started.returncode == 1
+        assert started.returncode == EXIT_NOTCONFIGURED
         assert (f"ERROR: cannot remove the stale socket {sock}: Permission denied; remove "
                 "it, or choose another --socket\n") in started.stderr, started.stderr
         assert "Traceback" not in started.stderr
@@ -1492,9 +1496,9 @@ def test_check_config_says_what_the_start_says_of_what_is_in_the_socket_s_way(
                               capture_output=True, text=True, timeout=30, env=env)
 
     checked, started = run_as_nobody("--check-config"), run_as_nobody()
-    assert started.returncode == 1, started.stderr
+    assert started.returncode == EXIT_NOTCONFIGURED, started.stderr
     said = started.stderr.split(" ERROR: ", 1)[1].split("\n", 1)[0]
-    assert (checked.returncode, checked.stderr) == (1, f"migblockd: {said}\n") or (
+    assert (checked.returncode, checked.stderr) == (EXIT_NOTCONFIGURED, f"migblockd: {said}\n") or (
         kind in ("a file", "a dangling link") and checked.returncode == 0), checked.stderr
     assert "let this user write in it" not in checked.stderr
 
@@ -1570,7 +1574,7 @@ def test_a_default_state_directory_under_a_home_not_this_user_s_says_so(
     for check in (["--check-config"], []):
         proc = subprocess.run([*AS_NOBODY, sys.executable, "-m", "migblockd", *check, *args],
                               capture_output=True, text=True, timeout=30, env=env)
-        assert proc.returncode == 1
+        assert proc.returncode == EXIT_NOTCONFIGURED
         assert (f"migblockd: {message}\n" if check else f"ERROR: {message}\n") in proc.stderr, (
             proc.stderr)
     assert not (default / "lock").exists()
@@ -1609,7 +1613,7 @@ def test_a_default_socket_under_a_runtime_directory_not_this_user_s_says_so(
         proc = subprocess.run([*AS_NOBODY, sys.executable, "-m", "migblockd", *check,
                                "--state-dir", str(state)],
                               capture_output=True, text=True, timeout=30, env=env)
-        assert proc.returncode == 1
+        assert proc.returncode == EXIT_NOTCONFIGURED
         assert (f"migblockd: {message}\n" if check else f"ERROR: {message}\n") in proc.stderr, (
             proc.stderr)
     assert not (where / "migblockd").exists()
@@ -1617,7 +1621,7 @@ def test_a_default_socket_under_a_runtime_directory_not_this_user_s_says_so(
     proc = subprocess.run([*AS_NOBODY, sys.executable, "-m", "migblockd", "--check-config",
                            "--state-dir", str(state), "--socket", str(where / "vm1.sock")],
                           capture_output=True, text=True, timeout=30, env=env)
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_NOTCONFIGURED
     assert "XDG_RUNTIME_DIR" not in proc.stderr, proc.stderr
 
 
@@ -1639,7 +1643,7 @@ def test_a_system_account_s_own_root_owned_home_is_not_taken_for_a_borrowed_one(
                            "-m", "migblockd", "--check-config", "--socket",
                            str(run / "q.sock")],
                           capture_output=True, text=True, timeout=30, env=env)
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_NOTCONFIGURED
     assert proc.stderr.startswith(f"migblockd: cannot create state directory {default}: "
                                   "Permission denied ("), proc.stderr
     assert f"install -d -m 0700 -o {pwd.getpwuid(1).pw_name} {default}" in proc.stderr
@@ -1703,12 +1707,13 @@ def test_check_config_as_root_judges_the_modes_of_the_daemon_users_directories(
                    f"{state}/vm1, is writable by others (mode 0777), so they could replace "
                    f"the database; chmod go-w {state}, or choose another --state-dir")
     proc = check_config(*args)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", f"migblockd: {message}\n")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        EXIT_NOTCONFIGURED, "", f"migblockd: {message}\n")
     as_olga = ["setpriv", f"--reuid={olga.uid}", f"--regid={olga.gid}", "--clear-groups"]
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT)}
     start = subprocess.run([*as_olga, sys.executable, "-m", "migblockd", *args], env=env,
                            capture_output=True, text=True, timeout=30)
-    assert start.returncode == 1
+    assert start.returncode == EXIT_NOTCONFIGURED
     assert f"ERROR: {message}\n" in start.stderr
     assert sorted(state.iterdir()) == []  # nothing made
     # Fixed as it says: valid, its owner still left to the start.
@@ -1722,7 +1727,7 @@ def test_check_config_as_root_judges_the_modes_of_the_daemon_users_directories(
         theirs.mkdir(mode=0o700)
         os.chown(theirs, accounts["mbt-bob"].uid, accounts["mbt-bob"].gid)
         proc = check_config(*args)
-        assert (proc.returncode, proc.stderr) == (1, (
+        assert (proc.returncode, proc.stderr) == (EXIT_NOTCONFIGURED, (
             f"migblockd: refusing to keep state in {theirs}: state directory {theirs} is "
             f"owned by uid {accounts['mbt-bob'].uid} (mbt-bob), not by this user (uid 0), "
             f"uid {olga.uid} (mbt-olga) or root, so its owner could replace the database; "
@@ -1736,7 +1741,7 @@ def test_check_config_says_what_it_cannot_examine(tmp_path: Path) -> None:
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                            sys.executable, "-m", "migblockd", "--check-config", *args],
                           capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_NOTCONFIGURED
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"migblockd: cannot check socket directory {tmp_path}: "
                                   f"{tmp_path}: Permission denied; this daemon, running as "
@@ -1764,7 +1769,7 @@ def test_check_config_socket_activated_leaves_the_socket_to_the_socket_unit(
     for where in (taken, shared / "x.sock", tmp_path / ("x" * 120)):
         args = ["--config", str(path), "--ephemeral", "--socket", str(where)]
         strict = check_config(*args)
-        assert (strict.returncode, strict.stdout) == (1, ""), strict
+        assert (strict.returncode, strict.stdout) == (EXIT_NOTCONFIGURED, ""), strict
         assert (f"{path}:1: socket-group: there is no group named 'no-such-group-here'"
                 in strict.stderr)
         activated = check_config("--socket-activated", *args)
@@ -1815,7 +1820,7 @@ def test_check_config_socket_activated_refuses_what_would_stop_the_start(
         setting: str, message: str) -> None:
     value = "/nonexistent/migblockd.json" if setting == "--schema" else "/dev/null"
     proc = check_config("--socket-activated", setting, value)
-    assert (proc.returncode, proc.stdout) == (1, ""), proc
+    assert (proc.returncode, proc.stdout) == (EXIT_NOTCONFIGURED, ""), proc
     assert proc.stderr.startswith(f"migblockd: {message}"), proc.stderr
 
 
@@ -1825,7 +1830,7 @@ def test_socket_activated_without_a_passed_socket_does_not_start(tmp_path: Path)
     start = subprocess.run([sys.executable, "-m", "migblockd", "--socket-activated",
                             "--ephemeral", "--socket", str(tmp_path / "s.sock")],
                            capture_output=True, text=True, timeout=30)
-    assert start.returncode == 1
+    assert start.returncode == EXIT_NOTCONFIGURED
     assert ("ERROR: --socket-activated: systemd passed no socket (start the daemon through "
             "its socket unit)\n") in start.stderr
     assert sorted(tmp_path.iterdir()) == []
@@ -1861,7 +1866,7 @@ def test_the_reload_check_refuses_options_the_daemon_did_not_start_with(
     d = start_daemon(*started.split(), env={**os.environ, "MIGBLOCKD_OPTIONS": started})
     pid = d.proc.pid
     changed = running_check(pid, f"--config {new} --ephemeral")
-    assert (changed.returncode, changed.stdout) == (1, ""), changed
+    assert (changed.returncode, changed.stdout) == (EXIT_NOTCONFIGURED, ""), changed
     assert changed.stderr == (f"migblockd: MIGBLOCKD_OPTIONS is '--config {new} --ephemeral' "
                               f"now, but the daemon (pid {pid}) started with '{started}'"
                               + RESTART)
@@ -1881,7 +1886,7 @@ def test_the_reload_check_refuses_options_a_daemon_started_without(
     env = {k: v for k, v in os.environ.items() if k != "MIGBLOCKD_OPTIONS"}
     d = start_daemon("--ephemeral", env=env)
     given = running_check(d.proc.pid, "--ephemeral")
-    assert (given.returncode, given.stderr) == (1, (
+    assert (given.returncode, given.stderr) == (EXIT_NOTCONFIGURED, (
         f"migblockd: MIGBLOCKD_OPTIONS is '--ephemeral' now, but the daemon (pid "
         f"{d.proc.pid}) started without MIGBLOCKD_OPTIONS" + RESTART)), given
     # Neither has it: the same options.
@@ -1897,7 +1902,7 @@ def test_a_reload_check_that_cannot_read_the_daemons_options_fails(
     # not pass: root's daemon, checked by another uid; then one that has exited.
     d = start_daemon("--ephemeral", env={**os.environ, "MIGBLOCKD_OPTIONS": "--ephemeral"})
     other = running_check(d.proc.pid, "--ephemeral", as_user=AS_NOBODY)
-    assert (other.returncode, other.stdout) == (1, ""), other
+    assert (other.returncode, other.stdout) == (EXIT_FAILURE, ""), other
     assert other.stderr == (f"migblockd: --running-pid {d.proc.pid}: cannot read "
                             f"/proc/{d.proc.pid}/environ as uid 65534: Permission denied; run "
                             "the check as the daemon's user (as ExecReload= does) or as root\n")
@@ -1910,7 +1915,7 @@ def test_a_reload_check_that_cannot_read_the_daemons_options_fails(
                                "(as ExecReload= does)\n"), root
     assert d.stop() == 0
     gone = running_check(d.proc.pid, "--ephemeral")
-    assert (gone.returncode, gone.stderr) == (1, (
+    assert (gone.returncode, gone.stderr) == (EXIT_FAILURE, (
         f"migblockd: --running-pid {d.proc.pid}: there is no process {d.proc.pid} (has the "
         "daemon exited?)\n")), gone
 

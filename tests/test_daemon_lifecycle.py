@@ -36,6 +36,7 @@ from migblockd.cli import command_line
 from migblockd.config import build
 from migblockd.daemon import run
 from migblockd.paths import default_socket_path
+from migblockd.startup import EXIT_NOTCONFIGURED
 
 
 @pytest.fixture
@@ -515,7 +516,7 @@ def test_a_socket_path_too_long_for_af_unix_says_so(
 ) -> None:
     path = tmp_path / ("d" * 60) / ("s" * 60 + ".sock")
     d = start_daemon(socket=path, wait=False)
-    assert d.wait_exit() == 1
+    assert d.wait_exit() == EXIT_NOTCONFIGURED
     size = len(os.fsencode(path))
     assert (f"cannot bind {path}: AF_UNIX path too long ({size} bytes; the limit is 107); "
             "choose a shorter --socket\n") in d.log(), d.log()

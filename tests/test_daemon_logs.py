@@ -28,6 +28,8 @@ from conftest import DaemonProcess, assert_clean_log, wait_ready
 from journal_entries import Entry, JournalSocket, parse_entry
 from qmpclient import qmp_client
 
+from migblockd.startup import EXIT_NOTCONFIGURED
+
 PRIORITY_OF = {"DEBUG": "7", "INFO": "6", "WARNING": "4", "ERROR": "3"}
 
 
@@ -79,14 +81,14 @@ def test_a_start_refused_for_its_settings_says_so_at_error_priority_in_the_journ
     bad.write_text("max-clients = -1\n")
     d = start(tmp_path, "--config", str(bad), journal=True)
     daemons.append(d)
-    assert d.proc.wait(30) == 1
+    assert d.proc.wait(30) == EXIT_NOTCONFIGURED
     lines = d.log().splitlines()
     assert lines and all(line.startswith("<3>migblockd: ") for line in lines), lines
     assert "max-clients" in lines[0]
     # Not the journal: as before, no mark.
     d = start(tmp_path, "--config", str(bad))
     daemons.append(d)
-    assert d.proc.wait(30) == 1
+    assert d.proc.wait(30) == EXIT_NOTCONFIGURED
     assert d.log().startswith("migblockd: ")
 
 

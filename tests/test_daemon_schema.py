@@ -21,6 +21,7 @@ from qemu_strings import DEFAULT_PARAMETERS, GENERIC
 from qmpclient import RawClient
 
 from migblockd.contract import schema_dir
+from migblockd.startup import EXIT_NOTCONFIGURED
 from migblockd.state import BlockerRow, Put, Setting, Store
 from migblockd.state.schema import MIGRATIONS
 
@@ -76,7 +77,7 @@ async def test_daemon_refuses_a_broken_schema_with_file_line_col(
     migration = path.parent / "migration.json"
     migration.write_text(migration.read_text().replace("'cpr-test' ] }", "'cpr-test' ]"))
     daemon = start_daemon("--schema", str(path), wait=False)
-    assert daemon.proc.wait(30) == 1
+    assert daemon.proc.wait(30) == EXIT_NOTCONFIGURED
     log = daemon.log()
     assert f"bad schema: {migration}:" in log
     assert "Traceback" not in log
@@ -113,7 +114,7 @@ def refused_start(tmp_path: Path, start_daemon: Callable[..., DaemonProcess],
     """The one line of a daemon that refused to start with ``root``; it bound and made nothing."""
     state = tmp_path / "state"
     daemon = start_daemon("--schema", str(root), "--state-dir", str(state), wait=False)
-    assert daemon.proc.wait(30) == 1
+    assert daemon.proc.wait(30) == EXIT_NOTCONFIGURED
     log = daemon.log()
     assert "Traceback" not in log
     assert not daemon.socket.exists() and not state.exists()
@@ -180,7 +181,7 @@ def test_check_config_says_what_the_start_would(tmp_path: Path) -> None:
          "--socket", str(tmp_path / "s"), "--schema", str(root)],
         capture_output=True, text=True, check=False, timeout=60)
     where = line_of(migration, "{ 'command': 'frobnicate' }")
-    assert (result.returncode, result.stdout) == (1, "")
+    assert (result.returncode, result.stdout) == (EXIT_NOTCONFIGURED, "")
     assert result.stderr == (f"migblockd: bad schema: {migration}:{where}:1: "
                              "migblockd has no handler for command 'frobnicate'\n")
 
@@ -302,7 +303,7 @@ def test_a_schema_without_an_event_the_daemon_sends_is_refused(tmp_path: Path) -
         [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
          "--socket", str(tmp_path / "s"), "--schema", str(root)],
         capture_output=True, text=True, check=False, timeout=60)
-    assert (result.returncode, result.stdout) == (1, "")
+    assert (result.returncode, result.stdout) == (EXIT_NOTCONFIGURED, "")
     assert result.stderr == (f"migblockd: bad schema: {root}: event 'MIGRATION_PASS' is not "
                              "defined, yet migblockd sends it; define it as the bundled "
                              "schema does\n")
@@ -354,7 +355,7 @@ def test_check_config_refuses_a_fifo_in_the_schema(where: str, tmp_path: Path) -
         [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
          "--socket", str(tmp_path / "s"), "--schema", str(root)],
         capture_output=True, text=True, check=False, timeout=60)
-    assert (result.returncode, result.stdout) == (1, "")
+    assert (result.returncode, result.stdout) == (EXIT_NOTCONFIGURED, "")
     assert result.stderr == f"migblockd: {message}\n"
 
 
@@ -425,7 +426,7 @@ def test_check_config_refuses_a_schema_others_could_have_written(
         [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
          "--socket", str(tmp_path / "s"), "--schema", str(root.parent)],
         capture_output=True, text=True, check=False, timeout=60)
-    assert (result.returncode, result.stdout) == (1, "")
+    assert (result.returncode, result.stdout) == (EXIT_NOTCONFIGURED, "")
     assert result.stderr == f"migblockd: {message}\n"
 
 

@@ -18,6 +18,8 @@ import pytest
 from conftest import DaemonProcess, assert_clean_log
 from otheruids import Account, UidClient
 
+from migblockd.startup import EXIT_NOTCONFIGURED
+
 NOBODY = 65534
 
 
@@ -194,7 +196,7 @@ def test_an_unknown_socket_group_stops_the_daemon_with_a_clear_message(
         start_daemon: Callable[..., DaemonProcess], short_tmp: Path) -> None:
     daemon = start_daemon("--socket-group", "mbt-no-such-group", socket=short_tmp / "s.sock",
                           wait=False)
-    assert daemon.wait_exit() == 1
+    assert daemon.wait_exit() == EXIT_NOTCONFIGURED
     assert "--socket-group: there is no group named 'mbt-no-such-group'" in daemon.log()
     assert not (short_tmp / "s.sock").exists()
     assert "Traceback" not in daemon.log()
@@ -214,7 +216,7 @@ def test_a_group_the_daemon_may_not_give_leaves_no_directory_behind(
     refused = subprocess.run(["setpriv", "--bounding-set=-chown", sys.executable, "-m",
                               "migblockd", "--socket", str(socket), *args],
                              capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 1
+    assert refused.returncode == EXIT_NOTCONFIGURED
     gid = accounts["mbt-sock"].gid
     # The group by the name it was given, and what to run.
     assert (f"cannot give {socket.parent} to group mbt-sock: Operation not permitted (the "
@@ -276,7 +278,7 @@ def test_an_unsafe_fallback_directory_is_refused(
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {
         "TMPDIR": str(tmpdir)}
     daemon = start_daemon(socket=directory / "migblockd.sock", env=env, wait=False)
-    assert daemon.wait_exit() == 1
+    assert daemon.wait_exit() == EXIT_NOTCONFIGURED
     # Run as root, which may remove any of them.
     assert (f"refusing to put the socket in {directory}: {problem}, so another user could "
             "replace the socket; remove it, or set XDG_RUNTIME_DIR, or choose another "
@@ -409,7 +411,7 @@ def test_the_clients_do_not_connect_through_a_fallback_directory_another_user_ma
     # alice's own daemon refuses the directory for the same reason, in its words.
     refused = start_daemon("--ephemeral", socket=sock, env=env, python=as_uid(alice),
                            wait=False)
-    assert refused.wait_exit() == 1
+    assert refused.wait_exit() == EXIT_NOTCONFIGURED
     # The sticky directory lets only bob and root remove his directory: the advice says so.
     assert (f"refusing to put the socket in {directory}: it belongs to uid {bob.uid} "
             f"(mbt-bob), not to the daemon's uid {alice.uid} (mbt-alice), so another user "
@@ -458,6 +460,6 @@ def test_a_fallback_directory_root_made_is_roots_to_remove(
             ) in shell.stderr, shell.stderr
     refused = start_daemon("--ephemeral", socket=directory / "migblockd.sock", env=env,
                            python=str(wrapper), wait=False)
-    assert refused.wait_exit() == 1
+    assert refused.wait_exit() == EXIT_NOTCONFIGURED
     assert "could replace the socket; ask root to remove it, or set XDG_RUNTIME_DIR" \
         in refused.log(), refused.log()

@@ -38,6 +38,7 @@ from faults import delayed, injecting
 from otheruids import Account, bare_uid
 from qmpclient import RawClient
 
+from migblockd.startup import EXIT_NOTCONFIGURED
 from migblockd.state import BlockerRow, Put, Store
 from migblockd.state.schema import MIGRATIONS
 
@@ -1059,7 +1060,7 @@ async def test_bad_database_stops_the_daemon_and_is_left_alone(
     spoil(db)
     before = digest(directory)
     daemon = start_daemon("--state-dir", str(directory), "--log-level", "info", wait=False)
-    assert daemon.wait_exit() == 1
+    assert daemon.wait_exit() == EXIT_NOTCONFIGURED
     line = only_line(daemon)
     expected = message.format(db=db)
     if case == "damaged page":
@@ -1127,7 +1128,7 @@ async def test_unwritable_state_stops_the_daemon(
                     "--state-dir")
     daemon = start_daemon("--state-dir", str(directory), "--log-level", "info", wait=False,
                           python=unprivileged_python(tmp_path))
-    assert daemon.wait_exit() == 1
+    assert daemon.wait_exit() == EXIT_NOTCONFIGURED
     assert only_line(daemon) == expected
     directory.chmod(0o700)
     if volume.exists():
@@ -1158,13 +1159,13 @@ def refused_as_user(start_daemon: Start, python: str, socket: Path, args: list[s
     """The daemon run by ``python`` (another user's) refuses to start with ``args`` on
     one line, ``expected``, and its --check-config says the same."""
     daemon = start_daemon(*args, socket=socket, wait=False, env=AS_USER_ENV, python=python)
-    assert daemon.wait_exit() == 1
+    assert daemon.wait_exit() == EXIT_NOTCONFIGURED
     assert only_line(daemon) == expected
     checked = subprocess.run([python, "-m", "migblockd", "--check-config", "--socket",
                               str(socket), *args], env=AS_USER_ENV,
                              capture_output=True, text=True, timeout=30)
     assert (checked.returncode, checked.stdout, checked.stderr) == (
-        1, "", f"migblockd: {expected}\n")
+        EXIT_NOTCONFIGURED, "", f"migblockd: {expected}\n")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as another user")
@@ -1507,7 +1508,7 @@ async def test_a_state_directory_removed_under_the_running_daemon_is_saved_by_th
         f"it; the next start names it; rename that to {db} to use it\n")
     assert daemon.log().rstrip("\n").endswith("INFO: stopped")
     refused = start_daemon("--state-dir", str(directory), wait=False)
-    assert refused.wait_exit() == 1
+    assert refused.wait_exit() == EXIT_NOTCONFIGURED
     assert f"ERROR: {db} does not exist; a stop saved what a daemon kept as {copy}" in (
         refused.log())
     copy.rename(db)
@@ -1680,7 +1681,7 @@ async def test_a_log_left_beside_a_link_to_the_database_stops_the_daemon(
     db.rename(volume / "state.db")
     db.symlink_to(volume / "state.db")
     refused = start_daemon("--state-dir", str(directory), "--log-level", "info", wait=False)
-    assert refused.wait_exit() == 1
+    assert refused.wait_exit() == EXIT_NOTCONFIGURED
     assert only_line(refused) == (
         f"{wal} holds changes that SQLite would not read: {db} links to {volume}/state.db, "
         f"whose log is {volume}/state.db-wal; move {wal} there, or put the database back "
@@ -1722,7 +1723,7 @@ async def test_a_log_cut_after_a_kill_stops_the_daemon_rather_than_drop_blockers
         why = f"it holds {(offset - 32) // frame} of the {frames} frames"
     before = digest(directory)
     refused = start_daemon("--state-dir", str(directory), "--log-level", "info", wait=False)
-    assert refused.wait_exit() == 1
+    assert refused.wait_exit() == EXIT_NOTCONFIGURED
     assert only_line(refused) == (
         f"{wal} has lost changes that its index {shm} records as committed ({why}), so "
         "starting would drop blockers that were acknowledged; restore the state directory "
@@ -1798,7 +1799,7 @@ async def test_a_state_dir_through_a_symlink_and_dot_dot_is_judged_where_it_lead
     assert not any((tmp_path / "w" / "state").iterdir())
     (there / "state").chmod(0o777)
     refused = start_daemon("--state-dir", str(given), "--log-level", "info", wait=False)
-    assert refused.wait_exit() == 1
+    assert refused.wait_exit() == EXIT_NOTCONFIGURED
     assert only_line(refused) == (
         f"refusing to keep state in {given}: state directory {given} (which is {there}/state) "
         f"is writable by others (mode 0777), so they could replace the database; chmod go-w "
@@ -1835,7 +1836,7 @@ def assert_start_refused(start_daemon: Start, directory: Path, line: str, *args:
     before = digest(directory)
     refused = start_daemon("--state-dir", str(directory), *args, "--log-level", "info",
                            wait=False)
-    assert refused.wait_exit() == 1
+    assert refused.wait_exit() == EXIT_NOTCONFIGURED
     assert only_line(refused) == line
     assert digest(directory) == before
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import DaemonProcess, assert_clean_log
 
+from migblockd.startup import EXIT_NOTCONFIGURED
 from migblockd.state.errors import commit_failed, describe_open_error
 
 Start = Callable[..., DaemonProcess]
@@ -390,7 +391,7 @@ async def test_a_read_only_file_system_at_start_says_how_to_make_it_writable(
     ]:
         refused = start_daemon("--state-dir", str(directory), "--log-level", "info",
                                python=python, wait=False)
-        assert refused.wait_exit() == 1
+        assert refused.wait_exit() == EXIT_NOTCONFIGURED
         lines = refused.log().splitlines()
         assert len(lines) == 1, lines
         assert lines[0].endswith(f"ERROR: {line}"), lines[0]

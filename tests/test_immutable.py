@@ -25,6 +25,7 @@ import pytest
 from conftest import DaemonProcess
 from test_config import make_state
 
+from migblockd.startup import EXIT_NOTCONFIGURED
 from migblockd.state.schema import MIGRATIONS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chattr +i needs root")
@@ -59,11 +60,11 @@ def fix(path: Path, option: str, flag: str = "i") -> str:
 def assert_refused(args: list[str], message: str) -> None:
     """The start and ``--check-config`` refuse in these words."""
     started = migblockd(*args)
-    assert started.returncode == 1
+    assert started.returncode == EXIT_NOTCONFIGURED
     assert f"ERROR: {message}\n" in started.stderr, started.stderr
     assert "Traceback" not in started.stderr
     check = migblockd("--check-config", *args)
-    assert (check.returncode, check.stderr) == (1, f"migblockd: {message}\n")
+    assert (check.returncode, check.stderr) == (EXIT_NOTCONFIGURED, f"migblockd: {message}\n")
 
 
 @pytest.mark.parametrize("option", ["--socket", "--metrics"])

@@ -32,7 +32,7 @@ from qmpclient import blocking_client
 from benchmarks.scale import preload
 from migblockd.listen import bind_socket
 from migblockd.socketdir import check_socket_directory, make_socket_dir
-from migblockd.startup import StartupError
+from migblockd.startup import EXIT_NOTCONFIGURED, StartupError
 
 NOBODY = 65534
 AS_ROOT = os.geteuid() == 0
@@ -54,7 +54,7 @@ def top(short_tmp: Path) -> Iterator[Path]:
 
 def refused(start_daemon: Callable[..., DaemonProcess], sock: Path) -> str:
     d = start_daemon(socket=sock, wait=False)
-    assert d.wait_exit() == 1, d.log()
+    assert d.wait_exit() == EXIT_NOTCONFIGURED, d.log()
     log = d.log()
     assert READY_LINE not in log and "Traceback" not in log, log
     assert not sock.exists()
@@ -176,7 +176,7 @@ def test_a_missing_socket_directory_is_judged_before_it_is_made(
     check = subprocess.run(
         [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral", "--socket",
          str(sock)], capture_output=True, text=True, check=False, timeout=60)
-    assert check.returncode == 1 and why in check.stderr, check
+    assert check.returncode == EXIT_NOTCONFIGURED and why in check.stderr, check
     assert not (top / "open" / "sub").exists()
     # Sticky, as /tmp is: made and served.
     (top / "open").chmod(0o1777)

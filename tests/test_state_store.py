@@ -36,6 +36,7 @@ from conftest import ROOT, flip_bit
 from otheruids import bare_uid, client_python
 
 from migblockd.paths import default_state_dir
+from migblockd.startup import EXIT_NOTCONFIGURED
 from migblockd.state import (
     BlockerRow,
     Change,
@@ -2028,7 +2029,7 @@ def test_a_user_without_a_home_is_told_to_give_a_state_dir(tmp_path: Path) -> No
     assert "${XDG_STATE_HOME:-~/.local/state}/migblockd" in " ".join(helped.stdout.split())
     refused = subprocess.run([*setpriv, *run], env=env, capture_output=True, text=True,
                              timeout=30)
-    assert (refused.returncode, refused.stderr) == (1, (
+    assert (refused.returncode, refused.stderr) == (EXIT_NOTCONFIGURED, (
         f"migblockd: no default --state-dir for uid {uid}: HOME is not set and the user "
         "database has no home directory for it; give --state-dir, or set XDG_STATE_HOME\n"))
 

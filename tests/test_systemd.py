@@ -28,6 +28,7 @@ from migblockd.notify import (
     notify_address,
     watchdog_usec,
 )
+from migblockd.startup import EXIT_NOTCONFIGURED
 
 RECV_TIMEOUT = 10.0
 #: The longest notification systemd's manager reads (src/core/manager.c: a datagram
@@ -761,7 +762,7 @@ def test_the_daemon_refuses_a_count_of_more_than_was_passed(
         pass_fds=[listener.fileno()], env=clean, capture_output=True, text=True,
         check=False, timeout=60,
     )
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == EXIT_NOTCONFIGURED, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert f"ERROR: {line}" in lines[0]

@@ -20,6 +20,7 @@ import stat
 from pathlib import Path
 
 from migblockd.paths import NoDefault, default_state_dir, make_private_directory
+from migblockd.startup import passing
 from migblockd.state import schema
 from migblockd.state.errors import StateError, account, owner_mismatch, read_only
 from migblockd.state.files import check_existing_database
@@ -49,16 +50,17 @@ def make_directory(directory: Path) -> None:
 def _cannot_create(directory: Path, e: OSError) -> StateError:
     if e.errno == errno.ENOTDIR and (blocker := in_the_way(directory)) is not None:
         return StateError(f"cannot create state directory {directory}: {blocker} is not a "
-                          "directory; move it away, or choose another --state-dir")
+                          "directory; move it away, or choose another --state-dir", lasting=True)
     if e.errno == errno.EROFS:
         why = f"; {read_only(directory, to_be_made=True)}"
     elif e.errno == errno.EPERM and e.filename and (fix := attribute_fix(
             Path(os.fsdecode(e.filename)).parent, "--state-dir")):
-        return StateError(f"cannot create state directory {directory}: {e.strerror}; {fix}")
+        return StateError(f"cannot create state directory {directory}: {e.strerror}; {fix}",
+                          lasting=not passing(e.errno))
     else:
         why = _create_fix(directory, e)
     return StateError(f"cannot create state directory {directory}: {e.strerror}{why}, "
-                      "or choose another --state-dir")
+                      "or choose another --state-dir", lasting=not passing(e.errno))
 
 
 def _check_creatable(directory: Path) -> None:
@@ -98,14 +100,14 @@ def _not_a_directory(directory: Path) -> StateError:
         # The database given for its directory: moving it away would lose it.
         return StateError(f"state directory {directory} is a file, the database itself; "
                           f"--state-dir names the directory that holds it "
-                          f"({directory.parent})")
+                          f"({directory.parent})", lasting=True)
     if directory.is_symlink() and not directory.exists():
         # A link to nothing: the fix is the link's target, not moving a file away.
         return StateError(f"state directory {directory} is a symbolic link to "
                           f"{os.readlink(directory)}, which does not exist; create that "
                           "directory, or choose another --state-dir")
     return StateError(f"state directory {directory} is not a directory; "
-                      "move it away, or choose another --state-dir")
+                      "move it away, or choose another --state-dir", lasting=True)
 
 
 def check_existing_directory(directory: Path, *, owner: int | None = None,
@@ -170,7 +172,7 @@ def check_file_room(database: Path) -> None:
     if found is not None and found[0] == "append-only":
         # Making files there is allowed; the rename that puts a new one in place is not.
         raise StateError(f"cannot create {real} (made under another name, then renamed "
-                         f"into place); {attribute_fix(real.parent, '--state-dir')}")
+                         f"into place); {attribute_fix(real.parent, '--state-dir')}", lasting=True)
     code = denied(real.parent, os.W_OK | os.X_OK)
     if not code:
         return
@@ -179,7 +181,8 @@ def check_file_room(database: Path) -> None:
     else:
         fix = ((attribute_fix(real.parent, "--state-dir") if code == errno.EPERM else None)
                or f"make {real.parent} writable by this user, or choose another --state-dir")
-    raise StateError(f"cannot create {missing}: {os.strerror(code)}; {fix}")
+    raise StateError(f"cannot create {missing}: {os.strerror(code)}; {fix}",
+                     lasting=not passing(code))
 
 
 def check_migration_room(database: Path, version: int, current: int) -> None:
@@ -197,7 +200,7 @@ def check_migration_room(database: Path, version: int, current: int) -> None:
     made = " (empty, as an older migblockd made it)" if version == 0 else ""
     raise StateError(f"cannot migrate {database} from format {version}{made} to {current}: "
                      f"the migration removes the journals it writes in {place}; "
-                     f"{attribute_fix(place, '--state-dir')}")
+                     f"{attribute_fix(place, '--state-dir')}", lasting=True)
 
 
 def _append_only(database: Path, version: int) -> Path | None:
@@ -237,7 +240,8 @@ def check_directory(directory: Path, *, owner: int | None = None) -> None:
         linked = database.is_symlink()
     except OSError as e:  # a directory this user may not search (mode 0 or 0600)
         raise StateError(f"cannot look in state directory {directory}: {e.strerror}"
-                         f"{_search_fix(directory)}, or choose another --state-dir") from None
+                         f"{_search_fix(directory)}, or choose another --state-dir",
+                         lasting=not passing(e.errno)) from None
     if not linked:
         return
     try:
@@ -247,7 +251,8 @@ def check_directory(directory: Path, *, owner: int | None = None) -> None:
     except OSError as e:  # a directory on the way this user may not search, a loop
         raise StateError(f"cannot reach {database}, a symbolic link to "
                          f"{os.readlink(database)}: {e.strerror}; make where it leads "
-                         "reachable by this user, or choose another --state-dir") from None
+                         "reachable by this user, or choose another --state-dir",
+                         lasting=not passing(e.errno)) from None
     target = Path(os.path.realpath(database)).parent
     _check_trusted(directory, target, f"the directory of {DATABASE_NAME}'s target",
                    owner=owner)
@@ -274,9 +279,10 @@ def _check_trusted(directory: Path, place: Path, kind: str, *,
                       to_be_made=to_be_made, owner=owner, mendable=place == directory)
     except OSError as e:
         raise StateError(f"cannot check state directory {directory}: "
-                         f"{e.filename}: {e.strerror}; {search_fix(e, '--state-dir')}") from None
+                         f"{e.filename}: {e.strerror}; {search_fix(e, '--state-dir')}",
+                         lasting=not passing(e.errno)) from None
     if why is not None:
-        raise StateError(f"refusing to keep state in {directory}: {why}")
+        raise StateError(f"refusing to keep state in {directory}: {why}", lasting=True)
 
 
 def home_problem(directory: Path) -> str | None:

@@ -27,6 +27,7 @@ __all__ = [
     "io_error",
     "no_space",
     "one_line",
+    "open_failed",
     "owner_mismatch",
     "read_only",
     "size_limit",
@@ -35,6 +36,7 @@ __all__ = [
 # Primary result codes (the low byte of an extended code), from sqlite3.h.
 _PERM, _BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT = 3, 5, 6, 8, 10, 11
 _FULL, _CANTOPEN, _NOTADB, _AUTH = 13, 14, 26, 23
+_NOMEM, _INTERRUPT, _PROTOCOL = 7, 9, 15
 _ERROR, _CONSTRAINT = 1, 19
 
 
@@ -49,11 +51,18 @@ class StateError(Exception):
     ``remedy``: for a failed commit, what the operator should do, when this
     layer knows better than the daemon's general advice (which is about the
     disk); the daemon logs it, and the client hears only ``str()``.
+
+    ``lasting``: nothing but an operator changes it (a database that is corrupt,
+    no database, a newer migblockd's, or others may write), so a start refused
+    for it is not tried again (the daemon's exit status says so); otherwise (the
+    disk, a lock another process holds) a later start may get past it.
     """
 
-    def __init__(self, message: str, remedy: str | None = None) -> None:
+    def __init__(self, message: str, remedy: str | None = None, *,
+                 lasting: bool = False) -> None:
         super().__init__(message)
         self.remedy = remedy
+        self.lasting = lasting
 
     def naming(self, choice: str) -> str:
         """``str()``, the setting to change named as ``choice`` (``state-dir in
@@ -109,6 +118,22 @@ def describe_open_error(path: Path, error: sqlite3.Error) -> str:
                 "or choose another --state-dir")
     name = getattr(error, "sqlite_errorname", type(error).__name__)
     return f"cannot use {path} ({name}: {why}); move it away to start from scratch"
+
+
+#: SQLite's failures that a later start may not meet: another connection's lock,
+#: memory, the disk.  Any other (not a database, corrupt, not writable, a schema
+#: it does not know) is the file's, and lasts until an operator acts.
+_PASSING = frozenset({_BUSY, _LOCKED, _NOMEM, _INTERRUPT, _IOERR, _FULL, _PROTOCOL})
+
+
+def open_failed(path: Path, error: sqlite3.Error) -> StateError:
+    """The StateError of opening (or checking, or migrating) the database at
+    ``path`` failing with ``error``: :func:`describe_open_error`'s message,
+    lasting unless a later start may get past it."""
+    code = getattr(error, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    passing = primary in _PASSING or (primary == _CANTOPEN and _no_inodes(path.parent))
+    return StateError(describe_open_error(path, error), lasting=not passing)
 
 
 def free_space(directory: Path) -> int:

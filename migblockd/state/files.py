@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from migblockd.databases import group_name
+from migblockd.startup import passing
 from migblockd.state.errors import StateError, owner_mismatch, read_only
 from migblockd.state.rescue import RESCUED, rescued_copies
 from migblockd.trust import named_uid, writers, writers_named
@@ -90,13 +91,13 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
                 f"{wal} exists without {path.name}, which was removed while "
                 f"the daemon ran; the stop saved what it kept as {copy}: rename that "
                 f"to {path} to use it, or move the whole directory away to restore a "
-                "backup or to start from scratch") from None
+                "backup or to start from scratch", lasting=True) from None
         if os.path.lexists(wal):
             raise StateError(
                 f"{wal} exists without {path.name}{saved}; put back the {path.name} it is "
                 "the log of (the file moved away), not a backup, into which SQLite would "
                 "replay it; or move the whole directory away to restore a backup or to start "
-                "from scratch") from None
+                "from scratch", lasting=True) from None
         journal = path.with_name(path.name + "-journal")
         if hot_journal(str(journal)):
             # Likewise a rollback journal: SQLite rolls it back into whatever file
@@ -106,21 +107,23 @@ def check_existing_database(path: Path, *, owner: int | None = None) -> bool:
                 f"back{saved}; put back the {path.name} it is the journal of (the file "
                 "moved away), not a backup, into which SQLite would roll it back; or move "
                 "the whole directory away to restore a backup or to start from scratch"
-                ) from None
+                , lasting=True) from None
         if copies:
             raise StateError(
                 f"{path} does not exist{saved}: rename that to {path} to use it, or move "
-                f"the copies ({path.name}{RESCUED}*) away to start from scratch") from None
+                f"the copies ({path.name}{RESCUED}*) away to start from scratch",
+                             lasting=True) from None
         return True
     except OSError as e:
         raise StateError(f"cannot read {path}: {e.strerror}; fix its permissions, "
-                         "or choose another --state-dir") from e
+                         "or choose another --state-dir", lasting=not passing(e.errno)) from e
     if not stat.S_ISREG(st.st_mode):
-        raise StateError(f"{path} is not a regular file; move it away to start from scratch")
+        raise StateError(f"{path} is not a regular file; move it away to start from scratch",
+                         lasting=True)
     if st.st_size == 0:
         # migblockd creates the file whole (see opening._create): this one was cut short.
         raise StateError(f"{path} is empty (0 bytes): it was truncated; restore it from a "
-                         "backup, or move it away to start from scratch")
+                         "backup, or move it away to start from scratch", lasting=True)
     # SQLite keeps the log and its index beside the file a link leads to.
     real = Path(os.path.realpath(path))
     log_file, index_file = (real.with_name(real.name + suffix) for suffix in ("-wal", "-shm"))
@@ -190,10 +193,10 @@ def _check_header(path: Path) -> None:
             header = f.read(len(_SQLITE_HEADER))
     except OSError as e:
         raise StateError(f"cannot read {path}: {e.strerror}; fix its permissions, "
-                         "or choose another --state-dir") from e
+                         "or choose another --state-dir", lasting=not passing(e.errno)) from e
     if header != _SQLITE_HEADER:
         raise StateError(f"{path} is not a migblockd state database (file is not a "
-                         "database); move it away to start from scratch")
+                         "database); move it away to start from scratch", lasting=True)
 
 
 def _check_left_log(wal: Path, path: Path, real: Path, log_file: Path) -> None:
@@ -207,12 +210,12 @@ def _check_left_log(wal: Path, path: Path, real: Path, log_file: Path) -> None:
         return
     except OSError as e:
         raise StateError(f"cannot read {wal}: {e.strerror}; fix its permissions, "
-                         "or choose another --state-dir") from e
+                         "or choose another --state-dir", lasting=not passing(e.errno)) from e
     if size == 0 or os.path.realpath(wal) == str(log_file):  # empty, or the one SQLite reads
         return
     raise StateError(f"{wal} holds changes that SQLite would not read: {path} links to "
                      f"{real}, whose log is {log_file}; move {wal} there, or put the database "
-                     "back in place of the link")
+                     "back in place of the link", lasting=True)
 
 
 def _check_companion(each: Path, path: Path, owner: int | None) -> None:
@@ -226,14 +229,16 @@ def _check_companion(each: Path, path: Path, owner: int | None) -> None:
         return
     except OSError as e:
         raise StateError(f"cannot read {each}: {e.strerror}; fix its permissions, "
-                         "or choose another --state-dir") from e
+                         "or choose another --state-dir", lasting=not passing(e.errno)) from e
     if each.name.endswith("-journal") and not stat.S_ISREG(st.st_mode):
         raise StateError(f"{each} is not a regular file, which SQLite would have to open as "
                          f"{path.name}'s rollback journal; put the journal itself there (a "
-                         "link is never followed), or restore the directory from a backup")
+                         "link is never followed), or restore the directory from a backup",
+                         lasting=True)
     if each != path and not stat.S_ISREG(st.st_mode):
         raise StateError(f"{each} is not a regular file; move it away (it is not "
-                         f"{path.name}'s log), or restore the directory from a backup")
+                         f"{path.name}'s log), or restore the directory from a backup",
+                         lasting=True)
     if each == path:
         st = each.stat()  # the file a link leads to: its owner and mode count
     # As for the directory (sshd's StrictModes): whoever else may write the file
@@ -245,7 +250,7 @@ def _check_companion(each: Path, path: Path, owner: int | None) -> None:
         raise StateError(f"refusing to keep state in {path.parent}: {each} is owned by "
                          f"{named_uid(st.st_uid)}, not by this user (uid {os.geteuid()})"
                          f"{also} or root, so its owner could change the blockers; chown it, "
-                         "or choose another --state-dir")
+                         "or choose another --state-dir", lasting=True)
     # Under an access ACL its entries say who may write, as for the directory.
     trusted = (os.geteuid(), 0) if owner is None else (os.geteuid(), 0, owner)
     entries = writers(each, st, trusted)
@@ -255,11 +260,12 @@ def _check_companion(each: Path, path: Path, owner: int | None) -> None:
                          f"lets {writers_named(entries, named_uid, group_name)} write to it "
                          f"(mode {stat.S_IMODE(st.st_mode):04o}, whose group bits are the "
                          f"ACL's mask), so they could change the blockers; setfacl -n -m "
-                         f"{fix} {each}, or choose another --state-dir")
+                         f"{fix} {each}, or choose another --state-dir", lasting=True)
     if entries is None and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StateError(f"refusing to keep state in {path.parent}: {each} is writable by "
                          f"others (mode {stat.S_IMODE(st.st_mode):04o}), so they could change "
-                         f"the blockers; chmod go-w {each}, or choose another --state-dir")
+                         f"the blockers; chmod go-w {each}, or choose another --state-dir",
+                         lasting=True)
     if owner is not None:
         return  # root opens what that user's daemon may not: its access is the start's
     try:
@@ -268,7 +274,8 @@ def _check_companion(each: Path, path: Path, owner: int | None) -> None:
         os.close(os.open(each, os.O_RDWR | os.O_CLOEXEC | nofollow | os.O_NONBLOCK))
     except OSError as e:
         raise StateError(f"cannot read and write {each}: {e.strerror}"
-                         f"{_fix(each, st, e)}, or choose another --state-dir") from e
+                         f"{_fix(each, st, e)}, or choose another --state-dir",
+                         lasting=not passing(e.errno)) from e
 
 
 def _fix(each: Path, st: os.stat_result, e: OSError) -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from migblockd.pidlock import RESTORE_LEFT, Held, LockFailed, PidLock
-from migblockd.startup import StoppedStarting
+from migblockd.startup import StoppedStarting, passing
 from migblockd.state.errors import StateError, busy, owner_mismatch, read_only
 from migblockd.writable import attribute_fix, denied
 
@@ -76,7 +76,7 @@ def lock_directory(directory: Path) -> PidLock:
         if exc.opening:
             raise _open_failed(directory, path, exc) from None
         raise StateError(f"cannot lock {path}: {exc.strerror}; "
-                         "choose another --state-dir") from None
+                         "choose another --state-dir", lasting=not passing(exc.errno)) from None
 
 
 def check_lockable(directory: Path) -> None:
@@ -113,29 +113,31 @@ def _refuse_other_names(path: Path) -> None:
                 if (st.st_dev, st.st_ino) == (lock.st_dev, lock.st_ino):
                     raise StateError(f"{path} is {each} too (a hard link), which the daemon "
                                      "would empty to write its pid in its lock; remove "
-                                     f"{path} (the daemon makes its lock file itself)")
+                                     f"{path} (the daemon makes its lock file itself)",
+                                     lasting=True)
 
 
 def _open_failed(directory: Path, path: Path, exc: LockFailed) -> StateError:
     if path.is_symlink():
         return StateError(f"{path} is a symbolic link, which migblockd never follows; "
-                          "remove it (the daemon makes its lock file itself)")
+                          "remove it (the daemon makes its lock file itself)", lasting=True)
     if path.exists() and not path.is_file():
         return StateError(f"{path} is not a regular file; remove it "
-                          "(the daemon makes its lock file itself)")
+                          "(the daemon makes its lock file itself)", lasting=True)
     if exc.errno == errno.EACCES and path.is_file():
         # The file is in the way, not the directory: say so, and whose it is
         # (a directory chowned to the daemon's user without -R, say).
         return StateError(f"cannot open {path}: {exc.strerror} ({_whose(path)}, or "
-                          "choose another --state-dir")
+                          "choose another --state-dir", lasting=not passing(exc.errno))
     if exc.errno == errno.EROFS:
         return StateError(f"cannot open {path}: {exc.strerror}; {read_only(directory)}, "
-                          "or choose another --state-dir")
+                          "or choose another --state-dir", lasting=not passing(exc.errno))
     if exc.errno == errno.EPERM and (
             fix := attribute_fix(path, "--state-dir") or attribute_fix(directory, "--state-dir")):
-        return StateError(f"cannot open {path}: {exc.strerror}; {fix}")
+        return StateError(f"cannot open {path}: {exc.strerror}; {fix}",
+                          lasting=not passing(exc.errno))
     return StateError(f"cannot open {path}: {exc.strerror}; make {directory} writable "
-                      "by this user, or choose another --state-dir")
+                      "by this user, or choose another --state-dir", lasting=not passing(exc.errno))
 
 
 class DatabaseLock:
@@ -166,7 +168,7 @@ def lock_database(path: Path) -> DatabaseLock:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise StateError(f"cannot open {path}: {e.strerror}; fix its permissions, "
-                         "or choose another --state-dir") from None
+                         "or choose another --state-dir", lasting=not passing(e.errno)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -174,7 +176,7 @@ def lock_database(path: Path) -> DatabaseLock:
         os.close(fd)  # before this process's SQLite opens the file: no lock of its to drop
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise StateError(f"cannot lock {path}: {e.strerror}; "
-                             "choose another --state-dir") from None
+                             "choose another --state-dir", lasting=not passing(e.errno)) from None
         real = os.path.realpath(path)
         shown = f"{path} (which is {real})" if real != str(path) else str(path)
         raise StateError(f"state database {shown} is in use by another migblockd "

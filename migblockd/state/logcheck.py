@@ -81,7 +81,7 @@ def check_log(log: Path, index: Path) -> None:
                      f"({why[1]}), so starting would drop blockers that were acknowledged; "
                      "restore the state directory from a backup, or remove "
                      f"{index} to start with what the log still holds (the rest is lost)"
-                     f"{folded}")
+                     f"{folded}", lasting=True)
 
 
 def stored_format(database: Path) -> tuple[int, int] | None:

@@ -32,9 +32,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 from migblockd.pidlock import PidLock
+from migblockd.startup import passing
 from migblockd.state import schema
 from migblockd.state.directory import check_file_room, check_migration_room
-from migblockd.state.errors import StateError, describe_open_error, one_line
+from migblockd.state.errors import StateError, one_line, open_failed
 from migblockd.state.files import check_existing_database, hot_journal
 from migblockd.state.lock import DatabaseLock, in_slices, lock_database
 from migblockd.state.logcheck import check_log
@@ -100,7 +101,7 @@ def check_and_open(path: Path, migrations: Sequence[schema.Migration],
         conn = connect(path)
     except sqlite3.Error as e:
         lock.release()
-        raise StateError(describe_open_error(path, e)) from e
+        raise open_failed(path, e) from e
     try:
         _open_for_writing(conn, path, version, migrations, stop)
         if version < len(migrations) and examine is not None:
@@ -176,7 +177,7 @@ def _roll_back_unfinished(path: Path) -> None:
     try:
         conn.execute("PRAGMA schema_version").fetchone()
     except sqlite3.Error as e:
-        raise StateError(describe_open_error(path, e)) from e
+        raise open_failed(path, e) from e
     finally:
         conn.close()
     if not hot_journal(journal):
@@ -227,10 +228,11 @@ def _create(path: Path, migrations: Sequence[schema.Migration]) -> None:
         # that is not where the state is (a typo, a volume not mounted).
         log.info("created %s: there was no state database", path)
     except sqlite3.Error as e:
-        raise StateError(describe_open_error(path, e)) from e
+        raise open_failed(path, e) from e
     except OSError as e:
         raise StateError(f"cannot create {path}: {e.strerror}; "
-                         "check its directory, or choose another --state-dir") from e
+                         "check its directory, or choose another --state-dir",
+                         lasting=not passing(e.errno)) from e
     _sync_directory(path.parent)
 
 
@@ -243,7 +245,7 @@ def _check_before_writing(path: Path, migrations: Sequence[schema.Migration],
     try:
         conn = _view(path)
     except sqlite3.Error as e:
-        raise StateError(describe_open_error(path, e)) from e
+        raise open_failed(path, e) from e
     try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version: int = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -251,25 +253,27 @@ def _check_before_writing(path: Path, migrations: Sequence[schema.Migration],
         fresh = app_id == 0 and version == 0 and objects == 0
         if not fresh and app_id != schema.APPLICATION_ID:
             raise StateError(f"{path} is not a migblockd state database (it belongs to "
-                             "another program); move it away to start from scratch")
+                             "another program); move it away to start from scratch",
+                             lasting=True)
         if not fresh and version < 1:  # migblockd sets both in one transaction
             raise StateError(f"{path} is corrupt (format {version}); restore it from a "
-                             "backup, or move it away to start from scratch")
+                             "backup, or move it away to start from scratch", lasting=True)
         if version > current:
             copy = path.with_name(f"{path.name}.format-{current}")
             back = (f", or go back to {copy}, the copy the upgrade kept (changes made since "
                     "are lost)" if copy.exists() else "")
             raise StateError(f"{path} was written by a newer migblockd (format {version}; "
-                             f"this one reads up to {current}); upgrade migblockd{back}")
+                             f"this one reads up to {current}); upgrade migblockd{back}",
+                             lasting=True)
         problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(3)")]
         if problems != ["ok"]:
             found = one_line("\n".join(problems).replace("*** in database main ***", ""))
             raise StateError(f"{path} is corrupt ({found}); restore it from a backup, "
-                             "or move it away to start from scratch")
+                             "or move it away to start from scratch", lasting=True)
         if version == current and examine is not None:
             examine(conn)
     except sqlite3.Error as e:
-        raise StateError(describe_open_error(path, e)) from e
+        raise open_failed(path, e) from e
     finally:
         conn.close()
     return version
@@ -304,7 +308,7 @@ def _open_for_writing(conn: sqlite3.Connection, path: Path, version: int,
             begin()
             conn.execute("ROLLBACK")
     except sqlite3.Error as e:
-        raise StateError(describe_open_error(path, e)) from e
+        raise open_failed(path, e) from e
 
 
 def _backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
@@ -318,7 +322,7 @@ def _backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
         _make_private(target)
     except OSError as e:
         raise StateError(f"cannot make {target}, the copy kept before migrating {path}: "
-                         f"{e.strerror}; check its directory") from e
+                         f"{e.strerror}; check its directory", lasting=not passing(e.errno)) from e
     copy = sqlite3.connect(target, isolation_level=None)
     try:
         conn.backup(copy)
@@ -341,7 +345,8 @@ def _remove_stale(*paths: Path) -> None:
             stale.unlink(missing_ok=True)
         except OSError as e:
             raise StateError(f"cannot remove {stale}, left by an earlier start, to make it "
-                             f"again: {e.strerror}; move it away") from e
+                             f"again: {e.strerror}; move it away",
+                             lasting=not passing(e.errno)) from e
 
 
 def _sync_directory(directory: Path) -> None:
@@ -380,5 +385,6 @@ def _migrate(conn: sqlite3.Connection, path: Path, version: int,
         if isinstance(e, (sqlite3.Error, ValueError)) and version > 0:
             raise StateError(f"cannot migrate {path} from format {version} to "
                              f"{len(migrations)} ({one_line(str(e))}); it is unchanged: "
-                             "report this, and use the migblockd that wrote it") from e
+                             "report this, and use the migblockd that wrote it",
+                             lasting=True) from e
         raise

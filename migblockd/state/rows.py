@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from migblockd.state import schema
-from migblockd.state.errors import StateError, describe_open_error, one_line
+from migblockd.state.errors import StateError, one_line, open_failed
 from migblockd.state.records import BlockerRow, Change, Delete, Put, Setting, Snapshot
 
 __all__ = ["CHUNK", "Progress", "Statements", "read_snapshot", "statements"]
@@ -66,10 +66,10 @@ def read_snapshot(conn: sqlite3.Connection, path: Path,
             column = str(e).split("'")[1] if str(e).count("'") >= 2 else "?"
             raise StateError(f"{path} is corrupt (text in column {column!r} is not "
                              "UTF-8); restore it from a backup, or move it away to "
-                             "start from scratch") from e
-        raise StateError(describe_open_error(path, e)) from e
+                             "start from scratch", lasting=True) from e
+        raise open_failed(path, e) from e
     except sqlite3.Error as e:
-        raise StateError(describe_open_error(path, e)) from e
+        raise open_failed(path, e) from e
     try:
         decoded = dict(schema.decode_setting(key, value) for key, value in settings)
     except ValueError as e:
@@ -79,7 +79,7 @@ def read_snapshot(conn: sqlite3.Connection, path: Path,
 
 def _corrupt(path: Path, e: ValueError) -> StateError:
     return StateError(f"{path} is corrupt ({one_line(str(e))}); restore it from "
-                      "a backup, or move it away to start from scratch")
+                      "a backup, or move it away to start from scratch", lasting=True)
 
 
 def statements(changes: Sequence[Change]) -> Statements:

@@ -128,7 +128,7 @@ class Store:
             try:
                 restore(snapshot)
             except ValueError as exc:
-                raise StateError(f"{path}: {exc}") from None
+                raise StateError(f"{path}: {exc}", lasting=True) from None
 
         try:
             conn, database_lock = check_and_open(path, migrations, examine, noting=lock,

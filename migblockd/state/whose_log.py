@@ -78,7 +78,7 @@ def check_whose_log(path: Path, previous: bytes) -> None:
         "opened, which SQLite would replay into this one; to use "
         f"{path} as it is, move {log} and {real}-shm away; to go on with what the daemon "
         f"kept, put the file it opened back as {path}, if it was moved away rather than "
-        "removed")
+        "removed", lasting=True)
 
 
 def _identity(path: str) -> list[int]:

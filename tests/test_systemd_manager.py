@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ from conftest import ROOT
 from qmpclient import RawClient
 
 from benchmarks.scale import preload
+from migblockd.startup import EXIT_NOTCONFIGURED
 
 #: Every wait on the manager or the daemon, in seconds.
 TIMEOUT = 60.0
@@ -626,6 +628,55 @@ async def test_a_failed_start_says_why_in_its_status(manager: Manager) -> None:
     assert state["StatusText"] == (
         f"failed to start: {INSIDE}/config/migblockd/state.db is not a migblockd state "
         "database (file is not a database); move it away to start from scratch"), state
+
+
+async def test_a_start_only_an_operator_can_mend_is_not_restarted(manager: Manager) -> None:
+    # Reproduced first: a `systemctl start` into a file the daemon refuses started it
+    # 5 times in a few seconds (Restart=on-failure), each start failing alike; then
+    # systemd gave up on the service and took migblockd.socket down with it, so that
+    # mending the file was not enough (reset-failed and a start of the socket were).
+    manager.write_config('max-clients = "many"\n')
+    manager.systemctl("start", "--no-block", "migblockd.service")
+    deadline = time.monotonic() + TIMEOUT
+    props = ("ActiveState", "Result", "NRestarts", "ExecMainStatus")
+    while (state := manager.show("migblockd.service", *props))["ActiveState"] != "failed":
+        assert time.monotonic() < deadline, f"{state}\n{manager.log()}"
+        time.sleep(0.1)
+    assert state == {"ActiveState": "failed", "Result": "exit-code", "NRestarts": "0",
+                     "ExecMainStatus": str(EXIT_NOTCONFIGURED)}, state
+    status = manager.systemctl("status", "migblockd.service", check=False).stdout
+    assert "Main PID: " in status and "(code=exited, status=6)" in status, status
+    assert manager.daemon_log().count("max-clients must be an integer, not 'many'") == 1
+    assert manager.show("migblockd.socket", "ActiveState") == {"ActiveState": "active"}
+    # Mended: the next client starts it, with no reset-failed.
+    manager.write_config(GOOD_CONFIG)
+    await add_blocker(manager, "mended")
+    assert manager.wait_for("migblockd.service", "start", is_running)
+    assert "mended" in await blocker_ids(manager)
+
+
+async def test_a_start_a_restart_may_cure_is_restarted(manager: Manager) -> None:
+    # The state directory held by another process (a daemon that stops slowly): exit
+    # status 1, and the restart that follows it gets past once it has let go.
+    await add_blocker(manager, "kept")
+    first = manager.wait_for("migblockd.service", "start", is_running)
+    manager.systemctl("stop", "migblockd.service")
+    lock = manager.base / "config/migblockd/lock"
+    holder = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        manager.systemctl("start", "--no-block", "migblockd.service")
+        deadline = time.monotonic() + TIMEOUT
+        while f"state directory {INSIDE}/config/migblockd is locked by another migblockd" \
+                not in manager.daemon_log():
+            assert time.monotonic() < deadline, manager.log()
+            time.sleep(0.05)
+    finally:
+        os.close(holder)
+    again = manager.wait_for("migblockd.service", "restart", lambda s: is_running(s)
+                             and s["MainPID"] != first["MainPID"])
+    assert int(again["NRestarts"]) >= 1, again
+    assert "kept" in await blocker_ids(manager)
 
 
 async def test_a_status_longer_than_systemd_reads_is_cut_to_fit(manager: Manager) -> None:

@@ -18,6 +18,13 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from migblockd.startup import (
+    EXIT_FAILURE,
+    EXIT_INVALIDARGUMENT,
+    EXIT_NOTCONFIGURED,
+    EXIT_STATUSES,
+)
+
 UNITS = ROOT / "systemd"
 SERVICE_MD = ROOT / "docs" / "service.md"
 #: Where the README's install steps put the daemon; the units' ExecStart.
@@ -216,6 +223,37 @@ def test_the_service_is_what_the_issue_asks_for() -> None:
     assert service["StateDirectory"] == "migblockd"
     assert service["StateDirectoryMode"] == "0700"
     assert "--state-dir" not in service["ExecStart"] and "--ephemeral" not in service["ExecStart"]
+
+
+def test_no_restart_after_what_no_restart_cures() -> None:
+    """Restart=on-failure leaves out the exit statuses migblockd.startup declares as
+    needing an operator, in both units; the rest (1) is still restarted."""
+    prevented = {s.code for s in EXIT_STATUSES if not s.restarted and s.code != 0}
+    assert prevented == {EXIT_INVALIDARGUMENT, EXIT_NOTCONFIGURED}
+    assert EXIT_FAILURE not in prevented
+    for name in ("migblockd.service", "migblockd@.service"):
+        service = parse_unit(UNITS / name)["Service"]
+        assert service["Restart"] == "on-failure", name
+        listed = {int(word) for line in values(parse_unit(UNITS / name), "Service",
+                                               "RestartPreventExitStatus")
+                  for word in line.split()}
+        assert listed == prevented, name
+
+
+@needs_analyze
+def test_the_exit_statuses_are_systemds_and_documented() -> None:
+    """Each status has the name systemd gives it (``systemctl status`` shows
+    ``status=6/NOTCONFIGURED``), and docs/service.md's table says the same."""
+    proc = analyze("exit-status", *(str(s.code) for s in EXIT_STATUSES))
+    assert proc.returncode == 0, proc.stderr
+    named = {int(code): name for name, code, _ in
+             (line.split() for line in proc.stdout.splitlines()[1:])}
+    assert named == {s.code: s.name for s in EXIT_STATUSES}
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \| .* \| (.*) \|$", SERVICE_MD.read_text(),
+                      re.MULTILINE)
+    assert [(int(code), name, restart != "no" and not restart.startswith("no:"))
+            for code, name, restart in rows] == [
+        (s.code, s.name, s.restarted) for s in EXIT_STATUSES]
 
 
 def test_users_groups_and_directories_agree() -> None:

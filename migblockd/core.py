@@ -60,6 +60,7 @@ from migblockd.outcomes import Outcomes
 from migblockd.qmp.envelope import Request
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
+from migblockd.qmp.output import fan_out
 from migblockd.registry import BlockerError, Event, Registry
 from migblockd.render import event_line
 from migblockd.roster import CONNECTION_BURST, TURN_OUTPUT, Roster, held_full
@@ -322,9 +323,5 @@ class Core(Roster, Outcomes, Calls):
     def _fan_out(self, line: bytes, durable: bool) -> None:
         stamp = self.ledger.open_stamp
         # Held output waits for its commit, which marks the connection dirty.
-        mark = self.ledger.holding if stamp else self._dirty
-        for conn in self.connections:
-            session = conn.session
-            if session.negotiated and not conn.closed:
-                session.send_event(line, stamp, durable)
-                mark[conn] = None
+        fan_out(self.connections, line, stamp, durable,
+                self.ledger.holding if stamp else self._dirty)

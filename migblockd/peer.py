@@ -54,6 +54,9 @@ def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:
 #: reports for the others (``from_kuid_munged()``, kernel/user_namespace.c).
 UID_MAP = "/proc/self/uid_map"
 OVERFLOW_UID = "/proc/sys/kernel/overflowuid"
+#: What the kernel reports unless an administrator set the sysctl otherwise
+#: (DEFAULT_OVERFLOWUID, include/linux/highuid.h).
+DEFAULT_OVERFLOW_UID = 65534
 _ALL_UIDS = 2**32 - 1  # the initial namespace's one line: 0 0 4294967295
 
 
@@ -67,12 +70,17 @@ def _unmapped_uid() -> int | None:
     try:
         with open(UID_MAP, encoding="ascii") as f:
             mapped = sum(int(line.split()[2]) for line in f if line.strip())
-        if mapped >= _ALL_UIDS:
-            return None
-        with open(OVERFLOW_UID, encoding="ascii") as f:
-            return int(f.read())
     except (OSError, ValueError, IndexError):
         return None
+    if mapped >= _ALL_UIDS:
+        return None
+    # /proc/sys is not there under the shipped units (ProcSubset=pid): the kernel's
+    # default then, not "none", which made every unmapped user one uid again.
+    try:
+        with open(OVERFLOW_UID, encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return DEFAULT_OVERFLOW_UID
 
 
 def leftovers(transport: asyncio.BaseTransport, budget: int) -> Iterator[bytes]:

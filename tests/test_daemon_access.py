@@ -735,6 +735,31 @@ def test_users_a_user_namespace_does_not_map_are_not_one_uid(
 
 
 @pytest.mark.skipif(not _own_user_namespace(), reason="no user namespaces here")
+def test_users_a_user_namespace_does_not_map_are_not_one_uid_where_proc_sys_is_hidden(
+        start_daemon: Callable[..., DaemonProcess], sockdir: Path, connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Reproduced first: under the shipped units' ProcSubset=pid, /proc/sys is not
+    # there, so the overflow uid could not be read and was taken for none: in a
+    # namespace that maps root alone bob deleted alice's blocker as his own again.
+    wrapper = sockdir / "python-in-userns"
+    wrapper.write_text(
+        "#!/bin/sh\nexec unshare --user --map-root-user --mount --pid --fork --kill-child "
+        "sh -c 'mount -t proc -o subset=pid proc /proc && exec \"$0\" \"$@\"' "
+        f'{sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    daemon = start_daemon("--socket-mode", "0666", "--ephemeral", socket=sockdir / "s.sock",
+                          python=str(wrapper))
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    added = connect(daemon, alice).ok("add-blocker", {"reason": "alice's", "id": "vfio0"})
+    assert "owner" not in added  # not uid 65534 (nobody)
+    assert connect(daemon, bob).error("del-blocker", {"id": "vfio0"}).startswith(
+        "Permission denied: del-blocker of blocker 'vfio0', which belongs to no known uid")
+    root = connect(daemon, 0, 0)
+    root.ok("del-blocker", {"id": "vfio0"})
+    assert_clean_log(daemon)
+
+
+@pytest.mark.skipif(not _own_user_namespace(), reason="no user namespaces here")
 def test_users_a_user_namespace_does_not_map_share_the_quota_of_no_known_uid(
         start_daemon: Callable[..., DaemonProcess], sockdir: Path, connect: ClientFactory,
         accounts: dict[str, Account]) -> None:

@@ -164,13 +164,15 @@ class UidClient:
     """
 
     def __init__(self, script: Path, socket: Path, uid: int, gid: int,
-                 groups: Sequence[int] = (), *, negotiate: bool = True) -> None:
+                 groups: Sequence[int] = (), *, negotiate: bool = True,
+                 through: Sequence[str] = ()) -> None:
         drop = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
         self.uid, self.gid = uid, gid
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        # through: what runs the client's Python (unshare, to connect from a namespace).
         self.proc = subprocess.Popen(
-            ["setpriv", f"--reuid={uid}", f"--regid={gid}", drop, client_python(), "-I",
-             str(script), str(socket)],
+            ["setpriv", f"--reuid={uid}", f"--regid={gid}", drop, *through, client_python(),
+             "-I", str(script), str(socket)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, cwd="/")
         self.pid = self.proc.pid  # setpriv execs the client: the pid SO_PEERCRED reports
         self.events: list[dict[str, Any]] = []

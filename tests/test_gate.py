@@ -434,6 +434,31 @@ def xp(quadwords: int) -> dict[str, str]:
     return {"command-line": f"xp /{quadwords}xg 0"}
 
 
+async def test_passing_xen_save_devices_state_through_is_warned_of(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, tmp_path: Path,
+) -> None:
+    # Reproduced first: no warning, though QEMU saves the devices' state to a file with
+    # its own blocker and migblockd's both there (it consults no blocker for it).
+    config = tmp_path / "gate.toml"
+    config.write_text('qemu-passthrough = ["xen-save-devices-state"]\n')
+    d = gate(start_daemon, qemu, "--config", str(config))
+    await connected(d)
+    assert (f"WARNING: {config}:1: qemu-passthrough: xen-save-devices-state lets admins "
+            "save the VM's device state past every blocker, migblockd's and QEMU's own "
+            "(QEMU consults none for it), into any file QEMU's user may write") in d.log()
+    image, saved = tmp_path / "x.vdi", tmp_path / "devices.state"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vdi", str(image), "1M"], check=True)
+    async with qemu.monitor() as q, d.client() as c:
+        await q.ok("blockdev-add", {"driver": "vdi", "node-name": "v", "read-only": True,
+                                    "file": {"driver": "file", "filename": str(image),
+                                             "read-only": True}})
+        await c.ok("add-blocker", {"reason": SEV, "id": "sev"})
+        assert [b["source"] for b in await c.ok("query-blockers")] == ["migblockd", "qemu"]
+        await c.ok("xen-save-devices-state", {"filename": str(saved)})
+    assert saved.stat().st_size > 0  # what the warning is about: saved all the same
+    assert_clean_log(d)
+
+
 async def test_a_big_passthrough_reply_arrives_whole_and_a_bigger_one_is_named(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
     tmp_path: Any,

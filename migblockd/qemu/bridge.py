@@ -59,11 +59,18 @@ FIRST_CONTACT: Final = 5.0
 RELAYED: Final = frozenset({"MIGRATION", "MIGRATION_PASS"})
 
 #: QEMU commands that, passed through, save or move the VM's state past
-#: migblockd's blockers: QEMU consults its own only (``migrate_prepare()`` in
-#: migration/migration.c, ``save_snapshot()`` in migration/savevm.c).
+#: migblockd's blockers, and what the start warns of each: QEMU consults its own only
+#: (``migrate_prepare()`` in migration/migration.c, ``save_snapshot()`` in
+#: migration/savevm.c), or none at all (``qmp_xen_save_devices_state()``, there too,
+#: which writes the file it is given as QEMU's user).
+_PAST_OURS = "lets admins migrate or snapshot the VM past migblockd's blockers"
 UNGATED: Final = {
-    "human-monitor-command": "its HMP migrate and savevm",
-    "snapshot-save": "it",
+    "human-monitor-command": f"{_PAST_OURS} (QEMU consults only its own for its HMP "
+                             "migrate and savevm)",
+    "snapshot-save": f"{_PAST_OURS} (QEMU consults only its own for it)",
+    "xen-save-devices-state": "lets admins save the VM's device state past every blocker, "
+                              "migblockd's and QEMU's own (QEMU consults none for it), into "
+                              "any file QEMU's user may write",
 }
 
 
@@ -83,8 +90,7 @@ def passthrough_warnings(passthrough: tuple[str, ...], contract: Contract) -> li
     ours = [name for name in passthrough if name in contract.commands]
     if ours:
         lines.append(f"qemu-passthrough: ignoring {', '.join(ours)}: migblockd's own command(s)")
-    lines += [f"qemu-passthrough: {name} lets admins migrate or snapshot the VM past "
-              f"migblockd's blockers (QEMU consults only its own for {UNGATED[name]})"
+    lines += [f"qemu-passthrough: {name} {UNGATED[name]}"
               for name in passthrough if name in UNGATED]
     return lines
 

@@ -459,6 +459,47 @@ async def test_passing_xen_save_devices_state_through_is_warned_of(
     assert_clean_log(d)
 
 
+async def test_descriptors_sent_to_migblockd_are_not_passed_on_and_that_is_said(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, tmp_path: Path,
+) -> None:
+    # Reproduced first: getfd and add-fd passed through started with no word; every
+    # one then failed in QEMU's words, "No file descriptor supplied via SCM_RIGHTS",
+    # though the client had sent one (migblockd reads no ancillary data).
+    config = tmp_path / "gate.toml"
+    config.write_text('qemu-passthrough = ["getfd", "add-fd"]\n')
+    d = gate(start_daemon, qemu, "--config", str(config))
+    await connected(d)
+    for name in ("getfd", "add-fd"):
+        assert (f"WARNING: {config}:1: qemu-passthrough: {name} takes a file descriptor "
+                "sent with it (SCM_RIGHTS), which migblockd does not pass on to QEMU: QEMU "
+                "answers it through migblockd 'No file descriptor supplied via "
+                "SCM_RIGHTS'") in d.log()
+    qmp = QMPClient("gate-test")
+    await qmp.connect(str(d.socket))
+    read_end, write_end = os.pipe()
+    try:
+        for name, args in (("getfd", {"fdname": "mig"}), ("add-fd", {})):
+            qmp.send_fd_scm(write_end)
+            with pytest.raises(ExecuteError) as refused:
+                await qmp.execute(name, args)
+            assert refused.value.error.error.desc == (
+                "No file descriptor supplied via SCM_RIGHTS")
+        # An fd: URI names a descriptor passed on the monitor connection the migrate
+        # comes from: migblockd's, which no client can send one to.
+        with pytest.raises(ExecuteError) as refused:
+            await qmp.execute("migrate", {"uri": "fd:mig"})
+        assert refused.value.error.error.desc == "File descriptor named 'mig' has not been found"
+        # Dropped as it came (the kernel closes what is not read), not kept open.
+        pipe = f"pipe:[{os.fstat(write_end).st_ino}]"
+        fds = Path(f"/proc/{d.proc.pid}/fd")
+        assert pipe not in [os.readlink(fd) for fd in fds.iterdir()]
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        await qmp.disconnect()
+    assert_clean_log(d)
+
+
 async def test_a_big_passthrough_reply_arrives_whole_and_a_bigger_one_is_named(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
     tmp_path: Any,

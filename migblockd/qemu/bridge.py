@@ -73,6 +73,11 @@ UNGATED: Final = {
                               "any file QEMU's user may write",
 }
 
+#: QEMU commands that take a file descriptor sent with them (``SCM_RIGHTS``): migblockd
+#: reads its clients' bytes and no ancillary data, so the kernel closes the descriptor,
+#: and QEMU gets the command alone, which it refuses (``qmp_getfd()``, ``qmp_add_fd()``).
+NO_DESCRIPTOR: Final = ("getfd", "add-fd")
+
 
 def failure_of(info: object) -> str | None:
     """Why the migration that ``query-migrate``'s answer ``info`` shows failed (None: it
@@ -92,6 +97,10 @@ def passthrough_warnings(passthrough: tuple[str, ...], contract: Contract) -> li
         lines.append(f"qemu-passthrough: ignoring {', '.join(ours)}: migblockd's own command(s)")
     lines += [f"qemu-passthrough: {name} {UNGATED[name]}"
               for name in passthrough if name in UNGATED]
+    lines += [f"qemu-passthrough: {name} takes a file descriptor sent with it (SCM_RIGHTS), "
+              "which migblockd does not pass on to QEMU: QEMU answers it through migblockd "
+              "'No file descriptor supplied via SCM_RIGHTS'"
+              for name in passthrough if name in NO_DESCRIPTOR]
     return lines
 
 

@@ -281,6 +281,8 @@ class GateHandlers(StartChecks):
         uncounted = self.qemu.uncounted and awaited
         self.qemu.busy = self.qemu.awaiting = True
         self.qemu.uncounted = uncounted
+        # (A resume's end is the paused migration's, counted as it was.)
+        self.qemu.taking, self.qemu.held = not resume, None
         try:
             result = yield Call("migrate", args)
         except QemuError as exc:
@@ -308,8 +310,11 @@ class GateHandlers(StartChecks):
         except BaseException:
             self.qemu.awaiting = awaited
             raise
+        else:
+            self.qemu.count_held()  # taken: an end QEMU reported before its reply is its own
         finally:
-            self.qemu.busy = False
+            self.qemu.busy = self.qemu.taking = False
+            self.qemu.held = None
         log.info("%s: migration to %s %s QEMU", conn.label, uri,
                  "resumed by" if resume else "handed to", extra=about(conn))
         return result

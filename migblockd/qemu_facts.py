@@ -140,6 +140,12 @@ class QemuFacts:
     ended: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ENDINGS, 0))
     awaiting: bool = False
     uncounted: bool = False
+    #: A new migration's ``migrate`` awaits QEMU's reply: an end QEMU reports meanwhile
+    #: is ``held``, counted once QEMU has taken the migrate, not if it refuses it
+    #: (``migrate_init()`` reports ``setup`` before the transport is opened, and a
+    #: failure there ends it ``failed``, then refuses the command).
+    taking: bool = False
+    held: str | None = None
     learnt: bool = False
     #: Whether QEMU accepted the connection and the link's set-up waits for it (its
     #: greeting, or its first answers: a busy main loop), or the link dropped the
@@ -251,9 +257,17 @@ class QemuFacts:
         """QEMU said its migration's status is ``status`` (an event or ``query-migrate``)."""
         if self.awaiting and status in ENDINGS:
             assert isinstance(status, str)
-            if not self.uncounted:
+            if self.taking:
+                self.held = status
+            elif not self.uncounted:
                 self.ended[status] += 1
             self.awaiting = self.uncounted = False
+
+    def count_held(self) -> None:
+        """QEMU took the ``migrate`` it reported an end for before its reply: count it."""
+        if self.held is not None:
+            self.ended[self.held] += 1
+            self.held = None
 
 
 def not_understood(command: str, answer: object) -> QemuUnavailable:

@@ -659,6 +659,36 @@ async def test_a_migrate_whose_reply_the_lost_link_never_brought_refuses_blocker
     assert_clean_log(d)
 
 
+async def test_a_migrate_qemu_refused_after_its_events_is_not_counted_as_ended(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path,
+) -> None:
+    """QEMU's migrate_init() reports setup before the transport is opened, so a migrate
+    whose fd: name QEMU cannot find sends MIGRATION setup and failed, then an error.
+    Reported: that refusal counted as refused, and as a migration that ended failed,
+    with none started (started 0, ended 1).  A migration QEMU takes and ends before its
+    reply still counts as ended, once it is taken."""
+    endpoint = short_tmp / "metrics.sock"
+    d = gate(start_daemon, qemu, "--metrics", str(endpoint))
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        assert await c.execute("migrate", {"uri": "fd:nosuch"}, id="m") == error(
+            GENERIC, "File descriptor named 'nosuch' has not been found", "m")
+        assert await migration_statuses(c) == ["setup", "failed"]
+        d.wait_for_log("the migration failed: File descriptor named 'nosuch' has not been found")
+        metrics = scrape(endpoint)
+        assert metrics.value("migblockd_migrations_refused_total", reason="qemu") == 1
+        assert metrics.value("migblockd_migrations_started_total") == 0
+        assert metrics.value("migblockd_migrations_ended_total", status="failed") == 0
+        assert await c.ok("migrate", {"uri": SINK}) == {}
+        assert await migration_statuses(c) == ["setup", "active", "completed"]
+    metrics = scrape(endpoint)
+    assert metrics.value("migblockd_migrations_started_total") == 1
+    assert metrics.value("migblockd_migrations_ended_total", status="completed") == 1
+    assert metrics.value("migblockd_migrations_ended_total", status="failed") == 0
+    assert_clean_log(d)
+
+
 async def test_a_client_awaiting_the_end_of_a_migration_whose_qemu_died_hears_failed(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
     short_tmp: Path,

@@ -689,6 +689,38 @@ async def test_a_migrate_qemu_refused_after_its_events_is_not_counted_as_ended(
     assert_clean_log(d)
 
 
+async def test_a_migrate_whose_qemu_died_before_its_reply_is_not_counted_as_ended(
+    start_daemon: Callable[..., DaemonProcess], qemu: Qemu, short_tmp: Path,
+) -> None:
+    """QEMU is killed while it runs a migrate, before its reply: the command fails, and
+    is not counted as started (whether QEMU took it is not known).  Reported: QEMU's
+    exit counted it as a migration that ended failed (started 0, ended 1)."""
+    endpoint = short_tmp / "metrics.sock"
+    d = gate(start_daemon, qemu, "--metrics", str(endpoint))
+    await connected(d)
+    async with d.client() as c:
+        await c.ok("migrate-set-capabilities", EVENTS_ON)
+        assert qemu.proc is not None
+        pid = qemu.proc.pid
+        # QEMU's migrate creates its migration thread before it replies: held there.
+        async with injecting(pid, "clone,clone3", "delay_enter=4000000", "QEMU"):
+            migrate = asyncio.ensure_future(c.execute("migrate", {"uri": SINK}, id="m"))
+            await wait_until(lambda: '-> b\'{"execute":"migrate"' in d.log(),
+                             "migblockd handing QEMU the migrate")
+            qemu.kill()
+        assert await migrate == error(
+            GENERIC, f"The connection to QEMU's monitor at '{qemu.gate_socket}' was lost "
+            "before QEMU replied to 'migrate'", "m")
+        d.wait_for_log(f"QEMU at {qemu.gate_socket} (pid {pid}) has exited: the migration it "
+                       "ran (last status setup) cannot complete; clients are sent "
+                       "MIGRATION failed")
+    metrics = scrape(endpoint)
+    assert metrics.value("migblockd_migrations_refused_total", reason="qemu-unavailable") == 1
+    assert metrics.value("migblockd_migrations_started_total") == 0
+    assert metrics.value("migblockd_migrations_ended_total", status="failed") == 0
+    assert_clean_log(d)
+
+
 async def test_a_client_awaiting_the_end_of_a_migration_whose_qemu_died_hears_failed(
     start_daemon: Callable[..., DaemonProcess], qemu_factory: Callable[..., Qemu],
     short_tmp: Path,

@@ -107,7 +107,9 @@ class LostMigration:
                     "during a migration" if evented else "while it may have been migrating",
                     facts.status or "not seen yet", "" if evented else
                     "; QEMU sends no MIGRATION events, so the end of a migration goes unseen")
-        awaited = facts.awaiting and not facts.uncounted
+        # (Nor counted when it ends: one whose migrate QEMU never answered, taking, is
+        # counted among the refusals, not as started.)
+        awaited = facts.awaiting and not facts.uncounted and not facts.taking
         facts.awaiting = facts.uncounted = False
         self._cut_off = (facts.status or "not seen yet", evented, awaited)
         facts.cut_off = True  # until a query-migrate answers, or QEMU has exited

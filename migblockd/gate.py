@@ -46,11 +46,11 @@ from migblockd.qmp.envelope import Command
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.validation import ArgumentValidator
 from migblockd.registry import (
-    RUNNING_STATUSES,
     BlockerError,
     MigrationBusy,
     NotFound,
     Registry,
+    is_running,
 )
 from migblockd.start_checks import StartChecks
 
@@ -154,7 +154,7 @@ class GateHandlers(StartChecks):
                         raise MigrationBusy(args["reason"]) from None
                 else:
                     self.qemu.saw(info)
-                    running = status_of(info) in RUNNING_STATUSES
+                    running = is_running(status_of(info))
                     if running and not self.qemu.busy:
                         # An incoming migration shows in query-migrate too, and QEMU
                         # refuses blockers only while one goes out.

@@ -33,7 +33,7 @@ from typing import Final
 
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.qdict import unvisited_order
-from migblockd.registry import RUNNING_STATUSES
+from migblockd.registry import is_running
 
 __all__ = [
     "ENDINGS", "ModeMismatch", "QemuError", "QemuFacts", "QemuGivenUp", "QemuRestarted",
@@ -189,7 +189,7 @@ class QemuFacts:
         handed over and has seen neither run nor end (the events capability off, and
         no ``query-migrate`` since) is not given the status last seen, from before it
         (``none``, or an earlier migration's ``completed``): QEMU may be migrating."""
-        if self.awaiting and self.status not in RUNNING_STATUSES:
+        if self.awaiting and not is_running(self.status):
             return "handed to QEMU and not seen since (no MIGRATION events)"
         return self.status or "none"
 
@@ -234,7 +234,7 @@ class QemuFacts:
         """
         return self.cut_off or (self.present and (
             self.busy or self.unanswered or self.awaiting or not self.learnt
-            or self.status in RUNNING_STATUSES))
+            or is_running(self.status)))
 
     def saw(self, info: object) -> None:
         """QEMU answered ``query-migrate`` with ``info``."""

@@ -32,7 +32,7 @@ from migblockd.qemu_facts import (
     status_of,
 )
 from migblockd.qmp.errors import QMPError
-from migblockd.registry import RUNNING_STATUSES, BlockerError, MigrationInProgress
+from migblockd.registry import BlockerError, MigrationInProgress, is_running
 
 __all__ = ["StartChecks"]
 
@@ -51,7 +51,7 @@ class StartChecks(Forwarding):
             self.qemu.saw(info)
             if self.qemu.busy:
                 raise MigrationInProgress()
-            running = status_of(info) in RUNNING_STATUSES
+            running = is_running(status_of(info))
             runstate = None
             if running or self._may_refuse():
                 # QEMU judges its run state before any blocker (and an incoming

@@ -39,6 +39,7 @@ from migblockd.registry import (
     OnlyMigratable,
     Owner,
     Registry,
+    is_running,
 )
 from migblockd.render import blocker_info, event_data
 
@@ -714,6 +715,19 @@ def test_running_statuses_match_migration_is_running() -> None:
     at_rest = set(MIGRATION_STATUSES) - RUNNING_STATUSES
     assert at_rest == {"none", "cancelled", "completed", "failed"}
     assert {"setup", "active", "cancelling", "colo", "wait-unplug"} <= RUNNING_STATUSES
+    assert all(is_running(s) == (s in RUNNING_STATUSES) for s in MIGRATION_STATUSES)
+
+
+@pytest.mark.parametrize("status", ["failing", "postcopy-failing", "Active", ""])
+def test_a_status_qemu_names_and_migblockd_does_not_know_is_running(status: str) -> None:
+    # A newer QEMU's status: judged at rest, it would let a migration run past
+    # blockers the gate no longer refuses to add.
+    assert status not in MIGRATION_STATUSES
+    assert is_running(status)
+
+
+def test_no_status_is_at_rest() -> None:
+    assert not is_running(None)  # query-migrate leaves QEMU's "none" out
 
 
 def test_deleted_blocker_object_is_returned_intact() -> None:

@@ -24,7 +24,7 @@ from migblockd.gate import GateHandlers
 from migblockd.qemu.errors import QemuLinkError
 from migblockd.qemu.link import QemuLink
 from migblockd.qemu_facts import QemuFacts, incoming
-from migblockd.registry import RUNNING_STATUSES
+from migblockd.registry import is_running
 
 __all__ = ["EventsCapability"]
 
@@ -59,7 +59,7 @@ class EventsCapability:
         if call.name == "migrate":
             return call.args.get("resume") is not True
         # (awaiting: one migblockd handed over without events has not been seen to end.)
-        return self.facts.status not in RUNNING_STATUSES and not self.facts.awaiting
+        return not is_running(self.facts.status) and not self.facts.awaiting
 
     async def _set_events(self) -> None:
         """Set the events capability clients asked for (kept in the registry) on the
@@ -154,12 +154,12 @@ class EventsCapability:
         self.facts.status = status if isinstance(status, str) else None
         self.facts.saw(info)
         self._wake()
-        if self.facts.status in RUNNING_STATUSES and await self._receiving(info):
+        if is_running(self.facts.status) and await self._receiving(info):
             # query-migrate shows an incoming migration too; QEMU takes capabilities
             # then, and the events are for the migrations this VM makes afterwards.
             log.info("QEMU at %s is receiving a migration (status %s)", path,
                      self.facts.status)
-        elif self.facts.status in RUNNING_STATUSES:
+        elif is_running(self.facts.status):
             # QEMU refuses capabilities while it migrates (qmp_migrate_set_capabilities(),
             # migration/migration.c): set once that migration is seen to have ended,
             # unless QEMU has it on already (a restarted migblockd set it before).

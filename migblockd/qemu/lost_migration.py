@@ -24,7 +24,7 @@ from pathlib import Path
 
 from migblockd.qemu.process import ProcessWatch
 from migblockd.qemu_facts import QemuFacts
-from migblockd.registry import RUNNING_STATUSES
+from migblockd.registry import is_running
 
 __all__ = ["LostMigration"]
 
@@ -81,7 +81,7 @@ class LostMigration:
         """The link lost its QEMU (migblockd did not close it): a migration it runs, or
         may run, is lost with it, and that QEMU's exit is watched for."""
         facts = self._facts
-        if not facts.cut_off and (facts.status in RUNNING_STATUSES or facts.awaiting):
+        if not facts.cut_off and (is_running(facts.status) or facts.awaiting):
             self.lose()
         if facts.cut_off:
             self._watch_for_exit()

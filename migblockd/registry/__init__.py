@@ -33,6 +33,7 @@ from migblockd.registry.migration import (
     RUNNING_STATUSES,
     SETUP_SHARE,
     URI_SCHEMES,
+    is_running,
 )
 from migblockd.registry.registry import DEFAULT_MODE, SCOPES, Registry, only_migratable_refuses
 
@@ -67,5 +68,6 @@ __all__ = [
     "OnlyMigratable",
     "Owner",
     "Registry",
+    "is_running",
     "only_migratable_refuses",
 ]

@@ -17,12 +17,14 @@ from typing import Any, Final
 from migblockd.registry.errors import InvalidDestination, InvalidUri
 
 __all__ = [
+    "AT_REST",
     "MIGRATION_STATUSES",
     "RUNNING_STATUSES",
     "SETUP_SHARE",
     "URI_SCHEMES",
     "SimulatedMigration",
     "check_destination",
+    "is_running",
 ]
 
 #: QEMU's ``MigrationStatus`` members, in QEMU's order (``qapi/migration.json``).
@@ -45,16 +47,25 @@ MIGRATION_STATUSES: Final[tuple[str, ...]] = (
     "wait-unplug",
 )
 
+#: The statuses at rest: no migration, or one that has ended.
+AT_REST: Final[frozenset[str]] = frozenset({"none", "cancelled", "completed", "failed"})
+
 #: ``migration_is_running()`` as of QEMU 10.x: every status but the four at
 #: rest.  QEMU 9.0 refused blockers with ``!migration_is_idle()``, which also
 #: counted ``colo``; 9.1 merged the two predicates, so one set serves both the
 #: add-blocker busy check and the ``migrate`` in-progress check.
-RUNNING_STATUSES: Final[frozenset[str]] = frozenset(MIGRATION_STATUSES) - {
-    "none",
-    "cancelled",
-    "completed",
-    "failed",
-}
+RUNNING_STATUSES: Final[frozenset[str]] = frozenset(MIGRATION_STATUSES) - AT_REST
+
+
+def is_running(status: str | None) -> bool:
+    """Whether a migration in ``status`` runs, as ``migration_is_running()`` judges
+    it; None (QEMU's ``none``, which ``query-migrate`` leaves out) is at rest.
+
+    A status not in ``MIGRATION_STATUSES`` (one a newer QEMU added) counts as
+    running: judged wrongly the other way, it would let a blocker be refused no
+    more, or a second migration start, while QEMU migrates; this way, an
+    ``add-blocker`` is refused until that migration is seen to end."""
+    return status is not None and status not in AT_REST
 
 #: URI prefixes ``migrate_uri_parse()`` recognises.  The simulation checks only
 #: the scheme: nothing is connected to, so what follows the colon is not parsed.
@@ -148,7 +159,7 @@ class SimulatedMigration:
 
     @property
     def running(self) -> bool:
-        return self._status in RUNNING_STATUSES
+        return is_running(self._status)
 
     @property
     def deadline(self) -> float | None:

@@ -404,10 +404,10 @@ def test_cutting_the_log_keeps_sqlites_locks(tmp_path: Path) -> None:
     with Store.open(tmp_path) as store:
         store.commit([Put(row("a", 1))])
         assert posix_locks(db, index) == {"state.db", "state.db-shm"}
-        assert store._cut_log()
+        assert store._recovery.cut_log()
         assert posix_locks(db, index) == {"state.db", "state.db-shm"}
         store.commit([Put(row("b", 2))])
-        assert store._cut_log()  # the descriptor kept is read again
+        assert store._recovery.cut_log()  # the descriptor kept is read again
         assert posix_locks(db, index) == {"state.db", "state.db-shm"}
 
 

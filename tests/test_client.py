@@ -241,6 +241,38 @@ async def test_a_refused_connection_says_why(
         "max-clients=1 clients; try again later")
 
 
+async def test_what_the_client_raises_is_no_error_line_of_the_library(
+        start_daemon: Callable[..., DaemonProcess], caplog: pytest.LogCaptureFixture) -> None:
+    # Found by review: qemu.qmp logged an error line for each connection refused
+    # ("Failed to establish session: ... max-clients=1 ...") and for a connection reset
+    # ("Task.Reader: ConnectionResetError"), which DisconnectedError reports: an agent
+    # that retries logged one per attempt.  They are debug lines, still there to see.
+    caplog.set_level(logging.DEBUG, logger="qemu.qmp")
+    d = start_daemon("--ephemeral", "--max-clients", "1")
+    async with MigblockClient(d.socket) as holder:
+        for _ in range(3):  # an agent that retries
+            with pytest.raises(DisconnectedError, match=r"refused the connection: .*max-clients=1"):
+                await MigblockClient(d.socket).connect()
+        qmp = holder._qmp
+        assert qmp is not None
+        d.signal(signal.SIGSTOP)  # the request waits unread in the daemon's socket
+        waiting = asyncio.ensure_future(holder.execute("query-version"))
+        async with asyncio.timeout(PATIENCE):
+            while not qmp._unanswered or not qmp._outgoing.empty() or (
+                    qmp._writer is not None and qmp._writer.transport.get_write_buffer_size()):
+                await asyncio.sleep(0.01)  # until the request has gone out
+        d.kill()  # closed with a request unread: the kernel resets the connection
+        with pytest.raises(DisconnectedError, match="was lost") as lost:
+            await waiting
+        assert isinstance(lost.value.__cause__, ConnectionResetError), lost.value.__cause__
+    library = [r for r in caplog.records if r.name.startswith("qemu.qmp")]
+    assert [r.getMessage() for r in library if r.levelno > logging.DEBUG] == []
+    said = [r.getMessage() for r in library]
+    assert sum(m.startswith("Failed to establish session: migblockd.client.link.Refused: "
+                            "migblockd is already serving max-clients=1") for m in said) == 3
+    assert "Task.Reader: ConnectionResetError: [Errno 104] Connection reset by peer" in said
+
+
 async def test_connecting_to_nothing_raises_disconnected(short_tmp: Path) -> None:
     path = short_tmp / "nothing.sock"
     client = MigblockClient(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 from qemu.qmp import Message, QMPClient, QMPError
 from qemu.qmp.error import ProtocolError
@@ -72,6 +72,10 @@ class QMPLink(QMPClient):
       :data:`TRACE_LIMIT` bytes: the library pretty-prints each one sent or
       received, in pure Python, whatever the log's level (a listing's answer of
       hundreds of MB, rendered again for nothing).
+    * The library's error lines for what the client raises itself are debug lines
+      (:class:`_LibraryLog`): a refused or failed connection attempt, and the loss
+      of the connection (a reset); an agent that retries would log one error per
+      attempt for an error it has already handled.
     * Disconnecting waits at most ``flush_timeout`` seconds (None: forever) for
       the daemon to take what was sent, then closes: a stopped daemon takes
       nothing, and the library would wait for it forever (and so would closing
@@ -81,6 +85,7 @@ class QMPLink(QMPClient):
     def __init__(self, name: str, deliver: Callable[[Message], None],
                  flush_timeout: float | None = None) -> None:
         super().__init__(name, readbuflen=READ_LIMIT)
+        self.logger = _LibraryLog(self.logger)
         self._deliver = deliver  # each event, in the daemon's order
         self._flush_timeout = flush_timeout
         self._unanswered: dict[str, None] = {}  # ids sent, oldest first (an ordered set)
@@ -203,6 +208,47 @@ class QMPLink(QMPClient):
             return Greeting(msg)
         except (ProtocolError, KeyError, TypeError) as err:
             raise GreetingError("Did not understand Greeting", err) from err
+
+
+#: The library's error lines for a failed connection attempt (``connect()``'s
+#: ``_session_guard`` in qemu/qmp/protocol.py), by their first argument: the
+#: client raises DisconnectedError, saying why, for each.
+_CONNECTING: Final = frozenset({"Failed to establish connection",
+                                "Failed to establish session"})
+
+
+class _LibraryLog(logging.Logger):
+    """The library's logger for one link (``qemu.qmp.protocol.NAME``): what it logs
+    goes where the library's logger sends it, at the level the library gives it,
+    except the error lines for what the client raises itself, which are debug lines
+    (with the traceback the library logs there after each).  A connection refused
+    (``max-clients``...) or that fails, and a connection lost to an error of the
+    socket (``Task.Reader: ConnectionResetError``, where the end of the stream is
+    an info line), are the caller's :class:`DisconnectedError`, which says so and
+    chains the error.  The rest (the library's report of a bug in itself, a
+    stranger's answer) stays as the library logs it."""
+
+    def __init__(self, library: logging.Logger) -> None:
+        super().__init__(library.name)
+        self._library = library
+
+    def isEnabledFor(self, level: int) -> bool:
+        # The library's logger's level and its parents', as configured now (a
+        # logger made outside the hierarchy keeps a cache no configuration clears).
+        return self._library.isEnabledFor(level)
+
+    def getEffectiveLevel(self) -> int:
+        return self._library.getEffectiveLevel()
+
+    def handle(self, record: logging.LogRecord) -> None:
+        self._library.handle(record)  # its filters, its handlers and its parents'
+
+    def error(self, msg: object, *args: object, **kwargs: Any) -> None:
+        kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1  # the library's line, not this
+        if (msg == "%s: %s" and args and args[0] in _CONNECTING) or msg == "Task.%s: %s":
+            self.debug(msg, *args, **kwargs)
+        else:
+            super().error(msg, *args, **kwargs)
 
 
 def _farewell(error: object) -> str | None:

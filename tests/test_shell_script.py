@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pytest
 from conftest import DaemonProcess, quick_shell
 from fakeqmp import GREETING, INTROSPECTION, SILENT, Line, Raw, serving
 
+from migblockd.client import MigblockClient
 from migblockd.shell import client as shell_client
 from migblockd.shell import opening
 from migblockd.shell.syntax import MAX_LINE
@@ -989,6 +990,73 @@ def test_daemon_going_away_mid_script_is_exit_status_2(daemon: DaemonProcess) ->
     assert err.startswith(f"migblock-shell: line 2: {daemon.socket}: ")
     assert "Traceback" not in err
     assert proc.stdout.read() == ""
+
+
+def _queued(pid: int, peer: int) -> int:
+    """Bytes waiting to be read in process ``pid``'s Unix sockets connected to process
+    ``peer``'s (ss's Recv-Q): not in its event loop's own socket pairs."""
+    listing = subprocess.run(["ss", "-xpnH", "state", "established"], check=True,
+                             capture_output=True, text=True, timeout=60).stdout
+    # Netid, Recv-Q, Send-Q, local address and inode, peer address and inode, process.
+    rows = [row for row in map(str.split, listing.splitlines()) if len(row) == 8]
+    owner = {row[4]: row[7] for row in rows}  # inode: "users:((...,pid=N,fd=M))"
+    return sum(int(row[1]) for row in rows if f"pid={pid}," in row[7]
+               and f"pid={peer}," in owner.get(row[6], ""))
+
+
+def _until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` until it holds; fails after 600 tries (a hang, not a timing claim)."""
+    for _ in range(600):
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the condition never held")
+
+
+def test_a_daemon_killed_mid_reply_is_a_closed_connection_not_an_unreadable_message(
+        start_daemon: Callable[..., DaemonProcess]) -> None:
+    # Found by review: the part of the reply written before the kill, a line with no
+    # end, was parsed: "a message from the daemon cannot be read (not JSON: Unterminated
+    # string ...), so the shell closed the connection", as if the daemon had sent
+    # garbage.  The stream ended, as when the daemon goes between two replies.
+    d = start_daemon("--ephemeral", "--max-reason-length", "50000")
+
+    async def fill() -> None:
+        async with MigblockClient(d.socket) as client:
+            for n in range(100):  # a listing of 5 MB: more than the socket's buffers hold
+                await client.add_blocker("r" * 50_000, id=f"b{n}")
+
+    asyncio.run(fill())
+    proc = subprocess.Popen([*SHELL, str(d.socket)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write("query-version\n")
+        proc.stdin.flush()
+        assert "return" in json.loads(proc.stdout.readline())
+        d.signal(signal.SIGSTOP)  # it answers once the shell no longer reads
+        proc.stdin.write("query-blockers\n")
+        proc.stdin.flush()
+        _until(lambda: _queued(d.proc.pid, proc.pid) > 0)  # the request has reached the daemon
+        proc.send_signal(signal.SIGSTOP)
+        d.signal(signal.SIGCONT)
+        # The answer has begun to arrive; the daemon is killed while the rest waits
+        # for room in the socket.
+        _until(lambda: _queued(proc.pid, d.proc.pid) > 0)
+        d.kill()
+        proc.send_signal(signal.SIGCONT)
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 2
+        assert proc.stderr.read() == (
+            f"migblock-shell: line 2: {d.socket}: the server closed the connection; "
+            "the command may or may not have taken effect\n")
+        assert proc.stdout.read() == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            pipe.close()
 
 
 def _sockets(pid: int) -> int:

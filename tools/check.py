@@ -4,7 +4,7 @@ Usage: ``python tools/check.py [PYTEST ARGS...]`` from the project's virtual
 environment (the README's test command sets one up).  Tools that the tests need
 from the operating system (systemd's ``systemd-analyze``,
 ``systemd-socket-activate`` and its service manager; util-linux's ``unshare``
-and ``nsenter``; iproute2's ``ip``; a real QEMU, ``qemu-system-x86_64``, and its
+and ``nsenter``; iproute2's ``ip`` and ``ss``; a real QEMU, ``qemu-system-x86_64``, and its
 ``qemu-img``; ``man`` and ``zsh`` for the man pages and completion scripts;
 util-linux's ``setpriv`` for clients of other uids; the ``sqlite3`` shell;
 ``strace`` for fault injection; ``patch``, which the diffs of stale generated
@@ -34,6 +34,8 @@ SYSTEM_TOOLS = {
     "setpriv": "util-linux",
     # The metrics endpoint behind small TCP buffers, in a network namespace.
     "ip": "iproute2",
+    # What waits unread in a process's sockets: a reply under way when the daemon dies.
+    "ss": "iproute2",
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
     # The man pages are rendered with man -l, the zsh completion loaded by zsh.

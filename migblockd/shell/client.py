@@ -264,7 +264,11 @@ class QMPClient:
         self._late.clear()
 
     async def _read_line(self) -> bytes:
-        """The next line, what is left at the end of the input, or b"" after it.
+        """The next line, or b"" at the end of the input.
+
+        A line the end cuts short (the daemon killed while it wrote a reply) is that
+        end, as a server that closes between messages: parsed, the part would say
+        that the daemon sent something it cannot read.
 
         Read in pieces, so that the line is held to the bound of the moment:
         :data:`LINE_LIMIT` while an answer that may list every blocker is awaited,
@@ -286,10 +290,9 @@ class QMPClient:
             self._scanned = len(buffer)
             chunk = await self._reader.read(_CHUNK)
             if not chunk:
-                line = bytes(buffer)
                 buffer.clear()
                 self._scanned = 0
-                return line
+                return b""
             buffer += chunk
 
     async def _read_loop(self) -> None:

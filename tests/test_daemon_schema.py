@@ -205,7 +205,8 @@ async def test_unknown_keys_stop_the_start_with_one_line(
         [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
          "--socket", str(tmp_path / "s"), "--schema", str(root)],
         capture_output=True, text=True, check=False, timeout=60)
-    assert (result.returncode, result.stdout, result.stderr) == (1, "", f"migblockd: {said}\n")
+    assert (result.returncode, result.stdout, result.stderr) == (EXIT_NOTCONFIGURED, "",
+                                                                 f"migblockd: {said}\n")
 
 
 INTERNAL_DOC = ("# @internal: Ignore the daemon's only-migratable setting, like QEMU's\n"

@@ -245,6 +245,9 @@ class ClientProtocol(Admitting, Ending, asyncio.BufferedProtocol):
             # after this returns when its buffer is empty and it is closing, and
             # close() has scheduled it too (a traceback in the log).
             self.server.loop.call_soon(self.flush)
+        if self.conn is not None and self.conn.session.discarding and self.outbox is not None \
+                and not self.server.draining:
+            self.over_output(self.outbox.events_unread())  # it has read: events again?
         self.server.runnable(self)
 
     # -- ours ------------------------------------------------------------------
@@ -320,21 +323,21 @@ class ClientProtocol(Admitting, Ending, asyncio.BufferedProtocol):
         pieces, size, events = self.core.take_output(conn)
         if transport.is_closing() or self.lingering or self.outbox is None:
             return  # after our EOF (a timeout, shutdown) nothing more is said
+        # While draining nobody is dropped for it: they are owed these replies.
+        judged = not self.server.draining
         if pieces:
             if log.isEnabledFor(logging.DEBUG):
                 for piece in pieces:
                     log.debug("%s -> %s", conn.label, shown(piece, WIRE_LIMIT))
-            limit = self.server.config.max_output
-            # While draining nobody is dropped for it: they are owed these replies.
-            if self.outbox.put(pieces, size, events) > limit and not self.server.draining:
-                # Counted here only: the metric is for this drop, not those of a
-                # timeout's linger or of shutdown.
-                self.core.stats.dropped += 1
-                self.drop(f"more than max-output={limit} bytes of unread events")
+            unread = self.outbox.put(pieces, size, events)
+            if judged and (unread > self.server.config.max_output or conn.session.discarding) \
+                    and self.over_output(unread):
                 return
             self.watch_loss()
             if self.outbox.waiting and not self.write_paused:
                 self.write_soon()
+        elif judged and conn.session.discarding:  # marked by an event it was not sent
+            self.over_output(self.outbox.events_unread())
         if self.eof and self.core.settled(conn) and not self.outbox.waiting:
             self.finish()
 

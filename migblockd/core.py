@@ -323,5 +323,5 @@ class Core(Roster, Outcomes, Calls):
     def _fan_out(self, line: bytes, durable: bool) -> None:
         stamp = self.ledger.open_stamp
         # Held output waits for its commit, which marks the connection dirty.
-        fan_out(self.connections, line, stamp, durable,
-                self.ledger.holding if stamp else self._dirty)
+        self.stats.events_discarded += fan_out(self.connections, line, stamp, durable,
+                                               self.ledger.holding if stamp else self._dirty)

@@ -5,7 +5,11 @@ state of its own).  The rules it applies:
 
 * **dropping**: past ``max_output`` bytes of events left unread, the client
   alone is disconnected; what it sent before still runs (:meth:`Ending.drop`,
-  :meth:`Ending.read_leftovers`);
+  :meth:`Ending.read_leftovers`).  Not one that holds connection-scoped
+  blockers: its drop would release them, so another user's traffic would lift
+  them.  Events to it are discarded instead until it reads
+  (:meth:`Ending.over_output`, deciding by
+  :meth:`migblockd.qmp.output.Output.judge_unread`);
 * **ending**: once everything it sent is answered (at its EOF, a timeout,
   shutdown), a connection that may still be sending is half-closed after its
   last reply and lingers while the peer takes it (:meth:`Ending.finish`), at
@@ -21,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from migblockd.logs import WIRE_LIMIT, about, shown
 from migblockd.peer import discard_unread, leftovers, unread, unsent
+from migblockd.qmp.output import DISCARD, DROP, RESUME
 
 if TYPE_CHECKING:
     from migblockd.connection import Connection
@@ -74,6 +79,36 @@ class Ending:
         if left:
             log.warning("%s: %d bytes it sent were left unread (past the %d-byte bound); "
                         "whatever requests they held were not run", conn.label, left, budget)
+
+    def over_output(self, unread: int) -> bool:
+        """Apply ``--max-output`` to the ``unread`` bytes of events the client has
+        not read; True if that dropped it."""
+        conn = self.conn
+        assert conn is not None
+        session, limit, core = conn.session, self.server.config.max_output, self.core
+        verdict = session.judge_unread(unread, limit, lambda: bool(core.registry.held_by(conn)))
+        if verdict is DROP:
+            # Counted here only: the metric is for this drop, not those of a
+            # timeout's linger or of shutdown.
+            core.stats.dropped += 1
+            self.drop(f"more than max-output={limit} bytes of unread events")
+            return True
+        if verdict is DISCARD:
+            ids = core.registry.held_by(conn)
+            more = core.guard.bounded("kept", conn.owner)
+            if more is not None:
+                log.warning("%s: more than max-output=%d bytes of unread events; kept, as it "
+                            "holds connection-scoped blockers (%s): events to it are "
+                            "discarded until it reads%s", conn.label, limit,
+                            shown(", ".join(ids), quoted=False), more,
+                            extra=about(conn, blocker_id=ids))
+        elif verdict is RESUME:
+            more = core.guard.bounded("resumed", conn.owner)
+            if more is not None:
+                log.info("%s: back within max-output=%d bytes of unread events: events go "
+                         "to it again; it missed %d%s", conn.label, limit, session.missed,
+                         more, extra=about(conn))
+        return False
 
     def drop(self, why: str) -> None:
         """Disconnect the peer now.  Everything it sent before runs all the same

@@ -247,6 +247,10 @@ class DaemonCollector(Collector):
         yield CounterMetricFamily("migblockd_clients_dropped",
                                   "Clients disconnected for unread events past max-output",
                                   value=stats.dropped)
+        yield CounterMetricFamily("migblockd_events_discarded",
+                                  "Events not sent to a client kept past max-output, as it "
+                                  "holds connection-scoped blockers (one per event and client)",
+                                  value=stats.events_discarded)
 
     def _commands(self) -> Iterator[Metric]:
         stats = self.core.stats

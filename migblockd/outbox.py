@@ -74,16 +74,25 @@ class Outbox:
             self._backlog.extend(pieces)
             self._backlog_bytes += size
             self.write_some()
-        unread = self._backlog_bytes + self.transport.get_write_buffer_size()
-        read = self._enqueued - unread
+        read = self._read()
+        earlier = self._events_unread
+        if events and read < self._enqueued:
+            self._marks.append((self._enqueued, events))
+            self._events_unread += events
+        return earlier
+
+    def events_unread(self) -> int:
+        """The event bytes of all output so far that the client has not read yet."""
+        self._read()
+        return self._events_unread
+
+    def _read(self) -> int:
+        """Forget the events the client has read; returns the bytes it has read."""
+        read = self._enqueued - self._backlog_bytes - self.transport.get_write_buffer_size()
         marks = self._marks
         while marks and marks[0][0] <= read:
             self._events_unread -= marks.popleft()[1]
-        earlier = self._events_unread
-        if events and read < self._enqueued:
-            marks.append((self._enqueued, events))
-            self._events_unread += events
-        return earlier
+        return read
 
     def sent(self) -> int:
         """Bytes of all ever queued that the transport has handed to the kernel."""

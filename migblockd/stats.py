@@ -145,7 +145,8 @@ class Stats:
 
     __slots__ = ("blockers_added", "blockers_deleted", "blockers_refused", "commands",
                  "commit_failures", "commits", "connections", "connections_refused",
-                 "dropped", "migrations_refused", "migrations_started", "protocol_replies")
+                 "dropped", "events_discarded", "migrations_refused", "migrations_started",
+                 "protocol_replies")
 
     def __init__(self, commands: Iterable[str]) -> None:
         self.commands = {name: CommandStats() for name in commands}
@@ -162,6 +163,9 @@ class Stats:
         #: Connections turned away, by why (CONNECTION_REFUSALS).
         self.connections_refused = dict.fromkeys(CONNECTION_REFUSALS, 0)
         self.dropped = 0  # disconnected past max-output
+        #: Events not sent to clients kept past max-output (they hold
+        #: connection-scoped blockers), one per event and client.
+        self.events_discarded = 0
         self.commits = Histogram(COMMIT_BUCKETS)
         self.commit_failures = 0
 

@@ -79,7 +79,7 @@ def baseline(command_names: Iterable[str], *, durable: bool) -> dict[Key, float]
         expected[key("migblockd_migration_mode", mode=mode)] = 1 if mode == "normal" else 0
         expected[key("migblockd_blockers", source="migblockd", mode=mode)] = 0
     for name in ("blockers_added", "migrations_started", "connections", "clients_dropped",
-                 "protocol_replies"):
+                 "events_discarded", "protocol_replies"):
         expected[key(f"migblockd_{name}_total")] = 0
     for reason in ("max-clients", "max-clients-per-uid", "descriptors"):
         expected[key("migblockd_connections_refused_total", reason=reason)] = 0

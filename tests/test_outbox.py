@@ -83,6 +83,16 @@ async def test_unread_events_count_only_from_earlier_writes(pair: Pair) -> None:
     assert put(pair, [b"x\r\n"], 3) == 0  # read: it counts no more
 
 
+async def test_events_unread_counts_all_output_so_far_until_it_is_read(pair: Pair) -> None:
+    # What a client kept past max-output is judged by while nothing is written to it.
+    burst = [b"e" * 1000 + b"\r\n"] * 500
+    put(pair, burst, 501_000)
+    assert pair.outbox.events_unread() == 501_000
+    assert put(pair, [b'{"return": {}}\r\n'], 0) == 501_000
+    await pair.read_all()
+    assert pair.outbox.events_unread() == 0
+
+
 async def test_a_big_reply_goes_out_in_slices_as_the_peer_reads(pair: Pair) -> None:
     reply = [b"r" * 100_000 for _ in range(30)]  # 3 MB
     assert put(pair, reply, 0) == 0

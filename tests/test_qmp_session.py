@@ -16,6 +16,7 @@ from migblockd.qmp.encoding import encode_event
 from migblockd.qmp.envelope import Command
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
+from migblockd.qmp.output import DISCARD, DROP, RESUME
 from migblockd.qmp.qdict import EXACT_MEMBERS, qdict_order
 from migblockd.registry import BlockerError, FakeClock, Registry
 
@@ -560,3 +561,41 @@ def test_truncated_request_at_eof_gets_one_error() -> None:
         err("JSON parse error, premature EOI")
     ]
     assert client.send(b'{"execute": "query-blockers"}') == []  # input after EOF is ignored
+
+
+def test_a_reader_past_max_output_holding_a_connection_blocker_misses_events_not_its_blocker(
+        ) -> None:
+    """Past --max-output of unread events a client is dropped, unless that would release
+    its connection-scoped blockers: then its events are discarded, not queued, until it
+    is back within the bound, and its replies still come."""
+    c = Client()
+    c.negotiate()
+    asked: list[bool] = []
+
+    def kept() -> bool:
+        asked.append(True)
+        return bool(c.core.registry.held_by(c.conn))
+
+    # Holding nothing: dropped, as ever (and nothing is discarded).
+    assert c.session.judge_unread(5000, 4096, kept) is DROP
+    assert not c.session.discarding
+    added = c.cmd({"execute": "add-blocker",
+                   "arguments": {"id": "agentA", "reason": "held", "scope": "connection"}})
+    assert [m.get("event") for m in added] == ["BLOCKER_ADDED", None]
+    assert c.core.registry.held_by(c.conn) == ["agentA"]
+    asked.clear()
+    assert c.session.judge_unread(4097, 4096, kept) is DISCARD
+    # Once an episode: its blockers are not looked at again, nor is it logged again.
+    assert c.session.judge_unread(9999, 4096, kept) is None
+    assert asked == [True]
+    out = c.cmd({"execute": "add-blocker", "arguments": {"id": "b1", "reason": "r"}})
+    assert len(out) == 1 and out[0]["return"]["id"] == "b1", out  # its reply, no event
+    assert c.session.missed == 1 and c.core.stats.events_discarded == 1
+    # Back within the bound: events are queued again; missed still says how many.
+    assert c.session.judge_unread(4096, 4096, kept) is RESUME
+    assert not c.session.discarding and c.session.missed == 1
+    out = c.cmd({"execute": "add-blocker", "arguments": {"id": "b2", "reason": "r"}})
+    assert [m.get("event") for m in out] == ["BLOCKER_ADDED", None]
+    assert out[0]["data"]["id"] == "b2" and out[1]["return"]["id"] == "b2"
+    assert c.session.judge_unread(0, 4096, kept) is None
+    assert c.core.stats.events_discarded == 1 and c.core.registry.held_by(c.conn) == ["agentA"]

@@ -53,7 +53,8 @@ disconnects, and raises :class:`DisconnectedError` when the connection is
 lost.  It keeps events until they are read, at most ``max_unread`` of them
 (:data:`MAX_UNREAD` by default): one more, and the stream ends, raising
 :class:`EventsLostError` once the events it kept have been read.  The daemon
-disconnects a client that leaves events unread past its ``--max-output``; this
+disconnects a client that leaves events unread past its ``--max-output`` (or, one
+holding connection-scoped blockers, discards its events until it reads); this
 library reads them all as they come, so that its replies are never stuck behind
 them, and the bound is kept here instead, per stream.  Events come in bursts: the
 library hands over all it has received in one turn of the event loop (some 1,500

@@ -14,6 +14,13 @@ held too, so order never changes.  :meth:`Output.release` lets it go;
 :meth:`Output.fail_held` turns it into what the client must hear instead when
 the disk refused: the replies of the failed commands become errors, their
 events vanish, everything else goes out unchanged.
+
+Unread events (:meth:`Output.judge_unread`): a client that leaves more than
+``--max-output`` bytes of events unread is dropped, unless it holds
+connection-scoped blockers, which its drop would release: another user's
+traffic must not lift a blocker.  Such a client is kept, and events to it are
+discarded, not queued, until it is back within the bound: memory stays bounded
+either way.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ from migblockd.qmp.encoding import (
 from migblockd.qmp.envelope import Request
 from migblockd.qmp.errors import NO_ID, QMPError
 
-__all__ = ["EVENT", "KEEP", "VANISH", "Applied", "Output", "Recipient", "fan_out"]
+__all__ = ["DISCARD", "DROP", "EVENT", "KEEP", "RESUME", "VANISH", "Applied", "Output",
+           "Recipient", "fan_out"]
 
 #: What held output becomes if its commit fails: sent as it is (a reply, or an
 #: event), or dropped (the event of a change that never happened).  A reply
@@ -39,6 +47,11 @@ __all__ = ["EVENT", "KEEP", "VANISH", "Applied", "Output", "Recipient", "fan_out
 KEEP: Final = "keep"
 EVENT: Final = "event"
 VANISH: Final = "vanish"
+
+#: What :meth:`Output.judge_unread` decides about a client's unread events.
+DROP: Final = "drop"
+DISCARD: Final = "discard"
+RESUME: Final = "resume"
 
 
 class Applied:
@@ -86,18 +99,26 @@ R = TypeVar("R", bound=Recipient)
 
 
 def fan_out(recipients: Iterable[R], line: bytes, stamp: int, durable: bool,
-            mark: dict[R, None]) -> None:
+            mark: dict[R, None]) -> int:
     """:meth:`Output.send_event` of ``line`` on the session of every recipient
-    that is not closed and has negotiated; each of those is added to ``mark``.
+    that is not closed and has negotiated; each of those is added to ``mark``
+    (one that discards events too: its flush sees whether it has read again).
+    Returns for how many of them it was discarded.
 
     Every event goes to every client: with :meth:`~Output.send_event`'s body
     inlined here, rather than a method call per client, an add or delete at 16
     clients takes about 4% fewer instructions (in memory; 1% durable).
     """
     size = len(line)
+    discarded = 0
     for recipient in recipients:
         session = recipient.session
         if session.negotiated and not recipient.closed:
+            if session.discarding:
+                session.missed += 1
+                discarded += 1
+                mark[recipient] = None
+                continue
             held = session._held
             if stamp or held:
                 run = held[-1] if held and held[-1].stamp >= stamp else session._hold(stamp)
@@ -109,6 +130,7 @@ def fan_out(recipients: Iterable[R], line: bytes, stamp: int, durable: bool,
                 session.output_bytes += size
                 session.event_bytes += size
             mark[recipient] = None
+    return discarded
 
 
 class Output:
@@ -129,6 +151,10 @@ class Output:
     #: Output waiting for a commit, oldest stamp first.
     _held: deque[_Held]
     negotiated: bool  # Envelope's: no events go out before negotiation
+    #: Events to this client are discarded, not queued (:meth:`judge_unread`),
+    #: and how many were since that began.
+    discarding: bool
+    missed: int
 
     # -- queuing -------------------------------------------------------------
     def reply(self, request: Request, result: object, stamp: int = 0,
@@ -165,7 +191,9 @@ class Output:
         """Queue a pre-encoded event line; dropped unless negotiation is complete.
         (:func:`fan_out` does the same for every client at once.)"""
         # _put, inlined: this runs once per client for every event.
-        if self.negotiated:
+        if self.discarding:
+            self.missed += 1
+        elif self.negotiated:
             held = self._held
             if stamp or held:
                 run = held[-1] if held and held[-1].stamp >= stamp else self._hold(stamp)
@@ -177,6 +205,29 @@ class Output:
                 size = len(line)
                 self.output_bytes += size
                 self.event_bytes += size
+
+    def judge_unread(self, unread: int, limit: int, kept: Callable[[], bool]) -> str | None:
+        """The client has ``unread`` bytes of events unread, of a bound of ``limit``.
+
+        Past it, :data:`DROP` it, unless ``kept()`` (it holds connection-scoped
+        blockers, which its drop would release): then :data:`DISCARD` says events
+        to it are discarded from now on (:attr:`discarding`), once per episode.
+        Back within it, :data:`RESUME`: events are queued again, and
+        :attr:`missed` says how many it missed.  None: nothing changes.
+        ``kept`` is asked once per episode at most (the blockers are sorted).
+        """
+        if unread > limit:
+            if self.discarding:
+                return None
+            if not kept():
+                return DROP
+            self.discarding = True
+            self.missed = 0
+            return DISCARD
+        if self.discarding:
+            self.discarding = False
+            return RESUME
+        return None
 
     def _hold(self, stamp: int) -> _Held:
         run = _Held(stamp)

@@ -90,8 +90,8 @@ class Session(Envelope, Output):
     ``capabilities`` are what ``qmp_capabilities`` may enable.
     """
 
-    __slots__ = ("_decoder", "_held", "_limit_told", "_output", "_queue",
-                 "event_bytes", "limit_notice", "output_bytes")
+    __slots__ = ("_decoder", "_held", "_limit_told", "_output", "_queue", "discarding",
+                 "event_bytes", "limit_notice", "missed", "output_bytes")
 
     def __init__(self, commands: Mapping[str, Command], greeting: dict[str, Any],
                  limits: Limits) -> None:
@@ -114,6 +114,8 @@ class Session(Envelope, Output):
         self.output_bytes = len(self._output[0])
         self.event_bytes = 0
         self._held = deque()
+        self.discarding = False
+        self.missed = 0
 
     # -- input ---------------------------------------------------------------
     def receive_data(self, data: bytes | memoryview) -> None:

@@ -229,6 +229,11 @@ class Registry(MigrationControl):
             self._remove(blocker, "connection-closed")
         return released
 
+    def held_by(self, connection: object) -> list[str]:
+        """The ids of the connection-scoped blockers ``connection`` holds, oldest
+        first: what its disconnection would release."""
+        return [blocker.id for blocker in self._store.owned_by(connection)]
+
     def get(self, id: str) -> Blocker | None:
         """The blocker with this id, if registered."""
         return self._store.get(id)

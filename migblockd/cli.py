@@ -238,12 +238,8 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
         early.uninstall()
         # Well formed is not enough: what would stop the start (an unknown
         # socket-group, an unreadable schema) is an error here too.
-        from migblockd.preflight import (  # noqa: PLC0415 - keeps --help fast
-            ignored,
-            problems,
-            unjudged,
-            warnings,
-        )
+        from migblockd.preflight import problems, unjudged  # noqa: PLC0415 - keeps --help fast
+        from migblockd.preflight_notes import ignored, warnings  # noqa: PLC0415
 
         # --socket-activated: judged as the daemon the units start, which serves the
         # socket systemd passes and uses none of the settings of its own socket.

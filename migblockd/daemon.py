@@ -21,13 +21,8 @@ from migblockd.listen import Claim, claim_socket
 from migblockd.notify import Notifier, plural
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore
-from migblockd.preflight import (
-    check_qemu,
-    kept_out_notes,
-    load_contract,
-    socket_gid,
-    socket_group_notes,
-)
+from migblockd.preflight import check_qemu, load_contract, socket_gid
+from migblockd.preflight_notes import kept_out_notes, socket_group_notes
 from migblockd.progress import StartProgress
 from migblockd.registry import Registry
 from migblockd.serving import qmp_socket_path, serve

@@ -95,7 +95,7 @@ class Reload:
             lines.append((logging.WARNING, f"reload: {later} changed, "
                           "which only a restart applies"))
         if self.unit_owned:
-            # At its line, as the start and --check-config name it (preflight.ignored).
+            # At its line, as the start and --check-config name it (preflight_notes.ignored).
             owned = ", ".join(self.sources.keyed(k.replace("-", "_")) for k in self.unit_owned)
             lines.append((logging.WARNING, f"reload: {owned} changed, "
                           "which the socket unit sets (ListenStream=, SocketMode=, "

@@ -44,7 +44,8 @@ from migblockd.listen import Claim, bind_claimed, file_access, open_to_everyone,
 from migblockd.notify import Notifier
 from migblockd.persistence import only_migratable_refusal, schema_refusal
 from migblockd.pidlock import PidLock
-from migblockd.preflight import ignored, load_contract, passed_name, passed_path, problems
+from migblockd.preflight import load_contract, passed_name, passed_path, problems
+from migblockd.preflight_notes import ignored
 from migblockd.registry import Change
 from migblockd.reload_order import ReloadOrder
 from migblockd.reloading import Reload, next_state, outvoted, plan

@@ -35,7 +35,8 @@ from migblockd.logs.throttle import Throttle
 from migblockd.lookups import SLOW
 from migblockd.notify import Notifier, plural
 from migblockd.persistence import to_store
-from migblockd.preflight import passed_path, passthrough_unused
+from migblockd.preflight import passed_path
+from migblockd.preflight_notes import passthrough_unused
 from migblockd.progress import StartProgress
 from migblockd.qemu.bridge import FIRST_CONTACT, Bridge, passthrough_warnings
 from migblockd.registry import Change, Registry

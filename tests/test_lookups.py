@@ -19,7 +19,7 @@ from migblockd.config import Config
 from migblockd.daemon import claim_own_socket
 from migblockd.databases import Live
 from migblockd.lookups import THREADS, Lookups
-from migblockd.preflight import warnings
+from migblockd.preflight_notes import warnings
 
 
 async def test_a_look_up_that_hangs_holds_none_asked_with_it_while_threads_are_free() -> None:

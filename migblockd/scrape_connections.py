@@ -20,7 +20,7 @@ client is ever in that state for long), and gets a 503 only when every
 connection has sent its request and awaits its answer.  At most ``ACCEPT_BUDGET``
 connections are accepted in each ``ACCEPT_WINDOW``: the rest wait in the listen
 queue, where a client that connects and closes in a loop costs the daemon
-nothing (see ScrapeServer.accept_turn).  Out of file descriptors,
+nothing (see :meth:`migblockd.scrape_limits.Pacing.accept_turn`).  Out of file descriptors,
 the server waits a moment between attempts to accept rather than spin.  Scrapers
 crowded out are counted in the log (at most every ``CROWDED_WARNING`` seconds),
 and so is a connection no worker could be started for.
@@ -29,7 +29,6 @@ and so is a connection no worker could be started for.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import socket
 import sys
@@ -37,9 +36,19 @@ import threading
 import time
 from collections import deque
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 from migblockd.logs.throttle import Throttle
+from migblockd.scrape_limits import (
+    ACCEPT_BUDGET,
+    ACCEPT_WINDOW,
+    CROWDED_GRACE,
+    CROWDED_WARNING,
+    EVICT_WAIT,
+    MAX_SCRAPES,
+    REQUEST_DEADLINE,
+    REQUEST_TIMEOUT,
+    Pacing,
+)
 from migblockd.scrape_pool import Pool
 from migblockd.scrape_request import RequestHandler, for_method, method_sent, unavailable
 
@@ -48,35 +57,6 @@ __all__ = ["ACCEPT_BUDGET", "ACCEPT_WINDOW", "MAX_SCRAPES", "REQUEST_DEADLINE",
 
 log = logging.getLogger("migblockd")
 
-#: Connections served at once.  Several scrapers may connect at the same moment,
-#: and one whose request its thread has not read yet looks like a silent client:
-#: a client must open this many in the moment between a scraper's connection and
-#: its request to crowd the scraper out.
-MAX_SCRAPES = 16
-#: Seconds to wait for a connection closed to make room to let go of its slot.
-EVICT_WAIT = 1.0
-#: Seconds a metrics client has to send its request (and to read the answer).
-REQUEST_TIMEOUT = 10.0
-#: Seconds a metrics connection may last in all, however steadily it trickles.
-REQUEST_DEADLINE = 30.0
-#: Seconds in which MAX_SCRAPES requests are parsed at most (ScrapeServer.parse_turn).
-PARSE_WINDOW = 0.1
-#: Connections accepted in each ACCEPT_WINDOW at most (ScrapeServer.accept_turn).
-#: Each costs the daemon some 100 us of Python on two threads, and the event loop
-#: waits for the interpreter lock meanwhile: clients connecting and closing in a
-#: loop, 2,500 to 3,000 a second over a Unix socket, took most of a core and cut
-#: QMP round trips to a third or a half.  At 160 a second, 16 scrapers connecting
-#: at the same moment still go in at once.
-ACCEPT_BUDGET = 16
-#: Seconds in which ACCEPT_BUDGET connections are accepted at most.
-ACCEPT_WINDOW = 0.1
-#: Seconds between attempts to accept while the process is out of descriptors.
-EXHAUSTED_PAUSE = 0.1
-#: Seconds between two warnings that every connection was busy (the rest: debug).
-CROWDED_WARNING = 60.0
-#: Seconds from the first connection crowded out to the warning: a burst of
-#: scrapers is counted whole, not as its first one.
-CROWDED_GRACE = 1.0
 #: What a connection past MAX_SCRAPES is told before it is closed.
 _BUSY_TEXT = b"too many scrapes at once; retry\n"
 
@@ -129,7 +109,7 @@ class _Handler(RequestHandler):
             self.wfile.write(for_method(answer, self.command))
 
 
-class ScrapeServer(WSGIServer):
+class ScrapeServer(Pacing):
     """A wsgiref server on a socket bound elsewhere (TCP or Unix), served by a pool of
     at most MAX_SCRAPES threads."""
 
@@ -203,91 +183,10 @@ class ScrapeServer(WSGIServer):
                     "their request was read, %d refused (a scraper may have failed%s)",
                     MAX_SCRAPES, closed, refused, more)
 
-    def accept_turn(self) -> None:
-        """Wait until the next accept is within ACCEPT_BUDGET a window (on
-        serve_forever's thread, before each accept).
-
-        A thread of its own does not keep the endpoint off the event loop: the
-        loop waits for the interpreter lock while this thread and a worker run.
-        The connections past the budget wait in the listen queue (1,024 of
-        them), and past that a client's connect waits or fails in the kernel,
-        which costs the daemon nothing.  A scraper behind a flood waits its turn
-        there, as it is crowded out of a slot (see the module's docstring): the
-        flood costs the scrapers their answers, not the QMP clients theirs."""
-        accepts = self._accepts
-        if len(accepts) < ACCEPT_BUDGET:
-            return
-        wait = accepts[0] + ACCEPT_WINDOW - time.monotonic()
-        if wait <= 0:
-            return
-        said = _flooded.admit("accept", None, time.monotonic())
-        if said is not None:
-            log.warning("metrics: more than %d connections within %g s: the rest wait in "
-                        "the listen queue (a client connecting in a loop?)%s",
-                        ACCEPT_BUDGET, ACCEPT_WINDOW, said)
-        time.sleep(wait)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        self.accept_turn()
-        try:
-            conn, address = self.socket.accept()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                # The connection stays queued and the socket readable: without a
-                # pause, serve_forever() would try again at once, for as long as
-                # the shortage lasts, on a whole core.
-                time.sleep(EXHAUSTED_PAUSE)
-            raise
-        self._accepts.append(time.monotonic())
-        # A Unix socket's peer has no address; wsgiref wants one for REMOTE_ADDR.
-        return conn, address if isinstance(address, tuple) else ("local", 0)
-
     def request_complete(self, request: socket.socket) -> bool:
         """Mark ``request`` as awaiting its answer; False if it was closed to make room."""
         with self._sending_lock:
             return self._sending.pop(request, None) is not None
-
-    def parse_turn(self, request: socket.socket) -> bool:
-        """Wait for the turn of ``request`` to have its header lines parsed: at most
-        MAX_SCRAPES in each PARSE_WINDOW; False if it was cut meanwhile.
-
-        A request answered at once (a 400, a 431) costs up to a millisecond of
-        Python under the interpreter lock, which the event loop waits for: four
-        local connections sending them as fast as answered took 85% of a core
-        and cut QMP throughput by 4 to 5.  One waiting is still sending, as far
-        as room is made."""
-        parses, in_line = self._parses, self._in_line
-        woken = threading.Event()
-        with self._parse_lock:
-            in_line[request] = woken
-        try:
-            while True:
-                with self._parse_lock:
-                    if self.cut_answer(request) is not None:
-                        return False
-                    # Only the first in line watches the clock: not all wake each turn.
-                    wait = None
-                    if next(iter(in_line)) is request:
-                        now = time.monotonic()
-                        if len(parses) < MAX_SCRAPES or now - parses[0] >= PARSE_WINDOW:
-                            parses.append(now)
-                            return True
-                        wait = parses[0] + PARSE_WINDOW - now
-                    woken.clear()
-                woken.wait(wait)
-        finally:
-            with self._parse_lock:
-                del in_line[request]
-                if in_line:
-                    next(iter(in_line.values())).set()  # the next one's turn to watch
-
-    def _wake(self, requests: list[socket.socket]) -> None:
-        """Wake those of ``requests`` waiting for their turn to be parsed (just cut)."""
-        with self._parse_lock:
-            for request in requests:
-                woken = self._in_line.get(request)
-                if woken is not None:
-                    woken.set()
 
     def cut_answer(self, request: socket.socket) -> bytes | None:
         """What ``request``, cut before its request was read, is told (None: not cut)."""
@@ -396,9 +295,6 @@ class ScrapeServer(WSGIServer):
 # Warnings that no thread could be started for a connection (ScrapeServer._no_thread).
 _no_threads = Throttle(burst=1, window=CROWDED_WARNING)
 _no_thread_lock = threading.Lock()
-# Warnings that connections came faster than ACCEPT_BUDGET a window (accept_turn):
-# serve_forever's thread alone writes them, so no lock.
-_flooded = Throttle(burst=1, window=CROWDED_WARNING)
 
 
 def _cut(request: socket.socket) -> None:

@@ -37,6 +37,7 @@ from test_metrics import UnixHTTPConnection, get, scrape
 
 from migblockd import exposition
 from migblockd import scrape_connections as connections
+from migblockd import scrape_limits as limits
 from migblockd.config import Config
 from migblockd.scrape import MetricsServer
 from migblockd.scrape_connections import MAX_SCRAPES
@@ -1031,7 +1032,7 @@ def test_requests_are_parsed_at_most_max_scrapes_a_window(
     # are parsed in each PARSE_WINDOW (here: the whole test); the next waits,
     # still sending as far as the server knows, and is closed to make room
     # with nothing of it parsed.
-    monkeypatch.setattr(connections, "PARSE_WINDOW", 60.0, raising=False)
+    monkeypatch.setattr(limits, "PARSE_WINDOW", 60.0, raising=False)
     flood = b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 100 + b"\r\n"
     for _ in range(MAX_SCRAPES):
         answer = exchange(server, flood)
@@ -1175,8 +1176,8 @@ def test_a_connection_handed_as_a_worker_ends_its_last_starts_no_worker_more(
     # accepted 16 a window would take 40 s.
     d, endpoint_path = patched_daemon(
         start_daemon, short_tmp, tmp_path,
-        "import sys\nsys.setswitchinterval(1e-6)\nimport migblockd.scrape_connections\n"
-        "migblockd.scrape_connections.ACCEPT_BUDGET = 1 << 20\n")
+        "import sys\nsys.setswitchinterval(1e-6)\nimport migblockd.scrape_limits\n"
+        "migblockd.scrape_limits.ACCEPT_BUDGET = 1 << 20\n")
     tasks = Path(f"/proc/{d.proc.pid}/task")
     before = set(os.listdir(tasks))
     seen = set(before)

@@ -181,12 +181,13 @@ def _awaiting(directory: Path) -> str:
 
 
 def _reload(pid: int, pidfd: int) -> None:
-    """``--reload``'s signal and wait, once the check passed: its line, or exit 1."""
+    """``--reload``'s signal and wait, once the check passed: its line, or exit with
+    why (6 for a file the daemon refused that an operator mends, 1 otherwise)."""
     sys.stdout.flush()  # the check's line before the daemon's, in the journal too
     try:
         print(reload(pid, pidfd).encode(errors="backslashreplace").decode())
     except Failed as exc:
-        _fail(str(exc), status=EXIT_FAILURE)
+        _fail(str(exc), status=exc.status)
 
 
 def _fail(*lines: str, status: int = EXIT_NOTCONFIGURED) -> NoReturn:

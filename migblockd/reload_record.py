@@ -18,10 +18,12 @@ in its place, and it is there with ``--ephemeral`` (no state directory), under
 ``PrivateTmp=`` and without it, by hand or under systemd alike.
 
 It holds one line of JSON: the reload that began the latest of those that have
-ended (``started`` is its ``MONOTONIC_USEC``), and whether the daemon is
-stopping.  A reload that ends after a later one began and ended (one held by its
-file system; it applies nothing, :mod:`migblockd.reload_order`) changes nothing
-here, so a reload the waiter's signal started is never hidden by an earlier one.
+ended (``started`` is its ``MONOTONIC_USEC``), whether the file it refused is
+one only an operator mends (``--reload`` then exits 6, as its check does for a
+bad file), and whether the daemon is stopping.  A reload that ends after a later
+one began and ended (one held by its file system; it applies nothing,
+:mod:`migblockd.reload_order`) changes nothing here, so a reload the waiter's
+signal started is never hidden by an earlier one.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
-__all__ = ["MEMFD_NAME", "Said", "ended", "open_record", "parse", "stopping"]
+__all__ = ["MEMFD_NAME", "Refused", "Said", "ended", "open_record", "parse", "stopping"]
 
 log = logging.getLogger("migblockd")
 
@@ -52,6 +55,17 @@ class Said:
     #: Its line: ``reloaded configuration: ...`` or why it failed.
     line: str = ""
     stopping: bool = False
+    #: Not applied for what the file says, or who may read or write it (not an I/O
+    #: error, nor a user database that did not answer): an operator mends it.
+    mend: bool = False
+
+
+class Refused(NamedTuple):
+    """A reload that read the file and applied none of it: why (its log line), and
+    whether only an operator mends that (``Said.mend``)."""
+
+    line: str
+    mend: bool = False
 
 
 #: The process's record (one per daemon); None until :func:`open_record`, or if it
@@ -75,13 +89,14 @@ def open_record() -> None:
     _write(_said)
 
 
-def ended(started: int, *, applied: bool, line: str) -> None:
+def ended(started: int, *, applied: bool, line: str, mend: bool = False) -> None:
     """Reload begun at ``started`` (``MONOTONIC_USEC``) has ended, applied or not,
-    ``line`` saying how; kept unless a reload begun later has ended already."""
+    ``line`` saying how (``mend``: see :class:`Said`); kept unless a reload begun
+    later has ended already."""
     global _said  # noqa: PLW0603
     if _said.started is not None and _said.started > started:
         return
-    _said = Said(started, applied, line[:_MOST_SAID], _said.stopping)
+    _said = Said(started, applied, line[:_MOST_SAID], _said.stopping, mend)
     _write(_said)
 
 
@@ -89,7 +104,8 @@ def stopping() -> None:
     """The daemon is stopping: no reload begun from now on is carried out."""
     global _said  # noqa: PLW0603
     if not _said.stopping:
-        _said = Said(_said.started, _said.applied, _said.line, stopping=True)
+        _said = Said(_said.started, _said.applied, _said.line, stopping=True,
+                     mend=_said.mend)
         _write(_said)
 
 
@@ -97,7 +113,8 @@ def _write(said: Said) -> None:
     if _fd is None:
         return
     text = json.dumps({"started": said.started, "applied": said.applied,
-                       "line": said.line, "stopping": said.stopping}) + "\n"
+                       "line": said.line, "stopping": said.stopping,
+                       "mend": said.mend}) + "\n"
     # Emptied, then written from the start: a reader sees the file empty (and reads
     # again) or whole, since the file's size grows only once the bytes are there.
     with contextlib.suppress(OSError):
@@ -114,6 +131,6 @@ def parse(data: bytes) -> Said | None:
         started = fields["started"]
         return Said(started=None if started is None else int(started),
                     applied=bool(fields["applied"]), line=str(fields["line"]),
-                    stopping=bool(fields["stopping"]))
+                    stopping=bool(fields["stopping"]), mend=bool(fields.get("mend")))
     except (ValueError, TypeError, KeyError):
         return None

@@ -27,6 +27,7 @@ import signal
 import time
 
 from migblockd.reload_record import MEMFD_NAME, parse
+from migblockd.startup import EXIT_FAILURE, EXIT_NOTCONFIGURED
 
 __all__ = ["WAIT", "Failed", "reload", "watch"]
 
@@ -37,7 +38,14 @@ _POLL = 0.02
 
 
 class Failed(Exception):
-    """The reload failed, or was not seen to end; ``str()`` says why, in one line."""
+    """The reload failed, or was not seen to end; ``str()`` says why, in one line, and
+    ``status`` is the exit status: :data:`EXIT_NOTCONFIGURED` for a file the daemon
+    refused that only an operator mends (as the check's for a bad file), else
+    :data:`EXIT_FAILURE`."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def watch(pid: int) -> int:
@@ -114,7 +122,8 @@ def _outcome(pid: int, pidfd: int, record: int, sent: int, deadline: float,
             if said is not None and said.started is not None and said.started >= sent:
                 if said.applied:
                     return f"migblockd: pid {pid}: {said.line}"
-                raise Failed(f"the daemon (pid {pid}) did not apply the file: {said.line}")
+                raise Failed(f"the daemon (pid {pid}) did not apply the file: {said.line}",
+                             EXIT_NOTCONFIGURED if said.mend else EXIT_FAILURE)
             if said is not None and said.stopping:
                 raise Failed(f"the daemon (pid {pid}) is stopping: the reload is not "
                              "carried out")

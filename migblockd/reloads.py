@@ -86,8 +86,9 @@ class Reloads:
                 raise
             # The look ahead may wait on a thread that never returns (a resolver, a
             # network file system): nothing waits for it.
-            if isinstance(applied, str):
-                reload_record.ended(started, applied=False, line=applied)
+            if isinstance(applied, reload_record.Refused):
+                reload_record.ended(started, applied=False, line=applied.line,
+                                    mend=applied.mend)
             elif applied is not None:
                 # Applied: a `migblockd --reload` waiting (systemctl reload) returns now.
                 reload_record.ended(started, applied=True, line=applied[0].messages()[0][1])
@@ -104,8 +105,8 @@ class Reloads:
             # STOPPING=1).
             await self.notifier.ready(self.status_line())
 
-    async def _reload(self, number: int
-                      ) -> tuple[Reload, Config, FileSettings, int] | str | None:
+    async def _reload(self, number: int) -> tuple[Reload, Config, FileSettings, int] | (
+            reload_record.Refused | None):
         """Read the file and apply it, as reload ``number``; what :meth:`_report` says
         of it, or why it failed (None: not applied, for the stop or a later reload)."""
         def read() -> tuple[FileSettings, Config]:
@@ -122,10 +123,14 @@ class Reloads:
                 file, fresh = read()  # here, then, rather than not at all
         except ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
-            return f"reload failed, keeping the running configuration: {exc}"
+            # The file's fault, as the reload's check would have said (exit 6), unless
+            # it could not be read for an I/O error.
+            return reload_record.Refused(
+                f"reload failed, keeping the running configuration: {exc}", not exc.passing)
         except Exception:  # a bug
             log.exception("reload failed, keeping the running configuration")
-            return "reload failed, keeping the running configuration: see the daemon's log"
+            return reload_record.Refused("reload failed, keeping the running configuration: "
+                                         "see the daemon's log")
         if self.draining:
             # The stop began while the file was read: nothing is applied to a
             # daemon that is draining.
@@ -146,7 +151,7 @@ class Reloads:
             why = ("reload failed, keeping the running configuration: the user and group "
                    f"databases could not be asked: {exc}")
             log.error("%s", why)
-            return why
+            return reload_record.Refused(why)
         if self.draining:
             log.info("reload: stopping, so the configuration read is not applied")
             return None

@@ -12,7 +12,8 @@ under way when the signal came is not it, and one the signal joined
 (:mod:`migblockd.reload_order`: it reads after every signal that came while it
 waited) is.  The daemon is signalled only once it has its record: a process that
 has none has not yet caught SIGHUP (the interpreter's own start, whose default
-action would end it) or is no migblockd.  The daemon's exit (a pidfd, so that
+action would end it) or is no migblockd; one that has run for longer than the wait
+and has none never will, and is refused at once.  The daemon's exit (a pidfd, so that
 the pid is never another process's by the time it is signalled) and its stop
 end the wait, said; ``WAIT`` seconds bound it, below the 90 s that systemd's
 ``TimeoutStartSec=`` gives ``ExecReload=`` by default, so that the line saying
@@ -81,10 +82,22 @@ def reload(pid: int, pidfd: int, wait: float = WAIT) -> str:
 
 def _record(pid: int, pidfd: int, deadline: float, wait: float) -> int:
     """The daemon's record, opened, once it has one."""
+    judged = False
     while True:
         fd = _find(pid)
         if fd is not None:
             return fd
+        if not judged:
+            judged = True
+            # A daemon opens its record as it begins to start, well within the wait: a
+            # process that has run longer and has none never will (no migblockd, or one
+            # running still from before an upgrade), and is not waited for in vain.
+            age = _age(pid)
+            if age is not None and age >= wait:
+                raise Failed(f"process {pid} keeps no record of reloads, and has run for "
+                             f"{age:.0f} s, longer than a migblockd takes to begin to keep "
+                             f"one ({wait:g} s): it is no migblockd, or one older than this "
+                             "one (a restart runs the new one), so it was not sent SIGHUP")
         if _exited(pidfd, deadline):
             raise Failed(f"the daemon (pid {pid}) exited before it was signalled: "
                          "nothing was reloaded")
@@ -92,6 +105,18 @@ def _record(pid: int, pidfd: int, deadline: float, wait: float) -> int:
             raise Failed(f"process {pid} keeps no record of reloads after {wait:g} s: it "
                          "is not a migblockd that has begun to start (or one older than "
                          "this one), so it was not sent SIGHUP")
+
+
+def _age(pid: int) -> float | None:
+    """Seconds since process ``pid`` started (None: not known): its start time in
+    ``/proc/PID/stat`` (field 22, clock ticks since boot) against CLOCK_BOOTTIME."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # After the name, which may hold spaces and parentheses: field 3 on.
+            ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _find(pid: int) -> int | None:

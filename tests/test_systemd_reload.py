@@ -35,6 +35,7 @@ import pytest
 from conftest import ROOT
 from test_systemd_units import INSTALLED, UNITS, parse_unit, values
 
+from migblockd.reloader import Failed, reload, watch
 from migblockd.startup import EXIT_NOTCONFIGURED
 
 TIMEOUT = 30.0
@@ -411,3 +412,50 @@ async def test_options_changed_since_the_start_fail_the_reload(
     status, said = service.reload()
     assert status == 0, said
     assert "reloaded configuration: nothing changed" in said, said
+
+
+def test_a_process_that_keeps_no_record_is_never_signalled() -> None:
+    # A pid that is no migblockd (or a daemon older than --reload: a package upgraded
+    # under a running daemon) is never sent SIGHUP, whose default action would end it.
+    # One that has run longer than a daemon takes to open its record fails at once:
+    # `systemctl reload` after an upgrade waited 60 s for a record that never comes.
+    wait = 1.0
+    other = subprocess.Popen(["sleep", "300"])
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() - ran_since(other.pid) < wait:  # until it is that old
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(Failed) as failed:
+            reload(other.pid, watch(other.pid), wait=wait)
+        assert re.fullmatch(
+            rf"process {other.pid} keeps no record of reloads, and has run for [0-9]+ s, "
+            rf"longer than a migblockd takes to begin to keep one \({wait:g} s\): it is no "
+            r"migblockd, or one older than this one \(a restart runs the new one\), so it "
+            r"was not sent SIGHUP", str(failed.value)), failed.value
+        assert failed.value.status == 1
+        # A young one is waited for, within the wait: still none, and still not signalled.
+        young = subprocess.Popen(["sleep", "300"])
+        try:
+            with pytest.raises(Failed) as failed:
+                reload(young.pid, watch(young.pid), wait=wait)
+            assert str(failed.value) == (
+                f"process {young.pid} keeps no record of reloads after {wait:g} s: it is "
+                "not a migblockd that has begun to start (or one older than this one), so "
+                "it was not sent SIGHUP")
+            assert young.poll() is None
+        finally:
+            young.kill()
+            young.wait()
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def ran_since(pid: int) -> float:
+    """When process ``pid`` started, in ``time.monotonic()``'s terms, from its
+    ``/proc/PID/stat`` start time (clock ticks since boot, CLOCK_BOOTTIME)."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.monotonic() - age

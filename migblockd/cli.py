@@ -183,11 +183,28 @@ def _awaiting(directory: Path) -> str:
 def _reload(pid: int, pidfd: int) -> None:
     """``--reload``'s signal and wait, once the check passed: its line, or exit with
     why (6 for a file the daemon refused that an operator mends, 1 otherwise)."""
-    sys.stdout.flush()  # the check's line before the daemon's, in the journal too
     try:
-        print(reload(pid, pidfd).encode(errors="backslashreplace").decode())
+        _say(reload(pid, pidfd))
     except Failed as exc:
         _fail(str(exc), status=exc.status)
+
+
+def _say(line: str) -> None:
+    """``line`` on stdout, at once (the check's before the daemon's, in the journal
+    too), a name that is not UTF-8 (held as surrogates) escaped as the log escapes
+    it.  Bytes, not print(): stdout is strict under a UTF-8 locale other than
+    C.UTF-8 (en_US.UTF-8).  A stdout that takes nothing (its reader gone, a full
+    disk) loses the line, never the check's status or the reload after it."""
+    data = (line + "\n").encode(errors="backslashreplace")
+    if sys.stdout is None:  # started with no descriptor 1
+        return
+    try:
+        sys.stdout.flush()
+        fd = sys.stdout.fileno()
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:  # io.UnsupportedOperation, a replaced stdout, is one too
+        pass
 
 
 def _fail(*lines: str, status: int = EXIT_NOTCONFIGURED) -> NoReturn:
@@ -255,9 +272,7 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
             from migblockd.logs.journal import for_stderr  # noqa: PLC0415 - keeps --help fast
 
             print(for_stderr(logging.WARNING, notes), file=sys.stderr)
-        # A name that is not UTF-8 (held as surrogates) escaped, as the log escapes it:
-        # stdout is strict under a UTF-8 locale other than C.UTF-8 (en_US.UTF-8).
-        print(checked(config, cli.get("config")).encode(errors="backslashreplace").decode())
+        _say(checked(config, cli.get("config")))
         if check.reload:
             assert check.running_pid is not None
             _reload(check.running_pid, pidfd)

@@ -459,3 +459,26 @@ def ran_since(pid: int) -> float:
     ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
     age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
     return time.monotonic() - age
+
+
+async def test_a_stdout_that_takes_nothing_loses_lines_not_the_reload(
+    service: Service,
+) -> None:
+    # The check's line, then the daemon's, go to stdout (the journal under systemd): a
+    # stdout whose reader is gone (EPIPE) ended the reload with a traceback before the
+    # signal, exit 1 for a good file that was never applied.
+    config = Path(service.env["MIGBLOCKD_OPTIONS"].split()[1])
+    config.write_text('log-level = "info"\nmax-clients = 2\n')
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    [line] = values(parse_unit(service.unit), "Service", "ExecReload")
+    env = dict(service.env, MAINPID=str(service.proc.pid))
+    try:
+        done = subprocess.run(as_unit_user(expand(line, env)), cwd=ROOT,
+                              env={**os.environ, **env}, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=TIMEOUT)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, ""), done
+    assert "reloaded configuration: max-clients=2" in service.log(), service.log()
+    assert await service.clients_served(2) == 2

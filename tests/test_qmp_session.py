@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -16,8 +16,9 @@ from migblockd.qmp.encoding import encode_event
 from migblockd.qmp.envelope import Command
 from migblockd.qmp.errors import QMPError
 from migblockd.qmp.limits import Limits
-from migblockd.qmp.output import DISCARD, DROP, RESUME
+from migblockd.qmp.output import DISCARD, DROP, RESUME, fan_out
 from migblockd.qmp.qdict import EXACT_MEMBERS, qdict_order
+from migblockd.qmp.session import Session
 from migblockd.registry import BlockerError, FakeClock, Registry
 
 CONTRACT = Contract.load()
@@ -453,18 +454,32 @@ def test_receive_data_executes_nothing() -> None:
     assert client.session.has_pending()
 
 
+@dataclass(eq=False)
+class To:
+    """A connection as :func:`fan_out` sees it."""
+
+    session: Session
+    closed: bool = False
+
+
 def test_event_before_reply_and_only_after_negotiation() -> None:
     client = Client()
     event = encode_event("BLOCKER_ADDED", {"id": "b"}, 1.5)
-    client.session.send_event(event)
+    to = [To(client.session)]
+    assert fan_out(to, event, 0, False, {}) == 0
     assert client.session.data_to_send() == b""
     client.negotiate()
     out = client.raw(b'{"execute": "add-blocker", "arguments": {"reason": "r"}, "id": 1}')
     first, second = map(json.loads, out.split(b"\r\n")[:2])
     assert first["event"] == "BLOCKER_ADDED" and first["data"]["reason"] == "r"
     assert second == {"return": first["data"], "id": 1}
-    client.session.send_event(event)
+    mark: dict[To, None] = {}
+    assert fan_out(to, event, 0, False, mark) == 0
     assert client.session.data_to_send() == event
+    assert list(mark) == to
+    to[0].closed = True
+    assert fan_out(to, event, 0, False, {}) == 0
+    assert client.session.data_to_send() == b""
 
 
 def test_encode_event() -> None:

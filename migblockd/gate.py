@@ -13,7 +13,8 @@ Handlers here are generators that ``yield Call(...)`` for each command for
 QEMU and ``yield SETTLE`` to wait for the changes other clients made meanwhile
 to be on disk: how the core drives them, the pass-through commands and the
 command table are :mod:`migblockd.forwarding`'s, what ``migrate`` checks before
-QEMU is sent it is :mod:`migblockd.start_checks`'s (base classes of
+QEMU is sent it is :mod:`migblockd.start_checks`'s, how QEMU's own blockers are
+listed and named is :mod:`migblockd.qemu_blockers`'s (base classes of
 :class:`GateHandlers`).  What the handlers know of QEMU (:class:`QemuFacts`),
 how they read its answers and the errors it fails with are
 :mod:`migblockd.qemu_facts`'s.
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from migblockd.commands import Args, log, reads_state
 from migblockd.connection import Connection
 from migblockd.contract import Contract
 from migblockd.forwarding import SETTLE, Call, Forwarded, Settle, Step
 from migblockd.logs import about, shown
+from migblockd.qemu_blockers import QEMU_BLOCKER_PREFIX, QemuBlockers
 from migblockd.qemu_facts import (
     QemuError,
     QemuFacts,
@@ -41,24 +43,17 @@ from migblockd.qemu_facts import (
     reasons_of,
     status_of,
 )
-from migblockd.qmp.encoding import Parts, encode
+from migblockd.qmp.encoding import encode
 from migblockd.qmp.envelope import Command
-from migblockd.qmp.errors import QMPError
 from migblockd.qmp.validation import ArgumentValidator
 from migblockd.registry import (
     BlockerError,
     MigrationBusy,
-    NotFound,
     Registry,
     is_running,
 )
-from migblockd.start_checks import StartChecks
 
 __all__ = ["QEMU_BLOCKER_PREFIX", "SETTLE", "Call", "Forwarded", "GateHandlers", "Settle"]
-
-#: QEMU's own blockers are listed as ``qemu:1``, ``qemu:2``... (oldest first): a
-#: ``:`` is not allowed in the ids clients choose, so these never clash.
-QEMU_BLOCKER_PREFIX: Final = "qemu:"
 
 #: Commands whose arguments are judged as the gated QEMU's input visitor judges them
 #: (its members, its order, what it requires) before migblockd's schema has its say:
@@ -67,7 +62,7 @@ QEMU_BLOCKER_PREFIX: Final = "qemu:"
 PARSED_AS_QEMU: Final = ("migrate",)
 
 
-class GateHandlers(StartChecks):
+class GateHandlers(QemuBlockers):
     """The schema's commands in front of a real QEMU, plus the pass-through ones."""
 
     def __init__(self, contract: Contract, registry: Registry, qemu: QemuFacts,
@@ -172,92 +167,6 @@ class GateHandlers(StartChecks):
             self._refused(conn, exc, blocker_id=args.get("id"))
             raise
         return super().add_blocker(conn, args)
-
-    def del_blocker(self, conn: Connection, args: Args) -> Step:
-        id = args["id"]
-        if not id.startswith(QEMU_BLOCKER_PREFIX):
-            return super().del_blocker(conn, args)
-        # Named as query-blockers names them: by position in QEMU's blocked-reasons.
-        listed = 0
-        if self.qemu.present:
-            try:
-                info = yield Call("query-migrate", {})
-            except QemuSilent as exc:
-                raise QemuSilent(f"whether QEMU has a blocker '{id}' cannot be told: QEMU "
-                                 f"did not answer migblockd's query-migrate ({exc})") from None
-            except QemuUnavailable as exc:
-                if self.qemu.present:  # there, not answering: not set up yet
-                    raise QemuUnavailable(f"whether QEMU has a blocker '{id}' cannot be "
-                                          f"told: {exc}") from None
-                # Gone meanwhile: query-blockers would list none of QEMU's.
-            else:
-                self.qemu.saw(info)
-                listed = len(reasons_of(info))
-        number = id[len(QEMU_BLOCKER_PREFIX):]
-        # Only as query-blockers writes them: qemu:1, never qemu:01.
-        if not (number.isdecimal() and number.isascii() and number == str(int(number))
-                and 1 <= int(number) <= listed):
-            raise NotFound(id)
-        raise QMPError(f"Blocker '{id}' is QEMU's own: it goes away when QEMU "
-                       "removes it, and cannot be deleted through migblockd")
-
-    @reads_state
-    def query_blockers(self, conn: Connection, args: Args) -> Step:
-        ours = super().query_blockers(conn, args)
-        assert isinstance(ours, Parts)
-        mode = args.get("mode")
-        if not self.qemu.present or (mode is not None and mode not in self._qemu_modes()):
-            return ours
-        try:
-            info = yield Call("query-migrate", {})
-        except QemuSilent as exc:
-            # Connected, and silent: its blockers are there, unlisted; "[]" of a
-            # QEMU with blockers would say that nothing blocks migration.
-            raise QemuSilent(f"QEMU's own blockers cannot be listed: QEMU did not answer "
-                             f"migblockd's query-migrate ({exc})") from None
-        except QemuUnavailable as exc:
-            if self.qemu.present:
-                # There (it accepted the connection) and not set up yet: as silent.
-                raise QemuUnavailable(f"QEMU's own blockers cannot be listed: {exc}"
-                                      ) from None
-            return ours  # gone meanwhile: as while QEMU is away
-        self.qemu.saw(info)
-        qemu_mode = self._qemu_mode()  # (of the QEMU that answered: connected now)
-        if mode is not None and mode != qemu_mode:
-            return ours
-        theirs = ", ".join(encode(self._qemu_blocker(n, reason, qemu_mode))
-                           for n, reason in enumerate(reasons_of(info), start=1))
-        if not theirs:
-            return ours
-        # ours.pieces is "[", the encoded blockers..., "]": QEMU's go before the "]".
-        head = ours.pieces[:-1] if ours.pieces != [b"[]"] else [b"["]
-        between = [b", "] if len(head) > 1 else []
-        return Parts([*head, *between, theirs.encode("ascii"), b"]"])
-
-    def _qemu_mode(self) -> str:
-        return self.qemu_mode(self.registry.mode)
-
-    def _qemu_modes(self) -> tuple[str, ...]:
-        """The modes QEMU's own blockers may be listed in: the connected QEMU's; of one
-        not set up yet (its version unknown), migblockd's or ``normal``.  Another
-        mode lists none of them, and needs no answer of a QEMU that may not give one."""
-        if self.qemu.connected:
-            return (self._qemu_mode(),)
-        return (self.registry.mode, "normal")
-
-    def qemu_mode(self, ours: str) -> str:
-        """The mode of the blockers the connected QEMU's ``query-migrate`` lists, with
-        migblockd's mode ``ours``: its current mode's (QEMU 8.2 and later), which
-        migblockd sets to its own.  A QEMU older than 8.2 has no modes: its blockers
-        refuse its one kind of migration, ``normal``, whatever migblockd's mode (which
-        stays migblockd's alone).  (The metrics count them in this mode too.)"""
-        return ours if self.qemu.knows("migrate-set-parameters", "mode") else "normal"
-
-    def _qemu_blocker(self, n: int, reason: str, mode: str) -> dict[str, Any]:
-        # QEMU lists the blockers of its current mode; it says nothing of when
-        # each was added, nor whether it is internal.
-        return {"id": f"{QEMU_BLOCKER_PREFIX}{n}", "reason": reason,
-                "modes": [mode], "internal": False, "scope": "daemon", "source": "qemu"}
 
     # -- migration ----------------------------------------------------------
     @reads_state

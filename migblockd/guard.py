@@ -22,10 +22,8 @@ which only QEMU's own code calls), and a client must not be able to set aside
 what the daemon's administrator promised.
 
 A ``migrate`` by a role below admin may not make QEMU run a command or write a
-file as its own user: not to an ``exec:`` or ``file:`` URI (prefixes QEMU
-matches case-sensitively), nor with ``channels`` that use the ``exec`` or
-``file`` transport or that it cannot judge (a channel that is not an object
-with a string ``addr.transport``).  The rule applies with or without ``--qemu``.
+file as its own user (an ``exec:`` or ``file:`` URI, and channels that say the
+same): which ones, and why, is :mod:`migblockd.migrate_admin`'s.
 
 What counts against whom, and the quotas' refusals and warnings, are
 :mod:`migblockd.quota_rules`'s (a base class of :class:`Guard`); their lines are
@@ -53,6 +51,7 @@ from migblockd.databases import NeedsLookup, Said, caches, install
 from migblockd.judge import Judge, Prepared
 from migblockd.logs import about, shown
 from migblockd.logs.throttle import Throttle
+from migblockd.migrate_admin import needs_admin
 from migblockd.qmp.errors import QMPError
 from migblockd.quota_rules import OverQuota, QuotaRules
 from migblockd.registry import Owner, Registry
@@ -67,23 +66,6 @@ Args = dict[str, Any]
 Extra = Callable[[Connection, Role, Args], None]
 #: The rule of a command the schema does not define: one forwarded to QEMU.
 _FORWARDED: tuple[Role, Extra | None] = (Role.ADMIN, None)
-
-# What QEMU would do, as migrate's refusals say it.
-_RUNS = "QEMU would run the command as its own user"
-_WRITES = "QEMU would write the file as its own user"
-#: URI prefixes that need admin, as QEMU's migrate_uri_parse() matches them
-#: (strstart(): case-sensitive, nothing skipped): what each refusal names.
-_ADMIN_URIS: tuple[tuple[str, str], ...] = (
-    ("exec:", f"migrate to an exec: URI needs role {Role.ADMIN} ({_RUNS})"),
-    ("file:", f"migrate to a file: URI needs role {Role.ADMIN} ({_WRITES})"),
-)
-#: Channel transports (MigrationAddressType, matched exactly) that need admin.
-_ADMIN_TRANSPORTS: dict[str, str] = {
-    "exec": f"migrate with a channel of transport exec needs role {Role.ADMIN} ({_RUNS})",
-    "file": f"migrate with a channel of transport file needs role {Role.ADMIN} ({_WRITES})",
-}
-_UNJUDGED_CHANNEL = (f"migrate with a channel that has no string addr.transport needs role "
-                     f"{Role.ADMIN} (migblockd cannot tell what QEMU would do with it)")
 
 
 class AccessDenied(QMPError):
@@ -296,32 +278,12 @@ class Guard(QuotaRules):
                      f"has role {role}", NotOwner, args, named=True)
 
     def _check_migrate(self, conn: Connection, role: Role, args: Args) -> None:
-        # exec: runs a command through /bin/sh as QEMU's user, file: writes wherever
-        # QEMU may write; channels can say the same, so they are judged too.
         if role >= Role.ADMIN:
             return
-        uri = args.get("uri")
-        if isinstance(uri, str):
-            for prefix, what in _ADMIN_URIS:
-                if uri.startswith(prefix):
-                    self._refuse_migrate(conn, role, what, args)
-        channels = args.get("channels")
-        if channels is None:
-            return
-        if not isinstance(channels, list):  # the schema says a list: defensive only
-            self._refuse_migrate(conn, role, _UNJUDGED_CHANNEL, args)
-        for channel in channels:
-            addr = channel.get("addr") if isinstance(channel, dict) else None
-            transport = addr.get("transport") if isinstance(addr, dict) else None
-            if not isinstance(transport, str):
-                self._refuse_migrate(conn, role, _UNJUDGED_CHANNEL, args)
-            needs_admin = _ADMIN_TRANSPORTS.get(transport)
-            if needs_admin is not None:
-                self._refuse_migrate(conn, role, needs_admin, args)
-
-    def _refuse_migrate(self, conn: Connection, role: Role, what: str, args: Args) -> NoReturn:
-        self._refuse(conn, "migrate", f"Permission denied: {what}, but {self._who(conn)} "
-                     f"has role {role}", AccessDenied, args)
+        what = needs_admin(args)
+        if what is not None:
+            self._refuse(conn, "migrate", f"Permission denied: {what}, but {self._who(conn)} "
+                         f"has role {role}", AccessDenied, args)
 
     # -- wording -----------------------------------------------------------------------
     @staticmethod

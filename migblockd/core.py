@@ -81,7 +81,7 @@ class Core(Roster, Outcomes, Calls):
     ``guard``).  A reload changes any of them between requests.  ``durable``
     holds output until its changes are committed (see above).  ``deferred``: the
     daemon's start, whose look-ups in the user and group databases run off the loop
-    (:meth:`~migblockd.roster.Roster.start_access`), not here.
+    (:meth:`~migblockd.connection_roles.ConnectionRoles.start_access`), not here.
     """
 
     def __init__(self, contract: Contract, registry: Registry, limits: Limits, *,

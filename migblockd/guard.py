@@ -120,8 +120,8 @@ class Guard(QuotaRules):
         if deferred:
             # The daemon's start: nothing looked up here (a database that does not
             # answer would hold the start, root's clients too).  Until the judge's
-            # look-ups apply (migblockd.roster.Roster.start_access), only what needs
-            # none is judged: even /etc/subuid names its users (getpwnam()).
+            # look-ups apply (migblockd.connection_roles.ConnectionRoles.start_access),
+            # only what needs none is judged: even /etc/subuid names its users (getpwnam()).
             self.resolver = Resolver(policy, self.daemon_uid, subuid_file=os.devnull,
                                      subgid_file=os.devnull)
             self.judge.defer()

@@ -1,7 +1,8 @@
 """The daemon's served life: from the core built to the stop, and the signals.
 
 The core built, the start's look-ups in the user and group databases
-begun (off the loop: :meth:`migblockd.roster.Roster.start_access`), the metrics
+begun (off the loop:
+:meth:`migblockd.connection_roles.ConnectionRoles.start_access`), the metrics
 endpoint (``--metrics``) and the socket bound without accepting, the look-ups
 waited for (3 s at most), ``READY=1``, then accepting: no client is served
 before systemd hears we are ready.  SIGHUP reloads the

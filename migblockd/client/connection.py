@@ -1,7 +1,7 @@
 """A client's connection to migblockd: connecting, negotiating, losing it, closing it.
 
-Apart from :mod:`migblockd.client`, whose :class:`~migblockd.client.MigblockClient`
-sends the commands: what is here is the life of one connection made through
+Apart from the commands :class:`~migblockd.client.MigblockClient` sends
+(:mod:`migblockd.client.commands`): what is here is the life of one connection made through
 ``qemu.qmp`` (:class:`~migblockd.client.link.QMPLink`), and why it failed or ended,
 in the words :class:`DisconnectedError` carries.  A connection belongs to the event
 loop it is made in (each ``asyncio.run()`` is one): asyncio's streams, tasks and locks

@@ -23,7 +23,7 @@ from migblockd.shell.opening import (
     OpeningWait,
     open_qmp,
 )
-from migblockd.shell.syntax import loads
+from migblockd.shell.strict_json import loads
 
 #: The longest message read while no answer that grows with the blockers is
 #: awaited: qmp-shell's (qemu.qmp's ``_limit``, "10MB like libvirt default").  An

@@ -21,7 +21,7 @@ from migblockd.paths import (
     connect_unix,
     fallback_refusal,
 )
-from migblockd.shell.syntax import loads
+from migblockd.shell.strict_json import loads
 
 GREETING_TIMEOUT = 10.0
 #: How to name a socket other than the default, in the refusal of an unsafe default.

@@ -23,8 +23,8 @@ from migblockd.connection import Connection
 from migblockd.guard import Guard
 from migblockd.judge import Prepared
 from migblockd.logs import about
+from migblockd.policy_notes import policy_warnings
 from migblockd.registry import Registry
-from migblockd.resolver import policy_warnings
 
 __all__ = ["ConnectionRoles"]
 
@@ -71,7 +71,7 @@ class ConnectionRoles:
         applied at once when they answer, as a reload's are.  The daemon serves
         meanwhile: root and its own uid at once, the others once these answer (then
         their own look-ups).  ``where``: how the policy's warnings name an entry
-        (:func:`migblockd.resolver.policy_warnings`), at its line of the file."""
+        (:func:`migblockd.policy_notes.policy_warnings`), at its line of the file."""
         guard = self.guard
         policy, quotas = guard.policy, guard.quotas
         try:

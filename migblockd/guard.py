@@ -52,10 +52,11 @@ from migblockd.judge import Judge, Prepared
 from migblockd.logs import about, shown
 from migblockd.logs.throttle import Throttle
 from migblockd.migrate_admin import needs_admin
+from migblockd.policy_notes import policy_warnings
 from migblockd.qmp.errors import QMPError
 from migblockd.quota_rules import OverQuota, QuotaRules
 from migblockd.registry import Owner, Registry
-from migblockd.resolver import Resolver, clear_caches, named, policy_warnings, user_name
+from migblockd.resolver import Resolver, clear_caches, named, user_name
 
 __all__ = ["AccessDenied", "Guard", "NotOwner", "OverQuota", "policy_warnings", "refusal_kind",
            "same_uid", "whose"]

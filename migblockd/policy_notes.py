@@ -1,0 +1,50 @@
+"""What the start and each reload warn of in the ``[access]`` policy.
+
+None of it stops the daemon: each is an entry that does not do what it says
+(a name no database knows, a role root cannot lose, an entry by number shadowed
+or read as a number that is also a name).  Apart from :mod:`migblockd.resolver`,
+which decides roles, because these are said once per policy, not asked per
+connection; the resolver's methods find the entries, these lines word them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from migblockd.access import Role
+from migblockd.resolver import Resolver
+
+__all__ = ["policy_warnings"]
+
+
+def _unplaced(*keys: str) -> str:
+    return "access"
+
+
+def policy_warnings(resolver: Resolver,
+                    where: Callable[..., str] = _unplaced) -> list[str]:
+    """What the start and each reload warn of in the access policy (and
+    ``--check-config`` prints): none stops the daemon, each is a policy that does
+    not do what it says.  ``where(*keys)``: how a line names the entry ``keys`` of
+    the table (``users``, ``alice``): ``FILE:LINE: access`` from the file that
+    gives it (``Sources.entry``), so that a long policy need not be searched."""
+    # Not an error: the user may be created later (it counts after a reload).
+    lines = [f"{where(*keys)}: the policy names {name}, which does not exist"
+             for keys, name in resolver.unknown_names()]
+    lines += [f"{where(*keys)}: the policy gives {entry}, but root and the daemon's own "
+              "user are always admin" for keys, entry in resolver.overruled()]
+    lines += [f"{where(*keys)}: the policy gives {entry}: the entry by number applies (a "
+              "user's uid is looked up before its name); give the user one entry"
+              for keys, entry in resolver.shadowed()]
+    lines += [f"{where(*keys)}: the policy gives {entry}"
+              for keys, entry in resolver.named_like_numbers()]
+    if resolver.policy.default_role is Role.ADMIN:
+        # Access control is then off for whoever the socket's mode lets in (with 0666,
+        # every local user): said, as the other roles' limits are the point of a policy.
+        lines.append(f"{where('default-role')}: default-role is admin: every user who can "
+                     "connect to the socket, and any client whose uid the kernel did not "
+                     "report, is an admin, who may migrate to an exec: URI (QEMU runs the "
+                     "command as its own user), run the commands forwarded to QEMU and "
+                     "delete any blocker; give admin in users or groups to those who need it "
+                     "instead")
+    return lines

@@ -10,7 +10,6 @@ import array
 import asyncio
 import contextlib
 import fcntl
-import functools
 import os
 import select
 import socket
@@ -19,6 +18,7 @@ import termios
 from collections.abc import Iterator
 
 from migblockd.registry import Owner
+from migblockd.userns import unmapped_uid
 
 __all__ = ["client_owner", "discard_unread", "hung_up", "leftovers", "lost_words",
            "ordinary_loss", "peer_owner", "received", "unread", "unsent"]
@@ -35,7 +35,7 @@ def client_owner(transport: asyncio.BaseTransport) -> Owner | None:
     also when the kernel reported the overflow uid in place of one this process's user
     namespace does not map, which names no one."""
     owner = peer_owner(transport)
-    return None if owner is None or owner.uid == _unmapped_uid() else owner
+    return None if owner is None or owner.uid == unmapped_uid() else owner
 
 
 def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:
@@ -48,39 +48,6 @@ def peer_owner(transport: asyncio.BaseTransport) -> Owner | None:
         return None
     pid, uid, gid = _PEERCRED.unpack(raw)
     return Owner(pid=pid, uid=uid, gid=gid)
-
-
-#: Where the kernel says which uids this process's user namespace maps, and what it
-#: reports for the others (``from_kuid_munged()``, kernel/user_namespace.c).
-UID_MAP = "/proc/self/uid_map"
-OVERFLOW_UID = "/proc/sys/kernel/overflowuid"
-#: What the kernel reports unless an administrator set the sysctl otherwise
-#: (DEFAULT_OVERFLOWUID, include/linux/highuid.h).
-DEFAULT_OVERFLOW_UID = 65534
-_ALL_UIDS = 2**32 - 1  # the initial namespace's one line: 0 0 4294967295
-
-
-@functools.cache
-def _unmapped_uid() -> int | None:
-    """The uid ``SO_PEERCRED`` reports for every peer whose uid this process's user
-    namespace does not map (the overflow uid, 65534), or None in a namespace that maps
-    them all (the host's).  In a user namespace of its own (a rootless container with
-    the socket shared to the host) every such peer, root included, would be one uid:
-    each could delete the others' blockers and use up their quotas."""
-    try:
-        with open(UID_MAP, encoding="ascii") as f:
-            mapped = sum(int(line.split()[2]) for line in f if line.strip())
-    except (OSError, ValueError, IndexError):
-        return None
-    if mapped >= _ALL_UIDS:
-        return None
-    # /proc/sys is not there under the shipped units (ProcSubset=pid): the kernel's
-    # default then, not "none", which made every unmapped user one uid again.
-    try:
-        with open(OVERFLOW_UID, encoding="ascii") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return DEFAULT_OVERFLOW_UID
 
 
 def leftovers(transport: asyncio.BaseTransport, budget: int) -> Iterator[bytes]:

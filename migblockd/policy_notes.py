@@ -2,7 +2,8 @@
 
 None of it stops the daemon: each is an entry that does not do what it says
 (a name no database knows, a role root cannot lose, an entry by number shadowed
-or read as a number that is also a name).  Apart from :mod:`migblockd.resolver`,
+or read as a number that is also a name, an id the daemon's user namespace
+does not map).  Apart from :mod:`migblockd.resolver`,
 which decides roles, because these are said once per policy, not asked per
 connection; the resolver's methods find the entries, these lines word them.
 """
@@ -38,6 +39,11 @@ def policy_warnings(resolver: Resolver,
               for keys, entry in resolver.shadowed()]
     lines += [f"{where(*keys)}: the policy gives {entry}"
               for keys, entry in resolver.named_like_numbers()]
+    lines += [f"{where(*keys)}: the policy gives {entry}: " + (
+        "a client of that uid is taken for one whose uid the kernel did not report, and "
+        "has default-role" if keys[0] == "users" else "a client whose reported gid it "
+        "is gets the role only if the group database puts its user in the group")
+              for keys, entry in resolver.unmapped_entries()]
     if resolver.policy.default_role is Role.ADMIN:
         # Access control is then off for whoever the socket's mode lets in (with 0666,
         # every local user): said, as the other roles' limits are the point of a policy.

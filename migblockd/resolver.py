@@ -2,9 +2,11 @@
 
 The only outside world access control reads is here: the system's user and
 group databases (``pwd``, ``grp``, ``os.getgrouplist``), through cached
-look-ups.  It is apart from :mod:`migblockd.access`, which says what the roles
-and the policy are, because it is the part that depends on the host and on
-when it is asked: its answers are cached, and start over on reload.
+look-ups, ``/etc/subuid`` and ``/etc/subgid``, and which ids the daemon's user
+namespace maps (:mod:`migblockd.userns`).  It is apart from
+:mod:`migblockd.access`, which says what the roles and the policy are, because
+it is the part that depends on the host and on when it is asked: its answers
+are cached, and start over on reload.
 
 How a uid gets its role (:meth:`Resolver.role`):
 
@@ -16,7 +18,9 @@ How a uid gets its role (:meth:`Resolver.role`):
    and its supplementary groups in the group database.  A reported gid that is
    none of those, and a subordinate gid of a user (``/etc/subgid``), gives at
    most that user's role (of each such user, when ranges overlap): the user can
-   make it theirs with ``newgidmap``;
+   make it theirs with ``newgidmap``.  A reported gid that this process's user
+   namespace reports for every gid it does not map (the overflow gid) names no
+   group and gives nothing;
 4. else ``default-role``;
 5. and a subordinate uid (``/etc/subuid``, see subuid(5)) that no ``users``
    entry names gets at most what the user it belongs to gets: that user can
@@ -52,6 +56,7 @@ from migblockd.databases import (
     who,
 )
 from migblockd.subordinates import SUBGID_FILE, SUBUID_FILE, Subordinates
+from migblockd.userns import unmapped_gid, unmapped_uid
 
 __all__ = [
     "CACHE_SIZE",
@@ -104,6 +109,10 @@ class Resolver:
     #: What the databases said, that :meth:`known` reads: the process's, or a
     #: reload's own until it applies them (:func:`migblockd.databases.install`).
     facts: Facts = field(default_factory=caches, repr=False, compare=False)
+    #: The uid and gid the kernel reports for every peer's that this process's user
+    #: namespace does not map (None: it maps them all).
+    unmapped: tuple[int | None, int | None] = field(
+        default_factory=lambda: (unmapped_uid(), unmapped_gid()), repr=False, compare=False)
     _users_by_id: dict[int, Role] = field(init=False, repr=False)
     _users_by_name: dict[str, Role] = field(init=False, repr=False)
     _groups_by_id: dict[int, Role] = field(init=False, repr=False)
@@ -210,7 +219,7 @@ class Resolver:
         if self._groups_by_id or self._groups_by_name:
             listed = source.groups_of(uid)
             roles = [r for g in listed if (r := self._group_role(g, source)) is not None]
-            if gid is not None and gid not in listed:
+            if gid is not None and gid not in listed and gid != self.unmapped[1]:
                 reported = self._group_role(gid, source)
                 if reported is not None:
                     # Not a member: the gid may be an owner's by newgidmap.
@@ -282,6 +291,20 @@ class Resolver:
                                   f"{kind} {key!r} role {role}: a number is read as an id, "
                                   f"but a {kind} is named {key!r} (id {other}); to mean "
                                   f"that {kind}, give {other}"))
+        return found
+
+    def unmapped_entries(self) -> list[Flagged]:
+        """Entries for the id the kernel reports for every unmapped user, or group (to
+        warn: the entry never applies to a peer's reported id, which names no one)."""
+        found = []
+        for kind, pairs, id_of, unmapped in (
+                ("user", self.policy.users, uid_of, self.unmapped[0]),
+                ("group", self.policy.groups, group_id, self.unmapped[1])):
+            found += [((f"{kind}s", key), f"{kind} {key!r} role {role}, but this daemon's "
+                       f"user namespace does not map every {kind[0]}id, and the kernel "
+                       f"reports {kind[0]}id {unmapped} for each it does not map")
+                      for key, role in pairs if unmapped is not None
+                      and (int(key) if is_number(key) else id_of(key)) == unmapped]
         return found
 
     def unknown_names(self) -> list[Flagged]:

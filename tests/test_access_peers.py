@@ -3,8 +3,9 @@
 Real uids (``setpriv``), a real daemon on a real socket: a connected socket
 passed to a process of another uid (``SCM_RIGHTS``) stays the connector's, both
 ways, and a client in a user namespace of its own, root there, is its user on
-the host (the kernel maps the uid into the daemon's namespace).  docs/access.md
-says so; these keep it so.
+the host (the kernel maps the uid into the daemon's namespace); and a daemon in a
+user namespace of its own that does not map a client's gid gives the gid the kernel
+reports then (the overflow gid) no role.  docs/access.md says so; these keep it so.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import json
 import re
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
-from otheruids import Account, UidClient, client_python
+from otheruids import HERE, NAMELESS_GID, Account, UidClient, client_python
 
 #: Run as another uid: connect to the daemon (argv[1]) and pass the connected socket,
 #: unread, over the Unix socket inherited as descriptor argv[2]; or, with argv[3],
@@ -140,4 +142,47 @@ def test_root_of_a_user_namespace_of_its_own_is_its_user_on_the_host(
         root.close()
     assert [b["id"] for b in UidClient(uid_client_script, daemon.socket, 0, 0)
             .ok("query-blockers")] == ["vfio0", "vfio1"]
+    assert_clean_log(daemon)
+
+
+def _python_in(sockdir: Path, uid_map: str, gid_map: str) -> str:
+    """What runs the daemon's Python in a user namespace of these maps (userns_exec.py)."""
+    wrapper = sockdir / "python-in-userns"
+    wrapper.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "userns_exec.py"} '
+                       f'"{uid_map}" "{gid_map}" {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_a_gid_the_daemons_namespace_does_not_map_gets_no_groups_role(
+        start_daemon: Callable[..., DaemonProcess], sockdir: Path,
+        accounts: dict[str, Account], uid_client_script: Path) -> None:
+    # Reproduced first: in a user namespace that maps the host's uids but not alice's
+    # gid, the kernel reports gid 65534 (the overflow gid) for her, and she got the
+    # role of the group that has that number there (nogroup): operator.
+    config = sockdir / "migblockd.toml"
+    config.write_text(f'[access]\ngroups = {{ nogroup = "operator", {NAMELESS_GID} = '
+                      '"operator" }\n')
+    python = _python_in(sockdir, "0 0 65536", f"0 0 1,{NAMELESS_GID} {NAMELESS_GID} 1")
+    daemon = start_daemon("--socket-mode", "0666", "--ephemeral", "--config", str(config),
+                          socket=sockdir / "s.sock", python=python)
+    alice, bob = accounts["mbt-alice"], accounts["mbt-bob"]
+    unmapped = UidClient(uid_client_script, daemon.socket, alice.uid, alice.gid)
+    mapped = UidClient(uid_client_script, daemon.socket, bob.uid, NAMELESS_GID)
+    try:
+        added = unmapped.ok("add-blocker", {"reason": "alice's", "id": "vfio0"})
+        assert added["owner"]["gid"] == 65534  # as the kernel reported it
+        assert unmapped.error("migrate_cancel") == (
+            f"Permission denied: migrate_cancel needs role operator, but uid {alice.uid} "
+            "(mbt-alice) has role client")
+        assert mapped.ok("migrate_cancel") == {}  # a reported gid the namespace maps counts
+    finally:
+        unmapped.close()
+        mapped.close()
+    daemon.wait_for_log(
+        f"WARNING: {config}:2: access: the policy gives group 'nogroup' role operator, but "
+        "this daemon's user namespace does not map every gid, and the kernel reports gid "
+        "65534 for each it does not map: a client whose reported gid it is gets the role "
+        "only if the group database puts its user in the group\n")
+    assert daemon.log().count("does not map every gid") == 1  # not for the mapped gid
     assert_clean_log(daemon)

@@ -12,6 +12,13 @@ would let this process in.
 A directory with an access ACL (acl(5)) is judged by its entries, as the kernel
 judges it: there the mode's group bits are only the ACL's mask, and ``chmod g+x``
 changes nothing but the mask, so what lets a group in is ``setfacl``.
+
+A process in a user namespace of its own (``unshare --user --map-root-user``, a
+rootless container) sees the files whose owner or group its namespace does not
+map with the overflow ids (65534), and its root has no power over them
+(:mod:`migblockd.userns`): the kernel judges it as the uid it is outside, by
+bits that cannot be told from inside.  Such a refusal is said so, not judged as
+the host's root would be (let through) or as an owner named ``nobody``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 
 from migblockd import acl as acls
 from migblockd.acl import Acl, read_acl
+from migblockd.userns import Namespace, own_namespace
 
 __all__ = ["explain", "kept_out"]
 
@@ -37,24 +45,56 @@ def explain(path: str, uid: int | None = None, groups: Collection[int] | None = 
     The default identity is this process's: its effective uid, gid and
     supplementary groups, which are what the kernel checks.  None means that
     every mode on the way allows it (a security module refused, or the files
-    changed meanwhile), or that a file on the way cannot be looked at.
+    changed meanwhile), or that a file on the way cannot be looked at.  Only the
+    default identity is judged in its user namespace (:func:`_unmapped`): a uid
+    given is judged as the host's.
     """
+    namespace = None
     if uid is None:
-        uid = os.geteuid()
+        uid, namespace = os.geteuid(), own_namespace()
     if groups is None:
         groups = {os.getegid(), *os.getgroups()}
     target = Path(os.path.abspath(path))
     try:
         for directory in reversed(target.parents):
             st, acl = os.stat(directory), read_acl(directory)
-            if not _allows(st, uid, groups, _SEARCH, acl):
-                return _why(directory, st, uid, groups, _SEARCH, acl)
+            if why := _refusal(directory, st, uid, groups, _SEARCH, acl, namespace):
+                return why
         st, acl = os.stat(target), read_acl(target)
     except OSError:
         return None
-    if not _allows(st, uid, groups, _WRITE, acl):
-        return _why(target, st, uid, groups, _WRITE, acl)
-    return None
+    return _refusal(target, st, uid, groups, _WRITE, acl, namespace)
+
+
+def _refusal(path: Path, st: os.stat_result, uid: int, groups: Collection[int], need: int,
+             acl: Acl, namespace: Namespace | None) -> str | None:
+    """Why ``path`` refuses ``need``, or None if it lets it (or cannot be told to refuse)."""
+    mapped = namespace is None or namespace.maps(st.st_uid, st.st_gid)
+    if namespace is not None and not mapped and st.st_uid != uid:
+        # Neither its owner and group nor root's power over it can be seen from here:
+        # only the others' bits (the mode's, under an ACL too) say anything for sure.
+        return None if st.st_mode & need else _unmapped(path, st, uid, need, namespace)
+    if _allows(st, uid, groups, need, acl, root=mapped):
+        return None
+    return _why(path, st, uid, groups, need, acl)
+
+
+def _unmapped(path: Path, st: os.stat_result, uid: int, need: int,
+              namespace: Namespace) -> str:
+    """A refusal by a file of another owner whose owner or group this process's user
+    namespace does not map: the kernel judges the process as the uid it is outside,
+    not as root."""
+    outside = namespace.uid_outside(uid)
+    who = f"uid {outside}" if outside is not None else "the uid it is outside"
+    root = (", whose root this process is only" if uid == 0 else
+            f", where this process is uid {uid}")
+    verb = "search" if need == _SEARCH else "connect to"
+    return (f"{path} is mode {stat.S_IMODE(st.st_mode):04o}, its owner and group not both "
+            f"mapped into this process's user namespace{root}: the kernel judges it as "
+            f"{who} outside the namespace (root of a user namespace has no power over a "
+            f"file it does not map, user_namespaces(7)), and the mode does not let others "
+            f"{verb} it; connect from outside the namespace as a user the socket lets in "
+            f"(there the client names what refuses {who} and what would let it in)")
 
 
 def kept_out(path: Path, mode: int, gid: int, option: str = "--socket") -> str | None:
@@ -161,10 +201,11 @@ def _grant(directory: Path, acl: Acl, qualifier: str, perm: int) -> str:
 
 
 def _allows(st: os.stat_result, uid: int, groups: Collection[int], need: int,
-            acl: Acl = ()) -> bool:
+            acl: Acl = (), *, root: bool = True) -> bool:
     """Whether the kernel lets ``uid`` (in ``groups``) do ``need`` (posix_acl_permission()
-    in fs/posix_acl.c, or the mode alone without an ACL)."""
-    if uid == 0:  # root is let through (CAP_DAC_OVERRIDE)
+    in fs/posix_acl.c, or the mode alone without an ACL).  ``root``: whether uid 0's
+    capabilities reach the file (not when its user namespace does not map it)."""
+    if uid == 0 and root:  # root is let through (CAP_DAC_OVERRIDE)
         return True
     if uid == st.st_uid:
         return bool(st.st_mode >> 6 & need)

@@ -3,16 +3,23 @@
 A process in a user namespace of its own (a rootless container, ``unshare
 --user``) sees only the uids and gids its namespace maps.  The kernel shows
 every other as the overflow uid or gid (65534): ``SO_PEERCRED`` so reports a
-peer (:mod:`migblockd.peer`).  That number names no one, whoever has it here.
+peer (:mod:`migblockd.peer`), and ``stat()`` a file's owner and group
+(:mod:`migblockd.denied`).  That number names no one, whoever has it here.  Nor
+is the namespace's root the host's: its capabilities count over a file only
+when the namespace maps both the file's owner and its group
+(``privileged_wrt_inode_uidgid()``, kernel/capability.c); for the others the
+kernel judges it as the uid it is outside, by their mode.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Final
 
 __all__ = ["DEFAULT_OVERFLOW_GID", "DEFAULT_OVERFLOW_UID", "GID_MAP", "OVERFLOW_GID",
-           "OVERFLOW_UID", "UID_MAP", "unmapped_gid", "unmapped_uid"]
+           "OVERFLOW_UID", "UID_MAP", "Namespace", "own_namespace", "unmapped_gid",
+           "unmapped_uid"]
 
 #: Where the kernel says which ids this process's namespace maps, and what it
 #: reports for the others (``from_kuid_munged()``, kernel/user_namespace.c).
@@ -31,6 +38,34 @@ _ALL_IDS: Final = 2**32 - 1  # the initial namespace's one line: 0 0 4294967295
 Range = tuple[int, int, int]
 
 
+@dataclass(frozen=True)
+class Namespace:
+    """The maps of a user namespace that does not map every id (not the host's)."""
+
+    uids: tuple[Range, ...]
+    gids: tuple[Range, ...]
+
+    def maps(self, uid: int, gid: int) -> bool:
+        """Whether a file of owner ``uid`` and group ``gid``, as ``stat()`` shows them
+        here, is one this namespace maps both of (its root's powers count there).  The
+        overflow ids are taken for unmapped even where the namespace maps them too
+        (0-65535 of a container): a file that refused root is likelier not mapped."""
+        return (uid != unmapped_uid() and gid != unmapped_gid()
+                and _outside(uid, self.uids) is not None
+                and _outside(gid, self.gids) is not None)
+
+    def uid_outside(self, uid: int) -> int | None:
+        """The uid that ``uid`` is in the parent namespace (the host's, unless nested)."""
+        return _outside(uid, self.uids)
+
+
+def _outside(id: int, ranges: tuple[Range, ...]) -> int | None:
+    for inside, outside, count in ranges:
+        if inside <= id < inside + count:
+            return outside + id - inside
+    return None
+
+
 @functools.cache
 def _map(path: str) -> tuple[Range, ...] | None:
     """The lines of a map, or None when it cannot be read (no /proc)."""
@@ -44,6 +79,15 @@ def _map(path: str) -> tuple[Range, ...] | None:
 
 def _partial(ranges: tuple[Range, ...] | None) -> bool:
     return ranges is not None and sum(count for _, _, count in ranges) < _ALL_IDS
+
+
+def own_namespace() -> Namespace | None:
+    """This process's user namespace when it maps fewer than all uids or gids, else
+    None (the host's, or maps that cannot be read)."""
+    uids, gids = _map(UID_MAP), _map(GID_MAP)
+    if uids is None or gids is None or not (_partial(uids) or _partial(gids)):
+        return None
+    return Namespace(uids, gids)
 
 
 def unmapped_uid() -> int | None:

@@ -49,7 +49,7 @@ def package() -> Iterator[Path]:
     where = Path(tempfile.mkdtemp(prefix="migblockd-denied-", dir="/tmp"))
     where.chmod(0o755)
     (where / "migblockd").mkdir(mode=0o755)
-    for name in ("__init__.py", "paths.py", "denied.py", "trust.py", "acl.py"):
+    for name in ("__init__.py", "paths.py", "denied.py", "trust.py", "acl.py", "userns.py"):
         shutil.copyfile(CHECKOUT / name, where / "migblockd" / name)
         (where / "migblockd" / name).chmod(0o644)
     yield where
@@ -66,10 +66,11 @@ def shared() -> Iterator[Path]:
 
 
 def probe(package: Path, who: Account, path: str, *, groups: tuple[int, ...] = (),
-          system: str = "") -> str:
+          system: str = "", through: tuple[str, ...] = ()) -> str:
+    """What ``who`` is told (``through``: what runs the probe, as ``unshare``)."""
     drop = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
     proc = subprocess.run(
-        ["setpriv", f"--reuid={who.uid}", f"--regid={who.gid}", drop, "env", "-i",
+        ["setpriv", f"--reuid={who.uid}", f"--regid={who.gid}", drop, *through, "env", "-i",
          client_python(), "-I", "-c", PROBE, path, system, str(package)],
         capture_output=True, text=True, timeout=60, cwd="/")
     assert proc.returncode == 0, proc.stderr
@@ -115,6 +116,53 @@ def test_a_directory_of_a_group_the_user_is_not_in_is_named_with_the_fix(
 
         # With the group, it connects.
         assert probe(package, carol, str(run / "migblockd.sock"), groups=(gid,)) == "connected"
+
+
+def test_root_of_a_user_namespace_is_told_it_is_its_user_outside(
+    package: Path, shared: Path, accounts: dict[str, Account]
+) -> None:
+    # Reproduced first: alice as root of a user namespace of her own was taken for the
+    # host's root, whom every mode lets through, and was told only the general hint
+    # (the socket is mode 0600 by default: run as its user), as if no mode refused her.
+    group = "mbt-admins"
+    gid = accounts[group].gid
+    run = shared / "run"
+    run.mkdir()
+    os.chown(run, 0, gid)
+    run.chmod(0o750)
+    alice = accounts["mbt-alice"]
+    inside = ("unshare", "--user", "--map-root-user")
+    path = str(run / "migblockd.sock")
+    with listening(run / "migblockd.sock", 0o660, gid):
+        told = probe(package, alice, path, through=inside)
+        assert told == (
+            f"Permission denied: {run} is mode 0750, its owner and group not both mapped into "
+            "this process's user namespace, whose root this process is only: the kernel "
+            f"judges it as uid {alice.uid} outside the namespace (root of a user namespace "
+            "has no power over a file it does not map, user_namespaces(7)), and the mode "
+            "does not let others search it; connect from outside the namespace as a user "
+            f"the socket lets in (there the client names what refuses uid {alice.uid} and "
+            "what would let it in)")
+        # Outside, the same user is told which group lets her in.
+        assert probe(package, alice, path).startswith(
+            f"Permission denied: {run} is mode 0750, owner root, group {group}, and uid "
+            f"{alice.uid} (mbt-alice) is not in group {group}: ")
+    # Over a file the namespace maps (alice's, her uid and gid are its root's), its
+    # root's power is real: a directory of hers she may not search lets it through, and
+    # the socket in it that is not hers is what refuses.
+    mine = shared / "mine"
+    mine.mkdir()
+    os.chown(mine, alice.uid, alice.gid)
+    with listening(mine / "s.sock", 0o660, gid), listening(mine / "own.sock", 0o600, gid):
+        os.chown(mine / "own.sock", alice.uid, alice.gid)
+        mine.chmod(0o000)
+        assert probe(package, alice, str(mine / "own.sock"), through=inside) == "connected"
+        assert probe(package, alice, str(mine / "own.sock")).startswith(
+            f"Permission denied: {mine} is mode 0000, owner mbt-alice, ")
+        told = probe(package, alice, str(mine / "s.sock"), through=inside)
+    assert told.startswith(f"Permission denied: {mine}/s.sock is mode 0660, its owner and "
+                           "group not both mapped into this process's user namespace, "), told
+    assert "the mode does not let others connect to it; " in told
 
 
 def test_a_directory_of_group_root_is_not_fixed_by_joining_root(

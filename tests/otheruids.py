@@ -47,6 +47,10 @@ NUMBER_NAMED_GROUP = "3999996"
 OLGA_SUBUIDS = range(3_800_000, 3_800_100)
 #: And her subordinate gids (/etc/subgid), hers to setgid() to there.
 OLGA_SUBGIDS = range(3_800_000, 3_800_100)
+#: An account whose uid is one of mbt-olga's subordinate uids: an overlap useradd never
+#: makes and an administrator may (useradd --uid), so she can become that user.
+OVERLAPPED = "mbt-sam"
+OVERLAPPED_UID = OLGA_SUBUIDS[50]
 #: uids and a gid that no database names (a uid the policy only knows by number).
 NAMELESS_UID = 3_999_998
 NAMELESS_UID2 = 3_999_997
@@ -123,6 +127,9 @@ def ensure_accounts() -> dict[str, Account]:
         for group in groups:
             _run_until(functools.partial(_member, user, group),
                        ["usermod", "--append", "--groups", group, user])
+    _run_until(functools.partial(_user_exists, OVERLAPPED),
+               ["useradd", "--system", "--no-create-home", "--user-group", "--uid",
+                str(OVERLAPPED_UID), "--shell", shell, OVERLAPPED])
     for path, ids, option in (("/etc/subuid", OLGA_SUBUIDS, "--add-subuids"),
                               ("/etc/subgid", OLGA_SUBGIDS, "--add-subgids")):
         # usermod grants ranges only in a file that exists (a container may have none).
@@ -131,7 +138,7 @@ def ensure_accounts() -> dict[str, Account]:
         _run_until(functools.partial(_has_subordinates, path, "mbt-olga", ids[0]),
                    ["usermod", option, f"{ids[0]}-{ids[-1]}", "mbt-olga"])
     accounts = {}
-    for user in USERS:
+    for user in (*USERS, OVERLAPPED):
         entry = pwd.getpwnam(user)
         accounts[user] = Account(user, entry.pw_uid, entry.pw_gid)
     for group in GROUPS:

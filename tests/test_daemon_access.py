@@ -27,6 +27,8 @@ from otheruids import (
     NAMELESS_UID2,
     OLGA_SUBGIDS,
     OLGA_SUBUIDS,
+    OVERLAPPED,
+    OVERLAPPED_UID,
     Account,
     UidClient,
 )
@@ -244,6 +246,38 @@ def test_a_subordinate_uid_gets_no_more_than_the_user_it_belongs_to(
     reload(daemon, POLICY.replace('mbt-olga = "observer"', 'mbt-olga = "admin"'))
     assert connect(daemon, sub, sub).error("migrate", {"uri": "tcp:h:1"}) == (
         f"Permission denied: migrate needs role operator, but uid {sub} has role client")
+
+
+def test_an_account_in_a_users_subordinate_range_is_named_by_the_policys_warning(
+        serve: Callable[..., DaemonProcess], connect: ClientFactory,
+        accounts: dict[str, Account]) -> None:
+    # Found by review: mbt-sam's uid lies in mbt-olga's /etc/subuid range, so she can
+    # become mbt-sam in a user namespace of her own (newuidmap) and the kernel reports
+    # his uid: the policy's role for mbt-sam was hers too, and nothing said so.
+    # setpriv gives the daemon the same SO_PEERCRED without the namespace.
+    sam, olga = accounts[OVERLAPPED], accounts["mbt-olga"]  # olga: observer
+    assert sam.uid == OVERLAPPED_UID in OLGA_SUBUIDS
+    daemon = serve(POLICY.replace("users = {", f'users = {{ {OVERLAPPED} = "operator", '))
+    daemon.wait_for_log(
+        f"{daemon.socket.parent}/migblockd.toml:3: access: the policy gives user "
+        f"'{OVERLAPPED}' role operator, but uid {sam.uid} ({OVERLAPPED}) is also a "
+        f"subordinate uid of uid {olga.uid} (mbt-olga) in /etc/subuid, who can become it "
+        f"in a user namespace of their own: the daemon cannot tell them apart, so "
+        f"mbt-olga has that role too, and what {OVERLAPPED} holds counts against "
+        f"mbt-olga's per-uid limits; give {OVERLAPPED} a uid outside every range there, or "
+        f"take it out of mbt-olga's (usermod --del-subuids {sam.uid}-{sam.uid} mbt-olga)\n")
+    # As the warning says: the uid has the entry's role, whoever runs as it.
+    connect(daemon, sam).ok("migrate-set-parameters", {"mode": "normal"})
+    assert connect(daemon, olga).error("migrate-set-parameters", {"mode": "normal"}) == (
+        f"Permission denied: migrate-set-parameters needs role operator, but uid "
+        f"{olga.uid} (mbt-olga) has role observer")
+    # Not named, the account gets no more than her: what any process of that uid gets.
+    reload(daemon, POLICY)
+    assert connect(daemon, sam).error("add-blocker", {"reason": "r"}) == (
+        f"Permission denied: add-blocker needs role client, but uid {sam.uid} "
+        f"({OVERLAPPED}) has role observer")
+    assert daemon.log().count("is also a subordinate uid of") == 1  # not again at the reload
+    assert_clean_log(daemon)
 
 
 def test_a_gid_of_a_users_subordinate_range_gives_no_more_than_that_user_gets(

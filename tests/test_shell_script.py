@@ -273,6 +273,32 @@ def test_unknown_names_fail_the_run_and_are_never_sent(daemon: DaemonProcess) ->
     assert daemon.received() == negotiation * 2 + ["query-blockers"]
 
 
+def test_a_name_typed_in_the_wrong_case_is_suggested_as_it_is(daemon: DaemonProcess) -> None:
+    # Found by review: with Caps Lock on, QUERY-MIGRATE got "'help' lists the
+    # commands" and no suggestion, though it differs from query-migrate by case alone.
+    piped = shell(
+        str(daemon.socket),
+        stdin="QUERY-MIGRATE\n"
+        "add-blocker REASON=x\n"
+        "help blocker_added\n"
+        "Query-Blockers\n"
+        "query-blockers\n",
+    )
+    assert piped.returncode == 1
+    assert piped.stderr.splitlines() == [
+        # The name itself alone, not query-migrate-capabilities and the like too.
+        "migblock-shell: line 1: error: unknown command 'QUERY-MIGRATE';"
+        " did you mean 'query-migrate'?",
+        "migblock-shell: line 2: error: unknown argument 'REASON' for add-blocker;"
+        " did you mean 'reason'?",
+        "migblock-shell: line 3: error: help: the daemon has no command, event or type"
+        " 'blocker_added'; did you mean 'BLOCKER_ADDED'?",
+        "migblock-shell: line 4: error: unknown command 'Query-Blockers';"
+        " did you mean 'query-blockers'?",
+    ]
+    assert replies(piped.stdout) == [{"return": []}]  # nothing was added
+
+
 def test_a_pasted_megabyte_is_quoted_cut(daemon: DaemonProcess) -> None:
     # Found by review: the whole name came back in the error, after seconds of
     # looking for a command like it.
@@ -645,9 +671,11 @@ def test_help_in_scripting_mode(daemon: DaemonProcess) -> None:
     assert "no command, event or type 'no-such-thing'" in bad.stderr
     close = shell(str(daemon.socket), "-c", "help blocker")
     assert close.returncode == 1
+    # The events too, whose names differ in case alone (BLOCKER_ADDED).
     assert close.stderr == (
         "migblock-shell: -c 1: error: help: the daemon has no command, event or type 'blocker';"
-        " did you mean 'add-blocker', 'del-blocker' or 'query-blockers'?\n"
+        " did you mean 'add-blocker', 'del-blocker', 'BLOCKER_ADDED', 'query-blockers' or"
+        " 'BLOCKER_DELETED'?\n"
     )
     # Found by review: the usage named commands only, where help takes events and types.
     two = shell(str(daemon.socket), "-c", "help MigMode BLOCKER_ADDED")

@@ -32,11 +32,19 @@ _MARGIN = 0.1
 
 def suggestions(word: str, candidates: Sequence[str], limit: int = 5) -> list[str]:
     """The candidates ``word`` was probably meant to be: the closest matches
-    (difflib's ratio) first, then those containing it (``help blocker``, ``add``)."""
-    scored = sorted((-ratio, c) for c in candidates if (ratio := _likeness(word, c)) >= _CUTOFF)
+    (difflib's ratio) first, then those containing it (``help blocker``, ``add``).
+
+    Compared regardless of case: QMP's names are matched exactly, but one typed with
+    Caps Lock on (``QUERY-MIGRATE``, ``help blocker_added``) is still that name, and
+    got no suggestion at all; it is then the only one offered."""
+    typed = word.casefold()
+    if same := [c for c in candidates if c.casefold() == typed]:
+        return same[:limit]  # the name itself: the others would only hide it
+    scored = sorted((-ratio, c) for c in candidates
+                    if (ratio := _likeness(typed, c.casefold())) >= _CUTOFF)
     close = [c for score, c in scored if -score >= -scored[0][0] - _MARGIN][:3]
     if len(word) >= 3:
-        close += [c for c in candidates if word in c and c not in close]
+        close += [c for c in candidates if typed in c.casefold() and c not in close]
     return close[:limit]
 
 

@@ -146,6 +146,20 @@ def test_no_completion_for_free_text_raw_json_or_unknown_commands(schema: Schema
     assert texts(schema, "add-blocker bogus=") == []
 
 
+def test_a_blank_that_is_part_of_the_value_does_not_end_it(schema: Schema) -> None:
+    # Found by review: after an escaped space (reason=x\ <Tab>) the value was taken
+    # for ended, and the argument names offered went into it: reason="x modes=".
+    assert texts(schema, "add-blocker reason=x\\ ") == []
+    assert texts(schema, "add-blocker reason='a b ") == []
+    assert texts(schema, 'add-blocker reason="a b ') == []
+    # A blank after the escaped one, or after a closed quote, does end the word.
+    assert "modes=" in texts(schema, "add-blocker reason=x\\  ")
+    assert applied(schema, 'add-blocker reason="a b" mo') == ['add-blocker reason="a b" modes=']
+    # Inside a JSON list the blank is the list's: its items are still offered.
+    assert applied(schema, 'add-blocker modes=["normal", cpr-e') == [
+        'add-blocker modes=["normal", "cpr-exec"']
+
+
 def test_prompt_toolkit_adapter_replaces_the_word_being_typed(schema: Schema) -> None:
     completer = ShellCompleter(lambda: schema)
     text = "add-blocker reason=x modes=normal,cpr-r"

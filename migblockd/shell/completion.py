@@ -27,7 +27,7 @@ from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
 
 from migblockd.shell.schema import Schema
-from migblockd.shell.words import BLANKS, Word, tokenize
+from migblockd.shell.words import Word, tokenize
 
 BUILTINS = ("help",)
 
@@ -46,7 +46,10 @@ def complete(schema: Schema, text: str) -> list[Candidate]:
     if text.lstrip().startswith("{"):
         return []
     words = tokenize(text, partial=True)
-    if words and (words[-1].open is not None or text[-1:] not in BLANKS):
+    # The last word is still being typed when it runs to the cursor: also after a
+    # blank that is part of it (``reason=x\ ``, escaped, or in an open quote), where
+    # an argument name offered would be glued to its value.
+    if words and words[-1].end == len(text):
         current: Word | None = words[-1]
         done = words[:-1]
     else:

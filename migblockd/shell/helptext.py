@@ -23,9 +23,11 @@ SHELL_HELP = """\
 Syntax:  COMMAND key=value ...   (dotted keys nest: a.b=1 a.c=2)
          {"execute": ...}         (a raw JSON request)
          help [COMMAND | EVENT | TYPE]
-Values are JSON when they parse as JSON (42, true, null, [..], {..}), else strings;
-a string argument's value is a string (reason=42 is "42") unless it begins with [
-or {, which must be JSON: quote to force a string (reason='[WIP] disk0').
+Values are JSON when they parse as JSON (42, true, null, [..], {..}), booleans and
+integers as qmp-shell reads them too (True, FALSE, +5, 1_000), else strings; a
+string argument's value is a string (reason=42 is "42") unless it begins with [ or
+{, which must be JSON or a Python literal ({'a': True}, as qmp-shell takes it):
+quote to force a string (reason='[WIP] disk0').
 List arguments also take a,b,c.  Tab completes commands, argument names and enum
 values.  Ctrl-C drops the line, Ctrl-D exits."""
 

@@ -16,9 +16,10 @@ converted like this:
   Python literal of JSON's shapes, as qmp-shell takes it (``{'a': True}``, with
   ``true``, ``false`` and ``null`` as well as ``True``, ``False`` and ``None``);
 * an unquoted value that parses as a JSON number, ``null``, ``true`` or ``false``
-  (in any case: ``True``, ``FALSE``), or as an integer Python's ``int()`` reads
-  (``+5``, ``007``, ``1_000``) is taken as such, as qmp-shell does; anything else is
-  a string;
+  (in any case: ``True``, ``FALSE``), or as an integer of ASCII digits Python's
+  ``int()`` reads (``+5``, ``007``, ``1_000``) is taken as such, as qmp-shell does
+  (which also takes other scripts' digits, ``\\uff15``, kept a string here);
+  anything else is a string;
 * when the schema is known (see :class:`Hints`), an unquoted value of a member whose
   type is a string or enum stays a string (``reason=1234`` sends ``"1234"``), and an
   unquoted value of a list-typed member is split at commas

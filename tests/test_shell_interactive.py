@@ -386,6 +386,38 @@ def test_reconnects_after_the_daemon_restarts(
     assert shell.quit() == 0
 
 
+def test_help_is_shown_while_the_daemon_is_down(
+    start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
+) -> None:
+    # Found by review: help, the shell's own command, answered only "cannot connect"
+    # while the daemon was down, when the operator needs it most.
+    first, shell = _stopped_under(start_daemon, spawn_shell)
+    shell.send("help add-blocker\r")
+    shell.expect("error: cannot connect to")  # it still tries: a new daemon's schema
+    shell.expect(f"help from migblockd {__version__} (QMP server version {__version__}), "
+                 "as last connected:")
+    shell.expect("add-blocker (command)")
+    shell.expect("reason: string (required)")
+    shell.expect(PROMPT)
+    shell.send("help\r")
+    shell.expect("error: cannot connect to")
+    shell.expect("query-blockers")
+    shell.expect("Ctrl-D exits.")
+    shell.expect(PROMPT)
+    # A command still fails, and is not sent anywhere.
+    shell.send("query-version\r")
+    shell.expect("error: cannot connect to")
+    shell.expect(PROMPT)
+    start_daemon(socket=first.socket)
+    shell.send("query-blockers\r")
+    shell.expect("Reconnected to migblockd")
+    shell.expect('{"return": []}')
+    shell.expect(PROMPT)
+    transcript = shell.transcript()
+    assert transcript.count("as last connected:") == 2  # the two helps, not the command
+    assert shell.quit() == 0
+
+
 def test_reconnecting_to_a_daemon_whose_queue_is_full_says_so(
     start_daemon: Callable[..., DaemonProcess], spawn_shell: Callable[..., Shell]
 ) -> None:

@@ -36,6 +36,8 @@ from migblockd.shell.interrupt import Interrupts
 from migblockd.shell.opening import ConnectError, Message
 from migblockd.shell.render import Renderer, visible
 from migblockd.shell.runner import Runner
+from migblockd.shell.syntax import Help, parse_line
+from migblockd.shell.words import ParseError
 
 PROMPT = "(migblockd) "
 
@@ -118,6 +120,14 @@ def _to_devnull(stream: TextIO | None) -> None:
             os.dup2(devnull, stream.fileno())
         finally:
             os.close(devnull)
+
+
+def _asks_for_help(line: str) -> bool:
+    """Whether ``line`` is the shell's ``help``, which needs no connection."""
+    try:
+        return isinstance(parse_line(line), Help)
+    except ParseError:
+        return False
 
 
 def _wake(ready: asyncio.Future[None]) -> None:
@@ -339,7 +349,13 @@ class Interactive:
                 )
         except ConnectError as err:
             _say(self.renderer.error(f"error: {err}"))
-            return
+            if not _asks_for_help(line):
+                return
+            # help is the shell's own: with the daemon down (when it is most
+            # needed) it is told from the schema of the daemon last connected, which
+            # Tab completes from meanwhile too, rather than not at all.
+            _say(self.renderer.notice(
+                f"help from {describe_greeting(self.connection.greeting)}, as last connected:"))
         self._connecting = False
         try:
             await self.runner.run_line(line)

@@ -1673,6 +1673,49 @@ def test_a_lost_connection_names_its_line_and_whether_it_was_sent(
     assert err == f"migblock-shell: line 2: {d.socket}: {reason}; the command {outcome}\n"
 
 
+def test_a_script_names_the_scope_connection_blockers_that_end_with_it(
+        start_daemon: Any) -> None:
+    # Found by review: -c 'add-blocker ... scope=connection' exited 0 with the
+    # blocker's reply, and the blocker was gone as the script ended, unsaid; the
+    # interactive shell names such blockers when its session ends.
+    d = start_daemon("--ephemeral")
+    ran = shell(str(d.socket), "-c", "add-blocker reason=a scope=connection id=c1",
+                "-c", "add-blocker reason=b scope=connection id=c2",
+                "-c", "add-blocker reason=c scope=connection id=c3",
+                "-c", "add-blocker reason=kept id=d1", "-c", "del-blocker id=c2")
+    assert ran.returncode == 0  # every command succeeded
+    assert [r["return"]["id"] for r in replies(ran.stdout)[:4]] == [
+        "c1", "c2", "c3", "d1"]
+    assert ran.stderr == ("migblock-shell: the script ended; the blockers it added with "
+                          "scope=connection went with it (c1, c3): migration is no longer "
+                          "blocked by them\n")
+    after = shell(str(d.socket), "-c", "query-blockers")
+    assert [b["id"] for b in replies(after.stdout)[0]["return"]] == ["d1"]
+    # None held: nothing said.
+    assert shell(str(d.socket), "-c", "del-blocker id=d1").stderr == ""
+    # A connection lost mid-script takes them too: said with the loss.
+    proc = subprocess.Popen([*SHELL, str(d.socket)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write("add-blocker reason=night scope=connection id=night\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["return"]["id"] == "night"
+        assert d.stop() == 0  # its clients closed, the shell's too
+        time.sleep(0.5)  # for the shell to read the end of its connection
+        proc.stdin.write("query-blockers\n")
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 2
+    assert err == (f"migblock-shell: line 2: {d.socket}: the server closed the connection; "
+                   "the command was not sent; the blockers the script added with "
+                   "scope=connection went with it (night): migration is no longer blocked "
+                   "by them\n")
+
+
 def test_timeout_ends_a_script_whose_daemon_stopped_answering(start_daemon: Any) -> None:
     # Found by review: with a stopped daemon a script waited for ever (a cron
     # job or a monitoring check piling up); --timeout bounds each command's wait.

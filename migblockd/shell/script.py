@@ -173,15 +173,32 @@ async def run_script(
         outcome = ("the command may or may not have taken effect" if err.sent
                    else "the command was not sent")
         where = "-c" if commands else "line"
-        raise ConnectionLost(f"{where} {number}: {path}: {err}; {outcome}",
+        raise ConnectionLost(f"{where} {number}: {path}: {err}; {outcome}{_went(connection)}",
                              sent=err.sent) from None
     except OutputFailed as err:
         to_stderr(f"migblock-shell: cannot write the replies to stdout: {err}")
         _drop_stdout()
         return 1
     finally:
+        held = list(connection.held) if connection.connected else []
         await connection.close()
+    if held:
+        # As the interactive shell says when its session ends: a blocker added with
+        # scope=connection lives as long as the script's connection, so the run that
+        # added it (-c 'add-blocker ... scope=connection') has already removed it.
+        to_stderr((messages if messages is not None else renderer).error(
+            "migblock-shell: the script ended; the blockers it added with scope=connection "
+            f"went with it ({', '.join(held)}): migration is no longer blocked by them"))
     return 1 if failed else 0
+
+
+def _went(connection: Connection) -> str:
+    """What a lost connection took with it: the blockers the script added with
+    scope=connection (the daemon deletes them with the connection)."""
+    if not connection.held:
+        return ""
+    return (f"; the blockers the script added with scope=connection went with it "
+            f"({', '.join(connection.held)}): migration is no longer blocked by them")
 
 
 def _drop_stdout() -> None:

@@ -1011,6 +1011,37 @@ def test_a_dumb_terminal_gets_plain_lines_and_no_control_sequences(
     assert "GenericError" not in log.getvalue()  # del-blocker never ran
 
 
+def test_a_dumb_terminal_runs_a_pasted_request_whole(daemon: DaemonProcess, tmp_path: Path
+                                                     ) -> None:
+    # Found by review: on a dumb terminal (an Emacs shell buffer) a request pasted
+    # pretty-printed was read a line at a time, each refused alone ("invalid JSON",
+    # "expected key=value, got 'query-version'", "unknown command '}'"), where the
+    # prompt_toolkit prompt and a script run it whole, as docs/shell.md says.
+    env = {**os.environ, "TERM": "dumb", "XDG_STATE_HOME": str(tmp_path / "state")}
+    child = pexpect.spawn(sys.executable, ["-m", "migblockd.shell", str(daemon.socket)],
+                          env=env, encoding="utf-8", timeout=30)
+    child.logfile_read = io.StringIO()
+    try:
+        child.expect_exact("(migblockd) ")
+        # One write, as a terminal hands a paste over; the key=value lines with it
+        # run each in turn, and the Ctrl-D after them ends the shell once they ran.
+        child.send('{\n  "execute": "add-blocker",\n  "arguments": {"reason": "pasted",'
+                   ' "id": "p1"}\n}\nquery-blockers\ndel-blocker id=p1\n' + CTRL_D)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    log = child.logfile_read
+    assert isinstance(log, io.StringIO)
+    replies = [json.loads(line) for line in log.getvalue().splitlines()
+               if line.startswith(('{"return"', '{"error"'))]
+    assert len(replies) == 3, replies
+    assert replies[0]["return"]["id"] == "p1"
+    assert [b["id"] for b in replies[1]["return"]] == ["p1"]
+    assert replies[2] == {"return": {}}
+    assert "error:" not in log.getvalue()
+
+
 def _root_shell_in(socket: Path, env: dict[str, str]) -> Shell:
     """migblock-shell as root (this process) with ``env`` over the usual one."""
     full = {**os.environ, "TERM": "xterm", "PROMPT_TOOLKIT_NO_CPR": "1", **env}

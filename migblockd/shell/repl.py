@@ -5,12 +5,9 @@ redrawn intact below them."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import os
 import sys
 from pathlib import Path
-from typing import TextIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.application import get_app_or_none, get_app_session, run_in_terminal
@@ -37,6 +34,7 @@ from migblockd.shell.opening import ConnectError, Message
 from migblockd.shell.render import Renderer, visible
 from migblockd.shell.runner import Runner
 from migblockd.shell.syntax import Help, parse_line
+from migblockd.shell.terminal import PlainLines, hung_up
 from migblockd.shell.words import ParseError
 
 PROMPT = "(migblockd) "
@@ -99,74 +97,12 @@ def open_history(path: Path | None) -> History:
     return SessionFallbackHistory(path, _say)
 
 
-def _hung_up(err: OSError) -> None:
-    """Say on stderr that the terminal hung up, and let go of the terminal: the
-    interpreter's last flush of what is left for it would fail too ("Exception
-    ignored in: <stdout>")."""
-    try:
-        print(f"migblock-shell: the terminal hung up ({err.strerror}); the session ended",
-              file=sys.stderr, flush=True)
-    except (OSError, ValueError, AttributeError):  # stderr is that terminal too, or closed
-        _to_devnull(sys.stderr)
-    _to_devnull(sys.stdout)  # the terminal: the shell is interactive only on one
-
-
-def _to_devnull(stream: TextIO | None) -> None:
-    if stream is None:
-        return
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, stream.fileno())
-        finally:
-            os.close(devnull)
-
-
 def _asks_for_help(line: str) -> bool:
     """Whether ``line`` is the shell's ``help``, which needs no connection."""
     try:
         return isinstance(parse_line(line), Help)
     except ParseError:
         return False
-
-
-def _wake(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)
-
-
-class PlainLines:
-    """Lines from a terminal in cooked mode, read as the loop's other input is."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        #: What the terminal handed over without a newline yet (Ctrl-D mid-line).
-        self.pending = b""
-        #: Whether a line is being waited for (the prompt is on the screen).
-        self.waiting = False
-
-    async def readline(self) -> str | None:
-        """The next line, without its newline (decoded as a script's lines are:
-        bytes that are not UTF-8 get their own error); None at the end (Ctrl-D)."""
-        loop = asyncio.get_running_loop()
-        self.waiting = True
-        try:
-            while b"\n" not in self.pending:
-                ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(self.fd, _wake, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(self.fd)
-                chunk = os.read(self.fd, 1 << 16)
-                if not chunk:
-                    self.pending = b""
-                    return None
-                self.pending += chunk
-        finally:
-            self.waiting = False
-        line, self.pending = self.pending.split(b"\n", 1)
-        return line.decode("utf-8", "surrogateescape")
 
 
 class Interactive:
@@ -236,7 +172,7 @@ class Interactive:
             # and write of it now fails with EIO.  The session is over; said where
             # that can still be read (a stderr that is not that terminal), never as
             # a traceback.
-            _hung_up(err)
+            hung_up(err)
             return 1
 
     async def _prompt_loop(self) -> int:
@@ -300,9 +236,11 @@ class Interactive:
                     if line is None:
                         print()  # Ctrl-D: the shell's prompt ends its line
                         break
-                    if line.strip():
-                        history.append_string(line)
-                    for command in entered_commands(line):
+                    lines = [line, *reader.held()]  # a paste's others with it
+                    for each in lines:
+                        if each.strip():
+                            history.append_string(each)
+                    for command in entered_commands("\n".join(lines)):
                         if not await self._run_interruptibly(command):
                             break
         finally:

@@ -1714,6 +1714,25 @@ def test_a_script_names_the_scope_connection_blockers_that_end_with_it(
                    "the command was not sent; the blockers the script added with "
                    "scope=connection went with it (night): migration is no longer blocked "
                    "by them\n")
+    # And a run that Ctrl-C ends (exit status 130), waiting for its next line.
+    d = start_daemon("--ephemeral")
+    proc = subprocess.Popen([*SHELL, str(d.socket)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write("add-blocker reason=night scope=connection id=night\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline())["return"]["id"] == "night"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 130  # the writer still holds stdin open
+        assert proc.stderr is not None
+        assert proc.stderr.read() == (
+            "migblock-shell: the script ended; the blockers it added with scope=connection "
+            "went with it (night): migration is no longer blocked by them\n")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_timeout_ends_a_script_whose_daemon_stopped_answering(start_daemon: Any) -> None:

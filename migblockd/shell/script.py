@@ -155,6 +155,8 @@ async def run_script(
         messages=messages,
     )
     failed = False
+    # Whether the blockers that end with the connection were named already.
+    named = False
     try:
         async for found in _numbered(commands):
             number, line = found  # report's and the lost connection's line
@@ -173,6 +175,7 @@ async def run_script(
         outcome = ("the command may or may not have taken effect" if err.sent
                    else "the command was not sent")
         where = "-c" if commands else "line"
+        named = True
         raise ConnectionLost(f"{where} {number}: {path}: {err}; {outcome}{_went(connection)}",
                              sent=err.sent) from None
     except OutputFailed as err:
@@ -180,15 +183,16 @@ async def run_script(
         _drop_stdout()
         return 1
     finally:
-        held = list(connection.held) if connection.connected else []
+        if connection.connected and connection.held and not named:
+            # As the interactive shell says when its session ends: a blocker added
+            # with scope=connection lives as long as the script's connection, so the
+            # run that added it (-c 'add-blocker ... scope=connection') removes it as
+            # it ends, however it ends (Ctrl-C too, which may cut the closing short).
+            to_stderr((messages if messages is not None else renderer).error(
+                "migblock-shell: the script ended; the blockers it added with scope="
+                f"connection went with it ({', '.join(connection.held)}): migration is no "
+                "longer blocked by them"))
         await connection.close()
-    if held:
-        # As the interactive shell says when its session ends: a blocker added with
-        # scope=connection lives as long as the script's connection, so the run that
-        # added it (-c 'add-blocker ... scope=connection') has already removed it.
-        to_stderr((messages if messages is not None else renderer).error(
-            "migblock-shell: the script ended; the blockers it added with scope=connection "
-            f"went with it ({', '.join(held)}): migration is no longer blocked by them"))
     return 1 if failed else 0
 
 

@@ -2,10 +2,10 @@
 
 ``records``: the rows and changes, as plain values; ``schema``: the file's
 format and its versions; ``lock``: one daemon per state directory;
-``opening``: the directory and the file checked, created or migrated at
-start; ``store``: :class:`Store`, which opens, loads and commits, and
-recovers from a commit that failed.  Pure storage: no asyncio and no
-registry rules (the core decides what to store).
+``opening``: the directory and the file checked at start, and
+``migration``: created or migrated then; ``store``: :class:`Store`, which
+opens, loads and commits, and recovers from a commit that failed.  Pure
+storage: no asyncio and no registry rules (the core decides what to store).
 """
 
 from migblockd.state.directory import DATABASE_NAME

@@ -10,11 +10,10 @@ value it refuses).  Only then is it opened for writing, which after a crash
 rebuilds the log's index, and whose closing folds the log into the database:
 a refused start leaves the files as they were (but for a transaction that a
 program writing the file left unfinished in its rollback journal, rolled back
-first: :func:`_roll_back_unfinished`).  A new database is made whole
-under another name and then renamed; an older one is copied to
-``state.db.format-N`` and migrated in one transaction (and examined then),
-unless its directory is append-only, which would fail the migration half
-done (:func:`check_migration_room`).
+first: :func:`_roll_back_unfinished`).  A new database is made, and an older
+one migrated (and examined then), by :mod:`migblockd.state.migration`, unless
+its directory is append-only, which would fail the migration half done
+(:func:`check_migration_room`).
 Bad state stops the daemon with a :class:`StateError`; it is never replaced.
 
 Apart from committing (:mod:`migblockd.state.store`) because all of it runs
@@ -32,13 +31,13 @@ from pathlib import Path
 from urllib.parse import quote
 
 from migblockd.pidlock import PidLock
-from migblockd.startup import passing
 from migblockd.state import schema
 from migblockd.state.directory import check_file_room, check_migration_room
 from migblockd.state.errors import StateError, one_line, open_failed
 from migblockd.state.files import check_existing_database, hot_journal
 from migblockd.state.lock import DatabaseLock, in_slices, lock_database
 from migblockd.state.logcheck import check_log
+from migblockd.state.migration import backup, create, migrate, sync_directory
 from migblockd.state.whose_log import check_whose_log, note_for
 
 __all__ = ["check_and_open", "configure", "connect"]
@@ -85,7 +84,7 @@ def check_and_open(path: Path, migrations: Sequence[schema.Migration],
     came (``EarlySignals.stop``); one that comes while another program's write
     lock is waited for raises :class:`.StoppedStarting`, nothing written."""
     if _check_file(path):
-        _create(path, migrations)
+        create(path, migrations)
     lock = lock_database(path)
     try:
         if noting is not None:
@@ -203,38 +202,6 @@ def _check_file(path: Path) -> bool:
     return False
 
 
-def _create(path: Path, migrations: Sequence[schema.Migration]) -> None:
-    """Make a new database whole, under another name, then put it in place: a
-    crash leaves either no ``state.db`` or a complete empty one, never a
-    partial file that the next start would have to guess about.  Mode 0600."""
-    new = path.with_name(path.name + ".new")
-    # An earlier attempt that did not finish.
-    _remove_stale(new, *(new.with_name(new.name + s) for s in ("-journal", "-wal", "-shm")))
-    try:
-        _make_private(new)
-        conn = sqlite3.connect(new, isolation_level=None)
-        try:
-            conn.execute("PRAGMA synchronous = FULL")  # a rollback journal: all in the file
-            _migrate(conn, new, 0, migrations)
-        finally:
-            conn.close()
-        fd = os.open(new, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(new, path)
-        # Said apart from "restored 0 blockers": a first start, or a --state-dir
-        # that is not where the state is (a typo, a volume not mounted).
-        log.info("created %s: there was no state database", path)
-    except sqlite3.Error as e:
-        raise open_failed(path, e) from e
-    except OSError as e:
-        raise StateError(f"cannot create {path}: {e.strerror}; "
-                         "check its directory, or choose another --state-dir",
-                         lasting=not passing(e.errno)) from e
-    _sync_directory(path.parent)
-
 
 def _check_before_writing(path: Path, migrations: Sequence[schema.Migration],
                           examine: Examine | None) -> int:
@@ -296,11 +263,11 @@ def _open_for_writing(conn: sqlite3.Connection, path: Path, version: int,
         in_slices(conn, _BUSY_TIMEOUT, stop, lambda: configure(conn))
         if version < current:
             if fresh:  # made by an older migblockd that created it in place
-                _migrate(conn, path, version, migrations, begin)
-                _sync_directory(path.parent)
+                migrate(conn, path, version, migrations, begin)
+                sync_directory(path.parent)
             else:
-                copy = _backup(conn, path, version)
-                _migrate(conn, path, version, migrations, begin)
+                copy = backup(conn, path, version)
+                migrate(conn, path, version, migrations, begin)
                 log.info("migrated %s from format %d to %d; the file as it was is kept as %s",
                          path, version, current, copy)
         else:
@@ -309,82 +276,3 @@ def _open_for_writing(conn: sqlite3.Connection, path: Path, version: int,
             conn.execute("ROLLBACK")
     except sqlite3.Error as e:
         raise open_failed(path, e) from e
-
-
-def _backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
-    """Copy the database as it is before migrating it, for going back to an
-    older migblockd (which cannot read the new format); the copy's path
-    (mode 0600, as the database)."""
-    target = path.with_name(f"{path.name}.format-{version}")
-    # A copy from an earlier attempt: same format, older.
-    _remove_stale(target, target.with_name(target.name + "-journal"))
-    try:
-        _make_private(target)
-    except OSError as e:
-        raise StateError(f"cannot make {target}, the copy kept before migrating {path}: "
-                         f"{e.strerror}; check its directory", lasting=not passing(e.errno)) from e
-    copy = sqlite3.connect(target, isolation_level=None)
-    try:
-        conn.backup(copy)
-    finally:
-        copy.close()
-    return target
-
-
-def _make_private(path: Path) -> None:
-    """Make ``path`` a new, empty file of mode 0600 for SQLite to fill: it would make
-    it with the umask's mode, and the file holds every blocker."""
-    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-
-
-def _remove_stale(*paths: Path) -> None:
-    """Remove what an earlier start left half made; StateError for what is not
-    such a file (a directory of that name, say), which is not ours to remove."""
-    for stale in paths:
-        try:
-            stale.unlink(missing_ok=True)
-        except OSError as e:
-            raise StateError(f"cannot remove {stale}, left by an earlier start, to make it "
-                             f"again: {e.strerror}; move it away",
-                             lasting=not passing(e.errno)) from e
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make a new database's name (and its directory's) survive a power cut:
-    SQLite syncs the directory for its log, not for the database file."""
-    for d in (directory, directory.parent):
-        try:
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            continue  # a parent we may not read: nothing we can do
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass  # some file systems cannot sync a directory; the data is synced
-        finally:
-            os.close(fd)
-
-
-def _migrate(conn: sqlite3.Connection, path: Path, version: int,
-             migrations: Sequence[schema.Migration],
-             begin: Callable[[], None] | None = None) -> None:
-    """Run the steps from ``version`` up, all in one transaction, which ``begin()``
-    begins (a daemon's start waits for another program's lock in it: in_slices)."""
-    if begin is None:
-        conn.execute("BEGIN IMMEDIATE")
-    else:
-        begin()
-    try:
-        for step in range(version, len(migrations)):
-            migrations[step](conn)
-        conn.execute(f"PRAGMA user_version = {len(migrations)}")
-        conn.execute("COMMIT")
-    except BaseException as e:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        if isinstance(e, (sqlite3.Error, ValueError)) and version > 0:
-            raise StateError(f"cannot migrate {path} from format {version} to "
-                             f"{len(migrations)} ({one_line(str(e))}); it is unchanged: "
-                             "report this, and use the migblockd that wrote it",
-                             lasting=True) from e
-        raise

@@ -3,7 +3,9 @@ of the schema accepts, introspects and enforces a new migration mode with no cod
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -721,6 +723,80 @@ async def test_a_format_1_database_reads_a_list_of_every_mode_as_every_mode(
         assert kept.execute("SELECT count(*) FROM blocker WHERE modes IS NULL").fetchone() == (0,)
     finally:
         kept.close()
+
+
+def syscalls_recorded(workdir: Path, syscalls: str) -> str:
+    """A ``python`` for ``start_daemon`` that runs the daemon under strace, which
+    writes each thread's ``syscalls`` to ``workdir/syscalls.TID``."""
+    strace = shutil.which("strace")
+    assert strace is not None, "needs strace (tools/check.py installs it)"
+    prefix = workdir / "syscalls"
+    wrapper = workdir / "python-recorded"
+    # -D: strace runs as a grandchild, so that the daemon keeps the pid spawned;
+    # -ff: a file per thread, so that no call is cut in two by another thread's.
+    wrapper.write_text(f"#!/bin/sh\nexec {strace} -D -ff -qq -o {prefix} -e trace={syscalls} "
+                       f'{sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def calls_on_files(trace: str) -> list[tuple[str, str, str]]:
+    """The calls of one thread's strace output as (call, the path its descriptor or
+    its first argument names, result), descriptors followed from openat to close."""
+    paths: dict[str, str] = {}
+    calls: list[tuple[str, str, str]] = []
+    for line in trace.splitlines():
+        match = re.fullmatch(r'(\w+)\((?:AT_FDCWD, )?"?([^",)]*)"?(.*)\) += (-?\d+).*', line)
+        if match is None:
+            continue
+        call, first, _, result = match.groups()
+        path = first if call in ("openat", "unlink") else paths.get(first, first)
+        if call == "openat" and result != "-1":
+            paths[result] = first
+        elif call == "close":
+            paths.pop(first, None)
+        calls.append((call, path, result))
+    return calls
+
+
+async def test_the_copy_kept_before_a_migration_is_on_disk_before_the_migration(
+    tmp_path: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """The migration's commit survives a power cut, so the copy of the file as it was
+    must too: its pages, its name, and the removal of the journal SQLite filled it
+    through (its commit into the copy, which SQLite does not sync: back after a cut,
+    that journal would empty the copy at its first opening).  All of them are synced
+    before the migration writes anything to the log."""
+    state = tmp_path / "state"
+    format_1_database(state, {"all": MODES, "one": ["normal"]})
+    db = state / "state.db"
+    python = syscalls_recorded(tmp_path, "openat,close,unlink,pwrite64,fsync,fdatasync")
+    d = start_daemon("--state-dir", str(state), python=python)
+    d.wait_for_log(f"migrated {db} from format 1 to 2; the file as it was is kept as "
+                   f"{db}.format-1")
+    assert d.stop() == 0
+    copy, journal, log = f"{db}.format-1", f"{db}.format-1-journal", f"{db}-wal"
+    threads = [calls_on_files(trace.read_text()) for trace in tmp_path.glob("syscalls.*")]
+    calls = next(calls for calls in threads if ("unlink", journal, "0") in calls)
+    made = next(n for n, (call, path, result) in enumerate(calls)
+                if call == "openat" and path == copy and result != "-1")
+    committed = calls.index(("unlink", journal, "0"))
+    migrating = next(n for n, (call, path, _) in enumerate(calls)
+                     if n > made and call == "pwrite64" and path == log)
+    last_write = max(n for n, (call, path, _) in enumerate(calls)
+                     if call == "pwrite64" and path == copy)
+    synced = {(path, n) for n, (call, path, result) in enumerate(calls)
+              if call in ("fsync", "fdatasync") and result == "0"}
+    assert any(path == copy and last_write < n < migrating for path, n in synced), calls
+    assert any(path == str(state) and committed < n < migrating for path, n in synced), calls
+    kept = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+    try:
+        assert kept.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert kept.execute("SELECT id, modes FROM blocker ORDER BY seq").fetchall() == [
+            ("all", json.dumps(MODES)), ("one", '["normal"]')]
+    finally:
+        kept.close()
+    assert not os.path.exists(journal)
 
 
 async def reload(d: DaemonProcess, c: RawClient, notify: socket.socket) -> None:

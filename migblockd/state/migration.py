@@ -42,11 +42,7 @@ def create(path: Path, migrations: Sequence[schema.Migration]) -> None:
             migrate(conn, new, 0, migrations)
         finally:
             conn.close()
-        fd = os.open(new, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _sync_file(new)
         os.rename(new, path)
         # Said apart from "restored 0 blockers": a first start, or a --state-dir
         # that is not where the state is (a typo, a volume not mounted).
@@ -63,7 +59,15 @@ def create(path: Path, migrations: Sequence[schema.Migration]) -> None:
 def backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
     """Copy the database as it is before migrating it, for going back to an
     older migblockd (which cannot read the new format); the copy's path
-    (mode 0600, as the database)."""
+    (mode 0600, as the database), on disk with its name before returning.
+
+    The migration's commit comes after, and survives a power cut: so must the
+    copy, or the file as it was would be gone.  SQLite syncs the copy's pages,
+    but its commit into it is the removal of the copy's journal, which it does
+    not sync (only ``synchronous = EXTRA`` does): a cut after the migration's
+    commit could bring that journal back, and the first program to open the
+    copy would roll it back to nothing.  So the copy, then its directory (its
+    name, and the journal's removal), are synced here."""
     target = path.with_name(f"{path.name}.format-{version}")
     # A copy from an earlier attempt: same format, older.
     _remove_stale(target, target.with_name(target.name + "-journal"))
@@ -77,7 +81,22 @@ def backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
         conn.backup(copy)
     finally:
         copy.close()
+    try:
+        _sync_file(target)
+    except OSError as e:
+        raise StateError(f"cannot sync {target}, the copy kept before migrating {path}: "
+                         f"{e.strerror}; check its disk and file system",
+                         lasting=not passing(e.errno)) from e
+    sync_directory(path.parent)
     return target
+
+
+def _sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _make_private(path: Path) -> None:
@@ -99,8 +118,9 @@ def _remove_stale(*paths: Path) -> None:
 
 
 def sync_directory(directory: Path) -> None:
-    """Make a new database's name (and its directory's) survive a power cut:
-    SQLite syncs the directory for its log, not for the database file."""
+    """Make the names made or removed in ``directory`` (and its own, in its
+    parent) survive a power cut: SQLite syncs the directory for a journal it
+    makes, not for the database file, nor for a journal it removes."""
     for d in (directory, directory.parent):
         try:
             fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
+from faults import injecting
 
 from migblockd.startup import EXIT_NOTCONFIGURED
 from migblockd.state.errors import commit_failed, describe_open_error
@@ -338,6 +340,69 @@ async def test_a_file_size_limit_the_log_reaches_fails_no_commit(
     again.wait_for_log(f"restored {len(kept)} blockers from {db}")
     async with again.client() as c:
         assert await c.ok("query-blockers") == kept
+    assert again.stop() == 0
+
+
+async def test_a_write_a_disk_quota_refused_is_tried_again_once_the_log_is_emptied(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """SQLite reports EDQUOT as a plain I/O error, and a quota does not show in the
+    file system's free space: the log that filled the quota failed every commit, as
+    it did at the file size limit, until a restart.  The kernel here has no quota
+    (neither ext4's, nor XFS's, nor tmpfs's), so strace makes the commit's write and
+    the quota's probe after it fail with EDQUOT, as a full quota does; the log is
+    then emptied, which frees what it held, and the commit tried once more."""
+    directory = tmp_path / "state"
+    daemon = start_daemon("--state-dir", str(directory), log_level="info")
+    async with daemon.client() as watcher, daemon.client() as c:
+        await c.ok("add-blocker", {"reason": "before", "id": "before"})
+        async with injecting(daemon.proc.pid, "pwrite64", "error=EDQUOT:when=1..2",
+                             "the daemon"):
+            added = await c.ok("add-blocker", {"reason": "over quota", "id": "quota"})
+        assert (await watcher.wait_event("BLOCKER_ADDED"))["data"]["id"] == "before"
+        assert (await watcher.wait_event("BLOCKER_ADDED"))["data"]["id"] == "quota"
+        listing = await watcher.ok("query-blockers")
+        assert [b["id"] for b in listing] == ["before", "quota"] and listing[1] == added
+    assert daemon.stop() == 0
+    assert "cannot commit" not in daemon.log()
+    assert_clean_log(daemon)
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert await c.ok("query-blockers") == listing
+    assert again.stop() == 0
+
+
+async def test_a_disk_quota_that_stays_exceeded_fails_commits_naming_it(
+    start_daemon: Start, tmp_path: Path
+) -> None:
+    """While every write that needs a block is refused (EDQUOT, from strace), commits
+    fail naming the quota, not the disk's free space; once it is not, the next commit
+    succeeds, without a restart."""
+    directory = tmp_path / "state"
+    db = directory / "state.db"
+    daemon = start_daemon("--state-dir", str(directory), log_level="info")
+    async with daemon.client() as c:
+        kept = await c.ok("add-blocker", {"reason": "kept", "id": "kept"})
+        desc = (f"cannot commit to {db}: disk I/O error (a disk quota on its file system is "
+                "exceeded); nothing was changed")
+        async with injecting(daemon.proc.pid, "pwrite64", "error=EDQUOT", "the daemon"):
+            refused = await c.execute("add-blocker", {"reason": "refused", "id": "refused"})
+            assert refused == {"error": {"class": "GenericError", "desc": desc}}, refused
+            assert await c.execute("del-blocker", {"id": "kept"}) == refused
+        daemon.wait_for_log(
+            f"{desc[:-len('; nothing was changed')]}; 1 command(s) failed, their changes "
+            "undone; every change fails until a commit succeeds: free space under the disk "
+            f"quota that {directory} is under (of {pwd.getpwuid(os.geteuid()).pw_name}, the "
+            "user the daemon runs as, of its group, or of the directory's project), or raise "
+            "that quota\n")
+        assert await c.ok("query-blockers") == [kept]
+        after = await c.ok("add-blocker", {"reason": "after", "id": "after"})
+        assert await c.ok("query-blockers") == [kept, after]
+    assert daemon.stop() == 0
+    assert "commits succeed again, after 2 failed" in daemon.log()
+    again = start_daemon("--state-dir", str(directory))
+    async with again.client() as c:
+        assert await c.ok("query-blockers") == [kept, after]
     assert again.stop() == 0
 
 

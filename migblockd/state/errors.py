@@ -7,6 +7,7 @@ command could not be saved).
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import resource
@@ -28,6 +29,7 @@ __all__ = [
     "no_space",
     "one_line",
     "open_failed",
+    "over_quota",
     "owner_mismatch",
     "read_only",
     "size_limit",
@@ -180,6 +182,33 @@ def no_space(error: sqlite3.Error, directory: Path) -> bool:
     return primary == _FULL or (primary == _IOERR and _no_space(directory))
 
 
+#: What :func:`over_quota` writes to find out: a page, as SQLite's writes are.
+_PROBE = bytes(4096)
+
+
+def over_quota(error: sqlite3.Error, directory: Path) -> bool:
+    """Whether ``error`` is an I/O error and a disk quota on the file system of
+    ``directory`` refuses this user a new block (EDQUOT).  SQLite tells ENOSPC
+    apart (``SQLITE_FULL``) but reports EDQUOT as a plain I/O error
+    (``SQLITE_IOERR_WRITE``: os_unix.c, ``unixWrite()``), and a quota does not
+    show in the file system's free space (``statvfs``): so a page is written
+    to a file made for it in ``directory`` with no name (``O_TMPFILE``, which
+    leaves nothing behind, even after a crash), and the system says."""
+    if not io_error(error):
+        return False
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        return e.errno == errno.EDQUOT  # an inode quota; else it cannot be told
+    try:
+        os.pwrite(fd, _PROBE, 0)
+    except OSError as e:
+        return e.errno == errno.EDQUOT
+    finally:
+        os.close(fd)
+    return False
+
+
 def size_limit(error: sqlite3.Error, *files: Path) -> int | None:
     """The daemon's file size limit (RLIMIT_FSIZE: ``ulimit -f``, systemd's
     ``LimitFSIZE=``) when ``error`` is an I/O error and one of ``files`` has
@@ -198,9 +227,11 @@ def size_limit(error: sqlite3.Error, *files: Path) -> int | None:
     return None
 
 
-def commit_failed(path: Path, error: sqlite3.Error, limit: int | None = None) -> StateError:
+def commit_failed(path: Path, error: sqlite3.Error, limit: int | None = None, *,
+                  quota: bool = False) -> StateError:
     """The error for a group of changes that did not reach ``path``; ``limit``:
-    the file size limit its files reached (:func:`size_limit`), if they did."""
+    the file size limit its files reached (:func:`size_limit`), if they did;
+    ``quota``: a disk quota refused the write (:func:`over_quota`)."""
     why = _reason(error)
     code = getattr(error, "sqlite_errorcode", None)
     primary = code & 0xFF if isinstance(code, int) else None
@@ -213,6 +244,13 @@ def commit_failed(path: Path, error: sqlite3.Error, limit: int | None = None) ->
         remedy = ("raise the daemon's file size limit (LimitFSIZE= under systemd, ulimit -f "
                   f"in the shell that starts it; prlimit --pid {os.getpid()} "
                   "--fsize=unlimited raises it now)")
+    elif quota:
+        # Not the disk's free space, which may be ample: the quota of the daemon's
+        # user, its group, or the state directory's project, on that file system.
+        why += " (a disk quota on its file system is exceeded)"
+        remedy = (f"free space under the disk quota that {path.parent} is under (of "
+                  f"{account(os.geteuid())}, the user the daemon runs as, of its group, or "
+                  "of the directory's project), or raise that quota")
     elif primary == _IOERR and _no_space(path.parent):
         why += " (its file system is full)"
     elif primary in (_BUSY, _LOCKED):

@@ -5,7 +5,8 @@ program holding the write lock past the busy timeout) leaves the file as it
 was, and the store keeps working: the next commit succeeds once the disk (or
 that program) does.  What makes that so is here: writing over a failed
 group's pages, cutting the log where the last good commit ends, and folding
-the log back on a nearly full disk (or at the daemon's file size limit).
+the log back on a nearly full disk (or at the daemon's file size limit, or a
+disk quota).
 When a failed sync left a group whole in the log and neither works (a file
 system gone read-only), the commit raises :class:`Unsettled`: the next start
 may replay the group, so it can be reported neither failed nor done.
@@ -30,6 +31,7 @@ from migblockd.state.errors import (
     free_space,
     io_error,
     no_space,
+    over_quota,
     size_limit,
 )
 from migblockd.state.watch import Watched
@@ -66,15 +68,18 @@ class Recovery:
 
     def failed(self, error: sqlite3.Error, retry: Callable[[], None]) -> None:
         """After ``error`` failed a commit: make room and ``retry`` it once when the
-        log filled the disk or reached the file size limit; returns if that worked.
+        log filled the disk or a disk quota, or reached the file size limit;
+        returns if that worked.
         Otherwise leave the log without the failed group, and raise the StateError
         to report (:class:`Unsettled` when the group could not be taken out)."""
         failed: sqlite3.Error | None = error
         read = False  # another program's reading kept the log from being emptied
-        # The log may be what fills the disk, or what reaches the daemon's file
-        # size limit (SQLite empties it only once it holds about 4 MiB, so under
-        # a smaller limit it would fail every commit): empty it, and try once more.
-        if no_space(error, self._files) or size_limit(error, self._log) is not None:
+        # The log may be what fills the disk or a quota, or what reaches the
+        # daemon's file size limit (SQLite empties it only once it holds about
+        # 4 MiB, so with less room than that it would fail every commit): empty
+        # it, and try once more.
+        if (no_space(error, self._files) or size_limit(error, self._log) is not None
+                or over_quota(error, self._files)):
             busy = self._checkpoint("TRUNCATE")
             read = busy == 1
             if busy == 0:
@@ -88,8 +93,10 @@ class Recovery:
 
     def _refuse(self, failed: sqlite3.Error, read: bool) -> NoReturn:
         """:meth:`failed`'s error, once the failed group is out of the log."""
-        # Before the seal, which may cut the log below the limit.
+        # Before the seal, which may cut the log below the limit, or free a block
+        # under the quota.
         limit = size_limit(failed, self._log, self._database)
+        quota = limit is None and over_quota(failed, self._files)
         # A full disk too: the seal's page goes where the failed group's
         # first one is, in a block the log already has.
         if io_error(failed) and not self._seal() and (
@@ -100,7 +107,7 @@ class Recovery:
                             "could be neither written over nor cut where its last "
                             "good commit ends: the next start may find the "
                             "changes") from failed
-        error = commit_failed(self._path, failed, limit)
+        error = commit_failed(self._path, failed, limit, quota=quota)
         if read and no_space(failed, self._files):
             # A reader's transaction keeps SQLite from writing the log again from
             # its start: it grew to fill the disk, and only ending that read helps.

@@ -166,9 +166,13 @@ class PidLock:
         if fd is not None:
             # Forget our pid first, so that nobody refused later names a stale one;
             # a note stays for the next holder (blanks over the pid, in one write).
+            # The lines saying that the holder is stopping go after it: it has
+            # stopped, and an operator reading the file is not to think otherwise.
             with contextlib.suppress(OSError):
                 if self._pid:
                     os.pwrite(fd, b" " * (len(self._pid) - 1), 0)
+                    if self._said:
+                        os.ftruncate(fd, len(self._pid) + len(self._note) + 1)
                 else:
                     os.ftruncate(fd, 0)
             os.close(fd)  # closing the only descriptor drops the flock

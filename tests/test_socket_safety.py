@@ -569,9 +569,10 @@ def test_a_start_refused_while_the_first_daemon_stops_says_it_is_stopping(
         f"ERROR: state directory {state} is locked by another migblockd "
         f"(pid {live.proc.pid}), which is stopping; start again once it has exited, or "
         "use another --state-dir"), same_state.log()
-    # The line goes with the daemon (the state directory's lock file keeps its note,
-    # and the line after it, until the next holder writes its own): the next start
-    # takes both, and a start refused while it runs is told it serves.
+    # The line goes with the daemon (the state directory's lock file keeps its note
+    # alone, for the next holder): the next start takes it, and a start refused while
+    # it runs is told it serves.
+    assert not stopping_line(state / "lock")
     again = start_daemon("--state-dir", str(state))
     serving = start_daemon(wait=False)
     assert serving.wait_exit() == 1

@@ -495,6 +495,31 @@ def test_lock_of_a_killed_holder_is_free(tmp_path: Path) -> None:
     reopened(tmp_path)  # the kernel dropped the lock with the process
 
 
+def test_a_stopped_holder_leaves_its_note_and_no_line_saying_it_stops(tmp_path: Path) -> None:
+    """Found by review of the lock file: the lines a stopping holder writes after its
+    note, for a start refused meanwhile, stayed after its stop, below the blanked
+    pid: an operator reading the file was told that a daemon was stopping, long
+    after it had stopped."""
+    lock = tmp_path / "lock"
+    code = f"""
+        from pathlib import Path
+        from migblockd.pidlock import say_stopping
+        from migblockd.state import Store
+        store = Store.open(Path({str(tmp_path)!r}))
+        say_stopping()
+        assert Path({str(lock)!r}).read_bytes().endswith(b"\\nstopping\\nbefore serving\\n")
+        store.close()
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    child = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert child.returncode == 0, child.stderr
+    pid, note, end = lock.read_bytes().split(b"\n")
+    assert pid and pid.strip() == b""  # the pid, blanked
+    assert json.loads(note)["database"] == str(tmp_path / "state.db") and end == b""
+    reopened(tmp_path)  # and the next start finds the note it reads
+
+
 # ------------------------------------------------------------- bad files
 
 

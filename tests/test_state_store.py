@@ -495,6 +495,43 @@ def test_lock_of_a_killed_holder_is_free(tmp_path: Path) -> None:
     reopened(tmp_path)  # the kernel dropped the lock with the process
 
 
+def test_a_lock_file_removed_under_its_holder_is_named_when_a_start_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Found by review of the lock file: removed while its daemon ran (a clean-up of
+    "stale" lock files), the next start took a new one and was refused only at the
+    database's own lock, "whose state directory holds the same file": the operator
+    was sent looking for another directory that links to this database."""
+    code = f"""
+        import sys
+        from pathlib import Path
+        from migblockd.state import Store
+        store = Store.open(Path({str(tmp_path)!r}))
+        print("held", flush=True)
+        sys.stdin.read()
+        store.close()
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    lock = tmp_path / "lock"
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        lock.unlink()
+        with pytest.raises(StateError) as refused:
+            Store.open(tmp_path)
+        assert str(refused.value) == (
+            f"state database {tmp_path}/state.db is in use by another migblockd (pid "
+            f"{holder.pid}), which serves this state directory: its lock file {lock} was "
+            f"removed while it ran; stop that daemon, and leave {lock} in place (no daemon "
+            "leaves a stale one)")
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0
+    reopened(tmp_path)  # as the refusal says: once it has stopped
+
+
 def test_a_stopped_holder_leaves_its_note_and_no_line_saying_it_stops(tmp_path: Path) -> None:
     """Found by review of the lock file: the lines a stopping holder writes after its
     note, for a start refused meanwhile, stayed after its stop, below the blanked

@@ -179,10 +179,36 @@ def lock_database(path: Path) -> DatabaseLock:
                              "choose another --state-dir", lasting=not passing(e.errno)) from None
         real = os.path.realpath(path)
         shown = f"{path} (which is {real})" if real != str(path) else str(path)
+        holder = _flock_holder(st)
+        lock = path.with_name(LOCK_NAME)
+        if _holds_removed(holder, lock):
+            raise StateError(f"state database {shown} is in use by another migblockd "
+                             f"({holder}), which serves this state directory: its lock file "
+                             f"{lock} was removed while it ran; stop that daemon, and leave "
+                             f"{lock} in place (no daemon leaves a stale one)") from None
         raise StateError(f"state database {shown} is in use by another migblockd "
-                         f"({_flock_holder(st)}), whose state directory holds the same "
+                         f"({holder}), whose state directory holds the same "
                          "file; stop it, or give each daemon a database of its own") from None
     return DatabaseLock(fd)
+
+
+def _holds_removed(holder: str, lock: Path) -> bool:
+    """Whether ``holder`` (``pid N``, as :func:`_flock_holder` says it) holds
+    ``lock`` open under no name: removed while it ran (a clean-up of "stale"
+    lock files), the state directory looked free to this start, which took a new
+    lock file there and was refused only at the database's own lock.  Told apart
+    so that the refusal does not send the operator looking for another
+    directory; False when it cannot be told (another user's process)."""
+    pid = holder.removeprefix("pid ")
+    removed = f"{os.path.realpath(lock.parent)}/{lock.name} (deleted)"
+    try:
+        for fd in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(fd.path) == removed:
+                    return True
+    except OSError:
+        pass
+    return False
 
 
 def _flock_holder(st: os.stat_result) -> str:

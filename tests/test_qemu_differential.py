@@ -246,6 +246,14 @@ CHARACTERS = [
     b'{"execute": "x", "id": [1 "\xc3"]}',
     # A lone surrogate, then a \u escape cut short by the end of what was parsed.
     b'{"execute": "nope", "id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',
+    # A message a closer that does not match ends: its strings are read in order
+    # before its parser stops, so one not UTF-8 is the error, unless one before it is.
+    b'{"execute": "x", "id\xc1" 1]',
+    b'["execute", "\xed\xa0\x80", 1}',
+    b'{"execute": "x", "id": "\xc3x" 1]',
+    b'{"execute": "x" 1, "id": "\xc3x"]',
+    b'{"execute": "x", "id": "\\q\xc3x"]',
+    b'{"execute": "x", "id": "\xc0\x80" 1]',
 ]
 
 

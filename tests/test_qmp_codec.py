@@ -529,6 +529,14 @@ def test_a_request_that_is_not_ascii_is_not_checked_escape_by_escape(
         # (it dropped the connection), and QEMU 7.2's words.
         (b'{"id": {"k0": "\\uD800\\u0041\\x41x", "k1":} true}',
          "JSON parse error, \\uD800 is not a valid Unicode character"),
+        # A string that is not UTF-8 before a closer that does not match: QEMU's
+        # parser reads it before it meets what is wrong with the message.
+        (b'{"id\xc1" 1]', "JSON parse error, invalid UTF-8 sequence in string"),
+        (b'{"a": "\xc3x" 1]', "JSON parse error, invalid UTF-8 sequence in string"),
+        (b'["\xed\xa0\x80", 1}', "JSON parse error, invalid UTF-8 sequence in string"),
+        (b'{"a" 1, "\xc1": 1]', "JSON parse error, missing : in object pair"),
+        (b'{"a": "\\q\xc3x"]', "JSON parse error, invalid escape sequence in string"),
+        (b'{"a": "\xc0\x80" 1]', "JSON parse error, expected separator in dict"),
     ],
 )
 def test_parse_error_wording(data: bytes, desc: str) -> None:

@@ -74,6 +74,33 @@ _BAD_BYTES: Final = "migblockd-qemu-bad-bytes"
 codecs.register_error(_BAD_BYTES, _bad_bytes)
 
 
+#: C0 80, and the escapes before it (so that a backslash does not escape it).
+_MODIFIED_NUL: Final = re.compile(rb"\\[\s\S]|\xc0\x80")
+
+
+def _nul_escape(m: re.Match[bytes]) -> bytes:
+    return b"\\u0000" if m.group() == b"\xc0\x80" else m.group()
+
+
+def nul_escaped(data: bytes) -> bytes:
+    """``data`` with each C0 80 outside an escape as the escape json takes for U+0000."""
+    return _MODIFIED_NUL.sub(_nul_escape, data)
+
+
+#: In text decoded with :data:`RAW`, a byte that is not UTF-8 (a lone surrogate);
+#: C0 80 is taken whole first, modified UTF-8's U+0000 being a character to QEMU.
+_NOT_UTF8: Final = re.compile("\udcc0\udc80|([\udc80-\udcff])")
+
+
+def first_bad_byte(text: str) -> int | None:
+    """Where the first byte ``mod_utf8_codepoint()`` (``util/unicode.c``) reads as
+    no part of a character is in ``text``, bytes decoded with :data:`RAW`."""
+    for m in _NOT_UTF8.finditer(text):
+        if m.group(1) is not None:
+            return m.start(1)
+    return None
+
+
 #: Every escape in a JSON text, in order (``\\\\`` is one, so ``\\\\u`` is none).
 ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|.)", re.DOTALL)
 

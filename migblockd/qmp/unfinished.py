@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from migblockd.qmp.characters import RAW
+from migblockd.qmp.characters import RAW, first_bad_byte
 from migblockd.qmp.decoder import SAME_LENGTH, Reject, apostrophes, finite_numbers, read_on
 from migblockd.qmp.lexer import PARSE_ERROR_PREFIX, first_lexical_error
 from migblockd.qmp.wording import (
@@ -69,7 +69,7 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> LineError | None:
             scope = (text[: line_end + 1] if line_end >= 0
                      else text + "\n" if buf[lf : lf + 1] == b"\n" else text)
         lexical = first_lexical_error(scope)
-        desc = (lexical or _bad_utf8_before(bytes(buf[start:lf]), text, exc.pos)
+        desc = (lexical or _bad_utf8_before(text, exc.pos)
                 or PARSE_ERROR_PREFIX + qemu_reason(exc.msg, text, exc.pos))
         at = exc.pos
         if lexical is None:
@@ -105,21 +105,16 @@ def prefix_error(buf: bytearray, start: int, lf: int) -> LineError | None:
     skip = feeds[lo] if lo < len(feeds) else lf
     its_lexer = desc_or_none is not None and desc_or_none == first_lexical_error(text)
     if not its_lexer:
-        desc_or_none = _bad_utf8_before(bytes(buf[start:lf]), text, None) or desc_or_none
+        desc_or_none = _bad_utf8_before(text, None) or desc_or_none
     return LineError(desc_or_none or PARSE_ERROR_PREFIX + "expecting value", skip, its_lexer)
 
 
-def _bad_utf8_before(data: bytes, text: str, pos: int | None) -> str | None:
-    """QEMU's error for the first string of ``text`` (``data`` decoded) with bytes
+def _bad_utf8_before(text: str, pos: int | None) -> str | None:
+    """QEMU's error for the first string of ``text`` (decoded with ``RAW``) with bytes
     that are not UTF-8, if its parser meets that string before the error json
     found at ``pos`` (None: a hook's, whose position is not known: the string
     is met first if what precedes it is a valid beginning)."""
-    # C0 80 is U+0000 to QEMU: two bytes, and two characters of ``text``.
-    probe = data.replace(b"\xc0\x80", b"\0\0")
-    try:
-        probe.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        first = len(probe[: exc.start].decode("utf-8"))
-        if pos is None or first < pos:
-            return bad_utf8(text, first)
+    first = first_bad_byte(text)
+    if first is not None and (pos is None or first < pos):
+        return bad_utf8(text, first)
     return None

@@ -29,9 +29,11 @@ from migblockd.qmp.characters import (
     ESCAPE,
     RAW,
     SUSPECT_ESCAPE,
+    first_bad_byte,
     first_not_a_character,
     not_a_character,
     not_unicode,
+    nul_escaped,
 )
 from migblockd.qmp.decoder import (
     DECODER,
@@ -88,14 +90,6 @@ SINGLE_QUOTE: Final = PARSE_ERROR_PREFIX + "single-quoted strings are not suppor
 # --------------------------------------------------------------------------- parsing
 
 
-#: C0 80, and the escapes before it (so that a backslash does not escape it).
-_MODIFIED_NUL: Final = re.compile(rb"\\[\s\S]|\xc0\x80")
-
-
-def _nul_escape(m: re.Match[bytes]) -> bytes:
-    return b"\\u0000" if m.group() == b"\xc0\x80" else m.group()
-
-
 def decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> object:
     """Parse one complete message: its JSON value, or a :class:`ParseError`.
 
@@ -132,7 +126,7 @@ def _decode_message(data: bytes | bytearray, max_tokens: int | None = None) -> o
         if lexical is None and b"\xc0\x80" in data:
             # Modified UTF-8's U+0000, which QEMU takes in a string
             # (mod_utf8_codepoint(), util/unicode.c): as the escape json takes.
-            escaped = _MODIFIED_NUL.sub(_nul_escape, bytes(data))
+            escaped = nul_escaped(bytes(data))
             value = _decode_message(escaped) if escaped != data else None
             if value is not None:
                 return value  # its error is the message's, C0 80 being a character
@@ -271,6 +265,11 @@ def describe_error(data: str | bytes) -> str | None:
     lexical = first_lexical_error(text)
     if lexical is not None:
         return lexical
+    # Python's json takes such bytes in a string; QEMU's parser refuses the string
+    # as it meets it, before a later error (a closer that does not match, say).
+    if not text.isascii() and (first := first_bad_byte(text)) is not None \
+            and (bad := bad_utf8(text, first)) is not None:
+        return bad
     try:
         value, end = DECODER.raw_decode(apostrophes(text, SAME_LENGTH))
     except Reject as exc:

@@ -391,6 +391,28 @@ def test_a_request_after_a_lexical_error_runs(module_qemu: Qemu, module_daemon: 
     same_outcome(module_qemu, module_daemon, [data[i : i + 1] for i in range(len(data))])
 
 
+#: A bad keyword at the top level, then a reset byte: QEMU's lexer ends the keyword
+#: at it, its parser answers the keyword, and the reset byte is an error of its own.
+KEYWORD_THEN_RESET = [
+    b'tru\x00{"execute": "query-version", "id": 1}',
+    b'x\x1b{"execute": "query-version", "id": 2}',
+    b'nul\xff {"execute": "query-version", "id": 3}',
+    b'12x\x0b{"execute": "query-version", "id": 4}',
+    b'{"execute": "query-version", "id": 5}tru\x0c{"execute": "query-version", "id": 6}',
+]
+
+
+@pytest.mark.parametrize("data", KEYWORD_THEN_RESET,
+                         ids=[repr(c)[2:-1] for c in KEYWORD_THEN_RESET])
+def test_a_reset_byte_after_a_bad_keyword(module_qemu: Qemu, module_daemon: DaemonProcess,
+                                          data: bytes) -> None:
+    same_answers(module_qemu, module_daemon, data)
+    # The reset byte in a write of its own, as a client resetting after garbage sends it.
+    at = next(i for i, c in enumerate(data) if c in b"\x00\x0b\x0c\x1b\xff")
+    assert answers(module_daemon.socket, [data[:at], data[at:]]) == answers(
+        module_qemu.test_socket, [data[:at], data[at:]])
+
+
 def same_outcome_but_first_error(qemu: Qemu, daemon: DaemonProcess,
                                  data: bytes | Sequence[bytes]) -> None:
     """As :func:`same_outcome`, the errors' wording aside: after a closer that does

@@ -309,6 +309,24 @@ def test_the_byte_that_cuts_a_number_short_goes_with_it(cut: bytes) -> None:
         assert decode(stream[:at], stream[at:]) == whole, at
 
 
+@pytest.mark.parametrize("reset", [b"\x00", b"\x1b", b"\x0c", b"\xff"])
+@pytest.mark.parametrize(("token", "desc"), [
+    (b"x", "JSON parse error, invalid keyword 'x'"),
+    (b"tru", "JSON parse error, invalid keyword 'tru'"),
+    (b"1e400", "JSON parse error, number out of range"),
+])
+def test_a_reset_byte_after_a_bad_token_is_an_error_of_its_own(token: bytes, desc: str,
+                                                               reset: bytes) -> None:
+    # QEMU's lexer ends a keyword or a whole number at any byte, and its parser
+    # answers it; the reset byte is then read afresh, an error of its own.  The
+    # reset took the token's error with it, as if it had cut a number short.
+    stream = token + reset + CMD
+    whole = decode(stream)
+    assert whole == [ParseError(desc), ParseError(lexer.stray(reset)), CMD_VALUE]
+    for at in range(1, len(stream)):
+        assert decode(stream[:at], stream[at:]) == whole, at
+
+
 @pytest.mark.parametrize("cut", [b"1e+", b"1e-", b"-", b"1.", b"1e", b"-0.5E"])
 def test_a_number_the_end_of_input_cuts_short_is_named_whole(cut: bytes) -> None:
     # Where the input ends, QEMU's lexer (json_lexer_flush(), qobject/json-lexer.c)

@@ -151,6 +151,12 @@ class Scanner(Structure):
                         # which the session says), then the rest on its own.
                         self._start = start
                         return self._complete(start + split)
+                    if end < n and buf[end] in RESET_BYTES and lexer_waits(buf, start, end) \
+                            and not number_cut_short(bytes(buf[start:end])):
+                        # QEMU's lexer ends a keyword or a whole number at any byte,
+                        # its parser answers it, and the reset byte, read afresh, is
+                        # an error of its own ("tru" then a reset: two errors).
+                        return item
                     if end < n:
                         # QEMU's lexer names a number cut short with the byte it
                         # could not take ("stray '1.}'", "stray '-\n'"), and that

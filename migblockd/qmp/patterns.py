@@ -73,15 +73,20 @@ NUMBER_START: Final = frozenset(b"-0123456789")
 # Where QEMU's lexer stops skipping after an error (IN_RECOVERY): a structural
 # character, or a control character but the tab.
 RECOVERY_END = re.compile(rb"[{}\[\],:\n\r" + RESET_CLASS + rb"]")
+# The body of a single-quoted string, which QEMU's lexer reads as it reads a
+# double-quoted one: its brackets count for nothing in a broken message either.
+SQ_STRING_CHARS = rb"(?:[^'\\" + STRING_BAD + rb"]++|\\[^" + STRING_BAD + rb"])*+"
+SQ_STRING_BODY = re.compile(SQ_STRING_CHARS)
 # The rest of a broken message: whole strings and ordinary bytes, up to a
 # bracket (counted), a quote that starts a string not whole in the buffer, a
 # line feed or a reset byte.
 SKIP_BODY = re.compile(
-    rb"(?:[^\"{}\[\]\n" + RESET_CLASS + rb']++|"' + STRING_CHARS + rb'")*+')
+    rb"(?:[^\"'{}\[\]\n" + RESET_CLASS + rb']++|"' + STRING_CHARS + rb'"'
+    rb"|'" + SQ_STRING_CHARS + rb"')*+")
 RESET_RUN = re.compile(rb"[" + RESET_CLASS + rb"]*+")
 # A run of the rest of a broken message with no string in it: brackets and
 # ordinary bytes, up to a quote, a line feed or a reset byte.
-FLAT = re.compile(rb"[^\"\n" + RESET_CLASS + rb"]*+")
+FLAT = re.compile(rb"[^\"'\n" + RESET_CLASS + rb"]*+")
 # A control character, where QEMU's lexer ends a string with an error.
 CONTROL = re.compile(rb"[\x00-\x1f]")
 BLANKS = re.compile(rb"[ \t\r]*+")
@@ -142,33 +147,33 @@ def message_over(counts: Open) -> bool:
 
 
 def skip_broken(buf: bytearray, n: int, pos: int, counts: Open,
-                in_string: bool) -> tuple[int, Open, bool, int | None]:
+                quote: int) -> tuple[int, Open, int, int | None]:
     """Step over the rest of a message broken with ``counts`` brackets open
-    (inside a string if ``in_string``), from ``pos``, counting brackets as QEMU's
-    streamer does.  Returns ``(pos, counts, in_string, stop)``: ``stop`` None when
-    input ran out (go on from there later), :data:`MESSAGE_END` with ``pos`` after
-    its last bracket, :data:`RESYNC_POINT` with ``pos`` at a line feed or a
-    reset byte (``in_string`` then says whether it broke a string)."""
+    (inside a string quoted with ``quote``, if not 0), from ``pos``, counting
+    brackets as QEMU's streamer does.  Returns ``(pos, counts, quote, stop)``:
+    ``stop`` None when input ran out (go on from there later), :data:`MESSAGE_END`
+    with ``pos`` after its last bracket, :data:`RESYNC_POINT` with ``pos`` at a
+    line feed or a reset byte (``quote`` then says whether it broke a string)."""
     while True:
-        if in_string:
-            p = match_end(STRING_BODY, buf, pos)
+        if quote:
+            p = match_end(STRING_BODY if quote == QUOTE else SQ_STRING_BODY, buf, pos)
             if p >= n:
-                return p, counts, True, None
+                return p, counts, quote, None
             c = buf[p]
-            if c == QUOTE:
-                in_string, pos = False, p + 1
+            if c == quote:
+                quote, pos = 0, p + 1
                 continue
             if c == BACKSLASH:
                 if p + 1 >= n:
-                    return p, counts, True, None  # the escape is split across reads
+                    return p, counts, quote, None  # the escape is split across reads
                 p += 1  # "\X" with X a line feed or a reset byte
-            return p, counts, True, RESYNC_POINT
+            return p, counts, quote, RESYNC_POINT
         p = match_end(SKIP_BODY, buf, pos)
         if p >= n:
-            return p, counts, False, None
+            return p, counts, 0, None
         c = buf[p]
-        if c == QUOTE:
-            in_string, pos = True, p + 1
+        if c in QUOTES:
+            quote, pos = c, p + 1
             continue
         if c in OPENERS or c in CLOSERS:
             end = match_end(FLAT, buf, p)
@@ -177,13 +182,13 @@ def skip_broken(buf: bytearray, n: int, pos: int, counts: Open,
                 if over < 0:
                     pos = end
                     continue
-                return over, counts, False, MESSAGE_END
+                return over, counts, 0, MESSAGE_END
             counts = counted(counts, c)
             pos = p + 1
             if not message_over(counts):
                 continue
-            return pos, counts, False, MESSAGE_END
-        return p, counts, False, RESYNC_POINT
+            return pos, counts, 0, MESSAGE_END
+        return p, counts, 0, RESYNC_POINT
 
 
 #: Runs at least this long are counted in bulk (:func:`_count_run`): a step of

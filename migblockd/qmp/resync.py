@@ -109,9 +109,9 @@ class Resync:
         self._mode = SKIP_TOP
 
     def _skip_rest(self, pos: int, counts: Open, in_string: bool = False, *,
-                   lex: bool = False) -> None:
-        """A message broken with ``counts`` brackets open (in a string, if
-        ``in_string``): skip from ``pos`` to its end, counting brackets as QEMU's
+                   lex: bool = False, quote: int = QUOTE) -> None:
+        """A message broken with ``counts`` brackets open (in a string quoted with
+        ``quote``, if ``in_string``): skip from ``pos`` to its end, counting brackets as QEMU's
         streamer does, so that a client that sends no line feeds (``qemu.qmp``)
         is not cut off, nor one that sends its requests pretty-printed
         (:meth:`_next_line`).  With ``lex`` (``pos`` is between two tokens),
@@ -127,6 +127,7 @@ class Resync:
         self._mode = SKIP_REST
         self._skip_open = counts
         self._in_string = in_string
+        self._quote = quote
 
     def _next_line(self, buf: bytearray, n: int) -> bool:
         """SKIP_LINE: a line of a bad message skipped across lines ended; False if

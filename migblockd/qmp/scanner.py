@@ -185,8 +185,10 @@ class Scanner(Structure):
                 if not self._skip_garbage(buf, n):
                     return NEED_DATA
             elif mode == SKIP_REST:
-                scan, self._skip_open, self._in_string, stop = skip_broken(
-                    buf, n, self._scan, self._skip_open, self._in_string)
+                scan, self._skip_open, quote, stop = skip_broken(
+                    buf, n, self._scan, self._skip_open, self._quote if self._in_string else 0)
+                self._in_string = quote != 0
+                self._quote = quote or self._quote
                 failed = self._rest_lexed(buf, n if stop is None else scan)
                 if failed >= 0:
                     # QEMU's streamer forgets the message at its lexer's error.

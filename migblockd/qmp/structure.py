@@ -218,7 +218,9 @@ class Structure(LineCheck):
                             return earlier
                         quoted = (TOKEN_COUNT_EXCEEDED if self._past_token_limit(buf, p)
                                   else SINGLE_QUOTE)
-                        self._skip_rest(p + 1, open_brackets(stack))
+                        # The rest begins in the string the quote opens (brackets
+                        # in it count for nothing), as QEMU's lexer reads it.
+                        self._skip_rest(p + 1, open_brackets(stack), True, quote=APOSTROPHE)
                         return ParseError(quoted)
                     return self._bad_byte(buf, p)
             # Out of input (or out of allowance) in the middle of a message.

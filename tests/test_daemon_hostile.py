@@ -213,3 +213,63 @@ async def test_a_client_that_sends_no_newline_goes_on_after_a_bad_message(
         assert "error" in reply and "id" not in reply, reply
         assert await c.execute("query-version", id="next") == {
             "return": (await c.ok("query-version")), "id": "next"}
+
+
+#: Member names and values a structured fuzz draws from: the schema's own, and
+#: what is wrong for them.
+_NAMES = ["reason", "modes", "internal", "id", "scope", "uri", "channels", "resume",
+          "enable", "capabilities", "capability", "state", "mode", "downtime-limit",
+          "max-bandwidth", "channel-type", "addr", "transport", "type", "path", "x"]
+_LEAVES: list[object] = [
+    0, -0.0, 1, -1, 2**63, -(2**63) - 1, 2**64, 1.5, 1e300, 10**40, True, False, None,
+    "", "oob", "normal", "cpr-reboot", "events", "connection", "daemon", "main", "socket",
+    "unix:/x", "tcp:1:2", "file:/x", "#blocker0", "a" * 129, "\u00e9\U0001f600", "x\u0000y",
+]
+
+
+def _value(rnd: random.Random, depth: int = 0) -> object:
+    k = rnd.random()
+    if k < 0.55 or depth > 3:
+        return rnd.choice(_LEAVES)
+    if k < 0.75:
+        return [_value(rnd, depth + 1) for _ in range(rnd.randint(0, 4))]
+    return {rnd.choice(_NAMES): _value(rnd, depth + 1) for _ in range(rnd.randint(0, 4))}
+
+
+@pytest.mark.parametrize("state", ["durable", "ephemeral"])
+async def test_seeded_structured_requests_each_get_one_reply(
+    start_daemon: Callable[..., DaemonProcess], state: str
+) -> None:
+    """Requests that are JSON objects, every command of the schema with arguments
+    drawn from its members' names and values wrong and right for them, in-band and
+    out-of-band, pipelined: each gets exactly one reply with its id, none an
+    internal error, and the daemon goes on (a seeded sample, the same at each run).
+    A daemon of its own: the blockers and settings the sample changes stay."""
+    d = start_daemon("--migration-time", "0.2", *(["--ephemeral"] if state == "ephemeral" else []))
+    rnd = random.Random(20261207)
+    async with d.client() as c:
+        commands = [entry["name"] for entry in await c.ok("query-commands")]
+    for round_ in range(30):
+        async with d.client(negotiate=rnd.random() < 0.9) as c:
+            sent: list[str] = []
+            for number in range(rnd.randint(1, 30)):
+                request: dict[str, object] = {
+                    "exec-oob" if rnd.random() < 0.2 else "execute":
+                        rnd.choice(commands) if rnd.random() < 0.9 else _value(rnd)}
+                if rnd.random() < 0.8:
+                    request["arguments"] = (_value(rnd) if rnd.random() < 0.2 else {
+                        rnd.choice(_NAMES): _value(rnd) for _ in range(rnd.randint(0, 4))})
+                if rnd.random() < 0.05:
+                    request[rnd.choice(["control", "x"])] = _value(rnd)
+                sent.append(f"r{round_}.{number}")
+                request["id"] = sent[-1]
+                c.send_raw(json.dumps(request, ensure_ascii=rnd.random() < 0.5).encode())
+            c.send_raw(PROBE)
+            msgs = await c.read_until_reply("probe")
+            replies = [m for m in msgs[:-1] if "event" not in m]
+            assert sorted(m["id"] for m in replies) == sorted(sent), (sent, replies)
+            for m in replies:
+                assert "Internal error" not in m.get("error", {}).get("desc", ""), m
+    await probe(d)
+    assert d.stop() == 0
+    assert_clean_log(d)

@@ -287,14 +287,13 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
     # $LISTEN_FDS counting more than were passed would take for passed ones.
     activation = Activation()
 
-    loop_factory = None
-    if config.event_loop == "uvloop":
-        try:
-            import uvloop  # noqa: PLC0415 - optional
-        except ImportError:
-            _fail("--event-loop uvloop needs the uvloop package "
-                  "(pip install 'migblockd[uvloop]')")
-        loop_factory = uvloop.new_event_loop
+    from migblockd.preflight import loop_factory as chosen_loop  # noqa: PLC0415
+
+    try:
+        loop_factory = chosen_loop(config.event_loop,
+                                   Sources.of(cli, file).named("event_loop"))
+    except StartupError as exc:
+        _fail(str(exc))
 
     # From the stop's signal on, the locks the start holds say that it is stopping,
     # and so does the record of reloads.

@@ -1,9 +1,9 @@
 """What would stop a start, found without binding, creating or locking anything.
 
 A setting can be well formed and still stop the daemon at its start: a
-``socket-group`` that names no group, a ``schema`` that cannot be read, a
-``metrics`` host that does not resolve, or a port below 1024 this user may not
-bind, a socket path too long for AF_UNIX,
+``socket-group`` that names no group, a ``schema`` that cannot be read, an
+``event-loop`` whose package is not installed, a ``metrics`` host that does not
+resolve, or a port below 1024 this user may not bind, a socket path too long for AF_UNIX,
 taken by a file that is not a socket, or in a directory others may change, a
 ``state-dir`` that is not a directory or that others may change (or, still to
 be made, is under a directory others may change), a socket or state directory
@@ -13,8 +13,8 @@ others may write, this user may not open, or that is empty or no database, a
 ``--check-config`` must not call such settings valid, and a reload, which
 applies none of them, must not let the operator learn of them only when the
 next restart fails: :func:`problems` finds them with the very functions the
-start-up uses (:func:`load_contract`, :func:`socket_gid`, ``tcp.check_address``
-(the start's ``resolve_tcp``, and an address of no interface here) and
+start-up uses (:func:`load_contract`, :func:`loop_factory`, :func:`socket_gid`,
+``tcp.check_address`` (the start's ``resolve_tcp``, and an address of no interface here) and
 ``check_port``, ``listen.check_socket_path`` and ``socketdir.check_socket_directory``,
 ``state.directory.check_existing_directory`` and, for the files in it,
 ``state.files.check_existing_database``, :func:`not_its_own_socket`), so
@@ -34,6 +34,7 @@ the locks SQLite holds on it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import Callable, Collection
@@ -58,8 +59,8 @@ from migblockd.tcp import check_address, check_port
 from migblockd.trust import distrust, named_uid
 from migblockd.trusted_file import UntrustedFile, check_trusted
 
-__all__ = ["check_qemu", "load_contract", "not_its_own_socket", "not_the_qmp_socket",
-           "passed_name", "passed_path", "problems", "socket_gid"]
+__all__ = ["check_qemu", "load_contract", "loop_factory", "not_its_own_socket",
+           "not_the_qmp_socket", "passed_name", "passed_path", "problems", "socket_gid"]
 
 
 def load_contract(path: Path | None) -> Contract:
@@ -104,6 +105,22 @@ def socket_gid(group: str | None, setting: str = "--socket-group",
     if gid is None:
         raise NotConfigured(f"{setting}: there is no group named {group!r}")
     return gid
+
+
+def loop_factory(name: str, setting: str = "--event-loop"
+                 ) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``--event-loop`` names (None: asyncio's own); NotConfigured when
+    it is uvloop and the package is not installed, an optional one that the units'
+    install (``pip install .``) leaves out.  ``setting``: how the message names it."""
+    if name != "uvloop":
+        return None
+    try:
+        import uvloop  # noqa: PLC0415 - optional, and costly to import when not used
+    except ImportError:
+        raise NotConfigured(f"{setting} uvloop needs the uvloop package "
+                            "(pip install 'migblockd[uvloop]')") from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def passed_path(passed: socket.socket) -> Path | None:
@@ -196,6 +213,7 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
     # them that is wanted, the one whose edit a reload names.
     checks: list[tuple[tuple[str, ...], Callable[[], object]]] = [
         (("schema",), lambda: load_contract(config.schema)),
+        (("event-loop",), lambda: loop_factory(config.event_loop, sources.named("event_loop"))),
         (("socket",), lambda: None if socket_passed
          else _socket_at(config.socket, sources.choice("socket"), as_daemon)),
         (("socket-group",), lambda: None if socket_passed

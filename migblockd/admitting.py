@@ -102,7 +102,13 @@ class Admitting:
             min(admission.max_clients, admission.room)
         waiting = len(server.judging)
         if waiting + len(self.core.connections) >= room - admin_slots(room):
-            return "max-clients", _waiting(f"{waiting} clients")
+            if not waiting:
+                # The served alone fill them: said as to a client already judged, not
+                # as a wait for the databases that nobody is in.
+                said = admission.refusal(owner, len(self.core.connections), counted=counted)
+                if said is not None:
+                    return said
+            return "max-clients", _waiting(plural(waiting, "client"))
         limit = admission.max_clients_per_uid
         # Those it has served count too: a subordinate uid not looked up yet may wait
         # beside its user's served clients, and would be turned away once judged.

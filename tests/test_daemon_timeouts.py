@@ -298,6 +298,29 @@ async def test_users_holding_every_slot_they_may_still_leave_root_its_own(
     assert_clean_log(d)
 
 
+async def test_a_user_first_seen_when_the_served_fill_its_slots_is_told_so(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path,
+) -> None:
+    # Found following the docs: root's connections held 7 of max-clients=8, and a user
+    # whose role needed a look-up was told "migblockd is waiting for the user and group
+    # databases to judge 0 clients", a wait nobody was in.  Told as a user already
+    # judged is.
+    short_tmp.chmod(0o755)
+    d = start_daemon("--max-clients", "8", "--socket-mode", "0666", socket=short_tmp / "m.sock")
+    async with d.clients(7):  # root's: served without a look-up
+        nobody = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             "/usr/bin/python3", "-c", textwrap.dedent(HOLDING), str(d.socket)],
+            input="", capture_output=True, text=True, timeout=60, check=False)
+    assert strict_loads(nobody.stdout.splitlines()[0]) == {"error": {
+        "class": "GenericError", "desc": "migblockd is serving 7 clients, max-clients=8 of "
+        "which the last one is kept for administrators; try again later"}}, nobody.stderr
+    d.wait_for_log(f"uid {NOBODY}, gid {NOBODY}): refused: migblockd is serving 7 clients")
+    assert "waiting for the user and group databases" not in d.log()
+    assert d.stop() == 0
+    assert_clean_log(d)
+
+
 async def test_a_reload_applies_the_timeouts_and_the_per_uid_limit(
     start_daemon: Callable[..., DaemonProcess], tmp_path: Path,
 ) -> None:

@@ -49,20 +49,27 @@ _FOLD_WAIT, _FOLD_WAITS = 0.01, 500
 class Watched:
     """The database at ``path`` and its log ``log`` (its real path's), as opened."""
 
-    __slots__ = ("_index", "_largest", "_left", "_marks", "_opened", "log", "path")
+    __slots__ = ("_index", "_index_file", "_index_name", "_largest", "_left", "_log_name",
+                 "_marks", "_name", "_opened", "log", "path")
 
     def __init__(self, path: Path, log: Path) -> None:
         self.path = path
         self.log = log
-        identity, left = _look(path)
+        # The names as text, for the system calls of every commit: a Path makes its
+        # text in Python each time it is handed to one.
+        self._name = os.fspath(path)
+        self._log_name = os.fspath(log)
+        self._index_name = self._log_name.removesuffix("-wal") + "-shm"
+        identity, left = _look(self._name)
         # The database and log files SQLite has open (the log: once it exists).
-        self._opened = (identity, _look(log)[0])
+        self._opened = (identity, _look(self._log_name)[0])
         # The database's size and time of change as the daemon last left it, and
         # the largest it has been: SQLite never shrinks it here (no auto_vacuum).
         self._left = left
         self._largest = 0 if left is None else left[0]
-        #: The log's index, once read (see index_header).
+        #: The log's index, once read (see index_header), and which file it is.
         self._index: int | None = None
+        self._index_file = _HIDDEN
         #: What of the log's index SQLite changes with each write to the database, as
         #: the daemon last left it (see _index_marks); None: not known.
         self._marks = self._index_marks()
@@ -72,7 +79,7 @@ class Watched:
         read, or that another program wrote to; ``fd``: the database, as the
         database lock holds it open (None: not to be read)."""
         database, log_file = self._opened
-        identity, left = _look(self.path)
+        identity, left = _look(self._name)
         departure = self._departure(identity, fd)
         if departure is not None:
             replaced, _ = departure
@@ -103,9 +110,9 @@ class Watched:
                     "folds the daemon's log into the file, over what that program wrote")
             # Another SQLite connection folding the log back, say: the file as it is
             # now, looked at after its marks, which a fold sets after writing the file.
-            self._leave(left if marks is None else _look(self.path)[1])
+            self._leave(left if marks is None else _look(self._name)[1])
             self._marks = marks
-        now = _look(self.log)[0]
+        now = _look(self._log_name)[0]
         if log_file is None:
             self._opened = (database, now)  # made since: SQLite makes it at the first read
         elif now not in (log_file, _HIDDEN):
@@ -120,7 +127,7 @@ class Watched:
         """Whether the database opened (``fd``, as :meth:`check`'s) has left ``path``:
         whether another file is there, and whether a name still holds the one
         opened; None: it is still there."""
-        return self._departure(_look(self.path)[0], fd)
+        return self._departure(_look(self._name)[0], fd)
 
     def _departure(self, identity: tuple[int, int] | None,
                    fd: int | None) -> tuple[bool, bool] | None:
@@ -140,22 +147,21 @@ class Watched:
         left its name, whose log another program's reading kept from being
         emptied: the next start must not replay it into the file there."""
         log_file = self._opened[1]
-        if log_file is None or _look(self.log)[0] != log_file:
+        if log_file is None or _look(self._log_name)[0] != log_file:
             return False
-        index = self.log.with_name(self.log.name.removesuffix("-wal") + "-shm")
         try:
-            os.unlink(self.log)
+            os.unlink(self._log_name)
         except OSError:
             return False
         with contextlib.suppress(OSError):
-            os.unlink(index)
+            os.unlink(self._index_name)
         return True
 
     def committed(self) -> None:
         """A commit (or what a failed one did) may have written the database: SQLite
         folds the log back into it once the log is long enough."""
         self._marks = self._index_marks()  # first: see check
-        self._leave(_look(self.path)[1])
+        self._leave(_look(self._name)[1])
 
     def reconnecting(self) -> None:
         """The connection is made again: it may make the log anew."""
@@ -165,15 +171,22 @@ class Watched:
     def index_header(self, size: int = 20) -> bytes:
         """The first ``size`` bytes of the log's index (``state.db-shm``), read
         through a descriptor kept open until :meth:`close`."""
-        path = self.log.with_name(self.log.name.removesuffix("-wal") + "-shm")
-        st = os.stat(path)
-        if self._index is None or os.fstat(self._index)[1:3] != (st.st_ino, st.st_dev):
+        return os.pread(self._index_open(), size, 0)
+
+    def _index_open(self) -> int:
+        """The descriptor of the log's index: the file now at its name."""
+        st = os.stat(self._index_name)
+        if self._index is None or self._index_file != (st.st_ino, st.st_dev):
             # Another file (SQLite made it anew): no lock of this process is on the
             # old one's inode through SQLite any more, so it may be closed.
-            old, self._index = self._index, os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._index_name, os.O_RDONLY | os.O_CLOEXEC)
+            old, self._index = self._index, fd
             if old is not None:
                 os.close(old)
-        return os.pread(self._index, size, 0)
+            # The file opened, which may be newer than the one looked at.
+            st = os.fstat(fd)
+            self._index_file = (st.st_ino, st.st_dev)
+        return self._index
 
     def _index_marks(self) -> bytes | None:
         """What of the log's index (https://sqlite.org/walformat.html) any SQLite
@@ -182,16 +195,15 @@ class Watched:
         frames it tried to fold (``nBackfill``, ``nBackfillAttempted``), not the
         readers' marks, which a mere read moves.  None: not to be read."""
         try:
-            index = self.index_header(_MARKS_END)
-            if len(index) < _MARKS_END:
-                return None
+            fd = self._index_open()
             # A fold under way has written the file, and sets its count after: it
             # holds the checkpoint lock until then (a busy timeout's worth at most).
+            # So the index is read once no fold is under way.
             for _ in range(_FOLD_WAITS):
-                if self._index is None or not _locked(self._index, _CHECKPOINT_LOCK):
+                if not _locked(fd, _CHECKPOINT_LOCK):
                     break
                 time.sleep(_FOLD_WAIT)
-            index = self.index_header(_MARKS_END)
+            index = os.pread(fd, _MARKS_END, 0)
         except OSError:
             return None
         return index[:48] + index[96:100] + index[128:132] if len(index) == _MARKS_END else None
@@ -246,7 +258,7 @@ def _linked(fd: int | None, identity: tuple[int, int] | None) -> bool:
         return identity is not None
 
 
-def _look(path: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+def _look(path: str) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
     """Which file ``path`` names (following links), as device and inode, and its
     size and time of last change (any write changes one or the other, a chmod
     neither, as it does the inode's change time), from one ``stat``.  None, None:

@@ -93,7 +93,8 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
     """The StartupError a start by this user would give at ``socket_path``, found
     without making, opening or binding anything (``--check-config``): a
     directory it could not make on the way, a lock file it could not open, a
-    directory it could not take the lock or bind the socket in."""
+    directory it could not take the lock or bind the socket in; with the status
+    the start's system call would fail with (the check exits with it)."""
     directory = socket_path.parent
     is_dir = socket_dir_exists(directory, option)
     if os.path.lexists(directory) and not is_dir:
@@ -102,7 +103,8 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
         if not os.path.exists(directory):
             check_socket_directory(directory, option)
         raise StartupError(lock_failed(lock_path(socket_path), LockFailed(
-            os.strerror(errno.ENOTDIR), opening=True, errno=errno.ENOTDIR), option))
+            os.strerror(errno.ENOTDIR), opening=True, errno=errno.ENOTDIR), option),
+            status_of(errno.ENOTDIR))
     if is_dir and directory == fallback_socket_dir():
         check_fallback(directory)  # the start refuses it before it tries to write there
     if not is_dir:
@@ -110,12 +112,12 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
         if not first.parent.is_dir():
             if in_the_way(directory) is not None:  # a file, or a link to nothing, above it
                 raise StartupError(cannot_create(directory, OSError(
-                    errno.ENOTDIR, os.strerror(errno.ENOTDIR)), option))
+                    errno.ENOTDIR, os.strerror(errno.ENOTDIR)), option), status_of(errno.ENOTDIR))
             return
         code = denied(first.parent, os.W_OK | os.X_OK)
         if code:
             raise StartupError(cannot_create(directory, OSError(
-                code, os.strerror(code), str(first)), option))
+                code, os.strerror(code), str(first)), option), status_of(code))
         return
     lock = lock_path(socket_path)
     if os.path.islink(lock):
@@ -128,10 +130,11 @@ def check_socket_writable(socket_path: Path, option: str = "--socket") -> None:
         code = denied(directory, os.W_OK | os.X_OK)
     if code:
         raise StartupError(lock_failed(lock, LockFailed(
-            os.strerror(code), opening=True, errno=code), option))
+            os.strerror(code), opening=True, errno=code), option), status_of(code))
     code = denied(directory, os.W_OK | os.X_OK)
     if code:
-        raise StartupError(cannot_bind(socket_path, OSError(code, os.strerror(code)), option))
+        raise StartupError(cannot_bind(socket_path, OSError(code, os.strerror(code)), option),
+                           status_of(code))
 
 
 def cannot_bind(path: Path, exc: OSError, option: str) -> str:

@@ -78,9 +78,13 @@ def parser(*, documented: bool = False) -> argparse.ArgumentParser:
     p.add_argument(
         "--check-config", action="store_true",
         help="check the settings (the --config file, then the command line) as a start "
-             "or a SIGHUP would read them and exit: 0 if they are valid, 6 with what to "
-             "mend otherwise, 1 when it cannot tell (an I/O error reading the file, "
-             "--running-pid's daemon unreadable); nothing is started or created")
+             "or a SIGHUP would read them and exit: 0 if they are valid; else, saying "
+             "why, as a start refused for it exits (below): "
+             f"{EXIT_NOTCONFIGURED} when any of it is an operator's to mend, "
+             f"{EXIT_FAILURE} when a later start may get past all of it (an address no "
+             "interface has yet, a database or resolver that did not answer), and when "
+             "the check cannot tell (an I/O error reading the file, --running-pid's "
+             "daemon unreadable); nothing is started or created")
     p.add_argument(
         "--running-pid", metavar="PID", type=_pid,
         help="with --check-config, as systemctl reload runs it (ExecReload=): also refuse "
@@ -256,15 +260,19 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
         early.uninstall()
         # Well formed is not enough: what would stop the start (an unknown
         # socket-group, an unreadable schema) is an error here too.
-        from migblockd.preflight import problems, unjudged  # noqa: PLC0415 - keeps --help fast
+        from migblockd.preflight import refusals, unjudged  # noqa: PLC0415 - keeps --help fast
         from migblockd.preflight_notes import ignored, warnings  # noqa: PLC0415
 
         # --socket-activated: judged as the daemon the units start, which serves the
         # socket systemd passes and uses none of the settings of its own socket.
         sources = Sources.of(cli, file)
-        found = problems(config, socket_passed=config.socket_activated, sources=sources)
+        found = refusals(config, socket_passed=config.socket_activated, sources=sources)
         if found:
-            _fail(*(why for _, why in found))
+            # The start's status for the same problems: 1 only when each of them may
+            # be gone by a later start, which is then worth waiting for; one an
+            # operator has to mend stops every start.
+            _fail(*(p.why for p in found), status=EXIT_FAILURE if all(
+                p.status == EXIT_FAILURE for p in found) else EXIT_NOTCONFIGURED)
         notes = [*ignored(config, socket_passed=config.socket_activated, sources=sources),
                  *unjudged(config, socket_passed=config.socket_activated, sources=sources),
                  *warnings(config, sources)]

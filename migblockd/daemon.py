@@ -21,7 +21,7 @@ from migblockd.listen import Claim, claim_socket
 from migblockd.notify import Notifier, plural
 from migblockd.paths import NoDefault, default_state_dir
 from migblockd.persistence import restore
-from migblockd.preflight import check_qemu, load_contract, socket_gid
+from migblockd.preflight import check_qemu, load_contract, socket_gid, state_refused
 from migblockd.preflight_notes import kept_out_notes, socket_group_notes
 from migblockd.progress import StartProgress
 from migblockd.registry import Registry
@@ -30,15 +30,12 @@ from migblockd.settings_file import FileSettings
 from migblockd.socketgroup import WAIT
 from migblockd.sources import COMMAND_LINE, Sources
 from migblockd.startup import (
-    EXIT_FAILURE,
-    EXIT_NOTCONFIGURED,
     STOPPED_STARTING,
     NotConfigured,
     StartupError,
     StoppedStarting,
 )
 from migblockd.state import StateError, Store
-from migblockd.state.directory import home_problem
 from migblockd.systemd import Activation, ActivationError
 
 __all__ = ["StartupError", "run"]
@@ -203,11 +200,7 @@ def open_state(config: Config, registry: Registry, sources: Sources = COMMAND_LI
                            progress=None if progress is None else progress.counting("reading"),
                            stop=stop_asked)
     except StateError as exc:
-        home = home_problem(config.state_dir)
-        why = home or exc.naming(sources.choice("state_dir"))
-        # A directory or database to mend is not tried again (the units' restart);
-        # another daemon's lock, or the disk, may be gone by the next start.
-        status = EXIT_NOTCONFIGURED if home or exc.lasting else EXIT_FAILURE
+        why, status = state_refused(exc, config.state_dir, sources.choice("state_dir"))
         raise StartupError(sources.located("state_dir", why), status) from None
     count = len(registry)
     log.info("restored %d %s from %s", count, "blocker" if count == 1 else "blockers",

@@ -39,6 +39,7 @@ import os
 import socket
 from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import NamedTuple
 
 from migblockd.bindable import check_socket_writable, lock_path
 from migblockd.config import Config
@@ -52,15 +53,42 @@ from migblockd.shapes import check_shapes
 from migblockd.socketdir import check_socket_directory, in_runtime_dir, socket_dir_exists
 from migblockd.socketgroup import group_gid
 from migblockd.sources import COMMAND_LINE, Sources
-from migblockd.startup import NotConfigured, StartupError, status_of
+from migblockd.startup import (
+    EXIT_FAILURE,
+    EXIT_NOTCONFIGURED,
+    NotConfigured,
+    StartupError,
+    status_of,
+)
 from migblockd.state import StateError
 from migblockd.state.directory import check_existing_directory, home_problem
 from migblockd.tcp import check_address, check_port
 from migblockd.trust import distrust, named_uid
 from migblockd.trusted_file import UntrustedFile, check_trusted
 
-__all__ = ["check_qemu", "load_contract", "loop_factory", "not_its_own_socket",
-           "not_the_qmp_socket", "passed_name", "passed_path", "problems", "socket_gid"]
+__all__ = ["Problem", "check_qemu", "load_contract", "loop_factory", "not_its_own_socket",
+           "not_the_qmp_socket", "passed_name", "passed_path", "problems", "refusals",
+           "socket_gid", "state_refused"]
+
+
+class Problem(NamedTuple):
+    """A setting that would stop a start: its key, why, and the exit status of a
+    start refused for it (``migblockd.startup``: 1 for what a later start may get
+    past, 6 for what only an operator mends), which ``--check-config`` exits with."""
+
+    key: str
+    why: str
+    status: int
+
+
+def state_refused(exc: StateError, directory: Path, choice: str) -> tuple[str, int]:
+    """Why a start refuses the state directory ``directory`` for ``exc``, and its exit
+    status: a directory or database to mend is not tried again (the units' restart);
+    another daemon's lock, or the disk, may be gone by the next start.  ``choice``:
+    the setting to change, as :meth:`Sources.choice` names it."""
+    home = home_problem(directory)
+    return (home or exc.naming(choice),
+            EXIT_NOTCONFIGURED if home or exc.lasting else EXIT_FAILURE)
 
 
 def load_contract(path: Path | None) -> Contract:
@@ -197,7 +225,17 @@ def not_its_own_socket(qemu: Path, qmp_socket: Path, sources: Sources = COMMAND_
 def problems(config: Config, *, socket_passed: bool = False, passed: Path | None = None,
              as_daemon: bool = False, keys: Collection[str] | None = None,
              sources: Sources = COMMAND_LINE) -> list[tuple[str, str]]:
-    """(key, why) for each setting that would stop a start with ``config``.
+    """(key, why) for each setting that would stop a start with ``config``: the
+    :func:`refusals`, whatever their statuses."""
+    return [(p.key, p.why) for p in refusals(
+        config, socket_passed=socket_passed, passed=passed, as_daemon=as_daemon, keys=keys,
+        sources=sources)]
+
+
+def refusals(config: Config, *, socket_passed: bool = False, passed: Path | None = None,
+             as_daemon: bool = False, keys: Collection[str] | None = None,
+             sources: Sources = COMMAND_LINE) -> list[Problem]:
+    """A :class:`Problem` for each setting that would stop a start with ``config``.
 
     ``socket_passed``: systemd passes the socket, so ``socket-group`` is the
     socket unit's and not used; ``passed``: that socket's path, when known (a
@@ -208,7 +246,7 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
     the settings came from, which the messages name.
     """
     qmp_socket = config.socket if not socket_passed else passed
-    found: list[tuple[str, str]] = []
+    found: list[Problem] = []
     # (the settings a check judges, the check): reported under the first of
     # them that is wanted, the one whose edit a reload names.
     checks: list[tuple[tuple[str, ...], Callable[[], object]]] = [
@@ -233,17 +271,20 @@ def problems(config: Config, *, socket_passed: bool = False, passed: Path | None
             try:
                 check()
             except StateError as exc:
-                home = None if config.state_dir is None else home_problem(config.state_dir)
-                why = home or exc.naming(sources.choice("state_dir"))
+                assert config.state_dir is not None  # only its check raises it
+                why, status = state_refused(exc, config.state_dir,
+                                            sources.choice("state_dir"))
             except StartupError as exc:
-                why = str(exc)
+                why, status = str(exc), exc.status
             except OSError as exc:  # a directory on the way this user may not search
                 why = f"cannot examine {exc.filename or key}: {exc.strerror or exc}"
+                status = status_of(exc.errno)
             else:
                 continue
             # The setting judged (the first: qemu's check judges it against socket),
             # at its line when the file gives it, as the start names it.
-            found.append((key, sources.located(judged[0].replace("-", "_"), why)))
+            found.append(Problem(key, sources.located(judged[0].replace("-", "_"), why),
+                                 status))
     return found
 
 

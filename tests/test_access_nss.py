@@ -782,6 +782,27 @@ def test_check_config_waits_for_the_databases_as_long_as_the_start(sockdir: Path
             in proc.stderr), proc.stderr
 
 
+def test_check_config_exits_as_the_start_for_a_group_database_that_does_not_answer(
+        sockdir: Path) -> None:
+    # Found by review: the check exited 6 (NOTCONFIGURED: an operator's to mend) where
+    # the start it stands for exits 1 (a later start may get past it), so a script or
+    # an ExecReload= reading its status took a database that was away for a mistake.
+    fifo = sockdir / "group.fifo"
+    os.mkfifo(fifo)
+    argv = [sys.executable, "-m", "migblockd", "--check-config", "--ephemeral",
+            "--socket", str(sockdir / "s.sock"), "--socket-group", "mbt-sock"]
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         f'mount --bind {fifo} /etc/group && exec "$0" "$@"', *argv],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert (proc.returncode, proc.stdout) == (EXIT_FAILURE, ""), proc.stderr
+    assert proc.stderr.endswith(
+        "\nmigblockd: --socket-group: the group database did not answer "
+        "(getgrnam('mbt-sock')) within 20 s: the socket cannot be given a group it does "
+        "not know, so the start is refused; start again once the database answers, or "
+        "give the group's number, which needs no look-up\n"), proc.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_while_the_socket_group_is_looked_up_ends_the_start_at_once(
         nss: Callable[..., tuple[DaemonProcess, Hang]], accounts: dict[str, Account],

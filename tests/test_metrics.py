@@ -369,22 +369,28 @@ def test_an_address_of_no_interface_here_is_named_so(
                "interface of this machine has that address (`ip -brief address` lists "
                f"theirs): choose one of them, or {loopback}")
     d.wait_for_log(f"ERROR: {message}\n")
-    # The check says it too (before, "valid"), without listening there.
-    checked = subprocess.run([sys.executable, "-m", "migblockd", "--check-config",
-                              "--metrics", address, "--ephemeral", "--socket",
-                              str(short_tmp / "q.sock")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert (checked.returncode, checked.stderr) == (EXIT_NOTCONFIGURED, f"migblockd: {message}\n")
+    # The check says it too (before, "valid"), without listening there, and exits as
+    # the start does (before, 6: an operator's to mend, which it may not be).
+    check = [sys.executable, "-m", "migblockd", "--check-config", "--metrics", address,
+             "--ephemeral", "--socket", str(short_tmp / "q.sock")]
+    checked = subprocess.run(check, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (checked.returncode, checked.stderr) == (EXIT_FAILURE, f"migblockd: {message}\n")
+    # With a mistake no later start gets past as well, it is the operator's: 6.
+    both = subprocess.run([*check, "--socket-group", "migblockd-no-such-group"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert (both.returncode, both.stderr) == (
+        EXIT_NOTCONFIGURED, f"migblockd: --socket-group: there is no group named "
+        f"'migblockd-no-such-group'\nmigblockd: {message}\n")
 
 
 def assert_check_and_start_refuse(daemon: list[str], args: list[str], message: str,
                                   status: int = EXIT_NOTCONFIGURED) -> None:
-    """``DAEMON --check-config ARGS`` and ``DAEMON ARGS`` refuse in the same words, the
-    start with exit ``status``."""
+    """``DAEMON --check-config ARGS`` and ``DAEMON ARGS`` refuse in the same words, and
+    exit ``status``."""
     checked = subprocess.run([*daemon, "--check-config", *args], cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
     assert (checked.returncode, checked.stdout, checked.stderr) == (
-        EXIT_NOTCONFIGURED, "", f"migblockd: {message}\n")
+        status, "", f"migblockd: {message}\n")
     started = subprocess.run([*daemon, *args], cwd=ROOT, capture_output=True, text=True,
                              timeout=60)
     assert started.returncode == status

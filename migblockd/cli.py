@@ -22,6 +22,7 @@ from migblockd.options import Where, add_arguments, table
 from migblockd.reloader import WAIT, Failed, reload, watch
 from migblockd.sources import Sources
 from migblockd.startup import EXIT_FAILURE, EXIT_NOTCONFIGURED, EXIT_STATUSES
+from migblockd.turnaway import Passed, turns_away
 
 DESCRIPTION = """\
 Serve QEMU's migration blocker registry over QMP on a Unix socket.
@@ -223,6 +224,20 @@ def _fail(*lines: str, status: int = EXIT_NOTCONFIGURED) -> NoReturn:
 def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -> None:
     """Run the daemon.  ``early``: the handlers of the signals that come while it
     starts (``migblockd.early``), installed by the caller; without it, here."""
+    passed = Passed()
+    try:
+        _main(argv, early, passed)
+    except SystemExit as exc:
+        # A start refused for what no restart cures (a bad command line included)
+        # lets go of the clients waiting on systemd's socket, whose connections
+        # would have systemd start it again, into the same refusal, until its start
+        # limit takes the socket unit down too (migblockd.turnaway).
+        if isinstance(exc.code, int) and turns_away(exc.code):
+            passed.turn_away()
+        raise
+
+
+def _main(argv: Sequence[str] | None, early: EarlySignals | None, passed: Passed) -> None:
     if early is None:
         early = EarlySignals()
         early.install()
@@ -289,11 +304,10 @@ def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -
     from migblockd import logs, reload_record  # noqa: PLC0415 - keeps --help fast
     from migblockd.daemon import StartupError, run  # noqa: PLC0415
     from migblockd.pidlock import say_stopping  # noqa: PLC0415
-    from migblockd.systemd import Activation  # noqa: PLC0415
 
     # Before the log and the event loop open descriptors of their own, which a
     # $LISTEN_FDS counting more than were passed would take for passed ones.
-    activation = Activation()
+    activation = passed.activation()
 
     from migblockd.preflight import loop_factory as chosen_loop  # noqa: PLC0415
 

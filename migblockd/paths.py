@@ -298,8 +298,9 @@ def connect_failure(path: str, err: OSError) -> str:
 #: A client queued on a socket-activated daemon's socket sees a reset when the daemon
 #: exits before taking it (systemd's socket unit gives up on a service that keeps
 #: failing); one it took and then closed, an end of file.
-DAEMON_GONE = ("the daemon stopped, or failed to start: its log says why (under systemd: "
-               "journalctl -u migblockd)")
+#: Where an operator reads why the daemon did not start.
+LOG_SAYS = "its log says why (under systemd: journalctl -u migblockd)"
+DAEMON_GONE = f"the daemon stopped, or failed to start: {LOG_SAYS}"
 
 
 #: Why a connection that answered with something other than QMP's greeting failed.

@@ -9,6 +9,8 @@ The test is the receiver of NOTIFY_SOCKET, an asyncio-dgram endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import grp
 import itertools
 import json
@@ -16,6 +18,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -29,6 +32,8 @@ import asyncio_dgram
 import pytest
 from conftest import ROOT
 from qmpclient import RawClient
+
+from migblockd.startup import EXIT_FAILURE, EXIT_INVALIDARGUMENT, EXIT_NOTCONFIGURED
 
 TIMEOUT = 30.0
 #: Pings are expected every 0.2 s.
@@ -271,6 +276,68 @@ async def test_a_wrong_activation_is_refused_before_the_state_directory_is_made(
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize(("case", "status"), [
+    ("a bad command line", EXIT_INVALIDARGUMENT),
+    ("a bad file", EXIT_NOTCONFIGURED),
+    ("a held state directory", EXIT_FAILURE),
+])
+def test_a_start_no_restart_cures_turns_away_the_clients_waiting(
+        short_tmp: Path, case: str, status: int) -> None:
+    """Under the units, a client still waiting once the start is refused had
+    systemd start the daemon again, into the same refusal, until the socket unit
+    failed too (tests/test_systemd_manager.py has that with the real manager).
+    A start that a restart may cure leaves them to the restart."""
+    (short_tmp / "bad.toml").write_text('max-clients = "many"\n')
+    held = short_tmp / "held"
+    held.mkdir(mode=0o700)
+    args = {"a bad command line": ["--ephemeral", "--max-clients", "many"],
+            "a bad file": ["--ephemeral", "--config", str(short_tmp / "bad.toml")],
+            "a held state directory": ["--state-dir", str(held)]}[case]
+    sock = short_tmp / "s.sock"
+    log_path = short_tmp / "stderr.log"
+    lock = os.open(held / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                ["systemd-socket-activate", "-l", str(sock), sys.executable, "-m",
+                 "migblockd", "--socket-activated", *args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=ROOT)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            received = b""
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as waiting:
+                waiting.settimeout(TIMEOUT)
+                while True:  # once bound and listening, this starts the daemon
+                    try:
+                        waiting.connect(str(sock))
+                        break
+                    except (FileNotFoundError, ConnectionRefusedError):
+                        assert proc.poll() is None and time.monotonic() < deadline, (
+                            log_path.read_text())
+                        time.sleep(0.01)
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := waiting.recv(4096):
+                        received += chunk
+            assert proc.wait(timeout=TIMEOUT) == status, log_path.read_text()
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        os.close(lock)
+    text = log_path.read_text()
+    said = ("migblockd cannot start until an operator mends its settings or state; its log "
+            "says why (under systemd: journalctl -u migblockd)")
+    if status == EXIT_FAILURE:
+        assert received == b"", received
+        assert "turned away" not in text, text
+    else:
+        assert json.loads(received) == {"error": {"class": "GenericError", "desc": said}}
+        assert text.endswith(f"migblockd: turned away 1 client waiting on the socket systemd "
+                             f"passed: {said}\n"), text
+    assert "Traceback" not in text, text
 
 
 async def test_an_abstract_passed_socket_is_named_as_its_unit_writes_it_and_warned_of(

@@ -561,29 +561,47 @@ def documented_recovery() -> list[list[str]]:
     return [words[1:] for words in commands]
 
 
-async def test_a_failed_start_takes_the_socket_down_and_the_documented_steps_mend_it(
+@contextlib.contextmanager
+def state_held(manager: Manager) -> Iterator[None]:
+    """The state directory's lock held, as by a daemon that stops slowly: each start
+    meanwhile fails with exit status 1, which Restart=on-failure retries."""
+    holder = os.open(manager.base / "config/migblockd/lock", os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(holder)
+
+
+#: What a start refused while state_held() logs.
+HELD = f"state directory {INSIDE}/config/migblockd is locked by another migblockd"
+
+
+async def test_starts_that_keep_failing_take_the_socket_down_and_the_documented_steps_mend_it(
         manager: Manager) -> None:
-    manager.write_config('max-clients = "many"\n')
-    # The client whose connection starts the daemon: never served, and let go.
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
-        first.settimeout(TIMEOUT)
-        first.connect(os.fspath(manager.socket))
-        with contextlib.suppress(ConnectionResetError):
-            assert first.recv(4096) == b""
-    deadline = time.monotonic() + TIMEOUT
-    while manager.show("migblockd.socket", "Result")["Result"] != "service-start-limit-hit":
-        assert time.monotonic() < deadline, manager.log()
-        time.sleep(0.1)
+    await add_blocker(manager, "kept")  # the state directory, to hold
+    manager.systemctl("stop", "migblockd.service")
+    with state_held(manager):
+        # The client whose connection starts the daemon: never served, and let go.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
+            first.settimeout(TIMEOUT)
+            first.connect(os.fspath(manager.socket))
+            with contextlib.suppress(ConnectionResetError):
+                assert first.recv(4096) == b""
+        deadline = time.monotonic() + TIMEOUT
+        while manager.show("migblockd.socket", "Result")["Result"] != "service-start-limit-hit":
+            assert time.monotonic() < deadline, manager.log()
+            time.sleep(0.1)
     service = manager.show("migblockd.service", "ActiveState", "Result")
     assert service == {"ActiveState": "failed", "Result": "exit-code"}, service
     assert not manager.socket.exists()
-    assert "max-clients must be an integer, not 'many'" in manager.daemon_log()
-    manager.write_config(GOOD_CONFIG)
+    # The start that served "kept" is the first of the 5 within the minute.
+    assert manager.daemon_log().count(HELD) == 4
     for args in documented_recovery():
         manager.systemctl(*args)
     await add_blocker(manager, "back")
     assert manager.wait_for("migblockd.service", "start", is_running)
-    assert "back" in await blocker_ids(manager)
+    assert {"kept", "back"} <= await blocker_ids(manager)
 
 #: How long each start takes in test_systemd_gives_up_on_starts_that_fail_slowly: what
 #: the interpreter's own start takes on a loaded machine (3 s), and a big state's restore
@@ -592,13 +610,15 @@ SLOW_START = 3
 
 
 async def test_systemd_gives_up_on_starts_that_fail_slowly(manager: Manager) -> None:
-    # Reproduced first: with a file the daemon refuses and starts slower than 2 s, the
+    # Reproduced first: with a start that fails and takes longer than 2 s, the
     # default start limit (5 starts in 10 s) was never reached: the daemon was started
     # again every few seconds for ever, and the client that started it was never let
     # go, where docs/service.md says systemd gives up after 5 tries.
+    # First: a daemon-reload starts the count of starts within the minute over.
     manager.drop_in("migblockd.service", f"[Service]\nExecStartPre=/bin/sleep {SLOW_START}\n")
-    manager.write_config('max-clients = "many"\n')
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
+    await add_blocker(manager, "kept")
+    manager.systemctl("stop", "migblockd.service")
+    with state_held(manager), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as first:
         first.settimeout(TIMEOUT)
         first.connect(os.fspath(manager.socket))
         with contextlib.suppress(ConnectionResetError):
@@ -606,7 +626,65 @@ async def test_systemd_gives_up_on_starts_that_fail_slowly(manager: Manager) -> 
     socket_unit = manager.show("migblockd.socket", "ActiveState", "Result")
     assert socket_unit == {"ActiveState": "failed", "Result": "service-start-limit-hit"}, (
         f"{socket_unit}\n{manager.log()}")
-    assert manager.daemon_log().count("max-clients must be an integer, not 'many'") == 5
+    assert manager.daemon_log().count(HELD) == 4  # and the one that served "kept"
+
+
+def turned_away(manager: Manager) -> bytes:
+    """What a client of the socket reads, to its end, while the start is refused."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as waiting:
+        waiting.settimeout(TIMEOUT)
+        waiting.connect(os.fspath(manager.socket))
+        received = b""
+        while chunk := waiting.recv(4096):
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize("refusal", ["file", "state"])
+async def test_a_start_an_operator_must_mend_turns_its_clients_away_and_listens_on(
+        manager: Manager, refusal: str) -> None:
+    # Reproduced first: the client waiting on the socket had systemd start the daemon
+    # again as soon as it exited 6, into the same refusal, 5 times within the minute;
+    # then the socket unit failed too (service-start-limit-hit), its socket was
+    # removed, and the client got a reset.  Now the refused start takes the clients
+    # waiting, says in one QMP error line why they are not served, and closes them.
+    state_db = manager.base / "config/migblockd/state.db"
+    if refusal == "file":
+        manager.write_config('max-clients = "many"\n')
+        why = "max-clients must be an integer, not 'many'"
+    else:
+        await add_blocker(manager, "lost")  # then the database is no database
+        manager.systemctl("stop", "migblockd.service")
+        state_db.write_bytes(b"not a database\n" * 512)
+        why = f"{state_db.relative_to(manager.base)} is not a migblockd state database"
+    line = (b'{"error": {"class": "GenericError", "desc": "migblockd cannot start until an '
+            b"operator mends its settings or state; its log says why (under systemd: "
+            b'journalctl -u migblockd)"}}\r\n')
+    for starts in (1, 2):  # and again, for the next client, with nothing to reset
+        assert turned_away(manager) == line
+        deadline = time.monotonic() + TIMEOUT
+        props = ("ActiveState", "Result", "NRestarts", "ExecMainStatus")
+        while (state := manager.show("migblockd.service", *props))["ActiveState"] != "failed":
+            assert time.monotonic() < deadline, f"{state}\n{manager.log()}"
+            time.sleep(0.1)
+        assert state == {"ActiveState": "failed", "Result": "exit-code", "NRestarts": "0",
+                         "ExecMainStatus": str(EXIT_NOTCONFIGURED)}, state
+        status = manager.systemctl("status", "migblockd.service", check=False).stdout
+        assert "(code=exited, status=6" in status, status
+        assert manager.show("migblockd.socket", "ActiveState", "SubState") == {
+            "ActiveState": "active", "SubState": "listening"}, manager.log()
+        assert manager.daemon_log().count("turned away 1 client waiting on the socket "
+                                          "systemd passed") == starts
+    assert manager.socket.exists()
+    # Mended: the next client starts the daemon, with no reset-failed.
+    if refusal == "file":
+        manager.write_config(GOOD_CONFIG)
+    else:  # moved away, as the log says: StateDirectory= makes a new one
+        shutil.rmtree(state_db.parent)
+    await add_blocker(manager, "mended")
+    assert manager.wait_for("migblockd.service", "start", is_running)
+    assert await blocker_ids(manager) == {"mended"}
+    assert manager.daemon_log().count(why) == 2  # one start per client, no more
 
 
 async def test_a_failed_start_says_why_in_its_status(manager: Manager) -> None:

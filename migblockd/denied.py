@@ -17,8 +17,8 @@ A process in a user namespace of its own (``unshare --user --map-root-user``, a
 rootless container) sees the files whose owner or group its namespace does not
 map with the overflow ids (65534), and its root has no power over them
 (:mod:`migblockd.userns`): the kernel judges it as the uid it is outside, by
-bits that cannot be told from inside.  Such a refusal is said so, not judged as
-the host's root would be (let through) or as an owner named ``nobody``.
+bits that cannot be told from inside but for a mapped group's.  Such a refusal
+is said so, not judged as the host's root would be, or as an owner ``nobody``.
 """
 
 from __future__ import annotations
@@ -71,28 +71,30 @@ def _refusal(path: Path, st: os.stat_result, uid: int, groups: Collection[int], 
     """Why ``path`` refuses ``need``, or None if it lets it (or cannot be told to refuse)."""
     mapped = namespace is None or namespace.maps(st.st_uid, st.st_gid)
     if namespace is not None and not mapped and st.st_uid != uid:
-        # Neither its owner and group nor root's power over it can be seen from here:
-        # only the others' bits (the mode's, under an ACL too) say anything for sure.
-        return None if st.st_mode & need else _unmapped(path, st, uid, need, namespace)
+        # Its owner and root's power over it cannot be seen: a member of its mapped group is
+        # judged by the group's bits (acl_permission_check(), fs/namei.c), others by theirs.
+        member = namespace.maps_group(st.st_gid) and st.st_gid in groups
+        if _allows(st, uid, groups, need, acl, root=False) if member else st.st_mode & need:
+            return None
+        return _unmapped(path, st, uid, need, namespace, st.st_gid if member else None)
     if _allows(st, uid, groups, need, acl, root=mapped):
         return None
     return _why(path, st, uid, groups, need, acl)
 
 
 def _unmapped(path: Path, st: os.stat_result, uid: int, need: int,
-              namespace: Namespace) -> str:
-    """A refusal by a file of another owner whose owner or group this process's user
-    namespace does not map: the kernel judges the process as the uid it is outside,
-    not as root."""
+              namespace: Namespace, group: int | None = None) -> str:
+    """A refusal by a file of another owner, its owner or group unmapped: the kernel judges
+    the process as its uid outside; ``group``: the file's, if mapped and this one's."""
     outside = namespace.uid_outside(uid)
     who = f"uid {outside}" if outside is not None else "the uid it is outside"
-    root = (", whose root this process is only" if uid == 0 else
-            f", where this process is uid {uid}")
+    root = ", whose root this process is only" if uid == 0 else f", where this process is uid {uid}"
     verb = "search" if need == _SEARCH else "connect to"
+    whom = "others" if group is None else f"its group, gid {group}, which this process is in,"
     return (f"{path} is mode {stat.S_IMODE(st.st_mode):04o}, its owner and group not both "
             f"mapped into this process's user namespace{root}: the kernel judges it as "
             f"{who} outside the namespace (root of a user namespace has no power over a "
-            f"file it does not map, user_namespaces(7)), and the mode does not let others "
+            f"file it does not map, user_namespaces(7)), and the mode does not let {whom} "
             f"{verb} it; connect from outside the namespace as a user the socket lets in "
             f"(there the client names what refuses {who} and what would let it in)")
 

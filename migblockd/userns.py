@@ -54,6 +54,11 @@ class Namespace:
                 and _outside(uid, self.uids) is not None
                 and _outside(gid, self.gids) is not None)
 
+    def maps_group(self, gid: int) -> bool:
+        """Whether a file's group ``gid``, as ``stat()`` shows it here, is one this
+        namespace maps (the overflow gid taken for unmapped, as in :meth:`maps`)."""
+        return gid != unmapped_gid() and _outside(gid, self.gids) is not None
+
     def uid_outside(self, uid: int) -> int | None:
         """The uid that ``uid`` is in the parent namespace (the host's, unless nested)."""
         return _outside(uid, self.uids)

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from migblockd.denied import kept_out
 from migblockd.paths import connect_failure
 
 CHECKOUT = Path(migblockd.__file__).resolve().parent
+HERE = Path(__file__).resolve().parent
 
 #: Run as another uid: connect to argv[1], print what connect_failure says.  argv[2],
 #: when given, stands for /run/migblockd/migblockd.sock (the systemd units' socket).
@@ -163,6 +165,47 @@ def test_root_of_a_user_namespace_is_told_it_is_its_user_outside(
     assert told.startswith(f"Permission denied: {mine}/s.sock is mode 0660, its owner and "
                            "group not both mapped into this process's user namespace, "), told
     assert "the mode does not let others connect to it; " in told
+
+
+def test_a_member_of_a_mapped_group_is_judged_by_its_bits_in_a_user_namespace(
+    package: Path, shared: Path, accounts: dict[str, Account]
+) -> None:
+    # Found by review: in a user namespace that maps the client's uid and a directory's
+    # group but not its owner, a member of that group was judged by the others' bits:
+    # a 0750 directory the kernel let it search was named as what refused it (the
+    # socket in it did), and a 0705 one that refused it was not named at all.
+    alice, group = accounts["mbt-alice"], accounts["mbt-admins"].gid
+    run = shared / "run"
+    run.mkdir()
+    os.chown(run, accounts["mbt-bob"].uid, group)  # an owner the namespace does not map
+    uids = f"0 0 1,{alice.uid} {alice.uid} 1"
+    gids = f"0 0 1,{alice.gid} {alice.gid} 1,{group} {group} 1"
+    # Root of the namespace (the host's, mapped) becomes alice in it, in the group.
+    inside = [sys.executable, str(HERE / "userns_exec.py"), uids, gids, "/usr/bin/setpriv",
+              f"--reuid={alice.uid}", f"--regid={alice.gid}", f"--groups={group}", "env",
+              "-i", client_python(), "-I", "-c", PROBE, str(run / "s.sock"), "", str(package)]
+
+    def told() -> str:
+        proc = subprocess.run(inside, capture_output=True, text=True, timeout=60, cwd="/")
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.strip()
+
+    with listening(run / "s.sock", 0o600, 0):
+        run.chmod(0o750)
+        assert told().startswith(f"Permission denied: {run}/s.sock is mode 0600, owner root, "
+                                 "group root, which does not let uid "), told()
+        run.chmod(0o705)  # the others may search it, the group may not: nor may alice
+        assert told() == (
+            f"Permission denied: {run} is mode 0705, its owner and group not both mapped "
+            f"into this process's user namespace, where this process is uid {alice.uid}: "
+            f"the kernel judges it as uid {alice.uid} outside the namespace (root of a "
+            "user namespace has no power over a file it does not map, user_namespaces(7)), "
+            f"and the mode does not let its group, gid {group}, which this process is in, "
+            "search it; connect from outside the namespace as a user the socket lets in "
+            f"(there the client names what refuses uid {alice.uid} and what would let it in)")
+        os.chown(run / "s.sock", alice.uid, alice.gid)
+        run.chmod(0o750)
+        assert told() == "connected"  # so the group's bits are what the kernel went by
 
 
 def test_a_directory_of_group_root_is_not_fixed_by_joining_root(

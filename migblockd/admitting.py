@@ -79,12 +79,34 @@ class Admitting:
             # Lingering counted as its per-uid limits are: a user's subordinate uids
             # must not hold every lingering refusal (adapter.REFUSALS_LINGERING).
             self._turn_away(transport, counted)
+            if limit == "max-clients":
+                self._learn_role(owner)
             return
         server.judging[self] = None
         server.judging_per_uid[counted] += 1
         self.core.waiting += 1
         self.owner, self.judged_as = owner, counted
         self.judging = self.core.guard.judge.wait(owner, self._judged)
+
+    def _learn_role(self, owner: Owner) -> None:
+        """Turned away while only the slots kept for admins are left, as its role is not
+        known: look it up all the same, so that at a retry an admin by the policy (a
+        group's, or a users entry's) is judged at once and served in them.  Else no
+        look-up is made, and "try again later" would never help it.  At most as many
+        at once as there are such slots (a flood of uids queues no more)."""
+        server, room = self.server, self._room()
+        key = (owner.uid, owner.gid)
+        if key in server.learning or len(server.learning) >= admin_slots(room) or \
+                len(self.core.connections) + len(server.judging) >= room:
+            return
+        server.learning.add(key)
+        self.core.guard.judge.wait(owner, lambda _: server.learning.discard(key))
+
+    def _room(self) -> int:
+        """The slots: ``--max-clients``, or fewer when the descriptors allow fewer."""
+        admission = self.core.admission
+        return admission.max_clients if admission.room is None else \
+            min(admission.max_clients, admission.room)
 
     def _no_room(self, owner: Owner, counted: int | None) -> tuple[str, str] | None:
         """Why a client of ``owner``, counted under ``counted``, may not wait (None: it
@@ -97,9 +119,7 @@ class Admitting:
         and one uid's waiting within ``--max-clients-per-uid``, or a flood of new
         connections from one uid would take every descriptor before its first
         look-up answered, where the bound turns it away once its role is known."""
-        server, admission = self.server, self.core.admission
-        room = admission.max_clients if admission.room is None else \
-            min(admission.max_clients, admission.room)
+        server, admission, room = self.server, self.core.admission, self._room()
         waiting = len(server.judging)
         if waiting + len(self.core.connections) >= room - admin_slots(room):
             if not waiting:

@@ -101,6 +101,9 @@ class Server(Turns, Reloads):
         self.judging: dict[Admitting, None] = {}
         #: How many of them each uid has, counted as its per-uid limits are.
         self.judging_per_uid: Counter[int | None] = Counter()
+        #: The uids and gids whose role is looked up for a client turned away from the
+        #: slots kept for admins (migblockd.admitting), so that it is known at a retry.
+        self.learning: set[tuple[int, int]] = set()
         #: Connections turned away that linger until their peer closes, by peer uid
         #: (adapter.py).
         self.refusals_lingering: Counter[int | None] = Counter()

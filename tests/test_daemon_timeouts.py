@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DaemonProcess, assert_clean_log
+from otheruids import Account
 from qmpclient import blocking_client, recv_until_closed, strict_loads
 
 NEGOTIATION = ("Capabilities negotiation not completed within negotiation-timeout=0.5s; "
@@ -319,6 +320,64 @@ async def test_a_user_first_seen_when_the_served_fill_its_slots_is_told_so(
     assert "waiting for the user and group databases" not in d.log()
     assert d.stop() == 0
     assert_clean_log(d)
+
+
+#: Run as another uid: connect to argv[1], print the first line the daemon sends.
+FIRST_LINE = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(20)
+s.connect(sys.argv[1])
+line = b""
+while not line.endswith(b"\\n"):
+    line += s.recv(1)
+print(line.decode().strip())
+"""
+
+
+async def test_an_admin_by_group_turned_away_from_the_kept_slots_gets_in_at_a_retry(
+    start_daemon: Callable[..., DaemonProcess], short_tmp: Path, accounts: dict[str, Account],
+) -> None:
+    # Found by review: an admin by a groups entry whose role was not known yet (not
+    # connected since the start) was turned away when only the slot kept for admins was
+    # left, "try again later", and no look-up was made: every retry was turned away
+    # alike, until another client left.  The slot kept for the admin who comes to see
+    # why the others hold the rest was of no use to it.
+    short_tmp.chmod(0o755)
+    config = short_tmp / "m.toml"
+    config.write_text('[access]\ngroups = { mbt-admins = "admin" }\n')
+    config.chmod(0o600)
+    d = start_daemon("--config", str(config), "--max-clients", "8", "--socket-mode", "0666",
+                     socket=short_tmp / "m.sock", log_level="info")
+    carol, bob = accounts["mbt-carol"], accounts["mbt-bob"]  # in mbt-admins, and not
+    refused = {"error": {"class": "GenericError", "desc": "migblockd is serving 7 clients, "
+               "max-clients=8 of which the last one is kept for administrators; try again "
+               "later"}}
+
+    def first_line(who: Account) -> object:
+        run = subprocess.run(
+            ["setpriv", f"--reuid={who.uid}", f"--regid={who.gid}", "--init-groups",
+             "/usr/bin/python3", "-c", FIRST_LINE, str(d.socket)],
+            capture_output=True, text=True, timeout=60, check=True)
+        return strict_loads(run.stdout)
+
+    def retried(who: Account, until: Callable[[object], bool]) -> object:
+        # Its look-up answers when it answers: tried again until it has (a minute at most).
+        deadline = time.monotonic() + 60
+        while not until(said := first_line(who)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return said
+
+    async with d.clients(7):  # root's: served without a look-up
+        assert first_line(carol) == refused
+        served = retried(carol, lambda said: said != refused)
+        assert isinstance(served, dict) and "QMP" in served, served
+        # Whoever is no admin is still turned away, also once its role is known.
+        judged = rf"client \d+ \(pid \d+, uid {bob.uid}, gid {bob.gid}\): refused"
+        assert first_line(bob) == refused
+        assert retried(bob, lambda said: said != refused or bool(re.search(judged, d.log()))
+                       ) == refused
+    assert d.stop() == 0
 
 
 async def test_a_reload_applies_the_timeouts_and_the_per_uid_limit(

@@ -16,6 +16,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from migblockd.shell.ids import id_key
 from migblockd.shell.opening import (
     ClientError,
     ConnectError,
@@ -59,32 +60,6 @@ class ConnectionLost(ClientError):
     def __init__(self, message: str, *, sent: bool = True) -> None:
         super().__init__(message)
         self.sent = sent
-
-
-def _id_key(value: Any) -> str:
-    """``value`` as the text every writer of it gives the same: a server may write an
-    id back in a form of its own (QEMU writes ``1E2``, parsed as a double, as ``100``
-    with ``%.17g``; migblockd as ``100.0``), so a number is its value, not its text."""
-    return json.dumps(_by_value(value), sort_keys=True, separators=(",", ":"))
-
-
-#: The integers QEMU keeps as integers (``int64_t``, or ``uint64_t`` when not
-#: negative); any other it parses as a double, and writes back as one
-#: (``parse_literal()`` in qobject/json-parser.c: ``1e+20`` for 100000000000000000001).
-_QEMU_INTEGERS = range(-(1 << 63), 1 << 64)
-
-
-def _by_value(value: Any) -> Any:
-    if type(value) is int and value not in _QEMU_INTEGERS:
-        with contextlib.suppress(OverflowError):  # past a double: QEMU writes inf
-            value = float(value)
-    if type(value) is float and value.is_integer():
-        return int(value)
-    if isinstance(value, list):
-        return [_by_value(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _by_value(item) for key, item in value.items()}
-    return value
 
 
 class QMPClient:
@@ -169,7 +144,7 @@ class QMPClient:
     def awaits(self, id: Any) -> bool:
         """Whether a request with ``id`` has had no reply yet (one abandoned, say):
         a second one with that id could not be told from it by its reply."""
-        return _id_key(id) in self._unanswered
+        return id_key(id) in self._unanswered
 
     @property
     def awaiting(self) -> bool:
@@ -192,13 +167,13 @@ class QMPClient:
             raise ConnectionLost(self.lost_reason, sent=False)
         if text is not None:
             # A key no reply's id can have (not JSON): only its turn matches it.
-            key = _id_key(message["id"]) if "id" in message else f"typed {next(self._ids)}"
+            key = id_key(message["id"]) if "id" in message else f"typed {next(self._ids)}"
             encoded = (text + "\n").encode()
         else:
             message = dict(message)
             if "id" not in message:
                 message["id"] = self._fresh_id()
-            key = _id_key(message["id"])
+            key = id_key(message["id"])
             data = json.dumps(message, separators=(",", ":"), ensure_ascii=False) + "\n"
             try:
                 encoded = data.encode()
@@ -239,7 +214,7 @@ class QMPClient:
         reply not come, Ctrl-C having abandoned it) still awaits."""
         while True:
             id = f"shell-{next(self._ids)}"
-            if _id_key(id) not in self._unanswered:
+            if id_key(id) not in self._unanswered:
                 return id
 
     async def close(self) -> None:
@@ -354,7 +329,7 @@ class QMPClient:
                 self._on_event(message)
             return
         if "id" in message:
-            key: str | None = _id_key(message["id"])
+            key: str | None = id_key(message["id"])
         elif self._unanswered:
             # A reply without id (a request the server could not parse): the
             # answer to the oldest request not yet answered, whether or not its

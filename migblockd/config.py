@@ -44,11 +44,14 @@ from migblockd.options import ConfigError, Where, flag, option
 from migblockd.paths import NoDefault, default_socket_path, default_state_dir
 from migblockd.qmp.limits import MAX_NESTING_CEILING, MIN_MESSAGE_SIZE, Limits
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "Config", "ConfigError", "build",
-           "read_file", "read_settings"]
+__all__ = ["LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "UVLOOP_INSTALL", "Config", "ConfigError",
+           "build", "read_file", "read_settings"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+#: How the optional uvloop package comes: migblockd's extra, installed as the README's
+#: install from a checkout is, not a name a package index is known to have.
+UVLOOP_INSTALL = "migblockd's uvloop extra: pip install '.[uvloop]' from its checkout"
 
 
 @dataclass(frozen=True)
@@ -195,8 +198,8 @@ class Config:
     )
     event_loop: str = option(
         "asyncio", parse=OneOf("asyncio", "uvloop"),
-        help="the event loop: asyncio's own, or uvloop (faster; needs the uvloop package: "
-        "pip install 'migblockd[uvloop]')",
+        help="the event loop: asyncio's own, or uvloop (faster; needs the uvloop package, "
+        f"{UVLOOP_INSTALL})",
     )
     metrics: Path | HostPort | None = option(
         None, parse=ListenAddress(), metavar="ADDRESS", default_doc="none: no metrics",

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from migblockd.bindable import check_socket_writable, lock_path
-from migblockd.config import Config
+from migblockd.config import UVLOOP_INSTALL, Config
 from migblockd.contract import Contract
 from migblockd.kinds import HostPort
 from migblockd.listen import UNIX_PATH_MAX, check_socket_path
@@ -145,8 +145,8 @@ def loop_factory(name: str, setting: str = "--event-loop"
     try:
         import uvloop  # noqa: PLC0415 - optional, and costly to import when not used
     except ImportError:
-        raise NotConfigured(f"{setting} uvloop needs the uvloop package "
-                            "(pip install 'migblockd[uvloop]')") from None
+        raise NotConfigured(f"{setting} uvloop needs the uvloop package ({UVLOOP_INSTALL})"
+                            ) from None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
 

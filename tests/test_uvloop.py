@@ -12,6 +12,7 @@ descriptors (refusals that linger half-closed).
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def test_without_the_uvloop_package_the_check_refuses_it_as_the_start_does(
     args = [str(venv / "bin" / "migblockd"), "--config", str(path), "--ephemeral",
             "--socket", str(sock)]
     said = (f"migblockd: {path}:2: event-loop uvloop needs the uvloop package "
-            "(pip install 'migblockd[uvloop]')\n")
+            "(migblockd's uvloop extra: pip install '.[uvloop]' from its checkout)\n")
     check = subprocess.run([*args, "--check-config"], capture_output=True, text=True,
                            timeout=60, env=env, check=False)
     assert (check.returncode, check.stdout, check.stderr) == (EXIT_NOTCONFIGURED, "", said)
@@ -99,3 +100,12 @@ def test_without_the_uvloop_package_the_check_refuses_it_as_the_start_does(
     d.wait_for_log("WARNING: reload: with event-loop as the file now sets it, the next start "
                    f"would fail: {said.removeprefix('migblockd: ').rstrip()}")
     assert d.stop() == 0
+    # What the message says to run, run as it says, from the checkout, installs it:
+    # the start it refused then runs on uvloop.
+    command = said.rstrip().removesuffix(" from its checkout)").split(": ")[-1]
+    subprocess.run([str(venv / "bin" / "python"), "-m", *shlex.split(command), "-q",
+                    "--disable-pip-version-check"], cwd=ROOT, check=True, timeout=900,
+                   capture_output=True)
+    check = subprocess.run([*args, "--check-config"], capture_output=True, text=True,
+                           timeout=60, env=env, check=False)
+    assert (check.returncode, check.stderr) == (0, ""), check.stderr

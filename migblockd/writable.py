@@ -11,6 +11,11 @@ A file or directory marked immutable (``chattr +i``) refuses every write with
 ``EPERM``, root's too, and an append-only one (``chattr +a``) every removal
 and rename: no mode or owner explains that, so the messages name the attribute
 (:func:`attribute_fix`).
+
+Nor does a mode explain procfs (``/proc``): root may write its directories by their
+mode, on a file system mounted read-write, yet no name can be made there, as its
+lookup of a name it does not have fails (``ENOENT``) before any permission or
+create is looked at (``proc_root_lookup()`` and the like in the kernel's fs/proc/).
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ def denied(place: Path, access: int) -> int:
     """The errno that opening or making something in ``place`` with ``access``
     (``os.W_OK | os.X_OK`` for a directory to make an entry in) would fail with
     for this process's user; 0 when none can be told beforehand."""
+    if (access & os.W_OK and os.path.isdir(place) and os.access(place, os.X_OK, effective_ids=True)
+            and _file_system(place) == "proc"):
+        return errno.ENOENT
     try:
         if access & os.W_OK and os.statvfs(place).f_flag & os.ST_RDONLY:
             return errno.EROFS
@@ -47,6 +55,24 @@ def denied(place: Path, access: int) -> int:
             found[0] == "immutable" or not os.path.isdir(place)):
         return errno.EPERM  # an append-only file: opened for writing, not appending
     return 0 if os.access(place, access, effective_ids=True) else errno.EACCES
+
+
+def _file_system(place: Path) -> str | None:
+    """The type of the file system ``place`` is on, as ``/proc/self/mountinfo`` names
+    it (``proc``); None when that cannot be told."""
+    try:
+        device = os.stat(place).st_dev
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            lines = mounts.read().splitlines()
+    except OSError:
+        return None
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    for line in lines:
+        # ID PARENT MAJOR:MINOR ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER
+        fields, _, after = line.partition(" - ")
+        if fields.split(" ")[2:3] == [wanted] and after:
+            return after.split(" ", 1)[0]
+    return None
 
 
 def attribute(place: Path) -> tuple[str, str, str] | None:

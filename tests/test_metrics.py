@@ -501,6 +501,23 @@ def test_a_port_below_1024_is_refused_to_a_daemon_that_may_not_bind_it(
     assert (hidden.returncode, hidden.stderr) == (0, ""), hidden.stderr
 
 
+def test_a_socket_in_proc_is_refused_by_the_check_as_by_the_start(short_tmp: Path) -> None:
+    # Reproduced first: --check-config called --metrics /proc/m.sock valid (root may
+    # write /proc by its mode, on a read-write mount), and the start exited 6.
+    daemon = [sys.executable, "-m", "migblockd"]
+    args = ["--socket", str(short_tmp / "q.sock"), "--ephemeral", "--metrics"]
+    for where in ("/proc", "/proc/sys"):  # /proc/sys: the check said "Permission denied"
+        assert_check_and_start_refuse(daemon, [*args, f"{where}/m.sock"], (
+            f"cannot open the socket's lock file {where}/m.sock.lock: No such file or "
+            "directory; choose another --metrics"))
+    assert_check_and_start_refuse(daemon, [*args, "/proc/new/m.sock"],
+                                  "cannot create /proc/new: No such file or directory")
+    # The QMP socket's path is judged by the same check.
+    assert_check_and_start_refuse(daemon, ["--socket", "/proc/q.sock", "--ephemeral"], (
+        "cannot open the socket's lock file /proc/q.sock.lock: No such file or directory; "
+        "choose another --socket"))
+
+
 def test_a_low_port_in_a_network_another_user_namespace_owns_is_refused(
         short_tmp: Path) -> None:
     # Reproduced first: under `unshare --user --map-root-user` (a rootless

@@ -683,6 +683,25 @@ def test_help_in_scripting_mode(daemon: DaemonProcess) -> None:
     assert "MigMode" in shell(str(daemon.socket), "-c", "help MigMode").stdout
 
 
+def test_a_directory_as_stdin_is_refused_by_python_before_the_shell_runs(
+        daemon: DaemonProcess, tmp_path: Path) -> None:
+    # As docs/shell.md says: the interpreter refuses it while it starts, so the shell
+    # cannot give its usage status.  Should a Python let the shell run, this fails, and
+    # the shell is then to refuse it in a line of its own, with exit status 64.
+    command = Path(sys.executable).parent / "migblock-shell"
+    directory = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        result = subprocess.run([str(command), str(daemon.socket), "-c", "query-version"],
+                                stdin=directory, capture_output=True, text=True,
+                                timeout=60, check=False)
+    finally:
+        os.close(directory)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith("Fatal Python error: init_sys_streams: <stdin> is a "
+                                    "directory, cannot continue\n"), result.stderr
+    assert "migblock-shell" not in result.stderr
+
+
 def test_connection_refused_is_one_line_and_exit_status_2(tmp_path: Path) -> None:
     result = shell(str(tmp_path / "missing.sock"), "-c", "query-version")
     assert result.returncode == 2

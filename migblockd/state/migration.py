@@ -21,6 +21,7 @@ from pathlib import Path
 from migblockd.startup import passing
 from migblockd.state import schema
 from migblockd.state.errors import StateError, one_line, open_failed
+from migblockd.state.rescue import sync_path
 
 __all__ = ["backup", "create", "migrate", "sync_directory"]
 
@@ -42,7 +43,7 @@ def create(path: Path, migrations: Sequence[schema.Migration]) -> None:
             migrate(conn, new, 0, migrations)
         finally:
             conn.close()
-        _sync_file(new)
+        sync_path(new)
         os.rename(new, path)
         # Said apart from "restored 0 blockers": a first start, or a --state-dir
         # that is not where the state is (a typo, a volume not mounted).
@@ -82,21 +83,13 @@ def backup(conn: sqlite3.Connection, path: Path, version: int) -> Path:
     finally:
         copy.close()
     try:
-        _sync_file(target)
+        sync_path(target)
     except OSError as e:
         raise StateError(f"cannot sync {target}, the copy kept before migrating {path}: "
                          f"{e.strerror}; check its disk and file system",
                          lasting=not passing(e.errno)) from e
     sync_directory(path.parent)
     return target
-
-
-def _sync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_private(path: Path) -> None:

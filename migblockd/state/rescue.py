@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["RESCUED", "let_go", "rescued_copies"]
+__all__ = ["RESCUED", "let_go", "rescued_copies", "sync_path"]
 
 log = logging.getLogger("migblockd")
 
@@ -104,7 +104,7 @@ def _save(conn: sqlite3.Connection, path: Path, replaced: bool) -> tuple[str, bo
             conn.backup(target)
         finally:
             target.close()
-        _sync(partial)
+        sync_path(partial)
         try:
             os.link(partial, copy)  # never over another file
             os.unlink(partial)
@@ -112,7 +112,7 @@ def _save(conn: sqlite3.Connection, path: Path, replaced: bool) -> tuple[str, bo
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):
                 raise
             os.rename(partial, copy)  # a file system without hard links: named, free
-        _sync(copy.parent)  # the copy's name too must outlive a crash
+        sync_path(copy.parent)  # the copy's name too must outlive a crash
     except (sqlite3.Error, OSError) as e:
         for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(OSError):
@@ -149,7 +149,7 @@ def _remade(directory: Path) -> bool:
     except OSError:
         return False  # the copy's open then says why
     with contextlib.suppress(OSError):
-        _sync(directory.parent)  # its name, as the copy's, must outlive a crash
+        sync_path(directory.parent)  # its name, as the copy's, must outlive a crash
     return True
 
 
@@ -178,7 +178,7 @@ def _made(path: Path) -> tuple[Path, Path, str | None]:
     return copy, partial, "too many copies saved in this second"
 
 
-def _sync(path: Path) -> None:
+def sync_path(path: Path) -> None:
     """fsync ``path`` (a file SQLite has let go of, or a directory)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:

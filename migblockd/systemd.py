@@ -146,12 +146,20 @@ def activated_listener(
     is a configuration mistake reported as :class:`ActivationError`.
     """
     passed = listen_sockets(env, unset_env=unset_env)
+    try:
+        return _the_one(passed)
+    except ActivationError:
+        for _, sock in passed:
+            sock.close()
+        raise
+
+
+def _the_one(passed: list[tuple[str, socket.socket]]) -> socket.socket | None:
+    """The one socket of ``passed`` the daemon serves; raises, closing none."""
     if not passed:
         return None
     if len(passed) != 1:
         names = ", ".join(name for name, _ in passed)
-        for _, sock in passed:
-            sock.close()
         # ListenStream= and the like are lists: a drop-in's line without an empty one
         # before it is added to the unit's, and the unit listens on both.
         raise ActivationError(
@@ -162,7 +170,6 @@ def activated_listener(
     listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
         what = f"{sock.family.name} {sock.type.name}{'' if listening else ', not listening'}"
-        sock.close()
         raise ActivationError(
             f"passed socket {name!r} is {what}; need a listening AF_UNIX SOCK_STREAM socket"
         )
@@ -182,8 +189,11 @@ class Activation:
     def __init__(self, env: Mapping[str, str] = os.environ) -> None:
         self._error: ActivationError | None = None
         self._sock: socket.socket | None = None
+        self._passed: list[socket.socket] = []
         try:
-            self._sock = activated_listener(env)
+            passed = listen_sockets(env)
+            self._passed = [sock for _, sock in passed]
+            self._sock = _the_one(passed)
         except ActivationError as exc:
             self._error = exc
 
@@ -193,3 +203,11 @@ class Activation:
         if self._error is not None:
             raise self._error
         return self._sock
+
+    def waiting(self) -> list[socket.socket]:
+        """The passed sockets clients wait on to be accepted, the one served or not:
+        a start refused for several of them, or for a TCP one, turns their clients
+        away too (``migblockd.turnaway``).  Not the closed ones, nor one systemd
+        accepted a connection on (``Accept=yes``), nor a datagram socket."""
+        return [sock for sock in self._passed if sock.fileno() != -1
+                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)]

@@ -79,15 +79,14 @@ class Passed:
         return self._activation
 
     def turn_away(self) -> None:
-        """:func:`turn_away` on the passed socket, if there is one, said on stderr:
+        """:func:`turn_away` on the passed sockets, if any, said on stderr:
         the log has closed by now, after the line that says why the start failed."""
-        from migblockd.systemd import ActivationError  # noqa: PLC0415 - keeps --help fast
-
-        try:
-            listener = self.activation().listener()
-        except ActivationError:  # the start refused them, and closed them
-            return
-        if listener is not None and (count := turn_away(listener)):
+        count = 0
+        # Each socket clients wait on, also when the start refused to serve them (a
+        # drop-in that adds a ListenStream=): their clients would start it again too.
+        for listener in self.activation().waiting():
+            count += turn_away(listener, LIMIT - count)
+        if count:
             from migblockd.logs.journal import for_stderr  # noqa: PLC0415
 
             print(for_stderr(logging.WARNING, [
@@ -95,10 +94,11 @@ class Passed:
                 f"the socket systemd passed: {TURNED_AWAY}"]), file=sys.stderr, flush=True)
 
 
-def turn_away(listener: socket.socket) -> int:
-    """Take each connection waiting on ``listener``, send it :data:`TURNED_AWAY`
-    and close it; the number turned away.  Waits for nothing: the listener is
-    made non-blocking, and a client that does not read its line loses it."""
+def turn_away(listener: socket.socket, limit: int = LIMIT) -> int:
+    """Take each connection waiting on ``listener``, ``limit`` at most, send it
+    :data:`TURNED_AWAY` and close it; the number turned away.  Waits for nothing:
+    the listener is made non-blocking, and a client that does not read its line
+    loses it."""
     from migblockd.qmp.encoding import encode_error  # noqa: PLC0415 - keeps --help fast
     from migblockd.qmp.errors import NO_ID, QMPError  # noqa: PLC0415
 
@@ -107,7 +107,7 @@ def turn_away(listener: socket.socket) -> int:
     line = encode_error(QMPError(TURNED_AWAY), NO_ID)
     listener.setblocking(False)
     count = 0
-    while count < LIMIT:
+    while count < limit:
         try:
             conn, _ = listener.accept()
         except OSError:  # none waiting (EAGAIN), or none can be taken (EMFILE)

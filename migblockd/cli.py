@@ -244,6 +244,7 @@ def _main(argv: Sequence[str] | None, early: EarlySignals | None, passed: Passed
     pidfd = -1  # --reload's watch of the daemon
     try:
         cli, check = command_line(argv)  # exits for --help, --version, a bad option
+        passed.checking = check is not None
         if check is not None and check.running_pid is not None:
             # First: with other options than the daemon's, the files they name are
             # not what a reload would read, and judging them says nothing of it.

@@ -67,6 +67,10 @@ class Passed:
 
     def __init__(self) -> None:
         self._activation: Activation | None = None
+        #: Set for ``--check-config`` and ``--reload``: a check leaves every client
+        #: alone, whatever it finds, were it passed a socket (``--reload`` runs while
+        #: the daemon serves).
+        self.checking = False
 
     def activation(self) -> Activation:
         """The start's: read before the log and the event loop open descriptors of
@@ -81,6 +85,8 @@ class Passed:
     def turn_away(self) -> None:
         """:func:`turn_away` on the passed sockets, if any, said on stderr:
         the log has closed by now, after the line that says why the start failed."""
+        if self.checking:
+            return
         count = 0
         # Each socket clients wait on, also when the start refused to serve them (a
         # drop-in that adds a ListenStream=): their clients would start it again too.

@@ -282,19 +282,23 @@ async def test_a_wrong_activation_is_refused_before_the_state_directory_is_made(
     ("a bad command line", EXIT_INVALIDARGUMENT),
     ("a bad file", EXIT_NOTCONFIGURED),
     ("a held state directory", EXIT_FAILURE),
+    ("a check of a bad file", EXIT_NOTCONFIGURED),
 ])
 def test_a_start_no_restart_cures_turns_away_the_clients_waiting(
         short_tmp: Path, case: str, status: int) -> None:
     """Under the units, a client still waiting once the start is refused had
     systemd start the daemon again, into the same refusal, until the socket unit
     failed too (tests/test_systemd_manager.py has that with the real manager).
-    A start that a restart may cure leaves them to the restart."""
+    A start that a restart may cure leaves them to the restart, and a check (found
+    by review: it turned them away, were it passed the socket) leaves them alone."""
     (short_tmp / "bad.toml").write_text('max-clients = "many"\n')
     held = short_tmp / "held"
     held.mkdir(mode=0o700)
     args = {"a bad command line": ["--ephemeral", "--max-clients", "many"],
             "a bad file": ["--ephemeral", "--config", str(short_tmp / "bad.toml")],
-            "a held state directory": ["--state-dir", str(held)]}[case]
+            "a held state directory": ["--state-dir", str(held)],
+            "a check of a bad file": ["--ephemeral", "--config", str(short_tmp / "bad.toml"),
+                                      "--check-config"]}[case]
     sock = short_tmp / "s.sock"
     log_path = short_tmp / "stderr.log"
     lock = os.open(held / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -330,7 +334,7 @@ def test_a_start_no_restart_cures_turns_away_the_clients_waiting(
     text = log_path.read_text()
     said = ("migblockd cannot start until an operator mends its settings or state; its log "
             "says why (under systemd: journalctl -u migblockd)")
-    if status == EXIT_FAILURE:
+    if status == EXIT_FAILURE or case.startswith("a check"):
         assert received == b"", received
         assert "turned away" not in text, text
     else:

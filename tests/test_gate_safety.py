@@ -705,8 +705,11 @@ async def test_a_migrate_whose_qemu_died_before_its_reply_is_not_counted_as_ende
         # QEMU's migrate creates its migration thread before it replies: held there.
         async with injecting(pid, "clone,clone3", "delay_enter=4000000", "QEMU"):
             migrate = asyncio.ensure_future(c.execute("migrate", {"uri": SINK}, id="m"))
-            await wait_until(lambda: '-> b\'{"execute":"migrate"' in d.log(),
-                             "migblockd handing QEMU the migrate")
+            # QEMU says setup (migrate_init()) before the clone that is held: killed
+            # only once migblockd has heard it, else the status QEMU's exit is said
+            # with is "not seen yet", by a race with the kill.
+            await wait_until(lambda: "QEMU migration status: setup" in d.log(),
+                             "QEMU's setup event for the migrate")
             qemu.kill()
         assert await migrate == error(
             GENERIC, f"The connection to QEMU's monitor at '{qemu.gate_socket}' was lost "
